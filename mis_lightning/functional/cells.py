@@ -149,9 +149,8 @@ def cell_statistics(
     # Fallback mean for empty cells: the finite edge nearest to 0 (the tail limit).
     fallback = torch.clamp(torch.zeros_like(lo), lo, hi)
     fallback = torch.where(torch.isfinite(fallback), fallback, torch.zeros_like(fallback))
-    mean = torch.where(live, diff / safe_p, fallback)
     # Rounding can push a tail mean just outside its cell; the true mean lies inside.
-    mean = torch.maximum(torch.minimum(mean, hi), lo)
+    mean = torch.where(live, torch.maximum(torch.minimum(diff / safe_p, hi), lo), fallback)
     kappa = torch.where(live, diff * diff / safe_p, torch.zeros_like(prob)).sum(-1).clamp(0.0, 1.0)
     lam = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
     m4 = (prob * mean**4).sum(-1)
@@ -177,8 +176,8 @@ def _moments_from_alpha(alpha: Tensor) -> CellMoments:
     prob = _interval_prob(lo, hi)
     live = prob > _TINY_PROB
     safe_p = torch.where(live, prob, torch.ones_like(prob))
-    ratio = torch.where(live, diff / safe_p, torch.zeros_like(prob))
-    ratio = torch.maximum(torch.minimum(ratio, hi), lo)
+    ratio = torch.maximum(torch.minimum(diff / safe_p, hi), lo)
+    ratio = torch.where(live, ratio, torch.zeros_like(prob))
     sq = diff * ratio
     kappa = sq.sum(-1).clamp(0.0, 1.0)
     lam = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)

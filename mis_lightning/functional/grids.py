@@ -84,8 +84,9 @@ def moments_from_alpha_fast(alpha: Tensor) -> CellMoments:
     prob = (cdf[:, 1:] - cdf[:, :-1]).clamp_min_(0.0)
     live = prob > 1e-280
     ratio = diff / torch.where(live, prob, torch.ones_like(prob))
-    ratio = torch.where(live, ratio, torch.zeros_like(ratio))
+    # Keep each conditional mean inside its cell; empty cells (possibly at +-inf) get 0.
     ratio = torch.maximum(torch.minimum(ratio, alpha[:, 1:]), alpha[:, :-1])
+    ratio = torch.where(live, ratio, torch.zeros_like(ratio))
     sq = diff * ratio
     kappa = sq.sum(-1).clamp_(0.0, 1.0)
     lam = diff.abs().sum(-1).clamp_(0.0, SQRT_2_OVER_PI)
