@@ -1,0 +1,235 @@
+"""The scheme protocol: a quantized copy of a model plus the grid of every parameter it quantizes.
+
+A :class:`QuantizationScheme` never touches the model it is given: ``apply`` deep-copies it,
+runs the real backend on the copy, and reads each quantized parameter's grid (codes,
+scales, zero points, block sizes) back from the backend's own tensors into a
+:class:`ParamGrid`. Parameters the scheme leaves in float appear in ``unquantized`` and are
+scored as unprotected (``kappa = 1``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import CellMoments, affine_boundaries, affine_cell_moments
+from ..functional import table_boundaries, table_cell_moments
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+class SchemeError(RuntimeError):
+    """A scheme could not be applied; the message names the scheme and the reason."""
+
+
+class SchemeUnavailableError(SchemeError):
+    """The scheme's backend, config or kernels are missing on this machine."""
+
+
+def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tuple[int, ...],
+                   start: int, end: int) -> Tensor:
+    """Per-element values ``[end - start]`` of a per-block tensor, for a flat element range.
+
+    ``block_tensor`` has one entry per block of ``block_size`` (shape ``ceil(shape/block)``,
+    or anything that reshapes to it, e.g. ``[N, 1]`` for per-row); a block size of 1 along a
+    dim means one entry per index of that dim.
+    """
+    idx = torch.arange(start, end, device=block_tensor.device)
+    nblocks = [math.ceil(s / b) for s, b in zip(shape, block_size)]
+    bt = block_tensor.reshape(nblocks)
+    flat_block = torch.zeros_like(idx)
+    rem = idx
+    strides = []
+    acc = 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    strides = strides[::-1]
+    bstride = []
+    acc = 1
+    for nb in reversed(nblocks):
+        bstride.append(acc)
+        acc *= nb
+    bstride = bstride[::-1]
+    for dim, (st, b) in enumerate(zip(strides, block_size)):
+        coord = torch.div(rem, st, rounding_mode="floor")
+        rem = rem - coord * st
+        flat_block = flat_block + torch.div(coord, b, rounding_mode="floor") * bstride[dim]
+    return bt.reshape(-1)[flat_block]
+
+
+@dataclass
+class ParamGrid:
+    """The grid of one quantized parameter tensor (all element indices are flat, row-major).
+
+    Attributes:
+        name: the parameter's name in the original model (``model.named_parameters()``).
+        shape: the parameter's shape.
+        kind: ``"affine"`` (integer codes, ``(q - zero_point) * scale``) or ``"table"``
+            (non-uniform: ``values * scale``, e.g. float8 / bfloat16 / float16).
+        dequantized: the backend's own dequantized tensor (float32, ``shape``).
+        bits_per_weight: storage per element including scales and zero points.
+        scale, zero_point: per-block tensors (``block_size`` layout).
+        block_size: elements per block along each dim.
+        qmin, qmax: affine code range.
+        codes: the backend's integer codes (affine) or ``None``.
+        values: sorted representable values in units of ``scale`` (table grids).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: Literal["affine", "table"]
+    dequantized: Tensor
+    bits_per_weight: float
+    scale: Tensor
+    block_size: tuple[int, ...]
+    zero_point: Tensor | None = None
+    qmin: int = 0
+    qmax: int = 0
+    codes: Tensor | None = None
+    values: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return int(math.prod(self.shape))
+
+    def _elem(self, t: Tensor | None, start: int, end: int) -> Tensor:
+        if t is None:
+            return torch.zeros(end - start, dtype=torch.float64)
+        return _expand_blocks(t.to(torch.float64), self.block_size, self.shape, start, end)
+
+    def element_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(scale [c], zero_point [c], code [c] or None)`` for elements ``start:end``."""
+        scale = self._elem(self.scale, start, end)
+        zp = self._elem(self.zero_point, start, end)
+        code = None
+        if self.codes is not None:
+            code = self.codes.reshape(-1)[start:end].to(torch.float64)
+        return scale, zp, code
+
+    def moments(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> CellMoments:
+        """Cell moments of elements ``start:end`` given their weights and std (each ``[c]``)."""
+        scale, zp, code = self.element_grid(start, end)
+        if self.kind == "affine":
+            return affine_cell_moments(theta, sigma, scale, zp, self.qmin, self.qmax, code=code)
+        assert self.values is not None
+        return table_cell_moments(theta, sigma, self.values, scale)
+
+    def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
+        """Cell edges ``[c, 2*half_window + 2]`` around elements ``start:end`` (parameter units)."""
+        scale, zp, code = self.element_grid(start, end)
+        if self.kind == "affine":
+            return affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=code)
+        assert self.values is not None
+        return table_boundaries(theta, self.values, scale, half_window)
+
+    def cell_value(self, theta: Tensor, start: int, end: int) -> Tensor:
+        """The value of the cell that contains each weight, from the grid alone (``[c]`` float64).
+
+        Affine grids: nearest code ``clamp(round(theta / scale) + zero_point)`` (halves to
+        even); table grids: nearest representable value. Tests check it against the backend's
+        ``dequantized`` output: the backend released the value of the cell the library
+        scores.
+        """
+        scale, zp, _ = self.element_grid(start, end)
+        th = theta.to(torch.float64)
+        if self.kind == "affine":
+            q = torch.round(th / scale) + zp
+            return (q.clamp(self.qmin, self.qmax) - zp) * scale
+        assert self.values is not None
+        v = self.values.to(torch.float64)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        pos = torch.searchsorted(0.5 * (v[1:] + v[:-1]), th / safe, right=True)
+        return torch.where(scale > 0, v[pos] * scale, torch.zeros_like(th))
+
+
+@dataclass
+class QuantizationResult:
+    """What :meth:`QuantizationScheme.apply` returns.
+
+    Attributes:
+        model: the quantized copy (the original is untouched).
+        grids: parameter name (as in the original model) -> :class:`ParamGrid`.
+        unquantized: parameter name -> why the scheme left it in float (``kappa = 1``).
+        scheme: the scheme's registry name.
+        notes: backend messages worth showing (deprecations, fallbacks).
+    """
+
+    model: nn.Module
+    grids: dict[str, ParamGrid]
+    unquantized: dict[str, str]
+    scheme: str
+    notes: list[str] = field(default_factory=list)
+
+
+class QuantizationScheme(ABC):
+    """A named post-training quantization scheme.
+
+    Subclasses implement :meth:`_quantize_copy`, which quantizes a private copy in place
+    through the real backend and returns the grids read from the backend's tensors.
+    """
+
+    #: registry name (a public contract: configs and reports use it)
+    name: str = "scheme"
+    #: which backend runs it ("torchao", "native", "builtin", ...)
+    backend: str = "builtin"
+
+    def __init__(self, filter_fn: FilterFn | None = None) -> None:
+        self.filter_fn = filter_fn
+
+    def check_available(self) -> None:
+        """Raise :class:`SchemeUnavailableError` if this machine cannot run the scheme."""
+
+    def describe(self) -> dict:
+        """Plain-type description for reports and configs."""
+        return {"name": self.name, "backend": self.backend}
+
+    def _selected(self, module: nn.Module, fqn: str, default: Callable[[nn.Module], bool]) -> bool:
+        if self.filter_fn is not None:
+            return bool(self.filter_fn(module, fqn)) and default(module)
+        return default(module)
+
+    @abstractmethod
+    def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
+        """Quantize ``model`` (already a private copy) in place; return grids and notes."""
+
+    def apply(self, model: nn.Module) -> QuantizationResult:
+        """Quantize a deep copy of ``model``; the argument is never modified."""
+        self.check_available()
+        copy_ = copy.deepcopy(model)
+        copy_.eval()
+        try:
+            grids, notes = self._quantize_copy(copy_)
+        except SchemeError:
+            raise
+        except Exception as exc:  # backend errors: name the scheme and keep the cause
+            raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
+        names = [n for n, _ in model.named_parameters()]
+        unquantized = {n: "left in float by the scheme" for n in names if n not in grids}
+        return QuantizationResult(model=copy_, grids=grids, unquantized=unquantized,
+                                  scheme=self.name, notes=notes)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k not in ("name", "backend"))
+        return f"{type(self).__name__}({args})"
+
+
+class NoQuantization(QuantizationScheme):
+    """The full-precision release (``none``): every parameter leaks as the baseline."""
+
+    name = "none"
+    backend = "builtin"
+
+    def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
+        return {}, []
+
+    def apply(self, model: nn.Module) -> QuantizationResult:
+        res = super().apply(model)
+        res.unquantized = {n: "full precision release" for n in res.unquantized}
+        return res
