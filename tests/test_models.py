@@ -18,7 +18,7 @@ from mis_lightning.models import (
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance.*LeafSpec.*:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),  # PL 2.6 vs torch 2.13
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
 ]
 
