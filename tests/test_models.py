@@ -70,7 +70,7 @@ def synthetic(**kw) -> SyntheticRegressionDataModule:
 def test_linear_lbfgs_reaches_closed_form_ridge(weight_decay):
     dm = synthetic()
     model = LinearRegression(dm.num_features, weight_decay=weight_decay, optimizer="lbfgs")
-    tr = trainer(max_epochs=3)
+    tr = trainer(max_epochs=1)  # one full-batch L-BFGS step (<= 100 iterations) suffices
     tr.fit(model, dm)
     expected = ridge_solution(*dm.train_dataset.tensors, weight_decay)
     # float32 parameters of size ~1-2 are resolved to ~1e-7; the penalised Gram matrix has
@@ -78,6 +78,12 @@ def test_linear_lbfgs_reaches_closed_form_ridge(weight_decay):
     # (a bias left unpenalised, or Adam-style decay, would be off by > 1e-2 at wd=0.5).
     torch.testing.assert_close(params_of(model), expected, atol=1e-5, rtol=0)
     assert model.linear.weight.dtype == torch.float32  # parameters stay float32
+    # the logged train_loss is the objective at the final iterate (not an average over the
+    # line-search evaluations of L-BFGS)
+    x, y = (t.double() for t in dm.train_dataset.tensors)
+    design = torch.cat([x, torch.ones(len(y), 1, dtype=torch.float64)], dim=1)
+    objective = (0.5 * (design @ expected - y) ** 2).mean() + 0.5 * weight_decay * expected @ expected
+    assert tr.callback_metrics["train_loss"].item() == pytest.approx(objective.item(), rel=1e-5)
     for key in ("train_loss", "val_loss", "val_rmse", "val_mae", "val_r2"):
         assert key in tr.callback_metrics
     result = tr.test(model, dm, verbose=False)[0]

@@ -14,8 +14,9 @@ convex models (linear / logistic) to the exact optimum up to float32 precision (
 is then evaluated in float64 during training, see ``PenalizedModule._training_terms``; the
 parameters stay float32).
 
-Logged: ``train_loss`` (the objective above, per epoch), ``train_data_loss`` (without the
-penalty), ``val_loss`` / ``test_loss`` (mean per-sample loss, no penalty) and the task metrics
+Logged: ``train_loss`` (the objective above on each training batch, at the last evaluation
+of the step -- for L-BFGS the accepted iterate -- averaged over the epoch), ``train_data_loss``
+(the same without the penalty), ``val_loss`` / ``test_loss`` (mean per-sample loss, no penalty) and the task metrics
 of :func:`mis_lightning.models.metrics.utility_metrics` as ``val_<name>`` / ``test_<name>``.
 """
 
@@ -132,10 +133,18 @@ class PenalizedModule(pl.LightningModule):
         x, y = batch
         data_loss, penalty = self._training_terms(x, y)
         loss = data_loss + 0.5 * self.weight_decay * penalty
-        bs = x.shape[0]
-        self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
-        self.log("train_data_loss", data_loss, on_step=False, on_epoch=True, batch_size=bs)
+        # logged once per batch in on_train_batch_end: L-BFGS calls training_step (its
+        # closure) many times per step, and the last evaluation is the accepted iterate
+        self._last_train = (loss.detach().float(), data_loss.detach().float(), x.shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        last = getattr(self, "_last_train", None)
+        if last is not None:
+            loss, data_loss, bs = last
+            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+            self.log("train_data_loss", data_loss, on_step=False, on_epoch=True, batch_size=bs)
+            self._last_train = None
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch
