@@ -1,0 +1,160 @@
+"""Per-sample losses, gradients and output Jacobians of a model with ``torch.func``.
+
+A *loss program* binds a model, a per-sample loss and a batch layout. It never modifies
+the model: parameters are read once (detached copies) and every call goes through
+``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+LossFn = Callable[[Any, Any], Tensor]
+BatchFn = Callable[[Any], tuple[Any, Any]]
+
+
+def default_batch_fn(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a batch that is a 2-tuple/list ``(inputs, targets)``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        "batches must be (inputs, targets) pairs by default; got "
+        f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}. "
+        "Pass batch_fn=lambda batch: (inputs, targets) for other layouts."
+    )
+
+
+def _batch_size(tree: Any) -> int:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+    if not leaves:
+        raise TypeError("inputs hold no tensor")
+    return int(leaves[0].shape[0])
+
+
+def _unsqueeze(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, tree)
+
+
+def _to(tree: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    def move(t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device=device)
+
+    return torch.utils._pytree.tree_map(move, tree)
+
+
+@dataclass
+class LossProgram:
+    """A model, its per-sample loss and the batch layout, as pure functions of the parameters.
+
+    Args:
+        model: the trained model (read only; evaluated in eval mode semantics through
+            ``functional_call`` with its current buffers).
+        loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (no reduction).
+        param_names: the parameters to differentiate (the assessed ones); the others are
+            held fixed.
+        batch_fn: ``batch -> (inputs, targets)``.
+        dtype: compute dtype for parameters and float inputs (float64 for small models
+            gives exact-sandwich accuracy; float32 otherwise).
+    """
+
+    model: nn.Module
+    loss_fn: LossFn
+    param_names: list[str]
+    batch_fn: BatchFn = default_batch_fn
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        named = dict(self.model.named_parameters())
+        missing = [n for n in self.param_names if n not in named]
+        if missing:
+            raise KeyError(f"parameters not in the model: {missing}; the model has {list(named)}")
+        self.device = next(iter(named.values())).device if named else torch.device("cpu")
+        self.params = {n: named[n].detach().to(self.dtype).clone() for n in self.param_names}
+        self.fixed = {
+            n: p.detach().to(self.dtype) if p.is_floating_point() else p.detach()
+            for n, p in named.items()
+            if n not in self.params
+        }
+        self.buffers = {
+            n: b.detach().to(self.dtype) if b.is_floating_point() else b.detach()
+            for n, b in self.model.named_buffers()
+        }
+        self._checked = False
+
+    # -- pure functions ---------------------------------------------------------------
+    def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
+        return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
+
+    def _one_loss(self, params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+        out = self.outputs(params, _unsqueeze(x))
+        return self.loss_fn(out, _unsqueeze(y)).reshape(())
+
+    def _one_output(self, params: dict[str, Tensor], x: Any) -> Tensor:
+        return self.outputs(params, _unsqueeze(x)).reshape(-1)
+
+    def prepare(self, batch: Any) -> tuple[Any, Any, int]:
+        """Split and move a batch; check once that ``loss_fn`` is per-sample."""
+        inputs, targets = self.batch_fn(batch)
+        inputs = _to(inputs, self.device, self.dtype)
+        targets = _to(targets, self.device, self.dtype)
+        b = _batch_size(inputs)
+        if not self._checked:
+            with torch.no_grad():
+                out = self.outputs(self.params, inputs)
+                losses = self.loss_fn(out, targets)
+            if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
+                shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise ValueError(
+                    f"loss_fn must return per-sample losses of shape [B] = [{b}], got {shape}; "
+                    "use reduction='none' and sum over output dimensions"
+                )
+            self._checked = True
+        return inputs, targets, b
+
+    def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
+        with torch.no_grad():
+            return self.loss_fn(self.outputs(self.params, inputs), targets)
+
+    def per_sample_grads(self, inputs: Any, targets: Any, names: list[str] | None = None) -> dict[str, Tensor]:
+        """``{name: [B, *shape]}`` per-sample gradients of the loss (vmap of grad)."""
+        params = self.params if names is None else {n: self.params[n] for n in names}
+        fixed_extra = {} if names is None else {n: p for n, p in self.params.items() if n not in params}
+
+        def one(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+            return self._one_loss({**fixed_extra, **p}, x, y)
+
+        return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, targets)
+
+    def output_jacobians(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}``."""
+        out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
+        jac = vmap(jacrev(self._one_output), in_dims=(None, 0))(self.params, inputs)
+        return out, jac
+
+    def loss_output_derivatives(self, outputs: Tensor, targets: Any, out_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """Per-sample ``dl/do [B, C]`` and ``d2l/do2 [B, C, C]`` of the loss in the outputs."""
+
+        def one(o: Tensor, y: Any) -> Tensor:
+            return self.loss_fn(o.reshape((1, *out_shape)), _unsqueeze(y)).reshape(())
+
+        g = vmap(grad(one))(outputs, targets)
+        h = vmap(torch.func.hessian(one))(outputs, targets)
+        return g, h
+
+    def output_shape(self, inputs: Any) -> tuple[int, ...]:
+        with torch.no_grad():
+            out = self.outputs(self.params, _unsqueeze(torch.utils._pytree.tree_map(
+                lambda t: t[0] if isinstance(t, Tensor) else t, inputs)))
+        return tuple(out.shape[1:])
+
+    def mean_loss(self, params: dict[str, Tensor], inputs: Any, targets: Any) -> Tensor:
+        return self.loss_fn(self.outputs(params, inputs), targets).mean()
