@@ -1,0 +1,45 @@
+"""mis-lightning: membership-inference security (MIS) of post-training-quantized models.
+
+Public API: :func:`assess`, :class:`MISCallback` (Lightning), :class:`MISIndicator`
+(torchmetrics), :mod:`mis_lightning.functional` (the math), and the scheme registry
+:mod:`mis_lightning.quantization` (``available_schemes``, ``get_scheme``, ``register_scheme``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import functional, quantization
+from .assess import assess, score
+from .quantization import available_schemes, get_scheme, register_scheme
+from .report import Report, SchemeResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MISCallback",
+    "MISIndicator",
+    "Report",
+    "SchemeResult",
+    "assess",
+    "available_schemes",
+    "functional",
+    "get_scheme",
+    "quantization",
+    "register_scheme",
+    "score",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The Lightning and torchmetrics front ends are imported on first use, so that the
+    # core (functional, assess) imports without loading Lightning.
+    if name == "MISCallback":
+        from .callback import MISCallback
+
+        return MISCallback
+    if name == "MISIndicator":
+        from .metric import MISIndicator
+
+        return MISIndicator
+    raise AttributeError(f"module 'mis_lightning' has no attribute {name!r}")

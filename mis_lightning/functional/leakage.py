@@ -129,14 +129,23 @@ def mc_first_order(
     stats: CellStatistics,
     num_samples: int = DEFAULT_NUM_SAMPLES,
     generator: torch.Generator | None = None,
+    gaussian_s2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Monte Carlo ``E |sum_j w_j m_j|`` per record and its standard error, both ``[R]``.
 
     Unbiased; coordinates are processed in chunks of ``MC_CHUNK`` so the sample buffer is
     ``[S, MC_CHUNK]`` whatever ``d``.
+
+    ``gaussian_s2 [R]`` adds, per record, the sum over further coordinates whose cells are
+    fine (or absent: unquantized weights, ``m_j = U_j``): their contribution is Gaussian
+    with variance ``sum_j w_j^2 kappa_j`` and independent of the sampled cells, so it is
+    drawn directly instead of through cells (exact in the unquantized limit).
     """
     R, d = w.shape
     proj = torch.zeros(R, num_samples, dtype=torch.float64, device=w.device)
+    if gaussian_s2 is not None:
+        xi = torch.randn(R, num_samples, dtype=torch.float64, device=w.device, generator=generator)
+        proj += gaussian_s2.to(torch.float64).clamp_min(0.0).sqrt().unsqueeze(-1) * xi
     w64 = w.to(torch.float64)
     for a in range(0, d, MC_CHUNK):
         sub = CellStatistics(

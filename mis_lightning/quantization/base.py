@@ -113,9 +113,16 @@ class ParamGrid:
             code = self.codes.reshape(-1)[start:end].to(torch.float64)
         return scale, zp, code
 
-    def moments(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> CellMoments:
-        """Cell moments of elements ``start:end`` given their weights and std (each ``[c]``)."""
+    def moments(self, theta: Tensor, sigma: Tensor, start: int, end: int,
+                use_codes: bool = True) -> CellMoments:
+        """Cell moments of elements ``start:end`` given their weights and std (each ``[c]``).
+
+        ``use_codes=False`` locates each weight's cell from the grid alone (for weights other
+        than the trained ones, e.g. the parametric bootstrap of the uncertainty interval).
+        """
         scale, zp, code = self.element_grid(start, end)
+        if not use_codes:
+            code = None
         if self.kind == "affine":
             return affine_cell_moments(theta, sigma, scale, zp, self.qmin, self.qmax, code=code)
         assert self.values is not None

@@ -1,0 +1,244 @@
+"""Report objects: per scheme and per layer, serialised to dict / JSON / CSV, a table, a figure."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class LayerResult:
+    """Figures of one parameter tensor under one scheme (leakage of that tensor alone)."""
+
+    name: str
+    d: int
+    quantized: bool
+    leakage: float
+    mis: float
+    baseline_leakage: float
+    d_eff: float
+    frozen_fraction: float
+    sparsity: float
+    bits_per_weight: float
+
+
+@dataclass
+class SchemeResult:
+    """Figures of one scheme.
+
+    ``leakage`` is the estimated best-attack advantage ``Delta`` (mean saturated per-record
+    TV), ``mis = 1 - leakage``; ``interval`` is the (p10, p90) range of ``leakage`` under the
+    parametric bootstrap of the trained weights (method.md section 7); ``d_eff = sum kappa``;
+    ``frozen_fraction`` = share of assessed weights with ``kappa < 1e-6``; ``sparsity`` =
+    share of quantized weights released as exactly 0; ``bits_per_weight`` averages the
+    storage of all assessed weights (float ones at their dtype's width) including scales.
+    """
+
+    name: str
+    leakage: float
+    mis: float
+    baseline_leakage: float
+    d_eff: float
+    d: int
+    sparsity: float
+    frozen_fraction: float
+    bits_per_weight: float
+    method: str
+    interval: tuple[float, float] | None = None
+    quantized_fraction: float = 0.0
+    clt_error_estimate: float = 0.0
+    layers: dict[str, LayerResult] = field(default_factory=dict)
+    utility: dict[str, float] = field(default_factory=dict)
+    description: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["interval"] = list(self.interval) if self.interval is not None else None
+        return d
+
+
+@dataclass
+class Report:
+    """What :func:`mis_lightning.assess` returns.
+
+    Attributes:
+        n: training records; d: assessed weights; estimation: how sigma and w were had;
+        diagnostics: method.md section 6 diagnostics (plus ``d_eff_over_n`` warnings);
+        schemes: scheme name -> :class:`SchemeResult`; baseline_leakage / baseline_mis: the
+        unquantized release.
+    """
+
+    n: int
+    d: int
+    estimation: dict[str, Any]
+    diagnostics: dict[str, Any]
+    schemes: dict[str, SchemeResult]
+    baseline_leakage: float
+    baseline_mis: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n": self.n,
+            "d": self.d,
+            "estimation": self.estimation,
+            "diagnostics": _plain(self.diagnostics),
+            "baseline_leakage": self.baseline_leakage,
+            "baseline_mis": self.baseline_mis,
+            "warnings": list(self.warnings),
+            "schemes": {k: v.to_dict() for k, v in self.schemes.items()},
+        }
+
+    def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        text = json.dumps(_plain(self.to_dict()), indent=indent)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        schemes = {}
+        for k, v in data["schemes"].items():
+            v = dict(v)
+            v["layers"] = {ln: LayerResult(**lv) for ln, lv in v.get("layers", {}).items()}
+            if v.get("interval") is not None:
+                v["interval"] = tuple(v["interval"])
+            schemes[k] = SchemeResult(**v)
+        return cls(
+            n=data["n"], d=data["d"], estimation=data["estimation"], diagnostics=data["diagnostics"],
+            schemes=schemes, baseline_leakage=data["baseline_leakage"],
+            baseline_mis=data["baseline_mis"], warnings=data.get("warnings", []),
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One flat row per scheme (for CSV, tables and trackers)."""
+        out = []
+        for name, s in self.schemes.items():
+            row = {
+                "scheme": name, "bits_per_weight": s.bits_per_weight, "leakage": s.leakage,
+                "mis": s.mis, "leakage_p10": s.interval[0] if s.interval else None,
+                "leakage_p90": s.interval[1] if s.interval else None,
+                "baseline_leakage": s.baseline_leakage, "d_eff": s.d_eff, "d": s.d,
+                "sparsity": s.sparsity, "frozen_fraction": s.frozen_fraction,
+                "method": s.method, "error": s.error or "",
+            }
+            row.update({f"utility_{k}": v for k, v in s.utility.items()})
+            out.append(row)
+        return out
+
+    def to_csv(self, path: str | Path) -> None:
+        rows = self.rows()
+        keys: list[str] = []
+        for r in rows:
+            keys += [k for k in r if k not in keys]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as fh:
+            wr = csv.DictWriter(fh, fieldnames=keys)
+            wr.writeheader()
+            wr.writerows(rows)
+
+    def table(self, utility_key: str | None = None) -> str:
+        """Plain-text table: scheme, bits/weight, utility, leakage [p10, p90], MIS, baseline."""
+        return format_table(self.rows(), utility_key)
+
+    def plot(self, path: str | Path | None = None, utility_key: str | None = None):
+        """Privacy-utility figure (leakage against the utility metric, one point per scheme)."""
+        return privacy_utility_figure(self.rows(), path, utility_key)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if hasattr(x, "item") and callable(x.item):
+        try:
+            return _plain(x.item())
+        except (ValueError, RuntimeError):
+            return str(x)
+    return x
+
+
+def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None) -> str | None:
+    keys = [k for r in rows for k in r if k.startswith("utility_")]
+    if utility_key is not None:
+        k = utility_key if utility_key.startswith("utility_") else f"utility_{utility_key}"
+        return k if k in keys else None
+    for pref in ("utility_rmse", "utility_auroc", "utility_accuracy", "utility_loss"):
+        if pref in keys:
+            return pref
+    return keys[0] if keys else None
+
+
+def _fmt(v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
+    uk = pick_utility_key(rows, utility_key)
+    head = ["scheme", "bits/w"] + ([uk.removeprefix("utility_")] if uk else []) + [
+        "leakage", "[p10, p90]", "MIS", "baseline", "d_eff", "sparsity"]
+    body = []
+    for r in rows:
+        if r.get("error"):
+            body.append([r["scheme"], "-"] + (["-"] if uk else []) + ["error: " + str(r["error"])[:60], "", "", "", "", ""])
+            continue
+        interval = "-" if r.get("leakage_p10") is None else f"[{_fmt(r['leakage_p10'])}, {_fmt(r['leakage_p90'])}]"
+        body.append([r["scheme"], f"{r['bits_per_weight']:.2f}"] + ([_fmt(r.get(uk))] if uk else []) + [
+            _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt(r["baseline_leakage"]),
+            _fmt(r["d_eff"]), _fmt(r["sparsity"])])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
+                           utility_key: str | None = None):
+    """A matplotlib Figure of leakage (with p10-p90 bars) against utility; saved if ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    uk = pick_utility_key(rows, utility_key)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ok = [r for r in rows if not r.get("error")]
+    for i, r in enumerate(ok):
+        x = r.get(uk) if uk else r["bits_per_weight"]
+        y = r["leakage"]
+        if x is None:
+            continue
+        if r.get("leakage_p10") is not None:
+            ax.errorbar([x], [y], yerr=[[max(y - r["leakage_p10"], 0)], [max(r["leakage_p90"] - y, 0)]],
+                        fmt="o", capsize=3, color=f"C{i % 10}")
+        else:
+            ax.plot([x], [y], "o", color=f"C{i % 10}")
+        ax.annotate(r["scheme"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if ok:
+        base = ok[0]["baseline_leakage"]
+        ax.axhline(base, ls="--", color="gray", lw=1, label="unquantized baseline")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel((uk.removeprefix("utility_") if uk else "bits per weight") + " (validation)")
+    ax.set_ylabel("leakage = best-attack advantage (1 - MIS)")
+    ax.set_title("Privacy-utility trade-off of quantization schemes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
