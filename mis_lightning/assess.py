@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .functional._checks import check_finite
 from .estimation import Estimate, estimate
 from .estimation.per_sample import BatchFn, LossFn
+from .functional._checks import check_finite
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid
 from .report import LayerResult, Report, SchemeResult
@@ -160,47 +161,64 @@ def score(
         raise ValueError(f"n (number of training records) must be >= 2, got {n}")
     for k in est.names:
         check_finite(f"sigma of {k!r}", est.sigma[k])
-    base_s2 = _layer_sums(est, {k: None for k in est.names}, chunk_size)
     R = est.num_records
-    base_total = sum(base_s2.values(), F.CltSums.zeros(R))
-    base_leak = base_total.leakage(n)
-    baseline = float(base_leak.mean())
     estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R}
     diagnostics = dict(est.diagnostics)
     if est.mahalanobis is not None:
         corr = F.saturate(F.cells.SQRT_2_OVER_PI * est.mahalanobis / (2 * math.sqrt(n)))
         diagnostics["baseline_leakage_correlated"] = float(corr.mean())
+
+    # Phase A: quantize each scheme, evaluate its copy, and compute every parameter's cell
+    # moments (at theta-hat and at the bootstrap draws). Nothing here touches w.
+    prepared: list[_Prepared] = []
+    failures: dict[str, str] = {}
+    for i, scheme in enumerate(scheme_objs):
+        gen = torch.Generator().manual_seed(seed + 1000 * (i + 1))
+        try:
+            prep = _prepare_scheme(est, model, scheme, uncertainty_draws, gen, chunk_size)
+            if val_dataloader is not None and loss_fn is not None:
+                prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
+                                                batch_fn=batch_fn, output_transform=output_transform)
+            prep.qmodel = None  # release the copy; only its grids are kept
+            prepared.append(prep)
+        except Exception as exc:
+            if strict:
+                raise
+            log.warning("scheme %s failed: %s", scheme.name, exc)
+            failures[scheme.name] = f"{type(exc).__name__}: {exc}"
+
+    # Phase B: one pass over the records' influences accumulates every Gaussian-form sum
+    # (baseline, each scheme, each bootstrap draw) per parameter.
+    col = 1
+    for prep in prepared:
+        prep.column = col
+        col += 1 + prep.num_draws
+    sums = _joint_sums(est, prepared, chunk_size)
+    base_layers = {name: sums[name][0] for name in est.names}
+    base_total = _total(base_layers, R)
+    baseline = float(base_total.leakage(n).mean())
     report = Report(
         n=n, d=est.d, estimation=estimation_info, diagnostics=diagnostics, schemes={},
         baseline_leakage=baseline, baseline_mis=1.0 - baseline,
     )
+
+    # Phase C: per scheme, the chosen method, per-layer values and the interval.
     for i, scheme in enumerate(scheme_objs):
-        gen = torch.Generator().manual_seed(seed + 1000 * (i + 1))
-        try:
-            res = _score_scheme(est, model, scheme, method, uncertainty_draws, num_samples, gen,
-                                chunk_size, base_s2)
-        except Exception as exc:  # noqa: BLE001 - reported per scheme, re-raised if strict
-            if strict:
-                raise
-            log.warning("scheme %s failed: %s", scheme.name, exc)
-            res = SchemeResult(
+        if scheme.name in failures:
+            report.schemes[scheme.name] = SchemeResult(
                 name=scheme.name, leakage=math.nan, mis=math.nan, baseline_leakage=baseline,
                 d_eff=math.nan, d=est.d, sparsity=math.nan, frozen_fraction=math.nan,
-                bits_per_weight=math.nan, method="-", error=f"{type(exc).__name__}: {exc}",
+                bits_per_weight=math.nan, method="-", error=failures[scheme.name],
                 description=scheme.describe(),
             )
-            report.schemes[scheme.name] = res
             continue
-        result, qmodel = res
-        if val_dataloader is not None and loss_fn is not None:
-            result.utility = evaluate_utility(qmodel, val_dataloader, loss_fn, metrics,
-                                              batch_fn=batch_fn, output_transform=output_transform)
-        del qmodel
+        prep = next(p for p in prepared if p.scheme is scheme)
+        gen = torch.Generator().manual_seed(seed + 7919 * (i + 1))
+        result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size)
         report.schemes[scheme.name] = result
-        d_eff_over_n = result.d_eff / n
-        if d_eff_over_n > 0.1:
+        if result.d_eff / n > 0.1:
             report.warnings.append(
-                f"{scheme.name}: d_eff / n = {d_eff_over_n:.3g} is not small; the asymptotic "
+                f"{scheme.name}: d_eff / n = {result.d_eff / n:.3g} is not small; the asymptotic "
                 "regime needs d_eff << n, treat the figure as indicative"
             )
     if diagnostics.get("not_at_minimum"):
@@ -213,20 +231,78 @@ def score(
     return report
 
 
-def _layer_sums(est: Estimate, kappas: dict[str, tuple[Tensor, Tensor] | None], chunk: int) -> dict[str, F.CltSums]:
-    """Per-parameter Gaussian-form sums; ``None`` means unquantized (kappa = 1, m4 = 3)."""
-    out = {}
-    for r0, r1, wd in est.iter_w(list(kappas)):
-        for name, w in wd.items():
-            if name not in out:
-                out[name] = F.CltSums.zeros(est.num_records)
-            km = kappas[name]
-            k = torch.ones(w.shape[1], dtype=torch.float64) if km is None else km[0]
-            m4 = torch.full_like(k, 3.0) if km is None else km[1]
-            part = F.clt_sums(w, k, m4)
-            out[name].s2[r0:r1] += part.s2
-            out[name].s4[r0:r1] += part.s4
-    return out
+class _Prepared:
+    """A scheme's grids and per-parameter cell moments, before the pass over influences."""
+
+    def __init__(self, scheme: QuantizationScheme) -> None:
+        self.scheme = scheme
+        self.qmodel: nn.Module | None = None
+        self.grids: dict[str, ParamGrid] = {}
+        self.kappa: dict[str, Tensor] = {}  # at theta-hat (quantized params only)
+        self.m4: dict[str, Tensor] = {}
+        self.lam: dict[str, Tensor] = {}
+        self.draws: dict[str, list[Tensor]] = {}  # bootstrap kappas per parameter
+        self.num_draws = 0
+        self.column = 0  # index of this scheme's main column in the joint sums
+        self.lam_draws: dict[str, list[Tensor]] = {}
+        self.layers: dict[str, LayerResult] = {}
+        self.utility: dict[str, float] = {}
+        self.notes: list[str] = []
+        self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
+
+
+# Floats of cell moments held per parameter for the joint pass (bootstrap draws are cut to fit).
+KAPPA_BUDGET = 1 << 27
+
+
+def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
+                    gen: torch.Generator, chunk: int) -> _Prepared:
+    qres = scheme.apply(model)
+    prep = _Prepared(scheme)
+    prep.qmodel = qres.model
+    prep.notes = list(qres.notes)
+    prep.grids = {k: g for k, g in qres.grids.items() if k in est.theta}
+    if not prep.grids and not isinstance(scheme, NoQuantization):
+        raise SchemeError(
+            f"scheme {scheme.name!r} applies to no assessed parameter of this model "
+            f"(assessed: {est.names}); it would be scored as no protection at all"
+        )
+    params = dict(model.named_parameters())
+    largest = max((est.theta[k].numel() for k in prep.grids), default=1)
+    prep.num_draws = max(0, min(draws, KAPPA_BUDGET // max(largest, 1) - 2)) if prep.grids else 0
+    if prep.num_draws < draws and prep.grids:
+        prep.notes.append(f"uncertainty interval from {prep.num_draws} bootstrap draws (memory bound)")
+    for name in est.names:
+        th, sg = est.theta[name], est.sigma[name]
+        numel = th.numel()
+        g = prep.grids.get(name)
+        if g is None:
+            bits = _dtype_bits(params[name])
+            ksum, frz, zero = float(numel), int((sg <= 0).sum()), 0.0
+        else:
+            k, m4, lam = _grid_moments(g, th, sg, chunk)
+            prep.kappa[name], prep.m4[name], prep.lam[name] = k, m4, lam
+            prep.draws[name], prep.lam_draws[name] = [], []
+            for _ in range(prep.num_draws):
+                th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
+                k_b, _, lam_b = _grid_moments(g, th_b, sg, chunk, use_codes=False)
+                prep.draws[name].append(k_b.to(torch.float32))
+                if est.d == 1:
+                    prep.lam_draws[name].append(lam_b)
+            bits = g.bits_per_weight
+            ksum, frz = float(k.sum()), int((k < FROZEN_KAPPA).sum())
+            zero = float((g.dequantized.reshape(-1) == 0).sum())
+            prep.zero += zero
+            prep.quant += numel
+        prep.bits += bits * numel
+        prep.d_eff += ksum
+        prep.frozen += frz
+        prep.layers[name] = LayerResult(
+            name=name, d=numel, quantized=g is not None, leakage=math.nan, mis=math.nan,
+            baseline_leakage=math.nan, d_eff=ksum, frozen_fraction=frz / max(numel, 1),
+            sparsity=zero / numel if g is not None else 0.0, bits_per_weight=bits,
+        )
+    return prep
 
 
 def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use_codes: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -242,59 +318,68 @@ def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use
     return kappa, m4, lam
 
 
-def _score_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, method: str,
-                  uncertainty_draws: int, num_samples: int, gen: torch.Generator, chunk: int,
-                  base_s2: dict[str, F.CltSums]) -> tuple[SchemeResult, nn.Module]:
-    qres = scheme.apply(model)
-    grids = {k: g for k, g in qres.grids.items() if k in est.theta}
-    if not grids and not isinstance(scheme, NoQuantization):
-        raise SchemeError(
-            f"scheme {scheme.name!r} applies to no assessed parameter of this model "
-            f"(assessed: {est.names}); it would be scored as no protection at all"
-        )
-    params = dict(model.named_parameters())
-    kappas: dict[str, tuple[Tensor, Tensor] | None] = {}
-    lams: dict[str, Tensor] = {}
-    layers: dict[str, LayerResult] = {}
-    tot_bits = tot_zero = tot_quant = 0.0
-    d_eff = frozen = 0.0
-    for name in est.names:
-        th, sg = est.theta[name], est.sigma[name]
-        numel = th.numel()
-        g = grids.get(name)
-        if g is None:
-            kappas[name] = None
-            bits = _dtype_bits(params[name])
-            layer_kappa_sum, layer_frozen, zero = float(numel), int((sg <= 0).sum()), 0.0
-        else:
-            k, m4, lam = _grid_moments(g, th, sg, chunk)
-            kappas[name] = (k, m4)
-            lams[name] = lam
-            bits = g.bits_per_weight
-            layer_kappa_sum, layer_frozen = float(k.sum()), int((k < FROZEN_KAPPA).sum())
-            zero = float((g.dequantized.reshape(-1) == 0).sum())
-            tot_zero += zero
-            tot_quant += numel
-        tot_bits += bits * numel
-        d_eff += layer_kappa_sum
-        frozen += layer_frozen
-        layers[name] = LayerResult(
-            name=name, d=numel, quantized=g is not None, leakage=math.nan, mis=math.nan,
-            baseline_leakage=float(base_s2[name].leakage(est.n).mean()), d_eff=layer_kappa_sum,
-            frozen_fraction=layer_frozen / max(numel, 1), sparsity=zero / numel if g is not None else 0.0,
-            bits_per_weight=bits,
-        )
-    sums = _layer_sums(est, kappas, chunk)
-    total = sum(sums.values(), F.CltSums.zeros(est.num_records))
-    clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if est.num_records else 0.0
-    for name, s in sums.items():
-        lk = float(s.leakage(est.n).mean())
-        layers[name].leakage, layers[name].mis = lk, 1.0 - lk
+def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Kappa columns ``[numel, M]`` (baseline, then per scheme: main + draws), m4 of the
+    main columns, and each scheme's column range."""
+    cols, m4s, spans = [torch.ones(numel, dtype=torch.float64)], [torch.full((numel,), 3.0, dtype=torch.float64)], []
+    for p in prepared:
+        start = len(cols)
+        if name in p.kappa:
+            cols.append(p.kappa[name])
+            m4s.append(p.m4[name])
+            cols.extend(d.to(torch.float64) for d in p.draws[name])
+        else:  # left in float by this scheme: kappa = 1 in every column
+            cols.append(cols[0])
+            m4s.append(m4s[0])
+            cols.extend(cols[0] for _ in range(p.num_draws))
+        spans.append((start, len(cols)))
+    return torch.stack(cols, 1), torch.stack(m4s, 1), spans
 
+
+def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int) -> dict[str, list[F.CltSums]]:
+    """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_1 main, ...]`` sums."""
+    R = est.num_records
+    out: dict[str, list[F.CltSums]] = {}
+    layout: dict[str, tuple[Tensor, Tensor, list[tuple[int, int]]]] = {}
+    for r0, r1, wd in est.iter_w(est.names):
+        for name, w in wd.items():
+            if name not in layout:
+                layout[name] = _columns(name, w.shape[1], prepared)
+                M = layout[name][0].shape[1]
+                out[name] = [F.CltSums.zeros(R) for _ in range(M)]
+            K, M4, spans = layout[name]
+            w2 = w.to(torch.float64).square()
+            s2 = w2 @ K  # [b, M]
+            main_idx = [0] + [s for s, _ in spans]
+            s4 = w2.square() @ (M4 - 3.0 * K[:, main_idx].square())  # [b, 1 + S]
+            for m in range(K.shape[1]):
+                out[name][m].s2[r0:r1] += s2[:, m]
+            for j, m in enumerate(main_idx):
+                out[name][m].s4[r0:r1] += s4[:, j]
+    return out
+
+
+def _total(layer_sums: dict[str, F.CltSums], R: int) -> F.CltSums:
+    return sum(layer_sums.values(), F.CltSums.zeros(R))
+
+
+def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]],
+                   base_layers: dict[str, F.CltSums], baseline: float, method: str,
+                   num_samples: int, gen: torch.Generator, chunk: int) -> SchemeResult:
+    R, n, d = est.num_records, est.n, est.d
+    idx = prep.column
+    main = {name: sums[name][idx] for name in est.names}
+    total = _total(main, R)
+    clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
+    layers = prep.layers
+    for name in est.names:
+        lk = float(main[name].leakage(n).mean())
+        layers[name].leakage, layers[name].mis = lk, 1.0 - lk
+        layers[name].baseline_leakage = float(base_layers[name].leakage(n).mean())
+    kappas = {name: ((prep.kappa[name], prep.m4[name]) if name in prep.kappa else None) for name in est.names}
     chosen = method
-    d = est.d
     if method == "auto":
-        if d == 1 and grids:
+        if d == 1 and prep.grids:
             chosen = "exact1d"
         elif clt_err <= F.CLT_TOLERANCE:
             chosen = "clt"
@@ -302,37 +387,32 @@ def _score_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, m
             chosen = "mc"
         else:
             chosen = "clt"
-    notes = list(qres.notes)
+    notes = list(prep.notes)
     if chosen == "clt" and clt_err > F.CLT_TOLERANCE:
         notes.append(f"Gaussian form used beyond its tolerance (Edgeworth error estimate {clt_err:.3g})")
     if chosen == "exact1d":
         if d != 1:
             raise ValueError(f"method='exact1d' needs d = 1 assessed weight, got d = {d}")
-        leak = _exact1d(est, lams)
+        leak = _exact1d(est, prep.lam)
     elif chosen == "mc":
         if est.w is None:
             raise ValueError("method='mc' needs the stored influences (a model small enough to keep w)")
-        leak = _mc_leakage(est, grids, kappas, num_samples, gen, chunk, names=est.names)
+        leak = _mc_leakage(est, prep.grids, kappas, num_samples, gen, chunk, names=est.names)
         for name in est.names:
-            if grids.get(name) is not None:
-                lk = float(_mc_leakage(est, grids, kappas, num_samples, gen, chunk, names=[name]).mean())
+            if name in prep.grids:
+                lk = float(_mc_leakage(est, prep.grids, kappas, num_samples, gen, chunk, names=[name]).mean())
                 layers[name].leakage, layers[name].mis = lk, 1.0 - lk
     else:
-        leak = total.leakage(est.n)
+        leak = total.leakage(n)
     leakage = float(leak.mean())
-    interval = None
-    if uncertainty_draws > 0 and grids:
-        interval = _bootstrap_interval(est, grids, kappas, uncertainty_draws, gen, chunk,
-                                       leakage, float(total.leakage(est.n).mean()), chosen, lams)
-    result = SchemeResult(
-        name=scheme.name, leakage=leakage, mis=1.0 - leakage,
-        baseline_leakage=float(sum(base_s2.values(), F.CltSums.zeros(est.num_records)).leakage(est.n).mean()),
-        d_eff=d_eff, d=d, sparsity=tot_zero / tot_quant if tot_quant else 0.0,
-        frozen_fraction=frozen / max(d, 1), bits_per_weight=tot_bits / max(d, 1), method=chosen,
-        interval=interval, quantized_fraction=tot_quant / max(d, 1), clt_error_estimate=clt_err,
-        layers=layers, description=scheme.describe(), notes=notes,
+    interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen)
+    return SchemeResult(
+        name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
+        d_eff=prep.d_eff, d=d, sparsity=prep.zero / prep.quant if prep.quant else 0.0,
+        frozen_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
+        interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
+        layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
     )
-    return result, qres.model
 
 
 def _coarse_count(kappas: dict[str, tuple[Tensor, Tensor] | None]) -> int:
@@ -388,34 +468,29 @@ def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict, num_sa
     return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(est.n)))
 
 
-def _bootstrap_interval(est: Estimate, grids: dict[str, ParamGrid], kappas: dict, draws: int,
-                        gen: torch.Generator, chunk: int, leakage: float, clt_value: float,
-                        chosen: str, lams: dict[str, Tensor]) -> tuple[float, float]:
+def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
+              leakage: float, clt_value: float, chosen: str) -> tuple[float, float] | None:
     """(p10, p90) of the leakage with the cell statistics re-evaluated around
     ``theta_hat + sigma * xi`` (method.md section 7: the plug-in's spread over where the
-    trained weights fall in their cells). The Gaussian form is re-evaluated per draw and
-    rescaled by the ratio of the chosen method's value to the Gaussian form at ``theta_hat``."""
+    trained weights fall in their cells). Each draw uses the Gaussian form, rescaled by
+    the ratio of the chosen method's value to the Gaussian form at ``theta_hat``; one
+    coordinate uses the exact form."""
+    if prep.num_draws == 0:
+        return None
     vals = []
-    for _ in range(draws):
-        kd: dict[str, tuple[Tensor, Tensor] | None] = {}
-        lam1 = None
-        for name in est.names:
-            g = grids.get(name)
-            if g is None:
-                kd[name] = None
-                continue
-            th = est.theta[name] + est.sigma[name] * torch.randn(est.theta[name].shape, dtype=torch.float64, generator=gen)
-            k, m4, lam = _grid_moments(g, th, est.sigma[name], chunk, use_codes=False)
-            kd[name] = (k, m4)
-            lam1 = lam
-        if chosen == "exact1d" and est.w is not None and lam1 is not None:
-            v = float(F.saturate(est.w[:, 0].abs() * lam1[0] / (2 * math.sqrt(est.n))).mean())
-        else:
-            sums = _layer_sums(est, kd, chunk)
-            total = sum(sums.values(), F.CltSums.zeros(est.num_records))
-            v = float(total.leakage(est.n).mean())
-            if chosen == "mc" and clt_value > 0:
-                v *= leakage / clt_value
+    for b in range(prep.num_draws):
+        if chosen == "exact1d" and est.w is not None:
+            name = est.names[0]
+            lam_b = prep.lam_draws[name][b]
+            vals.append(float(F.saturate(est.w[:, 0].abs() * lam_b[0] / (2 * math.sqrt(est.n))).mean()))
+            continue
+        draw = _total({name: sums[name][idx + 1 + b] for name in est.names}, est.num_records)
+        v = float(draw.leakage(est.n).mean())
+        if chosen == "mc" and clt_value > 0:
+            v *= leakage / clt_value
         vals.append(v)
     t = torch.tensor(vals, dtype=torch.float64)
+    if t.numel() < 5:  # too few draws for quantiles: normal approximation
+        m, s = float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
+        return max(m - 1.2816 * s, 0.0), m + 1.2816 * s
     return float(torch.quantile(t, 0.1)), float(torch.quantile(t, 0.9))

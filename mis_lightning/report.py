@@ -103,7 +103,7 @@ class Report:
         return text
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Report":
+    def from_dict(cls, data: dict[str, Any]) -> Report:
         schemes = {}
         for k, v in data["schemes"].items():
             v = dict(v)
@@ -203,7 +203,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
             _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt(r["baseline_leakage"]),
             _fmt(r["d_eff"]), _fmt(r["sparsity"])])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 

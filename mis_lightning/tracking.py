@@ -11,7 +11,8 @@ figures through the experiment object where the logger has one that takes figure
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .report import Report
 

@@ -5,7 +5,13 @@ weights (parameter units); ``boundaries [d, K+1]`` cell edges (parameter units);
 ``w [R, d]`` standardised influences of R records (dimensionless).
 """
 
-from .cells import CellMoments, CellStatistics, cell_moments, cell_statistics, standardize_boundaries
+from .cells import (
+    CellMoments,
+    CellStatistics,
+    cell_moments,
+    cell_statistics,
+    standardize_boundaries,
+)
 from .grids import (
     affine_boundaries,
     affine_cell_moments,

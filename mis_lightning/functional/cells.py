@@ -50,7 +50,7 @@ class CellStatistics:
     def d(self) -> int:
         return int(self.kappa.shape[0])
 
-    def to(self, *args, **kwargs) -> "CellStatistics":
+    def to(self, *args, **kwargs) -> CellStatistics:
         return CellStatistics(
             *(getattr(self, f).to(*args, **kwargs) for f in self.__dataclass_fields__)
         )

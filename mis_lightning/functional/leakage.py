@@ -65,11 +65,11 @@ class CltSums:
     s4: Tensor
 
     @classmethod
-    def zeros(cls, num_records: int, device: torch.device | str | None = None) -> "CltSums":
+    def zeros(cls, num_records: int, device: torch.device | str | None = None) -> CltSums:
         z = torch.zeros(num_records, dtype=torch.float64, device=device)
         return cls(z, z.clone())
 
-    def add_(self, w: Tensor, kappa: Tensor, m4: Tensor | None = None) -> "CltSums":
+    def add_(self, w: Tensor, kappa: Tensor, m4: Tensor | None = None) -> CltSums:
         """Accumulate a coordinate chunk: ``w [R, c]``, ``kappa [c]``, ``m4 [c]`` (optional)."""
         w2 = w.to(torch.float64).square()
         k = kappa.to(torch.float64)
@@ -78,7 +78,7 @@ class CltSums:
             self.s4 += w2.square() @ (m4.to(torch.float64) - 3.0 * k * k)
         return self
 
-    def __add__(self, other: "CltSums") -> "CltSums":
+    def __add__(self, other: CltSums) -> CltSums:
         return CltSums(self.s2 + other.s2, self.s4 + other.s4)
 
     def excess_kurtosis(self) -> Tensor:

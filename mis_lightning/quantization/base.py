@@ -12,14 +12,20 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..functional import CellMoments, affine_boundaries, affine_cell_moments
-from ..functional import table_boundaries, table_cell_moments
+from ..functional import (
+    CellMoments,
+    affine_boundaries,
+    affine_cell_moments,
+    table_boundaries,
+    table_cell_moments,
+)
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -123,18 +129,44 @@ class ParamGrid:
         scale, zp, code = self.element_grid(start, end)
         if not use_codes:
             code = None
+        # A block whose scale is 0 (torchao float8 on an all-zero row or group: every element
+        # is exactly 0) is a one-cell grid {0}: its elements are frozen (all moments 0).
+        dead = scale <= 0
+        if bool(dead.any()):
+            scale = torch.where(dead, torch.ones_like(scale), scale)
+            if code is not None:
+                code = torch.where(dead, zp, code)
         if self.kind == "affine":
-            return affine_cell_moments(theta, sigma, scale, zp, self.qmin, self.qmax, code=code)
-        assert self.values is not None
-        return table_cell_moments(theta, sigma, self.values, scale)
+            mm = affine_cell_moments(theta, sigma, scale, zp, self.qmin, self.qmax, code=code)
+        else:
+            assert self.values is not None
+            mm = table_cell_moments(theta, sigma, self.values, scale)
+        if bool(dead.any()):
+            zero = torch.zeros_like(mm.kappa)
+            mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
+                             lam=torch.where(dead, zero, mm.lam),
+                             m4=torch.where(dead, zero, mm.m4),
+                             coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
+        return mm
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
         """Cell edges ``[c, 2*half_window + 2]`` around elements ``start:end`` (parameter units)."""
         scale, zp, code = self.element_grid(start, end)
+        dead = scale <= 0  # one-cell grid {0}: see moments()
+        if bool(dead.any()):
+            scale = torch.where(dead, torch.ones_like(scale), scale)
+            if code is not None:
+                code = torch.where(dead, zp, code)
         if self.kind == "affine":
-            return affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=code)
-        assert self.values is not None
-        return table_boundaries(theta, self.values, scale, half_window)
+            edges = affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=code)
+        else:
+            assert self.values is not None
+            edges = table_boundaries(theta, self.values, scale, half_window)
+        if bool(dead.any()):
+            single = torch.full_like(edges[0], math.inf)
+            single[: half_window + 1] = -math.inf
+            edges = torch.where(dead.unsqueeze(-1), single, edges)
+        return edges
 
     def cell_value(self, theta: Tensor, start: int, end: int) -> Tensor:
         """The value of the cell that contains each weight, from the grid alone (``[c]`` float64).
@@ -147,8 +179,13 @@ class ParamGrid:
         scale, zp, _ = self.element_grid(start, end)
         th = theta.to(torch.float64)
         if self.kind == "affine":
-            q = torch.round(th / scale) + zp
-            return (q.clamp(self.qmin, self.qmax) - zp) * scale
+            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+            # integer zero points: round(theta/s) + zp; a float zero point (tinygemm's
+            # float-domain zero) rounds theta/s + zp as a whole.
+            q = torch.where(zp == torch.round(zp), torch.round(th / safe) + zp,
+                            torch.round(th / safe + zp))
+            return torch.where(scale > 0, (q.clamp(self.qmin, self.qmax) - zp) * scale,
+                               torch.zeros_like(th))
         assert self.values is not None
         v = self.values.to(torch.float64)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -204,7 +241,12 @@ class QuantizationScheme(ABC):
 
     @abstractmethod
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
-        """Quantize ``model`` (already a private copy) in place; return grids and notes."""
+        """Quantize ``model`` (already a private copy) in place; return grids and notes.
+
+        May also return a third item, ``{parameter name: reason}``, for parameters the scheme
+        would normally quantize but skipped (e.g. a layer whose width is not a multiple of the
+        group size); every other parameter without a grid is "left in float by the scheme".
+        """
 
     def apply(self, model: nn.Module) -> QuantizationResult:
         """Quantize a deep copy of ``model``; the argument is never modified."""
@@ -212,13 +254,15 @@ class QuantizationScheme(ABC):
         copy_ = copy.deepcopy(model)
         copy_.eval()
         try:
-            grids, notes = self._quantize_copy(copy_)
+            out = self._quantize_copy(copy_)
         except SchemeError:
             raise
         except Exception as exc:  # backend errors: name the scheme and keep the cause
             raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
+        grids, notes = out[0], out[1]
+        reasons: dict[str, str] = out[2] if len(out) > 2 else {}
         names = [n for n, _ in model.named_parameters()]
-        unquantized = {n: "left in float by the scheme" for n in names if n not in grids}
+        unquantized = {n: reasons.get(n, "left in float by the scheme") for n in names if n not in grids}
         return QuantizationResult(model=copy_, grids=grids, unquantized=unquantized,
                                   scheme=self.name, notes=notes)
 

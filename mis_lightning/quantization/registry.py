@@ -6,7 +6,8 @@ Backends register their schemes at import time; ``available_schemes()`` lists th
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .base import QuantizationScheme
 
