@@ -7,8 +7,9 @@ the model: parameters are read once (detached copies) and every call goes throug
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
