@@ -1,0 +1,119 @@
+"""Dtype casts as quantizers: ``bf16`` and ``fp16`` (method.md section 5).
+
+A cast to ``torch.bfloat16`` / ``torch.float16`` rounds every floating parameter to the
+nearest representable value of the format (round half to even), so the release is a
+quantized model whose grid is the format's table of finite values (kind ``"table"``,
+scale 1). What ``model.to(dtype)`` casts is cast here: every floating parameter (weights
+and biases) of every module, and the floating buffers too (buffers are released but not
+scored); ``filter_fn(module, fqn)`` restricts the modules (a module's own parameters,
+``recurse=False``).
+
+The quantized copy keeps its parameters in their original dtype (float32) holding the cast
+values (every bf16/fp16 value is exactly a float32 value), so it runs on float32 inputs
+unchanged; the grid's ``dequantized`` is the same float32 tensor.
+
+float16 overflow: finite weights beyond the largest finite float16 (65504) are cast to
+``+-inf`` by torch (from ``|w| >= 65520``); the value table has no infinities, so the grid's
+outer cells clamp to ``+-65504`` there while the backend released ``inf``. ``apply`` adds a
+note naming the parameters where that happened.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import FilterFn, ParamGrid, QuantizationScheme
+from .registry import register_scheme
+
+_VALUE_TABLES: dict[torch.dtype, Tensor] = {}
+
+
+def representable_values(dtype: torch.dtype) -> Tensor:
+    """Every finite value of an 8- or 16-bit floating dtype, sorted, unique, as float64.
+
+    Enumerates all bit patterns (``int8``/``int16`` viewed as ``dtype``), drops NaN and
+    infinities, merges ``+0`` and ``-0``. Cached per dtype (the tensor is shared: do not
+    modify it).
+    """
+    if dtype not in _VALUE_TABLES:
+        bits = torch.finfo(dtype).bits
+        if bits == 16:
+            pattern = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+        elif bits == 8:
+            pattern = torch.arange(-(2**7), 2**7, dtype=torch.int32).to(torch.int8)
+        else:
+            raise ValueError(f"representable_values needs an 8- or 16-bit float dtype, got {dtype}")
+        vals = pattern.view(dtype).to(torch.float64)
+        vals = torch.unique(vals[torch.isfinite(vals)])  # sorted; -0.0 == 0.0 merged
+        _VALUE_TABLES[dtype] = vals
+    return _VALUE_TABLES[dtype]
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> name`` as ``model.named_parameters()`` lists it (first name of a shared one)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+class DtypeCast(QuantizationScheme):
+    """Round-trip every floating parameter through ``dtype`` (``bf16`` / ``fp16``).
+
+    Args:
+        dtype: ``torch.bfloat16`` or ``torch.float16``.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` selects the modules whose own
+            parameters (and buffers) are cast; default: every module.
+    """
+
+    backend = "torch"
+
+    def __init__(self, dtype: torch.dtype, filter_fn: FilterFn | None = None) -> None:
+        super().__init__(filter_fn)
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
+        self.dtype = dtype
+        self.name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "dtype": str(self.dtype),
+                "grid": "table", "layers": "every floating parameter"}
+
+    @torch.no_grad()
+    def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
+        names = _param_names(model)
+        values = representable_values(self.dtype)
+        bits = float(torch.finfo(self.dtype).bits)
+        grids: dict[str, ParamGrid] = {}
+        overflow: list[str] = []
+        done: set[int] = set()
+        for fqn, module in model.named_modules():
+            if not self._selected(module, fqn, lambda m: True):
+                continue
+            for _, p in module.named_parameters(recurse=False):
+                if id(p) in done or not p.is_floating_point() or id(p) not in names:
+                    continue
+                done.add(id(p))
+                name = names[id(p)]
+                cast = p.detach().to(self.dtype)
+                if bool((torch.isinf(cast) & torch.isfinite(p.detach())).any()):
+                    overflow.append(name)
+                p.copy_(cast.to(p.dtype))
+                shape = tuple(p.shape)
+                grids[name] = ParamGrid(
+                    name=name, shape=shape, kind="table", dequantized=cast.to(torch.float32),
+                    bits_per_weight=bits, scale=torch.ones([1] * len(shape), dtype=torch.float32),
+                    block_size=shape, values=values,
+                )
+            for bname, b in module.named_buffers(recurse=False):
+                if b is not None and b.is_floating_point() and id(b) not in done:
+                    done.add(id(b))
+                    b.copy_(b.to(self.dtype).to(b.dtype))
+        notes = []
+        if overflow:
+            notes.append(f"{self.name}: weights beyond the largest finite {self.dtype} "
+                         f"({torch.finfo(self.dtype).max:g}) were cast to +-inf in: "
+                         + ", ".join(overflow))
+        return grids, notes
+
+
+register_scheme("bf16", lambda **kw: DtypeCast(torch.bfloat16, **kw))
+register_scheme("fp16", lambda **kw: DtypeCast(torch.float16, **kw))

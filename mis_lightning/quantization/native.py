@@ -1,0 +1,193 @@
+"""Native torch quantization schemes (no torchao): ``torch.ao.quantization`` and quantized tensors.
+
+* ``native_int8_dynamic`` / ``native_int8_dynamic_per_channel`` --
+  ``torch.ao.quantization.quantize_dynamic(copy, {fqn: qconfig}, dtype=torch.qint8)`` with
+  ``default_dynamic_qconfig`` (per tensor, symmetric, ``scale = amax / 127.5``) or
+  ``per_channel_dynamic_qconfig`` (one scale per output row). The Linear modules become
+  ``torch.ao.nn.quantized.dynamic.Linear`` under the same names; the packed weight
+  ``layer.weight()`` is the released object: codes ``int_repr()``, ``q_scale()`` /
+  ``q_zero_point()`` or ``q_per_channel_scales()`` / ``q_per_channel_zero_points()``,
+  values ``dequantize()``. ``torch.ao.quantization`` is deprecated (its own
+  ``DeprecationWarning`` says so, and is deliberately not silenced here), but still ships.
+* ``native_int8_per_channel`` -- ``torch.quantize_per_channel(w, scales, zero_points, 0,
+  torch.qint8)`` with the scales and zero points of torch's own
+  ``PerChannelMinMaxObserver(qint8, per_channel_symmetric)``; the copy's Linear weight is
+  replaced by ``q.dequantize()`` and the codes are ``q.int_repr()``.
+* ``native_int4_per_channel`` -- ``torch.fake_quantize_per_channel_affine(w, scale,
+  zero_point, 0, -8, 7)`` with the scales of ``PerChannelMinMaxObserver(quant_min=-8,
+  quant_max=7, per_channel_symmetric)`` (``scale = amax / 7.5``); fake quantization releases
+  only values, so the codes are recovered as ``round(value / scale) + zero_point`` (exact:
+  ``value`` is ``(q - zp) * scale`` rounded to float32).
+
+Layers: exactly ``nn.Linear`` (``type(m) is nn.Linear``: ``quantize_dynamic`` converts
+no subclass), narrowed by ``filter_fn(module, fqn)``. Biases stay in float.
+``bits_per_weight`` counts the scale (and zero point only for asymmetric mappings) in the
+dtype torch stores them in (per-tensor: float64 scale; per-channel observers: float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import FilterFn, ParamGrid, QuantizationScheme
+from .registry import register_scheme
+
+
+def _is_plain_linear(m: nn.Module) -> bool:
+    return type(m) is nn.Linear
+
+
+class _NativeScheme(QuantizationScheme):
+    backend = "native"
+
+    def _chosen(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+        """``fqn -> (module, parameter name of its weight)`` for the selected Linear layers."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        out: dict[str, tuple[nn.Module, str]] = {}
+        seen: set[int] = set()
+        for fqn, m in model.named_modules():
+            if not self._selected(m, fqn, _is_plain_linear):
+                continue
+            if id(m.weight) in seen or id(m.weight) not in names:
+                continue
+            seen.add(id(m.weight))
+            out[fqn] = (m, names[id(m.weight)])
+        return out
+
+    def describe(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "layers": "nn.Linear weights"}
+
+
+def _grid_from_qtensor(name: str, q: Tensor, bits: int, qmin: int, qmax: int) -> ParamGrid:
+    """An affine grid from a torch quantized tensor (per tensor or per channel, axis 0)."""
+    shape = tuple(q.shape)
+    if q.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        scale = torch.tensor([[q.q_scale()]], dtype=torch.float64)
+        zp = torch.tensor([[q.q_zero_point()]], dtype=torch.int64)
+        block = shape
+    else:
+        axis = q.q_per_channel_axis()
+        if axis != 0:
+            raise ValueError(f"{name}: per-channel axis {axis} (expected 0)")
+        scale = q.q_per_channel_scales().reshape(-1, 1).clone()
+        zp = q.q_per_channel_zero_points().reshape(-1, 1).clone()
+        block = (1, *shape[1:])
+    asym = bool((zp != 0).any())
+    side = scale.element_size() * 8 + (zp.element_size() * 8 if asym else 0)
+    return ParamGrid(
+        name=name, shape=shape, kind="affine",
+        dequantized=q.dequantize().to(torch.float32), bits_per_weight=bits + side / math.prod(block),
+        scale=scale, block_size=block, zero_point=zp, qmin=qmin, qmax=qmax,
+        codes=q.int_repr().clone(),
+    )
+
+
+class NativeInt8Dynamic(_NativeScheme):
+    """``torch.ao.quantization.quantize_dynamic`` int8 (per tensor, or per channel).
+
+    Args:
+        per_channel: ``per_channel_dynamic_qconfig`` instead of ``default_dynamic_qconfig``.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` narrows the ``nn.Linear`` layers.
+    """
+
+    def __init__(self, per_channel: bool = False, filter_fn: FilterFn | None = None) -> None:
+        super().__init__(filter_fn)
+        self.per_channel = bool(per_channel)
+        self.name = "native_int8_dynamic" + ("_per_channel" if self.per_channel else "")
+
+    def describe(self) -> dict:
+        return {**super().describe(), "bits": 8, "mapping": "symmetric",
+                "granularity": "per_channel" if self.per_channel else "per_tensor"}
+
+    @torch.no_grad()
+    def _quantize_copy(self, model: nn.Module):
+        import torch.ao.quantization as tq
+
+        chosen = self._chosen(model)
+        if not chosen:
+            return {}, []
+        qconfig = tq.per_channel_dynamic_qconfig if self.per_channel else tq.default_dynamic_qconfig
+        tq.quantize_dynamic(model, {fqn: qconfig for fqn in chosen}, dtype=torch.qint8, inplace=True)
+        grids: dict[str, ParamGrid] = {}
+        reasons: dict[str, str] = {}
+        notes = ["torch.ao.quantization is deprecated (torch warns so); quantize_dynamic still ships"]
+        for fqn, (_, name) in chosen.items():
+            qmod = model.get_submodule(fqn) if fqn else model
+            if not callable(getattr(qmod, "weight", None)):
+                reasons[name] = f"quantize_dynamic did not convert layer {fqn!r} ({type(qmod).__name__})"
+                continue
+            grids[name] = _grid_from_qtensor(name, qmod.weight(), 8, -128, 127)
+        return grids, notes, reasons
+
+
+class NativeInt8PerChannel(_NativeScheme):
+    """``torch.quantize_per_channel`` int8 with symmetric absmax scales per output row."""
+
+    name = "native_int8_per_channel"
+
+    def describe(self) -> dict:
+        return {**super().describe(), "bits": 8, "mapping": "symmetric",
+                "granularity": "per_channel"}
+
+    @torch.no_grad()
+    def _quantize_copy(self, model: nn.Module):
+        from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+        grids: dict[str, ParamGrid] = {}
+        for m, name in self._chosen(model).values():
+            w = m.weight.detach().to(torch.float32)
+            obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
+                                           qscheme=torch.per_channel_symmetric)
+            obs(w)
+            scales, zps = obs.calculate_qparams()
+            q = torch.quantize_per_channel(w, scales.to(torch.float64), zps.to(torch.int64), 0,
+                                           torch.qint8)
+            grid = _grid_from_qtensor(name, q, 8, -128, 127)
+            m.weight.copy_(grid.dequantized.to(m.weight.dtype))
+            grids[name] = grid
+        return grids, []
+
+
+class NativeInt4PerChannel(_NativeScheme):
+    """``torch.fake_quantize_per_channel_affine`` int4 ([-8, 7]) with symmetric absmax scales."""
+
+    name = "native_int4_per_channel"
+
+    def describe(self) -> dict:
+        return {**super().describe(), "bits": 4, "mapping": "symmetric",
+                "granularity": "per_channel"}
+
+    @torch.no_grad()
+    def _quantize_copy(self, model: nn.Module):
+        from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+        grids: dict[str, ParamGrid] = {}
+        for m, name in self._chosen(model).values():
+            w = m.weight.detach().to(torch.float32)
+            obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, quant_min=-8,
+                                           quant_max=7, qscheme=torch.per_channel_symmetric)
+            obs(w)
+            scales, zps = obs.calculate_qparams()
+            scales, zps = scales.to(torch.float32), zps.to(torch.int32)
+            fq = torch.fake_quantize_per_channel_affine(w, scales, zps, 0, -8, 7)
+            s64 = scales.to(torch.float64).reshape(-1, 1)
+            zp = zps.to(torch.int64).reshape(-1, 1)
+            codes = (torch.round(fq.to(torch.float64) / s64) + zp).to(torch.int8)
+            m.weight.copy_(fq.to(m.weight.dtype))
+            shape = tuple(w.shape)
+            grids[name] = ParamGrid(
+                name=name, shape=shape, kind="affine", dequantized=fq.clone(),
+                bits_per_weight=4 + 32.0 / math.prod(shape[1:]), scale=scales.reshape(-1, 1),
+                block_size=(1, *shape[1:]), zero_point=zp, qmin=-8, qmax=7, codes=codes,
+            )
+        return grids, []
+
+
+register_scheme("native_int8_dynamic", lambda **kw: NativeInt8Dynamic(**kw))
+register_scheme("native_int8_dynamic_per_channel",
+                lambda **kw: NativeInt8Dynamic(per_channel=True, **kw))
+register_scheme("native_int8_per_channel", lambda **kw: NativeInt8PerChannel(**kw))
+register_scheme("native_int4_per_channel", lambda **kw: NativeInt4PerChannel(**kw))
