@@ -1,0 +1,143 @@
+"""Estimation against closed forms: OLS sandwich, orthogonal designs, Hessian diagonals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning.estimation import estimate
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def bce(o, t):
+    return nn.functional.binary_cross_entropy_with_logits(o.squeeze(-1), t, reduction="none")
+
+
+def _ols(n=400, d=3, seed=0, heteroscedastic=True):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    noise = torch.randn(n, generator=g, dtype=torch.float64)
+    if heteroscedastic:  # the sandwich differs from the model-based covariance
+        noise = noise * (0.5 + X[:, 0].abs())
+    y = X @ torch.linspace(-1, 1, d, dtype=torch.float64) + noise
+    beta = torch.linalg.solve(X.T @ X, X.T @ y)
+    m = nn.Linear(d, 1, bias=False).double()
+    m.weight.data = beta[None, :].clone()
+    return X, y, beta, m
+
+
+def test_exact_sandwich_equals_ols_closed_form():
+    X, y, beta, m = _ols()
+    n = X.shape[0]
+    est = estimate(m, DataLoader(TensorDataset(X, y), batch_size=64), mse, mode="exact")
+    r = y - X @ beta
+    A = X.T @ X / n
+    B = (X * r[:, None]).T @ (X * r[:, None]) / n
+    Ainv = torch.linalg.inv(A)
+    S = Ainv @ B @ Ainv
+    # Same estimator in float64: agreement to rounding error.
+    torch.testing.assert_close(est.sigma["weight"], (torch.diagonal(S) / n).sqrt(), rtol=1e-9, atol=0)
+    # Influences: psi_i = A^{-1} x_i r_i (OLS), standardised by sqrt(Sigma_jj).
+    psi = (X * r[:, None]) @ Ainv.T
+    w_ref = psi / torch.diagonal(S).sqrt()
+    torch.testing.assert_close(est.w, w_ref[: est.w.shape[0]], rtol=1e-8, atol=1e-10)
+    assert est.diagnostics["gradient_norm_ratio"] < 1e-8
+    assert not est.diagnostics["negative_curvature"]
+
+
+def test_exact_sandwich_can_fail_when_the_weights_are_not_the_minimiser():
+    X, y, beta, m = _ols()
+    m.weight.data += 0.3  # no longer at the minimum: the diagnostic must say so
+    est = estimate(m, DataLoader(TensorDataset(X, y), batch_size=64), mse, mode="exact")
+    assert est.diagnostics["not_at_minimum"]
+
+
+def test_diagonal_agrees_with_exact_on_orthogonal_design():
+    # Orthogonal design: X^T X = n I, so H is diagonal and the diagonal mode is exact.
+    n, d = 256, 4
+    H = torch.tensor([[1.0]], dtype=torch.float64)
+    for _ in range(8):
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    X = H[:, 1 : d + 1] * 1.0  # Hadamard columns: orthogonal, entries +-1
+    g = torch.Generator().manual_seed(1)
+    y = X @ torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    beta = torch.linalg.solve(X.T @ X, X.T @ y)
+    m = nn.Linear(d, 1, bias=False).double()
+    m.weight.data = beta[None, :]
+    dl = DataLoader(TensorDataset(X, y), batch_size=50)
+    ex = estimate(m, dl, mse, mode="exact")
+    for hess in ("exact", "ggn"):
+        dg = estimate(m, dl, mse, mode="diagonal", hessian=hess)
+        # H = I exactly, but V's off-diagonal terms do not enter sigma_jj with H diagonal.
+        torch.testing.assert_close(dg.sigma["weight"], ex.sigma["weight"], rtol=1e-9, atol=0)
+        torch.testing.assert_close(dg.w, ex.w, rtol=1e-8, atol=1e-10)
+
+
+def test_ggn_equals_exact_hessian_diagonal_for_glm():
+    # For a GLM (logistic regression) the Gauss-Newton matrix IS the Hessian.
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    y = (torch.rand(300, generator=g, dtype=torch.float64) < torch.sigmoid(X[:, 0] - X[:, 1])).double()
+    m = nn.Linear(5, 1).double()
+    dl = DataLoader(TensorDataset(X, y), batch_size=64)
+    a = estimate(m, dl, bce, mode="diagonal", hessian="exact", weight_decay=1e-2)
+    b = estimate(m, dl, bce, mode="diagonal", hessian="ggn", weight_decay=1e-2)
+    for k in a.sigma:
+        torch.testing.assert_close(a.sigma[k], b.sigma[k], rtol=1e-9, atol=0)
+
+
+def test_hutchinson_reports_its_error_and_is_close_with_many_probes():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(512, 6, generator=g, dtype=torch.float64)
+    y = X.sum(-1) + torch.randn(512, generator=g, dtype=torch.float64)
+    m = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+    dl = DataLoader(TensorDataset(X, y), batch_size=32)
+    ex = estimate(m, dl, mse, mode="diagonal", hessian="exact")
+    hu = estimate(m, dl, mse, mode="diagonal", hessian="hutchinson", hutchinson_probes=16,
+                  generator=torch.Generator().manual_seed(0))
+    err = hu.diagnostics["hutchinson_median_relative_error"]
+    assert 0 < err < 1
+    # 16 batches x 16 probes = 256 probes: ~ 1/sqrt(256) relative noise on the diagonal,
+    # so sigma (which goes like 1/H) is within a few times that in the median.
+    rel = torch.cat([(hu.sigma[k] / ex.sigma[k] - 1).abs() for k in ex.sigma])
+    assert float(rel.median()) < 0.25
+
+
+def test_loss_that_is_not_per_sample_is_rejected():
+    X, y, _, m = _ols()
+    with pytest.raises(ValueError, match="per-sample losses of shape"):
+        estimate(m, DataLoader(TensorDataset(X, y), batch_size=64), lambda o, t: mse(o, t).mean())
+
+
+def test_n_below_two_and_bad_batches_are_rejected():
+    X, y, _, m = _ols()
+    with pytest.raises(ValueError, match="n \\(number of training records\\) must be >= 2"):
+        estimate(m, DataLoader(TensorDataset(X[:1], y[:1]), batch_size=1), mse)
+    with pytest.raises(TypeError, match="batch_fn"):
+        estimate(m, [X[:4]], mse)
+
+
+def test_streamed_influences_match_stored_ones():
+    # With a tiny memory budget, w is recomputed per parameter; it must equal the stored one.
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    y = X[:, 0] + torch.randn(200, generator=g, dtype=torch.float64)
+    m = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    dl = DataLoader(TensorDataset(X, y), batch_size=40)
+    full = estimate(m, dl, mse, mode="diagonal", hessian="ggn", num_records=50)
+    small = estimate(m, dl, mse, mode="diagonal", hessian="ggn", num_records=50, budget=64)
+    assert full.w is not None and small.w is None
+    for r0, r1, wd in small.iter_w():
+        for name, w in wd.items():
+            s, e = full.offsets[name]
+            torch.testing.assert_close(w, full.w[r0:r1, s:e], rtol=1e-9, atol=1e-12)
+    for k in full.sigma:
+        torch.testing.assert_close(full.sigma[k], small.sigma[k], rtol=1e-9, atol=0)
+    assert math.isclose(full.diagnostics["gradient_norm"], small.diagnostics["gradient_norm"], rel_tol=1e-9)
