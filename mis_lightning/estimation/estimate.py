@@ -19,8 +19,9 @@ Every accumulator is a sum over records, so the pass streams over batches.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +123,390 @@ def _flatten(d: dict[str, Tensor], names: list[str], lead: int) -> Tensor:
     return torch.cat([d[n].reshape(lead, -1) for n in names], dim=1)
 
 
+_P31 = 2_147_483_647  # 2^31 - 1: modulus of the record hash
+_HASH_WEIGHTS: dict[tuple[int, int], Tensor] = {}
+
+
+def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
+    """``[b]`` int64 content hashes of the records of a batch (a random linear hash of their bytes).
+
+    Deterministic across processes and batch compositions: the same record always gets the
+    same key. Keeping the records with the smallest keys is a *bottom-k* sample, which does not
+    depend on how the records were split over batches or processes.
+    """
+    h = torch.zeros(b, dtype=torch.int64)
+    leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets)) if isinstance(t, Tensor)]
+    for i, t in enumerate(leaves):
+        raw = t.detach().cpu().contiguous().reshape(b, -1)
+        if raw.dtype == torch.bool:
+            raw = raw.to(torch.uint8)
+        by = raw.view(torch.uint8).to(torch.int64)  # [b, bytes]
+        L = by.shape[1]
+        w = _HASH_WEIGHTS.get((i, L))
+        if w is None:
+            w = torch.randint(1, _P31, (L,), generator=torch.Generator().manual_seed(7919 * i + L), dtype=torch.int64)
+            _HASH_WEIGHTS[(i, L)] = w
+        h = (h * 1_000_003 + (by * w % _P31).sum(1)) % _P31
+    return h
+
+
+def _cat(x: Any) -> Any:
+    """A list state (of tensors) as one tensor; tensors pass through; ``None`` for empty."""
+    if isinstance(x, Tensor):
+        return x
+    if not x:
+        return None
+    if not isinstance(x[0], Tensor):
+        return x
+    return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in x])
+
+
+class MomentAccumulator:
+    """Streaming sums of method.md section 4, shared by :func:`estimate` and ``MISIndicator``.
+
+    ``update(batch)`` adds a batch to ``state``, a dict of plain tensors (every entry is a sum
+    over records, except the stored records) and ``finalize()`` turns it into an
+    :class:`Estimate`. ``state`` entries (``d`` = assessed weights, flattened in
+    ``param_names`` order):
+
+    * ``n`` (int64 scalar): records; ``g_sum``, ``g2_sum`` ``[d]``: per-sample gradient sums
+      and sums of squares; ``h_sum``, ``h2_sum`` ``[d]``: Hessian-diagonal sums (exact/GGN:
+      summed over records; Hutchinson: over probes, ``h2_sum`` its squares); ``probes``
+      (int64 scalar); ``grad_norm_sq`` (float64 scalar): sum of per-sample ``|g|^2``;
+    * exact mode only: ``gg_sum`` ``[d, d]`` (sum of ``g g^T``) and ``H_sum`` ``[d, d]`` (summed
+      per-batch Hessians);
+    * stored records (lists): ``rec_grad`` (per-sample gradients ``[k, d]`` when
+      ``num_records * d <= budget``) or ``rec_x``/``rec_y`` (the records themselves), and with
+      ``selection="hash"`` their ``rec_key`` (see :func:`record_keys`).
+
+    ``selection="first"`` keeps the first ``num_records`` records seen (``estimate``);
+    ``"hash"`` keeps those with the smallest content hash, which is the same set however the
+    data is split over processes (the union of per-process bottom-k sets contains the global
+    bottom-k set), so summed/concatenated states of several processes finalize to the same
+    estimate as one process over all the data. The hash selection needs tensor inputs and
+    targets when records (not gradients) are stored.
+
+    The parameters are read (detached copies) when the accumulator is built and again by
+    :meth:`reset_program`; the model is never modified.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        *,
+        param_names: list[str] | None = None,
+        mode: Mode = "auto",
+        hessian: HessianMode = "auto",
+        weight_decay: float = 0.0,
+        num_records: int = 512,
+        batch_fn: BatchFn | None = None,
+        hutchinson_probes: int = 8,
+        damping: float = 1e-8,
+        budget: int = DEFAULT_BUDGET,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+        selection: Literal["first", "hash"] = "first",
+        program_cls: type[LossProgram] = LossProgram,
+    ) -> None:
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if num_records < 1:
+            raise ValueError(f"num_records must be >= 1, got {num_records}")
+        if selection not in ("first", "hash"):
+            raise ValueError(f"selection must be 'first' or 'hash', got {selection!r}")
+        named = dict(model.named_parameters())
+        if param_names is None:
+            param_names = [n for n, p in named.items() if p.requires_grad]
+        if not param_names:
+            raise ValueError("the model has no trainable parameter to assess")
+        d = sum(named[n].numel() for n in param_names if n in named)
+        if dtype is None:
+            dtype = torch.float64 if d <= 100_000 else torch.float32
+        self.model, self.loss_fn, self.batch_fn = model, loss_fn, batch_fn or default_batch_fn
+        self.dtype, self.program_cls = dtype, program_cls
+        self.param_names = list(param_names)
+        self.program = program_cls(model, loss_fn, self.param_names, self.batch_fn, dtype)
+        self.offsets, d = _flat_names(self.program)
+        self.d = d
+        if mode == "auto":
+            mode = "exact" if d <= EXACT_MAX_PARAMS else "diagonal"
+        if mode not in ("exact", "diagonal"):
+            raise ValueError(f"mode must be 'auto', 'exact' or 'diagonal', got {mode!r}")
+        if mode == "exact" and d > 20 * EXACT_MAX_PARAMS:
+            raise ValueError(f"mode='exact' builds a d x d Hessian; d = {d} is too large, use mode='diagonal'")
+        if mode == "exact":
+            hessian = "exact"
+        elif hessian == "auto":
+            hessian = "exact" if d <= EXACT_MAX_PARAMS else "ggn"
+        if hessian not in ("exact", "ggn", "hutchinson"):
+            raise ValueError(f"hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got {hessian!r}")
+        self.mode, self.hessian = mode, hessian
+        self.acc_dtype = torch.float64 if d <= 10_000_000 else torch.float32
+        self.names = self.program.param_names
+        self.weight_decay, self.num_records = float(weight_decay), int(num_records)
+        self.hutchinson_probes, self.damping, self.budget = hutchinson_probes, damping, budget
+        self.generator, self.selection = generator, selection
+        self.keep_w = num_records * d <= budget
+        self._out_shape: tuple[int, ...] | None = None
+        self.state = self.empty_state()
+
+    def reset_program(self) -> None:
+        """Re-read the model's current weights (for a new pass after the model changed)."""
+        self.program = self.program_cls(self.model, self.loss_fn, self.param_names, self.batch_fn, self.dtype)
+        self._out_shape = None
+
+    def state_spec(self) -> dict[str, tuple[Any, str]]:
+        """``{name: (default, reduction)}`` with reduction ``"sum"`` or ``"cat"`` (lists)."""
+        d, ad = self.d, self.acc_dtype
+        spec: dict[str, tuple[Any, str]] = {
+            "n": (torch.zeros((), dtype=torch.int64), "sum"),
+            "g_sum": (torch.zeros(d, dtype=ad), "sum"),
+            "g2_sum": (torch.zeros(d, dtype=ad), "sum"),
+            "h_sum": (torch.zeros(d, dtype=ad), "sum"),
+            "h2_sum": (torch.zeros(d, dtype=ad), "sum"),
+            "probes": (torch.zeros((), dtype=torch.int64), "sum"),
+            "grad_norm_sq": (torch.zeros((), dtype=torch.float64), "sum"),
+        }
+        if self.mode == "exact":
+            spec["gg_sum"] = (torch.zeros(d, d, dtype=torch.float64), "sum")
+            spec["H_sum"] = (torch.zeros(d, d, dtype=torch.float64), "sum")
+        if self.keep_w:
+            spec["rec_grad"] = ([], "cat")
+        else:
+            spec["rec_x"] = ([], "cat")
+            spec["rec_y"] = ([], "cat")
+        if self.selection == "hash":
+            spec["rec_key"] = ([], "cat")
+        return spec
+
+    def empty_state(self) -> dict[str, Any]:
+        return {k: (v.clone() if isinstance(v, Tensor) else []) for k, (v, _) in self.state_spec().items()}
+
+    # -- accumulation -------------------------------------------------------------------------
+    def update(self, batch: Any, state: dict[str, Any] | None = None) -> int:
+        """Add one batch to ``state`` (default ``self.state``, updated in place); returns its size."""
+        st = self.state if state is None else state
+        program, names, d, hessian = self.program, self.names, self.d, self.hessian
+        raw_inputs, raw_targets = self.batch_fn(batch) if self.selection == "hash" else (None, None)
+        inputs, targets, b = program.prepare(batch)
+        if hessian == "ggn" and self._out_shape is None:
+            self._out_shape = program.output_shape(inputs)
+            c = int(math.prod(self._out_shape)) if self._out_shape else 1
+            if c > GGN_MAX_OUTPUTS * 64:
+                raise ValueError(f"hessian='ggn' needs few outputs per record; this model has {c}")
+        out_shape = self._out_shape
+        c_out = int(math.prod(out_shape)) if out_shape else 1
+        step = max(1, self.budget // max(d * (c_out if hessian == "ggn" else 1), 1))
+        keys = record_keys(raw_inputs, raw_targets, b) if self.selection == "hash" else None
+        dev = st["g_sum"].device
+        a = 0
+        for x, y in _split_batch(inputs, targets, b, step):
+            bb = _batch_size_of(y)
+            if hessian == "ggn":
+                out, jac = program.output_jacobians(x)  # out [b, C], jac {n: [b, C, *shape]}
+                e, L = program.loss_output_derivatives(out, y, out_shape or ())
+                grads = {}
+                for k in names:
+                    J = jac[k].reshape(bb, c_out, -1)
+                    grads[k] = torch.einsum("bc,bcj->bj", e, J)
+                    LJ = torch.einsum("bce,bej->bcj", L, J)
+                    st["h_sum"][slice(*self.offsets[k])] += (J * LJ).sum(dim=(0, 1)).to(dev, self.acc_dtype)
+            else:
+                grads = {k: v.reshape(bb, -1) for k, v in program.per_sample_grads(x, y).items()}
+            for k in names:
+                gk = grads[k].to(dev, self.acc_dtype)
+                sl = slice(*self.offsets[k])
+                st["g_sum"][sl] += gk.sum(0)
+                st["g2_sum"][sl] += gk.square().sum(0)
+            flat = _flatten(grads, names, bb).to(dev, torch.float64)
+            st["grad_norm_sq"] += flat.square().sum()
+            if "gg_sum" in st:
+                st["gg_sum"] += flat.T @ flat
+            self._store(st, flat, x, y, None if keys is None else keys[a : a + bb])
+            a += bb
+        if hessian == "exact":
+            H_b = _batch_hessian(program, inputs, targets, names, self.offsets, d).to(dev)
+            if "H_sum" in st:
+                st["H_sum"] += H_b
+            else:
+                st["h_sum"] += torch.diagonal(H_b).to(self.acc_dtype)
+        elif hessian == "hutchinson":
+            for _ in range(self.hutchinson_probes):
+                est = _hutchinson_probe(program, inputs, targets, self.generator)
+                for k in names:
+                    sl = slice(*self.offsets[k])
+                    v = est[k].reshape(-1).to(dev, self.acc_dtype)
+                    st["h_sum"][sl] += v
+                    st["h2_sum"][sl] += v.square()
+            st["probes"] += self.hutchinson_probes
+        st["n"] += b
+        return b
+
+    def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
+        k = self.num_records
+        if keys is None:  # the first records seen
+            kept = sum(int(t.shape[0]) for t in st["rec_grad"]) if self.keep_w else sum(
+                _batch_size_of(t) for t in st["rec_y"])
+            if kept >= k:
+                return
+            take = min(k - kept, flat.shape[0])
+            if self.keep_w:
+                st["rec_grad"].append(flat[:take].clone())
+            else:
+                st["rec_x"].append(torch.utils._pytree.tree_map(lambda t: t[:take].clone(), x))
+                st["rec_y"].append(torch.utils._pytree.tree_map(lambda t: t[:take].clone(), y))
+            return
+        # bottom-k by content hash
+        if self.keep_w:
+            st["rec_grad"].append(flat.clone())
+        else:
+            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+                raise TypeError(
+                    "storing records across processes needs tensor inputs and targets; this model "
+                    f"is too large to store {k} records' gradients (num_records * d > budget): "
+                    "lower num_records or raise budget"
+                )
+            st["rec_x"].append(x.detach().clone())
+            st["rec_y"].append(y.detach().clone())
+        st["rec_key"].append(keys.to(st["g_sum"].device))
+        _prune(st, k)
+
+    # -- finalisation -------------------------------------------------------------------------
+    def finalize(self, state: dict[str, Any] | None = None) -> Estimate:
+        """The :class:`Estimate` of the accumulated (possibly summed over processes) state."""
+        st = self.state if state is None else dict(state)
+        names, offsets, d = self.names, self.offsets, self.d
+        program, weight_decay, damping = self.program, self.weight_decay, self.damping
+        hessian, num_records = self.hessian, self.num_records
+        n = int(st["n"])
+        if n < 2:
+            raise ValueError(f"n (number of training records) must be >= 2, got {n}: is the dataloader empty?")
+        if self.selection == "hash":
+            st = {k: (list(v) if isinstance(v, list) else v) for k, v in st.items()}
+            _prune(st, num_records)
+        cpu = torch.device("cpu")
+        g_sum = st["g_sum"].to(cpu)
+        g_mean_flat = (g_sum / n).to(torch.float64)
+        v_flat = (st["g2_sum"].to(cpu) / n).to(torch.float64) - g_mean_flat.square()
+        g_mean = {k: g_mean_flat[slice(*offsets[k])] for k in names}
+        v_diag = {k: v_flat[slice(*offsets[k])] for k in names}
+        theta = {k: program.params[k].reshape(-1).to(cpu, torch.float64) for k in names}
+        diagnostics: dict[str, Any] = {}
+        # Stationarity: the penalised mean gradient relative to the size of a per-sample gradient.
+        total_grad = torch.cat([g_mean[k] + weight_decay * theta[k] for k in names])
+        rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
+        diagnostics["gradient_norm"] = float(total_grad.norm())
+        diagnostics["gradient_norm_ratio"] = float(total_grad.norm()) / max(rms_g, 1e-300)
+        diagnostics["not_at_minimum"] = diagnostics["gradient_norm_ratio"] > 0.1
+        diagnostics["zero_gradient_variance"] = int((v_flat <= 0).sum())
+        shapes = {k: tuple(program.params[k].shape) for k in names}
+        stored_g = _cat(st["rec_grad"]) if self.keep_w else None
+
+        if self.mode == "exact":
+            gbar = g_mean_flat
+            V = st["gg_sum"].to(cpu) / n - torch.outer(gbar, gbar)
+            H = st["H_sum"].to(cpu) / n + weight_decay * torch.eye(d, dtype=torch.float64)
+            H = 0.5 * (H + H.T)
+            evals = torch.linalg.eigvalsh(H)
+            lo, hi = float(evals[0]), float(evals[-1])
+            added = 0.0
+            if lo <= damping * max(abs(hi), 1e-300):
+                added = damping * max(abs(hi), 1e-300) - lo
+                H = H + added * torch.eye(d, dtype=torch.float64)
+            diagnostics.update(
+                hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
+                hessian_condition=(hi / lo) if lo > 0 else math.inf,
+                negative_curvature=lo < 0, damping_added=added,
+            )
+            Hinv = torch.linalg.inv(H)
+            Sigma = Hinv @ V @ Hinv
+            Sigma = 0.5 * (Sigma + Sigma.T)
+            sdiag = torch.diagonal(Sigma).clamp_min(0.0)
+            sigma_flat = (sdiag / n).sqrt()
+            sigma = {k: sigma_flat[slice(*offsets[k])] for k in names}
+            if stored_g is None:
+                raise ValueError("exact mode stores per-sample gradients; raise budget or lower num_records")
+            G = stored_g.to(cpu, torch.float64)[:num_records]
+            psi = -(G - gbar) @ Hinv.T
+            w = psi / sdiag.clamp_min(1e-300).sqrt()
+            # |Sigma^{-1/2} psi| for the exact (correlated) unquantized baseline.
+            sol = torch.linalg.lstsq(Sigma, psi.T).solution
+            mahal = (psi * sol.T).sum(-1).clamp_min(0.0).sqrt()
+            return Estimate(
+                n=n, mode="exact", hessian="exact", names=names, shapes=shapes,
+                offsets=offsets, theta=theta, sigma=sigma, w=w, num_records=w.shape[0],
+                diagnostics=diagnostics, mahalanobis=mahal, budget=self.budget,
+            )
+
+        # Diagonal mode.
+        h_sum = st["h_sum"].to(cpu, torch.float64)
+        probes_used = int(st["probes"])
+        if hessian == "hutchinson":
+            # Each probe's v*Hv summed the batch Hessians; divide by n to get the mean-loss Hessian.
+            nb = max(probes_used // max(self.hutchinson_probes, 1), 1)
+            h_flat = h_sum / self.hutchinson_probes / n
+            # Standard error of the diagonal estimate from the spread over (batch, probe) pairs.
+            m2 = st["h2_sum"].to(cpu, torch.float64) / max(probes_used, 1)
+            m1 = h_sum / max(probes_used, 1)
+            var = (m2 - m1.square()).clamp_min(0.0) / max(probes_used, 1)
+            rel = var.sqrt() * nb / (m1.abs() * nb).clamp_min(1e-300)
+            diagnostics["hutchinson_probes"] = probes_used
+            diagnostics["hutchinson_median_relative_error"] = float(rel.median())
+        else:
+            h_flat = h_sum / n
+        allh = h_flat + weight_decay
+        neg = int((allh <= 0).sum())
+        floor = damping * float(allh.abs().max()) if allh.numel() else 0.0
+        diagnostics.update(
+            hessian_min_diagonal=float(allh.min()), hessian_max_diagonal=float(allh.max()),
+            negative_curvature=neg > 0, nonpositive_hessian_diagonal=neg,
+        )
+        sigma = {}
+        for k in names:
+            hk = allh[slice(*offsets[k])].clamp_min(max(floor, 1e-300))
+            sigma[k] = (v_diag[k].clamp_min(0.0) / (n * hk.square())).sqrt()
+        w = None
+        records = None
+        if stored_g is not None:
+            G = stored_g.to(cpu, torch.float64)[:num_records]
+            w = -(G - g_mean_flat) / v_flat.clamp_min(1e-300).sqrt()  # the sign of psi = -H^{-1} g
+            kept = w.shape[0]
+        else:
+            xs, ys = st["rec_x"], st["rec_y"]
+            if isinstance(xs, Tensor):  # concatenated (hash selection / synced states)
+                records = [(xs, ys)] if xs.shape[0] else []
+            else:
+                records = list(zip(xs, ys))
+            kept = sum(_batch_size_of(y) for _, y in records)
+        return Estimate(
+            n=n, mode="diagonal", hessian=hessian, names=names, shapes=shapes, offsets=offsets,
+            theta=theta, sigma=sigma, w=w, num_records=min(kept, num_records), diagnostics=diagnostics,
+            _program=program, _records=records, _g_mean=g_mean, _v_diag=v_diag, budget=self.budget,
+        )
+
+
+def _prune(st: dict[str, Any], k: int) -> None:
+    """Keep the ``k`` stored records with the smallest keys, sorted by key (in place)."""
+    keys = _cat(st["rec_key"])
+    if keys is None:
+        return
+    order = torch.sort(keys.cpu(), stable=True).indices[:k]
+    fields = ["rec_grad"] if "rec_grad" in st else ["rec_x", "rec_y"]
+    for f in fields:
+        full = _cat(st[f])
+        sel = full[order.to(full.device)]
+        if isinstance(st[f], list):
+            st[f][:] = [sel]
+        else:
+            st[f] = sel
+    sel_keys = keys[order.to(keys.device)]
+    if isinstance(st["rec_key"], list):
+        st["rec_key"][:] = [sel_keys]
+    else:
+        st["rec_key"] = sel_keys
+
+
 def estimate(
     model: nn.Module,
     train_dataloader: Iterable,
@@ -142,6 +527,8 @@ def estimate(
 ) -> Estimate:
     """Stream the training records once and estimate ``sigma`` and ``w`` (method.md section 4).
 
+    A thin loop over :class:`MomentAccumulator` (``update`` per batch, then ``finalize``).
+
     Args:
         model: the trained model (never modified).
         train_dataloader: iterable of training batches (every record once).
@@ -159,207 +546,17 @@ def estimate(
         dtype: compute dtype (default float64 up to 10^5 parameters, float32 above).
         progress: called with the number of records processed after each batch.
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if num_records < 1:
-        raise ValueError(f"num_records must be >= 1, got {num_records}")
-    named = dict(model.named_parameters())
-    if param_names is None:
-        param_names = [n for n, p in named.items() if p.requires_grad]
-    if not param_names:
-        raise ValueError("the model has no trainable parameter to assess")
-    d = sum(named[n].numel() for n in param_names)
-    if dtype is None:
-        dtype = torch.float64 if d <= 100_000 else torch.float32
-    program = LossProgram(model, loss_fn, list(param_names), batch_fn or default_batch_fn, dtype)
-    offsets, d = _flat_names(program)
-    if mode == "auto":
-        mode = "exact" if d <= EXACT_MAX_PARAMS else "diagonal"
-    if mode not in ("exact", "diagonal"):
-        raise ValueError(f"mode must be 'auto', 'exact' or 'diagonal', got {mode!r}")
-    if mode == "exact" and d > 20 * EXACT_MAX_PARAMS:
-        raise ValueError(f"mode='exact' builds a d x d Hessian; d = {d} is too large, use mode='diagonal'")
-    acc_dtype = torch.float64 if d <= 10_000_000 else torch.float32
-    names = program.param_names
-
-    if mode == "exact":
-        hessian = "exact"
-    elif hessian == "auto":
-        hessian = "exact" if d <= EXACT_MAX_PARAMS else "ggn"
-    if hessian not in ("exact", "ggn", "hutchinson"):
-        raise ValueError(f"hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got {hessian!r}")
-
+    acc = MomentAccumulator(
+        model, loss_fn, param_names=param_names, mode=mode, hessian=hessian, weight_decay=weight_decay,
+        num_records=num_records, batch_fn=batch_fn, hutchinson_probes=hutchinson_probes,
+        damping=damping, budget=budget, dtype=dtype, generator=generator, selection="first",
+    )
     n = 0
-    g_sum = {k: torch.zeros(program.params[k].numel(), dtype=acc_dtype) for k in names}
-    g2_sum = {k: torch.zeros_like(v) for k, v in g_sum.items()}
-    h_sum = {k: torch.zeros_like(v) for k, v in g_sum.items()}
-    h2_sum = {k: torch.zeros_like(v) for k, v in g_sum.items()}  # Hutchinson: sum of squares
-    gg_sum = torch.zeros(d, d, dtype=torch.float64) if mode == "exact" else None
-    H_full = torch.zeros(d, d, dtype=torch.float64) if mode == "exact" else None
-    probes_used = 0
-    keep_w = num_records * d <= budget
-    stored_g: list[Tensor] = []
-    records: list[tuple[Any, Any]] = []
-    kept = 0
-    grad_norm_sq_sum = 0.0
-    out_shape: tuple[int, ...] | None = None
-
     for batch in train_dataloader:
-        inputs, targets, b = program.prepare(batch)
-        if hessian == "ggn" and out_shape is None:
-            out_shape = program.output_shape(inputs)
-            c = int(math.prod(out_shape)) if out_shape else 1
-            if c > GGN_MAX_OUTPUTS * 64:
-                raise ValueError(f"hessian='ggn' needs few outputs per record; this model has {c}")
-        c_out = int(math.prod(out_shape)) if out_shape else 1
-        step = max(1, budget // max(d * (c_out if hessian == "ggn" else 1), 1))
-        for x, y in _split_batch(inputs, targets, b, step):
-            bb = _batch_size_of(y)
-            if hessian == "ggn":
-                out, jac = program.output_jacobians(x)  # out [b, C], jac {n: [b, C, *shape]}
-                e, L = program.loss_output_derivatives(out, y, out_shape or ())
-                grads = {}
-                for k in names:
-                    J = jac[k].reshape(bb, c_out, -1)
-                    grads[k] = torch.einsum("bc,bcj->bj", e, J)
-                    LJ = torch.einsum("bce,bej->bcj", L, J)
-                    h_sum[k] += (J * LJ).sum(dim=(0, 1)).to(acc_dtype)
-            else:
-                grads = {k: v.reshape(bb, -1) for k, v in program.per_sample_grads(x, y).items()}
-            for k in names:
-                gk = grads[k].to(acc_dtype)
-                g_sum[k] += gk.sum(0)
-                g2_sum[k] += gk.square().sum(0)
-            flat = _flatten(grads, names, bb).to(torch.float64)
-            grad_norm_sq_sum += float(flat.square().sum())
-            if gg_sum is not None:
-                gg_sum += flat.T @ flat
-            if kept < num_records:
-                take = min(num_records - kept, bb)
-                if keep_w:
-                    stored_g.append(flat[:take].clone())
-                else:
-                    records.append(
-                        (
-                            torch.utils._pytree.tree_map(lambda t: t[:take].clone(), x),
-                            torch.utils._pytree.tree_map(lambda t: t[:take].clone(), y),
-                        )
-                    )
-                kept += take
-        if hessian == "exact":
-            H_b = _batch_hessian(program, inputs, targets, names, offsets, d)
-            if H_full is not None:
-                H_full += H_b
-            else:
-                diag = torch.diagonal(H_b)
-                for k in names:
-                    h_sum[k] += diag[slice(*offsets[k])].to(acc_dtype)
-        elif hessian == "hutchinson":
-            for _ in range(hutchinson_probes):
-                est = _hutchinson_probe(program, inputs, targets, generator)
-                for k in names:
-                    h_sum[k] += est[k].reshape(-1).to(acc_dtype)
-                    h2_sum[k] += est[k].reshape(-1).to(acc_dtype).square()
-            probes_used += hutchinson_probes
-        n += b
+        n += acc.update(batch)
         if progress is not None:
             progress(n)
-
-    if n < 2:
-        raise ValueError(f"n (number of training records) must be >= 2, got {n}: is the dataloader empty?")
-
-    g_mean = {k: (g_sum[k] / n).to(torch.float64) for k in names}
-    v_diag = {k: (g2_sum[k] / n).to(torch.float64) - g_mean[k].square() for k in names}
-    theta = {k: program.params[k].reshape(-1).to(torch.float64) for k in names}
-    diagnostics: dict[str, Any] = {}
-    # Stationarity: the penalised mean gradient relative to the size of a per-sample gradient.
-    total_grad = torch.cat([g_mean[k] + weight_decay * theta[k] for k in names])
-    rms_g = math.sqrt(grad_norm_sq_sum / n)
-    diagnostics["gradient_norm"] = float(total_grad.norm())
-    diagnostics["gradient_norm_ratio"] = float(total_grad.norm()) / max(rms_g, 1e-300)
-    diagnostics["not_at_minimum"] = diagnostics["gradient_norm_ratio"] > 0.1
-    zero_var = sum(int((v <= 0).sum()) for v in v_diag.values())
-    diagnostics["zero_gradient_variance"] = zero_var
-
-    mahal = None
-    if mode == "exact":
-        assert gg_sum is not None and H_full is not None
-        gbar = torch.cat([g_mean[k] for k in names])
-        V = gg_sum / n - torch.outer(gbar, gbar)
-        H = H_full / n + weight_decay * torch.eye(d, dtype=torch.float64)
-        H = 0.5 * (H + H.T)
-        evals = torch.linalg.eigvalsh(H)
-        lo, hi = float(evals[0]), float(evals[-1])
-        added = 0.0
-        if lo <= damping * max(abs(hi), 1e-300):
-            added = damping * max(abs(hi), 1e-300) - lo
-            H = H + added * torch.eye(d, dtype=torch.float64)
-        diagnostics.update(
-            hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
-            hessian_condition=(hi / lo) if lo > 0 else math.inf,
-            negative_curvature=lo < 0, damping_added=added,
-        )
-        Hinv = torch.linalg.inv(H)
-        Sigma = Hinv @ V @ Hinv
-        Sigma = 0.5 * (Sigma + Sigma.T)
-        sdiag = torch.diagonal(Sigma).clamp_min(0.0)
-        sigma_flat = (sdiag / n).sqrt()
-        sigma = {k: sigma_flat[slice(*offsets[k])] for k in names}
-        G = torch.cat(stored_g)[:num_records]
-        psi = -(G - gbar) @ Hinv.T
-        w = psi / sdiag.clamp_min(1e-300).sqrt()
-        # |Sigma^{-1/2} psi| for the exact (correlated) unquantized baseline.
-        sol = torch.linalg.lstsq(Sigma, psi.T).solution
-        mahal = (psi * sol.T).sum(-1).clamp_min(0.0).sqrt()
-        return Estimate(
-            n=n, mode="exact", hessian="exact", names=names, shapes={k: tuple(program.params[k].shape) for k in names},
-            offsets=offsets, theta=theta, sigma=sigma, w=w, num_records=w.shape[0],
-            diagnostics=diagnostics, mahalanobis=mahal, budget=budget,
-        )
-
-    # Diagonal mode.
-    h_diag = {k: (h_sum[k] / (n if hessian != "hutchinson" else max(probes_used, 1))).to(torch.float64) for k in names}
-    if hessian == "hutchinson":
-        # Each probe's v*Hv summed the batch Hessians; divide by n to get the mean-loss Hessian.
-        nb = max(probes_used // max(hutchinson_probes, 1), 1)
-        for k in names:
-            h_diag[k] = h_sum[k].to(torch.float64) / hutchinson_probes / n
-        # Standard error of the diagonal estimate from the spread over (batch, probe) pairs.
-        rel = []
-        for k in names:
-            m2 = h2_sum[k].to(torch.float64) / max(probes_used, 1)
-            m1 = h_sum[k].to(torch.float64) / max(probes_used, 1)
-            var = (m2 - m1.square()).clamp_min(0.0) / max(probes_used, 1)
-            # in units of the batch-sum Hessian: scale the mean the same way
-            rel.append(var.sqrt() * nb / (m1.abs() * nb).clamp_min(1e-300))
-        relcat = torch.cat(rel)
-        diagnostics["hutchinson_probes"] = probes_used
-        diagnostics["hutchinson_median_relative_error"] = float(relcat.median())
-    H_diag = {k: h_diag[k] + weight_decay for k in names}
-    allh = torch.cat(list(H_diag.values()))
-    neg = int((allh <= 0).sum())
-    floor = damping * float(allh.abs().max()) if allh.numel() else 0.0
-    diagnostics.update(
-        hessian_min_diagonal=float(allh.min()), hessian_max_diagonal=float(allh.max()),
-        negative_curvature=neg > 0, nonpositive_hessian_diagonal=neg,
-    )
-    sigma = {}
-    for k in names:
-        hk = H_diag[k].clamp_min(max(floor, 1e-300))
-        sigma[k] = (v_diag[k].clamp_min(0.0) / (n * hk.square())).sqrt()
-    w = None
-    if keep_w:
-        G = torch.cat(stored_g)[:num_records]
-        gbar = torch.cat([g_mean[k] for k in names])
-        vd = torch.cat([v_diag[k] for k in names])
-        w = -(G - gbar) / vd.clamp_min(1e-300).sqrt()  # the sign of psi = -H^{-1} g
-    return Estimate(
-        n=n, mode="diagonal", hessian=hessian, names=names,
-        shapes={k: tuple(program.params[k].shape) for k in names}, offsets=offsets,
-        theta=theta, sigma=sigma, w=w, num_records=min(kept, num_records), diagnostics=diagnostics,
-        _program=program, _records=records if not keep_w else None,
-        _g_mean=g_mean, _v_diag=v_diag, budget=budget,
-    )
+    return acc.finalize()
 
 
 def _batch_size_of(y: Any) -> int:
