@@ -151,8 +151,14 @@ def score(
     metrics: Mapping[str, Any] | None = None,
     output_transform: OutputTransform | None = None,
     batch_fn: BatchFn | None = None,
+    utility_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
 ) -> Report:
-    """Score each scheme from an estimate (see :func:`assess` for the arguments)."""
+    """Score each scheme from an estimate (see :func:`assess` for the arguments).
+
+    ``utility_fn(quantized_copy) -> {name: value}``, when given, measures each quantized
+    copy's utility instead of ``evaluate_utility`` over ``val_dataloader`` (front ends with
+    their own evaluation loop, e.g. the Lightning callback).
+    """
     if method not in ("auto", "mc", "clt", "exact1d"):
         raise ValueError(f"method must be 'auto', 'mc', 'clt' or 'exact1d', got {method!r}")
     scheme_objs = _resolve_schemes(list(schemes))
