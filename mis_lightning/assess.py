@@ -182,7 +182,9 @@ def score(
         gen = torch.Generator().manual_seed(seed + 1000 * (i + 1))
         try:
             prep = _prepare_scheme(est, model, scheme, uncertainty_draws, gen, chunk_size)
-            if val_dataloader is not None and loss_fn is not None:
+            if utility_fn is not None:
+                prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
+            elif val_dataloader is not None and loss_fn is not None:
                 prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
                                                 batch_fn=batch_fn, output_transform=output_transform)
             prep.qmodel = None  # release the copy; only its grids are kept
