@@ -1,0 +1,500 @@
+"""``MISCallback``: assess membership-inference security of quantized releases during ``fit``.
+
+Add it to a Trainer::
+
+    trainer = pl.Trainer(callbacks=[MISCallback(["int8_weight_only", "int4_weight_only"])])
+
+At the end of ``fit`` (``on_fit_end``: the model is unwrapped, the DDP process group is still
+alive) and, with ``every_n_val_epochs=k``, after every k-th validation epoch, the callback
+
+1. streams the training records through :class:`~mis_lightning.metric.MISIndicator` (each
+   process its own **unpadded** shard of ``trainer.train_dataloader.dataset``: indices
+   ``rank, rank + world, ...`` in order, the train loader's batch size and ``collate_fn``; the
+   ``DistributedSampler``'s padding duplicates and its shuffling are not used, so
+   ``n = len(dataset)`` exactly; the Metric's sync sums the statistics over processes);
+2. quantizes a copy of the model with each scheme and evaluates the copy over
+   ``trainer.val_dataloaders`` (its dataset, whole and unpadded, on rank 0) with the mean
+   loss and ``utility_metrics`` -- never through ``trainer.validate``;
+3. on rank 0: logs ``<prefix>/<scheme>/...`` (see :mod:`mis_lightning.tracking`) to every
+   logger in ``trainer.loggers`` at ``trainer.global_step``, saves the privacy-utility figure
+   ``<dirpath>/mis_privacy_utility.png`` (also sent to loggers that take figures:
+   TensorBoard, MLflow) and the full report ``<dirpath>/mis_report.json`` (mid-training runs
+   also ``mis_report_epoch=<E>.json``).
+
+Safety: the work runs in eval mode on detached copies of the weights (``torch.func``), writes
+no ``.grad``, leaves the optimizer alone and restores the training flag and the RNG streams
+(torch CPU and CUDA, ``random``, ``numpy``), so training with and without the callback gives
+bit-identical weights. A failure is reported (``rank_zero_warn``, the report JSON with an
+``error`` entry, ``<prefix>/failed = 1``) and training's results and checkpoints are kept;
+``strict=True`` raises instead. Configuration errors (no usable loss) raise at ``setup``.
+
+Loss and batch layout: ``loss_fn(outputs, targets) -> [B]`` with ``(inputs, targets)``
+batches (or ``batch_fn``), default ``pl_module.per_sample_loss``. A LightningModule may
+instead define ``mis_per_sample_loss(self, batch) -> Tensor[B]`` (per-sample data losses of
+a whole batch, any layout): it overrides both ``loss_fn`` and the batch layout. It is called
+through ``torch.func.functional_call`` on a shallow copy of the module that shares its
+parameters, so it must be a pure function of the parameters and the batch (no in-place
+updates of module state, no ``self.log``). Lightning's batch-transfer hooks are not applied;
+batches are moved to the model's device as they are.
+
+Both Lightning distributions: :class:`MISCallback` subclasses ``pytorch_lightning.Callback``;
+for ``lightning.pytorch.Trainer`` use :func:`lightning_callback` (or
+``MISCallback.for_lightning``), which binds the same implementation to
+``lightning.pytorch.Callback`` (the class ``mis_lightning.callback.LightningMISCallback``).
+A callback given to the other distribution's Trainer fails at ``setup`` saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ._lightning_compat import lightning_callback_base, trainer_package
+from .assess import SchemeSpec
+from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
+from .metric import HOOK_NAME, MISIndicator, default_schemes
+from .quantization import QuantizationScheme
+from .report import Report
+from .tracking import log_report
+from .utility import OutputTransform, evaluate_utility
+
+__all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, needs `lightning`
+
+REPORT_NAME = "mis_report.json"
+FIGURE_NAME = "mis_privacy_utility.png"
+
+
+# -- RNG ---------------------------------------------------------------------------------------
+def _save_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _single_loader(loaders: Any, what: str) -> Any:
+    if loaders is None:
+        return None
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        if len(loaders) != 1:
+            raise ValueError(f"MISCallback needs one {what} dataloader, got {len(loaders)}")
+        loaders = loaders[0]
+    return loaders
+
+
+def _reloader(dl: Any, indices: list[int] | None, batch_size: int | None) -> Any:
+    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset (or ``dl`` itself
+    for iterable datasets / objects that are not DataLoaders)."""
+    ds = getattr(dl, "dataset", None)
+    if not isinstance(dl, DataLoader) or ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+        return dl
+    idx = list(range(len(ds))) if indices is None else indices
+    bs = batch_size or dl.batch_size or 64
+    return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
+
+
+class _MISCallbackImpl:
+    """The callback's logic, bound to a Lightning ``Callback`` base class by the subclasses.
+
+    Args:
+        schemes: registry names or scheme objects (default
+            :func:`~mis_lightning.metric.default_schemes`: int8/int4/int2 weight-only).
+        params: names of the parameters to assess, or ``predicate(name, param)``; default all
+            trainable ones.
+        estimation: ``"auto"``, ``"exact"`` or ``"diagonal"``; hessian: diagonal mode's Hessian.
+        loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses; default
+            ``pl_module.per_sample_loss`` (``mis_per_sample_loss(batch)`` on the module takes
+            precedence over both).
+        batch_fn: ``batch -> (inputs, targets)`` for other layouts (default: pairs).
+        num_records: records over which the leakage is averaged.
+        weight_decay: L2 coefficient of the objective; default ``pl_module.weight_decay`` if
+            present, else 0.
+        utility_metrics: ``{name: torchmetrics.Metric}`` for the quantized copies (the mean
+            loss is always reported).
+        output_transform: ``(outputs, targets) -> (preds, target)`` before the metrics.
+        every_n_val_epochs: also run after every n-th validation epoch (``None``: only at the
+            end of ``fit``).
+        strict: raise on failures instead of warning.
+        dirpath: where the report JSON and figure go (default: the checkpoint callback's
+            ``dirpath``, else ``trainer.log_dir``, else ``trainer.default_root_dir``).
+        method, uncertainty_draws, seed: as in :func:`mis_lightning.assess`.
+        estimation_batch_size: batch size of the estimation pass (default: the train loader's).
+        log_figure: send the figure to loggers that take images.
+        prefix: logged key prefix.
+    """
+
+    def __init__(
+        self,
+        schemes: SchemeSpec | Sequence[SchemeSpec] | None = None,
+        *,
+        params: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
+        estimation: str = "auto",
+        hessian: str = "auto",
+        loss_fn: LossFn | None = None,
+        batch_fn: BatchFn | None = None,
+        num_records: int = 512,
+        weight_decay: float | None = None,
+        utility_metrics: Mapping[str, Any] | None = None,
+        output_transform: OutputTransform | None = None,
+        every_n_val_epochs: int | None = None,
+        strict: bool = False,
+        dirpath: str | Path | None = None,
+        method: str = "auto",
+        uncertainty_draws: int = 16,
+        seed: int = 0,
+        estimation_batch_size: int | None = None,
+        log_figure: bool = True,
+        prefix: str = "mis",
+    ) -> None:
+        super().__init__()
+        if schemes is None:
+            schemes = default_schemes()
+        if isinstance(schemes, (str, QuantizationScheme)):
+            schemes = [schemes]
+        schemes = list(schemes)
+        if not schemes:
+            raise ValueError("schemes must name at least one quantization scheme")
+        if estimation not in ("auto", "exact", "diagonal"):
+            raise ValueError(f"estimation must be 'auto', 'exact' or 'diagonal', got {estimation!r}")
+        if hessian not in ("auto", "exact", "ggn", "hutchinson"):
+            raise ValueError(f"hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got {hessian!r}")
+        if every_n_val_epochs is not None and (isinstance(every_n_val_epochs, bool) or int(every_n_val_epochs) != every_n_val_epochs or every_n_val_epochs < 1):
+            raise ValueError(f"every_n_val_epochs must be None or an integer >= 1, got {every_n_val_epochs!r}")
+        if int(num_records) < 1:
+            raise ValueError(f"num_records must be >= 1, got {num_records!r}")
+        if weight_decay is not None and not float(weight_decay) >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses [B]")
+        self.schemes = schemes
+        self.params, self.estimation, self.hessian = params, estimation, hessian
+        self.loss_fn, self.batch_fn, self.num_records = loss_fn, batch_fn, int(num_records)
+        self.weight_decay = None if weight_decay is None else float(weight_decay)
+        self.utility_metrics, self.output_transform = dict(utility_metrics or {}), output_transform
+        self.every_n_val_epochs = every_n_val_epochs
+        self.strict, self.dirpath = bool(strict), dirpath
+        self.method, self.uncertainty_draws, self.seed = method, uncertainty_draws, seed
+        self.estimation_batch_size, self.log_figure, self.prefix = estimation_batch_size, log_figure, prefix
+        # results / resumable state
+        self.report: Report | None = None
+        self.report_path: Path | None = None
+        self.figure_path: Path | None = None
+        self.last_error: str | None = None
+        self.history: list[dict[str, Any]] = []
+        self._val_epochs = 0
+        self._last_step: int | None = None
+        self._resolved: dict[str, Any] | None = None
+
+    # -- identity / state -------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        names = [s if isinstance(s, str) else s.name for s in self.schemes]
+        return self._generate_state_key(schemes=names, prefix=self.prefix)  # type: ignore[attr-defined]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_epochs": self._val_epochs, "last_step": self._last_step,
+                "history": list(self.history), "last_error": self.last_error}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._val_epochs = int(state_dict.get("val_epochs", 0))
+        self._last_step = state_dict.get("last_step")
+        self.history = list(state_dict.get("history", []))
+        self.last_error = state_dict.get("last_error")
+
+    @property
+    def last_summary(self) -> dict[str, Any] | None:
+        """The most recent run's ``{scheme: {leakage, mis, d_eff}}`` (also after a resume)."""
+        return self.history[-1]["summary"] if self.history else None
+
+    @classmethod
+    def for_lightning(cls, *args: Any, **kwargs: Any) -> Any:
+        """The same callback for ``lightning.pytorch.Trainer`` (see :func:`lightning_callback`)."""
+        return lightning_callback(*args, **kwargs)
+
+    # -- hooks ------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        ours = type(self)._lightning_package
+        theirs = trainer_package(trainer)
+        if theirs in ("pytorch_lightning", "lightning") and theirs != ours:
+            fix = ("mis_lightning.callback.lightning_callback(...)" if theirs == "lightning"
+                   else "mis_lightning.MISCallback(...)")
+            raise TypeError(f"this MISCallback is a {ours} callback but the Trainer comes from "
+                            f"{theirs}: use {fix}")
+        if stage != "fit":
+            return
+        self._resolved = self._resolve(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.every_n_val_epochs is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self._val_epochs += 1
+        if self._val_epochs % self.every_n_val_epochs == 0:
+            self._run(trainer, pl_module, stage="validation")
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._last_step is not None and self._last_step == trainer.global_step and self.report is not None:
+            return  # already assessed these weights at the last validation epoch
+        self._run(trainer, pl_module, stage="fit_end")
+
+    # -- work -------------------------------------------------------------------------------
+    def _resolve(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
+        hook = callable(getattr(pl_module, HOOK_NAME, None))
+        loss_fn = self.loss_fn
+        if not hook and loss_fn is None:
+            loss_fn = getattr(pl_module, "per_sample_loss", None)
+            if not callable(loss_fn):
+                raise ValueError(
+                    f"MISCallback needs per-sample losses: pass loss_fn=lambda outputs, targets: "
+                    f"<losses [B]> (e.g. F.mse_loss(outputs, targets, reduction='none')), or define "
+                    f"per_sample_loss(outputs, targets) or {HOOK_NAME}(batch) on "
+                    f"{type(pl_module).__name__}"
+                )
+        wd = self.weight_decay
+        if wd is None:
+            attr = getattr(pl_module, "weight_decay", None)
+            wd = float(attr) if isinstance(attr, (int, float)) and not isinstance(attr, bool) else 0.0
+            if attr is None and trainer.is_global_zero:
+                opt_wd = [g.get("weight_decay", 0) for o in (trainer.optimizers or []) for g in o.param_groups]
+                if any(w and w > 0 for w in opt_wd):
+                    rank_zero_warn(
+                        "MISCallback: the optimizer applies weight decay but the module has no "
+                        "`weight_decay` attribute; the assessment assumes an unpenalised objective "
+                        "(pass weight_decay= for an explicit L2 term)"
+                    )
+        return {"hook": hook, "loss_fn": loss_fn, "weight_decay": float(wd)}
+
+    def _dir(self, trainer: Any) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        cb = getattr(trainer, "checkpoint_callback", None)
+        if cb is not None and getattr(cb, "dirpath", None):
+            return Path(cb.dirpath)
+        if getattr(trainer, "log_dir", None):
+            return Path(trainer.log_dir)
+        return Path(trainer.default_root_dir)
+
+    def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        rng = _save_rng()
+        was_training = pl_module.training
+        t0 = time.perf_counter()
+        epoch, step = int(trainer.current_epoch), int(trainer.global_step)
+        try:
+            if self._resolved is None:
+                self._resolved = self._resolve(trainer, pl_module)
+            with torch.inference_mode(False), torch.enable_grad():
+                pl_module.eval()
+                report = self._assess(trainer, pl_module)
+            self.report, self.last_error = report, None
+            failed = {k: s.error for k, s in report.schemes.items() if s.error}
+            for k, err in failed.items():
+                if trainer.is_global_zero:
+                    rank_zero_warn(f"MISCallback: scheme {k!r} failed: {err}")
+            summary = {k: {"leakage": s.leakage, "mis": s.mis, "d_eff": s.d_eff}
+                       for k, s in report.schemes.items()}
+            summary["baseline"] = {"leakage": report.baseline_leakage, "mis": report.baseline_mis}
+            self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": summary})
+            if trainer.is_global_zero:
+                self._publish(trainer, report, stage, epoch, step)
+                rank_zero_info(f"MISCallback: assessed {len(report.schemes)} scheme(s) on "
+                               f"n={report.n} records in {time.perf_counter() - t0:.1f} s; "
+                               f"report: {self.report_path}")
+        except Exception as exc:
+            if self.strict:
+                raise
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": None,
+                                 "error": self.last_error})
+            if trainer.is_global_zero:
+                rank_zero_warn(f"MISCallback: the assessment failed ({self.last_error}); training's "
+                               "results and checkpoints are kept (strict=True raises instead)")
+                self._publish_failure(trainer, exc, stage, epoch, step)
+        finally:
+            pl_module.train(was_training)
+            _restore_rng(rng)
+            self._last_step = step
+
+    def _assess(self, trainer: Any, pl_module: Any) -> Report:
+        res = self._resolved
+        assert res is not None
+        train = _single_loader(trainer.train_dataloader, "training")
+        if train is None:
+            raise RuntimeError("the trainer has no training dataloader")
+        world, rank = int(trainer.world_size), int(trainer.global_rank)
+        ds = getattr(train, "dataset", None)
+        shard = list(range(rank, len(ds), world)) if ds is not None and hasattr(ds, "__len__") and not isinstance(ds, IterableDataset) else None
+        if shard is None and world > 1:
+            rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
+                           "each process streams its own loader and duplicated records count twice")
+        loader = _reloader(train, shard, self.estimation_batch_size)
+        val = _single_loader(trainer.val_dataloaders, "validation")
+        val_loader = _reloader(val, None, None) if val is not None else None
+        metric = MISIndicator(
+            pl_module, None if res["hook"] else res["loss_fn"], self.schemes, params=self.params,
+            estimation=self.estimation, hessian=self.hessian, weight_decay=res["weight_decay"],
+            num_records=self.num_records, batch_fn=None if res["hook"] else self.batch_fn,
+            method=self.method, uncertainty_draws=self.uncertainty_draws, seed=self.seed,
+            strict=self.strict, utility_fn=self._utility_fn(trainer, pl_module, val_loader),
+        )
+        if trainer.is_global_zero:
+            rank_zero_info(f"MISCallback: estimation pass ({metric.mode}, d={metric.accumulator.d}) "
+                           f"over the training records ({world} process(es))")
+        device = next(pl_module.parameters()).device
+        for batch in loader:
+            metric.update(_to_device(batch, device))
+        metric.compute()  # syncs the sums over processes (torchmetrics), then scores
+        report = metric.report
+        assert report is not None
+        if val_loader is None:
+            report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
+        return report
+
+    def _utility_fn(self, trainer: Any, pl_module: Any, val_loader: Any) -> Callable[[nn.Module], dict[str, float]]:
+        res = self._resolved
+        assert res is not None
+        metrics, transform = self.utility_metrics, self.output_transform
+
+        def fn(qmodel: nn.Module) -> dict[str, float]:
+            if val_loader is None or not trainer.is_global_zero:
+                return {}
+            if not res["hook"]:
+                return evaluate_utility(qmodel, val_loader, res["loss_fn"], metrics,
+                                        batch_fn=self.batch_fn, output_transform=transform)
+            return _hook_utility(qmodel, val_loader, metrics, transform)
+
+        return fn
+
+    def _publish(self, trainer: Any, report: Report, stage: str, epoch: int, step: int) -> None:
+        out = self._dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        data = json.loads(report.to_json())
+        data["lightning"] = {"stage": stage, "epoch": epoch, "global_step": step}
+        text = json.dumps(data, indent=2)
+        self.report_path = out / REPORT_NAME
+        self.report_path.write_text(text)
+        if stage != "fit_end":
+            (out / f"mis_report_epoch={epoch}.json").write_text(text)
+        import matplotlib.pyplot as plt
+
+        self.figure_path = out / FIGURE_NAME
+        fig = report.plot(self.figure_path)
+        try:
+            log_report(trainer.loggers, report, step=step, prefix=self.prefix,
+                       figure=fig if self.log_figure else None)
+        finally:
+            plt.close(fig)
+
+    def _publish_failure(self, trainer: Any, exc: BaseException, stage: str, epoch: int, step: int) -> None:
+        try:
+            out = self._dir(trainer)
+            out.mkdir(parents=True, exist_ok=True)
+            self.report_path = out / REPORT_NAME
+            self.report_path.write_text(json.dumps({
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                "lightning": {"stage": stage, "epoch": epoch, "global_step": step},
+            }, indent=2))
+            for lg in trainer.loggers:
+                lg.log_metrics({f"{self.prefix}/failed": 1.0}, step=step)
+                if hasattr(lg, "save"):
+                    lg.save()
+        except Exception as exc2:  # noqa: BLE001 - never let reporting break training
+            rank_zero_warn(f"MISCallback: could not record the failure: {exc2}")
+
+
+@torch.inference_mode()
+def _hook_utility(model: nn.Module, loader: Any, metrics: Mapping[str, Any], transform: Any) -> dict[str, float]:
+    """Mean ``mis_per_sample_loss`` (and metrics on ``(model(inputs), targets)`` pairs)."""
+    was = model.training
+    model.eval()
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    ms = {k: m.clone().to(device) for k, m in metrics.items()}
+    for m in ms.values():
+        m.reset()
+    total, count = 0.0, 0
+    try:
+        for batch in loader:
+            batch = _to_device(batch, device)
+            losses = getattr(model, HOOK_NAME)(batch)
+            total += float(losses.double().sum())
+            count += int(losses.numel())
+            if ms:
+                x, y = default_batch_fn(batch)
+                out = model(x)
+                preds, tgt = transform(out, y) if transform else (out, y)
+                for m in ms.values():
+                    m.update(preds, tgt)
+    finally:
+        model.train(was)
+    res = {"loss": total / max(count, 1)}
+    res.update({k: float(m.compute()) for k, m in ms.items()})
+    return res
+
+
+class MISCallback(_MISCallbackImpl, pl.Callback):
+    __doc__ = (
+        "Membership-inference security of quantized releases, assessed during ``fit`` "
+        "(``pytorch_lightning``; see the module docstring and :func:`lightning_callback`).\n\n"
+        + (_MISCallbackImpl.__doc__ or "").split("\n", 2)[-1]
+    )
+    _lightning_package = "pytorch_lightning"
+
+
+def _build_lightning_class() -> type:
+    base = lightning_callback_base()
+    return type("LightningMISCallback", (_MISCallbackImpl, base), {
+        "__module__": __name__, "__qualname__": "LightningMISCallback",
+        "__doc__": "MISCallback for ``lightning.pytorch.Trainer`` (same arguments).",
+        "_lightning_package": "lightning",
+    })
+
+
+def lightning_callback(*args: Any, **kwargs: Any) -> Any:
+    """``MISCallback`` bound to ``lightning.pytorch.Callback`` (for ``lightning.pytorch.Trainer``).
+
+    Same arguments as :class:`MISCallback`. Raises ImportError, saying what to do, when the
+    unified ``lightning`` package is not installed.
+    """
+    return __getattr__("LightningMISCallback")(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LightningMISCallback":
+        cls = _build_lightning_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
