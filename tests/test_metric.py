@@ -1,0 +1,203 @@
+"""MISIndicator: a torchmetrics Metric over the estimation's sufficient statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning import MISIndicator, assess
+from mis_lightning.estimation import estimate
+
+torch.set_num_threads(1)
+SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def _data(n=240, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    y = X @ torch.linspace(-1, 1, d) + 0.5 * torch.randn(n, generator=g)
+    return X, y
+
+
+def _ols_model(X, y):
+    """A linear model at the exact least-squares optimum (so the M-estimator analysis applies)."""
+    Xt = torch.cat([X.double(), torch.ones(len(X), 1, dtype=torch.float64)], 1)
+    beta = torch.linalg.solve(Xt.T @ Xt, Xt.T @ y.double())
+    m = nn.Linear(X.shape[1], 1)
+    with torch.no_grad():
+        m.weight.copy_(beta[:-1][None])
+        m.bias.copy_(beta[-1:])
+    return m
+
+
+def _feed(metric, X, y, batch_size, perm=None):
+    idx = torch.arange(len(X)) if perm is None else perm
+    for a in range(0, len(X), batch_size):
+        j = idx[a : a + batch_size]
+        metric.update(X[j], y[j])
+
+
+def _mis(out):
+    return {k: float(v["mis"]) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+def test_estimate_from_states_equals_estimate(mode):
+    X, y = _data()
+    m = _ols_model(X, y)
+    met = MISIndicator(m, mse, SCHEMES, estimation=mode, num_records=1000)
+    _feed(met, X, y, 64)
+    est_m = met.accumulator.finalize(met._states())
+    est_f = estimate(m, DataLoader(TensorDataset(X, y), batch_size=64), mse, mode=mode)
+    assert est_m.n == est_f.n == len(X)
+    for k in est_f.names:
+        torch.testing.assert_close(est_m.sigma[k], est_f.sigma[k], rtol=1e-10, atol=0)
+    # same records (all of them), in hash order instead of arrival order
+    assert est_m.w.shape == est_f.w.shape
+    torch.testing.assert_close(est_m.w.abs().sum(0), est_f.w.abs().sum(0), rtol=1e-10, atol=1e-12)
+
+
+def test_compute_equals_assess_and_follows_torchmetrics_conventions():
+    X, y = _data()
+    m = _ols_model(X, y)
+    kw = {"estimation": "exact", "method": "clt", "uncertainty_draws": 0}
+    met = MISIndicator(m, mse, SCHEMES, num_records=1000, **kw)
+    assert MISIndicator.higher_is_better is True
+    assert MISIndicator.full_state_update is False and MISIndicator.is_differentiable is False
+    _feed(met, X, y, 50)
+    out = met.compute()
+    rep = assess(m, SCHEMES, DataLoader(TensorDataset(X, y), batch_size=50), mse, num_records=1000,
+                 estimation="exact", method="clt", uncertainty_draws=0)
+    assert set(out) == set(SCHEMES)
+    for k in SCHEMES:
+        assert set(out[k]) >= {"leakage", "mis", "baseline_leakage", "d_eff", "layers"}
+        assert math.isclose(float(out[k]["leakage"]), rep.schemes[k].leakage, rel_tol=1e-9)
+        assert math.isclose(float(out[k]["d_eff"]), rep.schemes[k].d_eff, rel_tol=1e-9)
+        assert set(out[k]["layers"]) == {"weight", "bias"}
+        assert 0.0 <= float(out[k]["mis"]) <= 1.0
+    assert met.report is not None and met.report.n == len(X)
+    # coarser grids never leak more than finer ones here (data processing, same weights)
+    assert float(out["rtn_int2"]["leakage"]) <= float(out["rtn_int8"]["leakage"]) + 1e-12
+    fig, _ax = met.plot()
+    assert fig is not None
+
+
+def test_partition_invariance_with_bottom_k_records():
+    """The DDP design on one process: any split into batches, in any order, gives the same
+    result (sums are partition-invariant; the kept records are the bottom-k by content hash)."""
+    X, y = _data(n=300)
+    m = _ols_model(X, y)
+    kw = {"estimation": "diagonal", "hessian": "exact", "num_records": 40, "uncertainty_draws": 4}
+    a = MISIndicator(m, mse, SCHEMES, **kw)
+    _feed(a, X, y, 64)
+    b = MISIndicator(m, mse, SCHEMES, **kw)
+    _feed(b, X, y, 17, perm=torch.randperm(300, generator=torch.Generator().manual_seed(3)))
+    oa, ob = a.compute(), b.compute()
+    for k in SCHEMES:
+        for key in ("leakage", "mis", "d_eff", "leakage_p10", "leakage_p90"):
+            torch.testing.assert_close(oa[k][key], ob[k][key], rtol=1e-9, atol=1e-12)
+    assert a.report.estimation["num_records"] == 40
+    # and a different subsample would give a (slightly) different value: the check can fail
+    c = MISIndicator(m, mse, SCHEMES, **{**kw, "num_records": 41})
+    _feed(c, X, y, 64)
+    assert float(c.compute()["rtn_int8"]["leakage"]) != float(oa["rtn_int8"]["leakage"])
+
+
+def test_model_is_held_by_reference_and_untouched():
+    X, y = _data()
+    m = _ols_model(X, y)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    met = MISIndicator(m, mse, SCHEMES, estimation="exact")
+    assert list(met.children()) == [] and list(met.parameters()) == []
+    assert not any(k.startswith(("weight", "bias")) for k in met.state_dict())
+    met.to(torch.float64)  # torchmetrics ignores dtype casts of states; the model stays float32
+    clone = met.clone()
+    assert clone.model is m
+    _feed(met, X, y, 64)
+    met.compute()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == torch.float32
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_states_reset_and_exact_mode_keeps_d_by_d_sums():
+    X, y = _data()
+    m = _ols_model(X, y)
+    ex = MISIndicator(m, mse, SCHEMES, estimation="exact")
+    dg = MISIndicator(m, mse, SCHEMES, estimation="diagonal")
+    assert ex.s_gg_sum.shape == (5, 5) and ex.s_H_sum.shape == (5, 5)
+    assert not hasattr(dg, "s_gg_sum")
+    assert all(ex._reductions[a] is not None for a in ex._defaults)
+    _feed(ex, X, y, 100)
+    v1 = _mis(ex.compute())
+    assert int(ex.s_n) == len(X)
+    ex.reset()
+    assert int(ex.s_n) == 0 and float(ex.s_g2_sum.abs().sum()) == 0 and ex.s_rec_grad == []
+    # weights are re-read after reset: a perturbed model gives a different answer
+    with torch.no_grad():
+        m.weight.add_(0.05)
+    _feed(ex, X, y, 100)
+    assert _mis(ex.compute()) != v1
+
+
+def test_update_inside_inference_mode_and_forward_only_updates():
+    X, y = _data()
+    m = _ols_model(X, y)
+    met = MISIndicator(m, mse, SCHEMES, estimation="diagonal", uncertainty_draws=0)
+    with torch.inference_mode():
+        Xi, yi = X.clone(), y.clone()
+        for a in range(0, len(X), 80):
+            assert met(Xi[a : a + 80], yi[a : a + 80]) is None
+    assert int(met.s_n) == len(X)
+    assert all(math.isfinite(v) for v in _mis(met.compute()).values())
+
+
+class _HookNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.scale = nn.Parameter(torch.tensor(1.0))  # a top-level parameter
+
+    def forward(self, x):
+        return self.scale * self.lin(x).squeeze(-1)
+
+    def mis_per_sample_loss(self, batch):
+        return 0.5 * (self(batch["x"]) - batch["y"]) ** 2
+
+
+def test_mis_per_sample_loss_hook_matches_loss_fn():
+    X, y = _data()
+    net = _HookNet()
+    kw = {"estimation": "exact", "method": "clt", "uncertainty_draws": 0, "num_records": 1000}
+    via_hook = MISIndicator(net, None, SCHEMES, **kw)
+    assert via_hook.uses_hook
+    via_fn = MISIndicator(net, lambda o, t: 0.5 * (o - t) ** 2, SCHEMES, **kw)
+    for a in range(0, len(X), 60):
+        via_hook.update({"x": X[a : a + 60], "y": y[a : a + 60]})
+        via_fn.update(X[a : a + 60], y[a : a + 60])
+    oh, of = via_hook.compute(), via_fn.compute()
+    for k in SCHEMES:
+        torch.testing.assert_close(oh[k]["leakage"], of[k]["leakage"], rtol=1e-9, atol=0)
+    assert float(net.scale) == 1.0
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="loss_fn"):
+        MISIndicator(nn.Linear(4, 1), None, SCHEMES)
+    with pytest.raises(KeyError, match="unknown quantization scheme"):
+        MISIndicator(nn.Linear(4, 1), mse, ["no_such_scheme"])
+    with pytest.raises(KeyError, match="not in the model"):
+        MISIndicator(nn.Linear(4, 1), mse, SCHEMES, params=["nope"])
+    with pytest.raises(ValueError, match="ggn"):
+        MISIndicator(_HookNet(), None, SCHEMES, estimation="diagonal", hessian="ggn")
+    met = MISIndicator(nn.Linear(4, 1), mse, SCHEMES)
+    with pytest.raises(ValueError, match="n .* must be >= 2"):
+        met.compute()
