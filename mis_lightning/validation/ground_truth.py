@@ -1,0 +1,523 @@
+"""Ground truth of the best-attack advantage by simulation (not in the library's hot path).
+
+The quantity (method.md section 1) is ``Delta = E_{Z1}[TV(law(T | Z1), law(T))]`` with
+``T = Q(theta_hat)``. For a target record ``z`` we simulate ``M`` datasets of ``n - 1`` other
+records once and train three times on the SAME other records (coupling):
+
+* ``in``   -- the other records plus ``z``          (law of ``T`` given ``Z1 = z``);
+* ``out``  -- the other records plus a fresh record (the marginal law of ``T``);
+* ``null`` -- the other records plus another fresh record (same law as ``out``: the
+  null arm measures the noise floor of an estimator).
+
+Three estimators of ``TV_z = TV(law(T_in), law(T_out))`` are provided; the validation uses
+the first as the ground truth and the other two to measure its bias:
+
+1. :func:`tv_lr_test` (any ``d``, any scheme) -- an **unbiased estimate of a lower bound**:
+   ``TV >= P_in(S) - P_out(S)`` for any fixed set ``S`` of codes. ``S = {LLR > 0}`` with the
+   log-likelihood ratio of the released code computed per coordinate under a Gaussian
+   approximation of each coordinate's law (mean and sd of ``theta_hat_j`` measured on the
+   ``out`` arm, in-vs-out mean shift measured on the coupled pairs of the *other* fold:
+   2-fold cross-fitting, so ``S`` never sees the samples it is evaluated on). The
+   probabilities of ``S`` are then estimated by plain counting on the simulated releases,
+   which is unbiased: no assumption enters the value, only the choice of ``S``. When the
+   Gaussian, independent-coordinate LR is the true LR the bound is the TV; an error
+   ``eps`` in the LR only costs ``O(eps^2)`` (``S`` maximises ``P_in(S) - P_out(S)``).
+2. :func:`tv_histogram` (``d <= 2``) -- plug-in TV of the code histograms; biased upward
+   by ~``sqrt(#codes / M)``, reported with its null-arm value (same-law arms).
+3. :func:`exact_tv_ols_1d` (OLS, ``d = 1``, Gaussian design and noise) -- exact, no
+   Monte Carlo over datasets: given ``S = sum x_i^2`` of the other records the estimator is
+   exactly Gaussian, so the cell probabilities are 1-D integrals over ``S ~ chi^2``.
+
+Data models: linear regression ``y = x . theta* + s eps`` (OLS, no intercept) and
+logistic regression (MLE by batched Newton, no intercept), with Gaussian AR(1) design
+``x ~ N(0, R)``, ``R_ij = rho^|i-j|``. OLS datasets are drawn through their sufficient
+statistics (``X'X ~ Wishart(n-1, R)`` by Bartlett's decomposition, ``X'eps | X ~
+N(0, X'X)``), so a dataset costs ``O(d^3)`` whatever ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import special, stats
+
+# ---------------------------------------------------------------------------------------
+# grids (the released code of a weight vector)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepGrid:
+    """Round-to-nearest on the grid ``origin_j + (k - offset) * step_j`` (parameter units).
+
+    Code ``k = round((theta_j - origin_j) / step_j + offset)``; cell of ``k``:
+    ``origin_j + [(k - 1/2 - offset) step_j, (k + 1/2 - offset) step_j)``. With
+    ``origin = theta*`` the offset places the true weight in its cell: 0 at the centre,
+    0.25 a quarter of the way, 0.5 on a boundary.
+    """
+
+    name: str
+    step: np.ndarray
+    offset: float = 0.0
+    origin: np.ndarray | float = 0.0
+    family: str = "step"
+
+    def codes(self, theta: np.ndarray) -> np.ndarray:
+        return np.floor((theta - self.origin) / self.step + self.offset + 0.5)
+
+    def cell_edges(self, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (self.origin + (codes - 0.5 - self.offset) * self.step,
+                self.origin + (codes + 0.5 - self.offset) * self.step)
+
+
+@dataclass(frozen=True)
+class AbsmaxGrid:
+    """Symmetric absmax round-to-nearest over the whole weight vector (one output channel):
+    the formula of the built-in ``rtn_int{bits}`` schemes. The release is ``(q, scale)``: the
+    scale is a float computed from the weights, so the largest-magnitude weight is
+    released exactly (``qmax * scale``)."""
+
+    name: str
+    bits: int
+    family: str = "absmax"
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def release(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = np.maximum(np.abs(theta).max(-1, keepdims=True) / self.qmax, 1e-12)
+        q = np.clip(np.round(theta / scale), -self.qmax - 1, self.qmax)
+        return q, scale
+
+
+Grid = StepGrid | AbsmaxGrid
+
+
+# ---------------------------------------------------------------------------------------
+# data models and their population quantities
+# ---------------------------------------------------------------------------------------
+
+
+def ar1(d: int, rho: float) -> np.ndarray:
+    i = np.arange(d)
+    return rho ** np.abs(i[:, None] - i[None, :])
+
+
+@dataclass
+class Setting:
+    """One simulated learning problem."""
+
+    model: str  # "linear" or "logistic"
+    d: int
+    n: int
+    theta_star: np.ndarray
+    noise: float = 1.0
+    rho: float = 0.0
+    # population quantities (filled by population())
+    Sigma: np.ndarray | None = None  # asymptotic covariance of sqrt(n)(theta_hat - theta*)
+    H: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def chol(self) -> np.ndarray:
+        return np.linalg.cholesky(ar1(self.d, self.rho))
+
+    @property
+    def sd(self) -> np.ndarray:
+        """Std of each ``theta_hat_j`` (parameter units): ``sqrt(Sigma_jj / n)``."""
+        assert self.Sigma is not None
+        return np.sqrt(np.diag(self.Sigma) / self.n)
+
+    def label(self) -> str:
+        r = f", rho={self.rho:g}" if self.rho else ""
+        return f"{self.model} d={self.d} n={self.n}{r}"
+
+
+def make_setting(model: str, d: int, n: int, rho: float = 0.0, seed: int = 0,
+                 noise: float = 1.0, scale: float | None = None) -> Setting:
+    rng = np.random.default_rng([seed, d, 7])
+    if scale is None:
+        scale = 1.0 if model == "linear" else 1.0 / math.sqrt(d)
+    theta = scale * rng.standard_normal(d)
+    s = Setting(model=model, d=d, n=n, theta_star=theta, noise=noise, rho=rho)
+    population(s)
+    return s
+
+
+def population(s: Setting, mc: int = 400_000, seed: int = 123) -> Setting:
+    R = ar1(s.d, s.rho)
+    if s.model == "linear":
+        s.H = R
+        s.Sigma = s.noise**2 * np.linalg.inv(R)
+    else:
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((mc, s.d)) @ s.chol.T
+        p = special.expit(x @ s.theta_star)
+        H = (x * (p * (1 - p))[:, None]).T @ x / mc
+        s.H = H
+        s.Sigma = np.linalg.inv(H)  # well-specified: V = H
+    return s
+
+
+def draw_records(s: Setting, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` records ``(x [k, d], y [k])`` from the data model."""
+    x = rng.standard_normal((k, s.d)) @ s.chol.T
+    eta = x @ s.theta_star
+    if s.model == "linear":
+        y = eta + s.noise * rng.standard_normal(k)
+    else:
+        y = (rng.random(k) < special.expit(eta)).astype(np.float64)
+    return x, y
+
+
+def influence(s: Setting, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Population influence ``psi(z) = -H^{-1} grad l(theta*; z)``, ``[k, d]``."""
+    eta = x @ s.theta_star
+    r = (y - eta) if s.model == "linear" else (y - special.expit(eta))
+    return (x * r[:, None]) @ np.linalg.inv(s.H).T
+
+
+# ---------------------------------------------------------------------------------------
+# training on many datasets at once
+# ---------------------------------------------------------------------------------------
+
+
+def _wishart_chol(d: int, df: int, M: int, rng: np.random.Generator) -> np.ndarray:
+    """Lower-triangular ``L [M, d, d]`` with ``L L' ~ Wishart(df, I)`` (Bartlett)."""
+    L = np.zeros((M, d, d))
+    ii = np.arange(d)
+    L[:, ii, ii] = np.sqrt(rng.chisquare(df - ii, size=(M, d)))
+    tri = np.tril_indices(d, -1)
+    L[:, tri[0], tri[1]] = rng.standard_normal((M, len(tri[0])))
+    return L
+
+
+def simulate_ols(s: Setting, zx: np.ndarray, zy: np.ndarray, M: int,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Coupled OLS fits for one target ``(zx [d], zy)``: ``{"in","out","null"}: [M, d]``."""
+    d, n = s.d, s.n
+    C = s.chol
+    L = C[None] @ _wishart_chol(d, n - 1, M, rng)  # chol of X_o'X_o
+    A = L @ np.swapaxes(L, 1, 2)
+    b = A @ s.theta_star + s.noise * (L @ rng.standard_normal((M, d, 1)))[..., 0]
+    out = {}
+    xin = np.broadcast_to(zx, (M, d))
+    yin = np.broadcast_to(zy, (M,))
+    xo, yo = draw_records(s, M, rng)
+    xn, yn = draw_records(s, M, rng)
+    for arm, (x, y) in {"in": (xin, yin), "out": (xo, yo), "null": (xn, yn)}.items():
+        Aa = A + x[:, :, None] * x[:, None, :]
+        ba = b + x * y[:, None]
+        out[arm] = np.linalg.solve(Aa, ba[..., None])[..., 0]
+    return out
+
+
+def simulate_logistic(s: Setting, zx: np.ndarray, zy: float, M: int,
+                      rng: np.random.Generator, chunk: int | None = None) -> dict[str, np.ndarray]:
+    """Coupled logistic-regression MLEs (batched Newton in torch, float64).
+
+    The ``out`` arm is solved from ``theta*``; the ``in`` and ``null`` arms, which differ
+    from it by one record, start from the ``out`` solution (a few Newton steps)."""
+    d, n = s.d, s.n
+    chunk = chunk or max(1, int(3e6 // (n * d)))
+    res = {"in": [], "out": [], "null": []}
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    C = torch.from_numpy(s.chol)
+    th_star = torch.from_numpy(s.theta_star)
+    for a in range(0, M, chunk):
+        m = min(chunk, M - a)
+        X = torch.randn(m, n, d, dtype=torch.float64, generator=gen) @ C.T
+        P = torch.sigmoid(X @ th_star)
+        Y = (torch.rand(m, n, dtype=torch.float64, generator=gen) < P).to(torch.float64)
+        x_last, y_last = X[:, -1].clone(), Y[:, -1].clone()  # the out arm's fresh record
+        th_out = newton_logistic(X, Y, th_star)
+        xg, yg = draw_records(s, m, rng)
+        for arm, (x1, y1) in {
+            "in": (torch.from_numpy(np.broadcast_to(zx, (m, d)).copy()), torch.full((m,), float(zy), dtype=torch.float64)),
+            "null": (torch.from_numpy(xg), torch.from_numpy(yg)),
+        }.items():
+            X[:, -1], Y[:, -1] = x1, y1
+            res[arm].append(newton_logistic(X, Y, th_out).numpy())
+        X[:, -1], Y[:, -1] = x_last, y_last
+        res["out"].append(th_out.numpy())
+    return {k: np.concatenate(v) for k, v in res.items()}
+
+
+def newton_logistic(X: torch.Tensor, Y: torch.Tensor, theta0: torch.Tensor, iters: int = 50,
+                    ridge: float = 0.0, tol: float = 1e-10) -> torch.Tensor:
+    """MLE of ``B`` logistic regressions ``X [B, n, d]``, ``Y [B, n]`` by damped Newton
+    (``theta0``: ``[d]`` or ``[B, d]`` start; steps capped at length 2)."""
+    B, n, d = X.shape
+    th = theta0.expand(B, d).clone()
+    eye = torch.eye(d, dtype=X.dtype)
+    for _ in range(iters):
+        # elementwise products and einsum: much faster than bmm for thin [n, d] blocks
+        p = torch.sigmoid((X * th.unsqueeze(1)).sum(-1))
+        g = ((Y - p).unsqueeze(-1) * X).sum(1) / n - ridge * th
+        XW = X * (p * (1 - p)).unsqueeze(-1)
+        Hm = torch.einsum("bni,bnj->bij", XW, X) / n + ridge * eye
+        step = torch.linalg.solve(Hm, g)
+        nrm = step.norm(dim=-1, keepdim=True)
+        th = th + step * torch.clamp(2.0 / nrm.clamp_min(1e-300), max=1.0)
+        if float(nrm.max()) < tol:
+            break
+    return th
+
+
+def simulate(s: Setting, zx: np.ndarray, zy: float, M: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if s.model == "linear":
+        return simulate_ols(s, zx, zy, M, rng)
+    return simulate_logistic(s, zx, zy, M, rng)
+
+
+# ---------------------------------------------------------------------------------------
+# TV estimators
+# ---------------------------------------------------------------------------------------
+
+
+def _log_cell_prob(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``log(Phi(hi) - Phi(lo))`` for standardised edges, stable in both tails."""
+    upper = lo > 0
+    a = np.where(upper, -hi, lo)
+    b = np.where(upper, -lo, hi)
+    lb = special.log_ndtr(b)
+    la = special.log_ndtr(a)
+    return lb + np.log1p(-np.exp(np.minimum(la - lb, -1e-300)))
+
+
+def _llr(grid: Grid, theta: np.ndarray, m_out: np.ndarray, shift: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Gaussian independent-coordinate log-likelihood ratio ``log P_in(T) / P_out(T)``
+    of the releases of ``theta [M, d]``: in-law ``N(m_out + shift, sd^2)``, out-law
+    ``N(m_out, sd^2)`` per coordinate."""
+    m_in = m_out + shift
+    if isinstance(grid, StepGrid):
+        lo, hi = grid.cell_edges(grid.codes(theta))
+        lp_in = _log_cell_prob((lo - m_in) / sd, (hi - m_in) / sd)
+        lp_out = _log_cell_prob((lo - m_out) / sd, (hi - m_out) / sd)
+        return (lp_in - lp_out).sum(-1)
+    q, scale = grid.release(theta)
+    # the largest-magnitude weight is released exactly: Gaussian density ratio
+    jmax = np.abs(theta).argmax(-1)
+    rows = np.arange(theta.shape[0])
+    v = q[rows, jmax] * scale[:, 0]
+    mi, mo, s_ = m_in[jmax], m_out[jmax], sd[jmax]
+    dens = (-(v - mi) ** 2 + (v - mo) ** 2) / (2 * s_**2)
+    lo, hi = (q - 0.5) * scale, (q + 0.5) * scale
+    lo = np.where(q <= -grid.qmax - 1, -np.inf, lo)
+    hi = np.where(q >= grid.qmax, np.inf, hi)
+    lp = _log_cell_prob((lo - m_in) / sd, (hi - m_in) / sd) - _log_cell_prob((lo - m_out) / sd, (hi - m_out) / sd)
+    lp[rows, jmax] = 0.0
+    return lp.sum(-1) + dens
+
+
+@dataclass
+class ArmMoments:
+    """Per-coordinate mean and sd of the out arm (the marginal law of theta_hat)."""
+
+    mean: np.ndarray
+    sd: np.ndarray
+
+
+def tv_lr_test(grid: Grid, sims: dict[str, np.ndarray], mom: ArmMoments, folds: int = 2) -> tuple[float, float]:
+    """Cross-fitted LR-test lower bound on ``TV_z``: ``(value, null value)``.
+
+    The null value applies the same test to the ``null`` arm in place of ``in`` (its
+    expectation is 0: it measures nothing but noise).
+    """
+    M = sims["in"].shape[0]
+    idx = np.arange(M) % folds
+    vals, nulls = [], []
+    for f in range(folds):
+        fit, ev = idx != f, idx == f
+        shift = (sims["in"][fit] - sims["out"][fit]).mean(0)
+        shift_null = (sims["null"][fit] - sims["out"][fit]).mean(0)
+        a_in = _llr(grid, sims["in"][ev], mom.mean, shift, mom.sd) > 0
+        a_out = _llr(grid, sims["out"][ev], mom.mean, shift, mom.sd) > 0
+        vals.append(a_in.mean() - a_out.mean())
+        b_null = _llr(grid, sims["null"][ev], mom.mean, shift_null, mom.sd) > 0
+        b_out = _llr(grid, sims["out"][ev], mom.mean, shift_null, mom.sd) > 0
+        nulls.append(b_null.mean() - b_out.mean())
+    return float(np.mean(vals)), float(np.mean(nulls))
+
+
+def tv_histogram(grid: StepGrid, sims: dict[str, np.ndarray]) -> tuple[float, float]:
+    """Plug-in TV of the code histograms ``(in vs out, null vs out)`` (``d <= 2``)."""
+
+    def hist(theta: np.ndarray) -> dict:
+        c = grid.codes(theta).astype(np.int64)
+        keys, counts = np.unique(c, axis=0, return_counts=True)
+        return {tuple(k): v for k, v in zip(keys.tolist(), counts.tolist())}
+
+    M = sims["in"].shape[0]
+    h_out = hist(sims["out"])
+
+    def tv(h: dict) -> float:
+        keys = set(h) | set(h_out)
+        return 0.5 * sum(abs(h.get(k, 0) - h_out.get(k, 0)) for k in keys) / M
+
+    return tv(hist(sims["in"])), tv(hist(sims["null"]))
+
+
+def exact_tv_ols_1d(s: Setting, grid: StepGrid | None, zx: float, zy: float, K: int = 2000) -> float:
+    """Exact ``TV_z`` for OLS with ``d = 1`` (Gaussian design and noise, no intercept).
+
+    Given ``S = sum x_i^2`` over the other ``n - 1`` records (``S ~ rho0 chi^2_{n-1}``; here
+    ``Var x = 1``): ``theta_in | S ~ N(theta* + zx (zy - zx theta*) / (S + zx^2),
+    s^2 S / (S + zx^2)^2)`` and ``theta_out | S_n ~ N(theta*, s^2 / S_n)``, ``S_n ~ chi^2_n``.
+    Cell probabilities are integrated over ``S`` on ``K`` quantile nodes (midpoint rule on
+    the probability scale). ``grid=None``: the unquantized release (TV of densities on a
+    fine ``theta`` grid).
+    """
+    n, t, sn = s.n, float(s.theta_star[0]), s.noise
+    u = (np.arange(K) + 0.5) / K
+    S = stats.chi2.ppf(u, n - 1)
+    Sn = stats.chi2.ppf(u, n)
+    m_in = t + zx * (zy - zx * t) / (S + zx**2)
+    v_in = sn * np.sqrt(S) / (S + zx**2)
+    v_out = sn / np.sqrt(Sn)
+    sd0 = sn / math.sqrt(n)
+    if grid is None:
+        xs = t + np.linspace(-9, 9, 3601) * sd0
+        dx = xs[1] - xs[0]
+        sub = slice(None, None, max(1, K // 400))  # 400 nodes suffice for smooth densities
+        mi, vi, vo = m_in[sub, None], v_in[sub, None], v_out[sub, None]
+        p_in = (np.exp(-0.5 * ((xs[None] - mi) / vi) ** 2) / vi).mean(0)
+        p_out = (np.exp(-0.5 * ((xs[None] - t) / vo) ** 2) / vo).mean(0)
+        return float(0.5 * np.abs(p_in - p_out).sum() * dx / math.sqrt(2 * math.pi))
+    h = float(grid.step[0])
+    k0 = grid.codes(np.array([[t - 12 * sd0]]))[0, 0]
+    k1 = grid.codes(np.array([[t + 12 * sd0]]))[0, 0]
+    ks = np.arange(k0, k1 + 1)
+    org = float(np.asarray(grid.origin).reshape(-1)[0])
+    edges = np.concatenate([[-np.inf], org + (ks[1:] - 0.5 - grid.offset) * h, [np.inf]])
+    P_in = np.diff(stats.norm.cdf((edges[None] - m_in[:, None]) / v_in[:, None]), axis=1).mean(0)
+    P_out = np.diff(stats.norm.cdf((edges[None] - t) / v_out[:, None]), axis=1).mean(0)
+    return float(0.5 * np.abs(P_in - P_out).sum())
+
+
+# ---------------------------------------------------------------------------------------
+# the whole ground truth of a setting
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TruthResult:
+    """Ground truth of one setting for several grids."""
+
+    setting: str
+    grids: list[str]
+    tv_z: np.ndarray  # [Z, G] LR-test lower bound per target
+    null_z: np.ndarray  # [Z, G] null-arm value of the same test
+    hist_z: np.ndarray | None  # [Z, G] histogram TV (d <= 2, step grids), NaN elsewhere
+    hist_null_z: np.ndarray | None
+    exact_z: np.ndarray | None  # [Z, G] exact TV (OLS d = 1), NaN where not available
+    oracle_z: np.ndarray  # [Z, G] first-order Gaussian prediction with the true parameters
+    oracle_mean: np.ndarray  # [G] its mean over z ~ P (large sample): control-variate mean
+    M: int
+    estimate: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [G] control-variate estimate
+    ci: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))  # [G, 2] 10-90% or 2.5-97.5%
+    null: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [G] mean null value
+
+
+def oracle_first_order(s: Setting, grid: Grid, x: np.ndarray, y: np.ndarray, center: np.ndarray | None = None,
+                       num_samples: int = 1024) -> np.ndarray:
+    """Indicator formula with the TRUE parameters (theta*, Sigma, psi): per record, Monte
+    Carlo over cells (independent coordinates) -- the control variate of the ground truth."""
+    from ..functional import cell_statistics, record_leakage
+
+    sd = s.sd
+    w = influence(s, x, y) / np.sqrt(np.diag(s.Sigma))
+    th = s.theta_star if center is None else center
+    if isinstance(grid, StepGrid):
+        edges = _edges_around(grid, th, sd, 30)
+    else:
+        q, scale = grid.release(th[None])
+        sg = StepGrid("tmp", np.full(s.d, float(scale[0, 0])))
+        edges = _edges_around(sg, th, sd, 30, qmax=grid.qmax)
+    st = cell_statistics(torch.from_numpy(th), torch.from_numpy(sd), torch.from_numpy(edges))
+    gen = torch.Generator().manual_seed(0)
+    method = "exact1d" if s.d == 1 else "mc"
+    return record_leakage(torch.from_numpy(w), st, s.n, method=method, num_samples=num_samples, generator=gen).numpy()
+
+
+def _edges_around(grid: StepGrid, theta: np.ndarray, sd: np.ndarray, half: int, qmax: int | None = None) -> np.ndarray:
+    """Edges ``[d, 2 half + 2]`` of the cells around ``theta`` covering >= 8.5 sd."""
+    k = grid.codes(theta[None])[0]
+    need = np.ceil(8.5 * sd / grid.step).max() + 2
+    half = int(min(max(half, need), 4000))
+    i = np.arange(-half + 1, half + 1)
+    up = k[:, None] + i[None]
+    e = np.asarray(grid.origin, dtype=np.float64).reshape(-1, 1) + (up - 0.5 - grid.offset) * grid.step[:, None]
+    if qmax is not None:
+        e = np.where(up <= -qmax - 1, -np.inf, e)
+        e = np.where(up > qmax, np.inf, e)
+    inf = np.full((theta.shape[0], 1), np.inf)
+    return np.concatenate([-inf, e, inf], 1)
+
+
+def ground_truth(s: Setting, grids: list[Grid], Z: int = 30, M: int = 4000, seed: int = 0,
+                 exact: bool = True, histogram: bool = True, oracle_records: int = 4000,
+                 boot: int = 400, level: float = 0.8) -> TruthResult:
+    """Ground truth ``Delta`` of each grid for setting ``s`` (see the module docstring)."""
+    rng = np.random.default_rng([seed, s.d, s.n, int(100 * s.rho), 11 if s.model == "linear" else 13])
+    zx, zy = draw_records(s, Z, rng)
+    G = len(grids)
+    tv = np.zeros((Z, G))
+    nl = np.zeros((Z, G))
+    hi = np.full((Z, G), np.nan)
+    hn = np.full((Z, G), np.nan)
+    ex = np.full((Z, G), np.nan)
+    sims_all = [simulate(s, zx[i], zy[i], M, rng) for i in range(Z)]
+    # out-arm moments pooled over targets (the out arm does not depend on z)
+    pooled = np.concatenate([sm["out"] for sm in sims_all])
+    mom = ArmMoments(pooled.mean(0), pooled.std(0))
+    for i, sm in enumerate(sims_all):
+        for g, grid in enumerate(grids):
+            tv[i, g], nl[i, g] = tv_lr_test(grid, sm, mom)
+            if histogram and s.d <= 2 and isinstance(grid, StepGrid):
+                hi[i, g], hn[i, g] = tv_histogram(grid, sm)
+            if exact and s.model == "linear" and s.d == 1 and s.rho == 0:
+                ex[i, g] = exact_tv_ols_1d(s, grid if isinstance(grid, StepGrid) else None, zx[i, 0], zy[i])
+    # control variate: the oracle first-order value, with its mean over many z ~ P
+    rng2 = np.random.default_rng([seed, 99])
+    xb, yb = draw_records(s, oracle_records, rng2)
+    orc = np.stack([oracle_first_order(s, g, zx, zy) for g in grids], 1)
+    orc_mean = np.array([oracle_first_order(s, g, xb, yb).mean() for g in grids])
+    res = TruthResult(setting=s.label(), grids=[g.name for g in grids], tv_z=tv, null_z=nl,
+                      hist_z=hi, hist_null_z=hn, exact_z=ex, oracle_z=orc, oracle_mean=orc_mean, M=M)
+    # the exact value (OLS, d = 1) where available, else the LR-test lower bound
+    base = np.where(np.isfinite(ex), ex, tv)
+    res.estimate, res.ci = cv_estimate(base, orc, orc_mean, boot=boot, level=level, seed=seed)
+    res.null = nl.mean(0)
+    return res
+
+
+def cv_estimate(v: np.ndarray, c: np.ndarray, c_mean: np.ndarray, boot: int = 400,
+                level: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Control-variate mean over targets ``mean(v) - beta (mean(c) - E c)`` per column,
+    with a bootstrap interval over targets (each target's value already averages its own
+    ``M`` datasets, so resampling targets carries both levels of noise)."""
+
+    def est(vv: np.ndarray, cc: np.ndarray) -> np.ndarray:
+        out = np.zeros(vv.shape[1])
+        for g in range(vv.shape[1]):
+            # beta only where the control variate is informative (|corr| >= 0.3)
+            sv, sc = vv[:, g].std(), cc[:, g].std()
+            beta = 0.0
+            if sv > 0 and sc > 1e-12 * max(abs(vv[:, g].mean()), 1e-300):
+                r = np.corrcoef(vv[:, g], cc[:, g])[0, 1]
+                if np.isfinite(r) and r >= 0.3:
+                    beta = r * sv / sc
+            out[g] = vv[:, g].mean() - beta * (cc[:, g].mean() - c_mean[g])
+        return out
+
+    point = est(v, c)
+    rng = np.random.default_rng(seed + 5)
+    Z = v.shape[0]
+    bs = np.stack([est(v[ii], c[ii]) for ii in (rng.integers(0, Z, Z) for _ in range(boot))])
+    a = (1 - level) / 2
+    return point, np.quantile(bs, [a, 1 - a], axis=0).T
