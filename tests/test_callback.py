@@ -1,0 +1,312 @@
+"""MISCallback: safety (bit-identical training, RNG, optimizer), failures, loggers, resume."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning import MISCallback
+from mis_lightning.callback import lightning_callback
+from mis_lightning.quantization import QuantizationScheme
+
+torch.set_num_threads(1)
+SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
+
+
+def mse(o, t):
+    return 0.5 * (o - t) ** 2
+
+
+class Regressor(pl.LightningModule):
+    """An ordinary LightningModule (no per_sample_loss), with dropout so that the RNG matters."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(dropout), nn.Linear(6, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self(x) - y) ** 2).mean()
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", ((self(x) - y) ** 2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class PenalisedRegressor(Regressor):
+    """Has ``per_sample_loss`` and ``weight_decay``: the callback needs no arguments."""
+
+    weight_decay = 1e-3
+
+    def per_sample_loss(self, outputs, targets):
+        return 0.5 * (outputs - targets) ** 2
+
+
+class HookRegressor(Regressor):
+    """Dict batches; ``mis_per_sample_loss`` gives the per-sample losses."""
+
+    def training_step(self, batch, batch_idx):
+        return ((self(batch["x"]) - batch["y"]) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", ((self(batch["x"]) - batch["y"]) ** 2).mean())
+
+    def mis_per_sample_loss(self, batch):
+        return 0.5 * (self(batch["x"]) - batch["y"]) ** 2
+
+
+class ScaleOnly(Regressor):
+    """No Linear layer at all: integer weight-only schemes have nothing to quantize."""
+
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        self.w = nn.Parameter(torch.zeros(4))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class Broken(QuantizationScheme):
+    name = "broken"
+    backend = "test"
+
+    def _quantize_copy(self, model):
+        raise RuntimeError("this scheme always fails")
+
+
+def loaders(n_train=120, n_val=40, dict_batches=False):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n_train + n_val, 4, generator=g)
+    y = X[:, 0] - 0.5 * X[:, 1] + 0.2 * torch.randn(n_train + n_val, generator=g)
+    if dict_batches:
+        class DS(torch.utils.data.Dataset):
+            def __init__(self, a, b):
+                self.a, self.b = a, b
+
+            def __len__(self):
+                return len(self.a)
+
+            def __getitem__(self, i):
+                return {"x": self.a[i], "y": self.b[i]}
+
+        tr, va = DS(X[:n_train], y[:n_train]), DS(X[n_train:], y[n_train:])
+    else:
+        tr, va = TensorDataset(X[:n_train], y[:n_train]), TensorDataset(X[n_train:], y[n_train:])
+    return DataLoader(tr, batch_size=32, shuffle=True), DataLoader(va, batch_size=64)
+
+
+def fit(tmp_path, make_module, callbacks=(), logger=False, max_epochs=3, data=None, **kw):
+    """Seed, build the module (``make_module()``) and fit it."""
+    pl.seed_everything(0)
+    module = make_module()
+    train, val = data or loaders()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, logger=logger, callbacks=list(callbacks), enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=1, **kw,
+    )
+    trainer.fit(module, train, val)
+    return trainer, module
+
+
+def _snapshot(trainer, module):
+    opt = trainer.optimizers[0].state_dict()
+    return ({k: v.clone() for k, v in module.state_dict().items()},
+            [None if p.grad is None else p.grad.clone() for p in module.parameters()],
+            {k: {n: t.clone() for n, t in s.items()} for k, s in opt["state"].items()},
+            torch.get_rng_state())
+
+
+def _assert_same(a, b):
+    sa, ga, oa, ra = a
+    sb, gb, ob, rb = b
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(ga, gb))
+    assert oa.keys() == ob.keys()
+    for k in oa:
+        assert all(torch.equal(oa[k][n], ob[k][n]) for n in oa[k])
+    assert torch.equal(ra, rb)
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    ref = _snapshot(*fit(tmp_path / "a", lambda: Regressor(dropout=0.2)))
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=2)
+    trainer, module = fit(tmp_path / "b", lambda: Regressor(dropout=0.2), [cb])
+    _assert_same(ref, _snapshot(trainer, module))
+    assert module.training is True or module.training is False  # restored, see below
+    assert [h["stage"] for h in cb.history] == ["validation"] * 3  # fit end: same weights, skipped
+    assert cb.report is not None and set(cb.report.schemes) == set(SCHEMES)
+    assert all(s.error is None and "loss" in s.utility for s in cb.report.schemes.values())
+
+
+def test_rng_is_restored_even_if_the_callback_draws_random_numbers(tmp_path, monkeypatch):
+    from mis_lightning import callback as C
+
+    real = C._MISCallbackImpl._assess
+
+    def noisy(self, trainer, pl_module):
+        torch.rand(7)  # anything the assessment might draw
+        import random
+
+        random.random()
+        assert not pl_module.training  # eval mode during the assessment
+        return real(self, trainer, pl_module)
+
+    monkeypatch.setattr(C._MISCallbackImpl, "_assess", noisy)
+    ref = _snapshot(*fit(tmp_path / "a", lambda: Regressor(dropout=0.2), max_epochs=2))
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0)
+    trainer, module = fit(tmp_path / "b", lambda: Regressor(dropout=0.2), [cb], max_epochs=2)
+    _assert_same(ref, _snapshot(trainer, module))
+
+
+def test_loggers_csv_tensorboard_report_and_figure(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    csv = CSVLogger(str(tmp_path), name="csv")
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"))
+    cb = MISCallback(SCHEMES, uncertainty_draws=2)
+    trainer, _ = fit(tmp_path, PenalisedRegressor, [cb, ckpt], logger=[csv, tb], max_epochs=2)
+    # report + figure next to the checkpoints
+    rep = json.loads((tmp_path / "ckpts" / "mis_report.json").read_text())
+    assert rep["n"] == 120 and set(rep["schemes"]) == set(SCHEMES)
+    assert rep["lightning"]["global_step"] == trainer.global_step
+    png = tmp_path / "ckpts" / "mis_privacy_utility.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "ckpts").glob("*.ckpt"))
+    # CSV
+    text = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = text[0].split(",")
+    for s in SCHEMES:
+        for f in ("leakage", "mis", "d_eff", "utility/loss"):
+            assert f"mis/{s}/{f}" in header
+    assert "mis/baseline/leakage" in header
+    # TensorBoard
+    ev = EventAccumulator(str(tmp_path / "tb" / "version_0")).Reload()
+    tags = ev.Tags()
+    for s in SCHEMES:
+        assert f"mis/{s}/leakage" in tags["scalars"]
+    assert "mis_privacy_utility" in tags["images"]
+    v = ev.Scalars("mis/rtn_int8/mis")[-1].value
+    assert v == pytest.approx(rep["schemes"]["rtn_int8"]["mis"], rel=1e-6)
+
+
+def test_mlflow_logger_if_available(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    lg = MLFlowLogger(experiment_name="mis", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    fit(tmp_path, Regressor, [cb], logger=lg, max_epochs=1)
+    run = lg.experiment.get_run(lg.run_id)
+    assert "mis/rtn_int4/leakage" in run.data.metrics
+
+
+def test_failing_scheme_is_reported_and_training_kept(tmp_path):
+    ref = _snapshot(*fit(tmp_path / "a", Regressor, max_epochs=2))
+    cb = MISCallback(["rtn_int8", Broken()], loss_fn=mse, uncertainty_draws=0)
+    with pytest.warns(UserWarning, match="broken"):
+        trainer, module = fit(tmp_path / "b", Regressor, [cb], max_epochs=2)
+    _assert_same(ref, _snapshot(trainer, module))
+    rep = json.loads(cb.report_path.read_text())
+    assert "always fails" in rep["schemes"]["broken"]["error"]
+    assert rep["schemes"]["rtn_int8"]["error"] is None
+    assert list(cb.report_path.parent.glob("*.ckpt"))  # checkpoints kept
+    with pytest.raises(RuntimeError, match="always fails"):
+        fit(tmp_path / "c", Regressor, [MISCallback([Broken()], loss_fn=mse, strict=True)], max_epochs=1)
+
+
+def test_model_without_linear_layers_and_total_failure(tmp_path):
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    with pytest.warns(UserWarning, match="applies to no assessed parameter"):
+        fit(tmp_path / "a", ScaleOnly, [cb], max_epochs=1)
+    rep = json.loads(cb.report_path.read_text())
+    assert all("no assessed parameter" in s["error"] for s in rep["schemes"].values())
+    # a loss that is not per-sample: the whole assessment fails, training completes
+    bad = MISCallback(SCHEMES, loss_fn=lambda o, t: ((o - t) ** 2).mean(), uncertainty_draws=0)
+    with pytest.warns(UserWarning, match="assessment failed"):
+        trainer, _ = fit(tmp_path / "b", Regressor, [bad], max_epochs=1)
+    assert trainer.state.finished
+    rep = json.loads(bad.report_path.read_text())
+    assert "per-sample" in rep["error"] and bad.last_error
+    strict = MISCallback(SCHEMES, loss_fn=lambda o, t: ((o - t) ** 2).mean(), strict=True)
+    with pytest.raises(ValueError, match="per-sample"):
+        fit(tmp_path / "c", Regressor, [strict], max_epochs=1)
+
+
+def test_missing_loss_is_a_setup_error(tmp_path):
+    with pytest.raises(ValueError, match="loss_fn"):
+        fit(tmp_path, Regressor, [MISCallback(SCHEMES)], max_epochs=1)
+
+
+def test_hook_with_dict_batches(tmp_path):
+    cb = MISCallback(SCHEMES, uncertainty_draws=0)
+    fit(tmp_path, HookRegressor, [cb], max_epochs=1, data=loaders(dict_batches=True))
+    assert cb.report is not None and cb.report.n == 120
+    assert all(s.error is None and s.utility["loss"] > 0 for s in cb.report.schemes.values())
+
+
+def test_state_dict_roundtrip_and_checkpoint(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_last=True)
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0)
+    fit(tmp_path, Regressor, [cb, ckpt], max_epochs=2)
+    saved = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
+    assert cb.state_key in saved["callbacks"]
+    state = saved["callbacks"][cb.state_key]
+    fresh = MISCallback(SCHEMES, loss_fn=mse)
+    fresh.load_state_dict(state)
+    assert fresh.last_summary is not None and set(fresh.last_summary) == {*SCHEMES, "baseline"}
+    assert fresh._val_epochs == state["val_epochs"] >= 1
+    assert fresh.state_dict() == state
+
+
+def test_argument_checks_and_lightning_package():
+    with pytest.raises(ValueError, match="every_n_val_epochs"):
+        MISCallback(SCHEMES, every_n_val_epochs=0)
+    with pytest.raises(ValueError, match="estimation"):
+        MISCallback(SCHEMES, estimation="nope")
+    with pytest.raises(ValueError, match="at least one"):
+        MISCallback([])
+    assert isinstance(MISCallback(), Callback)  # default schemes
+    try:
+        import lightning.pytorch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install lightning"):
+            lightning_callback(SCHEMES)
+        with pytest.raises(ImportError, match="pip install lightning"):
+            MISCallback.for_lightning(SCHEMES)
+    else:  # pragma: no cover - the unified package is not installed in CI
+        import lightning.pytorch as L
+
+        assert isinstance(lightning_callback(SCHEMES), L.Callback)
+
+    class FakeTrainer:  # a Trainer from the other distribution
+        pass
+
+    FakeTrainer.__module__ = "lightning.pytorch.trainer.trainer"
+    with pytest.raises(TypeError, match="lightning_callback"):
+        MISCallback(SCHEMES, loss_fn=mse).setup(FakeTrainer(), None, "fit")
+
+
+def test_warning_free_when_all_is_well(tmp_path):
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fit(tmp_path, Regressor, [cb], max_epochs=1)
+    assert not [w for w in rec if "MISCallback" in str(w.message)]
