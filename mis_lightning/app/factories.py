@@ -15,7 +15,8 @@ with a message listing the valid ones.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -58,7 +59,8 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
         )
     dt = getattr(torch, attr, None)
     if not isinstance(dt, torch.dtype):
-        raise ValueError(f"torch {torch.__version__} has no dtype torch.{attr} (asked for {name!r})")
+        raise ValueError(  # noqa: TRY004 - a missing dtype is a bad value, not a bad type
+            f"torch {torch.__version__} has no dtype torch.{attr} (asked for {name!r})")
     return dt
 
 

@@ -1,0 +1,283 @@
+"""Aggregate a ``mis-lightning -m`` sweep: one row per (job, scheme).
+
+:class:`AggregateSweep` is a Hydra callback (registered in ``conf/config.yaml`` under
+``hydra.callbacks``); in ``on_multirun_end`` -- which runs in the launching process, after
+every job, whatever the launcher -- it reads each job's ``result.json`` under the sweep dir
+(ordered by job number) and writes into the sweep dir:
+
+* ``aggregate.csv`` -- job, overrides, scheme, bits per weight, utility metrics, leakage with
+  its (p10, p90) interval, MIS, baseline, d_eff, method, error, job dir;
+* ``aggregate.md`` -- the same as a Markdown table;
+* ``frontier.png`` -- leakage against utility, one point per row, the non-dominated points
+  joined (the privacy-utility frontier).
+
+Re-run on an existing sweep: ``mis-lightning-aggregate <sweep dir>`` or
+``python -m mis_lightning.app.aggregate <sweep dir>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from mis_lightning.report import pick_utility_key
+
+__all__ = ["AggregateSweep", "aggregate", "collect", "frontier_figure", "main", "markdown_table"]
+
+RESULT_NAME = "result.json"
+# utility metrics where larger is better (others -- rmse, mae, loss -- are smaller-is-better)
+HIGHER_IS_BETTER = ("r2", "auroc", "accuracy", "f1", "auprc")
+
+
+def _job_num(path: Path, data: dict[str, Any], sweep_dir: Path) -> tuple[int, str]:
+    num = (data.get("job") or {}).get("num")
+    if num is None:
+        m = re.match(r"(\d+)", path.parent.relative_to(sweep_dir).parts[0])
+        num = int(m.group(1)) if m else 10**9
+    return int(num), str(path)
+
+
+def collect(sweep_dir: str | Path, result_name: str = RESULT_NAME) -> list[dict[str, Any]]:
+    """The per-job results under ``sweep_dir`` (any depth), sorted by job number (as int)."""
+    sweep_dir = Path(sweep_dir)
+    found = []
+    for p in sweep_dir.rglob(result_name):
+        try:
+            data = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            print(f"mis-lightning-aggregate: skipping unreadable {p}: {exc}", file=sys.stderr)
+            continue
+        data["_path"] = str(p)
+        found.append((_job_num(p, data, sweep_dir), data))
+    return [d for _, d in sorted(found, key=lambda t: t[0])]
+
+
+def _float(v: Any) -> float | None:
+    if v is None or v == "":
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f
+
+
+def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Flat rows (one per job and scheme) from :func:`collect`'s results."""
+    rows = []
+    all_ov = [list((res.get("job") or {}).get("overrides") or []) for res in results]
+    common = set.intersection(*(set(o) for o in all_ov)) if len(all_ov) > 1 else set()
+    for res in results:
+        job = res.get("job") or {}
+        job_dir = Path(res["_path"]).parent if "_path" in res else None
+        if job_dir is not None and sweep_dir is not None:
+            try:
+                job_dir = job_dir.relative_to(sweep_dir)
+            except ValueError:
+                pass
+        for r in res.get("rows", []):
+            row: dict[str, Any] = {
+                "job": job.get("num"),
+                "swept": " ".join(o for o in job.get("overrides") or [] if o not in common),
+                "overrides": " ".join(job.get("overrides") or []),
+                "data": (res.get("data") or "").rsplit(".", 1)[-1],
+                "model": res.get("model"),
+            }
+            row.update({k: (_float(v) if _is_numeric_key(k) else v) for k, v in r.items()})
+            row["job_dir"] = str(job_dir) if job_dir is not None else ""
+            rows.append(row)
+    return rows
+
+
+_NUMERIC = {"bits_per_weight", "leakage", "mis", "leakage_p10", "leakage_p90", "baseline_leakage",
+            "d_eff", "d", "sparsity", "frozen_fraction"}
+
+
+def _is_numeric_key(k: str) -> bool:
+    return k in _NUMERIC or k.startswith("utility_")
+
+
+def _fmt(v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> str:
+    """A Markdown table of the aggregated rows."""
+    uk = pick_utility_key(list(rows), utility_key)
+    head = ["job", "scheme", "swept overrides", "bits/w"] + ([uk.removeprefix("utility_")] if uk else []) + [
+        "leakage", "[p10, p90]", "MIS", "baseline", "d_eff"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        if r.get("error"):
+            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-"] + (
+                ["-"] if uk else []) + [f"error: {str(r['error'])[:60]}", "-", "-", "-", "-"]
+        else:
+            p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
+            interval = "-" if p10 is None else f"[{_fmt(p10)}, {_fmt(p90)}]"
+            bits = r.get("bits_per_weight")
+            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
+                     "-" if bits is None else f"{bits:.2f}"] + (
+                [_fmt(_float(r.get(uk)))] if uk else []) + [
+                _fmt(r.get("leakage")), interval, _fmt(r.get("mis")), _fmt(r.get("baseline_leakage")),
+                _fmt(r.get("d_eff"))]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _pareto(points: list[tuple[float, float, int]], higher_better: bool) -> list[int]:
+    """Indices of the non-dominated points (lower leakage, better utility), by utility."""
+    keep = []
+    for x, y, i in points:
+        dominated = False
+        for x2, y2, j in points:
+            if j == i:
+                continue
+            better_u = x2 >= x if higher_better else x2 <= x
+            strictly = (x2 != x) or (y2 < y)
+            if better_u and y2 <= y and strictly:
+                dominated = True
+                break
+        if not dominated:
+            keep.append(i)
+    return keep
+
+
+def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = None,
+                    utility_key: str | None = None):
+    """Leakage against utility, one point per row, the frontier joined; saved if ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    uk = pick_utility_key(list(rows), utility_key)
+    metric = uk.removeprefix("utility_") if uk else "bits_per_weight"
+    higher = metric in HIGHER_IS_BETTER
+    fig, ax = plt.subplots(figsize=(7.0, 4.8))
+    pts: list[tuple[float, float, int]] = []
+    for i, r in enumerate(rows):
+        x = _float(r.get(uk)) if uk else _float(r.get("bits_per_weight"))
+        y = _float(r.get("leakage"))
+        if r.get("error") or x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        pts.append((x, y, i))
+        color = f"C{len(pts) % 10}"
+        p10, p90 = _float(r.get("leakage_p10")), _float(r.get("leakage_p90"))
+        if p10 is not None and p90 is not None:
+            ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], fmt="o",
+                        capsize=3, color=color)
+        else:
+            ax.plot([x], [y], "o", color=color)
+        label = r["scheme"] if r.get("job") is None else f"{r.get('job')}: {r['scheme']}"
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = _pareto(pts, higher)
+    if len(front) > 1:
+        fp = sorted(((x, y) for x, y, i in pts if i in front))
+        ax.plot([p[0] for p in fp], [p[1] for p in fp], "-", color="k", lw=1, alpha=0.6,
+                label="frontier (non-dominated)")
+    baselines = {round(v, 12) for r in rows if (v := _float(r.get("baseline_leakage"))) is not None}
+    if len(baselines) == 1:
+        ax.axhline(next(iter(baselines)), ls="--", color="gray", lw=1, label="unquantized baseline")
+    if len(front) > 1 or len(baselines) == 1:
+        ax.legend(loc="best", fontsize=8)
+    arrow = "higher is better" if higher else "lower is better"
+    ax.set_xlabel(f"{metric} (validation; {arrow})" if uk else "bits per weight")
+    ax.set_ylabel("leakage = best-attack advantage (1 - MIS)")
+    ax.set_title(f"Privacy-utility frontier ({len(pts)} points)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
+              result_name: str = RESULT_NAME, verbose: bool = True) -> list[dict[str, Any]]:
+    """Write ``aggregate.csv``, ``aggregate.md`` and ``frontier.png`` for a sweep dir.
+
+    Returns the rows. Raises ``FileNotFoundError`` when the dir holds no ``result.json``.
+    """
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep dir {sweep_dir} does not exist")
+    results = collect(sweep_dir, result_name)
+    if not results:
+        raise FileNotFoundError(f"no {result_name} under {sweep_dir}: is it a mis-lightning sweep dir?")
+    out = Path(out_dir) if out_dir is not None else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    rows = rows_of(results, sweep_dir)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out / "aggregate.csv", "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=keys)
+        wr.writeheader()
+        wr.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
+    md = markdown_table(rows)
+    head = f"# mis-lightning sweep {sweep_dir}\n\n{len(results)} jobs, {len(rows)} rows.\n\n"
+    (out / "aggregate.md").write_text(head + md + "\n")
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(rows, out / "frontier.png")
+    plt.close(fig)
+    if verbose:
+        print(f"\nAggregated {len(results)} jobs of {sweep_dir}:")
+        print(md)
+        print(f"files: {out / 'aggregate.csv'}  {out / 'aggregate.md'}  {out / 'frontier.png'}")
+    return rows
+
+
+class AggregateSweep(Callback):
+    """Hydra callback: aggregate the sweep in ``on_multirun_end`` (see the module docstring)."""
+
+    def __init__(self, result_name: str = RESULT_NAME, verbose: bool = True) -> None:
+        self.result_name = result_name
+        self.verbose = verbose
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose)
+        except FileNotFoundError as exc:
+            print(f"mis-lightning: nothing to aggregate ({exc})", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mis-lightning-aggregate SWEEP_DIR [--out DIR]``."""
+    ap = argparse.ArgumentParser(
+        prog="mis-lightning-aggregate",
+        description="Aggregate the per-job result.json files of a mis-lightning sweep dir into "
+                    "aggregate.csv, aggregate.md and frontier.png.",
+    )
+    ap.add_argument("sweep_dir", help="the multirun sweep dir (e.g. multirun/2026-01-01/12-00-00)")
+    ap.add_argument("--out", default=None, help="where to write (default: the sweep dir)")
+    ap.add_argument("--quiet", action="store_true", help="do not print the table")
+    args = ap.parse_args(argv)
+    try:
+        aggregate(args.sweep_dir, args.out, verbose=not args.quiet)
+    except FileNotFoundError as exc:
+        print(f"mis-lightning-aggregate: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""One ``mis-lightning`` job: train, assess every selected scheme, write and log the results.
+
+``run_job(cfg)`` is what the Hydra entry point (:mod:`mis_lightning.cli`) calls. It
+
+1. builds the datamodule (``cfg.data``), sets it up, and builds the model (``cfg.model``) with
+   ``num_features`` (and ``task`` where the model takes one) from the datamodule;
+2. builds the loggers (``cfg.logger``) and the trainer (``cfg.trainer``), and trains;
+3. assesses the trained model under each scheme (``cfg.quantizer`` when one is selected,
+   else ``cfg.schemes``) with the arguments of ``cfg.mis`` (see :func:`assess_schemes`);
+4. writes ``report.json``, ``report.csv``, ``privacy_utility.png`` and ``result.json`` (the
+   scheme rows plus the job's overrides, read by :mod:`mis_lightning.app.aggregate`) into the
+   job's output dir, logs the report to the loggers and closes their runs;
+5. prints the table and the figure's path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mis_lightning.app.factories import resolve_schemes
+from mis_lightning.quantization import QuantizationScheme
+from mis_lightning.report import Report
+
+__all__ = ["assess_schemes", "job_info", "output_dir", "run_job"]
+
+
+# -- small helpers -------------------------------------------------------------------------------
+def _hydra_config() -> Any | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def output_dir(cfg: DictConfig | None = None) -> Path:
+    """The job's output dir: Hydra's ``runtime.output_dir``, else ``cfg.output_dir``, else cwd."""
+    hc = _hydra_config()
+    if hc is not None and hc.runtime.output_dir:
+        return Path(hc.runtime.output_dir)
+    if cfg is not None and cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    return Path.cwd()
+
+
+def job_info() -> dict[str, Any]:
+    """Job number, name, overrides and config-group choices of the running Hydra job."""
+    hc = _hydra_config()
+    if hc is None:
+        return {"num": None, "name": None, "overrides": [], "override_dirname": "", "choices": {}}
+    from hydra.types import RunMode
+
+    multirun = hc.mode == RunMode.MULTIRUN
+    choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
+               if not k.startswith("hydra")}
+    return {
+        "num": int(hc.job.num) if multirun and hc.job.get("num") is not None else None,
+        "id": hc.job.get("id"),
+        "name": hc.job.name,
+        "overrides": list(hc.overrides.task),
+        "override_dirname": hc.job.override_dirname,
+        "choices": choices,
+        "output_dir": str(hc.runtime.output_dir),
+        "multirun": multirun,
+    }
+
+
+def set_threads(setting: Any) -> int:
+    """Apply ``num_threads``: ``None`` (torch default), an int, or ``"auto"`` (in a multirun
+    under a launcher with ``n_jobs``: cores / n_jobs). Returns the thread count in effect."""
+    if setting is None:
+        return torch.get_num_threads()
+    if setting == "auto":
+        hc = _hydra_config()
+        n_jobs = None
+        if hc is not None:
+            from hydra.types import RunMode
+
+            if hc.mode == RunMode.MULTIRUN:
+                n_jobs = hc.launcher.get("n_jobs") if "launcher" in hc else None
+        if n_jobs:
+            cores = os.cpu_count() or 1
+            n_jobs = cores if int(n_jobs) < 0 else int(n_jobs)
+            torch.set_num_threads(max(1, cores // max(n_jobs, 1)))
+        return torch.get_num_threads()
+    n = int(setting)
+    if n < 1:
+        raise ValueError(f"num_threads must be null, 'auto' or an integer >= 1, got {setting!r}")
+    torch.set_num_threads(n)
+    return n
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if hasattr(x, "item"):
+        try:
+            return _plain(x.item())
+        except (ValueError, RuntimeError):
+            pass
+    return str(x)
+
+
+# -- progress ------------------------------------------------------------------------------------
+class _Progress:
+    """A rich progress display on stderr (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._progress = Progress(
+                SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+            )
+
+    @contextmanager
+    def shown(self) -> Iterator[_Progress]:
+        """Display the progress while the block runs."""
+        if self._progress is not None:
+            self._progress.start()
+        try:
+            yield self
+        finally:
+            if self._progress is not None:
+                self._progress.stop()
+
+    def task(self, description: str, total: float | None) -> Callable[..., None]:
+        """Add a task; returns ``update(completed=None, description=None, advance=None)``."""
+        if self._progress is None:
+            return lambda *a, **k: None
+        tid = self._progress.add_task(description, total=total)
+        prog = self._progress
+
+        def update(completed: float | None = None, description: str | None = None,
+                   advance: float | None = None) -> None:
+            kw: dict[str, Any] = {}
+            if completed is not None:
+                kw["completed"] = completed
+            if advance is not None:
+                kw["advance"] = advance
+            if description is not None:
+                kw["description"] = description
+            prog.update(tid, **kw)
+
+        return update
+
+
+def _epoch_callback(update: Callable[..., None]) -> Any:
+    import pytorch_lightning as pl
+
+    class EpochProgress(pl.Callback):
+        """Advances the app's progress bar once per epoch (dropped when pickled for spawn)."""
+
+        def __init__(self) -> None:
+            self._update: Callable[..., None] | None = update
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {"_update": None}
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if self._update is not None and trainer.is_global_zero:
+                self._update(completed=trainer.current_epoch + 1)
+
+    return EpochProgress()
+
+
+@contextmanager
+def _timed(times: dict[str, float], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] = round(time.perf_counter() - t0, 3)
+
+
+# -- assessment ----------------------------------------------------------------------------------
+def assess_schemes(
+    model: torch.nn.Module,
+    schemes: Sequence[QuantizationScheme | str],
+    train_dataloader: Any,
+    loss_fn: Callable,
+    *,
+    params: Sequence[str] | None = None,
+    estimation: str = "auto",
+    hessian: str = "auto",
+    weight_decay: float = 0.0,
+    num_records: int = 512,
+    method: str = "auto",
+    val_dataloader: Any = None,
+    metrics: Any = None,
+    output_transform: Callable | None = None,
+    uncertainty_draws: int = 16,
+    num_samples: int = 4096,
+    seed: int = 0,
+    strict: bool = True,
+    on_estimate: Callable[[int], None] | None = None,
+    on_scheme: Callable[[int, str], None] | None = None,
+) -> Report:
+    """:func:`mis_lightning.assess`, one scheme at a time (so that progress can be shown).
+
+    Same arguments and the same figures as ``assess(model, schemes, ...)`` (the estimate is
+    made once with the generator seeded by ``seed``; scheme ``i`` is scored with the seed
+    ``assess`` would give it). ``on_estimate(records)`` is called during the estimation,
+    ``on_scheme(i, name)`` before scoring scheme ``i``.
+    """
+    from mis_lightning.assess import _resolve_schemes, score
+    from mis_lightning.estimation import estimate
+
+    objs = _resolve_schemes(list(schemes))
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    else:
+        names = list(params)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise KeyError(f"params not in the model: {unknown}; the model has {list(named)}")
+    if not names:
+        raise ValueError("no parameter selected for assessment")
+    gen = torch.Generator().manual_seed(seed)
+    est = estimate(
+        model, train_dataloader, loss_fn, param_names=names, mode=estimation,  # type: ignore[arg-type]
+        hessian=hessian, weight_decay=weight_decay, num_records=num_records,  # type: ignore[arg-type]
+        generator=gen, progress=on_estimate,
+    )
+    report: Report | None = None
+    for i, s in enumerate(objs):
+        if on_scheme is not None:
+            on_scheme(i, s.name)
+        part = score(
+            est, model, [s], method=method, uncertainty_draws=uncertainty_draws,
+            num_samples=num_samples, seed=seed + 1000 * i, strict=strict,
+            val_dataloader=val_dataloader, loss_fn=loss_fn, metrics=metrics,
+            output_transform=output_transform,
+        )
+        if report is None:
+            report = part
+        else:
+            report.schemes.update(part.schemes)
+            report.warnings += [w for w in part.warnings if w not in report.warnings]
+    assert report is not None, "no scheme selected"
+    return report
+
+
+def selected_schemes(cfg: DictConfig) -> list[QuantizationScheme]:
+    """``cfg.quantizer`` (one scheme) when the group is selected, else the ``cfg.schemes`` list."""
+    q = cfg.get("quantizer")
+    if q:
+        return resolve_schemes([q])
+    specs = cfg.get("schemes")
+    if not specs:
+        raise ValueError("no scheme selected: set `schemes: [...]` or pick `quantizer=<name>`")
+    return resolve_schemes(list(specs))
+
+
+# -- the job -------------------------------------------------------------------------------------
+def _build_model(cfg: DictConfig, num_features: int, task: str) -> Any:
+    from hydra.utils import instantiate
+
+    kwargs: dict[str, Any] = {"num_features": int(num_features)}
+    if "task" in cfg.model or OmegaConf.is_missing(cfg.model, "task"):  # `in` is False for ???
+        kwargs["task"] = task
+    model = instantiate(cfg.model, **kwargs)
+    model_task = getattr(model, "task", task)
+    if model_task != task:
+        raise ValueError(
+            f"model {type(model).__name__} is a {model_task!r} model but data {cfg.data._target_} "
+            f"is a {task!r} task: pick a matching model (e.g. model=logistic for binary data, "
+            "model=linear for regression, or model=mlp_probe for either)"
+        )
+    return model
+
+
+def _build_loggers(cfg: DictConfig) -> list[Any]:
+    from hydra.utils import instantiate
+
+    lg_cfg = cfg.get("logger")
+    if not lg_cfg:
+        return []
+    out = []
+    for node in lg_cfg.values():
+        if node is not None and "_target_" in node:
+            out.append(instantiate(node))
+    return out
+
+
+def _assessment_loader(dm: Any) -> Any:
+    """A non-shuffled loader over the training set (each record once), else the dm's loader."""
+    from torch.utils.data import DataLoader
+
+    ds = getattr(dm, "train_dataset", None)
+    if ds is None:
+        return dm.train_dataloader()
+    return DataLoader(ds, batch_size=getattr(dm, "batch_size", 256), shuffle=False)
+
+
+def run_job(cfg: DictConfig) -> dict[str, Any]:
+    """Train, assess, write and log one job (see the module docstring). Returns a summary."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from mis_lightning.models import metric_inputs, utility_metrics
+    from mis_lightning.tracking import log_report
+
+    times: dict[str, float] = {}
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = set_threads(cfg.get("num_threads"))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    schemes = selected_schemes(cfg)  # fail fast on a bad scheme name, before training
+    mis = cfg.mis
+    show = bool(cfg.get("progress", True))
+
+    with _Progress(show).shown() as progress:
+        upd_data = progress.task("data", total=None)
+        with _timed(times, "data"):
+            dm = instantiate(cfg.data)
+            dm.setup("fit")
+        upd_data(completed=1, description=f"data: {dm.n_train} training records, "
+                 f"{dm.num_features} features ({dm.task})")
+        task = str(dm.task)
+        model = _build_model(cfg, dm.num_features, task)
+        loggers = _build_loggers(cfg)
+        max_epochs = cfg.trainer.get("max_epochs")
+        upd_train = progress.task(f"train {type(model).__name__}", total=max_epochs)
+        trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
+                              callbacks=[_epoch_callback(upd_train)])
+        try:
+            with _timed(times, "train"):
+                trainer.fit(model, datamodule=dm)
+            model.eval()
+            n_est = min(int(mis.num_records), dm.n_train)
+            upd_est = progress.task("estimate sigma and influences", total=dm.n_train)
+            upd_sch = progress.task("schemes", total=len(schemes))
+
+            def on_scheme(i: int, name: str) -> None:
+                upd_est(completed=dm.n_train)
+                upd_sch(completed=i, description=f"scheme {name}")
+
+            t0 = time.perf_counter()
+            report = assess_schemes(
+                model, schemes, _assessment_loader(dm), model.per_sample_loss,
+                params=list(mis.params) if mis.get("params") else None,
+                estimation=mis.estimation, hessian=mis.hessian,
+                weight_decay=float(getattr(model, "weight_decay", 0.0)),
+                num_records=n_est, method=mis.method,
+                val_dataloader=dm.val_dataloader(), metrics=utility_metrics(task),
+                output_transform=functools.partial(metric_inputs, task=task),
+                uncertainty_draws=int(mis.uncertainty_draws), num_samples=int(mis.num_samples),
+                seed=int(mis.seed), strict=bool(mis.strict),
+                on_estimate=lambda k: upd_est(completed=k), on_scheme=on_scheme,
+            )
+            upd_sch(completed=len(schemes), description="schemes")
+            times["assess"] = round(time.perf_counter() - t0, 3)
+
+            names = cfg.output
+            report.to_json(out / names.report_json)
+            report.to_csv(out / names.report_csv)
+            fig = report.plot(out / names.figure)
+            log_report(trainer.loggers, report, step=trainer.global_step, figure=fig)
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+        except BaseException:
+            for lg in loggers:
+                lg.finalize("failed")
+            raise
+    for lg in loggers:  # one tracker run per job: close it so that multirun jobs don't merge
+        lg.finalize("success")
+    _end_mlflow_run()
+
+    info = job_info()
+    result = {
+        "job": info,
+        "data": cfg.data.get("_target_"),
+        "model": type(model).__name__,
+        "task": task,
+        "n": report.n,
+        "d": report.d,
+        "num_threads": threads,
+        "baseline_leakage": report.baseline_leakage,
+        "baseline_mis": report.baseline_mis,
+        "rows": report.rows(),
+        "warnings": report.warnings,
+        "times_s": times,
+        "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()},
+    }
+    (out / cfg.output.result).write_text(json.dumps(_plain(result), indent=2))
+
+    print(f"\nMIS of {type(model).__name__} on {cfg.data._target_.rsplit('.', 1)[-1]} "
+          f"(n = {report.n}, d = {report.d}; baseline leakage {report.baseline_leakage:.4g})")
+    print(report.table())
+    for w in report.warnings[:3]:
+        print(f"warning: {w}")
+    if len(report.warnings) > 3:
+        print(f"... and {len(report.warnings) - 3} more warnings (see {cfg.output.report_json})")
+    print(f"figure: {out / cfg.output.figure}")
+    print(f"report: {out / cfg.output.report_json}  {out / cfg.output.report_csv}")
+    return {"output_dir": str(out), "leakage": {r["scheme"]: r["leakage"] for r in report.rows()}}
+
+
+def _end_mlflow_run() -> None:
+    """End a fluent-API MLflow run if one is active (the Lightning logger uses the client)."""
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and getattr(mlflow, "active_run", lambda: None)() is not None:
+        mlflow.end_run()

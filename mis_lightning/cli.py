@@ -1,0 +1,37 @@
+"""``mis-lightning``: the Hydra command line (train a model, assess its quantized copies).
+
+Usage::
+
+    mis-lightning                                   # ChEMBL regression, MLP probe, default schemes
+    mis-lightning data=synthetic_linear model=linear trainer.max_epochs=3
+    mis-lightning 'schemes=[int8_weight_only,int2_weight_only]' mis.num_records=512
+    mis-lightning experiment=chembl_mlp
+    mis-lightning -m quantizer=int8_weight_only,int4_weight_only,int2_weight_only
+    mis-lightning -m hydra/launcher=parallel quantizer=int8_weight_only,int4_weight_only
+    mis-lightning --cfg job                         # print the composed config
+    mis-lightning --help                            # config groups and options
+
+Configs live in the package (``mis_lightning/conf``, ``pkg://mis_lightning.conf``); add your
+own with ``hydra.searchpath=[file:///path/to/my_conf]`` (see docs/hydra.md). A multirun writes
+``aggregate.csv``, ``aggregate.md`` and ``frontier.png`` into the sweep dir; re-aggregate an
+existing sweep with ``mis-lightning-aggregate <sweep dir>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(config_path="pkg://mis_lightning.conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> Any:
+    """Entry point of the ``mis-lightning`` console script (one Hydra job)."""
+    from mis_lightning.app.job import run_job
+
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()
