@@ -1,0 +1,134 @@
+"""DDP: two CPU processes (gloo) give the result of one process over all the data.
+
+Why they agree: every Metric state is a sum over records (reduced with ``"sum"``) except the
+stored records, which are the bottom-``num_records`` by a content hash on every process and
+after the ``"cat"`` sync (see :mod:`mis_lightning.metric`); the only difference is the order of
+floating-point summation, hence a 1e-9 relative tolerance in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mis_lightning import MISIndicator
+
+SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
+CASES = {
+    "exact": {"estimation": "exact", "num_records": 37},
+    "ggn": {"estimation": "diagonal", "hessian": "ggn", "num_records": 37},
+}
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def _setup():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(301, 5, generator=g)
+    y = torch.tanh(X[:, 0]) - X[:, 1] + 0.3 * torch.randn(301, generator=g)
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+    return X, y, model
+
+
+def _summary(metric):
+    return {k: {f: float(v[f]) for f in ("leakage", "mis", "d_eff", "baseline_leakage",
+                                         "leakage_p10", "leakage_p90")}
+            for k, v in metric.compute().items()} | {"n": metric.report.n}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        X, y, model = _setup()
+        # uneven shards, different batch sizes on each process
+        lo, hi, bs = (0, 130, 32) if rank == 0 else (130, 301, 50)
+        res = {}
+        for name, kw in CASES.items():
+            met = MISIndicator(model, mse, SCHEMES, uncertainty_draws=4, **kw)
+            for a in range(lo, hi, bs):
+                met.update(X[a : min(a + bs, hi)], y[a : min(a + bs, hi)])
+            res[name] = _summary(met)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(res, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, args, nprocs, timeout):
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"DDP workers did not finish within {timeout} s")
+
+
+def test_metric_two_processes_equal_one(tmp_path):
+    torch.set_num_threads(1)
+    _spawn(_worker, (2, _free_port(), str(tmp_path)), 2, timeout=120)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    X, y, model = _setup()
+    for name, kw in CASES.items():
+        met = MISIndicator(model, mse, SCHEMES, uncertainty_draws=4, **kw)
+        for a in range(0, 301, 64):
+            met.update(X[a : a + 64], y[a : a + 64])
+        single = _summary(met)
+        assert r0[name]["n"] == r1[name]["n"] == single["n"] == 301
+        for scheme in SCHEMES:
+            for f, v in single[scheme].items():
+                assert r0[name][scheme][f] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, scheme, f)
+                assert r1[name][scheme][f] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, scheme, f)
+
+
+# -- Lightning ddp_spawn with the callback -------------------------------------------------------
+def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+    from test_callback import Regressor, loaders
+
+    from mis_lightning import MISCallback
+
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    train, val = loaders(n_train=101)  # odd: the DistributedSampler pads one record
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64)
+    trainer = pl.Trainer(
+        strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2,
+        logger=CSVLogger(str(tmp_path)), callbacks=[cb], enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    trainer.fit(Regressor(), train, val)
+    reports = list(tmp_path.rglob("mis_report.json"))
+    assert len(reports) == 1
+    data = json.loads(reports[0].read_text())
+    assert "error" not in data, data.get("error")
+    assert data["n"] == 101  # the unpadded dataset, not 2 x 51
+    assert set(data["schemes"]) == set(SCHEMES)
+    assert all(s["utility"] for s in data["schemes"].values())
+    rows = (next(tmp_path.rglob("metrics.csv"))).read_text().splitlines()
+    header = rows[0].split(",")
+    col = header.index("mis/rtn_int8/leakage")
+    assert sum(1 for r in rows[1:] if r.split(",")[col] != "") == 1  # logged once (rank 0)
