@@ -1,0 +1,449 @@
+"""Validate the MIS indicator against a simulated ground truth; regenerate docs/validation.md.
+
+    python benchmarks/validate.py            # full run (< 30 min on 2 cores): docs + figures
+    python benchmarks/validate.py --quick    # reduced run (< 2 min) with the CI check
+
+The quick mode writes nothing under docs/ unless ``--out`` is given; it exits non-zero if the
+headline agreement fails (see QUICK_* below, justified from the full run in
+docs/validation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mis_lightning.validation import compare as C  # noqa: E402
+from mis_lightning.validation import ground_truth as GT  # noqa: E402
+
+# Headline check of the quick mode (step grids of <= 4 sd and the fixed grid; absmax
+# schemes and truths below 5% of the unquantized baseline excluded -- see docs).
+QUICK_MEDIAN_REL_ERR = 0.10
+QUICK_MIN_SPEARMAN = 0.6
+
+
+def grids_for(s: GT.Setting, positions: bool) -> list:
+    sd = s.sd
+    out = []
+    if positions:
+        for c in (0.5, 1, 2, 4, 8):
+            for o, lab in ((0.0, "centre"), (0.25, "quarter"), (0.5, "boundary")):
+                out.append(GT.StepGrid(f"step{c:g}sd/{lab}", sd * c, offset=o, origin=s.theta_star))
+    else:
+        for c in (0.5, 1, 2, 4):
+            out.append(GT.StepGrid(f"step{c:g}sd", sd * c))
+    out.append(GT.StepGrid("fixed0.05", np.full(s.d, 0.05)))
+    out += [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
+    return out
+
+
+def headline_mask(names: list[str], truth: np.ndarray, base: float) -> np.ndarray:
+    keep = np.array([not n.startswith("rtn_int") and not n.startswith("step8") for n in names])
+    return keep & (truth >= 0.05 * base)
+
+
+def run_setting(s, positions, Z, M, n_models, draws, seed=0, log=print):
+    t0 = time.time()
+    grids = grids_for(s, positions)
+    truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=seed, boot=300)
+    t1 = time.time()
+    cmp = C.compare(s, grids, truth, seed=seed, draws=draws, n_models=n_models)
+    # unquantized baseline (oracle, large sample): relative-error floor
+    rng = np.random.default_rng(7)
+    x, y = GT.draw_records(s, 20000, rng)
+    w = GT.influence(s, x, y) / np.sqrt(np.diag(s.Sigma))
+    base = float(np.mean(2 * _ndtr(np.sqrt(np.pi / 2) * np.sqrt(2 / np.pi) * np.linalg.norm(w, axis=1) / (2 * math.sqrt(s.n))) - 1))
+    log(f"  {s.label()}: truth {t1 - t0:.1f}s, indicator {time.time() - t1:.1f}s")
+    return {"setting": s, "grids": grids, "truth": truth, "cmp": cmp, "baseline": base}
+
+
+def _ndtr(x):
+    from scipy.special import ndtr
+
+    return ndtr(x)
+
+
+def correlated_block(n, Z, M, rhos, ds, log=print):
+    rows = []
+    for d in ds:
+        for rho in rhos:
+            s = GT.make_setting("linear", d, n, rho=rho, seed=3)
+            grids = [GT.StepGrid(f"step{c:g}sd", s.sd * c) for c in (1, 2, 4)]
+            truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=1, boot=200)
+            rng = np.random.default_rng([9, d, int(10 * rho)])
+            x, y = GT.draw_records(s, n, rng)
+            th = C.fit(s, x, y)
+            r = y - x @ th
+            Hn = x.T @ x / n
+            psi = np.linalg.solve(Hn, (x * r[:, None]).T).T
+            Sig = psi.T @ psi / n
+            sd = np.sqrt(np.diag(Sig) / n)
+            w = psi / np.sqrt(np.diag(Sig))
+            for g, grid in enumerate(grids):
+                from mis_lightning.functional import cell_statistics, record_leakage
+
+                edges = GT._edges_around(grid, th, sd, 20)
+                st = cell_statistics(torch.from_numpy(th), torch.from_numpy(sd), torch.from_numpy(edges))
+                ind = float(record_leakage(torch.from_numpy(w[:512]), st, n, method="mc", num_samples=4096,
+                                           generator=torch.Generator().manual_seed(0)).mean())
+                corr = C.correlated_first_order(psi[:512], Sig, th, grid, n)
+                hist = truth.hist_z[:, g] - truth.hist_null_z[:, g] if d <= 2 else None
+                rows.append({
+                    "d": d, "rho": rho, "grid": grid.name, "independent": ind, "correlated": corr,
+                    "truth": float(truth.estimate[g]), "truth_ci": truth.ci[g].tolist(),
+                    "hist_minus_null": float(np.mean(hist)) if hist is not None else None,
+                    "lr_raw": float(truth.tv_z[:, g].mean()),
+                })
+            log(f"  correlated d={d} rho={rho}: done")
+    return rows
+
+
+def curves(ns, seed=0):
+    """Indicator (one trained model per n) for the fixed and the size-adaptive grid."""
+    out = {"n": list(ns), "fixed0.05": [], "step2sd": [], "none": []}
+    for n in ns:
+        s = GT.make_setting("linear", 5, n)
+        grids = [GT.StepGrid("fixed0.05", np.full(5, 0.05)), GT.StepGrid("step2sd", s.sd * 2)]
+        _, est, model, _ = C.train_and_estimate(s, np.random.default_rng([seed, n]))
+        v, _, base = C.indicator(s, grids, est, model, draws=0)
+        out["fixed0.05"].append(float(v[0]))
+        out["step2sd"].append(float(v[1]))
+        out["none"].append(float(base[0]))
+    return out
+
+
+def fmt(x, p=4):
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{p}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.2e}"
+
+
+def table_for(res) -> list[str]:
+    cmp, tr = res["cmp"], res["truth"]
+    lines = [f"**{cmp.setting}** (baseline, unquantized: {fmt(res['baseline'])}; "
+             f"Spearman {cmp.spearman:.2f}, Kendall {cmp.kendall:.2f} across the {len(cmp.grids)} grids)", "",
+             "| grid | truth | truth 80% CI | LR-test raw | exact | null | indicator | its p10-p90 | rel. err |"
+             + (" trainings p10-p90 | coverage |" if cmp.spread is not None else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cmp.spread is not None else "")]
+    for g, name in enumerate(cmp.grids):
+        ex = tr.exact_z[:, g]
+        row = (f"| {name} | {fmt(cmp.truth[g])} | {fmt(cmp.truth_ci[g][0])}-{fmt(cmp.truth_ci[g][1])} | "
+               f"{fmt(tr.tv_z[:, g].mean())} | {fmt(float(np.nanmean(ex))) if np.isfinite(ex).any() else '-'} | "
+               f"{fmt(tr.null[g])} | {fmt(cmp.value[g])} | {fmt(cmp.interval[g][0])}-{fmt(cmp.interval[g][1])} | "
+               f"{cmp.rel_err[g]:+.1%} |")
+        if cmp.spread is not None:
+            row += f" {fmt(cmp.spread[g][0])}-{fmt(cmp.spread[g][1])} | {cmp.coverage[g]:.0%} |"
+        lines.append(row)
+    lines.append("")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced run (< 2 min) with the headline check")
+    ap.add_argument("--out", type=Path, default=None, help="docs directory (default docs/ in full mode)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small ops)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    out = args.out if args.out is not None else (None if args.quick else ROOT / "docs")
+    log = lambda m: print(m, flush=True)  # noqa: E731
+
+    results = []
+    if args.quick:
+        plan = [("linear", 1, 1000, True, 16, 8000, 6), ("linear", 2, 1000, False, 16, 6000, 0),
+                ("linear", 5, 1000, False, 16, 6000, 0)]
+    else:
+        plan = []
+        for n in (100, 1000, 10000):
+            plan.append(("linear", 1, n, True, 40, 20000, 40 if n == 1000 else 0))
+        for d in (2, 5, 20):
+            for n in (100, 1000, 10000):
+                plan.append(("linear", d, n, False, 30, 20000 if d <= 5 else 10000, 30 if (d == 5 and n == 1000) else 0))
+        for d in (1, 2, 5):
+            for n in (200, 1000):
+                plan.append(("logistic", d, n, False, 16, 2000 if n == 1000 else 4000,
+                             20 if (d == 2 and n == 1000) else 0))
+    log(f"validate: {len(plan)} settings ({'quick' if args.quick else 'full'})")
+    for model, d, n, pos, Z, M, nm in plan:
+        s = GT.make_setting(model, d, n)
+        results.append(run_setting(s, pos, Z, M, nm, draws=16 if args.quick else 32, log=log))
+
+    # headline numbers
+    rel, rel_all, sp, kd, sp_step, kd_step = [], [], [], [], [], []
+    for r in results:
+        c = r["cmp"]
+        mask = headline_mask(c.grids, c.truth, r["baseline"])
+        rel += list(np.abs(c.rel_err[mask]))
+        rel_all += list(np.abs(c.rel_err[c.truth >= 0.05 * r["baseline"]]))
+        if math.isfinite(c.spearman):
+            sp.append(c.spearman)
+            kd.append(c.kendall)
+            sp_step.append(c.extra["spearman_step"])
+            kd_step.append(c.extra["kendall_step"])
+    med = float(np.median(rel))
+    med_all = float(np.median(rel_all))
+    cov_vals = [float(x) for r in results if r["cmp"].coverage is not None for x in r["cmp"].coverage]
+    log(f"median |rel. err| (step/fixed grids): {med:.3f}; all grids incl. absmax: {med_all:.3f}")
+    log(f"Spearman median {np.median(sp):.2f} (min {np.min(sp):.2f}); Kendall median {np.median(kd):.2f}; "
+        f"step grids only: Spearman median {np.median(sp_step):.2f}, Kendall {np.median(kd_step):.2f}")
+    if cov_vals:
+        log(f"coverage of the bootstrap interval (mean over grids): {np.mean(cov_vals):.2f}")
+
+    ok = med <= QUICK_MEDIAN_REL_ERR and float(np.median(sp_step)) >= QUICK_MIN_SPEARMAN
+    summary = {"median_rel_err_headline": med, "median_rel_err_all": med_all,
+               "spearman": sp, "kendall": kd, "spearman_step": sp_step, "kendall_step": kd_step, "coverage_mean": float(np.mean(cov_vals)) if cov_vals else None,
+               "seconds": time.time() - t_start, "ok": ok}
+
+    corr_rows, curve = [], None
+    if not args.quick:
+        log("correlated designs ...")
+        corr_rows = correlated_block(1000, 20, 20000, (0.0, 0.5, 0.9), (2, 3), log=log)
+        log("curves ...")
+        curve = curves([100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000])
+    if out is not None:
+        write_docs(out, results, summary, corr_rows, curve, quick=args.quick)
+    log(f"done in {time.time() - t_start:.0f}s; check {'PASSED' if ok else 'FAILED'} "
+        f"(median rel. err {med:.3f} <= {QUICK_MEDIAN_REL_ERR}, step-grid Spearman {np.median(sp_step):.2f} >= {QUICK_MIN_SPEARMAN})")
+    return 0 if ok else 1
+
+
+def write_docs(out: Path, results, summary, corr_rows, curve, quick: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    # Figure 1: indicator vs truth scatter
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    markers = {"step": "o", "fixe": "s", "rtn_": "x"}
+    for r in results:
+        c = r["cmp"]
+        for g, name in enumerate(c.grids):
+            col = "C0" if c.setting.startswith("linear") else "C1"
+            ax.errorbar(c.truth[g], max(c.value[g], 1e-6),
+                        xerr=[[c.truth[g] - c.truth_ci[g][0]], [c.truth_ci[g][1] - c.truth[g]]],
+                        fmt=markers[name[:4]], color=col if not name.startswith("rtn_int") or name == "rtn_int8" else "C3",
+                        ms=4, alpha=0.7, lw=0.6)
+    lim = [1e-5, 0.3]
+    ax.plot(lim, lim, "k--", lw=0.8)
+    ax.set_xscale("log"), ax.set_yscale("log"), ax.set_xlim(lim), ax.set_ylim(1e-6, 0.3)
+    ax.set_xlabel("ground truth Delta (simulation)"), ax.set_ylabel("indicator Delta-hat (one trained model)")
+    ax.set_title("indicator vs ground truth (blue linear, orange logistic,\nred: rtn_int4/int2 absmax; o step, s fixed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(fig_dir / "validation_scatter.png", dpi=120)
+    plt.close(fig)
+
+    if curve is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ns = np.array(curve["n"])
+        ax.plot(ns, 1 - np.array(curve["none"]), "k-", label="unquantized")
+        ax.plot(ns, 1 - np.array(curve["step2sd"]), "C0-o", ms=3, label="size-adaptive: step 2 sd (~1/sqrt n)")
+        ax.plot(ns, 1 - np.array(curve["fixed0.05"]), "C1-s", ms=3, label="fixed step 0.05")
+        for r in results:
+            c = r["cmp"]
+            if c.setting.startswith("linear d=5 "):
+                for g, name in enumerate(c.grids):
+                    if name in ("step2sd", "fixed0.05"):
+                        ax.errorbar(r["setting"].n, 1 - c.truth[g], yerr=[[c.truth_ci[g][1] - c.truth[g]], [c.truth[g] - c.truth_ci[g][0]]],
+                                    fmt="*", color="C0" if name == "step2sd" else "C1", ms=9)
+        ax.set_xscale("log"), ax.set_xlabel("n"), ax.set_ylabel("MIS = 1 - Delta")
+        ax.set_title("linear regression d=5: indicator (lines), ground truth (stars)", fontsize=9)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(fig_dir / "validation_mis_vs_n.png", dpi=120)
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(ns, np.array(curve["step2sd"]) * np.sqrt(ns), "C0-o", label="step 2 sd: Delta sqrt(n)")
+        ax.plot(ns, np.array(curve["none"]) * np.sqrt(ns), "k-", label="unquantized: Delta sqrt(n)")
+        ax.plot(ns, np.array(curve["fixed0.05"]) * np.sqrt(ns), "C1-s", label="fixed 0.05: Delta sqrt(n)")
+        ax.set_xscale("log"), ax.set_xlabel("n"), ax.set_ylabel("Delta * sqrt(n)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(fig_dir / "validation_rate.png", dpi=120)
+        plt.close(fig)
+
+    # positions figure (d=1): indicator/truth ratio vs position
+    pos = [r for r in results if r["setting"].d == 1 and r["setting"].model == "linear"]
+    if pos:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in pos:
+            c = r["cmp"]
+            for lab, mk in (("centre", "o"), ("quarter", "^"), ("boundary", "v")):
+                xs, ys, lo, hi = [], [], [], []
+                for g, name in enumerate(c.grids):
+                    if name.endswith("/" + lab):
+                        xs.append(float(name[4:].split("sd")[0]))
+                        ys.append(c.value[g] / max(c.truth[g], 1e-12))
+                if xs:
+                    ax.plot(xs, ys, mk + "-", label=f"n={r['setting'].n} {lab}", alpha=0.8)
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set_xscale("log", base=2), ax.set_yscale("log")
+        ax.set_xlabel("grid step (sd of theta-hat)"), ax.set_ylabel("indicator / truth")
+        ax.set_title("OLS d=1: plug-in ratio by position of theta* in its cell", fontsize=9)
+        ax.legend(fontsize=6, ncol=3)
+        fig.tight_layout()
+        fig.savefig(fig_dir / "validation_positions.png", dpi=120)
+        plt.close(fig)
+
+    md = [HEADER.format(**{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in summary.items() if not k.startswith(("spearman", "kendall"))},
+                        sp_med=f"{np.median(summary['spearman']):.2f}", sp_min=f"{np.min(summary['spearman']):.2f}",
+                        kd_med=f"{np.median(summary['kendall']):.2f}", kd_min=f"{np.min(summary['kendall']):.2f}",
+                        sps_med=f"{np.median(summary['spearman_step']):.2f}", sps_min=f"{np.min(summary['spearman_step']):.2f}",
+                        kds_med=f"{np.median(summary['kendall_step']):.2f}",
+                        nset=len(results), mode="quick" if quick else "full")]
+    md.append("## Per-setting tables\n")
+    for r in results:
+        md += table_for(r)
+    if corr_rows:
+        md.append(CORR_HEADER)
+        md.append("| d | rho | grid | independent (indicator) | exact correlated first order | truth (LR test, CV) | histogram - null (d=2) |")
+        md.append("|---|---|---|---|---|---|---|")
+        for row in corr_rows:
+            md.append(f"| {row['d']} | {row['rho']} | {row['grid']} | {fmt(row['independent'])} | {fmt(row['correlated'])} | "
+                      f"{fmt(row['truth'])} ({fmt(row['truth_ci'][0])}-{fmt(row['truth_ci'][1])}) | {fmt(row['hist_minus_null'])} |")
+        md.append("")
+    if curve is not None:
+        md.append(CURVE_TEXT)
+        md.append("| n | " + " | ".join(str(n) for n in curve["n"]) + " |")
+        md.append("|---|" + "---|" * len(curve["n"]))
+        for k in ("none", "step2sd", "fixed0.05"):
+            md.append(f"| {k} Delta | " + " | ".join(fmt(v) for v in curve[k]) + " |")
+        md.append(f"| step2sd Delta sqrt(n) | " + " | ".join(f"{v * math.sqrt(n):.3f}" for v, n in zip(curve['step2sd'], curve['n'])) + " |")
+        md.append("")
+    md.append(OFF_TEXT)
+    (out / "validation.md").write_text("\n".join(md))
+    (fig_dir / "validation_summary.json").write_text(json.dumps(
+        {**{k: v for k, v in summary.items()}, "corr": corr_rows, "curve": curve,
+         "settings": [{"setting": r["cmp"].setting, "grids": r["cmp"].grids, "truth": r["cmp"].truth.tolist(),
+                       "truth_ci": r["cmp"].truth_ci.tolist(), "indicator": r["cmp"].value.tolist(),
+                       "interval": r["cmp"].interval.tolist(), "baseline": r["baseline"],
+                       "coverage": None if r["cmp"].coverage is None else r["cmp"].coverage.tolist(),
+                       "spread": None if r["cmp"].spread is None else r["cmp"].spread.tolist()} for r in results]},
+        indent=1))
+
+
+HEADER = """# Validation of the MIS indicator against a simulated ground truth
+
+Regenerate (tables, figures, this file): `python benchmarks/validate.py` ({mode} run here:
+{nset} settings, {seconds}s on 2 shared CPU cores). CI: `python benchmarks/validate.py --quick`
+(< 2 min, checks the headline agreement) and `pytest tests/test_validation.py`.
+
+## Headline
+
+* **Median |relative error| of the indicator vs the ground truth: {median_rel_err_headline}** over the
+  step grids (0.5-4 sd of theta-hat, any position) and the fixed grid, every setting, where the
+  truth is at least 5% of the unquantized leakage; **{median_rel_err_all}** over all grids including
+  the absmax `rtn_int*` schemes and 8-sd steps.
+* Rank correlation between indicator and truth across the grids of a setting: Spearman median
+  {sp_med} (min {sp_min}), Kendall median {kd_med} (min {kd_min}) over all grids; over the
+  step/fixed grids only (absmax excluded, see below): Spearman median {sps_med} (min {sps_min}),
+  Kendall median {kds_med}. Many grids tie in truth (fine grids and boundary positions all
+  sit at the unquantized value), which caps the attainable rank correlation.
+* Coverage of the report's parametric-bootstrap interval (p10-p90 of one trained model) of
+  the truth, averaged over the grids of the settings with many trainings: {coverage_mean}
+  (see "where the indicator is off" for why it is below the nominal 80%).
+
+## How the ground truth is computed
+
+`mis_lightning/validation/ground_truth.py`. The quantity is
+`Delta = E_z[TV(law(T | Z1 = z), law(T))]`, `T = Q(theta_hat)`. For each target record `z`
+(16-40 drawn from the data model) `M` datasets of `n - 1` other records are simulated once and
+the model is trained three times on the same other records: with `z` (**in**), with a fresh
+record (**out**: the marginal law of the release), with another fresh record (**null**: same law
+as out). Training: OLS through its sufficient statistics (`X'X ~ Wishart(n-1, R)` by Bartlett's
+decomposition, `X'eps | X ~ N(0, s^2 X'X)`; exact, `O(d^3)` per dataset) and logistic MLE by
+batched Newton on the full data. The truth never uses the indicator's Gaussian model for its
+value:
+
+* **exact** (OLS, `d = 1`): given `S = sum x_i^2` the estimator is exactly Gaussian, so the cell
+  probabilities of both arms are 1-D integrals over `S ~ chi^2`; no Monte Carlo over datasets.
+* **LR-test lower bound** (every other setting): `TV >= P_in(S) - P_out(S)` for any set of codes
+  `S`; `S = {{LLR > 0}}` with the code's log-likelihood ratio computed per coordinate under a
+  Gaussian approximation (mean/sd of theta-hat_j from the out arm, in-out shift from the coupled
+  pairs of the other fold: 2-fold cross-fitting). `P_in(S) - P_out(S)` is then estimated by
+  counting, which is unbiased. What it assumes: nothing for validity (it is a lower bound
+  whatever `S`); for tightness, that the Gaussian independent-coordinate LR is close to the
+  true one (an error `eps` in the LR costs `O(eps^2)`). For absmax grids the test also uses
+  the exactly released largest weight (`qmax * scale`).
+* **histogram** (`d <= 2`, step grids): plug-in TV of code counts, biased upward by
+  ~`sqrt(#codes/M)`; its bias is measured by the null arm and shown in the correlated table.
+* Averaging over `z`: the per-target values are combined with a control variate (the
+  indicator's formula evaluated with the TRUE `theta*`, `Sigma`, `psi(z)`, whose mean over
+  `z ~ P` is computed on 4,000 fresh records), which removes most of the spread due to the
+  few targets; the interval is a bootstrap over targets (each target's value already averages
+  its own `M` datasets, so both levels of noise are carried), 10%-90%.
+* Bias of the LR-test estimator, measured where the exact value exists (OLS `d = 1`, columns
+  "LR-test raw" vs "exact" on the same targets): see the d=1 tables; the null column is the
+  same test applied to the null arm (expectation 0).
+
+![indicator vs truth](figures/validation_scatter.png)
+![plug-in by position](figures/validation_positions.png)
+"""
+
+CORR_HEADER = """## Correlated design (linear regression, AR(1) feature correlation rho, n = 1000)
+
+"independent" is the library's independent-coordinate indicator (`record_leakage`, Monte
+Carlo); "exact correlated first order" is `(1/(2 sqrt n)) E|psi' Sigma^-1 m(U)|` with
+`m(U) = E[U | box]` under `N(0, Sigma)` (box means by Monte Carlo over 400,000 draws of `U`,
+`compare.correlated_first_order`), both from the same trained model (plug-in `Sigma`, `psi`).
+The truth column is the LR-test lower bound; its test ignores the correlation, so for large
+rho it can be loose (the histogram estimate, d = 2, needs no such assumption).
+"""
+
+CURVE_TEXT = """## MIS against n (linear regression, d = 5, indicator of one trained model per n)
+
+A fixed step (0.05 in parameter units) protects more and more as n grows (the step becomes
+many sd wide: MIS -> 1 exponentially fast); a size-adaptive step (2 sd, i.e. proportional to
+1/sqrt(n)) keeps `Delta sqrt(n)` constant (a 1/sqrt(n) law). Stars: the ground truth.
+
+![MIS vs n](figures/validation_mis_vs_n.png)
+![Delta sqrt n](figures/validation_rate.png)
+"""
+
+OFF_TEXT = """## Where the indicator is off, and why
+
+1. **absmax schemes (`rtn_int4`, `rtn_int2`) -- the scale is a released float.** Symmetric absmax
+   per channel computes `scale = max|W_r| / qmax` from the weights themselves, and the largest
+   weight of the row is released exactly (`qmax * scale`). The analytic mode scores the grid as
+   fixed at its value for theta-hat (method.md section 5), so it misses this channel: for a
+   linear model with a single output row, `rtn_int2` is scored near 0 while the truth is the
+   leakage of one unquantized coordinate; with `d = 1` every `rtn_int*` release IS theta-hat.
+   For `rtn_int8` the grid is fine and the miss is negligible. Large layers have many rows
+   and one exact weight per row of `in_features` weights, so the missed share is about
+   `1/in_features` of the coordinates -- small in real models, dominant in these toy ones.
+   The Monte Carlo re-quantization mode of method.md section 5 is the remedy.
+2. **Coarse grids and the position of the true weight (method.md section 7).** With steps of 2-8 sd
+   the plug-in evaluates `kappa` around theta-hat, not theta*: a true weight at the centre of a
+   cell is read as leakier than it is, one on a boundary as safer (figure "plug-in by
+   position"). With 8 sd and theta* at the centre the truth is exponentially small while the
+   plug-in is not. Averaged over positions (many weights) the bias cancels; the p10-p90
+   interval is what to read there.
+3. **The interval is a position interval, not a full confidence interval.** The parametric
+   bootstrap only moves theta-hat inside its cells; it does not carry the sampling error of
+   `sigma` and `w` (and of the record average), so for fine grids (where position does not
+   matter) the interval is nearly a point and misses a truth that is a few per cent away:
+   coverage is far below 80% there, and close to nominal for coarse grids.
+4. **Small n / large d / logistic.** `d/n = 0.2` (d = 20, n = 100) is outside the asymptotic regime
+   (the report flags `d_eff/n`); logistic MLE has an `O(1/n)` bias and non-Gaussian tails at
+   n = 200. See the per-setting tables for the size of the effect.
+5. **Few coarse coordinates.** The Gaussian (CLT) form is off by up to 2.5x for `d <= 5` with
+   coarse grids (method.md section 7); `record_leakage(method="auto")` then uses Monte Carlo,
+   which is what these tables exercise.
+"""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
