@@ -1,0 +1,343 @@
+"""Every registered scheme against its real backend: grids, exactness, layers, errors.
+
+The central check: for every element of every quantized parameter, the backend's own
+dequantized value equals ``grid.cell_value(theta)`` -- the value of the cell of the grid
+that contains the trained weight -- exactly in float32. The only exceptions allowed are
+weights lying on a cell edge (within 1e-6 relative), where the backend's arithmetic
+(torchao computes ``w * (1/s)``, native torch ``w * inv_scale`` in float32, casts round
+half to even) and ``cell_value``'s float64 ``round(w / s)`` may pick different sides; their
+number is bounded (symmetric absmax schemes put one weight per block exactly on the edge
+``(qmax + 1/2) * s``: the block's negative extreme).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mis_lightning.quantization import (
+    SchemeError,
+    SchemeUnavailableError,
+    available_schemes,
+    get_scheme,
+)
+from mis_lightning.quantization.casts import representable_values
+from mis_lightning.quantization.footprint import grid_summary, result_summary, zero_fraction
+
+CAST_SCHEMES = {"bf16", "fp16"}
+
+
+def _model(seed: int = 0) -> nn.Module:
+    """Linear layers with in_features 128, 96 (÷32, not ÷64) and 40 (not ÷32); Gaussian weights."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 40), nn.Tanh(), nn.Linear(40, 8))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _scheme_or_skip(name: str):
+    s = get_scheme(name)
+    try:
+        s.check_available()
+    except SchemeUnavailableError as exc:
+        assert name in str(exc)
+        pytest.skip(f"{name} unavailable here: {exc}")
+    return s
+
+
+def _near_edge(grid, theta: torch.Tensor) -> torch.Tensor:
+    """Weights within 1e-6 (relative) of an edge of their cell in the grid."""
+    edges = grid.boundaries(theta, 0, grid.numel, 1)[:, 1:3]
+    th = theta.to(torch.float64)
+    dist = (edges - th.unsqueeze(-1)).abs().min(dim=-1).values
+    return dist <= 1e-6 * th.abs()
+
+
+def _check_grid_exact(grid, theta: torch.Tensor) -> tuple[int, int]:
+    """Assert exactness except ties; return (elements, ties)."""
+    th = theta.reshape(-1)
+    cv = grid.cell_value(th, 0, grid.numel).to(torch.float32)
+    deq = grid.dequantized.reshape(-1)
+    assert deq.dtype == torch.float32 and grid.dequantized.shape == grid.shape
+    mismatch = cv != deq
+    near = _near_edge(grid, th)
+    bad = mismatch & ~near
+    assert not bool(bad.any()), (
+        f"{grid.name}: {int(bad.sum())} elements differ from the grid's cell value away from "
+        f"any edge, e.g. theta={th[bad][:3].tolist()} grid={cv[bad][:3].tolist()} "
+        f"backend={deq[bad][:3].tolist()}")
+    nblocks = math.prod(math.ceil(s / b) for s, b in zip(grid.shape, grid.block_size))
+    assert int(mismatch.sum()) <= nblocks + 1e-3 * grid.numel, (
+        f"{grid.name}: {int(mismatch.sum())} ties in {grid.numel} elements ({nblocks} blocks)")
+    if grid.kind == "affine":
+        scale, zp, code = grid.element_grid(0, grid.numel)
+        implied = (torch.round(th.to(torch.float64) / scale) + zp).clamp(grid.qmin, grid.qmax)
+        assert code is not None
+        assert torch.equal(code[~near], implied[~near]), f"{grid.name}: codes differ from the grid's"
+        assert code.min() >= grid.qmin and code.max() <= grid.qmax
+    return grid.numel, int(mismatch.sum())
+
+
+@pytest.mark.parametrize("name", available_schemes())
+def test_every_scheme_grid_is_the_backend_output(name):
+    scheme = _scheme_or_skip(name)
+    model = _model()
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # native: checked in its own test
+        res = scheme.apply(model)
+    # the original model is bit-identical
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert res.scheme == name
+    names = dict(model.named_parameters())
+    assert set(res.grids) | set(res.unquantized) == set(names)
+    assert not set(res.grids) & set(res.unquantized)
+    if name == "none":
+        assert not res.grids
+        return
+    assert res.grids, f"{name} quantized nothing"
+    for pname, grid in res.grids.items():
+        assert pname in names and grid.name == pname
+        assert grid.shape == tuple(names[pname].shape)
+        _check_grid_exact(grid, names[pname].detach())
+        assert grid.bits_per_weight > 0
+        # moments on the grid are finite and in range
+        c = min(grid.numel, 2048)
+        sigma = torch.full((c,), 0.01, dtype=torch.float64)
+        mm = grid.moments(names[pname].detach().reshape(-1)[:c], sigma, 0, c)
+        assert torch.isfinite(mm.kappa).all() and (mm.kappa >= 0).all() and (mm.kappa <= 1).all()
+    if name not in CAST_SCHEMES:
+        assert all(p.endswith(".weight") for p in res.grids)
+        assert all(p.endswith(".bias") for p in res.unquantized if p.endswith("bias"))
+    # the copy evaluates on float32 inputs
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        y = res.model(x)
+    assert y.shape == (5, 8) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ["int4_weight_only", "int8_weight_only_g32", "int2_weight_only_asym",
+                                  "int4_weight_only_g128"])
+def test_group_size_not_dividing_in_features_is_skipped_with_reason(name):
+    res = get_scheme(name).apply(_model())
+    g = int(name.split("_g")[-1]) if "_g" in name else 32
+    for lname, k in (("0.weight", 128), ("2.weight", 96), ("4.weight", 40)):
+        if k % g:
+            assert lname not in res.grids
+            assert f"not a multiple of the group size {g}" in res.unquantized[lname]
+        else:
+            assert lname in res.grids
+
+
+def test_unknown_scheme_lists_known_names():
+    with pytest.raises(KeyError) as err:
+        get_scheme("int3_tinygemm_nope")
+    msg = str(err.value)
+    assert "int3_tinygemm_nope" in msg and "int4_weight_only" in msg and "fp8_weight_only" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: int4_tinygemm may run")
+def test_int4_tinygemm_unavailable_on_cpu_names_scheme_reason_and_cpu_path():
+    s = get_scheme("int4_tinygemm")
+    with pytest.raises(SchemeUnavailableError) as err:
+        s.check_available()
+    msg = str(err.value)
+    assert "int4_tinygemm" in msg and "CUDA" in msg and "int4_weight_only" in msg
+    with pytest.raises(SchemeUnavailableError):
+        s.apply(_model())
+    assert isinstance(err.value, SchemeError)
+
+
+def test_torchao_int4_config_really_fails_on_cpu():
+    """Keep the CPU-availability claim honest: torchao's Int4WeightOnlyConfig cannot run here."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    for fmt in ("plain", "tile_packed_to_4d"):
+        m = nn.Sequential(nn.Linear(256, 16).to(torch.bfloat16))
+        with pytest.raises((ImportError, AssertionError, RuntimeError, NotImplementedError)):
+            quantize_(m, Int4WeightOnlyConfig(group_size=128, int4_packing_format=fmt))
+
+
+def test_model_without_linear_layers():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Conv1d(8, 4, 3))
+    pnames = {n for n, _ in model.named_parameters()}
+    for name in available_schemes():
+        s = get_scheme(name)
+        try:
+            s.check_available()
+        except SchemeUnavailableError:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            res = s.apply(model)
+        if name in CAST_SCHEMES:  # a cast applies to every floating parameter
+            assert set(res.grids) == pnames and not res.unquantized
+        else:
+            assert res.grids == {}, name
+            assert set(res.unquantized) == pnames, name
+
+
+def test_fp8_all_zero_row_is_frozen_at_zero_without_nan():
+    model = _model()
+    with torch.no_grad():
+        model[0].weight[3].zero_()
+    res = get_scheme("fp8_weight_only").apply(model)
+    grid = res.grids["0.weight"]
+    assert grid.kind == "table"
+    assert float(grid.scale.reshape(-1)[3]) == 0.0  # torchao's own scale is kept
+    assert torch.isfinite(grid.dequantized).all()
+    assert torch.equal(grid.dequantized[3], torch.zeros(128))
+    assert any("all-zero" in n for n in res.notes)
+    theta = model[0].weight.detach().reshape(-1)
+    sigma = torch.full_like(theta, 1e-3, dtype=torch.float64)
+    mm = grid.moments(theta, sigma, 0, grid.numel)
+    for t in (mm.kappa, mm.lam, mm.m4, mm.coverage):
+        assert torch.isfinite(t).all()
+    row = slice(3 * 128, 4 * 128)
+    assert torch.equal(mm.kappa[row], torch.zeros(128, dtype=torch.float64))
+    assert (mm.kappa[: 3 * 128] > 0).any()
+    edges = grid.boundaries(theta, 0, grid.numel, 2)
+    assert torch.isinf(edges[row]).all()
+    assert torch.equal(grid.cell_value(theta, 0, grid.numel)[row], torch.zeros(128, dtype=torch.float64))
+    with torch.no_grad():  # the copy's layer output is finite (torchao's own would be NaN)
+        assert torch.isfinite(res.model(torch.randn(4, 128))).all()
+
+
+def test_value_tables():
+    expect = {torch.bfloat16: 65279, torch.float16: 63487, torch.float8_e4m3fn: 253,
+              torch.float8_e5m2: 247}
+    for dt, n in expect.items():
+        v = representable_values(dt)
+        assert v.numel() == n and torch.isfinite(v).all()
+        assert (v[1:] > v[:-1]).all()
+        assert float(v[-1]) == torch.finfo(dt).max == -float(v[0])
+        assert float(v[v > 0][0]) == torch.finfo(dt).smallest_normal * 2.0 ** -(
+            {torch.bfloat16: 7, torch.float16: 10, torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dt])
+        # round trip: every value is representable
+        assert torch.equal(v.to(dt).to(torch.float64), v)
+
+
+def test_cast_ties_round_half_to_even_and_cell_value_picks_the_upper_value():
+    # exact bf16 midpoints: 1 + 2^-8 lies between 1 (even) and 1 + 2^-7 (odd);
+    # 1 + 3*2^-8 between 1 + 2^-7 (odd) and 1 + 2^-6 (even)
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1 + 2**-8, 1 + 3 * 2**-8]]))
+    res = get_scheme("bf16").apply(lin)
+    g = res.grids["weight"]
+    assert g.dequantized.reshape(-1).tolist() == [1.0, 1 + 2**-6]  # round half to even
+    cv = g.cell_value(lin.weight.detach().reshape(-1), 0, 2)
+    assert cv.tolist() == [1 + 2**-7, 1 + 2**-6]  # searchsorted: ties to the upper value
+    assert _near_edge(g, lin.weight.detach().reshape(-1)).all()
+
+
+def test_casts_keep_float32_and_cast_biases_and_buffers():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    with torch.no_grad():
+        model[1].running_mean.copy_(torch.tensor([0.1, 0.2, 1 / 3]))
+    res = get_scheme("fp16").apply(model)
+    assert set(res.grids) == {n for n, _ in model.named_parameters()}
+    for p in res.model.parameters():
+        assert p.dtype == torch.float32
+        assert torch.equal(p, p.to(torch.float16).to(torch.float32))
+    rm = res.model[1].running_mean
+    assert torch.equal(rm, rm.to(torch.float16).float()) and rm.dtype == torch.float32
+    assert all(g.bits_per_weight == 16 for g in res.grids.values())
+
+
+def test_fp16_overflow_is_noted():
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[70000.0, 1.0]]))
+    res = get_scheme("fp16").apply(lin)
+    assert math.isinf(float(res.grids["weight"].dequantized[0, 0]))
+    assert any("+-inf" in n for n in res.notes)
+
+
+def test_filter_fn_narrows_layers():
+    res = get_scheme("int8_weight_only", filter_fn=lambda m, fqn: fqn == "2").apply(_model())
+    assert set(res.grids) == {"2.weight"}
+    res = get_scheme("bf16", filter_fn=lambda m, fqn: fqn == "4").apply(_model())
+    assert set(res.grids) == {"4.weight", "4.bias"}
+    res = get_scheme("native_int8_dynamic", filter_fn=lambda m, fqn: fqn == "0").apply(_model())
+    assert set(res.grids) == {"0.weight"}
+
+
+def test_nested_names_are_original_parameter_names():
+    model = nn.Sequential(nn.Sequential(nn.Linear(64, 32)), nn.Linear(32, 4))
+    for name in ("int8_weight_only", "int4_weight_only", "fp8_weight_only", "native_int8_dynamic",
+                 "native_int4_per_channel", "bf16"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            res = get_scheme(name).apply(model)
+        assert {"0.0.weight", "1.weight"} <= set(res.grids), name
+
+
+def test_native_dynamic_keeps_its_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="torch.ao.quantization"):
+        get_scheme("native_int8_dynamic").apply(_model())
+
+
+def test_bits_per_weight_counts_scales_and_asymmetric_zero_points():
+    model = _model()
+    bpw = {}
+    for name in ("int8_weight_only", "int4_weight_only", "int4_weight_only_asym", "fp8_weight_only",
+                 "int8_weight_only_per_tensor", "native_int8_per_channel", "bf16",
+                 "int4_weight_only_per_channel"):
+        bpw[name] = get_scheme(name).apply(model).grids["0.weight"].bits_per_weight
+    assert bpw["int8_weight_only"] == 8 + 32 / 128
+    assert bpw["int4_weight_only"] == 4 + 32 / 32
+    assert bpw["int4_weight_only_asym"] == 4 + (32 + 8) / 32
+    assert bpw["fp8_weight_only"] == 8 + 32 / 128
+    assert bpw["int8_weight_only_per_tensor"] == 8 + 32 / (128 * 96)
+    assert bpw["native_int8_per_channel"] == 8 + 64 / 128  # torch stores float64 scales
+    assert bpw["bf16"] == 16
+    assert bpw["int4_weight_only_per_channel"] == 4 + 32 / 128
+
+
+def test_intx_int1_is_asymmetric_and_int1_symmetric_would_zero_everything():
+    s = get_scheme("int1_weight_only")
+    assert s.mapping == "asymmetric"
+    g = s.apply(_model()).grids["0.weight"]
+    assert g.qmin == -1 and g.qmax == 0 and 0.5 < zero_fraction(g) < 1.0  # values {0, s} or {-s, 0}
+    from mis_lightning.quantization.torchao_backend import IntxWeightOnly
+
+    g = IntxWeightOnly(bits=1, mapping="symmetric").apply(_model()).grids["0.weight"]
+    assert zero_fraction(g) == 1.0
+
+
+def test_grid_and_result_summaries():
+    res = get_scheme("int2_weight_only").apply(_model())
+    g = res.grids["0.weight"]
+    s = grid_summary(g)
+    assert s["numel"] == 128 * 96 and s["kind"] == "affine" and s["bits_per_weight"] == 3.0
+    assert s["zero_fraction"] == pytest.approx(float((g.dequantized == 0).double().mean()))
+    assert 0.1 < s["zero_fraction"] < 0.9  # int2 symmetric: codes -2..1, many weights round to 0
+    tot = result_summary(res)
+    assert tot["quantized_numel"] == 128 * 96 + 96 * 40
+    assert tot["float_numel"] == 40 * 8 + 96 + 40 + 8
+    assert 3.0 <= tot["quantized_bits_per_weight"] < tot["mean_bits_per_weight"] < 32
+
+
+def test_kwargs_variants_have_consistent_names():
+    assert get_scheme("int8_weight_only", granularity="per_tensor").name == "int8_weight_only_per_tensor"
+    assert get_scheme("int4_weight_only", group_size=128).name == "int4_weight_only_g128"
+    assert get_scheme("int4_weight_only", mapping="asymmetric").name == "int4_weight_only_asym"
+    assert get_scheme("int8_weight_only", granularity="per_group", group_size=64).name == "int8_weight_only_g64"
+    with pytest.raises(ValueError):
+        get_scheme("int8_weight_only", granularity="per_block")
+    from mis_lightning.quantization.torchao_backend import IntxWeightOnly
+
+    with pytest.raises(ValueError):
+        IntxWeightOnly(bits=9)
