@@ -341,3 +341,16 @@ def test_kwargs_variants_have_consistent_names():
 
     with pytest.raises(ValueError):
         IntxWeightOnly(bits=9)
+
+
+def test_torchao_schemes_leave_global_inductor_settings_alone():
+    """torchao's configs default to ``set_inductor_config=True``, which flips global
+    ``torch._inductor.config`` flags (coordinate_descent_tuning, ...); the schemes turn it off."""
+    import torch._inductor.config as ic
+
+    keys = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
+            "force_fuse_int_mm_with_mul")
+    before = {k: getattr(ic, k) for k in keys}
+    for name in ("int8_weight_only", "int8_dynamic", "int4_weight_only", "fp8_weight_only"):
+        get_scheme(name).apply(_model())
+    assert {k: getattr(ic, k) for k in keys} == before

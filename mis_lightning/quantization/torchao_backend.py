@@ -161,6 +161,16 @@ class TorchAOScheme(QuantizationScheme):
         return grids, notes, reasons
 
 
+def _make_config(cls: Any, **kwargs: Any) -> Any:
+    """``cls(**kwargs)`` with ``set_inductor_config=False`` where the config has that field:
+    torchao's default (True) rewrites global ``torch._inductor`` settings as a side effect,
+    which a copy made for analysis must not do (it does not change the quantized values)."""
+    fields = getattr(cls, "__dataclass_fields__", {})
+    if "set_inductor_config" in fields:
+        kwargs.setdefault("set_inductor_config", False)
+    return cls(**kwargs)
+
+
 def _granularity(granularity: str, group_size: int | None) -> Any:
     from torchao.quantization import PerAxis, PerGroup, PerRow, PerTensor
 
@@ -231,7 +241,7 @@ class Int8WeightOnly(TorchAOScheme):
         import torchao.quantization as aoq
 
         cls = getattr(aoq, self.config_class)
-        return cls(granularity=_granularity(self.granularity, self.group_size))
+        return _make_config(cls, granularity=_granularity(self.granularity, self.group_size))
 
     def _read_grid(self, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
         return _affine_grid(name, weight, -128, 127, 8, asymmetric=False)
@@ -300,7 +310,8 @@ class IntxWeightOnly(TorchAOScheme):
         import torchao.quantization as aoq
 
         mt = aoq.MappingType.ASYMMETRIC if self.mapping == "asymmetric" else aoq.MappingType.SYMMETRIC
-        return aoq.IntxWeightOnlyConfig(
+        return _make_config(
+            aoq.IntxWeightOnlyConfig,
             weight_dtype=getattr(torch, f"int{self.bits}"),
             granularity=_granularity(self.granularity, self.group_size),
             mapping_type=mt)
@@ -340,8 +351,9 @@ class Float8WeightOnly(TorchAOScheme):
     def _config(self) -> Any:
         import torchao.quantization as aoq
 
-        return aoq.Float8WeightOnlyConfig(weight_dtype=getattr(torch, f"float8_{self.dtype}"),
-                                          granularity=_granularity(self.granularity, None))
+        return _make_config(aoq.Float8WeightOnlyConfig,
+                            weight_dtype=getattr(torch, f"float8_{self.dtype}"),
+                            granularity=_granularity(self.granularity, None))
 
     @torch.no_grad()
     def _read_grid(self, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
@@ -419,7 +431,8 @@ class Int4TinyGemm(TorchAOScheme):
             Int4PackingFormat,
         )
 
-        return aoq.Int4WeightOnlyConfig(
+        return _make_config(
+            aoq.Int4WeightOnlyConfig,
             group_size=self.group_size,
             int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D,
             int4_choose_qparams_algorithm=Int4ChooseQParamsAlgorithm.TINYGEMM)
