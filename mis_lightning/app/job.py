@@ -222,15 +222,18 @@ def assess_schemes(
     on_estimate: Callable[[int], None] | None = None,
     on_scheme: Callable[[int, str], None] | None = None,
 ) -> Report:
-    """:func:`mis_lightning.assess`, one scheme at a time (so that progress can be shown).
+    """:func:`mis_lightning.assess` with progress hooks.
 
-    Same arguments and the same figures as ``assess(model, schemes, ...)`` (the estimate is
-    made once with the generator seeded by ``seed``; scheme ``i`` is scored with the seed
-    ``assess`` would give it). ``on_estimate(records)`` is called during the estimation,
-    ``on_scheme(i, name)`` before scoring scheme ``i``.
+    Same arguments and the same figures as ``assess(model, schemes, ...)``: it is
+    ``estimate`` followed by one ``score`` over all schemes, as ``assess`` does, with each
+    quantized copy's utility measured through ``score``'s ``utility_fn`` hook so that
+    ``on_scheme(i, name)`` can report scheme ``i`` as being quantized and evaluated
+    (``i == len(schemes)``, ``name == ""``: all done, the joint scoring pass follows).
+    ``on_estimate(records)`` is called during the estimation.
     """
     from mis_lightning.assess import _resolve_schemes, score
     from mis_lightning.estimation import estimate
+    from mis_lightning.utility import evaluate_utility
 
     objs = _resolve_schemes(list(schemes))
     named = dict(model.named_parameters())
@@ -243,29 +246,33 @@ def assess_schemes(
             raise KeyError(f"params not in the model: {unknown}; the model has {list(named)}")
     if not names:
         raise ValueError("no parameter selected for assessment")
+    for n in names:
+        if named[n].is_floating_point() and not bool(torch.isfinite(named[n]).all()):
+            raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
     gen = torch.Generator().manual_seed(seed)
     est = estimate(
         model, train_dataloader, loss_fn, param_names=names, mode=estimation,  # type: ignore[arg-type]
         hessian=hessian, weight_decay=weight_decay, num_records=num_records,  # type: ignore[arg-type]
         generator=gen, progress=on_estimate,
     )
-    report: Report | None = None
-    for i, s in enumerate(objs):
-        if on_scheme is not None:
-            on_scheme(i, s.name)
-        part = score(
-            est, model, [s], method=method, uncertainty_draws=uncertainty_draws,
-            num_samples=num_samples, seed=seed + 1000 * i, strict=strict,
-            val_dataloader=val_dataloader, loss_fn=loss_fn, metrics=metrics,
-            output_transform=output_transform,
-        )
-        if report is None:
-            report = part
-        else:
-            report.schemes.update(part.schemes)
-            report.warnings += [w for w in part.warnings if w not in report.warnings]
-    assert report is not None, "no scheme selected"
-    return report
+    done = [0]
+
+    def utility_fn(qmodel: torch.nn.Module) -> dict[str, float]:
+        out = ({} if val_dataloader is None else
+               evaluate_utility(qmodel, val_dataloader, loss_fn, metrics,
+                                output_transform=output_transform))
+        done[0] += 1
+        if on_scheme is not None:  # i == len(schemes): all quantized, the joint pass follows
+            on_scheme(done[0], objs[done[0]].name if done[0] < len(objs) else "")
+        return out
+
+    if on_scheme is not None:
+        on_scheme(0, objs[0].name)
+    return score(
+        est, model, objs, method=method, uncertainty_draws=uncertainty_draws,
+        num_samples=num_samples, seed=seed, strict=strict,
+        utility_fn=utility_fn if val_dataloader is not None or on_scheme is not None else None,
+    )
 
 
 def selected_schemes(cfg: DictConfig) -> list[QuantizationScheme]:
@@ -361,7 +368,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
             def on_scheme(i: int, name: str) -> None:
                 upd_est(completed=dm.n_train)
-                upd_sch(completed=i, description=f"scheme {name}")
+                upd_sch(completed=i, description=f"scheme {name}" if name else "scoring")
 
             t0 = time.perf_counter()
             report = assess_schemes(

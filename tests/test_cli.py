@@ -1,0 +1,217 @@
+"""The ``mis-lightning`` command: a single run, a multirun with aggregation, and the
+non-editable install (configs shipped inside the package)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mis_lightning.app import aggregate as agg
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = [
+    "data=synthetic_linear", "data.n_train=400", "data.n_val=200", "data.batch_size=400",
+    "model=linear", "trainer.max_epochs=2", "mis.num_records=128", "mis.uncertainty_draws=2",
+    "logger=csv", "progress=false",
+]
+
+
+def _env(extra_path: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path or str(ROOT), env.get("PYTHONPATH")) if p)
+    env["MPLBACKEND"] = "Agg"
+    env["HYDRA_FULL_ERROR"] = "1"
+    return env
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 180):
+    proc = subprocess.run([sys.executable, "-m", "mis_lightning.cli", *args], cwd=cwd,
+                          env=env or _env(), check=False,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_single_run_writes_reports_and_prints_table(tmp_path):
+    out = tmp_path / "run"
+    proc = _run([*FAST, "schemes=[int8_weight_only,int4_weight_only,bf16]", f"hydra.run.dir={out}"],
+                cwd=tmp_path)
+    for f in ("report.json", "report.csv", "privacy_utility.png", "result.json"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 0, f
+    lines = proc.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("scheme"))
+    assert all(k in lines[head] for k in ("bits/w", "rmse", "leakage", "MIS"))
+    for name in ("int8_weight_only", "int4_weight_only", "bf16"):
+        assert any(ln.startswith(name) for ln in lines[head:]), name
+    assert f"figure: {out / 'privacy_utility.png'}" in proc.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["schemes"]) == ["int8_weight_only", "int4_weight_only", "bf16"]
+    assert rep["estimation"]["num_records"] == 128
+    res = json.loads((out / "result.json").read_text())
+    assert [r["scheme"] for r in res["rows"]] == ["int8_weight_only", "int4_weight_only", "bf16"]
+    assert "data=synthetic_linear" in res["job"]["overrides"]
+    assert res["job"]["num"] is None and res["task"] == "regression"
+    assert 0.0 <= res["rows"][0]["leakage"] <= 1.0 and "utility_rmse" in res["rows"][0]
+    # the csv logger got the report's metrics
+    metrics = (out / "csv" / "metrics.csv").read_text()
+    assert "mis/int8_weight_only/leakage" in metrics
+    # no Hydra/Lightning files outside the run dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_bad_scheme_fails_before_training(tmp_path):
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from mis_lightning.app.job import run_job
+
+    with initialize_config_module("mis_lightning.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, "logger=none", "schemes=[int9_weight_only]"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "r")
+    with pytest.raises(KeyError, match="unknown quantization scheme 'int9_weight_only'"):
+        run_job(cfg)
+    assert not any((tmp_path / "r").iterdir())  # nothing trained or written
+
+
+def test_multirun_one_job_per_scheme_and_aggregate(tmp_path):
+    sweep = tmp_path / "sweep"
+    names = ["int8_weight_only", "int4_weight_only", "int2_weight_only"]
+    proc = _run(["-m", f"quantizer={','.join(names)}", *FAST, f"hydra.sweep.dir={sweep}"],
+                cwd=tmp_path, timeout=300)
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == [f"{i}_{n}" for i, n in enumerate(names)]
+    for i, n in enumerate(names):
+        res = json.loads((sweep / f"{i}_{n}" / "result.json").read_text())
+        assert res["job"]["num"] == i and [r["scheme"] for r in res["rows"]] == [n]
+    with open(sweep / "aggregate.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["scheme"] for r in rows] == names
+    assert [int(r["job"]) for r in rows] == [0, 1, 2]
+    assert rows[0]["swept"] == "quantizer=int8_weight_only"
+    assert all(0.0 <= float(r["leakage"]) <= 1.0 for r in rows)
+    assert float(rows[2]["bits_per_weight"]) < float(rows[0]["bits_per_weight"])
+    md = (sweep / "aggregate.md").read_text()
+    assert md.count("\n| ") == 4 and "| leakage |" in md  # header + 3 rows
+    assert (sweep / "frontier.png").stat().st_size > 0
+    assert "Aggregated 3 jobs" in proc.stdout
+
+    # re-run the aggregation on the existing sweep dir (the mis-lightning-aggregate command)
+    for f in ("aggregate.csv", "aggregate.md", "frontier.png"):
+        (sweep / f).unlink()
+    assert agg.main([str(sweep), "--quiet"]) == 0
+    assert (sweep / "aggregate.csv").read_text().count("\n") == 4
+    assert (sweep / "frontier.png").is_file()
+    assert agg.main([str(tmp_path / "nowhere")]) == 2
+
+
+def _fake_result(job_dir: Path, num: int, scheme: str, leakage: float, rmse: float) -> None:
+    job_dir.mkdir(parents=True)
+    row = {"scheme": scheme, "bits_per_weight": 4.0, "leakage": leakage, "mis": 1 - leakage,
+           "leakage_p10": None, "leakage_p90": None, "baseline_leakage": 0.5, "d_eff": 3.0,
+           "d": 10, "sparsity": 0.0, "frozen_fraction": 0.0, "method": "clt", "error": "",
+           "utility_rmse": rmse}
+    (job_dir / "result.json").write_text(json.dumps(
+        {"job": {"num": num, "overrides": [f"quantizer={scheme}", "seed=1"]}, "rows": [row]}))
+
+
+def test_aggregate_sorts_jobs_as_integers_and_finds_the_frontier(tmp_path):
+    for num, (s, lk, u) in enumerate([("a", 0.3, 1.0), ("b", 0.2, 1.2), ("c", 0.25, 1.5)] * 4):
+        _fake_result(tmp_path / f"{num}_{s}", num, s, lk + num * 1e-3, u)
+    rows = agg.aggregate(tmp_path, verbose=False)
+    assert [r["job"] for r in rows] == list(range(12))  # 10 after 9, not after 1
+    assert rows[0]["swept"] == "quantizer=a"
+    pts = [(r["utility_rmse"], r["leakage"], i) for i, r in enumerate(rows)]
+    front = agg._pareto(pts, higher_better=False)
+    assert front == [0, 1]  # c is dominated by b (worse rmse, more leakage)
+    assert agg._pareto(pts, higher_better=True)  # some frontier either way
+
+
+def test_assess_schemes_matches_assess():
+    """The app scores one scheme at a time (for progress) with the figures of `assess`."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mis_lightning import assess
+    from mis_lightning.app.job import assess_schemes
+    from mis_lightning.models import LinearRegression
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 32, generator=g)
+    y = x @ torch.randn(32, generator=g) + 0.5 * torch.randn(300, generator=g)
+    model = LinearRegression(32, weight_decay=1e-2)
+    with torch.no_grad():
+        sol = torch.linalg.lstsq(torch.cat([x, torch.ones(300, 1)], 1), y[:, None]).solution[:, 0]
+        model.linear.weight.copy_(sol[:32][None])
+        model.linear.bias.copy_(sol[32:])
+    loader = DataLoader(TensorDataset(x, y), batch_size=100)
+    kw = {"num_records": 32, "uncertainty_draws": 1, "seed": 3, "weight_decay": 1e-2}
+    schemes = ["int8_weight_only", "int4_weight_only"]
+    a = assess(model, schemes, loader, model.per_sample_loss, **kw)
+    b = assess_schemes(model, schemes, loader, model.per_sample_loss, **kw)
+    assert list(a.schemes) == list(b.schemes)
+    for name in schemes:
+        assert a.schemes[name].leakage == pytest.approx(b.schemes[name].leakage, rel=1e-9, abs=1e-12)
+        assert a.schemes[name].interval == pytest.approx(b.schemes[name].interval, rel=1e-9)
+    assert a.baseline_leakage == b.baseline_leakage
+
+
+def test_installed_package_ships_configs(tmp_path):
+    """Non-editable install: conf/ is inside the package and found from any directory."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for item in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / item).exists():
+            shutil.copy(ROOT / item, src / item)
+    shutil.copytree(ROOT / "mis_lightning", src / "mis_lightning", ignore=ignore)
+    shutil.copytree(ROOT / "conf", src / "conf", ignore=ignore)
+    site = tmp_path / "site"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile",
+         "-q", "--target", str(site), str(src)],
+        check=False, capture_output=True, text=True, timeout=240)
+    if pip.returncode != 0 and "No module named pip" in pip.stderr:
+        pytest.skip("pip is not available")
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    conf = site / "mis_lightning" / "conf"
+    assert (conf / "config.yaml").is_file() and (conf / "__init__.py").is_file()
+    for group in ("data", "model", "trainer", "mis", "logger", "quantizer", "experiment",
+                  "hydra/launcher"):
+        shipped = sorted(p.name for p in (conf / group).glob("*.yaml"))
+        expected = sorted(p.name for p in (ROOT / "conf" / group).glob("*.yaml"))
+        assert shipped == expected and shipped, group
+    assert not (site / "conf").exists()  # not a top-level `conf` package
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = (
+        "import mis_lightning, mis_lightning.conf as c\n"
+        "from hydra import compose, initialize_config_module\n"
+        "with initialize_config_module('mis_lightning.conf', version_base='1.3'):\n"
+        "    cfg = compose('config', overrides=['quantizer=int4_weight_only'])\n"
+        "print(mis_lightning.__file__); print(c.__file__)\n"
+        "print(cfg.data._target_, cfg.quantizer.name)\n"
+    )
+    env = _env(str(site))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env,
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    assert lines[0].startswith(str(site)) and lines[1].startswith(str(site))
+    assert "mis_lightning.data.ChEMBLDataModule int4_weight_only" in proc.stdout
+    # the installed console script composes from the package too (--cfg job: no run)
+    script = site / "bin" / "mis-lightning"
+    if script.exists():
+        proc = subprocess.run([sys.executable, str(script), "--cfg", "job", "data=nci_tpsa"],
+                              cwd=elsewhere, env=env, check=False, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "NCITPSADataModule" in proc.stdout
+    assert not any(elsewhere.iterdir())
