@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .estimation import Estimate, estimate
+from .estimation.linear_factors import factored_power_sums
 from .estimation.per_sample import BatchFn, LossFn
 from .functional._checks import check_finite
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
@@ -67,6 +68,8 @@ def assess(
     seed: int = 0,
     strict: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
+    budget: int | None = None,
+    use_factors: bool = True,
     progress: Callable[[str, int], None] | None = None,
 ) -> Report:
     """Membership-inference security of ``model`` under each quantization scheme.
@@ -91,6 +94,9 @@ def assess(
         uncertainty_draws: parametric-bootstrap draws for the (p10, p90) interval (0: none).
         strict: raise on a failing scheme; otherwise record the error in the report.
         chunk_size: weights per chunk of the cell computations (memory bound).
+        budget: floats held at once in per-sample buffers (default 2^25); above
+            ``num_records * d > budget`` the influences are not stored but streamed.
+        use_factors: use the factored path for ``nn.Linear`` layers where possible.
 
     Returns:
         :class:`~mis_lightning.report.Report`.
@@ -115,6 +121,7 @@ def assess(
     est = estimate(
         model, train_dataloader, loss_fn, param_names=names, mode=estimation, hessian=hessian,  # type: ignore[arg-type]
         weight_decay=weight_decay, num_records=num_records, batch_fn=batch_fn, generator=gen,
+        use_factors=use_factors, **({"budget": budget} if budget is not None else {}),
         progress=(lambda k: progress("estimation", k)) if progress else None,
     )
     return score(
@@ -349,6 +356,23 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int) -> dict[st
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
     layout: dict[str, tuple[Tensor, Tensor, list[tuple[int, int]]]] = {}
+    if est.factors is not None:
+        # Linear layers: bilinear forms of the stored factors, never a [R, d] tensor of w.
+        assert est._g_mean is not None and est._v_diag is not None
+        for fac in est.factors:
+            for name, is_bias in ((fac.weight, False), (fac.bias, True)):
+                if name is None:
+                    continue
+                numel = est.theta[name].numel()
+                K, M4, spans = _columns(name, numel, prepared)
+                main_idx = [0] + [s for s, _ in spans]
+                gm, vd = est._g_mean[name], est._v_diag[name]
+                s2 = factored_power_sums(fac, gm, vd, K, 2, bias=is_bias)
+                s4 = factored_power_sums(fac, gm, vd, M4 - 3.0 * K[:, main_idx].square(), 4, bias=is_bias)
+                out[name] = [F.CltSums(s2[:, m].clone(), torch.zeros(R, dtype=torch.float64)) for m in range(K.shape[1])]
+                for j, m in enumerate(main_idx):
+                    out[name][m].s4 = s4[:, j].clone()
+        return out
     for r0, r1, wd in est.iter_w(est.names):
         for name, w in wd.items():
             if name not in layout:

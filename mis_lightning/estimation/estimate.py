@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .linear_factors import FactoredProgram, LinearFactors, iterate_factor_blocks
 from .per_sample import BatchFn, LossFn, LossProgram, default_batch_fn
 
 Mode = Literal["auto", "exact", "diagonal"]
@@ -50,6 +51,9 @@ class Estimate:
             ``None`` when they are recomputed per parameter (large models).
         mahalanobis: ``[R]`` ``|Sigma^{-1/2} psi|`` per record (exact mode only).
         diagnostics: method.md section 6 diagnostics.
+        factors: per-record factors of Linear layers (the factored diagonal path, see
+            ``linear_factors``): ``w`` of those records is a product of small matrices and is
+            never materialised for the whole model.
     """
 
     n: int
@@ -69,6 +73,7 @@ class Estimate:
     _g_mean: dict[str, Tensor] | None = None
     _v_diag: dict[str, Tensor] | None = None
     budget: int = DEFAULT_BUDGET
+    factors: list[LinearFactors] | None = None
 
     @property
     def d(self) -> int:
@@ -84,6 +89,10 @@ class Estimate:
         if self.w is not None:
             yield 0, self.w.shape[0], {n: self.w[:, slice(*self.offsets[n])] for n in names}
             return
+        if self.factors is not None:
+            assert self._g_mean is not None and self._v_diag is not None
+            yield from iterate_factor_blocks(self.factors, self._g_mean, self._v_diag, names, self.budget)
+            return
         assert self._program is not None and self._records is not None
         for name in names:
             numel = self.offsets[name][1] - self.offsets[name][0]
@@ -91,9 +100,7 @@ class Estimate:
             for inputs, targets in self._records:
                 b = int(targets.shape[0]) if isinstance(targets, Tensor) else len(targets)
                 step = max(1, self.budget // max(numel, 1))
-                for a in range(0, b, step):
-                    x = torch.utils._pytree.tree_map(lambda t: t[a : a + step], inputs)
-                    y = torch.utils._pytree.tree_map(lambda t: t[a : a + step], targets)
+                for a, (x, y) in zip(range(0, b, step), _split_batch(inputs, targets, b, step)):
                     g = self._program.per_sample_grads(x, y, [name])[name].reshape(-1, numel).to(torch.float64)
                     assert self._g_mean is not None and self._v_diag is not None
                     # psi_j / sqrt(Sigma_jj) = -(g_j - g_bar_j) / sqrt(V_jj) when H_jj > 0.
@@ -111,12 +118,14 @@ def _flat_names(program: LossProgram) -> tuple[dict[str, tuple[int, int]], int]:
     return offsets, start
 
 
+def _slice_tree(tree: Any, a: int, b: int) -> Any:
+    """Rows ``a:b`` of every tensor in a pytree."""
+    return torch.utils._pytree.tree_map(lambda t: t[a:b] if isinstance(t, Tensor) else t, tree)
+
+
 def _split_batch(inputs: Any, targets: Any, b: int, step: int) -> Iterator[tuple[Any, Any]]:
     for a in range(0, b, step):
-        yield (
-            torch.utils._pytree.tree_map(lambda t: t[a : a + step], inputs),
-            torch.utils._pytree.tree_map(lambda t: t[a : a + step], targets),
-        )
+        yield _slice_tree(inputs, a, a + step), _slice_tree(targets, a, a + step)
 
 
 def _flatten(d: dict[str, Tensor], names: list[str], lead: int) -> Tensor:
@@ -208,6 +217,7 @@ class MomentAccumulator:
         generator: torch.Generator | None = None,
         selection: Literal["first", "hash"] = "first",
         program_cls: type[LossProgram] = LossProgram,
+        use_factors: bool = True,
     ) -> None:
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -249,12 +259,23 @@ class MomentAccumulator:
         self.generator, self.selection = generator, selection
         self.keep_w = num_records * d <= budget
         self._out_shape: tuple[int, ...] | None = None
+        self.factored: FactoredProgram | None = None
+        if use_factors and mode == "diagonal" and hessian == "ggn" and program_cls is LossProgram:
+            # nn.Linear layers with one output per record: per-sample statistics as products
+            # of layer inputs and output gradients (linear_factors), no [B, d] tensors.
+            try:
+                self.factored = FactoredProgram(model, loss_fn, self.names, dtype)
+            except NotImplementedError:
+                self.factored = None
         self.state = self.empty_state()
 
     def reset_program(self) -> None:
         """Re-read the model's current weights (for a new pass after the model changed)."""
         self.program = self.program_cls(self.model, self.loss_fn, self.param_names, self.batch_fn, self.dtype)
         self._out_shape = None
+        if self.factored is not None:
+            self.factored.close()
+            self.factored = FactoredProgram(self.model, self.loss_fn, self.names, self.dtype)
 
     def state_spec(self) -> dict[str, tuple[Any, str]]:
         """``{name: (default, reduction)}`` with reduction ``"sum"`` or ``"cat"`` (lists)."""
@@ -290,6 +311,17 @@ class MomentAccumulator:
         program, names, d, hessian = self.program, self.names, self.d, self.hessian
         raw_inputs, raw_targets = self.batch_fn(batch) if self.selection == "hash" else (None, None)
         inputs, targets, b = program.prepare(batch)
+        if self.factored is not None:
+            try:
+                fac = self.factored.batch(inputs, targets, b)
+            except NotImplementedError:
+                if int(st["n"]) > 0:
+                    raise
+                self.factored.close()
+                self.factored = None  # this model's layout needs the generic path
+            else:
+                self._update_factored(st, fac, inputs, targets, b, raw_inputs, raw_targets)
+                return b
         if hessian == "ggn" and self._out_shape is None:
             self._out_shape = program.output_shape(inputs)
             c = int(math.prod(self._out_shape)) if self._out_shape else 1
@@ -342,6 +374,26 @@ class MomentAccumulator:
             st["probes"] += self.hutchinson_probes
         st["n"] += b
         return b
+
+    def _update_factored(self, st: dict[str, Any], fac: dict, inputs: Any, targets: Any, b: int,
+                         raw_inputs: Any, raw_targets: Any) -> None:
+        assert self.factored is not None
+        dev = st["g_sum"].device
+        sums, norm = self.factored.batch_sums(fac, self.acc_dtype)
+        for k in self.names:
+            sl = slice(*self.offsets[k])
+            g, g2, h = sums[k]
+            st["g_sum"][sl] += g.to(dev)
+            st["g2_sum"][sl] += g2.to(dev)
+            st["h_sum"][sl] += h.to(dev)
+        st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
+        keys = record_keys(raw_inputs, raw_targets, b) if self.selection == "hash" else None
+        if self.keep_w:
+            flat = self.factored.record_gradients(fac, b).to(dev, torch.float64)
+        else:
+            flat = torch.empty(b, 0)
+        self._store(st, flat, inputs, targets, keys)
+        st["n"] += b
 
     def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
         k = self.num_records
@@ -479,10 +531,18 @@ class MomentAccumulator:
             else:
                 records = list(zip(xs, ys))
             kept = sum(_batch_size_of(y) for _, y in records)
+        factors = None
+        if w is None and self.factored is not None and records:
+            # The stored records' layer factors: one forward/backward over R records.
+            per_layer = [self.factored.batch(x, y, _batch_size_of(y)) for x, y in records]
+            merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
+            factors = self.factored.factors(merged)
+            factors = [type(f)(f.module, f.weight, f.bias, f.x[:num_records], f.d[:num_records]) for f in factors]
         return Estimate(
             n=n, mode="diagonal", hessian=hessian, names=names, shapes=shapes, offsets=offsets,
             theta=theta, sigma=sigma, w=w, num_records=min(kept, num_records), diagnostics=diagnostics,
             _program=program, _records=records, _g_mean=g_mean, _v_diag=v_diag, budget=self.budget,
+            factors=factors,
         )
 
 
@@ -524,6 +584,7 @@ def estimate(
     dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    use_factors: bool = True,
 ) -> Estimate:
     """Stream the training records once and estimate ``sigma`` and ``w`` (method.md section 4).
 
@@ -545,11 +606,14 @@ def estimate(
         budget: floats held at once in per-sample buffers (memory bound).
         dtype: compute dtype (default float64 up to 10^5 parameters, float32 above).
         progress: called with the number of records processed after each batch.
+        use_factors: use the factored path for ``nn.Linear`` layers (same numbers, much
+            faster; see ``linear_factors``) where the model allows it.
     """
     acc = MomentAccumulator(
         model, loss_fn, param_names=param_names, mode=mode, hessian=hessian, weight_decay=weight_decay,
         num_records=num_records, batch_fn=batch_fn, hutchinson_probes=hutchinson_probes,
         damping=damping, budget=budget, dtype=dtype, generator=generator, selection="first",
+        use_factors=use_factors,
     )
     n = 0
     for batch in train_dataloader:
