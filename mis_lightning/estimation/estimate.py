@@ -180,7 +180,8 @@ class MomentAccumulator:
 
     * ``n`` (int64 scalar): records; ``g_sum``, ``g2_sum`` ``[d]``: per-sample gradient sums
       and sums of squares; ``h_sum``, ``h2_sum`` ``[d]``: Hessian-diagonal sums (exact/GGN:
-      summed over records; Hutchinson: over probes, ``h2_sum`` its squares); ``probes``
+      summed over records; Hutchinson: over probes, ``h2_sum`` the summed variances of each
+      batch's probe mean); ``probes``
       (int64 scalar); ``grad_norm_sq`` (float64 scalar): sum of per-sample ``|g|^2``;
     * exact mode only: ``gg_sum`` ``[d, d]`` (sum of ``g g^T``) and ``H_sum`` ``[d, d]`` (summed
       per-batch Hessians);
@@ -364,14 +365,24 @@ class MomentAccumulator:
             else:
                 st["h_sum"] += torch.diagonal(H_b).to(self.acc_dtype)
         elif hessian == "hutchinson":
-            for _ in range(self.hutchinson_probes):
+            # Welford over this batch's probes: h2_sum accumulates the variance of each batch's
+            # probe mean, so sum over batches = variance of the estimate (batches independent).
+            P = self.hutchinson_probes
+            mean = {k: torch.zeros(self.offsets[k][1] - self.offsets[k][0], dtype=self.acc_dtype, device=dev) for k in names}
+            m2 = {k: torch.zeros_like(v) for k, v in mean.items()}
+            for p in range(P):
                 est = _hutchinson_probe(program, inputs, targets, self.generator)
                 for k in names:
-                    sl = slice(*self.offsets[k])
                     v = est[k].reshape(-1).to(dev, self.acc_dtype)
-                    st["h_sum"][sl] += v
-                    st["h2_sum"][sl] += v.square()
-            st["probes"] += self.hutchinson_probes
+                    delta = v - mean[k]
+                    mean[k] += delta / (p + 1)
+                    m2[k] += delta * (v - mean[k])
+            for k in names:
+                sl = slice(*self.offsets[k])
+                st["h_sum"][sl] += mean[k] * P
+                if P > 1:
+                    st["h2_sum"][sl] += m2[k] / (P - 1) / P
+            st["probes"] += P
         st["n"] += b
         return b
 
@@ -496,13 +507,12 @@ class MomentAccumulator:
         probes_used = int(st["probes"])
         if hessian == "hutchinson":
             # Each probe's v*Hv summed the batch Hessians; divide by n to get the mean-loss Hessian.
-            nb = max(probes_used // max(self.hutchinson_probes, 1), 1)
-            h_flat = h_sum / self.hutchinson_probes / n
-            # Standard error of the diagonal estimate from the spread over (batch, probe) pairs.
-            m2 = st["h2_sum"].to(cpu, torch.float64) / max(probes_used, 1)
-            m1 = h_sum / max(probes_used, 1)
-            var = (m2 - m1.square()).clamp_min(0.0) / max(probes_used, 1)
-            rel = var.sqrt() * nb / (m1.abs() * nb).clamp_min(1e-300)
+            total = h_sum / self.hutchinson_probes  # sum over batches of each batch's probe mean
+            h_flat = total / n
+            # Standard error from the within-batch spread of the probes (h2_sum: summed
+            # variances of the batch means); needs >= 2 probes per batch.
+            var = st["h2_sum"].to(cpu, torch.float64)
+            rel = var.sqrt() / total.abs().clamp_min(1e-300)
             diagnostics["hutchinson_probes"] = probes_used
             diagnostics["hutchinson_median_relative_error"] = float(rel.median())
         else:
