@@ -153,7 +153,9 @@ def cell_statistics(
     mean = torch.where(live, torch.maximum(torch.minimum(diff / safe_p, hi), lo), fallback)
     kappa = torch.where(live, diff * diff / safe_p, torch.zeros_like(prob)).sum(-1).clamp(0.0, 1.0)
     lam = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
-    m4 = (prob * mean**4).sum(-1)
+    # Empty cells contribute nothing; their fallback mean can be huge (sigma = 0 puts the
+    # edges at ~1e307 standard units), and 0 * mean**4 = 0 * inf would give NaN.
+    m4 = torch.where(live, prob * mean**4, torch.zeros_like(prob)).sum(-1)
     coverage = prob.sum(-1)
     return CellStatistics(prob=prob, mean=mean, kappa=kappa, lam=lam, m4=m4, coverage=coverage)
 
