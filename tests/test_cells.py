@@ -56,13 +56,20 @@ def grids(draw, max_d: int = 4, max_edges: int = 12):
 
     Edges are drawn in standard units within +-12 (plus some 40 sd away, giving cells of
     zero probability in float64), with repeats (zero-width cells) and optionally
-    ``-inf`` / ``+inf`` outer edges.
+    ``-inf`` / ``+inf`` outer edges. With ``sigma`` 0 or tiny, edges are drawn in
+    parameter units within +-2 of theta instead.
     """
     d = draw(st.integers(1, max_d))
     k1 = draw(st.integers(2, max_edges))  # number of edges per row
     finite = st.floats(-10.0, 10.0, allow_nan=False)
     theta = torch.tensor(draw(st.lists(finite, min_size=d, max_size=d)), dtype=F64)
-    sig = st.floats(1e-4, 1e2, allow_nan=False)
+    # Include sigma = 0 (a weight the data cannot move) and sigmas so small that the
+    # standardised edges reach ~1e300 (fourth powers overflow).
+    sig = st.one_of(
+        st.floats(1e-4, 1e2, allow_nan=False),
+        st.just(0.0),
+        st.floats(1e-300, 1e-200, allow_nan=False),
+    )
     sigma = torch.tensor(draw(st.lists(sig, min_size=d, max_size=d)), dtype=F64)
     std_edge = st.one_of(
         st.floats(-12.0, 12.0, allow_nan=False),
@@ -76,7 +83,8 @@ def grids(draw, max_d: int = 4, max_edges: int = 12):
             i = draw(st.integers(0, k1 - 2))
             u[i + 1] = u[i]
         u = sorted(u)
-        row = [theta[j].item() + sigma[j].item() * x for x in u]
+        spread = sigma[j].item() if sigma[j].item() >= 1e-4 else 1.0 / 6.0
+        row = [theta[j].item() + spread * x for x in u]
         row = sorted(row)  # rounding in theta + sigma * u cannot unsort, but be safe
         if draw(st.booleans()):
             row[0] = -math.inf
@@ -224,11 +232,15 @@ def test_known_values():
 
 
 def test_sigma_zero_freezes_the_code():
-    """``sigma = 0``: every edge away from theta is at +-inf in standard units; kappa = 0."""
-    theta = torch.tensor([0.3], dtype=F64)
-    b = torch.tensor([[-math.inf, -1.0, 0.0, 1.0, math.inf]], dtype=F64)
-    s = cell_statistics(theta, torch.zeros(1, dtype=F64), b)
-    assert s.kappa.item() == 0 and s.lam.item() == 0 and s.coverage.item() == 1
+    """``sigma = 0``: every edge away from theta is at ~+-1e307 standard units; kappa = 0.
+
+    Regression: m4 was NaN here (0 * mean**4 with the empty cells' mean ~1e307).
+    """
+    theta = torch.tensor([0.3, 0.3], dtype=F64)
+    b = torch.tensor([[-math.inf, -1.0, 0.0, 1.0, math.inf]] * 2, dtype=F64)
+    s = cell_statistics(theta, torch.tensor([0.0, 1e-300], dtype=F64), b)
+    assert (s.kappa == 0).all() and (s.lam == 0).all() and (s.coverage == 1).all()
+    assert (s.m4 == 0).all()
     assert torch.isfinite(s.mean).all()
 
 
