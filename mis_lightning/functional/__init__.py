@@ -21,11 +21,13 @@ from .grids import (
     table_cell_moments,
 )
 from .leakage import (
+    CLT_MIN_TERMS,
     CLT_TOLERANCE,
     CltSums,
     baseline_leakage,
     choose_method,
     clt_sums,
+    effective_terms,
     leakage_from_sums,
     mc_first_order,
     mis_from_leakage,
@@ -35,6 +37,7 @@ from .leakage import (
 )
 
 __all__ = [
+    "CLT_MIN_TERMS",
     "CLT_TOLERANCE",
     "CellMoments",
     "CellStatistics",
@@ -47,6 +50,7 @@ __all__ = [
     "cell_statistics",
     "choose_method",
     "clt_sums",
+    "effective_terms",
     "fine_grid_moments",
     "leakage_from_sums",
     "mc_first_order",
