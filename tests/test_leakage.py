@@ -404,6 +404,37 @@ def test_auto_picks_mc_for_few_coarse_coordinates():
     assert torch.equal(a, m)
 
 
+def test_auto_does_not_trust_edgeworth_for_a_dominant_coordinate():
+    """One coarse coordinate carries the record: |gamma|/24 reads 4e-4, the CLT is off by 13%.
+
+    Regression for the Edgeworth-only rule: theta on an edge of a 2-sd grid gives
+    ``E m^4 ~ 3 kappa^2`` (excess kurtosis ~ 0) while ``m`` takes few values, so
+    ``sqrt(2 kappa / pi)`` misses ``E|m| = lam`` by 13%. "auto" now also requires
+    ``CLT_MIN_TERMS`` effective terms and uses Monte Carlo here.
+    """
+    from mis_lightning.functional import CLT_MIN_TERMS, effective_terms
+
+    theta = torch.tensor([1.0, 0.3], dtype=F64)  # on the edge 1.0 of a 2-sd grid; fine grid
+    sigma = torch.ones(2, dtype=F64)
+    b = torch.stack([
+        torch.cat([torch.tensor([-math.inf]), torch.arange(-9.0, 12.0, 2.0), torch.tensor([math.inf])]),
+        torch.cat([torch.tensor([-math.inf]), torch.linspace(-10.0, 10.0, 11), torch.tensor([math.inf])]),
+    ]).to(F64)
+    stats = cell_statistics(theta, sigma, b)
+    w = torch.tensor([[3.0, 0.01]], dtype=F64)
+    sums = clt_sums(w, stats.kappa, stats.m4)
+    assert sums.excess_kurtosis().abs().item() / 24 < 1e-3  # Edgeworth says "Gaussian"
+    assert effective_terms(w, stats.kappa).item() < CLT_MIN_TERMS
+    clt_mean = math.sqrt(2 / math.pi) * sums.s2.sqrt().item()
+    # |0.01 m_2| <= 0.1 < |3 m_1| always and E m_2 = 0, so E|3 m_1 + 0.01 m_2| = 3 E|m_1|.
+    assert (3.0 * stats.mean[0].abs() > 0.1)[stats.prob[0] > 0].all()
+    exact_mean = 3.0 * stats.lam[0].item()
+    assert clt_mean / exact_mean - 1 < -0.10
+    assert choose_method(w, stats) == "mc"
+    mean_abs, se = mc_first_order(w, stats, 20_000, torch.Generator().manual_seed(0))
+    assert abs(mean_abs.item() - exact_mean) <= 4 * se.item() + 1e-4
+
+
 def test_mc_first_order_is_exact1d_for_one_coordinate():
     """Monte Carlo of E|w m| equals |w| lam within its standard error (d = 1)."""
     gen = torch.Generator().manual_seed(0)
