@@ -19,9 +19,10 @@ The Edgeworth series is asymptotic in the number of comparable terms: when one o
 coordinates dominate, higher cumulants are as large as the fourth and ``|gamma|/24`` can
 read 1e-3 while the Gaussian form is off by 10% (a coarse coordinate whose ``m`` has
 ``E m^4 ~ 3 kappa^2`` yet is far from Gaussian). Measured over 1600 random records in
-``benchmarks/leakage_methods.py``: with both conditions the Gaussian form is within 1.4%
-of a long Monte Carlo run (0.6% beyond 2 Monte Carlo standard errors); with the Edgeworth
-condition alone, within 11.6%. Also checked in ``tests/test_leakage.py``.
+``benchmarks/leakage_methods.py`` (docs/functional-accuracy.md): with both conditions the
+Gaussian form is within 1.6% of a 40k-draw Monte Carlo run (0.8% beyond 2 Monte Carlo
+standard errors of 0.4%); with the Edgeworth condition alone, only within 18%. Also
+checked in ``tests/test_leakage.py``.
 """
 
 from __future__ import annotations
