@@ -42,8 +42,9 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout:
 
 def test_single_run_writes_reports_and_prints_table(tmp_path):
     out = tmp_path / "run"
-    proc = _run([*FAST, "schemes=[int8_weight_only,int4_weight_only,bf16]", f"hydra.run.dir={out}"],
-                cwd=tmp_path)
+    # mlp_probe + csv logger: the model's and datamodule's hparams (task) must merge
+    proc = _run([*FAST, "model=mlp_probe", "schemes=[int8_weight_only,int4_weight_only,bf16]",
+                 f"hydra.run.dir={out}"], cwd=tmp_path)
     for f in ("report.json", "report.csv", "privacy_utility.png", "result.json"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     lines = proc.stdout.splitlines()

@@ -173,6 +173,7 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
     higher = metric in HIGHER_IS_BETTER
     fig, ax = plt.subplots(figsize=(7.0, 4.8))
     pts: list[tuple[float, float, int]] = []
+    labels: list[tuple[float, float, str]] = []
     for i, r in enumerate(rows):
         x = _float(r.get(uk)) if uk else _float(r.get("bits_per_weight"))
         y = _float(r.get("leakage"))
@@ -187,7 +188,21 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         else:
             ax.plot([x], [y], "o", color=color)
         label = r["scheme"] if r.get("job") is None else f"{r.get('job')}: {r['scheme']}"
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        labels.append((x, y, label))
+    if labels:  # points within 4% of the axes' spans share one label
+        xs, ys = [p[0] for p in labels], [p[1] for p in labels]
+        sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+        groups: list[list[tuple[float, float, str]]] = []
+        for p in labels:
+            for g in groups:
+                if abs(g[0][0] - p[0]) <= 0.04 * sx and abs(g[0][1] - p[1]) <= 0.04 * sy:
+                    g.append(p)
+                    break
+            else:
+                groups.append([p])
+        for g in groups:
+            ax.annotate("\n".join(p[2] for p in g), (g[0][0], g[0][1]), textcoords="offset points",
+                        xytext=(5, 3), fontsize=8, va="bottom")
     front = _pareto(pts, higher)
     if len(front) > 1:
         fp = sorted(((x, y) for x, y, i in pts if i in front))
@@ -201,6 +216,7 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
     arrow = "higher is better" if higher else "lower is better"
     ax.set_xlabel(f"{metric} (validation; {arrow})" if uk else "bits per weight")
     ax.set_ylabel("leakage = best-attack advantage (1 - MIS)")
+    ax.margins(x=0.08, y=0.15)
     ax.set_title(f"Privacy-utility frontier ({len(pts)} points)")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -171,23 +172,19 @@ class _Progress:
         return update
 
 
-def _epoch_callback(update: Callable[..., None]) -> Any:
-    import pytorch_lightning as pl
+class EpochProgress(pl.Callback):
+    """Advances the app's progress bar once per epoch (a no-op in spawned ddp processes:
+    the display is not pickled)."""
 
-    class EpochProgress(pl.Callback):
-        """Advances the app's progress bar once per epoch (dropped when pickled for spawn)."""
+    def __init__(self, update: Callable[..., None] | None) -> None:
+        self._update = update
 
-        def __init__(self) -> None:
-            self._update: Callable[..., None] | None = update
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_update": None}
 
-        def __getstate__(self) -> dict[str, Any]:
-            return {"_update": None}
-
-        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            if self._update is not None and trainer.is_global_zero:
-                self._update(completed=trainer.current_epoch + 1)
-
-    return EpochProgress()
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._update is not None and trainer.is_global_zero:
+            self._update(completed=trainer.current_epoch + 1)
 
 
 @contextmanager
@@ -329,7 +326,6 @@ def _assessment_loader(dm: Any) -> Any:
 
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Train, assess, write and log one job (see the module docstring). Returns a summary."""
-    import pytorch_lightning as pl
     from hydra.utils import instantiate
 
     from mis_lightning.models import metric_inputs, utility_metrics
@@ -352,12 +348,23 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         upd_data(completed=1, description=f"data: {dm.n_train} training records, "
                  f"{dm.num_features} features ({dm.task})")
         task = str(dm.task)
+        hp = getattr(dm, "hparams", None)
+        if hp is not None and "task" in hp and hp["task"] != task:
+            # record the effective task (an alias or an inferred one) so that Lightning can
+            # merge the model's and the datamodule's hyperparameters for the loggers
+            hp["task"] = task
         model = _build_model(cfg, dm.num_features, task)
         loggers = _build_loggers(cfg)
         max_epochs = cfg.trainer.get("max_epochs")
         upd_train = progress.task(f"train {type(model).__name__}", total=max_epochs)
         trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
-                              callbacks=[_epoch_callback(upd_train)])
+                              callbacks=[EpochProgress(upd_train)])
+        if trainer.num_devices * trainer.num_nodes > 1 and getattr(model, "optimizer_name", "") == "lbfgs":
+            raise ValueError(
+                "full-batch L-BFGS (model.optimizer=lbfgs) cannot train data-parallel: each rank's "
+                "line search takes a data-dependent number of steps and the gradient all-reduce "
+                "deadlocks. Use trainer.devices=1, or model.optimizer=adam"
+            )
         try:
             with _timed(times, "train"):
                 trainer.fit(model, datamodule=dm)
