@@ -323,6 +323,7 @@ def write_docs(out: Path, results, summary, corr_rows, curve, quick: bool) -> No
             md.append(f"| {k} Delta | " + " | ".join(fmt(v) for v in curve[k]) + " |")
         md.append(f"| step2sd Delta sqrt(n) | " + " | ".join(f"{v * math.sqrt(n):.3f}" for v, n in zip(curve['step2sd'], curve['n'])) + " |")
         md.append("")
+    md += attacks_section(fig_dir)
     md.append(OFF_TEXT)
     (out / "validation.md").write_text("\n".join(md))
     (fig_dir / "validation_summary.json").write_text(json.dumps(
@@ -333,6 +334,47 @@ def write_docs(out: Path, results, summary, corr_rows, curve, quick: bool) -> No
                        "coverage": None if r["cmp"].coverage is None else r["cmp"].coverage.tolist(),
                        "spread": None if r["cmp"].spread is None else r["cmp"].spread.tolist()} for r in results]},
         indent=1))
+
+
+def attacks_section(fig_dir: Path) -> list[str]:
+    """Tables of the empirical attacks (from ``benchmarks/attacks.py --json``), if present."""
+    md = []
+    for f in sorted(fig_dir.glob("attacks_d*_n*.json")):
+        r = json.loads(f.read_text())
+        if not md:
+            md.append(ATTACKS_TEXT)
+        tag = f.stem.replace("attacks_", "")
+        md.append(f"**logistic regression {tag.replace('_', ', ').replace('d', 'd=', 1).replace('n', 'n=', 1)}** "
+                  f"(`python benchmarks/attacks.py --targets 10 --d ... --n ... --json {f.relative_to(fig_dir.parent)}`)")
+        md.append("")
+        md.append("| scheme | indicator Delta (p10-p90) | loss AUC / TPR@1% / adv. | LiRA AUC / TPR@1% / adv. | null adv. loss / LiRA |")
+        md.append("|---|---|---|---|---|")
+        for k, v in r.items():
+            if not isinstance(v, dict):
+                continue
+            md.append(f"| {k} | {v['indicator']:.4f} ({v['interval'][0]:.4f}-{v['interval'][1]:.4f}) | "
+                      f"{v['loss'][0]:.3f} / {v['loss'][1]:.3f} / {v['loss'][2]:.3f}+-{v['loss_adv_se']:.3f} | "
+                      f"{v['lira'][0]:.3f} / {v['lira'][1]:.3f} / {v['lira'][2]:.3f}+-{v['lira_adv_se']:.3f} | "
+                      f"{v['loss_null'][2]:.3f} / {v['lira_null'][2]:.3f} |")
+        md.append("")
+        md.append(f"Kendall tau (indicator vs attack advantage across schemes): loss {r['tau_loss']:.2f}, "
+                  f"LiRA {r['tau_lira']:.2f}. Time per target: indicator {r['t_indicator']:.2f}s, "
+                  f"reference-model attack {r['t_attack']:.2f}s.")
+        md.append("")
+    return md
+
+
+ATTACKS_TEXT = """## Empirical attacks (loss threshold, LiRA-offline with 8 reference models)
+
+`mis_lightning/validation/attacks.py`, `benchmarks/attacks.py`. Synthetic logistic regression,
+a linear layer released under each `rtn_int*` scheme, 10 target models (fresh members,
+non-members and shadow pool each), means +- standard errors over targets. The attack
+advantage `max_threshold (TPR - FPR)` on n members vs n non-members is biased upward by the
+maximum over thresholds: the "null adv." column is the same attack scoring a second set of
+fresh non-members against the non-members (no membership signal at all), i.e. the noise
+floor (~`0.87 sqrt(2/n)`). The indicator's Delta should be compared with the attack
+advantage **minus** that floor, not with the raw value.
+"""
 
 
 HEADER = """# Validation of the MIS indicator against a simulated ground truth
