@@ -24,6 +24,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from mis_lightning.app.resolvers import register_resolvers
+
+register_resolvers()
+
 
 @hydra.main(config_path="pkg://mis_lightning.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> Any:

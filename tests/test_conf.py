@@ -149,7 +149,12 @@ def test_experiments_compose_and_sweep():
 def test_hydra_settings():
     cfg = _compose(hydra_cfg=True)
     sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
-    assert sweep["subdir"] == "${hydra.job.num}_${hydra.runtime.choices.quantizer}"
+    assert sweep["subdir"].startswith("${mis_job_subdir:${hydra.job.num},${hydra.runtime.choices.quantizer}")
+    from mis_lightning.app.resolvers import job_subdir
+
+    assert job_subdir(0, "int4_weight_only", "quantizer=int4_weight_only") == "0_int4_weight_only"
+    assert job_subdir(3, None, "data=x/y,seed=1") == "3_data=x_y,seed=1"
+    assert job_subdir(5, None, "") == "5"
     assert cfg.hydra.callbacks.aggregate._target_ == "mis_lightning.app.aggregate.AggregateSweep"
     get_object(cfg.hydra.callbacks.aggregate._target_)
     assert cfg.hydra.job.chdir is False

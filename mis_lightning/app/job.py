@@ -341,7 +341,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     show = bool(cfg.get("progress", True))
 
     with _Progress(show).shown() as progress:
-        upd_data = progress.task("data", total=None)
+        upd_data = progress.task("data", total=1)
         with _timed(times, "data"):
             dm = instantiate(cfg.data)
             dm.setup("fit")
