@@ -151,16 +151,18 @@ class FactoredProgram:
         out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         norm = None
         for m, (wn, bn) in self.layout.items():
-            x, d, c = (t.to(acc) for t in fac[m])
+            # Products in the model's dtype (one batch: float32 is accurate to ~1e-6 relative),
+            # accumulated across batches in ``acc``.
+            x, d, c = fac[m]
             x2, d2 = x.square(), d.square()
             if norm is None:
                 norm = torch.zeros(x.shape[0], dtype=acc)
             if wn is not None:
-                out[wn] = ((d.T @ x).reshape(-1), (d2.T @ x2).reshape(-1), (c.T @ x2).reshape(-1))
-                norm += d2.sum(-1) * x2.sum(-1)
+                out[wn] = tuple(t.reshape(-1).to(acc) for t in (d.T @ x, d2.T @ x2, c.T @ x2))
+                norm += (d2.sum(-1) * x2.sum(-1)).to(acc)
             if bn is not None:
-                out[bn] = (d.sum(0), d2.sum(0), c.sum(0))
-                norm += d2.sum(-1)
+                out[bn] = (d.sum(0).to(acc), d2.sum(0).to(acc), c.sum(0).to(acc))
+                norm += d2.sum(-1).to(acc)
         assert norm is not None
         return out, norm
 

@@ -97,18 +97,50 @@ def moments_from_alpha_fast(alpha: Tensor) -> CellMoments:
     return CellMoments(kappa=kappa, lam=lam, m4=m4, coverage=prob.sum(-1))
 
 
-def fine_grid_moments(h: Tensor) -> CellMoments:
-    """Cell moments of a fine uniform grid of step ``h`` (standard units), far from its ends.
+def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | None = None) -> CellMoments:
+    """Cell moments of a fine uniform grid of step ``h`` (standard units).
 
-    ``kappa = 1 - h^2/12 + h^4/144`` (error < 6e-4 h^6); ``m4 = 3 - h^2/2``;
-    ``lam = sqrt(2/pi) - 0.05 h^2`` (the exact value moves with the position of theta in
-    its cell by up to +-0.05 h^2; the one-coordinate formula, which needs ``lam``
-    exactly, always uses the full cell sum instead).
+    Far from the ends of the code range: ``kappa = 1 - h^2/12 + h^4/144`` (error < 6e-4 h^6);
+    ``m4 = 3 - h^2/2``; ``lam = sqrt(2/pi) - 0.05 h^2`` (the exact value moves with the
+    position of theta in its cell by up to +-0.05 h^2, +-0.1 h^2 near the range ends; the
+    one-coordinate formula, which
+    needs ``lam`` exactly, uses the full cell sum instead).
+
+    ``lower``/``upper`` (standardised edges of the two unbounded end cells, ``-inf``/``+inf``
+    when far): the interior ``(lower, upper)`` is a fine grid (``m ~ U`` with the same
+    corrections, integrated over the interior) and the end cells are exact:
+    ``kappa = I2 - (h^2/12 - h^4/144) P + phi(a)^2/Phi(a) + phi(b)^2/(1 - Phi(b))`` with
+    ``P = Phi(b) - Phi(a)`` and ``Ik = int_a^b u^k phi(u) du``. This is what a weight whose
+    standard deviation spans the whole code range needs (its window would be thousands of
+    cells wide).
     """
     h2 = h.to(torch.float64) ** 2
-    kappa = 1.0 - h2 / 12.0 + h2 * h2 / 144.0
-    lam = SQRT_2_OVER_PI - 0.05 * h2
-    m4 = 3.0 - 0.5 * h2
+    if lower is None and upper is None:
+        kappa = 1.0 - h2 / 12.0 + h2 * h2 / 144.0
+        lam = SQRT_2_OVER_PI - 0.05 * h2
+        m4 = 3.0 - 0.5 * h2
+        return CellMoments(kappa=kappa, lam=lam, m4=m4, coverage=torch.ones_like(h2))
+    a = (torch.full_like(h2, -math.inf) if lower is None else lower.to(torch.float64))
+    b = (torch.full_like(h2, math.inf) if upper is None else upper.to(torch.float64))
+    pa, pb = _pdf(a), _pdf(b)
+    ca, cb = torch.special.ndtr(a), torch.special.ndtr(b)
+    qb = torch.special.ndtr(-b)  # 1 - Phi(b) without cancellation
+    P = (cb - ca).clamp_min(0.0)
+    # u^k phi(u) vanishes at +-inf; write the finite-edge terms so inf * 0 never appears.
+    ua = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    ub = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+    I2 = P - (ub * pb - ua * pa)
+    I4 = 3.0 * P - ((ub**3 + 3 * ub) * pb - (ua**3 + 3 * ua) * pa)
+    # int_a^b |u| phi = F(b) - F(a), F(u) = sign(u) (phi(0) - phi(u))
+    phi0 = _pdf(torch.zeros_like(a))
+    I1 = torch.sign(b) * (phi0 - pb) - torch.sign(a) * (phi0 - pa)  # F(+-inf) = +-phi(0)
+    end_k = torch.where(ca > 1e-300, pa * pa / ca.clamp_min(1e-300), torch.zeros_like(a)) + torch.where(
+        qb > 1e-300, pb * pb / qb.clamp_min(1e-300), torch.zeros_like(b))
+    mu_a = torch.where(ca > 1e-300, pa / ca.clamp_min(1e-300), torch.zeros_like(a))
+    mu_b = torch.where(qb > 1e-300, pb / qb.clamp_min(1e-300), torch.zeros_like(b))
+    kappa = (I2 - (h2 / 12.0 - h2 * h2 / 144.0) * P + end_k).clamp(0.0, 1.0)
+    lam = (I1 - 0.05 * h2 * P + pa + pb).clamp(0.0, SQRT_2_OVER_PI)
+    m4 = I4 - 0.5 * h2 * I2 + ca * mu_a**4 + qb * mu_b**4
     return CellMoments(kappa=kappa, lam=lam, m4=m4, coverage=torch.ones_like(h2))
 
 
@@ -127,8 +159,9 @@ def affine_cell_moments(
 
     * frozen -- both edges of the element's cell lie beyond 8.5 sigma: all moments are 0
       (skipped: < 1e-15 of kappa is lost);
-    * fine -- ``h <= 0.5`` and both ends of the code range beyond 8.5 sigma: the
-      fine-grid expansion of :func:`fine_grid_moments`;
+    * fine -- ``h <= 0.5``: the fine-grid expansion of :func:`fine_grid_moments`, with the
+      end cells of the code range treated exactly when they are within 8.5 sigma (kappa
+      error < 5e-4 h^2 there, measured in tests/test_grids.py);
     * otherwise the exact cell sum over the edges within 8.5 sigma, with elements grouped
       by the window they need so that no element evaluates more edges than it uses.
 
@@ -159,10 +192,21 @@ def affine_cell_moments(
     coverage = torch.ones_like(kappa)
 
     frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
-    fine = ~frozen & (h <= FINE_STEP) & (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS)
+    fine_all = ~frozen & (h <= FINE_STEP)
+    far_ends = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS)
+    fine = fine_all & far_ends
     if bool(fine.any()):
         fm = fine_grid_moments(h[fine])
         kappa[fine], lam[fine], m4[fine] = fm.kappa, fm.lam, fm.m4
+    near = fine_all & ~far_ends
+    if bool(near.any()):
+        # A fine grid whose end cell is within reach (the weight's sd spans to the end of the
+        # code range): fine interior + exact end cells; far ends drop out (phi(8.5) ~ 0).
+        lo_edge = torch.where(to_min[near] > CUTOFF_SIGMAS, torch.full_like(to_min[near], -math.inf), -to_min[near])
+        hi_edge = torch.where(to_max[near] > CUTOFF_SIGMAS, torch.full_like(to_max[near], math.inf), to_max[near])
+        fm = fine_grid_moments(h[near], lo_edge, hi_edge)
+        kappa[near], lam[near], m4[near] = fm.kappa, fm.lam, fm.m4
+    fine = fine_all
     rest = ~(frozen | fine)
     if bool(rest.any()):
         need = (torch.ceil(CUTOFF_SIGMAS / h[rest]) + 1).clamp(max=_MAX_WINDOW)
