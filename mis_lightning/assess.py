@@ -524,5 +524,10 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     t = torch.tensor(vals, dtype=torch.float64)
     if t.numel() < 5:  # too few draws for quantiles: normal approximation
         m, s = float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
-        return max(m - 1.2816 * s, 0.0), m + 1.2816 * s
-    return float(torch.quantile(t, 0.1)), float(torch.quantile(t, 0.9))
+        lo, hi = max(m - 1.2816 * s, 0.0), m + 1.2816 * s
+    else:
+        lo, hi = float(torch.quantile(t, 0.1)), float(torch.quantile(t, 0.9))
+    # The draws smooth kappa over sigma around theta-hat; where that shifts the whole
+    # distribution away from the plug-in (weights whose sd spans many cells or the end of
+    # the code range), the interval is widened to contain the plug-in value itself.
+    return min(lo, leakage), max(hi, leakage)
