@@ -78,12 +78,17 @@ def test_assess_matches_functional_core():
     m, dl = _ridge_linear()
     rep = ml.assess(m, ["rtn_int4"], dl, mse, num_records=300, method="clt", uncertainty_draws=0)
     est = estimate(m, dl, mse, num_records=300)
+    assert m.weight.shape[0] == 1  # one row: one revealed weight
     res = get_scheme("rtn_int4").apply(m)
     g = res.grids["weight"]
     th, sg = est.theta["weight"], est.sigma["weight"]
     edges = g.boundaries(th, 0, th.numel(), 300)
     stats = F.cell_statistics(th, sg, edges)
-    kappa = torch.cat([stats.kappa, torch.ones(1, dtype=torch.float64)])  # the bias is left in float
+    # The absmax of each row is given away by its released scale: scored as unquantized.
+    revealed = (th.abs() == th.abs().max()).to(torch.float64)
+    assert g.revealed is not None and torch.equal(g.revealed.reshape(-1), revealed.bool())
+    k_w = revealed + (1 - revealed) * stats.kappa
+    kappa = torch.cat([k_w, torch.ones(1, dtype=torch.float64)])  # the bias is left in float
     ref = F.record_leakage(est.w, F.CellMoments(kappa, kappa, kappa, kappa), est.n, method="clt")
     assert rep.schemes["rtn_int4"].leakage == pytest.approx(float(ref.mean()), rel=1e-10)
     assert rep.schemes["rtn_int4"].d_eff == pytest.approx(float(kappa.sum()), rel=1e-10)
@@ -159,3 +164,19 @@ def test_table_and_figure(tmp_path):
     rep.to_csv(tmp_path / "r.csv")
     assert (tmp_path / "fig.png").stat().st_size > 1000
     assert "utility_loss" in (tmp_path / "r.csv").read_text().splitlines()[0]
+
+
+def test_weights_given_away_by_the_scale_leak_like_float():
+    # d = 1 with an absmax scale: the released scale IS the weight (|w| / qmax * qmax), so
+    # every rtn scheme leaks exactly like the full-precision release (validation found the
+    # fixed-grid reading under-scored this to ~0).
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(400, 1, generator=g, dtype=torch.float64)
+    y = 0.7 * X[:, 0] + torch.randn(400, generator=g, dtype=torch.float64)
+    m = nn.Linear(1, 1, bias=False).double()
+    m.weight.data = torch.linalg.solve(X.T @ X, X.T @ y)[None]
+    rep = ml.assess(m, ["none", "rtn_int2", "rtn_int8", "bf16"], DataLoader(TensorDataset(X, y), batch_size=100), mse)
+    for s in ("rtn_int2", "rtn_int8"):
+        assert rep.schemes[s].leakage == pytest.approx(rep.baseline_leakage, rel=1e-12)
+    # A cast has no weight-derived scale: its grid is fixed and can protect.
+    assert rep.schemes["bf16"].leakage <= rep.baseline_leakage

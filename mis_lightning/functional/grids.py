@@ -37,8 +37,15 @@ _TABLE_BUCKETS = (32, 64, 128, 256)
 
 
 def affine_codes(theta: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Round-to-nearest (halves to even) codes of ``theta`` on an affine grid, as float64."""
-    q = torch.round(theta.to(torch.float64) / scale.to(torch.float64)) + zero_point.to(torch.float64)
+    """Round-to-nearest (halves to even) codes of ``theta`` on an affine grid, as float64.
+
+    The nearest value ``(q - zero_point) * scale`` has ``q = round(theta / scale + zero_point)``;
+    with an integer zero point this is the backends' ``round(theta / scale) + zero_point``, and
+    it stays right for float zero points (torchao's tinygemm layout).
+    """
+    zp = zero_point.to(torch.float64)
+    frac = zp - torch.round(zp)
+    q = torch.round(theta.to(torch.float64) / scale.to(torch.float64) + frac) + (zp - frac)
     return q.clamp(qmin, qmax)
 
 

@@ -26,6 +26,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional.cells import SQRT_2_OVER_PI
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -70,6 +71,45 @@ def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tup
     return bt.reshape(-1)[flat_block]
 
 
+def _block_view(t: Tensor, block_size: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    """``t`` padded to whole blocks and viewed as ``[nb_0, b_0, nb_1, b_1, ...]``."""
+    shape = tuple(t.shape)
+    pads = []
+    for s, b in zip(reversed(shape), reversed(block_size)):
+        pads += [0, (-s) % b]
+    tp = torch.nn.functional.pad(t, pads, value=float("nan")) if any(pads) else t
+    view = []
+    for s, b in zip(tp.shape, block_size):
+        view += [s // b, b]
+    return tp.reshape(view), tuple(tp.shape)
+
+
+def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"]) -> Tensor:
+    """Boolean mask (``theta``'s shape) of the weights a weight-derived scale gives away.
+
+    ``"absmax"`` (symmetric scales ``s = max|w| / c``): the element(s) of largest magnitude
+    in each block; ``"minmax"`` (asymmetric ``scale, zero_point`` from ``min w, max w``): the
+    smallest and largest element of each block. The released scale (a float) determines
+    these values exactly, so they are scored as unquantized (``kappa = 1``).
+    """
+    t = theta.detach().to(torch.float64)
+    view, padded = _block_view(t, block_size)
+    nd = t.dim()
+    red = tuple(range(1, 2 * nd, 2))
+    if rule == "absmax":
+        a = view.abs()
+        m = torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
+        mask = (a == m) & (m > 0)
+    elif rule == "minmax":
+        hi = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red, keepdim=True)
+        lo = torch.nan_to_num(view, nan=float("inf")).amin(dim=red, keepdim=True)
+        mask = (view == hi) | (view == lo)
+    else:
+        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    mask = mask.reshape(padded)
+    return mask[tuple(slice(0, s) for s in t.shape)].clone()
+
+
 @dataclass
 class ParamGrid:
     """The grid of one quantized parameter tensor (all element indices are flat, row-major).
@@ -86,6 +126,8 @@ class ParamGrid:
         qmin, qmax: affine code range.
         codes: the backend's integer codes (affine) or ``None``.
         values: sorted representable values in units of ``scale`` (table grids).
+        revealed: boolean mask (``shape``) of elements whose value the released scale gives
+            away exactly (see :func:`revealed_by_scale`); scored as unquantized.
     """
 
     name: str
@@ -100,6 +142,7 @@ class ParamGrid:
     qmax: int = 0
     codes: Tensor | None = None
     values: Tensor | None = None
+    revealed: Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -147,6 +190,16 @@ class ParamGrid:
                              lam=torch.where(dead, zero, mm.lam),
                              m4=torch.where(dead, zero, mm.m4),
                              coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
+        if self.revealed is not None:
+            # Elements the released scale / zero point give away exactly (the absmax of a
+            # symmetric block, the min and max of an asymmetric one) leak like float weights.
+            rev = self.revealed.reshape(-1)[start:end].to(mm.kappa.device)
+            if bool(rev.any()):
+                one = torch.ones_like(mm.kappa)
+                mm = CellMoments(kappa=torch.where(rev, one, mm.kappa),
+                                 lam=torch.where(rev, one * SQRT_2_OVER_PI, mm.lam),
+                                 m4=torch.where(rev, one * 3.0, mm.m4),
+                                 coverage=torch.where(rev, one, mm.coverage))
         return mm
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
@@ -223,6 +276,10 @@ class QuantizationScheme(ABC):
     name: str = "scheme"
     #: which backend runs it ("torchao", "native", "builtin", ...)
     backend: str = "builtin"
+    #: how the scheme's scales depend on the weights: ``"absmax"`` (symmetric), ``"minmax"``
+    #: (asymmetric) or ``"none"`` (fixed grid, e.g. dtype casts). The weights a weight-derived
+    #: scale determines exactly are scored as unquantized (see :func:`revealed_by_scale`).
+    scale_rule: Literal["none", "absmax", "minmax"] = "none"
 
     def __init__(self, filter_fn: FilterFn | None = None) -> None:
         self.filter_fn = filter_fn
@@ -261,7 +318,12 @@ class QuantizationScheme(ABC):
             raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
         grids, notes = out[0], out[1]
         reasons: dict[str, str] = out[2] if len(out) > 2 else {}
-        names = [n for n, _ in model.named_parameters()]
+        params = dict(model.named_parameters())
+        if self.scale_rule != "none":
+            for n, g in grids.items():
+                if n in params and g.revealed is None and tuple(params[n].shape) == tuple(g.shape):
+                    g.revealed = revealed_by_scale(params[n], g.block_size, self.scale_rule)
+        names = list(params)
         unquantized = {n: reasons.get(n, "left in float by the scheme") for n in names if n not in grids}
         return QuantizationResult(model=copy_, grids=grids, unquantized=unquantized,
                                   scheme=self.name, notes=notes)

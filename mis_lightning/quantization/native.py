@@ -42,6 +42,7 @@ def _is_plain_linear(m: nn.Module) -> bool:
 
 class _NativeScheme(QuantizationScheme):
     backend = "native"
+    scale_rule = "absmax"  # torch's symmetric observers: scale = max|w| / c
 
     def _chosen(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         """``fqn -> (module, parameter name of its weight)`` for the selected Linear layers."""

@@ -27,6 +27,8 @@ class RoundToNearestInt(QuantizationScheme):
             ``nn.Linear``).
     """
 
+    scale_rule = "absmax"
+
     backend = "builtin"
 
     def __init__(self, bits: int = 8, filter_fn: FilterFn | None = None) -> None:

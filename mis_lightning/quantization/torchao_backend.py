@@ -219,6 +219,8 @@ class Int8WeightOnly(TorchAOScheme):
         filter_fn: ``filter_fn(module, fqn) -> bool`` narrows torchao's default filter.
     """
 
+    scale_rule = "absmax"
+
     config_class = "Int8WeightOnlyConfig"
     _base_name = "int8_weight_only"
 
@@ -300,6 +302,7 @@ class IntxWeightOnly(TorchAOScheme):
         self.granularity = granularity
         self.group_size = group_size if granularity == "per_group" else None
         self.mapping = mapping
+        self.scale_rule = "minmax" if mapping == "asymmetric" else "absmax"
         self.name = _intx_name(bits, granularity, self.group_size, mapping)
 
     def describe(self) -> dict:
@@ -330,6 +333,8 @@ class Float8WeightOnly(TorchAOScheme):
         granularity: ``"per_row"`` (default; runs on CPU) or ``"per_tensor"``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` narrows torchao's default filter.
     """
+
+    scale_rule = "absmax"
 
     config_class = "Float8WeightOnlyConfig"
 
@@ -395,6 +400,8 @@ class Int4TinyGemm(TorchAOScheme):
     bfloat16 first (required by the layout; a note says so): the grid is that of the bf16
     weights. Not testable without a GPU.
     """
+
+    scale_rule = "minmax"
 
     config_class = "Int4WeightOnlyConfig"
 
