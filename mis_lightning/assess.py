@@ -437,7 +437,9 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     else:
         leak = total.leakage(n)
     leakage = float(leak.mean())
-    interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen)
+    # Standard error of the mean over the R records (the truth averages over all z).
+    record_se = float(leak.std() / math.sqrt(leak.numel())) if leak.numel() > 1 else 0.0
+    interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
         d_eff=prep.d_eff, d=d, sparsity=prep.zero / prep.quant if prep.quant else 0.0,
@@ -501,12 +503,16 @@ def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict, num_sa
 
 
 def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
-              leakage: float, clt_value: float, chosen: str) -> tuple[float, float] | None:
-    """(p10, p90) of the leakage with the cell statistics re-evaluated around
+              leakage: float, clt_value: float, chosen: str, record_se: float = 0.0
+              ) -> tuple[float, float] | None:
+    """An 80% uncertainty interval for the leakage.
+
+    (p10, p90) of the leakage with the cell statistics re-evaluated around
     ``theta_hat + sigma * xi`` (method.md section 7: the plug-in's spread over where the
-    trained weights fall in their cells). Each draw uses the Gaussian form, rescaled by
-    the ratio of the chosen method's value to the Gaussian form at ``theta_hat``; one
-    coordinate uses the exact form."""
+    trained weights fall in their cells), widened to contain the plug-in value and by
+    ``1.28 * record_se`` on each side (the standard error of the mean over the R records).
+    Each draw uses the Gaussian form, rescaled by the ratio of the chosen method's value to
+    the Gaussian form at ``theta_hat``; one coordinate uses the exact form."""
     if prep.num_draws == 0:
         return None
     vals = []
@@ -530,4 +536,4 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     # The draws smooth kappa over sigma around theta-hat; where that shifts the whole
     # distribution away from the plug-in (weights whose sd spans many cells or the end of
     # the code range), the interval is widened to contain the plug-in value itself.
-    return min(lo, leakage), max(hi, leakage)
+    return max(min(lo, leakage) - 1.2816 * record_se, 0.0), max(hi, leakage) + 1.2816 * record_se
