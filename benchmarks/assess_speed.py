@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -96,7 +95,7 @@ def run_one(size: str, n: int, batch: int, device: str, schemes: list[str], thre
     out = {
         "size": size, "params": d, "n": n, "batch": batch, "device": device, "threads": threads,
         "assess_s": total, "estimation_s": est_t, "scoring_s": total - est_t,
-        "epoch_adam_s": epoch, "estimation_over_epoch": est_t / epoch, "peak_rss_mib": peak,
+        "epoch_adam_s": epoch, "estimation_over_epoch": est_t / epoch, "assess_over_epoch": total / epoch, "peak_rss_mib": peak,
         "draws": draws, "schemes": {k: {"leakage": v.leakage, "mis": v.mis, "method": v.method, "error": v.error}
                     for k, v in rep.schemes.items()},
         "baseline_leakage": rep.baseline_leakage,
@@ -126,17 +125,17 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--one", size, "--n", str(args.n), "--batch", str(args.batch),
                "--device", args.device, "--threads", str(args.threads), "--draws", str(args.draws),
                "--schemes", *args.schemes]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if p.returncode != 0:
             print(f"{size}: failed\n{p.stderr[-2000:]}", file=sys.stderr)
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
         rows.append(r)
-        print(f"{size}: d={r['params']:,} assess {r['assess_s']:.1f}s (estimation {r['estimation_s']:.1f}s = "
+        print(f"{size}: d={r['params']:,} assess {r['assess_s']:.1f}s = {r['assess_over_epoch']:.1f} Adam epochs (estimation {r['estimation_s']:.1f}s = "
               f"{r['estimation_over_epoch']:.1f} Adam epochs of {r['epoch_adam_s']:.2f}s; scoring "
               f"{r['scoring_s']:.1f}s for {len(r['schemes'])} schemes) peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        if args.json:  # after each size: a partial run keeps what it measured
+            args.json.write_text(json.dumps(rows, indent=1))
     return 0
 
 

@@ -26,9 +26,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mis_lightning import assess  # noqa: E402
-from mis_lightning.validation.attacks import run_attacks  # noqa: E402
-from mis_lightning.validation.ground_truth import newton_logistic  # noqa: E402
+from mis_lightning import assess
+from mis_lightning.validation.attacks import run_attacks
+from mis_lightning.validation.ground_truth import newton_logistic
 
 RIDGE = 1e-3
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         iv = np.mean(res[s]["iv"], 0)
         L, R = np.array(res[s]["loss"]), np.array(res[s]["lira"])
         LN, RN = np.array(res[s]["loss_null"]), np.array(res[s]["lira_null"])
-        se = lambda v: v.std() / np.sqrt(len(v))  # noqa: E731
+        se = lambda v: v.std() / np.sqrt(len(v))
         lines.append(f"| {s} | {ind:.4f} | {iv[0]:.4f}-{iv[1]:.4f} | {L[:,0].mean():.3f} | {L[:,1].mean():.3f} | "
                      f"{L[:,2].mean():.3f}+-{se(L[:,2]):.3f} | {R[:,0].mean():.3f} | {R[:,1].mean():.3f} | "
                      f"{R[:,2].mean():.3f}+-{se(R[:,2]):.3f} | {LN[:,2].mean():.3f} / {RN[:,2].mean():.3f} |")

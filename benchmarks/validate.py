@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mis_lightning.validation import compare as C  # noqa: E402
-from mis_lightning.validation import ground_truth as GT  # noqa: E402
+from mis_lightning.validation import compare as C
+from mis_lightning.validation import ground_truth as GT
 
 # Headline check of the quick mode (step grids of <= 4 sd and the fixed grid; absmax
 # schemes and truths below 5% of the unquantized baseline excluded -- see docs).
@@ -130,8 +130,8 @@ def fmt(x, p=4):
 
 def table_for(res) -> list[str]:
     cmp, tr = res["cmp"], res["truth"]
-    lines = [f"**{cmp.setting}** (baseline, unquantized: {fmt(res['baseline'])}; "
-             f"Spearman {cmp.spearman:.2f}, Kendall {cmp.kendall:.2f} across the {len(cmp.grids)} grids)", "",
+    lines = [(f"**{cmp.setting}** (baseline, unquantized: {fmt(res['baseline'])}; "
+              f"Spearman {cmp.spearman:.2f}, Kendall {cmp.kendall:.2f} across the {len(cmp.grids)} grids)"), "",
              "| grid | truth | truth 80% CI | LR-test raw | exact | null | indicator | its p10-p90 | rel. err |"
              + (" trainings p10-p90 | coverage |" if cmp.spread is not None else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cmp.spread is not None else "")]
@@ -153,11 +153,20 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="reduced run (< 2 min) with the headline check")
     ap.add_argument("--out", type=Path, default=None, help="docs directory (default docs/ in full mode)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small ops)")
+    ap.add_argument("--dump", type=Path, default=None, help="pickle every result here (for --docs-from)")
+    ap.add_argument("--docs-from", type=Path, default=None,
+                    help="rewrite the docs from a --dump pickle without recomputing (prose changes)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.docs_from is not None:
+        import pickle
+
+        saved = pickle.loads(args.docs_from.read_bytes())
+        write_docs(args.out or ROOT / "docs", **saved)
+        return 0
     t_start = time.time()
     out = args.out if args.out is not None else (None if args.quick else ROOT / "docs")
-    log = lambda m: print(m, flush=True)  # noqa: E731
+    log = lambda m: print(m, flush=True)
 
     results = []
     if args.quick:
@@ -211,6 +220,11 @@ def main(argv=None) -> int:
         corr_rows = correlated_block(1000, 20, 20000, (0.0, 0.5, 0.9), (2, 3), log=log)
         log("curves ...")
         curve = curves([100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000])
+    if args.dump is not None:
+        import pickle
+
+        args.dump.write_bytes(pickle.dumps({"results": results, "summary": summary, "corr_rows": corr_rows,
+                                            "curve": curve, "quick": args.quick}))
     if out is not None:
         write_docs(out, results, summary, corr_rows, curve, quick=args.quick)
     log(f"done in {time.time() - t_start:.0f}s; check {'PASSED' if ok else 'FAILED'} "
@@ -282,7 +296,7 @@ def write_docs(out: Path, results, summary, corr_rows, curve, quick: bool) -> No
         for r in pos:
             c = r["cmp"]
             for lab, mk in (("centre", "o"), ("quarter", "^"), ("boundary", "v")):
-                xs, ys, lo, hi = [], [], [], []
+                xs, ys = [], []
                 for g, name in enumerate(c.grids):
                     if name.endswith("/" + lab):
                         xs.append(float(name[4:].split("sd")[0]))
@@ -321,7 +335,7 @@ def write_docs(out: Path, results, summary, corr_rows, curve, quick: bool) -> No
         md.append("|---|" + "---|" * len(curve["n"]))
         for k in ("none", "step2sd", "fixed0.05"):
             md.append(f"| {k} Delta | " + " | ".join(fmt(v) for v in curve[k]) + " |")
-        md.append(f"| step2sd Delta sqrt(n) | " + " | ".join(f"{v * math.sqrt(n):.3f}" for v, n in zip(curve['step2sd'], curve['n'])) + " |")
+        md.append("| step2sd Delta sqrt(n) | " + " | ".join(f"{v * math.sqrt(n):.3f}" for v, n in zip(curve['step2sd'], curve['n'])) + " |")
         md.append("")
     md += attacks_section(fig_dir)
     md.append(OFF_TEXT)

@@ -14,8 +14,8 @@ comparable to the indicator's ``Delta`` (the best attack's advantage averaged ov
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -2,11 +2,14 @@
 
 Per setting: one dataset is drawn, the model trained (closed-form OLS or Newton MLE), and
 ``sigma``, ``w`` estimated by :func:`mis_lightning.estimation.estimate` (``mode="exact"``);
-the indicator of each grid is then computed by the library: the functional core
-(:func:`~mis_lightning.functional.cell_statistics` + ``record_leakage``) for the step grids
-(not registered schemes), :func:`mis_lightning.assess.score` with the real ``rtn_int*``
-scheme for the absmax grids. The interval is the parametric bootstrap of method.md
-section 7 (cell statistics re-evaluated around ``theta_hat + sigma * xi``), p10-p90.
+the indicator of each grid is then computed by the library as shipped,
+:func:`mis_lightning.assess.score`: with the real ``rtn_int*`` scheme for the absmax grids
+(so the weights the released scale gives away are scored as unquantized, ``revealed`` of
+:class:`~mis_lightning.quantization.base.ParamGrid`), and with :class:`StepScheme` -- the
+step grid written as an affine ``ParamGrid`` (``scale = step``, float zero point
+``offset - origin / step``) -- for the step and fixed grids. The interval is the report's
+``SchemeResult.interval``: parametric-bootstrap p10-p90 widened to contain the plug-in and
+by 1.28 standard errors of the mean over records (``assess._interval``).
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ from torch import nn
 
 from ..assess import score
 from ..estimation import estimate
-from ..functional import cell_statistics, record_leakage, saturate
+from ..functional import saturate
 from ..functional.cells import SQRT_2_OVER_PI
 from ..quantization import get_scheme
-from .ground_truth import AbsmaxGrid, Grid, Setting, StepGrid, TruthResult, _edges_around, draw_records
+from ..quantization.base import ParamGrid, QuantizationScheme
+from .ground_truth import (
+    Grid,
+    Setting,
+    StepGrid,
+    TruthResult,
+    draw_records,
+)
 
 
 class _Linear(nn.Module):
@@ -70,36 +80,70 @@ def train_and_estimate(s: Setting, rng: np.random.Generator, num_records: int | 
     return th, est, model, (x, y)
 
 
-def _step_value(grid: StepGrid, theta: np.ndarray, sigma: np.ndarray, w: torch.Tensor, n: int,
-                gen: torch.Generator, num_samples: int = 2048) -> float:
-    edges = _edges_around(grid, theta, sigma, 20)
-    st = cell_statistics(torch.from_numpy(theta), torch.from_numpy(sigma), torch.from_numpy(edges))
-    return float(record_leakage(w, st, n, method="auto", num_samples=num_samples, generator=gen).mean())
+# Code range of a step grid as an affine grid: wide enough never to be reached.
+_STEP_QRANGE = 2**40
+
+
+class StepScheme(QuantizationScheme):
+    """A :class:`StepGrid` as a quantization scheme, so that ``score`` can rate it.
+
+    Round-to-nearest on ``origin_j + (k - offset) step_j`` is the affine grid
+    ``(q - zp_j) * scale_j`` with ``scale_j = step_j``, float zero point
+    ``zp_j = offset - origin_j / step_j`` and ``q = k``. The grid is fixed (does not depend
+    on the weights): ``scale_rule = "none"``, nothing is revealed.
+    """
+
+    backend = "builtin"
+    scale_rule = "none"
+
+    def __init__(self, grid: StepGrid) -> None:
+        super().__init__()
+        self.grid = grid
+        self.name = f"step:{grid.name}"
+
+    @torch.no_grad()
+    def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
+        lin = model.linear
+        w = lin.weight
+        th = w.detach().reshape(-1).to(torch.float64).numpy()
+        d = th.shape[0]
+        step = np.broadcast_to(np.asarray(self.grid.step, dtype=np.float64), (d,))
+        origin = np.broadcast_to(np.asarray(self.grid.origin, dtype=np.float64), (d,))
+        zp = self.grid.offset - origin / step
+        codes = self.grid.codes(th)
+        deq = origin + (codes - self.grid.offset) * step
+        w.copy_(torch.from_numpy(deq).reshape(w.shape).to(w.dtype))
+        grid = ParamGrid(
+            name="linear.weight", shape=tuple(w.shape), kind="affine",
+            dequantized=torch.from_numpy(deq).reshape(w.shape).to(torch.float32), bits_per_weight=64.0,
+            scale=torch.from_numpy(step.copy()).reshape(w.shape), block_size=(1, 1),
+            zero_point=torch.from_numpy(zp.copy()).reshape(w.shape), qmin=-_STEP_QRANGE, qmax=_STEP_QRANGE,
+            codes=torch.from_numpy(codes).reshape(w.shape),
+        )
+        return {"linear.weight": grid}, []
+
+
+def scheme_for(grid: Grid) -> QuantizationScheme:
+    """The library scheme that releases ``grid``."""
+    if isinstance(grid, StepGrid):
+        return StepScheme(grid)
+    return get_scheme(f"rtn_int{grid.bits}")
 
 
 def indicator(s: Setting, grids: list[Grid], est, model: nn.Module, draws: int = 32,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(value [G], interval [G, 2], baseline [G])`` of each grid from one trained model."""
-    name = est.names[0]
-    th = est.theta[name].numpy()
-    sg = est.sigma[name].numpy()
+    """``(value [G], interval [G, 2], baseline [G])`` of each grid from one trained model,
+    all from :func:`mis_lightning.assess.score` (point value and ``SchemeResult.interval``)."""
     w = est.w
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
     val = np.zeros(len(grids))
-    iv = np.zeros((len(grids), 2))
-    for g, grid in enumerate(grids):
-        if isinstance(grid, StepGrid):
-            val[g] = _step_value(grid, th, sg, w, est.n, gen)
-            if draws:
-                bs = [_step_value(grid, th + sg * rng.standard_normal(th.shape), sg, w, est.n, gen, 512)
-                      for _ in range(draws)]
-                iv[g] = np.quantile(bs, [0.1, 0.9])
-        else:
-            rep = score(est, model, [get_scheme(f"rtn_int{grid.bits}")], uncertainty_draws=draws, seed=seed)
-            r = rep.schemes[f"rtn_int{grid.bits}"]
-            val[g] = r.leakage
-            iv[g] = r.interval if r.interval is not None else (np.nan, np.nan)
+    iv = np.full((len(grids), 2), np.nan)
+    schemes = [scheme_for(g) for g in grids]
+    rep = score(est, model, schemes, uncertainty_draws=draws, seed=seed)
+    for g, sch in enumerate(schemes):
+        r = rep.schemes[sch.name]
+        val[g] = r.leakage
+        if r.interval is not None:
+            iv[g] = r.interval
     base = float(saturate(SQRT_2_OVER_PI * w.norm(dim=-1) / (2 * math.sqrt(est.n))).mean())
     return val, iv, np.full(len(grids), base)
 
