@@ -19,6 +19,7 @@ Prints a markdown table (docs/functional-accuracy.md).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import time
 
@@ -41,7 +42,7 @@ NEFF_BINS = (1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, math.inf)
 
 
 def random_configuration(gen: torch.Generator):
-    d = int(round(math.exp(torch.empty(1, dtype=F64).uniform_(math.log(2), math.log(500), generator=gen).item())))
+    d = round(math.exp(torch.empty(1, dtype=F64).uniform_(math.log(2), math.log(500), generator=gen).item()))
     if torch.rand(1, generator=gen).item() < 0.5:
         h = torch.full((d,), math.exp(torch.empty(1, dtype=F64).uniform_(math.log(0.5), math.log(8.0), generator=gen).item()), dtype=F64)
         grid = f"{h[0].item():.2g}"
@@ -49,7 +50,7 @@ def random_configuration(gen: torch.Generator):
         h = torch.exp(torch.empty(d, dtype=F64).uniform_(math.log(0.5), math.log(8.0), generator=gen))
         grid = "mixed"
     offset = torch.rand(d, dtype=F64, generator=gen) * h
-    k = 2 * int(math.ceil(10.0 / h.min().item())) + 2
+    k = 2 * math.ceil(10.0 / h.min().item()) + 2
     u = offset[:, None] + (torch.arange(k, dtype=F64) - k // 2)[None, :] * h[:, None]
     u = torch.where(u.abs() > 10, torch.where(u > 0, math.inf, -math.inf), u)
     inf = torch.full((d, 1), math.inf, dtype=F64)
@@ -130,7 +131,7 @@ def _table(name, bins, key, err, rse, signed) -> None:
     print(f"| {name} | records | median \\|err\\| | p90 \\|err\\| | max \\|err\\| | max (\\|err\\| - 2 se) | "
           "median MC se |")
     print("|---|---|---|---|---|---|---|")
-    for lo, hi in zip(bins[:-1], bins[1:]):
+    for lo, hi in itertools.pairwise(bins):
         sel = (key >= lo) & (key < hi)
         if not sel.any():
             continue

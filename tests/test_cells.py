@@ -134,7 +134,7 @@ def test_cell_statistics_invariants(g):
     # at the same infinity has no inside; skip those.
     a = torch.tensor(alpha)
     lo, hi = a[:, :-1], a[:, 1:]
-    real = ~((torch.isinf(lo) & torch.isinf(hi) & (lo == hi)))
+    real = ~(torch.isinf(lo) & torch.isinf(hi) & (lo == hi))
     assert ((s.mean >= lo) | ~real).all() and ((s.mean <= hi) | ~real).all()
     # cell_moments is the same computation without per-cell tensors.
     m = cell_moments(theta, sigma, boundaries)

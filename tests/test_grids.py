@@ -67,8 +67,8 @@ def _reference_affine(theta, sigma, scale, zp, qmin, qmax, code=None, half_windo
         if bool(sel.any()):
             s = _reference_affine(theta[sel], sigma[sel], scale[sel], zp[sel], qmin, qmax,
                                   None if code is None else code[sel], half_window=hw)
-            for f in out:
-                out[f][sel] = getattr(s, f)
+            for f, t in out.items():
+                t[sel] = getattr(s, f)
     return type("Ref", (), out)
 
 

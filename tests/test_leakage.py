@@ -17,7 +17,7 @@ explicitly (4 combined standard errors).
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -60,7 +60,7 @@ STEPS = (0.5, 1.0, 2.0, 4.0)  # grid step in standard deviations of the mean, 1/
 POSITIONS = {"centre": 0.0, "quarter": 0.25, "boundary": 0.5}  # mu's offset in its cell
 
 
-@lru_cache(maxsize=None)
+@cache
 def _half_line_nodes(num: int = 200, reach: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
     """Gauss-Legendre nodes and N(0,1)-density weights on ``[0, reach]``."""
     t, wt = leggauss(num)
@@ -159,7 +159,7 @@ def test_quadrature_rules():
     # Smooth integrands agree with Gauss-Hermite (an independent rule).
     xh, wh = hermegauss(60)
     wh = wh / math.sqrt(2 * math.pi)
-    f = lambda z: np.cos(z) + z**4  # noqa: E731
+    f = lambda z: np.cos(z) + z**4
     assert np.sum(weights * f(nodes)) == pytest.approx(np.sum(wh * f(xh + 0.3)), abs=1e-12)
 
 
@@ -238,7 +238,7 @@ def gaussian_model(d: int, h, n: int, num_records: int, gen: torch.Generator):
     big_sigma = torch.empty(d, dtype=F64).uniform_(0.5, 2.0, generator=gen)
     sigma = (big_sigma / n).sqrt()
     offset = torch.rand(d, dtype=F64, generator=gen) * hs
-    k = int(math.ceil(32 / hs.min().item())) + 2
+    k = math.ceil(32 / hs.min().item()) + 2
     u = offset[:, None] + (torch.arange(k, dtype=F64) - k // 2)[None, :] * hs[:, None]
     u = torch.where(u.abs() > 16, torch.where(u > 0, math.inf, -math.inf), u)
     inf = torch.full((d, 1), math.inf, dtype=F64)
@@ -371,7 +371,7 @@ def test_mc_and_clt_agree_for_large_d_and_auto_picks_clt():
     theta = torch.zeros(d, dtype=F64)
     sigma = torch.ones(d, dtype=F64)
     offset = torch.rand(d, dtype=F64, generator=gen) * hs
-    k = 2 * int(math.ceil(10 / hs.min().item())) + 2
+    k = 2 * math.ceil(10 / hs.min().item()) + 2
     u = offset[:, None] + (torch.arange(k, dtype=F64) - k // 2)[None, :] * hs[:, None]
     u = torch.where(u.abs() > 10, torch.where(u > 0, math.inf, -math.inf), u).sort(dim=1).values
     inf = torch.full((d, 1), math.inf, dtype=F64)
