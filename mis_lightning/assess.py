@@ -242,7 +242,10 @@ def score(
             f"{diagnostics['gradient_norm_ratio']:.3g}): the M-estimator analysis may not apply"
         )
     if diagnostics.get("negative_curvature"):
-        report.warnings.append("the Hessian has negative curvature; damping was applied")
+        report.warnings.append(
+            "the Hessian has negative curvature (not at a strict minimum); its eigenvalues were "
+            "replaced by their magnitudes (see diagnostics)"
+        )
     return report
 
 

@@ -471,18 +471,25 @@ class MomentAccumulator:
             V = st["gg_sum"].to(cpu) / n - torch.outer(gbar, gbar)
             H = st["H_sum"].to(cpu) / n + weight_decay * torch.eye(d, dtype=torch.float64)
             H = 0.5 * (H + H.T)
-            evals = torch.linalg.eigvalsh(H)
+            evals, evecs = torch.linalg.eigh(H)
             lo, hi = float(evals[0]), float(evals[-1])
-            added = 0.0
-            if lo <= damping * max(abs(hi), 1e-300):
-                added = damping * max(abs(hi), 1e-300) - lo
-                H = H + added * torch.eye(d, dtype=torch.float64)
+            floor = damping * max(abs(hi), 1e-300)
+            flipped = int((evals < 0).sum())
+            floored = int((evals.abs() < floor).sum())
+            # Indefinite or singular H (a model near a saddle, or a flat direction): shifting
+            # the whole spectrum up to the floor would leave a near-zero eigenvalue and an
+            # unbounded variance along it. Use |eigenvalues| (the curvature's magnitude, as
+            # saddle-free Newton does) floored at damping * max instead; reported below.
+            fixed = evals.abs().clamp_min(floor)
+            if flipped or floored:
+                H = (evecs * fixed) @ evecs.T
             diagnostics.update(
                 hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
                 hessian_condition=(hi / lo) if lo > 0 else math.inf,
-                negative_curvature=lo < 0, damping_added=added,
+                negative_curvature=lo < 0, negative_eigenvalues_flipped=flipped,
+                eigenvalues_floored=floored,
             )
-            Hinv = torch.linalg.inv(H)
+            Hinv = (evecs / fixed) @ evecs.T
             Sigma = Hinv @ V @ Hinv
             Sigma = 0.5 * (Sigma + Sigma.T)
             sdiag = torch.diagonal(Sigma).clamp_min(0.0)
