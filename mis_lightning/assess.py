@@ -371,10 +371,14 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int) -> dict[st
                 main_idx = [0] + [s for s, _ in spans]
                 gm, vd = est._g_mean[name], est._v_diag[name]
                 s2 = factored_power_sums(fac, gm, vd, K, 2, bias=is_bias)
-                s4 = factored_power_sums(fac, gm, vd, M4 - 3.0 * K[:, main_idx].square(), 4, bias=is_bias)
+                Km = K[:, main_idx]
+                s4 = factored_power_sums(fac, gm, vd, torch.cat([M4 - 3.0 * Km.square(), Km.square()], 1),
+                                         4, bias=is_bias)
+                nm = len(main_idx)
                 out[name] = [F.CltSums(s2[:, m].clone(), torch.zeros(R, dtype=torch.float64)) for m in range(K.shape[1])]
                 for j, m in enumerate(main_idx):
                     out[name][m].s4 = s4[:, j].clone()
+                    out[name][m].s22 = s4[:, nm + j].clone()
         return out
     for r0, r1, wd in est.iter_w(est.names):
         for name, w in wd.items():
@@ -386,11 +390,16 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int) -> dict[st
             w2 = w.to(torch.float64).square()
             s2 = w2 @ K  # [b, M]
             main_idx = [0] + [s for s, _ in spans]
-            s4 = w2.square() @ (M4 - 3.0 * K[:, main_idx].square())  # [b, 1 + S]
+            w4 = w2.square()
+            Km = K[:, main_idx]
+            s4 = w4 @ (M4 - 3.0 * Km.square())  # [b, 1 + S]
+            s22 = w4 @ Km.square()
             for m in range(K.shape[1]):
                 out[name][m].s2[r0:r1] += s2[:, m]
             for j, m in enumerate(main_idx):
                 out[name][m].s4[r0:r1] += s4[:, j]
+                assert out[name][m].s22 is not None
+                out[name][m].s22[r0:r1] += s22[:, j]
     return out
 
 
@@ -406,6 +415,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     main = {name: sums[name][idx] for name in est.names}
     total = _total(main, R)
     clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
+    n_eff = float(total.effective_terms().min()) if R else math.inf
     layers = prep.layers
     for name in est.names:
         lk = float(main[name].leakage(n).mean())
@@ -416,15 +426,16 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     if method == "auto":
         if d == 1 and prep.grids:
             chosen = "exact1d"
-        elif clt_err <= F.CLT_TOLERANCE:
+        elif clt_err <= F.CLT_TOLERANCE and n_eff >= F.CLT_MIN_TERMS:
             chosen = "clt"
         elif est.w is not None and _coarse_count(kappas) <= MC_MAX_COORDS:
             chosen = "mc"
         else:
             chosen = "clt"
     notes = list(prep.notes)
-    if chosen == "clt" and clt_err > F.CLT_TOLERANCE:
-        notes.append(f"Gaussian form used beyond its tolerance (Edgeworth error estimate {clt_err:.3g})")
+    if chosen == "clt" and (clt_err > F.CLT_TOLERANCE or n_eff < F.CLT_MIN_TERMS):
+        notes.append(f"Gaussian form used beyond its tolerance (Edgeworth error estimate {clt_err:.3g}, "
+                     f"{n_eff:.3g} effective coordinates for the least spread record)")
     if chosen == "exact1d":
         if d != 1:
             raise ValueError(f"method='exact1d' needs d = 1 assessed weight, got d = {d}")

@@ -73,11 +73,13 @@ class CltSums:
 
     s2: Tensor
     s4: Tensor
+    #: ``sum_j (w_rj^2 kappa_j)^2`` (for :meth:`effective_terms`); ``None`` = not tracked.
+    s22: Tensor | None = None
 
     @classmethod
     def zeros(cls, num_records: int, device: torch.device | str | None = None) -> CltSums:
         z = torch.zeros(num_records, dtype=torch.float64, device=device)
-        return cls(z, z.clone())
+        return cls(z, z.clone(), z.clone())
 
     def add_(self, w: Tensor, kappa: Tensor, m4: Tensor | None = None) -> CltSums:
         """Accumulate a coordinate chunk: ``w [R, c]``, ``kappa [c]``, ``m4 [c]`` (optional)."""
@@ -85,11 +87,27 @@ class CltSums:
         k = kappa.to(torch.float64)
         self.s2 += w2 @ k
         if m4 is not None:
-            self.s4 += w2.square() @ (m4.to(torch.float64) - 3.0 * k * k)
+            w4 = w2.square()
+            self.s4 += w4 @ (m4.to(torch.float64) - 3.0 * k * k)
+            if self.s22 is None:
+                self.s22 = torch.zeros_like(self.s2)
+            self.s22 += w4 @ (k * k)
         return self
 
     def __add__(self, other: CltSums) -> CltSums:
-        return CltSums(self.s2 + other.s2, self.s4 + other.s4)
+        if self.s22 is None or other.s22 is None:
+            s22 = None
+        else:
+            s22 = self.s22 + other.s22
+        return CltSums(self.s2 + other.s2, self.s4 + other.s4, s22)
+
+    def effective_terms(self) -> Tensor:
+        """``[R]`` effective number of contributing coordinates ``s2^2 / s22`` (``inf`` where a
+        record has no leakage or ``s22`` is not tracked); see :func:`effective_terms`."""
+        if self.s22 is None:
+            return torch.full_like(self.s2, math.inf)
+        return torch.where(self.s22 > 0, self.s2.square() / self.s22.clamp_min(1e-300),
+                           torch.full_like(self.s2, math.inf))
 
     def excess_kurtosis(self) -> Tensor:
         """``[R]`` excess kurtosis of ``sum_j w_j m_j`` (0 where the record has no leakage)."""
