@@ -74,7 +74,9 @@ def main(root: str | None = None, max_epochs: int = 30) -> Path:
 
     # the callback: per-sample loss of the objective's data term, its L2 coefficient, and a
     # cheap estimator (diagonal sandwich, Gauss-Newton Hessian diagonal) for this 161-weight MLP
-    mis = MISCallback(["rtn_int8", "rtn_int4", "rtn_int2"], weight_decay=WEIGHT_DECAY,
+    # (per-channel int4/int2: torchao's default per-group-32 needs layers 32 wide or more)
+    mis = MISCallback(["int8_weight_only", "int4_weight_only_per_channel", "int2_weight_only_per_channel"],
+                      weight_decay=WEIGHT_DECAY,
                       estimation="diagonal", hessian="ggn",
                       loss_fn=lambda outputs, targets: 0.5 * (outputs - targets) ** 2)
     trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, callbacks=[mis],

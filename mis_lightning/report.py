@@ -233,6 +233,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
         base = ok[0]["baseline_leakage"]
         ax.axhline(base, ls="--", color="gray", lw=1, label="unquantized baseline")
         ax.legend(loc="best", fontsize=8)
+    ax.margins(x=0.3, y=0.15)  # room for the scheme labels
     ax.set_xlabel((uk.removeprefix("utility_") if uk else "bits per weight") + " (validation)")
     ax.set_ylabel("leakage = best-attack advantage (1 - MIS)")
     ax.set_title("Privacy-utility trade-off of quantization schemes")
