@@ -157,7 +157,7 @@ def test_torchao_negative_row_extreme_sits_on_an_edge():
         w[:, 0] = -0.6
         model[0].weight.copy_(w)
     seen = set()
-    for s in range(24):
+    for _ in range(24):
         with torch.no_grad():
             m = nn.Sequential(nn.Linear(32, 16))
             m[0].weight.copy_(w + 0.01 * torch.randn(16, 32, generator=g))

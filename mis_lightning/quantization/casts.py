@@ -103,7 +103,7 @@ class DtypeCast(QuantizationScheme):
                     bits_per_weight=bits, scale=torch.ones([1] * len(shape), dtype=torch.float32),
                     block_size=shape, values=values,
                 )
-            for bname, b in module.named_buffers(recurse=False):
+            for _bname, b in module.named_buffers(recurse=False):
                 if b is not None and b.is_floating_point() and id(b) not in done:
                     done.add(id(b))
                     b.copy_(b.to(self.dtype).to(b.dtype))
