@@ -55,3 +55,31 @@ def test_quick_headline_agreement():
     # full run: median |rel. err| ~0.03-0.05 on such grids (docs/validation.md); tolerance 0.10
     assert np.median(rel) < 0.10, (cmp.value, cmp.truth)
     assert cmp.spearman >= 0.6
+
+
+def test_step_scheme_matches_functional_core():
+    """A step grid scored through ``assess.score`` (StepScheme: affine grid with a float zero
+    point) equals the functional core on the same cells (Gaussian form), and its interval
+    (the report's) contains the plug-in."""
+    from mis_lightning.functional import cell_statistics, record_leakage
+
+    s = GT.make_setting("linear", 3, 1000)
+    _, est, model, _ = C.train_and_estimate(s, np.random.default_rng(0))
+    th, sg = est.theta[est.names[0]].numpy(), est.sigma[est.names[0]].numpy()
+    for grid in (GT.StepGrid("s2", sg * 2, offset=0.3, origin=s.theta_star), GT.StepGrid("fixed", np.full(3, 0.05))):
+        rep = C.score(est, model, [C.StepScheme(grid)], method="clt", uncertainty_draws=8)
+        r = rep.schemes[f"step:{grid.name}"]
+        st = cell_statistics(torch.from_numpy(th), torch.from_numpy(sg), torch.from_numpy(GT._edges_around(grid, th, sg, 20)))
+        ref = float(record_leakage(est.w, st, est.n, method="clt").mean())
+        assert abs(r.leakage / ref - 1) < 1e-3, (r.leakage, ref)
+        assert r.interval[0] <= r.leakage <= r.interval[1]
+
+
+def test_absmax_d1_scored_as_unquantized():
+    """d = 1: every rtn release is theta-hat itself (the scale gives it away); the library's
+    revealed rule scores it as unquantized, and the validation uses that rule."""
+    s = GT.make_setting("linear", 1, 1000)
+    _, est, model, _ = C.train_and_estimate(s, np.random.default_rng(1))
+    grids = [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
+    val, _, base = C.indicator(s, grids, est, model, draws=0)
+    np.testing.assert_allclose(val, base, rtol=1e-6)
