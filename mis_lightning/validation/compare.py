@@ -196,6 +196,7 @@ def compare(s: Setting, grids: list[Grid], truth: TruthResult, seed: int = 0, dr
         c.spread = np.quantile(vals, [0.1, 0.9], axis=0).T
         c.spread_median = np.median(vals, axis=0)
         c.coverage = np.mean(cover, axis=0)
+        c.extra["n_models"] = n_models
     return c
 
 
