@@ -31,6 +31,10 @@ FINE_STEP = 0.5
 # Window half-widths (number of edges each side) used for the remaining elements.
 _WINDOW_BUCKETS = (2, 3, 4, 6, 10, 18)
 _MAX_WINDOW = 512
+# Floats per [rows, edges] working tensor of the windowed sums: small enough that a dozen
+# temporaries stay in cache (eager torch is memory-bound here; measured in
+# benchmarks/cell_statistics_speed.py).
+_ROWS_BUDGET = 1 << 16
 # Window half-widths for value tables beyond their ``half_window`` (float grids get finer
 # towards zero, so a window may need many edges).
 _TABLE_BUCKETS = (32, 64, 128, 256)
@@ -226,7 +230,7 @@ def affine_cell_moments(
                 continue
             idx = idx_rest[sel]
             # Bound the [rows, 2m + 2] working set for wide windows.
-            step = max(1, (1 << 20) // (2 * m + 2))
+            step = max(1, _ROWS_BUDGET // (2 * m + 2))
             for a in range(0, idx.numel(), step):
                 ii = idx[a : a + step]
                 edges = affine_boundaries(th[ii], s[ii], zp[ii], qmin, qmax, m, code=q0[ii])
