@@ -65,7 +65,7 @@ def run_one(size: str, n: int, batch: int, device: str, schemes: list[str], thre
     # one epoch of Adam (the training reference), then a few more to get near a minimum
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=0.0)
     epoch_times = []
-    for ep in range(3):
+    for _ in range(3):
         sync()
         t0 = time.perf_counter()
         for xb, yb in loader:
