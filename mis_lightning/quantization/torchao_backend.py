@@ -36,6 +36,7 @@ reason if torchao or the config class is missing.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,31 @@ def _torchao_default_filter() -> Callable[[nn.Module], bool]:
             m, nn.modules.linear.NonDynamicallyQuantizableLinear)
 
 
+class _OptionalKernelNoise(logging.Filter):
+    """Drops torchao's import-time notices about optional GPU kernel libraries it cannot load
+    on this machine (``Failed to load .../_C_mxfp8...so``, ``Detected no triton``): they are
+    not about the CPU schemes used here. Everything else torchao logs passes through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Failed to load") or "Detected no triton" in msg)
+
+
+def _import_torchao_quantization() -> Any:
+    """``import torchao.quantization``, filtering only the optional-kernel notices of the
+    first import (the filters are removed again afterwards)."""
+    names = ("torchao", "torchao.kernel.intmm")
+    filt = _OptionalKernelNoise()
+    for n in names:
+        logging.getLogger(n).addFilter(filt)
+    try:
+        import torchao.quantization as aoq
+    finally:
+        for n in names:
+            logging.getLogger(n).removeFilter(filt)
+    return aoq
+
+
 def _torchao_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -84,7 +110,7 @@ class TorchAOScheme(QuantizationScheme):
 
     def check_available(self) -> None:
         try:
-            import torchao.quantization as aoq
+            aoq = _import_torchao_quantization()
         except Exception as exc:
             raise SchemeUnavailableError(
                 f"scheme {self.name!r} needs torchao, which cannot be imported here: "
