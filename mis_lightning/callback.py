@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -121,6 +122,51 @@ def _reloader(dl: Any, indices: list[int] | None, batch_size: int | None) -> Any
     idx = list(range(len(ds))) if indices is None else indices
     bs = batch_size or dl.batch_size or 64
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
+
+
+def _safe_len(x: Any) -> int | None:
+    try:
+        return len(x)
+    except TypeError:
+        return None
+
+
+class _NoBar:
+    def update(self, k: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(trainer: Any, total: int | None, desc: str) -> Any:
+    """A bar in the style of the Trainer's own progress bar callback (TQDM or Rich), on rank 0
+    only, and only if the Trainer shows one (``enable_progress_bar``)."""
+    pb = getattr(trainer, "progress_bar_callback", None)
+    if pb is None or not trainer.is_global_zero or getattr(pb, "is_disabled", False):
+        return _NoBar()
+    if "Rich" in type(pb).__name__:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        console = Console(file=sys.stderr)
+        prog = Progress(console=console, transient=console.is_terminal)
+        prog.start()
+        task = prog.add_task(desc, total=total)
+
+        class _RichBar:
+            def update(self, k: int = 1) -> None:
+                prog.advance(task, k)
+
+            def close(self) -> None:
+                prog.stop()
+
+        return _RichBar()
+    try:  # Lightning's own tqdm subclass (number formatting of its bars)
+        from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm as _Tqdm
+    except ImportError:  # pragma: no cover
+        from tqdm import tqdm as _Tqdm
+    return _Tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:
@@ -373,8 +419,13 @@ class _MISCallbackImpl:
             rank_zero_info(f"MISCallback: estimation pass ({metric.mode}, d={metric.accumulator.d}) "
                            f"over the training records ({world} process(es))")
         device = next(pl_module.parameters()).device
-        for batch in loader:
-            metric.update(_to_device(batch, device))
+        bar = _progress_bar(trainer, _safe_len(loader), "MIS estimation pass")
+        try:
+            for batch in loader:
+                metric.update(_to_device(batch, device))
+                bar.update(1)
+        finally:
+            bar.close()
         metric.compute()  # syncs the sums over processes (torchmetrics), then scores
         report = metric.report
         assert report is not None

@@ -310,3 +310,19 @@ def test_warning_free_when_all_is_well(tmp_path):
         warnings.simplefilter("always")
         fit(tmp_path, Regressor, [cb], max_epochs=1)
     assert not [w for w in rec if "MISCallback" in str(w.message)]
+
+
+def test_estimation_pass_shows_progress_with_the_trainers_bar(tmp_path, capsys):
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    pl.seed_everything(0)
+    train, val = loaders()
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_progress_bar=True,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(Regressor(), train, val)
+    err = capsys.readouterr().err
+    assert "MIS estimation pass" in err  # the TQDM bar of the Trainer's progress-bar style
+    assert cb.report is not None
+    # and no bar when the Trainer shows none
+    cb2 = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    fit(tmp_path / "quiet", Regressor, callbacks=[cb2], max_epochs=1)
+    assert "MIS estimation pass" not in capsys.readouterr().err
