@@ -181,7 +181,11 @@ def _uniform_table() -> tuple[float, float, float, Tensor]:
             inf = torch.full((_TABLE_NU, 1), math.inf, dtype=torch.float64)
             mm = moments_from_alpha_fast(torch.cat([-inf, alpha, inf], -1))
             vals[k] = torch.stack([mm.kappa, mm.lam, mm.m4], -1)
-        _TABLE = (lo, (hi - lo) / (_TABLE_NH - 1), 0.5 / (_TABLE_NU - 1), vals.reshape(-1, 3))
+        # Each entry holds its cell's four corners, so that a lookup is one gather of 12.
+        pad = torch.cat([vals, vals[-1:]], 0)
+        pad = torch.cat([pad, pad[:, -1:]], 1)
+        corners = torch.cat([pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]], -1)
+        _TABLE = (lo, (hi - lo) / (_TABLE_NH - 1), 0.5 / (_TABLE_NU - 1), corners.reshape(-1, 12))
     return _TABLE
 
 
@@ -195,10 +199,10 @@ def uniform_table_moments(h: Tensor, t: Tensor) -> CellMoments:
     y = ((t.abs() / h) / du).clamp(0.0, _TABLE_NU - 1 - 1e-9)
     i, j = x.floor(), y.floor()
     wx, wy = (x - i).unsqueeze(-1), (y - j).unsqueeze(-1)
-    base = (i * _TABLE_NU + j).long()
-    v00, v01 = table[base], table[base + 1]
-    v10, v11 = table[base + _TABLE_NU], table[base + _TABLE_NU + 1]
-    v = (1 - wx) * ((1 - wy) * v00 + wy * v01) + wx * ((1 - wy) * v10 + wy * v11)
+    corners = table.index_select(0, (i * _TABLE_NU + j).long())  # [c, 12]
+    v0 = torch.lerp(corners[:, 0:3], corners[:, 3:6], wy)
+    v1 = torch.lerp(corners[:, 6:9], corners[:, 9:12], wy)
+    v = torch.lerp(v0, v1, wx)
     return CellMoments(kappa=v[:, 0], lam=v[:, 1], m4=v[:, 2], coverage=torch.ones_like(h))
 
 
