@@ -118,6 +118,12 @@ def _flat_names(program: LossProgram) -> tuple[dict[str, tuple[int, int]], int]:
     return offsets, start
 
 
+def _slice_rows(tree: Any, rows: Tensor) -> Any:
+    """The given rows of every tensor in a pytree."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t[rows.to(t.device)] if isinstance(t, Tensor) else t, tree)
+
+
 def _slice_tree(tree: Any, a: int, b: int) -> Any:
     """Rows ``a:b`` of every tensor in a pytree."""
     return torch.utils._pytree.tree_map(lambda t: t[a:b] if isinstance(t, Tensor) else t, tree)
@@ -399,11 +405,23 @@ class MomentAccumulator:
             st["h_sum"][sl] += h.to(dev)
         st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
         keys = record_keys(raw_inputs, raw_targets, b) if self.selection == "hash" else None
-        if self.keep_w:
-            flat = self.factored.record_gradients(fac, b).to(dev, torch.float64)
+        # Only the rows that can still be stored are materialised (a [rows, d] tensor).
+        if keys is None:
+            kept = sum(int(t.shape[0]) for t in st["rec_grad"]) if self.keep_w else sum(
+                _batch_size_of(t) for t in st["rec_y"])
+            rows = torch.arange(min(max(self.num_records - kept, 0), b))
         else:
-            flat = torch.empty(b, 0)
-        self._store(st, flat, inputs, targets, keys)
+            stored = _cat(st["rec_key"])
+            if stored is not None and stored.numel() >= self.num_records:
+                rows = torch.nonzero(keys < stored.max().cpu()).squeeze(-1)
+            else:
+                rows = torch.arange(b)
+        if rows.numel():
+            sub = {m: tuple(t[rows] for t in v) for m, v in fac.items()}
+            flat = (self.factored.record_gradients(sub, rows.numel()).to(dev, torch.float64)
+                    if self.keep_w else torch.empty(rows.numel(), 0))
+            self._store(st, flat, _slice_rows(inputs, rows), _slice_rows(targets, rows),
+                        None if keys is None else keys[rows])
         st["n"] += b
 
     def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
