@@ -39,12 +39,30 @@ def _dtype_bits(t: Tensor) -> int:
     return torch.finfo(t.dtype).bits if t.is_floating_point() else 8 * t.element_size()
 
 
-def _check_model_finite(model: nn.Module, names: Sequence[str]) -> None:
-    params = dict(model.named_parameters())
+ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
+
+
+def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
+    """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
+    ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). Unknown names, an
+    empty selection and NaN/inf weights raise errors that name the culprit."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+    elif callable(params):
+        names = [n for n, p in named.items() if params(n, p)]
+    else:
+        names = list(params)
+        unknown = [n for n in names if n not in named]
+        if unknown:
+            raise KeyError(f"params not in the model: {unknown}; the model has {list(named)}")
+    if not names:
+        raise ValueError("no parameter selected for assessment")
     for n in names:
-        p = params[n]
+        p = named[n]
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
+    return names
 
 
 def assess(
@@ -103,20 +121,8 @@ def assess(
     """
     if isinstance(schemes, (str, QuantizationScheme)):
         schemes = [schemes]
-    scheme_objs = _resolve_schemes(schemes)
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-    elif callable(params):
-        names = [n for n, p in named.items() if params(n, p)]
-    else:
-        names = list(params)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise KeyError(f"params not in the model: {unknown}; the model has {list(named)}")
-    if not names:
-        raise ValueError("no parameter selected for assessment")
-    _check_model_finite(model, names)
+    scheme_objs = resolve_schemes(schemes)
+    names = select_params(model, params)
     gen = torch.Generator().manual_seed(seed)
     est = estimate(
         model, train_dataloader, loss_fn, param_names=names, mode=estimation, hessian=hessian,  # type: ignore[arg-type]
@@ -132,7 +138,7 @@ def assess(
     )
 
 
-def _resolve_schemes(schemes: Sequence[SchemeSpec]) -> list[QuantizationScheme]:
+def resolve_schemes(schemes: Sequence[SchemeSpec]) -> list[QuantizationScheme]:
     out = [get_scheme(s) for s in schemes]
     seen: set[str] = set()
     for s in out:
@@ -168,7 +174,7 @@ def score(
     """
     if method not in ("auto", "mc", "clt", "exact1d"):
         raise ValueError(f"method must be 'auto', 'mc', 'clt' or 'exact1d', got {method!r}")
-    scheme_objs = _resolve_schemes(list(schemes))
+    scheme_objs = resolve_schemes(list(schemes))
     n = est.n
     if n < 2:
         raise ValueError(f"n (number of training records) must be >= 2, got {n}")

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torchmetrics import Metric
 
-from .assess import SchemeSpec, score
+from .assess import SchemeSpec, score, select_params
 from .estimation.estimate import (
     DEFAULT_BUDGET,
     EXACT_MAX_PARAMS,
@@ -123,22 +123,6 @@ def hook_program(model: nn.Module) -> tuple[LossFn, BatchFn, type[LossProgram]]:
     if not callable(getattr(model, HOOK_NAME, None)):
         raise TypeError(f"{type(model).__name__} has no {HOOK_NAME}(batch) method")
     return _passthrough_loss, _hook_batch_fn, _HookProgram
-
-
-def _select_params(model: nn.Module, params: Sequence[str] | Callable[[str, Tensor], bool] | None) -> list[str]:
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-    elif callable(params):
-        names = [n for n, p in named.items() if params(n, p)]
-    else:
-        names = list(params)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise KeyError(f"params not in the model: {unknown}; the model has {list(named)}")
-    if not names:
-        raise ValueError("no parameter selected for assessment")
-    return names
 
 
 def _t(x: float) -> Tensor:
@@ -242,9 +226,9 @@ class MISIndicator(Metric):
             schemes = [schemes]  # type: ignore[list-item]
         if not schemes:
             raise ValueError("schemes must name at least one quantization scheme")
-        from .assess import _resolve_schemes
+        from .assess import resolve_schemes
 
-        self.schemes = _resolve_schemes(list(schemes))  # fails early on unknown names
+        self.schemes = resolve_schemes(list(schemes))  # fails early on unknown names
         program_cls: type[LossProgram] = LossProgram
         self.uses_hook = False
         if loss_fn is None:
@@ -258,7 +242,7 @@ class MISIndicator(Metric):
                     f"{type(model).__name__} defines neither {HOOK_NAME}(batch) nor per_sample_loss"
                     "(outputs, targets): pass loss_fn=lambda outputs, targets: <per-sample losses [B]>"
                 )
-        names = _select_params(model, params)
+        names = select_params(model, params)
         if self.uses_hook:
             d = sum(dict(model.named_parameters())[n].numel() for n in names)
             if hessian == "ggn":

@@ -88,7 +88,7 @@ class Report:
             "n": self.n,
             "d": self.d,
             "estimation": self.estimation,
-            "diagnostics": _plain(self.diagnostics),
+            "diagnostics": to_plain(self.diagnostics),
             "baseline_leakage": self.baseline_leakage,
             "baseline_mis": self.baseline_mis,
             "warnings": list(self.warnings),
@@ -96,7 +96,7 @@ class Report:
         }
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
-        text = json.dumps(_plain(self.to_dict()), indent=indent)
+        text = json.dumps(to_plain(self.to_dict()), indent=indent)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(text)
@@ -153,16 +153,17 @@ class Report:
         return privacy_utility_figure(self.rows(), path, utility_key)
 
 
-def _plain(x: Any) -> Any:
+def to_plain(x: Any) -> Any:
+    """JSON-ready copy of nested dicts/lists/tensors/numbers (non-finite floats as strings)."""
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): to_plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [to_plain(v) for v in x]
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if hasattr(x, "item") and callable(x.item):
         try:
-            return _plain(x.item())
+            return to_plain(x.item())
         except (ValueError, RuntimeError):
             return str(x)
     return x

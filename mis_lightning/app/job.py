@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mis_lightning.app.factories import resolve_schemes
 from mis_lightning.quantization import QuantizationScheme
-from mis_lightning.report import Report
+from mis_lightning.report import Report, to_plain
 
 __all__ = ["assess_schemes", "job_info", "output_dir", "run_job"]
 
@@ -98,23 +97,6 @@ def set_threads(setting: Any) -> int:
         raise ValueError(f"num_threads must be null, 'auto' or an integer >= 1, got {setting!r}")
     torch.set_num_threads(n)
     return n
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    if hasattr(x, "item"):
-        try:
-            return _plain(x.item())
-        except (ValueError, RuntimeError):
-            pass
-    return str(x)
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -228,24 +210,13 @@ def assess_schemes(
     (``i == len(schemes)``, ``name == ""``: all done, the joint scoring pass follows).
     ``on_estimate(records)`` is called during the estimation.
     """
-    from mis_lightning.assess import _resolve_schemes, score
+    from mis_lightning.assess import resolve_schemes as scheme_objects
+    from mis_lightning.assess import score, select_params
     from mis_lightning.estimation import estimate
     from mis_lightning.utility import evaluate_utility
 
-    objs = _resolve_schemes(list(schemes))
-    named = dict(model.named_parameters())
-    if params is None:
-        names = [n for n, p in named.items() if p.requires_grad]
-    else:
-        names = list(params)
-        unknown = [n for n in names if n not in named]
-        if unknown:
-            raise KeyError(f"params not in the model: {unknown}; the model has {list(named)}")
-    if not names:
-        raise ValueError("no parameter selected for assessment")
-    for n in names:
-        if named[n].is_floating_point() and not bool(torch.isfinite(named[n]).all()):
-            raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
+    objs = scheme_objects(list(schemes))
+    names = select_params(model, params)
     gen = torch.Generator().manual_seed(seed)
     est = estimate(
         model, train_dataloader, loss_fn, param_names=names, mode=estimation,  # type: ignore[arg-type]
@@ -425,7 +396,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
         "times_s": times,
         "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()},
     }
-    (out / cfg.output.result).write_text(json.dumps(_plain(result), indent=2))
+    (out / cfg.output.result).write_text(json.dumps(to_plain(result), indent=2))
 
     print(f"\nMIS of {type(model).__name__} on {cfg.data._target_.rsplit('.', 1)[-1]} "
           f"(n = {report.n}, d = {report.d}; baseline leakage {report.baseline_leakage:.4g})")
