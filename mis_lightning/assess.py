@@ -31,7 +31,10 @@ SchemeSpec = str | QuantizationScheme
 FROZEN_KAPPA = 1e-6
 # kappa of a uniform grid of step 0.5 sd: coordinates above it are scored as Gaussian in MC.
 _FINE_KAPPA = 1.0 - 0.25 / 12.0 + 0.0625 / 144.0
-MC_MAX_COORDS = 200_000
+# Monte Carlo form: records x coarse coordinates x draws it may cost (~a few seconds), and
+# the range of draws; "auto" falls back to the Gaussian form (with a note) beyond it.
+MC_FLOP_BUDGET = 500_000_000
+MIN_MC_SAMPLES, MAX_MC_SAMPLES = 4096, 32768
 DEFAULT_CHUNK = 1 << 18
 
 
@@ -82,7 +85,7 @@ def assess(
     metrics: Mapping[str, Any] | None = None,
     output_transform: OutputTransform | None = None,
     uncertainty_draws: int = 16,
-    num_samples: int = 4096,
+    num_samples: int | None = None,
     seed: int = 0,
     strict: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
@@ -110,6 +113,10 @@ def assess(
         val_dataloader, metrics, output_transform: utility of each quantized copy
             (``evaluate_utility``); the mean loss is always reported.
         uncertainty_draws: parametric-bootstrap draws for the (p10, p90) interval (0: none).
+        num_samples: Monte Carlo draws when that form is used; ``None`` takes as many as
+            ``MC_FLOP_BUDGET`` allows (4,096 to 32,768; standard error ~ 1/sqrt(draws)). Every
+            scheme uses the same random draws, so scheme-to-scheme differences are sharper
+            than each scheme's own Monte Carlo error.
         strict: raise on a failing scheme; otherwise record the error in the report.
         chunk_size: weights per chunk of the cell computations (memory bound).
         budget: floats held at once in per-sample buffers (default 2^25); above
@@ -155,7 +162,7 @@ def score(
     *,
     method: str = "auto",
     uncertainty_draws: int = 16,
-    num_samples: int = 4096,
+    num_samples: int | None = None,
     seed: int = 0,
     strict: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
@@ -224,7 +231,7 @@ def score(
     )
 
     # Phase C: per scheme, the chosen method, per-layer values and the interval.
-    for i, scheme in enumerate(scheme_objs):
+    for scheme in scheme_objs:
         if scheme.name in failures:
             report.schemes[scheme.name] = SchemeResult(
                 name=scheme.name, leakage=math.nan, mis=math.nan, baseline_leakage=baseline,
@@ -234,7 +241,9 @@ def score(
             )
             continue
         prep = next(p for p in prepared if p.scheme is scheme)
-        gen = torch.Generator().manual_seed(seed + 7919 * (i + 1))
+        # The same draws for every scheme (common random numbers): differences between
+        # schemes are then far less noisy than the schemes' own Monte Carlo errors.
+        gen = torch.Generator().manual_seed(seed + 7919)
         result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size)
         report.schemes[scheme.name] = result
         if result.d_eff / n > 0.1:
@@ -415,7 +424,7 @@ def _total(layer_sums: dict[str, F.CltSums], R: int) -> F.CltSums:
 
 def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]],
                    base_layers: dict[str, F.CltSums], baseline: float, method: str,
-                   num_samples: int, gen: torch.Generator, chunk: int) -> SchemeResult:
+                   num_samples: int | None, gen: torch.Generator, chunk: int) -> SchemeResult:
     R, n, d = est.num_records, est.n, est.d
     idx = prep.column
     main = {name: sums[name][idx] for name in est.names}
@@ -434,7 +443,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
             chosen = "exact1d"
         elif clt_err <= F.CLT_TOLERANCE and n_eff >= F.CLT_MIN_TERMS:
             chosen = "clt"
-        elif est.w is not None and _coarse_count(kappas) <= MC_MAX_COORDS:
+        elif est.w is not None and R * max(_coarse_count(kappas), 1) * MIN_MC_SAMPLES <= MC_FLOP_BUDGET:
             chosen = "mc"
         else:
             chosen = "clt"
@@ -449,6 +458,10 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     elif chosen == "mc":
         if est.w is None:
             raise ValueError("method='mc' needs the stored influences (a model small enough to keep w)")
+        if num_samples is None:  # as many draws as the budget allows (error ~ 1/sqrt(S))
+            coarse = max(_coarse_count(kappas), 1)
+            num_samples = int(min(MAX_MC_SAMPLES, max(MIN_MC_SAMPLES, MC_FLOP_BUDGET // (R * coarse))))
+        notes.append(f"Monte Carlo form with {num_samples} draws")
         leak = _mc_leakage(est, prep.grids, kappas, num_samples, gen, chunk, names=est.names)
         for name in est.names:
             if name in prep.grids:

@@ -209,7 +209,7 @@ class MISIndicator(Metric):
         batch_fn: BatchFn | None = None,
         method: str = "auto",
         uncertainty_draws: int = 16,
-        num_samples: int = 4096,
+        num_samples: int | None = None,
         seed: int = 0,
         strict: bool = False,
         budget: int = DEFAULT_BUDGET,

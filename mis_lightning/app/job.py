@@ -195,7 +195,7 @@ def assess_schemes(
     metrics: Any = None,
     output_transform: Callable | None = None,
     uncertainty_draws: int = 16,
-    num_samples: int = 4096,
+    num_samples: int | None = None,
     seed: int = 0,
     strict: bool = True,
     on_estimate: Callable[[int], None] | None = None,
@@ -357,7 +357,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
                 num_records=n_est, method=mis.method,
                 val_dataloader=dm.val_dataloader(), metrics=utility_metrics(task),
                 output_transform=functools.partial(metric_inputs, task=task),
-                uncertainty_draws=int(mis.uncertainty_draws), num_samples=int(mis.num_samples),
+                uncertainty_draws=int(mis.uncertainty_draws), num_samples=None if mis.num_samples is None else int(mis.num_samples),
                 seed=int(mis.seed), strict=bool(mis.strict),
                 on_estimate=lambda k: upd_est(completed=k), on_scheme=on_scheme,
             )
