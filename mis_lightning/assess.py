@@ -291,6 +291,8 @@ class _Prepared:
 
 # Floats of cell moments held per parameter for the joint pass (bootstrap draws are cut to fit).
 KAPPA_BUDGET = 1 << 27
+# Parameters above this many weights keep their cell moments in float32 until the joint pass.
+LARGE_PARAM = 1 << 20
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
@@ -319,7 +321,12 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
             ksum, frz, zero = float(numel), int((sg <= 0).sum()), 0.0
         else:
             k, m4, lam = _grid_moments(g, th, sg, chunk)
-            prep.kappa[name], prep.m4[name], prep.lam[name] = k, m4, lam
+            # Held until the joint pass: float32 for large tensors (8 bytes per weight and
+            # scheme instead of 24); lam only where the one-coordinate form can use it.
+            store = torch.float32 if numel > LARGE_PARAM else torch.float64
+            prep.kappa[name], prep.m4[name] = k.to(store), m4.to(store)
+            if est.d == 1:
+                prep.lam[name] = lam
             prep.draws[name], prep.lam_draws[name] = [], []
             for _ in range(prep.num_draws):
                 th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
@@ -330,6 +337,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
             bits = g.bits_per_weight
             ksum, frz = float(k.sum()), int((k < FROZEN_KAPPA).sum())
             zero = float((g.dequantized.reshape(-1) == 0).sum())
+            g.dequantized = g.dequantized.new_empty(0)  # not needed past this point: free it
             prep.zero += zero
             prep.quant += numel
         prep.bits += bits * numel
@@ -363,8 +371,8 @@ def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, 
     for p in prepared:
         start = len(cols)
         if name in p.kappa:
-            cols.append(p.kappa[name])
-            m4s.append(p.m4[name])
+            cols.append(p.kappa[name].to(torch.float64))
+            m4s.append(p.m4[name].to(torch.float64))
             cols.extend(d.to(torch.float64) for d in p.draws[name])
         else:  # left in float by this scheme: kappa = 1 in every column
             cols.append(cols[0])
@@ -441,7 +449,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         lk = float(main[name].leakage(n).mean())
         layers[name].leakage, layers[name].mis = lk, 1.0 - lk
         layers[name].baseline_leakage = float(base_layers[name].leakage(n).mean())
-    kappas = {name: ((prep.kappa[name], prep.m4[name]) if name in prep.kappa else None) for name in est.names}
+    kappas = {name: ((prep.kappa[name].double(), prep.m4[name].double()) if name in prep.kappa else None)
+              for name in est.names}
     chosen = method
     if method == "auto":
         if d == 1 and prep.grids:
