@@ -217,24 +217,30 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     import matplotlib.pyplot as plt
 
     uk = pick_utility_key(rows, utility_key)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ok = [r for r in rows if not r.get("error")]
+    ok = [r for r in rows if not r.get("error") and (r.get(uk) if uk else r["bits_per_weight"]) is not None]
+    # Few schemes: names next to the points; many (they cluster): a legend of colours/markers.
+    labels_inline = len(ok) <= 4
+    fig, ax = plt.subplots(figsize=(6.4 if labels_inline else 8.6, 4.6))
+    markers = "osD^vP*Xh<>p"
     for i, r in enumerate(ok):
         x = r.get(uk) if uk else r["bits_per_weight"]
         y = r["leakage"]
-        if x is None:
-            continue
+        style = dict(color=plt.get_cmap("tab20")(i % 20), marker=markers[i % len(markers)],
+                     linestyle="none", label=None if labels_inline else r["scheme"])
         if r.get("leakage_p10") is not None:
             ax.errorbar([x], [y], yerr=[[max(y - r["leakage_p10"], 0)], [max(r["leakage_p90"] - y, 0)]],
-                        fmt="o", capsize=3, color=f"C{i % 10}")
+                        capsize=3, **style)
         else:
-            ax.plot([x], [y], "o", color=f"C{i % 10}")
-        ax.annotate(r["scheme"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.plot([x], [y], **style)
+        if labels_inline:
+            ax.annotate(r["scheme"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if ok:
-        base = ok[0]["baseline_leakage"]
-        ax.axhline(base, ls="--", color="gray", lw=1, label="unquantized baseline")
-        ax.legend(loc="best", fontsize=8)
-    ax.margins(x=0.3, y=0.15)  # room for the scheme labels
+        ax.axhline(ok[0]["baseline_leakage"], ls="--", color="gray", lw=1, label="unquantized baseline")
+        if labels_inline:
+            ax.legend(loc="best", fontsize=8)
+        else:
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    ax.margins(x=0.3 if labels_inline else 0.08, y=0.15)
     ax.set_xlabel((uk.removeprefix("utility_") if uk else "bits per weight") + " (validation)")
     ax.set_ylabel("leakage = best-attack advantage (1 - MIS)")
     ax.set_title("Privacy-utility trade-off of quantization schemes")
