@@ -196,14 +196,12 @@ def score(
         corr = F.saturate(F.cells.SQRT_2_OVER_PI * est.mahalanobis / (2 * math.sqrt(n)))
         diagnostics["baseline_leakage_correlated"] = float(corr.mean())
 
-    # Phase A: quantize each scheme, evaluate its copy, and compute every parameter's cell
-    # moments (at theta-hat and at the bootstrap draws). Nothing here touches w.
+    # Phase A: quantize each scheme and evaluate its copy. Nothing here touches w or sigma.
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
-    for i, scheme in enumerate(scheme_objs):
-        gen = torch.Generator().manual_seed(seed + 1000 * (i + 1))
+    for scheme in scheme_objs:
         try:
-            prep = _prepare_scheme(est, model, scheme, uncertainty_draws, gen, chunk_size)
+            prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
             if utility_fn is not None:
                 prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
             elif val_dataloader is not None and loss_fn is not None:
@@ -217,13 +215,14 @@ def score(
             log.warning("scheme %s failed: %s", scheme.name, exc)
             failures[scheme.name] = f"{type(exc).__name__}: {exc}"
 
-    # Phase B: one pass over the records' influences accumulates every Gaussian-form sum
-    # (baseline, each scheme, each bootstrap draw) per parameter.
+    # Phase B: parameter by parameter, every scheme's cell moments (at theta-hat and at the
+    # bootstrap draws) and one pass over the records' influences for all of them.
     col = 1
     for prep in prepared:
         prep.column = col
         col += 1 + prep.num_draws
-    sums = _joint_sums(est, prepared, chunk_size)
+    # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
+    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.w is not None)
     base_layers = {name: sums[name][0] for name in est.names}
     base_total = _total(base_layers, R)
     baseline = float(base_total.leakage(n).mean())
@@ -270,7 +269,7 @@ def score(
 
 
 class _Prepared:
-    """A scheme's grids and per-parameter cell moments, before the pass over influences."""
+    """A scheme's grids, utility and figures; its cell moments are filled per parameter."""
 
     def __init__(self, scheme: QuantizationScheme) -> None:
         self.scheme = scheme
@@ -291,12 +290,11 @@ class _Prepared:
 
 # Floats of cell moments held per parameter for the joint pass (bootstrap draws are cut to fit).
 KAPPA_BUDGET = 1 << 27
-# Parameters above this many weights keep their cell moments in float32 until the joint pass.
-LARGE_PARAM = 1 << 20
 
 
-def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
-                    gen: torch.Generator, chunk: int) -> _Prepared:
+def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int) -> _Prepared:
+    """Quantize (the copy is kept for the utility evaluation) and collect the per-parameter
+    figures that need no sigma; the cell moments come later, one parameter at a time."""
     qres = scheme.apply(model)
     prep = _Prepared(scheme)
     prep.qmodel = qres.model
@@ -313,42 +311,57 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     if prep.num_draws < draws and prep.grids:
         prep.notes.append(f"uncertainty interval from {prep.num_draws} bootstrap draws (memory bound)")
     for name in est.names:
-        th, sg = est.theta[name], est.sigma[name]
-        numel = th.numel()
+        numel = est.theta[name].numel()
         g = prep.grids.get(name)
         if g is None:
-            bits = _dtype_bits(params[name])
-            ksum, frz, zero = float(numel), int((sg <= 0).sum()), 0.0
+            bits, zero = _dtype_bits(params[name]), 0.0
+            frz = int((est.sigma[name] <= 0).sum())
+            prep.d_eff += float(numel)
+            prep.frozen += frz
         else:
-            k, m4, lam = _grid_moments(g, th, sg, chunk)
-            # Held until the joint pass: float32 for large tensors (8 bytes per weight and
-            # scheme instead of 24); lam only where the one-coordinate form can use it.
-            store = torch.float32 if numel > LARGE_PARAM else torch.float64
-            prep.kappa[name], prep.m4[name] = k.to(store), m4.to(store)
-            if est.d == 1:
-                prep.lam[name] = lam
-            prep.draws[name], prep.lam_draws[name] = [], []
-            for _ in range(prep.num_draws):
-                th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
-                k_b, _, lam_b = _grid_moments(g, th_b, sg, chunk, use_codes=False)
-                prep.draws[name].append(k_b.to(torch.float32))
-                if est.d == 1:
-                    prep.lam_draws[name].append(lam_b)
             bits = g.bits_per_weight
-            ksum, frz = float(k.sum()), int((k < FROZEN_KAPPA).sum())
             zero = float((g.dequantized.reshape(-1) == 0).sum())
             g.dequantized = g.dequantized.new_empty(0)  # not needed past this point: free it
             prep.zero += zero
             prep.quant += numel
+            frz = 0
         prep.bits += bits * numel
-        prep.d_eff += ksum
-        prep.frozen += frz
         prep.layers[name] = LayerResult(
             name=name, d=numel, quantized=g is not None, leakage=math.nan, mis=math.nan,
-            baseline_leakage=math.nan, d_eff=ksum, frozen_fraction=frz / max(numel, 1),
-            sparsity=zero / numel if g is not None else 0.0, bits_per_weight=bits,
+            baseline_leakage=math.nan, d_eff=float(numel) if g is None else math.nan,
+            frozen_fraction=frz / max(numel, 1), sparsity=zero / numel if g is not None else 0.0,
+            bits_per_weight=bits,
         )
     return prep
+
+
+def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator) -> None:
+    """Cell moments of one parameter under one scheme: at theta-hat and at each bootstrap draw;
+    fills the layer's ``d_eff`` / ``frozen_fraction`` and the scheme's totals."""
+    g = prep.grids[name]
+    th, sg = est.theta[name], est.sigma[name]
+    k, m4, lam = _grid_moments(g, th, sg, chunk)
+    prep.kappa[name], prep.m4[name] = k, m4
+    if est.d == 1:  # only the one-coordinate form uses lam
+        prep.lam[name] = lam
+    prep.draws[name], prep.lam_draws[name] = [], []
+    for _ in range(prep.num_draws):
+        th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
+        k_b, _, lam_b = _grid_moments(g, th_b, sg, chunk, use_codes=False)
+        prep.draws[name].append(k_b.to(torch.float32))
+        if est.d == 1:
+            prep.lam_draws[name].append(lam_b)
+    ksum, frz = float(k.sum()), int((k < FROZEN_KAPPA).sum())
+    prep.d_eff += ksum
+    prep.frozen += frz
+    prep.layers[name].d_eff = ksum
+    prep.layers[name].frozen_fraction = frz / max(th.numel(), 1)
+
+
+def _release_moments(prep: _Prepared, name: str) -> None:
+    """Drop one parameter's moments once its sums are accumulated (large models)."""
+    for store in (prep.kappa, prep.m4, prep.draws):
+        store.pop(name, None)
 
 
 def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use_codes: bool = True) -> tuple[Tensor, Tensor, Tensor]:
@@ -382,52 +395,63 @@ def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, 
     return torch.stack(cols, 1), torch.stack(m4s, 1), spans
 
 
-def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int) -> dict[str, list[F.CltSums]]:
-    """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_1 main, ...]`` sums."""
+def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
+                keep_moments: bool) -> dict[str, list[F.CltSums]]:
+    """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_1 main, ...]`` sums.
+
+    One parameter at a time: every scheme's cell moments of that tensor are computed, its
+    records' influences are read once (stored, factored or recomputed), and unless
+    ``keep_moments`` (the Monte Carlo form needs them) the moments are dropped before the
+    next tensor. Memory is thus bounded by the largest tensor times the number of columns.
+    """
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
-    layout: dict[str, tuple[Tensor, Tensor, list[tuple[int, int]]]] = {}
+    factor_of = {}
     if est.factors is not None:
-        # Linear layers: bilinear forms of the stored factors, never a [R, d] tensor of w.
-        assert est._g_mean is not None and est._v_diag is not None
         for fac in est.factors:
-            for name, is_bias in ((fac.weight, False), (fac.bias, True)):
-                if name is None:
-                    continue
-                numel = est.theta[name].numel()
-                K, M4, spans = _columns(name, numel, prepared)
-                main_idx = [0] + [s for s, _ in spans]
-                gm, vd = est._g_mean[name], est._v_diag[name]
-                s2 = factored_power_sums(fac, gm, vd, K, 2, bias=is_bias)
-                Km = K[:, main_idx]
-                s4 = factored_power_sums(fac, gm, vd, torch.cat([M4 - 3.0 * Km.square(), Km.square()], 1),
-                                         4, bias=is_bias)
-                nm = len(main_idx)
-                out[name] = [F.CltSums(s2[:, m].clone(), torch.zeros(R, dtype=torch.float64)) for m in range(K.shape[1])]
-                for j, m in enumerate(main_idx):
-                    out[name][m].s4 = s4[:, j].clone()
-                    out[name][m].s22 = s4[:, nm + j].clone()
-        return out
-    for r0, r1, wd in est.iter_w(est.names):
-        for name, w in wd.items():
-            if name not in layout:
-                layout[name] = _columns(name, w.shape[1], prepared)
-                M = layout[name][0].shape[1]
-                out[name] = [F.CltSums.zeros(R) for _ in range(M)]
-            K, M4, spans = layout[name]
-            w2 = w.to(torch.float64).square()
-            s2 = w2 @ K  # [b, M]
-            main_idx = [0] + [s for s, _ in spans]
-            w4 = w2.square()
-            Km = K[:, main_idx]
-            s4 = w4 @ (M4 - 3.0 * Km.square())  # [b, 1 + S]
-            s22 = w4 @ Km.square()
-            for m in range(K.shape[1]):
-                out[name][m].s2[r0:r1] += s2[:, m]
+            for nm_, is_bias in ((fac.weight, False), (fac.bias, True)):
+                if nm_ is not None:
+                    factor_of[nm_] = (fac, is_bias)
+    for pi, name in enumerate(est.names):
+        numel = est.theta[name].numel()
+        for si, prep in enumerate(prepared):
+            if name in prep.grids:
+                gen = torch.Generator().manual_seed(seed + 1000 * (si + 1) + 7 * pi)
+                _param_moments(est, prep, name, chunk, gen)
+        K, M4, spans = _columns(name, numel, prepared)
+        main_idx = [0] + [s for s, _ in spans]
+        Km = K[:, main_idx]
+        if name in factor_of:
+            # Linear layers: bilinear forms of the stored factors, never a [R, d] tensor of w.
+            assert est._g_mean is not None and est._v_diag is not None
+            fac, is_bias = factor_of[name]
+            gm, vd = est._g_mean[name], est._v_diag[name]
+            s2 = factored_power_sums(fac, gm, vd, K, 2, bias=is_bias)
+            s4 = factored_power_sums(fac, gm, vd, torch.cat([M4 - 3.0 * Km.square(), Km.square()], 1),
+                                     4, bias=is_bias)
+            nm = len(main_idx)
+            out[name] = [F.CltSums(s2[:, m].clone(), torch.zeros(R, dtype=torch.float64)) for m in range(K.shape[1])]
             for j, m in enumerate(main_idx):
-                out[name][m].s4[r0:r1] += s4[:, j]
-                assert out[name][m].s22 is not None
-                out[name][m].s22[r0:r1] += s22[:, j]
+                out[name][m].s4 = s4[:, j].clone()
+                out[name][m].s22 = s4[:, nm + j].clone()
+        else:
+            out[name] = [F.CltSums.zeros(R) for _ in range(K.shape[1])]
+            for r0, r1, wd in est.iter_w([name]):
+                w2 = wd[name].to(torch.float64).square()
+                s2 = w2 @ K  # [b, M]
+                w4 = w2.square()
+                s4 = w4 @ (M4 - 3.0 * Km.square())  # [b, 1 + S]
+                s22 = w4 @ Km.square()
+                for m in range(K.shape[1]):
+                    out[name][m].s2[r0:r1] += s2[:, m]
+                for j, m in enumerate(main_idx):
+                    out[name][m].s4[r0:r1] += s4[:, j]
+                    assert out[name][m].s22 is not None
+                    out[name][m].s22[r0:r1] += s22[:, j]
+        del K, M4, Km
+        if not keep_moments:
+            for prep in prepared:
+                _release_moments(prep, name)
     return out
 
 
