@@ -185,6 +185,9 @@ class FactoredProgram:
         self.capture.remove()
 
 
+COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
+
+
 def factored_power_sums(
     fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, A: Tensor, power: int, bias: bool = False,
 ) -> Tensor:
@@ -197,6 +200,12 @@ def factored_power_sums(
     """
     out_f, in_f = fac.d.shape[1], fac.x.shape[1]
     M = A.shape[1]
+    # Columns in groups: the [out, in, cols] and [R, out, cols] temporaries stay near
+    # COLUMN_BUDGET floats whatever the number of columns (schemes x bootstrap draws).
+    cols = max(1, COLUMN_BUDGET // max(A.shape[0], fac.d.shape[0] * out_f, 1))
+    if M > cols:
+        return torch.cat([factored_power_sums(fac, g_mean, v_diag, A[:, c : c + cols], power, bias)
+                          for c in range(0, M, cols)], dim=1)
     scaled = A / v_diag.clamp_min(1e-300).pow(power / 2).unsqueeze(-1)  # [numel, M]
     if bias:
         c = (fac.d - g_mean).pow(power)  # [R, out]
