@@ -36,7 +36,8 @@ _FINE_KAPPA = 1.0 - 0.25 / 12.0 + 0.0625 / 144.0
 MC_FLOP_BUDGET = 500_000_000
 # Above this d_eff / n the report warns that the asymptotic regime (d_eff << n) is not met.
 D_EFF_OVER_N_MAX = 0.1
-MIN_MC_SAMPLES, MAX_MC_SAMPLES = 4096, 32768
+MIN_MC_SAMPLES, MAX_MC_SAMPLES = 1024, 32768
+MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (128 MiB in float64)
 DEFAULT_CHUNK = 1 << 18
 
 
@@ -116,7 +117,8 @@ def assess(
             (``evaluate_utility``); the mean loss is always reported.
         uncertainty_draws: parametric-bootstrap draws for the (p10, p90) interval (0: none).
         num_samples: Monte Carlo draws when that form is used; ``None`` takes as many as
-            ``MC_FLOP_BUDGET`` allows (4,096 to 32,768; standard error ~ 1/sqrt(draws)). Every
+            ``MC_FLOP_BUDGET`` and ``MC_BUFFER`` allow (1,024 to 32,768; standard error ~
+            1/sqrt(draws)). Every
             scheme uses the same random draws, so scheme-to-scheme differences are sharper
             than each scheme's own Monte Carlo error.
         strict: raise on a failing scheme; otherwise record the error in the report.
@@ -496,15 +498,19 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     elif chosen == "mc":
         if est.w is None:
             raise ValueError("method='mc' needs the stored influences (a model small enough to keep w)")
-        if num_samples is None:  # as many draws as the budget allows (error ~ 1/sqrt(S))
+        if num_samples is None:  # as many draws as the budgets allow (error ~ 1/sqrt(S))
             coarse = max(_coarse_count(kappas), 1)
-            num_samples = int(min(MAX_MC_SAMPLES, max(MIN_MC_SAMPLES, MC_FLOP_BUDGET // (R * coarse))))
+            by_cost = MC_FLOP_BUDGET // (R * (coarse + 1))
+            by_memory = MC_BUFFER // max(R, 1)  # the [R, S] projection buffers
+            num_samples = int(min(MAX_MC_SAMPLES, max(MIN_MC_SAMPLES, min(by_cost, by_memory))))
         notes.append(f"Monte Carlo form with {num_samples} draws")
         leak = _mc_leakage(est, prep.grids, kappas, num_samples, gen, chunk, names=est.names)
-        for name in est.names:
-            if name in prep.grids:
-                lk = float(_mc_leakage(est, prep.grids, kappas, num_samples, gen, chunk, names=[name]).mean())
-                layers[name].leakage, layers[name].mis = lk, 1.0 - lk
+        # Per-layer values: Monte Carlo too when cheap, else the Gaussian form (set above).
+        if R * num_samples <= MC_BUFFER // 4:
+            for name in est.names:
+                if name in prep.grids:
+                    lk = float(_mc_leakage(est, prep.grids, kappas, num_samples, gen, chunk, names=[name]).mean())
+                    layers[name].leakage, layers[name].mis = lk, 1.0 - lk
     else:
         leak = total.leakage(n)
     leakage = float(leak.mean())
