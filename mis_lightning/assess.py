@@ -224,7 +224,10 @@ def score(
         prep.column = col
         col += 1 + prep.num_draws
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
-    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.w is not None)
+    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.w is not None, strict=strict)
+    for prep in prepared:
+        if prep.failed:
+            failures[prep.scheme.name] = prep.failed
     base_layers = {name: sums[name][0] for name in est.names}
     base_total = _total(base_layers, R)
     baseline = float(base_total.leakage(n).mean())
@@ -283,6 +286,7 @@ class _Prepared:
         self.draws: dict[str, list[Tensor]] = {}  # bootstrap kappas per parameter
         self.num_draws = 0
         self.column = 0  # index of this scheme's main column in the joint sums
+        self.failed: str | None = None
         self.lam_draws: dict[str, list[Tensor]] = {}
         self.layers: dict[str, LayerResult] = {}
         self.utility: dict[str, float] = {}
@@ -398,7 +402,7 @@ def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, 
 
 
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
-                keep_moments: bool) -> dict[str, list[F.CltSums]]:
+                keep_moments: bool, strict: bool = True) -> dict[str, list[F.CltSums]]:
     """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_1 main, ...]`` sums.
 
     One parameter at a time: every scheme's cell moments of that tensor are computed, its
@@ -419,7 +423,17 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         for si, prep in enumerate(prepared):
             if name in prep.grids:
                 gen = torch.Generator().manual_seed(seed + 1000 * (si + 1) + 7 * pi)
-                _param_moments(est, prep, name, chunk, gen)
+                try:
+                    _param_moments(est, prep, name, chunk, gen)
+                except Exception as exc:
+                    if strict:
+                        raise
+                    # Keep the column layout (kappa = 1 placeholders); the scheme is reported
+                    # as failed, the others go on.
+                    prep.failed = prep.failed or f"{type(exc).__name__} in the cell moments of {name!r}: {exc}"
+                    one = torch.ones(numel, dtype=torch.float64)
+                    prep.kappa[name], prep.m4[name] = one, 3.0 * one
+                    prep.draws[name] = [one.float() for _ in range(prep.num_draws)]
         K, M4, spans = _columns(name, numel, prepared)
         main_idx = [0] + [s for s, _ in spans]
         Km = K[:, main_idx]

@@ -180,3 +180,24 @@ def test_weights_given_away_by_the_scale_leak_like_float():
         assert rep.schemes[s].leakage == pytest.approx(rep.baseline_leakage, rel=1e-12)
     # A cast has no weight-derived scale: its grid is fixed and can protect.
     assert rep.schemes["bf16"].leakage <= rep.baseline_leakage
+
+
+def test_a_scheme_failing_in_its_cell_moments_is_an_error_row():
+    from mis_lightning.quantization import ParamGrid, QuantizationScheme
+
+    class BadGrid(QuantizationScheme):
+        name = "bad_grid"
+
+        def _quantize_copy(self, model):
+            w = model.weight
+            # A table grid without its table: the backend "succeeded", the moments cannot.
+            return {"weight": ParamGrid(name="weight", shape=tuple(w.shape), kind="table",
+                                        dequantized=w.detach().float(), bits_per_weight=8.0,
+                                        scale=torch.ones(1, 1), block_size=tuple(w.shape))}, []
+
+    m, dl = _ridge_linear()
+    rep = ml.assess(m, ["rtn_int4", BadGrid()], dl, mse, num_records=100, uncertainty_draws=2, strict=False)
+    assert rep.schemes["bad_grid"].error and "cell moments" in rep.schemes["bad_grid"].error
+    assert not rep.schemes["rtn_int4"].error and rep.schemes["rtn_int4"].leakage > 0
+    with pytest.raises(AssertionError):
+        ml.assess(m, ["rtn_int4", BadGrid()], dl, mse, num_records=100, uncertainty_draws=2)
