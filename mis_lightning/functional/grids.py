@@ -40,6 +40,13 @@ _ROWS_BUDGET = 1 << 16
 _TABLE_BUCKETS = (32, 64, 128, 256)
 
 
+def _float64_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+    """``theta``, ``sigma`` (floored at the smallest positive float: ``sigma = 0`` means a frozen
+    code, not a division by zero) and the grid tensors, all in float64."""
+    sg = sigma.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+    return (theta.to(torch.float64), sg, *(t.to(torch.float64) for t in rest))
+
+
 def affine_codes(theta: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """Round-to-nearest (halves to even) codes of ``theta`` on an affine grid, as float64.
 
@@ -218,10 +225,7 @@ def _affine_cell_moments_sparse(
     """The per-regime path of :func:`affine_cell_moments` (frozen skipped, fine expansion,
     exact window sums grouped by window size): used for small chunks and for the elements of
     large chunks whose cells reach a clamped end of the code range."""
-    th = theta.to(torch.float64)
-    sg = sigma.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
-    s = scale.to(torch.float64)
-    zp = zero_point.to(torch.float64)
+    th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     q0 = affine_codes(th, s, zp, qmin, qmax) if code is None else code.to(torch.float64)
     h = s / sg
     # Standardised distances to the lower and upper edge of the element's own cell.
@@ -394,10 +398,7 @@ def affine_cell_moments(
     c = theta.shape[0]
     if c < TABLE_MIN_ELEMENTS:
         return _affine_cell_moments_sparse(theta, sigma, scale, zero_point, qmin, qmax, code)
-    th = theta.to(torch.float64)
-    sg = sigma.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
-    s = scale.to(torch.float64)
-    zp = zero_point.to(torch.float64)
+    th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     lo, dlog, du, table = _uniform_table()
     table = table.to(th.device)
     bounds = (float(qmin), float(qmax), lo, dlog, du, table)
@@ -485,9 +486,7 @@ def table_cell_moments(
     sigma (from beyond 65504 back towards 0 in float16) are summed over ``_MAX_WINDOW``
     edges each side only.
     """
-    th = theta.to(torch.float64)
-    sg = sigma.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
-    sc = scale.to(torch.float64)
+    th, sg, sc = _float64_inputs(theta, sigma, scale)
     c = th.shape[0]
     kappa = torch.zeros(c, dtype=torch.float64, device=th.device)
     lam, m4 = torch.zeros_like(kappa), torch.zeros_like(kappa)

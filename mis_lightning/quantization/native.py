@@ -124,6 +124,16 @@ class NativeInt8Dynamic(_NativeScheme):
         return grids, notes, reasons
 
 
+def _per_channel_qparams(w: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax scales and zero points per output row, from torch's own observer."""
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    kwargs = {} if (qmin, qmax) == (-128, 127) else {"quant_min": qmin, "quant_max": qmax}
+    obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, **kwargs)
+    obs(w)
+    return obs.calculate_qparams()
+
+
 class NativeInt8PerChannel(_NativeScheme):
     """``torch.quantize_per_channel`` int8 with symmetric absmax scales per output row."""
 
@@ -135,15 +145,10 @@ class NativeInt8PerChannel(_NativeScheme):
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
-        from torch.ao.quantization.observer import PerChannelMinMaxObserver
-
         grids: dict[str, ParamGrid] = {}
         for m, name in self._chosen(model).values():
             w = m.weight.detach().to(torch.float32)
-            obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8,
-                                           qscheme=torch.per_channel_symmetric)
-            obs(w)
-            scales, zps = obs.calculate_qparams()
+            scales, zps = _per_channel_qparams(w, -128, 127)
             q = torch.quantize_per_channel(w, scales.to(torch.float64), zps.to(torch.int64), 0,
                                            torch.qint8)
             grid = _grid_from_qtensor(name, q, 8, -128, 127)
@@ -163,15 +168,10 @@ class NativeInt4PerChannel(_NativeScheme):
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
-        from torch.ao.quantization.observer import PerChannelMinMaxObserver
-
         grids: dict[str, ParamGrid] = {}
         for m, name in self._chosen(model).values():
             w = m.weight.detach().to(torch.float32)
-            obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, quant_min=-8,
-                                           quant_max=7, qscheme=torch.per_channel_symmetric)
-            obs(w)
-            scales, zps = obs.calculate_qparams()
+            scales, zps = _per_channel_qparams(w, -8, 7)
             scales, zps = scales.to(torch.float32), zps.to(torch.int32)
             fq = torch.fake_quantize_per_channel_affine(w, scales, zps, 0, -8, 7)
             s64 = scales.to(torch.float64).reshape(-1, 1)
