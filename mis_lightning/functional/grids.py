@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .cells import SQRT_2_OVER_PI, CellMoments, _pdf
+from .fastpath import APPROXIMATION, GUARD, SAME_ARITHMETIC, compare, sample_indices
 
 # Edges further than this many standard deviations from theta carry < 1e-15 of kappa.
 CUTOFF_SIGMAS = 8.5
@@ -221,10 +222,15 @@ def _affine_cell_moments_sparse(
     qmin: int,
     qmax: int,
     code: Tensor | None = None,
+    fine_step: float = FINE_STEP,
 ) -> CellMoments:
     """The per-regime path of :func:`affine_cell_moments` (frozen skipped, fine expansion,
     exact window sums grouped by window size): used for small chunks and for the elements of
-    large chunks whose cells reach a clamped end of the code range."""
+    large chunks whose cells reach a clamped end of the code range.
+
+    ``fine_step``: steps (sd units) at or below which the fine-grid expansion replaces the
+    cell sum. The reference path (:func:`affine_reference_moments`) lowers it to the step
+    below which the window would exceed ``_MAX_WINDOW`` edges."""
     th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     q0 = affine_codes(th, s, zp, qmin, qmax) if code is None else code.to(torch.float64)
     h = s / sg
@@ -241,7 +247,7 @@ def _affine_cell_moments_sparse(
     coverage = torch.ones_like(kappa)
 
     frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
-    fine_all = ~frozen & (h <= FINE_STEP)
+    fine_all = ~frozen & (h <= fine_step)
     far_ends = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS)
     fine = fine_all & far_ends
     if bool(fine.any()):
@@ -278,8 +284,8 @@ def _affine_cell_moments_sparse(
     return CellMoments(kappa=kappa, lam=lam, m4=m4, coverage=coverage)
 
 
-def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmin: float, qmax: float,
-                  lo: float, dlog: float, du: float, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmin: Tensor, qmax: Tensor,
+                  lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Branch-free moments of every element of an affine chunk (one pass of elementwise work).
 
     Frozen elements get 0, fine steps the expansion, steps in (0.5, 19) the table, larger
@@ -328,23 +334,33 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
     return kappa, lam, m4, frozen | interior
 
 
-def _fused_affine_codes(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: float, qmax: float,
-                        lo: float, dlog: float, du: float, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _fused_affine_codes(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Tensor, qmax: Tensor,
+                        lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_fused_affine` with the round-to-nearest codes computed inside the same kernel."""
     frac = zp - torch.round(zp)
-    q0 = (torch.round(th / s + frac) + (zp - frac)).clamp(qmin, qmax)
+    q0 = torch.clamp(torch.round(th / s + frac) + (zp - frac), min=qmin, max=qmax)
     return (*_fused_affine(th, sg, s, zp, q0, qmin, qmax, lo, dlog, du, table), q0)
 
 
 # torch.compile of the fused kernel: used once a process has pushed COMPILE_AFTER elements
 # through it ("auto"; compiling costs a few seconds once), always ("1") or never ("0"):
 # environment variable MIS_LIGHTNING_COMPILE. Measured (benchmarks/cell_statistics_speed.py,
-# 1 core, float64, K ~ 8): eager 8.5e6 weights/s, compiled 4.9e7.
+# 1 core, float64, K ~ 8): eager 8.5e6 weights/s, compiled 4.9e7. Whatever the policy, the
+# compiled kernel's output is checked against the eager kernel (fastpath.GUARD).
 COMPILE_AFTER = 20_000_000
 _FUSED_STATE: dict[str, object] = {"elements": 0, "compiled": None, "compiled_codes": None, "failed": False}
+# Names of the optimised paths, as the self-check warnings print them.
+COMPILED_PATH = "the torch.compile'd cell-moment kernel"
+FUSED_PATH = "the fused cell-moment kernel ((h, t) table, two-edge and fine forms)"
+SPARSE_PATH = "the per-regime cell sums (fine-grid expansion)"
+TABLE_PATH = "the float-format cell sums (fine-grid expansion)"
+# Below this step (sd units) an exact sum would need more than _MAX_WINDOW edges each side:
+# the reference paths use the fine-grid expansion there (error < 6e-4 h^6 < 1e-14).
+REFERENCE_FINE_STEP = CUTOFF_SIGMAS / (_MAX_WINDOW - 1)
 
 
 def _fused_kernel(c: int, with_codes: bool):
+    """The fused kernel to run on a chunk of ``c`` elements, and whether it is compiled."""
     import os
 
     mode = os.environ.get("MIS_LIGHTNING_COMPILE", "auto").strip().lower()
@@ -352,12 +368,56 @@ def _fused_kernel(c: int, with_codes: bool):
     want = mode in ("1", "true", "yes") or (
         mode == "auto" and int(_FUSED_STATE["elements"]) > COMPILE_AFTER)  # type: ignore[arg-type]
     eager = _fused_affine if with_codes else _fused_affine_codes
-    if not want or _FUSED_STATE["failed"]:
-        return eager
+    if not want or _FUSED_STATE["failed"] or COMPILED_PATH in GUARD.disabled:
+        return eager, False
     key = "compiled" if with_codes else "compiled_codes"
     if _FUSED_STATE[key] is None:
         _FUSED_STATE[key] = torch.compile(eager, dynamic=True)
-    return _FUSED_STATE[key]
+    return _FUSED_STATE[key], True
+
+
+def affine_reference_moments(
+    theta: Tensor,
+    sigma: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    code: Tensor | None = None,
+) -> CellMoments:
+    """Reference cell moments on an affine grid: the exact sum over every cell edge within
+    8.5 sd of each element (``moments_from_alpha_fast``); only steps below
+    ``REFERENCE_FINE_STEP`` (~0.0166 sd, windows of more than 512 edges) use the fine-grid
+    expansion, whose error is below 1e-14 there. Slow: the optimised paths of
+    :func:`affine_cell_moments` are checked against it on samples (``fastpath``).
+
+    Args and returns as :func:`affine_cell_moments`.
+    """
+    return _affine_cell_moments_sparse(theta, sigma, scale, zero_point, qmin, qmax, code,
+                                       fine_step=REFERENCE_FINE_STEP)
+
+
+def _sparse_checked(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int,
+                    code: Tensor | None) -> CellMoments:
+    """The per-regime path, checked against the reference on a sample (see ``fastpath``)."""
+    if SPARSE_PATH in GUARD.disabled:
+        return affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
+    out = _affine_cell_moments_sparse(th, sg, s, zp, qmin, qmax, code)
+    c = th.shape[0]
+    k = GUARD.sample_size(SPARSE_PATH, c)
+    if k:
+        th64, sg64, s64 = _float64_inputs(th, sg, s)
+        h = s64 / sg64
+        idx = sample_indices(c, k, [h <= FINE_STEP, h > FINE_STEP])
+        cd = None if code is None else code[idx]
+        ref = affine_reference_moments(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax, cd)
+        problem = compare((out.kappa[idx], out.lam[idx], out.m4[idx]), (ref.kappa, ref.lam, ref.m4),
+                          h[idx], APPROXIMATION)
+        if problem:
+            GUARD.fail(SPARSE_PATH, problem, "exact cell sums")
+            return affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
+        GUARD.passed(SPARSE_PATH, c)
+    return out
 
 
 def affine_cell_moments(
@@ -387,6 +447,11 @@ def affine_cell_moments(
     larger steps a two-edge closed form; elements near a clamped end of the code range are
     then recomputed exactly.
 
+    Every optimised path is checked against its reference on a sample of its output (at first
+    use per thread count, per new chunk size for compiled code, then every few calls;
+    :mod:`~mis_lightning.functional.fastpath`): a path that disagrees is disabled for the
+    process with a ``RuntimeWarning`` and the call is recomputed by the next path down.
+
     Args:
         theta, sigma, scale, zero_point: ``[c]`` (parameter units; ``sigma >= 0``).
         qmin, qmax: the integer code range.
@@ -396,38 +461,75 @@ def affine_cell_moments(
         float64 :class:`CellMoments` of shape ``[c]``.
     """
     c = theta.shape[0]
-    if c < TABLE_MIN_ELEMENTS:
-        return _affine_cell_moments_sparse(theta, sigma, scale, zero_point, qmin, qmax, code)
+    if c < TABLE_MIN_ELEMENTS or FUSED_PATH in GUARD.disabled:
+        return _sparse_checked(theta, sigma, scale, zero_point, qmin, qmax, code)
     th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     lo, dlog, du, table = _uniform_table()
     table = table.to(th.device)
-    bounds = (float(qmin), float(qmax), lo, dlog, du, table)
+    # Every scalar goes in as a 0-d tensor. Python floats given to a dynamic-shape compiled
+    # function are traced as symbols, and inductor (torch 2.13) folded the bounds of `clamp`
+    # into constants from the first call without guarding them: a kernel compiled for int8
+    # (-128..127) then clamped int4 codes to -128..127 (codes off by up to 120, kappa off by
+    # 8.6e-3; tests/test_fastpath.py reproduces it with floats).
+    bounds = tuple(torch.tensor(float(v), dtype=torch.float64, device=th.device)
+                   for v in (qmin, qmax, lo, dlog, du)) + (table,)
+    eager = _fused_affine if code is not None else _fused_affine_codes
+    q_given = None if code is None else code.to(torch.float64)
 
-    def run(kernel):
-        if code is not None:
-            q = code.to(torch.float64)
-            return (*kernel(th, sg, s, zp, q, *bounds), q)
-        return kernel(th, sg, s, zp, *bounds)
+    def run(kernel, idx: Tensor | None = None):
+        a = (th, sg, s, zp) if idx is None else (th[idx], sg[idx], s[idx], zp[idx])
+        if q_given is not None:
+            q = q_given if idx is None else q_given[idx]
+            return (*kernel(*a, q, *bounds), q)
+        return kernel(*a, *bounds)
 
-    kernel = _fused_kernel(c, with_codes=code is not None)
+    kernel, compiled = _fused_kernel(c, with_codes=code is not None)
     try:
         kappa, lam, m4, ok, q0 = run(kernel)
     except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
-        if kernel in (_fused_affine, _fused_affine_codes):
+        if not compiled:
             raise
         import warnings
 
         warnings.warn(f"torch.compile of the cell-moment kernel failed ({type(exc).__name__}: {exc}); "
                       "using the eager kernel", RuntimeWarning, stacklevel=2)
         _FUSED_STATE["failed"] = True
-        kappa, lam, m4, ok, q0 = run(_fused_affine if code is not None else _fused_affine_codes)
+        compiled = False
+        kappa, lam, m4, ok, q0 = run(eager)
+    h = s / sg
+    strata = [h <= FINE_STEP, (h > FINE_STEP) & (h < TABLE_H_MAX), h >= TABLE_H_MAX]
+    if compiled:
+        k = GUARD.sample_size(COMPILED_PATH, c, per_size=True)
+        if k:
+            idx = sample_indices(c, k, [*strata, ~ok])
+            ek, el, em, eok, eq = run(eager, idx)
+            problem = compare((kappa[idx], lam[idx], m4[idx]), (ek, el, em), h[idx], SAME_ARITHMETIC,
+                              codes=(torch.cat([q0[idx], ok[idx].double()]), torch.cat([eq, eok.double()])),
+                              equal_nan=True)
+            if problem:
+                GUARD.fail(COMPILED_PATH, problem, "the eager kernel")
+                kappa, lam, m4, ok, q0 = run(eager)
+            else:
+                GUARD.passed(COMPILED_PATH, c)
     coverage = torch.ones_like(kappa)
     bad = ~ok
     if bool(bad.any()):
         idx = torch.nonzero(bad).squeeze(-1)
-        mm = _affine_cell_moments_sparse(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax, q0[idx])
+        mm = _sparse_checked(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax, q0[idx])
         kappa, lam, m4 = kappa.clone(), lam.clone(), m4.clone()
         kappa[idx], lam[idx], m4[idx], coverage[idx] = mm.kappa, mm.lam, mm.m4, mm.coverage
+    k = GUARD.sample_size(FUSED_PATH, c)
+    if k:
+        idx = sample_indices(c, k, [*strata, bad])
+        ref = affine_reference_moments(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax,
+                                       None if q_given is None else q_given[idx])
+        codes = None if q_given is not None else (q0[idx], affine_codes(th[idx], s[idx], zp[idx], qmin, qmax))
+        problem = compare((kappa[idx], lam[idx], m4[idx]), (ref.kappa, ref.lam, ref.m4), h[idx],
+                          APPROXIMATION, codes=codes)
+        if problem:
+            GUARD.fail(FUSED_PATH, problem, SPARSE_PATH)
+            return _sparse_checked(th, sg, s, zp, qmin, qmax, code)
+        GUARD.passed(FUSED_PATH, c)
     return CellMoments(kappa=kappa, lam=lam, m4=m4, coverage=coverage)
 
 
@@ -462,6 +564,52 @@ def table_boundaries(theta: Tensor, values: Tensor, scale: Tensor, half_window: 
 
 def table_cell_moments(
     theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int = 18
+) -> CellMoments:
+    """Cell moments on a non-uniform grid (float formats), skipping frozen elements.
+
+    Args:
+        theta, sigma: ``[c]`` weights and their standard deviations (parameter units).
+        values: ``[V]`` sorted representable values (units of ``scale``).
+        scale: ``[c]`` per-element positive scale.
+        half_window: the least number of edges summed each side.
+
+    Returns:
+        float64 :class:`CellMoments` ``[c]``. The fine-grid shortcut described below is checked
+        against exact sums on a sample (at first use per thread count, then every few calls;
+        :mod:`~mis_lightning.functional.fastpath`); on disagreement it is disabled for the
+        process with a ``RuntimeWarning`` and exact sums are used.
+    """
+    if TABLE_PATH in GUARD.disabled:
+        return table_reference_moments(theta, sigma, values, scale, half_window)
+    out = _table_cell_moments(theta, sigma, values, scale, half_window, FINE_STEP)
+    c = theta.shape[0]
+    k = GUARD.sample_size(TABLE_PATH, c)
+    if k:
+        th, sg, sc = _float64_inputs(theta, sigma, scale)
+        own = table_boundaries(th, values, sc, 1)[:, 1:3]
+        h = (own[:, 1] - own[:, 0]) / sg
+        idx = sample_indices(c, k, [h <= FINE_STEP, h > FINE_STEP])
+        ref = table_reference_moments(theta[idx], sigma[idx], values, scale[idx], half_window)
+        problem = compare((out.kappa[idx], out.lam[idx], out.m4[idx]), (ref.kappa, ref.lam, ref.m4),
+                          h[idx], APPROXIMATION)
+        if problem:
+            GUARD.fail(TABLE_PATH, problem, "exact cell sums")
+            return table_reference_moments(theta, sigma, values, scale, half_window)
+        GUARD.passed(TABLE_PATH, c)
+    return out
+
+
+def table_reference_moments(
+    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int = 18
+) -> CellMoments:
+    """Reference cell moments on a float-format grid: exact sums over every edge within 8.5 sd
+    (the fine-grid expansion only where a window would exceed 512 edges, or below
+    ``REFERENCE_FINE_STEP``). Arguments and returns as :func:`table_cell_moments`."""
+    return _table_cell_moments(theta, sigma, values, scale, half_window, REFERENCE_FINE_STEP)
+
+
+def _table_cell_moments(
+    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int, fine_step: float
 ) -> CellMoments:
     """Cell moments on a non-uniform grid (float formats), skipping frozen elements.
 
@@ -516,7 +664,9 @@ def table_cell_moments(
     b = (cell_hi - 1).clamp(0, max(changes.numel() - 1, 0))
     uniform = inner & (changes[b] == changes[a])
 
-    fine = ~frozen & (h_local <= FINE_STEP) & (uniform | (need > _MAX_WINDOW))
+    # Windows wider than _MAX_WINDOW edges cannot be summed: the expansion is used there even
+    # by the reference (fine_step < FINE_STEP).
+    fine = ~frozen & (((h_local <= fine_step) & uniform) | ((h_local <= FINE_STEP) & (need > _MAX_WINDOW)))
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], lam[fine], m4[fine] = fm.kappa, fm.lam, fm.m4

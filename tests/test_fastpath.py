@@ -1,0 +1,261 @@
+"""Optimised cell-moment paths against their references, and the self-check that guards them.
+
+The agreement matrix (threads 1 and 2, float32 and float64 inputs, compilation on and off,
+fine / table / two-edge / clamped regimes, int8 and int4 code ranges interleaved in one
+process) runs in subprocesses so that each has its own thread count and its own compiled
+kernels. Tolerances: compiled against eager 1e-6 (the same arithmetic: only rounding may
+differ; measured 0) and codes exactly; eager fused kernel against exact cell sums within
+``fastpath.APPROXIMATION`` (the (h, t) table's interpolation error, measured 4.5e-5 in kappa).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import mis_lightning.functional.grids as G
+from mis_lightning.functional import fastpath
+
+F64 = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
+
+MATRIX_SCRIPT = r"""
+import json, math, os, sys, warnings
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+import mis_lightning.functional.grids as G
+from mis_lightning.functional import fastpath
+
+F64 = torch.float64
+def log_uniform(n, lo, hi, gen):
+    return torch.exp(torch.empty(n, dtype=F64).uniform_(math.log(lo), math.log(hi), generator=gen))
+
+def case(regime, bits, seed, c=40000):
+    gen = torch.Generator().manual_seed(seed)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if regime == "issue":  # the report's example: int8, scale 0.01, sd 0.005 (step 2 sd)
+        theta = torch.randn(65536, generator=gen, dtype=F64) * 0.3
+        scale = torch.full_like(theta, 0.01)
+        return theta, scale / 2.0, scale, torch.zeros_like(theta), -128, 127
+    lo, hi = {"fine": (0.05, 0.5), "table": (0.5, 19.0), "two_edge": (19.0, 200.0), "clamped": (0.05, 60.0)}[regime]
+    scale = log_uniform(c, 1e-3, 1.0, gen)
+    sigma = scale / log_uniform(c, lo, hi, gen)
+    zp = torch.randint(-1, 2, (c,), generator=gen).to(F64)
+    spread = 1.6 * qmax if regime == "clamped" else 0.8 * qmax
+    theta = torch.empty(c, dtype=F64).uniform_(-spread, spread, generator=gen) * scale
+    return theta, sigma, scale, zp, qmin, qmax
+
+def run(args, mode):
+    os.environ["MIS_LIGHTNING_COMPILE"] = mode
+    return G.affine_cell_moments(*args)
+
+def kernel_codes(args, compiled):
+    th, sg, s, zp, qmin, qmax = (a.to(F64) if torch.is_tensor(a) else a for a in args)
+    lo, dlog, du, table = G._uniform_table()
+    b = tuple(torch.tensor(float(v), dtype=F64) for v in (qmin, qmax, lo, dlog, du)) + (table,)
+    k = G._FUSED_STATE["compiled_codes"] if compiled else G._fused_affine_codes
+    return k(th, sg, s, zp, *b)
+
+out = {}
+with warnings.catch_warnings():
+    warnings.simplefilter("error", RuntimeWarning)  # a self-check failure fails the matrix
+    seed = 0
+    for regime in ("issue", "fine", "table", "two_edge", "clamped"):
+        for bits in ((8,) if regime == "issue" else (8, 4)):
+            for dtype in (torch.float32, torch.float64):
+                seed += 1
+                args = tuple(a.to(dtype) if torch.is_tensor(a) else a for a in case(regime, bits, seed))
+                eager, comp = run(args, "0"), run(args, "1")
+                ref = G.affine_reference_moments(*args)
+                ke, kc = kernel_codes(args, False), kernel_codes(args, True)
+                th, sg, s = (a.to(F64) for a in args[:3])
+                h = s / sg
+                out[f"{regime}/int{bits}/{str(dtype)[6:]}"] = {
+                    "compiled_vs_eager": max(float((getattr(comp, n) - getattr(eager, n)).abs().max())
+                                             for n in ("kappa", "lam", "m4")),
+                    "codes_off": int((ke[4] != kc[4]).sum()),
+                    "ok_off": int((ke[3] != kc[3]).sum()),
+                    "kernel_vs_eager": max(float((a - b).abs().max()) for a, b in zip(kc[:3], ke[:3])),
+                    "vs_reference": fastpath.compare((eager.kappa, eager.lam, eager.m4),
+                                                     (ref.kappa, ref.lam, ref.m4), h, fastpath.APPROXIMATION),
+                    "compiled": G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"],
+                }
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(autouse=True)
+def fresh_guard(monkeypatch):
+    """Each test sees first-use checks, and its compiled-kernel state is undone afterwards."""
+    fastpath.GUARD.reset()
+    for key in ("compiled", "compiled_codes"):
+        monkeypatch.setitem(G._FUSED_STATE, key, None)
+    monkeypatch.setitem(G._FUSED_STATE, "failed", False)
+    yield
+    fastpath.GUARD.reset()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_agreement_matrix_compiled_eager_reference(threads):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", MATRIX_SCRIPT, str(threads)], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    results = json.loads(line[len("RESULT "):])
+    assert len(results) == 18  # issue example x 2 dtypes + 4 regimes x 2 ranges x 2 dtypes
+    for key, r in results.items():
+        assert r["compiled"], key  # the compiled kernel ran and was never disabled
+        assert r["compiled_vs_eager"] <= 1e-6, (key, r)
+        assert r["kernel_vs_eager"] <= 1e-6, (key, r)
+        assert r["codes_off"] == 0 and r["ok_off"] == 0, (key, r)
+        assert r["vs_reference"] is None, (key, r)
+
+
+def _chunk(bits: int, seed: int, c: int = G.TABLE_MIN_ELEMENTS + 4000):
+    gen = torch.Generator().manual_seed(seed)
+    qmax = 2 ** (bits - 1) - 1
+    scale = torch.full((c,), 0.01, dtype=F64)
+    theta = torch.empty(c, dtype=F64).uniform_(-1.3 * (qmax + 1), 1.3 * (qmax + 1), generator=gen) * scale
+    sigma = scale / torch.empty(c, dtype=F64).uniform_(0.3, 30.0, generator=gen)
+    return theta, sigma, scale, torch.zeros(c, dtype=F64), -qmax - 1, qmax
+
+
+def test_compiled_kernel_follows_the_code_range_of_each_call(monkeypatch):
+    """The trigger of the wrong numbers: one compiled kernel called for int8, then int4.
+    Inductor folded the clamp bounds of the first call into constants (no guard), so the int4
+    codes came out clamped to -128..127. Scalars now enter as tensors."""
+    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "1")
+    lo, dlog, du, table = G._uniform_table()
+    kernel, compiled = G._fused_kernel(1, with_codes=False)
+    assert compiled
+    for bits in (8, 4, 8, 2):
+        th, sg, s, zp, qmin, qmax = _chunk(bits, seed=bits)
+        b = tuple(torch.tensor(float(v), dtype=F64) for v in (qmin, qmax, lo, dlog, du)) + (table,)
+        got, want = kernel(th, sg, s, zp, *b), G._fused_affine_codes(th, sg, s, zp, *b)
+        assert torch.equal(got[4], want[4]), f"int{bits}: codes off by {float((got[4] - want[4]).abs().max())}"
+        assert float(got[4].max()) == qmax and float(got[4].min()) == qmin
+        for a, e in zip(got[:4], want[:4]):  # raw kernel: m4 is NaN where ok is False (recomputed later)
+            torch.testing.assert_close(a, e, rtol=0.0, atol=1e-9, equal_nan=True)  # rounding only
+
+
+def test_public_path_with_compilation_after_another_code_range(monkeypatch):
+    """End to end: affine_cell_moments for int8 then int4 with compilation on gives the eager
+    values (and no self-check warning, since the kernel is now right)."""
+    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        G.affine_cell_moments(*_chunk(8, seed=1))
+        args = _chunk(4, seed=2)
+        compiled = G.affine_cell_moments(*args)
+    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "0")
+    eager = G.affine_cell_moments(*args)
+    for n in ("kappa", "lam", "m4"):
+        assert float((getattr(compiled, n) - getattr(eager, n)).abs().max()) <= 1e-10, n
+
+
+def _broken_codes(*args):
+    """The fused kernel with the bug as it was seen: codes clamped to the int8 range."""
+    th, sg, s, zp, qmin, qmax, lo, dlog, du, table = args
+    wide = tuple(torch.tensor(v, dtype=F64) for v in (-128.0, 127.0))
+    return G._fused_affine_codes(th, sg, s, zp, *wide, lo, dlog, du, table)
+
+
+def test_self_check_catches_a_wrong_compiled_kernel_and_falls_back(monkeypatch):
+    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "1")
+    monkeypatch.setitem(G._FUSED_STATE, "compiled_codes", _broken_codes)
+    args = _chunk(4, seed=3)
+    rng = torch.get_rng_state()
+    with pytest.warns(RuntimeWarning, match=r"torch.compile'd cell-moment kernel disagrees with its reference"):
+        got = G.affine_cell_moments(*args)
+    assert torch.equal(torch.get_rng_state(), rng)  # the sample never touches the caller's RNG
+    assert G.COMPILED_PATH in fastpath.GUARD.disabled
+    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "0")
+    fastpath.GUARD.reset()
+    want = G.affine_cell_moments(*args)
+    for n in ("kappa", "lam", "m4"):
+        assert torch.equal(getattr(got, n), getattr(want, n)), n
+
+
+def test_self_check_catches_a_wrong_eager_kernel_and_uses_the_cell_sums(monkeypatch):
+    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "0")
+
+    original = G._fused_affine_codes
+
+    def table_off(*args):  # the fused kernel with a corrupted table read: kappa 1% high
+        k, lam, m4, ok, q = original(*args)
+        return k * 1.01, lam, m4, ok, q
+
+    monkeypatch.setattr(G, "_fused_affine_codes", table_off)
+    args = _chunk(8, seed=4)
+    with pytest.warns(RuntimeWarning, match=r"fused cell-moment kernel .* disagrees .*kappa"):
+        got = G.affine_cell_moments(*args)
+    want = G._affine_cell_moments_sparse(*args)
+    assert torch.equal(got.kappa, want.kappa)
+    assert G.FUSED_PATH in fastpath.GUARD.disabled
+    again = G.affine_cell_moments(*args)  # disabled for the process: no second warning needed
+    assert torch.equal(again.kappa, want.kappa)
+
+
+def test_self_check_of_the_per_regime_and_float_format_paths(monkeypatch):
+    """A wrong fine-grid shortcut (here: kappa of the expansion 1% low) is caught in the
+    per-regime path and in the float-format path; exact sums are used instead."""
+    real_fine = G.fine_grid_moments
+
+    def fine_off(h, lower=None, upper=None):
+        m = real_fine(h, lower, upper)
+        off = torch.where(h > G.REFERENCE_FINE_STEP, 0.99, 1.0)  # the reference's tiny steps stay right
+        return type(m)(kappa=m.kappa * off, lam=m.lam, m4=m.m4, coverage=m.coverage)
+
+    monkeypatch.setattr(G, "fine_grid_moments", fine_off)
+    gen = torch.Generator().manual_seed(6)
+    c = 3000
+    scale = torch.full((c,), 0.01, dtype=F64)
+    theta = torch.empty(c, dtype=F64).uniform_(-1.0, 1.0, generator=gen)
+    sigma = scale / torch.empty(c, dtype=F64).uniform_(0.1, 0.5, generator=gen)  # fine steps
+    zp = torch.zeros(c, dtype=F64)
+    with pytest.warns(RuntimeWarning, match=r"per-regime cell sums .* disagrees"):
+        got = G.affine_cell_moments(theta, sigma, scale, zp, -128, 127)
+    ref = G.affine_reference_moments(theta, sigma, scale, zp, -128, 127)
+    assert torch.equal(got.kappa, ref.kappa)
+
+    values = torch.linspace(-4.0, 4.0, 4097, dtype=F64)  # a uniform "float" table of step 1/512
+    th = torch.empty(c, dtype=F64).uniform_(-2.0, 2.0, generator=gen)
+    sg = torch.full((c,), 0.01, dtype=F64)  # step 0.195 sd: the fine shortcut
+    with pytest.warns(RuntimeWarning, match=r"float-format cell sums .* disagrees"):
+        got_t = G.table_cell_moments(th, sg, values, torch.ones(c, dtype=F64))
+    ref_t = G.table_reference_moments(th, sg, values, torch.ones(c, dtype=F64))
+    assert torch.equal(got_t.kappa, ref_t.kappa)
+    assert abs(float(ref_t.kappa.mean()) - (1 - 0.195 ** 2 / 12)) < 1e-3
+
+
+def test_checks_are_quiet_and_cheap_on_correct_paths():
+    """Correct paths pass their first-use checks silently and are then sampled only every
+    RECHECK_EVERY calls."""
+    args = _chunk(8, seed=7, c=5000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for _ in range(3):
+            G.affine_cell_moments(*args)
+    key = (G.SPARSE_PATH, torch.get_num_threads())
+    assert fastpath.GUARD.sample_size(*key[:1], 5000) == 0  # 4th call: no check
+    assert not fastpath.GUARD.disabled
+
+
+def test_sample_indices_cover_both_ends_and_every_stratum():
+    c = 100_000
+    rare = torch.zeros(c, dtype=torch.bool)
+    rare[[17, 5000, 77_777]] = True
+    idx = fastpath.sample_indices(c, 512, [rare, ~rare])
+    assert idx.numel() <= 512 and bool((idx[1:] > idx[:-1]).all())
+    assert {0, c - 1, 17, 5000, 77_777} <= set(idx.tolist())
+    assert torch.equal(idx, fastpath.sample_indices(c, 512, [rare, ~rare]))  # deterministic
+    assert math.isclose(float(fastpath.sample_indices(10, 512).numel()), 10)
