@@ -50,7 +50,7 @@ from .estimation.estimate import (
     EXACT_MAX_PARAMS,
     MomentAccumulator,
 )
-from .estimation.per_sample import BatchFn, LossFn, LossProgram, default_batch_fn
+from .estimation.per_sample import BatchFn, LossFn, LossProgram, default_batch_fn, eval_mode
 from .quantization import available_schemes
 from .report import Report
 
@@ -104,7 +104,8 @@ class _HookProgram(LossProgram):
         self._shell = shell
 
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
+        with eval_mode(self.model, self._shell):  # the hook runs on the original model
+            return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
 
 
 def _hook_batch_fn(batch: Any) -> tuple[Any, Tensor]:
