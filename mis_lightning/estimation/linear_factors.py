@@ -182,10 +182,10 @@ class FactoredProgram:
         """
         for (m, (wn, bn)), delta in zip(self.layout.items(), deltas):
             x = self.capture.inputs[m].detach()
-            for name, fac in ((wn, lambda: delta.T @ x), (bn, lambda: delta.sum(0))):
+            for name in (wn, bn):
                 if name is None:
                     continue
-                g, h = grads[name], fac()
+                g, h = grads[name], (delta.T @ x if name == wn else delta.sum(0))
                 if float((g - h).abs().max()) > 1e-5 * max(float(g.abs().max()), 1e-30):
                     raise NotImplementedError(f"parameter {name!r} is also used outside layer {m!r}")
         self._verified = True

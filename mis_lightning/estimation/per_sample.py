@@ -8,7 +8,6 @@ the model: parameters are read once (detached copies) and every call goes throug
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -189,7 +188,7 @@ class LossProgram:
                 ok = isinstance(one, Tensor) and one.numel() == 1
                 v = float(one.reshape(())) if ok else math.nan
                 if not ok or not math.isclose(v, float(losses[i]), rel_tol=tol, abs_tol=tol * scale):
-                    alone = v if ok else (list(one.shape) if isinstance(one, Tensor) else type(one).__name__)
+                    alone = f"{v:.6g}" if ok else (list(one.shape) if isinstance(one, Tensor) else type(one).__name__)
                     raise ValueError(
                         f"{what} is not per-sample: the loss of record {i} computed alone is {alone} "
                         f"but entry {i} of the batch's losses is {float(losses[i]):.6g}. The losses "
