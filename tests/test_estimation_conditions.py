@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
 from mis_lightning.estimation import estimate
-from mis_lightning.estimation.estimate import MomentAccumulator, choose_estimator
+from mis_lightning.estimation.estimate import MomentAccumulator
 
 
 def mse(o, t):
@@ -240,6 +240,8 @@ def ce(o, y):
 
 
 def test_auto_picks_a_cheap_estimator_for_a_cnn_and_exact_for_a_small_mlp():
+    from mis_lightning.estimation.estimate import choose_estimator
+
     cnn = CNN()
     acc = MomentAccumulator(cnn, ce)
     assert acc.d == 1466
