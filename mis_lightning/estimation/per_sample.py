@@ -158,12 +158,14 @@ class LossProgram:
     def check_per_sample(self, inputs: Any, targets: Any, b: int, records: int = 8) -> None:
         """Check that ``loss_fn`` returns one loss per record, each depending on that record only.
 
-        The batch's losses must have shape ``[B]``, and the loss of each of the first
-        ``records`` records computed alone must equal its entry in the batch's losses (to
-        ``1e-6`` relative in float64, ``1e-4`` in lower precision: batched and single-record
-        matmuls round differently). A loss that broadcasts outputs ``[B, 1]`` against targets
-        ``[B]`` to ``[B, B]`` and reduces back to ``[B]`` passes the shape check but mixes the
-        records' losses; the estimation would then be silently wrong.
+        The batch's losses must have shape ``[B]``, and ``loss_fn`` applied to the outputs and
+        targets of each of the first ``records`` records alone (rows of the batch's outputs, so
+        the model's own batched rounding does not enter) must equal that record's entry in the
+        batch's losses, to ``1e-6`` relative in float64 and ``1e-4`` in lower precision, plus
+        ``16 eps`` absolute (the loss's own reductions may round differently on one row). A
+        loss that broadcasts outputs ``[B, 1]`` against targets ``[B]`` to ``[B, B]`` and
+        reduces back to ``[B]`` passes the shape check but mixes the records' losses (an
+        ``O(1)`` relative difference); the estimation would then be silently wrong.
 
         Raises:
             ValueError: naming ``loss_fn``, the shapes of the outputs and targets, and the
@@ -183,11 +185,12 @@ class LossProgram:
             k = min(b, records)
             tol = 1e-6 if losses.dtype == torch.float64 else 1e-4
             scale = float(losses[:k].abs().max()) if k else 0.0
+            atol = tol * scale + 16 * torch.finfo(losses.dtype).eps * max(scale, 1.0) if losses.is_floating_point() else 0.0
             for i in range(k):
-                one = self.loss_fn(self.outputs(self.params, _rows(inputs, i)), _rows(targets, i))
+                one = self.loss_fn(_rows(out, i), _rows(targets, i))
                 ok = isinstance(one, Tensor) and one.numel() == 1
                 v = float(one.reshape(())) if ok else math.nan
-                if not ok or not math.isclose(v, float(losses[i]), rel_tol=tol, abs_tol=tol * scale):
+                if not ok or not math.isclose(v, float(losses[i]), rel_tol=tol, abs_tol=atol):
                     alone = f"{v:.6g}" if ok else (list(one.shape) if isinstance(one, Tensor) else type(one).__name__)
                     raise ValueError(
                         f"{what} is not per-sample: the loss of record {i} computed alone is {alone} "
