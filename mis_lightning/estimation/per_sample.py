@@ -216,8 +216,12 @@ class LossProgram:
 
     def output_jacobians(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}``."""
-        out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
-        jac = vmap(jacrev(self._one_output), in_dims=(None, 0))(self.params, inputs)
+        def f(p: dict[str, Tensor], x: Any) -> tuple[Tensor, Tensor]:
+            o = self._one_output(p, x)
+            return o, o.detach()
+
+        # One forward serves both (has_aux), instead of a second vmapped forward for the outputs.
+        jac, out = vmap(jacrev(f, has_aux=True), in_dims=(None, 0))(self.params, inputs)
         return out, jac
 
     def loss_output_derivatives(self, outputs: Tensor, targets: Any, out_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
