@@ -192,7 +192,8 @@ def score(
     for k in est.names:
         check_finite(f"sigma of {k!r}", est.sigma[k])
     R = est.num_records
-    estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R}
+    estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R,
+                       "estimator": est.estimator, "reason": est.reason}
     diagnostics = dict(est.diagnostics)
     if est.mahalanobis is not None:
         corr = F.saturate(F.cells.SQRT_2_OVER_PI * est.mahalanobis / (2 * math.sqrt(n)))

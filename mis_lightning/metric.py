@@ -47,10 +47,9 @@ from torchmetrics import Metric
 from .assess import SchemeSpec, score, select_params
 from .estimation.estimate import (
     DEFAULT_BUDGET,
-    EXACT_MAX_PARAMS,
     MomentAccumulator,
 )
-from .estimation.per_sample import BatchFn, LossFn, LossProgram, default_batch_fn
+from .estimation.per_sample import BatchFn, LossFn, LossProgram, default_batch_fn, eval_mode
 from .quantization import available_schemes
 from .report import Report
 
@@ -104,7 +103,8 @@ class _HookProgram(LossProgram):
         self._shell = shell
 
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
+        with eval_mode(self.model, self._shell):  # the hook runs on the original model
+            return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
 
 
 def _hook_batch_fn(batch: Any) -> tuple[Any, Tensor]:
@@ -243,17 +243,14 @@ class MISIndicator(Metric):
                     "(outputs, targets): pass loss_fn=lambda outputs, targets: <per-sample losses [B]>"
                 )
         names = select_params(model, params)
-        if self.uses_hook:
-            d = sum(dict(model.named_parameters())[n].numel() for n in names)
-            if hessian == "ggn":
-                raise ValueError(f"hessian='ggn' needs model outputs; with {HOOK_NAME} use 'exact' or 'hutchinson'")
-            if hessian == "auto":
-                hessian = "exact" if d <= EXACT_MAX_PARAMS else "hutchinson"
+        if self.uses_hook and hessian == "ggn":
+            raise ValueError(f"hessian='ggn' needs model outputs; with {HOOK_NAME} use 'exact' or 'hutchinson'")
         acc = MomentAccumulator(
             model, loss_fn, param_names=names, mode=estimation, hessian=hessian,  # type: ignore[arg-type]
             weight_decay=weight_decay, num_records=num_records, batch_fn=batch_fn,
             hutchinson_probes=hutchinson_probes, budget=budget, selection="hash",
             generator=torch.Generator().manual_seed(seed), program_cls=program_cls,
+            ggn_available=not self.uses_hook,
         )
         self._ref = _Ref((model, acc))
         self.loss_fn, self.batch_fn = loss_fn, batch_fn or default_batch_fn

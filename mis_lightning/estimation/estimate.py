@@ -18,6 +18,7 @@ Every accumulator is a sum over records, so the pass streams over batches.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,19 @@ Mode = Literal["auto", "exact", "diagonal"]
 HessianMode = Literal["auto", "exact", "ggn", "hutchinson"]
 
 EXACT_MAX_PARAMS = 2000  # "auto" uses the exact sandwich up to this many parameters
+# "auto" also skips the exact sandwich above this many records x d^2 (its Hessian and d x d
+# sums cost ~n d^2 multiply-adds for a dense model; 1e11 is about a minute on one core).
+EXACT_MAX_COST = 1e11
+# Layers that reuse their weights over positions (convolutions, recurrences, attention): one
+# forward pass costs far more than d multiply-adds per record, and the exact Hessian needs d
+# forward-over-reverse passes of it (a 1,466-weight CNN: minutes and ~12 GB against ~1 s for
+# the Gauss-Newton diagonal). "auto" does not pick an exact Hessian for models holding them.
+WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention,
+)
 GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many outputs per record
+log = logging.getLogger(__name__)
+
 DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB in float32)
 
 
@@ -54,6 +67,8 @@ class Estimate:
         factors: per-record factors of Linear layers (the factored diagonal path, see
             ``linear_factors``): ``w`` of those records is a product of small matrices and is
             never materialised for the whole model.
+        estimator: which estimator ran (:func:`describe_estimator`); ``reason``: why
+            (``"requested"`` or the ``"auto"`` rule that chose it, see :func:`choose_estimator`).
     """
 
     n: int
@@ -74,6 +89,8 @@ class Estimate:
     _v_diag: dict[str, Tensor] | None = None
     budget: int = DEFAULT_BUDGET
     factors: list[LinearFactors] | None = None
+    estimator: str = ""
+    reason: str = ""
 
     @property
     def d(self) -> int:
@@ -107,6 +124,61 @@ class Estimate:
                     w = -(g - self._g_mean[name]) / self._v_diag[name].clamp_min(1e-300).sqrt()
                     yield r0 + a, r0 + a + g.shape[0], {name: w}
                 r0 += b
+
+
+def choose_estimator(
+    model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
+    n: int | None = None, ggn: bool = True,
+) -> tuple[str, str, str]:
+    """Resolve ``"auto"`` for ``mode`` and ``hessian`` by estimated cost.
+
+    Args:
+        model: the model (its layer types set the cost of a forward pass).
+        d: number of assessed weights.
+        mode, hessian: the requested ``mode`` and ``hessian`` (``"auto"`` or a fixed choice).
+        n: number of training records when known (``len(dataset)``), else ``None``.
+        ggn: whether the Gauss-Newton diagonal is available (not with a loss hook, whose
+            "outputs" are the losses themselves).
+
+    Returns:
+        ``(mode, hessian, reason)``: the resolved choice and a sentence saying why.
+
+    The exact sandwich costs about ``n d^2`` for a dense model, and ``n d F`` where a forward
+    pass costs ``F >> d`` (layers in :data:`WEIGHT_REUSE_LAYERS`); it is chosen only for
+    dense models with ``d <= EXACT_MAX_PARAMS`` and ``n d^2 <= EXACT_MAX_COST``. The diagonal
+    mode's Hessian is then exact for the same small dense models, else Gauss-Newton (or
+    Hutchinson without model outputs).
+    """
+    reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
+    if d > EXACT_MAX_PARAMS:
+        why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
+    elif reuse:
+        why = f"{', '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward)"
+    elif n is not None and n * d * d > EXACT_MAX_COST:
+        why = f"n d^2 = {n * d * d:.2g} > {EXACT_MAX_COST:.0g}"
+    else:
+        why = ""
+    cheap_exact = not why
+    reason = "requested"
+    if mode == "auto":
+        mode = "exact" if cheap_exact else "diagonal"
+        reason = f"auto: d = {d:,} dense weights" if cheap_exact else f"auto: {why}"
+    if mode == "exact":
+        return mode, "exact", reason
+    if hessian == "auto":
+        hessian = "exact" if cheap_exact else ("ggn" if ggn else "hutchinson")
+        if reason == "requested":
+            reason = "auto Hessian: " + (f"d = {d:,} dense weights" if cheap_exact else why)
+    return mode, hessian, reason
+
+
+def describe_estimator(mode: str, hessian: str) -> str:
+    """A short name of the estimator, e.g. ``"diagonal sandwich, Gauss-Newton Hessian"``."""
+    if mode == "exact":
+        return "exact sandwich (full Hessian, per-sample gradients)"
+    h = {"exact": "exact Hessian diagonal", "ggn": "Gauss-Newton Hessian diagonal",
+         "hutchinson": "Hutchinson Hessian diagonal"}.get(hessian, hessian)
+    return f"diagonal sandwich ({h}, per-sample gradient variances)"
 
 
 def _flat_names(program: LossProgram) -> tuple[dict[str, tuple[int, int]], int]:
@@ -145,12 +217,15 @@ _HASH_WEIGHTS: dict[tuple[int, int], Tensor] = {}
 def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
     """``[b]`` int64 content hashes of the records of a batch (a random linear hash of their bytes).
 
-    Deterministic across processes and batch compositions: the same record always gets the
-    same key. Keeping the records with the smallest keys is a *bottom-k* sample, which does not
-    depend on how the records were split over batches or processes.
+    Every tensor leaf of ``(inputs, targets)`` with ``b`` rows is hashed (pass the raw batch as
+    ``inputs`` and ``None`` as ``targets`` to hash a whole batch). Deterministic across
+    processes, batch compositions and loader orders: the same record always gets the same key.
+    Keeping the records with the smallest keys is a *bottom-k* sample, which does not depend on
+    how the records were split over batches or processes, nor on their order.
     """
     h = torch.zeros(b, dtype=torch.int64)
-    leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets)) if isinstance(t, Tensor)]
+    leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets))
+              if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b]
     for i, t in enumerate(leaves):
         raw = t.detach().cpu().contiguous().reshape(b, -1)
         if raw.dtype == torch.bool:
@@ -195,12 +270,15 @@ class MomentAccumulator:
       ``num_records * d <= budget``) or ``rec_x``/``rec_y`` (the records themselves), and with
       ``selection="hash"`` their ``rec_key`` (see :func:`record_keys`).
 
-    ``selection="first"`` keeps the first ``num_records`` records seen (``estimate``);
-    ``"hash"`` keeps those with the smallest content hash, which is the same set however the
-    data is split over processes (the union of per-process bottom-k sets contains the global
-    bottom-k set), so summed/concatenated states of several processes finalize to the same
-    estimate as one process over all the data. The hash selection needs tensor inputs and
-    targets when records (not gradients) are stored.
+    ``selection="first"`` keeps the first ``num_records`` records seen;
+    ``"hash"`` (``estimate`` and ``MISIndicator``) keeps those with the smallest content hash
+    of the raw batch's tensors (:func:`record_keys`), which is the same set however the data is
+    ordered (a shuffling loader), batched, split over processes (the union of per-process
+    bottom-k sets contains the global bottom-k set), and whether the loss comes from
+    ``loss_fn``/``batch_fn`` or a ``mis_per_sample_loss`` hook; so summed/concatenated states
+    of several processes finalize to the same estimate as one process over all the data.
+    Stored records (not gradients) must then be tensors, unless ``pytree_records`` (a state
+    that is never synced across processes, as in ``estimate``).
 
     The parameters are read (detached copies) when the accumulator is built and again by
     :meth:`reset_program`; the model is never modified.
@@ -225,6 +303,9 @@ class MomentAccumulator:
         selection: Literal["first", "hash"] = "first",
         program_cls: type[LossProgram] = LossProgram,
         use_factors: bool = True,
+        pytree_records: bool = False,
+        n_hint: int | None = None,
+        ggn_available: bool = True,
     ) -> None:
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -246,16 +327,12 @@ class MomentAccumulator:
         self.program = program_cls(model, loss_fn, self.param_names, self.batch_fn, dtype)
         self.offsets, d = _flat_names(self.program)
         self.d = d
-        if mode == "auto":
-            mode = "exact" if d <= EXACT_MAX_PARAMS else "diagonal"
-        if mode not in ("exact", "diagonal"):
+        if mode not in ("auto", "exact", "diagonal"):
             raise ValueError(f"mode must be 'auto', 'exact' or 'diagonal', got {mode!r}")
         if mode == "exact" and d > 20 * EXACT_MAX_PARAMS:
             raise ValueError(f"mode='exact' builds a d x d Hessian; d = {d} is too large, use mode='diagonal'")
-        if mode == "exact":
-            hessian = "exact"
-        elif hessian == "auto":
-            hessian = "exact" if d <= EXACT_MAX_PARAMS else "ggn"
+        mode, hessian, self.reason = choose_estimator(model, d, mode, hessian, n=n_hint, ggn=ggn_available)
+        self.estimator = describe_estimator(mode, hessian)
         if hessian not in ("exact", "ggn", "hutchinson"):
             raise ValueError(f"hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got {hessian!r}")
         self.mode, self.hessian = mode, hessian
@@ -263,7 +340,7 @@ class MomentAccumulator:
         self.names = self.program.param_names
         self.weight_decay, self.num_records = float(weight_decay), int(num_records)
         self.hutchinson_probes, self.damping, self.budget = hutchinson_probes, damping, budget
-        self.generator, self.selection = generator, selection
+        self.generator, self.selection, self.pytree_records = generator, selection, pytree_records
         self.keep_w = num_records * d <= budget
         self._out_shape: tuple[int, ...] | None = None
         self.factored: FactoredProgram | None = None
@@ -316,8 +393,10 @@ class MomentAccumulator:
         """Add one batch to ``state`` (default ``self.state``, updated in place); returns its size."""
         st = self.state if state is None else state
         program, names, d, hessian = self.program, self.names, self.d, self.hessian
-        raw_inputs, raw_targets = self.batch_fn(batch) if self.selection == "hash" else (None, None)
         inputs, targets, b = program.prepare(batch)
+        # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
+        # loader's order and whether batch_fn or a loss hook splits the batch.
+        keys = record_keys(batch, None, b) if self.selection == "hash" else None
         if self.factored is not None:
             try:
                 fac = self.factored.batch(inputs, targets, b)
@@ -327,7 +406,7 @@ class MomentAccumulator:
                 self.factored.close()
                 self.factored = None  # this model's layout needs the generic path
             else:
-                self._update_factored(st, fac, inputs, targets, b, raw_inputs, raw_targets)
+                self._update_factored(st, fac, inputs, targets, b, keys)
                 return b
         if hessian == "ggn" and self._out_shape is None:
             self._out_shape = program.output_shape(inputs)
@@ -337,7 +416,6 @@ class MomentAccumulator:
         out_shape = self._out_shape
         c_out = int(math.prod(out_shape)) if out_shape else 1
         step = max(1, self.budget // max(d * (c_out if hessian == "ggn" else 1), 1))
-        keys = record_keys(raw_inputs, raw_targets, b) if self.selection == "hash" else None
         dev = st["g_sum"].device
         a = 0
         for x, y in _split_batch(inputs, targets, b, step):
@@ -393,7 +471,7 @@ class MomentAccumulator:
         return b
 
     def _update_factored(self, st: dict[str, Any], fac: dict, inputs: Any, targets: Any, b: int,
-                         raw_inputs: Any, raw_targets: Any) -> None:
+                         keys: Tensor | None) -> None:
         assert self.factored is not None
         dev = st["g_sum"].device
         sums, norm = self.factored.batch_sums(fac, self.acc_dtype)
@@ -404,7 +482,6 @@ class MomentAccumulator:
             st["g2_sum"][sl] += g2.to(dev)
             st["h_sum"][sl] += h.to(dev)
         st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
-        keys = record_keys(raw_inputs, raw_targets, b) if self.selection == "hash" else None
         # Only the rows that can still be stored are materialised (a [rows, d] tensor).
         if keys is None:
             kept = sum(int(t.shape[0]) for t in st["rec_grad"]) if self.keep_w else sum(
@@ -441,6 +518,9 @@ class MomentAccumulator:
         # bottom-k by content hash
         if self.keep_w:
             st["rec_grad"].append(flat.clone())
+        elif self.pytree_records:
+            st["rec_x"].append(torch.utils._pytree.tree_map(_detach_clone, x))
+            st["rec_y"].append(torch.utils._pytree.tree_map(_detach_clone, y))
         else:
             if not isinstance(x, Tensor) or not isinstance(y, Tensor):
                 raise TypeError(
@@ -525,6 +605,7 @@ class MomentAccumulator:
                 n=n, mode="exact", hessian="exact", names=names, shapes=shapes,
                 offsets=offsets, theta=theta, sigma=sigma, w=w, num_records=w.shape[0],
                 diagnostics=diagnostics, mahalanobis=mahal, budget=self.budget,
+                estimator=self.estimator, reason=self.reason,
             )
 
         # Diagonal mode.
@@ -577,7 +658,7 @@ class MomentAccumulator:
             n=n, mode="diagonal", hessian=hessian, names=names, shapes=shapes, offsets=offsets,
             theta=theta, sigma=sigma, w=w, num_records=min(kept, num_records), diagnostics=diagnostics,
             _program=program, _records=records, _g_mean=g_mean, _v_diag=v_diag, budget=self.budget,
-            factors=factors,
+            factors=factors, estimator=self.estimator, reason=self.reason,
         )
 
 
@@ -589,10 +670,18 @@ def _prune(st: dict[str, Any], k: int) -> None:
     order = torch.sort(keys.cpu(), stable=True).indices[:k]
     fields = ["rec_grad"] if "rec_grad" in st else ["rec_x", "rec_y"]
     for f in fields:
-        full = _cat(st[f])
+        items = st[f]
+        if isinstance(items, list) and items and not isinstance(items[0], Tensor):
+            # pytree records (estimate only): concatenate and select leaf by leaf
+            full = torch.utils._pytree.tree_map(
+                lambda *ts: torch.cat(ts) if isinstance(ts[0], Tensor) else ts[0], items[0], *items[1:])
+            items[:] = [torch.utils._pytree.tree_map(
+                lambda t: t[order.to(t.device)] if isinstance(t, Tensor) else t, full)]
+            continue
+        full = _cat(items)
         sel = full[order.to(full.device)]
-        if isinstance(st[f], list):
-            st[f][:] = [sel]
+        if isinstance(items, list):
+            items[:] = [sel]
         else:
             st[f] = sel
     sel_keys = keys[order.to(keys.device)]
@@ -630,11 +719,13 @@ def estimate(
         train_dataloader: iterable of training batches (every record once).
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample data losses.
         param_names: parameters to assess (default: every parameter with ``requires_grad``).
-        mode: ``"exact"``, ``"diagonal"`` or ``"auto"`` (exact up to 2,000 parameters).
+        mode: ``"exact"``, ``"diagonal"`` or ``"auto"`` (by estimated cost: exact for dense
+            models up to 2,000 parameters, see :func:`choose_estimator`).
         hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"``, ``"hutchinson"``, ``"auto"``.
         weight_decay: L2 penalty coefficient of the training objective
             ``mean(loss) + weight_decay / 2 * |theta|^2`` (added to ``H``).
-        num_records: records whose influences are kept (the first ones seen).
+        num_records: records whose influences are kept: the ``num_records`` smallest content
+            hashes (:func:`record_keys`), so the same records whatever the loader's order.
         batch_fn: ``batch -> (inputs, targets)``.
         hutchinson_probes: Rademacher probes per batch for ``hessian="hutchinson"``.
         damping: relative damping added to ``H`` when it is not positive definite.
@@ -647,15 +738,28 @@ def estimate(
     acc = MomentAccumulator(
         model, loss_fn, param_names=param_names, mode=mode, hessian=hessian, weight_decay=weight_decay,
         num_records=num_records, batch_fn=batch_fn, hutchinson_probes=hutchinson_probes,
-        damping=damping, budget=budget, dtype=dtype, generator=generator, selection="first",
-        use_factors=use_factors,
+        damping=damping, budget=budget, dtype=dtype, generator=generator, selection="hash",
+        use_factors=use_factors, pytree_records=True, n_hint=_dataset_size(train_dataloader),
     )
+    log.info("estimation: %s (%s), d = %d", acc.estimator, acc.reason, acc.d)
     n = 0
     for batch in train_dataloader:
         n += acc.update(batch)
         if progress is not None:
             progress(n)
     return acc.finalize()
+
+
+def _dataset_size(loader: Any) -> int | None:
+    """``len(loader.dataset)`` when the loader has a sized dataset, else ``None``."""
+    try:
+        return len(loader.dataset)
+    except Exception:
+        return None
+
+
+def _detach_clone(t: Any) -> Any:
+    return t.detach().clone() if isinstance(t, Tensor) else t
 
 
 def _batch_size_of(y: Any) -> int:

@@ -15,8 +15,12 @@ estimation and the Gaussian form need is then a product of small matrices, never
 
 This is the classical trick behind per-sample-gradient libraries (BackPACK's
 ``SumGradSquared``, "ghost" norms). It applies when every assessed parameter belongs to an
-``nn.Linear`` called once per forward on 2-D inputs, and the model has one output per
-record; ``estimate`` falls back to ``torch.func`` per-sample gradients otherwise.
+``nn.Linear`` called once per forward on 2-D inputs, used by no other module (no tied
+weights: a shared weight's per-sample gradient is a *sum* of outer products, whose squares
+have cross terms), and the model has one output per record; ``estimate`` falls back to
+``torch.func`` per-sample gradients otherwise. The first batch is also checked against
+autograd (the summed factored gradient must equal the parameter gradient), which catches a
+weight also used outside its layer (e.g. ``F.linear(x, self.a.weight)`` in ``forward``).
 """
 
 from __future__ import annotations
@@ -51,9 +55,24 @@ class LinearFactors:
     d: Tensor
 
 
+def shared_parameters(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """``{name: [every module slot holding it]}`` for the assessed parameters held by more than
+    one module slot (tied weights, or one module registered under two names)."""
+    named = dict(model.named_parameters())
+    wanted = {id(named[n]): n for n in names if n in named}
+    slots: dict[str, list[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for leaf, p in mod._parameters.items():
+            if p is not None and id(p) in wanted:
+                slots.setdefault(wanted[id(p)], []).append(f"{mod_name}.{leaf}" if mod_name else leaf)
+    return {n: v for n, v in slots.items() if len(v) > 1}
+
+
 def linear_layout(model: nn.Module, names: list[str]) -> dict[str, tuple[str | None, str | None]] | None:
     """``{module_name: (weight_name, bias_name)}`` if every assessed name is a Linear's weight or
-    bias, else ``None``."""
+    bias, held by that Linear only, else ``None``."""
+    if shared_parameters(model, names):
+        return None
     layout: dict[str, list[str | None]] = {}
     mods = dict(model.named_modules())
     for n in names:
@@ -107,7 +126,7 @@ class FactoredProgram:
     def __init__(self, model: nn.Module, loss_fn: LossFn, names: list[str], dtype: torch.dtype) -> None:
         layout = linear_layout(model, names)
         if layout is None:
-            raise NotImplementedError("not every assessed parameter is an nn.Linear weight or bias")
+            raise NotImplementedError("not every assessed parameter is the weight or bias of one nn.Linear")
         self.layout = layout
         self.names = names
         self.loss_fn = loss_fn
@@ -115,6 +134,7 @@ class FactoredProgram:
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.capture = _Capture(self.model, list(layout))
+        self._verified = False
 
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         self.capture.reset()
@@ -127,7 +147,14 @@ class FactoredProgram:
                     raise NotImplementedError(f"layer {m!r} is not called once on [B, in] inputs")
             f = out.reshape(b)
             outs = [self.capture.outputs[m] for m in self.layout]
-            deltas = torch.autograd.grad(f.sum(), outs)
+            if self._verified:
+                deltas = torch.autograd.grad(f.sum(), outs)
+            else:
+                mp = dict(self.model.named_parameters())
+                pnames = [n for n in self.names if n in mp]
+                got = torch.autograd.grad(f.sum(), outs + [mp[n] for n in pnames])
+                deltas = got[: len(outs)]
+                self._verify(deltas, dict(zip(pnames, got[len(outs):])))
         fd = f.detach()
         shape = tuple(out.shape[1:])
 
@@ -144,6 +171,24 @@ class FactoredProgram:
             res[m] = (x, e.unsqueeze(-1) * dl, L.unsqueeze(-1) * dl.square())
         self.capture.reset()
         return res
+
+    def _verify(self, deltas: tuple[Tensor, ...], grads: dict[str, Tensor]) -> None:
+        """The factored gradient of ``sum_i f_i`` (``delta^T x`` per layer) must equal autograd's.
+
+        A weight used anywhere else (tied to another module, a functional call in
+        ``forward``) gets extra gradient terms the factors do not see: fall back to torch.func.
+        Tolerance 1e-5 relative to the gradient's size (float32 matmul rounding; the two
+        differ by O(1) where a use is missed).
+        """
+        for (m, (wn, bn)), delta in zip(self.layout.items(), deltas):
+            x = self.capture.inputs[m].detach()
+            for name in (wn, bn):
+                if name is None:
+                    continue
+                g, h = grads[name], (delta.T @ x if name == wn else delta.sum(0))
+                if float((g - h).abs().max()) > 1e-5 * max(float(g.abs().max()), 1e-30):
+                    raise NotImplementedError(f"parameter {name!r} is also used outside layer {m!r}")
+        self._verified = True
 
     def batch_sums(self, fac: dict[str, tuple[Tensor, Tensor, Tensor]], acc: torch.dtype
                    ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], Tensor]:

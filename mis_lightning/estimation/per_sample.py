@@ -7,7 +7,9 @@ the model: parameters are read once (detached copies) and every call goes throug
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +32,48 @@ def default_batch_fn(batch: Any) -> tuple[Any, Any]:
     )
 
 
+@contextmanager
+def eval_mode(*roots: nn.Module) -> Iterator[None]:
+    """Every submodule of ``roots`` in eval mode for the block; each ``training`` flag restored after.
+
+    The estimation evaluates the trained model as released (Dropout off, BatchNorm on its
+    running statistics): a model left in train mode would make per-sample gradients random
+    (vmap refuses random ops) or couple the records of a batch (BatchNorm batch statistics,
+    which also update the running statistics in place). The flags are set directly (not via
+    ``train()``, which a subclass may override) and restored exactly, even on error.
+    """
+    flags = [(m, m.training) for r in roots for m in r.modules()]
+    try:
+        for m, _ in flags:
+            m.training = False
+        yield
+    finally:
+        for m, t in reversed(flags):  # reversed: a module reached twice gets its first flag
+            m.training = t
+
+
+def _describe(tree: Any) -> str:
+    """Shapes of the tensors of a pytree, e.g. ``[200, 1]`` or ``(x: [4, 3], y: [4])``."""
+    if isinstance(tree, Tensor):
+        return str(list(tree.shape))
+    leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+    return "(" + ", ".join(str(list(t.shape)) for t in leaves) + ")" if leaves else type(tree).__name__
+
+
+def _loss_name(loss_fn: Any) -> str:
+    return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+
+
 def _batch_size(tree: Any) -> int:
     leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
     if not leaves:
         raise TypeError("inputs hold no tensor")
     return int(leaves[0].shape[0])
+
+
+def _rows(tree: Any, i: int) -> Any:
+    """Record ``i`` of every tensor in a pytree, keeping a batch dimension of 1."""
+    return torch.utils._pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) else t, tree)
 
 
 def _unsqueeze(tree: Any) -> Any:
@@ -57,8 +96,9 @@ class LossProgram:
     """A model, its per-sample loss and the batch layout, as pure functions of the parameters.
 
     Args:
-        model: the trained model (read only; evaluated in eval mode semantics through
-            ``functional_call`` with its current buffers).
+        model: the trained model (read only; evaluated in eval mode, whatever its
+            ``training`` flag, through ``functional_call`` with private copies of its buffers,
+            so the model, its buffers and its flags stay bit-identical).
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (no reduction).
         param_names: the parameters to differentiate (the assessed ones); the others are
             held fixed.
@@ -85,15 +125,17 @@ class LossProgram:
             for n, p in named.items()
             if n not in self.params
         }
+        # Private copies: nothing the forward does can reach the caller's buffers.
         self.buffers = {
-            n: b.detach().to(self.dtype) if b.is_floating_point() else b.detach()
+            n: (b.detach().to(self.dtype) if b.is_floating_point() else b.detach()).clone()
             for n, b in self.model.named_buffers()
         }
         self._checked = False
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
+        with eval_mode(self.model):
+            return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     def _one_loss(self, params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
         out = self.outputs(params, _unsqueeze(x))
@@ -109,17 +151,54 @@ class LossProgram:
         targets = _to(targets, self.device, self.dtype)
         b = _batch_size(inputs)
         if not self._checked:
-            with torch.no_grad():
-                out = self.outputs(self.params, inputs)
-                losses = self.loss_fn(out, targets)
-            if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
-                shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                raise ValueError(
-                    f"loss_fn must return per-sample losses of shape [B] = [{b}], got {shape}; "
-                    "use reduction='none' and sum over output dimensions"
-                )
+            self.check_per_sample(inputs, targets, b)
             self._checked = True
         return inputs, targets, b
+
+    def check_per_sample(self, inputs: Any, targets: Any, b: int, records: int = 8) -> None:
+        """Check that ``loss_fn`` returns one loss per record, each depending on that record only.
+
+        The batch's losses must have shape ``[B]``, and ``loss_fn`` applied to the outputs and
+        targets of each of the first ``records`` records alone (rows of the batch's outputs, so
+        the model's own batched rounding does not enter) must equal that record's entry in the
+        batch's losses, to ``1e-6`` relative in float64 and ``1e-4`` in lower precision, plus
+        ``16 eps`` absolute (the loss's own reductions may round differently on one row). A
+        loss that broadcasts outputs ``[B, 1]`` against targets ``[B]`` to ``[B, B]`` and
+        reduces back to ``[B]`` passes the shape check but mixes the records' losses (an
+        ``O(1)`` relative difference); the estimation would then be silently wrong.
+
+        Raises:
+            ValueError: naming ``loss_fn``, the shapes of the outputs and targets, and the
+                first record whose loss differs.
+        """
+        with torch.no_grad():
+            out = self.outputs(self.params, inputs)
+            losses = self.loss_fn(out, targets)
+            what = (f"loss_fn {_loss_name(self.loss_fn)!r} (model outputs {_describe(out)}, "
+                    f"targets {_describe(targets)})")
+            if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
+                shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise ValueError(
+                    f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}; "
+                    "use reduction='none' and sum over output dimensions"
+                )
+            k = min(b, records)
+            tol = 1e-6 if losses.dtype == torch.float64 else 1e-4
+            scale = float(losses[:k].abs().max()) if k else 0.0
+            atol = tol * scale + 16 * torch.finfo(losses.dtype).eps * max(scale, 1.0) if losses.is_floating_point() else 0.0
+            for i in range(k):
+                one = self.loss_fn(_rows(out, i), _rows(targets, i))
+                ok = isinstance(one, Tensor) and one.numel() == 1
+                v = float(one.reshape(())) if ok else math.nan
+                if not ok or not math.isclose(v, float(losses[i]), rel_tol=tol, abs_tol=atol):
+                    alone = f"{v:.6g}" if ok else (list(one.shape) if isinstance(one, Tensor) else type(one).__name__)
+                    raise ValueError(
+                        f"{what} is not per-sample: the loss of record {i} computed alone is {alone} "
+                        f"but entry {i} of the batch's losses is {float(losses[i]):.6g}. The losses "
+                        "mix records, typically by broadcasting outputs [B, 1] against targets [B] "
+                        "(or [B] against [B, 1]) to [B, B] and reducing back to [B]; give outputs "
+                        "and targets the same shape (e.g. outputs.squeeze(-1) or targets.reshape(-1))"
+                    )
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():
@@ -137,8 +216,12 @@ class LossProgram:
 
     def output_jacobians(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}``."""
-        out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
-        jac = vmap(jacrev(self._one_output), in_dims=(None, 0))(self.params, inputs)
+        def f(p: dict[str, Tensor], x: Any) -> tuple[Tensor, Tensor]:
+            o = self._one_output(p, x)
+            return o, o.detach()
+
+        # One forward serves both (has_aux), instead of a second vmapped forward for the outputs.
+        jac, out = vmap(jacrev(f, has_aux=True), in_dims=(None, 0))(self.params, inputs)
         return out, jac
 
     def loss_output_derivatives(self, outputs: Tensor, targets: Any, out_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:

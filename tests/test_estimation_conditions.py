@@ -1,0 +1,264 @@
+"""Estimation under real conditions (issue 9): tied weights, train-mode models, broadcasting
+losses, loader order, and the cost of the "auto" estimator."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.estimation import estimate
+from mis_lightning.estimation.estimate import MomentAccumulator
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def _data(n=300, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    y = X[:, 0] + 0.1 * torch.randn(n, generator=g)
+    return X, y
+
+
+# -- item 1: a weight used twice ------------------------------------------------------------------
+class Tied(nn.Module):
+    """``b`` shares ``a``'s weight."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, 1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Twice(nn.Module):
+    """``a`` called twice in one forward."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.head = nn.Linear(d, d), nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class Functional(nn.Module):
+    """``a``'s weight also used by a functional call outside its layer."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.a, self.head = nn.Linear(d, d), nn.Linear(d, 1)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.head(torch.tanh(F.linear(h, self.a.weight)))
+
+
+@pytest.mark.parametrize("cls", [Tied, Twice, Functional])
+def test_shared_weight_factored_path_equals_torch_func(cls):
+    torch.manual_seed(0)
+    m = cls().eval()
+    X, y = _data()
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    kw = dict(mode="diagonal", hessian="ggn", num_records=64)
+    fast = estimate(m, dl, mse, use_factors=True, **kw)
+    slow = estimate(m, dl, mse, use_factors=False, **kw)
+    # Same float64 estimator on the same records: equal to rounding (1e-6 relative is loose;
+    # the old factored path, which saw one use of the weight, was off by up to 11x).
+    for k in slow.names:
+        torch.testing.assert_close(fast.sigma[k], slow.sigma[k], rtol=1e-6, atol=0)
+    assert fast.w is not None and slow.w is not None  # standardised per-sample gradients
+    torch.testing.assert_close(fast.w, slow.w, rtol=1e-6, atol=1e-9)
+    # The mean gradient over every use of the weight, as autograd sums it.
+    m2 = copy.deepcopy(m).double()
+    mse(m2(X.double()), y.double()).mean().backward()
+    true = torch.cat([p.grad.reshape(-1) for p in m2.parameters()]).norm().item()
+    assert fast.diagnostics["gradient_norm"] == pytest.approx(true, rel=1e-6)
+
+
+# -- item 2: a model left in train mode ----------------------------------------------------------
+def _train_mode_model():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.2), nn.Tanh(), nn.Linear(16, 1))
+    X, y = _data()
+    with torch.no_grad():
+        m(X)  # a training-mode forward: running statistics away from their defaults
+    return m
+
+
+def _snapshot(m):
+    return ({k: v.clone() for k, v in m.state_dict().items()}, [x.training for x in m.modules()])
+
+
+def _assert_unchanged(m, snap):
+    state, flags = snap
+    now = m.state_dict()
+    assert list(now) == list(state)
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k  # incl. num_batches_tracked and running statistics
+    assert [x.training for x in m.modules()] == flags
+
+
+@pytest.mark.parametrize("estimation", ["exact", "diagonal"])
+def test_train_mode_model_is_assessed_in_eval_mode_and_left_untouched(estimation):
+    m = _train_mode_model()
+    assert m.training
+    snap = _snapshot(m)
+    X, y = _data()
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    kw = dict(estimation=estimation, uncertainty_draws=0, num_records=64)
+    r = ml.assess(m, ["rtn_int8"], dl, mse, **kw)
+    _assert_unchanged(m, snap)
+    r_eval = ml.assess(copy.deepcopy(m).eval(), ["rtn_int8"], dl, mse, **kw)
+    assert r.schemes["rtn_int8"].leakage == pytest.approx(r_eval.schemes["rtn_int8"].leakage, rel=1e-12)
+    assert r.baseline_leakage == pytest.approx(r_eval.baseline_leakage, rel=1e-12)
+    # MISIndicator: same figures, model untouched.
+    metric = ml.MISIndicator(m, mse, ["rtn_int8"], estimation=estimation, uncertainty_draws=0, num_records=64)
+    for xb, yb in dl:
+        metric.update(xb, yb)
+    out = metric.compute()
+    _assert_unchanged(m, snap)
+    assert float(out["rtn_int8"]["leakage"]) == pytest.approx(r_eval.schemes["rtn_int8"].leakage, rel=1e-9)
+
+
+def test_train_mode_model_above_exact_size_factored_path():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(8, 256), nn.BatchNorm1d(256), nn.Dropout(0.1), nn.Tanh(), nn.Linear(256, 1))
+    X, y = _data()
+    with torch.no_grad():
+        m(X)
+    snap = _snapshot(m)
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    r = ml.assess(m, ["rtn_int8"], dl, mse, uncertainty_draws=0, num_records=64)
+    _assert_unchanged(m, snap)
+    r_eval = ml.assess(copy.deepcopy(m).eval(), ["rtn_int8"], dl, mse, uncertainty_draws=0, num_records=64)
+    assert r.estimation["mode"] == "diagonal"
+    assert r.schemes["rtn_int8"].leakage == pytest.approx(r_eval.schemes["rtn_int8"].leakage, rel=1e-12)
+
+
+# -- item 3: losses that broadcast --------------------------------------------------------------
+def test_broadcasting_loss_is_refused_on_the_first_batch():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)).eval()
+    X, y = _data()
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+
+    def broadcast(o, t):  # [B, 1] against [B] -> [B, B] -> mean -> [B]: mixes the records
+        return 0.5 * F.mse_loss(o, t, reduction="none").mean(-1)
+
+    msg = (r"loss_fn '.*broadcast' \(model outputs \[100, 1\], targets \[100\]\) is not per-sample: "
+           r"the loss of record 0 computed alone is .* but entry 0 of the batch's losses is")
+    for estimation in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=msg):
+            ml.assess(m, ["rtn_int8"], dl, broadcast, estimation=estimation, uncertainty_draws=0)
+    metric = ml.MISIndicator(m, broadcast, ["rtn_int8"])
+    with pytest.raises(ValueError, match=msg):
+        metric.update(X[:100], y[:100])
+    # Wrong shapes: scalar and [B, 1].
+    with pytest.raises(ValueError, match=r"loss_fn '.*<lambda>' \(model outputs \[100, 1\], targets \[100\]\) "
+                                         r"must return per-sample losses of shape \[B\] = \[100\], got \[\]"):
+        ml.assess(m, ["rtn_int8"], dl, lambda o, t: mse(o, t).mean(), uncertainty_draws=0)
+    with pytest.raises(ValueError, match=r"got \[100, 1\]"):
+        ml.assess(m, ["rtn_int8"], dl, lambda o, t: mse(o, t)[:, None], uncertainty_draws=0)
+    # The correct loss passes.
+    ml.assess(m, ["rtn_int8"], dl, mse, uncertainty_draws=0)
+
+
+# -- item 10f: records selected by content -------------------------------------------------------
+@pytest.mark.parametrize("width", [4, 256])  # exact sandwich / factored diagonal path
+def test_leakage_does_not_depend_on_the_loader_order(width):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, 1)).eval()
+    X, y = _data(n=400)
+    ds = TensorDataset(X, y)
+    plain = DataLoader(ds, batch_size=64)
+    shuffled = DataLoader(ds, batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(3))
+    kw = dict(uncertainty_draws=0, num_records=64)  # 64 of 400 records: the choice matters
+    a = ml.assess(m, ["rtn_int4"], plain, mse, **kw)
+    b = ml.assess(m, ["rtn_int4"], shuffled, mse, **kw)
+    # Same records, same order (by hash): only float64 summation order differs.
+    assert b.schemes["rtn_int4"].leakage == pytest.approx(a.schemes["rtn_int4"].leakage, rel=0, abs=1e-9)
+    assert b.baseline_leakage == pytest.approx(a.baseline_leakage, rel=0, abs=1e-9)
+
+
+class Hooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        return mse(self(x), y)
+
+
+def test_hook_and_loss_fn_keep_the_same_records():
+    torch.manual_seed(0)
+    m = Hooked().eval()
+    X, y = _data(n=400)
+    dl = DataLoader(TensorDataset(X, y), batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(5))
+    kw = dict(uncertainty_draws=0, num_records=64)
+    hook = ml.MISIndicator(m, None, ["rtn_int4"], **kw)
+    plain = ml.MISIndicator(m, mse, ["rtn_int4"], **kw)
+    for batch in dl:
+        hook.update(batch)
+        plain.update(*batch)
+    lh, lp = (float(x.compute()["rtn_int4"]["leakage"]) for x in (hook, plain))
+    ref = ml.assess(m, ["rtn_int4"], DataLoader(TensorDataset(X, y), batch_size=400), mse, **kw)
+    assert lh == pytest.approx(lp, rel=0, abs=1e-9)
+    assert lp == pytest.approx(ref.schemes["rtn_int4"].leakage, rel=0, abs=1e-9)
+
+
+# -- item 11: the "auto" estimator by cost -------------------------------------------------------
+class CNN(nn.Module):
+    """The 1,466-weight CNN of the issue."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.f(x).flatten(1))
+
+
+def ce(o, y):
+    return F.cross_entropy(o, y, reduction="none")
+
+
+def test_auto_picks_a_cheap_estimator_for_a_cnn_and_exact_for_a_small_mlp():
+    from mis_lightning.estimation.estimate import choose_estimator
+
+    cnn = CNN()
+    acc = MomentAccumulator(cnn, ce)
+    assert acc.d == 1466
+    assert (acc.mode, acc.hessian) == ("diagonal", "ggn")
+    assert "Conv2d" in acc.reason
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    assert MomentAccumulator(mlp, mse).mode == "exact"
+    # Records count in the cost: n d^2 above EXACT_MAX_COST -> diagonal.
+    assert choose_estimator(mlp, 1000, n=10**6)[:2] == ("diagonal", "ggn")
+    assert choose_estimator(mlp, 1000, n=10**3)[:2] == ("exact", "exact")
+    # Explicit choices are kept.
+    assert choose_estimator(cnn, 1466, "exact")[:2] == ("exact", "exact")
+    # The report says which estimator ran and why.
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 1, 16, 16, generator=g), torch.randint(0, 10, (200,), generator=g)
+    r = ml.assess(cnn.eval(), ["rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=50), ce,
+                  uncertainty_draws=0, num_records=32)
+    assert r.estimation["mode"] == "diagonal" and r.estimation["hessian"] == "ggn"
+    assert r.estimation["estimator"].startswith("diagonal sandwich (Gauss-Newton")
+    assert r.estimation["reason"].startswith("auto: Conv2d")
