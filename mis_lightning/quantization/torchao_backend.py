@@ -161,7 +161,7 @@ class TorchAOScheme(QuantizationScheme):
         quantize_(model, self._config(),
                   filter_fn=lambda m, fqn: fqn in chosen and chosen[fqn][0] is m)
         grids: dict[str, ParamGrid] = {}
-        for fqn, (module, name, others) in chosen.items():
+        for module, name, others in chosen.values():
             w = module.weight
             if not hasattr(w, "qdata") and not hasattr(w, "scale_and_zero"):
                 reasons[name] = (f"torchao left this weight in float under {self.config_class} "
