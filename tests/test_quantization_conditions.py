@@ -169,8 +169,8 @@ def test_partial_quantization_of_a_cnn_is_in_the_table_warnings_and_json():
     assert s.d == 1466 and s.quantized_fraction == pytest.approx(160 / 1466)
     assert set(s.float_params) == {n for n, _ in m.named_parameters()} - {"head.weight"}
     assert s.float_params["f.0.weight"] == (
-        "Conv2d.weight: scheme 'int8_weight_only' quantizes nn.Linear (torchao's default filter) "
-        "weights only (layer type Conv2d not supported)")
+        "Conv2d.weight: layer type Conv2d not supported (scheme 'int8_weight_only' quantizes the "
+        "weights of nn.Linear (torchao's default filter) only)")
     assert s.float_params["f.1.weight"].startswith("BatchNorm2d.weight:")
     assert s.float_params["head.bias"] == "bias: scheme 'int8_weight_only' quantizes layer weights only"
     warn = [w for w in rep.warnings if w.startswith("scheme 'int8_weight_only' leaves")]
@@ -210,7 +210,7 @@ def test_group_size_skips_and_transformer_layers_have_reasons():
     res = get_scheme("int8_weight_only").apply(Tiny())
     assert set(res.grids) == {"enc.linear1.weight", "enc.linear2.weight", "head.weight"}
     u = res.unquantized
-    assert u["emb.weight"].startswith("Embedding.weight: scheme 'int8_weight_only' quantizes nn.Linear")
+    assert u["emb.weight"].startswith("Embedding.weight: layer type Embedding not supported")
     assert u["enc.self_attn.in_proj_weight"].startswith("MultiheadAttention.in_proj_weight:")
     assert "layer type NonDynamicallyQuantizableLinear not supported" in u["enc.self_attn.out_proj.weight"]
     assert u["enc.self_attn.in_proj_bias"].startswith("bias:")

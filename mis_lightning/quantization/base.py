@@ -441,8 +441,8 @@ class QuantizationScheme(ABC):
         supported = [(f, a, m) for f, a, m in holders if a == "weight" and self.supports(m)]
         if not supported:
             f, a, m = holders[0] if holders else ("?", name, nn.Module())
-            return (f"{type(m).__name__}.{a}: scheme {self.name!r} quantizes {self.layers} weights "
-                    f"only (layer type {type(m).__name__} not supported)")
+            return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
+                    f"{self.name!r} quantizes the weights of {self.layers} only)")
         if self.filter_fn is not None and not any(self.filter_fn(m, f) for f, _, m in supported):
             return f"excluded by the filter_fn of scheme {self.name!r}"
         return "left in float by the scheme"
