@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from .estimation.linear_factors import factored_power_sums
 from .estimation.per_sample import BatchFn, LossFn
 from .functional._checks import check_finite
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
-from .quantization.base import ParamGrid
+from .quantization.base import ParamGrid, check_float_model
 from .report import LayerResult, Report, SchemeResult
 from .utility import OutputTransform, evaluate_utility
 
@@ -51,7 +52,15 @@ ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
     ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). Unknown names, an
-    empty selection and NaN/inf weights raise errors that name the culprit."""
+    empty selection and NaN/inf weights raise errors that name the culprit; selected
+    parameters that do not require grad (frozen: not trained on the records) get a warning.
+
+    Raises:
+        ValueError: the model is already quantized (see ``check_float_model``), the selection
+            is empty, or a selected parameter holds NaN/inf.
+        KeyError: a listed name is not a parameter of the model.
+    """
+    check_float_model(model)
     named = dict(model.named_parameters())
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
@@ -68,7 +77,23 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         p = named[n]
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
+    frozen = _frozen_warning(model, names)
+    if frozen:
+        warnings.warn(frozen, UserWarning, stacklevel=2)
     return names
+
+
+def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:
+    """The warning for selected parameters with ``requires_grad=False``, or ``None``."""
+    named = dict(model.named_parameters())
+    frozen = [n for n in names if n in named and not named[n].requires_grad]
+    if not frozen:
+        return None
+    shown = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+    return (f"params selects {len(frozen)} parameter(s) that do not require grad ({shown}): "
+            "frozen weights were not fitted to the training records, so the leakage analysis "
+            "(an M-estimator of those records) does not apply to them and their figures are "
+            "meaningless; select the trained parameters (params=None selects exactly those)")
 
 
 def assess(
@@ -261,6 +286,12 @@ def score(
             f"d_eff / n is not small for {which} (up to {large[worst]:.3g}, {worst}); the "
             "asymptotic regime needs d_eff << n: treat those figures as indicative"
         )
+    # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
+    report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs
+                                    if not isinstance(sc, NoQuantization)) if w]
+    frozen = _frozen_warning(model, est.names)
+    if frozen:
+        report.warnings.append(frozen)
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss (gradient norm ratio "
@@ -292,6 +323,7 @@ class _Prepared:
         self.layers: dict[str, LayerResult] = {}
         self.utility: dict[str, float] = {}
         self.notes: list[str] = []
+        self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -302,11 +334,18 @@ KAPPA_BUDGET = 1 << 27
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int) -> _Prepared:
     """Quantize (the copy is kept for the utility evaluation) and collect the per-parameter
     figures that need no sigma; the cell moments come later, one parameter at a time."""
-    qres = scheme.apply(model)
+    # Quantization follows the selection: the copy whose utility is measured is the release
+    # whose leakage is scored (parameters outside ``params`` stay float in it).
+    qres = scheme.apply(model, params=est.names)
     prep = _Prepared(scheme)
     prep.qmodel = qres.model
     prep.notes = list(qres.notes)
     prep.grids = {k: g for k, g in qres.grids.items() if k in est.theta}
+    prep.float_params = {k: qres.unquantized[k] for k in est.names if k in qres.unquantized}
+    outside = [k for k in qres.unquantized if k not in est.theta]
+    if outside and not isinstance(scheme, NoQuantization):
+        prep.notes.append(f"quantization follows params=: {len(outside)} parameter(s) outside the "
+                          "selection stay in float in the quantized copy (its utility is that copy's)")
     if not prep.grids and not isinstance(scheme, NoQuantization):
         raise SchemeError(
             f"scheme {scheme.name!r} applies to no assessed parameter of this model "
@@ -538,6 +577,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         frozen_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
         interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
         layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
+        float_params=dict(prep.float_params),
     )
 
 

@@ -65,7 +65,7 @@ from ._lightning_compat import lightning_callback_base, trainer_package
 from .assess import SchemeSpec
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 from .metric import HOOK_NAME, MISIndicator, default_schemes
-from .quantization import QuantizationScheme
+from .quantization import QuantizationScheme, check_float_model
 from .report import Report
 from .tracking import log_report
 from .utility import OutputTransform, evaluate_utility
@@ -302,6 +302,7 @@ class _MISCallbackImpl:
                             f"{theirs}: use {fix}")
         if stage != "fit":
             return
+        check_float_model(pl_module)  # a torchao-quantized model: refuse before training
         self._resolved = self._resolve(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:

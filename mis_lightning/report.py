@@ -35,7 +35,10 @@ class SchemeResult:
     parametric bootstrap of the trained weights (method.md section 7); ``d_eff = sum kappa``;
     ``frozen_fraction`` = share of assessed weights with ``kappa < 1e-6``; ``sparsity`` =
     share of quantized weights released as exactly 0; ``bits_per_weight`` averages the
-    storage of all assessed weights (float ones at their dtype's width) including scales.
+    storage of all assessed weights (float ones at their dtype's width) including scales;
+    ``quantized_fraction`` = share of assessed weights the scheme quantized; ``float_params``
+    = assessed parameter -> why the scheme left it in float (scored as unprotected,
+    ``kappa = 1``).
     """
 
     name: str
@@ -56,6 +59,24 @@ class SchemeResult:
     description: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    float_params: dict[str, str] = field(default_factory=dict)
+
+    def float_warning(self) -> str | None:
+        """A warning naming the share of assessed weights left in float and why, or ``None``
+        when only biases (never quantized by weight-only schemes) or nothing stayed float."""
+        if self.error or not self.float_params or all(r.startswith("bias:") for r in self.float_params.values()):
+            return None
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.float_params.items():
+            by_reason.setdefault(reason, []).append(name)
+        n_float = sum(self.layers[k].d for k in self.float_params if k in self.layers)
+        parts = []
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            parts.append(f"{shown} ({reason})")
+        return (f"scheme {self.name!r} leaves {n_float} of {self.d} assessed weights "
+                f"({100.0 * n_float / max(self.d, 1):.1f}%) in float, scored as unprotected "
+                f"(leak like the baseline): " + "; ".join(parts))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -127,6 +148,7 @@ class Report:
                 "leakage_p90": s.interval[1] if s.interval else None,
                 "baseline_leakage": s.baseline_leakage, "d_eff": s.d_eff, "d": s.d,
                 "sparsity": s.sparsity, "frozen_fraction": s.frozen_fraction,
+                "float_fraction": math.nan if s.error else 1.0 - s.quantized_fraction,
                 "method": s.method, "error": s.error or "",
             }
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
@@ -145,7 +167,8 @@ class Report:
             wr.writerows(rows)
 
     def table(self, utility_key: str | None = None) -> str:
-        """Plain-text table: scheme, bits/weight, utility, leakage [p10, p90], MIS, baseline."""
+        """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
+        utility, leakage [p10, p90], MIS, baseline."""
         return format_table(self.rows(), utility_key)
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):
@@ -192,15 +215,17 @@ def _fmt(v: Any) -> str:
 
 def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
     uk = pick_utility_key(rows, utility_key)
-    head = ["scheme", "bits/w"] + ([uk.removeprefix("utility_")] if uk else []) + [
+    head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "[p10, p90]", "MIS", "baseline", "d_eff", "sparsity"]
     body = []
     for r in rows:
         if r.get("error"):
-            body.append([r["scheme"], "-"] + (["-"] if uk else []) + ["error: " + str(r["error"])[:60], "", "", "", "", ""])
+            body.append([r["scheme"], "-", "-"] + (["-"] if uk else []) + ["error: " + str(r["error"])[:60], "", "", "", "", ""])
             continue
         interval = "-" if r.get("leakage_p10") is None else f"[{_fmt(r['leakage_p10'])}, {_fmt(r['leakage_p90'])}]"
-        body.append([r["scheme"], f"{r['bits_per_weight']:.2f}"] + ([_fmt(r.get(uk))] if uk else []) + [
+        ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
+        body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
+                     "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
             _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt(r["baseline_leakage"]),
             _fmt(r["d_eff"]), _fmt(r["sparsity"])])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]

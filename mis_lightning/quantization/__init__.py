@@ -10,6 +10,7 @@ from .base import (
     QuantizationScheme,
     SchemeError,
     SchemeUnavailableError,
+    check_float_model,
 )
 from .registry import available_schemes, get_scheme, register_scheme
 
@@ -23,6 +24,7 @@ __all__ = [
     "SchemeError",
     "SchemeUnavailableError",
     "available_schemes",
+    "check_float_model",
     "get_scheme",
     "register_scheme",
 ]

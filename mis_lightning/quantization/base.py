@@ -3,8 +3,14 @@
 A :class:`QuantizationScheme` never touches the model it is given: ``apply`` deep-copies it,
 runs the real backend on the copy, and reads each quantized parameter's grid (codes,
 scales, zero points, block sizes) back from the backend's own tensors into a
-:class:`ParamGrid`. Parameters the scheme leaves in float appear in ``unquantized`` and are
-scored as unprotected (``kappa = 1``).
+:class:`ParamGrid`. Parameters the scheme leaves in float appear in ``unquantized`` with the
+reason (layer type not supported, width not a multiple of the group size, excluded by
+``filter_fn``, outside the assessed parameters, ...) and are scored as unprotected
+(``kappa = 1``).
+
+Shared (tied) parameters: a weight held by several modules is quantized in every module that
+holds it, or in none (left in float everywhere, with the reason): the released copy never
+holds a quantized and a float version of one parameter.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +36,11 @@ from ..functional.cells import SQRT_2_OVER_PI
 
 FilterFn = Callable[[nn.Module, str], bool]
 
+#: packages whose tensor subclasses hold already-quantized weights
+_QUANT_PACKAGES = ("torchao", "optimum.quanto", "bitsandbytes")
+#: torch's quantized module namespaces (``quantize_dynamic`` / ``convert`` outputs)
+_QUANT_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
 
 class SchemeError(RuntimeError):
     """A scheme could not be applied; the message names the scheme and the reason."""
@@ -37,6 +48,61 @@ class SchemeError(RuntimeError):
 
 class SchemeUnavailableError(SchemeError):
     """The scheme's backend, config or kernels are missing on this machine."""
+
+
+def _quantized_kind(t: Tensor) -> str | None:
+    """What makes ``t`` an already-quantized tensor (``None`` for a plain float tensor)."""
+    if t.is_quantized:
+        return f"a torch quantized tensor ({t.dtype})"
+    for k in type(t).__mro__:
+        mod = getattr(k, "__module__", "") or ""
+        if mod.startswith(_QUANT_PACKAGES):
+            return f"a {mod.split('.')[0]} {type(t).__name__}"
+    return None
+
+
+def check_float_model(model: nn.Module) -> None:
+    """Refuse a model that is already quantized (torchao / quanto / bitsandbytes tensor
+    subclasses, torch quantized tensors or ``torch.ao.nn.quantized`` modules).
+
+    The library estimates the trained *float* weights and quantizes copies of them itself;
+    on integer codes the estimation is meaningless and every scheme fails in dispatch.
+
+    Raises:
+        ValueError: naming the first parameter (or module) that holds a quantized tensor.
+    """
+    bad: list[str] = []
+    for name, p in model.named_parameters():
+        kind = _quantized_kind(p)
+        if kind is not None:
+            bad.append(f"parameter {name!r} holds {kind}")
+    for fqn, m in model.named_modules():
+        if type(m).__module__.startswith(_QUANT_MODULES):
+            bad.append(f"module {fqn or '<root>'!r} is a quantized {type(m).__module__}.{type(m).__name__}")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"the model is already quantized: {bad[0]}{more}. Assess the float model: pass the "
+            "trained model before quantize_ / quantize_dynamic, and name the scheme (e.g. "
+            "'int8_weight_only'); mis_lightning quantizes its own copies")
+
+
+def parameter_uses(model: nn.Module) -> dict[int, list[tuple[str, str, nn.Module]]]:
+    """``id(parameter) -> [(module fqn, attribute, module), ...]``: every module that holds
+    each parameter (a tied weight has several), in ``named_modules`` order."""
+    uses: dict[int, list[tuple[str, str, nn.Module]]] = {}
+    seen: set[tuple[int, str]] = set()
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        for attr, p in mod._parameters.items():
+            if p is None or (id(mod), attr) in seen:
+                continue
+            seen.add((id(mod), attr))
+            uses.setdefault(id(p), []).append((fqn, attr, mod))
+    return uses
+
+
+def _holder(fqn: str, attr: str, mod: nn.Module) -> str:
+    return f"{type(mod).__name__} {fqn or '<root>'!r}.{attr}"
 
 
 def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tuple[int, ...],
@@ -269,7 +335,8 @@ class QuantizationScheme(ABC):
     """A named post-training quantization scheme.
 
     Subclasses implement :meth:`_quantize_copy`, which quantizes a private copy in place
-    through the real backend and returns the grids read from the backend's tensors.
+    through the real backend and returns the grids read from the backend's tensors, and
+    :meth:`supports` (the layer types the backend quantizes, ``layers`` in words).
     """
 
     #: registry name (a public contract: configs and reports use it)
@@ -280,9 +347,13 @@ class QuantizationScheme(ABC):
     #: (asymmetric) or ``"none"`` (fixed grid, e.g. dtype casts). The weights a weight-derived
     #: scale determines exactly are scored as unquantized (see :func:`revealed_by_scale`).
     scale_rule: Literal["none", "absmax", "minmax"] = "none"
+    #: the layers whose weights the scheme quantizes, in words (for reasons and reports)
+    layers: str = "nn.Linear"
 
     def __init__(self, filter_fn: FilterFn | None = None) -> None:
         self.filter_fn = filter_fn
+        # ids (in the copy) of the parameters ``apply(params=...)`` restricts to; None: all
+        self._only: set[int] | None = None
 
     def check_available(self) -> None:
         """Raise :class:`SchemeUnavailableError` if this machine cannot run the scheme."""
@@ -291,10 +362,90 @@ class QuantizationScheme(ABC):
         """Plain-type description for reports and configs."""
         return {"name": self.name, "backend": self.backend}
 
-    def _selected(self, module: nn.Module, fqn: str, default: Callable[[nn.Module], bool]) -> bool:
-        if self.filter_fn is not None:
-            return bool(self.filter_fn(module, fqn)) and default(module)
-        return default(module)
+    def supports(self, module: nn.Module) -> bool:
+        """Whether the backend quantizes this module's ``weight`` (before ``filter_fn``)."""
+        return isinstance(module, nn.Linear)
+
+    def _selected(self, module: nn.Module, fqn: str, default: Callable[[nn.Module], bool] | None = None) -> bool:
+        if not (default or self.supports)(module):
+            return False
+        return self.filter_fn is None or bool(self.filter_fn(module, fqn))
+
+    def _in_selection(self, p: Tensor) -> bool:
+        """Whether ``p`` is among the parameters ``apply(params=...)`` restricts to."""
+        return self._only is None or id(p) in self._only
+
+    def _plan_weights(self, model: nn.Module, skip_reason: Callable[[nn.Module], str | None] | None = None,
+                      in_place: bool = False,
+                      ) -> tuple[dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]], dict[str, str], list[str]]:
+        """Which layers' ``weight`` to quantize.
+
+        Returns ``(chosen, reasons, notes)``: ``chosen`` maps the fqn of the first layer
+        holding each weight to ``(layer, parameter name, [(fqn, layer) of the other layers
+        holding the same weight])``; ``reasons`` maps weights left in float to why.
+
+        A weight held by several modules (tied) is quantized once and must reach every
+        holder. ``in_place`` backends (the copy's tensor is overwritten with its quantized
+        values) do that by construction. Backends that *replace* the weight (torchao, torch's
+        quantized modules) can do it only if every holder is a layer they quantize under the
+        same config; otherwise the weight stays in float everywhere (the release would hold a
+        float copy of it), with the reason.
+        """
+        names = {id(p): n for n, p in model.named_parameters()}
+        uses = parameter_uses(model)
+        chosen: dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]] = {}
+        reasons: dict[str, str] = {}
+        notes: list[str] = []
+        done: set[int] = set()
+        for fqn, module in model.named_modules():
+            w = getattr(module, "weight", None)
+            if not isinstance(w, Tensor) or id(w) not in names or id(w) in done:
+                continue
+            if not self._selected(module, fqn) or not self._in_selection(w):
+                continue
+            done.add(id(w))
+            name = names[id(w)]
+            others = [(f, a, m) for f, a, m in uses.get(id(w), []) if m is not module]
+            if others and not in_place:
+                bad = [(f, a, m) for f, a, m in others
+                       if a != "weight" or not self._selected(m, f)
+                       or (skip_reason is not None and skip_reason(m) is not None)]
+                if bad:
+                    reasons[name] = (
+                        f"tied weight: also held by {', '.join(_holder(*u) for u in bad)}, which "
+                        f"scheme {self.name!r} does not quantize (quantizing only the other uses "
+                        "would release this weight in float anyway): left in float everywhere")
+                    continue
+            r = skip_reason(module) if skip_reason is not None else None
+            if r is not None:
+                reasons[name] = r
+                continue
+            chosen[fqn] = (module, name, [(f, m) for f, _, m in others])
+            if others:
+                notes.append(f"{self.name}: weight {name!r} is shared by {_holder(fqn, 'weight', module)} "
+                             f"and {', '.join(_holder(*u) for u in others)}; every holder releases "
+                             "the same quantized weight")
+        return chosen, reasons, notes
+
+    def _float_reason(self, name: str, p: Tensor, holders: list[tuple[str, str, nn.Module]],
+                      selected: bool = True) -> str:
+        """Why a parameter without a grid stayed in float (when the backend gave no reason);
+        ``holders``: its :func:`parameter_uses` in the original model."""
+        if not selected:
+            return ("not assessed (outside params=): not quantized, so that the released copy "
+                    "matches what is scored")
+        if holders and all(a.endswith("bias") for _, a, _ in holders):
+            return f"bias: scheme {self.name!r} quantizes layer weights only"
+        if not p.is_floating_point():
+            return "not a floating-point parameter"
+        supported = [(f, a, m) for f, a, m in holders if a == "weight" and self.supports(m)]
+        if not supported:
+            f, a, m = holders[0] if holders else ("?", name, nn.Module())
+            return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
+                    f"{self.name!r} quantizes the weights of {self.layers} only)")
+        if self.filter_fn is not None and not any(self.filter_fn(m, f) for f, _, m in supported):
+            return f"excluded by the filter_fn of scheme {self.name!r}"
+        return "left in float by the scheme"
 
     @abstractmethod
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
@@ -302,29 +453,53 @@ class QuantizationScheme(ABC):
 
         May also return a third item, ``{parameter name: reason}``, for parameters the scheme
         would normally quantize but skipped (e.g. a layer whose width is not a multiple of the
-        group size); every other parameter without a grid is "left in float by the scheme".
+        group size); every other parameter without a grid gets its reason from
+        :meth:`_float_reason`. Honour :meth:`_in_selection` (``apply(params=...)``).
         """
 
-    def apply(self, model: nn.Module) -> QuantizationResult:
-        """Quantize a deep copy of ``model``; the argument is never modified."""
+    def apply(self, model: nn.Module, params: Collection[str] | None = None) -> QuantizationResult:
+        """Quantize a deep copy of ``model``; the argument is never modified.
+
+        Args:
+            model: the float model.
+            params: parameter names (as in ``model.named_parameters()``) to quantize; the
+                layers holding other parameters stay in float in the copy (so that the copy
+                whose utility is measured is the one whose leakage is scored). ``None``: every
+                parameter the scheme quantizes.
+
+        Raises:
+            KeyError: a name in ``params`` is not a parameter of ``model``.
+            SchemeUnavailableError: the backend cannot run here.
+            SchemeError: the backend failed (the message names the scheme and the cause).
+        """
         self.check_available()
         copy_ = copy.deepcopy(model)
         copy_.eval()
+        cparams = dict(copy_.named_parameters())
+        if params is not None:
+            unknown = [n for n in params if n not in cparams]
+            if unknown:
+                raise KeyError(f"params not in the model: {unknown}")
+            self._only = {id(cparams[n]) for n in params}
         try:
             out = self._quantize_copy(copy_)
         except SchemeError:
             raise
         except Exception as exc:  # backend errors: name the scheme and keep the cause
             raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._only = None
         grids, notes = out[0], out[1]
         reasons: dict[str, str] = out[2] if len(out) > 2 else {}
-        params = dict(model.named_parameters())
+        params_ = dict(model.named_parameters())
         if self.scale_rule != "none":
             for n, g in grids.items():
-                if n in params and g.revealed is None and tuple(params[n].shape) == tuple(g.shape):
-                    g.revealed = revealed_by_scale(params[n], g.block_size, self.scale_rule)
-        names = list(params)
-        unquantized = {n: reasons.get(n, "left in float by the scheme") for n in names if n not in grids}
+                if n in params_ and g.revealed is None and tuple(params_[n].shape) == tuple(g.shape):
+                    g.revealed = revealed_by_scale(params_[n], g.block_size, self.scale_rule)
+        uses = parameter_uses(model)
+        unquantized = {n: reasons.get(n) or self._float_reason(n, p, uses.get(id(p), []),
+                                                               params is None or n in params)
+                       for n, p in params_.items() if n not in grids}
         return QuantizationResult(model=copy_, grids=grids, unquantized=unquantized,
                                   scheme=self.name, notes=notes)
 
@@ -342,7 +517,7 @@ class NoQuantization(QuantizationScheme):
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
         return {}, []
 
-    def apply(self, model: nn.Module) -> QuantizationResult:
-        res = super().apply(model)
+    def apply(self, model: nn.Module, params: Collection[str] | None = None) -> QuantizationResult:
+        res = super().apply(model, params)
         res.unquantized = {n: "full precision release" for n in res.unquantized}
         return res

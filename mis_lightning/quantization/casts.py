@@ -65,6 +65,7 @@ class DtypeCast(QuantizationScheme):
     """
 
     backend = "torch"
+    layers = "every module's floating"
 
     def __init__(self, dtype: torch.dtype, filter_fn: FilterFn | None = None) -> None:
         super().__init__(filter_fn)
@@ -77,6 +78,9 @@ class DtypeCast(QuantizationScheme):
         return {"name": self.name, "backend": self.backend, "dtype": str(self.dtype),
                 "grid": "table", "layers": "every floating parameter"}
 
+    def supports(self, module: nn.Module) -> bool:
+        return True
+
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
         names = _param_names(model)
@@ -86,10 +90,15 @@ class DtypeCast(QuantizationScheme):
         overflow: list[str] = []
         done: set[int] = set()
         for fqn, module in model.named_modules():
-            if not self._selected(module, fqn, lambda m: True):
+            if not self._selected(module, fqn):
                 continue
+            own = list(module.parameters(recurse=False))
+            if own and not any(self._in_selection(p) for p in own):
+                continue  # apply(params=...): a module none of whose parameters is assessed
             for _, p in module.named_parameters(recurse=False):
                 if id(p) in done or not p.is_floating_point() or id(p) not in names:
+                    continue
+                if not self._in_selection(p):  # apply(params=...): the rest stays in float
                     continue
                 done.add(id(p))
                 name = names[id(p)]

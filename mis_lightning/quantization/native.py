@@ -20,7 +20,10 @@
   ``value`` is ``(q - zp) * scale`` rounded to float32).
 
 Layers: exactly ``nn.Linear`` (``type(m) is nn.Linear``: ``quantize_dynamic`` converts
-no subclass), narrowed by ``filter_fn(module, fqn)``. Biases stay in float.
+no subclass), narrowed by ``filter_fn(module, fqn)``. Biases stay in float. A weight tied
+across layers: the in-place schemes overwrite the shared tensor (every holder releases the
+quantized values); ``quantize_dynamic`` converts every holder (the same codes, checked), and
+a weight also held by a layer it does not convert stays in float everywhere.
 ``bits_per_weight`` counts the scale (and zero point only for asymmetric mappings) in the
 dtype torch stores them in (per-tensor: float64 scale; per-channel observers: float32).
 """
@@ -32,7 +35,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import FilterFn, ParamGrid, QuantizationScheme
+from .base import FilterFn, ParamGrid, QuantizationScheme, SchemeError
 from .registry import register_scheme
 
 
@@ -43,20 +46,10 @@ def _is_plain_linear(m: nn.Module) -> bool:
 class _NativeScheme(QuantizationScheme):
     backend = "native"
     scale_rule = "absmax"  # torch's symmetric observers: scale = max|w| / c
+    layers = "nn.Linear (exact type)"
 
-    def _chosen(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-        """``fqn -> (module, parameter name of its weight)`` for the selected Linear layers."""
-        names = {id(p): n for n, p in model.named_parameters()}
-        out: dict[str, tuple[nn.Module, str]] = {}
-        seen: set[int] = set()
-        for fqn, m in model.named_modules():
-            if not self._selected(m, fqn, _is_plain_linear):
-                continue
-            if id(m.weight) in seen or id(m.weight) not in names:
-                continue
-            seen.add(id(m.weight))
-            out[fqn] = (m, names[id(m.weight)])
-        return out
+    def supports(self, module: nn.Module) -> bool:
+        return _is_plain_linear(module)
 
     def describe(self) -> dict:
         return {"name": self.name, "backend": self.backend, "layers": "nn.Linear weights"}
@@ -107,20 +100,26 @@ class NativeInt8Dynamic(_NativeScheme):
     def _quantize_copy(self, model: nn.Module):
         import torch.ao.quantization as tq
 
-        chosen = self._chosen(model)
+        chosen, reasons, notes = self._plan_weights(model)
         if not chosen:
-            return {}, []
+            return {}, notes, reasons
         qconfig = tq.per_channel_dynamic_qconfig if self.per_channel else tq.default_dynamic_qconfig
-        tq.quantize_dynamic(model, {fqn: qconfig for fqn in chosen}, dtype=torch.qint8, inplace=True)
+        # Every holder of a tied weight is converted: each packs the same float weight with the
+        # same observer, so every use releases the same codes (checked below).
+        fqns = [f for fqn, (_, _, others) in chosen.items() for f in [fqn, *(o for o, _ in others)]]
+        tq.quantize_dynamic(model, {fqn: qconfig for fqn in fqns}, dtype=torch.qint8, inplace=True)
         grids: dict[str, ParamGrid] = {}
-        reasons: dict[str, str] = {}
-        notes = ["torch.ao.quantization is deprecated (torch warns so); quantize_dynamic still ships"]
-        for fqn, (_, name) in chosen.items():
-            qmod = model.get_submodule(fqn) if fqn else model
-            if not callable(getattr(qmod, "weight", None)):
-                reasons[name] = f"quantize_dynamic did not convert layer {fqn!r} ({type(qmod).__name__})"
-                continue
-            grids[name] = _grid_from_qtensor(name, qmod.weight(), 8, -128, 127)
+        notes.append("torch.ao.quantization is deprecated (torch warns so); quantize_dynamic still ships")
+        for fqn, (_, name, others) in chosen.items():
+            qmods = [model.get_submodule(f) if f else model for f in [fqn, *(o for o, _ in others)]]
+            if not all(callable(getattr(q, "weight", None)) for q in qmods):
+                raise SchemeError(f"scheme {self.name!r}: quantize_dynamic did not convert every layer "
+                                  f"holding {name!r} ({', '.join(type(q).__name__ for q in qmods)})")
+            q0 = qmods[0].weight()
+            if any(not torch.equal(q.weight().int_repr(), q0.int_repr()) for q in qmods[1:]):
+                raise SchemeError(f"scheme {self.name!r}: the layers sharing {name!r} were packed "
+                                  "to different codes")
+            grids[name] = _grid_from_qtensor(name, q0, 8, -128, 127)
         return grids, notes, reasons
 
 
@@ -146,7 +145,8 @@ class NativeInt8PerChannel(_NativeScheme):
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
         grids: dict[str, ParamGrid] = {}
-        for m, name in self._chosen(model).values():
+        chosen, reasons, notes = self._plan_weights(model, in_place=True)
+        for m, name, _ in chosen.values():
             w = m.weight.detach().to(torch.float32)
             scales, zps = _per_channel_qparams(w, -128, 127)
             q = torch.quantize_per_channel(w, scales.to(torch.float64), zps.to(torch.int64), 0,
@@ -154,7 +154,7 @@ class NativeInt8PerChannel(_NativeScheme):
             grid = _grid_from_qtensor(name, q, 8, -128, 127)
             m.weight.copy_(grid.dequantized.to(m.weight.dtype))
             grids[name] = grid
-        return grids, []
+        return grids, notes, reasons
 
 
 class NativeInt4PerChannel(_NativeScheme):
@@ -169,7 +169,8 @@ class NativeInt4PerChannel(_NativeScheme):
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
         grids: dict[str, ParamGrid] = {}
-        for m, name in self._chosen(model).values():
+        chosen, reasons, notes = self._plan_weights(model, in_place=True)
+        for m, name, _ in chosen.values():
             w = m.weight.detach().to(torch.float32)
             scales, zps = _per_channel_qparams(w, -8, 7)
             scales, zps = scales.to(torch.float32), zps.to(torch.int32)
@@ -184,7 +185,7 @@ class NativeInt4PerChannel(_NativeScheme):
                 bits_per_weight=4 + 32.0 / math.prod(shape[1:]), scale=scales.reshape(-1, 1),
                 block_size=(1, *shape[1:]), zero_point=zp, qmin=-8, qmax=7, codes=codes,
             )
-        return grids, []
+        return grids, notes, reasons
 
 
 register_scheme("native_int8_dynamic", lambda **kw: NativeInt8Dynamic(**kw))

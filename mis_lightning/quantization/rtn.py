@@ -47,23 +47,22 @@ class RoundToNearestInt(QuantizationScheme):
         qmax = 2 ** (self.bits - 1) - 1
         qmin = -(2 ** (self.bits - 1))
         grids: dict[str, ParamGrid] = {}
-        for fqn, module in model.named_modules():
-            if not self._selected(module, fqn, lambda m: isinstance(m, nn.Linear)):
-                continue
+        # in place: a tied weight is quantized once, and every holder sees the quantized values
+        chosen, reasons, notes = self._plan_weights(model, in_place=True)
+        for module, name, _ in chosen.values():
             w = module.weight
             w64 = w.detach().to(torch.float64)
             scale = (w64.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(_MIN_SCALE)
             codes = torch.round(w64 / scale).clamp(qmin, qmax)
             deq = codes * scale
             w.copy_(deq.to(w.dtype))
-            name = f"{fqn}.weight" if fqn else "weight"
             grids[name] = ParamGrid(
                 name=name, shape=tuple(w.shape), kind="affine",
                 dequantized=deq.to(torch.float32), bits_per_weight=self.bits + 32.0 / w.shape[1],
                 scale=scale, block_size=(1, w.shape[1]), zero_point=torch.zeros_like(scale),
                 qmin=qmin, qmax=qmax, codes=codes.to(torch.int8),
             )
-        return grids, []
+        return grids, notes, reasons
 
 
 for _b in range(2, 9):

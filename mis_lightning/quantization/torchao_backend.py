@@ -19,6 +19,10 @@ weight's grid back from the tensor subclass torchao put in its place:
 
 Which layers: torchao's own default filter (``nn.Linear``, not
 ``NonDynamicallyQuantizableLinear``), narrowed by the scheme's ``filter_fn(module, fqn)``.
+Every other parameter (convolutions, embeddings, attention in-projections, ...) stays in
+float, with the reason in ``result.unquantized``. A weight tied across several Linear layers
+is quantized once and the quantized Parameter is given to every holder; tied to a layer
+torchao does not quantize (e.g. an ``nn.Embedding``), it stays in float everywhere.
 Biases are never quantized. A layer whose ``in_features`` is not a multiple of a per-group
 scheme's group size is left in float with the reason in ``result.unquantized`` (torchao
 itself raises ``AssertionError`` for it in the int8/intx configs, which would abort the
@@ -104,6 +108,7 @@ class TorchAOScheme(QuantizationScheme):
     """
 
     backend = "torchao"
+    layers = "nn.Linear (torchao's default filter)"
     config_class: str = ""
     #: in_features must be a multiple of this (per-group schemes), else the layer is skipped
     group_size: int | None = None
@@ -141,48 +146,31 @@ class TorchAOScheme(QuantizationScheme):
         return {"name": self.name, "backend": self.backend, "config": self.config_class,
                 "layers": "nn.Linear weights (torchao default filter)"}
 
+    def supports(self, module: nn.Module) -> bool:
+        return _torchao_default_filter()(module)
+
     def _quantize_copy(self, model: nn.Module):
         from torchao.quantization import quantize_
 
-        default = _torchao_default_filter()
-        names = {id(p): n for n, p in model.named_parameters()}
-        chosen: dict[str, nn.Module] = {}
-        chosen_names: dict[str, str] = {}
-        reasons: dict[str, str] = {}
-        notes: list[str] = []
-        seen: set[int] = set()
-        for fqn, module in model.named_modules():
-            if not self._selected(module, fqn, default):
-                continue
-            w = getattr(module, "weight", None)
-            if not isinstance(w, Tensor) or id(w) not in names:
-                continue
-            name = names[id(w)]
-            if id(w) in seen:  # a weight shared by two Linear modules: quantized once
-                notes.append(f"{self.name}: layer {fqn!r} shares its weight {name!r} with an "
-                             "earlier layer; it is quantized once (the later layer keeps "
-                             "the float weight in the copy)")
-                continue
-            seen.add(id(w))
-            reason = self._skip_reason(module)
-            if reason is not None:
-                reasons[name] = reason
-                continue
-            chosen[fqn] = module
-            chosen_names[fqn] = name
+        chosen, reasons, notes = self._plan_weights(model, skip_reason=self._skip_reason)
         if not chosen:
             return {}, notes, reasons
-        self._prepare(chosen, notes)
+        # tied holders too: their other state (bias) must match the layout (tinygemm: bf16)
+        self._prepare({f: m for fqn, (mod, _, others) in chosen.items()
+                       for f, m in [(fqn, mod), *others]}, notes)
         quantize_(model, self._config(),
-                  filter_fn=lambda m, fqn: fqn in chosen and chosen[fqn] is m)
+                  filter_fn=lambda m, fqn: fqn in chosen and chosen[fqn][0] is m)
         grids: dict[str, ParamGrid] = {}
-        for fqn, module in chosen.items():
-            name = chosen_names[fqn]
+        for module, name, others in chosen.values():
             w = module.weight
             if not hasattr(w, "qdata") and not hasattr(w, "scale_and_zero"):
                 reasons[name] = (f"torchao left this weight in float under {self.config_class} "
                                  f"(its weight is a {type(w).__name__})")
                 continue
+            # quantize_ replaced the weight of the first holder only: hand the same quantized
+            # Parameter to every other holder, so that the tie (and the release) stays whole.
+            for _, other in others:
+                other.weight = w
             grids[name] = self._read_grid(name, w, notes)
         return grids, notes, reasons
 

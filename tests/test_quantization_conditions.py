@@ -1,0 +1,339 @@
+"""Quantization under real conditions (issue 9): tied weights, partial quantization, ``params=``
+selecting frozen or part of the parameters, and models that are already quantized."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as tF
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning import MISCallback, MISIndicator
+from mis_lightning.quantization import get_scheme
+from mis_lightning.report import Report
+from mis_lightning.utility import evaluate_utility
+
+torch.set_num_threads(1)
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def ce(o, y):
+    return tF.cross_entropy(o, y, reduction="none")
+
+
+class Tied(nn.Module):
+    """Two Linear(32, 32) sharing one weight (repro 01)."""
+
+    def __init__(self, d: int = 32):
+        super().__init__()
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _released(layer: nn.Module) -> torch.Tensor:
+    """The float values a layer of the quantized copy computes with."""
+    w = layer.weight
+    if callable(w):  # torch.ao dynamic quantized Linear: packed weight
+        return w().dequantize()
+    if hasattr(w, "qdata"):  # torchao tensor subclass
+        return w.dequantize().float()
+    return w.detach().float()
+
+
+def _quiet_apply(scheme, model, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao deprecation notices
+        return scheme.apply(model, **kw)
+
+
+TIED_SCHEMES = ["int8_weight_only", "int4_weight_only_per_channel", "int4_weight_only", "native_int8_dynamic",
+                "native_int8_per_channel", "rtn_int4", "bf16"]
+
+
+@pytest.mark.parametrize("name", TIED_SCHEMES)
+def test_tied_weight_every_holder_releases_the_quantized_weight(name):
+    torch.manual_seed(0)
+    m = Tied()
+    res = _quiet_apply(get_scheme(name), m)
+    assert "a.weight" in res.grids and set(res.grids) <= {n for n, _ in m.named_parameters()}
+    g = res.grids["a.weight"].dequantized
+    assert not torch.equal(g, m.a.weight.detach())  # really quantized
+    # both uses of the shared weight release the quantized values (before: b kept the float)
+    assert torch.equal(_released(res.model.a), g)
+    assert torch.equal(_released(res.model.b), g)
+    if name.startswith(("int", "rtn", "native_int8_per", "bf16")):
+        assert res.model.a.weight is res.model.b.weight  # the tie is kept in the copy
+
+
+def test_tied_weight_utility_is_that_of_the_fully_quantized_model():
+    """Utility is measured on the copy where every use of the tied weight is quantized: equal
+    (to float rounding, 1e-6 relative: the same dequantized float32 weights, a different
+    matmul order) to a float model holding the grid values, and far from the half-float copy."""
+    torch.manual_seed(0)
+    m = Tied().eval()
+    X = torch.randn(400, 32)
+    y = X[:, :3].sum(1)
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    scheme = "int4_weight_only_per_channel"
+    rep = ml.assess(m, [scheme], dl, mse, estimation="diagonal", hessian="ggn", num_records=64,
+                    uncertainty_draws=0, val_dataloader=dl)
+    grids = get_scheme(scheme).apply(m).grids
+    ref, half = Tied().eval(), Tied().eval()
+    ref.load_state_dict(m.state_dict())
+    half.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        ref.a.weight.copy_(grids["a.weight"].dequantized)  # tied: a and b
+        ref.head.weight.copy_(grids["head.weight"].dequantized)
+        half.b.weight = nn.Parameter(m.a.weight.detach().clone())  # the old, half-float release
+        half.a.weight.copy_(grids["a.weight"].dequantized)
+        half.head.weight.copy_(grids["head.weight"].dequantized)
+    want = evaluate_utility(ref, dl, mse)["loss"]
+    old = evaluate_utility(half, dl, mse)["loss"]
+    got = rep.schemes[scheme].utility["loss"]
+    assert got == pytest.approx(want, rel=1e-6)
+    assert abs(old - want) > 1e-3 * want  # the check can tell the two apart
+    assert rep.schemes[scheme].layers["a.weight"].quantized
+    assert any("shared by" in n for n in rep.schemes[scheme].notes)
+
+
+class TiedLM(nn.Module):
+    """Embedding tied to the output Linear (the usual language-model tie)."""
+
+    def __init__(self, v: int = 10, d: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(v, d)
+        self.head = nn.Linear(d, v, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.emb(x)))
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only_per_channel", "native_int8_dynamic"])
+def test_weight_tied_to_an_unsupported_layer_stays_float_everywhere(name):
+    """torchao / quantize_dynamic cannot quantize the Embedding use: the weight stays float in
+    every holder (kappa = 1) with the reason, instead of being scored as quantized."""
+    m = TiedLM()
+    res = _quiet_apply(get_scheme(name), m)
+    assert "emb.weight" not in res.grids
+    reason = res.unquantized["emb.weight"]
+    assert reason.startswith("tied weight: also held by Embedding 'emb'.weight")
+    assert torch.equal(_released(res.model.head), m.emb.weight.detach())
+    assert torch.equal(res.model.emb.weight, m.emb.weight)
+
+
+def test_in_place_scheme_quantizes_a_weight_tied_to_an_embedding_in_every_use():
+    m = TiedLM()
+    res = get_scheme("rtn_int8").apply(m)
+    g = res.grids["emb.weight"].dequantized
+    assert res.model.emb.weight is res.model.head.weight and torch.equal(res.model.emb.weight, g)
+
+
+class CNN(nn.Module):
+    """The CNN of repro nc_r01 (1,466 parameters, 160 of them in the Linear head's weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.f(x).flatten(1))
+
+
+def test_partial_quantization_of_a_cnn_is_in_the_table_warnings_and_json():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 10, (120,), generator=g)
+    torch.manual_seed(0)
+    m = CNN().eval()
+    dl = DataLoader(TensorDataset(X, Y), batch_size=60)
+    rep = ml.assess(m, ["int8_weight_only", "bf16"], dl, ce, estimation="diagonal", hessian="ggn",
+                    num_records=32, uncertainty_draws=0)
+    s = rep.schemes["int8_weight_only"]
+    assert s.d == 1466 and s.quantized_fraction == pytest.approx(160 / 1466)
+    assert set(s.float_params) == {n for n, _ in m.named_parameters()} - {"head.weight"}
+    assert s.float_params["f.0.weight"] == (
+        "Conv2d.weight: layer type Conv2d not supported (scheme 'int8_weight_only' quantizes the "
+        "weights of nn.Linear (torchao's default filter) only)")
+    assert s.float_params["f.1.weight"].startswith("BatchNorm2d.weight:")
+    assert s.float_params["head.bias"] == "bias: scheme 'int8_weight_only' quantizes layer weights only"
+    warn = [w for w in rep.warnings if w.startswith("scheme 'int8_weight_only' leaves")]
+    assert len(warn) == 1
+    assert warn[0].startswith("scheme 'int8_weight_only' leaves 1306 of 1466 assessed weights (89.1%) in float")
+    assert "f.0.weight, f.4.weight (Conv2d.weight:" in warn[0]
+    assert not [w for w in rep.warnings if w.startswith("scheme 'bf16'")]  # bf16 casts everything
+    table = rep.table().splitlines()
+    assert table[0].split()[:3] == ["scheme", "bits/w", "float"]
+    assert "89.1%" in next(row for row in table if row.startswith("int8_weight_only"))
+    assert "0.0%" in next(row for row in table if row.startswith("bf16"))
+    back = Report.from_dict(json.loads(rep.to_json()))
+    assert back.schemes["int8_weight_only"].float_params == s.float_params
+
+
+def test_group_size_skips_and_transformer_layers_have_reasons():
+    torch.manual_seed(0)
+    n, d = 300, 40
+    X = torch.randn(n, d)
+    y = X[:, 0] - X[:, 1]
+    model = nn.Sequential(nn.Linear(d, 64, bias=False), nn.Tanh(), nn.Linear(64, 1)).eval()
+    dl = DataLoader(TensorDataset(X, y), batch_size=150)
+    rep = ml.assess(model, ["int4_weight_only"], dl, mse, estimation="diagonal", hessian="ggn",
+                    num_records=32, uncertainty_draws=0)
+    s = rep.schemes["int4_weight_only"]
+    assert "not a multiple of the group size 32" in s.float_params["0.weight"]
+    assert any(w.startswith("scheme 'int4_weight_only' leaves 2561 of 2625 assessed weights (97.6%) in float")
+               and "in_features 40 is not a multiple of the group size 32" in w for w in rep.warnings)
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            self.enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+            self.head = nn.Linear(32, 4)
+
+    res = get_scheme("int8_weight_only").apply(Tiny())
+    assert set(res.grids) == {"enc.linear1.weight", "enc.linear2.weight", "head.weight"}
+    u = res.unquantized
+    assert u["emb.weight"].startswith("Embedding.weight: layer type Embedding not supported")
+    assert u["enc.self_attn.in_proj_weight"].startswith("MultiheadAttention.in_proj_weight:")
+    assert "layer type NonDynamicallyQuantizableLinear not supported" in u["enc.self_attn.out_proj.weight"]
+    assert u["enc.self_attn.in_proj_bias"].startswith("bias:")
+
+
+def test_no_float_warning_when_only_biases_stay_float():
+    torch.manual_seed(0)
+    X = torch.randn(200, 8)
+    y = X[:, 0]
+    m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)).eval()
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    rep = ml.assess(m, ["none", "rtn_int8"], dl, mse, estimation="diagonal", hessian="ggn",
+                    num_records=32, uncertainty_draws=0)
+    assert not [w for w in rep.warnings if "in float" in w]
+    assert set(rep.schemes["rtn_int8"].float_params) == {"0.bias", "2.bias"}
+
+
+class Frozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(123)
+        self.backbone = nn.Sequential(nn.Linear(20, 32), nn.ReLU()).requires_grad_(False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def _frozen_data():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 20, generator=g), torch.randint(0, 5, (200,), generator=g)
+    return DataLoader(TensorDataset(X, Y), batch_size=100)
+
+
+def test_frozen_selection_warns_at_selection_and_in_the_report():
+    m, dl = Frozen().eval(), _frozen_data()
+    with pytest.warns(UserWarning, match=r"params selects 2 parameter\(s\) that do not require grad "
+                                         r"\(backbone.0.weight, backbone.0.bias\)"):
+        rep = ml.assess(m, ["rtn_int8"], dl, ce, params=lambda n, p: n.startswith("backbone."),
+                        estimation="diagonal", hessian="ggn", num_records=32, uncertainty_draws=0)
+    assert any(w.startswith("params selects 2 parameter(s) that do not require grad") for w in rep.warnings)
+    with pytest.warns(UserWarning, match="do not require grad"):
+        MISIndicator(m, ce, ["rtn_int8"], params=["backbone.0.weight"], estimation="diagonal")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the default selection: trainable only
+        rep = ml.assess(m, ["rtn_int8"], dl, ce, estimation="diagonal", hessian="ggn",
+                        num_records=32, uncertainty_draws=0)
+    assert not [w for w in rep.warnings if "require grad" in w]
+
+
+def test_quantization_and_utility_follow_the_selection():
+    """params selects the head: only the head is quantized in the copy whose utility is
+    reported (exactly the utility of a head-only quantized copy, not of the whole model)."""
+    m, dl = Frozen().eval(), _frozen_data()
+    res = get_scheme("int8_weight_only").apply(m, params=["head.weight", "head.bias"])
+    assert set(res.grids) == {"head.weight"}
+    assert res.unquantized["backbone.0.weight"].startswith("not assessed (outside params=)")
+    assert torch.equal(res.model.backbone[0].weight, m.backbone[0].weight)
+    rep = ml.assess(m, ["int8_weight_only"], dl, ce, params=["head.weight", "head.bias"],
+                    estimation="diagonal", hessian="ggn", num_records=32, uncertainty_draws=0,
+                    val_dataloader=dl)
+    head_only = get_scheme("int8_weight_only", filter_fn=lambda mod, fqn: fqn == "head").apply(m).model
+    whole = get_scheme("int8_weight_only").apply(m).model
+    got = rep.schemes["int8_weight_only"].utility["loss"]
+    assert got == evaluate_utility(head_only, dl, ce)["loss"]
+    assert got != evaluate_utility(whole, dl, ce)["loss"]
+    assert any(n.startswith("quantization follows params=: 2 parameter(s) outside the selection")
+               for n in rep.schemes["int8_weight_only"].notes)
+
+
+def _torchao_quantized():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    quantize_(m, Int8WeightOnlyConfig())
+    return m
+
+
+def _already(prefix: str = "") -> str:
+    """The exact start of the refusal, as a regex."""
+    return (rf"^the model is already quantized: parameter '{prefix}0\.weight' holds a torchao Int8Tensor "
+            r"\(and 1 more\)\. Assess the float model")
+
+
+def test_already_quantized_model_is_refused_by_assess_and_the_metric():
+    m = _torchao_quantized()
+    X = torch.randn(64, 8)
+    dl = DataLoader(TensorDataset(X, X[:, 0]), batch_size=32)
+    with pytest.raises(ValueError, match=_already()):
+        ml.assess(m, ["rtn_int4"], dl, mse)
+    with pytest.raises(ValueError, match=_already()):
+        MISIndicator(m, mse, ["rtn_int4"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dyn = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(8, 1)), {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"already quantized: module '0' is a quantized torch\.ao\.nn\.quantized"):
+        ml.assess(dyn, ["rtn_int4"], dl, mse)
+
+
+class _QuantizedModule(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = _torchao_quantized()
+        self.steps = 0
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        self.steps += 1
+        return ((self(batch[0]) - batch[1]) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+
+
+def test_already_quantized_model_is_refused_by_the_callback_before_training(tmp_path):
+    X = torch.randn(64, 8)
+    module = _QuantizedModule()
+    tr = pl.Trainer(max_epochs=1, callbacks=[MISCallback(["rtn_int4"], loss_fn=mse)], logger=False,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=_already("net\\.")):
+        tr.fit(module, DataLoader(TensorDataset(X, X[:, 0]), batch_size=32))
+    assert module.steps == 0
