@@ -23,10 +23,17 @@ alive) and, with ``every_n_val_epochs=k``, after every k-th validation epoch, th
 
 Safety: the work runs in eval mode on detached copies of the weights (``torch.func``), writes
 no ``.grad``, leaves the optimizer alone and restores the training flag and the RNG streams
-(torch CPU and CUDA, ``random``, ``numpy``), so training with and without the callback gives
-bit-identical weights. A failure is reported (``rank_zero_warn``, the report JSON with an
-``error`` entry, ``<prefix>/failed = 1``) and training's results and checkpoints are kept;
-``strict=True`` raises instead. Configuration errors (no usable loss) raise at ``setup``.
+(Lightning's ``isolate_rng``), so training with and without the callback gives bit-identical
+weights. A failure is reported (``rank_zero_warn``, the report JSON with an ``error`` entry,
+``<prefix>/failed = 1``) and training's results and checkpoints are kept; ``strict=True``
+raises instead.
+
+Configuration errors raise before training: unknown scheme names at construction (with the
+close registered names); no usable loss at ``setup``; losses that are not ``[B]`` and batches
+that are not ``(inputs, targets)`` without ``batch_fn`` in ``on_train_start`` (one batch
+through the model and the loss); a ``loss_fn``/``batch_fn`` that cannot be pickled when a
+spawning strategy (``ddp_spawn``) pickles the callback. Each ``fit`` starts with a fresh state
+(one callback may serve several Trainers) unless the state comes from a checkpoint.
 
 Loss and batch layout: ``loss_fn(outputs, targets) -> [B]`` with ``(inputs, targets)``
 batches (or ``batch_fn``), default ``pl_module.per_sample_loss``. A LightningModule may
