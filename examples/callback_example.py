@@ -67,6 +67,12 @@ class SyntheticData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=500)
 
 
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The objective's data term per record, shape [B]: a module-level function, not a lambda,
+    so that strategies that spawn processes (``ddp_spawn``) can pickle the callback."""
+    return 0.5 * (outputs - targets) ** 2
+
+
 def main(root: str | None = None, max_epochs: int = 30) -> Path:
     root = root or tempfile.mkdtemp(prefix="mis_example_")
     pl.seed_everything(0)
@@ -78,7 +84,7 @@ def main(root: str | None = None, max_epochs: int = 30) -> Path:
     mis = MISCallback(["int8_weight_only", "int4_weight_only_per_channel", "int2_weight_only_per_channel"],
                       weight_decay=WEIGHT_DECAY,
                       estimation="diagonal", hessian="ggn",
-                      loss_fn=lambda outputs, targets: 0.5 * (outputs - targets) ** 2)
+                      loss_fn=per_sample_loss)
     trainer = pl.Trainer(max_epochs=max_epochs, logger=logger, callbacks=[mis],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(MLPRegressor(), datamodule=SyntheticData())

@@ -23,10 +23,17 @@ alive) and, with ``every_n_val_epochs=k``, after every k-th validation epoch, th
 
 Safety: the work runs in eval mode on detached copies of the weights (``torch.func``), writes
 no ``.grad``, leaves the optimizer alone and restores the training flag and the RNG streams
-(torch CPU and CUDA, ``random``, ``numpy``), so training with and without the callback gives
-bit-identical weights. A failure is reported (``rank_zero_warn``, the report JSON with an
-``error`` entry, ``<prefix>/failed = 1``) and training's results and checkpoints are kept;
-``strict=True`` raises instead. Configuration errors (no usable loss) raise at ``setup``.
+(Lightning's ``isolate_rng``), so training with and without the callback gives bit-identical
+weights. A failure is reported (``rank_zero_warn``, the report JSON with an ``error`` entry,
+``<prefix>/failed = 1``) and training's results and checkpoints are kept; ``strict=True``
+raises instead.
+
+Configuration errors raise before training: unknown scheme names at construction (with the
+close registered names); no usable loss at ``setup``; losses that are not ``[B]`` and batches
+that are not ``(inputs, targets)`` without ``batch_fn`` in ``on_train_start`` (one batch
+through the model and the loss); a ``loss_fn``/``batch_fn`` that cannot be pickled when a
+spawning strategy (``ddp_spawn``) pickles the callback. Each ``fit`` starts with a fresh state
+(one callback may serve several Trainers) unless the state comes from a checkpoint.
 
 Loss and batch layout: ``loss_fn(outputs, targets) -> [B]`` with ``(inputs, targets)``
 batches (or ``batch_fn``), default ``pl_module.per_sample_loss``. A LightningModule may
@@ -46,8 +53,9 @@ A callback given to the other distribution's Trainer fails at ``setup`` saying s
 
 from __future__ import annotations
 
+import copy
 import json
-import random
+import pickle
 import sys
 import time
 import traceback
@@ -58,11 +66,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from ._lightning_compat import lightning_callback_base, trainer_package
-from .assess import SchemeSpec
+from .assess import SchemeSpec, resolve_schemes
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 from .metric import HOOK_NAME, MISIndicator, default_schemes
 from .quantization import QuantizationScheme, check_float_model
@@ -76,29 +85,24 @@ REPORT_NAME = "mis_report.json"
 FIGURE_NAME = "mis_privacy_utility.png"
 
 
-# -- RNG ---------------------------------------------------------------------------------------
-def _save_rng() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "random": random.getstate()}
+def _rng_isolated() -> Any:
+    """Lightning's ``isolate_rng`` (torch CPU, ``random``, ``numpy``, and CUDA only where CUDA is
+    already initialised: reading its states would otherwise initialise it)."""
+    return isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
+def _unpicklable(obj: Any) -> str | None:
+    """Why ``obj`` cannot be pickled (None if it can). A bound method is judged by its function,
+    so that checking ``model.per_sample_loss`` does not pickle the model."""
     try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        pickle.dumps(getattr(obj, "__func__", obj))
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is the answer
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
-def _restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["random"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _callable_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def _single_loader(loaders: Any, what: str) -> Any:
@@ -246,6 +250,10 @@ class _MISCallbackImpl:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses [B]")
+        # Unknown names (typos) raise here, before any training, with the close names; a
+        # registered scheme this machine cannot run (e.g. int4_tinygemm without CUDA) is not
+        # checked here: it becomes an error row of the report and the other schemes go on.
+        resolve_schemes(schemes)
         self.schemes = schemes
         self.params, self.estimation, self.hessian = params, estimation, hessian
         self.loss_fn, self.batch_fn, self.num_records = loss_fn, batch_fn, int(num_records)
@@ -255,7 +263,11 @@ class _MISCallbackImpl:
         self.strict, self.dirpath = bool(strict), dirpath
         self.method, self.uncertainty_draws, self.seed = method, uncertainty_draws, seed
         self.estimation_batch_size, self.log_figure, self.prefix = estimation_batch_size, log_figure, prefix
-        # results / resumable state
+        self._state_loaded = False
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """Forget the previous fit's results (one callback object may serve several Trainers)."""
         self.report: Report | None = None
         self.report_path: Path | None = None
         self.figure_path: Path | None = None
@@ -276,6 +288,9 @@ class _MISCallbackImpl:
                 "history": list(self.history), "last_error": self.last_error}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores a checkpoint's callback state after ``setup``; a state loaded by hand
+        # before ``fit`` is kept by the next ``setup`` (see :meth:`setup`).
+        self._state_loaded = True
         self._val_epochs = int(state_dict.get("val_epochs", 0))
         self._last_step = state_dict.get("last_step")
         self.history = list(state_dict.get("history", []))
@@ -285,6 +300,47 @@ class _MISCallbackImpl:
     def last_summary(self) -> dict[str, Any] | None:
         """The most recent run's ``{scheme: {leakage, mis, d_eff}}`` (also after a resume)."""
         return self.history[-1]["summary"] if self.history else None
+
+    # -- pickling (strategies that spawn processes pickle the Trainer and its callbacks) ----
+    def __getstate__(self) -> dict[str, Any]:
+        """The state to pickle; fails naming the argument that cannot be pickled.
+
+        ``strategy="ddp_spawn"`` (and any launcher that starts processes with ``spawn``) pickles
+        the callback before any hook runs; a lambda or a local function as ``loss_fn`` would fail
+        there with a bare ``Can't pickle local object``.
+
+        Raises:
+            pickle.PicklingError: ``loss_fn``, ``batch_fn``, ``output_transform``, ``params``
+                or a utility metric cannot be pickled.
+        """
+        user = {"loss_fn": self.loss_fn, "batch_fn": self.batch_fn, "output_transform": self.output_transform,
+                "params": self.params if callable(self.params) else None,
+                **{f"utility_metrics[{k!r}]": m for k, m in self.utility_metrics.items()}}
+        for arg, obj in user.items():
+            if obj is None:
+                continue
+            why = _unpicklable(obj)
+            if why is not None:
+                raise pickle.PicklingError(
+                    f"MISCallback: {arg}={_callable_name(obj)} cannot be pickled ({why}), which a "
+                    f"strategy that spawns processes (e.g. strategy='ddp_spawn') needs: define it as "
+                    f"a module-level function (def {arg.split('[')[0]}(...): ... at the top level "
+                    f"of an importable module), not a lambda or a local function")
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __copy__(self) -> Any:  # copies need no pickling check (lambdas copy fine)
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
 
     @classmethod
     def for_lightning(cls, *args: Any, **kwargs: Any) -> Any:
@@ -303,7 +359,21 @@ class _MISCallbackImpl:
         if stage != "fit":
             return
         check_float_model(pl_module)  # a torchao-quantized model: refuse before training
+        # A new fit starts from a clean slate (else a second Trainer or model would inherit the
+        # first one's report and step counter and never be assessed), unless the state was
+        # loaded by hand just before; a checkpoint's state (ckpt_path) is restored after this.
+        if not self._state_loaded:
+            self._reset_run_state()
+        self._state_loaded = False
         self._resolved = self._resolve(trainer, pl_module)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # The first hook where Lightning has built the train loader (not yet at ``setup``), and
+        # still before the first optimizer step: configuration errors surface before training.
+        self._state_loaded = False
+        if self._resolved is None:
+            self._resolved = self._resolve(trainer, pl_module)
+        self._check_first_batch(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every_n_val_epochs is None or trainer.sanity_checking or trainer.state.fn != "fit":
@@ -325,8 +395,9 @@ class _MISCallbackImpl:
             loss_fn = getattr(pl_module, "per_sample_loss", None)
             if not callable(loss_fn):
                 raise ValueError(
-                    f"MISCallback needs per-sample losses: pass loss_fn=lambda outputs, targets: "
-                    f"<losses [B]> (e.g. F.mse_loss(outputs, targets, reduction='none')), or define "
+                    f"MISCallback needs per-sample losses: pass loss_fn=<a module-level function "
+                    f"(outputs, targets) -> losses [B]> (e.g. returning F.mse_loss(outputs, targets, "
+                    f"reduction='none')), or define "
                     f"per_sample_loss(outputs, targets) or {HOOK_NAME}(batch) on "
                     f"{type(pl_module).__name__}"
                 )
@@ -354,8 +425,79 @@ class _MISCallbackImpl:
             return Path(trainer.log_dir)
         return Path(trainer.default_root_dir)
 
+    def _check_first_batch(self, trainer: Any, pl_module: Any) -> None:
+        """One training batch through the model and the loss: a batch that is not
+        ``(inputs, targets)`` (without ``batch_fn``) or losses that are not ``[B]`` (a scalar
+        mean, ``[B, 1]``) raise here instead of after the whole training.
+
+        Runs in eval mode without gradients on the first records of the dataset (unshuffled,
+        in-process), with the RNG isolated, so training is unaffected. Skipped for iterable
+        datasets (reading them may consume the stream).
+
+        Raises:
+            TypeError: the batch layout does not fit (names ``batch_fn``).
+            ValueError: the per-sample losses do not have shape ``[B]`` (names the loss).
+        """
+        res = self._resolved
+        assert res is not None
+        train = _single_loader(trainer.train_dataloader, "training")
+        ds = getattr(train, "dataset", None)
+        if not isinstance(train, DataLoader) or ds is None or isinstance(ds, IterableDataset) \
+                or not hasattr(ds, "__len__") or len(ds) == 0:
+            return
+        bs = min(len(ds), train.batch_size or 8)
+        loader = _reloader(train, list(range(bs)), bs)
+        p = next(pl_module.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        was_training = pl_module.training
+        with _rng_isolated(), torch.inference_mode(False), torch.no_grad():
+            try:
+                pl_module.eval()
+                batch = _to_device(next(iter(loader)), device)
+                if res["hook"]:
+                    name = f"{type(pl_module).__name__}.{HOOK_NAME}"
+                    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
+                    b = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
+                    losses = getattr(pl_module, HOOK_NAME)(batch)
+                else:
+                    loss_fn = res["loss_fn"]
+                    name = ("loss_fn " + _callable_name(loss_fn)) if self.loss_fn is not None \
+                        else f"{type(pl_module).__name__}.per_sample_loss"
+                    if self.batch_fn is None:
+                        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                            layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                            if isinstance(batch, Mapping):
+                                layout += f" with keys {list(batch)}"
+                            raise TypeError(
+                                f"MISCallback: the training batches are {layout}, not (inputs, targets) "
+                                f"pairs: pass batch_fn=<a module-level function batch -> (inputs, targets)>, "
+                                f"or define {HOOK_NAME}(self, batch) -> per-sample losses [B] on "
+                                f"{type(pl_module).__name__}")
+                        inputs, targets = batch
+                    else:
+                        inputs, targets = self.batch_fn(batch)
+                    tl = [t for t in torch.utils._pytree.tree_leaves(targets) if isinstance(t, Tensor)]
+                    b = int(tl[0].shape[0]) if tl and tl[0].dim() > 0 else None
+                    losses = loss_fn(pl_module(inputs), targets)
+            finally:
+                pl_module.train(was_training)
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
+        if shape is None or b is None or shape != (b,):
+            got = f"shape {list(shape)}" if shape is not None else type(losses).__name__
+            hint = ""
+            if shape == ():
+                hint = " (a mean over the batch: use reduction='none')"
+            elif shape is not None and b is not None and len(shape) == 2 and shape[0] == b and shape[1] == 1:
+                hint = " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
+            raise ValueError(
+                f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
+                f"per-sample losses of shape [{b}]{hint}")
+
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        rng = _save_rng()
+        with _rng_isolated():  # the user's RNG streams are untouched by the assessment
+            self._run_isolated(trainer, pl_module, stage)
+
+    def _run_isolated(self, trainer: Any, pl_module: Any, stage: str) -> None:
         was_training = pl_module.training
         t0 = time.perf_counter()
         epoch, step = int(trainer.current_epoch), int(trainer.global_step)
@@ -391,7 +533,6 @@ class _MISCallbackImpl:
                 self._publish_failure(trainer, exc, stage, epoch, step)
         finally:
             pl_module.train(was_training)
-            _restore_rng(rng)
             self._last_step = step
 
     def _assess(self, trainer: Any, pl_module: Any) -> Report:

@@ -70,7 +70,8 @@ def default_schemes() -> list[str]:
 
 
 class _Ref:
-    """Holds an object without registering, moving, copying or serialising it with the Metric."""
+    """Holds an object without registering or moving it with the Metric; copies (``clone()``)
+    share it. Pickling is handled by :meth:`MISIndicator.__getstate__`."""
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
@@ -80,6 +81,16 @@ class _Ref:
 
     def __getstate__(self) -> dict:
         return {"obj": None}
+
+
+class _ByValue:
+    """Pickled by value, shared by deep copies (a ``clone()`` must not copy the model)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __deepcopy__(self, memo: dict) -> _ByValue:
+        return self
 
 
 class _HookProgram(LossProgram):
@@ -245,13 +256,14 @@ class MISIndicator(Metric):
         names = select_params(model, params)
         if self.uses_hook and hessian == "ggn":
             raise ValueError(f"hessian='ggn' needs model outputs; with {HOOK_NAME} use 'exact' or 'hutchinson'")
-        acc = MomentAccumulator(
-            model, loss_fn, param_names=names, mode=estimation, hessian=hessian,  # type: ignore[arg-type]
+        # what rebuilds the accumulator of an unpickled Metric (see __setstate__)
+        self._acc_kwargs = dict(
+            loss_fn=loss_fn, param_names=names, mode=estimation, hessian=hessian,
             weight_decay=weight_decay, num_records=num_records, batch_fn=batch_fn,
-            hutchinson_probes=hutchinson_probes, budget=budget, selection="hash",
-            generator=torch.Generator().manual_seed(seed), program_cls=program_cls,
+            hutchinson_probes=hutchinson_probes, budget=budget, selection="hash", program_cls=program_cls,
             ggn_available=not self.uses_hook,
         )
+        acc = MomentAccumulator(model, generator=torch.Generator().manual_seed(seed), **self._acc_kwargs)
         self._ref = _Ref((model, acc))
         self.loss_fn, self.batch_fn = loss_fn, batch_fn or default_batch_fn
         self.method, self.uncertainty_draws, self.num_samples = method, uncertainty_draws, num_samples
@@ -279,6 +291,73 @@ class MISIndicator(Metric):
 
     def _states(self) -> dict[str, Any]:
         return {k: getattr(self, a) for k, a in self._state_names.items()}
+
+    # -- pickling -------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles the model with the Metric (by value; in one pickle with a module that owns
+        both, the unpickled Metric holds that module's unpickled model) and the accumulated
+        states; the accumulator (closures, hooks) is rebuilt from them on unpickling."""
+        state = super().__getstate__()
+        model, acc = self._ref.obj
+        state["_pickled_model"] = _ByValue(model)
+        state["_pickled_acc"] = {"factored": acc.factored is not None, "out_shape": acc._out_shape,
+                                 "generator": acc.generator.get_state() if acc.generator is not None else None}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        held = state.pop("_pickled_model", None)
+        extra = state.pop("_pickled_acc", None)
+        super().__setstate__(state)
+        model = held.obj if held is not None else None
+        if model is None or self._ref.obj is not None:
+            return  # a deep copy (clone()): the reference and the accumulator are shared
+        gen = torch.Generator().manual_seed(self.seed)
+        acc = MomentAccumulator(model, generator=gen, **self._acc_kwargs)
+        if extra is not None:
+            if extra["generator"] is not None:
+                gen.set_state(extra["generator"])
+            acc._out_shape = extra["out_shape"]
+            if not extra["factored"] and acc.factored is not None:
+                acc.factored.close()  # the original fell back to the generic path
+                acc.factored = None
+        self._ref = _Ref((model, acc))
+
+    # -- distributed sync -----------------------------------------------------------------
+    def sync(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None,
+             should_sync: bool = True, distributed_available: Callable | None = None) -> None:
+        """torchmetrics' sync, after giving empty ``"cat"`` states the shape and dtype of the
+        other processes' records.
+
+        A process that saw no record (a short last shard) holds empty lists; torchmetrics
+        replaces them with a 1-d float tensor, and gathering it with the other processes' 2-d
+        float64 / int64 tensors aborts the whole gloo job. Here every process first learns, with
+        one ``all_gather_object``, the trailing shape and dtype of each list state, and an empty
+        one becomes an empty ``[0, *shape]`` tensor of that dtype, so the result equals the one
+        without the empty process.
+        """
+        if should_sync and not self._is_synced and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            self._shape_empty_cat_states(process_group or self.process_group)
+        super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
+
+    def _shape_empty_cat_states(self, group: Any) -> None:
+        dist = torch.distributed
+        names = [a for a in self._state_names.values() if isinstance(getattr(self, a), list)]
+        if not names:
+            return
+        local: dict[str, tuple[tuple[int, ...], torch.dtype] | None] = {}
+        for a in names:
+            v = [t for t in getattr(self, a) if isinstance(t, Tensor)]
+            local[a] = (tuple(v[0].shape[1:]), v[0].dtype) if v else None
+        metas: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(metas, local, group=group)
+        for a in names:
+            if getattr(self, a):
+                continue
+            known = [m[a] for m in metas if m is not None and m.get(a) is not None]
+            if known:
+                tail, dtype = known[0]
+                setattr(self, a, [torch.empty((0, *tail), dtype=dtype, device=self.device)])
 
     # -- torchmetrics API -----------------------------------------------------------------
     def update(self, inputs: Any, targets: Any = None) -> None:  # type: ignore[override]

@@ -238,16 +238,23 @@ def test_model_without_linear_layers_and_total_failure(tmp_path):
         fit(tmp_path / "a", ScaleOnly, [cb], max_epochs=1)
     rep = json.loads(cb.report_path.read_text())
     assert all("no assessed parameter" in s["error"] for s in rep["schemes"].values())
-    # a loss that is not per-sample: the whole assessment fails, training completes
-    bad = MISCallback(SCHEMES, loss_fn=lambda o, t: ((o - t) ** 2).mean(), uncertainty_draws=0)
+
+
+def test_failing_assessment_is_recorded_and_training_kept(tmp_path, monkeypatch):
+    from mis_lightning import callback as C
+
+    def boom(self, trainer, pl_module):
+        raise RuntimeError("the estimation pass broke")
+
+    monkeypatch.setattr(C._MISCallbackImpl, "_assess", boom)
+    bad = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
     with pytest.warns(UserWarning, match="assessment failed"):
         trainer, _ = fit(tmp_path / "b", Regressor, [bad], max_epochs=1)
     assert trainer.state.finished
     rep = json.loads(bad.report_path.read_text())
-    assert "per-sample" in rep["error"] and bad.last_error
-    strict = MISCallback(SCHEMES, loss_fn=lambda o, t: ((o - t) ** 2).mean(), strict=True)
-    with pytest.raises(ValueError, match="per-sample"):
-        fit(tmp_path / "c", Regressor, [strict], max_epochs=1)
+    assert rep["error"] == "RuntimeError: the estimation pass broke" == bad.last_error
+    with pytest.raises(RuntimeError, match="the estimation pass broke"):
+        fit(tmp_path / "c", Regressor, [MISCallback(SCHEMES, loss_fn=mse, strict=True)], max_epochs=1)
 
 
 def test_missing_loss_is_a_setup_error(tmp_path):
@@ -326,3 +333,111 @@ def test_estimation_pass_shows_progress_with_the_trainers_bar(tmp_path, capsys):
     cb2 = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
     fit(tmp_path / "quiet", Regressor, callbacks=[cb2], max_epochs=1)
     assert "MIS estimation pass" not in capsys.readouterr().err
+
+
+# -- one callback object, several fits (issue 9, item 4) ------------------------------------------
+def test_one_callback_for_two_models_assesses_each(tmp_path):
+    """The second model gets its own report (it used to keep the first one's: a step counter
+    that was never reset made on_fit_end skip), equal to a fresh callback's on that model."""
+    cb = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64)
+    fit(tmp_path / "a", Regressor, [cb], max_epochs=2)
+    first = cb.report
+    fit(tmp_path / "b", lambda: Regressor(dropout=0.1), [cb], max_epochs=2)
+    assert cb.report is not first and len(cb.history) == 1
+    fresh = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64)
+    fit(tmp_path / "c", lambda: Regressor(dropout=0.1), [fresh], max_epochs=2)
+    # same model, data, seed and code path: the same number (float64, deterministic on CPU)
+    assert cb.report.schemes["rtn_int4"].leakage == fresh.report.schemes["rtn_int4"].leakage
+    assert cb.report.schemes["rtn_int4"].leakage != first.schemes["rtn_int4"].leakage
+    # a state loaded by hand before fit (like a checkpoint's) is continued, not reset
+    state = cb.state_dict()
+    cb2 = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64)
+    cb2.load_state_dict(state)
+    fit(tmp_path / "d", Regressor, [cb2], max_epochs=1)
+    assert [h["stage"] for h in cb2.history] == ["fit_end", "fit_end"]
+
+
+# -- configuration errors before training (issue 9, item 5) ---------------------------------------
+def test_unknown_scheme_name_raises_at_construction_with_close_names():
+    with pytest.raises(KeyError, match=r"unknown quantization scheme 'rtn_int9' \(did you mean rtn_int\d"):
+        MISCallback(["rtn_int8", "rtn_int9"], loss_fn=mse)
+    with pytest.raises(ValueError, match="listed twice"):
+        MISCallback(["rtn_int8", "rtn_int8"], loss_fn=mse)
+
+
+def test_scheme_unavailable_here_is_an_error_row_not_a_construction_error(tmp_path):
+    cb = MISCallback(["rtn_int8", "int4_tinygemm"], loss_fn=mse, uncertainty_draws=0)  # constructs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(tmp_path, Regressor, [cb], max_epochs=1)
+    assert set(cb.report.schemes) == {"rtn_int8", "int4_tinygemm"}
+    assert cb.report.schemes["rtn_int8"].error is None
+    if not torch.cuda.is_available():
+        assert "CUDA" in cb.report.schemes["int4_tinygemm"].error
+
+
+def mean_loss(o, t):
+    return ((o - t) ** 2).mean()
+
+
+def column_loss(o, t):
+    return (0.5 * (o - t) ** 2).unsqueeze(-1)
+
+
+def test_wrong_loss_shape_raises_before_training(tmp_path):
+    cases = [
+        (mean_loss, r"MISCallback: loss_fn mean_loss returned shape \[\] for a batch of 32 records; "
+                    r"it must return per-sample losses of shape \[32\] \(a mean over the batch: use reduction='none'\)"),
+        (column_loss, r"MISCallback: loss_fn column_loss returned shape \[32, 1\] for a batch of 32 records; "
+                      r"it must return per-sample losses of shape \[32\] \(a trailing dimension of 1"),
+    ]
+    for i, (fn, msg) in enumerate(cases):
+        cb = MISCallback(SCHEMES, loss_fn=fn, strict=False)
+        pl.seed_everything(0)
+        train, val = loaders()
+        trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path / str(i)))
+        with pytest.raises(ValueError, match=msg):
+            trainer.fit(Regressor(), train, val)
+        assert trainer.global_step == 0  # raised before the first optimizer step
+
+
+class _NoHook(HookRegressor):
+    """Dict batches and no usable hook: the callback needs pairs or batch_fn."""
+
+    mis_per_sample_loss = None  # not callable: the callback uses loss_fn
+
+
+def test_batches_that_are_not_pairs_raise_before_training(tmp_path):
+    cb = MISCallback(SCHEMES, loss_fn=mse)
+    pl.seed_everything(0)
+    train, val = loaders(dict_batches=True)
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(TypeError, match=r"MISCallback: the training batches are dict with keys \['x', 'y'\], "
+                                        r"not \(inputs, targets\) pairs: pass batch_fn="):
+        trainer.fit(_NoHook(), train, val)
+    assert trainer.global_step == 0
+    # with batch_fn the same batches work
+    ok = MISCallback(SCHEMES, loss_fn=mse, batch_fn=xy, uncertainty_draws=0)
+    fit(tmp_path / "ok", _NoHook, [ok], max_epochs=1, data=loaders(dict_batches=True))
+    assert ok.report is not None and ok.report.n == 120
+
+
+def xy(batch):
+    return batch["x"], batch["y"]
+
+
+# -- spawned processes (issue 9, item 8) -----------------------------------------------------------
+def test_unpicklable_loss_fn_is_named_when_pickled_for_spawn():
+    import copy
+    import pickle
+
+    cb = MISCallback(SCHEMES, loss_fn=lambda o, t: (o - t) ** 2)
+    with pytest.raises(pickle.PicklingError,
+                       match=r"MISCallback: loss_fn=.*<lambda> cannot be pickled .*strategy='ddp_spawn'.*"
+                             r"define it as a module-level function"):
+        pickle.dumps(cb)
+    assert copy.deepcopy(cb).loss_fn is cb.loss_fn  # copies need no pickling
+    back = pickle.loads(pickle.dumps(MISCallback(SCHEMES, loss_fn=mse, batch_fn=xy)))
+    assert back.loss_fn is mse and back.batch_fn is xy

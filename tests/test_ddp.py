@@ -103,6 +103,48 @@ def test_metric_two_processes_equal_one(tmp_path):
                 assert r1[name][scheme][f] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, scheme, f)
 
 
+EMPTY_CASES = {
+    "exact": {"estimation": "exact"},
+    "ggn": {"estimation": "diagonal", "hessian": "ggn"},
+    "records_not_grads": {"estimation": "diagonal", "hessian": "ggn", "budget": 10},  # s_rec_x / s_rec_y
+}
+
+
+def _worker_empty_rank(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        X, y, model = _setup()
+        res = {}
+        for name, kw in EMPTY_CASES.items():
+            met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
+            if rank == 0:  # rank 1 sees no record at all
+                for a in range(0, 301, 50):
+                    met.update(X[a : a + 50], y[a : a + 50])
+            res[name] = [float(met.compute()["rtn_int4"]["leakage"]), met.report.n]
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(res, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metric_with_a_rank_that_saw_no_record(tmp_path):
+    """Empty "cat" states used to be gathered as 1-d float32 against 2-d float64/int64 ones,
+    which aborted the gloo job; now the empty rank changes nothing (1e-9: summation order)."""
+    torch.set_num_threads(1)
+    _spawn(_worker_empty_rank, (2, _free_port(), str(tmp_path)), 2, timeout=120)
+    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    X, y, model = _setup()
+    for name, kw in EMPTY_CASES.items():
+        met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
+        met.update(X, y)
+        single = float(met.compute()["rtn_int4"]["leakage"])
+        for k in range(2):
+            assert r[k][name][1] == 301, (name, k)
+            assert r[k][name][0] == pytest.approx(single, rel=1e-9), (name, k)
+
+
 # -- Lightning ddp_spawn with the callback -------------------------------------------------------
 def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
     import pytorch_lightning as pl

@@ -194,6 +194,9 @@ def test_argument_errors():
         MISIndicator(nn.Linear(4, 1), None, SCHEMES)
     with pytest.raises(KeyError, match="unknown quantization scheme"):
         MISIndicator(nn.Linear(4, 1), mse, ["no_such_scheme"])
+    # the same check and message as MISCallback: a typo names the close registered schemes
+    with pytest.raises(KeyError, match=r"unknown quantization scheme 'rtn_int9' \(did you mean rtn_int\d"):
+        MISIndicator(nn.Linear(4, 1), mse, ["rtn_int8", "rtn_int9"])
     with pytest.raises(KeyError, match="not in the model"):
         MISIndicator(nn.Linear(4, 1), mse, SCHEMES, params=["nope"])
     with pytest.raises(ValueError, match="ggn"):
@@ -201,3 +204,47 @@ def test_argument_errors():
     met = MISIndicator(nn.Linear(4, 1), mse, SCHEMES)
     with pytest.raises(ValueError, match="n .* must be >= 2"):
         met.compute()
+
+
+class _Owner(nn.Module):
+    """A module that owns both the model and the Metric (torchmetrics' recommended layout)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.mis = MISIndicator(net, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32)
+
+
+@pytest.mark.parametrize("kw", [{"estimation": "exact"}, {"estimation": "diagonal", "hessian": "ggn"},
+                                {"estimation": "diagonal", "hessian": "ggn", "budget": 10}])
+def test_pickle_round_trip_goes_on_accumulating(kw):
+    """An unpickled Metric (spawned worker, torch.save of its owner) keeps its states and model
+    and gives the original's number (it used to fail with "'NoneType' object is not
+    subscriptable"). Same float64 operations in the same order: equal to 1e-12 relative."""
+    import io
+    import pickle
+
+    X, y = _data(n=300)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    m = MISIndicator(net, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32, **kw)
+    m.update(X[:150], y[:150])
+    m2 = pickle.loads(pickle.dumps(m))
+    assert m2.model is not net and all(torch.equal(a, b) for a, b in zip(m2.model.parameters(), net.parameters()))
+    for met in (m, m2):
+        met.update(X[150:], y[150:])
+    ref = float(m.compute()["rtn_int4"]["leakage"])
+    assert float(m2.compute()["rtn_int4"]["leakage"]) == pytest.approx(ref, rel=1e-12)
+    # torch.save / torch.load of an owner: the Metric holds the reloaded owner's model
+    buf = io.BytesIO()
+    torch.save(_Owner(net), buf)
+    buf.seek(0)
+    owner = torch.load(buf, weights_only=False)
+    assert owner.mis.model is owner.net
+    owner.mis.update(X, y)
+    fresh = MISIndicator(net, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32)
+    fresh.update(X, y)
+    assert float(owner.mis.compute()["rtn_int4"]["leakage"]) == pytest.approx(
+        float(fresh.compute()["rtn_int4"]["leakage"]), rel=1e-12)
+    # clone() (a deep copy) still shares the model and does not copy it
+    assert m.clone().model is net

@@ -6,6 +6,7 @@ Backends register their schemes at import time; ``available_schemes()`` lists th
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any
 
@@ -40,8 +41,10 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
         raise TypeError(f"a scheme is a registry name or a QuantizationScheme, got {type(spec).__name__}")
     _load_backends()
     if spec not in _FACTORIES:
+        close = difflib.get_close_matches(spec, _FACTORIES, n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KeyError(
-            f"unknown quantization scheme {spec!r}; available schemes: {', '.join(sorted(_FACTORIES))}"
+            f"unknown quantization scheme {spec!r}{hint}; available schemes: {', '.join(sorted(_FACTORIES))}"
         )
     scheme = _FACTORIES[spec](**kwargs)
     scheme.name = spec if not kwargs else scheme.name
