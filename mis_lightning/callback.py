@@ -65,7 +65,7 @@ from ._lightning_compat import lightning_callback_base, trainer_package
 from .assess import SchemeSpec
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 from .metric import HOOK_NAME, MISIndicator, default_schemes
-from .quantization import QuantizationScheme
+from .quantization.registry import scheme_list
 from .report import Report
 from .tracking import log_report
 from .utility import OutputTransform, evaluate_utility
@@ -229,11 +229,7 @@ class _MISCallbackImpl:
         super().__init__()
         if schemes is None:
             schemes = default_schemes()
-        if isinstance(schemes, (str, QuantizationScheme)):
-            schemes = [schemes]
-        schemes = list(schemes)
-        if not schemes:
-            raise ValueError("schemes must name at least one quantization scheme")
+        schemes = scheme_list(schemes)  # raises on an empty list
         if estimation not in ("auto", "exact", "diagonal"):
             raise ValueError(f"estimation must be 'auto', 'exact' or 'diagonal', got {estimation!r}")
         if hessian not in ("auto", "exact", "ggn", "hutchinson"):
