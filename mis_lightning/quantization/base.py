@@ -9,7 +9,6 @@ scored as unprotected (``kappa = 1``).
 
 from __future__ import annotations
 
-import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._modelcopy import private_copy
 from ..functional import (
     CellMoments,
     affine_boundaries,
@@ -308,7 +308,7 @@ class QuantizationScheme(ABC):
     def apply(self, model: nn.Module) -> QuantizationResult:
         """Quantize a deep copy of ``model``; the argument is never modified."""
         self.check_available()
-        copy_ = copy.deepcopy(model)
+        copy_ = private_copy(model, f"copying the model for scheme {self.name!r}")
         copy_.eval()
         try:
             out = self._quantize_copy(copy_)
