@@ -110,11 +110,19 @@ class NativeInt8Dynamic(_NativeScheme):
         chosen = self._chosen(model)
         if not chosen:
             return {}, []
+        reasons: dict[str, str] = {}
+        for fqn, m in model.named_modules():
+            if isinstance(m, nn.MultiheadAttention):  # its projections are not plain nn.Linear
+                for pn, _ in m.named_parameters():
+                    if not pn.endswith("bias"):
+                        reasons[f"{fqn}.{pn}" if fqn else pn] = (
+                            f"left in float: torch's quantize_dynamic does not convert the "
+                            f"projections of nn.MultiheadAttention {fqn!r}")
         qconfig = tq.per_channel_dynamic_qconfig if self.per_channel else tq.default_dynamic_qconfig
         tq.quantize_dynamic(model, {fqn: qconfig for fqn in chosen}, dtype=torch.qint8, inplace=True)
         grids: dict[str, ParamGrid] = {}
-        reasons: dict[str, str] = {}
         notes = ["torch.ao.quantization is deprecated (torch warns so); quantize_dynamic still ships"]
+        notes += _slow_path_for_converted_transformers(model)
         for fqn, (_, name) in chosen.items():
             qmod = model.get_submodule(fqn) if fqn else model
             if not callable(getattr(qmod, "weight", None)):
@@ -122,6 +130,31 @@ class NativeInt8Dynamic(_NativeScheme):
                 continue
             grids[name] = _grid_from_qtensor(name, qmod.weight(), 8, -128, 127)
         return grids, notes, reasons
+
+
+def _slow_path_for_converted_transformers(model: nn.Module) -> list[str]:
+    """Turn off the fused fast path of transformer layers whose Linear layers were converted.
+
+    ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) in eval mode call a fused
+    kernel that reads ``linear1.weight`` / ``linear2.weight`` as tensors; after
+    ``quantize_dynamic`` they are methods returning packed weights, and the forward fails with
+    "'function' object has no attribute 'device'". On the private copy only, the layer's
+    ``activation_relu_or_gelu`` flag (read only by the fast-path checks and the fused call)
+    is cleared and the encoder's ``use_nested_tensor`` set to False: the standard path runs
+    the same layers (the dynamically quantized Linear modules), as torch's own fallback
+    does. Returns the notes naming the layers.
+    """
+    notes = []
+    for fqn, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(
+                callable(getattr(getattr(m, lin, None), "weight", None)) for lin in ("linear1", "linear2")):
+            m.activation_relu_or_gelu = 0
+            notes.append(f"transformer layer {fqn!r}: fused fast path off in the quantized copy "
+                         "(it cannot read dynamically quantized weights); the standard path runs")
+        elif isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and any(
+                callable(getattr(getattr(layer, "linear1", None), "weight", None)) for layer in m.layers):
+            m.use_nested_tensor = False
+    return notes
 
 
 def _per_channel_qparams(w: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
