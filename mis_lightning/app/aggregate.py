@@ -351,7 +351,8 @@ class AggregateSweep(Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mis-lightning-aggregate SWEEP_DIR [--out DIR]``."""
+    """``mis-lightning-aggregate SWEEP_DIR [--out DIR]``; returns 0, 1 when a job of the sweep
+    failed (its failure is listed in the aggregate), 2 when no result was found."""
     ap = argparse.ArgumentParser(
         prog="mis-lightning-aggregate",
         description="Aggregate the per-job result.json files of a mis-lightning sweep dir into "
