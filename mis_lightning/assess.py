@@ -23,6 +23,7 @@ from .estimation.per_sample import BatchFn, LossFn
 from .functional._checks import check_finite
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
+from .quantization.registry import scheme_list
 from .report import LayerResult, Report, SchemeResult
 from .utility import OutputTransform, evaluate_utility
 
@@ -155,8 +156,6 @@ def assess(
     Returns:
         :class:`~mis_lightning.report.Report`.
     """
-    if isinstance(schemes, (str, QuantizationScheme)):
-        schemes = [schemes]
     scheme_objs = resolve_schemes(schemes)
     names = select_params(model, params)
     gen = torch.Generator().manual_seed(seed)
@@ -174,8 +173,10 @@ def assess(
     )
 
 
-def resolve_schemes(schemes: Sequence[SchemeSpec]) -> list[QuantizationScheme]:
-    out = [get_scheme(s) for s in schemes]
+def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[QuantizationScheme]:
+    """Scheme objects from names / objects; raises on an empty list, an unknown name or a
+    name listed twice."""
+    out = [get_scheme(s) for s in scheme_list(schemes)]
     seen: set[str] = set()
     for s in out:
         if s.name in seen:
@@ -278,6 +279,8 @@ def score(
         gen = torch.Generator().manual_seed(seed + 7919)
         result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size)
         report.schemes[scheme.name] = result
+    # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
+    report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
     large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
     if large:
         worst = max(large, key=large.get)  # type: ignore[arg-type]

@@ -74,7 +74,8 @@ from ._lightning_compat import lightning_callback_base, trainer_package
 from .assess import SchemeSpec, resolve_schemes
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 from .metric import HOOK_NAME, MISIndicator, default_schemes
-from .quantization import QuantizationScheme, check_float_model
+from .quantization import check_float_model
+from .quantization.registry import scheme_list
 from .report import Report
 from .tracking import log_report
 from .utility import OutputTransform, evaluate_utility
@@ -233,11 +234,7 @@ class _MISCallbackImpl:
         super().__init__()
         if schemes is None:
             schemes = default_schemes()
-        if isinstance(schemes, (str, QuantizationScheme)):
-            schemes = [schemes]
-        schemes = list(schemes)
-        if not schemes:
-            raise ValueError("schemes must name at least one quantization scheme")
+        schemes = scheme_list(schemes)  # raises on an empty list
         if estimation not in ("auto", "exact", "diagonal"):
             raise ValueError(f"estimation must be 'auto', 'exact' or 'diagonal', got {estimation!r}")
         if hessian not in ("auto", "exact", "ggn", "hutchinson"):

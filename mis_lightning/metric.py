@@ -233,13 +233,9 @@ class MISIndicator(Metric):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if schemes is None:
             schemes = default_schemes()
-        if isinstance(schemes, (str,)) or not isinstance(schemes, Sequence):
-            schemes = [schemes]  # type: ignore[list-item]
-        if not schemes:
-            raise ValueError("schemes must name at least one quantization scheme")
         from .assess import resolve_schemes
 
-        self.schemes = resolve_schemes(list(schemes))  # fails early on unknown names
+        self.schemes = resolve_schemes(schemes)  # fails early on [] and unknown names
         program_cls: type[LossProgram] = LossProgram
         self.uses_hook = False
         if loss_fn is None:

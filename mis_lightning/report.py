@@ -213,14 +213,35 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+ERROR_CELL_WIDTH = 60  # characters of an error message shown in a table row
+
+
+def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
+    """``message`` on one line, cut at a word boundary to at most ``width`` characters with an
+    ellipsis (a single word longer than ``width`` is cut inside)."""
+    text = " ".join(str(message).split())
+    if len(text) <= width:
+        return text
+    cut = text[: max(width - 1, 1)]
+    head = cut.rsplit(" ", 1)[0] if " " in cut else cut
+    if len(head) < width // 2:  # one very long word (a path, a URL): cut inside it
+        head = cut
+    return head.rstrip(" ,;:") + "\u2026"
+
+
 def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
+    """Plain-text table of :meth:`Report.rows`.
+
+    A failed scheme's row shows ``error: <message cut at a word boundary>`` across the figure
+    columns; it does not widen them. The full messages follow the table under ``errors:``.
+    """
     uk = pick_utility_key(rows, utility_key)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "[p10, p90]", "MIS", "baseline", "d_eff", "sparsity"]
-    body = []
+    body: list[list[str] | tuple[str, str]] = []
     for r in rows:
         if r.get("error"):
-            body.append([r["scheme"], "-", "-"] + (["-"] if uk else []) + ["error: " + str(r["error"])[:60], "", "", "", "", ""])
+            body.append((str(r["scheme"]), str(r["error"])))
             continue
         interval = "-" if r.get("leakage_p10") is None else f"[{_fmt(r['leakage_p10'])}, {_fmt(r['leakage_p90'])}]"
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
@@ -228,9 +249,36 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
             _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt(r["baseline_leakage"]),
             _fmt(r["d_eff"]), _fmt(r["sparsity"])])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+    cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
+    widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    # An error spans the figure columns: the table keeps the width of its figures.
+    room = max(sum(widths[1:]) + 2 * (len(widths) - 2) - len("error: "), 30)
+    lines = [line(head), line(["-" * w for w in widths])]
+    for b in body:
+        if isinstance(b, tuple):
+            lines.append(f"{b[0].ljust(widths[0])}  error: {short_error(b[1], room)}")
+        else:
+            lines.append(line(b))
+    errors = [b for b in body if isinstance(b, tuple)]
+    if errors:
+        lines += ["", "errors:"] + [f"  {name}: {msg}" for name, msg in errors]
+    return "\n".join(lines)
+
+
+def no_points_note(ax: Any, rows: list[dict[str, Any]]) -> None:
+    """Write "no scheme succeeded" and each failed row's short error on an empty plot."""
+    failed = [r for r in rows if r.get("error")]
+    labels = [str(r["scheme"]) if r.get("job") is None else f"job {r['job']}: {r['scheme']}"
+              for r in failed]
+    text = ["no scheme succeeded"] + [
+        f"{lab}: {short_error(str(r['error']), 70)}" for lab, r in zip(labels[:8], failed)]
+    if len(failed) > 8:
+        text.append(f"... and {len(failed) - 8} more")
+    ax.text(0.5, 0.5, "\n".join(text), ha="center", va="center", transform=ax.transAxes,
+            fontsize=9, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
@@ -265,8 +313,10 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
             ax.legend(loc="best", fontsize=8)
         else:
             ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    if not ok:  # every scheme failed: say so rather than draw empty axes
+        no_points_note(ax, rows)
     ax.margins(x=0.3 if labels_inline else 0.08, y=0.15)
-    ax.set_xlabel((uk.removeprefix("utility_") if uk else "bits per weight") + " (validation)")
+    ax.set_xlabel(f"{uk.removeprefix('utility_')} (validation)" if uk else "bits per weight")
     ax.set_ylabel("leakage = best-attack advantage (1 - MIS)")
     ax.set_title("Privacy-utility trade-off of quantization schemes")
     ax.grid(alpha=0.3)

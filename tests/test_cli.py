@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mis_lightning.app import aggregate as agg
+from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError, register_scheme
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -80,7 +81,108 @@ def test_bad_scheme_fails_before_training(tmp_path):
         cfg.output_dir = str(tmp_path / "r")
     with pytest.raises(KeyError, match="unknown quantization scheme 'int9_weight_only'"):
         run_job(cfg)
-    assert not any((tmp_path / "r").iterdir())  # nothing trained or written
+    # nothing trained: the only file is the failed job's record
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["result.json"]
+    res = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert res["status"] == "failed" and res["stage"] == "configuration" and res["rows"] == []
+    assert res["error"].startswith("KeyError: \"unknown quantization scheme 'int9_weight_only'")
+    assert res["schemes"] == ["int9_weight_only"]
+
+
+class _Unavailable(QuantizationScheme):
+    """Never available here (stands for int4_tinygemm on a machine without CUDA)."""
+
+    name = "test_unavailable"
+
+    def check_available(self) -> None:
+        raise SchemeUnavailableError("scheme 'test_unavailable' is unavailable: it needs a TPU")
+
+    def _quantize_copy(self, model):  # pragma: no cover - never reached
+        raise AssertionError
+
+
+@pytest.fixture
+def unavailable_scheme():
+    from mis_lightning.quantization import registry
+
+    register_scheme("test_unavailable", lambda **kw: _Unavailable(**kw), overwrite=True)
+    yield "test_unavailable"
+    registry._FACTORIES.pop("test_unavailable", None)
+
+
+def test_unavailable_scheme_fails_before_training(tmp_path, unavailable_scheme):
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from mis_lightning.app.job import run_job
+
+    cases = [
+        ([unavailable_scheme], "false",
+         "every selected scheme is unavailable on this machine, so nothing was trained: "
+         "scheme 'test_unavailable' is unavailable: it needs a TPU"),
+        ([unavailable_scheme, "rtn_int8"], "true",
+         "1 of 2 schemes are unavailable on this machine, so nothing was trained: scheme "
+         "'test_unavailable' is unavailable: it needs a TPU (mis.strict=false reports them as "
+         "error rows and assesses the others)"),
+    ]
+    for i, (names, strict, msg) in enumerate(cases):
+        with initialize_config_module("mis_lightning.conf", version_base="1.3"):
+            cfg = compose("config", overrides=[*FAST, "logger=csv", f"schemes=[{','.join(names)}]",
+                                               f"mis.strict={strict}"])
+        with open_dict(cfg):
+            cfg.output_dir = str(tmp_path / str(i))
+        with pytest.raises(SchemeUnavailableError) as info:
+            run_job(cfg)
+        assert str(info.value) == msg
+        # refused before the data or the trainer were built: no logger folder, no checkpoint
+        assert [p.name for p in (tmp_path / str(i)).iterdir()] == ["result.json"]
+        res = json.loads((tmp_path / str(i) / "result.json").read_text())
+        assert (res["status"], res["stage"], res["error"]) == (
+            "failed", "configuration", f"SchemeUnavailableError: {msg}")
+
+
+def _run_rc(args: list[str], cwd: Path, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "mis_lightning.cli", *args], cwd=cwd, env=_env(),
+                          check=False, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sweep_with_a_failing_job_aggregates_the_others_and_exits_1(tmp_path):
+    sweep = tmp_path / "sweep"
+    # job 1 is refused (a logistic model on regression data); job 0 runs
+    proc = _run_rc(["-m", "model=linear,logistic", *[a for a in FAST if a != "model=linear"],
+                    "logger=none", "schemes=[rtn_int8]", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "1 job(s) of the sweep failed (job 1)" in proc.stderr
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    failed = json.loads((sweep / jobs[1] / "result.json").read_text())
+    assert failed["status"] == "failed" and failed["stage"] == "configuration"
+    assert failed["error"].startswith("ValueError: model LogisticRegression is a 'binary' model")
+    assert "Traceback" in failed["traceback"] and failed["job"]["num"] == 1
+    with open(sweep / "aggregate.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["job"], r["scheme"], r["job_status"]) for r in rows] == [
+        ("0", "rtn_int8", "ok"), ("1", "rtn_int8", "failed")]
+    assert 0.0 < float(rows[0]["leakage"]) < 1.0 and rows[1]["leakage"] == ""
+    assert rows[1]["error"] == "job failed (configuration): " + failed["error"]
+    md = (sweep / "aggregate.md").read_text()
+    assert "2 jobs (1 failed), 2 rows." in md
+    assert md.split("## Failures\n\n")[1].strip() == (
+        "- job 1 (model=logistic), rtn_int8: job failed (configuration): " + failed["error"])
+    assert (sweep / "frontier.png").stat().st_size > 0
+    # the aggregate command says so too
+    assert agg.main([str(sweep), "--quiet"]) == 1
+
+
+def test_frontier_says_no_scheme_succeeded():
+    rows = [{"job": 0, "scheme": "int4_tinygemm", "error": "job failed (configuration): "
+             "SchemeUnavailableError: needs CUDA", "job_status": "failed"}]
+    fig = agg.frontier_figure(rows)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == [
+        "no scheme succeeded\njob 0: int4_tinygemm: job failed (configuration): "
+        "SchemeUnavailableError: needs CUDA"]
+    assert ax.get_xlabel() == "bits per weight" and not ax.lines
 
 
 def test_multirun_one_job_per_scheme_and_aggregate(tmp_path):

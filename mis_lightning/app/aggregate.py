@@ -11,6 +11,13 @@ every job, whatever the launcher -- it reads each job's ``result.json`` under th
 * ``frontier.png`` -- leakage against utility, one point per row, the non-dominated points
   joined (the privacy-utility frontier).
 
+A failed job (its ``result.json`` has ``status: "failed"``, written by
+:func:`~mis_lightning.app.job.run_job` or, as a fallback, by :meth:`AggregateSweep.on_job_end`)
+gets one row with ``job_status = failed`` and its error; ``aggregate.md`` lists the failures
+with their full messages below the table; the figure shows what succeeded (or says that
+nothing did). When a job failed, the callback exits with status 1 after aggregating, and
+``mis-lightning-aggregate`` returns 1.
+
 Re-run on an existing sweep: ``mis-lightning-aggregate <sweep dir>`` or
 ``python -m mis_lightning.app.aggregate <sweep dir>``.
 """
@@ -30,9 +37,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mis_lightning.report import pick_utility_key
+from mis_lightning.report import no_points_note, pick_utility_key, short_error
 
-__all__ = ["AggregateSweep", "aggregate", "collect", "frontier_figure", "main", "markdown_table"]
+__all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_figure", "main",
+           "markdown_table", "write_failure"]
 
 RESULT_NAME = "result.json"
 # utility metrics where larger is better (others -- rmse, mae, loss -- are smaller-is-better)
@@ -62,6 +70,29 @@ def collect(sweep_dir: str | Path, result_name: str = RESULT_NAME) -> list[dict[
     return [d for _, d in sorted(found, key=lambda t: t[0])]
 
 
+def write_failure(path: str | Path, exc: BaseException, *, stage: str, job: dict[str, Any] | None = None,
+                  schemes: Sequence[str] = (), **extra: Any) -> Path:
+    """Write a failed job's ``result.json``: ``status: "failed"``, the ``stage`` it failed in,
+    ``error`` (``"<type>: <message>"``), ``traceback``, the requested ``schemes`` and no rows."""
+    import traceback
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "job": job or {}, "status": "failed", "stage": stage,
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "schemes": list(schemes), **extra, "rows": [],
+    }
+    path.write_text(json.dumps(record, indent=2, default=str))
+    return path
+
+
+def failed_jobs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of jobs that failed as a whole (not the error rows of single schemes)."""
+    return [r for r in rows if r.get("job_status") == "failed"]
+
+
 def _float(v: Any) -> float | None:
     if v is None or v == "":
         return None
@@ -85,15 +116,24 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
                 job_dir = job_dir.relative_to(sweep_dir)
             except ValueError:
                 pass
-        for r in res.get("rows", []):
-            row: dict[str, Any] = {
-                "job": job.get("num"),
-                "swept": " ".join(o for o in job.get("overrides") or [] if o not in common),
-                "overrides": " ".join(job.get("overrides") or []),
-                "data": (res.get("data") or "").rsplit(".", 1)[-1],
-                "model": res.get("model"),
-            }
+        head: dict[str, Any] = {
+            "job": job.get("num"),
+            "swept": " ".join(o for o in job.get("overrides") or [] if o not in common),
+            "overrides": " ".join(job.get("overrides") or []),
+            "data": (res.get("data") or "").rsplit(".", 1)[-1],
+            "model": res.get("model"),
+        }
+        failed = res.get("status") == "failed"
+        # A failed job has no scheme rows: one row says which schemes it was to assess and why
+        # it failed.
+        job_rows = res.get("rows") or []
+        if failed:
+            job_rows = [{"scheme": ",".join(res.get("schemes") or []) or "-",
+                         "error": f"job failed ({res.get('stage', '?')}): {res.get('error', '?')}"}]
+        for r in job_rows:
+            row = dict(head)
             row.update({k: (_float(v) if _is_numeric_key(k) else v) for k, v in r.items()})
+            row["job_status"] = "failed" if failed else "ok"
             row["job_dir"] = str(job_dir) if job_dir is not None else ""
             rows.append(row)
     return rows
@@ -125,10 +165,12 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     head = ["job", "scheme", "swept overrides", "bits/w"] + ([uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "[p10, p90]", "MIS", "baseline", "d_eff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    errors = []
     for r in rows:
         if r.get("error"):
+            errors.append(r)
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-"] + (
-                ["-"] if uk else []) + [f"error: {str(r['error'])[:60]}", "-", "-", "-", "-"]
+                ["-"] if uk else []) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
             interval = "-" if p10 is None else f"[{_fmt(p10)}, {_fmt(p90)}]"
@@ -139,6 +181,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                 _fmt(r.get("leakage")), interval, _fmt(r.get("mis")), _fmt(r.get("baseline_leakage")),
                 _fmt(r.get("d_eff"))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    if errors:  # full messages below the table (the table shows them cut)
+        lines += ["", "## Failures", ""] + [
+            f"- job {_fmt(r.get('job'))} ({r.get('swept') or r.get('overrides') or '-'}), "
+            f"{r['scheme']}: {' '.join(str(r['error']).split())}" for r in errors]
     return "\n".join(lines)
 
 
@@ -203,6 +249,8 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         for g in groups:
             ax.annotate("\n".join(p[2] for p in g), (g[0][0], g[0][1]), textcoords="offset points",
                         xytext=(5, 3), fontsize=8, va="bottom")
+    if not pts:  # no job / scheme succeeded: say so rather than draw empty axes
+        no_points_note(ax, list(rows))
     front = _pareto(pts, higher)
     if len(front) > 1:
         fp = sorted(((x, y) for x, y, i in pts if i in front))
@@ -248,14 +296,16 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
         wr.writeheader()
         wr.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
     md = markdown_table(rows)
-    head = f"# mis-lightning sweep {sweep_dir}\n\n{len(results)} jobs, {len(rows)} rows.\n\n"
+    n_failed = len(failed_jobs(rows))
+    failed_txt = f" ({n_failed} failed)" if n_failed else ""
+    head = f"# mis-lightning sweep {sweep_dir}\n\n{len(results)} jobs{failed_txt}, {len(rows)} rows.\n\n"
     (out / "aggregate.md").write_text(head + md + "\n")
     import matplotlib.pyplot as plt
 
     fig = frontier_figure(rows, out / "frontier.png")
     plt.close(fig)
     if verbose:
-        print(f"\nAggregated {len(results)} jobs of {sweep_dir}:")
+        print(f"\nAggregated {len(results)} jobs{failed_txt} of {sweep_dir}:")
         print(md)
         print(f"files: {out / 'aggregate.csv'}  {out / 'aggregate.md'}  {out / 'frontier.png'}")
     return rows
@@ -268,16 +318,41 @@ class AggregateSweep(Callback):
         self.result_name = result_name
         self.verbose = verbose
 
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """A job that failed outside ``run_job``'s own handling still leaves a ``result.json``."""
+        from hydra.core.utils import JobStatus
+
+        if getattr(job_return, "status", None) != JobStatus.FAILED:
+            return
+        try:
+            out = Path(str(config.hydra.runtime.output_dir))
+        except Exception:  # noqa: BLE001 - no output dir known: nothing to write
+            return
+        path = out / self.result_name
+        if not path.exists():
+            exc = job_return._return_value
+            if isinstance(exc, BaseException):
+                write_failure(path, exc, stage="job", job={"overrides": list(job_return.overrides or [])})
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Aggregate the sweep; exit with status 1 if any job failed (after aggregating)."""
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
-            aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose)
+            rows = aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose)
         except FileNotFoundError as exc:
             print(f"mis-lightning: nothing to aggregate ({exc})", file=sys.stderr)
+            return
+        failed = failed_jobs(rows)
+        if failed:
+            jobs = ", ".join(str(r.get("job")) for r in failed)
+            sys.exit(f"mis-lightning: {len(failed)} job(s) of the sweep failed (job {jobs}); "
+                     f"the others are aggregated in {sweep_dir / 'aggregate.md'}, which lists "
+                     "the errors")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mis-lightning-aggregate SWEEP_DIR [--out DIR]``."""
+    """``mis-lightning-aggregate SWEEP_DIR [--out DIR]``; returns 0, 1 when a job of the sweep
+    failed (its failure is listed in the aggregate), 2 when no result was found."""
     ap = argparse.ArgumentParser(
         prog="mis-lightning-aggregate",
         description="Aggregate the per-job result.json files of a mis-lightning sweep dir into "
@@ -288,11 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="do not print the table")
     args = ap.parse_args(argv)
     try:
-        aggregate(args.sweep_dir, args.out, verbose=not args.quiet)
+        rows = aggregate(args.sweep_dir, args.out, verbose=not args.quiet)
     except FileNotFoundError as exc:
         print(f"mis-lightning-aggregate: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if failed_jobs(rows) else 0
 
 
 if __name__ == "__main__":

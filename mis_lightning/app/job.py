@@ -11,6 +11,10 @@
    scheme rows plus the job's overrides, read by :mod:`mis_lightning.app.aggregate`) into the
    job's output dir, logs the report to the loggers and closes their runs;
 5. prints the table and the figure's path.
+
+Before training it checks the scheme names and each scheme's availability on this machine
+(:func:`check_schemes_available`). A failing job writes ``result.json`` with ``status:
+"failed"`` and the error (see :func:`run_job`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,10 +34,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mis_lightning.app.factories import resolve_schemes
-from mis_lightning.quantization import QuantizationScheme
+from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.report import Report, to_plain
 
-__all__ = ["assess_schemes", "job_info", "output_dir", "run_job"]
+__all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job"]
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -295,8 +300,105 @@ def _assessment_loader(dm: Any) -> Any:
     return DataLoader(ds, batch_size=getattr(dm, "batch_size", 256), shuffle=False)
 
 
+def check_schemes_available(schemes: Sequence[QuantizationScheme], strict: bool) -> list[str]:
+    """Run each scheme's ``check_available()`` before anything is trained.
+
+    Returns warnings for the unavailable schemes that the job will report as error rows
+    (``strict=False`` and at least one scheme available).
+
+    Raises:
+        SchemeUnavailableError: with ``strict=True``, any scheme unavailable on this machine;
+            otherwise, every scheme unavailable (the job could assess nothing). The message
+            names each scheme and why.
+    """
+    missing: dict[str, str] = {}
+    for s in schemes:
+        try:
+            s.check_available()
+        except SchemeUnavailableError as exc:
+            missing[s.name] = str(exc)
+    if not missing:
+        return []
+    why = "; ".join(missing.values())
+    if strict or len(missing) == len(schemes):
+        which = "every selected scheme is" if len(missing) == len(schemes) else (
+            f"{len(missing)} of {len(schemes)} schemes are")
+        raise SchemeUnavailableError(
+            f"{which} unavailable on this machine, so nothing was trained: {why}"
+            + ("" if len(missing) == len(schemes) else
+               " (mis.strict=false reports them as error rows and assesses the others)"))
+    return [f"scheme {k!r} is unavailable on this machine and will be an error row: {v}"
+            for k, v in missing.items()]
+
+
+def requested_scheme_names(cfg: DictConfig) -> list[str]:
+    """The scheme names a config asks for (for a failed job's record; never raises)."""
+    try:
+        q = cfg.get("quantizer")
+        specs = [q] if q else list(cfg.get("schemes") or [])
+        out = []
+        for spec in specs:
+            if isinstance(spec, str):
+                out.append(spec)
+            elif hasattr(spec, "get"):
+                out.append(str(spec.get("name") or spec.get("_target_", "?")))
+            else:
+                out.append(str(spec))
+        return out
+    except Exception:  # noqa: BLE001 - a broken config must not hide the job's own error
+        return []
+
+
+def _aggregated_multirun() -> bool:
+    """A multirun whose sweep is aggregated by :class:`AggregateSweep` (a failed job then
+    records its error and returns, so that the sweep goes on and is aggregated)."""
+    hc = _hydra_config()
+    if hc is None:
+        return False
+    from hydra.types import RunMode
+
+    if hc.mode != RunMode.MULTIRUN:
+        return False
+    cbs = hc.get("callbacks") or {}
+    return any(str((node or {}).get("_target_", "")).endswith("AggregateSweep") for node in cbs.values())
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
-    """Train, assess, write and log one job (see the module docstring). Returns a summary."""
+    """Train, assess, write and log one job (see the module docstring). Returns a summary.
+
+    A failing job writes ``result.json`` with ``status: "failed"``, the stage (configuration,
+    data, training, assessment, output), the error and its traceback. In a single run the
+    error is then raised (the command exits 1). In a multirun aggregated by
+    :class:`~mis_lightning.app.aggregate.AggregateSweep` (the default) the job prints the error
+    and returns, so that the other jobs run and the sweep is aggregated; the aggregate lists
+    the failure and the command exits 1 at the end.
+    """
+    stage = ["configuration"]
+    try:
+        return _run_job(cfg, stage)
+    except Exception as exc:
+        from mis_lightning.app.aggregate import write_failure
+
+        out = output_dir(cfg)
+        names = cfg.get("output") or {}
+        path = write_failure(
+            out / str(names.get("result", "result.json")), exc, stage=stage[0], job=job_info(),
+            schemes=requested_scheme_names(cfg),
+            data=str((cfg.get("data") or {}).get("_target_", "")),
+            model=str((cfg.get("model") or {}).get("_target_", "")).rsplit(".", 1)[-1],
+        )
+        if not _aggregated_multirun():
+            raise
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
+        print(f"mis-lightning: job failed during {stage[0]}: {type(exc).__name__}: {exc}\n"
+              f"  recorded in {path}; the sweep goes on, its aggregate lists this failure and "
+              "the command exits with status 1", file=sys.stderr)
+        return {"output_dir": str(out), "error": f"{type(exc).__name__}: {exc}", "stage": stage[0]}
+
+
+def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from mis_lightning.models import metric_inputs, utility_metrics
@@ -309,9 +411,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     schemes = selected_schemes(cfg)  # fail fast on a bad scheme name, before training
     mis = cfg.mis
+    # ... and on a scheme this machine cannot run (e.g. int4_tinygemm without CUDA)
+    unavailable = check_schemes_available(schemes, strict=bool(mis.strict))
+    for w in unavailable:
+        print(f"warning: {w}", file=sys.stderr)
     show = bool(cfg.get("progress", True))
 
     with _Progress(show).shown() as progress:
+        stage[0] = "data"
         upd_data = progress.task("data", total=1)
         with _timed(times, "data"):
             dm = instantiate(cfg.data)
@@ -324,6 +431,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             # record the effective task (an alias or an inferred one) so that Lightning can
             # merge the model's and the datamodule's hyperparameters for the loggers
             hp["task"] = task
+        stage[0] = "configuration"
         model = _build_model(cfg, dm.num_features, task)
         loggers = _build_loggers(cfg)
         max_epochs = cfg.trainer.get("max_epochs")
@@ -337,8 +445,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
                 "deadlocks. Use trainer.devices=1, or model.optimizer=adam"
             )
         try:
+            stage[0] = "training"
             with _timed(times, "train"):
                 trainer.fit(model, datamodule=dm)
+            stage[0] = "assessment"
             model.eval()
             n_est = min(int(mis.num_records), dm.n_train)
             upd_est = progress.task("estimate sigma and influences", total=dm.n_train)
@@ -364,6 +474,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             upd_sch(completed=len(schemes), description="schemes")
             times["assess"] = round(time.perf_counter() - t0, 3)
 
+            stage[0] = "output"
             names = cfg.output
             report.to_json(out / names.report_json)
             report.to_csv(out / names.report_csv)
@@ -383,6 +494,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     info = job_info()
     result = {
         "job": info,
+        "status": "ok",
         "data": cfg.data.get("_target_"),
         "model": type(model).__name__,
         "task": task,
@@ -412,8 +524,6 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
 
 def _end_mlflow_run() -> None:
     """End a fluent-API MLflow run if one is active (the Lightning logger uses the client)."""
-    import sys
-
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None and getattr(mlflow, "active_run", lambda: None)() is not None:
         mlflow.end_run()

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._modelcopy import private_copy
 from .per_sample import LossFn
 
 
@@ -130,7 +131,7 @@ class FactoredProgram:
         self.layout = layout
         self.names = names
         self.loss_fn = loss_fn
-        self.model = copy.deepcopy(model).to(dtype).eval()
+        self.model = private_copy(model, "copying the model for the factored nn.Linear estimation").to(dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.capture = _Capture(self.model, list(layout))

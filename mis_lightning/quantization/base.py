@@ -15,7 +15,6 @@ holds a quantized and a float version of one parameter.
 
 from __future__ import annotations
 
-import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
@@ -25,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .._modelcopy import private_copy
 from ..functional import (
     CellMoments,
     affine_boundaries,
@@ -473,7 +473,7 @@ class QuantizationScheme(ABC):
             SchemeError: the backend failed (the message names the scheme and the cause).
         """
         self.check_available()
-        copy_ = copy.deepcopy(model)
+        copy_ = private_copy(model, f"copying the model for scheme {self.name!r}")
         copy_.eval()
         cparams = dict(copy_.named_parameters())
         if params is not None:

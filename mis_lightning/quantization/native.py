@@ -110,17 +110,45 @@ class NativeInt8Dynamic(_NativeScheme):
         tq.quantize_dynamic(model, {fqn: qconfig for fqn in fqns}, dtype=torch.qint8, inplace=True)
         grids: dict[str, ParamGrid] = {}
         notes.append("torch.ao.quantization is deprecated (torch warns so); quantize_dynamic still ships")
+        notes += _slow_path_for_converted_transformers(model)
         for fqn, (_, name, others) in chosen.items():
             qmods = [model.get_submodule(f) if f else model for f in [fqn, *(o for o, _ in others)]]
             if not all(callable(getattr(q, "weight", None)) for q in qmods):
-                raise SchemeError(f"scheme {self.name!r}: quantize_dynamic did not convert every layer "
-                                  f"holding {name!r} ({', '.join(type(q).__name__ for q in qmods)})")
+                # A holder left in float releases the float weight: scored as float (conservative).
+                reasons[name] = ("quantize_dynamic did not convert every layer holding it ("
+                                 + ", ".join(type(q).__name__ for q in qmods) + ")")
+                continue
             q0 = qmods[0].weight()
             if any(not torch.equal(q.weight().int_repr(), q0.int_repr()) for q in qmods[1:]):
                 raise SchemeError(f"scheme {self.name!r}: the layers sharing {name!r} were packed "
                                   "to different codes")
             grids[name] = _grid_from_qtensor(name, q0, 8, -128, 127)
         return grids, notes, reasons
+
+
+def _slow_path_for_converted_transformers(model: nn.Module) -> list[str]:
+    """Turn off the fused fast path of transformer layers whose Linear layers were converted.
+
+    ``nn.TransformerEncoderLayer`` (and ``nn.TransformerEncoder``) in eval mode call a fused
+    kernel that reads ``linear1.weight`` / ``linear2.weight`` as tensors; after
+    ``quantize_dynamic`` they are methods returning packed weights, and the forward fails with
+    "'function' object has no attribute 'device'". On the private copy only, the layer's
+    ``activation_relu_or_gelu`` flag (read only by the fast-path checks and the fused call)
+    is cleared and the encoder's ``use_nested_tensor`` set to False: the standard path runs
+    the same layers (the dynamically quantized Linear modules), as torch's own fallback
+    does. Returns the notes naming the layers.
+    """
+    notes = []
+    for fqn, m in model.named_modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and any(
+                callable(getattr(getattr(m, lin, None), "weight", None)) for lin in ("linear1", "linear2")):
+            m.activation_relu_or_gelu = 0
+            notes.append(f"transformer layer {fqn!r}: fused fast path off in the quantized copy "
+                         "(it cannot read dynamically quantized weights); the standard path runs")
+        elif isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False) and any(
+                callable(getattr(getattr(layer, "linear1", None), "weight", None)) for layer in m.layers):
+            m.use_nested_tensor = False
+    return notes
 
 
 def _per_channel_qparams(w: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ Backends register their schemes at import time; ``available_schemes()`` lists th
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .base import QuantizationScheme
@@ -49,6 +49,34 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
     scheme = _FACTORIES[spec](**kwargs)
     scheme.name = spec if not kwargs else scheme.name
     return scheme
+
+
+def scheme_list(schemes: str | QuantizationScheme | Iterable[str | QuantizationScheme]) -> list:
+    """The schemes to assess as a list, checked not empty (shared by ``assess``, ``score``,
+    ``MISIndicator`` and ``MISCallback``).
+
+    Args:
+        schemes: one registry name or scheme object, or an iterable of them.
+
+    Returns:
+        ``list`` of the names / scheme objects, in order (not resolved).
+
+    Raises:
+        ValueError: ``schemes`` is empty (an assessment of no scheme would be an empty report).
+        TypeError: ``schemes`` is neither a name, a scheme nor an iterable of them.
+    """
+    if isinstance(schemes, (str, QuantizationScheme)):
+        return [schemes]
+    if not isinstance(schemes, Iterable):
+        raise TypeError(f"schemes must be a registry name, a QuantizationScheme or a list of them, "
+                        f"got {type(schemes).__name__}: {schemes!r}")
+    out = list(schemes)
+    if not out:
+        raise ValueError(
+            "schemes is empty: name at least one quantization scheme, e.g. ['int8_weight_only', "
+            "'int4_weight_only'] (mis_lightning.quantization.available_schemes() lists them)"
+        )
+    return out
 
 
 _LOADED = False

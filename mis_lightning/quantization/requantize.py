@@ -42,13 +42,13 @@ and noises (12 bytes each) for the ``d`` quantized elements.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .._modelcopy import private_copy
 from .base import FilterFn, ParamGrid, QuantizationScheme
 from .registry import get_scheme
 
@@ -181,7 +181,7 @@ def requantize_moments(
     sch = get_scheme(scheme)
     base = sch.apply(model)
     names = [n for n in base.grids if n in sigma]
-    work = copy.deepcopy(model)
+    work = private_copy(model, f"copying the model for the requantization draws of {sch.name!r}")
     params = dict(work.named_parameters())
     theta = {n: params[n].detach().clone() for n in names}
     sig = {n: sigma[n].detach().to(theta[n].dtype).reshape(theta[n].shape).to(theta[n].device)

@@ -1,0 +1,74 @@
+"""``native_int8_dynamic`` on transformer layers: torch's fused encoder fast path cannot read
+dynamically quantized weights ("'function' object has no attribute 'device'"); the quantized
+copy runs the standard path instead, with the same numbers as torch's own fallback."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.quantization import get_scheme
+
+V, L, C, D = 20, 6, 3, 16
+
+
+class _Tiny(nn.Module):
+    def __init__(self, stacked: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D)
+        layer = nn.TransformerEncoderLayer(D, 2, 32, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True) if stacked else layer
+        self.head = nn.Linear(D, C)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def _ce(o, y):
+    return F.cross_entropy(o, y, reduction="none")
+
+
+def test_quantized_copy_runs_with_torchs_fallback_numbers():
+    x = torch.randint(0, V, (8, L), generator=torch.Generator().manual_seed(1))
+    for stacked in (False, True):
+        m = _Tiny(stacked).eval()
+        res = get_scheme("native_int8_dynamic").apply(m)
+        prefix = "enc.layers.0." if stacked else "enc."
+        assert {prefix + "linear1.weight", prefix + "linear2.weight", "head.weight"} <= set(res.grids)
+        assert res.unquantized[prefix + "self_attn.in_proj_weight"] == (
+            "left in float: torch's quantize_dynamic does not convert the projections of "
+            f"nn.MultiheadAttention '{prefix}self_attn'")
+        with torch.no_grad():
+            got = res.model(x)  # the old code raised AttributeError here (fused fast path)
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                want = res.model(x)  # torch's own global fallback to the standard path
+            finally:
+                torch.backends.mha.set_fastpath_enabled(True)
+            ref = m(x)
+        # The global switch also moves nn.MultiheadAttention to its unfused kernel; float
+        # rounding differences (~1e-7) can flip one step of the dynamic int8 activation
+        # quantization (scale ~ max|x| / 127), hence the tolerance of 1e-3 on O(0.5) logits.
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-3)
+        # int8 weights and activations: within a few percent of the float model's logits
+        assert (got - ref).abs().max() <= 0.05 * ref.abs().max()
+        # the user's model keeps its fast path
+        layer = m.enc.layers[0] if stacked else m.enc
+        assert layer.activation_relu_or_gelu == 1
+        assert any("fused fast path off" in n for n in res.notes)
+
+
+def test_assess_native_int8_dynamic_on_a_transformer():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, V, (120, L), generator=g)
+    Y = X[:, 0] % C
+    dl = DataLoader(TensorDataset(X, Y), batch_size=40)
+    rep = ml.assess(_Tiny(False).eval(), ["native_int8_dynamic"], dl, _ce, strict=True,
+                    estimation="diagonal", hessian="ggn", num_records=32, uncertainty_draws=0,
+                    val_dataloader=dl)
+    s = rep.schemes["native_int8_dynamic"]
+    assert s.error is None and 0.0 <= s.leakage <= 1.0 and "loss" in s.utility
