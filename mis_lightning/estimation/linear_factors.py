@@ -25,7 +25,6 @@ weight also used outside its layer (e.g. ``F.linear(x, self.a.weight)`` in ``for
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
