@@ -40,8 +40,8 @@ def test_quantized_copy_runs_with_torchs_fallback_numbers():
         prefix = "enc.layers.0." if stacked else "enc."
         assert {prefix + "linear1.weight", prefix + "linear2.weight", "head.weight"} <= set(res.grids)
         assert res.unquantized[prefix + "self_attn.in_proj_weight"] == (
-            "left in float: torch's quantize_dynamic does not convert the projections of "
-            f"nn.MultiheadAttention '{prefix}self_attn'")
+            "MultiheadAttention.in_proj_weight: layer type MultiheadAttention not supported "
+            "(scheme 'native_int8_dynamic' quantizes the weights of nn.Linear (exact type) only)")
         with torch.no_grad():
             got = res.model(x)  # the old code raised AttributeError here (fused fast path)
             torch.backends.mha.set_fastpath_enabled(False)
