@@ -5,7 +5,11 @@ branch-free kernel; with ``MIS_LIGHTNING_COMPILE=1`` (or automatically once a pr
 pushed COMPILE_AFTER weights through it) that kernel runs under ``torch.compile``. This script
 warms each mode up on one chunk (the compile time is printed separately), then times int8
 grids (scale 0.01, weights N(0, 0.3^2)) in four regimes of the step h = scale / sigma, in
-chunks of 2^18 weights, float64.
+chunks of 2^18 weights, float64, then an int4 grid after the int8 ones (the code range that the
+compiled kernel once got wrong). Every row also prints the largest |compiled - eager|
+difference of kappa, lam and m4 over one chunk (the two must agree to 1e-6), and the script
+ends by listing any optimised path the self-check (functional/fastpath.py) disabled. The
+self-check runs in both modes, as in production.
 
     python benchmarks/fused_kernel_speed.py                # d = 4e6, 1 thread
     python benchmarks/fused_kernel_speed.py --d 1e7 --threads 2
@@ -35,21 +39,36 @@ def main() -> None:
     th = torch.randn(d, generator=g, dtype=torch.float64) * 0.3
     G._uniform_table()
     print(f"d = {d:.3g}, chunk = {chunk}, threads = {args.threads}, load = {os.getloadavg()[0]:.2f}")
-    print("| mode | step (sd) | weights/s |")
-    print("|---|---|---|")
+    print("| mode | grid | step (sd) | weights/s | max abs diff vs eager (one chunk) |")
+    print("|---|---|---|---|---|")
+    regimes = [(-128, 127, h) for h in (2.0, 20.0, 100.0, 0.2)] + [(-8, 7, 2.0)]
+    eager_ref = {}
     for mode in ("0", "1"):
         os.environ["MIS_LIGHTNING_COMPILE"] = mode
         t0 = time.perf_counter()
         G.affine_cell_moments(th[:chunk], (sc / 2)[:chunk], sc[:chunk], zp[:chunk], -128, 127)
         if mode == "1":
             print(f"(compile + first chunk: {time.perf_counter() - t0:.1f} s)")
-        for hsd in (2.0, 20.0, 100.0, 0.2):
-            sg = sc / hsd
+        for qmin, qmax, hsd in regimes:
+            sct = sc * (16.0 if qmax == 7 else 1.0)  # int4: wider cells, same step in sd
+            sgt = sct / hsd
             t = time.perf_counter()
             for a in range(0, d, chunk):
-                G.affine_cell_moments(th[a : a + chunk], sg[a : a + chunk], sc[a : a + chunk], zp[a : a + chunk], -128, 127)
+                G.affine_cell_moments(th[a : a + chunk], sgt[a : a + chunk], sct[a : a + chunk], zp[a : a + chunk], qmin, qmax)
             el = time.perf_counter() - t
-            print(f"| {'compiled' if mode == '1' else 'eager'} | {hsd:g} | {d / el:.3g} |")
+            one = G.affine_cell_moments(th[:chunk], sgt[:chunk], sct[:chunk], zp[:chunk], qmin, qmax)
+            key = (qmin, hsd)
+            if mode == "0":
+                eager_ref[key] = one
+                diff = "-"
+            else:
+                e = eager_ref[key]
+                diff = f"{max(float((getattr(one, n) - getattr(e, n)).abs().max()) for n in ('kappa', 'lam', 'm4')):.1e}"
+            grid = "int8" if qmax == 127 else "int4"
+            print(f"| {'compiled' if mode == '1' else 'eager'} | {grid} | {hsd:g} | {d / el:.3g} | {diff} |")
+    from mis_lightning.functional.fastpath import GUARD
+
+    print("paths disabled by the self-check:", GUARD.disabled or "none")
 
 
 if __name__ == "__main__":

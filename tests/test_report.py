@@ -66,8 +66,8 @@ def test_error_row_neither_cuts_mid_word_nor_widens_the_table():
     assert row.startswith("gpu_only ") and "error: SchemeUnavailableError: scheme" in row
     assert row.endswith("\u2026")
     cut = row.split("error: ", 1)[1][:-1]
-    # the table is 79 characters wide, 60 for the message: cut after a whole word
-    assert width == 79 and cut == "SchemeUnavailableError: scheme 'needs_gpu' is unavailable"
+    # the table is 86 characters wide, 67 for the message: cut after a whole word
+    assert width == 86 and cut == "SchemeUnavailableError: scheme 'needs_gpu' is unavailable: its"
     # the full message below the table
     assert lines[4:] == ["", "errors:", "  gpu_only: SchemeUnavailableError: " + LONG]
 
