@@ -38,6 +38,8 @@ class LinearRegression(PenalizedModule):
     Metrics: ``rmse``, ``mae``, ``r2``.
     """
 
+    task = "regression"
+
     def __init__(
         self,
         num_features: int,
@@ -49,36 +51,21 @@ class LinearRegression(PenalizedModule):
         super().__init__()
         self.save_hyperparameters()
         self.linear = nn.Linear(_check_features(num_features), 1)
-        self._setup_common("regression", weight_decay, lr, optimizer, max_iter=max_iter)
+        self._setup_common(self.task, weight_decay, lr, optimizer, max_iter=max_iter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Predictions ``[B]`` for inputs ``[B, F]``."""
+        """Predictions (logits for :class:`LogisticRegression`) ``[B]`` for inputs ``[B, F]``."""
         return self.linear(x).squeeze(-1)
 
 
-class LogisticRegression(PenalizedModule):
+class LogisticRegression(LinearRegression):
     """L2-penalised logistic regression; outputs are logits ``[B]``.
 
     Per-sample loss ``binary_cross_entropy_with_logits(f(x), y)`` with ``y in {0., 1.}``.
     Metrics: ``accuracy``, ``auroc``. Arguments as in :class:`LinearRegression`.
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        weight_decay: float = 1e-3,
-        lr: float | None = None,
-        optimizer: str = "lbfgs",
-        max_iter: int = 100,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.linear = nn.Linear(_check_features(num_features), 1)
-        self._setup_common("binary", weight_decay, lr, optimizer, max_iter=max_iter)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B]`` for inputs ``[B, F]``."""
-        return self.linear(x).squeeze(-1)
+    task = "binary"
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         """``P(y = 1 | x)``, shape ``[B]``."""
