@@ -53,6 +53,10 @@ from .base import FilterFn, ParamGrid, QuantizationScheme
 from .registry import get_scheme
 
 
+#: draws of the re-quantization when scoring a grid whose rounding is not nearest
+REQUANT_DRAWS = 64
+
+
 @dataclass(frozen=True)
 class RequantMoments:
     """Monte Carlo cell moments of one parameter (flat, ``[numel]`` float64).
