@@ -33,7 +33,6 @@ channel, axis 0); the ``*_per_channel`` names of earlier releases are deprecated
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
