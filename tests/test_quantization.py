@@ -355,3 +355,41 @@ def test_torchao_schemes_leave_global_inductor_settings_alone():
     for name in ("int8_weight_only", "int8_dynamic_activation_int8_weight", "intx_weight_only_int4_g32", "float8_weight_only"):
         get_scheme(name).apply(_model())
     assert {k: getattr(ic, k) for k in keys} == before
+
+
+@pytest.mark.parametrize("old,new", [("int4_weight_only", "intx_weight_only_int4_g32"),
+                                     ("int4_weight_only_per_channel", "intx_weight_only_int4"),
+                                     ("int8_dynamic", "int8_dynamic_activation_int8_weight"),
+                                     ("native_int8_per_channel", "native_int8_per_row")])
+def test_earlier_names_are_deprecated_aliases_with_identical_grids(old, new):
+    """The torchao-vocabulary names replace the earlier ones (int4_weight_only was
+    IntxWeightOnlyConfig groups of 32, not torchao's Int4WeightOnlyConfig); the earlier
+    names still build the same scheme, exactly, with a DeprecationWarning naming the new."""
+    with pytest.warns(DeprecationWarning, match=f"scheme name '{old}' is deprecated: use '{new}'"):
+        s = get_scheme(old)
+    assert s == get_scheme(new) and s.name == new
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        a, b = s.apply(_model()).grids["0.weight"], get_scheme(new).apply(_model()).grids["0.weight"]
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    assert a.bits_per_weight == b.bits_per_weight
+
+
+def test_per_channel_granularity_is_per_row():
+    from mis_lightning.quantization.torchao_backend import IntxWeightOnly
+
+    with pytest.warns(DeprecationWarning, match="'per_channel' is deprecated: it is 'per_row'"):
+        s = IntxWeightOnly(bits=4, granularity="per_channel")
+    assert s == IntxWeightOnly(bits=4, granularity="per_row") and s.name == "intx_weight_only_int4"
+    assert s.describe()["granularity"] == "per_row" and s.group_size is None
+
+
+def test_torchao_tensor_without_a_grid_reader_is_an_error_naming_the_type(monkeypatch):
+    from mis_lightning.quantization import torchao_backend as tb
+
+    assert {"Int8Tensor", "IntxUnpackedToInt8Tensor", "Float8Tensor",
+            "Int4TilePackedTo4dTensor"} <= set(tb.GRID_READERS)
+    monkeypatch.delitem(tb.GRID_READERS, "Int8Tensor")
+    with pytest.raises(SchemeError, match=r"released '0.weight' as a Int8Tensor, for which no "
+                                          r"grid reader is registered"):
+        get_scheme("int8_weight_only").apply(_model())
