@@ -156,7 +156,8 @@ def assess(
     Returns:
         :class:`~mis_lightning.report.Report`.
     """
-    scheme_objs = resolve_schemes(schemes)
+    # data-dependent schemes learn from the training batches first (data-free ones: no-op)
+    scheme_objs = [s.calibrate(model, train_dataloader) for s in resolve_schemes(schemes)]
     names = select_params(model, params)
     gen = torch.Generator().manual_seed(seed)
     est = estimate(
@@ -314,6 +315,7 @@ class _Prepared:
     def __init__(self, scheme: QuantizationScheme) -> None:
         self.scheme = scheme
         self.qmodel: nn.Module | None = None
+        self.source: nn.Module | None = None  # the float model (for re-quantization)
         self.grids: dict[str, ParamGrid] = {}
         self.kappa: dict[str, Tensor] = {}  # at theta-hat (quantized params only)
         self.m4: dict[str, Tensor] = {}
@@ -341,6 +343,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     # whose leakage is scored (parameters outside ``params`` stay float in it).
     qres = scheme.apply(model, params=est.names)
     prep = _Prepared(scheme)
+    prep.source = model  # the float model: non-nearest grids re-run the scheme on it
     prep.qmodel = qres.model
     prep.notes = list(qres.notes)
     prep.grids = {k: g for k, g in qres.grids.items() if k in est.theta}
@@ -389,14 +392,19 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     fills the layer's ``d_eff`` / ``frozen_fraction`` and the scheme's totals."""
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
-    k, m4, lam = _grid_moments(g, th, sg, chunk)
+    if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
+        k, m4, lam = _requantized_moments(prep, name, sg, gen)
+    else:
+        k, m4, lam = _grid_moments(g, th, sg, chunk)
     prep.kappa[name], prep.m4[name] = k, m4
     if est.d == 1:  # only the one-coordinate form uses lam
         prep.lam[name] = lam
     prep.draws[name], prep.lam_draws[name] = [], []
     for _ in range(prep.num_draws):
         th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
-        k_b, _, lam_b = _grid_moments(g, th_b, sg, chunk, use_codes=False)
+        # non-nearest grids: the Monte Carlo moments are held at their value in every draw
+        k_b, _, lam_b = (k, m4, lam) if g.rounding != "nearest" else _grid_moments(
+            g, th_b, sg, chunk, use_codes=False)
         prep.draws[name].append(k_b.to(torch.float32))
         if est.d == 1:
             prep.lam_draws[name].append(lam_b)
@@ -405,6 +413,20 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     prep.frozen += frz
     prep.layers[name].d_eff = ksum
     prep.layers[name].frozen_fraction = frz / max(th.numel(), 1)
+
+
+def _requantized_moments(prep: _Prepared, name: str, sigma: Tensor,
+                         gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """``kappa, m4, lam`` of a grid whose rounding is not nearest, by Monte Carlo
+    re-quantization (the real scheme on perturbed weights; quantization/requantize.py)."""
+    from .quantization.requantize import REQUANT_DRAWS, requantize_moments
+
+    mm = requantize_moments(prep.scheme, prep.source, {name: sigma}, num_draws=REQUANT_DRAWS,
+                            generator=gen)[name]
+    prep.notes.append(f"{name}: rounding {prep.grids[name].rounding!r} is not nearest: cell "
+                      f"moments from {REQUANT_DRAWS} Monte Carlo re-quantization draws, held "
+                      "fixed in the uncertainty interval")
+    return mm.kappa, mm.m4, mm.lam
 
 
 def _release_moments(prep: _Prepared, name: str) -> None:

@@ -4,10 +4,10 @@ Usage::
 
     mis-lightning                                   # ChEMBL regression, MLP probe, default schemes
     mis-lightning data=synthetic_linear model=linear trainer.max_epochs=3
-    mis-lightning 'schemes=[int8_weight_only,int2_weight_only]' mis.num_records=512
+    mis-lightning 'schemes=[int8_weight_only,intx_weight_only_int2_g32]' mis.num_records=512
     mis-lightning experiment=chembl_mlp
-    mis-lightning -m quantizer=int8_weight_only,int4_weight_only,int2_weight_only
-    mis-lightning -m hydra/launcher=parallel quantizer=int8_weight_only,int4_weight_only
+    mis-lightning -m quantizer=int8_weight_only,intx_weight_only_int4_g32,intx_weight_only_int2_g32
+    mis-lightning -m hydra/launcher=parallel quantizer=int8_weight_only,intx_weight_only_int4_g32
     mis-lightning --cfg job                         # print the composed config
     mis-lightning --help                            # config groups and options
 

@@ -63,8 +63,8 @@ def default_schemes() -> list[str]:
     built-in round-to-nearest ``rtn_int8``/``rtn_int4``/``rtn_int2``."""
     names = set(available_schemes())
     out = []
-    for preferred, fallback in (("int8_weight_only", "rtn_int8"), ("int4_weight_only", "rtn_int4"),
-                                ("int2_weight_only", "rtn_int2")):
+    for preferred, fallback in (("int8_weight_only", "rtn_int8"), ("intx_weight_only_int4_g32", "rtn_int4"),
+                                ("intx_weight_only_int2_g32", "rtn_int2")):
         out.append(preferred if preferred in names else fallback)
     return out
 

@@ -366,14 +366,14 @@ def test_unknown_scheme_name_raises_at_construction_with_close_names():
 
 
 def test_scheme_unavailable_here_is_an_error_row_not_a_construction_error(tmp_path):
-    cb = MISCallback(["rtn_int8", "int4_tinygemm"], loss_fn=mse, uncertainty_draws=0)  # constructs
+    cb = MISCallback(["rtn_int8", "int4_weight_only_tinygemm"], loss_fn=mse, uncertainty_draws=0)  # constructs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(tmp_path, Regressor, [cb], max_epochs=1)
-    assert set(cb.report.schemes) == {"rtn_int8", "int4_tinygemm"}
+    assert set(cb.report.schemes) == {"rtn_int8", "int4_weight_only_tinygemm"}
     assert cb.report.schemes["rtn_int8"].error is None
     if not torch.cuda.is_available():
-        assert "CUDA" in cb.report.schemes["int4_tinygemm"].error
+        assert "CUDA" in cb.report.schemes["int4_weight_only_tinygemm"].error
 
 
 def mean_loss(o, t):

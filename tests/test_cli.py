@@ -44,21 +44,21 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout:
 def test_single_run_writes_reports_and_prints_table(tmp_path):
     out = tmp_path / "run"
     # mlp_probe + csv logger: the model's and datamodule's hparams (task) must merge
-    proc = _run([*FAST, "model=mlp_probe", "schemes=[int8_weight_only,int4_weight_only,bf16]",
+    proc = _run([*FAST, "model=mlp_probe", "schemes=[int8_weight_only,intx_weight_only_int4_g32,bf16]",
                  f"hydra.run.dir={out}"], cwd=tmp_path)
     for f in ("report.json", "report.csv", "privacy_utility.png", "result.json"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     lines = proc.stdout.splitlines()
     head = next(i for i, ln in enumerate(lines) if ln.startswith("scheme"))
     assert all(k in lines[head] for k in ("bits/w", "rmse", "leakage", "MIS"))
-    for name in ("int8_weight_only", "int4_weight_only", "bf16"):
+    for name in ("int8_weight_only", "intx_weight_only_int4_g32", "bf16"):
         assert any(ln.startswith(name) for ln in lines[head:]), name
     assert f"figure: {out / 'privacy_utility.png'}" in proc.stdout
     rep = json.loads((out / "report.json").read_text())
-    assert list(rep["schemes"]) == ["int8_weight_only", "int4_weight_only", "bf16"]
+    assert list(rep["schemes"]) == ["int8_weight_only", "intx_weight_only_int4_g32", "bf16"]
     assert rep["estimation"]["num_records"] == 128
     res = json.loads((out / "result.json").read_text())
-    assert [r["scheme"] for r in res["rows"]] == ["int8_weight_only", "int4_weight_only", "bf16"]
+    assert [r["scheme"] for r in res["rows"]] == ["int8_weight_only", "intx_weight_only_int4_g32", "bf16"]
     assert "data=synthetic_linear" in res["job"]["overrides"]
     assert res["job"]["num"] is None and res["task"] == "regression"
     assert 0.0 <= res["rows"][0]["leakage"] <= 1.0 and "utility_rmse" in res["rows"][0]
@@ -187,7 +187,7 @@ def test_frontier_says_no_scheme_succeeded():
 
 def test_multirun_one_job_per_scheme_and_aggregate(tmp_path):
     sweep = tmp_path / "sweep"
-    names = ["int8_weight_only", "int4_weight_only", "int2_weight_only"]
+    names = ["int8_weight_only", "intx_weight_only_int4_g32", "intx_weight_only_int2_g32"]
     proc = _run(["-m", f"quantizer={','.join(names)}", *FAST, f"hydra.sweep.dir={sweep}"],
                 cwd=tmp_path, timeout=300)
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
@@ -256,7 +256,7 @@ def test_assess_schemes_matches_assess():
         model.linear.bias.copy_(sol[32:])
     loader = DataLoader(TensorDataset(x, y), batch_size=100)
     kw = {"num_records": 32, "uncertainty_draws": 1, "seed": 3, "weight_decay": 1e-2}
-    schemes = ["int8_weight_only", "int4_weight_only"]
+    schemes = ["int8_weight_only", "intx_weight_only_int4_g32"]
     a = assess(model, schemes, loader, model.per_sample_loss, **kw)
     b = assess_schemes(model, schemes, loader, model.per_sample_loss, **kw)
     assert list(a.schemes) == list(b.schemes)
@@ -286,8 +286,7 @@ def test_installed_package_ships_configs(tmp_path):
     assert pip.returncode == 0, pip.stderr[-3000:]
     conf = site / "mis_lightning" / "conf"
     assert (conf / "config.yaml").is_file() and (conf / "__init__.py").is_file()
-    for group in ("data", "model", "trainer", "mis", "logger", "quantizer", "experiment",
-                  "hydra/launcher"):
+    for group in ("data", "model", "trainer", "mis", "logger", "experiment", "hydra/launcher"):
         shipped = sorted(p.name for p in (conf / group).glob("*.yaml"))
         expected = sorted(p.name for p in (ROOT / "conf" / group).glob("*.yaml"))
         assert shipped == expected and shipped, group
@@ -299,7 +298,7 @@ def test_installed_package_ships_configs(tmp_path):
         "import mis_lightning, mis_lightning.conf as c\n"
         "from hydra import compose, initialize_config_module\n"
         "with initialize_config_module('mis_lightning.conf', version_base='1.3'):\n"
-        "    cfg = compose('config', overrides=['quantizer=int4_weight_only'])\n"
+        "    cfg = compose('config', overrides=['quantizer=intx_weight_only_int4_g32'])\n"
         "print(mis_lightning.__file__); print(c.__file__)\n"
         "print(cfg.data._target_, cfg.quantizer.name)\n"
     )
@@ -309,7 +308,8 @@ def test_installed_package_ships_configs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.split("\n")
     assert lines[0].startswith(str(site)) and lines[1].startswith(str(site))
-    assert "mis_lightning.data.ChEMBLDataModule int4_weight_only" in proc.stdout
+    # the quantizer group is generated from the registry in the installed package too
+    assert "mis_lightning.data.ChEMBLDataModule intx_weight_only_int4_g32" in proc.stdout
     # the installed console script composes from the package too (--cfg job: no run)
     script = site / "bin" / "mis-lightning"
     if script.exists():

@@ -13,6 +13,7 @@ number is bounded (symmetric absmax schemes put one weight per block exactly on 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -125,11 +126,11 @@ def test_every_scheme_grid_is_the_backend_output(name):
     assert y.shape == (5, 8) and torch.isfinite(y).all()
 
 
-@pytest.mark.parametrize("name", ["int4_weight_only", "int8_weight_only_g32", "int2_weight_only_asym",
-                                  "int4_weight_only_g128"])
+@pytest.mark.parametrize("name", ["intx_weight_only_int4_g32", "int8_weight_only_g32", "intx_weight_only_int2_g32_asym",
+                                  "intx_weight_only_int4_g128"])
 def test_group_size_not_dividing_in_features_is_skipped_with_reason(name):
     res = get_scheme(name).apply(_model())
-    g = int(name.split("_g")[-1]) if "_g" in name else 32
+    g = int(re.search(r"_g(\d+)", name).group(1))
     for lname, k in (("0.weight", 128), ("2.weight", 96), ("4.weight", 40)):
         if k % g:
             assert lname not in res.grids
@@ -142,16 +143,16 @@ def test_unknown_scheme_lists_known_names():
     with pytest.raises(KeyError) as err:
         get_scheme("int3_tinygemm_nope")
     msg = str(err.value)
-    assert "int3_tinygemm_nope" in msg and "int4_weight_only" in msg and "fp8_weight_only" in msg
+    assert "int3_tinygemm_nope" in msg and "intx_weight_only_int4_g32" in msg and "float8_weight_only" in msg
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: int4_tinygemm may run")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: int4_weight_only_tinygemm may run")
 def test_int4_tinygemm_unavailable_on_cpu_names_scheme_reason_and_cpu_path():
-    s = get_scheme("int4_tinygemm")
+    s = get_scheme("int4_weight_only_tinygemm")
     with pytest.raises(SchemeUnavailableError) as err:
         s.check_available()
     msg = str(err.value)
-    assert "int4_tinygemm" in msg and "CUDA" in msg and "int4_weight_only" in msg
+    assert "int4_weight_only_tinygemm" in msg and "CUDA" in msg and "intx_weight_only_int4_g32" in msg
     with pytest.raises(SchemeUnavailableError):
         s.apply(_model())
     assert isinstance(err.value, SchemeError)
@@ -192,7 +193,7 @@ def test_fp8_all_zero_row_is_frozen_at_zero_without_nan():
     model = _model()
     with torch.no_grad():
         model[0].weight[3].zero_()
-    res = get_scheme("fp8_weight_only").apply(model)
+    res = get_scheme("float8_weight_only").apply(model)
     grid = res.grids["0.weight"]
     assert grid.kind == "table"
     assert float(grid.scale.reshape(-1)[3]) == 0.0  # torchao's own scale is kept
@@ -276,8 +277,8 @@ def test_filter_fn_narrows_layers():
 
 def test_nested_names_are_original_parameter_names():
     model = nn.Sequential(nn.Sequential(nn.Linear(64, 32)), nn.Linear(32, 4))
-    for name in ("int8_weight_only", "int4_weight_only", "fp8_weight_only", "native_int8_dynamic",
-                 "native_int4_per_channel", "bf16"):
+    for name in ("int8_weight_only", "intx_weight_only_int4_g32", "float8_weight_only", "native_int8_dynamic",
+                 "native_int4_per_row", "bf16"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             res = get_scheme(name).apply(model)
@@ -292,22 +293,22 @@ def test_native_dynamic_keeps_its_deprecation_warning():
 def test_bits_per_weight_counts_scales_and_asymmetric_zero_points():
     model = _model()
     bpw = {}
-    for name in ("int8_weight_only", "int4_weight_only", "int4_weight_only_asym", "fp8_weight_only",
-                 "int8_weight_only_per_tensor", "native_int8_per_channel", "bf16",
-                 "int4_weight_only_per_channel"):
+    for name in ("int8_weight_only", "intx_weight_only_int4_g32", "intx_weight_only_int4_g32_asym", "float8_weight_only",
+                 "int8_weight_only_per_tensor", "native_int8_per_row", "bf16",
+                 "intx_weight_only_int4"):
         bpw[name] = get_scheme(name).apply(model).grids["0.weight"].bits_per_weight
     assert bpw["int8_weight_only"] == 8 + 32 / 128
-    assert bpw["int4_weight_only"] == 4 + 32 / 32
-    assert bpw["int4_weight_only_asym"] == 4 + (32 + 8) / 32
-    assert bpw["fp8_weight_only"] == 8 + 32 / 128
+    assert bpw["intx_weight_only_int4_g32"] == 4 + 32 / 32
+    assert bpw["intx_weight_only_int4_g32_asym"] == 4 + (32 + 8) / 32
+    assert bpw["float8_weight_only"] == 8 + 32 / 128
     assert bpw["int8_weight_only_per_tensor"] == 8 + 32 / (128 * 96)
-    assert bpw["native_int8_per_channel"] == 8 + 64 / 128  # torch stores float64 scales
+    assert bpw["native_int8_per_row"] == 8 + 64 / 128  # torch stores float64 scales
     assert bpw["bf16"] == 16
-    assert bpw["int4_weight_only_per_channel"] == 4 + 32 / 128
+    assert bpw["intx_weight_only_int4"] == 4 + 32 / 128
 
 
 def test_intx_int1_is_asymmetric_and_int1_symmetric_would_zero_everything():
-    s = get_scheme("int1_weight_only")
+    s = get_scheme("intx_weight_only_int1_g32_asym")
     assert s.mapping == "asymmetric"
     g = s.apply(_model()).grids["0.weight"]
     assert g.qmin == -1 and g.qmax == 0 and 0.5 < zero_fraction(g) < 1.0  # values {0, s} or {-s, 0}
@@ -318,7 +319,7 @@ def test_intx_int1_is_asymmetric_and_int1_symmetric_would_zero_everything():
 
 
 def test_grid_and_result_summaries():
-    res = get_scheme("int2_weight_only").apply(_model())
+    res = get_scheme("intx_weight_only_int2_g32").apply(_model())
     g = res.grids["0.weight"]
     s = grid_summary(g)
     assert s["numel"] == 128 * 96 and s["kind"] == "affine" and s["bits_per_weight"] == 3.0
@@ -332,8 +333,8 @@ def test_grid_and_result_summaries():
 
 def test_kwargs_variants_have_consistent_names():
     assert get_scheme("int8_weight_only", granularity="per_tensor").name == "int8_weight_only_per_tensor"
-    assert get_scheme("int4_weight_only", group_size=128).name == "int4_weight_only_g128"
-    assert get_scheme("int4_weight_only", mapping="asymmetric").name == "int4_weight_only_asym"
+    assert get_scheme("intx_weight_only_int4_g32", group_size=128).name == "intx_weight_only_int4_g128"
+    assert get_scheme("intx_weight_only_int4_g32", mapping="asymmetric").name == "intx_weight_only_int4_g32_asym"
     assert get_scheme("int8_weight_only", granularity="per_group", group_size=64).name == "int8_weight_only_g64"
     with pytest.raises(ValueError):
         get_scheme("int8_weight_only", granularity="per_block")
@@ -351,6 +352,44 @@ def test_torchao_schemes_leave_global_inductor_settings_alone():
     keys = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions",
             "force_fuse_int_mm_with_mul")
     before = {k: getattr(ic, k) for k in keys}
-    for name in ("int8_weight_only", "int8_dynamic", "int4_weight_only", "fp8_weight_only"):
+    for name in ("int8_weight_only", "int8_dynamic_activation_int8_weight", "intx_weight_only_int4_g32", "float8_weight_only"):
         get_scheme(name).apply(_model())
     assert {k: getattr(ic, k) for k in keys} == before
+
+
+@pytest.mark.parametrize("old,new", [("int4_weight_only", "intx_weight_only_int4_g32"),
+                                     ("int4_weight_only_per_channel", "intx_weight_only_int4"),
+                                     ("int8_dynamic", "int8_dynamic_activation_int8_weight"),
+                                     ("native_int8_per_channel", "native_int8_per_row")])
+def test_earlier_names_are_deprecated_aliases_with_identical_grids(old, new):
+    """The torchao-vocabulary names replace the earlier ones (int4_weight_only was
+    IntxWeightOnlyConfig groups of 32, not torchao's Int4WeightOnlyConfig); the earlier
+    names still build the same scheme, exactly, with a DeprecationWarning naming the new."""
+    with pytest.warns(DeprecationWarning, match=f"scheme name '{old}' is deprecated: use '{new}'"):
+        s = get_scheme(old)
+    assert s == get_scheme(new) and s.name == new
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        a, b = s.apply(_model()).grids["0.weight"], get_scheme(new).apply(_model()).grids["0.weight"]
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
+    assert a.bits_per_weight == b.bits_per_weight
+
+
+def test_per_channel_granularity_is_per_row():
+    from mis_lightning.quantization.torchao_backend import IntxWeightOnly
+
+    with pytest.warns(DeprecationWarning, match="'per_channel' is deprecated: it is 'per_row'"):
+        s = IntxWeightOnly(bits=4, granularity="per_channel")
+    assert s == IntxWeightOnly(bits=4, granularity="per_row") and s.name == "intx_weight_only_int4"
+    assert s.describe()["granularity"] == "per_row" and s.group_size is None
+
+
+def test_torchao_tensor_without_a_grid_reader_is_an_error_naming_the_type(monkeypatch):
+    from mis_lightning.quantization import torchao_backend as tb
+
+    assert {"Int8Tensor", "IntxUnpackedToInt8Tensor", "Float8Tensor",
+            "Int4TilePackedTo4dTensor"} <= set(tb.GRID_READERS)
+    monkeypatch.delitem(tb.GRID_READERS, "Int8Tensor")
+    with pytest.raises(SchemeError, match=r"released '0.weight' as a Int8Tensor, for which no "
+                                          r"grid reader is registered"):
+        get_scheme("int8_weight_only").apply(_model())

@@ -60,8 +60,8 @@ def _quiet_apply(scheme, model, **kw):
         return scheme.apply(model, **kw)
 
 
-TIED_SCHEMES = ["int8_weight_only", "int4_weight_only_per_channel", "int4_weight_only", "native_int8_dynamic",
-                "native_int8_per_channel", "rtn_int4", "bf16"]
+TIED_SCHEMES = ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int4_g32", "native_int8_dynamic",
+                "native_int8_per_row", "rtn_int4", "bf16"]
 
 
 @pytest.mark.parametrize("name", TIED_SCHEMES)
@@ -88,7 +88,7 @@ def test_tied_weight_utility_is_that_of_the_fully_quantized_model():
     X = torch.randn(400, 32)
     y = X[:, :3].sum(1)
     dl = DataLoader(TensorDataset(X, y), batch_size=100)
-    scheme = "int4_weight_only_per_channel"
+    scheme = "intx_weight_only_int4"
     rep = ml.assess(m, [scheme], dl, mse, estimation="diagonal", hessian="ggn", num_records=64,
                     uncertainty_draws=0, val_dataloader=dl)
     grids = get_scheme(scheme).apply(m).grids
@@ -123,7 +123,7 @@ class TiedLM(nn.Module):
         return self.head(torch.tanh(self.emb(x)))
 
 
-@pytest.mark.parametrize("name", ["int8_weight_only", "int4_weight_only_per_channel", "native_int8_dynamic"])
+@pytest.mark.parametrize("name", ["int8_weight_only", "intx_weight_only_int4", "native_int8_dynamic"])
 def test_weight_tied_to_an_unsupported_layer_stays_float_everywhere(name):
     """torchao / quantize_dynamic cannot quantize the Embedding use: the weight stays float in
     every holder (kappa = 1) with the reason, instead of being scored as quantized."""
@@ -193,11 +193,11 @@ def test_group_size_skips_and_transformer_layers_have_reasons():
     y = X[:, 0] - X[:, 1]
     model = nn.Sequential(nn.Linear(d, 64, bias=False), nn.Tanh(), nn.Linear(64, 1)).eval()
     dl = DataLoader(TensorDataset(X, y), batch_size=150)
-    rep = ml.assess(model, ["int4_weight_only"], dl, mse, estimation="diagonal", hessian="ggn",
+    rep = ml.assess(model, ["intx_weight_only_int4_g32"], dl, mse, estimation="diagonal", hessian="ggn",
                     num_records=32, uncertainty_draws=0)
-    s = rep.schemes["int4_weight_only"]
+    s = rep.schemes["intx_weight_only_int4_g32"]
     assert "not a multiple of the group size 32" in s.float_params["0.weight"]
-    assert any(w.startswith("scheme 'int4_weight_only' leaves 2561 of 2625 assessed weights (97.6%) in float")
+    assert any(w.startswith("scheme 'intx_weight_only_int4_g32' leaves 2561 of 2625 assessed weights (97.6%) in float")
                and "in_features 40 is not a multiple of the group size 32" in w for w in rep.warnings)
 
     class Tiny(nn.Module):

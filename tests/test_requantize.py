@@ -104,7 +104,7 @@ def test_by_value_equals_by_code_on_fixed_grids():
     assert torch.equal(a["0.weight"].kappa_raw, b["0.weight"].kappa_raw)
 
 
-@pytest.mark.parametrize("name", ["rtn_int4", "int4_weight_only"])
+@pytest.mark.parametrize("name", ["rtn_int4", "intx_weight_only_int4_g32"])
 def test_absmax_difference_is_reported_and_row_extremes_never_move(name, record_property):
     g = torch.Generator().manual_seed(4)
     model = nn.Sequential(nn.Linear(32, 16))
@@ -133,7 +133,7 @@ def test_absmax_difference_is_reported_and_row_extremes_never_move(name, record_
 
 def test_release_codes_of_table_grids_are_value_indices():
     model = _uniform_model(8, 4)
-    res = get_scheme("fp8_weight_only").apply(model)
+    res = get_scheme("float8_weight_only").apply(model)
     grid = res.grids["0.weight"]
     idx = release_codes(grid).long()
     scale, _, _ = grid.element_grid(0, grid.numel)
@@ -161,6 +161,6 @@ def test_torchao_negative_row_extreme_sits_on_an_edge():
         with torch.no_grad():
             m = nn.Sequential(nn.Linear(32, 16))
             m[0].weight.copy_(w + 0.01 * torch.randn(16, 32, generator=g))
-        codes = get_scheme("int4_weight_only").apply(m).grids["0.weight"].codes
+        codes = get_scheme("intx_weight_only_int4_g32").apply(m).grids["0.weight"].codes
         seen |= set(codes[:, 0].tolist())
     assert seen <= {-8, -7} and len(seen) == 2

@@ -5,7 +5,10 @@ so that no OmegaConf resolver ever returns a torch object (that breaks
 ``OmegaConf.to_yaml(resolve=True)`` and hyperparameter logging), and so that a bad name fails
 with a message listing the valid ones.
 
-* :func:`scheme` -- ``quantizer/<name>.yaml``: a registry scheme (``get_scheme(name, **kw)``).
+* :func:`scheme` -- ``quantizer=<name>``: a registry scheme (``get_scheme(name, **kw)``).
+* :func:`store_quantizer_group` -- the Hydra ``quantizer`` group, generated from the registry
+  into Hydra's ConfigStore (one option per registered scheme and deprecated alias; schemes
+  registered later, e.g. by a plugin, are added as they register).
 * :func:`torch_dtype` -- ``"bfloat16"`` / ``"torch.int4"`` -> ``torch.bfloat16`` / ``torch.int4``.
 * :func:`granularity` -- ``"per_row"``, ``"per_tensor"``, ``"per_group:64"``, ``"per_axis:0"``
   -> a torchao granularity object.
@@ -21,9 +24,13 @@ from typing import Any
 import torch
 
 from mis_lightning.quantization import QuantizationScheme, available_schemes, get_scheme
+from mis_lightning.quantization.registry import deprecated_aliases, on_register
 
-__all__ = ["granularity", "mapping_type", "resolve_schemes", "scheme", "torch_dtype",
-           "torchao_config"]
+__all__ = ["granularity", "mapping_type", "resolve_schemes", "scheme", "store_quantizer_group",
+           "torch_dtype", "torchao_config"]
+
+#: the Hydra config group of the single-scheme selection (``mis-lightning quantizer=NAME``)
+QUANTIZER_GROUP = "quantizer"
 
 # Torch dtypes that may be named in configs (alias -> attribute of ``torch``).
 _DTYPE_ALIASES = {
@@ -129,7 +136,7 @@ def torchao_config(config: str, **kwargs: Any) -> Any:
 
 
 def scheme(name: str, **kwargs: Any) -> QuantizationScheme:
-    """A registry scheme (what ``quantizer/<name>.yaml`` instantiates).
+    """A registry scheme (what the ``quantizer=<name>`` option instantiates).
 
     Keyword arguments are passed to the scheme's factory (dtype / granularity strings are
     converted as in :func:`torchao_config`); without them the scheme's ``name`` is ``name``.
@@ -139,6 +146,36 @@ def scheme(name: str, **kwargs: Any) -> QuantizationScheme:
     """
     kw = {k: _convert(k, v) for k, v in kwargs.items()}
     return get_scheme(name, **kw)
+
+
+def _store_quantizer(name: str) -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(
+        group=QUANTIZER_GROUP, name=name,
+        node={"_target_": f"{__name__}.scheme", "name": name})
+
+
+_STORED = False
+
+
+def store_quantizer_group() -> None:
+    """Generate the Hydra ``quantizer`` group from the scheme registry (idempotent).
+
+    Each registered scheme and each deprecated alias becomes the option
+    ``quantizer=<name>``, the node ``{_target_: mis_lightning.app.factories.scheme, name:
+    <name>}`` in Hydra's ConfigStore (extra keys reach the factory:
+    ``+quantizer.group_size=64``); the group thus always equals the registry, plugins
+    included, with no file to keep in sync. Schemes registered after this call are added as
+    they register. Called when Hydra imports the config package ``mis_lightning.conf``.
+    """
+    global _STORED
+    if _STORED:
+        return
+    _STORED = True
+    for name in [*available_schemes(), *deprecated_aliases()]:
+        _store_quantizer(name)
+    on_register(_store_quantizer)
 
 
 def resolve_schemes(specs: Iterable[Any]) -> list[QuantizationScheme]:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -194,6 +194,13 @@ class ParamGrid:
         values: sorted representable values in units of ``scale`` (table grids).
         revealed: boolean mask (``shape``) of elements whose value the released scale gives
             away exactly (see :func:`revealed_by_scale`); scored as unquantized.
+        rounding: how the backend picked each weight's code. ``"nearest"``: the nearest grid
+            point of a grid that stays fixed when one weight moves, so the cell moments follow
+            in closed form from the grid (:meth:`moments`). Anything else (``"stochastic"``,
+            ``"gptq"``, ``"data_dependent"``, ...): the cell of a weight depends on more than
+            the grid, and scoring re-runs the scheme on perturbed weights instead (the Monte
+            Carlo re-quantization of :mod:`~mis_lightning.quantization.requantize`,
+            method.md section 5).
     """
 
     name: str
@@ -209,6 +216,7 @@ class ParamGrid:
     codes: Tensor | None = None
     values: Tensor | None = None
     revealed: Tensor | None = None
+    rounding: str = "nearest"
 
     @property
     def numel(self) -> int:
@@ -312,6 +320,41 @@ class ParamGrid:
         return torch.where(scale > 0, v[pos] * scale, torch.zeros_like(th))
 
 
+def affine_grid(name: str, *, codes: Tensor, scale: Tensor, zero_point: Tensor,
+                block_size: tuple[int, ...], qmin: int, qmax: int, dequantized: Tensor,
+                code_bits: float, side_bits: float | None = None,
+                asymmetric: bool = False) -> ParamGrid:
+    """An affine :class:`ParamGrid` (value ``(q - zero_point) * scale``) from a backend's codes.
+
+    The helper every integer backend uses to build its grid, so that storage is counted one
+    way: ``bits_per_weight = code_bits + side_bits / prod(block_size)``.
+
+    Args:
+        name: the parameter's name in the original model.
+        codes: integer codes, the parameter's shape.
+        scale, zero_point: per-block tensors (``block_size`` layout, e.g. ``[N, 1]`` per row).
+        block_size: elements per block along each dim.
+        qmin, qmax: the code range.
+        dequantized: the backend's own released values (cast to float32, the parameter's shape).
+        code_bits: bits per code (nominal: 4 for int4 codes held in int8 memory).
+        side_bits: bits of one block's scale and zero point; ``None``: the scale's dtype, plus
+            the zero point's when ``asymmetric`` (a symmetric zero point carries nothing).
+
+    Returns:
+        the grid (``kind="affine"``, ``rounding="nearest"``).
+    """
+    shape = tuple(codes.shape)
+    if side_bits is None:
+        side_bits = scale.element_size() * 8 + (zero_point.element_size() * 8 if asymmetric else 0)
+    return ParamGrid(
+        name=name, shape=shape, kind="affine",
+        dequantized=dequantized.detach().to(torch.float32).reshape(shape),
+        bits_per_weight=code_bits + side_bits / math.prod(block_size),
+        scale=scale, block_size=tuple(int(b) for b in block_size), zero_point=zero_point,
+        qmin=int(qmin), qmax=int(qmax), codes=codes,
+    )
+
+
 @dataclass
 class QuantizationResult:
     """What :meth:`QuantizationScheme.apply` returns.
@@ -349,14 +392,36 @@ class QuantizationScheme(ABC):
     scale_rule: Literal["none", "absmax", "minmax"] = "none"
     #: the layers whose weights the scheme quantizes, in words (for reasons and reports)
     layers: str = "nn.Linear"
+    #: how the backend rounds (see :attr:`ParamGrid.rounding`); ``apply`` stamps it on every
+    #: grid that does not declare its own. Not ``"nearest"``: scored by Monte Carlo
+    #: re-quantization (the real scheme on perturbed weights).
+    rounding: str = "nearest"
+    #: ``filter_fn(module, fqn) -> bool`` narrowing the layers (``None``: every supported one)
+    filter_fn: FilterFn | None = None
 
     def __init__(self, filter_fn: FilterFn | None = None) -> None:
         self.filter_fn = filter_fn
-        # ids (in the copy) of the parameters ``apply(params=...)`` restricts to; None: all
-        self._only: set[int] | None = None
 
     def check_available(self) -> None:
         """Raise :class:`SchemeUnavailableError` if this machine cannot run the scheme."""
+
+    def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> QuantizationScheme:
+        """The scheme ready to quantize ``model``, given calibration batches (optional step).
+
+        Data-free schemes (every built-in one) return ``self`` and never read ``batches``. A
+        data-dependent scheme (GPTQ-, AWQ- or SmoothQuant-like) returns a scheme that holds
+        what it learnt from the batches (e.g. per-layer input statistics) and declares a
+        ``rounding`` other than ``"nearest"``, so that it is scored by Monte Carlo
+        re-quantization. ``model`` and the batches must not be modified.
+
+        Args:
+            model: the float model to be quantized.
+            batches: an iterable of the training batches (as the loader yields them).
+
+        Returns:
+            the calibrated scheme (``self`` when nothing is learnt).
+        """
+        return self
 
     def describe(self) -> dict:
         """Plain-type description for reports and configs."""
@@ -373,12 +438,15 @@ class QuantizationScheme(ABC):
 
     def _in_selection(self, p: Tensor) -> bool:
         """Whether ``p`` is among the parameters ``apply(params=...)`` restricts to."""
-        return self._only is None or id(p) in self._only
+        # ids (in the copy) set by ``apply`` for the duration of one call; None: all
+        only = getattr(self, "_only", None)
+        return only is None or id(p) in only
 
-    def _plan_weights(self, model: nn.Module, skip_reason: Callable[[nn.Module], str | None] | None = None,
-                      in_place: bool = False,
-                      ) -> tuple[dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]], dict[str, str], list[str]]:
-        """Which layers' ``weight`` to quantize.
+    def select_weights(self, model: nn.Module, skip_reason: Callable[[nn.Module], str | None] | None = None,
+                       in_place: bool = False,
+                       ) -> tuple[dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]], dict[str, str], list[str]]:
+        """Which layers' ``weight`` to quantize (the layer-selection helper of every backend:
+        :meth:`supports`, ``filter_fn``, ``apply(params=...)`` and tied weights).
 
         Returns ``(chosen, reasons, notes)``: ``chosen`` maps the fqn of the first layer
         holding each weight to ``(layer, parameter name, [(fqn, layer) of the other layers
@@ -426,6 +494,8 @@ class QuantizationScheme(ABC):
                              f"and {', '.join(_holder(*u) for u in others)}; every holder releases "
                              "the same quantized weight")
         return chosen, reasons, notes
+
+    _plan_weights = select_weights  # the name the backends used before
 
     def _float_reason(self, name: str, p: Tensor, holders: list[tuple[str, str, nn.Module]],
                       selected: bool = True) -> str:
@@ -480,7 +550,9 @@ class QuantizationScheme(ABC):
             unknown = [n for n in params if n not in cparams]
             if unknown:
                 raise KeyError(f"params not in the model: {unknown}")
-            self._only = {id(cparams[n]) for n in params}
+            # object.__setattr__: the built-in schemes are frozen dataclasses; the selection
+            # is per call state, not a field
+            object.__setattr__(self, "_only", {id(cparams[n]) for n in params})
         try:
             out = self._quantize_copy(copy_)
         except SchemeError:
@@ -488,10 +560,14 @@ class QuantizationScheme(ABC):
         except Exception as exc:  # backend errors: name the scheme and keep the cause
             raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
         finally:
-            self._only = None
+            object.__setattr__(self, "_only", None)
         grids, notes = out[0], out[1]
         reasons: dict[str, str] = out[2] if len(out) > 2 else {}
         params_ = dict(model.named_parameters())
+        if self.rounding != "nearest":
+            for g in grids.values():
+                if g.rounding == "nearest":
+                    g.rounding = self.rounding
         if self.scale_rule != "none":
             for n, g in grids.items():
                 if n in params_ and g.revealed is None and tuple(params_[n].shape) == tuple(g.shape):
@@ -508,11 +584,78 @@ class QuantizationScheme(ABC):
         return f"{type(self).__name__}({args})"
 
 
-class NoQuantization(QuantizationScheme):
+#: class-level attributes :meth:`SchemeConfig.describe` lists besides the fields
+_DESCRIBED = ("bits", "granularity", "group_size", "mapping", "dtype")
+
+
+def _plain(v: Any) -> Any:
+    """A field value as a plain type for reports and configs (dtypes and enums as strings)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    return str(v)
+
+
+@dataclass(frozen=True)
+class SchemeConfig(QuantizationScheme):
+    """Base of schemes written as frozen dataclasses, as torchao writes its ``*Config``s.
+
+    A scheme is its fields: two schemes with equal fields are equal (and hash alike), its
+    registry ``name`` is :attr:`base_name` plus the suffixes :meth:`name_parts` derives from
+    the fields (so a name can never disagree with what the scheme does), and
+    :meth:`describe` lists the fields. Validate (and normalise, with
+    ``object.__setattr__``) in ``__post_init__``; ``dataclasses.replace(scheme, **changes)``
+    builds a variant, which is what ``get_scheme(name, **kwargs)`` does.
+
+    Subclasses set :attr:`base_name` (and :attr:`config_class` when they wrap a torchao
+    config) and override :meth:`name_parts`. ``filter_fn`` is a keyword-only field that
+    takes part in neither equality nor the name.
+    """
+
+    filter_fn: FilterFn | None = field(default=None, kw_only=True, compare=False, repr=False)
+
+    #: the name's stem: torchao's config name in snake case, without ``Config``
+    base_name: ClassVar[str] = "scheme"
+    #: the torchao config class wrapped (a name in ``torchao.quantization``), or ""
+    config_class: ClassVar[str] = ""
+
+    def name_parts(self) -> list[str]:
+        """Suffixes of the name, from the fields (none: the name is :attr:`base_name`).
+
+        The convention: only what differs from torchao's defaults for the config, in the
+        order dtype, granularity (``per_row``, ``per_tensor``, ``g<group size>``), mapping
+        (``asym``), layout.
+        """
+        return []
+
+    @property  # type: ignore[override]
+    def name(self) -> str:
+        """The registry name, derived from the fields (see :meth:`name_parts`)."""
+        return "_".join([self.base_name, *self.name_parts()])
+
+    def describe(self) -> dict:
+        """``name``, ``backend``, ``config`` (when wrapping torchao), ``layers`` and every
+        field except ``filter_fn``, as plain types."""
+        out: dict[str, Any] = {"name": self.name, "backend": self.backend}
+        if self.config_class:
+            out["config"] = self.config_class
+        out["layers"] = self.layers
+        out.update({f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.repr})
+        for k in _DESCRIBED:  # class-level facts of the scheme (e.g. int8's bits and mapping)
+            if k not in out and hasattr(self, k):
+                out[k] = _plain(getattr(self, k))
+        if self.rounding != "nearest":
+            out["rounding"] = self.rounding
+        return out
+
+
+@dataclass(frozen=True)
+class NoQuantization(SchemeConfig):
     """The full-precision release (``none``): every parameter leaks as the baseline."""
 
-    name = "none"
-    backend = "builtin"
+    base_name: ClassVar[str] = "none"
+    backend: ClassVar[str] = "builtin"
 
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
         return {}, []

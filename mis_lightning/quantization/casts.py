@@ -20,10 +20,13 @@ note naming the parameters where that happened.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
-from .base import FilterFn, ParamGrid, QuantizationScheme
+from .base import ParamGrid, SchemeConfig
 from .registry import register_scheme
 
 _VALUE_TABLES: dict[torch.dtype, Tensor] = {}
@@ -55,28 +58,34 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): n for n, p in model.named_parameters()}
 
 
-class DtypeCast(QuantizationScheme):
+@dataclass(frozen=True)
+class DtypeCast(SchemeConfig):
     """Round-trip every floating parameter through ``dtype`` (``bf16`` / ``fp16``).
 
     Args:
         dtype: ``torch.bfloat16`` or ``torch.float16``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` selects the modules whose own
             parameters (and buffers) are cast; default: every module.
+
+    Raises:
+        ValueError: another dtype.
     """
 
-    backend = "torch"
-    layers = "every module's floating"
+    dtype: torch.dtype = torch.bfloat16
 
-    def __init__(self, dtype: torch.dtype, filter_fn: FilterFn | None = None) -> None:
-        super().__init__(filter_fn)
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {dtype}")
-        self.dtype = dtype
-        self.name = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    backend: ClassVar[str] = "torch"
+    layers: ClassVar[str] = "every module's floating"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.bfloat16 or torch.float16, got {self.dtype}")
+
+    @property  # type: ignore[override]
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     def describe(self) -> dict:
-        return {"name": self.name, "backend": self.backend, "dtype": str(self.dtype),
-                "grid": "table", "layers": "every floating parameter"}
+        return {**super().describe(), "grid": "table", "layers": "every floating parameter"}
 
     def supports(self, module: nn.Module) -> bool:
         return True
@@ -124,5 +133,5 @@ class DtypeCast(QuantizationScheme):
         return grids, notes
 
 
-register_scheme("bf16", lambda **kw: DtypeCast(torch.bfloat16, **kw))
-register_scheme("fp16", lambda **kw: DtypeCast(torch.float16, **kw))
+register_scheme(DtypeCast(torch.bfloat16))
+register_scheme(DtypeCast(torch.float16))

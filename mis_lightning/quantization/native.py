@@ -1,6 +1,6 @@
 """Native torch quantization schemes (no torchao): ``torch.ao.quantization`` and quantized tensors.
 
-* ``native_int8_dynamic`` / ``native_int8_dynamic_per_channel`` --
+* ``native_int8_dynamic`` / ``native_int8_dynamic_per_row`` --
   ``torch.ao.quantization.quantize_dynamic(copy, {fqn: qconfig}, dtype=torch.qint8)`` with
   ``default_dynamic_qconfig`` (per tensor, symmetric, ``scale = amax / 127.5``) or
   ``per_channel_dynamic_qconfig`` (one scale per output row). The Linear modules become
@@ -9,11 +9,11 @@
   ``q_zero_point()`` or ``q_per_channel_scales()`` / ``q_per_channel_zero_points()``,
   values ``dequantize()``. ``torch.ao.quantization`` is deprecated (its own
   ``DeprecationWarning`` says so, and is deliberately not silenced here), but still ships.
-* ``native_int8_per_channel`` -- ``torch.quantize_per_channel(w, scales, zero_points, 0,
+* ``native_int8_per_row`` -- ``torch.quantize_per_channel(w, scales, zero_points, 0,
   torch.qint8)`` with the scales and zero points of torch's own
   ``PerChannelMinMaxObserver(qint8, per_channel_symmetric)``; the copy's Linear weight is
   replaced by ``q.dequantize()`` and the codes are ``q.int_repr()``.
-* ``native_int4_per_channel`` -- ``torch.fake_quantize_per_channel_affine(w, scale,
+* ``native_int4_per_row`` -- ``torch.fake_quantize_per_channel_affine(w, scale,
   zero_point, 0, -8, 7)`` with the scales of ``PerChannelMinMaxObserver(quant_min=-8,
   quant_max=7, per_channel_symmetric)`` (``scale = amax / 7.5``); fake quantization releases
   only values, so the codes are recovered as ``round(value / scale) + zero_point`` (exact:
@@ -26,33 +26,36 @@ quantized values); ``quantize_dynamic`` converts every holder (the same codes, c
 a weight also held by a layer it does not convert stays in float everywhere.
 ``bits_per_weight`` counts the scale (and zero point only for asymmetric mappings) in the
 dtype torch stores them in (per-tensor: float64 scale; per-channel observers: float32).
+
+"Per row" is the library's one word for one scale per output row (torch calls it per
+channel, axis 0); the ``*_per_channel`` names of earlier releases are deprecated aliases.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base import FilterFn, ParamGrid, QuantizationScheme, SchemeError
-from .registry import register_scheme
+from .base import ParamGrid, SchemeConfig, SchemeError, affine_grid
+from .registry import register_alias, register_scheme
 
 
 def _is_plain_linear(m: nn.Module) -> bool:
     return type(m) is nn.Linear
 
 
-class _NativeScheme(QuantizationScheme):
-    backend = "native"
-    scale_rule = "absmax"  # torch's symmetric observers: scale = max|w| / c
-    layers = "nn.Linear (exact type)"
+@dataclass(frozen=True)
+class _NativeScheme(SchemeConfig):
+    backend: ClassVar[str] = "native"
+    scale_rule: ClassVar[str] = "absmax"  # torch's symmetric observers: scale = max|w| / c
+    layers: ClassVar[str] = "nn.Linear (exact type)"
+    mapping: ClassVar[str] = "symmetric"
 
     def supports(self, module: nn.Module) -> bool:
         return _is_plain_linear(module)
-
-    def describe(self) -> dict:
-        return {"name": self.name, "backend": self.backend, "layers": "nn.Linear weights"}
 
 
 def _grid_from_qtensor(name: str, q: Tensor, bits: int, qmin: int, qmax: int) -> ParamGrid:
@@ -69,38 +72,45 @@ def _grid_from_qtensor(name: str, q: Tensor, bits: int, qmin: int, qmax: int) ->
         scale = q.q_per_channel_scales().reshape(-1, 1).clone()
         zp = q.q_per_channel_zero_points().reshape(-1, 1).clone()
         block = (1, *shape[1:])
-    asym = bool((zp != 0).any())
-    side = scale.element_size() * 8 + (zp.element_size() * 8 if asym else 0)
-    return ParamGrid(
-        name=name, shape=shape, kind="affine",
-        dequantized=q.dequantize().to(torch.float32), bits_per_weight=bits + side / math.prod(block),
-        scale=scale, block_size=block, zero_point=zp, qmin=qmin, qmax=qmax,
-        codes=q.int_repr().clone(),
-    )
+    return affine_grid(name, codes=q.int_repr().clone(), scale=scale, zero_point=zp,
+                       block_size=block, qmin=qmin, qmax=qmax, dequantized=q.dequantize(),
+                       code_bits=bits, asymmetric=bool((zp != 0).any()))
 
 
+@dataclass(frozen=True)
 class NativeInt8Dynamic(_NativeScheme):
-    """``torch.ao.quantization.quantize_dynamic`` int8 (per tensor, or per channel).
+    """``torch.ao.quantization.quantize_dynamic`` int8 (per tensor, or per row).
 
     Args:
-        per_channel: ``per_channel_dynamic_qconfig`` instead of ``default_dynamic_qconfig``.
+        granularity: ``"per_tensor"`` (default: ``default_dynamic_qconfig``) or ``"per_row"``
+            (``per_channel_dynamic_qconfig``).
         filter_fn: ``filter_fn(module, fqn) -> bool`` narrows the ``nn.Linear`` layers.
+
+    Raises:
+        ValueError: another granularity.
     """
 
-    def __init__(self, per_channel: bool = False, filter_fn: FilterFn | None = None) -> None:
-        super().__init__(filter_fn)
-        self.per_channel = bool(per_channel)
-        self.name = "native_int8_dynamic" + ("_per_channel" if self.per_channel else "")
+    granularity: str = "per_tensor"
 
-    def describe(self) -> dict:
-        return {**super().describe(), "bits": 8, "mapping": "symmetric",
-                "granularity": "per_channel" if self.per_channel else "per_tensor"}
+    base_name: ClassVar[str] = "native_int8_dynamic"
+    bits: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("per_tensor", "per_row"):
+            raise ValueError(f"granularity must be 'per_tensor' or 'per_row', got {self.granularity!r}")
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_row"
+
+    def name_parts(self) -> list[str]:
+        return ["per_row"] if self.per_channel else []
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
         import torch.ao.quantization as tq
 
-        chosen, reasons, notes = self._plan_weights(model)
+        chosen, reasons, notes = self.select_weights(model)
         if not chosen:
             return {}, notes, reasons
         qconfig = tq.per_channel_dynamic_qconfig if self.per_channel else tq.default_dynamic_qconfig
@@ -161,19 +171,18 @@ def _per_channel_qparams(w: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tenso
     return obs.calculate_qparams()
 
 
-class NativeInt8PerChannel(_NativeScheme):
+@dataclass(frozen=True)
+class NativeInt8PerRow(_NativeScheme):
     """``torch.quantize_per_channel`` int8 with symmetric absmax scales per output row."""
 
-    name = "native_int8_per_channel"
-
-    def describe(self) -> dict:
-        return {**super().describe(), "bits": 8, "mapping": "symmetric",
-                "granularity": "per_channel"}
+    base_name: ClassVar[str] = "native_int8_per_row"
+    bits: ClassVar[int] = 8
+    granularity: ClassVar[str] = "per_row"
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
         grids: dict[str, ParamGrid] = {}
-        chosen, reasons, notes = self._plan_weights(model, in_place=True)
+        chosen, reasons, notes = self.select_weights(model, in_place=True)
         for m, name, _ in chosen.values():
             w = m.weight.detach().to(torch.float32)
             scales, zps = _per_channel_qparams(w, -128, 127)
@@ -185,19 +194,19 @@ class NativeInt8PerChannel(_NativeScheme):
         return grids, notes, reasons
 
 
-class NativeInt4PerChannel(_NativeScheme):
-    """``torch.fake_quantize_per_channel_affine`` int4 ([-8, 7]) with symmetric absmax scales."""
+@dataclass(frozen=True)
+class NativeInt4PerRow(_NativeScheme):
+    """``torch.fake_quantize_per_channel_affine`` int4 ([-8, 7]) with symmetric absmax
+    scales per output row."""
 
-    name = "native_int4_per_channel"
-
-    def describe(self) -> dict:
-        return {**super().describe(), "bits": 4, "mapping": "symmetric",
-                "granularity": "per_channel"}
+    base_name: ClassVar[str] = "native_int4_per_row"
+    bits: ClassVar[int] = 4
+    granularity: ClassVar[str] = "per_row"
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
         grids: dict[str, ParamGrid] = {}
-        chosen, reasons, notes = self._plan_weights(model, in_place=True)
+        chosen, reasons, notes = self.select_weights(model, in_place=True)
         for m, name, _ in chosen.values():
             w = m.weight.detach().to(torch.float32)
             scales, zps = _per_channel_qparams(w, -8, 7)
@@ -207,17 +216,19 @@ class NativeInt4PerChannel(_NativeScheme):
             zp = zps.to(torch.int64).reshape(-1, 1)
             codes = (torch.round(fq.to(torch.float64) / s64) + zp).to(torch.int8)
             m.weight.copy_(fq.to(m.weight.dtype))
-            shape = tuple(w.shape)
-            grids[name] = ParamGrid(
-                name=name, shape=shape, kind="affine", dequantized=fq.clone(),
-                bits_per_weight=4 + 32.0 / math.prod(shape[1:]), scale=scales.reshape(-1, 1),
-                block_size=(1, *shape[1:]), zero_point=zp, qmin=-8, qmax=7, codes=codes,
-            )
+            grids[name] = affine_grid(
+                name, codes=codes, scale=scales.reshape(-1, 1), zero_point=zp,
+                block_size=(1, *w.shape[1:]), qmin=-8, qmax=7, dequantized=fq.clone(),
+                code_bits=4, side_bits=32.0)
         return grids, notes, reasons
 
 
-register_scheme("native_int8_dynamic", lambda **kw: NativeInt8Dynamic(**kw))
-register_scheme("native_int8_dynamic_per_channel",
-                lambda **kw: NativeInt8Dynamic(per_channel=True, **kw))
-register_scheme("native_int8_per_channel", lambda **kw: NativeInt8PerChannel(**kw))
-register_scheme("native_int4_per_channel", lambda **kw: NativeInt4PerChannel(**kw))
+NativeInt8PerChannel, NativeInt4PerChannel = NativeInt8PerRow, NativeInt4PerRow  # earlier names
+
+for _s in (NativeInt8Dynamic(), NativeInt8Dynamic(granularity="per_row"), NativeInt8PerRow(),
+           NativeInt4PerRow()):
+    register_scheme(_s)
+for _old, _new in (("native_int8_dynamic_per_channel", "native_int8_dynamic_per_row"),
+                   ("native_int8_per_channel", "native_int8_per_row"),
+                   ("native_int4_per_channel", "native_int4_per_row")):
+    register_alias(_old, _new, "per_channel is per_row: one scale per output row")

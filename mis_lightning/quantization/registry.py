@@ -1,38 +1,121 @@
-"""The scheme registry: public names -> scheme factories.
+"""The scheme registry: public names -> scheme factories, discovered automatically.
 
-Backends register their schemes at import time; ``available_schemes()`` lists the names
-(a public contract: configs, reports and outside checks use them).
+Backends register their schemes when they are imported; nothing lists them by hand. The
+first look-up imports (once):
+
+1. every module of the ``mis_lightning.quantization`` package (a package scan: a new
+   backend of this library is one new module that calls :func:`register_scheme`);
+2. every Python entry point of the group ``mis_lightning.schemes`` (how a third-party
+   package registers its schemes without editing this one)::
+
+       # the plugin's pyproject.toml
+       [project.entry-points."mis_lightning.schemes"]
+       my_backend = "my_package.mis_schemes"             # a module that registers at import
+       # or "my_package.mis_schemes:register"            # a function called with no argument
+
+``available_schemes()`` lists the names (a public contract: configs, reports and outside
+checks use them). Names follow torchao's vocabulary (``int8_weight_only`` is
+``Int8WeightOnlyConfig``, ``intx_weight_only_int4_g32`` is ``IntxWeightOnlyConfig(
+weight_dtype=torch.int4, granularity=PerGroup(32))``); the names of earlier releases stay
+usable as deprecated aliases (:func:`register_alias`), with a ``DeprecationWarning``.
+Every registration is also announced to the hooks of :func:`on_register` (the Hydra app
+mirrors the registry into its ``quantizer`` config group that way).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
+import pkgutil
+import warnings
 from collections.abc import Callable, Iterable
+from importlib.metadata import entry_points
 from typing import Any
 
 from .base import QuantizationScheme
 
 SchemeFactory = Callable[..., QuantizationScheme]
+#: the entry-point group third-party packages register their schemes under
+ENTRY_POINT_GROUP = "mis_lightning.schemes"
+
 _FACTORIES: dict[str, SchemeFactory] = {}
+_ALIASES: dict[str, tuple[str, str]] = {}  # old name -> (current name, why)
+_HOOKS: list[Callable[[str], None]] = []
 
 
-def register_scheme(name: str, factory: SchemeFactory, *, overwrite: bool = False) -> None:
-    """Register ``factory(**kwargs) -> QuantizationScheme`` under ``name``."""
+def register_scheme(name: str | QuantizationScheme, factory: SchemeFactory | None = None, *,
+                    overwrite: bool = False) -> None:
+    """Register a scheme under a public name.
+
+    Two forms: ``register_scheme(scheme)`` registers a scheme object (a frozen-dataclass
+    :class:`~mis_lightning.quantization.base.SchemeConfig`) under its own ``name``; keyword
+    overrides of ``get_scheme(name, **kw)`` then build ``dataclasses.replace(scheme, **kw)``.
+    ``register_scheme(name, factory)`` registers ``factory(**kwargs) -> QuantizationScheme``.
+
+    Raises:
+        ValueError: an empty name, or a name already registered (without ``overwrite``) or
+            taken by a deprecated alias.
+        TypeError: neither a scheme object nor a name with a callable factory.
+    """
+    if isinstance(name, QuantizationScheme):
+        if factory is not None:
+            raise TypeError("register_scheme(scheme) takes no factory: the scheme is its own preset")
+        preset = name
+        name = preset.name
+        factory = (lambda **kw: dataclasses.replace(preset, **kw) if kw else preset) \
+            if dataclasses.is_dataclass(preset) else (lambda: preset)
     if not name or not isinstance(name, str):
         raise ValueError(f"scheme name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"scheme {name!r}: the factory must be callable, got {type(factory).__name__}")
+    if name in _ALIASES:
+        raise ValueError(f"scheme name {name!r} is a deprecated alias of {_ALIASES[name][0]!r}")
     if name in _FACTORIES and not overwrite:
         raise ValueError(f"scheme {name!r} is already registered (pass overwrite=True to replace it)")
     _FACTORIES[name] = factory
+    for hook in list(_HOOKS):
+        hook(name)
+
+
+def register_alias(old: str, new: str, why: str = "") -> None:
+    """Keep ``old`` usable as a deprecated name of the registered scheme ``new``.
+
+    ``get_scheme(old, **kw)`` warns (``DeprecationWarning``, naming ``new``) and returns
+    ``get_scheme(new, **kw)``; the scheme's ``name`` is ``new``.
+    """
+    if old in _FACTORIES:
+        raise ValueError(f"{old!r} is a registered scheme, it cannot also be an alias")
+    _ALIASES[old] = (new, why)
+    for hook in list(_HOOKS):
+        hook(old)
+
+
+def deprecated_aliases() -> dict[str, str]:
+    """``{old name: current name}`` of every deprecated alias."""
+    _load_backends()
+    return {k: v[0] for k, v in sorted(_ALIASES.items())}
+
+
+def on_register(hook: Callable[[str], None]) -> None:
+    """Call ``hook(name)`` for every name registered from now on (schemes and aliases)."""
+    _HOOKS.append(hook)
 
 
 def available_schemes() -> list[str]:
-    """Registered scheme names, sorted."""
+    """Registered scheme names, sorted (deprecated aliases are not listed; see
+    :func:`deprecated_aliases`)."""
     _load_backends()
     return sorted(_FACTORIES)
 
 
 def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationScheme:
-    """A scheme object from a registry name (with optional keyword overrides) or a scheme."""
+    """A scheme object from a registry name (with optional keyword overrides) or a scheme.
+
+    Raises:
+        KeyError: unknown name (the message suggests close names and lists the registered ones).
+        TypeError: ``spec`` is neither a name nor a scheme, or overrides given with a scheme.
+    """
     if isinstance(spec, QuantizationScheme):
         if kwargs:
             raise TypeError("keyword overrides apply to registry names, not to scheme objects")
@@ -40,14 +123,22 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
     if not isinstance(spec, str):
         raise TypeError(f"a scheme is a registry name or a QuantizationScheme, got {type(spec).__name__}")
     _load_backends()
+    if spec in _ALIASES:
+        new, why = _ALIASES[spec]
+        warnings.warn(f"scheme name {spec!r} is deprecated: use {new!r}" + (f" ({why})" if why else ""),
+                      DeprecationWarning, stacklevel=2)
+        spec = new
     if spec not in _FACTORIES:
-        close = difflib.get_close_matches(spec, _FACTORIES, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(spec, [*_FACTORIES, *_ALIASES], n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KeyError(
             f"unknown quantization scheme {spec!r}{hint}; available schemes: {', '.join(sorted(_FACTORIES))}"
         )
     scheme = _FACTORIES[spec](**kwargs)
-    scheme.name = spec if not kwargs else scheme.name
+    if not kwargs and not dataclasses.is_dataclass(scheme):
+        # a hand-written (mutable) scheme takes its registry name; a dataclass scheme's name
+        # derives from its fields
+        scheme.name = spec
     return scheme
 
 
@@ -74,7 +165,7 @@ def scheme_list(schemes: str | QuantizationScheme | Iterable[str | QuantizationS
     if not out:
         raise ValueError(
             "schemes is empty: name at least one quantization scheme, e.g. ['int8_weight_only', "
-            "'int4_weight_only'] (mis_lightning.quantization.available_schemes() lists them)"
+            "'intx_weight_only_int4'] (mis_lightning.quantization.available_schemes() lists them)"
         )
     return out
 
@@ -83,18 +174,26 @@ _LOADED = False
 
 
 def _load_backends() -> None:
-    """Import the backend modules so that they register their schemes (once)."""
+    """Import every module of this package, then every ``mis_lightning.schemes`` entry point
+    (once), so that they register their schemes.
+
+    A third-party entry point that fails to load is reported with a ``RuntimeWarning``
+    naming it and the cause (one broken plugin must not disable the others); the schemes of
+    this package must always load (their import errors propagate).
+    """
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    import importlib
-
-    for mod in ("rtn", "torchao_backend", "native", "casts"):
+    pkg = importlib.import_module(__package__)
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{__package__}.{mod.name}")
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
-            importlib.import_module(f"{__package__}.{mod}")
-        except ModuleNotFoundError as exc:
-            # Only a missing *backend module* of ours is tolerated (while it is being
-            # written); a missing third-party dependency is reported by the scheme itself.
-            if exc.name != f"{__package__}.{mod}":
-                raise
+            obj = ep.load()
+            if callable(obj) and not isinstance(obj, type):
+                obj()
+        except Exception as exc:  # noqa: BLE001 - reported, the other plugins still load
+            warnings.warn(f"mis_lightning.schemes entry point {ep.name!r} ({ep.value}) failed to "
+                          f"load: {type(exc).__name__}: {exc}; its schemes are not registered",
+                          RuntimeWarning, stacklevel=2)

@@ -52,6 +52,9 @@ from .._modelcopy import private_copy
 from .base import FilterFn, ParamGrid, QuantizationScheme
 from .registry import get_scheme
 
+#: draws of the re-quantization when scoring a grid whose rounding is not nearest
+REQUANT_DRAWS = 64
+
 
 @dataclass(frozen=True)
 class RequantMoments:

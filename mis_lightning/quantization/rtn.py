@@ -8,39 +8,46 @@ Biases stay in float. The copy's weights are replaced by their fake-quantized va
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
-from .base import FilterFn, ParamGrid, QuantizationScheme
+from .base import ParamGrid, SchemeConfig, affine_grid
 from .registry import register_scheme
 
 # Scales below this are clamped (an all-zero row would otherwise divide by zero).
 _MIN_SCALE = 1e-12
 
 
-class RoundToNearestInt(QuantizationScheme):
-    """Symmetric absmax per-channel round-to-nearest integer quantization of Linear weights.
+@dataclass(frozen=True)
+class RoundToNearestInt(SchemeConfig):
+    """Symmetric absmax per-row round-to-nearest integer quantization of Linear weights.
 
     Args:
         bits: 2..8 bits per weight.
         filter_fn: ``filter_fn(module, fqn) -> bool`` to restrict the layers (default: every
             ``nn.Linear``).
+
+    Raises:
+        ValueError: ``bits`` outside 2..8.
     """
 
-    scale_rule = "absmax"
+    bits: int = 8
 
-    backend = "builtin"
+    scale_rule: ClassVar[str] = "absmax"
+    backend: ClassVar[str] = "builtin"
+    base_name: ClassVar[str] = "rtn"
+    granularity: ClassVar[str] = "per_row"
+    mapping: ClassVar[str] = "symmetric"
 
-    def __init__(self, bits: int = 8, filter_fn: FilterFn | None = None) -> None:
-        super().__init__(filter_fn)
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
-        self.bits = bits
-        self.name = f"rtn_int{bits}"
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in 2..8, got {self.bits!r}")
 
-    def describe(self) -> dict:
-        return {"name": self.name, "backend": self.backend, "bits": self.bits,
-                "granularity": "per_channel", "mapping": "symmetric"}
+    def name_parts(self) -> list[str]:
+        return [f"int{self.bits}"]
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
@@ -48,7 +55,7 @@ class RoundToNearestInt(QuantizationScheme):
         qmin = -(2 ** (self.bits - 1))
         grids: dict[str, ParamGrid] = {}
         # in place: a tied weight is quantized once, and every holder sees the quantized values
-        chosen, reasons, notes = self._plan_weights(model, in_place=True)
+        chosen, reasons, notes = self.select_weights(model, in_place=True)
         for module, name, _ in chosen.values():
             w = module.weight
             w64 = w.detach().to(torch.float64)
@@ -56,14 +63,12 @@ class RoundToNearestInt(QuantizationScheme):
             codes = torch.round(w64 / scale).clamp(qmin, qmax)
             deq = codes * scale
             w.copy_(deq.to(w.dtype))
-            grids[name] = ParamGrid(
-                name=name, shape=tuple(w.shape), kind="affine",
-                dequantized=deq.to(torch.float32), bits_per_weight=self.bits + 32.0 / w.shape[1],
-                scale=scale, block_size=(1, w.shape[1]), zero_point=torch.zeros_like(scale),
-                qmin=qmin, qmax=qmax, codes=codes.to(torch.int8),
-            )
+            grids[name] = affine_grid(
+                name, codes=codes.to(torch.int8), scale=scale, zero_point=torch.zeros_like(scale),
+                block_size=(1, w.shape[1]), qmin=qmin, qmax=qmax, dequantized=deq,
+                code_bits=self.bits, side_bits=32.0)  # a float32 scale per row (nominal)
         return grids, notes, reasons
 
 
 for _b in range(2, 9):
-    register_scheme(f"rtn_int{_b}", lambda _b=_b, **kw: RoundToNearestInt(bits=_b, **kw))
+    register_scheme(RoundToNearestInt(bits=_b))

@@ -15,7 +15,20 @@ weight's grid back from the tensor subclass torchao put in its place:
   says so), which makes those weights release exactly 0, and the grid keeps scale 0,
   which :class:`ParamGrid` treats as the one-cell grid ``{0}`` (frozen, kappa 0).
 * ``Int4TilePackedTo4dTensor`` (``Int4WeightOnlyConfig``, tinygemm layout, CUDA only):
-  see :class:`Int4TinyGemm`.
+  see :class:`Int4WeightOnly`.
+
+Each reader is registered for its tensor type in a dispatch table
+(:func:`register_grid_reader`): a torchao tensor type of a new config needs one reader, not
+a new branch; a quantized weight of a type without a reader is an error naming the type.
+
+Names follow torchao (the config's name in snake case, then what differs from the
+config's defaults): ``int8_weight_only``, ``int8_dynamic_activation_int8_weight``,
+``intx_weight_only_int4`` (``IntxWeightOnlyConfig(weight_dtype=torch.int4)``: per row, as
+torchao's default ``PerAxis(0)``), ``intx_weight_only_int4_g32`` (``PerGroup(32)``),
+``..._asym`` (``MappingType.ASYMMETRIC``), ``float8_weight_only``,
+``int4_weight_only_tinygemm`` (``Int4WeightOnlyConfig``, groups of 128, tinygemm layout).
+The names of earlier releases (``int4_weight_only`` for int4 groups of 32, ``int8_dynamic``,
+``fp8_weight_only``, ``int4_tinygemm``, ``*_per_channel``) are deprecated aliases.
 
 Which layers: torchao's own default filter (``nn.Linear``, not
 ``NonDynamicallyQuantizableLinear``), narrowed by the scheme's ``filter_fn(module, fqn)``.
@@ -42,17 +55,49 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .base import FilterFn, ParamGrid, QuantizationScheme, SchemeError, SchemeUnavailableError
+from .base import (
+    ParamGrid,
+    SchemeConfig,
+    SchemeError,
+    SchemeUnavailableError,
+    _quantized_kind,
+    affine_grid,
+)
 from .casts import representable_values
-from .registry import register_scheme
+from .registry import register_alias, register_scheme
 
-_GRANULARITIES = ("per_row", "per_tensor", "per_group", "per_channel")
+_GRANULARITIES = ("per_row", "per_tensor", "per_group")
+
+#: ``reader(scheme, parameter name, quantized weight, notes) -> ParamGrid``
+GridReader = Callable[["TorchAOScheme", str, Tensor, list], ParamGrid]
+#: torchao tensor type name -> the reader of its grid
+GRID_READERS: dict[str, GridReader] = {}
+
+
+def register_grid_reader(*type_names: str) -> Callable[[GridReader], GridReader]:
+    """Decorator: register a grid reader for torchao tensor types (by class name, which is
+    stable across torchao's module moves; subclasses are found through their MRO)."""
+    def deco(fn: GridReader) -> GridReader:
+        for t in type_names:
+            GRID_READERS[t] = fn
+        return fn
+    return deco
+
+
+def grid_reader(weight: Tensor) -> GridReader | None:
+    """The reader registered for ``type(weight)`` or its nearest base class, else ``None``."""
+    for k in type(weight).__mro__:
+        if k.__name__ in GRID_READERS:
+            return GRID_READERS[k.__name__]
+    return None
 
 
 def _torchao_default_filter() -> Callable[[nn.Module], bool]:
@@ -100,18 +145,18 @@ def _torchao_version() -> str:
         return "unknown"
 
 
-class TorchAOScheme(QuantizationScheme):
+@dataclass(frozen=True)
+class TorchAOScheme(SchemeConfig):
     """Base of the torchao schemes: layer selection, ``quantize_``, grid reading.
 
-    Subclasses set ``config_class`` (the name in ``torchao.quantization``) and implement
-    :meth:`_config` and :meth:`_read_grid`; per-group schemes set :attr:`group_size`.
+    Subclasses are frozen dataclasses that set ``config_class`` (the name in
+    ``torchao.quantization``) and ``base_name``, and implement :meth:`_config`; the grid of
+    each quantized weight is read by the reader registered for its tensor type
+    (:data:`GRID_READERS`). Per-group schemes have a ``group_size`` field.
     """
 
-    backend = "torchao"
-    layers = "nn.Linear (torchao's default filter)"
-    config_class: str = ""
-    #: in_features must be a multiple of this (per-group schemes), else the layer is skipped
-    group_size: int | None = None
+    backend: ClassVar[str] = "torchao"
+    layers: ClassVar[str] = "nn.Linear (torchao's default filter)"
 
     def check_available(self) -> None:
         try:
@@ -128,11 +173,8 @@ class TorchAOScheme(QuantizationScheme):
     def _config(self) -> Any:
         raise NotImplementedError
 
-    def _read_grid(self, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
-        raise NotImplementedError
-
     def _skip_reason(self, module: nn.Module) -> str | None:
-        g = self.group_size
+        g = getattr(self, "group_size", None)
         k = module.weight.shape[-1]
         if g is not None and k % g != 0:
             return (f"in_features {k} is not a multiple of the group size {g}: scheme "
@@ -142,17 +184,13 @@ class TorchAOScheme(QuantizationScheme):
     def _prepare(self, modules: dict[str, nn.Module], notes: list[str]) -> None:
         """Hook run on the chosen layers just before ``quantize_`` (e.g. dtype casts)."""
 
-    def describe(self) -> dict:
-        return {"name": self.name, "backend": self.backend, "config": self.config_class,
-                "layers": "nn.Linear weights (torchao default filter)"}
-
     def supports(self, module: nn.Module) -> bool:
         return _torchao_default_filter()(module)
 
     def _quantize_copy(self, model: nn.Module):
         from torchao.quantization import quantize_
 
-        chosen, reasons, notes = self._plan_weights(model, skip_reason=self._skip_reason)
+        chosen, reasons, notes = self.select_weights(model, skip_reason=self._skip_reason)
         if not chosen:
             return {}, notes, reasons
         # tied holders too: their other state (bias) must match the layout (tinygemm: bf16)
@@ -163,7 +201,13 @@ class TorchAOScheme(QuantizationScheme):
         grids: dict[str, ParamGrid] = {}
         for module, name, others in chosen.values():
             w = module.weight
-            if not hasattr(w, "qdata") and not hasattr(w, "scale_and_zero"):
+            reader = grid_reader(w)
+            if reader is None:
+                if _quantized_kind(w) is not None:
+                    raise SchemeError(
+                        f"scheme {self.name!r}: torchao released {name!r} as a "
+                        f"{type(w).__name__}, for which no grid reader is registered "
+                        f"(registered: {', '.join(sorted(GRID_READERS))})")
                 reasons[name] = (f"torchao left this weight in float under {self.config_class} "
                                  f"(its weight is a {type(w).__name__})")
                 continue
@@ -171,7 +215,7 @@ class TorchAOScheme(QuantizationScheme):
             # Parameter to every other holder, so that the tie (and the release) stays whole.
             for _, other in others:
                 other.weight = w
-            grids[name] = self._read_grid(name, w, notes)
+            grids[name] = reader(self, name, w, notes)
         return grids, notes, reasons
 
 
@@ -185,73 +229,89 @@ def _make_config(cls: Any, **kwargs: Any) -> Any:
     return cls(**kwargs)
 
 
-def _granularity(granularity: str, group_size: int | None) -> Any:
+def _granularity(granularity: str, group_size: int | None, row: str = "per_row") -> Any:
+    """torchao's granularity object; ``row`` picks ``PerRow()`` or ``PerAxis(0)`` (the
+    per-row granularity as ``IntxWeightOnlyConfig`` takes it)."""
     from torchao.quantization import PerAxis, PerGroup, PerRow, PerTensor
 
     if granularity == "per_row":
-        return PerRow()
+        return PerRow() if row == "per_row" else PerAxis(0)
     if granularity == "per_tensor":
         return PerTensor()
-    if granularity == "per_channel":
-        return PerAxis(0)
     if granularity == "per_group":
         return PerGroup(int(group_size))  # type: ignore[arg-type]
     raise ValueError(f"unknown granularity {granularity!r}; choose from {_GRANULARITIES}")
 
 
-def _check_granularity(granularity: str, group_size: int | None, allowed: tuple[str, ...]) -> None:
-    if granularity not in allowed:
-        raise ValueError(f"granularity must be one of {allowed}, got {granularity!r}")
-    if granularity == "per_group" and (not isinstance(group_size, int) or group_size < 1):
-        raise ValueError(f"per_group needs a positive integer group_size, got {group_size!r}")
+def _normalize_granularity(scheme: SchemeConfig, allowed: tuple[str, ...], default_group: int) -> None:
+    """Check ``scheme.granularity`` / ``group_size`` (in ``__post_init__``): ``per_channel``
+    is the deprecated spelling of ``per_row``; ``group_size`` is kept for ``per_group`` only."""
+    gran = scheme.granularity  # type: ignore[attr-defined]
+    if gran == "per_channel":
+        warnings.warn("granularity 'per_channel' is deprecated: it is 'per_row' (one scale per "
+                      "output row, torchao's PerRow / PerAxis(0))", DeprecationWarning, stacklevel=4)
+        gran = "per_row"
+    if gran not in allowed:
+        raise ValueError(f"granularity must be one of {allowed}, got {gran!r}")
+    group = scheme.group_size  # type: ignore[attr-defined]
+    if gran == "per_group":
+        group = default_group if group is None else group
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+            raise ValueError(f"per_group needs a positive integer group_size, got {group!r}")
+    else:
+        group = None
+    object.__setattr__(scheme, "granularity", gran)
+    object.__setattr__(scheme, "group_size", group)
 
 
-def _affine_grid(name: str, w: Tensor, qmin: int, qmax: int, code_bits: int,
-                 asymmetric: bool) -> ParamGrid:
-    """An affine grid from an ``Int8Tensor`` / ``IntxUnpackedToInt8Tensor``."""
-    shape = tuple(w.shape)
-    scale = w.scale.detach().clone()
-    zp = w.zero_point.detach().clone()
-    block = tuple(int(b) for b in w.block_size)
-    per_block = math.prod(block)
-    side_bits = scale.element_size() * 8 + (zp.element_size() * 8 if asymmetric else 0)
-    return ParamGrid(
-        name=name, shape=shape, kind="affine",
-        dequantized=w.dequantize().detach().to(torch.float32).reshape(shape),
-        bits_per_weight=code_bits + side_bits / per_block,
-        scale=scale, block_size=block, zero_point=zp, qmin=qmin, qmax=qmax,
-        codes=w.qdata.detach().clone().reshape(shape),
-    )
+def _granularity_part(granularity: str, group_size: int | None, default: str) -> list[str]:
+    """The name suffix of a granularity (none for the config's default)."""
+    if granularity == default:
+        return []
+    return [f"g{group_size}"] if granularity == "per_group" else [granularity]
 
 
+@register_grid_reader("Int8Tensor", "IntxUnpackedToInt8Tensor")
+def _read_affine(scheme: TorchAOScheme, name: str, w: Tensor, notes: list[str]) -> ParamGrid:
+    """An affine grid from an ``Int8Tensor`` / ``IntxUnpackedToInt8Tensor``: codes
+    ``qdata``, ``scale``, integer-domain ``zero_point``, ``block_size``."""
+    bits = int(getattr(scheme, "bits", 8))
+    return affine_grid(
+        name, codes=w.qdata.detach().clone().reshape(tuple(w.shape)),
+        scale=w.scale.detach().clone(), zero_point=w.zero_point.detach().clone(),
+        block_size=tuple(int(b) for b in w.block_size),
+        qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1, dequantized=w.dequantize(),
+        code_bits=bits, asymmetric=getattr(scheme, "mapping", "symmetric") == "asymmetric")
+
+
+@dataclass(frozen=True)
 class Int8WeightOnly(TorchAOScheme):
     """``Int8WeightOnlyConfig``: symmetric int8 weights (``Int8Tensor``).
 
     Args:
         granularity: ``"per_row"`` (default), ``"per_tensor"`` or ``"per_group"``.
-        group_size: elements per group for ``"per_group"``.
+        group_size: elements per group for ``"per_group"`` (default 128).
         filter_fn: ``filter_fn(module, fqn) -> bool`` narrows torchao's default filter.
+
+    Raises:
+        ValueError: another granularity, or a group size that is not a positive integer.
     """
 
-    scale_rule = "absmax"
+    granularity: str = "per_row"
+    group_size: int | None = None
 
-    config_class = "Int8WeightOnlyConfig"
-    _base_name = "int8_weight_only"
+    scale_rule: ClassVar[str] = "absmax"
+    config_class: ClassVar[str] = "Int8WeightOnlyConfig"
+    base_name: ClassVar[str] = "int8_weight_only"
+    mapping: ClassVar[str] = "symmetric"
+    bits: ClassVar[int] = 8
+    _allowed: ClassVar[tuple[str, ...]] = ("per_row", "per_tensor", "per_group")
 
-    def __init__(self, granularity: str = "per_row", group_size: int | None = None,
-                 filter_fn: FilterFn | None = None) -> None:
-        super().__init__(filter_fn)
-        if granularity == "per_group" and group_size is None:
-            group_size = 128
-        _check_granularity(granularity, group_size, ("per_row", "per_tensor", "per_group"))
-        self.granularity = granularity
-        self.group_size = group_size if granularity == "per_group" else None
-        suffix = {"per_row": "", "per_tensor": "_per_tensor"}.get(granularity, f"_g{group_size}")
-        self.name = self._base_name + suffix
+    def __post_init__(self) -> None:
+        _normalize_granularity(self, self._allowed, 128)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "granularity": self.granularity,
-                "group_size": self.group_size, "mapping": "symmetric", "bits": 8}
+    def name_parts(self) -> list[str]:
+        return _granularity_part(self.granularity, self.group_size, "per_row")
 
     def _config(self) -> Any:
         import torchao.quantization as aoq
@@ -259,69 +319,68 @@ class Int8WeightOnly(TorchAOScheme):
         cls = getattr(aoq, self.config_class)
         return _make_config(cls, granularity=_granularity(self.granularity, self.group_size))
 
-    def _read_grid(self, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
-        return _affine_grid(name, weight, -128, 127, 8, asymmetric=False)
 
-
-class Int8Dynamic(Int8WeightOnly):
+@dataclass(frozen=True)
+class Int8DynamicActivationInt8Weight(Int8WeightOnly):
     """``Int8DynamicActivationInt8WeightConfig``: the weight grid (activations are quantized
-    at run time, per token, and are not part of the release)."""
+    at run time, per token, and are not part of the release).
 
-    config_class = "Int8DynamicActivationInt8WeightConfig"
-    _base_name = "int8_dynamic"
+    Args:
+        granularity: ``"per_row"`` (default) or ``"per_tensor"``.
+    """
 
-    def __init__(self, granularity: str = "per_row", filter_fn: FilterFn | None = None) -> None:
-        if granularity not in ("per_row", "per_tensor"):
-            raise ValueError(f"granularity must be 'per_row' or 'per_tensor', got {granularity!r}")
-        super().__init__(granularity=granularity, filter_fn=filter_fn)
-
-
-def _intx_name(bits: int, granularity: str, group_size: int | None, mapping: str) -> str:
-    base = f"int{bits}_weight_only" + ("_intx" if bits == 8 else "")
-    if granularity == "per_channel":
-        base += "_per_channel"
-    elif group_size != 32:
-        base += f"_g{group_size}"
-    if mapping == "asymmetric" and bits != 1:
-        base += "_asym"
-    return base
+    config_class: ClassVar[str] = "Int8DynamicActivationInt8WeightConfig"
+    base_name: ClassVar[str] = "int8_dynamic_activation_int8_weight"
+    _allowed: ClassVar[tuple[str, ...]] = ("per_row", "per_tensor")
 
 
+Int8Dynamic = Int8DynamicActivationInt8Weight  # the class's earlier name
+
+
+@dataclass(frozen=True)
 class IntxWeightOnly(TorchAOScheme):
     """``IntxWeightOnlyConfig(weight_dtype=torch.int<bits>)``: 1..8-bit integer weights.
 
     Args:
         bits: 1..8.
-        granularity: ``"per_group"`` (default, ``group_size`` 32) or ``"per_channel"``
-            (``PerAxis(0)``: one scale per output row). torchao refuses per-tensor.
+        granularity: ``"per_group"`` (default, ``group_size`` 32) or ``"per_row"``
+            (``PerAxis(0)``: one scale per output row, torchao's default). torchao refuses
+            per-tensor.
         group_size: elements per group.
         mapping: ``"symmetric"`` (default for 2..8 bits) or ``"asymmetric"`` (the default
             and the only sensible choice for 1 bit: symmetric int1 rounds every weight to 0).
         filter_fn: ``filter_fn(module, fqn) -> bool`` narrows torchao's default filter.
+
+    Raises:
+        ValueError: bits outside 1..8, another granularity or mapping, a bad group size.
     """
 
-    config_class = "IntxWeightOnlyConfig"
+    bits: int = 4
+    granularity: str = "per_group"
+    group_size: int | None = 32
+    mapping: str | None = None
 
-    def __init__(self, bits: int = 4, granularity: str = "per_group", group_size: int = 32,
-                 mapping: str | None = None, filter_fn: FilterFn | None = None) -> None:
-        super().__init__(filter_fn)
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-        _check_granularity(granularity, group_size, ("per_group", "per_channel"))
+    config_class: ClassVar[str] = "IntxWeightOnlyConfig"
+    base_name: ClassVar[str] = "intx_weight_only"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 1 <= self.bits <= 8:
+            raise ValueError(f"bits must be an integer in 1..8, got {self.bits!r}")
+        _normalize_granularity(self, ("per_group", "per_row"), 32)
+        mapping = self.mapping
         if mapping is None:
-            mapping = "asymmetric" if bits == 1 else "symmetric"
+            mapping = "asymmetric" if self.bits == 1 else "symmetric"
         if mapping not in ("symmetric", "asymmetric"):
             raise ValueError(f"mapping must be 'symmetric' or 'asymmetric', got {mapping!r}")
-        self.bits = bits
-        self.granularity = granularity
-        self.group_size = group_size if granularity == "per_group" else None
-        self.mapping = mapping
-        self.scale_rule = "minmax" if mapping == "asymmetric" else "absmax"
-        self.name = _intx_name(bits, granularity, self.group_size, mapping)
+        object.__setattr__(self, "mapping", mapping)
 
-    def describe(self) -> dict:
-        return {**super().describe(), "bits": self.bits, "granularity": self.granularity,
-                "group_size": self.group_size, "mapping": self.mapping}
+    @property
+    def scale_rule(self) -> str:  # type: ignore[override]
+        return "minmax" if self.mapping == "asymmetric" else "absmax"
+
+    def name_parts(self) -> list[str]:
+        return [f"int{self.bits}", *_granularity_part(self.granularity, self.group_size, "per_row"),
+                *(["asym"] if self.mapping == "asymmetric" else [])]
 
     def _config(self) -> Any:
         import torchao.quantization as aoq
@@ -330,15 +389,38 @@ class IntxWeightOnly(TorchAOScheme):
         return _make_config(
             aoq.IntxWeightOnlyConfig,
             weight_dtype=getattr(torch, f"int{self.bits}"),
-            granularity=_granularity(self.granularity, self.group_size),
+            granularity=_granularity(self.granularity, self.group_size, row="per_axis"),
             mapping_type=mt)
 
-    def _read_grid(self, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
-        qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return _affine_grid(name, weight, qmin, qmax, self.bits,
-                            asymmetric=self.mapping == "asymmetric")
+
+@register_grid_reader("Float8Tensor")
+@torch.no_grad()
+def _read_float8(scheme: TorchAOScheme, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
+    """A table grid from a ``Float8Tensor`` (every finite float8 value times the block's
+    scale); torchao's NaN codes of all-zero rows are repaired to 0 (see the module doc)."""
+    shape = tuple(weight.shape)
+    q = weight.qdata
+    bad = torch.isnan(q.to(torch.float32))
+    if bool(bad.any()):
+        # torchao: an all-zero row/group has scale 0 and codes 0/0 = NaN, so its
+        # dequantize() and the layer's output are NaN. Repair the copy: codes 0.
+        q.copy_(torch.where(bad, torch.zeros_like(bad, dtype=torch.float32),
+                            q.to(torch.float32)).to(q.dtype))
+        notes.append(f"{scheme.name}: {int(bad.sum())} weight(s) of {name!r} lie in all-zero "
+                     "rows that torchao gave scale 0 and NaN codes (its dequantize() and the "
+                     "layer output would be NaN); their codes were set to 0, so they "
+                     "release exactly 0")
+    scale = weight.scale.detach().clone()
+    block = tuple(int(b) for b in weight.block_size)
+    return ParamGrid(
+        name=name, shape=shape, kind="table",
+        dequantized=weight.dequantize().detach().to(torch.float32).reshape(shape),
+        bits_per_weight=8 + scale.element_size() * 8 / math.prod(block),
+        scale=scale, block_size=block, values=representable_values(q.dtype),
+    )
 
 
+@dataclass(frozen=True)
 class Float8WeightOnly(TorchAOScheme):
     """``Float8WeightOnlyConfig``: float8 weights with an absmax scale per row (or tensor).
 
@@ -346,26 +428,27 @@ class Float8WeightOnly(TorchAOScheme):
         dtype: ``"e4m3fn"`` (default) or ``"e5m2"``.
         granularity: ``"per_row"`` (default; runs on CPU) or ``"per_tensor"``.
         filter_fn: ``filter_fn(module, fqn) -> bool`` narrows torchao's default filter.
+
+    Raises:
+        ValueError: another dtype or granularity.
     """
 
-    scale_rule = "absmax"
+    dtype: str = "e4m3fn"
+    granularity: str = "per_row"
 
-    config_class = "Float8WeightOnlyConfig"
+    scale_rule: ClassVar[str] = "absmax"
+    config_class: ClassVar[str] = "Float8WeightOnlyConfig"
+    base_name: ClassVar[str] = "float8_weight_only"
 
-    def __init__(self, dtype: str = "e4m3fn", granularity: str = "per_row",
-                 filter_fn: FilterFn | None = None) -> None:
-        super().__init__(filter_fn)
-        if dtype not in ("e4m3fn", "e5m2"):
-            raise ValueError(f"dtype must be 'e4m3fn' or 'e5m2', got {dtype!r}")
-        _check_granularity(granularity, None, ("per_row", "per_tensor"))
-        self.dtype = dtype
-        self.granularity = granularity
-        self.name = ("fp8_weight_only" if dtype == "e4m3fn" else "fp8_e5m2_weight_only") + (
-            "_per_tensor" if granularity == "per_tensor" else "")
+    def __post_init__(self) -> None:
+        if self.dtype not in ("e4m3fn", "e5m2"):
+            raise ValueError(f"dtype must be 'e4m3fn' or 'e5m2', got {self.dtype!r}")
+        if self.granularity not in ("per_row", "per_tensor"):
+            raise ValueError(f"granularity must be one of ('per_row', 'per_tensor'), got {self.granularity!r}")
 
-    def describe(self) -> dict:
-        return {**super().describe(), "dtype": f"float8_{self.dtype}",
-                "granularity": self.granularity}
+    def name_parts(self) -> list[str]:
+        return [*(["e5m2"] if self.dtype == "e5m2" else []),
+                *(["per_tensor"] if self.granularity == "per_tensor" else [])]
 
     def _config(self) -> Any:
         import torchao.quantization as aoq
@@ -374,37 +457,37 @@ class Float8WeightOnly(TorchAOScheme):
                             weight_dtype=getattr(torch, f"float8_{self.dtype}"),
                             granularity=_granularity(self.granularity, None))
 
-    @torch.no_grad()
-    def _read_grid(self, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
-        shape = tuple(weight.shape)
-        q = weight.qdata
-        bad = torch.isnan(q.to(torch.float32))
-        if bool(bad.any()):
-            # torchao: an all-zero row/group has scale 0 and codes 0/0 = NaN, so its
-            # dequantize() and the layer's output are NaN. Repair the copy: codes 0.
-            q.copy_(torch.where(bad, torch.zeros_like(bad, dtype=torch.float32),
-                                q.to(torch.float32)).to(q.dtype))
-            notes.append(f"{self.name}: {int(bad.sum())} weight(s) of {name!r} lie in all-zero "
-                         "rows that torchao gave scale 0 and NaN codes (its dequantize() and the "
-                         "layer output would be NaN); their codes were set to 0, so they "
-                         "release exactly 0")
-        scale = weight.scale.detach().clone()
-        block = tuple(int(b) for b in weight.block_size)
-        fdtype = q.dtype
-        return ParamGrid(
-            name=name, shape=shape, kind="table",
-            dequantized=weight.dequantize().detach().to(torch.float32).reshape(shape),
-            bits_per_weight=8 + scale.element_size() * 8 / math.prod(block),
-            scale=scale, block_size=block, values=representable_values(fdtype),
-        )
+
+@register_grid_reader("Int4TilePackedTo4dTensor")
+@torch.no_grad()
+def _read_tinygemm(scheme: TorchAOScheme, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
+    """The affine grid of an ``Int4TilePackedTo4dTensor`` (see :class:`Int4WeightOnly`)."""
+    from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
+
+    n, k = weight.shape
+    g = int(weight.block_size[-1])
+    scale, zero = (t.squeeze(-1) for t in unpack_tinygemm_scales_and_zeros(weight.scale_and_zero))
+    scale, zero = scale[:n, : k // g].float(), zero[:n, : k // g].float()
+    k_pad = -(-k // 1024) * 1024  # torchao pads in_features to a multiple of 1024
+    eye = torch.eye(k_pad, dtype=torch.bfloat16, device=weight.qdata.device)
+    deq = torch.ops.aten._weight_int4pack_mm(eye, weight.qdata, g, weight.scale_and_zero)
+    deq = deq[:k, :n].t().float()
+    s_el = scale.repeat_interleave(g, dim=1)
+    z_el = zero.repeat_interleave(g, dim=1)
+    codes = torch.round((deq - z_el) / s_el + 8).clamp(0, 15).to(torch.int8)
+    zp = (8.0 - zero.double() / scale.double())
+    return affine_grid(name, codes=codes.cpu(), scale=scale.cpu(), zero_point=zp.cpu(),
+                       block_size=(1, g), qmin=0, qmax=15, dequantized=deq.cpu(), code_bits=4,
+                       side_bits=32.0)
 
 
-class Int4TinyGemm(TorchAOScheme):
+@dataclass(frozen=True)
+class Int4WeightOnly(TorchAOScheme):
     """``Int4WeightOnlyConfig`` in the tinygemm layout (``tile_packed_to_4d``): CUDA only.
 
     torchao packs the int4 codes for its tinygemm CUDA kernel; it needs bfloat16 weights on
     a CUDA device of compute capability >= 8.0 and cannot run on CPU (the CPU path to int4
-    is ``int4_weight_only``, ``IntxWeightOnlyConfig(weight_dtype=torch.int4)``).
+    is ``intx_weight_only_int4_g32``, ``IntxWeightOnlyConfig(weight_dtype=torch.int4)``).
 
     Grid (asymmetric, float-domain zero point): per group of ``group_size`` input columns,
     value ``(q - 8) * scale + zero`` for ``q in [0, 15]``, i.e. affine with the float zero
@@ -413,27 +496,35 @@ class Int4TinyGemm(TorchAOScheme):
     codes recovered as ``round((w - zero) / scale) + 8``. The chosen layers are cast to
     bfloat16 first (required by the layout; a note says so): the grid is that of the bf16
     weights. Not testable without a GPU.
+
+    Args:
+        group_size: 32, 64, 128 (default, torchao's) or 256.
+
+    Raises:
+        ValueError: another group size.
     """
 
-    scale_rule = "minmax"
+    group_size: int = 128
 
-    config_class = "Int4WeightOnlyConfig"
+    scale_rule: ClassVar[str] = "minmax"
+    config_class: ClassVar[str] = "Int4WeightOnlyConfig"
+    base_name: ClassVar[str] = "int4_weight_only"
 
-    def __init__(self, group_size: int = 128, filter_fn: FilterFn | None = None) -> None:
-        super().__init__(filter_fn)
-        if group_size not in (32, 64, 128, 256):
-            raise ValueError(f"group_size must be 32, 64, 128 or 256, got {group_size!r}")
-        self.group_size = group_size
-        self.name = "int4_tinygemm" + ("" if group_size == 128 else f"_g{group_size}")
+    def __post_init__(self) -> None:
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"group_size must be 32, 64, 128 or 256, got {self.group_size!r}")
+
+    def name_parts(self) -> list[str]:
+        return [*([] if self.group_size == 128 else [f"g{self.group_size}"]), "tinygemm"]
 
     def describe(self) -> dict:
         return {**super().describe(), "bits": 4, "granularity": "per_group",
-                "group_size": self.group_size, "mapping": "asymmetric (float zero point)",
-                "packing": "tile_packed_to_4d"}
+                "mapping": "asymmetric (float zero point)", "packing": "tile_packed_to_4d"}
 
     def check_available(self) -> None:
         super().check_available()
-        cpu_path = "on CPU use 'int4_weight_only' (IntxWeightOnlyConfig(weight_dtype=torch.int4))"
+        cpu_path = ("on CPU use 'intx_weight_only_int4_g32' "
+                    "(IntxWeightOnlyConfig(weight_dtype=torch.int4))")
         if not torch.cuda.is_available():
             raise SchemeUnavailableError(
                 f"scheme {self.name!r} is unavailable: torchao's tinygemm int4 layout "
@@ -468,56 +559,47 @@ class Int4TinyGemm(TorchAOScheme):
         notes.append(f"{self.name}: the quantized layers were cast to bfloat16 first (the "
                      "tinygemm layout needs it); their inputs are cast too at run time")
 
-    @torch.no_grad()
-    def _read_grid(self, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
-        from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
 
-        n, k = weight.shape
-        g = int(weight.block_size[-1])
-        scale, zero = (t.squeeze(-1) for t in unpack_tinygemm_scales_and_zeros(weight.scale_and_zero))
-        scale, zero = scale[:n, : k // g].float(), zero[:n, : k // g].float()
-        k_pad = -(-k // 1024) * 1024  # torchao pads in_features to a multiple of 1024
-        eye = torch.eye(k_pad, dtype=torch.bfloat16, device=weight.qdata.device)
-        deq = torch.ops.aten._weight_int4pack_mm(eye, weight.qdata, g, weight.scale_and_zero)
-        deq = deq[:k, :n].t().float()
-        s_el = scale.repeat_interleave(g, dim=1)
-        z_el = zero.repeat_interleave(g, dim=1)
-        codes = torch.round((deq - z_el) / s_el + 8).clamp(0, 15).to(torch.int8)
-        zp = (8.0 - zero.double() / scale.double())
-        return ParamGrid(
-            name=name, shape=(n, k), kind="affine", dequantized=deq.cpu(),
-            bits_per_weight=4 + 32.0 / g, scale=scale.cpu(), block_size=(1, g),
-            zero_point=zp.cpu(), qmin=0, qmax=15, codes=codes.cpu(),
-        )
+Int4TinyGemm = Int4WeightOnly  # the class's earlier name
 
 
 # ---------------------------------------------------------------- registry (public names)
-def _reg(name: str, factory: Callable[..., QuantizationScheme]) -> None:
-    register_scheme(name, factory)
-
-
-_reg("int8_weight_only", lambda **kw: Int8WeightOnly(**kw))
-_reg("int8_weight_only_per_tensor", lambda **kw: Int8WeightOnly(granularity="per_tensor", **kw))
+register_scheme(Int8WeightOnly())
+register_scheme(Int8WeightOnly(granularity="per_tensor"))
 for _g in (32, 128):
-    _reg(f"int8_weight_only_g{_g}",
-         lambda _g=_g, **kw: Int8WeightOnly(granularity="per_group", group_size=_g, **kw))
-_reg("int8_dynamic", lambda **kw: Int8Dynamic(**kw))
+    register_scheme(Int8WeightOnly(granularity="per_group", group_size=_g))
+register_scheme(Int8DynamicActivationInt8Weight())
+register_alias("int8_dynamic", "int8_dynamic_activation_int8_weight",
+               "torchao's Int8DynamicActivationInt8WeightConfig")
 
-for _b in range(1, 8):
-    _reg(_intx_name(_b, "per_group", 32, "symmetric"),
-         lambda _b=_b, **kw: IntxWeightOnly(bits=_b, **kw))
+_INTX_WHY = ("IntxWeightOnlyConfig; in torchao, int4_weight_only is Int4WeightOnlyConfig, "
+             "groups of 128, here int4_weight_only_tinygemm")
+for _b in range(1, 9):
+    _s = IntxWeightOnly(bits=_b)
+    register_scheme(_s)
+    if _b < 8:
+        register_alias(f"int{_b}_weight_only", _s.name, _INTX_WHY)
 for _b in (2, 3, 4):
     for _g in (64, 128):
-        _reg(_intx_name(_b, "per_group", _g, "symmetric"),
-             lambda _b=_b, _g=_g, **kw: IntxWeightOnly(bits=_b, group_size=_g, **kw))
-    _reg(_intx_name(_b, "per_channel", None, "symmetric"),
-         lambda _b=_b, **kw: IntxWeightOnly(bits=_b, granularity="per_channel", **kw))
+        _s = IntxWeightOnly(bits=_b, group_size=_g)
+        register_scheme(_s)
+        register_alias(f"int{_b}_weight_only_g{_g}", _s.name, _INTX_WHY)
+    _s = IntxWeightOnly(bits=_b, granularity="per_row")
+    register_scheme(_s)
+    register_alias(f"int{_b}_weight_only_per_channel", _s.name, _INTX_WHY + "; per_channel is per_row")
 for _b in (2, 3, 4, 8):
-    _reg(_intx_name(_b, "per_group", 32, "asymmetric"),
-         lambda _b=_b, **kw: IntxWeightOnly(bits=_b, mapping="asymmetric", **kw))
-_reg(_intx_name(8, "per_group", 32, "symmetric"), lambda **kw: IntxWeightOnly(bits=8, **kw))
+    _s = IntxWeightOnly(bits=_b, mapping="asymmetric")
+    register_scheme(_s)
+    register_alias(f"int{_b}_weight_only_intx_asym" if _b == 8 else f"int{_b}_weight_only_asym",
+                   _s.name, _INTX_WHY)
+register_alias("int8_weight_only_intx", IntxWeightOnly(bits=8).name, _INTX_WHY)
 
-_reg("fp8_weight_only", lambda **kw: Float8WeightOnly(**kw))
-_reg("fp8_weight_only_per_tensor", lambda **kw: Float8WeightOnly(granularity="per_tensor", **kw))
-_reg("fp8_e5m2_weight_only", lambda **kw: Float8WeightOnly(dtype="e5m2", **kw))
-_reg("int4_tinygemm", lambda **kw: Int4TinyGemm(**kw))
+register_scheme(Float8WeightOnly())
+register_scheme(Float8WeightOnly(granularity="per_tensor"))
+register_scheme(Float8WeightOnly(dtype="e5m2"))
+for _old, _s in (("fp8_weight_only", Float8WeightOnly()),
+                 ("fp8_weight_only_per_tensor", Float8WeightOnly(granularity="per_tensor")),
+                 ("fp8_e5m2_weight_only", Float8WeightOnly(dtype="e5m2"))):
+    register_alias(_old, _s.name, "torchao's Float8WeightOnlyConfig")
+register_scheme(Int4WeightOnly())
+register_alias("int4_tinygemm", Int4WeightOnly().name, "torchao's Int4WeightOnlyConfig")
