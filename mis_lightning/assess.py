@@ -17,17 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs
+from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs  # noqa: F401
 from .estimation import Estimate, estimate
 from .estimation.linear_factors import factored_power_sums
 from .estimation.per_sample import BatchFn, LossFn
+from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
+from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
-from .progress import ProgressFn
 from .report import LayerResult, Report, SchemeResult
-from .utility import OutputTransform, evaluate_utility
 
 log = logging.getLogger(__name__)
 
