@@ -156,7 +156,7 @@ def assess(
     >>> x = torch.randn(200, 1, generator=g); y = 0.5 * x[:, 0] + 0.1 * torch.randn(200, generator=g)
     >>> model = torch.nn.Linear(1, 1, bias=False)
     >>> with torch.no_grad():
-    ...     model.weight.fill_(float((x[:, 0] @ y) / (x[:, 0] @ x[:, 0])))
+    ...     _ = model.weight.fill_(float((x[:, 0] @ y) / (x[:, 0] @ x[:, 0])))
     >>> mse = lambda out, t: (out[:, 0] - t) ** 2
     >>> report = assess(model, ["rtn_int8", "rtn_int2"], DataLoader(TensorDataset(x, y), batch_size=50),
     ...                 mse, num_records=64, uncertainty_draws=0)

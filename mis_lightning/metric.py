@@ -126,11 +126,12 @@ class MISIndicator(EstimationMetric):
     >>> import torch
     >>> from mis_lightning import MISIndicator
     >>> g = torch.Generator().manual_seed(0)
-    >>> x = torch.randn(120, 2, generator=g); y = x @ torch.tensor([1.0, -1.0])
+    >>> x = torch.randn(120, 2, generator=g)
+    >>> y = x @ torch.tensor([1.0, -1.0]) + 0.3 * torch.randn(120, generator=g)
     >>> model = torch.nn.Linear(2, 1)
     >>> with torch.no_grad():
     ...     sol = torch.linalg.lstsq(torch.cat([x, torch.ones(120, 1)], 1), y[:, None]).solution
-    ...     model.weight.copy_(sol[:2].T); model.bias.copy_(sol[2])
+    ...     _ = model.weight.copy_(sol[:2].T), model.bias.copy_(sol[2])
     >>> metric = MISIndicator(model, lambda out, t: (out[:, 0] - t) ** 2, ["rtn_int8"],
     ...                       num_records=32, uncertainty_draws=0)
     >>> for a in range(0, 120, 40):
