@@ -326,7 +326,7 @@ def score_schemes(
         if scheme.name in failures:
             report.schemes[scheme.name] = SchemeResult(
                 name=scheme.name, leakage=math.nan, mis=math.nan, baseline_leakage=baseline,
-                d_eff=math.nan, d=est.d, sparsity=math.nan, frozen_fraction=math.nan,
+                d_eff=math.nan, d=est.d, zero_fraction=math.nan, pinned_fraction=math.nan,
                 bits_per_weight=math.nan, method="-", error=failures[scheme.name],
                 description=scheme.describe(),
             )
@@ -436,7 +436,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
         prep.layers[name] = LayerResult(
             name=name, d=numel, quantized=g is not None, leakage=math.nan, mis=math.nan,
             baseline_leakage=math.nan, d_eff=float(numel) if g is None else math.nan,
-            frozen_fraction=frz / max(numel, 1), sparsity=zero / numel if g is not None else 0.0,
+            pinned_fraction=frz / max(numel, 1), zero_fraction=zero / numel if g is not None else 0.0,
             bits_per_weight=bits,
         )
     return prep
@@ -444,7 +444,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
 
 def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator) -> None:
     """Cell moments of one parameter under one scheme: at theta-hat and at each bootstrap draw;
-    fills the layer's ``d_eff`` / ``frozen_fraction`` and the scheme's totals."""
+    fills the layer's ``d_eff`` / ``pinned_fraction`` and the scheme's totals."""
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
     k, m4, lam = _grid_moments(g, th, sg, chunk)
@@ -462,7 +462,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     prep.d_eff += ksum
     prep.frozen += frz
     prep.layers[name].d_eff = ksum
-    prep.layers[name].frozen_fraction = frz / max(th.numel(), 1)
+    prep.layers[name].pinned_fraction = frz / max(th.numel(), 1)
 
 
 def _release_moments(prep: _Prepared, name: str) -> None:
@@ -634,8 +634,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
-        d_eff=prep.d_eff, d=d, sparsity=prep.zero / prep.quant if prep.quant else 0.0,
-        frozen_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
+        d_eff=prep.d_eff, d=d, zero_fraction=prep.zero / prep.quant if prep.quant else 0.0,
+        pinned_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
         interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
         layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
         float_params=dict(prep.float_params),

@@ -1,8 +1,8 @@
 """Send a :class:`~mis_lightning.report.Report` to Lightning loggers (CSV, TensorBoard, MLflow, ...).
 
 Keys: ``mis/<scheme>/leakage``, ``mis/<scheme>/mis``, ``mis/<scheme>/leakage_p10``,
-``mis/<scheme>/leakage_p90``, ``mis/<scheme>/d_eff``, ``mis/<scheme>/sparsity``,
-``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/frozen_fraction``,
+``mis/<scheme>/leakage_p90``, ``mis/<scheme>/d_eff``, ``mis/<scheme>/zero_fraction``,
+``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/pinned_fraction``,
 ``mis/<scheme>/utility/<metric>``, ``mis/baseline/leakage``, ``mis/baseline/mis``.
 Loggers are used through their public ``log_metrics`` (rank-zero only in Lightning), and
 figures through the experiment object where the logger has one that takes figures.
@@ -36,8 +36,8 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
     for name, s in report.schemes.items():
         base = f"{prefix}/{name}"
         vals: dict[str, Any] = {
-            "leakage": s.leakage, "mis": s.mis, "d_eff": s.d_eff, "sparsity": s.sparsity,
-            "bits_per_weight": s.bits_per_weight, "frozen_fraction": s.frozen_fraction,
+            "leakage": s.leakage, "mis": s.mis, "d_eff": s.d_eff, "zero_fraction": s.zero_fraction,
+            "bits_per_weight": s.bits_per_weight, "pinned_fraction": s.pinned_fraction,
             "failed": 1.0 if s.error else 0.0,
         }
         if s.interval is not None:
