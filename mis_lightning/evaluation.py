@@ -20,7 +20,11 @@ __all__ = ["BatchLoss", "OutputTransform", "evaluate_utility", "to_device"]
 
 
 def to_device(tree: Any, device: torch.device | str) -> Any:
-    """Every tensor of a (nested) batch moved to ``device``; other leaves as they are."""
+    """Every tensor of a (nested) batch moved to ``device``; other leaves as they are.
+
+    Raises:
+        RuntimeError: a tensor cannot be moved (torch's error).
+    """
     return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
 
 

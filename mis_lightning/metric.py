@@ -58,7 +58,11 @@ def _t(x: float) -> Tensor:
 
 def report_summary(report: Report) -> dict[str, dict[str, Any]]:
     """``{scheme: {leakage, mis, baseline_leakage, d_eff, d, [leakage_p10, leakage_p90], layers,
-    [error]}}`` with 0-d float64 tensors (NaN for a failed scheme)."""
+    [error]}}`` with 0-d float64 tensors (NaN for a failed scheme).
+
+    Raises:
+        Nothing for a report built by the pipeline.
+    """
     out: dict[str, dict[str, Any]] = {}
     for name, s in report.schemes.items():
         entry: dict[str, Any] = {

@@ -151,6 +151,11 @@ class Report:
         }
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The report as JSON text (also written to ``path``).
+
+        Raises:
+            OSError: ``path`` cannot be written.
+        """
         text = json.dumps(to_plain(self.to_dict()), indent=indent)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +164,12 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report of :meth:`to_dict` / a saved JSON (also one saved before the renames:
+        ``sparsity`` and ``frozen_fraction`` keys load as ``zero_fraction`` / ``pinned_fraction``).
+
+        Raises:
+            KeyError: a required key is missing; TypeError: an unknown result field.
+        """
         schemes = {}
         for k, v in data["schemes"].items():
             v = _new_keys(dict(v))

@@ -39,7 +39,11 @@ __all__ = ["HOOK_NAME", "EstimationMetric", "default_schemes", "hook_program"]
 
 def default_schemes() -> list[str]:
     """Three CPU schemes: torchao int8/int4/int2 weight-only where registered, else the
-    built-in round-to-nearest ``rtn_int8``/``rtn_int4``/``rtn_int2``."""
+    built-in round-to-nearest ``rtn_int8``/``rtn_int4``/``rtn_int2``.
+
+    Raises:
+        Nothing.
+    """
     names = set(available_schemes())
     out = []
     for preferred, fallback in (("int8_weight_only", "rtn_int8"), ("int4_weight_only", "rtn_int4"),
@@ -109,7 +113,11 @@ def _passthrough_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def hook_program(model: nn.Module) -> tuple[LossFn, BatchFn, type[LossProgram]]:
-    """``(loss_fn, batch_fn, program_cls)`` that route the estimation through ``mis_per_sample_loss``."""
+    """``(loss_fn, batch_fn, program_cls)`` that route the estimation through ``mis_per_sample_loss``.
+
+    Raises:
+        TypeError: the model has no ``mis_per_sample_loss(batch)`` method.
+    """
     if not callable(getattr(model, HOOK_NAME, None)):
         raise TypeError(f"{type(model).__name__} has no {HOOK_NAME}(batch) method")
     return _passthrough_loss, _hook_batch_fn, _HookProgram

@@ -12,7 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
-from mis_lightning.config import EstimationConfig, ScoringConfig, compile_policy_from_env, stage_configs
+from mis_lightning.config import (
+    EstimationConfig,
+    ScoringConfig,
+    compile_policy_from_env,
+    stage_configs,
+)
 
 torch.set_num_threads(1)
 
