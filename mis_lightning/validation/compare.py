@@ -36,6 +36,8 @@ from .ground_truth import (
     draw_records,
 )
 
+score = score_schemes  # the name this module exported before issue 10
+
 
 class _Linear(nn.Module):
     def __init__(self, theta: np.ndarray) -> None:
