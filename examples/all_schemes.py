@@ -2,7 +2,7 @@
 
 Trains a 128-8-1 MLP (1,041 weights) on 20,000 synthetic regression records to (near) its penalised minimum, then
 ``mis_lightning.assess`` scores every scheme of the registry (schemes that cannot run on
-this machine, e.g. ``int4_tinygemm`` without CUDA, appear as error rows).
+this machine, e.g. ``int4_weight_only_tinygemm`` without CUDA, appear as error rows).
 
 Run:  python examples/all_schemes.py
 """

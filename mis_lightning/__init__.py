@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import functional, quantization
-from .assess import assess, score
+from .assess import assess, score, score_schemes
+from .config import EstimationConfig, ScoringConfig
 from .quantization import available_schemes, get_scheme, register_scheme
 from .report import Report, SchemeResult
 
@@ -28,6 +29,9 @@ __all__ = [
     "quantization",
     "register_scheme",
     "score",
+    "score_schemes",
+    "EstimationConfig",
+    "ScoringConfig",
 ]
 
 

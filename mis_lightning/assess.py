@@ -17,15 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs  # noqa: F401
 from .estimation import Estimate, estimate
 from .estimation.linear_factors import factored_power_sums
 from .estimation.per_sample import BatchFn, LossFn
+from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
+from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
 from .report import LayerResult, Report, SchemeResult
-from .utility import OutputTransform, evaluate_utility
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ MC_FLOP_BUDGET = 500_000_000
 D_EFF_OVER_N_MAX = 0.1
 MIN_MC_SAMPLES, MAX_MC_SAMPLES = 1024, 32768
 MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (128 MiB in float64)
-DEFAULT_CHUNK = 1 << 18
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -103,26 +104,20 @@ def assess(
     train_dataloader: Iterable,
     loss_fn: LossFn,
     *,
-    params: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
-    estimation: str = "auto",
-    hessian: str = "auto",
-    weight_decay: float = 0.0,
-    num_records: int = 512,
-    method: str = "auto",
+    estimation_config: EstimationConfig | None = None,
+    scoring_config: ScoringConfig | None = None,
     batch_fn: BatchFn | None = None,
     val_dataloader: Iterable | None = None,
     metrics: Mapping[str, Any] | None = None,
     output_transform: OutputTransform | None = None,
-    uncertainty_draws: int = 16,
-    num_samples: int | None = None,
-    seed: int = 0,
-    strict: bool = True,
-    chunk_size: int = DEFAULT_CHUNK,
-    budget: int | None = None,
-    use_factors: bool = True,
-    progress: Callable[[str, int], None] | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
 ) -> Report:
     """Membership-inference security of ``model`` under each quantization scheme.
+
+    Estimation (``sigma [d]`` and the influences ``w [R, d]``, method.md section 4), then one
+    scoring pass over every scheme (sections 3, 5, 7): :func:`run_estimation` followed by
+    :func:`score_schemes`.
 
     Args:
         model: the trained model; never modified (parameters stay bit-identical).
@@ -131,52 +126,104 @@ def assess(
         train_dataloader: the training records (each once), batches ``(inputs, targets)``.
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (the data term of the
             training objective).
-        params: names of the parameters to assess, or ``predicate(name, param)``; default
-            every trainable parameter.
-        estimation: ``"exact"`` sandwich, ``"diagonal"``, or ``"auto"``.
-        hessian: diagonal mode's Hessian (``"exact"``, ``"ggn"``, ``"hutchinson"``, ``"auto"``).
-        weight_decay: L2 coefficient of the training objective ``mean loss + wd/2 |theta|^2``.
-        num_records: records ``z`` over which the leakage is averaged.
-        method: ``"auto"``, ``"mc"``, ``"clt"`` or ``"exact1d"`` (see ``functional.leakage``).
+        estimation_config, scoring_config: the stages' options
+            (:class:`~mis_lightning.config.EstimationConfig`,
+            :class:`~mis_lightning.config.ScoringConfig`).
         batch_fn: ``batch -> (inputs, targets)`` for other batch layouts.
         val_dataloader, metrics, output_transform: utility of each quantized copy
             (``evaluate_utility``); the mean loss is always reported.
-        uncertainty_draws: parametric-bootstrap draws for the (p10, p90) interval (0: none).
-        num_samples: Monte Carlo draws when that form is used; ``None`` takes as many as
-            ``MC_FLOP_BUDGET`` and ``MC_BUFFER`` allow (1,024 to 32,768; standard error ~
-            1/sqrt(draws)). Every
-            scheme uses the same random draws, so scheme-to-scheme differences are sharper
-            than each scheme's own Monte Carlo error.
-        strict: raise on a failing scheme; otherwise record the error in the report.
-        chunk_size: weights per chunk of the cell computations (memory bound).
-        budget: floats held at once in per-sample buffers (default 2^25); above
-            ``num_records * d > budget`` the influences are not stored but streamed.
-        use_factors: use the factored path for ``nn.Linear`` layers where possible.
+        progress: ``progress(stage, completed)`` hook: ``("estimation", records so far)``,
+            then ``("schemes", schemes quantized and evaluated so far)`` (see
+            :mod:`mis_lightning.progress` for a renderer).
+        options: any field of either config by name (``estimation="exact"``,
+            ``num_records=64``, ``method="mc"``, ...); they override the configs' fields.
 
     Returns:
         :class:`~mis_lightning.report.Report`.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ValueError: an invalid option (named), an empty or duplicated scheme list, an already
+            quantized model, NaN/inf weights, or fewer than 2 training records.
+        KeyError: an unknown scheme or parameter name.
+
+    Example (a one-weight ridge regression; see docs/method.md for the figures):
+
+    >>> import torch
+    >>> from torch.utils.data import DataLoader, TensorDataset
+    >>> from mis_lightning import assess
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(200, 1, generator=g); y = 0.5 * x[:, 0] + 0.1 * torch.randn(200, generator=g)
+    >>> model = torch.nn.Linear(1, 1, bias=False)
+    >>> with torch.no_grad():
+    ...     _ = model.weight.fill_(float((x[:, 0] @ y) / (x[:, 0] @ x[:, 0])))
+    >>> mse = lambda out, t: (out[:, 0] - t) ** 2
+    >>> report = assess(model, ["rtn_int8", "rtn_int2"], DataLoader(TensorDataset(x, y), batch_size=50),
+    ...                 mse, num_records=64, uncertainty_draws=0)
+    >>> list(report.schemes), report.n, report.d
+    (['rtn_int8', 'rtn_int2'], 200, 1)
+    >>> report.schemes["rtn_int2"].leakage <= report.schemes["rtn_int8"].leakage <= report.baseline_leakage
+    True
     """
+    est_cfg, sc_cfg, rest = stage_configs("assess", estimation_config, scoring_config, options)
+    if rest:
+        raise TypeError(f"assess() got unexpected keyword argument(s) {sorted(rest)}: options are "
+                        "the fields of EstimationConfig and ScoringConfig")
     # data-dependent schemes learn from the training batches first (data-free ones: no-op)
     scheme_objs = [s.calibrate(model, train_dataloader) for s in resolve_schemes(schemes)]
-    names = select_params(model, params)
+    est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
+                         batch_fn=batch_fn, progress=progress)
+    return score_schemes(
+        est, model, scheme_objs, scoring_config=sc_cfg, val_dataloader=val_dataloader,
+        loss_fn=loss_fn, metrics=metrics, output_transform=output_transform, batch_fn=batch_fn,
+        progress=progress,
+    )
+
+
+def run_estimation(
+    model: nn.Module,
+    train_dataloader: Iterable,
+    loss_fn: LossFn,
+    config: EstimationConfig,
+    *,
+    seed: int = 0,
+    batch_fn: BatchFn | None = None,
+    progress: ProgressFn | None = None,
+) -> Estimate:
+    """The estimation half of :func:`assess`: the selected parameters (``config.params``),
+    then :func:`~mis_lightning.estimation.estimate` with ``config``'s options and a generator
+    seeded with ``seed``; ``progress("estimation", records so far)`` after each batch.
+
+    Raises:
+        ValueError, KeyError: as :func:`select_params` and ``estimate``.
+    """
+    names = select_params(model, config.params)
     gen = torch.Generator().manual_seed(seed)
-    est = estimate(
-        model, train_dataloader, loss_fn, param_names=names, mode=estimation, hessian=hessian,  # type: ignore[arg-type]
-        weight_decay=weight_decay, num_records=num_records, batch_fn=batch_fn, generator=gen,
-        use_factors=use_factors, **({"budget": budget} if budget is not None else {}),
+    return estimate(
+        model, train_dataloader, loss_fn, param_names=names,
+        weight_decay=config.resolved_weight_decay(model), batch_fn=batch_fn, generator=gen,
         progress=(lambda k: progress("estimation", k)) if progress else None,
+        **config.estimator_kwargs(),
     )
-    return score(
-        est, model, scheme_objs, method=method, uncertainty_draws=uncertainty_draws,
-        num_samples=num_samples, seed=seed, strict=strict, chunk_size=chunk_size,
-        val_dataloader=val_dataloader, loss_fn=loss_fn, metrics=metrics,
-        output_transform=output_transform, batch_fn=batch_fn,
-    )
+
+
+def score(*args: Any, **kwargs: Any) -> Report:
+    """Deprecated name of :func:`score_schemes` (same arguments).
+
+    Raises:
+        As :func:`score_schemes`.
+    """
+    warnings.warn("mis_lightning.score is deprecated, use score_schemes", DeprecationWarning, stacklevel=2)
+    return score_schemes(*args, **kwargs)
 
 
 def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[QuantizationScheme]:
-    """Scheme objects from names / objects; raises on an empty list, an unknown name or a
-    name listed twice."""
+    """Scheme objects from names / objects.
+
+    Raises:
+        ValueError: an empty list or a name listed twice.
+        KeyError: an unknown name (the message lists the close registered names).
+    """
     out = [get_scheme(s) for s in scheme_list(schemes)]
     seen: set[str] = set()
     for s in out:
@@ -186,32 +233,39 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
     return out
 
 
-def score(
+def score_schemes(
     est: Estimate,
     model: nn.Module,
     schemes: Sequence[SchemeSpec],
     *,
-    method: str = "auto",
-    uncertainty_draws: int = 16,
-    num_samples: int | None = None,
-    seed: int = 0,
-    strict: bool = True,
-    chunk_size: int = DEFAULT_CHUNK,
+    scoring_config: ScoringConfig | None = None,
     val_dataloader: Iterable | None = None,
     loss_fn: LossFn | None = None,
     metrics: Mapping[str, Any] | None = None,
     output_transform: OutputTransform | None = None,
     batch_fn: BatchFn | None = None,
     utility_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
 ) -> Report:
-    """Score each scheme from an estimate (see :func:`assess` for the arguments).
+    """Score each scheme from an estimate: the second half of :func:`assess` (see it for the
+    arguments; ``options`` are fields of :class:`~mis_lightning.config.ScoringConfig`).
 
+    ``est`` comes from :func:`run_estimation` (or ``estimate``, or a Metric's synced states).
     ``utility_fn(quantized_copy) -> {name: value}``, when given, measures each quantized
     copy's utility instead of ``evaluate_utility`` over ``val_dataloader`` (front ends with
-    their own evaluation loop, e.g. the Lightning callback).
+    their own evaluation loop, e.g. the Lightning callback). ``progress("schemes", i)`` after
+    the i-th scheme is quantized and evaluated.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ValueError: an invalid option, ``n < 2`` records, non-finite ``sigma``, or (with
+            ``strict``) a failing scheme's error.
+        KeyError: an unknown scheme name.
     """
-    if method not in ("auto", "mc", "clt", "exact1d"):
-        raise ValueError(f"method must be 'auto', 'mc', 'clt' or 'exact1d', got {method!r}")
+    cfg = scoring_only("score_schemes", scoring_config, options)
+    method, uncertainty_draws, num_samples = cfg.method, cfg.uncertainty_draws, cfg.mc_draws
+    seed, strict, chunk_size = cfg.seed, cfg.strict, cfg.chunk_size
     scheme_objs = resolve_schemes(list(schemes))
     n = est.n
     if n < 2:
@@ -239,11 +293,15 @@ def score(
                                                 batch_fn=batch_fn, output_transform=output_transform)
             prep.qmodel = None  # release the copy; only its grids are kept
             prepared.append(prep)
+            if progress is not None:
+                progress("schemes", len(prepared) + len(failures))
         except Exception as exc:
             if strict:
                 raise
             log.warning("scheme %s failed: %s", scheme.name, exc)
             failures[scheme.name] = f"{type(exc).__name__}: {exc}"
+            if progress is not None:
+                progress("schemes", len(prepared) + len(failures))
 
     # Phase B: parameter by parameter, every scheme's cell moments (at theta-hat and at the
     # bootstrap draws) and one pass over the records' influences for all of them.
@@ -269,7 +327,7 @@ def score(
         if scheme.name in failures:
             report.schemes[scheme.name] = SchemeResult(
                 name=scheme.name, leakage=math.nan, mis=math.nan, baseline_leakage=baseline,
-                d_eff=math.nan, d=est.d, sparsity=math.nan, frozen_fraction=math.nan,
+                d_eff=math.nan, d=est.d, zero_fraction=math.nan, pinned_fraction=math.nan,
                 bits_per_weight=math.nan, method="-", error=failures[scheme.name],
                 description=scheme.describe(),
             )
@@ -381,7 +439,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
         prep.layers[name] = LayerResult(
             name=name, d=numel, quantized=g is not None, leakage=math.nan, mis=math.nan,
             baseline_leakage=math.nan, d_eff=float(numel) if g is None else math.nan,
-            frozen_fraction=frz / max(numel, 1), sparsity=zero / numel if g is not None else 0.0,
+            pinned_fraction=frz / max(numel, 1), zero_fraction=zero / numel if g is not None else 0.0,
             bits_per_weight=bits,
         )
     return prep
@@ -389,7 +447,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
 
 def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator) -> None:
     """Cell moments of one parameter under one scheme: at theta-hat and at each bootstrap draw;
-    fills the layer's ``d_eff`` / ``frozen_fraction`` and the scheme's totals."""
+    fills the layer's ``d_eff`` / ``pinned_fraction`` and the scheme's totals."""
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
     if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
@@ -412,7 +470,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     prep.d_eff += ksum
     prep.frozen += frz
     prep.layers[name].d_eff = ksum
-    prep.layers[name].frozen_fraction = frz / max(th.numel(), 1)
+    prep.layers[name].pinned_fraction = frz / max(th.numel(), 1)
 
 
 def _requantized_moments(prep: _Prepared, name: str, sigma: Tensor,
@@ -598,8 +656,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
-        d_eff=prep.d_eff, d=d, sparsity=prep.zero / prep.quant if prep.quant else 0.0,
-        frozen_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
+        d_eff=prep.d_eff, d=d, zero_fraction=prep.zero / prep.quant if prep.quant else 0.0,
+        pinned_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
         interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
         layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
         float_params=dict(prep.float_params),

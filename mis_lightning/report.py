@@ -5,14 +5,39 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Renamed report fields: old name -> new name (old JSON keys load, old attributes still read).
+RENAMED = {"frozen_fraction": "pinned_fraction", "sparsity": "zero_fraction"}
+
+
+def _renamed(old: str, new: str) -> tuple[Any, Any]:
+    """Getter and setter of a deprecated attribute name ``old`` for the field ``new``."""
+    def get(self: Any) -> Any:
+        warnings.warn(f"{type(self).__name__}.{old} is deprecated, use {new}", DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(self, new, value)
+
+    return get, set_
+
+
+def _new_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A serialised result with its pre-rename keys (``sparsity``, ``frozen_fraction``) renamed."""
+    for old, new in RENAMED.items():
+        if old in d:
+            d.setdefault(new, d.pop(old))
+    return d
+
 
 @dataclass
 class LayerResult:
-    """Figures of one parameter tensor under one scheme (leakage of that tensor alone)."""
+    """Figures of one parameter tensor under one scheme (leakage of that tensor alone);
+    ``pinned_fraction`` and ``zero_fraction`` as in :class:`SchemeResult`."""
 
     name: str
     d: int
@@ -21,9 +46,12 @@ class LayerResult:
     mis: float
     baseline_leakage: float
     d_eff: float
-    frozen_fraction: float
-    sparsity: float
+    pinned_fraction: float
+    zero_fraction: float
     bits_per_weight: float
+
+    frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
+    sparsity = property(*_renamed("sparsity", "zero_fraction"))
 
 
 @dataclass
@@ -33,8 +61,11 @@ class SchemeResult:
     ``leakage`` is the estimated best-attack advantage ``Delta`` (mean saturated per-record
     TV), ``mis = 1 - leakage``; ``interval`` is the (p10, p90) range of ``leakage`` under the
     parametric bootstrap of the trained weights (method.md section 7); ``d_eff = sum kappa``;
-    ``frozen_fraction`` = share of assessed weights with ``kappa < 1e-6``; ``sparsity`` =
-    share of quantized weights released as exactly 0; ``bits_per_weight`` averages the
+    ``pinned_fraction`` = share of assessed weights with ``kappa < 1e-6`` (pinned to one
+    cell by the quantization: not to be confused with frozen ``requires_grad=False``
+    parameters); ``zero_fraction`` = share of quantized weights released as exactly 0 (the
+    old names ``frozen_fraction`` / ``sparsity`` still read, with a DeprecationWarning, and
+    old JSON keys load); ``bits_per_weight`` averages the
     storage of all assessed weights (float ones at their dtype's width) including scales;
     ``quantized_fraction`` = share of assessed weights the scheme quantized; ``float_params``
     = assessed parameter -> why the scheme left it in float (scored as unprotected,
@@ -47,8 +78,8 @@ class SchemeResult:
     baseline_leakage: float
     d_eff: float
     d: int
-    sparsity: float
-    frozen_fraction: float
+    zero_fraction: float
+    pinned_fraction: float
     bits_per_weight: float
     method: str
     interval: tuple[float, float] | None = None
@@ -60,6 +91,9 @@ class SchemeResult:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     float_params: dict[str, str] = field(default_factory=dict)
+
+    frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
+    sparsity = property(*_renamed("sparsity", "zero_fraction"))
 
     def float_warning(self) -> str | None:
         """A warning naming the share of assessed weights left in float and why, or ``None``
@@ -117,6 +151,11 @@ class Report:
         }
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
+        """The report as JSON text (also written to ``path``).
+
+        Raises:
+            OSError: ``path`` cannot be written.
+        """
         text = json.dumps(to_plain(self.to_dict()), indent=indent)
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -125,10 +164,16 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report of :meth:`to_dict` / a saved JSON (also one saved before the renames:
+        ``sparsity`` and ``frozen_fraction`` keys load as ``zero_fraction`` / ``pinned_fraction``).
+
+        Raises:
+            KeyError: a required key is missing; TypeError: an unknown result field.
+        """
         schemes = {}
         for k, v in data["schemes"].items():
-            v = dict(v)
-            v["layers"] = {ln: LayerResult(**lv) for ln, lv in v.get("layers", {}).items()}
+            v = _new_keys(dict(v))
+            v["layers"] = {ln: LayerResult(**_new_keys(dict(lv))) for ln, lv in v.get("layers", {}).items()}
             if v.get("interval") is not None:
                 v["interval"] = tuple(v["interval"])
             schemes[k] = SchemeResult(**v)
@@ -147,7 +192,7 @@ class Report:
                 "mis": s.mis, "leakage_p10": s.interval[0] if s.interval else None,
                 "leakage_p90": s.interval[1] if s.interval else None,
                 "baseline_leakage": s.baseline_leakage, "d_eff": s.d_eff, "d": s.d,
-                "sparsity": s.sparsity, "frozen_fraction": s.frozen_fraction,
+                "zero_fraction": s.zero_fraction, "pinned_fraction": s.pinned_fraction,
                 "float_fraction": math.nan if s.error else 1.0 - s.quantized_fraction,
                 "method": s.method, "error": s.error or "",
             }
@@ -237,7 +282,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
     """
     uk = pick_utility_key(rows, utility_key)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
-        "leakage", "[p10, p90]", "MIS", "baseline", "d_eff", "sparsity"]
+        "leakage", "[p10, p90]", "MIS", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
         if r.get("error"):
@@ -248,7 +293,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
             _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt(r["baseline_leakage"]),
-            _fmt(r["d_eff"]), _fmt(r["sparsity"])])
+            _fmt(r["d_eff"]), _fmt(r.get("zero_fraction", r.get("sparsity")))])  # old rows: sparsity
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()

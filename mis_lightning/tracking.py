@@ -1,24 +1,34 @@
 """Send a :class:`~mis_lightning.report.Report` to Lightning loggers (CSV, TensorBoard, MLflow, ...).
 
 Keys: ``mis/<scheme>/leakage``, ``mis/<scheme>/mis``, ``mis/<scheme>/leakage_p10``,
-``mis/<scheme>/leakage_p90``, ``mis/<scheme>/d_eff``, ``mis/<scheme>/sparsity``,
-``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/frozen_fraction``,
+``mis/<scheme>/leakage_p90``, ``mis/<scheme>/d_eff``, ``mis/<scheme>/zero_fraction``,
+``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/pinned_fraction``,
 ``mis/<scheme>/utility/<metric>``, ``mis/baseline/leakage``, ``mis/baseline/mis``.
 Loggers are used through their public ``log_metrics`` (rank-zero only in Lightning), and
 figures through the experiment object where the logger has one that takes figures.
+:func:`publish_report` / :func:`publish_failure` also write the report JSON and the figure
+(what the Lightning callback publishes).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import traceback
+import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .report import Report
 
 
 def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
-    """Flat ``{key: value}`` of a report's per-scheme figures (finite values only)."""
+    """Flat ``{key: value}`` of a report's per-scheme figures (finite values only).
+
+    Raises:
+        Nothing for a well-formed report.
+    """
     out: dict[str, float] = {
         f"{prefix}/baseline/leakage": report.baseline_leakage,
         f"{prefix}/baseline/mis": report.baseline_mis,
@@ -26,8 +36,8 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
     for name, s in report.schemes.items():
         base = f"{prefix}/{name}"
         vals: dict[str, Any] = {
-            "leakage": s.leakage, "mis": s.mis, "d_eff": s.d_eff, "sparsity": s.sparsity,
-            "bits_per_weight": s.bits_per_weight, "frozen_fraction": s.frozen_fraction,
+            "leakage": s.leakage, "mis": s.mis, "d_eff": s.d_eff, "zero_fraction": s.zero_fraction,
+            "bits_per_weight": s.bits_per_weight, "pinned_fraction": s.pinned_fraction,
             "failed": 1.0 if s.error else 0.0,
         }
         if s.interval is not None:
@@ -42,7 +52,11 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
 
 def log_report(loggers: Iterable[Any], report: Report, step: int = 0, prefix: str = "mis",
                figure: Any | None = None, figure_name: str = "mis_privacy_utility") -> None:
-    """Log a report's metrics (and optionally a matplotlib figure) to every logger."""
+    """Log a report's metrics (and optionally a matplotlib figure) to every logger.
+
+    Raises:
+        Exception: whatever a logger raises.
+    """
     metrics = report_metrics(report, prefix)
     for lg in loggers:
         lg.log_metrics(metrics, step=step)
@@ -53,7 +67,11 @@ def log_report(loggers: Iterable[Any], report: Report, step: int = 0, prefix: st
 
 
 def log_figure(logger: Any, figure: Any, name: str, step: int = 0) -> bool:
-    """Log a matplotlib figure where the logger supports images; returns whether it did."""
+    """Log a matplotlib figure where the logger supports images; returns whether it did.
+
+    Raises:
+        Exception: whatever the logger's experiment object raises.
+    """
     exp = getattr(logger, "experiment", None)
     if exp is None:
         return False
@@ -64,3 +82,76 @@ def log_figure(logger: Any, figure: Any, name: str, step: int = 0) -> bool:
         exp.log_figure(logger.run_id, figure, f"{name}.png")
         return True
     return False
+
+
+REPORT_NAME = "mis_report.json"
+FIGURE_NAME = "mis_privacy_utility.png"
+
+
+def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: int = 0,
+                   prefix: str = "mis", log_figure: bool = True, extra: dict[str, Any] | None = None,
+                   copy_name: str | None = None) -> tuple[Path, Path]:
+    """Write ``<out>/mis_report.json`` (plus ``extra`` keys, and a copy as ``copy_name``) and
+    the privacy-utility figure ``<out>/mis_privacy_utility.png``, and log the report (and the
+    figure, with ``log_figure``) to every logger at ``step``. Returns ``(report, figure)`` paths.
+
+    Raises:
+        OSError: ``out`` cannot be written.
+    """
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.loads(report.to_json())
+    data.update(extra or {})
+    text = json.dumps(data, indent=2)
+    report_path = out / REPORT_NAME
+    report_path.write_text(text)
+    if copy_name:
+        (out / copy_name).write_text(text)
+    figure_path = out / FIGURE_NAME
+    fig = report.plot(figure_path)
+    try:
+        log_report(loggers, report, step=step, prefix=prefix, figure=fig if log_figure else None)
+    finally:
+        plt.close(fig)
+    return report_path, figure_path
+
+
+def publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], *, step: int = 0,
+                    prefix: str = "mis", extra: dict[str, Any] | None = None) -> Path | None:
+    """Record a failed assessment: ``<out>/mis_report.json`` with the error and traceback (plus
+    ``extra``), and ``<prefix>/failed = 1`` in every logger. Returns the JSON's path (``None``
+    when recording failed: that is only warned about, so that reporting never breaks training).
+
+    Raises:
+        Nothing: a failure to record is a ``UserWarning``.
+    """
+    try:
+        return _publish_failure(out, exc, loggers, step, prefix, extra)
+    except Exception as exc2:  # noqa: BLE001 - never let reporting break training
+        warnings.warn(f"MISCallback: could not record the failure: {exc2}", UserWarning, stacklevel=2)
+        return None
+
+
+def _publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], step: int, prefix: str,
+                     extra: dict[str, Any] | None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / REPORT_NAME
+    path.write_text(json.dumps({
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        **(extra or {}),
+    }, indent=2))
+    for lg in loggers:
+        lg.log_metrics({f"{prefix}/failed": 1.0}, step=step)
+        if hasattr(lg, "save"):
+            lg.save()
+    return path
+
+
+def history_summary(report: Report) -> dict[str, dict[str, float]]:
+    """``{scheme: {leakage, mis, d_eff}, "baseline": {leakage, mis}}`` (plain floats, for a
+    callback's checkpointed history)."""
+    out = {k: {"leakage": s.leakage, "mis": s.mis, "d_eff": s.d_eff} for k, s in report.schemes.items()}
+    out["baseline"] = {"leakage": report.baseline_leakage, "mis": report.baseline_mis}
+    return out

@@ -49,7 +49,7 @@ def test_report_contract_and_model_untouched():
         assert key in d
     assert d["n"] == 1500 and d["d"] == 13
     for name, s in d["schemes"].items():
-        for key in ("leakage", "mis", "baseline_leakage", "d_eff", "d", "sparsity", "frozen_fraction", "layers"):
+        for key in ("leakage", "mis", "baseline_leakage", "d_eff", "d", "zero_fraction", "pinned_fraction", "layers"):
             assert key in s, (name, key)
         assert set(s["layers"]) == {"weight", "bias"}
         assert math.isclose(s["mis"], 1 - s["leakage"])

@@ -20,7 +20,7 @@ from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableErro
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "data=synthetic_linear", "data.n_train=400", "data.n_val=200", "data.batch_size=400",
-    "model=linear", "trainer.max_epochs=2", "mis.num_records=128", "mis.uncertainty_draws=2",
+    "model=linear", "trainer.max_epochs=2", "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2",
     "logger=csv", "progress=false",
 ]
 
@@ -122,13 +122,13 @@ def test_unavailable_scheme_fails_before_training(tmp_path, unavailable_scheme):
          "scheme 'test_unavailable' is unavailable: it needs a TPU"),
         ([unavailable_scheme, "rtn_int8"], "true",
          "1 of 2 schemes are unavailable on this machine, so nothing was trained: scheme "
-         "'test_unavailable' is unavailable: it needs a TPU (mis.strict=false reports them as "
+         "'test_unavailable' is unavailable: it needs a TPU (mis.scoring.strict=false reports them as "
          "error rows and assesses the others)"),
     ]
     for i, (names, strict, msg) in enumerate(cases):
         with initialize_config_module("mis_lightning.conf", version_base="1.3"):
             cfg = compose("config", overrides=[*FAST, "logger=csv", f"schemes=[{','.join(names)}]",
-                                               f"mis.strict={strict}"])
+                                               f"mis.scoring.strict={strict}"])
         with open_dict(cfg):
             cfg.output_dir = str(tmp_path / str(i))
         with pytest.raises(SchemeUnavailableError) as info:
@@ -239,7 +239,8 @@ def test_aggregate_sorts_jobs_as_integers_and_finds_the_frontier(tmp_path):
 
 
 def test_assess_schemes_matches_assess():
-    """The app scores one scheme at a time (for progress) with the figures of `assess`."""
+    """The app's old copy of the pipeline is now a deprecated alias of `assess` (the app calls
+    `assess` itself): same figures, and a DeprecationWarning."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from mis_lightning import assess
@@ -258,7 +259,8 @@ def test_assess_schemes_matches_assess():
     kw = {"num_records": 32, "uncertainty_draws": 1, "seed": 3, "weight_decay": 1e-2}
     schemes = ["int8_weight_only", "intx_weight_only_int4_g32"]
     a = assess(model, schemes, loader, model.per_sample_loss, **kw)
-    b = assess_schemes(model, schemes, loader, model.per_sample_loss, **kw)
+    with pytest.warns(DeprecationWarning, match="assess_schemes is deprecated"):
+        b = assess_schemes(model, schemes, loader, model.per_sample_loss, **kw)
     assert list(a.schemes) == list(b.schemes)
     for name in schemes:
         assert a.schemes[name].leakage == pytest.approx(b.schemes[name].leakage, rel=1e-9, abs=1e-12)

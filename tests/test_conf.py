@@ -18,7 +18,7 @@ from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableErro
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-GROUPS = ("data", "model", "trainer", "mis", "logger", "quantizer", "experiment")
+GROUPS = ("data", "model", "trainer", "mis", "callbacks", "logger", "quantizer", "experiment")
 FILE_GROUPS = tuple(g for g in GROUPS if g != "quantizer")  # quantizer: generated (ConfigStore)
 
 # Scheme names promised to users (docs, configs, outside checks): each must be an option of
@@ -107,7 +107,7 @@ def test_default_config():
     assert set(cfg.schemes) <= registered
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.max_epochs <= 100
     assert set(cfg.logger) == {"csv"}
-    assert cfg.mis.num_records <= 512
+    assert cfg.mis.estimation.num_records <= 512
     # the whole config prints, interpolations included (no torch objects in it)
     OmegaConf.to_yaml(cfg)
 
@@ -121,11 +121,25 @@ def test_every_option_composes(group, option):
     elif group == "logger":
         for name, lg in (node or {}).items():
             _check_target_kwargs(lg, f"logger/{option}/{name}")
-    elif group == "mis":
-        from mis_lightning.app.job import assess_schemes
+    elif group == "mis":  # Hydra builds the two validated stage configs (`_target_`)
+        from mis_lightning.app.job import stage_configs_of
+        from mis_lightning.config import EstimationConfig, ScoringConfig
 
-        params = inspect.signature(assess_schemes).parameters
-        assert set(node) <= set(params), set(node) - set(params)
+        assert set(node) == {"estimation", "scoring"}
+        _check_target_kwargs(node.estimation, f"mis/{option}/estimation")
+        _check_target_kwargs(node.scoring, f"mis/{option}/scoring")
+        est, sc = stage_configs_of(cfg)
+        assert isinstance(est, EstimationConfig) and isinstance(sc, ScoringConfig)
+    elif group == "callbacks":  # Trainer callbacks built by `_target_`, MISCallback among them
+        from mis_lightning.app.job import _build_callbacks, stage_configs_of
+
+        for name, cb in (node or {}).items():
+            _check_target_kwargs(cb, f"callbacks/{option}/{name}")
+        built = _build_callbacks(cfg)
+        assert len(built) == len(node or {})
+        for cb in built:
+            if hasattr(cb, "scoring_config"):  # the job's own stage configs, not defaults
+                assert (cb.estimation_config, cb.scoring_config) == stage_configs_of(cfg)
     elif group == "experiment":
         for g in ("data", "model", "trainer"):
             _check_target_kwargs(cfg[g], f"experiment/{option}/{g}")

@@ -112,3 +112,30 @@ def test_empty_scheme_list_is_refused_everywhere():
     est = estimate(m, dl, mse, num_records=16)
     with pytest.raises(ValueError, match=msg):
         score(est, m, [])
+
+
+def test_renamed_fields_old_json_keys_load_and_old_names_warn():
+    """Issue 10 item 5: ``sparsity`` -> ``zero_fraction`` (footprint's name) and
+    ``frozen_fraction`` -> ``pinned_fraction`` (not requires_grad): a report saved with the old
+    keys loads with its values, and the old attribute names still read, with a warning."""
+    from mis_lightning.report import Report
+
+    layer = {"name": "w", "d": 5, "quantized": True, "leakage": 0.1, "mis": 0.9,
+             "baseline_leakage": 0.2, "d_eff": 3.0, "frozen_fraction": 0.25, "sparsity": 0.5,
+             "bits_per_weight": 8.0}
+    old = {"n": 10, "d": 5, "estimation": {}, "diagnostics": {}, "baseline_leakage": 0.2,
+           "baseline_mis": 0.8, "schemes": {"rtn_int8": {
+               "name": "rtn_int8", "leakage": 0.1, "mis": 0.9, "baseline_leakage": 0.2,
+               "d_eff": 3.0, "d": 5, "sparsity": 0.125, "frozen_fraction": 0.375,
+               "bits_per_weight": 8.0, "method": "clt", "layers": {"w": layer}}}}
+    rep = Report.from_dict(old)
+    s = rep.schemes["rtn_int8"]
+    assert (s.zero_fraction, s.pinned_fraction) == (0.125, 0.375)
+    assert (s.layers["w"].zero_fraction, s.layers["w"].pinned_fraction) == (0.5, 0.25)
+    with pytest.warns(DeprecationWarning, match="sparsity is deprecated, use zero_fraction"):
+        assert s.sparsity == 0.125
+    with pytest.warns(DeprecationWarning, match="frozen_fraction is deprecated, use pinned_fraction"):
+        assert s.layers["w"].frozen_fraction == 0.25
+    new = rep.to_dict()["schemes"]["rtn_int8"]
+    assert new["zero_fraction"] == 0.125 and "sparsity" not in new
+    assert rep.rows()[0]["pinned_fraction"] == 0.375

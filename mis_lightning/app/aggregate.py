@@ -140,7 +140,8 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
 
 
 _NUMERIC = {"bits_per_weight", "leakage", "mis", "leakage_p10", "leakage_p90", "baseline_leakage",
-            "d_eff", "d", "sparsity", "frozen_fraction"}
+            "d_eff", "d", "zero_fraction", "pinned_fraction",
+            "sparsity", "frozen_fraction"}  # the last two: result.json of older versions
 
 
 def _is_numeric_key(k: str) -> bool:

@@ -6,7 +6,9 @@
    ``num_features`` (and ``task`` where the model takes one) from the datamodule;
 2. builds the loggers (``cfg.logger``) and the trainer (``cfg.trainer``), and trains;
 3. assesses the trained model under each scheme (``cfg.quantizer`` when one is selected,
-   else ``cfg.schemes``) with the arguments of ``cfg.mis`` (see :func:`assess_schemes`);
+   else ``cfg.schemes``) with :func:`mis_lightning.assess` and the stage configs that Hydra
+   builds from ``cfg.mis`` (:func:`stage_configs_of`; conf/mis/*.yaml); Trainer callbacks of
+   the ``callbacks`` group (e.g. ``MISCallback`` for mid-training assessments) join the fit;
 4. writes ``report.json``, ``report.csv``, ``privacy_utility.png`` and ``result.json`` (the
    scheme rows plus the job's overrides, read by :mod:`mis_lightning.app.aggregate`) into the
    job's output dir, logs the report to the loggers and closes their runs;
@@ -19,6 +21,7 @@ Before training it checks the scheme names and each scheme's availability on thi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -34,10 +37,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mis_lightning.app.factories import resolve_schemes
+from mis_lightning.assess import assess
+from mis_lightning.config import EstimationConfig, ScoringConfig
+from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.report import Report, to_plain
 
-__all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job"]
+__all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job",
+           "stage_configs_of"]
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -105,73 +112,23 @@ def set_threads(setting: Any) -> int:
 
 
 # -- progress ------------------------------------------------------------------------------------
-class _Progress:
-    """A rich progress display on stderr (a no-op when disabled)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._progress = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self._progress = Progress(
-                SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
-            )
-
-    @contextmanager
-    def shown(self) -> Iterator[_Progress]:
-        """Display the progress while the block runs."""
-        if self._progress is not None:
-            self._progress.start()
-        try:
-            yield self
-        finally:
-            if self._progress is not None:
-                self._progress.stop()
-
-    def task(self, description: str, total: float | None) -> Callable[..., None]:
-        """Add a task; returns ``update(completed=None, description=None, advance=None)``."""
-        if self._progress is None:
-            return lambda *a, **k: None
-        tid = self._progress.add_task(description, total=total)
-        prog = self._progress
-
-        def update(completed: float | None = None, description: str | None = None,
-                   advance: float | None = None) -> None:
-            kw: dict[str, Any] = {}
-            if completed is not None:
-                kw["completed"] = completed
-            if advance is not None:
-                kw["advance"] = advance
-            if description is not None:
-                kw["description"] = description
-            prog.update(tid, **kw)
-
-        return update
-
-
 class EpochProgress(pl.Callback):
-    """Advances the app's progress bar once per epoch (a no-op in spawned ddp processes:
-    the display is not pickled)."""
+    """Reports ``progress("train", epochs done)`` once per epoch (rank 0; a no-op in spawned
+    ddp processes: the hook is not pickled). The display is :class:`~mis_lightning.progress.ProgressDisplay`.
 
-    def __init__(self, update: Callable[..., None] | None) -> None:
-        self._update = update
+    Raises:
+        Nothing.
+    """
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self._progress = progress
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"_update": None}
+        return {"_progress": None}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._update is not None and trainer.is_global_zero:
-            self._update(completed=trainer.current_epoch + 1)
+        if self._progress is not None and trainer.is_global_zero:
+            self._progress("train", trainer.current_epoch + 1)
 
 
 @contextmanager
@@ -184,68 +141,38 @@ def _timed(times: dict[str, float], key: str) -> Iterator[None]:
 
 
 # -- assessment ----------------------------------------------------------------------------------
-def assess_schemes(
-    model: torch.nn.Module,
-    schemes: Sequence[QuantizationScheme | str],
-    train_dataloader: Any,
-    loss_fn: Callable,
-    *,
-    params: Sequence[str] | None = None,
-    estimation: str = "auto",
-    hessian: str = "auto",
-    weight_decay: float = 0.0,
-    num_records: int = 512,
-    method: str = "auto",
-    val_dataloader: Any = None,
-    metrics: Any = None,
-    output_transform: Callable | None = None,
-    uncertainty_draws: int = 16,
-    num_samples: int | None = None,
-    seed: int = 0,
-    strict: bool = True,
-    on_estimate: Callable[[int], None] | None = None,
-    on_scheme: Callable[[int, str], None] | None = None,
-) -> Report:
-    """:func:`mis_lightning.assess` with progress hooks.
+def assess_schemes(model: torch.nn.Module, schemes: Sequence[QuantizationScheme | str],
+                   train_dataloader: Any, loss_fn: Callable, **kwargs: Any) -> Report:
+    """Deprecated: :func:`mis_lightning.assess` (same arguments; the app now calls it).
 
-    Same arguments and the same figures as ``assess(model, schemes, ...)``: it is
-    ``estimate`` followed by one ``score`` over all schemes, as ``assess`` does, with each
-    quantized copy's utility measured through ``score``'s ``utility_fn`` hook so that
-    ``on_scheme(i, name)`` can report scheme ``i`` as being quantized and evaluated
-    (``i == len(schemes)``, ``name == ""``: all done, the joint scoring pass follows).
-    ``on_estimate(records)`` is called during the estimation.
+    Raises:
+        As :func:`mis_lightning.assess`.
     """
-    from mis_lightning.assess import resolve_schemes as scheme_objects
-    from mis_lightning.assess import score, select_params
-    from mis_lightning.estimation import estimate
-    from mis_lightning.utility import evaluate_utility
+    import warnings
 
-    objs = scheme_objects(list(schemes))
-    names = select_params(model, params)
-    gen = torch.Generator().manual_seed(seed)
-    est = estimate(
-        model, train_dataloader, loss_fn, param_names=names, mode=estimation,  # type: ignore[arg-type]
-        hessian=hessian, weight_decay=weight_decay, num_records=num_records,  # type: ignore[arg-type]
-        generator=gen, progress=on_estimate,
-    )
-    done = [0]
+    from mis_lightning.assess import assess
 
-    def utility_fn(qmodel: torch.nn.Module) -> dict[str, float]:
-        out = ({} if val_dataloader is None else
-               evaluate_utility(qmodel, val_dataloader, loss_fn, metrics,
-                                output_transform=output_transform))
-        done[0] += 1
-        if on_scheme is not None:  # i == len(schemes): all quantized, the joint pass follows
-            on_scheme(done[0], objs[done[0]].name if done[0] < len(objs) else "")
-        return out
+    warnings.warn("mis_lightning.app.job.assess_schemes is deprecated, use mis_lightning.assess",
+                  DeprecationWarning, stacklevel=2)
+    return assess(model, schemes, train_dataloader, loss_fn, **kwargs)
 
-    if on_scheme is not None:
-        on_scheme(0, objs[0].name)
-    return score(
-        est, model, objs, method=method, uncertainty_draws=uncertainty_draws,
-        num_samples=num_samples, seed=seed, strict=strict,
-        utility_fn=utility_fn if val_dataloader is not None or on_scheme is not None else None,
-    )
+
+def stage_configs_of(cfg: DictConfig) -> tuple[EstimationConfig, ScoringConfig]:
+    """``(EstimationConfig, ScoringConfig)`` built by Hydra from ``cfg.mis.estimation`` and
+    ``cfg.mis.scoring`` (``_target_`` nodes, see conf/mis/).
+
+    Raises:
+        TypeError: a node does not build the expected config (names it).
+        ValueError: an invalid option (from the config's checks, naming the option).
+    """
+    from hydra.utils import instantiate
+
+    est, sc = instantiate(cfg.mis.estimation), instantiate(cfg.mis.scoring)
+    for key, obj, cls in (("estimation", est, EstimationConfig), ("scoring", sc, ScoringConfig)):
+        if not isinstance(obj, cls):
+            raise TypeError(f"mis.{key} must build a {cls.__name__} (_target_: "
+                            f"mis_lightning.config.{cls.__name__}), got {type(obj).__name__}")
+    return est, sc
 
 
 def selected_schemes(cfg: DictConfig) -> list[QuantizationScheme]:
@@ -275,6 +202,15 @@ def _build_model(cfg: DictConfig, num_features: int, task: str) -> Any:
             "model=linear for regression, or model=mlp_probe for either)"
         )
     return model
+
+
+def _build_callbacks(cfg: DictConfig) -> list[Any]:
+    """The Trainer callbacks of the ``callbacks`` group (``{name: {_target_: ...}}``, as the
+    Lightning+Hydra templates compose them; e.g. ``callbacks=mis_every_epoch``)."""
+    from hydra.utils import instantiate
+
+    nodes = cfg.get("callbacks") or {}
+    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
 
 
 def _build_loggers(cfg: DictConfig) -> list[Any]:
@@ -326,7 +262,7 @@ def check_schemes_available(schemes: Sequence[QuantizationScheme], strict: bool)
         raise SchemeUnavailableError(
             f"{which} unavailable on this machine, so nothing was trained: {why}"
             + ("" if len(missing) == len(schemes) else
-               " (mis.strict=false reports them as error rows and assesses the others)"))
+               " (mis.scoring.strict=false reports them as error rows and assesses the others)"))
     return [f"scheme {k!r} is unavailable on this machine and will be an error row: {v}"
             for k, v in missing.items()]
 
@@ -410,20 +346,20 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     threads = set_threads(cfg.get("num_threads"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     schemes = selected_schemes(cfg)  # fail fast on a bad scheme name, before training
-    mis = cfg.mis
-    # ... and on a scheme this machine cannot run (e.g. int4_tinygemm without CUDA)
-    unavailable = check_schemes_available(schemes, strict=bool(mis.strict))
+    est_cfg, sc_cfg = stage_configs_of(cfg)  # invalid options fail here, before training
+    # ... and on a scheme this machine cannot run (e.g. int4_weight_only_tinygemm without CUDA)
+    unavailable = check_schemes_available(schemes, strict=sc_cfg.strict)
     for w in unavailable:
         print(f"warning: {w}", file=sys.stderr)
     show = bool(cfg.get("progress", True))
 
-    with _Progress(show).shown() as progress:
+    with ProgressDisplay({"data": 1, "schemes": len(schemes)}, enabled=show) as progress:
         stage[0] = "data"
-        upd_data = progress.task("data", total=1)
+        progress("data", 0)
         with _timed(times, "data"):
             dm = instantiate(cfg.data)
             dm.setup("fit")
-        upd_data(completed=1, description=f"data: {dm.n_train} training records, "
+        progress("data", 1, description=f"data: {dm.n_train} training records, "
                  f"{dm.num_features} features ({dm.task})")
         task = str(dm.task)
         hp = getattr(dm, "hparams", None)
@@ -434,10 +370,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         stage[0] = "configuration"
         model = _build_model(cfg, dm.num_features, task)
         loggers = _build_loggers(cfg)
-        max_epochs = cfg.trainer.get("max_epochs")
-        upd_train = progress.task(f"train {type(model).__name__}", total=max_epochs)
+        progress("train", 0, description=f"train {type(model).__name__}",
+                 total=cfg.trainer.get("max_epochs"))
         trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
-                              callbacks=[EpochProgress(upd_train)])
+                              callbacks=[EpochProgress(progress), *_build_callbacks(cfg)])
         if trainer.num_devices * trainer.num_nodes > 1 and getattr(model, "optimizer_name", "") == "lbfgs":
             raise ValueError(
                 "full-batch L-BFGS (model.optimizer=lbfgs) cannot train data-parallel: each rank's "
@@ -450,28 +386,17 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                 trainer.fit(model, datamodule=dm)
             stage[0] = "assessment"
             model.eval()
-            n_est = min(int(mis.num_records), dm.n_train)
-            upd_est = progress.task("estimate sigma and influences", total=dm.n_train)
-            upd_sch = progress.task("schemes", total=len(schemes))
-
-            def on_scheme(i: int, name: str) -> None:
-                upd_est(completed=dm.n_train)
-                upd_sch(completed=i, description=f"scheme {name}" if name else "scoring")
-
+            progress("estimation", 0, total=dm.n_train)
             t0 = time.perf_counter()
-            report = assess_schemes(
+            # the pipeline itself (estimate -> score), as every front end runs it
+            report = assess(
                 model, schemes, _assessment_loader(dm), model.per_sample_loss,
-                params=list(mis.params) if mis.get("params") else None,
-                estimation=mis.estimation, hessian=mis.hessian,
-                weight_decay=float(getattr(model, "weight_decay", 0.0)),
-                num_records=n_est, method=mis.method,
-                val_dataloader=dm.val_dataloader(), metrics=utility_metrics(task),
-                output_transform=functools.partial(metric_inputs, task=task),
-                uncertainty_draws=int(mis.uncertainty_draws), num_samples=None if mis.num_samples is None else int(mis.num_samples),
-                seed=int(mis.seed), strict=bool(mis.strict),
-                on_estimate=lambda k: upd_est(completed=k), on_scheme=on_scheme,
+                estimation_config=dataclasses.replace(
+                    est_cfg, num_records=min(est_cfg.num_records, dm.n_train)),
+                scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(),
+                metrics=utility_metrics(task),
+                output_transform=functools.partial(metric_inputs, task=task), progress=progress,
             )
-            upd_sch(completed=len(schemes), description="schemes")
             times["assess"] = round(time.perf_counter() - t0, 3)
 
             stage[0] = "output"

@@ -3,7 +3,7 @@
 Per setting: one dataset is drawn, the model trained (closed-form OLS or Newton MLE), and
 ``sigma``, ``w`` estimated by :func:`mis_lightning.estimation.estimate` (``mode="exact"``);
 the indicator of each grid is then computed by the library as shipped,
-:func:`mis_lightning.assess.score`: with the real ``rtn_int*`` scheme for the absmax grids
+:func:`mis_lightning.assess.score_schemes`: with the real ``rtn_int*`` scheme for the absmax grids
 (so the weights the released scale gives away are scored as unquantized, ``revealed`` of
 :class:`~mis_lightning.quantization.base.ParamGrid`), and with :class:`StepScheme` -- the
 step grid written as an affine ``ParamGrid`` (``scale = step``, float zero point
@@ -22,7 +22,7 @@ import torch
 from scipy import stats as sstats
 from torch import nn
 
-from ..assess import score
+from ..assess import score_schemes
 from ..estimation import estimate
 from ..functional import saturate
 from ..functional.cells import SQRT_2_OVER_PI
@@ -35,6 +35,8 @@ from .ground_truth import (
     TruthResult,
     draw_records,
 )
+
+score = score_schemes  # the name this module exported before issue 10
 
 
 class _Linear(nn.Module):
@@ -133,12 +135,12 @@ def scheme_for(grid: Grid) -> QuantizationScheme:
 def indicator(s: Setting, grids: list[Grid], est, model: nn.Module, draws: int = 32,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(value [G], interval [G, 2], baseline [G])`` of each grid from one trained model,
-    all from :func:`mis_lightning.assess.score` (point value and ``SchemeResult.interval``)."""
+    all from :func:`mis_lightning.assess.score_schemes` (point value and ``SchemeResult.interval``)."""
     w = est.w
     val = np.zeros(len(grids))
     iv = np.full((len(grids), 2), np.nan)
     schemes = [scheme_for(g) for g in grids]
-    rep = score(est, model, schemes, uncertainty_draws=draws, seed=seed)
+    rep = score_schemes(est, model, schemes, uncertainty_draws=draws, seed=seed)
     for g, sch in enumerate(schemes):
         r = rep.schemes[sch.name]
         val[g] = r.leakage

@@ -1,0 +1,371 @@
+"""What :class:`~mis_lightning.callback.MISCallback` needs from a Trainer, kept out of the
+callback: the Trainer's loaders re-read unpadded and unshuffled, the loss resolved from the
+module, the first-batch check, the pickling check, RNG isolation (Lightning's ``isolate_rng``)
+and :func:`assess_on_trainer` (the pipeline's two halves on the Trainer's data). Depends on
+Lightning utilities and the core, never on the other front ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.seed import isolate_rng
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from ._lightning_compat import trainer_package
+from .assess import score_schemes
+from .config import EstimationConfig, ScoringConfig
+from .evaluation import evaluate_utility, to_device
+from .progress import ProgressDisplay
+from .report import Report
+from .streaming import HOOK_NAME, EstimationMetric
+
+
+def rng_isolated() -> Any:
+    """Lightning's ``isolate_rng`` (torch CPU, ``random``, ``numpy``, and CUDA only where CUDA is
+    already initialised: reading its states would otherwise initialise it)."""
+    return isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
+
+
+def unpicklable(obj: Any) -> str | None:
+    """Why ``obj`` cannot be pickled (None if it can). A bound method is judged by its function,
+    so that checking ``model.per_sample_loss`` does not pickle the model."""
+    try:
+        pickle.dumps(getattr(obj, "__func__", obj))
+    except Exception as exc:  # noqa: BLE001 - any pickling failure is the answer
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def callable_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def single_loader(loaders: Any, what: str) -> Any:
+    """The one loader of a Trainer's ``train_dataloader`` / ``val_dataloaders`` (or ``None``).
+
+    Raises:
+        ValueError: several loaders.
+    """
+    if loaders is None:
+        return None
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        if len(loaders) != 1:
+            raise ValueError(f"MISCallback needs one {what} dataloader, got {len(loaders)}")
+        loaders = loaders[0]
+    return loaders
+
+
+def sized_dataset(dl: Any) -> Any:
+    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset, else None."""
+    ds = getattr(dl, "dataset", None)
+    if not isinstance(dl, DataLoader) or ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+        return None
+    return ds
+
+
+def reloader(dl: Any, indices: list[int] | None, batch_size: int | None) -> Any:
+    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset (or ``dl`` itself
+    for iterable datasets / objects that are not DataLoaders)."""
+    ds = sized_dataset(dl)
+    if ds is None:
+        return dl
+    idx = list(range(len(ds))) if indices is None else indices
+    bs = batch_size or dl.batch_size or 64
+    return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
+
+
+def resolve_loss(trainer: Any, pl_module: Any, loss_fn: Any, weight_decay: float | None) -> dict[str, Any]:
+    """``{"hook": uses mis_per_sample_loss, "loss_fn": the per-sample loss}`` for ``pl_module``;
+    warns when the optimizer decays weights that the assessment would not know of.
+
+    Raises:
+        ValueError: no usable loss (names the options).
+    """
+    hook = callable(getattr(pl_module, HOOK_NAME, None))
+    if not hook and loss_fn is None:
+        loss_fn = getattr(pl_module, "per_sample_loss", None)
+        if not callable(loss_fn):
+            raise ValueError(
+                f"MISCallback needs per-sample losses: pass loss_fn=<a module-level function "
+                f"(outputs, targets) -> losses [B]> (e.g. returning F.mse_loss(outputs, targets, "
+                f"reduction='none')), or define "
+                f"per_sample_loss(outputs, targets) or {HOOK_NAME}(batch) on "
+                f"{type(pl_module).__name__}"
+            )
+    if weight_decay is None:
+        attr = getattr(pl_module, "weight_decay", None)
+        if attr is None and trainer.is_global_zero:
+            opt_wd = [g.get("weight_decay", 0) for o in (trainer.optimizers or []) for g in o.param_groups]
+            if any(w and w > 0 for w in opt_wd):
+                rank_zero_warn(
+                    "MISCallback: the optimizer applies weight decay but the module has no "
+                    "`weight_decay` attribute; the assessment assumes an unpenalised objective "
+                    "(pass weight_decay= for an explicit L2 term)"
+                )
+    return {"hook": hook, "loss_fn": loss_fn}
+
+
+
+def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
+                      user_loss: bool) -> None:
+    """One training batch through the model and the loss: a batch that is not
+    ``(inputs, targets)`` (without ``batch_fn``) or losses that are not ``[B]`` (a scalar
+    mean, ``[B, 1]``) raise here instead of after the whole training.
+
+    Runs in eval mode without gradients on the first records of the dataset (unshuffled,
+    in-process), with the RNG isolated, so training is unaffected. Skipped for iterable
+    datasets (reading them may consume the stream).
+
+    Raises:
+        TypeError: the batch layout does not fit (names ``batch_fn``).
+        ValueError: the per-sample losses do not have shape ``[B]`` (names the loss).
+    """
+    train = single_loader(trainer.train_dataloader, "training")
+    ds = sized_dataset(train)
+    if ds is None or len(ds) == 0:
+        return
+    bs = min(len(ds), train.batch_size or 8)
+    loader = reloader(train, list(range(bs)), bs)
+    p = next(pl_module.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    was_training = pl_module.training
+    with rng_isolated(), torch.inference_mode(False), torch.no_grad():
+        try:
+            pl_module.eval()
+            batch = to_device(next(iter(loader)), device)
+            if hook:
+                name = f"{type(pl_module).__name__}.{HOOK_NAME}"
+                leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
+                b = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
+                losses = getattr(pl_module, HOOK_NAME)(batch)
+            else:
+                name = ("loss_fn " + callable_name(loss_fn)) if user_loss \
+                    else f"{type(pl_module).__name__}.per_sample_loss"
+                if batch_fn is None:
+                    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                        layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                        if isinstance(batch, Mapping):
+                            layout += f" with keys {list(batch)}"
+                        raise TypeError(
+                            f"MISCallback: the training batches are {layout}, not (inputs, targets) "
+                            f"pairs: pass batch_fn=<a module-level function batch -> (inputs, targets)>, "
+                            f"or define {HOOK_NAME}(self, batch) -> per-sample losses [B] on "
+                            f"{type(pl_module).__name__}")
+                    inputs, targets = batch
+                else:
+                    inputs, targets = batch_fn(batch)
+                tl = [t for t in torch.utils._pytree.tree_leaves(targets) if isinstance(t, Tensor)]
+                b = int(tl[0].shape[0]) if tl and tl[0].dim() > 0 else None
+                losses = loss_fn(pl_module(inputs), targets)
+        finally:
+            pl_module.train(was_training)
+    shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
+    if shape is None or b is None or shape != (b,):
+        got = f"shape {list(shape)}" if shape is not None else type(losses).__name__
+        hint = ""
+        if shape == ():
+            hint = " (a mean over the batch: use reduction='none')"
+        elif shape is not None and b is not None and len(shape) == 2 and shape[0] == b and shape[1] == 1:
+            hint = " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
+        raise ValueError(
+            f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
+            f"per-sample losses of shape [{b}]{hint}")
+
+
+def check_picklable(user: dict[str, Any]) -> None:
+    """Raise, naming the argument, if a user object the callback holds cannot be pickled.
+
+    ``strategy="ddp_spawn"`` (and any launcher that starts processes with ``spawn``) pickles
+    the callback before any hook runs; a lambda or a local function as ``loss_fn`` would fail
+    there with a bare ``Can't pickle local object``.
+
+    Raises:
+        pickle.PicklingError: ``user[arg]`` cannot be pickled (the message names ``arg``).
+    """
+    for arg, obj in user.items():
+        if obj is None:
+            continue
+        why = unpicklable(obj)
+        if why is not None:
+            raise pickle.PicklingError(
+                f"MISCallback: {arg}={callable_name(obj)} cannot be pickled ({why}), which a "
+                f"strategy that spawns processes (e.g. strategy='ddp_spawn') needs: define it as "
+                f"a module-level function (def {arg.split('[')[0]}(...): ... at the top level "
+                f"of an importable module), not a lambda or a local function")
+
+
+class PicklingChecked:
+    """Mixin: ``__getstate__`` checks the objects of ``_user_objects()`` (see
+    :func:`check_picklable`); shallow and deep copies need no check (lambdas copy fine).
+
+    Raises:
+        pickle.PicklingError: on pickling, naming the argument that cannot be pickled.
+    """
+
+    def _user_objects(self) -> dict[str, Any]:
+        return {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        check_picklable(self._user_objects())
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __copy__(self) -> Any:
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimation_config: EstimationConfig,
+                      scoring_config: ScoringConfig, resolved: dict[str, Any], *, batch_fn: Any = None,
+                      batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
+                      output_transform: Any = None) -> Report:
+    """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
+    of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
+    over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
+    :func:`~mis_lightning.assess.score_schemes` with each quantized copy's utility over the
+    whole validation set on rank 0 (:func:`~mis_lightning.evaluation.evaluate_utility`).
+    Progress renders with :class:`~mis_lightning.progress.ProgressDisplay` where the Trainer
+    shows a progress bar (rank 0).
+
+    Raises:
+        RuntimeError: the trainer has no training dataloader.
+        ValueError: several train / validation loaders, or the estimation's own errors.
+    """
+    hook, world, rank = resolved["hook"], int(trainer.world_size), int(trainer.global_rank)
+    train = single_loader(trainer.train_dataloader, "training")
+    if train is None:
+        raise RuntimeError("the trainer has no training dataloader")
+    ds = sized_dataset(train)
+    if ds is None and world > 1:
+        rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
+                       "each process streams its own loader and duplicated records count twice")
+    shard = list(range(rank, len(ds), world)) if ds is not None else None
+    loader = reloader(train, shard, batch_size)
+    val = single_loader(trainer.val_dataloaders, "validation")
+    val_loader = reloader(val, None, None) if val is not None else None
+    metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
+                              estimation_config=estimation_config, batch_fn=None if hook else batch_fn)
+    rank_zero_info(f"MISCallback: estimation pass ({metric.mode}, d={metric.accumulator.d}) "
+                   f"over the training records ({world} process(es))")
+    batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
+
+    def utility_fn(qmodel: nn.Module) -> dict[str, float]:
+        if val_loader is None or not trainer.is_global_zero:
+            return {}
+        return evaluate_utility(qmodel, val_loader, resolved["loss_fn"], metrics, batch_loss=batch_loss,
+                                batch_fn=None if hook else batch_fn, output_transform=output_transform)
+
+    pb = getattr(trainer, "progress_bar_callback", None)
+    shown = pb is not None and trainer.is_global_zero and not getattr(pb, "is_disabled", False)
+    device, done = next(pl_module.parameters()).device, 0
+    total = len(shard) if shard is not None else None
+    with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
+        for batch in loader:
+            metric.update(to_device(batch, device))
+            done += getattr(loader, "batch_size", None) or 1
+            show("estimation", done if total is None else min(done, total))
+        report = score_schemes(metric.estimate(), pl_module, schemes, scoring_config=scoring_config,
+                               utility_fn=utility_fn, progress=show)
+    if val_loader is None:
+        report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
+    return report
+
+
+def bind_callback(impl: type, base: type, name: str, package: str) -> type:
+    """``impl`` bound to a Lightning ``Callback`` base class of another distribution (a class
+    named ``name`` in :mod:`mis_lightning.callback`)."""
+    return type(name, (impl, base), {
+        "__module__": "mis_lightning.callback", "__qualname__": name,
+        "__doc__": f"MISCallback for ``{package}.pytorch.Trainer`` (same arguments).",
+        "_lightning_package": package})
+
+
+def check_trainer_package(ours: str, trainer: Any) -> None:
+    """Raises TypeError (naming the fix) when the Trainer is of the other Lightning distribution."""
+    theirs = trainer_package(trainer)
+    if theirs in ("pytorch_lightning", "lightning") and theirs != ours:
+        fix = ("mis_lightning.callback.lightning_callback(...)" if theirs == "lightning"
+               else "mis_lightning.MISCallback(...)")
+        raise TypeError(f"this MISCallback is a {ours} callback but the Trainer comes from {theirs}: use {fix}")
+
+
+def report_dir(trainer: Any, dirpath: str | Path | None) -> Path:
+    """``dirpath``, else the checkpoint callback's ``dirpath``, else ``trainer.log_dir``, else
+    ``trainer.default_root_dir``."""
+    cb = getattr(trainer, "checkpoint_callback", None)
+    return Path(dirpath or getattr(cb, "dirpath", None) or getattr(trainer, "log_dir", None)
+                or trainer.default_root_dir)
+
+
+def check_callback_args(every_n_val_epochs: Any, loss_fn: Any) -> None:
+    """The callback's own arguments (the stage options are checked by their configs).
+
+    Raises:
+        ValueError: ``every_n_val_epochs`` is neither None nor an integer >= 1.
+        TypeError: ``loss_fn`` is not callable.
+    """
+    n = every_n_val_epochs
+    if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+        raise ValueError(f"every_n_val_epochs must be None or an integer >= 1, got {n!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses [B]")
+
+
+class RunHistory:
+    """Mixin: what the callback remembers of its runs, checkpointed by Lightning
+    (``state_dict``/``load_state_dict``) and keyed by the schemes and the prefix.
+
+    Raises:
+        Nothing.
+    """
+
+    schemes: list[Any]
+    prefix: str
+
+    def _reset_run_state(self) -> None:
+        """Forget the previous fit's results (one callback object may serve several Trainers)."""
+        self.report: Report | None = None
+        self.report_path = self.figure_path = self.last_error = self._last_step = self._resolved = None
+        self.history: list[dict[str, Any]] = []
+        self._val_epochs = 0
+
+    @property
+    def state_key(self) -> str:
+        names = [s if isinstance(s, str) else s.name for s in self.schemes]
+        return self._generate_state_key(schemes=names, prefix=self.prefix)  # type: ignore[attr-defined]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_epochs": self._val_epochs, "last_step": self._last_step,
+                "history": list(self.history), "last_error": self.last_error}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state_loaded = True  # a state loaded by hand before fit survives the next setup
+        self._val_epochs = int(state_dict.get("val_epochs", 0))
+        self._last_step = state_dict.get("last_step")
+        self.history = list(state_dict.get("history", []))
+        self.last_error = state_dict.get("last_error")
+
+    @property
+    def last_summary(self) -> dict[str, Any] | None:
+        """The most recent run's ``{scheme: {leakage, mis, d_eff}}`` (also after a resume)."""
+        return self.history[-1]["summary"] if self.history else None
+

@@ -1,0 +1,262 @@
+"""One validated configuration per stage: :class:`EstimationConfig` and :class:`ScoringConfig`.
+
+Every front end (:func:`~mis_lightning.assess.assess`, :func:`~mis_lightning.assess.score_schemes`,
+:class:`~mis_lightning.metric.MISIndicator`, :class:`~mis_lightning.callback.MISCallback`, the
+Hydra app through ``conf/mis/*.yaml`` and ``_target_``) takes these two frozen dataclasses; each
+option is declared (with its default, its check and its documentation) once, here. The old
+keyword arguments (``assess(..., num_records=64, method="mc")``) still work: they are the field
+names, split between the two configs by :func:`stage_configs`.
+
+Example:
+
+>>> from mis_lightning.config import EstimationConfig, ScoringConfig, stage_configs
+>>> EstimationConfig(num_records=64).num_records
+64
+>>> est, sc, rest = stage_configs("assess", None, None, {"estimation": "exact", "method": "clt"})
+>>> est.mode, sc.method, rest
+('exact', 'clt', {})
+>>> ScoringConfig(method="bogus")
+Traceback (most recent call last):
+...
+ValueError: method must be 'auto', 'mc', 'clt' or 'exact1d', got 'bogus'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["DEFAULT_CHUNK", "EstimationConfig", "ScoringConfig", "compile_policy_from_env",
+           "scoring_only", "stage_configs"]
+
+DEFAULT_CHUNK = 1 << 18  # weights per chunk of the cell computations (memory bound)
+ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
+
+MODES = ("auto", "exact", "diagonal")
+HESSIANS = ("auto", "exact", "ggn", "hutchinson")
+METHODS = ("auto", "mc", "clt", "exact1d")
+COMPILE_POLICIES = ("auto", "always", "never")
+
+
+def _or_list(values: Sequence[str]) -> str:
+    quoted = [repr(v) for v in values]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
+
+
+def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        none = "None or " if allow_none else ""
+        raise ValueError(f"{name} must be {none}an integer >= {low}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be {_or_list(choices)}, got {value!r}")
+
+
+def compile_policy_from_env() -> str:
+    """The kernel compile policy from ``MIS_LIGHTNING_COMPILE`` (read once, when a
+    :class:`ScoringConfig` is built without ``compile``): ``1``/``true``/``yes`` -> ``"always"``,
+    ``auto`` or unset -> ``"auto"``, anything else -> ``"never"``.
+
+    Raises:
+        Nothing: an unknown value means "never" (as the kernel always read it).
+    """
+    mode = os.environ.get("MIS_LIGHTNING_COMPILE", "auto").strip().lower()
+    if mode in ("1", "true", "yes", "always"):
+        return "always"
+    return "auto" if mode == "auto" else "never"
+
+
+@dataclass(frozen=True)
+class EstimationConfig:
+    """Options of the estimation pass (``sigma`` and the influences ``w``; method.md section 4).
+
+    Args:
+        mode: ``"exact"`` sandwich, ``"diagonal"`` or ``"auto"`` (exact for dense models up to
+            2,000 parameters). Front ends also take it as ``estimation=``.
+        hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"``, ``"hutchinson"`` or ``"auto"``.
+        weight_decay: L2 coefficient of the objective ``mean loss + wd / 2 |theta|^2``
+            (dimensionless, >= 0); ``None``: the model's numeric ``weight_decay`` attribute,
+            else 0 (see :meth:`resolved_weight_decay`).
+        num_records: records ``z`` over which the leakage is averaged (>= 1).
+        params: names of the parameters to assess, or ``predicate(name, param) -> bool``;
+            ``None``: every parameter with ``requires_grad``.
+        budget: floats held at once in per-sample buffers (``None``: the estimator's default,
+            2^25); above ``num_records * d > budget`` influences are streamed, not stored.
+        use_factors: the factored path for ``nn.Linear`` layers where possible (same numbers).
+        hutchinson_probes: Rademacher probes per batch for ``hessian="hutchinson"``.
+
+    Raises:
+        ValueError: an option outside its range or choices (the message names the option).
+        TypeError: ``params`` is neither a list of names, a callable nor ``None``.
+    """
+
+    mode: str = "auto"
+    hessian: str = "auto"
+    weight_decay: float | None = 0.0
+    num_records: int = 512
+    params: ParamSelection = None
+    budget: int | None = None
+    use_factors: bool = True
+    hutchinson_probes: int = 8
+
+    def __post_init__(self) -> None:
+        _check_choice("estimation (mode)", self.mode, MODES)
+        _check_choice("hessian", self.hessian, HESSIANS)
+        if self.weight_decay is not None:
+            wd = self.weight_decay
+            if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not float(wd) >= 0:
+                raise ValueError(f"weight_decay must be None or a number >= 0, got {wd!r}")
+            object.__setattr__(self, "weight_decay", float(wd))
+        _check_int("num_records", self.num_records, 1)
+        _check_int("budget", self.budget, 1, allow_none=True)
+        _check_int("hutchinson_probes", self.hutchinson_probes, 1)
+        object.__setattr__(self, "use_factors", bool(self.use_factors))
+        p = self.params
+        if p is not None and not callable(p):
+            if isinstance(p, str) or not hasattr(p, "__iter__"):
+                raise TypeError(f"params must be a list of parameter names, a predicate "
+                                f"(name, param) -> bool or None, got {p!r}")
+            object.__setattr__(self, "params", tuple(str(n) for n in p))  # Hydra ListConfig too
+
+    def resolved_weight_decay(self, model: Any) -> float:
+        """``weight_decay``, or for ``None`` the model's numeric ``weight_decay`` attribute
+        (else 0.0)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        attr = getattr(model, "weight_decay", None)
+        return float(attr) if isinstance(attr, (int, float)) and not isinstance(attr, bool) else 0.0
+
+    def estimator_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`~mis_lightning.estimation.estimate` /
+        ``MomentAccumulator`` (without ``param_names`` and ``weight_decay``, which need the
+        model)."""
+        out: dict[str, Any] = {"mode": self.mode, "hessian": self.hessian,
+                               "num_records": self.num_records, "use_factors": self.use_factors,
+                               "hutchinson_probes": self.hutchinson_probes}
+        if self.budget is not None:
+            out["budget"] = self.budget
+        return out
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """Options of the scoring stage (per scheme: cell moments, leakage, interval; method.md
+    sections 3, 5 and 7).
+
+    Args:
+        method: ``"auto"``, ``"mc"``, ``"clt"`` or ``"exact1d"`` (see ``functional.leakage``).
+        uncertainty_draws: parametric-bootstrap draws for the (p10, p90) interval (0: none).
+        mc_draws: Monte Carlo draws when that form is used; ``None``: as many as the cost and
+            memory budgets allow (1,024 to 32,768; standard error ~ 1/sqrt(draws)). Front ends
+            also take the old name ``num_samples=`` (deprecated).
+        seed: seed of every random draw of the scoring (and of the estimation's probes).
+        strict: raise on a failing scheme; otherwise the report records the error.
+        chunk_size: weights per chunk of the cell computations (memory bound, >= 1).
+        compile: ``torch.compile`` of the fused cell kernel: ``"auto"`` (after enough
+            elements), ``"always"`` or ``"never"``; default from ``MIS_LIGHTNING_COMPILE``,
+            read once here (:func:`compile_policy_from_env`) and passed down to the math.
+
+    Raises:
+        ValueError: an option outside its range or choices (the message names the option).
+    """
+
+    method: str = "auto"
+    uncertainty_draws: int = 16
+    mc_draws: int | None = None
+    seed: int = 0
+    strict: bool = True
+    chunk_size: int = DEFAULT_CHUNK
+    compile: str = field(default_factory=compile_policy_from_env)
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_int("uncertainty_draws", self.uncertainty_draws, 0)
+        _check_int("mc_draws", self.mc_draws, 1, allow_none=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        _check_int("chunk_size", self.chunk_size, 1)
+        _check_choice("compile", self.compile, COMPILE_POLICIES)
+        object.__setattr__(self, "strict", bool(self.strict))
+
+
+# Old keyword names -> (field, deprecated). ``estimation=`` stays the front ends' documented name.
+ALIASES: dict[str, tuple[str, bool]] = {"estimation": ("mode", False), "num_samples": ("mc_draws", True)}
+_EST_FIELDS = frozenset(f.name for f in dataclasses.fields(EstimationConfig))
+_SC_FIELDS = frozenset(f.name for f in dataclasses.fields(ScoringConfig))
+
+
+def stage_configs(
+    where: str,
+    estimation_config: EstimationConfig | None,
+    scoring_config: ScoringConfig | None,
+    options: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+) -> tuple[EstimationConfig, ScoringConfig, dict[str, Any]]:
+    """Both stage configs from a front end's arguments.
+
+    ``options`` are keyword arguments named after config fields (or :data:`ALIASES`); they
+    override the given configs (or the defaults: the front end's own ``defaults``, e.g.
+    ``{"strict": False}``, then the dataclasses'). Keys that are no field are returned.
+
+    Raises:
+        TypeError: a config argument of the wrong type, or an option given under both its
+            name and its old name.
+        ValueError: an invalid option value (from the dataclasses' checks).
+    """
+    for arg, val, cls in (("estimation_config", estimation_config, EstimationConfig),
+                          ("scoring_config", scoring_config, ScoringConfig)):
+        if val is not None and not isinstance(val, cls):
+            raise TypeError(f"{where}: {arg} must be a {cls.__name__}, got {type(val).__name__}")
+    est: dict[str, Any] = {}
+    sc: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in options.items():
+        name = key
+        if key in ALIASES:
+            name, deprecated = ALIASES[key]
+            if name in options:
+                raise TypeError(f"{where}: give {name}= or {key}=, not both")
+            if deprecated:
+                warnings.warn(f"{where}: {key}= is deprecated, use {name}=", DeprecationWarning, stacklevel=3)
+        if name in _EST_FIELDS:
+            est[name] = value
+        elif name in _SC_FIELDS:
+            sc[name] = value
+        else:
+            rest[key] = value
+    base = dict(defaults or {})
+    if estimation_config is None:
+        e = EstimationConfig(**{**{k: v for k, v in base.items() if k in _EST_FIELDS}, **est})
+    else:
+        e = dataclasses.replace(estimation_config, **est) if est else estimation_config
+    if scoring_config is None:
+        s = ScoringConfig(**{**{k: v for k, v in base.items() if k in _SC_FIELDS}, **sc})
+    else:
+        s = dataclasses.replace(scoring_config, **sc) if sc else scoring_config
+    return e, s, rest
+
+
+def scoring_only(where: str, scoring_config: ScoringConfig | None, options: Mapping[str, Any]) -> ScoringConfig:
+    """The :class:`ScoringConfig` of a front end that only scores (options: its fields).
+
+    Raises:
+        TypeError: an option that is no field of :class:`ScoringConfig`.
+        ValueError: an invalid option value.
+    """
+    if not options:
+        return scoring_config if scoring_config is not None else ScoringConfig()
+    bad = [k for k in options if ALIASES.get(k, (k, False))[0] not in _SC_FIELDS]
+    if bad:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(bad)}: options are "
+                        "the fields of ScoringConfig")
+    return stage_configs(where, None, scoring_config, options)[1]

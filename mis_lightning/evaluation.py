@@ -1,0 +1,101 @@
+"""Task utility of a (quantized) model on held-out data: the other axis of the trade-off.
+
+(Formerly ``mis_lightning.utility``; that name still imports, with a DeprecationWarning.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
+
+OutputTransform = Callable[[Any, Any], tuple[Any, Any]]
+BatchLoss = Callable[[nn.Module, Any], Tensor]
+
+__all__ = ["BatchLoss", "OutputTransform", "evaluate_utility", "to_device"]
+
+
+def to_device(tree: Any, device: torch.device | str) -> Any:
+    """Every tensor of a (nested) batch moved to ``device``; other leaves as they are.
+
+    Raises:
+        RuntimeError: a tensor cannot be moved (torch's error).
+    """
+    return torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, tree)
+
+
+@torch.inference_mode()
+def evaluate_utility(
+    model: nn.Module,
+    dataloader: Iterable,
+    loss_fn: LossFn | None,
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    batch_fn: BatchFn | None = None,
+    output_transform: OutputTransform | None = None,
+    device: torch.device | str | None = None,
+    batch_loss: BatchLoss | None = None,
+) -> dict[str, float]:
+    """Mean per-sample loss (key ``"loss"``) and the given torchmetrics over ``dataloader``.
+
+    Args:
+        model: evaluated in eval mode; its training flag is restored afterwards.
+        dataloader: held-out batches, ``(inputs, targets)`` or split by ``batch_fn``.
+        loss_fn: ``loss_fn(outputs, targets) -> [B]`` (unused with ``batch_loss``).
+        metrics: ``{name: torchmetrics.Metric}``; each is cloned, so the caller's objects keep
+            their state.
+        output_transform: ``(outputs, targets) -> (preds, target)`` applied before the metrics
+            (e.g. sigmoid of logits and integer labels for classification metrics).
+        device: where batches go (default: the model's first parameter's device).
+        batch_loss: ``batch_loss(model, batch) -> [B]`` per-sample losses of a whole batch
+            (any layout, e.g. a LightningModule's ``mis_per_sample_loss``); the metrics then
+            see ``model(inputs)`` with ``(inputs, targets) = batch_fn(batch)``.
+
+    Returns:
+        ``{"loss": mean per-sample loss, **{name: metric value}}`` (floats).
+
+    Raises:
+        ValueError: neither ``loss_fn`` nor ``batch_loss`` is given.
+        Exception: whatever the model, the loss or a metric raises.
+    """
+    if loss_fn is None and batch_loss is None:
+        raise ValueError("evaluate_utility needs loss_fn or batch_loss")
+    batch_fn = batch_fn or default_batch_fn
+    was_training = model.training
+    model.eval()
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    ms = {k: m.clone().to(device) for k, m in (metrics or {}).items()}
+    for m in ms.values():
+        m.reset()
+    total, count = 0.0, 0
+    try:
+        for batch in dataloader:
+            if batch_loss is not None:  # the whole batch goes to the hook
+                batch = to_device(batch, device)
+                losses = batch_loss(model, batch)
+                if ms:
+                    inputs, targets = batch_fn(batch)
+                    outputs = model(inputs)
+            else:
+                inputs, targets = batch_fn(batch)
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
+                outputs = model(inputs)
+                losses = loss_fn(outputs, targets)  # type: ignore[misc]
+            total += float(losses.double().sum())
+            count += int(losses.numel())
+            if ms:
+                preds, tgt = output_transform(outputs, targets) if output_transform else (outputs, targets)
+                for m in ms.values():
+                    m.update(preds, tgt)
+    finally:
+        model.train(was_training)
+    out = {"loss": total / max(count, 1)}
+    for k, m in ms.items():
+        out[k] = float(m.compute())
+    return out

@@ -1,0 +1,320 @@
+"""The estimation pass as a torchmetrics ``Metric``: :class:`EstimationMetric`.
+
+Its states are the sufficient statistics of the estimation pass (method.md section 4),
+filled by :class:`~mis_lightning.estimation.estimate.MomentAccumulator` (the code that
+:func:`~mis_lightning.estimation.estimate` runs) and summed / concatenated over processes by
+torchmetrics' sync; :meth:`EstimationMetric.estimate` finalizes the synced states into an
+:class:`~mis_lightning.estimation.Estimate`. Both front ends that stream records build on it:
+:class:`~mis_lightning.metric.MISIndicator` (a subclass that scores on ``compute``) and
+:class:`~mis_lightning.callback.MISCallback` (which scores with
+:func:`~mis_lightning.assess.score_schemes`); neither imports the other. See
+:mod:`mis_lightning.metric` for the distributed semantics (bottom-k record selection).
+
+Also here, shared by the front ends: :data:`HOOK_NAME` (the LightningModule's per-batch loss
+hook) and :func:`default_schemes`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torchmetrics import Metric
+
+from .assess import select_params
+from .config import EstimationConfig
+from .estimation import Estimate
+from .estimation.estimate import MomentAccumulator
+from .estimation.per_sample import BatchFn, LossFn, LossProgram, default_batch_fn, eval_mode
+from .quantization import available_schemes
+
+HOOK_NAME = "mis_per_sample_loss"
+
+__all__ = ["HOOK_NAME", "EstimationMetric", "default_schemes", "hook_program"]
+
+
+def default_schemes() -> list[str]:
+    """Three CPU schemes: torchao int8/int4/int2 weight-only where registered, else the
+    built-in round-to-nearest ``rtn_int8``/``rtn_int4``/``rtn_int2``.
+
+    Raises:
+        Nothing.
+    """
+    names = set(available_schemes())
+    out = []
+    for preferred, fallback in (("int8_weight_only", "rtn_int8"), ("intx_weight_only_int4_g32", "rtn_int4"),
+                                ("intx_weight_only_int2_g32", "rtn_int2")):
+        out.append(preferred if preferred in names else fallback)
+    return out
+
+
+class _Ref:
+    """Holds an object without registering or moving it with the Metric; copies (``clone()``)
+    share it. Pickling is handled by :meth:`MISIndicator.__getstate__`."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __deepcopy__(self, memo: dict) -> _Ref:
+        return self
+
+    def __getstate__(self) -> dict:
+        return {"obj": None}
+
+
+class _ByValue:
+    """Pickled by value, shared by deep copies (a ``clone()`` must not copy the model)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __deepcopy__(self, memo: dict) -> _ByValue:
+        return self
+
+
+class _HookProgram(LossProgram):
+    """A :class:`LossProgram` whose per-sample losses are ``model.mis_per_sample_loss(batch)``.
+
+    The batch is the "input" and a dummy ``[B]`` tensor the "target"; the loss function passes
+    the hook's output through. ``functional_call`` runs on a shallow copy of the model (it
+    shares the parameter, buffer and submodule dicts, so the functional parameters are seen by
+    the hook) whose ``forward`` calls the original model's hook.
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        shell = copy.copy(self.model)
+        model = self.model
+
+        def forward(batch: Any) -> Tensor:
+            return getattr(model, HOOK_NAME)(batch)
+
+        object.__setattr__(shell, "forward", forward)
+        self._shell = shell
+
+    def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
+        with eval_mode(self.model, self._shell):  # the hook runs on the original model
+            return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
+
+
+def _hook_batch_fn(batch: Any) -> tuple[Any, Tensor]:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
+    if not leaves:
+        raise TypeError("the batch holds no tensor")
+    return batch, torch.zeros(leaves[0].shape[0], device=leaves[0].device)
+
+
+def _passthrough_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    return outputs.reshape(-1)
+
+
+def hook_program(model: nn.Module) -> tuple[LossFn, BatchFn, type[LossProgram]]:
+    """``(loss_fn, batch_fn, program_cls)`` that route the estimation through ``mis_per_sample_loss``.
+
+    Raises:
+        TypeError: the model has no ``mis_per_sample_loss(batch)`` method.
+    """
+    if not callable(getattr(model, HOOK_NAME, None)):
+        raise TypeError(f"{type(model).__name__} has no {HOOK_NAME}(batch) method")
+    return _passthrough_loss, _hook_batch_fn, _HookProgram
+
+
+class EstimationMetric(Metric):
+    """The estimation pass over streamed batches, with torchmetrics' states and sync.
+
+    Args:
+        model: the trained model, held by reference (never moved, copied or modified; not in
+            the Metric's ``state_dict``); its weights are read at the first ``update`` after
+            construction or ``reset()``.
+        loss_fn: ``loss_fn(outputs, targets) -> [B]``; default ``model.mis_per_sample_loss``
+            (whole batches) if defined, else ``model.per_sample_loss``.
+        estimation_config: the estimation options (``weight_decay=None`` reads the model's).
+        seed: seed of the Hutchinson probes.
+        batch_fn: ``batch -> (inputs, targets)`` for other layouts.
+        kwargs: torchmetrics ``Metric`` options (``process_group``, ``sync_on_compute``, ...).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: no usable loss, ``hessian="ggn"`` with the loss hook, or a bad selection
+            (see :func:`~mis_lightning.assess.select_params`).
+        KeyError: an unknown parameter name.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | None = None,
+        *,
+        estimation_config: EstimationConfig,
+        seed: int = 0,
+        batch_fn: BatchFn | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        cfg = estimation_config
+        program_cls: type[LossProgram] = LossProgram
+        self.uses_hook = False
+        if loss_fn is None:
+            if callable(getattr(model, HOOK_NAME, None)):
+                loss_fn, batch_fn, program_cls = hook_program(model)
+                self.uses_hook = True
+            elif callable(getattr(model, "per_sample_loss", None)):
+                loss_fn = model.per_sample_loss  # type: ignore[assignment]
+            else:
+                raise ValueError(
+                    f"{type(model).__name__} defines neither {HOOK_NAME}(batch) nor per_sample_loss"
+                    "(outputs, targets): pass loss_fn=lambda outputs, targets: <per-sample losses [B]>"
+                )
+        names = select_params(model, cfg.params)
+        if self.uses_hook and cfg.hessian == "ggn":
+            raise ValueError(f"hessian='ggn' needs model outputs; with {HOOK_NAME} use 'exact' or 'hutchinson'")
+        # what rebuilds the accumulator of an unpickled Metric (see __setstate__)
+        self._acc_kwargs = dict(
+            loss_fn=loss_fn, param_names=names, weight_decay=cfg.resolved_weight_decay(model),
+            batch_fn=batch_fn, selection="hash", program_cls=program_cls,
+            ggn_available=not self.uses_hook, **cfg.estimator_kwargs(),
+        )
+        acc = MomentAccumulator(model, generator=torch.Generator().manual_seed(seed), **self._acc_kwargs)
+        self._ref = _Ref((model, acc))
+        self.estimation_config, self.seed = cfg, seed
+        self.loss_fn, self.batch_fn = loss_fn, batch_fn or default_batch_fn
+        self._fresh = True
+        self._state_names = {}
+        for k, (default, red) in acc.state_spec().items():
+            attr = f"s_{k}"
+            self.add_state(attr, default=default, dist_reduce_fx=red)
+            self._state_names[k] = attr
+
+    # -- accessors ------------------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self._ref.obj[0]
+
+    @property
+    def accumulator(self) -> MomentAccumulator:
+        return self._ref.obj[1]
+
+    @property
+    def mode(self) -> str:
+        return self.accumulator.mode
+
+    def _states(self) -> dict[str, Any]:
+        return {k: getattr(self, a) for k, a in self._state_names.items()}
+
+    # -- pickling -------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles the model with the Metric (by value; in one pickle with a module that owns
+        both, the unpickled Metric holds that module's unpickled model) and the accumulated
+        states; the accumulator (closures, hooks) is rebuilt from them on unpickling."""
+        state = super().__getstate__()
+        model, acc = self._ref.obj
+        state["_pickled_model"] = _ByValue(model)
+        state["_pickled_acc"] = {"factored": acc.factored is not None, "out_shape": acc._out_shape,
+                                 "generator": acc.generator.get_state() if acc.generator is not None else None}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        held = state.pop("_pickled_model", None)
+        extra = state.pop("_pickled_acc", None)
+        super().__setstate__(state)
+        model = held.obj if held is not None else None
+        if model is None or self._ref.obj is not None:
+            return  # a deep copy (clone()): the reference and the accumulator are shared
+        gen = torch.Generator().manual_seed(self.seed)
+        acc = MomentAccumulator(model, generator=gen, **self._acc_kwargs)
+        if extra is not None:
+            if extra["generator"] is not None:
+                gen.set_state(extra["generator"])
+            acc._out_shape = extra["out_shape"]
+            if not extra["factored"] and acc.factored is not None:
+                acc.factored.close()  # the original fell back to the generic path
+                acc.factored = None
+        self._ref = _Ref((model, acc))
+
+    # -- distributed sync -----------------------------------------------------------------
+    def sync(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None,
+             should_sync: bool = True, distributed_available: Callable | None = None) -> None:
+        """torchmetrics' sync, after giving empty ``"cat"`` states the shape and dtype of the
+        other processes' records.
+
+        A process that saw no record (a short last shard) holds empty lists; torchmetrics
+        replaces them with a 1-d float tensor, and gathering it with the other processes' 2-d
+        float64 / int64 tensors aborts the whole gloo job. Here every process first learns, with
+        one ``all_gather_object``, the trailing shape and dtype of each list state, and an empty
+        one becomes an empty ``[0, *shape]`` tensor of that dtype, so the result equals the one
+        without the empty process.
+        """
+        if should_sync and not self._is_synced and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            self._shape_empty_cat_states(process_group or self.process_group)
+        super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
+
+    def _shape_empty_cat_states(self, group: Any) -> None:
+        dist = torch.distributed
+        names = [a for a in self._state_names.values() if isinstance(getattr(self, a), list)]
+        if not names:
+            return
+        local: dict[str, tuple[tuple[int, ...], torch.dtype] | None] = {}
+        for a in names:
+            v = [t for t in getattr(self, a) if isinstance(t, Tensor)]
+            local[a] = (tuple(v[0].shape[1:]), v[0].dtype) if v else None
+        metas: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(metas, local, group=group)
+        for a in names:
+            if getattr(self, a):
+                continue
+            known = [m[a] for m in metas if m is not None and m.get(a) is not None]
+            if known:
+                tail, dtype = known[0]
+                setattr(self, a, [torch.empty((0, *tail), dtype=dtype, device=self.device)])
+
+    # -- torchmetrics API -----------------------------------------------------------------
+    def update(self, inputs: Any, targets: Any = None) -> None:  # type: ignore[override]
+        """Add a batch: ``update(inputs, targets)``, or ``update(batch)`` (split by ``batch_fn``
+        or passed whole to ``mis_per_sample_loss``)."""
+        batch = inputs if targets is None else (inputs, targets)
+        if targets is not None and self.uses_hook:
+            raise TypeError(f"with {HOOK_NAME} pass the whole batch: update(batch)")
+        with torch.inference_mode(False):
+            batch = torch.utils._pytree.tree_map(
+                lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, batch)
+            acc = self.accumulator
+            if self._fresh:
+                acc.reset_program()
+                self._fresh = False
+            acc.update(batch, self._states())
+
+    def estimate(self) -> Estimate:
+        """The :class:`~mis_lightning.estimation.Estimate` of the records seen by every process
+        (the states synced over processes first, as ``compute`` does).
+
+        Raises:
+            ValueError: fewer records than the estimation needs (from ``finalize``).
+        """
+        with torch.inference_mode(False):
+            if self._is_synced:  # inside compute(): already synced
+                return self.accumulator.finalize(self._states())
+            with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                                   should_unsync=self._should_unsync):
+                return self.accumulator.finalize(self._states())
+
+    def compute(self) -> Any:  # type: ignore[override]
+        """The estimate (see :meth:`estimate`)."""
+        return self.estimate()
+
+    def reset(self) -> None:
+        super().reset()
+        self._fresh = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self.update(*args, **kwargs)
+

@@ -1,0 +1,139 @@
+"""One validated config per stage (issue 10 item 2): EstimationConfig / ScoringConfig, taken
+by every front end; the old keyword arguments build them, with the same numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.config import (
+    EstimationConfig,
+    ScoringConfig,
+    compile_policy_from_env,
+    stage_configs,
+)
+
+torch.set_num_threads(1)
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def _problem():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, 3, generator=g)
+    y = X @ torch.tensor([0.5, -1.0, 0.25]) + 0.3 * torch.randn(200, generator=g)
+    Xt = torch.cat([X.double(), torch.ones(200, 1, dtype=torch.float64)], 1)
+    beta = torch.linalg.solve(Xt.T @ Xt, Xt.T @ y.double())
+    m = nn.Linear(3, 1)
+    with torch.no_grad():
+        m.weight.copy_(beta[:-1][None])
+        m.bias.copy_(beta[-1:])
+    return m, DataLoader(TensorDataset(X, y), batch_size=50), X, y
+
+
+@pytest.mark.parametrize("cls,kw,msg", [
+    (EstimationConfig, {"mode": "nope"}, "estimation (mode) must be 'auto', 'exact' or 'diagonal', got 'nope'"),
+    (EstimationConfig, {"hessian": "x"}, "hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got 'x'"),
+    (EstimationConfig, {"num_records": 0}, "num_records must be an integer >= 1, got 0"),
+    (EstimationConfig, {"weight_decay": -1.0}, "weight_decay must be None or a number >= 0, got -1.0"),
+    (EstimationConfig, {"budget": 0}, "budget must be None or an integer >= 1, got 0"),
+    (ScoringConfig, {"method": "bogus"}, "method must be 'auto', 'mc', 'clt' or 'exact1d', got 'bogus'"),
+    (ScoringConfig, {"uncertainty_draws": -1}, "uncertainty_draws must be an integer >= 0, got -1"),
+    (ScoringConfig, {"mc_draws": 0}, "mc_draws must be None or an integer >= 1, got 0"),
+    (ScoringConfig, {"chunk_size": 0}, "chunk_size must be an integer >= 1, got 0"),
+    (ScoringConfig, {"compile": "sometimes"}, "compile must be 'auto', 'always' or 'never', got 'sometimes'"),
+])
+def test_invalid_options_name_the_option(cls, kw, msg):
+    with pytest.raises(ValueError) as info:
+        cls(**kw)
+    assert str(info.value) == msg
+
+
+def test_configs_are_frozen_and_normalise_hydra_lists():
+    cfg = EstimationConfig(params=["weight"], weight_decay=1)
+    assert cfg.params == ("weight",) and cfg.weight_decay == 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.num_records = 3  # type: ignore[misc]
+    with pytest.raises(TypeError, match="params must be a list"):
+        EstimationConfig(params="weight")
+
+
+def test_compile_policy_is_read_once_from_the_environment(monkeypatch):
+    for env, want in (("1", "always"), ("auto", "auto"), ("0", "never")):
+        monkeypatch.setenv("MIS_LIGHTNING_COMPILE", env)
+        assert compile_policy_from_env() == want and ScoringConfig().compile == want
+
+
+def test_keywords_build_the_configs_and_old_names_are_aliases():
+    est, sc, rest = stage_configs("f", None, None, {"estimation": "exact", "num_records": 7,
+                                                     "method": "clt", "process_group": None},
+                                  defaults={"strict": False})
+    assert (est.mode, est.num_records, sc.method, sc.strict) == ("exact", 7, "clt", False)
+    assert rest == {"process_group": None}
+    with pytest.warns(DeprecationWarning, match="num_samples= is deprecated, use mc_draws="):
+        _, sc, _ = stage_configs("f", None, None, {"num_samples": 2048})
+    assert sc.mc_draws == 2048
+    with pytest.raises(TypeError, match="give mode= or estimation=, not both"):
+        stage_configs("f", None, None, {"estimation": "exact", "mode": "diagonal"})
+    # keywords override the fields of a given config
+    est, _, _ = stage_configs("f", EstimationConfig(num_records=9, hessian="ggn"), None, {"num_records": 5})
+    assert (est.num_records, est.hessian) == (5, "ggn")
+
+
+def test_assess_with_configs_equals_assess_with_keywords():
+    """Same numbers, bit for bit, whichever way the options are given (and via the Metric)."""
+    m, dl, X, y = _problem()
+    kw = {"estimation": "exact", "num_records": 64, "uncertainty_draws": 4, "seed": 5}
+    a = ml.assess(m, ["rtn_int4", "rtn_int2"], dl, mse, **kw)
+    b = ml.assess(m, ["rtn_int4", "rtn_int2"], dl, mse,
+                  estimation_config=EstimationConfig(mode="exact", num_records=64),
+                  scoring_config=ScoringConfig(uncertainty_draws=4, seed=5))
+    assert a.to_json() == b.to_json()
+    metric = ml.MISIndicator(m, mse, ["rtn_int4", "rtn_int2"], strict=True,
+                             estimation_config=EstimationConfig(mode="exact", num_records=64),
+                             scoring_config=ScoringConfig(uncertainty_draws=4, seed=5))
+    metric.update(X, y)
+    out = metric.compute()
+    for k in ("rtn_int4", "rtn_int2"):
+        assert float(out[k]["leakage"]) == pytest.approx(a.schemes[k].leakage, rel=1e-12)
+
+
+def test_unknown_keywords_raise_and_score_is_a_deprecated_alias():
+    m, dl, _, _ = _problem()
+    with pytest.raises(TypeError, match=r"assess\(\) got unexpected keyword argument\(s\) \['num_record'\]"):
+        ml.assess(m, ["rtn_int8"], dl, mse, num_record=3)
+    with pytest.raises(TypeError, match=r"MISCallback\(\) got unexpected keyword argument\(s\) \['bogus'\]"):
+        ml.MISCallback(["rtn_int8"], bogus=1)
+    est = ml.estimation.estimate(m, dl, mse)
+    with pytest.warns(DeprecationWarning, match="score is deprecated, use score_schemes"):
+        old = ml.score(est, m, ["rtn_int8"], uncertainty_draws=0)
+    new = ml.score_schemes(est, m, ["rtn_int8"], uncertainty_draws=0)
+    assert old.schemes["rtn_int8"].leakage == new.schemes["rtn_int8"].leakage
+    with pytest.raises(TypeError, match=r"score_schemes\(\) got unexpected keyword argument\(s\) \['num_records'\]"):
+        ml.score_schemes(est, m, ["rtn_int8"], num_records=3)
+
+
+def test_one_progress_hook_reports_estimation_and_schemes():
+    m, dl, _, _ = _problem()
+    seen: list[tuple[str, int]] = []
+    ml.assess(m, ["rtn_int8", "rtn_int4"], dl, mse, uncertainty_draws=0,
+              progress=lambda stage, k: seen.append((stage, k)))
+    assert [k for s, k in seen if s == "estimation"] == [50, 100, 150, 200]
+    assert [k for s, k in seen if s == "schemes"] == [1, 2]
+
+
+def test_callback_takes_the_configs_and_keeps_its_defaults():
+    cb = ml.MISCallback(["rtn_int8"], num_records=32)
+    assert cb.estimation_config.weight_decay is None  # the module's, as before
+    assert cb.scoring_config.strict is False and cb.estimation_config.num_records == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ml.MISCallback(["rtn_int8"], scoring_config=ScoringConfig(method="clt"))
