@@ -141,9 +141,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             self.report, self.last_error = report, None
             self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": history_summary(report)})
             if zero:
-                for k, s in report.schemes.items():
-                    if s.error:
-                        rank_zero_warn(f"MISCallback: scheme {k!r} failed: {s.error}")
+                for w in report.warnings:  # failed schemes, float layers, d_eff/n, not at a minimum, ...
+                    rank_zero_warn(f"MISCallback: {w}")
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
                     extra=where, copy_name=None if stage == "fit_end" else f"mis_report_epoch={epoch}.json")

@@ -213,8 +213,12 @@ class Report:
 
     def table(self, utility_key: str | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
-        utility, leakage [p10, p90], MIS, baseline."""
-        return format_table(self.rows(), utility_key)
+        utility, leakage [p10, p90], MIS, baseline; then every warning in full (an assumption
+        that failed must be read next to the numbers, not only in the JSON)."""
+        text = format_table(self.rows(), utility_key)
+        if self.warnings:
+            text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in self.warnings)
+        return text
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):
         """Privacy-utility figure (leakage against the utility metric, one point per scheme)."""
