@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -41,6 +42,8 @@ D_EFF_OVER_N_MAX = 0.1
 MIN_MC_SAMPLES, MAX_MC_SAMPLES = 1024, 32768
 MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (128 MiB in float64)
 DEFAULT_CHUNK = 1 << 18
+# The front end's one read of the compile policy of the cell-moment kernel ("auto", "1", "0").
+COMPILE_ENV = "MIS_LIGHTNING_COMPILE"
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -251,7 +254,9 @@ def score(
         prep.column = col
         col += 1 + prep.num_draws
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
-    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.w is not None, strict=strict)
+    policy = F.CompilePolicy.parse(os.environ.get(COMPILE_ENV), source=COMPILE_ENV)
+    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.w is not None, strict=strict,
+                       policy=policy)
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed
@@ -384,19 +389,20 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     return prep
 
 
-def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator) -> None:
+def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator,
+                   policy: F.CompilePolicy | None = None) -> None:
     """Cell moments of one parameter under one scheme: at theta-hat and at each bootstrap draw;
     fills the layer's ``d_eff`` / ``frozen_fraction`` and the scheme's totals."""
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
-    k, m4, lam = _grid_moments(g, th, sg, chunk)
+    k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
     prep.kappa[name], prep.m4[name] = k, m4
     if est.d == 1:  # only the one-coordinate form uses lam
         prep.lam[name] = lam
     prep.draws[name], prep.lam_draws[name] = [], []
     for _ in range(prep.num_draws):
         th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
-        k_b, _, lam_b = _grid_moments(g, th_b, sg, chunk, use_codes=False)
+        k_b, _, lam_b = _grid_moments(g, th_b, sg, chunk, use_codes=False, policy=policy)
         prep.draws[name].append(k_b.to(torch.float32))
         if est.d == 1:
             prep.lam_draws[name].append(lam_b)
@@ -413,7 +419,8 @@ def _release_moments(prep: _Prepared, name: str) -> None:
         store.pop(name, None)
 
 
-def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use_codes: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use_codes: bool = True,
+                  policy: F.CompilePolicy | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``kappa, m4, lam`` of a whole parameter, computed chunk by chunk (float64 ``[numel]``)."""
     numel = theta.numel()
     kappa = torch.empty(numel, dtype=torch.float64)
@@ -421,8 +428,8 @@ def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use
     lam = torch.empty_like(kappa)
     for a in range(0, numel, chunk):
         b = min(a + chunk, numel)
-        mm = grid.moments(theta[a:b], sigma[a:b], a, b, use_codes=use_codes)
-        kappa[a:b], m4[a:b], lam[a:b] = mm.kappa, mm.m4, mm.lam
+        mm = grid.moments(theta[a:b], sigma[a:b], a, b, use_codes=use_codes, compile_policy=policy)
+        kappa[a:b], m4[a:b], lam[a:b] = mm.kappa, mm.m4, mm.mean_abs
     return kappa, m4, lam
 
 
@@ -445,7 +452,8 @@ def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, 
 
 
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
-                keep_moments: bool, strict: bool = True) -> dict[str, list[F.CltSums]]:
+                keep_moments: bool, strict: bool = True,
+                policy: F.CompilePolicy | None = None) -> dict[str, list[F.CltSums]]:
     """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_1 main, ...]`` sums.
 
     One parameter at a time: every scheme's cell moments of that tensor are computed, its
@@ -467,7 +475,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             if name in prep.grids:
                 gen = torch.Generator().manual_seed(seed + 1000 * (si + 1) + 7 * pi)
                 try:
-                    _param_moments(est, prep, name, chunk, gen)
+                    _param_moments(est, prep, name, chunk, gen, policy)
                 except Exception as exc:
                     if strict:
                         raise

@@ -5,6 +5,7 @@ weights (parameter units); ``boundaries [d, K+1]`` cell edges (parameter units);
 ``w [R, d]`` standardised influences of R records (dimensionless).
 """
 
+from .affine import affine_boundaries, affine_cell_moments, affine_codes
 from .cells import (
     CellMoments,
     CellStatistics,
@@ -12,14 +13,7 @@ from .cells import (
     cell_statistics,
     standardize_boundaries,
 )
-from .grids import (
-    affine_boundaries,
-    affine_cell_moments,
-    affine_codes,
-    fine_grid_moments,
-    table_boundaries,
-    table_cell_moments,
-)
+from .kernel import CompilePolicy, fine_grid_moments
 from .leakage import (
     CLT_MIN_TERMS,
     CLT_TOLERANCE,
@@ -35,6 +29,7 @@ from .leakage import (
     sample_cell_means,
     saturate,
 )
+from .table import table_boundaries, table_cell_moments
 
 __all__ = [
     "CLT_MIN_TERMS",
@@ -42,6 +37,7 @@ __all__ = [
     "CellMoments",
     "CellStatistics",
     "CltSums",
+    "CompilePolicy",
     "affine_boundaries",
     "affine_cell_moments",
     "affine_codes",
