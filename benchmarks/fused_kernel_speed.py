@@ -1,8 +1,8 @@
 """Steady-state throughput of ``affine_cell_moments`` on large chunks, eager vs compiled.
 
 ``affine_cell_moments`` sends chunks of >= TABLE_MIN_ELEMENTS weights through one
-branch-free kernel; with ``MIS_LIGHTNING_COMPILE=1`` (or automatically once a process has
-pushed COMPILE_AFTER weights through it) that kernel runs under ``torch.compile``. This script
+branch-free kernel; with ``compile_policy=CompilePolicy("always")`` (or automatically once a
+process has pushed COMPILE_AFTER weights through it) that kernel runs under ``torch.compile``. This script
 warms each mode up on one chunk (the compile time is printed separately), then times int8
 grids (scale 0.01, weights N(0, 0.3^2)) in four regimes of the step h = scale / sigma, in
 chunks of 2^18 weights, float64.
@@ -38,16 +38,18 @@ def main() -> None:
     print("| mode | step (sd) | weights/s |")
     print("|---|---|---|")
     for mode in ("0", "1"):
-        os.environ["MIS_LIGHTNING_COMPILE"] = mode
+        policy = G.CompilePolicy.parse(mode)
         t0 = time.perf_counter()
-        G.affine_cell_moments(th[:chunk], (sc / 2)[:chunk], sc[:chunk], zp[:chunk], -128, 127)
+        G.affine_cell_moments(th[:chunk], (sc / 2)[:chunk], sc[:chunk], zp[:chunk], -128, 127,
+                              compile_policy=policy)
         if mode == "1":
             print(f"(compile + first chunk: {time.perf_counter() - t0:.1f} s)")
         for hsd in (2.0, 20.0, 100.0, 0.2):
             sg = sc / hsd
             t = time.perf_counter()
             for a in range(0, d, chunk):
-                G.affine_cell_moments(th[a : a + chunk], sg[a : a + chunk], sc[a : a + chunk], zp[a : a + chunk], -128, 127)
+                G.affine_cell_moments(th[a : a + chunk], sg[a : a + chunk], sc[a : a + chunk],
+                                      zp[a : a + chunk], -128, 127, compile_policy=policy)
             el = time.perf_counter() - t
             print(f"| {'compiled' if mode == '1' else 'eager'} | {hsd:g} | {d / el:.3g} |")
 

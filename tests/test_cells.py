@@ -310,18 +310,18 @@ def test_leakage_bad_input():
     for bad in (math.nan, math.inf):
         w_bad = w.clone()
         w_bad[1, 2] = bad
-        with pytest.raises(ValueError, match=r"^w contains 1 non-finite.*\(1, 2\)"):
+        with pytest.raises(ValueError, match=r"^influence contains 1 non-finite.*\(1, 2\)"):
             record_leakage(w_bad, s, 100)
-        with pytest.raises(ValueError, match=r"^w contains"):
+        with pytest.raises(ValueError, match=r"^influence contains"):
             baseline_leakage(w_bad, 100)
     for n in (1, 0, -5, math.nan):
         with pytest.raises(ValueError, match=r"n \(number of training records\) must be >= 2"):
             record_leakage(w, s, n)
         with pytest.raises(ValueError, match=r"n \(number"):
             baseline_leakage(w, n)
-    with pytest.raises(ValueError, match=r"w must have shape \[R, d\]"):
+    with pytest.raises(ValueError, match=r"influence must have shape \[R, d\]"):
         record_leakage(torch.ones(3, dtype=F64), s, 100)
-    with pytest.raises(ValueError, match=r"w has d = 2 coordinates but stats has 3"):
+    with pytest.raises(ValueError, match=r"influence has d = 2 coordinates but stats has 3"):
         record_leakage(torch.ones(2, 2, dtype=F64), s, 100)
     with pytest.raises(ValueError, match=r"exact1d.*d = 1.*got d = 3"):
         record_leakage(w, s, 100, method="exact1d")

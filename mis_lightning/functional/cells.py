@@ -209,7 +209,7 @@ def cell_moments(theta: Tensor, sigma: Tensor, boundaries: Tensor) -> CellMoment
 class CellTerms:
     """Per-cell terms of standardised edges ``alpha [c, K+1]``, all ``[c, K]`` float64.
 
-    ``prob`` = ``Phi(hi) - Phi(lo)`` (upper tail mirrored: no cancellation), ``diff`` =
+    ``prob`` = ``Phi(hi) - Phi(lo)`` (from tail probabilities: no cancellation in either tail), ``diff`` =
     ``phi(lo) - phi(hi)`` (so that the conditional mean is ``diff / prob``), ``ratio`` the
     conditional mean kept inside its cell (0 for empty cells), ``live`` = ``prob > 1e-300``.
     """
@@ -223,12 +223,14 @@ class CellTerms:
 def cell_terms(alpha: Tensor) -> CellTerms:
     """The cell-moment kernel (one implementation for every grid path): per-cell
     probabilities and conditional means of ``N(0, 1)`` between standardised edges
-    ``alpha [c, K+1]`` (sorted rows, ``+-inf`` allowed). Two ``ndtr`` per edge."""
+    ``alpha [c, K+1]`` (sorted rows, ``+-inf`` allowed). One ``ndtr`` per edge."""
     pdf = _pdf(alpha)
     lo, hi = alpha[:, :-1], alpha[:, 1:]
-    cdf, sf = torch.special.ndtr(alpha), torch.special.ndtr(-alpha)
-    # Phi(hi) - Phi(lo), or (1 - Phi(lo)) - (1 - Phi(hi)) for cells in the upper tail.
-    prob = torch.where(lo > 0, sf[:, :-1] - sf[:, 1:], cdf[:, 1:] - cdf[:, :-1]).clamp_min(0.0)
+    # One ndtr per edge: q = P(N(0,1) beyond |alpha|). A cell on one side of 0 is a difference
+    # of two tail probabilities (no cancellation in either tail); a cell holding 0 is 1 - both.
+    q = torch.special.ndtr(-alpha.abs())
+    ql, qh = q[:, :-1], q[:, 1:]
+    prob = torch.where(lo > 0, ql - qh, torch.where(hi <= 0, qh - ql, 1.0 - ql - qh)).clamp_min(0.0)
     diff = pdf[:, :-1] - pdf[:, 1:]
     live = prob > _TINY_PROB
     # Rounding can push a tail mean just outside its cell; the true mean lies inside.
