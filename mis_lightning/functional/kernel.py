@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .cells import SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
+from .fastpath import GUARD
 
 # Edges further than this many standard deviations from theta carry < 1e-15 of kappa.
 CUTOFF_SIGMAS = 8.5
@@ -266,8 +267,6 @@ class CompilePolicy:
 
 def _fused_kernel(c: int, with_codes: bool, policy: CompilePolicy | None = None):
     """The fused kernel to run on a chunk of ``c`` elements, and whether it is compiled."""
-    from .fastpath import GUARD
-
     policy = policy or CompilePolicy()
     _FUSED_STATE["elements"] = int(_FUSED_STATE["elements"]) + c  # type: ignore[arg-type]
     want = policy.wants(int(_FUSED_STATE["elements"]))  # type: ignore[arg-type]
