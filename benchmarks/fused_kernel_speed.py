@@ -1,8 +1,8 @@
 """Steady-state throughput of ``affine_cell_moments`` on large chunks, eager vs compiled.
 
 ``affine_cell_moments`` sends chunks of >= TABLE_MIN_ELEMENTS weights through one
-branch-free kernel; with ``MIS_LIGHTNING_COMPILE=1`` (or automatically once a process has
-pushed COMPILE_AFTER weights through it) that kernel runs under ``torch.compile``. This script
+branch-free kernel; with ``compile_policy=CompilePolicy("always")`` (or automatically once a
+process has pushed COMPILE_AFTER weights through it) that kernel runs under ``torch.compile``. This script
 warms each mode up on one chunk (the compile time is printed separately), then times int8
 grids (scale 0.01, weights N(0, 0.3^2)) in four regimes of the step h = scale / sigma, in
 chunks of 2^18 weights, float64, then an int4 grid after the int8 ones (the code range that the
@@ -13,25 +13,56 @@ self-check runs in both modes, as in production.
 
     python benchmarks/fused_kernel_speed.py                # d = 4e6, 1 thread
     python benchmarks/fused_kernel_speed.py --d 1e7 --threads 2
+    python benchmarks/fused_kernel_speed.py --self-check-overhead   # checks on / off, compiled
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
 
 import mis_lightning.functional.grids as G
+from mis_lightning.functional import fastpath
+
+
+def self_check_overhead(chunk: int = 1 << 18, calls: int = 64, reps: int = 6) -> None:
+    """Steady-state throughput of the compiled kernel with the sampled self-check on and off
+    (alternating repetitions in one process: the ratio is what counts on a shared machine)."""
+    g = torch.Generator().manual_seed(0)
+    sc = torch.full((chunk,), 0.01, dtype=torch.float64)
+    zp = torch.zeros(chunk, dtype=torch.float64)
+    th = torch.randn(chunk, generator=g, dtype=torch.float64) * 0.3
+    sg, policy = sc / 2, G.CompilePolicy.parse("always")
+    for _ in range(3):
+        G.affine_cell_moments(th, sg, sc, zp, -128, 127, compile_policy=policy)
+    original = fastpath.GUARD.sample_size
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(reps):
+        for mode in ("on", "off"):
+            fastpath.GUARD.sample_size = original if mode == "on" else (lambda *a, **k: 0)  # type: ignore[method-assign]
+            t = time.perf_counter()
+            for _ in range(calls):
+                G.affine_cell_moments(th, sg, sc, zp, -128, 127, compile_policy=policy)
+            rates[mode].append(calls * chunk / (time.perf_counter() - t))
+    fastpath.GUARD.sample_size = original  # type: ignore[method-assign]
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    print(f"self-check on {on:.3g} weights/s, off {off:.3g}; on / off = {on / off:.3f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=float, default=4e6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--self-check-overhead", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.self_check_overhead:
+        self_check_overhead()
+        return
     d, chunk = int(args.d), 1 << 18
     g = torch.Generator().manual_seed(0)
     sc = torch.full((d,), 0.01, dtype=torch.float64)
@@ -44,9 +75,10 @@ def main() -> None:
     regimes = [(-128, 127, h) for h in (2.0, 20.0, 100.0, 0.2)] + [(-8, 7, 2.0)]
     eager_ref = {}
     for mode in ("0", "1"):
-        os.environ["MIS_LIGHTNING_COMPILE"] = mode
+        policy = G.CompilePolicy.parse(mode)
         t0 = time.perf_counter()
-        G.affine_cell_moments(th[:chunk], (sc / 2)[:chunk], sc[:chunk], zp[:chunk], -128, 127)
+        G.affine_cell_moments(th[:chunk], (sc / 2)[:chunk], sc[:chunk], zp[:chunk], -128, 127,
+                              compile_policy=policy)
         if mode == "1":
             print(f"(compile + first chunk: {time.perf_counter() - t0:.1f} s)")
         for qmin, qmax, hsd in regimes:
@@ -54,21 +86,21 @@ def main() -> None:
             sgt = sct / hsd
             t = time.perf_counter()
             for a in range(0, d, chunk):
-                G.affine_cell_moments(th[a : a + chunk], sgt[a : a + chunk], sct[a : a + chunk], zp[a : a + chunk], qmin, qmax)
+                G.affine_cell_moments(th[a : a + chunk], sgt[a : a + chunk], sct[a : a + chunk],
+                                      zp[a : a + chunk], qmin, qmax, compile_policy=policy)
             el = time.perf_counter() - t
-            one = G.affine_cell_moments(th[:chunk], sgt[:chunk], sct[:chunk], zp[:chunk], qmin, qmax)
+            one = G.affine_cell_moments(th[:chunk], sgt[:chunk], sct[:chunk], zp[:chunk], qmin, qmax,
+                                        compile_policy=policy)
             key = (qmin, hsd)
             if mode == "0":
                 eager_ref[key] = one
                 diff = "-"
             else:
                 e = eager_ref[key]
-                diff = f"{max(float((getattr(one, n) - getattr(e, n)).abs().max()) for n in ('kappa', 'lam', 'm4')):.1e}"
+                diff = f"{max(float((getattr(one, n) - getattr(e, n)).abs().max()) for n in ('kappa', 'mean_abs', 'm4')):.1e}"
             grid = "int8" if qmax == 127 else "int4"
             print(f"| {'compiled' if mode == '1' else 'eager'} | {grid} | {hsd:g} | {d / el:.3g} | {diff} |")
-    from mis_lightning.functional.fastpath import GUARD
-
-    print("paths disabled by the self-check:", GUARD.disabled or "none")
+    print("paths disabled by the self-check:", fastpath.GUARD.disabled or "none")
 
 
 if __name__ == "__main__":

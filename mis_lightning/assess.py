@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from . import functional as F
 from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs  # noqa: F401
 from .estimation import Estimate, estimate
-from .estimation.linear_factors import factored_power_sums
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
+from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
@@ -32,16 +32,8 @@ from .report import LayerResult, Report, SchemeResult
 log = logging.getLogger(__name__)
 
 SchemeSpec = str | QuantizationScheme
-FROZEN_KAPPA = 1e-6
-# kappa of a uniform grid of step 0.5 sd: coordinates above it are scored as Gaussian in MC.
-_FINE_KAPPA = 1.0 - 0.25 / 12.0 + 0.0625 / 144.0
-# Monte Carlo form: records x coarse coordinates x draws it may cost (~a few seconds), and
-# the range of draws; "auto" falls back to the Gaussian form (with a note) beyond it.
-MC_FLOP_BUDGET = 500_000_000
 # Above this d_eff / n the report warns that the asymptotic regime (d_eff << n) is not met.
 D_EFF_OVER_N_MAX = 0.1
-MIN_MC_SAMPLES, MAX_MC_SAMPLES = 1024, 32768
-MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (128 MiB in float64)
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -310,7 +302,9 @@ def score_schemes(
         prep.column = col
         col += 1 + prep.num_draws
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
-    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.w is not None, strict=strict)
+    policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
+    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
+                       policy=policy)
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed
@@ -445,7 +439,8 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     return prep
 
 
-def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator) -> None:
+def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator,
+                   policy: F.CompilePolicy | None = None) -> None:
     """Cell moments of one parameter under one scheme: at theta-hat and at each bootstrap draw;
     fills the layer's ``d_eff`` / ``pinned_fraction`` and the scheme's totals."""
     g = prep.grids[name]
@@ -453,7 +448,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
         k, m4, lam = _requantized_moments(prep, name, sg, gen)
     else:
-        k, m4, lam = _grid_moments(g, th, sg, chunk)
+        k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
     prep.kappa[name], prep.m4[name] = k, m4
     if est.d == 1:  # only the one-coordinate form uses lam
         prep.lam[name] = lam
@@ -462,7 +457,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
         th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
         # non-nearest grids: the Monte Carlo moments are held at their value in every draw
         k_b, _, lam_b = (k, m4, lam) if g.rounding != "nearest" else _grid_moments(
-            g, th_b, sg, chunk, use_codes=False)
+            g, th_b, sg, chunk, use_codes=False, policy=policy)
         prep.draws[name].append(k_b.to(torch.float32))
         if est.d == 1:
             prep.lam_draws[name].append(lam_b)
@@ -484,7 +479,7 @@ def _requantized_moments(prep: _Prepared, name: str, sigma: Tensor,
     prep.notes.append(f"{name}: rounding {prep.grids[name].rounding!r} is not nearest: cell "
                       f"moments from {REQUANT_DRAWS} Monte Carlo re-quantization draws, held "
                       "fixed in the uncertainty interval")
-    return mm.kappa, mm.m4, mm.lam
+    return mm.kappa, mm.m4, mm.lam  # RequantMoments keeps the name lam
 
 
 def _release_moments(prep: _Prepared, name: str) -> None:
@@ -493,7 +488,8 @@ def _release_moments(prep: _Prepared, name: str) -> None:
         store.pop(name, None)
 
 
-def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use_codes: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use_codes: bool = True,
+                  policy: F.CompilePolicy | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``kappa, m4, lam`` of a whole parameter, computed chunk by chunk (float64 ``[numel]``)."""
     numel = theta.numel()
     kappa = torch.empty(numel, dtype=torch.float64)
@@ -501,8 +497,8 @@ def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use
     lam = torch.empty_like(kappa)
     for a in range(0, numel, chunk):
         b = min(a + chunk, numel)
-        mm = grid.moments(theta[a:b], sigma[a:b], a, b, use_codes=use_codes)
-        kappa[a:b], m4[a:b], lam[a:b] = mm.kappa, mm.m4, mm.lam
+        mm = grid.moments(theta[a:b], sigma[a:b], a, b, use_codes=use_codes, compile_policy=policy)
+        kappa[a:b], m4[a:b], lam[a:b] = mm.kappa, mm.m4, mm.mean_abs
     return kappa, m4, lam
 
 
@@ -525,7 +521,8 @@ def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, 
 
 
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
-                keep_moments: bool, strict: bool = True) -> dict[str, list[F.CltSums]]:
+                keep_moments: bool, strict: bool = True,
+                policy: F.CompilePolicy | None = None) -> dict[str, list[F.CltSums]]:
     """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_1 main, ...]`` sums.
 
     One parameter at a time: every scheme's cell moments of that tensor are computed, its
@@ -535,19 +532,13 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
     """
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
-    factor_of = {}
-    if est.factors is not None:
-        for fac in est.factors:
-            for nm_, is_bias in ((fac.weight, False), (fac.bias, True)):
-                if nm_ is not None:
-                    factor_of[nm_] = (fac, is_bias)
     for pi, name in enumerate(est.names):
         numel = est.theta[name].numel()
         for si, prep in enumerate(prepared):
             if name in prep.grids:
                 gen = torch.Generator().manual_seed(seed + 1000 * (si + 1) + 7 * pi)
                 try:
-                    _param_moments(est, prep, name, chunk, gen)
+                    _param_moments(est, prep, name, chunk, gen, policy)
                 except Exception as exc:
                     if strict:
                         raise
@@ -560,33 +551,13 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         K, M4, spans = _columns(name, numel, prepared)
         main_idx = [0] + [s for s, _ in spans]
         Km = K[:, main_idx]
-        if name in factor_of:
-            # Linear layers: bilinear forms of the stored factors, never a [R, d] tensor of w.
-            assert est._g_mean is not None and est._v_diag is not None
-            fac, is_bias = factor_of[name]
-            gm, vd = est._g_mean[name], est._v_diag[name]
-            s2 = factored_power_sums(fac, gm, vd, K, 2, bias=is_bias)
-            s4 = factored_power_sums(fac, gm, vd, torch.cat([M4 - 3.0 * Km.square(), Km.square()], 1),
-                                     4, bias=is_bias)
-            nm = len(main_idx)
-            out[name] = [F.CltSums(s2[:, m].clone(), torch.zeros(R, dtype=torch.float64)) for m in range(K.shape[1])]
-            for j, m in enumerate(main_idx):
-                out[name][m].s4 = s4[:, j].clone()
-                out[name][m].s22 = s4[:, nm + j].clone()
-        else:
-            out[name] = [F.CltSums.zeros(R) for _ in range(K.shape[1])]
-            for r0, r1, wd in est.iter_w([name]):
-                w2 = wd[name].to(torch.float64).square()
-                s2 = w2 @ K  # [b, M]
-                w4 = w2.square()
-                s4 = w4 @ (M4 - 3.0 * Km.square())  # [b, 1 + S]
-                s22 = w4 @ Km.square()
-                for m in range(K.shape[1]):
-                    out[name][m].s2[r0:r1] += s2[:, m]
-                for j, m in enumerate(main_idx):
-                    out[name][m].s4[r0:r1] += s4[:, j]
-                    assert out[name][m].s22 is not None
-                    out[name][m].s22[r0:r1] += s22[:, j]
+        # One pass over the records' influences (stored, factored or recomputed) for all columns.
+        ps = est.power_sums(name, {2: K, 4: torch.cat([M4 - 3.0 * Km.square(), Km.square()], 1)})
+        s2, s4, nm = ps[2], ps[4], len(main_idx)
+        out[name] = [F.CltSums(s2[:, m].clone(), torch.zeros(R, dtype=torch.float64)) for m in range(K.shape[1])]
+        for j, m in enumerate(main_idx):
+            out[name][m].s4 = s4[:, j].clone()
+            out[name][m].s22 = s4[:, nm + j].clone()
         del K, M4, Km
         if not keep_moments:
             for prep in prepared:
@@ -612,20 +583,12 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         lk = float(main[name].leakage(n).mean())
         layers[name].leakage, layers[name].mis = lk, 1.0 - lk
         layers[name].baseline_leakage = float(base_layers[name].leakage(n).mean())
-    kappas = {name: ((prep.kappa[name].double(), prep.m4[name].double()) if name in prep.kappa else None)
-              for name in est.names}
-    chosen = method
-    if method == "auto":
-        if d == 1 and prep.grids:
-            chosen = "exact1d"
-        elif clt_err <= F.CLT_TOLERANCE and n_eff >= F.CLT_MIN_TERMS:
-            chosen = "clt"
-        elif est.w is not None and R * max(_coarse_count(kappas), 1) * MIN_MC_SAMPLES <= MC_FLOP_BUDGET:
-            chosen = "mc"
-        else:
-            chosen = "clt"
+    kappas = {name: (prep.kappa[name].double() if name in prep.kappa else None) for name in est.names}
+    coarse = F.coarse_count(kappas.values())
+    chosen = F.resolve_method(method, d=d, quantized=bool(prep.grids), clt_error=clt_err, n_eff=n_eff,
+                              influence_stored=est.influence_stored, num_records=R, coarse=coarse)
     notes = list(prep.notes)
-    if chosen == "clt" and (clt_err > F.CLT_TOLERANCE or n_eff < F.CLT_MIN_TERMS):
+    if chosen == "clt" and F.clt_out_of_tolerance(clt_err, n_eff):
         notes.append(f"Gaussian form used beyond its tolerance (Edgeworth error estimate {clt_err:.3g}, "
                      f"{n_eff:.3g} effective coordinates for the least spread record)")
     if chosen == "exact1d":
@@ -633,13 +596,10 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
             raise ValueError(f"method='exact1d' needs d = 1 assessed weight, got d = {d}")
         leak = _exact1d(est, prep.lam)
     elif chosen == "mc":
-        if est.w is None:
+        if est.influence is None:
             raise ValueError("method='mc' needs the stored influences (a model small enough to keep w)")
         if num_samples is None:  # as many draws as the budgets allow (error ~ 1/sqrt(S))
-            coarse = max(_coarse_count(kappas), 1)
-            by_cost = MC_FLOP_BUDGET // (R * (coarse + 1))
-            by_memory = MC_BUFFER // max(R, 1)  # the [R, S] projection buffers
-            num_samples = int(min(MAX_MC_SAMPLES, max(MIN_MC_SAMPLES, min(by_cost, by_memory))))
+            num_samples = F.mc_draws_for(R, coarse)
         notes.append(f"Monte Carlo form with {num_samples} draws")
         leak = _mc_leakage(est, prep.grids, kappas, num_samples, gen, chunk, names=est.names)
         # Per-layer values: Monte Carlo too when cheap, else the Gaussian form (set above).
@@ -652,7 +612,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         leak = total.leakage(n)
     leakage = float(leak.mean())
     # Standard error of the mean over the R records (the truth averages over all z).
-    record_se = float(leak.std() / math.sqrt(leak.numel())) if leak.numel() > 1 else 0.0
+    record_se = F.record_standard_error(leak)
     interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
@@ -664,91 +624,43 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     )
 
 
-def _coarse_count(kappas: dict[str, tuple[Tensor, Tensor] | None]) -> int:
-    return sum(int(((km[0] > 1e-12) & (km[0] < _FINE_KAPPA)).sum()) for km in kappas.values() if km is not None)
-
-
 def _exact1d(est: Estimate, lams: dict[str, Tensor]) -> Tensor:
-    """One coordinate: ``G(|w| lam / (2 sqrt n))`` (method.md section 3, form 1)."""
-    assert est.w is not None
+    """One coordinate: ``G(|w| mean_abs / (2 sqrt n))`` (:func:`~mis_lightning.functional.exact1d_leakage`)."""
+    assert est.influence is not None
     name = est.names[0]
     lam = lams[name] if name in lams else torch.tensor([F.cells.SQRT_2_OVER_PI], dtype=torch.float64)
-    return F.saturate(est.w[:, 0].abs() * lam[0] / (2 * math.sqrt(est.n)))
+    return F.exact1d_leakage(est.influence[:, 0], lam, est.n)
 
 
-def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict, num_samples: int,
+def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict[str, Tensor | None], num_samples: int,
                 gen: torch.Generator, chunk: int, names: list[str]) -> Tensor:
-    """Hybrid Monte Carlo: sampled cells for coarse coordinates, Gaussian for fine/unquantized."""
-    assert est.w is not None
-    R = est.num_records
-    gauss = torch.zeros(R, dtype=torch.float64)
-    w_parts, b_parts, th_parts, sg_parts = [], [], [], []
+    """Hybrid Monte Carlo (:class:`~mis_lightning.functional.HybridMC`) over ``names``."""
+    assert est.influence is not None
+    mc = F.HybridMC(est.num_records)
     for name in names:
-        s, e = est.offsets[name]
-        w = est.w[:, s:e]
-        km = kappas[name]
-        if km is None:
-            gauss += w.square().sum(-1)
-            continue
-        k = km[0]
-        coarse = (k > 1e-12) & (k < _FINE_KAPPA)
-        fine = k >= _FINE_KAPPA
-        gauss += w[:, fine].square() @ k[fine]
-        idx = torch.nonzero(coarse).squeeze(-1)
-        if idx.numel() == 0:
-            continue
-        g = grids[name]
-        th, sg = est.theta[name], est.sigma[name]
-        for a in range(0, idx.numel(), chunk):
-            ii = idx[a : a + chunk]
-            lo, hi = int(ii.min()), int(ii.max()) + 1
-            edges = g.boundaries(th[lo:hi], lo, hi, 18)[ii - lo]
-            b_parts.append(edges)
-            th_parts.append(th[ii])
-            sg_parts.append(sg[ii])
-            w_parts.append(w[:, ii])
-    if not w_parts:
-        mean_abs = F.cells.SQRT_2_OVER_PI * gauss.sqrt()
-        return F.saturate(mean_abs / (2 * math.sqrt(est.n)))
-    stats = F.cell_statistics(torch.cat(th_parts), torch.cat(sg_parts), torch.cat(b_parts), validate=False)
-    wc = torch.cat(w_parts, dim=1)
-    mean_abs, _ = F.mc_first_order(wc, stats, num_samples, gen, gaussian_s2=gauss)
-    cap = F.cells.SQRT_2_OVER_PI * (wc.square().sum(-1) + gauss).sqrt()
-    return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(est.n)))
+        th = est.theta[name]
+        g = grids.get(name)
+        edges = None if g is None else (
+            lambda lo, hi, g=g, th=th: g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW))
+        mc.update(est.influence[:, slice(*est.offsets[name])], kappas[name], th, est.sigma[name], edges, chunk)
+    return mc.compute(est.n, num_samples, gen)
 
 
 def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
               leakage: float, clt_value: float, chosen: str, record_se: float = 0.0
               ) -> tuple[float, float] | None:
-    """An 80% uncertainty interval for the leakage.
+    """An 80% uncertainty interval for the leakage (:func:`~mis_lightning.functional.bootstrap_interval`).
 
-    (p10, p90) of the leakage with the cell statistics re-evaluated around
-    ``theta_hat + sigma * xi`` (method.md section 7: the plug-in's spread over where the
-    trained weights fall in their cells), widened to contain the plug-in value and by
-    ``1.28 * record_se`` on each side (the standard error of the mean over the R records).
-    Each draw uses the Gaussian form, rescaled by the ratio of the chosen method's value to
-    the Gaussian form at ``theta_hat``; one coordinate uses the exact form."""
+    Each bootstrap draw (cell statistics re-evaluated around ``theta_hat + sigma * xi``) is
+    scored with the Gaussian form, rescaled by the ratio of the chosen method's value to the
+    Gaussian form at ``theta_hat`` when that is Monte Carlo; one coordinate uses the exact form."""
     if prep.num_draws == 0:
         return None
-    vals = []
-    for b in range(prep.num_draws):
-        if chosen == "exact1d" and est.w is not None:
-            name = est.names[0]
-            lam_b = prep.lam_draws[name][b]
-            vals.append(float(F.saturate(est.w[:, 0].abs() * lam_b[0] / (2 * math.sqrt(est.n))).mean()))
-            continue
-        draw = _total({name: sums[name][idx + 1 + b] for name in est.names}, est.num_records)
-        v = float(draw.leakage(est.n).mean())
-        if chosen == "mc" and clt_value > 0:
-            v *= leakage / clt_value
-        vals.append(v)
-    t = torch.tensor(vals, dtype=torch.float64)
-    if t.numel() < 5:  # too few draws for quantiles: normal approximation
-        m, s = float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
-        lo, hi = max(m - 1.2816 * s, 0.0), m + 1.2816 * s
+    if chosen == "exact1d" and est.influence_stored:
+        lam_draws = prep.lam_draws[est.names[0]]
+        vals = [float(F.exact1d_leakage(est.influence[:, 0], lam_b, est.n).mean()) for lam_b in lam_draws]
     else:
-        lo, hi = float(torch.quantile(t, 0.1)), float(torch.quantile(t, 0.9))
-    # The draws smooth kappa over sigma around theta-hat; where that shifts the whole
-    # distribution away from the plug-in (weights whose sd spans many cells or the end of
-    # the code range), the interval is widened to contain the plug-in value itself.
-    return max(min(lo, leakage) - 1.2816 * record_se, 0.0), max(hi, leakage) + 1.2816 * record_se
+        vals = [float(_total({name: sums[name][idx + 1 + b] for name in est.names}, est.num_records)
+                      .leakage(est.n).mean()) for b in range(prep.num_draws)]
+    return F.bootstrap_interval(vals, leakage, record_se,
+                                gaussian_plug_in=clt_value if chosen == "mc" else None)

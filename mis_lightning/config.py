@@ -62,18 +62,21 @@ def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be {_or_list(choices)}, got {value!r}")
 
 
+COMPILE_ENV = "MIS_LIGHTNING_COMPILE"
+
+
 def compile_policy_from_env() -> str:
     """The kernel compile policy from ``MIS_LIGHTNING_COMPILE`` (read once, when a
-    :class:`ScoringConfig` is built without ``compile``): ``1``/``true``/``yes`` -> ``"always"``,
-    ``auto`` or unset -> ``"auto"``, anything else -> ``"never"``.
+    :class:`ScoringConfig` is built without ``compile``; the math never reads the environment):
+    ``1``/``true``/``yes``/``on``/``always`` -> ``"always"``, ``auto`` or unset -> ``"auto"``,
+    ``0``/``false``/``no``/``off``/``never`` -> ``"never"``.
 
     Raises:
-        Nothing: an unknown value means "never" (as the kernel always read it).
+        ValueError: any other value (the message names the variable).
     """
-    mode = os.environ.get("MIS_LIGHTNING_COMPILE", "auto").strip().lower()
-    if mode in ("1", "true", "yes", "always"):
-        return "always"
-    return "auto" if mode == "auto" else "never"
+    from .functional.kernel import CompilePolicy
+
+    return CompilePolicy.parse(os.environ.get(COMPILE_ENV), source=COMPILE_ENV).mode
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def test_assess_matches_functional_core():
     assert g.revealed is not None and torch.equal(g.revealed.reshape(-1), revealed.bool())
     k_w = revealed + (1 - revealed) * stats.kappa
     kappa = torch.cat([k_w, torch.ones(1, dtype=torch.float64)])  # the bias is left in float
-    ref = F.record_leakage(est.w, F.CellMoments(kappa, kappa, kappa, kappa), est.n, method="clt")
+    ref = F.record_leakage(est.influence, F.CellMoments(kappa, kappa, kappa, kappa), est.n, method="clt")
     assert rep.schemes["rtn_int4"].leakage == pytest.approx(float(ref.mean()), rel=1e-10)
     assert rep.schemes["rtn_int4"].d_eff == pytest.approx(float(kappa.sum()), rel=1e-10)
 

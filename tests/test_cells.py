@@ -114,11 +114,11 @@ def _refine(boundaries: torch.Tensor) -> torch.Tensor:
 def test_cell_statistics_invariants(g):
     theta, sigma, boundaries = g
     s = cell_statistics(theta, sigma, boundaries)
-    for name in ("prob", "mean", "kappa", "lam", "m4", "coverage"):
+    for name in ("prob", "mean", "kappa", "mean_abs", "m4", "coverage"):
         t = getattr(s, name)
         assert torch.isfinite(t).all(), f"{name} has non-finite values: {t}"
     assert (s.kappa >= 0).all() and (s.kappa <= 1).all()
-    assert (s.lam >= 0).all() and (s.lam <= SQRT_2_OVER_PI).all()
+    assert (s.mean_abs >= 0).all() and (s.mean_abs <= SQRT_2_OVER_PI).all()
     assert (s.m4 >= 0).all()
     assert (s.prob >= 0).all()
     # Probabilities add up to the covered mass, checked against an independent Phi.
@@ -138,7 +138,7 @@ def test_cell_statistics_invariants(g):
     assert ((s.mean >= lo) | ~real).all() and ((s.mean <= hi) | ~real).all()
     # cell_moments is the same computation without per-cell tensors.
     m = cell_moments(theta, sigma, boundaries)
-    for name in ("kappa", "lam", "m4", "coverage"):
+    for name in ("kappa", "mean_abs", "m4", "coverage"):
         assert torch.allclose(getattr(m, name), getattr(s, name), rtol=1e-12, atol=1e-12), name
 
 
@@ -217,11 +217,11 @@ def test_known_values():
     sign = torch.tensor([[-math.inf, 0.0, math.inf]], dtype=F64)
     s = cell_statistics(theta[:1], sigma[:1], sign)
     assert s.kappa.item() == pytest.approx(2 / math.pi, abs=1e-15)
-    assert s.lam.item() == pytest.approx(SQRT_2_OVER_PI, abs=1e-15)
+    assert s.mean_abs.item() == pytest.approx(SQRT_2_OVER_PI, abs=1e-15)
     assert s.m4.item() == pytest.approx(4 / math.pi**2, abs=1e-15)
     # One cell: the code says nothing.
     one = cell_statistics(theta[:1], sigma[:1], torch.tensor([[-math.inf, math.inf]], dtype=F64))
-    assert one.kappa.item() == 0 and one.lam.item() == 0 and one.prob.item() == 1
+    assert one.kappa.item() == 0 and one.mean_abs.item() == 0 and one.prob.item() == 1
     # Very fine grid (step 0.01 sd over +-9 sd): kappa = 1/(1 + h^2/12) to ~1e-9.
     h = 0.01
     edges = torch.arange(-900, 901, dtype=F64) * h + 0.5 * h
@@ -239,7 +239,7 @@ def test_sigma_zero_freezes_the_code():
     theta = torch.tensor([0.3, 0.3], dtype=F64)
     b = torch.tensor([[-math.inf, -1.0, 0.0, 1.0, math.inf]] * 2, dtype=F64)
     s = cell_statistics(theta, torch.tensor([0.0, 1e-300], dtype=F64), b)
-    assert (s.kappa == 0).all() and (s.lam == 0).all() and (s.coverage == 1).all()
+    assert (s.kappa == 0).all() and (s.mean_abs == 0).all() and (s.coverage == 1).all()
     assert (s.m4 == 0).all()
     assert torch.isfinite(s.mean).all()
 
@@ -310,18 +310,18 @@ def test_leakage_bad_input():
     for bad in (math.nan, math.inf):
         w_bad = w.clone()
         w_bad[1, 2] = bad
-        with pytest.raises(ValueError, match=r"^w contains 1 non-finite.*\(1, 2\)"):
+        with pytest.raises(ValueError, match=r"^influence contains 1 non-finite.*\(1, 2\)"):
             record_leakage(w_bad, s, 100)
-        with pytest.raises(ValueError, match=r"^w contains"):
+        with pytest.raises(ValueError, match=r"^influence contains"):
             baseline_leakage(w_bad, 100)
     for n in (1, 0, -5, math.nan):
         with pytest.raises(ValueError, match=r"n \(number of training records\) must be >= 2"):
             record_leakage(w, s, n)
         with pytest.raises(ValueError, match=r"n \(number"):
             baseline_leakage(w, n)
-    with pytest.raises(ValueError, match=r"w must have shape \[R, d\]"):
+    with pytest.raises(ValueError, match=r"influence must have shape \[R, d\]"):
         record_leakage(torch.ones(3, dtype=F64), s, 100)
-    with pytest.raises(ValueError, match=r"w has d = 2 coordinates but stats has 3"):
+    with pytest.raises(ValueError, match=r"influence has d = 2 coordinates but stats has 3"):
         record_leakage(torch.ones(2, 2, dtype=F64), s, 100)
     with pytest.raises(ValueError, match=r"exact1d.*d = 1.*got d = 3"):
         record_leakage(w, s, 100, method="exact1d")

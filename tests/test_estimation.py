@@ -49,8 +49,8 @@ def test_exact_sandwich_equals_ols_closed_form():
     psi = (X * r[:, None]) @ Ainv.T
     w_ref = psi / torch.diagonal(S).sqrt()
     # The kept records: the smallest content hashes of the raw (inputs, targets), in key order.
-    kept = torch.sort(record_keys([X, y], None, n), stable=True).indices[: est.w.shape[0]]
-    torch.testing.assert_close(est.w, w_ref[kept], rtol=1e-8, atol=1e-10)
+    kept = torch.sort(record_keys([X, y], None, n), stable=True).indices[: est.influence.shape[0]]
+    torch.testing.assert_close(est.influence, w_ref[kept], rtol=1e-8, atol=1e-10)
     assert est.diagnostics["gradient_norm_ratio"] < 1e-8
     assert not est.diagnostics["negative_curvature"]
 
@@ -80,7 +80,7 @@ def test_diagonal_agrees_with_exact_on_orthogonal_design():
         dg = estimate(m, dl, mse, mode="diagonal", hessian=hess)
         # H = I exactly, but V's off-diagonal terms do not enter sigma_jj with H diagonal.
         torch.testing.assert_close(dg.sigma["weight"], ex.sigma["weight"], rtol=1e-9, atol=0)
-        torch.testing.assert_close(dg.w, ex.w, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(dg.influence, ex.influence, rtol=1e-8, atol=1e-10)
 
 
 def test_ggn_equals_exact_hessian_diagonal_for_glm():
@@ -148,11 +148,11 @@ def test_streamed_influences_match_stored_ones():
     dl = DataLoader(TensorDataset(X, y), batch_size=40)
     full = estimate(m, dl, mse, mode="diagonal", hessian="ggn", num_records=50)
     small = estimate(m, dl, mse, mode="diagonal", hessian="ggn", num_records=50, budget=64)
-    assert full.w is not None and small.w is None
-    for r0, r1, wd in small.iter_w():
+    assert full.influence is not None and small.influence is None
+    for r0, r1, wd in small.iter_influence():
         for name, w in wd.items():
             s, e = full.offsets[name]
-            torch.testing.assert_close(w, full.w[r0:r1, s:e], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(w, full.influence[r0:r1, s:e], rtol=1e-9, atol=1e-12)
     for k in full.sigma:
         torch.testing.assert_close(full.sigma[k], small.sigma[k], rtol=1e-9, atol=0)
     assert math.isclose(full.diagnostics["gradient_norm"], small.diagnostics["gradient_norm"], rel_tol=1e-9)

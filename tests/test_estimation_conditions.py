@@ -76,8 +76,8 @@ def test_shared_weight_factored_path_equals_torch_func(cls):
     # the old factored path, which saw one use of the weight, was off by up to 11x).
     for k in slow.names:
         torch.testing.assert_close(fast.sigma[k], slow.sigma[k], rtol=1e-6, atol=0)
-    assert fast.w is not None and slow.w is not None  # standardised per-sample gradients
-    torch.testing.assert_close(fast.w, slow.w, rtol=1e-6, atol=1e-9)
+    assert fast.influence is not None and slow.influence is not None  # standardised per-sample gradients
+    torch.testing.assert_close(fast.influence, slow.influence, rtol=1e-6, atol=1e-9)
     # The mean gradient over every use of the weight, as autograd sums it.
     m2 = copy.deepcopy(m).double()
     mse(m2(X.double()), y.double()).mean().backward()

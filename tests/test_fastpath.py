@@ -21,14 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import mis_lightning.functional.affine as A
 import mis_lightning.functional.grids as G
+import mis_lightning.functional.kernel as K
+import mis_lightning.functional.table as T
 from mis_lightning.functional import fastpath
 
 F64 = torch.float64
+ALWAYS, NEVER = G.CompilePolicy("always"), G.CompilePolicy("never")
 ROOT = Path(__file__).resolve().parents[1]
 
 MATRIX_SCRIPT = r"""
-import json, math, os, sys, warnings
+import json, math, sys, warnings
 import torch
 torch.set_num_threads(int(sys.argv[1]))
 import mis_lightning.functional.grids as G
@@ -54,8 +58,7 @@ def case(regime, bits, seed, c=40000):
     return theta, sigma, scale, zp, qmin, qmax
 
 def run(args, mode):
-    os.environ["MIS_LIGHTNING_COMPILE"] = mode
-    return G.affine_cell_moments(*args)
+    return G.affine_cell_moments(*args, compile_policy=G.CompilePolicy.parse(mode))
 
 def kernel_codes(args, compiled):
     th, sg, s, zp, qmin, qmax = (a.to(F64) if torch.is_tensor(a) else a for a in args)
@@ -80,12 +83,12 @@ with warnings.catch_warnings():
                 h = s / sg
                 out[f"{regime}/int{bits}/{str(dtype)[6:]}"] = {
                     "compiled_vs_eager": max(float((getattr(comp, n) - getattr(eager, n)).abs().max())
-                                             for n in ("kappa", "lam", "m4")),
+                                             for n in ("kappa", "mean_abs", "m4")),
                     "codes_off": int((ke[4] != kc[4]).sum()),
                     "ok_off": int((ke[3] != kc[3]).sum()),
                     "kernel_vs_eager": max(float((a - b).abs().max()) for a, b in zip(kc[:3], ke[:3])),
-                    "vs_reference": fastpath.compare((eager.kappa, eager.lam, eager.m4),
-                                                     (ref.kappa, ref.lam, ref.m4), h, fastpath.APPROXIMATION),
+                    "vs_reference": fastpath.compare((eager.kappa, eager.mean_abs, eager.m4),
+                                                     (ref.kappa, ref.mean_abs, ref.m4), h, fastpath.APPROXIMATION),
                     "compiled": G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"],
                 }
 print("RESULT " + json.dumps(out))
@@ -133,9 +136,8 @@ def test_compiled_kernel_follows_the_code_range_of_each_call(monkeypatch):
     """The trigger of the wrong numbers: one compiled kernel called for int8, then int4.
     Inductor folded the clamp bounds of the first call into constants (no guard), so the int4
     codes came out clamped to -128..127. Scalars now enter as tensors."""
-    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "1")
     lo, dlog, du, table = G._uniform_table()
-    kernel, compiled = G._fused_kernel(1, with_codes=False)
+    kernel, compiled = G._fused_kernel(1, with_codes=False, policy=ALWAYS)
     assert compiled
     for bits in (8, 4, 8, 2):
         th, sg, s, zp, qmin, qmax = _chunk(bits, seed=bits)
@@ -150,15 +152,13 @@ def test_compiled_kernel_follows_the_code_range_of_each_call(monkeypatch):
 def test_public_path_with_compilation_after_another_code_range(monkeypatch):
     """End to end: affine_cell_moments for int8 then int4 with compilation on gives the eager
     values (and no self-check warning, since the kernel is now right)."""
-    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "1")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        G.affine_cell_moments(*_chunk(8, seed=1))
+        G.affine_cell_moments(*_chunk(8, seed=1), compile_policy=ALWAYS)
         args = _chunk(4, seed=2)
-        compiled = G.affine_cell_moments(*args)
-    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "0")
-    eager = G.affine_cell_moments(*args)
-    for n in ("kappa", "lam", "m4"):
+        compiled = G.affine_cell_moments(*args, compile_policy=ALWAYS)
+    eager = G.affine_cell_moments(*args, compile_policy=NEVER)
+    for n in ("kappa", "mean_abs", "m4"):
         assert float((getattr(compiled, n) - getattr(eager, n)).abs().max()) <= 1e-10, n
 
 
@@ -170,38 +170,34 @@ def _broken_codes(*args):
 
 
 def test_self_check_catches_a_wrong_compiled_kernel_and_falls_back(monkeypatch):
-    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "1")
     monkeypatch.setitem(G._FUSED_STATE, "compiled_codes", _broken_codes)
     args = _chunk(4, seed=3)
     rng = torch.get_rng_state()
     with pytest.warns(RuntimeWarning, match=r"torch.compile'd cell-moment kernel disagrees with its reference"):
-        got = G.affine_cell_moments(*args)
+        got = G.affine_cell_moments(*args, compile_policy=ALWAYS)
     assert torch.equal(torch.get_rng_state(), rng)  # the sample never touches the caller's RNG
     assert G.COMPILED_PATH in fastpath.GUARD.disabled
-    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "0")
     fastpath.GUARD.reset()
-    want = G.affine_cell_moments(*args)
-    for n in ("kappa", "lam", "m4"):
+    want = G.affine_cell_moments(*args, compile_policy=NEVER)
+    for n in ("kappa", "mean_abs", "m4"):
         assert torch.equal(getattr(got, n), getattr(want, n)), n
 
 
 def test_self_check_catches_a_wrong_eager_kernel_and_uses_the_cell_sums(monkeypatch):
-    monkeypatch.setenv("MIS_LIGHTNING_COMPILE", "0")
-
     original = G._fused_affine_codes
 
     def table_off(*args):  # the fused kernel with a corrupted table read: kappa 1% high
         k, lam, m4, ok, q = original(*args)
         return k * 1.01, lam, m4, ok, q
 
-    monkeypatch.setattr(G, "_fused_affine_codes", table_off)
+    monkeypatch.setattr(K, "_fused_affine_codes", table_off)
     args = _chunk(8, seed=4)
     with pytest.warns(RuntimeWarning, match=r"fused cell-moment kernel .* disagrees .*kappa"):
-        got = G.affine_cell_moments(*args)
+        got = G.affine_cell_moments(*args, compile_policy=NEVER)
     want = G._affine_cell_moments_sparse(*args)
     assert torch.equal(got.kappa, want.kappa)
     assert G.FUSED_PATH in fastpath.GUARD.disabled
-    again = G.affine_cell_moments(*args)  # disabled for the process: no second warning needed
+    again = G.affine_cell_moments(*args, compile_policy=NEVER)  # disabled for the process: no second warning needed
     assert torch.equal(again.kappa, want.kappa)
 
 
@@ -213,9 +209,10 @@ def test_self_check_of_the_per_regime_and_float_format_paths(monkeypatch):
     def fine_off(h, lower=None, upper=None):
         m = real_fine(h, lower, upper)
         off = torch.where(h > G.REFERENCE_FINE_STEP, 0.99, 1.0)  # the reference's tiny steps stay right
-        return type(m)(kappa=m.kappa * off, lam=m.lam, m4=m.m4, coverage=m.coverage)
+        return type(m)(kappa=m.kappa * off, mean_abs=m.mean_abs, m4=m.m4, coverage=m.coverage)
 
-    monkeypatch.setattr(G, "fine_grid_moments", fine_off)
+    for module in (A, T):  # the per-regime (affine) and float-format (table) paths
+        monkeypatch.setattr(module, "fine_grid_moments", fine_off)
     gen = torch.Generator().manual_seed(6)
     c = 3000
     scale = torch.full((c,), 0.01, dtype=F64)

@@ -70,7 +70,7 @@ def test_step_scheme_matches_functional_core():
         rep = C.score(est, model, [C.StepScheme(grid)], method="clt", uncertainty_draws=8)
         r = rep.schemes[f"step:{grid.name}"]
         st = cell_statistics(torch.from_numpy(th), torch.from_numpy(sg), torch.from_numpy(GT._edges_around(grid, th, sg, 20)))
-        ref = float(record_leakage(est.w, st, est.n, method="clt").mean())
+        ref = float(record_leakage(est.influence, st, est.n, method="clt").mean())
         assert abs(r.leakage / ref - 1) < 1e-3, (r.leakage, ref)
         assert r.interval[0] <= r.leakage <= r.interval[1]
 

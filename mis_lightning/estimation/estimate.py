@@ -20,15 +20,34 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .linear_factors import FactoredProgram, LinearFactors, iterate_factor_blocks
+from .linear_factors import (
+    FactoredProgram,
+    LinearFactors,
+    factored_power_sums,
+    iterate_factor_blocks,
+)
 from .per_sample import BatchFn, LossFn, LossProgram, default_batch_fn
+from .records import (
+    batch_size_of,
+    cat_state,
+    prune_bottom_k,
+    record_keys,
+    slice_rows,
+    split_batch,
+    storable_rows,
+    store_records,
+)
+
+__all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
+           "describe_estimator", "estimate", "record_keys"]
 
 Mode = Literal["auto", "exact", "diagonal"]
 HessianMode = Literal["auto", "exact", "ggn", "hutchinson"]
@@ -59,9 +78,13 @@ class Estimate:
         mode: ``"exact"`` or ``"diagonal"``; ``hessian``: how ``H`` (or its diagonal) was had.
         names: assessed parameter names; ``shapes``: their shapes; ``offsets``: flat ranges.
         theta: ``{name: [numel]}`` float64 trained weights.
-        sigma: ``{name: [numel]}`` float64 std of each trained weight (parameter units).
-        w: ``[R, d]`` standardised influences of the R stored records (dimensionless), or
-            ``None`` when they are recomputed per parameter (large models).
+        sigma: ``{name: [numel]}`` float64 std of each trained weight ``theta-hat_j``
+            (parameter units; lower-case sigma = ``sqrt(Sigma_jj / n)``, with ``Sigma`` the
+            ``[d, d]`` sandwich covariance of the per-record influence ``psi``).
+        influence: ``[R, d]`` standardised influences ``w = psi / sqrt(diag Sigma)`` of the R
+            stored records (dimensionless), or ``None`` when they are recomputed per
+            parameter (large models); deprecated alias ``w``. Read them, whatever the path,
+            with :meth:`iter_influence` or :meth:`power_sums`.
         mahalanobis: ``[R]`` ``|Sigma^{-1/2} psi|`` per record (exact mode only).
         diagnostics: method.md section 6 diagnostics.
         factors: per-record factors of Linear layers (the factored diagonal path, see
@@ -79,7 +102,7 @@ class Estimate:
     offsets: dict[str, tuple[int, int]]
     theta: dict[str, Tensor]
     sigma: dict[str, Tensor]
-    w: Tensor | None
+    influence: Tensor | None
     num_records: int
     diagnostics: dict[str, Any] = field(default_factory=dict)
     mahalanobis: Tensor | None = None
@@ -94,17 +117,79 @@ class Estimate:
 
     @property
     def d(self) -> int:
+        """Number of assessed weights."""
         return sum(e - s for s, e in self.offsets.values())
 
+    @property
+    def w(self) -> Tensor | None:
+        """Deprecated alias of :attr:`influence`."""
+        warnings.warn("Estimate.w is deprecated; use Estimate.influence", DeprecationWarning, stacklevel=2)
+        return self.influence
+
+    @property
+    def influence_stored(self) -> bool:
+        """Whether the ``[R, d]`` influences are held (the Monte Carlo form needs them)."""
+        return self.influence is not None
+
+    def power_sums(self, name: str, columns: Mapping[int, Tensor]) -> dict[int, Tensor]:
+        """Per-record weighted power sums of the influences of one parameter.
+
+        ``out[p][r, m] = sum_j w_rj^p columns[p][j, m]`` over the weights ``j`` of ``name``,
+        for each even power ``p`` (2 or 4): what the Gaussian form's sums need
+        (:class:`~mis_lightning.functional.CltSums`). Factored Linear layers use bilinear forms
+        of their factors (no ``[R, numel]`` tensor); otherwise the influences are read once,
+        in record blocks (:meth:`iter_influence`).
+
+        Args:
+            name: an assessed parameter.
+            columns: ``{p: [numel, M_p]}`` float64 weights of each coordinate.
+
+        Returns:
+            ``{p: [R, M_p]}`` float64.
+
+        Raises:
+            ValueError: a power other than 2 or 4.
+        """
+        bad = [p for p in columns if p not in (2, 4)]
+        if bad:
+            raise ValueError(f"power_sums supports powers 2 and 4, got {bad}")
+        factor = self._factor_of(name)
+        if factor is not None:
+            assert self._g_mean is not None and self._v_diag is not None
+            layer, is_bias = factor
+            gm, vd = self._g_mean[name], self._v_diag[name]
+            return {p: factored_power_sums(layer, gm, vd, c, p, bias=is_bias) for p, c in columns.items()}
+        out = {p: torch.zeros(self.num_records, c.shape[1], dtype=torch.float64) for p, c in columns.items()}
+        for r0, r1, wd in self.iter_influence([name]):
+            w2 = wd[name].to(torch.float64).square()
+            for p, c in columns.items():
+                out[p][r0:r1] += (w2 if p == 2 else w2.square()) @ c
+        return out
+
+    def _factor_of(self, name: str) -> tuple[LinearFactors, bool] | None:
+        """The Linear layer factors holding ``name`` and whether it is the bias, if any."""
+        for fac in self.factors or ():
+            if fac.weight == name:
+                return fac, False
+            if fac.bias == name:
+                return fac, True
+        return None
+
     def iter_w(self, names: Iterable[str] | None = None) -> Iterator[tuple[int, int, dict[str, Tensor]]]:
-        """Yield ``(r0, r1, {name: w [r1 - r0, numel]})`` over record blocks.
+        """Deprecated alias of :meth:`iter_influence`."""
+        warnings.warn("Estimate.iter_w is deprecated; use Estimate.iter_influence", DeprecationWarning,
+                      stacklevel=2)
+        return self.iter_influence(names)
+
+    def iter_influence(self, names: Iterable[str] | None = None) -> Iterator[tuple[int, int, dict[str, Tensor]]]:
+        """Yield ``(r0, r1, {name: influence [r1 - r0, numel]})`` over record blocks.
 
         Stored influences are sliced; otherwise each parameter's per-sample gradients are
         recomputed for a block of records at a time, so the buffer stays below ``budget``.
         """
         names = list(self.names if names is None else names)
-        if self.w is not None:
-            yield 0, self.w.shape[0], {n: self.w[:, slice(*self.offsets[n])] for n in names}
+        if self.influence is not None:
+            yield 0, self.influence.shape[0], {n: self.influence[:, slice(*self.offsets[n])] for n in names}
             return
         if self.factors is not None:
             assert self._g_mean is not None and self._v_diag is not None
@@ -117,7 +202,7 @@ class Estimate:
             for inputs, targets in self._records:
                 b = int(targets.shape[0]) if isinstance(targets, Tensor) else len(targets)
                 step = max(1, self.budget // max(numel, 1))
-                for a, (x, y) in zip(range(0, b, step), _split_batch(inputs, targets, b, step)):
+                for a, (x, y) in zip(range(0, b, step), split_batch(inputs, targets, b, step)):
                     g = self._program.per_sample_grads(x, y, [name])[name].reshape(-1, numel).to(torch.float64)
                     assert self._g_mean is not None and self._v_diag is not None
                     # psi_j / sqrt(Sigma_jj) = -(g_j - g_bar_j) / sqrt(V_jj) when H_jj > 0.
@@ -190,65 +275,8 @@ def _flat_names(program: LossProgram) -> tuple[dict[str, tuple[int, int]], int]:
     return offsets, start
 
 
-def _slice_rows(tree: Any, rows: Tensor) -> Any:
-    """The given rows of every tensor in a pytree."""
-    return torch.utils._pytree.tree_map(
-        lambda t: t[rows.to(t.device)] if isinstance(t, Tensor) else t, tree)
-
-
-def _slice_tree(tree: Any, a: int, b: int) -> Any:
-    """Rows ``a:b`` of every tensor in a pytree."""
-    return torch.utils._pytree.tree_map(lambda t: t[a:b] if isinstance(t, Tensor) else t, tree)
-
-
-def _split_batch(inputs: Any, targets: Any, b: int, step: int) -> Iterator[tuple[Any, Any]]:
-    for a in range(0, b, step):
-        yield _slice_tree(inputs, a, a + step), _slice_tree(targets, a, a + step)
-
-
 def _flatten(d: dict[str, Tensor], names: list[str], lead: int) -> Tensor:
     return torch.cat([d[n].reshape(lead, -1) for n in names], dim=1)
-
-
-_P31 = 2_147_483_647  # 2^31 - 1: modulus of the record hash
-_HASH_WEIGHTS: dict[tuple[int, int], Tensor] = {}
-
-
-def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
-    """``[b]`` int64 content hashes of the records of a batch (a random linear hash of their bytes).
-
-    Every tensor leaf of ``(inputs, targets)`` with ``b`` rows is hashed (pass the raw batch as
-    ``inputs`` and ``None`` as ``targets`` to hash a whole batch). Deterministic across
-    processes, batch compositions and loader orders: the same record always gets the same key.
-    Keeping the records with the smallest keys is a *bottom-k* sample, which does not depend on
-    how the records were split over batches or processes, nor on their order.
-    """
-    h = torch.zeros(b, dtype=torch.int64)
-    leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets))
-              if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b]
-    for i, t in enumerate(leaves):
-        raw = t.detach().cpu().contiguous().reshape(b, -1)
-        if raw.dtype == torch.bool:
-            raw = raw.to(torch.uint8)
-        by = raw.view(torch.uint8).to(torch.int64)  # [b, bytes]
-        L = by.shape[1]
-        w = _HASH_WEIGHTS.get((i, L))
-        if w is None:
-            w = torch.randint(1, _P31, (L,), generator=torch.Generator().manual_seed(7919 * i + L), dtype=torch.int64)
-            _HASH_WEIGHTS[(i, L)] = w
-        h = (h * 1_000_003 + (by * w % _P31).sum(1)) % _P31
-    return h
-
-
-def _cat(x: Any) -> Any:
-    """A list state (of tensors) as one tensor; tensors pass through; ``None`` for empty."""
-    if isinstance(x, Tensor):
-        return x
-    if not x:
-        return None
-    if not isinstance(x[0], Tensor):
-        return x
-    return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in x])
 
 
 class MomentAccumulator:
@@ -390,9 +418,14 @@ class MomentAccumulator:
 
     # -- accumulation -------------------------------------------------------------------------
     def update(self, batch: Any, state: dict[str, Any] | None = None) -> int:
-        """Add one batch to ``state`` (default ``self.state``, updated in place); returns its size."""
+        """Add one batch to ``state`` (default ``self.state``, updated in place); returns its size.
+
+        Dispatches to one ``_update_*`` per kind: the factored Linear path, else per-sample
+        gradients (with the Gauss-Newton diagonal when ``hessian="ggn"``) followed by the
+        exact Hessian or the Hutchinson probes.
+        """
         st = self.state if state is None else state
-        program, names, d, hessian = self.program, self.names, self.d, self.hessian
+        program = self.program
         inputs, targets, b = program.prepare(batch)
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
         # loader's order and whether batch_fn or a loss hook splits the batch.
@@ -408,19 +441,32 @@ class MomentAccumulator:
             else:
                 self._update_factored(st, fac, inputs, targets, b, keys)
                 return b
-        if hessian == "ggn" and self._out_shape is None:
+        self._update_gradients(st, inputs, targets, b, keys)
+        if self.hessian == "exact":
+            self._update_exact_hessian(st, inputs, targets)
+        elif self.hessian == "hutchinson":
+            self._update_hutchinson(st, inputs, targets)
+        st["n"] += b
+        return b
+
+    def _update_gradients(self, st: dict[str, Any], inputs: Any, targets: Any, b: int,
+                          keys: Tensor | None) -> None:
+        """Per-sample gradient sums (and ``g g^T`` in exact mode), stored records, and with
+        ``hessian="ggn"`` the Gauss-Newton diagonal from the per-sample output Jacobians."""
+        program, names, d, ggn = self.program, self.names, self.d, self.hessian == "ggn"
+        if ggn and self._out_shape is None:
             self._out_shape = program.output_shape(inputs)
             c = int(math.prod(self._out_shape)) if self._out_shape else 1
             if c > GGN_MAX_OUTPUTS * 64:
                 raise ValueError(f"hessian='ggn' needs few outputs per record; this model has {c}")
         out_shape = self._out_shape
         c_out = int(math.prod(out_shape)) if out_shape else 1
-        step = max(1, self.budget // max(d * (c_out if hessian == "ggn" else 1), 1))
+        step = max(1, self.budget // max(d * (c_out if ggn else 1), 1))
         dev = st["g_sum"].device
         a = 0
-        for x, y in _split_batch(inputs, targets, b, step):
-            bb = _batch_size_of(y)
-            if hessian == "ggn":
+        for x, y in split_batch(inputs, targets, b, step):
+            bb = batch_size_of(y)
+            if ggn:
                 out, jac = program.output_jacobians(x)  # out [b, C], jac {n: [b, C, *shape]}
                 e, L = program.loss_output_derivatives(out, y, out_shape or ())
                 grads = {}
@@ -442,36 +488,40 @@ class MomentAccumulator:
                 st["gg_sum"] += flat.T @ flat
             self._store(st, flat, x, y, None if keys is None else keys[a : a + bb])
             a += bb
-        if hessian == "exact":
-            H_b = _batch_hessian(program, inputs, targets, names, self.offsets, d).to(dev)
-            if "H_sum" in st:
-                st["H_sum"] += H_b
-            else:
-                st["h_sum"] += torch.diagonal(H_b).to(self.acc_dtype)
-        elif hessian == "hutchinson":
-            # Welford over this batch's probes: h2_sum accumulates the variance of each batch's
-            # probe mean, so sum over batches = variance of the estimate (batches independent).
-            P = self.hutchinson_probes
-            mean = {k: torch.zeros(self.offsets[k][1] - self.offsets[k][0], dtype=self.acc_dtype, device=dev) for k in names}
-            m2 = {k: torch.zeros_like(v) for k, v in mean.items()}
-            for p in range(P):
-                est = _hutchinson_probe(program, inputs, targets, self.generator)
-                for k in names:
-                    v = est[k].reshape(-1).to(dev, self.acc_dtype)
-                    delta = v - mean[k]
-                    mean[k] += delta / (p + 1)
-                    m2[k] += delta * (v - mean[k])
+
+    def _update_exact_hessian(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
+        """The batch's autograd Hessian: whole (exact mode) or its diagonal."""
+        dev = st["g_sum"].device
+        H_b = _batch_hessian(self.program, inputs, targets, self.names, self.offsets, self.d).to(dev)
+        if "H_sum" in st:
+            st["H_sum"] += H_b
+        else:
+            st["h_sum"] += torch.diagonal(H_b).to(self.acc_dtype)
+
+    def _update_hutchinson(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
+        """Rademacher probes of the Hessian diagonal. Welford over this batch's probes:
+        ``h2_sum`` accumulates the variance of each batch's probe mean, so the sum over
+        batches is the variance of the estimate (batches independent)."""
+        names, dev, P = self.names, st["g_sum"].device, self.hutchinson_probes
+        mean = {k: torch.zeros(self.offsets[k][1] - self.offsets[k][0], dtype=self.acc_dtype, device=dev) for k in names}
+        m2 = {k: torch.zeros_like(v) for k, v in mean.items()}
+        for p in range(P):
+            est = _hutchinson_probe(self.program, inputs, targets, self.generator)
             for k in names:
-                sl = slice(*self.offsets[k])
-                st["h_sum"][sl] += mean[k] * P
-                if P > 1:
-                    st["h2_sum"][sl] += m2[k] / (P - 1) / P
-            st["probes"] += P
-        st["n"] += b
-        return b
+                v = est[k].reshape(-1).to(dev, self.acc_dtype)
+                delta = v - mean[k]
+                mean[k] += delta / (p + 1)
+                m2[k] += delta * (v - mean[k])
+        for k in names:
+            sl = slice(*self.offsets[k])
+            st["h_sum"][sl] += mean[k] * P
+            if P > 1:
+                st["h2_sum"][sl] += m2[k] / (P - 1) / P
+        st["probes"] += P
 
     def _update_factored(self, st: dict[str, Any], fac: dict, inputs: Any, targets: Any, b: int,
                          keys: Tensor | None) -> None:
+        """Linear layers: gradient sums and the Gauss-Newton diagonal from layer factors."""
         assert self.factored is not None
         dev = st["g_sum"].device
         sums, norm = self.factored.batch_sums(fac, self.acc_dtype)
@@ -483,162 +533,70 @@ class MomentAccumulator:
             st["h_sum"][sl] += h.to(dev)
         st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
         # Only the rows that can still be stored are materialised (a [rows, d] tensor).
-        if keys is None:
-            kept = sum(int(t.shape[0]) for t in st["rec_grad"]) if self.keep_w else sum(
-                _batch_size_of(t) for t in st["rec_y"])
-            rows = torch.arange(min(max(self.num_records - kept, 0), b))
-        else:
-            stored = _cat(st["rec_key"])
-            if stored is not None and stored.numel() >= self.num_records:
-                rows = torch.nonzero(keys < stored.max().cpu()).squeeze(-1)
-            else:
-                rows = torch.arange(b)
+        rows = storable_rows(st, keys, b, self.num_records, self.keep_w)
         if rows.numel():
             sub = {m: tuple(t[rows] for t in v) for m, v in fac.items()}
             flat = (self.factored.record_gradients(sub, rows.numel()).to(dev, torch.float64)
                     if self.keep_w else torch.empty(rows.numel(), 0))
-            self._store(st, flat, _slice_rows(inputs, rows), _slice_rows(targets, rows),
+            self._store(st, flat, slice_rows(inputs, rows), slice_rows(targets, rows),
                         None if keys is None else keys[rows])
         st["n"] += b
 
     def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
-        k = self.num_records
-        if keys is None:  # the first records seen
-            kept = sum(int(t.shape[0]) for t in st["rec_grad"]) if self.keep_w else sum(
-                _batch_size_of(t) for t in st["rec_y"])
-            if kept >= k:
-                return
-            take = min(k - kept, flat.shape[0])
-            if self.keep_w:
-                st["rec_grad"].append(flat[:take].clone())
-            else:
-                st["rec_x"].append(torch.utils._pytree.tree_map(lambda t: t[:take].clone(), x))
-                st["rec_y"].append(torch.utils._pytree.tree_map(lambda t: t[:take].clone(), y))
-            return
-        # bottom-k by content hash
-        if self.keep_w:
-            st["rec_grad"].append(flat.clone())
-        elif self.pytree_records:
-            st["rec_x"].append(torch.utils._pytree.tree_map(_detach_clone, x))
-            st["rec_y"].append(torch.utils._pytree.tree_map(_detach_clone, y))
-        else:
-            if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-                raise TypeError(
-                    "storing records across processes needs tensor inputs and targets; this model "
-                    f"is too large to store {k} records' gradients (num_records * d > budget): "
-                    "lower num_records or raise budget"
-                )
-            st["rec_x"].append(x.detach().clone())
-            st["rec_y"].append(y.detach().clone())
-        st["rec_key"].append(keys.to(st["g_sum"].device))
-        _prune(st, k)
+        store_records(st, flat, x, y, keys, num_records=self.num_records, keep_grad=self.keep_w,
+                      pytree_records=self.pytree_records)
 
     # -- finalisation -------------------------------------------------------------------------
     def finalize(self, state: dict[str, Any] | None = None) -> Estimate:
-        """The :class:`Estimate` of the accumulated (possibly summed over processes) state."""
+        """The :class:`Estimate` of the accumulated (possibly summed over processes) state.
+
+        Raises:
+            ValueError: fewer than 2 records were seen; exact mode without stored gradients.
+        """
         st = self.state if state is None else dict(state)
-        names, offsets, d = self.names, self.offsets, self.d
-        program, weight_decay, damping = self.program, self.weight_decay, self.damping
-        hessian, num_records = self.hessian, self.num_records
+        names, offsets = self.names, self.offsets
         n = int(st["n"])
         if n < 2:
             raise ValueError(f"n (number of training records) must be >= 2, got {n}: is the dataloader empty?")
         if self.selection == "hash":
             st = {k: (list(v) if isinstance(v, list) else v) for k, v in st.items()}
-            _prune(st, num_records)
+            prune_bottom_k(st, self.num_records)
         cpu = torch.device("cpu")
-        g_sum = st["g_sum"].to(cpu)
-        g_mean_flat = (g_sum / n).to(torch.float64)
+        g_mean_flat = (st["g_sum"].to(cpu) / n).to(torch.float64)
         v_flat = (st["g2_sum"].to(cpu) / n).to(torch.float64) - g_mean_flat.square()
-        g_mean = {k: g_mean_flat[slice(*offsets[k])] for k in names}
-        v_diag = {k: v_flat[slice(*offsets[k])] for k in names}
-        theta = {k: program.params[k].reshape(-1).to(cpu, torch.float64) for k in names}
-        diagnostics: dict[str, Any] = {}
-        # Stationarity: the penalised mean gradient relative to the size of a per-sample gradient.
-        total_grad = torch.cat([g_mean[k] + weight_decay * theta[k] for k in names])
-        rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
-        diagnostics["gradient_norm"] = float(total_grad.norm())
-        diagnostics["gradient_norm_ratio"] = float(total_grad.norm()) / max(rms_g, 1e-300)
-        diagnostics["not_at_minimum"] = diagnostics["gradient_norm_ratio"] > 0.1
-        diagnostics["zero_gradient_variance"] = int((v_flat <= 0).sum())
-        shapes = {k: tuple(program.params[k].shape) for k in names}
-        stored_g = _cat(st["rec_grad"]) if self.keep_w else None
-
+        theta = {k: self.program.params[k].reshape(-1).to(cpu, torch.float64) for k in names}
+        diagnostics = _stationarity(g_mean_flat, v_flat, theta, names, offsets, self.weight_decay,
+                                    float(st["grad_norm_sq"]), n)
+        stored_g = cat_state(st["rec_grad"]) if self.keep_w else None
+        G = None if stored_g is None else stored_g.to(cpu, torch.float64)[: self.num_records]
+        common = dict(n=n, names=names, shapes={k: tuple(self.program.params[k].shape) for k in names},
+                      offsets=offsets, theta=theta, diagnostics=diagnostics, budget=self.budget,
+                      estimator=self.estimator, reason=self.reason)
         if self.mode == "exact":
-            gbar = g_mean_flat
-            V = st["gg_sum"].to(cpu) / n - torch.outer(gbar, gbar)
-            H = st["H_sum"].to(cpu) / n + weight_decay * torch.eye(d, dtype=torch.float64)
-            H = 0.5 * (H + H.T)
-            evals, evecs = torch.linalg.eigh(H)
-            lo, hi = float(evals[0]), float(evals[-1])
-            floor = damping * max(abs(hi), 1e-300)
-            flipped = int((evals < 0).sum())
-            floored = int((evals.abs() < floor).sum())
-            # Indefinite or singular H (a model near a saddle, or a flat direction): shifting
-            # the whole spectrum up to the floor would leave a near-zero eigenvalue and an
-            # unbounded variance along it. Use |eigenvalues| (the curvature's magnitude, as
-            # saddle-free Newton does) floored at damping * max instead; reported below.
-            fixed = evals.abs().clamp_min(floor)
-            if flipped or floored:
-                H = (evecs * fixed) @ evecs.T
-            diagnostics.update(
-                hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
-                hessian_condition=(hi / lo) if lo > 0 else math.inf,
-                negative_curvature=lo < 0, negative_eigenvalues_flipped=flipped,
-                eigenvalues_floored=floored,
-            )
-            Hinv = (evecs / fixed) @ evecs.T
-            Sigma = Hinv @ V @ Hinv
-            Sigma = 0.5 * (Sigma + Sigma.T)
-            sdiag = torch.diagonal(Sigma).clamp_min(0.0)
-            sigma_flat = (sdiag / n).sqrt()
-            sigma = {k: sigma_flat[slice(*offsets[k])] for k in names}
-            if stored_g is None:
+            if G is None:
                 raise ValueError("exact mode stores per-sample gradients; raise budget or lower num_records")
-            G = stored_g.to(cpu, torch.float64)[:num_records]
-            psi = -(G - gbar) @ Hinv.T
-            w = psi / sdiag.clamp_min(1e-300).sqrt()
-            # |Sigma^{-1/2} psi| for the exact (correlated) unquantized baseline.
-            sol = torch.linalg.lstsq(Sigma, psi.T).solution
-            mahal = (psi * sol.T).sum(-1).clamp_min(0.0).sqrt()
-            return Estimate(
-                n=n, mode="exact", hessian="exact", names=names, shapes=shapes,
-                offsets=offsets, theta=theta, sigma=sigma, w=w, num_records=w.shape[0],
-                diagnostics=diagnostics, mahalanobis=mahal, budget=self.budget,
-                estimator=self.estimator, reason=self.reason,
-            )
+            gg = st["gg_sum"].to(cpu) / n
+            H = st["H_sum"].to(cpu) / n + self.weight_decay * torch.eye(self.d, dtype=torch.float64)
+            sigma_flat, w, mahal = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics)
+            return Estimate(mode="exact", hessian="exact", sigma=_split(sigma_flat, names, offsets),
+                            influence=w, num_records=w.shape[0], mahalanobis=mahal, **common)
 
-        # Diagonal mode.
         h_sum = st["h_sum"].to(cpu, torch.float64)
-        probes_used = int(st["probes"])
-        if hessian == "hutchinson":
+        if self.hessian == "hutchinson":
             # Each probe's v*Hv summed the batch Hessians; divide by n to get the mean-loss Hessian.
             total = h_sum / self.hutchinson_probes  # sum over batches of each batch's probe mean
             h_flat = total / n
             # Standard error from the within-batch spread of the probes (h2_sum: summed
             # variances of the batch means); needs >= 2 probes per batch.
-            var = st["h2_sum"].to(cpu, torch.float64)
-            rel = var.sqrt() / total.abs().clamp_min(1e-300)
-            diagnostics["hutchinson_probes"] = probes_used
+            rel = st["h2_sum"].to(cpu, torch.float64).sqrt() / total.abs().clamp_min(1e-300)
+            diagnostics["hutchinson_probes"] = int(st["probes"])
             diagnostics["hutchinson_median_relative_error"] = float(rel.median())
         else:
             h_flat = h_sum / n
-        allh = h_flat + weight_decay
-        neg = int((allh <= 0).sum())
-        floor = damping * float(allh.abs().max()) if allh.numel() else 0.0
-        diagnostics.update(
-            hessian_min_diagonal=float(allh.min()), hessian_max_diagonal=float(allh.max()),
-            negative_curvature=neg > 0, nonpositive_hessian_diagonal=neg,
-        )
-        sigma = {}
-        for k in names:
-            hk = allh[slice(*offsets[k])].clamp_min(max(floor, 1e-300))
-            sigma[k] = (v_diag[k].clamp_min(0.0) / (n * hk.square())).sqrt()
-        w = None
-        records = None
-        if stored_g is not None:
-            G = stored_g.to(cpu, torch.float64)[:num_records]
-            w = -(G - g_mean_flat) / v_flat.clamp_min(1e-300).sqrt()  # the sign of psi = -H^{-1} g
+        sigma_flat, w = diagonal_compute(h_flat + self.weight_decay, v_flat, g_mean_flat, G, n, self.damping,
+                                         diagnostics)
+        records, factors = None, None
+        if w is not None:
             kept = w.shape[0]
         else:
             xs, ys = st["rec_x"], st["rec_y"]
@@ -646,49 +604,112 @@ class MomentAccumulator:
                 records = [(xs, ys)] if xs.shape[0] else []
             else:
                 records = list(zip(xs, ys))
-            kept = sum(_batch_size_of(y) for _, y in records)
-        factors = None
-        if w is None and self.factored is not None and records:
-            # The stored records' layer factors: one forward/backward over R records.
-            per_layer = [self.factored.batch(x, y, _batch_size_of(y)) for x, y in records]
-            merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
-            factors = self.factored.factors(merged)
-            factors = [type(f)(f.module, f.weight, f.bias, f.x[:num_records], f.d[:num_records]) for f in factors]
+            kept = sum(batch_size_of(y) for _, y in records)
+            if self.factored is not None and records:
+                factors = self._record_factors(records)
         return Estimate(
-            n=n, mode="diagonal", hessian=hessian, names=names, shapes=shapes, offsets=offsets,
-            theta=theta, sigma=sigma, w=w, num_records=min(kept, num_records), diagnostics=diagnostics,
-            _program=program, _records=records, _g_mean=g_mean, _v_diag=v_diag, budget=self.budget,
-            factors=factors, estimator=self.estimator, reason=self.reason,
+            mode="diagonal", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets), influence=w,
+            num_records=min(kept, self.num_records), _program=self.program, _records=records,
+            _g_mean=_split(g_mean_flat, names, offsets), _v_diag=_split(v_flat, names, offsets),
+            factors=factors, **common,
         )
 
+    def _record_factors(self, records: list[tuple[Any, Any]]) -> list[LinearFactors]:
+        """The stored records' layer factors: one forward/backward over R records."""
+        assert self.factored is not None
+        per_layer = [self.factored.batch(x, y, batch_size_of(y)) for x, y in records]
+        merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
+        R = self.num_records
+        return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
 
-def _prune(st: dict[str, Any], k: int) -> None:
-    """Keep the ``k`` stored records with the smallest keys, sorted by key (in place)."""
-    keys = _cat(st["rec_key"])
-    if keys is None:
-        return
-    order = torch.sort(keys.cpu(), stable=True).indices[:k]
-    fields = ["rec_grad"] if "rec_grad" in st else ["rec_x", "rec_y"]
-    for f in fields:
-        items = st[f]
-        if isinstance(items, list) and items and not isinstance(items[0], Tensor):
-            # pytree records (estimate only): concatenate and select leaf by leaf
-            full = torch.utils._pytree.tree_map(
-                lambda *ts: torch.cat(ts) if isinstance(ts[0], Tensor) else ts[0], items[0], *items[1:])
-            items[:] = [torch.utils._pytree.tree_map(
-                lambda t: t[order.to(t.device)] if isinstance(t, Tensor) else t, full)]
-            continue
-        full = _cat(items)
-        sel = full[order.to(full.device)]
-        if isinstance(items, list):
-            items[:] = [sel]
-        else:
-            st[f] = sel
-    sel_keys = keys[order.to(keys.device)]
-    if isinstance(st["rec_key"], list):
-        st["rec_key"][:] = [sel_keys]
-    else:
-        st["rec_key"] = sel_keys
+
+def _split(flat: Tensor, names: list[str], offsets: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
+    return {k: flat[slice(*offsets[k])] for k in names}
+
+
+def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: list[str],
+                  offsets: dict[str, tuple[int, int]], weight_decay: float, grad_norm_sq: float,
+                  n: int) -> dict[str, Any]:
+    """Stationarity diagnostics: the penalised mean gradient relative to the size of a
+    per-sample gradient (method.md section 6)."""
+    total_grad = torch.cat([g_mean[slice(*offsets[k])] + weight_decay * theta[k] for k in names])
+    rms_g = math.sqrt(grad_norm_sq / n)
+    ratio = float(total_grad.norm()) / max(rms_g, 1e-300)
+    return {"gradient_norm": float(total_grad.norm()), "gradient_norm_ratio": ratio,
+            "not_at_minimum": ratio > 0.1, "zero_gradient_variance": int((v <= 0).sum())}
+
+
+def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
+                     diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``.
+
+    Args:
+        gg_mean: ``[d, d]`` mean of ``g g^T`` over the n records; ``g_mean``: ``[d]`` mean gradient.
+        H: ``[d, d]`` mean Hessian of the training objective (weight decay included).
+        G: ``[R, d]`` per-sample gradients of the R kept records.
+        n: records; ``damping``: relative floor of ``|eigenvalues|`` of ``H``.
+        diagnostics: updated in place with the Hessian's spectrum.
+
+    Returns:
+        ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
+        standardised influences ``w = psi / sqrt(diag Sigma)`` ``[R, d]`` with
+        ``psi = -H^{-1}(g - g_bar)``, and ``|Sigma^{-1/2} psi|`` ``[R]``.
+    """
+    V = gg_mean - torch.outer(g_mean, g_mean)
+    H = 0.5 * (H + H.T)
+    evals, evecs = torch.linalg.eigh(H)
+    lo, hi = float(evals[0]), float(evals[-1])
+    floor = damping * max(abs(hi), 1e-300)
+    flipped = int((evals < 0).sum())
+    floored = int((evals.abs() < floor).sum())
+    # Indefinite or singular H (a model near a saddle, or a flat direction): shifting the
+    # whole spectrum up to the floor would leave a near-zero eigenvalue and an unbounded
+    # variance along it. Use |eigenvalues| (the curvature's magnitude, as saddle-free Newton
+    # does) floored at damping * max instead; reported in the diagnostics.
+    fixed = evals.abs().clamp_min(floor)
+    diagnostics.update(
+        hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
+        hessian_condition=(hi / lo) if lo > 0 else math.inf,
+        negative_curvature=lo < 0, negative_eigenvalues_flipped=flipped,
+        eigenvalues_floored=floored,
+    )
+    Hinv = (evecs / fixed) @ evecs.T
+    Sigma = Hinv @ V @ Hinv
+    Sigma = 0.5 * (Sigma + Sigma.T)
+    sdiag = torch.diagonal(Sigma).clamp_min(0.0)
+    sigma = (sdiag / n).sqrt()
+    psi = -(G - g_mean) @ Hinv.T
+    w = psi / sdiag.clamp_min(1e-300).sqrt()
+    # |Sigma^{-1/2} psi| for the exact (correlated) unquantized baseline.
+    sol = torch.linalg.lstsq(Sigma, psi.T).solution
+    mahal = (psi * sol.T).sum(-1).clamp_min(0.0).sqrt()
+    return sigma, w, mahal
+
+
+def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,
+                     diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+    """The diagonal sandwich (method.md section 4): ``sigma_j^2 = V_jj / (n H_jj^2)``.
+
+    Args:
+        h: ``[d]`` Hessian diagonal of the training objective (weight decay included).
+        v: ``[d]`` per-sample gradient variances ``V_jj``; ``g_mean``: ``[d]`` mean gradient.
+        G: ``[R, d]`` per-sample gradients of the kept records, or ``None`` (not stored).
+        n: records; ``damping``: relative floor of ``H_jj``.
+        diagnostics: updated in place with the diagonal's range.
+
+    Returns:
+        ``sigma [d]`` (parameter units) and ``w = -(g - g_bar) / sqrt(V_jj)`` ``[R, d]`` (the
+        sign of ``psi = -H^{-1} g``), or ``None`` without ``G``.
+    """
+    neg = int((h <= 0).sum())
+    floor = damping * float(h.abs().max()) if h.numel() else 0.0
+    diagnostics.update(
+        hessian_min_diagonal=float(h.min()), hessian_max_diagonal=float(h.max()),
+        negative_curvature=neg > 0, nonpositive_hessian_diagonal=neg,
+    )
+    sigma = (v.clamp_min(0.0) / (n * h.clamp_min(max(floor, 1e-300)).square())).sqrt()
+    w = None if G is None else -(G - g_mean) / v.clamp_min(1e-300).sqrt()
+    return sigma, w
 
 
 def estimate(
@@ -756,15 +777,6 @@ def _dataset_size(loader: Any) -> int | None:
         return len(loader.dataset)
     except Exception:
         return None
-
-
-def _detach_clone(t: Any) -> Any:
-    return t.detach().clone() if isinstance(t, Tensor) else t
-
-
-def _batch_size_of(y: Any) -> int:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(y) if isinstance(t, Tensor)]
-    return int(leaves[0].shape[0])
 
 
 def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[str],

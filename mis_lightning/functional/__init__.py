@@ -2,9 +2,13 @@
 
 Shapes and units: ``theta [d]`` weights and ``sigma [d]`` standard deviations of the trained
 weights (parameter units); ``boundaries [d, K+1]`` cell edges (parameter units);
-``w [R, d]`` standardised influences of R records (dimensionless).
+``influence [R, d]`` (``w``) standardised influences of R records (dimensionless). Lower-case
+``sigma`` is always the ``[d]`` standard deviation of the trained weights; upper-case ``Sigma``
+the ``[d, d]`` sandwich covariance of the per-record influence (``sigma_j = sqrt(Sigma_jj / n)``).
 """
 
+from .affine import affine_boundaries, affine_cell_moments, affine_codes
+from .bootstrap import bootstrap_interval, record_standard_error
 from .cells import (
     CellMoments,
     CellStatistics,
@@ -12,29 +16,36 @@ from .cells import (
     cell_statistics,
     standardize_boundaries,
 )
-from .grids import (
-    affine_boundaries,
-    affine_cell_moments,
-    affine_codes,
-    fine_grid_moments,
-    table_boundaries,
-    table_cell_moments,
-)
+from .kernel import CompilePolicy, fine_grid_moments
 from .leakage import (
     CLT_MIN_TERMS,
     CLT_TOLERANCE,
+    DEFAULT_MC_DRAWS,
+    FINE_KAPPA,
+    FROZEN_KAPPA,
+    MC_BUFFER,
+    MC_FLOP_BUDGET,
+    MC_HALF_WINDOW,
     CltSums,
+    HybridMC,
     baseline_leakage,
     choose_method,
+    clt_out_of_tolerance,
     clt_sums,
+    coarse_count,
+    coarse_mask,
     effective_terms,
+    exact1d_leakage,
     leakage_from_sums,
+    mc_draws_for,
     mc_first_order,
     mis_from_leakage,
     record_leakage,
+    resolve_method,
     sample_cell_means,
     saturate,
 )
+from .table import table_boundaries, table_cell_moments
 
 __all__ = [
     "CLT_MIN_TERMS",
@@ -42,6 +53,22 @@ __all__ = [
     "CellMoments",
     "CellStatistics",
     "CltSums",
+    "DEFAULT_MC_DRAWS",
+    "FINE_KAPPA",
+    "FROZEN_KAPPA",
+    "HybridMC",
+    "MC_BUFFER",
+    "MC_FLOP_BUDGET",
+    "MC_HALF_WINDOW",
+    "bootstrap_interval",
+    "clt_out_of_tolerance",
+    "coarse_count",
+    "coarse_mask",
+    "exact1d_leakage",
+    "mc_draws_for",
+    "record_standard_error",
+    "resolve_method",
+    "CompilePolicy",
     "affine_boundaries",
     "affine_cell_moments",
     "affine_codes",

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def check_finite(name: str, t: Tensor) -> None:
@@ -25,3 +32,27 @@ def check_shape(name: str, t: Tensor, ndim: int, what: str) -> None:
 def check_n(n: float) -> None:
     if not (n >= 2):
         raise ValueError(f"n (number of training records) must be >= 2, got {n!r}")
+
+
+def renamed_kwargs(**old_to_new: str) -> Callable[[F], F]:
+    """Accept the old keyword names of a function's arguments, with a ``DeprecationWarning``.
+
+    Raises (from the wrapped function):
+        TypeError: both the old and the new name were given.
+    """
+
+    def deco(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__name__}() got both {new}= and its deprecated alias {old}=")
+                    warnings.warn(f"{fn.__name__}({old}=...) is deprecated; use {new}=",
+                                  DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return deco

@@ -1,16 +1,23 @@
 """Per-coordinate cell statistics of a Gaussian weight under a quantizer (method.md section 3).
 
 Notation: ``theta_j`` is the trained weight, ``sigma_j`` the standard deviation of the
-estimator ``theta-hat_j`` (parameter units), and ``b_{j,k}`` the cell edges of the scheme
+estimator ``theta-hat_j`` (parameter units; lower-case: one number per weight, not the
+sandwich covariance matrix ``Sigma``), and ``b_{j,k}`` the cell edges of the scheme
 around ``theta_j``.  In standard units ``alpha_{j,k} = (b_{j,k} - theta_j) / sigma_j`` the
 quantizer partitions ``N(0, 1)`` into cells of probability ``p_k`` and conditional mean
-``mu_k``; ``kappa_j = E m_j^2`` and ``lam_j = E |m_j|`` for ``m_j = mu_{cell}``.
+``mu_k``; ``kappa_j = E m_j^2`` and ``mean_abs_j = E |m_j|`` (formerly ``lam``) for
+``m_j = mu_{cell}``.
+
+One kernel computes the per-cell terms of every path (:func:`cell_terms`); the grid paths of
+:mod:`~mis_lightning.functional.affine` and :mod:`~mis_lightning.functional.table` feed it
+windows of edges.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -24,8 +31,32 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _TINY_PROB = 1e-300
 
 
-@dataclass(frozen=True)
-class CellStatistics:
+class _MeanAbsAlias:
+    """``lam`` as a deprecated alias of ``mean_abs`` (constructor keyword and attribute)."""
+
+    mean_abs: Tensor
+
+    @property
+    def lam(self) -> Tensor:
+        """Deprecated alias of :attr:`mean_abs`."""
+        warnings.warn("`lam` is deprecated; use `mean_abs` (E|m_j|)", DeprecationWarning, stacklevel=2)
+        return self.mean_abs
+
+    @staticmethod
+    def _mean_abs_arg(mean_abs: Tensor | None, lam: Tensor | None) -> Tensor:
+        if lam is not None:
+            if mean_abs is not None:
+                raise TypeError("give mean_abs or its deprecated alias lam, not both")
+            warnings.warn("the `lam=` argument is deprecated; use `mean_abs=`", DeprecationWarning,
+                          stacklevel=3)
+            return lam
+        if mean_abs is None:
+            raise TypeError("missing required argument: mean_abs")
+        return mean_abs
+
+
+@dataclass(frozen=True, init=False)
+class CellStatistics(_MeanAbsAlias):
     """Cell statistics of ``d`` coordinates with ``K`` cells each.
 
     Attributes:
@@ -33,7 +64,7 @@ class CellStatistics:
         mean: ``[d, K]`` conditional mean ``E[U | cell]`` in standard units (finite even
             for cells of zero probability, where it is the finite edge nearest to 0).
         kappa: ``[d]`` surviving Fisher information ``E m_j^2`` in ``[0, 1]``.
-        lam: ``[d]`` ``E |m_j|`` in ``[0, sqrt(2/pi)]``.
+        mean_abs: ``[d]`` ``E |m_j|`` in ``[0, sqrt(2/pi)]`` (deprecated alias ``lam``).
         m4: ``[d]`` fourth moment ``E m_j^4`` (used to decide when the Gaussian form holds).
         coverage: ``[d]`` total probability of the given cells (1 when the outer edges are
             infinite; below 1 when the window leaves mass out).
@@ -42,28 +73,44 @@ class CellStatistics:
     prob: Tensor
     mean: Tensor
     kappa: Tensor
-    lam: Tensor
+    mean_abs: Tensor
     m4: Tensor
     coverage: Tensor
+
+    def __init__(self, prob: Tensor, mean: Tensor, kappa: Tensor, mean_abs: Tensor | None = None,
+                 m4: Tensor | None = None, coverage: Tensor | None = None, *,
+                 lam: Tensor | None = None) -> None:
+        values = (prob, mean, kappa, self._mean_abs_arg(mean_abs, lam), m4, coverage)
+        for f, v in zip(fields(self), values):
+            object.__setattr__(self, f.name, v)
 
     @property
     def d(self) -> int:
         return int(self.kappa.shape[0])
 
     def to(self, *args, **kwargs) -> CellStatistics:
-        return CellStatistics(
-            *(getattr(self, f).to(*args, **kwargs) for f in self.__dataclass_fields__)
-        )
+        return CellStatistics(*(getattr(self, f.name).to(*args, **kwargs) for f in fields(self)))
+
+    def select(self, a: int, b: int) -> CellStatistics:
+        """Coordinates ``a:b`` (a view)."""
+        return CellStatistics(*(getattr(self, f.name)[a:b] for f in fields(self)))
 
 
-@dataclass(frozen=True)
-class CellMoments:
-    """The ``[d]``-shaped part of :class:`CellStatistics` (no per-cell tensors)."""
+@dataclass(frozen=True, init=False)
+class CellMoments(_MeanAbsAlias):
+    """The ``[d]``-shaped part of :class:`CellStatistics` (no per-cell tensors): ``kappa``,
+    ``mean_abs`` (deprecated alias ``lam``), ``m4`` and ``coverage``, each ``[d]``."""
 
     kappa: Tensor
-    lam: Tensor
+    mean_abs: Tensor
     m4: Tensor
     coverage: Tensor
+
+    def __init__(self, kappa: Tensor, mean_abs: Tensor | None = None, m4: Tensor | None = None,
+                 coverage: Tensor | None = None, *, lam: Tensor | None = None) -> None:
+        values = (kappa, self._mean_abs_arg(mean_abs, lam), m4, coverage)
+        for f, v in zip(fields(self), values):
+            object.__setattr__(self, f.name, v)
 
 
 def standardize_boundaries(theta: Tensor, sigma: Tensor, boundaries: Tensor) -> Tensor:
@@ -80,14 +127,6 @@ def standardize_boundaries(theta: Tensor, sigma: Tensor, boundaries: Tensor) -> 
 def _pdf(a: Tensor) -> Tensor:
     # exp(-inf) = 0 gives phi(+-inf) = 0 without special cases.
     return torch.exp(-0.5 * a * a) * _INV_SQRT_2PI
-
-
-def _interval_prob(lo: Tensor, hi: Tensor) -> Tensor:
-    """``Phi(hi) - Phi(lo)`` without cancellation in the upper tail."""
-    upper = lo > 0
-    direct = torch.special.ndtr(hi) - torch.special.ndtr(lo)
-    mirrored = torch.special.ndtr(-lo) - torch.special.ndtr(-hi)
-    return torch.where(upper, mirrored, direct).clamp_min(0.0)
 
 
 def _validate(theta: Tensor, sigma: Tensor, boundaries: Tensor) -> None:
@@ -123,11 +162,12 @@ def _validate(theta: Tensor, sigma: Tensor, boundaries: Tensor) -> None:
 def cell_statistics(
     theta: Tensor, sigma: Tensor, boundaries: Tensor, *, validate: bool = True
 ) -> CellStatistics:
-    """Cell probabilities, conditional means, ``kappa`` and ``lam`` (method.md section 3).
+    """Cell probabilities, conditional means, ``kappa`` and ``mean_abs`` (method.md section 3).
 
     Args:
         theta: ``[d]`` trained weights (parameter units).
-        sigma: ``[d]`` standard deviation of each trained weight (parameter units, >= 0).
+        sigma: ``[d]`` standard deviation of each trained weight ``theta-hat_j`` (parameter
+            units, >= 0; lower-case sigma, not the ``[d, d]`` sandwich covariance ``Sigma``).
         boundaries: ``[d, K+1]`` cell edges around each ``theta_j`` (parameter units),
             sorted along the last axis; the first may be ``-inf`` and the last ``+inf``.
             Mass outside ``[b_0, b_K]`` is ignored (see ``coverage``): give the cells within
@@ -136,53 +176,80 @@ def cell_statistics(
 
     Returns:
         :class:`CellStatistics` in float64 on the input's device.
+
+    Raises:
+        ValueError: (``validate=True``) shapes disagree, a value is NaN/inf, ``sigma < 0`` or
+            a row of ``boundaries`` is not sorted; the message names the tensor and index.
     """
     if validate:
         _validate(theta, sigma, boundaries)
     alpha = standardize_boundaries(theta, sigma, boundaries)
+    terms = cell_terms(alpha)
     lo, hi = alpha[:, :-1], alpha[:, 1:]
-    pdf = _pdf(alpha)
-    diff = pdf[:, :-1] - pdf[:, 1:]
-    prob = _interval_prob(lo, hi)
-    live = prob > _TINY_PROB
-    safe_p = torch.where(live, prob, torch.ones_like(prob))
     # Fallback mean for empty cells: the finite edge nearest to 0 (the tail limit).
     fallback = torch.clamp(torch.zeros_like(lo), lo, hi)
     fallback = torch.where(torch.isfinite(fallback), fallback, torch.zeros_like(fallback))
-    # Rounding can push a tail mean just outside its cell; the true mean lies inside.
-    mean = torch.where(live, torch.maximum(torch.minimum(diff / safe_p, hi), lo), fallback)
-    kappa = torch.where(live, diff * diff / safe_p, torch.zeros_like(prob)).sum(-1).clamp(0.0, 1.0)
-    lam = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
-    # Empty cells contribute nothing; their fallback mean can be huge (sigma = 0 puts the
-    # edges at ~1e307 standard units), and 0 * mean**4 = 0 * inf would give NaN.
-    m4 = torch.where(live, prob * mean**4, torch.zeros_like(prob)).sum(-1)
-    coverage = prob.sum(-1)
-    return CellStatistics(prob=prob, mean=mean, kappa=kappa, lam=lam, m4=m4, coverage=coverage)
+    mean = torch.where(terms.live, terms.ratio, fallback)
+    mm = moments_from_terms(terms)
+    return CellStatistics(prob=terms.prob, mean=mean, kappa=mm.kappa, mean_abs=mm.mean_abs,
+                          m4=mm.m4, coverage=mm.coverage)
 
 
 def cell_moments(theta: Tensor, sigma: Tensor, boundaries: Tensor) -> CellMoments:
-    """``kappa``, ``lam``, ``m4`` and ``coverage`` only: the fast path for large ``d``.
+    """``kappa``, ``mean_abs``, ``m4`` and ``coverage`` only: the fast path for large ``d``.
 
     Same arguments and numerics as :func:`cell_statistics`, but returns ``[d]`` tensors
     only; callers stream coordinates through it in chunks (no validation is done here:
     it is the inner loop of the chunked drivers, which validate their own inputs).
     """
-    alpha = standardize_boundaries(theta, sigma, boundaries)
-    return _moments_from_alpha(alpha)
+    return moments_from_alpha(standardize_boundaries(theta, sigma, boundaries))
 
 
-def _moments_from_alpha(alpha: Tensor) -> CellMoments:
-    lo, hi = alpha[:, :-1], alpha[:, 1:]
+@dataclass(frozen=True)
+class CellTerms:
+    """Per-cell terms of standardised edges ``alpha [c, K+1]``, all ``[c, K]`` float64.
+
+    ``prob`` = ``Phi(hi) - Phi(lo)`` (from tail probabilities: no cancellation in either tail), ``diff`` =
+    ``phi(lo) - phi(hi)`` (so that the conditional mean is ``diff / prob``), ``ratio`` the
+    conditional mean kept inside its cell (0 for empty cells), ``live`` = ``prob > 1e-300``.
+    """
+
+    prob: Tensor
+    diff: Tensor
+    ratio: Tensor
+    live: Tensor
+
+
+def cell_terms(alpha: Tensor) -> CellTerms:
+    """The cell-moment kernel (one implementation for every grid path): per-cell
+    probabilities and conditional means of ``N(0, 1)`` between standardised edges
+    ``alpha [c, K+1]`` (sorted rows, ``+-inf`` allowed). One ``ndtr`` per edge."""
     pdf = _pdf(alpha)
+    lo, hi = alpha[:, :-1], alpha[:, 1:]
+    # One ndtr per edge: q = P(N(0,1) beyond |alpha|). A cell on one side of 0 is a difference
+    # of two tail probabilities (no cancellation in either tail); a cell holding 0 is 1 - both.
+    q = torch.special.ndtr(-alpha.abs())
+    ql, qh = q[:, :-1], q[:, 1:]
+    prob = torch.where(lo > 0, ql - qh, torch.where(hi <= 0, qh - ql, 1.0 - ql - qh)).clamp_min(0.0)
     diff = pdf[:, :-1] - pdf[:, 1:]
-    prob = _interval_prob(lo, hi)
     live = prob > _TINY_PROB
-    safe_p = torch.where(live, prob, torch.ones_like(prob))
-    ratio = torch.maximum(torch.minimum(diff / safe_p, hi), lo)
+    # Rounding can push a tail mean just outside its cell; the true mean lies inside.
+    ratio = torch.maximum(torch.minimum(diff / torch.where(live, prob, torch.ones_like(prob)), hi), lo)
     ratio = torch.where(live, ratio, torch.zeros_like(prob))
-    sq = diff * ratio
+    return CellTerms(prob=prob, diff=diff, ratio=ratio, live=live)
+
+
+def moments_from_terms(terms: CellTerms) -> CellMoments:
+    """``kappa = sum p mu^2``, ``mean_abs = sum p |mu|``, ``m4 = sum p mu^4`` and coverage from
+    :class:`CellTerms` (``p mu = diff``); ``[c]`` float64."""
+    sq = terms.diff * terms.ratio
     kappa = sq.sum(-1).clamp(0.0, 1.0)
-    lam = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
-    m4 = (sq * ratio * ratio).sum(-1)
-    coverage = prob.sum(-1)
-    return CellMoments(kappa=kappa, lam=lam, m4=m4, coverage=coverage)
+    mean_abs = terms.diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
+    # Empty cells have ratio 0, so they add nothing (no 0 * inf).
+    m4 = (sq * terms.ratio * terms.ratio).sum(-1)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=terms.prob.sum(-1))
+
+
+def moments_from_alpha(alpha: Tensor) -> CellMoments:
+    """Cell moments ``[c]`` from standardised edges ``alpha [c, K+1]`` (see :func:`cell_terms`)."""
+    return moments_from_terms(cell_terms(alpha))

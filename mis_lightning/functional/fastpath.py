@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -157,3 +159,43 @@ class PathGuard:
 
 
 GUARD = PathGuard()
+
+
+def verify_sample(
+    path: str,
+    c: int,
+    fast: Any,
+    steps: Callable[[], tuple[Tensor, list[Tensor]]],
+    reference: Callable[[Tensor], Any],
+    fallback: str,
+    codes: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    tol: Tolerance = APPROXIMATION,
+) -> bool:
+    """Check a path's output on a sample of its ``c`` elements (when :data:`GUARD` asks for one).
+
+    Args:
+        path: the path's name; ``fallback``: what replaces it, for the warning.
+        fast: its ``[c]`` moments (``kappa``, ``mean_abs``, ``m4`` attributes).
+        steps: ``steps() -> (h, strata)``: ``[c]`` grid steps (sd units) and ``[c]`` boolean
+            masks sampled evenly (called only when a check is due).
+        reference: ``reference(idx)`` -> the reference moments of the elements ``idx``.
+        codes: ``codes(idx)`` -> (fast, reference) grid codes to compare exactly, if any.
+        tol: the allowed disagreement.
+
+    Returns:
+        ``False`` when the sample disagrees (the path is then disabled and a ``RuntimeWarning``
+        issued: the caller recomputes with the fallback), else ``True``.
+    """
+    k = GUARD.sample_size(path, c)
+    if not k:
+        return True
+    h, strata = steps()
+    idx = sample_indices(c, k, strata)
+    ref = reference(idx)
+    problem = compare((fast.kappa[idx], fast.mean_abs[idx], fast.m4[idx]), (ref.kappa, ref.mean_abs, ref.m4),
+                      h[idx], tol, codes=None if codes is None else codes(idx))
+    if problem:
+        GUARD.fail(path, problem, fallback)
+        return False
+    GUARD.passed(path, c)
+    return True

@@ -1,7 +1,10 @@
 """Per-record leakage, its saturation, and MIS (method.md section 3).
 
-For a record ``z`` with standardised influences ``w_j(z)`` the first-order total
-variation between the release's law given ``z`` and its marginal law is
+For a record ``z`` with standardised influences ``w_j(z)`` (argument ``influence``,
+``[R, d]``; ``w_j = psi_j / sqrt(Sigma_jj)`` with ``Sigma`` the ``[d, d]`` sandwich covariance of
+the per-record influence ``psi``, so that ``sigma_j = sqrt(Sigma_jj / n)`` is the standard
+deviation of ``theta-hat_j``) the first-order total variation between the release's law given
+``z`` and its marginal law is
 
     TV_z ~ E | sum_j w_j(z) m_j | / (2 sqrt(n)),   m_j independent, m_j = mu_k w.p. p_k,
 
@@ -23,19 +26,26 @@ read 1e-3 while the Gaussian form is off by 10% (a coarse coordinate whose ``m``
 Gaussian form is within 1.6% of a 40k-draw Monte Carlo run (0.8% beyond 2 Monte Carlo
 standard errors of 0.4%); with the Edgeworth condition alone, only within 18%. Also
 checked in ``tests/test_leakage.py``.
+
+Scoring a whole model (:func:`resolve_method`, :class:`HybridMC`, :func:`exact1d_leakage`)
+adds two things: the Monte Carlo form is used only when its cost (records x coarse
+coordinates x draws) fits ``MC_FLOP_BUDGET``, and it samples cells only for *coarse*
+coordinates (``kappa < FINE_KAPPA``); fine and unquantized coordinates enter as one Gaussian
+term per record (exact in the unquantized limit).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ._checks import check_finite, check_n, check_shape
-from .cells import SQRT_2_OVER_PI, CellMoments, CellStatistics
+from ._checks import check_finite, check_n, check_shape, renamed_kwargs
+from .cells import SQRT_2_OVER_PI, CellMoments, CellStatistics, cell_statistics
 
 Method = Literal["auto", "exact1d", "mc", "clt"]
 # Relative error of the Gaussian form below which "auto" uses it (Edgeworth estimate).
@@ -43,9 +53,22 @@ CLT_TOLERANCE = 0.01
 # Fewest effective terms ``n_eff = (sum_j w_j^2 kappa_j)^2 / sum_j (w_j^2 kappa_j)^2`` for
 # which "auto" trusts the Edgeworth estimate (see the module docstring).
 CLT_MIN_TERMS = 10.0
-DEFAULT_NUM_SAMPLES = 4096
+DEFAULT_MC_DRAWS = 4096
+DEFAULT_NUM_SAMPLES = DEFAULT_MC_DRAWS  # former name
 # Coordinates per chunk in the Monte Carlo path: bounds the [S, chunk] sample buffer.
 MC_CHUNK = 4096
+# A coordinate whose kappa is below this counts as frozen (its code cannot move).
+FROZEN_KAPPA = 1e-6
+# kappa of a uniform grid of step 0.5 sd: coordinates at or above it are scored as Gaussian
+# in the hybrid Monte Carlo form (their cells are fine).
+FINE_KAPPA = 1.0 - 0.25 / 12.0 + 0.0625 / 144.0
+# Monte Carlo form: records x coarse coordinates x draws it may cost (~a few seconds), and
+# the range of draws; "auto" falls back to the Gaussian form (with a note) beyond it.
+MC_FLOP_BUDGET = 500_000_000
+MIN_MC_DRAWS, MAX_MC_DRAWS = 1024, 32768
+MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (128 MiB in float64)
+# Edges each side of a coarse coordinate's cell given to the hybrid Monte Carlo form.
+MC_HALF_WINDOW = 18
 
 
 def saturate(t: Tensor) -> Tensor:
@@ -81,9 +104,11 @@ class CltSums:
         z = torch.zeros(num_records, dtype=torch.float64, device=device)
         return cls(z, z.clone(), z.clone())
 
-    def add_(self, w: Tensor, kappa: Tensor, m4: Tensor | None = None) -> CltSums:
-        """Accumulate a coordinate chunk: ``w [R, c]``, ``kappa [c]``, ``m4 [c]`` (optional)."""
-        w2 = w.to(torch.float64).square()
+    @renamed_kwargs(w="influence")
+    def add_(self, influence: Tensor, kappa: Tensor, m4: Tensor | None = None) -> CltSums:
+        """Accumulate a coordinate chunk: ``influence [R, c]`` (standardised, formerly ``w``),
+        ``kappa [c]``, ``m4 [c]`` (optional)."""
+        w2 = influence.to(torch.float64).square()
         k = kappa.to(torch.float64)
         self.s2 += w2 @ k
         if m4 is not None:
@@ -120,9 +145,10 @@ class CltSums:
         return saturate(SQRT_2_OVER_PI * self.s2.clamp_min(0.0).sqrt() / (2.0 * math.sqrt(n)))
 
 
-def clt_sums(w: Tensor, kappa: Tensor, m4: Tensor | None = None) -> CltSums:
-    """Gaussian-form sums for ``w [R, d]`` and ``kappa [d]`` (see :class:`CltSums`)."""
-    return CltSums.zeros(w.shape[0], device=w.device).add_(w, kappa, m4)
+@renamed_kwargs(w="influence")
+def clt_sums(influence: Tensor, kappa: Tensor, m4: Tensor | None = None) -> CltSums:
+    """Gaussian-form sums for ``influence [R, d]`` and ``kappa [d]`` (see :class:`CltSums`)."""
+    return CltSums.zeros(influence.shape[0], device=influence.device).add_(influence, kappa, m4)
 
 
 def leakage_from_sums(s2: Tensor, n: float) -> Tensor:
@@ -130,36 +156,46 @@ def leakage_from_sums(s2: Tensor, n: float) -> Tensor:
     return CltSums(s2, torch.zeros_like(s2)).leakage(n)
 
 
-def baseline_leakage(w: Tensor, n: float) -> Tensor:
-    """``[R]`` leakage of the unquantized release (``kappa = 1``): ``2 Phi(|w| / (2 sqrt n)) - 1``."""
-    _check_w(w)
+@renamed_kwargs(w="influence")
+def baseline_leakage(influence: Tensor, n: float) -> Tensor:
+    """``[R]`` leakage of the unquantized release (``kappa = 1``): ``2 Phi(|w| / (2 sqrt n)) - 1``
+    for ``influence [R, d]`` (``w``).
+
+    Raises:
+        ValueError: ``influence`` is not ``[R, d]`` or holds NaN/inf; ``n < 2``.
+    """
+    _check_influence(influence)
     check_n(n)
-    return leakage_from_sums(w.to(torch.float64).square().sum(-1), n)
+    return leakage_from_sums(influence.to(torch.float64).square().sum(-1), n)
 
 
+@renamed_kwargs(num_samples="mc_draws")
 def sample_cell_means(
-    stats: CellStatistics, num_samples: int, generator: torch.Generator | None = None
+    stats: CellStatistics, mc_draws: int, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Draw ``m [S, d]``: each coordinate's cell independently by its probabilities.
+    """Draw ``m [S, d]`` (``S = mc_draws``): each coordinate's cell independently by its
+    probabilities.
 
     Inverse-CDF sampling on the cell probabilities (renormalised by ``coverage``).
     """
     prob = stats.prob
     cdf = prob.cumsum(-1)
     cdf = cdf / cdf[:, -1:].clamp_min(1e-300)
-    u = torch.rand(prob.shape[0], num_samples, dtype=prob.dtype, device=prob.device, generator=generator)
+    u = torch.rand(prob.shape[0], mc_draws, dtype=prob.dtype, device=prob.device, generator=generator)
     k = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp_(max=prob.shape[1] - 1)
     return torch.gather(stats.mean, 1, k).T
 
 
+@renamed_kwargs(w="influence", num_samples="mc_draws")
 def mc_first_order(
-    w: Tensor,
+    influence: Tensor,
     stats: CellStatistics,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
+    mc_draws: int = DEFAULT_MC_DRAWS,
     generator: torch.Generator | None = None,
     gaussian_s2: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Monte Carlo ``E |sum_j w_j m_j|`` per record and its standard error, both ``[R]``.
+    """Monte Carlo ``E |sum_j w_j m_j|`` per record and its standard error, both ``[R]``,
+    for ``influence [R, d]`` (``w``) and ``mc_draws`` draws (formerly ``num_samples``).
 
     Unbiased; coordinates are processed in chunks of ``MC_CHUNK`` so the sample buffer is
     ``[S, MC_CHUNK]`` whatever ``d``.
@@ -169,34 +205,29 @@ def mc_first_order(
     with variance ``sum_j w_j^2 kappa_j`` and independent of the sampled cells, so it is
     drawn directly instead of through cells (exact in the unquantized limit).
     """
-    R, d = w.shape
-    proj = torch.zeros(R, num_samples, dtype=torch.float64, device=w.device)
+    R, d = influence.shape
+    proj = torch.zeros(R, mc_draws, dtype=torch.float64, device=influence.device)
     if gaussian_s2 is not None:
-        xi = torch.randn(R, num_samples, dtype=torch.float64, device=w.device, generator=generator)
+        xi = torch.randn(R, mc_draws, dtype=torch.float64, device=influence.device, generator=generator)
         proj += gaussian_s2.to(torch.float64).clamp_min(0.0).sqrt().unsqueeze(-1) * xi
-    w64 = w.to(torch.float64)
+    w64 = influence.to(torch.float64)
     for a in range(0, d, MC_CHUNK):
-        sub = CellStatistics(
-            prob=stats.prob[a : a + MC_CHUNK],
-            mean=stats.mean[a : a + MC_CHUNK],
-            kappa=stats.kappa[a : a + MC_CHUNK],
-            lam=stats.lam[a : a + MC_CHUNK],
-            m4=stats.m4[a : a + MC_CHUNK],
-            coverage=stats.coverage[a : a + MC_CHUNK],
-        )
-        m = sample_cell_means(sub, num_samples, generator)  # [S, c]
+        m = sample_cell_means(stats.select(a, a + MC_CHUNK), mc_draws, generator)  # [S, c]
         proj += w64[:, a : a + MC_CHUNK] @ m.T
     absval = proj.abs()
-    return absval.mean(-1), absval.std(-1) / math.sqrt(num_samples)
+    return absval.mean(-1), absval.std(-1) / math.sqrt(mc_draws)
 
 
-def _check_w(w: Tensor) -> None:
-    check_shape("w", w, 2, "[R, d] (R records, d coordinates)")
-    check_finite("w", w)
+def _check_influence(influence: Tensor) -> None:
+    check_shape("influence", influence, 2, "[R, d] (R records, d coordinates)")
+    check_finite("influence", influence)
 
 
-def choose_method(w: Tensor, stats: CellStatistics | CellMoments) -> str:
-    """The method ``"auto"`` resolves to for these inputs (see the module docstring)."""
+@renamed_kwargs(w="influence")
+def choose_method(influence: Tensor, stats: CellStatistics | CellMoments) -> str:
+    """The method ``"auto"`` resolves to for ``influence [R, d]`` and these cell statistics
+    (see the module docstring): ``"exact1d"``, ``"clt"`` or ``"mc"``."""
+    w = influence
     if w.shape[1] == 1 and isinstance(stats, CellStatistics):
         return "exact1d"
     sums = clt_sums(w, stats.kappa, stats.m4)
@@ -209,58 +240,214 @@ def choose_method(w: Tensor, stats: CellStatistics | CellMoments) -> str:
     return "clt" if err <= CLT_TOLERANCE and n_eff >= CLT_MIN_TERMS else "mc"
 
 
-def effective_terms(w: Tensor, kappa: Tensor) -> Tensor:
-    """``[R]`` effective number of coordinates in ``sum_j w_j m_j``: ``(sum c_j)^2 / sum c_j^2``
+@renamed_kwargs(w="influence")
+def effective_terms(influence: Tensor, kappa: Tensor) -> Tensor:
+    """``[R]`` effective number of coordinates in ``sum_j w_j m_j`` for ``influence [R, d]``
+    (``w``) and ``kappa [d]``: ``(sum c_j)^2 / sum c_j^2``
     with ``c_j = w_j^2 kappa_j`` (``d`` when all contribute equally, 1 when one dominates;
     ``inf`` for a record with no leakage)."""
-    c = w.to(torch.float64).square() * kappa.to(torch.float64)
+    c = influence.to(torch.float64).square() * kappa.to(torch.float64)
     num, den = c.sum(-1).square(), c.square().sum(-1)
     return torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.inf))
 
 
+@renamed_kwargs(w="influence", num_samples="mc_draws")
 def record_leakage(
-    w: Tensor,
+    influence: Tensor,
     stats: CellStatistics | CellMoments,
     n: float,
     method: Method = "auto",
-    num_samples: int = DEFAULT_NUM_SAMPLES,
+    mc_draws: int = DEFAULT_MC_DRAWS,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Saturated per-record total variation ``G(TV_z)`` of the quantized release.
 
     Args:
-        w: ``[R, d]`` standardised influences ``w_j(z) = psi_j(z) / sqrt(Sigma_jj)`` of R
-            records (dimensionless).
+        influence: ``[R, d]`` standardised influences ``w_j(z) = psi_j(z) / sqrt(Sigma_jj)`` of
+            R records (dimensionless; formerly ``w``).
         stats: cell statistics of the ``d`` coordinates (:func:`cell_statistics`); the
             Gaussian form also accepts :class:`CellMoments`.
         n: number of training records (>= 2).
         method: ``"exact1d"`` (d = 1 only), ``"mc"``, ``"clt"`` or ``"auto"``.
-        num_samples: Monte Carlo draws (standard error ~ 1/sqrt(num_samples) relative).
+        mc_draws: Monte Carlo draws (standard error ~ 1/sqrt(mc_draws) relative; formerly
+            ``num_samples``).
         generator: random generator for the Monte Carlo draws.
 
     Returns:
         ``[R]`` float64 leakage in ``[0, 1)``.
+
+    Raises:
+        ValueError: ``influence`` is not ``[R, d]`` or holds NaN/inf, ``n < 2``, ``stats`` has
+            another ``d``, ``"exact1d"`` with ``d != 1``, or an unknown ``method``.
+        TypeError: ``method="mc"`` with :class:`CellMoments` (no per-cell terms).
     """
-    _check_w(w)
+    w = influence
+    _check_influence(w)
     check_n(n)
     d = w.shape[1]
     if stats.kappa.shape[0] != d:
-        raise ValueError(f"w has d = {d} coordinates but stats has {stats.kappa.shape[0]}")
+        raise ValueError(f"influence has d = {d} coordinates but stats has {stats.kappa.shape[0]}")
     if method == "auto":
         method = choose_method(w, stats)  # type: ignore[assignment]
-    scale = 1.0 / (2.0 * math.sqrt(n))
     if method == "exact1d":
         if d != 1:
             raise ValueError(f"method='exact1d' needs d = 1 coordinate, got d = {d}")
-        t = w[:, 0].to(torch.float64).abs() * stats.lam.to(torch.float64)[0] * scale
-        return saturate(t)
+        return exact1d_leakage(w[:, 0], stats.mean_abs, n)
     if method == "clt":
         return clt_sums(w, stats.kappa).leakage(n)
     if method == "mc":
         if not isinstance(stats, CellStatistics):
             raise TypeError("method='mc' needs CellStatistics (per-cell prob and mean), got CellMoments")
-        mean_abs, _ = mc_first_order(w, stats, num_samples, generator)
-        # E|sum w m| <= E|sum w U| = sqrt(2/pi) |w| (conditional Jensen): cap the noise.
-        cap = SQRT_2_OVER_PI * w.to(torch.float64).norm(dim=-1)
-        return saturate(torch.minimum(mean_abs, cap) * scale)
+        mean_abs, _ = mc_first_order(w, stats, mc_draws, generator)
+        return _capped_leakage(mean_abs, w.to(torch.float64).square().sum(-1), n)
     raise ValueError(f"unknown method {method!r}; expected 'auto', 'exact1d', 'mc' or 'clt'")
+
+
+def _capped_leakage(mean_abs: Tensor, s2_unquantized: Tensor, n: float) -> Tensor:
+    """``G(min(E|S|, sqrt(2/pi) sqrt(s2)) / (2 sqrt n))``: by conditional Jensen
+    ``E|sum w m| <= E|sum w U| = sqrt(2/pi) |w|``, which caps the Monte Carlo noise."""
+    cap = SQRT_2_OVER_PI * s2_unquantized.sqrt()
+    return saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
+
+
+def exact1d_leakage(influence: Tensor, mean_abs: Tensor, n: float) -> Tensor:
+    """One coordinate: ``G(|w| E|m| / (2 sqrt n))`` (method.md section 3, form 1).
+
+    Args:
+        influence: ``[R]`` standardised influences of the one coordinate.
+        mean_abs: ``[1]`` (or 0-d) ``E|m|`` of that coordinate (``sqrt(2/pi)`` unquantized).
+        n: number of training records (>= 2).
+
+    Returns:
+        ``[R]`` float64 leakage.
+    """
+    m = mean_abs.to(torch.float64).reshape(-1)[0]
+    return saturate(influence.to(torch.float64).abs() * m / (2 * math.sqrt(n)))
+
+
+def coarse_mask(kappa: Tensor) -> Tensor:
+    """``[d]`` bool: coordinates whose cells are coarse (``1e-12 < kappa < FINE_KAPPA``), the
+    ones the hybrid Monte Carlo form samples."""
+    return (kappa > 1e-12) & (kappa < FINE_KAPPA)
+
+
+def coarse_count(kappas: Iterable[Tensor | None]) -> int:
+    """Number of coarse coordinates over several ``[d_i]`` kappa tensors (``None``: unquantized)."""
+    return sum(int(coarse_mask(k).sum()) for k in kappas if k is not None)
+
+
+def clt_out_of_tolerance(clt_error: float, n_eff: float) -> bool:
+    """Whether the Gaussian form's conditions fail: Edgeworth error above ``CLT_TOLERANCE`` or
+    fewer than ``CLT_MIN_TERMS`` effective coordinates (see the module docstring)."""
+    return not (clt_error <= CLT_TOLERANCE and n_eff >= CLT_MIN_TERMS)  # NaN counts as failing
+
+
+def resolve_method(
+    method: str,
+    *,
+    d: int,
+    quantized: bool,
+    clt_error: float,
+    n_eff: float,
+    influence_stored: bool,
+    num_records: int,
+    coarse: int,
+) -> str:
+    """The form a whole-model score uses (``"auto"`` resolved; other methods pass through).
+
+    ``"exact1d"`` for one quantized weight; else ``"clt"`` when its conditions hold
+    (:func:`clt_out_of_tolerance`); else ``"mc"`` when the influences are stored and
+    ``num_records * max(coarse, 1) * MIN_MC_DRAWS <= MC_FLOP_BUDGET``; else ``"clt"`` (the
+    caller notes that it is used beyond its tolerance).
+
+    Args:
+        method: ``"auto"``, ``"exact1d"``, ``"mc"`` or ``"clt"``.
+        d: assessed weights; ``quantized``: whether any of them is quantized.
+        clt_error: worst ``|excess kurtosis| / 24`` over records; ``n_eff``: least effective
+            number of coordinates over records.
+        influence_stored: whether the ``[R, d]`` influences are held (the Monte Carlo form needs them).
+        num_records: ``R``; ``coarse``: coarse coordinates (:func:`coarse_count`).
+    """
+    if method != "auto":
+        return method
+    if d == 1 and quantized:
+        return "exact1d"
+    if not clt_out_of_tolerance(clt_error, n_eff):
+        return "clt"
+    if influence_stored and num_records * max(coarse, 1) * MIN_MC_DRAWS <= MC_FLOP_BUDGET:
+        return "mc"
+    return "clt"
+
+
+def mc_draws_for(num_records: int, coarse: int) -> int:
+    """As many Monte Carlo draws as ``MC_FLOP_BUDGET`` and ``MC_BUFFER`` allow for ``num_records``
+    records and ``coarse`` coarse coordinates, within ``[MIN_MC_DRAWS, MAX_MC_DRAWS]``
+    (standard error ~ 1/sqrt(draws))."""
+    coarse = max(coarse, 1)
+    by_cost = MC_FLOP_BUDGET // (num_records * (coarse + 1))
+    by_memory = MC_BUFFER // max(num_records, 1)  # the [R, S] projection buffers
+    return int(min(MAX_MC_DRAWS, max(MIN_MC_DRAWS, min(by_cost, by_memory))))
+
+
+class HybridMC:
+    """The hybrid Monte Carlo form of a whole model as an update/compute pair: sampled cells
+    for coarse coordinates, one Gaussian term per record for fine and unquantized ones.
+
+    ``update`` takes one parameter at a time; ``compute`` returns the ``[R]`` leakage.
+    """
+
+    def __init__(self, num_records: int) -> None:
+        self.gaussian_s2 = torch.zeros(num_records, dtype=torch.float64)
+        self._influence: list[Tensor] = []
+        self._theta: list[Tensor] = []
+        self._sigma: list[Tensor] = []
+        self._edges: list[Tensor] = []
+
+    def update(
+        self,
+        influence: Tensor,
+        kappa: Tensor | None,
+        theta: Tensor | None = None,
+        sigma: Tensor | None = None,
+        boundaries: Callable[[int, int], Tensor] | None = None,
+        chunk: int = 1 << 18,
+    ) -> None:
+        """Add one parameter.
+
+        Args:
+            influence: ``[R, c]`` its standardised influences.
+            kappa: ``[c]`` its kappa, or ``None`` when it is not quantized (all Gaussian).
+            theta, sigma: ``[c]`` its weights and standard deviations (parameter units).
+            boundaries: ``boundaries(lo, hi) -> [hi - lo, 2 * MC_HALF_WINDOW + 2]`` cell edges of
+                the coordinates ``lo:hi`` (needed when some coordinate is coarse).
+            chunk: coordinates per call of ``boundaries``.
+        """
+        w = influence
+        if kappa is None:
+            self.gaussian_s2 += w.square().sum(-1)
+            return
+        coarse = coarse_mask(kappa)
+        fine = kappa >= FINE_KAPPA
+        self.gaussian_s2 += w[:, fine].square() @ kappa[fine]
+        idx = torch.nonzero(coarse).squeeze(-1)
+        if idx.numel() == 0:
+            return
+        assert theta is not None and sigma is not None and boundaries is not None
+        for a in range(0, idx.numel(), chunk):
+            ii = idx[a : a + chunk]
+            lo, hi = int(ii.min()), int(ii.max()) + 1
+            self._edges.append(boundaries(lo, hi)[ii - lo])
+            self._theta.append(theta[ii])
+            self._sigma.append(sigma[ii])
+            self._influence.append(w[:, ii])
+
+    def compute(self, n: float, mc_draws: int, generator: torch.Generator | None = None) -> Tensor:
+        """``[R]`` saturated leakage, capped by the unquantized value (see :func:`record_leakage`)."""
+        if not self._influence:
+            mean_abs = SQRT_2_OVER_PI * self.gaussian_s2.sqrt()
+            return saturate(mean_abs / (2 * math.sqrt(n)))
+        stats = cell_statistics(torch.cat(self._theta), torch.cat(self._sigma), torch.cat(self._edges),
+                                validate=False)
+        wc = torch.cat(self._influence, dim=1)
+        mean_abs, _ = mc_first_order(wc, stats, mc_draws, generator, gaussian_s2=self.gaussian_s2)
+        return _capped_leakage(mean_abs, wc.square().sum(-1) + self.gaussian_s2, n)

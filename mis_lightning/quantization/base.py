@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .._modelcopy import private_copy
 from ..functional import (
     CellMoments,
+    CompilePolicy,
     affine_boundaries,
     affine_cell_moments,
     table_boundaries,
@@ -237,11 +238,12 @@ class ParamGrid:
         return scale, zp, code
 
     def moments(self, theta: Tensor, sigma: Tensor, start: int, end: int,
-                use_codes: bool = True) -> CellMoments:
+                use_codes: bool = True, compile_policy: CompilePolicy | None = None) -> CellMoments:
         """Cell moments of elements ``start:end`` given their weights and std (each ``[c]``).
 
         ``use_codes=False`` locates each weight's cell from the grid alone (for weights other
         than the trained ones, e.g. the parametric bootstrap of the uncertainty interval).
+        ``compile_policy``: the caller's :class:`~mis_lightning.functional.CompilePolicy`.
         """
         scale, zp, code = self.element_grid(start, end)
         if not use_codes:
@@ -254,14 +256,15 @@ class ParamGrid:
             if code is not None:
                 code = torch.where(dead, zp, code)
         if self.kind == "affine":
-            mm = affine_cell_moments(theta, sigma, scale, zp, self.qmin, self.qmax, code=code)
+            mm = affine_cell_moments(theta, sigma, scale, zp, self.qmin, self.qmax, code=code,
+                                     compile_policy=compile_policy)
         else:
             assert self.values is not None
             mm = table_cell_moments(theta, sigma, self.values, scale)
         if bool(dead.any()):
             zero = torch.zeros_like(mm.kappa)
             mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
-                             lam=torch.where(dead, zero, mm.lam),
+                             mean_abs=torch.where(dead, zero, mm.mean_abs),
                              m4=torch.where(dead, zero, mm.m4),
                              coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
         if self.revealed is not None:
@@ -271,7 +274,7 @@ class ParamGrid:
             if bool(rev.any()):
                 one = torch.ones_like(mm.kappa)
                 mm = CellMoments(kappa=torch.where(rev, one, mm.kappa),
-                                 lam=torch.where(rev, one * SQRT_2_OVER_PI, mm.lam),
+                                 mean_abs=torch.where(rev, one * SQRT_2_OVER_PI, mm.mean_abs),
                                  m4=torch.where(rev, one * 3.0, mm.m4),
                                  coverage=torch.where(rev, one, mm.coverage))
         return mm

@@ -136,7 +136,7 @@ def indicator(s: Setting, grids: list[Grid], est, model: nn.Module, draws: int =
               seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(value [G], interval [G, 2], baseline [G])`` of each grid from one trained model,
     all from :func:`mis_lightning.assess.score_schemes` (point value and ``SchemeResult.interval``)."""
-    w = est.w
+    w = est.influence
     val = np.zeros(len(grids))
     iv = np.full((len(grids), 2), np.nan)
     schemes = [scheme_for(g) for g in grids]

@@ -448,7 +448,7 @@ def oracle_first_order(s: Setting, grid: Grid, x: np.ndarray, y: np.ndarray, cen
     st = cell_statistics(torch.from_numpy(th), torch.from_numpy(sd), torch.from_numpy(edges))
     gen = torch.Generator().manual_seed(0)
     method = "exact1d" if s.d == 1 else "mc"
-    return record_leakage(torch.from_numpy(w), st, s.n, method=method, num_samples=num_samples, generator=gen).numpy()
+    return record_leakage(torch.from_numpy(w), st, s.n, method=method, mc_draws=num_samples, generator=gen).numpy()
 
 
 def _edges_around(grid: StepGrid, theta: np.ndarray, sd: np.ndarray, half: int, qmax: int | None = None) -> np.ndarray:

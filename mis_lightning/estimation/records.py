@@ -1,0 +1,171 @@
+"""Which training records are kept for the influences, and their content hashes.
+
+The estimation pass keeps ``num_records`` records: the first ones seen (``selection="first"``)
+or the bottom-k by a content hash (:func:`record_keys`), which is the same set however the
+data is ordered, batched or split over processes. The state is a dict of plain tensors and
+lists (see :class:`~mis_lightning.estimation.estimate.MomentAccumulator`): ``rec_grad``
+(per-sample gradients ``[k, d]``) or ``rec_x``/``rec_y`` (the records), and ``rec_key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_P31 = 2_147_483_647  # 2^31 - 1: modulus of the record hash
+_HASH_WEIGHTS: dict[tuple[int, int], Tensor] = {}
+
+
+def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
+    """``[b]`` int64 content hashes of the records of a batch (a random linear hash of their bytes).
+
+    Every tensor leaf of ``(inputs, targets)`` with ``b`` rows is hashed (pass the raw batch as
+    ``inputs`` and ``None`` as ``targets`` to hash a whole batch). Deterministic across
+    processes, batch compositions and loader orders: the same record always gets the same key.
+    Keeping the records with the smallest keys is a *bottom-k* sample, which does not depend on
+    how the records were split over batches or processes, nor on their order.
+    """
+    h = torch.zeros(b, dtype=torch.int64)
+    leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets))
+              if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b]
+    for i, t in enumerate(leaves):
+        raw = t.detach().cpu().contiguous().reshape(b, -1)
+        if raw.dtype == torch.bool:
+            raw = raw.to(torch.uint8)
+        by = raw.view(torch.uint8).to(torch.int64)  # [b, bytes]
+        L = by.shape[1]
+        w = _HASH_WEIGHTS.get((i, L))
+        if w is None:
+            w = torch.randint(1, _P31, (L,), generator=torch.Generator().manual_seed(7919 * i + L), dtype=torch.int64)
+            _HASH_WEIGHTS[(i, L)] = w
+        h = (h * 1_000_003 + (by * w % _P31).sum(1)) % _P31
+    return h
+
+
+def cat_state(x: Any) -> Any:
+    """A list state (of tensors) as one tensor; tensors pass through; ``None`` for empty."""
+    if isinstance(x, Tensor):
+        return x
+    if not x:
+        return None
+    if not isinstance(x[0], Tensor):
+        return x
+    return torch.cat([t.reshape(-1, *t.shape[1:]) if t.dim() else t.reshape(1) for t in x])
+
+
+def batch_size_of(y: Any) -> int:
+    """Rows of the first tensor leaf of ``y``."""
+    leaves = [t for t in torch.utils._pytree.tree_leaves(y) if isinstance(t, Tensor)]
+    return int(leaves[0].shape[0])
+
+
+def detach_clone(t: Any) -> Any:
+    return t.detach().clone() if isinstance(t, Tensor) else t
+
+
+def slice_rows(tree: Any, rows: Tensor) -> Any:
+    """The given rows of every tensor in a pytree."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t[rows.to(t.device)] if isinstance(t, Tensor) else t, tree)
+
+
+def slice_tree(tree: Any, a: int, b: int) -> Any:
+    """Rows ``a:b`` of every tensor in a pytree."""
+    return torch.utils._pytree.tree_map(lambda t: t[a:b] if isinstance(t, Tensor) else t, tree)
+
+
+def split_batch(inputs: Any, targets: Any, b: int, step: int) -> Iterator[tuple[Any, Any]]:
+    """``(inputs, targets)`` in row blocks of ``step`` (of ``b`` rows)."""
+    for a in range(0, b, step):
+        yield slice_tree(inputs, a, a + step), slice_tree(targets, a, a + step)
+
+
+def kept_count(st: dict[str, Any], keep_grad: bool) -> int:
+    """Records stored so far (``selection="first"``)."""
+    if keep_grad:
+        return sum(int(t.shape[0]) for t in st["rec_grad"])
+    return sum(batch_size_of(t) for t in st["rec_y"])
+
+
+def storable_rows(st: dict[str, Any], keys: Tensor | None, b: int, num_records: int, keep_grad: bool) -> Tensor:
+    """Rows of a batch of ``b`` that may still be kept: the first ones while fewer than
+    ``num_records`` are stored (``keys is None``), else those whose key is below the largest
+    kept key (bottom-k); ``[rows]`` int64."""
+    if keys is None:
+        return torch.arange(min(max(num_records - kept_count(st, keep_grad), 0), b))
+    stored = cat_state(st["rec_key"])
+    if stored is not None and stored.numel() >= num_records:
+        return torch.nonzero(keys < stored.max().cpu()).squeeze(-1)
+    return torch.arange(b)
+
+
+def store_records(st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None, *,
+                  num_records: int, keep_grad: bool, pytree_records: bool) -> None:
+    """Keep a batch's records in ``st`` (in place): their gradients ``flat [b, d]`` when
+    ``keep_grad``, else the records ``x``, ``y`` themselves.
+
+    Raises:
+        TypeError: records (not gradients) kept by hash across processes must be tensors.
+    """
+    k = num_records
+    if keys is None:  # the first records seen
+        kept = kept_count(st, keep_grad)
+        if kept >= k:
+            return
+        take = min(k - kept, flat.shape[0])
+        if keep_grad:
+            st["rec_grad"].append(flat[:take].clone())
+        else:
+            st["rec_x"].append(torch.utils._pytree.tree_map(lambda t: t[:take].clone(), x))
+            st["rec_y"].append(torch.utils._pytree.tree_map(lambda t: t[:take].clone(), y))
+        return
+    # bottom-k by content hash
+    if keep_grad:
+        st["rec_grad"].append(flat.clone())
+    elif pytree_records:
+        st["rec_x"].append(torch.utils._pytree.tree_map(detach_clone, x))
+        st["rec_y"].append(torch.utils._pytree.tree_map(detach_clone, y))
+    else:
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError(
+                "storing records across processes needs tensor inputs and targets; this model "
+                f"is too large to store {k} records' gradients (num_records * d > budget): "
+                "lower num_records or raise budget"
+            )
+        st["rec_x"].append(x.detach().clone())
+        st["rec_y"].append(y.detach().clone())
+    st["rec_key"].append(keys.to(st["g_sum"].device))
+    prune_bottom_k(st, k)
+
+
+def prune_bottom_k(st: dict[str, Any], k: int) -> None:
+    """Keep the ``k`` stored records with the smallest keys, sorted by key (in place)."""
+    keys = cat_state(st["rec_key"])
+    if keys is None:
+        return
+    order = torch.sort(keys.cpu(), stable=True).indices[:k]
+    fields = ["rec_grad"] if "rec_grad" in st else ["rec_x", "rec_y"]
+    for f in fields:
+        items = st[f]
+        if isinstance(items, list) and items and not isinstance(items[0], Tensor):
+            # pytree records (estimate only): concatenate and select leaf by leaf
+            full = torch.utils._pytree.tree_map(
+                lambda *ts: torch.cat(ts) if isinstance(ts[0], Tensor) else ts[0], items[0], *items[1:])
+            items[:] = [torch.utils._pytree.tree_map(
+                lambda t: t[order.to(t.device)] if isinstance(t, Tensor) else t, full)]
+            continue
+        full = cat_state(items)
+        sel = full[order.to(full.device)]
+        if isinstance(items, list):
+            items[:] = [sel]
+        else:
+            st[f] = sel
+    sel_keys = keys[order.to(keys.device)]
+    if isinstance(st["rec_key"], list):
+        st["rec_key"][:] = [sel_keys]
+    else:
+        st["rec_key"] = sel_keys
+

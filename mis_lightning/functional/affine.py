@@ -1,0 +1,302 @@
+"""Affine integer grids (value ``(q - zero_point) * scale``, codes ``q in [qmin, qmax]``):
+their codes, cell edges and fast cell moments (method.md section 5).
+
+Round-to-nearest cells are bounded by the midpoints ``(q + 1/2 - zero_point) * scale``; the
+two outer cells are unbounded. All tensors are per element (``[c]``, one chunk of a flattened
+parameter): nothing here is ever of the size of a whole model times the number of cells.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import kernel as _kernel
+from .cells import CellMoments
+from .fastpath import GUARD, SAME_ARITHMETIC, compare, sample_indices, verify_sample
+from .kernel import (
+    _FUSED_STATE,
+    _MAX_WINDOW,
+    COMPILED_PATH,
+    CUTOFF_SIGMAS,
+    FINE_STEP,
+    REFERENCE_FINE_STEP,
+    TABLE_H_MAX,
+    CompilePolicy,
+    _float64_inputs,
+    _uniform_table,
+    fine_grid_moments,
+    windowed_moments,
+)
+
+# Window half-widths (number of edges each side) used for the elements summed exactly.
+_WINDOW_BUCKETS = (2, 3, 4, 6, 10, 18)
+# Floats per [rows, edges] working tensor of the windowed sums: small enough that a dozen
+# temporaries stay in cache (eager torch is memory-bound here; measured in
+# benchmarks/cell_statistics_speed.py).
+_ROWS_BUDGET = 1 << 16
+# Chunks of at least this many elements go through the fused kernel.
+TABLE_MIN_ELEMENTS = 1 << 15
+# Names of the optimised paths, as the self-check warnings print them.
+FUSED_PATH = "the fused cell-moment kernel ((h, t) table, two-edge and fine forms)"
+SPARSE_PATH = "the per-regime cell sums (fine-grid expansion)"
+
+
+def affine_codes(theta: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Round-to-nearest (halves to even) codes of ``theta`` on an affine grid, as float64.
+
+    The nearest value ``(q - zero_point) * scale`` has ``q = round(theta / scale + zero_point)``;
+    with an integer zero point this is the backends' ``round(theta / scale) + zero_point``, and
+    it stays right for float zero points (torchao's tinygemm layout).
+    """
+    zp = zero_point.to(torch.float64)
+    frac = zp - torch.round(zp)
+    q = torch.round(theta.to(torch.float64) / scale.to(torch.float64) + frac) + (zp - frac)
+    return q.clamp(qmin, qmax)
+
+
+def affine_boundaries(
+    theta: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    half_window: int,
+    code: Tensor | None = None,
+) -> Tensor:
+    """Cell edges ``[c, 2*half_window + 2]`` around each element's code (parameter units).
+
+    The edges are those of the codes ``code - half_window + 1 .. code + half_window - 1``
+    plus ``-inf`` and ``+inf`` at the ends (the two outer cells lump the remaining codes,
+    which lie beyond the window). Edges beyond ``[qmin, qmax]`` collapse to ``-inf`` or
+    ``+inf`` (empty cells), so the layout is the same for every element.
+
+    Args:
+        theta: ``[c]`` weights; scale, zero_point: ``[c]`` per-element grid parameters.
+        code: ``[c]`` the backend's own integer codes; computed by round-to-nearest if None.
+    """
+    s = scale.to(torch.float64)
+    zp = zero_point.to(torch.float64)
+    q0 = affine_codes(theta, scale, zero_point, qmin, qmax) if code is None else code.to(torch.float64)
+    i = torch.arange(-half_window + 1, half_window + 1, dtype=torch.float64, device=theta.device)
+    upper_code = q0.unsqueeze(-1) + i  # edge i separates codes upper_code - 1 and upper_code
+    edges = (upper_code - 0.5 - zp.unsqueeze(-1)) * s.unsqueeze(-1)
+    edges = torch.where(upper_code <= qmin, torch.full_like(edges, -math.inf), edges)
+    edges = torch.where(upper_code > qmax, torch.full_like(edges, math.inf), edges)
+    inf = torch.full_like(edges[:, :1], math.inf)
+    return torch.cat([-inf, edges, inf], dim=-1)
+
+
+def _affine_cell_moments_sparse(
+    theta: Tensor,
+    sigma: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    code: Tensor | None = None,
+    fine_step: float = FINE_STEP,
+) -> CellMoments:
+    """The per-regime path of :func:`affine_cell_moments` (frozen skipped, fine expansion,
+    exact window sums grouped by window size): used for small chunks and for the elements of
+    large chunks whose cells reach a clamped end of the code range.
+
+    ``fine_step``: steps (sd units) at or below which the fine-grid expansion replaces the
+    cell sum. The reference path (:func:`affine_reference_moments`) lowers it to the step
+    below which the window would exceed ``_MAX_WINDOW`` edges."""
+    th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
+    q0 = affine_codes(th, s, zp, qmin, qmax) if code is None else code.to(torch.float64)
+    h = s / sg
+    # Standardised distances to the lower and upper edge of the element's own cell.
+    lower = torch.where(q0 > qmin, (th - (q0 - 0.5 - zp) * s) / sg, torch.full_like(th, math.inf))
+    upper = torch.where(q0 < qmax, ((q0 + 0.5 - zp) * s - th) / sg, torch.full_like(th, math.inf))
+    to_min = (th - (qmin + 0.5 - zp) * s) / sg
+    to_max = ((qmax - 0.5 - zp) * s - th) / sg
+
+    c = th.shape[0]
+    kappa = torch.zeros(c, dtype=torch.float64, device=th.device)
+    mean_abs = torch.zeros_like(kappa)
+    m4 = torch.zeros_like(kappa)
+    coverage = torch.ones_like(kappa)
+
+    frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
+    fine_all = ~frozen & (h <= fine_step)
+    far_ends = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS)
+    fine = fine_all & far_ends
+    if bool(fine.any()):
+        fm = fine_grid_moments(h[fine])
+        kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+    near = fine_all & ~far_ends
+    if bool(near.any()):
+        # A fine grid whose end cell is within reach (the weight's sd spans to the end of the
+        # code range): fine interior + exact end cells; far ends drop out (phi(8.5) ~ 0).
+        lo_edge = torch.where(to_min[near] > CUTOFF_SIGMAS, torch.full_like(to_min[near], -math.inf), -to_min[near])
+        hi_edge = torch.where(to_max[near] > CUTOFF_SIGMAS, torch.full_like(to_max[near], math.inf), to_max[near])
+        fm = fine_grid_moments(h[near], lo_edge, hi_edge)
+        kappa[near], mean_abs[near], m4[near] = fm.kappa, fm.mean_abs, fm.m4
+    fine = fine_all
+    rest = ~(frozen | fine)
+    if bool(rest.any()):
+        need = (torch.ceil(CUTOFF_SIGMAS / h[rest]) + 1).clamp(max=_MAX_WINDOW)
+        windowed_moments(
+            (kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1), need,
+            (*_WINDOW_BUCKETS, _MAX_WINDOW), _ROWS_BUDGET,
+            lambda ii, m: affine_boundaries(th[ii], s[ii], zp[ii], qmin, qmax, m, code=q0[ii]), th, sg)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+
+
+def affine_reference_moments(
+    theta: Tensor,
+    sigma: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    code: Tensor | None = None,
+) -> CellMoments:
+    """Reference cell moments on an affine grid: the exact sum over every cell edge within
+    8.5 sd of each element (``cells.moments_from_alpha``); only steps below
+    ``REFERENCE_FINE_STEP`` (~0.0166 sd, windows of more than 512 edges) use the fine-grid
+    expansion, whose error is below 1e-14 there. Slow: the optimised paths of
+    :func:`affine_cell_moments` are checked against it on samples (``fastpath``).
+
+    Args and returns as :func:`affine_cell_moments`.
+    """
+    return _affine_cell_moments_sparse(theta, sigma, scale, zero_point, qmin, qmax, code,
+                                       fine_step=REFERENCE_FINE_STEP)
+
+
+def _sparse_checked(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int,
+                    code: Tensor | None) -> CellMoments:
+    """The per-regime path, checked against the reference on a sample (see ``fastpath``)."""
+    if SPARSE_PATH in GUARD.disabled:
+        return affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
+    out = _affine_cell_moments_sparse(th, sg, s, zp, qmin, qmax, code)
+    th64, sg64, s64 = _float64_inputs(th, sg, s)
+    h = s64 / sg64  # cheap: computed whether or not a check is due
+    ok = verify_sample(
+        SPARSE_PATH, th.shape[0], out, lambda: (h, [h <= FINE_STEP, h > FINE_STEP]),
+        lambda idx: affine_reference_moments(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax,
+                                             None if code is None else code[idx]),
+        "exact cell sums")
+    return out if ok else affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
+
+
+def affine_cell_moments(
+    theta: Tensor,
+    sigma: Tensor,
+    scale: Tensor,
+    zero_point: Tensor,
+    qmin: int,
+    qmax: int,
+    code: Tensor | None = None,
+    *,
+    compile_policy: CompilePolicy | None = None,
+) -> CellMoments:
+    """``kappa``, ``mean_abs``, ``m4`` of every element of an affine-grid chunk, fast.
+
+    Regimes, chosen per element from the step ``h = scale / sigma``:
+
+    * frozen -- both edges of the element's cell lie beyond 8.5 sigma: all moments are 0
+      (< 1e-15 of kappa is lost);
+    * fine -- ``h <= 0.5``: the fine-grid expansion of :func:`fine_grid_moments`, with the
+      end cells of the code range treated exactly when they are within 8.5 sigma (kappa
+      error < 5e-4 h^2 there, measured in tests/test_grids.py);
+    * otherwise the exact cell sum over the edges within 8.5 sigma.
+
+    Chunks of at least ``TABLE_MIN_ELEMENTS`` elements go through one branch-free kernel
+    (:func:`~mis_lightning.functional.kernel._fused_affine`; run under ``torch.compile`` as
+    ``compile_policy`` says) in which
+    steps between 0.5 and 19 sd read a precomputed table of exact sums
+    (:func:`uniform_table_moments`, kappa error < 1e-4, measured in tests/test_grids.py) and
+    larger steps a two-edge closed form; elements near a clamped end of the code range are
+    then recomputed exactly.
+
+    Every optimised path is checked against its reference on a sample of its output (at first
+    use per thread count, per new chunk size for compiled code, then every few calls;
+    :mod:`~mis_lightning.functional.fastpath`): a path that disagrees is disabled for the
+    process with a ``RuntimeWarning`` and the call is recomputed by the next path down.
+
+    Args:
+        theta, sigma, scale, zero_point: ``[c]`` (parameter units; ``sigma >= 0``).
+        qmin, qmax: the integer code range.
+        code: ``[c]`` the backend's codes, if known (ties follow the backend).
+        compile_policy: when the fused kernel is compiled (default :class:`CompilePolicy`
+            ``"auto"``); decided by the caller (the front ends read ``MIS_LIGHTNING_COMPILE``).
+
+    Returns:
+        float64 :class:`CellMoments` of shape ``[c]``.
+
+    Raises:
+        Exception: whatever the eager kernel raises (a failed compilation is not raised: it
+            falls back to the eager kernel with a ``RuntimeWarning``).
+    """
+    c = theta.shape[0]
+    if c < TABLE_MIN_ELEMENTS or FUSED_PATH in GUARD.disabled:
+        return _sparse_checked(theta, sigma, scale, zero_point, qmin, qmax, code)
+    th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
+    lo, dlog, du, table = _uniform_table()
+    table = table.to(th.device)
+    # Every scalar goes in as a 0-d tensor. Python floats given to a dynamic-shape compiled
+    # function are traced as symbols, and inductor (torch 2.13) folded the bounds of `clamp`
+    # into constants from the first call without guarding them: a kernel compiled for int8
+    # (-128..127) then clamped int4 codes to -128..127 (codes off by up to 120, kappa off by
+    # 8.6e-3; tests/test_fastpath.py reproduces it with floats).
+    bounds = tuple(torch.tensor(float(v), dtype=torch.float64, device=th.device)
+                   for v in (qmin, qmax, lo, dlog, du)) + (table,)
+    # Looked up on the module so that tests can substitute a kernel.
+    eager = _kernel._fused_affine if code is not None else _kernel._fused_affine_codes
+    q_given = None if code is None else code.to(torch.float64)
+
+    def run(kernel, idx: Tensor | None = None):
+        a = (th, sg, s, zp) if idx is None else (th[idx], sg[idx], s[idx], zp[idx])
+        if q_given is not None:
+            q = q_given if idx is None else q_given[idx]
+            return (*kernel(*a, q, *bounds), q)
+        return kernel(*a, *bounds)
+
+    kernel, compiled = _kernel._fused_kernel(c, with_codes=code is not None, policy=compile_policy)
+    try:
+        kappa, mean_abs, m4, ok, q0 = run(kernel)
+    except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
+        if not compiled:
+            raise
+        warnings.warn(f"torch.compile of the cell-moment kernel failed ({type(exc).__name__}: {exc}); "
+                      "using the eager kernel", RuntimeWarning, stacklevel=2)
+        _FUSED_STATE["failed"] = True
+        compiled = False
+        kappa, mean_abs, m4, ok, q0 = run(eager)
+    h = s / sg
+    strata = [h <= FINE_STEP, (h > FINE_STEP) & (h < TABLE_H_MAX), h >= TABLE_H_MAX]
+    if compiled:
+        k = GUARD.sample_size(COMPILED_PATH, c, per_size=True)
+        if k:
+            idx = sample_indices(c, k, [*strata, ~ok])
+            ek, el, em, eok, eq = run(eager, idx)
+            problem = compare((kappa[idx], mean_abs[idx], m4[idx]), (ek, el, em), h[idx], SAME_ARITHMETIC,
+                              codes=(torch.cat([q0[idx], ok[idx].double()]), torch.cat([eq, eok.double()])),
+                              equal_nan=True)
+            if problem:
+                GUARD.fail(COMPILED_PATH, problem, "the eager kernel")
+                kappa, mean_abs, m4, ok, q0 = run(eager)
+            else:
+                GUARD.passed(COMPILED_PATH, c)
+    coverage = torch.ones_like(kappa)
+    bad = ~ok
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).squeeze(-1)
+        mm = _sparse_checked(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax, q0[idx])
+        kappa, mean_abs, m4 = kappa.clone(), mean_abs.clone(), m4.clone()
+        kappa[idx], mean_abs[idx], m4[idx], coverage[idx] = mm.kappa, mm.mean_abs, mm.m4, mm.coverage
+    out = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+    ok = verify_sample(
+        FUSED_PATH, c, out, lambda: (h, [*strata, bad]),
+        lambda idx: affine_reference_moments(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax,
+                                             None if q_given is None else q_given[idx]),
+        SPARSE_PATH,
+        codes=None if q_given is not None else (
+            lambda idx: (q0[idx], affine_codes(th[idx], s[idx], zp[idx], qmin, qmax))))
+    return out if ok else _sparse_checked(th, sg, s, zp, qmin, qmax, code)

@@ -1,0 +1,315 @@
+"""Shared kernels of the grid paths (method.md section 5): regime constants, the fine-grid
+expansion, the uniform-grid ``(h, t)`` table, the branch-free fused kernel of affine grids
+and its compile policy, and the windowed exact cell sums.
+
+The compile policy is an argument (:class:`CompilePolicy`), decided by the caller: nothing
+here reads the environment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .cells import SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
+from .fastpath import GUARD
+
+# Edges further than this many standard deviations from theta carry < 1e-15 of kappa.
+CUTOFF_SIGMAS = 8.5
+# At or below this grid step (in standard deviations) the fine-grid expansion is used:
+# kappa = 1 - h^2/12 + h^4/144 with error < 6e-4 h^6 (< 1e-5 at h = 0.5), measured
+# against the full cell sum in tests/test_grids.py.
+FINE_STEP = 0.5
+# The widest window (edges each side) an exact sum goes to.
+_MAX_WINDOW = 512
+# Below this step (sd units) an exact sum would need more than _MAX_WINDOW edges each side:
+# the reference paths use the fine-grid expansion there (error < 6e-4 h^6 < 1e-14).
+REFERENCE_FINE_STEP = CUTOFF_SIGMAS / (_MAX_WINDOW - 1)
+
+
+def _float64_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+    """``theta``, ``sigma`` (floored at the smallest positive float: ``sigma = 0`` means a frozen
+    code, not a division by zero) and the grid tensors, all in float64."""
+    sg = sigma.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+    return (theta.to(torch.float64), sg, *(t.to(torch.float64) for t in rest))
+
+
+def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | None = None) -> CellMoments:
+    """Cell moments of a fine uniform grid of step ``h`` (standard units).
+
+    Far from the ends of the code range: ``kappa = 1 - h^2/12 + h^4/144`` (error < 6e-4 h^6);
+    ``m4 = 3 - h^2/2``; ``mean_abs = sqrt(2/pi) - 0.05 h^2`` (the exact value moves with the
+    position of theta in its cell by up to +-0.05 h^2, +-0.1 h^2 near the range ends; the
+    one-coordinate formula, which
+    needs ``mean_abs`` exactly, uses the full cell sum instead).
+
+    ``lower``/``upper`` (standardised edges of the two unbounded end cells, ``-inf``/``+inf``
+    when far): the interior ``(lower, upper)`` is a fine grid (``m ~ U`` with the same
+    corrections, integrated over the interior) and the end cells are exact:
+    ``kappa = I2 - (h^2/12 - h^4/144) P + phi(a)^2/Phi(a) + phi(b)^2/(1 - Phi(b))`` with
+    ``P = Phi(b) - Phi(a)`` and ``Ik = int_a^b u^k phi(u) du``. This is what a weight whose
+    standard deviation spans the whole code range needs (its window would be thousands of
+    cells wide).
+    """
+    h2 = h.to(torch.float64) ** 2
+    if lower is None and upper is None:
+        kappa = 1.0 - h2 / 12.0 + h2 * h2 / 144.0
+        mean_abs = SQRT_2_OVER_PI - 0.05 * h2
+        m4 = 3.0 - 0.5 * h2
+        return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
+    a = (torch.full_like(h2, -math.inf) if lower is None else lower.to(torch.float64))
+    b = (torch.full_like(h2, math.inf) if upper is None else upper.to(torch.float64))
+    pa, pb = _pdf(a), _pdf(b)
+    ca, cb = torch.special.ndtr(a), torch.special.ndtr(b)
+    qb = torch.special.ndtr(-b)  # 1 - Phi(b) without cancellation
+    P = (cb - ca).clamp_min(0.0)
+    # u^k phi(u) vanishes at +-inf; write the finite-edge terms so inf * 0 never appears.
+    ua = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    ub = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+    I2 = P - (ub * pb - ua * pa)
+    I4 = 3.0 * P - ((ub**3 + 3 * ub) * pb - (ua**3 + 3 * ua) * pa)
+    # int_a^b |u| phi = F(b) - F(a), F(u) = sign(u) (phi(0) - phi(u))
+    phi0 = _pdf(torch.zeros_like(a))
+    I1 = torch.sign(b) * (phi0 - pb) - torch.sign(a) * (phi0 - pa)  # F(+-inf) = +-phi(0)
+    end_k = torch.where(ca > 1e-300, pa * pa / ca.clamp_min(1e-300), torch.zeros_like(a)) + torch.where(
+        qb > 1e-300, pb * pb / qb.clamp_min(1e-300), torch.zeros_like(b))
+    mu_a = torch.where(ca > 1e-300, pa / ca.clamp_min(1e-300), torch.zeros_like(a))
+    mu_b = torch.where(qb > 1e-300, pb / qb.clamp_min(1e-300), torch.zeros_like(b))
+    kappa = (I2 - (h2 / 12.0 - h2 * h2 / 144.0) * P + end_k).clamp(0.0, 1.0)
+    mean_abs = (I1 - 0.05 * h2 * P + pa + pb).clamp(0.0, SQRT_2_OVER_PI)
+    m4 = I4 - 0.5 * h2 * I2 + ca * mu_a**4 + qb * mu_b**4
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
+
+
+# ----------------------------------------------------------------- uniform-grid table
+# On an infinite uniform grid the moments of an element depend only on the step h and the
+# position t of theta in its cell (both in sd units): a 2-D table, computed once with the
+# exact cell sums and read with bilinear interpolation, replaces ~2 h^-1 * 8.5 erfc/exp
+# evaluations per element by four table reads.
+TABLE_H_MAX = 19.0  # above: only the two own edges are within 8.5 sd
+_TABLE_NH, _TABLE_NU = 256, 513
+_TABLE: tuple[float, float, float, Tensor] | None = None
+
+
+def _uniform_table() -> tuple[float, float, float, Tensor]:
+    global _TABLE
+    if _TABLE is None:
+        lo, hi = math.log(FINE_STEP), math.log(TABLE_H_MAX)
+        logh = torch.linspace(lo, hi, _TABLE_NH, dtype=torch.float64)
+        u = torch.linspace(0.0, 0.5, _TABLE_NU, dtype=torch.float64)
+        vals = torch.empty(_TABLE_NH, _TABLE_NU, 3, dtype=torch.float64)
+        for k in range(_TABLE_NH):
+            hk = math.exp(float(logh[k]))
+            M = math.ceil((CUTOFF_SIGMAS + 1.0) / hk) + 2
+            i = torch.arange(-M, M, dtype=torch.float64)
+            alpha = (i + 0.5) * hk - (u * hk).unsqueeze(-1)  # [NU, 2M] edges around t = u h
+            inf = torch.full((_TABLE_NU, 1), math.inf, dtype=torch.float64)
+            mm = moments_from_alpha(torch.cat([-inf, alpha, inf], -1))
+            vals[k] = torch.stack([mm.kappa, mm.mean_abs, mm.m4], -1)
+        # Each entry holds its cell's four corners, so that a lookup is one gather of 12.
+        pad = torch.cat([vals, vals[-1:]], 0)
+        pad = torch.cat([pad, pad[:, -1:]], 1)
+        corners = torch.cat([pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]], -1)
+        _TABLE = (lo, (hi - lo) / (_TABLE_NH - 1), 0.5 / (_TABLE_NU - 1), corners.reshape(-1, 12))
+    return _TABLE
+
+
+def uniform_table_moments(h: Tensor, t: Tensor) -> CellMoments:
+    """Moments on an infinite uniform grid of step ``h`` (``0.5 < h < 19``, sd units) for a
+    weight at ``t`` from its cell's centre (``|t| <= h/2``), by bilinear interpolation in
+    ``(log h, |t|/h)`` of a 256 x 513 table of exact cell sums (moments are even in ``t``)."""
+    lo, dlog, du, table = _uniform_table()
+    table = table.to(h.device)
+    x = ((torch.log(h) - lo) / dlog).clamp(0.0, _TABLE_NH - 1 - 1e-9)
+    y = ((t.abs() / h) / du).clamp(0.0, _TABLE_NU - 1 - 1e-9)
+    i, j = x.floor(), y.floor()
+    wx, wy = (x - i).unsqueeze(-1), (y - j).unsqueeze(-1)
+    corners = table.index_select(0, (i * _TABLE_NU + j).long())  # [c, 12]
+    v0 = torch.lerp(corners[:, 0:3], corners[:, 3:6], wy)
+    v1 = torch.lerp(corners[:, 6:9], corners[:, 9:12], wy)
+    v = torch.lerp(v0, v1, wx)
+    return CellMoments(kappa=v[:, 0], mean_abs=v[:, 1], m4=v[:, 2], coverage=torch.ones_like(h))
+
+
+def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmin: Tensor, qmax: Tensor,
+                  lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Branch-free moments of every element of an affine chunk (one pass of elementwise work).
+
+    Frozen elements get 0, fine steps the expansion, steps in (0.5, 19) the table, larger
+    steps the two-edge closed form, all selected with ``torch.where`` so that the whole
+    function fuses into one loop under ``torch.compile``. Returns ``kappa, mean_abs, m4, ok`` where
+    ``ok`` is False for the elements whose cells reach a clamped end of the code range: the
+    caller recomputes those exactly.
+    """
+    h = s / sg
+    lower = (th - (q0 - 0.5 - zp) * s) / sg  # sd units to the element's own lower edge
+    upper = ((q0 + 0.5 - zp) * s - th) / sg
+    to_min = (th - (qmin + 0.5 - zp) * s) / sg
+    to_max = ((qmax - 0.5 - zp) * s - th) / sg
+    frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
+    interior = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS) & (q0 > qmin) & (q0 < qmax)
+    # uniform-grid table in (log h, |t| / h), t = position from the cell centre
+    hc = h.clamp(FINE_STEP, TABLE_H_MAX)
+    x = ((torch.log(hc) - lo) / dlog).clamp(0.0, _TABLE_NH - 1 - 1e-9)
+    y = ((0.5 * (lower - upper).abs() / hc) / du).clamp(0.0, _TABLE_NU - 1 - 1e-9)
+    i, j = x.floor(), y.floor()
+    wx, wy = (x - i).unsqueeze(-1), (y - j).unsqueeze(-1)
+    c = table[(i * _TABLE_NU + j).long()]
+    v0 = c[:, 0:3] + wy * (c[:, 3:6] - c[:, 0:3])
+    v1 = c[:, 6:9] + wy * (c[:, 9:12] - c[:, 6:9])
+    v = v0 + wx * (v1 - v0)
+    # two edges only (h >= 19): cells (-inf, -lower], [-lower, upper], [upper, inf)
+    pa, pb = _pdf(upper), _pdf(lower)
+    qa, qb = torch.special.ndtr(-upper), torch.special.ndtr(-lower)
+    pm = (1.0 - qa - qb).clamp_min(1e-300)
+    dm = pb - pa
+    zero = torch.zeros_like(h)
+    k_a = torch.where(qa > 1e-300, pa * pa / qa.clamp_min(1e-300), zero)
+    k_b = torch.where(qb > 1e-300, pb * pb / qb.clamp_min(1e-300), zero)
+    m_a = torch.where(qa > 1e-300, pa**4 / qa.clamp_min(1e-300) ** 3, zero)
+    m_b = torch.where(qb > 1e-300, pb**4 / qb.clamp_min(1e-300) ** 3, zero)
+    k2 = (k_a + k_b + dm * dm / pm).clamp(0.0, 1.0)
+    l2 = pa + pb + dm.abs()
+    m2 = m_a + m_b + dm**4 / pm**3
+    # fine steps, far from the ends
+    h2 = h * h
+    fine, big = h <= FINE_STEP, h >= TABLE_H_MAX
+    kappa = torch.where(fine, 1.0 - h2 / 12.0 + h2 * h2 / 144.0, torch.where(big, k2, v[:, 0]))
+    mean_abs = torch.where(fine, SQRT_2_OVER_PI - 0.05 * h2, torch.where(big, l2, v[:, 1]))
+    m4 = torch.where(fine, 3.0 - 0.5 * h2, torch.where(big, m2, v[:, 2]))
+    kappa, mean_abs, m4 = (torch.where(frozen, zero, t) for t in (kappa, mean_abs, m4))
+    return kappa, mean_abs, m4, frozen | interior
+
+
+def _fused_affine_codes(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Tensor, qmax: Tensor,
+                        lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_fused_affine` with the round-to-nearest codes computed inside the same kernel."""
+    frac = zp - torch.round(zp)
+    q0 = torch.clamp(torch.round(th / s + frac) + (zp - frac), min=qmin, max=qmax)
+    return (*_fused_affine(th, sg, s, zp, q0, qmin, qmax, lo, dlog, du, table), q0)
+
+
+# torch.compile of the fused kernel: used once a process has pushed COMPILE_AFTER elements
+# through it ("auto"; compiling costs a few seconds once), always ("1") or never ("0"):
+# environment variable MIS_LIGHTNING_COMPILE. Measured (benchmarks/cell_statistics_speed.py,
+# 1 core, float64, K ~ 8): eager 8.5e6 weights/s, compiled 4.9e7. Whatever the policy, the
+# compiled kernel's output is checked against the eager kernel (fastpath.GUARD).
+# torch.compile of the fused kernel: used once a process has pushed COMPILE_AFTER elements
+# through it ("auto"; compiling costs a few seconds once), always or never, as the caller's
+# CompilePolicy says (the front ends read it from MIS_LIGHTNING_COMPILE). Measured
+# (benchmarks/cell_statistics_speed.py, 1 core, float64, K ~ 8): eager 8.5e6 weights/s,
+# compiled 4.9e7. Whatever the policy, the compiled kernel's output is checked against the
+# eager kernel (fastpath.GUARD).
+COMPILE_AFTER = 20_000_000
+_FUSED_STATE: dict[str, object] = {"elements": 0, "compiled": None, "compiled_codes": None, "failed": False}
+# Name of the compiled path, as the self-check warnings print it.
+COMPILED_PATH = "the torch.compile'd cell-moment kernel"
+
+_ALWAYS, _NEVER = ("1", "true", "yes", "on", "always"), ("0", "false", "no", "off", "never")
+
+
+@dataclass(frozen=True)
+class CompilePolicy:
+    """When the fused cell-moment kernel runs under ``torch.compile``.
+
+    Attributes:
+        mode: ``"auto"`` (once the process has pushed ``after`` elements through the kernel),
+            ``"always"`` or ``"never"``.
+        after: elements before ``"auto"`` compiles (compiling costs a few seconds once).
+
+    Raises:
+        ValueError: an unknown ``mode`` or a negative ``after``.
+    """
+
+    mode: Literal["auto", "always", "never"] = "auto"
+    after: int = COMPILE_AFTER
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "always", "never"):
+            raise ValueError(f"CompilePolicy.mode must be 'auto', 'always' or 'never', got {self.mode!r}")
+        if self.after < 0:
+            raise ValueError(f"CompilePolicy.after must be >= 0, got {self.after!r}")
+
+    @classmethod
+    def parse(cls, value: CompilePolicy | str | bool | None, source: str = "compile policy") -> CompilePolicy:
+        """A policy from a policy, ``None`` (auto), a bool, or a string: ``"auto"``,
+        ``"1"``/``"true"``/``"yes"``/``"on"``/``"always"``, ``"0"``/``"false"``/``"no"``/``"off"``/
+        ``"never"`` (case-insensitive). ``source`` names the value in errors (e.g. an
+        environment variable).
+
+        Raises:
+            ValueError: an unrecognised string.
+        """
+        if isinstance(value, CompilePolicy):
+            return value
+        if value is None:
+            return cls()
+        if isinstance(value, bool):
+            return cls("always" if value else "never")
+        v = str(value).strip().lower()
+        if v == "auto":
+            return cls()
+        if v in _ALWAYS:
+            return cls("always")
+        if v in _NEVER:
+            return cls("never")
+        raise ValueError(f"{source} must be 'auto', one of {_ALWAYS} or one of {_NEVER}, got {value!r}")
+
+    def wants(self, elements: int) -> bool:
+        """Whether to compile after ``elements`` have gone through the kernel."""
+        return self.mode == "always" or (self.mode == "auto" and elements > self.after)
+
+
+def _fused_kernel(c: int, with_codes: bool, policy: CompilePolicy | None = None):
+    """The fused kernel to run on a chunk of ``c`` elements, and whether it is compiled."""
+    policy = policy or CompilePolicy()
+    _FUSED_STATE["elements"] = int(_FUSED_STATE["elements"]) + c  # type: ignore[arg-type]
+    want = policy.wants(int(_FUSED_STATE["elements"]))  # type: ignore[arg-type]
+    eager = _fused_affine if with_codes else _fused_affine_codes
+    if not want or _FUSED_STATE["failed"] or COMPILED_PATH in GUARD.disabled:
+        return eager, False
+    key = "compiled" if with_codes else "compiled_codes"
+    if _FUSED_STATE[key] is None:
+        _FUSED_STATE[key] = torch.compile(eager, dynamic=True)
+    return _FUSED_STATE[key], True
+
+
+def windowed_moments(
+    out: tuple[Tensor, Tensor, Tensor, Tensor],
+    idx: Tensor,
+    need: Tensor,
+    windows: Iterable[int],
+    rows_budget: int,
+    edges: Callable[[Tensor, int], Tensor],
+    theta: Tensor,
+    sigma: Tensor,
+) -> None:
+    """Exact cell sums of the elements ``idx``, grouped by the window they need (in place).
+
+    Args:
+        out: ``(kappa, mean_abs, m4, coverage)`` ``[c]`` float64 tensors, written at ``idx``.
+        idx: ``[r]`` element indices; ``need``: ``[r]`` edges each side each one needs.
+        windows: increasing half-widths; an element goes to the first that covers ``need``.
+        rows_budget: floats per ``[rows, 2m + 2]`` working tensor (bounds memory).
+        edges: ``edges(ii, m) -> [len(ii), 2m + 2]`` cell edges around elements ``ii``.
+        theta, sigma: ``[c]`` float64 weights and standard deviations (parameter units).
+    """
+    lo_bound = 0
+    for m in windows:
+        sel = (need > lo_bound) & (need <= m)
+        lo_bound = m
+        if not bool(sel.any()):
+            continue
+        group = idx[sel]
+        step = max(1, rows_budget // (2 * m + 2))
+        for a in range(0, group.numel(), step):
+            ii = group[a : a + step]
+            alpha = (edges(ii, m) - theta[ii].unsqueeze(-1)) / sigma[ii].unsqueeze(-1)
+            mm = moments_from_alpha(alpha)
+            for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
+                t[ii] = v
