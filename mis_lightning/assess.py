@@ -573,14 +573,15 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     leakage = float(leak.mean())
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = float(leak.std() / math.sqrt(leak.numel())) if leak.numel() > 1 else 0.0
-    interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
+    iv = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
+    interval = None if iv is None else (iv.lo, iv.hi)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
         d_eff=prep.d_eff, d=d, sparsity=prep.zero / prep.quant if prep.quant else 0.0,
         frozen_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
         interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
         layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
-        float_params=dict(prep.float_params),
+        float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
     )
 
 
@@ -639,15 +640,16 @@ def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict, num_sa
 
 def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
               leakage: float, clt_value: float, chosen: str, record_se: float = 0.0
-              ) -> tuple[float, float] | None:
-    """An 80% uncertainty interval for the leakage.
+              ) -> F.interval.Interval | None:
+    """An 80% uncertainty interval for the leakage and its regime
+    (:func:`mis_lightning.functional.interval.leakage_interval`, method.md section 3 "The
+    uncertainty interval").
 
-    (p10, p90) of the leakage with the cell statistics re-evaluated around
-    ``theta_hat + sigma * xi`` (method.md section 7: the plug-in's spread over where the
-    trained weights fall in their cells), widened to contain the plug-in value and by
-    ``1.28 * record_se`` on each side (the standard error of the mean over the R records).
-    Each draw uses the Gaussian form, rescaled by the ratio of the chosen method's value to
-    the Gaussian form at ``theta_hat``; one coordinate uses the exact form."""
+    The bootstrap draws (cell statistics re-evaluated around ``theta_hat + sigma * xi``) feed
+    the averaged regime; each uses the Gaussian form, rescaled by the ratio of the chosen
+    method's value to the Gaussian form at ``theta_hat``; one coordinate uses the exact form.
+    With stored influences the coarse weights' range over a confidence box of their
+    population values decides the regime and, when few weights carry it, is the interval."""
     if prep.num_draws == 0:
         return None
     vals = []
@@ -662,13 +664,40 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
         if chosen == "mc" and clt_value > 0:
             v *= leakage / clt_value
         vals.append(v)
-    t = torch.tensor(vals, dtype=torch.float64)
-    if t.numel() < 5:  # too few draws for quantiles: normal approximation
-        m, s = float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
-        lo, hi = max(m - 1.2816 * s, 0.0), m + 1.2816 * s
-    else:
-        lo, hi = float(torch.quantile(t, 0.1)), float(torch.quantile(t, 0.9))
-    # The draws smooth kappa over sigma around theta-hat; where that shifts the whole
-    # distribution away from the plug-in (weights whose sd spans many cells or the end of
-    # the code range), the interval is widened to contain the plug-in value itself.
-    return max(min(lo, leakage) - 1.2816 * record_se, 0.0), max(hi, leakage) + 1.2816 * record_se
+    # The range over where the population weights sit in their cells (few coarse weights)
+    # or the widened bootstrap spread (many): functional.interval, method.md section 3.
+    coarse = _coarse_inputs(est, prep, chosen) if est.w is not None else {}
+    mc_draws = int(min(4096, max(256, MC_BUFFER // max(est.num_records, 1))))
+    return F.interval.leakage_interval(
+        leakage, record_se, est.n, draws=torch.tensor(vals, dtype=torch.float64), method=chosen,
+        num_samples=mc_draws, generator=torch.Generator().manual_seed(7919), **coarse)
+
+
+def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Tensor | None]:
+    """``theta, sigma, boundaries, w`` of the quantized weights whose cell statistics depend
+    on their position (``kappa < _FINE_KAPPA``), and ``gaussian_s2`` of all the others."""
+    assert est.w is not None
+    gauss = torch.zeros(est.num_records, dtype=torch.float64)
+    th_p, sg_p, b_p, w_p = [], [], [], []
+    for name in est.names:
+        s, e = est.offsets[name]
+        w = est.w[:, s:e].to(torch.float64)
+        if name not in prep.grids or name not in prep.kappa:
+            gauss += w.square().sum(-1)
+            continue
+        k = prep.kappa[name].double()
+        fine = k >= _FINE_KAPPA
+        gauss += w[:, fine].square() @ k[fine]
+        idx = torch.nonzero(~fine).squeeze(-1)
+        th, sg = est.theta[name], est.sigma[name]
+        for a in range(0, idx.numel(), DEFAULT_CHUNK):
+            ii = idx[a : a + DEFAULT_CHUNK]
+            lo, hi = int(ii.min()), int(ii.max()) + 1
+            b_p.append(prep.grids[name].boundaries(th[lo:hi], lo, hi, 18)[ii - lo])
+            th_p.append(th[ii].double())
+            sg_p.append(sg[ii].double())
+            w_p.append(w[:, ii])
+    if not th_p:
+        return {"theta": torch.zeros(0, dtype=torch.float64)}
+    return {"theta": torch.cat(th_p), "sigma": torch.cat(sg_p), "boundaries": torch.cat(b_p),
+            "w": torch.cat(w_p, 1), "gaussian_s2": None if chosen == "exact1d" else gauss}

@@ -31,8 +31,11 @@ class SchemeResult:
     """Figures of one scheme.
 
     ``leakage`` is the estimated best-attack advantage ``Delta`` (mean saturated per-record
-    TV), ``mis = 1 - leakage``; ``interval`` is the (p10, p90) range of ``leakage`` under the
-    parametric bootstrap of the trained weights (method.md section 7); ``d_eff = sum kappa``;
+    TV), ``mis = 1 - leakage``; ``interval`` is an 80% uncertainty interval of ``leakage``
+    and ``interval_regime`` how it was built (method.md section 3, "The uncertainty
+    interval"): ``"position-dominated"`` (few coarse weights: the range over where their
+    population values sit in their cells) or ``"averaged"`` (many: the widened parametric
+    bootstrap spread); ``d_eff = sum kappa``;
     ``frozen_fraction`` = share of assessed weights with ``kappa < 1e-6``; ``sparsity`` =
     share of quantized weights released as exactly 0; ``bits_per_weight`` averages the
     storage of all assessed weights (float ones at their dtype's width) including scales;
@@ -60,6 +63,7 @@ class SchemeResult:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     float_params: dict[str, str] = field(default_factory=dict)
+    interval_regime: str | None = None
 
     def float_warning(self) -> str | None:
         """A warning naming the share of assessed weights left in float and why, or ``None``
@@ -146,6 +150,7 @@ class Report:
                 "scheme": name, "bits_per_weight": s.bits_per_weight, "leakage": s.leakage,
                 "mis": s.mis, "leakage_p10": s.interval[0] if s.interval else None,
                 "leakage_p90": s.interval[1] if s.interval else None,
+                "interval_regime": s.interval_regime,
                 "baseline_leakage": s.baseline_leakage, "d_eff": s.d_eff, "d": s.d,
                 "sparsity": s.sparsity, "frozen_fraction": s.frozen_fraction,
                 "float_fraction": math.nan if s.error else 1.0 - s.quantized_fraction,
@@ -168,7 +173,7 @@ class Report:
 
     def table(self, utility_key: str | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
-        utility, leakage [p10, p90], MIS, baseline."""
+        utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline."""
         return format_table(self.rows(), utility_key)
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):
@@ -237,13 +242,15 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
     """
     uk = pick_utility_key(rows, utility_key)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
-        "leakage", "[p10, p90]", "MIS", "baseline", "d_eff", "sparsity"]
+        "leakage", "80% interval", "MIS", "baseline", "d_eff", "sparsity"]
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
         if r.get("error"):
             body.append((str(r["scheme"]), str(r["error"])))
             continue
         interval = "-" if r.get("leakage_p10") is None else f"[{_fmt(r['leakage_p10'])}, {_fmt(r['leakage_p90'])}]"
+        if interval != "-" and r.get("interval_regime") == "position-dominated":
+            interval += " pos."  # the range over where few coarse weights' true values sit
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [

@@ -12,6 +12,7 @@ from .cells import (
     cell_statistics,
     standardize_boundaries,
 )
+from . import interval
 from .grids import (
     affine_boundaries,
     affine_cell_moments,
@@ -52,6 +53,7 @@ __all__ = [
     "clt_sums",
     "effective_terms",
     "fine_grid_moments",
+    "interval",
     "leakage_from_sums",
     "mc_first_order",
     "mis_from_leakage",
