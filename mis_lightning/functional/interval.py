@@ -184,7 +184,8 @@ def leakage_at(w: Tensor, n: float, theta: Tensor, sigma: Tensor, boundaries: Te
         return float(CltSums(g2 + w64.square() @ kappa, torch.zeros_like(g2)).leakage(n).mean())
     if method == "mc":
         stats = cell_statistics(theta.to(torch.float64), sigma.to(torch.float64), boundaries, validate=False)
-        mean_abs, _ = mc_first_order(w64, stats, num_samples, generator, gaussian_s2=g2)
+        mean_abs, _ = mc_first_order(w64, stats, num_samples, generator,
+                                     gaussian_s2=g2 if bool((g2 > 0).any()) else None)
         cap = SQRT_2_OVER_PI * (w64.square().sum(-1) + g2).sqrt()  # conditional Jensen
         return float(saturate(torch.minimum(mean_abs, cap) * scale).mean())
     raise ValueError(f"unknown method {method!r}; expected 'exact1d', 'mc' or 'clt'")
