@@ -5,6 +5,7 @@ weights (parameter units); ``boundaries [d, K+1]`` cell edges (parameter units);
 ``w [R, d]`` standardised influences of R records (dimensionless).
 """
 
+from . import interval
 from .cells import (
     CellMoments,
     CellStatistics,
@@ -12,7 +13,6 @@ from .cells import (
     cell_statistics,
     standardize_boundaries,
 )
-from . import interval
 from .grids import (
     affine_boundaries,
     affine_cell_moments,
