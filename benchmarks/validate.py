@@ -141,12 +141,12 @@ def coverage_grids(s: GT.Setting) -> list:
     return out + [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
 
 
-def coverage_study(trainings: int, dump: Path | None = None, log=print) -> int:
+def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: list[int] | None = None) -> int:
     """Coverage of ``SchemeResult.interval`` (80%) of the ground truth, per grid: the
     fraction of ``trainings`` independently trained models whose interval holds it."""
     t0 = time.time()
     rows = []
-    for model, d, n, rho, Z, M in COVERAGE_PLAN:
+    for model, d, n, rho, Z, M in [p for i, p in enumerate(COVERAGE_PLAN) if pick is None or i in pick]:
         s = GT.make_setting(model, d, n, rho=rho)
         grids = coverage_grids(s)
         ts = time.time()
@@ -248,10 +248,13 @@ def main(argv=None) -> int:
     ap.add_argument("--coverage", action="store_true",
                     help="coverage of the report's 80%% interval by grid family and position (~10 min)")
     ap.add_argument("--trainings", type=int, default=20, help="trainings per setting in --coverage")
+    ap.add_argument("--settings", type=str, default=None,
+                    help="--coverage: comma-separated indices into COVERAGE_PLAN (default all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.coverage:
-        return coverage_study(args.trainings, args.dump)
+        pick = None if args.settings is None else [int(i) for i in args.settings.split(",")]
+        return coverage_study(args.trainings, args.dump, pick=pick)
     if args.docs_from is not None:
         import pickle
 

@@ -75,8 +75,7 @@ def test_interval_covers_exact_truth(study, g, position):
     """At least 10 of 12 independent trainings cover the truth (nominal 80%: a true 80%
     interval gives >= 10/12 with probability 0.56 only, so the construction must be
     conservative at the extreme positions -- it is: the box range contains the truth
-    whenever the box holds theta*, probability 0.8 per coordinate-pair AND the range is
-    reached at every other position too)."""
+    whenever the box holds theta*, probability 0.9 over both coordinates)."""
     truth, new, _, regimes = study
     covered = (new[:, g, 0] <= truth[g]) & (truth[g] <= new[:, g, 1])
     assert int(covered.sum()) >= 10, (position, truth[g], new[:, g].tolist())
