@@ -125,6 +125,7 @@ def curves(ns, seed=0):
 
 COVERAGE_PLAN = [
     # model, d, n, rho, targets Z, datasets M (LR-test truth; exact truth for OLS d = 1, 2)
+    # (the full plan takes ~20 min on 2 shared cores; --settings 0,1 ~7 min)
     ("linear", 1, 1000, 0.0, 30, 0),
     ("linear", 2, 400, 0.5, 40, 0),
     ("linear", 5, 1000, 0.5, 16, 3000),
