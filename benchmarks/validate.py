@@ -2,6 +2,7 @@
 
     python benchmarks/validate.py            # full run (< 30 min on 2 cores): docs + figures
     python benchmarks/validate.py --quick    # reduced run (< 2 min) with the CI check
+    python benchmarks/validate.py --coverage # coverage of the report's interval (~10 min)
 
 The quick mode writes nothing under docs/ unless ``--out`` is given; it exits non-zero if the
 headline agreement fails (see QUICK_* below, justified from the full run in
@@ -94,7 +95,7 @@ def correlated_block(n, Z, M, rhos, ds, log=print):
 
                 edges = GT._edges_around(grid, th, sd, 20)
                 st = cell_statistics(torch.from_numpy(th), torch.from_numpy(sd), torch.from_numpy(edges))
-                ind = float(record_leakage(torch.from_numpy(w[:512]), st, n, method="mc", num_samples=4096,
+                ind = float(record_leakage(torch.from_numpy(w[:512]), st, n, method="mc", mc_draws=4096,
                                            generator=torch.Generator().manual_seed(0)).mean())
                 corr = C.correlated_first_order(psi[:512], Sig, th, grid, n)
                 hist = truth.hist_z[:, g] - truth.hist_null_z[:, g] if d <= 2 else None
@@ -120,6 +121,95 @@ def curves(ns, seed=0):
         out["step2sd"].append(float(v[1]))
         out["none"].append(float(base[0]))
     return out
+
+
+COVERAGE_PLAN = [
+    # model, d, n, rho, targets Z, datasets M (LR-test truth; exact truth for OLS d = 1, 2)
+    # (the full plan takes ~20 min on 2 shared cores; --settings 0,1 ~7 min)
+    ("linear", 1, 1000, 0.0, 30, 0),
+    ("linear", 2, 400, 0.5, 40, 0),
+    ("linear", 5, 1000, 0.5, 16, 3000),
+    ("logistic", 2, 1000, 0.0, 12, 1500),
+]
+
+
+def coverage_grids(s: GT.Setting) -> list:
+    """Step grids of 0.5-8 sd with every population weight at a cell centre, a quarter of
+    the way, or on a boundary, plus the fixed grid and the absmax schemes."""
+    out = [GT.StepGrid(f"step{c:g}sd/{lab}", s.sd * c, offset=o, origin=s.theta_star)
+           for c in (0.5, 1, 2, 4, 8) for o, lab in ((0.0, "centre"), (0.25, "quarter"), (0.5, "boundary"))]
+    out.append(GT.StepGrid("fixed0.05", np.full(s.d, 0.05)))
+    return out + [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
+
+
+def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: list[int] | None = None) -> int:
+    """Coverage of ``SchemeResult.interval`` (80%) of the ground truth, per grid: the
+    fraction of ``trainings`` independently trained models whose interval holds it."""
+    t0 = time.time()
+    rows = []
+    for model, d, n, rho, Z, M in [p for i, p in enumerate(COVERAGE_PLAN) if pick is None or i in pick]:
+        s = GT.make_setting(model, d, n, rho=rho)
+        grids = coverage_grids(s)
+        ts = time.time()
+        if model == "linear" and d == 2:  # exact given the design (step grids), else LR test
+            truth = np.array([GT.exact_truth_ols_2d(s, g, Z=Z, K=150)[0] if isinstance(g, GT.StepGrid) else np.nan
+                              for g in grids])
+            lr = [i for i, g in enumerate(grids) if not isinstance(g, GT.StepGrid)]
+            if lr:
+                tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50)
+                truth[lr] = tr.estimate
+        else:
+            tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False)
+            truth = tr.estimate
+        tt = time.time() - ts
+        rng = np.random.default_rng([7, d, n])
+        cover, regimes, widths = [], [], []
+        for k in range(trainings):
+            _, est, mdl, _ = C.train_and_estimate(s, rng, num_records=min(n, 1000))
+            rep = C.score(est, mdl, [C.scheme_for(g) for g in grids], uncertainty_draws=16, seed=k,
+                          mc_draws=4096)
+            iv = np.array([rep.schemes[C.scheme_for(g).name].interval for g in grids])
+            cover.append((iv[:, 0] <= truth) & (truth <= iv[:, 1]))
+            regimes.append([rep.schemes[C.scheme_for(g).name].interval_regime for g in grids])
+            widths.append(iv[:, 1] - iv[:, 0])
+        cov = np.mean(cover, 0)
+        for g, grid in enumerate(grids):
+            rows.append({"setting": s.label(), "grid": grid.name, "truth": float(truth[g]), "coverage": float(cov[g]),
+                         "regime": max(set(r[g] for r in regimes), key=[r[g] for r in regimes].count),
+                         "width": float(np.median([w[g] for w in widths]))})
+        log(f"  {s.label()}: truth {tt:.0f}s, {trainings} trainings {time.time() - ts - tt:.0f}s; "
+            f"coverage min {cov.min():.2f} mean {cov.mean():.2f}")
+    secs = time.time() - t0
+    print(coverage_table(rows, trainings, secs))
+    if dump is not None:
+        dump.write_text(json.dumps({"rows": rows, "seconds": secs, "trainings": trainings}, indent=1))
+    return 0
+
+
+def coverage_table(rows: list[dict], trainings: int, secs: float) -> str:
+    """Markdown: coverage by setting and grid family / position."""
+    fams = [("0.5-1 sd", ("step0.5sd", "step1sd")), ("2 sd", ("step2sd",)), ("4 sd", ("step4sd",)),
+            ("8 sd", ("step8sd",))]
+    head = "| setting | " + " | ".join(f"{f} {p}" for f, _ in fams for p in ("centre", "quarter", "boundary"))
+    head += " | fixed0.05 | rtn_int8/4/2 | min | regime (step grids) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for st in dict.fromkeys(r["setting"] for r in rows):
+        rs = [r for r in rows if r["setting"] == st]
+        cells = []
+        for _, pre in fams:
+            for p in ("centre", "quarter", "boundary"):
+                v = [r["coverage"] for r in rs if r["grid"].split("/")[0] in pre and r["grid"].endswith(p)]
+                cells.append(f"{min(v):.0%}")
+        cells.append(f"{[r['coverage'] for r in rs if r['grid'] == 'fixed0.05'][0]:.0%}")
+        cells.append("/".join(f"{r['coverage']:.0%}" for r in rs if r["grid"].startswith("rtn_int")))
+        cells.append(f"{min(r['coverage'] for r in rs):.0%}")
+        reg = sorted(set(r["regime"] for r in rs if r["grid"].startswith("step")))
+        cells.append(", ".join(reg))
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"({trainings} trainings per setting; each cell is the lowest coverage over the grids it "
+                 f"groups; {secs:.0f}s)")
+    return "\n".join(lines)
 
 
 def fmt(x, p=4):
@@ -156,8 +246,16 @@ def main(argv=None) -> int:
     ap.add_argument("--dump", type=Path, default=None, help="pickle every result here (for --docs-from)")
     ap.add_argument("--docs-from", type=Path, default=None,
                     help="rewrite the docs from a --dump pickle without recomputing (prose changes)")
+    ap.add_argument("--coverage", action="store_true",
+                    help="coverage of the report's 80%% interval by grid family and position (~10 min)")
+    ap.add_argument("--trainings", type=int, default=20, help="trainings per setting in --coverage")
+    ap.add_argument("--settings", type=str, default=None,
+                    help="--coverage: comma-separated indices into COVERAGE_PLAN (default all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.coverage:
+        pick = None if args.settings is None else [int(i) for i in args.settings.split(",")]
+        return coverage_study(args.trainings, args.dump, pick=pick)
     if args.docs_from is not None:
         import pickle
 

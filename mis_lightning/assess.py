@@ -613,14 +613,15 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     leakage = float(leak.mean())
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
-    interval = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
+    iv = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
+    interval = None if iv is None else (iv.lo, iv.hi)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
         d_eff=prep.d_eff, d=d, zero_fraction=prep.zero / prep.quant if prep.quant else 0.0,
         pinned_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
         interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
         layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
-        float_params=dict(prep.float_params),
+        float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
     )
 
 
@@ -648,19 +649,60 @@ def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict[str, Te
 
 def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
               leakage: float, clt_value: float, chosen: str, record_se: float = 0.0
-              ) -> tuple[float, float] | None:
-    """An 80% uncertainty interval for the leakage (:func:`~mis_lightning.functional.bootstrap_interval`).
+              ) -> F.interval.Interval | None:
+    """An 80% uncertainty interval for the leakage and its regime
+    (:func:`mis_lightning.functional.interval.leakage_interval`, method.md section 3 "The
+    uncertainty interval").
 
-    Each bootstrap draw (cell statistics re-evaluated around ``theta_hat + sigma * xi``) is
-    scored with the Gaussian form, rescaled by the ratio of the chosen method's value to the
-    Gaussian form at ``theta_hat`` when that is Monte Carlo; one coordinate uses the exact form."""
+    The bootstrap draws (cell statistics re-evaluated around ``theta_hat + sigma * xi``) feed
+    the averaged regime; each uses the Gaussian form, rescaled by the ratio of the chosen
+    method's value to the Gaussian form at ``theta_hat`` when that is Monte Carlo; one
+    coordinate uses the exact form. With stored influences the coarse weights' range over a
+    confidence box of their population values decides the regime and, when few weights carry
+    it, is the interval."""
     if prep.num_draws == 0:
         return None
     if chosen == "exact1d" and est.influence_stored:
         lam_draws = prep.lam_draws[est.names[0]]
         vals = [float(F.exact1d_leakage(est.influence[:, 0], lam_b, est.n).mean()) for lam_b in lam_draws]
     else:
-        vals = [float(_total({name: sums[name][idx + 1 + b] for name in est.names}, est.num_records)
-                      .leakage(est.n).mean()) for b in range(prep.num_draws)]
-    return F.bootstrap_interval(vals, leakage, record_se,
-                                gaussian_plug_in=clt_value if chosen == "mc" else None)
+        scale = leakage / clt_value if chosen == "mc" and clt_value > 0 else 1.0
+        vals = [scale * float(_total({name: sums[name][idx + 1 + b] for name in est.names}, est.num_records)
+                              .leakage(est.n).mean()) for b in range(prep.num_draws)]
+    # The range over where the population weights sit in their cells (few coarse weights)
+    # or the widened bootstrap spread (many): functional.interval, method.md section 3.
+    coarse = _coarse_inputs(est, prep, chosen) if est.influence_stored else {}
+    mc_draws = int(min(4096, max(256, MC_BUFFER // max(est.num_records, 1))))
+    return F.interval.leakage_interval(
+        leakage, record_se, est.n, draws=torch.tensor(vals, dtype=torch.float64), method=chosen,
+        mc_draws=mc_draws, generator=torch.Generator().manual_seed(7919), **coarse)
+
+
+def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Tensor | None]:
+    """``theta, sigma, boundaries, influence`` of the quantized weights whose cell statistics
+    depend on their position (``kappa < FINE_KAPPA``), and ``gaussian_s2`` of all the others."""
+    assert est.influence_stored
+    gauss = torch.zeros(est.num_records, dtype=torch.float64)
+    th_p, sg_p, b_p, w_p = [], [], [], []
+    for name in est.names:
+        s, e = est.offsets[name]
+        w = est.influence[:, s:e].to(torch.float64)
+        if name not in prep.grids or name not in prep.kappa:
+            gauss += w.square().sum(-1)
+            continue
+        k = prep.kappa[name].double()
+        fine = k >= F.FINE_KAPPA
+        gauss += w[:, fine].square() @ k[fine]
+        idx = torch.nonzero(~fine).squeeze(-1)
+        th, sg = est.theta[name], est.sigma[name]
+        for a in range(0, idx.numel(), DEFAULT_CHUNK):
+            ii = idx[a : a + DEFAULT_CHUNK]
+            lo, hi = int(ii.min()), int(ii.max()) + 1
+            b_p.append(prep.grids[name].boundaries(th[lo:hi], lo, hi, 18)[ii - lo])
+            th_p.append(th[ii].double())
+            sg_p.append(sg[ii].double())
+            w_p.append(w[:, ii])
+    if not th_p:
+        return {"theta": torch.zeros(0, dtype=torch.float64)}
+    return {"theta": torch.cat(th_p), "sigma": torch.cat(sg_p), "boundaries": torch.cat(b_p),
+            "influence": torch.cat(w_p, 1), "gaussian_s2": None if chosen == "exact1d" else gauss}

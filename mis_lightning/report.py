@@ -59,8 +59,11 @@ class SchemeResult:
     """Figures of one scheme.
 
     ``leakage`` is the estimated best-attack advantage ``Delta`` (mean saturated per-record
-    TV), ``mis = 1 - leakage``; ``interval`` is the (p10, p90) range of ``leakage`` under the
-    parametric bootstrap of the trained weights (method.md section 7); ``d_eff = sum kappa``;
+    TV), ``mis = 1 - leakage``; ``interval`` is an 80% uncertainty interval of ``leakage``
+    and ``interval_regime`` how it was built (method.md section 3, "The uncertainty
+    interval"): ``"position-dominated"`` (few coarse weights: the range over where their
+    population values sit in their cells) or ``"averaged"`` (many: the widened parametric
+    bootstrap spread); ``d_eff = sum kappa``;
     ``pinned_fraction`` = share of assessed weights with ``kappa < 1e-6`` (pinned to one
     cell by the quantization: not to be confused with frozen ``requires_grad=False``
     parameters); ``zero_fraction`` = share of quantized weights released as exactly 0 (the
@@ -91,6 +94,7 @@ class SchemeResult:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     float_params: dict[str, str] = field(default_factory=dict)
+    interval_regime: str | None = None
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
@@ -191,6 +195,7 @@ class Report:
                 "scheme": name, "bits_per_weight": s.bits_per_weight, "leakage": s.leakage,
                 "mis": s.mis, "leakage_p10": s.interval[0] if s.interval else None,
                 "leakage_p90": s.interval[1] if s.interval else None,
+                "interval_regime": s.interval_regime,
                 "baseline_leakage": s.baseline_leakage, "d_eff": s.d_eff, "d": s.d,
                 "zero_fraction": s.zero_fraction, "pinned_fraction": s.pinned_fraction,
                 "float_fraction": math.nan if s.error else 1.0 - s.quantized_fraction,
@@ -213,8 +218,9 @@ class Report:
 
     def table(self, utility_key: str | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
-        utility, leakage [p10, p90], MIS, baseline; then every warning in full (an assumption
-        that failed must be read next to the numbers, not only in the JSON)."""
+        utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
+        then every warning in full (an assumption that failed must be read next to the numbers,
+        not only in the JSON)."""
         text = format_table(self.rows(), utility_key)
         if self.warnings:
             text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in self.warnings)
@@ -286,13 +292,15 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
     """
     uk = pick_utility_key(rows, utility_key)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
-        "leakage", "[p10, p90]", "MIS", "baseline", "d_eff", "zeros"]  # zero_fraction
+        "leakage", "80% interval", "MIS", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
         if r.get("error"):
             body.append((str(r["scheme"]), str(r["error"])))
             continue
         interval = "-" if r.get("leakage_p10") is None else f"[{_fmt(r['leakage_p10'])}, {_fmt(r['leakage_p90'])}]"
+        if interval != "-" and r.get("interval_regime") == "position-dominated":
+            interval += " pos."  # the range over where few coarse weights' true values sit
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [

@@ -399,6 +399,81 @@ def exact_tv_ols_1d(s: Setting, grid: StepGrid | None, zx: float, zy: float, K: 
     return float(0.5 * np.abs(P_in - P_out).sum())
 
 
+def _box_probs_2d(mu: np.ndarray, cov: np.ndarray, e1: np.ndarray, e2: np.ndarray, nodes: int) -> np.ndarray:
+    """``[C1, C2]`` probabilities of the boxes of edges ``e1 x e2`` under ``N(mu_k, cov_k)``,
+    averaged over ``k`` (``mu [K, 2]``, ``cov [K, 2, 2]``). Coordinate 1 is integrated in
+    probability space cell by cell (Gauss-Legendre, ``nodes`` per cell: the integrand
+    ``P(cell of theta_2 | theta_1)`` is smooth inside a cell), coordinate 2 in closed form."""
+    x, wq = np.polynomial.legendre.leggauss(nodes)
+    s1 = np.sqrt(cov[:, 0, 0])
+    ua = stats.norm.cdf((e1[None, :-1] - mu[:, :1]) / s1[:, None])  # [K, C1]
+    ub = stats.norm.cdf((e1[None, 1:] - mu[:, :1]) / s1[:, None])
+    u = ua[..., None] + (ub - ua)[..., None] * (x + 1) / 2  # [K, C1, Q]
+    t = mu[:, 0, None, None] + s1[:, None, None] * stats.norm.ppf(np.clip(u, 1e-300, 1 - 1e-16))
+    beta = cov[:, 0, 1] / cov[:, 0, 0]
+    s2c = np.sqrt(np.maximum(cov[:, 1, 1] - cov[:, 0, 1] * beta, 1e-300))
+    m2 = mu[:, 1, None, None] + beta[:, None, None] * (t - mu[:, 0, None, None])
+    cdf = stats.norm.cdf((e2[None, None, None, :] - m2[..., None]) / s2c[:, None, None, None])
+    cond = np.diff(cdf, axis=-1)  # [K, C1, Q, C2]
+    p = ((ub - ua)[..., None] / 2 * np.einsum("q,kcqm->kcm", wq, cond))
+    return p.mean(0)
+
+
+def exact_tv_ols_2d(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int = 1000,
+                    nodes: int = 16, seed: int = 0) -> float:
+    """``TV_z`` for OLS with ``d = 2`` (Gaussian AR(1) design and noise, no intercept),
+    exact given the design: no Monte Carlo over the noise, none over the released codes.
+
+    Given the other records' ``A = X_o'X_o`` (``Wishart(n - 1, R)``) the estimators are
+    exactly Gaussian: ``theta_in ~ N(B (A theta* + z y_z), s^2 B A B)``, ``B = (A + z z')^-1``,
+    and ``theta_out ~ N(theta*, s^2 (A + x x')^-1)`` with a fresh record ``x``. Box
+    probabilities of both laws are exact 1-D integrals (:func:`_box_probs_2d`); only the
+    design is averaged over ``K`` coupled draws (the same ``A`` for both arms, so the
+    difference carries little Monte Carlo noise).
+    """
+    if s.d != 2 or s.model != "linear":
+        raise ValueError(f"exact_tv_ols_2d needs linear d = 2, got {s.label()}")
+    rng = np.random.default_rng([seed, 2024])
+    L = s.chol[None] @ _wishart_chol(2, s.n - 1, K, rng)
+    A = L @ np.swapaxes(L, 1, 2)
+    xo, _ = draw_records(s, K, rng)
+    An = A + xo[:, :, None] * xo[:, None, :]
+    z = np.asarray(zx, dtype=np.float64)
+    B = np.linalg.inv(A + np.outer(z, z)[None])
+    mu_in = (B @ (A @ s.theta_star + z * zy)[..., None])[..., 0]
+    cov_in = s.noise**2 * B @ A @ B
+    cov_out = s.noise**2 * np.linalg.inv(An)
+    mu_out = np.broadcast_to(s.theta_star, (K, 2))
+    sd0 = s.sd
+    edges = []
+    for j in range(2):
+        k0 = grid.codes(np.array([[s.theta_star[0] - 12 * sd0[0], s.theta_star[1] - 12 * sd0[1]]]))[0, j]
+        k1 = grid.codes(np.array([[s.theta_star[0] + 12 * sd0[0], s.theta_star[1] + 12 * sd0[1]]]))[0, j]
+        ks = np.arange(k0, k1 + 1)
+        org = float(np.broadcast_to(np.asarray(grid.origin, dtype=np.float64), (2,))[j])
+        inner = org + (ks[1:] - 0.5 - grid.offset) * float(np.broadcast_to(grid.step, (2,))[j])
+        edges.append(np.concatenate([[-np.inf], inner, [np.inf]]))
+    p_in = _box_probs_2d(mu_in, cov_in, edges[0], edges[1], nodes)
+    p_out = _box_probs_2d(mu_out, cov_out, edges[0], edges[1], nodes)
+    return float(0.5 * np.abs(p_in - p_out).sum())
+
+
+def exact_truth_ols_2d(s: Setting, grid: StepGrid, Z: int = 200, K: int = 600, seed: int = 0,
+                       oracle_records: int = 4000) -> tuple[float, tuple[float, float]]:
+    """``Delta`` of ``grid`` for OLS ``d = 2``: :func:`exact_tv_ols_2d` on ``Z`` targets
+    ``z ~ P``, averaged with the control variate of :func:`cv_estimate` (the first-order
+    formula with the true parameters). Returns the estimate and its 80% bootstrap interval
+    over targets."""
+    rng = np.random.default_rng([seed, 77])
+    zx, zy = draw_records(s, Z, rng)
+    tv = np.array([[exact_tv_ols_2d(s, grid, zx[i], zy[i], K=K, seed=seed + i)] for i in range(Z)])
+    orc = oracle_first_order(s, grid, zx, zy)[:, None]
+    xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
+    orc_mean = np.array([oracle_first_order(s, grid, xb, yb).mean()])
+    est, ci = cv_estimate(tv, orc, orc_mean, boot=300, level=0.8, seed=seed)
+    return float(est[0]), (float(ci[0, 0]), float(ci[0, 1]))
+
+
 # ---------------------------------------------------------------------------------------
 # the whole ground truth of a setting
 # ---------------------------------------------------------------------------------------
