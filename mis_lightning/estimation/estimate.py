@@ -717,19 +717,8 @@ def estimate(
     train_dataloader: Iterable,
     loss_fn: LossFn,
     *,
-    param_names: list[str] | None = None,
-    mode: Mode = "auto",
-    hessian: HessianMode = "auto",
-    weight_decay: float = 0.0,
-    num_records: int = 512,
-    batch_fn: BatchFn | None = None,
-    hutchinson_probes: int = 8,
-    damping: float = 1e-8,
-    budget: int = DEFAULT_BUDGET,
-    dtype: torch.dtype | None = None,
-    generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
-    use_factors: bool = True,
+    **options: Any,
 ) -> Estimate:
     """Stream the training records once and estimate ``sigma`` and ``w`` (method.md section 4).
 
@@ -739,6 +728,9 @@ def estimate(
         model: the trained model (never modified).
         train_dataloader: iterable of training batches (every record once).
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample data losses.
+        progress: called with the number of records processed after each batch.
+        options: the keyword options of :class:`MomentAccumulator` (declared there once; the
+            record selection is always by content hash here):
         param_names: parameters to assess (default: every parameter with ``requires_grad``).
         mode: ``"exact"``, ``"diagonal"`` or ``"auto"`` (by estimated cost: exact for dense
             models up to 2,000 parameters, see :func:`choose_estimator`).
@@ -752,16 +744,19 @@ def estimate(
         damping: relative damping added to ``H`` when it is not positive definite.
         budget: floats held at once in per-sample buffers (memory bound).
         dtype: compute dtype (default float64 up to 10^5 parameters, float32 above).
-        progress: called with the number of records processed after each batch.
+        generator: random stream of the Hutchinson probes.
         use_factors: use the factored path for ``nn.Linear`` layers (same numbers, much
             faster; see ``linear_factors``) where the model allows it.
+
+    Raises:
+        TypeError: an option :class:`MomentAccumulator` does not take, or one it sets itself.
+        ValueError: as :class:`MomentAccumulator` (bad options, non-per-sample losses, NaN).
     """
-    acc = MomentAccumulator(
-        model, loss_fn, param_names=param_names, mode=mode, hessian=hessian, weight_decay=weight_decay,
-        num_records=num_records, batch_fn=batch_fn, hutchinson_probes=hutchinson_probes,
-        damping=damping, budget=budget, dtype=dtype, generator=generator, selection="hash",
-        use_factors=use_factors, pytree_records=True, n_hint=_dataset_size(train_dataloader),
-    )
+    fixed = {"selection", "pytree_records", "n_hint", "program_cls", "ggn_available"} & set(options)
+    if fixed:
+        raise TypeError(f"estimate() does not take {sorted(fixed)}: they are MomentAccumulator's own")
+    acc = MomentAccumulator(model, loss_fn, selection="hash", pytree_records=True,
+                            n_hint=_dataset_size(train_dataloader), **options)
     log.info("estimation: %s (%s), d = %d", acc.estimator, acc.reason, acc.d)
     n = 0
     for batch in train_dataloader:
