@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mis_lightning import assess
-from mis_lightning.validation.attacks import run_attacks
-from mis_lightning.validation.ground_truth import newton_logistic
+from mis_lightning.groundtruth.attacks import run_attacks
+from mis_lightning.groundtruth.ground_truth import newton_logistic
 
 RIDGE = 1e-3
 

@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mis_lightning.validation import compare as C
-from mis_lightning.validation import ground_truth as GT
+from mis_lightning.groundtruth import compare as C
+from mis_lightning.groundtruth import ground_truth as GT
 
 # Headline check of the quick mode (step grids of <= 4 sd and the fixed grid; absmax
 # schemes and truths below 5% of the unquantized baseline excluded -- see docs).
@@ -521,7 +521,7 @@ def attacks_section(fig_dir: Path) -> list[str]:
 
 ATTACKS_TEXT = """## Empirical attacks (loss threshold, LiRA-offline with 8 reference models)
 
-`mis_lightning/validation/attacks.py`, `benchmarks/attacks.py`. Synthetic logistic regression,
+`mis_lightning/groundtruth/attacks.py`, `benchmarks/attacks.py`. Synthetic logistic regression,
 a linear layer released under each `rtn_int*` scheme, 10 target models (fresh members,
 non-members and shadow pool each), means +- standard errors over targets. The attack
 advantage `max_threshold (TPR - FPR)` on n members vs n non-members is biased upward by the
@@ -592,7 +592,7 @@ page from them). CI: `python benchmarks/validate.py --quick`
 
 ## How the ground truth is computed
 
-`mis_lightning/validation/ground_truth.py`. The quantity is
+`mis_lightning/groundtruth/ground_truth.py`. The quantity is
 `Delta = E_z[TV(law(T | Z1 = z), law(T))]`, `T = Q(theta_hat)`. For each target record `z`
 (16-40 drawn from the data model) `M` datasets of `n - 1` other records are simulated once and
 the model is trained three times on the same other records: with `z` (**in**), with a fresh

@@ -17,8 +17,8 @@ import torch
 
 from mis_lightning.assess import score_schemes
 from mis_lightning.functional import interval as FI
-from mis_lightning.validation import compare as C
-from mis_lightning.validation import ground_truth as GT
+from mis_lightning.groundtruth import compare as C
+from mis_lightning.groundtruth import ground_truth as GT
 
 TRAININGS = 12
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mis_lightning.validation import compare as C
-from mis_lightning.validation import ground_truth as GT
+from mis_lightning.groundtruth import compare as C
+from mis_lightning.groundtruth import ground_truth as GT
 
 
 @pytest.fixture(autouse=True)
