@@ -534,23 +534,13 @@ class ChEMBLDataModule(MoleculeDataModule):
         self,
         task: str = "regression",
         threshold: float = 6.5,
-        featurizer: str = "morgan",
-        radius: int = 2,
-        n_bits: int = 1024,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 0,
         smiles_path: str | None = None,
         activity_path: str | None = None,
-        cache_dir: str | None = None,
-        standardize_target: bool = True,
-        num_workers: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(task=task, threshold=threshold, featurizer=featurizer, radius=radius,
-                         n_bits=n_bits, batch_size=batch_size, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed, cache_dir=cache_dir,
-                         standardize_target=standardize_target, num_workers=num_workers)
+        # options: featurizer, radius, n_bits, batch_size, val/test_fraction, seed, cache_dir,
+        # standardize_target, num_workers -- declared once, in MoleculeDataModule
+        super().__init__(task=task, threshold=threshold, **options)
         self.save_hyperparameters()
         self.smiles_path = smiles_path
         self.activity_path = activity_path
@@ -638,23 +628,11 @@ class NCITPSADataModule(MoleculeDataModule):
         self,
         task: str = "regression",
         threshold: float | None = None,
-        featurizer: str = "morgan",
-        radius: int = 2,
-        n_bits: int = 1024,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 0,
         max_molecules: int | None = None,
         path: str | None = None,
-        cache_dir: str | None = None,
-        standardize_target: bool = True,
-        num_workers: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(task=task, threshold=threshold, featurizer=featurizer, radius=radius,
-                         n_bits=n_bits, batch_size=batch_size, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed, cache_dir=cache_dir,
-                         standardize_target=standardize_target, num_workers=num_workers)
+        super().__init__(task=task, threshold=threshold, **options)  # options: as MoleculeDataModule
         self.save_hyperparameters()
         if max_molecules is not None and int(max_molecules) < 3:
             raise ValueError(f"max_molecules must be >= 3 or None, got {max_molecules!r}")
@@ -745,23 +723,10 @@ class TDCADMETDataModule(MoleculeDataModule):
         path: str | None = None,
         task: str | None = None,
         threshold: float | None = None,
-        featurizer: str = "morgan",
-        radius: int = 2,
-        n_bits: int = 1024,
-        batch_size: int = 64,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
-        seed: int = 0,
-        cache_dir: str | None = None,
         download_dir: str | None = None,
-        standardize_target: bool = True,
-        num_workers: int = 0,
+        **options: Any,
     ) -> None:
-        super().__init__(task=task or "regression", threshold=threshold, featurizer=featurizer,
-                         radius=radius, n_bits=n_bits, batch_size=batch_size,
-                         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
-                         cache_dir=cache_dir, standardize_target=standardize_target,
-                         num_workers=num_workers)
+        super().__init__(task=task or "regression", threshold=threshold, **options)  # as MoleculeDataModule
         self.save_hyperparameters()
         self.name = str(name)
         self.path = path

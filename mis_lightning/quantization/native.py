@@ -171,12 +171,12 @@ def _per_channel_qparams(w: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tenso
     return obs.calculate_qparams()
 
 
-@dataclass(frozen=True)
-class NativeInt8PerRow(_NativeScheme):
-    """``torch.quantize_per_channel`` int8 with symmetric absmax scales per output row."""
+class _NativePerRow(_NativeScheme):
+    """Symmetric absmax scales per output row, applied in place to every selected weight;
+    subclasses give the torch call that quantizes one weight (``_quantize_weight``)."""
 
-    base_name: ClassVar[str] = "native_int8_per_row"
-    bits: ClassVar[int] = 8
+    qmin: ClassVar[int]
+    qmax: ClassVar[int]
     granularity: ClassVar[str] = "per_row"
 
     @torch.no_grad()
@@ -185,42 +185,50 @@ class NativeInt8PerRow(_NativeScheme):
         chosen, reasons, notes = self.select_weights(model, in_place=True)
         for m, name, _ in chosen.values():
             w = m.weight.detach().to(torch.float32)
-            scales, zps = _per_channel_qparams(w, -128, 127)
-            q = torch.quantize_per_channel(w, scales.to(torch.float64), zps.to(torch.int64), 0,
-                                           torch.qint8)
-            grid = _grid_from_qtensor(name, q, 8, -128, 127)
+            scales, zps = _per_channel_qparams(w, self.qmin, self.qmax)
+            grid = self._quantize_weight(name, w, scales, zps)
             m.weight.copy_(grid.dequantized.to(m.weight.dtype))
             grids[name] = grid
         return grids, notes, reasons
 
+    def _quantize_weight(self, name: str, w: Tensor, scales: Tensor, zps: Tensor) -> ParamGrid:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
-class NativeInt4PerRow(_NativeScheme):
+class NativeInt8PerRow(_NativePerRow):
+    """``torch.quantize_per_channel`` int8 with symmetric absmax scales per output row."""
+
+    base_name: ClassVar[str] = "native_int8_per_row"
+    bits: ClassVar[int] = 8
+    qmin: ClassVar[int] = -128
+    qmax: ClassVar[int] = 127
+
+    def _quantize_weight(self, name: str, w: Tensor, scales: Tensor, zps: Tensor) -> ParamGrid:
+        q = torch.quantize_per_channel(w, scales.to(torch.float64), zps.to(torch.int64), 0, torch.qint8)
+        return _grid_from_qtensor(name, q, 8, -128, 127)
+
+
+@dataclass(frozen=True)
+class NativeInt4PerRow(_NativePerRow):
     """``torch.fake_quantize_per_channel_affine`` int4 ([-8, 7]) with symmetric absmax
     scales per output row."""
 
     base_name: ClassVar[str] = "native_int4_per_row"
     bits: ClassVar[int] = 4
-    granularity: ClassVar[str] = "per_row"
+    qmin: ClassVar[int] = -8
+    qmax: ClassVar[int] = 7
 
-    @torch.no_grad()
-    def _quantize_copy(self, model: nn.Module):
-        grids: dict[str, ParamGrid] = {}
-        chosen, reasons, notes = self.select_weights(model, in_place=True)
-        for m, name, _ in chosen.values():
-            w = m.weight.detach().to(torch.float32)
-            scales, zps = _per_channel_qparams(w, -8, 7)
-            scales, zps = scales.to(torch.float32), zps.to(torch.int32)
-            fq = torch.fake_quantize_per_channel_affine(w, scales, zps, 0, -8, 7)
-            s64 = scales.to(torch.float64).reshape(-1, 1)
-            zp = zps.to(torch.int64).reshape(-1, 1)
-            codes = (torch.round(fq.to(torch.float64) / s64) + zp).to(torch.int8)
-            m.weight.copy_(fq.to(m.weight.dtype))
-            grids[name] = affine_grid(
-                name, codes=codes, scale=scales.reshape(-1, 1), zero_point=zp,
-                block_size=(1, *w.shape[1:]), qmin=-8, qmax=7, dequantized=fq.clone(),
-                code_bits=4, side_bits=32.0)
-        return grids, notes, reasons
+    def _quantize_weight(self, name: str, w: Tensor, scales: Tensor, zps: Tensor) -> ParamGrid:
+        scales, zps = scales.to(torch.float32), zps.to(torch.int32)
+        fq = torch.fake_quantize_per_channel_affine(w, scales, zps, 0, -8, 7)
+        s64 = scales.to(torch.float64).reshape(-1, 1)
+        zp = zps.to(torch.int64).reshape(-1, 1)
+        codes = (torch.round(fq.to(torch.float64) / s64) + zp).to(torch.int8)
+        return affine_grid(
+            name, codes=codes, scale=scales.reshape(-1, 1), zero_point=zp,
+            block_size=(1, *w.shape[1:]), qmin=-8, qmax=7, dequantized=fq.clone(),
+            code_bits=4, side_bits=32.0)
 
 
 NativeInt8PerChannel, NativeInt4PerChannel = NativeInt8PerRow, NativeInt4PerRow  # earlier names
