@@ -284,7 +284,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             done += getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
         report = score_schemes(metric.estimate(), pl_module, schemes, scoring_config=scoring_config,
-                               utility_fn=utility_fn, progress=show)
+                               utility_fn=utility_fn, progress=show, calibration_data=loader)
     if val_loader is None:
         report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
     return report

@@ -161,14 +161,13 @@ def assess(
     if rest:
         raise TypeError(f"assess() got unexpected keyword argument(s) {sorted(rest)}: options are "
                         "the fields of EstimationConfig and ScoringConfig")
-    # data-dependent schemes learn from the training batches first (data-free ones: no-op)
-    scheme_objs = [s.calibrate(model, train_dataloader) for s in resolve_schemes(schemes)]
+    scheme_objs = resolve_schemes(schemes)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
     return score_schemes(
         est, model, scheme_objs, scoring_config=sc_cfg, val_dataloader=val_dataloader,
         loss_fn=loss_fn, metrics=metrics, output_transform=output_transform, batch_fn=batch_fn,
-        progress=progress,
+        progress=progress, calibration_data=train_dataloader,
     )
 
 
@@ -238,6 +237,7 @@ def score_schemes(
     batch_fn: BatchFn | None = None,
     utility_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
     progress: ProgressFn | None = None,
+    calibration_data: Iterable | None = None,
     **options: Any,
 ) -> Report:
     """Score each scheme from an estimate: the second half of :func:`assess` (see it for the
@@ -247,7 +247,9 @@ def score_schemes(
     ``utility_fn(quantized_copy) -> {name: value}``, when given, measures each quantized
     copy's utility instead of ``evaluate_utility`` over ``val_dataloader`` (front ends with
     their own evaluation loop, e.g. the Lightning callback). ``progress("schemes", i)`` after
-    the i-th scheme is quantized and evaluated.
+    the i-th scheme is quantized and evaluated. ``calibration_data`` (training batches): each
+    scheme's ``calibrate(model, batches)`` runs on it first (data-dependent schemes; a no-op
+    for data-free ones); ``None`` skips calibration.
 
     Raises:
         TypeError: an unknown keyword argument.
@@ -259,6 +261,8 @@ def score_schemes(
     method, uncertainty_draws, num_samples = cfg.method, cfg.uncertainty_draws, cfg.mc_draws
     seed, strict, chunk_size = cfg.seed, cfg.strict, cfg.chunk_size
     scheme_objs = resolve_schemes(list(schemes))
+    if calibration_data is not None:  # data-dependent schemes learn first (data-free: no-op)
+        scheme_objs = [s.calibrate(model, calibration_data) for s in scheme_objs]
     n = est.n
     if n < 2:
         raise ValueError(f"n (number of training records) must be >= 2, got {n}")

@@ -208,6 +208,8 @@ def test_registered_scheme_runs_in_the_callback(tmp_path):
     res = cb.report.schemes["toy_floor"]
     assert res.error is None and 0.0 <= res.leakage <= res.baseline_leakage
     assert any("Monte Carlo re-quantization" in n for n in res.notes)
+    # the callback calibrates data-dependent schemes on the training records (2 batches of 32)
+    assert res.description["calibration_batches"] == 2
 
 
 PLUGIN = '''
