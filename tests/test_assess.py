@@ -103,7 +103,7 @@ def test_monte_carlo_and_gaussian_forms_agree_when_many_weights_leak():
     m.weight.data = torch.linalg.solve(X.T @ X, X.T @ y)[None]
     dl = DataLoader(TensorDataset(X, y), batch_size=500)
     a = ml.assess(m, ["rtn_int4"], dl, mse, num_records=200, method="clt", uncertainty_draws=0)
-    b = ml.assess(m, ["rtn_int4"], dl, mse, num_records=200, method="mc", num_samples=8192, uncertainty_draws=0)
+    b = ml.assess(m, ["rtn_int4"], dl, mse, num_records=200, method="mc", mc_draws=8192, uncertainty_draws=0)
     # 60 coordinates of comparable weight: the Gaussian form is within a few % (Edgeworth).
     assert a.schemes["rtn_int4"].leakage == pytest.approx(b.schemes["rtn_int4"].leakage, rel=0.05)
 

@@ -170,7 +170,7 @@ def test_leakage_never_exceeds_baseline(g, num_records, n, seed):
     assert ((base >= 0) & (base < 1)).all()
     methods = ["clt", "mc", "auto"] + (["exact1d"] if d == 1 else [])
     for method in methods:
-        leak = record_leakage(w, s, n, method=method, num_samples=256, generator=gen)
+        leak = record_leakage(w, s, n, method=method, mc_draws=256, generator=gen)
         assert torch.isfinite(leak).all()
         assert (leak >= 0).all()
         assert (leak <= base + 1e-15).all(), (method, leak, base)

@@ -294,7 +294,7 @@ def gaussian_model_case(d, n, h, num_records, num_exact, seed):
     # The indicator, from the parameter-unit inputs (theta*, sigma, edges, w = psi / sqrt(Sigma_jj)).
     stats = cell_statistics(theta_star, sigma, boundaries)
     w = psi / big_sigma.sqrt()
-    mc = record_leakage(w, stats, n, method="mc", num_samples=MC_DRAWS, generator=gen).numpy()
+    mc = record_leakage(w, stats, n, method="mc", mc_draws=MC_DRAWS, generator=gen).numpy()
     # Standard error of the Monte Carlo value (same law, independent draws), through G'.
     mean_abs, mean_se = mc_first_order(w, stats, MC_DRAWS, gen)
     t = mean_abs / (2 * math.sqrt(n))
