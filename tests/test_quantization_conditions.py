@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
 from mis_lightning import MISCallback, MISIndicator
+from mis_lightning.evaluation import evaluate_utility
 from mis_lightning.quantization import get_scheme
 from mis_lightning.report import Report
-from mis_lightning.evaluation import evaluate_utility
 
 torch.set_num_threads(1)
 
