@@ -374,7 +374,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
         no_points_note(ax, rows)
     ax.margins(x=0.3 if labels_inline else 0.08, y=0.15)
     ax.set_xlabel(f"{uk.removeprefix('utility_')} (validation)" if uk else "bits per weight")
-    ax.set_ylabel("leakage = best-attack advantage (1 - MIS); lower is safer")
+    ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
     ax.set_title("Privacy-utility trade-off of quantization schemes")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -264,7 +264,7 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         ax.legend(loc="best", fontsize=8)
     arrow = "higher is better" if higher else "lower is better"
     ax.set_xlabel(f"{metric} (validation; {arrow})" if uk else "bits per weight")
-    ax.set_ylabel("leakage = best-attack advantage (1 - MIS); lower is safer")
+    ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
     ax.margins(x=0.08, y=0.15)
     ax.set_title(f"Privacy-utility frontier ({len(pts)} points)")
     ax.grid(alpha=0.3)
