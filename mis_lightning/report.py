@@ -340,7 +340,8 @@ def no_points_note(ax: Any, rows: list[dict[str, Any]]) -> None:
 
 def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
                            utility_key: str | None = None):
-    """A matplotlib Figure of leakage (with p10-p90 bars) against utility; saved if ``path``."""
+    """A matplotlib Figure of leakage (with its interval) against utility, one point per distinct
+    result (schemes with identical figures share a point labelled ``"a = b"``); saved if ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -348,22 +349,31 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
 
     uk = pick_utility_key(rows, utility_key)
     ok = [r for r in rows if not r.get("error") and (r.get(uk) if uk else r["bits_per_weight"]) is not None]
-    # Few schemes: names next to the points; many (they cluster): a legend of colours/markers.
-    labels_inline = len(ok) <= 4
+    # Schemes with identical results (e.g. int8 weight-only and int8 dynamic on the same grid)
+    # are one point labelled "a = b": drawn separately, one hides the other.
+    groups: dict[tuple[float, ...], list[dict[str, Any]]] = {}
+    for r in ok:
+        x = r.get(uk) if uk else r["bits_per_weight"]
+        key = tuple(round(float(v), 6) for v in (x, r["leakage"], r.get("leakage_p10") or 0.0,
+                                                  r.get("leakage_p90") or 0.0))
+        groups.setdefault(key, []).append(r)
+    points = [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
+    # Few points: names next to them; many (they cluster): a legend of colours/markers.
+    labels_inline = len(points) <= 4
     fig, ax = plt.subplots(figsize=(6.4 if labels_inline else 8.6, 4.6))
     markers = "osD^vP*Xh<>p"
-    for i, r in enumerate(ok):
+    for i, (r, name) in enumerate(points):
         x = r.get(uk) if uk else r["bits_per_weight"]
         y = r["leakage"]
         style = dict(color=plt.get_cmap("tab20")(i % 20), marker=markers[i % len(markers)],
-                     linestyle="none", label=None if labels_inline else r["scheme"])
+                     linestyle="none", label=None if labels_inline else name)
         if r.get("leakage_p10") is not None:
             ax.errorbar([x], [y], yerr=[[max(y - r["leakage_p10"], 0)], [max(r["leakage_p90"] - y, 0)]],
                         capsize=3, **style)
         else:
             ax.plot([x], [y], **style)
         if labels_inline:
-            ax.annotate(r["scheme"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if ok:
         ax.axhline(ok[0]["baseline_leakage"], ls="--", color="gray", lw=1, label="unquantized baseline")
         if labels_inline:

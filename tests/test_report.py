@@ -153,3 +153,14 @@ def test_table_prints_every_warning_in_full():
     text = rep.table()
     tail = text.split("\n\nwarnings:\n", 1)[1].splitlines()
     assert tail == [f"  - {w}" for w in rep.warnings] and len(tail) >= 2
+
+
+def test_identical_results_share_one_labelled_point():
+    from mis_lightning.report import privacy_utility_figure
+
+    rows = [_ok_row("int8_weight_only"), _ok_row("int8_dynamic_activation_int8_weight"), _ok_row("rtn_int8")]
+    rows[2]["leakage"] = 0.2
+    fig = privacy_utility_figure(rows)
+    ax = fig.axes[0]
+    texts = sorted(t.get_text() for t in ax.texts)
+    assert texts == ["int8_weight_only = int8_dynamic_activation_int8_weight", "rtn_int8"]
