@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import CNN  # tests/_nets.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -221,18 +222,6 @@ def test_hook_and_loss_fn_keep_the_same_records():
 
 
 # -- item 11: the "auto" estimator by cost -------------------------------------------------------
-class CNN(nn.Module):
-    """The 1,466-weight CNN of the issue."""
-
-    def __init__(self):
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                               nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                               nn.AdaptiveAvgPool2d(1))
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.f(x).flatten(1))
 
 
 def ce(o, y):

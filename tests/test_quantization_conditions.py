@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as tF
+from _nets import CNN  # tests/_nets.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -143,18 +144,6 @@ def test_in_place_scheme_quantizes_a_weight_tied_to_an_embedding_in_every_use():
     assert res.model.emb.weight is res.model.head.weight and torch.equal(res.model.emb.weight, g)
 
 
-class CNN(nn.Module):
-    """The CNN of repro nc_r01 (1,466 parameters, 160 of them in the Linear head's weight)."""
-
-    def __init__(self):
-        super().__init__()
-        self.f = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                               nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                               nn.AdaptiveAvgPool2d(1))
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.f(x).flatten(1))
 
 
 def test_partial_quantization_of_a_cnn_is_in_the_table_warnings_and_json():
