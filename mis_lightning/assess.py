@@ -319,7 +319,7 @@ def score_schemes(
     if rc is not None:
         diagnostics["baseline_leakage_independent"] = baseline
         assert est.influence is not None
-        base_abs = rc.gaussian_mean_abs(est.influence)
+        base_abs = _unquantized_mean_abs(est, rc)
         baseline = float(F.saturate(base_abs / (2 * math.sqrt(n))).mean())
         baseline_pool = float(F.saturate(base_abs / (2 * math.sqrt(n / 2))).mean())
     report = Report(
@@ -703,6 +703,16 @@ def _record_correlation(est: Estimate, cfg: ScoringConfig) -> F.correlated.Recor
     return F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
 
 
+def _unquantized_mean_abs(est: Estimate, rc: F.correlated.RecordCorrelation) -> Tensor:
+    """``[R]`` ``sqrt(2/pi) |Sigma^-1/2 psi|``: the estimator's Mahalanobis norms where it has them
+    (computed from the gradient covariance, which the Hessian cancels out of), else the
+    correlation form with every ``kappa = 1``."""
+    if rc.kind == "full" and est.mahalanobis is not None:
+        return F.cells.SQRT_2_OVER_PI * est.mahalanobis.to(torch.float64)
+    assert est.influence is not None
+    return rc.gaussian_mean_abs(est.influence)
+
+
 def _kappa_vector(est: Estimate, kappas: Mapping[str, Tensor]) -> Tensor:
     """``[d]`` kappa of every assessed weight (1 where the scheme left the parameter in float)."""
     out = torch.ones(est.d, dtype=torch.float64)
@@ -846,13 +856,15 @@ def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordC
     coarse, jointly drawn cells; capped by the unquantized value (conditional Jensen)."""
     assert est.influence is not None
     W = est.influence
+    if bool((kvec == 1.0).all()):  # nothing quantized: the unquantized (Mahalanobis) form
+        return F.saturate(_unquantized_mean_abs(est, rc) / (2 * math.sqrt(n)))
     if chosen == "mc":
         idx, stats = _coarse_cells(est, prep, kvec, sigma_scale)
         if stats is not None:
             d, R = est.d, est.num_records
             draws = int(max(F.leakage.MIN_MC_DRAWS, min(draws, CORRELATED_MC_FLOPS // max(d * (d + R), 1))))
             mean_abs = rc.mc_mean_abs(W, kvec, idx, stats, draws, gen)
-            cap = rc.gaussian_mean_abs(W)
+            cap = _unquantized_mean_abs(est, rc)
             return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
     return F.saturate(rc.gaussian_mean_abs(W, kvec) / (2 * math.sqrt(n)))
 

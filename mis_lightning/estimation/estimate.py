@@ -690,7 +690,12 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     # eigendecomposition pseudo-inverse with a stated cutoff (lstsq's default driver gave
     # run-dependent answers on the singular Sigma of collinear features).
     corr = correlation_from_covariance(Sigma)
-    mahal = Correlation(full=corr).quadratic(w).sqrt()
+    # The Hessian cancels in psi' Sigma^+ psi = g' V^+ g (g centred): computing it from V keeps
+    # the damped flat directions of a singular H (collinear features) out of it.
+    Vs = V.diagonal().clamp_min(0.0).sqrt()
+    Vinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
+    g_std = (G - g_mean) * Vinv
+    mahal = Correlation(full=correlation_from_covariance(V)).quadratic(g_std).sqrt()
     return sigma, w, mahal, corr
 
 

@@ -45,6 +45,9 @@ from .cells import SQRT_2_OVER_PI, CellStatistics
 # singular correlation matrix sits near 1e-15; genuine directions of the models we serve
 # lie far above 1e-9).
 RCOND = 1e-9
+# Weight of the identity in the factor model's correlation (shrinkage towards independent
+# coordinates; keeps the remainder >= this and the solve well conditioned).
+FACTOR_SHRINKAGE = 0.001
 # Draws per block of the Monte Carlo form: at least MC_BLOCK, and [S, max(R, d)] buffers of
 # about MC_BLOCK_ELEMENTS float64 (32 MiB).
 MC_BLOCK = 512
@@ -110,10 +113,15 @@ class Correlation:
         lam, U = evals[-k:].clamp_min(0.0), evecs[:, -k:]
         keep = lam > RCOND * max(float(evals[-1]), 1e-300)
         lam, U = lam[keep], U[:, keep]
-        # eigenvectors of W'W/R: v = W'u / sqrt(R lam); loadings L = v sqrt(lam) = W'u / sqrt(R)
-        L = W.T @ U / math.sqrt(Rr)
+        # eigenvectors of W'W/R: v = W'u / sqrt(R lam); loadings L = v sqrt(lam) = W'u / sqrt(R),
+        # rescaled to the records' own unit diagonal (a correlation), so that the remainder is >= 0
+        scale = (W.square().mean(0)).clamp_min(1e-300).rsqrt()
+        L = scale.unsqueeze(-1) * (W.T @ U) / math.sqrt(Rr)
         resid = (1.0 - L.square().sum(-1)).clamp_min(0.0)
-        return cls(factor=L, residual=resid)
+        # Shrinkage towards independence: an estimated correlation whose directions explain a
+        # coordinate fully would make the remainder 0 and the Woodbury solve unstable.
+        return cls(factor=L * math.sqrt(1.0 - FACTOR_SHRINKAGE),
+                   residual=(1.0 - FACTOR_SHRINKAGE) * resid + FACTOR_SHRINKAGE)
 
     def restrict(self, index: Tensor | slice) -> Correlation:
         """The correlation of a subset of coordinates (a layer's block)."""
