@@ -145,9 +145,10 @@ def test_factor_model_is_close_to_the_full_form():
         r = assess(m, ["none"], dl, _loss, estimation="exact", weight_decay=0.0, num_records=n,
                    uncertainty_draws=0, covariance=cov)
         out[cov] = r.baseline_leakage
-    # Cross-fitted (out-of-sample) Mahalanobis norms run a few % above the in-sample full form
-    # (d / (R/2 - d) with R/2 = 200 records per fold); 5% covers it.
-    assert out["factor"] == pytest.approx(out["full"], rel=0.05)
+    # Cross-fitted (out-of-sample) Mahalanobis norms run above the in-sample full form (the
+    # inverse of a sample correlation of 200 records is biased up, Wishart: ~m / (m - d - 1)),
+    # measured +5% here; it must stay on the conservative side and within 8%.
+    assert out["full"] <= out["factor"] <= 1.08 * out["full"]
 
 
 def test_covariance_option_errors_name_the_fix():

@@ -96,8 +96,16 @@ class Correlation:
 
     @classmethod
     def from_influences(cls, influence: Tensor, rank: int) -> Correlation:
-        """Factor model from ``influence [R, d]`` (standardised, so ``E w_j^2 = 1``): the top
-        ``rank`` principal directions of ``W'W / R`` and a diagonal remainder to unit variance.
+        """Factor model from ``influence [m, d]`` of ``m`` records (standardised, so
+        ``E w_j^2 = 1``): principal directions of their sample correlation and a diagonal
+        remainder to unit variance, shrunk by ``FACTOR_SHRINKAGE`` towards the identity.
+
+        Which directions: all of them (up to ``rank``) when ``d <= m / 4`` (the sample
+        correlation is then well estimated); otherwise only those whose eigenvalue clears the
+        Marchenko-Pastur edge ``(1 + sqrt(d / m))^2`` (below it an eigenvalue of ``m`` records
+        in ``d`` dimensions is indistinguishable from noise, and noise directions would raise
+        the Mahalanobis norms of other records by about ``rank / m``); none clearing it gives
+        independent coordinates.
 
         Raises:
             ValueError: ``rank < 1`` or no records.
@@ -106,17 +114,20 @@ class Correlation:
             raise ValueError(f"a factor model needs rank >= 1 and records, got rank={rank}, "
                              f"{influence.shape[0]} records")
         W = influence.to(torch.float64)
-        Rr = W.shape[0]
-        gram = W @ W.T / Rr                                   # [R, R], same nonzero spectrum
-        evals, evecs = torch.linalg.eigh(gram)
-        k = min(rank, Rr)
-        lam, U = evals[-k:].clamp_min(0.0), evecs[:, -k:]
-        keep = lam > RCOND * max(float(evals[-1]), 1e-300)
-        lam, U = lam[keep], U[:, keep]
-        # eigenvectors of W'W/R: v = W'u / sqrt(R lam); loadings L = v sqrt(lam) = W'u / sqrt(R),
-        # rescaled to the records' own unit diagonal (a correlation), so that the remainder is >= 0
+        m, d = W.shape
         scale = (W.square().mean(0)).clamp_min(1e-300).rsqrt()
-        L = scale.unsqueeze(-1) * (W.T @ U) / math.sqrt(Rr)
+        Ws = W * scale                                        # the records' own unit diagonal
+        gram = Ws @ Ws.T / m                                  # [m, m], same nonzero spectrum
+        evals, evecs = torch.linalg.eigh(gram)
+        k = min(rank, m)
+        lam, U = evals[-k:].clamp_min(0.0), evecs[:, -k:]
+        floor = RCOND * max(float(evals[-1]), 1e-300)
+        if 4 * d > m:
+            floor = max(floor, (1.0 + math.sqrt(d / m)) ** 2)
+        keep = lam > floor
+        lam, U = lam[keep], U[:, keep]
+        # eigenvectors of Ws'Ws/m: v = Ws'u / sqrt(m lam); loadings L = v sqrt(lam) = Ws'u / sqrt(m)
+        L = Ws.T @ U / math.sqrt(m)
         resid = (1.0 - L.square().sum(-1)).clamp_min(0.0)
         # Shrinkage towards independence: an estimated correlation whose directions explain a
         # coordinate fully would make the remainder 0 and the Woodbury solve unstable.
@@ -268,8 +279,8 @@ class RecordCorrelation:
 
     @classmethod
     def cross_fitted(cls, influence: Tensor, rank: int) -> RecordCorrelation:
-        """Two-fold cross-fitted factor models of ``rank`` (at most a quarter of a fold's
-        records) from ``influence [R, d]``.
+        """Two-fold cross-fitted factor models of at most ``rank`` directions
+        (:meth:`Correlation.from_influences`) from ``influence [R, d]``.
 
         Raises:
             ValueError: fewer than 8 records (no stable factor model).
@@ -277,12 +288,15 @@ class RecordCorrelation:
         Rr = influence.shape[0]
         if Rr < 8:
             raise ValueError(f"a factor model of the correlation needs >= 8 stored records, got {Rr}")
-        idx = torch.arange(Rr)
-        folds = [idx[idx % 2 == 0], idx[idx % 2 == 1]]
+        # Folds by the records' values, not their order: the same records give the same folds
+        # whatever order they arrive in (processes, batch sizes).
+        gen = torch.Generator().manual_seed(20250212)
+        probe = torch.randn(influence.shape[1], dtype=torch.float64, generator=gen)
+        order = torch.argsort(influence.to(torch.float64) @ probe)
+        folds = [order[0::2], order[1::2]]
         parts = []
         for a, b in ((0, 1), (1, 0)):
-            k = max(1, min(rank, folds[b].numel() // 4))
-            parts.append((folds[a], Correlation.from_influences(influence[folds[b]], k)))
+            parts.append((folds[a], Correlation.from_influences(influence[folds[b]], rank)))
         return cls(parts, "factor")
 
     def restrict(self, index: Tensor | slice) -> RecordCorrelation:
