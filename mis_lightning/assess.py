@@ -821,9 +821,10 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
 
 
 def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: float
-                  ) -> tuple[Tensor, F.CellStatistics | None]:
+                  ) -> tuple[Tensor, F.CellStatistics | None, Tensor]:
     """Global indices ``[c]`` of the coarse quantized weights (``kappa`` in the Monte Carlo
-    form's coarse range) and their cell statistics, the cells read at ``sigma / sigma_scale``."""
+    form's coarse range), their cell statistics and standardised cell edges ``[c, K+1]``, the
+    cells read at ``sigma / sigma_scale``."""
     idx_all, th_p, sg_p, b_p = [], [], [], []
     for name in est.names:
         g = prep.grids.get(name)
@@ -840,9 +841,11 @@ def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: flo
             sg_p.append(sg[ii].double())
             idx_all.append(ii + s)
     if not idx_all:
-        return torch.zeros(0, dtype=torch.long), None
-    stats = F.cell_statistics(torch.cat(th_p), torch.cat(sg_p), torch.cat(b_p), validate=False)
-    return torch.cat(idx_all), stats
+        return torch.zeros(0, dtype=torch.long), None, torch.zeros(0, 0, dtype=torch.float64)
+    th, sg, edges = torch.cat(th_p), torch.cat(sg_p), torch.cat(b_p).to(torch.float64)
+    stats = F.cell_statistics(th, sg, edges, validate=False)
+    alpha = (edges - th.unsqueeze(-1)) / sg.clamp_min(1e-300).unsqueeze(-1)
+    return torch.cat(idx_all), stats, alpha
 
 
 # Flops one correlated Monte Carlo evaluation may cost (draws x d x (d + records)).
@@ -859,7 +862,12 @@ def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordC
     if bool((kvec == 1.0).all()):  # nothing quantized: the unquantized (Mahalanobis) form
         return F.saturate(_unquantized_mean_abs(est, rc) / (2 * math.sqrt(n)))
     if chosen == "mc":
-        idx, stats = _coarse_cells(est, prep, kvec, sigma_scale)
+        idx, stats, alpha = _coarse_cells(est, prep, kvec, sigma_scale)
+        if stats is not None and rc.kind == "full" and idx.numel() <= F.correlated.EXACT_MAX_COARSE:
+            # few coarse weights: their joint boxes exactly (GHK), the rest through the channel
+            mean_abs, _ = F.correlated.exact_box_mean_abs(rc.parts[0][1], W, kvec, idx, alpha, generator=gen)
+            cap = _unquantized_mean_abs(est, rc)
+            return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
         if stats is not None:
             d, R = est.d, est.num_records
             draws = int(max(F.leakage.MIN_MC_DRAWS, min(draws, CORRELATED_MC_FLOPS // max(d * (d + R), 1))))
