@@ -102,6 +102,10 @@ class MPNN(PenalizedModule):
             ``encoder.state_dict()``, or a Lightning checkpoint whose ``state_dict`` has
             ``encoder.*`` keys): the encoder's weights, e.g. pretrained on public molecules.
             ``None``: the encoder keeps its (seeded) random initialisation.
+        pretrain_data: a graph datamodule (e.g. ``NCITPSAGraphDataModule``: public molecules,
+            disjoint from the members) on which :meth:`pretrain_encoder` fits the encoder
+            before training (in ``setup("fit")``); ``None``: no pretraining.
+        pretrain_epochs: epochs of that pretraining.
 
     Raises:
         ValueError: a bad option (names it); FileNotFoundError: a missing checkpoint;
@@ -121,9 +125,11 @@ class MPNN(PenalizedModule):
         optimizer: str = "adam",
         freeze_encoder: bool = False,
         encoder_checkpoint: str | None = None,
+        pretrain_data: Any = None,
+        pretrain_epochs: int = 5,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["pretrain_data"])
         self.encoder = MPNNEncoder(num_features, hidden, steps, readout)
         widths = [int(h) for h in head_hidden]
         if any(h < 1 for h in widths):
@@ -141,6 +147,63 @@ class MPNN(PenalizedModule):
         if self.freeze_encoder:
             self.encoder.requires_grad_(False)
         self._setup_common(task, weight_decay, lr, optimizer)
+        if pretrain_data is not None and not hasattr(pretrain_data, "train_dataloader"):
+            raise TypeError("pretrain_data must be a datamodule with graph batches (e.g. "
+                            f"NCITPSAGraphDataModule), got {type(pretrain_data).__name__}")
+        self.pretrain_data = pretrain_data
+        self.pretrain_epochs = int(pretrain_epochs)
+        if self.pretrain_epochs < 1:
+            raise ValueError(f"pretrain_epochs must be >= 1, got {pretrain_epochs!r}")
+        self.pretrained = False
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: pretrain the encoder on ``pretrain_data`` (once) if one was given."""
+        if stage == "fit" and self.pretrain_data is not None and not self.pretrained:
+            self.pretrain_data.setup("fit")
+            self.pretrain_encoder(self.pretrain_data.train_dataloader(), self.pretrain_epochs)
+
+    def pretrain_encoder(self, dataloader: Any, epochs: int = 5, lr: float | None = None) -> float:
+        """Fit the encoder, with a temporary linear head, to another (public) regression set.
+
+        The encoder's weights are trained whatever ``freeze_encoder`` says (its
+        ``requires_grad`` flags are restored after); this model's ``head`` is untouched.
+        Loss: mean squared error ``0.5 (f - y)^2`` plus the same ``weight_decay`` penalty,
+        Adam at ``lr`` (default: the model's).
+
+        Args:
+            dataloader: graph batches ``(graphs, targets [B])`` (targets z-scored).
+            epochs: passes over ``dataloader``.
+
+        Returns:
+            The last epoch's mean data loss (squared target units / 2).
+        """
+        flags = [p.requires_grad for p in self.encoder.parameters()]
+        tmp = nn.Linear(self.encoder.hidden, 1).to(self.device)
+        params = [*self.encoder.parameters(), *tmp.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=self.lr if lr is None else float(lr))
+        last = float("nan")
+        try:
+            with torch.enable_grad():
+                for _ in range(int(epochs)):
+                    total, count = 0.0, 0
+                    for graphs, y in dataloader:
+                        graphs = {k: v.to(self.device) for k, v in graphs.items()}
+                        y = y.to(self.device).reshape(-1)
+                        data = 0.5 * (tmp(self.encoder(graphs)).squeeze(-1) - y).square().mean()
+                        loss = data + 0.5 * self.weight_decay * sum(p.square().sum() for p in params)
+                        opt.zero_grad()
+                        loss.backward()
+                        opt.step()
+                        total, count = total + float(data) * y.shape[0], count + y.shape[0]
+                    last = total / max(count, 1)
+        finally:
+            for p, f in zip(self.encoder.parameters(), flags):
+                p.requires_grad_(f)
+                p.grad = None
+        self.pretrained = True
+        return last
 
     def forward(self, graphs: Mapping[str, Tensor]) -> Tensor:
         """Outputs ``[B]`` (predictions, or logits for ``task="binary"``) of a graph batch."""
