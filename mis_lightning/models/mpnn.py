@@ -196,7 +196,7 @@ class MPNN(PenalizedModule):
                         opt.zero_grad()
                         loss.backward()
                         opt.step()
-                        total, count = total + float(data) * y.shape[0], count + y.shape[0]
+                        total, count = total + float(data.detach()) * y.shape[0], count + y.shape[0]
                     last = total / max(count, 1)
         finally:
             for p, f in zip(self.encoder.parameters(), flags):
