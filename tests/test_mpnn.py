@@ -157,7 +157,8 @@ def test_assess_and_mis_indicator_on_graph_batches(trained, chembl):
     loader = DataLoader(chembl.train_dataset, batch_size=128, collate_fn=collate_graphs)
     # the Gauss-Newton diagonal: "auto" would pick the exact Hessian for d <= 2,000, which costs
     # d forward-over-reverse passes of a forward that reuses every weight over atoms and steps
-    opts = {"num_records": 64, "mode": "diagonal", "hessian": "ggn", "uncertainty_draws": 0, "seed": 0}
+    opts = {"num_records": 64, "mode": "diagonal", "hessian": "ggn", "uncertainty_draws": 0, "seed": 0,
+            "mc_draws": 1024}  # few Monte Carlo draws: the test compares two front ends, same draws
     rep = assess(trained, ["int8_weight_only", "intx_weight_only_int2"], loader, trained.per_sample_loss,
                  val_dataloader=chembl.val_dataloader(), **opts)
     d = 232 + 64 + 72 + (8 * 4 + 4) + (4 + 1)
