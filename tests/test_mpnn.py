@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 pytest.importorskip("rdkit")  # the molecular extra (pip install "mis-lightning[chem]")
 
-from mis_lightning import MISIndicator, assess  # noqa: E402
+from mis_lightning import MISCallback, MISIndicator, assess  # noqa: E402
 from mis_lightning.data import (  # noqa: E402
     ChEMBLDataModule,
     ChEMBLGraphDataModule,
@@ -38,10 +38,11 @@ def _graphs(smiles, max_atoms=None):
     return {k: torch.as_tensor(v) for k, v in g.items()}, valid, failures
 
 
-def _fit(model: MPNN, dm, epochs: int) -> MPNN:
+def _fit(model: MPNN, dm, epochs: int, callbacks=(), root=None) -> MPNN:
     pl.seed_everything(0, verbose=False)
     pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-               enable_model_summary=False, num_sanity_val_steps=0).fit(model, datamodule=dm)
+               enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+               default_root_dir=root).fit(model, datamodule=dm)
     return model.eval()
 
 
@@ -196,6 +197,17 @@ def test_frozen_encoder_assesses_only_the_head_and_says_so(chembl):
             "encoder.update.bias) were not fitted by this training and are not assessed")
     assert any(w.startswith(note) for w in rep.warnings), rep.warnings
     assert not any(w.startswith("d / n") for w in rep.warnings)  # 9 / 711: inside the regime
+
+
+def test_mis_callback_on_graph_batches(chembl, tmp_path):
+    torch.manual_seed(0)
+    model = MPNN(ATOM_FEATURES, head_hidden=[], freeze_encoder=True, **SMALL)
+    cb = MISCallback(["int8_weight_only"], num_records=32, uncertainty_draws=0, mc_draws=1024,
+                     estimation_batch_size=100)
+    _fit(model, chembl, epochs=1, callbacks=[cb], root=tmp_path)
+    assert (cb.report.n, cb.report.d) == (711, 9)
+    assert any(w.startswith("assessed only the 9 trained weights: 368 frozen weights") for w in cb.report.warnings)
+    assert 0 < cb.report.schemes["int8_weight_only"].leakage < 1
 
 
 def test_pretrain_encoder_and_checkpoint(chembl, tmp_path):
