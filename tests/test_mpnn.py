@@ -108,6 +108,18 @@ def test_chembl_graphs_have_the_fingerprint_datamodules_members(chembl):
     assert x["atoms"].shape == (128, 41, 28) and y.shape == (128,)
 
 
+def test_nci_graphs_skip_and_report_molecules_larger_than_max_atoms():
+    from mis_lightning.data import NCITPSAGraphDataModule, SkippedRowsWarning
+
+    dm = NCITPSAGraphDataModule(max_molecules=80, max_atoms=20, seed=0)
+    with pytest.warns(SkippedRowsWarning, match=r"NCITPSAGraphDataModule: skipped \d+ of 80 rows"):
+        dm.setup("fit")
+    big = [why for _, _, why in dm.skipped if "max_atoms" in why]
+    assert big and all(why.endswith("heavy atoms > max_atoms = 20") for why in big)
+    assert dm.train_dataset.max_atoms == 20 and len(dm.skipped) + len(dm.rows) == 80
+    assert int(dm.train_dataset.mask.sum(1).max()) <= 20
+
+
 # -- the model -----------------------------------------------------------------------------------
 def test_mpnn_output_shape_padding_and_atom_order_invariance():
     torch.manual_seed(0)
