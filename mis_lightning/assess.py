@@ -91,6 +91,32 @@ def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:
             "meaningless; select the trained parameters (params=None selects exactly those)")
 
 
+def _d_over_n_warning(d: int, n: int) -> str:
+    """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
+    influences; method.md section 2) and the baseline (``d_eff = d``) are then outside the
+    asymptotic regime, whatever the schemes' ``d_eff``."""
+    return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
+            "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
+            "of the trained weights that needs d << n, so every figure, low d_eff included, is "
+            "indicative only; assess fewer weights (e.g. a head over a frozen encoder) or use more records")
+
+
+def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
+    """A note naming the frozen (``requires_grad=False``) parameters the assessment left out, or
+    ``None`` when every frozen parameter is assessed or there is none."""
+    named = dict(model.named_parameters())
+    chosen = set(names)
+    out = [k for k, p in named.items() if not p.requires_grad and k not in chosen]
+    if not out:
+        return None
+    numel = sum(named[k].numel() for k in out)
+    shown = ", ".join(out[:5]) + (f" and {len(out) - 5} more" if len(out) > 5 else "")
+    return (f"assessed only the {sum(named[k].numel() for k in chosen if k in named):,} trained weights: "
+            f"{numel:,} frozen weights (requires_grad=False: {shown}) were not fitted by this training and "
+            "are not assessed (nor quantized in the scored copies); if they were fitted to these records "
+            "earlier (pretraining on the same data), their leakage is not counted")
+
+
 def assess(
     model: nn.Module,
     schemes: SchemeSpec | Sequence[SchemeSpec],
@@ -346,6 +372,8 @@ def score_schemes(
         report.schemes[scheme.name] = result
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
+    if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
+        report.warnings.append(_d_over_n_warning(est.d, n))
     large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
     if large:
         worst = max(large, key=large.get)  # type: ignore[arg-type]
@@ -360,6 +388,9 @@ def score_schemes(
     frozen = _frozen_warning(model, est.names)
     if frozen:
         report.warnings.append(frozen)
+    left_out = _frozen_left_out_note(model, est.names)
+    if left_out:
+        report.warnings.append(left_out)
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss (gradient norm ratio "
