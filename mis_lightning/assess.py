@@ -282,6 +282,7 @@ def score_schemes(
     for scheme in scheme_objs:
         try:
             prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
+            prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:
                 prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
             elif val_dataloader is not None and loss_fn is not None:
@@ -346,6 +347,9 @@ def score_schemes(
             f"d_eff / n is not small for {which} (up to {large[worst]:.3g}, {worst}); the "
             "asymptotic regime needs d_eff << n: treat those figures as indicative"
         )
+    # What a release carries beyond its weights and the indicator does not score (AWQ factors).
+    report.warnings += [w for w in (getattr(sc, "release_warning", lambda: None)() for sc in scheme_objs
+                                    if sc.name not in failures) if w]
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
     report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs
                                     if not isinstance(sc, NoQuantization)) if w]
@@ -385,6 +389,8 @@ class _Prepared:
         self.utility: dict[str, float] = {}
         self.notes: list[str] = []
         self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
+        self.requant: Any = None  # JointRequant of the non-nearest grids (computed once)
+        self.requant_seed = 0
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -450,7 +456,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
     if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
-        k, m4, lam = _requantized_moments(prep, name, sg, gen)
+        k, m4, lam = _requantized_moments(est, prep, name)
     else:
         k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
     prep.kappa[name], prep.m4[name] = k, m4
@@ -472,17 +478,24 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     prep.layers[name].pinned_fraction = frz / max(th.numel(), 1)
 
 
-def _requantized_moments(prep: _Prepared, name: str, sigma: Tensor,
-                         gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def _requantized_moments(est: Estimate, prep: _Prepared, name: str) -> tuple[Tensor, Tensor, Tensor]:
     """``kappa, m4, lam`` of a grid whose rounding is not nearest, by Monte Carlo
-    re-quantization (the real scheme on perturbed weights; quantization/requantize.py)."""
-    from .quantization.requantize import REQUANT_DRAWS, requantize_moments
+    re-quantization (the real scheme, calibration included, on perturbed weights;
+    quantization/requantize.py): one joint run per scheme for all its parameters, with the
+    same draws for every scheme (common random numbers)."""
+    from .quantization.requantize import REQUANT_DRAWS, requantize_joint
 
-    mm = requantize_moments(prep.scheme, prep.source, {name: sigma}, num_draws=REQUANT_DRAWS,
-                            generator=gen)[name]
-    prep.notes.append(f"{name}: rounding {prep.grids[name].rounding!r} is not nearest: cell "
-                      f"moments from {REQUANT_DRAWS} Monte Carlo re-quantization draws, held "
-                      "fixed in the uncertainty interval")
+    if prep.requant is None:
+        names = [k for k, g in prep.grids.items() if g.rounding != "nearest"]
+        rq = prep.requant = requantize_joint(prep.scheme, prep.source, {k: est.sigma[k] for k in est.names},
+                                             names=names, num_draws=REQUANT_DRAWS, seed=prep.requant_seed)
+        prep.notes.append(
+            f"rounding {prep.grids[name].rounding!r} is not nearest: cell moments of {len(names)} "
+            f"parameter(s) from {rq.num_draws} Monte Carlo re-quantization draws (the scheme re-run, "
+            f"calibration included; seed {rq.seed}, the same draws for every scheme), held fixed in "
+            f"the uncertainty interval; their d_eff {rq.d_eff:.4g} +- {rq.d_eff_se:.2g} (Monte Carlo "
+            f"s.e., jackknife); {rq.seconds:.3g} s")
+    mm = prep.requant.moments[name]
     return mm.kappa, mm.m4, mm.lam  # RequantMoments keeps the name lam
 
 
