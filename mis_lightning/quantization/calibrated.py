@@ -126,6 +126,9 @@ class CalibratedScheme(TorchAOScheme):
     calibration_batches: int = 10
     calibration_seed: int = 0
     calibration: tuple = field(default=(), kw_only=True, compare=False, repr=False)
+    #: why calibration failed (raised as a SchemeError when the scheme is applied, so that
+    #: one scheme's failure is an error row, not the end of the assessment)
+    calibration_error: str | None = field(default=None, kw_only=True, compare=False, repr=False)
 
     #: the torchao wrapper config (``torchao.prototype.<module>.<class>``)
     wrapper: ClassVar[tuple[str, str]] = ("", "")
@@ -183,20 +186,25 @@ class CalibratedScheme(TorchAOScheme):
         ``isolate_rng`` (the caller's RNG state is restored); neither ``model`` nor the
         batches are modified.
 
-        Raises:
-            TypeError: a batch is neither an ``(inputs, targets)`` pair nor a tensor.
-            ValueError: the loader yields no batch.
+        A batch that is neither an ``(inputs, targets)`` pair nor a tensor, or a loader that
+        yields nothing, does not raise here: the returned scheme holds the reason and raises
+        it as a :class:`SchemeError` when applied (an error row of that scheme in
+        ``assess``; raised with ``strict=True``).
         """
         taken: list[Any] = []
-        with _isolate_rng():
-            torch.manual_seed(self.calibration_seed)
-            for batch in batches:
-                taken.append(_detach(_batch_inputs(batch, self.name)))
-                if len(taken) >= self.calibration_batches:
-                    break
+        try:
+            with _isolate_rng():
+                torch.manual_seed(self.calibration_seed)
+                for batch in batches:
+                    taken.append(_detach(_batch_inputs(batch, self.name)))
+                    if len(taken) >= self.calibration_batches:
+                        break
+        except TypeError as exc:
+            return dataclasses.replace(self, calibration=(), calibration_error=str(exc))
         if not taken:
-            raise ValueError(f"scheme {self.name!r}: the calibration data yielded no batch")
-        return dataclasses.replace(self, calibration=tuple(taken))
+            return dataclasses.replace(self, calibration=(), calibration_error=(
+                f"scheme {self.name!r}: the calibration data yielded no batch"))
+        return dataclasses.replace(self, calibration=tuple(taken), calibration_error=None)
 
     # -- quantization -----------------------------------------------------------------------
     def _base(self) -> Any:
@@ -218,11 +226,6 @@ class CalibratedScheme(TorchAOScheme):
     def _quantize_copy(self, model: nn.Module):
         from torchao.quantization import quantize_
 
-        if not self.calibration:
-            raise SchemeError(
-                f"scheme {self.name!r} needs calibration batches: assess(), MISCallback and the "
-                "mis-lightning app pass the training loader; elsewhere (MISIndicator, apply) pass "
-                f"get_scheme({self.name!r}).calibrate(model, train_loader)")
         chosen, reasons, notes = self.select_weights(model)
         for fqn in [f for f, (_, name, others) in chosen.items() if others]:
             _, name, others = chosen.pop(fqn)
@@ -230,6 +233,13 @@ class CalibratedScheme(TorchAOScheme):
                              "on its own inputs, so a weight shared by several layers is left in float")
         if not chosen:
             return {}, notes, reasons
+        if self.calibration_error:
+            raise SchemeError(self.calibration_error)
+        if not self.calibration:
+            raise SchemeError(
+                f"scheme {self.name!r} needs calibration batches: assess(), MISCallback and the "
+                "mis-lightning app pass the training loader; elsewhere (MISIndicator, apply) pass "
+                f"get_scheme({self.name!r}).calibrate(model, train_loader)")
         theta = {fqn: mod.weight.detach().clone() for fqn, (mod, _, _) in chosen.items()}
         names = {fqn: name for fqn, (_, name, _) in chosen.items()}
         device = next(iter(theta.values())).device
