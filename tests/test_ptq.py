@@ -17,7 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning import assess
-from mis_lightning.quantization import SchemeError, SchemeUnavailableError, available_schemes, get_scheme
+from mis_lightning.quantization import (
+    SchemeError,
+    SchemeUnavailableError,
+    available_schemes,
+    get_scheme,
+)
 from mis_lightning.quantization.requantize import FixedStepQuantizer, requantize_joint
 
 torch.set_num_threads(1)
@@ -275,3 +280,55 @@ def test_assess_scores_calibrated_schemes_and_warns_about_the_factors():
         assert "runs on CUDA only" in rep.schemes["gptq_int8_weight_only"].error
     factor = [w for w in rep.warnings if "per-input-channel factor" in w]
     assert len(factor) == 2 and "awq_int8_weight_only" in factor[0]
+
+
+def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_one():
+    from mis_lightning import MISIndicator
+
+    m, loader = _regression()
+    awq = get_scheme("awq_int8_weight_only").calibrate(m, loader)
+    met = MISIndicator(m, _mse, [awq, "smooth_quant_int8_weight_only"], num_records=32,
+                       uncertainty_draws=0, weight_decay=2e-2)
+    for batch in loader:
+        met.update(batch)
+    met.compute()
+    assert met.report.schemes["awq_int8_weight_only"].error is None
+    assert "needs calibration batches" in met.report.schemes["smooth_quant_int8_weight_only"].error
+    assert "get_scheme('smooth_quant_int8_weight_only').calibrate(model, train_loader)" in \
+        met.report.schemes["smooth_quant_int8_weight_only"].error
+
+
+def test_callback_calibrates_on_the_training_loader(tmp_path):
+    import pytorch_lightning as pl
+
+    from mis_lightning import MISCallback
+
+    class Reg(pl.LightningModule):
+        weight_decay = 2e-2
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def per_sample_loss(self, out, t):
+            return ((out - t) ** 2).sum(-1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return ((self(x) - y) ** 2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    _, loader = _regression()
+    pl.seed_everything(0)
+    cb = MISCallback(["awq_int8_weight_only"], uncertainty_draws=0, num_records=32)
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(Reg(), loader)
+    r = cb.report.schemes["awq_int8_weight_only"]
+    assert r.error is None and any("Monte Carlo re-quantization" in t for t in r.notes)
+    assert any("per-input-channel factor" in w for w in cb.report.warnings)
