@@ -391,6 +391,7 @@ class _Prepared:
         self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
         self.requant: Any = None  # JointRequant of the non-nearest grids (computed once)
         self.requant_seed = 0
+        self.requant_moments: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -456,7 +457,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
     if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
-        k, m4, lam = _requantized_moments(est, prep, name)
+        k, m4, lam = _requantized_moments(est, prep, name, chunk, policy)
     else:
         k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
     prep.kappa[name], prep.m4[name] = k, m4
@@ -478,25 +479,39 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     prep.layers[name].pinned_fraction = frz / max(th.numel(), 1)
 
 
-def _requantized_moments(est: Estimate, prep: _Prepared, name: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``kappa, m4, lam`` of a grid whose rounding is not nearest, by Monte Carlo
-    re-quantization (the real scheme, calibration included, on perturbed weights;
-    quantization/requantize.py): one joint run per scheme for all its parameters, with the
-    same draws for every scheme (common random numbers)."""
+def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
+                         policy: F.CompilePolicy | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``kappa, m4, lam`` of a grid whose rounding is not nearest.
+
+    Monte Carlo re-quantization (the real scheme, calibration included, on perturbed
+    weights; quantization/requantize.py: one joint run per scheme for all its parameters,
+    the same draws for every scheme) conditions on the released codes only. The release also
+    holds the scales and factors; conditioning on more can only raise ``kappa = E[E[xi |
+    release]^2]`` (law of total variance), and the fixed-grid moments are the ones given the
+    released grid. Each element is scored with the larger of the two (conservative)."""
     from .quantization.requantize import REQUANT_DRAWS, requantize_joint
 
     if prep.requant is None:
         names = [k for k, g in prep.grids.items() if g.rounding != "nearest"]
         rq = prep.requant = requantize_joint(prep.scheme, prep.source, {k: est.sigma[k] for k in est.names},
                                              names=names, num_draws=REQUANT_DRAWS, seed=prep.requant_seed)
+        prep.requant_moments, d_an, d_max = {}, 0.0, 0.0
+        for k in names:
+            mc = rq.moments[k]
+            ka, m4a, lama = _grid_moments(prep.grids[k], est.theta[k], est.sigma[k], chunk, policy=policy)
+            grid = ka > mc.kappa
+            prep.requant_moments[k] = (torch.where(grid, ka, mc.kappa), torch.where(grid, m4a, mc.m4),
+                                       torch.where(grid, lama, mc.lam))
+            d_an += float(ka.sum())
+            d_max += float(prep.requant_moments[k][0].sum())
         prep.notes.append(
-            f"rounding {prep.grids[name].rounding!r} is not nearest: cell moments of {len(names)} "
-            f"parameter(s) from {rq.num_draws} Monte Carlo re-quantization draws (the scheme re-run, "
-            f"calibration included; seed {rq.seed}, the same draws for every scheme), held fixed in "
-            f"the uncertainty interval; their d_eff {rq.d_eff:.4g} +- {rq.d_eff_se:.2g} (Monte Carlo "
-            f"s.e., jackknife); {rq.seconds:.3g} s")
-    mm = prep.requant.moments[name]
-    return mm.kappa, mm.m4, mm.lam  # RequantMoments keeps the name lam
+            f"rounding {prep.grids[name].rounding!r} is not nearest: {len(names)} parameter(s) scored by "
+            f"Monte Carlo re-quantization ({rq.num_draws} draws of the scheme re-run, calibration "
+            f"included; seed {rq.seed}, the same draws for every scheme; {rq.seconds:.3g} s), each "
+            f"element at the larger of its codes-only Monte Carlo kappa and its kappa on the released "
+            f"grid: d_eff {d_max:.4g} (Monte Carlo, codes only: {rq.d_eff:.4g} +- {rq.d_eff_se:.2g} "
+            f"s.e., jackknife; released grid: {d_an:.4g}), held fixed in the uncertainty interval")
+    return prep.requant_moments[name]
 
 
 def _release_moments(prep: _Prepared, name: str) -> None:

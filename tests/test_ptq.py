@@ -263,7 +263,27 @@ def test_assess_runs_each_non_nearest_scheme_once_per_draw_with_common_random_nu
     # the same perturbed weights for both schemes (common random numbers)
     assert all(torch.equal(x, y) for x, y in zip(a.seen, b.seen))
     note = [t for t in rep.schemes["count_a"].notes if "Monte Carlo re-quantization" in t][0]
-    assert f"from {REQUANT_DRAWS} Monte Carlo re-quantization draws" in note and "s.e." in note
+    assert f"Monte Carlo re-quantization ({REQUANT_DRAWS} draws" in note and "s.e., jackknife" in note
+
+
+def test_non_nearest_elements_score_the_larger_of_codes_only_and_released_grid_kappa():
+    """Conditioning on the whole release (codes and scales) can only raise kappa: the scored
+    d_eff is at least each of the two estimates, and the layer d_eff adds up to it."""
+    import re
+
+    m, loader = _regression()
+    rep = assess(m, ["intx_weight_only_int4_hqq"], loader, _mse, num_records=32, uncertainty_draws=0,
+                 weight_decay=2e-2)
+    r = rep.schemes["intx_weight_only_int4_hqq"]
+    note = [t for t in r.notes if "Monte Carlo re-quantization" in t][0]
+    got = re.search(r"d_eff ([\d.]+) \(Monte Carlo, codes only: ([\d.]+) \+- ([\d.e+-]+) s\.e\., "
+                    r"jackknife; released grid: ([\d.]+)\)", note)
+    assert got, note
+    scored, mc, se, grid = (float(got.group(i)) for i in (1, 2, 3, 4))
+    assert scored >= max(mc, grid) - 1e-3 and scored <= mc + grid
+    assert 0 < se < 0.2 * mc
+    quantized = sum(r.layers[k].d_eff for k in ("0.weight", "2.weight"))
+    assert quantized == pytest.approx(scored, rel=1e-3)
 
 
 def test_assess_scores_calibrated_schemes_and_warns_about_the_factors():
