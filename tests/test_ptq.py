@@ -352,3 +352,20 @@ def test_callback_calibrates_on_the_training_loader(tmp_path):
     r = cb.report.schemes["awq_int8_weight_only"]
     assert r.error is None and any("Monte Carlo re-quantization" in t for t in r.notes)
     assert any("per-input-channel factor" in w for w in cb.report.warnings)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_ground_truth_hqq_release_is_the_registered_schemes(bits):
+    """The validation's truth (groundtruth/ptq.py) simulates the very release the scheme makes."""
+    import numpy as np
+
+    from mis_lightning.groundtruth.ptq import HQQGrid
+
+    theta = torch.randn(1, 24, generator=torch.Generator().manual_seed(bits))
+    m = nn.Sequential(nn.Linear(24, 1, bias=False))
+    with torch.no_grad():
+        m[0].weight.copy_(theta)
+    g = get_scheme("intx_weight_only_int4_hqq", bits=bits).apply(m).grids["0.weight"]
+    q, scale = HQQGrid(f"hqq{bits}", bits).release(theta.double().numpy())
+    assert np.array_equal(q, g.codes.double().numpy())
+    assert np.allclose(scale.reshape(-1), g.scale.double().reshape(-1).numpy(), rtol=0, atol=0)
