@@ -308,6 +308,7 @@ def score_schemes(
     for scheme in scheme_objs:
         try:
             prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
+            prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:
                 prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
             elif val_dataloader is not None and loss_fn is not None:
@@ -382,6 +383,9 @@ def score_schemes(
             f"d_eff / n is not small for {which} (up to {large[worst]:.3g}, {worst}); the "
             "asymptotic regime needs d_eff << n: treat those figures as indicative"
         )
+    # What a release carries beyond its weights and the indicator does not score (AWQ factors).
+    report.warnings += [w for w in (getattr(sc, "release_warning", lambda: None)() for sc in scheme_objs
+                                    if sc.name not in failures) if w]
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
     report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs
                                     if not isinstance(sc, NoQuantization)) if w]
@@ -427,6 +431,9 @@ class _Prepared:
         self.utility: dict[str, float] = {}
         self.notes: list[str] = []
         self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
+        self.requant: Any = None  # JointRequant of the non-nearest grids (computed once)
+        self.requant_seed = 0
+        self.requant_moments: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -492,15 +499,14 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
     if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
-        k, m4, lam = _requantized_moments(prep, name, sg, gen)
+        k, m4, lam = _requantized_moments(est, prep, name, chunk, policy)
     else:
         k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
     prep.kappa[name], prep.m4[name] = k, m4
-    sg_pool = sg / POOL_SIGMA_RATIO
-    if g.rounding != "nearest":
-        k_pool, _, lam_pool = _requantized_moments(prep, name, sg_pool, gen, note=False)
-    else:
-        k_pool, _, lam_pool = _grid_moments(g, th, sg_pool, chunk, policy=policy)
+    # The pool protocol reads the cells at sigma / sqrt(2). Non-nearest rounding: the released
+    # grid's moments there (re-running the scheme a second time would double its cost; its
+    # codes-only Monte Carlo kappa came out below the released grid's, see _requantized_moments).
+    k_pool, _, lam_pool = _grid_moments(g, th, sg / POOL_SIGMA_RATIO, chunk, policy=policy)
     prep.kappa_pool[name] = k_pool
     if est.d == 1:  # only the one-coordinate form uses lam
         prep.lam[name] = lam
@@ -521,19 +527,39 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     prep.layers[name].pinned_fraction = frz / max(th.numel(), 1)
 
 
-def _requantized_moments(prep: _Prepared, name: str, sigma: Tensor,
-                         gen: torch.Generator, note: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """``kappa, m4, lam`` of a grid whose rounding is not nearest, by Monte Carlo
-    re-quantization (the real scheme on perturbed weights; quantization/requantize.py)."""
-    from .quantization.requantize import REQUANT_DRAWS, requantize_moments
+def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
+                         policy: F.CompilePolicy | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``kappa, m4, lam`` of a grid whose rounding is not nearest.
 
-    mm = requantize_moments(prep.scheme, prep.source, {name: sigma}, num_draws=REQUANT_DRAWS,
-                            generator=gen)[name]
-    if note:
-        prep.notes.append(f"{name}: rounding {prep.grids[name].rounding!r} is not nearest: cell "
-                          f"moments from {REQUANT_DRAWS} Monte Carlo re-quantization draws, held "
-                          "fixed in the uncertainty interval")
-    return mm.kappa, mm.m4, mm.lam  # RequantMoments keeps the name lam
+    Monte Carlo re-quantization (the real scheme, calibration included, on perturbed
+    weights; quantization/requantize.py: one joint run per scheme for all its parameters,
+    the same draws for every scheme) conditions on the released codes only. The release also
+    holds the scales and factors; conditioning on more can only raise ``kappa = E[E[xi |
+    release]^2]`` (law of total variance), and the fixed-grid moments are the ones given the
+    released grid. Each element is scored with the larger of the two (conservative)."""
+    from .quantization.requantize import REQUANT_DRAWS, requantize_joint
+
+    if prep.requant is None:
+        names = [k for k, g in prep.grids.items() if g.rounding != "nearest"]
+        rq = prep.requant = requantize_joint(prep.scheme, prep.source, {k: est.sigma[k] for k in est.names},
+                                             names=names, num_draws=REQUANT_DRAWS, seed=prep.requant_seed)
+        prep.requant_moments, d_an, d_max = {}, 0.0, 0.0
+        for k in names:
+            mc = rq.moments[k]
+            ka, m4a, lama = _grid_moments(prep.grids[k], est.theta[k], est.sigma[k], chunk, policy=policy)
+            grid = ka > mc.kappa
+            prep.requant_moments[k] = (torch.where(grid, ka, mc.kappa), torch.where(grid, m4a, mc.m4),
+                                       torch.where(grid, lama, mc.lam))
+            d_an += float(ka.sum())
+            d_max += float(prep.requant_moments[k][0].sum())
+        prep.notes.append(
+            f"rounding {prep.grids[name].rounding!r} is not nearest: {len(names)} parameter(s) scored by "
+            f"Monte Carlo re-quantization ({rq.num_draws} draws of the scheme re-run, calibration "
+            f"included; seed {rq.seed}, the same draws for every scheme; {rq.seconds:.3g} s), each "
+            f"element at the larger of its codes-only Monte Carlo kappa and its kappa on the released "
+            f"grid: d_eff {d_max:.4g} (Monte Carlo, codes only: {rq.d_eff:.4g} +- {rq.d_eff_se:.2g} "
+            f"s.e., jackknife; released grid: {d_an:.4g}), held fixed in the uncertainty interval")
+    return prep.requant_moments[name]
 
 
 def _release_moments(prep: _Prepared, name: str) -> None:
