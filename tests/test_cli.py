@@ -320,3 +320,24 @@ def test_installed_package_ships_configs(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "NCITPSADataModule" in proc.stdout
     assert not any(elsewhere.iterdir())
+
+
+def test_frontier_merges_identical_results_and_names_points_in_a_legend():
+    """Issue 17: labels in frontier.png no longer overlap (names are in a legend beside the
+    axes, safest first), identical results are one point, the baseline is marked."""
+    rows = []
+    for num, (s, lk, u) in enumerate([("int8_weight_only", 0.0601, 0.81),
+                                      ("int8_dynamic_activation_int8_weight", 0.0601, 0.81),
+                                      ("intx_weight_only_int2", 0.015, 1.2), ("bf16", 0.0605, 0.81)]):
+        rows.append({"job": num, "scheme": s, "leakage": lk, "leakage_p10": lk - 0.003,
+                     "leakage_p90": lk + 0.003, "baseline_leakage": 0.0606, "utility_rmse": u,
+                     "bits_per_weight": 8.0, "error": ""})
+    fig = agg.frontier_figure(rows)
+    ax = fig.axes[0]
+    assert not ax.texts  # no annotations on the axes that could overlap
+    names = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert names == ["frontier (non-dominated)", "unquantized baseline", "2: intx_weight_only_int2",
+                     "0: int8_weight_only = 1: int8_dynamic_activation_int8_weight", "3: bf16"]
+    assert ax.get_title() == "Privacy-utility frontier (4 results, 3 distinct)"
+    assert ax.get_ylabel() == "leakage = 1 - MIS (lower is safer)"
+    assert ax.get_xlabel() == "rmse (validation; lower is better)"
