@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -356,7 +357,9 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
         better = "higher" if higher_is_better(uk) else "lower"
         lines.append(f"  {uk.removeprefix('utility_')}: utility of the quantized copy on the "
                      f"validation data ({better} is better).")
-    return "\n".join(lines)
+    # terminal width: each entry wrapped at 100 characters, continuation lines indented
+    return "\n".join(textwrap.fill(ln, 100, subsequent_indent="    ", break_on_hyphens=False)
+                     for ln in lines)
 
 
 ERROR_CELL_WIDTH = 60  # characters of an error message shown in a table row
@@ -497,7 +500,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     finite = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
     for y, v in zip(ys, vals):
         if v is not None:
-            ax_u.annotate(_fmt(float(v)), (float(v), y), xytext=(3, 0), textcoords="offset points",
+            ax_u.annotate(_fmt(float(v)), (float(v), y), xytext=(7, 0), textcoords="offset points",
                           va="center", fontsize=7)
     if finite and uk:  # zoom in on the differences (bars from 0 would hide them)
         lo, hi = min(finite), max(finite)

@@ -245,6 +245,8 @@ def test_table_ends_with_legend_and_verdict():
                  baseline_leakage=0.06, baseline_mis=0.94, warnings=["d_eff / n is large"])
     text = rep.table()
     table, rest = text.split("\n\nlegend: ", 1)
+    assert max(len(ln) for ln in rest.split("\nverdict:")[0].splitlines()) <= 100
+    rest = " ".join(rest.split("\nverdict:")[0].split()) + "\nverdict:" + rest.split("\nverdict:")[1]
     assert table == format_table(rep.rows())
     assert "lower is safer" in rest and "MIS = 1 - leakage" in rest
     assert "overlapping intervals = not clearly different" in rest

@@ -513,6 +513,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     for lg in loggers:  # one tracker run per job: close it so that multirun jobs don't merge
         lg.finalize("success")
     _end_mlflow_run()
+    _end_wandb_run()
 
     info = job_info()
     result = {
@@ -549,3 +550,11 @@ def _end_mlflow_run() -> None:
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None and getattr(mlflow, "active_run", lambda: None)() is not None:
         mlflow.end_run()
+
+
+def _end_wandb_run() -> None:
+    """Finish the W&B run if one is active: Lightning's WandbLogger leaves it open, and the next
+    job of a multirun in this process would otherwise log into it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
