@@ -120,8 +120,12 @@ def log_files(logger: Any, paths: Iterable[str | Path], table: str | None = None
             exp.log_artifact(logger.run_id, str(p))
             done.append(f"mlflow:{Path(p).name}")
     elif _is_wandb(exp):
+        import shutil
+
         for p in paths:
-            exp.save(str(p), base_path=str(Path(p).parent), policy="now")
+            # into the run's files dir, which W&B uploads with the run; not `run.save(path)`,
+            # which globs the path (a job dir named `schemes=[a,b]` would match nothing)
+            shutil.copyfile(p, Path(exp.dir) / Path(p).name)
             done.append(f"wandb:{Path(p).name}")
     elif hasattr(exp, "add_text") and table is not None:  # TensorBoard SummaryWriter
         exp.add_text("mis_report", "\n".join("    " + ln for ln in table.splitlines()), global_step=step)

@@ -68,7 +68,8 @@ def test_callback_logs_to_csv_tensorboard_mlflow_wandb_and_reads_back(package, t
 
     torch.set_num_threads(1)
     make_cb = lightning_callback if package == "lightning" else MISCallback
-    cb = make_cb(SCHEMES, uncertainty_draws=2, num_records=64, dirpath=str(tmp_path / "mis"))
+    # a folder name with glob characters, as Hydra's job dirs have (`schemes=[a,b]`)
+    cb = make_cb(SCHEMES, uncertainty_draws=2, num_records=64, dirpath=str(tmp_path / "mis=[a,b]"))
     assert isinstance(cb, pl.Callback)
     loggers = {"csv": loggers_mod.CSVLogger(str(tmp_path), name="csv")}
     have = {m: importlib.util.find_spec(m) is not None for m in ("tensorboard", "mlflow", "wandb")}
@@ -90,7 +91,7 @@ def test_callback_logs_to_csv_tensorboard_mlflow_wandb_and_reads_back(package, t
     train, val = _loaders()
     trainer.fit(_module_class(pl)(), train, val)
 
-    report_path = tmp_path / "mis" / "mis_report.json"
+    report_path = tmp_path / "mis=[a,b]" / "mis_report.json"
     rep = json.loads(report_path.read_text())
     assert list(rep["schemes"]) == SCHEMES and rep["lightning"]["global_step"] == trainer.global_step
     leak = rep["schemes"]["rtn_int8"]["leakage"]
