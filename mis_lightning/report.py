@@ -303,6 +303,11 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fmt_or_dash(v: Any) -> str:
+    """As :func:`_fmt`, with ``-`` for a missing or NaN value (reports saved before a column existed)."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else _fmt(v)
+
+
 # utility metrics where larger is better (others -- rmse, mae, loss -- are smaller-is-better)
 HIGHER_IS_BETTER = ("r2", "auroc", "accuracy", "f1", "auprc")
 
@@ -367,7 +372,11 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
     uk = pick_utility_key(rows, utility_key)
     lines = [
         "legend: leakage = advantage of the best membership-inference attack on the released "
-        "weights (0 = none, 1 = always right); lower is safer. MIS = 1 - leakage.",
+        "weights (0 = none, 1 = always right); lower is safer. MIS = 1 - leakage. Game: a "
+        "training member against a fresh draw from the population, other training records unknown.",
+        "  pool: the same release in the pool protocol of reference-model audits (LiRA, RMIA, "
+        "ML Privacy Meter: target trained on a random half of a known pool); compare such audits "
+        "with this column.",
         "  80% interval [p10, p90]: uncertainty of the leakage (pos.: set by where few coarse "
         "weights sit in their cells); overlapping intervals = not clearly different.",
         "  bits/w: storage per assessed weight incl. scales; weights left in float count at their "
@@ -410,7 +419,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
     """
     uk = pick_utility_key(rows, utility_key)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
-        "leakage", "80% interval", "MIS", "baseline", "d_eff", "zeros"]  # zero_fraction
+        "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
         if r.get("error"):
@@ -422,7 +431,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
-            _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt(r["baseline_leakage"]),
+            _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt_or_dash(r.get("pool_leakage")),
+            _fmt(r["baseline_leakage"]),
             _fmt(r["d_eff"]), _fmt(r.get("zero_fraction", r.get("sparsity")))])  # old rows: sparsity
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
