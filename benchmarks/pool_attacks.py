@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         gmax.append(g)
     th_pool, g_pool = train(flat, theta0, x, y, args.setting, args.lbfgs_iters)
     psi = influences(flat, th_pool, x, y).numpy()
+    # sandwich covariance of the estimator over random halves of the pool (finite population):
+    # Sigma (N - n) / (n (N - 1)), Sigma = mean psi psi^T (psi centred: mean gradient 0 at the fit)
+    est_cov = psi.T @ psi / N * (N - n) / (n * (N - 1))
     t_train = time.perf_counter() - t0
     print(f"setting {args.setting}: N={N}, n={n}, d={d}, M={args.models}; trained in {t_train:.1f}s, "
           f"max |grad| over models {max(gmax):.2e} (pool fit {g_pool:.2e})", flush=True)
@@ -235,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             "lira_on_resid": lira_scores(resid, member, online=True),
             "rmia_on": rmia_scores(np.maximum(probs, 1e-300), member, online=True),
             "rmia_off": rmia_scores(np.maximum(probs, 1e-300), member, online=False),
-            "wb_on": whitebox_scores(rel, member, psi, online=True),
-            "wb_off": whitebox_scores(rel, member, psi, online=False),
+            "wb_on": whitebox_scores(rel, member, psi, online=True, estimator_cov=est_cov),
+            "wb_off": whitebox_scores(rel, member, psi, online=False, estimator_cov=est_cov),
         }
         res = {a: vars(pool_advantage(s, member, seed=args.seed)) for a, s in scores.items()}
         moved = float(np.mean(np.any(rel != rel[:1], axis=0)))

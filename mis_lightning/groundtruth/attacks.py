@@ -329,32 +329,40 @@ def rmia_scores(probs: np.ndarray, member: np.ndarray, online: bool = True, offl
 
 
 def whitebox_scores(released: np.ndarray, member: np.ndarray, influence: np.ndarray, online: bool = True,
-                    shrinkage: float = 0.1) -> np.ndarray:
+                    estimator_cov: np.ndarray | None = None, shrinkage: float = 0.1) -> np.ndarray:
     """A LiRA-style likelihood-ratio test on the released parameter vector, along each record's
     influence direction (white-box: the attacker reads the released codes x scales and the
     float biases).
 
     Choice. Membership of ``z`` moves the estimator's mean by ``psi(z) / n`` (method.md
-    section 2), and the spread of the released vector is nearly the same for every record, so
+    section 2) and the spread of the released vector is nearly the same for every record, so
     the Gaussian likelihood-ratio test is linear, along ``C^-1 psi(z)`` with ``C`` the
     covariance of the released vectors. Fitting a separate ``d``-dimensional mean per record from
-    the IN and OUT references (or a few principal directions) would be dominated by noise: with
-    ~``M / 2`` references per side the estimated mean difference has a Mahalanobis noise of
-    about ``sqrt(4 d / M)`` (2-3 here) against a signal ``|Sigma^-1/2 psi| / sqrt(n)`` of
-    0.1-0.3. The influence ``psi(z) = -H^-1 grad loss(z)`` is instead computed by the attacker
-    at the model fitted to the whole (known) pool. The one-dimensional statistic
-    ``t_m(z) = released_m . C^-1 psi(z)`` is then scored like LiRA: Gaussians fitted over the IN /
-    OUT references (:func:`lira_scores`), so the quantizer's effect on ``t`` is measured, not
-    assumed. ``C`` is estimated from the references only (the target left out), shrunk towards
-    its diagonal by ``shrinkage`` (``d`` is close to ``M``), plus ``1e-9`` of its mean diagonal
-    (coordinates that never move under a coarse grid).
+    the IN and OUT references (diagonal, or a few principal directions) would be dominated by
+    noise: with ~``M / 2`` references per side the estimated mean difference has a Mahalanobis
+    noise of about ``sqrt(4 d / M)`` (~2 at d = 57..129, M = 129) against a signal
+    ``|Sigma^-1/2 psi| / sqrt(n)`` of 0.1-0.5. The influence ``psi(z) = -H^-1 grad loss(z)`` is
+    instead computed by the attacker at the model fitted to the whole (known) pool. The
+    one-dimensional statistic ``t_m(z) = released_m . C^-1 psi(z)`` is then scored like LiRA:
+    Gaussians fitted over the IN / OUT references, so the quantizer's effect on ``t`` is
+    measured, not assumed.
+
+    ``C``: with ``estimator_cov`` (the covariance of the unquantized estimator over random
+    halves, e.g. the sandwich ``Sigma (N - n) / (n (N - 1))`` computed from the pool), ``C`` is
+    that plus, per coordinate, the variance the release adds on top of it over the references
+    (``max(var_ref_j - estimator_cov_jj, 0)``: rounding noise, taken as independent across
+    coordinates). Without it, the references' sample covariance shrunk towards its diagonal by
+    ``shrinkage`` (noisy when ``d`` is close to ``M``). Either way ``1e-9`` of the mean diagonal is
+    added (coordinates that never move under a coarse grid), and the target is left out.
 
     Args:
         released: ``[M, d]`` released (dequantized) parameter vectors.
         member: ``[M, N]`` bool membership.
         influence: ``[N, d]`` influence ``psi(z_i)`` of each pool record.
         online: IN and OUT references (else OUT only).
-        shrinkage: weight of the diagonal in ``C`` (in ``[0, 1]``).
+        estimator_cov: ``[d, d]`` covariance of the unquantized estimator, or ``None``.
+        shrinkage: weight of the diagonal in the sample covariance (in ``[0, 1]``; used
+            without ``estimator_cov``).
 
     Returns:
         ``[M, N]`` scores (larger = member).
@@ -368,6 +376,11 @@ def whitebox_scores(released: np.ndarray, member: np.ndarray, influence: np.ndar
     if th.ndim != 2 or psi.ndim != 2 or th.shape[1] != psi.shape[1] or member.shape != (th.shape[0], psi.shape[0]):
         raise ValueError(f"released [M, d] {th.shape}, influence [N, d] {psi.shape} and member [M, N] "
                          f"{member.shape} do not fit together")
+    d = th.shape[1]
+    if estimator_cov is not None:
+        estimator_cov = np.asarray(estimator_cov, np.float64)
+        if estimator_cov.shape != (d, d):
+            raise ValueError(f"estimator_cov must be [{d}, {d}], got {estimator_cov.shape}")
     if not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"shrinkage must be in [0, 1], got {shrinkage}")
     M = th.shape[0]
@@ -376,9 +389,13 @@ def whitebox_scores(released: np.ndarray, member: np.ndarray, influence: np.ndar
     out = np.empty(member.shape)
     for m in range(M):
         refs = np.arange(M) != m
-        c = np.atleast_2d(np.cov(th[refs], rowvar=False))
-        c = (1 - shrinkage) * c + shrinkage * np.diag(np.diag(c))
-        c += (1e-9 * max(float(np.mean(np.diag(c))), 1e-300)) * np.eye(c.shape[0])
+        if estimator_cov is not None:
+            extra = np.maximum(th[refs].var(0, ddof=1) - np.diag(estimator_cov), 0.0)
+            c = estimator_cov + np.diag(extra)
+        else:
+            c = np.atleast_2d(np.cov(th[refs], rowvar=False))
+            c = (1 - shrinkage) * c + shrinkage * np.diag(np.diag(c))
+        c = c + (1e-9 * max(float(np.mean(np.diag(c))), 1e-300)) * np.eye(d)
         v = np.linalg.solve(c, psi.T)  # [d, N]
         t = th @ v  # [M, N]: statistic of every model along this target's directions
         # LiRA on t, the target's own row scored against the references of this direction
