@@ -168,21 +168,118 @@ def influences(flat: Flat, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     return -torch.linalg.solve(h, g.T).T
 
 
+def diagnostics(thetas: np.ndarray, member: np.ndarray, psi: np.ndarray, est_cov: np.ndarray, n: int) -> dict:
+    """Checks of the first-order model on the unquantized estimators, per record along its
+    test direction ``u_i = est_cov^-1 psi_i`` (the white-box statistic ``t_i = u_i . theta``).
+
+    * ``first_order_pool_advantage``: ``mean_i 2 Phi(delta_i / 2) - 1`` with
+      ``delta_i = |est_cov^-1/2 psi_i| / n`` -- the pool-protocol leakage of the first-order
+      Gaussian model, computed from the whole-pool fit (no indicator involved);
+    * ``cov_trace_ratio``: trace of the models' sample covariance / trace of ``est_cov``;
+    * ``shift_ratio_median``, ``sd_ratio_median``: measured IN - OUT mean shift of ``t_i`` over its
+      prediction ``u_i . psi_i / n``, and measured sd of ``t_i`` over the OUT models over its
+      prediction ``sqrt(u_i . est_cov u_i)``;
+    * ``gaussian_tv_advantage``: ``mean_i 2 Phi(delta'_i / 2) - 1`` with the measured
+      ``delta'_i`` (shift over pooled sd, its squared noise ``1/n_in + 1/n_out`` subtracted):
+      the per-record optimal test if ``t_i`` is Gaussian with equal variances -- what the best
+      attack can reach along these directions.
+    """
+    u = np.linalg.solve(est_cov, psi.T)  # [d, N]
+    t = thetas @ u  # [M, N]
+    pred_shift = np.einsum("dn,nd->n", u, psi) / n
+    delta = np.sqrt(np.maximum(pred_shift * n, 0.0)) / n  # |est_cov^-1/2 psi| / n
+    ni, no = member.sum(0), (~member).sum(0)
+    mu_in = (t * member).sum(0) / ni
+    mu_out = (t * ~member).sum(0) / no
+    var_in = ((t - mu_in) ** 2 * member).sum(0) / (ni - 1)
+    var_out = ((t - mu_out) ** 2 * ~member).sum(0) / (no - 1)
+    sd_pool = np.sqrt(((ni - 1) * var_in + (no - 1) * var_out) / (ni + no - 2))
+    d2 = np.maximum(((mu_in - mu_out) / sd_pool) ** 2 - (1 / ni + 1 / no), 0.0)
+    from scipy import stats
+
+    return {"first_order_pool_advantage": float(np.mean(2 * stats.norm.cdf(delta / 2) - 1)),
+            "cov_trace_ratio": float(np.trace(np.cov(thetas, rowvar=False)) / np.trace(est_cov)),
+            "shift_ratio_median": float(np.median((mu_in - mu_out) / pred_shift)),
+            "sd_ratio_median": float(np.median(np.sqrt(var_out) / np.sqrt(pred_shift * n))),
+            "gaussian_tv_advantage": float(np.mean(2 * stats.norm.cdf(np.sqrt(d2) / 2) - 1))}
+
+
 def se(v) -> float:
     v = np.asarray(v, np.float64)
     return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
+def render(out: dict) -> str:
+    """Markdown tables of a run (``out`` as written to the JSON): the summary per scheme, with
+    the done-when checks, then every attack's advantage."""
+    cfg, sch = out["config"], out["schemes"]
+    has_pool = cfg["pool_leakage_from_report"]
+    pool_label = "pool-protocol leakage (report)" if has_pool else "PLACEHOLDER sqrt(2) x leakage"
+    names = cfg["schemes"]
+
+    def adv(s, a):
+        r = sch[s]["attacks"][a]
+        return r["advantage"], r["advantage_se"]
+
+    def wb(s):
+        return max((adv(s, a) for a in ("wb_on", "wb_off")), key=lambda v: v[0])
+
+    lines = [f"setting {cfg['setting']} (N={cfg['N']}, n={cfg['n']}, d={cfg['d']}, M={cfg['models']}): "
+             f"`{cfg['command']}`", "",
+             f"| scheme | indicator leakage (population game) | {pool_label} | best black-box | white-box "
+             "(best of online/offline) | best attack - 2 se <= pool? | pool <= best attack + 2 se? "
+             "| kept vs none: white-box / indicator (pool) |", "|---|---|---|---|---|---|---|---|"]
+    base = "none" if "none" in names else None
+    for s in names:
+        lk = sch[s]["indicator_leakage"]
+        pool = sch[s]["pool_leakage"] if has_pool else sch[s]["pool_leakage_placeholder_sqrt2"]
+        bb = max(BLACK_BOX, key=lambda a: adv(s, a)[0])
+        best = max(ATTACKS, key=lambda a: adv(s, a)[0])
+        b, bse = adv(s, best)
+        w, wse = wb(s)
+        kept = ""
+        if base:
+            p0 = sch[base]["pool_leakage"] if has_pool else sch[base]["pool_leakage_placeholder_sqrt2"]
+            kept = f"{w / wb(base)[0]:.0%} / {pool / p0:.0%}"
+        lines.append(f"| {s} | {lk:.4f} | {pool:.4f} | {adv(s, bb)[0]:.4f} +- {adv(s, bb)[1]:.4f} ({bb}) | "
+                     f"{w:.4f} +- {wse:.4f} | {'yes' if b - 2 * bse <= pool else '**no**'} ({best} {b:.4f}) | "
+                     f"{'yes' if pool <= b + 2 * bse else 'no'} | {kept} |")
+    lines += ["", "| scheme | " + " | ".join(ATTACKS) + " | best: per-target max (null) |",
+              "|---|" + "---|" * (len(ATTACKS) + 1)]
+    for s in names:
+        best = max(ATTACKS, key=lambda a: adv(s, a)[0])
+        r = sch[s]["attacks"][best]
+        lines.append(f"| {s} | " + " | ".join(f"{adv(s, a)[0]:.4f}+-{adv(s, a)[1]:.4f}" for a in ATTACKS)
+                     + f" | {r['max_advantage']:.4f} ({r['null_max_advantage']:.4f}) |")
+    if "diagnostics_unquantized" in out:
+        g = out["diagnostics_unquantized"]
+        lines.append(f"\nFirst-order model, unquantized (along each record's direction est_cov^-1 psi): pool-protocol "
+                     f"advantage {g['first_order_pool_advantage']:.4f}; measured per-record Gaussian optimum "
+                     f"{g['gaussian_tv_advantage']:.4f}; measured / predicted: mean shift {g['shift_ratio_median']:.2f}, "
+                     f"sd {g['sd_ratio_median']:.2f} (medians over records), covariance trace "
+                     f"{g['cov_trace_ratio']:.2f}.")
+    lines.append(f"\nAdvantage = TPR - FPR at one threshold for all targets (pooled ROC), mean +- s.e. over "
+                 f"{cfg['models']} targets; 'per-target max' = each target's own max(TPR - FPR), biased up by "
+                 f"about its 'null' (labels permuted). Indicator: mean over {cfg['indicator_targets']} targets. "
+                 f"Times: training {cfg['t_train']:.0f}s, attacks {cfg['t_attacks']:.0f}s, indicator "
+                 f"{cfg['t_indicator']:.0f}s, total {cfg.get('t_total', 0):.0f}s.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setting", choices=["A", "B"], required=True)
+    ap.add_argument("--setting", choices=["A", "B"], default="A")
     ap.add_argument("--models", type=int, default=129, help="models in the pool protocol (>= 65 for the issue)")
     ap.add_argument("--indicator-targets", type=int, default=4, help="targets assessed by the indicator")
     ap.add_argument("--schemes", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lbfgs-iters", type=int, default=200, help="setting A: L-BFGS iterations per model")
     ap.add_argument("--json", type=Path, default=None, help="default docs/figures/pool_<setting>.json")
+    ap.add_argument("--render", type=Path, default=None, help="only print the tables of a JSON written before")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return 0
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     schemes = args.schemes or SCHEMES[args.setting]
@@ -208,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     # Sigma (N - n) / (n (N - 1)), Sigma = mean psi psi^T (psi centred: mean gradient 0 at the fit)
     est_cov = psi.T @ psi / N * (N - n) / (n * (N - 1))
     t_train = time.perf_counter() - t0
+    diag = diagnostics(torch.stack(thetas).numpy(), member, psi, est_cov, n)
     print(f"setting {args.setting}: N={N}, n={n}, d={d}, M={args.models}; trained in {t_train:.1f}s, "
           f"max |grad| over models {max(gmax):.2e} (pool fit {g_pool:.2e})", flush=True)
 
@@ -272,48 +370,24 @@ def main(argv: list[str] | None = None) -> int:
             ind[s]["pool_leakage"].append(pl)
     t_ind = time.perf_counter() - t0
 
-    pool_label = "pool_leakage (report)" if has_pool else "PLACEHOLDER sqrt(2) x leakage"
-    lines = [f"| scheme | indicator leakage (population game) | {pool_label} | "
-             + " | ".join(ATTACKS) + " | best attack | best - 2 se <= pool? | white-box kept / indicator kept |",
-             "|" + "---|" * (5 + len(ATTACKS))]
     summary: dict[str, dict] = {}
-    wb0 = results[schemes[0]]["attacks"]["wb_on"]["advantage"] if schemes[0] == "none" else None
-    lk0 = float(np.mean(ind[schemes[0]]["leakage"])) if schemes[0] == "none" else None
     for s in schemes:
-        res = results[s]["attacks"]
         lk = float(np.mean(ind[s]["leakage"]))
-        pool = float(np.mean(ind[s]["pool_leakage"])) if has_pool else math.sqrt(2) * lk
-        best = max(ATTACKS, key=lambda a: res[a]["advantage"])
-        b, bse = res[best]["advantage"], res[best]["advantage_se"]
-        ok_low = b - 2 * bse <= pool
-        cells = [f"{res[a]['advantage']:.4f}+-{res[a]['advantage_se']:.4f}" for a in ATTACKS]
-        kept = ""
-        if wb0 and lk0:
-            kept = f"{res['wb_on']['advantage'] / wb0:.0%} / {lk / lk0:.0%}"
-        lines.append(f"| {s} | {lk:.4f} | {pool:.4f} | " + " | ".join(cells)
-                     + f" | {b:.4f}+-{bse:.4f} ({best}) | {'yes' if ok_low else 'NO'} | {kept} |")
         summary[s] = {"indicator_leakage": lk, "indicator_leakage_targets": ind[s]["leakage"],
                       "indicator_interval_targets": ind[s]["interval"],
-                      "pool_leakage": pool if has_pool else None,
-                      "pool_leakage_placeholder_sqrt2": None if has_pool else pool,
-                      "best_attack": best, "best_advantage": b, "best_advantage_se": bse,
-                      "best_minus_2se_le_pool": bool(ok_low),
-                      "pool_ge_best_minus_2se": bool(pool >= b - 2 * bse),
-                      "pool_le_best_plus_2se": bool(pool <= b + 2 * bse), **results[s]}
+                      "pool_leakage": float(np.mean(ind[s]["pool_leakage"])) if has_pool else None,
+                      "pool_leakage_targets": ind[s]["pool_leakage"] if has_pool else None,
+                      "pool_leakage_placeholder_sqrt2": None if has_pool else math.sqrt(2) * lk, **results[s]}
     cmd = "python benchmarks/pool_attacks.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines.append(f"\nadvantage = TPR - FPR at one threshold for all targets (pooled ROC), mean +- s.e. over "
-                 f"{args.models} targets; per-target max(TPR - FPR) and its null in the JSON. "
-                 f"Indicator: mean over {min(args.indicator_targets, args.models)} targets. "
-                 f"Times: training {t_train:.0f}s, attacks {t_att:.0f}s, indicator {t_ind:.0f}s, "
-                 f"total {time.perf_counter() - t_start:.0f}s.")
-    print(f"\nsetting {args.setting} (N={N}, n={n}, d={d}, M={args.models}): `{cmd}`\n")
-    print("\n".join(lines))
     out = {"config": {"setting": args.setting, "N": N, "n": n, "d": d, "models": args.models, "seed": args.seed,
                       "weight_decay": WEIGHT_DECAY, "schemes": schemes, "command": cmd,
                       "indicator_targets": min(args.indicator_targets, args.models),
                       "pool_leakage_from_report": has_pool, "max_abs_grad": max(gmax),
-                      "t_train": t_train, "t_attacks": t_att, "t_indicator": t_ind},
-           "schemes": summary, "table": "\n".join(lines)}
+                      "t_train": t_train, "t_attacks": t_att, "t_indicator": t_ind,
+                      "t_total": time.perf_counter() - t_start}, "schemes": summary,
+           "diagnostics_unquantized": diag}
+    out["table"] = render(out)
+    print(out["table"])
     path = args.json or ROOT / "docs" / "figures" / f"pool_{args.setting}.json"
     path.write_text(json.dumps(out, indent=1))
     print(f"\nwrote {path}")
