@@ -7,6 +7,7 @@ quantizes, computes cell moments chunk by chunk and returns the :class:`Report`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -272,9 +273,8 @@ def score_schemes(
     estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R,
                        "estimator": est.estimator, "reason": est.reason}
     diagnostics = dict(est.diagnostics)
-    if est.mahalanobis is not None:
-        corr = F.saturate(F.cells.SQRT_2_OVER_PI * est.mahalanobis / (2 * math.sqrt(n)))
-        diagnostics["baseline_leakage_correlated"] = float(corr.mean())
+    rc = _record_correlation(est, cfg)
+    estimation_info["covariance"] = "independent" if rc is None else rc.kind
 
     # Phase A: quantize each scheme and evaluate its copy. Nothing here touches w or sigma.
     prepared: list[_Prepared] = []
@@ -304,7 +304,7 @@ def score_schemes(
     col = 1
     for prep in prepared:
         prep.column = col
-        col += 1 + prep.num_draws
+        col += 2 + prep.num_draws  # main, draws, pool protocol
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
     sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
@@ -315,9 +315,16 @@ def score_schemes(
     base_layers = {name: sums[name][0] for name in est.names}
     base_total = _total(base_layers, R)
     baseline = float(base_total.leakage(n).mean())
+    baseline_pool = float(base_total.leakage(n / 2).mean())  # kappa = 1: the cells do not enter
+    if rc is not None:
+        diagnostics["baseline_leakage_independent"] = baseline
+        assert est.influence is not None
+        base_abs = _unquantized_mean_abs(est, rc)
+        baseline = float(F.saturate(base_abs / (2 * math.sqrt(n))).mean())
+        baseline_pool = float(F.saturate(base_abs / (2 * math.sqrt(n / 2))).mean())
     report = Report(
         n=n, d=est.d, estimation=estimation_info, diagnostics=diagnostics, schemes={},
-        baseline_leakage=baseline, baseline_mis=1.0 - baseline,
+        baseline_leakage=baseline, baseline_mis=1.0 - baseline, baseline_pool_leakage=baseline_pool,
     )
 
     # Phase C: per scheme, the chosen method, per-layer values and the interval.
@@ -334,7 +341,8 @@ def score_schemes(
         # The same draws for every scheme (common random numbers): differences between
         # schemes are then far less noisy than the schemes' own Monte Carlo errors.
         gen = torch.Generator().manual_seed(seed + 7919)
-        result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size)
+        result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
+                                rc=rc)
         report.schemes[scheme.name] = result
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
@@ -376,6 +384,9 @@ class _Prepared:
         self.kappa: dict[str, Tensor] = {}  # at theta-hat (quantized params only)
         self.m4: dict[str, Tensor] = {}
         self.lam: dict[str, Tensor] = {}
+        # the pool protocol reads the cells at sigma / sqrt(2) (method.md section 3, "Pool protocol")
+        self.kappa_pool: dict[str, Tensor] = {}
+        self.lam_pool: dict[str, Tensor] = {}
         self.draws: dict[str, list[Tensor]] = {}  # bootstrap kappas per parameter
         self.num_draws = 0
         self.column = 0  # index of this scheme's main column in the joint sums
@@ -454,8 +465,15 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     else:
         k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
     prep.kappa[name], prep.m4[name] = k, m4
+    sg_pool = sg / POOL_SIGMA_RATIO
+    if g.rounding != "nearest":
+        k_pool, _, lam_pool = _requantized_moments(prep, name, sg_pool, gen, note=False)
+    else:
+        k_pool, _, lam_pool = _grid_moments(g, th, sg_pool, chunk, policy=policy)
+    prep.kappa_pool[name] = k_pool
     if est.d == 1:  # only the one-coordinate form uses lam
         prep.lam[name] = lam
+        prep.lam_pool[name] = lam_pool
     prep.draws[name], prep.lam_draws[name] = [], []
     for _ in range(prep.num_draws):
         th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
@@ -473,22 +491,23 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
 
 
 def _requantized_moments(prep: _Prepared, name: str, sigma: Tensor,
-                         gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+                         gen: torch.Generator, note: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """``kappa, m4, lam`` of a grid whose rounding is not nearest, by Monte Carlo
     re-quantization (the real scheme on perturbed weights; quantization/requantize.py)."""
     from .quantization.requantize import REQUANT_DRAWS, requantize_moments
 
     mm = requantize_moments(prep.scheme, prep.source, {name: sigma}, num_draws=REQUANT_DRAWS,
                             generator=gen)[name]
-    prep.notes.append(f"{name}: rounding {prep.grids[name].rounding!r} is not nearest: cell "
-                      f"moments from {REQUANT_DRAWS} Monte Carlo re-quantization draws, held "
-                      "fixed in the uncertainty interval")
+    if note:
+        prep.notes.append(f"{name}: rounding {prep.grids[name].rounding!r} is not nearest: cell "
+                          f"moments from {REQUANT_DRAWS} Monte Carlo re-quantization draws, held "
+                          "fixed in the uncertainty interval")
     return mm.kappa, mm.m4, mm.lam  # RequantMoments keeps the name lam
 
 
 def _release_moments(prep: _Prepared, name: str) -> None:
     """Drop one parameter's moments once its sums are accumulated (large models)."""
-    for store in (prep.kappa, prep.m4, prep.draws):
+    for store in (prep.kappa, prep.m4, prep.draws, prep.kappa_pool):
         store.pop(name, None)
 
 
@@ -507,8 +526,8 @@ def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use
 
 
 def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
-    """Kappa columns ``[numel, M]`` (baseline, then per scheme: main + draws), m4 of the
-    main columns, and each scheme's column range."""
+    """Kappa columns ``[numel, M]`` (baseline, then per scheme: main, draws, pool protocol),
+    m4 of the main columns, and each scheme's column range."""
     cols, m4s, spans = [torch.ones(numel, dtype=torch.float64)], [torch.full((numel,), 3.0, dtype=torch.float64)], []
     for p in prepared:
         start = len(cols)
@@ -516,10 +535,11 @@ def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, 
             cols.append(p.kappa[name].to(torch.float64))
             m4s.append(p.m4[name].to(torch.float64))
             cols.extend(d.to(torch.float64) for d in p.draws[name])
+            cols.append(p.kappa_pool[name].to(torch.float64))
         else:  # left in float by this scheme: kappa = 1 in every column
             cols.append(cols[0])
             m4s.append(m4s[0])
-            cols.extend(cols[0] for _ in range(p.num_draws))
+            cols.extend(cols[0] for _ in range(p.num_draws + 1))
         spans.append((start, len(cols)))
     return torch.stack(cols, 1), torch.stack(m4s, 1), spans
 
@@ -551,6 +571,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     prep.failed = prep.failed or f"{type(exc).__name__} in the cell moments of {name!r}: {exc}"
                     one = torch.ones(numel, dtype=torch.float64)
                     prep.kappa[name], prep.m4[name] = one, 3.0 * one
+                    prep.kappa_pool[name] = one
                     prep.draws[name] = [one.float() for _ in range(prep.num_draws)]
         K, M4, spans = _columns(name, numel, prepared)
         main_idx = [0] + [s for s, _ in spans]
@@ -575,7 +596,8 @@ def _total(layer_sums: dict[str, F.CltSums], R: int) -> F.CltSums:
 
 def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]],
                    base_layers: dict[str, F.CltSums], baseline: float, method: str,
-                   num_samples: int | None, gen: torch.Generator, chunk: int) -> SchemeResult:
+                   num_samples: int | None, gen: torch.Generator, chunk: int,
+                   rc: F.correlated.RecordCorrelation | None = None) -> SchemeResult:
     R, n, d = est.num_records, est.n, est.d
     idx = prep.column
     main = {name: sums[name][idx] for name in est.names}
@@ -614,10 +636,32 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
                     layers[name].leakage, layers[name].mis = lk, 1.0 - lk
     else:
         leak = total.leakage(n)
+    leak_independent = leak
+    draws_used = num_samples if num_samples is not None else F.mc_draws_for(R, coarse)
+    pool = _pool_leakage(est, prep, sums, idx, chosen, draws_used, gen, chunk, rc)
+    if rc is not None:
+        assert est.influence is not None
+        kvec = _kappa_vector(est, prep.kappa)
+        leak = _correlated_leakage(est, prep, rc, kvec, chosen, draws_used, gen, 1.0, n)
+        for name in est.names:  # per layer: the Gaussian form on the layer's block
+            sl = slice(*est.offsets[name])
+            rcl, wl = rc.restrict(sl), est.influence[:, sl]
+            k_l = kvec[sl] if name in prep.kappa else None
+            layers[name].leakage = float(F.saturate(rcl.gaussian_mean_abs(wl, k_l) / (2 * math.sqrt(n))).mean())
+            layers[name].mis = 1.0 - layers[name].leakage
+            layers[name].baseline_leakage = _layer_baseline(est, rc, name)
+        notes.append(f"covariance: {rc.kind} correlation of the weights "
+                     f"(independent-coordinate value {float(leak_independent.mean()):.4g})")
     leakage = float(leak.mean())
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
-    iv = _interval(est, prep, sums, idx, leakage, float(total.leakage(n).mean()), chosen, record_se)
+    iv = _interval(est, prep, sums, idx, float(leak_independent.mean()), float(total.leakage(n).mean()),
+                   chosen, record_se)
+    if iv is not None and rc is not None:
+        # The interval's construction is independent-coordinate; carried over to the
+        # correlated headline by the ratio of the two plug-in values (method.md section 3).
+        ratio = leakage / max(float(leak_independent.mean()), 1e-300)
+        iv = dataclasses.replace(iv, lo=min(iv.lo * ratio, leakage), hi=max(iv.hi * ratio, leakage))
     interval = None if iv is None else (iv.lo, iv.hi)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,
@@ -626,7 +670,68 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
         layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
         float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
+        pool_leakage=pool, covariance="independent" if rc is None else rc.kind,
+        leakage_independent=None if rc is None else float(leak_independent.mean()),
     )
+
+
+# theta-hat's spread in the pool protocol is sigma / sqrt(2) (method.md section 3, "Pool protocol").
+POOL_SIGMA_RATIO = math.sqrt(2.0)
+
+
+def _record_correlation(est: Estimate, cfg: ScoringConfig) -> F.correlated.RecordCorrelation | None:
+    """The correlation form of the headline (``ScoringConfig.covariance``), or ``None`` for
+    independent coordinates.
+
+    Raises:
+        ValueError: ``"full"`` without the exact estimator's correlation, ``"factor"`` without
+            stored influences (the message says what to change).
+    """
+    form = cfg.covariance
+    if form == "independent" or est.d == 1:
+        return None
+    if form == "full" and est.correlation is None:
+        raise ValueError("covariance='full' needs the full correlation of the weights, which only the exact "
+                         "estimator computes (estimation='exact'); use covariance='factor' or 'auto'")
+    if est.correlation is not None and form in ("auto", "full"):
+        return F.correlated.RecordCorrelation.full(est.correlation)
+    if not est.influence_stored or est.influence is None or est.num_records < 8:
+        if form == "factor":
+            raise ValueError("covariance='factor' needs the stored influences of >= 8 records (a model small "
+                             "enough for budget=, or more num_records=); use covariance='auto'")
+        return None
+    return F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
+
+
+def _unquantized_mean_abs(est: Estimate, rc: F.correlated.RecordCorrelation) -> Tensor:
+    """``[R]`` ``sqrt(2/pi) |Sigma^-1/2 psi|``: the estimator's Mahalanobis norms where it has them
+    (computed from the gradient covariance, which the Hessian cancels out of), else the
+    correlation form with every ``kappa = 1``."""
+    if rc.kind == "full" and est.mahalanobis is not None:
+        return F.cells.SQRT_2_OVER_PI * est.mahalanobis.to(torch.float64)
+    assert est.influence is not None
+    return rc.gaussian_mean_abs(est.influence)
+
+
+def _kappa_vector(est: Estimate, kappas: Mapping[str, Tensor]) -> Tensor:
+    """``[d]`` kappa of every assessed weight (1 where the scheme left the parameter in float)."""
+    out = torch.ones(est.d, dtype=torch.float64)
+    for name in est.names:
+        if name in kappas:
+            s, e = est.offsets[name]
+            out[s:e] = kappas[name].to(torch.float64)
+    return out
+
+
+def _layer_baseline(est: Estimate, rc: F.correlated.RecordCorrelation, name: str) -> float:
+    """A layer's unquantized leakage with its block of the correlation (cached per estimate)."""
+    cache = rc.cache.setdefault("layer_baseline", {})
+    if name not in cache:
+        assert est.influence is not None
+        sl = slice(*est.offsets[name])
+        cache[name] = float(F.saturate(rc.restrict(sl).gaussian_mean_abs(est.influence[:, sl])
+                                       / (2 * math.sqrt(est.n))).mean())
+    return cache[name]
 
 
 def _exact1d(est: Estimate, lams: dict[str, Tensor]) -> Tensor:
@@ -638,8 +743,10 @@ def _exact1d(est: Estimate, lams: dict[str, Tensor]) -> Tensor:
 
 
 def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict[str, Tensor | None], num_samples: int,
-                gen: torch.Generator, chunk: int, names: list[str]) -> Tensor:
-    """Hybrid Monte Carlo (:class:`~mis_lightning.functional.HybridMC`) over ``names``."""
+                gen: torch.Generator, chunk: int, names: list[str], sigma_scale: float = 1.0,
+                n: float | None = None) -> Tensor:
+    """Hybrid Monte Carlo (:class:`~mis_lightning.functional.HybridMC`) over ``names`` (cells read
+    at ``sigma / sigma_scale``; ``n`` defaults to the estimate's)."""
     assert est.influence is not None
     mc = F.HybridMC(est.num_records)
     for name in names:
@@ -647,8 +754,9 @@ def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict[str, Te
         g = grids.get(name)
         edges = None if g is None else (
             lambda lo, hi, g=g, th=th: g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW))
-        mc.update(est.influence[:, slice(*est.offsets[name])], kappas[name], th, est.sigma[name], edges, chunk)
-    return mc.compute(est.n, num_samples, gen)
+        mc.update(est.influence[:, slice(*est.offsets[name])], kappas[name], th, est.sigma[name] / sigma_scale,
+                  edges, chunk)
+    return mc.compute(est.n if n is None else n, num_samples, gen)
 
 
 def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
@@ -710,3 +818,75 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
         return {"theta": torch.zeros(0, dtype=torch.float64)}
     return {"theta": torch.cat(th_p), "sigma": torch.cat(sg_p), "boundaries": torch.cat(b_p),
             "influence": torch.cat(w_p, 1), "gaussian_s2": None if chosen == "exact1d" else gauss}
+
+
+def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: float
+                  ) -> tuple[Tensor, F.CellStatistics | None]:
+    """Global indices ``[c]`` of the coarse quantized weights (``kappa`` in the Monte Carlo
+    form's coarse range) and their cell statistics, the cells read at ``sigma / sigma_scale``."""
+    idx_all, th_p, sg_p, b_p = [], [], [], []
+    for name in est.names:
+        g = prep.grids.get(name)
+        if g is None or name not in prep.kappa:
+            continue
+        s, e = est.offsets[name]
+        idx = torch.nonzero(F.coarse_mask(kvec[s:e])).squeeze(-1)
+        th, sg = est.theta[name], est.sigma[name] / sigma_scale
+        for a in range(0, idx.numel(), DEFAULT_CHUNK):
+            ii = idx[a : a + DEFAULT_CHUNK]
+            lo, hi = int(ii.min()), int(ii.max()) + 1
+            b_p.append(g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW)[ii - lo])
+            th_p.append(th[ii].double())
+            sg_p.append(sg[ii].double())
+            idx_all.append(ii + s)
+    if not idx_all:
+        return torch.zeros(0, dtype=torch.long), None
+    stats = F.cell_statistics(torch.cat(th_p), torch.cat(sg_p), torch.cat(b_p), validate=False)
+    return torch.cat(idx_all), stats
+
+
+# Flops one correlated Monte Carlo evaluation may cost (draws x d x (d + records)).
+CORRELATED_MC_FLOPS = 4_000_000_000
+
+
+def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordCorrelation, kvec: Tensor,
+                        chosen: str, draws: int, gen: torch.Generator, sigma_scale: float, n: float) -> Tensor:
+    """``[R]`` leakage with the correlation of the weights (functional/correlated.py): the
+    Gaussian form, or, where the independent form would use Monte Carlo and some weight is
+    coarse, jointly drawn cells; capped by the unquantized value (conditional Jensen)."""
+    assert est.influence is not None
+    W = est.influence
+    if bool((kvec == 1.0).all()):  # nothing quantized: the unquantized (Mahalanobis) form
+        return F.saturate(_unquantized_mean_abs(est, rc) / (2 * math.sqrt(n)))
+    if chosen == "mc":
+        idx, stats = _coarse_cells(est, prep, kvec, sigma_scale)
+        if stats is not None:
+            d, R = est.d, est.num_records
+            draws = int(max(F.leakage.MIN_MC_DRAWS, min(draws, CORRELATED_MC_FLOPS // max(d * (d + R), 1))))
+            mean_abs = rc.mc_mean_abs(W, kvec, idx, stats, draws, gen)
+            cap = _unquantized_mean_abs(est, rc)
+            return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
+    return F.saturate(rc.gaussian_mean_abs(W, kvec) / (2 * math.sqrt(n)))
+
+
+def _pool_leakage(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int, chosen: str,
+                  draws: int, gen: torch.Generator, chunk: int,
+                  rc: F.correlated.RecordCorrelation | None) -> float:
+    """The leakage in the pool protocol of reference-model audits (method.md section 3, "Pool
+    protocol"): the same forms with the cells read at ``sigma / sqrt(2)`` and ``n / 2`` in
+    the shift's scale."""
+    n_pool = est.n / 2
+    if chosen == "exact1d":
+        name = est.names[0]
+        assert est.influence is not None
+        lam = prep.lam_pool.get(name, torch.tensor([F.cells.SQRT_2_OVER_PI], dtype=torch.float64))
+        return float(F.exact1d_leakage(est.influence[:, 0], lam, n_pool).mean())
+    if rc is not None:
+        kvec = _kappa_vector(est, prep.kappa_pool)
+        return float(_correlated_leakage(est, prep, rc, kvec, chosen, draws, gen, POOL_SIGMA_RATIO, n_pool).mean())
+    if chosen == "mc" and est.influence_stored:
+        kappas = {name: (prep.kappa_pool[name].double() if name in prep.kappa_pool else None) for name in est.names}
+        return float(_mc_leakage(est, prep.grids, kappas, draws, gen, chunk, names=est.names,
+                                 sigma_scale=POOL_SIGMA_RATIO, n=n_pool).mean())
+    pool_col = idx + 1 + prep.num_draws
+    return float(_total({name: sums[name][pool_col] for name in est.names}, est.num_records).leakage(n_pool).mean())

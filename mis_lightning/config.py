@@ -42,6 +42,7 @@ MODES = ("auto", "exact", "diagonal")
 HESSIANS = ("auto", "exact", "ggn", "hutchinson")
 METHODS = ("auto", "mc", "clt", "exact1d")
 COMPILE_POLICIES = ("auto", "always", "never")
+COVARIANCE_FORMS = ("auto", "full", "factor", "independent")
 
 
 def _or_list(values: Sequence[str]) -> str:
@@ -168,6 +169,12 @@ class ScoringConfig:
         compile: ``torch.compile`` of the fused cell kernel: ``"auto"`` (after enough
             elements), ``"always"`` or ``"never"``; default from ``MIS_LIGHTNING_COMPILE``,
             read once here (:func:`compile_policy_from_env`) and passed down to the math.
+        covariance: how the headline treats the correlation of the weights (method.md
+            section 3, "Correlated coordinates"): ``"auto"`` (the full correlation where the
+            exact estimator ran, else a factor model from the stored records' influences,
+            else independent coordinates), ``"full"``, ``"factor"`` or ``"independent"``
+            (the diagonal form of earlier versions). The report says which form was used.
+        factor_rank: principal directions of the factor model (``covariance="factor"``, >= 1).
 
     Raises:
         ValueError: an option outside its range or choices (the message names the option).
@@ -180,9 +187,13 @@ class ScoringConfig:
     strict: bool = True
     chunk_size: int = DEFAULT_CHUNK
     compile: str = field(default_factory=compile_policy_from_env)
+    covariance: str = "auto"
+    factor_rank: int = 64
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
+        _check_choice("covariance", self.covariance, COVARIANCE_FORMS)
+        _check_int("factor_rank", self.factor_rank, 1)
         _check_int("uncertainty_draws", self.uncertainty_draws, 0)
         _check_int("mc_draws", self.mc_draws, 1, allow_none=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

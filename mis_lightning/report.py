@@ -54,6 +54,11 @@ class LayerResult:
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
 
 
+# The game of ``leakage`` (method.md section 1), stated in every report.
+GAME = ("population: a training member against a fresh draw from the population, co-training "
+        "records unknown (pool_leakage: the pool protocol of reference-model audits)")
+
+
 @dataclass
 class SchemeResult:
     """Figures of one scheme.
@@ -73,6 +78,15 @@ class SchemeResult:
     ``quantized_fraction`` = share of assessed weights the scheme quantized; ``float_params``
     = assessed parameter -> why the scheme left it in float (scored as unprotected,
     ``kappa = 1``).
+
+    The game of ``leakage`` (method.md section 1): a member against a fresh draw from the
+    population, the co-training records unknown to the attacker. ``pool_leakage`` is the same
+    release in the pool protocol of reference-model audits (ML Privacy Meter, LiRA, RMIA:
+    the target trained on a random half of a known pool of ``2n`` records; method.md
+    section 3, "Pool protocol"), the number to set beside such an audit's advantage.
+    ``covariance``: how the headline treats the correlation of the weights (``"full"``,
+    ``"factor"`` or ``"independent"``); ``leakage_independent``: the independent-coordinate
+    value, kept for comparison when another form was used.
     """
 
     name: str
@@ -95,6 +109,9 @@ class SchemeResult:
     error: str | None = None
     float_params: dict[str, str] = field(default_factory=dict)
     interval_regime: str | None = None
+    pool_leakage: float = math.nan
+    covariance: str = "independent"
+    leakage_independent: float | None = None
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
@@ -130,7 +147,8 @@ class Report:
         n: training records; d: assessed weights; estimation: how sigma and w were had;
         diagnostics: method.md section 6 diagnostics (plus ``d_eff_over_n`` warnings);
         schemes: scheme name -> :class:`SchemeResult`; baseline_leakage / baseline_mis: the
-        unquantized release.
+        unquantized release; baseline_pool_leakage: the unquantized release in the pool
+        protocol (see :class:`SchemeResult`); game: the attack game ``leakage`` belongs to.
     """
 
     n: int
@@ -141,6 +159,8 @@ class Report:
     baseline_leakage: float
     baseline_mis: float
     warnings: list[str] = field(default_factory=list)
+    baseline_pool_leakage: float = math.nan
+    game: str = GAME
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +170,8 @@ class Report:
             "diagnostics": to_plain(self.diagnostics),
             "baseline_leakage": self.baseline_leakage,
             "baseline_mis": self.baseline_mis,
+            "baseline_pool_leakage": self.baseline_pool_leakage,
+            "game": self.game,
             "warnings": list(self.warnings),
             "schemes": {k: v.to_dict() for k, v in self.schemes.items()},
         }
@@ -185,6 +207,8 @@ class Report:
             n=data["n"], d=data["d"], estimation=data["estimation"], diagnostics=data["diagnostics"],
             schemes=schemes, baseline_leakage=data["baseline_leakage"],
             baseline_mis=data["baseline_mis"], warnings=data.get("warnings", []),
+            baseline_pool_leakage=data.get("baseline_pool_leakage", math.nan),
+            game=data.get("game", GAME),
         )
 
     def rows(self) -> list[dict[str, Any]]:
@@ -195,7 +219,7 @@ class Report:
                 "scheme": name, "bits_per_weight": s.bits_per_weight, "leakage": s.leakage,
                 "mis": s.mis, "leakage_p10": s.interval[0] if s.interval else None,
                 "leakage_p90": s.interval[1] if s.interval else None,
-                "interval_regime": s.interval_regime,
+                "interval_regime": s.interval_regime, "pool_leakage": s.pool_leakage,
                 "baseline_leakage": s.baseline_leakage, "d_eff": s.d_eff, "d": s.d,
                 "zero_fraction": s.zero_fraction, "pinned_fraction": s.pinned_fraction,
                 "float_fraction": math.nan if s.error else 1.0 - s.quantized_fraction,

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..functional.correlated import Correlation, correlation_from_covariance
 from .linear_factors import (
     FactoredProgram,
     LinearFactors,
@@ -86,6 +87,7 @@ class Estimate:
             parameter (large models); deprecated alias ``w``. Read them, whatever the path,
             with :meth:`iter_influence` or :meth:`power_sums`.
         mahalanobis: ``[R]`` ``|Sigma^{-1/2} psi|`` per record (exact mode only).
+        correlation: ``[d, d]`` correlation matrix of ``Sigma`` (exact mode only; dimensionless).
         diagnostics: method.md section 6 diagnostics.
         factors: per-record factors of Linear layers (the factored diagonal path, see
             ``linear_factors``): ``w`` of those records is a product of small matrices and is
@@ -106,6 +108,7 @@ class Estimate:
     num_records: int
     diagnostics: dict[str, Any] = field(default_factory=dict)
     mahalanobis: Tensor | None = None
+    correlation: Tensor | None = None
     _program: LossProgram | None = None
     _records: list[tuple[Any, Any]] | None = None
     _g_mean: dict[str, Tensor] | None = None
@@ -577,9 +580,10 @@ class MomentAccumulator:
                 raise ValueError("exact mode stores per-sample gradients; raise budget or lower num_records")
             gg = st["gg_sum"].to(cpu) / n
             H = st["H_sum"].to(cpu) / n + self.weight_decay * torch.eye(self.d, dtype=torch.float64)
-            sigma_flat, w, mahal = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics)
+            sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics)
             return Estimate(mode="exact", hessian="exact", sigma=_split(sigma_flat, names, offsets),
-                            influence=w, num_records=w.shape[0], mahalanobis=mahal, **common)
+                            influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
+                            **common)
 
         h_sum = st["h_sum"].to(cpu, torch.float64)
         if self.hessian == "hutchinson":
@@ -653,7 +657,8 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     Returns:
         ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
         standardised influences ``w = psi / sqrt(diag Sigma)`` ``[R, d]`` with
-        ``psi = -H^{-1}(g - g_bar)``, and ``|Sigma^{-1/2} psi|`` ``[R]``.
+        ``psi = -H^{-1}(g - g_bar)``, ``|Sigma^{-1/2} psi|`` ``[R]`` (pseudo-inverse,
+        functional/correlated.py) and the ``[d, d]`` correlation matrix of ``Sigma``.
     """
     V = gg_mean - torch.outer(g_mean, g_mean)
     H = 0.5 * (H + H.T)
@@ -680,10 +685,18 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     sigma = (sdiag / n).sqrt()
     psi = -(G - g_mean) @ Hinv.T
     w = psi / sdiag.clamp_min(1e-300).sqrt()
-    # |Sigma^{-1/2} psi| for the exact (correlated) unquantized baseline.
-    sol = torch.linalg.lstsq(Sigma, psi.T).solution
-    mahal = (psi * sol.T).sum(-1).clamp_min(0.0).sqrt()
-    return sigma, w, mahal
+    # The correlation of Sigma (the standardised units of ``w``) carries the covariance into the
+    # headline (functional/correlated.py); |Sigma^{-1/2} psi| = sqrt(w' R^+ w) by an
+    # eigendecomposition pseudo-inverse with a stated cutoff (lstsq's default driver gave
+    # run-dependent answers on the singular Sigma of collinear features).
+    corr = correlation_from_covariance(Sigma)
+    # The Hessian cancels in psi' Sigma^+ psi = g' V^+ g (g centred): computing it from V keeps
+    # the damped flat directions of a singular H (collinear features) out of it.
+    Vs = V.diagonal().clamp_min(0.0).sqrt()
+    Vinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
+    g_std = (G - g_mean) * Vinv
+    mahal = Correlation(full=correlation_from_covariance(V)).quadratic(g_std).sqrt()
+    return sigma, w, mahal, corr
 
 
 def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,

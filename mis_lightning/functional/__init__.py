@@ -7,7 +7,7 @@ weights (parameter units); ``boundaries [d, K+1]`` cell edges (parameter units);
 the ``[d, d]`` sandwich covariance of the per-record influence (``sigma_j = sqrt(Sigma_jj / n)``).
 """
 
-from . import interval
+from . import correlated, interval
 from .affine import affine_boundaries, affine_cell_moments, affine_codes
 from .bootstrap import bootstrap_interval, record_standard_error
 from .cells import (
@@ -80,6 +80,7 @@ __all__ = [
     "clt_sums",
     "effective_terms",
     "fine_grid_moments",
+    "correlated",
     "interval",
     "leakage_from_sums",
     "mc_first_order",

@@ -1,0 +1,160 @@
+"""The correlated headline (functional/correlated.py, method.md section 3 "Correlated
+coordinates") against exact box-conditional means, its limits, collinear inputs, the factor
+model and the pool protocol."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning import assess
+from mis_lightning import functional as F
+from mis_lightning.functional.correlated import Correlation, RecordCorrelation, correlated_mc_mean_abs
+from mis_lightning.groundtruth.correlated_reference import exact_mean_abs
+
+SQ = math.sqrt(2 / math.pi)
+
+
+def _equicorrelated(d: int, rho: float) -> torch.Tensor:
+    return (1 - rho) * torch.eye(d, dtype=torch.float64) + rho * torch.ones(d, d, dtype=torch.float64)
+
+
+def _grid_stats(step: torch.Tensor, offset: torch.Tensor, half: int = 40) -> F.CellStatistics:
+    k = torch.arange(-half, half + 1, dtype=torch.float64)
+    edges = (k.unsqueeze(0) + offset.unsqueeze(1)) * step.unsqueeze(1)
+    d = step.numel()
+    return F.cell_statistics(torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64), edges)
+
+
+@pytest.mark.parametrize("d,rho,step", [(2, 0.9, 0.5), (3, 0.6, 1.0), (3, 0.9, 1.0), (5, 0.9, 0.25)])
+def test_fine_grids_match_exact_box_means(d, rho, step):
+    # Steps <= 1 sd: the issue's 5% target. The reference's outer Monte Carlo error is ~1.2%
+    # (4,000 boxes), so 5% plus 2 standard errors cannot pass a form that ignores the
+    # correlation (the independent form is off by 10-30% here, checked below).
+    g = torch.Generator().manual_seed(d * 10 + int(rho * 10))
+    R = _equicorrelated(d, rho)
+    w = torch.randn(3, d, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(R).T
+    h, off = torch.full((d,), step, dtype=torch.float64), torch.rand(d, dtype=torch.float64, generator=g)
+    exact, se = exact_mean_abs(R, w, h, off, num_boxes=4000, budget=3_000_000)
+    stats = _grid_stats(h, off)
+    approx = SQ * Correlation(full=R).quadratic(w, stats.kappa).sqrt()
+    assert torch.all((approx - exact).abs() <= 0.05 * exact + 2 * se), (approx / exact)
+    mc, mc_se = correlated_mc_mean_abs(Correlation(full=R), w, stats.kappa, torch.arange(d), stats, 20000,
+                                       torch.Generator().manual_seed(1))
+    assert torch.all((mc - exact).abs() <= 0.05 * exact + 2 * (se + mc_se)), (mc / exact)
+    independent = SQ * (w.square() @ stats.kappa).sqrt()
+    assert torch.any((independent - exact).abs() > 0.08 * exact)  # the correlation matters here
+
+
+def test_limits_of_the_channel_form():
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    A = torch.randn(d, d, dtype=torch.float64, generator=g)
+    Sigma = A @ A.T + 0.1 * torch.eye(d, dtype=torch.float64)
+    R = F.correlated.correlation_from_covariance(Sigma)
+    w = torch.randn(5, d, dtype=torch.float64, generator=g)
+    c = Correlation(full=R)
+    maha = (w * torch.linalg.solve(R, w.T).T).sum(-1)
+    # kappa = 1: the Mahalanobis form; kappa = 0: nothing; any kappa: never above kappa = 1
+    assert torch.allclose(c.quadratic(w), maha, rtol=1e-9)
+    assert torch.allclose(c.quadratic(w, torch.ones(d, dtype=torch.float64)), maha, rtol=1e-9)
+    assert torch.all(c.quadratic(w, torch.zeros(d, dtype=torch.float64)) == 0)
+    for _ in range(20):
+        k = torch.rand(d, dtype=torch.float64, generator=g)
+        assert torch.all(c.quadratic(w, k) <= maha * (1 + 1e-9))
+        k2 = k * torch.rand(d, dtype=torch.float64, generator=g)  # coarser everywhere
+        assert torch.all(c.quadratic(w, k2) <= c.quadratic(w, k) * (1 + 1e-9))
+    # a diagonal correlation gives the independent form sum_j w_j^2 kappa_j exactly
+    k = torch.rand(d, dtype=torch.float64, generator=g)
+    assert torch.allclose(Correlation(full=torch.eye(d, dtype=torch.float64)).quadratic(w, k),
+                          w.square() @ k, rtol=1e-12)
+
+
+def _ols(X: torch.Tensor, y: torch.Tensor) -> nn.Linear:
+    """Least squares with an intercept (minimum-norm solution when columns repeat)."""
+    m = nn.Linear(X.shape[1], 1).double()
+    Xa = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    theta = torch.linalg.pinv(Xa) @ y[:, 0]
+    with torch.no_grad():
+        m.weight.copy_(theta[:-1].unsqueeze(0))
+        m.bias.copy_(theta[-1:])
+    return m
+
+
+def _loss(out, t):
+    return (out - t).square().squeeze(-1)
+
+
+def test_collinear_features_give_the_same_baseline_every_run():
+    # Duplicated feature columns make Sigma singular; the pseudo-inverse (eigendecomposition
+    # with a cutoff) gives the baseline of the model without the duplicates, on every run.
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    X = torch.randn(n, 4, dtype=torch.float64, generator=g)
+    y = (X @ torch.tensor([1.0, -0.5, 0.3, 0.0], dtype=torch.float64) + 0.5 * torch.randn(n, dtype=torch.float64,
+                                                                                             generator=g))[:, None]
+    Xd = torch.cat([X, X[:, :2]], 1)
+    values = []
+    for Xi in (X, Xd, Xd, Xd):
+        m = _ols(Xi, y)
+        dl = DataLoader(TensorDataset(Xi, y), batch_size=50)
+        r = assess(m, ["none"], dl, _loss, estimation="exact", weight_decay=0.0, num_records=n, uncertainty_draws=0)
+        assert r.estimation["covariance"] == "full"
+        values.append(r.baseline_leakage)
+    assert values[1] == values[2] == values[3]
+    assert values[1] == pytest.approx(values[0], rel=1e-6)
+
+
+def test_pool_protocol_and_game_are_reported():
+    g = torch.Generator().manual_seed(4)
+    n = 200
+    X = torch.randn(n, 3, dtype=torch.float64, generator=g)
+    y = (X.sum(1) + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
+    m = _ols(X, y).float()  # torchao's int8 takes float32 weights
+    dl = DataLoader(TensorDataset(X.float(), y.float()), batch_size=50)
+    r = assess(m, ["none", "int8_weight_only"], dl, _loss, estimation="exact", weight_decay=0.0, num_records=n,
+               uncertainty_draws=0)
+    # unquantized: 2 Phi(delta / 2) - 1 in the population game, 2 Phi(sqrt(2) delta / 2) - 1 in the pool protocol
+    est_mahal = r.schemes["none"]
+    assert est_mahal.pool_leakage == pytest.approx(r.baseline_pool_leakage, rel=1e-12)
+    assert r.baseline_pool_leakage > r.baseline_leakage * 1.3
+    assert "population" in r.game and "pool" in r.game
+    assert r.schemes["int8_weight_only"].pool_leakage <= r.baseline_pool_leakage * (1 + 1e-9)
+    assert r.schemes["none"].leakage == pytest.approx(r.baseline_leakage, rel=1e-12)
+    back = type(r).from_dict(r.to_dict())
+    assert back.baseline_pool_leakage == r.baseline_pool_leakage
+
+
+def test_factor_model_is_close_to_the_full_form():
+    # A model where both run: the cross-fitted factor model from the stored records against
+    # the full correlation of the exact estimator (d = 9, 400 records).
+    g = torch.Generator().manual_seed(5)
+    n = 400
+    Z = torch.randn(n, 3, dtype=torch.float64, generator=g)
+    X = torch.cat([Z, Z @ torch.randn(3, 5, dtype=torch.float64, generator=g)
+                   + 0.3 * torch.randn(n, 5, dtype=torch.float64, generator=g)], 1)
+    y = (X[:, :3].sum(1) + torch.randn(n, dtype=torch.float64, generator=g))[:, None]
+    m = _ols(X, y)
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    out = {}
+    for cov in ("full", "factor"):
+        r = assess(m, ["none"], dl, _loss, estimation="exact", weight_decay=0.0, num_records=n,
+                   uncertainty_draws=0, covariance=cov)
+        out[cov] = r.baseline_leakage
+    # Cross-fitted (out-of-sample) Mahalanobis norms run a few % above the in-sample full form
+    # (d / (R/2 - d) with R/2 = 200 records per fold); 5% covers it.
+    assert out["factor"] == pytest.approx(out["full"], rel=0.05)
+
+
+def test_covariance_option_errors_name_the_fix():
+    with pytest.raises(ValueError, match="covariance must be"):
+        F  # noqa: B018
+        from mis_lightning.config import ScoringConfig
+        ScoringConfig(covariance="diag")
+    w = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=">= 8 stored records"):
+        RecordCorrelation.cross_fitted(w, 2)
