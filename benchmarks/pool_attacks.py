@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lbfgs-iters", type=int, default=200, help="setting A: L-BFGS iterations per model")
     ap.add_argument("--json", type=Path, default=None, help="default docs/figures/pool_<setting>.json")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="file of the trained parameters: reused when it matches setting/models/seed/iterations")
     ap.add_argument("--render", type=Path, default=None, help="only print the tables of a JSON written before")
     args = ap.parse_args(argv)
     if args.render:
@@ -293,13 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     d = theta0.numel()
 
     t0 = time.perf_counter()
-    thetas, gmax = [], []
-    for m in range(args.models):
-        idx = torch.from_numpy(np.flatnonzero(member[m]))
-        th, g = train(flat, theta0, x[idx], y[idx], args.setting, args.lbfgs_iters)
-        thetas.append(th)
-        gmax.append(g)
-    th_pool, g_pool = train(flat, theta0, x, y, args.setting, args.lbfgs_iters)
+    key = f"{args.setting}-{args.models}-{args.seed}-{args.lbfgs_iters}"
+    cached = torch.load(args.cache, weights_only=True) if args.cache and args.cache.exists() else None
+    if cached is not None and cached["key"] == key:  # the same trainings, reused
+        thetas, gmax, th_pool, g_pool = list(cached["thetas"]), cached["gmax"], cached["pool"], cached["g_pool"]
+    else:
+        thetas, gmax = [], []
+        for m in range(args.models):
+            idx = torch.from_numpy(np.flatnonzero(member[m]))
+            th, g = train(flat, theta0, x[idx], y[idx], args.setting, args.lbfgs_iters)
+            thetas.append(th)
+            gmax.append(g)
+        th_pool, g_pool = train(flat, theta0, x, y, args.setting, args.lbfgs_iters)
+        if args.cache:
+            torch.save({"key": key, "thetas": torch.stack(thetas), "gmax": gmax, "pool": th_pool,
+                        "g_pool": g_pool}, args.cache)
     psi = influences(flat, th_pool, x, y).numpy()
     # sandwich covariance of the estimator over random halves of the pool (finite population):
     # Sigma (N - n) / (n (N - 1)), Sigma = mean psi psi^T (psi centred: mean gradient 0 at the fit)
@@ -365,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             r = rep.schemes[s]
             ind[s]["leakage"].append(r.leakage)
             ind[s]["interval"].append(list(r.interval) if r.interval else [r.leakage, r.leakage])
-            pl = getattr(r, "pool_leakage", None)
-            has_pool = has_pool and pl is not None
+            pl = getattr(r, "pool_leakage", None)  # the report's pool-protocol leakage (NaN: not computed)
+            has_pool = has_pool and pl is not None and math.isfinite(pl)
             ind[s]["pool_leakage"].append(pl)
     t_ind = time.perf_counter() - t0
 
