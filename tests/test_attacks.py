@@ -129,6 +129,18 @@ def test_pool_advantage_separable_and_null():
     assert flat.advantage == 0.0 and flat.max_advantage == 0.0 and flat.auc == 0.5
 
 
+def test_pool_advantage_null_is_not_the_splits():
+    # scores that separate the first N/2 records from the rest, unrelated to membership. With the
+    # null's label permutations drawn from the splits' own seed, the permuted labels were exactly
+    # "index < N/2" and the null advantage was 1.0; a random relabelling gives ~0.87 sqrt(2 / 500) = 0.055
+    N, M = 1000, 4
+    member = pool_splits(N, M, seed=0)
+    scores = np.repeat((np.arange(N) < N // 2).astype(float)[None], M, 0)
+    res = pool_advantage(scores, member, seed=0)
+    assert res.null_max_advantage < 0.15
+    assert res.advantage < 0.15  # membership is random with respect to the index
+
+
 def test_pool_protocol_mean_estimator_white_box_advantage():
     """Pool of N = 40 records, 120 models each the mean of a random half (n = 20). Given the pool,
     the mean of a half has sd ~ sd(y) sqrt((N - n) / (n (N - 1))) and membership of y_i shifts it

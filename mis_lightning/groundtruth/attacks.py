@@ -433,7 +433,8 @@ def pool_advantage(scores: np.ndarray, member: np.ndarray, seed: int = 0) -> Poo
     Args:
         scores: ``[M, N]`` scores, row ``m`` = model ``m`` as the target (larger = member).
         member: ``[M, N]`` bool membership.
-        seed: the label permutation of the null.
+        seed: the label permutations of the null (a stream distinct from :func:`pool_splits`'
+            with the same seed).
 
     Returns:
         :class:`PoolAttackResult`.
@@ -445,7 +446,9 @@ def pool_advantage(scores: np.ndarray, member: np.ndarray, seed: int = 0) -> Poo
     if sc.shape != member.shape or sc.ndim != 2:
         raise ValueError(f"scores {sc.shape} and membership {member.shape} must both be [models, records]")
     M = sc.shape[0]
-    g = np.random.default_rng(seed)
+    # a stream of its own: with default_rng(seed), the seed of pool_splits, the label permutations
+    # would replay the splits' permutations and the "null" labels would be the first N/2 records
+    g = np.random.default_rng([seed, 0x6E756C6C])
     per, null = [], []
     for m in range(M):
         per.append(roc_metrics(sc[m, member[m]], sc[m, ~member[m]]))
