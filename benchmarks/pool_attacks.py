@@ -204,6 +204,38 @@ def diagnostics(thetas: np.ndarray, member: np.ndarray, psi: np.ndarray, est_cov
             "gaussian_tv_advantage": float(np.mean(2 * stats.norm.cdf(np.sqrt(d2) / 2) - 1))}
 
 
+def leverage_check(x: torch.Tensor, thetas: np.ndarray, member: np.ndarray, psi: np.ndarray,
+                   est_cov: np.ndarray, n: int) -> list[dict]:
+    """Setting B (ridge): per leverage band, the first-order pool-protocol advantage against the
+    measured one of the best black-box statistic, the prediction ``f(x_i)`` (for ridge the
+    prediction is linear in theta; two Gaussians fitted over the IN / OUT models, TV by numerical
+    integration, mean over the band's records). Leverage ``h_i = x_i^T (X^T X / N + wd)^-1 x_i / n``.
+    """
+    from scipy import stats
+
+    N = x.shape[0]
+    xt = np.concatenate([x.numpy(), np.ones((N, 1))], 1)
+    lev = np.einsum("ij,jk,ik->i", xt, np.linalg.inv(xt.T @ xt / N + WEIGHT_DECAY * np.eye(xt.shape[1])), xt) / n
+    delta = np.sqrt(np.einsum("ij,jk,ik->i", psi, np.linalg.inv(est_cov), psi)) / n
+    first = 2 * stats.norm.cdf(delta / 2) - 1
+    pred = thetas @ xt.T  # [M, N]
+    tv = np.empty(N)
+    for i in range(N):
+        a, b = pred[member[:, i], i], pred[~member[:, i], i]
+        lo, hi = min(a.min(), b.min()) - 4 * b.std(), max(a.max(), b.max()) + 4 * b.std()
+        grid = np.linspace(lo, hi, 4001)
+        pa, pb = stats.norm.pdf(grid, a.mean(), a.std(ddof=1)), stats.norm.pdf(grid, b.mean(), b.std(ddof=1))
+        tv[i] = 0.5 * np.trapezoid(np.abs(pa - pb), grid)
+    out = []
+    for lo, hi in ((0.0, 0.15), (0.15, 0.3), (0.3, np.inf)):
+        sel = (lev >= lo) & (lev < hi)
+        out.append({"leverage": [lo, float(hi)], "records": int(sel.sum()), "first_order": float(first[sel].mean()),
+                    "measured_gaussian_tv_of_prediction": float(tv[sel].mean())})
+    out.append({"leverage": "all", "records": N, "first_order": float(first.mean()),
+                "measured_gaussian_tv_of_prediction": float(tv.mean())})
+    return out
+
+
 def se(v) -> float:
     v = np.asarray(v, np.float64)
     return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
@@ -258,6 +290,10 @@ def render(out: dict) -> str:
                      f"{g['gaussian_tv_advantage']:.4f}; measured / predicted: mean shift {g['shift_ratio_median']:.2f}, "
                      f"sd {g['sd_ratio_median']:.2f} (medians over records), covariance trace "
                      f"{g['cov_trace_ratio']:.2f}.")
+    for row in out.get("diagnostics_unquantized", {}).get("by_leverage", []):
+        lines.append(f"- leverage {row['leverage']} ({row['records']} records): first-order "
+                     f"{row['first_order']:.4f}, measured Gaussian TV of the prediction "
+                     f"{row['measured_gaussian_tv_of_prediction']:.4f}")
     lines.append(f"\nAdvantage = TPR - FPR at one threshold for all targets (pooled ROC), mean +- s.e. over "
                  f"{cfg['models']} targets; 'per-target max' = each target's own max(TPR - FPR), biased up by "
                  f"about its 'null' (labels permuted). Indicator: mean over {cfg['indicator_targets']} targets. "
@@ -316,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     est_cov = psi.T @ psi / N * (N - n) / (n * (N - 1))
     t_train = time.perf_counter() - t0
     diag = diagnostics(torch.stack(thetas).numpy(), member, psi, est_cov, n)
+    if args.setting == "B":
+        diag["by_leverage"] = leverage_check(x, torch.stack(thetas).numpy(), member, psi, est_cov, n)
     print(f"setting {args.setting}: N={N}, n={n}, d={d}, M={args.models}; trained in {t_train:.1f}s, "
           f"max |grad| over models {max(gmax):.2e} (pool fit {g_pool:.2e})", flush=True)
 
