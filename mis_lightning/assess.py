@@ -91,6 +91,32 @@ def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:
             "meaningless; select the trained parameters (params=None selects exactly those)")
 
 
+def _d_over_n_warning(d: int, n: int) -> str:
+    """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
+    influences; method.md section 2) and the baseline (``d_eff = d``) are then outside the
+    asymptotic regime, whatever the schemes' ``d_eff``."""
+    return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
+            "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
+            "of the trained weights that needs d << n, so every figure, low d_eff included, is "
+            "indicative only; assess fewer weights (e.g. a head over a frozen encoder) or use more records")
+
+
+def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
+    """A note naming the frozen (``requires_grad=False``) parameters the assessment left out, or
+    ``None`` when every frozen parameter is assessed or there is none."""
+    named = dict(model.named_parameters())
+    chosen = set(names)
+    out = [k for k, p in named.items() if not p.requires_grad and k not in chosen]
+    if not out:
+        return None
+    numel = sum(named[k].numel() for k in out)
+    shown = ", ".join(out[:5]) + (f" and {len(out) - 5} more" if len(out) > 5 else "")
+    return (f"assessed only the {sum(named[k].numel() for k in chosen if k in named):,} trained weights: "
+            f"{numel:,} frozen weights (requires_grad=False: {shown}) were not fitted by this training and "
+            "are not assessed (nor quantized in the scored copies); if they were fitted to these records "
+            "earlier (pretraining on the same data), their leakage is not counted")
+
+
 def assess(
     model: nn.Module,
     schemes: SchemeSpec | Sequence[SchemeSpec],
@@ -282,6 +308,7 @@ def score_schemes(
     for scheme in scheme_objs:
         try:
             prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
+            prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:
                 prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
             elif val_dataloader is not None and loss_fn is not None:
@@ -346,6 +373,8 @@ def score_schemes(
         report.schemes[scheme.name] = result
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
+    if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
+        report.warnings.append(_d_over_n_warning(est.d, n))
     large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
     if large:
         worst = max(large, key=large.get)  # type: ignore[arg-type]
@@ -354,12 +383,18 @@ def score_schemes(
             f"d_eff / n is not small for {which} (up to {large[worst]:.3g}, {worst}); the "
             "asymptotic regime needs d_eff << n: treat those figures as indicative"
         )
+    # What a release carries beyond its weights and the indicator does not score (AWQ factors).
+    report.warnings += [w for w in (getattr(sc, "release_warning", lambda: None)() for sc in scheme_objs
+                                    if sc.name not in failures) if w]
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
     report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs
                                     if not isinstance(sc, NoQuantization)) if w]
     frozen = _frozen_warning(model, est.names)
     if frozen:
         report.warnings.append(frozen)
+    left_out = _frozen_left_out_note(model, est.names)
+    if left_out:
+        report.warnings.append(left_out)
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss (gradient norm ratio "
@@ -396,6 +431,9 @@ class _Prepared:
         self.utility: dict[str, float] = {}
         self.notes: list[str] = []
         self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
+        self.requant: Any = None  # JointRequant of the non-nearest grids (computed once)
+        self.requant_seed = 0
+        self.requant_moments: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -461,15 +499,14 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
     if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
-        k, m4, lam = _requantized_moments(prep, name, sg, gen)
+        k, m4, lam = _requantized_moments(est, prep, name, chunk, policy)
     else:
         k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
     prep.kappa[name], prep.m4[name] = k, m4
-    sg_pool = sg / POOL_SIGMA_RATIO
-    if g.rounding != "nearest":
-        k_pool, _, lam_pool = _requantized_moments(prep, name, sg_pool, gen, note=False)
-    else:
-        k_pool, _, lam_pool = _grid_moments(g, th, sg_pool, chunk, policy=policy)
+    # The pool protocol reads the cells at sigma / sqrt(2). Non-nearest rounding: the released
+    # grid's moments there (re-running the scheme a second time would double its cost; its
+    # codes-only Monte Carlo kappa came out below the released grid's, see _requantized_moments).
+    k_pool, _, lam_pool = _grid_moments(g, th, sg / POOL_SIGMA_RATIO, chunk, policy=policy)
     prep.kappa_pool[name] = k_pool
     if est.d == 1:  # only the one-coordinate form uses lam
         prep.lam[name] = lam
@@ -490,19 +527,39 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     prep.layers[name].pinned_fraction = frz / max(th.numel(), 1)
 
 
-def _requantized_moments(prep: _Prepared, name: str, sigma: Tensor,
-                         gen: torch.Generator, note: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """``kappa, m4, lam`` of a grid whose rounding is not nearest, by Monte Carlo
-    re-quantization (the real scheme on perturbed weights; quantization/requantize.py)."""
-    from .quantization.requantize import REQUANT_DRAWS, requantize_moments
+def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
+                         policy: F.CompilePolicy | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``kappa, m4, lam`` of a grid whose rounding is not nearest.
 
-    mm = requantize_moments(prep.scheme, prep.source, {name: sigma}, num_draws=REQUANT_DRAWS,
-                            generator=gen)[name]
-    if note:
-        prep.notes.append(f"{name}: rounding {prep.grids[name].rounding!r} is not nearest: cell "
-                          f"moments from {REQUANT_DRAWS} Monte Carlo re-quantization draws, held "
-                          "fixed in the uncertainty interval")
-    return mm.kappa, mm.m4, mm.lam  # RequantMoments keeps the name lam
+    Monte Carlo re-quantization (the real scheme, calibration included, on perturbed
+    weights; quantization/requantize.py: one joint run per scheme for all its parameters,
+    the same draws for every scheme) conditions on the released codes only. The release also
+    holds the scales and factors; conditioning on more can only raise ``kappa = E[E[xi |
+    release]^2]`` (law of total variance), and the fixed-grid moments are the ones given the
+    released grid. Each element is scored with the larger of the two (conservative)."""
+    from .quantization.requantize import REQUANT_DRAWS, requantize_joint
+
+    if prep.requant is None:
+        names = [k for k, g in prep.grids.items() if g.rounding != "nearest"]
+        rq = prep.requant = requantize_joint(prep.scheme, prep.source, {k: est.sigma[k] for k in est.names},
+                                             names=names, num_draws=REQUANT_DRAWS, seed=prep.requant_seed)
+        prep.requant_moments, d_an, d_max = {}, 0.0, 0.0
+        for k in names:
+            mc = rq.moments[k]
+            ka, m4a, lama = _grid_moments(prep.grids[k], est.theta[k], est.sigma[k], chunk, policy=policy)
+            grid = ka > mc.kappa
+            prep.requant_moments[k] = (torch.where(grid, ka, mc.kappa), torch.where(grid, m4a, mc.m4),
+                                       torch.where(grid, lama, mc.lam))
+            d_an += float(ka.sum())
+            d_max += float(prep.requant_moments[k][0].sum())
+        prep.notes.append(
+            f"rounding {prep.grids[name].rounding!r} is not nearest: {len(names)} parameter(s) scored by "
+            f"Monte Carlo re-quantization ({rq.num_draws} draws of the scheme re-run, calibration "
+            f"included; seed {rq.seed}, the same draws for every scheme; {rq.seconds:.3g} s), each "
+            f"element at the larger of its codes-only Monte Carlo kappa and its kappa on the released "
+            f"grid: d_eff {d_max:.4g} (Monte Carlo, codes only: {rq.d_eff:.4g} +- {rq.d_eff_se:.2g} "
+            f"s.e., jackknife; released grid: {d_an:.4g}), held fixed in the uncertainty interval")
+    return prep.requant_moments[name]
 
 
 def _release_moments(prep: _Prepared, name: str) -> None:
@@ -821,9 +878,10 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
 
 
 def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: float
-                  ) -> tuple[Tensor, F.CellStatistics | None]:
+                  ) -> tuple[Tensor, F.CellStatistics | None, Tensor]:
     """Global indices ``[c]`` of the coarse quantized weights (``kappa`` in the Monte Carlo
-    form's coarse range) and their cell statistics, the cells read at ``sigma / sigma_scale``."""
+    form's coarse range), their cell statistics and standardised cell edges ``[c, K+1]``, the
+    cells read at ``sigma / sigma_scale``."""
     idx_all, th_p, sg_p, b_p = [], [], [], []
     for name in est.names:
         g = prep.grids.get(name)
@@ -840,9 +898,11 @@ def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: flo
             sg_p.append(sg[ii].double())
             idx_all.append(ii + s)
     if not idx_all:
-        return torch.zeros(0, dtype=torch.long), None
-    stats = F.cell_statistics(torch.cat(th_p), torch.cat(sg_p), torch.cat(b_p), validate=False)
-    return torch.cat(idx_all), stats
+        return torch.zeros(0, dtype=torch.long), None, torch.zeros(0, 0, dtype=torch.float64)
+    th, sg, edges = torch.cat(th_p), torch.cat(sg_p), torch.cat(b_p).to(torch.float64)
+    stats = F.cell_statistics(th, sg, edges, validate=False)
+    alpha = (edges - th.unsqueeze(-1)) / sg.clamp_min(1e-300).unsqueeze(-1)
+    return torch.cat(idx_all), stats, alpha
 
 
 # Flops one correlated Monte Carlo evaluation may cost (draws x d x (d + records)).
@@ -859,7 +919,12 @@ def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordC
     if bool((kvec == 1.0).all()):  # nothing quantized: the unquantized (Mahalanobis) form
         return F.saturate(_unquantized_mean_abs(est, rc) / (2 * math.sqrt(n)))
     if chosen == "mc":
-        idx, stats = _coarse_cells(est, prep, kvec, sigma_scale)
+        idx, stats, alpha = _coarse_cells(est, prep, kvec, sigma_scale)
+        if stats is not None and rc.kind == "full" and idx.numel() <= F.correlated.EXACT_MAX_COARSE:
+            # few coarse weights: their joint boxes exactly (GHK), the rest through the channel
+            mean_abs, _ = F.correlated.exact_box_mean_abs(rc.parts[0][1], W, kvec, idx, alpha, generator=gen)
+            cap = _unquantized_mean_abs(est, rc)
+            return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
         if stats is not None:
             d, R = est.d, est.num_records
             draws = int(max(F.leakage.MIN_MC_DRAWS, min(draws, CORRELATED_MC_FLOPS // max(d * (d + R), 1))))

@@ -4,7 +4,9 @@ Usage::
 
     mis-lightning                                   # ChEMBL regression, MLP probe, default schemes
     mis-lightning data=synthetic_linear model=linear trainer.max_epochs=3
-    mis-lightning 'schemes=[int8_weight_only,intx_weight_only_int2_g32]' mis.num_records=512
+    mis-lightning 'schemes=[int8_weight_only,intx_weight_only_int2_g32]' mis.estimation.num_records=512
+    mis-lightning mode=assess ckpt_path=outputs/<date>/<time>/model.ckpt   # a trained model, no training
+    mis-lightning logger=many_loggers               # CSV + TensorBoard (also: mlflow, wandb, none)
     mis-lightning experiment=chembl_mlp
     mis-lightning -m quantizer=int8_weight_only,intx_weight_only_int4_g32,intx_weight_only_int2_g32
     mis-lightning -m hydra/launcher=parallel quantizer=int8_weight_only,intx_weight_only_int4_g32

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 
 # Renamed report fields: old name -> new name (old JSON keys load, old attributes still read).
 RENAMED = {"frozen_fraction": "pinned_fraction", "sparsity": "zero_fraction"}
+#: default utility tolerance of the table's verdict, relative to the best scheme's utility
+UTILITY_TOLERANCE = 0.01
 
 
 def _renamed(old: str, new: str) -> tuple[Any, Any]:
@@ -240,12 +243,20 @@ class Report:
             wr.writeheader()
             wr.writerows(rows)
 
-    def table(self, utility_key: str | None = None) -> str:
+    def table(self, utility_key: str | None = None, utility_tolerance: float = UTILITY_TOLERANCE) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
-        then every warning in full (an assumption that failed must be read next to the numbers,
-        not only in the JSON)."""
-        text = format_table(self.rows(), utility_key)
+        then a legend of the columns (:func:`legend`), the verdict (:func:`verdict`: the safest
+        scheme whose utility is within ``utility_tolerance``, relative, of the best, and the
+        schemes whose intervals overlap its own), and every warning in full (an assumption that
+        failed must be read next to the numbers, not only in the JSON).
+
+        Raises:
+            ValueError: ``utility_tolerance`` is negative.
+        """
+        rows = self.rows()
+        text = format_table(rows, utility_key)
+        text += "\n\n" + legend(rows, utility_key) + "\n" + verdict(rows, utility_key, utility_tolerance)
         if self.warnings:
             text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in self.warnings)
         return text
@@ -292,6 +303,98 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fmt_or_dash(v: Any) -> str:
+    """As :func:`_fmt`, with ``-`` for a missing or NaN value (reports saved before a column existed)."""
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else _fmt(v)
+
+
+# utility metrics where larger is better (others -- rmse, mae, loss -- are smaller-is-better)
+HIGHER_IS_BETTER = ("r2", "auroc", "accuracy", "f1", "auprc")
+
+
+
+def higher_is_better(utility_key: str) -> bool:
+    """Whether a larger value of the utility metric ``utility_key`` (``"utility_auroc"`` or
+    ``"auroc"``) is better; rmse, mae and loss are smaller-is-better."""
+    return utility_key.removeprefix("utility_") in HIGHER_IS_BETTER
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
+    """Whether the 80% intervals of rows ``a`` and ``b`` overlap (``None``: one has none)."""
+    if a.get("leakage_p10") is None or b.get("leakage_p10") is None:
+        return None
+    return a["leakage_p10"] <= b["leakage_p90"] and b["leakage_p10"] <= a["leakage_p90"]
+
+
+def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
+            utility_tolerance: float = UTILITY_TOLERANCE) -> str:
+    """One line: the safest scheme (lowest leakage) among those whose utility is within
+    ``utility_tolerance`` (relative, e.g. 0.01 = 1%) of the best scheme's, and which schemes it
+    is not clearly different from (80% intervals overlap). Without utility: the safest scheme.
+
+    Raises:
+        ValueError: ``utility_tolerance`` is negative.
+    """
+    if utility_tolerance < 0:
+        raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
+    ok = [r for r in rows if not r.get("error") and r.get("leakage") is not None
+          and math.isfinite(float(r["leakage"]))]
+    if not ok:
+        return "verdict: no scheme succeeded"
+    uk = pick_utility_key(ok, utility_key)
+    eligible, how = ok, ""
+    if uk:
+        have = [r for r in ok if r.get(uk) is not None and math.isfinite(float(r[uk]))]
+        if have:
+            hib = higher_is_better(uk)
+            best = (max if hib else min)(have, key=lambda r: float(r[uk]))
+            b = float(best[uk])
+            tol = utility_tolerance * abs(b)
+            eligible = [r for r in have if (float(r[uk]) >= b - tol if hib else float(r[uk]) <= b + tol)]
+            metric = uk.removeprefix("utility_")
+            how = (f" with {metric} within {100 * utility_tolerance:g}% of the best "
+                   f"({_fmt(b)}, {best['scheme']})")
+    safest = min(eligible, key=lambda r: float(r["leakage"]))
+    text = f"verdict: safest{how}: {safest['scheme']} (leakage {_fmt(safest['leakage'])})"
+    others = [r for r in ok if r is not safest]
+    if not others:
+        return text
+    if _overlap(safest, safest) is None:
+        return text + "; no intervals (uncertainty_draws=0): differences cannot be judged"
+    same = [r["scheme"] for r in others if _overlap(safest, r)]
+    if same:
+        return text + "; not clearly different from it (intervals overlap): " + ", ".join(same)
+    return text + "; clearly safer than every other scheme (no interval overlaps its own)"
+
+
+def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
+    """What the table's columns mean (printed below it by :meth:`Report.table`)."""
+    uk = pick_utility_key(rows, utility_key)
+    lines = [
+        "legend: leakage = advantage of the best membership-inference attack on the released "
+        "weights (0 = none, 1 = always right); lower is safer. MIS = 1 - leakage. Game: a "
+        "training member against a fresh draw from the population, other training records unknown.",
+        "  pool: the same release in the pool protocol of reference-model audits (LiRA, RMIA, "
+        "ML Privacy Meter: target trained on a random half of a known pool); compare such audits "
+        "with this column.",
+        "  80% interval [p10, p90]: uncertainty of the leakage (pos.: set by where few coarse "
+        "weights sit in their cells); overlapping intervals = not clearly different.",
+        "  bits/w: storage per assessed weight incl. scales; weights left in float count at their "
+        "width (32), so a partly quantized model shows e.g. 12.91.",
+        "  float: share of assessed weights left in float (they leak like the baseline). "
+        "baseline: leakage of the unquantized model.",
+        "  d_eff: how many weights still leak (sum of the surviving information fractions); "
+        "zeros: share of quantized weights released as exactly 0.",
+    ]
+    if uk:
+        better = "higher" if higher_is_better(uk) else "lower"
+        lines.append(f"  {uk.removeprefix('utility_')}: utility of the quantized copy on the "
+                     f"validation data ({better} is better).")
+    # terminal width: each entry wrapped at 100 characters, continuation lines indented
+    return "\n".join(textwrap.fill(ln, 100, subsequent_indent="    ", break_on_hyphens=False)
+                     for ln in lines)
+
+
 ERROR_CELL_WIDTH = 60  # characters of an error message shown in a table row
 
 
@@ -316,7 +419,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
     """
     uk = pick_utility_key(rows, utility_key)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
-        "leakage", "80% interval", "MIS", "baseline", "d_eff", "zeros"]  # zero_fraction
+        "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
         if r.get("error"):
@@ -328,7 +431,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
-            _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt(r["baseline_leakage"]),
+            _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt_or_dash(r.get("pool_leakage")),
+            _fmt(r["baseline_leakage"]),
             _fmt(r["d_eff"]), _fmt(r.get("zero_fraction", r.get("sparsity")))])  # old rows: sparsity
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
@@ -362,56 +466,89 @@ def no_points_note(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.set_yticks([])
 
 
+def merge_identical(rows: list[dict[str, Any]], x_key: str | None) -> list[tuple[dict[str, Any], str]]:
+    """``(row, label)`` per distinct result: rows with the same ``x_key`` value (default: bits
+    per weight), leakage and
+    interval (rounded to 1e-6) share one entry labelled ``"a = b"`` (drawn separately, one would
+    hide the other; e.g. int8 weight-only and int8 dynamic on the same grid)."""
+    groups: dict[tuple[float, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        x = r.get(x_key or "bits_per_weight")
+        key = tuple(round(float(v), 6) if v is not None else None for v in (
+            x, r["leakage"], r.get("leakage_p10"), r.get("leakage_p90")))
+        groups.setdefault(key, []).append(r)
+    return [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
+
+
 def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
                            utility_key: str | None = None):
-    """A matplotlib Figure of leakage (with its interval) against utility, one point per distinct
-    result (schemes with identical figures share a point labelled ``"a = b"``); saved if ``path``."""
+    """A matplotlib Figure of two aligned panels, one row per distinct result, sorted by
+    leakage (safest on top): left, the leakage with its 80% interval and the unquantized
+    baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
+    was measured). Schemes with identical figures share one row labelled ``"a = b"``; each
+    row's label carries its bits per weight. Saved if ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     uk = pick_utility_key(rows, utility_key)
-    ok = [r for r in rows if not r.get("error") and (r.get(uk) if uk else r["bits_per_weight"]) is not None]
-    # Schemes with identical results (e.g. int8 weight-only and int8 dynamic on the same grid)
-    # are one point labelled "a = b": drawn separately, one hides the other.
-    groups: dict[tuple[float, ...], list[dict[str, Any]]] = {}
-    for r in ok:
-        x = r.get(uk) if uk else r["bits_per_weight"]
-        key = tuple(round(float(v), 6) for v in (x, r["leakage"], r.get("leakage_p10") or 0.0,
-                                                  r.get("leakage_p90") or 0.0))
-        groups.setdefault(key, []).append(r)
-    points = [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
-    # Few points: names next to them; many (they cluster): a legend of colours/markers.
-    labels_inline = len(points) <= 4
-    fig, ax = plt.subplots(figsize=(6.4 if labels_inline else 8.6, 4.6))
-    markers = "osD^vP*Xh<>p"
-    for i, (r, name) in enumerate(points):
-        x = r.get(uk) if uk else r["bits_per_weight"]
-        y = r["leakage"]
-        style = dict(color=plt.get_cmap("tab20")(i % 20), marker=markers[i % len(markers)],
-                     linestyle="none", label=None if labels_inline else name)
-        if r.get("leakage_p10") is not None:
-            ax.errorbar([x], [y], yerr=[[max(y - r["leakage_p10"], 0)], [max(r["leakage_p90"] - y, 0)]],
-                        capsize=3, **style)
-        else:
-            ax.plot([x], [y], **style)
-        if labels_inline:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if ok:
-        ax.axhline(ok[0]["baseline_leakage"], ls="--", color="gray", lw=1, label="unquantized baseline")
-        if labels_inline:
-            ax.legend(loc="best", fontsize=8)
-        else:
-            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
-    if not ok:  # every scheme failed: say so rather than draw empty axes
+    ok = [r for r in rows if not r.get("error") and r.get("leakage") is not None]
+    points = sorted(merge_identical(ok, uk), key=lambda p: (p[0]["leakage"], p[1]))
+    height = 1.6 + 0.42 * max(len(points), 2)
+    fig, (ax, ax_u) = plt.subplots(1, 2, figsize=(10.0, height), sharey=True,
+                                   gridspec_kw={"width_ratios": [3, 2]}, layout="constrained")
+    if not points:  # every scheme failed: say so rather than draw empty axes
+        ax_u.remove()
         no_points_note(ax, rows)
-    ax.margins(x=0.3 if labels_inline else 0.08, y=0.15)
-    ax.set_xlabel(f"{uk.removeprefix('utility_')} (validation)" if uk else "bits per weight")
-    ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
-    ax.set_title("Privacy-utility trade-off of quantization schemes")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+        ax.set_xlabel(f"{uk.removeprefix('utility_')} (validation)" if uk else "bits per weight")
+        ax.set_title("Privacy-utility trade-off of quantization schemes")
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=120)
+        return fig
+    ys = list(range(len(points)))
+    names = [f"{name}  ({r['bits_per_weight']:.2f} b/w)" for r, name in points]
+    for y, (r, _) in zip(ys, points):
+        x = r["leakage"]
+        if r.get("leakage_p10") is not None:
+            ax.errorbar([x], [y], xerr=[[max(x - r["leakage_p10"], 0)], [max(r["leakage_p90"] - x, 0)]],
+                        fmt="o", color="C0", capsize=3)
+        else:
+            ax.plot([x], [y], "o", color="C0")
+    base = ok[0].get("baseline_leakage")
+    if base is not None:
+        ax.axvline(base, ls="--", color="gray", lw=1, label=f"unquantized baseline ({_fmt(base)})")
+        fig.legend(loc="outside upper right", fontsize=8, frameon=False)  # never over a point
+    ax.set_yticks(ys)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_ylim(len(points) - 0.5, -0.5)  # safest on top
+    ax.set_xlabel("leakage = 1 - MIS (lower is safer)\nbars: 80% interval")
+    ax.grid(axis="x", alpha=0.3)
+    # right panel: utility of the same rows (bits per weight when none was measured)
+    ukey = uk or "bits_per_weight"
+    vals = [r.get(ukey) for r, _ in points]
+    # points, not bars: the axis is zoomed in on the differences, so bar lengths would mislead
+    ax_u.plot([v for v in vals if v is not None], [y for y, v in zip(ys, vals) if v is not None],
+              "s", color="C1")
+    finite = [float(v) for v in vals if v is not None and math.isfinite(float(v))]
+    for y, v in zip(ys, vals):
+        if v is not None:
+            ax_u.annotate(_fmt(float(v)), (float(v), y), xytext=(7, 0), textcoords="offset points",
+                          va="center", fontsize=7)
+    if finite and uk:  # zoom in on the differences (bars from 0 would hide them)
+        lo, hi = min(finite), max(finite)
+        pad = 0.15 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 0.05
+        ax_u.set_xlim(lo - pad, hi + 3 * pad)
+    if uk:
+        better = "higher" if higher_is_better(uk) else "lower"
+        ax_u.set_xlabel(f"{uk.removeprefix('utility_')} (validation; {better} is better)")
+    else:
+        ax_u.set_xlabel("bits per weight (no utility measured)")
+    ax_u.tick_params(axis="y", left=False)
+    ax_u.grid(axis="x", alpha=0.3)
+    fig.suptitle("Privacy-utility trade-off of quantization schemes (safest on top)", fontsize=11,
+                 x=0.02, ha="left")
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

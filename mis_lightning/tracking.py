@@ -5,7 +5,9 @@ Keys: ``mis/<scheme>/leakage``, ``mis/<scheme>/mis``, ``mis/<scheme>/leakage_p10
 ``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/pinned_fraction``,
 ``mis/<scheme>/utility/<metric>``, ``mis/baseline/leakage``, ``mis/baseline/mis``.
 Loggers are used through their public ``log_metrics`` (rank-zero only in Lightning), and
-figures through the experiment object where the logger has one that takes figures.
+figures and report files through the experiment object where the logger keeps them (MLflow:
+figure and ``mis_report.json`` as artifacts; W&B: figure as an image, JSON in the run's files;
+TensorBoard: figure as an image, the table as text); either Lightning package's loggers.
 :func:`publish_report` / :func:`publish_failure` also write the report JSON and the figure
 (what the Lightning callback publishes).
 """
@@ -78,10 +80,57 @@ def log_figure(logger: Any, figure: Any, name: str, step: int = 0) -> bool:
     if hasattr(exp, "add_figure"):  # TensorBoard SummaryWriter
         exp.add_figure(name, figure, global_step=step, close=False)
         return True
-    if hasattr(exp, "log_figure") and hasattr(logger, "run_id"):  # MLflow client
+    if _is_mlflow(logger, exp):
         exp.log_figure(logger.run_id, figure, f"{name}.png")
         return True
+    if _is_wandb(exp) and hasattr(logger, "log_image"):  # W&B: an image in the run's media
+        logger.log_image(key=name, images=[figure], step=step)
+        return True
     return False
+
+
+def _is_mlflow(logger: Any, exp: Any) -> bool:
+    """An MLflow client with the logger's run (Lightning's MLFlowLogger, either package)."""
+    return hasattr(exp, "log_figure") and hasattr(exp, "log_artifact") and hasattr(logger, "run_id")
+
+
+def _is_wandb(exp: Any) -> bool:
+    """A W&B run (Lightning's WandbLogger.experiment, either package; online or offline)."""
+    return type(exp).__module__.startswith("wandb") and hasattr(exp, "save")
+
+
+def log_files(logger: Any, paths: Iterable[str | Path], table: str | None = None,
+              step: int = 0) -> list[str]:
+    """Attach report files to a logger's run; returns how each went (``"mlflow:<name>"``,
+    ``"wandb:<name>"``, ``"tensorboard:text"``), empty when the logger takes no files (CSV).
+
+    MLflow: each file as an artifact of the run; W&B: each file saved into the run's files
+    (uploaded with the run, or with ``wandb sync`` offline); TensorBoard, which stores no
+    files: the report's ``table`` as a text summary ``mis_report``.
+
+    Raises:
+        Exception: whatever the logger's experiment object raises.
+    """
+    exp = getattr(logger, "experiment", None)
+    if exp is None:
+        return []
+    done = []
+    if _is_mlflow(logger, exp):
+        for p in paths:
+            exp.log_artifact(logger.run_id, str(p))
+            done.append(f"mlflow:{Path(p).name}")
+    elif _is_wandb(exp):
+        import shutil
+
+        for p in paths:
+            # into the run's files dir, which W&B uploads with the run; not `run.save(path)`,
+            # which globs the path (a job dir named `schemes=[a,b]` would match nothing)
+            shutil.copyfile(p, Path(exp.dir) / Path(p).name)
+            done.append(f"wandb:{Path(p).name}")
+    elif hasattr(exp, "add_text") and table is not None:  # TensorBoard SummaryWriter
+        exp.add_text("mis_report", "\n".join("    " + ln for ln in table.splitlines()), global_step=step)
+        done.append("tensorboard:text")
+    return done
 
 
 REPORT_NAME = "mis_report.json"
@@ -93,7 +142,8 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
                    copy_name: str | None = None) -> tuple[Path, Path]:
     """Write ``<out>/mis_report.json`` (plus ``extra`` keys, and a copy as ``copy_name``) and
     the privacy-utility figure ``<out>/mis_privacy_utility.png``, and log the report (and the
-    figure, with ``log_figure``) to every logger at ``step``. Returns ``(report, figure)`` paths.
+    figure, with ``log_figure``) to every logger at ``step``; the JSON goes to the loggers that
+    keep files (:func:`log_files`). Returns ``(report, figure)`` paths.
 
     Raises:
         OSError: ``out`` cannot be written.
@@ -110,10 +160,14 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
         (out / copy_name).write_text(text)
     figure_path = out / FIGURE_NAME
     fig = report.plot(figure_path)
+    loggers = list(loggers)
     try:
         log_report(loggers, report, step=step, prefix=prefix, figure=fig if log_figure else None)
     finally:
         plt.close(fig)
+    table = report.table()
+    for lg in loggers:  # the JSON report next to the figure in trackers that keep files
+        log_files(lg, [report_path], table=table, step=step)
     return report_path, figure_path
 
 

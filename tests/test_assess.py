@@ -74,9 +74,11 @@ def test_leakage_ordering_none_int8_int4_int2():
 
 
 def test_assess_matches_functional_core():
-    # The orchestration must give what the core gives on the same inputs (Gaussian form).
+    # The orchestration must give what the core gives on the same inputs (Gaussian form,
+    # independent coordinates; the correlated form is checked in test_correlated.py).
     m, dl = _ridge_linear()
-    rep = ml.assess(m, ["rtn_int4"], dl, mse, num_records=300, method="clt", uncertainty_draws=0)
+    rep = ml.assess(m, ["rtn_int4"], dl, mse, num_records=300, method="clt", uncertainty_draws=0,
+                    covariance="independent")
     est = estimate(m, dl, mse, num_records=300)
     assert m.weight.shape[0] == 1  # one row: one revealed weight
     res = get_scheme("rtn_int4").apply(m)

@@ -320,3 +320,101 @@ def test_installed_package_ships_configs(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "NCITPSADataModule" in proc.stdout
     assert not any(elsewhere.iterdir())
+
+
+def test_frontier_merges_identical_results_and_names_points_in_a_legend():
+    """Issue 17: labels in frontier.png no longer overlap (names are in a legend beside the
+    axes, safest first), identical results are one point, the baseline is marked."""
+    rows = []
+    for num, (s, lk, u) in enumerate([("int8_weight_only", 0.0601, 0.81),
+                                      ("int8_dynamic_activation_int8_weight", 0.0601, 0.81),
+                                      ("intx_weight_only_int2", 0.015, 1.2), ("bf16", 0.0605, 0.81)]):
+        rows.append({"job": num, "scheme": s, "leakage": lk, "leakage_p10": lk - 0.003,
+                     "leakage_p90": lk + 0.003, "baseline_leakage": 0.0606, "utility_rmse": u,
+                     "bits_per_weight": 8.0, "error": ""})
+    fig = agg.frontier_figure(rows)
+    ax = fig.axes[0]
+    assert not ax.texts  # no annotations on the axes that could overlap
+    names = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert names == ["frontier (non-dominated)", "unquantized baseline", "2: intx_weight_only_int2",
+                     "0: int8_weight_only = 1: int8_dynamic_activation_int8_weight", "3: bf16"]
+    assert ax.get_title() == "Privacy-utility frontier (4 results, 3 distinct)"
+    assert ax.get_ylabel() == "leakage = 1 - MIS (lower is safer)"
+    assert ax.get_xlabel() == "rmse (validation; lower is better)"
+
+
+def _compose(overrides, out):
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    with initialize_config_module("mis_lightning.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def test_assess_mode_scores_a_saved_checkpoint_without_training(tmp_path, capsys):
+    """Issue 17: `mis-lightning mode=assess ckpt_path=...` assesses a trained model without
+    training: the data and model options come from the checkpoint (here the training run's
+    data.n_train=400 and model.weight_decay=0.01 are not repeated), and the figures equal those
+    of the training run's own assessment."""
+    from mis_lightning.app.job import run_job
+
+    fast = [a for a in FAST if a != "logger=csv"] + ["logger=none", "schemes=[rtn_int8,rtn_int2]"]
+    run_job(_compose([*fast, "model.weight_decay=0.01", f"trainer.default_root_dir={tmp_path / 'train'}"],
+                     tmp_path / "train"))
+    ckpt = tmp_path / "train" / "model.ckpt"
+    trained = json.loads((tmp_path / "train" / "report.json").read_text())
+    assert trained["n"] == 400
+
+    again = ["data=synthetic_linear", "model=linear", "logger=csv", "progress=false",
+             "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2",
+             "schemes=[rtn_int8,rtn_int2]", "mode=assess", f"ckpt_path={ckpt}",
+             f"logger.csv.save_dir={tmp_path / 'assess'}"]  # (in process: no Hydra runtime dir)
+    run_job(_compose(again, tmp_path / "assess"))
+    out = tmp_path / "assess"
+    assert not (out / "model.ckpt").exists() and not list(out.rglob("*.ckpt"))  # nothing trained
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["n"] == 400  # the checkpoint's data options (weight decay: the equal figures below)
+    for s in ("rtn_int8", "rtn_int2"):
+        # same weights, records and options: same figures (the seeded interval too)
+        assert rep["schemes"][s]["leakage"] == pytest.approx(trained["schemes"][s]["leakage"], rel=1e-9)
+        assert rep["schemes"][s]["interval"] == pytest.approx(trained["schemes"][s]["interval"], rel=1e-9)
+    res = json.loads((out / "result.json").read_text())
+    assert res["mode"] == "assess" and res["ckpt_path"] == str(ckpt)
+    assert (out / "privacy_utility.png").stat().st_size > 0
+    assert "mis/rtn_int8/leakage" in (out / "csv" / "metrics.csv").read_text()
+    err = capsys.readouterr().err
+    assert "note: data.n_train = 400 from the checkpoint (the config says 1000)" in err
+    assert "note: model.weight_decay = 0.01 from the checkpoint (the config says 0.001)" in err
+
+
+def test_assess_mode_errors_name_the_option(tmp_path):
+    from mis_lightning.app.job import run_job
+
+    base = [*FAST, "logger=none", "schemes=[rtn_int8]"]
+    cases = [
+        (["mode=asess"], ValueError, "mode must be 'train' or 'assess', got 'asess'"),
+        (["mode=assess"], ValueError, "mode=assess needs ckpt_path=<checkpoint of the app's model> "
+         "(a training run writes <run dir>/model.ckpt, see output.checkpoint)"),
+        ([f"ckpt_path={tmp_path}/x.ckpt"], ValueError, f"ckpt_path={tmp_path}/x.ckpt is set but "
+         "mode=train would train a new model and ignore it: add mode=assess to assess the checkpoint"),
+        (["mode=assess", f"ckpt_path={tmp_path}/x.ckpt"], FileNotFoundError,
+         f"ckpt_path {tmp_path}/x.ckpt does not exist"),
+    ]
+    torch.save({"weights": 1}, tmp_path / "bad.ckpt")
+    cases.append((["mode=assess", f"ckpt_path={tmp_path}/bad.ckpt"], ValueError,
+                  f"ckpt_path {tmp_path}/bad.ckpt is not a Lightning checkpoint (no 'state_dict' in it)"))
+    for i, (ov, exc, msg) in enumerate(cases):
+        with pytest.raises(exc) as info:
+            run_job(_compose([*base, *ov], tmp_path / str(i)))
+        assert str(info.value) == msg
+        assert [p.name for p in (tmp_path / str(i)).iterdir()] == ["result.json"]  # nothing read
+    # a checkpoint of another model: the mismatch names the model and what to pass
+    torch.save({"state_dict": {"net.0.weight": torch.zeros(2, 2)}, "hyper_parameters": {}},
+               tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match=r"does not fit the model LinearRegression built from "
+                       r"model=mis_lightning.models.LinearRegression and data=mis_lightning.data."
+                       r"SyntheticRegressionDataModule: pass the model= and data= options"):
+        run_job(_compose([*base, "mode=assess", f"ckpt_path={tmp_path}/other.ckpt"], tmp_path / "o"))

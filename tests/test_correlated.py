@@ -145,9 +145,10 @@ def test_factor_model_is_close_to_the_full_form():
         r = assess(m, ["none"], dl, _loss, estimation="exact", weight_decay=0.0, num_records=n,
                    uncertainty_draws=0, covariance=cov)
         out[cov] = r.baseline_leakage
-    # Cross-fitted (out-of-sample) Mahalanobis norms run a few % above the in-sample full form
-    # (d / (R/2 - d) with R/2 = 200 records per fold); 5% covers it.
-    assert out["factor"] == pytest.approx(out["full"], rel=0.05)
+    # Cross-fitted (out-of-sample) Mahalanobis norms run above the in-sample full form (the
+    # inverse of a sample correlation of 200 records is biased up, Wishart: ~m / (m - d - 1)),
+    # measured +5% here; it must stay on the conservative side and within 8%.
+    assert out["full"] <= out["factor"] <= 1.08 * out["full"]
 
 
 def test_covariance_option_errors_name_the_fix():
@@ -158,3 +159,24 @@ def test_covariance_option_errors_name_the_fix():
     w = torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match=">= 8 stored records"):
         RecordCorrelation.cross_fitted(w, 2)
+
+
+@pytest.mark.parametrize("d,rho,steps", [(5, 0.9, [4.0] * 5), (6, 0.9, [4.0] * 3 + [0.25] * 3), (4, 0.6, [8.0] * 4)])
+def test_coarse_correlated_weights_follow_the_exact_boxes(d, rho, steps):
+    # Coarse grids with strong correlation: the joint boxes carry information a combination of
+    # the coordinates' own cell means misses (the copula form reads up to 25% low there). The
+    # exact box-mean form (GHK over the coarse weights, the channel for the fine ones) must be
+    # within 5% of the reference plus 2 standard errors of each (both Monte Carlo, ~2-4%).
+    g = torch.Generator().manual_seed(int(10 * rho) + d)
+    R = _equicorrelated(d, rho)
+    h = torch.tensor(steps, dtype=torch.float64)
+    off = torch.rand(d, dtype=torch.float64, generator=g)
+    w = torch.randn(3, d, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(R).T
+    exact, se = exact_mean_abs(R, w, h, off, num_boxes=3000, budget=3_000_000)
+    stats = _grid_stats(h, off)
+    coarse = torch.nonzero(stats.kappa < F.FINE_KAPPA).squeeze(-1)
+    k = torch.arange(-40, 41, dtype=torch.float64)
+    alpha = ((k.unsqueeze(0) + off.unsqueeze(1)) * h.unsqueeze(1))[coarse]
+    value, vse = F.correlated.exact_box_mean_abs(Correlation(full=R), w, stats.kappa, coarse, alpha,
+                                                 generator=torch.Generator().manual_seed(3))
+    assert torch.all((value - exact).abs() <= 0.05 * exact + 2 * (se + vse)), value / exact

@@ -96,7 +96,10 @@ def test_figure_says_no_scheme_succeeded(tmp_path):
     assert ax.get_xlabel() == "bits per weight"
     rows = [_ok_row("a")]
     rows[0]["utility_rmse"] = 0.5
-    assert ml.report.privacy_utility_figure(rows).axes[0].get_xlabel() == "rmse (validation)"
+    fig = ml.report.privacy_utility_figure(rows)
+    assert fig.axes[1].get_xlabel() == "rmse (validation; lower is better)"
+    rows[0].pop("utility_rmse")
+    assert ml.report.privacy_utility_figure(rows).axes[1].get_xlabel() == "bits per weight (no utility measured)"
 
 
 def test_empty_scheme_list_is_refused_everywhere():
@@ -162,5 +165,93 @@ def test_identical_results_share_one_labelled_point():
     rows[2]["leakage"] = 0.2
     fig = privacy_utility_figure(rows)
     ax = fig.axes[0]
-    texts = sorted(t.get_text() for t in ax.texts)
-    assert texts == ["int8_weight_only = int8_dynamic_activation_int8_weight", "rtn_int8"]
+    # one row per distinct result, safest (lowest leakage) on top, bits per weight in the label
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        "int8_weight_only = int8_dynamic_activation_int8_weight  (8.50 b/w)", "rtn_int8  (8.50 b/w)"]
+
+
+def _rows8():
+    """Eight schemes as in the app's default job: two pairs with identical results."""
+    names = ["int8_weight_only", "int8_dynamic_activation_int8_weight", "float8_weight_only",
+             "intx_weight_only_int4", "intx_weight_only_int3", "intx_weight_only_int2",
+             "native_int8_dynamic", "bf16"]
+    leak = [0.0601, 0.0601, 0.0590, 0.0571, 0.0400, 0.0150, 0.0603, 0.0605]
+    rmse = [0.810, 0.810, 0.812, 0.815, 0.870, 1.200, 0.811, 0.810]
+    rows = []
+    for n, lk, u in zip(names, leak, rmse):
+        r = _ok_row(n)
+        r.update(leakage=lk, mis=1 - lk, leakage_p10=lk - 0.0035, leakage_p90=lk + 0.0035,
+                 baseline_leakage=0.0606, utility_rmse=u)
+        rows.append(r)
+    return rows
+
+
+def test_figure_two_aligned_panels_sorted_by_leakage_with_baseline(tmp_path):
+    """Issue 17: schemes sorted by leakage (safest on top) with their intervals, utility beside
+    them in a second panel on the same rows, identical results merged, the unquantized baseline
+    marked, "lower is safer" on the axis."""
+    from mis_lightning.report import privacy_utility_figure
+
+    rows = _rows8()
+    fig = privacy_utility_figure(rows, tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    ax, ax_u = fig.axes[:2]
+    labels = [t.get_text().split("  (")[0] for t in ax.get_yticklabels()]
+    assert labels == ["intx_weight_only_int2", "intx_weight_only_int3", "intx_weight_only_int4",
+                      "float8_weight_only", "int8_weight_only = int8_dynamic_activation_int8_weight",
+                      "native_int8_dynamic", "bf16"]
+    assert ax.get_ylim()[0] > ax.get_ylim()[1]  # row 0 (safest) on top
+    assert "lower is safer" in ax.get_xlabel()
+    assert ax_u.get_xlabel() == "rmse (validation; lower is better)"
+    assert ax_u.get_shared_y_axes().joined(ax, ax_u)
+    # the utility panel's points sit on the rows of their schemes
+    xs, ys = ax_u.lines[0].get_data()
+    assert list(ys) == list(range(7)) and list(xs) == [1.2, 0.87, 0.815, 0.812, 0.81, 0.811, 0.81]
+    base = [ln for ln in ax.lines if ln.get_linestyle() == "--"]
+    assert len(base) == 1 and base[0].get_xdata()[0] == pytest.approx(0.0606)
+    assert fig.legends[0].get_texts()[0].get_text() == "unquantized baseline (0.0606)"
+
+
+def test_table_ends_with_legend_and_verdict():
+    """Issue 17: the table explains itself: a legend of the columns and a verdict (the safest
+    scheme whose utility is within 1% of the best, and which differences lie within the
+    intervals); the warnings still come last, in full."""
+    from mis_lightning.report import Report, SchemeResult, verdict
+
+    rows = _rows8()
+    # rmse within 1% of the best (0.810): all but int3 (0.870) and int2 (1.2); lowest leakage
+    # among them: int4 (0.0571, interval [0.0536, 0.0606]) which overlaps float8's [0.0555, 0.0625]
+    # and the int8 ones' (from 0.0566) but not int3's / int2's
+    assert verdict(rows) == (
+        "verdict: safest with rmse within 1% of the best (0.8100, int8_weight_only): "
+        "intx_weight_only_int4 (leakage 0.0571); not clearly different from it (intervals overlap): "
+        "int8_weight_only, int8_dynamic_activation_int8_weight, float8_weight_only, "
+        "native_int8_dynamic, bf16")
+    # a wider tolerance admits int3 (0.870 <= 0.81 * 1.1 = 0.891), clearly safer than the rest
+    assert verdict(rows, utility_tolerance=0.1) == (
+        "verdict: safest with rmse within 10% of the best (0.8100, int8_weight_only): "
+        "intx_weight_only_int3 (leakage 0.0400); clearly safer than every other scheme "
+        "(no interval overlaps its own)")
+    for r in rows:  # no intervals: say that differences cannot be judged
+        r["leakage_p10"] = r["leakage_p90"] = None
+    assert verdict(rows).endswith("; no intervals (uncertainty_draws=0): differences cannot be judged")
+    with pytest.raises(ValueError, match="utility_tolerance must be >= 0, got -0.1"):
+        verdict(rows, utility_tolerance=-0.1)
+
+    s = SchemeResult(name="rtn_int8", leakage=0.05, mis=0.95, baseline_leakage=0.06, d_eff=3.0, d=5,
+                     zero_fraction=0.0, pinned_fraction=0.0, bits_per_weight=12.91, method="clt",
+                     interval=(0.04, 0.06), quantized_fraction=0.7, utility={"auroc": 0.9})
+    rep = Report(n=100, d=5, estimation={}, diagnostics={}, schemes={"rtn_int8": s},
+                 baseline_leakage=0.06, baseline_mis=0.94, warnings=["d_eff / n is large"])
+    text = rep.table()
+    table, rest = text.split("\n\nlegend: ", 1)
+    assert max(len(ln) for ln in rest.split("\nverdict:")[0].splitlines()) <= 100
+    rest = " ".join(rest.split("\nverdict:")[0].split()) + "\nverdict:" + rest.split("\nverdict:")[1]
+    assert table == format_table(rep.rows())
+    assert "lower is safer" in rest and "MIS = 1 - leakage" in rest
+    assert "overlapping intervals = not clearly different" in rest
+    assert "so a partly quantized model shows e.g. 12.91" in rest
+    assert "d_eff: how many weights still leak" in rest and "zeros: share of quantized weights" in rest
+    assert "auroc: utility of the quantized copy on the validation data (higher is better)." in rest
+    assert "\nverdict: safest with auroc within 1% of the best (0.9000, rtn_int8): rtn_int8 (leakage 0.0500)\n" in rest
+    assert rest.endswith("\n\nwarnings:\n  - d_eff / n is large")

@@ -8,8 +8,9 @@ every job, whatever the launcher -- it reads each job's ``result.json`` under th
 * ``aggregate.csv`` -- job, overrides, scheme, bits per weight, utility metrics, leakage with
   its (p10, p90) interval, MIS, baseline, d_eff, method, error, job dir;
 * ``aggregate.md`` -- the same as a Markdown table;
-* ``frontier.png`` -- leakage against utility, one point per row, the non-dominated points
-  joined (the privacy-utility frontier).
+* ``frontier.png`` -- leakage against utility, one point per distinct row (identical results
+  merged, names in a legend beside the axes), the non-dominated points joined (the
+  privacy-utility frontier) and the unquantized baseline dashed.
 
 A failed job (its ``result.json`` has ``status: "failed"``, written by
 :func:`~mis_lightning.app.job.run_job` or, as a fallback, by :meth:`AggregateSweep.on_job_end`)
@@ -37,14 +38,18 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mis_lightning.report import no_points_note, pick_utility_key, short_error
+from mis_lightning.report import (
+    HIGHER_IS_BETTER,
+    merge_identical,
+    no_points_note,
+    pick_utility_key,
+    short_error,
+)
 
 __all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_figure", "main",
            "markdown_table", "write_failure"]
 
 RESULT_NAME = "result.json"
-# utility metrics where larger is better (others -- rmse, mae, loss -- are smaller-is-better)
-HIGHER_IS_BETTER = ("r2", "auroc", "accuracy", "f1", "auprc")
 
 
 def _job_num(path: Path, data: dict[str, Any], sweep_dir: Path) -> tuple[int, str]:
@@ -209,7 +214,11 @@ def _pareto(points: list[tuple[float, float, int]], higher_better: bool) -> list
 
 def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = None,
                     utility_key: str | None = None):
-    """Leakage against utility, one point per row, the frontier joined; saved if ``path``."""
+    """Leakage against utility, one point per distinct result, the frontier joined; saved if
+    ``path``. Rows with identical figures (same utility, leakage and interval) share one point
+    labelled ``"a = b"``; names are in a legend beside the axes (each point its own colour and
+    marker), so that labels never overlap however the points cluster; the unquantized baseline
+    is a dashed line (when all jobs share one)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -218,38 +227,29 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
     uk = pick_utility_key(list(rows), utility_key)
     metric = uk.removeprefix("utility_") if uk else "bits_per_weight"
     higher = metric in HIGHER_IS_BETTER
-    fig, ax = plt.subplots(figsize=(7.0, 4.8))
-    pts: list[tuple[float, float, int]] = []
-    labels: list[tuple[float, float, str]] = []
-    for i, r in enumerate(rows):
-        x = _float(r.get(uk)) if uk else _float(r.get("bits_per_weight"))
-        y = _float(r.get("leakage"))
+    xkey = uk or "bits_per_weight"
+    ok = []
+    for r in rows:
+        x, y = _float(r.get(xkey)), _float(r.get("leakage"))
         if r.get("error") or x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
             continue
-        pts.append((x, y, i))
-        color = f"C{len(pts) % 10}"
-        p10, p90 = _float(r.get("leakage_p10")), _float(r.get("leakage_p90"))
-        if p10 is not None and p90 is not None:
-            ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], fmt="o",
-                        capsize=3, color=color)
-        else:
-            ax.plot([x], [y], "o", color=color)
         label = r["scheme"] if r.get("job") is None else f"{r.get('job')}: {r['scheme']}"
-        labels.append((x, y, label))
-    if labels:  # points within 4% of the axes' spans share one label
-        xs, ys = [p[0] for p in labels], [p[1] for p in labels]
-        sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-        groups: list[list[tuple[float, float, str]]] = []
-        for p in labels:
-            for g in groups:
-                if abs(g[0][0] - p[0]) <= 0.04 * sx and abs(g[0][1] - p[1]) <= 0.04 * sy:
-                    g.append(p)
-                    break
-            else:
-                groups.append([p])
-        for g in groups:
-            ax.annotate("\n".join(p[2] for p in g), (g[0][0], g[0][1]), textcoords="offset points",
-                        xytext=(5, 3), fontsize=8, va="bottom")
+        ok.append({**r, xkey: x, "leakage": y, "scheme": label,
+                   "leakage_p10": _float(r.get("leakage_p10")), "leakage_p90": _float(r.get("leakage_p90"))})
+    points = merge_identical(ok, xkey)
+    fig, ax = plt.subplots(figsize=(7.0 if not points else 10.0, 4.8), layout="constrained")
+    pts: list[tuple[float, float, int]] = []
+    markers = "osD^vP*Xh<>p"
+    for i, (r, name) in enumerate(sorted(points, key=lambda p: p[0]["leakage"])):
+        x, y = r[xkey], r["leakage"]
+        pts.append((x, y, i))
+        style = dict(color=plt.get_cmap("tab10")(i % 10), marker=markers[i % len(markers)],
+                     linestyle="none", label=name)
+        p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
+        if p10 is not None and p90 is not None:
+            ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], capsize=3, **style)
+        else:
+            ax.plot([x], [y], **style)
     if not pts:  # no job / scheme succeeded: say so rather than draw empty axes
         no_points_note(ax, list(rows))
     front = _pareto(pts, higher)
@@ -260,15 +260,15 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
     baselines = {round(v, 12) for r in rows if (v := _float(r.get("baseline_leakage"))) is not None}
     if len(baselines) == 1:
         ax.axhline(next(iter(baselines)), ls="--", color="gray", lw=1, label="unquantized baseline")
-    if len(front) > 1 or len(baselines) == 1:
-        ax.legend(loc="best", fontsize=8)
+    if pts:  # names beside the axes, in order of leakage (safest first): they never overlap
+        fig.legend(loc="outside right upper", fontsize=7, frameon=False,
+                  title="schemes: safest first", title_fontsize=8)
     arrow = "higher is better" if higher else "lower is better"
     ax.set_xlabel(f"{metric} (validation; {arrow})" if uk else "bits per weight")
     ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
     ax.margins(x=0.08, y=0.15)
-    ax.set_title(f"Privacy-utility frontier ({len(pts)} points)")
+    ax.set_title(f"Privacy-utility frontier ({len(ok)} results, {len(pts)} distinct)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

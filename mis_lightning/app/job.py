@@ -14,6 +14,11 @@
    job's output dir, logs the report to the loggers and closes their runs;
 5. prints the table and the figure's path.
 
+With ``mode=assess`` it trains nothing: it assesses the model saved in ``ckpt_path`` (a
+checkpoint written by a training run as ``<run dir>/model.ckpt``, or any Lightning checkpoint
+of the app's model) on the data of the config, the datamodule's and the model's options taken
+from the checkpoint where it has them (:func:`load_checkpoint_of`), and writes the same files.
+
 Before training it checks the scheme names and each scheme's availability on this machine
 (:func:`check_schemes_available`). A failing job writes ``result.json`` with ``status:
 "failed"`` and the error (see :func:`run_job`).
@@ -187,10 +192,11 @@ def selected_schemes(cfg: DictConfig) -> list[QuantizationScheme]:
 
 
 # -- the job -------------------------------------------------------------------------------------
-def _build_model(cfg: DictConfig, num_features: int, task: str) -> Any:
+def _build_model(cfg: DictConfig, num_features: int, task: str,
+                 saved: dict[str, Any] | None = None) -> Any:
     from hydra.utils import instantiate
 
-    kwargs: dict[str, Any] = {"num_features": int(num_features)}
+    kwargs: dict[str, Any] = {**(saved or {}), "num_features": int(num_features)}
     if "task" in cfg.model or OmegaConf.is_missing(cfg.model, "task"):  # `in` is False for ???
         kwargs["task"] = task
     model = instantiate(cfg.model, **kwargs)
@@ -202,6 +208,21 @@ def _build_model(cfg: DictConfig, num_features: int, task: str) -> Any:
             "model=linear for regression, or model=mlp_probe for either)"
         )
     return model
+
+
+def _load_weights(model: torch.nn.Module, ckpt: dict[str, Any], cfg: DictConfig) -> None:
+    """Load the checkpoint's weights into the model built from the config (strict).
+
+    Raises:
+        ValueError: the weights do not fit (names the model and the checkpoint, and what to do).
+    """
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"ckpt_path {cfg.ckpt_path} does not fit the model {type(model).__name__} built from "
+            f"model={cfg.model._target_} and data={cfg.data._target_}: pass the model= and data= "
+            f"options of the run that trained it ({' '.join(str(exc).split())})") from exc
 
 
 def _build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -299,6 +320,67 @@ def _aggregated_multirun() -> bool:
     return any(str((node or {}).get("_target_", "")).endswith("AggregateSweep") for node in cbs.values())
 
 
+MODES = ("train", "assess")
+
+
+def load_checkpoint_of(cfg: DictConfig) -> dict[str, Any] | None:
+    """The checkpoint to assess in ``mode=assess`` (``None`` in ``mode=train``), checked before
+    any data is read.
+
+    Raises:
+        ValueError: ``mode`` is neither ``train`` nor ``assess``; ``mode=assess`` without
+            ``ckpt_path``; ``ckpt_path`` with ``mode=train`` (it would be ignored); a file that
+            is not a Lightning checkpoint (no ``state_dict``).
+        FileNotFoundError: ``ckpt_path`` does not exist.
+    """
+    mode, path = cfg.get("mode", "train"), cfg.get("ckpt_path")
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'train' or 'assess', got {mode!r}")
+    if mode == "train":
+        if path:
+            raise ValueError(f"ckpt_path={path} is set but mode=train would train a new model and "
+                             "ignore it: add mode=assess to assess the checkpoint")
+        return None
+    if not path:
+        raise ValueError("mode=assess needs ckpt_path=<checkpoint of the app's model> (a training "
+                         "run writes <run dir>/model.ckpt, see output.checkpoint)")
+    if not Path(str(path)).is_file():
+        raise FileNotFoundError(f"ckpt_path {path} does not exist")
+    # weights_only=False: a Lightning checkpoint holds hyperparameters (plain Python objects),
+    # and it is the user's own file
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"ckpt_path {path} is not a Lightning checkpoint (no 'state_dict' in it)")
+    return ckpt
+
+
+def _from_checkpoint(node: DictConfig, saved: Any, what: str) -> dict[str, Any]:
+    """The saved hyperparameters of ``node``'s keys that differ from the config: the checkpoint
+    wins (its model was trained on those records with those options); each one is announced."""
+    out = {}
+    for k, v in dict(saved or {}).items():
+        if k in node and not OmegaConf.is_missing(node, k):
+            cur = OmegaConf.to_container(node[k]) if OmegaConf.is_config(node[k]) else node[k]
+            v = list(v) if isinstance(v, tuple) else v
+            if cur != v:
+                out[k] = v
+                print(f"note: {what}.{k} = {v!r} from the checkpoint (the config says {cur!r})",
+                      file=sys.stderr)
+    return out
+
+
+def save_checkpoint(path: Path, model: pl.LightningModule, dm: Any, global_step: int) -> None:
+    """A Lightning-format checkpoint of the trained model (``state_dict``, ``hyper_parameters``,
+    ``datamodule_hyper_parameters``, ``global_step``): what ``mode=assess`` reads, and what
+    ``type(model).load_from_checkpoint`` loads. Written from the main process (also after
+    ``ddp_spawn``, whose trained weights are back in ``model``)."""
+    torch.save({
+        "state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+        "datamodule_hyper_parameters": dict(getattr(dm, "hparams", {}) or {}),
+        "global_step": int(global_step), "pytorch-lightning_version": pl.__version__,
+    }, path)
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Train, assess, write and log one job (see the module docstring). Returns a summary.
 
@@ -338,7 +420,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from mis_lightning.models import metric_inputs, utility_metrics
-    from mis_lightning.tracking import log_report
+    from mis_lightning.tracking import log_files, log_report
 
     times: dict[str, float] = {}
     out = output_dir(cfg)
@@ -351,13 +433,15 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     unavailable = check_schemes_available(schemes, strict=sc_cfg.strict)
     for w in unavailable:
         print(f"warning: {w}", file=sys.stderr)
+    ckpt = load_checkpoint_of(cfg)  # mode=assess: a bad ckpt_path fails before the data is read
     show = bool(cfg.get("progress", True))
 
     with ProgressDisplay({"data": 1, "schemes": len(schemes)}, enabled=show) as progress:
         stage[0] = "data"
         progress("data", 0)
         with _timed(times, "data"):
-            dm = instantiate(cfg.data)
+            dm = instantiate(cfg.data, **({} if ckpt is None else _from_checkpoint(
+                cfg.data, ckpt.get("datamodule_hyper_parameters"), "data")))
             dm.setup("fit")
         progress("data", 1, description=f"data: {dm.n_train} training records, "
                  f"{dm.num_features} features ({dm.task})")
@@ -368,22 +452,34 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # merge the model's and the datamodule's hyperparameters for the loggers
             hp["task"] = task
         stage[0] = "configuration"
-        model = _build_model(cfg, dm.num_features, task)
+        model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
+            cfg.model, ckpt.get("hyper_parameters"), "model"))
+        if ckpt is not None:
+            _load_weights(model, ckpt, cfg)
         loggers = _build_loggers(cfg)
-        progress("train", 0, description=f"train {type(model).__name__}",
-                 total=cfg.trainer.get("max_epochs"))
-        trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
-                              callbacks=[EpochProgress(progress), *_build_callbacks(cfg)])
-        if trainer.num_devices * trainer.num_nodes > 1 and getattr(model, "optimizer_name", "") == "lbfgs":
+        trainer = None
+        if ckpt is None:
+            progress("train", 0, description=f"train {type(model).__name__}",
+                     total=cfg.trainer.get("max_epochs"))
+            trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
+                                  callbacks=[EpochProgress(progress), *_build_callbacks(cfg)])
+        if trainer is not None and trainer.num_devices * trainer.num_nodes > 1 and \
+                getattr(model, "optimizer_name", "") == "lbfgs":
             raise ValueError(
                 "full-batch L-BFGS (model.optimizer=lbfgs) cannot train data-parallel: each rank's "
                 "line search takes a data-dependent number of steps and the gradient all-reduce "
                 "deadlocks. Use trainer.devices=1, or model.optimizer=adam"
             )
         try:
-            stage[0] = "training"
-            with _timed(times, "train"):
-                trainer.fit(model, datamodule=dm)
+            if trainer is not None:
+                stage[0] = "training"
+                with _timed(times, "train"):
+                    trainer.fit(model, datamodule=dm)
+                step, job_loggers = trainer.global_step, trainer.loggers
+                if cfg.output.get("checkpoint"):
+                    save_checkpoint(out / cfg.output.checkpoint, model, dm, step)
+            else:  # mode=assess: the checkpoint's weights, logged at its step
+                step, job_loggers = int(ckpt.get("global_step", 0)), loggers
             stage[0] = "assessment"
             model.eval()
             progress("estimation", 0, total=dm.n_train)
@@ -404,7 +500,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             report.to_json(out / names.report_json)
             report.to_csv(out / names.report_csv)
             fig = report.plot(out / names.figure)
-            log_report(trainer.loggers, report, step=trainer.global_step, figure=fig)
+            log_report(job_loggers, report, step=step, figure=fig)
+            for lg in job_loggers:  # the JSON next to the figure in trackers that keep files
+                log_files(lg, [out / names.report_json], table=report.table(), step=step)
             import matplotlib.pyplot as plt
 
             plt.close(fig)
@@ -415,11 +513,14 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     for lg in loggers:  # one tracker run per job: close it so that multirun jobs don't merge
         lg.finalize("success")
     _end_mlflow_run()
+    _end_wandb_run()
 
     info = job_info()
     result = {
         "job": info,
         "status": "ok",
+        "mode": str(cfg.get("mode", "train")),
+        "ckpt_path": None if ckpt is None else str(cfg.ckpt_path),
         "data": cfg.data.get("_target_"),
         "model": type(model).__name__,
         "task": task,
@@ -431,7 +532,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         "rows": report.rows(),
         "warnings": report.warnings,
         "times_s": times,
-        "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()},
+        "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()
+                  if v and (k != "checkpoint" or ckpt is None)},
     }
     (out / cfg.output.result).write_text(json.dumps(to_plain(result), indent=2))
 
@@ -448,3 +550,11 @@ def _end_mlflow_run() -> None:
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None and getattr(mlflow, "active_run", lambda: None)() is not None:
         mlflow.end_run()
+
+
+def _end_wandb_run() -> None:
+    """Finish the W&B run if one is active: Lightning's WandbLogger leaves it open, and the next
+    job of a multirun in this process would otherwise log into it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()

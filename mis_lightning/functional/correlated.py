@@ -96,8 +96,16 @@ class Correlation:
 
     @classmethod
     def from_influences(cls, influence: Tensor, rank: int) -> Correlation:
-        """Factor model from ``influence [R, d]`` (standardised, so ``E w_j^2 = 1``): the top
-        ``rank`` principal directions of ``W'W / R`` and a diagonal remainder to unit variance.
+        """Factor model from ``influence [m, d]`` of ``m`` records (standardised, so
+        ``E w_j^2 = 1``): principal directions of their sample correlation and a diagonal
+        remainder to unit variance, shrunk by ``FACTOR_SHRINKAGE`` towards the identity.
+
+        Which directions: all of them (up to ``rank``) when ``d <= m / 4`` (the sample
+        correlation is then well estimated); otherwise only those whose eigenvalue clears the
+        Marchenko-Pastur edge ``(1 + sqrt(d / m))^2`` (below it an eigenvalue of ``m`` records
+        in ``d`` dimensions is indistinguishable from noise, and noise directions would raise
+        the Mahalanobis norms of other records by about ``rank / m``); none clearing it gives
+        independent coordinates.
 
         Raises:
             ValueError: ``rank < 1`` or no records.
@@ -106,17 +114,20 @@ class Correlation:
             raise ValueError(f"a factor model needs rank >= 1 and records, got rank={rank}, "
                              f"{influence.shape[0]} records")
         W = influence.to(torch.float64)
-        Rr = W.shape[0]
-        gram = W @ W.T / Rr                                   # [R, R], same nonzero spectrum
-        evals, evecs = torch.linalg.eigh(gram)
-        k = min(rank, Rr)
-        lam, U = evals[-k:].clamp_min(0.0), evecs[:, -k:]
-        keep = lam > RCOND * max(float(evals[-1]), 1e-300)
-        lam, U = lam[keep], U[:, keep]
-        # eigenvectors of W'W/R: v = W'u / sqrt(R lam); loadings L = v sqrt(lam) = W'u / sqrt(R),
-        # rescaled to the records' own unit diagonal (a correlation), so that the remainder is >= 0
+        m, d = W.shape
         scale = (W.square().mean(0)).clamp_min(1e-300).rsqrt()
-        L = scale.unsqueeze(-1) * (W.T @ U) / math.sqrt(Rr)
+        Ws = W * scale                                        # the records' own unit diagonal
+        gram = Ws @ Ws.T / m                                  # [m, m], same nonzero spectrum
+        evals, evecs = torch.linalg.eigh(gram)
+        k = min(rank, m)
+        lam, U = evals[-k:].clamp_min(0.0), evecs[:, -k:]
+        floor = RCOND * max(float(evals[-1]), 1e-300)
+        if 4 * d > m:
+            floor = max(floor, (1.0 + math.sqrt(d / m)) ** 2)
+        keep = lam > floor
+        lam, U = lam[keep], U[:, keep]
+        # eigenvectors of Ws'Ws/m: v = Ws'u / sqrt(m lam); loadings L = v sqrt(lam) = Ws'u / sqrt(m)
+        L = Ws.T @ U / math.sqrt(m)
         resid = (1.0 - L.square().sum(-1)).clamp_min(0.0)
         # Shrinkage towards independence: an estimated correlation whose directions explain a
         # coordinate fully would make the remainder 0 and the Woodbury solve unstable.
@@ -268,8 +279,8 @@ class RecordCorrelation:
 
     @classmethod
     def cross_fitted(cls, influence: Tensor, rank: int) -> RecordCorrelation:
-        """Two-fold cross-fitted factor models of ``rank`` (at most a quarter of a fold's
-        records) from ``influence [R, d]``.
+        """Two-fold cross-fitted factor models of at most ``rank`` directions
+        (:meth:`Correlation.from_influences`) from ``influence [R, d]``.
 
         Raises:
             ValueError: fewer than 8 records (no stable factor model).
@@ -277,12 +288,15 @@ class RecordCorrelation:
         Rr = influence.shape[0]
         if Rr < 8:
             raise ValueError(f"a factor model of the correlation needs >= 8 stored records, got {Rr}")
-        idx = torch.arange(Rr)
-        folds = [idx[idx % 2 == 0], idx[idx % 2 == 1]]
+        # Folds by the records' values, not their order: the same records give the same folds
+        # whatever order they arrive in (processes, batch sizes).
+        gen = torch.Generator().manual_seed(20250212)
+        probe = torch.randn(influence.shape[1], dtype=torch.float64, generator=gen)
+        order = torch.argsort(influence.to(torch.float64) @ probe)
+        folds = [order[0::2], order[1::2]]
         parts = []
         for a, b in ((0, 1), (1, 0)):
-            k = max(1, min(rank, folds[b].numel() // 4))
-            parts.append((folds[a], Correlation.from_influences(influence[folds[b]], k)))
+            parts.append((folds[a], Correlation.from_influences(influence[folds[b]], rank)))
         return cls(parts, "factor")
 
     def restrict(self, index: Tensor | slice) -> RecordCorrelation:
@@ -306,3 +320,130 @@ class RecordCorrelation:
         """``[R]`` Monte Carlo form (:func:`correlated_mc_mean_abs`)."""
         return self._apply(influence, lambda c, w: correlated_mc_mean_abs(
             c, w, kappa, coarse_index, coarse_stats, mc_draws, generator)[0])
+
+
+def _ndtr_precise(x: Tensor) -> Tensor:
+    # erfc keeps relative precision in the lower tail (torch.special.ndtr rounds to 0 below ~-8.3)
+    return 0.5 * torch.special.erfc(-x / math.sqrt(2.0))
+
+
+def _truncated_normal(a: Tensor, b: Tensor, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Draws of N(0, 1) truncated to ``[a, b]`` and ``P(a <= Z <= b)`` (computed in the lower tail)."""
+    flip = a > 0
+    lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
+    pa, pb = _ndtr_precise(lo), _ndtr_precise(hi)
+    u = torch.rand(a.shape, generator=gen, dtype=torch.float64)
+    x = torch.special.ndtri((pa + u * (pb - pa)).clamp(1e-300, 1 - 1e-16))
+    x = torch.minimum(torch.maximum(x, lo), hi)
+    return torch.where(flip, -x, x), pb - pa
+
+
+def truncated_gaussian_means(mean: Tensor, chol: Tensor, lo: Tensor, hi: Tensor, draws: int,
+                             generator: torch.Generator | None = None) -> Tensor:
+    """``E[X | lo <= X <= hi]`` ``[N, c]`` for ``X ~ N(mean [N, c], L L')`` and boxes ``lo, hi
+    [N, c]`` (``+-inf`` allowed), by the GHK simulator (Geweke-Hajivassiliou-Keane: sequential
+    truncated draws along the Cholesky factor ``chol [c, c]``, weighted by the conditional box
+    probabilities; consistent in ``draws``)."""
+    N, c = lo.shape
+    eps = torch.zeros(N, draws, c, dtype=torch.float64)
+    logw = torch.zeros(N, draws, dtype=torch.float64)
+    lo_c, hi_c = lo - mean, hi - mean
+    for k in range(c):
+        s = eps[:, :, :k] @ chol[k, :k] if k else torch.zeros(N, draws, dtype=torch.float64)
+        a = (lo_c[:, k : k + 1] - s) / chol[k, k]
+        b = (hi_c[:, k : k + 1] - s) / chol[k, k]
+        x, p = _truncated_normal(a, b, generator)
+        eps[:, :, k] = x
+        logw += torch.log(p.clamp_min(1e-300))
+    X = eps @ chol.T
+    return mean + (torch.softmax(logw, dim=1).unsqueeze(-1) * X).sum(1)
+
+
+# Largest number of coarse coordinates given to the exact box-mean form (GHK is sequential in
+# them), its draws per box, and the outer draws.
+EXACT_MAX_COARSE = 32
+EXACT_BOX_DRAWS = 1024
+EXACT_OUTER_DRAWS = 1024
+# truncated draws one evaluation may cost (outer x box draws x coarse coordinates)
+EXACT_BUDGET = 6_000_000
+
+
+def exact_box_mean_abs(
+    corr: Correlation,
+    influence: Tensor,
+    kappa: Tensor,
+    coarse_index: Tensor,
+    coarse_alpha: Tensor,
+    outer_draws: int = EXACT_OUTER_DRAWS,
+    box_draws: int = EXACT_BOX_DRAWS,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``E|w' R^-1 E[U | observation]|`` per record, with the coarse coordinates' boxes treated
+    exactly, and its standard error, both ``[R]``.
+
+    The observation is the coarse coordinates' cells and, for the others, the channel
+    ``Y_j = U_j + e_j`` (``Var e_j = (1 - kappa_j) / kappa_j``; 0 for unquantized ones, exact).
+    With ``(b, h)`` the regression of ``a' U`` (``a = R^-1 w``) on ``(U_C, Y_F)``, the score is
+    ``b' E[U_C | box, Y_F] + h' Y_F`` (the residual is independent of the observation), and
+    ``U_C | Y_F`` is Gaussian, so ``E[U_C | box, Y_F]`` is a truncated-Gaussian mean (GHK).
+
+    Args:
+        corr: full correlation (``corr.full [d, d]``, positive definite on the coarse block).
+        influence: ``[R, d]``; kappa: ``[d]``.
+        coarse_index: ``[c]`` long (``c <= EXACT_MAX_COARSE``); coarse_alpha: ``[c, K+1]``
+            their standardised cell edges (sorted, around 0 = theta-hat).
+
+    Raises:
+        ValueError: without a full correlation, or more than ``EXACT_MAX_COARSE`` coarse
+            coordinates.
+    """
+    if corr.full is None:
+        raise ValueError("the exact box-mean form needs the full correlation")
+    c = coarse_index.numel()
+    box_draws = int(max(256, min(box_draws, EXACT_BUDGET // max(outer_draws * c, 1))))
+    if c > EXACT_MAX_COARSE:
+        raise ValueError(f"the exact box-mean form takes at most {EXACT_MAX_COARSE} coarse coordinates, got {c}")
+    R_ = corr.full.to(torch.float64)
+    d = R_.shape[0]
+    w = influence.to(torch.float64)
+    k = kappa.to(torch.float64).clamp(0.0, 1.0)
+    is_c = torch.zeros(d, dtype=torch.bool)
+    is_c[coarse_index] = True
+    # fine coordinates seen through the channel; pinned ones (kappa ~ 0) carry nothing
+    fine_index = torch.nonzero(~is_c & (k > 1e-12)).squeeze(-1)
+    v = (1.0 - k[fine_index]) / k[fine_index]
+    a = _pinv_apply(R_, w.T).T                                     # [R, d] = R^+ w
+    # joint covariance of Z = (U_C, Y_F)
+    Rcc = R_[coarse_index][:, coarse_index]
+    Rcf = R_[coarse_index][:, fine_index]
+    Rff = R_[fine_index][:, fine_index] + torch.diag(v)
+    cov_z = torch.cat([torch.cat([Rcc, Rcf], 1), torch.cat([Rcf.T, Rff], 1)], 0)
+    cross = torch.cat([R_[:, coarse_index], R_[:, fine_index]], 1)  # Cov(U, Z) [d, c + f]
+    coef = _pinv_apply(cov_z, (a @ cross).T).T                     # [R, c + f]: (b, h)
+    b, h = coef[:, :c], coef[:, c:]
+    # U_C | Y_F ~ N(G Y_F, S)
+    if fine_index.numel():
+        G = _pinv_apply(Rff, Rcf.T).T                              # [c, f]
+        S = Rcc - G @ Rcf.T
+    else:
+        G = torch.zeros(c, 0, dtype=torch.float64)
+        S = Rcc
+    S = 0.5 * (S + S.T) + 1e-12 * torch.eye(c, dtype=torch.float64)
+    chol = torch.linalg.cholesky(S)
+    # outer draws of (U_C, Y_F)
+    root = torch.linalg.cholesky(cov_z + 1e-12 * torch.eye(cov_z.shape[0], dtype=torch.float64))
+    Z = torch.randn(outer_draws, root.shape[0], dtype=torch.float64, generator=generator) @ root.T
+    Uc, Yf = Z[:, :c], Z[:, c:]
+    alpha = coarse_alpha.to(torch.float64)
+    cell = torch.stack([torch.searchsorted(alpha[j].contiguous(), Uc[:, j].contiguous()) for j in range(c)], 1)
+    pad = torch.cat([torch.full((c, 1), -math.inf, dtype=torch.float64), alpha,
+                     torch.full((c, 1), math.inf, dtype=torch.float64)], 1)
+    lo = torch.gather(pad, 1, cell.T).T                            # [S, c]
+    hi = torch.gather(pad, 1, (cell + 1).T).T
+    mean = Yf @ G.T
+    per = max(1, (1 << 22) // max(box_draws * c, 1))
+    m = torch.cat([truncated_gaussian_means(mean[i : i + per], chol, lo[i : i + per], hi[i : i + per],
+                                            box_draws, generator)
+                   for i in range(0, outer_draws, per)])           # [S, c]
+    score = (m @ b.T + Yf @ h.T).abs()                             # [S, R]
+    return score.mean(0), score.std(0) / math.sqrt(outer_draws)

@@ -36,6 +36,28 @@ from mis_lightning.models.metrics import check_task, metric_inputs, utility_metr
 OPTIMIZERS = ("lbfgs", "adam", "sgd")
 
 
+# Inputs may be a tensor [B, ...] or a pytree of tensors with B rows each (e.g. the graph
+# batches of mis_lightning.data.graphs): these helpers read and cast either.
+def _leaves(x: Any) -> list[torch.Tensor]:
+    return [t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
+
+
+def _rows(x: Any) -> int:
+    """Records in a batch of inputs (rows of its first tensor)."""
+    return int(_leaves(x)[0].shape[0])
+
+
+def _float_dtype(x: Any) -> torch.dtype | None:
+    """dtype of the first floating-point tensor of the inputs (``None``: none)."""
+    return next((t.dtype for t in _leaves(x) if t.is_floating_point()), None)
+
+
+def _double(x: Any) -> Any:
+    """The inputs with every floating-point tensor in float64."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, x)
+
+
 class PenalizedModule(pl.LightningModule):
     """Shared training logic; subclasses build the network and call ``_setup_common``.
 
@@ -120,10 +142,10 @@ class PenalizedModule(pl.LightningModule):
         the optimum, below float32 resolution: in float32 it stalls ~1e-4 away from the
         minimiser, in float64 it reaches it to float32 parameter precision (~1e-7).
         """
-        if not (self.float64_objective and x.dtype != torch.float64):
+        if not (self.float64_objective and _float_dtype(x) != torch.float64):
             return self.per_sample_loss(self(x), y).mean(), self.penalty()
         params = {k: v.double() for k, v in self.named_parameters() if v.requires_grad}
-        out = functional_call(self, params, (x.double(),))
+        out = functional_call(self, params, (_double(x),))
         data_loss = self.per_sample_loss(out, y.double()).mean()
         penalty = sum((v.pow(2).sum() for v in params.values()),
                       torch.zeros((), dtype=torch.float64, device=x.device))
@@ -135,7 +157,7 @@ class PenalizedModule(pl.LightningModule):
         loss = data_loss + 0.5 * self.weight_decay * penalty
         # logged once per batch in on_train_batch_end: L-BFGS calls training_step (its
         # closure) many times per step, and the last evaluation is the accepted iterate
-        self._last_train = (loss.detach().float(), data_loss.detach().float(), x.shape[0])
+        self._last_train = (loss.detach().float(), data_loss.detach().float(), _rows(x))
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -152,7 +174,7 @@ class PenalizedModule(pl.LightningModule):
         loss = self.per_sample_loss(out, y).mean()
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(*metric_inputs(out, y, self.task))
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=_rows(x))
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
 
