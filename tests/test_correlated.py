@@ -13,7 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning import assess
 from mis_lightning import functional as F
-from mis_lightning.functional.correlated import Correlation, RecordCorrelation, correlated_mc_mean_abs
+from mis_lightning.functional.correlated import (
+    Correlation,
+    RecordCorrelation,
+    correlated_mc_mean_abs,
+)
 from mis_lightning.groundtruth.correlated_reference import exact_mean_abs
 
 SQ = math.sqrt(2 / math.pi)
