@@ -218,6 +218,7 @@ class ParamGrid:
     values: Tensor | None = None
     revealed: Tensor | None = None
     rounding: str = "nearest"
+    method: str = ""
 
     @property
     def numel(self) -> int:
@@ -429,6 +430,12 @@ class QuantizationScheme(ABC):
     def describe(self) -> dict:
         """Plain-type description for reports and configs."""
         return {"name": self.name, "backend": self.backend}
+
+    def flat_spec(self) -> Any:
+        """The grid rule (a :class:`~mis_lightning.quantization.beyond_linear.FlatSpec`) with
+        which the scheme also quantizes convolutions, embeddings and attention projections,
+        or ``None`` (the default): the scheme quantizes only the layers :meth:`supports`."""
+        return None
 
     def supports(self, module: nn.Module) -> bool:
         """Whether the backend quantizes this module's ``weight`` (before ``filter_fn``)."""
