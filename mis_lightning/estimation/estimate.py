@@ -389,7 +389,9 @@ class MomentAccumulator:
             except NotImplementedError:
                 pass
         try:
-            return LayerProgram(self.model, self.loss_fn, self.names, self.dtype, reference=self.program)
+            prog = LayerProgram(self.model, self.loss_fn, self.names, self.dtype, reference=self.program)
+            prog.num_records, prog.group_budget = self.num_records, self.budget
+            return prog
         except NotImplementedError as exc:
             log.info("estimation: torch.func per-sample gradients (%s)", exc)
             return None

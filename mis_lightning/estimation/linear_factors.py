@@ -371,9 +371,11 @@ def _patches(mod: nn.Module, x: Tensor) -> Tensor:
     return u.reshape(u.shape[0], mod.groups, -1, u.shape[-1])
 
 
-def _layer_grads(mod: nn.Module, slot: str, x: Any, go: Tensor, names: dict[str, str]) -> dict[str, Any]:
+def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cache: dict[str, Tensor]) -> dict[str, Any]:
     """Per-sample gradients ``{parameter: [B, numel] or _Sparse}`` of one layer from its input
-    ``x`` and the gradient ``go`` at its output (both with the batch in dim 0)."""
+    ``x`` and the gradient ``go`` at its output (both with the batch in dim 0); ``cache``
+    keeps what depends on the input only (patches, normalised inputs) across the backward
+    passes of one batch."""
     out: dict[str, Any] = {}
     b = (go[0] if isinstance(go, (list, tuple)) else go).shape[0]
     wn, bn = names.get("weight"), names.get("bias")
@@ -385,7 +387,7 @@ def _layer_grads(mod: nn.Module, slot: str, x: Any, go: Tensor, names: dict[str,
             out[bn] = gf.sum(1)
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
         if wn:
-            u = _patches(mod, x)  # [B, G, K, P]
+            u = cache["u"] if "u" in cache else cache.setdefault("u", _patches(mod, x))  # [B, G, K, P]
             gg = go.reshape(b, mod.groups, -1, u.shape[-1])  # [B, G, O/G, P]
             out[wn] = torch.einsum("bgop,bgkp->bgok", gg, u).reshape(b, -1)
         if bn:
@@ -396,7 +398,9 @@ def _layer_grads(mod: nn.Module, slot: str, x: Any, go: Tensor, names: dict[str,
     elif isinstance(mod, nn.LayerNorm):
         nd = len(mod.normalized_shape)
         if wn:
-            xhat = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+            if "xhat" not in cache:
+                cache["xhat"] = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+            xhat = cache["xhat"]
             out[wn] = (go * xhat).reshape(b, -1, *x.shape[-nd:]).sum(1).reshape(b, -1)
         if bn:
             out[bn] = go.reshape(b, -1, *go.shape[-nd:]).sum(1).reshape(b, -1)
@@ -404,7 +408,9 @@ def _layer_grads(mod: nn.Module, slot: str, x: Any, go: Tensor, names: dict[str,
         # eval mode (the estimation's semantics): normalised by the running statistics
         if wn:
             shape = (1, -1, *([1] * (x.dim() - 2)))
-            xhat = (x - mod.running_mean.reshape(shape)) / (mod.running_var.reshape(shape) + mod.eps).sqrt()
+            if "xhat" not in cache:
+                cache["xhat"] = (x - mod.running_mean.reshape(shape)) / (mod.running_var.reshape(shape) + mod.eps).sqrt()
+            xhat = cache["xhat"]
             out[wn] = (go * xhat).reshape(b, x.shape[1], -1).sum(-1)
         if bn:
             out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
@@ -525,6 +531,9 @@ class LayerProgram:
             p.requires_grad_(True)
         self.names, self.loss_fn, self.dtype = names, loss_fn, dtype
         self.reference = reference  # a LossProgram: the first batch's check
+        self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
+        self._group: set[str] = set()
+        self._cache: dict[int, tuple[Any, dict[str, Tensor]]] = {}
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
         self._calls: dict[str, int] = {}
@@ -551,10 +560,12 @@ class LayerProgram:
         g, h = fac
         return {k: (v.rows(rows) if isinstance(v, _Sparse) else v[rows]) for k, v in g.items()}, h
 
-    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True,
+              only: set[str] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """One forward and ``1 + rank(L)`` backward passes: per-sample gradients
         ``{name: [B, numel] or _Sparse}`` and the batch's Gauss-Newton diagonal sums
-        ``{name: [numel]}`` (not with ``ggn=False``)."""
+        ``{name: [numel]}`` (not with ``ggn=False``); ``only``: the layers holding these
+        parameters only."""
         mods = dict(self.model.named_modules())
         self._inputs.clear(), self._outputs.clear(), self._calls.clear()
         for m in self.slots:
@@ -594,18 +605,21 @@ class LayerProgram:
                 keep = torch.zeros_like(keep)
             dirs = [e] + [vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1) for k in range(c) if keep[k]]
             signs = [float("nan")] + [lam[:, k].sign() for k in range(c) if keep[k]]
-            tap_list = [t for m in self.slots for t in taps[m][1]]
+            used = [m for m, slot in self.slots.items() if only is None or set(slot.values()) & only]
+            tap_list = [t for m in used for t in taps[m][1]]
             g_all: dict[str, Any] = {}
             h_all: dict[str, Tensor] = {}
+            caches: dict[str, dict[str, Tensor]] = {m: {} for m in self.slots}
             for j, (vdir, sgn) in enumerate(zip(dirs, signs)):
                 gos = torch.autograd.grad(f, tap_list, grad_outputs=vdir, retain_graph=j < len(dirs) - 1,
                                           allow_unused=True)
                 pos = 0
-                for m, slot in self.slots.items():
+                for m in used:
+                    slot = self.slots[m]
                     x, outs = taps[m]
                     go = [torch.zeros_like(o) if gi is None else gi for gi, o in zip(gos[pos: pos + len(outs)], outs)]
                     pos += len(outs)
-                    grads = _layer_grads(mods[m], "in", x, go if isinstance(mods[m], _MHA) else go[0], slot)
+                    grads = _layer_grads(mods[m], x, go if isinstance(mods[m], _MHA) else go[0], slot, caches[m])
                     for k, v in grads.items():
                         if j == 0:
                             g_all[k] = v
@@ -618,7 +632,7 @@ class LayerProgram:
                         h_all[k] = h_all[k] + sq if k in h_all else sq
         for k in g_all:
             h_all.setdefault(k, torch.zeros(self._numel(k), dtype=self.dtype))
-        if not self._verified:
+        if not self._verified and only is None:
             self._verify(inputs, targets, g_all)
         return g_all, h_all
 
@@ -667,11 +681,35 @@ class LayerProgram:
                           for n in self.names], dim=1)
 
     def per_sample_grads(self, inputs: Any, targets: Any, names: list[str] | None = None) -> dict[str, Tensor]:
-        """``{name: [B, numel]}`` per-sample loss gradients (stored records' influences)."""
+        """``{name: [B, numel]}`` per-sample loss gradients (the stored records' influences).
+
+        Asked one parameter at a time over record blocks (``Estimate.iter_influence``), it
+        computes a group of consecutive parameters at once, as many as ``group_budget``
+        floats allow for ``num_records`` records, and keeps them for the next requests
+        (one forward and backward pass per group and block instead of per parameter)."""
         b = _first_dim(targets)
-        g_all, _ = self.batch(inputs, targets, b, ggn=False)
-        return {n: (g_all[n].dense(b) if isinstance(g_all[n], _Sparse) else g_all[n])
-                for n in (names or self.names)}
+        want = list(names or self.names)
+        key = id(inputs)
+        if names is not None and all(n in self._group for n in want):
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is inputs:
+                return {n: hit[1][n] for n in want}
+        elif names is not None:  # a new group: these names and the next ones that fit
+            start = self.names.index(want[0])
+            group, size = [], 0
+            for n in self.names[start:]:
+                k = self._numel(n) * self.num_records
+                if group and size + k > self.group_budget:
+                    break
+                group.append(n)
+                size += k
+            self._group = set(group) | set(want)
+            self._cache = {}
+        g_all, _ = self.batch(inputs, targets, b, ggn=False, only=self._group if names is not None else None)
+        dense = {n: (v.dense(b) if isinstance(v, _Sparse) else v) for n, v in g_all.items()}
+        if names is not None:
+            self._cache[key] = (inputs, dense)
+        return {n: dense[n] for n in want}
 
     def close(self) -> None:
         for h in self.handles:
