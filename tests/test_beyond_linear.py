@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import CNN  # tests/_nets.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -13,8 +14,6 @@ import mis_lightning as ml
 from mis_lightning.estimation.estimate import MomentAccumulator
 from mis_lightning.estimation.linear_factors import LayerProgram
 from mis_lightning.quantization import get_scheme
-
-from _nets import CNN  # tests/_nets.py
 
 
 def _ce(o, y):
@@ -122,8 +121,8 @@ def test_assess_reports_the_quantized_share_and_the_method_per_layer_type():
 
 # --------------------------------------------------------------------------- estimation
 class _Convs(nn.Module):
-    """Grouped, dilated, strided, 'same'-padded, reflect- and circular-padded convolutions,
-    BatchNorm (eval: running statistics), Conv1d, LayerNorm, a 3-class head."""
+    """Grouped, dilated, strided, 'same'-padded, reflect-, replicate- and circular-padded
+    convolutions, BatchNorm (eval: running statistics), Conv3d, Conv1d, LayerNorm, a 3-class head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,13 +131,15 @@ class _Convs(nn.Module):
             nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2), nn.Tanh(),
             nn.Conv2d(6, 6, 2, padding="same", padding_mode="reflect", bias=False),
             nn.Conv2d(6, 6, (3, 1), stride=(1, 2), padding=(1, 0), groups=3, padding_mode="replicate"))
+        self.c3 = nn.Conv3d(1, 1, (3, 3, 1), stride=(1, 1, 2), dilation=(1, 2, 1), padding=(1, 2, 0))
         self.c1 = nn.Conv1d(6, 4, 3, padding=1, padding_mode="circular")
         self.bn1 = nn.BatchNorm1d(4)
         self.ln = nn.LayerNorm(4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
-        h = self.f(x).flatten(2)
+        h = self.f(x)
+        h = self.c3(h.unsqueeze(1)).squeeze(1).flatten(2)
         return self.head(self.ln(self.bn1(self.c1(h)).mean(-1)))
 
 
@@ -215,11 +216,11 @@ def test_fast_path_with_stored_records_streamed_and_one_output():
     _assert_same(*out)
 
 
-@pytest.mark.parametrize("case", ["conv3d", "groupnorm", "tied"])
+@pytest.mark.parametrize("case", ["conv_transpose", "groupnorm", "tied"])
 def test_unsupported_layouts_fall_back_to_torch_func_explicitly(case):
     torch.manual_seed(0)
-    if case == "conv3d":
-        m, X = nn.Sequential(nn.Conv3d(1, 2, 2), nn.Flatten(), nn.Linear(2, 3)), torch.randn(8, 1, 2, 2, 2)
+    if case == "conv_transpose":
+        m, X = nn.Sequential(nn.ConvTranspose1d(1, 2, 2), nn.Flatten(), nn.Linear(6, 3)), torch.randn(8, 1, 2)
     elif case == "groupnorm":
         m, X = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 3)), torch.randn(8, 4)
     else:

@@ -297,7 +297,7 @@ def iterate_factor_blocks(factors: Iterable[LinearFactors], g_mean: dict[str, Te
 
 # ------------------------------------------------------------------ beyond nn.Linear
 # Per-sample statistics of the layers a model is built of, from each layer's input and the
-# loss gradient at its output: Linear on any number of positions, Conv1d/Conv2d (unfolded
+# loss gradient at its output: Linear on any number of positions, Conv1d/2d/3d (unfolded
 # to a Linear over patches), Embedding (the rows each record touches), LayerNorm and
 # BatchNorm affine parameters (closed forms from the normalised input), and the projections
 # of nn.MultiheadAttention. The model's outputs may be several per record: the Gauss-Newton
@@ -355,20 +355,23 @@ def _embedding_grad(idx: Tensor, go: Tensor, num: int, padding_idx: int | None) 
 
 
 def _patches(mod: nn.Module, x: Tensor) -> Tensor:
-    """Conv1d/Conv2d input as patches ``[B, groups, C_in/groups * prod(kernel), positions]``:
-    the layer is then a Linear over patches (``torch.nn.functional.unfold``)."""
+    """A convolution's input as patches ``[B, groups, C_in/groups * prod(kernel), positions]``:
+    the layer is then a Linear over patches. Strided windows (``Tensor.unfold``, a view: far
+    faster than ``F.unfold``'s im2col on CPU), any number of spatial dims, stride, dilation,
+    padding (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward)."""
+    nd = x.dim() - 2
     if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
-        # as the layer's own forward: explicit padding first ('same'/'valid', non-zero modes)
         mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
         x = torch.nn.functional.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
-        pad = (0,) * len(mod.kernel_size)
-    else:
-        pad = tuple(mod.padding)
-    k, s, d = tuple(mod.kernel_size), tuple(mod.stride), tuple(mod.dilation)
-    if isinstance(mod, nn.Conv1d):  # a Conv2d of height 1
-        x, k, s, d, pad = x.unsqueeze(2), (1, *k), (1, *s), (1, *d), (0, *pad)
-    u = torch.nn.functional.unfold(x, k, dilation=d, padding=pad, stride=s)  # [B, C_in*prod(k), P]
-    return u.reshape(u.shape[0], mod.groups, -1, u.shape[-1])
+    elif any(mod.padding):
+        x = torch.nn.functional.pad(x, [q for p in reversed(mod.padding) for q in (p, p)])
+    for i, (k, s, d) in enumerate(zip(mod.kernel_size, mod.stride, mod.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # window dims appended last
+    b, c = x.shape[:2]
+    out = x.shape[2: 2 + nd]
+    # [B, C, O..., k...] -> [B, C, k..., O...] -> [B, G, C/G * prod(k), prod(O)]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return x.reshape(b, mod.groups, -1, math.prod(out))
 
 
 def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cache: dict[str, Tensor]) -> dict[str, Any]:
@@ -385,11 +388,11 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
             out[wn] = torch.einsum("bto,bti->boi", gf, xf).reshape(b, -1)
         if bn:
             out[bn] = gf.sum(1)
-    elif isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if wn:
             u = cache["u"] if "u" in cache else cache.setdefault("u", _patches(mod, x))  # [B, G, K, P]
             gg = go.reshape(b, mod.groups, -1, u.shape[-1])  # [B, G, O/G, P]
-            out[wn] = torch.einsum("bgop,bgkp->bgok", gg, u).reshape(b, -1)
+            out[wn] = (gg @ u.transpose(-1, -2)).reshape(b, -1)  # [B, G, O/G, K]
         if bn:
             out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
     elif isinstance(mod, nn.Embedding):
@@ -426,7 +429,7 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
 
 def _supported(mod: nn.Module) -> str | None:
     """Why the fast path cannot take this layer, or ``None``."""
-    if isinstance(mod, nn.Linear) or isinstance(mod, (nn.Conv1d, nn.Conv2d)):
+    if isinstance(mod, nn.Linear) or isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return None
     if isinstance(mod, nn.Embedding):
         if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
