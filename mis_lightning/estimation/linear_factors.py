@@ -26,6 +26,7 @@ weight also used outside its layer (e.g. ``F.linear(x, self.a.weight)`` in ``for
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -653,7 +654,9 @@ class LayerProgram:
         take = min(2, _first_dim(targets))
         x2 = torch.utils._pytree.tree_map(lambda t: t[:take] if isinstance(t, Tensor) else t, inputs)
         y2 = torch.utils._pytree.tree_map(lambda t: t[:take] if isinstance(t, Tensor) else t, targets)
-        ref = self.reference.per_sample_grads(x2, y2)
+        with warnings.catch_warnings():  # torch.func on attention: "performance drop" notices
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            ref = self.reference.per_sample_grads(x2, y2)
         tol = 1e-8 if self.dtype == torch.float64 else 1e-4
         for n, v in g_all.items():
             got = v.dense(take) if isinstance(v, _Sparse) else v[:take]

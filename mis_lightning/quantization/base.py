@@ -521,8 +521,9 @@ class QuantizationScheme(ABC):
         supported = [(f, a, m) for f, a, m in holders if a == "weight" and self.supports(m)]
         if not supported:
             f, a, m = holders[0] if holders else ("?", name, nn.Module())
+            also = ", convolutions, embeddings and attention projections" if self.flat_spec() is not None else ""
             return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
-                    f"{self.name!r} quantizes the weights of {self.layers} only)")
+                    f"{self.name!r} quantizes the weights of {self.layers}{also} only)")
         if self.filter_fn is not None and not any(self.filter_fn(m, f) for f, _, m in supported):
             return f"excluded by the filter_fn of scheme {self.name!r}"
         return "left in float by the scheme"
