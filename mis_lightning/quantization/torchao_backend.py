@@ -32,8 +32,10 @@ The names of earlier releases (``int4_weight_only`` for int4 groups of 32, ``int
 
 Which layers: torchao's own default filter (``nn.Linear``, not
 ``NonDynamicallyQuantizableLinear``), narrowed by the scheme's ``filter_fn(module, fqn)``.
-Every other parameter (convolutions, embeddings, attention in-projections, ...) stays in
-float, with the reason in ``result.unquantized``. A weight tied across several Linear layers
+The integer weight-only schemes (``int8_weight_only``, ``intx_weight_only_*``) then quantize
+convolutions, embeddings and attention projections with the same grid rule
+(:mod:`.beyond_linear`, :meth:`flat_spec`); every other parameter (norm scales, biases, the
+other schemes' non-Linear weights) stays in float, with the reason in ``result.unquantized``. A weight tied across several Linear layers
 is quantized once and the quantized Parameter is given to every holder; tied to a layer
 torchao does not quantize (e.g. an ``nn.Embedding``), it stays in float everywhere.
 Biases are never quantized. A layer whose ``in_features`` is not a multiple of a per-group
