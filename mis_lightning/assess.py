@@ -389,6 +389,8 @@ def score_schemes(
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
     report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs
                                     if not isinstance(sc, NoQuantization)) if w]
+    # Weights quantized by another method than the scheme's backend (quantization/beyond_linear).
+    report.warnings += [w for w in (s.methods_line() for s in report.schemes.values()) if w]
     frozen = _frozen_warning(model, est.names)
     if frozen:
         report.warnings.append(frozen)
@@ -487,7 +489,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
             name=name, d=numel, quantized=g is not None, leakage=math.nan, mis=math.nan,
             baseline_leakage=math.nan, d_eff=float(numel) if g is None else math.nan,
             pinned_fraction=frz / max(numel, 1), zero_fraction=zero / numel if g is not None else 0.0,
-            bits_per_weight=bits,
+            bits_per_weight=bits, quantized_by=g.method if g is not None else "",
         )
     return prep
 

@@ -52,6 +52,9 @@ class LayerResult:
     pinned_fraction: float
     zero_fraction: float
     bits_per_weight: float
+    #: what quantized the tensor where the scheme's own backend did not (e.g. ``"Conv2d:
+    #: per-channel int8 over flattened kernels (library RTN)"``); ``""`` otherwise
+    quantized_by: str = ""
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
@@ -135,6 +138,19 @@ class SchemeResult:
         return (f"scheme {self.name!r} leaves {n_float} of {self.d} assessed weights "
                 f"({100.0 * n_float / max(self.d, 1):.1f}%) in float, scored as unprotected "
                 f"(leak like the baseline): " + "; ".join(parts))
+
+    def methods_line(self) -> str | None:
+        """A line naming, per layer type, how the weights beyond the scheme's own backend were
+        quantized (``LayerResult.quantized_by``), or ``None`` when the backend did all."""
+        by: dict[str, list[str]] = {}
+        for name, lr in self.layers.items():
+            if lr.quantized and lr.quantized_by:
+                by.setdefault(lr.quantized_by, []).append(name)
+        if self.error or not by:
+            return None
+        parts = [f"{m} ({', '.join(v[:3])}{f' and {len(v) - 3} more' if len(v) > 3 else ''})"
+                 for m, v in by.items()]
+        return f"scheme {self.name!r} quantizes beyond its backend's layers: " + "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

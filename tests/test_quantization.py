@@ -186,6 +186,12 @@ def test_model_without_linear_layers():
             res = s.apply(model)
         if name in CAST_SCHEMES:  # a cast applies to every floating parameter
             assert set(res.grids) == pnames and not res.unquantized
+        elif s.flat_spec() is not None:  # integer schemes: embeddings and convolutions too
+            assert set(res.grids) | set(res.unquantized) == pnames, name
+            assert res.unquantized["1.bias"].startswith("bias:"), name
+            for w in ("0.weight", "1.weight"):  # quantized, or a group that cannot tile the row
+                assert w in res.grids or "group size" in res.unquantized[w], (name, w)
+            assert "0.weight" in res.grids or s.flat_spec().granularity == "per_group", name
         else:
             assert res.grids == {}, name
             assert set(res.unquantized) == pnames, name

@@ -147,32 +147,34 @@ def test_in_place_scheme_quantizes_a_weight_tied_to_an_embedding_in_every_use():
 
 
 def test_partial_quantization_of_a_cnn_is_in_the_table_warnings_and_json():
+    # native_int8_dynamic quantizes exactly nn.Linear (the torchao integer schemes quantize
+    # the convolutions too: tests/test_beyond_linear.py)
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 10, (120,), generator=g)
     torch.manual_seed(0)
     m = CNN().eval()
     dl = DataLoader(TensorDataset(X, Y), batch_size=60)
-    rep = ml.assess(m, ["int8_weight_only", "bf16"], dl, ce, estimation="diagonal", hessian="ggn",
+    rep = ml.assess(m, ["native_int8_dynamic", "bf16"], dl, ce, estimation="diagonal", hessian="ggn",
                     num_records=32, uncertainty_draws=0)
-    s = rep.schemes["int8_weight_only"]
+    s = rep.schemes["native_int8_dynamic"]
     assert s.d == 1466 and s.quantized_fraction == pytest.approx(160 / 1466)
     assert set(s.float_params) == {n for n, _ in m.named_parameters()} - {"head.weight"}
     assert s.float_params["f.0.weight"] == (
-        "Conv2d.weight: layer type Conv2d not supported (scheme 'int8_weight_only' quantizes the "
-        "weights of nn.Linear (torchao's default filter) only)")
+        "Conv2d.weight: layer type Conv2d not supported (scheme 'native_int8_dynamic' quantizes the "
+        "weights of nn.Linear (exact type) only)")
     assert s.float_params["f.1.weight"].startswith("BatchNorm2d.weight:")
-    assert s.float_params["head.bias"] == "bias: scheme 'int8_weight_only' quantizes layer weights only"
-    warn = [w for w in rep.warnings if w.startswith("scheme 'int8_weight_only' leaves")]
+    assert s.float_params["head.bias"] == "bias: scheme 'native_int8_dynamic' quantizes layer weights only"
+    warn = [w for w in rep.warnings if w.startswith("scheme 'native_int8_dynamic' leaves")]
     assert len(warn) == 1
-    assert warn[0].startswith("scheme 'int8_weight_only' leaves 1306 of 1466 assessed weights (89.1%) in float")
+    assert warn[0].startswith("scheme 'native_int8_dynamic' leaves 1306 of 1466 assessed weights (89.1%) in float")
     assert "f.0.weight, f.4.weight (Conv2d.weight:" in warn[0]
     assert not [w for w in rep.warnings if w.startswith("scheme 'bf16'")]  # bf16 casts everything
     table = rep.table().splitlines()
     assert table[0].split()[:3] == ["scheme", "bits/w", "float"]
-    assert "89.1%" in next(row for row in table if row.startswith("int8_weight_only"))
+    assert "89.1%" in next(row for row in table if row.startswith("native_int8_dynamic"))
     assert "0.0%" in next(row for row in table if row.startswith("bf16"))
     back = Report.from_dict(json.loads(rep.to_json()))
-    assert back.schemes["int8_weight_only"].float_params == s.float_params
+    assert back.schemes["native_int8_dynamic"].float_params == s.float_params
 
 
 def test_group_size_skips_and_transformer_layers_have_reasons():
@@ -196,7 +198,11 @@ def test_group_size_skips_and_transformer_layers_have_reasons():
             self.enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
             self.head = nn.Linear(32, 4)
 
+    # int8_weight_only quantizes the embedding and attention projections too
+    # (tests/test_beyond_linear.py); native_int8_dynamic keeps to exactly nn.Linear
     res = get_scheme("int8_weight_only").apply(Tiny())
+    assert {"emb.weight", "enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight"} < set(res.grids)
+    res = get_scheme("native_int8_dynamic").apply(Tiny())
     assert set(res.grids) == {"enc.linear1.weight", "enc.linear2.weight", "head.weight"}
     u = res.unquantized
     assert u["emb.weight"].startswith("Embedding.weight: layer type Embedding not supported")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .linear_factors import (
     FactoredProgram,
+    LayerProgram,
     LinearFactors,
     factored_power_sums,
     iterate_factor_blocks,
@@ -374,23 +375,38 @@ class MomentAccumulator:
         self.generator, self.selection, self.pytree_records = generator, selection, pytree_records
         self.keep_w = num_records * d <= budget
         self._out_shape: tuple[int, ...] | None = None
-        self.factored: FactoredProgram | None = None
+        self.factored: FactoredProgram | LayerProgram | None = None
         if use_factors and mode == "diagonal" and hessian == "ggn" and program_cls is LossProgram:
             # nn.Linear layers with one output per record: per-sample statistics as products
             # of layer inputs and output gradients (linear_factors), no [B, d] tensors.
-            try:
-                self.factored = FactoredProgram(model, loss_fn, self.names, dtype)
-            except NotImplementedError:
-                self.factored = None
+            self.factored = self._fast_program(FactoredProgram)
         self.state = self.empty_state()
+
+    def _fast_program(self, kind: type) -> FactoredProgram | LayerProgram | None:
+        """The fastest per-sample program the model's layout allows: the factored 2-D Linear
+        path, else the per-layer path (convolutions, embeddings, norms, attention,
+        ``linear_factors.LayerProgram``), else ``None`` (torch.func per-sample gradients)."""
+        if kind is FactoredProgram:
+            try:
+                return FactoredProgram(self.model, self.loss_fn, self.names, self.dtype)
+            except NotImplementedError:
+                pass
+        try:
+            prog = LayerProgram(self.model, self.loss_fn, self.names, self.dtype, reference=self.program)
+            prog.num_records, prog.group_budget = self.num_records, self.budget
+            return prog
+        except NotImplementedError as exc:
+            log.info("estimation: torch.func per-sample gradients (%s)", exc)
+            return None
 
     def reset_program(self) -> None:
         """Re-read the model's current weights (for a new pass after the model changed)."""
         self.program = self.program_cls(self.model, self.loss_fn, self.param_names, self.batch_fn, self.dtype)
         self._out_shape = None
         if self.factored is not None:
+            kind = type(self.factored)
             self.factored.close()
-            self.factored = FactoredProgram(self.model, self.loss_fn, self.names, self.dtype)
+            self.factored = self._fast_program(kind)
 
     def state_spec(self) -> dict[str, tuple[Any, str]]:
         """``{name: (default, reduction)}`` with reduction ``"sum"`` or ``"cat"`` (lists)."""
@@ -439,8 +455,11 @@ class MomentAccumulator:
             except NotImplementedError:
                 if int(st["n"]) > 0:
                     raise
+                kind = type(self.factored)
                 self.factored.close()
-                self.factored = None  # this model's layout needs the generic path
+                # this model's layout needs the per-layer path, or the generic one
+                self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
+                return self.update(batch, state)
             else:
                 self._update_factored(st, fac, inputs, targets, b, keys)
                 return b
@@ -538,7 +557,7 @@ class MomentAccumulator:
         # Only the rows that can still be stored are materialised (a [rows, d] tensor).
         rows = storable_rows(st, keys, b, self.num_records, self.keep_w)
         if rows.numel():
-            sub = {m: tuple(t[rows] for t in v) for m, v in fac.items()}
+            sub = self.factored.select_rows(fac, rows)
             flat = (self.factored.record_gradients(sub, rows.numel()).to(dev, torch.float64)
                     if self.keep_w else torch.empty(rows.numel(), 0))
             self._store(st, flat, slice_rows(inputs, rows), slice_rows(targets, rows),
@@ -609,11 +628,14 @@ class MomentAccumulator:
             else:
                 records = list(zip(xs, ys))
             kept = sum(batch_size_of(y) for _, y in records)
-            if self.factored is not None and records:
+            if isinstance(self.factored, FactoredProgram) and records:
                 factors = self._record_factors(records)
         return Estimate(
             mode="diagonal", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets), influence=w,
-            num_records=min(kept, self.num_records), _program=self.program, _records=records,
+            num_records=min(kept, self.num_records),
+            # the per-layer path also recomputes the stored records' gradients (same numbers)
+            _program=self.factored if isinstance(self.factored, LayerProgram) else self.program,
+            _records=records,
             _g_mean=_split(g_mean_flat, names, offsets), _v_diag=_split(v_flat, names, offsets),
             factors=factors, **common,
         )

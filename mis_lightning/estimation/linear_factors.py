@@ -26,6 +26,7 @@ weight also used outside its layer (e.g. ``F.linear(x, self.a.weight)`` in ``for
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +173,10 @@ class FactoredProgram:
         self.capture.reset()
         return res
 
+    def select_rows(self, fac: dict[str, tuple[Tensor, Tensor, Tensor]], rows: Tensor) -> dict:
+        """The factors of the records ``rows`` of a batch."""
+        return {m: tuple(t[rows] for t in v) for m, v in fac.items()}
+
     def _verify(self, deltas: tuple[Tensor, ...], grads: dict[str, Tensor]) -> None:
         """The factored gradient of ``sum_i f_i`` (``delta^T x`` per layer) must equal autograd's.
 
@@ -289,4 +294,437 @@ def iterate_factor_blocks(factors: Iterable[LinearFactors], g_mean: dict[str, Te
                 yield a, a + d.shape[0], {name: w}
 
 
-__all__ = ["FactoredProgram", "LinearFactors", "factored_power_sums", "iterate_factor_blocks", "linear_layout"]
+
+
+# ------------------------------------------------------------------ beyond nn.Linear
+# Per-sample statistics of the layers a model is built of, from each layer's input and the
+# loss gradient at its output: Linear on any number of positions, Conv1d/2d/3d (unfolded
+# to a Linear over patches), Embedding (the rows each record touches), LayerNorm and
+# BatchNorm affine parameters (closed forms from the normalised input), and the projections
+# of nn.MultiheadAttention. The model's outputs may be several per record: the Gauss-Newton
+# diagonal is sum_k s_k (J^T a_k)^2 with L_i = sum_k s_k a_k a_k^T (eigen-decomposition of
+# the loss Hessian in the outputs), one backward pass per non-zero eigen-direction.
+
+_NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+_MHA = nn.MultiheadAttention
+
+
+@dataclass
+class _Sparse:
+    """Per-sample gradient of an embedding table restricted to the rows each record touches:
+    record ``sample[u]`` has gradient ``g[u] [D]`` on row ``row[u]`` (pairs are unique)."""
+
+    sample: Tensor
+    row: Tensor
+    g: Tensor
+    shape: tuple[int, int]
+
+    def sum(self) -> Tensor:
+        return torch.zeros(self.shape, dtype=self.g.dtype).index_add_(0, self.row, self.g).reshape(-1)
+
+    def sum_sq(self) -> Tensor:
+        return torch.zeros(self.shape, dtype=self.g.dtype).index_add_(0, self.row, self.g.square()).reshape(-1)
+
+    def norm_sq(self, b: int) -> Tensor:
+        return torch.zeros(b, dtype=self.g.dtype).index_add_(0, self.sample, self.g.square().sum(-1))
+
+    def rows(self, rows: Tensor) -> _Sparse:
+        pos = torch.full((int(self.sample.max()) + 1 if self.sample.numel() else 1,), -1, dtype=torch.long)
+        pos[rows[rows < pos.numel()]] = torch.nonzero(rows < pos.numel()).reshape(-1)
+        keep = pos[self.sample] >= 0
+        return _Sparse(pos[self.sample[keep]], self.row[keep], self.g[keep], self.shape)
+
+    def dense(self, take: int) -> Tensor:
+        out = torch.zeros(take, *self.shape, dtype=self.g.dtype)
+        keep = self.sample < take
+        out[self.sample[keep], self.row[keep]] = self.g[keep]
+        return out.reshape(take, -1)
+
+
+def _embedding_grad(idx: Tensor, go: Tensor, num: int, padding_idx: int | None) -> _Sparse:
+    """Per-sample gradient of an embedding table: idx ``[B, ...]``, go ``[B, ..., D]``."""
+    b = idx.shape[0]
+    sample = torch.arange(b).reshape(b, *([1] * (idx.dim() - 1))).expand_as(idx).reshape(-1)
+    row = idx.reshape(-1)
+    g = go.reshape(-1, go.shape[-1])
+    if padding_idx is not None:  # F.embedding gives the padding row no gradient
+        keep = row != padding_idx
+        sample, row, g = sample[keep], row[keep], g[keep]
+    uniq, inv = torch.unique(sample * num + row, return_inverse=True)
+    summed = torch.zeros(uniq.numel(), g.shape[-1], dtype=g.dtype).index_add_(0, inv, g)
+    return _Sparse(torch.div(uniq, num, rounding_mode="floor"), uniq % num, summed, (num, go.shape[-1]))
+
+
+def _patches(mod: nn.Module, x: Tensor) -> Tensor:
+    """A convolution's input as patches ``[B, groups, C_in/groups * prod(kernel), positions]``:
+    the layer is then a Linear over patches. Strided windows (``Tensor.unfold``, a view: far
+    faster than ``F.unfold``'s im2col on CPU), any number of spatial dims, stride, dilation,
+    padding (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward)."""
+    nd = x.dim() - 2
+    if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
+        mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+        x = torch.nn.functional.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
+    elif any(mod.padding):
+        x = torch.nn.functional.pad(x, [q for p in reversed(mod.padding) for q in (p, p)])
+    for i, (k, s, d) in enumerate(zip(mod.kernel_size, mod.stride, mod.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # window dims appended last
+    b, c = x.shape[:2]
+    out = x.shape[2: 2 + nd]
+    # [B, C, O..., k...] -> [B, C, k..., O...] -> [B, G, C/G * prod(k), prod(O)]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return x.reshape(b, mod.groups, -1, math.prod(out))
+
+
+def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cache: dict[str, Tensor]) -> dict[str, Any]:
+    """Per-sample gradients ``{parameter: [B, numel] or _Sparse}`` of one layer from its input
+    ``x`` and the gradient ``go`` at its output (both with the batch in dim 0); ``cache``
+    keeps what depends on the input only (patches, normalised inputs) across the backward
+    passes of one batch."""
+    out: dict[str, Any] = {}
+    b = (go[0] if isinstance(go, (list, tuple)) else go).shape[0]
+    wn, bn = names.get("weight"), names.get("bias")
+    if isinstance(mod, nn.Linear):
+        xf, gf = x.reshape(b, -1, x.shape[-1]), go.reshape(b, -1, go.shape[-1])
+        if wn:
+            out[wn] = torch.einsum("bto,bti->boi", gf, xf).reshape(b, -1)
+        if bn:
+            out[bn] = gf.sum(1)
+    elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if wn:
+            u = cache["u"] if "u" in cache else cache.setdefault("u", _patches(mod, x))  # [B, G, K, P]
+            gg = go.reshape(b, mod.groups, -1, u.shape[-1])  # [B, G, O/G, P]
+            out[wn] = (gg @ u.transpose(-1, -2)).reshape(b, -1)  # [B, G, O/G, K]
+        if bn:
+            out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
+    elif isinstance(mod, nn.Embedding):
+        if wn:
+            out[wn] = _embedding_grad(x, go, mod.num_embeddings, mod.padding_idx)
+    elif isinstance(mod, nn.LayerNorm):
+        nd = len(mod.normalized_shape)
+        if wn:
+            if "xhat" not in cache:
+                cache["xhat"] = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+            xhat = cache["xhat"]
+            out[wn] = (go * xhat).reshape(b, -1, *x.shape[-nd:]).sum(1).reshape(b, -1)
+        if bn:
+            out[bn] = go.reshape(b, -1, *go.shape[-nd:]).sum(1).reshape(b, -1)
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        # eval mode (the estimation's semantics): normalised by the running statistics
+        if wn:
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            if "xhat" not in cache:
+                cache["xhat"] = (x - mod.running_mean.reshape(shape)) / (mod.running_var.reshape(shape) + mod.eps).sqrt()
+            xhat = cache["xhat"]
+            out[wn] = (go * xhat).reshape(b, x.shape[1], -1).sum(-1)
+        if bn:
+            out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
+    elif isinstance(mod, _MHA):
+        # slot "in": x = (x_q, x_k, x_v) [B, T, E], go = (d_q, d_k, d_v) [B, T, E]
+        wn, bn = names.get("in_proj_weight"), names.get("in_proj_bias")
+        if wn:
+            out[wn] = torch.cat([torch.einsum("bto,bti->boi", gi, xi) for xi, gi in zip(x, go)], 1).reshape(b, -1)
+        if bn:
+            out[bn] = torch.cat([gi.sum(1) for gi in go], 1)
+    return out
+
+
+def _supported(mod: nn.Module) -> str | None:
+    """Why the fast path cannot take this layer, or ``None``."""
+    if isinstance(mod, nn.Linear) or isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return None
+    if isinstance(mod, nn.Embedding):
+        if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
+            return "Embedding with max_norm / scale_grad_by_freq / sparse"
+        return None
+    if isinstance(mod, nn.LayerNorm):
+        return None
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if mod.running_mean is None:
+            return "BatchNorm without running statistics (batch statistics couple the records)"
+        return None
+    if isinstance(mod, _MHA):
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+            return "MultiheadAttention with separate q/k/v weights, bias_k/bias_v or add_zero_attn"
+        return None
+    return f"layer type {type(mod).__name__}"
+
+
+def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                 key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    """nn.MultiheadAttention's forward (eval mode) written out so that the projections are
+    visible: the in-projection inputs and outputs go to ``self._fast_taps``, ``out_proj`` is
+    called as a module (its hooks fire). Checked against the module's own forward once."""
+    if not self.batch_first:
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+    b, tq, e = query.shape
+    tk, h = key.shape[1], self.num_heads
+    hd = e // h
+    wq, wk, wv = self.in_proj_weight.chunk(3)
+    bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+    q = torch.nn.functional.linear(query, wq, bq)
+    k = torch.nn.functional.linear(key, wk, bk)
+    v = torch.nn.functional.linear(value, wv, bv)
+    self._fast_taps.append(((query, key, value), (q, k, v)))
+    qh, kh, vh = (t.reshape(b, -1, h, hd).transpose(1, 2) for t in (q, k, v))
+    scores = qh @ kh.transpose(-2, -1) / math.sqrt(hd)  # [B, H, Tq, Tk]
+    mask = torch.zeros(b, h, tq, tk, dtype=scores.dtype)
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(tq, tk, dtype=torch.bool).triu(1)
+    if attn_mask is not None:
+        am = attn_mask.reshape(-1, h, tq, tk) if attn_mask.dim() == 3 else attn_mask
+        mask = mask + (torch.zeros_like(am, dtype=scores.dtype).masked_fill(am, -math.inf)
+                       if am.dtype == torch.bool else am.to(scores.dtype))
+    if key_padding_mask is not None:
+        kp = key_padding_mask.reshape(b, 1, 1, tk)
+        mask = mask + (torch.zeros_like(kp, dtype=scores.dtype).masked_fill(kp, -math.inf)
+                       if kp.dtype == torch.bool else kp.to(scores.dtype))
+    attn = torch.softmax(scores + mask, dim=-1)
+    o = (attn @ vh).transpose(1, 2).reshape(b, tq, e)
+    o = self.out_proj(o)
+    if not self.batch_first:
+        o = o.transpose(0, 1)
+    weights = None
+    if need_weights:
+        weights = attn.mean(1) if average_attn_weights else attn
+    if not self._fast_checked:  # the written-out forward must be the module's own
+        with torch.no_grad():
+            args = (query, key, value) if self.batch_first else tuple(t.transpose(0, 1) for t in (query, key, value))
+            want = type(self).forward(self, *args, key_padding_mask=key_padding_mask, need_weights=False,
+                                      attn_mask=attn_mask, average_attn_weights=average_attn_weights)[0]
+        tol = 1e-10 if o.dtype == torch.float64 else 1e-4
+        if not torch.allclose(o, want, rtol=tol, atol=tol * float(want.abs().max().clamp_min(1.0))):
+            raise NotImplementedError("the written-out MultiheadAttention forward differs from the module's")
+        self._fast_checked = True
+    return o, weights
+
+
+class LayerProgram:
+    """Per-batch per-sample statistics of models beyond nn.Linear (see the section comment).
+
+    The interface of :class:`FactoredProgram` (``batch``, ``batch_sums``,
+    ``record_gradients``, ``select_rows``, ``close``); ``factors`` is not available (stored
+    records' influences are recomputed by :meth:`per_sample_grads`). Raises
+    ``NotImplementedError`` naming the layer when an assessed parameter is not the weight or
+    bias of a supported layer (then torch.func per-sample gradients are used). The first batch
+    is checked against torch.func's per-sample gradients of two records.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, names: list[str], dtype: torch.dtype,
+                 reference: Any = None) -> None:
+        shared = shared_parameters(model, names)
+        if shared:
+            raise NotImplementedError(f"tied parameters: {sorted(shared)}")
+        self.model = private_copy(model, "copying the model for the per-layer estimation").to(dtype).eval()
+        mods = dict(self.model.named_modules())
+        self.slots: dict[str, dict[str, str]] = {}  # module -> {attribute: parameter name}
+        for n in names:
+            mod_name, _, leaf = n.rpartition(".")
+            mod = mods.get(mod_name)
+            if mod is None:
+                raise NotImplementedError(f"parameter {n!r} is not held by a submodule")
+            why = _supported(mod)
+            if why is not None:
+                raise NotImplementedError(f"parameter {n!r}: {why}")
+            ok = ("in_proj_weight", "in_proj_bias") if isinstance(mod, _MHA) else ("weight", "bias")
+            if leaf not in ok:
+                raise NotImplementedError(f"parameter {n!r} of {type(mod).__name__}")
+            self.slots.setdefault(mod_name, {})[leaf] = n
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        self.names, self.loss_fn, self.dtype = names, loss_fn, dtype
+        self.reference = reference  # a LossProgram: the first batch's check
+        self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
+        self._group: set[str] = set()
+        self._cache: dict[int, tuple[Any, dict[str, Tensor]]] = {}
+        self._inputs: dict[str, Any] = {}
+        self._outputs: dict[str, Any] = {}
+        self._calls: dict[str, int] = {}
+        self.handles = []
+        for m in self.slots:
+            mod = mods[m]
+            if isinstance(mod, _MHA):
+                mod._fast_taps = []
+                mod._fast_checked = False
+                mod.forward = _mha_forward.__get__(mod)  # this private copy only
+            else:
+                self.handles.append(mod.register_forward_hook(self._hook(m)))
+        self._verified = False
+
+    def _hook(self, name: str) -> Callable:
+        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
+            self._calls[name] = self._calls.get(name, 0) + 1
+            self._inputs[name] = args[0]
+            self._outputs[name] = out
+
+        return hook
+
+    def select_rows(self, fac: Any, rows: Tensor) -> Any:
+        g, h = fac
+        return {k: (v.rows(rows) if isinstance(v, _Sparse) else v[rows]) for k, v in g.items()}, h
+
+    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True,
+              only: set[str] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """One forward and ``1 + rank(L)`` backward passes: per-sample gradients
+        ``{name: [B, numel] or _Sparse}`` and the batch's Gauss-Newton diagonal sums
+        ``{name: [numel]}`` (not with ``ggn=False``); ``only``: the layers holding these
+        parameters only."""
+        mods = dict(self.model.named_modules())
+        self._inputs.clear(), self._outputs.clear(), self._calls.clear()
+        for m in self.slots:
+            if isinstance(mods[m], _MHA):
+                mods[m]._fast_taps.clear()
+        with torch.enable_grad():
+            out = self.model(inputs)
+            taps: dict[str, tuple[Any, list[Tensor]]] = {}
+            for m in self.slots:
+                mod = mods[m]
+                if isinstance(mod, _MHA):
+                    if len(mod._fast_taps) != 1:
+                        raise NotImplementedError(f"layer {m!r} is not called once per forward")
+                    xs, outs = mod._fast_taps[0]
+                    taps[m] = (tuple(t.detach() for t in xs), list(outs))
+                else:
+                    if self._calls.get(m, 0) != 1:
+                        raise NotImplementedError(f"layer {m!r} is not called once per forward")
+                    x = self._inputs[m]
+                    taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
+            if out.shape[0] != b:
+                raise NotImplementedError("the model's output has no batch dimension first")
+            shape = tuple(out.shape[1:])
+            f = out.reshape(b, -1)
+            c = f.shape[1]
+            fd = f.detach()
+
+            def one(o: Tensor, y: Any) -> Tensor:
+                y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
+                return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
+
+            e = torch.func.vmap(torch.func.grad(one))(fd, targets)  # dl/do [B, C]
+            L = torch.func.vmap(torch.func.hessian(one))(fd, targets)  # d2l/do2 [B, C, C]
+            lam, vec = torch.linalg.eigh(0.5 * (L + L.transpose(1, 2)))
+            keep = lam.abs().amax(0) > 1e-12 * max(float(lam.abs().max()), 1e-300)
+            if not ggn:
+                keep = torch.zeros_like(keep)
+            dirs = [e] + [vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1) for k in range(c) if keep[k]]
+            signs = [float("nan")] + [lam[:, k].sign() for k in range(c) if keep[k]]
+            used = [m for m, slot in self.slots.items() if only is None or set(slot.values()) & only]
+            tap_list = [t for m in used for t in taps[m][1]]
+            g_all: dict[str, Any] = {}
+            h_all: dict[str, Tensor] = {}
+            caches: dict[str, dict[str, Tensor]] = {m: {} for m in self.slots}
+            for j, (vdir, sgn) in enumerate(zip(dirs, signs)):
+                gos = torch.autograd.grad(f, tap_list, grad_outputs=vdir, retain_graph=j < len(dirs) - 1,
+                                          allow_unused=True)
+                pos = 0
+                for m in used:
+                    slot = self.slots[m]
+                    x, outs = taps[m]
+                    go = [torch.zeros_like(o) if gi is None else gi for gi, o in zip(gos[pos: pos + len(outs)], outs)]
+                    pos += len(outs)
+                    grads = _layer_grads(mods[m], x, go if isinstance(mods[m], _MHA) else go[0], slot, caches[m])
+                    for k, v in grads.items():
+                        if j == 0:
+                            g_all[k] = v
+                            continue
+                        if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
+                            sq = torch.zeros(v.shape, dtype=v.g.dtype).index_add_(
+                                0, v.row, v.g.square() * sgn[v.sample].unsqueeze(-1)).reshape(-1)
+                        else:
+                            sq = (v.square() * sgn.unsqueeze(-1)).sum(0)
+                        h_all[k] = h_all[k] + sq if k in h_all else sq
+        for k in g_all:
+            h_all.setdefault(k, torch.zeros(self._numel(k), dtype=self.dtype))
+        if not self._verified and only is None:
+            self._verify(inputs, targets, g_all)
+        return g_all, h_all
+
+    def _numel(self, name: str) -> int:
+        return dict(self.model.named_parameters())[name].numel()
+
+    def _verify(self, inputs: Any, targets: Any, g_all: dict[str, Any]) -> None:
+        """Per-sample gradients of (up to) two records against torch.func's (``reference``):
+        a parameter also used outside its layer, a batch dimension not first, or any layer
+        semantics the formulas miss shows up here. Tolerance 1e-8 (float64) / 1e-4 (float32)
+        relative to the largest gradient."""
+        if self.reference is None:
+            self._verified = True
+            return
+        take = min(2, _first_dim(targets))
+        x2 = torch.utils._pytree.tree_map(lambda t: t[:take] if isinstance(t, Tensor) else t, inputs)
+        y2 = torch.utils._pytree.tree_map(lambda t: t[:take] if isinstance(t, Tensor) else t, targets)
+        with warnings.catch_warnings():  # torch.func on attention: "performance drop" notices
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            ref = self.reference.per_sample_grads(x2, y2)
+        tol = 1e-8 if self.dtype == torch.float64 else 1e-4
+        for n, v in g_all.items():
+            got = v.dense(take) if isinstance(v, _Sparse) else v[:take]
+            want = ref[n].reshape(take, -1).to(got.dtype)
+            if float((got - want).abs().max()) > tol * max(float(want.abs().max()), 1e-30):
+                raise NotImplementedError(f"per-sample gradients of {n!r} differ from torch.func's")
+        self._verified = True
+
+    def batch_sums(self, fac: Any, acc: torch.dtype) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], Tensor]:
+        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum)`` (flat) and ``|g_i|^2 [B]``."""
+        g_all, h_all = fac
+        out = {}
+        norm = torch.zeros((), dtype=acc)
+        for n in self.names:
+            v = g_all[n]
+            if isinstance(v, _Sparse):
+                s, s2 = v.sum(), v.sum_sq()
+            else:
+                s, s2 = v.sum(0), v.square().sum(0)
+            out[n] = (s.to(acc), s2.to(acc), h_all[n].to(acc))
+            norm = norm + s2.sum().to(acc)  # sum over records of |g_i|^2 (this parameter's part)
+        return out, norm.reshape(1)
+
+    def record_gradients(self, fac: Any, take: int) -> Tensor:
+        """Flat per-sample gradients ``[take, d]`` in ``names`` order."""
+        g_all = fac[0]
+        return torch.cat([(g_all[n].dense(take) if isinstance(g_all[n], _Sparse) else g_all[n][:take].reshape(take, -1))
+                          for n in self.names], dim=1)
+
+    def per_sample_grads(self, inputs: Any, targets: Any, names: list[str] | None = None) -> dict[str, Tensor]:
+        """``{name: [B, numel]}`` per-sample loss gradients (the stored records' influences).
+
+        Asked one parameter at a time over record blocks (``Estimate.iter_influence``), it
+        computes a group of consecutive parameters at once, as many as ``group_budget``
+        floats allow for ``num_records`` records, and keeps them for the next requests
+        (one forward and backward pass per group and block instead of per parameter)."""
+        b = _first_dim(targets)
+        want = list(names or self.names)
+        key = id(inputs)
+        if names is not None and all(n in self._group for n in want):
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] is inputs:
+                return {n: hit[1][n] for n in want}
+        elif names is not None:  # a new group: these names and the next ones that fit
+            start = self.names.index(want[0])
+            group, size = [], 0
+            for n in self.names[start:]:
+                k = self._numel(n) * self.num_records
+                if group and size + k > self.group_budget:
+                    break
+                group.append(n)
+                size += k
+            self._group = set(group) | set(want)
+            self._cache = {}
+        g_all, _ = self.batch(inputs, targets, b, ggn=False, only=self._group if names is not None else None)
+        dense = {n: (v.dense(b) if isinstance(v, _Sparse) else v) for n, v in g_all.items()}
+        if names is not None:
+            self._cache[key] = (inputs, dense)
+        return {n: dense[n] for n in want}
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _first_dim(tree: Any) -> int:
+    leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+    return int(leaves[0].shape[0]) if leaves else len(tree)
+
+
+__all__ = ["FactoredProgram", "LayerProgram", "LinearFactors", "factored_power_sums", "iterate_factor_blocks", "linear_layout"]

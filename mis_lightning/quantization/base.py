@@ -218,6 +218,7 @@ class ParamGrid:
     values: Tensor | None = None
     revealed: Tensor | None = None
     rounding: str = "nearest"
+    method: str = ""
 
     @property
     def numel(self) -> int:
@@ -430,6 +431,12 @@ class QuantizationScheme(ABC):
         """Plain-type description for reports and configs."""
         return {"name": self.name, "backend": self.backend}
 
+    def flat_spec(self) -> Any:
+        """The grid rule (a :class:`~mis_lightning.quantization.beyond_linear.FlatSpec`) with
+        which the scheme also quantizes convolutions, embeddings and attention projections,
+        or ``None`` (the default): the scheme quantizes only the layers :meth:`supports`."""
+        return None
+
     def supports(self, module: nn.Module) -> bool:
         """Whether the backend quantizes this module's ``weight`` (before ``filter_fn``)."""
         return isinstance(module, nn.Linear)
@@ -514,8 +521,9 @@ class QuantizationScheme(ABC):
         supported = [(f, a, m) for f, a, m in holders if a == "weight" and self.supports(m)]
         if not supported:
             f, a, m = holders[0] if holders else ("?", name, nn.Module())
+            also = ", convolutions, embeddings and attention projections" if self.flat_spec() is not None else ""
             return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
-                    f"{self.name!r} quantizes the weights of {self.layers} only)")
+                    f"{self.name!r} quantizes the weights of {self.layers}{also} only)")
         if self.filter_fn is not None and not any(self.filter_fn(m, f) for f, _, m in supported):
             return f"excluded by the filter_fn of scheme {self.name!r}"
         return "left in float by the scheme"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .base import ParamGrid, SchemeConfig, affine_grid
+from .beyond_linear import FlatSpec, quantize_beyond_linear
 from .registry import register_scheme
 
 # Scales below this are clamped (an all-zero row would otherwise divide by zero).
@@ -49,6 +50,12 @@ class RoundToNearestInt(SchemeConfig):
     def name_parts(self) -> list[str]:
         return [f"int{self.bits}"]
 
+    def flat_spec(self) -> FlatSpec:
+        """Convolutions, embeddings, attention projections: the same absmax/qmax rule per
+        output channel over flattened rows, in place (see :mod:`.beyond_linear`)."""
+        return FlatSpec(bits=self.bits, granularity="per_row", group_size=None, mapping="symmetric",
+                        rule="absmax_qmax", torchao_embedding=False, in_place=True)
+
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
         qmax = 2 ** (self.bits - 1) - 1
@@ -67,6 +74,8 @@ class RoundToNearestInt(SchemeConfig):
                 name, codes=codes.to(torch.int8), scale=scale, zero_point=torch.zeros_like(scale),
                 block_size=(1, w.shape[1]), qmin=qmin, qmax=qmax, dequantized=deq,
                 code_bits=self.bits, side_bits=32.0)  # a float32 scale per row (nominal)
+        # convolutions, embeddings, attention projections: the same rule over flattened rows
+        quantize_beyond_linear(self, model, self.flat_spec(), grids, reasons, notes)
         return grids, notes, reasons
 
 

@@ -32,8 +32,10 @@ The names of earlier releases (``int4_weight_only`` for int4 groups of 32, ``int
 
 Which layers: torchao's own default filter (``nn.Linear``, not
 ``NonDynamicallyQuantizableLinear``), narrowed by the scheme's ``filter_fn(module, fqn)``.
-Every other parameter (convolutions, embeddings, attention in-projections, ...) stays in
-float, with the reason in ``result.unquantized``. A weight tied across several Linear layers
+The integer weight-only schemes (``int8_weight_only``, ``intx_weight_only_*``) then quantize
+convolutions, embeddings and attention projections with the same grid rule
+(:mod:`.beyond_linear`, :meth:`flat_spec`); every other parameter (norm scales, biases, the
+other schemes' non-Linear weights) stays in float, with the reason in ``result.unquantized``. A weight tied across several Linear layers
 is quantized once and the quantized Parameter is given to every holder; tied to a layer
 torchao does not quantize (e.g. an ``nn.Embedding``), it stays in float everywhere.
 Biases are never quantized. A layer whose ``in_features`` is not a multiple of a per-group
@@ -71,6 +73,7 @@ from .base import (
     _quantized_kind,
     affine_grid,
 )
+from .beyond_linear import FlatSpec, quantize_beyond_linear
 from .casts import representable_values
 from .registry import register_alias, register_scheme
 
@@ -188,6 +191,13 @@ class TorchAOScheme(SchemeConfig):
         return _torchao_default_filter()(module)
 
     def _quantize_copy(self, model: nn.Module):
+        grids, notes, reasons = self._quantize_linear(model)
+        spec = self.flat_spec()
+        if spec is not None:
+            quantize_beyond_linear(self, model, spec, grids, reasons, notes)
+        return grids, notes, reasons
+
+    def _quantize_linear(self, model: nn.Module):
         from torchao.quantization import quantize_
 
         chosen, reasons, notes = self.select_weights(model, skip_reason=self._skip_reason)
@@ -313,6 +323,14 @@ class Int8WeightOnly(TorchAOScheme):
     def name_parts(self) -> list[str]:
         return _granularity_part(self.granularity, self.group_size, "per_row")
 
+    def flat_spec(self) -> FlatSpec | None:
+        # weight-only int8 beyond Linear: the same symmetric int8 grid; the dynamic-activation
+        # config quantizes activations too, which a weight-only conv would not reproduce
+        if self.config_class != "Int8WeightOnlyConfig":
+            return None
+        return FlatSpec(bits=8, granularity=self.granularity, group_size=self.group_size,  # type: ignore[arg-type]
+                        mapping="symmetric")
+
     def _config(self) -> Any:
         import torchao.quantization as aoq
 
@@ -381,6 +399,10 @@ class IntxWeightOnly(TorchAOScheme):
     def name_parts(self) -> list[str]:
         return [f"int{self.bits}", *_granularity_part(self.granularity, self.group_size, "per_row"),
                 *(["asym"] if self.mapping == "asymmetric" else [])]
+
+    def flat_spec(self) -> FlatSpec | None:
+        return FlatSpec(bits=self.bits, granularity=self.granularity, group_size=self.group_size,  # type: ignore[arg-type]
+                        mapping=self.mapping)  # type: ignore[arg-type]
 
     def _config(self) -> Any:
         import torchao.quantization as aoq

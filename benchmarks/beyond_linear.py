@@ -1,0 +1,146 @@
+"""``assess`` beyond nn.Linear: cost in training epochs and quantized share on a ~1e5-parameter
+CNN and a ~1e5-parameter Transformer (one encoder layer + embedding + head).
+
+In one process, per model:
+
+* the mean wall time of one epoch of Adam training on the training set (after one warm-up
+  epoch, which also brings the model near a minimum);
+* the wall time of ``assess(model, SCHEMES, train_loader, loss_fn, val_dataloader=val)``
+  with every option at its default (estimator chosen by ``"auto"``), after one warm-up call
+  on a small subset (imports, first-call set-up);
+* the ratio assess / epoch, and per scheme ``quantized_fraction`` (share of assessed weights
+  quantized) and the methods line of the report.
+
+    python benchmarks/beyond_linear.py                  # both models, 2 threads
+    python benchmarks/beyond_linear.py --models cnn --threads 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCHEMES = ["int8_weight_only", "intx_weight_only_int4"]  # int8 and int4, per channel
+
+
+def build(kind: str, n: int, seed: int = 0):
+    """``(model, train dataset, val dataset, loss_fn)`` for ``"cnn"`` or ``"transformer"``."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if kind == "cnn":
+        # 3x16x16 images, 10 classes: 3 conv blocks (Conv2d + BatchNorm2d) and a Linear head
+        model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+        x = torch.randn(n + 256, 3, 16, 16, generator=g)
+        y = (x[:, 0, :8].mean((1, 2)) > 0).long() * 5 + (x[:, 1].mean((1, 2)) * 20).long().clamp(-2, 2) + 2
+    else:
+        V, T, D = 1000, 16, 64
+
+        class Tiny(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.emb = nn.Embedding(V, D)
+                self.enc = nn.TransformerEncoderLayer(D, 4, 128, dropout=0.0, batch_first=True)
+                self.head = nn.Linear(D, 4)
+
+            def forward(self, tok):
+                return self.head(self.enc(self.emb(tok)).mean(1))
+
+        model = Tiny()
+        x = torch.randint(0, V, (n + 256, T), generator=g)
+        y = (x[:, 0] % 4)
+    ds = TensorDataset(x[:n], y[:n])
+    val = TensorDataset(x[n:], y[n:])
+
+    def ce(out, t):
+        return F.cross_entropy(out, t, reduction="none")
+
+    return model, ds, val, ce
+
+
+def epoch(model, loader, loss_fn, opt) -> float:
+    """One training epoch; its wall time in seconds."""
+    t = time.perf_counter()
+    model.train()
+    for xb, yb in loader:
+        opt.zero_grad()
+        loss_fn(model(xb), yb).mean().backward()
+        opt.step()
+    model.eval()
+    return time.perf_counter() - t
+
+
+def run(kind: str, n: int, batch: int, epochs: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    import mis_lightning as ml
+
+    model, ds, val, ce = build(kind, n)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    epoch(model, loader, ce, opt)  # warm-up (and training)
+    times = [epoch(model, loader, ce, opt) for _ in range(epochs)]
+    t_epoch = sum(times) / len(times)
+    model.eval()
+    d = sum(p.numel() for p in model.parameters())
+    plain = DataLoader(ds, batch_size=batch)
+    vl = DataLoader(val, batch_size=batch)
+    ml.assess(model, SCHEMES, DataLoader(Subset(ds, range(2 * batch)), batch_size=batch), ce,
+              val_dataloader=vl, num_records=8)  # warm-up: imports, first calls
+    t = time.perf_counter()
+    rep = ml.assess(model, SCHEMES, plain, ce, val_dataloader=vl)
+    t_assess = time.perf_counter() - t
+    return {
+        "model": kind, "params": d, "n": n, "batch": batch, "threads": torch.get_num_threads(),
+        "epoch_s": t_epoch, "assess_s": t_assess, "ratio": t_assess / t_epoch,
+        "estimator": rep.estimation.get("estimator") if isinstance(rep.estimation, dict) else str(rep.estimation),
+        "quantized_fraction": {k: s.quantized_fraction for k, s in rep.schemes.items()},
+        "leakage": {k: s.leakage for k, s in rep.schemes.items()},
+        "warnings": rep.warnings,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["cnn", "transformer"])
+    ap.add_argument("--n", type=int, default=4096, help="training records")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=2, help="timed training epochs (after one warm-up)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=str, default=None)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = []
+    for kind in args.models:
+        r = run(kind, args.n, args.batch, args.epochs)
+        out.append(r)
+        qf = ", ".join(f"{k} {v:.3f}" for k, v in r["quantized_fraction"].items())
+        print(f"{kind}: {r['params']:,} parameters, n = {r['n']}, batch {r['batch']}, {r['threads']} threads: "
+              f"epoch {r['epoch_s']:.2f} s, assess {r['assess_s']:.2f} s, ratio {r['ratio']:.2f} epochs; "
+              f"quantized_fraction: {qf}")
+        print(f"  estimator: {r['estimator']}")
+        for w in r["warnings"]:
+            print(f"  warning: {w}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""MISCallback on a small Transformer (embedding + one encoder layer + a Linear head), in
+seconds on a CPU.
+
+The integer schemes quantize the embedding table with torchao (``IntxWeightOnlyConfig``
+through ``quantize_``'s ``filter_fn``), the feed-forward Linear layers and the head with
+torchao's own config, and the attention projections (``in_proj_weight`` and ``out_proj``,
+which torchao's filter leaves out) per output row with the library's round-to-nearest. The
+estimation takes per-sample statistics of every layer (embedding rows, attention projections,
+LayerNorm affine parameters) in closed form, without torch.func.
+
+Run:  python examples/transformer_callback.py
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning import MISCallback
+
+VOCAB, LENGTH, DIM, CLASSES = 50, 8, 16, 3
+
+
+class TinyTransformer(pl.LightningModule):
+    def __init__(self, lr: float = 3e-3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.enc = nn.TransformerEncoderLayer(DIM, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(DIM, CLASSES)
+        self.lr = lr
+
+    def forward(self, tokens):
+        return self.head(self.enc(self.emb(tokens)).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def per_sample_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per record, shape [B]."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def data(n: int = 256, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+    return TensorDataset(x, x[:, 0] % CLASSES)
+
+
+def main(max_epochs: int = 3) -> MISCallback:
+    pl.seed_everything(0)
+    mis = MISCallback(["int8_weight_only", "intx_weight_only_int4"], loss_fn=per_sample_loss,
+                      num_records=64, uncertainty_draws=0)
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=False, callbacks=[mis], enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tempfile.mkdtemp(prefix="mis_transformer_"))
+    trainer.fit(TinyTransformer(), DataLoader(data(), batch_size=64, shuffle=True))
+    print(mis.report.table())
+    return mis
+
+
+if __name__ == "__main__":
+    main()

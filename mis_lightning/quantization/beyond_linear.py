@@ -1,0 +1,279 @@
+"""Quantization beyond ``nn.Linear``: convolutions, embeddings and attention projections.
+
+torchao's weight-only configs quantize ``nn.Linear`` layers (its default filter); a model's
+other weights -- ``Conv1d/2d/3d`` kernels, ``nn.Embedding`` tables, the packed
+``in_proj_weight`` (or ``q/k/v_proj_weight``) of ``nn.MultiheadAttention`` and its
+``out_proj`` (a ``NonDynamicallyQuantizableLinear`` that torchao's filter excludes) -- would
+stay in float. The integer schemes (``int8_weight_only``, ``intx_weight_only_*``, ``rtn_*``)
+quantize them too, with the same grid rule as their Linear layers:
+
+* **through the real toolkit where it supports the layer**: an ``nn.Embedding`` table with
+  torchao's ``quantize_(model, IntxWeightOnlyConfig(...), filter_fn=<that embedding>)``
+  (torchao's documented path for embeddings; the grid is read from the
+  ``IntxUnpackedToInt8Tensor`` it releases). torch has no weight-only quantized
+  convolution (``torch.ao.nn.quantized.Conv2d`` needs quantized activations), and torchao
+  none on CPU;
+* **elsewhere by this library's round-to-nearest over flattened kernels**: the weight viewed
+  as ``[out_channels, in/groups * prod(kernel)]``, one scale per output channel (or per group
+  of the flattened row, or per tensor), the scale and codes from torchao's own primitives
+  ``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine`` with the scheme's
+  mapping (``rtn_*``: ``scale = max|w| / qmax`` as for its Linear layers). The copy's weight is
+  overwritten with the dequantized values (the layer runs in float on the released values).
+
+Each grid carries ``method`` (what was done, e.g. ``"Conv2d: per-channel int8 over flattened
+kernels (library RTN)"``), shown in the per-layer rows of the report, and the scheme's notes
+say per layer type what was done. Normalization parameters (``BatchNorm``/``LayerNorm``
+weights) and biases stay in float, with their reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .base import ParamGrid, affine_grid, parameter_uses, revealed_by_scale
+
+_NDQLinear = nn.modules.linear.NonDynamicallyQuantizableLinear
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class FlatSpec:
+    """How a scheme quantizes the weights beyond ``nn.Linear``.
+
+    Attributes:
+        bits: code bits (codes in ``[-2^(bits-1), 2^(bits-1) - 1]``).
+        granularity: ``"per_row"`` (one scale per output channel / embedding row),
+            ``"per_group"`` (groups of ``group_size`` consecutive elements of a flattened row)
+            or ``"per_tensor"``.
+        group_size: elements per group (``"per_group"``).
+        mapping: ``"symmetric"`` or ``"asymmetric"`` (torchao's ``MappingType``).
+        rule: ``"torchao"`` (``choose_qparams_affine``: symmetric ``scale = amax / ((qmax -
+            qmin) / 2)``, as torchao's Linear configs) or ``"absmax_qmax"`` (``scale = amax /
+            qmax``, the built-in ``rtn_*`` rule).
+        torchao_embedding: quantize ``nn.Embedding`` with torchao's ``IntxWeightOnlyConfig``
+            (else with the library RTN).
+        in_place: the scheme's Linear pass writes in place (a tied weight is then quantized
+            once and every holder sees it); otherwise a tied weight stays in float.
+    """
+
+    bits: int
+    granularity: Literal["per_row", "per_group", "per_tensor"]
+    group_size: int | None
+    mapping: Literal["symmetric", "asymmetric"]
+    rule: Literal["torchao", "absmax_qmax"] = "torchao"
+    torchao_embedding: bool = True
+    in_place: bool = False
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def words(self) -> str:
+        """The granularity and dtype in words, e.g. ``"per-channel int8"``."""
+        g = {"per_row": "per-channel", "per_tensor": "per-tensor",
+             "per_group": f"per-group (g={self.group_size})"}[self.granularity]
+        return f"{g} int{self.bits}{' asymmetric' if self.mapping == 'asymmetric' else ''}"
+
+
+def _targets(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(module fqn, module, attribute)`` of every weight beyond ``nn.Linear`` this module
+    quantizes, in ``named_modules`` order."""
+    out = []
+    for fqn, m in model.named_modules():
+        if isinstance(m, _CONVS) or isinstance(m, nn.Embedding) or isinstance(m, _NDQLinear):
+            out.append((fqn, m, "weight"))
+        elif isinstance(m, nn.MultiheadAttention):
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                if isinstance(m._parameters.get(attr), Tensor):
+                    out.append((fqn, m, attr))
+    return out
+
+
+def supports_beyond(module: nn.Module) -> bool:
+    """Whether :func:`quantize_beyond_linear` quantizes a weight of this module."""
+    return isinstance(module, (*_CONVS, nn.Embedding, _NDQLinear, nn.MultiheadAttention))
+
+
+def _layer_kind(module: nn.Module, attr: str) -> str:
+    if isinstance(module, nn.MultiheadAttention):
+        return f"MultiheadAttention.{attr}"
+    if isinstance(module, _NDQLinear):
+        return "MultiheadAttention.out_proj"
+    return type(module).__name__
+
+
+def _block(shape: tuple[int, ...], spec: FlatSpec) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+    """``(grid shape, block size)`` of a weight under ``spec``: the weight's own shape where the
+    block is a box of it, else its flattened ``[out, K]`` view; or a reason it cannot be done."""
+    out, k = shape[0], math.prod(shape[1:])
+    if spec.granularity == "per_row":
+        return shape, (1, *shape[1:])
+    if spec.granularity == "per_tensor":
+        return shape, shape
+    g = int(spec.group_size or 0)
+    if k % g:
+        return (f"flattened row length {k} is not a multiple of the group size {g}: left in "
+                "float (the groups would not tile the rows)")
+    if len(shape) == 2:
+        return shape, (1, g)
+    kern = math.prod(shape[2:])
+    if g % kern == 0:  # a group = whole kernels of g / kern input channels: a box
+        return shape, (1, g // kern, *shape[2:])
+    return (out, k), (1, g)
+
+
+@torch.no_grad()
+def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
+    """Round-to-nearest of one weight over its flattened rows, with torchao's primitives.
+
+    Args:
+        weight: ``[out, *rest]`` float weight (a conv kernel, an embedding table, a packed
+            attention projection).
+        spec: the scheme's grid rule.
+        name: the parameter's name (for the grid).
+
+    Returns:
+        the grid (``dequantized`` is what the release holds), or a reason string when the
+        granularity cannot tile the weight.
+    """
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        choose_qparams_affine,
+        dequantize_affine,
+        quantize_affine,
+    )
+
+    got = _block(tuple(weight.shape), spec)
+    if isinstance(got, str):
+        return got
+    gshape, block = got
+    w = weight.detach().reshape(gshape)
+    if spec.rule == "absmax_qmax":
+        # the built-in rtn_* rule (rtn.py): float64, scale = max|w| / qmax per block
+        w64 = w.to(torch.float64)
+        nb = [s // b for s, b in zip(gshape, block)]
+        boxed = w64.reshape([x for s, b in zip(nb, block) for x in (s, b)])
+        red = tuple(range(1, 2 * len(gshape), 2))
+        scale = (boxed.abs().amax(dim=red) / spec.qmax).clamp_min(1e-12)
+        el = _per_element(scale, block, gshape)
+        codes = torch.round(w64 / el).clamp(spec.qmin, spec.qmax)
+        deq = codes * el
+        zp = torch.zeros_like(scale)
+        codes = codes.to(torch.int8)
+        side = 32.0  # a float32 scale per block (nominal, as rtn.py)
+    else:
+        mt = MappingType.ASYMMETRIC if spec.mapping == "asymmetric" else MappingType.SYMMETRIC
+        wf = w.to(torch.float32)
+        scale, zp = choose_qparams_affine(wf, mt, block, torch.int8, spec.qmin, spec.qmax,
+                                          eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32,
+                                          zero_point_dtype=torch.int8)
+        codes = quantize_affine(wf, block, scale, zp, torch.int8, spec.qmin, spec.qmax)
+        deq = dequantize_affine(codes, block, scale, zp, torch.int8, spec.qmin, spec.qmax,
+                                output_dtype=torch.float32)
+        nb = [s // b for s, b in zip(gshape, block)]
+        scale, zp = scale.reshape(nb), zp.reshape(nb)
+        side = None
+    grid = affine_grid(name, codes=codes.reshape(gshape), scale=scale, zero_point=zp, block_size=block,
+                       qmin=spec.qmin, qmax=spec.qmax, dequantized=deq.reshape(gshape),
+                       code_bits=spec.bits, side_bits=side, asymmetric=spec.mapping == "asymmetric")
+    # the weights the released scale gives away (block absmax, or min and max), scored as float
+    grid.revealed = revealed_by_scale(w, block, "minmax" if spec.mapping == "asymmetric" else "absmax")
+    return grid
+
+
+def _per_element(scale: Tensor, block: tuple[int, ...], shape: tuple[int, ...]) -> Tensor:
+    """A per-block tensor repeated to every element of ``shape``."""
+    t = scale.reshape([s // b for s, b in zip(shape, block)])
+    for dim, b in enumerate(block):
+        t = t.repeat_interleave(b, dim=dim)
+    return t
+
+
+def _torchao_embedding(model: nn.Module, fqn: str, module: nn.Embedding, spec: FlatSpec,
+                       scheme: Any, name: str, notes: list[str]) -> ParamGrid | None:
+    """torchao ``quantize_`` with ``IntxWeightOnlyConfig`` on one embedding; ``None`` where
+    torchao cannot (the caller then uses the library RTN)."""
+    import torchao.quantization as aoq
+
+    from .torchao_backend import _make_config, grid_reader
+
+    if spec.granularity == "per_tensor" or module.max_norm is not None:
+        return None  # IntxWeightOnlyConfig refuses per-tensor; max_norm renorms in place
+    gran = aoq.PerAxis(0) if spec.granularity == "per_row" else aoq.PerGroup(int(spec.group_size or 0))
+    mt = aoq.MappingType.ASYMMETRIC if spec.mapping == "asymmetric" else aoq.MappingType.SYMMETRIC
+    cfg = _make_config(aoq.IntxWeightOnlyConfig, weight_dtype=getattr(torch, f"int{spec.bits}"),
+                       granularity=gran, mapping_type=mt)
+    aoq.quantize_(model, cfg, filter_fn=lambda m, f: m is module and f == fqn)
+    reader = grid_reader(module.weight)
+    if reader is None:  # pragma: no cover - torchao left it in float
+        return None
+    return reader(scheme, name, module.weight, notes)
+
+
+def quantize_beyond_linear(scheme: Any, model: nn.Module, spec: FlatSpec, grids: dict[str, ParamGrid],
+                           reasons: dict[str, str], notes: list[str]) -> None:
+    """Quantize the copy's weights beyond ``nn.Linear`` in place (see the module doc).
+
+    Args:
+        scheme: the calling scheme (its ``name``, ``filter_fn`` and ``apply(params=...)``
+            selection are honoured).
+        model: the scheme's private copy (modified).
+        spec: the scheme's grid rule.
+        grids, reasons, notes: the Linear pass's results, extended in place (a weight that
+            already has a grid or a reason is left alone).
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    uses = parameter_uses(model)
+    done: dict[str, list[int]] = {}
+    for fqn, module, attr in _targets(model):
+        p = module._parameters.get(attr)
+        if not isinstance(p, Tensor) or id(p) not in names or not p.is_floating_point() or p.dim() < 2:
+            continue
+        name = names[id(p)]
+        if name in grids or name in reasons or not scheme._in_selection(p):
+            continue
+        kind = _layer_kind(module, attr)
+        if scheme.filter_fn is not None and not scheme.filter_fn(module, fqn):
+            reasons[name] = f"excluded by the filter_fn of scheme {scheme.name!r}"
+            continue
+        holders = uses.get(id(p), [])
+        if len(holders) > 1 and not spec.in_place:
+            others = ", ".join(f"{type(m).__name__} {f or '<root>'!r}.{a}" for f, a, m in holders
+                               if not (m is module and a == attr))
+            reasons[name] = (f"tied weight: also held by {others}; scheme {scheme.name!r} quantizes "
+                             f"{kind} on its own: left in float everywhere")
+            continue
+        tiles = _block(tuple(p.shape), spec)
+        if isinstance(tiles, str):
+            reasons[name] = f"{kind if '.' in kind else kind + '.' + attr}: {tiles}"
+            continue
+        grid = None
+        if isinstance(module, nn.Embedding) and spec.torchao_embedding:
+            grid = _torchao_embedding(model, fqn, module, spec, scheme, name, notes)
+            if grid is not None:
+                grid.method = f"{kind}: torchao IntxWeightOnlyConfig ({spec.words()})"
+        if grid is None:
+            got = flat_rtn(p, spec, name)
+            if isinstance(got, str):
+                reasons[name] = f"{kind if '.' in kind else kind + '.' + attr}: {got}"
+                continue
+            grid = got
+            p.data.copy_(grid.dequantized.reshape(p.shape).to(p.dtype))  # the release's values
+            how = "over flattened kernels" if isinstance(module, _CONVS) else "over rows"
+            grid.method = f"{kind}: {spec.words()} {how} (library RTN)"
+        grids[name] = grid
+        done.setdefault(grid.method, []).append(p.numel())
+    for method, sizes in done.items():
+        notes.append(f"{scheme.name}: {method}: {len(sizes)} weight tensor(s), {sum(sizes):,} weights")
+
+
+__all__ = ["FlatSpec", "flat_rtn", "quantize_beyond_linear", "supports_beyond"]

@@ -1,0 +1,248 @@
+"""Beyond nn.Linear: quantization of convolutions, embeddings and attention projections, and
+the per-layer fast estimation path (equal to torch.func's per-sample gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _nets import CNN  # tests/_nets.py
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.estimation.estimate import MomentAccumulator
+from mis_lightning.estimation.linear_factors import LayerProgram
+from mis_lightning.quantization import get_scheme
+
+
+def _ce(o, y):
+    return F.cross_entropy(o, y, reduction="none")
+
+
+class _TinyTF(nn.Module):
+    def __init__(self, V: int = 12, D: int = 8, padding_idx: int | None = 0) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(V, D, padding_idx=padding_idx)
+        self.enc = nn.TransformerEncoderLayer(D, 2, 16, batch_first=True, dropout=0.1)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+# ------------------------------------------------------------------------- quantization
+def test_cnn_int8_quantizes_the_convolutions_per_channel_over_flattened_kernels():
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine
+
+    m = CNN().eval()
+    res = get_scheme("int8_weight_only").apply(m)
+    # conv kernels 72 + 1152 and the head 160; BatchNorm weights and biases stay float
+    assert set(res.grids) == {"f.0.weight", "f.4.weight", "head.weight"}
+    g = res.grids["f.4.weight"]
+    assert g.shape == (16, 8, 3, 3) and g.block_size == (1, 8, 3, 3)
+    assert g.method == "Conv2d: per-channel int8 over flattened kernels (library RTN)"
+    w = m.f[4].weight.detach()
+    # torchao's own rule: scale = max|w| / 127.5 per output channel
+    scale, _ = choose_qparams_affine(w.reshape(16, -1), MappingType.SYMMETRIC, (1, 72), torch.int8, -128, 127,
+                                     eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32)
+    torch.testing.assert_close(g.scale.reshape(-1), scale.reshape(-1), rtol=0, atol=0)
+    torch.testing.assert_close(g.scale.reshape(-1), w.abs().amax((1, 2, 3)) / 127.5, rtol=1e-6, atol=0)
+    # the copy releases the grid's values, and they are the grid's cells (ties: block extremes)
+    assert torch.equal(res.model.f[4].weight.detach(), g.dequantized)
+    cv = g.cell_value(w.reshape(-1).double(), 0, g.numel).float()
+    assert int((cv != g.dequantized.reshape(-1)).sum()) <= 16  # at most one tie per channel
+    assert g.revealed is not None and int(g.revealed.sum()) == 16  # one absmax per channel
+    assert any(n.startswith("int8_weight_only: Conv2d: per-channel int8 over flattened kernels "
+                            "(library RTN): 2 weight tensor(s), 1,224 weights") for n in res.notes)
+    assert m.f[4].weight.dtype == torch.float32 and not torch.equal(m.f[4].weight, res.model.f[4].weight)
+
+
+def test_transformer_embedding_by_torchao_and_attention_projections_quantized():
+    m = _TinyTF().eval()
+    for name in ("int8_weight_only", "intx_weight_only_int4"):
+        res = get_scheme(name).apply(m)
+        assert {"emb.weight", "enc.self_attn.in_proj_weight", "enc.self_attn.out_proj.weight",
+                "enc.linear1.weight", "enc.linear2.weight", "head.weight"} == set(res.grids)
+        bits = 8 if name.startswith("int8") else 4
+        assert type(res.model.emb.weight).__name__ == "IntxUnpackedToInt8Tensor"  # torchao's own
+        assert res.grids["emb.weight"].method == f"Embedding: torchao IntxWeightOnlyConfig (per-channel int{bits})"
+        assert res.grids["enc.self_attn.in_proj_weight"].method == (
+            f"MultiheadAttention.in_proj_weight: per-channel int{bits} over rows (library RTN)")
+        assert res.grids["enc.self_attn.out_proj.weight"].method == (
+            f"MultiheadAttention.out_proj: per-channel int{bits} over rows (library RTN)")
+        assert res.unquantized["enc.norm1.weight"].startswith("LayerNorm.weight:")
+        x = torch.randint(0, 12, (4, 5))
+        with torch.no_grad():
+            torch.testing.assert_close(res.model(x), m(x), rtol=0, atol=0.3)
+            # the released attention weights are the grid's values
+            assert torch.equal(res.model.enc.self_attn.in_proj_weight,
+                               res.grids["enc.self_attn.in_proj_weight"].dequantized)
+
+
+def test_group_sizes_that_do_not_tile_a_flattened_kernel_are_left_in_float_with_the_reason():
+    m = CNN().eval()
+    res = get_scheme("intx_weight_only_int4_g32").apply(m)
+    assert res.unquantized["f.0.weight"] == (
+        "Conv2d.weight: flattened row length 9 is not a multiple of the group size 32: left in float "
+        "(the groups would not tile the rows)")
+    # 72 = 8 x 3 x 3 is not a multiple of 32 either; a 2x2 kernel with 16 input channels is:
+    conv = nn.Sequential(nn.Conv2d(16, 4, 2), nn.Flatten(), nn.Linear(4 * 3 * 3, 2))
+    g = get_scheme("intx_weight_only_int4_g32").apply(conv).grids["0.weight"]
+    assert g.block_size == (1, 8, 2, 2) and g.method.startswith("Conv2d: per-group (g=32) int4")
+
+
+def test_filter_fn_keeps_the_old_linear_only_release():
+    m = CNN().eval()
+    res = get_scheme("int8_weight_only", filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear)).apply(m)
+    assert set(res.grids) == {"head.weight"}
+    assert res.unquantized["f.0.weight"] == "excluded by the filter_fn of scheme 'int8_weight_only'"
+
+
+def test_assess_reports_the_quantized_share_and_the_method_per_layer_type():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(120, 1, 8, 8, generator=g), torch.randint(0, 10, (120,), generator=g)
+    torch.manual_seed(0)
+    m = CNN().eval()
+    dl = DataLoader(TensorDataset(X, Y), batch_size=60)
+    rep = ml.assess(m, ["int8_weight_only", "intx_weight_only_int4", "rtn_int4"], dl, _ce,
+                    num_records=32, uncertainty_draws=0)
+    for name in rep.schemes:
+        # every weight but the 24 BatchNorm scales and the 58 biases (1,384 of 1,466); was 160
+        assert rep.schemes[name].quantized_fraction == pytest.approx(1384 / 1466)
+        assert rep.schemes[name].layers["f.0.weight"].quantized_by.startswith("Conv2d: per-channel int")
+        assert rep.schemes[name].layers["head.weight"].quantized_by == ""
+    line = next(w for w in rep.warnings if w.startswith("scheme 'int8_weight_only' quantizes beyond"))
+    assert line == ("scheme 'int8_weight_only' quantizes beyond its backend's layers: Conv2d: per-channel "
+                    "int8 over flattened kernels (library RTN) (f.0.weight, f.4.weight)")
+    assert "5.6%" in next(r for r in rep.table().splitlines() if r.startswith("int8_weight_only"))
+
+
+# --------------------------------------------------------------------------- estimation
+class _Convs(nn.Module):
+    """Grouped, dilated, strided, 'same'-padded, reflect-, replicate- and circular-padded
+    convolutions, BatchNorm (eval: running statistics), Conv3d, Conv1d, LayerNorm, a 3-class head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 6, 3, stride=2, dilation=2, padding=2, groups=2), nn.Tanh(),
+            nn.Conv2d(6, 6, 2, padding="same", padding_mode="reflect", bias=False),
+            nn.Conv2d(6, 6, (3, 1), stride=(1, 2), padding=(1, 0), groups=3, padding_mode="replicate"))
+        self.c3 = nn.Conv3d(1, 1, (3, 3, 1), stride=(1, 1, 2), dilation=(1, 2, 1), padding=(1, 2, 0))
+        self.c1 = nn.Conv1d(6, 4, 3, padding=1, padding_mode="circular")
+        self.bn1 = nn.BatchNorm1d(4)
+        self.ln = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.f(x)
+        h = self.c3(h.unsqueeze(1)).squeeze(1).flatten(2)
+        return self.head(self.ln(self.bn1(self.c1(h)).mean(-1)))
+
+
+def _both(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, **kw):
+    dl = DataLoader(TensorDataset(X, Y), batch_size=16)
+    out = []
+    for fast in (True, False):
+        acc = MomentAccumulator(model, _ce, mode="diagonal", hessian="ggn", use_factors=fast, num_records=8,
+                                dtype=torch.float64, **kw)
+        for b in dl:
+            acc.update(b)
+        out.append((acc, acc.finalize()))
+    return out
+
+
+def _assert_same(fast, ref) -> None:
+    """The fast path's sums and influences equal torch.func's, to 1e-6 relative (float64: the
+    two differ by summation order only, ~1e-15)."""
+    (a, ea), (b, eb) = fast, ref
+    assert isinstance(a.factored, LayerProgram) and b.factored is None
+    for k in ("g_sum", "g2_sum", "h_sum"):
+        torch.testing.assert_close(a.state[k], b.state[k], rtol=1e-6, atol=1e-6 * float(b.state[k].abs().max()))
+    torch.testing.assert_close(a.state["grad_norm_sq"], b.state["grad_norm_sq"], rtol=1e-6, atol=0)
+    for n in eb.names:
+        # V = 0 (e.g. the attention key bias, which softmax ignores): sigma and w are 0/0 noise
+        live = eb._v_diag[n] > 1e-20 * float(eb._v_diag[n].max())
+        torch.testing.assert_close(ea.sigma[n][live], eb.sigma[n][live], rtol=1e-6, atol=0)
+        wa = torch.cat([w[n] for _, _, w in ea.iter_influence([n])])
+        wb = torch.cat([w[n] for _, _, w in eb.iter_influence([n])])
+        torch.testing.assert_close(wa[:, live], wb[:, live], rtol=1e-6, atol=1e-6)
+
+
+def test_fast_path_equals_torch_func_on_convolutions_and_norms():
+    torch.manual_seed(0)
+    m = _Convs().eval()
+    with torch.no_grad():
+        for bn in (m.f[1], m.bn1):  # running statistics other than 0 / 1
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(40, 2, 9, 8, generator=g), torch.randint(0, 3, (40,), generator=g)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    _assert_same(*_both(m, X, Y))
+    assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())  # nothing touched
+    assert not m.training
+
+
+def test_fast_path_equals_torch_func_on_a_transformer_layer_and_embedding():
+    m = _TinyTF().eval()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(0, 12, (40, 5), generator=g)
+    X[:5, 0] = 0  # the padding row gets no gradient
+    Y = torch.randint(0, 3, (40,), generator=g)
+    _assert_same(*_both(m, X, Y))
+
+
+def test_fast_path_with_stored_records_streamed_and_one_output():
+    """Large models keep the records, not the gradients (num_records * d > budget): the
+    influences are recomputed by the per-layer program; a single output per record (MSE)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 6, 1)).eval()
+    g = torch.Generator().manual_seed(2)
+    X, Y = torch.randn(40, 2, 6, generator=g), torch.randn(40, generator=g)
+    dl = DataLoader(TensorDataset(X, Y), batch_size=16)
+    out = []
+    for fast in (True, False):
+        acc = MomentAccumulator(m, lambda o, t: (o[:, 0] - t) ** 2, mode="diagonal", hessian="ggn",
+                                use_factors=fast, num_records=8, dtype=torch.float64, budget=64)
+        for b in dl:
+            acc.update(b)
+        out.append((acc, acc.finalize()))
+    assert out[0][1].influence is None and out[0][1]._records
+    _assert_same(*out)
+
+
+@pytest.mark.parametrize("case", ["conv_transpose", "groupnorm", "tied"])
+def test_unsupported_layouts_fall_back_to_torch_func_explicitly(case):
+    torch.manual_seed(0)
+    if case == "conv_transpose":
+        m, X = nn.Sequential(nn.ConvTranspose1d(1, 2, 2), nn.Flatten(), nn.Linear(6, 3)), torch.randn(8, 1, 2)
+    elif case == "groupnorm":
+        m, X = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 3)), torch.randn(8, 4)
+    else:
+        lin = nn.Linear(4, 4)
+        m, X = nn.Sequential(lin, nn.Tanh(), lin, nn.Linear(4, 3)), torch.randn(8, 4)
+    acc = MomentAccumulator(m.eval(), _ce, mode="diagonal", hessian="ggn", num_records=4)
+    acc.update((X, torch.randint(0, 3, (8,))))
+    assert acc.factored is None
+
+
+def test_a_weight_also_used_outside_its_layer_is_caught_by_the_first_batch_check():
+    class Leaky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv1d(1, 2, 3)
+            self.head = nn.Linear(2, 3)
+
+        def forward(self, x):  # the conv weight also enters through a functional call
+            return self.head(self.conv(x).mean(-1) + self.conv.weight.sum())
+
+    m = Leaky().eval()
+    acc = MomentAccumulator(m, _ce, mode="diagonal", hessian="ggn", num_records=4)
+    assert isinstance(acc.factored, LayerProgram)
+    acc.update((torch.randn(8, 1, 5), torch.randint(0, 3, (8,))))
+    assert acc.factored is None  # fell back: the per-sample check against torch.func failed
