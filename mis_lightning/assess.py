@@ -371,6 +371,13 @@ def score_schemes(
         result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
                                 rc=rc)
         report.schemes[scheme.name] = result
+    if rc is None and est.d > 1 and cfg.covariance == "auto":
+        # Without a correlation model the headline is the diagonal form, which measured about
+        # 10% below reference-model attacks on correlated weights (method.md "Correlated coordinates").
+        report.warnings.append(
+            "the headline treats the weights as independent (no stored influences for a correlation "
+            "model: raise budget= or use estimation='exact' on small models); with correlated weights it "
+            "can read about 10% low")
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
