@@ -165,18 +165,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fmt_pool(v: float | None) -> str:
+    """The pool-protocol column: ``-`` where a report predates it (NaN)."""
+    return "-" if v is None or math.isnan(v) else _fmt(v)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> str:
     """A Markdown table of the aggregated rows."""
     uk = pick_utility_key(list(rows), utility_key)
     head = ["job", "scheme", "swept overrides", "bits/w"] + ([uk.removeprefix("utility_")] if uk else []) + [
-        "leakage", "[p10, p90]", "MIS", "baseline", "d_eff"]
+        "leakage", "[p10, p90]", "MIS", "pool", "baseline", "d_eff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     errors = []
     for r in rows:
         if r.get("error"):
             errors.append(r)
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-"] + (
-                ["-"] if uk else []) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-"]
+                ["-"] if uk else []) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
             interval = "-" if p10 is None else f"[{_fmt(p10)}, {_fmt(p90)}]"
@@ -184,7 +189,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
                      "-" if bits is None else f"{bits:.2f}"] + (
                 [_fmt(_float(r.get(uk)))] if uk else []) + [
-                _fmt(r.get("leakage")), interval, _fmt(r.get("mis")), _fmt(r.get("baseline_leakage")),
+                _fmt(r.get("leakage")), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
+                _fmt(r.get("baseline_leakage")),
                 _fmt(r.get("d_eff"))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     if errors:  # full messages below the table (the table shows them cut)
