@@ -35,10 +35,13 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
         f"{prefix}/baseline/leakage": report.baseline_leakage,
         f"{prefix}/baseline/mis": report.baseline_mis,
     }
+    if math.isfinite(report.baseline_pool_leakage):
+        out[f"{prefix}/baseline/pool_leakage"] = report.baseline_pool_leakage
     for name, s in report.schemes.items():
         base = f"{prefix}/{name}"
         vals: dict[str, Any] = {
-            "leakage": s.leakage, "mis": s.mis, "d_eff": s.d_eff, "zero_fraction": s.zero_fraction,
+            "leakage": s.leakage, "mis": s.mis, "pool_leakage": s.pool_leakage, "d_eff": s.d_eff,
+            "zero_fraction": s.zero_fraction,
             "bits_per_weight": s.bits_per_weight, "pinned_fraction": s.pinned_fraction,
             "failed": 1.0 if s.error else 0.0,
         }
