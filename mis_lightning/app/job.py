@@ -542,6 +542,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     print(report.table())  # the warnings in full below the table
     print(f"figure: {out / cfg.output.figure}")
     print(f"report: {out / cfg.output.report_json}  {out / cfg.output.report_csv}")
+    if ckpt is None and cfg.output.get("checkpoint") and (out / cfg.output.checkpoint).exists():
+        print(f"model: {out / cfg.output.checkpoint}  (assess it again: mis-lightning mode=assess "
+              f"ckpt_path={out / cfg.output.checkpoint})")
     return {"output_dir": str(out), "leakage": {r["scheme"]: r["leakage"] for r in report.rows()}}
 
 
