@@ -23,7 +23,9 @@ For few coarse weights (the Monte Carlo regime of the independent form) the stat
 *jointly* drawn cells: ``U ~ N(0, R)`` (Gaussian copula), each coarse coordinate's cell read
 from its ``U_j``, fine or unquantized coordinates entering through ``kappa_j U_j`` plus the
 channel's independent noise. With a diagonal ``R`` it is the independent Monte Carlo form.
-Measured error against exact box-conditional means: docs/method.md.
+With the full ``R`` and at most ``EXACT_MAX_COARSE`` coarse weights, their joint boxes are
+treated exactly instead (:func:`exact_box_mean_abs`, GHK). Measured errors against exact
+box-conditional means: docs/method.md.
 
 Rank-deficient ``R`` (collinear features, duplicated columns): pseudo-inverses by an
 eigendecomposition with the relative cutoff ``RCOND`` (never ``lstsq``'s default driver, whose
