@@ -931,9 +931,13 @@ def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordC
         idx, stats, alpha = _coarse_cells(est, prep, kvec, sigma_scale)
         if stats is not None and rc.kind == "full" and idx.numel() <= F.correlated.EXACT_MAX_COARSE:
             # few coarse weights: their joint boxes exactly (GHK), the rest through the channel
-            mean_abs, _ = F.correlated.exact_box_mean_abs(rc.parts[0][1], W, kvec, idx, alpha, generator=gen)
-            cap = _unquantized_mean_abs(est, rc)
-            return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
+            try:
+                mean_abs, _ = F.correlated.exact_box_mean_abs(rc.parts[0][1], W, kvec, idx, alpha, generator=gen)
+            except torch.linalg.LinAlgError as exc:  # a degenerate block: the copula form below
+                log.warning("exact box-mean form failed (%s); using the copula Monte Carlo form", exc)
+            else:
+                cap = _unquantized_mean_abs(est, rc)
+                return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
         if stats is not None:
             d, R = est.d, est.num_records
             draws = int(max(F.leakage.MIN_MC_DRAWS, min(draws, CORRELATED_MC_FLOPS // max(d * (d + R), 1))))

@@ -398,6 +398,8 @@ def exact_box_mean_abs(
     Raises:
         ValueError: without a full correlation, or more than ``EXACT_MAX_COARSE`` coarse
             coordinates.
+        torch.linalg.LinAlgError: the covariance of the observation is singular (collinear
+            inputs); :func:`correlated_mc_mean_abs` handles that case.
     """
     if corr.full is None:
         raise ValueError("the exact box-mean form needs the full correlation")
@@ -430,11 +432,15 @@ def exact_box_mean_abs(
     else:
         G = torch.zeros(c, 0, dtype=torch.float64)
         S = Rcc
-    S = 0.5 * (S + S.T) + 1e-12 * torch.eye(c, dtype=torch.float64)
-    chol = torch.linalg.cholesky(S)
-    # outer draws of (U_C, Y_F)
+    # A coarse weight that the others determine (collinear inputs, unquantized neighbours) has a
+    # conditional variance of 0 up to round-off: floor the spectrum so that GHK gets a factor.
+    evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
+    floor = 1e-9 * max(float(evals.abs().max()), 1e-12)
+    chol = torch.linalg.cholesky((evecs * evals.clamp_min(floor)) @ evecs.T)
+    # outer draws of (U_C, Y_F); a singular covariance raises LinAlgError (the caller then uses
+    # the copula form)
     root = torch.linalg.cholesky(cov_z + 1e-12 * torch.eye(cov_z.shape[0], dtype=torch.float64))
-    Z = torch.randn(outer_draws, root.shape[0], dtype=torch.float64, generator=generator) @ root.T
+    Z = torch.randn(outer_draws, root.shape[1], dtype=torch.float64, generator=generator) @ root.T
     Uc, Yf = Z[:, :c], Z[:, c:]
     alpha = coarse_alpha.to(torch.float64)
     cell = torch.stack([torch.searchsorted(alpha[j].contiguous(), Uc[:, j].contiguous()) for j in range(c)], 1)
