@@ -24,7 +24,6 @@ record for the dense adjacency: small for drug-like molecules (``N = 41`` on ChE
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,13 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from mis_lightning.data.base import check_positive_int, split_indices
 from mis_lightning.data.molecules import (
-    _MAX_LISTED,
     ChEMBLDataModule,
     Failure,
     NCITPSADataModule,
-    SkippedRowsWarning,
     _parse_smiles,
     _require_rdkit,
+    usable_rows,
 )
 
 __all__ = ["ATOM_FEATURES", "ChEMBLGraphDataModule", "GraphDataset", "NCITPSAGraphDataModule",
@@ -201,20 +199,8 @@ class _GraphMixin:
         records, _sources = self._load_records()  # type: ignore[attr-defined]
         name = type(self).__name__
         graphs, valid, failures = featurize_graphs(records.smiles, self.max_atoms)
-        reasons = list(records.reasons)
-        for pos, _smi, why in failures:
-            reasons[pos] = f"{reasons[pos]}; {why}" if reasons[pos] else why
         row_of = {pos: k for k, pos in enumerate(valid)}
-        keep = [i for i in range(len(records)) if not reasons[i]]
-        self.skipped = [(records.rows[i], records.smiles[i], reasons[i])
-                        for i in range(len(records)) if reasons[i]]
-        if self.skipped:
-            listed = ", ".join(f"row {r} ({why})" for r, _, why in self.skipped[:_MAX_LISTED])
-            more = "" if len(self.skipped) <= _MAX_LISTED else ", ..."
-            warnings.warn(f"{name}: skipped {len(self.skipped)} of {len(records)} rows: {listed}{more} "
-                          "(full list in .skipped)", SkippedRowsWarning, stacklevel=3)
-        if len(keep) < 3:
-            raise ValueError(f"{name}: only {len(keep)} usable molecules out of {len(records)}")
+        keep, self.skipped = usable_rows(records, failures, name)
         sel = np.asarray([row_of[i] for i in keep], dtype=np.int64)
         g = {k: v[sel] for k, v in graphs.items()}
         y = np.asarray([records.targets[i] for i in keep], dtype=np.float64)

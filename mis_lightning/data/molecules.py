@@ -47,6 +47,32 @@ log = logging.getLogger(__name__)
 _CACHE_FORMAT = 1
 #: maximum number of skipped rows listed in warnings
 _MAX_LISTED = 5
+
+
+def usable_rows(records: Any, failures: Sequence[tuple[int, str, str]], name: str
+                ) -> tuple[list[int], list[tuple[Any, str, str]]]:
+    """The positions of the usable records and the skipped ones ``(row, smiles, reason)``.
+
+    ``failures`` (``(position, smiles, why)`` from a featurizer) are merged into the records'
+    own reasons; skipped rows are announced in one :class:`SkippedRowsWarning` naming the
+    first few.
+
+    Raises:
+        ValueError: fewer than 3 usable molecules (names the datamodule ``name``).
+    """
+    reasons = list(records.reasons)
+    for pos, _smi, why in failures:
+        reasons[pos] = f"{reasons[pos]}; {why}" if reasons[pos] else why
+    keep = [i for i in range(len(records)) if not reasons[i]]
+    skipped = [(records.rows[i], records.smiles[i], reasons[i]) for i in range(len(records)) if reasons[i]]
+    if skipped:
+        listed = ", ".join(f"row {r} ({why})" for r, _, why in skipped[:_MAX_LISTED])
+        more = "" if len(skipped) <= _MAX_LISTED else ", ..."
+        warnings.warn(f"{name}: skipped {len(skipped)} of {len(records)} rows: {listed}{more} "
+                      "(full list in .skipped)", SkippedRowsWarning, stacklevel=4)
+    if len(keep) < 3:
+        raise ValueError(f"{name}: only {len(keep)} usable molecules out of {len(records)}")
+    return keep, skipped
 #: TDC names that live in ``tdc.single_pred.Tox`` rather than ``ADME``
 _TDC_TOX_NAMES = {"herg", "herg_karim", "ames", "dili", "ld50_zhu", "clintox", "carcinogens_lagunin",
                   "skin_reaction"}
@@ -430,21 +456,8 @@ class MoleculeDataModule(TensorDataModule):
                 cache_dir=self.cache_dir,
             )
         )
-        reasons = list(records.reasons)
-        for pos, _smi, why in failures:
-            reasons[pos] = f"{reasons[pos]}; {why}" if reasons[pos] else why
         feat_row = {pos: k for k, pos in enumerate(valid)}
-        keep = [i for i in range(len(records)) if not reasons[i]]
-        self.skipped = [(records.rows[i], records.smiles[i], reasons[i])
-                        for i in range(len(records)) if reasons[i]]
-        if self.skipped:
-            listed = ", ".join(f"row {r} ({why})" for r, _, why in self.skipped[:_MAX_LISTED])
-            more = "" if len(self.skipped) <= _MAX_LISTED else ", ..."
-            msg = (f"{name}: skipped {len(self.skipped)} of {len(records)} rows: "
-                   f"{listed}{more} (full list in .skipped)")
-            warnings.warn(msg, SkippedRowsWarning, stacklevel=3)
-        if len(keep) < 3:
-            raise ValueError(f"{name}: only {len(keep)} usable molecules out of {len(records)}")
+        keep, self.skipped = usable_rows(records, failures, name)
 
         x = feats[[feat_row[i] for i in keep]].astype(np.float64)
         y = np.asarray([records.targets[i] for i in keep], dtype=np.float64)
