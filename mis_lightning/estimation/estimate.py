@@ -33,6 +33,7 @@ from .linear_factors import (
     FactoredProgram,
     LayerProgram,
     LinearFactors,
+    _Sparse,
     factored_power_sums,
     iterate_factor_blocks,
 )
@@ -118,6 +119,7 @@ class Estimate:
     factors: list[LinearFactors] | None = None
     estimator: str = ""
     reason: str = ""
+    _tap_cache: list | None = None
 
     @property
     def d(self) -> int:
@@ -164,10 +166,69 @@ class Estimate:
             gm, vd = self._g_mean[name], self._v_diag[name]
             return {p: factored_power_sums(layer, gm, vd, c, p, bias=is_bias) for p, c in columns.items()}
         out = {p: torch.zeros(self.num_records, c.shape[1], dtype=torch.float64) for p, c in columns.items()}
+        if self.influence is None and isinstance(self._program, LayerProgram):
+            return self._layer_power_sums(name, columns, out)
         for r0, r1, wd in self.iter_influence([name]):
             w2 = wd[name].to(torch.float64).square()
             for p, c in columns.items():
                 out[p][r0:r1] += (w2 if p == 2 else w2.square()) @ c
+        return out
+
+    def _layer_blocks(self, names: list[str]) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """``(r0, r1, {name: per-sample gradients [r1 - r0, numel] or sparse})`` of the stored
+        records, by the per-layer program (:class:`LayerProgram`). Each block's layer taps
+        (inputs and output gradients: one forward and one backward pass for all parameters)
+        are computed once and kept while they fit in ``budget`` floats, so the scoring's one
+        call per parameter does not pass through the model again; otherwise recomputed per call."""
+        prog = self._program
+        assert isinstance(prog, LayerProgram) and self._records is not None
+        if self._tap_cache is not None:
+            for r0, r1, taps in self._tap_cache:
+                yield r0, r1, prog.grads_from_taps(taps, names, r1 - r0)
+            return
+        dense = max([self.offsets[k][1] - self.offsets[k][0] for k in self.names], default=1)
+        step = max(1, self.budget // max(dense, 1))
+        cache: list | None = []
+        size, r0 = 0, 0
+        for inputs, targets in self._records:
+            b = batch_size_of(targets)
+            for x, y in split_batch(inputs, targets, b, step):
+                bb = batch_size_of(y)
+                taps = prog.record_taps(x, y, bb)
+                if cache is not None:
+                    size += sum(t.numel() for t in torch.utils._pytree.tree_leaves(taps) if isinstance(t, Tensor))
+                    cache = cache + [(r0, r0 + bb, taps)] if size <= self.budget else None
+                yield r0, r0 + bb, prog.grads_from_taps(taps, names, bb)
+                r0 += bb
+        if cache is not None:
+            self._tap_cache = cache
+
+    def _layer_power_sums(self, name: str, columns: Mapping[int, Tensor], out: dict[int, Tensor]
+                          ) -> dict[int, Tensor]:
+        """:meth:`power_sums` from the per-layer program's per-sample gradients; an embedding's
+        sparse gradients (the rows a record touches) without a dense ``[R, numel]`` tensor:
+        an untouched coordinate has ``w_rj = gbar_j / sqrt(V_jj)`` for every record."""
+        assert self._g_mean is not None and self._v_diag is not None
+        gm, sd = self._g_mean[name], self._v_diag[name].clamp_min(1e-300).sqrt()
+        for r0, r1, g in self._layer_blocks([name]):
+            v = g[name]
+            if not isinstance(v, _Sparse):
+                w2 = (-(v.to(torch.float64) - gm) / sd).square()
+                for p, c in columns.items():
+                    out[p][r0:r1] += (w2 if p == 2 else w2.square()) @ c
+                continue
+            base = gm / sd  # [numel]
+            width = v.shape[1]
+            for p, c in columns.items():
+                out[p][r0:r1] += base.pow(p) @ c
+            step = max(1, self.budget // max(width * max(c.shape[1] for c in columns.values()), 1))
+            for u0 in range(0, v.row.numel(), step):
+                idx = (v.row[u0:u0 + step] * width).unsqueeze(-1) + torch.arange(width)  # [U, D]
+                wt = -(v.g[u0:u0 + step].to(torch.float64) - gm[idx]) / sd[idx]
+                rows = r0 + v.sample[u0:u0 + step]
+                for p, c in columns.items():
+                    delta = wt.pow(p) - base[idx].pow(p)
+                    out[p].index_add_(0, rows, torch.einsum("ud,udm->um", delta, c[idx]))
         return out
 
     def _factor_of(self, name: str) -> tuple[LinearFactors, bool] | None:
@@ -200,6 +261,12 @@ class Estimate:
             yield from iterate_factor_blocks(self.factors, self._g_mean, self._v_diag, names, self.budget)
             return
         assert self._program is not None and self._records is not None
+        if isinstance(self._program, LayerProgram):
+            assert self._g_mean is not None and self._v_diag is not None
+            for r0, r1, g in self._layer_blocks(names):
+                yield r0, r1, {k: -(_dense(v, r1 - r0).to(torch.float64) - self._g_mean[k])
+                               / self._v_diag[k].clamp_min(1e-300).sqrt() for k, v in g.items()}
+            return
         for name in names:
             numel = self.offsets[name][1] - self.offsets[name][0]
             r0 = 0
@@ -647,6 +714,11 @@ class MomentAccumulator:
         merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
         R = self.num_records
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
+
+
+def _dense(v: Any, rows: int) -> Tensor:
+    """A per-sample gradient ``[rows, numel]`` (sparse embedding gradients made dense)."""
+    return v.dense(rows) if isinstance(v, _Sparse) else v.reshape(rows, -1)
 
 
 def _split(flat: Tensor, names: list[str], offsets: dict[str, tuple[int, int]]) -> dict[str, Tensor]:

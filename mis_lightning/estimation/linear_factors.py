@@ -504,43 +504,47 @@ class LayerProgram:
     """Per-batch per-sample statistics of models beyond nn.Linear (see the section comment).
 
     The interface of :class:`FactoredProgram` (``batch``, ``batch_sums``,
-    ``record_gradients``, ``select_rows``, ``close``); ``factors`` is not available (stored
-    records' influences are recomputed by :meth:`per_sample_grads`). Raises
+    ``record_gradients``, ``select_rows``, ``close``); ``factors`` is not available (the
+    stored records' influences come from their layer taps, :meth:`record_taps` and
+    :meth:`grads_from_taps`: one forward and one backward pass for all parameters). Raises
     ``NotImplementedError`` naming the layer when an assessed parameter is not the weight or
-    bias of a supported layer (then torch.func per-sample gradients are used). The first batch
-    is checked against torch.func's per-sample gradients of two records.
+    bias of a supported layer (then torch.func per-sample gradients are used). A parameter
+    tied to several supported layers (an embedding shared with the output head) gets the sum
+    of its uses' per-sample gradients. The first batch is checked against torch.func's
+    per-sample gradients of two records.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, names: list[str], dtype: torch.dtype,
                  reference: Any = None) -> None:
         shared = shared_parameters(model, names)
-        if shared:
-            raise NotImplementedError(f"tied parameters: {sorted(shared)}")
         self.model = private_copy(model, "copying the model for the per-layer estimation").to(dtype).eval()
-        mods = dict(self.model.named_modules())
+        mods = dict(self.model.named_modules(remove_duplicate=False))
         self.slots: dict[str, dict[str, str]] = {}  # module -> {attribute: parameter name}
+        owners: dict[int, str] = {}
         for n in names:
-            mod_name, _, leaf = n.rpartition(".")
-            mod = mods.get(mod_name)
-            if mod is None:
-                raise NotImplementedError(f"parameter {n!r} is not held by a submodule")
-            why = _supported(mod)
-            if why is not None:
-                raise NotImplementedError(f"parameter {n!r}: {why}")
-            ok = ("in_proj_weight", "in_proj_bias") if isinstance(mod, _MHA) else ("weight", "bias")
-            if leaf not in ok:
-                raise NotImplementedError(f"parameter {n!r} of {type(mod).__name__}")
-            self.slots.setdefault(mod_name, {})[leaf] = n
+            for slot in shared.get(n, [n]):  # every module slot holding the parameter (tied weights)
+                mod_name, _, leaf = slot.rpartition(".")
+                mod = mods.get(mod_name)
+                if mod is None:
+                    raise NotImplementedError(f"parameter {n!r} is not held by a submodule")
+                if owners.setdefault(id(mod), mod_name) != mod_name:  # one module under two names
+                    raise NotImplementedError(f"layer {mod_name!r} is also registered as {owners[id(mod)]!r}")
+                why = _supported(mod)
+                if why is not None:
+                    raise NotImplementedError(f"parameter {n!r}: {why}")
+                ok = ("in_proj_weight", "in_proj_bias") if isinstance(mod, _MHA) else ("weight", "bias")
+                if leaf not in ok:
+                    raise NotImplementedError(f"parameter {n!r} of {type(mod).__name__}")
+                self.slots.setdefault(mod_name, {})[leaf] = n
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.names, self.loss_fn, self.dtype = names, loss_fn, dtype
         self.reference = reference  # a LossProgram: the first batch's check
         self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
-        self._group: set[str] = set()
-        self._cache: dict[int, tuple[Any, dict[str, Tensor]]] = {}
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
         self._calls: dict[str, int] = {}
+        self._numels = {n: p.numel() for n, p in self.model.named_parameters()}
         self.handles = []
         for m in self.slots:
             mod = mods[m]
@@ -550,6 +554,7 @@ class LayerProgram:
                 mod.forward = _mha_forward.__get__(mod)  # this private copy only
             else:
                 self.handles.append(mod.register_forward_hook(self._hook(m)))
+        self._mods = {m: mods[m] for m in self.slots}
         self._verified = False
 
     def _hook(self, name: str) -> Callable:
@@ -564,84 +569,130 @@ class LayerProgram:
         g, h = fac
         return {k: (v.rows(rows) if isinstance(v, _Sparse) else v[rows]) for k, v in g.items()}, h
 
+    def _forward(self, inputs: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, tuple[int, ...]]:
+        """One forward pass (grad enabled by the caller): per layer its input (detached) and
+        output(s) (in the graph), the outputs ``[B, C]`` and their per-record shape."""
+        self._inputs.clear(), self._outputs.clear(), self._calls.clear()
+        for mod in self._mods.values():
+            if isinstance(mod, _MHA):
+                mod._fast_taps.clear()
+        out = self.model(inputs)
+        taps: dict[str, tuple[Any, list[Tensor]]] = {}
+        for m, mod in self._mods.items():
+            if isinstance(mod, _MHA):
+                if len(mod._fast_taps) != 1:
+                    raise NotImplementedError(f"layer {m!r} is not called once per forward")
+                xs, outs = mod._fast_taps[0]
+                taps[m] = (tuple(t.detach() for t in xs), list(outs))
+            else:
+                if self._calls.get(m, 0) != 1:
+                    raise NotImplementedError(f"layer {m!r} is not called once per forward")
+                x = self._inputs[m]
+                taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
+        self._inputs.clear(), self._outputs.clear()
+        if out.shape[0] != b:
+            raise NotImplementedError("the model's output has no batch dimension first")
+        return taps, out.reshape(b, -1), tuple(out.shape[1:])
+
+    def _loss_derivatives(self, fd: Tensor, targets: Any, shape: tuple[int, ...], second: bool
+                          ) -> tuple[Tensor, Tensor | None]:
+        """Per record ``dl/do [B, C]`` and (``second``) ``d2l/do2 [B, C, C]``."""
+        def one(o: Tensor, y: Any) -> Tensor:
+            y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
+            return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
+
+        e = torch.func.vmap(torch.func.grad(one))(fd, targets)
+        return e, (torch.func.vmap(torch.func.hessian(one))(fd, targets) if second else None)
+
+    def _grads(self, taps: dict[str, tuple[Any, Any]], gos: dict[str, Any], b: int,
+               names: set[str] | None = None, caches: dict[str, dict[str, Tensor]] | None = None
+               ) -> dict[str, Any]:
+        """Per-sample gradients ``{name: [B, numel] or _Sparse}`` from the layers' inputs and
+        output gradients; a tied parameter's uses are added up (before any square is taken)."""
+        out: dict[str, Any] = {}
+        for m, slot in self.slots.items():
+            sub = slot if names is None else {k: v for k, v in slot.items() if v in names}
+            if not sub or m not in gos:
+                continue
+            cache = {} if caches is None else caches.setdefault(m, {})
+            for k, v in _layer_grads(self._mods[m], taps[m][0], gos[m], sub, cache).items():
+                out[k] = v if k not in out else _add(out[k], v, b)
+        return out
+
+    @staticmethod
+    def _unpack(mods: dict[str, nn.Module], used: list[str], taps: dict, gos: tuple) -> dict[str, Any]:
+        res, pos = {}, 0
+        for m in used:
+            outs = taps[m][1]
+            go = [torch.zeros_like(o) if gi is None else gi for gi, o in zip(gos[pos: pos + len(outs)], outs)]
+            pos += len(outs)
+            res[m] = go if isinstance(mods[m], _MHA) else go[0]
+        return res
+
     def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True,
               only: set[str] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """One forward and ``1 + rank(L)`` backward passes: per-sample gradients
         ``{name: [B, numel] or _Sparse}`` and the batch's Gauss-Newton diagonal sums
         ``{name: [numel]}`` (not with ``ggn=False``); ``only``: the layers holding these
         parameters only."""
-        mods = dict(self.model.named_modules())
-        self._inputs.clear(), self._outputs.clear(), self._calls.clear()
-        for m in self.slots:
-            if isinstance(mods[m], _MHA):
-                mods[m]._fast_taps.clear()
         with torch.enable_grad():
-            out = self.model(inputs)
-            taps: dict[str, tuple[Any, list[Tensor]]] = {}
-            for m in self.slots:
-                mod = mods[m]
-                if isinstance(mod, _MHA):
-                    if len(mod._fast_taps) != 1:
-                        raise NotImplementedError(f"layer {m!r} is not called once per forward")
-                    xs, outs = mod._fast_taps[0]
-                    taps[m] = (tuple(t.detach() for t in xs), list(outs))
-                else:
-                    if self._calls.get(m, 0) != 1:
-                        raise NotImplementedError(f"layer {m!r} is not called once per forward")
-                    x = self._inputs[m]
-                    taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
-            if out.shape[0] != b:
-                raise NotImplementedError("the model's output has no batch dimension first")
-            shape = tuple(out.shape[1:])
-            f = out.reshape(b, -1)
+            taps, f, shape = self._forward(inputs, b)
             c = f.shape[1]
-            fd = f.detach()
-
-            def one(o: Tensor, y: Any) -> Tensor:
-                y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
-                return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
-
-            e = torch.func.vmap(torch.func.grad(one))(fd, targets)  # dl/do [B, C]
-            L = torch.func.vmap(torch.func.hessian(one))(fd, targets)  # d2l/do2 [B, C, C]
-            lam, vec = torch.linalg.eigh(0.5 * (L + L.transpose(1, 2)))
-            keep = lam.abs().amax(0) > 1e-12 * max(float(lam.abs().max()), 1e-300)
-            if not ggn:
-                keep = torch.zeros_like(keep)
-            dirs = [e] + [vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1) for k in range(c) if keep[k]]
-            signs = [float("nan")] + [lam[:, k].sign() for k in range(c) if keep[k]]
+            e, L = self._loss_derivatives(f.detach(), targets, shape, second=ggn)
+            dirs: list[Tensor] = [e]
+            signs: list[Tensor | None] = [None]
+            if ggn:
+                assert L is not None
+                lam, vec = torch.linalg.eigh(0.5 * (L + L.transpose(1, 2)))
+                keep = lam.abs().amax(0) > 1e-12 * max(float(lam.abs().max()), 1e-300)
+                dirs += [vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1) for k in range(c) if keep[k]]
+                signs += [lam[:, k].sign() for k in range(c) if keep[k]]
             used = [m for m, slot in self.slots.items() if only is None or set(slot.values()) & only]
             tap_list = [t for m in used for t in taps[m][1]]
             g_all: dict[str, Any] = {}
             h_all: dict[str, Tensor] = {}
-            caches: dict[str, dict[str, Tensor]] = {m: {} for m in self.slots}
+            caches: dict[str, dict[str, Tensor]] = {}
             for j, (vdir, sgn) in enumerate(zip(dirs, signs)):
                 gos = torch.autograd.grad(f, tap_list, grad_outputs=vdir, retain_graph=j < len(dirs) - 1,
                                           allow_unused=True)
-                pos = 0
-                for m in used:
-                    slot = self.slots[m]
-                    x, outs = taps[m]
-                    go = [torch.zeros_like(o) if gi is None else gi for gi, o in zip(gos[pos: pos + len(outs)], outs)]
-                    pos += len(outs)
-                    grads = _layer_grads(mods[m], x, go if isinstance(mods[m], _MHA) else go[0], slot, caches[m])
-                    for k, v in grads.items():
-                        if j == 0:
-                            g_all[k] = v
-                            continue
-                        if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
-                            sq = torch.zeros(v.shape, dtype=v.g.dtype).index_add_(
-                                0, v.row, v.g.square() * sgn[v.sample].unsqueeze(-1)).reshape(-1)
-                        else:
-                            sq = (v.square() * sgn.unsqueeze(-1)).sum(0)
-                        h_all[k] = h_all[k] + sq if k in h_all else sq
+                grads = self._grads(taps, self._unpack(self._mods, used, taps, gos), b, only, caches)
+                if sgn is None:
+                    g_all = grads
+                    continue
+                for k, v in grads.items():
+                    if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
+                        sq = torch.zeros(v.shape, dtype=v.g.dtype).index_add_(
+                            0, v.row, v.g.square() * sgn[v.sample].unsqueeze(-1)).reshape(-1)
+                    else:
+                        sq = sgn.unsqueeze(0) @ v.square()  # [1, numel]: sum_b sgn_b v_b^2
+                        sq = sq.reshape(-1)
+                    h_all[k] = h_all[k] + sq if k in h_all else sq
         for k in g_all:
-            h_all.setdefault(k, torch.zeros(self._numel(k), dtype=self.dtype))
+            h_all.setdefault(k, torch.zeros(self._numels[k], dtype=self.dtype))
         if not self._verified and only is None:
             self._verify(inputs, targets, g_all)
         return g_all, h_all
 
+    def record_taps(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Any, Any]]:
+        """One forward and one backward pass of the loss over a block of records: per layer
+        its input and the loss gradient at its output(s), detached; every assessed
+        parameter's per-sample gradient follows from these (:meth:`grads_from_taps`)."""
+        with torch.enable_grad():
+            taps, f, shape = self._forward(inputs, b)
+            e, _ = self._loss_derivatives(f.detach(), targets, shape, second=False)
+            used = list(self.slots)
+            gos = torch.autograd.grad(f, [t for m in used for t in taps[m][1]], grad_outputs=e, allow_unused=True)
+        gos = self._unpack(self._mods, used, taps, gos)
+        return {m: (taps[m][0], gos[m]) for m in used}
+
+    def grads_from_taps(self, taps: dict[str, tuple[Any, Any]], names: list[str], b: int) -> dict[str, Any]:
+        """Per-sample gradients ``{name: [B, numel] or _Sparse}`` of ``names`` from
+        :meth:`record_taps` (no pass through the model)."""
+        return self._grads({m: (x, None) for m, (x, _) in taps.items()}, {m: g for m, (_, g) in taps.items()},
+                           b, set(names))
+
     def _numel(self, name: str) -> int:
-        return dict(self.model.named_parameters())[name].numel()
+        return self._numels[name]
 
     def _verify(self, inputs: Any, targets: Any, g_all: dict[str, Any]) -> None:
         """Per-sample gradients of (up to) two records against torch.func's (``reference``):
@@ -687,39 +738,31 @@ class LayerProgram:
                           for n in self.names], dim=1)
 
     def per_sample_grads(self, inputs: Any, targets: Any, names: list[str] | None = None) -> dict[str, Tensor]:
-        """``{name: [B, numel]}`` per-sample loss gradients (the stored records' influences).
-
-        Asked one parameter at a time over record blocks (``Estimate.iter_influence``), it
-        computes a group of consecutive parameters at once, as many as ``group_budget``
-        floats allow for ``num_records`` records, and keeps them for the next requests
-        (one forward and backward pass per group and block instead of per parameter)."""
+        """``{name: [B, numel]}`` per-sample loss gradients: one forward and one backward pass
+        (:meth:`record_taps`) for all of ``names`` (default: every assessed parameter)."""
         b = _first_dim(targets)
         want = list(names or self.names)
-        key = id(inputs)
-        if names is not None and all(n in self._group for n in want):
-            hit = self._cache.get(key)
-            if hit is not None and hit[0] is inputs:
-                return {n: hit[1][n] for n in want}
-        elif names is not None:  # a new group: these names and the next ones that fit
-            start = self.names.index(want[0])
-            group, size = [], 0
-            for n in self.names[start:]:
-                k = self._numel(n) * self.num_records
-                if group and size + k > self.group_budget:
-                    break
-                group.append(n)
-                size += k
-            self._group = set(group) | set(want)
-            self._cache = {}
-        g_all, _ = self.batch(inputs, targets, b, ggn=False, only=self._group if names is not None else None)
-        dense = {n: (v.dense(b) if isinstance(v, _Sparse) else v) for n, v in g_all.items()}
-        if names is not None:
-            self._cache[key] = (inputs, dense)
-        return {n: dense[n] for n in want}
+        g = self.grads_from_taps(self.record_taps(inputs, targets, b), want, b)
+        return {n: (g[n].dense(b) if isinstance(g[n], _Sparse) else g[n]) for n in want}
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _add(a: Any, b: Any, rows: int) -> Any:
+    """The sum of two per-sample gradients of one tied parameter (dense ``[B, numel]`` or
+    :class:`_Sparse`); two sparse ones stay sparse."""
+    if isinstance(a, _Sparse) and isinstance(b, _Sparse):
+        num = a.shape[0]
+        key = torch.cat([a.sample * num + a.row, b.sample * num + b.row])
+        uniq, inv = torch.unique(key, return_inverse=True)
+        g = torch.zeros(uniq.numel(), a.shape[1], dtype=a.g.dtype).index_add_(0, inv, torch.cat([a.g, b.g]))
+        return _Sparse(torch.div(uniq, num, rounding_mode="floor"), uniq % num, g, a.shape)
+    da = a.dense(rows) if isinstance(a, _Sparse) else a
+    db = b.dense(rows) if isinstance(b, _Sparse) else b
+    return da + db
+
 
 
 def _first_dim(tree: Any) -> int:
