@@ -219,6 +219,7 @@ class EstimationMetric(Metric):
         model, acc = self._ref.obj
         state["_pickled_model"] = _ByValue(model)
         state["_pickled_acc"] = {"factored": acc.factored is not None, "out_shape": acc._out_shape,
+                                 "reused": acc._reused, "probe_pending": acc._probe_pending,
                                  "generator": acc.generator.get_state() if acc.generator is not None else None}
         return state
 
@@ -232,6 +233,9 @@ class EstimationMetric(Metric):
         gen = torch.Generator().manual_seed(self.seed)
         acc = MomentAccumulator(model, generator=gen, **self._acc_kwargs)
         if extra is not None:
+            if extra.get("reused"):  # the first batch showed weight reuse: the same estimator
+                acc.resolve(extra["reused"])
+            acc._probe_pending = extra.get("probe_pending", acc._probe_pending)
             if extra["generator"] is not None:
                 gen.set_state(extra["generator"])
             acc._out_shape = extra["out_shape"]

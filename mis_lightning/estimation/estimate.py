@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from .._modelcopy import private_copy
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .linear_factors import (
     FactoredProgram,
@@ -50,7 +51,7 @@ from .records import (
 )
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
-           "describe_estimator", "estimate", "record_keys"]
+           "describe_estimator", "estimate", "record_keys", "reused_layers"]
 
 Mode = Literal["auto", "exact", "diagonal"]
 HessianMode = Literal["auto", "exact", "ggn", "hutchinson"]
@@ -183,11 +184,11 @@ class Estimate:
         prog = self._program
         assert isinstance(prog, LayerProgram) and self._records is not None
         if self._tap_cache is not None:
-            for r0, r1, taps in self._tap_cache:
-                yield r0, r1, prog.grads_from_taps(taps, names, r1 - r0)
+            for r0, _, taps in self._tap_cache:
+                for a, c, g in prog.iter_grads(taps, names):
+                    yield r0 + a, r0 + c, g
             return
-        dense = max([self.offsets[k][1] - self.offsets[k][0] for k in self.names], default=1)
-        step = max(1, self.budget // max(dense, 1))
+        step = max(1, self.budget // 4096)  # records per forward/backward block (taps: activations)
         cache: list | None = []
         size, r0 = 0, 0
         for inputs, targets in self._records:
@@ -196,9 +197,10 @@ class Estimate:
                 bb = batch_size_of(y)
                 taps = prog.record_taps(x, y, bb)
                 if cache is not None:
-                    size += sum(t.numel() for t in torch.utils._pytree.tree_leaves(taps) if isinstance(t, Tensor))
+                    size += taps.numel()
                     cache = cache + [(r0, r0 + bb, taps)] if size <= self.budget else None
-                yield r0, r0 + bb, prog.grads_from_taps(taps, names, bb)
+                for a, c, g in prog.iter_grads(taps, names):
+                    yield r0 + a, r0 + c, g
                 r0 += bb
         if cache is not None:
             self._tap_cache = cache
@@ -282,9 +284,54 @@ class Estimate:
                 r0 += b
 
 
+def reused_layers(model: nn.Module, inputs: Any) -> list[str]:
+    """Layers of ``model`` that reuse their weights within one record, seen in one forward
+    pass of ``inputs`` (a batch) on a private copy in eval mode: an ``nn.Linear`` applied to
+    inputs with more than 2 dims and more than one position per record (``[batch, atoms,
+    features]``, ``[batch, seq, features]``), or any module holding parameters called more
+    than once. Returned as e.g. ``"Linear on [B, 12, 32] (embed)"``.
+
+    Raises:
+        Nothing of its own: a forward that fails here would fail the estimation too; it is
+        reported there (the probe then returns ``[]``).
+    """
+    copy = private_copy(model, "copying the model to find layers that reuse their weights")
+    calls: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def pre(mod: nn.Module, args: tuple) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if isinstance(mod, nn.Linear) and args and isinstance(args[0], Tensor):
+                shapes[name] = list(args[0].shape)
+        return pre
+
+    for name, mod in copy.named_modules():
+        if any(True for _ in mod.parameters(recurse=False)):
+            handles.append(mod.register_forward_pre_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            copy.eval()(inputs)
+    except Exception:  # noqa: BLE001 - the estimation's own forward reports it
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    linear = {k: v for k, v in shapes.items() if len(v) > 2 and math.prod(v[1:-1]) > 1}
+    if linear:
+        dims = {str(["B", *v[1:]]).replace("'", "") for v in linear.values()}
+        out.append(f"Linear on {', '.join(sorted(dims))} ({', '.join(sorted(linear))})")
+    twice = sorted(k for k, c in calls.items() if c > 1)
+    if twice:
+        out.append(f"layers called {max(calls[k] for k in twice)}x per forward ({', '.join(twice)})")
+    return out
+
+
 def choose_estimator(
     model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
-    n: int | None = None, ggn: bool = True,
+    n: int | None = None, ggn: bool = True, reused: Iterable[str] = (),
 ) -> tuple[str, str, str]:
     """Resolve ``"auto"`` for ``mode`` and ``hessian`` by estimated cost.
 
@@ -295,6 +342,8 @@ def choose_estimator(
         n: number of training records when known (``len(dataset)``), else ``None``.
         ggn: whether the Gauss-Newton diagonal is available (not with a loss hook, whose
             "outputs" are the losses themselves).
+        reused: layers seen to reuse their weights within a record (:func:`reused_layers`:
+            a Linear over atoms or positions), which the layer types alone do not show.
 
     Returns:
         ``(mode, hessian, reason)``: the resolved choice and a sentence saying why.
@@ -306,10 +355,11 @@ def choose_estimator(
     Hutchinson without model outputs).
     """
     reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
+    reuse += list(reused)
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
     elif reuse:
-        why = f"{', '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward)"
+        why = f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward)"
     elif n is not None and n * d * d > EXACT_MAX_COST:
         why = f"n d^2 = {n * d * d:.2g} > {EXACT_MAX_COST:.0g}"
     else:
@@ -430,7 +480,12 @@ class MomentAccumulator:
             raise ValueError(f"mode must be 'auto', 'exact' or 'diagonal', got {mode!r}")
         if mode == "exact" and d > 20 * EXACT_MAX_PARAMS:
             raise ValueError(f"mode='exact' builds a d x d Hessian; d = {d} is too large, use mode='diagonal'")
+        self._request = (mode, hessian, n_hint, ggn_available)
         mode, hessian, self.reason = choose_estimator(model, d, mode, hessian, n=n_hint, ggn=ggn_available)
+        # "auto" chose an exact Hessian from the layer types: the first batch shows whether a
+        # Linear is applied over atoms / positions (weight reuse the types do not show).
+        self._probe_pending = hessian == "exact" and (self._request[0] == "auto" or self._request[1] == "auto")
+        self._reused: list[str] = []
         self.estimator = describe_estimator(mode, hessian)
         if hessian not in ("exact", "ggn", "hutchinson"):
             raise ValueError(f"hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got {hessian!r}")
@@ -443,9 +498,25 @@ class MomentAccumulator:
         self.keep_w = num_records * d <= budget
         self._out_shape: tuple[int, ...] | None = None
         self.factored: FactoredProgram | LayerProgram | None = None
+        self.use_factors = use_factors
         if use_factors and mode == "diagonal" and hessian == "ggn" and program_cls is LossProgram:
             # nn.Linear layers with one output per record: per-sample statistics as products
             # of layer inputs and output gradients (linear_factors), no [B, d] tensors.
+            self.factored = self._fast_program(FactoredProgram)
+        self.state = self.empty_state()
+
+    def resolve(self, reused: list[str]) -> None:
+        """Re-run the ``"auto"`` choice knowing the layers that reuse their weights (before
+        any record is accumulated): the fast program and a fresh ``state`` follow the new
+        choice (a caller's own state keeps the exact mode's ``[d, d]`` sums, unused)."""
+        mode, hessian, n_hint, ggn = self._request
+        self.mode, self.hessian, self.reason = choose_estimator(self.model, self.d, mode, hessian, n=n_hint,
+                                                                ggn=ggn, reused=reused)
+        self.estimator = describe_estimator(self.mode, self.hessian)
+        self._probe_pending, self._reused = False, list(reused)
+        log.info("estimation: %s (%s)", self.estimator, self.reason)
+        if self.factored is None and self.use_factors and self.mode == "diagonal" and self.hessian == "ggn" \
+                and self.program_cls is LossProgram:
             self.factored = self._fast_program(FactoredProgram)
         self.state = self.empty_state()
 
@@ -513,6 +584,13 @@ class MomentAccumulator:
         st = self.state if state is None else state
         program = self.program
         inputs, targets, b = program.prepare(batch)
+        if self._probe_pending:
+            self._probe_pending = False
+            reused = reused_layers(self.model, self.batch_fn(batch)[0]) if int(st["n"]) == 0 else []
+            if reused:
+                self.resolve(reused)
+                if state is None:
+                    st = self.state
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
         # loader's order and whether batch_fn or a loss hook splits the batch.
         keys = record_keys(batch, None, b) if self.selection == "hash" else None
@@ -573,7 +651,7 @@ class MomentAccumulator:
                 st["g2_sum"][sl] += gk.square().sum(0)
             flat = _flatten(grads, names, bb).to(dev, torch.float64)
             st["grad_norm_sq"] += flat.square().sum()
-            if "gg_sum" in st:
+            if self.mode == "exact":
                 st["gg_sum"] += flat.T @ flat
             self._store(st, flat, x, y, None if keys is None else keys[a : a + bb])
             a += bb
@@ -582,7 +660,7 @@ class MomentAccumulator:
         """The batch's autograd Hessian: whole (exact mode) or its diagonal."""
         dev = st["g_sum"].device
         H_b = _batch_hessian(self.program, inputs, targets, self.names, self.offsets, self.d).to(dev)
-        if "H_sum" in st:
+        if self.mode == "exact":
             st["H_sum"] += H_b
         else:
             st["h_sum"] += torch.diagonal(H_b).to(self.acc_dtype)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -391,9 +391,11 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
             out[bn] = gf.sum(1)
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if wn:
-            u = cache["u"] if "u" in cache else cache.setdefault("u", _patches(mod, x))  # [B, G, K, P]
-            gg = go.reshape(b, mod.groups, -1, u.shape[-1])  # [B, G, O/G, P]
-            out[wn] = (gg @ u.transpose(-1, -2)).reshape(b, -1)  # [B, G, O/G, K]
+            if "uT" not in cache:  # contiguous [B, G, P, K]: a plain batched GEMM
+                cache["uT"] = _patches(mod, x).transpose(-1, -2).contiguous()
+            ut = cache["uT"]
+            gg = go.reshape(b, mod.groups, -1, ut.shape[-2])  # [B, G, O/G, P]
+            out[wn] = (gg @ ut).reshape(b, -1)  # [B, G, O/G, K]
         if bn:
             out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
     elif isinstance(mod, nn.Embedding):
@@ -500,6 +502,57 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     return o, weights
 
 
+CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gradients (8 MiB in float64)
+
+
+def _slice(tree: Any, a: Any, c: Any = None) -> Any:
+    """Rows ``a:c`` (or the index tensor / slice ``a``) of every tensor of a pytree."""
+    key = slice(a, c) if isinstance(a, int) else a
+    return torch.utils._pytree.tree_map(lambda t: t[key] if isinstance(t, Tensor) else t, tree)
+
+
+def _dense(v: Any, rows: int) -> Tensor:
+    """A per-sample gradient ``[rows, numel]`` (sparse embedding gradients made dense)."""
+    return v.dense(rows) if isinstance(v, _Sparse) else v.reshape(rows, -1)
+
+
+def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]:
+    """What a layer's per-sample gradients need from its input alone, for the whole batch
+    (patches, normalised inputs; every entry has the batch in dim 0)."""
+    cache: dict[str, Tensor] = {}
+    if "weight" in names and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
+                                              nn.modules.batchnorm._BatchNorm)):
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            cache["uT"] = _patches(mod, x).transpose(-1, -2).contiguous()
+        elif isinstance(mod, nn.LayerNorm):
+            cache["xhat"] = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
+        else:
+            shape = (1, -1, *([1] * (x.dim() - 2)))
+            cache["xhat"] = (x - mod.running_mean.reshape(shape)) / (mod.running_var.reshape(shape) + mod.eps).sqrt()
+    return cache
+
+
+@dataclass
+class _BatchTaps:
+    """A batch's layer taps: per layer its input ``x`` and the loss gradient(s) at its
+    output(s) ``go`` (batch in dim 0), and :func:`_prepare`'s cache."""
+
+    b: int
+    x: dict[str, Any]
+    go: dict[str, Any]
+    cache: dict[str, dict[str, Tensor]]
+
+    def rows(self, rows: Any) -> _BatchTaps:
+        """The taps of records ``rows`` (an index tensor or a slice)."""
+        n = len(range(self.b)[rows]) if isinstance(rows, slice) else int(rows.numel())
+        return _BatchTaps(n, _slice(self.x, rows), _slice(self.go, rows),
+                          {m: _slice(c, rows) for m, c in self.cache.items()})
+
+    def numel(self) -> int:
+        leaves = torch.utils._pytree.tree_leaves((self.x, self.go, self.cache))
+        return sum(t.numel() for t in leaves if isinstance(t, Tensor))
+
+
 class LayerProgram:
     """Per-batch per-sample statistics of models beyond nn.Linear (see the section comment).
 
@@ -565,10 +618,6 @@ class LayerProgram:
 
         return hook
 
-    def select_rows(self, fac: Any, rows: Tensor) -> Any:
-        g, h = fac
-        return {k: (v.rows(rows) if isinstance(v, _Sparse) else v[rows]) for k, v in g.items()}, h
-
     def _forward(self, inputs: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, tuple[int, ...]]:
         """One forward pass (grad enabled by the caller): per layer its input (detached) and
         output(s) (in the graph), the outputs ``[B, C]`` and their per-record shape."""
@@ -604,97 +653,110 @@ class LayerProgram:
         e = torch.func.vmap(torch.func.grad(one))(fd, targets)
         return e, (torch.func.vmap(torch.func.hessian(one))(fd, targets) if second else None)
 
-    def _grads(self, taps: dict[str, tuple[Any, Any]], gos: dict[str, Any], b: int,
-               names: set[str] | None = None, caches: dict[str, dict[str, Tensor]] | None = None
-               ) -> dict[str, Any]:
-        """Per-sample gradients ``{name: [B, numel] or _Sparse}`` from the layers' inputs and
-        output gradients; a tied parameter's uses are added up (before any square is taken)."""
-        out: dict[str, Any] = {}
-        for m, slot in self.slots.items():
-            sub = slot if names is None else {k: v for k, v in slot.items() if v in names}
-            if not sub or m not in gos:
-                continue
-            cache = {} if caches is None else caches.setdefault(m, {})
-            for k, v in _layer_grads(self._mods[m], taps[m][0], gos[m], sub, cache).items():
-                out[k] = v if k not in out else _add(out[k], v, b)
-        return out
-
-    @staticmethod
-    def _unpack(mods: dict[str, nn.Module], used: list[str], taps: dict, gos: tuple) -> dict[str, Any]:
+    def _unpack(self, taps: dict, gos: tuple) -> dict[str, Any]:
+        """Per layer the gradient(s) at its output(s) from ``autograd.grad``'s flat tuple."""
         res, pos = {}, 0
-        for m in used:
+        for m in self.slots:
             outs = taps[m][1]
             go = [torch.zeros_like(o) if gi is None else gi for gi, o in zip(gos[pos: pos + len(outs)], outs)]
             pos += len(outs)
-            res[m] = go if isinstance(mods[m], _MHA) else go[0]
+            res[m] = tuple(go) if isinstance(self._mods[m], _MHA) else go[0]
         return res
 
-    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True,
-              only: set[str] | None = None) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """One forward and ``1 + rank(L)`` backward passes: per-sample gradients
-        ``{name: [B, numel] or _Sparse}`` and the batch's Gauss-Newton diagonal sums
-        ``{name: [numel]}`` (not with ``ggn=False``); ``only``: the layers holding these
-        parameters only."""
+    def _taps(self, inputs: Any, targets: Any, b: int, second: bool
+              ) -> tuple[_BatchTaps, Tensor, list[Tensor], Tensor | None]:
+        """Forward and one backward pass (``dl/do``): the batch's taps, plus the outputs
+        ``[B, C]`` (in the graph), the layer outputs and ``d2l/do2`` for more directions
+        (``second``: then the prepared inputs are kept for the batch, reused by every
+        direction; kept taps hold the layer inputs and output gradients only)."""
+        taps, f, shape = self._forward(inputs, b)
+        self._forward_taps = taps  # the layer outputs, for the backward passes of more directions
+        e, L = self._loss_derivatives(f.detach(), targets, shape, second)
+        outs = [t for m in self.slots for t in taps[m][1]]
+        gos = torch.autograd.grad(f, outs, grad_outputs=e, retain_graph=second, allow_unused=True)
+        x = {m: taps[m][0] for m in self.slots}
+        cache = {m: _prepare(self._mods[m], x[m], self.slots[m]) for m in self.slots} if second else {}
+        return _BatchTaps(b, x, self._unpack(taps, gos), cache), f, outs, L
+
+    def chunk_rows(self, names: Iterable[str] | None = None) -> int:
+        """Records per chunk of per-sample gradients: ``[chunk, numel]`` temporaries of about
+        ``CHUNK_FLOATS`` floats (below the allocator's mmap threshold and in cache: float64
+        products of a whole batch at once ran 4x slower on page faults alone)."""
+        big = max((self._numels[n] for n in (names if names is not None else self.names)), default=1)
+        return max(1, CHUNK_FLOATS // max(big, 1))
+
+    def iter_grads(self, taps: _BatchTaps, names: Iterable[str] | None = None, go: dict[str, Any] | None = None
+                   ) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """``(a, c, {name: [c - a, numel] or _Sparse})`` per-sample gradients of records
+        ``a:c`` of the batch from its taps (``go``: the output gradients of another direction
+        than ``dl/do``); a tied parameter's uses are added up before any square is taken."""
+        want = set(self.names if names is None else names)
+        step = self.chunk_rows(want)
+        gos = taps.go if go is None else go
+        for a in range(0, taps.b, step):
+            c = min(taps.b, a + step)
+            out: dict[str, Any] = {}
+            for m, slot in self.slots.items():
+                sub = {k: v for k, v in slot.items() if v in want}
+                if not sub:
+                    continue
+                xs = _slice(taps.x[m], a, c)
+                # the batch's prepared inputs (estimation: reused over directions), else per chunk
+                cache = ({k: v[a:c] for k, v in taps.cache[m].items()} if m in taps.cache
+                         else _prepare(self._mods[m], xs, slot))
+                grads = _layer_grads(self._mods[m], xs, _slice(gos[m], a, c), sub, cache)
+                for k, v in grads.items():
+                    out[k] = v if k not in out else _add(out[k], v, c - a)
+            yield a, c, out
+
+    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True) -> tuple[_BatchTaps, dict[str, Tensor]]:
+        """One forward and ``1 + rank(L)`` backward passes: the batch's taps (layer inputs and
+        loss gradients at the outputs, from which every per-sample gradient follows) and its
+        Gauss-Newton diagonal sums ``{name: [numel]}`` (zeros with ``ggn=False``). Per-sample
+        products are formed a chunk of records at a time (:meth:`chunk_rows`)."""
+        h_all = {k: torch.zeros(self._numels[k], dtype=self.dtype) for k in self.names}
         with torch.enable_grad():
-            taps, f, shape = self._forward(inputs, b)
-            c = f.shape[1]
-            e, L = self._loss_derivatives(f.detach(), targets, shape, second=ggn)
-            dirs: list[Tensor] = [e]
-            signs: list[Tensor | None] = [None]
+            taps, f, outs, L = self._taps(inputs, targets, b, second=ggn)
             if ggn:
                 assert L is not None
+                c = f.shape[1]
                 lam, vec = torch.linalg.eigh(0.5 * (L + L.transpose(1, 2)))
-                keep = lam.abs().amax(0) > 1e-12 * max(float(lam.abs().max()), 1e-300)
-                dirs += [vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1) for k in range(c) if keep[k]]
-                signs += [lam[:, k].sign() for k in range(c) if keep[k]]
-            used = [m for m, slot in self.slots.items() if only is None or set(slot.values()) & only]
-            tap_list = [t for m in used for t in taps[m][1]]
-            g_all: dict[str, Any] = {}
-            h_all: dict[str, Tensor] = {}
-            caches: dict[str, dict[str, Tensor]] = {}
-            for j, (vdir, sgn) in enumerate(zip(dirs, signs)):
-                gos = torch.autograd.grad(f, tap_list, grad_outputs=vdir, retain_graph=j < len(dirs) - 1,
-                                          allow_unused=True)
-                grads = self._grads(taps, self._unpack(self._mods, used, taps, gos), b, only, caches)
-                if sgn is None:
-                    g_all = grads
-                    continue
-                for k, v in grads.items():
-                    if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
-                        sq = torch.zeros(v.shape, dtype=v.g.dtype).index_add_(
-                            0, v.row, v.g.square() * sgn[v.sample].unsqueeze(-1)).reshape(-1)
-                    else:
-                        sq = sgn.unsqueeze(0) @ v.square()  # [1, numel]: sum_b sgn_b v_b^2
-                        sq = sq.reshape(-1)
-                    h_all[k] = h_all[k] + sq if k in h_all else sq
-        for k in g_all:
-            h_all.setdefault(k, torch.zeros(self._numels[k], dtype=self.dtype))
-        if not self._verified and only is None:
-            self._verify(inputs, targets, g_all)
-        return g_all, h_all
+                keep = [k for k in range(c) if lam[:, k].abs().max() > 1e-12 * max(float(lam.abs().max()), 1e-300)]
+                for i, k in enumerate(keep):
+                    vdir = vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1)
+                    sgn = lam[:, k].sign()
+                    gos = torch.autograd.grad(f, outs, grad_outputs=vdir, retain_graph=i < len(keep) - 1,
+                                              allow_unused=True)
+                    for a, cc, grads in self.iter_grads(taps, go=self._unpack(self._forward_taps, gos)):
+                        for name, v in grads.items():
+                            if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
+                                h_all[name].view(v.shape).index_add_(
+                                    0, v.row, v.g.square() * sgn[a:cc][v.sample].unsqueeze(-1))
+                            else:
+                                h_all[name] += (sgn[a:cc].unsqueeze(0) @ v.square()).reshape(-1)
+        self._forward_taps = {}
+        if not self._verified:
+            self._verify(inputs, targets, taps)
+        return taps, h_all
 
-    def record_taps(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Any, Any]]:
+    def record_taps(self, inputs: Any, targets: Any, b: int) -> _BatchTaps:
         """One forward and one backward pass of the loss over a block of records: per layer
         its input and the loss gradient at its output(s), detached; every assessed
-        parameter's per-sample gradient follows from these (:meth:`grads_from_taps`)."""
+        parameter's per-sample gradient follows from these (:meth:`iter_grads`)."""
         with torch.enable_grad():
-            taps, f, shape = self._forward(inputs, b)
-            e, _ = self._loss_derivatives(f.detach(), targets, shape, second=False)
-            used = list(self.slots)
-            gos = torch.autograd.grad(f, [t for m in used for t in taps[m][1]], grad_outputs=e, allow_unused=True)
-        gos = self._unpack(self._mods, used, taps, gos)
-        return {m: (taps[m][0], gos[m]) for m in used}
+            taps, *_ = self._taps(inputs, targets, b, second=False)
+        self._forward_taps = {}
+        return taps
 
-    def grads_from_taps(self, taps: dict[str, tuple[Any, Any]], names: list[str], b: int) -> dict[str, Any]:
-        """Per-sample gradients ``{name: [B, numel] or _Sparse}`` of ``names`` from
-        :meth:`record_taps` (no pass through the model)."""
-        return self._grads({m: (x, None) for m, (x, _) in taps.items()}, {m: g for m, (_, g) in taps.items()},
-                           b, set(names))
+    def grads_from_taps(self, taps: _BatchTaps, names: list[str]) -> dict[str, Tensor]:
+        """Dense per-sample gradients ``{name: [B, numel]}`` of ``names`` from the taps."""
+        parts = [(c - a, g) for a, c, g in self.iter_grads(taps, names)]
+        return {n: torch.cat([_dense(g[n], r) for r, g in parts]) for n in names}
 
     def _numel(self, name: str) -> int:
         return self._numels[name]
 
-    def _verify(self, inputs: Any, targets: Any, g_all: dict[str, Any]) -> None:
+    def _verify(self, inputs: Any, targets: Any, taps: _BatchTaps) -> None:
         """Per-sample gradients of (up to) two records against torch.func's (``reference``):
         a parameter also used outside its layer, a batch dimension not first, or any layer
         semantics the formulas miss shows up here. Tolerance 1e-8 (float64) / 1e-4 (float32)
@@ -709,41 +771,46 @@ class LayerProgram:
             warnings.filterwarnings("ignore", message="There is a performance drop")
             ref = self.reference.per_sample_grads(x2, y2)
         tol = 1e-8 if self.dtype == torch.float64 else 1e-4
-        for n, v in g_all.items():
-            got = v.dense(take) if isinstance(v, _Sparse) else v[:take]
+        got_all = self.grads_from_taps(taps.rows(slice(0, take)), self.names)
+        for n, got in got_all.items():
             want = ref[n].reshape(take, -1).to(got.dtype)
             if float((got - want).abs().max()) > tol * max(float(want.abs().max()), 1e-30):
                 raise NotImplementedError(f"per-sample gradients of {n!r} differ from torch.func's")
         self._verified = True
 
-    def batch_sums(self, fac: Any, acc: torch.dtype) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], Tensor]:
-        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum)`` (flat) and ``|g_i|^2 [B]``."""
-        g_all, h_all = fac
-        out = {}
-        norm = torch.zeros((), dtype=acc)
-        for n in self.names:
-            v = g_all[n]
-            if isinstance(v, _Sparse):
-                s, s2 = v.sum(), v.sum_sq()
-            else:
-                s, s2 = v.sum(0), v.square().sum(0)
-            out[n] = (s.to(acc), s2.to(acc), h_all[n].to(acc))
-            norm = norm + s2.sum().to(acc)  # sum over records of |g_i|^2 (this parameter's part)
+    def select_rows(self, fac: tuple[_BatchTaps, dict[str, Tensor]], rows: Tensor
+                    ) -> tuple[_BatchTaps, dict[str, Tensor]]:
+        """The taps of the records ``rows`` of a batch."""
+        return fac[0].rows(rows), fac[1]
+
+    def batch_sums(self, fac: tuple[_BatchTaps, dict[str, Tensor]], acc: torch.dtype
+                   ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], Tensor]:
+        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum)`` (flat) and the sum
+        over records of ``|g_i|^2`` ``[1]``, a chunk of records at a time."""
+        taps, h_all = fac
+        s1 = {n: torch.zeros(self._numels[n], dtype=self.dtype) for n in self.names}
+        s2 = {n: torch.zeros(self._numels[n], dtype=self.dtype) for n in self.names}
+        for _, _, grads in self.iter_grads(taps):
+            for n, v in grads.items():
+                if isinstance(v, _Sparse):
+                    s1[n] += v.sum()
+                    s2[n] += v.sum_sq()
+                else:
+                    s1[n] += v.sum(0)
+                    s2[n] += v.square().sum(0)
+        out = {n: (s1[n].to(acc), s2[n].to(acc), h_all[n].to(acc)) for n in self.names}
+        norm = sum((s2[n].to(acc).sum() for n in self.names), torch.zeros((), dtype=acc))
         return out, norm.reshape(1)
 
-    def record_gradients(self, fac: Any, take: int) -> Tensor:
+    def record_gradients(self, fac: tuple[_BatchTaps, dict[str, Tensor]], take: int) -> Tensor:
         """Flat per-sample gradients ``[take, d]`` in ``names`` order."""
-        g_all = fac[0]
-        return torch.cat([(g_all[n].dense(take) if isinstance(g_all[n], _Sparse) else g_all[n][:take].reshape(take, -1))
-                          for n in self.names], dim=1)
+        g = self.grads_from_taps(fac[0].rows(slice(0, take)), self.names)
+        return torch.cat([g[n] for n in self.names], dim=1)
 
     def per_sample_grads(self, inputs: Any, targets: Any, names: list[str] | None = None) -> dict[str, Tensor]:
         """``{name: [B, numel]}`` per-sample loss gradients: one forward and one backward pass
         (:meth:`record_taps`) for all of ``names`` (default: every assessed parameter)."""
-        b = _first_dim(targets)
-        want = list(names or self.names)
-        g = self.grads_from_taps(self.record_taps(inputs, targets, b), want, b)
-        return {n: (g[n].dense(b) if isinstance(g[n], _Sparse) else g[n]) for n in want}
+        return self.grads_from_taps(self.record_taps(inputs, targets, _first_dim(targets)), list(names or self.names))
 
     def close(self) -> None:
         for h in self.handles:
