@@ -70,6 +70,9 @@ WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
 GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many outputs per record
 log = logging.getLogger(__name__)
 
+# Stored records per forward/backward pass when their per-sample gradients are recomputed
+# (activations of a batch of this size; the default num_records in one pass).
+TAP_BLOCK = 512
 DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB in float32)
 
 
@@ -188,7 +191,7 @@ class Estimate:
                 for a, c, g in prog.iter_grads(taps, names):
                     yield r0 + a, r0 + c, g
             return
-        step = max(1, self.budget // 4096)  # records per forward/backward block (taps: activations)
+        step = TAP_BLOCK
         cache: list | None = []
         size, r0 = 0, 0
         for inputs, targets in self._records:

@@ -1,0 +1,182 @@
+"""The per-layer estimation computes per-sample gradients from ONE forward and one backward
+pass per batch for all parameter tensors (layer taps), and the scoring's per-parameter
+power sums reuse the stored records' taps instead of passing through the model again. Every
+number equals the per-record torch.func path (float64: the two differ by summation order,
+~1e-13; tolerance 1e-6 relative as the issue states)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning.estimation.estimate import MomentAccumulator, choose_estimator, reused_layers
+from mis_lightning.estimation.linear_factors import LayerProgram
+
+
+def _ce(o, y):
+    return F.cross_entropy(o, y, reduction="none")
+
+
+class _CNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                               nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                               nn.Flatten())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.f(x))
+
+
+class _TF(nn.Module):
+    """Embedding + TransformerEncoderLayer (MHA, LayerNorm, dropout) + head; ``tied``: the
+    output head is the embedding table itself (logits over the vocabulary)."""
+
+    def __init__(self, tied: bool = False, dropout: float = 0.0, V: int = 7, D: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.enc = nn.TransformerEncoderLayer(D, 2, 16, batch_first=True, dropout=dropout)
+        self.head = nn.Linear(D, V if tied else 3, bias=False)
+        if tied:
+            self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def _data(kind: str, n: int = 40):
+    g = torch.Generator().manual_seed(3)
+    if kind == "cnn":
+        return torch.randn(n, 2, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    # few tokens over length 5: every record repeats tokens (rows touched several times)
+    X = torch.randint(0, 4 if kind != "tied" else 7, (n, 5), generator=g)
+    return X, torch.randint(0, 7 if kind == "tied" else 3, (n,), generator=g)
+
+
+def _model(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "cnn":
+        m = _CNN().eval()
+        with torch.no_grad():
+            for bn in (m.f[1], m.f[5]):
+                bn.running_mean.normal_()
+                bn.running_var.uniform_(0.5, 2.0)
+        return m
+    if kind == "tied":
+        return _TF(tied=True).eval()
+    if kind == "dropout_train":
+        return _TF(dropout=0.3).train()  # left in train mode by the user
+    return _TF().eval()
+
+
+def _run(model: nn.Module, X, Y, fast: bool, **kw):
+    acc = MomentAccumulator(model, _ce, mode="diagonal", hessian="ggn", use_factors=fast, num_records=12,
+                            dtype=torch.float64, **kw)
+    for b in DataLoader(TensorDataset(X, Y), batch_size=16):
+        acc.update(b)
+    return acc, acc.finalize()
+
+
+@pytest.mark.parametrize("kind", ["cnn", "transformer", "tied", "dropout_train"])
+def test_one_pass_statistics_and_power_sums_equal_per_record_torch_func(kind):
+    model = _model(kind)
+    X, Y = _data(kind)
+    d = sum(p.numel() for p in model.parameters())
+    flags = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = 12 * d - 1  # the records, not their gradients, are stored: scoring recomputes them
+    (fa, ea), (ta, eb) = _run(model, X, Y, True, budget=budget), _run(model, X, Y, False, budget=budget)
+    assert isinstance(fa.factored, LayerProgram) and ta.factored is None
+    assert ea.influence is None and eb.influence is None
+    for k in ("g_sum", "g2_sum", "h_sum"):
+        torch.testing.assert_close(fa.state[k], ta.state[k], rtol=1e-6, atol=1e-9 * float(ta.state[k].abs().max()))
+    torch.testing.assert_close(fa.state["grad_norm_sq"], ta.state["grad_norm_sq"], rtol=1e-6, atol=0)
+    g = torch.Generator().manual_seed(5)
+    for n in eb.names:
+        live = eb._v_diag[n] > 1e-20 * float(eb._v_diag[n].max())  # V = 0: 0/0 noise in both
+        torch.testing.assert_close(ea.sigma[n][live], eb.sigma[n][live], rtol=1e-6, atol=0)
+        numel = int(live.numel())
+        cols = {p: torch.rand(numel, 3, generator=g, dtype=torch.float64) * live.unsqueeze(-1) for p in (2, 4)}
+        got, want = ea.power_sums(n, cols), eb.power_sums(n, cols)
+        for p in (2, 4):
+            torch.testing.assert_close(got[p], want[p], rtol=1e-6, atol=1e-9 * float(want[p].abs().max()))
+    # the model the user owns is untouched, train flags included (the estimation runs in eval mode)
+    assert [m.training for m in model.modules()] == flags
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_tied_embedding_and_head_gradients_add_up():
+    """Tied weights: the per-sample gradient of the shared table is the sum of both uses
+    (before squaring); the fast path takes the tied model instead of falling back."""
+    model = _model("tied")
+    X, Y = _data("tied", 6)
+    prog = LayerProgram(model, _ce, ["emb.weight"] + [n for n, _ in model.named_parameters() if n != "emb.weight"],
+                        torch.float64)
+    assert set(prog.slots["emb"].values()) == {"emb.weight"} and prog.slots["head"] == {"weight": "emb.weight"}
+    got = prog.per_sample_grads(X, Y)["emb.weight"]
+    from mis_lightning.estimation.per_sample import LossProgram
+    ref = LossProgram(model, _ce, prog.names, dtype=torch.float64).per_sample_grads(X, Y)["emb.weight"]
+    torch.testing.assert_close(got, ref.reshape(6, -1), rtol=1e-10, atol=1e-12)
+    # both uses matter: the embedding's use alone differs from the sum by O(1)
+    only_emb = LayerProgram(model, _ce, prog.names, torch.float64)
+    del only_emb.slots["head"]
+    assert float((only_emb.per_sample_grads(X, Y)["emb.weight"] - got).abs().max()) > 1e-3
+
+
+def test_scoring_reuses_the_stored_records_taps_one_forward_for_all_parameters():
+    """Old code: one forward/backward pass over the stored records per parameter (group) in
+    scoring; now one per record block, whatever the number of parameter tensors."""
+    torch.manual_seed(0)
+    model = _TF(V=60).eval()  # d = 1,136 per record > its taps (776): the taps are kept
+    X, Y = _data("transformer")
+    d = sum(p.numel() for p in model.parameters())
+    acc, est = _run(model, X, Y, True, budget=12 * d - 1)
+    calls = []
+    acc.factored.model.register_forward_hook(lambda *a: calls.append(1))
+    cols = {2: torch.ones(1, 2, dtype=torch.float64)}
+    for n in est.names:
+        est.power_sums(n, {2: cols[2].expand(est.offsets[n][1] - est.offsets[n][0], 2)})
+    assert len(est.names) == 14 and len(calls) == 1
+
+
+def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse():
+    """A Linear applied to [batch, atoms, features] reuses its weights over the atoms: the
+    exact-Hessian rule (one use per record) does not hold, "auto" takes Gauss-Newton."""
+
+    class Atoms(nn.Module):  # a message-passing-like model, d = 50 <= EXACT_MAX_PARAMS
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(3, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):  # x: [B, atoms, 3]
+            return self.head(torch.relu(self.embed(x)).sum(1))
+
+    torch.manual_seed(0)
+    m = Atoms().eval()
+    X, Y = torch.randn(32, 5, 3), torch.randint(0, 2, (32,))
+    assert reused_layers(m, X) == ["Linear on [B, 5, 3] (embed)"]
+    assert reused_layers(m, X[:, :1]) == []  # one atom per record: no reuse
+    assert choose_estimator(m, 50, n=32)[:2] == ("exact", "exact")  # the layer types alone
+    acc = MomentAccumulator(m, _ce, num_records=8, selection="hash")
+    assert acc.mode == "exact"
+    acc.update((X, Y))
+    assert (acc.mode, acc.hessian) == ("diagonal", "ggn")
+    assert acc.reason == ("auto: Linear on [B, 5, 3] (embed) layers make the exact Hessian costly "
+                          "(d = 50 passes of their forward)")
+    assert isinstance(acc.factored, LayerProgram)
+    est = acc.finalize()
+    ref = MomentAccumulator(m, _ce, num_records=8, selection="hash", mode="diagonal", hessian="ggn",
+                            use_factors=False)
+    ref.update((X, Y))
+    want = ref.finalize()
+    for n in est.names:
+        torch.testing.assert_close(est.sigma[n], want.sigma[n], rtol=1e-6, atol=0)
+    # one atom per record (one use per record) keeps the exact sandwich
+    flat = MomentAccumulator(m, _ce, num_records=8)
+    flat.update((X[:, :1], Y))
+    assert flat.mode == "exact"
