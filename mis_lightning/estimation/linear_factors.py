@@ -424,7 +424,12 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
         # slot "in": x = (x_q, x_k, x_v) [B, T, E], go = (d_q, d_k, d_v) [B, T, E]
         wn, bn = names.get("in_proj_weight"), names.get("in_proj_bias")
         if wn:
-            out[wn] = torch.cat([torch.einsum("bto,bti->boi", gi, xi) for xi, gi in zip(x, go)], 1).reshape(b, -1)
+            if len({tuple(t.shape) for t in (*x, *go)}) == 1:
+                # one batched product into [B, 3, E, E] (the q/k/v rows of in_proj_weight, in order)
+                out[wn] = torch.einsum("btko,btki->bkoi", torch.stack(list(go), 2),
+                                       torch.stack(list(x), 2)).reshape(b, -1)
+            else:  # cross-attention: keys/values of another length than the queries
+                out[wn] = torch.cat([torch.einsum("bto,bti->boi", gi, xi) for xi, gi in zip(x, go)], 1).reshape(b, -1)
         if bn:
             out[bn] = torch.cat([gi.sum(1) for gi in go], 1)
     return out
