@@ -161,6 +161,7 @@ def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse():
     X, Y = torch.randn(32, 5, 3), torch.randint(0, 2, (32,))
     assert reused_layers(m, X) == ["Linear on [B, 5, 3] (embed)"]
     assert reused_layers(m, X[:, :1]) == []  # one atom per record: no reuse
+    assert reused_layers(m, X, ["head.weight", "head.bias"]) == []  # a frozen encoder: the head is used once
     assert choose_estimator(m, 50, n=32)[:2] == ("exact", "exact")  # the layer types alone
     acc = MomentAccumulator(m, _ce, num_records=8, selection="hash")
     assert acc.mode == "exact"

@@ -287,12 +287,14 @@ class Estimate:
                 r0 += b
 
 
-def reused_layers(model: nn.Module, inputs: Any) -> list[str]:
+def reused_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | None = None) -> list[str]:
     """Layers of ``model`` that reuse their weights within one record, seen in one forward
     pass of ``inputs`` (a batch) on a private copy in eval mode: an ``nn.Linear`` applied to
     inputs with more than 2 dims and more than one position per record (``[batch, atoms,
-    features]``, ``[batch, seq, features]``), or any module holding parameters called more
-    than once. Returned as e.g. ``"Linear on [B, 12, 32] (embed)"``.
+    features]``, ``[batch, seq, features]``), or a module called more than once. Only the
+    modules holding one of ``param_names`` (default: every parameter) count: a frozen encoder
+    does not make the assessed head's exact Hessian costly. Returned as e.g.
+    ``"Linear on [B, 12, 32] (embed)"``.
 
     Raises:
         Nothing of its own: a forward that fails here would fail the estimation too; it is
@@ -310,8 +312,10 @@ def reused_layers(model: nn.Module, inputs: Any) -> list[str]:
                 shapes[name] = list(args[0].shape)
         return pre
 
+    wanted = None if param_names is None else set(param_names)
     for name, mod in copy.named_modules():
-        if any(True for _ in mod.parameters(recurse=False)):
+        own = [f"{name}.{k}" if name else k for k, p in mod._parameters.items() if p is not None]
+        if own and (wanted is None or wanted & set(own)):
             handles.append(mod.register_forward_pre_hook(hook(name)))
     try:
         with torch.no_grad():
@@ -589,7 +593,7 @@ class MomentAccumulator:
         inputs, targets, b = program.prepare(batch)
         if self._probe_pending:
             self._probe_pending = False
-            reused = reused_layers(self.model, self.batch_fn(batch)[0]) if int(st["n"]) == 0 else []
+            reused = reused_layers(self.model, self.batch_fn(batch)[0], self.names) if int(st["n"]) == 0 else []
             if reused:
                 self.resolve(reused)
                 if state is None:
