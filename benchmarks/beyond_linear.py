@@ -8,6 +8,9 @@ In one process, per model:
 * the wall time of ``assess(model, SCHEMES, train_loader, loss_fn, val_dataloader=val)``
   with every option at its default (estimator chosen by ``"auto"``), after one warm-up call
   on a small subset (imports, first-call set-up);
+* the estimation pass alone (``run_estimation``, the first half of ``assess``);
+* wall and process CPU time of each (CPU time does not count other jobs' time on a shared
+  machine; with 1 thread it is the compute);
 * the ratio assess / epoch, and per scheme ``quantized_fraction`` (share of assessed weights
   quantized) and the methods line of the report.
 
@@ -72,16 +75,24 @@ def build(kind: str, n: int, seed: int = 0):
     return model, ds, val, ce
 
 
-def epoch(model, loader, loss_fn, opt) -> float:
-    """One training epoch; its wall time in seconds."""
-    t = time.perf_counter()
+def epoch(model, loader, loss_fn, opt, cpu: bool = False) -> float:
+    """One training epoch; its wall time in seconds (``cpu``: the process's CPU time)."""
+    clock = time.process_time if cpu else time.perf_counter
+    t = clock()
     model.train()
     for xb, yb in loader:
         opt.zero_grad()
         loss_fn(model(xb), yb).mean().backward()
         opt.step()
     model.eval()
-    return time.perf_counter() - t
+    return clock() - t
+
+
+def timed(fn, *args, **kwargs):
+    """``(result, wall seconds, process CPU seconds)`` of one call."""
+    t, c = time.perf_counter(), time.process_time()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t, time.process_time() - c
 
 
 def run(kind: str, n: int, batch: int, epochs: int) -> dict:
@@ -94,20 +105,26 @@ def run(kind: str, n: int, batch: int, epochs: int) -> dict:
     loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     epoch(model, loader, ce, opt)  # warm-up (and training)
-    times = [epoch(model, loader, ce, opt) for _ in range(epochs)]
-    t_epoch = sum(times) / len(times)
+    times = [timed(epoch, model, loader, ce, opt)[1:] for _ in range(epochs)]
+    t_epoch = sum(t for t, _ in times) / len(times)
+    c_epoch = sum(c for _, c in times) / len(times)
     model.eval()
     d = sum(p.numel() for p in model.parameters())
     plain = DataLoader(ds, batch_size=batch)
     vl = DataLoader(val, batch_size=batch)
     ml.assess(model, SCHEMES, DataLoader(Subset(ds, range(2 * batch)), batch_size=batch), ce,
               val_dataloader=vl, num_records=8)  # warm-up: imports, first calls
-    t = time.perf_counter()
-    rep = ml.assess(model, SCHEMES, plain, ce, val_dataloader=vl)
-    t_assess = time.perf_counter() - t
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    _, t_est, c_est = timed(run_estimation, model, plain, ce, EstimationConfig())
+    rep, t_assess, c_assess = timed(ml.assess, model, SCHEMES, plain, ce, val_dataloader=vl)
     return {
         "model": kind, "params": d, "n": n, "batch": batch, "threads": torch.get_num_threads(),
         "epoch_s": t_epoch, "assess_s": t_assess, "ratio": t_assess / t_epoch,
+        # process CPU time: robust to other jobs on a shared machine (1 thread: the compute)
+        "epoch_cpu_s": c_epoch, "assess_cpu_s": c_assess, "cpu_ratio": c_assess / c_epoch,
+        "estimation_s": t_est, "estimation_cpu_s": c_est, "estimation_cpu_ratio": c_est / c_epoch,
         "estimator": rep.estimation.get("estimator") if isinstance(rep.estimation, dict) else str(rep.estimation),
         "quantized_fraction": {k: s.quantized_fraction for k, s in rep.schemes.items()},
         "leakage": {k: s.leakage for k, s in rep.schemes.items()},
@@ -134,7 +151,9 @@ def main() -> None:
         qf = ", ".join(f"{k} {v:.3f}" for k, v in r["quantized_fraction"].items())
         print(f"{kind}: {r['params']:,} parameters, n = {r['n']}, batch {r['batch']}, {r['threads']} threads: "
               f"epoch {r['epoch_s']:.2f} s, assess {r['assess_s']:.2f} s, ratio {r['ratio']:.2f} epochs; "
-              f"quantized_fraction: {qf}")
+              f"CPU time: epoch {r['epoch_cpu_s']:.2f} s, assess {r['assess_cpu_s']:.2f} s, ratio "
+              f"{r['cpu_ratio']:.2f} epochs (estimation pass alone {r['estimation_cpu_ratio']:.2f}); "
+              f"quantized_fraction: {qf}", flush=True)
         print(f"  estimator: {r['estimator']}")
         for w in r["warnings"]:
             print(f"  warning: {w}")

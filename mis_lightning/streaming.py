@@ -29,6 +29,7 @@ from .assess import select_params
 from .config import EstimationConfig
 from .estimation import Estimate
 from .estimation.estimate import MomentAccumulator
+from .estimation.linear_factors import LayerProgram
 from .estimation.per_sample import BatchFn, LossFn, LossProgram, default_batch_fn, eval_mode
 from .quantization import available_schemes
 
@@ -220,6 +221,7 @@ class EstimationMetric(Metric):
         state["_pickled_model"] = _ByValue(model)
         state["_pickled_acc"] = {"factored": acc.factored is not None, "out_shape": acc._out_shape,
                                  "reused": acc._reused, "probe_pending": acc._probe_pending,
+                                 "factored_kind": type(acc.factored).__name__,
                                  "generator": acc.generator.get_state() if acc.generator is not None else None}
         return state
 
@@ -242,6 +244,9 @@ class EstimationMetric(Metric):
             if not extra["factored"] and acc.factored is not None:
                 acc.factored.close()  # the original fell back to the generic path
                 acc.factored = None
+            elif extra.get("factored_kind") == "LayerProgram" and type(acc.factored).__name__ != "LayerProgram":
+                acc.factored.close()  # the original fell back from nn.Linear factors to the per-layer path
+                acc.factored = acc._fast_program(LayerProgram)
         self._ref = _Ref((model, acc))
 
     # -- distributed sync -----------------------------------------------------------------

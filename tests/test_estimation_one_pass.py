@@ -48,6 +48,18 @@ class _TF(nn.Module):
         return self.head(self.enc(self.emb(x)).mean(1))
 
 
+class Atoms(nn.Module):
+    """A message-passing-like model: a Linear over the atoms of a record, d = 50."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):  # x: [B, atoms, 3]
+        return self.head(torch.relu(self.embed(x)).sum(1))
+
+
 def _data(kind: str, n: int = 40):
     g = torch.Generator().manual_seed(3)
     if kind == "cnn":
@@ -147,15 +159,6 @@ def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse():
     """A Linear applied to [batch, atoms, features] reuses its weights over the atoms: the
     exact-Hessian rule (one use per record) does not hold, "auto" takes Gauss-Newton."""
 
-    class Atoms(nn.Module):  # a message-passing-like model, d = 50 <= EXACT_MAX_PARAMS
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Linear(3, 8)
-            self.head = nn.Linear(8, 2)
-
-        def forward(self, x):  # x: [B, atoms, 3]
-            return self.head(torch.relu(self.embed(x)).sum(1))
-
     torch.manual_seed(0)
     m = Atoms().eval()
     X, Y = torch.randn(32, 5, 3), torch.randint(0, 2, (32,))
@@ -181,3 +184,25 @@ def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse():
     flat = MomentAccumulator(m, _ce, num_records=8)
     flat.update((X[:, :1], Y))
     assert flat.mode == "exact"
+
+
+def test_metric_front_end_takes_the_same_choice_and_keeps_it_through_pickling():
+    """MISIndicator (and the callback, which feeds it) resolve "auto" on the first batch the
+    same way; an unpickled metric keeps the resolved estimator for its accumulated states."""
+    import pickle
+
+    from mis_lightning import MISIndicator
+
+    torch.manual_seed(0)
+    m = Atoms().eval()
+    X, Y = torch.randn(32, 5, 3), torch.randint(0, 2, (32,))
+    met = MISIndicator(m, _ce, ["int8_weight_only"], num_records=8)
+    met.update(X[:16], Y[:16])
+    assert (met.accumulator.mode, met.accumulator.hessian) == ("diagonal", "ggn")
+    again = pickle.loads(pickle.dumps(met))
+    assert (again.accumulator.mode, again.accumulator.hessian) == ("diagonal", "ggn")
+    again.update(X[16:], Y[16:])
+    met.update(X[16:], Y[16:])
+    a, b = met.accumulator.finalize(met._states()), again.accumulator.finalize(again._states())
+    for n in a.names:
+        torch.testing.assert_close(a.sigma[n], b.sigma[n], rtol=1e-12, atol=0)
