@@ -737,8 +737,8 @@ class LayerProgram:
                             if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
                                 h_all[name].view(v.shape).index_add_(
                                     0, v.row, v.g.square() * sgn[a:cc][v.sample].unsqueeze(-1))
-                            else:
-                                h_all[name] += (sgn[a:cc].unsqueeze(0) @ v.square()).reshape(-1)
+                            else:  # v is this chunk's own tensor: squared in place, summed by a GEMV
+                                h_all[name].addmv_(v.reshape(cc - a, -1).square_().T, sgn[a:cc])
         self._forward_taps = {}
         if not self._verified:
             self._verify(inputs, targets, taps)
@@ -802,7 +802,7 @@ class LayerProgram:
                     s2[n] += v.sum_sq()
                 else:
                     s1[n] += v.sum(0)
-                    s2[n] += v.square().sum(0)
+                    s2[n] += v.square_().sum(0)  # the chunk's own tensor, squared in place
         out = {n: (s1[n].to(acc), s2[n].to(acc), h_all[n].to(acc)) for n in self.names}
         norm = sum((s2[n].to(acc).sum() for n in self.names), torch.zeros((), dtype=acc))
         return out, norm.reshape(1)
