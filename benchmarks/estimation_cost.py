@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +52,7 @@ def build(kind: str, n: int):
 
 def run(kind: str, n: int, batch: int, epochs: int) -> dict:
     import torch
-    from beyond_linear import epoch
+    from beyond_linear import epoch, timed
     from torch.utils.data import DataLoader, Subset
 
     from mis_lightning.estimation import estimate
@@ -62,15 +61,15 @@ def run(kind: str, n: int, batch: int, epochs: int) -> dict:
     loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     epoch(model, loader, loss, opt)  # warm-up
-    t_epoch = sum(epoch(model, loader, loss, opt) for _ in range(epochs)) / epochs
+    times = [timed(epoch, model, loader, loss, opt)[1:] for _ in range(epochs)]
+    t_epoch, c_epoch = (sum(t[i] for t in times) / epochs for i in (0, 1))
     model.eval()
     estimate(model, DataLoader(Subset(ds, range(2 * batch)), batch_size=batch), loss, num_records=8)
-    t = time.perf_counter()
-    est = estimate(model, DataLoader(ds, batch_size=batch), loss)
-    t_est = time.perf_counter() - t
+    est, t_est, c_est = timed(estimate, model, DataLoader(ds, batch_size=batch), loss)
     return {"model": kind, "params": sum(p.numel() for p in model.parameters()), "n": n, "batch": batch,
             "threads": torch.get_num_threads(), "epoch_s": t_epoch, "estimation_s": t_est,
-            "ratio": t_est / t_epoch, "estimator": est.estimator, "reason": est.reason}
+            "ratio": t_est / t_epoch, "epoch_cpu_s": c_epoch, "estimation_cpu_s": c_est,
+            "cpu_ratio": c_est / c_epoch, "estimator": est.estimator, "reason": est.reason}
 
 
 def main() -> None:
@@ -90,7 +89,9 @@ def main() -> None:
         r = run(kind, args.n, args.batch, args.epochs)
         out.append(r)
         print(f"{kind}: {r['params']:,} parameters, n = {r['n']}, batch {r['batch']}, {r['threads']} thread(s): "
-              f"epoch {r['epoch_s']:.2f} s, estimation {r['estimation_s']:.2f} s, ratio {r['ratio']:.2f} epochs "
+              f"epoch {r['epoch_s']:.2f} s, estimation {r['estimation_s']:.2f} s, ratio {r['ratio']:.2f} epochs; "
+              f"CPU time: epoch {r['epoch_cpu_s']:.2f} s, estimation {r['estimation_cpu_s']:.2f} s, "
+              f"ratio {r['cpu_ratio']:.2f} epochs "
               f"({r['estimator']}; {r['reason']})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
