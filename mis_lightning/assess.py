@@ -152,8 +152,9 @@ def assess(
         val_dataloader, metrics, output_transform: utility of each quantized copy
             (``evaluate_utility``); the mean loss is always reported.
         progress: ``progress(stage, completed)`` hook: ``("estimation", records so far)``,
-            then ``("schemes", schemes quantized and evaluated so far)`` (see
-            :mod:`mis_lightning.progress` for a renderer).
+            then ``("schemes", schemes quantized and evaluated so far)``, and ``("compile", 0)``
+            / ``("compile", 1)`` around a one-off compilation of the cell-moment kernel when
+            the compile policy will use it (see :mod:`mis_lightning.progress` for a renderer).
         options: any field of either config by name (``estimation="exact"``,
             ``num_records=64``, ``method="mc"``, ...); they override the configs' fields.
 
@@ -274,7 +275,9 @@ def score_schemes(
     ``utility_fn(quantized_copy) -> {name: value}``, when given, measures each quantized
     copy's utility instead of ``evaluate_utility`` over ``val_dataloader`` (front ends with
     their own evaluation loop, e.g. the Lightning callback). ``progress("schemes", i)`` after
-    the i-th scheme is quantized and evaluated. ``calibration_data`` (training batches): each
+    the i-th scheme is quantized and evaluated; ``("compile", 0)`` / ``("compile", 1)`` around
+    the compilation and check of the cell-moment kernel, before the cell-moment pass, when the
+    compile policy will use it in this call. ``calibration_data`` (training batches): each
     scheme's ``calibrate(model, batches)`` runs on it first (data-dependent schemes; a no-op
     for data-free ones); ``None`` skips calibration.
 
@@ -334,6 +337,11 @@ def score_schemes(
         col += 2 + prep.num_draws  # main, draws, pool protocol
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
+    # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it mid-call.
+    fused = sum(g.numel * (2 + p.num_draws) for p in prepared for g in p.grids.values()
+                if g.kind == "affine" and min(g.numel, chunk_size) >= F.affine.TABLE_MIN_ELEMENTS)
+    if fused and est.theta:
+        F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
     sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
                        policy=policy)
     for prep in prepared:

@@ -2,7 +2,9 @@
 
 :func:`~mis_lightning.assess.assess` (and its halves) report progress through one hook,
 ``progress(stage, completed)``: ``("estimation", records so far)`` during the estimation pass,
-``("schemes", schemes quantized and evaluated so far)`` during scoring. Front ends render it
+``("schemes", schemes quantized and evaluated so far)`` during scoring, and ``("compile", 0)``
+then ``("compile", 1)`` around the one-off ``torch.compile`` of the cell-moment kernel when the
+compile policy will use it in this call (warmed up before the scoring pass, not mid-call). Front ends render it
 with :class:`ProgressDisplay` (Rich bars on stderr, the style of Lightning's ``RichProgressBar``);
 the Hydra app also reports its own stages (data, training) through the same display.
 """
@@ -15,7 +17,8 @@ from typing import Any
 __all__ = ["STAGE_LABELS", "ProgressDisplay", "ProgressFn"]
 
 ProgressFn = Callable[[str, int], None]
-STAGE_LABELS = {"estimation": "MIS estimation pass", "schemes": "MIS schemes"}
+STAGE_LABELS = {"estimation": "MIS estimation pass", "schemes": "MIS schemes",
+                "compile": "compiling the cell-moment kernel (once per process)"}
 
 
 class ProgressDisplay:

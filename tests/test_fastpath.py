@@ -256,3 +256,85 @@ def test_sample_indices_cover_both_ends_and_every_stratum():
     assert {0, c - 1, 17, 5000, 77_777} <= set(idx.tolist())
     assert torch.equal(idx, fastpath.sample_indices(c, 512, [rare, ~rare]))  # deterministic
     assert math.isclose(float(fastpath.sample_indices(10, 512).numel()), 10)
+
+
+def _tiny_net_and_data():
+    """A Linear(256, 128) layer (32,768 weights: one chunk of the fused kernel's size)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
+    x = torch.randn(64, 256)
+    y = x[:, :4].sum(-1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    return net, loader, lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2
+
+
+def test_compile_is_warmed_up_before_the_scoring_pass_and_shown(monkeypatch):
+    """compile="always": the kernel is built by torch.compile and checked against the eager
+    kernel during a ("compile", 0) -> ("compile", 1) progress stage, before the cell-moment pass
+    starts; a second call in the same process does not compile again.
+
+    torch.compile is replaced by a recording pass-through: this tests when the library
+    compiles and checks, not inductor (the agreement matrix above runs the real compiler; a
+    real compilation takes 4-85 s on the shared 2-core machine)."""
+    import importlib
+
+    import mis_lightning as ml
+    from mis_lightning.progress import STAGE_LABELS
+
+    assess_mod = importlib.import_module("mis_lightning.assess")  # the package exports assess()
+    events: list = []
+
+    def fake_compile(fn, **kw):
+        events.append(("torch.compile", fn.__name__))
+
+        def compiled(*a, **k):
+            events.append(("compiled kernel ran", fn.__name__))
+            return fn(*a, **k)
+        return compiled
+
+    real = assess_mod._joint_sums
+
+    def joint_sums(*a, **k):
+        events.append("pass")
+        return real(*a, **k)
+
+    def progress(stage, completed):
+        if stage == "compile":
+            events.append((stage, completed, fastpath.GUARD.is_checked(G.COMPILED_PATH)))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(assess_mod, "_joint_sums", joint_sums)
+    net, loader, loss = _tiny_net_and_data()
+    ml.assess(net, ["rtn_int8"], loader, loss, estimation="diagonal", num_records=16,
+              uncertainty_draws=0, compile="always", progress=progress)
+    first = events.index(("compile", 0, False))
+    done = events.index(("compile", 1, True))  # checked against eager when the stage ends
+    built = {e[1] for e in events[first:done] if e[0] == "torch.compile"}
+    ran = {e[1] for e in events[first:done] if e[0] == "compiled kernel ran"}
+    assert built == ran == {"_fused_affine", "_fused_affine_codes"}, events
+    assert events.index("pass") > done
+    assert STAGE_LABELS["compile"] == "compiling the cell-moment kernel (once per process)"
+    events.clear()
+    ml.assess(net, ["rtn_int8"], loader, loss, estimation="diagonal", num_records=16,
+              uncertainty_draws=0, compile="always", progress=progress)
+    assert not [e for e in events if e[0] in ("compile", "torch.compile")], events
+
+
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_no_compile_stage_when_the_policy_will_not_compile(mode):
+    """"never", and "auto" below its threshold (2e7 weights): no compile stage, nothing compiled."""
+    import mis_lightning as ml
+
+    events: list = []
+    net, loader, loss = _tiny_net_and_data()
+    ml.assess(net, ["rtn_int8"], loader, loss, estimation="diagonal", num_records=16,
+              uncertainty_draws=0, compile=mode, progress=lambda s, c: events.append(s))
+    assert "compile" not in events
+    assert G._FUSED_STATE["compiled"] is None and G._FUSED_STATE["compiled_codes"] is None
+
+
+def test_auto_policy_warms_up_when_the_pass_crosses_the_threshold():
+    """"auto" with a pass that takes the process past ``after`` compiles up front."""
+    assert not A.compile_due(G.CompilePolicy("auto", after=10**6), 10**5)
+    assert A.compile_due(G.CompilePolicy("auto", after=10**6), 2 * 10**6)
+    assert A.compile_due(ALWAYS, 1) and not A.compile_due(NEVER, 10**9) and not A.compile_due(ALWAYS, 0)

@@ -8,7 +8,7 @@ the ``[d, d]`` sandwich covariance of the per-record influence (``sigma_j = sqrt
 """
 
 from . import correlated, interval
-from .affine import affine_boundaries, affine_cell_moments, affine_codes
+from .affine import affine_boundaries, affine_cell_moments, affine_codes, warm_up_compiled_kernel
 from .bootstrap import bootstrap_interval, record_standard_error
 from .cells import (
     CellMoments,
@@ -73,6 +73,7 @@ __all__ = [
     "affine_boundaries",
     "affine_cell_moments",
     "affine_codes",
+    "warm_up_compiled_kernel",
     "baseline_leakage",
     "cell_moments",
     "cell_statistics",

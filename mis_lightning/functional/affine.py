@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -300,3 +301,74 @@ def affine_cell_moments(
         codes=None if q_given is not None else (
             lambda idx: (q0[idx], affine_codes(th[idx], s[idx], zp[idx], qmin, qmax))))
     return out if ok else _sparse_checked(th, sg, s, zp, qmin, qmax, code)
+
+
+#: Progress stage of the up-front compilation (:func:`warm_up_compiled_kernel`).
+COMPILE_STAGE = "compile"
+#: What the progress output says while it runs.
+COMPILE_LABEL = "compiling the cell-moment kernel (once per process)"
+
+
+def compile_due(policy: CompilePolicy | None, elements: int) -> bool:
+    """Whether ``policy`` will run the compiled kernel in a pass that pushes ``elements``
+    affine-grid weights through the fused kernel (``"always"``; ``"auto"`` once the process
+    total, this pass included, exceeds ``policy.after``) and it has not been compiled and
+    checked at this thread count yet (nor failed, nor been disabled by the self-check)."""
+    policy = policy or CompilePolicy()
+    if elements <= 0 or policy.mode == "never" or _FUSED_STATE["failed"] or COMPILED_PATH in GUARD.disabled:
+        return False
+    if not policy.wants(int(_FUSED_STATE["elements"]) + int(elements)):  # type: ignore[arg-type]
+        return False
+    ready = _FUSED_STATE["compiled"] is not None and _FUSED_STATE["compiled_codes"] is not None
+    return not (ready and GUARD.is_checked(COMPILED_PATH))
+
+
+def warm_up_compiled_kernel(policy: CompilePolicy | None = None, elements: int = 0,
+                            progress: Callable[[str, int], None] | None = None,
+                            device: torch.device | str = "cpu") -> bool:
+    """Compile the fused cell-moment kernel and check it against the eager kernel *before* a
+    pass, when the pass would otherwise compile mid-call (:func:`compile_due`).
+
+    Both variants (given codes, codes from the grid) run once on a synthetic int8 chunk of
+    ``TABLE_MIN_ELEMENTS`` weights spanning the kernel's regimes (fine, table, two-edge,
+    frozen, clamped ends) under ``CompilePolicy("always")``: ``torch.compile`` builds them and
+    the first-use self-check (:mod:`~mis_lightning.functional.fastpath`) compares them with the
+    eager kernel, disabling the compiled path with a ``RuntimeWarning`` on disagreement. The
+    process's element count (what ``"auto"`` waits for) is left as it was.
+
+    Args:
+        policy: the caller's compile policy.
+        elements: affine-grid weights the coming pass sends through the fused kernel (chunks
+            of at least ``TABLE_MIN_ELEMENTS``; 0: nothing is compiled).
+        progress: ``progress(stage, completed)`` hook: ``(COMPILE_STAGE, 0)`` before and
+            ``(COMPILE_STAGE, 1)`` after (labelled :data:`COMPILE_LABEL` by
+            :class:`~mis_lightning.progress.ProgressDisplay`); also logged at INFO level.
+        device: where the pass runs.
+
+    Returns:
+        True when it compiled (or tried to), False when nothing was due.
+    """
+    if not compile_due(policy, elements):
+        return False
+    import logging
+
+    logging.getLogger("mis_lightning").info("%s ...", COMPILE_LABEL)
+    if progress is not None:
+        progress(COMPILE_STAGE, 0)
+    c = TABLE_MIN_ELEMENTS
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.full((c,), 0.01, dtype=torch.float64)
+    theta = torch.randn(c, generator=gen, dtype=torch.float64) * 0.4  # some beyond +-1.27: clamped
+    h = torch.exp(torch.empty(c, dtype=torch.float64).uniform_(math.log(0.05), math.log(200.0), generator=gen))
+    args = [t.to(device) for t in (theta, scale / h, scale, torch.zeros(c, dtype=torch.float64))]
+    before = _FUSED_STATE["elements"]
+    always = CompilePolicy("always")
+    try:
+        codes = affine_codes(args[0], args[2], args[3], -128, 127)
+        affine_cell_moments(*args, -128, 127, code=codes, compile_policy=always)
+        affine_cell_moments(*args, -128, 127, compile_policy=always)
+    finally:
+        _FUSED_STATE["elements"] = before
+    if progress is not None:
+        progress(COMPILE_STAGE, 1)
+    return True

@@ -138,6 +138,10 @@ class PathGuard:
             return SIZE_SAMPLE
         return LIGHT_SAMPLE if self._calls[key] % RECHECK_EVERY == 0 else 0
 
+    def is_checked(self, path: str) -> bool:
+        """Whether ``path`` has passed its first-use check at the current thread count."""
+        return (path, torch.get_num_threads()) in self._checked
+
     def passed(self, path: str, c: int) -> None:
         key = (path, torch.get_num_threads())
         self._checked.add(key)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .cells import CellMoments
+from .cells import SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
 from .kernel import (
     _MAX_WINDOW,
@@ -71,29 +72,43 @@ def table_cell_moments(
         theta, sigma: ``[c]`` weights and their standard deviations (parameter units).
         values: ``[V]`` sorted representable values (units of ``scale``).
         scale: ``[c]`` per-element positive scale.
-        half_window: the least number of edges summed each side.
+        half_window: the least number of edges each side of the windowed sums of the previous
+            path and the reference (the fast path sizes each window by the edges within 8.5 sd).
 
     Returns:
-        float64 :class:`CellMoments` ``[c]``. The fine-grid shortcut described below is checked
-        against exact sums on a sample (at first use per thread count, then every few calls;
-        :mod:`~mis_lightning.functional.fastpath`); on disagreement it is disabled for the
-        process with a ``RuntimeWarning`` and exact sums are used.
+        float64 :class:`CellMoments` ``[c]`` from the float-format fast path
+        (:func:`_table_fast_moments`: frozen elements skipped, the fine-grid expansion where the
+        grid is fine and uniform within 8.5 sd, a closed form for the fine core of the table
+        around 0, exact sums elsewhere; equal to exact cell sums within 1e-13 in kappa and
+        1e-11 in m4 outside the fine-expansion elements, tests/test_float_grid_fast.py). It is
+        checked against exact sums on a sample (at first use per thread count, then every few
+        calls; :mod:`~mis_lightning.functional.fastpath`); on disagreement it is disabled for
+        the process with a ``RuntimeWarning`` and the previous windowed sums are used (then the
+        reference sums, should those disagree too).
     """
     if TABLE_PATH in GUARD.disabled:
         return table_reference_moments(theta, sigma, values, scale, half_window)
-    out = _table_cell_moments(theta, sigma, values, scale, half_window, FINE_STEP)
+    if FLOAT_PATH in GUARD.disabled:
+        out, core = _table_cell_moments(theta, sigma, values, scale, half_window, FINE_STEP), None
+    else:
+        out, core = _table_fast_moments(theta, sigma, values, scale)
+    path = TABLE_PATH if core is None else FLOAT_PATH
 
     def steps() -> tuple[Tensor, list[Tensor]]:
         th, sg, sc = _float64_inputs(theta, sigma, scale)
         own = table_boundaries(th, values, sc, 1)[:, 1:3]
         h = (own[:, 1] - own[:, 0]) / sg
-        return h, [h <= FINE_STEP, h > FINE_STEP]
+        return h, [h <= FINE_STEP, h > FINE_STEP] + ([] if core is None else [core])
 
     ok = verify_sample(
-        TABLE_PATH, theta.shape[0], out, steps,
+        path, theta.shape[0], out, steps,
         lambda idx: table_reference_moments(theta[idx], sigma[idx], values, scale[idx], half_window),
-        "exact cell sums")
-    return out if ok else table_reference_moments(theta, sigma, values, scale, half_window)
+        "exact cell sums" if core is None else TABLE_PATH)
+    if ok:
+        return out
+    if core is None:
+        return table_reference_moments(theta, sigma, values, scale, half_window)
+    return table_cell_moments(theta, sigma, values, scale, half_window)  # FLOAT_PATH now disabled
 
 
 def table_reference_moments(
@@ -126,10 +141,10 @@ def _table_cell_moments(
     edge, or windows reaching into the tiny cells near zero) the fine expansion with the
     local step is used: it is then off by at most ``(h_max^2 - h_min^2) / 12`` with
     ``h_max``, ``h_min`` the largest and smallest steps within 8.5 sigma (kappa ~
-    ``1 - E[h(U)^2] / 12``), i.e. <= h^2/4 at a single binade edge. Weights beyond the
-    largest value with sigma so large that more than ``_MAX_WINDOW`` edges lie within 8.5
-    sigma (from beyond 65504 back towards 0 in float16) are summed over ``_MAX_WINDOW``
-    edges each side only.
+    ``1 - E[h(U)^2] / 12``), i.e. <= h^2/4 at a single binade edge. Elements with
+    more than ``_MAX_WINDOW`` edges within 8.5 sigma whose own cell is not fine (weights at or
+    beyond the largest value with a very wide sigma) are summed over every edge of the table
+    (:func:`_whole_table_sums`).
     """
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     c = th.shape[0]
@@ -168,6 +183,8 @@ def _table_cell_moments(
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
     rest = ~(frozen | fine)
+    _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
+    rest &= need <= _MAX_WINDOW
     if bool(rest.any()):
         windowed_moments(
             (kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1),
@@ -175,3 +192,291 @@ def _table_cell_moments(
             sorted({half_window, *(w for w in _TABLE_BUCKETS if w > half_window), _MAX_WINDOW}),
             _ROWS_BUDGET, lambda ii, m: table_boundaries(th[ii], values, sc[ii], m), th, sg)
     return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+
+
+def _whole_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, mids: Tensor, th: Tensor,
+                      sg: Tensor, sc: Tensor) -> None:
+    """Exact sums over every edge of the table for the elements ``sel`` (in place): those with
+    more than ``_MAX_WINDOW`` edges within 8.5 sd whose own cell is not fine (weights at or
+    beyond the largest value with an sd wider than the table's top binades). Windows of
+    ``_MAX_WINDOW`` edges each side used to miss cells there (float16 at 65504, sd 5e5:
+    kappa 0.645 against 0.694)."""
+    if not bool(sel.any()):
+        return
+    idx = torch.nonzero(sel).squeeze(-1)
+    inf = torch.full((1,), math.inf, dtype=torch.float64, device=th.device)
+    step = max(1, _ROWS_BUDGET // (mids.numel() + 2))
+    for a in range(0, idx.numel(), step):
+        ii = idx[a : a + step]
+        edges = torch.cat([-inf, mids, inf]).unsqueeze(0) * sc[ii].unsqueeze(-1)
+        mm = moments_from_alpha((edges - th[ii].unsqueeze(-1)) / sg[ii].unsqueeze(-1))
+        for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
+            t[ii] = v
+
+
+# ------------------------------------------------------------------ float-format fast path
+# A float format is fine (cells much narrower than sigma) over a core around 0 that may hold
+# most of its values (the subnormals and the small binades), while its cells grow
+# geometrically away from 0. Summing every cell of that core costs hundreds of erfc/exp per
+# weight (float8 e4m3 has 253 values; a weight whose sd spans the whole table summed 514
+# edges). The core is instead summed in closed form: per cell of width w and centre c (sd
+# units), exactly
+#     p mu^2 = int_cell u^2 phi - phi(c) [w^3/12 - w^5 (c^2 + 9)/1440
+#                                         + w^7 (17 c^4 + 94 c^2 + 135)/483840] + O(w^9)
+#     p mu^4 = int_cell u^4 phi - phi(c) [w^3 c^2/2 - w^5 (c^4 + 21 c^2 - 3)/240
+#                                         + w^7 (51 c^6 + 482 c^4 + 1755 c^2 - 270)/241920] + O(w^9)
+# (series of diff^2/p and diff^4/p^3 in w, derived with sympy). The integrals telescope over
+# the core into one closed form; the w^3, w^5, w^7 sums over the core's cells are sums of a
+# smooth function against the discrete measures sum_k W_k^(3,5,7) delta(C_k) of the table
+# (W, C in units of the scale): a Gaussian quadrature rule of _CORE_NODES nodes for the W^3
+# measure (interpolatory weights on the same nodes for W^5 and W^7) reduces each to
+# _CORE_NODES exp evaluations. Valid while every core cell is <= _CORE_MAX_STEP sd wide and the
+# core lies within _CORE_MAX_SPAN sd of 0 (Taylor remainder of the rules); measured against
+# the exact sums (tests/test_float_grid_fast.py): kappa <= 1e-13, m4 <= 4e-12. Cells outside
+# the core and within 8.5 sd are summed exactly (a few dozen at most), and mean_abs telescopes
+# exactly: sum_k |phi(a_k) - phi(b_k)| = 2 max(phi(l), phi(u)) over the own cell (l, u).
+_CORE_NODES = 12
+_CORE_MAX_STEP = 0.1  # sd units
+_CORE_MAX_SPAN = 2.0  # sd units
+# The core path is taken when the exact window would need more edges each side than this.
+_CORE_MIN_NEED = 8
+# Window half-widths of the exact sums of the fast path (edges each side; minimal windows:
+# edges beyond 8.5 sd carry < 1e-15 of kappa, so no fixed minimum is needed).
+_FAST_BUCKETS = (1, 2, 3, 4, 6, 10, 18, 32, 64, 128, 256, _MAX_WINDOW)
+# Floats per [rows, edges] working tensor of the fast path (cache-sized, as the affine path).
+_FAST_ROWS_BUDGET = 1 << 16
+# Name of the path, as the self-check warnings print it.
+FLOAT_PATH = "the float-format fast path (closed-form core, exact outer cells)"
+
+
+def _gauss_rule(t: np.ndarray, w: np.ndarray, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian quadrature of ``q`` nodes for the discrete measure ``sum_k w_k delta(t_k)``
+    (``t`` in ``[-1, 1]``): discretized Stieltjes recurrence, then Golub-Welsch."""
+    p_prev, p = np.zeros_like(t), np.ones_like(t)
+    alpha, beta, norm_prev = [], [], 1.0
+    for k in range(q):
+        norm = float(np.sum(w * p * p))
+        alpha.append(float(np.sum(w * t * p * p)) / norm)
+        beta.append(norm if k == 0 else norm / norm_prev)
+        p_prev, p = p, (t - alpha[-1]) * p - (0.0 if k == 0 else beta[-1]) * p_prev
+        norm_prev = norm
+    off = np.sqrt(beta[1:])
+    nodes, vecs = np.linalg.eigh(np.diag(alpha) + np.diag(off, 1) + np.diag(off, -1))
+    return nodes, beta[0] * vecs[0] ** 2
+
+
+class _CoreRules:
+    """Closed-form cores of one value table (units of the scale): core ``j`` holds the finite
+    cells whose centre lies within ``zmax * 2^-j`` of 0 (while that is at least ``2 Q`` cells);
+    ``rmax[j]`` (increasing in ``j``) is the largest ``scale / sigma`` for which it is valid.
+    Quadrature rules are computed on first use of each core."""
+
+    def __init__(self, values: Tensor, device: torch.device) -> None:
+        v = values.detach().to("cpu", torch.float64).numpy()
+        mids = 0.5 * (v[1:] + v[:-1])
+        self._W, self._C = mids[1:] - mids[:-1], 0.5 * (mids[1:] + mids[:-1])  # cells 1..V-2
+        self.device = device
+        self.values = values.detach().to(device=device, dtype=torch.float64).clone()
+        self.mids = torch.as_tensor(mids, dtype=torch.float64, device=device)
+        lo, hi, rmax = [], [], []
+        absc = np.abs(self._C)
+        if absc.size >= 2 * _CORE_NODES:
+            z = float(absc.max())
+            while True:
+                inside = np.nonzero(absc <= z)[0]
+                if inside.size < 2 * _CORE_NODES:
+                    break
+                a, b = int(inside[0]), int(inside[-1])  # cells a..b: edges mids[a], mids[b + 1]
+                if not lo or (lo[-1], hi[-1]) != (a, b + 1):
+                    zmax = float(absc[a : b + 1].max())
+                    lo.append(a)
+                    hi.append(b + 1)
+                    rmax.append(min(_CORE_MAX_STEP / float(self._W[a : b + 1].max()), _CORE_MAX_SPAN / zmax))
+                z *= 0.5
+        self.lo = torch.tensor(lo, dtype=torch.long, device=device)
+        self.hi = torch.tensor(hi, dtype=torch.long, device=device)
+        self.rmax = torch.tensor(rmax, dtype=torch.float64, device=device)
+        self.nodes = torch.zeros(len(lo), _CORE_NODES, dtype=torch.float64, device=device)  # [J, Q]
+        self.weights = torch.zeros(len(lo), 3, _CORE_NODES, dtype=torch.float64, device=device)  # [J, 3, Q]
+        self._ready = np.zeros(len(lo), dtype=bool)
+
+    def prepare(self, used: Tensor) -> None:
+        """Compute the quadrature rules of the cores ``used`` (indices) not computed yet."""
+        q = _CORE_NODES
+        for j in torch.unique(used).tolist():
+            if self._ready[j]:
+                continue
+            a, b = int(self.lo[j]), int(self.hi[j])
+            Wc, Cc = self._W[a:b], self._C[a:b]
+            zmax = float(np.abs(Cc).max())
+            t = Cc / zmax
+            x, w3 = _gauss_rule(t, Wc**3, q)
+            vand = np.vander(x, q, increasing=True).T
+            ws = [w3] + [np.linalg.solve(vand, np.array([np.sum(Wc**p * t**n) for n in range(q)]))
+                         for p in (5, 7)]
+            self.nodes[j] = torch.as_tensor(x * zmax, dtype=torch.float64)
+            self.weights[j] = torch.as_tensor(np.stack(ws), dtype=torch.float64)
+            self._ready[j] = True
+
+
+_RULES: dict[tuple[int, int, str], _CoreRules] = {}
+
+
+def _core_rules(values: Tensor, device: torch.device) -> _CoreRules:
+    """The cores of ``values`` (cached per table and device)."""
+    key = (values.data_ptr(), values.numel(), str(device))
+    got = _RULES.get(key)
+    if got is None or got.values.shape != values.shape or not torch.equal(got.values, values.to(got.values)):
+        got = _RULES[key] = _CoreRules(values, device)
+    return got
+
+
+def _core_moments(th: Tensor, sg: Tensor, sc: Tensor, rules: _CoreRules, j: Tensor) -> tuple[Tensor, Tensor]:
+    """``kappa`` and ``m4`` contributions of the cells of core ``j`` (``[r]`` each), closed form."""
+    r, u0 = sc / sg, -th / sg
+    mids = rules.mids
+    a = u0 + r * mids[rules.lo[j]]
+    b = u0 + r * mids[rules.hi[j]]
+    # int_a^b u^2 phi and u^4 phi (P from tail probabilities: no cancellation in either tail)
+    pa, pb = _pdf(a), _pdf(b)
+    qa, qb = torch.special.ndtr(torch.minimum(a, -a)), torch.special.ndtr(torch.minimum(b, -b))
+    P = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min(0.0)
+    ua = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    ub = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+    i2 = P - (ub * pb - ua * pa)
+    i4 = 3.0 * P - ((ub**3 + 3.0 * ub) * pb - (ua**3 + 3.0 * ua) * pa)
+    # the w^3, w^5, w^7 corrections by quadrature over the core's cells: per node the powers
+    # phi(c) c^(0,2,4,6), contracted with the node weights times the series' coefficients
+    # (one [r, 4Q] x [4Q, 2] product per core; few cores are in use at once).
+    out = torch.empty(r.shape[0], 2, dtype=torch.float64, device=r.device)
+    r2 = r * r
+    for jv in torch.unique(j).tolist():
+        sel = torch.nonzero(j == jv).squeeze(-1) if j.numel() > 1 else torch.arange(j.numel(), device=j.device)
+        rs, c = r[sel].unsqueeze(-1), u0[sel].unsqueeze(-1) + r[sel].unsqueeze(-1) * rules.nodes[jv]  # [s, Q]
+        p0 = _pdf(c)
+        c2 = c * c
+        p1 = p0 * c2
+        p2 = p1 * c2
+        p3 = p2 * c2
+        r2s = r2[sel].unsqueeze(-1)
+        w3, w5, w7 = (rules.weights[jv, i] for i in range(3))
+        # columns: kappa, m4; rows of each block: the weights of phi c^0, c^2, c^4, c^6
+        f3 = torch.stack([p0 @ w3 * (-1.0 / 12.0), p1 @ w3 * -0.5], -1)
+        f5 = torch.stack([(p1 @ w5 + 9.0 * (p0 @ w5)) / 1440.0,
+                          (p2 @ w5 + 21.0 * (p1 @ w5) - 3.0 * (p0 @ w5)) / 240.0], -1)
+        f7 = torch.stack([-(17.0 * (p2 @ w7) + 94.0 * (p1 @ w7) + 135.0 * (p0 @ w7)) / 483840.0,
+                          -(51.0 * (p3 @ w7) + 482.0 * (p2 @ w7) + 1755.0 * (p1 @ w7) - 270.0 * (p0 @ w7))
+                          / 241920.0], -1)
+        out[sel] = rs**3 * (f3 + r2s * (f5 + r2s * f7))
+    ck, cm = out[:, 0], out[:, 1]
+    return i2 + ck, i4 + cm
+
+
+def _side_sums(kappa: Tensor, m4: Tensor, idx: Tensor, lo_e: Tensor, hi_e: Tensor, need_lo: Tensor,
+               need_hi: Tensor, mids: Tensor, th: Tensor, sg: Tensor, sc: Tensor) -> None:
+    """Exact sums (added in place at ``idx``) over the cells outside each element's core: from
+    the core edges ``mids[lo_e]`` down and ``mids[hi_e]`` up, ``need_lo`` / ``need_hi`` finite
+    edges, then the unbounded cell (edges past the table's ends are empty cells). Both sides
+    go through one ``[2 r, m + 1]`` cell-term pass, ``m`` bucketed."""
+    lo_bound, n = 0, mids.numel()
+    need = torch.maximum(need_lo, need_hi)
+    for m in _FAST_BUCKETS:
+        sel = (need > lo_bound) & (need <= m)
+        lo_bound = m
+        if not bool(sel.any()):
+            continue
+        group = torch.nonzero(sel).squeeze(-1)
+        step = max(1, _FAST_ROWS_BUDGET // (2 * m + 2))
+        off = torch.arange(0, m, device=th.device)
+        for s in range(0, group.numel(), step):
+            g = group[s : s + step]
+            ii = idx[g]
+            e = torch.stack([lo_e[g].unsqueeze(-1) - m + 1 + off, hi_e[g].unsqueeze(-1) + off], 1)  # [r, 2, m]
+            edges = mids[e.clamp(0, n - 1)]
+            edges = torch.where(e < 0, torch.full_like(edges, -math.inf), edges)
+            edges = torch.where(e >= n, torch.full_like(edges, math.inf), edges)
+            edges = edges * sc[ii].view(-1, 1, 1)
+            inf = torch.full_like(edges[:, :1, :1], math.inf).expand(-1, 1, 1)
+            edges = torch.cat([torch.cat([-inf, edges[:, :1]], -1), torch.cat([edges[:, 1:], inf], -1)], 1)
+            alpha = (edges - th[ii].view(-1, 1, 1)) / sg[ii].view(-1, 1, 1)
+            mm = moments_from_alpha(alpha.reshape(-1, m + 1))
+            kappa.index_add_(0, ii, mm.kappa.view(-1, 2).sum(-1))
+            m4.index_add_(0, ii, mm.m4.view(-1, 2).sum(-1))
+
+
+def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
+                        ) -> tuple[CellMoments, Tensor]:
+    """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
+    elements. Same regimes as :func:`_table_cell_moments` (frozen; fine-grid expansion where
+    the grid is fine and uniform within 8.5 sd, or where more than ``_MAX_WINDOW`` edges lie
+    within 8.5 sd; otherwise exact sums), except that the exact sums of elements whose window
+    holds more than ``_CORE_MIN_NEED`` edges each side and whose grid has a fine core
+    around 0 (see the comment above ``_CORE_NODES``) sum that core in closed form, and that
+    exact windows are as wide as the edges within 8.5 sd need (no 18-edge minimum)."""
+    th, sg, sc = _float64_inputs(theta, sigma, scale)
+    c = th.shape[0]
+    dev = th.device
+    v = values.to(device=dev, dtype=torch.float64)
+    mids = 0.5 * (v[1:] + v[:-1])
+    n = mids.numel()
+    x = th / sc
+    reach = CUTOFF_SIGMAS * sg / sc
+    cell = torch.searchsorted(mids, x, right=True)
+    cell_lo = torch.searchsorted(mids, x - reach, right=True)
+    cell_hi = torch.searchsorted(mids, x + reach, right=True)
+    need = torch.maximum(cell - cell_lo, cell_hi - cell) + 1
+    inf = torch.full_like(th, math.inf)
+    own_lo = torch.where(cell >= 1, mids[(cell - 1).clamp(0, max(n - 1, 0))] * sc, -inf)
+    own_hi = torch.where(cell < n, mids[cell.clamp(max=max(n - 1, 0))] * sc, inf)
+    frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
+    h_local = (own_hi - own_lo) / sg
+    widths = mids[1:] - mids[:-1]
+    change = ~torch.isclose(widths[1:], widths[:-1], rtol=1e-9, atol=0.0)
+    changes = torch.cat([change.new_zeros(1, dtype=torch.long), change.long().cumsum(0)])
+    inner = (cell_lo >= 1) & (cell_hi <= n - 1)
+    a = (cell_lo - 1).clamp(0, max(changes.numel() - 1, 0))
+    b = (cell_hi - 1).clamp(0, max(changes.numel() - 1, 0))
+    uniform = inner & (changes[b] == changes[a])
+    fine = ~frozen & (h_local <= FINE_STEP) & (uniform | (need > _MAX_WINDOW))
+
+    kappa = torch.zeros(c, dtype=torch.float64, device=dev)
+    mean_abs, m4 = torch.zeros_like(kappa), torch.zeros_like(kappa)
+    coverage = torch.ones_like(kappa)
+    if bool(fine.any()):
+        fm = fine_grid_moments(h_local[fine])
+        kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+    rest = ~(frozen | fine)
+    core = torch.zeros_like(rest)
+    wide = rest & (need > _CORE_MIN_NEED)
+    if bool(wide.any()):
+        rules = _core_rules(values, dev)
+        ii = torch.nonzero(wide).squeeze(-1)
+        jj = torch.searchsorted(rules.rmax, sc[ii] / sg[ii])  # the largest valid core (rmax increasing)
+        ok = jj < rules.rmax.numel()
+        jc = jj.clamp(max=max(rules.rmax.numel() - 1, 0))
+        lo_e, hi_e = rules.lo[jc], rules.hi[jc]
+        # edges from the core outwards up to the first one beyond 8.5 sd (at least the core edge)
+        need_lo = (lo_e - cell_lo[ii] + 2).clamp(min=1)
+        need_hi = (cell_hi[ii] - hi_e + 1).clamp(min=1)
+        # only where it saves work: the side windows plus the quadrature against the full window
+        side = torch.maximum(need_lo, need_hi)
+        ok &= (side + _CORE_NODES // 2 < need[ii]) & (side <= _MAX_WINDOW)
+        ii, jj, lo_e, hi_e, need_lo, need_hi = (t[ok] for t in (ii, jj, lo_e, hi_e, need_lo, need_hi))
+        core[ii] = True
+    if bool(core.any()):
+        rules.prepare(jj)
+        k_core, m_core = _core_moments(th[ii], sg[ii], sc[ii], rules, jj)
+        kappa[ii], m4[ii] = k_core, m_core
+        _side_sums(kappa, m4, ii, lo_e, hi_e, need_lo, need_hi, mids, th, sg, sc)
+        lower, upper = (own_lo[ii] - th[ii]) / sg[ii], (own_hi[ii] - th[ii]) / sg[ii]
+        mean_abs[ii] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
+        kappa[ii] = kappa[ii].clamp(0.0, 1.0)
+    rest = rest & ~core
+    _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
+    rest &= need <= _MAX_WINDOW
+    if bool(rest.any()):
+        windowed_moments(
+            (kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1),
+            need[rest].clamp(min=1), _FAST_BUCKETS, _FAST_ROWS_BUDGET,
+            lambda ii, m: table_boundaries(th[ii], values, sc[ii], m), th, sg)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), core
