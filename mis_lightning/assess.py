@@ -540,7 +540,8 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     at theta-hat exactly, or ``None`` (no such shortcut for this grid): on an affine grid, a
     step ``h <= FINE_STEP`` far (> ``CUTOFF_SIGMAS``) from both clamped ends, where every path
     uses the fine-grid expansion ``kappa(h)`` (no dependence on the position in the cell),
-    dead blocks (kappa 0) and revealed elements (kappa 1)."""
+    dead blocks (kappa 0) and revealed elements (kappa 1). Far means at theta-hat and at the
+    draw (``to_min + xi``, ``to_max - xi`` in sd units)."""
     if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
         return None
@@ -553,8 +554,9 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     fixed = scale <= 0
     if grid.revealed is not None:
         fixed = fixed | grid.revealed.reshape(-1)[a:b].to(torch.bool)
-    fine = (s / sg64) <= F.kernel.FINE_STEP
     cut = F.kernel.CUTOFF_SIGMAS
+    # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
+    fine = ((s / sg64) <= F.kernel.FINE_STEP) & (to_min > cut) & (to_max > cut)
     return fixed.unsqueeze(0) | (fine & (to_min + xi > cut) & (to_max - xi > cut))
 
 
