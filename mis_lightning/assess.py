@@ -480,7 +480,10 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
             f"(assessed: {est.names}); it would be scored as no protection at all"
         )
     params = dict(model.named_parameters())
-    largest = max((est.theta[k].numel() for k in prep.grids), default=1)
+    # Streamed parameters (stored or factored influences) hold one chunk of columns whatever the
+    # draws; the others hold [numel, columns] float64 until their one power-sum call.
+    largest = max((est.theta[k].numel() for k in prep.grids
+                   if est.influence is None and est._factor_of(k) is None), default=1)
     prep.num_draws = max(0, min(draws, KAPPA_BUDGET // max(largest, 1) - 2)) if prep.grids else 0
     if prep.num_draws < draws and prep.grids:
         prep.notes.append(f"uncertainty interval from {prep.num_draws} bootstrap draws (memory bound)")
@@ -511,37 +514,89 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
 
 def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: torch.Generator,
                    policy: F.CompilePolicy | None = None) -> None:
-    """Cell moments of one parameter under one scheme: at theta-hat and at each bootstrap draw;
-    fills the layer's ``d_eff`` / ``pinned_fraction`` and the scheme's totals."""
+    """Whole-parameter cell moments of one scheme (the one-coordinate form's ``lam``, tests):
+    at theta-hat, the pool protocol and each bootstrap draw ``theta + sigma * xi`` with ``xi``
+    from ``gen`` (``[num_draws, numel]``, one ``randn`` per chunk). Fills ``prep.kappa``,
+    ``m4``, ``kappa_pool``, ``draws`` (and ``lam*`` when ``d = 1``)."""
     g = prep.grids[name]
     th, sg = est.theta[name], est.sigma[name]
-    if g.rounding != "nearest":  # the grid alone does not give the cells: re-run the scheme
+    if g.rounding != "nearest":
         k, m4, lam = _requantized_moments(est, prep, name, chunk, policy)
     else:
         k, m4, lam = _grid_moments(g, th, sg, chunk, policy=policy)
-    prep.kappa[name], prep.m4[name] = k, m4
-    # The pool protocol reads the cells at sigma / sqrt(2). Non-nearest rounding: the released
-    # grid's moments there (re-running the scheme a second time would double its cost; its
-    # codes-only Monte Carlo kappa came out below the released grid's, see _requantized_moments).
     k_pool, _, lam_pool = _grid_moments(g, th, sg / POOL_SIGMA_RATIO, chunk, policy=policy)
-    prep.kappa_pool[name] = k_pool
-    if est.d == 1:  # only the one-coordinate form uses lam
-        prep.lam[name] = lam
-        prep.lam_pool[name] = lam_pool
-    prep.draws[name], prep.lam_draws[name] = [], []
-    for _ in range(prep.num_draws):
-        th_b = th + sg * torch.randn(th.shape, dtype=torch.float64, generator=gen)
-        # non-nearest grids: the Monte Carlo moments are held at their value in every draw
-        k_b, _, lam_b = (k, m4, lam) if g.rounding != "nearest" else _grid_moments(
-            g, th_b, sg, chunk, use_codes=False, policy=policy)
-        prep.draws[name].append(k_b.to(torch.float32))
-        if est.d == 1:
-            prep.lam_draws[name].append(lam_b)
-    ksum, frz = float(k.sum()), int((k < FROZEN_KAPPA).sum())
-    prep.d_eff += ksum
-    prep.frozen += frz
-    prep.layers[name].d_eff = ksum
-    prep.layers[name].pinned_fraction = frz / max(th.numel(), 1)
+    prep.kappa[name], prep.m4[name], prep.kappa_pool[name] = k, m4, k_pool
+    numel, D = th.numel(), prep.num_draws
+    draws = torch.empty(D, numel, dtype=torch.float64)
+    lam_draws = torch.empty(D, numel, dtype=torch.float64)
+    for a in range(0, numel, chunk):
+        b = min(a + chunk, numel)
+        xi = torch.randn(D, b - a, dtype=torch.float64, generator=gen)
+        if g.rounding != "nearest" or D == 0:
+            draws[:, a:b], lam_draws[:, a:b] = k[a:b], lam[a:b]
+        else:
+            draws[:, a:b], lam_draws[:, a:b] = _draw_moments(g, th[a:b], sg[a:b], a, b, k[a:b], xi, policy,
+                                                             with_lam=est.d == 1)
+    prep.draws[name] = list(draws)
+    if est.d == 1:
+        prep.lam[name], prep.lam_pool[name] = lam, lam_pool
+        prep.lam_draws[name] = list(lam_draws)
+
+
+def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
+    """``[D, c]`` mask of the elements whose kappa at ``theta + sigma * xi_b`` equals their kappa
+    at theta-hat exactly, or ``None`` (no such shortcut for this grid): on an affine grid, a
+    step ``h <= FINE_STEP`` far (> ``CUTOFF_SIGMAS``) from both clamped ends, where every path
+    uses the fine-grid expansion ``kappa(h)`` (no dependence on the position in the cell),
+    dead blocks (kappa 0) and revealed elements (kappa 1). Far means at theta-hat and at the
+    draw (``to_min + xi``, ``to_max - xi`` in sd units)."""
+    if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
+            or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
+        return None
+    scale, zp, _ = grid.element_grid(a, b)
+    s, z = scale.to(torch.float64), zp.to(torch.float64)
+    th64 = th.to(torch.float64)
+    sg64 = sg.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+    to_min = (th64 - (grid.qmin + 0.5 - z) * s) / sg64  # sd units above the lowest edge
+    to_max = ((grid.qmax - 0.5 - z) * s - th64) / sg64
+    fixed = scale <= 0
+    if grid.revealed is not None:
+        fixed = fixed | grid.revealed.reshape(-1)[a:b].to(torch.bool)
+    cut = F.kernel.CUTOFF_SIGMAS
+    # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
+    fine = ((s / sg64) <= F.kernel.FINE_STEP) & (to_min > cut) & (to_max > cut)
+    return fixed.unsqueeze(0) | (fine & (to_min + xi > cut) & (to_max - xi > cut))
+
+
+def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
+                  policy: F.CompilePolicy | None, with_lam: bool = False) -> tuple[Tensor, Tensor]:
+    """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` at the
+    bootstrap draws ``theta + sigma * xi_b``. Elements whose kappa cannot move
+    (:func:`_position_free`) keep ``k_main`` without a cell-moment evaluation: on fine grids
+    (int8 with sigma above the step) most of a draw costs nothing."""
+    D, c = xi.shape
+    th64, sg64 = th.to(torch.float64), sg.to(torch.float64)
+    kap = torch.empty(D, c, dtype=torch.float64)
+    lam = torch.zeros(D, c, dtype=torch.float64)
+    free = None if with_lam else _position_free(grid, th, sg, a, b, xi)
+    scale = zp = None
+    for bi in range(D):
+        th_b = th64 + sg64 * xi[bi]
+        if free is None:
+            mm = grid.moments(th_b, sg, a, b, use_codes=False, compile_policy=policy)
+            kap[bi] = mm.kappa
+            if with_lam:
+                lam[bi] = mm.mean_abs
+            continue
+        kap[bi] = k_main
+        idx = torch.nonzero(~free[bi]).squeeze(-1)
+        if idx.numel() == 0:
+            continue
+        if scale is None:
+            scale, zp, _ = grid.element_grid(a, b)
+        kap[bi, idx] = F.affine_cell_moments(th_b[idx], sg[idx], scale[idx], zp[idx], grid.qmin, grid.qmax,
+                                             compile_policy=policy).kappa
+    return kap, lam
 
 
 def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
@@ -599,66 +654,202 @@ def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use
     return kappa, m4, lam
 
 
-def _columns(name: str, numel: int, prepared: list[_Prepared]) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
-    """Kappa columns ``[numel, M]`` (baseline, then per scheme: main, draws, pool protocol),
-    m4 of the main columns, and each scheme's column range."""
-    cols, m4s, spans = [torch.ones(numel, dtype=torch.float64)], [torch.full((numel,), 3.0, dtype=torch.float64)], []
-    for p in prepared:
-        start = len(cols)
-        if name in p.kappa:
-            cols.append(p.kappa[name].to(torch.float64))
-            m4s.append(p.m4[name].to(torch.float64))
-            cols.extend(d.to(torch.float64) for d in p.draws[name])
-            cols.append(p.kappa_pool[name].to(torch.float64))
-        else:  # left in float by this scheme: kappa = 1 in every column
-            cols.append(cols[0])
-            m4s.append(m4s[0])
-            cols.extend(cols[0] for _ in range(p.num_draws + 1))
-        spans.append((start, len(cols)))
-    return torch.stack(cols, 1), torch.stack(m4s, 1), spans
+class _InfluenceReader:
+    """Per-record power sums ``sum_j w_rj^p A_jm`` of a slice of one parameter's influences:
+    stored influences are sliced, a factored Linear layer's are bilinear forms of the sliced
+    factors (whole output rows), so that a chunk's columns are summed as soon as they exist
+    (memory bounded by the chunk). Parameters whose influences are recomputed per record
+    block (no factors, not stored) are not sliceable (``streaming`` is False): the caller
+    collects their columns and makes one :meth:`Estimate.power_sums` call."""
+
+    def __init__(self, est: Estimate, name: str) -> None:
+        from .estimation.linear_factors import factored_power_sums
+
+        self.est, self.name, self.start = est, name, est.offsets[name][0]
+        self._fps = factored_power_sums
+        self.factor = None if est.influence is not None else est._factor_of(name)
+        self.streaming = est.influence is not None or self.factor is not None
+        # elements per output row (a factored weight is summed in whole rows)
+        self.unit = int(self.factor[0].x.shape[1]) if self.factor is not None and not self.factor[1] else 1
+
+    def sums(self, a: int, b: int, columns: Mapping[int, Tensor], rows: Tensor | None = None) -> dict[int, Tensor]:
+        """``{p: [R, M]}`` over elements ``a:b`` (``rows``: only these rows of ``unit`` elements,
+        relative to ``a``; the columns then hold those rows' elements only)."""
+        est, u = self.est, self.unit
+        if rows is None:
+            sel: slice | Tensor = slice(a, b)
+            elem = None
+        else:
+            elem = (a + rows.unsqueeze(-1) * u + torch.arange(u)).reshape(-1)
+            sel = elem
+        if est.influence is not None:
+            w = est.influence[:, self.start + a: self.start + b] if elem is None else est.influence[:, self.start + elem]
+            w2 = w.to(torch.float64).square()
+            return {p: (w2 if p == 2 else w2.square()) @ c for p, c in columns.items()}
+        assert self.factor is not None and est._g_mean is not None and est._v_diag is not None
+        fac, bias = self.factor
+        gm, vd = est._g_mean[self.name][sel], est._v_diag[self.name][sel]
+        out_rows = slice(a // u, b // u) if rows is None else a // u + rows
+        part = dataclasses.replace(fac, d=fac.d[:, out_rows])
+        return {p: self._fps(part, gm, vd, c, p, bias=bias) for p, c in columns.items()}
 
 
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 keep_moments: bool, strict: bool = True,
                 policy: F.CompilePolicy | None = None) -> dict[str, list[F.CltSums]]:
-    """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_1 main, ...]`` sums.
+    """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_0 pool, scheme_1 main, ...]``
+    sums, in one streaming pass over the weights for every scheme and bootstrap draw.
 
-    One parameter at a time: every scheme's cell moments of that tensor are computed, its
-    records' influences are read once (stored, factored or recomputed), and unless
-    ``keep_moments`` (the Monte Carlo form needs them) the moments are dropped before the
-    next tensor. Memory is thus bounded by the largest tensor times the number of columns.
+    Per chunk of a parameter (whole output rows of a factored Linear weight): one ``randn`` of
+    the bootstrap positions ``xi [D, c]`` shared by every scheme (common random numbers), each
+    scheme's cell moments at theta-hat, in the pool protocol and at the draws (only the
+    elements whose kappa can move: :func:`_draw_moments`), then the chunk's power sums: the
+    main and pool columns, and the draws as differences from the main kappa on the rows where
+    some draw moved (usually few). Memory: the chunk's columns plus ``[R, columns]`` sums; the
+    moments of whole parameters are kept only when ``keep_moments`` (the Monte Carlo form,
+    small models) or the influences must be recomputed (no factors, not stored: one
+    :meth:`Estimate.power_sums` call per parameter, as before).
     """
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
     for pi, name in enumerate(est.names):
         numel = est.theta[name].numel()
-        for si, prep in enumerate(prepared):
-            if name in prep.grids:
-                gen = torch.Generator().manual_seed(seed + 1000 * (si + 1) + 7 * pi)
+        th, sg = est.theta[name], est.sigma[name]
+        reader = _InfluenceReader(est, name)
+        step = max(1, chunk // reader.unit) * reader.unit
+        active = [p for p in prepared if name in p.grids]
+        D = max((p.num_draws for p in active), default=0)
+        gen = torch.Generator().manual_seed(seed + 7919 * (pi + 1))  # xi: the same for every scheme
+        keep = keep_moments or not reader.streaming or est.d == 1
+        for prep in active:
+            if prep.failed is None and prep.grids[name].rounding != "nearest":
                 try:
-                    _param_moments(est, prep, name, chunk, gen, policy)
+                    if prep.requant is None:
+                        _requantized_moments(est, prep, name, chunk, policy)
                 except Exception as exc:
                     if strict:
                         raise
-                    # Keep the column layout (kappa = 1 placeholders); the scheme is reported
-                    # as failed, the others go on.
-                    prep.failed = prep.failed or f"{type(exc).__name__} in the cell moments of {name!r}: {exc}"
-                    one = torch.ones(numel, dtype=torch.float64)
-                    prep.kappa[name], prep.m4[name] = one, 3.0 * one
-                    prep.kappa_pool[name] = one
-                    prep.draws[name] = [one.float() for _ in range(prep.num_draws)]
-        K, M4, spans = _columns(name, numel, prepared)
-        main_idx = [0] + [s for s, _ in spans]
-        Km = K[:, main_idx]
-        # One pass over the records' influences (stored, factored or recomputed) for all columns.
-        ps = est.power_sums(name, {2: K, 4: torch.cat([M4 - 3.0 * Km.square(), Km.square()], 1)})
-        s2, s4, nm = ps[2], ps[4], len(main_idx)
-        out[name] = [F.CltSums(s2[:, m].clone(), torch.zeros(R, dtype=torch.float64)) for m in range(K.shape[1])]
-        for j, m in enumerate(main_idx):
-            out[name][m].s4 = s4[:, j].clone()
-            out[name][m].s22 = s4[:, nm + j].clone()
-        del K, M4, Km
-        if not keep_moments:
+                    prep.failed = f"{type(exc).__name__} in the cell moments of {name!r}: {exc}"
+            if keep:
+                prep.kappa[name] = torch.ones(numel, dtype=torch.float64)
+                prep.m4[name] = torch.full((numel,), 3.0, dtype=torch.float64)
+                prep.kappa_pool[name] = torch.ones(numel, dtype=torch.float64)
+                prep.draws[name] = [torch.ones(numel, dtype=torch.float64) for _ in range(prep.num_draws)]
+                if est.d == 1:
+                    prep.lam[name] = torch.full((numel,), F.cells.SQRT_2_OVER_PI, dtype=torch.float64)
+                    prep.lam_pool[name] = prep.lam[name].clone()
+                    prep.lam_draws[name] = [prep.lam[name].clone() for _ in range(prep.num_draws)]
+        nm = 1 + len(active)
+        s2 = torch.zeros(R, 2 * nm - 1, dtype=torch.float64)  # base, main per scheme, pool per scheme
+        s4 = torch.zeros(R, 2 * nm, dtype=torch.float64)  # (m4 - 3 k^2) then k^2 of the main columns
+        dd = [torch.zeros(R, p.num_draws, dtype=torch.float64) for p in active]  # draws minus main
+        ksum = [0.0] * len(active)
+        held: list[tuple[dict[int, Tensor], list[Tensor]]] = []
+        frz = [0] * len(active)
+        for a in range(0, numel, step):
+            b = min(a + step, numel)
+            c = b - a
+            xi = torch.randn(D, c, dtype=torch.float64, generator=gen) if D else None
+            ones = torch.ones(c, dtype=torch.float64)
+            K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
+            deltas: list[Tensor | None] = []
+            for j, prep in enumerate(active):
+                k_c = m4_c = kp_c = None
+                delta = None
+                if prep.failed is None:
+                    try:
+                        g = prep.grids[name]
+                        if g.rounding != "nearest":
+                            k_f, m4_f, lam_f = prep.requant_moments[name]
+                            k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
+                        else:
+                            mm = g.moments(th[a:b], sg[a:b], a, b, compile_policy=policy)
+                            k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs
+                        pm = g.moments(th[a:b], sg[a:b] / POOL_SIGMA_RATIO, a, b, compile_policy=policy)
+                        kp_c = pm.kappa
+                        if prep.num_draws:
+                            x = xi[: prep.num_draws]
+                            if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
+                                kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
+                            else:
+                                kd, ld = _draw_moments(g, th[a:b], sg[a:b], a, b, k_c, x, policy,
+                                                       with_lam=est.d == 1)
+                            delta = kd - k_c
+                            if keep:
+                                for bi in range(prep.num_draws):
+                                    prep.draws[name][bi][a:b] = kd[bi]
+                                    if est.d == 1:
+                                        prep.lam_draws[name][bi][a:b] = ld[bi]
+                        if keep:
+                            prep.kappa[name][a:b], prep.m4[name][a:b] = k_c, m4_c
+                            prep.kappa_pool[name][a:b] = kp_c
+                            if est.d == 1:
+                                prep.lam[name][a:b], prep.lam_pool[name][a:b] = lam_c, pm.mean_abs
+                    except Exception as exc:
+                        if strict:
+                            raise
+                        # Keep the column layout (kappa = 1); the scheme is reported as failed.
+                        prep.failed = f"{type(exc).__name__} in the cell moments of {name!r}: {exc}"
+                if prep.failed is not None:
+                    k_c, m4_c, kp_c, delta = ones, M4[0], ones, None
+                assert k_c is not None and m4_c is not None and kp_c is not None
+                K.append(k_c)
+                M4.append(m4_c)
+                P.append(kp_c)
+                deltas.append(delta)
+                ksum[j] += float(k_c.sum())
+                frz[j] += int((k_c < FROZEN_KAPPA).sum())
+            Km = torch.stack(K, 1)
+            cols = {2: torch.cat([Km, torch.stack(P, 1)], 1) if P else Km,
+                    4: torch.cat([torch.stack(M4, 1) - 3.0 * Km.square(), Km.square()], 1)}
+            if not reader.streaming:  # influences recomputed per record block: one call at the end
+                held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None else dl.T
+                                    for p, dl in zip(active, deltas)]))
+                continue
+            ps = reader.sums(a, b, cols)
+            s2 += ps[2]
+            s4 += ps[4]
+            for j, delta in enumerate(deltas):
+                if delta is None:
+                    continue
+                moved = (delta != 0).reshape(delta.shape[0], -1, reader.unit).any(-1).any(0)  # rows
+                rows = torch.nonzero(moved).squeeze(-1)
+                if rows.numel() == 0:
+                    continue
+                dsub = delta.reshape(delta.shape[0], -1, reader.unit)[:, rows].reshape(delta.shape[0], -1)
+                dd[j] += reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
+        if held:
+            widths = [p.num_draws for p in active]
+            ps = est.power_sums(name, {2: torch.cat([torch.cat([h[0][2], *h[1]], 1) for h in held], 0),
+                                       4: torch.cat([h[0][4] for h in held], 0)})
+            s2 = ps[2][:, : 2 * nm - 1]
+            s4 = ps[4]
+            o = 2 * nm - 1
+            for j, w_ in enumerate(widths):
+                dd[j] = ps[2][:, o: o + w_]
+                o += w_
+            held.clear()
+        # the columns in the layout the callers read
+        base = F.CltSums(s2[:, 0].clone(), s4[:, 0].clone(), s4[:, nm].clone())
+        res = [base]
+        for prep in prepared:
+            if prep not in active:
+                res.append(F.CltSums(base.s2.clone(), base.s4.clone(), base.s22.clone()))
+                res.extend(F.CltSums(base.s2.clone(), torch.zeros(R, dtype=torch.float64))
+                           for _ in range(prep.num_draws + 1))
+                continue
+            j = active.index(prep)
+            main2 = s2[:, 1 + j]
+            res.append(F.CltSums(main2.clone(), s4[:, 1 + j].clone(), s4[:, nm + 1 + j].clone()))
+            res.extend(F.CltSums(main2 + dd[j][:, bi], torch.zeros(R, dtype=torch.float64))
+                       for bi in range(prep.num_draws))
+            res.append(F.CltSums(s2[:, nm + j].clone(), torch.zeros(R, dtype=torch.float64)))
+            prep.d_eff += ksum[j]
+            prep.frozen += frz[j]
+            prep.layers[name].d_eff = ksum[j]
+            prep.layers[name].pinned_fraction = frz[j] / max(numel, 1)
+        out[name] = res
+        if keep_moments is False:
             for prep in prepared:
                 _release_moments(prep, name)
     return out
