@@ -142,16 +142,23 @@ def coverage_grids(s: GT.Setting) -> list:
     return out + [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
 
 
-def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: list[int] | None = None) -> int:
+def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: list[int] | None = None,
+                   truth_cache: Path | None = None) -> int:
     """Coverage of ``SchemeResult.interval`` (80%) of the ground truth, per grid: the
-    fraction of ``trainings`` independently trained models whose interval holds it."""
+    fraction of ``trainings`` independently trained models whose interval holds it.
+    ``truth_cache``: a JSON file of truths by setting, read if present and extended (the
+    truths do not depend on the interval, so reruns of the interval skip them)."""
     t0 = time.time()
     rows = []
+    cache = json.loads(truth_cache.read_text()) if truth_cache is not None and truth_cache.exists() else {}
     for model, d, n, rho, Z, M in [p for i, p in enumerate(COVERAGE_PLAN) if pick is None or i in pick]:
         s = GT.make_setting(model, d, n, rho=rho)
         grids = coverage_grids(s)
         ts = time.time()
-        if model == "linear" and d == 2:  # exact given the design (step grids), else LR test
+        key = f"{s.label()} Z={Z} M={M}"
+        if key in cache:
+            truth = np.array(cache[key], dtype=np.float64)
+        elif model == "linear" and d == 2:  # exact given the design (step grids), else LR test
             truth = np.array([GT.exact_truth_ols_2d(s, g, Z=Z, K=150)[0] if isinstance(g, GT.StepGrid) else np.nan
                               for g in grids])
             lr = [i for i, g in enumerate(grids) if not isinstance(g, GT.StepGrid)]
@@ -161,6 +168,9 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         else:
             tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False)
             truth = tr.estimate
+        if truth_cache is not None and key not in cache:
+            cache[key] = truth.tolist()
+            truth_cache.write_text(json.dumps(cache, indent=1))
         tt = time.time() - ts
         rng = np.random.default_rng([7, d, n])
         cover, regimes, widths = [], [], []
@@ -251,11 +261,13 @@ def main(argv=None) -> int:
     ap.add_argument("--trainings", type=int, default=20, help="trainings per setting in --coverage")
     ap.add_argument("--settings", type=str, default=None,
                     help="--coverage: comma-separated indices into COVERAGE_PLAN (default all)")
+    ap.add_argument("--truth-cache", type=Path, default=None,
+                    help="--coverage: JSON file of the truths, reused when present (reruns of the interval)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.coverage:
         pick = None if args.settings is None else [int(i) for i in args.settings.split(",")]
-        return coverage_study(args.trainings, args.dump, pick=pick)
+        return coverage_study(args.trainings, args.dump, pick=pick, truth_cache=args.truth_cache)
     if args.docs_from is not None:
         import pickle
 

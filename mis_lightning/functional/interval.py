@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._checks import check_finite, check_shape
 from .cells import SQRT_2_OVER_PI, cell_moments, cell_statistics
+from .correlated import EXACT_MAX_COARSE, RecordCorrelation, exact_box_mean_abs
 from .leakage import CltSums, mc_first_order, saturate
 
 # Effective number of coordinates carrying the position uncertainty up to which the range
@@ -153,6 +154,52 @@ class Interval:
     regime: str
     terms: float
     halfwidth: float = math.nan
+    correlated: bool = False  # the ends were computed with the weights' correlation
+
+
+@dataclass(frozen=True)
+class CorrelatedEnds:
+    """What the position-dominated ends need to be computed with the correlation of the
+    weights (the correlated headline, method.md section 3) instead of being carried over
+    from the independent form by the plug-in's ratio -- that ratio depends on where the
+    population weights sit (linear d = 2, rho = 0.5, step 2 sd, every weight mid-cell:
+    correlated / independent = 0.93 there, 1.00 at a typical trained position).
+
+    Attributes:
+        correlation: the record correlation of the headline.
+        influence: ``[R, D]`` standardised influences of ALL assessed weights.
+        kappa: ``[D]`` each weight's ``kappa`` at the plug-in (1 for float weights).
+        index: ``[d]`` global indices of the coarse coordinates, in the order of ``theta``.
+        cap: ``[R]`` the unquantized mean ``|S|`` (conditional Jensen cap), or ``None``.
+    """
+
+    correlation: RecordCorrelation
+    influence: Tensor
+    kappa: Tensor
+    index: Tensor
+    cap: Tensor | None = None
+
+
+def correlated_leakage_at(ctx: CorrelatedEnds, n: float, theta: Tensor, sigma: Tensor, boundaries: Tensor,
+                          method: str, *, generator: torch.Generator | None = None) -> float:
+    """Mean over records of the correlated first-order leakage with the coarse coordinates'
+    cells read around ``theta`` (``[d]``, parameter units): the exact box-mean form
+    (:func:`~mis_lightning.functional.correlated.exact_box_mean_abs`) for ``method="mc"``
+    with the full correlation and at most ``EXACT_MAX_COARSE`` coarse weights, else the
+    Gaussian channel form -- the forms of the headline."""
+    th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+    k = ctx.kappa.to(torch.float64).clone()
+    k[ctx.index] = cell_moments(th, sg, boundaries).kappa
+    W = ctx.influence.to(torch.float64)
+    rc = ctx.correlation
+    if method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE:
+        alpha = (boundaries.to(torch.float64) - th.unsqueeze(-1)) / sg.clamp_min(1e-300).unsqueeze(-1)
+        mean_abs, _ = exact_box_mean_abs(rc.parts[0][1], W, k, ctx.index, alpha, generator=generator)
+        if ctx.cap is not None:
+            mean_abs = torch.minimum(mean_abs, ctx.cap.to(torch.float64))
+    else:
+        mean_abs = rc.gaussian_mean_abs(W, k)
+    return float(saturate(mean_abs / (2.0 * math.sqrt(n))).mean())
 
 
 def leakage_at(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, boundaries: Tensor, method: str, *,
@@ -198,7 +245,8 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                      boundaries: Tensor | None = None, influence: Tensor | None = None,
                      gaussian_s2: Tensor | None = None, method: str = "clt", level: float = 0.8,
                      max_terms: float = POSITION_MAX_TERMS, mc_draws: int = 4096,
-                     generator: torch.Generator | None = None) -> Interval:
+                     generator: torch.Generator | None = None,
+                     correlated: CorrelatedEnds | None = None) -> Interval:
     """A ``level`` uncertainty interval of the leakage around the plug-in ``value``.
 
     Args:
@@ -218,6 +266,9 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         level: nominal coverage in (0, 1).
         max_terms: position-dominated up to this many effective coordinates.
         mc_draws, generator: Monte Carlo draws for ``method="mc"``.
+        correlated: compute the position-dominated ends with the weights' correlation
+            (:class:`CorrelatedEnds`; ``value`` is then the correlated plug-in); ``None``:
+            independent coordinates.
 
     Returns:
         :class:`Interval`.
@@ -247,17 +298,23 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         if terms <= max_terms:
             z = box_halfwidth(box, terms)
             rng = first if z == first.halfwidth else position_range(theta, sigma, boundaries, z, by=by)
-            kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
             seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
-            low = leakage_at(influence, n, rng.low, sigma, boundaries, method,
-                             generator=torch.Generator().manual_seed(seed), **kw)
-            high = leakage_at(influence, n, rng.high, sigma, boundaries, method,
-                              generator=torch.Generator().manual_seed(seed), **kw)
+            if correlated is not None:
+                low, high = (correlated_leakage_at(correlated, n, c, sigma, boundaries, method,
+                                                   generator=torch.Generator().manual_seed(seed))
+                             for c in (rng.low, rng.high))
+            else:
+                kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
+                low = leakage_at(influence, n, rng.low, sigma, boundaries, method,
+                                 generator=torch.Generator().manual_seed(seed), **kw)
+                high = leakage_at(influence, n, rng.high, sigma, boundaries, method,
+                                  generator=torch.Generator().manual_seed(seed), **kw)
             return Interval(max(min(low, value) - pad, 0.0), max(high, value) + pad,
-                            "position-dominated", terms, z)
+                            "position-dominated", terms, z, correlated=correlated is not None)
     elif theta is not None and theta.numel() == 0:
         terms = 0.0  # nothing is coarse: no position uncertainty
-        return Interval(max(value - pad, 0.0), value + pad, "position-dominated", terms, 0.0)
+        return Interval(max(value - pad, 0.0), value + pad, "position-dominated", terms, 0.0,
+                        correlated=correlated is not None)
     if draws is None or draws.numel() == 0:
         return Interval(max(value - pad, 0.0), value + pad, "averaged", terms)
     t = draws.to(torch.float64)
