@@ -75,16 +75,21 @@ class PositionRange:
             largest.
         spread: ``[d]`` its largest minus its smallest value (>= 0).
         halfwidth: the box half-width ``z`` (sd units).
+        low_sigma, high_sigma: ``[d]`` the standard deviations at which the cells are read
+            there (``sigma`` itself unless a ``sigma_rel`` range was searched).
     """
 
     low: Tensor
     high: Tensor
     spread: Tensor
     halfwidth: float
+    low_sigma: Tensor | None = None
+    high_sigma: Tensor | None = None
 
 
 def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: float, *,
-                   by: str = "kappa", num_points: int = RANGE_POINTS) -> PositionRange:
+                   by: str = "kappa", num_points: int = RANGE_POINTS,
+                   sigma_rel: Tensor | None = None) -> PositionRange:
     """Where in ``theta +- halfwidth * sigma`` each coordinate's ``kappa`` (or ``lam``) is
     smallest and largest.
 
@@ -97,6 +102,9 @@ def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: 
         by: ``"kappa"`` (Gaussian and Monte Carlo forms) or ``"lam"`` (one coordinate).
         num_points: evaluation points across the box (a grid of ``2 halfwidth /
             (num_points - 1)`` sd; the extremes are flat, so ~0.2 sd suffices).
+        sigma_rel: ``[d]`` relative half-range of ``sigma`` to search as well (the cells
+            read at ``sigma (1 + s)``, ``s in {-sigma_rel, 0, +sigma_rel}``): the sampling
+            error of the plug-in ``sigma``, which sets the step in sd units. ``None``: 0.
 
     Returns:
         :class:`PositionRange` (float64).
@@ -114,11 +122,18 @@ def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: 
     th, sg = theta.to(torch.float64), sigma.to(torch.float64)
     num_points = max(3, num_points | 1)
     t = torch.linspace(-halfwidth, halfwidth, num_points, dtype=torch.float64)
-    vals = torch.stack([getattr(cell_moments(th + ti * sg, sg, boundaries), by) for ti in t])  # [P, d]
+    rel = torch.zeros_like(sg) if sigma_rel is None else sigma_rel.to(torch.float64).clamp(0.0, 0.5)
+    scales = [torch.ones_like(sg)] + ([] if sigma_rel is None else [1.0 - rel, 1.0 + rel])
+    # [S * P, d]: the box positions use the plug-in sigma; the cells are read at sigma * scale
+    vals = torch.cat([torch.stack([getattr(cell_moments(th + ti * sg, sg * sc, boundaries), by) for ti in t])
+                      for sc in scales])
     lo_i, hi_i = vals.argmin(0), vals.argmax(0)
     idx = torch.arange(th.shape[0])
-    return PositionRange(low=th + t[lo_i] * sg, high=th + t[hi_i] * sg,
-                         spread=vals[hi_i, idx] - vals[lo_i, idx], halfwidth=halfwidth)
+    P = t.numel()
+    sc_all = torch.stack(scales)  # [S, d]
+    return PositionRange(low=th + t[lo_i % P] * sg, high=th + t[hi_i % P] * sg,
+                         spread=vals[hi_i, idx] - vals[lo_i, idx], halfwidth=halfwidth,
+                         low_sigma=sg * sc_all[lo_i // P, idx], high_sigma=sg * sc_all[hi_i // P, idx])
 
 
 def range_terms(spread: Tensor, weight: Tensor | None = None) -> float:
@@ -288,26 +303,32 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         if influence.shape[1] != theta.shape[0]:
             raise ValueError(f"influence has {influence.shape[1]} coordinates but theta has {theta.shape[0]}")
         by = "lam" if method == "exact1d" else "kappa"
+        # The step in sd units is known only as well as sigma: its relative standard error
+        # from the records' spread of w^2 (sigma^2 is their mean), searched at +-z1 se.
+        R = influence.shape[0]
+        rel = z1 * 0.5 * influence.to(torch.float64).square().std(0) / math.sqrt(max(R, 1)) if R > 1 else None
         # The box at level (1 + level) / 2: at an extreme position (mid-cell, boundary) the
         # range reaches the truth exactly when the box holds theta*, so the box alone would
         # give the nominal level with nothing left for the plug-in's other errors
         # (sigma, influence, records); measured: 65-75% at level 0.8 (docs/validation.md).
         box = 0.5 * (1.0 + level)
-        first = position_range(theta, sigma, boundaries, box_halfwidth(box, 1), by=by)
+        first = position_range(theta, sigma, boundaries, box_halfwidth(box, 1), by=by, sigma_rel=rel)
         terms = range_terms(first.spread, influence.to(torch.float64).square().mean(0))
         if terms <= max_terms:
             z = box_halfwidth(box, terms)
-            rng = first if z == first.halfwidth else position_range(theta, sigma, boundaries, z, by=by)
+            rng = first if z == first.halfwidth else position_range(theta, sigma, boundaries, z, by=by,
+                                                                    sigma_rel=rel)
+            s_lo, s_hi = rng.low_sigma, rng.high_sigma
             seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
             if correlated is not None:
-                low, high = (correlated_leakage_at(correlated, n, c, sigma, boundaries, method,
+                low, high = (correlated_leakage_at(correlated, n, c, sc, boundaries, method,
                                                    generator=torch.Generator().manual_seed(seed))
-                             for c in (rng.low, rng.high))
+                             for c, sc in ((rng.low, s_lo), (rng.high, s_hi)))
             else:
                 kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
-                low = leakage_at(influence, n, rng.low, sigma, boundaries, method,
+                low = leakage_at(influence, n, rng.low, s_lo, boundaries, method,
                                  generator=torch.Generator().manual_seed(seed), **kw)
-                high = leakage_at(influence, n, rng.high, sigma, boundaries, method,
+                high = leakage_at(influence, n, rng.high, s_hi, boundaries, method,
                                   generator=torch.Generator().manual_seed(seed), **kw)
             return Interval(max(min(low, value) - pad, 0.0), max(high, value) + pad,
                             "position-dominated", terms, z, correlated=correlated is not None)
