@@ -617,12 +617,16 @@ value:
 * **exact** (OLS, `d = 1`): given `S = sum x_i^2` the estimator is exactly Gaussian, so the cell
   probabilities of both arms are 1-D integrals over `S ~ chi^2`; no Monte Carlo over datasets.
 * **LR-test lower bound** (every other setting): `TV >= P_in(S) - P_out(S)` for any set of codes
-  `S`; `S = {{LLR > 0}}` with the code's log-likelihood ratio computed per coordinate under a
-  Gaussian approximation (mean/sd of theta-hat_j from the out arm, in-out shift from the coupled
-  pairs of the other fold: 2-fold cross-fitting). `P_in(S) - P_out(S)` is then estimated by
-  counting, which is unbiased. What it assumes: nothing for validity (it is a lower bound
-  whatever `S`); for tightness, that the Gaussian independent-coordinate LR is close to the
-  true one (an error `eps` in the LR costs `O(eps^2)`). For absmax grids the test also uses
+  `S`; `S = {{LLR > 0}}` with the code's log-likelihood ratio under a Gaussian approximation with
+  the FULL covariance (mean and covariance of theta-hat from the out arm, in-out shift from the
+  coupled pairs of the other fold: 2-fold cross-fitting; box probabilities by the GHK simulator,
+  48 draws): the Neyman-Pearson test between the two Gaussians of the first-order theory.
+  `P_in(S) - P_out(S)` is then estimated by counting, which is unbiased. What it assumes:
+  nothing for validity (it is a lower bound whatever `S`); for tightness, that the Gaussian LR
+  is close to the true one (an error `eps` in the LR costs `O(eps^2)`). Until issue 12 the test
+  used each coordinate's own law (diagonal covariance), which ignores the correlation an
+  attacker can use and sat below the truth for correlated weights (the tables below that
+  predate it say so). For absmax grids the test also uses
   the exactly released largest weight (`qmax * scale`).
 * **histogram** (`d <= 2`, step grids): plug-in TV of code counts, biased upward by
   ~`sqrt(#codes/M)`; its bias is measured by the null arm and shown in the correlated table.
