@@ -921,8 +921,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
     iv = _interval(est, prep, sums, idx, float(leak_independent.mean()), float(total.leakage(n).mean()),
-                   chosen, record_se)
-    if iv is not None and rc is not None:
+                   chosen, record_se, rc=rc, correlated_value=leakage)
+    if iv is not None and rc is not None and not iv.correlated:
         # The interval's construction is independent-coordinate; carried over to the
         # correlated headline by the ratio of the two plug-in values (method.md section 3).
         ratio = leakage / max(float(leak_independent.mean()), 1e-300)
@@ -1025,7 +1025,8 @@ def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict[str, Te
 
 
 def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
-              leakage: float, clt_value: float, chosen: str, record_se: float = 0.0
+              leakage: float, clt_value: float, chosen: str, record_se: float = 0.0,
+              rc: F.correlated.RecordCorrelation | None = None, correlated_value: float = math.nan
               ) -> F.interval.Interval | None:
     """An 80% uncertainty interval for the leakage and its regime
     (:func:`mis_lightning.functional.interval.leakage_interval`, method.md section 3 "The
@@ -1036,7 +1037,9 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     method's value to the Gaussian form at ``theta_hat`` when that is Monte Carlo; one
     coordinate uses the exact form. With stored influences the coarse weights' range over a
     confidence box of their population values decides the regime and, when few weights carry
-    it, is the interval."""
+    it, is the interval. With a correlation ``rc`` (the correlated headline, value
+    ``correlated_value``) the position-dominated ends are computed with it
+    (``Interval.correlated``); otherwise the caller carries the interval over by the ratio."""
     if prep.num_draws == 0:
         return None
     if chosen == "exact1d" and est.influence_stored:
@@ -1049,18 +1052,25 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     # The range over where the population weights sit in their cells (few coarse weights)
     # or the widened bootstrap spread (many): functional.interval, method.md section 3.
     coarse = _coarse_inputs(est, prep, chosen) if est.influence_stored else {}
+    index = coarse.pop("index", None)
+    ends = None
+    if rc is not None and index is not None and est.influence is not None:
+        ends = F.interval.CorrelatedEnds(rc, est.influence, _kappa_vector(est, prep.kappa), index,
+                                         _unquantized_mean_abs(est, rc))
+        leakage = correlated_value
     mc_draws = int(min(4096, max(256, MC_BUFFER // max(est.num_records, 1))))
     return F.interval.leakage_interval(
         leakage, record_se, est.n, draws=torch.tensor(vals, dtype=torch.float64), method=chosen,
-        mc_draws=mc_draws, generator=torch.Generator().manual_seed(7919), **coarse)
+        mc_draws=mc_draws, generator=torch.Generator().manual_seed(7919), correlated=ends, **coarse)
 
 
 def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Tensor | None]:
     """``theta, sigma, boundaries, influence`` of the quantized weights whose cell statistics
-    depend on their position (``kappa < FINE_KAPPA``), and ``gaussian_s2`` of all the others."""
+    depend on their position (``kappa < FINE_KAPPA``), their global ``index``, and
+    ``gaussian_s2`` of all the others."""
     assert est.influence_stored
     gauss = torch.zeros(est.num_records, dtype=torch.float64)
-    th_p, sg_p, b_p, w_p = [], [], [], []
+    th_p, sg_p, b_p, w_p, i_p = [], [], [], [], []
     for name in est.names:
         s, e = est.offsets[name]
         w = est.influence[:, s:e].to(torch.float64)
@@ -1079,10 +1089,12 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
             th_p.append(th[ii].double())
             sg_p.append(sg[ii].double())
             w_p.append(w[:, ii])
+            i_p.append(ii + s)
     if not th_p:
-        return {"theta": torch.zeros(0, dtype=torch.float64)}
+        return {"theta": torch.zeros(0, dtype=torch.float64), "index": torch.zeros(0, dtype=torch.long)}
     return {"theta": torch.cat(th_p), "sigma": torch.cat(sg_p), "boundaries": torch.cat(b_p),
-            "influence": torch.cat(w_p, 1), "gaussian_s2": None if chosen == "exact1d" else gauss}
+            "influence": torch.cat(w_p, 1), "gaussian_s2": None if chosen == "exact1d" else gauss,
+            "index": torch.cat(i_p)}
 
 
 def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: float

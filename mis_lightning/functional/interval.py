@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._checks import check_finite, check_shape
 from .cells import SQRT_2_OVER_PI, cell_moments, cell_statistics
+from .correlated import EXACT_MAX_COARSE, RecordCorrelation, exact_box_mean_abs
 from .leakage import CltSums, mc_first_order, saturate
 
 # Effective number of coordinates carrying the position uncertainty up to which the range
@@ -43,6 +44,11 @@ POSITION_MAX_TERMS = 10.0
 # Evaluation points of each coordinate's cell statistics across the box (odd: includes 0).
 RANGE_POINTS = 25
 REGIMES = ("position-dominated", "averaged")
+# Draws of the exact box-mean form at the two ends (the headline uses 1,024 x 1,024): the
+# ends are extremes over a box, and their ~3% Monte Carlo error is small against the box's
+# range; a quarter of the outer draws keeps the interval from tripling the scoring time.
+ENDS_OUTER_DRAWS = 256
+ENDS_BOX_DRAWS = 256
 
 
 def normal_quantile(p: float) -> float:
@@ -74,16 +80,21 @@ class PositionRange:
             largest.
         spread: ``[d]`` its largest minus its smallest value (>= 0).
         halfwidth: the box half-width ``z`` (sd units).
+        low_sigma, high_sigma: ``[d]`` the standard deviations at which the cells are read
+            there (``sigma`` itself unless a ``sigma_rel`` range was searched).
     """
 
     low: Tensor
     high: Tensor
     spread: Tensor
     halfwidth: float
+    low_sigma: Tensor | None = None
+    high_sigma: Tensor | None = None
 
 
 def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: float, *,
-                   by: str = "kappa", num_points: int = RANGE_POINTS) -> PositionRange:
+                   by: str = "kappa", num_points: int = RANGE_POINTS,
+                   sigma_rel: Tensor | None = None) -> PositionRange:
     """Where in ``theta +- halfwidth * sigma`` each coordinate's ``kappa`` (or ``lam``) is
     smallest and largest.
 
@@ -96,6 +107,9 @@ def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: 
         by: ``"kappa"`` (Gaussian and Monte Carlo forms) or ``"lam"`` (one coordinate).
         num_points: evaluation points across the box (a grid of ``2 halfwidth /
             (num_points - 1)`` sd; the extremes are flat, so ~0.2 sd suffices).
+        sigma_rel: ``[d]`` relative half-range of ``sigma`` to search as well (the cells
+            read at ``sigma (1 + s)``, ``s in {-sigma_rel, 0, +sigma_rel}``): the sampling
+            error of the plug-in ``sigma``, which sets the step in sd units. ``None``: 0.
 
     Returns:
         :class:`PositionRange` (float64).
@@ -113,11 +127,18 @@ def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: 
     th, sg = theta.to(torch.float64), sigma.to(torch.float64)
     num_points = max(3, num_points | 1)
     t = torch.linspace(-halfwidth, halfwidth, num_points, dtype=torch.float64)
-    vals = torch.stack([getattr(cell_moments(th + ti * sg, sg, boundaries), by) for ti in t])  # [P, d]
+    rel = torch.zeros_like(sg) if sigma_rel is None else sigma_rel.to(torch.float64).clamp(0.0, 0.5)
+    scales = [torch.ones_like(sg)] + ([] if sigma_rel is None else [1.0 - rel, 1.0 + rel])
+    # [S * P, d]: the box positions use the plug-in sigma; the cells are read at sigma * scale
+    vals = torch.cat([torch.stack([getattr(cell_moments(th + ti * sg, sg * sc, boundaries), by) for ti in t])
+                      for sc in scales])
     lo_i, hi_i = vals.argmin(0), vals.argmax(0)
     idx = torch.arange(th.shape[0])
-    return PositionRange(low=th + t[lo_i] * sg, high=th + t[hi_i] * sg,
-                         spread=vals[hi_i, idx] - vals[lo_i, idx], halfwidth=halfwidth)
+    P = t.numel()
+    sc_all = torch.stack(scales)  # [S, d]
+    return PositionRange(low=th + t[lo_i % P] * sg, high=th + t[hi_i % P] * sg,
+                         spread=vals[hi_i, idx] - vals[lo_i, idx], halfwidth=halfwidth,
+                         low_sigma=sg * sc_all[lo_i // P, idx], high_sigma=sg * sc_all[hi_i // P, idx])
 
 
 def range_terms(spread: Tensor, weight: Tensor | None = None) -> float:
@@ -153,6 +174,53 @@ class Interval:
     regime: str
     terms: float
     halfwidth: float = math.nan
+    correlated: bool = False  # the ends were computed with the weights' correlation
+
+
+@dataclass(frozen=True)
+class CorrelatedEnds:
+    """What the position-dominated ends need to be computed with the correlation of the
+    weights (the correlated headline, method.md section 3) instead of being carried over
+    from the independent form by the plug-in's ratio -- that ratio depends on where the
+    population weights sit (linear d = 2, rho = 0.5, step 2 sd, every weight mid-cell:
+    correlated / independent = 0.93 there, 1.00 at a typical trained position).
+
+    Attributes:
+        correlation: the record correlation of the headline.
+        influence: ``[R, D]`` standardised influences of ALL assessed weights.
+        kappa: ``[D]`` each weight's ``kappa`` at the plug-in (1 for float weights).
+        index: ``[d]`` global indices of the coarse coordinates, in the order of ``theta``.
+        cap: ``[R]`` the unquantized mean ``|S|`` (conditional Jensen cap), or ``None``.
+    """
+
+    correlation: RecordCorrelation
+    influence: Tensor
+    kappa: Tensor
+    index: Tensor
+    cap: Tensor | None = None
+
+
+def correlated_leakage_at(ctx: CorrelatedEnds, n: float, theta: Tensor, sigma: Tensor, boundaries: Tensor,
+                          method: str, *, generator: torch.Generator | None = None) -> float:
+    """Mean over records of the correlated first-order leakage with the coarse coordinates'
+    cells read around ``theta`` (``[d]``, parameter units): the exact box-mean form
+    (:func:`~mis_lightning.functional.correlated.exact_box_mean_abs`) for ``method="mc"``
+    with the full correlation and at most ``EXACT_MAX_COARSE`` coarse weights, else the
+    Gaussian channel form -- the forms of the headline."""
+    th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+    k = ctx.kappa.to(torch.float64).clone()
+    k[ctx.index] = cell_moments(th, sg, boundaries).kappa
+    W = ctx.influence.to(torch.float64)
+    rc = ctx.correlation
+    if method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE:
+        alpha = (boundaries.to(torch.float64) - th.unsqueeze(-1)) / sg.clamp_min(1e-300).unsqueeze(-1)
+        mean_abs, _ = exact_box_mean_abs(rc.parts[0][1], W, k, ctx.index, alpha, outer_draws=ENDS_OUTER_DRAWS,
+                                         box_draws=ENDS_BOX_DRAWS, generator=generator)
+        if ctx.cap is not None:
+            mean_abs = torch.minimum(mean_abs, ctx.cap.to(torch.float64))
+    else:
+        mean_abs = rc.gaussian_mean_abs(W, k)
+    return float(saturate(mean_abs / (2.0 * math.sqrt(n))).mean())
 
 
 def leakage_at(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, boundaries: Tensor, method: str, *,
@@ -198,7 +266,8 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                      boundaries: Tensor | None = None, influence: Tensor | None = None,
                      gaussian_s2: Tensor | None = None, method: str = "clt", level: float = 0.8,
                      max_terms: float = POSITION_MAX_TERMS, mc_draws: int = 4096,
-                     generator: torch.Generator | None = None) -> Interval:
+                     generator: torch.Generator | None = None,
+                     correlated: CorrelatedEnds | None = None) -> Interval:
     """A ``level`` uncertainty interval of the leakage around the plug-in ``value``.
 
     Args:
@@ -218,6 +287,9 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         level: nominal coverage in (0, 1).
         max_terms: position-dominated up to this many effective coordinates.
         mc_draws, generator: Monte Carlo draws for ``method="mc"``.
+        correlated: compute the position-dominated ends with the weights' correlation
+            (:class:`CorrelatedEnds`; ``value`` is then the correlated plug-in); ``None``:
+            independent coordinates.
 
     Returns:
         :class:`Interval`.
@@ -237,27 +309,39 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         if influence.shape[1] != theta.shape[0]:
             raise ValueError(f"influence has {influence.shape[1]} coordinates but theta has {theta.shape[0]}")
         by = "lam" if method == "exact1d" else "kappa"
+        # The step in sd units is known only as well as sigma: its relative standard error
+        # from the records' spread of w^2 (sigma^2 is their mean), searched at +-z1 se.
+        R = influence.shape[0]
+        rel = z1 * 0.5 * influence.to(torch.float64).square().std(0) / math.sqrt(max(R, 1)) if R > 1 else None
         # The box at level (1 + level) / 2: at an extreme position (mid-cell, boundary) the
         # range reaches the truth exactly when the box holds theta*, so the box alone would
         # give the nominal level with nothing left for the plug-in's other errors
         # (sigma, influence, records); measured: 65-75% at level 0.8 (docs/validation.md).
         box = 0.5 * (1.0 + level)
-        first = position_range(theta, sigma, boundaries, box_halfwidth(box, 1), by=by)
+        first = position_range(theta, sigma, boundaries, box_halfwidth(box, 1), by=by, sigma_rel=rel)
         terms = range_terms(first.spread, influence.to(torch.float64).square().mean(0))
         if terms <= max_terms:
             z = box_halfwidth(box, terms)
-            rng = first if z == first.halfwidth else position_range(theta, sigma, boundaries, z, by=by)
-            kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
+            rng = first if z == first.halfwidth else position_range(theta, sigma, boundaries, z, by=by,
+                                                                    sigma_rel=rel)
+            s_lo, s_hi = rng.low_sigma, rng.high_sigma
             seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
-            low = leakage_at(influence, n, rng.low, sigma, boundaries, method,
-                             generator=torch.Generator().manual_seed(seed), **kw)
-            high = leakage_at(influence, n, rng.high, sigma, boundaries, method,
-                              generator=torch.Generator().manual_seed(seed), **kw)
+            if correlated is not None:
+                low, high = (correlated_leakage_at(correlated, n, c, sc, boundaries, method,
+                                                   generator=torch.Generator().manual_seed(seed))
+                             for c, sc in ((rng.low, s_lo), (rng.high, s_hi)))
+            else:
+                kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
+                low = leakage_at(influence, n, rng.low, s_lo, boundaries, method,
+                                 generator=torch.Generator().manual_seed(seed), **kw)
+                high = leakage_at(influence, n, rng.high, s_hi, boundaries, method,
+                                  generator=torch.Generator().manual_seed(seed), **kw)
             return Interval(max(min(low, value) - pad, 0.0), max(high, value) + pad,
-                            "position-dominated", terms, z)
+                            "position-dominated", terms, z, correlated=correlated is not None)
     elif theta is not None and theta.numel() == 0:
         terms = 0.0  # nothing is coarse: no position uncertainty
-        return Interval(max(value - pad, 0.0), value + pad, "position-dominated", terms, 0.0)
+        return Interval(max(value - pad, 0.0), value + pad, "position-dominated", terms, 0.0,
+                        correlated=correlated is not None)
     if draws is None or draws.numel() == 0:
         return Interval(max(value - pad, 0.0), value + pad, "averaged", terms)
     t = draws.to(torch.float64)

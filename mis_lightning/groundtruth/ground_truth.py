@@ -14,14 +14,18 @@ the first as the ground truth and the other two to measure its bias:
 
 1. :func:`tv_lr_test` (any ``d``, any scheme) -- an **unbiased estimate of a lower bound**:
    ``TV >= P_in(S) - P_out(S)`` for any fixed set ``S`` of codes. ``S = {LLR > 0}`` with the
-   log-likelihood ratio of the released code computed per coordinate under a Gaussian
-   approximation of each coordinate's law (mean and sd of ``theta_hat_j`` measured on the
-   ``out`` arm, in-vs-out mean shift measured on the coupled pairs of the *other* fold:
-   2-fold cross-fitting, so ``S`` never sees the samples it is evaluated on). The
+   log-likelihood ratio of the released code under a Gaussian approximation of the law of
+   ``theta_hat`` (mean and FULL covariance measured on the ``out`` arm, in-vs-out mean shift
+   measured on the coupled pairs of the *other* fold: 2-fold cross-fitting, so ``S`` never
+   sees the samples it is evaluated on): the Neyman-Pearson test between the two Gaussians
+   of the first-order theory, its box probabilities by the GHK simulator. The
    probabilities of ``S`` are then estimated by plain counting on the simulated releases,
    which is unbiased: no assumption enters the value, only the choice of ``S``. When the
-   Gaussian, independent-coordinate LR is the true LR the bound is the TV; an error
-   ``eps`` in the LR only costs ``O(eps^2)`` (``S`` maximises ``P_in(S) - P_out(S)``).
+   Gaussian LR is the true LR the bound is the TV; an error ``eps`` in the LR only costs
+   ``O(eps^2)`` (``S`` maximises ``P_in(S) - P_out(S)``). The earlier test used each
+   coordinate's own law (diagonal covariance): with correlated weights it ignores what the
+   attacker learns from the correlation and sits below the truth (``covariance=
+   "independent"`` keeps it for comparison).
 2. :func:`tv_histogram` (``d <= 2``) -- plug-in TV of the code histograms; biased upward
    by ~``sqrt(#codes / M)``, reported with its null-arm value (same-law arms).
 3. :func:`exact_tv_ols_1d` (OLS, ``d = 1``, Gaussian design and noise) -- exact, no
@@ -314,20 +318,114 @@ def _llr(grid: Grid, theta: np.ndarray, m_out: np.ndarray, shift: np.ndarray, sd
     return lp.sum(-1) + dens
 
 
+def _ghk_logprob(lo: torch.Tensor, hi: torch.Tensor, chol: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``log P(lo <= X <= hi)`` ``[N]`` for ``X ~ N(0, L L')`` (``lo, hi [N, c]`` already
+    centred, ``+-inf`` allowed) by the GHK simulator with the given uniforms ``u [N, D, c]``
+    (common random numbers: the same ``u`` for the in and out laws of one release makes their
+    log-ratio smooth in the shift)."""
+    N, D, c = u.shape
+    eps = torch.zeros(N, D, c, dtype=torch.float64)
+    logw = torch.zeros(N, D, dtype=torch.float64)
+    for k in range(c):
+        s = eps[:, :, :k] @ chol[k, :k] if k else torch.zeros(N, D, dtype=torch.float64)
+        a = (lo[:, k : k + 1] - s) / chol[k, k]
+        b = (hi[:, k : k + 1] - s) / chol[k, k]
+        flip = a > 0  # work in the lower tail (relative precision of erfc)
+        aa, bb = torch.where(flip, -b, a), torch.where(flip, -a, b)
+        pa = 0.5 * torch.special.erfc(-aa / math.sqrt(2.0))
+        pb = 0.5 * torch.special.erfc(-bb / math.sqrt(2.0))
+        x = torch.special.ndtri((pa + u[..., k] * (pb - pa)).clamp(1e-300, 1 - 1e-16))
+        x = torch.minimum(torch.maximum(x, aa), bb)
+        eps[:, :, k] = torch.where(flip, -x, x)
+        logw += torch.log((pb - pa).clamp_min(1e-300))
+    return torch.logsumexp(logw, 1) - math.log(D)
+
+
+# GHK draws per release in the full-covariance LR test (the test only needs the sign of the
+# log-ratio; its noise makes the set S slightly suboptimal, never the bound invalid).
+LR_GHK_DRAWS = 48
+
+
+def _llr_full(grid: Grid, theta: np.ndarray, m_out: np.ndarray, shift: np.ndarray, cov: np.ndarray,
+              seed: int = 0, draws: int = LR_GHK_DRAWS) -> np.ndarray:
+    """Gaussian log-likelihood ratio ``log P_in(T) / P_out(T)`` of the releases of
+    ``theta [M, d]`` with the FULL covariance: in-law ``N(m_out + shift, cov)``, out-law
+    ``N(m_out, cov)`` -- the Neyman-Pearson test between the two Gaussians of the first-order
+    theory, read on the released codes. Box probabilities by GHK (:func:`_ghk_logprob`); for
+    absmax grids the exactly released largest weight enters by its density and the other
+    boxes are conditioned on it."""
+    M, d = theta.shape
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(M, draws, d, dtype=torch.float64, generator=gen)
+    m_in = m_out + shift
+    if isinstance(grid, StepGrid):
+        lo, hi = grid.cell_edges(grid.codes(theta))
+        L = torch.linalg.cholesky(torch.from_numpy(cov))
+        lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
+        lp_in = _ghk_logprob(lo_t - torch.from_numpy(m_in), hi_t - torch.from_numpy(m_in), L, u)
+        lp_out = _ghk_logprob(lo_t - torch.from_numpy(m_out), hi_t - torch.from_numpy(m_out), L, u)
+        return (lp_in - lp_out).numpy()
+    q, scale = grid.release(theta)
+    lo, hi = (q - 0.5) * scale, (q + 0.5) * scale
+    lo = np.where(q <= -grid.qmax - 1, -np.inf, lo)
+    hi = np.where(q >= grid.qmax, np.inf, hi)
+    jmax = np.abs(theta).argmax(-1)
+    out = np.zeros(M)
+    for j in np.unique(jmax):
+        rows = np.nonzero(jmax == j)[0]
+        rest = np.array([i for i in range(d) if i != j])
+        v = q[rows, j] * scale[rows, 0]
+        s_jj = cov[j, j]
+        dens = (-(v - m_in[j]) ** 2 + (v - m_out[j]) ** 2) / (2 * s_jj)
+        if rest.size == 0:
+            out[rows] = dens
+            continue
+        beta = cov[rest, j] / s_jj
+        cc = cov[np.ix_(rest, rest)] - np.outer(cov[rest, j], cov[j, rest]) / s_jj
+        L = torch.linalg.cholesky(torch.from_numpy(cc))
+        lp = []
+        for m in (m_in, m_out):
+            cm = m[rest][None] + beta[None] * (v - m[j])[:, None]  # conditional mean [r, d-1]
+            lp.append(_ghk_logprob(torch.from_numpy(lo[np.ix_(rows, rest)] - cm),
+                                   torch.from_numpy(hi[np.ix_(rows, rest)] - cm), L, u[rows][..., : rest.size]))
+        out[rows] = dens + (lp[0] - lp[1]).numpy()
+    return out
+
+
 @dataclass
 class ArmMoments:
-    """Per-coordinate mean and sd of the out arm (the marginal law of theta_hat)."""
+    """Mean, sd and full covariance of the out arm (the marginal law of theta_hat)."""
 
     mean: np.ndarray
     sd: np.ndarray
+    cov: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, theta: np.ndarray) -> ArmMoments:
+        """From out-arm draws ``[M, d]``."""
+        return cls(theta.mean(0), theta.std(0), np.atleast_2d(np.cov(theta, rowvar=False)))
 
 
-def tv_lr_test(grid: Grid, sims: dict[str, np.ndarray], mom: ArmMoments, folds: int = 2) -> tuple[float, float]:
+def tv_lr_test(grid: Grid, sims: dict[str, np.ndarray], mom: ArmMoments, folds: int = 2,
+               covariance: str = "full", seed: int = 0) -> tuple[float, float]:
     """Cross-fitted LR-test lower bound on ``TV_z``: ``(value, null value)``.
 
-    The null value applies the same test to the ``null`` arm in place of ``in`` (its
-    expectation is 0: it measures nothing but noise).
+    ``covariance="full"`` (default; needs ``mom.cov``) tests with the full covariance of the
+    out arm (:func:`_llr_full`), ``"independent"`` with its diagonal (:func:`_llr`; biased low
+    for correlated weights, whose correlation the attacker can use -- issue 11). The null
+    value applies the same test to the ``null`` arm in place of ``in`` (its expectation is
+    0: it measures nothing but noise).
     """
+    if covariance not in ("full", "independent"):
+        raise ValueError(f"covariance must be 'full' or 'independent', got {covariance!r}")
+    if covariance == "full" and mom.cov is None:
+        raise ValueError("covariance='full' needs ArmMoments.cov (ArmMoments.of(out-arm draws))")
+
+    def llr(theta: np.ndarray, shift: np.ndarray, k: int) -> np.ndarray:
+        if covariance == "independent":
+            return _llr(grid, theta, mom.mean, shift, mom.sd)
+        return _llr_full(grid, theta, mom.mean, shift, mom.cov, seed=seed * 1009 + k)
+
     M = sims["in"].shape[0]
     idx = np.arange(M) % folds
     vals, nulls = [], []
@@ -335,11 +433,13 @@ def tv_lr_test(grid: Grid, sims: dict[str, np.ndarray], mom: ArmMoments, folds: 
         fit, ev = idx != f, idx == f
         shift = (sims["in"][fit] - sims["out"][fit]).mean(0)
         shift_null = (sims["null"][fit] - sims["out"][fit]).mean(0)
-        a_in = _llr(grid, sims["in"][ev], mom.mean, shift, mom.sd) > 0
-        a_out = _llr(grid, sims["out"][ev], mom.mean, shift, mom.sd) > 0
+        # GHK uniforms drawn per evaluation, independently of the releases: a randomised
+        # test, whose bound stays valid
+        a_in = llr(sims["in"][ev], shift, 4 * f) > 0
+        a_out = llr(sims["out"][ev], shift, 4 * f + 1) > 0
         vals.append(a_in.mean() - a_out.mean())
-        b_null = _llr(grid, sims["null"][ev], mom.mean, shift_null, mom.sd) > 0
-        b_out = _llr(grid, sims["out"][ev], mom.mean, shift_null, mom.sd) > 0
+        b_null = llr(sims["null"][ev], shift_null, 4 * f + 2) > 0
+        b_out = llr(sims["out"][ev], shift_null, 4 * f + 3) > 0
         nulls.append(b_null.mean() - b_out.mean())
     return float(np.mean(vals)), float(np.mean(nulls))
 
@@ -543,8 +643,9 @@ def _edges_around(grid: StepGrid, theta: np.ndarray, sd: np.ndarray, half: int, 
 
 def ground_truth(s: Setting, grids: list[Grid], Z: int = 30, M: int = 4000, seed: int = 0,
                  exact: bool = True, histogram: bool = True, oracle_records: int = 4000,
-                 boot: int = 400, level: float = 0.8) -> TruthResult:
-    """Ground truth ``Delta`` of each grid for setting ``s`` (see the module docstring)."""
+                 boot: int = 400, level: float = 0.8, covariance: str = "full") -> TruthResult:
+    """Ground truth ``Delta`` of each grid for setting ``s`` (see the module docstring);
+    ``covariance``: the LR test's (:func:`tv_lr_test`)."""
     rng = np.random.default_rng([seed, s.d, s.n, int(100 * s.rho), 11 if s.model == "linear" else 13])
     zx, zy = draw_records(s, Z, rng)
     G = len(grids)
@@ -556,10 +657,10 @@ def ground_truth(s: Setting, grids: list[Grid], Z: int = 30, M: int = 4000, seed
     sims_all = [simulate(s, zx[i], zy[i], M, rng) for i in range(Z)]
     # out-arm moments pooled over targets (the out arm does not depend on z)
     pooled = np.concatenate([sm["out"] for sm in sims_all])
-    mom = ArmMoments(pooled.mean(0), pooled.std(0))
+    mom = ArmMoments.of(pooled)
     for i, sm in enumerate(sims_all):
         for g, grid in enumerate(grids):
-            tv[i, g], nl[i, g] = tv_lr_test(grid, sm, mom)
+            tv[i, g], nl[i, g] = tv_lr_test(grid, sm, mom, covariance=covariance, seed=seed + i)
             if histogram and s.d <= 2 and isinstance(grid, StepGrid):
                 hi[i, g], hn[i, g] = tv_histogram(grid, sm)
             if exact and s.model == "linear" and s.d == 1 and s.rho == 0:
