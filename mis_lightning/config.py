@@ -98,6 +98,14 @@ class EstimationConfig:
             2^25); above ``num_records * d > budget`` influences are streamed, not stored.
         use_factors: the factored path for ``nn.Linear`` layers where possible (same numbers).
         hutchinson_probes: Rademacher probes per batch for ``hessian="hutchinson"``.
+        leverage_correction: the finite-sample (leverage) correction of the exact estimator
+            (method.md section 4): each stored record's influence becomes its leave-one-out
+            shift ``H_{-i}^{-1} g_i`` (``psi_i / (1 - h_i)`` for one output) and the gradient
+            covariance gets the HC2 term. ``False`` (default): the first-order forms;
+            ``True``: required (an error where the estimator is not exact or the model gives
+            no outputs); ``"auto"``: where the exact estimator runs on the model's outputs.
+            The leverages (``diagnostics["mean_leverage"]``, ``["max_leverage"]``) are
+            reported by the exact estimator either way.
 
     Raises:
         ValueError: an option outside its range or choices (the message names the option).
@@ -112,9 +120,13 @@ class EstimationConfig:
     budget: int | None = None
     use_factors: bool = True
     hutchinson_probes: int = 8
+    leverage_correction: bool | str = False
 
     def __post_init__(self) -> None:
         _check_choice("estimation (mode)", self.mode, MODES)
+        lc = self.leverage_correction
+        if not (isinstance(lc, bool) or (isinstance(lc, str) and lc == "auto")):
+            raise ValueError(f"leverage_correction must be True, False or 'auto', got {self.leverage_correction!r}")
         _check_choice("hessian", self.hessian, HESSIANS)
         if self.weight_decay is not None:
             wd = self.weight_decay
@@ -146,7 +158,8 @@ class EstimationConfig:
         model)."""
         out: dict[str, Any] = {"mode": self.mode, "hessian": self.hessian,
                                "num_records": self.num_records, "use_factors": self.use_factors,
-                               "hutchinson_probes": self.hutchinson_probes}
+                               "hutchinson_probes": self.hutchinson_probes,
+                               "leverage_correction": self.leverage_correction}
         if self.budget is not None:
             out["budget"] = self.budget
         return out
