@@ -504,7 +504,9 @@ class MomentAccumulator:
                 raise ValueError(f"hessian='ggn' needs few outputs per record; this model has {c}")
         out_shape = self._out_shape
         c_out = int(math.prod(out_shape)) if out_shape else 1
-        step = max(1, self.budget // max(d * (c_out if ggn else 1), 1))
+        # per-record floats held at once: gradients, plus the output Jacobians when they are kept
+        width = c_out if ggn else 1 + (self._c_out or 1 if self.keep_factors else 0)
+        step = max(1, self.budget // max(d * width, 1))
         dev = st["g_sum"].device
         a = 0
         for x, y in split_batch(inputs, targets, b, step):
