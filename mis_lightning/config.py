@@ -80,6 +80,11 @@ def compile_policy_from_env() -> str:
     return CompilePolicy.parse(os.environ.get(COMPILE_ENV), source=COMPILE_ENV).mode
 
 
+# The exact estimator's finite-sample (leverage) correction by default (method.md section 4); the
+# one place that sets it (MomentAccumulator, estimate and every front end read it from here).
+DEFAULT_LEVERAGE_CORRECTION: bool | str = "auto"
+
+
 @dataclass(frozen=True)
 class EstimationConfig:
     """Options of the estimation pass (``sigma`` and the influences ``w``; method.md section 4).
@@ -120,7 +125,7 @@ class EstimationConfig:
     budget: int | None = None
     use_factors: bool = True
     hutchinson_probes: int = 8
-    leverage_correction: bool | str = False
+    leverage_correction: bool | str = DEFAULT_LEVERAGE_CORRECTION
 
     def __post_init__(self) -> None:
         _check_choice("estimation (mode)", self.mode, MODES)

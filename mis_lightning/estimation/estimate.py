@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .linear_factors import (
     FactoredProgram,
@@ -343,7 +344,7 @@ class MomentAccumulator:
         pytree_records: bool = False,
         n_hint: int | None = None,
         ggn_available: bool = True,
-        leverage_correction: LeverageOption = False,
+        leverage_correction: LeverageOption = DEFAULT_LEVERAGE_CORRECTION,
     ) -> None:
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
