@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs  # noqa: F401
 from .estimation import Estimate, estimate
+from .estimation.estimate import LEVERAGE_CAP
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
@@ -110,8 +111,11 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
         return None
     what = (f"mean leverage {h:.3g} (max {diagnostics['max_leverage']:.3g}) of the stored records: ")
     if diagnostics.get("leverage_correction"):
+        capped = int(diagnostics.get("leverage_capped", 0))
         return what + ("their influences are the leave-one-out shifts and the gradient covariance is "
-                       "HC2-corrected (leverage_correction), which first-order theory does not cover")
+                       "HC2-corrected (leverage_correction), which first-order theory does not cover"
+                       + (f"; {capped} record(s) above leverage {LEVERAGE_CAP} were capped there (a damped or "
+                          "indefinite Hessian)" if capped else ""))
     return what + ("the first-order influences understate each record's leave-one-out shift by about "
                    "1 / (1 - leverage); leverage_correction=True corrects them")
 
