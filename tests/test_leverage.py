@@ -177,3 +177,20 @@ def test_report_warns_about_high_leverage() -> None:
         assert len(lines) == 1 and lines[0].startswith("d / n = 0.333 is not small") and text in lines[0]
         assert rep.estimation["leverage_correction"] is (lc == "auto")
         assert rep.diagnostics["mean_leverage"] == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_leverage_above_the_cap_is_capped() -> None:
+    """A record with GGN leverage 2 (possible only against a damped or sign-flipped Hessian):
+    ``1 / (1 - h)`` is taken at ``h = LEVERAGE_CAP`` = 0.95 (a factor 20) and counted."""
+    from mis_lightning.estimation.estimate import LEVERAGE_CAP, _leverage
+
+    n, d = 10, 3
+    x = torch.tensor([[[2.0 * 5**0.5, 0.0, 0.0]]], dtype=torch.float64)  # |x|^2 / n = 2
+    c = 0.3 * x[:, 0]  # the gradient of one output: along J
+    diag: dict = {}
+    c_loo, V = _leverage(c, torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), x,
+                         torch.ones(1, 1, 1, dtype=torch.float64), n, True, diag)
+    assert diag["max_leverage"] == pytest.approx(2.0) and diag["leverage_capped"] == 1
+    torch.testing.assert_close(c_loo, c / (1 - LEVERAGE_CAP), rtol=1e-12, atol=0)
+    torch.testing.assert_close(V, torch.eye(d, dtype=torch.float64) + c.T @ c * LEVERAGE_CAP / (1 - LEVERAGE_CAP),
+                               rtol=1e-12, atol=0)
