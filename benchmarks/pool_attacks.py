@@ -32,6 +32,10 @@ Indicator: ``assess(target, schemes, its training half, estimation="exact")`` fo
 ``pool_leakage`` (the pool protocol); without it a placeholder ``sqrt(2) * leakage`` is
 printed, labelled as such.
 
+``--leverage-correction off|on|auto`` sets the estimator's finite-sample correction (default: the
+library's, ``"auto"``: on for these exact estimates); ``--attacks-from JSON`` reuses the attack
+results of an earlier run of the same setting/models/seed and recomputes only the indicator.
+
 Writes ``docs/figures/pool_<setting>.json`` (``--json`` to change) and prints a markdown table.
 """
 
@@ -241,6 +245,18 @@ def se(v) -> float:
     return float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
+def _leverage_line(cfg: dict) -> str:
+    """``leverage correction X, mean leverage a, max b`` of the indicator runs (empty for runs
+    written before the option existed)."""
+    lev = [r for r in cfg.get("indicator_leverage", []) if r.get("mean_leverage") is not None]
+    if not lev:
+        return ""
+    applied = {r["leverage_correction"] for r in lev}
+    return (f", leverage correction {'on' if applied == {True} else 'off' if applied == {False} else 'mixed'} "
+            f"(mean leverage {np.mean([r['mean_leverage'] for r in lev]):.3f}, max "
+            f"{max(r['max_leverage'] for r in lev):.3f})")
+
+
 def render(out: dict) -> str:
     """Markdown tables of a run (``out`` as written to the JSON): the summary per scheme, with
     the done-when checks, then every attack's advantage."""
@@ -296,7 +312,8 @@ def render(out: dict) -> str:
                      f"{row['measured_gaussian_tv_of_prediction']:.4f}")
     lines.append(f"\nAdvantage = TPR - FPR at one threshold for all targets (pooled ROC), mean +- s.e. over "
                  f"{cfg['models']} targets; 'per-target max' = each target's own max(TPR - FPR), biased up by "
-                 f"about its 'null' (labels permuted). Indicator: mean over {cfg['indicator_targets']} targets. "
+                 f"about its 'null' (labels permuted). Indicator: mean over {cfg['indicator_targets']} targets"
+                 + _leverage_line(cfg) + ". "
                  f"Times: training {cfg['t_train']:.0f}s, attacks {cfg['t_attacks']:.0f}s, indicator "
                  f"{cfg['t_indicator']:.0f}s, total {cfg.get('t_total', 0):.0f}s.")
     return "\n".join(lines)
@@ -314,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None,
                     help="file of the trained parameters: reused when it matches setting/models/seed/iterations")
     ap.add_argument("--render", type=Path, default=None, help="only print the tables of a JSON written before")
+    ap.add_argument("--leverage-correction", choices=["off", "on", "auto"], default=None,
+                    help="the indicator's EstimationConfig.leverage_correction (default: the library's)")
+    ap.add_argument("--attacks-from", type=Path, default=None,
+                    help="reuse the attack results of a JSON written before (same setting, models, seed, "
+                         "schemes): only the indicator is recomputed")
     args = ap.parse_args(argv)
     if args.render:
         print(render(json.loads(args.render.read_text())))
@@ -367,7 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     modules = [module_of(th) for th in thetas]
     results: dict[str, dict] = {}
     t_att = 0.0
-    for sch in schemes:
+    reused = None
+    if args.attacks_from:
+        reused = json.loads(args.attacks_from.read_text())
+        rc = reused["config"]
+        if (rc["setting"], rc["models"], rc["seed"]) != (args.setting, args.models, args.seed) or \
+                not set(schemes) <= set(reused["schemes"]):
+            raise SystemExit(f"--attacks-from {args.attacks_from}: another setting/models/seed or schemes")
+        t_att = rc["t_attacks"]
+        for sch in schemes:
+            r = reused["schemes"][sch]
+            results[sch] = {k: r[k] for k in ("attacks", "released_coords_that_vary", "release_rel_change")}
+    for sch in schemes if reused is None else []:
         t0 = time.perf_counter()
         released = torch.stack([flat.flat(released_parameters(mod, sch)) for mod in modules])  # [M, d]
         with torch.no_grad():
@@ -399,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # indicator on the first targets (float32 models, its own training half)
     t0 = time.perf_counter()
+    lev_opt = {} if args.leverage_correction is None else {
+        "leverage_correction": {"off": False, "on": True, "auto": "auto"}[args.leverage_correction]}
+    lev_diag: list[dict] = []
     ind: dict[str, dict[str, list]] = {s: {"leakage": [], "pool_leakage": [], "interval": []} for s in schemes}
     has_pool = True
     for m in range(min(args.indicator_targets, args.models)):
@@ -408,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rep = assess(modules[m], schemes, loader, per_sample_loss, estimation="exact",
-                         weight_decay=WEIGHT_DECAY, num_records=n, seed=m)
+                         weight_decay=WEIGHT_DECAY, num_records=n, seed=m, **lev_opt)
+        lev_diag.append({k: rep.diagnostics.get(k) for k in ("mean_leverage", "max_leverage", "leverage_correction")})
         for s in schemes:
             r = rep.schemes[s]
             ind[s]["leakage"].append(r.leakage)
@@ -431,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                       "weight_decay": WEIGHT_DECAY, "schemes": schemes, "command": cmd,
                       "indicator_targets": min(args.indicator_targets, args.models),
                       "pool_leakage_from_report": has_pool, "max_abs_grad": max(gmax),
+                      "leverage_correction": args.leverage_correction or "library default",
+                      "indicator_leverage": lev_diag,
                       "t_train": t_train, "t_attacks": t_att, "t_indicator": t_ind,
                       "t_total": time.perf_counter() - t_start}, "schemes": summary,
            "diagnostics_unquantized": diag}

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs  # noqa: F401
 from .estimation import Estimate, estimate
+from .estimation.estimate import LEVERAGE_CAP
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
@@ -99,6 +100,24 @@ def _d_over_n_warning(d: int, n: int) -> str:
             "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
             "of the trained weights that needs d << n, so every figure, low d_eff included, is "
             "indicative only; assess fewer weights (e.g. a head over a frozen encoder) or use more records")
+
+
+def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
+    """The records' leverage when its mean exceeds :data:`D_EFF_OVER_N_MAX` (method.md section 4,
+    "Finite-sample (leverage) correction"), saying whether the estimator corrected for it; else
+    ``None``."""
+    h = diagnostics.get("mean_leverage")
+    if h is None or not h > D_EFF_OVER_N_MAX:
+        return None
+    what = (f"mean leverage {h:.3g} (max {diagnostics['max_leverage']:.3g}) of the stored records: ")
+    if diagnostics.get("leverage_correction"):
+        capped = int(diagnostics.get("leverage_capped", 0))
+        return what + ("their influences are the leave-one-out shifts and the gradient covariance is "
+                       "HC2-corrected (leverage_correction), which first-order theory does not cover"
+                       + (f"; {capped} record(s) above leverage {LEVERAGE_CAP} were capped there (a damped or "
+                          "indefinite Hessian)" if capped else ""))
+    return what + ("the first-order influences understate each record's leave-one-out shift by about "
+                   "1 / (1 - leverage); leverage_correction=True corrects them")
 
 
 def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
@@ -300,7 +319,8 @@ def score_schemes(
         check_finite(f"sigma of {k!r}", est.sigma[k])
     R = est.num_records
     estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R,
-                       "estimator": est.estimator, "reason": est.reason}
+                       "estimator": est.estimator, "reason": est.reason,
+                       "leverage_correction": bool(est.diagnostics.get("leverage_correction", False))}
     diagnostics = dict(est.diagnostics)
     rc = _record_correlation(est, cfg)
     estimation_info["covariance"] = "independent" if rc is None else rc.kind
@@ -388,8 +408,11 @@ def score_schemes(
             "can read about 10% low")
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
+    lev = _leverage_note(est.diagnostics)
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
-        report.warnings.append(_d_over_n_warning(est.d, n))
+        report.warnings.append(_d_over_n_warning(est.d, n) + (f"; {lev}" if lev else ""))
+    elif lev:
+        report.warnings.append(lev)
     large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
     if large:
         worst = max(large, key=large.get)  # type: ignore[arg-type]

@@ -80,6 +80,11 @@ def compile_policy_from_env() -> str:
     return CompilePolicy.parse(os.environ.get(COMPILE_ENV), source=COMPILE_ENV).mode
 
 
+# The exact estimator's finite-sample (leverage) correction by default (method.md section 4); the
+# one place that sets it (MomentAccumulator, estimate and every front end read it from here).
+DEFAULT_LEVERAGE_CORRECTION: bool | str = "auto"
+
+
 @dataclass(frozen=True)
 class EstimationConfig:
     """Options of the estimation pass (``sigma`` and the influences ``w``; method.md section 4).
@@ -98,6 +103,14 @@ class EstimationConfig:
             2^25); above ``num_records * d > budget`` influences are streamed, not stored.
         use_factors: the factored path for ``nn.Linear`` layers where possible (same numbers).
         hutchinson_probes: Rademacher probes per batch for ``hessian="hutchinson"``.
+        leverage_correction: the finite-sample (leverage) correction of the exact estimator
+            (method.md section 4): each stored record's influence becomes its leave-one-out
+            shift ``H_{-i}^{-1} g_i`` (``psi_i / (1 - h_i)`` for one output) and the gradient
+            covariance gets the HC2 term. ``"auto"`` (default): where the exact estimator
+            runs on the model's outputs; ``True``: required (an error where the estimator is
+            not exact or the model gives no outputs); ``False``: the first-order forms.
+            The leverages (``diagnostics["mean_leverage"]``, ``["max_leverage"]``) are
+            reported by the exact estimator either way.
 
     Raises:
         ValueError: an option outside its range or choices (the message names the option).
@@ -112,9 +125,13 @@ class EstimationConfig:
     budget: int | None = None
     use_factors: bool = True
     hutchinson_probes: int = 8
+    leverage_correction: bool | str = DEFAULT_LEVERAGE_CORRECTION
 
     def __post_init__(self) -> None:
         _check_choice("estimation (mode)", self.mode, MODES)
+        lc = self.leverage_correction
+        if not (isinstance(lc, bool) or (isinstance(lc, str) and lc == "auto")):
+            raise ValueError(f"leverage_correction must be True, False or 'auto', got {self.leverage_correction!r}")
         _check_choice("hessian", self.hessian, HESSIANS)
         if self.weight_decay is not None:
             wd = self.weight_decay
@@ -146,7 +163,8 @@ class EstimationConfig:
         model)."""
         out: dict[str, Any] = {"mode": self.mode, "hessian": self.hessian,
                                "num_records": self.num_records, "use_factors": self.use_factors,
-                               "hutchinson_probes": self.hutchinson_probes}
+                               "hutchinson_probes": self.hutchinson_probes,
+                               "leverage_correction": self.leverage_correction}
         if self.budget is not None:
             out["budget"] = self.budget
         return out

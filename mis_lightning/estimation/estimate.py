@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import private_copy
+from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .linear_factors import (
     FactoredProgram,
@@ -68,6 +69,11 @@ WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention,
 )
 GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many outputs per record
+# Leverage above which the finite-sample correction is capped (method.md section 4, "Finite-sample
+# (leverage) correction"): 1 / (1 - h) diverges at h = 1, which a GGN factor can only reach
+# against a damped or sign-flipped Hessian.
+LEVERAGE_CAP = 0.95
+LeverageOption = bool | Literal["auto"]
 log = logging.getLogger(__name__)
 
 # Stored records per forward/backward pass when their per-sample gradients are recomputed
@@ -462,6 +468,7 @@ class MomentAccumulator:
         pytree_records: bool = False,
         n_hint: int | None = None,
         ggn_available: bool = True,
+        leverage_correction: LeverageOption = DEFAULT_LEVERAGE_CORRECTION,
     ) -> None:
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -510,6 +517,22 @@ class MomentAccumulator:
             # nn.Linear layers with one output per record: per-sample statistics as products
             # of layer inputs and output gradients (linear_factors), no [B, d] tensors.
             self.factored = self._fast_program(FactoredProgram)
+        if not (isinstance(leverage_correction, bool) or leverage_correction == "auto"):
+            raise ValueError(f"leverage_correction must be True, False or 'auto', got {leverage_correction!r}")
+        if leverage_correction is True and mode != "exact":
+            raise ValueError("leverage_correction=True needs the exact estimator (estimation='exact'); this "
+                             f"model's estimator is the {self.estimator} ({self.reason}); use "
+                             "leverage_correction='auto' or False")
+        if leverage_correction is True and not (ggn_available and program_cls is LossProgram):
+            raise ValueError("leverage_correction=True needs the model's outputs (per-record Gauss-Newton "
+                             "factors); a per-sample loss hook gives only the losses: use False")
+        self.leverage_correction = leverage_correction
+        # Exact mode keeps each stored record's output Jacobian J [C, d] and loss Hessian in the
+        # outputs L [C, C] next to its gradient (for the leverages; method.md section 4), unless
+        # the model gives no outputs (loss hook) or they do not fit the budget (set per batch).
+        self._factors_possible = self.keep_w and ggn_available and program_cls is LossProgram
+        self.keep_factors = mode == "exact" and self._factors_possible
+        self._c_out: int | None = None
         self.state = self.empty_state()
 
     def resolve(self, reused: list[str]) -> None:
@@ -525,6 +548,8 @@ class MomentAccumulator:
         if self.factored is None and self.use_factors and self.mode == "diagonal" and self.hessian == "ggn" \
                 and self.program_cls is LossProgram:
             self.factored = self._fast_program(FactoredProgram)
+        # The leverages' factors are kept only where the (re)chosen estimator is exact.
+        self.keep_factors = self.mode == "exact" and self._factors_possible
         self.state = self.empty_state()
 
     def _fast_program(self, kind: type) -> FactoredProgram | LayerProgram | None:
@@ -635,7 +660,9 @@ class MomentAccumulator:
                 raise ValueError(f"hessian='ggn' needs few outputs per record; this model has {c}")
         out_shape = self._out_shape
         c_out = int(math.prod(out_shape)) if out_shape else 1
-        step = max(1, self.budget // max(d * (c_out if ggn else 1), 1))
+        # per-record floats held at once: gradients, plus the output Jacobians when they are kept
+        width = c_out if ggn else 1 + (self._c_out or 1 if self.keep_factors else 0)
+        step = max(1, self.budget // max(d * width, 1))
         dev = st["g_sum"].device
         a = 0
         for x, y in split_batch(inputs, targets, b, step):
@@ -651,6 +678,7 @@ class MomentAccumulator:
                     st["h_sum"][slice(*self.offsets[k])] += (J * LJ).sum(dim=(0, 1)).to(dev, self.acc_dtype)
             else:
                 grads = {k: v.reshape(bb, -1) for k, v in program.per_sample_grads(x, y).items()}
+            extra = self._leverage_factors(x, y, bb) if self.keep_factors else None
             for k in names:
                 gk = grads[k].to(dev, self.acc_dtype)
                 sl = slice(*self.offsets[k])
@@ -660,8 +688,37 @@ class MomentAccumulator:
             st["grad_norm_sq"] += flat.square().sum()
             if self.mode == "exact":
                 st["gg_sum"] += flat.T @ flat
+            if extra is not None:  # stored rows: [g | J | L] (split again in finalize)
+                flat = torch.cat([flat, extra.to(flat.device)], 1)
             self._store(st, flat, x, y, None if keys is None else keys[a : a + bb])
             a += bb
+
+    def _leverage_factors(self, x: Any, y: Any, b: int) -> Tensor | None:
+        """``[b, C d + C^2]`` float64: each record's output Jacobian ``J`` and loss Hessian in the
+        outputs ``L`` (its Gauss-Newton factor ``J' L J``), flattened; ``None`` (and no more
+        factors) when the model's outputs do not allow them or they exceed the budget."""
+        first = self._c_out is None
+        try:
+            if first:
+                self._lev_shape = self.program.output_shape(x)
+                self._c_out = int(math.prod(self._lev_shape)) if self._lev_shape else 1
+                if self.num_records * (self.d + self._c_out * (self.d + self._c_out)) > self.budget:
+                    raise ValueError(f"{self._c_out} outputs x {self.d} weights x {self.num_records} records "
+                                     f"exceed budget={self.budget}")
+            out, jac = self.program.output_jacobians(x)
+            _, L = self.program.loss_output_derivatives(out, y, self._lev_shape)
+        except Exception as exc:  # a model whose outputs are not one tensor, or too many of them
+            if not first:  # the first batch had them: a real error
+                raise
+            if self.leverage_correction is True:
+                raise ValueError(f"leverage_correction=True: the per-record Gauss-Newton factors are not "
+                                 f"available for this model ({type(exc).__name__}: {exc})") from exc
+            log.info("estimation: no leverage factors (%s)", exc)
+            self.keep_factors = False
+            return None
+        c = self._c_out
+        J = torch.cat([jac[k].reshape(b, c, -1) for k in self.names], 2).to(torch.float64)
+        return torch.cat([J.reshape(b, -1), L.reshape(b, -1).to(torch.float64)], 1)
 
     def _update_exact_hessian(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
         """The batch's autograd Hessian: whole (exact mode) or its diagonal."""
@@ -751,7 +808,15 @@ class MomentAccumulator:
                 raise ValueError("exact mode stores per-sample gradients; raise budget or lower num_records")
             gg = st["gg_sum"].to(cpu) / n
             H = st["H_sum"].to(cpu) / n + self.weight_decay * torch.eye(self.d, dtype=torch.float64)
-            sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics)
+            J = L = None
+            d, c = self.d, self._c_out
+            if G.shape[1] > d and c is not None:  # the stored Gauss-Newton factors
+                J = G[:, d : d + c * d].reshape(-1, c, d)
+                L = G[:, d + c * d :].reshape(-1, c, c)
+            G = G[:, :d]
+            correct = self.leverage_correction is not False and J is not None
+            sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
+                                                          jacobians=J, loss_hessians=L, correct_leverage=correct)
             return Estimate(mode="exact", hessian="exact", sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
                             **common)
@@ -823,7 +888,9 @@ def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: li
 
 
 def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
-                     diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+                     diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
+                     loss_hessians: Tensor | None = None, correct_leverage: bool = False,
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``.
 
     Args:
@@ -831,7 +898,16 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         H: ``[d, d]`` mean Hessian of the training objective (weight decay included).
         G: ``[R, d]`` per-sample gradients of the R kept records.
         n: records; ``damping``: relative floor of ``|eigenvalues|`` of ``H``.
-        diagnostics: updated in place with the Hessian's spectrum.
+        diagnostics: updated in place with the Hessian's spectrum and, with ``jacobians``, the
+            records' leverages (``mean_leverage``, ``max_leverage``, ``leverage_correction``).
+        jacobians: ``[R, C, d]`` output Jacobians ``J_i`` of the kept records, and
+        loss_hessians: ``[R, C, C]`` their loss Hessians in the outputs ``L_i`` (the
+            per-record Gauss-Newton factor ``J_i' L_i J_i``); ``None``: no leverages.
+        correct_leverage: apply the finite-sample correction (method.md section 4,
+            "Finite-sample (leverage) correction"): each record's centred gradient ``c_i``
+            becomes ``H H_{-i}^{-1} c_i`` (Woodbury; ``c_i / (1 - h_i)`` for one output), so
+            ``psi_i = -H_{-i}^{-1} c_i`` is the leave-one-out shift, and ``V`` gets the HC2
+            term ``mean_i c_i c_i' h_i / (1 - h_i)`` (over the kept records).
 
     Returns:
         ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
@@ -858,11 +934,14 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         eigenvalues_floored=floored,
     )
     Hinv = (evecs / fixed) @ evecs.T
+    C = G - g_mean  # centred gradients [R, d]
+    if jacobians is not None and loss_hessians is not None:
+        C, V = _leverage(C, V, Hinv, jacobians, loss_hessians, n, correct_leverage, diagnostics)
     Sigma = Hinv @ V @ Hinv
     Sigma = 0.5 * (Sigma + Sigma.T)
     sdiag = torch.diagonal(Sigma).clamp_min(0.0)
     sigma = (sdiag / n).sqrt()
-    psi = -(G - g_mean) @ Hinv.T
+    psi = -C @ Hinv.T
     w = psi / sdiag.clamp_min(1e-300).sqrt()
     # The correlation of Sigma (the standardised units of ``w``) carries the covariance into the
     # headline (functional/correlated.py); |Sigma^{-1/2} psi| = sqrt(w' R^+ w) by an
@@ -873,9 +952,56 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     # the damped flat directions of a singular H (collinear features) out of it.
     Vs = V.diagonal().clamp_min(0.0).sqrt()
     Vinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
-    g_std = (G - g_mean) * Vinv
+    g_std = C * Vinv
     mahal = Correlation(full=correlation_from_covariance(V)).quadratic(g_std).sqrt()
     return sigma, w, mahal, corr
+
+
+def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, correct: bool,
+              diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The kept records' generalized leverages and, with ``correct``, the leave-one-out
+    gradients and the HC2 gradient covariance (method.md section 4, "Finite-sample (leverage)
+    correction").
+
+    ``A_i = L_i J_i H^{-1} J_i' / n`` ``[C, C]``, leverage ``h_i = tr A_i`` (ridge: the hat
+    value). Woodbury for ``H_{-i} = H - J_i' L_i J_i / n``:
+    ``H H_{-i}^{-1} c = c + J_i' (I - A_i)^{-1} L_i J_i H^{-1} c / n`` (one output and
+    ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + mean_i c_i c_i' h'_i / (1 - h'_i)`` with
+    ``h'_i = h_i / rank(L_i)`` (the mean leverage per output direction; ``h_i`` for one output).
+
+    Args:
+        C: ``[R, d]`` centred gradients; ``V``: ``[d, d]`` their covariance over all n records.
+        Hinv: ``[d, d]`` the (floored) inverse Hessian; ``J``: ``[R, K, d]``; ``L``: ``[R, K, K]``.
+        n: records; ``correct``: return the corrected ``(C, V)`` (else the inputs).
+        diagnostics: gets ``mean_leverage``, ``max_leverage`` (over the R kept records),
+            ``leverage_capped`` (records above :data:`LEVERAGE_CAP`, capped there) and
+            ``leverage_correction`` (whether applied).
+
+    Returns:
+        ``(C, V)``: corrected or as given.
+    """
+    L = 0.5 * (L + L.transpose(1, 2))
+    HJ = J @ Hinv  # [R, K, d] (Hinv symmetric)
+    A = L @ (HJ @ J.transpose(1, 2)) / n  # [R, K, K]
+    h = torch.diagonal(A, dim1=1, dim2=2).sum(-1)
+    capped = h > LEVERAGE_CAP
+    diagnostics.update(mean_leverage=float(h.mean()), max_leverage=float(h.max()),
+                       leverage_capped=int(capped.sum()), leverage_correction=bool(correct))
+    if not correct:
+        return C, V
+    # Cap 1 / (1 - h): scale the records' A so that tr A = LEVERAGE_CAP (reported above).
+    scale = torch.where(capped, LEVERAGE_CAP / h.clamp_min(1e-300), torch.ones_like(h))
+    A = A * scale[:, None, None]
+    h = h * scale
+    K = A.shape[-1]
+    u = torch.einsum("rkd,rd->rk", HJ, C)  # J H^-1 c
+    rhs = torch.einsum("rkl,rl->rk", L * scale[:, None, None], u) / n
+    v = torch.linalg.solve(torch.eye(K, dtype=A.dtype) - A, rhs.unsqueeze(-1)).squeeze(-1)
+    C_loo = C + torch.einsum("rkd,rk->rd", J, v)
+    rank = torch.linalg.matrix_rank(L).clamp_min(1).to(h.dtype) if K > 1 else torch.ones_like(h)
+    hp = h / rank
+    V = V + (C * (hp / (1 - hp)).unsqueeze(-1)).T @ C / C.shape[0]
+    return C_loo, 0.5 * (V + V.T)
 
 
 def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,

@@ -66,11 +66,13 @@ def fit(s: Setting, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return th[0].numpy()
 
 
-def train_and_estimate(s: Setting, rng: np.random.Generator, num_records: int | None = None):
+def train_and_estimate(s: Setting, rng: np.random.Generator, num_records: int | None = None,
+                       leverage_correction: bool | str = False):
     """One dataset -> (theta_hat, library Estimate, torch model, data).
 
     ``num_records`` (default: all ``n``, at most 10,000) records carry the average over
     ``z``; a 512-record subsample alone moves the value by ~5% (sd of ``|w|`` / sqrt(512)).
+    ``leverage_correction``: the estimator's option (method.md section 4).
     """
     num_records = num_records or min(s.n, 10_000)
     x, y = draw_records(s, s.n, rng)
@@ -78,7 +80,8 @@ def train_and_estimate(s: Setting, rng: np.random.Generator, num_records: int | 
     model = _Linear(th).to(torch.float64)
     ds = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     loader = torch.utils.data.DataLoader(ds, batch_size=min(s.n, 4096))
-    est = estimate(model, loader, loss_fn_for(s.model), mode="exact", num_records=num_records)
+    est = estimate(model, loader, loss_fn_for(s.model), mode="exact", num_records=num_records,
+                   leverage_correction=leverage_correction)
     return th, est, model, (x, y)
 
 

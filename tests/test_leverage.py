@@ -1,0 +1,196 @@
+"""The exact estimator's finite-sample (leverage) correction (method.md section 4,
+"Finite-sample (leverage) correction"): leave-one-out shifts, HC2 covariance, leverages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mis_lightning import EstimationConfig, assess
+from mis_lightning.estimation import estimate
+from mis_lightning.estimation.records import record_keys
+
+N, F = 60, 19  # d = 20 (19 weights + bias)
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out.squeeze(-1) - y) ** 2
+
+
+def _bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), y, reduction="none")
+
+
+def _data(seed: int = 0, logistic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, F, generator=g, dtype=torch.float64)
+    beta = torch.randn(F, generator=g, dtype=torch.float64) / F**0.5
+    if logistic:
+        y = (torch.rand(N, generator=g, dtype=torch.float64) < torch.sigmoid(x @ beta)).to(torch.float64)
+    else:
+        y = x @ beta + torch.randn(N, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def _design(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # parameter order: weight, bias
+
+
+def _model(theta: torch.Tensor) -> nn.Module:
+    m = nn.Linear(F, 1).double()
+    with torch.no_grad():
+        m.weight.copy_(theta[:F][None])
+        m.bias.copy_(theta[F:])
+    return m
+
+
+def _shifts(x: torch.Tensor, y: torch.Tensor, model: nn.Module, loss, wd: float, correction):
+    """The estimate's per-record shifts ``psi_i / n`` in parameter units, ``[n, d]`` in the
+    records' order (stored rows are sorted by content hash), and the estimate."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    est = estimate(model, loader, loss, mode="exact", weight_decay=wd, num_records=N,
+                   leverage_correction=correction)
+    order = torch.sort(record_keys([x, y], None, N), stable=True).indices  # row r is record order[r]
+    sig = torch.cat([est.sigma[k] for k in est.names])
+    psi = est.influence * sig * N**0.5  # w * sqrt(diag Sigma)
+    out = torch.empty_like(psi)
+    out[order] = psi / N
+    return out, est
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_ridge_shift_is_the_exact_leave_one_out_refit(wd: float) -> None:
+    """Ridge, d = 20, n = 60 (mean leverage 1/3): the corrected shift equals ``theta_hat -
+    theta_hat_{-i}`` refitted in closed form, to 1e-8 (both are exact; float64 round-off of
+    the solves is ~1e-13). ``theta_hat_{-i}`` drops record i's loss and, at a penalised optimum,
+    keeps the mean data gradient ``g_bar = -wd theta_hat`` in its place as the linear term
+    ``g_bar' theta / n`` (the centring of the influences; wd = 0: the plain refit). Also: the
+    leverages are the ridge hat values and ``V`` is the HC2 covariance ``mean c c' / (1 - h)``."""
+    x, y = _data()
+    X = _design(x)
+    d = X.shape[1]
+    H = X.T @ X / N + wd * torch.eye(d, dtype=torch.float64)
+    theta = torch.linalg.solve(H, X.T @ y / N)
+    shifts, est = _shifts(x, y, _model(theta), _mse, wd, True)
+    g_bar = X.T @ (X @ theta - y) / N  # = -wd theta
+    h = torch.einsum("ij,jk,ik->i", X, torch.linalg.inv(H), X) / N
+    for i in range(N):
+        Hi = H - torch.outer(X[i], X[i]) / N
+        theta_i = torch.linalg.solve(Hi, (X.T @ y - X[i] * y[i] - g_bar) / N)
+        torch.testing.assert_close(shifts[i], theta - theta_i, rtol=0, atol=1e-8)
+    assert est.diagnostics["mean_leverage"] == pytest.approx(float(h.mean()), rel=1e-10)
+    assert est.diagnostics["max_leverage"] == pytest.approx(float(h.max()), rel=1e-10)
+    assert est.diagnostics["leverage_correction"] is True
+    c = X * (X @ theta - y)[:, None] - g_bar
+    Hinv = torch.linalg.inv(H)
+    sigma2 = torch.diagonal(Hinv @ (c.T @ (c / (1 - h)[:, None]) / N) @ Hinv) / N
+    torch.testing.assert_close(torch.cat([est.sigma[k] for k in est.names]) ** 2, sigma2, rtol=1e-9, atol=0)
+
+
+def test_ridge_without_correction_is_first_order() -> None:
+    """Option off: the first-order influence ``-H^{-1}(g_i - g_bar) / n`` and the uncorrected
+    sandwich, to 1e-10 (as before the option existed), with the leverages still reported."""
+    wd = 1e-2
+    x, y = _data()
+    X = _design(x)
+    H = X.T @ X / N + wd * torch.eye(X.shape[1], dtype=torch.float64)
+    theta = torch.linalg.solve(H, X.T @ y / N)
+    shifts, est = _shifts(x, y, _model(theta), _mse, wd, False)
+    c = X * (X @ theta - y)[:, None]
+    c = c - c.mean(0)
+    Hinv = torch.linalg.inv(H)
+    torch.testing.assert_close(shifts, -c @ Hinv / N, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cat([est.sigma[k] for k in est.names]) ** 2,
+                               torch.diagonal(Hinv @ (c.T @ c / N) @ Hinv) / N, rtol=1e-9, atol=0)
+    assert est.diagnostics["leverage_correction"] is False
+    assert est.diagnostics["mean_leverage"] > 0.3
+
+
+def test_logistic_shift_within_the_newton_step_error() -> None:
+    """Logistic regression (d = 20, n = 60, wd = 1e-2, mean leverage 0.30): the corrected shift
+    is one exact Newton step of the leave-one-out objective from ``theta_hat`` (Woodbury with the
+    record's exact Hessian ``p(1 - p) x x' / n``), so its error against the converged refit is
+    that Newton step's error, which quadratic convergence makes equal to the size of the next
+    Newton step up to ``O(|next step|^2)``. Tolerance: error within [0.9, 1.1] x |next step| for
+    every record (measured 0.95-1.0; 0.2-19% of the shift, vs 0.3-63% for the first-order
+    shift), and the corrected shift closer to the refit than the first-order one everywhere."""
+    wd = 1e-2
+    x, y = _data(1, logistic=True)
+    X = _design(x)
+    d = X.shape[1]
+
+    def newton_step(weights: torch.Tensor, lin: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        """Newton step of ``sum_j w_j l_j / n + lin' theta / n + wd/2 |theta|^2`` at ``th``."""
+        p = torch.sigmoid(X @ th)
+        grad = X.T @ (weights * (p - y)) / N + lin / N + wd * th
+        hess = (X * (weights * p * (1 - p))[:, None]).T @ X / N + wd * torch.eye(d, dtype=torch.float64)
+        return torch.linalg.solve(hess, grad)
+
+    def fit(weights: torch.Tensor, lin: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        for _ in range(100):
+            step = newton_step(weights, lin, th)
+            th = th - step
+            if float(step.abs().max()) < 1e-14:
+                break
+        return th
+
+    theta = fit(torch.ones(N, dtype=torch.float64), torch.zeros(d, dtype=torch.float64),
+                torch.zeros(d, dtype=torch.float64))
+    g_bar = X.T @ (torch.sigmoid(X @ theta) - y) / N
+    corrected, est = _shifts(x, y, _model(theta), _bce, wd, True)
+    first, _ = _shifts(x, y, _model(theta), _bce, wd, False)
+    assert est.diagnostics["mean_leverage"] == pytest.approx(0.297, abs=0.005)
+    for i in range(N):
+        wts = torch.ones(N, dtype=torch.float64)
+        wts[i] = 0.0
+        exact = theta - fit(wts, g_bar, theta)  # the record's term replaced by g_bar' theta / n
+        err = float((corrected[i] - exact).norm())
+        nxt = float(newton_step(wts, g_bar, theta - corrected[i]).norm())
+        assert 0.9 * nxt <= err <= 1.1 * nxt, (i, err, nxt)
+        assert err < float((first[i] - exact).norm()), i
+
+
+def test_leverage_option_checks() -> None:
+    x, y = _data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    with pytest.raises(ValueError, match=r"leverage_correction=True needs the exact estimator"):
+        estimate(_model(torch.zeros(F + 1, dtype=torch.float64)), loader, _mse, mode="diagonal",
+                 leverage_correction=True)
+    with pytest.raises(ValueError, match=r"leverage_correction must be True, False or 'auto', got 'yes'"):
+        EstimationConfig(leverage_correction="yes")
+    with pytest.raises(ValueError, match=r"leverage_correction must be True, False or 'auto', got 1"):
+        EstimationConfig(leverage_correction=1)
+
+
+def test_report_warns_about_high_leverage() -> None:
+    """d / n = 1/3: the d / n warning names the mean leverage and whether it was corrected;
+    the report's estimation block says so too."""
+    x, y = _data()
+    X = _design(x)
+    theta = torch.linalg.solve(X.T @ X / N + 1e-2 * torch.eye(F + 1, dtype=torch.float64), X.T @ y / N)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x.float(), y.float()), batch_size=N)
+    for lc, text in ((False, "leverage_correction=True corrects them"), ("auto", "HC2-corrected")):
+        rep = assess(_model(theta).float(), ["int8_weight_only"], loader, _mse, estimation="exact",
+                     weight_decay=1e-2, num_records=N, leverage_correction=lc, uncertainty_draws=0)
+        lines = [w for w in rep.warnings if "mean leverage" in w]
+        assert len(lines) == 1 and lines[0].startswith("d / n = 0.333 is not small") and text in lines[0]
+        assert rep.estimation["leverage_correction"] is (lc == "auto")
+        assert rep.diagnostics["mean_leverage"] == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_leverage_above_the_cap_is_capped() -> None:
+    """A record with GGN leverage 2 (possible only against a damped or sign-flipped Hessian):
+    ``1 / (1 - h)`` is taken at ``h = LEVERAGE_CAP`` = 0.95 (a factor 20) and counted."""
+    from mis_lightning.estimation.estimate import LEVERAGE_CAP, _leverage
+
+    n, d = 10, 3
+    x = torch.tensor([[[2.0 * 5**0.5, 0.0, 0.0]]], dtype=torch.float64)  # |x|^2 / n = 2
+    c = 0.3 * x[:, 0]  # the gradient of one output: along J
+    diag: dict = {}
+    c_loo, V = _leverage(c, torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), x,
+                         torch.ones(1, 1, 1, dtype=torch.float64), n, True, diag)
+    assert diag["max_leverage"] == pytest.approx(2.0) and diag["leverage_capped"] == 1
+    torch.testing.assert_close(c_loo, c / (1 - LEVERAGE_CAP), rtol=1e-12, atol=0)
+    torch.testing.assert_close(V, torch.eye(d, dtype=torch.float64) + c.T @ c * LEVERAGE_CAP / (1 - LEVERAGE_CAP),
+                               rtol=1e-12, atol=0)
