@@ -42,7 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .assess import SchemeSpec, _grid_moments, _record_correlation, resolve_schemes, run_estimation, score_schemes
+from .assess import (
+    SchemeSpec,
+    _grid_moments,
+    _record_correlation,
+    resolve_schemes,
+    run_estimation,
+    score_schemes,
+)
 from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, stage_configs
 from .estimation import Estimate
 from .estimation.per_sample import BatchFn, LossFn
