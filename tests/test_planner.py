@@ -144,3 +144,93 @@ def test_plan_errors(setup):
              weight_decay=WD)
     with pytest.raises(ValueError, match=r"PlanConfig.max_bits must be a number >= 0"):
         PlanConfig(max_bits=-1)
+
+
+def test_app_mode_plan(tmp_path, capsys):
+    """`mis-lightning mode=plan`: trains, plans over plan.candidates, writes plan.json / plan.md /
+    plan_frontier.png beside the report of the uniform candidates and the re-assessed plans;
+    a bad plan option fails before training (named)."""
+    import json
+
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    from mis_lightning.app.job import run_job
+
+    fast = ["data=synthetic_linear", "data.n_train=300", "data.n_val=200", "data.batch_size=300",
+            "model=mlp_probe", "trainer.max_epochs=20", "mis.estimation.num_records=64",
+            "mis.scoring.uncertainty_draws=0", "logger=none", "progress=false", "mode=plan",
+            "plan.candidates=[rtn_int8,rtn_int2]", "plan.reassess=2"]
+
+    def cfg(extra, out):
+        with initialize_config_module("mis_lightning.conf", version_base="1.3"):
+            c = compose("config", overrides=[*fast, *extra, f"trainer.default_root_dir={out}"])
+        with open_dict(c):
+            c.output_dir = str(out)
+        return c
+
+    run_job(cfg(["plan.max_utility_loss=0.5"], tmp_path / "run"))
+    out = tmp_path / "run"
+    for f in ("plan.json", "plan.md", "plan_frontier.png", "report.json", "result.json"):
+        assert (out / f).is_file(), f
+    pj = json.loads((out / "plan.json").read_text())
+    assert pj["budget"] == {"max_utility_loss": 0.5, "max_bits": None, "target_mis": None}
+    rep = json.loads((out / "report.json").read_text())
+    assert {"rtn_int8", "rtn_int2", "plan"} <= set(rep["schemes"])
+    assert rep["schemes"]["plan"]["leakage"] == pytest.approx(pj["leakage"])
+    assert json.loads((out / "result.json").read_text())["plan"]["scheme"]["assignment"] == pj["scheme"]["assignment"]
+    assert "plan (candidates ['rtn_int8', 'rtn_int2']" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"PlanConfig.max_bits must be a number >= 0 or None, got -1.0"):
+        run_job(cfg(["plan.max_bits=-1"], tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "model.ckpt").exists()  # failed before training
+
+
+def test_callback_plans_at_fit_end(tmp_path):
+    """MISCallback(plan=...) plans after the end-of-fit assessment with the same estimate and
+    writes mis_plan.json / mis_plan.png; the plan's leakage is the re-assessed one."""
+    import json
+
+    import pytorch_lightning as pl
+
+    from mis_lightning import MISCallback
+
+    class Reg(pl.LightningModule):
+        weight_decay = WD
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def per_sample_loss(self, o, t):
+            return loss(o, t)
+
+        def training_step(self, b, i):
+            return loss(self(b[0]), b[1]).mean()
+
+        def validation_step(self, b, i):
+            self.log("val_loss", loss(self(b[0]), b[1]).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=2e-2)
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 6, generator=g)
+    Y = X[:, 0] - 0.5 * X[:, 1] + 0.1 * torch.randn(400, generator=g)
+    tr = DataLoader(TensorDataset(X[:300], Y[:300]), batch_size=100)
+    va = DataLoader(TensorDataset(X[300:], Y[300:]), batch_size=100)
+    torch.manual_seed(0)
+    cb = MISCallback(["rtn_int8"], dirpath=tmp_path, num_records=32, uncertainty_draws=0,
+                     plan={"candidates": ["rtn_int8", "rtn_int2"], "reassess": 1})
+    trainer = pl.Trainer(max_epochs=5, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Reg(), tr, va)
+    assert cb.last_error is None and cb.plan_result is not None
+    assert set(cb.plan_result.chosen.choices) == {"net.0.weight", "net.2.weight"}
+    pj = json.loads((tmp_path / "mis_plan.json").read_text())
+    assert pj["leakage"] == pytest.approx(cb.plan_result.report.schemes["plan"].leakage)
+    assert (tmp_path / "mis_plan.png").is_file()
+    with pytest.raises(KeyError):
+        MISCallback(["rtn_int8"], plan={"candidates": ["rtn_int9"]})
