@@ -16,9 +16,12 @@ target), and returns the Pareto frontier of the plans it saw. It works in three 
    the leakage (method.md section 3) with the plan's kappa vector, in the correlated form when
    the pipeline's headline is correlated (``ScoringConfig.covariance``), else the independent
    form, whose per-record sums ``s2 = sum_j w_j^2 kappa_j`` add up over parameters.
-   Every plan is enumerated when there are at most ``max_enumerate``; otherwise a greedy
-   path (the move with the largest leakage drop per unit of utility cost, from the plan of
-   least utility cost) supplies the plans.
+   Every plan is enumerated with the (cheap, additive) independent form when there are at
+   most ``max_enumerate``; otherwise a greedy path (the move with the largest leakage drop
+   per unit of utility cost, from the plan of least utility cost) supplies the plans. When the
+   headline is correlated, the plans Pareto-optimal under the independent form (at most
+   :data:`MAX_EXACT`) and the uniform ones are then scored with the correlated form, and the
+   choice is made among those.
 
 The chosen plan and a few others of the frontier are then **re-assessed** through the pipeline
 (:func:`~mis_lightning.assess.score_schemes` with :class:`~mis_lightning.quantization.mixed.
@@ -61,6 +64,8 @@ from .report import Report, SchemeResult
 
 __all__ = ["PlanConfig", "PlanPoint", "PlanResult", "plan"]
 
+#: plans scored with the pipeline's correlated form after the independent-form search
+MAX_EXACT = 48
 #: utility names that are better when lower (others: higher, unless the metric says)
 _LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error", "nll")
 
@@ -296,33 +301,38 @@ def _relative_loss(value: float, ref: float, lower_better: bool) -> float:
 
 
 class _Proxy:
-    """The leakage proxy of a plan (the pipeline's Gaussian form, correlated when it is)."""
+    """The leakage proxy of a plan: :meth:`independent`, the independent-coordinate Gaussian
+    form (per-record ``s2 = sum_j w_j^2 kappa_j``, additive over parameters: cheap), and
+    ``__call__``, the pipeline's headline form (the correlated Gaussian form when the pipeline
+    uses a correlation model, else the same as :meth:`independent`)."""
 
     def __init__(self, est: Estimate, kappas: list[dict[str, Tensor]], groups: list[str],
                  cfg: ScoringConfig) -> None:
         self.est, self.kappas, self.groups = est, kappas, groups
         self.rc = _record_correlation(est, cfg)
         self.n = est.n
-        if self.rc is None:
-            # independent form: per-record s2 of each (group, candidate) and of the rest (kappa 1)
-            self.s2: dict[str, Tensor] = {}
-            rest = torch.zeros(est.num_records, dtype=torch.float64)
-            for name in est.names:
-                numel = est.theta[name].numel()
-                if name in groups:
-                    cols = torch.stack([k.get(name, torch.ones(numel, dtype=torch.float64)) for k in kappas], 1)
-                    self.s2[name] = est.power_sums(name, {2: cols})[2]  # [R, C]
-                else:
-                    rest += est.power_sums(name, {2: torch.ones(numel, 1, dtype=torch.float64)})[2][:, 0]
-            self.rest = rest
+        # per-record s2 of each (group, candidate) and of the rest (kappa 1): one pass each
+        self.s2: dict[str, Tensor] = {}
+        rest = torch.zeros(est.num_records, dtype=torch.float64)
+        for name in est.names:
+            numel = est.theta[name].numel()
+            if name in groups:
+                cols = torch.stack([k.get(name, torch.ones(numel, dtype=torch.float64)) for k in kappas], 1)
+                self.s2[name] = est.power_sums(name, {2: cols})[2]  # [R, C]
+            else:
+                rest += est.power_sums(name, {2: torch.ones(numel, 1, dtype=torch.float64)})[2][:, 0]
+        self.rest = rest
+
+    def independent(self, choice: Sequence[int]) -> float:
+        s2 = self.rest.clone()
+        for g, c in zip(self.groups, choice):
+            s2 += self.s2[g][:, c]
+        return float(F.leakage_from_sums(s2, self.n).mean())
 
     def __call__(self, choice: Sequence[int]) -> float:
         est = self.est
         if self.rc is None:
-            s2 = self.rest.clone()
-            for g, c in zip(self.groups, choice):
-                s2 += self.s2[g][:, c]
-            return float(F.leakage_from_sums(s2, self.n).mean())
+            return self.independent(choice)
         kvec = torch.ones(est.d, dtype=torch.float64)
         for g, c in zip(self.groups, choice):
             k = self.kappas[c].get(g)
@@ -486,18 +496,19 @@ def plan(
     # Step 3: search with the proxy.
     t0 = time.perf_counter()
     proxy = _Proxy(est, kappas, groups, sc_cfg)
-    seen: dict[tuple[int, ...], tuple[float, float, float]] = {}
-
-    def evaluate(choice: tuple[int, ...]) -> tuple[float, float, float]:
-        if choice not in seen:
-            u = float_u[metric] + float(du[torch.arange(len(groups)), list(choice)].sum())
-            b = (other_bits + float(gbits[torch.arange(len(groups)), list(choice)].sum())) / d
-            seen[choice] = (proxy(choice), u, b)
-        return seen[choice]
+    cheap: dict[tuple[int, ...], tuple[float, float, float]] = {}
 
     def uloss(u: float) -> float:
         return _relative_loss(u, float_u[metric], lower)
 
+    def evaluate(choice: tuple[int, ...]) -> tuple[float, float, float]:
+        if choice not in cheap:
+            u = float_u[metric] + float(du[torch.arange(len(groups)), list(choice)].sum())
+            b = (other_bits + float(gbits[torch.arange(len(groups)), list(choice)].sum())) / d
+            cheap[choice] = (proxy.independent(choice), u, b)
+        return cheap[choice]
+
+    # Stage 1 with the independent form (additive over parameters: every plan or a greedy path).
     total = C ** len(groups)
     if total <= cfg.max_enumerate:
         for choice in itertools.product(range(C), repeat=len(groups)):
@@ -506,6 +517,17 @@ def plan(
         _greedy(evaluate, len(groups), C, du, lower)
     for ci in range(C):  # the uniform plans always enter the comparison
         evaluate(tuple([ci] * len(groups)))
+    # Stage 2: the pipeline's own form (correlated: a d x d or factor solve per plan) on the
+    # plans that are Pareto-optimal in stage 1 and the uniform ones (at most max_exact).
+    if proxy.rc is None:
+        seen = cheap
+    else:
+        ck = list(cheap)
+        front1 = [ck[i] for i in _pareto([(cheap[k][0], uloss(cheap[k][1]), cheap[k][2]) for k in ck])]
+        if len(front1) > MAX_EXACT:
+            front1 = [front1[round(i * (len(front1) - 1) / (MAX_EXACT - 1))] for i in range(MAX_EXACT)]
+        keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
+        seen = {k: (proxy(k), cheap[k][1], cheap[k][2]) for k in keep}
     keys = list(seen)
     pts = [(seen[k][0], uloss(seen[k][1]), seen[k][2]) for k in keys]
     front_idx = _pareto(pts)
@@ -526,7 +548,8 @@ def plan(
     frontier = [point(k) for k in frontier_keys]
     chosen = frontier[frontier_keys.index(keys[best])]
     # Re-assess the chosen plan and up to reassess - 1 others spread over the frontier.
-    others = [p for p in frontier if p is not chosen]
+    # (a uniform plan is the uniform candidate itself, scored below anyway: not re-assessed twice)
+    others = [p for p in frontier if p is not chosen and len(set(p.choices.values())) > 1]
     pick = [others[round(i * (len(others) - 1) / max(cfg.reassess - 2, 1))]
             for i in range(min(cfg.reassess - 1, len(others)))] if others else []
     to_assess = [chosen] + [p for i, p in enumerate(pick) if p not in pick[:i]]

@@ -108,7 +108,7 @@ def test_plan_is_the_best_feasible_plan(setup):
     model, tr, va, est, _ = setup
     budget = 0.02
     res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_utility_loss=budget,
-               weight_decay=WD, uncertainty_draws=0, reassess=1)
+               weight_decay=WD, uncertainty_draws=0, reassess=1, method="clt")
     assert res.chosen.utility_loss <= budget
     names = list(res.chosen.choices)
     assert len(names) == 3
@@ -124,10 +124,10 @@ def test_plan_is_the_best_feasible_plan(setup):
 def test_plan_target_mis_minimises_size(setup):
     model, tr, va, est, _ = setup
     res0 = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, weight_decay=WD,
-                uncertainty_draws=0, reassess=1)
+                uncertainty_draws=0, reassess=1, method="clt")
     target = 1.0 - 0.5 * (res0.report.baseline_leakage + res0.chosen.leakage)  # between float and the safest
     res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, target_mis=target, weight_decay=WD,
-               uncertainty_draws=0, reassess=1)
+               uncertainty_draws=0, reassess=1, method="clt")
     assert 1.0 - res.chosen.leakage >= target
     assert res.chosen.bits_per_weight == min(p.bits_per_weight for p in res.frontier if 1.0 - p.leakage >= target)
 
@@ -158,8 +158,8 @@ def test_app_mode_plan(tmp_path, capsys):
     from mis_lightning.app.job import run_job
 
     fast = ["data=synthetic_linear", "data.n_train=300", "data.n_val=200", "data.batch_size=300",
-            "model=mlp_probe", "trainer.max_epochs=20", "mis.estimation.num_records=64",
-            "mis.scoring.uncertainty_draws=0", "logger=none", "progress=false", "mode=plan",
+            "model=mlp_probe", "trainer.max_epochs=3", "mis.estimation.num_records=64",
+            "mis.scoring.uncertainty_draws=0", "mis.scoring.method=clt", "logger=none", "progress=false", "mode=plan",
             "plan.candidates=[rtn_int8,rtn_int2]", "plan.reassess=2"]
 
     def cfg(extra, out):
@@ -222,9 +222,9 @@ def test_callback_plans_at_fit_end(tmp_path):
     tr = DataLoader(TensorDataset(X[:300], Y[:300]), batch_size=100)
     va = DataLoader(TensorDataset(X[300:], Y[300:]), batch_size=100)
     torch.manual_seed(0)
-    cb = MISCallback(["rtn_int8"], dirpath=tmp_path, num_records=32, uncertainty_draws=0,
+    cb = MISCallback(["rtn_int8"], dirpath=tmp_path, num_records=32, uncertainty_draws=0, method="clt",
                      plan={"candidates": ["rtn_int8", "rtn_int2"], "reassess": 1})
-    trainer = pl.Trainer(max_epochs=5, callbacks=[cb], logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Reg(), tr, va)
     assert cb.last_error is None and cb.plan_result is not None
