@@ -118,6 +118,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self.plan_config = _plan_config(plan)
         self.plan_result: PlanResult | None = None
         self.plan_path: Path | None = None
+        self._kept: dict[str, Any] = {}  # the assessment's estimate, loader, utility (for the plan)
         self._reset_run_state()
 
     def _user_objects(self) -> dict[str, Any]:
@@ -191,7 +192,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         try:
             with lt.rng_isolated(), torch.inference_mode(False), torch.enable_grad():
                 pl_module.eval()
-                self._kept: dict[str, Any] = {}
+                self._kept = {}
                 report = self._assess(trainer, pl_module)
                 if self.plan_config is not None and stage == "fit_end" and zero:
                     self.plan_result = self._plan(trainer, pl_module)
@@ -206,6 +207,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 rank_zero_info(f"MISCallback: assessed {len(report.schemes)} scheme(s) on n={report.n} "
                                f"records in {time.perf_counter() - t0:.1f} s; report: {self.report_path}")
                 if self.plan_result is not None and stage == "fit_end":
+                    for w in self.plan_result.warnings:  # a plan missing its budget, proxy off by > 2%
+                        if w not in report.warnings:
+                            rank_zero_warn(f"MISCallback: plan: {w}")
                     self.plan_path = lt_write_plan(out, self.plan_result)
                     rank_zero_info(f"MISCallback: plan {self.plan_result.scheme.describe()['assignment']} "
                                    f"(leakage {self.plan_result.leakage:.4g}); {self.plan_path}")
@@ -221,6 +225,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         finally:
             pl_module.train(was_training)
             self._last_step = step
+            self._kept = {}  # the estimate is large: not kept past the run
 
 
 class MISCallback(_MISCallbackImpl, pl.Callback):

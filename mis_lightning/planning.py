@@ -157,7 +157,7 @@ class PlanResult:
         report: the pipeline's report of the uniform candidates and the re-assessed plans.
         float_utility: the float model's utility metric; ``metric``: its name.
         budget: the budgets used; ``warnings``: where a re-assessed value misses its budget.
-        seconds: wall time per step.
+        seconds: wall time per step; ``lower_is_better``: the metric's direction.
     """
 
     scheme: MixedPrecisionScheme
@@ -170,6 +170,7 @@ class PlanResult:
     budget: dict[str, Any]
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    lower_is_better: bool = True
 
     @property
     def leakage(self) -> float:
@@ -196,7 +197,7 @@ class PlanResult:
         lower leakage at equal or better utility and equal or fewer bits."""
         mine = self.chosen.reassessed(self.metric)
         assert mine is not None
-        sign = 1.0 if _lower_is_better(self.metric) else -1.0
+        sign = 1.0 if self.lower_is_better else -1.0
         out = []
         for k, u in self.uniform.items():
             r = u.reassessed(self.metric)
@@ -277,6 +278,13 @@ class PlanResult:
             ax.axhline(self.report.baseline_leakage, ls=":", c="k", lw=0.8)
             ax.set_xlabel(label)
             ax.set_ylabel("leakage (1 - MIS)")
+        if self.budget.get("max_bits") is not None:
+            axes[0].axvline(self.budget["max_bits"], ls="--", c="tab:red", lw=0.8, label="budget")
+        if self.budget.get("max_utility_loss") is not None:
+            b = float(self.budget["max_utility_loss"]) * abs(self.float_utility)
+            axes[1].axvline(self.float_utility + (b if self.lower_is_better else -b), ls="--",
+                            c="tab:red", lw=0.8)
+        fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {self.budget})", fontsize=9)
         axes[0].scatter([], [], marker="s", c="tab:blue", label="uniform (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:orange", label="plans (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:red", label="chosen plan")
@@ -590,7 +598,7 @@ def plan(
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
-                      seconds=seconds)
+                      seconds=seconds, lower_is_better=lower)
 
 
 def _index(cands: Sequence[QuantizationScheme], name: str) -> int:

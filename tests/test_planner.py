@@ -107,9 +107,13 @@ def test_plan_is_the_best_feasible_plan(setup):
     warning says it does not)."""
     model, tr, va, est, _ = setup
     budget = 0.02
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
     res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_utility_loss=budget,
                weight_decay=WD, uncertainty_draws=0, reassess=1, method="clt")
     assert res.chosen.utility_loss <= budget
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    model.eval()
     names = list(res.chosen.choices)
     assert len(names) == 3
     best = min(p.leakage for p in res.frontier if p.utility_loss <= budget)
