@@ -90,7 +90,7 @@ def test_plan_prediction_matches_reassessment(setup):
     assert len(assessed) == 3
     for p in assessed:
         assert p.result.leakage == pytest.approx(p.leakage, rel=0.02)
-        qm = p.result and MixedPrecisionScheme(p.choices).apply(model).model
+        qm = MixedPrecisionScheme(p.choices).apply(model).model  # the real mixed copy
         with torch.no_grad():
             per = loss(qm(Xv), Yv)
         se = float(per.std() / math.sqrt(per.numel()))
