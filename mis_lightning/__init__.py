@@ -1,6 +1,6 @@
 """mis-lightning: membership-inference security (MIS) of post-training-quantized models.
 
-Public API: :func:`assess`, :class:`MISCallback` (Lightning), :class:`MISIndicator`
+Public API: :func:`assess`, :func:`plan` (per-layer quantization planner), :class:`MISCallback` (Lightning), :class:`MISIndicator`
 (torchmetrics), :mod:`mis_lightning.functional` (the math), and the scheme registry
 :mod:`mis_lightning.quantization` (``available_schemes``, ``get_scheme``, ``register_scheme``).
 """
@@ -12,6 +12,7 @@ from typing import Any
 from . import functional, quantization
 from .assess import assess, score, score_schemes
 from .config import EstimationConfig, ScoringConfig
+from .planning import PlanConfig, PlanResult, plan
 from .quantization import available_schemes, get_scheme, register_scheme
 from .report import Report, SchemeResult
 
@@ -32,6 +33,9 @@ __all__ = [
     "score_schemes",
     "EstimationConfig",
     "ScoringConfig",
+    "PlanConfig",
+    "PlanResult",
+    "plan",
 ]
 
 

@@ -237,7 +237,7 @@ class PicklingChecked:
 def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimation_config: EstimationConfig,
                       scoring_config: ScoringConfig, resolved: dict[str, Any], *, batch_fn: Any = None,
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
-                      output_transform: Any = None) -> Report:
+                      output_transform: Any = None, keep: dict[str, Any] | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
     over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
@@ -245,6 +245,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     whole validation set on rank 0 (:func:`~mis_lightning.evaluation.evaluate_utility`).
     Progress renders with :class:`~mis_lightning.progress.ProgressDisplay` where the Trainer
     shows a progress bar (rank 0).
+
+    ``keep``, when given, receives the ``estimate``, the estimation ``loader`` and the
+    ``utility_fn`` (the planner reuses them: ``MISCallback(plan=...)``).
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -283,8 +286,11 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             metric.update(to_device(batch, device))
             done += getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
-        report = score_schemes(metric.estimate(), pl_module, schemes, scoring_config=scoring_config,
+        est = metric.estimate()
+        report = score_schemes(est, pl_module, schemes, scoring_config=scoring_config,
                                utility_fn=utility_fn, progress=show, calibration_data=loader)
+    if keep is not None:
+        keep.update(estimate=est, loader=loader, utility_fn=utility_fn if val_loader is not None else None)
     if val_loader is None:
         report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
     return report

@@ -24,12 +24,46 @@ from .assess import SchemeSpec, resolve_schemes
 from .config import EstimationConfig, ScoringConfig, stage_configs
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
+from .planning import PlanConfig, PlanResult
+from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
 from .streaming import default_schemes
 from .tracking import FIGURE_NAME, REPORT_NAME, history_summary, publish_failure, publish_report  # noqa: F401
 
 __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, needs `lightning`
+
+
+def _plan_config(plan: PlanConfig | Mapping[str, Any] | None) -> PlanConfig | None:
+    """``plan=`` as a checked :class:`PlanConfig` (candidate names resolved now: typos raise).
+
+    Raises:
+        TypeError: ``plan`` is neither a PlanConfig nor a mapping; ValueError / KeyError: as
+            :class:`PlanConfig` and ``resolve_schemes``.
+    """
+    if plan is None:
+        return None
+    if isinstance(plan, Mapping):
+        plan = PlanConfig(**plan)
+    if not isinstance(plan, PlanConfig):
+        raise TypeError(f"MISCallback: plan must be a PlanConfig or a mapping of its fields, got {type(plan).__name__}")
+    resolve_schemes(plan.candidates)
+    return plan
+
+
+def lt_write_plan(out: Path, result: PlanResult) -> Path:
+    """``<out>/mis_plan.json`` (:meth:`PlanResult.to_dict`) and ``mis_plan.png`` (the frontier)."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from .report import to_plain
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "mis_plan.json"
+    path.write_text(json.dumps(to_plain(result.to_dict()), indent=2))
+    plt.close(result.figure(str(out / "mis_plan.png")))
+    return path
 
 
 class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
@@ -48,6 +82,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         dirpath: report and figure folder (default: the checkpoint dir, else the log dir).
         estimation_batch_size: batch size of the estimation pass (default: the train loader's).
         log_figure: send the figure to loggers that take images; prefix: logged key prefix.
+        plan: a :class:`~mis_lightning.planning.PlanConfig` (or its fields as a mapping): at the
+            end of fit, after the assessment, plan the per-layer quantization with the same
+            estimate (:func:`mis_lightning.plan`; rank 0, needs a validation loader) and write
+            ``mis_plan.json`` and ``mis_plan.png`` next to the report (``self.plan_result``).
         options: fields of either config by name (``estimation="exact"``, ``num_records=64``).
 
     Raises:
@@ -62,7 +100,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                  batch_fn: BatchFn | None = None, utility_metrics: Mapping[str, Any] | None = None,
                  output_transform: OutputTransform | None = None, every_n_val_epochs: int | None = None,
                  dirpath: str | Path | None = None, estimation_batch_size: int | None = None,
-                 log_figure: bool = True, prefix: str = "mis", **options: Any) -> None:
+                 log_figure: bool = True, prefix: str = "mis", plan: PlanConfig | Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
         super().__init__()
         self.schemes = scheme_list(default_schemes() if schemes is None else schemes)  # [] raises
         self.estimation_config, self.scoring_config, rest = stage_configs(
@@ -76,6 +115,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self.utility_metrics, self.every_n_val_epochs = dict(utility_metrics or {}), every_n_val_epochs
         self.dirpath, self.estimation_batch_size = dirpath, estimation_batch_size
         self.log_figure, self.prefix, self._state_loaded = log_figure, prefix, False
+        self.plan_config = _plan_config(plan)
+        self.plan_result: PlanResult | None = None
+        self.plan_path: Path | None = None
+        self._kept: dict[str, Any] = {}  # the assessment's estimate, loader, utility (for the plan)
         self._reset_run_state()
 
     def _user_objects(self) -> dict[str, Any]:
@@ -127,7 +170,19 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         return lt.assess_on_trainer(
             trainer, pl_module, self.schemes, self.estimation_config, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
-            metrics=self.utility_metrics, output_transform=self.output_transform)
+            metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept)
+
+    def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
+        """The planner on the assessment's estimate, loader and utility (rank 0)."""
+        kept = self._kept
+        if kept.get("utility_fn") is None:
+            raise ValueError("MISCallback(plan=...) needs a validation dataloader: the planner measures "
+                             "each candidate's utility cost per layer")
+        res = self._loss(trainer, pl_module)
+        assert self.plan_config is not None
+        return run_plan(pl_module, None, kept["loader"], res["loss_fn"], estimate=kept["estimate"],
+                        utility_fn=kept["utility_fn"], config=self.plan_config,
+                        scoring_config=self.scoring_config, batch_fn=self.batch_fn)
 
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
         was_training, t0, zero = pl_module.training, time.perf_counter(), trainer.is_global_zero
@@ -137,7 +192,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         try:
             with lt.rng_isolated(), torch.inference_mode(False), torch.enable_grad():
                 pl_module.eval()
+                self._kept = {}
                 report = self._assess(trainer, pl_module)
+                if self.plan_config is not None and stage == "fit_end" and zero:
+                    self.plan_result = self._plan(trainer, pl_module)
             self.report, self.last_error = report, None
             self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": history_summary(report)})
             if zero:
@@ -148,6 +206,13 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     extra=where, copy_name=None if stage == "fit_end" else f"mis_report_epoch={epoch}.json")
                 rank_zero_info(f"MISCallback: assessed {len(report.schemes)} scheme(s) on n={report.n} "
                                f"records in {time.perf_counter() - t0:.1f} s; report: {self.report_path}")
+                if self.plan_result is not None and stage == "fit_end":
+                    for w in self.plan_result.warnings:  # a plan missing its budget, proxy off by > 2%
+                        if w not in report.warnings:
+                            rank_zero_warn(f"MISCallback: plan: {w}")
+                    self.plan_path = lt_write_plan(out, self.plan_result)
+                    rank_zero_info(f"MISCallback: plan {self.plan_result.scheme.describe()['assignment']} "
+                                   f"(leakage {self.plan_result.leakage:.4g}); {self.plan_path}")
         except Exception as exc:
             if self.scoring_config.strict:
                 raise
@@ -160,6 +225,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         finally:
             pl_module.train(was_training)
             self._last_step = step
+            self._kept = {}  # the estimate is large: not kept past the run
 
 
 class MISCallback(_MISCallbackImpl, pl.Callback):

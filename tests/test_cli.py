@@ -395,7 +395,7 @@ def test_assess_mode_errors_name_the_option(tmp_path):
 
     base = [*FAST, "logger=none", "schemes=[rtn_int8]"]
     cases = [
-        (["mode=asess"], ValueError, "mode must be 'train' or 'assess', got 'asess'"),
+        (["mode=asess"], ValueError, "mode must be 'train', 'assess' or 'plan', got 'asess'"),
         (["mode=assess"], ValueError, "mode=assess needs ckpt_path=<checkpoint of the app's model> "
          "(a training run writes <run dir>/model.ckpt, see output.checkpoint)"),
         ([f"ckpt_path={tmp_path}/x.ckpt"], ValueError, f"ckpt_path={tmp_path}/x.ckpt is set but "

@@ -159,6 +159,17 @@ def _store_quantizer(name: str) -> None:
 _STORED = False
 
 
+def store_plan_group() -> None:
+    """Store the ``plan`` group's ``default`` option: the dataclass
+    :class:`~mis_lightning.planning.PlanConfig` itself as a structured config (its fields, types
+    and defaults declared once; ``mis-lightning mode=plan plan.max_utility_loss=0.05``)."""
+    from hydra.core.config_store import ConfigStore
+
+    from mis_lightning.planning import PlanConfig
+
+    ConfigStore.instance().store(group="plan", name="default", node=PlanConfig)
+
+
 def store_quantizer_group() -> None:
     """Generate the Hydra ``quantizer`` group from the scheme registry (idempotent).
 

@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from mis_lightning.app.factories import resolve_schemes
 from mis_lightning.assess import assess
 from mis_lightning.config import EstimationConfig, ScoringConfig
+from mis_lightning.planning import PlanConfig, PlanResult, plan
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.report import Report, to_plain
@@ -53,6 +54,31 @@ __all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir"
 
 
 # -- small helpers -------------------------------------------------------------------------------
+
+
+def plan_config_of(cfg: DictConfig) -> PlanConfig | None:
+    """``mode=plan``: the :class:`~mis_lightning.planning.PlanConfig` of ``cfg.plan`` (the
+    structured config ``plan/default`` stored from the dataclass: each option declared once),
+    its candidates checked; other modes: ``None``.
+
+    Raises:
+        ValueError: an invalid plan option (named); KeyError: an unknown candidate name.
+    """
+    if str(cfg.get("mode", "train")) != "plan":
+        return None
+    node = cfg.get("plan")
+    pc = PlanConfig(**(OmegaConf.to_container(node, resolve=True) if node is not None else {}))  # type: ignore[arg-type]
+    pc.candidates = resolve_schemes(pc.candidates)
+    return pc
+
+
+def write_plan(planned: PlanResult, out: Path, names: Any) -> None:
+    """``plan.json`` (:meth:`PlanResult.to_dict`), ``plan.md`` (the table) and the frontier figure."""
+    import matplotlib.pyplot as plt
+
+    (out / names.get("plan", "plan.json")).write_text(json.dumps(to_plain(planned.to_dict()), indent=2))
+    (out / "plan.md").write_text(planned.table() + "\n")
+    plt.close(planned.figure(str(out / names.get("plan_figure", "plan_frontier.png"))))
 def _hydra_config() -> Any | None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -320,26 +346,29 @@ def _aggregated_multirun() -> bool:
     return any(str((node or {}).get("_target_", "")).endswith("AggregateSweep") for node in cbs.values())
 
 
-MODES = ("train", "assess")
+MODES = ("train", "assess", "plan")
 
 
 def load_checkpoint_of(cfg: DictConfig) -> dict[str, Any] | None:
-    """The checkpoint to assess in ``mode=assess`` (``None`` in ``mode=train``), checked before
+    """The checkpoint to assess in ``mode=assess`` (``None`` in ``mode=train``; in ``mode=plan``
+    the checkpoint when ``ckpt_path`` is set, else ``None``: train, then plan), checked before
     any data is read.
 
     Raises:
-        ValueError: ``mode`` is neither ``train`` nor ``assess``; ``mode=assess`` without
+        ValueError: ``mode`` is not ``train``, ``assess`` or ``plan``; ``mode=assess`` without
             ``ckpt_path``; ``ckpt_path`` with ``mode=train`` (it would be ignored); a file that
             is not a Lightning checkpoint (no ``state_dict``).
         FileNotFoundError: ``ckpt_path`` does not exist.
     """
     mode, path = cfg.get("mode", "train"), cfg.get("ckpt_path")
     if mode not in MODES:
-        raise ValueError(f"mode must be 'train' or 'assess', got {mode!r}")
+        raise ValueError(f"mode must be 'train', 'assess' or 'plan', got {mode!r}")
     if mode == "train":
         if path:
             raise ValueError(f"ckpt_path={path} is set but mode=train would train a new model and "
                              "ignore it: add mode=assess to assess the checkpoint")
+        return None
+    if mode == "plan" and not path:  # plan a freshly trained model
         return None
     if not path:
         raise ValueError("mode=assess needs ckpt_path=<checkpoint of the app's model> (a training "
@@ -428,6 +457,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     threads = set_threads(cfg.get("num_threads"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     schemes = selected_schemes(cfg)  # fail fast on a bad scheme name, before training
+    plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
+    if plan_cfg is not None:
+        schemes = resolve_schemes(plan_cfg.candidates)
     est_cfg, sc_cfg = stage_configs_of(cfg)  # invalid options fail here, before training
     # ... and on a scheme this machine cannot run (e.g. int4_weight_only_tinygemm without CUDA)
     unavailable = check_schemes_available(schemes, strict=sc_cfg.strict)
@@ -484,16 +516,20 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             model.eval()
             progress("estimation", 0, total=dm.n_train)
             t0 = time.perf_counter()
-            # the pipeline itself (estimate -> score), as every front end runs it
-            report = assess(
-                model, schemes, _assessment_loader(dm), model.per_sample_loss,
+            # the pipeline itself (estimate -> score), as every front end runs it; mode=plan:
+            # the planner (one estimation, the candidates per layer, the plans re-assessed)
+            run = functools.partial(assess, schemes=schemes) if plan_cfg is None else functools.partial(
+                plan, candidates=schemes, config=plan_cfg)
+            planned = run(
+                model, train_dataloader=_assessment_loader(dm), loss_fn=model.per_sample_loss,
                 estimation_config=dataclasses.replace(
                     est_cfg, num_records=min(est_cfg.num_records, dm.n_train)),
                 scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(),
                 metrics=utility_metrics(task),
                 output_transform=functools.partial(metric_inputs, task=task), progress=progress,
             )
-            times["assess"] = round(time.perf_counter() - t0, 3)
+            report = planned if plan_cfg is None else planned.report
+            times["assess" if plan_cfg is None else "plan"] = round(time.perf_counter() - t0, 3)
 
             stage[0] = "output"
             names = cfg.output
@@ -506,6 +542,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+            if plan_cfg is not None:
+                write_plan(planned, out, names)
         except BaseException:
             for lg in loggers:
                 lg.finalize("failed")
@@ -532,6 +570,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         "rows": report.rows(),
         "warnings": report.warnings,
         "times_s": times,
+        **({} if plan_cfg is None else {"plan": planned.to_dict()}),
         "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()
                   if v and (k != "checkpoint" or ckpt is None)},
     }
@@ -540,6 +579,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     print(f"\nMIS of {type(model).__name__} on {cfg.data._target_.rsplit('.', 1)[-1]} "
           f"(n = {report.n}, d = {report.d}; baseline leakage {report.baseline_leakage:.4g})")
     print(report.table())  # the warnings in full below the table
+    if plan_cfg is not None:
+        print(f"\nplan (candidates {[s.name for s in schemes]}, budget {planned.budget}):")
+        print(planned.table())
+        print(f"plan: {out / names.get('plan', 'plan.json')}  figure: {out / names.get('plan_figure', 'plan_frontier.png')}")
     print(f"figure: {out / cfg.output.figure}")
     print(f"report: {out / cfg.output.report_json}  {out / cfg.output.report_csv}")
     if ckpt is None and cfg.output.get("checkpoint") and (out / cfg.output.checkpoint).exists():

@@ -1,0 +1,662 @@
+"""The privacy-aware quantization planner: one candidate scheme per layer, chosen for leakage.
+
+:func:`plan` picks, for each quantizable parameter (a layer's weight), one of the candidate
+schemes, to minimise the leakage under a utility and/or size budget (or the size under a MIS
+target), and returns the Pareto frontier of the plans it saw. It works in three steps:
+
+1. **One estimation pass** (:func:`~mis_lightning.assess.run_estimation`), shared by every
+   candidate and every plan.
+2. **Per parameter and candidate**, from each candidate's real quantized copy: the kappa of
+   every weight (its cell moments on the released grid), the bits, and the utility cost,
+   *measured*: the model with only that parameter quantized is evaluated on the validation
+   data (more honest than a second-order estimate for the small models this library assesses;
+   it costs ``groups x candidates`` evaluations). A plan's predicted utility is the float
+   model's plus the sum of its parameters' measured changes.
+3. **Search** over plans with a fast proxy of the pipeline's headline: the Gaussian form of
+   the leakage (method.md section 3) with the plan's kappa vector, in the correlated form when
+   the pipeline's headline is correlated (``ScoringConfig.covariance``), else the independent
+   form, whose per-record sums ``s2 = sum_j w_j^2 kappa_j`` add up over parameters.
+   Every plan is enumerated with the (cheap, additive) independent form when there are at
+   most ``max_enumerate``; otherwise a greedy path (the move with the largest leakage drop
+   per unit of utility cost, from the plan of least utility cost) supplies the plans. When the
+   headline is correlated, the plans Pareto-optimal under the independent form (at most
+   :data:`MAX_EXACT`) and the uniform ones are then scored with the correlated form, and the
+   choice is made among those.
+
+The chosen plan and a few others of the frontier are then **re-assessed** through the pipeline
+(:func:`~mis_lightning.assess.score_schemes` with :class:`~mis_lightning.quantization.mixed.
+MixedPrecisionScheme`, i.e. the real mixed-precision copy), together with the uniform
+candidates: the numbers reported for them are the pipeline's, the proxy's are shown beside.
+Where the pipeline uses a non-Gaussian form (Monte Carlo for coarse cells, the exact box form)
+or non-nearest rounding (Monte Carlo re-quantization), the proxy can differ from the re-assessed
+value; a re-assessed plan that misses its budget is named in ``PlanResult.warnings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+from .assess import (
+    SchemeSpec,
+    _grid_moments,
+    _record_correlation,
+    resolve_schemes,
+    run_estimation,
+    score_schemes,
+)
+from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, stage_configs
+from .estimation import Estimate
+from .estimation.per_sample import BatchFn, LossFn
+from .evaluation import OutputTransform, evaluate_utility
+from .progress import ProgressFn
+from .quantization import QuantizationScheme
+from .quantization.mixed import MixedPrecisionScheme
+from .report import Report, SchemeResult
+
+__all__ = ["PlanConfig", "PlanPoint", "PlanResult", "plan"]
+
+#: plans scored with the pipeline's correlated form after the independent-form search
+MAX_EXACT = 48
+#: utility names that are better when lower (others: higher, unless the metric says)
+_LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error", "nll")
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    """The planner's options (one place for every front end: ``plan()``, ``MISCallback(plan=)``,
+    the app's ``plan`` config group).
+
+    Attributes:
+        candidates: registry names (or scheme objects) to choose from per parameter.
+        max_utility_loss: largest allowed relative utility loss versus the float model
+            (``0.05``: the metric at most 5% worse); ``None``: no utility budget.
+        max_bits: largest mean bits per assessed weight (the report's ``bits_per_weight``).
+        target_mis: with it, the plan minimises the size subject to ``MIS >= target_mis``
+            (and the other budgets); without it, the plan minimises the leakage.
+        utility_metric: the validation figure the budget applies to (``"loss"``: the mean
+            per-sample loss, or the name of a utility metric).
+        reassess: frontier plans re-assessed through the pipeline (the chosen one included).
+        max_enumerate: enumerate every plan up to this many, else search greedily.
+    """
+
+    candidates: list[Any] = dataclasses.field(default_factory=lambda: [
+        "int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int3", "intx_weight_only_int2"])
+    max_utility_loss: float | None = None
+    max_bits: float | None = None
+    target_mis: float | None = None
+    utility_metric: str = "loss"
+    reassess: int = 3
+    max_enumerate: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.candidates, (str, QuantizationScheme)):
+            self.candidates = [self.candidates]
+        self.candidates = list(self.candidates)
+        if not self.candidates:
+            raise ValueError("PlanConfig.candidates is empty: give at least one candidate scheme")
+        for key in ("max_utility_loss", "max_bits"):
+            v = getattr(self, key)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"PlanConfig.{key} must be a number >= 0 or None, got {v!r}")
+        if self.target_mis is not None and not (0.0 <= float(self.target_mis) <= 1.0):
+            raise ValueError(f"PlanConfig.target_mis must lie in [0, 1], got {self.target_mis!r}")
+        if int(self.reassess) < 1:
+            raise ValueError(f"PlanConfig.reassess must be >= 1, got {self.reassess!r}")
+        if int(self.max_enumerate) < 1:
+            raise ValueError(f"PlanConfig.max_enumerate must be >= 1, got {self.max_enumerate!r}")
+
+
+@dataclasses.dataclass
+class PlanPoint:
+    """One plan: a candidate per parameter and its figures.
+
+    Attributes:
+        choices: ``{parameter: candidate name}``.
+        leakage: the proxy's leakage (dimensionless, ``1 - MIS``).
+        utility: predicted value of the utility metric.
+        utility_loss: predicted relative utility loss versus the float model.
+        bits_per_weight: mean bits per assessed weight (exact: the grids' accounting).
+        name: the scheme's name when re-assessed; ``result``: its pipeline result then.
+    """
+
+    choices: dict[str, str]
+    leakage: float
+    utility: float
+    utility_loss: float
+    bits_per_weight: float
+    name: str = ""
+    result: SchemeResult | None = None
+
+    def reassessed(self, metric: str) -> dict[str, float] | None:
+        """The pipeline's ``{"leakage", "mis", "utility", "bits_per_weight"}``, or ``None``."""
+        r = self.result
+        if r is None:
+            return None
+        return {"leakage": r.leakage, "mis": r.mis, "utility": r.utility.get(metric, math.nan),
+                "bits_per_weight": r.bits_per_weight}
+
+
+@dataclasses.dataclass
+class PlanResult:
+    """What :func:`plan` returns.
+
+    Attributes:
+        scheme: the chosen plan as a :class:`MixedPrecisionScheme` (apply it to release).
+        chosen: its :class:`PlanPoint` (proxy figures and the pipeline's ``result``).
+        frontier: the Pareto-optimal plans (leakage, utility loss, bits), by leakage.
+        uniform: the uniform candidates as plans (proxy figures and pipeline results).
+        report: the pipeline's report of the uniform candidates and the re-assessed plans.
+        float_utility: the float model's utility metric; ``metric``: its name.
+        budget: the budgets used; ``warnings``: where a re-assessed value misses its budget.
+        seconds: wall time per step; ``lower_is_better``: the metric's direction.
+    """
+
+    scheme: MixedPrecisionScheme
+    chosen: PlanPoint
+    frontier: list[PlanPoint]
+    uniform: dict[str, PlanPoint]
+    report: Report
+    float_utility: float
+    metric: str
+    budget: dict[str, Any]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    lower_is_better: bool = True
+
+    @property
+    def leakage(self) -> float:
+        """The chosen plan's leakage as re-assessed by the pipeline."""
+        assert self.chosen.result is not None
+        return self.chosen.result.leakage
+
+    @property
+    def mis(self) -> float:
+        return 1.0 - self.leakage
+
+    @property
+    def utility(self) -> float:
+        """The chosen plan's measured utility metric (its real mixed-precision copy)."""
+        assert self.chosen.result is not None
+        return self.chosen.result.utility.get(self.metric, math.nan)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.chosen.bits_per_weight
+
+    def dominated_uniform(self) -> list[str]:
+        """The uniform candidates the chosen plan strictly beats on the re-assessed figures:
+        lower leakage at equal or better utility and equal or fewer bits."""
+        mine = self.chosen.reassessed(self.metric)
+        assert mine is not None
+        sign = 1.0 if self.lower_is_better else -1.0
+        out = []
+        for k, u in self.uniform.items():
+            r = u.reassessed(self.metric)
+            if r is None or math.isnan(r["leakage"]):
+                continue
+            if (mine["leakage"] < r["leakage"] and sign * (mine["utility"] - r["utility"]) <= 0
+                    and mine["bits_per_weight"] <= r["bits_per_weight"] + 1e-9):
+                out.append(k)
+        return out
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per uniform candidate and re-assessed plan: proxy and pipeline figures."""
+        out = []
+        pts = [("uniform", p) for p in self.uniform.values()] + [
+            ("plan", p) for p in self.frontier if p.result is not None]
+        for kind, p in pts:
+            r = p.reassessed(self.metric) or {}
+            out.append({"kind": kind, "name": p.name, "choices": dict(p.choices),
+                        "predicted_leakage": p.leakage, "leakage": r.get("leakage", math.nan),
+                        "mis": r.get("mis", math.nan), "predicted_utility": p.utility,
+                        "utility": r.get("utility", math.nan), "bits_per_weight": p.bits_per_weight,
+                        "chosen": p is self.chosen})
+        return out
+
+    def table(self) -> str:
+        """A Markdown table of :meth:`rows` (proxy and re-assessed values), then the warnings."""
+        m = self.metric
+        lines = [f"| | plan | predicted leakage | leakage | MIS | predicted {m} | {m} | bits/weight |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in self.rows():
+            tag = "**chosen**" if r["chosen"] else r["kind"]
+            what = r["name"] if r["kind"] == "uniform" else ", ".join(f"{k}={v}" for k, v in r["choices"].items())
+            lines.append(f"| {tag} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {r['mis']:.4g} "
+                         f"| {r['predicted_utility']:.4g} | {r['utility']:.4g} | {r['bits_per_weight']:.3g} |")
+        lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
+                     f"budget: {self.budget}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types (JSON): the chosen plan, the rows, the frontier, budget, warnings, times."""
+        return {"scheme": self.scheme.describe(), "metric": self.metric, "float_utility": self.float_utility,
+                "budget": dict(self.budget), "leakage": self.leakage, "mis": self.mis, "utility": self.utility,
+                "bits_per_weight": self.bits_per_weight, "dominated_uniform": self.dominated_uniform(),
+                "rows": self.rows(),
+                "frontier": [{"choices": p.choices, "predicted_leakage": p.leakage, "predicted_utility": p.utility,
+                              "bits_per_weight": p.bits_per_weight} for p in self.frontier],
+                "warnings": list(self.warnings), "seconds": dict(self.seconds)}
+
+    def figure(self, path: str | None = None) -> Any:
+        """Leakage versus bits per weight and versus utility: the frontier of plans (proxy),
+        the re-assessed plans and the uniform candidates (pipeline). Returns the matplotlib
+        figure (saved to ``path`` when given)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+        fr = self.frontier
+        for ax, key, label in ((axes[0], "bits", "bits per weight"), (axes[1], "utility", self.metric)):
+            xs = [p.bits_per_weight if key == "bits" else p.utility for p in fr]
+            ax.scatter(xs, [p.leakage for p in fr], s=10, c="0.6", label="frontier plans (proxy)")
+            for name, p in self.uniform.items():
+                r = p.reassessed(self.metric)
+                if r is None:
+                    continue
+                x = r["bits_per_weight"] if key == "bits" else r["utility"]
+                ax.scatter([x], [r["leakage"]], marker="s", c="tab:blue")
+                ax.annotate(name, (x, r["leakage"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            for p in fr:
+                r = p.reassessed(self.metric)
+                if r is None:
+                    continue
+                x = r["bits_per_weight"] if key == "bits" else r["utility"]
+                ax.scatter([x], [r["leakage"]], marker="*", s=120 if p is self.chosen else 60,
+                           c="tab:red" if p is self.chosen else "tab:orange")
+            ax.axhline(self.report.baseline_leakage, ls=":", c="k", lw=0.8)
+            ax.set_xlabel(label)
+            ax.set_ylabel("leakage (1 - MIS)")
+        if self.budget.get("max_bits") is not None:
+            axes[0].axvline(self.budget["max_bits"], ls="--", c="tab:red", lw=0.8, label="budget")
+        if self.budget.get("max_utility_loss") is not None:
+            b = float(self.budget["max_utility_loss"]) * abs(self.float_utility)
+            axes[1].axvline(self.float_utility + (b if self.lower_is_better else -b), ls="--",
+                            c="tab:red", lw=0.8)
+        fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {self.budget})", fontsize=9)
+        axes[0].scatter([], [], marker="s", c="tab:blue", label="uniform (re-assessed)")
+        axes[0].scatter([], [], marker="*", c="tab:orange", label="plans (re-assessed)")
+        axes[0].scatter([], [], marker="*", c="tab:red", label="chosen plan")
+        axes[0].legend(fontsize=7)
+        if path is not None:
+            fig.savefig(path, dpi=120)
+        return fig
+
+
+def _lower_is_better(metric: str, metrics: Mapping[str, Any] | None = None) -> bool:
+    m = (metrics or {}).get(metric)
+    hib = getattr(m, "higher_is_better", None)
+    if hib is not None:
+        return not bool(hib)
+    return any(t in metric.lower() for t in _LOWER_IS_BETTER)
+
+
+def _relative_loss(value: float, ref: float, lower_better: bool) -> float:
+    """Relative utility loss of ``value`` versus ``ref`` (positive: worse)."""
+    diff = (value - ref) if lower_better else (ref - value)
+    return diff / max(abs(ref), 1e-12)
+
+
+class _Proxy:
+    """The leakage proxy of a plan: :meth:`independent`, the independent-coordinate Gaussian
+    form (per-record ``s2 = sum_j w_j^2 kappa_j``, additive over parameters: cheap), and
+    ``__call__``, the pipeline's headline form (the correlated Gaussian form when the pipeline
+    uses a correlation model, else the same as :meth:`independent`)."""
+
+    def __init__(self, est: Estimate, kappas: list[dict[str, Tensor]], groups: list[str],
+                 cfg: ScoringConfig) -> None:
+        self.est, self.kappas, self.groups = est, kappas, groups
+        self.rc = _record_correlation(est, cfg)
+        self.n = est.n
+        # per-record s2 of each (group, candidate) and of the rest (kappa 1): one pass each
+        self.s2: dict[str, Tensor] = {}
+        rest = torch.zeros(est.num_records, dtype=torch.float64)
+        for name in est.names:
+            numel = est.theta[name].numel()
+            if name in groups:
+                cols = torch.stack([k.get(name, torch.ones(numel, dtype=torch.float64)) for k in kappas], 1)
+                self.s2[name] = est.power_sums(name, {2: cols})[2]  # [R, C]
+            else:
+                rest += est.power_sums(name, {2: torch.ones(numel, 1, dtype=torch.float64)})[2][:, 0]
+        self.rest = rest
+
+    def independent(self, choice: Sequence[int]) -> float:
+        s2 = self.rest.clone()
+        for g, c in zip(self.groups, choice):
+            s2 += self.s2[g][:, c]
+        return float(F.leakage_from_sums(s2, self.n).mean())
+
+    def __call__(self, choice: Sequence[int]) -> float:
+        est = self.est
+        if self.rc is None:
+            return self.independent(choice)
+        kvec = torch.ones(est.d, dtype=torch.float64)
+        for g, c in zip(self.groups, choice):
+            k = self.kappas[c].get(g)
+            if k is not None:
+                s, e = est.offsets[g]
+                kvec[s:e] = k
+        assert est.influence is not None
+        if bool((kvec == 1.0).all()):
+            return float(F.saturate(self.rc.gaussian_mean_abs(est.influence) / (2 * math.sqrt(self.n))).mean())
+        return float(F.saturate(self.rc.gaussian_mean_abs(est.influence, kvec) / (2 * math.sqrt(self.n))).mean())
+
+
+def _pareto(points: list[tuple[float, float, float]]) -> list[int]:
+    """Indices of the points no other point weakly dominates (all three coordinates lower is
+    better) with one strict improvement."""
+    if not points:
+        return []
+    P = torch.tensor(points, dtype=torch.float64)
+    le = (P.unsqueeze(1) <= P.unsqueeze(0)).all(-1)  # [i, j]: i <= j everywhere
+    lt = (P.unsqueeze(1) < P.unsqueeze(0)).any(-1)
+    dominated = (le & lt).any(0)
+    return [i for i in range(len(points)) if not bool(dominated[i])]
+
+
+def plan(
+    model: nn.Module,
+    candidates: SchemeSpec | Sequence[SchemeSpec] | None,
+    train_dataloader: Iterable,
+    loss_fn: LossFn,
+    *,
+    val_dataloader: Iterable | None = None,
+    max_utility_loss: float | None = None,
+    max_bits: float | None = None,
+    target_mis: float | None = None,
+    config: PlanConfig | None = None,
+    estimation_config: EstimationConfig | None = None,
+    scoring_config: ScoringConfig | None = None,
+    batch_fn: BatchFn | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    output_transform: OutputTransform | None = None,
+    utility_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
+    estimate: Estimate | None = None,
+    progress: ProgressFn | None = None,
+    **options: Any,
+) -> PlanResult:
+    """The safest per-parameter choice among ``candidates`` for the utility and size budgets.
+
+    Args:
+        model: the trained float model; never modified.
+        candidates: registry names or scheme objects to choose from for each quantizable
+            parameter (``None``: ``config.candidates``).
+        train_dataloader, loss_fn, batch_fn: as :func:`~mis_lightning.assess` (the estimation
+            pass, run once; or pass ``estimate`` from :func:`~mis_lightning.assess.run_estimation`).
+        val_dataloader, metrics, output_transform: the utility of each quantized copy
+            (:func:`~mis_lightning.evaluation.evaluate_utility`); or ``utility_fn(copy) ->
+            {name: value}``. One of the two is required: the utility costs are measured.
+        max_utility_loss, max_bits, target_mis: the budgets (see :class:`PlanConfig`); they
+            override ``config``'s.
+        config: :class:`PlanConfig` (candidates, budgets, utility metric, search options).
+        estimation_config, scoring_config, options: the pipeline's options, as ``assess``;
+            ``options`` may also name :class:`PlanConfig` fields (``reassess=1``).
+        progress: ``progress(stage, completed)``: ``"estimation"``, then ``"plan"`` (candidate
+            evaluations so far), then ``"schemes"`` of the re-assessment.
+
+    Returns:
+        :class:`PlanResult`: the plan (a :class:`MixedPrecisionScheme`), its re-assessed
+        leakage, utility and bits, the frontier, the uniform candidates' figures.
+
+    Raises:
+        ValueError: no validation data, an unknown ``utility_metric``, no candidate quantizes
+            any assessed parameter, or no plan meets the budgets (the message gives the best
+            reachable values).
+        TypeError: an unknown keyword argument.
+        KeyError: an unknown scheme name.
+    """
+    t_all = time.perf_counter()
+    cfg = dataclasses.replace(config) if config is not None else PlanConfig()
+    if candidates is not None:
+        cfg.candidates = [candidates] if isinstance(candidates, (str, QuantizationScheme)) else list(candidates)
+    for key, val in (("max_utility_loss", max_utility_loss), ("max_bits", max_bits), ("target_mis", target_mis)):
+        if val is not None:
+            setattr(cfg, key, val)
+    for f in dataclasses.fields(PlanConfig):  # the planner's own options by name too
+        if f.name in options and f.name not in ("max_utility_loss", "max_bits", "target_mis", "candidates"):
+            setattr(cfg, f.name, options.pop(f.name))
+    cfg.__post_init__()
+    est_cfg, sc_cfg, rest = stage_configs("plan", estimation_config, scoring_config, options)
+    if rest:
+        raise TypeError(f"plan() got unexpected keyword argument(s) {sorted(rest)}: options are "
+                        "the fields of EstimationConfig and ScoringConfig")
+    if val_dataloader is None and utility_fn is None:
+        raise ValueError("plan() needs val_dataloader= (or utility_fn=): the utility cost of each "
+                         "candidate per layer is measured on held-out data")
+    cands = resolve_schemes(cfg.candidates)
+    seconds: dict[str, float] = {}
+
+    def measure(m: nn.Module) -> dict[str, float]:
+        if utility_fn is not None:
+            return dict(utility_fn(m))
+        return evaluate_utility(m, val_dataloader, loss_fn, metrics,  # type: ignore[arg-type]
+                                batch_fn=batch_fn, output_transform=output_transform)
+
+    t0 = time.perf_counter()
+    est = estimate if estimate is not None else run_estimation(
+        model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed, batch_fn=batch_fn, progress=progress)
+    seconds["estimation"] = time.perf_counter() - t0
+
+    # Step 2: per candidate, its real copy's grids -> kappa per weight and bits per parameter.
+    t0 = time.perf_counter()
+    float_u = measure(model)
+    metric = cfg.utility_metric
+    if metric not in float_u:
+        raise ValueError(f"PlanConfig.utility_metric {metric!r} is not among the measured utilities "
+                         f"{sorted(float_u)}; pass it in metrics= or use 'loss'")
+    lower = _lower_is_better(metric, metrics)
+    calibrated = [c.calibrate(model, train_dataloader) for c in cands]
+    kappas: list[dict[str, Tensor]] = []
+    bits: list[dict[str, float]] = []
+    float_bits: dict[str, float] = {}
+    params = dict(model.named_parameters())
+    done = 0
+    for c in calibrated:
+        qres = c.apply(model, params=est.names)
+        ks, bs = {}, {}
+        for name, g in qres.grids.items():
+            if name not in est.theta:
+                continue
+            ks[name], _, _ = _grid_moments(g, est.theta[name], est.sigma[name], DEFAULT_CHUNK)
+            bs[name] = g.bits_per_weight * est.theta[name].numel()
+        kappas.append(ks)
+        bits.append(bs)
+        del qres
+        done += 1
+        if progress is not None:
+            progress("plan", done)
+    for name in est.names:
+        p = params[name]
+        float_bits[name] = (torch.finfo(p.dtype).bits if p.is_floating_point() else 8 * p.element_size()) * p.numel()
+    groups = [n for n in est.names if any(n in k for k in kappas)]
+    if not groups:
+        raise ValueError(f"no candidate ({[c.name for c in cands]}) quantizes any assessed parameter "
+                         f"({est.names}): nothing to plan")
+    C = len(cands)
+    # Measured utility change of each (group, candidate): only that parameter quantized.
+    du = torch.zeros(len(groups), C, dtype=torch.float64)
+    for gi, g in enumerate(groups):
+        for ci, c in enumerate(calibrated):
+            if g not in kappas[ci]:
+                continue  # the candidate leaves it in float: no change
+            qm = MixedPrecisionScheme({g: c}, name=f"probe:{g}={c.name}").apply(model, params=est.names).model
+            du[gi, ci] = measure(qm)[metric] - float_u[metric]
+            del qm
+            done += 1
+            if progress is not None:
+                progress("plan", done)
+    gbits = torch.tensor([[bits[ci].get(g, float_bits[g]) for ci in range(C)] for g in groups], dtype=torch.float64)
+    other_bits = sum(v for k, v in float_bits.items() if k not in groups)
+    d = est.d
+    seconds["candidates"] = time.perf_counter() - t0
+
+    # Step 3: search with the proxy.
+    t0 = time.perf_counter()
+    proxy = _Proxy(est, kappas, groups, sc_cfg)
+    cheap: dict[tuple[int, ...], tuple[float, float, float]] = {}
+
+    def uloss(u: float) -> float:
+        return _relative_loss(u, float_u[metric], lower)
+
+    def evaluate(choice: tuple[int, ...]) -> tuple[float, float, float]:
+        if choice not in cheap:
+            u = float_u[metric] + float(du[torch.arange(len(groups)), list(choice)].sum())
+            b = (other_bits + float(gbits[torch.arange(len(groups)), list(choice)].sum())) / d
+            cheap[choice] = (proxy.independent(choice), u, b)
+        return cheap[choice]
+
+    # Stage 1 with the independent form (additive over parameters: every plan or a greedy path).
+    total = C ** len(groups)
+    if total <= cfg.max_enumerate:
+        for choice in itertools.product(range(C), repeat=len(groups)):
+            evaluate(choice)
+    else:
+        _greedy(evaluate, len(groups), C, du, lower)
+    for ci in range(C):  # the uniform plans always enter the comparison
+        evaluate(tuple([ci] * len(groups)))
+    # Stage 2: the pipeline's own form (correlated: a d x d or factor solve per plan) on the
+    # plans that are Pareto-optimal in stage 1 and the uniform ones (at most max_exact).
+    if proxy.rc is None:
+        seen = cheap
+    else:
+        ck = list(cheap)
+        front1 = [ck[i] for i in _pareto([(cheap[k][0], uloss(cheap[k][1]), cheap[k][2]) for k in ck])]
+        if len(front1) > MAX_EXACT:
+            front1 = [front1[round(i * (len(front1) - 1) / (MAX_EXACT - 1))] for i in range(MAX_EXACT)]
+        keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
+        seen = {k: (proxy(k), cheap[k][1], cheap[k][2]) for k in keep}
+    keys = list(seen)
+    pts = [(seen[k][0], uloss(seen[k][1]), seen[k][2]) for k in keys]
+    front_idx = _pareto(pts)
+    seconds["search"] = time.perf_counter() - t0
+
+    def point(k: tuple[int, ...]) -> PlanPoint:
+        lk, u, b = seen[k]
+        return PlanPoint({g: cands[c].name for g, c in zip(groups, k)}, lk, u, uloss(u), b)
+
+    feasible = [i for i in range(len(keys)) if _meets(pts[i], cfg)]
+    if not feasible:
+        raise ValueError(_infeasible_message(pts, cfg))
+    if cfg.target_mis is not None:  # smallest size, then least leakage
+        best = min(feasible, key=lambda i: (pts[i][2], pts[i][0], pts[i][1]))
+    else:  # least leakage, then least utility loss, then size
+        best = min(feasible, key=lambda i: (pts[i][0], pts[i][1], pts[i][2]))
+    frontier_keys = sorted({keys[i] for i in front_idx} | {keys[best]}, key=lambda k: seen[k][0])
+    frontier = [point(k) for k in frontier_keys]
+    chosen = frontier[frontier_keys.index(keys[best])]
+    # Re-assess the chosen plan and up to reassess - 1 others spread over the frontier.
+    # (a uniform plan is the uniform candidate itself, scored below anyway: not re-assessed twice)
+    others = [p for p in frontier if p is not chosen and len(set(p.choices.values())) > 1]
+    pick = [others[round(i * (len(others) - 1) / max(cfg.reassess - 2, 1))]
+            for i in range(min(cfg.reassess - 1, len(others)))] if others else []
+    to_assess = [chosen] + [p for i, p in enumerate(pick) if p not in pick[:i]]
+    plan_schemes = []
+    for i, p in enumerate(to_assess):
+        p.name = "plan" if i == 0 else f"plan_{i}"
+        plan_schemes.append(MixedPrecisionScheme({g: calibrated[_index(cands, c)] for g, c in p.choices.items()},
+                                                 name=p.name))
+    uniform = {c.name: point(tuple([ci] * len(groups))) for ci, c in enumerate(cands)}
+    for u in uniform.values():
+        u.name = next(iter(u.choices.values()))
+    t0 = time.perf_counter()
+    report = score_schemes(est, model, [*cands, *plan_schemes], scoring_config=sc_cfg,
+                           val_dataloader=val_dataloader, loss_fn=loss_fn, metrics=metrics,
+                           output_transform=output_transform, batch_fn=batch_fn, utility_fn=utility_fn,
+                           progress=progress, calibration_data=train_dataloader)
+    seconds["reassessment"] = time.perf_counter() - t0
+    for p in [*to_assess, *uniform.values()]:
+        p.result = report.schemes.get(p.name)
+    budget = {k: getattr(cfg, k) for k in ("max_utility_loss", "max_bits", "target_mis")}
+    warnings_ = list(report.warnings)
+    for p in to_assess:
+        r = p.reassessed(metric)
+        if r is None or math.isnan(r["leakage"]):
+            err = p.result.error if p.result is not None else "missing"
+            warnings_.append(f"plan {p.name!r} could not be re-assessed ({err}): its figures are the proxy's only")
+            continue
+        miss = _misses(r, uloss(r["utility"]), cfg) if p is chosen else ""
+        if miss:
+            warnings_.append(f"plan {p.name!r}: re-assessed {miss} (the proxy predicted leakage {p.leakage:.4g}, "
+                             f"{metric} {p.utility:.4g}); its release does not meet the budget")
+        elif abs(r["leakage"] - p.leakage) > 0.02 * max(r["leakage"], 1e-12):
+            warnings_.append(f"plan {p.name!r}: the re-assessed leakage {r['leakage']:.4g} differs from the "
+                             f"search's proxy {p.leakage:.4g} by more than 2% (the pipeline used "
+                             f"{p.result.method!r}, the proxy the Gaussian form); the reported value is the "
+                             "pipeline's")
+    scheme = plan_schemes[0]
+    seconds["total"] = time.perf_counter() - t_all
+    return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
+                      float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
+                      seconds=seconds, lower_is_better=lower)
+
+
+def _index(cands: Sequence[QuantizationScheme], name: str) -> int:
+    return next(i for i, c in enumerate(cands) if c.name == name)
+
+
+def _meets(pt: tuple[float, float, float], cfg: PlanConfig) -> bool:
+    leak, ul, b = pt
+    return ((cfg.max_utility_loss is None or ul <= cfg.max_utility_loss)
+            and (cfg.max_bits is None or b <= cfg.max_bits + 1e-9)
+            and (cfg.target_mis is None or 1.0 - leak >= cfg.target_mis))
+
+
+def _misses(r: Mapping[str, float], ul: float, cfg: PlanConfig) -> str:
+    out = []
+    if cfg.max_utility_loss is not None and ul > cfg.max_utility_loss:
+        out.append(f"utility loss {ul:.4g} > max_utility_loss {cfg.max_utility_loss}")
+    if cfg.max_bits is not None and r["bits_per_weight"] > cfg.max_bits + 1e-9:
+        out.append(f"bits per weight {r['bits_per_weight']:.4g} > max_bits {cfg.max_bits}")
+    if cfg.target_mis is not None and r["mis"] < cfg.target_mis:
+        out.append(f"MIS {r['mis']:.4g} < target_mis {cfg.target_mis}")
+    return "; ".join(out)
+
+
+def _infeasible_message(pts: list[tuple[float, float, float]], cfg: PlanConfig) -> str:
+    best_ul = min(p[1] for p in pts)
+    best_b = min(p[2] for p in pts)
+    best_mis = 1.0 - min(p[0] for p in pts)
+    return (f"no plan over the candidates {list(map(str, cfg.candidates))} meets the budget "
+            f"(max_utility_loss={cfg.max_utility_loss}, max_bits={cfg.max_bits}, target_mis={cfg.target_mis}): "
+            f"the best reachable are utility loss {best_ul:.4g}, {best_b:.4g} bits per weight and MIS "
+            f"{best_mis:.4g} (each on its own); loosen a budget or add candidates")
+
+
+def _greedy(evaluate: Callable[[tuple[int, ...]], tuple[float, float, float]], G: int, C: int,
+            du: Tensor, lower: bool) -> None:
+    """A greedy path: from each parameter's candidate of least utility cost, repeatedly take the
+    single-parameter change with the largest leakage drop per unit of added utility cost (free
+    drops first); every plan evaluated on the way enters the pool."""
+    cost = du if lower else -du
+    cur = tuple(int(cost[g].argmin()) for g in range(G))
+    lk, _, _ = evaluate(cur)
+    for _ in range(G * C):
+        best, best_rate = None, -math.inf
+        for g in range(G):
+            for c in range(C):
+                if c == cur[g]:
+                    continue
+                nxt = cur[:g] + (c,) + cur[g + 1:]
+                lk2, _, _ = evaluate(nxt)
+                drop = lk - lk2
+                if drop <= 0:
+                    continue
+                dc = float(cost[g, c] - cost[g, cur[g]])
+                rate = math.inf if dc <= 0 else drop / dc
+                if rate > best_rate:
+                    best, best_rate = nxt, rate
+        if best is None:
+            return
+        cur = best
+        lk = evaluate(cur)[0]
