@@ -29,6 +29,7 @@ from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_s
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
 from .report import LayerResult, Report, SchemeResult
+from .threads import scoring_threads
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +335,9 @@ def score_schemes(
         col += 2 + prep.num_draws  # main, draws, pool protocol
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
-    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
-                       policy=policy)
+    with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
+        sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
+                           policy=policy)
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed
@@ -584,6 +586,11 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
         idx = torch.nonzero(~free[bi]).squeeze(-1)
         if idx.numel() == 0:
             continue
+        if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= c:
+            # the same (fused, table) path as the whole chunk, not the slower exact window sums:
+            # pad with position-free elements (their kappa is recomputed to the same value)
+            pad = torch.nonzero(free[bi]).squeeze(-1)[: F.affine.TABLE_MIN_ELEMENTS - idx.numel()]
+            idx = torch.sort(torch.cat([idx, pad])).values
         if scale is None:
             scale, zp, _ = grid.element_grid(a, b)
         kap[bi, idx] = F.affine_cell_moments(th_b[idx], sg[idx], scale[idx], zp[idx], grid.qmin, grid.qmax,
