@@ -30,6 +30,7 @@ from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_s
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
 from .report import LayerResult, Report, SchemeResult
+from .threads import scoring_threads
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +363,9 @@ def score_schemes(
                 if g.kind == "affine" and min(g.numel, chunk_size) >= F.affine.TABLE_MIN_ELEMENTS)
     if fused and est.theta:
         F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
-    sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
-                       policy=policy)
+    with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
+        sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
+                           policy=policy)
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed
@@ -615,6 +617,11 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
         idx = torch.nonzero(~free[bi]).squeeze(-1)
         if idx.numel() == 0:
             continue
+        if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= c:
+            # the same (fused, table) path as the whole chunk, not the slower exact window sums:
+            # pad with position-free elements (their kappa is recomputed to the same value)
+            pad = torch.nonzero(free[bi]).squeeze(-1)[: F.affine.TABLE_MIN_ELEMENTS - idx.numel()]
+            idx = torch.sort(torch.cat([idx, pad])).values
         if scale is None:
             scale, zp, _ = grid.element_grid(a, b)
         kap[bi, idx] = F.affine_cell_moments(th_b[idx], sg[idx], scale[idx], zp[idx], grid.qmin, grid.qmax,

@@ -174,3 +174,27 @@ def test_memory_cap_on_draws_only_for_recomputed_parameters(monkeypatch):
         model, est = _estimate(kind)
         prep = A._prepare_scheme(est, model, get_scheme("int8_weight_only"), 16)
         assert prep.num_draws == expect, kind
+
+
+@pytest.mark.parametrize(("load", "policy", "expect"), [(9.0, None, 1), (9.0, "PASSIVE", 2), (0.5, None, 2)])
+def test_scoring_threads(load, policy, expect, monkeypatch):
+    """One thread on an oversubscribed machine unless the wait policy is passive; the caller's
+    thread count comes back afterwards, also after an exception."""
+    from mis_lightning import threads
+
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with threads.scoring_threads() as n:
+                assert n == expect == torch.get_num_threads()
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
