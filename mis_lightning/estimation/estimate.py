@@ -809,8 +809,11 @@ class MomentAccumulator:
             gg = st["gg_sum"].to(cpu) / n
             H = st["H_sum"].to(cpu) / n + self.weight_decay * torch.eye(self.d, dtype=torch.float64)
             J = L = None
-            d, c = self.d, self._c_out
-            if G.shape[1] > d and c is not None:  # the stored Gauss-Newton factors
+            d, extra = self.d, G.shape[1] - self.d
+            # C outputs from the row width d + C d + C^2 (a process that saw no record, or a
+            # state synced from others, never set self._c_out)
+            c = round((math.sqrt(d * d + 4 * extra) - d) / 2) if extra > 0 else None
+            if c is not None and c * d + c * c == extra:  # the stored Gauss-Newton factors
                 J = G[:, d : d + c * d].reshape(-1, c, d)
                 L = G[:, d + c * d :].reshape(-1, c, c)
             G = G[:, :d]
