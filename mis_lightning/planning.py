@@ -435,6 +435,10 @@ def plan(
         raise ValueError("plan() needs val_dataloader= (or utility_fn=): the utility cost of each "
                          "candidate per layer is measured on held-out data")
     cands = resolve_schemes(cfg.candidates)
+    if utility_fn is None and cfg.utility_metric != "loss" and cfg.utility_metric not in (metrics or {}):
+        # before the estimation pass: evaluate_utility reports "loss" and the metrics given
+        raise ValueError(f"PlanConfig.utility_metric {cfg.utility_metric!r} is not among the measured "
+                         f"utilities {sorted(['loss', *(metrics or {})])}; pass it in metrics= or use 'loss'")
     seconds: dict[str, float] = {}
 
     def measure(m: nn.Module) -> dict[str, float]:
