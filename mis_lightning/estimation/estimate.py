@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .._modelcopy import private_copy
+from .._modelcopy import ModelCopyError, private_copy
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .linear_factors import (
@@ -304,9 +304,15 @@ def reused_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | No
 
     Raises:
         Nothing of its own: a forward that fails here would fail the estimation too; it is
-        reported there (the probe then returns ``[]``).
+        reported there (the probe then returns ``[]``). A model that cannot be copied is not
+        probed either (``[]``: the layer-type rule of :func:`choose_estimator` decides); the
+        quantization steps that need a copy name the culprit attribute.
     """
-    copy = private_copy(model, "copying the model to find layers that reuse their weights")
+    try:
+        copy = private_copy(model, "copying the model to find layers that reuse their weights")
+    except ModelCopyError as err:
+        log.info("estimation: weight-reuse probe skipped (%s)", err)
+        return []
     calls: dict[str, int] = {}
     shapes: dict[str, list[int]] = {}
     handles = []
