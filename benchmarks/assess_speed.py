@@ -28,30 +28,40 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# hidden widths for ~1e5, ~1e6, ~1e7 parameters (inputs F = 256, 256, 1024)
+# inputs, hidden widths of the ReLU MLPs with ~1e5 ... 1e8 weights (shared by scale.py and
+# float_grid_speed.py through :func:`mlp`).
 ARCH = {
     "1e5": (256, (256, 128)),
     "1e6": (256, (1024, 768)),
     "1e7": (1024, (2048, 4096)),
+    "3e7": (2048, (4096, 4096, 1024)),
+    "1e8": (2048, (8192, 8192, 2048)),
 }
 
 
-def run_one(size: str, n: int, batch: int, device: str, schemes: list[str], threads: int, draws: int = 0) -> dict:
-    import torch
+def mlp(size: str):
+    """The benchmark MLP of ``size`` (a key of ARCH) and its number of inputs; torch's current seed."""
     from torch import nn
 
-    from mis_lightning import assess
-    from mis_lightning.quantization import available_schemes
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
     F, hidden = ARCH[size]
     layers, prev = [], F
     for h in hidden:
         layers += [nn.Linear(prev, h), nn.ReLU()]
         prev = h
     layers.append(nn.Linear(prev, 1))
-    model = nn.Sequential(*layers).to(device)
+    return nn.Sequential(*layers), F
+
+
+def run_one(size: str, n: int, batch: int, device: str, schemes: list[str], threads: int, draws: int = 0) -> dict:
+    import torch
+
+    from mis_lightning import assess
+    from mis_lightning.quantization import available_schemes
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, F = mlp(size)
+    model = model.to(device)
     d = sum(p.numel() for p in model.parameters())
     x = torch.randn(n, F, device=device)
     y = (x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(n, device=device))

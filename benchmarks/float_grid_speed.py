@@ -44,17 +44,11 @@ SCHEMES = ("int8_weight_only", "float8_weight_only", "bf16", "fp16")
 
 
 def _mlp_case(size: str) -> tuple[nn.Module, dict, dict]:
-    from benchmarks.assess_speed import ARCH
+    from benchmarks.assess_speed import mlp
     from mis_lightning.estimation import estimate
 
     torch.manual_seed(0)
-    F, hidden = ARCH[size]
-    layers, prev = [], F
-    for h in hidden:
-        layers += [nn.Linear(prev, h), nn.ReLU()]
-        prev = h
-    layers.append(nn.Linear(prev, 1))
-    model = nn.Sequential(*layers)
+    model, F = mlp(size)
     x = torch.randn(2048, F)
     y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(2048)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)

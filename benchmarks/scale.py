@@ -33,14 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# inputs, hidden widths: ~1e5, 1e6, 1e7, 3e7, 1e8 weights
-ARCH = {
-    "1e5": (256, (256, 128)),
-    "1e6": (256, (1024, 768)),
-    "1e7": (1024, (2048, 4096)),
-    "3e7": (2048, (4096, 4096, 1024)),
-    "1e8": (2048, (8192, 8192, 2048)),
-}
+from benchmarks.assess_speed import ARCH, mlp  # noqa: E402
+
 COMMON_SCHEMES = [
     "int8_weight_only", "int8_dynamic_activation_int8_weight", "intx_weight_only_int4",
     "int4_weight_only_tinygemm", "intx_weight_only_int4_g32", "float8_weight_only", "bf16", "fp16",
@@ -49,20 +43,13 @@ COMMON_SCHEMES = [
 
 def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, memory_only: bool) -> dict:
     import torch
-    from torch import nn
 
     from mis_lightning.assess import run_estimation, score_schemes
     from mis_lightning.config import stage_configs
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    F, hidden = ARCH[size]
-    layers, prev = [], F
-    for h in hidden:
-        layers += [nn.Linear(prev, h), nn.ReLU()]
-        prev = h
-    layers.append(nn.Linear(prev, 1))
-    model = nn.Sequential(*layers)
+    model, F = mlp(size)
     d = sum(p.numel() for p in model.parameters())
     x = torch.randn(n, F)
     y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(n)
