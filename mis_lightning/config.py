@@ -82,7 +82,7 @@ def compile_policy_from_env() -> str:
 
 # The exact estimator's finite-sample (leverage) correction by default (method.md section 4); the
 # one place that sets it (MomentAccumulator, estimate and every front end read it from here).
-DEFAULT_LEVERAGE_CORRECTION: bool | str = False
+DEFAULT_LEVERAGE_CORRECTION: bool | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,11 @@ class EstimationConfig:
         leverage_correction: the finite-sample (leverage) correction of the exact estimator
             (method.md section 4): each stored record's influence becomes its leave-one-out
             shift ``H_{-i}^{-1} g_i`` (``psi_i / (1 - h_i)`` for one output) and the gradient
-            covariance gets the HC2 term. ``False`` (default): the first-order forms;
-            ``True``: required (an error where the estimator is not exact or the model gives
-            no outputs); ``"auto"``: where the exact estimator runs on the model's outputs.
+            covariance gets the HC2 term. ``"auto"`` (default): wherever the exact estimator
+            runs and the per-record Gauss-Newton factors exist (the model's output is one
+            tensor; with a ``mis_per_sample_loss`` hook, the model called once inside it and
+            the loss a function of that output); ``True``: required (an error otherwise);
+            ``False``: the first-order forms.
             The leverages (``diagnostics["mean_leverage"]``, ``["max_leverage"]``) are
             reported by the exact estimator either way.
 

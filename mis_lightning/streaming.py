@@ -17,12 +17,13 @@ hook) and :func:`default_schemes`.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, jacrev, vmap
 from torchmetrics import Metric
 
 from .assess import select_params
@@ -30,7 +31,8 @@ from .config import EstimationConfig
 from .estimation import Estimate
 from .estimation.estimate import MomentAccumulator
 from .estimation.linear_factors import LayerProgram
-from .estimation.per_sample import BatchFn, LossFn, LossProgram, default_batch_fn, eval_mode
+from .estimation.per_sample import (BatchFn, LossFn, LossProgram, _batch_size, _unsqueeze, default_batch_fn,
+                                    eval_mode)
 from .quantization import available_schemes
 
 HOOK_NAME = "mis_per_sample_loss"
@@ -96,10 +98,83 @@ class _HookProgram(LossProgram):
 
         object.__setattr__(shell, "forward", forward)
         self._shell = shell
+        self._factors_checked = False
 
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
         with eval_mode(self.model, self._shell):  # the hook runs on the original model
             return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
+
+    # -- the model's own output inside the hook (Gauss-Newton factors for the leverages) -----
+    def _through_output(self, params: dict[str, Tensor], batch: Any,
+                        shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(losses, output)``: the hook's losses and the one output of the model's own
+        ``__call__`` inside it (captured by a forward hook), the output moved by ``shift``
+        first when given (so that the loss is a function of the output alone).
+
+        Raises:
+            ValueError: the hook calls the model other than exactly once, or its output is
+                not one tensor (the factors are then unavailable; method.md section 4).
+        """
+        seen: list[Any] = []
+
+        def capture(module: nn.Module, args: Any, out: Any) -> Any:
+            if module is self._shell:  # the shallow copy shares the model's hook dict
+                return None
+            seen.append(out)
+            if shift is not None and isinstance(out, Tensor):
+                return out + shift.reshape(out.shape).to(out.dtype)
+            return None
+
+        handle = self.model.register_forward_hook(capture)
+        try:
+            losses = self.outputs(params, batch)
+        finally:
+            handle.remove()
+        if len(seen) != 1 or not isinstance(seen[0], Tensor):
+            what = f"{len(seen)} time(s)" if len(seen) != 1 else f"with a {type(seen[0]).__name__} output"
+            raise ValueError(f"{HOOK_NAME} calls the model {what}; the leverages need one call "
+                             "returning one tensor")
+        return losses, seen[0]
+
+    def output_shape(self, inputs: Any) -> tuple[int, ...]:
+        first = torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) else t, inputs)
+        with torch.no_grad():
+            _, out = self._through_output(self.params, first)
+        return tuple(out.shape[1:])
+
+    def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], Tensor]:
+        """As :meth:`LossProgram.gauss_newton_factors`, the model's output taken inside the hook.
+
+        Raises:
+            ValueError: as :meth:`_through_output`; or, on the first batch, the per-record
+                gradients are not ``J' dl/do`` (the hook's loss depends on the parameters other
+                than through the model's output, e.g. a penalty): the factors would be wrong.
+        """
+        c = int(math.prod(out_shape)) if out_shape else 1
+
+        def output(p: dict[str, Tensor], x: Any) -> tuple[Tensor, Tensor]:
+            o = self._through_output(p, _unsqueeze(x))[1].reshape(-1)
+            return o, o.detach()
+
+        def loss(delta: Tensor, x: Any) -> Tensor:
+            return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
+
+        jac, _ = vmap(jacrev(output, has_aux=True), in_dims=(None, 0))(self.params, inputs)
+        b = _batch_size(inputs)
+        zero = torch.zeros(b, c, dtype=self.dtype, device=self.device)
+        L = vmap(torch.func.hessian(loss))(zero, inputs)
+        if not self._factors_checked:
+            e = vmap(grad(loss))(zero, inputs)  # [B, C]
+            grads = self.per_sample_grads(inputs, targets)
+            for k, J in jac.items():
+                via = torch.einsum("bc,bc...->b...", e, J.reshape(b, c, *J.shape[2:]))
+                tol = 1e-6 if self.dtype == torch.float64 else 1e-3
+                if not torch.allclose(via, grads[k], rtol=tol, atol=tol * float(grads[k].abs().max())):
+                    raise ValueError(f"{HOOK_NAME}'s per-record gradient of {k!r} is not the model "
+                                     "output's Jacobian times dloss/doutput: the loss depends on the "
+                                     "parameters other than through the model's output")
+            self._factors_checked = True
+        return jac, L
 
 
 def _hook_batch_fn(batch: Any) -> tuple[Any, Tensor]:

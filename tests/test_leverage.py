@@ -194,3 +194,68 @@ def test_leverage_above_the_cap_is_capped() -> None:
     torch.testing.assert_close(c_loo, c / (1 - LEVERAGE_CAP), rtol=1e-12, atol=0)
     torch.testing.assert_close(V, torch.eye(d, dtype=torch.float64) + c.T @ c * LEVERAGE_CAP / (1 - LEVERAGE_CAP),
                                rtol=1e-12, atol=0)
+
+
+class _Hooked(nn.Module):
+    """A model whose per-sample loss comes from ``mis_per_sample_loss(batch)`` (no outputs
+    given to the estimator): the leverages come from the model's output inside the hook."""
+
+    def __init__(self, penalty: float = 0.0, calls: int = 1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(F, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+        self.penalty, self.calls = penalty, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        out = sum(self(x) for _ in range(self.calls)) / self.calls
+        return _mse(out, y) + self.penalty * self.net[0].weight.square().sum()
+
+
+def _hooked_estimate(model: nn.Module, loader, loss_fn, **kw):
+    """The streaming front ends' estimation: through ``mis_per_sample_loss`` when ``loss_fn`` is
+    ``None`` (``streaming.hook_program``), records selected by content hash either way."""
+    from mis_lightning.estimation.estimate import MomentAccumulator
+    from mis_lightning.streaming import hook_program
+
+    extra = {}
+    if loss_fn is None:
+        loss_fn, batch_fn, program_cls = hook_program(model)
+        extra = dict(batch_fn=batch_fn, program_cls=program_cls, ggn_available=False)
+    acc = MomentAccumulator(model, loss_fn, selection="hash", **extra, **kw)
+    for batch in loader:
+        acc.update(batch)
+    return acc.finalize()
+
+
+def test_loss_hook_gets_the_same_leverages_as_the_loss_fn() -> None:
+    """A nonlinear model: the hook path's per-record factors (output taken inside the hook)
+    equal the loss_fn path's, so ``"auto"`` scores it the same with and without the hook
+    (to float64 rounding, 1e-10)."""
+    torch.manual_seed(0)
+    x, y = _data()
+    m = _Hooked()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    kw = dict(mode="exact", num_records=64, leverage_correction="auto")
+    plain = _hooked_estimate(m, loader, _mse, **kw)
+    hooked = _hooked_estimate(m, loader, None, **kw)
+    assert hooked.diagnostics["leverage_correction"] and plain.diagnostics["leverage_correction"]
+    assert hooked.diagnostics["mean_leverage"] == pytest.approx(plain.diagnostics["mean_leverage"], rel=1e-10)
+    torch.testing.assert_close(hooked.influence, plain.influence, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("penalty,calls,why", [(0.1, 1, "other than through the model's output"),
+                                               (0.0, 2, "calls the model 2 time")])
+def test_loss_hook_without_usable_outputs_falls_back(penalty: float, calls: int, why: str) -> None:
+    """A hook whose loss is not a function of one model output: ``"auto"`` keeps the first-order
+    forms (no leverages), ``True`` names the reason."""
+    torch.manual_seed(0)
+    x, y = _data()
+    m = _Hooked(penalty, calls)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    est = _hooked_estimate(m, loader, None, mode="exact", num_records=32, leverage_correction="auto")
+    assert "mean_leverage" not in est.diagnostics
+    with pytest.raises(ValueError, match=why):
+        _hooked_estimate(m, loader, None, mode="exact", num_records=32, leverage_correction=True)

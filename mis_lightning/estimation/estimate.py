@@ -529,14 +529,12 @@ class MomentAccumulator:
             raise ValueError("leverage_correction=True needs the exact estimator (estimation='exact'); this "
                              f"model's estimator is the {self.estimator} ({self.reason}); use "
                              "leverage_correction='auto' or False")
-        if leverage_correction is True and not (ggn_available and program_cls is LossProgram):
-            raise ValueError("leverage_correction=True needs the model's outputs (per-record Gauss-Newton "
-                             "factors); a per-sample loss hook gives only the losses: use False")
         self.leverage_correction = leverage_correction
         # Exact mode keeps each stored record's output Jacobian J [C, d] and loss Hessian in the
         # outputs L [C, C] next to its gradient (for the leverages; method.md section 4), unless
-        # the model gives no outputs (loss hook) or they do not fit the budget (set per batch).
-        self._factors_possible = self.keep_w and ggn_available and program_cls is LossProgram
+        # the model's outputs do not allow them (checked on the first batch; a loss hook's model
+        # output is taken inside the hook) or they do not fit the budget.
+        self._factors_possible = self.keep_w
         self.keep_factors = mode == "exact" and self._factors_possible
         self._c_out: int | None = None
         self.state = self.empty_state()
@@ -711,8 +709,7 @@ class MomentAccumulator:
                 if self.num_records * (self.d + self._c_out * (self.d + self._c_out)) > self.budget:
                     raise ValueError(f"{self._c_out} outputs x {self.d} weights x {self.num_records} records "
                                      f"exceed budget={self.budget}")
-            out, jac = self.program.output_jacobians(x)
-            _, L = self.program.loss_output_derivatives(out, y, self._lev_shape)
+            jac, L = self.program.gauss_newton_factors(x, y, self._lev_shape)
         except Exception as exc:  # a model whose outputs are not one tensor, or too many of them
             if not first:  # the first batch had them: a real error
                 raise

@@ -234,6 +234,13 @@ class LossProgram:
         h = vmap(torch.func.hessian(one))(outputs, targets)
         return g, h
 
+    def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], Tensor]:
+        """Each record's Gauss-Newton factors: output Jacobians ``{name: [B, C, *shape]}`` and
+        the loss Hessian in the outputs ``[B, C, C]`` (the record's factor is ``J' L J``)."""
+        out, jac = self.output_jacobians(inputs)
+        _, L = self.loss_output_derivatives(out, targets, out_shape)
+        return jac, L
+
     def output_shape(self, inputs: Any) -> tuple[int, ...]:
         with torch.no_grad():
             out = self.outputs(self.params, _unsqueeze(torch.utils._pytree.tree_map(
