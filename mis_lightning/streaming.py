@@ -31,8 +31,15 @@ from .config import EstimationConfig
 from .estimation import Estimate
 from .estimation.estimate import MomentAccumulator
 from .estimation.linear_factors import LayerProgram
-from .estimation.per_sample import (BatchFn, LossFn, LossProgram, _batch_size, _unsqueeze, default_batch_fn,
-                                    eval_mode)
+from .estimation.per_sample import (
+    BatchFn,
+    LossFn,
+    LossProgram,
+    _batch_size,
+    _unsqueeze,
+    default_batch_fn,
+    eval_mode,
+)
 from .quantization import available_schemes
 
 HOOK_NAME = "mis_per_sample_loss"
