@@ -33,7 +33,7 @@ Indicator: ``assess(target, schemes, its training half, estimation="exact")`` fo
 printed, labelled as such.
 
 ``--leverage-correction off|on|auto`` sets the estimator's finite-sample correction (default: the
-library's, off); ``--attacks-from JSON`` reuses the attack
+library's, ``"auto"``: on for this exact estimator); ``--attacks-from JSON`` reuses the attack
 results of an earlier run of the same setting/models/seed and recomputes only the indicator.
 
 Writes ``docs/figures/pool_<setting>.json`` (``--json`` to change) and prints a markdown table.

@@ -47,7 +47,9 @@ from torch import Tensor, nn
 from . import functional as F
 from .assess import (
     SchemeSpec,
+    _correlated_leakage,
     _grid_moments,
+    _mc_leakage,
     _record_correlation,
     resolve_schemes,
     run_estimation,
@@ -311,12 +313,16 @@ def _relative_loss(value: float, ref: float, lower_better: bool) -> float:
 class _Proxy:
     """The leakage proxy of a plan: :meth:`independent`, the independent-coordinate Gaussian
     form (per-record ``s2 = sum_j w_j^2 kappa_j``, additive over parameters: cheap), and
-    ``__call__``, the pipeline's headline form (the correlated Gaussian form when the pipeline
-    uses a correlation model, else the same as :meth:`independent`)."""
+    ``__call__``, the pipeline's headline form: its method chosen by the pipeline's rule
+    (``functional.resolve_method`` on the plan's kappa and m4), then the correlated Gaussian or
+    Monte Carlo form when the pipeline uses a correlation model, the independent Monte Carlo
+    form, or :meth:`independent`."""
 
     def __init__(self, est: Estimate, kappas: list[dict[str, Tensor]], groups: list[str],
-                 cfg: ScoringConfig) -> None:
+                 cfg: ScoringConfig, m4s: list[dict[str, Tensor]] | None = None,
+                 grids: list[dict[str, Any]] | None = None) -> None:
         self.est, self.kappas, self.groups = est, kappas, groups
+        self.m4s, self.grids, self.cfg = m4s, grids, cfg
         self.rc = _record_correlation(est, cfg)
         self.n = est.n
         # per-record s2 of each (group, candidate) and of the rest (kappa 1): one pass each
@@ -337,9 +343,33 @@ class _Proxy:
             s2 += self.s2[g][:, c]
         return float(F.leakage_from_sums(s2, self.n).mean())
 
+    @property
+    def pipeline_form(self) -> bool:
+        """Whether :meth:`__call__` can differ from :meth:`independent` (a correlation model,
+        or stored influences and cells for the Monte Carlo form)."""
+        return self.rc is not None or (self.est.influence is not None and self.grids is not None)
+
+    def _method(self, choice: Sequence[int], kvec: Tensor) -> str:
+        """The pipeline's method for this plan (``assess._finish_scheme``'s rule)."""
+        est = self.est
+        if self.m4s is None or est.influence is None:
+            return "clt"
+        m4 = torch.full((est.d,), 3.0, dtype=torch.float64)  # unquantized: Gaussian, no excess
+        for g, c in zip(self.groups, choice):
+            v = self.m4s[c].get(g)
+            if v is not None:
+                s, e = est.offsets[g]
+                m4[s:e] = v
+        sums = F.clt_sums(est.influence, kvec, m4)
+        R = est.num_records
+        clt_err = float(sums.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
+        n_eff = float(sums.effective_terms().min()) if R else math.inf
+        return F.resolve_method(self.cfg.method, d=est.d, quantized=True, clt_error=clt_err, n_eff=n_eff,
+                                influence_stored=True, num_records=R, coarse=F.coarse_count([kvec]))
+
     def __call__(self, choice: Sequence[int]) -> float:
         est = self.est
-        if self.rc is None:
+        if not self.pipeline_form:
             return self.independent(choice)
         kvec = torch.ones(est.d, dtype=torch.float64)
         for g, c in zip(self.groups, choice):
@@ -349,8 +379,32 @@ class _Proxy:
                 kvec[s:e] = k
         assert est.influence is not None
         if bool((kvec == 1.0).all()):
+            if self.rc is None:
+                return self.independent(choice)
             return float(F.saturate(self.rc.gaussian_mean_abs(est.influence) / (2 * math.sqrt(self.n))).mean())
+        chosen = self._method(choice, kvec)
+        if chosen == "mc" and self.grids is not None:
+            grids = {g: self.grids[c][g] for g, c in zip(self.groups, choice) if g in self.grids[c]}
+            kap = {g: self.kappas[c][g] for g, c in zip(self.groups, choice) if g in self.kappas[c]}
+            coarse = F.coarse_count(kap.values())
+            draws = self.cfg.mc_draws or F.mc_draws_for(est.num_records, coarse)
+            gen = torch.Generator().manual_seed(self.cfg.seed)
+            if self.rc is not None:
+                prep = _PlanCells(grids, kap)
+                return float(_correlated_leakage(est, prep, self.rc, kvec, "mc", draws, gen, 1.0, self.n).mean())
+            kappas = {name: kap.get(name) for name in est.names}
+            return float(_mc_leakage(est, grids, kappas, draws, gen, DEFAULT_CHUNK, names=est.names).mean())
+        if self.rc is None:
+            return self.independent(choice)
         return float(F.saturate(self.rc.gaussian_mean_abs(est.influence, kvec) / (2 * math.sqrt(self.n))).mean())
+
+
+@dataclasses.dataclass
+class _PlanCells:
+    """A plan's grids and kappas in the layout ``assess._correlated_leakage`` reads."""
+
+    grids: dict[str, Any]
+    kappa: dict[str, Tensor]
 
 
 def _pareto(points: list[tuple[float, float, float]]) -> list[int]:
@@ -462,20 +516,28 @@ def plan(
     lower = _lower_is_better(metric, metrics)
     calibrated = [c.calibrate(model, train_dataloader) for c in cands]
     kappas: list[dict[str, Tensor]] = []
+    m4s: list[dict[str, Tensor]] = []
+    # The cells of every candidate are kept where the pipeline can use its Monte Carlo form
+    # (stored influences), so that the proxy scores a plan by the same form.
+    keep_grids = est.influence is not None
+    grids: list[dict[str, Any]] = []
     bits: list[dict[str, float]] = []
     float_bits: dict[str, float] = {}
     params = dict(model.named_parameters())
     done = 0
     for c in calibrated:
         qres = c.apply(model, params=est.names)
-        ks, bs = {}, {}
+        ks, ms, bs = {}, {}, {}
         for name, g in qres.grids.items():
             if name not in est.theta:
                 continue
-            ks[name], _, _ = _grid_moments(g, est.theta[name], est.sigma[name], DEFAULT_CHUNK)
+            ks[name], ms[name], _ = _grid_moments(g, est.theta[name], est.sigma[name], DEFAULT_CHUNK)
             bs[name] = g.bits_per_weight * est.theta[name].numel()
         kappas.append(ks)
+        m4s.append(ms)
         bits.append(bs)
+        if keep_grids:  # the Monte Carlo form of the proxy reads the cells (small models only)
+            grids.append({name: g for name, g in qres.grids.items() if name in est.theta})
         del qres
         done += 1
         if progress is not None:
@@ -507,7 +569,7 @@ def plan(
 
     # Step 3: search with the proxy.
     t0 = time.perf_counter()
-    proxy = _Proxy(est, kappas, groups, sc_cfg)
+    proxy = _Proxy(est, kappas, groups, sc_cfg, m4s=m4s, grids=grids if keep_grids else None)
     cheap: dict[tuple[int, ...], tuple[float, float, float]] = {}
 
     def uloss(u: float) -> float:
@@ -531,7 +593,7 @@ def plan(
         evaluate(tuple([ci] * len(groups)))
     # Stage 2: the pipeline's own form (correlated: a d x d or factor solve per plan) on the
     # plans that are Pareto-optimal in stage 1 and the uniform ones (at most max_exact).
-    if proxy.rc is None:
+    if not proxy.pipeline_form:
         seen = cheap
     else:
         ck = list(cheap)

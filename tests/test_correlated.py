@@ -184,3 +184,30 @@ def test_coarse_correlated_weights_follow_the_exact_boxes(d, rho, steps):
     value, vse = F.correlated.exact_box_mean_abs(Correlation(full=R), w, stats.kappa, coarse, alpha,
                                                  generator=torch.Generator().manual_seed(3))
     assert torch.all((value - exact).abs() <= 0.05 * exact + 2 * (se + vse)), value / exact
+
+
+def test_monte_carlo_forms_carry_little_noise_where_the_cells_are_nearly_gaussian():
+    """Both Monte Carlo forms (the exact box means and the copula cells) with their default
+    draws, on cells fine enough (0.3 sd) that ``E|.|`` is the Gaussian form's
+    ``sqrt(2/pi) sd`` to ~1e-3: the mean over records must be within 0.7% of it. The draws
+    are common to all records, so without the control variate (the Gaussian channel on the
+    same draws) the mean keeps a ~1/sqrt(draws) error: 2-4% measured at 1,024 draws."""
+    d, rho = 8, 0.6
+    R = _equicorrelated(d, rho)
+    g = torch.Generator().manual_seed(11)
+    h = torch.full((d,), 0.3, dtype=torch.float64)
+    off = torch.rand(d, dtype=torch.float64, generator=g)
+    w = torch.randn(6, d, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(R).T
+    stats = _grid_stats(h, off)
+    corr = Correlation(full=R)
+    everything = torch.arange(d)
+    k = torch.arange(-40, 41, dtype=torch.float64)
+    alpha = (k.unsqueeze(0) + off.unsqueeze(1)) * h.unsqueeze(1)
+    gauss = math.sqrt(2 / math.pi) * corr.quadratic(w, stats.kappa).sqrt()
+    for seed in range(3):
+        box, _ = F.correlated.exact_box_mean_abs(corr, w, stats.kappa, everything, alpha,
+                                                 generator=torch.Generator().manual_seed(seed))
+        cop, _ = F.correlated.correlated_mc_mean_abs(corr, w, stats.kappa, everything, stats, 1024,
+                                                     torch.Generator().manual_seed(seed))
+        for value in (box, cop):
+            assert abs(float(value.mean() / gauss.mean()) - 1) < 0.007, (seed, value / gauss)
