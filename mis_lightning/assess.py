@@ -1115,7 +1115,14 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
         for a in range(0, idx.numel(), DEFAULT_CHUNK):
             ii = idx[a : a + DEFAULT_CHUNK]
             lo, hi = int(ii.min()), int(ii.max()) + 1
-            b_p.append(prep.grids[name].boundaries(th[lo:hi], lo, hi, 18)[ii - lo])
+            edges = prep.grids[name].boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW)[ii - lo]
+            narrow = F.window_too_narrow(edges, th[ii], sg[ii])
+            if bool(narrow.any()):  # fine cells, clipped: Gaussian (F.window_too_narrow)
+                gauss += w[:, ii[narrow]].square() @ k[ii[narrow]]
+                ii, edges = ii[~narrow], edges[~narrow]
+                if ii.numel() == 0:
+                    continue
+            b_p.append(edges)
             th_p.append(th[ii].double())
             sg_p.append(sg[ii].double())
             w_p.append(w[:, ii])
@@ -1143,7 +1150,12 @@ def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: flo
         for a in range(0, idx.numel(), DEFAULT_CHUNK):
             ii = idx[a : a + DEFAULT_CHUNK]
             lo, hi = int(ii.min()), int(ii.max()) + 1
-            b_p.append(g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW)[ii - lo])
+            edges = g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW)[ii - lo]
+            keep = ~F.window_too_narrow(edges, th[ii], sg[ii])  # the others: the Gaussian channel
+            ii, edges = ii[keep], edges[keep]
+            if ii.numel() == 0:
+                continue
+            b_p.append(edges)
             th_p.append(th[ii].double())
             sg_p.append(sg[ii].double())
             idx_all.append(ii + s)

@@ -27,6 +27,7 @@ from .leakage import (
     MC_BUFFER,
     MC_FLOP_BUDGET,
     MC_HALF_WINDOW,
+    MC_WINDOW_REACH,
     CltSums,
     HybridMC,
     baseline_leakage,
@@ -45,6 +46,7 @@ from .leakage import (
     resolve_method,
     sample_cell_means,
     saturate,
+    window_too_narrow,
 )
 from .table import table_boundaries, table_cell_moments
 
@@ -61,6 +63,7 @@ __all__ = [
     "MC_BUFFER",
     "MC_FLOP_BUDGET",
     "MC_HALF_WINDOW",
+    "MC_WINDOW_REACH",
     "bootstrap_interval",
     "clt_out_of_tolerance",
     "coarse_count",
@@ -84,6 +87,7 @@ __all__ = [
     "correlated",
     "interval",
     "leakage_from_sums",
+    "window_too_narrow",
     "mc_first_order",
     "mis_from_leakage",
     "record_leakage",

@@ -69,6 +69,11 @@ MIN_MC_DRAWS, MAX_MC_DRAWS = 1024, 32768
 MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (128 MiB in float64)
 # Edges each side of a coarse coordinate's cell given to the hybrid Monte Carlo form.
 MC_HALF_WINDOW = 18
+# Standard deviations each side of theta-hat the window must span before its two outer cells
+# may lump the remaining codes: a fine grid whose kappa is lowered by clipping alone (a
+# per-row absmax range within a few sd; 36 cells of int8 span ~0.3 sd of such a weight)
+# would otherwise be read as two huge outer cells, losing the information the fine cells keep.
+MC_WINDOW_REACH = 6.0
 
 
 def saturate(t: Tensor) -> Tensor:
@@ -331,6 +336,18 @@ def coarse_mask(kappa: Tensor) -> Tensor:
     return (kappa > 1e-12) & (kappa < FINE_KAPPA)
 
 
+def window_too_narrow(edges: Tensor, theta: Tensor, sigma: Tensor) -> Tensor:
+    """``[c]`` bool: the coordinates whose cell window (``edges [c, 2 * MC_HALF_WINDOW + 2]``,
+    outer cells ``(-inf, edges[:, 1])`` and ``(edges[:, -2], inf)``) lumps real codes within
+    :data:`MC_WINDOW_REACH` standard deviations of ``theta`` (an outer edge that is finite
+    there). Their cells are fine where the window shows them; the Monte Carlo forms score them
+    through the Gaussian channel (their exact ``kappa``) instead of sampling the lumped cells."""
+    th, sg = theta.to(torch.float64), sigma.to(torch.float64).clamp_min(1e-300)
+    left, right = edges[:, 1].to(torch.float64), edges[:, -2].to(torch.float64)
+    return (torch.isfinite(left) & ((th - left) / sg < MC_WINDOW_REACH)) | \
+        (torch.isfinite(right) & ((right - th) / sg < MC_WINDOW_REACH))
+
+
 def coarse_count(kappas: Iterable[Tensor | None]) -> int:
     """Number of coarse coordinates over several ``[d_i]`` kappa tensors (``None``: unquantized)."""
     return sum(int(coarse_mask(k).sum()) for k in kappas if k is not None)
@@ -436,7 +453,15 @@ class HybridMC:
         for a in range(0, idx.numel(), chunk):
             ii = idx[a : a + chunk]
             lo, hi = int(ii.min()), int(ii.max()) + 1
-            self._edges.append(boundaries(lo, hi)[ii - lo])
+            edges = boundaries(lo, hi)[ii - lo]
+            narrow = window_too_narrow(edges, theta[ii], sigma[ii])
+            if bool(narrow.any()):  # fine cells, clipped: the Gaussian channel
+                self.gaussian_s2 += w[:, ii[narrow]].to(torch.float64).square() @ kappa[ii[narrow]].to(torch.float64)
+                keep = ~narrow
+                ii, edges = ii[keep], edges[keep]
+                if ii.numel() == 0:
+                    continue
+            self._edges.append(edges)
             self._theta.append(theta[ii])
             self._sigma.append(sigma[ii])
             self._influence.append(w[:, ii])
