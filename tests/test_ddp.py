@@ -22,8 +22,6 @@ from torch import nn
 
 from mis_lightning import MISIndicator
 
-# the metric tests share one world (the `world` fixture): keep them on one xdist worker
-pytestmark = pytest.mark.xdist_group("ddp_metric_world")
 SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
 CASES = {
     "exact": {"estimation": "exact", "num_records": 37},
@@ -108,8 +106,8 @@ EMPTY_CASES = {
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """The results of one two-process gloo world running both metric workloads (the tests of
-    this module share an xdist group, so the world is spawned once per suite)."""
+    """The results of one two-process gloo world running both metric workloads (spawned once:
+    ``--dist loadfile`` runs this module on one xdist worker)."""
     out = tmp_path_factory.mktemp("ddp_metric")
     torch.set_num_threads(1)
     _spawn(_worker, (2, _free_port(), str(out)), 2, timeout=180)

@@ -21,9 +21,6 @@ from mis_lightning.groundtruth import compare as C
 from mis_lightning.groundtruth import ground_truth as GT
 
 TRAININGS = 12
-# the tests share the module-scoped `study` (~40 s): keep them on one xdist worker so that it is
-# computed once per suite, not once per worker that runs one of them
-pytestmark = pytest.mark.xdist_group("interval_study")
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,6 @@ def test_collate_stacks_records_and_refuses_mixed_padding():
         collate_graphs([ds[0], other[0]])
 
 
-@pytest.mark.xdist_group("mpnn_chembl")  # one worker: `chembl` built once
 def test_chembl_graphs_have_the_fingerprint_datamodules_members(chembl):
     # same records, same split: model=mpnn and model=mlp_probe audit the same members
     fp = ChEMBLDataModule(featurizer="physchem", seed=0)
@@ -144,7 +143,6 @@ def test_mpnn_output_shape_padding_and_atom_order_invariance():
         MPNN(ATOM_FEATURES, readout="max")
 
 
-@pytest.mark.xdist_group("mpnn_chembl")  # one worker: `chembl` built once
 def test_graph_batches_in_the_estimation_pass(trained, chembl):
     """Per-sample gradients of a graph batch (vmap over records of a dict batch) equal autograd
     on each record alone; a record's content hash does not depend on its batch."""
@@ -168,7 +166,6 @@ def test_graph_batches_in_the_estimation_pass(trained, chembl):
 
 
 # -- assessment end to end -----------------------------------------------------------------------
-@pytest.mark.xdist_group("mpnn_chembl")  # one worker: `chembl` built once
 def test_assess_and_mis_indicator_on_graph_batches(trained, chembl):
     loader = DataLoader(chembl.train_dataset, batch_size=128, collate_fn=collate_graphs)
     # the Gauss-Newton diagonal: "auto" would pick the exact Hessian for d <= 2,000, which costs
@@ -195,7 +192,6 @@ def test_assess_and_mis_indicator_on_graph_batches(trained, chembl):
         assert met.report.schemes[k].leakage == pytest.approx(s.leakage, rel=1e-9)
 
 
-@pytest.mark.xdist_group("mpnn_chembl")  # one worker: `chembl` built once
 def test_frozen_encoder_assesses_only_the_head_and_says_so(chembl):
     torch.manual_seed(0)
     model = MPNN(ATOM_FEATURES, head_hidden=[], freeze_encoder=True, **SMALL)
@@ -215,7 +211,6 @@ def test_frozen_encoder_assesses_only_the_head_and_says_so(chembl):
     assert not any(w.startswith("d / n") for w in rep.warnings)  # 9 / 711: inside the regime
 
 
-@pytest.mark.xdist_group("mpnn_chembl")  # one worker: `chembl` built once
 def test_mis_callback_on_graph_batches(chembl, tmp_path):
     torch.manual_seed(0)
     model = MPNN(ATOM_FEATURES, head_hidden=[], freeze_encoder=True, **SMALL)
@@ -227,7 +222,6 @@ def test_mis_callback_on_graph_batches(chembl, tmp_path):
     assert 0 < cb.report.schemes["int8_weight_only"].leakage < 1
 
 
-@pytest.mark.xdist_group("mpnn_chembl")  # one worker: `chembl` built once
 def test_pretrain_encoder_and_checkpoint(chembl, tmp_path):
     torch.manual_seed(0)
     model = MPNN(ATOM_FEATURES, head_hidden=[], freeze_encoder=True, **SMALL)

@@ -78,7 +78,6 @@ def test_mixed_scheme_unknown_key():
         MixedPrecisionScheme({"fc9": "rtn_int8"}).apply(m)
 
 
-@pytest.mark.xdist_group("planner_setup")  # one worker: `setup` fitted once
 def test_plan_prediction_matches_reassessment(setup):
     """The search's proxy equals the pipeline's re-assessed leakage of the real mixed copy
     within 2% (issue 16; here the pipeline's form is the Gaussian one, so they agree to
@@ -102,7 +101,6 @@ def test_plan_prediction_matches_reassessment(setup):
     assert rep.schemes["plan"].leakage == pytest.approx(res.leakage, rel=1e-9)
 
 
-@pytest.mark.xdist_group("planner_setup")  # one worker: `setup` fitted once
 def test_plan_is_the_best_feasible_plan(setup):
     """All 27 plans are enumerated (proxy values): the chosen plan has the least leakage among
     the frontier plans within the utility budget; the budget holds on re-assessment (or a
@@ -127,7 +125,6 @@ def test_plan_is_the_best_feasible_plan(setup):
                               if (u.result.utility["loss"] - res.float_utility) / res.float_utility <= budget)
 
 
-@pytest.mark.xdist_group("planner_setup")  # one worker: `setup` fitted once
 def test_plan_target_mis_minimises_size(setup):
     model, tr, va, est, _ = setup
     res0 = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, weight_decay=WD,
@@ -139,7 +136,6 @@ def test_plan_target_mis_minimises_size(setup):
     assert res.chosen.bits_per_weight == min(p.bits_per_weight for p in res.frontier if 1.0 - p.leakage >= target)
 
 
-@pytest.mark.xdist_group("planner_setup")  # one worker: `setup` fitted once
 def test_plan_errors(setup):
     model, tr, va, est, _ = setup
     with pytest.raises(ValueError, match=r"plan\(\) needs val_dataloader="):
