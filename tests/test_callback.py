@@ -19,6 +19,11 @@ from mis_lightning.quantization import QuantizationScheme
 
 torch.set_num_threads(1)
 SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
+# These tests are about the callback (training untouched, failures, loggers, state), not about
+# the correlated headline, which tests/test_correlated.py checks: the independent-coordinate
+# form skips the exact box-mean Monte Carlo (GHK, up to 6e6 truncated draws per scheme and
+# assessment: 62% of a fit with the callback here, measured with cProfile).
+FAST = {"covariance": "independent"}
 
 
 def mse(o, t):
@@ -145,7 +150,7 @@ def _assert_same(a, b):
 
 def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     ref = _snapshot(*fit(tmp_path / "a", lambda: Regressor(dropout=0.2)))
-    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=2)
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=2, **FAST)
     trainer, module = fit(tmp_path / "b", lambda: Regressor(dropout=0.2), [cb])
     _assert_same(ref, _snapshot(trainer, module))
     assert module.training is True or module.training is False  # restored, see below
@@ -169,7 +174,7 @@ def test_rng_is_restored_even_if_the_callback_draws_random_numbers(tmp_path, mon
 
     monkeypatch.setattr(C._MISCallbackImpl, "_assess", noisy)
     ref = _snapshot(*fit(tmp_path / "a", lambda: Regressor(dropout=0.2), max_epochs=2))
-    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0)
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0, **FAST)
     trainer, module = fit(tmp_path / "b", lambda: Regressor(dropout=0.2), [cb], max_epochs=2)
     _assert_same(ref, _snapshot(trainer, module))
 
@@ -180,7 +185,7 @@ def test_loggers_csv_tensorboard_report_and_figure(tmp_path):
     csv = CSVLogger(str(tmp_path), name="csv")
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"))
-    cb = MISCallback(SCHEMES, uncertainty_draws=2)
+    cb = MISCallback(SCHEMES, uncertainty_draws=2, **FAST)
     trainer, _ = fit(tmp_path, PenalisedRegressor, [cb, ckpt], logger=[csv, tb], max_epochs=2)
     # report + figure next to the checkpoints
     rep = json.loads((tmp_path / "ckpts" / "mis_report.json").read_text())
@@ -212,7 +217,7 @@ def test_mlflow_logger_if_available(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     lg = MLFlowLogger(experiment_name="mis", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path, Regressor, [cb], logger=lg, max_epochs=1)
     run = lg.experiment.get_run(lg.run_id)
     assert "mis/rtn_int4/leakage" in run.data.metrics
@@ -220,7 +225,7 @@ def test_mlflow_logger_if_available(tmp_path, monkeypatch):
 
 def test_failing_scheme_is_reported_and_training_kept(tmp_path):
     ref = _snapshot(*fit(tmp_path / "a", Regressor, max_epochs=2))
-    cb = MISCallback(["rtn_int8", Broken()], loss_fn=mse, uncertainty_draws=0)
+    cb = MISCallback(["rtn_int8", Broken()], loss_fn=mse, uncertainty_draws=0, **FAST)
     with pytest.warns(UserWarning, match="broken"):
         trainer, module = fit(tmp_path / "b", Regressor, [cb], max_epochs=2)
     _assert_same(ref, _snapshot(trainer, module))
@@ -233,7 +238,7 @@ def test_failing_scheme_is_reported_and_training_kept(tmp_path):
 
 
 def test_model_without_linear_layers_and_total_failure(tmp_path):
-    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0, **FAST)
     with pytest.warns(UserWarning, match="applies to no assessed parameter"):
         fit(tmp_path / "a", ScaleOnly, [cb], max_epochs=1)
     rep = json.loads(cb.report_path.read_text())
@@ -263,7 +268,7 @@ def test_missing_loss_is_a_setup_error(tmp_path):
 
 
 def test_hook_with_dict_batches(tmp_path):
-    cb = MISCallback(SCHEMES, uncertainty_draws=0)
+    cb = MISCallback(SCHEMES, uncertainty_draws=0, **FAST)
     fit(tmp_path, HookRegressor, [cb], max_epochs=1, data=loaders(dict_batches=True))
     assert cb.report is not None and cb.report.n == 120
     assert all(s.error is None and s.utility["loss"] > 0 for s in cb.report.schemes.values())
@@ -271,12 +276,12 @@ def test_hook_with_dict_batches(tmp_path):
 
 def test_state_dict_roundtrip_and_checkpoint(tmp_path):
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpts"), save_last=True)
-    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0)
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0, **FAST)
     fit(tmp_path, Regressor, [cb, ckpt], max_epochs=2)
     saved = torch.load(tmp_path / "ckpts" / "last.ckpt", weights_only=False)
     assert cb.state_key in saved["callbacks"]
     state = saved["callbacks"][cb.state_key]
-    fresh = MISCallback(SCHEMES, loss_fn=mse)
+    fresh = MISCallback(SCHEMES, loss_fn=mse, **FAST)
     fresh.load_state_dict(state)
     assert fresh.last_summary is not None and set(fresh.last_summary) == {*SCHEMES, "baseline"}
     assert fresh._val_epochs == state["val_epochs"] >= 1
@@ -312,7 +317,7 @@ def test_argument_checks_and_lightning_package():
 
 
 def test_warning_free_when_all_is_well(tmp_path):
-    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0, **FAST)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         fit(tmp_path, Regressor, [cb], max_epochs=1)
@@ -323,7 +328,7 @@ def test_warning_free_when_all_is_well(tmp_path):
 
 
 def test_estimation_pass_shows_progress_with_the_trainers_bar(tmp_path, capsys):
-    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0, **FAST)
     pl.seed_everything(0)
     train, val = loaders()
     trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_progress_bar=True,
@@ -333,7 +338,7 @@ def test_estimation_pass_shows_progress_with_the_trainers_bar(tmp_path, capsys):
     assert "MIS estimation pass" in err  # the TQDM bar of the Trainer's progress-bar style
     assert cb.report is not None
     # and no bar when the Trainer shows none
-    cb2 = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0)
+    cb2 = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path / "quiet", Regressor, callbacks=[cb2], max_epochs=1)
     assert "MIS estimation pass" not in capsys.readouterr().err
 
@@ -342,19 +347,19 @@ def test_estimation_pass_shows_progress_with_the_trainers_bar(tmp_path, capsys):
 def test_one_callback_for_two_models_assesses_each(tmp_path):
     """The second model gets its own report (it used to keep the first one's: a step counter
     that was never reset made on_fit_end skip), equal to a fresh callback's on that model."""
-    cb = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64)
+    cb = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64, **FAST)
     fit(tmp_path / "a", Regressor, [cb], max_epochs=2)
     first = cb.report
     fit(tmp_path / "b", lambda: Regressor(dropout=0.1), [cb], max_epochs=2)
     assert cb.report is not first and len(cb.history) == 1
-    fresh = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64)
+    fresh = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64, **FAST)
     fit(tmp_path / "c", lambda: Regressor(dropout=0.1), [fresh], max_epochs=2)
     # same model, data, seed and code path: the same number (float64, deterministic on CPU)
     assert cb.report.schemes["rtn_int4"].leakage == fresh.report.schemes["rtn_int4"].leakage
     assert cb.report.schemes["rtn_int4"].leakage != first.schemes["rtn_int4"].leakage
     # a state loaded by hand before fit (like a checkpoint's) is continued, not reset
     state = cb.state_dict()
-    cb2 = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64)
+    cb2 = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64, **FAST)
     cb2.load_state_dict(state)
     fit(tmp_path / "d", Regressor, [cb2], max_epochs=1)
     assert [h["stage"] for h in cb2.history] == ["fit_end", "fit_end"]
@@ -369,7 +374,7 @@ def test_unknown_scheme_name_raises_at_construction_with_close_names():
 
 
 def test_scheme_unavailable_here_is_an_error_row_not_a_construction_error(tmp_path):
-    cb = MISCallback(["rtn_int8", "int4_weight_only_tinygemm"], loss_fn=mse, uncertainty_draws=0)  # constructs
+    cb = MISCallback(["rtn_int8", "int4_weight_only_tinygemm"], loss_fn=mse, uncertainty_draws=0, **FAST)  # constructs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit(tmp_path, Regressor, [cb], max_epochs=1)
@@ -422,7 +427,7 @@ def test_batches_that_are_not_pairs_raise_before_training(tmp_path):
         trainer.fit(_NoHook(), train, val)
     assert trainer.global_step == 0
     # with batch_fn the same batches work
-    ok = MISCallback(SCHEMES, loss_fn=mse, batch_fn=xy, uncertainty_draws=0)
+    ok = MISCallback(SCHEMES, loss_fn=mse, batch_fn=xy, uncertainty_draws=0, **FAST)
     fit(tmp_path / "ok", _NoHook, [ok], max_epochs=1, data=loaders(dict_batches=True))
     assert ok.report is not None and ok.report.n == 120
 

@@ -22,6 +22,9 @@ FAST = [
     "data=synthetic_linear", "data.n_train=400", "data.n_val=200", "data.batch_size=400",
     "model=linear", "trainer.max_epochs=2", "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2",
     "logger=csv", "progress=false",
+    # the app's plumbing is tested here, not the correlated headline (tests/test_correlated.py):
+    # the independent-coordinate form skips the correlated Monte Carlo (half of an assessment)
+    "mis.scoring.covariance=independent",
 ]
 
 
@@ -146,34 +149,6 @@ def _run_rc(args: list[str], cwd: Path, timeout: int = 300):
                           check=False, capture_output=True, text=True, timeout=timeout)
 
 
-def test_sweep_with_a_failing_job_aggregates_the_others_and_exits_1(tmp_path):
-    sweep = tmp_path / "sweep"
-    # job 1 is refused (a logistic model on regression data); job 0 runs
-    proc = _run_rc(["-m", "model=linear,logistic", *[a for a in FAST if a != "model=linear"],
-                    "logger=none", "schemes=[rtn_int8]", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "1 job(s) of the sweep failed (job 1)" in proc.stderr
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert len(jobs) == 2
-    failed = json.loads((sweep / jobs[1] / "result.json").read_text())
-    assert failed["status"] == "failed" and failed["stage"] == "configuration"
-    assert failed["error"].startswith("ValueError: model LogisticRegression is a 'binary' model")
-    assert "Traceback" in failed["traceback"] and failed["job"]["num"] == 1
-    with open(sweep / "aggregate.csv") as fh:
-        rows = list(csv.DictReader(fh))
-    assert [(r["job"], r["scheme"], r["job_status"]) for r in rows] == [
-        ("0", "rtn_int8", "ok"), ("1", "rtn_int8", "failed")]
-    assert 0.0 < float(rows[0]["leakage"]) < 1.0 and rows[1]["leakage"] == ""
-    assert rows[1]["error"] == "job failed (configuration): " + failed["error"]
-    md = (sweep / "aggregate.md").read_text()
-    assert "2 jobs (1 failed), 2 rows." in md
-    assert md.split("## Failures\n\n")[1].strip() == (
-        "- job 1 (model=logistic), rtn_int8: job failed (configuration): " + failed["error"])
-    assert (sweep / "frontier.png").stat().st_size > 0
-    # the aggregate command says so too
-    assert agg.main([str(sweep), "--quiet"]) == 1
-
-
 def test_frontier_says_no_scheme_succeeded():
     rows = [{"job": 0, "scheme": "int4_tinygemm", "error": "job failed (configuration): "
              "SchemeUnavailableError: needs CUDA", "job_status": "failed"}]
@@ -185,29 +160,53 @@ def test_frontier_says_no_scheme_succeeded():
     assert ax.get_xlabel() == "bits per weight" and not ax.lines
 
 
-def test_multirun_one_job_per_scheme_and_aggregate(tmp_path):
+def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and_exits_1(tmp_path):
+    """One sweep (one process start) for both: one job per scheme, aggregated, and failing jobs
+    aggregated with the others and an exit status of 1. quantizer x model: every model=logistic
+    job is refused at configuration (a binary model on regression data), the linear ones run."""
     sweep = tmp_path / "sweep"
     names = ["int8_weight_only", "intx_weight_only_int4_g32", "intx_weight_only_int2_g32"]
-    proc = _run(["-m", f"quantizer={','.join(names)}", *FAST, f"hydra.sweep.dir={sweep}"],
-                cwd=tmp_path, timeout=300)
+    proc = _run_rc(["-m", f"quantizer={','.join(names)}", "model=linear,logistic",
+                    *[a for a in FAST if a != "model=linear"], f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 job(s) of the sweep failed (job 1, 3, 5)" in proc.stderr
+    ok, bad = [2 * i for i in range(3)], [2 * i + 1 for i in range(3)]  # the model varies fastest
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == [f"{i}_{n}" for i, n in enumerate(names)]
-    for i, n in enumerate(names):
+    assert jobs == sorted(f"{j}_{n}" for n, a, b in zip(names, ok, bad) for j in (a, b))
+    errors = []
+    for n, i, j in zip(names, ok, bad):
         res = json.loads((sweep / f"{i}_{n}" / "result.json").read_text())
         assert res["job"]["num"] == i and [r["scheme"] for r in res["rows"]] == [n]
+        failed = json.loads((sweep / f"{j}_{n}" / "result.json").read_text())
+        assert failed["status"] == "failed" and failed["stage"] == "configuration"
+        assert failed["error"].startswith("ValueError: model LogisticRegression is a 'binary' model")
+        assert "Traceback" in failed["traceback"] and failed["job"]["num"] == j
+        errors.append(failed["error"])
     with open(sweep / "aggregate.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["scheme"] for r in rows] == names
-    assert [int(r["job"]) for r in rows] == [0, 1, 2]
-    assert rows[0]["swept"] == "quantizer=int8_weight_only"
-    assert all(0.0 <= float(r["leakage"]) <= 1.0 for r in rows)
-    assert float(rows[2]["bits_per_weight"]) < float(rows[0]["bits_per_weight"])
+    assert [(r["job"], r["scheme"], r["job_status"]) for r in rows] == [
+        (str(j), n, status) for n, i, j in zip(names, ok, bad) for j, status in ((i, "ok"), (j, "failed"))]
+    good, failed_rows = rows[0::2], rows[1::2]
+    assert good[0]["swept"] == "quantizer=int8_weight_only model=linear"
+    assert all(0.0 < float(r["leakage"]) < 1.0 for r in good)
+    assert float(good[2]["bits_per_weight"]) < float(good[0]["bits_per_weight"])
+    assert all(r["leakage"] == "" for r in failed_rows)
+    assert [r["error"] for r in failed_rows] == ["job failed (configuration): " + e for e in errors]
     md = (sweep / "aggregate.md").read_text()
-    assert md.count("\n| ") == 4 and "| leakage |" in md  # header + 3 rows
+    assert "6 jobs (3 failed), 6 rows." in md
+    assert md.count("\n| ") == 7 and "| leakage |" in md  # header + 6 rows
+    assert md.split("## Failures\n\n")[1].strip() == "\n".join(
+        f"- job {j} (quantizer={n} model=logistic), {n}: job failed (configuration): {e}"
+        for n, j, e in zip(names, bad, errors))
     assert (sweep / "frontier.png").stat().st_size > 0
-    assert "Aggregated 3 jobs" in proc.stdout
+    assert "Aggregated 6 jobs (3 failed)" in proc.stdout
+    # the aggregate command says so too
+    assert agg.main([str(sweep), "--quiet"]) == 1
 
-    # re-run the aggregation on the existing sweep dir (the mis-lightning-aggregate command)
+    # re-run the aggregation on the sweep dir without the failed jobs (the mis-lightning-aggregate
+    # command): status 0
+    for n, j in zip(names, bad):
+        shutil.rmtree(sweep / f"{j}_{n}")
     for f in ("aggregate.csv", "aggregate.md", "frontier.png"):
         (sweep / f).unlink()
     assert agg.main([str(sweep), "--quiet"]) == 0
@@ -256,7 +255,8 @@ def test_assess_schemes_matches_assess():
         model.linear.weight.copy_(sol[:32][None])
         model.linear.bias.copy_(sol[32:])
     loader = DataLoader(TensorDataset(x, y), batch_size=100)
-    kw = {"num_records": 32, "uncertainty_draws": 1, "seed": 3, "weight_decay": 1e-2}
+    kw = {"num_records": 32, "uncertainty_draws": 1, "seed": 3, "weight_decay": 1e-2,
+          "covariance": "independent"}  # the alias is the subject (see FAST)
     schemes = ["int8_weight_only", "intx_weight_only_int4_g32"]
     a = assess(model, schemes, loader, model.per_sample_loss, **kw)
     with pytest.warns(DeprecationWarning, match="assess_schemes is deprecated"):
@@ -370,7 +370,7 @@ def test_assess_mode_scores_a_saved_checkpoint_without_training(tmp_path, capsys
 
     again = ["data=synthetic_linear", "model=linear", "logger=csv", "progress=false",
              "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2",
-             "schemes=[rtn_int8,rtn_int2]", "mode=assess", f"ckpt_path={ckpt}",
+             "mis.scoring.covariance=independent", "schemes=[rtn_int8,rtn_int2]", "mode=assess", f"ckpt_path={ckpt}",
              f"logger.csv.save_dir={tmp_path / 'assess'}"]  # (in process: no Hydra runtime dir)
     run_job(_compose(again, tmp_path / "assess"))
     out = tmp_path / "assess"

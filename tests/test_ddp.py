@@ -55,6 +55,9 @@ def _free_port():
 
 
 def _worker(rank, world, port, out_dir):
+    """Both metric workloads in one gloo world (a world costs two process starts and imports):
+    the uneven shards of ``CASES`` (``rank{k}.json``) and the empty rank of ``EMPTY_CASES``
+    (``empty_rank{k}.json``)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -69,6 +72,15 @@ def _worker(rank, world, port, out_dir):
                 met.update(X[a : min(a + bs, hi)], y[a : min(a + bs, hi)])
             res[name] = _summary(met)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+            json.dump(res, fh)
+        res = {}
+        for name, kw in EMPTY_CASES.items():
+            met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
+            if rank == 0:  # rank 1 sees no record at all
+                for a in range(0, 301, 50):
+                    met.update(X[a : a + 50], y[a : a + 50])
+            res[name] = [float(met.compute()["rtn_int4"]["leakage"]), met.report.n]
+        with open(os.path.join(out_dir, f"empty_rank{rank}.json"), "w") as fh:
             json.dump(res, fh)
     finally:
         dist.destroy_process_group()
@@ -85,11 +97,26 @@ def _spawn(fn, args, nprocs, timeout):
             pytest.fail(f"DDP workers did not finish within {timeout} s")
 
 
-def test_metric_two_processes_equal_one(tmp_path):
+EMPTY_CASES = {
+    "exact": {"estimation": "exact"},
+    "ggn": {"estimation": "diagonal", "hessian": "ggn"},
+    "records_not_grads": {"estimation": "diagonal", "hessian": "ggn", "budget": 10},  # s_rec_x / s_rec_y
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The results of one two-process gloo world running both metric workloads (spawned once:
+    ``--dist loadfile`` runs this module on one xdist worker)."""
+    out = tmp_path_factory.mktemp("ddp_metric")
     torch.set_num_threads(1)
-    _spawn(_worker, (2, _free_port(), str(tmp_path)), 2, timeout=120)
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    _spawn(_worker, (2, _free_port(), str(out)), 2, timeout=180)
+    return out
+
+
+def test_metric_two_processes_equal_one(world):
+    r0 = json.loads((world / "rank0.json").read_text())
+    r1 = json.loads((world / "rank1.json").read_text())
     X, y, model = _setup()
     for name, kw in CASES.items():
         met = MISIndicator(model, mse, SCHEMES, uncertainty_draws=4, **kw)
@@ -103,38 +130,10 @@ def test_metric_two_processes_equal_one(tmp_path):
                 assert r1[name][scheme][f] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, scheme, f)
 
 
-EMPTY_CASES = {
-    "exact": {"estimation": "exact"},
-    "ggn": {"estimation": "diagonal", "hessian": "ggn"},
-    "records_not_grads": {"estimation": "diagonal", "hessian": "ggn", "budget": 10},  # s_rec_x / s_rec_y
-}
-
-
-def _worker_empty_rank(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        X, y, model = _setup()
-        res = {}
-        for name, kw in EMPTY_CASES.items():
-            met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
-            if rank == 0:  # rank 1 sees no record at all
-                for a in range(0, 301, 50):
-                    met.update(X[a : a + 50], y[a : a + 50])
-            res[name] = [float(met.compute()["rtn_int4"]["leakage"]), met.report.n]
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(res, fh)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_metric_with_a_rank_that_saw_no_record(tmp_path):
+def test_metric_with_a_rank_that_saw_no_record(world):
     """Empty "cat" states used to be gathered as 1-d float32 against 2-d float64/int64 ones,
     which aborted the gloo job; now the empty rank changes nothing (1e-9: summation order)."""
-    torch.set_num_threads(1)
-    _spawn(_worker_empty_rank, (2, _free_port(), str(tmp_path)), 2, timeout=120)
-    r = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    r = [json.loads((world / f"empty_rank{k}.json").read_text()) for k in range(2)]
     X, y, model = _setup()
     for name, kw in EMPTY_CASES.items():
         met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
@@ -149,14 +148,14 @@ def test_metric_with_a_rank_that_saw_no_record(tmp_path):
 def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
-    from test_callback import Regressor, loaders
+    from test_callback import FAST, Regressor, loaders
 
     from mis_lightning import MISCallback
 
     torch.set_num_threads(1)
     pl.seed_everything(0)
     train, val = loaders(n_train=101)  # odd: the DistributedSampler pads one record
-    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64)
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64, **FAST)  # see test_callback
     trainer = pl.Trainer(
         strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2,
         logger=CSVLogger(str(tmp_path)), callbacks=[cb], enable_progress_bar=False,
