@@ -130,7 +130,7 @@ class FactoredProgram:
             raise NotImplementedError("not every assessed parameter is the weight or bias of one nn.Linear")
         self.layout = layout
         self.names = names
-        self.loss_fn = loss_fn
+        self.loss_fn, self.dtype = loss_fn, dtype
         self.model = private_copy(model, "copying the model for the factored nn.Linear estimation").to(dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(True)
@@ -139,6 +139,7 @@ class FactoredProgram:
 
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         self.capture.reset()
+        inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
         with torch.enable_grad():
             out = self.model(inputs)
             if out.numel() != b:
@@ -507,6 +508,18 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     return o, weights
 
 
+# "auto" Gauss-Newton diagonal: exact up to this many directions per record (rank of the loss
+# Hessian in the outputs), the sampled-label Monte Carlo estimate above (docs/benchmarks.md:
+# each direction costs a backward pass and a per-sample product of every layer).
+GGN_EXACT_MAX_DIRECTIONS = 2
+
+
+def _cast(tree: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of a pytree in ``dtype`` (integer tensors, e.g. token ids, kept)."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, tree)
+
+
 CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gradients (8 MiB in float64)
 
 
@@ -598,6 +611,13 @@ class LayerProgram:
             p.requires_grad_(True)
         self.names, self.loss_fn, self.dtype = names, loss_fn, dtype
         self.reference = reference  # a LossProgram: the first batch's check
+        # the Gauss-Newton diagonal (set by the accumulator): "ggn" (exact, rank(L) directions),
+        # "ggn_mc" (mc_samples Monte Carlo directions per record, drawn from generator) or
+        # "auto"; ggn_choice: what the first batch chose
+        self.ggn_mode, self.mc_samples, self.generator = "ggn", 1, None
+        self.ggn_choice: str | None = None
+        self.ggn_directions = 0
+        self._shape: tuple[int, ...] = ()
         self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
@@ -674,7 +694,11 @@ class LayerProgram:
         ``[B, C]`` (in the graph), the layer outputs and ``d2l/do2`` for more directions
         (``second``: then the prepared inputs are kept for the batch, reused by every
         direction; kept taps hold the layer inputs and output gradients only)."""
+        # the program's dtype (float32 for large models; the records are stored in the
+        # accumulator's dtype): floating inputs and targets cast, indices kept
+        inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
         taps, f, shape = self._forward(inputs, b)
+        self._shape = shape
         self._forward_taps = taps  # the layer outputs, for the backward passes of more directions
         e, L = self._loss_derivatives(f.detach(), targets, shape, second)
         outs = [t for m in self.slots for t in taps[m][1]]
@@ -714,12 +738,22 @@ class LayerProgram:
                     out[k] = v if k not in out else _add(out[k], v, c - a)
             yield a, c, out
 
-    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True) -> tuple[_BatchTaps, dict[str, Tensor]]:
-        """One forward and ``1 + rank(L)`` backward passes: the batch's taps (layer inputs and
-        loss gradients at the outputs, from which every per-sample gradient follows) and its
-        Gauss-Newton diagonal sums ``{name: [numel]}`` (zeros with ``ggn=False``). Per-sample
-        products are formed a chunk of records at a time (:meth:`chunk_rows`)."""
-        h_all = {k: torch.zeros(self._numels[k], dtype=self.dtype) for k in self.names}
+    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True
+              ) -> tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None]:
+        """One forward and ``1 + k`` backward passes: the batch's taps (layer inputs and loss
+        gradients at the outputs, from which every per-sample gradient follows), its
+        Gauss-Newton diagonal sums ``{name: [numel]}`` float64 (zeros with ``ggn=False``) and,
+        for the sampled-label estimate, a bound on their Monte Carlo variance (else ``None``).
+
+        ``k`` is ``rank(L)`` for the exact diagonal (:attr:`ggn_mode` ``"ggn"``) and
+        :attr:`mc_samples` for the Monte Carlo one (``"ggn_mc"``: per record, a direction
+        ``a`` with ``E[a a'] = L``, see :meth:`_mc_directions`); ``"auto"`` takes the Monte
+        Carlo one when ``rank(L) > GGN_EXACT_MAX_DIRECTIONS`` on the first batch and keeps
+        that choice (:attr:`ggn_choice`). Per-sample products are formed a chunk of records at a
+        time (:meth:`chunk_rows`) in the program's dtype; the sums are float64."""
+        f64 = torch.float64
+        h_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
+        h2_all = None
         with torch.enable_grad():
             taps, f, outs, L = self._taps(inputs, targets, b, second=ggn)
             if ggn:
@@ -727,22 +761,87 @@ class LayerProgram:
                 c = f.shape[1]
                 lam, vec = torch.linalg.eigh(0.5 * (L + L.transpose(1, 2)))
                 keep = [k for k in range(c) if lam[:, k].abs().max() > 1e-12 * max(float(lam.abs().max()), 1e-300)]
-                for i, k in enumerate(keep):
-                    vdir = vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1)
-                    sgn = lam[:, k].sign()
-                    gos = torch.autograd.grad(f, outs, grad_outputs=vdir, retain_graph=i < len(keep) - 1,
+                if self.ggn_choice is None:  # decided once, on the first batch
+                    mc = self.ggn_mode == "ggn_mc" or (self.ggn_mode == "auto" and len(keep) > GGN_EXACT_MAX_DIRECTIONS)
+                    self.ggn_choice, self.ggn_directions = ("ggn_mc" if mc else "ggn"), len(keep)
+                if self.ggn_choice == "ggn_mc":
+                    dirs = self._mc_directions(f.detach(), targets, lam, vec)
+                    h2_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
+                else:
+                    dirs = [(vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1), lam[:, k].sign()) for k in keep]
+                for i, (vdir, sgn) in enumerate(dirs):
+                    gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
-                    for a, cc, grads in self.iter_grads(taps, go=self._unpack(self._forward_taps, gos)):
-                        for name, v in grads.items():
-                            if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
-                                h_all[name].view(v.shape).index_add_(
-                                    0, v.row, v.g.square() * sgn[a:cc][v.sample].unsqueeze(-1))
-                            else:  # v is this chunk's own tensor: squared in place, summed by a GEMV
-                                h_all[name].addmv_(v.reshape(cc - a, -1).square_().T, sgn[a:cc])
+                    self._add_squares(taps, self._unpack(self._forward_taps, gos), sgn, h_all, h2_all, len(dirs))
         self._forward_taps = {}
         if not self._verified:
             self._verify(inputs, targets, taps)
-        return taps, h_all
+        return taps, h_all, h2_all
+
+    def _add_squares(self, taps: _BatchTaps, go: dict[str, Any], sgn: Tensor, h_all: dict[str, Tensor],
+                     h2_all: dict[str, Tensor] | None, num: int) -> None:
+        """Add one direction's per-sample squares ``sum_r sgn_r (J_r' a_r)_j^2`` to ``h_all``
+        (float64). With ``h2_all`` (a Monte Carlo direction, one of ``num`` per record) they
+        enter with weight ``1 / num`` and ``h2_all`` gets ``sum_r (J_r' a_r)_j^4 / num^2``:
+        per record ``E[X^2] / num`` bounds ``Var(mean of num draws of X)`` from above."""
+        f64 = torch.float64
+        w = sgn if h2_all is None else sgn / num
+        for a, cc, grads in self.iter_grads(taps, go=go):
+            for name, v in grads.items():
+                if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
+                    sq = v.g.square()
+                    h_all[name].view(v.shape).index_add_(0, v.row, (sq * w[a:cc][v.sample].unsqueeze(-1)).to(f64))
+                    if h2_all is not None:
+                        h2_all[name].view(v.shape).index_add_(0, v.row, sq.square().to(f64) / num ** 2)
+                else:  # v is this chunk's own tensor: squared in place, summed by a GEMV
+                    sq = v.reshape(cc - a, -1).square_()
+                    h_all[name] += (sq.T @ w[a:cc].to(sq.dtype)).to(f64)
+                    if h2_all is not None:
+                        h2_all[name] += sq.square_().sum(0).to(f64) / num ** 2
+
+    def _mc_directions(self, fd: Tensor, targets: Any, lam: Tensor, vec: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """:attr:`mc_samples` directions ``(a [B, C], sign [B])`` per record with
+        ``E[a a'] = L`` (the loss Hessian in the outputs), drawn from :attr:`generator`.
+
+        Softmax cross-entropy on class labels (checked on the batch: ``dl/do = p - onehot(y)``
+        and ``L = diag(p) - p p'`` with ``p = softmax(o)``): ``a = dl/do`` at a label drawn
+        from the model's predictive distribution ``p`` (the sampled-label Gauss-Newton,
+        BackPACK's ``DiagGGNMC``). Any other loss: ``a = V |Lambda|^{1/2} xi`` with Rademacher
+        ``xi`` over the eigen-directions of ``L`` (the same covariance), one direction for the
+        positive and (where ``L`` is indefinite) one with sign ``-1`` for the negative part."""
+        gen, S = self.generator, self.mc_samples
+        b, c = fd.shape
+        targets = _cast(targets, self.dtype)
+        if self._is_softmax_ce(fd, targets):
+            p = torch.softmax(fd.to(torch.float64), -1)
+            out = []
+            for _ in range(S):
+                y = torch.multinomial(p, 1, generator=gen).reshape(b).to(targets.dtype)
+                e, _ = self._loss_derivatives(fd, y, self._shape, False)
+                out.append((e, torch.ones(b, dtype=fd.dtype)))
+            return out
+        scale = lam.abs().sqrt()
+        out = []
+        for _ in range(S):
+            xi = torch.randint(0, 2, (b, c), generator=gen).to(lam.dtype) * 2 - 1
+            for part, sign in ((lam > 0, 1.0), (lam < 0, -1.0)):
+                if part.any():
+                    a = torch.einsum("bck,bk->bc", vec, scale * xi * part)
+                    out.append((a, torch.full((b,), sign, dtype=fd.dtype)))
+        return out
+
+    def _is_softmax_ce(self, fd: Tensor, targets: Any) -> bool:
+        """Whether the batch's loss is softmax cross-entropy on class labels ``[B]`` (its
+        gradient and Hessian in the outputs match, to 1e-4 of their scale)."""
+        if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
+                and len(self._shape) == 1 and fd.shape[1] > 1):
+            return False
+        e, L = self._loss_derivatives(fd, targets, self._shape, True)
+        assert L is not None
+        p = torch.softmax(fd, -1)
+        e_ce = p - torch.nn.functional.one_hot(targets.long(), fd.shape[1]).to(p.dtype)
+        L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        return bool((e - e_ce).abs().max() <= 1e-4) and bool((L - L_ce).abs().max() <= 1e-4)
 
     def record_taps(self, inputs: Any, targets: Any, b: int) -> _BatchTaps:
         """One forward and one backward pass of the loss over a block of records: per layer
@@ -783,28 +882,31 @@ class LayerProgram:
                 raise NotImplementedError(f"per-sample gradients of {n!r} differ from torch.func's")
         self._verified = True
 
-    def select_rows(self, fac: tuple[_BatchTaps, dict[str, Tensor]], rows: Tensor
-                    ) -> tuple[_BatchTaps, dict[str, Tensor]]:
+    def select_rows(self, fac: tuple[_BatchTaps, dict[str, Tensor], Any], rows: Tensor
+                    ) -> tuple[_BatchTaps, dict[str, Tensor], Any]:
         """The taps of the records ``rows`` of a batch."""
-        return fac[0].rows(rows), fac[1]
+        return fac[0].rows(rows), fac[1], fac[2]
 
-    def batch_sums(self, fac: tuple[_BatchTaps, dict[str, Tensor]], acc: torch.dtype
-                   ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], Tensor]:
-        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum)`` (flat) and the sum
-        over records of ``|g_i|^2`` ``[1]``, a chunk of records at a time."""
-        taps, h_all = fac
-        s1 = {n: torch.zeros(self._numels[n], dtype=self.dtype) for n in self.names}
-        s2 = {n: torch.zeros(self._numels[n], dtype=self.dtype) for n in self.names}
+    def batch_sums(self, fac: tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None], acc: torch.dtype
+                   ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor, Tensor | None]], Tensor]:
+        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum, its Monte Carlo
+        variance bound or None)`` (flat, in ``acc``) and the sum over records of ``|g_i|^2``
+        ``[1]``. Products are formed a chunk of records at a time in the program's dtype
+        (float32 for large models) and summed over chunks in ``acc`` (float64)."""
+        taps, h_all, h2_all = fac
+        s1 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
+        s2 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         for _, _, grads in self.iter_grads(taps):
             for n, v in grads.items():
                 if isinstance(v, _Sparse):
-                    s1[n] += v.sum()
-                    s2[n] += v.sum_sq()
+                    s1[n] += v.sum().to(acc)
+                    s2[n] += v.sum_sq().to(acc)
                 else:
-                    s1[n] += v.sum(0)
-                    s2[n] += v.square_().sum(0)  # the chunk's own tensor, squared in place
-        out = {n: (s1[n].to(acc), s2[n].to(acc), h_all[n].to(acc)) for n in self.names}
-        norm = sum((s2[n].to(acc).sum() for n in self.names), torch.zeros((), dtype=acc))
+                    s1[n] += v.sum(0).to(acc)
+                    s2[n] += v.square_().sum(0).to(acc)  # the chunk's own tensor, squared in place
+        out = {n: (s1[n], s2[n], h_all[n].to(acc), None if h2_all is None else h2_all[n].to(acc))
+               for n in self.names}
+        norm = sum((s2[n].sum() for n in self.names), torch.zeros((), dtype=acc))
         return out, norm.reshape(1)
 
     def record_gradients(self, fac: tuple[_BatchTaps, dict[str, Tensor]], take: int) -> Tensor:
@@ -842,4 +944,4 @@ def _first_dim(tree: Any) -> int:
     return int(leaves[0].shape[0]) if leaves else len(tree)
 
 
-__all__ = ["FactoredProgram", "LayerProgram", "LinearFactors", "factored_power_sums", "iterate_factor_blocks", "linear_layout"]
+__all__ = ["GGN_EXACT_MAX_DIRECTIONS", "FactoredProgram", "LayerProgram", "LinearFactors", "factored_power_sums", "iterate_factor_blocks", "linear_layout"]
