@@ -701,6 +701,7 @@ class LayerProgram:
         self._shape = shape
         self._forward_taps = taps  # the layer outputs, for the backward passes of more directions
         e, L = self._loss_derivatives(f.detach(), targets, shape, second)
+        self._e = e  # dl/do of the batch (the sampled-label directions' check)
         outs = [t for m in self.slots for t in taps[m][1]]
         gos = torch.autograd.grad(f, outs, grad_outputs=e, retain_graph=second, allow_unused=True)
         x = {m: taps[m][0] for m in self.slots}
@@ -765,7 +766,7 @@ class LayerProgram:
                     mc = self.ggn_mode == "ggn_mc" or (self.ggn_mode == "auto" and len(keep) > GGN_EXACT_MAX_DIRECTIONS)
                     self.ggn_choice, self.ggn_directions = ("ggn_mc" if mc else "ggn"), len(keep)
                 if self.ggn_choice == "ggn_mc":
-                    dirs = self._mc_directions(f.detach(), targets, lam, vec)
+                    dirs = self._mc_directions(f.detach(), _cast(targets, self.dtype), L, lam, vec)
                     h2_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
                 else:
                     dirs = [(vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1), lam[:, k].sign()) for k in keep]
@@ -799,26 +800,25 @@ class LayerProgram:
                     if h2_all is not None:
                         h2_all[name] += sq.square_().sum(0).to(f64) / num ** 2
 
-    def _mc_directions(self, fd: Tensor, targets: Any, lam: Tensor, vec: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def _mc_directions(self, fd: Tensor, targets: Any, L: Tensor, lam: Tensor, vec: Tensor
+                       ) -> list[tuple[Tensor, Tensor]]:
         """:attr:`mc_samples` directions ``(a [B, C], sign [B])`` per record with
         ``E[a a'] = L`` (the loss Hessian in the outputs), drawn from :attr:`generator`.
 
         Softmax cross-entropy on class labels (checked on the batch: ``dl/do = p - onehot(y)``
         and ``L = diag(p) - p p'`` with ``p = softmax(o)``): ``a = dl/do`` at a label drawn
         from the model's predictive distribution ``p`` (the sampled-label Gauss-Newton,
-        BackPACK's ``DiagGGNMC``). Any other loss: ``a = V |Lambda|^{1/2} xi`` with Rademacher
+        BackPACK's ``DiagGGNMC``; ``p - onehot(y~)``, as the check allows). Any other loss: ``a = V |Lambda|^{1/2} xi`` with Rademacher
         ``xi`` over the eigen-directions of ``L`` (the same covariance), one direction for the
         positive and (where ``L`` is indefinite) one with sign ``-1`` for the negative part."""
         gen, S = self.generator, self.mc_samples
         b, c = fd.shape
-        targets = _cast(targets, self.dtype)
-        if self._is_softmax_ce(fd, targets):
-            p = torch.softmax(fd.to(torch.float64), -1)
+        p = self._softmax_ce(fd, targets, L)
+        if p is not None:
             out = []
             for _ in range(S):
-                y = torch.multinomial(p, 1, generator=gen).reshape(b).to(targets.dtype)
-                e, _ = self._loss_derivatives(fd, y, self._shape, False)
-                out.append((e, torch.ones(b, dtype=fd.dtype)))
+                y = torch.multinomial(p.to(torch.float64), 1, generator=gen).reshape(b)
+                out.append((p - torch.nn.functional.one_hot(y, c).to(p.dtype), torch.ones(b, dtype=fd.dtype)))
             return out
         scale = lam.abs().sqrt()
         out = []
@@ -830,18 +830,20 @@ class LayerProgram:
                     out.append((a, torch.full((b,), sign, dtype=fd.dtype)))
         return out
 
-    def _is_softmax_ce(self, fd: Tensor, targets: Any) -> bool:
-        """Whether the batch's loss is softmax cross-entropy on class labels ``[B]`` (its
-        gradient and Hessian in the outputs match, to 1e-4 of their scale)."""
+    def _softmax_ce(self, fd: Tensor, targets: Any, L: Tensor) -> Tensor | None:
+        """``p = softmax(o)`` ``[B, C]`` when the batch's loss is softmax cross-entropy on class
+        labels ``[B]`` (its gradient ``dl/do`` (:meth:`_taps`) and Hessian ``L`` in the outputs
+        equal ``p - onehot(y)`` and ``diag(p) - p p'`` to 1e-4; both are at most 1), else ``None``."""
         if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
                 and len(self._shape) == 1 and fd.shape[1] > 1):
-            return False
-        e, L = self._loss_derivatives(fd, targets, self._shape, True)
-        assert L is not None
+            return None
         p = torch.softmax(fd, -1)
+        if int(targets.min()) < 0 or int(targets.max()) >= fd.shape[1]:
+            return None
         e_ce = p - torch.nn.functional.one_hot(targets.long(), fd.shape[1]).to(p.dtype)
         L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-        return bool((e - e_ce).abs().max() <= 1e-4) and bool((L - L_ce).abs().max() <= 1e-4)
+        ok = bool((self._e - e_ce).abs().max() <= 1e-4) and bool((L - L_ce).abs().max() <= 1e-4)
+        return p if ok else None
 
     def record_taps(self, inputs: Any, targets: Any, b: int) -> _BatchTaps:
         """One forward and one backward pass of the loss over a block of records: per layer
