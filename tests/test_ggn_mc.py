@@ -24,6 +24,11 @@ def _mse(o, y):
     return ((o - y) ** 2).sum(-1)
 
 
+def _wavy(o, y):
+    """A loss whose Hessian in the outputs, ``diag(-sin(o) y)``, is indefinite."""
+    return (torch.sin(o) * y).sum(-1)
+
+
 def _data(c: int, loss: str, b: int = 32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(b, 6, generator=g, dtype=torch.float64)
@@ -43,17 +48,18 @@ def _acc(model, loss, X, Y, hessian, seed=0, samples=1):
     return acc
 
 
-@pytest.mark.parametrize("loss", ["ce", "mse"])
+@pytest.mark.parametrize("loss", ["ce", "mse", "wavy"])
 def test_mean_over_seeds_equals_the_exact_gauss_newton_diagonal(loss):
-    """Softmax cross-entropy (sampled labels, 5 classes) and MSE on 3 outputs (Rademacher
-    draws over the eigen-directions of L): the mean of 64 seeds' estimates equals the exact
+    """Softmax cross-entropy (sampled labels, 5 classes), MSE on 3 outputs (Rademacher draws
+    over the eigen-directions of L) and an indefinite L (a positive and a negative draw per
+    record, one sample: each weighted 1 / ggn_mc_samples, not 1 / directions): the mean of 64 seeds' estimates equals the exact
     GGN diagonal within 4.5 of its own standard errors (empirical, over the seeds; plus 1e-10
     relative where a weight's draws do not vary) for every one of the 101 / 86 weights (a
     normal |z| above 4.5 anywhere: ~1e-3 chance), and the
     reported error bound is at least the seeds' spread (median over weights, 10 % slack for
     the spread's own sampling error)."""
     c = 5 if loss == "ce" else 3
-    model, fn = _mlp(c), (_ce if loss == "ce" else _mse)
+    model, fn = _mlp(c), {"ce": _ce, "mse": _mse, "wavy": _wavy}[loss]
     X, Y = _data(c, loss)
     exact = _acc(model, fn, X, Y, "ggn")
     assert exact.hessian == "ggn" and type(exact.factored).__name__ == "LayerProgram"
@@ -70,7 +76,7 @@ def test_mean_over_seeds_equals_the_exact_gauss_newton_diagonal(loss):
     assert bool((gap <= 4.5 * se + 1e-10 * want.abs()).all()), float((gap / se)[live].max())
     spread = (H.std(0)[live] / want[live].abs()).median()
     bound = (mc.state["h2_sum"].sqrt()[live] / want[live].abs()).median()
-    assert float(bound) >= 0.9 * float(spread)
+    assert float(bound) >= 0.9 * float(spread) or loss == "wavy"  # a bound for PSD L only
 
 
 def test_draws_are_reproducible_from_the_generator_and_leave_the_global_rng_alone():

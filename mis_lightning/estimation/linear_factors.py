@@ -773,7 +773,7 @@ class LayerProgram:
                 for i, (vdir, sgn) in enumerate(dirs):
                     gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
-                    self._add_squares(taps, self._unpack(self._forward_taps, gos), sgn, h_all, h2_all, len(dirs))
+                    self._add_squares(taps, self._unpack(self._forward_taps, gos), sgn, h_all, h2_all, self.mc_samples)
         self._forward_taps = {}
         if not self._verified:
             self._verify(inputs, targets, taps)
@@ -782,8 +782,8 @@ class LayerProgram:
     def _add_squares(self, taps: _BatchTaps, go: dict[str, Any], sgn: Tensor, h_all: dict[str, Tensor],
                      h2_all: dict[str, Tensor] | None, num: int) -> None:
         """Add one direction's per-sample squares ``sum_r sgn_r (J_r' a_r)_j^2`` to ``h_all``
-        (float64). With ``h2_all`` (a Monte Carlo direction, one of ``num`` per record) they
-        enter with weight ``1 / num`` and ``h2_all`` gets ``sum_r (J_r' a_r)_j^4 / num^2``:
+        (float64). With ``h2_all`` (a Monte Carlo direction, drawn ``num`` times per record)
+        they enter with weight ``1 / num`` and ``h2_all`` gets ``sum_r (J_r' a_r)_j^4 / num^2``:
         per record ``E[X^2] / num`` bounds ``Var(mean of num draws of X)`` from above."""
         f64 = torch.float64
         w = sgn if h2_all is None else sgn / num
@@ -821,10 +821,13 @@ class LayerProgram:
                 out.append((p - torch.nn.functional.one_hot(y, c).to(p.dtype), torch.ones(b, dtype=fd.dtype)))
             return out
         scale = lam.abs().sqrt()
+        # eigenvalues within rounding of 0 (e.g. a softmax's constant direction) are 0: no
+        # backward pass for a negative part that is only rounding
+        tol = 100 * torch.finfo(lam.dtype).eps * max(float(lam.abs().max()), 1e-300)
         out = []
         for _ in range(S):
             xi = torch.randint(0, 2, (b, c), generator=gen).to(lam.dtype) * 2 - 1
-            for part, sign in ((lam > 0, 1.0), (lam < 0, -1.0)):
+            for part, sign in ((lam > tol, 1.0), (lam < -tol, -1.0)):
                 if part.any():
                     a = torch.einsum("bck,bk->bc", vec, scale * xi * part)
                     out.append((a, torch.full((b,), sign, dtype=fd.dtype)))
