@@ -95,8 +95,8 @@ class EstimationConfig:
         hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"`` (exact Gauss-Newton diagonal),
             ``"ggn_mc"`` (sampled-label Monte Carlo Gauss-Newton: one backward pass per draw
             instead of one per output direction; its error in ``diagnostics``), ``"hutchinson"``
-            or ``"auto"`` (``"ggn_mc"`` where the exact one needs more than 2 directions per
-            record, e.g. cross-entropy over 4 or more classes, on the per-layer path).
+            or ``"auto"`` (``"ggn_mc"`` where the exact one needs more than 3 directions per
+            record, e.g. cross-entropy over 5 or more classes, on the per-layer path).
         weight_decay: L2 coefficient of the objective ``mean loss + wd / 2 |theta|^2``
             (dimensionless, >= 0); ``None``: the model's numeric ``weight_decay`` attribute,
             else 0 (see :meth:`resolved_weight_decay`).

@@ -103,9 +103,9 @@ class _SmallCNN(nn.Module):
         return self.head(torch.relu(self.conv(x)).flatten(1))
 
 
-@pytest.mark.parametrize("c, want", [(3, "ggn"), (5, "ggn_mc")])
+@pytest.mark.parametrize("c, want", [(4, "ggn"), (5, "ggn_mc")])
 def test_auto_takes_the_sampled_labels_above_two_directions_and_the_report_names_it(c, want):
-    """Cross-entropy over 3 classes needs 2 Gauss-Newton directions (exact); over 5, 4
+    """Cross-entropy over 4 classes needs 3 Gauss-Newton directions (exact); over 5, 4
     (sampled labels). assess's report names the estimator; with 48 records the Monte Carlo
     error (median ~0.3 here) is above 10 % and gets a warnings line."""
     torch.manual_seed(1)
@@ -117,7 +117,7 @@ def test_auto_takes_the_sampled_labels_above_two_directions_and_the_report_names
     mc = [w for w in rep.warnings if "hessian='ggn_mc'" in w]
     if want == "ggn_mc":
         assert "sampled-label Monte Carlo Gauss-Newton" in rep.estimation["estimator"]
-        assert "4 directions > 2" in rep.estimation["reason"]
+        assert "4 directions > 3" in rep.estimation["reason"]
         err = rep.diagnostics["ggn_mc_median_relative_error"]
         assert err > 0.1 and len(mc) == 1 and f"{err:.2g}" in mc[0]
     else:
