@@ -168,13 +168,13 @@ def test_options_are_checked_and_the_loss_hook_has_no_outputs_for_it():
 class _Wide(nn.Module):
     """11,011 weights (above FAST_FLOAT64_MAX_PARAMS), 3 classes: the exact GGN."""
 
-    def __init__(self) -> None:
+    def __init__(self, c: int = 3) -> None:
         super().__init__()
         self.conv = nn.Conv1d(4, 32, 5, padding=2)
         self.conv2 = nn.Conv1d(32, 48, 5, padding=2)
         self.norm = nn.LayerNorm(16)
         self.mid = nn.Linear(16, 16)
-        self.head = nn.Linear(48 * 16, 3)
+        self.head = nn.Linear(48 * 16, c)
 
     def forward(self, x):
         h = self.norm(torch.relu(self.conv2(torch.relu(self.conv(x)))))
@@ -202,3 +202,15 @@ def test_float32_passes_match_the_float64_path_on_sigma_and_the_leakage():
     r32, r64 = (ml.score_schemes(e, model, ["int8_weight_only"], uncertainty_draws=0) for e in (e32, e64))
     l32, l64 = r32.schemes["int8_weight_only"].leakage, r64.schemes["int8_weight_only"].leakage
     assert abs(l32 - l64) <= 1e-6 * abs(l64)  # measured 8e-10
+
+
+def test_float32_counts_a_softmax_null_direction_as_zero():
+    """4 classes in float32 (11,780 weights): the softmax's constant direction (eigenvalue ~1e-8
+    of the largest, rounding) is no Gauss-Newton direction: 3 directions, so "auto" keeps the
+    exact diagonal and no backward pass is spent on it."""
+    torch.manual_seed(0)
+    model = _Wide(4).eval()
+    acc = MomentAccumulator(model, _ce, num_records=4)
+    acc.update((torch.randn(16, 4, 16), torch.randint(0, 4, (16,))))
+    assert acc.factored.dtype == torch.float32 and acc.factored.ggn_directions == 3
+    assert (acc.mode, acc.hessian) == ("diagonal", "ggn")

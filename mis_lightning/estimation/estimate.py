@@ -8,7 +8,8 @@ method.md section 4. Two modes:
   the per-sample gradients; ``sigma_j = sqrt(Sigma_jj / n)``, ``w_j = psi_j / sqrt(Sigma_jj)``.
 * ``"diagonal"`` (any size): ``V_jj`` from per-sample gradients, ``H_jj`` exact (small
   models), Gauss-Newton (exact GGN diagonal from per-sample output Jacobians, for models
-  with few outputs) or Hutchinson (Hessian-vector products, with its standard error
+  with few outputs), its sampled-label Monte Carlo estimate (``"ggn_mc"``, many outputs; error
+  bound reported) or Hutchinson (Hessian-vector products, with its standard error
   reported); ``sigma_j^2 = V_jj / (n H_jj^2)`` and ``w_j = (g_j - g_bar_j) / sqrt(V_jj)``.
 
 Gradients are centred by their mean: at a penalised optimum the mean data gradient is

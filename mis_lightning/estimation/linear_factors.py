@@ -763,7 +763,11 @@ class LayerProgram:
                 assert L is not None
                 c = f.shape[1]
                 lam, vec = torch.linalg.eigh(0.5 * (L + L.transpose(1, 2)))
-                keep = [k for k in range(c) if lam[:, k].abs().max() > 1e-12 * max(float(lam.abs().max()), 1e-300)]
+                # directions within rounding of 0 (a softmax's constant direction: ~1e-8 of the
+                # largest in float32) are dropped: a backward pass for nothing, and one too many
+                # for "auto"'s count
+                rel = max(1e-12, 100 * torch.finfo(lam.dtype).eps)
+                keep = [k for k in range(c) if lam[:, k].abs().max() > rel * max(float(lam.abs().max()), 1e-300)]
                 if self.ggn_choice is None:  # decided once, on the first batch
                     mc = self.ggn_mode == "ggn_mc" or (self.ggn_mode == "auto" and len(keep) > GGN_EXACT_MAX_DIRECTIONS)
                     self.ggn_choice, self.ggn_directions = ("ggn_mc" if mc else "ggn"), len(keep)
