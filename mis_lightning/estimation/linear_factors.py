@@ -635,6 +635,13 @@ class LayerProgram:
             else:
                 self.handles.append(mod.register_forward_hook(self._hook(m)))
         self._mods = {m: mods[m] for m in self.slots}
+        # parameters held only by embeddings: {name: [module]} (sparse per-sample gradients)
+        holders: dict[str, list[str]] = {}
+        for m, slot in self.slots.items():
+            for n in slot.values():
+                holders.setdefault(n, []).append(m)
+        self._sparse_slots = {n: ms for n, ms in holders.items()
+                              if all(isinstance(self._mods[m], nn.Embedding) for m in ms)}
         self._verified = False
 
     def _hook(self, name: str) -> Callable:
@@ -710,11 +717,20 @@ class LayerProgram:
         cache = {m: _prepare(self._mods[m], x[m], self.slots[m]) for m in self.slots} if second else {}
         return _BatchTaps(b, x, self._unpack(taps, gos), cache), f, outs, L
 
-    def chunk_rows(self, names: Iterable[str] | None = None) -> int:
+    def chunk_rows(self, names: Iterable[str] | None = None, taps: _BatchTaps | None = None) -> int:
         """Records per chunk of per-sample gradients: ``[chunk, numel]`` temporaries of about
         ``CHUNK_FLOATS`` floats (below the allocator's mmap threshold and in cache: float64
-        products of a whole batch at once ran 4x slower on page faults alone)."""
-        big = max((self._numels[n] for n in (names if names is not None else self.names)), default=1)
+        products of a whole batch at once ran 4x slower on page faults alone). An embedding
+        table used only as an embedding counts the rows one record can touch (its sparse
+        per-sample gradient, ``positions x dim`` with ``taps``), not the table: a 1,000-row
+        table no longer cuts a batch into 16-record chunks (Python overhead per chunk)."""
+        def size(n: str) -> int:
+            emb = self._sparse_slots.get(n)
+            if emb is None or taps is None:
+                return self._numels[n]
+            return min(self._numels[n], sum(_first_row_numel(taps.x[m]) * self._mods[m].embedding_dim for m in emb))
+
+        big = max((size(n) for n in (names if names is not None else self.names)), default=1)
         return max(1, CHUNK_FLOATS // max(big, 1))
 
     def iter_grads(self, taps: _BatchTaps, names: Iterable[str] | None = None, go: dict[str, Any] | None = None
@@ -723,7 +739,7 @@ class LayerProgram:
         ``a:c`` of the batch from its taps (``go``: the output gradients of another direction
         than ``dl/do``); a tied parameter's uses are added up before any square is taken."""
         want = set(self.names if names is None else names)
-        step = self.chunk_rows(want)
+        step = self.chunk_rows(want, taps)
         gos = taps.go if go is None else go
         for a in range(0, taps.b, step):
             c = min(taps.b, a + step)
@@ -948,6 +964,11 @@ def _add(a: Any, b: Any, rows: int) -> Any:
     db = b.dense(rows) if isinstance(b, _Sparse) else b
     return da + db
 
+
+
+def _first_row_numel(x: Any) -> int:
+    """Elements of one record of a layer input (an embedding's indices: its positions)."""
+    return int(x[0].numel()) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] else 1
 
 
 def _first_dim(tree: Any) -> int:
