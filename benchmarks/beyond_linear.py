@@ -11,11 +11,15 @@ In one process, per model:
 * the estimation pass alone (``run_estimation``, the first half of ``assess``);
 * wall and process CPU time of each (CPU time does not count other jobs' time on a shared
   machine; with 1 thread it is the compute);
+* the scoring half alone (``assess`` CPU time minus the estimation pass's; it includes a
+  one-time ``torch.compile`` of the cell-moment kernel where the compile policy takes it,
+  ``MIS_LIGHTNING_COMPILE``);
 * the ratio assess / epoch, and per scheme ``quantized_fraction`` (share of assessed weights
   quantized) and the methods line of the report.
 
     python benchmarks/beyond_linear.py                  # both models, 2 threads
     python benchmarks/beyond_linear.py --models cnn --threads 2 --json out.json
+    python benchmarks/beyond_linear.py --n 1024 --threads 1 --uncertainty-draws 0  # no (p10, p90) interval
 """
 
 from __future__ import annotations
@@ -95,7 +99,7 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def run(kind: str, n: int, batch: int, epochs: int) -> dict:
+def run(kind: str, n: int, batch: int, epochs: int, options: dict | None = None) -> dict:
     import torch
     from torch.utils.data import DataLoader, Subset
 
@@ -118,14 +122,16 @@ def run(kind: str, n: int, batch: int, epochs: int) -> dict:
     from mis_lightning.config import EstimationConfig
 
     _, t_est, c_est = timed(run_estimation, model, plain, ce, EstimationConfig())
-    rep, t_assess, c_assess = timed(ml.assess, model, SCHEMES, plain, ce, val_dataloader=vl)
+    rep, t_assess, c_assess = timed(ml.assess, model, SCHEMES, plain, ce, val_dataloader=vl, **(options or {}))
     return {
         "model": kind, "params": d, "n": n, "batch": batch, "threads": torch.get_num_threads(),
         "epoch_s": t_epoch, "assess_s": t_assess, "ratio": t_assess / t_epoch,
         # process CPU time: robust to other jobs on a shared machine (1 thread: the compute)
         "epoch_cpu_s": c_epoch, "assess_cpu_s": c_assess, "cpu_ratio": c_assess / c_epoch,
         "estimation_s": t_est, "estimation_cpu_s": c_est, "estimation_cpu_ratio": c_est / c_epoch,
+        "scoring_cpu_ratio": (c_assess - c_est) / c_epoch, "options": options or {},
         "estimator": rep.estimation.get("estimator") if isinstance(rep.estimation, dict) else str(rep.estimation),
+        "ggn_mc_median_relative_error": rep.diagnostics.get("ggn_mc_median_relative_error"),
         "quantized_fraction": {k: s.quantized_fraction for k, s in rep.schemes.items()},
         "leakage": {k: s.leakage for k, s in rep.schemes.items()},
         "warnings": rep.warnings,
@@ -140,21 +146,28 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2, help="timed training epochs (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=str, default=None)
+    ap.add_argument("--uncertainty-draws", type=int, default=None,
+                    help="assess's uncertainty_draws (default: the library's)")
+    ap.add_argument("--hessian", type=str, default=None, help="assess's hessian (default: 'auto')")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     out = []
     for kind in args.models:
-        r = run(kind, args.n, args.batch, args.epochs)
+        opts = {k: v for k, v in (("uncertainty_draws", args.uncertainty_draws), ("hessian", args.hessian))
+                if v is not None}
+        r = run(kind, args.n, args.batch, args.epochs, opts)
         out.append(r)
         qf = ", ".join(f"{k} {v:.3f}" for k, v in r["quantized_fraction"].items())
         print(f"{kind}: {r['params']:,} parameters, n = {r['n']}, batch {r['batch']}, {r['threads']} threads: "
               f"epoch {r['epoch_s']:.2f} s, assess {r['assess_s']:.2f} s, ratio {r['ratio']:.2f} epochs; "
               f"CPU time: epoch {r['epoch_cpu_s']:.2f} s, assess {r['assess_cpu_s']:.2f} s, ratio "
-              f"{r['cpu_ratio']:.2f} epochs (estimation pass alone {r['estimation_cpu_ratio']:.2f}); "
+              f"{r['cpu_ratio']:.2f} epochs (estimation pass alone {r['estimation_cpu_ratio']:.2f}, scoring "
+              f"{r['scoring_cpu_ratio']:.2f}); "
               f"quantized_fraction: {qf}", flush=True)
-        print(f"  estimator: {r['estimator']}")
+        print(f"  estimator: {r['estimator']}" + (f" (Monte Carlo median relative error "
+              f"{r['ggn_mc_median_relative_error']:.3g})" if r["ggn_mc_median_relative_error"] is not None else ""))
         for w in r["warnings"]:
             print(f"  warning: {w}")
     if args.json:

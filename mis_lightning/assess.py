@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs  # noqa: F401
 from .estimation import Estimate, estimate
-from .estimation.estimate import LEVERAGE_CAP
+from .estimation.estimate import LEVERAGE_CAP, estimator_warnings
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
@@ -437,6 +437,7 @@ def score_schemes(
     left_out = _frozen_left_out_note(model, est.names)
     if left_out:
         report.warnings.append(left_out)
+    report.warnings += estimator_warnings(diagnostics)  # e.g. the Monte Carlo Gauss-Newton's error
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss (gradient norm ratio "

@@ -39,7 +39,7 @@ DEFAULT_CHUNK = 1 << 18  # weights per chunk of the cell computations (memory bo
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 MODES = ("auto", "exact", "diagonal")
-HESSIANS = ("auto", "exact", "ggn", "hutchinson")
+HESSIANS = ("auto", "exact", "ggn", "ggn_mc", "hutchinson")
 METHODS = ("auto", "mc", "clt", "exact1d")
 COMPILE_POLICIES = ("auto", "always", "never")
 COVARIANCE_FORMS = ("auto", "full", "factor", "independent")
@@ -92,7 +92,11 @@ class EstimationConfig:
     Args:
         mode: ``"exact"`` sandwich, ``"diagonal"`` or ``"auto"`` (exact for dense models up to
             2,000 parameters). Front ends also take it as ``estimation=``.
-        hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"``, ``"hutchinson"`` or ``"auto"``.
+        hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"`` (exact Gauss-Newton diagonal),
+            ``"ggn_mc"`` (sampled-label Monte Carlo Gauss-Newton: one backward pass per draw
+            instead of one per output direction; its error in ``diagnostics``), ``"hutchinson"``
+            or ``"auto"`` (``"ggn_mc"`` where the exact one needs more than 3 directions per
+            record, e.g. cross-entropy over 5 or more classes, on the per-layer path).
         weight_decay: L2 coefficient of the objective ``mean loss + wd / 2 |theta|^2``
             (dimensionless, >= 0); ``None``: the model's numeric ``weight_decay`` attribute,
             else 0 (see :meth:`resolved_weight_decay`).
@@ -103,6 +107,8 @@ class EstimationConfig:
             2^25); above ``num_records * d > budget`` influences are streamed, not stored.
         use_factors: the factored path for ``nn.Linear`` layers where possible (same numbers).
         hutchinson_probes: Rademacher probes per batch for ``hessian="hutchinson"``.
+        ggn_mc_samples: sampled labels per record for ``hessian="ggn_mc"`` (>= 1; the Monte
+            Carlo variance falls as 1 / ggn_mc_samples).
         leverage_correction: the finite-sample (leverage) correction of the exact estimator
             (method.md section 4): each stored record's influence becomes its leave-one-out
             shift ``H_{-i}^{-1} g_i`` (``psi_i / (1 - h_i)`` for one output) and the gradient
@@ -127,6 +133,7 @@ class EstimationConfig:
     budget: int | None = None
     use_factors: bool = True
     hutchinson_probes: int = 8
+    ggn_mc_samples: int = 1
     leverage_correction: bool | str = DEFAULT_LEVERAGE_CORRECTION
 
     def __post_init__(self) -> None:
@@ -143,6 +150,7 @@ class EstimationConfig:
         _check_int("num_records", self.num_records, 1)
         _check_int("budget", self.budget, 1, allow_none=True)
         _check_int("hutchinson_probes", self.hutchinson_probes, 1)
+        _check_int("ggn_mc_samples", self.ggn_mc_samples, 1)
         object.__setattr__(self, "use_factors", bool(self.use_factors))
         p = self.params
         if p is not None and not callable(p):
@@ -166,6 +174,7 @@ class EstimationConfig:
         out: dict[str, Any] = {"mode": self.mode, "hessian": self.hessian,
                                "num_records": self.num_records, "use_factors": self.use_factors,
                                "hutchinson_probes": self.hutchinson_probes,
+                               "ggn_mc_samples": self.ggn_mc_samples,
                                "leverage_correction": self.leverage_correction}
         if self.budget is not None:
             out["budget"] = self.budget

@@ -41,7 +41,7 @@ def _problem():
 
 @pytest.mark.parametrize("cls,kw,msg", [
     (EstimationConfig, {"mode": "nope"}, "estimation (mode) must be 'auto', 'exact' or 'diagonal', got 'nope'"),
-    (EstimationConfig, {"hessian": "x"}, "hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got 'x'"),
+    (EstimationConfig, {"hessian": "x"}, "hessian must be 'auto', 'exact', 'ggn', 'ggn_mc' or 'hutchinson', got 'x'"),
     (EstimationConfig, {"num_records": 0}, "num_records must be an integer >= 1, got 0"),
     (EstimationConfig, {"weight_decay": -1.0}, "weight_decay must be None or a number >= 0, got -1.0"),
     (EstimationConfig, {"budget": 0}, "budget must be None or an integer >= 1, got 0"),

@@ -250,6 +250,7 @@ def test_auto_picks_a_cheap_estimator_for_a_cnn_and_exact_for_a_small_mlp():
     X, Y = torch.randn(200, 1, 16, 16, generator=g), torch.randint(0, 10, (200,), generator=g)
     r = ml.assess(cnn.eval(), ["rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=50), ce,
                   uncertainty_draws=0, num_records=32)
-    assert r.estimation["mode"] == "diagonal" and r.estimation["hessian"] == "ggn"
-    assert r.estimation["estimator"].startswith("diagonal sandwich (Gauss-Newton")
+    # 10 classes: 9 Gauss-Newton directions, so the sampled-label one (method.md section 4)
+    assert r.estimation["mode"] == "diagonal" and r.estimation["hessian"] == "ggn_mc"
+    assert r.estimation["estimator"].startswith("diagonal sandwich (sampled-label Monte Carlo Gauss-Newton")
     assert r.estimation["reason"].startswith("auto: Conv2d")

@@ -8,7 +8,8 @@ method.md section 4. Two modes:
   the per-sample gradients; ``sigma_j = sqrt(Sigma_jj / n)``, ``w_j = psi_j / sqrt(Sigma_jj)``.
 * ``"diagonal"`` (any size): ``V_jj`` from per-sample gradients, ``H_jj`` exact (small
   models), Gauss-Newton (exact GGN diagonal from per-sample output Jacobians, for models
-  with few outputs) or Hutchinson (Hessian-vector products, with its standard error
+  with few outputs), its sampled-label Monte Carlo estimate (``"ggn_mc"``, many outputs; error
+  bound reported) or Hutchinson (Hessian-vector products, with its standard error
   reported); ``sigma_j^2 = V_jj / (n H_jj^2)`` and ``w_j = (g_j - g_bar_j) / sqrt(V_jj)``.
 
 Gradients are centred by their mean: at a penalised optimum the mean data gradient is
@@ -32,6 +33,7 @@ from .._modelcopy import ModelCopyError, private_copy
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .linear_factors import (
+    GGN_EXACT_MAX_DIRECTIONS,
     FactoredProgram,
     LayerProgram,
     LinearFactors,
@@ -52,10 +54,10 @@ from .records import (
 )
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
-           "describe_estimator", "estimate", "record_keys", "reused_layers"]
+           "describe_estimator", "estimate", "estimator_warnings", "record_keys", "reused_layers"]
 
 Mode = Literal["auto", "exact", "diagonal"]
-HessianMode = Literal["auto", "exact", "ggn", "hutchinson"]
+HessianMode = Literal["auto", "exact", "ggn", "ggn_mc", "hutchinson"]
 
 EXACT_MAX_PARAMS = 2000  # "auto" uses the exact sandwich up to this many parameters
 # "auto" also skips the exact sandwich above this many records x d^2 (its Hessian and d x d
@@ -68,6 +70,15 @@ EXACT_MAX_COST = 1e11
 WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention,
 )
+# Without an explicit ``dtype``, the diagonal estimator's per-sample passes (the per-layer and
+# factored nn.Linear programs) compute in float64 up to this many weights and in float32 above
+# (oneDNN kernels, ~2.5x faster on a CNN); their sums accumulate in float64 either way
+# (``acc_dtype``), and the exact estimator and the torch.func path keep ``dtype``. The float32
+# figures differ from the float64 ones by ~1e-6 relative (method.md section 4, "Precision").
+FAST_FLOAT64_MAX_PARAMS = 10_000
+# A sampled-label Gauss-Newton diagonal whose median relative standard error (a bound) exceeds
+# this gets a line in the report's warnings: sigma_j moves by as much.
+GGN_MC_WARN_RELATIVE_ERROR = 0.1
 GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many outputs per record
 # Leverage above which the finite-sample correction is capped (method.md section 4, "Finite-sample
 # (leverage) correction"): 1 / (1 - h) diverges at h = 1, which a GGN factor can only reach
@@ -221,12 +232,17 @@ class Estimate:
         an untouched coordinate has ``w_rj = gbar_j / sqrt(V_jj)`` for every record."""
         assert self._g_mean is not None and self._v_diag is not None
         gm, sd = self._g_mean[name], self._v_diag[name].clamp_min(1e-300).sqrt()
+        inv_sd = 1.0 / sd
         for r0, r1, g in self._layer_blocks([name]):
             v = g[name]
             if not isinstance(v, _Sparse):
-                w2 = (-(v.to(torch.float64) - gm) / sd).square()
-                for p, c in columns.items():
-                    out[p][r0:r1] += (w2 if p == 2 else w2.square()) @ c
+                # w^2 = ((g - gbar) / sqrt(V))^2 formed in place on the chunk's own float64
+                # copy (iter_grads returns fresh tensors): 4 passes over [rows, numel] instead of 7
+                w2 = v.to(torch.float64, copy=True).reshape(r1 - r0, -1).sub_(gm).mul_(inv_sd).square_()
+                if 2 in columns:
+                    out[2][r0:r1] += w2 @ columns[2]
+                if 4 in columns:
+                    out[4][r0:r1] += w2.square_() @ columns[4]
                 continue
             base = gm / sd  # [numel]
             width = v.shape[1]
@@ -402,6 +418,7 @@ def describe_estimator(mode: str, hessian: str) -> str:
     if mode == "exact":
         return "exact sandwich (full Hessian, per-sample gradients)"
     h = {"exact": "exact Hessian diagonal", "ggn": "Gauss-Newton Hessian diagonal",
+         "ggn_mc": "sampled-label Monte Carlo Gauss-Newton Hessian diagonal",
          "hutchinson": "Hutchinson Hessian diagonal"}.get(hessian, hessian)
     return f"diagonal sandwich ({h}, per-sample gradient variances)"
 
@@ -475,11 +492,14 @@ class MomentAccumulator:
         n_hint: int | None = None,
         ggn_available: bool = True,
         leverage_correction: LeverageOption = DEFAULT_LEVERAGE_CORRECTION,
+        ggn_mc_samples: int = 1,
     ) -> None:
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if num_records < 1:
             raise ValueError(f"num_records must be >= 1, got {num_records}")
+        if isinstance(ggn_mc_samples, bool) or not isinstance(ggn_mc_samples, int) or ggn_mc_samples < 1:
+            raise ValueError(f"ggn_mc_samples must be an int >= 1, got {ggn_mc_samples!r}")
         if selection not in ("first", "hash"):
             raise ValueError(f"selection must be 'first' or 'hash', got {selection!r}")
         named = dict(model.named_parameters())
@@ -488,6 +508,9 @@ class MomentAccumulator:
         if not param_names:
             raise ValueError("the model has no trainable parameter to assess")
         d = sum(named[n].numel() for n in param_names if n in named)
+        # the diagonal estimator's per-layer / factored passes: float32 above a small size
+        # (sums in acc_dtype), unless a dtype is given (FAST_FLOAT64_MAX_PARAMS)
+        self.fast_dtype = dtype or (torch.float64 if d <= FAST_FLOAT64_MAX_PARAMS else torch.float32)
         if dtype is None:
             dtype = torch.float64 if d <= 100_000 else torch.float32
         self.model, self.loss_fn, self.batch_fn = model, loss_fn, batch_fn or default_batch_fn
@@ -507,8 +530,12 @@ class MomentAccumulator:
         self._probe_pending = hessian == "exact" and (self._request[0] == "auto" or self._request[1] == "auto")
         self._reused: list[str] = []
         self.estimator = describe_estimator(mode, hessian)
-        if hessian not in ("exact", "ggn", "hutchinson"):
-            raise ValueError(f"hessian must be 'auto', 'exact', 'ggn' or 'hutchinson', got {hessian!r}")
+        if hessian not in ("exact", "ggn", "ggn_mc", "hutchinson"):
+            raise ValueError(f"hessian must be 'auto', 'exact', 'ggn', 'ggn_mc' or 'hutchinson', got {hessian!r}")
+        self.ggn_mc_samples = ggn_mc_samples
+        # the Monte Carlo Gauss-Newton's labels: the accumulator's generator, else a private one
+        # with a fixed seed (reproducible; the global RNG is never drawn from)
+        self._mc_generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.mode, self.hessian = mode, hessian
         self.acc_dtype = torch.float64 if d <= 10_000_000 else torch.float32
         self.names = self.program.param_names
@@ -519,7 +546,7 @@ class MomentAccumulator:
         self._out_shape: tuple[int, ...] | None = None
         self.factored: FactoredProgram | LayerProgram | None = None
         self.use_factors = use_factors
-        if use_factors and mode == "diagonal" and hessian == "ggn" and program_cls is LossProgram:
+        if use_factors and mode == "diagonal" and hessian in ("ggn", "ggn_mc") and program_cls is LossProgram:
             # nn.Linear layers with one output per record: per-sample statistics as products
             # of layer inputs and output gradients (linear_factors), no [B, d] tensors.
             self.factored = self._fast_program(FactoredProgram)
@@ -549,8 +576,8 @@ class MomentAccumulator:
         self.estimator = describe_estimator(self.mode, self.hessian)
         self._probe_pending, self._reused = False, list(reused)
         log.info("estimation: %s (%s)", self.estimator, self.reason)
-        if self.factored is None and self.use_factors and self.mode == "diagonal" and self.hessian == "ggn" \
-                and self.program_cls is LossProgram:
+        if self.factored is None and self.use_factors and self.mode == "diagonal" \
+                and self.hessian in ("ggn", "ggn_mc") and self.program_cls is LossProgram:
             self.factored = self._fast_program(FactoredProgram)
         # The leverages' factors are kept only where the (re)chosen estimator is exact.
         self.keep_factors = self.mode == "exact" and self._factors_possible
@@ -562,12 +589,14 @@ class MomentAccumulator:
         ``linear_factors.LayerProgram``), else ``None`` (torch.func per-sample gradients)."""
         if kind is FactoredProgram:
             try:
-                return FactoredProgram(self.model, self.loss_fn, self.names, self.dtype)
+                return FactoredProgram(self.model, self.loss_fn, self.names, self.fast_dtype)
             except NotImplementedError:
                 pass
         try:
-            prog = LayerProgram(self.model, self.loss_fn, self.names, self.dtype, reference=self.program)
+            prog = LayerProgram(self.model, self.loss_fn, self.names, self.fast_dtype, reference=self.program)
             prog.num_records, prog.group_budget = self.num_records, self.budget
+            prog.ggn_mode = "auto" if self._request[1] == "auto" and self.hessian == "ggn" else self.hessian
+            prog.mc_samples, prog.generator = self.ggn_mc_samples, self._mc_generator
             return prog
         except NotImplementedError as exc:
             log.info("estimation: torch.func per-sample gradients (%s)", exc)
@@ -642,8 +671,10 @@ class MomentAccumulator:
                 self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
                 return self.update(batch, state)
             else:
+                self._settle_ggn()
                 self._update_factored(st, fac, inputs, targets, b, keys)
                 return b
+        self._settle_ggn()
         self._update_gradients(st, inputs, targets, b, keys)
         if self.hessian == "exact":
             self._update_exact_hessian(st, inputs, targets)
@@ -651,6 +682,29 @@ class MomentAccumulator:
             self._update_hutchinson(st, inputs, targets)
         st["n"] += b
         return b
+
+    def _settle_ggn(self) -> None:
+        """After the first batch: the Gauss-Newton diagonal the program actually forms.
+        The per-layer program's ``"auto"`` takes the sampled-label one when the exact one
+        needs more than ``GGN_EXACT_MAX_DIRECTIONS`` directions; the factored nn.Linear path
+        (one output per record: one direction) and the torch.func path (which forms every
+        output Jacobian anyway) form the exact one, ``hessian="ggn_mc"`` included."""
+        if self.hessian not in ("ggn", "ggn_mc"):
+            return
+        prog = self.factored
+        if isinstance(prog, LayerProgram):
+            new = prog.ggn_choice or self.hessian
+            why = (f"sampled-label Gauss-Newton: the exact one needs {prog.ggn_directions} directions "
+                   f"> {GGN_EXACT_MAX_DIRECTIONS} per record") if new == "ggn_mc" and self.hessian == "ggn" else ""
+        else:
+            new = "ggn"
+            why = ("hessian='ggn_mc': the exact Gauss-Newton diagonal, as cheap on this path "
+                   f"({'one output per record' if prog is not None else 'torch.func output Jacobians'})"
+                   ) if self.hessian == "ggn_mc" else ""
+        if new != self.hessian:
+            self.hessian, self.estimator = new, describe_estimator(self.mode, new)
+            self.reason = f"{self.reason}; {why}"
+            log.info("estimation: %s (%s)", self.estimator, self.reason)
 
     def _update_gradients(self, st: dict[str, Any], inputs: Any, targets: Any, b: int,
                           keys: Tensor | None) -> None:
@@ -761,17 +815,20 @@ class MomentAccumulator:
         sums, norm = self.factored.batch_sums(fac, self.acc_dtype)
         for k in self.names:
             sl = slice(*self.offsets[k])
-            g, g2, h = sums[k]
+            g, g2, h, *h2 = sums[k]
             st["g_sum"][sl] += g.to(dev)
             st["g2_sum"][sl] += g2.to(dev)
             st["h_sum"][sl] += h.to(dev)
+            if h2 and h2[0] is not None:  # the Monte Carlo Gauss-Newton's variance bound
+                st["h2_sum"][sl] += h2[0].to(dev)
         st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
         # Only the rows that can still be stored are materialised (a [rows, d] tensor).
         rows = storable_rows(st, keys, b, self.num_records, self.keep_w)
         if rows.numel():
-            sub = self.factored.select_rows(fac, rows)
-            flat = (self.factored.record_gradients(sub, rows.numel()).to(dev, torch.float64)
-                    if self.keep_w else torch.empty(rows.numel(), 0))
+            # the rows' taps only where their gradients are stored (slicing a convolution's
+            # patches copies them)
+            flat = (self.factored.record_gradients(self.factored.select_rows(fac, rows), rows.numel())
+                    .to(dev, torch.float64) if self.keep_w else torch.empty(rows.numel(), 0))
             self._store(st, flat, slice_rows(inputs, rows), slice_rows(targets, rows),
                         None if keys is None else keys[rows])
         st["n"] += b
@@ -839,6 +896,8 @@ class MomentAccumulator:
             diagnostics["hutchinson_median_relative_error"] = float(rel.median())
         else:
             h_flat = h_sum / n
+        if self.hessian == "ggn_mc":
+            diagnostics.update(_mc_error(h_sum, st["h2_sum"].to(cpu, torch.float64), self.ggn_mc_samples))
         sigma_flat, w = diagonal_compute(h_flat + self.weight_decay, v_flat, g_mean_flat, G, n, self.damping,
                                          diagnostics)
         records, factors = None, None
@@ -870,6 +929,33 @@ class MomentAccumulator:
         merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
         R = self.num_records
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
+
+
+def _mc_error(h_sum: Tensor, h2_sum: Tensor, samples: int) -> dict[str, Any]:
+    """The sampled-label Gauss-Newton diagonal's Monte Carlo error: per weight the relative
+    standard error bound ``sqrt(h2_sum) / h_sum`` (``h2_sum`` bounds the variance of the summed
+    estimate from above: per record ``E[X^2] / S >= Var(X) / S``), its median and 90th
+    percentile over the weights with positive curvature."""
+    pos = h_sum > 0
+    rel = h2_sum[pos].clamp_min(0.0).sqrt() / h_sum[pos]
+    med = float(rel.median()) if rel.numel() else 0.0
+    p90 = float(rel.quantile(0.9)) if 0 < rel.numel() <= 1 << 24 else med
+    return {"ggn_mc_samples": samples, "ggn_mc_median_relative_error": med, "ggn_mc_p90_relative_error": p90}
+
+
+def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
+    """Report lines about the estimator's own accuracy: the sampled-label Gauss-Newton
+    diagonal's Monte Carlo error when its median relative standard error exceeds
+    :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j carries the same relative error)."""
+    out = []
+    med = diagnostics.get("ggn_mc_median_relative_error")
+    if med is not None and med > GGN_MC_WARN_RELATIVE_ERROR:
+        out.append(
+            f"the Hessian diagonal is a Monte Carlo estimate (hessian='ggn_mc', "
+            f"{diagnostics['ggn_mc_samples']} sampled label(s) per record): median relative standard "
+            f"error {med:.2g} (90th percentile {diagnostics['ggn_mc_p90_relative_error']:.2g}; a bound), which "
+            "sigma and the leakage's cell sizes carry; raise ggn_mc_samples or use hessian='ggn' (exact)")
+    return out
 
 
 def _dense(v: Any, rows: int) -> Tensor:
@@ -1058,7 +1144,9 @@ def estimate(
         param_names: parameters to assess (default: every parameter with ``requires_grad``).
         mode: ``"exact"``, ``"diagonal"`` or ``"auto"`` (by estimated cost: exact for dense
             models up to 2,000 parameters, see :func:`choose_estimator`).
-        hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"``, ``"hutchinson"``, ``"auto"``.
+        hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"``, ``"ggn_mc"`` (sampled-label
+            Monte Carlo Gauss-Newton, its error in ``diagnostics``), ``"hutchinson"``, ``"auto"``.
+        ggn_mc_samples: sampled labels per record for ``hessian="ggn_mc"``.
         weight_decay: L2 penalty coefficient of the training objective
             ``mean(loss) + weight_decay / 2 * |theta|^2`` (added to ``H``).
         num_records: records whose influences are kept: the ``num_records`` smallest content
@@ -1067,8 +1155,10 @@ def estimate(
         hutchinson_probes: Rademacher probes per batch for ``hessian="hutchinson"``.
         damping: relative damping added to ``H`` when it is not positive definite.
         budget: floats held at once in per-sample buffers (memory bound).
-        dtype: compute dtype (default float64 up to 10^5 parameters, float32 above).
-        generator: random stream of the Hutchinson probes.
+        dtype: compute dtype (default float64 up to 10^5 parameters, float32 above; the
+            diagonal estimator's per-layer passes: float64 up to 10^4, float32 above, summed
+            in float64).
+        generator: random stream of the Hutchinson probes and the sampled labels.
         use_factors: use the factored path for ``nn.Linear`` layers (same numbers, much
             faster; see ``linear_factors``) where the model allows it.
 

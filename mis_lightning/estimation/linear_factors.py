@@ -130,7 +130,7 @@ class FactoredProgram:
             raise NotImplementedError("not every assessed parameter is the weight or bias of one nn.Linear")
         self.layout = layout
         self.names = names
-        self.loss_fn = loss_fn
+        self.loss_fn, self.dtype = loss_fn, dtype
         self.model = private_copy(model, "copying the model for the factored nn.Linear estimation").to(dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(True)
@@ -139,6 +139,7 @@ class FactoredProgram:
 
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         self.capture.reset()
+        inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
         with torch.enable_grad():
             out = self.model(inputs)
             if out.numel() != b:
@@ -507,6 +508,20 @@ def _mha_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value:
     return o, weights
 
 
+# "auto" Gauss-Newton diagonal: exact up to this many directions per record (rank of the loss
+# Hessian in the outputs), the sampled-label Monte Carlo estimate above. Each direction costs a
+# backward pass and a per-sample product of every layer. Measured (docs/benchmarks.md, n = 1024):
+# 10-class CNN (9 directions) 3.5x cheaper, sigma off by 4 % (median over weights); 4-class
+# Transformer (3) 2x cheaper but 9 % (embedding rows seen by few records): exact up to 3.
+GGN_EXACT_MAX_DIRECTIONS = 3
+
+
+def _cast(tree: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of a pytree in ``dtype`` (integer tensors, e.g. token ids, kept)."""
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, tree)
+
+
 CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gradients (8 MiB in float64)
 
 
@@ -598,6 +613,13 @@ class LayerProgram:
             p.requires_grad_(True)
         self.names, self.loss_fn, self.dtype = names, loss_fn, dtype
         self.reference = reference  # a LossProgram: the first batch's check
+        # the Gauss-Newton diagonal (set by the accumulator): "ggn" (exact, rank(L) directions),
+        # "ggn_mc" (mc_samples Monte Carlo directions per record, drawn from generator) or
+        # "auto"; ggn_choice: what the first batch chose
+        self.ggn_mode, self.mc_samples, self.generator = "ggn", 1, None
+        self.ggn_choice: str | None = None
+        self.ggn_directions = 0
+        self._shape: tuple[int, ...] = ()
         self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
@@ -613,6 +635,13 @@ class LayerProgram:
             else:
                 self.handles.append(mod.register_forward_hook(self._hook(m)))
         self._mods = {m: mods[m] for m in self.slots}
+        # parameters held only by embeddings: {name: [module]} (sparse per-sample gradients)
+        holders: dict[str, list[str]] = {}
+        for m, slot in self.slots.items():
+            for n in slot.values():
+                holders.setdefault(n, []).append(m)
+        self._sparse_slots = {n: ms for n, ms in holders.items()
+                              if all(isinstance(self._mods[m], nn.Embedding) for m in ms)}
         self._verified = False
 
     def _hook(self, name: str) -> Callable:
@@ -674,20 +703,34 @@ class LayerProgram:
         ``[B, C]`` (in the graph), the layer outputs and ``d2l/do2`` for more directions
         (``second``: then the prepared inputs are kept for the batch, reused by every
         direction; kept taps hold the layer inputs and output gradients only)."""
+        # the program's dtype (float32 for large models; the records are stored in the
+        # accumulator's dtype): floating inputs and targets cast, indices kept
+        inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
         taps, f, shape = self._forward(inputs, b)
+        self._shape = shape
         self._forward_taps = taps  # the layer outputs, for the backward passes of more directions
         e, L = self._loss_derivatives(f.detach(), targets, shape, second)
+        self._e = e  # dl/do of the batch (the sampled-label directions' check)
         outs = [t for m in self.slots for t in taps[m][1]]
         gos = torch.autograd.grad(f, outs, grad_outputs=e, retain_graph=second, allow_unused=True)
         x = {m: taps[m][0] for m in self.slots}
         cache = {m: _prepare(self._mods[m], x[m], self.slots[m]) for m in self.slots} if second else {}
         return _BatchTaps(b, x, self._unpack(taps, gos), cache), f, outs, L
 
-    def chunk_rows(self, names: Iterable[str] | None = None) -> int:
+    def chunk_rows(self, names: Iterable[str] | None = None, taps: _BatchTaps | None = None) -> int:
         """Records per chunk of per-sample gradients: ``[chunk, numel]`` temporaries of about
         ``CHUNK_FLOATS`` floats (below the allocator's mmap threshold and in cache: float64
-        products of a whole batch at once ran 4x slower on page faults alone)."""
-        big = max((self._numels[n] for n in (names if names is not None else self.names)), default=1)
+        products of a whole batch at once ran 4x slower on page faults alone). An embedding
+        table used only as an embedding counts the rows one record can touch (its sparse
+        per-sample gradient, ``positions x dim`` with ``taps``), not the table: a 1,000-row
+        table no longer cuts a batch into 16-record chunks (Python overhead per chunk)."""
+        def size(n: str) -> int:
+            emb = self._sparse_slots.get(n)
+            if emb is None or taps is None:
+                return self._numels[n]
+            return min(self._numels[n], sum(_first_row_numel(taps.x[m]) * self._mods[m].embedding_dim for m in emb))
+
+        big = max((size(n) for n in (names if names is not None else self.names)), default=1)
         return max(1, CHUNK_FLOATS // max(big, 1))
 
     def iter_grads(self, taps: _BatchTaps, names: Iterable[str] | None = None, go: dict[str, Any] | None = None
@@ -696,7 +739,7 @@ class LayerProgram:
         ``a:c`` of the batch from its taps (``go``: the output gradients of another direction
         than ``dl/do``); a tied parameter's uses are added up before any square is taken."""
         want = set(self.names if names is None else names)
-        step = self.chunk_rows(want)
+        step = self.chunk_rows(want, taps)
         gos = taps.go if go is None else go
         for a in range(0, taps.b, step):
             c = min(taps.b, a + step)
@@ -714,35 +757,118 @@ class LayerProgram:
                     out[k] = v if k not in out else _add(out[k], v, c - a)
             yield a, c, out
 
-    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True) -> tuple[_BatchTaps, dict[str, Tensor]]:
-        """One forward and ``1 + rank(L)`` backward passes: the batch's taps (layer inputs and
-        loss gradients at the outputs, from which every per-sample gradient follows) and its
-        Gauss-Newton diagonal sums ``{name: [numel]}`` (zeros with ``ggn=False``). Per-sample
-        products are formed a chunk of records at a time (:meth:`chunk_rows`)."""
-        h_all = {k: torch.zeros(self._numels[k], dtype=self.dtype) for k in self.names}
+    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True
+              ) -> tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None]:
+        """One forward and ``1 + k`` backward passes: the batch's taps (layer inputs and loss
+        gradients at the outputs, from which every per-sample gradient follows), its
+        Gauss-Newton diagonal sums ``{name: [numel]}`` float64 (zeros with ``ggn=False``) and,
+        for the sampled-label estimate, a bound on their Monte Carlo variance (else ``None``).
+
+        ``k`` is ``rank(L)`` for the exact diagonal (:attr:`ggn_mode` ``"ggn"``) and
+        :attr:`mc_samples` for the Monte Carlo one (``"ggn_mc"``: per record, a direction
+        ``a`` with ``E[a a'] = L``, see :meth:`_mc_directions`); ``"auto"`` takes the Monte
+        Carlo one when ``rank(L) > GGN_EXACT_MAX_DIRECTIONS`` on the first batch and keeps
+        that choice (:attr:`ggn_choice`). Per-sample products are formed a chunk of records at a
+        time (:meth:`chunk_rows`) in the program's dtype; the sums are float64."""
+        f64 = torch.float64
+        h_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
+        h2_all = None
         with torch.enable_grad():
             taps, f, outs, L = self._taps(inputs, targets, b, second=ggn)
             if ggn:
                 assert L is not None
                 c = f.shape[1]
                 lam, vec = torch.linalg.eigh(0.5 * (L + L.transpose(1, 2)))
-                keep = [k for k in range(c) if lam[:, k].abs().max() > 1e-12 * max(float(lam.abs().max()), 1e-300)]
-                for i, k in enumerate(keep):
-                    vdir = vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1)
-                    sgn = lam[:, k].sign()
-                    gos = torch.autograd.grad(f, outs, grad_outputs=vdir, retain_graph=i < len(keep) - 1,
+                # directions within rounding of 0 (a softmax's constant direction: ~1e-8 of the
+                # largest in float32) are dropped: a backward pass for nothing, and one too many
+                # for "auto"'s count
+                rel = max(1e-12, 100 * torch.finfo(lam.dtype).eps)
+                keep = [k for k in range(c) if lam[:, k].abs().max() > rel * max(float(lam.abs().max()), 1e-300)]
+                if self.ggn_choice is None:  # decided once, on the first batch
+                    mc = self.ggn_mode == "ggn_mc" or (self.ggn_mode == "auto" and len(keep) > GGN_EXACT_MAX_DIRECTIONS)
+                    self.ggn_choice, self.ggn_directions = ("ggn_mc" if mc else "ggn"), len(keep)
+                if self.ggn_choice == "ggn_mc":
+                    dirs = self._mc_directions(f.detach(), _cast(targets, self.dtype), L, lam, vec)
+                    h2_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
+                else:
+                    dirs = [(vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1), lam[:, k].sign()) for k in keep]
+                for i, (vdir, sgn) in enumerate(dirs):
+                    gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
-                    for a, cc, grads in self.iter_grads(taps, go=self._unpack(self._forward_taps, gos)):
-                        for name, v in grads.items():
-                            if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
-                                h_all[name].view(v.shape).index_add_(
-                                    0, v.row, v.g.square() * sgn[a:cc][v.sample].unsqueeze(-1))
-                            else:  # v is this chunk's own tensor: squared in place, summed by a GEMV
-                                h_all[name].addmv_(v.reshape(cc - a, -1).square_().T, sgn[a:cc])
+                    self._add_squares(taps, self._unpack(self._forward_taps, gos), sgn, h_all, h2_all, self.mc_samples)
         self._forward_taps = {}
         if not self._verified:
             self._verify(inputs, targets, taps)
-        return taps, h_all
+        return taps, h_all, h2_all
+
+    def _add_squares(self, taps: _BatchTaps, go: dict[str, Any], sgn: Tensor, h_all: dict[str, Tensor],
+                     h2_all: dict[str, Tensor] | None, num: int) -> None:
+        """Add one direction's per-sample squares ``sum_r sgn_r (J_r' a_r)_j^2`` to ``h_all``
+        (float64). With ``h2_all`` (a Monte Carlo direction, drawn ``num`` times per record)
+        they enter with weight ``1 / num`` and ``h2_all`` gets ``sum_r (J_r' a_r)_j^4 / num^2``:
+        per record ``E[X^2] / num`` bounds ``Var(mean of num draws of X)`` from above."""
+        f64 = torch.float64
+        w = sgn if h2_all is None else sgn / num
+        for a, cc, grads in self.iter_grads(taps, go=go):
+            for name, v in grads.items():
+                if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
+                    sq = v.g.square()
+                    h_all[name].view(v.shape).index_add_(0, v.row, (sq * w[a:cc][v.sample].unsqueeze(-1)).to(f64))
+                    if h2_all is not None:
+                        h2_all[name].view(v.shape).index_add_(0, v.row, sq.square().to(f64) / num ** 2)
+                else:  # v is this chunk's own tensor: squared in place, summed by a GEMV
+                    sq = v.reshape(cc - a, -1).square_()
+                    h_all[name] += (sq.T @ w[a:cc].to(sq.dtype)).to(f64)
+                    if h2_all is not None:
+                        h2_all[name] += sq.square_().sum(0).to(f64) / num ** 2
+
+    def _mc_directions(self, fd: Tensor, targets: Any, L: Tensor, lam: Tensor, vec: Tensor
+                       ) -> list[tuple[Tensor, Tensor]]:
+        """:attr:`mc_samples` directions ``(a [B, C], sign [B])`` per record with
+        ``E[a a'] = L`` (the loss Hessian in the outputs), drawn from :attr:`generator`.
+
+        Softmax cross-entropy on class labels (checked on the batch: ``dl/do = p - onehot(y)``
+        and ``L = diag(p) - p p'`` with ``p = softmax(o)``): ``a = dl/do`` at a label drawn
+        from the model's predictive distribution ``p`` (the sampled-label Gauss-Newton,
+        BackPACK's ``DiagGGNMC``; ``p - onehot(y~)``, as the check allows). Any other loss: ``a = V |Lambda|^{1/2} xi`` with Rademacher
+        ``xi`` over the eigen-directions of ``L`` (the same covariance), one direction for the
+        positive and (where ``L`` is indefinite) one with sign ``-1`` for the negative part."""
+        gen, S = self.generator, self.mc_samples
+        b, c = fd.shape
+        p = self._softmax_ce(fd, targets, L)
+        if p is not None:
+            out = []
+            for _ in range(S):
+                y = torch.multinomial(p.to(torch.float64), 1, generator=gen).reshape(b)
+                out.append((p - torch.nn.functional.one_hot(y, c).to(p.dtype), torch.ones(b, dtype=fd.dtype)))
+            return out
+        scale = lam.abs().sqrt()
+        # eigenvalues within rounding of 0 (e.g. a softmax's constant direction) are 0: no
+        # backward pass for a negative part that is only rounding
+        tol = 100 * torch.finfo(lam.dtype).eps * max(float(lam.abs().max()), 1e-300)
+        out = []
+        for _ in range(S):
+            xi = torch.randint(0, 2, (b, c), generator=gen).to(lam.dtype) * 2 - 1
+            for part, sign in ((lam > tol, 1.0), (lam < -tol, -1.0)):
+                if part.any():
+                    a = torch.einsum("bck,bk->bc", vec, scale * xi * part)
+                    out.append((a, torch.full((b,), sign, dtype=fd.dtype)))
+        return out
+
+    def _softmax_ce(self, fd: Tensor, targets: Any, L: Tensor) -> Tensor | None:
+        """``p = softmax(o)`` ``[B, C]`` when the batch's loss is softmax cross-entropy on class
+        labels ``[B]`` (its gradient ``dl/do`` (:meth:`_taps`) and Hessian ``L`` in the outputs
+        equal ``p - onehot(y)`` and ``diag(p) - p p'`` to 1e-4; both are at most 1), else ``None``."""
+        if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
+                and len(self._shape) == 1 and fd.shape[1] > 1):
+            return None
+        p = torch.softmax(fd, -1)
+        if int(targets.min()) < 0 or int(targets.max()) >= fd.shape[1]:
+            return None
+        e_ce = p - torch.nn.functional.one_hot(targets.long(), fd.shape[1]).to(p.dtype)
+        L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        ok = bool((self._e - e_ce).abs().max() <= 1e-4) and bool((L - L_ce).abs().max() <= 1e-4)
+        return p if ok else None
 
     def record_taps(self, inputs: Any, targets: Any, b: int) -> _BatchTaps:
         """One forward and one backward pass of the loss over a block of records: per layer
@@ -783,28 +909,31 @@ class LayerProgram:
                 raise NotImplementedError(f"per-sample gradients of {n!r} differ from torch.func's")
         self._verified = True
 
-    def select_rows(self, fac: tuple[_BatchTaps, dict[str, Tensor]], rows: Tensor
-                    ) -> tuple[_BatchTaps, dict[str, Tensor]]:
+    def select_rows(self, fac: tuple[_BatchTaps, dict[str, Tensor], Any], rows: Tensor
+                    ) -> tuple[_BatchTaps, dict[str, Tensor], Any]:
         """The taps of the records ``rows`` of a batch."""
-        return fac[0].rows(rows), fac[1]
+        return fac[0].rows(rows), fac[1], fac[2]
 
-    def batch_sums(self, fac: tuple[_BatchTaps, dict[str, Tensor]], acc: torch.dtype
-                   ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], Tensor]:
-        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum)`` (flat) and the sum
-        over records of ``|g_i|^2`` ``[1]``, a chunk of records at a time."""
-        taps, h_all = fac
-        s1 = {n: torch.zeros(self._numels[n], dtype=self.dtype) for n in self.names}
-        s2 = {n: torch.zeros(self._numels[n], dtype=self.dtype) for n in self.names}
+    def batch_sums(self, fac: tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None], acc: torch.dtype
+                   ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor, Tensor | None]], Tensor]:
+        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum, its Monte Carlo
+        variance bound or None)`` (flat, in ``acc``) and the sum over records of ``|g_i|^2``
+        ``[1]``. Products are formed a chunk of records at a time in the program's dtype
+        (float32 for large models) and summed over chunks in ``acc`` (float64)."""
+        taps, h_all, h2_all = fac
+        s1 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
+        s2 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         for _, _, grads in self.iter_grads(taps):
             for n, v in grads.items():
                 if isinstance(v, _Sparse):
-                    s1[n] += v.sum()
-                    s2[n] += v.sum_sq()
+                    s1[n] += v.sum().to(acc)
+                    s2[n] += v.sum_sq().to(acc)
                 else:
-                    s1[n] += v.sum(0)
-                    s2[n] += v.square_().sum(0)  # the chunk's own tensor, squared in place
-        out = {n: (s1[n].to(acc), s2[n].to(acc), h_all[n].to(acc)) for n in self.names}
-        norm = sum((s2[n].to(acc).sum() for n in self.names), torch.zeros((), dtype=acc))
+                    s1[n] += v.sum(0).to(acc)
+                    s2[n] += v.square_().sum(0).to(acc)  # the chunk's own tensor, squared in place
+        out = {n: (s1[n], s2[n], h_all[n].to(acc), None if h2_all is None else h2_all[n].to(acc))
+               for n in self.names}
+        norm = sum((s2[n].sum() for n in self.names), torch.zeros((), dtype=acc))
         return out, norm.reshape(1)
 
     def record_gradients(self, fac: tuple[_BatchTaps, dict[str, Tensor]], take: int) -> Tensor:
@@ -837,9 +966,14 @@ def _add(a: Any, b: Any, rows: int) -> Any:
 
 
 
+def _first_row_numel(x: Any) -> int:
+    """Elements of one record of a layer input (an embedding's indices: its positions)."""
+    return int(x[0].numel()) if isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] else 1
+
+
 def _first_dim(tree: Any) -> int:
     leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
     return int(leaves[0].shape[0]) if leaves else len(tree)
 
 
-__all__ = ["FactoredProgram", "LayerProgram", "LinearFactors", "factored_power_sums", "iterate_factor_blocks", "linear_layout"]
+__all__ = ["GGN_EXACT_MAX_DIRECTIONS", "FactoredProgram", "LayerProgram", "LinearFactors", "factored_power_sums", "iterate_factor_blocks", "linear_layout"]
