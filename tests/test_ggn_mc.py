@@ -104,7 +104,7 @@ class _SmallCNN(nn.Module):
 
 
 @pytest.mark.parametrize("c, want", [(4, "ggn"), (5, "ggn_mc")])
-def test_auto_takes_the_sampled_labels_above_two_directions_and_the_report_names_it(c, want):
+def test_auto_takes_the_sampled_labels_above_three_directions_and_the_report_names_it(c, want):
     """Cross-entropy over 4 classes needs 3 Gauss-Newton directions (exact); over 5, 4
     (sampled labels). assess's report names the estimator; with 48 records the Monte Carlo
     error (median ~0.3 here) is above 10 % and gets a warnings line."""
