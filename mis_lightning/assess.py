@@ -1113,16 +1113,13 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
         gauss += w[:, fine].square() @ k[fine]
         idx = torch.nonzero(~fine).squeeze(-1)
         th, sg = est.theta[name], est.sigma[name]
-        for a in range(0, idx.numel(), DEFAULT_CHUNK):
-            ii = idx[a : a + DEFAULT_CHUNK]
-            lo, hi = int(ii.min()), int(ii.max()) + 1
-            edges = prep.grids[name].boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW)[ii - lo]
-            narrow = F.window_too_narrow(edges, th[ii], sg[ii])
-            if bool(narrow.any()):  # fine cells, clipped: Gaussian (F.window_too_narrow)
-                gauss += w[:, ii[narrow]].square() @ k[ii[narrow]]
-                ii, edges = ii[~narrow], edges[~narrow]
-                if ii.numel() == 0:
-                    continue
+        g = prep.grids[name]
+        for ii, edges, narrow in F.coarse_chunks(
+                idx, th, sg, lambda lo, hi, g=g, th=th: g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW),
+                DEFAULT_CHUNK):
+            gauss += w[:, narrow].square() @ k[narrow]  # fine cells, clipped: Gaussian
+            if ii.numel() == 0:
+                continue
             b_p.append(edges)
             th_p.append(th[ii].double())
             sg_p.append(sg[ii].double())
@@ -1148,12 +1145,9 @@ def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: flo
         s, e = est.offsets[name]
         idx = torch.nonzero(F.coarse_mask(kvec[s:e])).squeeze(-1)
         th, sg = est.theta[name], est.sigma[name] / sigma_scale
-        for a in range(0, idx.numel(), DEFAULT_CHUNK):
-            ii = idx[a : a + DEFAULT_CHUNK]
-            lo, hi = int(ii.min()), int(ii.max()) + 1
-            edges = g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW)[ii - lo]
-            keep = ~F.window_too_narrow(edges, th[ii], sg[ii])  # the others: the Gaussian channel
-            ii, edges = ii[keep], edges[keep]
+        for ii, edges, _ in F.coarse_chunks(  # the narrow ones: the Gaussian channel
+                idx, th, sg, lambda lo, hi, g=g, th=th: g.boundaries(th[lo:hi], lo, hi, F.MC_HALF_WINDOW),
+                DEFAULT_CHUNK):
             if ii.numel() == 0:
                 continue
             b_p.append(edges)

@@ -37,7 +37,7 @@ term per record (exact in the unquantized limit).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -348,6 +348,20 @@ def window_too_narrow(edges: Tensor, theta: Tensor, sigma: Tensor) -> Tensor:
         (torch.isfinite(right) & ((right - th) / sg < MC_WINDOW_REACH))
 
 
+def coarse_chunks(index: Tensor, theta: Tensor, sigma: Tensor, boundaries: Callable[[int, int], Tensor],
+                  chunk: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Per chunk of the coarse coordinates ``index [c]`` of one parameter: ``(kept [k], edges
+    [k, 2 * MC_HALF_WINDOW + 2], narrow [c - k])``, the coordinates whose cells the Monte
+    Carlo forms sample with their edges (``boundaries(lo, hi)`` of the elements ``lo:hi``),
+    and those whose window is too narrow (:func:`window_too_narrow`: the Gaussian channel)."""
+    for a in range(0, index.numel(), chunk):
+        ii = index[a : a + chunk]
+        lo, hi = int(ii.min()), int(ii.max()) + 1
+        edges = boundaries(lo, hi)[ii - lo]
+        narrow = window_too_narrow(edges, theta[ii], sigma[ii])
+        yield ii[~narrow], edges[~narrow], ii[narrow]
+
+
 def coarse_count(kappas: Iterable[Tensor | None]) -> int:
     """Number of coarse coordinates over several ``[d_i]`` kappa tensors (``None``: unquantized)."""
     return sum(int(coarse_mask(k).sum()) for k in kappas if k is not None)
@@ -450,17 +464,11 @@ class HybridMC:
         if idx.numel() == 0:
             return
         assert theta is not None and sigma is not None and boundaries is not None
-        for a in range(0, idx.numel(), chunk):
-            ii = idx[a : a + chunk]
-            lo, hi = int(ii.min()), int(ii.max()) + 1
-            edges = boundaries(lo, hi)[ii - lo]
-            narrow = window_too_narrow(edges, theta[ii], sigma[ii])
-            if bool(narrow.any()):  # fine cells, clipped: the Gaussian channel
-                self.gaussian_s2 += w[:, ii[narrow]].to(torch.float64).square() @ kappa[ii[narrow]].to(torch.float64)
-                keep = ~narrow
-                ii, edges = ii[keep], edges[keep]
-                if ii.numel() == 0:
-                    continue
+        for ii, edges, narrow in coarse_chunks(idx, theta, sigma, boundaries, chunk):
+            # fine cells, clipped: the Gaussian channel
+            self.gaussian_s2 += w[:, narrow].to(torch.float64).square() @ kappa[narrow].to(torch.float64)
+            if ii.numel() == 0:
+                continue
             self._edges.append(edges)
             self._theta.append(theta[ii])
             self._sigma.append(sigma[ii])
