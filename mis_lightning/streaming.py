@@ -159,14 +159,13 @@ class _HookProgram(LossProgram):
         """
         c = int(math.prod(out_shape)) if out_shape else 1
 
-        def output(p: dict[str, Tensor], x: Any) -> tuple[Tensor, Tensor]:
-            o = self._through_output(p, _unsqueeze(x))[1].reshape(-1)
-            return o, o.detach()
+        def output(p: dict[str, Tensor], x: Any) -> Tensor:
+            return self._through_output(p, _unsqueeze(x))[1].reshape(-1)
 
         def loss(delta: Tensor, x: Any) -> Tensor:
             return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
 
-        jac, _ = vmap(jacrev(output, has_aux=True), in_dims=(None, 0))(self.params, inputs)
+        jac = vmap(jacrev(output), in_dims=(None, 0))(self.params, inputs)
         b = _batch_size(inputs)
         zero = torch.zeros(b, c, dtype=self.dtype, device=self.device)
         L = vmap(torch.func.hessian(loss))(zero, inputs)
