@@ -7,10 +7,13 @@ In standardised units the quantity is ``E_U |w' R^-1 m(U)|`` with ``U ~ N(0, R)`
 distinct box's conditional mean is computed by the GHK simulator (Geweke-Hajivassiliou-Keane:
 sequential truncated draws along the Cholesky factor, weighted by the conditional box
 probabilities), which is consistent for the box mean of a correlated Gaussian. The draws per
-box adapt to the number of distinct boxes (coarse grids: few boxes, many draws each), which
-keeps the upward bias of ``E|.|`` from a noisy box mean small. The GHK simulator itself is the
-library's (``functional.correlated.truncated_gaussian_means``); what this module adds is the
-quantity with every coordinate's box, with no channel and no regression decomposition.
+box adapt to the number of distinct boxes (coarse grids: few boxes, many draws each); the
+simulator's antithetic pairs remove most of the upward bias of ``E|.|`` from a noisy box mean
+(with plain draws this reference read 8-sd mid-cell boxes 25x high). The GHK simulator itself
+is the library's (``functional.correlated.truncated_gaussian_means``); what this module adds is
+the quantity with every coordinate's box, with no channel and no regression decomposition.
+:func:`bivariate_exact_mean_abs` is exact for ``d = 2`` with no simulation at all (the check
+of both).
 """
 
 from __future__ import annotations
@@ -48,3 +51,64 @@ def exact_mean_abs(corr: Tensor, influence: Tensor, step: Tensor, offset: Tensor
     a = torch.linalg.solve(corr, influence.to(torch.float64).T).T
     v = (m @ a.T).abs()
     return v.mean(0), v.std(0) / math.sqrt(num_boxes)
+
+
+def _phi(x: Tensor) -> Tensor:
+    return torch.exp(-0.5 * x.square()) / math.sqrt(2.0 * math.pi)
+
+
+def _Phi(x: Tensor) -> Tensor:
+    return 0.5 * torch.special.erfc(-x / math.sqrt(2.0))
+
+
+def bivariate_exact_mean_abs(rho: float, influence: Tensor, step: Tensor, offset: Tensor,
+                             reach: float = 12.0, nodes: int = 256) -> Tensor:
+    """``E_U |w' R^-1 m(U)|`` per record ``[R]`` for ``d = 2`` with every coordinate on its grid,
+    by an exact sum over the cells (no Monte Carlo anywhere: an independent check of the GHK
+    simulator and of :func:`exact_mean_abs`).
+
+    ``U ~ N(0, [[1, rho], [rho, 1]])``. Per cell ``[a, b]``: its probability
+    ``P = int_{a_1}^{b_1} phi(x) [Phi((b_2 - rho x) / s) - Phi((a_2 - rho x) / s)] dx``
+    (``s = sqrt(1 - rho^2)``, Gauss-Legendre with ``nodes`` nodes) and its mean by Tallis'
+    formula ``E[U_i 1{cell}] = sum_k R_ik (F_k(a_k) - F_k(b_k))``, ``F_k(x) = phi(x) P(other
+    coordinate in its interval | U_k = x)``. Cells beyond ``reach`` sd are cut (mass < 1e-32).
+
+    Args:
+        rho: the correlation (``|rho| < 1``); influence: ``[R, 2]`` ``w``.
+        step, offset: ``[2]`` grid steps (sd units) and boundary offsets (in steps, ``[0, 1)``).
+    """
+    import numpy as np
+
+    if not abs(rho) < 1.0:
+        raise ValueError(f"rho must lie in (-1, 1), got {rho}")
+    step = step.to(torch.float64)
+    offset = offset.to(torch.float64)
+    s = math.sqrt(1.0 - rho * rho)
+    edges = []
+    for j in range(2):
+        k = torch.arange(math.floor(-reach / float(step[j]) - 2), math.ceil(reach / float(step[j]) + 2),
+                         dtype=torch.float64)
+        e = ((k + offset[j]) * step[j]).clamp(-reach, reach)
+        edges.append(torch.unique(e))
+    x_gl, w_gl = (torch.from_numpy(v) for v in np.polynomial.legendre.leggauss(nodes))
+
+    def cond(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:  # P(lo <= other <= hi | this = x)
+        return _Phi((hi - rho * x) / s) - _Phi((lo - rho * x) / s)
+
+    a1, b1 = edges[0][:-1], edges[0][1:]
+    a2, b2 = edges[1][:-1], edges[1][1:]
+    A1, A2 = torch.meshgrid(a1, a2, indexing="ij")
+    B1, B2 = torch.meshgrid(b1, b2, indexing="ij")
+    A1, A2, B1, B2 = (t.reshape(-1) for t in (A1, A2, B1, B2))
+    # P(cell) by Gauss-Legendre along the first coordinate
+    xs = 0.5 * (B1 + A1).unsqueeze(1) + 0.5 * (B1 - A1).unsqueeze(1) * x_gl
+    P = 0.5 * (B1 - A1) * (w_gl * _phi(xs) * cond(xs, A2.unsqueeze(1), B2.unsqueeze(1))).sum(1)
+    F1 = _phi(A1) * cond(A1, A2, B2) - _phi(B1) * cond(B1, A2, B2)
+    F2 = _phi(A2) * cond(A2, A1, B1) - _phi(B2) * cond(B2, A1, B1)
+    m1 = (F1 + rho * F2) / P.clamp_min(1e-300)
+    m2 = (rho * F1 + F2) / P.clamp_min(1e-300)
+    keep = P > 0
+    m = torch.stack([m1, m2], 1)[keep]
+    R = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
+    a = torch.linalg.solve(R, influence.to(torch.float64).T).T
+    return (P[keep].unsqueeze(1) * (m @ a.T).abs()).sum(0) / P[keep].sum()
