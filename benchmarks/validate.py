@@ -173,7 +173,7 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             truth_cache.write_text(json.dumps(cache, indent=1))
         tt = time.time() - ts
         rng = np.random.default_rng([7, d, n])
-        cover, regimes, widths = [], [], []
+        cover, regimes, widths, ivs, vals = [], [], [], [], []
         for k in range(trainings):
             _, est, mdl, _ = C.train_and_estimate(s, rng, num_records=min(n, 1000))
             rep = C.score(est, mdl, [C.scheme_for(g) for g in grids], uncertainty_draws=16, seed=k,
@@ -182,11 +182,14 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             cover.append((iv[:, 0] <= truth) & (truth <= iv[:, 1]))
             regimes.append([rep.schemes[C.scheme_for(g).name].interval_regime for g in grids])
             widths.append(iv[:, 1] - iv[:, 0])
+            ivs.append(iv)
+            vals.append([rep.schemes[C.scheme_for(g).name].leakage for g in grids])
         cov = np.mean(cover, 0)
         for g, grid in enumerate(grids):
             rows.append({"setting": s.label(), "grid": grid.name, "truth": float(truth[g]), "coverage": float(cov[g]),
                          "regime": max(set(r[g] for r in regimes), key=[r[g] for r in regimes].count),
-                         "width": float(np.median([w[g] for w in widths]))})
+                         "width": float(np.median([w[g] for w in widths])),
+                         "intervals": [iv[g].tolist() for iv in ivs], "values": [float(v[g]) for v in vals]})
         log(f"  {s.label()}: truth {tt:.0f}s, {trainings} trainings {time.time() - ts - tt:.0f}s; "
             f"coverage min {cov.min():.2f} mean {cov.mean():.2f}")
     secs = time.time() - t0
