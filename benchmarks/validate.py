@@ -124,7 +124,8 @@ def curves(ns, seed=0):
 
 
 COVERAGE_PLAN = [
-    # model, d, n, rho, targets Z, datasets M (LR-test truth; exact truth for OLS d = 1, 2)
+    # model, d, n, rho, targets Z, datasets M (LR-test truth; exact truth for OLS step grids:
+    # ground_truth.exact_tv_ols_1d / _2d, and exact_tv_ols for d > 2 (Monte Carlo over releases))
     # (the full plan takes ~20 min on 2 shared cores; --settings 0,1 ~7 min)
     ("linear", 1, 1000, 0.0, 30, 0),
     ("linear", 2, 400, 0.5, 40, 0),
@@ -155,12 +156,13 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         s = GT.make_setting(model, d, n, rho=rho)
         grids = coverage_grids(s)
         ts = time.time()
-        key = f"{s.label()} Z={Z} M={M}"
+        key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "")
         if key in cache:
             truth = np.array(cache[key], dtype=np.float64)
-        elif model == "linear" and d == 2:  # exact given the design (step grids), else LR test
-            truth = np.array([GT.exact_truth_ols_2d(s, g, Z=Z, K=150)[0] if isinstance(g, GT.StepGrid) else np.nan
-                              for g in grids])
+        elif model == "linear" and d >= 2:  # exact given the design (step grids), else LR test
+            truth = np.array([np.nan if not isinstance(g, GT.StepGrid)
+                              else GT.exact_truth_ols_2d(s, g, Z=Z, K=150)[0] if d == 2
+                              else GT.exact_truth_ols(s, g, Z=Z, K=60, M=1000)[0] for g in grids])
             lr = [i for i, g in enumerate(grids) if not isinstance(g, GT.StepGrid)]
             if lr:
                 tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50)

@@ -560,6 +560,67 @@ def exact_tv_ols_2d(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: in
     return float(0.5 * np.abs(p_in - p_out).sum())
 
 
+def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int = 150, M: int = 4000,
+                 draws: int = 32, seed: int = 0) -> tuple[float, float]:
+    """``TV_z`` for OLS in any ``d`` (Gaussian AR(1) design and noise, no intercept) and its
+    standard error: exact given the design up to a Monte Carlo over releases, with no
+    simulated training and no test statistic.
+
+    As in :func:`exact_tv_ols_2d`, given the other records' ``A`` both estimators are exactly
+    Gaussian and the release laws are their mixtures over ``K`` coupled designs. The TV is
+    ``E_{T ~ P_in}[(1 - P_out(T) / P_in(T))_+]`` over released boxes ``T``: ``M`` releases drawn
+    from the in-mixture, each box's probability under every design and both laws by GHK
+    (``draws`` antithetic draws, the same uniforms for both laws and all designs, so the ratio
+    carries little simulator noise). For ``d = 2`` :func:`exact_tv_ols_2d` is exact with no
+    Monte Carlo over releases (the check of this function).
+
+    Returns:
+        ``(TV, standard error over the M releases)``.
+    """
+    if s.model != "linear":
+        raise ValueError(f"exact_tv_ols needs a linear setting, got {s.label()}")
+    d = s.d
+    rng = np.random.default_rng([seed, 2025])
+    L = s.chol[None] @ _wishart_chol(d, s.n - 1, K, rng)
+    A = L @ np.swapaxes(L, 1, 2)
+    xo, _ = draw_records(s, K, rng)
+    An = A + xo[:, :, None] * xo[:, None, :]
+    z = np.asarray(zx, dtype=np.float64)
+    B = np.linalg.inv(A + np.outer(z, z)[None])
+    mu_in = (B @ (A @ s.theta_star + z * zy)[..., None])[..., 0]        # [K, d]
+    ch_in = np.linalg.cholesky(s.noise**2 * B @ A @ B)                   # [K, d, d]
+    ch_out = np.linalg.cholesky(s.noise**2 * np.linalg.inv(An))
+    k = rng.integers(0, K, M)
+    T = mu_in[k] + (ch_in[k] @ rng.standard_normal((M, d, 1)))[..., 0]  # releases of the in-mixture
+    lo, hi = grid.cell_edges(grid.codes(T))
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+    u = torch.rand(M, max(1, draws // 2), d, dtype=torch.float64, generator=gen)
+    u = torch.cat([u, 1.0 - u], 1)
+    lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
+    lp_in = torch.stack([_ghk_logprob(lo_t - torch.from_numpy(mu_in[j]), hi_t - torch.from_numpy(mu_in[j]),
+                                      torch.from_numpy(ch_in[j]), u) for j in range(K)])
+    mu_o = torch.from_numpy(np.broadcast_to(s.theta_star, (d,)).copy())
+    lp_out = torch.stack([_ghk_logprob(lo_t - mu_o, hi_t - mu_o, torch.from_numpy(ch_out[j]), u) for j in range(K)])
+    ratio = torch.exp(torch.logsumexp(lp_out, 0) - torch.logsumexp(lp_in, 0))  # mixtures: the 1/K cancels
+    v = (1.0 - ratio).clamp_min(0.0).numpy()
+    return float(v.mean()), float(v.std() / math.sqrt(M))
+
+
+def exact_truth_ols(s: Setting, grid: StepGrid, Z: int = 16, K: int = 150, M: int = 4000, seed: int = 0,
+                    oracle_records: int = 4000) -> tuple[float, tuple[float, float]]:
+    """``Delta`` of ``grid`` for OLS in any ``d``: :func:`exact_tv_ols` on ``Z`` targets
+    ``z ~ P`` with the control variate of :func:`cv_estimate` (as :func:`exact_truth_ols_2d`).
+    Returns the estimate and its 80% bootstrap interval over targets."""
+    rng = np.random.default_rng([seed, 77])
+    zx, zy = draw_records(s, Z, rng)
+    tv = np.array([[exact_tv_ols(s, grid, zx[i], zy[i], K=K, M=M, seed=seed + i)[0]] for i in range(Z)])
+    orc = oracle_first_order(s, grid, zx, zy)[:, None]
+    xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
+    orc_mean = np.array([oracle_first_order(s, grid, xb, yb).mean()])
+    est, ci = cv_estimate(tv, orc, orc_mean, boot=300, level=0.8, seed=seed)
+    return float(est[0]), (float(ci[0, 0]), float(ci[0, 1]))
+
+
 def exact_truth_ols_2d(s: Setting, grid: StepGrid, Z: int = 200, K: int = 600, seed: int = 0,
                        oracle_records: int = 4000) -> tuple[float, tuple[float, float]]:
     """``Delta`` of ``grid`` for OLS ``d = 2``: :func:`exact_tv_ols_2d` on ``Z`` targets
