@@ -153,8 +153,9 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
     truths do not depend on the interval, so reruns of the interval skip them)."""
     t0 = time.time()
     rows = []
-    cache = json.loads(truth_cache.read_text()) if truth_cache is not None and truth_cache.exists() else {}
     for model, d, n, rho, Z, M in [p for i, p in enumerate(COVERAGE_PLAN) if pick is None or i in pick]:
+        # re-read per setting: another run may have added truths meanwhile
+        cache = json.loads(truth_cache.read_text()) if truth_cache is not None and truth_cache.exists() else {}
         s = GT.make_setting(model, d, n, rho=rho)
         grids = coverage_grids(s)
         ts = time.time()
@@ -173,6 +174,7 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False)
             truth = tr.estimate
         if truth_cache is not None and key not in cache:
+            cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
             cache[key] = truth.tolist()
             truth_cache.write_text(json.dumps(cache, indent=1))
         tt = time.time() - ts
@@ -196,6 +198,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
                          "intervals": [iv[g].tolist() for iv in ivs], "values": [float(v[g]) for v in vals]})
         log(f"  {s.label()}: truth {tt:.0f}s, {trainings} trainings {time.time() - ts - tt:.0f}s; "
             f"coverage min {cov.min():.2f} mean {cov.mean():.2f}")
+        if dump is not None:  # after each setting: a long run that stops keeps what it did
+            dump.write_text(json.dumps({"rows": rows, "seconds": time.time() - t0, "trainings": trainings}, indent=1))
     secs = time.time() - t0
     print(coverage_table(rows, trainings, secs))
     if dump is not None:
