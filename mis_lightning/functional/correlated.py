@@ -382,7 +382,7 @@ def truncated_gaussian_means(mean: Tensor, chol: Tensor, lo: Tensor, hi: Tensor,
     1,024 per box, an all-coarse ``d = 4`` grid of 8 sd steps mid-cell read 55-80x its value;
     the antithetic partner of a draw in a box symmetric about the mean is its mirror image, so
     such a box's mean is exact, and elsewhere the pairs cancel the linear part of the noise
-    (``docs/validation.md``, "The exact box-mean form's simulator")."""
+    (docs/method.md section 3, "Few coarse weights, exactly")."""
     N, c = lo.shape
     half = max(1, (draws + 1) // 2)
     u = torch.rand(N, half, c, generator=generator, dtype=torch.float64)
