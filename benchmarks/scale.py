@@ -14,6 +14,16 @@ Per model size, in a fresh subprocess (so that its peak RSS is its own):
         int8_dynamic_activation_int8_weight intx_weight_only_int4 int4_weight_only_tinygemm
     python benchmarks/scale.py --json out.json
 
+``--stages`` records the process's peak RSS per stage (``VmHWM`` of /proc/self/status, reset
+between stages by writing 5 to /proc/self/clear_refs; where that is not allowed a sampling
+thread keeps the running maximum of ``VmRSS``): model build + warm-up epoch, ``run_estimation``,
+each scheme's ``_prepare_scheme`` (quantized copy and grids), the compile warm-up, the joint
+sums (``_joint_sums``), each scheme's ``_finish_scheme`` (method, pool, interval), and
+"other" for what lies between them:
+
+    python benchmarks/scale.py --sizes 1e6 1e7 --memory-only --stages --schemes int8_weight_only \
+        int8_dynamic_activation_int8_weight intx_weight_only_int4 intx_weight_only_int4_g32
+
 ``--memory-only`` skips the Adam epochs (the 1e8 model's epoch alone takes minutes on one
 core) and reports times in seconds only. ``--threads`` sets ``torch.set_num_threads`` in the
 child; the OpenMP wait policy is whatever the environment says (see docs/benchmarks.md).
@@ -24,9 +34,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,8 +53,90 @@ COMMON_SCHEMES = [
 ]
 
 
-def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, memory_only: bool) -> dict:
+class StageMemory:
+    """Peak RSS per stage: ``mark(stage)`` closes the stage that began at the previous mark.
+
+    ``VmHWM`` (the kernel's RSS high-water mark) is reset at each mark through
+    /proc/self/clear_refs; where that write is refused, a thread samples ``VmRSS`` every 20 ms
+    and keeps its maximum since the last mark (it can miss a spike shorter than that).
+    """
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+        self.reset_ok = self._reset()
+        self._max = 0
+        self._stop = threading.Event()
+        if not self.reset_ok:
+            threading.Thread(target=self._sample, daemon=True).start()
+        self._start = self._kib("VmRSS")
+        self._t0 = time.perf_counter()
+
+    @staticmethod
+    def _kib(field: str) -> int:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)
+        return int(m.group(1)) if m else 0
+
+    @staticmethod
+    def _reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, self._kib("VmRSS"))
+            time.sleep(0.02)
+
+    def mark(self, stage: str) -> None:
+        rss = self._kib("VmRSS")
+        peak = self._kib("VmHWM") if self.reset_ok else max(self._max, rss)
+        now = time.perf_counter()
+        self.rows.append({"stage": stage, "peak_mib": peak / 1024, "start_mib": self._start / 1024,
+                          "end_mib": rss / 1024, "seconds": now - self._t0})
+        print(f"  [stage] {stage}: peak {peak / 1024:.0f} MiB (start {self._start / 1024:.0f}, "
+              f"end {rss / 1024:.0f}) {now - self._t0:.1f} s", file=sys.stderr, flush=True)
+        if self.reset_ok:
+            self._reset()
+        self._max = rss
+        self._start = rss
+        self._t0 = time.perf_counter()
+
+
+def _instrument(mem: StageMemory) -> None:
+    """Wrap the scoring's stages (module globals of ``mis_lightning.assess``) with marks."""
+    import importlib
+
+    assess = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
+    F = importlib.import_module("mis_lightning.functional")
+
+    def wrap(owner, attr: str, label) -> None:
+        fn = getattr(owner, attr)
+
+        def inner(*a, **k):
+            mem.mark("other")
+            out = fn(*a, **k)
+            mem.mark(label(a, k, out))
+            return out
+
+        setattr(owner, attr, inner)
+
+    wrap(assess, "_prepare_scheme", lambda a, k, out: f"prepare {a[2].name}")
+    wrap(assess, "_joint_sums", lambda a, k, out: "joint sums")
+    wrap(assess, "_finish_scheme", lambda a, k, out: f"finish {a[1].scheme.name}")
+    wrap(F, "warm_up_compiled_kernel", lambda a, k, out: "compile warm-up")
+
+
+def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, memory_only: bool,
+            stages: bool = False) -> dict:
     import torch
+
+    mem = StageMemory() if stages else None
+    if mem is not None:
+        _instrument(mem)
 
     from mis_lightning.assess import run_estimation, score_schemes
     from mis_lightning.config import stage_configs
@@ -67,18 +161,28 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
             loss_fn(model(xb), yb).mean().backward()
             opt.step()
         epochs.append(time.perf_counter() - t0)
+    # a trained model handed to assess: no optimizer state, no .grad (4 bytes per weight)
+    opt.zero_grad(set_to_none=True)
     del opt
     epoch = min(epochs[1:]) if len(epochs) > 1 else epochs[0]
     est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
+    if mem is not None:
+        mem.mark("build + warm-up epoch")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     t0 = time.perf_counter()
     est = run_estimation(model, loader, loss_fn, est_cfg)
     est_s = time.perf_counter() - t0
+    if mem is not None:
+        mem.mark("run_estimation")
     rss_est = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     t0 = time.perf_counter()
     rep = score_schemes(est, model, schemes, scoring_config=sc_cfg)
     score_s = time.perf_counter() - t0
+    if mem is not None:
+        mem.mark("other")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
+    if mem is not None:  # clear_refs also resets ru_maxrss: the run's peak is the stages' largest
+        peak = max(peak, *(st["peak_mib"] for st in mem.rows))
     return {
         "size": size, "params": d, "n": n, "batch": batch, "threads": threads, "schemes": schemes,
         "epoch_adam_s": epoch, "estimation_s": est_s, "scoring_s": score_s,
@@ -88,6 +192,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "bytes_per_weight": peak * 2**20 / d, "estimator": est.estimator,
         "influence_stored": est.influence_stored, "factored": est.factors is not None,
         "load_avg": os.getloadavg(),
+        "stages": None if mem is None else mem.rows,
         "results": {k: {"leakage": v.leakage, "interval": v.interval, "method": v.method, "error": v.error}
                     for k, v in rep.schemes.items()},
     }
@@ -101,11 +206,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--schemes", nargs="+", default=COMMON_SCHEMES)
     ap.add_argument("--memory-only", action="store_true", help="one warm-up epoch only (large sizes)")
+    ap.add_argument("--stages", action="store_true", help="peak RSS per stage (see above)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        r = run_one(args.one, args.n, args.batch, args.schemes, args.threads, args.memory_only)
+        r = run_one(args.one, args.n, args.batch, args.schemes, args.threads, args.memory_only, args.stages)
         print(json.dumps(r))
         return 0
     rows = []
@@ -114,10 +220,14 @@ def main(argv=None) -> int:
                "--threads", str(args.threads), "--schemes", *args.schemes]
         if args.memory_only:
             cmd.append("--memory-only")
+        if args.stages:
+            cmd.append("--stages")
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        # the child's stage lines (stderr) go straight through: a long run shows where it is
+        p = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=None if args.stages else subprocess.PIPE,
+                           text=True)
         if p.returncode != 0:
-            print(f"{size}: failed ({p.returncode})\n{p.stderr[-3000:]}", file=sys.stderr)
+            print(f"{size}: failed ({p.returncode})\n{(p.stderr or '')[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
         r["wall_s"] = time.perf_counter() - t0
@@ -127,6 +237,10 @@ def main(argv=None) -> int:
               f"= {r['scoring_epochs']:.1f} ep | total {r['total_epochs']:.1f} ep | peak RSS "
               f"{r['peak_rss_mib']:.0f} MiB ({r['bytes_per_weight']:.0f} B/weight) | load {r['load_avg'][0]:.1f}",
               flush=True)
+        for st in r.get("stages") or []:
+            print(f"    {st['stage']:<45} peak {st['peak_mib']:8.0f} MiB = {st['peak_mib'] * 2**20 / r['params']:7.1f} "
+                  f"B/weight (rise {st['peak_mib'] - st['start_mib']:7.0f} MiB), held after {st['end_mib']:8.0f} MiB, "
+                  f"{st['seconds']:.1f} s")
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1))
     return 0

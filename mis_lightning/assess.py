@@ -561,7 +561,8 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
         if g.rounding != "nearest" or D == 0:
             draws[:, a:b], lam_draws[:, a:b] = k[a:b], lam[a:b]
         else:
-            draws[:, a:b], lam_draws[:, a:b] = _draw_moments(g, th[a:b], sg[a:b], a, b, k[a:b], xi, policy,
+            draws[:, a:b], lam_draws[:, a:b] = _draw_moments(g, th[a:b].to(torch.float64),
+                                                             sg[a:b].to(torch.float64), a, b, k[a:b], xi, policy,
                                                              with_lam=est.d == 1)
     prep.draws[name] = list(draws)
     if est.d == 1:
@@ -609,7 +610,7 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
     for bi in range(D):
         th_b = th64 + sg64 * xi[bi]
         if free is None:
-            mm = grid.moments(th_b, sg, a, b, use_codes=False, compile_policy=policy)
+            mm = grid.moments(th_b, sg64, a, b, use_codes=False, compile_policy=policy)
             kap[bi] = mm.kappa
             if with_lam:
                 lam[bi] = mm.mean_abs
@@ -625,7 +626,7 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
             idx = torch.sort(torch.cat([idx, pad])).values
         if scale is None:
             scale, zp, _ = grid.element_grid(a, b)
-        kap[bi, idx] = F.affine_cell_moments(th_b[idx], sg[idx], scale[idx], zp[idx], grid.qmin, grid.qmax,
+        kap[bi, idx] = F.affine_cell_moments(th_b[idx], sg64[idx], scale[idx], zp[idx], grid.qmin, grid.qmax,
                                              compile_policy=policy).kappa
     return kap, lam
 
@@ -644,7 +645,8 @@ def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
 
     if prep.requant is None:
         names = [k for k, g in prep.grids.items() if g.rounding != "nearest"]
-        rq = prep.requant = requantize_joint(prep.scheme, prep.source, {k: est.sigma[k] for k in est.names},
+        rq = prep.requant = requantize_joint(prep.scheme, prep.source,
+                                             {k: est.sigma[k].to(torch.float64) for k in est.names},
                                              names=names, num_draws=REQUANT_DRAWS, seed=prep.requant_seed)
         prep.requant_moments, d_an, d_max = {}, 0.0, 0.0
         for k in names:
@@ -680,7 +682,9 @@ def _grid_moments(grid: ParamGrid, theta: Tensor, sigma: Tensor, chunk: int, use
     lam = torch.empty_like(kappa)
     for a in range(0, numel, chunk):
         b = min(a + chunk, numel)
-        mm = grid.moments(theta[a:b], sigma[a:b], a, b, use_codes=use_codes, compile_policy=policy)
+        # float64 chunks whatever the estimate holds (float32 for large models)
+        mm = grid.moments(theta[a:b].to(torch.float64), sigma[a:b].to(torch.float64), a, b, use_codes=use_codes,
+                          compile_policy=policy)
         kappa[a:b], m4[a:b], lam[a:b] = mm.kappa, mm.m4, mm.mean_abs
     return kappa, m4, lam
 
@@ -719,7 +723,7 @@ class _InfluenceReader:
             return {p: (w2 if p == 2 else w2.square()) @ c for p, c in columns.items()}
         assert self.factor is not None and est._g_mean is not None and est._v_diag is not None
         fac, bias = self.factor
-        gm, vd = est._g_mean[self.name][sel], est._v_diag[self.name][sel]
+        gm, vd = est._centring(self.name, sel)
         out_rows = slice(a // u, b // u) if rows is None else a // u + rows
         part = dataclasses.replace(fac, d=fac.d[:, out_rows])
         return {p: self._fps(part, gm, vd, c, p, bias=bias) for p, c in columns.items()}
@@ -780,6 +784,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         for a in range(0, numel, step):
             b = min(a + step, numel)
             c = b - a
+            th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
             xi = torch.randn(D, c, dtype=torch.float64, generator=gen) if D else None
             ones = torch.ones(c, dtype=torch.float64)
             K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
@@ -794,16 +799,16 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             k_f, m4_f, lam_f = prep.requant_moments[name]
                             k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
                         else:
-                            mm = g.moments(th[a:b], sg[a:b], a, b, compile_policy=policy)
+                            mm = g.moments(th_c, sg_c, a, b, compile_policy=policy)
                             k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs
-                        pm = g.moments(th[a:b], sg[a:b] / POOL_SIGMA_RATIO, a, b, compile_policy=policy)
+                        pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy)
                         kp_c = pm.kappa
                         if prep.num_draws:
                             x = xi[: prep.num_draws]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
                             else:
-                                kd, ld = _draw_moments(g, th[a:b], sg[a:b], a, b, k_c, x, policy,
+                                kd, ld = _draw_moments(g, th_c, sg_c, a, b, k_c, x, policy,
                                                        with_lam=est.d == 1)
                             delta = kd - k_c
                             if keep:

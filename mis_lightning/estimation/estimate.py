@@ -91,6 +91,12 @@ log = logging.getLogger(__name__)
 # (activations of a batch of this size; the default num_records in one pass).
 TAP_BLOCK = 512
 DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB in float32)
+# Above this many weights (where the sums are accumulated in float32 anyway) and without stored
+# influences, the estimate's per-weight state (theta, sigma, the gradient means and variances)
+# is held in float32 and computed in chunks of FINALIZE_CHUNK weights (MomentAccumulator._finalize_lean):
+# 16 bytes per weight held instead of 32, no whole-model float64 temporaries.
+FLOAT32_STATE_MIN_PARAMS = 10_000_000
+FINALIZE_CHUNK = 1 << 22
 
 
 @dataclass
@@ -101,8 +107,10 @@ class Estimate:
         n: number of training records seen.
         mode: ``"exact"`` or ``"diagonal"``; ``hessian``: how ``H`` (or its diagonal) was had.
         names: assessed parameter names; ``shapes``: their shapes; ``offsets``: flat ranges.
-        theta: ``{name: [numel]}`` float64 trained weights.
-        sigma: ``{name: [numel]}`` float64 std of each trained weight ``theta-hat_j``
+        theta: ``{name: [numel]}`` float64 trained weights (the estimator's own dtype --
+            float32, the weights it computed with, exactly -- for models above
+            :data:`FLOAT32_STATE_MIN_PARAMS` weights without stored influences).
+        sigma: ``{name: [numel]}`` float64 (float32 as ``theta``: relative rounding 6e-8) std of each trained weight ``theta-hat_j``
             (parameter units; lower-case sigma = ``sqrt(Sigma_jj / n)``, with ``Sigma`` the
             ``[d, d]`` sandwich covariance of the per-record influence ``psi``).
         influence: ``[R, d]`` standardised influences ``w = psi / sqrt(diag Sigma)`` of the R
@@ -184,7 +192,7 @@ class Estimate:
         if factor is not None:
             assert self._g_mean is not None and self._v_diag is not None
             layer, is_bias = factor
-            gm, vd = self._g_mean[name], self._v_diag[name]
+            gm, vd = self._centring(name)
             return {p: factored_power_sums(layer, gm, vd, c, p, bias=is_bias) for p, c in columns.items()}
         out = {p: torch.zeros(self.num_records, c.shape[1], dtype=torch.float64) for p, c in columns.items()}
         if self.influence is None and isinstance(self._program, LayerProgram):
@@ -231,7 +239,8 @@ class Estimate:
         sparse gradients (the rows a record touches) without a dense ``[R, numel]`` tensor:
         an untouched coordinate has ``w_rj = gbar_j / sqrt(V_jj)`` for every record."""
         assert self._g_mean is not None and self._v_diag is not None
-        gm, sd = self._g_mean[name], self._v_diag[name].clamp_min(1e-300).sqrt()
+        gm, vd = self._centring(name)
+        sd = vd.clamp_min(1e-300).sqrt()
         inv_sd = 1.0 / sd
         for r0, r1, g in self._layer_blocks([name]):
             v = g[name]
@@ -257,6 +266,15 @@ class Estimate:
                     delta = wt.pow(p) - base[idx].pow(p)
                     out[p].index_add_(0, rows, torch.einsum("ud,udm->um", delta, c[idx]))
         return out
+
+    def _centring(self, name: str, sel: slice | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """float64 ``(g_bar, V_jj)`` of ``name`` (elements ``sel``): held in float32 by large
+        models (:data:`FLOAT32_STATE_MIN_PARAMS`), the arithmetic on them stays float64."""
+        assert self._g_mean is not None and self._v_diag is not None
+        gm, vd = self._g_mean[name], self._v_diag[name]
+        if sel is not None:
+            gm, vd = gm[sel], vd[sel]
+        return gm.to(torch.float64), vd.to(torch.float64)
 
     def _factor_of(self, name: str) -> tuple[LinearFactors, bool] | None:
         """The Linear layer factors holding ``name`` and whether it is the bias, if any."""
@@ -285,14 +303,16 @@ class Estimate:
             return
         if self.factors is not None:
             assert self._g_mean is not None and self._v_diag is not None
-            yield from iterate_factor_blocks(self.factors, self._g_mean, self._v_diag, names, self.budget)
+            cen = {k: self._centring(k) for k in names}
+            yield from iterate_factor_blocks(self.factors, {k: c[0] for k, c in cen.items()},
+                                             {k: c[1] for k, c in cen.items()}, names, self.budget)
             return
         assert self._program is not None and self._records is not None
         if isinstance(self._program, LayerProgram):
             assert self._g_mean is not None and self._v_diag is not None
             for r0, r1, g in self._layer_blocks(names):
-                yield r0, r1, {k: -(_dense(v, r1 - r0).to(torch.float64) - self._g_mean[k])
-                               / self._v_diag[k].clamp_min(1e-300).sqrt() for k, v in g.items()}
+                yield r0, r1, {k: -(_dense(v, r1 - r0).to(torch.float64) - self._centring(k)[0])
+                               / self._centring(k)[1].clamp_min(1e-300).sqrt() for k, v in g.items()}
             return
         for name in names:
             numel = self.offsets[name][1] - self.offsets[name][0]
@@ -304,7 +324,8 @@ class Estimate:
                     g = self._program.per_sample_grads(x, y, [name])[name].reshape(-1, numel).to(torch.float64)
                     assert self._g_mean is not None and self._v_diag is not None
                     # psi_j / sqrt(Sigma_jj) = -(g_j - g_bar_j) / sqrt(V_jj) when H_jj > 0.
-                    w = -(g - self._g_mean[name]) / self._v_diag[name].clamp_min(1e-300).sqrt()
+                    gm, vd = self._centring(name)
+                    w = -(g - gm) / vd.clamp_min(1e-300).sqrt()
                     yield r0 + a, r0 + a + g.shape[0], {name: w}
                 r0 += b
 
@@ -636,7 +657,8 @@ class MomentAccumulator:
         return spec
 
     def empty_state(self) -> dict[str, Any]:
-        return {k: (v.clone() if isinstance(v, Tensor) else []) for k, (v, _) in self.state_spec().items()}
+        # state_spec() builds fresh tensors on each call: no clone (it doubled the init's peak, 16 bytes per weight)
+        return {k: (v if isinstance(v, Tensor) else []) for k, (v, _) in self.state_spec().items()}
 
     # -- accumulation -------------------------------------------------------------------------
     def update(self, batch: Any, state: dict[str, Any] | None = None) -> int:
@@ -853,6 +875,8 @@ class MomentAccumulator:
             st = {k: (list(v) if isinstance(v, list) else v) for k, v in st.items()}
             prune_bottom_k(st, self.num_records)
         cpu = torch.device("cpu")
+        if self.mode != "exact" and not self.keep_w and self.d > FLOAT32_STATE_MIN_PARAMS:
+            return self._finalize_lean(st, n)
         g_mean_flat = (st["g_sum"].to(cpu) / n).to(torch.float64)
         v_flat = (st["g2_sum"].to(cpu) / n).to(torch.float64) - g_mean_flat.square()
         theta = {k: self.program.params[k].reshape(-1).to(cpu, torch.float64) for k in names}
@@ -920,6 +944,77 @@ class MomentAccumulator:
             _records=records,
             _g_mean=_split(g_mean_flat, names, offsets), _v_diag=_split(v_flat, names, offsets),
             factors=factors, **common,
+        )
+
+    def _finalize_lean(self, st: dict[str, Any], n: int) -> Estimate:
+        """The diagonal estimate of a large model (``d > FLOAT32_STATE_MIN_PARAMS``, influences
+        not stored) with memory bounded by a chunk: the per-weight arithmetic of
+        :meth:`finalize` (the same float64 operations, element by element) runs on flat chunks
+        of :data:`FINALIZE_CHUNK` weights, the global diagnostics are reduced across chunks,
+        and ``theta`` (the program's own weights, float32 for large models: exact), ``sigma``, ``g_mean`` and ``V_jj``
+        are stored in float32 (relative rounding <= 2^-24 = 6e-8 each; readers cast each chunk
+        back to float64). Before: ~90 bytes per weight of float64 temporaries and 32 held."""
+        cpu, f64, f32 = torch.device("cpu"), torch.float64, torch.float32
+        names, offsets, d, wd = self.names, self.offsets, self.d, self.weight_decay
+        # the weights the estimator computed with (float32 above 10^5 weights): exact, and views
+        # of the program's private copy (which the estimate keeps anyway), not another copy
+        theta = {k: self.program.params[k].detach().reshape(-1).to(cpu) for k in names}
+        hutch = self.hessian == "hutchinson"
+        h_sum = st["h_sum"]
+
+        def chunk(a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
+            # the same element-wise operations as finalize's whole-vector path
+            g = (st["g_sum"][a:b].to(cpu) / n).to(f64)
+            v = (st["g2_sum"][a:b].to(cpu) / n).to(f64) - g.square()
+            hs = h_sum[a:b].to(cpu, f64)
+            h = (hs / self.hutchinson_probes) / n if hutch else hs / n
+            return g, v, h + wd
+
+        g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
+        grad_sq, zero_var, h_min, h_max, h_abs, neg = 0.0, 0, math.inf, -math.inf, 0.0, 0
+        for a in range(0, d, FINALIZE_CHUNK):
+            b = min(a + FINALIZE_CHUNK, d)
+            g, v, h = chunk(a, b)
+            th = torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
+                            ((k, offsets[k]) for k in names) if s0 < b and e0 > a])
+            grad_sq += float((g + wd * th.to(f64)).square().sum())
+            zero_var += int((v <= 0).sum())
+            h_min, h_max = min(h_min, float(h.min())), max(h_max, float(h.max()))
+            h_abs, neg = max(h_abs, float(h.abs().max())), neg + int((h <= 0).sum())
+            g_out[a:b], v_out[a:b] = g, v
+        rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
+        gnorm = math.sqrt(grad_sq)
+        diagnostics: dict[str, Any] = {
+            "gradient_norm": gnorm, "gradient_norm_ratio": gnorm / max(rms_g, 1e-300),
+            "not_at_minimum": gnorm / max(rms_g, 1e-300) > 0.1, "zero_gradient_variance": zero_var}
+        floor = self.damping * h_abs if d else 0.0
+        for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma, chunk by chunk
+            b = min(a + FINALIZE_CHUNK, d)
+            _, v, h = chunk(a, b)
+            s_out[a:b] = (v.clamp_min(0.0) / (n * h.clamp_min(max(floor, 1e-300)).square())).sqrt()
+        if hutch:  # whole-vector diagnostics of the estimators that report their own error
+            total = h_sum.to(cpu, f64) / self.hutchinson_probes
+            rel = st["h2_sum"].to(cpu, f64).sqrt() / total.abs().clamp_min(1e-300)
+            diagnostics["hutchinson_probes"] = int(st["probes"])
+            diagnostics["hutchinson_median_relative_error"] = float(rel.median())
+            del total, rel
+        if self.hessian == "ggn_mc":
+            diagnostics.update(_mc_error(h_sum.to(cpu, f64), st["h2_sum"].to(cpu, f64), self.ggn_mc_samples))
+        diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max, negative_curvature=neg > 0,
+                           nonpositive_hessian_diagonal=neg, state_dtype="float32")
+        xs, ys = st["rec_x"], st["rec_y"]
+        records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
+        kept = sum(batch_size_of(y) for _, y in records)
+        factors = self._record_factors(records) if isinstance(self.factored, FactoredProgram) and records else None
+        return Estimate(
+            n=n, mode="diagonal", hessian=self.hessian, names=names,
+            shapes={k: tuple(self.program.params[k].shape) for k in names}, offsets=offsets,
+            theta=theta, sigma=_split(s_out, names, offsets), influence=None,
+            num_records=min(kept, self.num_records), diagnostics=diagnostics, budget=self.budget,
+            estimator=self.estimator, reason=self.reason,
+            _program=self.factored if isinstance(self.factored, LayerProgram) else self.program,
+            _records=records, _g_mean=_split(g_out, names, offsets), _v_diag=_split(v_out, names, offsets),
+            factors=factors,
         )
 
     def _record_factors(self, records: list[tuple[Any, Any]]) -> list[LinearFactors]:

@@ -159,7 +159,8 @@ def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal[
     smallest and largest element of each block. The released scale (a float) determines
     these values exactly, so they are scored as unquantized (``kappa = 1``).
     """
-    t = theta.detach().to(torch.float64)
+    # |w|, max and == are exact in the weights' own float dtype: no float64 copy of the tensor
+    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
     view, padded = _block_view(t, block_size)
     nd = t.dim()
     red = tuple(range(1, 2 * nd, 2))
