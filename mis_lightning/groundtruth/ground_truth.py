@@ -617,13 +617,14 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
 
 
 def exact_truth_ols(s: Setting, grid: StepGrid, Z: int = 16, K: int = 150, M: int = 4000, seed: int = 0,
-                    oracle_records: int = 4000) -> tuple[float, tuple[float, float]]:
+                    oracle_records: int = 4000, draws: int = 128) -> tuple[float, tuple[float, float]]:
     """``Delta`` of ``grid`` for OLS in any ``d``: :func:`exact_tv_ols` on ``Z`` targets
     ``z ~ P`` with the control variate of :func:`cv_estimate` (as :func:`exact_truth_ols_2d`).
     Returns the estimate and its 80% bootstrap interval over targets."""
     rng = np.random.default_rng([seed, 77])
     zx, zy = draw_records(s, Z, rng)
-    tv = np.array([[exact_tv_ols(s, grid, zx[i], zy[i], K=K, M=M, seed=seed + i)[0]] for i in range(Z)])
+    tv = np.array([[exact_tv_ols(s, grid, zx[i], zy[i], K=K, M=M, draws=draws, seed=seed + i)[0]]
+                   for i in range(Z)])
     orc = oracle_first_order(s, grid, zx, zy)[:, None]
     xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
     orc_mean = np.array([oracle_first_order(s, grid, xb, yb).mean()])
