@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from _nets import trained_relu_mlp  # tests/_nets.py
 from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning.config import stage_configs
@@ -26,15 +26,7 @@ SCHEMES = ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int4_g
 
 
 def _model_and_loader():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 1))
-    x = torch.randn(512, 64)
-    y = x[:, 0] + 0.3 * torch.randn(512)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        ((model(x)[:, 0] - y) ** 2).mean().backward()
-        opt.step()
+    model, x, y = trained_relu_mlp()
     return model, DataLoader(TensorDataset(x, y), batch_size=128)
 
 

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 import torch
-from torch import nn
+from _nets import trained_relu_mlp  # tests/_nets.py
 from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning.config import stage_configs
@@ -20,15 +20,7 @@ SCHEMES = ["rtn_int4", "int8_weight_only", "rtn_int2", "intx_weight_only_int4_g3
 
 def _estimate(kind: str):
     """A small trained ReLU MLP and its estimate with stored, factored or recomputed influences."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 1))
-    x = torch.randn(512, 64)
-    y = x[:, 0] + 0.3 * torch.randn(512)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        ((model(x)[:, 0] - y) ** 2).mean().backward()
-        opt.step()
+    model, x, y = trained_relu_mlp()
     opts = {"estimation": "diagonal", "num_records": 64, "hessian": "ggn" if kind != "recomputed" else "auto"}
     if kind != "stored":
         opts["budget"] = 1000  # too small to store the [R, d] influences
