@@ -51,8 +51,9 @@ RANGE_POINTS = 25
 REGIMES = ("position-dominated", "averaged")
 # Draws of the exact box-mean form at the two ends (the headline uses 1,024 x 1,024). Outer
 # draws only add unbiased noise (~3% at 256, small against the box's range); box draws set
-# the upward bias of a mean |.| of noisy box means -- the floor that decides a near-zero end
-# (8 sd mid-cell) -- so they stay at the headline's. A quarter of the cost of the headline.
+# what is left of the upward bias of a mean |.| of noisy box means (antithetic pairs remove
+# most of it, functional.correlated) -- the floor of a near-zero end (8 sd mid-cell) -- so
+# they stay at the headline's. A quarter of the cost of the headline.
 ENDS_OUTER_DRAWS = 256
 ENDS_BOX_DRAWS = 1024
 
