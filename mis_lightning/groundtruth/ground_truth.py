@@ -42,6 +42,7 @@ N(0, X'X)``), so a dataset costs ``O(d^3)`` whatever ``n``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -572,8 +573,9 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
     from the in-mixture, each box's probability under every design and both laws by GHK
     (antithetic draws, the same uniforms for both laws and all designs), ``draws`` in all
     split in two independent halves: one decides the side ``P_out < P_in``, the other gives the
-    ratio (the positive part of one noisy ratio is biased upward by about its noise). For ``d = 2`` :func:`exact_tv_ols_2d` is exact with no
-    Monte Carlo over releases (the check of this function).
+    ratio (the positive part of one noisy ratio is biased upward by about its noise). For
+    ``d = 2``, :func:`exact_tv_ols_2d` is exact with no Monte Carlo over releases (the check of
+    this function).
 
     Returns:
         ``(TV, standard error over the M releases)``.
@@ -621,15 +623,8 @@ def exact_truth_ols(s: Setting, grid: StepGrid, Z: int = 16, K: int = 150, M: in
     """``Delta`` of ``grid`` for OLS in any ``d``: :func:`exact_tv_ols` on ``Z`` targets
     ``z ~ P`` with the control variate of :func:`cv_estimate` (as :func:`exact_truth_ols_2d`).
     Returns the estimate and its 80% bootstrap interval over targets."""
-    rng = np.random.default_rng([seed, 77])
-    zx, zy = draw_records(s, Z, rng)
-    tv = np.array([[exact_tv_ols(s, grid, zx[i], zy[i], K=K, M=M, draws=draws, seed=seed + i)[0]]
-                   for i in range(Z)])
-    orc = oracle_first_order(s, grid, zx, zy)[:, None]
-    xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
-    orc_mean = np.array([oracle_first_order(s, grid, xb, yb).mean()])
-    est, ci = cv_estimate(tv, orc, orc_mean, boot=300, level=0.8, seed=seed)
-    return float(est[0]), (float(ci[0, 0]), float(ci[0, 1]))
+    return _targets_cv(s, grid, Z, seed, oracle_records,
+                       lambda x, y, i: exact_tv_ols(s, grid, x, y, K=K, M=M, draws=draws, seed=seed + i)[0])
 
 
 def exact_truth_ols_2d(s: Setting, grid: StepGrid, Z: int = 200, K: int = 600, seed: int = 0,
@@ -638,9 +633,18 @@ def exact_truth_ols_2d(s: Setting, grid: StepGrid, Z: int = 200, K: int = 600, s
     ``z ~ P``, averaged with the control variate of :func:`cv_estimate` (the first-order
     formula with the true parameters). Returns the estimate and its 80% bootstrap interval
     over targets."""
+    return _targets_cv(s, grid, Z, seed, oracle_records,
+                       lambda x, y, i: exact_tv_ols_2d(s, grid, x, y, K=K, seed=seed + i))
+
+
+def _targets_cv(s: Setting, grid: StepGrid, Z: int, seed: int, oracle_records: int,
+                tv_of: Callable[[np.ndarray, float, int], float]) -> tuple[float, tuple[float, float]]:
+    """``tv_of(zx, zy, i)`` on ``Z`` targets ``z ~ P`` averaged with the control variate of
+    :func:`cv_estimate` (the first-order formula with the true parameters); the estimate and
+    its 80% bootstrap interval over targets."""
     rng = np.random.default_rng([seed, 77])
     zx, zy = draw_records(s, Z, rng)
-    tv = np.array([[exact_tv_ols_2d(s, grid, zx[i], zy[i], K=K, seed=seed + i)] for i in range(Z)])
+    tv = np.array([[tv_of(zx[i], zy[i], i)] for i in range(Z)])
     orc = oracle_first_order(s, grid, zx, zy)[:, None]
     xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
     orc_mean = np.array([oracle_first_order(s, grid, xb, yb).mean()])
