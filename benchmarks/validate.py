@@ -147,7 +147,10 @@ def coverage_grids(s: GT.Setting) -> list:
 
 def _exact_truth(s: GT.Setting, g: GT.StepGrid, Z: int) -> float:
     """Exact OLS truth of a step grid: d = 2 by quadrature; d > 2 on fine grids only (NaN
-    elsewhere: the caller uses the LR test)."""
+    elsewhere: the caller uses the LR test). Why fine only: there the any-d truth's GHK box
+    probabilities do not move with the draws (32 to 2,048 agree to 3 digits); on coarse boxes
+    they converge slowly (2,048 draws still move the value by ~5%). 64 targets: 16 left a 4%
+    target-sampling error (0.0203 vs 0.0213 at 0.5 sd)."""
     if s.d == 2:
         return GT.exact_truth_ols_2d(s, g, Z=Z, K=150)[0]
     if np.all(g.step <= s.sd * (1 + 1e-9)):
@@ -173,10 +176,6 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         if key in cache:
             truth = np.array(cache[key], dtype=np.float64)
         elif model == "linear" and d >= 2:  # exact given the design (step grids), else LR test
-            # d > 2: the any-d exact truth on fine grids only (steps <= 1 sd: its GHK box
-            # probabilities are insensitive to the draws there, 32 to 2,048 agree to 3 digits; on
-            # coarse boxes they converge slowly, and 2,048 draws still move the value by ~5%),
-            # with 64 targets (16 left a 4% target-sampling error: 0.0203 vs 0.0213 at 0.5 sd)
             truth = np.array([_exact_truth(s, g, Z) if isinstance(g, GT.StepGrid) else np.nan for g in grids])
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
@@ -191,7 +190,7 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             truth_cache.write_text(json.dumps(cache, indent=1))
         tt = time.time() - ts
         rng = np.random.default_rng([7, d, n])
-        cover, regimes, widths, ivs, vals = [], [], [], [], []
+        cover, regimes, ivs, vals = [], [], [], []
         for k in range(trainings):
             _, est, mdl, _ = C.train_and_estimate(s, rng, num_records=min(n, 1000))
             rep = C.score(est, mdl, [C.scheme_for(g) for g in grids], uncertainty_draws=16, seed=k,
@@ -199,14 +198,13 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             iv = np.array([rep.schemes[C.scheme_for(g).name].interval for g in grids])
             cover.append((iv[:, 0] <= truth) & (truth <= iv[:, 1]))
             regimes.append([rep.schemes[C.scheme_for(g).name].interval_regime for g in grids])
-            widths.append(iv[:, 1] - iv[:, 0])
             ivs.append(iv)
             vals.append([rep.schemes[C.scheme_for(g).name].leakage for g in grids])
         cov = np.mean(cover, 0)
         for g, grid in enumerate(grids):
             rows.append({"setting": s.label(), "grid": grid.name, "truth": float(truth[g]), "coverage": float(cov[g]),
                          "regime": max(set(r[g] for r in regimes), key=[r[g] for r in regimes].count),
-                         "width": float(np.median([w[g] for w in widths])),
+                         "width": float(np.median([iv[g, 1] - iv[g, 0] for iv in ivs])),
                          "intervals": [iv[g].tolist() for iv in ivs], "values": [float(v[g]) for v in vals]})
         log(f"  {s.label()}: truth {tt:.0f}s, {trainings} trainings {time.time() - ts - tt:.0f}s; "
             f"coverage min {cov.min():.2f} mean {cov.mean():.2f}")
