@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 # inputs, hidden widths of the ReLU MLPs with ~1e5 ... 1e8 weights (shared by scale.py and
 # float_grid_speed.py through :func:`mlp`).
 ARCH = {
+    "1e4": (64, (96, 32)),
     "1e5": (256, (256, 128)),
     "1e6": (256, (1024, 768)),
     "1e7": (1024, (2048, 4096)),

@@ -557,7 +557,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     lam_draws = torch.empty(D, numel, dtype=torch.float64)
     for a in range(0, numel, chunk):
         b = min(a + chunk, numel)
-        xi = torch.randn(D, b - a, dtype=torch.float64, generator=gen)
+        xi = torch.randn(_draw_noise_rows(D), b - a, dtype=torch.float64, generator=gen)
         if g.rounding != "nearest" or D == 0:
             draws[:, a:b], lam_draws[:, a:b] = k[a:b], lam[a:b]
         else:
@@ -570,13 +570,20 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
         prep.lam_draws[name] = list(lam_draws)
 
 
+# Step (in sd) up to which a weight far from the clamped ends keeps its kappa at every bootstrap
+# draw: kappa's dependence on the position in the cell is 2e-9 at h = sigma (measured over 201
+# positions: range 1.97e-9 at kappa 0.92; 3e-6 at 1.25 sd, 1.6e-4 at 1.5 sd).
+POSITION_FREE_STEP = 1.0
+
+
 def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
     """``[D, c]`` mask of the elements whose kappa at ``theta + sigma * xi_b`` equals their kappa
-    at theta-hat exactly, or ``None`` (no such shortcut for this grid): on an affine grid, a
-    step ``h <= FINE_STEP`` far (> ``CUTOFF_SIGMAS``) from both clamped ends, where every path
-    uses the fine-grid expansion ``kappa(h)`` (no dependence on the position in the cell),
-    dead blocks (kappa 0) and revealed elements (kappa 1). Far means at theta-hat and at the
-    draw (``to_min + xi``, ``to_max - xi`` in sd units)."""
+    at theta-hat, or ``None`` (no such shortcut for this grid): on an affine grid, a step
+    ``h <= POSITION_FREE_STEP`` sd far (> ``CUTOFF_SIGMAS``) from both clamped ends, where kappa
+    depends on the position in the cell by at most ~exp(-2 pi^2 sigma^2 / h^2) (Poisson
+    summation: 2e-9 at h = sigma, 0 at h <= FINE_STEP where every path uses the fine-grid
+    expansion ``kappa(h)``), dead blocks (kappa 0) and revealed elements (kappa 1). Far means
+    at theta-hat and at the draw (``to_min + xi``, ``to_max - xi`` in sd units)."""
     if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
         return None
@@ -591,16 +598,88 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
         fixed = fixed | grid.revealed.reshape(-1)[a:b].to(torch.bool)
     cut = F.kernel.CUTOFF_SIGMAS
     # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
-    fine = ((s / sg64) <= F.kernel.FINE_STEP) & (to_min > cut) & (to_max > cut)
+    fine = ((s / sg64) <= POSITION_FREE_STEP) & (to_min > cut) & (to_max > cut)
     return fixed.unsqueeze(0) | (fine & (to_min + xi > cut) & (to_max - xi > cut))
+
+
+# Bootstrap draws (``uncertainty_draws``) from which on the draws are built from 8 cell-moment
+# evaluations per weight (see :func:`_draw_moments`); fewer draws are each evaluated.
+BUILT_DRAWS_MIN = 5
+# The 5-point Gauss-Hermite rule for a standard normal (probabilists'), nodes in sd units and
+# weights summing to 1: the control variate of the built draws' mean. The centre node is
+# theta-hat (the kappa change is 0 there), so 4 evaluations; exact for polynomials of degree 9.
+_GH_X = torch.tensor([-2.856970013872806, -1.355626179974266, 0.0, 1.355626179974266, 2.856970013872806],
+                     dtype=torch.float64)
+_GH_W = torch.tensor([0.011257411327720691, 0.2220759220056126, 0.5333333333333333, 0.2220759220056126,
+                      0.011257411327720691], dtype=torch.float64)
+
+
+def _draw_noise_rows(draws: int) -> int:
+    """Rows of the standard normals ``xi`` that :func:`_draw_moments` takes for ``draws``
+    bootstrap draws: the two random pairs' positions, then one row per draw."""
+    return 2 + draws if draws else 0
 
 
 def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
                   policy: F.CompilePolicy | None, with_lam: bool = False) -> tuple[Tensor, Tensor]:
     """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` at the
-    bootstrap draws ``theta + sigma * xi_b``. Elements whose kappa cannot move
-    (:func:`_position_free`) keep ``k_main`` without a cell-moment evaluation: on fine grids
-    (int8 with sigma above the step) most of a draw costs nothing."""
+    ``D`` bootstrap draws, from ``xi [2 + D, c]`` standard normals (:func:`_draw_noise_rows`).
+
+    With fewer than :data:`BUILT_DRAWS_MIN` draws, or ``with_lam`` (one coordinate), each
+    draw is evaluated: the cells re-read around ``theta + sigma * xi[2 + b]``. Otherwise the
+    draws are built from each element's mean ``mu`` and variance ``v`` of the kappa change
+    ``delta(t) = kappa(theta + sigma t) - kappa_main``, ``t ~ N(0, 1)``: draw ``b`` is
+    ``kappa_main + mu + sqrt(v) * zeta_b`` with antithetic normals ``zeta`` (``xi[2 + b]`` for
+    the first half of the draws, their negatives for the second). Both moments are unbiased,
+    from 8 evaluations per element:
+
+    * ``delta`` at the two antithetic random pairs ``+-xi[0]``, ``+-xi[1]``; with the even and
+      odd halves ``e_i``, ``o_i`` of pair ``i``, ``v = (o_1^2 + o_2^2 + (e_1 - e_2)^2) / 2``
+      (``E o_i = 0``, pairs independent; ``v >= 0``);
+    * ``mu`` = the 5-point Gauss-Hermite rule of ``delta`` (4 evaluations) plus the mean over
+      the 4 random positions of ``delta - p``, ``p`` the polynomial interpolating ``delta`` at
+      the rule's nodes (the rule integrates ``p`` exactly, so the sum is unbiased; the random
+      part is only the interpolation's residual: small where kappa moves smoothly, e.g. near a
+      clamped end, where the pairs alone left a centre noise of ~0.7 of the draws' sd).
+
+    A draw's leakage depends on the draw only through per-record sums of ``w^2 delta`` over
+    many elements (the averaged regime, the only one that reads the draws: method.md section 3,
+    "The uncertainty interval"), so only each element's mean and variance of ``delta`` matter
+    there, estimated per element and averaged over elements: 8 evaluations replace ``D`` (16
+    by default). Elements whose kappa cannot move (:func:`_position_free` at every position)
+    keep ``k_main`` exactly."""
+    D, c = xi.shape[0] - 2, xi.shape[1]
+    if with_lam or D < BUILT_DRAWS_MIN:
+        return _evaluated_draws(grid, th, sg, a, b, k_main, xi[2:], policy, with_lam)
+    x, y = xi[0], xi[1]
+    nodes = _GH_X[_GH_X != 0]
+    t = torch.stack([x, -x, y, -y])  # [4, c] random positions
+    kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)]), policy)
+    dl, dn = kap[:4] - k_main, kap[4:] - k_main  # at the random positions, at the rule's nodes
+    even1, even2 = 0.5 * (dl[0] + dl[1]), 0.5 * (dl[2] + dl[3])
+    odd1, odd2 = 0.5 * (dl[0] - dl[1]), 0.5 * (dl[2] - dl[3])
+    sd = (0.5 * (odd1.square() + odd2.square() + (even1 - even2).square())).sqrt()
+    # the interpolant at the random positions: Lagrange basis of the 5 nodes (the centre's value is 0)
+    p = torch.zeros_like(dl)
+    for k, xk in enumerate(nodes.tolist()):
+        basis = torch.ones_like(t)
+        for xm in _GH_X.tolist():
+            if xm != xk:
+                basis = basis * (t - xm) / (xk - xm)
+        p = p + dn[k] * basis
+    mu = _GH_W[_GH_X != 0] @ dn + (dl - p).mean(0)
+    half = (D + 1) // 2
+    zeta = torch.cat([xi[2: 2 + half], -xi[2: 2 + D - half]])
+    out = k_main + mu + sd * zeta
+    return out, torch.zeros_like(out)
+
+
+def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
+                     policy: F.CompilePolicy | None, with_lam: bool = False) -> tuple[Tensor, Tensor]:
+    """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` with
+    the cells re-read around ``theta + sigma * xi_b`` (``xi [D, c]``). Elements whose kappa
+    cannot move (:func:`_position_free`) keep ``k_main`` without a cell-moment evaluation: on
+    fine grids (int8 with sigma above the step) most of a draw costs nothing."""
     D, c = xi.shape
     th64, sg64 = th.to(torch.float64), sg.to(torch.float64)
     kap = torch.empty(D, c, dtype=torch.float64)
@@ -785,7 +864,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             b = min(a + step, numel)
             c = b - a
             th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
-            xi = torch.randn(D, c, dtype=torch.float64, generator=gen) if D else None
+            xi = torch.randn(_draw_noise_rows(D), c, dtype=torch.float64, generator=gen) if D else None
             ones = torch.ones(c, dtype=torch.float64)
             K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
             deltas: list[Tensor | None] = []
@@ -804,7 +883,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy)
                         kp_c = pm.kappa
                         if prep.num_draws:
-                            x = xi[: prep.num_draws]
+                            x = xi[: _draw_noise_rows(prep.num_draws)]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
                             else:
