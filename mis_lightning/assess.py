@@ -359,7 +359,7 @@ def score_schemes(
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
     # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it mid-call.
-    fused = sum(g.numel * (2 + p.num_draws) for p in prepared for g in p.grids.values()
+    fused = sum(g.numel * (2 + _draw_evaluations(p.num_draws)) for p in prepared for g in p.grids.values()
                 if g.kind == "affine" and min(g.numel, chunk_size) >= F.affine.TABLE_MIN_ELEMENTS)
     if fused and est.theta:
         F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
@@ -605,6 +605,7 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
 # Bootstrap draws (``uncertainty_draws``) from which on the draws are built from 8 cell-moment
 # evaluations per weight (see :func:`_draw_moments`); fewer draws are each evaluated.
 BUILT_DRAWS_MIN = 5
+BUILT_EVALUATIONS = 8  # two random antithetic pairs + the 4 outer nodes of the 5-point rule
 # The 5-point Gauss-Hermite rule for a standard normal (probabilists'), nodes in sd units and
 # weights summing to 1: the control variate of the built draws' mean. The centre node is
 # theta-hat (the kappa change is 0 there), so 4 evaluations; exact for polynomials of degree 9.
@@ -612,6 +613,12 @@ _GH_X = torch.tensor([-2.856970013872806, -1.355626179974266, 0.0, 1.35562617997
                      dtype=torch.float64)
 _GH_W = torch.tensor([0.011257411327720691, 0.2220759220056126, 0.5333333333333333, 0.2220759220056126,
                       0.011257411327720691], dtype=torch.float64)
+
+
+def _draw_evaluations(draws: int) -> int:
+    """Cell-moment evaluations per movable element behind ``draws`` bootstrap draws (at most;
+    position-free elements need none): 8 when the draws are built, else one per draw."""
+    return BUILT_EVALUATIONS if draws >= BUILT_DRAWS_MIN else draws
 
 
 def _draw_noise_rows(draws: int) -> int:

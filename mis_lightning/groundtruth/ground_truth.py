@@ -319,6 +319,11 @@ def _llr(grid: Grid, theta: np.ndarray, m_out: np.ndarray, shift: np.ndarray, sd
     return lp.sum(-1) + dens
 
 
+# Lower limit (conditional sd) above which GHK draws in the mirrored tail. Below it the mass
+# 1 - Phi(a) >= 1.3e-3 is a difference of numbers <= 1, exact to ~1e-13 relative.
+GHK_FLIP = 3.0
+
+
 def _ghk_logprob(lo: torch.Tensor, hi: torch.Tensor, chol: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``log P(lo <= X <= hi)`` ``[N]`` for ``X ~ N(0, L L')`` (``lo, hi [N, c]`` already
     centred, ``+-inf`` allowed) by the GHK simulator with the given uniforms ``u [N, D, c]``
@@ -331,7 +336,11 @@ def _ghk_logprob(lo: torch.Tensor, hi: torch.Tensor, chol: torch.Tensor, u: torc
         s = eps[:, :, :k] @ chol[k, :k] if k else torch.zeros(N, D, dtype=torch.float64)
         a = (lo[:, k : k + 1] - s) / chol[k, k]
         b = (hi[:, k : k + 1] - s) / chol[k, k]
-        flip = a > 0  # work in the lower tail (relative precision of erfc)
+        # far in the upper tail, work in the mirrored lower tail (relative precision of erfc);
+        # not at 0: a box edge near the mean would flip for one law and not for the other, and
+        # the same uniforms would then give unrelated draws (common random numbers lost:
+        # coarse boundary boxes in d = 5 read 50% high at 512 draws, 3% at 32,768)
+        flip = a > GHK_FLIP
         aa, bb = torch.where(flip, -b, a), torch.where(flip, -a, b)
         pa = 0.5 * torch.special.erfc(-aa / math.sqrt(2.0))
         pb = 0.5 * torch.special.erfc(-bb / math.sqrt(2.0))
@@ -616,6 +625,93 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
     side = log_ratio() < 0
     v = torch.where(side, 1.0 - torch.exp(log_ratio()), torch.zeros(())).numpy()
     return float(v.mean()), float(v.std() / math.sqrt(M))
+
+
+# Boxes a release may fall in, at most, for :func:`exact_tv_ols_boxes` (beyond: NaN).
+BOX_SUM_MAX_BOXES = 20_000
+
+
+def exact_tv_ols_boxes(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int = 60, draws: int = 512,
+                       seed: int = 0, reach: float = 6.0) -> tuple[float, float]:
+    """``TV_z`` for OLS in any ``d`` on a coarse step grid, as a sum over the released boxes:
+    ``(1/2) sum_T |P_in(T) - P_out(T)|``, with no Monte Carlo over releases and no ratio.
+
+    The release laws are the Gaussian mixtures over ``K`` coupled designs of
+    :func:`exact_tv_ols`. Every box within ``reach`` sd (per coordinate, of every component's
+    marginal) is enumerated, the outermost cells of each coordinate extended to +-inf (so the
+    boxes partition the space: merging the far tails into the end boxes can only lower the TV,
+    by at most their mass, ``d * 2 * Phi(-reach)`` = 1e-8 at 6 sd); each box probability by GHK
+    with the same antithetic uniforms for every box, design and law (common random numbers:
+    the in-out difference of a box is then estimated with noise in proportion to the
+    difference, so ``|.|`` adds no noise floor; the ratio form of :func:`exact_tv_ols` did,
+    which made it converge slowly on coarse 5-d boxes). Its check: ``exact_tv_ols_2d`` in
+    ``d = 2`` (tests/test_validation.py).
+
+    Returns:
+        ``(TV, its spread over two independent halves of the draws / 2)`` (the second: a
+        rough standard error of the simulator); ``(nan, nan)`` when more than
+        :data:`BOX_SUM_MAX_BOXES` boxes would be needed (fine grids: use :func:`exact_tv_ols`).
+    """
+    if s.model != "linear":
+        raise ValueError(f"exact_tv_ols_boxes needs a linear setting, got {s.label()}")
+    d = s.d
+    rng = np.random.default_rng([seed, 2024])  # the designs of exact_tv_ols_2d (its check)
+    L = s.chol[None] @ _wishart_chol(d, s.n - 1, K, rng)
+    A = L @ np.swapaxes(L, 1, 2)
+    xo, _ = draw_records(s, K, rng)
+    An = A + xo[:, :, None] * xo[:, None, :]
+    z = np.asarray(zx, dtype=np.float64)
+    B = np.linalg.inv(A + np.outer(z, z)[None])
+    mu_in = (B @ (A @ s.theta_star + z * zy)[..., None])[..., 0]        # [K, d]
+    cov_in = s.noise**2 * B @ A @ B
+    cov_out = s.noise**2 * np.linalg.inv(An)
+    ch_in, ch_out = np.linalg.cholesky(cov_in), np.linalg.cholesky(cov_out)
+    mu_out = np.broadcast_to(np.asarray(s.theta_star, dtype=np.float64), (d,))
+    sd_in = np.sqrt(np.diagonal(cov_in, axis1=1, axis2=2))
+    sd_out = np.sqrt(np.diagonal(cov_out, axis1=1, axis2=2))
+    low = np.minimum((mu_in - reach * sd_in).min(0), (mu_out - reach * sd_out).min(0))
+    high = np.maximum((mu_in + reach * sd_in).max(0), (mu_out + reach * sd_out).max(0))
+    c_lo, c_hi = grid.codes(low), grid.codes(high)
+    counts = (c_hi - c_lo + 1).astype(np.int64)
+    if float(np.prod(counts.astype(np.float64))) > BOX_SUM_MAX_BOXES:
+        return float("nan"), float("nan")
+    mesh = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(c_lo, c_hi)], indexing="ij"), -1)
+    codes = mesh.reshape(-1, d).astype(np.float64)
+    lo, hi = grid.cell_edges(codes)
+    lo, hi = np.array(lo, dtype=np.float64), np.array(hi, dtype=np.float64)
+    lo[codes == c_lo[None]] = -np.inf  # the far tails merged into the end cells
+    hi[codes == c_hi[None]] = np.inf
+    N = codes.shape[0]
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+    half = max(1, draws // 4)
+    u = torch.rand(1, half, d, dtype=torch.float64, generator=gen).expand(N, half, d)
+    u = torch.cat([u, 1.0 - u], 1)  # antithetic; the same uniforms for every box, design and law
+    lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
+
+    def probs(mu: np.ndarray, ch: np.ndarray, uu: torch.Tensor) -> torch.Tensor:
+        m = torch.from_numpy(np.array(mu, dtype=np.float64))
+        return _ghk_logprob(lo_t - m, hi_t - m, torch.from_numpy(ch), uu).exp()
+
+    def tv(uu: torch.Tensor) -> float:
+        p_in = sum(probs(mu_in[j], ch_in[j], uu) for j in range(K)) / K
+        p_out = sum(probs(mu_out, ch_out[j], uu) for j in range(K)) / K
+        return 0.5 * float((p_in - p_out).abs().sum())
+
+    full = tv(u)
+    # two independent halves of the antithetic pairs: a rough error of the simulator
+    h1 = tv(torch.cat([u[:, : half // 2], u[:, half: half + half // 2]], 1)) if half >= 2 else full
+    h2 = tv(torch.cat([u[:, half // 2: half], u[:, half + half // 2:]], 1)) if half >= 2 else full
+    return full, abs(h1 - h2) / 2.0
+
+
+def exact_truth_ols_boxes(s: Setting, grid: StepGrid, Z: int = 32, K: int = 60, draws: int = 512, seed: int = 0,
+                          oracle_records: int = 4000) -> tuple[float, tuple[float, float]]:
+    """``Delta`` of a coarse ``grid`` for OLS in any ``d``: :func:`exact_tv_ols_boxes` on ``Z``
+    targets ``z ~ P`` with the control variate of :func:`cv_estimate` (as
+    :func:`exact_truth_ols`). Returns the estimate and its 80% bootstrap interval over targets
+    (NaN where the grid needs too many boxes)."""
+    return _targets_cv(s, grid, Z, seed, oracle_records,
+                       lambda x, y, i: exact_tv_ols_boxes(s, grid, x, y, K=K, draws=draws, seed=seed + i)[0])
 
 
 def exact_truth_ols(s: Setting, grid: StepGrid, Z: int = 16, K: int = 150, M: int = 4000, seed: int = 0,
