@@ -531,6 +531,23 @@ def _box_probs_2d(mu: np.ndarray, cov: np.ndarray, e1: np.ndarray, e2: np.ndarra
     return p.mean(0)
 
 
+def _release_laws(s: Setting, zx: np.ndarray, zy: float, K: int, rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The OLS estimator's exact laws given ``K`` coupled designs (the other records'
+    ``A = X_o'X_o ~ Wishart(n - 1, R)``, the same ``A`` for both arms): with the target ``z``,
+    ``N(mu_in, cov_in)``, ``mu_in = B (A theta* + z y_z)``, ``cov_in = s^2 B A B``,
+    ``B = (A + z z')^-1``; without it (a fresh record ``x`` instead), ``N(theta*, cov_out)``,
+    ``cov_out = s^2 (A + x x')^-1``. Returns ``mu_in [K, d], cov_in [K, d, d], cov_out [K, d, d]``."""
+    L = s.chol[None] @ _wishart_chol(s.d, s.n - 1, K, rng)
+    A = L @ np.swapaxes(L, 1, 2)
+    xo, _ = draw_records(s, K, rng)
+    An = A + xo[:, :, None] * xo[:, None, :]
+    z = np.asarray(zx, dtype=np.float64)
+    B = np.linalg.inv(A + np.outer(z, z)[None])
+    mu_in = (B @ (A @ s.theta_star + z * zy)[..., None])[..., 0]
+    return mu_in, s.noise**2 * B @ A @ B, s.noise**2 * np.linalg.inv(An)
+
+
 def exact_tv_ols_2d(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int = 1000,
                     nodes: int = 16, seed: int = 0) -> float:
     """``TV_z`` for OLS with ``d = 2`` (Gaussian AR(1) design and noise, no intercept),
@@ -546,15 +563,7 @@ def exact_tv_ols_2d(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: in
     if s.d != 2 or s.model != "linear":
         raise ValueError(f"exact_tv_ols_2d needs linear d = 2, got {s.label()}")
     rng = np.random.default_rng([seed, 2024])
-    L = s.chol[None] @ _wishart_chol(2, s.n - 1, K, rng)
-    A = L @ np.swapaxes(L, 1, 2)
-    xo, _ = draw_records(s, K, rng)
-    An = A + xo[:, :, None] * xo[:, None, :]
-    z = np.asarray(zx, dtype=np.float64)
-    B = np.linalg.inv(A + np.outer(z, z)[None])
-    mu_in = (B @ (A @ s.theta_star + z * zy)[..., None])[..., 0]
-    cov_in = s.noise**2 * B @ A @ B
-    cov_out = s.noise**2 * np.linalg.inv(An)
+    mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
     mu_out = np.broadcast_to(s.theta_star, (K, 2))
     sd0 = s.sd
     edges = []
@@ -593,15 +602,8 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
         raise ValueError(f"exact_tv_ols needs a linear setting, got {s.label()}")
     d = s.d
     rng = np.random.default_rng([seed, 2025])
-    L = s.chol[None] @ _wishart_chol(d, s.n - 1, K, rng)
-    A = L @ np.swapaxes(L, 1, 2)
-    xo, _ = draw_records(s, K, rng)
-    An = A + xo[:, :, None] * xo[:, None, :]
-    z = np.asarray(zx, dtype=np.float64)
-    B = np.linalg.inv(A + np.outer(z, z)[None])
-    mu_in = (B @ (A @ s.theta_star + z * zy)[..., None])[..., 0]        # [K, d]
-    ch_in = np.linalg.cholesky(s.noise**2 * B @ A @ B)                   # [K, d, d]
-    ch_out = np.linalg.cholesky(s.noise**2 * np.linalg.inv(An))
+    mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
+    ch_in, ch_out = np.linalg.cholesky(cov_in), np.linalg.cholesky(cov_out)  # [K, d, d]
     k = rng.integers(0, K, M)
     T = mu_in[k] + (ch_in[k] @ rng.standard_normal((M, d, 1)))[..., 0]  # releases of the in-mixture
     lo, hi = grid.cell_edges(grid.codes(T))
@@ -656,15 +658,7 @@ def exact_tv_ols_boxes(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K:
         raise ValueError(f"exact_tv_ols_boxes needs a linear setting, got {s.label()}")
     d = s.d
     rng = np.random.default_rng([seed, 2024])  # the designs of exact_tv_ols_2d (its check)
-    L = s.chol[None] @ _wishart_chol(d, s.n - 1, K, rng)
-    A = L @ np.swapaxes(L, 1, 2)
-    xo, _ = draw_records(s, K, rng)
-    An = A + xo[:, :, None] * xo[:, None, :]
-    z = np.asarray(zx, dtype=np.float64)
-    B = np.linalg.inv(A + np.outer(z, z)[None])
-    mu_in = (B @ (A @ s.theta_star + z * zy)[..., None])[..., 0]        # [K, d]
-    cov_in = s.noise**2 * B @ A @ B
-    cov_out = s.noise**2 * np.linalg.inv(An)
+    mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
     ch_in, ch_out = np.linalg.cholesky(cov_in), np.linalg.cholesky(cov_out)
     mu_out = np.broadcast_to(np.asarray(s.theta_star, dtype=np.float64), (d,))
     sd_in = np.sqrt(np.diagonal(cov_in, axis1=1, axis2=2))
