@@ -339,7 +339,7 @@ def _ghk_logprob(lo: torch.Tensor, hi: torch.Tensor, chol: torch.Tensor, u: torc
         # far in the upper tail, work in the mirrored lower tail (relative precision of erfc);
         # not at 0: a box edge near the mean would flip for one law and not for the other, and
         # the same uniforms would then give unrelated draws (common random numbers lost:
-        # coarse boundary boxes in d = 5 read 50% high at 512 draws, 3% at 32,768)
+        # coarse boundary boxes in d = 5 read 50% high at 512 draws, 1% at 32,768)
         flip = a > GHK_FLIP
         aa, bb = torch.where(flip, -b, a), torch.where(flip, -a, b)
         pa = 0.5 * torch.special.erfc(-aa / math.sqrt(2.0))
