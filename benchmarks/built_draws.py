@@ -26,6 +26,7 @@ interval also holds the records' standard error).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -100,7 +101,7 @@ def run(kind: str, seeds: int) -> list[dict]:
             A.BUILT_DRAWS_MIN = 5 if built else 10**9
             for s in range(1 if draws == 256 else seeds):
                 captured.clear()
-                cfg = type(sc_cfg)(**{**sc_cfg.__dict__, "uncertainty_draws": draws, "seed": s})
+                cfg = dataclasses.replace(sc_cfg, uncertainty_draws=draws, seed=s)
                 t0 = time.process_time()
                 rep = A.score_schemes(est, model, [scheme], scoring_config=cfg)
                 cpu = time.process_time() - t0
