@@ -621,9 +621,10 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
         return torch.logsumexp(lp_out, 0) - torch.logsumexp(lp_in, 0)  # the 1/K cancels
 
     # Split sample: one set of uniforms decides the side (r < 1), an independent one gives the
-    # ratio. (1 - r)_+ of one noisy ratio is biased upward by about the simulator's noise, which
-    # on coarse boxes in d = 5 is as large as the TV itself (32 draws read 2x the value); with
+    # ratio. (1 - r)_+ of one noisy ratio is biased upward by about the simulator's noise; with
     # the split, a box is only lost when its side is misjudged, where 1 - r is within the noise.
+    # (The large noise once measured on coarse 5-d boxes, 2x the value at 32 draws, was the
+    # simulator's tail mirroring, GHK_FLIP.)
     side = log_ratio() < 0
     v = torch.where(side, 1.0 - torch.exp(log_ratio()), torch.zeros(())).numpy()
     return float(v.mean()), float(v.std() / math.sqrt(M))
@@ -645,9 +646,9 @@ def exact_tv_ols_boxes(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K:
     by at most their mass, ``d * 2 * Phi(-reach)`` = 1e-8 at 6 sd); each box probability by GHK
     with the same antithetic uniforms for every box, design and law (common random numbers:
     the in-out difference of a box is then estimated with noise in proportion to the
-    difference, so ``|.|`` adds no noise floor; the ratio form of :func:`exact_tv_ols` did,
-    which made it converge slowly on coarse 5-d boxes). Its check: ``exact_tv_ols_2d`` in
-    ``d = 2`` (tests/test_validation.py).
+    difference, so ``|.|`` adds little noise floor). An independent check of
+    :func:`exact_tv_ols` on coarse grids (no sampling of releases); its own check:
+    ``exact_tv_ols_2d`` in ``d = 2`` (tests/test_validation.py).
 
     Returns:
         ``(TV, its spread over two independent halves of the draws / 2)`` (the second: a
@@ -696,16 +697,6 @@ def exact_tv_ols_boxes(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K:
     h1 = tv(torch.cat([u[:, : half // 2], u[:, half: half + half // 2]], 1)) if half >= 2 else full
     h2 = tv(torch.cat([u[:, half // 2: half], u[:, half + half // 2:]], 1)) if half >= 2 else full
     return full, abs(h1 - h2) / 2.0
-
-
-def exact_truth_ols_boxes(s: Setting, grid: StepGrid, Z: int = 32, K: int = 60, draws: int = 512, seed: int = 0,
-                          oracle_records: int = 4000) -> tuple[float, tuple[float, float]]:
-    """``Delta`` of a coarse ``grid`` for OLS in any ``d``: :func:`exact_tv_ols_boxes` on ``Z``
-    targets ``z ~ P`` with the control variate of :func:`cv_estimate` (as
-    :func:`exact_truth_ols`). Returns the estimate and its 80% bootstrap interval over targets
-    (NaN where the grid needs too many boxes)."""
-    return _targets_cv(s, grid, Z, seed, oracle_records,
-                       lambda x, y, i: exact_tv_ols_boxes(s, grid, x, y, K=K, draws=draws, seed=seed + i)[0])
 
 
 def exact_truth_ols(s: Setting, grid: StepGrid, Z: int = 16, K: int = 150, M: int = 4000, seed: int = 0,
