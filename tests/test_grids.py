@@ -427,3 +427,28 @@ def test_fused_kernel_large_chunk_with_clamping_and_compiled(monkeypatch):
     assert G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"]
     for name in ("kappa", "mean_abs", "m4"):
         assert torch.allclose(getattr(compiled, name), getattr(eager, name), rtol=1e-10, atol=1e-12), name
+
+
+def test_expand_blocks_matches_a_full_expansion():
+    """Per-element scales of a flat element range (rows touched, then one repeat along the last
+    dim) equal those of the whole block tensor repeated along every dim, for 1-4-d shapes,
+    block sizes that do and do not divide them, and arbitrary ranges."""
+    import math
+    import random
+
+    from mis_lightning.quantization.base import _expand_blocks
+
+    rnd = random.Random(0)
+    for _ in range(300):
+        shape = tuple(rnd.randint(1, 7) for _ in range(rnd.randint(1, 4)))
+        block = tuple(rnd.choice([1, 2, 3, s]) for s in shape)
+        nb = [math.ceil(s / b) for s, b in zip(shape, block)]
+        bt = torch.randn(math.prod(nb), dtype=torch.float64)
+        full = bt.reshape(nb)
+        for dim, b in enumerate(block):
+            full = full.repeat_interleave(b, dim=dim)
+        full = full[tuple(slice(0, s) for s in shape)].reshape(-1)
+        n = math.prod(shape)
+        a = rnd.randint(0, n - 1)
+        b = rnd.randint(a + 1, n)
+        assert torch.equal(_expand_blocks(bt, block, shape, a, b), full[a:b]), (shape, block, a, b)

@@ -205,7 +205,7 @@ def affine_cell_moments(
       (< 1e-15 of kappa is lost);
     * fine -- ``h <= 0.5``: the fine-grid expansion of :func:`fine_grid_moments`, with the
       end cells of the code range treated exactly when they are within 8.5 sigma (kappa
-      error < 5e-4 h^2 there, measured in tests/test_grids.py);
+      error < 5e-4 h^2 there, measured in tests/test_grids.py; in the fused kernel too);
     * otherwise the exact cell sum over the edges within 8.5 sigma.
 
     Chunks of at least ``TABLE_MIN_ELEMENTS`` elements go through one branch-free kernel
@@ -213,8 +213,9 @@ def affine_cell_moments(
     ``compile_policy`` says) in which
     steps between 0.5 and 19 sd read a precomputed table of exact sums
     (:func:`uniform_table_moments`, kappa error < 1e-4, measured in tests/test_grids.py) and
-    larger steps a two-edge closed form; elements near a clamped end of the code range are
-    then recomputed exactly.
+    larger steps a two-edge closed form; elements with steps above 0.5 sd near a clamped end
+    of the code range are then recomputed exactly (fine steps near an end keep the kernel's
+    end-cell form: large models, whose sd spans the whole code range, stay in the kernel).
 
     Every optimised path is checked against its reference on a sample of its output (at first
     use per thread count, per new chunk size for compiled code, then every few calls;
@@ -293,8 +294,15 @@ def affine_cell_moments(
         kappa, mean_abs, m4 = kappa.clone(), mean_abs.clone(), m4.clone()
         kappa[idx], mean_abs[idx], m4[idx], coverage[idx] = mm.kappa, mm.mean_abs, mm.m4, mm.coverage
     out = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+
+    def regimes() -> tuple[Tensor, list[Tensor]]:
+        # fine steps whose sd reaches a clamped end: the kernel's end-cell form, its own stratum
+        cut = CUTOFF_SIGMAS
+        near = (h <= FINE_STEP) & (((th - (qmin + 0.5 - zp) * s) / sg <= cut) | (((qmax - 0.5 - zp) * s - th) / sg <= cut))
+        return h, [*strata, bad, near]
+
     ok = verify_sample(
-        FUSED_PATH, c, out, lambda: (h, [*strata, bad]),
+        FUSED_PATH, c, out, regimes,
         lambda idx: affine_reference_moments(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax,
                                              None if q_given is None else q_given[idx]),
         SPARSE_PATH,

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .cells import SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
+from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD
 
 # Edges further than this many standard deviations from theta carry < 1e-15 of kappa.
@@ -64,6 +64,14 @@ def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | No
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
     a = (torch.full_like(h2, -math.inf) if lower is None else lower.to(torch.float64))
     b = (torch.full_like(h2, math.inf) if upper is None else upper.to(torch.float64))
+    kappa, mean_abs, m4 = _fine_with_ends(h2, a, b)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
+
+
+def _fine_with_ends(h2: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``kappa, mean_abs, m4`` of a fine grid (squared step ``h2``, sd units) whose interior
+    ``(a, b)`` ends in two unbounded end cells (standardised edges; ``-inf``/``+inf``: no end
+    within reach): see :func:`fine_grid_moments`. Elementwise only (the fused kernel inlines it)."""
     pa, pb = _pdf(a), _pdf(b)
     ca, cb = torch.special.ndtr(a), torch.special.ndtr(b)
     qb = torch.special.ndtr(-b)  # 1 - Phi(b) without cancellation
@@ -74,8 +82,7 @@ def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | No
     I2 = P - (ub * pb - ua * pa)
     I4 = 3.0 * P - ((ub**3 + 3 * ub) * pb - (ua**3 + 3 * ua) * pa)
     # int_a^b |u| phi = F(b) - F(a), F(u) = sign(u) (phi(0) - phi(u))
-    phi0 = _pdf(torch.zeros_like(a))
-    I1 = torch.sign(b) * (phi0 - pb) - torch.sign(a) * (phi0 - pa)  # F(+-inf) = +-phi(0)
+    I1 = torch.sign(b) * (_INV_SQRT_2PI - pb) - torch.sign(a) * (_INV_SQRT_2PI - pa)  # F(+-inf) = +-phi(0)
     end_k = torch.where(ca > 1e-300, pa * pa / ca.clamp_min(1e-300), torch.zeros_like(a)) + torch.where(
         qb > 1e-300, pb * pb / qb.clamp_min(1e-300), torch.zeros_like(b))
     mu_a = torch.where(ca > 1e-300, pa / ca.clamp_min(1e-300), torch.zeros_like(a))
@@ -83,7 +90,7 @@ def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | No
     kappa = (I2 - (h2 / 12.0 - h2 * h2 / 144.0) * P + end_k).clamp(0.0, 1.0)
     mean_abs = (I1 - 0.05 * h2 * P + pa + pb).clamp(0.0, SQRT_2_OVER_PI)
     m4 = I4 - 0.5 * h2 * I2 + ca * mu_a**4 + qb * mu_b**4
-    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
+    return kappa, mean_abs, m4
 
 
 # ----------------------------------------------------------------- uniform-grid table
@@ -140,10 +147,12 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
                   lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Branch-free moments of every element of an affine chunk (one pass of elementwise work).
 
-    Frozen elements get 0, fine steps the expansion, steps in (0.5, 19) the table, larger
-    steps the two-edge closed form, all selected with ``torch.where`` so that the whole
-    function fuses into one loop under ``torch.compile``. Returns ``kappa, mean_abs, m4, ok`` where
-    ``ok`` is False for the elements whose cells reach a clamped end of the code range: the
+    Frozen elements get 0, fine steps the expansion (with the end cells of the code range
+    exact where the weight's sd reaches them: :func:`_fine_with_ends`, the per-regime path's
+    form), steps in (0.5, 19) the table, larger steps the two-edge closed form, all selected
+    with ``torch.where`` so that the whole function fuses into one loop under
+    ``torch.compile``. Returns ``kappa, mean_abs, m4, ok`` where ``ok`` is False for the
+    elements with a step above 0.5 sd whose cells reach a clamped end of the code range: the
     caller recomputes those exactly.
     """
     h = s / sg
@@ -182,8 +191,15 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
     kappa = torch.where(fine, 1.0 - h2 / 12.0 + h2 * h2 / 144.0, torch.where(big, k2, v[:, 0]))
     mean_abs = torch.where(fine, SQRT_2_OVER_PI - 0.05 * h2, torch.where(big, l2, v[:, 1]))
     m4 = torch.where(fine, 3.0 - 0.5 * h2, torch.where(big, m2, v[:, 2]))
+    # fine steps whose sd reaches a clamped end (large models: sigma above the whole code
+    # range): the fine interior and the two end cells exactly, as the per-regime path does
+    far_lo, far_hi = to_min > CUTOFF_SIGMAS, to_max > CUTOFF_SIGMAS
+    near = fine & ~(far_lo & far_hi)
+    inf = torch.full_like(h, math.inf)
+    kn, ln, mn = _fine_with_ends(h2, torch.where(far_lo, -inf, -to_min), torch.where(far_hi, inf, to_max))
+    kappa, mean_abs, m4 = torch.where(near, kn, kappa), torch.where(near, ln, mean_abs), torch.where(near, mn, m4)
     kappa, mean_abs, m4 = (torch.where(frozen, zero, t) for t in (kappa, mean_abs, m4))
-    return kappa, mean_abs, m4, frozen | interior
+    return kappa, mean_abs, m4, frozen | interior | near
 
 
 def _fused_affine_codes(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Tensor, qmax: Tensor,

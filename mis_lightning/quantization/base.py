@@ -114,28 +114,28 @@ def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tup
     or anything that reshapes to it, e.g. ``[N, 1]`` for per-row); a block size of 1 along a
     dim means one entry per index of that dim.
     """
-    idx = torch.arange(start, end, device=block_tensor.device)
     nblocks = [math.ceil(s / b) for s, b in zip(shape, block_size)]
-    bt = block_tensor.reshape(nblocks)
-    flat_block = torch.zeros_like(idx)
-    rem = idx
-    strides = []
-    acc = 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    strides = strides[::-1]
-    bstride = []
-    acc = 1
-    for nb in reversed(nblocks):
-        bstride.append(acc)
-        acc *= nb
-    bstride = bstride[::-1]
-    for dim, (st, b) in enumerate(zip(strides, block_size)):
-        coord = torch.div(rem, st, rounding_mode="floor")
-        rem = rem - coord * st
-        flat_block = flat_block + torch.div(coord, b, rounding_mode="floor") * bstride[dim]
-    return bt.reshape(-1)[flat_block]
+    if not shape:
+        return block_tensor.reshape(-1)[:1].expand(end - start).clone()
+    # Whole rows of the last dim: the block index of each touched row (a few per chunk), then
+    # one repeat along the last dim, instead of per-element index arithmetic (the scoring
+    # pass expands a chunk's scales for every evaluation).
+    last, b_last = shape[-1], block_size[-1]
+    r0, r1 = start // last, (end - 1) // last + 1
+    rem = torch.arange(r0, r1, device=block_tensor.device)
+    lead_block = torch.zeros_like(rem)
+    stride, bstride = 1, 1
+    for s_, nb in zip(shape[:-1], nblocks[:-1]):
+        stride *= s_
+    for dim in range(len(shape) - 1):
+        stride //= shape[dim]
+        bstride = math.prod(nblocks[dim + 1: -1])
+        coord = torch.div(rem, stride, rounding_mode="floor")
+        rem = rem - coord * stride
+        lead_block = lead_block + torch.div(coord, block_size[dim], rounding_mode="floor") * bstride
+    rows = block_tensor.reshape(-1, nblocks[-1])[lead_block]  # [r1 - r0, nb_last]
+    full = rows.repeat_interleave(b_last, dim=1)[:, :last] if b_last > 1 else rows
+    return full.reshape(-1)[start - r0 * last: end - r0 * last]
 
 
 def _block_view(t: Tensor, block_size: tuple[int, ...]) -> tuple[Tensor, tuple[int, ...]]:
