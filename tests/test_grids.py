@@ -418,6 +418,15 @@ def test_fused_kernel_large_chunk_with_clamping_and_compiled(monkeypatch):
     err = (eager.kappa - ref.kappa).abs()
     assert float(err[tab].max()) <= 1e-4  # table / two-edge (see the test above)
     assert float(err[exact].max()) <= EXACT  # clamped ends: recomputed exactly
+    # fine steps whose sd reaches a clamped end stay in the kernel: the end-cell form of the
+    # per-regime path (same arithmetic) and its documented bound against the exact sums
+    near = ~interior & (h <= FINE_STEP)
+    assert near.sum() > 1000
+    idx = torch.nonzero(near).squeeze(-1)
+    sparse = G._affine_cell_moments_sparse(theta[idx], sigma[idx], scale[idx], zp[idx], -8, 7)
+    for name in ("kappa", "mean_abs", "m4"):
+        assert torch.allclose(getattr(eager, name)[idx], getattr(sparse, name), rtol=1e-12, atol=1e-14), name
+    assert bool((err[near] <= 5e-4 * h[near] ** 2 + 1e-12).all())
     assert torch.isfinite(eager.m4).all() and torch.isfinite(eager.mean_abs).all()
     # compiled kernel (forced): same arithmetic, fused
     monkeypatch.setitem(G._FUSED_STATE, "compiled", None)
