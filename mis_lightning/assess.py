@@ -562,7 +562,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
             draws[:, a:b], lam_draws[:, a:b] = k[a:b], lam[a:b]
         else:
             draws[:, a:b], lam_draws[:, a:b] = _draw_moments(g, th[a:b].to(torch.float64),
-                                                             sg[a:b].to(torch.float64), a, b, k[a:b], xi, policy,
+                                                             sg[a:b].to(torch.float64), a, b, k[a:b], xi, D, policy,
                                                              with_lam=est.d == 1)
     prep.draws[name] = list(draws)
     if est.d == 1:
@@ -615,6 +615,10 @@ _GH_W = torch.tensor([0.011257411327720691, 0.2220759220056126, 0.53333333333333
                       0.011257411327720691], dtype=torch.float64)
 
 
+# p(t) = sum_{m=1..4} c_m t^m through (x_k, delta_k) at the 4 outer nodes: c = V^-1 delta, V_km = x_k^m
+_GH_VANDERMONDE_INV = torch.linalg.inv(_GH_X[_GH_X != 0].unsqueeze(-1) ** torch.arange(1, 5, dtype=torch.float64))
+
+
 def _draw_evaluations(draws: int) -> int:
     """Cell-moment evaluations per movable element behind ``draws`` bootstrap draws (at most;
     position-free elements need none): 8 when the draws are built, else one per draw."""
@@ -623,14 +627,18 @@ def _draw_evaluations(draws: int) -> int:
 
 def _draw_noise_rows(draws: int) -> int:
     """Rows of the standard normals ``xi`` that :func:`_draw_moments` takes for ``draws``
-    bootstrap draws: the two random pairs' positions, then one row per draw."""
-    return 2 + draws if draws else 0
+    bootstrap draws: the two random pairs' positions, then one row per evaluated draw, or per
+    antithetic pair of built draws (at least ``BUILT_DRAWS_MIN - 1``, so that a scheme with
+    fewer draws, cut by memory, reads a prefix of the same rows)."""
+    if not draws:
+        return 0
+    return 2 + (max((draws + 1) // 2, BUILT_DRAWS_MIN - 1) if draws >= BUILT_DRAWS_MIN else draws)
 
 
 def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
-                  policy: F.CompilePolicy | None, with_lam: bool = False) -> tuple[Tensor, Tensor]:
+                  draws: int, policy: F.CompilePolicy | None, with_lam: bool = False) -> tuple[Tensor, Tensor]:
     """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` at the
-    ``D`` bootstrap draws, from ``xi [2 + D, c]`` standard normals (:func:`_draw_noise_rows`).
+    ``D = draws`` bootstrap draws, from ``xi [_draw_noise_rows(D), c]`` standard normals.
 
     With fewer than :data:`BUILT_DRAWS_MIN` draws, or ``with_lam`` (one coordinate), each
     draw is evaluated: the cells re-read around ``theta + sigma * xi[2 + b]``. Otherwise the
@@ -655,9 +663,9 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
     there, estimated per element and averaged over elements: 8 evaluations replace ``D`` (16
     by default). Elements whose kappa cannot move (:func:`_position_free` at every position)
     keep ``k_main`` exactly."""
-    D, c = xi.shape[0] - 2, xi.shape[1]
+    D, c = draws, xi.shape[1]
     if with_lam or D < BUILT_DRAWS_MIN:
-        return _evaluated_draws(grid, th, sg, a, b, k_main, xi[2:], policy, with_lam)
+        return _evaluated_draws(grid, th, sg, a, b, k_main, xi[2: 2 + D], policy, with_lam)
     x, y = xi[0], xi[1]
     nodes = _GH_X[_GH_X != 0]
     t = torch.stack([x, -x, y, -y])  # [4, c] random positions
@@ -666,14 +674,12 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
     even1, even2 = 0.5 * (dl[0] + dl[1]), 0.5 * (dl[2] + dl[3])
     odd1, odd2 = 0.5 * (dl[0] - dl[1]), 0.5 * (dl[2] - dl[3])
     sd = (0.5 * (odd1.square() + odd2.square() + (even1 - even2).square())).sqrt()
-    # the interpolant at the random positions: Lagrange basis of the 5 nodes (the centre's value is 0)
-    p = torch.zeros_like(dl)
-    for k, xk in enumerate(nodes.tolist()):
-        basis = torch.ones_like(t)
-        for xm in _GH_X.tolist():
-            if xm != xk:
-                basis = basis * (t - xm) / (xk - xm)
-        p = p + dn[k] * basis
+    # the interpolant at the random positions: p(t) = sum_m c_m t^m (m = 1..4; p(0) = 0, the
+    # centre node), c from the 4 outer nodes (Vandermonde), evaluated by Horner
+    coef = _GH_VANDERMONDE_INV @ dn  # [4, c]
+    p = coef[3] * t
+    for m in (2, 1, 0):
+        p = (p + coef[m]) * t
     mu = _GH_W[_GH_X != 0] @ dn + (dl - p).mean(0)
     half = (D + 1) // 2
     zeta = torch.cat([xi[2: 2 + half], -xi[2: 2 + D - half]])
@@ -894,7 +900,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
                             else:
-                                kd, ld = _draw_moments(g, th_c, sg_c, a, b, k_c, x, policy,
+                                kd, ld = _draw_moments(g, th_c, sg_c, a, b, k_c, x, prep.num_draws, policy,
                                                        with_lam=est.d == 1)
                             delta = kd - k_c
                             if keep:

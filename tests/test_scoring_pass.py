@@ -233,7 +233,7 @@ def test_built_draws_have_the_evaluated_draws_mean_and_variance(step, position, 
     # rows: the two pairs' positions, then 5 draws' zeta (antithetic: +zeta_0..2, -zeta_0..1)
     xi = torch.randn(A._draw_noise_rows(5), N, dtype=torch.float64, generator=gen)
     xi[2], xi[3] = 0.0, 1.0  # zeta = 0 and 1: the draws mu and mu + sd
-    built, _ = A._draw_moments(g, th, sg, 0, N, k_main, xi, None)
+    built, _ = A._draw_moments(g, th, sg, 0, N, k_main, xi, 5, None)
     mu, var = built[0] - k_main, (built[1] - built[0]).square()
     torch.testing.assert_close(built[4], 2 * built[0] - built[1])  # the antithetic draw of zeta = 1
     # evaluated: one independent draw per copy
