@@ -557,7 +557,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     lam_draws = torch.empty(D, numel, dtype=torch.float64)
     for a in range(0, numel, chunk):
         b = min(a + chunk, numel)
-        xi = torch.randn(_draw_noise_rows(D), b - a, dtype=torch.float64, generator=gen)
+        xi = torch.randn(_draw_noise_rows(D, est.d == 1), b - a, dtype=torch.float64, generator=gen)
         if g.rounding != "nearest" or D == 0:
             draws[:, a:b], lam_draws[:, a:b] = k[a:b], lam[a:b]
         else:
@@ -625,20 +625,47 @@ def _draw_evaluations(draws: int) -> int:
     return BUILT_EVALUATIONS if draws >= BUILT_DRAWS_MIN else draws
 
 
-def _draw_noise_rows(draws: int) -> int:
-    """Rows of the standard normals ``xi`` that :func:`_draw_moments` takes for ``draws``
-    bootstrap draws: the two random pairs' positions, then one row per evaluated draw, or per
-    antithetic pair of built draws (at least ``BUILT_DRAWS_MIN - 1``, so that a scheme with
-    fewer draws, cut by memory, reads a prefix of the same rows)."""
+def _draw_noise_rows(draws: int, with_lam: bool = False) -> int:
+    """Rows of the standard normals ``xi`` that :func:`_draw_parts` takes for ``draws``
+    bootstrap draws: the two random pairs' positions, then one row per evaluated draw (fewer
+    than ``BUILT_DRAWS_MIN``, or ``with_lam``), or per antithetic pair of built draws (at least
+    ``BUILT_DRAWS_MIN - 1``, so that a scheme with fewer draws, cut by memory, reads a prefix of
+    the same rows)."""
     if not draws:
         return 0
-    return 2 + (max((draws + 1) // 2, BUILT_DRAWS_MIN - 1) if draws >= BUILT_DRAWS_MIN else draws)
+    if with_lam or draws < BUILT_DRAWS_MIN:
+        return 2 + draws
+    return 2 + max((draws + 1) // 2, BUILT_DRAWS_MIN - 1)
 
 
 def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
                   draws: int, policy: F.CompilePolicy | None, with_lam: bool = False) -> tuple[Tensor, Tensor]:
-    """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` at the
-    ``D = draws`` bootstrap draws, from ``xi [_draw_noise_rows(D), c]`` standard normals.
+    """``[D, c]`` kappa (and ``lam``) of elements ``a:b`` at the ``D = draws`` bootstrap draws:
+    ``k_main + mix @ basis`` from :func:`_draw_parts` (arguments as there)."""
+    basis, mix, lam = _draw_parts(grid, th, sg, a, b, k_main, xi, draws, policy, with_lam)
+    return k_main + mix @ basis, lam
+
+
+def _built_mix(draws: int) -> Tensor:
+    """``[D, 1 + ceil(D / 2)]`` the built draws as combinations of their parts ``[mu, sd * zeta_1,
+    ...]``: draw ``b`` is ``mu + sd zeta_b`` in the first half, ``mu - sd zeta_(b - half)`` in the
+    second (antithetic)."""
+    half = (draws + 1) // 2
+    mix = torch.zeros(draws, 1 + half, dtype=torch.float64)
+    mix[:, 0] = 1.0
+    for bi in range(draws):
+        mix[bi, 1 + bi % half] = 1.0 if bi < half else -1.0
+    return mix
+
+
+def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
+                draws: int, policy: F.CompilePolicy | None, with_lam: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The kappa changes of elements ``a:b`` at the ``D = draws`` bootstrap draws as
+    ``(basis [k, c], mix [D, k], lam [D, c])``: draw ``b``'s kappa is ``k_main + mix[b] @ basis``
+    (per-record sums are linear in the columns: the scoring pass sums the ``k`` basis rows, not
+    the ``D`` draws), ``lam`` the draws' ``mean_abs`` when ``with_lam`` (else zeros); from
+    ``xi [_draw_noise_rows(D, with_lam), c]`` standard normals.
 
     With fewer than :data:`BUILT_DRAWS_MIN` draws, or ``with_lam`` (one coordinate), each
     draw is evaluated: the cells re-read around ``theta + sigma * xi[2 + b]``. Otherwise the
@@ -665,7 +692,8 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
     keep ``k_main`` exactly."""
     D, c = draws, xi.shape[1]
     if with_lam or D < BUILT_DRAWS_MIN:
-        return _evaluated_draws(grid, th, sg, a, b, k_main, xi[2: 2 + D], policy, with_lam)
+        kap, lam = _evaluated_draws(grid, th, sg, a, b, k_main, xi[2: 2 + D], policy, with_lam)
+        return kap - k_main, torch.eye(D, dtype=torch.float64), lam
     x, y = xi[0], xi[1]
     nodes = _GH_X[_GH_X != 0]
     t = torch.stack([x, -x, y, -y])  # [4, c] random positions
@@ -682,9 +710,8 @@ def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_mai
         p = (p + coef[m]) * t
     mu = _GH_W[_GH_X != 0] @ dn + (dl - p).mean(0)
     half = (D + 1) // 2
-    zeta = torch.cat([xi[2: 2 + half], -xi[2: 2 + D - half]])
-    out = k_main + mu + sd * zeta
-    return out, torch.zeros_like(out)
+    basis = torch.cat([mu.unsqueeze(0), sd * xi[2: 2 + half]])  # draws: mu +- sd zeta (_built_mix)
+    return basis, _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
 
 
 def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
@@ -877,10 +904,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             b = min(a + step, numel)
             c = b - a
             th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
-            xi = torch.randn(_draw_noise_rows(D), c, dtype=torch.float64, generator=gen) if D else None
+            xi = torch.randn(_draw_noise_rows(D, est.d == 1), c, dtype=torch.float64, generator=gen) if D else None
             ones = torch.ones(c, dtype=torch.float64)
             K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
-            deltas: list[Tensor | None] = []
+            deltas: list[tuple[Tensor, Tensor] | None] = []  # per scheme: the draws as (basis, mix)
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
                 delta = None
@@ -896,13 +923,19 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy)
                         kp_c = pm.kappa
                         if prep.num_draws:
-                            x = xi[: _draw_noise_rows(prep.num_draws)]
+                            x = xi[: _draw_noise_rows(prep.num_draws, est.d == 1)]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
                             else:
-                                kd, ld = _draw_moments(g, th_c, sg_c, a, b, k_c, x, prep.num_draws, policy,
-                                                       with_lam=est.d == 1)
-                            delta = kd - k_c
+                                basis, mix, ld = _draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws, policy,
+                                                             with_lam=est.d == 1)
+                                kd = None
+                            if kd is None:
+                                delta = (basis, mix)
+                                if keep or not reader.streaming:
+                                    kd = k_c + mix @ basis
+                            else:
+                                delta = (kd - k_c, torch.eye(prep.num_draws, dtype=torch.float64))
                             if keep:
                                 for bi in range(prep.num_draws):
                                     prep.draws[name][bi][a:b] = kd[bi]
@@ -931,21 +964,23 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             cols = {2: torch.cat([Km, torch.stack(P, 1)], 1) if P else Km,
                     4: torch.cat([torch.stack(M4, 1) - 3.0 * Km.square(), Km.square()], 1)}
             if not reader.streaming:  # influences recomputed per record block: one call at the end
-                held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None else dl.T
+                held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None else (dl[1] @ dl[0]).T
                                     for p, dl in zip(active, deltas)]))
                 continue
             ps = reader.sums(a, b, cols)
             s2 += ps[2]
             s4 += ps[4]
-            for j, delta in enumerate(deltas):
-                if delta is None:
+            for j, parts in enumerate(deltas):
+                if parts is None:
                     continue
-                moved = (delta != 0).reshape(delta.shape[0], -1, reader.unit).any(-1).any(0)  # rows
+                basis, mix = parts  # the draws' kappa changes are mix @ basis: sum the basis rows
+                k_ = basis.shape[0]
+                moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows
                 rows = torch.nonzero(moved).squeeze(-1)
                 if rows.numel() == 0:
                     continue
-                dsub = delta.reshape(delta.shape[0], -1, reader.unit)[:, rows].reshape(delta.shape[0], -1)
-                dd[j] += reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
+                dsub = basis.reshape(k_, -1, reader.unit)[:, rows].reshape(k_, -1)
+                dd[j] += reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2] @ mix.T
         if held:
             widths = [p.num_draws for p in active]
             ps = est.power_sums(name, {2: torch.cat([torch.cat([h[0][2], *h[1]], 1) for h in held], 0),
