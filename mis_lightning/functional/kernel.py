@@ -143,26 +143,10 @@ def uniform_table_moments(h: Tensor, t: Tensor) -> CellMoments:
     return CellMoments(kappa=v[:, 0], mean_abs=v[:, 1], m4=v[:, 2], coverage=torch.ones_like(h))
 
 
-def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmin: Tensor, qmax: Tensor,
-                  lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Branch-free moments of every element of an affine chunk (one pass of elementwise work).
-
-    Frozen elements get 0, fine steps the expansion (with the end cells of the code range
-    exact where the weight's sd reaches them: :func:`_fine_with_ends`, the per-regime path's
-    form), steps in (0.5, 19) the table, larger steps the two-edge closed form, all selected
-    with ``torch.where`` so that the whole function fuses into one loop under
-    ``torch.compile``. Returns ``kappa, mean_abs, m4, ok`` where ``ok`` is False for the
-    elements with a step above 0.5 sd whose cells reach a clamped end of the code range: the
-    caller recomputes those exactly.
-    """
-    h = s / sg
-    lower = (th - (q0 - 0.5 - zp) * s) / sg  # sd units to the element's own lower edge
-    upper = ((q0 + 0.5 - zp) * s - th) / sg
-    to_min = (th - (qmin + 0.5 - zp) * s) / sg
-    to_max = ((qmax - 0.5 - zp) * s - th) / sg
-    frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
-    interior = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS) & (q0 > qmin) & (q0 < qmax)
-    # uniform-grid table in (log h, |t| / h), t = position from the cell centre
+def _table_read(h: Tensor, lower: Tensor, upper: Tensor, lo: Tensor, dlog: Tensor, du: Tensor,
+                table: Tensor) -> Tensor:
+    """``[c, 3]`` (kappa, mean_abs, m4) from the uniform-grid table in ``(log h, |t| / h)``,
+    ``t`` the position from the cell centre (``h`` clamped to the table's range)."""
     hc = h.clamp(FINE_STEP, TABLE_H_MAX)
     x = ((torch.log(hc) - lo) / dlog).clamp(0.0, _TABLE_NH - 1 - 1e-9)
     y = ((0.5 * (lower - upper).abs() / hc) / du).clamp(0.0, _TABLE_NU - 1 - 1e-9)
@@ -171,33 +155,84 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
     c = table[(i * _TABLE_NU + j).long()]
     v0 = c[:, 0:3] + wy * (c[:, 3:6] - c[:, 0:3])
     v1 = c[:, 6:9] + wy * (c[:, 9:12] - c[:, 6:9])
-    v = v0 + wx * (v1 - v0)
-    # two edges only (h >= 19): cells (-inf, -lower], [-lower, upper], [upper, inf)
+    return v0 + wx * (v1 - v0)
+
+
+def _two_edges(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Moments when only the element's own two edges are within reach (``h >= 19``): cells
+    ``(-inf, -lower], [-lower, upper], [upper, inf)`` in sd units."""
     pa, pb = _pdf(upper), _pdf(lower)
     qa, qb = torch.special.ndtr(-upper), torch.special.ndtr(-lower)
     pm = (1.0 - qa - qb).clamp_min(1e-300)
     dm = pb - pa
-    zero = torch.zeros_like(h)
+    zero = torch.zeros_like(lower)
     k_a = torch.where(qa > 1e-300, pa * pa / qa.clamp_min(1e-300), zero)
     k_b = torch.where(qb > 1e-300, pb * pb / qb.clamp_min(1e-300), zero)
     m_a = torch.where(qa > 1e-300, pa**4 / qa.clamp_min(1e-300) ** 3, zero)
     m_b = torch.where(qb > 1e-300, pb**4 / qb.clamp_min(1e-300) ** 3, zero)
-    k2 = (k_a + k_b + dm * dm / pm).clamp(0.0, 1.0)
-    l2 = pa + pb + dm.abs()
-    m2 = m_a + m_b + dm**4 / pm**3
-    # fine steps, far from the ends
+    return (k_a + k_b + dm * dm / pm).clamp(0.0, 1.0), pa + pb + dm.abs(), m_a + m_b + dm**4 / pm**3
+
+
+def _near_ends(h2: Tensor, to_min: Tensor, to_max: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fine steps whose sd reaches a clamped end: the fine interior and the two end cells
+    exactly (:func:`_fine_with_ends`, as the per-regime path does)."""
+    inf = torch.full_like(h2, math.inf)
+    far_lo, far_hi = to_min > CUTOFF_SIGMAS, to_max > CUTOFF_SIGMAS
+    return _fine_with_ends(h2, torch.where(far_lo, -inf, -to_min), torch.where(far_hi, inf, to_max))
+
+
+def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmin: Tensor, qmax: Tensor,
+                  lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Moments of every element of an affine chunk.
+
+    Frozen elements get 0, fine steps the expansion (with the end cells of the code range
+    exact where the weight's sd reaches them: :func:`_near_ends`, the per-regime path's
+    form), steps in (0.5, 19) the table, larger steps the two-edge closed form. Under
+    ``torch.compile`` every form is computed for every element and selected with
+    ``torch.where`` (branch-free: the whole function fuses into one loop); in eager mode each
+    form runs only on its own elements (the same formulas per element: the self-check compares
+    the two). Returns ``kappa, mean_abs, m4, ok`` where ``ok`` is False for the elements with a
+    step above 0.5 sd whose cells reach a clamped end of the code range: the caller
+    recomputes those exactly.
+    """
+    h = s / sg
+    lower = (th - (q0 - 0.5 - zp) * s) / sg  # sd units to the element's own lower edge
+    upper = ((q0 + 0.5 - zp) * s - th) / sg
+    to_min = (th - (qmin + 0.5 - zp) * s) / sg
+    to_max = ((qmax - 0.5 - zp) * s - th) / sg
+    frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
+    interior = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS) & (q0 > qmin) & (q0 < qmax)
     h2 = h * h
     fine, big = h <= FINE_STEP, h >= TABLE_H_MAX
-    kappa = torch.where(fine, 1.0 - h2 / 12.0 + h2 * h2 / 144.0, torch.where(big, k2, v[:, 0]))
-    mean_abs = torch.where(fine, SQRT_2_OVER_PI - 0.05 * h2, torch.where(big, l2, v[:, 1]))
-    m4 = torch.where(fine, 3.0 - 0.5 * h2, torch.where(big, m2, v[:, 2]))
-    # fine steps whose sd reaches a clamped end (large models: sigma above the whole code
-    # range): the fine interior and the two end cells exactly, as the per-regime path does
-    far_lo, far_hi = to_min > CUTOFF_SIGMAS, to_max > CUTOFF_SIGMAS
-    near = fine & ~(far_lo & far_hi)
-    inf = torch.full_like(h, math.inf)
-    kn, ln, mn = _fine_with_ends(h2, torch.where(far_lo, -inf, -to_min), torch.where(far_hi, inf, to_max))
-    kappa, mean_abs, m4 = torch.where(near, kn, kappa), torch.where(near, ln, mean_abs), torch.where(near, mn, m4)
+    near = fine & ~((to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS))
+    zero = torch.zeros_like(h)
+    # fine steps, far from the ends (cheap: every element)
+    kappa = 1.0 - h2 / 12.0 + h2 * h2 / 144.0
+    mean_abs = SQRT_2_OVER_PI - 0.05 * h2
+    m4 = 3.0 - 0.5 * h2
+    if torch.compiler.is_compiling():
+        v = _table_read(h, lower, upper, lo, dlog, du, table)
+        k2, l2, m2 = _two_edges(lower, upper)
+        kn, ln, mn = _near_ends(h2, to_min, to_max)
+        kappa = torch.where(fine, kappa, torch.where(big, k2, v[:, 0]))
+        mean_abs = torch.where(fine, mean_abs, torch.where(big, l2, v[:, 1]))
+        m4 = torch.where(fine, m4, torch.where(big, m2, v[:, 2]))
+        kappa, mean_abs, m4 = torch.where(near, kn, kappa), torch.where(near, ln, mean_abs), torch.where(near, mn, m4)
+    else:
+        live = ~frozen
+        for mask, form in ((live & ~fine & ~big, "table"), (live & big, "two"), (live & near, "near")):
+            idx = torch.nonzero(mask).squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            if form == "table":
+                v = _table_read(h[idx], lower[idx], upper[idx], lo, dlog, du, table)
+                got = (v[:, 0], v[:, 1], v[:, 2])
+            elif form == "two":
+                got = _two_edges(lower[idx], upper[idx])
+            else:
+                got = _near_ends(h2[idx], to_min[idx], to_max[idx])
+            for out, val in zip((kappa, mean_abs, m4), got):
+                out[idx] = val
     kappa, mean_abs, m4 = (torch.where(frozen, zero, t) for t in (kappa, mean_abs, m4))
     return kappa, mean_abs, m4, frozen | interior | near
 
