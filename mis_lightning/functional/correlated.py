@@ -415,6 +415,8 @@ EXACT_BUDGET = 6_000_000
 # (draws x coarse weights; each distinct box simulated once) as long as the distinct boxes
 # stay within the usual outer draws.
 ALL_COARSE_BUDGET = 1 << 22
+# Box keys counted by bincount up to this range (memory: 8 bytes per possible key).
+BINCOUNT_MAX_KEYS = 1 << 24
 
 
 def _all_coarse_mean_abs(root: Tensor, alpha: Tensor, pad: Tensor, b: Tensor, outer_draws: int,
@@ -431,20 +433,26 @@ def _all_coarse_mean_abs(root: Tensor, alpha: Tensor, pad: Tensor, b: Tensor, ou
     draws = max(outer_draws, ALL_COARSE_BUDGET // c)
     U = torch.randn(draws, c, dtype=torch.float64, generator=generator) @ root.T
     cell = torch.stack([torch.searchsorted(alpha[j].contiguous(), U[:, j].contiguous()) for j in range(c)], 1)
-    # one integer key per box (mixed radix over the cells each coordinate reached): a 1-d
-    # unique is ~50x faster than torch.unique(dim=0) on millions of rows
-    key = torch.zeros(draws, dtype=torch.long)
-    radix = 1
-    for j in range(c):
-        seen, inv = torch.unique(cell[:, j], return_inverse=True)
-        if radix * seen.numel() >= 1 << 62:
-            return None
-        key += inv * radix
-        radix *= seen.numel()
-    keys, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    # one integer key per box, mixed radix over the range of cells each coordinate reached
+    # (the last coordinate most significant: the boxes come out in the same lexicographic
+    # order as torch.unique(dim=0) would give); counted with bincount when the key range is
+    # small (a coarse grid: a few cells per coordinate), else sorted (torch.unique, ~20x slower)
+    low = cell.amin(0)
+    span = (cell.amax(0) - low + 1).tolist()
+    if math.prod(span) >= 1 << 62:
+        return None
+    radix = [math.prod(span[:j]) for j in range(c)]
+    key = ((cell - low) * torch.tensor(radix, dtype=torch.long)).sum(1)
+    if math.prod(span) <= BINCOUNT_MAX_KEYS:
+        every = torch.bincount(key, minlength=math.prod(span))
+        keys = torch.nonzero(every).squeeze(-1)
+        counts = every[keys]
+    else:
+        keys, counts = torch.unique(key, return_counts=True)
     if keys.numel() > outer_draws:  # many distinct boxes (fine cells): the general path
         return None
-    uniq = cell[torch.zeros_like(keys).scatter_(0, inverse, torch.arange(draws))]  # one row per box
+    # one row of cells per box, decoded from its key
+    uniq = torch.stack([(keys // radix[j]) % span[j] for j in range(c)], 1) + low
     per_box = int(min(16 * EXACT_BOX_DRAWS, max(box_draws, EXACT_BUDGET // max(uniq.shape[0] * c, 1))))
     lo = torch.gather(pad, 1, uniq.T).T
     hi = torch.gather(pad, 1, (uniq + 1).T).T
