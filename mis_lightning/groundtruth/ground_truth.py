@@ -630,6 +630,85 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
     return float(v.mean()), float(v.std() / math.sqrt(M))
 
 
+def _absmax_release(grid: AbsmaxGrid, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """What an absmax release ``(q, scale)`` of ``theta [M, d]`` determines: the index ``i`` of
+    the largest-magnitude weight, its value ``v = theta_i`` (``qmax * scale`` with the sign of
+    its code: given away exactly), and the boxes ``lo, hi [M, d]`` of the other weights
+    (``[(q - 1/2) s, (q + 1/2) s]`` cut to ``(-|v|, |v|)``; column ``i`` unused)."""
+    q, scale = grid.release(theta)
+    i = np.abs(theta).argmax(-1)
+    v = np.take_along_axis(theta, i[:, None], 1)[:, 0]
+    m = np.abs(v)[:, None]
+    lo = np.maximum((q - 0.5) * scale, -m)
+    hi = np.minimum((q + 0.5) * scale, m)
+    return i, v, lo, hi
+
+
+def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float, K: int = 150, M: int = 4000,
+                        draws: int = 128, seed: int = 0) -> tuple[float, float]:
+    """``TV_z`` for OLS in any ``d`` under a symmetric absmax release (the built-in
+    ``rtn_int*`` schemes: codes and one float scale): exact given the design up to a Monte
+    Carlo over releases, as :func:`exact_tv_ols`.
+
+    The scale gives away the largest-magnitude weight, so a release is ``(i, v, q_-i)``: the
+    index ``i`` of that weight, its value ``v`` (continuous) and the other weights' codes on the
+    grid of step ``|v| / qmax`` (discrete, each box cut to ``(-|v|, |v|)``). Under one design's
+    Gaussian law ``N(mu, S)`` its density is ``phi(v; mu_i, S_ii) P(theta_-i in box | theta_i = v)``
+    (the conditional Gaussian; the box probability by GHK, the same uniforms for both laws and
+    every design), and the TV is ``E_{T ~ P_in}[(1 - P_out(T) / P_in(T))_+]`` over releases of
+    the in-mixture (split sample as :func:`exact_tv_ols`). With ``d = 1`` the release is the
+    weight itself (the unquantized TV). Checked for ``d = 2`` against a quadrature over ``v``
+    (tests/test_validation.py).
+
+    Returns:
+        ``(TV, standard error over the M releases)``.
+    """
+    if s.model != "linear":
+        raise ValueError(f"exact_tv_ols_absmax needs a linear setting, got {s.label()}")
+    d = s.d
+    rng = np.random.default_rng([seed, 2026])
+    mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
+    ch_in = np.linalg.cholesky(cov_in)
+    k = rng.integers(0, K, M)
+    T = mu_in[k] + (ch_in[k] @ rng.standard_normal((M, d, 1)))[..., 0]
+    idx, v, lo, hi = _absmax_release(grid, T)
+    mu_out = np.broadcast_to(s.theta_star, (K, d))
+    gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+
+    def log_density(mu: np.ndarray, cov: np.ndarray, u: torch.Tensor) -> torch.Tensor:
+        """``log p_k(T) [K, M]`` of every release under each design's law ``N(mu_k, cov_k)``."""
+        out = torch.empty(K, M, dtype=torch.float64)
+        for i in range(d):
+            sel = np.nonzero(idx == i)[0]
+            if sel.size == 0:
+                continue
+            rest = [j for j in range(d) if j != i]
+            var = cov[:, i, i]  # [K]
+            dv = v[sel][None, :] - mu[:, i][:, None]  # [K, m]
+            lp = -0.5 * dv**2 / var[:, None] - 0.5 * np.log(2 * np.pi * var)[:, None]
+            if rest:
+                a = cov[:, rest, i] / var[:, None]  # [K, d-1] regression on theta_i
+                cc = cov[:, rest][:, :, rest] - a[:, :, None] * cov[:, i, rest][:, None, :]
+                chol = np.linalg.cholesky(cc)
+                us = u[torch.from_numpy(sel)][:, :, : d - 1]
+                for kk in range(K):
+                    mean = mu[kk, rest][None, :] + a[kk][None, :] * dv[kk][:, None]  # [m, d-1]
+                    lp[kk] += _ghk_logprob(torch.from_numpy(lo[sel][:, rest] - mean),
+                                           torch.from_numpy(hi[sel][:, rest] - mean),
+                                           torch.from_numpy(chol[kk]), us).numpy()
+            out[:, torch.from_numpy(sel)] = torch.from_numpy(lp)
+        return out
+
+    def log_ratio() -> torch.Tensor:
+        u = torch.rand(M, max(1, draws // 4), max(d - 1, 1), dtype=torch.float64, generator=gen)
+        u = torch.cat([u, 1.0 - u], 1)
+        return torch.logsumexp(log_density(mu_out, cov_out, u), 0) - torch.logsumexp(log_density(mu_in, cov_in, u), 0)
+
+    side = log_ratio() < 0
+    val = torch.where(side, 1.0 - torch.exp(log_ratio()), torch.zeros(())).numpy()
+    return float(val.mean()), float(val.std() / math.sqrt(M))
+
+
 # Boxes a release may fall in, at most, for :func:`exact_tv_ols_boxes` (beyond: NaN).
 BOX_SUM_MAX_BOXES = 20_000
 
@@ -699,13 +778,15 @@ def exact_tv_ols_boxes(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K:
     return full, abs(h1 - h2) / 2.0
 
 
-def exact_truth_ols(s: Setting, grid: StepGrid, Z: int = 16, K: int = 150, M: int = 4000, seed: int = 0,
+def exact_truth_ols(s: Setting, grid: Grid, Z: int = 16, K: int = 150, M: int = 4000, seed: int = 0,
                     oracle_records: int = 4000, draws: int = 128) -> tuple[float, tuple[float, float]]:
-    """``Delta`` of ``grid`` for OLS in any ``d``: :func:`exact_tv_ols` on ``Z`` targets
-    ``z ~ P`` with the control variate of :func:`cv_estimate` (as :func:`exact_truth_ols_2d`).
-    Returns the estimate and its 80% bootstrap interval over targets."""
+    """``Delta`` of ``grid`` for OLS in any ``d``: :func:`exact_tv_ols` (step grids) or
+    :func:`exact_tv_ols_absmax` (absmax releases) on ``Z`` targets ``z ~ P`` with the control
+    variate of :func:`cv_estimate` (as :func:`exact_truth_ols_2d`). Returns the estimate and
+    its 80% bootstrap interval over targets."""
+    tv = exact_tv_ols if isinstance(grid, StepGrid) else exact_tv_ols_absmax
     return _targets_cv(s, grid, Z, seed, oracle_records,
-                       lambda x, y, i: exact_tv_ols(s, grid, x, y, K=K, M=M, draws=draws, seed=seed + i)[0])
+                       lambda x, y, i: tv(s, grid, x, y, K=K, M=M, draws=draws, seed=seed + i)[0])
 
 
 def exact_truth_ols_2d(s: Setting, grid: StepGrid, Z: int = 200, K: int = 600, seed: int = 0,
