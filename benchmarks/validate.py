@@ -145,13 +145,15 @@ def coverage_grids(s: GT.Setting) -> list:
     return out + [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
 
 
-def _exact_truth(s: GT.Setting, g: GT.StepGrid, Z: int) -> float:
-    """Exact OLS truth of a step grid: d = 2 by quadrature; d > 2 by ``exact_truth_ols``
-    (Gaussian laws given the design, Monte Carlo over releases; 32 targets, K = 40, M = 1,500,
-    64 GHK draws: 80-105 s per grid on one core). Until the seventh session's fix of the GHK
-    simulator's tail mirroring it converged only on fine grids, and coarse grids used the LR
-    test (docs/validation.md)."""
-    if s.d == 2:
+def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int) -> float:
+    """Exact OLS truth of a step grid or an absmax release: step grids in d = 2 by
+    quadrature; otherwise ``exact_truth_ols`` (Gaussian laws given the design, Monte Carlo over
+    releases; 32 targets, K = 40, M = 1,500, 64 GHK draws: 80-105 s per grid on one core; for
+    absmax releases the scale's given-away weight enters as a density). Until the seventh
+    session's fix of the GHK simulator's tail mirroring it converged only on fine grids, and
+    coarse grids used the LR test; absmax releases used it until the eighth session
+    (docs/validation.md)."""
+    if s.d == 2 and isinstance(g, GT.StepGrid):
         return GT.exact_truth_ols_2d(s, g, Z=Z, K=150)[0]
     return GT.exact_truth_ols(s, g, Z=32, K=40, M=1500, draws=64)[0]
 
@@ -170,11 +172,12 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         s = GT.make_setting(model, d, n, rho=rho)
         grids = coverage_grids(s)
         ts = time.time()
-        key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "")
+        key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "") + (
+            " absmax-exact" if model == "linear" and d >= 2 else "")
         if key in cache:
             truth = np.array(cache[key], dtype=np.float64)
-        elif model == "linear" and d >= 2:  # exact given the design (step grids), else LR test
-            truth = np.array([_exact_truth(s, g, Z) if isinstance(g, GT.StepGrid) else np.nan for g in grids])
+        elif model == "linear" and d >= 2:  # exact given the design (step grids and absmax releases)
+            truth = np.array([_exact_truth(s, g, Z) for g in grids])
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
                 tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50)
