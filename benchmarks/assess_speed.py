@@ -53,6 +53,31 @@ def mlp(size: str):
     return nn.Sequential(*layers), F
 
 
+def trained_mlp(size: str, n: int, epochs: int = 3, batch: int = 256, seed: int = 0):
+    """``(model, loader, loss_fn)``: the benchmark MLP of ``size`` trained with Adam (lr 1e-3)
+    for ``epochs`` on the synthetic regression ``y = sum(x[:8]) / 3 + noise/2`` of ``n`` records
+    (batch ``batch``); the optimizer's ``.grad`` dropped, as a trained model is handed over."""
+    import torch
+
+    torch.manual_seed(seed)
+    model, n_in = mlp(size)
+    x = torch.randn(n, n_in)
+    y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(n)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+    def loss_fn(out, t):
+        return 0.5 * (out.squeeze(-1) - t) ** 2
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(epochs):
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss_fn(model(xb), yb).mean().backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, loader, loss_fn
+
+
 def run_one(size: str, n: int, batch: int, device: str, schemes: list[str], threads: int, draws: int = 0) -> dict:
     import torch
 

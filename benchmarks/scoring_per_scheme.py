@@ -41,13 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from benchmarks.assess_speed import ARCH  # the same models as scale.py
+    from benchmarks.assess_speed import trained_mlp  # the same models as scale.py
 
     sys.path.insert(0, str(args.root.resolve()))
     for mod in [m for m in sys.modules if m == "mis_lightning" or m.startswith("mis_lightning.")]:
         del sys.modules[mod]
     import torch
-    from torch import nn
 
     import mis_lightning
     from mis_lightning import functional as F
@@ -55,28 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from mis_lightning.config import stage_configs
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    n_in, hidden = ARCH[args.size]
-    layers, prev = [], n_in
-    for h in hidden:
-        layers += [nn.Linear(prev, h), nn.ReLU()]
-        prev = h
-    model = nn.Sequential(*layers, nn.Linear(prev, 1))
-    n = 4096
-    x = torch.randn(n, n_in)
-    y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(n)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
-
-    def loss_fn(out, t):
-        return 0.5 * (out.squeeze(-1) - t) ** 2
-
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        for xb, yb in loader:
-            opt.zero_grad()
-            loss_fn(model(xb), yb).mean().backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
+    model, loader, loss_fn = trained_mlp(args.size, 4096)
     est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
     sc_cfg = dataclasses.replace(sc_cfg, compile=args.compile)
     est = run_estimation(model, loader, loss_fn, est_cfg)

@@ -602,10 +602,8 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
         raise ValueError(f"exact_tv_ols needs a linear setting, got {s.label()}")
     d = s.d
     rng = np.random.default_rng([seed, 2025])
-    mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
+    mu_in, cov_in, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
     ch_in, ch_out = np.linalg.cholesky(cov_in), np.linalg.cholesky(cov_out)  # [K, d, d]
-    k = rng.integers(0, K, M)
-    T = mu_in[k] + (ch_in[k] @ rng.standard_normal((M, d, 1)))[..., 0]  # releases of the in-mixture
     lo, hi = grid.cell_edges(grid.codes(T))
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
     lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
@@ -625,9 +623,26 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
     # the split, a box is only lost when its side is misjudged, where 1 - r is within the noise.
     # (The large noise once measured on coarse 5-d boxes, 2x the value at 32 draws, was the
     # simulator's tail mirroring, GHK_FLIP.)
+    return _split_sample_tv(log_ratio)
+
+
+def _in_mixture_draws(s: Setting, zx: np.ndarray, zy: float, K: int, M: int, rng: np.random.Generator
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_release_laws` of ``K`` designs and ``M`` estimators ``[M, d]`` drawn from the
+    in-mixture (a design at random, then its Gaussian law): the releases' weights."""
+    mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
+    k = rng.integers(0, K, M)
+    T = mu_in[k] + (np.linalg.cholesky(cov_in)[k] @ rng.standard_normal((M, s.d, 1)))[..., 0]
+    return mu_in, cov_in, cov_out, T
+
+
+def _split_sample_tv(log_ratio: Callable[[], torch.Tensor]) -> tuple[float, float]:
+    """``E[(1 - P_out / P_in)_+]`` over releases and its standard error, split sample: one call
+    of ``log_ratio`` (fresh simulator draws) decides the side ``P_out < P_in``, an independent
+    one gives the ratio ((1 - r)_+ of one noisy ratio is biased upward by about its noise)."""
     side = log_ratio() < 0
     v = torch.where(side, 1.0 - torch.exp(log_ratio()), torch.zeros(())).numpy()
-    return float(v.mean()), float(v.std() / math.sqrt(M))
+    return float(v.mean()), float(v.std() / math.sqrt(v.shape[0]))
 
 
 def _absmax_release(grid: AbsmaxGrid, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -667,10 +682,7 @@ def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float,
         raise ValueError(f"exact_tv_ols_absmax needs a linear setting, got {s.label()}")
     d = s.d
     rng = np.random.default_rng([seed, 2026])
-    mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
-    ch_in = np.linalg.cholesky(cov_in)
-    k = rng.integers(0, K, M)
-    T = mu_in[k] + (ch_in[k] @ rng.standard_normal((M, d, 1)))[..., 0]
+    mu_in, cov_in, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
     idx, v, lo, hi = _absmax_release(grid, T)
     mu_out = np.broadcast_to(s.theta_star, (K, d))
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
@@ -704,9 +716,7 @@ def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float,
         u = torch.cat([u, 1.0 - u], 1)
         return torch.logsumexp(log_density(mu_out, cov_out, u), 0) - torch.logsumexp(log_density(mu_in, cov_in, u), 0)
 
-    side = log_ratio() < 0
-    val = torch.where(side, 1.0 - torch.exp(log_ratio()), torch.zeros(())).numpy()
-    return float(val.mean()), float(val.std() / math.sqrt(M))
+    return _split_sample_tv(log_ratio)
 
 
 # Boxes a release may fall in, at most, for :func:`exact_tv_ols_boxes` (beyond: NaN).
