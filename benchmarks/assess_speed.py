@@ -68,14 +68,22 @@ def trained_mlp(size: str, n: int, epochs: int = 3, batch: int = 256, seed: int 
     def loss_fn(out, t):
         return 0.5 * (out.squeeze(-1) - t) ** 2
 
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    train_adam(model, loader, loss_fn, epochs)
+    return model, loader, loss_fn
+
+
+def train_adam(model, loader, loss_fn, epochs: int = 3, lr: float = 1e-3) -> None:
+    """``epochs`` of Adam on the mean of ``loss_fn`` (per record) over ``loader``, in place;
+    the ``.grad`` tensors dropped at the end."""
+    import torch
+
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):
         for xb, yb in loader:
             opt.zero_grad()
             loss_fn(model(xb), yb).mean().backward()
             opt.step()
     opt.zero_grad(set_to_none=True)
-    return model, loader, loss_fn
 
 
 def run_one(size: str, n: int, batch: int, device: str, schemes: list[str], threads: int, draws: int = 0) -> dict:

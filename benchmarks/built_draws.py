@@ -43,30 +43,16 @@ SCHEMES = ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int2",
 def build(kind: str):
     import torch
 
-    torch.manual_seed(0)
+    from assess_speed import train_adam, trained_mlp
+
     if kind.startswith("mlp"):
-        from assess_speed import mlp
+        return trained_mlp(kind[3:], 4096)
+    from beyond_linear import build as bl_build
 
-        model, F = mlp(kind[3:])
-        n = 4096
-        x = torch.randn(n, F)
-        y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(n)
-        ds = torch.utils.data.TensorDataset(x, y)
-
-        def loss_fn(out, t):
-            return 0.5 * (out.squeeze(-1) - t) ** 2
-    else:
-        from beyond_linear import build as bl_build
-
-        model, ds, _, loss_fn = bl_build(kind, 2048)
+    torch.manual_seed(0)
+    model, ds, _, loss_fn = bl_build(kind, 2048)
     loader = torch.utils.data.DataLoader(ds, batch_size=256)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(3):
-        for xb, yb in loader:
-            opt.zero_grad()
-            loss_fn(model(xb), yb).mean().backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
+    train_adam(model, loader, loss_fn)
     return model, loader, loss_fn
 
 
