@@ -929,13 +929,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             else:
                                 basis, mix, ld = _draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws, policy,
                                                              with_lam=est.d == 1)
-                                kd = None
-                            if kd is None:
                                 delta = (basis, mix)
-                                if keep or not reader.streaming:
-                                    kd = k_c + mix @ basis
-                            else:
-                                delta = (kd - k_c, torch.eye(prep.num_draws, dtype=torch.float64))
+                                kd = k_c + mix @ basis if keep else None
                             if keep:
                                 for bi in range(prep.num_draws):
                                     prep.draws[name][bi][a:b] = kd[bi]
