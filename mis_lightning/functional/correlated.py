@@ -439,10 +439,17 @@ def _all_coarse_mean_abs(root: Tensor, alpha: Tensor, pad: Tensor, b: Tensor, ou
     # small (a coarse grid: a few cells per coordinate), else sorted (torch.unique, ~20x slower)
     low = cell.amin(0)
     span = (cell.amax(0) - low + 1).tolist()
-    if math.prod(span) >= 1 << 62:
-        return None
+    offset = cell - low
+    values: list[Tensor] | None = None  # per coordinate, the cells an offset stands for
+    if math.prod(span) >= 1 << 62:  # cells reached sparsely over a wide range: their ranks
+        ranked = [torch.unique(cell[:, j], return_inverse=True) for j in range(c)]
+        values = [v for v, _ in ranked]
+        offset = torch.stack([r for _, r in ranked], 1)
+        span = [v.numel() for v in values]
+        if math.prod(span) >= 1 << 62:
+            return None
     radix = [math.prod(span[:j]) for j in range(c)]
-    key = ((cell - low) * torch.tensor(radix, dtype=torch.long)).sum(1)
+    key = (offset * torch.tensor(radix, dtype=torch.long)).sum(1)
     if math.prod(span) <= BINCOUNT_MAX_KEYS:
         every = torch.bincount(key, minlength=math.prod(span))
         keys = torch.nonzero(every).squeeze(-1)
@@ -452,7 +459,8 @@ def _all_coarse_mean_abs(root: Tensor, alpha: Tensor, pad: Tensor, b: Tensor, ou
     if keys.numel() > outer_draws:  # many distinct boxes (fine cells): the general path
         return None
     # one row of cells per box, decoded from its key
-    uniq = torch.stack([(keys // radix[j]) % span[j] for j in range(c)], 1) + low
+    offs = [(keys // radix[j]) % span[j] for j in range(c)]
+    uniq = torch.stack(offs, 1) + low if values is None else torch.stack([values[j][o] for j, o in enumerate(offs)], 1)
     per_box = int(min(16 * EXACT_BOX_DRAWS, max(box_draws, EXACT_BUDGET // max(uniq.shape[0] * c, 1))))
     lo = torch.gather(pad, 1, uniq.T).T
     hi = torch.gather(pad, 1, (uniq + 1).T).T
