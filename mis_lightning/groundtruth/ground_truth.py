@@ -602,8 +602,8 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
         raise ValueError(f"exact_tv_ols needs a linear setting, got {s.label()}")
     d = s.d
     rng = np.random.default_rng([seed, 2025])
-    mu_in, cov_in, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
-    ch_in, ch_out = np.linalg.cholesky(cov_in), np.linalg.cholesky(cov_out)  # [K, d, d]
+    mu_in, _, ch_in, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
+    ch_out = np.linalg.cholesky(cov_out)  # [K, d, d]
     lo, hi = grid.cell_edges(grid.codes(T))
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
     lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
@@ -627,13 +627,15 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
 
 
 def _in_mixture_draws(s: Setting, zx: np.ndarray, zy: float, K: int, M: int, rng: np.random.Generator
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_release_laws` of ``K`` designs and ``M`` estimators ``[M, d]`` drawn from the
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_release_laws` of ``K`` designs with the in-law's Cholesky factors
+    (``mu_in, cov_in, chol_in, cov_out``), and ``M`` estimators ``[M, d]`` drawn from the
     in-mixture (a design at random, then its Gaussian law): the releases' weights."""
     mu_in, cov_in, cov_out = _release_laws(s, zx, zy, K, rng)
+    ch_in = np.linalg.cholesky(cov_in)
     k = rng.integers(0, K, M)
-    T = mu_in[k] + (np.linalg.cholesky(cov_in)[k] @ rng.standard_normal((M, s.d, 1)))[..., 0]
-    return mu_in, cov_in, cov_out, T
+    T = mu_in[k] + (ch_in[k] @ rng.standard_normal((M, s.d, 1)))[..., 0]
+    return mu_in, cov_in, ch_in, cov_out, T
 
 
 def _split_sample_tv(log_ratio: Callable[[], torch.Tensor]) -> tuple[float, float]:
@@ -682,7 +684,7 @@ def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float,
         raise ValueError(f"exact_tv_ols_absmax needs a linear setting, got {s.label()}")
     d = s.d
     rng = np.random.default_rng([seed, 2026])
-    mu_in, cov_in, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
+    mu_in, cov_in, _, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
     idx, v, lo, hi = _absmax_release(grid, T)
     mu_out = np.broadcast_to(s.theta_star, (K, d))
     gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
