@@ -583,7 +583,8 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     depends on the position in the cell by at most ~exp(-2 pi^2 sigma^2 / h^2) (Poisson
     summation: 2e-9 at h = sigma, 0 at h <= FINE_STEP where every path uses the fine-grid
     expansion ``kappa(h)``), dead blocks (kappa 0) and revealed elements (kappa 1). Far means
-    at theta-hat and at the draw (``to_min + xi``, ``to_max - xi`` in sd units)."""
+    at theta-hat and at the draw (``to_min + xi``, ``to_max - xi`` in sd units), from the
+    clamped ends and from the bounds the release gives (``ParamGrid.support``)."""
     if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
         return None
@@ -591,8 +592,12 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     s, z = scale.to(torch.float64), zp.to(torch.float64)
     th64 = th.to(torch.float64)
     sg64 = sg.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
-    to_min = (th64 - (grid.qmin + 0.5 - z) * s) / sg64  # sd units above the lowest edge
-    to_max = ((grid.qmax - 0.5 - z) * s - th64) / sg64
+    low, high = (grid.qmin + 0.5 - z) * s, (grid.qmax - 0.5 - z) * s  # the outer cells' edges
+    bounds = grid.element_bounds(a, b)
+    if bounds is not None:  # outer cells cut at the bounds the release gives
+        low, high = torch.maximum(low, bounds[0]), torch.minimum(high, bounds[1])
+    to_min = (th64 - low) / sg64  # sd units above the lowest edge (or bound)
+    to_max = (high - th64) / sg64
     fixed = scale <= 0
     if grid.revealed is not None:
         fixed = fixed | grid.revealed.reshape(-1)[a:b].to(torch.bool)
@@ -725,7 +730,7 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
     kap = torch.empty(D, c, dtype=torch.float64)
     lam = torch.zeros(D, c, dtype=torch.float64)
     free = None if with_lam else _position_free(grid, th, sg, a, b, xi)
-    scale = zp = None
+    scale = zp = bounds = None
     for bi in range(D):
         th_b = th64 + sg64 * xi[bi]
         if free is None:
@@ -745,8 +750,10 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
             idx = torch.sort(torch.cat([idx, pad])).values
         if scale is None:
             scale, zp, _ = grid.element_grid(a, b)
-        kap[bi, idx] = F.affine_cell_moments(th_b[idx], sg64[idx], scale[idx], zp[idx], grid.qmin, grid.qmax,
-                                             compile_policy=policy).kappa
+            bounds = grid.element_bounds(a, b)
+        kap[bi, idx] = grid.element_moments(
+            th_b[idx], sg64[idx], scale[idx], zp[idx], None,
+            None if bounds is None else (bounds[0][idx], bounds[1][idx]), policy).kappa
     return kap, lam
 
 

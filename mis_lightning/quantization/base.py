@@ -33,6 +33,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional.bounds import bounded_moments, clip_boundaries
 from ..functional.cells import SQRT_2_OVER_PI
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -125,7 +126,7 @@ def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tup
     rem = torch.arange(r0, r1, device=block_tensor.device)
     lead_block = torch.zeros_like(rem)
     stride, bstride = 1, 1
-    for s_, nb in zip(shape[:-1], nblocks[:-1]):
+    for s_ in shape[:-1]:
         stride *= s_
     for dim in range(len(shape) - 1):
         stride //= shape[dim]
@@ -178,6 +179,30 @@ def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal[
     return mask[tuple(slice(0, s) for s in t.shape)].clone()
 
 
+def support_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"]
+                     ) -> tuple[Tensor, Tensor]:
+    """Per-block bounds ``(lower, upper)`` (float64, ``ceil(shape / block_size)``) that a
+    weight-derived scale releases on every weight of its block.
+
+    ``"absmax"``: ``[-m, m]`` with ``m = max |w|`` (the released scale is ``m / c``);
+    ``"minmax"``: ``[min(w_min, 0), max(w_max, 0)]`` (torchao's ``choose_qparams_affine`` and
+    torch's min/max observers widen the range to hold 0). Given the release, the grid's outer
+    cells end at these bounds (:func:`~mis_lightning.functional.bounds.bounded_moments`,
+    method.md section 5).
+    """
+    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
+    view, _ = _block_view(t, block_size)
+    red = tuple(range(1, 2 * t.dim(), 2))
+    if rule == "absmax":
+        m = torch.nan_to_num(view.abs(), nan=0.0).amax(dim=red).to(torch.float64)
+        return -m, m
+    if rule == "minmax":
+        hi = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red).to(torch.float64).clamp_min(0.0)
+        lo = torch.nan_to_num(view, nan=float("inf")).amin(dim=red).to(torch.float64).clamp_max(0.0)
+        return lo, hi
+    raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+
+
 @dataclass
 class ParamGrid:
     """The grid of one quantized parameter tensor (all element indices are flat, row-major).
@@ -196,6 +221,9 @@ class ParamGrid:
         values: sorted representable values in units of ``scale`` (table grids).
         revealed: boolean mask (``shape``) of elements whose value the released scale gives
             away exactly (see :func:`revealed_by_scale`); scored as unquantized.
+        support: per-block ``(lower, upper)`` bounds (``scale``'s layout, float64) that the
+            release puts on every weight of the block (see :func:`support_by_scale`), or
+            ``None``; the outer cells are cut at them (method.md section 5).
         rounding: how the backend picked each weight's code. ``"nearest"``: the nearest grid
             point of a grid that stays fixed when one weight moves, so the cell moments follow
             in closed form from the grid (:meth:`moments`). Anything else (``"stochastic"``,
@@ -218,12 +246,37 @@ class ParamGrid:
     codes: Tensor | None = None
     values: Tensor | None = None
     revealed: Tensor | None = None
+    support: tuple[Tensor, Tensor] | None = None
     rounding: str = "nearest"
     method: str = ""
 
     @property
     def numel(self) -> int:
         return int(math.prod(self.shape))
+
+    def reveal(self, theta: Tensor, rule: Literal["absmax", "minmax"]) -> None:
+        """Record what a weight-derived scale ``rule`` gives away about the trained weights
+        ``theta`` (this grid's shape, its ``block_size``): the elements it determines exactly
+        (:attr:`revealed`) and the bounds on every other one (:attr:`support`)."""
+        self.revealed = revealed_by_scale(theta, self.block_size, rule)
+        self.support = support_by_scale(theta, self.block_size, rule)
+
+    def _outer_edges(self, scale: Tensor, zp: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(low_edge, high_edge, step)`` per element: the upper edge of the lowest cell, the
+        lower edge of the highest, and the uniform step (``None`` for value tables)."""
+        s = scale.to(torch.float64)
+        if self.kind == "affine":
+            z = zp.to(torch.float64)
+            return (self.qmin + 0.5 - z) * s, (self.qmax - 0.5 - z) * s, s
+        assert self.values is not None
+        v = self.values.to(torch.float64)
+        return 0.5 * (v[0] + v[1]) * s, 0.5 * (v[-2] + v[-1]) * s, None
+
+    def element_bounds(self, start: int, end: int) -> tuple[Tensor, Tensor] | None:
+        """``(lower, upper)`` ``[c]`` float64 of elements ``start:end`` (:attr:`support`), or ``None``."""
+        if self.support is None:
+            return None
+        return self._elem(self.support[0], start, end), self._elem(self.support[1], start, end)
 
     def _elem(self, t: Tensor | None, start: int, end: int) -> Tensor:
         if t is None:
@@ -257,12 +310,7 @@ class ParamGrid:
             scale = torch.where(dead, torch.ones_like(scale), scale)
             if code is not None:
                 code = torch.where(dead, zp, code)
-        if self.kind == "affine":
-            mm = affine_cell_moments(theta, sigma, scale, zp, self.qmin, self.qmax, code=code,
-                                     compile_policy=compile_policy)
-        else:
-            assert self.values is not None
-            mm = table_cell_moments(theta, sigma, self.values, scale)
+        mm = self.element_moments(theta, sigma, scale, zp, code, self.element_bounds(start, end), compile_policy)
         if bool(dead.any()):
             zero = torch.zeros_like(mm.kappa)
             mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
@@ -281,6 +329,27 @@ class ParamGrid:
                                  coverage=torch.where(rev, one, mm.coverage))
         return mm
 
+    def element_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                        code: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
+                        compile_policy: CompilePolicy | None = None) -> CellMoments:
+        """Cell moments of any elements given their per-element grid parameters (each ``[c]``:
+        ``scale > 0``, ``zero_point``, the backend's ``code`` or ``None``, and the release's
+        ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
+        elements are :meth:`moments`' business."""
+        if self.kind == "affine":
+            mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
+                                     compile_policy=compile_policy)
+        else:
+            assert self.values is not None
+            mm = table_cell_moments(theta, sigma, self.values, scale)
+        if bounds is not None:
+            # the release bounds every weight of the block: outer cells cut at the bounds
+            low_edge, high_edge, step = self._outer_edges(scale, zero_point)
+            mm = bounded_moments(mm, theta, sigma, *bounds, low_edge, high_edge, step,
+                                 lambda ii, m: self._edges(theta[ii], scale[ii], zero_point[ii],
+                                                           None if code is None else code[ii], m))
+        return mm
+
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
         """Cell edges ``[c, 2*half_window + 2]`` around elements ``start:end`` (parameter units)."""
         scale, zp, code = self.element_grid(start, end)
@@ -289,16 +358,22 @@ class ParamGrid:
             scale = torch.where(dead, torch.ones_like(scale), scale)
             if code is not None:
                 code = torch.where(dead, zp, code)
-        if self.kind == "affine":
-            edges = affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=code)
-        else:
-            assert self.values is not None
-            edges = table_boundaries(theta, self.values, scale, half_window)
+        edges = self._edges(theta, scale, zp, code, half_window)
+        bounds = self.element_bounds(start, end)
+        if bounds is not None:
+            edges = clip_boundaries(edges, *bounds)
         if bool(dead.any()):
             single = torch.full_like(edges[0], math.inf)
             single[: half_window + 1] = -math.inf
             edges = torch.where(dead.unsqueeze(-1), single, edges)
         return edges
+
+    def _edges(self, theta: Tensor, scale: Tensor, zp: Tensor, code: Tensor | None, half_window: int) -> Tensor:
+        """Unbounded cell edges ``[c, 2*half_window + 2]`` (per-element grid parameters)."""
+        if self.kind == "affine":
+            return affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=code)
+        assert self.values is not None
+        return table_boundaries(theta, self.values, scale, half_window)
 
     def cell_value(self, theta: Tensor, start: int, end: int) -> Tensor:
         """The value of the cell that contains each weight, from the grid alone (``[c]`` float64).
@@ -582,8 +657,9 @@ class QuantizationScheme(ABC):
                     g.rounding = self.rounding
         if self.scale_rule != "none":
             for n, g in grids.items():
+                # a backend that set `revealed` itself (e.g. prescaled grids) knows better
                 if n in params_ and g.revealed is None and tuple(params_[n].shape) == tuple(g.shape):
-                    g.revealed = revealed_by_scale(params_[n], g.block_size, self.scale_rule)
+                    g.reveal(params_[n], self.scale_rule)
         uses = parameter_uses(model)
         unquantized = {n: reasons.get(n) or self._float_reason(n, p, uses.get(id(p), []),
                                                                params is None or n in params)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .base import ParamGrid, affine_grid, parameter_uses, revealed_by_scale
+from .base import ParamGrid, affine_grid, parameter_uses
 
 _NDQLinear = nn.modules.linear.NonDynamicallyQuantizableLinear
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -186,7 +186,7 @@ def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
                        qmin=spec.qmin, qmax=spec.qmax, dequantized=deq.reshape(gshape),
                        code_bits=spec.bits, side_bits=side, asymmetric=spec.mapping == "asymmetric")
     # the weights the released scale gives away (block absmax, or min and max), scored as float
-    grid.revealed = revealed_by_scale(w, block, "minmax" if spec.mapping == "asymmetric" else "absmax")
+    grid.reveal(w, "minmax" if spec.mapping == "asymmetric" else "absmax")
     return grid
 
 

@@ -23,7 +23,6 @@ from .base import (
     QuantizationScheme,
     SchemeError,
     parameter_uses,
-    revealed_by_scale,
 )
 from .registry import get_scheme
 
@@ -162,7 +161,7 @@ class MixedPrecisionScheme(QuantizationScheme):
                     grid.rounding = cand.rounding
                 if (cand.scale_rule != "none" and grid.revealed is None and n in floats
                         and tuple(floats[n].shape) == tuple(grid.shape)):
-                    grid.revealed = revealed_by_scale(floats[n], grid.block_size, cand.scale_rule)  # type: ignore[arg-type]
+                    grid.reveal(floats[n], cand.scale_rule)  # type: ignore[arg-type]
                 grids[n] = grid
             for n in names:
                 if n not in g:
