@@ -327,8 +327,11 @@ def compile_due(policy: CompilePolicy | None, elements: int) -> bool:
         return False
     if not policy.wants(int(_FUSED_STATE["elements"]) + int(elements)):  # type: ignore[arg-type]
         return False
+    from .bounds import SPLIT_COMPILED_PATH, split_compiled
+
     ready = _FUSED_STATE["compiled"] is not None and _FUSED_STATE["compiled_codes"] is not None
-    return not (ready and GUARD.is_checked(COMPILED_PATH))
+    split_ready = split_compiled() or SPLIT_COMPILED_PATH in GUARD.disabled
+    return not (ready and split_ready and GUARD.is_checked(COMPILED_PATH))
 
 
 def warm_up_compiled_kernel(policy: CompilePolicy | None = None, elements: int = 0,
@@ -339,7 +342,8 @@ def warm_up_compiled_kernel(policy: CompilePolicy | None = None, elements: int =
 
     Both variants (given codes, codes from the grid) run once on a synthetic int8 chunk of
     ``TABLE_MIN_ELEMENTS`` weights spanning the kernel's regimes (fine, table, two-edge,
-    frozen, clamped ends) under ``CompilePolicy("always")``: ``torch.compile`` builds them and
+    frozen, clamped ends) under ``CompilePolicy("always")``, and so does the outer-cell split
+    of bounded grids (:mod:`~mis_lightning.functional.bounds`): ``torch.compile`` builds them and
     the first-use self-check (:mod:`~mis_lightning.functional.fastpath`) compares them with the
     eager kernel, disabling the compiled path with a ``RuntimeWarning`` on disagreement. The
     process's element count (what ``"auto"`` waits for) is left as it was.
@@ -373,8 +377,12 @@ def warm_up_compiled_kernel(policy: CompilePolicy | None = None, elements: int =
     always = CompilePolicy("always")
     try:
         codes = affine_codes(args[0], args[2], args[3], -128, 127)
-        affine_cell_moments(*args, -128, 127, code=codes, compile_policy=always)
+        mm = affine_cell_moments(*args, -128, 127, code=codes, compile_policy=always)
         affine_cell_moments(*args, -128, 127, compile_policy=always)
+        # the outer-cell split of grids bounded by the release (absmax scales), on the same chunk
+        from .bounds import warm_up_split
+
+        warm_up_split(mm, *args[:3], 127, always)
     finally:
         _FUSED_STATE["elements"] = before
     if progress is not None:

@@ -29,16 +29,29 @@ All tensors are per element (``[c]``, float64, parameter units).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .cells import SQRT_2_OVER_PI, CellMoments, moments_from_alpha
-from .kernel import _MAX_WINDOW, CUTOFF_SIGMAS, FINE_STEP, fine_grid_moments, windowed_moments
+from .cells import SQRT_2_OVER_PI, CellMoments, _pdf
+from .fastpath import GUARD, SAME_ARITHMETIC, compare, sample_indices
+from .kernel import (
+    _FUSED_STATE,
+    _MAX_WINDOW,
+    COMPILED_PATH,
+    CUTOFF_SIGMAS,
+    FINE_STEP,
+    CompilePolicy,
+    fine_grid_moments,
+    windowed_moments,
+)
 
 _WINDOWS = (2, 3, 4, 6, 10, 18, 64, 256, _MAX_WINDOW)
 _ROWS_BUDGET = 1 << 18
+# Relative distance (of the grid's span) within which a bound counts as on an end edge.
+_SNAP = 1e-6
 
 
 def bounds_in_reach(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
@@ -59,26 +72,126 @@ def clip_boundaries(edges: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     return torch.cat([edges[:, :1], inner, edges[:, -1:]], dim=-1)
 
 
-def _split_delta(theta: Tensor, sigma: Tensor, edge: Tensor, bound: Tensor, top: bool) -> tuple[Tensor, ...]:
-    """The change of ``(kappa, mean_abs, m4)`` when the outer cell ``[edge, inf)`` (``top``) or
-    ``(-inf, edge]`` is split at ``bound`` (beyond ``edge``): exact cell terms."""
-    sg = sigma.clamp_min(torch.finfo(torch.float64).tiny)
-    e = ((edge - theta) / sg).unsqueeze(-1)
-    b = ((bound - theta) / sg).unsqueeze(-1)
+def _split_delta(e: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The change of ``(kappa, mean_abs, m4)`` when the outer cell ``[e, inf)`` is split at
+    ``b >= e`` (standardised; the bottom cell ``(-inf, e]`` by symmetry: negate both). The
+    same terms as :func:`~mis_lightning.functional.cells.cell_terms` (tail probabilities
+    without cancellation, conditional means kept inside their cells, empty cells dropped),
+    written elementwise: two ``ndtr`` and two ``exp`` per element."""
+    tiny = 1e-300
+    qe, qb = torch.special.ndtr(-e.abs()), torch.special.ndtr(-b.abs())  # the smaller tails
+    tail_e = torch.where(e >= 0, qe, 1.0 - qe)  # P(U > e)
+    tail_b = torch.where(b >= 0, qb, 1.0 - qb)
+    mid = torch.where(e >= 0, qe - qb, torch.where(b <= 0, qb - qe, 1.0 - qe - qb)).clamp_min(0.0)
+    pe, pb = _pdf(e), _pdf(b)
+    d = pe - pb
+
+    def term(diff: Tensor, prob: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        live = prob > tiny
+        r = torch.maximum(torch.minimum(diff / prob.clamp_min(tiny), hi), lo)
+        r = torch.where(live, r, torch.zeros_like(r))
+        sq = diff * r
+        return sq, diff.abs(), sq * r * r
+
     inf = torch.full_like(e, math.inf)
-    if top:
-        split, whole = torch.cat([e, b, inf], -1), torch.cat([e, inf], -1)
-    else:
-        split, whole = torch.cat([-inf, b, e], -1), torch.cat([-inf, e], -1)
-    ms, mw = moments_from_alpha(split), moments_from_alpha(whole)
-    return ms.kappa - mw.kappa, ms.mean_abs - mw.mean_abs, ms.m4 - mw.m4
+    kw, lw, mw = term(pe, tail_e, e, inf)
+    ku, lu, mu = term(pb, tail_b, b, inf)
+    km, lm, m4m = term(d, mid, e, b)
+    return km + ku - kw, lm + lu - lw, m4m + mu - mw
 
 
-def _add(mm: CellMoments, idx: Tensor, delta: tuple[Tensor, ...]) -> None:
-    dk, dl, d4 = delta
-    mm.kappa[idx] = (mm.kappa[idx] + dk).clamp(0.0, 1.0)
-    mm.mean_abs[idx] = (mm.mean_abs[idx] + dl).clamp(0.0, SQRT_2_OVER_PI)
-    mm.m4[idx] = mm.m4[idx] + d4
+def _split_chunk(kappa: Tensor, mean_abs: Tensor, m4: Tensor, mask: Tensor, theta: Tensor, sigma: Tensor,
+                 edge: Tensor, bound: Tensor, sign: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Elementwise over a chunk: the moments with the outer cell at ``edge`` cut at ``bound``
+    where ``mask`` (``sign`` +1: the top cell, -1: the bottom one). Branch-free (compiled)."""
+    sg = sigma.clamp_min(2.2250738585072014e-308)
+    zero = torch.zeros_like(theta)
+    e = torch.where(mask, sign * (edge - theta) / sg, zero)
+    b = torch.where(mask, sign * (bound - theta) / sg, zero)
+    dk, dl, d4 = _split_delta(e, b)
+    return ((kappa + torch.where(mask, dk, zero)).clamp(0.0, 1.0),
+            (mean_abs + torch.where(mask, dl, zero)).clamp(0.0, SQRT_2_OVER_PI),
+            m4 + torch.where(mask, d4, zero))
+
+
+#: Name of the compiled split, as the self-check warnings print it.
+SPLIT_COMPILED_PATH = "the torch.compile'd outer-cell split of bounded grids"
+_SPLIT_STATE: dict[str, object] = {"compiled": None, "failed": False}
+
+
+def _split_kernel(policy: CompilePolicy | None):
+    """The split to run and whether it is compiled: compiled when the caller's policy compiles
+    the cell-moment kernel at this point of the process (the same decision, no new compile
+    surprise), unless compiling or the self-check failed."""
+    policy = policy or CompilePolicy()
+    want = policy.wants(int(_FUSED_STATE["elements"]))  # type: ignore[arg-type]
+    if not want or _SPLIT_STATE["failed"] or SPLIT_COMPILED_PATH in GUARD.disabled \
+            or COMPILED_PATH in GUARD.disabled:
+        return _split_chunk, False
+    if _SPLIT_STATE["compiled"] is None:
+        _SPLIT_STATE["compiled"] = torch.compile(_split_chunk, dynamic=True)
+    return _SPLIT_STATE["compiled"], True
+
+
+def split_compiled() -> bool:
+    """Whether the compiled split exists and passed its first-use check at this thread count."""
+    return _SPLIT_STATE["compiled"] is not None and GUARD.is_checked(SPLIT_COMPILED_PATH)
+
+
+def warm_up_split(mm: CellMoments, theta: Tensor, sigma: Tensor, scale: Tensor, qmax: int,
+                  policy: CompilePolicy) -> None:
+    """Run the chunk-wide split once (compiled and self-checked as ``policy`` says) on a chunk
+    of an affine grid ``[qmin, qmax] * scale`` whose top cell every element has cut at
+    ``(qmax - 1/2) * scale`` (``affine.warm_up_compiled_kernel`` calls it up front)."""
+    s = scale.to(torch.float64)
+    _apply_split(mm, torch.ones_like(s, dtype=torch.bool), theta.to(torch.float64), sigma.to(torch.float64),
+                 (qmax - 1.5) * s, (qmax - 0.5) * s, True, policy)
+
+
+def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, edge: Tensor,
+                 bound: Tensor, top: bool, policy: CompilePolicy | None) -> CellMoments:
+    """Cut the outer cell at ``edge`` at ``bound`` for the elements ``mask``: on gathered
+    elements when few, over the whole chunk (compiled as ``policy`` says, checked against the
+    eager arithmetic on a sample) when most are concerned (large models whose sd spans the
+    whole grid)."""
+    n = int(mask.sum())
+    if n == 0:
+        return out
+    sign = 1.0 if top else -1.0
+    if 2 * n < mask.numel():
+        idx = torch.nonzero(mask).squeeze(-1)
+        s = sigma[idx].clamp_min(torch.finfo(torch.float64).tiny)
+        t = theta[idx]
+        dk, dl, d4 = _split_delta(sign * (edge[idx] - t) / s, sign * (bound[idx] - t) / s)
+        out.kappa[idx] = (out.kappa[idx] + dk).clamp(0.0, 1.0)
+        out.mean_abs[idx] = (out.mean_abs[idx] + dl).clamp(0.0, SQRT_2_OVER_PI)
+        out.m4[idx] = out.m4[idx] + d4
+        return out
+    args = (mask, theta, sigma, edge, bound, torch.tensor(sign, dtype=torch.float64, device=theta.device))
+    kernel, compiled = _split_kernel(policy)
+    c = theta.numel()
+    try:
+        res = kernel(out.kappa, out.mean_abs, out.m4, *args)
+    except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
+        if not compiled:
+            raise
+        warnings.warn(f"torch.compile of the outer-cell split failed ({type(exc).__name__}: {exc}); "
+                      "using the eager arithmetic", RuntimeWarning, stacklevel=2)
+        _SPLIT_STATE["failed"], compiled = True, False
+        res = _split_chunk(out.kappa, out.mean_abs, out.m4, *args)
+    if compiled:
+        k = GUARD.sample_size(SPLIT_COMPILED_PATH, c, per_size=True)
+        if k:
+            idx = sample_indices(c, k, [mask])
+            ref = _split_chunk(out.kappa[idx], out.mean_abs[idx], out.m4[idx], *(a[idx] for a in args[:-1]), args[-1])
+            problem = compare(tuple(r[idx] for r in res), ref, torch.ones(idx.numel(), dtype=torch.float64),
+                              SAME_ARITHMETIC)
+            if problem:
+                GUARD.fail(SPLIT_COMPILED_PATH, problem, "the eager arithmetic")
+                res = _split_chunk(out.kappa, out.mean_abs, out.m4, *args)
+            else:
+                GUARD.passed(SPLIT_COMPILED_PATH, c)
+    return CellMoments(kappa=res[0], mean_abs=res[1], m4=res[2], coverage=out.coverage)
 
 
 def bounded_moments(
@@ -91,6 +204,7 @@ def bounded_moments(
     high_edge: Tensor,
     step: Tensor | None,
     edges: Callable[[Tensor, int], Tensor],
+    compile_policy: CompilePolicy | None = None,
 ) -> CellMoments:
     """The grid's cell moments ``mm`` (unbounded outer cells) corrected for bounds the release
     puts on each weight (see the module doc and method.md section 5).
@@ -105,6 +219,8 @@ def bounded_moments(
             no fine-grid form; inner bounds take exact window sums).
         edges: ``edges(ii, m) -> [len(ii), 2m + 2]`` unbounded cell edges around elements
             ``ii`` (the grid's ``boundaries``); clipped here.
+        compile_policy: the caller's :class:`~mis_lightning.functional.CompilePolicy`: the
+            chunk-wide split is compiled when the cell-moment kernel is (and self-checked).
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` (a new object; ``coverage`` as the sums give it).
@@ -116,52 +232,57 @@ def bounded_moments(
         return mm
     out = CellMoments(kappa=mm.kappa.clone(), mean_abs=mm.mean_abs.clone(), m4=mm.m4.clone(),
                       coverage=mm.coverage.clone())
-    idx = torch.nonzero(reach).squeeze(-1)
-    t, s, lb, ub = th[idx], sg[idx], lo[idx], hi[idx]
-    le, he = low_edge.to(torch.float64)[idx], high_edge.to(torch.float64)[idx]
+    le, he = low_edge.to(torch.float64), high_edge.to(torch.float64)
+    # A bound on an end edge up to the scale's float rounding (torchao's symmetric scales put
+    # -absmax on the bottom cell's edge) is that edge: nothing to cut.
+    tol = _SNAP * (he - le).abs()
+    lo = torch.where((lo - le).abs() <= tol, le, lo)
+    hi = torch.where((hi - he).abs() <= tol, he, hi)
+    cut = CUTOFF_SIGMAS * sg
     # a bound inside an inner cell (beyond it, whole cells are "another release")
-    inner = (ub < he) | (lb > le)
-    cut = CUTOFF_SIGMAS * s
-    split = ~inner  # bounds in (or beyond) the grid's own end cells: those cells are cut
-    # fine steps: the expansion between the grid edges nearest inside the bounds, then the
-    # cut cells exactly (a partial cell next to a bound is a cell of its own)
-    a, b = le, he
-    if step is not None:
-        st = step.to(torch.float64)[idx]
-        fine = (st <= FINE_STEP * s) & (st > 0)
-        top_k = torch.floor((he - le) / st.where(fine, torch.ones_like(st)) + 0.5)
-        ka = torch.ceil((lb - le) / st).clamp(0.0, None)
-        kb = torch.floor((ub - le) / st)
-        a = torch.where(fine, le + torch.minimum(ka, top_k) * st, le)
-        b = torch.where(fine, le + torch.minimum(kb, top_k) * st, he)
-        sel = fine & inner & (a <= b)
-        if bool(sel.any()):
-            sub = idx[sel]
-            ts, ss, cs = t[sel], s[sel], cut[sel]
-            a_std = torch.where(ts - a[sel] > cs, torch.full_like(ts, -math.inf), (a[sel] - ts) / ss)
-            b_std = torch.where(b[sel] - ts > cs, torch.full_like(ts, math.inf), (b[sel] - ts) / ss)
-            fm = fine_grid_moments(st[sel] / ss, a_std, b_std)
-            out.kappa[sub], out.mean_abs[sub], out.m4[sub] = fm.kappa, fm.mean_abs, fm.m4
-            out.coverage[sub] = 1.0
-            split = split | sel
-    # other inner bounds (coarser steps, value tables): exact sums over clipped windows
-    sel = ~split
-    if bool(sel.any()):
-        sub = idx[sel]
-        if step is None:
-            need = torch.full((sub.numel(),), float(_WINDOWS[-2]), dtype=torch.float64)
-        else:
-            need = (torch.ceil(CUTOFF_SIGMAS * sg[sub] / step.to(torch.float64)[sub]) + 1).clamp(max=_MAX_WINDOW)
-        windowed_moments(
-            (out.kappa, out.mean_abs, out.m4, out.coverage), sub, need, _WINDOWS, _ROWS_BUDGET,
-            lambda ii, m: clip_boundaries(edges(ii, m), lo[ii], hi[ii]), th, sg.clamp_min(1e-300))
+    inner = reach & ((hi < he) | (lo > le))
+    split = reach & ~inner  # bounds in (or beyond) the grid's own end cells: those cells are cut
+    a, b = le, he  # the edges of the outer cells that are cut
+    if bool(inner.any()):
+        idx = torch.nonzero(inner).squeeze(-1)
+        t, s, lb, ub, lei, hei = th[idx], sg[idx], lo[idx], hi[idx], le[idx], he[idx]
+        coarse = torch.ones_like(t, dtype=torch.bool)
+        if step is not None:
+            # fine steps: the expansion between the grid edges nearest inside the bounds, then
+            # the cut cells exactly (a partial cell next to a bound is a cell of its own)
+            st = step.to(torch.float64)[idx]
+            fine = (st <= FINE_STEP * s) & (st > 0)
+            st1 = torch.where(fine, st, torch.ones_like(st))
+            top_k = torch.floor((hei - lei) / st1 + 0.5)
+            ai = lei + torch.minimum(torch.ceil((lb - lei) / st1).clamp_min(0.0), top_k) * st1
+            bi = lei + torch.minimum(torch.floor((ub - lei) / st1), top_k) * st1
+            fine = fine & (ai <= bi)
+            if bool(fine.any()):
+                sub = idx[fine]
+                ts, ss, cs, af, bf = t[fine], s[fine], CUTOFF_SIGMAS * s[fine], ai[fine], bi[fine]
+                a_std = torch.where(ts - af > cs, torch.full_like(ts, -math.inf), (af - ts) / ss)
+                b_std = torch.where(bf - ts > cs, torch.full_like(ts, math.inf), (bf - ts) / ss)
+                fm = fine_grid_moments(st[fine] / ss, a_std, b_std)
+                out.kappa[sub], out.mean_abs[sub], out.m4[sub] = fm.kappa, fm.mean_abs, fm.m4
+                out.coverage[sub] = 1.0
+                a, b = le.clone(), he.clone()
+                a[sub], b[sub] = af, bf
+                split = split.clone()
+                split[sub] = True
+                coarse = ~fine
+        # other inner bounds (coarser steps, value tables): exact sums over clipped windows
+        if bool(coarse.any()):
+            sub = idx[coarse]
+            if step is None:
+                need = torch.full((sub.numel(),), float(_WINDOWS[-2]), dtype=torch.float64)
+            else:
+                need = (torch.ceil(CUTOFF_SIGMAS * sg[sub] / step.to(torch.float64)[sub]) + 1).clamp(max=_MAX_WINDOW)
+            windowed_moments(
+                (out.kappa, out.mean_abs, out.m4, out.coverage), sub, need, _WINDOWS, _ROWS_BUDGET,
+                lambda ii, m: clip_boundaries(edges(ii, m), lo[ii], hi[ii]), th, sg.clamp_min(1e-300))
     # the outer cell [b, inf) cut at the bound beyond it (and (-inf, a] likewise)
-    top = split & (ub > b) & (ub - t <= cut)
-    if bool(top.any()):
-        _add(out, idx[top], _split_delta(t[top], s[top], b[top], ub[top], True))
-    bot = split & (lb < a) & (t - lb <= cut)
-    if bool(bot.any()):
-        _add(out, idx[bot], _split_delta(t[bot], s[bot], a[bot], lb[bot], False))
+    out = _apply_split(out, split & (hi > b) & (hi - th <= cut), th, sg, b, hi, True, compile_policy)
+    out = _apply_split(out, split & (lo < a) & (th - lo <= cut), th, sg, a, lo, False, compile_policy)
     return out
 
 

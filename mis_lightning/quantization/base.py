@@ -347,7 +347,8 @@ class ParamGrid:
             low_edge, high_edge, step = self._outer_edges(scale, zero_point)
             mm = bounded_moments(mm, theta, sigma, *bounds, low_edge, high_edge, step,
                                  lambda ii, m: self._edges(theta[ii], scale[ii], zero_point[ii],
-                                                           None if code is None else code[ii], m))
+                                                           None if code is None else code[ii], m),
+                                 compile_policy)
         return mm
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
