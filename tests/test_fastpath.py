@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import mis_lightning.functional.affine as A
+import mis_lightning.functional.bounds as B
 import mis_lightning.functional.grids as G
 import mis_lightning.functional.kernel as K
 import mis_lightning.functional.table as T
@@ -114,6 +115,8 @@ def fresh_guard(monkeypatch):
     for key in ("compiled", "compiled_codes"):
         monkeypatch.setitem(G._FUSED_STATE, key, None)
     monkeypatch.setitem(G._FUSED_STATE, "failed", False)
+    monkeypatch.setitem(B._SPLIT_STATE, "compiled", None)
+    monkeypatch.setitem(B._SPLIT_STATE, "failed", False)
     yield
     fastpath.GUARD.reset()
 
@@ -196,6 +199,29 @@ def test_self_check_catches_a_wrong_compiled_kernel_and_falls_back(monkeypatch):
     want = G.affine_cell_moments(*args, compile_policy=NEVER)
     for n in ("kappa", "mean_abs", "m4"):
         assert torch.equal(getattr(got, n), getattr(want, n)), n
+
+
+def test_self_check_catches_a_wrong_compiled_split_and_falls_back(monkeypatch):
+    """The compiled outer-cell split of bounded grids is checked against its eager arithmetic
+    like the kernel: a wrong one (kappa 1% high) is disabled with a warning and the chunk
+    recomputed eagerly."""
+    def broken(*args):
+        k, lam, m4 = B._split_chunk(*args)
+        return k * 1.01, lam, m4
+
+    monkeypatch.setitem(B._SPLIT_STATE, "compiled", broken)
+    c = 4096
+    gen = torch.Generator().manual_seed(2)
+    th = torch.rand(c, generator=gen, dtype=F64) * 2 - 1
+    sg = torch.full((c,), 0.5, dtype=F64)
+    s = torch.full((c,), 1 / 7, dtype=F64)
+    mm = A._affine_cell_moments_sparse(th, sg, s, torch.zeros(c, dtype=F64), -8, 7)
+    args = (mm, torch.ones(c, dtype=torch.bool), th, sg, 6.5 * s, 7 * s, True)
+    with pytest.warns(RuntimeWarning, match=r"outer-cell split of bounded grids disagrees"):
+        got = B._apply_split(*args, ALWAYS)
+    assert B.SPLIT_COMPILED_PATH in fastpath.GUARD.disabled
+    want = B._apply_split(*args, NEVER)
+    assert torch.equal(got.kappa, want.kappa) and not torch.equal(want.kappa, mm.kappa)
 
 
 def test_self_check_catches_a_wrong_eager_kernel_and_uses_the_cell_sums(monkeypatch):
@@ -326,7 +352,8 @@ def test_compile_is_warmed_up_before_the_scoring_pass_and_shown(monkeypatch):
     done = events.index(("compile", 1, True))  # checked against eager when the stage ends
     built = {e[1] for e in events[first:done] if e[0] == "torch.compile"}
     ran = {e[1] for e in events[first:done] if e[0] == "compiled kernel ran"}
-    assert built == ran == {"_fused_affine", "_fused_affine_codes"}, events
+    # the cell-moment kernel's two variants and the outer-cell split of bounded (absmax) grids
+    assert built == ran == {"_fused_affine", "_fused_affine_codes", "_split_chunk"}, events
     assert events.index("pass") > done
     assert STAGE_LABELS["compile"] == "compiling the cell-moment kernel (once per process)"
     events.clear()
@@ -346,6 +373,7 @@ def test_no_compile_stage_when_the_policy_will_not_compile(mode):
               uncertainty_draws=0, compile=mode, progress=lambda s, c: events.append(s))
     assert "compile" not in events
     assert G._FUSED_STATE["compiled"] is None and G._FUSED_STATE["compiled_codes"] is None
+    assert B._SPLIT_STATE["compiled"] is None
 
 
 def test_auto_policy_warms_up_when_the_pass_crosses_the_threshold():
