@@ -1235,7 +1235,7 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
     ``gaussian_s2`` of all the others."""
     assert est.influence_stored
     gauss = torch.zeros(est.num_records, dtype=torch.float64)
-    th_p, sg_p, b_p, w_p, i_p = [], [], [], [], []
+    th_p, sg_p, b_p, w_p, i_p, bs_p = [], [], [], [], [], []
     for name in est.names:
         s, e = est.offsets[name]
         w = est.influence[:, s:e].to(torch.float64)
@@ -1259,11 +1259,38 @@ def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Ten
             sg_p.append(sg[ii].double())
             w_p.append(w[:, ii])
             i_p.append(ii + s)
+            bs_p.append(_grid_relative_sd(g, th, sg, w, ii))
     if not th_p:
         return {"theta": torch.zeros(0, dtype=torch.float64), "index": torch.zeros(0, dtype=torch.long)}
     return {"theta": torch.cat(th_p), "sigma": torch.cat(sg_p), "boundaries": torch.cat(b_p),
             "influence": torch.cat(w_p, 1), "gaussian_s2": None if chosen == "exact1d" else gauss,
-            "index": torch.cat(i_p)}
+            "index": torch.cat(i_p), "box_sigma": torch.cat(bs_p)}
+
+
+def _grid_relative_sd(grid: ParamGrid, theta: Tensor, sigma: Tensor, w: Tensor, ii: Tensor) -> Tensor:
+    """``[k]`` standard deviation of the coarse weights ``ii``'s positions relative to their
+    released grid (parameter units; method.md section 3, "The uncertainty interval").
+
+    A fixed grid: ``sigma``. An absmax grid scales with its block's largest magnitude ``m``
+    (``s = m / c``), so a weight's place in its cells is ``theta_j / m`` in grid units, whose
+    error in parameter units is ``e_j - r_j e_m`` (``r_j = theta_j / m``, ``e`` the estimation
+    errors, ``e_m`` that of ``|theta_max|``): variance ``sigma_j^2 + r_j^2 sigma_m^2 -
+    2 r_j sigma_j sigma_m rho_jm``, with ``rho`` the correlation of the standardised
+    influences ``w``; never below ``sigma_j`` (the box stays at least the fixed-grid one)."""
+    sg = sigma[ii].to(torch.float64)
+    if grid.scale_rule != "absmax":
+        return sg
+    setter = grid.scale_setters(theta)[ii]
+    th64 = theta.reshape(-1).to(torch.float64)
+    m = th64[setter].abs()
+    r = torch.where(m > 0, th64[ii] / m.clamp_min(1e-300), torch.zeros_like(m))
+    sm = sigma.reshape(-1)[setter].to(torch.float64)
+    # rho of theta_j with |theta_max| (the sign of theta_max flips it); the setter's own column
+    ws = w[:, setter].to(torch.float64) * torch.sign(th64[setter])
+    wj = w[:, ii].to(torch.float64)
+    rho = (wj * ws).mean(0) / (wj.square().mean(0) * ws.square().mean(0)).sqrt().clamp_min(1e-300)
+    var = sg.square() + (r * sm).square() - 2.0 * r * sg * sm * rho
+    return var.clamp_min(0.0).sqrt().maximum(sg)
 
 
 def _coarse_cells(est: Estimate, prep: _Prepared, kvec: Tensor, sigma_scale: float

@@ -62,13 +62,22 @@ def bounds_in_reach(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor) 
 
 
 def clip_boundaries(edges: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
-    """Cell edges ``[c, K+1]`` with the inner ones clipped to ``[lower, upper]`` (each ``[c]``).
-
-    The first and last edges (``-inf``/``+inf`` in every window of the grid paths) stay: the
-    cells beyond the bounds become empty and the mass beyond them one outer cell each. Exact
-    for any window that covers ``CUTOFF_SIGMAS`` sd (a bound farther than the window's last
-    finite edge is out of reach)."""
-    inner = torch.maximum(torch.minimum(edges[:, 1:-1], upper.unsqueeze(-1)), lower.unsqueeze(-1))
+    """Cell edges ``[c, K+1]`` (sorted rows, ``-inf``/``+inf`` at the ends) cut at
+    ``[lower, upper]`` (each ``[c]``): the first inner edge at or above ``upper`` becomes
+    ``upper`` and the ones after it ``+inf`` (and likewise below ``lower``), so the mass
+    beyond a bound is one outer cell and a window that reaches a bound looks like one that
+    reaches a clamped end of the code range (``leakage.window_too_narrow`` sees no lumped
+    codes there). A bound beyond the window's last finite edge leaves the window as it is
+    (out of reach for any window that covers ``CUTOFF_SIGMAS`` sd)."""
+    inner = edges[:, 1:-1]
+    up = upper.unsqueeze(-1)
+    above = inner >= up
+    first = above & (torch.cumsum(above.to(torch.int32), -1) == 1)
+    inner = torch.where(first, up.expand_as(inner), torch.where(above, torch.full_like(inner, math.inf), inner))
+    lo = lower.unsqueeze(-1)
+    below = inner <= lo
+    last = below & (torch.cumsum(below.flip(-1).to(torch.int32), -1).flip(-1) == 1)
+    inner = torch.where(last, lo.expand_as(inner), torch.where(below, torch.full_like(inner, -math.inf), inner))
     return torch.cat([edges[:, :1], inner, edges[:, -1:]], dim=-1)
 
 

@@ -101,7 +101,7 @@ class PositionRange:
 
 def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: float, *,
                    by: str = "kappa", num_points: int = RANGE_POINTS,
-                   sigma_rel: Tensor | None = None) -> PositionRange:
+                   sigma_rel: Tensor | None = None, box_sigma: Tensor | None = None) -> PositionRange:
     """Where in ``theta +- halfwidth * sigma`` each coordinate's ``kappa`` (or ``lam``) is
     smallest and largest.
 
@@ -117,6 +117,10 @@ def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: 
         sigma_rel: ``[d]`` relative half-range of ``sigma`` to search as well (the cells
             read at ``sigma (1 + s)``, ``s in {-sigma_rel, 0, +sigma_rel}``): the sampling
             error of the plug-in ``sigma``, which sets the step in sd units. ``None``: 0.
+        box_sigma: ``[d]`` the standard deviation of each weight's position *relative to
+            its grid* (parameter units): the box is ``theta +- halfwidth * box_sigma``
+            (``None``: ``sigma``; larger where the released grid moves with the weights,
+            e.g. absmax scales: method.md section 3, "The uncertainty interval").
 
     Returns:
         :class:`PositionRange` (float64).
@@ -132,18 +136,19 @@ def position_range(theta: Tensor, sigma: Tensor, boundaries: Tensor, halfwidth: 
     if not halfwidth >= 0.0:
         raise ValueError(f"halfwidth must be >= 0, got {halfwidth!r}")
     th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+    bs = sg if box_sigma is None else box_sigma.to(torch.float64)
     num_points = max(3, num_points | 1)
     t = torch.linspace(-halfwidth, halfwidth, num_points, dtype=torch.float64)
     rel = torch.zeros_like(sg) if sigma_rel is None else sigma_rel.to(torch.float64).clamp(0.0, 0.5)
     scales = [torch.ones_like(sg)] + ([] if sigma_rel is None else [1.0 - rel, 1.0 + rel])
     # [S * P, d]: the box positions use the plug-in sigma; the cells are read at sigma * scale
-    vals = torch.cat([torch.stack([getattr(cell_moments(th + ti * sg, sg * sc, boundaries), by) for ti in t])
+    vals = torch.cat([torch.stack([getattr(cell_moments(th + ti * bs, sg * sc, boundaries), by) for ti in t])
                       for sc in scales])
     lo_i, hi_i = vals.argmin(0), vals.argmax(0)
     idx = torch.arange(th.shape[0])
     P = t.numel()
     sc_all = torch.stack(scales)  # [S, d]
-    return PositionRange(low=th + t[lo_i % P] * sg, high=th + t[hi_i % P] * sg,
+    return PositionRange(low=th + t[lo_i % P] * bs, high=th + t[hi_i % P] * bs,
                          spread=vals[hi_i, idx] - vals[lo_i, idx], halfwidth=halfwidth,
                          low_sigma=sg * sc_all[lo_i // P, idx], high_sigma=sg * sc_all[hi_i // P, idx])
 
@@ -274,7 +279,7 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                      gaussian_s2: Tensor | None = None, method: str = "clt", level: float = 0.8,
                      max_terms: float = POSITION_MAX_TERMS, mc_draws: int = 4096,
                      generator: torch.Generator | None = None,
-                     correlated: CorrelatedEnds | None = None) -> Interval:
+                     correlated: CorrelatedEnds | None = None, box_sigma: Tensor | None = None) -> Interval:
     """A ``level`` uncertainty interval of the leakage around the plug-in ``value``.
 
     Args:
@@ -297,6 +302,8 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         correlated: compute the position-dominated ends with the weights' correlation
             (:class:`CorrelatedEnds`; ``value`` is then the correlated plug-in); ``None``:
             independent coordinates.
+        box_sigma: ``[d]`` standard deviations of the coarse coordinates' positions relative
+            to their grids (:func:`position_range`); ``None``: ``sigma``.
 
     Returns:
         :class:`Interval`.
@@ -325,12 +332,13 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         # give the nominal level with nothing left for the plug-in's other errors
         # (sigma, influence, records); measured: 65-75% at level 0.8 (docs/validation.md).
         box = 0.5 * (1.0 + level)
-        first = position_range(theta, sigma, boundaries, box_halfwidth(box, 1), by=by, sigma_rel=rel)
+        first = position_range(theta, sigma, boundaries, box_halfwidth(box, 1), by=by, sigma_rel=rel,
+                               box_sigma=box_sigma)
         terms = range_terms(first.spread, influence.to(torch.float64).square().mean(0))
         if terms <= max_terms:
             z = box_halfwidth(box, terms)
             rng = first if z == first.halfwidth else position_range(theta, sigma, boundaries, z, by=by,
-                                                                    sigma_rel=rel)
+                                                                    sigma_rel=rel, box_sigma=box_sigma)
             s_lo, s_hi = rng.low_sigma, rng.high_sigma
             seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
             if correlated is not None:

@@ -221,6 +221,8 @@ class ParamGrid:
         values: sorted representable values in units of ``scale`` (table grids).
         revealed: boolean mask (``shape``) of elements whose value the released scale gives
             away exactly (see :func:`revealed_by_scale`); scored as unquantized.
+        scale_rule: how the released scales follow the weights (``"absmax"``, ``"minmax"``,
+            ``"none"``), as :meth:`reveal` recorded it.
         support: per-block ``(lower, upper)`` bounds (``scale``'s layout, float64) that the
             release puts on every weight of the block (see :func:`support_by_scale`), or
             ``None``; the outer cells are cut at them (method.md section 5).
@@ -247,6 +249,7 @@ class ParamGrid:
     values: Tensor | None = None
     revealed: Tensor | None = None
     support: tuple[Tensor, Tensor] | None = None
+    scale_rule: str = "none"
     rounding: str = "nearest"
     method: str = ""
 
@@ -260,6 +263,32 @@ class ParamGrid:
         (:attr:`revealed`) and the bounds on every other one (:attr:`support`)."""
         self.revealed = revealed_by_scale(theta, self.block_size, rule)
         self.support = support_by_scale(theta, self.block_size, rule)
+        self.scale_rule = rule
+
+    def scale_setters(self, theta: Tensor) -> Tensor:
+        """``[numel]`` long: for each element, the flat index of the element of its block whose
+        magnitude sets an absmax scale (``scale_rule == "absmax"``; the first on ties).
+
+        Raises:
+            ValueError: the grid's scales are not absmax scales.
+        """
+        if self.scale_rule != "absmax":
+            raise ValueError(f"grid {self.name!r}: scale_setters needs absmax scales, not {self.scale_rule!r}")
+        t = theta.detach().to(torch.float64).reshape(self.shape)
+        view, _ = _block_view(t, self.block_size)
+        nd = t.dim()
+        nbs = [view.shape[2 * i] for i in range(nd)]
+        blk = view.permute(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)).reshape(*nbs, -1)
+        local = torch.nan_to_num(blk.abs(), nan=-1.0).argmax(-1)  # [nb_0, ...] index within the block
+        flat = torch.zeros_like(local)
+        rem = local
+        for i in range(nd):  # unravel the block-local index, add the block's corner, ravel
+            inner = math.prod(self.block_size[i + 1:])
+            coord = torch.div(rem, inner, rounding_mode="floor")
+            rem = rem - coord * inner
+            corner = torch.arange(nbs[i]).reshape([-1 if j == i else 1 for j in range(nd)]) * self.block_size[i]
+            flat = flat * self.shape[i] + corner + coord
+        return _expand_blocks(flat.to(torch.float64), self.block_size, self.shape, 0, self.numel).long()
 
     def _outer_edges(self, scale: Tensor, zp: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(low_edge, high_edge, step)`` per element: the upper edge of the lowest cell, the
