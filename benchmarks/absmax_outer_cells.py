@@ -3,9 +3,10 @@
 A symmetric absmax release ``(q, scale)`` gives the largest-magnitude weight of its block away
 (``qmax * scale``), so every other weight of the block is known to lie within ``+-qmax * scale``:
 the two outer cells of the grid are ``[(qmax - 1/2) scale, qmax * scale]`` (and its mirror),
-with the rest of the line a separate event (the release would differ). The product's analytic
-grid (and the control variate of the ground truth, ``ground_truth.oracle_first_order``) treats
-them as unbounded. This script evaluates the first-order indicator with the POPULATION values
+with the rest of the line a separate event (the release would differ). The product cuts them
+there since the ninth session (``functional/bounds.py``, ``ParamGrid.support``); the control
+variate of the ground truth (``ground_truth.oracle_first_order``) still treats them as
+unbounded (it only reduces variance). This script evaluates the first-order indicator with the POPULATION values
 (true theta, sd and influences of 4,000 fresh records; independent coordinates, Monte Carlo
 form) on the linear ``d = 5`` validation setting, with the outer cells unbounded and bounded,
 for ``rtn_int2/4/8``, next to the exact truth of ``ground_truth.exact_tv_ols_absmax`` (pooled
