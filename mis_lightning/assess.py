@@ -1271,25 +1271,29 @@ def _grid_relative_sd(grid: ParamGrid, theta: Tensor, sigma: Tensor, w: Tensor, 
     """``[k]`` standard deviation of the coarse weights ``ii``'s positions relative to their
     released grid (parameter units; method.md section 3, "The uncertainty interval").
 
-    A fixed grid: ``sigma``. An absmax grid scales with its block's largest magnitude ``m``
-    (``s = m / c``), so a weight's place in its cells is ``theta_j / m`` in grid units, whose
-    error in parameter units is ``e_j - r_j e_m`` (``r_j = theta_j / m``, ``e`` the estimation
-    errors, ``e_m`` that of ``|theta_max|``): variance ``sigma_j^2 + r_j^2 sigma_m^2 -
-    2 r_j sigma_j sigma_m rho_jm``, with ``rho`` the correlation of the standardised
-    influences ``w``; never below ``sigma_j`` (the box stays at least the fixed-grid one)."""
+    A fixed grid: ``sigma``. A grid whose range ``[lo, hi]`` follows the weights (absmax:
+    ``[-m, m]``; min/max: ``[min(w_min, 0), max(w_max, 0)]``, :meth:`ParamGrid.scale_setters`)
+    places weight ``j`` at ``u_j = (theta_j - lo) / (hi - lo)`` of it, whose error in parameter
+    units is ``e_j - (1 - u_j) e_lo - u_j e_hi`` (``e`` the estimation errors; an end at 0 has
+    none): its variance from the sds and the correlations of the standardised influences
+    ``w`` (absmax: ``sigma_j^2 + r_j^2 sigma_m^2 - 2 r_j sigma_j sigma_m rho_jm``, ``r_j =
+    theta_j / m``). Never below ``sigma_j`` (the box stays at least the fixed-grid one)."""
     sg = sigma[ii].to(torch.float64)
-    if grid.scale_rule != "absmax":
+    if grid.scale_rule not in ("absmax", "minmax"):
         return sg
-    setter = grid.scale_setters(theta)[ii]
+    lo_i, lo_s, hi_i, hi_s = (t[ii] for t in grid.scale_setters(theta))
     th64 = theta.reshape(-1).to(torch.float64)
-    m = th64[setter].abs()
-    r = torch.where(m > 0, th64[ii] / m.clamp_min(1e-300), torch.zeros_like(m))
-    sm = sigma.reshape(-1)[setter].to(torch.float64)
-    # rho of theta_j with |theta_max| (the sign of theta_max flips it); the setter's own column
-    ws = w[:, setter].to(torch.float64) * torch.sign(th64[setter])
-    wj = w[:, ii].to(torch.float64)
-    rho = (wj * ws).mean(0) / (wj.square().mean(0) * ws.square().mean(0)).sqrt().clamp_min(1e-300)
-    var = sg.square() + (r * sm).square() - 2.0 * r * sg * sm * rho
+    sig64 = sigma.reshape(-1).to(torch.float64)
+    lo, hi = lo_s * th64[lo_i], hi_s * th64[hi_i]
+    u = (th64[ii] - lo) / (hi - lo).clamp_min(1e-300)
+    # e_j - (1 - u) lo_s e[lo_i] - u hi_s e[hi_i]: coefficients on three columns of w
+    cols = torch.stack([ii, lo_i, hi_i])                                   # [3, k]
+    coef = torch.stack([torch.ones_like(u), -(1.0 - u) * lo_s, -u * hi_s]) * sig64[cols]
+    W = w.to(torch.float64)
+    Wn = W / W.square().mean(0).sqrt().clamp_min(1e-300)                   # unit mean square
+    # Var = sum_ab coef_a coef_b rho_ab, rho_ab = mean_r Wn[r, a] Wn[r, b]
+    comb = (Wn[:, cols] * coef.unsqueeze(0)).sum(1)                        # [R, k]
+    var = comb.square().mean(0)
     return var.clamp_min(0.0).sqrt().maximum(sg)
 
 

@@ -265,30 +265,48 @@ class ParamGrid:
         self.support = support_by_scale(theta, self.block_size, rule)
         self.scale_rule = rule
 
-    def scale_setters(self, theta: Tensor) -> Tensor:
-        """``[numel]`` long: for each element, the flat index of the element of its block whose
-        magnitude sets an absmax scale (``scale_rule == "absmax"``; the first on ties).
+    def scale_setters(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The weights that set each element's released range ``[lo, hi]`` (``theta``: the
+        trained weights): ``(lo_index, lo_sign, hi_index, hi_sign)``, each ``[numel]``, with
+        ``lo = lo_sign * theta[lo_index]`` (flat indices; sign 0: that end is 0, set by no
+        weight). Absmax scales: ``[-m, m]``, ``m = |theta|`` of the block's largest magnitude
+        (the first on ties); min/max scales: ``[min(w_min, 0), max(w_max, 0)]``.
 
         Raises:
-            ValueError: the grid's scales are not absmax scales.
+            ValueError: the grid's scales do not follow the weights (``scale_rule == "none"``).
         """
-        if self.scale_rule != "absmax":
-            raise ValueError(f"grid {self.name!r}: scale_setters needs absmax scales, not {self.scale_rule!r}")
+        if self.scale_rule not in ("absmax", "minmax"):
+            raise ValueError(f"grid {self.name!r}: its scales do not follow the weights ({self.scale_rule!r})")
         t = theta.detach().to(torch.float64).reshape(self.shape)
         view, _ = _block_view(t, self.block_size)
         nd = t.dim()
         nbs = [view.shape[2 * i] for i in range(nd)]
         blk = view.permute(*range(0, 2 * nd, 2), *range(1, 2 * nd, 2)).reshape(*nbs, -1)
-        local = torch.nan_to_num(blk.abs(), nan=-1.0).argmax(-1)  # [nb_0, ...] index within the block
-        flat = torch.zeros_like(local)
-        rem = local
-        for i in range(nd):  # unravel the block-local index, add the block's corner, ravel
-            inner = math.prod(self.block_size[i + 1:])
-            coord = torch.div(rem, inner, rounding_mode="floor")
-            rem = rem - coord * inner
-            corner = torch.arange(nbs[i]).reshape([-1 if j == i else 1 for j in range(nd)]) * self.block_size[i]
-            flat = flat * self.shape[i] + corner + coord
-        return _expand_blocks(flat.to(torch.float64), self.block_size, self.shape, 0, self.numel).long()
+
+        def per_element(local: Tensor) -> Tensor:
+            flat = torch.zeros_like(local)
+            rem = local
+            for i in range(nd):  # unravel the block-local index, add the block's corner, ravel
+                inner = math.prod(self.block_size[i + 1:])
+                coord = torch.div(rem, inner, rounding_mode="floor")
+                rem = rem - coord * inner
+                corner = torch.arange(nbs[i]).reshape([-1 if j == i else 1 for j in range(nd)]) * self.block_size[i]
+                flat = flat * self.shape[i] + corner + coord
+            return _expand_blocks(flat.to(torch.float64), self.block_size, self.shape, 0, self.numel).long()
+
+        def signs(v: Tensor) -> Tensor:
+            return _expand_blocks(v.to(torch.float64), self.block_size, self.shape, 0, self.numel)
+
+        if self.scale_rule == "absmax":
+            local = torch.nan_to_num(blk.abs(), nan=-1.0).argmax(-1)  # [nb_0, ...] index within the block
+            idx = per_element(local)
+            sg = torch.sign(t.reshape(-1)[idx])
+            return idx, -sg, idx, sg
+        lo_local = torch.nan_to_num(blk, nan=math.inf).argmin(-1)
+        hi_local = torch.nan_to_num(blk, nan=-math.inf).argmax(-1)
+        lo_val = torch.gather(blk, -1, lo_local.unsqueeze(-1)).squeeze(-1)
+        hi_val = torch.gather(blk, -1, hi_local.unsqueeze(-1)).squeeze(-1)
+        return per_element(lo_local), signs(lo_val < 0), per_element(hi_local), signs(hi_val > 0)
 
     def _outer_edges(self, scale: Tensor, zp: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(low_edge, high_edge, step)`` per element: the upper edge of the lowest cell, the
