@@ -9,6 +9,13 @@ next to the current code's; ``--write`` puts the new intervals into coverage_row
 About 30-80 s per setting on one core:
 
     python benchmarks/coverage_absmax.py --settings linear:2:400 linear:5:1000 logistic:2:1000
+
+``--family torchao`` scores torchao's symmetric per-row grids instead (``intx_weight_only_int*``:
+``scale = m / (qmax + 1/2)``, ``ground_truth.TorchaoSymmetricGrid``), whose truths are not in
+coverage_rows.json: give them with ``--truth`` (``ground_truth.exact_truth_ols``):
+
+    python benchmarks/coverage_absmax.py --settings linear:5:1000 --family torchao --bits 4 2 \
+        --truth torchao_int4=0.0XXXX torchao_int2=0.0XXXX
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="model:d:n (rho 0.5 for linear, 0 for logistic, as COVERAGE_PLAN)")
     ap.add_argument("--trainings", type=int, default=12)
     ap.add_argument("--write", action="store_true", help="store the new rows in coverage_rows.json")
+    ap.add_argument("--family", choices=["rtn", "torchao"], default="rtn")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2])
+    ap.add_argument("--truth", nargs="*", default=[], help="grid=value truths (torchao grids)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     saved = json.loads(ROWS.read_text())
@@ -45,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         model, d, n = spec.split(":")
         d, n = int(d), int(n)
         s = GT.make_setting(model, d, n, rho=0.5 if model == "linear" else 0.0)
-        grids = [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
+        kind = GT.AbsmaxGrid if args.family == "rtn" else GT.TorchaoSymmetricGrid
+        grids = [kind(f"{args.family}_int{b}", b) for b in args.bits]
+        given = {k: float(v) for k, v in (t.split("=") for t in args.truth)}
         schemes = [C.scheme_for(g) for g in grids]
         rng = np.random.default_rng([7, d, n])
         t0 = time.time()
@@ -56,15 +68,17 @@ def main(argv: list[str] | None = None) -> int:
             vals.append([rep.schemes[sc.name].leakage for sc in schemes])
             ivs.append([list(rep.schemes[sc.name].interval) for sc in schemes])
         for j, g in enumerate(grids):
-            row = next(r for r in saved["rows"] if r["setting"] == s.label() and r["grid"] == g.name)
-            t = row["truth"]
+            row = next((r for r in saved["rows"] if r["setting"] == s.label() and r["grid"] == g.name), None)
+            t = given.get(g.name, row["truth"] if row is not None else float("nan"))
             iv = [v[j] for v in ivs]
             cov = sum(a <= t <= b for a, b in iv) / len(iv)
             width = statistics.median(b - a for a, b in iv)
-            print(f"{s.label()} {g.name}: truth {t:.5f} | stored mean {np.mean(row['values']):.5f} "
-                  f"coverage {row['coverage']:.0%} width {row['width']:.5f} | now mean "
-                  f"{np.mean([v[j] for v in vals]):.5f} coverage {cov:.0%} width {width:.5f}", flush=True)
-            if args.write:
+            stored = ("" if row is None else f" | stored mean {np.mean(row['values']):.5f} "
+                      f"coverage {row['coverage']:.0%} width {row['width']:.5f}")
+            print(f"{s.label()} {g.name}: truth {t:.5f}{stored} | now mean {np.mean([v[j] for v in vals]):.5f} "
+                  f"(range {min(v[j] for v in vals):.5f}-{max(v[j] for v in vals):.5f}) coverage {cov:.0%} "
+                  f"width {width:.5f}", flush=True)
+            if args.write and row is not None:
                 row.update(intervals=iv, values=[v[j] for v in vals], coverage=cov, width=width)
         print(f"  {s.label()}: {time.time() - t0:.0f} s", flush=True)
     if args.write:

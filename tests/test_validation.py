@@ -176,3 +176,22 @@ def test_absmax_d1_scored_as_unquantized():
     grids = [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
     val, _, base = C.indicator(s, grids, est, model, draws=0)
     np.testing.assert_allclose(val, base, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_torchao_symmetric_grid_is_what_the_intx_scheme_releases(bits):
+    """``TorchaoSymmetricGrid`` (the exact truth's release) against the registered
+    ``intx_weight_only_int{bits}`` scheme on a one-row Linear: the same codes and scale (float32
+    rounding), and the scheme's grid bounded by the same absmax."""
+    import torch
+
+    g = GT.TorchaoSymmetricGrid(f"torchao_int{bits}", bits)
+    th = np.array([[0.03, 1.6, 0.21, -1.5, 0.53, -0.77]])
+    q, scale = g.release(th)
+    lin = torch.nn.Linear(6, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor(th, dtype=torch.float32))
+    grid = C.scheme_for(g).apply(torch.nn.Sequential(lin)).grids["0.weight"]
+    assert np.array_equal(grid.codes.numpy().astype(np.float64), q)
+    assert float(grid.scale.reshape(-1)[0]) == pytest.approx(float(scale[0, 0]), rel=1e-6)
+    assert float(grid.support[1].reshape(-1)[0]) == pytest.approx(1.6, rel=1e-6)

@@ -32,6 +32,7 @@ from .ground_truth import (
     Grid,
     Setting,
     StepGrid,
+    TorchaoSymmetricGrid,
     TruthResult,
     draw_records,
 )
@@ -132,6 +133,8 @@ def scheme_for(grid: Grid) -> QuantizationScheme:
     """The library scheme that releases ``grid``."""
     if isinstance(grid, StepGrid):
         return StepScheme(grid)
+    if isinstance(grid, TorchaoSymmetricGrid):
+        return get_scheme(f"intx_weight_only_int{grid.bits}")
     return get_scheme(f"rtn_int{grid.bits}")
 
 

@@ -99,6 +99,21 @@ class AbsmaxGrid:
         return q, scale
 
 
+@dataclass(frozen=True)
+class TorchaoSymmetricGrid(AbsmaxGrid):
+    """torchao's symmetric per-row absmax (``choose_qparams_affine`` with
+    ``MappingType.SYMMETRIC``, the ``intx_weight_only_int{bits}`` schemes): ``scale = m /
+    ((qmax - qmin) / 2) = m / (qmax + 1/2)``, codes clamped to ``[-qmax - 1, qmax]``. Against
+    :class:`AbsmaxGrid` (``rtn_int*``, ``scale = m / qmax``) the released absmax sits on the
+    edge of the top code's cell rather than at its centre (a whole top cell, the bottom bound
+    on the lowest edge): the other geometry of a bounded outer cell (method.md section 5)."""
+
+    def release(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scale = np.maximum(np.abs(theta).max(-1, keepdims=True) / (self.qmax + 0.5), 1e-12)
+        q = np.clip(np.round(theta / scale), -self.qmax - 1, self.qmax)
+        return q, scale
+
+
 Grid = StepGrid | AbsmaxGrid
 
 
