@@ -183,8 +183,6 @@ def test_torchao_symmetric_grid_is_what_the_intx_scheme_releases(bits):
     """``TorchaoSymmetricGrid`` (the exact truth's release) against the registered
     ``intx_weight_only_int{bits}`` scheme on a one-row Linear: the same codes and scale (float32
     rounding), and the scheme's grid bounded by the same absmax."""
-    import torch
-
     g = GT.TorchaoSymmetricGrid(f"torchao_int{bits}", bits)
     th = np.array([[0.03, 1.6, 0.21, -1.5, 0.53, -0.77]])
     q, scale = g.release(th)
