@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         vals, ivs = [], []
         for k in range(args.trainings):
             _, est, mdl, _ = C.train_and_estimate(s, rng, num_records=min(n, 1000))
+            if args.family == "torchao":  # torchao's configs take float32 weights (as groundtruth/ptq.py)
+                mdl = mdl.float()
             rep = C.score(est, mdl, schemes, uncertainty_draws=16, seed=k, mc_draws=4096)
             vals.append([rep.schemes[sc.name].leakage for sc in schemes])
             ivs.append([list(rep.schemes[sc.name].interval) for sc in schemes])
