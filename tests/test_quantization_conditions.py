@@ -332,3 +332,14 @@ def test_already_quantized_model_is_refused_by_the_callback_before_training(tmp_
     with pytest.raises(ValueError, match=_already("net\\.")):
         tr.fit(module, DataLoader(TensorDataset(X, X[:, 0]), batch_size=32))
     assert module.steps == 0
+
+
+def test_torchao_scheme_names_a_float64_weight_and_the_fix():
+    """torchao's quantize primitives assert on float64 input deep inside ``quantize_affine``;
+    the backend says which parameter and what to do before calling it."""
+    from mis_lightning.quantization import SchemeError, get_scheme
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 2)).double()
+    with pytest.raises(SchemeError, match=r"'0.weight' is torch.float64.*model.float\(\)"):
+        get_scheme("intx_weight_only_int4").apply(m)
+    assert get_scheme("rtn_int4").apply(m).grids["0.weight"].support is not None  # built-in: any float

@@ -203,6 +203,14 @@ class TorchAOScheme(SchemeConfig):
         chosen, reasons, notes = self.select_weights(model, skip_reason=self._skip_reason)
         if not chosen:
             return {}, notes, reasons
+        # torchao's quantize primitives take float32 / bfloat16 / float16 weights only (an
+        # assertion deep in quantize_affine otherwise): say which parameter, and the fix
+        for module, name, _ in chosen.values():
+            if module.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise SchemeError(
+                    f"scheme {self.name!r}: torchao quantizes float32, bfloat16 or float16 weights; "
+                    f"{name!r} is {module.weight.dtype}. Assess a float32 copy (model.float()), or "
+                    "use a built-in scheme (rtn_int*), which takes any float dtype")
         # tied holders too: their other state (bias) must match the layout (tinygemm: bf16)
         self._prepare({f: m for fqn, (mod, _, others) in chosen.items()
                        for f, m in [(fqn, mod), *others]}, notes)
