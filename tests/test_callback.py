@@ -449,3 +449,41 @@ def test_unpicklable_loss_fn_is_named_when_pickled_for_spawn():
     assert copy.deepcopy(cb).loss_fn is cb.loss_fn  # copies need no pickling
     back = pickle.loads(pickle.dumps(MISCallback(SCHEMES, loss_fn=mse, batch_fn=xy)))
     assert back.loss_fn is mse and back.batch_fn is xy
+
+
+class DoubleRegressor(Regressor):
+    """A float64 model (its inputs cast in forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.double()
+
+    def forward(self, x):
+        return self.net(x.double()).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self(x) - y.double()) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", ((self(x) - y.double()) ** 2).mean())
+
+
+def test_scheme_that_cannot_take_the_model_is_announced_before_training(tmp_path):
+    """torchao takes no float64 weights: the callback says so at setup (before the first step),
+    names the parameter, and the scheme is a failed row at the end while the others are scored."""
+    cb = MISCallback(["rtn_int8", "intx_weight_only_int4"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    steps_at_warning = []
+
+    class Probe(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            steps_at_warning.append(len([w for w in caught if "torchao quantizes float32" in str(w.message)]))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, DoubleRegressor, [cb, Probe()], max_epochs=1)
+    assert steps_at_warning == [1]  # warned before training started
+    assert "'net.0.weight' is torch.float64" in str(next(w.message for w in caught if "torchao quantizes" in str(w.message)))
+    assert cb.report.schemes["rtn_int8"].error is None
+    assert "float64" in cb.report.schemes["intx_weight_only_int4"].error

@@ -533,6 +533,11 @@ class QuantizationScheme(ABC):
     def check_available(self) -> None:
         """Raise :class:`SchemeUnavailableError` if this machine cannot run the scheme."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`SchemeError` if the scheme cannot quantize ``model``'s weights as they
+        are (e.g. a dtype its backend refuses), before anything is trained or copied; the
+        model is not modified. Default: nothing to check."""
+
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> QuantizationScheme:
         """The scheme ready to quantize ``model``, given calibration batches (optional step).
 

@@ -197,20 +197,28 @@ class TorchAOScheme(SchemeConfig):
             quantize_beyond_linear(self, model, spec, grids, reasons, notes)
         return grids, notes, reasons
 
-    def _quantize_linear(self, model: nn.Module):
-        from torchao.quantization import quantize_
+    def check_model(self, model: nn.Module) -> None:
+        """torchao quantizes float32, bfloat16 or float16 weights only: a float64 weight among
+        the layers this scheme would quantize raises :class:`SchemeError` naming it."""
+        chosen, _, _ = self.select_weights(model, skip_reason=self._skip_reason)
+        self._check_dtypes(chosen)
 
-        chosen, reasons, notes = self.select_weights(model, skip_reason=self._skip_reason)
-        if not chosen:
-            return {}, notes, reasons
-        # torchao's quantize primitives take float32 / bfloat16 / float16 weights only (an
-        # assertion deep in quantize_affine otherwise): say which parameter, and the fix
+    def _check_dtypes(self, chosen: dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]]) -> None:
+        # torchao's quantize primitives assert on other dtypes deep in quantize_affine
         for module, name, _ in chosen.values():
             if module.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise SchemeError(
                     f"scheme {self.name!r}: torchao quantizes float32, bfloat16 or float16 weights; "
                     f"{name!r} is {module.weight.dtype}. Assess a float32 copy (model.float()), or "
                     "use a built-in scheme (rtn_int*), which takes any float dtype")
+
+    def _quantize_linear(self, model: nn.Module):
+        from torchao.quantization import quantize_
+
+        chosen, reasons, notes = self.select_weights(model, skip_reason=self._skip_reason)
+        if not chosen:
+            return {}, notes, reasons
+        self._check_dtypes(chosen)
         # tied holders too: their other state (bias) must match the layout (tinygemm: bf16)
         self._prepare({f: m for fqn, (mod, _, others) in chosen.items()
                        for f, m in [(fqn, mod), *others]}, notes)
