@@ -42,7 +42,6 @@ SCHEMES = ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int2",
 
 def build(kind: str):
     import torch
-
     from assess_speed import train_adam, trained_mlp
 
     if kind.startswith("mlp"):
@@ -57,9 +56,9 @@ def build(kind: str):
 
 
 def run(kind: str, seeds: int) -> list[dict]:
-    import torch
-
     import importlib
+
+    import torch
 
     A = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
     from mis_lightning.config import stage_configs
