@@ -186,6 +186,8 @@ def assess(
         ValueError: an invalid option (named), an empty or duplicated scheme list, an already
             quantized model, NaN/inf weights, or fewer than 2 training records.
         KeyError: an unknown scheme or parameter name.
+        SchemeError: (``strict``) a scheme fails, or cannot take the model at all
+            (``QuantizationScheme.check_model``, checked before the estimation pass).
 
     Example (a one-weight ridge regression; see docs/method.md for the figures):
 
@@ -210,6 +212,13 @@ def assess(
         raise TypeError(f"assess() got unexpected keyword argument(s) {sorted(rest)}: options are "
                         "the fields of EstimationConfig and ScoringConfig")
     scheme_objs = resolve_schemes(schemes)
+    for scheme in scheme_objs:  # a scheme that cannot take this model: before the estimation pass
+        try:
+            scheme.check_model(model)
+        except SchemeError as exc:
+            if sc_cfg.strict:
+                raise
+            log.warning("%s (it will be reported as a failed scheme)", exc)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
     return score_schemes(

@@ -343,3 +343,25 @@ def test_torchao_scheme_names_a_float64_weight_and_the_fix():
     with pytest.raises(SchemeError, match=r"'0.weight' is torch.float64.*model.float\(\)"):
         get_scheme("intx_weight_only_int4").apply(m)
     assert get_scheme("rtn_int4").apply(m).grids["0.weight"].support is not None  # built-in: any float
+
+
+def test_assess_refuses_a_scheme_that_cannot_take_the_model_before_estimating(monkeypatch):
+    """strict (the default of assess): the float64 / torchao mismatch raises before the
+    estimation pass runs; strict=False: a warning now, a failed row at the end."""
+    import importlib
+
+    A = importlib.import_module("mis_lightning.assess")
+    from mis_lightning.quantization import SchemeError
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 1)).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    loader = DataLoader(TensorDataset(x, x[:, 0]), batch_size=32)
+    loss = lambda o, t: (o[:, 0] - t) ** 2  # noqa: E731
+    calls = []
+    real = A.run_estimation
+    monkeypatch.setattr(A, "run_estimation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with pytest.raises(SchemeError, match="float64"):
+        ml.assess(m, ["rtn_int4", "intx_weight_only_int4"], loader, loss, uncertainty_draws=0)
+    assert calls == []  # refused before the estimation pass
+    rep = ml.assess(m, ["rtn_int4", "intx_weight_only_int4"], loader, loss, uncertainty_draws=0, strict=False)
+    assert rep.schemes["rtn_int4"].error is None and "float64" in rep.schemes["intx_weight_only_int4"].error
