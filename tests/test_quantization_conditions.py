@@ -365,3 +365,16 @@ def test_assess_refuses_a_scheme_that_cannot_take_the_model_before_estimating(mo
     assert calls == []  # refused before the estimation pass
     rep = ml.assess(m, ["rtn_int4", "intx_weight_only_int4"], loader, loss, uncertainty_draws=0, strict=False)
     assert rep.schemes["rtn_int4"].error is None and "float64" in rep.schemes["intx_weight_only_int4"].error
+
+
+def test_metric_announces_a_scheme_that_cannot_take_the_model_at_construction():
+    """MISIndicator (strict=False by default): a warning naming the parameter when it is built,
+    before any update; strict=True raises there."""
+    from mis_lightning.quantization import SchemeError
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 1)).double()
+    loss = lambda o, t: (o[:, 0] - t) ** 2  # noqa: E731
+    with pytest.warns(UserWarning, match=r"'0.weight' is torch.float64"):
+        MISIndicator(m, loss, ["rtn_int4", "intx_weight_only_int4"])
+    with pytest.raises(SchemeError, match="float64"):
+        MISIndicator(m, loss, ["intx_weight_only_int4"], strict=True)
