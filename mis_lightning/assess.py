@@ -212,13 +212,8 @@ def assess(
         raise TypeError(f"assess() got unexpected keyword argument(s) {sorted(rest)}: options are "
                         "the fields of EstimationConfig and ScoringConfig")
     scheme_objs = resolve_schemes(schemes)
-    for scheme in scheme_objs:  # a scheme that cannot take this model: before the estimation pass
-        try:
-            scheme.check_model(model)
-        except SchemeError as exc:
-            if sc_cfg.strict:
-                raise
-            log.warning("%s (it will be reported as a failed scheme)", exc)
+    for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict):  # before the estimation pass
+        log.warning("%s (it will be reported as a failed scheme)", msg)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
     return score_schemes(
@@ -263,6 +258,32 @@ def score(*args: Any, **kwargs: Any) -> Report:
     """
     warnings.warn("mis_lightning.score is deprecated, use score_schemes", DeprecationWarning, stacklevel=2)
     return score_schemes(*args, **kwargs)
+
+
+def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, strict: bool,
+                  availability: bool = False) -> list[str]:
+    """Check each scheme against ``model`` before anything is estimated or trained: its
+    :meth:`~mis_lightning.quantization.QuantizationScheme.check_model` (and, with
+    ``availability``, its ``check_available``). The model is not modified.
+
+    Returns:
+        The messages of the schemes that cannot run (each will be a failed row), for the
+        caller to show its own way.
+
+    Raises:
+        SchemeError: (``strict``) the first scheme that cannot run.
+    """
+    problems: list[str] = []
+    for scheme in schemes:
+        try:
+            if availability:
+                scheme.check_available()
+            scheme.check_model(model)
+        except SchemeError as exc:
+            if strict:
+                raise
+            problems.append(str(exc))
+    return problems
 
 
 def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[QuantizationScheme]:

@@ -20,13 +20,13 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _lightning_support as lt
 from ._lightning_compat import lightning_callback_base
-from .assess import SchemeSpec, resolve_schemes
+from .assess import SchemeSpec, check_schemes, resolve_schemes
 from .config import EstimationConfig, ScoringConfig, stage_configs
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
 from .planning import PlanConfig, PlanResult
 from .planning import plan as run_plan
-from .quantization import SchemeError, check_float_model
+from .quantization import check_float_model
 from .quantization.registry import scheme_list
 from .streaming import default_schemes
 from .tracking import FIGURE_NAME, REPORT_NAME, history_summary, publish_failure, publish_report  # noqa: F401
@@ -139,12 +139,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         check_float_model(pl_module)  # a torchao-quantized model: refuse before training
         # a scheme that cannot run here or on this model is an error row at the end (the
         # others are still scored): say so now, before the training it would follow
-        for s in resolve_schemes(self.schemes):
-            try:
-                s.check_available()
-                s.check_model(pl_module)
-            except SchemeError as exc:
-                rank_zero_warn(f"MISCallback: {exc} (it will be reported as a failed scheme)")
+        for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
+            rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
         if not self._state_loaded:  # a new fit starts clean (a checkpoint's state comes later)
             self._reset_run_state()
         self._state_loaded, self._resolved = False, None

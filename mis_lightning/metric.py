@@ -43,11 +43,10 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities import rank_zero_warn
 
-from .assess import SchemeSpec, resolve_schemes, score_schemes
+from .assess import SchemeSpec, check_schemes, resolve_schemes, score_schemes
 from .config import EstimationConfig, ScoringConfig, stage_configs
 from .estimation.per_sample import BatchFn, LossFn
 from .progress import ProgressFn
-from .quantization import SchemeError
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric, default_schemes, hook_program
 
@@ -174,13 +173,8 @@ class MISIndicator(EstimationMetric):
                          batch_fn=batch_fn, **metric_kwargs)
         # fails early on [] and unknown names
         self.schemes = resolve_schemes(default_schemes() if schemes is None else schemes)
-        for scheme in self.schemes:  # a scheme that cannot take this model: say so before any update
-            try:
-                scheme.check_model(model)
-            except SchemeError as exc:
-                if sc_cfg.strict:
-                    raise
-                rank_zero_warn(f"MISIndicator: {exc} (it will be reported as a failed scheme)")
+        for msg in check_schemes(model, self.schemes, strict=sc_cfg.strict):  # before any update
+            rank_zero_warn(f"MISIndicator: {msg} (it will be reported as a failed scheme)")
         self.scoring_config, self.utility_fn, self.progress = sc_cfg, utility_fn, progress
         self.report: Report | None = None
 
