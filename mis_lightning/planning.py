@@ -68,6 +68,11 @@ __all__ = ["PlanConfig", "PlanPoint", "PlanResult", "plan"]
 
 #: plans scored with the pipeline's correlated form after the independent-form search
 MAX_EXACT = 48
+#: Monte Carlo draws of that stage-2 scoring, as a fraction of the pipeline's (at least
+#: ``functional.leakage.MIN_MC_DRAWS``): it only ranks plans, every plan with the same seeded
+#: draws (common random numbers: differences between plans carry less noise than the values),
+#: and the plans it picks are re-assessed with the pipeline's own draws (docs/planner.md, step 4).
+SEARCH_DRAW_FRACTION = 1 / 8
 #: utility names that are better when lower (others: higher, unless the metric says)
 _LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error", "nll")
 
@@ -86,7 +91,9 @@ class PlanConfig:
             (and the other budgets); without it, the plan minimises the leakage.
         utility_metric: the validation figure the budget applies to (``"loss"``: the mean
             per-sample loss, or the name of a utility metric).
-        reassess: frontier plans re-assessed through the pipeline (the chosen one included).
+        reassess: frontier plans re-assessed through the pipeline (the chosen one included;
+            each costs about one uniform scheme's scoring: the default 2 keeps planning under 2x
+            an `assess` of the uniform candidates, docs/planner.md "Cost").
         max_enumerate: enumerate every plan up to this many, else search greedily.
     """
 
@@ -96,7 +103,7 @@ class PlanConfig:
     max_bits: float | None = None
     target_mis: float | None = None
     utility_metric: str = "loss"
-    reassess: int = 3
+    reassess: int = 2
     max_enumerate: int = 256
 
     def __post_init__(self) -> None:
@@ -367,7 +374,10 @@ class _Proxy:
         return F.resolve_method(self.cfg.method, d=est.d, quantized=True, clt_error=clt_err, n_eff=n_eff,
                                 influence_stored=True, num_records=R, coarse=F.coarse_count([kvec]))
 
-    def __call__(self, choice: Sequence[int]) -> float:
+    def __call__(self, choice: Sequence[int], draw_fraction: float = 1.0) -> float:
+        """The pipeline's headline form of the plan ``choice`` (a candidate index per group);
+        a Monte Carlo form uses ``draw_fraction`` of the pipeline's draws (at least
+        ``MIN_MC_DRAWS``)."""
         est = self.est
         if not self.pipeline_form:
             return self.independent(choice)
@@ -388,6 +398,7 @@ class _Proxy:
             kap = {g: self.kappas[c][g] for g, c in zip(self.groups, choice) if g in self.kappas[c]}
             coarse = F.coarse_count(kap.values())
             draws = self.cfg.mc_draws or F.mc_draws_for(est.num_records, coarse)
+            draws = max(min(draws, F.leakage.MIN_MC_DRAWS), round(draws * draw_fraction))
             gen = torch.Generator().manual_seed(self.cfg.seed)
             if self.rc is not None:
                 prep = _PlanCells(grids, kap)
@@ -601,7 +612,7 @@ def plan(
         if len(front1) > MAX_EXACT:
             front1 = [front1[round(i * (len(front1) - 1) / (MAX_EXACT - 1))] for i in range(MAX_EXACT)]
         keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
-        seen = {k: (proxy(k), cheap[k][1], cheap[k][2]) for k in keep}
+        seen = {k: (proxy(k, SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
     keys = list(seen)
     pts = [(seen[k][0], uloss(seen[k][1]), seen[k][2]) for k in keys]
     front_idx = _pareto(pts)

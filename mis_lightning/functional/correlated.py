@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .cells import SQRT_2_OVER_PI, CellStatistics
+from .leakage import MC_DTYPE
 
 # Relative cutoff of the eigenvalues kept by the pseudo-inverses (float64 round-off of a
 # singular correlation matrix sits near 1e-15; genuine directions of the models we serve
@@ -51,7 +52,7 @@ RCOND = 1e-9
 # coordinates; keeps the remainder >= this and the solve well conditioned).
 FACTOR_SHRINKAGE = 0.001
 # Draws per block of the Monte Carlo form: at least MC_BLOCK, and [S, max(R, d)] buffers of
-# about MC_BLOCK_ELEMENTS float64 (32 MiB).
+# about MC_BLOCK_ELEMENTS (16 MiB in float32).
 MC_BLOCK = 512
 MC_BLOCK_ELEMENTS = 1 << 22
 
@@ -182,19 +183,20 @@ class Correlation:
         sol = self._solve(w * kh, k)
         return torch.where(kh > 0, sol / kh.clamp_min(1e-300), torch.zeros_like(sol))
 
-    def sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
-        """``[num, d]`` draws of ``U ~ N(0, R)`` (a singular ``R`` is fine)."""
+    def sample(self, num: int, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float64) -> Tensor:
+        """``[num, d]`` draws of ``U ~ N(0, R)`` (a singular ``R`` is fine), in ``dtype``."""
         if self.full is not None:
             if self._root is None:  # symmetric square root, computed once
                 evals, evecs = torch.linalg.eigh(self.full)
                 self._root = evecs * evals.clamp_min(0.0).sqrt()
-            B = self._root
-            return torch.randn(num, B.shape[1], dtype=torch.float64, generator=generator) @ B.T
+            B = self._root.to(dtype)
+            return torch.randn(num, B.shape[1], dtype=dtype, generator=generator) @ B.T
         assert self.factor is not None and self.residual is not None
-        L = self.factor
-        z = torch.randn(num, L.shape[1], dtype=torch.float64, generator=generator)
-        e = torch.randn(num, L.shape[0], dtype=torch.float64, generator=generator)
-        return z @ L.T + e * self.residual.sqrt()
+        L = self.factor.to(dtype)
+        z = torch.randn(num, L.shape[1], dtype=dtype, generator=generator)
+        e = torch.randn(num, L.shape[0], dtype=dtype, generator=generator)
+        return z @ L.T + e * self.residual.to(dtype).sqrt()
 
 
 def gaussian_mean_abs(corr: Correlation, influence: Tensor, kappa: Tensor | None = None) -> Tensor:
@@ -239,32 +241,41 @@ def correlated_mc_mean_abs(
     # its error cancels most of the Monte Carlo noise (common to all records: the mean over
     # records otherwise keeps a ~1/sqrt(mc_draws) relative error).
     kc = k[coarse_index]
-    c_coarse_k = c_coarse * kc
     chan_sd = (kc * (1.0 - kc)).clamp_min(0.0).sqrt()
     ck = c * k
     surr_sd = (_quadratic_form(corr, ck) + (c.square() * (k * (1.0 - k))).sum(-1)).clamp_min(0.0).sqrt()
+    # The draws in MC_DTYPE: [S, R] projections by one matmul each (the coarse cells' term and
+    # the surrogate's Gaussian channel share c_coarse), moments accumulated in float64.
+    dt = MC_DTYPE
+    k_dt, c_fine_t = k.to(dt), c_fine.T.to(dt).contiguous()          # [d, R]
+    c_coarse_t = c_coarse.T.to(dt).contiguous()                     # [c, R]
+    kc_dt, chan_dt, noise_dt = kc.to(dt), chan_sd.to(dt), noise_sd.to(dt)
+    means_dt = means.to(dt)
     sums = torch.zeros(5, R, dtype=torch.float64)  # a, s, a^2, s^2, a s
     block = max(MC_BLOCK, MC_BLOCK_ELEMENTS // max(R, d, 1))
     noisy = bool((noise_sd > 0).any())
     for a in range(0, mc_draws, block):
         S = min(block, mc_draws - a)
-        U = corr.sample(S, generator)                                  # [S, d]
-        proj = (U * k) @ c_fine.T                                      # [S, R]
+        U = corr.sample(S, generator, dtype=dt)                         # [S, d]
+        proj = (U * k_dt) @ c_fine_t                                   # [S, R]
         if noisy:
-            proj += noise_sd * torch.randn(S, R, dtype=torch.float64, generator=generator)
+            proj += noise_dt * torch.randn(S, R, dtype=dt, generator=generator)
         surr = proj.clone()
         if coarse_index.numel():
-            # Gaussian copula: the cell of U_j by the inverse CDF of Phi(U_j)
+            # Gaussian copula: the cell of U_j by the inverse CDF of Phi(U_j) (in float64: the
+            # cumulative probabilities resolve cells of probability below float32's 6e-8)
             Uc = U[:, coarse_index]
-            v = torch.special.ndtr(Uc).T.contiguous()  # [c, S]
+            v = torch.special.ndtr(Uc.to(torch.float64)).T.contiguous()  # [c, S]
             idx = torch.searchsorted(cdf, v).clamp_(max=cdf.shape[1] - 1)
-            m = torch.gather(means, 1, idx).T                          # [S, c]
-            proj += m @ c_coarse.T
-            e = torch.randn(S, Uc.shape[1], dtype=torch.float64, generator=generator) * chan_sd
-            surr += Uc @ c_coarse_k.T + e @ c_coarse.T
+            m = torch.gather(means_dt, 1, idx).T                       # [S, c]
+            proj += m @ c_coarse_t
+            e = torch.randn(S, Uc.shape[1], dtype=dt, generator=generator)
+            surr += torch.addcmul(Uc * kc_dt, e, chan_dt) @ c_coarse_t
         absval, sabs = proj.abs_(), surr.abs_()
+        # per-block sums in MC_DTYPE (torch's cascade summation: relative error ~1e-7 over a
+        # block; a float64-accumulating sum is ~25x slower on CPU), across blocks in float64
         sums += torch.stack([absval.sum(0), sabs.sum(0), absval.square().sum(0), sabs.square().sum(0),
-                             (absval * sabs).sum(0)])
+                             (absval * sabs).sum(0)]).to(torch.float64)
     ma, ms = sums[0] / mc_draws, sums[1] / mc_draws
     va = (sums[2] / mc_draws - ma.square()).clamp_min(0.0)
     vs = (sums[3] / mc_draws - ms.square()).clamp_min(0.0)

@@ -66,7 +66,13 @@ FINE_KAPPA = 1.0 - 0.25 / 12.0 + 0.0625 / 144.0
 # the range of draws; "auto" falls back to the Gaussian form (with a note) beyond it.
 MC_FLOP_BUDGET = 500_000_000
 MIN_MC_DRAWS, MAX_MC_DRAWS = 1024, 32768
-MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (128 MiB in float64)
+MC_BUFFER = 1 << 24  # elements of one [records, draws] buffer (64 MiB in MC_DTYPE float32)
+# dtype of the Monte Carlo forms' draws and per-draw projections (here and in correlated.py).
+# Its rounding (relative 6e-8 per value, sums of at most d terms) is far below the draws' own
+# error (1/sqrt(draws) >= 5e-3 relative per record); every mean and moment is accumulated in
+# float64. float32 halves the memory traffic and makes the normal draws 4x cheaper
+# (docs/benchmarks.md, "Monte Carlo forms in float32").
+MC_DTYPE = torch.float32
 # Edges each side of a coarse coordinate's cell given to the hybrid Monte Carlo form.
 MC_HALF_WINDOW = 18
 # Standard deviations each side of theta-hat the window must span before its two outer cells
@@ -211,16 +217,22 @@ def mc_first_order(
     drawn directly instead of through cells (exact in the unquantized limit).
     """
     R, d = influence.shape
-    proj = torch.zeros(R, mc_draws, dtype=torch.float64, device=influence.device)
+    # Draws and projections in MC_DTYPE (float32; see functional/correlated.py), mean and
+    # spread accumulated in float64.
+    dt = MC_DTYPE
+    proj = torch.zeros(R, mc_draws, dtype=dt, device=influence.device)
     if gaussian_s2 is not None:
-        xi = torch.randn(R, mc_draws, dtype=torch.float64, device=influence.device, generator=generator)
-        proj += gaussian_s2.to(torch.float64).clamp_min(0.0).sqrt().unsqueeze(-1) * xi
-    w64 = influence.to(torch.float64)
+        xi = torch.randn(R, mc_draws, dtype=dt, device=influence.device, generator=generator)
+        proj.addcmul_(gaussian_s2.to(torch.float64).clamp_min(0.0).sqrt().to(dt).unsqueeze(-1), xi)
+    w_dt = influence.to(dt)
     for a in range(0, d, MC_CHUNK):
         m = sample_cell_means(stats.select(a, a + MC_CHUNK), mc_draws, generator)  # [S, c]
-        proj += w64[:, a : a + MC_CHUNK] @ m.T
-    absval = proj.abs()
-    return absval.mean(-1), absval.std(-1) / math.sqrt(mc_draws)
+        proj += w_dt[:, a : a + MC_CHUNK] @ m.T.to(dt)
+    absval = proj.abs_()
+    # sums in MC_DTYPE (cascade summation, relative error ~1e-7), moments in float64
+    mean = absval.sum(-1).to(torch.float64) / mc_draws
+    var = (absval.square().sum(-1).to(torch.float64) / mc_draws - mean.square()).clamp_min(0.0)
+    return mean, (var * mc_draws / max(mc_draws - 1, 1)).sqrt() / math.sqrt(mc_draws)
 
 
 def _check_influence(influence: Tensor) -> None:
