@@ -1119,9 +1119,10 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
                    chosen, record_se, rc=rc, correlated_value=leakage)
     if iv is not None and rc is not None and not iv.correlated:
         # The interval's construction is independent-coordinate; carried over to the
-        # correlated headline by the ratio of the two plug-in values (method.md section 3).
-        ratio = leakage / max(float(leak_independent.mean()), 1e-300)
-        iv = dataclasses.replace(iv, lo=min(iv.lo * ratio, leakage), hi=max(iv.hi * ratio, leakage))
+        # correlated headline by the ratio of the two plug-in values, taken before the
+        # saturation G so that the ends stay below 1 (method.md section 3).
+        lo, hi = F.carry_interval(iv.lo, iv.hi, float(leak_independent.mean()), leakage)
+        iv = dataclasses.replace(iv, lo=lo, hi=hi)
     interval = None if iv is None else (iv.lo, iv.hi)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,

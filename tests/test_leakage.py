@@ -525,3 +525,24 @@ def test_clipped_fine_grid_is_not_read_through_a_narrow_window():
     n = 1e12  # no saturation: the mean |.| itself
     got = mc.compute(n, 4096, torch.Generator().manual_seed(2)) * 2 * math.sqrt(n)
     assert abs(float(got.mean() / ref.mean()) - 1) < 0.03, float(got.mean() / ref.mean())
+
+
+def test_carry_interval_stays_below_one_and_is_the_ratio_for_small_leakage():
+    """The independent-coordinate interval carried to the correlated headline: the plain ratio
+    for small leakages (G(t) ~ t; to 1e-3 relative at 0.01), never at or above 1 near
+    saturation (the multiplicative ratio gave 1.019 on a d/n = 10 MLP: 0.9194 * 0.836/0.754),
+    monotone, and always containing the target."""
+    from mis_lightning.functional import carry_interval, saturate, unsaturate
+
+    t = torch.tensor([0.0, 0.01, 0.5, 2.0], dtype=torch.float64)  # G(2) = 0.988
+    assert torch.allclose(unsaturate(saturate(t)), t, rtol=1e-9, atol=1e-15)
+    lo, hi = carry_interval(0.008, 0.012, 0.010, 0.011)
+    assert lo == pytest.approx(0.008 * 1.1, rel=1e-3) and hi == pytest.approx(0.012 * 1.1, rel=1e-3)
+    lo, hi = carry_interval(0.70, 0.92, 0.754, 0.836)
+    assert 0.836 < hi < 1.0 and lo < 0.836
+    # exact in the unsaturated domain: G^-1(hi) / G^-1(0.92) = G^-1(0.836) / G^-1(0.754)
+    r = unsaturate(torch.tensor([hi, 0.92, 0.836, 0.754], dtype=torch.float64))
+    assert float(r[0] / r[1]) == pytest.approx(float(r[2] / r[3]), rel=1e-9)
+    # the target is always inside; a zero reference leaves the interval and adds the target
+    assert carry_interval(0.2, 0.3, 0.25, 0.5)[0] <= 0.5 <= carry_interval(0.2, 0.3, 0.25, 0.5)[1]
+    assert carry_interval(0.0, 0.1, 0.0, 0.05) == (0.0, 0.1)

@@ -31,6 +31,7 @@ from .leakage import (
     CltSums,
     HybridMC,
     baseline_leakage,
+    carry_interval,
     choose_method,
     clt_out_of_tolerance,
     clt_sums,
@@ -47,6 +48,7 @@ from .leakage import (
     resolve_method,
     sample_cell_means,
     saturate,
+    unsaturate,
     window_too_narrow,
 )
 from .table import table_boundaries, table_cell_moments
@@ -95,6 +97,8 @@ __all__ = [
     "record_leakage",
     "sample_cell_means",
     "saturate",
+    "unsaturate",
+    "carry_interval",
     "standardize_boundaries",
     "table_boundaries",
     "table_cell_moments",

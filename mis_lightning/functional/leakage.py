@@ -87,6 +87,28 @@ def saturate(t: Tensor) -> Tensor:
     return torch.special.erf(math.sqrt(math.pi) * t / 2.0)
 
 
+def unsaturate(leakage: Tensor) -> Tensor:
+    """``G^-1``, the inverse of :func:`saturate`: ``[...]`` leakage in ``[0, 1)`` -> ``t >= 0``
+    (``inf`` at 1)."""
+    return torch.special.erfinv(leakage.clamp(0.0, 1.0)) * (2.0 / math.sqrt(math.pi))
+
+
+def carry_interval(lo: float, hi: float, reference: float, target: float) -> tuple[float, float]:
+    """An interval ``[lo, hi]`` around the leakage ``reference`` carried over to ``target`` (the
+    same release's value under another form, e.g. the correlated headline against the
+    independent-coordinate form): each end is scaled by ``target / reference`` in the
+    unsaturated domain ``t = G^-1(leakage)`` (:func:`saturate`), so the result stays in
+    ``[0, 1)`` and is the plain ratio ``lo * target / reference`` for small leakages; it
+    always contains ``target``. Dimensionless; docs/method.md section 3 ("Correlated
+    coordinates")."""
+    if not (reference > 0.0):
+        return min(lo, target), max(hi, target)
+    t = unsaturate(torch.tensor([lo, hi, reference, target], dtype=torch.float64))
+    ratio = float(t[3] / t[2]) if torch.isfinite(t[2]) else 1.0
+    ends = saturate(t[:2] * ratio)
+    return min(float(ends[0]), target), max(float(ends[1]), target)
+
+
 def mis_from_leakage(leakage: Tensor) -> Tensor:
     """MIS = 1 - mean over records of the saturated per-record leakage ``[R]``."""
     check_shape("leakage", leakage, 1, "[R]")
