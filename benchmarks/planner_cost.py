@@ -14,6 +14,8 @@ Two models:
 
     python benchmarks/planner_cost.py chembl --budget 0.05 --max-bits 8.5
     python benchmarks/planner_cost.py mlp100k --budget 0.02 --figure docs/figures/planner_mlp100k.png
+    python benchmarks/planner_cost.py chembl --budget 0.03 --max-bits 8.4 --candidates intx_weight_only_int4 \
+        intx_weight_only_int4_hqq intx_weight_only_int3 intx_weight_only_int3_hqq
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _app(overrides: list[str], out: Path) -> dict:
 
 def chembl(args: argparse.Namespace) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="planner_cost_"))
-    names = "[" + ",".join(CANDIDATES) + "]"
+    names = "[" + ",".join(args.candidates) + "]"
     _app([f"schemes={names}"], tmp / "train")
     ckpt = tmp / "train" / "model.ckpt"
     a = _app(["mode=assess", f"ckpt_path={ckpt}", f"schemes={names}"], tmp / "assess")
@@ -59,7 +61,9 @@ def chembl(args: argparse.Namespace) -> dict:
 
         shutil.copy(tmp / "plan" / "plan_frontier.png", args.figure)
     print((tmp / "plan" / "plan.md").read_text())
-    return {"model": "chembl", "assess_s": a["times_s"]["assess"], "plan_s": p["times_s"]["plan"],
+    dominated = json.loads((tmp / "plan" / "plan.json").read_text())["dominated_uniform"]
+    print("uniform candidates the chosen plan strictly beats:", dominated)
+    return {"model": "chembl", "candidates": list(args.candidates), "dominated_uniform": dominated, "assess_s": a["times_s"]["assess"], "plan_s": p["times_s"]["plan"],
             "plan_steps_s": p["plan"]["seconds"], "plan": p["plan"]["scheme"], "dir": str(tmp)}
 
 
@@ -98,11 +102,11 @@ def mlp100k(args: argparse.Namespace) -> dict:
     ta = float("nan")
     if not args.skip_assess:
         t0 = time.perf_counter()
-        rep = assess(model, CANDIDATES, tr, loss, val_dataloader=va, **opts)
+        rep = assess(model, args.candidates, tr, loss, val_dataloader=va, **opts)
         ta = time.perf_counter() - t0
         print(rep.table())
     t0 = time.perf_counter()
-    res = plan(model, CANDIDATES, tr, loss, val_dataloader=va, max_utility_loss=args.budget,
+    res = plan(model, args.candidates, tr, loss, val_dataloader=va, max_utility_loss=args.budget,
                max_bits=args.max_bits, **opts)
     tp = time.perf_counter() - t0
     print(res.table())
@@ -118,6 +122,7 @@ def main() -> None:
     ap.add_argument("model", choices=["chembl", "mlp100k"])
     ap.add_argument("--budget", type=float, default=0.05, help="max_utility_loss (relative)")
     ap.add_argument("--max-bits", type=float, default=None)
+    ap.add_argument("--candidates", nargs="+", default=CANDIDATES, help="registry names (default: 4 torchao widths)")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--n", type=int, default=10000, help="mlp100k: training records")
     ap.add_argument("--num-records", type=int, default=128, help="mlp100k: records of the estimate")

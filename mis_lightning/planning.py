@@ -671,11 +671,26 @@ def plan(
                              f"search's proxy {p.leakage:.4g} by more than 2% (the pipeline used "
                              f"{p.result.method!r}, the proxy the Gaussian form); the reported value is the "
                              "pipeline's")
+    for name, u in uniform.items():  # the proxy behind every frontier plan that uses this candidate
+        r = u.reassessed(metric)
+        if r is None or math.isnan(r["leakage"]) or abs(r["leakage"] - u.leakage) <= 0.02 * max(r["leakage"], 1e-12):
+            continue
+        warnings_.append(f"candidate {name!r}: the search's proxy {u.leakage:.4g} differs from its re-assessed "
+                         f"leakage {r['leakage']:.4g} by {100 * (u.leakage / r['leakage'] - 1):+.1f}% (the pipeline "
+                         f"used {u.result.method!r}{_requantized(u.result)}); the frontier's plans that use it carry "
+                         "an error of that order (the re-assessed rows are the pipeline's)")
     scheme = plan_schemes[0]
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
                       seconds=seconds, lower_is_better=lower)
+
+
+def _requantized(result: SchemeResult | None) -> str:
+    """``", re-quantization ..."`` when the pipeline re-quantized Monte Carlo draws (non-nearest
+    rounding), which the proxy's cells do not model."""
+    notes = [] if result is None else [n for n in result.notes if "re-quantiz" in n.lower()]
+    return f"; {notes[0].split(':')[0]}: Monte Carlo re-quantization, which the proxy's cells do not model" if notes else ""
 
 
 def _index(cands: Sequence[QuantizationScheme], name: str) -> int:

@@ -238,3 +238,19 @@ def test_callback_plans_at_fit_end(tmp_path):
     assert (tmp_path / "mis_plan.png").is_file()
     with pytest.raises(KeyError):
         MISCallback(["rtn_int8"], plan={"candidates": ["rtn_int9"]})
+
+
+def test_candidate_whose_proxy_misses_is_named(setup):
+    """A candidate with non-nearest rounding (HQQ's optimised scales: the pipeline re-quantizes
+    Monte Carlo draws, the search's proxy reads the released cells) whose proxy misses its
+    re-assessed leakage by more than 2% is named in the warnings, with the size of the miss;
+    a candidate within 2% is not."""
+    model, tr, va, est, _ = setup
+    res = plan(model, ["rtn_int8", "intx_weight_only_int4_hqq"], tr, loss, val_dataloader=va, estimate=est,
+               weight_decay=WD, uncertainty_draws=0, reassess=1)
+    gaps = {k: u.reassessed("loss")["leakage"] / u.leakage - 1 for k, u in res.uniform.items()}
+    named = {k for k in gaps if any(w.startswith(f"candidate {k!r}") for w in res.warnings)}
+    assert named == {k for k, g in gaps.items() if abs(g) > 0.02}
+    assert abs(gaps["rtn_int8"]) <= 0.02 and abs(gaps["intx_weight_only_int4_hqq"]) > 0.02, gaps
+    (w,) = [w for w in res.warnings if w.startswith("candidate 'intx_weight_only_int4_hqq'")]
+    assert "not nearest" in w and f"{100 * (1 / (1 + gaps['intx_weight_only_int4_hqq']) - 1):+.1f}%" in w
