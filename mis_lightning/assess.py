@@ -449,8 +449,9 @@ def score_schemes(
     if large:
         worst = max(large, key=large.get)  # type: ignore[arg-type]
         which = "every scheme" if len(large) == len(scheme_objs) else ", ".join(sorted(large))
+        size = f"{large[worst]:.3g}" if len(large) == 1 else f"up to {large[worst]:.3g}, {worst}"
         report.warnings.append(
-            f"d_eff / n is not small for {which} (up to {large[worst]:.3g}, {worst}); the "
+            f"d_eff / n is not small for {which} ({size}); the "
             "asymptotic regime needs d_eff << n: treat those figures as indicative"
         )
     # What a release carries beyond its weights and the indicator does not score (AWQ factors).

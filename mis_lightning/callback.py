@@ -208,8 +208,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
                     extra=where, copy_name=None if stage == "fit_end" else f"mis_report_epoch={epoch}.json")
-                rank_zero_info(f"MISCallback: assessed {len(report.schemes)} scheme(s) on n={report.n} "
-                               f"records in {time.perf_counter() - t0:.1f} s; report: {self.report_path}")
+                failed = sum(1 for r in report.schemes.values() if r.error)
+                rank_zero_info(f"MISCallback: assessed {len(report.schemes) - failed} scheme(s)"
+                               + (f" ({failed} failed: see the warnings)" if failed else "")
+                               + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
+                               f"report: {self.report_path}")
                 if self.plan_result is not None and stage == "fit_end":
                     for w in self.plan_result.warnings:  # a plan missing its budget, proxy off by > 2%
                         if w not in report.warnings:

@@ -151,7 +151,7 @@ class PlanPoint:
         if r is None:
             return None
         return {"leakage": r.leakage, "mis": r.mis, "utility": r.utility.get(metric, math.nan),
-                "bits_per_weight": r.bits_per_weight}
+                "bits_per_weight": r.bits_per_weight, "interval": r.interval}
 
 
 @dataclasses.dataclass
@@ -218,32 +218,51 @@ class PlanResult:
         return out
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per uniform candidate and re-assessed plan: proxy and pipeline figures."""
+        """One row per uniform candidate and re-assessed plan: proxy and pipeline figures
+        (``name``: the row's scheme name in :attr:`report`; ``interval``: the pipeline's 80%
+        interval of the leakage, or ``None``)."""
         out = []
         pts = [("uniform", p) for p in self.uniform.values()] + [
-            ("plan", p) for p in self.frontier if p.result is not None]
+            ("plan", p) for p in self.frontier if p.result is not None and p.name not in self.uniform]
         for kind, p in pts:
             r = p.reassessed(self.metric) or {}
             out.append({"kind": kind, "name": p.name, "choices": dict(p.choices),
                         "predicted_leakage": p.leakage, "leakage": r.get("leakage", math.nan),
-                        "mis": r.get("mis", math.nan), "predicted_utility": p.utility,
+                        "interval": r.get("interval"), "mis": r.get("mis", math.nan), "predicted_utility": p.utility,
                         "utility": r.get("utility", math.nan), "bits_per_weight": p.bits_per_weight,
                         "chosen": p is self.chosen})
         return out
 
-    def table(self) -> str:
-        """A Markdown table of :meth:`rows` (proxy and re-assessed values), then the warnings."""
+    def table(self, report_warnings: bool = True) -> str:
+        """A Markdown table of :meth:`rows` (proxy and re-assessed values; the first column is
+        the row's name in the report), then the chosen plan, the float model, the budget and
+        the warnings (``report_warnings=False``: only the planner's own, where the report's
+        table with its warnings is shown beside it)."""
         m = self.metric
-        lines = [f"| | plan | predicted leakage | leakage | MIS | predicted {m} | {m} | bits/weight |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = [f"| scheme (report row) | per layer | predicted leakage | leakage | 80% interval | MIS "
+                 f"| predicted {m} | {m} | bits/weight |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows():
-            tag = "**chosen**" if r["chosen"] else r["kind"]
-            what = r["name"] if r["kind"] == "uniform" else ", ".join(f"{k}={v}" for k, v in r["choices"].items())
-            lines.append(f"| {tag} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {r['mis']:.4g} "
-                         f"| {r['predicted_utility']:.4g} | {r['utility']:.4g} | {r['bits_per_weight']:.3g} |")
+            name = f"**{r['name']} (chosen)**" if r["chosen"] else r["name"]
+            what = "every layer" if r["kind"] == "uniform" else ", ".join(f"{k}={v}" for k, v in r["choices"].items())
+            iv = "-" if not r["interval"] else f"[{r['interval'][0]:.4g}, {r['interval'][1]:.4g}]"
+            lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {iv} "
+                         f"| {r['mis']:.4f} | {r['predicted_utility']:.4g} | {r['utility']:.4g} "
+                         f"| {r['bits_per_weight']:.3g} |")
+        budget = ", ".join(f"{k}={v}" for k, v in self.budget.items() if v is not None) or "none"
+        c = self.chosen.reassessed(m)
+        if c is not None:
+            goal = "the fewest bits with MIS >= target_mis" if self.budget.get("target_mis") is not None \
+                else "the least leakage"
+            beats = self.dominated_uniform()
+            lines.append(f"\nchosen: {self.chosen.name} ({', '.join(f'{k}={v}' for k, v in self.chosen.choices.items())}),"
+                         f" {goal} within the budget: leakage {c['leakage']:.4g}, {m} {c['utility']:.4g}, "
+                         f"{c['bits_per_weight']:.3g} bits per weight"
+                         + (f"; strictly better (leakage, {m} and size) than {', '.join(beats)}" if beats else ""))
         lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
-                     f"budget: {self.budget}")
-        lines += [f"warning: {w}" for w in self.warnings]
+                     f"budget: {budget}. \"predicted\": the search's proxy; the other columns: the "
+                     "pipeline's re-assessment of the real quantized copy.")
+        lines += [f"warning: {w}" for w in self.warnings if report_warnings or w not in self.report.warnings]
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,7 +303,15 @@ class PlanResult:
                 x = r["bits_per_weight"] if key == "bits" else r["utility"]
                 ax.scatter([x], [r["leakage"]], marker="*", s=120 if p is self.chosen else 60,
                            c="tab:red" if p is self.chosen else "tab:orange")
-            ax.axhline(self.report.baseline_leakage, ls=":", c="k", lw=0.8)
+            ys = [p.leakage for p in fr] + [u.result.leakage for u in self.uniform.values()
+                                           if u.result is not None and not math.isnan(u.result.leakage)]
+            base = self.report.baseline_leakage
+            span = (max(ys) - min(ys)) if ys else 0.0
+            if not ys or base <= max(ys) + 2 * span:  # else the line would squash the points
+                ax.axhline(base, ls=":", c="k", lw=0.8)
+            else:
+                ax.annotate(f"float model: {base:.4g} (above)", (0.02, 0.97), xycoords="axes fraction",
+                            fontsize=7, va="top")
             ax.set_xlabel(label)
             ax.set_ylabel("leakage (1 - MIS)")
         if self.budget.get("max_bits") is not None:
@@ -293,7 +320,8 @@ class PlanResult:
             b = float(self.budget["max_utility_loss"]) * abs(self.float_utility)
             axes[1].axvline(self.float_utility + (b if self.lower_is_better else -b), ls="--",
                             c="tab:red", lw=0.8)
-        fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {self.budget})", fontsize=9)
+        budget = ", ".join(f"{k}={v}" for k, v in self.budget.items() if v is not None) or "none"
+        fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {budget})", fontsize=9)
         axes[0].scatter([], [], marker="s", c="tab:blue", label="uniform (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:orange", label="plans (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:red", label="chosen plan")
@@ -630,22 +658,28 @@ def plan(
     else:  # least leakage, then least utility loss, then size
         best = min(feasible, key=lambda i: (pts[i][0], pts[i][1], pts[i][2]))
     frontier_keys = sorted({keys[i] for i in front_idx} | {keys[best]}, key=lambda k: seen[k][0])
-    frontier = [point(k) for k in frontier_keys]
-    chosen = frontier[frontier_keys.index(keys[best])]
-    # Re-assess the chosen plan and up to reassess - 1 others spread over the frontier.
-    # (a uniform plan is the uniform candidate itself, scored below anyway: not re-assessed twice)
+    # A uniform plan is the uniform candidate itself (scored below anyway): one PlanPoint, never
+    # re-assessed twice, also when it is the chosen plan.
+    uniform_keys = {tuple([ci] * len(groups)): c.name for ci, c in enumerate(cands)}
+    uniform = {name: point(k) for k, name in uniform_keys.items()}
+    for name, u in uniform.items():
+        u.name = name
+    points = {k: uniform[uniform_keys[k]] if k in uniform_keys else point(k) for k in frontier_keys}
+    frontier = [points[k] for k in frontier_keys]
+    chosen = points[keys[best]]
+    chosen_uniform = keys[best] in uniform_keys
+    # Re-assess the chosen plan (unless uniform) and up to reassess - 1 other mixed frontier plans.
     others = [p for p in frontier if p is not chosen and len(set(p.choices.values())) > 1]
     pick = [others[round(i * (len(others) - 1) / max(cfg.reassess - 2, 1))]
             for i in range(min(cfg.reassess - 1, len(others)))] if others else []
-    to_assess = [chosen] + [p for i, p in enumerate(pick) if p not in pick[:i]]
-    plan_schemes = []
+    to_assess = ([] if chosen_uniform else [chosen]) + [p for i, p in enumerate(pick) if p not in pick[:i]]
     for i, p in enumerate(to_assess):
-        p.name = "plan" if i == 0 else f"plan_{i}"
-        plan_schemes.append(MixedPrecisionScheme({g: calibrated[_index(cands, c)] for g, c in p.choices.items()},
-                                                 name=p.name))
-    uniform = {c.name: point(tuple([ci] * len(groups))) for ci, c in enumerate(cands)}
-    for u in uniform.values():
-        u.name = next(iter(u.choices.values()))
+        p.name = "plan" if i == 0 and not chosen_uniform else f"plan_{i + int(chosen_uniform)}"
+    plan_schemes = [MixedPrecisionScheme({g: calibrated[_index(cands, c)] for g, c in p.choices.items()},
+                                         name=p.name) for p in to_assess]
+    # the release to apply: the chosen plan as a MixedPrecisionScheme (uniform or not)
+    scheme = plan_schemes[0] if not chosen_uniform else MixedPrecisionScheme(
+        {g: calibrated[_index(cands, c)] for g, c in chosen.choices.items()}, name="plan")
     t0 = time.perf_counter()
     report = score_schemes(est, model, [*cands, *plan_schemes], scoring_config=sc_cfg,
                            val_dataloader=val_dataloader, loss_fn=loss_fn, metrics=metrics,
@@ -656,7 +690,7 @@ def plan(
         p.result = report.schemes.get(p.name)
     budget = {k: getattr(cfg, k) for k in ("max_utility_loss", "max_bits", "target_mis")}
     warnings_ = list(report.warnings)
-    for p in to_assess:
+    for p in [chosen, *(q for q in to_assess if q is not chosen)]:
         r = p.reassessed(metric)
         if r is None or math.isnan(r["leakage"]):
             err = p.result.error if p.result is not None else "missing"
@@ -679,7 +713,6 @@ def plan(
                          f"leakage {r['leakage']:.4g} by {100 * (u.leakage / r['leakage'] - 1):+.1f}% (the pipeline "
                          f"used {u.result.method!r}{_requantized(u.result)}); the frontier's plans that use it carry "
                          "an error of that order (the re-assessed rows are the pipeline's)")
-    scheme = plan_schemes[0]
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
@@ -719,10 +752,20 @@ def _infeasible_message(pts: list[tuple[float, float, float]], cfg: PlanConfig) 
     best_ul = min(p[1] for p in pts)
     best_b = min(p[2] for p in pts)
     best_mis = 1.0 - min(p[0] for p in pts)
+    culprits = []
+    if cfg.max_utility_loss is not None and best_ul > cfg.max_utility_loss:
+        culprits.append(f"max_utility_loss={cfg.max_utility_loss} is below the least reachable utility loss "
+                        f"{best_ul:.4g}")
+    if cfg.max_bits is not None and best_b > cfg.max_bits + 1e-9:
+        culprits.append(f"max_bits={cfg.max_bits} is below the fewest reachable bits per weight {best_b:.4g}")
+    if cfg.target_mis is not None and best_mis < cfg.target_mis:
+        culprits.append(f"target_mis={cfg.target_mis} is above the highest reachable MIS {best_mis:.4g}")
+    why = "; ".join(culprits) if culprits else (
+        f"each budget alone is reachable (utility loss {best_ul:.4g}, {best_b:.4g} bits per weight, MIS "
+        f"{best_mis:.4g}, each on its own) but no plan meets them together")
     return (f"no plan over the candidates {list(map(str, cfg.candidates))} meets the budget "
             f"(max_utility_loss={cfg.max_utility_loss}, max_bits={cfg.max_bits}, target_mis={cfg.target_mis}): "
-            f"the best reachable are utility loss {best_ul:.4g}, {best_b:.4g} bits per weight and MIS "
-            f"{best_mis:.4g} (each on its own); loosen a budget or add candidates")
+            f"{why}; loosen it or add candidates")
 
 
 def _greedy(evaluate: Callable[[tuple[int, ...]], tuple[float, float, float]], G: int, C: int,

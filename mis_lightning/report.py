@@ -259,20 +259,26 @@ class Report:
             wr.writeheader()
             wr.writerows(rows)
 
-    def table(self, utility_key: str | None = None, utility_tolerance: float = UTILITY_TOLERANCE) -> str:
+    def table(self, utility_key: str | None = None, utility_tolerance: float = UTILITY_TOLERANCE,
+              with_verdict: bool = True) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
         then a legend of the columns (:func:`legend`), the verdict (:func:`verdict`: the safest
         scheme whose utility is within ``utility_tolerance``, relative, of the best, and the
-        schemes whose intervals overlap its own), and every warning in full (an assumption that
-        failed must be read next to the numbers, not only in the JSON).
+        schemes whose intervals overlap its own; ``with_verdict=False`` leaves it out, e.g.
+        where a planner's budgeted choice follows), and every warning in full (an assumption
+        that failed must be read next to the numbers, not only in the JSON).
 
         Raises:
             ValueError: ``utility_tolerance`` is negative.
         """
         rows = self.rows()
         text = format_table(rows, utility_key)
-        text += "\n\n" + legend(rows, utility_key) + "\n" + verdict(rows, utility_key, utility_tolerance)
+        text += "\n\n" + legend(rows, utility_key)
+        if with_verdict:
+            text += "\n" + verdict(rows, utility_key, utility_tolerance)
+        elif utility_tolerance < 0:
+            raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         if self.warnings:
             text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in self.warnings)
         return text

@@ -86,8 +86,9 @@ def test_plan_prediction_matches_reassessment(setup):
     model, tr, va, est, (Xv, Yv) = setup
     res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_utility_loss=0.05,
                weight_decay=WD, uncertainty_draws=0, reassess=3)
-    assessed = [p for p in res.frontier if p.result is not None]
-    assert len(assessed) == 3
+    # the re-assessed mixed plans (a uniform plan on the frontier is its candidate's row)
+    assessed = [p for p in res.frontier if p.result is not None and p.name not in res.uniform]
+    assert len(assessed) == 3 and not any(p.name in res.uniform for p in assessed)
     for p in assessed:
         assert p.result.leakage == pytest.approx(p.leakage, rel=0.02)
         qm = MixedPrecisionScheme(p.choices).apply(model).model  # the real mixed copy
@@ -140,8 +141,13 @@ def test_plan_errors(setup):
     model, tr, va, est, _ = setup
     with pytest.raises(ValueError, match=r"plan\(\) needs val_dataloader="):
         plan(model, CANDS, tr, loss, estimate=est, weight_decay=WD)
-    with pytest.raises(ValueError, match=r"no plan over the candidates .* meets the budget .*max_bits=1.0"):
+    # the message names the budget that cannot be met, and what can be reached
+    with pytest.raises(ValueError, match=r"no plan over the candidates .* meets the budget .*: max_bits=1.0 is "
+                                         r"below the fewest reachable bits per weight \d"):
         plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_bits=1.0, weight_decay=WD,
+             uncertainty_draws=0)
+    with pytest.raises(ValueError, match=r"target_mis=0.9999 is above the highest reachable MIS"):
+        plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, target_mis=0.9999, weight_decay=WD,
              uncertainty_draws=0)
     with pytest.raises(ValueError, match=r"utility_metric 'acc' is not among the measured utilities \['loss'\]"):
         plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, config=PlanConfig(utility_metric="acc"),
@@ -180,8 +186,10 @@ def test_app_mode_plan(tmp_path, capsys):
     pj = json.loads((out / "plan.json").read_text())
     assert pj["budget"] == {"max_utility_loss": 0.5, "max_bits": None, "target_mis": None}
     rep = json.loads((out / "report.json").read_text())
-    assert {"rtn_int8", "rtn_int2", "plan"} <= set(rep["schemes"])
-    assert rep["schemes"]["plan"]["leakage"] == pytest.approx(pj["leakage"])
+    (chosen,) = [r for r in pj["rows"] if r["chosen"]]  # its report row: "plan", or a uniform candidate's
+    assert {"rtn_int8", "rtn_int2", chosen["name"]} <= set(rep["schemes"])
+    assert rep["schemes"][chosen["name"]]["leakage"] == pytest.approx(pj["leakage"])
+    assert sum(r["choices"] == chosen["choices"] for r in pj["rows"]) == 1  # never assessed twice
     assert json.loads((out / "result.json").read_text())["plan"]["scheme"]["assignment"] == pj["scheme"]["assignment"]
     assert "plan (candidates ['rtn_int8', 'rtn_int2']" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"PlanConfig.max_bits must be a number >= 0 or None, got -1.0"):
@@ -234,7 +242,7 @@ def test_callback_plans_at_fit_end(tmp_path):
     assert cb.last_error is None and cb.plan_result is not None
     assert set(cb.plan_result.chosen.choices) == {"net.0.weight", "net.2.weight"}
     pj = json.loads((tmp_path / "mis_plan.json").read_text())
-    assert pj["leakage"] == pytest.approx(cb.plan_result.report.schemes["plan"].leakage)
+    assert pj["leakage"] == pytest.approx(cb.plan_result.report.schemes[cb.plan_result.chosen.name].leakage)
     assert (tmp_path / "mis_plan.png").is_file()
     with pytest.raises(KeyError):
         MISCallback(["rtn_int8"], plan={"candidates": ["rtn_int9"]})

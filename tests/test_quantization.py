@@ -406,3 +406,16 @@ def test_torchao_tensor_without_a_grid_reader_is_an_error_naming_the_type(monkey
     with pytest.raises(SchemeError, match=r"released '0.weight' as a Int8Tensor, for which no "
                                           r"grid reader is registered"):
         get_scheme("int8_weight_only").apply(_model())
+
+
+def test_unknown_name_suggests_current_names_only():
+    """'did you mean' lists names of available_schemes(): a close deprecated alias (int7_weight_only)
+    suggests the name it stands for, never itself (it is not in the list the error prints)."""
+    import re
+
+    from mis_lightning.quantization import available_schemes, get_scheme
+
+    with pytest.raises(KeyError) as err:
+        get_scheme("int8_weight_onyl")
+    close = re.search(r"did you mean ([^?]*)\?", str(err.value)).group(1).split(", ")
+    assert close[0] == "int8_weight_only" and set(close) <= set(available_schemes()), close

@@ -468,7 +468,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     ckpt = load_checkpoint_of(cfg)  # mode=assess: a bad ckpt_path fails before the data is read
     show = bool(cfg.get("progress", True))
 
-    with ProgressDisplay({"data": 1, "schemes": len(schemes)}, enabled=show) as progress:
+    # mode=plan re-assesses the candidates and at most `reassess` plans
+    n_scored = len(schemes) + (int(plan_cfg.reassess) if plan_cfg is not None else 0)
+    with ProgressDisplay({"data": 1, "schemes": n_scored}, enabled=show) as progress:
         stage[0] = "data"
         progress("data", 0)
         with _timed(times, "data"):
@@ -535,6 +537,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             names = cfg.output
             report.to_json(out / names.report_json)
             report.to_csv(out / names.report_csv)
+            # the table as printed below (mode=plan: the plan's budgeted choice replaces the verdict)
+            table = report.table(with_verdict=plan_cfg is None)
+            if names.get("report_table"):
+                (out / names.report_table).write_text(table + "\n")
             fig = report.plot(out / names.figure)
             log_report(job_loggers, report, step=step, figure=fig)
             for lg in job_loggers:  # the JSON next to the figure in trackers that keep files
@@ -578,13 +584,14 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
 
     print(f"\nMIS of {type(model).__name__} on {cfg.data._target_.rsplit('.', 1)[-1]} "
           f"(n = {report.n}, d = {report.d}; baseline leakage {report.baseline_leakage:.4g})")
-    print(report.table())  # the warnings in full below the table
+    print(table)  # the warnings in full below the table
     if plan_cfg is not None:
-        print(f"\nplan (candidates {[s.name for s in schemes]}, budget {planned.budget}):")
-        print(planned.table())
+        print(f"\nplan (candidates {[s.name for s in schemes]}):")
+        print(planned.table(report_warnings=False))  # the report's warnings are printed above
         print(f"plan: {out / names.get('plan', 'plan.json')}  figure: {out / names.get('plan_figure', 'plan_frontier.png')}")
     print(f"figure: {out / cfg.output.figure}")
-    print(f"report: {out / cfg.output.report_json}  {out / cfg.output.report_csv}")
+    print(f"report: {out / cfg.output.report_json}  {out / cfg.output.report_csv}"
+          + (f"  {out / cfg.output.report_table}" if cfg.output.get("report_table") else ""))
     if ckpt is None and cfg.output.get("checkpoint") and (out / cfg.output.checkpoint).exists():
         print(f"model: {out / cfg.output.checkpoint}  (assess it again: mis-lightning mode=assess "
               f"ckpt_path={out / cfg.output.checkpoint})")

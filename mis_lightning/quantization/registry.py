@@ -129,7 +129,11 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
                       DeprecationWarning, stacklevel=2)
         spec = new
     if spec not in _FACTORIES:
-        close = difflib.get_close_matches(spec, [*_FACTORIES, *_ALIASES], n=3, cutoff=0.6)
+        # suggest current names only (a deprecated alias would point outside the list printed
+        # below); an alias that is close suggests the name it stands for
+        close = list(dict.fromkeys(
+            _ALIASES[m][0] if m in _ALIASES else m
+            for m in difflib.get_close_matches(spec, [*_FACTORIES, *_ALIASES], n=6, cutoff=0.6)))[:3]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise KeyError(
             f"unknown quantization scheme {spec!r}{hint}; available schemes: {', '.join(sorted(_FACTORIES))}"
