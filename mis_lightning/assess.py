@@ -110,13 +110,17 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     h = diagnostics.get("mean_leverage")
     if h is None or not h > D_EFF_OVER_N_MAX:
         return None
-    what = (f"mean leverage {h:.3g} (max {diagnostics['max_leverage']:.3g}) of the stored records: ")
+    hmax = float(diagnostics["max_leverage"])
+    what = (f"mean leverage {h:.3g} (max {hmax:.3g}) of the stored records"
+            + (" (above 1 the fit is no projection: more weights than records, or a damped or indefinite "
+               "Hessian)" if hmax > 1.0 else "") + ": ")
     if diagnostics.get("leverage_correction"):
         capped = int(diagnostics.get("leverage_capped", 0))
         return what + ("their influences are the leave-one-out shifts and the gradient covariance is "
                        "HC2-corrected (leverage_correction), which first-order theory does not cover"
-                       + (f"; {capped} record(s) above leverage {LEVERAGE_CAP} were capped there (a damped or "
-                          "indefinite Hessian)" if capped else ""))
+                       + (f"; for that correction the leverage of {capped} record(s) above {LEVERAGE_CAP} "
+                          f"was capped at {LEVERAGE_CAP} (the mean and max above are before the cap)"
+                          if capped else ""))
     return what + ("the first-order influences understate each record's leave-one-out shift by about "
                    "1 / (1 - leverage); leverage_correction=True corrects them")
 
