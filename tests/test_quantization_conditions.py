@@ -378,3 +378,22 @@ def test_metric_announces_a_scheme_that_cannot_take_the_model_at_construction():
         MISIndicator(m, loss, ["rtn_int4", "intx_weight_only_int4"])
     with pytest.raises(SchemeError, match="float64"):
         MISIndicator(m, loss, ["intx_weight_only_int4"], strict=True)
+
+
+def test_group_scheme_that_fits_no_layer_is_refused_up_front():
+    """A per-group torchao scheme whose group size divides no layer's row would quantize nothing
+    (scored as no protection): check_model says so before any copy, with each layer's reason;
+    one layer it fits is enough (the others are float rows, named at the end as usual)."""
+    from mis_lightning.quantization import SchemeError, get_scheme
+
+    narrow = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    with pytest.raises(SchemeError, match=r"would quantize no weight of this model \(0.weight: in_features 8 "
+                                          r"is not a multiple of the group size 32.*no protection"):
+        get_scheme("intx_weight_only_int4_g32").check_model(narrow)
+    get_scheme("intx_weight_only_int4").check_model(narrow)  # per row: fits
+    get_scheme("intx_weight_only_int4_g32").check_model(
+        torch.nn.Sequential(torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)))
+    # convolutions: flattened rows of 4 x 3 x 3 = 36 (no group of 32 fits), 32 x 1 x 1 = 32 (fits)
+    with pytest.raises(SchemeError, match="would quantize no weight"):
+        get_scheme("intx_weight_only_int4_g32").check_model(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3)))
+    get_scheme("intx_weight_only_int4_g32").check_model(torch.nn.Sequential(torch.nn.Conv2d(32, 8, 1)))

@@ -29,6 +29,7 @@ weights) and biases stay in float, with their reason.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -219,21 +220,14 @@ def _torchao_embedding(model: nn.Module, fqn: str, module: nn.Embedding, spec: F
     return reader(scheme, name, module.weight, notes)
 
 
-def quantize_beyond_linear(scheme: Any, model: nn.Module, spec: FlatSpec, grids: dict[str, ParamGrid],
-                           reasons: dict[str, str], notes: list[str]) -> None:
-    """Quantize the copy's weights beyond ``nn.Linear`` in place (see the module doc).
-
-    Args:
-        scheme: the calling scheme (its ``name``, ``filter_fn`` and ``apply(params=...)``
-            selection are honoured).
-        model: the scheme's private copy (modified).
-        spec: the scheme's grid rule.
-        grids, reasons, notes: the Linear pass's results, extended in place (a weight that
-            already has a grid or a reason is left alone).
-    """
+def _selected(scheme: Any, model: nn.Module, spec: FlatSpec, grids: Mapping[str, Any], reasons: dict[str, str]
+              ) -> Iterator[tuple[str, nn.Module, str, Tensor, str, str]]:
+    """The weights beyond ``nn.Linear`` that ``scheme`` quantizes under ``spec``:
+    ``(module fqn, module, attribute, parameter, parameter name, layer kind)``; the reason of
+    every one it leaves in float goes into ``reasons`` (one selection for the pass and for
+    :func:`beyond_linear_weights`)."""
     names = {id(p): n for n, p in model.named_parameters()}
     uses = parameter_uses(model)
-    done: dict[str, list[int]] = {}
     for fqn, module, attr in _targets(model):
         p = module._parameters.get(attr)
         if not isinstance(p, Tensor) or id(p) not in names or not p.is_floating_point() or p.dim() < 2:
@@ -256,6 +250,31 @@ def quantize_beyond_linear(scheme: Any, model: nn.Module, spec: FlatSpec, grids:
         if isinstance(tiles, str):
             reasons[name] = f"{kind if '.' in kind else kind + '.' + attr}: {tiles}"
             continue
+        yield fqn, module, attr, p, name, kind
+
+
+def beyond_linear_weights(scheme: Any, model: nn.Module, spec: FlatSpec) -> tuple[list[str], dict[str, str]]:
+    """Names of the weights beyond ``nn.Linear`` that :func:`quantize_beyond_linear` would
+    quantize on ``model`` (nothing is modified), and the reasons of those it would leave in
+    float (a backend's up-front :meth:`~mis_lightning.quantization.QuantizationScheme.check_model`)."""
+    reasons: dict[str, str] = {}
+    return [name for *_, name, _ in _selected(scheme, model, spec, {}, reasons)], reasons
+
+
+def quantize_beyond_linear(scheme: Any, model: nn.Module, spec: FlatSpec, grids: dict[str, ParamGrid],
+                           reasons: dict[str, str], notes: list[str]) -> None:
+    """Quantize the copy's weights beyond ``nn.Linear`` in place (see the module doc).
+
+    Args:
+        scheme: the calling scheme (its ``name``, ``filter_fn`` and ``apply(params=...)``
+            selection are honoured).
+        model: the scheme's private copy (modified).
+        spec: the scheme's grid rule.
+        grids, reasons, notes: the Linear pass's results, extended in place (a weight that
+            already has a grid or a reason is left alone).
+    """
+    done: dict[str, list[int]] = {}
+    for fqn, module, attr, p, name, kind in _selected(scheme, model, spec, grids, reasons):
         grid = None
         if isinstance(module, nn.Embedding) and spec.torchao_embedding:
             grid = _torchao_embedding(model, fqn, module, spec, scheme, name, notes)
@@ -276,4 +295,4 @@ def quantize_beyond_linear(scheme: Any, model: nn.Module, spec: FlatSpec, grids:
         notes.append(f"{scheme.name}: {method}: {len(sizes)} weight tensor(s), {sum(sizes):,} weights")
 
 
-__all__ = ["FlatSpec", "flat_rtn", "quantize_beyond_linear", "supports_beyond"]
+__all__ = ["FlatSpec", "beyond_linear_weights", "flat_rtn", "quantize_beyond_linear", "supports_beyond"]

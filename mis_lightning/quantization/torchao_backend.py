@@ -73,7 +73,7 @@ from .base import (
     _quantized_kind,
     affine_grid,
 )
-from .beyond_linear import FlatSpec, quantize_beyond_linear
+from .beyond_linear import FlatSpec, beyond_linear_weights, quantize_beyond_linear
 from .casts import representable_values
 from .registry import register_alias, register_scheme
 
@@ -198,10 +198,26 @@ class TorchAOScheme(SchemeConfig):
         return grids, notes, reasons
 
     def check_model(self, model: nn.Module) -> None:
-        """torchao quantizes float32, bfloat16 or float16 weights only: a float64 weight among
-        the layers this scheme would quantize raises :class:`SchemeError` naming it."""
-        chosen, _, _ = self.select_weights(model, skip_reason=self._skip_reason)
+        """Before any copy: torchao quantizes float32, bfloat16 or float16 weights only (a
+        float64 weight among the layers this scheme would quantize raises :class:`SchemeError`
+        naming it), and a scheme that would quantize no weight of ``model`` at all (e.g. a
+        group size that divides no layer's row) raises :class:`SchemeError` with the reasons:
+        it would be scored as no protection."""
+        chosen, reasons, _ = self.select_weights(model, skip_reason=self._skip_reason)
         self._check_dtypes(chosen)
+        if chosen:
+            return
+        spec = self.flat_spec()
+        beyond, more = beyond_linear_weights(self, model, spec) if spec is not None else ([], {})
+        if beyond:
+            return
+        why = {**reasons, **more}
+        shown = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3]) + (
+            f"; and {len(why) - 3} more" if len(why) > 3 else "")
+        raise SchemeError(f"scheme {self.name!r} would quantize no weight of this model"
+                          + (f" ({shown})" if shown else " (no layer it supports)")
+                          + ": it would be scored as no protection at all; choose another scheme "
+                          "(e.g. a per-row one) or a model it applies to")
 
     def _check_dtypes(self, chosen: dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]]) -> None:
         # torchao's quantize primitives assert on other dtypes deep in quantize_affine
