@@ -442,27 +442,33 @@ def _all_coarse_mean_abs(root: Tensor, alpha: Tensor, pad: Tensor, b: Tensor, ou
     standard error that missed it (the rare boxes absent from both)."""
     c = root.shape[0]
     draws = max(outer_draws, ALL_COARSE_BUDGET // c)
-    # float32 normals (a third of float64's generation time): the draws only pick boxes, and
-    # a variate's rounding at 1e-7 changes its box with probability ~1e-7 per edge
-    U = torch.randn(draws, c, dtype=torch.float32, generator=generator).to(torch.float64) @ root.T
-    cell = torch.stack([torch.searchsorted(alpha[j].contiguous(), U[:, j].contiguous()) for j in range(c)], 1)
+    # The draws only pick boxes: normals, their correlation and the edge comparisons in float32
+    # (a value's rounding at 1e-7 changes its box with probability ~1e-7 per edge), laid out
+    # [c, draws] so that one batched searchsorted reads contiguous rows (3-4x faster than
+    # float64 columns, measured on the d = 2 study of tests/test_interval.py).
+    f32 = torch.float32
+    Ut = root.to(f32) @ torch.randn(c, draws, dtype=f32, generator=generator)  # [c, draws]
+    cell = torch.searchsorted(alpha.to(f32).contiguous(), Ut)                    # [c, draws]
+    del Ut
     # one integer key per box, mixed radix over the range of cells each coordinate reached
     # (the last coordinate most significant: the boxes come out in the same lexicographic
     # order as torch.unique(dim=0) would give); counted with bincount when the key range is
     # small (a coarse grid: a few cells per coordinate), else sorted (torch.unique, ~20x slower)
-    low = cell.amin(0)
-    span = (cell.amax(0) - low + 1).tolist()
-    offset = cell - low
+    low = cell.amin(1)
+    span = (cell.amax(1) - low + 1).tolist()
+    offset = cell - low.unsqueeze(1)
     values: list[Tensor] | None = None  # per coordinate, the cells an offset stands for
     if math.prod(span) >= 1 << 62:  # cells reached sparsely over a wide range: their ranks
-        ranked = [torch.unique(cell[:, j], return_inverse=True) for j in range(c)]
+        ranked = [torch.unique(cell[j], return_inverse=True) for j in range(c)]
         values = [v for v, _ in ranked]
-        offset = torch.stack([r for _, r in ranked], 1)
+        offset = torch.stack([r for _, r in ranked], 0)
         span = [v.numel() for v in values]
         if math.prod(span) >= 1 << 62:
             return None
     radix = [math.prod(span[:j]) for j in range(c)]
-    key = (offset * torch.tensor(radix, dtype=torch.long)).sum(1)
+    key = offset[0] * radix[0]
+    for j in range(1, c):
+        key += offset[j] * radix[j]
     if math.prod(span) <= BINCOUNT_MAX_KEYS:
         every = torch.bincount(key, minlength=math.prod(span))
         keys = torch.nonzero(every).squeeze(-1)
