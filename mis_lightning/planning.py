@@ -73,6 +73,9 @@ MAX_EXACT = 48
 #: draws (common random numbers: differences between plans carry less noise than the values),
 #: and the plans it picks are re-assessed with the pipeline's own draws (docs/planner.md, step 4).
 SEARCH_DRAW_FRACTION = 1 / 8
+#: a re-assessed row whose measured utility differs from the predicted (additive) one by more
+#: than this fraction of the float model's utility is named in the warnings
+ADDITIVITY_TOLERANCE = 0.05
 #: utility names that are better when lower (others: higher, unless the metric says)
 _LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error", "nll")
 
@@ -713,6 +716,20 @@ def plan(
                          f"leakage {r['leakage']:.4g} by {100 * (u.leakage / r['leakage'] - 1):+.1f}% (the pipeline "
                          f"used {u.result.method!r}{_requantized(u.result)}); the frontier's plans that use it carry "
                          "an error of that order (the re-assessed rows are the pipeline's)")
+    # The predicted utility adds the per-layer measured changes: say where that misses the
+    # real copy by more than ADDITIVITY_TOLERANCE of the float model's (interacting layers).
+    off = []
+    for p in [*uniform.values(), *(q for q in to_assess if q.name not in uniform)]:
+        r = p.reassessed(metric)
+        if r is not None and not math.isnan(r["utility"]) and \
+                abs(r["utility"] - p.utility) > ADDITIVITY_TOLERANCE * abs(float_u[metric]):
+            off.append(f"{p.name} (predicted {p.utility:.4g}, measured {r['utility']:.4g})")
+    if off:
+        warnings_.append(f"the predicted {metric} (float model plus the per-layer changes, measured one layer "
+                         f"at a time) misses the real copy's by more than {ADDITIVITY_TOLERANCE:.0%} of the float "
+                         f"model's {metric} for {', '.join(off)}: the layers' quantization errors interact; "
+                         "the frontier's predicted utilities near them carry an error of that order (the "
+                         "re-assessed rows are measured)")
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
