@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cells import SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
+from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
 from .kernel import (
     _MAX_WINDOW,
@@ -298,6 +298,9 @@ class _CoreRules:
         self.rmax = torch.tensor(rmax, dtype=torch.float64, device=device)
         self.nodes = torch.zeros(len(lo), _CORE_NODES, dtype=torch.float64, device=device)  # [J, Q]
         self.weights = torch.zeros(len(lo), 3, _CORE_NODES, dtype=torch.float64, device=device)  # [J, 3, Q]
+        # per core, the node weights contracted with the series' coefficients: [J, 4 Q, 6], rows
+        # (power k of phi(c) c^2k, node q), columns (kappa, m4) x (w^3, w^5, w^7) terms
+        self.combined = torch.zeros(len(lo), 4 * _CORE_NODES, 6, dtype=torch.float64, device=device)
         self._ready = np.zeros(len(lo), dtype=bool)
 
     def prepare(self, used: Tensor) -> None:
@@ -316,6 +319,19 @@ class _CoreRules:
                          for p in (5, 7)]
             self.nodes[j] = torch.as_tensor(x * zmax, dtype=torch.float64)
             self.weights[j] = torch.as_tensor(np.stack(ws), dtype=torch.float64)
+            # coef[k, l, col]: the weight of (phi c^2k) @ w_l in output column col
+            coef = np.zeros((4, 3, 6))
+            coef[0, 0, 0] = -1.0 / 12.0                                       # kappa, w^3
+            coef[1, 0, 3] = -0.5                                              # m4, w^3
+            coef[1, 1, 1], coef[0, 1, 1] = 1.0 / 1440.0, 9.0 / 1440.0          # kappa, w^5
+            coef[2, 1, 4], coef[1, 1, 4], coef[0, 1, 4] = 1.0 / 240.0, 21.0 / 240.0, -3.0 / 240.0
+            coef[2, 2, 2], coef[1, 2, 2], coef[0, 2, 2] = (-17.0 / 483840.0, -94.0 / 483840.0,
+                                                           -135.0 / 483840.0)  # kappa, w^7
+            coef[3, 2, 5], coef[2, 2, 5], coef[1, 2, 5], coef[0, 2, 5] = (
+                -51.0 / 241920.0, -482.0 / 241920.0, -1755.0 / 241920.0, 270.0 / 241920.0)  # m4, w^7
+            W = np.stack(ws)  # [3, Q]
+            self.combined[j] = torch.as_tensor(np.einsum("klc,lq->kqc", coef, W).reshape(4 * q, 6),
+                                               dtype=torch.float64)
             self._ready[j] = True
 
 
@@ -350,24 +366,20 @@ def _core_moments(th: Tensor, sg: Tensor, sc: Tensor, rules: _CoreRules, j: Tens
     # (one [r, 4Q] x [4Q, 2] product per core; few cores are in use at once).
     out = torch.empty(r.shape[0], 2, dtype=torch.float64, device=r.device)
     r2 = r * r
+    q = rules.nodes.shape[1]
     for jv in torch.unique(j).tolist():
         sel = torch.nonzero(j == jv).squeeze(-1) if j.numel() > 1 else torch.arange(j.numel(), device=j.device)
-        rs, c = r[sel].unsqueeze(-1), u0[sel].unsqueeze(-1) + r[sel].unsqueeze(-1) * rules.nodes[jv]  # [s, Q]
-        p0 = _pdf(c)
-        c2 = c * c
-        p1 = p0 * c2
-        p2 = p1 * c2
-        p3 = p2 * c2
+        rs = r[sel]
+        c2 = (u0[sel].unsqueeze(-1) + rs.unsqueeze(-1) * rules.nodes[jv]).square_()  # [s, Q]
+        # phi(c) c^(0, 2, 4, 6) written side by side, then one [s, 4 Q] x [4 Q, 6] product
+        # (a single pass over them instead of nine matrix-vector products)
+        P = torch.empty(sel.numel(), 4, q, dtype=torch.float64, device=r.device)
+        torch.mul(torch.exp(c2 * -0.5), _INV_SQRT_2PI, out=P[:, 0])
+        for k in (1, 2, 3):
+            torch.mul(P[:, k - 1], c2, out=P[:, k])
+        F = P.view(sel.numel(), 4 * q) @ rules.combined[jv]                       # [s, 6]
         r2s = r2[sel].unsqueeze(-1)
-        w3, w5, w7 = (rules.weights[jv, i] for i in range(3))
-        # columns: kappa, m4; rows of each block: the weights of phi c^0, c^2, c^4, c^6
-        f3 = torch.stack([p0 @ w3 * (-1.0 / 12.0), p1 @ w3 * -0.5], -1)
-        f5 = torch.stack([(p1 @ w5 + 9.0 * (p0 @ w5)) / 1440.0,
-                          (p2 @ w5 + 21.0 * (p1 @ w5) - 3.0 * (p0 @ w5)) / 240.0], -1)
-        f7 = torch.stack([-(17.0 * (p2 @ w7) + 94.0 * (p1 @ w7) + 135.0 * (p0 @ w7)) / 483840.0,
-                          -(51.0 * (p3 @ w7) + 482.0 * (p2 @ w7) + 1755.0 * (p1 @ w7) - 270.0 * (p0 @ w7))
-                          / 241920.0], -1)
-        out[sel] = rs**3 * (f3 + r2s * (f5 + r2s * f7))
+        out[sel] = rs.pow(3).unsqueeze(-1) * (F[:, 0::3] + r2s * (F[:, 1::3] + r2s * F[:, 2::3]))
     ck, cm = out[:, 0], out[:, 1]
     return i2 + ck, i4 + cm
 
