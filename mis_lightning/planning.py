@@ -703,10 +703,10 @@ def plan(
         if miss:
             warnings_.append(f"plan {p.name!r}: re-assessed {miss} (the proxy predicted leakage {p.leakage:.4g}, "
                              f"{metric} {p.utility:.4g}); its release does not meet the budget")
-        elif abs(r["leakage"] - p.leakage) > 0.02 * max(r["leakage"], 1e-12):
+        elif p.name not in uniform and abs(r["leakage"] - p.leakage) > 0.02 * max(r["leakage"], 1e-12):
             warnings_.append(f"plan {p.name!r}: the re-assessed leakage {r['leakage']:.4g} differs from the "
                              f"search's proxy {p.leakage:.4g} by more than 2% (the pipeline used "
-                             f"{p.result.method!r}, the proxy the Gaussian form); the reported value is the "
+                             f"{p.result.method!r}{_requantized(p.result)}); the reported value is the "
                              "pipeline's")
     for name, u in uniform.items():  # the proxy behind every frontier plan that uses this candidate
         r = u.reassessed(metric)
@@ -737,8 +737,9 @@ def plan(
 
 
 def _requantized(result: SchemeResult | None) -> str:
-    """``", re-quantization ..."`` when the pipeline re-quantized Monte Carlo draws (non-nearest
-    rounding), which the proxy's cells do not model."""
+    """``"; rounding ... is not nearest: Monte Carlo re-quantization ..."`` when the pipeline
+    re-quantized the scheme (non-nearest rounding), which the proxy's cells do not model; else
+    ``""``."""
     notes = [] if result is None else [n for n in result.notes if "re-quantiz" in n.lower()]
     return f"; {notes[0].split(':')[0]}: Monte Carlo re-quantization, which the proxy's cells do not model" if notes else ""
 
