@@ -365,6 +365,7 @@ def score_schemes(
     failures: dict[str, str] = {}
     for scheme in scheme_objs:
         try:
+            scheme.check_model(model)  # the up-front reason (no copy), not a vaguer one after apply
             prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:

@@ -225,8 +225,9 @@ class PlanResult:
         (``name``: the row's scheme name in :attr:`report`; ``interval``: the pipeline's 80%
         interval of the leakage, or ``None``)."""
         out = []
-        pts = [("uniform", p) for p in self.uniform.values()] + [
-            ("plan", p) for p in self.frontier if p.result is not None and p.name not in self.uniform]
+        plans = sorted((p for p in self.frontier if p.result is not None and p.name not in self.uniform),
+                       key=lambda p: (len(p.name), p.name))  # plan, plan_1, ...: the report's order
+        pts = [("uniform", p) for p in self.uniform.values()] + [("plan", p) for p in plans]
         for kind, p in pts:
             r = p.reassessed(self.metric) or {}
             out.append({"kind": kind, "name": p.name, "choices": dict(p.choices),
@@ -251,7 +252,7 @@ class PlanResult:
             iv = "-" if not r["interval"] else f"[{r['interval'][0]:.4g}, {r['interval'][1]:.4g}]"
             lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {iv} "
                          f"| {r['mis']:.4f} | {r['predicted_utility']:.4g} | {r['utility']:.4g} "
-                         f"| {r['bits_per_weight']:.3g} |")
+                         f"| {r['bits_per_weight']:.4g} |")
         budget = ", ".join(f"{k}={v}" for k, v in self.budget.items() if v is not None) or "none"
         c = self.chosen.reassessed(m)
         if c is not None:

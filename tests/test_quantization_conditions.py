@@ -397,3 +397,16 @@ def test_group_scheme_that_fits_no_layer_is_refused_up_front():
     with pytest.raises(SchemeError, match="would quantize no weight"):
         get_scheme("intx_weight_only_int4_g32").check_model(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3)))
     get_scheme("intx_weight_only_int4_g32").check_model(torch.nn.Sequential(torch.nn.Conv2d(32, 8, 1)))
+
+
+def test_failed_row_keeps_the_up_front_reason():
+    """strict=False: the failed row (and the report's warning) carries check_model's reason (the
+    group size against in_features), not a vaguer message from after the copy."""
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    x = torch.randn(64, 8)
+    loader = DataLoader(TensorDataset(x, x[:, 0]), batch_size=32)
+    rep = ml.assess(m, ["int8_weight_only", "intx_weight_only_int4_g32"], loader,
+                    lambda o, t: (o[:, 0] - t) ** 2, uncertainty_draws=0, strict=False)
+    err = rep.schemes["intx_weight_only_int4_g32"].error
+    assert "not a multiple of the group size 32" in err and rep.schemes["int8_weight_only"].error is None
+    assert any("not a multiple of the group size 32" in w for w in rep.warnings)
