@@ -365,7 +365,10 @@ def score_schemes(
     failures: dict[str, str] = {}
     for scheme in scheme_objs:
         try:
-            scheme.check_model(model)  # the up-front reason (no copy), not a vaguer one after apply
+            # the up-front reasons (no copy), not a vaguer one after apply: can it run here, then
+            # can it take this model
+            scheme.check_available()
+            scheme.check_model(model)
             prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:
