@@ -383,10 +383,17 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
         return text
     if _overlap(safest, safest) is None:
         return text + "; no intervals (uncertainty_draws=0): differences cannot be judged"
-    same = [r["scheme"] for r in others if _overlap(safest, r)]
+    inside = {id(r) for r in eligible}
+    same = [r["scheme"] for r in others if _overlap(safest, r) and id(r) in inside]
+    outside = [r["scheme"] for r in others if _overlap(safest, r) and id(r) not in inside]
+    if not same and not outside:
+        return text + "; clearly safer than every other scheme (no interval overlaps its own)"
     if same:
-        return text + "; not clearly different from it (intervals overlap): " + ", ".join(same)
-    return text + "; clearly safer than every other scheme (no interval overlaps its own)"
+        text += "; not clearly different from it (intervals overlap): " + ", ".join(same)
+    if outside:  # as safe within the intervals, but their utility is outside the band
+        text += (f"; {'also ' if same else ''}overlapping its interval but outside the utility band: "
+                 + ", ".join(outside))
+    return text
 
 
 def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:

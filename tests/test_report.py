@@ -232,6 +232,13 @@ def test_table_ends_with_legend_and_verdict():
         "verdict: safest with rmse within 10% of the best (0.8100, int8_weight_only): "
         "intx_weight_only_int3 (leakage 0.0400); clearly safer than every other scheme "
         "(no interval overlaps its own)")
+    # a scheme as safe within the intervals but outside the utility band is named apart
+    i2 = next(r for r in rows if r["scheme"] == "intx_weight_only_int2")
+    saved = (i2["leakage_p10"], i2["leakage_p90"])
+    i2["leakage_p10"], i2["leakage_p90"] = 0.0500, 0.0560
+    assert verdict(rows).endswith("native_int8_dynamic, bf16; also overlapping its interval but outside the "
+                                  "utility band: intx_weight_only_int2")
+    i2["leakage_p10"], i2["leakage_p90"] = saved
     for r in rows:  # no intervals: say that differences cannot be judged
         r["leakage_p10"] = r["leakage_p90"] = None
     assert verdict(rows).endswith("; no intervals (uncertainty_draws=0): differences cannot be judged")
