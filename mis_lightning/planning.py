@@ -204,6 +204,10 @@ class PlanResult:
     def bits_per_weight(self) -> float:
         return self.chosen.bits_per_weight
 
+    def budget_text(self) -> str:
+        """The budgets set, as ``"max_utility_loss=0.05, max_bits=8.5"`` (``"none"``)."""
+        return ", ".join(f"{k}={v}" for k, v in self.budget.items() if v is not None) or "none"
+
     def dominated_uniform(self) -> list[str]:
         """The uniform candidates the chosen plan strictly beats on the re-assessed figures:
         lower leakage at equal or better utility and equal or fewer bits."""
@@ -253,7 +257,7 @@ class PlanResult:
             lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {iv} "
                          f"| {r['mis']:.4f} | {r['predicted_utility']:.4g} | {r['utility']:.4g} "
                          f"| {r['bits_per_weight']:.4g} |")
-        budget = ", ".join(f"{k}={v}" for k, v in self.budget.items() if v is not None) or "none"
+        budget = self.budget_text()
         c = self.chosen.reassessed(m)
         if c is not None:
             goal = "the fewest bits with MIS >= target_mis" if self.budget.get("target_mis") is not None \
@@ -324,7 +328,7 @@ class PlanResult:
             b = float(self.budget["max_utility_loss"]) * abs(self.float_utility)
             axes[1].axvline(self.float_utility + (b if self.lower_is_better else -b), ls="--",
                             c="tab:red", lw=0.8)
-        budget = ", ".join(f"{k}={v}" for k, v in self.budget.items() if v is not None) or "none"
+        budget = self.budget_text()
         fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {budget})", fontsize=9)
         axes[0].scatter([], [], marker="s", c="tab:blue", label="uniform (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:orange", label="plans (re-assessed)")
