@@ -153,8 +153,8 @@ def test_self_check_disables_a_wrong_closed_form(monkeypatch):
     scale = torch.full((c,), 1e-3, dtype=F64)
     theta = (torch.rand(c, generator=gen, dtype=F64) * 2 - 1) * 448e-3
     sigma = torch.full((c,), 5.0, dtype=F64)
-    real = T._core_moments
-    monkeypatch.setattr(T, "_core_moments", lambda *a: tuple(t + 1e-3 for t in real(*a)))
+    real = T._core_side_kernel
+    monkeypatch.setattr(T, "_core_side_kernel", lambda *a: tuple(t + 1e-3 for t in real(*a)))
     with pytest.warns(RuntimeWarning, match="float-format fast path"):
         got = table_cell_moments(theta, sigma, values, scale)
     assert T.FLOAT_PATH in fastpath.GUARD.disabled
