@@ -248,6 +248,7 @@ _FAST_ROWS_BUDGET = 1 << 16
 # Elements per block of the closed-form core's kernel (edge-major rows; measured on the 1e5
 # MLP's float8 chunks: 2,048 -> 70 ms, 16,384 -> 38 ms, 65,536 -> 68 ms per 65,536 elements).
 _CORE_BLOCK = 1 << 14
+_ZERO = torch.zeros((), dtype=torch.float64)
 # Name of the path, as the self-check warnings print it.
 FLOAT_PATH = "the float-format fast path (closed-form core, exact outer cells)"
 
@@ -302,7 +303,8 @@ class _CoreRules:
         self.nodes = torch.zeros(len(lo), _CORE_NODES, dtype=torch.float64, device=device)  # [J, Q]
         self.weights = torch.zeros(len(lo), 3, _CORE_NODES, dtype=torch.float64, device=device)  # [J, 3, Q]
         # per core, the node weights contracted with the series' coefficients: [J, 4 Q, 6], rows
-        # (power k of phi(c) c^2k, node q), columns (kappa, m4) x (w^3, w^5, w^7) terms
+        # (power k, node q) weighting exp(g) g^k with g = -c^2 / 2 (phi(c) c^2k =
+        # (-2)^k exp(g) g^k / sqrt(2 pi): the kernel's form), columns (kappa, m4) x (w^3, w^5, w^7)
         self.combined = torch.zeros(len(lo), 4 * _CORE_NODES, 6, dtype=torch.float64, device=device)
         self._ready = np.zeros(len(lo), dtype=bool)
 
@@ -336,6 +338,7 @@ class _CoreRules:
             coef[3, 2, 5], coef[2, 2, 5], coef[1, 2, 5], coef[0, 2, 5] = (
                 -51.0 / 241920.0, -482.0 / 241920.0, -1755.0 / 241920.0, 270.0 / 241920.0)  # m4, w^7
             W = np.stack(ws)  # [3, Q]
+            coef *= ((-2.0) ** np.arange(4) * _INV_SQRT_2PI)[:, None, None]  # phi c^2k -> exp(g) g^k
             self.combined[j] = torch.as_tensor(np.einsum("klc,lq->kqc", coef, W).reshape(4 * q, 6),
                                                dtype=torch.float64)
             self._ready[j] = True
@@ -404,31 +407,39 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     ub = torch.where(torch.isfinite(b), b, 0.0)
     kappa = P - (ub * pb - ua * pa)
     m4 = 3.0 * P - ((ub**3 + 3.0 * ub) * pb - (ua**3 + 3.0 * ua) * pa)
-    # per node the powers phi(c) c^(0, 2, 4, 6) (rows k Q + q), contracted with the node
-    # weights times the series' coefficients
+    # per node c = u0 + r x_q the powers exp(g) g^k, g = -c^2 / 2, k = 0..3 (rows k Q + q),
+    # contracted with the node weights times the series' coefficients (their -2^k / sqrt(2 pi)
+    # included: six passes over [Q, c])
     q, c = nodes.numel(), u0.numel()
     powers = torch.empty(4, q, c, dtype=torch.float64, device=u0.device)
-    c2 = torch.addcmul(u0, nodes.unsqueeze(-1), r).square_()  # [Q, c]
-    torch.mul(c2, -0.5, out=powers[0]).exp_().mul_(_INV_SQRT_2PI)
+    cq = torch.addcmul(u0, nodes.unsqueeze(-1), r)  # [Q, c]
+    g = torch.addcmul(_ZERO, cq, cq, value=-0.5)
+    torch.exp(g, out=powers[0])
     for k in (1, 2, 3):
-        torch.mul(powers[k - 1], c2, out=powers[k])
+        torch.mul(powers[k - 1], g, out=powers[k])
     F = combined.T @ powers.view(4 * q, c)  # [6, c]: (kappa, m4) x (w^3, w^5, w^7)
     r2 = r * r
     r3 = r2 * r
     kappa += r3 * (F[0] + r2 * (F[1] + r2 * F[2]))
     m4 += r3 * (F[3] + r2 * (F[4] + r2 * F[5]))
-    # the side cells, exactly: the two unbounded outer ones (below row 0, above row 2m-1)...
-    zero, inf = torch.zeros_like(u0), torch.full_like(u0, math.inf)
-    t2, t4 = _cell_terms(torch.stack([-inf, alpha[-1]]), torch.stack([alpha[0], inf]),
-                         torch.stack([zero, pdf[-1]]), torch.stack([pdf[0], zero]),
-                         torch.stack([zero, tail[-1]]), torch.stack([tail[0], zero]))
-    kappa += t2.sum(0)
-    m4 += t4.sum(0)
-    if m > 1:  # ...and those between consecutive edges of each side
-        lo = torch.cat([torch.arange(0, m - 1), torch.arange(m, 2 * m - 1)]).to(u0.device)
-        t2, t4 = _cell_terms(alpha[lo], alpha[lo + 1], pdf[lo], pdf[lo + 1], tail[lo], tail[lo + 1])
-        kappa += t2.sum(0)
-        m4 += t4.sum(0)
+    # the side cells, exactly: between consecutive edges of each side (row slices)...
+    for lo, hi in ((slice(0, m - 1), slice(1, m)), (slice(m, 2 * m - 1), slice(m + 1, 2 * m))):
+        if m > 1:
+            t2, t4 = _cell_terms(alpha[lo], alpha[hi], pdf[lo], pdf[hi], tail[lo], tail[hi])
+            kappa += t2.sum(0)
+            m4 += t4.sum(0)
+    # ...and the unbounded outer ones, (-inf, alpha[0]) and (alpha[-1], inf): the same terms
+    # with one finite edge (diff -phi or +phi, the mean kept inside the cell)
+    for row, below in ((0, True), (2 * m - 1, False)):
+        e, p, t = alpha[row], pdf[row], tail[row]
+        prob = torch.where(e > 0, 1.0 - t, t) if below else torch.where(e > 0, t, 1.0 - t)
+        live = prob > _TINY_PROB
+        diff = -p if below else p
+        ratio = diff / torch.where(live, prob, 1.0)
+        ratio = torch.where(live, torch.minimum(ratio, e) if below else torch.maximum(ratio, e), 0.0)
+        sq = diff * ratio
+        kappa += sq
+        m4 += sq * ratio * ratio
     return kappa.clamp_(0.0, 1.0), m4
 
 
