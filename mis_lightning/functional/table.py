@@ -249,6 +249,11 @@ _FAST_ROWS_BUDGET = 1 << 16
 # MLP's float8 chunks: 2,048 -> 70 ms, 16,384 -> 38 ms, 65,536 -> 68 ms per 65,536 elements).
 _CORE_BLOCK = 1 << 14
 _ZERO = torch.zeros((), dtype=torch.float64)
+# Side widths (edges) of the closed-form core's groups: steps of ~25% (the padding to a bucket
+# is computed for nothing; the windowed sums' coarser _FAST_BUCKETS padded a weight needing
+# 19 edges to 32, on both sides).
+_SIDE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128,
+                 160, 192, 224, 256, 320, 384, 448, _MAX_WINDOW)
 # Name of the path, as the self-check warnings print it.
 FLOAT_PATH = "the float-format fast path (closed-form core, exact outer cells)"
 
@@ -377,7 +382,7 @@ def _cell_terms(lo: Tensor, hi: Tensor, p_lo: Tensor, p_hi: Tensor, q_lo: Tensor
 def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: Tensor, combined: Tensor
                       ) -> tuple[Tensor, Tensor]:
     """``kappa`` and ``m4`` (``[c]`` each) of elements whose cells are one closed-form core plus
-    ``M`` exact cells each side.
+    exact cells each side (``M`` below, ``N`` above).
 
     Args:
         u0, r: ``[c]`` ``-theta / sigma`` and ``scale / sigma`` (a table value ``v`` sits at
@@ -385,20 +390,20 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
         e_lo: ``[M, c]`` the lower side's edges (units of the scale), farthest first, the last
             the core's lower edge (``-inf`` past the table's end); the cell below the first is
             unbounded.
-        e_hi: ``[M, c]`` the upper side's edges, the first the core's upper edge (``+inf`` past
+        e_hi: ``[N, c]`` the upper side's edges, the first the core's upper edge (``+inf`` past
             the end); the cell above the last is unbounded.
         nodes, combined: the core's quadrature nodes ``[Q]`` and contracted weights
             ``[4 Q, 6]`` (:class:`_CoreRules`).
 
-    Edge-major (the edges as ``[2 M, c]`` rows, the quadrature as ``[4 Q, c]`` rows and one
+    Edge-major (the edges as ``[M + N, c]`` rows, the quadrature as ``[4 Q, c]`` rows and one
     ``[6, 4 Q] x [4 Q, c]`` product): every operation runs over contiguous rows of the block
-    and the op count does not grow with ``M`` (the element-major ``[c, M + 1]`` cell sums and
+    and the op count does not grow with ``M`` or ``N`` (the element-major ``[c, M + 1]`` cell sums and
     ``[c, 4 Q]`` products spent most of their time in concatenations and reductions over a
     short last axis: 92 -> 38 ms per 65,536 float8 elements of the 1e5 MLP)."""
-    m = e_lo.shape[0]
+    m, n = e_lo.shape[0], e_lo.shape[0] + e_hi.shape[0]
     # standardised edges, densities and smaller tails of both sides at once: rows 0..m-1 the
-    # lower side (the core's lower edge a last), rows m..2m-1 the upper (b first)
-    alpha = torch.addcmul(u0, r, torch.cat([e_lo, e_hi]))  # [2m, c]
+    # lower side (the core's lower edge a last), rows m..n-1 the upper (b first)
+    alpha = torch.addcmul(u0, r, torch.cat([e_lo, e_hi]))  # [n, c]
     pdf, tail = _pdf(alpha), _tails(alpha)
     # the core (a, b): int_a^b u^2 phi and u^4 phi, then the w^3, w^5, w^7 corrections
     a, b, pa, pb, qa, qb = alpha[m - 1], alpha[m], pdf[m - 1], pdf[m], tail[m - 1], tail[m]
@@ -423,14 +428,14 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     kappa += r3 * (F[0] + r2 * (F[1] + r2 * F[2]))
     m4 += r3 * (F[3] + r2 * (F[4] + r2 * F[5]))
     # the side cells, exactly: between consecutive edges of each side (row slices)...
-    for lo, hi in ((slice(0, m - 1), slice(1, m)), (slice(m, 2 * m - 1), slice(m + 1, 2 * m))):
-        if m > 1:
+    for lo, hi in ((slice(0, m - 1), slice(1, m)), (slice(m, n - 1), slice(m + 1, n))):
+        if hi.stop > hi.start:
             t2, t4 = _cell_terms(alpha[lo], alpha[hi], pdf[lo], pdf[hi], tail[lo], tail[hi])
             kappa += t2.sum(0)
             m4 += t4.sum(0)
     # ...and the unbounded outer ones, (-inf, alpha[0]) and (alpha[-1], inf): the same terms
     # with one finite edge (diff -phi or +phi, the mean kept inside the cell)
-    for row, below in ((0, True), (2 * m - 1, False)):
+    for row, below in ((0, True), (n - 1, False)):
         e, p, t = alpha[row], pdf[row], tail[row]
         prob = torch.where(e > 0, 1.0 - t, t) if below else torch.where(e > 0, t, 1.0 - t)
         live = prob > _TINY_PROB
@@ -449,24 +454,30 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
     """``kappa`` and ``m4`` (written at ``idx``) of the elements ``idx`` whose cells are core
     ``core`` (``[r]``, indices into ``rules``) plus exact cells out to ``need_lo`` / ``need_hi``
     finite edges each side of the core's edges ``mids[lo_e]``, ``mids[hi_e]`` (then the
-    unbounded cell; edges past the table's ends are empty cells). Grouped by core and by the
-    side width bucketed in ``_FAST_BUCKETS`` (edges past ``need`` lie beyond 8.5 sd: < 1e-15),
-    in blocks of ``_CORE_BLOCK`` elements (cache-sized working set)."""
+    unbounded cell; edges past the table's ends are empty cells). Grouped by core and by each
+    side's width bucketed in ``_SIDE_BUCKETS``, in blocks of ``_CORE_BLOCK`` elements
+    (cache-sized working set)."""
     mids = rules.mids
     n = mids.numel()
-    need = torch.maximum(need_lo, need_hi)
-    bucket = torch.bucketize(need, torch.tensor(_FAST_BUCKETS, device=need.device))
+    sizes = torch.tensor(_SIDE_BUCKETS, device=th.device)
+    # one group per core and pair of side widths, each bucketed (edges past ``need`` lie
+    # beyond 8.5 sd: < 1e-15 of kappa); the two sides apart (a weight far from 0 needs many
+    # edges on the side away from the core and one towards it)
+    b_lo, b_hi = torch.bucketize(need_lo, sizes), torch.bucketize(need_hi, sizes)
+    nb = len(_SIDE_BUCKETS)
+    key = (core * nb + b_lo) * nb + b_hi
     u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
-    for key in torch.unique(core * len(_FAST_BUCKETS) + bucket).tolist():
-        jv, m = divmod(key, len(_FAST_BUCKETS))
-        m = _FAST_BUCKETS[m]
-        group = torch.nonzero((core == jv) & (bucket == _FAST_BUCKETS.index(m))).squeeze(-1)
-        off = torch.arange(m, device=th.device).unsqueeze(-1)
-        block = max(1024, min(_CORE_BLOCK, (1 << 18) // (2 * m + 2)))
+    for kv in torch.unique(key).tolist():
+        jv, rest = divmod(kv, nb * nb)
+        m_lo, m_hi = _SIDE_BUCKETS[rest // nb], _SIDE_BUCKETS[rest % nb]
+        group = torch.nonzero(key == kv).squeeze(-1)
+        off_lo = torch.arange(m_lo, device=th.device).unsqueeze(-1)
+        off_hi = torch.arange(m_hi, device=th.device).unsqueeze(-1)
+        block = max(1024, min(_CORE_BLOCK, (1 << 18) // (m_lo + m_hi + 2)))
         for s in range(0, group.numel(), block):
             g = group[s : s + block]
-            el = lo_e[g] - (m - 1) + off  # [m, r]: farthest first, the core's edge last
-            eh = hi_e[g] + off
+            el = lo_e[g] - (m_lo - 1) + off_lo  # [m_lo, r]: farthest first, the core's edge last
+            eh = hi_e[g] + off_hi  # [m_hi, r]: the core's edge first
             e_lo = torch.where(el < 0, -math.inf, mids[el.clamp(0, n - 1)])
             e_hi = torch.where(eh >= n, math.inf, mids[eh.clamp(0, n - 1)])
             k, m4g = _core_side_kernel(u0[g], r[g], e_lo, e_hi, rules.nodes[jv], rules.combined[jv])
