@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
+from .runs import RUN_MAX_STEP, run_moments, run_table
 from .kernel import (
     _MAX_WINDOW,
     CUTOFF_SIGMAS,
@@ -249,6 +250,8 @@ _FAST_ROWS_BUDGET = 1 << 16
 # MLP's float8 chunks: 2,048 -> 70 ms, 16,384 -> 38 ms, 65,536 -> 68 ms per 65,536 elements).
 _CORE_BLOCK = 1 << 14
 _ZERO = torch.zeros((), dtype=torch.float64)
+# Run counts of the closed-form run path's groups (runs past an element's last add exactly 0).
+_RUN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 # Side widths (edges) of the closed-form core's groups: steps of ~25% (the padding to a bucket
 # is computed for nothing; the windowed sums' coarser _FAST_BUCKETS padded a weight needing
 # 19 edges to 32, on both sides).
@@ -379,6 +382,20 @@ def _cell_terms(lo: Tensor, hi: Tensor, p_lo: Tensor, p_hi: Tensor, q_lo: Tensor
     return sq, sq * ratio * ratio
 
 
+def _outer_cell_terms(e: Tensor, p: Tensor, t: Tensor, below: bool) -> tuple[Tensor, Tensor]:
+    """``p mu^2`` and ``p mu^4`` of the unbounded cell below (``below``) or above the
+    standardised edge ``e`` (``[c]``; ``p`` its density, ``t`` its smaller tail): the terms of
+    :func:`_cell_terms` with one finite edge (diff ``-phi`` or ``+phi``, the mean kept inside
+    the cell)."""
+    prob = torch.where(e > 0, 1.0 - t, t) if below else torch.where(e > 0, t, 1.0 - t)
+    live = prob > _TINY_PROB
+    diff = -p if below else p
+    ratio = diff / torch.where(live, prob, 1.0)
+    ratio = torch.where(live, torch.minimum(ratio, e) if below else torch.maximum(ratio, e), 0.0)
+    sq = diff * ratio
+    return sq, sq * ratio * ratio
+
+
 def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: Tensor, combined: Tensor
                       ) -> tuple[Tensor, Tensor]:
     """``kappa`` and ``m4`` (``[c]`` each) of elements whose cells are one closed-form core plus
@@ -433,18 +450,11 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
             t2, t4 = _cell_terms(alpha[lo], alpha[hi], pdf[lo], pdf[hi], tail[lo], tail[hi])
             kappa += t2.sum(0)
             m4 += t4.sum(0)
-    # ...and the unbounded outer ones, (-inf, alpha[0]) and (alpha[-1], inf): the same terms
-    # with one finite edge (diff -phi or +phi, the mean kept inside the cell)
+    # ...and the unbounded outer ones, (-inf, alpha[0]) and (alpha[-1], inf)
     for row, below in ((0, True), (n - 1, False)):
-        e, p, t = alpha[row], pdf[row], tail[row]
-        prob = torch.where(e > 0, 1.0 - t, t) if below else torch.where(e > 0, t, 1.0 - t)
-        live = prob > _TINY_PROB
-        diff = -p if below else p
-        ratio = diff / torch.where(live, prob, 1.0)
-        ratio = torch.where(live, torch.minimum(ratio, e) if below else torch.maximum(ratio, e), 0.0)
-        sq = diff * ratio
-        kappa += sq
-        m4 += sq * ratio * ratio
+        t2, t4 = _outer_cell_terms(alpha[row], pdf[row], tail[row], below)
+        kappa += t2
+        m4 += t4
     return kappa.clamp_(0.0, 1.0), m4
 
 
@@ -483,6 +493,65 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
             k, m4g = _core_side_kernel(u0[g], r[g], e_lo, e_hi, rules.nodes[jv], rules.combined[jv])
             kappa[idx[g]] = k
             m4[idx[g]] = m4g
+
+
+def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo: Tensor, cell_hi: Tensor,
+              own: tuple[Tensor, Tensor], need: Tensor, values: Tensor, th: Tensor, sg: Tensor, sc: Tensor
+              ) -> Tensor:
+    """Moments (written into ``out`` = ``(kappa, mean_abs, m4, coverage)``) of the elements
+    ``cand`` whose cells within 8.5 sd are all in runs of equal cells no wider than
+    ``RUN_MAX_STEP`` sd (:mod:`~mis_lightning.functional.runs`), and the mask ``[c]`` of
+    those done. ``cell_lo`` / ``cell_hi``: the value cells of each element's 8.5-sd reach;
+    ``own``: its own cell's edges (parameter units). Taken only where the runs are fewer than
+    half the exact window's edges (``need`` each side), at most ``_RUN_BUCKETS[-1]`` runs."""
+    kappa, mean_abs, m4, coverage = out
+    done = torch.zeros_like(cand)
+    rt = run_table(values, th.device)
+    last = rt.run_of.numel() - 1  # the top (unbounded) cell; 0 is the bottom one
+    if last < 2 or not bool(cand.any()):
+        return done
+    ii = torch.nonzero(cand).squeeze(-1)
+    lo_c, hi_c = cell_lo[ii], cell_hi[ii]
+    r0 = rt.run_of[lo_c.clamp(1, last - 1)]
+    r1 = rt.run_of[hi_c.clamp(1, last - 1)]
+    nr = r1 - r0 + 1
+    ok = (nr <= _RUN_BUCKETS[-1]) & (2 * nr < need[ii])
+    if not bool(ok.any()):
+        return done
+    ii, lo_c, hi_c, r0, r1, nr = (t[ok] for t in (ii, lo_c, hi_c, r0, r1, nr))
+    u0, r = -th[ii] / sg[ii], sc[ii] / sg[ii]
+    bucket = torch.bucketize(nr, torch.tensor(_RUN_BUCKETS, device=th.device))
+    for bv in torch.unique(bucket).tolist():
+        m = _RUN_BUCKETS[bv]
+        group = torch.nonzero(bucket == bv).squeeze(-1)
+        off = torch.arange(m + 1, device=th.device).unsqueeze(-1)
+        block = max(1024, min(_CORE_BLOCK, (1 << 18) // (4 * m + 4)))
+        for s in range(0, group.numel(), block):
+            g = group[s : s + block]
+            # runs past r1 repeat its top edge: zero-width runs, which add exactly 0
+            u = torch.addcmul(u0[g], r[g], rt.edges[torch.minimum(r0[g] + off, r1[g] + 1)])  # [m + 1, b]
+            h = rt.steps[torch.minimum(r0[g] + off[:-1], r1[g])] * r[g]  # [m, b] sd units
+            fine = h.amax(0) <= RUN_MAX_STEP
+            if not bool(fine.any()):
+                continue
+            k2, k4, p = run_moments(u, h)
+            # the unbounded outer cells, where within reach
+            for e, end, below in ((u[0], lo_c[g] == 0, True), (u[-1], hi_c[g] == last, False)):
+                if bool(end.any()):
+                    tail = _tails(e)
+                    t2, t4 = _outer_cell_terms(e, _pdf(e), tail, below)
+                    prob = torch.where(e > 0, 1.0 - tail, tail) if below else torch.where(e > 0, tail, 1.0 - tail)
+                    zero = torch.zeros_like(t2)
+                    k2 = k2 + torch.where(end, t2, zero)
+                    k4 = k4 + torch.where(end, t4, zero)
+                    p = p + torch.where(end, prob, zero)
+            sel = ii[g[fine]]
+            kappa[sel], m4[sel], coverage[sel] = k2[fine].clamp(0.0, 1.0), k4[fine], p[fine]
+            done[sel] = True
+    if bool(done.any()):
+        lower, upper = (own[0][done] - th[done]) / sg[done], (own[1][done] - th[done]) / sg[done]
+        mean_abs[done] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
+    return done
 
 
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
@@ -527,6 +596,14 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
     rest = ~(frozen | fine)
+    # runs of equal fine cells in closed form (well-determined weights: few binades within
+    # reach, hundreds of cells), then the closed-form core (sds spanning the table's fine core).
+    # Windows of more than _MAX_WINDOW edges keep the fine expansion with the local step above:
+    # the reference does the same there, so the sampled self-check could not tell a more exact
+    # value from a wrong one.
+    runs = _run_path((kappa, mean_abs, m4, coverage), rest & (need > _CORE_MIN_NEED), cell_lo, cell_hi,
+                     (own_lo, own_hi), need, values, th, sg, sc)
+    rest &= ~runs
     core = torch.zeros_like(rest)
     wide = rest & (need > _CORE_MIN_NEED)
     if bool(wide.any()):
@@ -558,4 +635,4 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
             (kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1),
             need[rest].clamp(min=1), _FAST_BUCKETS, _FAST_ROWS_BUDGET,
             lambda ii, m: table_boundaries(th[ii], values, sc[ii], m), th, sg)
-    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), core
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), core | runs
