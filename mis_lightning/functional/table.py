@@ -477,7 +477,8 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
     nb = len(_SIDE_BUCKETS)
     key = (core * nb + b_lo) * nb + b_hi
     u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
-    for kv in torch.unique(key).tolist():
+    # the keys present (a count over the small key range: cheaper than a sort)
+    for kv in torch.nonzero(torch.bincount(key)).squeeze(-1).tolist():
         jv, rest = divmod(kv, nb * nb)
         m_lo, m_hi = _SIDE_BUCKETS[rest // nb], _SIDE_BUCKETS[rest % nb]
         group = torch.nonzero(key == kv).squeeze(-1)
@@ -518,7 +519,9 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
     ok = (nr <= _RUN_BUCKETS[-1]) & (2 * nr < need[ii])
     if not bool(ok.any()):
         return done
-    ii, lo_c, hi_c, r0, r1, nr = (t[ok] for t in (ii, lo_c, hi_c, r0, r1, nr))
+    if not bool(ok.all()):
+        keep = torch.nonzero(ok).squeeze(-1)  # one scan, not one per boolean mask
+        ii, lo_c, hi_c, r0, r1, nr = (t[keep] for t in (ii, lo_c, hi_c, r0, r1, nr))
     u0, r = -th[ii] / sg[ii], sc[ii] / sg[ii]
     bucket = torch.bucketize(nr, torch.tensor(_RUN_BUCKETS, device=th.device))
     for bv in torch.unique(bucket).tolist():
@@ -620,7 +623,8 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
         side = torch.maximum(need_lo, need_hi)
         ok &= (side + _CORE_NODES // 2 < need[ii]) & (side <= _MAX_WINDOW)
         if not bool(ok.all()):
-            ii, jj, lo_e, hi_e, need_lo, need_hi = (t[ok] for t in (ii, jj, lo_e, hi_e, need_lo, need_hi))
+            keep = torch.nonzero(ok).squeeze(-1)  # one scan, not one per boolean mask
+            ii, jj, lo_e, hi_e, need_lo, need_hi = (t[keep] for t in (ii, jj, lo_e, hi_e, need_lo, need_hi))
         core[ii] = True
     if bool(core.any()):
         rules.prepare(jj)
