@@ -458,6 +458,16 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     return kappa.clamp_(0.0, 1.0), m4
 
 
+def _groups(key: Tensor) -> list[tuple[int, Tensor]]:
+    """``[(k, positions with key k), ...]`` for the keys present (small non-negative ints): one
+    sort instead of one scan of ``key`` per group."""
+    counts = torch.bincount(key)
+    order = torch.argsort(key, stable=True)
+    present = torch.nonzero(counts).squeeze(-1).tolist()
+    ends = torch.cumsum(counts, 0).tolist()
+    return [(k, order[ends[k] - int(counts[k]) : ends[k]]) for k in present]
+
+
 def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_e: Tensor, hi_e: Tensor,
                        need_lo: Tensor, need_hi: Tensor, rules: _CoreRules, th: Tensor, sg: Tensor,
                        sc: Tensor) -> None:
@@ -477,11 +487,9 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
     nb = len(_SIDE_BUCKETS)
     key = (core * nb + b_lo) * nb + b_hi
     u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
-    # the keys present (a count over the small key range: cheaper than a sort)
-    for kv in torch.nonzero(torch.bincount(key)).squeeze(-1).tolist():
+    for kv, group in _groups(key):
         jv, rest = divmod(kv, nb * nb)
         m_lo, m_hi = _SIDE_BUCKETS[rest // nb], _SIDE_BUCKETS[rest % nb]
-        group = torch.nonzero(key == kv).squeeze(-1)
         off_lo = torch.arange(m_lo, device=th.device).unsqueeze(-1)
         off_hi = torch.arange(m_hi, device=th.device).unsqueeze(-1)
         block = max(1024, min(_CORE_BLOCK, (1 << 18) // (m_lo + m_hi + 2)))
@@ -555,6 +563,50 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
         lower, upper = (own[0][done] - th[done]) / sg[done], (own[1][done] - th[done]) / sg[done]
         mean_abs[done] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
     return done
+
+
+def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell: Tensor, cell_lo: Tensor,
+                   cell_hi: Tensor, mids: Tensor, th: Tensor, sg: Tensor, sc: Tensor) -> None:
+    """Exact cell sums (written into ``out`` at ``idx``) over every cell within 8.5 sd: from
+    each element's own cell (value index ``cell``) down to the cell ``cell_lo`` and up to
+    ``cell_hi`` holding the ends of its reach, plus the two unbounded cells beyond (edges past
+    the table's ends are empty cells). Edge-major, each side's width bucketed apart in
+    ``_SIDE_BUCKETS`` (the windowed sums of the reference pad both sides to the wider one's
+    bucket of ``_FAST_BUCKETS``, element-major: ~2x the work); the same cell terms as
+    :func:`~mis_lightning.functional.cells.cell_terms`. ``mean_abs`` telescopes over the
+    partition to ``2 max(phi(l), phi(u))`` of the own cell ``(l, u)``; the coverage is the
+    partition's, 1."""
+    kappa, mean_abs, m4, coverage = out
+    n = mids.numel()
+    sizes = torch.tensor(_SIDE_BUCKETS, device=th.device)
+    c0 = cell[idx]
+    b_lo = torch.bucketize((c0 - cell_lo[idx] + 1).clamp(min=1), sizes)
+    b_hi = torch.bucketize((cell_hi[idx] - c0 + 1).clamp(min=1), sizes)
+    nb = len(_SIDE_BUCKETS)
+    key = b_lo * nb + b_hi
+    u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
+    for kv, group in _groups(key):
+        m_lo, m_hi = _SIDE_BUCKETS[kv // nb], _SIDE_BUCKETS[kv % nb]
+        # rows: the lower side farthest first (its last row the own cell's lower edge
+        # mids[cell - 1]), then the upper side (its first row the own upper edge mids[cell])
+        off = torch.cat([torch.arange(-m_lo, 0), torch.arange(0, m_hi)]).to(th.device).unsqueeze(-1)
+        block = max(1024, min(_CORE_BLOCK, (1 << 18) // (m_lo + m_hi + 2)))
+        for s in range(0, group.numel(), block):
+            g = group[s : s + block]
+            e = c0[g] + off  # [m_lo + m_hi, b] indices into mids
+            edges = torch.where(e < 0, -math.inf, torch.where(e >= n, math.inf, mids[e.clamp(0, n - 1)]))
+            alpha = torch.addcmul(u0[g], r[g], edges)
+            pdf, tail = _pdf(alpha), _tails(alpha)
+            t2, t4 = _cell_terms(alpha[:-1], alpha[1:], pdf[:-1], pdf[1:], tail[:-1], tail[1:])
+            k, f = t2.sum(0), t4.sum(0)
+            for row, below in ((0, True), (-1, False)):
+                o2, o4 = _outer_cell_terms(alpha[row], pdf[row], tail[row], below)
+                k += o2
+                f += o4
+            sel = idx[g]
+            kappa[sel], m4[sel] = k.clamp_(0.0, 1.0), f
+            mean_abs[sel] = (2.0 * torch.maximum(pdf[m_lo - 1], pdf[m_lo])).clamp(0.0, SQRT_2_OVER_PI)
+            coverage[sel] = 1.0
 
 
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
@@ -635,8 +687,6 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
     _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
     rest &= need <= _MAX_WINDOW
     if bool(rest.any()):
-        windowed_moments(
-            (kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1),
-            need[rest].clamp(min=1), _FAST_BUCKETS, _FAST_ROWS_BUDGET,
-            lambda ii, m: table_boundaries(th[ii], values, sc[ii], m), th, sg)
+        _exact_windows((kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1), cell, cell_lo, cell_hi,
+                       mids, th, sg, sc)
     return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), core | runs
