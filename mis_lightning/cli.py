@@ -21,6 +21,7 @@ existing sweep with ``mis-lightning-aggregate <sweep dir>``.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import hydra
@@ -33,10 +34,22 @@ register_resolvers()
 
 @hydra.main(config_path="pkg://mis_lightning.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> Any:
-    """Entry point of the ``mis-lightning`` console script (one Hydra job)."""
+    """Entry point of the ``mis-lightning`` console script (one Hydra job).
+
+    A configuration mistake found before training (a misspelled scheme, an invalid option, a
+    missing checkpoint) prints its message alone and exits with status 2; any later failure
+    keeps Hydra's traceback (exit status 1)."""
     from mis_lightning.app.job import run_job
 
-    return run_job(cfg)
+    try:
+        return run_job(cfg)
+    except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:
+        if getattr(exc, "mis_lightning_stage", None) != "configuration":
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"mis-lightning: configuration error ({type(exc).__name__}): {msg}\n"
+              "  nothing was trained; the failed job is recorded in its result.json", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

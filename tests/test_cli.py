@@ -92,6 +92,24 @@ def test_bad_scheme_fails_before_training(tmp_path):
     assert res["schemes"] == ["int9_weight_only"]
 
 
+def test_cli_prints_a_configuration_error_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """The console script: a misspelled scheme ends with its message alone (the "did you mean"
+    list) and exit status 2, before training; Hydra's traceback is kept for later failures."""
+    from mis_lightning import cli
+
+    run = tmp_path / "r"
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", *FAST, "logger=none", "schemes=[int8_wieght_only]",
+                                      f"hydra.run.dir={run}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "configuration error (KeyError): unknown quantization scheme 'int8_wieght_only'" in err
+    assert "did you mean int8_weight_only" in err
+    assert "Traceback" not in err
+    assert json.loads((run / "result.json").read_text())["stage"] == "configuration"
+
+
 class _Unavailable(QuantizationScheme):
     """Never available here (stands for int4_tinygemm on a machine without CUDA)."""
 

@@ -435,6 +435,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             model=str((cfg.get("model") or {}).get("_target_", "")).rsplit(".", 1)[-1],
         )
         if not _aggregated_multirun():
+            exc.mis_lightning_stage = stage[0]  # type: ignore[attr-defined]  # the CLI's short message
             raise
         import traceback
 
