@@ -29,7 +29,7 @@ from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
-from .report import LayerResult, Report, SchemeResult
+from .report import CONSISTENCY_TOLERANCE, LayerResult, Report, SchemeResult
 from .threads import scoring_threads
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,62 @@ def _d_over_n_warning(d: int, n: int) -> str:
             "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
             "of the trained weights that needs d << n, so every figure, low d_eff included, is "
             "indicative only; assess fewer weights (e.g. a head over a frozen encoder) or use more records")
+
+
+def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
+    """Why the weights' covariance may be undetermined, from the estimator's diagnostics."""
+    cond = diagnostics.get("hessian_condition")
+    flipped = int(diagnostics.get("negative_eigenvalues_flipped") or 0)
+    parts = []
+    if cond is not None and (not math.isfinite(float(cond)) or float(cond) > 1e12):
+        parts.append(f"condition {float(cond):.3g}")
+    if flipped:
+        parts.append(f"{flipped} negative eigenvalue(s) replaced by their magnitudes")
+    if not parts:
+        return "the weights' covariance is poorly determined in some directions"
+    return (f"the Hessian is singular or indefinite ({', '.join(parts)}): flat directions (symmetries "
+            "of the model, e.g. an embedding followed by a linear layer) leave the weights' covariance "
+            "undetermined there")
+
+
+def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
+                          form_gap: tuple[float, float] | None) -> list[str]:
+    """Warnings for figures that break what any release must satisfy (method.md section 3): a
+    quantized release cannot leak more than the unquantized one, nor one layer alone more than
+    the whole model. Seen where the Hessian is singular (the two forms of the baseline then
+    disagree) or the Monte Carlo error is large; the table marks such rows with ``!``."""
+    out = []
+    cause = _covariance_cause(diagnostics)
+    base = report.baseline_leakage
+    if form_gap is not None:
+        grad, corr = form_gap
+        out.append(f"the unquantized leakage is {grad:.4g} from the gradient covariance but {corr:.4g} from the "
+                   "weights' correlation that scores the quantized schemes "
+                   f"({100 * (corr - grad) / grad:+.1f}%): {cause}; each scheme's figure is capped by the "
+                   "first, record by record (no release leaks more than the unquantized one), so schemes at "
+                   "or near the baseline are not ranked by this estimate; treat every figure as indicative")
+    above = {k: r.leakage for k, r in report.schemes.items()
+             if not r.error and math.isfinite(r.leakage) and r.leakage > base * (1 + CONSISTENCY_TOLERANCE)}
+    if above:
+        which = ", ".join(f"{k} ({v:.4g})" for k, v in sorted(above.items()))
+        why = cause if form_gap is not None or "Hessian" in cause else "Monte Carlo error, or " + cause
+        out.append(f"leakage above the unquantized baseline {base:.4g} for {which} (marked ! in the table): a "
+                   f"quantized release cannot leak more than the float one, so these figures are not reliable "
+                   f"here; {why}")
+    layers: dict[str, float] = {}
+    for r in report.schemes.values():
+        for name, lr in (r.layers or {}).items():
+            if math.isfinite(lr.baseline_leakage):
+                layers[name] = lr.baseline_leakage
+    # the layers' values come from the correlation form: compared with the whole model's in it
+    whole = float(diagnostics.get("baseline_leakage_correlation_form", base))
+    over = {k: v for k, v in layers.items() if v > whole * (1 + CONSISTENCY_TOLERANCE)}
+    if over:
+        which = ", ".join(f"{k} ({v:.4g})" for k, v in sorted(over.items()))
+        out.append(f"one layer alone leaks more than the whole model ({whole:.4g}) unquantized: {which}; "
+                   f"releasing more weights cannot leak less, so the per-layer and whole-model figures are "
+                   f"not reliable here; {cause}")
+    return out
 
 
 def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
@@ -411,12 +467,22 @@ def score_schemes(
     base_total = _total(base_layers, R)
     baseline = float(base_total.leakage(n).mean())
     baseline_pool = float(base_total.leakage(n / 2).mean())  # kappa = 1: the cells do not enter
+    form_gap = None  # the two unquantized forms, when they disagree
     if rc is not None:
         diagnostics["baseline_leakage_independent"] = baseline
         assert est.influence is not None
         base_abs = _unquantized_mean_abs(est, rc)
         baseline = float(F.saturate(base_abs / (2 * math.sqrt(n))).mean())
         baseline_pool = float(F.saturate(base_abs / (2 * math.sqrt(n / 2))).mean())
+        if rc.kind == "full" and est.mahalanobis is not None:
+            # The quantized schemes are scored through the weights' correlation (its
+            # pseudo-inverse); the baseline from the gradient covariance, which the Hessian
+            # cancels out of. Equal when the Hessian is well conditioned; apart, the covariance
+            # is not determined in every direction and schemes can read above the baseline.
+            corr_form = float(F.saturate(rc.gaussian_mean_abs(est.influence) / (2 * math.sqrt(n))).mean())
+            diagnostics["baseline_leakage_correlation_form"] = corr_form
+            if abs(corr_form - baseline) > CONSISTENCY_TOLERANCE * baseline:
+                form_gap = (baseline, corr_form)
     report = Report(
         n=n, d=est.d, estimation=estimation_info, diagnostics=diagnostics, schemes={},
         baseline_leakage=baseline, baseline_mis=1.0 - baseline, baseline_pool_leakage=baseline_pool,
@@ -448,6 +514,7 @@ def score_schemes(
             "can read about 10% low")
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
+    report.warnings += _consistency_warnings(report, diagnostics, form_gap)
     lev = _leverage_note(est.diagnostics)
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
         report.warnings.append(_d_over_n_warning(est.d, n) + (f"; {lev}" if lev else ""))
@@ -1397,7 +1464,10 @@ def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordC
             mean_abs = rc.mc_mean_abs(W, kvec, idx, stats, draws, gen)
             cap = _unquantized_mean_abs(est, rc)
             return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
-    return F.saturate(rc.gaussian_mean_abs(W, kvec) / (2 * math.sqrt(n)))
+    # capped like the forms above: per record, no release leaks more than the unquantized one
+    # (the two agree unless the Hessian is singular; the report warns then)
+    cap = _unquantized_mean_abs(est, rc)
+    return F.saturate(torch.minimum(rc.gaussian_mean_abs(W, kvec), cap) / (2 * math.sqrt(n)))
 
 
 def _pool_leakage(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int, chosen: str,

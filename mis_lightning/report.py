@@ -382,7 +382,9 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     if not others:
         return text
     if _overlap(safest, safest) is None:
-        return text + "; no intervals (uncertainty_draws=0): differences cannot be judged"
+        if all(_overlap(r, r) is None for r in others):
+            return text + "; no intervals (uncertainty_draws=0): differences cannot be judged"
+        return text + "; it has no interval of its own (unquantized), so differences from it cannot be judged"
     inside = {id(r) for r in eligible}
     same = [r["scheme"] for r in others if _overlap(safest, r) and id(r) in inside]
     outside = [r["scheme"] for r in others if _overlap(safest, r) and id(r) not in inside]
@@ -419,6 +421,9 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
         better = "higher" if higher_is_better(uk) else "lower"
         lines.append(f"  {uk.removeprefix('utility_')}: utility of the quantized copy on the "
                      f"validation data ({better} is better).")
+    if any(above_baseline(r) for r in rows if not r.get("error")):
+        lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
+                     "exceed: the figure is not reliable here (see warnings).")
     # terminal width: each entry wrapped at 100 characters, continuation lines indented
     return "\n".join(textwrap.fill(ln, 100, subsequent_indent="    ", break_on_hyphens=False)
                      for ln in lines)
@@ -438,6 +443,22 @@ def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
     if len(head) < width // 2:  # one very long word (a path, a URL): cut inside it
         head = cut
     return head.rstrip(" ,;:") + "\u2026"
+
+
+# Relative excess over the baseline (or between its two forms) beyond which a figure that
+# must not exceed it is flagged (``!`` in the table, a warning; the Monte Carlo forms' own
+# error is ~1%).
+CONSISTENCY_TOLERANCE = 0.02
+
+
+def above_baseline(row: dict[str, Any]) -> bool:
+    """Whether a row's leakage exceeds its unquantized baseline by more than
+    :data:`CONSISTENCY_TOLERANCE` (impossible for a real release: the figure is unreliable)."""
+    lk, base = row.get("leakage"), row.get("baseline_leakage")
+    if lk is None or base is None:
+        return False
+    lk, base = float(lk), float(base)
+    return math.isfinite(lk) and math.isfinite(base) and lk > base * (1 + CONSISTENCY_TOLERANCE)
 
 
 def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
@@ -460,7 +481,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
-            _fmt(r["leakage"]), interval, _fmt(r["mis"]), _fmt_or_dash(r.get("pool_leakage")),
+            _fmt(r["leakage"]) + (" !" if above_baseline(r) else ""), interval, _fmt(r["mis"]),
+            _fmt_or_dash(r.get("pool_leakage")),
             _fmt(r["baseline_leakage"]),
             _fmt(r["d_eff"]), _fmt(r.get("zero_fraction", r.get("sparsity")))])  # old rows: sparsity
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]

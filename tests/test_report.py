@@ -262,3 +262,44 @@ def test_table_ends_with_legend_and_verdict():
     assert "auroc: utility of the quantized copy on the validation data (higher is better)." in rest
     assert "\nverdict: safest with auroc within 1% of the best (0.9000, rtn_int8): rtn_int8 (leakage 0.0500)\n" in rest
     assert rest.endswith("\n\nwarnings:\n  - d_eff / n is large")
+
+
+def test_leakage_above_the_baseline_is_marked_and_explained():
+    """A figure no release can reach (above the unquantized baseline, e.g. from a singular
+    Hessian) is marked ``!`` in the table with a legend line; within the tolerance it is not."""
+    from mis_lightning.report import CONSISTENCY_TOLERANCE, above_baseline, legend
+
+    bad = dict(_ok_row("int8_weight_only"), leakage=0.2 * (1 + 3 * CONSISTENCY_TOLERANCE))
+    fine = dict(_ok_row("rtn_int8"), leakage=0.2 * (1 + CONSISTENCY_TOLERANCE / 2))
+    assert above_baseline(bad) and not above_baseline(fine) and not above_baseline(_ok_row("x"))
+    text = format_table([bad, fine])
+    assert f"{bad['leakage']:.4f} !" in text and f"{fine['leakage']:.4f} !" not in text
+    assert "!: leakage above the unquantized baseline" in legend([bad, fine])
+    assert "!:" not in legend([fine])
+
+
+def test_consistency_warnings_name_the_schemes_and_the_cause():
+    """The assessment's checks of what every release satisfies: the two unquantized forms
+    apart, a scheme above the baseline, a layer above the whole model; each names the culprit
+    and the Hessian's condition."""
+    from mis_lightning.assess import _consistency_warnings
+    from mis_lightning.report import LayerResult, Report, SchemeResult
+
+    layer = LayerResult(name="emb.weight", d=10, d_eff=10.0, leakage=0.3, mis=0.7, baseline_leakage=0.3,
+                        quantized=True, pinned_fraction=0.0, zero_fraction=0.0, bits_per_weight=8.5)
+    s = SchemeResult(name="int8_weight_only", leakage=0.25, mis=0.75, baseline_leakage=0.2, d_eff=9.0, d=12,
+                     zero_fraction=0.0, pinned_fraction=0.0, bits_per_weight=8.5, method="clt",
+                     layers={"emb.weight": layer})
+    rep = Report(n=100, d=12, estimation={}, diagnostics={}, schemes={"int8_weight_only": s},
+                 baseline_leakage=0.2, baseline_mis=0.8, baseline_pool_leakage=0.25)
+    diag = {"hessian_condition": float("inf"), "negative_eigenvalues_flipped": 3}
+    w = _consistency_warnings(rep, diag, (0.2, 0.23))
+    assert len(w) == 3
+    assert "0.2 from the gradient covariance but 0.23" in w[0] and "+15.0%" in w[0]
+    assert "int8_weight_only (0.25)" in w[1] and "cannot leak more than the float one" in w[1]
+    assert "emb.weight (0.3)" in w[2]
+    assert all("condition inf, 3 negative eigenvalue(s)" in x for x in w)
+    assert _consistency_warnings(rep, {}, None)[0].startswith("leakage above")
+    ok = Report(n=100, d=12, estimation={}, diagnostics={}, schemes={}, baseline_leakage=0.2,
+                baseline_mis=0.8, baseline_pool_leakage=0.25)
+    assert _consistency_warnings(ok, diag, None) == []
