@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ._lightning_compat import trainer_package
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
+from .estimation.per_sample import check_record_losses
 from .evaluation import evaluate_utility, to_device
 from .progress import ProgressDisplay
 from .report import Report
@@ -119,8 +120,8 @@ def resolve_loss(trainer: Any, pl_module: Any, loss_fn: Any, weight_decay: float
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                       user_loss: bool) -> None:
     """One training batch through the model and the loss: a batch that is not
-    ``(inputs, targets)`` (without ``batch_fn``) or losses that are not ``[B]`` (a scalar
-    mean, ``[B, 1]``) raise here instead of after the whole training.
+    ``(inputs, targets)`` (without ``batch_fn``), losses that are not ``[B]`` (a scalar
+    mean, ``[B, 1]``) or that mix records raise here instead of after the whole training.
 
     Runs in eval mode without gradients on the first records of the dataset (unshuffled,
     in-process), with the RNG isolated, so training is unaffected. Skipped for iterable
@@ -128,7 +129,8 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
 
     Raises:
         TypeError: the batch layout does not fit (names ``batch_fn``).
-        ValueError: the per-sample losses do not have shape ``[B]`` (names the loss).
+        ValueError: the per-sample losses do not have shape ``[B]``, or mix records (a record's
+            loss computed alone differs from its entry); names the loss.
     """
     train = single_loader(trainer.train_dataloader, "training")
     ds = sized_dataset(train)
@@ -166,7 +168,13 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
                     inputs, targets = batch_fn(batch)
                 tl = [t for t in torch.utils._pytree.tree_leaves(targets) if isinstance(t, Tensor)]
                 b = int(tl[0].shape[0]) if tl and tl[0].dim() > 0 else None
-                losses = loss_fn(pl_module(inputs), targets)
+                outputs = pl_module(inputs)
+                losses = loss_fn(outputs, targets)
+                shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
+                if shape is not None and b is not None and shape == (b,):
+                    # losses that mix records (outputs [B, 1] broadcast against targets [B]):
+                    # the estimation would fail on them after the whole training
+                    check_record_losses(loss_fn, outputs, targets, losses, f"MISCallback: {name}")
         finally:
             pl_module.train(was_training)
     shape = tuple(losses.shape) if isinstance(losses, Tensor) else None

@@ -54,7 +54,8 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
 
     Raises:
         ValueError: the model is already quantized (see ``check_float_model``), the selection
-            is empty, or a selected parameter holds NaN/inf.
+            is empty, a selected parameter holds NaN/inf, or belongs to a recurrent layer
+            (``nn.LSTM``/``nn.GRU``/``nn.RNN``: no per-sample gradients for them).
         KeyError: a listed name is not a parameter of the model.
     """
     check_float_model(model)
@@ -74,10 +75,32 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         p = named[n]
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
+    _check_recurrent(model, names)
     frozen = _frozen_warning(model, names)
     if frozen:
         warnings.warn(frozen, UserWarning, stacklevel=2)
     return names
+
+
+def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:
+    """Refuse selected parameters of recurrent layers, naming the layer: torch.func cannot
+    batch their per-sample gradients (the fused RNN kernels write in place: "output with shape
+    [1, H] doesn't match the broadcast shape [B, 1, H]" deep in the estimation pass, after a
+    whole training under the callback). A head over a recurrent encoder is assessed by
+    selecting the head's parameters (its per-sample gradients need no vmap over the RNN)."""
+    chosen = set(names)
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, nn.RNNBase):
+            continue
+        own = [f"{mod_name}.{p}" if mod_name else p for p, _ in mod.named_parameters()]
+        hit = [n for n in own if n in chosen]
+        if hit:
+            rest = [n for n in names if n not in own]
+            hint = f"params={rest}" if rest and len(rest) <= 8 else "params= without its parameters"
+            raise ValueError(
+                f"{type(mod).__name__} {mod_name!r} holds selected parameters ({', '.join(hit[:4])}"
+                f"{', ...' if len(hit) > 4 else ''}): per-sample gradients of recurrent layers are not "
+                f"supported (torch.func cannot batch them); assess the layers around it, e.g. {hint}")
 
 
 def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:

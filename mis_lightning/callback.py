@@ -20,7 +20,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _lightning_support as lt
 from ._lightning_compat import lightning_callback_base
-from .assess import SchemeSpec, check_schemes, resolve_schemes
+from .assess import SchemeSpec, check_schemes, resolve_schemes, select_params
 from .config import EstimationConfig, ScoringConfig, stage_configs
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
@@ -137,6 +137,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if stage != "fit":
             return
         check_float_model(pl_module)  # a torchao-quantized model: refuse before training
+        select_params(pl_module, self.estimation_config.params)  # a misspelled params= name, too
         # a scheme that cannot run here or on this model is an error row at the end (the
         # others are still scored): say so now, before the training it would follow
         for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):

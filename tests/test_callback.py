@@ -410,6 +410,31 @@ def test_wrong_loss_shape_raises_before_training(tmp_path):
         assert trainer.global_step == 0  # raised before the first optimizer step
 
 
+def mixing_loss(out, t):
+    """[B] losses that mix records: outputs [B, 1] broadcast against targets [B] to [B, B]."""
+    return ((out.unsqueeze(-1) - t) ** 2).mean(-1)
+
+
+def test_losses_mixing_records_and_a_misspelled_param_raise_before_training(tmp_path):
+    """Per-sample losses of the right shape that mix the records, and a params= name the model
+    does not have, fail at the start of fit (they used to fail after the whole training, as a
+    warning with no report)."""
+    cases = [
+        (dict(loss_fn=mixing_loss), ValueError,
+         r"MISCallback: loss_fn mixing_loss is not per-sample: the loss of record 0 computed alone is"),
+        (dict(loss_fn=mse, params=["net.0.wieght"]), KeyError, r"params not in the model: \['net.0.wieght'\]"),
+    ]
+    for i, (kw, err, msg) in enumerate(cases):
+        cb = MISCallback(SCHEMES, strict=False, **kw)
+        pl.seed_everything(0)
+        train, val = loaders()
+        trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=str(tmp_path / str(i)))
+        with pytest.raises(err, match=msg):
+            trainer.fit(Regressor(), train, val)
+        assert trainer.global_step == 0
+
+
 class _NoHook(HookRegressor):
     """Dict batches and no usable hook: the callback needs pairs or batch_fn."""
 

@@ -71,6 +71,36 @@ def _batch_size(tree: Any) -> int:
     return int(leaves[0].shape[0])
 
 
+def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor, what: str,
+                        records: int = 8) -> None:
+    """Check that ``losses [B]`` (``loss_fn(outputs, targets)``) are per-sample: ``loss_fn`` on
+    the outputs and targets of each of the first ``records`` records alone must give that
+    record's entry, to ``1e-6`` relative in float64 and ``1e-4`` in lower precision, plus
+    ``16 eps`` absolute (see :meth:`PerSampleProgram.check_per_sample`).
+
+    Raises:
+        ValueError: naming ``what`` (the loss, the outputs' and targets' shapes) and the first
+            record whose loss differs.
+    """
+    k = min(int(losses.shape[0]), records)
+    tol = 1e-6 if losses.dtype == torch.float64 else 1e-4
+    scale = float(losses[:k].abs().max()) if k else 0.0
+    atol = tol * scale + 16 * torch.finfo(losses.dtype).eps * max(scale, 1.0) if losses.is_floating_point() else 0.0
+    for i in range(k):
+        one = loss_fn(_rows(outputs, i), _rows(targets, i))
+        ok = isinstance(one, Tensor) and one.numel() == 1
+        v = float(one.reshape(())) if ok else math.nan
+        if not ok or not math.isclose(v, float(losses[i]), rel_tol=tol, abs_tol=atol):
+            alone = f"{v:.6g}" if ok else (list(one.shape) if isinstance(one, Tensor) else type(one).__name__)
+            raise ValueError(
+                f"{what} is not per-sample: the loss of record {i} computed alone is {alone} "
+                f"but entry {i} of the batch's losses is {float(losses[i]):.6g}. The losses "
+                "mix records, typically by broadcasting outputs [B, 1] against targets [B] "
+                "(or [B] against [B, 1]) to [B, B] and reducing back to [B]; give outputs "
+                "and targets the same shape (e.g. outputs.squeeze(-1) or targets.reshape(-1))"
+            )
+
+
 def _rows(tree: Any, i: int) -> Any:
     """Record ``i`` of every tensor in a pytree, keeping a batch dimension of 1."""
     return torch.utils._pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) else t, tree)
@@ -182,23 +212,7 @@ class LossProgram:
                     f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}; "
                     "use reduction='none' and sum over output dimensions"
                 )
-            k = min(b, records)
-            tol = 1e-6 if losses.dtype == torch.float64 else 1e-4
-            scale = float(losses[:k].abs().max()) if k else 0.0
-            atol = tol * scale + 16 * torch.finfo(losses.dtype).eps * max(scale, 1.0) if losses.is_floating_point() else 0.0
-            for i in range(k):
-                one = self.loss_fn(_rows(out, i), _rows(targets, i))
-                ok = isinstance(one, Tensor) and one.numel() == 1
-                v = float(one.reshape(())) if ok else math.nan
-                if not ok or not math.isclose(v, float(losses[i]), rel_tol=tol, abs_tol=atol):
-                    alone = f"{v:.6g}" if ok else (list(one.shape) if isinstance(one, Tensor) else type(one).__name__)
-                    raise ValueError(
-                        f"{what} is not per-sample: the loss of record {i} computed alone is {alone} "
-                        f"but entry {i} of the batch's losses is {float(losses[i]):.6g}. The losses "
-                        "mix records, typically by broadcasting outputs [B, 1] against targets [B] "
-                        "(or [B] against [B, 1]) to [B, B] and reducing back to [B]; give outputs "
-                        "and targets the same shape (e.g. outputs.squeeze(-1) or targets.reshape(-1))"
-                    )
+            check_record_losses(self.loss_fn, out, targets, losses, what, records)
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():

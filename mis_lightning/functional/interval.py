@@ -32,6 +32,7 @@ docstring.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ REGIMES = ("position-dominated", "averaged")
 # they stay at the headline's. A quarter of the cost of the headline.
 ENDS_OUTER_DRAWS = 256
 ENDS_BOX_DRAWS = 1024
+
+log = logging.getLogger(__name__)
 
 
 def normal_quantile(p: float) -> float:
@@ -224,14 +227,18 @@ def correlated_leakage_at(ctx: CorrelatedEnds, n: float, theta: Tensor, sigma: T
     k[ctx.index] = cell_moments(th, sg, boundaries).kappa
     W = ctx.influence.to(torch.float64)
     rc = ctx.correlation
+    mean_abs = None
     if method == "mc" and rc.kind == "full" and ctx.index.numel() <= EXACT_MAX_COARSE:
         alpha = (boundaries.to(torch.float64) - th.unsqueeze(-1)) / sg.clamp_min(1e-300).unsqueeze(-1)
-        mean_abs, _ = exact_box_mean_abs(rc.parts[0][1], W, k, ctx.index, alpha, outer_draws=ENDS_OUTER_DRAWS,
-                                         box_draws=ENDS_BOX_DRAWS, generator=generator)
-        if ctx.cap is not None:
-            mean_abs = torch.minimum(mean_abs, ctx.cap.to(torch.float64))
-    else:
+        try:
+            mean_abs, _ = exact_box_mean_abs(rc.parts[0][1], W, k, ctx.index, alpha, outer_draws=ENDS_OUTER_DRAWS,
+                                             box_draws=ENDS_BOX_DRAWS, generator=generator)
+        except torch.linalg.LinAlgError as exc:  # a degenerate block (d > n, flat directions)
+            log.warning("exact box-mean form failed at an interval end (%s); using the Gaussian channel form", exc)
+    if mean_abs is None:
         mean_abs = rc.gaussian_mean_abs(W, k)
+    if ctx.cap is not None:  # as the headline: no release leaks more than the unquantized one
+        mean_abs = torch.minimum(mean_abs, ctx.cap.to(torch.float64))
     return float(saturate(mean_abs / (2.0 * math.sqrt(n))).mean())
 
 

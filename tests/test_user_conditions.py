@@ -1,0 +1,72 @@
+"""Conditions a new user met (eleventh session's fresh-user sweep): a recurrent layer, more
+weights than records on a model trained to its minimum. Each used to crash deep in the
+assessment; now a clear error before any work, or a report with its warnings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+
+
+def _mse(out, t):
+    return (out.squeeze(-1) - t) ** 2
+
+
+class _RNNNet(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.rnn = getattr(nn, kind)(3, 6, batch_first=True)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_recurrent_layer_is_refused_naming_it_and_its_head_is_assessed(kind):
+    """torch.func cannot batch an RNN's per-sample gradients ("output with shape [1, 6] doesn't
+    match the broadcast shape [50, 1, 6]" after the whole estimation pass): the selection is
+    refused before any work, naming the layer and the parameters to select instead; the head
+    over the recurrent encoder is assessed."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(120, 5, 3, generator=g)
+    Y = X.sum(dim=(1, 2))
+    torch.manual_seed(0)
+    model = _RNNNet(kind)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=40)
+    with pytest.raises(ValueError, match=rf"{kind} 'rnn' holds selected parameters \(rnn.weight_ih_l0.*"
+                                         r"params=\['head.weight', 'head.bias'\]"):
+        ml.assess(model, ["rtn_int8"], loader, _mse, uncertainty_draws=0)
+    report = ml.assess(model, ["rtn_int8"], loader, _mse, params=["head.weight", "head.bias"], uncertainty_draws=0)
+    assert report.d == 7 and 0.0 < report.schemes["rtn_int8"].leakage < 1.0
+
+
+def test_more_weights_than_records_at_a_minimum_gives_a_report():
+    """d = 17 > n = 10 records, trained to the minimum of the penalised loss: the exact
+    box-mean form of the interval's ends met a non-positive-definite block and raised
+    LinAlgError out of assess (the headline had fallen back already). Now every scheme has a
+    finite figure, capped by the baseline, and the d/n warning."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, 6, generator=g)
+    Y = X[:, 0] - 0.5 * X[:, 1] + 0.3 * torch.randn(10, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 2), nn.Tanh(), nn.Linear(2, 1))
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _mse(model(X), Y).mean() + 0.5e-3 * sum((p**2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    report = ml.assess(model, ["int8_weight_only", "intx_weight_only_int2"], DataLoader(TensorDataset(X, Y), batch_size=8),
+                       _mse, weight_decay=1e-3)
+    for r in report.schemes.values():
+        assert not r.error and 0.0 <= r.leakage <= report.baseline_leakage * 1.02 + 1e-12
+        assert r.interval is not None and r.interval[0] <= r.interval[1]
+    assert any("d / n = 1.7 is not small" in w for w in report.warnings)
