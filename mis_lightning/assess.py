@@ -18,7 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, scoring_only, stage_configs  # noqa: F401
+from .config import (  # noqa: F401
+    DEFAULT_CHUNK,
+    EstimationConfig,
+    ScoringConfig,
+    scoring_only,
+    stage_configs,
+    unexpected_options,
+)
 from .estimation import Estimate, estimate
 from .estimation.estimate import LEVERAGE_CAP, estimator_warnings
 from .estimation.per_sample import BatchFn, LossFn
@@ -267,7 +274,7 @@ def assess(
     Raises:
         TypeError: an unknown keyword argument.
         ValueError: an invalid option (named), an empty or duplicated scheme list, an already
-            quantized model, NaN/inf weights, or fewer than 2 training records.
+            quantized model, NaN/inf weights, or fewer than 4 training records.
         KeyError: an unknown scheme or parameter name.
         SchemeError: (``strict``) a scheme fails, or cannot take the model at all
             (``QuantizationScheme.check_model``, checked before the estimation pass).
@@ -292,8 +299,7 @@ def assess(
     """
     est_cfg, sc_cfg, rest = stage_configs("assess", estimation_config, scoring_config, options)
     if rest:
-        raise TypeError(f"assess() got unexpected keyword argument(s) {sorted(rest)}: options are "
-                        "the fields of EstimationConfig and ScoringConfig")
+        raise unexpected_options("assess", rest)
     scheme_objs = resolve_schemes(schemes)
     for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict):  # before the estimation pass
         log.warning("%s (it will be reported as a failed scheme)", msg)
@@ -427,8 +433,9 @@ def score_schemes(
     if calibration_data is not None:  # data-dependent schemes learn first (data-free: no-op)
         scheme_objs = [s.calibrate(model, calibration_data) for s in scheme_objs]
     n = est.n
-    if n < 2:
-        raise ValueError(f"n (number of training records) must be >= 2, got {n}")
+    if n < 4:  # the pool protocol's figures are those of n / 2 records, which need >= 2
+        raise ValueError(f"n (number of training records) must be >= 4, got {n}: the pool protocol's figures "
+                         "are computed for n / 2 records")
     for k in est.names:
         check_finite(f"sigma of {k!r}", est.sigma[k])
     R = est.num_records

@@ -9,6 +9,7 @@ callback. Behaviour in full (shards, utility, safety, errors, DDP): docs/lightni
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from . import _lightning_support as lt
 from ._lightning_compat import lightning_callback_base
 from .assess import SchemeSpec, check_schemes, resolve_schemes, select_params
-from .config import EstimationConfig, ScoringConfig, stage_configs
+from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
 from .planning import PlanConfig, PlanResult
@@ -108,7 +109,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             "MISCallback", estimation_config, scoring_config, options,
             defaults={"strict": False, "weight_decay": None})
         if rest:
-            raise TypeError(f"MISCallback() got unexpected keyword argument(s) {sorted(rest)}")
+            raise unexpected_options("MISCallback", rest, known=inspect.signature(type(self).__init__).parameters)
         lt.check_callback_args(every_n_val_epochs, loss_fn)
         resolve_schemes(self.schemes)  # typos raise now; an unavailable scheme is an error row later
         self.loss_fn, self.batch_fn, self.output_transform = loss_fn, batch_fn, output_transform

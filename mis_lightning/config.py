@@ -24,9 +24,10 @@ ValueError: method must be 'auto', 'mc', 'clt' or 'exact1d', got 'bogus'
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -289,6 +290,21 @@ def stage_configs(
     return e, s, rest
 
 
+def unexpected_options(where: str, rest: Iterable[str], what: str = "the fields of EstimationConfig and ScoringConfig",
+                       known: Iterable[str] = ()) -> TypeError:
+    """The ``TypeError`` for options that are no field of the configs (``what`` says which),
+    with the closest known names for each (``known``: the front end's own keywords too)."""
+    names = sorted({*_EST_FIELDS, *_SC_FIELDS, *ALIASES, *known})
+    bad = sorted(rest)
+    hints = []
+    for k in bad:
+        close = difflib.get_close_matches(k, names, n=2, cutoff=0.6)
+        if close:
+            hints.append(f"{k!r}: did you mean {' or '.join(repr(c) for c in close)}?")
+    return TypeError(f"{where}() got unexpected keyword argument(s) {bad}"
+                     + (f" ({'; '.join(hints)})" if hints else "") + f": options are {what}")
+
+
 def scoring_only(where: str, scoring_config: ScoringConfig | None, options: Mapping[str, Any]) -> ScoringConfig:
     """The :class:`ScoringConfig` of a front end that only scores (options: its fields).
 
@@ -300,6 +316,5 @@ def scoring_only(where: str, scoring_config: ScoringConfig | None, options: Mapp
         return scoring_config if scoring_config is not None else ScoringConfig()
     bad = [k for k in options if ALIASES.get(k, (k, False))[0] not in _SC_FIELDS]
     if bad:
-        raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(bad)}: options are "
-                        "the fields of ScoringConfig")
+        raise unexpected_options(where, bad, "the fields of ScoringConfig")
     return stage_configs(where, None, scoring_config, options)[1]

@@ -55,7 +55,7 @@ from .assess import (
     run_estimation,
     score_schemes,
 )
-from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, stage_configs
+from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation import Estimate
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
@@ -530,8 +530,7 @@ def plan(
     cfg.__post_init__()
     est_cfg, sc_cfg, rest = stage_configs("plan", estimation_config, scoring_config, options)
     if rest:
-        raise TypeError(f"plan() got unexpected keyword argument(s) {sorted(rest)}: options are "
-                        "the fields of EstimationConfig and ScoringConfig")
+        raise unexpected_options("plan", rest)
     if val_dataloader is None and utility_fn is None:
         raise ValueError("plan() needs val_dataloader= (or utility_fn=): the utility cost of each "
                          "candidate per layer is measured on held-out data")

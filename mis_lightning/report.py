@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import textwrap
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -421,6 +422,9 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
         better = "higher" if higher_is_better(uk) else "lower"
         lines.append(f"  {uk.removeprefix('utility_')}: utility of the quantized copy on the "
                      f"validation data ({better} is better).")
+    if any(re.fullmatch(r"plan(_\d+)?", str(r.get("scheme", ""))) for r in rows):
+        lines.append("  plan, plan_k: mixed-precision plans of the planner (mode=plan), re-assessed like the "
+                     "schemes; their per-layer assignment, budget and proxy values are in plan.md.")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
                      "exceed: the figure is not reliable here (see warnings).")

@@ -108,10 +108,13 @@ def test_assess_with_configs_equals_assess_with_keywords():
 
 def test_unknown_keywords_raise_and_score_is_a_deprecated_alias():
     m, dl, _, _ = _problem()
-    with pytest.raises(TypeError, match=r"assess\(\) got unexpected keyword argument\(s\) \['num_record'\]"):
+    with pytest.raises(TypeError, match=r"assess\(\) got unexpected keyword argument\(s\) \['num_record'\] "
+                                        r"\('num_record': did you mean 'num_records'\?\)"):
         ml.assess(m, ["rtn_int8"], dl, mse, num_record=3)
-    with pytest.raises(TypeError, match=r"MISCallback\(\) got unexpected keyword argument\(s\) \['bogus'\]"):
+    with pytest.raises(TypeError, match=r"MISCallback\(\) got unexpected keyword argument\(s\) \['bogus'\]: "):
         ml.MISCallback(["rtn_int8"], bogus=1)
+    with pytest.raises(TypeError, match=r"'every_n_val_epoch': did you mean 'every_n_val_epochs'\?"):
+        ml.MISCallback(["rtn_int8"], every_n_val_epoch=1)
     est = ml.estimation.estimate(m, dl, mse)
     with pytest.warns(DeprecationWarning, match="score is deprecated, use score_schemes"):
         old = ml.score(est, m, ["rtn_int8"], uncertainty_draws=0)

@@ -620,8 +620,9 @@ class QuantizationScheme(ABC):
                 if bad:
                     reasons[name] = (
                         f"tied weight: also held by {', '.join(_holder(*u) for u in bad)}, which "
-                        f"scheme {self.name!r} does not quantize (quantizing only the other uses "
-                        "would release this weight in float anyway): left in float everywhere")
+                        f"scheme {self.name!r} does not quantize together with this layer (its backend "
+                        "pass skips it; a tied weight is not quantized by two passes, and quantizing only "
+                        "some of its uses would release it in float anyway): left in float everywhere")
                     continue
             r = skip_reason(module) if skip_reason is not None else None
             if r is not None:
