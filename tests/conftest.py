@@ -36,3 +36,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
 
     items.sort(key=rank)
+
+
+@pytest.fixture
+def one_thread_fresh_guard():
+    """One torch thread and a fresh self-check guard (fastpath.GUARD) for the test, restored after."""
+    from mis_lightning.functional import fastpath
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    fastpath.GUARD.reset()
+    yield
+    fastpath.GUARD.reset()
+    torch.set_num_threads(before)

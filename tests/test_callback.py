@@ -392,34 +392,22 @@ def column_loss(o, t):
     return (0.5 * (o - t) ** 2).unsqueeze(-1)
 
 
-def test_wrong_loss_shape_raises_before_training(tmp_path):
-    cases = [
-        (mean_loss, r"MISCallback: loss_fn mean_loss returned shape \[\] for a batch of 32 records; "
-                    r"it must return per-sample losses of shape \[32\] \(a mean over the batch: use reduction='none'\)"),
-        (column_loss, r"MISCallback: loss_fn column_loss returned shape \[32, 1\] for a batch of 32 records; "
-                      r"it must return per-sample losses of shape \[32\] \(a trailing dimension of 1"),
-    ]
-    for i, (fn, msg) in enumerate(cases):
-        cb = MISCallback(SCHEMES, loss_fn=fn, strict=False)
-        pl.seed_everything(0)
-        train, val = loaders()
-        trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
-                             enable_model_summary=False, default_root_dir=str(tmp_path / str(i)))
-        with pytest.raises(ValueError, match=msg):
-            trainer.fit(Regressor(), train, val)
-        assert trainer.global_step == 0  # raised before the first optimizer step
-
-
 def mixing_loss(out, t):
     """[B] losses that mix records: outputs [B, 1] broadcast against targets [B] to [B, B]."""
     return ((out.unsqueeze(-1) - t) ** 2).mean(-1)
 
 
-def test_losses_mixing_records_and_a_misspelled_param_raise_before_training(tmp_path):
-    """Per-sample losses of the right shape that mix the records, and a params= name the model
-    does not have, fail at the start of fit (they used to fail after the whole training, as a
-    warning with no report)."""
+def test_loss_and_params_mistakes_raise_before_training(tmp_path):
+    """A reduced loss, a kept output dimension, [B] losses that mix the records, and a params=
+    name the model does not have: each raises at the start of fit, naming the culprit (the
+    last two used to fail after the whole training, as a warning with no report)."""
     cases = [
+        (dict(loss_fn=mean_loss), ValueError,
+         r"MISCallback: loss_fn mean_loss returned shape \[\] for a batch of 32 records; "
+         r"it must return per-sample losses of shape \[32\] \(a mean over the batch: use reduction='none'\)"),
+        (dict(loss_fn=column_loss), ValueError,
+         r"MISCallback: loss_fn column_loss returned shape \[32, 1\] for a batch of 32 records; "
+         r"it must return per-sample losses of shape \[32\] \(a trailing dimension of 1"),
         (dict(loss_fn=mixing_loss), ValueError,
          r"MISCallback: loss_fn mixing_loss is not per-sample: the loss of record 0 computed alone is"),
         (dict(loss_fn=mse, params=["net.0.wieght"]), KeyError, r"params not in the model: \['net.0.wieght'\]"),
@@ -432,7 +420,7 @@ def test_losses_mixing_records_and_a_misspelled_param_raise_before_training(tmp_
                              enable_model_summary=False, default_root_dir=str(tmp_path / str(i)))
         with pytest.raises(err, match=msg):
             trainer.fit(Regressor(), train, val)
-        assert trainer.global_step == 0
+        assert trainer.global_step == 0  # raised before the first optimizer step
 
 
 class _NoHook(HookRegressor):

@@ -25,14 +25,7 @@ F64 = torch.float64
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_guard():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    fastpath.GUARD.reset()
-    yield
-    fastpath.GUARD.reset()
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_guard")
 
 
 @pytest.mark.parametrize("h", [0.02, 0.1, RUN_MAX_STEP])

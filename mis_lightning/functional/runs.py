@@ -36,11 +36,16 @@ All tensors are edge-major: ``[R + 1, c]`` run edges (standard units) and ``[R, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from .cells import _pdf
+
+T = TypeVar("T")
 
 # Largest cell width (sd units) summed in closed form: the truncation error grows like h^10
 # (three runs of 1-60 cells, steps up to h, 200 draws: kappa / m4 within 7e-15 / 4e-13 of the
@@ -199,13 +204,19 @@ class RunTable:
 _RUN_TABLES: dict[tuple[int, int, str], RunTable] = {}
 
 
+def per_table(cache: dict, values: Tensor, device: torch.device, build: Callable[[Tensor, torch.device], T]) -> T:
+    """``build(values, device)``, cached in ``cache`` per value table and device (the entry keeps
+    its own copy of ``values`` as ``.values``, compared before reuse)."""
+    key = (values.data_ptr(), values.numel(), str(device))
+    got = cache.get(key)
+    if got is None or got.values.shape != values.shape or not torch.equal(got.values, values.to(got.values)):
+        got = cache[key] = build(values, device)
+    return got
+
+
 def run_table(values: Tensor, device: torch.device) -> RunTable:
     """The :class:`RunTable` of ``values`` (cached per table and device)."""
-    key = (values.data_ptr(), values.numel(), str(device))
-    got = _RUN_TABLES.get(key)
-    if got is None or got.values.shape != values.shape or not torch.equal(got.values, values.to(got.values)):
-        got = _RUN_TABLES[key] = RunTable(values, device)
-    return got
+    return per_table(_RUN_TABLES, values, device, RunTable)
 
 
 __all__ = ["RUN_MAX_STEP", "RunTable", "run_moments", "run_table"]

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
-from .runs import RUN_MAX_STEP, run_moments, run_table
+from .runs import RUN_MAX_STEP, per_table, run_moments, run_table
 from .kernel import (
     _MAX_WINDOW,
     CUTOFF_SIGMAS,
@@ -357,11 +357,7 @@ _RULES: dict[tuple[int, int, str], _CoreRules] = {}
 
 def _core_rules(values: Tensor, device: torch.device) -> _CoreRules:
     """The cores of ``values`` (cached per table and device)."""
-    key = (values.data_ptr(), values.numel(), str(device))
-    got = _RULES.get(key)
-    if got is None or got.values.shape != values.shape or not torch.equal(got.values, values.to(got.values)):
-        got = _RULES[key] = _CoreRules(values, device)
-    return got
+    return per_table(_RULES, values, device, _CoreRules)
 
 
 def _tails(alpha: Tensor) -> Tensor:
