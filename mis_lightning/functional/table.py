@@ -241,11 +241,6 @@ _CORE_MAX_STEP = 0.1  # sd units
 _CORE_MAX_SPAN = 2.0  # sd units
 # The core path is taken when the exact window would need more edges each side than this.
 _CORE_MIN_NEED = 8
-# Window half-widths of the exact sums of the fast path (edges each side; minimal windows:
-# edges beyond 8.5 sd carry < 1e-15 of kappa, so no fixed minimum is needed).
-_FAST_BUCKETS = (1, 2, 3, 4, 6, 10, 18, 32, 64, 128, 256, _MAX_WINDOW)
-# Floats per [rows, edges] working tensor of the fast path (cache-sized, as the affine path).
-_FAST_ROWS_BUDGET = 1 << 16
 # Elements per block of the closed-form core's kernel (edge-major rows; measured on the 1e5
 # MLP's float8 chunks: 2,048 -> 70 ms, 16,384 -> 38 ms, 65,536 -> 68 ms per 65,536 elements).
 _CORE_BLOCK = 1 << 14
@@ -253,7 +248,7 @@ _ZERO = torch.zeros((), dtype=torch.float64)
 # Run counts of the closed-form run path's groups (runs past an element's last add exactly 0).
 _RUN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 # Side widths (edges) of the closed-form core's groups: steps of ~25% (the padding to a bucket
-# is computed for nothing; the windowed sums' coarser _FAST_BUCKETS padded a weight needing
+# is computed for nothing; the earlier buckets (1, 2, 3, 4, 6, 10, 18, 32, ...) padded a weight needing
 # 19 edges to 32, on both sides).
 _SIDE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128,
                  160, 192, 224, 256, 320, 384, 448, _MAX_WINDOW)
@@ -568,7 +563,7 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
     ``cell_hi`` holding the ends of its reach, plus the two unbounded cells beyond (edges past
     the table's ends are empty cells). Edge-major, each side's width bucketed apart in
     ``_SIDE_BUCKETS`` (the windowed sums of the reference pad both sides to the wider one's
-    bucket of ``_FAST_BUCKETS``, element-major: ~2x the work); the same cell terms as
+    bucket of ``_TABLE_BUCKETS``, element-major: ~2x the work); the same cell terms as
     :func:`~mis_lightning.functional.cells.cell_terms`. ``mean_abs`` telescopes over the
     partition to ``2 max(phi(l), phi(u))`` of the own cell ``(l, u)``; the coverage is the
     partition's, 1."""
