@@ -55,7 +55,13 @@ from .assess import (
     run_estimation,
     score_schemes,
 )
-from .config import DEFAULT_CHUNK, EstimationConfig, ScoringConfig, stage_configs, unexpected_options
+from .config import (
+    DEFAULT_CHUNK,
+    EstimationConfig,
+    ScoringConfig,
+    stage_configs,
+    unexpected_options,
+)
 from .estimation import Estimate
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility

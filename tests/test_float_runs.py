@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 
-from mis_lightning.functional import fastpath
 from mis_lightning.functional import table as T
 from mis_lightning.functional.cells import moments_from_alpha
 from mis_lightning.functional.runs import RUN_MAX_STEP, run_moments, run_table

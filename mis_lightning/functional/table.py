@@ -15,7 +15,6 @@ from torch import Tensor
 
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
-from .runs import RUN_MAX_STEP, per_table, run_moments, run_table
 from .kernel import (
     _MAX_WINDOW,
     CUTOFF_SIGMAS,
@@ -25,6 +24,7 @@ from .kernel import (
     fine_grid_moments,
     windowed_moments,
 )
+from .runs import RUN_MAX_STEP, per_table, run_moments, run_table
 
 # Window half-widths for value tables beyond their ``half_window`` (float grids get finer
 # towards zero, so a window may need many edges).
