@@ -36,7 +36,7 @@ from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
-from .report import CONSISTENCY_TOLERANCE, LayerResult, Report, SchemeResult
+from .report import CONSISTENCY_TOLERANCE, LayerResult, Report, SchemeResult, above_baseline
 from .threads import scoring_threads
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,7 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
                    f"({100 * (corr - grad) / grad:+.1f}%): {cause}; each scheme's figure is capped by the "
                    "first, record by record (no release leaks more than the unquantized one), so schemes at "
                    "or near the baseline are not ranked by this estimate; treat every figure as indicative")
-    above = {k: r.leakage for k, r in report.schemes.items()
-             if not r.error and math.isfinite(r.leakage) and r.leakage > base * (1 + CONSISTENCY_TOLERANCE)}
+    above = {r["scheme"]: float(r["leakage"]) for r in report.rows() if not r.get("error") and above_baseline(r)}
     if above:
         which = ", ".join(f"{k} ({v:.4g})" for k, v in sorted(above.items()))
         why = cause if form_gap is not None or "Hessian" in cause else "Monte Carlo error, or " + cause

@@ -191,6 +191,10 @@ class Interval:
     halfwidth: float = math.nan
     correlated: bool = False  # the ends were computed with the weights' correlation
 
+    def __post_init__(self) -> None:
+        # a leakage is at most 1: ends padded past it (tiny n, few coarse weights) are cut there
+        object.__setattr__(self, "hi", min(self.hi, 1.0))
+
 
 @dataclass(frozen=True)
 class CorrelatedEnds:
@@ -358,14 +362,14 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                                  generator=torch.Generator().manual_seed(seed), **kw)
                 high = leakage_at(influence, n, rng.high, s_hi, boundaries, method,
                                   generator=torch.Generator().manual_seed(seed), **kw)
-            return Interval(max(min(low, value) - pad, 0.0), min(max(high, value) + pad, 1.0),
+            return Interval(max(min(low, value) - pad, 0.0), max(high, value) + pad,
                             "position-dominated", terms, z, correlated=correlated is not None)
     elif theta is not None and theta.numel() == 0:
         terms = 0.0  # nothing is coarse: no position uncertainty
-        return Interval(max(value - pad, 0.0), min(value + pad, 1.0), "position-dominated", terms, 0.0,
+        return Interval(max(value - pad, 0.0), value + pad, "position-dominated", terms, 0.0,
                         correlated=correlated is not None)
     if draws is None or draws.numel() == 0:
-        return Interval(max(value - pad, 0.0), min(value + pad, 1.0), "averaged", terms)
+        return Interval(max(value - pad, 0.0), value + pad, "averaged", terms)
     t = draws.to(torch.float64)
     if t.numel() < 5:  # too few draws for quantiles: normal approximation
         med, s = float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
@@ -377,4 +381,4 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
     # and population value): up to sqrt(2) times the spread of one (the bootstrap's).
     lo = med - math.sqrt(2.0) * (med - q_lo)
     hi = med + math.sqrt(2.0) * (q_hi - med)
-    return Interval(max(min(lo, value) - pad, 0.0), min(max(hi, value) + pad, 1.0), "averaged", terms)
+    return Interval(max(min(lo, value) - pad, 0.0), max(hi, value) + pad, "averaged", terms)
