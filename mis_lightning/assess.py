@@ -8,6 +8,7 @@ quantizes, computes cell moments chunk by chunk and returns the :class:`Report`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import math
 import warnings
@@ -53,6 +54,13 @@ def _dtype_bits(t: Tensor) -> int:
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 
+def _close_param_names(name: str, named: Mapping[str, Any]) -> list[str]:
+    """Parameter names a misspelled ``name`` may mean: a module's own parameters when ``name``
+    is a module path (``"fc1"`` -> ``"fc1.weight"``, ``"fc1.bias"``), else the closest spellings."""
+    under = [n for n in named if n.startswith(name + ".")]
+    return under[:4] if under else difflib.get_close_matches(name, list(named), n=2, cutoff=0.6)
+
+
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
     ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). Unknown names, an
@@ -75,7 +83,10 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         names = list(params)
         unknown = [n for n in names if n not in named]
         if unknown:
-            raise KeyError(f"params not in the model: {unknown}; the model has {list(named)}")
+            hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
+                     for n in unknown if (close := _close_param_names(n, named))]
+            raise KeyError(f"params not in the model: {unknown}"
+                           + (f" ({'; '.join(hints)})" if hints else "") + f"; the model has {list(named)}")
     if not names:
         raise ValueError("no parameter selected for assessment")
     for n in names:
@@ -421,8 +432,8 @@ def score_schemes(
 
     Raises:
         TypeError: an unknown keyword argument.
-        ValueError: an invalid option, ``n < 2`` records, non-finite ``sigma``, or (with
-            ``strict``) a failing scheme's error.
+        ValueError: an invalid option, ``n < 4`` records (the pool protocol scores ``n / 2``),
+            non-finite ``sigma``, or (with ``strict``) a failing scheme's error.
         KeyError: an unknown scheme name.
     """
     cfg = scoring_only("score_schemes", scoring_config, options)

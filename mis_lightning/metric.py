@@ -119,7 +119,8 @@ class MISIndicator(EstimationMetric):
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: an unknown torchmetrics option (torchmetrics' own check).
+        TypeError: an option that is neither a config field nor a torchmetrics option (named,
+            with the closest known names).
         ValueError: an invalid option (named), no usable loss, an empty scheme list.
         KeyError: an unknown scheme or parameter name.
 
@@ -182,7 +183,7 @@ class MISIndicator(EstimationMetric):
         """Score every scheme from the synced estimate; ``{scheme: {figure: 0-d tensor}}``.
 
         Raises:
-            ValueError: fewer than 2 records, or (``strict``) a failing scheme's error.
+            ValueError: fewer than 4 records, or (``strict``) a failing scheme's error.
         """
         with torch.inference_mode(False):
             self.report = score_schemes(

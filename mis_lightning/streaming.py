@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torchmetrics import Metric
 
 from .assess import select_params
-from .config import EstimationConfig
+from .config import EstimationConfig, unexpected_options
 from .estimation import Estimate
 from .estimation.estimate import MomentAccumulator
 from .estimation.linear_factors import LayerProgram
@@ -205,6 +206,12 @@ def hook_program(model: nn.Module) -> tuple[LossFn, BatchFn, type[LossProgram]]:
     return _passthrough_loss, _hook_batch_fn, _HookProgram
 
 
+# torchmetrics.Metric's own keyword arguments (torchmetrics 1.x), used only to suggest a name
+# for a misspelled option: torchmetrics itself decides what it accepts.
+TORCHMETRICS_OPTIONS = ("compute_on_cpu", "compute_with_cache", "dist_sync_fn", "dist_sync_on_step",
+                        "distributed_available_fn", "process_group", "sync_on_compute")
+
+
 class EstimationMetric(Metric):
     """The estimation pass over streamed batches, with torchmetrics' states and sync.
 
@@ -220,7 +227,8 @@ class EstimationMetric(Metric):
         kwargs: torchmetrics ``Metric`` options (``process_group``, ``sync_on_compute``, ...).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or an unknown option (named, with the
+            closest known names).
         ValueError: no usable loss, ``hessian="ggn"`` with the loss hook, or a bad selection
             (see :func:`~mis_lightning.assess.select_params`).
         KeyError: an unknown parameter name.
@@ -239,7 +247,14 @@ class EstimationMetric(Metric):
         batch_fn: BatchFn | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        try:
+            super().__init__(**kwargs)
+        except ValueError as err:  # torchmetrics' own check: name the culprit, suggest a name
+            bad = re.findall(r"`(\w+)`", str(err)) if str(err).startswith("Unexpected keyword") else []
+            if not bad:
+                raise
+            raise unexpected_options(type(self).__name__, bad, "the fields of EstimationConfig and ScoringConfig "
+                                     "and torchmetrics' Metric options", known=TORCHMETRICS_OPTIONS) from err
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         cfg = estimation_config

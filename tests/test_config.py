@@ -122,6 +122,19 @@ def test_unknown_keywords_raise_and_score_is_a_deprecated_alias():
     assert old.schemes["rtn_int8"].leakage == new.schemes["rtn_int8"].leakage
     with pytest.raises(TypeError, match=r"score_schemes\(\) got unexpected keyword argument\(s\) \['num_records'\]"):
         ml.score_schemes(est, m, ["rtn_int8"], num_records=3)
+    # the Metric: a config field and a torchmetrics option, misspelled, before any update
+    with pytest.raises(TypeError, match=r"MISIndicator\(\) got unexpected keyword argument\(s\) \['num_record'\] "
+                                        r"\('num_record': did you mean 'num_records'\?\)"):
+        ml.MISIndicator(m, mse, ["rtn_int8"], num_record=3)
+    with pytest.raises(TypeError, match=r"'sync_on_compte': did you mean 'sync_on_compute'"):
+        ml.MISIndicator(m, mse, ["rtn_int8"], sync_on_compte=False)
+    ml.MISIndicator(m, mse, ["rtn_int8"], sync_on_compute=False)  # a real torchmetrics option passes
+    # a module path or a misspelled parameter name: its parameters / the closest names
+    with pytest.raises(KeyError, match=r"'weigth': did you mean 'weight'\?"):
+        ml.assess(m, ["rtn_int8"], dl, mse, params=["weigth"])
+    seq = nn.Sequential(nn.Linear(3, 1))
+    with pytest.raises(KeyError, match=r"'0': did you mean '0.weight' or '0.bias'\?"):
+        ml.assess(seq, ["rtn_int8"], dl, mse, params=["0"])
 
 
 def test_one_progress_hook_reports_estimation_and_schemes():

@@ -872,7 +872,7 @@ class MomentAccumulator:
         if n < 2:
             why = (": no record was seen (an empty dataloader, or a Metric's compute() with no update() since "
                    "reset())") if n == 0 else ""
-            raise ValueError(f"n (number of training records) must be >= 2, got {n}{why}")
+            raise ValueError(f"n (number of training records) must be >= 2 (>= 4 to score schemes), got {n}{why}")
         if self.selection == "hash":
             st = {k: (list(v) if isinstance(v, list) else v) for k, v in st.items()}
             prune_bottom_k(st, self.num_records)
