@@ -206,3 +206,35 @@ def test_metric_front_end_takes_the_same_choice_and_keeps_it_through_pickling():
     a, b = met.accumulator.finalize(met._states()), again.accumulator.finalize(again._states())
     for n in a.names:
         torch.testing.assert_close(a.sigma[n], b.sigma[n], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["ce", "label_smoothing", "class_weight_later", "temperature"])
+def test_exact_gauss_newton_closed_form_only_for_softmax_cross_entropy(loss):
+    """Softmax cross-entropy's Hessian in the outputs is taken in closed form (diag(p) - p p')
+    once the first batch has checked the loss's own; a loss that differs from it (label
+    smoothing: same Hessian, another gradient; class weights met only in a later batch; a
+    temperature) must still give the torch.func path's Gauss-Newton diagonal to 1e-6."""
+    w = torch.tensor([1.0, 1.0, 3.0], dtype=torch.float64)
+    fns = {
+        "ce": _ce,
+        "label_smoothing": lambda o, y: F.cross_entropy(o, y, reduction="none", label_smoothing=0.1),
+        "class_weight_later": lambda o, y: F.cross_entropy(o, y, weight=w.to(o.dtype), reduction="none"),
+        "temperature": lambda o, y: F.cross_entropy(o / 2.0, y, reduction="none"),
+    }
+    model = _model("transformer").double()
+    X, Y = _data("transformer")
+    Y[:16] = Y[:16].clamp(max=1)  # the first batch meets weight-1 classes only
+    Y[16] = 2
+    runs = []
+    for fast in (True, False):
+        acc = MomentAccumulator(model, fns[loss], mode="diagonal", hessian="ggn", use_factors=fast, num_records=12,
+                                dtype=torch.float64)
+        for b in DataLoader(TensorDataset(X, Y), batch_size=16):
+            acc.update(b)
+        runs.append(acc)
+    fa, ta = runs
+    assert isinstance(fa.factored, LayerProgram) and ta.factored is None
+    torch.testing.assert_close(fa.state["h_sum"], ta.state["h_sum"], rtol=1e-6,
+                               atol=1e-9 * float(ta.state["h_sum"].abs().max()))
+    # softmax cross-entropy takes the closed form after its first batch; the others never do
+    assert fa.factored._ce_hessian_checked is (loss in ("ce", "class_weight_later"))

@@ -522,6 +522,10 @@ def _cast(tree: Any, dtype: torch.dtype) -> Any:
         lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, tree)
 
 
+# Softmax cross-entropy recognised when the loss's dl/do and d2l/do2 equal p - onehot(y) and
+# diag(p) - p p' to this (absolute; their entries are at most 1, float32 rounding ~1e-7)
+CE_TOLERANCE = 1e-4
+
 CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gradients (8 MiB in float64)
 
 
@@ -619,6 +623,7 @@ class LayerProgram:
         self.ggn_mode, self.mc_samples, self.generator = "ggn", 1, None
         self.ggn_choice: str | None = None
         self.ggn_directions = 0
+        self._ce_hessian_checked = False  # the loss's Hessian in the outputs matched diag(p) - p p' once
         self._shape: tuple[int, ...] = ()
         self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
         self._inputs: dict[str, Any] = {}
@@ -685,7 +690,20 @@ class LayerProgram:
             return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
 
         e = torch.func.vmap(torch.func.grad(one))(fd, targets)
-        return e, (torch.func.vmap(torch.func.hessian(one))(fd, targets) if second else None)
+        if not second:
+            return e, None
+        # Softmax cross-entropy (this batch's dl/do is p - onehot(y)): its Hessian in the
+        # outputs is diag(p) - p p' in closed form, once the first such batch has shown the
+        # loss's own Hessian equal to it (the per-record Hessian by torch.func costs ~4x the
+        # gradient: half an epoch on a small Transformer)
+        p = self._ce_probs(fd, targets, e)
+        if p is not None and self._ce_hessian_checked:
+            return e, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        L = torch.func.vmap(torch.func.hessian(one))(fd, targets)
+        if p is not None:
+            L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+            self._ce_hessian_checked = bool((L - L_ce).abs().max() <= CE_TOLERANCE)
+        return e, L
 
     def _unpack(self, taps: dict, gos: tuple) -> dict[str, Any]:
         """Per layer the gradient(s) at its output(s) from ``autograd.grad``'s flat tuple."""
@@ -855,20 +873,28 @@ class LayerProgram:
                     out.append((a, torch.full((b,), sign, dtype=fd.dtype)))
         return out
 
+    def _ce_probs(self, fd: Tensor, targets: Any, e: Tensor) -> Tensor | None:
+        """``p = softmax(o)`` ``[B, C]`` when the batch's per-record gradients ``e = dl/do``
+        equal ``p - onehot(y)`` to :data:`CE_TOLERANCE` on class labels ``[B]`` (softmax
+        cross-entropy; its entries are at most 1), else ``None``."""
+        if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
+                and len(self._shape) == 1 and fd.shape[1] > 1 and targets.shape[0] == fd.shape[0]):
+            return None
+        if int(targets.min()) < 0 or int(targets.max()) >= fd.shape[1]:
+            return None
+        p = torch.softmax(fd, -1)
+        e_ce = p - torch.nn.functional.one_hot(targets.long(), fd.shape[1]).to(p.dtype)
+        return p if bool((e - e_ce).abs().max() <= CE_TOLERANCE) else None
+
     def _softmax_ce(self, fd: Tensor, targets: Any, L: Tensor) -> Tensor | None:
         """``p = softmax(o)`` ``[B, C]`` when the batch's loss is softmax cross-entropy on class
         labels ``[B]`` (its gradient ``dl/do`` (:meth:`_taps`) and Hessian ``L`` in the outputs
-        equal ``p - onehot(y)`` and ``diag(p) - p p'`` to 1e-4; both are at most 1), else ``None``."""
-        if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
-                and len(self._shape) == 1 and fd.shape[1] > 1):
+        equal ``p - onehot(y)`` and ``diag(p) - p p'`` to :data:`CE_TOLERANCE`), else ``None``."""
+        p = self._ce_probs(fd, targets, self._e)
+        if p is None:
             return None
-        p = torch.softmax(fd, -1)
-        if int(targets.min()) < 0 or int(targets.max()) >= fd.shape[1]:
-            return None
-        e_ce = p - torch.nn.functional.one_hot(targets.long(), fd.shape[1]).to(p.dtype)
         L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-        ok = bool((self._e - e_ce).abs().max() <= 1e-4) and bool((L - L_ce).abs().max() <= 1e-4)
-        return p if ok else None
+        return p if bool((L - L_ce).abs().max() <= CE_TOLERANCE) else None
 
     def record_taps(self, inputs: Any, targets: Any, b: int) -> _BatchTaps:
         """One forward and one backward pass of the loss over a block of records: per layer
