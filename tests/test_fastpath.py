@@ -364,7 +364,7 @@ def test_compile_is_warmed_up_before_the_scoring_pass_and_shown(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["never", "auto"])
 def test_no_compile_stage_when_the_policy_will_not_compile(mode):
-    """"never", and "auto" below its threshold (2e7 weights): no compile stage, nothing compiled."""
+    """"never", and "auto" below its threshold (COMPILE_AFTER = 1e8 elements): no compile stage, nothing compiled."""
     import mis_lightning as ml
 
     events: list = []

@@ -246,17 +246,13 @@ def _fused_affine_codes(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Ten
 
 
 # torch.compile of the fused kernel: used once a process has pushed COMPILE_AFTER elements
-# through it ("auto"; compiling costs a few seconds once), always ("1") or never ("0"):
-# environment variable MIS_LIGHTNING_COMPILE. Measured (benchmarks/cell_statistics_speed.py,
-# 1 core, float64, K ~ 8): eager 8.5e6 weights/s, compiled 4.9e7. Whatever the policy, the
-# compiled kernel's output is checked against the eager kernel (fastpath.GUARD).
-# torch.compile of the fused kernel: used once a process has pushed COMPILE_AFTER elements
-# through it ("auto"; compiling costs a few seconds once), always or never, as the caller's
-# CompilePolicy says (the front ends read it from MIS_LIGHTNING_COMPILE). Measured
-# (benchmarks/cell_statistics_speed.py, 1 core, float64, K ~ 8): eager 8.5e6 weights/s,
-# compiled 4.9e7. Whatever the policy, the compiled kernel's output is checked against the
-# eager kernel (fastpath.GUARD).
-COMPILE_AFTER = 20_000_000
+# through it ("auto"), always or never, as the caller's CompilePolicy says (the front ends read
+# it from MIS_LIGHTNING_COMPILE). Whatever the policy, the compiled kernel's output is checked
+# against the eager kernel (fastpath.GUARD). The threshold is the break-even of the one-time
+# compile: 6.4 s with a warm inductor cache (more when cold) against ~1.2e-7 s saved per
+# element (docs/benchmarks.md, "Compile threshold"): ~5.6e7 elements. At 2e7 a fresh process
+# scoring 2 schemes of a 1e6-weight MLP (2.1e7 elements) took 19.5 s compiled against 15.4 s eager.
+COMPILE_AFTER = 100_000_000
 _FUSED_STATE: dict[str, object] = {"elements": 0, "compiled": None, "compiled_codes": None, "failed": False}
 # Name of the compiled path, as the self-check warnings print it.
 COMPILED_PATH = "the torch.compile'd cell-moment kernel"
