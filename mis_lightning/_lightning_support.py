@@ -85,6 +85,32 @@ def reloader(dl: Any, indices: list[int] | None, batch_size: int | None) -> Any:
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
 
 
+def trainer_batch(trainer: Any, batch: Any, device: torch.device) -> Any:
+    """``batch`` as the Trainer's loops hand it to the module: on ``device`` and through the
+    precision plugin's ``convert_input`` (``precision="bf16-true"`` / ``"64-true"`` cast the
+    floating inputs to the weights' dtype; the mixed precisions leave them as they are)."""
+    batch = to_device(batch, device)
+    plugin = getattr(trainer, "precision_plugin", None)
+    convert = getattr(plugin, "convert_input", None)
+    return convert(batch) if callable(convert) else batch
+
+
+class _Converted:
+    """A loader whose batches go through the Trainer's precision plugin (``convert_input``), as
+    the Trainer's own loops do: the quantized copies of a ``"bf16-true"`` model read bf16."""
+
+    def __init__(self, loader: Any, trainer: Any) -> None:
+        self.loader, self.trainer = loader, trainer
+        self.batch_size = getattr(loader, "batch_size", None)
+
+    def __iter__(self) -> Any:
+        convert = getattr(getattr(self.trainer, "precision_plugin", None), "convert_input", None)
+        return (convert(b) if callable(convert) else b for b in self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
 def resolve_loss(trainer: Any, pl_module: Any, loss_fn: Any, weight_decay: float | None) -> dict[str, Any]:
     """``{"hook": uses mis_per_sample_loss, "loss_fn": the per-sample loss}`` for ``pl_module``;
     warns when the optimizer decays weights that the assessment would not know of.
@@ -144,7 +170,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     with rng_isolated(), torch.inference_mode(False), torch.no_grad():
         try:
             pl_module.eval()
-            batch = to_device(next(iter(loader)), device)
+            batch = trainer_batch(trainer, next(iter(loader)), device)
             if hook:
                 name = f"{type(pl_module).__name__}.{HOOK_NAME}"
                 leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
@@ -272,7 +298,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     shard = list(range(rank, len(ds), world)) if ds is not None else None
     loader = reloader(train, shard, batch_size)
     val = single_loader(trainer.val_dataloaders, "validation")
-    val_loader = reloader(val, None, None) if val is not None else None
+    val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
                               estimation_config=estimation_config, batch_fn=None if hook else batch_fn)
     rank_zero_info(f"MISCallback: estimation pass ({metric.mode}, d={metric.accumulator.d}) "
@@ -291,7 +317,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     total = len(shard) if shard is not None else None
     with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
         for batch in loader:
-            metric.update(to_device(batch, device))
+            metric.update(trainer_batch(trainer, batch, device))
             done += getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
         est = metric.estimate()

@@ -577,6 +577,9 @@ def score_schemes(
                                     if not isinstance(sc, NoQuantization)) if w]
     # Weights quantized by another method than the scheme's backend (quantization/beyond_linear).
     report.warnings += [w for w in (s.methods_line() for s in report.schemes.values()) if w]
+    stored = _low_precision_note(model, est.names)
+    if stored:
+        report.warnings.append(stored)
     frozen = _frozen_warning(model, est.names)
     if frozen:
         report.warnings.append(frozen)
@@ -595,6 +598,20 @@ def score_schemes(
             "replaced by their magnitudes (see diagnostics)"
         )
     return report
+
+
+def _low_precision_note(model: nn.Module, names: Sequence[str]) -> str | None:
+    """The warning for assessed weights stored in a 16-bit float format (a model trained with
+    ``precision="bf16-true"``, or cast): they already sit on that format's grid."""
+    named = dict(model.named_parameters())
+    low = sorted({str(named[n].dtype).removeprefix("torch.") for n in names
+                  if n in named and named[n].dtype in (torch.bfloat16, torch.float16)})
+    if not low:
+        return None
+    fmt = " and ".join(low)
+    return (f"the assessed weights are stored in {fmt}: they already sit on that format's grid, which the "
+            f"unquantized baseline ('none') treats as continuous; a scheme that casts to {fmt} releases them "
+            "unchanged, and its row reads the model as stored")
 
 
 class _Prepared:

@@ -141,7 +141,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         select_params(pl_module, self.estimation_config.params)  # a misspelled params= name, too
         # a scheme that cannot run here or on this model is an error row at the end (the
         # others are still scored): say so now, before the training it would follow
-        for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
+        self._scheme_problems = check_schemes(pl_module, resolve_schemes(self.schemes), strict=False,
+                                              availability=True)
+        for msg in self._scheme_problems:
             rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
         if not self._state_loaded:  # a new fit starts clean (a checkpoint's state comes later)
             self._reset_run_state()
@@ -151,6 +153,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # the train loader exists now, before the first step: configuration errors surface here
         self._state_loaded = False
+        # the precision plugin has converted the module now ("64-true", "bf16-true"): a scheme
+        # that cannot take the new dtype is said before the first step, not at the end
+        for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
+            if msg not in getattr(self, "_scheme_problems", ()):
+                rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
         res = self._loss(trainer, pl_module)
         lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn, self.loss_fn is not None)
 

@@ -500,3 +500,37 @@ def test_scheme_that_cannot_take_the_model_is_announced_before_training(tmp_path
     assert "'net.0.weight' is torch.float64" in str(next(w.message for w in caught if "torchao quantizes" in str(w.message)))
     assert cb.report.schemes["rtn_int8"].error is None
     assert "float64" in cb.report.schemes["intx_weight_only_int4"].error
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_true_precision_training_is_assessed_with_converted_inputs(tmp_path, precision):
+    """``precision="bf16-true"`` / ``"64-true"`` convert the module (after ``setup``) and the
+    inputs (``precision_plugin.convert_input``): the callback's first-batch check, estimation
+    pass and utility evaluation read the batches as the Trainer's loops do (the float32 batch
+    crashed training at the first-batch check); a scheme that cannot take the new dtype is
+    announced before the first step; weights stored in bf16 are said to sit on that grid."""
+    cb = MISCallback(["none", "rtn_int8", "intx_weight_only_int4", "bf16"], loss_fn=mse, uncertainty_draws=0,
+                     **FAST)
+    announced = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0 and trainer.current_epoch == 0:
+                announced.append([str(w.message) for w in caught if "torchao quantizes" in str(w.message)])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, module = fit(tmp_path, Regressor, [cb, Probe()], max_epochs=1, precision=precision)
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float64
+    assert next(module.parameters()).dtype == dtype
+    rep = cb.report
+    assert rep is not None and cb.last_error is None
+    for k in ("none", "rtn_int8", "bf16"):
+        assert rep.schemes[k].error is None and "loss" in rep.schemes[k].utility, (k, rep.schemes[k].error)
+        assert 0.0 <= rep.schemes[k].leakage <= rep.schemes[k].baseline_leakage + 1e-12
+    if precision == "64-true":  # torchao takes no float64 weights: a failed row, said before training
+        assert "float64" in rep.schemes["intx_weight_only_int4"].error
+        assert announced and any("float64" in m for m in announced[0])
+    else:
+        assert rep.schemes["intx_weight_only_int4"].error is None
+        assert any("stored in bfloat16" in w for w in rep.warnings)
