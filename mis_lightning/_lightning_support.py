@@ -111,9 +111,8 @@ class _Converted:
         return len(self.loader)
 
 
-def resolve_loss(trainer: Any, pl_module: Any, loss_fn: Any, weight_decay: float | None) -> dict[str, Any]:
-    """``{"hook": uses mis_per_sample_loss, "loss_fn": the per-sample loss}`` for ``pl_module``;
-    warns when the optimizer decays weights that the assessment would not know of.
+def resolve_loss(trainer: Any, pl_module: Any, loss_fn: Any) -> dict[str, Any]:
+    """``{"hook": uses mis_per_sample_loss, "loss_fn": the per-sample loss}`` for ``pl_module``.
 
     Raises:
         ValueError: no usable loss (names the options).
@@ -129,17 +128,28 @@ def resolve_loss(trainer: Any, pl_module: Any, loss_fn: Any, weight_decay: float
                 f"per_sample_loss(outputs, targets) or {HOOK_NAME}(batch) on "
                 f"{type(pl_module).__name__}"
             )
-    if weight_decay is None:
-        attr = getattr(pl_module, "weight_decay", None)
-        if attr is None and trainer.is_global_zero:
-            opt_wd = [g.get("weight_decay", 0) for o in (trainer.optimizers or []) for g in o.param_groups]
-            if any(w and w > 0 for w in opt_wd):
-                rank_zero_warn(
-                    "MISCallback: the optimizer applies weight decay but the module has no "
-                    "`weight_decay` attribute; the assessment assumes an unpenalised objective "
-                    "(pass weight_decay= for an explicit L2 term)"
-                )
     return {"hook": hook, "loss_fn": loss_fn}
+
+
+def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: float | None) -> None:
+    """Warn when the Trainer's optimizers decay weights that the assessment would not know of
+    (``weight_decay=None`` and no ``weight_decay`` attribute on the module: the objective is
+    then taken as unpenalised). Called once the optimizers exist (``on_train_start``; they do
+    not at ``setup``)."""
+    if weight_decay is not None or getattr(pl_module, "weight_decay", None) is not None:
+        return
+    decays = sorted({float(g.get("weight_decay", 0) or 0) for o in (trainer.optimizers or [])
+                     for g in o.param_groups} - {0.0})
+    if decays:
+        names = ", ".join(type(o).__name__ for o in trainer.optimizers)
+        rank_zero_warn(
+            f"MISCallback: the optimizer ({names}) applies weight decay "
+            f"({', '.join(f'{w:g}' for w in decays)}) but neither MISCallback(weight_decay=...) nor a "
+            f"`weight_decay` attribute of {type(pl_module).__name__} says so: the assessment takes the "
+            "objective as unpenalised, which can overstate the leakage; pass weight_decay= (the L2 "
+            "coefficient of mean(loss) + weight_decay / 2 * |theta|^2; for decoupled decay (AdamW) an "
+            "approximation)"
+        )
 
 
 

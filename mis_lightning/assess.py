@@ -451,7 +451,9 @@ def score_schemes(
     R = est.num_records
     estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R,
                        "estimator": est.estimator, "reason": est.reason,
-                       "leverage_correction": bool(est.diagnostics.get("leverage_correction", False))}
+                       "leverage_correction": bool(est.diagnostics.get("leverage_correction", False)),
+                       # the L2 coefficient the objective was assessed with (0: unpenalised)
+                       "weight_decay": est.diagnostics.get("weight_decay")}
     diagnostics = dict(est.diagnostics)
     rc = _record_correlation(est, cfg)
     estimation_info["covariance"] = "independent" if rc is None else rc.kind

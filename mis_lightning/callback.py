@@ -158,6 +158,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
             if msg not in getattr(self, "_scheme_problems", ()):
                 rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
+        lt.check_optimizer_decay(trainer, pl_module, self.estimation_config.weight_decay)
         res = self._loss(trainer, pl_module)
         lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn, self.loss_fn is not None)
 
@@ -175,8 +176,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
 
     # -- run and publish ----------------------------------------------------------------------
     def _loss(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
-        self._resolved = self._resolved or lt.resolve_loss(trainer, pl_module, self.loss_fn,
-                                                           self.estimation_config.weight_decay)
+        self._resolved = self._resolved or lt.resolve_loss(trainer, pl_module, self.loss_fn)
         return self._resolved
 
     def _assess(self, trainer: Any, pl_module: Any) -> Any:

@@ -534,3 +534,31 @@ def test_true_precision_training_is_assessed_with_converted_inputs(tmp_path, pre
     else:
         assert rep.schemes["intx_weight_only_int4"].error is None
         assert any("stored in bfloat16" in w for w in rep.warnings)
+
+
+class DecayedRegressor(Regressor):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_training(tmp_path):
+    """The optimizers do not exist at ``setup``: the check runs at ``on_train_start`` (it never
+    fired before); ``weight_decay=`` silences it and the report records the coefficient used."""
+    seen_at_start = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not seen_at_start:
+                seen_at_start.append([str(w.message) for w in caught if "applies weight decay" in str(w.message)])
+
+    for wd, expect in ((None, 1), (0.1, 0)):
+        seen_at_start.clear()
+        cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, weight_decay=wd, **FAST)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path / str(wd), DecayedRegressor, [cb, Probe()], max_epochs=1)
+        assert len(seen_at_start[0]) == expect, seen_at_start
+        if expect:
+            assert "SGD" in seen_at_start[0][0] and "(0.1)" in seen_at_start[0][0]
+        assert cb.report.estimation["weight_decay"] == (wd or 0.0)
+        assert json.loads(cb.report_path.read_text())["estimation"]["weight_decay"] == (wd or 0.0)

@@ -988,7 +988,8 @@ class MomentAccumulator:
         gnorm = math.sqrt(grad_sq)
         diagnostics: dict[str, Any] = {
             "gradient_norm": gnorm, "gradient_norm_ratio": gnorm / max(rms_g, 1e-300),
-            "not_at_minimum": gnorm / max(rms_g, 1e-300) > 0.1, "zero_gradient_variance": zero_var}
+            "not_at_minimum": gnorm / max(rms_g, 1e-300) > 0.1, "zero_gradient_variance": zero_var,
+            "weight_decay": float(wd)}
         floor = self.damping * h_abs if d else 0.0
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma, chunk by chunk
             b = min(a + FINALIZE_CHUNK, d)
@@ -1073,7 +1074,8 @@ def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: li
     rms_g = math.sqrt(grad_norm_sq / n)
     ratio = float(total_grad.norm()) / max(rms_g, 1e-300)
     return {"gradient_norm": float(total_grad.norm()), "gradient_norm_ratio": ratio,
-            "not_at_minimum": ratio > 0.1, "zero_gradient_variance": int((v <= 0).sum())}
+            "not_at_minimum": ratio > 0.1, "zero_gradient_variance": int((v <= 0).sum()),
+            "weight_decay": float(weight_decay)}
 
 
 def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
