@@ -17,7 +17,14 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    WeightedRandomSampler,
+)
 
 from ._lightning_compat import trainer_package
 from .assess import score_schemes
@@ -83,6 +90,52 @@ def reloader(dl: Any, indices: list[int] | None, batch_size: int | None) -> Any:
     idx = list(range(len(ds))) if indices is None else indices
     bs = batch_size or dl.batch_size or 64
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
+
+
+def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | None]:
+    """The dataset indices the training draws from, and a note for the report when that set
+    is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
+
+    The loader's batch sampler is read once (RNG isolated), so a ``SubsetRandomSampler`` or a
+    custom (batch) sampler over part of the dataset gives that part, not the whole dataset;
+    under DDP, Lightning's ``DistributedSamplerWrapper`` is unwrapped to the user's sampler and
+    a plain ``DistributedSampler`` means every record. ``limit_train_batches`` keeps the first
+    batches of an unshuffled loader; with a shuffled one (different records each epoch) or a
+    sampler with replacement (a weighted objective) every record it can draw counts, with a note.
+    """
+    ds = sized_dataset(dl)
+    if ds is None:
+        return None, None
+    total = len(ds)
+    sampler, batch_sampler = getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None)
+    notes = []
+    with rng_isolated():
+        if isinstance(sampler, DistributedSampler):  # DDP: the user's sampler, if Lightning wrapped one
+            inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+            order = list(range(total)) if inner is None else [int(i) for i in iter(inner)]
+            sampler = inner
+        elif batch_sampler is not None:
+            order = [int(i) for b in iter(batch_sampler) for i in b]
+        else:
+            order = [int(i) for i in iter(sampler)] if sampler is not None else list(range(total))
+    replacement = isinstance(sampler, WeightedRandomSampler) or bool(getattr(sampler, "replacement", False))
+    if replacement:
+        notes.append(f"the training loader's {type(sampler).__name__} draws records with replacement (a "
+                     "weighted objective, other records each epoch), which the assessment does not model; "
+                     "n counts every record of the dataset")
+        order = list(range(total))
+    limit = getattr(trainer, "num_training_batches", float("inf"))
+    batches = len(dl) if hasattr(dl, "__len__") else None
+    if isinstance(limit, int) and batches is not None and limit < batches:
+        shuffled = isinstance(sampler, RandomSampler) or not isinstance(sampler, (SequentialSampler, type(None)))
+        if shuffled or replacement:
+            notes.append(f"limit_train_batches: each epoch trained on {limit} of {batches} batches of a shuffled "
+                         f"loader (other records each epoch); n counts every record it can draw ({len(set(order))})")
+        else:
+            per_batch = getattr(dl, "batch_size", None) or max(1, len(order) // max(batches, 1))
+            order = order[: limit * per_batch]
+    keep = sorted(set(order))
+    return keep, ("; ".join(notes) or None)
 
 
 def trainer_batch(trainer: Any, batch: Any, device: torch.device) -> Any:
@@ -305,7 +358,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if ds is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
-    shard = list(range(rank, len(ds), world)) if ds is not None else None
+    records, note = training_records(trainer, train)
+    shard = records[rank::world] if records is not None else None
     loader = reloader(train, shard, batch_size)
     val = single_loader(trainer.val_dataloaders, "validation")
     val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
@@ -335,6 +389,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                                utility_fn=utility_fn, progress=show, calibration_data=loader)
     if keep is not None:
         keep.update(estimate=est, loader=loader, utility_fn=utility_fn if val_loader is not None else None)
+    if note:
+        report.warnings.append(note)
     if val_loader is None:
         report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
     return report
@@ -366,18 +422,33 @@ def report_dir(trainer: Any, dirpath: str | Path | None) -> Path:
                 or trainer.default_root_dir)
 
 
-def check_callback_args(every_n_val_epochs: Any, loss_fn: Any) -> None:
-    """The callback's own arguments (the stage options are checked by their configs).
+def check_callback_args(every_n_val_epochs: Any, loss_fn: Any, *, estimation_batch_size: Any = None,
+                        utility_metrics: Mapping[str, Any] | None = None, dirpath: Any = None,
+                        prefix: Any = "mis") -> None:
+    """The callback's own arguments (the stage options are checked by their configs), at
+    construction: a mistake here would otherwise surface only after the whole training.
 
     Raises:
-        ValueError: ``every_n_val_epochs`` is neither None nor an integer >= 1.
-        TypeError: ``loss_fn`` is not callable.
+        ValueError: ``every_n_val_epochs`` or ``estimation_batch_size`` is neither None nor an
+            integer >= 1; ``dirpath`` is an existing file.
+        TypeError: ``loss_fn`` is not callable, a ``utility_metrics`` value is not a
+            torchmetrics ``Metric`` / ``MetricCollection`` (names the key), ``prefix`` is not a string.
     """
-    n = every_n_val_epochs
-    if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
-        raise ValueError(f"every_n_val_epochs must be None or an integer >= 1, got {n!r}")
+    from torchmetrics import Metric, MetricCollection
+
+    for name, n in (("every_n_val_epochs", every_n_val_epochs), ("estimation_batch_size", estimation_batch_size)):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or int(n) != n or n < 1):
+            raise ValueError(f"{name} must be None or an integer >= 1, got {n!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses [B]")
+    for key, m in (utility_metrics or {}).items():
+        if not isinstance(m, (Metric, MetricCollection)):
+            raise TypeError(f"utility_metrics[{key!r}] must be a torchmetrics Metric (e.g. "
+                            f"torchmetrics.MeanAbsoluteError()), got {type(m).__name__}")
+    if dirpath is not None and Path(dirpath).exists() and not Path(dirpath).is_dir():
+        raise ValueError(f"dirpath {str(dirpath)!r} is an existing file, not a directory")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a string (the loggers' key prefix; '' for none), got {type(prefix).__name__}")
 
 
 class RunHistory:

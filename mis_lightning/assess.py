@@ -392,12 +392,16 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
         ValueError: an empty list or a name listed twice.
         KeyError: an unknown name (the message lists the close registered names).
     """
-    out = [get_scheme(s) for s in scheme_list(schemes)]
-    seen: set[str] = set()
-    for s in out:
+    specs = scheme_list(schemes)
+    out = [get_scheme(s) for s in specs]
+    seen: dict[str, Any] = {}
+    for spec, s in zip(specs, out):
         if s.name in seen:
-            raise ValueError(f"scheme {s.name!r} is listed twice")
-        seen.add(s.name)
+            given = [x for x in (seen[s.name], spec) if isinstance(x, str) and x != s.name]
+            alias = f" ({' and '.join(repr(g) for g in given)} {'is an alias' if len(given) == 1 else 'are aliases'} of it)" \
+                if given else ""
+            raise ValueError(f"scheme {s.name!r} is listed twice{alias}")
+        seen[s.name] = spec
     return out
 
 

@@ -90,9 +90,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         options: fields of either config by name (``estimation="exact"``, ``num_records=64``).
 
     Raises:
-        ValueError: an invalid option (named), no scheme, ``every_n_val_epochs`` not an int >= 1.
+        ValueError: an invalid option (named), no scheme, ``every_n_val_epochs`` or
+            ``estimation_batch_size`` not an int >= 1, ``dirpath`` an existing file.
         KeyError: an unknown scheme name (with the close registered names).
-        TypeError: an unknown keyword argument, or a ``loss_fn`` that is not callable.
+        TypeError: an unknown keyword argument, a ``loss_fn`` that is not callable, a
+            ``utility_metrics`` value that is not a torchmetrics Metric, a ``prefix`` not a string.
     """
 
     def __init__(self, schemes: SchemeSpec | Sequence[SchemeSpec] | None = None, *,
@@ -110,7 +112,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             defaults={"strict": False, "weight_decay": None})
         if rest:
             raise unexpected_options("MISCallback", rest, known=inspect.signature(type(self).__init__).parameters)
-        lt.check_callback_args(every_n_val_epochs, loss_fn)
+        lt.check_callback_args(every_n_val_epochs, loss_fn, estimation_batch_size=estimation_batch_size,
+                               utility_metrics=utility_metrics, dirpath=dirpath, prefix=prefix)
         resolve_schemes(self.schemes)  # typos raise now; an unavailable scheme is an error row later
         self.loss_fn, self.batch_fn, self.output_transform = loss_fn, batch_fn, output_transform
         self.utility_metrics, self.every_n_val_epochs = dict(utility_metrics or {}), every_n_val_epochs
@@ -216,7 +219,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     rank_zero_warn(f"MISCallback: {w}")
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
-                    extra=where, copy_name=None if stage == "fit_end" else f"mis_report_epoch={epoch}.json")
+                    extra=where,
+                    # one copy per mid-training run (several per epoch with val_check_interval)
+                    copy_name=None if stage == "fit_end" else f"mis_report_epoch={epoch}-step={step}.json")
                 failed = sum(1 for r in report.schemes.values() if r.error)
                 rank_zero_info(f"MISCallback: assessed {len(report.schemes) - failed} scheme(s)"
                                + (f" ({failed} failed: see the warnings)" if failed else "")

@@ -25,6 +25,11 @@ from typing import Any
 from .report import Report
 
 
+def _head(prefix: str) -> str:
+    """``"<prefix>/"``, or nothing for an empty prefix (keys then start with the scheme)."""
+    return f"{prefix}/" if prefix else ""
+
+
 def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
     """Flat ``{key: value}`` of a report's per-scheme figures (finite values only).
 
@@ -32,13 +37,13 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
         Nothing for a well-formed report.
     """
     out: dict[str, float] = {
-        f"{prefix}/baseline/leakage": report.baseline_leakage,
-        f"{prefix}/baseline/mis": report.baseline_mis,
+        f"{_head(prefix)}baseline/leakage": report.baseline_leakage,
+        f"{_head(prefix)}baseline/mis": report.baseline_mis,
     }
     if math.isfinite(report.baseline_pool_leakage):
-        out[f"{prefix}/baseline/pool_leakage"] = report.baseline_pool_leakage
+        out[f"{_head(prefix)}baseline/pool_leakage"] = report.baseline_pool_leakage
     for name, s in report.schemes.items():
-        base = f"{prefix}/{name}"
+        base = f"{_head(prefix)}{name}"
         vals: dict[str, Any] = {
             "leakage": s.leakage, "mis": s.mis, "pool_leakage": s.pool_leakage, "d_eff": s.d_eff,
             "zero_fraction": s.zero_fraction,
@@ -200,7 +205,7 @@ def _publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], step
         **(extra or {}),
     }, indent=2))
     for lg in loggers:
-        lg.log_metrics({f"{prefix}/failed": 1.0}, step=step)
+        lg.log_metrics({f"{_head(prefix)}failed": 1.0}, step=step)
         if hasattr(lg, "save"):
             lg.save()
     return path

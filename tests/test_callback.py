@@ -397,6 +397,43 @@ def mixing_loss(out, t):
     return ((out.unsqueeze(-1) - t) ** 2).mean(-1)
 
 
+def int_loss(o, t):
+    return ((o - t) ** 2).round().long()
+
+
+def nan_loss(o, t):
+    return (o - t) ** 2 * float("nan")
+
+
+def test_callback_arguments_are_checked_at_construction(tmp_path):
+    """Arguments that used to fail only after the whole training (or never): named at once."""
+    bad_file = tmp_path / "a_file"
+    bad_file.write_text("x")
+    cases = [
+        (dict(estimation_batch_size=-5), ValueError, r"estimation_batch_size must be None or an integer >= 1, got -5"),
+        (dict(estimation_batch_size=2.5), ValueError, r"estimation_batch_size must be None or an integer >= 1"),
+        (dict(estimation_batch_size=0), ValueError, r"estimation_batch_size must be None or an integer >= 1, got 0"),
+        (dict(utility_metrics={"acc": 3}), TypeError, r"utility_metrics\['acc'\] must be a torchmetrics Metric"),
+        (dict(dirpath=bad_file), ValueError, r"is an existing file, not a directory"),
+        (dict(prefix=None), TypeError, r"prefix must be a string"),
+    ]
+    for kw, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            MISCallback(SCHEMES, loss_fn=mse, **kw)
+    with pytest.raises(ValueError, match=r"scheme 'intx_weight_only_int4_g32' is listed twice "
+                                         r"\('int4_weight_only' is an alias of it\)"):
+        MISCallback(["int4_weight_only", "intx_weight_only_int4_g32"], loss_fn=mse)
+
+
+def test_empty_prefix_logs_keys_without_a_leading_slash(tmp_path):
+    from mis_lightning.tracking import report_metrics
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, prefix="", **FAST)
+    fit(tmp_path, Regressor, [cb], max_epochs=1)
+    keys = list(report_metrics(cb.report, ""))
+    assert "baseline/leakage" in keys and "rtn_int8/leakage" in keys and not any(k.startswith("/") for k in keys)
+
+
 def test_loss_and_params_mistakes_raise_before_training(tmp_path):
     """A reduced loss, a kept output dimension, [B] losses that mix the records, and a params=
     name the model does not have: each raises at the start of fit, naming the culprit (the
@@ -411,6 +448,10 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
         (dict(loss_fn=mixing_loss), ValueError,
          r"MISCallback: loss_fn mixing_loss is not per-sample: the loss of record 0 computed alone is"),
         (dict(loss_fn=mse, params=["net.0.wieght"]), KeyError, r"params not in the model: \['net.0.wieght'\]"),
+        (dict(loss_fn=int_loss), ValueError, r"MISCallback: loss_fn int_loss returned int64 losses: per-sample "
+                                             r"losses must be floating point"),
+        (dict(loss_fn=nan_loss), ValueError, r"MISCallback: loss_fn nan_loss returned non-finite losses \(NaN or "
+                                             r"inf\) for 32 of 32 records"),
     ]
     for i, (kw, err, msg) in enumerate(cases):
         cb = MISCallback(SCHEMES, strict=False, **kw)
@@ -562,3 +603,38 @@ def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_train
             assert "SGD" in seen_at_start[0][0] and "(0.1)" in seen_at_start[0][0]
         assert cb.report.estimation["weight_decay"] == (wd or 0.0)
         assert json.loads(cb.report_path.read_text())["estimation"]["weight_decay"] == (wd or 0.0)
+
+
+def test_records_counted_are_those_the_training_draws_from(tmp_path):
+    """A sampler over part of the dataset (a train split by index) and ``limit_train_batches``
+    on an unshuffled loader: n is the records the training used, not the dataset's length (the
+    callback counted non-members as members); a shuffled, limited loader is said in the report."""
+    from torch.utils.data import SubsetRandomSampler
+
+    train, val = loaders(n_train=120)
+    ds = train.dataset
+    sub = DataLoader(ds, batch_size=16, sampler=SubsetRandomSampler(list(range(20, 100))))
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "a", Regressor, [cb], max_epochs=1, data=(sub, val))
+    assert cb.report.n == 80
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "b", Regressor, [cb], max_epochs=1, data=(DataLoader(ds, batch_size=16), val),
+        limit_train_batches=3)
+    assert cb.report.n == 48 and not any("limit_train_batches" in w for w in cb.report.warnings)
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "c", Regressor, [cb], max_epochs=1, data=(DataLoader(ds, batch_size=16, shuffle=True), val),
+        limit_train_batches=3)
+    assert cb.report.n == 120
+    assert any("limit_train_batches: each epoch trained on 3 of 8 batches" in w for w in cb.report.warnings)
+
+
+def test_every_mid_training_run_keeps_its_own_report_file(tmp_path):
+    """``val_check_interval=0.5``: two validation runs per epoch, each with its own copy of the
+    report (named by epoch and step; the epoch alone let the second overwrite the first)."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0, dirpath=tmp_path / "r",
+                     **FAST)
+    fit(tmp_path, Regressor, [cb], max_epochs=1, val_check_interval=0.5)
+    steps = [h["step"] for h in cb.history]
+    assert len(steps) == 2 and steps[0] < steps[1]
+    names = sorted(p.name for p in (tmp_path / "r").glob("mis_report_epoch=*.json"))
+    assert names == [f"mis_report_epoch=0-step={s}.json" for s in steps]

@@ -79,10 +79,18 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
     ``16 eps`` absolute (see :meth:`PerSampleProgram.check_per_sample`).
 
     Raises:
-        ValueError: naming ``what`` (the loss, the outputs' and targets' shapes) and the first
-            record whose loss differs.
+        ValueError: naming ``what``: losses that are not floating point or not finite, or (with
+            the outputs' and targets' shapes) the first record whose loss differs.
     """
     k = min(int(losses.shape[0]), records)
+    if not losses.is_floating_point():
+        raise ValueError(f"{what} returned {str(losses.dtype).removeprefix('torch.')} losses: per-sample losses "
+                         "must be floating point (a loss computed on class indices or rounded?)")
+    bad = (~torch.isfinite(losses)).nonzero().reshape(-1)
+    if bad.numel():  # a NaN would also fail the comparison below, with a misleading message
+        raise ValueError(f"{what} returned non-finite losses (NaN or inf) for {bad.numel()} of {losses.shape[0]} "
+                         f"records (first: record {int(bad[0])}, {float(losses[bad[0]])}); the loss must be "
+                         "finite at the model's weights")
     tol = 1e-6 if losses.dtype == torch.float64 else 1e-4
     scale = float(losses[:k].abs().max()) if k else 0.0
     atol = tol * scale + 16 * torch.finfo(losses.dtype).eps * max(scale, 1.0) if losses.is_floating_point() else 0.0
