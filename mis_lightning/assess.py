@@ -599,9 +599,13 @@ def score_schemes(
             f"{diagnostics['gradient_norm_ratio']:.3g}): the M-estimator analysis may not apply"
         )
     if diagnostics.get("negative_curvature"):
+        flipped = diagnostics.get("negative_eigenvalues_flipped")
+        count = f" ({flipped} of {est.d} eigenvalues negative)" if flipped else ""
         report.warnings.append(
-            "the Hessian has negative curvature (not at a strict minimum); its eigenvalues were "
-            "replaced by their magnitudes (see diagnostics)"
+            f"the Hessian has negative curvature{count}: the weights are not at a strict minimum (a saddle "
+            "point, or training not converged); its eigenvalues were replaced by their magnitudes, so "
+            "the figures rest on a modified curvature: train to convergence (or add weight decay) before "
+            "reading them (see diagnostics)"
         )
     return report
 
