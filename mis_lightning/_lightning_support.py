@@ -8,6 +8,7 @@ Lightning utilities and the core, never on the other front ends.
 from __future__ import annotations
 
 import copy
+import itertools
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -92,6 +93,15 @@ def reloader(dl: Any, indices: list[int] | None, batch_size: int | None) -> Any:
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
 
 
+def _finite_len(obj: Any) -> int | None:
+    """``len(obj)`` when it is a finite integer, else None (no length, or an endless sampler)."""
+    try:
+        n = len(obj)
+    except TypeError:
+        return None
+    return int(n) if isinstance(n, int) else None
+
+
 def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | None]:
     """The dataset indices the training draws from, and a note for the report when that set
     is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
@@ -114,10 +124,15 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
             inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
             order = list(range(total)) if inner is None else [int(i) for i in iter(inner)]
             sampler = inner
-        elif batch_sampler is not None:
-            order = [int(i) for b in iter(batch_sampler) for i in b]
+        elif _finite_len(batch_sampler) is not None:  # one pass, at most its length (never an endless one)
+            order = [int(i) for b in itertools.islice(iter(batch_sampler), _finite_len(batch_sampler)) for i in b]
+        elif _finite_len(sampler) is not None:
+            order = [int(i) for i in itertools.islice(iter(sampler), _finite_len(sampler))]
         else:
-            order = [int(i) for i in iter(sampler)] if sampler is not None else list(range(total))
+            order = list(range(total))
+            if sampler is not None and not isinstance(sampler, (SequentialSampler, RandomSampler)):
+                notes.append(f"the training loader's {type(sampler).__name__} has no length: n counts every "
+                             "record of the dataset")
     replacement = isinstance(sampler, WeightedRandomSampler) or bool(getattr(sampler, "replacement", False))
     if replacement:
         notes.append(f"the training loader's {type(sampler).__name__} draws records with replacement (a "
@@ -125,7 +140,7 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
                      "n counts every record of the dataset")
         order = list(range(total))
     limit = getattr(trainer, "num_training_batches", float("inf"))
-    batches = len(dl) if hasattr(dl, "__len__") else None
+    batches = _finite_len(dl)
     if isinstance(limit, int) and batches is not None and limit < batches:
         shuffled = isinstance(sampler, RandomSampler) or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:

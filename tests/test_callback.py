@@ -638,3 +638,31 @@ def test_every_mid_training_run_keeps_its_own_report_file(tmp_path):
     assert len(steps) == 2 and steps[0] < steps[1]
     names = sorted(p.name for p in (tmp_path / "r").glob("mis_report_epoch=*.json"))
     assert names == [f"mis_report_epoch=0-step={s}.json" for s in steps]
+
+
+def test_training_records_of_samplers_without_length_or_with_replacement():
+    """An endless sampler is never iterated to its end (all records, with a note); a weighted
+    sampler with replacement counts all records, with a note; a subset sampler its subset."""
+    from torch.utils.data import Sampler, SubsetRandomSampler, WeightedRandomSampler
+
+    from mis_lightning._lightning_support import training_records
+
+    class Endless(Sampler):
+        def __iter__(self):
+            i = 0
+            while True:
+                yield i % 10
+                i += 1
+
+    class NoLimit:
+        num_training_batches = float("inf")
+
+    ds = TensorDataset(torch.randn(50, 2))
+    state = torch.get_rng_state()
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=5, sampler=Endless()))
+    assert len(idx) == 50 and "has no length" in note
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=5, sampler=WeightedRandomSampler(torch.ones(50), 50)))
+    assert len(idx) == 50 and "with replacement" in note
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=5, sampler=SubsetRandomSampler(range(5, 20))))
+    assert idx == list(range(5, 20)) and note is None
+    assert torch.equal(torch.get_rng_state(), state)  # reading the samplers drew nothing from the user's RNG
