@@ -587,11 +587,16 @@ def exact_box_mean_abs(
     # closed form. It shares U_C and Y_F with the exact score, so subtracting its error removes
     # most of the Monte Carlo noise (the outer draws are common to all records: without it the
     # mean over records keeps a ~1/sqrt(outer_draws) relative error; 2-3% measured).
+    # Every coarse weight pinned (kappa ~ 0: its box is wide against its sd, e.g. a 2-bit zero
+    # cell): the surrogate sees the fine weights only (the channel's kappa -> 0 limit), which
+    # the exact score then nearly equals; without it the raw mean kept the outer draws' common
+    # error (4% spread over seeds on a 4-weight OLS model).
     kc = k[coarse_index]
     on = kc > 1e-9  # a pinned coarse weight (kappa ~ 0) tells the channel nothing
-    if bool(on.any()):
+    if bool(on.any()) or fine_index.numel():
         vc = (1.0 - kc[on]) / kc[on]
-        Yc = Uc[:, on] + torch.randn(outer_draws, int(on.sum()), dtype=torch.float64, generator=generator) * vc.sqrt()
+        Yc = (Uc[:, on] + torch.randn(outer_draws, int(on.sum()), dtype=torch.float64, generator=generator) * vc.sqrt()
+              if bool(on.any()) else Uc[:, on])
         obs = torch.cat([Yc, Yf], 1)
         Rco = Rcc[on][:, on] + torch.diag(vc)
         Rcf_on = Rcf[on]
