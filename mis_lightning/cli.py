@@ -37,18 +37,26 @@ def main(cfg: DictConfig) -> Any:
     """Entry point of the ``mis-lightning`` console script (one Hydra job).
 
     A configuration mistake found before training (a misspelled scheme, an invalid option, a
-    missing checkpoint) prints its message alone and exits with status 2; any later failure
-    keeps Hydra's traceback (exit status 1)."""
-    from mis_lightning.app.job import run_job
+    scheme this machine cannot run, a missing checkpoint), or a plan budget no candidate can
+    meet, prints its message alone and exits with status 2; any other failure keeps Hydra's
+    traceback (exit status 1)."""
+    from mis_lightning.app.job import run_job, user_error
+    from mis_lightning.planning import PlanInfeasibleError
+    from mis_lightning.quantization.base import SchemeError
 
     try:
         return run_job(cfg)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as exc:
-        if getattr(exc, "mis_lightning_stage", None) != "configuration":
+    except Exception as raised:
+        exc = user_error(raised)  # Hydra's InstantiationException: the config class's own error
+        infeasible = isinstance(exc, PlanInfeasibleError)
+        if not infeasible and (getattr(raised, "mis_lightning_stage", None) != "configuration" or not isinstance(
+                exc, (KeyError, ValueError, TypeError, FileNotFoundError, SchemeError))):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"mis-lightning: configuration error ({type(exc).__name__}): {msg}\n"
-              "  nothing was trained; the failed job is recorded in its result.json", file=sys.stderr)
+        what = "plan budget" if infeasible else "configuration error"
+        done = "no plan was released" if infeasible else "nothing was trained"
+        print(f"mis-lightning: {what} ({type(exc).__name__}): {msg}\n"
+              f"  {done}; the failed job is recorded in its result.json", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -163,6 +163,11 @@ class PlanPoint:
                 "bits_per_weight": r.bits_per_weight, "interval": r.interval}
 
 
+class PlanInfeasibleError(ValueError):
+    """No plan over the candidates meets the budget (the message names the budget that cannot
+    be reached and the nearest reachable value)."""
+
+
 @dataclasses.dataclass
 class PlanResult:
     """What :func:`plan` returns.
@@ -176,6 +181,9 @@ class PlanResult:
         float_utility: the float model's utility metric; ``metric``: its name.
         budget: the budgets used; ``warnings``: where a re-assessed value misses its budget.
         seconds: wall time per step; ``lower_is_better``: the metric's direction.
+        within_budget: whether the chosen plan meets the budget once re-assessed (a search
+            choice that misses it gives way to the best re-assessed plan that meets it; False
+            when none does).
     """
 
     scheme: MixedPrecisionScheme
@@ -189,6 +197,7 @@ class PlanResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     lower_is_better: bool = True
+    within_budget: bool = True
 
     @property
     def leakage(self) -> float:
@@ -269,8 +278,10 @@ class PlanResult:
             goal = "the fewest bits with MIS >= target_mis" if self.budget.get("target_mis") is not None \
                 else "the least leakage"
             beats = self.dominated_uniform()
+            where = "within the budget" if self.within_budget else \
+                "by the search's proxy, OUTSIDE the budget once re-assessed (see the warnings)"
             lines.append(f"\nchosen: {self.chosen.name} ({', '.join(f'{k}={v}' for k, v in self.chosen.choices.items())}),"
-                         f" {goal} within the budget: leakage {c['leakage']:.4g}, {m} {c['utility']:.4g}, "
+                         f" {goal} {where}: leakage {c['leakage']:.4g}, {m} {c['utility']:.4g}, "
                          f"{c['bits_per_weight']:.3g} bits per weight"
                          + (f"; strictly better (leakage, {m} and size) than {', '.join(beats)}" if beats else ""))
         lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
@@ -283,7 +294,8 @@ class PlanResult:
         """Plain types (JSON): the chosen plan, the rows, the frontier, budget, warnings, times."""
         return {"scheme": self.scheme.describe(), "metric": self.metric, "float_utility": self.float_utility,
                 "budget": dict(self.budget), "leakage": self.leakage, "mis": self.mis, "utility": self.utility,
-                "bits_per_weight": self.bits_per_weight, "dominated_uniform": self.dominated_uniform(),
+                "bits_per_weight": self.bits_per_weight, "within_budget": self.within_budget,
+                "dominated_uniform": self.dominated_uniform(),
                 "rows": self.rows(),
                 "frontier": [{"choices": p.choices, "predicted_leakage": p.leakage, "predicted_utility": p.utility,
                               "bits_per_weight": p.bits_per_weight} for p in self.frontier],
@@ -665,7 +677,7 @@ def plan(
 
     feasible = [i for i in range(len(keys)) if _meets(pts[i], cfg)]
     if not feasible:
-        raise ValueError(_infeasible_message(pts, cfg))
+        raise PlanInfeasibleError(_infeasible_message(pts, cfg))
     if cfg.target_mis is not None:  # smallest size, then least leakage
         best = min(feasible, key=lambda i: (pts[i][2], pts[i][0], pts[i][1]))
     else:  # least leakage, then least utility loss, then size
@@ -718,6 +730,31 @@ def plan(
                              f"search's proxy {p.leakage:.4g} by more than 2% (the pipeline used "
                              f"{p.result.method!r}{_requantized(p.result)}); the reported value is the "
                              "pipeline's")
+    # The search chose on the proxy; the budget is judged on the re-assessed release. A chosen
+    # plan that misses it gives way to the best re-assessed plan (mixed or uniform) that meets it.
+    within = True
+    rc = chosen.reassessed(metric)
+    if rc is not None and not math.isnan(rc["leakage"]) and _misses(rc, uloss(rc["utility"]), cfg):
+        ok = []
+        for p in [*to_assess, *uniform.values()]:
+            r = p.reassessed(metric)
+            if p is chosen or r is None or math.isnan(r["leakage"]) or _misses(r, uloss(r["utility"]), cfg):
+                continue
+            pt = (r["leakage"], uloss(r["utility"]), r["bits_per_weight"])
+            ok.append(((pt[2], pt[0], pt[1]) if cfg.target_mis is not None else pt, p))
+        if ok:
+            new = min(ok, key=lambda t: t[0])[1]
+            warnings_.append(f"the search's choice {chosen.name!r} misses the budget once re-assessed "
+                             f"({_misses(rc, uloss(rc['utility']), cfg)}); chosen instead: {new.name!r}, the best "
+                             "re-assessed plan within the budget")
+            scheme = (plan_schemes[to_assess.index(new)] if new in to_assess else MixedPrecisionScheme(
+                {g: calibrated[_index(cands, new.name)] for g in groups}, name="plan"))
+            chosen = new
+        else:
+            within = False
+            warnings_.append(f"no re-assessed plan meets the budget: the chosen {chosen.name!r} is the search's "
+                             "best by the proxy and misses it once re-assessed; loosen the budget, add candidates "
+                             "or raise reassess")
     for name, u in uniform.items():  # the proxy behind every frontier plan that uses this candidate
         r = u.reassessed(metric)
         if r is None or math.isnan(r["leakage"]) or abs(r["leakage"] - u.leakage) <= 0.02 * max(r["leakage"], 1e-12):
@@ -743,7 +780,7 @@ def plan(
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
-                      seconds=seconds, lower_is_better=lower)
+                      seconds=seconds, lower_is_better=lower, within_budget=within)
 
 
 def _requantized(result: SchemeResult | None) -> str:
@@ -791,7 +828,8 @@ def _infeasible_message(pts: list[tuple[float, float, float]], cfg: PlanConfig) 
     why = "; ".join(culprits) if culprits else (
         f"each budget alone is reachable (utility loss {best_ul:.4g}, {best_b:.4g} bits per weight, MIS "
         f"{best_mis:.4g}, each on its own) but no plan meets them together")
-    return (f"no plan over the candidates {list(map(str, cfg.candidates))} meets the budget "
+    names = [c if isinstance(c, str) else getattr(c, "name", str(c)) for c in cfg.candidates]
+    return (f"no plan over the candidates {names} meets the budget "
             f"(max_utility_loss={cfg.max_utility_loss}, max_bits={cfg.max_bits}, target_mis={cfg.target_mis}): "
             f"{why}; loosen it or add candidates")
 

@@ -410,6 +410,16 @@ def save_checkpoint(path: Path, model: pl.LightningModule, dm: Any, global_step:
     }, path)
 
 
+def user_error(exc: BaseException) -> BaseException:
+    """The error a user should read: Hydra's ``InstantiationException`` unwrapped to the
+    configured class's own error (``EstimationConfig``'s ValueError naming the option)."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any]:
     """Train, assess, write and log one job (see the module docstring). Returns a summary.
 
@@ -423,8 +433,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     stage = ["configuration"]
     try:
         return _run_job(cfg, stage)
-    except Exception as exc:
+    except Exception as raised:
         from mis_lightning.app.aggregate import write_failure
+
+        exc = user_error(raised)
 
         out = output_dir(cfg)
         names = cfg.get("output") or {}
@@ -435,11 +447,12 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
             model=str((cfg.get("model") or {}).get("_target_", "")).rsplit(".", 1)[-1],
         )
         if not _aggregated_multirun():
-            exc.mis_lightning_stage = stage[0]  # type: ignore[attr-defined]  # the CLI's short message
+            raised.mis_lightning_stage = stage[0]  # type: ignore[attr-defined]  # the CLI's short message
             raise
         import traceback
 
-        traceback.print_exc(file=sys.stderr)
+        if stage[0] != "configuration":  # a user's configuration mistake needs its message only
+            traceback.print_exc(file=sys.stderr)
         print(f"mis-lightning: job failed during {stage[0]}: {type(exc).__name__}: {exc}\n"
               f"  recorded in {path}; the sweep goes on, its aggregate lists this failure and "
               "the command exits with status 1", file=sys.stderr)
