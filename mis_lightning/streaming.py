@@ -421,5 +421,8 @@ class EstimationMetric(Metric):
         self._fresh = True
 
     def forward(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Update only, and return ``None`` (unlike torchmetrics' ``forward``, no value for the
+        batch: one would rerun the whole estimation and scoring at every step). Same arguments
+        as :meth:`update`."""
         self.update(*args, **kwargs)
 
