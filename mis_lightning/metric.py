@@ -125,7 +125,10 @@ class MISIndicator(EstimationMetric):
         KeyError: an unknown scheme or parameter name.
 
     ``forward(...)`` only updates (returns ``None``): a value per batch would rerun the whole
-    scoring each step.
+    scoring each step. ``compute()`` is nested (``{scheme: {figure: value, "layers": ...}}``):
+    for ``self.log_dict`` or a logger take the flat keys of
+    ``mis_lightning.tracking.report_metrics(metric.report, prefix)``; in a torchmetrics
+    ``MetricCollection`` the schemes become top-level keys (one MISIndicator per collection).
 
     Example:
 
