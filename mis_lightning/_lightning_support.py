@@ -120,9 +120,12 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
     sampler, batch_sampler = getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None)
     notes = []
     with rng_isolated():
+        distributed_shuffle, replicas = False, 1
         if isinstance(sampler, DistributedSampler):  # DDP: the user's sampler, if Lightning wrapped one
             inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
             order = list(range(total)) if inner is None else [int(i) for i in iter(inner)]
+            distributed_shuffle = inner is None and bool(getattr(sampler, "shuffle", False))
+            replicas = int(getattr(sampler, "num_replicas", 1))  # each rank trains on every replicas-th record
             sampler = inner
         elif _finite_len(batch_sampler) is not None:  # one pass, at most its length (never an endless one)
             order = [int(i) for b in itertools.islice(iter(batch_sampler), _finite_len(batch_sampler)) for i in b]
@@ -142,13 +145,13 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
     limit = getattr(trainer, "num_training_batches", float("inf"))
     batches = _finite_len(dl)
     if isinstance(limit, int) and batches is not None and limit < batches:
-        shuffled = isinstance(sampler, RandomSampler) or not isinstance(sampler, (SequentialSampler, type(None)))
+        shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:
             notes.append(f"limit_train_batches: each epoch trained on {limit} of {batches} batches of a shuffled "
                          f"loader (other records each epoch); n counts every record it can draw ({len(set(order))})")
         else:
             per_batch = getattr(dl, "batch_size", None) or max(1, len(order) // max(batches, 1))
-            order = order[: limit * per_batch]
+            order = order[: limit * per_batch * replicas]
     keep = sorted(set(order))
     return keep, ("; ".join(notes) or None)
 

@@ -666,3 +666,16 @@ def test_training_records_of_samplers_without_length_or_with_replacement():
     idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=5, sampler=SubsetRandomSampler(range(5, 20))))
     assert idx == list(range(5, 20)) and note is None
     assert torch.equal(torch.get_rng_state(), state)  # reading the samplers drew nothing from the user's RNG
+    # DDP (as Lightning sets it up): a plain DistributedSampler means every record; with
+    # limit_train_batches each of its replicas trains on its first batches of an interleaved order
+    from torch.utils.data import DistributedSampler
+
+    class Limit2:
+        num_training_batches = 2
+
+    for shuffle, n, noted in ((False, 20, False), (True, 50, True)):
+        dl = DataLoader(ds, batch_size=5, sampler=DistributedSampler(ds, num_replicas=2, rank=0, shuffle=shuffle))
+        idx, note = training_records(Limit2(), dl)
+        assert len(idx) == n and (note is not None) == noted
+        if not shuffle:
+            assert idx == list(range(20))
