@@ -102,6 +102,9 @@ def _finite_len(obj: Any) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
+_UNKNOWN = object()  # a custom batch sampler without a ``sampler`` attribute: its order is unknown
+
+
 def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | None]:
     """The dataset indices the training draws from, and a note for the report when that set
     is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
@@ -118,7 +121,11 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
         return None, None
     total = len(ds)
     sampler, batch_sampler = getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None)
+    custom_batches = batch_sampler is not None and getattr(dl, "batch_size", None) is None
+    if custom_batches:  # DataLoader(batch_sampler=...): dl.sampler is a placeholder; its own decides
+        sampler = getattr(batch_sampler, "sampler", _UNKNOWN)
     notes = []
+    batches_read: list[list[int]] | None = None
     with rng_isolated():
         distributed_shuffle, replicas = False, 1
         if isinstance(sampler, DistributedSampler):  # DDP: the user's sampler, if Lightning wrapped one
@@ -128,14 +135,15 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
             replicas = int(getattr(sampler, "num_replicas", 1))  # each rank trains on every replicas-th record
             sampler = inner
         elif _finite_len(batch_sampler) is not None:  # one pass, at most its length (never an endless one)
-            order = [int(i) for b in itertools.islice(iter(batch_sampler), _finite_len(batch_sampler)) for i in b]
-        elif _finite_len(sampler) is not None:
+            batches_read = [[int(i) for i in b] for b in itertools.islice(iter(batch_sampler), _finite_len(batch_sampler))]
+            order = [i for b in batches_read for i in b]
+        elif sampler is not _UNKNOWN and _finite_len(sampler) is not None:
             order = [int(i) for i in itertools.islice(iter(sampler), _finite_len(sampler))]
         else:
             order = list(range(total))
             if sampler is not None and not isinstance(sampler, (SequentialSampler, RandomSampler)):
-                notes.append(f"the training loader's {type(sampler).__name__} has no length: n counts every "
-                             "record of the dataset")
+                name = type(batch_sampler if sampler is _UNKNOWN else sampler).__name__
+                notes.append(f"the training loader's {name} has no length: n counts every record of the dataset")
     replacement = isinstance(sampler, WeightedRandomSampler) or bool(getattr(sampler, "replacement", False))
     if replacement:
         notes.append(f"the training loader's {type(sampler).__name__} draws records with replacement (a "
@@ -145,13 +153,16 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
     limit = getattr(trainer, "num_training_batches", float("inf"))
     batches = _finite_len(dl)
     if isinstance(limit, int) and batches is not None and limit < batches:
+        # the same records every epoch only when the order is fixed (a batch sampler of unknown
+        # make counts as shuffled)
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:
             notes.append(f"limit_train_batches: each epoch trained on {limit} of {batches} batches of a shuffled "
                          f"loader (other records each epoch); n counts every record it can draw ({len(set(order))})")
+        elif batches_read is not None:
+            order = [i for b in batches_read[:limit] for i in b]
         else:
-            per_batch = getattr(dl, "batch_size", None) or max(1, len(order) // max(batches, 1))
-            order = order[: limit * per_batch * replicas]
+            order = order[: limit * (getattr(dl, "batch_size", None) or 1) * replicas]
     keep = sorted(set(order))
     return keep, ("; ".join(notes) or None)
 
@@ -207,10 +218,21 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: float | No
     (``weight_decay=None`` and no ``weight_decay`` attribute on the module: the objective is
     then taken as unpenalised). Called once the optimizers exist (``on_train_start``; they do
     not at ``setup``)."""
-    if weight_decay is not None or getattr(pl_module, "weight_decay", None) is not None:
+    if weight_decay is not None:  # the user said it explicitly
         return
     decays = sorted({float(g.get("weight_decay", 0) or 0) for o in (trainer.optimizers or [])
                      for g in o.param_groups} - {0.0})
+    attr = getattr(pl_module, "weight_decay", None)
+    if attr is not None:  # the module's attribute is used: say so when the optimizer disagrees
+        if isinstance(attr, (int, float)) and decays and any(abs(w - float(attr)) > 1e-12 * max(w, 1.0)
+                                                            for w in decays):
+            names = ", ".join(type(o).__name__ for o in trainer.optimizers)
+            rank_zero_warn(
+                f"MISCallback: {type(pl_module).__name__}.weight_decay = {float(attr):g} (used as the L2 "
+                f"coefficient of the assessed objective) but the optimizer ({names}) applies weight decay "
+                f"{', '.join(f'{w:g}' for w in decays)}; pass MISCallback(weight_decay=...) with the "
+                "objective's coefficient to settle it")
+        return
     if decays:
         names = ", ".join(type(o).__name__ for o in trainer.optimizers)
         rank_zero_warn(
@@ -459,6 +481,9 @@ def check_callback_args(every_n_val_epochs: Any, loss_fn: Any, *, estimation_bat
             raise ValueError(f"{name} must be None or an integer >= 1, got {n!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses [B]")
+    if utility_metrics is not None and not isinstance(utility_metrics, Mapping):
+        raise TypeError(f"utility_metrics must be a mapping {{name: torchmetrics Metric}} (e.g. "
+                        f"{{'mae': torchmetrics.MeanAbsoluteError()}}), got {type(utility_metrics).__name__}")
     for key, m in (utility_metrics or {}).items():
         if not isinstance(m, (Metric, MetricCollection)):
             raise TypeError(f"utility_metrics[{key!r}] must be a torchmetrics Metric (e.g. "

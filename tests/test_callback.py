@@ -416,6 +416,7 @@ def test_callback_arguments_are_checked_at_construction(tmp_path):
         (dict(utility_metrics={"acc": 3}), TypeError, r"utility_metrics\['acc'\] must be a torchmetrics Metric"),
         (dict(dirpath=bad_file), ValueError, r"is an existing file, not a directory"),
         (dict(prefix=None), TypeError, r"prefix must be a string"),
+        (dict(utility_metrics=["mae"]), TypeError, r"utility_metrics must be a mapping \{name: torchmetrics Metric\}"),
     ]
     for kw, err, msg in cases:
         with pytest.raises(err, match=msg):
@@ -592,6 +593,16 @@ def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_train
             if not seen_at_start:
                 seen_at_start.append([str(w.message) for w in caught if "applies weight decay" in str(w.message)])
 
+    class Attr(DecayedRegressor):  # an attribute that disagrees with the optimizer: said too
+        weight_decay = 0.01
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "attr", Attr, [cb], max_epochs=1)
+    assert any("Attr.weight_decay = 0.01" in str(w.message) and "applies weight decay 0.1" in str(w.message)
+               for w in caught)
+    assert cb.report.estimation["weight_decay"] == 0.01
     for wd, expect in ((None, 1), (0.1, 0)):
         seen_at_start.clear()
         cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, weight_decay=wd, **FAST)
@@ -673,6 +684,13 @@ def test_training_records_of_samplers_without_length_or_with_replacement():
     class Limit2:
         num_training_batches = 2
 
+    # DataLoader(batch_sampler=...): its own sampler decides; the first `limit` batches it gives
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    dl = DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 8, False))
+    assert training_records(Limit2(), dl) == (list(range(16)), None)
+    idx, note = training_records(Limit2(), DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 8, False)))
+    assert len(idx) == 50 and "shuffled" in note
     for shuffle, n, noted in ((False, 20, False), (True, 50, True)):
         dl = DataLoader(ds, batch_size=5, sampler=DistributedSampler(ds, num_replicas=2, rank=0, shuffle=shuffle))
         idx, note = training_records(Limit2(), dl)
