@@ -25,7 +25,7 @@ from .assess import SchemeSpec, check_schemes, resolve_schemes, select_params
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
-from .planning import PlanConfig, PlanResult
+from .planning import PlanConfig, PlanResult, check_size_budget
 from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
@@ -142,6 +142,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             return
         check_float_model(pl_module)  # a torchao-quantized model: refuse before training
         select_params(pl_module, self.estimation_config.params)  # a misspelled params= name, too
+        if self.plan_config is not None:  # a size budget no plan can meet: before training
+            check_size_budget(pl_module, self.plan_config, self.estimation_config.params)
         # a scheme that cannot run here or on this model is an error row at the end (the
         # others are still scored): say so now, before the training it would follow
         self._scheme_problems = check_schemes(pl_module, resolve_schemes(self.schemes), strict=False,

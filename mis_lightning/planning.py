@@ -54,6 +54,7 @@ from .assess import (
     resolve_schemes,
     run_estimation,
     score_schemes,
+    select_params,
 )
 from .config import (
     DEFAULT_CHUNK,
@@ -553,6 +554,8 @@ def plan(
         raise ValueError("plan() needs val_dataloader= (or utility_fn=): the utility cost of each "
                          "candidate per layer is measured on held-out data")
     cands = resolve_schemes(cfg.candidates)
+    if estimate is None:  # a size budget no plan can meet: said before the estimation pass
+        check_size_budget(model, cfg, est_cfg.params)
     if utility_fn is None and cfg.utility_metric != "loss" and cfg.utility_metric not in (metrics or {}):
         # before the estimation pass: evaluate_utility reports "loss" and the metrics given
         raise ValueError(f"PlanConfig.utility_metric {cfg.utility_metric!r} is not among the measured "
@@ -781,6 +784,42 @@ def plan(
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
                       seconds=seconds, lower_is_better=lower, within_budget=within)
+
+
+def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) -> None:
+    """Raise before any training or estimation when ``config.max_bits`` is below the fewest
+    bits per weight any plan over the candidates reaches: each assessed parameter at its
+    smallest candidate (bits per weight depend on the shapes and the schemes, not on the
+    trained values). A no-op without ``max_bits``.
+
+    Raises:
+        PlanInfeasibleError: naming the budget and the fewest reachable bits per weight.
+        KeyError / ValueError: an unknown candidate or parameter (``params``: as ``assess``).
+    """
+    if config.max_bits is None:
+        return
+    names = select_params(model, params)
+    named = dict(model.named_parameters())
+    floats = {n: (torch.finfo(named[n].dtype).bits if named[n].is_floating_point() else 8 * named[n].element_size())
+              for n in names}
+    fewest = dict(floats)  # bits per weight of each parameter at its smallest candidate
+    for scheme in resolve_schemes(config.candidates):
+        try:
+            grids = scheme.apply(model, params=names).grids
+        except Exception:  # noqa: BLE001 - a candidate that cannot run here is the planner's error row
+            continue
+        for n, g in grids.items():
+            if n in fewest:
+                fewest[n] = min(fewest[n], float(g.bits_per_weight))
+    d = sum(named[n].numel() for n in names)
+    best = sum(fewest[n] * named[n].numel() for n in names) / max(d, 1)
+    if best > config.max_bits + 1e-9:
+        cands = [c if isinstance(c, str) else getattr(c, "name", str(c)) for c in config.candidates]
+        raise PlanInfeasibleError(
+            f"no plan over the candidates {cands} meets the budget (max_utility_loss={config.max_utility_loss}, "
+            f"max_bits={config.max_bits}, target_mis={config.target_mis}): max_bits={config.max_bits} is below the "
+            f"fewest reachable bits per weight {best:.4g} (every assessed parameter at its smallest candidate, "
+            "scales included); loosen it or add candidates")
 
 
 def _requantized(result: SchemeResult | None) -> str:

@@ -315,3 +315,28 @@ def test_chosen_plan_that_misses_its_budget_once_reassessed_gives_way(setup, mon
     assert res.leakage == min(ok)
     assert res.scheme.describe()["assignment"] == res.chosen.choices or res.chosen.name in res.uniform
     assert "within the budget" in res.table()
+
+
+def test_size_budget_no_plan_can_meet_fails_before_the_estimation_pass(setup, monkeypatch, tmp_path):
+    """Bits per weight depend on shapes and schemes only: ``max_bits`` below every plan's is
+    refused before the estimation pass (plan) and before training (the callback), with the
+    same fewest-bits figure the search would give."""
+    from mis_lightning import planning
+    from mis_lightning.planning import PlanInfeasibleError, check_size_budget
+
+    model, tr, va, est, _ = setup
+    with pytest.raises(PlanInfeasibleError) as late:
+        plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_bits=1.0, weight_decay=WD,
+             uncertainty_draws=0)
+    with pytest.raises(PlanInfeasibleError) as early:
+        check_size_budget(model, PlanConfig(candidates=CANDS, max_bits=1.0))
+    fewest = lambda e: float(str(e.value).split("fewest reachable bits per weight ")[1].split()[0].rstrip(";"))  # noqa: E731
+    assert fewest(early) == pytest.approx(fewest(late), rel=1e-3)
+
+    def no_estimation(*a, **k):
+        raise AssertionError("estimated before refusing the budget")
+
+    monkeypatch.setattr(planning, "run_estimation", no_estimation)
+    with pytest.raises(PlanInfeasibleError, match="max_bits=1.0 is below the fewest reachable bits per weight"):
+        plan(model, CANDS, tr, loss, val_dataloader=va, max_bits=1.0, weight_decay=WD)
+    check_size_budget(model, PlanConfig(candidates=CANDS, max_bits=32.0))  # reachable: no error

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from mis_lightning.app.factories import resolve_schemes
 from mis_lightning.assess import assess
 from mis_lightning.config import EstimationConfig, ScoringConfig
-from mis_lightning.planning import PlanConfig, PlanResult, plan
+from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, plan
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.report import Report, to_plain
@@ -504,6 +504,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             cfg.model, ckpt.get("hyper_parameters"), "model"))
         if ckpt is not None:
             _load_weights(model, ckpt, cfg)
+        if plan_cfg is not None:  # a size budget no plan can meet: before training
+            check_size_budget(model, plan_cfg, est_cfg.params)
         loggers = _build_loggers(cfg)
         trainer = None
         if ckpt is None:
