@@ -183,6 +183,21 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
         out.append(f"leakage above the unquantized baseline {base:.4g} for {which} (marked ! in the table): a "
                    f"quantized release cannot leak more than the float one, so these figures are not reliable "
                    f"here; {why}")
+    # Quantized weights, yet the correlated headline sits at the unquantized value (capped for
+    # the records) while the independent form drops: the correlation puts the leakage in
+    # directions no scheme hides, which a singular Hessian (flat directions) leaves unidentified.
+    indep_base = diagnostics.get("baseline_leakage_independent")
+    stuck = {k: r for k, r in report.schemes.items()
+             if not r.error and r.quantized_fraction > 0 and r.covariance in ("full", "factor")
+             and math.isfinite(r.leakage) and abs(r.leakage - base) <= 1e-3 * max(base, 1e-12)
+             and indep_base is not None and math.isfinite(r.leakage_independent)
+             and r.leakage_independent < float(indep_base) * (1 - CONSISTENCY_TOLERANCE)}
+    if stuck:
+        which = ", ".join(f"{k} (independent form {r.leakage_independent:.4g})" for k, r in sorted(stuck.items()))
+        out.append(f"the correlated headline of {which} equals the unquantized value {base:.4g} although their "
+                   f"weights are quantized (independent form of the baseline {float(indep_base):.4g}): the weights' "
+                   f"correlation puts the leakage in directions that no scheme hides ({cause}), so the headline "
+                   "does not rank these schemes: read it as an upper bound and compare leakage_independent")
     layers: dict[str, float] = {}
     for r in report.schemes.values():
         for name, lr in (r.layers or {}).items():

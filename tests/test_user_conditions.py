@@ -70,3 +70,48 @@ def test_more_weights_than_records_at_a_minimum_gives_a_report():
         assert not r.error and 0.0 <= r.leakage <= report.baseline_leakage * 1.02 + 1e-12
         assert r.interval is not None and r.interval[0] <= r.interval[1]
     assert any("d / n = 1.7 is not small" in w for w in report.warnings)
+
+
+def test_headline_stuck_at_the_baseline_on_a_singular_hessian_is_warned():
+    """An embedding summed into a linear head, fitted by L-BFGS with weight decay: the model's
+    rotation symmetry (E A, h A^-T with A orthogonal, which the penalty keeps) leaves flat
+    directions. The correlated headline of int4 / int2 then sits at the unquantized value (capped
+    record by record) while their independent form drops 12-38%: the report must say the
+    headline does not rank them (it said nothing; a fresh user's finding)."""
+    torch.manual_seed(0)
+    n, V = 500, 20
+    tok = torch.randint(1, V, (n, 5))
+    y = torch.randn(V)[tok].sum(1) * 0.3 + 0.3 * torch.randn(n)
+
+    class E(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.h = nn.Embedding(V, 4), nn.Linear(4, 1)
+
+        def forward(self, t):
+            return self.h(self.e(t).sum(1)).squeeze(-1)
+
+    def mse(o, t):
+        return (o - t) ** 2
+
+    torch.manual_seed(1)
+    model = E()
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=300, history_size=50, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-14)
+
+    def closure():
+        opt.zero_grad()
+        obj = mse(model(tok), y).mean() + 0.5e-3 * sum(p.pow(2).sum() for p in model.parameters())
+        obj.backward()
+        return obj
+
+    for _ in range(3):
+        opt.step(closure)
+    rep = ml.assess(model, ["rtn_int4", "rtn_int2"], DataLoader(TensorDataset(tok, y), batch_size=100), mse,
+                    weight_decay=1e-3, uncertainty_draws=0)
+    base = rep.baseline_leakage
+    for k in ("rtn_int4", "rtn_int2"):
+        assert rep.schemes[k].leakage == pytest.approx(base, rel=1e-3)  # the condition itself
+        assert rep.schemes[k].leakage_independent < 0.9 * rep.diagnostics["baseline_leakage_independent"]
+    (w,) = [w for w in rep.warnings if w.startswith("the correlated headline of")]
+    assert "rtn_int2 (independent form" in w and "rtn_int4 (independent form" in w and "upper bound" in w
