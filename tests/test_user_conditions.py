@@ -115,3 +115,64 @@ def test_headline_stuck_at_the_baseline_on_a_singular_hessian_is_warned():
         assert rep.schemes[k].leakage_independent < 0.9 * rep.diagnostics["baseline_leakage_independent"]
     (w,) = [w for w in rep.warnings if w.startswith("the correlated headline of")]
     assert "rtn_int2 (independent form" in w and "rtn_int4 (independent form" in w and "upper bound" in w
+
+
+class _Bag(nn.Module):
+    """Token rows averaged into a linear head: ``nn.EmbeddingBag(mode="mean")`` or the same
+    map as ``nn.Embedding`` + ``mean(1)`` (``padding_idx`` on the latter)."""
+
+    def __init__(self, bag: bool, padding_idx=None):
+        super().__init__()
+        torch.manual_seed(3)
+        self.e = nn.EmbeddingBag(12, 3, mode="mean") if bag else nn.Embedding(12, 3, padding_idx=padding_idx)
+        self.h = nn.Linear(3, 1)
+        self.bag = bag
+
+    def forward(self, t):
+        z = self.e(t) if self.bag else self.e(t).mean(1)
+        return self.h(z).squeeze(-1)
+
+
+def _bag_data():
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(1, 12, (300, 4), generator=g)
+    return tok, torch.randn(300, generator=g)
+
+
+def test_embedding_padding_idx_gets_a_symmetric_exact_hessian():
+    """torch's forward AD of an embedding ignores ``padding_idx``, so the forward-over-reverse
+    Hessian was asymmetric and read negative curvature that is not there (a fresh user's
+    finding: 4 'negative eigenvalues' on a positive definite objective). Assessed on the table
+    alone (head fixed) the objective is quadratic: the Hessian must be positive semi-definite."""
+    tok, y = _bag_data()
+    tok[:, 0] = 0  # every record holds the padding token
+    model = _Bag(bag=False, padding_idx=0)
+
+    def mse(o, t):
+        return (o - t) ** 2
+
+    rep = ml.assess(model, ["rtn_int8"], DataLoader(TensorDataset(tok, y), batch_size=100), mse,
+                    params=["e.weight"], estimation="exact", weight_decay=1e-3, uncertainty_draws=0)
+    assert rep.diagnostics.get("negative_eigenvalues_flipped", 0) == 0
+    assert rep.diagnostics["hessian_min_eigenvalue"] >= -1e-9
+    assert not any("negative curvature" in w for w in rep.warnings)
+
+
+def test_embedding_bag_without_second_derivative_uses_the_gauss_newton_hessian():
+    """``nn.EmbeddingBag`` has no second derivative in torch (the exact Hessian raised a raw
+    NotImplementedError, also in diagonal mode): the Gauss-Newton Hessian takes its place, said
+    in the estimator's reason. With the head fixed the model is linear in the table, so the two
+    Hessians coincide: the figures must equal the same map built from nn.Embedding + mean."""
+    tok, y = _bag_data()
+
+    def mse(o, t):
+        return (o - t) ** 2
+
+    loader = DataLoader(TensorDataset(tok, y), batch_size=100)
+    out = {}
+    for bag in (True, False):
+        model = _Bag(bag=bag)
+        out[bag] = ml.assess(model, ["rtn_int8"], loader, mse, params=["e.weight"], estimation="exact",
+                             weight_decay=1e-3, uncertainty_draws=0, strict=False)
+    assert "Gauss-Newton Hessian J'LJ in its place" in out[True].estimation["reason"]
+    assert out[True].baseline_leakage == pytest.approx(out[False].baseline_leakage, rel=1e-6)

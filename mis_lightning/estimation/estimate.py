@@ -800,9 +800,27 @@ class MomentAccumulator:
         return torch.cat([J.reshape(b, -1), L.reshape(b, -1).to(torch.float64)], 1)
 
     def _update_exact_hessian(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
-        """The batch's autograd Hessian: whole (exact mode) or its diagonal."""
+        """The batch's autograd Hessian: whole (exact mode) or its diagonal. A layer without a
+        second derivative in torch (``EmbeddingBag``) gets the Gauss-Newton Hessian ``J' L J``
+        instead (first derivatives of the model only), said in the estimator's reason."""
         dev = st["g_sum"].device
-        H_b = _batch_hessian(self.program, inputs, targets, self.names, self.offsets, self.d).to(dev)
+        H_b = None
+        if not getattr(self, "_no_second_derivative", False):
+            try:
+                H_b = _batch_hessian(self.program, inputs, targets, self.names, self.offsets, self.d)
+            except (NotImplementedError, RuntimeError) as exc:
+                if "derivative for" not in str(exc) or "not implemented" not in str(exc):
+                    raise
+                self._no_second_derivative = True
+                self.reason = (f"{self.reason}; the exact Hessian is unavailable ({exc}): the Gauss-Newton "
+                               "Hessian J'LJ in its place (equal at a minimum of a well-specified model)")
+                self.estimator = self.estimator.replace("exact Hessian diagonal", "Gauss-Newton Hessian diagonal")
+                if self.mode == "exact":
+                    self.estimator = "exact sandwich (Gauss-Newton Hessian, per-sample gradients)"
+                log.info("estimation: %s (%s)", self.estimator, self.reason)
+        if H_b is None:
+            H_b = _batch_gauss_newton(self.program, inputs, targets, self.names, self.d)
+        H_b = H_b.to(dev)
         if self.mode == "exact":
             st["H_sum"] += H_b
         else:
@@ -1297,7 +1315,43 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
         params = {k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names}
         return program.loss_fn(program.outputs(params, inputs), targets).sum()
 
-    return torch.func.hessian(f)(flat0).to(torch.float64).reshape(d, d)
+    # Forward-over-reverse first (the fastest); reverse-over-reverse where an op has no forward
+    # AD (EmbeddingBag, weight_norm's kernel) or gets it wrong: torch's forward AD of an
+    # embedding ignores padding_idx, which made the Hessian asymmetric (and a padding row read as
+    # negative curvature), so an asymmetric result is recomputed
+    try:
+        H = torch.func.hessian(f)(flat0)
+    except (NotImplementedError, RuntimeError) as exc:
+        if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
+            raise
+        H = None
+    if H is not None:
+        scale = float(H.abs().max()) if H.numel() else 0.0
+        tol = (1e-8 if H.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
+        if bool(((H - H.T).abs() > tol).any()):
+            H = None
+    if H is None:
+        import warnings
+
+        with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            H = torch.func.jacrev(torch.func.jacrev(f))(flat0)
+    return H.to(torch.float64).reshape(d, d)
+
+
+def _batch_gauss_newton(program: LossProgram, inputs: Any, targets: Any, names: list[str], d: int) -> Tensor:
+    """Gauss-Newton Hessian ``[d, d]`` of the batch's summed loss, ``sum_r J_r' L_r J_r``, from the
+    per-record output Jacobians (first derivatives of the model only)."""
+    import warnings
+
+    out_shape = program.output_shape(inputs)
+    with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        out, jac = program.output_jacobians(inputs)
+    e, L = program.loss_output_derivatives(out, targets, out_shape or ())
+    b, c = out.shape[0], out.reshape(out.shape[0], -1).shape[1]
+    J = torch.cat([jac[k].reshape(b, c, -1) for k in names], 2).to(torch.float64)
+    return torch.einsum("bcj,bce,bek->jk", J, L.to(torch.float64), J).reshape(d, d)
 
 
 def _hutchinson_probe(program: LossProgram, inputs: Any, targets: Any,
@@ -1312,5 +1366,8 @@ def _hutchinson_probe(program: LossProgram, inputs: Any, targets: Any,
     def total(p: dict[str, Tensor]) -> Tensor:
         return program.loss_fn(program.outputs(p, inputs), targets).sum()
 
-    _, hv = torch.func.jvp(torch.func.grad(total), (params,), (v,))
+    # H v by reverse-over-reverse (the vjp of the gradient; H is symmetric): forward AD is missing
+    # for some layers (EmbeddingBag) and wrong for others (an embedding's padding_idx)
+    _, vjp_fn = torch.func.vjp(torch.func.grad(total), params)
+    (hv,) = vjp_fn(v)
     return {k: v[k] * hv[k] for k in params}
