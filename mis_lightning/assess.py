@@ -565,6 +565,10 @@ def score_schemes(
         gen = torch.Generator().manual_seed(seed + 7919)
         result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
                                 rc=rc)
+        if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
+            result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
+                            "a singular weights' covariance); no figure")
+            failures[scheme.name] = result.error
         report.schemes[scheme.name] = result
     if rc is None and est.d > 1 and cfg.covariance == "auto":
         # Without a correlation model the headline is the diagonal form, which measured about
@@ -1545,7 +1549,12 @@ def _correlated_leakage(est: Estimate, prep: _Prepared, rc: F.correlated.RecordC
             draws = int(max(F.leakage.MIN_MC_DRAWS, min(draws, CORRELATED_MC_FLOPS // max(d * (d + R), 1))))
             mean_abs = rc.mc_mean_abs(W, kvec, idx, stats, draws, gen)
             cap = _unquantized_mean_abs(est, rc)
-            return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
+            if bool(torch.isfinite(mean_abs).all()):
+                return F.saturate(torch.minimum(mean_abs, cap) / (2 * math.sqrt(n)))
+            # a near-singular correlation (most of the Hessian's spectrum floored, d ~ n) can
+            # leave the jointly drawn cells without a finite value: the Gaussian form below
+            log.warning("correlated Monte Carlo form not finite for %d of %d records; using the Gaussian form",
+                        int((~torch.isfinite(mean_abs)).sum()), mean_abs.numel())
     # capped like the forms above: per record, no release leaks more than the unquantized one
     # (the two agree unless the Hessian is singular; the report warns then)
     cap = _unquantized_mean_abs(est, rc)

@@ -176,3 +176,24 @@ def test_embedding_bag_without_second_derivative_uses_the_gauss_newton_hessian()
                              weight_decay=1e-3, uncertainty_draws=0, strict=False)
     assert "Gauss-Newton Hessian J'LJ in its place" in out[True].estimation["reason"]
     assert out[True].baseline_leakage == pytest.approx(out[False].baseline_leakage, rel=1e-6)
+
+
+def test_rounding_eigenvalues_of_a_singular_psd_hessian_are_not_negative_curvature():
+    """A Gauss-Newton Hessian with d > rank is positive semi-definite; eigh reads its zero
+    eigenvalues as +-1e-16. Those are floored, not flipped: no negative-curvature flag (the
+    report warned "104 of 292 eigenvalues negative" on such a Hessian)."""
+    from mis_lightning.estimation.estimate import sandwich_compute
+
+    g = torch.Generator().manual_seed(0)
+    d, r, n = 40, 12, 200
+    J = torch.randn(r, d, dtype=torch.float64, generator=g)
+    H = J.T @ J / r                                   # rank 12 of 40
+    G = torch.randn(n, r, dtype=torch.float64, generator=g) @ J  # gradients in H's range
+    diag: dict = {}
+    sandwich_compute(G.T @ G / n, H, G.mean(0), G[:16], n, 1e-8, diag)
+    assert diag["hessian_min_eigenvalue"] < 0  # rounding below zero ...
+    assert diag["negative_eigenvalues_flipped"] == 0 and not diag["negative_curvature"]  # ... is no curvature
+    assert diag["eigenvalues_floored"] >= d - r
+    diag = {}
+    sandwich_compute(G.T @ G / n, H - 0.5 * torch.eye(d, dtype=torch.float64), G.mean(0), G[:16], n, 1e-8, diag)
+    assert diag["negative_curvature"] and diag["negative_eigenvalues_flipped"] >= d - r  # a real one still is

@@ -1129,7 +1129,10 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     evals, evecs = torch.linalg.eigh(H)
     lo, hi = float(evals[0]), float(evals[-1])
     floor = damping * max(abs(hi), 1e-300)
-    flipped = int((evals < 0).sum())
+    # eigh's own rounding (~d eps |max|): a singular PSD Hessian (a Gauss-Newton one with d > n)
+    # reads -1e-16 eigenvalues, which are zeros (floored), not negative curvature
+    rounding = 100 * H.shape[0] * torch.finfo(torch.float64).eps * max(abs(hi), 1e-300)
+    flipped = int((evals < -rounding).sum())
     floored = int((evals.abs() < floor).sum())
     # Indefinite or singular H (a model near a saddle, or a flat direction): shifting the
     # whole spectrum up to the floor would leave a near-zero eigenvalue and an unbounded
@@ -1139,7 +1142,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     diagnostics.update(
         hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
         hessian_condition=(hi / lo) if lo > 0 else math.inf,
-        negative_curvature=lo < 0, negative_eigenvalues_flipped=flipped,
+        negative_curvature=lo < -rounding, negative_eigenvalues_flipped=flipped,
         eigenvalues_floored=floored,
     )
     Hinv = (evecs / fixed) @ evecs.T
