@@ -344,3 +344,17 @@ def test_validate_false_skips_checks_only():
     c = cell_statistics(theta, sigma, b, validate=False)
     assert isinstance(c, CellStatistics)
     assert torch.equal(a.kappa, c.kappa) and torch.equal(a.prob, c.prob)
+
+
+def test_monte_carlo_form_is_finite_when_coordinates_have_no_cell_mass():
+    """Hypothesis found it: sigma = 0 with zero-width cells gives coordinates whose cells carry
+    no probability; their sampled cell means were the undefined mean of an empty cell (7e306)
+    and the Monte Carlo leakage NaN. They carry nothing: every method reads 0 here."""
+    theta = torch.zeros(5, dtype=F64)
+    sigma = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0], dtype=F64)
+    edges = torch.tensor([[1 / 6, 1 / 6], [0, 0], [0, 0], [-1 / 6, -1 / 6], [0, 0]], dtype=F64)
+    s = cell_statistics(theta, sigma, edges)
+    w = torch.randn(1, 5, dtype=F64, generator=torch.Generator().manual_seed(0)) * 3.0
+    for method in ("clt", "mc", "auto"):
+        leak = record_leakage(w, s, 2, method=method, mc_draws=256, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(leak).all() and float(leak.max()) <= float(baseline_leakage(w, 2).max())

@@ -216,7 +216,10 @@ def sample_cell_means(
     cdf = cdf / cdf[:, -1:].clamp_min(1e-300)
     u = torch.rand(prob.shape[0], mc_draws, dtype=prob.dtype, device=prob.device, generator=generator)
     k = torch.searchsorted(cdf.contiguous(), u.contiguous()).clamp_(max=prob.shape[1] - 1)
-    return torch.gather(stats.mean, 1, k).T
+    # a coordinate with no mass in its cells (sigma = 0 on a zero-width cell) carries nothing:
+    # its draws are 0, not the undefined mean of an empty cell
+    live = prob.sum(-1, keepdim=True) > 0
+    return torch.gather(torch.where(live, stats.mean, 0.0), 1, k).T
 
 
 @renamed_kwargs(w="influence", num_samples="mc_draws")

@@ -651,7 +651,7 @@ class QuantizationScheme(ABC):
         supported = [(f, a, m) for f, a, m in holders if a == "weight" and self.supports(m)]
         if not supported:
             f, a, m = holders[0] if holders else ("?", name, nn.Module())
-            also = ", convolutions, embeddings and attention projections" if self.flat_spec() is not None else ""
+            also = ", convolutions (Conv1d/2d/3d), embeddings (nn.Embedding) and attention projections" if self.flat_spec() is not None else ""
             return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
                     f"{self.name!r} quantizes the weights of {self.layers}{also} only)")
         if self.filter_fn is not None and not any(self.filter_fn(m, f) for f, _, m in supported):
