@@ -20,6 +20,7 @@ inequality is allowed the same ``1e-12`` slack for rounding in the ``diff^2 / p`
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -40,9 +41,12 @@ from mis_lightning.functional import (
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 F64 = torch.float64
 
+# Random examples locally (they find new edge cases: the empty-cell NaN above was one); the
+# same examples on CI (CI=true), so that a run of main does not fail on an example no change made.
 PROPERTY_SETTINGS = settings(
     max_examples=80,
     deadline=None,
+    derandomize=bool(os.environ.get("CI")),
     suppress_health_check=[HealthCheck.too_slow],
 )
 
