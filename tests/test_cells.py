@@ -41,9 +41,9 @@ from mis_lightning.functional import (
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 F64 = torch.float64
 
-# Random examples locally (they find new edge cases: test_monte_carlo_form_is_finite_when_coordinates_have_no_cell_mass
-# came from one); the
-# same examples on CI (CI=true), so that a run of main does not fail on an example no change made.
+# Random examples locally (they find new edge cases; the empty-cell test at the end of this file
+# came from one), the same examples on CI (CI=true): a run of main must not fail on an example
+# that no change made.
 PROPERTY_SETTINGS = settings(
     max_examples=80,
     deadline=None,
