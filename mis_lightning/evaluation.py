@@ -91,8 +91,21 @@ def evaluate_utility(
             count += int(losses.numel())
             if ms:
                 preds, tgt = output_transform(outputs, targets) if output_transform else (outputs, targets)
-                for m in ms.values():
-                    m.update(preds, tgt)
+                for name, m in ms.items():
+                    try:
+                        m.update(preds, tgt)
+                    except Exception as exc:  # name the metric and the fix, keep the cause
+                        got = type(preds).__name__ if not isinstance(preds, torch.Tensor) else f"shape {list(preds.shape)}"
+                        hint = "" if output_transform else (
+                            "; pass output_transform=(outputs, targets) -> (preds, target) to turn the model's "
+                            "outputs into what the metric takes")
+                        msg = (f"utility metric {name!r} ({type(m).__name__}) failed on the model's outputs "
+                               f"({got}): {exc}{hint}")
+                        try:
+                            named = type(exc)(msg)
+                        except Exception:  # noqa: BLE001 - an exception type with its own constructor
+                            named = RuntimeError(msg)
+                        raise named from exc
     finally:
         model.train(was_training)
     out = {"loss": total / max(count, 1)}

@@ -197,3 +197,27 @@ def test_rounding_eigenvalues_of_a_singular_psd_hessian_are_not_negative_curvatu
     diag = {}
     sandwich_compute(G.T @ G / n, H - 0.5 * torch.eye(d, dtype=torch.float64), G.mean(0), G[:16], n, 1e-8, diag)
     assert diag["negative_curvature"] and diag["negative_eigenvalues_flipped"] >= d - r  # a real one still is
+
+
+def test_utility_metric_that_cannot_read_the_outputs_is_named():
+    """A model with dict outputs and ``metrics=`` but no ``output_transform``: the metric's raw
+    ``AttributeError: 'dict' object has no attribute 'shape'`` now names the metric and the fix."""
+    import torchmetrics
+
+    from mis_lightning.evaluation import evaluate_utility
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return {"y": self.lin(x).squeeze(-1)}
+
+    dl = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8)), batch_size=4)
+    with pytest.raises(AttributeError, match=r"utility metric 'mae' \(MeanAbsoluteError\) failed on the model's "
+                                             r"outputs \(dict\): .*pass output_transform="):
+        evaluate_utility(M(), dl, lambda o, t: (o["y"] - t) ** 2, {"mae": torchmetrics.MeanAbsoluteError()})
+    out = evaluate_utility(M(), dl, lambda o, t: (o["y"] - t) ** 2, {"mae": torchmetrics.MeanAbsoluteError()},
+                           output_transform=lambda o, t: (o["y"], t))
+    assert set(out) == {"loss", "mae"}
