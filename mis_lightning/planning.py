@@ -48,6 +48,7 @@ from . import functional as F
 from .assess import (
     SchemeSpec,
     _correlated_leakage,
+    _dtype_bits,
     _grid_moments,
     _mc_leakage,
     _record_correlation,
@@ -611,7 +612,7 @@ def plan(
             progress("plan", done)
     for name in est.names:
         p = params[name]
-        float_bits[name] = (torch.finfo(p.dtype).bits if p.is_floating_point() else 8 * p.element_size()) * p.numel()
+        float_bits[name] = _dtype_bits(p) * p.numel()
     groups = [n for n in est.names if any(n in k for k in kappas)]
     if not groups:
         raise ValueError(f"no candidate ({[c.name for c in cands]}) quantizes any assessed parameter "
@@ -800,9 +801,7 @@ def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) 
         return
     names = select_params(model, params)
     named = dict(model.named_parameters())
-    floats = {n: (torch.finfo(named[n].dtype).bits if named[n].is_floating_point() else 8 * named[n].element_size())
-              for n in names}
-    fewest = dict(floats)  # bits per weight of each parameter at its smallest candidate
+    fewest = {n: float(_dtype_bits(named[n])) for n in names}  # bits per weight at its smallest candidate
     for scheme in resolve_schemes(config.candidates):
         try:
             grids = scheme.apply(model, params=names).grids

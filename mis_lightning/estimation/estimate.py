@@ -1334,8 +1334,6 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
         if bool(((H - H.T).abs() > tol).any()):
             H = None
     if H is None:
-        import warnings
-
         with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
             warnings.filterwarnings("ignore", message="There is a performance drop")
             H = torch.func.jacrev(torch.func.jacrev(f))(flat0)
@@ -1345,8 +1343,6 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
 def _batch_gauss_newton(program: LossProgram, inputs: Any, targets: Any, names: list[str], d: int) -> Tensor:
     """Gauss-Newton Hessian ``[d, d]`` of the batch's summed loss, ``sum_r J_r' L_r J_r``, from the
     per-record output Jacobians (first derivatives of the model only)."""
-    import warnings
-
     out_shape = program.output_shape(inputs)
     with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
         warnings.filterwarnings("ignore", message="There is a performance drop")
