@@ -121,8 +121,8 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
         return None, None
     total = len(ds)
     sampler, batch_sampler = getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None)
-    custom_batches = batch_sampler is not None and getattr(dl, "batch_size", None) is None
-    if custom_batches:  # DataLoader(batch_sampler=...): dl.sampler is a placeholder; its own decides
+    if batch_sampler is not None and getattr(dl, "batch_size", None) is None:
+        # DataLoader(batch_sampler=...): dl.sampler is a placeholder; the batch sampler's own decides
         sampler = getattr(batch_sampler, "sampler", _UNKNOWN)
     notes = []
     batches_read: list[list[int]] | None = None
@@ -130,7 +130,8 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
         distributed_shuffle, replicas = False, 1
         if isinstance(sampler, DistributedSampler):  # DDP: the user's sampler, if Lightning wrapped one
             inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
-            order = list(range(total)) if inner is None else [int(i) for i in iter(inner)]
+            order = list(range(total)) if inner is None else [  # Lightning requires its length
+                int(i) for i in itertools.islice(iter(inner), _finite_len(inner) or total)]
             distributed_shuffle = inner is None and bool(getattr(sampler, "shuffle", False))
             replicas = int(getattr(sampler, "num_replicas", 1))  # each rank trains on every replicas-th record
             sampler = inner
