@@ -221,3 +221,21 @@ def test_utility_metric_that_cannot_read_the_outputs_is_named():
     out = evaluate_utility(M(), dl, lambda o, t: (o["y"] - t) ** 2, {"mae": torchmetrics.MeanAbsoluteError()},
                            output_transform=lambda o, t: (o["y"], t))
     assert set(out) == {"loss", "mae"}
+
+
+def test_parametrized_weight_left_in_float_names_the_layer():
+    """weight_norm / spectral_norm keep the trained tensors in a ParametrizationList: the float
+    reason names the layer and the parametrization (it named the ParametrizationList type)."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(64, 3), torch.randn(64)
+
+    def mse(o, t):
+        return (o.squeeze(-1) - t) ** 2
+
+    rep = ml.assess(model.eval(), ["rtn_int8"], DataLoader(TensorDataset(x, y), batch_size=32), mse,
+                    uncertainty_draws=0)
+    why = rep.schemes["rtn_int8"].float_params["0.parametrizations.weight.original"]
+    assert why.startswith("parametrized weight of '0' (_SpectralNorm)")

@@ -651,6 +651,11 @@ class QuantizationScheme(ABC):
         supported = [(f, a, m) for f, a, m in holders if a == "weight" and self.supports(m)]
         if not supported:
             f, a, m = holders[0] if holders else ("?", name, nn.Module())
+            if type(m).__name__ == "ParametrizationList":  # torch.nn.utils.parametrize (weight_norm, spectral_norm)
+                layer = name.split(".parametrizations.")[0]
+                how = ", ".join(type(q).__name__ for q in m) if isinstance(m, nn.ModuleList) else "a parametrization"
+                return (f"parametrized weight of {layer!r} ({how}): the layer's weight is computed from it, "
+                        f"and scheme {self.name!r} quantizes plain layer weights only")
             also = ", convolutions (Conv1d/2d/3d), embeddings (nn.Embedding) and attention projections" if self.flat_spec() is not None else ""
             return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
                     f"{self.name!r} quantizes the weights of {self.layers}{also} only)")
