@@ -176,6 +176,11 @@ def test_embedding_bag_without_second_derivative_uses_the_gauss_newton_hessian()
                              weight_decay=1e-3, uncertainty_draws=0, strict=False)
     assert "Gauss-Newton Hessian J'LJ in its place" in out[True].estimation["reason"]
     assert out[True].baseline_leakage == pytest.approx(out[False].baseline_leakage, rel=1e-6)
+    # the bag's table is quantized over rows like an embedding's (it was left in float)
+    for bag in (True, False):
+        r = out[bag].schemes["rtn_int8"]
+        assert r.error is None and r.quantized_fraction == 1.0 and r.leakage <= r.baseline_leakage
+    assert out[True].schemes["rtn_int8"].leakage == pytest.approx(out[False].schemes["rtn_int8"].leakage, rel=1e-6)
 
 
 def test_rounding_eigenvalues_of_a_singular_psd_hessian_are_not_negative_curvature():

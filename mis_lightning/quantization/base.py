@@ -656,7 +656,7 @@ class QuantizationScheme(ABC):
                 how = ", ".join(type(q).__name__ for q in m) if isinstance(m, nn.ModuleList) else "a parametrization"
                 return (f"parametrized weight of {layer!r} ({how}): the layer's weight is computed from it, "
                         f"and scheme {self.name!r} quantizes plain layer weights only")
-            also = ", convolutions (Conv1d/2d/3d), embeddings (nn.Embedding) and attention projections" if self.flat_spec() is not None else ""
+            also = ", convolutions (Conv1d/2d/3d), embeddings (nn.Embedding, nn.EmbeddingBag) and attention projections" if self.flat_spec() is not None else ""
             return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
                     f"{self.name!r} quantizes the weights of {self.layers}{also} only)")
         if self.filter_fn is not None and not any(self.filter_fn(m, f) for f, _, m in supported):

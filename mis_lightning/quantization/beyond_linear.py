@@ -1,7 +1,7 @@
 """Quantization beyond ``nn.Linear``: convolutions, embeddings and attention projections.
 
 torchao's weight-only configs quantize ``nn.Linear`` layers (its default filter); a model's
-other weights -- ``Conv1d/2d/3d`` kernels, ``nn.Embedding`` tables, the packed
+other weights -- ``Conv1d/2d/3d`` kernels, ``nn.Embedding`` and ``nn.EmbeddingBag`` tables, the packed
 ``in_proj_weight`` (or ``q/k/v_proj_weight``) of ``nn.MultiheadAttention`` and its
 ``out_proj`` (a ``NonDynamicallyQuantizableLinear`` that torchao's filter excludes) -- would
 stay in float. The integer schemes (``int8_weight_only``, ``intx_weight_only_*``, ``rtn_*``)
@@ -40,6 +40,9 @@ from .base import ParamGrid, affine_grid, parameter_uses
 
 _NDQLinear = nn.modules.linear.NonDynamicallyQuantizableLinear
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# tables of rows (one per token / index): per-channel over rows; torchao's embedding path only
+# for nn.Embedding (its quantize_ filter), nn.EmbeddingBag through the library's RTN
+_EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     quantizes, in ``named_modules`` order."""
     out = []
     for fqn, m in model.named_modules():
-        if isinstance(m, _CONVS) or isinstance(m, nn.Embedding) or isinstance(m, _NDQLinear):
+        if isinstance(m, (*_CONVS, *_EMBEDDINGS, _NDQLinear)):
             out.append((fqn, m, "weight"))
         elif isinstance(m, nn.MultiheadAttention):
             for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
@@ -101,7 +104,7 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 def supports_beyond(module: nn.Module) -> bool:
     """Whether :func:`quantize_beyond_linear` quantizes a weight of this module."""
-    return isinstance(module, (*_CONVS, nn.Embedding, _NDQLinear, nn.MultiheadAttention))
+    return isinstance(module, (*_CONVS, *_EMBEDDINGS, _NDQLinear, nn.MultiheadAttention))
 
 
 def _layer_kind(module: nn.Module, attr: str) -> str:
