@@ -532,8 +532,10 @@ def plan(
 
     Raises:
         ValueError: no validation data, an unknown ``utility_metric``, no candidate quantizes
-            any assessed parameter, or no plan meets the budgets (the message gives the best
-            reachable values).
+            any assessed parameter.
+        PlanInfeasibleError: (a ValueError) no plan meets the budgets; the message gives the
+            best reachable values (a ``max_bits`` below every plan's size: before the
+            estimation pass).
         TypeError: an unknown keyword argument.
         KeyError: an unknown scheme name.
     """
