@@ -565,12 +565,16 @@ class _BatchTaps:
     x: dict[str, Any]
     go: dict[str, Any]
     cache: dict[str, dict[str, Tensor]]
+    # per record ``[b]``: the weight of the squared loss gradient ``(J' dl/do)^2`` in the exact
+    # Gauss-Newton diagonal (softmax cross-entropy, :meth:`LayerProgram._ce_directions`), else None
+    base_weight: Tensor | None = None
 
     def rows(self, rows: Any) -> _BatchTaps:
         """The taps of records ``rows`` (an index tensor or a slice)."""
         n = len(range(self.b)[rows]) if isinstance(rows, slice) else int(rows.numel())
         return _BatchTaps(n, _slice(self.x, rows), _slice(self.go, rows),
-                          {m: _slice(c, rows) for m, c in self.cache.items()})
+                          {m: _slice(c, rows) for m, c in self.cache.items()},
+                          None if self.base_weight is None else self.base_weight[rows])
 
     def numel(self) -> int:
         leaves = torch.utils._pytree.tree_leaves((self.x, self.go, self.cache))
@@ -809,7 +813,11 @@ class LayerProgram:
                     dirs = self._mc_directions(f.detach(), _cast(targets, self.dtype), L, lam, vec)
                     h2_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
                 else:
-                    dirs = [(vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1), lam[:, k].sign()) for k in keep]
+                    split = self._ce_directions(f.detach(), _cast(targets, self.dtype), L, rel * float(lam.abs().max()))
+                    if split is not None:  # dl/do is one direction: its squares come with batch_sums
+                        taps.base_weight, dirs = split
+                    else:
+                        dirs = [(vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1), lam[:, k].sign()) for k in keep]
                 for i, (vdir, sgn) in enumerate(dirs):
                     gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
@@ -839,6 +847,38 @@ class LayerProgram:
                     h_all[name] += (sq.T @ w[a:cc].to(sq.dtype)).to(f64)
                     if h2_all is not None:
                         h2_all[name] += sq.square_().sum(0).to(f64) / num ** 2
+
+    def _ce_directions(self, fd: Tensor, targets: Any, L: Tensor, floor: float
+                       ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]] | None:
+        """Softmax cross-entropy's exact Gauss-Newton factors with the loss gradient as one of
+        them: ``(w [B], [(a [B, C], sign [B]), ...])`` such that per record
+        ``L = w e e' + sum_k a_k a_k'`` (``e = dl/do = p - onehot(y)``), or ``None`` when the
+        batch's loss is not softmax cross-entropy on class labels (:meth:`_softmax_ce`).
+
+        ``L = diag(p) - p p'`` solves ``L x = e`` at ``x = -onehot(y) / p_y``, so
+        ``e' L^+ e = (1 - p_y) / p_y`` and ``L - e e' p_y / (1 - p_y)`` is positive
+        semi-definite of rank ``C - 2`` (the Schur complement of the ``e`` direction). The
+        squares of ``J' e`` are the per-sample gradients' own (formed anyway for the gradient
+        moments), so the exact diagonal costs ``C - 2`` backward passes and per-sample
+        products instead of ``C - 1``: one fewer for every class count (none at ``C = 2``).
+        Computed in float64 (``1 - p_y`` as ``sum_{c != y} p_c``: no cancellation); rest
+        directions with no eigenvalue above ``floor`` in the batch are dropped."""
+        if self._softmax_ce(fd, targets, L) is None:
+            return None
+        f64 = torch.float64
+        b, c = fd.shape
+        p = torch.softmax(fd.to(f64), -1)
+        hot = torch.nn.functional.one_hot(targets.long(), c).to(f64)
+        q = (p * (1 - hot)).sum(-1)  # 1 - p_y
+        w = torch.where(q > 0, (p * hot).sum(-1) / q.clamp_min(1e-300), torch.zeros_like(q))
+        e = p * (1 - hot) - hot * q.unsqueeze(-1)
+        rest = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2) - w.reshape(b, 1, 1) * e.unsqueeze(-1) * e.unsqueeze(-2)
+        lam, vec = torch.linalg.eigh(0.5 * (rest + rest.transpose(1, 2)))
+        lam = lam.clamp_min(0.0)
+        ones = torch.ones(b, dtype=fd.dtype)
+        dirs = [(vec[:, :, k] * lam[:, k].sqrt().unsqueeze(-1), ones) for k in range(2, c)
+                if float(lam[:, k].max()) > floor]
+        return w.to(fd.dtype), dirs
 
     def _mc_directions(self, fd: Tensor, targets: Any, L: Tensor, lam: Tensor, vec: Tensor
                        ) -> list[tuple[Tensor, Tensor]]:
@@ -949,14 +989,21 @@ class LayerProgram:
         taps, h_all, h2_all = fac
         s1 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         s2 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
-        for _, _, grads in self.iter_grads(taps):
+        bw = taps.base_weight  # the loss gradient's own share of the exact Gauss-Newton diagonal
+        for a, c, grads in self.iter_grads(taps):
             for n, v in grads.items():
                 if isinstance(v, _Sparse):
                     s1[n] += v.sum().to(acc)
-                    s2[n] += v.sum_sq().to(acc)
+                    sq = v.g.square()
+                    s2[n] += torch.zeros(v.shape, dtype=sq.dtype).index_add_(0, v.row, sq).reshape(-1).to(acc)
+                    if bw is not None:
+                        h_all[n].view(v.shape).index_add_(0, v.row, (sq * bw[a:c][v.sample].unsqueeze(-1)).to(torch.float64))
                 else:
                     s1[n] += v.sum(0).to(acc)
-                    s2[n] += v.square_().sum(0).to(acc)  # the chunk's own tensor, squared in place
+                    sq = v.reshape(c - a, -1).square_()  # the chunk's own tensor, squared in place
+                    s2[n] += sq.sum(0).to(acc)
+                    if bw is not None:
+                        h_all[n] += (sq.T @ bw[a:c].to(sq.dtype)).to(torch.float64)
         out = {n: (s1[n], s2[n], h_all[n].to(acc), None if h2_all is None else h2_all[n].to(acc))
                for n in self.names}
         norm = sum((s2[n].sum() for n in self.names), torch.zeros((), dtype=acc))
