@@ -786,7 +786,9 @@ class LayerProgram:
         Gauss-Newton diagonal sums ``{name: [numel]}`` float64 (zeros with ``ggn=False``) and,
         for the sampled-label estimate, a bound on their Monte Carlo variance (else ``None``).
 
-        ``k`` is ``rank(L)`` for the exact diagonal (:attr:`ggn_mode` ``"ggn"``) and
+        ``k`` is ``rank(L)`` for the exact diagonal (:attr:`ggn_mode` ``"ggn"``; ``rank(L) - 1``
+        for softmax cross-entropy, whose loss gradient is one direction, :meth:`_ce_directions`:
+        its share, :attr:`_BatchTaps.base_weight`, is added by :meth:`batch_sums`) and
         :attr:`mc_samples` for the Monte Carlo one (``"ggn_mc"``: per record, a direction
         ``a`` with ``E[a a'] = L``, see :meth:`_mc_directions`); ``"auto"`` takes the Monte
         Carlo one when ``rank(L) > GGN_EXACT_MAX_DIRECTIONS`` on the first batch and keeps
