@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._modelcopy import ModelCopyError, private_copy
 from ..config import DEFAULT_LEVERAGE_CORRECTION
@@ -1308,9 +1309,45 @@ def _dataset_size(loader: Any) -> int | None:
         return None
 
 
+# Floats of the batched intermediates one exact-Hessian chunk may hold: the d tangents of the
+# forward-over-reverse Hessian are taken this many at a time (all d at once held d copies of
+# every activation: a 835-weight CNN on a batch of 128 16x16 images asked for 26 GB)
+HESSIAN_CHUNK_FLOATS = 1 << 27  # 1 GiB in float64
+# forward-over-reverse holds about this many floats per tangent and forward intermediate
+# (the tangent, the saved activations of the reverse pass and its tangent)
+_HESSIAN_FLOATS_PER_ACTIVATION = 4
+
+
+class _CountFloats(TorchDispatchMode):
+    """Counts the floating elements every op of a forward pass produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                self.total += t.numel()
+        return out
+
+
+def hessian_chunk(f: Callable[[Tensor], Tensor], flat0: Tensor, budget: int = HESSIAN_CHUNK_FLOATS) -> int:
+    """Tangents per chunk of the exact Hessian of ``f`` at ``flat0`` ``[d]``: the floats of one
+    forward pass's intermediates (counted on one evaluation without grad) times
+    ``_HESSIAN_FLOATS_PER_ACTIVATION`` per tangent within ``budget`` floats; at least 1."""
+    counter = _CountFloats()
+    with torch.no_grad(), counter:
+        f(flat0)
+    per_tangent = _HESSIAN_FLOATS_PER_ACTIVATION * max(counter.total, 1)
+    return int(max(1, min(flat0.numel(), budget // per_tangent)))
+
+
 def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[str],
                    offsets: dict[str, tuple[int, int]], d: int) -> Tensor:
-    """Hessian ``[d, d]`` of the batch's summed loss in the flattened parameters."""
+    """Hessian ``[d, d]`` of the batch's summed loss in the flattened parameters, its tangents
+    :func:`hessian_chunk` at a time (memory bounded by ``HESSIAN_CHUNK_FLOATS``)."""
     shapes = {k: program.params[k].shape for k in names}
     flat0 = torch.cat([program.params[k].reshape(-1) for k in names])
 
@@ -1318,12 +1355,26 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
         params = {k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names}
         return program.loss_fn(program.outputs(params, inputs), targets).sum()
 
+    chunk = hessian_chunk(f, flat0)
+
+    def forward_over_reverse() -> Tensor:
+        if chunk >= d:
+            return torch.func.hessian(f)(flat0)
+        grad_f = torch.func.grad(f)
+        eye = torch.eye(d, dtype=flat0.dtype, device=flat0.device)
+
+        def column(v: Tensor) -> Tensor:  # H v
+            return torch.func.jvp(grad_f, (flat0,), (v,))[1]
+
+        # rows j of the stack are H e_j: the transpose of torch.func.hessian's layout
+        return torch.cat([torch.func.vmap(column)(eye[a: a + chunk]) for a in range(0, d, chunk)]).T
+
     # Forward-over-reverse first (the fastest); reverse-over-reverse where an op has no forward
     # AD (EmbeddingBag, weight_norm's kernel) or gets it wrong: torch's forward AD of an
     # embedding ignores padding_idx, which made the Hessian asymmetric (and a padding row read as
     # negative curvature), so an asymmetric result is recomputed
     try:
-        H = torch.func.hessian(f)(flat0)
+        H = forward_over_reverse()
     except (NotImplementedError, RuntimeError) as exc:
         if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
             raise
@@ -1336,7 +1387,7 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
     if H is None:
         with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            H = torch.func.jacrev(torch.func.jacrev(f))(flat0)
+            H = torch.func.jacrev(torch.func.jacrev(f), chunk_size=chunk if chunk < d else None)(flat0)
     return H.to(torch.float64).reshape(d, d)
 
 
