@@ -526,6 +526,11 @@ def _cast(tree: Any, dtype: torch.dtype) -> Any:
 # diag(p) - p p' to this (absolute; their entries are at most 1, float32 rounding ~1e-7)
 CE_TOLERANCE = 1e-4
 
+# The loss gradient carries the exact Gauss-Newton's direction e with weight w = p_y / (1 - p_y)
+# (LayerProgram._ce_directions) while w stays below this: 1 - p_y >= ~1e-6, where the float32
+# gradient's rounding (~6e-8 absolute) is a few % of e at most, as in diag(p) - p p' itself
+CE_BASE_WEIGHT_MAX = 1e6
+
 CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gradients (8 MiB in float64)
 
 
@@ -864,7 +869,10 @@ class LayerProgram:
         moments), so the exact diagonal costs ``C - 2`` backward passes and per-sample
         products instead of ``C - 1``: one fewer for every class count (none at ``C = 2``).
         Computed in float64 (``1 - p_y`` as ``sum_{c != y} p_c``: no cancellation); rest
-        directions with no eigenvalue above ``floor`` in the batch are dropped."""
+        directions with no eigenvalue above ``floor`` in the batch are dropped. ``None`` too
+        when a record is near-certain (``w > CE_BASE_WEIGHT_MAX``): its ``e``, the loss's own
+        gradient in the program's dtype, is then mostly rounding (``e = 0`` against an infinite
+        ``w`` in float32 past a logit gap of ~100), and the eigen-directions of ``L`` serve."""
         if self._softmax_ce(fd, targets, L) is None:
             return None
         f64 = torch.float64
@@ -872,7 +880,9 @@ class LayerProgram:
         p = torch.softmax(fd.to(f64), -1)
         hot = torch.nn.functional.one_hot(targets.long(), c).to(f64)
         q = (p * (1 - hot)).sum(-1)  # 1 - p_y
-        w = torch.where(q > 0, (p * hot).sum(-1) / q.clamp_min(1e-300), torch.zeros_like(q))
+        w = (p * hot).sum(-1) / q.clamp_min(1e-300)
+        if not bool((w <= CE_BASE_WEIGHT_MAX).all()):
+            return None
         e = p * (1 - hot) - hot * q.unsqueeze(-1)
         rest = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2) - w.reshape(b, 1, 1) * e.unsqueeze(-1) * e.unsqueeze(-2)
         lam, vec = torch.linalg.eigh(0.5 * (rest + rest.transpose(1, 2)))
