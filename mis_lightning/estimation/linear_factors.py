@@ -427,8 +427,8 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
         if wn:
             if len({tuple(t.shape) for t in (*x, *go)}) == 1:
                 # one batched product into [B, 3, E, E] (the q/k/v rows of in_proj_weight, in order)
-                out[wn] = torch.einsum("btko,btki->bkoi", torch.stack(list(go), 2),
-                                       torch.stack(list(x), 2)).reshape(b, -1)
+                xs = cache["xs"] if "xs" in cache else torch.stack(list(x), 2)
+                out[wn] = torch.einsum("btko,btki->bkoi", torch.stack(list(go), 2), xs).reshape(b, -1)
             else:  # cross-attention: keys/values of another length than the queries
                 out[wn] = torch.cat([torch.einsum("bto,bti->boi", gi, xi) for xi, gi in zip(x, go)], 1).reshape(b, -1)
         if bn:
@@ -558,6 +558,8 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
         else:
             shape = (1, -1, *([1] * (x.dim() - 2)))
             cache["xhat"] = (x - mod.running_mean.reshape(shape)) / (mod.running_var.reshape(shape) + mod.eps).sqrt()
+    elif "in_proj_weight" in names and isinstance(mod, _MHA) and len({tuple(t.shape) for t in x}) == 1:
+        cache["xs"] = torch.stack(list(x), 2)  # [B, T, 3, E]: the q/k/v inputs, stacked once per batch
     return cache
 
 
