@@ -30,7 +30,7 @@ from torch.utils.data import (
 from ._lightning_compat import trainer_package
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
-from .estimation.per_sample import check_record_losses
+from .estimation.per_sample import check_record_losses, check_record_outputs
 from .evaluation import evaluate_utility, to_device
 from .progress import ProgressDisplay
 from .report import Report
@@ -305,6 +305,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
                     # losses that mix records (outputs [B, 1] broadcast against targets [B]):
                     # the estimation would fail on them after the whole training
                     check_record_losses(loss_fn, outputs, targets, losses, f"MISCallback: {name}")
+                    check_record_outputs(pl_module, inputs, outputs, f"MISCallback: {type(pl_module).__name__}")
         finally:
             pl_module.train(was_training)
     shape = tuple(losses.shape) if isinstance(losses, Tensor) else None

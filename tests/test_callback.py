@@ -453,6 +453,8 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
                                              r"losses must be floating point"),
         (dict(loss_fn=nan_loss), ValueError, r"MISCallback: loss_fn nan_loss returned non-finite losses \(NaN or "
                                              r"inf\) for 32 of 32 records"),
+        (dict(loss_fn=mse), ValueError, r"MISCallback: BatchCentred: the model's output for record 0 computed alone "
+                                        r"differs from its row in the batch of 32"),
     ]
     for i, (kw, err, msg) in enumerate(cases):
         cb = MISCallback(SCHEMES, strict=False, **kw)
@@ -461,8 +463,15 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
         trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=str(tmp_path / str(i)))
         with pytest.raises(err, match=msg):
-            trainer.fit(Regressor(), train, val)
+            trainer.fit(BatchCentred() if "BatchCentred" in msg else Regressor(), train, val)
         assert trainer.global_step == 0  # raised before the first optimizer step
+
+
+class BatchCentred(Regressor):
+    """A forward that mixes the records of a batch (inputs centred by the batch mean)."""
+
+    def forward(self, x):
+        return super().forward(x - x.mean(0, keepdim=True))
 
 
 class _NoHook(HookRegressor):

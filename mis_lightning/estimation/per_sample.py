@@ -111,6 +111,57 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
             )
 
 
+def check_record_outputs(forward: Callable[[Any], Any], inputs: Any, outputs: Any, what: str,
+                         records: int = 2) -> None:
+    """Check that the model's outputs are per-record: ``forward`` on each of the first
+    ``records`` records of ``inputs`` alone must give that record's row of ``outputs`` (the
+    batch's), to the tolerances of :func:`check_record_losses` relative to the batch's largest
+    output. Per-sample gradients are taken on one record at a time; a forward that mixes the
+    records of a batch (centring by the batch mean, attention or pooling across the batch,
+    BatchNorm on batch statistics) makes them describe another function, and every figure
+    silently wrong. Skipped when a tensor of ``inputs`` or ``outputs`` does not hold the
+    records in dim 0 (its leading size is not the batch's): such layouts are not split by
+    record anywhere.
+
+    Raises:
+        ValueError: naming ``what``, the record and how far its output alone is from its row.
+    """
+    in_leaves = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, Tensor)]
+    out_leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, Tensor)]
+    if not in_leaves or not out_leaves or in_leaves[0].dim() == 0:
+        return
+    b = int(in_leaves[0].shape[0])
+    if b < 2 or any(t.dim() == 0 or t.shape[0] != b for t in in_leaves + out_leaves):
+        return
+    floats = [t for t in out_leaves if t.is_floating_point()]
+    if not floats:
+        return
+    dtype = floats[0].dtype
+    tol = 1e-6 if dtype == torch.float64 else max(1e-4, 8 * torch.finfo(dtype).eps)
+    scale = max(float(t.abs().max()) for t in floats)
+    atol = tol * scale + 16 * torch.finfo(dtype).eps * max(scale, 1.0)
+    for i in range(min(records, b)):
+        try:
+            one = forward(_rows(inputs, i))
+        except Exception:  # a model that needs more than one record (x.squeeze()): not this check's business
+            return
+        alone = [t for t in torch.utils._pytree.tree_leaves(one) if isinstance(t, Tensor)]
+        if len(alone) != len(out_leaves):
+            return
+        for a, o in zip(alone, out_leaves):
+            if not o.is_floating_point() or a.shape != o[i: i + 1].shape:
+                continue
+            gap = float((a.to(o.dtype) - o[i: i + 1]).abs().max())
+            if not gap <= atol:
+                raise ValueError(
+                    f"{what}: the model's output for record {i} computed alone differs from its row in the "
+                    f"batch of {b} (largest difference {gap:.3g}, outputs up to {scale:.3g}): the forward pass "
+                    "mixes the records of a batch (e.g. x - x.mean(0), normalisation or attention across the "
+                    "batch dimension). The indicator needs each record's output to depend on that record "
+                    "only (per-sample gradients are taken one record at a time); compute batch statistics "
+                    "in training only, or fix them as buffers for evaluation")
+
+
 def _rows(tree: Any, i: int) -> Any:
     """Record ``i`` of every tensor in a pytree, keeping a batch dimension of 1."""
     return torch.utils._pytree.tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) else t, tree)
@@ -223,6 +274,8 @@ class LossProgram:
                     "use reduction='none' and sum over output dimensions"
                 )
             check_record_losses(self.loss_fn, out, targets, losses, what, records)
+            check_record_outputs(lambda x: self.outputs(self.params, x), inputs, out,
+                                 f"model {type(self.model).__name__}")
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():
