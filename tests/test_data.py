@@ -383,9 +383,19 @@ def test_tdc_local_file(tmp_path):
     assert "SMILES" in dm.skipped[0][2]
     assert "missing value" in dm.skipped[1][2] and "line 21" in dm.skipped[1][2]
     assert dm.task == "regression"
+    # the inferred task is the saved one: Lightning merges the module's and the datamodule's
+    # hyperparameters and refused task None against the model's "regression" (the CLI crashed
+    # with data=tdc_admet data.path=...)
+    assert dm.hparams_initial["task"] == dm.hparams["task"] == "regression"
     n_valid = sum(len(getattr(dm, s)) for s in ("train_dataset", "val_dataset", "test_dataset"))
     assert n_valid == 38 and dm.n_train == 38 - 8 - 8
     assert 5.0 < dm.target_mean < 8.0
+    # a threshold without a task means binary (it was silently ignored)
+    thr = TDCADMETDataModule(path=str(TDC_SAMPLE), cache_dir=str(tmp_path), threshold=6.5)
+    with pytest.warns(SkippedRowsWarning):
+        thr.setup()
+    assert thr.task == "binary" and thr.hparams_initial["task"] == "binary"
+    assert set(thr.train_dataset.tensors[1].unique().tolist()) == {0.0, 1.0}
 
 
 @needs_rdkit

@@ -721,7 +721,8 @@ class TDCADMETDataModule(MoleculeDataModule):
         name: TDC dataset name (only used to download; also recorded in the hyperparameters).
         path: local TDC-format CSV, or ``None`` to download.
         task: ``"regression"``, ``"binary"`` or ``None`` to infer (``binary`` if all ``Y`` are
-            0/1). For ``binary`` with real-valued ``Y`` a ``threshold`` is required.
+            0/1 or a ``threshold`` is given; the inferred task is saved in the hyperparameters).
+            For ``binary`` with real-valued ``Y`` a ``threshold`` is required.
         download_dir: where PyTDC stores the download.
         Other arguments as in :class:`ChEMBLDataModule`.
 
@@ -774,5 +775,9 @@ class TDCADMETDataModule(MoleculeDataModule):
             records.add(row, "" if smi is None else str(smi).strip(), value, reason)
         if self.requested_task is None:
             ys = {t for t in records.targets if t is not None}
-            self.task = "binary" if ys and ys <= {0.0, 1.0} else "regression"
+            # a threshold only means something for a binary task: given, it decides
+            self.task = "binary" if self.threshold is not None or (ys and ys <= {0.0, 1.0}) else "regression"
+            # the saved hyperparameters hold the task the model is built for: Lightning refuses a
+            # module and a datamodule whose shared hyperparameters differ (task None vs "regression")
+            self.save_hyperparameters({"task": self.task})  # hparams and hparams_initial (logged, merged)
         return records, sources
