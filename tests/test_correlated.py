@@ -149,10 +149,11 @@ def test_factor_model_is_close_to_the_full_form():
         r = assess(m, ["none"], dl, _loss, estimation="exact", weight_decay=0.0, num_records=n,
                    uncertainty_draws=0, covariance=cov)
         out[cov] = r.baseline_leakage
-    # Cross-fitted (out-of-sample) Mahalanobis norms run above the in-sample full form (the
-    # inverse of a sample correlation of 200 records is biased up, Wishart: ~m / (m - d - 1)),
-    # measured +5% here; it must stay on the conservative side and within 8%.
-    assert out["full"] <= out["factor"] <= 1.08 * out["full"]
+    # Cross-fitted (out-of-sample) Mahalanobis norms of an inverted sample correlation of 200
+    # records run above the full form (Wishart: ~m / (m - d - 1)): +5% here before the factor
+    # model corrected it (inverse-Wishart scaling, Tyler's shape, left-out directions at their
+    # mean eigenvalue), -0.4% after; within 4% (the folds' own noise).
+    assert out["factor"] == pytest.approx(out["full"], rel=0.04)
 
 
 def test_covariance_option_errors_name_the_fix():
@@ -281,3 +282,30 @@ def test_exact_box_form_with_every_coarse_weight_pinned_keeps_a_control_variate(
                                                     generator=torch.Generator().manual_seed(seed))
         assert torch.all((value / exact - 1).abs() <= 2e-3), (seed, value / exact)
         assert torch.all(se <= 2e-3 * exact)
+
+
+@pytest.mark.parametrize("d,m,rho", [(64, 256, 0.0), (101, 512, 0.0), (101, 512, 0.5), (300, 256, 0.0), (8, 256, 0.9)])
+def test_factor_model_scores_new_records_without_inflation(d, m, rho):
+    """The cross-fitted factor model scores records it was not fitted on; its mean
+    ``sqrt(w' A^-1 w)`` must match the true correlation's. Influences with a per-record scale
+    (regression residuals, classifier errors multiply a record's whole influence). The old
+    model read 1.16 (d = 64: inverse-Wishart), 1.27-1.50 (d = 101 > rank 64: left-out
+    directions given ~sigma^2 / d) and 1.26 (d = 300 > m: heavy-tailed spectrum); a fresh user
+    measured the unquantized headline 15-80% above the exact estimator's. Tolerance: the
+    benchmark reads 0.98-1.08 over these settings (benchmarks/factor_correlation_bias.py)."""
+    g = torch.Generator().manual_seed(d + m)
+    idx = torch.arange(d)
+    R = rho ** (idx[:, None] - idx[None, :]).abs().double()
+    C = torch.linalg.cholesky(R)
+
+    def draw(k):
+        return (torch.randn(k, d, dtype=torch.float64, generator=g) @ C.T) * torch.randn(k, 1, dtype=torch.float64,
+                                                                                         generator=g)
+
+    ratios = []
+    for _ in range(2):
+        corr = F.correlated.Correlation.from_influences(draw(m), 64)
+        new = draw(2000)
+        truth = (new * torch.linalg.solve(R, new.T).T).sum(-1)
+        ratios.append(float(corr.quadratic(new).sqrt().mean() / truth.sqrt().mean()))
+    assert 0.94 <= sum(ratios) / 2 <= 1.10
