@@ -286,3 +286,44 @@ def test_exact_hessian_is_taken_in_chunks_of_tangents(padding_idx, monkeypatch):
     assert 1 <= chunks[0] < d
     torch.testing.assert_close(small, full, rtol=1e-10, atol=1e-12 * float(full.abs().max()))
     assert torch.allclose(full, full.T, atol=1e-10 * float(full.abs().max()))
+
+
+def test_weights_the_data_never_moves_carry_no_influence():
+    """A weight on a feature that is 0 for every record (a dead encoder unit under a trained
+    head) has Sigma_jj = 0 and psi_j = 0; the exact estimator's products with H^-1 left both at
+    rounding level (~1e-30) and their ratio gave influences of order 1 (a fresh user's frozen
+    MPNN head: 10 such weights raised the unquantized independent form from 0.0525 to 0.0635).
+    Here a tanh layer over 2 live and 2 dead inputs: the dead weights' influences and sigmas
+    must be exactly 0 (the old code gave them influences of order 1)."""
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    X = torch.cat([torch.randn(n, 2, dtype=torch.float64, generator=g), torch.zeros(n, 2, dtype=torch.float64)], 1)
+    y = torch.tanh(X[:, 0] - 0.5 * X[:, 1]) + 0.3 * torch.randn(n, dtype=torch.float64, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    wd = 1e-2
+
+    def mse(o, t):
+        return 0.5 * (o.squeeze(-1) - t) ** 2
+
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-16)
+
+    def closure():
+        opt.zero_grad()
+        loss = mse(model(X), y).mean() + 0.5 * wd * sum(p.square().sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    est = run_estimation(model, dl, mse, EstimationConfig(mode="exact", weight_decay=wd, num_records=n))
+    a, _ = est.offsets["0.weight"]
+    W1 = torch.arange(a, a + 12).reshape(3, 4)
+    dead = W1[:, 2:].reshape(-1)  # the weights on the two dead inputs
+    assert bool((est.influence[:, dead] == 0).all())
+    assert bool((est.sigma["0.weight"].reshape(3, 4)[:, 2:] == 0).all())

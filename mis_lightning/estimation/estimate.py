@@ -1153,9 +1153,15 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     Sigma = Hinv @ V @ Hinv
     Sigma = 0.5 * (Sigma + Sigma.T)
     sdiag = torch.diagonal(Sigma).clamp_min(0.0)
+    # Weights the data never moves (a head weight on a feature that is 0 for every record):
+    # their Sigma_jj and psi_j are rounding of the products with Hinv (~1e-30 against the
+    # others' ~1e-2), and rounding over rounding gave them influences of order 1, counted as
+    # leaking. Below the products' rounding floor they carry no influence.
+    floor = max(1e-12, 100 * Sigma.shape[0] * torch.finfo(torch.float64).eps) * float(sdiag.max().clamp_min(0.0))
+    sdiag = torch.where(sdiag > floor, sdiag, torch.zeros_like(sdiag))
     sigma = (sdiag / n).sqrt()
     psi = -C @ Hinv.T
-    w = psi / sdiag.clamp_min(1e-300).sqrt()
+    w = torch.where(sdiag > 0, psi / sdiag.clamp_min(1e-300).sqrt(), torch.zeros_like(psi))
     # The correlation of Sigma (the standardised units of ``w``) carries the covariance into the
     # headline (functional/correlated.py); |Sigma^{-1/2} psi| = sqrt(w' R^+ w) by an
     # eigendecomposition pseudo-inverse with a stated cutoff (lstsq's default driver gave
