@@ -524,6 +524,11 @@ class RunHistory:
                 "history": list(self.history), "last_error": self.last_error}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if getattr(self, "_stage", None) not in (None, "fit"):
+            # trainer.validate/test/predict(ckpt_path=...) restores callback states too: the
+            # checkpoint's runs are older than this callback's (its fit_end run would vanish
+            # from the history while the report stayed)
+            return
         self._state_loaded = True  # a state loaded by hand before fit survives the next setup
         self._val_epochs = int(state_dict.get("val_epochs", 0))
         self._last_step = state_dict.get("last_step")

@@ -138,6 +138,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     # -- when ---------------------------------------------------------------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         lt.check_trainer_package(type(self)._lightning_package, trainer)
+        self._stage = stage  # a checkpoint restored for validate/test/predict does not rewind the runs
         if stage != "fit":
             return
         check_float_model(pl_module)  # a torchao-quantized model: refuse before training
@@ -173,6 +174,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._val_epochs += 1
         if self._val_epochs % self.every_n_val_epochs == 0:
             self._run(trainer, pl_module, stage="validation")
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # a state restored from a checkpoint belongs to that run: the next fit (a finished
+        # checkpoint resumed skips on_train_start) starts clean
+        self._stage, self._state_loaded = None, False
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._last_step is not None and self._last_step == trainer.global_step and self.report is not None:

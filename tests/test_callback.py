@@ -706,3 +706,28 @@ def test_training_records_of_samplers_without_length_or_with_replacement():
         assert len(idx) == n and (note is not None) == noted
         if not shuffle:
             assert idx == list(range(20))
+
+
+def test_a_reused_callback_starts_clean_after_a_checkpoint_was_restored(tmp_path):
+    """Lightning restores callback states for every stage and skips on_train_start when a
+    resumed checkpoint's training is already finished; the restored-state flag then survived
+    into the next fit, which kept the old history and report (a fresh user's model B was never
+    assessed, its report not written). And trainer.test(ckpt_path=...) rewound the history to
+    the checkpoint's (its fit_end run vanished while the report stayed)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    ck = ModelCheckpoint(dirpath=tmp_path / "A", save_last=True)
+    trainer, module = fit(tmp_path / "A", Regressor, [cb, ck], max_epochs=2)
+    assert [h["stage"] for h in cb.history] == ["fit_end"]
+    trainer.validate(module, loaders()[1], ckpt_path=ck.last_model_path, verbose=False)
+    assert [h["stage"] for h in cb.history] == ["fit_end"]  # not rewound by the validate stage
+    # resume A from its finished checkpoint, then a fresh model B with the same callback
+    pl.seed_everything(0)
+    again = pl.Trainer(max_epochs=2, logger=False, callbacks=[cb], enable_progress_bar=False,
+                       enable_model_summary=False, default_root_dir=str(tmp_path / "A2"))
+    again.fit(Regressor(), *loaders(), ckpt_path=ck.last_model_path)
+    first = cb.report
+    fit(tmp_path / "B", lambda: Regressor(dropout=0.0), [cb], max_epochs=1)
+    assert cb.report is not first and str(tmp_path / "B") in str(cb.report_path)
+    assert len(cb.history) == 1 and cb.history[0]["step"] == 4  # B: 1 epoch of 4 batches
