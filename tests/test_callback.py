@@ -216,11 +216,15 @@ def test_mlflow_logger_if_available(tmp_path, monkeypatch):
     from pytorch_lightning.loggers import MLFlowLogger
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    lg = MLFlowLogger(experiment_name="mis", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    # a sqlite store keeps its artifacts in ./mlruns of the working directory unless told
+    # (they landed in the repository): artifact_location under tmp_path
+    lg = MLFlowLogger(experiment_name="mis", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                      artifact_location=(tmp_path / "artifacts").as_uri())
     cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path, Regressor, [cb], logger=lg, max_epochs=1)
     run = lg.experiment.get_run(lg.run_id)
     assert "mis/rtn_int4/leakage" in run.data.metrics
+    assert list((tmp_path / "artifacts").rglob("mis_report.json"))
 
 
 def test_failing_scheme_is_reported_and_training_kept(tmp_path):
