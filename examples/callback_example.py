@@ -81,7 +81,7 @@ def main(root: str | None = None, max_epochs: int = 30) -> Path:
     # the callback: per-sample loss of the objective's data term, its L2 coefficient, and a
     # cheap estimator (diagonal sandwich, Gauss-Newton Hessian diagonal) for this 161-weight MLP
     # (per-channel int4/int2: torchao's default per-group-32 needs layers 32 wide or more)
-    mis = MISCallback(["int8_weight_only", "int4_weight_only_per_channel", "int2_weight_only_per_channel"],
+    mis = MISCallback(["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int2"],
                       weight_decay=WEIGHT_DECAY,
                       estimation="diagonal", hessian="ggn",
                       loss_fn=per_sample_loss)
