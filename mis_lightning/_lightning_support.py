@@ -157,8 +157,9 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
         # the same records every epoch only when the order is fixed (a batch sampler of unknown
         # make counts as shuffled)
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
+        what = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else "limit_train_batches"
         if shuffled or replacement:
-            notes.append(f"limit_train_batches: each epoch trained on {limit} of {batches} batches of a shuffled "
+            notes.append(f"{what}: each epoch trained on {limit} of {batches} batches of a shuffled "
                          f"loader (other records each epoch); n counts every record it can draw ({len(set(order))})")
         elif batches_read is not None:
             order = [i for b in batches_read[:limit] for i in b]

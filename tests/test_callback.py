@@ -735,3 +735,13 @@ def test_a_reused_callback_starts_clean_after_a_checkpoint_was_restored(tmp_path
     fit(tmp_path / "B", lambda: Regressor(dropout=0.0), [cb], max_epochs=1)
     assert cb.report is not first and str(tmp_path / "B") in str(cb.report_path)
     assert len(cb.history) == 1 and cb.history[0]["step"] == 4  # B: 1 epoch of 4 batches
+
+
+def test_fast_dev_run_assesses_but_writes_nothing(tmp_path):
+    """Lightning's smoke test (fast_dev_run) writes no checkpoint and no log; the callback wrote
+    its report and figure anyway, with a note blaming limit_train_batches."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, dirpath=tmp_path / "mis", **FAST)
+    fit(tmp_path, Regressor, [cb], fast_dev_run=True)
+    assert cb.report is not None and cb.report_path is None
+    assert not (tmp_path / "mis").exists() or not any((tmp_path / "mis").iterdir())
+    assert all("limit_train_batches" not in w for w in cb.report.warnings)
