@@ -30,7 +30,14 @@ from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
 from .streaming import default_schemes
-from .tracking import FIGURE_NAME, REPORT_NAME, history_summary, publish_failure, publish_report  # noqa: F401
+from .tracking import (  # noqa: F401
+    FIGURE_NAME,
+    REPORT_NAME,
+    history_summary,
+    publish_failure,
+    publish_report,
+    report_metrics,
+)
 
 __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, needs `lightning`
 
@@ -222,6 +229,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     self.plan_result = self._plan(trainer, pl_module)
             self.report, self.last_error = report, None
             self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": history_summary(report)})
+            # the figures as callback metrics (every rank: ModelCheckpoint/EarlyStopping read them
+            # in on_validation_end, after this hook); they keep the last assessment's values
+            # between assessments (every_n_val_epochs)
+            for key, value in report_metrics(report, self.prefix).items():
+                trainer.callback_metrics[key] = torch.tensor(value)
             if zero and getattr(trainer, "fast_dev_run", False):
                 # Lightning's smoke test writes no checkpoint and no log: the assessment ran (it
                 # is part of what the smoke test checks) but nothing is written

@@ -745,3 +745,18 @@ def test_fast_dev_run_assesses_but_writes_nothing(tmp_path):
     assert cb.report is not None and cb.report_path is None
     assert not (tmp_path / "mis").exists() or not any((tmp_path / "mis").iterdir())
     assert all("limit_train_batches" not in w for w in cb.report.warnings)
+
+
+def test_assessed_figures_can_be_monitored(tmp_path):
+    """ModelCheckpoint/EarlyStopping(monitor="mis/<scheme>/mis") raised (the figures went to the
+    loggers only, never to trainer.callback_metrics): a user could not keep the most private
+    checkpoint."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, every_n_val_epochs=1, **FAST)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="mis/rtn_int8/mis", mode="max")
+    es = EarlyStopping(monitor="mis/rtn_int8/leakage", mode="min", patience=5)
+    trainer, _ = fit(tmp_path, Regressor, [cb, ck, es], max_epochs=2)
+    assert ck.best_model_path and float(ck.best_model_score) == pytest.approx(
+        max(h["summary"]["rtn_int8"]["mis"] for h in cb.history if h["stage"] == "validation"))
+    assert float(trainer.callback_metrics["mis/rtn_int8/leakage"]) == pytest.approx(cb.report.schemes["rtn_int8"].leakage)
