@@ -314,12 +314,19 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         got = f"shape {list(shape)}" if shape is not None else type(losses).__name__
         hint = ""
         if shape == ():
-            hint = " (a mean over the batch: use reduction='none')"
+            hint = (" (a scalar: a loss reduced over the batch, use reduction='none'; or one that read the "
+                    "batch as a single record, e.g. cross_entropy on outputs [B] without a class dimension"
+                    + (f"; here outputs {_shapes(outputs)}, targets {_shapes(targets)}" if not hook else "") + ")")
         elif shape is not None and b is not None and len(shape) == 2 and shape[0] == b and shape[1] == 1:
             hint = " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
         raise ValueError(
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
+
+
+def _shapes(tree: Any) -> str:
+    leaves = [list(t.shape) for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
+    return str(leaves[0]) if len(leaves) == 1 else str(leaves)
 
 
 def check_picklable(user: dict[str, Any]) -> None:

@@ -446,7 +446,9 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
     cases = [
         (dict(loss_fn=mean_loss), ValueError,
          r"MISCallback: loss_fn mean_loss returned shape \[\] for a batch of 32 records; "
-         r"it must return per-sample losses of shape \[32\] \(a mean over the batch: use reduction='none'\)"),
+         r"it must return per-sample losses of shape \[32\] \(a scalar: a loss reduced over the batch, use "
+         r"reduction='none'; or one that read the batch as a single record, e\.g\. cross_entropy on outputs \[B\] "
+         r"without a class dimension; here outputs \[32\], targets \[32\]\)"),
         (dict(loss_fn=column_loss), ValueError,
          r"MISCallback: loss_fn column_loss returned shape \[32, 1\] for a batch of 32 records; "
          r"it must return per-sample losses of shape \[32\] \(a trailing dimension of 1"),
