@@ -490,3 +490,22 @@ def test_tdc_fetch_success_path(monkeypatch, tmp_path):
         dm.setup()
     assert [r for r, _, _ in dm.skipped] == [0, 7]  # NaN Y, then the broken SMILES
     assert dm.task == "regression"
+
+
+@needs_rdkit
+def test_duplicated_smiles_are_warned(tmp_path):
+    """A molecule in two rows (here with different activities) is two records: n counts both
+    and the molecule is a member twice; it was kept without a word."""
+    from mis_lightning.data.molecules import DuplicateRecordsWarning
+
+    with open(TDC_SAMPLE, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["Y"]][:20]
+    path = tmp_path / "dup.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Drug_ID", "Drug", "Y"])
+        for r in rows + [dict(rows[0], Y=str(float(rows[0]["Y"]) + 1.0))]:
+            w.writerow([r["Drug_ID"], r["Drug"], r["Y"]])
+    dm = TDCADMETDataModule(path=str(path), cache_dir=str(tmp_path))
+    with pytest.warns(DuplicateRecordsWarning, match=r"1 SMILES appear in more than one row \(2 rows; 1 with different"):
+        dm.setup()

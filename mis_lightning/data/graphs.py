@@ -39,6 +39,7 @@ from mis_lightning.data.molecules import (
     _parse_smiles,
     _require_rdkit,
     usable_rows,
+    warn_duplicates,
 )
 
 __all__ = ["ATOM_FEATURES", "ChEMBLGraphDataModule", "GraphDataset", "NCITPSAGraphDataModule",
@@ -204,6 +205,7 @@ class _GraphMixin:
         sel = np.asarray([row_of[i] for i in keep], dtype=np.int64)
         g = {k: v[sel] for k, v in graphs.items()}
         y = np.asarray([records.targets[i] for i in keep], dtype=np.float64)
+        warn_duplicates([records.smiles[i] for i in keep], y, name)
         self.rows = np.asarray([records.rows[i] for i in keep], dtype=np.int64)
         self.smiles = [records.smiles[i] for i in keep]
         if self.task == "binary":  # type: ignore[has-type]

@@ -84,6 +84,29 @@ class SkippedRowsWarning(UserWarning):
     """Some input rows could not be used and were skipped (see ``dm.skipped``)."""
 
 
+class DuplicateRecordsWarning(UserWarning):
+    """The same SMILES appears in several kept rows (each copy is a record)."""
+
+
+def warn_duplicates(smiles: list[str], targets: np.ndarray, name: str) -> None:
+    """Warn (:class:`DuplicateRecordsWarning`) when a SMILES string appears in several kept
+    rows: each copy is a training record (``n`` counts them, and a molecule seen twice is a
+    member twice), and copies with different activities are a labelling question the data
+    module does not settle."""
+    seen: dict[str, list[float]] = {}
+    for smi, t in zip(smiles, targets.tolist()):
+        seen.setdefault(smi, []).append(t)
+    dup = {k: v for k, v in seen.items() if len(v) > 1}
+    if not dup:
+        return
+    differ = sum(1 for v in dup.values() if max(v) - min(v) > 1e-12 * max(1.0, max(abs(x) for x in v)))
+    first = next(iter(dup))
+    warnings.warn(f"{name}: {len(dup)} SMILES appear in more than one row ({sum(len(v) for v in dup.values())} "
+                  f"rows; {differ} with different activities; e.g. {first!r}): each copy is kept as its own "
+                  "record (n counts copies, and a duplicated molecule is a member twice); deduplicate the file "
+                  "if that is not intended", DuplicateRecordsWarning, stacklevel=3)
+
+
 def _require_rdkit() -> Any:
     """Import and return the ``rdkit`` module, with an actionable error when it is missing."""
     try:
@@ -461,6 +484,7 @@ class MoleculeDataModule(TensorDataModule):
 
         x = feats[[feat_row[i] for i in keep]].astype(np.float64)
         y = np.asarray([records.targets[i] for i in keep], dtype=np.float64)
+        warn_duplicates([records.smiles[i] for i in keep], y, name)
         self.rows = np.asarray([records.rows[i] for i in keep], dtype=np.int64)
         self.smiles = [records.smiles[i] for i in keep]
         if self.task == "binary":
