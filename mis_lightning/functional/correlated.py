@@ -146,7 +146,11 @@ class Correlation:
         if 2 * d <= m:
             for _ in range(TYLER_ITERATIONS):  # Tyler: weights d / (w' A^-1 w) at the fixed point
                 L, resid = _factor_fit(Ws * (d / norms).sqrt().unsqueeze(-1), rank, inflate=False)
-                norms = Correlation(factor=L, residual=resid.clamp_min(RCOND)).quadratic(Ws).clamp_min(1e-300)
+                # shrunk as the final model (a remainder near 0 made the Woodbury solve cancel
+                # ~1/remainder digits: 1e-7 differences between runs of the same records)
+                shrunk = Correlation(factor=L * math.sqrt(1.0 - FACTOR_SHRINKAGE),
+                                     residual=(1.0 - FACTOR_SHRINKAGE) * resid + FACTOR_SHRINKAGE)
+                norms = shrunk.quadratic(Ws).clamp_min(1e-300)
         X = Ws * (d / norms).sqrt().unsqueeze(-1)
         X = X * X.square().mean(0).clamp_min(1e-300).rsqrt()  # unit diagonal again
         L, resid = _factor_fit(X, rank, inflate=True)
