@@ -71,6 +71,15 @@ def _batch_size(tree: Any) -> int:
     return int(leaves[0].shape[0])
 
 
+def _record_tolerances(dtype: torch.dtype, scale: float) -> tuple[float, float]:
+    """``(rtol, atol)`` for a record computed alone against its row in the batch: the two round
+    differently (bf16/fp16, e.g. a "bf16-true" training, by up to a few eps), which a mixing of
+    records exceeds by far. ``1e-6`` relative in float64, ``max(1e-4, 8 eps)`` otherwise, and
+    an absolute ``rtol * scale + 16 eps * max(scale, 1)``."""
+    tol = 1e-6 if dtype == torch.float64 else max(1e-4, 8 * torch.finfo(dtype).eps)
+    return tol, tol * scale + 16 * torch.finfo(dtype).eps * max(scale, 1.0)
+
+
 def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor, what: str,
                         records: int = 8) -> None:
     """Check that ``losses [B]`` (``loss_fn(outputs, targets)``) are per-sample: ``loss_fn`` on
@@ -91,11 +100,8 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
         raise ValueError(f"{what} returned non-finite losses (NaN or inf) for {bad.numel()} of {losses.shape[0]} "
                          f"records (first: record {int(bad[0])}, {float(losses[bad[0]])}); the loss must be "
                          "finite at the model's weights")
-    # a record alone and inside its batch round differently: bf16/fp16 (a "bf16-true" training)
-    # by up to a few eps, which a mixing of records exceeds by far
-    tol = 1e-6 if losses.dtype == torch.float64 else max(1e-4, 8 * torch.finfo(losses.dtype).eps)
     scale = float(losses[:k].abs().max()) if k else 0.0
-    atol = tol * scale + 16 * torch.finfo(losses.dtype).eps * max(scale, 1.0) if losses.is_floating_point() else 0.0
+    tol, atol = _record_tolerances(losses.dtype, scale)
     for i in range(k):
         one = loss_fn(_rows(outputs, i), _rows(targets, i))
         ok = isinstance(one, Tensor) and one.numel() == 1
@@ -136,10 +142,8 @@ def check_record_outputs(forward: Callable[[Any], Any], inputs: Any, outputs: An
     floats = [t for t in out_leaves if t.is_floating_point()]
     if not floats:
         return
-    dtype = floats[0].dtype
-    tol = 1e-6 if dtype == torch.float64 else max(1e-4, 8 * torch.finfo(dtype).eps)
     scale = max(float(t.abs().max()) for t in floats)
-    atol = tol * scale + 16 * torch.finfo(dtype).eps * max(scale, 1.0)
+    _, atol = _record_tolerances(floats[0].dtype, scale)
     for i in range(min(records, b)):
         try:
             one = forward(_rows(inputs, i))
