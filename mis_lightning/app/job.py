@@ -497,8 +497,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         hp = getattr(dm, "hparams", None)
         if hp is not None and "task" in hp and hp["task"] != task:
             # record the effective task (an alias or an inferred one) so that Lightning can
-            # merge the model's and the datamodule's hyperparameters for the loggers
-            hp["task"] = task
+            # merge the model's and the datamodule's hyperparameters for the loggers: it merges
+            # hparams_initial, which save_hyperparameters sets (assigning hparams did not)
+            dm.save_hyperparameters({"task": task})
         stage[0] = "configuration"
         model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
             cfg.model, ckpt.get("hyper_parameters"), "model"))
