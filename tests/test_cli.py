@@ -457,3 +457,19 @@ def test_assess_mode_errors_name_the_option(tmp_path):
                        r"model=mis_lightning.models.LinearRegression and data=mis_lightning.data."
                        r"SyntheticRegressionDataModule: pass the model= and data= options"):
         run_job(_compose([*base, "mode=assess", f"ckpt_path={tmp_path}/other.ckpt"], tmp_path / "o"))
+
+
+def test_own_tdc_csv_runs_and_its_skipped_rows_reach_the_report(tmp_path):
+    """`data=tdc_admet data.path=<own CSV>` crashed (Lightning refused the datamodule's saved
+    task None against the model's inferred "regression"); and the rows skipped for a broken
+    SMILES or a missing value were said on stderr only, not in result.json / report.md."""
+    pytest.importorskip("rdkit")
+    out = tmp_path / "run"
+    sample = ROOT / "tests" / "data" / "tdc_format_sample.csv"  # rows 7 and 19 unusable
+    _run(["data=tdc_admet", f"data.path={sample}", "data.featurizer=physchem", f"data.cache_dir={tmp_path / 'cache'}",
+          "model=linear", "trainer.max_epochs=2", "mis.estimation.num_records=16", "mis.scoring.uncertainty_draws=0",
+          "mis.scoring.covariance=independent", "logger=csv", "progress=false", "schemes=[int8_weight_only]",
+          f"hydra.run.dir={out}"], cwd=tmp_path)
+    res = json.loads((out / "result.json").read_text())
+    assert res["task"] == "regression"
+    assert any(w.startswith("data: 2 input row(s) skipped by TDCADMETDataModule") for w in res["warnings"])

@@ -549,6 +549,12 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             )
             report = planned if plan_cfg is None else planned.report
             times["assess" if plan_cfg is None else "plan"] = round(time.perf_counter() - t0, 3)
+            skipped = list(getattr(dm, "skipped", None) or [])
+            if skipped:  # the data behind n: the rows the data module could not use (stderr alone lost them)
+                first = skipped[0]
+                report.warnings.append(
+                    f"data: {len(skipped)} input row(s) skipped by {type(dm).__name__} (first: "
+                    f"{first[2] if len(first) > 2 else first}); n counts the {dm.n_train} training records kept")
 
             stage[0] = "output"
             names = cfg.output
