@@ -509,3 +509,8 @@ def test_duplicated_smiles_are_warned(tmp_path):
     dm = TDCADMETDataModule(path=str(path), cache_dir=str(tmp_path))
     with pytest.warns(DuplicateRecordsWarning, match=r"1 SMILES appear in more than one row \(2 rows; 1 with different"):
         dm.setup()
+    # a salt is featurised with its counter-ion: said
+    with open(path, "a", newline="") as fh:
+        csv.writer(fh).writerow(["salt", rows[1]["Drug"] + ".[Na+].[Cl-]", rows[1]["Y"]])
+    with pytest.warns(DuplicateRecordsWarning, match=r"1 kept SMILES hold several fragments"):
+        TDCADMETDataModule(path=str(path), cache_dir=str(tmp_path / "c2")).setup()

@@ -85,14 +85,21 @@ class SkippedRowsWarning(UserWarning):
 
 
 class DuplicateRecordsWarning(UserWarning):
-    """The same SMILES appears in several kept rows (each copy is a record)."""
+    """The same SMILES appears in several kept rows (each copy is a record), or kept SMILES
+    hold several fragments (salts, mixtures)."""
 
 
 def warn_duplicates(smiles: list[str], targets: np.ndarray, name: str) -> None:
-    """Warn (:class:`DuplicateRecordsWarning`) when a SMILES string appears in several kept
-    rows: each copy is a training record (``n`` counts them, and a molecule seen twice is a
+    """Warn (:class:`DuplicateRecordsWarning`) when kept SMILES hold several fragments (salts,
+    mixtures: featurised as given), and when a SMILES string appears in several kept rows: each copy is a training record (``n`` counts them, and a molecule seen twice is a
     member twice), and copies with different activities are a labelling question the data
     module does not settle."""
+    mixtures = [smi for smi in smiles if "." in smi]
+    if mixtures:  # salts and mixtures: every fragment is featurised (no salt stripping here)
+        warnings.warn(f"{name}: {len(mixtures)} kept SMILES hold several fragments (salts or mixtures, e.g. "
+                      f"{mixtures[0]!r}): featurised as given, counter-ions included; strip them first (e.g. "
+                      "RDKit's rdMolStandardize.LargestFragmentChooser) if the activity belongs to the parent",
+                      DuplicateRecordsWarning, stacklevel=3)
     seen: dict[str, list[float]] = {}
     for smi, t in zip(smiles, targets.tolist()):
         seen.setdefault(smi, []).append(t)
