@@ -31,4 +31,4 @@ cases = [(5, 256), (8, 256), (32, 256), (64, 256), (65, 256), (100, 256), (65, 5
 torch.manual_seed(0)
 for ell in (False, True):
     for rho in (0.0, 0.5, 0.9):
-        print(f"lib ell={ell} rho {rho}: " + " ".join(f"{d}/{m}:{run(d, m, rho, ell):.3f}" for d, m in cases), flush=True)
+        print(f"ell={ell} rho {rho}: " + " ".join(f"{d}/{m}:{run(d, m, rho, ell):.3f}" for d, m in cases), flush=True)

@@ -323,8 +323,10 @@ class _Sparse:
     def sum(self) -> Tensor:
         return torch.zeros(self.shape, dtype=self.g.dtype).index_add_(0, self.row, self.g).reshape(-1)
 
-    def sum_sq(self) -> Tensor:
-        return torch.zeros(self.shape, dtype=self.g.dtype).index_add_(0, self.row, self.g.square()).reshape(-1)
+    def sum_sq(self, sq: Tensor | None = None) -> Tensor:
+        """Per-coordinate sum of squares ``[numel]`` (``sq``: ``g.square()`` when already formed)."""
+        sq = self.g.square() if sq is None else sq
+        return torch.zeros(self.shape, dtype=sq.dtype).index_add_(0, self.row, sq).reshape(-1)
 
     def norm_sq(self, b: int) -> Tensor:
         return torch.zeros(b, dtype=self.g.dtype).index_add_(0, self.sample, self.g.square().sum(-1))
@@ -1009,7 +1011,7 @@ class LayerProgram:
                 if isinstance(v, _Sparse):
                     s1[n] += v.sum().to(acc)
                     sq = v.g.square()
-                    s2[n] += torch.zeros(v.shape, dtype=sq.dtype).index_add_(0, v.row, sq).reshape(-1).to(acc)
+                    s2[n] += v.sum_sq(sq).to(acc)
                     if bw is not None:
                         h_all[n].view(v.shape).index_add_(0, v.row, (sq * bw[a:c][v.sample].unsqueeze(-1)).to(torch.float64))
                 else:

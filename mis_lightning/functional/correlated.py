@@ -148,16 +148,18 @@ class Correlation:
                 L, resid = _factor_fit(Ws * (d / norms).sqrt().unsqueeze(-1), rank, inflate=False)
                 # shrunk as the final model (a remainder near 0 made the Woodbury solve cancel
                 # ~1/remainder digits: 1e-7 differences between runs of the same records)
-                shrunk = Correlation(factor=L * math.sqrt(1.0 - FACTOR_SHRINKAGE),
-                                     residual=(1.0 - FACTOR_SHRINKAGE) * resid + FACTOR_SHRINKAGE)
-                norms = shrunk.quadratic(Ws).clamp_min(1e-300)
+                norms = cls._shrunk(L, resid).quadratic(Ws).clamp_min(1e-300)
         X = Ws * (d / norms).sqrt().unsqueeze(-1)
         X = X * X.square().mean(0).clamp_min(1e-300).rsqrt()  # unit diagonal again
-        L, resid = _factor_fit(X, rank, inflate=True)
-        # Shrinkage towards independence: an estimated correlation whose directions explain a
-        # coordinate fully would make the remainder 0 and the Woodbury solve unstable.
-        return cls(factor=L * math.sqrt(1.0 - FACTOR_SHRINKAGE),
-                   residual=(1.0 - FACTOR_SHRINKAGE) * resid + FACTOR_SHRINKAGE)
+        return cls._shrunk(*_factor_fit(X, rank, inflate=True))
+
+    @classmethod
+    def _shrunk(cls, factor: Tensor, residual: Tensor) -> Correlation:
+        """The factor model ``L L' + diag(residual)`` shrunk by ``FACTOR_SHRINKAGE`` towards the
+        identity: an estimated correlation whose directions explain a coordinate fully would make
+        the remainder 0 and the Woodbury solve unstable."""
+        return cls(factor=factor * math.sqrt(1.0 - FACTOR_SHRINKAGE),
+                   residual=(1.0 - FACTOR_SHRINKAGE) * residual + FACTOR_SHRINKAGE)
 
     def restrict(self, index: Tensor | slice) -> Correlation:
         """The correlation of a subset of coordinates (a layer's block)."""
