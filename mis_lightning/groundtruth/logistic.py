@@ -1,0 +1,281 @@
+"""Exact ground truth for logistic regression on step grids (small ``d``), by coupled arms.
+
+The leakage of a release ``T = Q(theta_hat)`` is ``Delta = E_z[TV(law(T | z), law(T))]``
+(method.md section 1). For logistic regression the law of ``theta_hat`` has no closed form,
+so it is simulated; what makes the simulation tight enough to decide a 5% question on nearly
+unquantized grids (docs/validation.md, "Coverage of the report's interval"):
+
+* **One fit per dataset, shared by every record added to it.** ``M`` datasets of ``n - 1``
+  other records are drawn and fitted once (:func:`logistic_base`: batched Newton). At their
+  MLE ``theta_o`` the sum-loss score and its next three derivatives are kept (gradient ``g``,
+  Hessian ``H``, third and fourth derivative tensors ``T``, ``Q``: ``d + d^2 + d^3 + d^4``
+  floats per dataset). The MLE of the dataset plus one record ``(x, y)`` solves
+  ``g + H D + T[D, D] / 2 + Q[D, D, D] / 6 + (sigmoid(x . (theta_o + D)) - y) x = 0``
+  (:func:`add_record`, Newton in ``D``). Adding a record moves the MLE by ``|D| ~ 1 / n``; the
+  first neglected term is ``O(n |D|^5)`` against ``O(n |D|)``, i.e. a relative error of
+  ``~|D|^4``: about ``1e-8`` of ``D`` at ``n = 1000`` (:func:`taylor_error` measures it
+  against full Newton fits).
+* **Coupled arms.** The in arm adds the target ``z`` to dataset ``m``; the out arm (the marginal
+  law of the release) adds fresh records to the same dataset ``m``. The two releases differ
+  only where one record moves the MLE across a cell edge, so the per-cell difference of the
+  two laws, ``mu_c = P_in(c) - P_out(c)``, is estimated with a variance ~10x below that of
+  independent arms.
+* **A bracket, not a bound.** ``TV_z = sum_c (mu_c)_+`` is estimated two ways:
+  the plug-in ``sum_c |mu_hat_c| / 2``, biased upward by the cells where ``mu_c`` is within
+  its noise of 0, and the split-sample ``sum_c 1[mu_hat_A_c > 0] mu_hat_B_c`` (signs from one
+  half of the datasets, values from the other, both ways), whose expectation is
+  ``sum_c P(mu_hat_A_c > 0) mu_c <= TV_z``: biased downward. The truth lies between their
+  expectations; both converge to it as ``M`` grows. The averages over targets use the
+  control variate of :func:`~mis_lightning.groundtruth.ground_truth.cv_estimate`.
+
+Step grids only: an absmax release gives its largest weight away exactly (a continuous
+component, no cell counts); those keep the LR-test lower bound
+(:func:`~mis_lightning.groundtruth.ground_truth.tv_lr_test`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .ground_truth import (
+    Setting,
+    StepGrid,
+    _llr_full,
+    cv_estimate,
+    draw_records,
+    newton_logistic,
+    oracle_first_order,
+)
+
+__all__ = ["LogisticBase", "logistic_base", "add_record", "taylor_error", "cell_keys", "tv_bracket",
+           "exact_truth_logistic"]
+
+
+@dataclass
+class LogisticBase:
+    """``M`` fitted datasets of ``n - 1`` records (sum-loss derivatives at their MLE, float64):
+    ``theta [M, d]``, ``g [M, d]`` (the score's rounding residual), ``H [M, d, d]``,
+    ``T [M, d, d, d]``, ``Q [M, d, d, d, d]``."""
+
+    theta: torch.Tensor
+    g: torch.Tensor
+    H: torch.Tensor
+    T: torch.Tensor
+    Q: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.theta.shape[0])
+
+    def rows(self, sl: slice) -> LogisticBase:
+        return LogisticBase(self.theta[sl], self.g[sl], self.H[sl], self.T[sl], self.Q[sl])
+
+
+def _datasets(s: Setting, m: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m`` datasets of ``k`` records from the data model: ``X [m, k, d]``, ``Y [m, k]``."""
+    C = torch.from_numpy(s.chol)
+    X = torch.randn(m, k, s.d, dtype=torch.float64, generator=gen) @ C.T
+    P = torch.sigmoid(X @ torch.from_numpy(s.theta_star))
+    Y = (torch.rand(m, k, dtype=torch.float64, generator=gen) < P).to(torch.float64)
+    return X, Y
+
+
+def _derivatives(X: torch.Tensor, Y: torch.Tensor, theta: torch.Tensor) -> LogisticBase:
+    """Sum-loss derivatives of the logistic log-loss at ``theta [m, d]``: weighted sums of the
+    records' monomials of degree 1-4, as batched products of ``X`` and ``X (x) X``."""
+    m, n, d = X.shape
+    p = torch.sigmoid((X * theta.unsqueeze(1)).sum(-1))
+    w1 = p * (1 - p)  # d sigmoid / d eta
+    w2 = w1 * (1 - 2 * p)  # its derivative
+    w3 = w1 * (1 - 6 * p + 6 * p * p)  # and the next
+    Xt = X.transpose(1, 2)
+    X2 = (X.unsqueeze(-1) * X.unsqueeze(-2)).reshape(m, n, d * d)
+    g = torch.bmm(Xt, (p - Y).unsqueeze(-1)).squeeze(-1)
+    H = torch.bmm(Xt * w1.unsqueeze(1), X)
+    T = torch.bmm(X2.transpose(1, 2) * w2.unsqueeze(1), X).reshape(m, d, d, d)
+    Q = torch.bmm(X2.transpose(1, 2) * w3.unsqueeze(1), X2).reshape(m, d, d, d, d)
+    return LogisticBase(theta, g, H, T, Q)
+
+
+def _newton(X: torch.Tensor, Y: torch.Tensor, theta0: torch.Tensor, steps: int = 4) -> torch.Tensor:
+    """``steps`` plain Newton steps of ``m`` logistic regressions from ``theta0 [d]`` (batched
+    products). From ``theta*`` (about one sd from each MLE) the error after ``k`` steps is
+    ~``sd^(2^k)``: 4 steps reach rounding; the Taylor model carries any residual score."""
+    m, n, d = X.shape
+    Xt = X.transpose(1, 2)
+    th = theta0.to(X.dtype).expand(m, d).unsqueeze(-1).clone()
+    for _ in range(steps):
+        p = torch.sigmoid(torch.bmm(X, th)).squeeze(-1)
+        g = torch.bmm(Xt, (Y - p).unsqueeze(-1))
+        H = torch.bmm(Xt * (p * (1 - p)).unsqueeze(1), X)
+        th = th + torch.linalg.solve(H, g)
+    return th.squeeze(-1)
+
+
+def logistic_base(s: Setting, M: int, seed: int = 0, chunk: int | None = None) -> LogisticBase:
+    """``M`` datasets of ``s.n - 1`` records, each fitted once (batched Newton from
+    ``theta*``, float64) with its sum-loss derivatives at the MLE. Memory ``O(chunk n d)``
+    while fitting, ``O(M d^4)`` kept. Raises ValueError for a linear setting."""
+    if s.model != "logistic":
+        raise ValueError(f"logistic_base needs a logistic setting, got {s.model!r}")
+    chunk = chunk or max(1, int(3e6 // (s.n * s.d)))
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, 31]).integers(2**62)))
+    parts = []
+    for a in range(0, M, chunk):
+        X, Y = _datasets(s, min(chunk, M - a), s.n - 1, gen)
+        th = _newton(X, Y, torch.from_numpy(s.theta_star))
+        parts.append(_derivatives(X, Y, th))
+    return LogisticBase(*(torch.cat([getattr(p, f) for p in parts]) for f in ("theta", "g", "H", "T", "Q")))
+
+
+def add_record(base: LogisticBase, x: torch.Tensor, y: torch.Tensor, iters: int = 8) -> torch.Tensor:
+    """MLE ``[M, d]`` of each base dataset plus one record (``x [d]`` or ``[M, d]``, ``y``
+    scalar or ``[M]``): Newton on the quartic Taylor model of the base datasets' score plus
+    the new record's exact score (module docstring)."""
+    M, d = base.theta.shape
+    x = x.to(torch.float64).expand(M, d)
+    y = torch.as_tensor(y, dtype=torch.float64).expand(M)
+    D = torch.zeros(M, d, dtype=torch.float64)
+    for _ in range(iters):
+        TD = torch.einsum("bijk,bk->bij", base.T, D)
+        QD = torch.einsum("bijkl,bl->bijk", base.Q, D)
+        QDD = torch.einsum("bijk,bk->bij", QD, D)
+        p = torch.sigmoid((x * (base.theta + D)).sum(-1))
+        F = (base.g + torch.einsum("bij,bj->bi", base.H + TD / 2 + QDD / 6, D) + (p - y).unsqueeze(-1) * x)
+        J = base.H + TD + QDD / 2 + (p * (1 - p)).reshape(M, 1, 1) * x.unsqueeze(-1) * x.unsqueeze(-2)
+        D = D - torch.linalg.solve(J, F)
+    return base.theta + D
+
+
+def taylor_error(s: Setting, M: int = 256, seed: int = 0) -> float:
+    """Largest ``|add_record - full Newton fit|`` over ``M`` datasets plus a record drawn from
+    the data model, in units of the weights' sd (``s.sd``): the Taylor solve's error."""
+    gen = torch.Generator().manual_seed(seed + 17)
+    X, Y = _datasets(s, M, s.n, gen)
+    th_o = newton_logistic(X[:, :-1], Y[:, :-1], torch.from_numpy(s.theta_star), tol=1e-13)
+    base = _derivatives(X[:, :-1], Y[:, :-1], th_o)
+    got = add_record(base, X[:, -1], Y[:, -1])
+    want = newton_logistic(X, Y, got, tol=1e-14)
+    return float(((got - want).abs() / torch.from_numpy(s.sd)).max())
+
+
+def cell_keys(grid: StepGrid, theta: np.ndarray) -> np.ndarray:
+    """One int64 key per release ``theta [..., d]`` of ``grid`` (``d <= 3``; codes within
+    ``+-2^20``)."""
+    c = grid.codes(theta).astype(np.int64)
+    d = c.shape[-1]
+    if d > 3 or np.abs(c).max(initial=0) >= 2**20:
+        raise ValueError("cell_keys handles d <= 3 and codes within +-2^20")
+    key = np.zeros(c.shape[:-1], dtype=np.int64)
+    for j in range(d):
+        key = key * (2**21) + (c[..., j] + 2**20)
+    return key
+
+
+def tv_bracket(keys_in: np.ndarray, keys_out: np.ndarray, llr_of: Callable[[np.ndarray, int], np.ndarray] | None = None
+               ) -> dict[str, float]:
+    """Estimates of ``TV(law(in), law(out))`` from coupled cell keys: ``keys_in [M]``
+    (dataset ``m`` plus the target) and ``keys_out [M, R]`` (dataset ``m`` plus ``R`` fresh
+    records, each of weight ``1 / R``). ``{"split", "plug"}`` (biased down and up: module
+    docstring), and with ``llr_of`` also ``"test"``: ``P_in(S) - P_out(S)`` counted on one half
+    of the datasets for ``S = {cells: llr_of(first index of each cell in the concatenated
+    [in, out] keys, half) > 0}``, a test fitted on the other half (an unbiased estimate of that
+    test's advantage, a lower bound of the TV whatever the test)."""
+    M, R = keys_out.shape
+    uniq, first, inv = np.unique(np.concatenate([keys_in, keys_out.reshape(-1)]), return_index=True,
+                                 return_inverse=True)
+    i_in, i_out = inv[:M], inv[M:].reshape(M, R)
+    K = uniq.size
+    half = np.arange(M) % 2 == 0
+
+    def mu(sel: np.ndarray) -> np.ndarray:
+        m = int(sel.sum())
+        return (np.bincount(i_in[sel], minlength=K) - np.bincount(i_out[sel].reshape(-1), minlength=K) / R) / m
+
+    mu_all, mu_a, mu_b = mu(np.ones(M, dtype=bool)), mu(half), mu(~half)
+    out = {"plug": 0.5 * float(np.abs(mu_all).sum()),
+           "split": 0.5 * float((mu_b * (mu_a > 0)).sum() + (mu_a * (mu_b > 0)).sum())}
+    if llr_of is not None:
+        out["test"] = 0.5 * float((mu_b * (llr_of(first, 0) > 0)).sum() + (mu_a * (llr_of(first, 1) > 0)).sum())
+    return out
+
+
+def _gaussian_test(grid: StepGrid, reps: np.ndarray, mean: np.ndarray, shifts: list[np.ndarray], cov: np.ndarray,
+                   seed: int) -> Callable[[np.ndarray, int], np.ndarray]:
+    """``llr_of(first, half)`` of :func:`tv_bracket`: the Gaussian log-likelihood ratio of the
+    cells of ``reps[first]`` with the in-out shift fitted on the other half."""
+    def llr_of(first: np.ndarray, half: int) -> np.ndarray:
+        return _llr_full(grid, reps[first], mean, shifts[half], cov, seed=seed + half)
+    return llr_of
+
+
+def exact_truth_logistic(s: Setting, grids: list[StepGrid], Z: int = 64, M: int = 1_000_000, seed: int = 0,
+                         out_draws: int = 2, base: LogisticBase | None = None, oracle_records: int = 4000,
+                         log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
+    """``Delta`` of each step grid for a logistic setting: per target ``z ~ P`` the estimates
+    of :func:`tv_bracket` over the ``M`` coupled datasets, averaged over ``Z`` targets with the
+    control variate (the first-order formula with the true parameters, as
+    :func:`~mis_lightning.groundtruth.ground_truth.exact_truth_ols`). The test of ``"test"``
+    is the Gaussian likelihood-ratio test of the first-order theory (out arm's mean and
+    covariance, in-out shift from the other half), read on the released cells (GHK box
+    probabilities, :func:`~mis_lightning.groundtruth.ground_truth._llr_full`).
+
+    Returns, per estimate ``e`` in ``("split", "test", "plug")``: ``e`` ``[G]`` (control-variate
+    mean over targets), ``e + "_ci"`` ``[G, 2]`` (80% bootstrap interval over targets) and
+    ``e + "_z"`` ``[Z, G]``; plus ``"null"`` ``[G]``: the plug-in of a second out arm against
+    the first (same law: the plug-in's noise floor). The truth lies above ``split`` and
+    ``test`` (lower bounds in expectation) and below ``plug`` in expectation. Cost: the base
+    fits (~0.6 ms per dataset of ``n = 1000`` on one core) and per target one Taylor solve and
+    one count per grid.
+
+    Raises:
+        ValueError: a grid that is not a :class:`StepGrid`, or a non-logistic setting.
+    """
+    bad = [g.name for g in grids if not isinstance(g, StepGrid)]
+    if bad:
+        raise ValueError(f"exact_truth_logistic takes step grids only, got {bad}")
+    if base is None:
+        base = logistic_base(s, M, seed=seed)
+    M = len(base)
+    rng = np.random.default_rng([seed, 77])
+    zx, zy = draw_records(s, Z, rng)
+    # the out arms do not depend on the target: R fresh records per dataset, drawn once
+    orng = np.random.default_rng([seed, 78])
+    outs = []
+    for _ in range(2 * out_draws):  # the second half: the null arm
+        xo, yo = draw_records(s, M, orng)
+        outs.append(add_record(base, torch.from_numpy(xo), torch.from_numpy(yo)).numpy())
+    th_out = np.stack(outs[:out_draws], 1)  # [M, R, d]
+    mean, cov = th_out.reshape(-1, s.d).mean(0), np.atleast_2d(np.cov(th_out.reshape(-1, s.d), rowvar=False))
+    half = np.arange(M) % 2 == 0
+    G = len(grids)
+    names = ("split", "test", "plug")
+    est = {e: np.zeros((Z, G)) for e in names}
+    null = np.zeros(G)
+    out_keys = [np.stack([cell_keys(g, o) for o in outs[:out_draws]], 1) for g in grids]
+    for j, g in enumerate(grids):
+        null_keys = cell_keys(g, outs[out_draws])  # one null draw against the out arm: a same-law pair
+        null[j] = tv_bracket(null_keys, out_keys[j])["plug"]
+    for i in range(Z):
+        th_in = add_record(base, torch.from_numpy(zx[i]), torch.tensor(float(zy[i]))).numpy()
+        # the in-out shift of the Gaussian test, from each half of the datasets
+        shifts = [th_in[sel].mean(0) - th_out[sel].reshape(-1, s.d).mean(0) for sel in (half, ~half)]
+        reps = np.concatenate([th_in, th_out.reshape(-1, s.d)])
+        for j, g in enumerate(grids):
+            llr_of = _gaussian_test(g, reps, mean, shifts, cov, seed + 7 * i)
+            r = tv_bracket(cell_keys(g, th_in), out_keys[j], llr_of)
+            for e in names:
+                est[e][i, j] = r[e]
+        if log is not None:
+            log(f"target {i + 1}/{Z}: test {est['test'][i].round(5).tolist()}")
+    orc = np.stack([oracle_first_order(s, g, zx, zy) for g in grids], 1)
+    xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
+    orc_mean = np.array([oracle_first_order(s, g, xb, yb).mean() for g in grids])
+    res: dict[str, np.ndarray] = {"null": null}
+    for e in names:
+        res[e], res[e + "_ci"] = cv_estimate(est[e], orc, orc_mean, boot=300, level=0.8, seed=seed)
+        res[e + "_z"] = est[e]
+    return res
