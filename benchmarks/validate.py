@@ -130,10 +130,14 @@ COVERAGE_PLAN = [
     ("linear", 1, 1000, 0.0, 30, 0),
     ("linear", 2, 400, 0.5, 40, 0),
     ("linear", 5, 1000, 0.5, 16, 3000),
-    # logistic: no exact truth; the LR test's noise falls as 1/sqrt(M) and is common to every
-    # grid of a target, so M = 1,500 (the first runs) could not decide the fine grids
-    ("logistic", 2, 1000, 0.0, 12, 12000),
+    # logistic: the coupled-arm truth (groundtruth/logistic.py: M = 10^6 datasets fitted once,
+    # each target added by a Taylor solve); it replaced the LR-test lower bound of M = 12,000
+    # independent datasets per target, whose noise (+-0.001) decided the fine grids' coverage
+    ("logistic", 2, 1000, 0.0, 32, 1_000_000),
 ]
+# Bins of the released absmax in the logistic truth's keys, in units of the largest weight sd
+# (0.1 and 0.05 gave the same truths to 0.3%: docs/validation.md)
+LOGISTIC_ABSMAX_BIN_SD = 0.05
 
 
 def coverage_grids(s: GT.Setting) -> list:
@@ -158,6 +162,18 @@ def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int) -> float:
     return GT.exact_truth_ols(s, g, Z=32, K=40, M=1500, draws=64)[0]
 
 
+def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndarray, np.ndarray]:
+    """Truth of every grid of a logistic setting and its bracket ``[G, 2]``: the coupled-arm
+    estimates of ``groundtruth.logistic.exact_truth_logistic`` (the larger of the split-sample
+    and Gaussian-test values below, the plug-in above, both in expectation); the truth is the
+    bracket's midpoint. About 10 min for the base fits at M = 10^6 on one core, 30 s per target."""
+    from mis_lightning.groundtruth import logistic as LG
+
+    r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD)
+    lo, hi = np.maximum(r["split"], r["test"]), r["plug"]
+    return 0.5 * (lo + hi), np.stack([lo, np.maximum(lo, hi)], 1)
+
+
 def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: list[int] | None = None,
                    truth_cache: Path | None = None) -> int:
     """Coverage of ``SchemeResult.interval`` (80%) of the ground truth, per grid: the
@@ -173,9 +189,14 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         grids = coverage_grids(s)
         ts = time.time()
         key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "") + (
-            " absmax-exact" if model == "linear" and d >= 2 else "")
+            " absmax-exact" if model == "linear" and d >= 2 else "") + (" coupled" if model == "logistic" else "")
+        bracket = None
         if key in cache:
             truth = np.array(cache[key], dtype=np.float64)
+            if key + " bracket" in cache:
+                bracket = np.array(cache[key + " bracket"], dtype=np.float64)
+        elif model == "logistic":
+            truth, bracket = _logistic_truth(s, grids, Z, M)
         elif model == "linear" and d >= 2:  # exact given the design (step grids and absmax releases)
             truth = np.array([_exact_truth(s, g, Z) for g in grids])
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
@@ -188,6 +209,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         if truth_cache is not None and key not in cache:
             cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
             cache[key] = truth.tolist()
+            if bracket is not None:
+                cache[key + " bracket"] = bracket.tolist()
             truth_cache.write_text(json.dumps(cache, indent=1))
         tt = time.time() - ts
         rng = np.random.default_rng([7, d, n])
@@ -203,7 +226,13 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             vals.append([rep.schemes[C.scheme_for(g).name].leakage for g in grids])
         cov = np.mean(cover, 0)
         for g, grid in enumerate(grids):
-            rows.append({"setting": s.label(), "grid": grid.name, "truth": float(truth[g]), "coverage": float(cov[g]),
+            if bracket is not None:  # coverage of each end of the truth's bracket too
+                ends = [float(np.mean([(iv[g, 0] <= e) & (e <= iv[g, 1]) for iv in ivs])) for e in bracket[g]]
+                rows_extra = {"truth_bracket": bracket[g].tolist(), "coverage_of_bracket_ends": ends}
+            else:
+                rows_extra = {}
+            rows.append({**rows_extra, "setting": s.label(), "grid": grid.name, "truth": float(truth[g]),
+                         "coverage": float(cov[g]),
                          "regime": max(set(r[g] for r in regimes), key=[r[g] for r in regimes].count),
                          "width": float(np.median([iv[g, 1] - iv[g, 0] for iv in ivs])),
                          "intervals": [iv[g].tolist() for iv in ivs], "values": [float(v[g]) for v in vals]})

@@ -28,7 +28,7 @@ from .config import (  # noqa: F401
     unexpected_options,
 )
 from .estimation import Estimate, estimate
-from .estimation.estimate import LEVERAGE_CAP, estimator_warnings
+from .estimation.estimate import EXACT_MAX_PARAMS, LEVERAGE_CAP, estimator_warnings
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
@@ -43,6 +43,9 @@ from .threads import scoring_threads
 log = logging.getLogger(__name__)
 
 SchemeSpec = str | QuantizationScheme
+# Median variance inflation factor of the weights above which the report warns that the diagonal
+# estimator's sigma is well below the marginal sd (sqrt(2) = 1.41x: a 4-bit grid's kappa moves a lot).
+VARIANCE_INFLATION_WARN = 2.0
 # Above this d_eff / n the report warns that the asymptotic regime (d_eff << n) is not met.
 D_EFF_OVER_N_MAX = 0.1
 
@@ -597,10 +600,19 @@ def score_schemes(
             "the headline treats the weights as independent (no stored influences for a correlation "
             "model: raise budget= or use estimation='exact' on small models); with correlated weights it "
             "can read about 10% low")
+    vif = _diagonal_sigma_warning(est, rc, diagnostics)
+    if vif:
+        report.warnings.append(vif)
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
     lev = _leverage_note(est.diagnostics)
+    off = est.diagnostics.get("leverage_unavailable")
+    if off and est.d / n > D_EFF_OVER_N_MAX:
+        lev = ((lev + "; ") if lev else "") + (
+            f"the finite-sample (leverage) correction could not run ({off}): with d / n = {est.d / n:.3g} the "
+            "first-order influences understate each record's leave-one-out shift by about 1 / (1 - leverage), "
+            "so the figures can read low (an MLP at d / n = 0.12: 7%)")
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
         report.warnings.append(_d_over_n_warning(est.d, n) + (f"; {lev}" if lev else ""))
     elif lev:
@@ -650,6 +662,33 @@ def score_schemes(
             "reading them (see diagnostics)"
         )
     return report
+
+
+def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | None,
+                            diagnostics: dict[str, Any]) -> str | None:
+    """The diagonal estimator's ``sigma_j`` is ``sqrt(V_jj) / H_jj``; the cells need the marginal
+    sd ``sqrt((H^-1 V H^-1)_jj)``, which with correlated weights is larger by about the square
+    root of the coordinate's variance inflation factor (exactly so when ``V = H``: the ratio of
+    variances is ``H_jj (H^-1)_jj``). The stored records' standardised gradients give that
+    factor (``diag(R^-1)`` of their correlation model; ``V = H`` at a well-specified minimum).
+    Sets ``diagnostics["variance_inflation_median"]`` and returns a warning above
+    :data:`VARIANCE_INFLATION_WARN` (method.md section 4, "The diagonal sandwich and correlated
+    weights")."""
+    if est.mode != "diagonal" or rc is None:
+        return None
+    vif = rc.variance_inflation().clamp_min(1.0)
+    med = float(vif.median())
+    diagnostics["variance_inflation_median"] = med
+    diagnostics["variance_inflation_p90"] = float(vif.quantile(0.9))
+    if not med > VARIANCE_INFLATION_WARN:
+        return None
+    cure = (f"estimation='exact' computes the marginal sd (d = {est.d:,})" if est.d <= EXACT_MAX_PARAMS else
+            f"no exact estimator for d = {est.d:,} here: read them as indicative")
+    return (f"the weights are correlated (median variance inflation factor {med:.3g} from the stored records' "
+            f"gradients; the correlation model's shrinkage can only lower it): the diagonal estimator's sigma "
+            f"(sqrt(V_jj) / H_jj) is then about {math.sqrt(med):.2g}x or more below the marginal sd of each weight "
+            "that its cells need, so the quantized schemes' figures can be far off in either direction (the "
+            f"unquantized baseline is not affected); {cure}")
 
 
 def _low_precision_note(model: nn.Module, names: Sequence[str]) -> str | None:

@@ -79,12 +79,21 @@ def test_coupled_test_estimate_matches_the_exact_ols_truth():
         assert r["split"] < exact + tol and r["plug"] > exact - tol, (step, offset, r, exact)
 
 
-def test_exact_truth_logistic_refuses_absmax_grids_and_linear_settings():
-    s = GT.make_setting("logistic", 2, 200)
-    with pytest.raises(ValueError, match="step grids only"):
-        LG.exact_truth_logistic(s, [GT.AbsmaxGrid("rtn_int8", 8)], Z=1, M=10)
+def test_exact_truth_logistic_refuses_linear_settings_and_unbinned_absmax_keys():
     with pytest.raises(ValueError, match="logistic setting"):
         LG.logistic_base(GT.make_setting("linear", 2, 200), 10)
+    with pytest.raises(ValueError, match="bin_width"):
+        LG.cell_keys(GT.AbsmaxGrid("rtn_int4", 4), np.zeros((3, 2)))
+
+
+def test_absmax_keys_are_a_function_of_the_release():
+    """Two weight vectors with the same release (index, sign and value of the largest weight,
+    codes of the others) share a key; another largest value's bin, sign or index does not."""
+    g = GT.AbsmaxGrid("rtn_int4", 4)
+    th = np.array([[0.50, 0.101], [0.50, 0.102], [0.50, -0.30], [-0.50, 0.101], [0.101, 0.50], [0.61, 0.101]])
+    k = LG.cell_keys(g, th, 0.05)
+    assert k[0] == k[1]  # same codes (scale 0.5 / 7: 0.101 and 0.102 both code 1)
+    assert len(set(k[[0, 2, 3, 4, 5]].tolist())) == 5
 
 
 def test_exact_truth_logistic_small_run_orders_its_estimates():

@@ -186,6 +186,45 @@ def _to(tree: Any, device: torch.device, dtype: torch.dtype | None = None) -> An
     return torch.utils._pytree.tree_map(move, tree)
 
 
+@dataclass(frozen=True)
+class OutputTree:
+    """Per-record shape of a model output that is a pytree of floating tensors (a tuple, dict or
+    namedtuple of them): its structure and each leaf's shape without the batch dim. The
+    Gauss-Newton factors see the leaves flattened per record, in leaf order, into one vector."""
+
+    spec: Any  # torch.utils._pytree.TreeSpec
+    shapes: tuple[tuple[int, ...], ...]
+
+
+OutputShape = tuple[int, ...] | OutputTree
+
+
+def output_numel(shape: OutputShape | None) -> int:
+    """Outputs per record (``C``) of an :meth:`LossProgram.output_shape`."""
+    if isinstance(shape, OutputTree):
+        return sum(math.prod(s) for s in shape.shapes)
+    return int(math.prod(shape)) if shape else 1
+
+
+def _flatten_record(out: Any) -> Tensor:
+    """One record's output (batch dim 1) as ``[C]``: a tensor reshaped, a pytree's leaves joined."""
+    if isinstance(out, Tensor):
+        return out.reshape(-1)
+    return torch.cat([t.reshape(-1) for t in torch.utils._pytree.tree_leaves(out)])
+
+
+def _unflatten_record(o: Tensor, shape: OutputShape) -> Any:
+    """``[C]`` back to one record's output with batch dim 1 (the inverse of :func:`_flatten_record`)."""
+    if not isinstance(shape, OutputTree):
+        return o.reshape((1, *shape))
+    parts, a = [], 0
+    for sh in shape.shapes:
+        k = math.prod(sh)
+        parts.append(o[a: a + k].reshape((1, *sh)))
+        a += k
+    return torch.utils._pytree.tree_unflatten(parts, shape.spec)
+
+
 @dataclass
 class LossProgram:
     """A model, its per-sample loss and the batch layout, as pure functions of the parameters.
@@ -237,7 +276,7 @@ class LossProgram:
         return self.loss_fn(out, _unsqueeze(y)).reshape(())
 
     def _one_output(self, params: dict[str, Tensor], x: Any) -> Tensor:
-        return self.outputs(params, _unsqueeze(x)).reshape(-1)
+        return _flatten_record(self.outputs(params, _unsqueeze(x)))
 
     def prepare(self, batch: Any) -> tuple[Any, Any, int]:
         """Split and move a batch; check once that ``loss_fn`` is per-sample."""
@@ -305,28 +344,44 @@ class LossProgram:
         jac, out = vmap(jacrev(f, has_aux=True), in_dims=(None, 0))(self.params, inputs)
         return out, jac
 
-    def loss_output_derivatives(self, outputs: Tensor, targets: Any, out_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """Per-sample ``dl/do [B, C]`` and ``d2l/do2 [B, C, C]`` of the loss in the outputs."""
+    def loss_output_derivatives(self, outputs: Tensor, targets: Any, out_shape: OutputShape) -> tuple[Tensor, Tensor]:
+        """Per-sample ``dl/do [B, C]`` and ``d2l/do2 [B, C, C]`` of the loss in the (flattened)
+        outputs ``[B, C]``; ``out_shape`` from :meth:`output_shape`."""
 
         def one(o: Tensor, y: Any) -> Tensor:
-            return self.loss_fn(o.reshape((1, *out_shape)), _unsqueeze(y)).reshape(())
+            return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
 
         g = vmap(grad(one))(outputs, targets)
         h = vmap(torch.func.hessian(one))(outputs, targets)
         return g, h
 
-    def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], Tensor]:
+    def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: OutputShape) -> tuple[dict[str, Tensor], Tensor]:
         """Each record's Gauss-Newton factors: output Jacobians ``{name: [B, C, *shape]}`` and
         the loss Hessian in the outputs ``[B, C, C]`` (the record's factor is ``J' L J``)."""
         out, jac = self.output_jacobians(inputs)
         _, L = self.loss_output_derivatives(out, targets, out_shape)
         return jac, L
 
-    def output_shape(self, inputs: Any) -> tuple[int, ...]:
+    def output_shape(self, inputs: Any) -> OutputShape:
+        """Per-record shape of the model's output: a tensor's shape without the batch dim, or an
+        :class:`OutputTree` for a tuple / dict / namedtuple of floating tensors.
+
+        Raises:
+            ValueError: an output holding something other than floating tensors (the
+                Gauss-Newton factors differentiate the loss in every output entry).
+        """
         with torch.no_grad():
             out = self.outputs(self.params, _unsqueeze(torch.utils._pytree.tree_map(
                 lambda t: t[0] if isinstance(t, Tensor) else t, inputs)))
-        return tuple(out.shape[1:])
+        if isinstance(out, Tensor):
+            return tuple(out.shape[1:])
+        leaves, spec = torch.utils._pytree.tree_flatten(out)
+        bad = [type(t).__name__ if not isinstance(t, Tensor) else str(t.dtype) for t in leaves
+               if not (isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == 1)]
+        if not leaves or bad:
+            raise ValueError(f"the model's output is a {type(out).__name__} holding {bad or 'no tensor'}; the "
+                             "Gauss-Newton factors need floating tensors with the batch in dim 0")
+        return OutputTree(spec, tuple(tuple(t.shape[1:]) for t in leaves))
 
     def mean_loss(self, params: dict[str, Tensor], inputs: Any, targets: Any) -> Tensor:
         return self.loss_fn(self.outputs(params, inputs), targets).mean()

@@ -198,6 +198,19 @@ class Correlation:
         u = w * k.sqrt()
         return (u * self._solve(u, k)).sum(-1).clamp_min(0.0)
 
+    def inverse_diagonal(self) -> Tensor:
+        """``[d]`` the diagonal of ``R^+`` (full) or of the factor model's inverse (Woodbury):
+        the variance inflation factors ``1 / (1 - R^2_j)`` of the coordinates, i.e. how far the
+        variance of coordinate ``j`` given the others sits below its marginal variance."""
+        if self.full is not None:
+            return torch.linalg.pinv(self.full.to(torch.float64), hermitian=True, rtol=RCOND).diagonal()
+        assert self.factor is not None and self.residual is not None
+        L = self.factor.to(torch.float64)
+        D = self.residual.to(torch.float64).clamp_min(RCOND)
+        DL = L / D.unsqueeze(-1)
+        core = torch.eye(L.shape[1], dtype=torch.float64) + L.T @ DL
+        return 1.0 / D - (DL @ torch.linalg.inv(core) * DL).sum(-1)
+
     def coefficients(self, influence: Tensor, kappa: Tensor) -> Tensor:
         """``[R, d]`` weights ``c = K^-1/2 M^+ u`` of the cell means in the Monte Carlo form
         (0 for coordinates with ``kappa = 0``)."""
@@ -374,6 +387,11 @@ class RecordCorrelation:
                 return fn(corr, influence)
             out[rows] = fn(corr, influence[rows])
         return out
+
+    def variance_inflation(self) -> Tensor:
+        """``[d]`` variance inflation factors (:meth:`Correlation.inverse_diagonal`), averaged
+        over the cross-fitted parts."""
+        return torch.stack([c.inverse_diagonal() for _, c in self.parts]).mean(0)
 
     def gaussian_mean_abs(self, influence: Tensor, kappa: Tensor | None = None) -> Tensor:
         """``[R]`` Gaussian form ``sqrt(2/pi) sqrt(u' M^+ u)`` (``kappa None``: unquantized)."""

@@ -28,9 +28,8 @@ unquantized grids (docs/validation.md, "Coverage of the report's interval"):
   expectations; both converge to it as ``M`` grows. The averages over targets use the
   control variate of :func:`~mis_lightning.groundtruth.ground_truth.cv_estimate`.
 
-Step grids only: an absmax release gives its largest weight away exactly (a continuous
-component, no cell counts); those keep the LR-test lower bound
-(:func:`~mis_lightning.groundtruth.ground_truth.tv_lr_test`).
+Absmax releases give their largest weight away exactly (a continuous component): their keys
+bin it (:func:`cell_keys`), a coarsening whose TV reaches the release's as the bins shrink.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from .ground_truth import (
+    AbsmaxGrid,
     Setting,
     StepGrid,
     _llr_full,
@@ -162,17 +162,44 @@ def taylor_error(s: Setting, M: int = 256, seed: int = 0) -> float:
     return float(((got - want).abs() / torch.from_numpy(s.sd)).max())
 
 
-def cell_keys(grid: StepGrid, theta: np.ndarray) -> np.ndarray:
-    """One int64 key per release ``theta [..., d]`` of ``grid`` (``d <= 3``; codes within
-    ``+-2^20``)."""
-    c = grid.codes(theta).astype(np.int64)
-    d = c.shape[-1]
-    if d > 3 or np.abs(c).max(initial=0) >= 2**20:
-        raise ValueError("cell_keys handles d <= 3 and codes within +-2^20")
-    key = np.zeros(c.shape[:-1], dtype=np.int64)
-    for j in range(d):
-        key = key * (2**21) + (c[..., j] + 2**20)
-    return key
+def cell_keys(grid: StepGrid | AbsmaxGrid, theta: np.ndarray, bin_width: float | None = None) -> np.ndarray:
+    """One int64 key per release ``theta [..., d]`` of ``grid`` (``d <= 3``).
+
+    Step grids: the codes (within ``+-2^20``). Absmax grids: the release ``(q, scale)`` gives
+    the largest-magnitude weight ``v`` away exactly (a continuous value), so the key is its index,
+    its sign, ``|v|`` in bins of ``bin_width`` (required) and the other weights' codes: a
+    function of the release, so its TV is at most the release's (data processing) and reaches
+    it as ``bin_width -> 0``.
+
+    Raises:
+        ValueError: ``d > 3``, codes out of range, or an absmax grid without ``bin_width``.
+    """
+    d = theta.shape[-1]
+    if d > 3:
+        raise ValueError("cell_keys handles d <= 3")
+    if isinstance(grid, StepGrid):
+        c = grid.codes(theta).astype(np.int64)
+        if np.abs(c).max(initial=0) >= 2**20:
+            raise ValueError("cell_keys handles step-grid codes within +-2^20")
+        key = np.zeros(c.shape[:-1], dtype=np.int64)
+        for j in range(d):
+            key = key * (2**21) + (c[..., j] + 2**20)
+        return key
+    if bin_width is None or not bin_width > 0:
+        raise ValueError("an absmax grid's keys need bin_width > 0 (the released absmax is continuous)")
+    flat = theta.reshape(-1, d)
+    q, _ = grid.release(flat)
+    i = np.abs(flat).argmax(-1)
+    v = np.take_along_axis(flat, i[:, None], 1)[:, 0]
+    vbin = np.floor(np.abs(v) / bin_width).astype(np.int64)
+    if vbin.max(initial=0) >= 2**31:
+        raise ValueError("bin_width too small for the released absmax values")
+    key = (i.astype(np.int64) * 2 + (v < 0)) * 2**31 + vbin
+    for j in range(d - 1):  # the other weights' codes, in index order (|q| <= 2^(bits-1) <= 128)
+        col = j + (j >= i).astype(np.int64)  # the j-th index other than i
+        other = np.take_along_axis(q.astype(np.int64), col[:, None], 1)[:, 0]
+        key = key * 2**9 + (other + 256)
+    return key.reshape(theta.shape[:-1])
 
 
 def tv_bracket(keys_in: np.ndarray, keys_out: np.ndarray, llr_of: Callable[[np.ndarray, int], np.ndarray] | None = None
@@ -203,7 +230,7 @@ def tv_bracket(keys_in: np.ndarray, keys_out: np.ndarray, llr_of: Callable[[np.n
     return out
 
 
-def _gaussian_test(grid: StepGrid, reps: np.ndarray, mean: np.ndarray, shifts: list[np.ndarray], cov: np.ndarray,
+def _gaussian_test(grid: StepGrid | AbsmaxGrid, reps: np.ndarray, mean: np.ndarray, shifts: list[np.ndarray], cov: np.ndarray,
                    seed: int) -> Callable[[np.ndarray, int], np.ndarray]:
     """``llr_of(first, half)`` of :func:`tv_bracket`: the Gaussian log-likelihood ratio of the
     cells of ``reps[first]`` with the in-out shift fitted on the other half."""
@@ -212,16 +239,19 @@ def _gaussian_test(grid: StepGrid, reps: np.ndarray, mean: np.ndarray, shifts: l
     return llr_of
 
 
-def exact_truth_logistic(s: Setting, grids: list[StepGrid], Z: int = 64, M: int = 1_000_000, seed: int = 0,
-                         out_draws: int = 2, base: LogisticBase | None = None, oracle_records: int = 4000,
+def exact_truth_logistic(s: Setting, grids: list[StepGrid | AbsmaxGrid], Z: int = 64, M: int = 1_000_000,
+                         seed: int = 0, out_draws: int = 2, base: LogisticBase | None = None,
+                         oracle_records: int = 4000, bin_sd: float = 0.05,
                          log: Callable[[str], None] | None = None) -> dict[str, np.ndarray]:
-    """``Delta`` of each step grid for a logistic setting: per target ``z ~ P`` the estimates
+    """``Delta`` of each grid for a logistic setting: per target ``z ~ P`` the estimates
     of :func:`tv_bracket` over the ``M`` coupled datasets, averaged over ``Z`` targets with the
     control variate (the first-order formula with the true parameters, as
     :func:`~mis_lightning.groundtruth.ground_truth.exact_truth_ols`). The test of ``"test"``
     is the Gaussian likelihood-ratio test of the first-order theory (out arm's mean and
     covariance, in-out shift from the other half), read on the released cells (GHK box
-    probabilities, :func:`~mis_lightning.groundtruth.ground_truth._llr_full`).
+    probabilities, :func:`~mis_lightning.groundtruth.ground_truth._llr_full`). Absmax grids are
+    read through :func:`cell_keys` with the released absmax in bins of ``bin_sd`` times the
+    largest weight sd (a coarsening of the release: its TV is at most the release's).
 
     Returns, per estimate ``e`` in ``("split", "test", "plug")``: ``e`` ``[G]`` (control-variate
     mean over targets), ``e + "_ci"`` ``[G, 2]`` (80% bootstrap interval over targets) and
@@ -232,11 +262,8 @@ def exact_truth_logistic(s: Setting, grids: list[StepGrid], Z: int = 64, M: int 
     one count per grid.
 
     Raises:
-        ValueError: a grid that is not a :class:`StepGrid`, or a non-logistic setting.
+        ValueError: a non-logistic setting (:func:`logistic_base`), ``d > 3``.
     """
-    bad = [g.name for g in grids if not isinstance(g, StepGrid)]
-    if bad:
-        raise ValueError(f"exact_truth_logistic takes step grids only, got {bad}")
     if base is None:
         base = logistic_base(s, M, seed=seed)
     M = len(base)
@@ -255,9 +282,10 @@ def exact_truth_logistic(s: Setting, grids: list[StepGrid], Z: int = 64, M: int 
     names = ("split", "test", "plug")
     est = {e: np.zeros((Z, G)) for e in names}
     null = np.zeros(G)
-    out_keys = [np.stack([cell_keys(g, o) for o in outs[:out_draws]], 1) for g in grids]
+    bw = bin_sd * float(np.max(s.sd))
+    out_keys = [np.stack([cell_keys(g, o, bw) for o in outs[:out_draws]], 1) for g in grids]
     for j, g in enumerate(grids):
-        null_keys = cell_keys(g, outs[out_draws])  # one null draw against the out arm: a same-law pair
+        null_keys = cell_keys(g, outs[out_draws], bw)  # one null draw against the out arm: a same-law pair
         null[j] = tv_bracket(null_keys, out_keys[j])["plug"]
     for i in range(Z):
         th_in = add_record(base, torch.from_numpy(zx[i]), torch.tensor(float(zy[i]))).numpy()
@@ -266,7 +294,7 @@ def exact_truth_logistic(s: Setting, grids: list[StepGrid], Z: int = 64, M: int 
         reps = np.concatenate([th_in, th_out.reshape(-1, s.d)])
         for j, g in enumerate(grids):
             llr_of = _gaussian_test(g, reps, mean, shifts, cov, seed + 7 * i)
-            r = tv_bracket(cell_keys(g, th_in), out_keys[j], llr_of)
+            r = tv_bracket(cell_keys(g, th_in, bw), out_keys[j], llr_of)
             for e in names:
                 est[e][i, j] = r[e]
         if log is not None:

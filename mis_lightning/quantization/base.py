@@ -605,6 +605,12 @@ class QuantizationScheme(ABC):
         notes: list[str] = []
         done: set[int] = set()
         for fqn, module in model.named_modules():
+            # A parametrized weight (weight_norm, spectral_norm) is computed on every read, and
+            # spectral_norm's read in train mode runs its power iteration, updating the user's
+            # buffers: it is no parameter either (named_parameters holds its originals), so skip
+            # it unread.
+            if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+                continue
             w = getattr(module, "weight", None)
             if not isinstance(w, Tensor) or id(w) not in names or id(w) in done:
                 continue

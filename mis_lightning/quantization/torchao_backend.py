@@ -179,6 +179,9 @@ class TorchAOScheme(SchemeConfig):
     def _skip_reason(self, module: nn.Module) -> str | None:
         g = getattr(self, "group_size", None)
         k = module.weight.shape[-1]
+        if k == 1:  # quantize_ raised "shape '[out, 1]' is invalid for input of size 1" (torchao 0.18)
+            return (f"in_features 1: scheme {self.name!r} leaves this layer in float (torchao's kernels "
+                    "cannot quantize a one-column weight)")
         if g is not None and k % g != 0:
             return (f"in_features {k} is not a multiple of the group size {g}: scheme "
                     f"{self.name!r} leaves this layer in float (torchao cannot quantize it)")
