@@ -687,8 +687,10 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
     return (f"the weights are correlated (median variance inflation factor {med:.3g} from the stored records' "
             f"gradients; the correlation model's shrinkage can only lower it): the diagonal estimator's sigma "
             f"(sqrt(V_jj) / H_jj) is then about {math.sqrt(med):.2g}x or more below the marginal sd of each weight "
-            "that its cells need, so the quantized schemes' figures can be far off in either direction (the "
-            f"unquantized baseline is not affected); {cure}")
+            "that its cells need, so the quantized schemes' figures can be far off in either direction; the "
+            "correlation model is then ill-conditioned too, and the unquantized baseline read through it "
+            "uncertain (2.2x the exact estimator's on a 49-weight ReLU MLP with a variance inflation of 119); "
+            f"{cure}")
 
 
 def _low_precision_note(model: nn.Module, names: Sequence[str]) -> str | None:

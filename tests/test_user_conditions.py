@@ -327,6 +327,44 @@ def test_weights_the_data_never_moves_carry_no_influence():
     dead = W1[:, 2:].reshape(-1)  # the weights on the two dead inputs
     assert bool((est.influence[:, dead] == 0).all())
     assert bool((est.sigma["0.weight"].reshape(3, 4)[:, 2:] == 0).all())
+    # ... nor correlation with the others (their rounding rows, normalised, read as unit-variance
+    # coordinates correlated 0.65 with live ones: quantized figures +8-10% on a dead ReLU unit)
+    assert bool((est.correlation[dead] == 0).all()) and bool((est.correlation[:, dead] == 0).all())
+
+
+def test_a_dead_relu_unit_changes_no_figure():
+    """A hidden unit no record activates (bias -100 under a ReLU) against the same function
+    without it: the exact estimator's figures of int8_weight_only (which quantizes per row, so
+    the dead unit's row has its own grid) must be equal to 1e-6; they read 8-10% higher while
+    the dead weights' rounding-level covariance rows entered the weights' correlation."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 4, generator=g, dtype=torch.float64)
+    y = torch.tanh(X @ torch.randn(4, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(400, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 1)).double()
+    opt = torch.optim.LBFGS(m.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _mse(m(X), y).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        m[0].bias[0] = -100.0
+    ref = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)).double()
+    with torch.no_grad():
+        ref[0].weight.copy_(m[0].weight[1:])
+        ref[0].bias.copy_(m[0].bias[1:])
+        ref[2].weight.copy_(m[2].weight[:, 1:])
+        ref[2].bias.copy_(m[2].bias)
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    kw = dict(estimation="exact", uncertainty_draws=0, num_records=400)
+    a = ml.assess(m, ["none", "native_int8_per_row"], dl, _mse, **kw)
+    b = ml.assess(ref, ["none", "native_int8_per_row"], dl, _mse, **kw)
+    for s in ("none", "native_int8_per_row"):
+        assert a.schemes[s].leakage == pytest.approx(b.schemes[s].leakage, rel=1e-6), s
 
 
 def test_params_leaving_out_trained_parameters_is_warned():
