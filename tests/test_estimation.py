@@ -157,3 +157,16 @@ def test_streamed_influences_match_stored_ones():
     for k in full.sigma:
         torch.testing.assert_close(full.sigma[k], small.sigma[k], rtol=1e-9, atol=0)
     assert math.isclose(full.diagnostics["gradient_norm"], small.diagnostics["gradient_norm"], rel_tol=1e-9)
+
+
+def test_record_keys_do_not_depend_on_the_dtype():
+    """The same records in float32, float64 or bfloat16-representable values, and labels as int32
+    or int64, get the same keys (the subsample of num_records must not move with a dtype: a
+    float64 copy of a model's data drew another 512 of 600 records and moved the figures 1%)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 3, generator=g).to(torch.bfloat16).float()  # exactly representable in all three
+    y = torch.randint(0, 4, (50,), generator=g)
+    k = record_keys([X, y], None, 50)
+    assert torch.equal(k, record_keys([X.double(), y.int()], None, 50))
+    assert torch.equal(k, record_keys([X.bfloat16(), y], None, 50))
+    assert not torch.equal(k, record_keys([X + 1, y], None, 50))
