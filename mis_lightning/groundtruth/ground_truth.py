@@ -32,6 +32,10 @@ the first as the ground truth and the other two to measure its bias:
    Monte Carlo over datasets: given ``S = sum x_i^2`` of the other records the estimator is
    exactly Gaussian, so the cell probabilities are 1-D integrals over ``S ~ chi^2``.
 
+Logistic regression has an exact-up-to-Monte-Carlo truth by coupled arms in
+:mod:`mis_lightning.groundtruth.logistic` (one fit per dataset, each added record by a Taylor
+solve), which replaced the LR-test bound as the validation's logistic reference.
+
 Data models: linear regression ``y = x . theta* + s eps`` (OLS, no intercept) and
 logistic regression (MLE by batched Newton, no intercept), with Gaussian AR(1) design
 ``x ~ N(0, R)``, ``R_ij = rho^|i-j|``. OLS datasets are drawn through their sufficient
