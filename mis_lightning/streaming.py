@@ -317,6 +317,7 @@ class EstimationMetric(Metric):
         state["_pickled_model"] = _ByValue(model)
         state["_pickled_acc"] = {"factored": acc.factored is not None, "out_shape": acc._out_shape,
                                  "reused": acc._reused, "probe_pending": acc._probe_pending,
+                                 "forward_floats": acc._forward_floats,
                                  "factored_kind": type(acc.factored).__name__,
                                  "generator": acc.generator.get_state() if acc.generator is not None else None}
         return state
@@ -331,8 +332,9 @@ class EstimationMetric(Metric):
         gen = torch.Generator().manual_seed(self.seed)
         acc = MomentAccumulator(model, generator=gen, **self._acc_kwargs)
         if extra is not None:
-            if extra.get("reused"):  # the first batch showed weight reuse: the same estimator
-                acc.resolve(extra["reused"])
+            if extra.get("reused") or extra.get("forward_floats") is not None:
+                # the first batch showed weight reuse or measured the forward: the same estimator
+                acc.resolve(extra.get("reused") or [], extra.get("forward_floats"))
             acc._probe_pending = extra.get("probe_pending", acc._probe_pending)
             if extra["generator"] is not None:
                 gen.set_state(extra["generator"])

@@ -166,12 +166,21 @@ def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse():
     assert reused_layers(m, X[:, :1]) == []  # one atom per record: no reuse
     assert reused_layers(m, X, ["head.weight", "head.bias"]) == []  # a frozen encoder: the head is used once
     assert choose_estimator(m, 50, n=32)[:2] == ("exact", "exact")  # the layer types alone
-    acc = MomentAccumulator(m, _ce, num_records=8, selection="hash")
+    # reuse seen, and a forward too costly for d passes of it: the diagonal sandwich
+    assert choose_estimator(m, 50, n=10**6, reused=["Linear on [B, 5, 3] (embed)"],
+                            forward_floats=1e3)[:2] == ("diagonal", "ggn")
+    # ... cheap: still exact (the diagonal sigma ignores the correlation reuse creates)
+    assert choose_estimator(m, 50, n=32, reused=["Linear on [B, 5, 3] (embed)"],
+                            forward_floats=1e3)[:2] == ("exact", "exact")
+    acc = MomentAccumulator(m, _ce, num_records=8, selection="hash", budget=2**27)
     assert acc.mode == "exact"
     acc.update((X, Y))
+    assert acc.mode == "exact" and "Linear on [B, 5, 3] (embed) layers, but the exact sandwich is cheap" in acc.reason
+    acc = MomentAccumulator(m, _ce, num_records=8, selection="hash", n_hint=10**7)
+    acc.update((X, Y))
     assert (acc.mode, acc.hessian) == ("diagonal", "ggn")
-    assert acc.reason == ("auto: Linear on [B, 5, 3] (embed) layers make the exact Hessian costly "
-                          "(d = 50 passes of their forward)")
+    assert acc.reason.startswith("auto: Linear on [B, 5, 3] (embed) layers make the exact Hessian costly "
+                                 "(d = 50 passes of their forward, n d x forward floats = ")
     assert isinstance(acc.factored, LayerProgram)
     est = acc.finalize()
     ref = MomentAccumulator(m, _ce, num_records=8, selection="hash", mode="diagonal", hessian="ggn",
@@ -196,11 +205,15 @@ def test_metric_front_end_takes_the_same_choice_and_keeps_it_through_pickling():
     torch.manual_seed(0)
     m = Atoms().eval()
     X, Y = torch.randn(32, 5, 3), torch.randint(0, 2, (32,))
+    ref = MomentAccumulator(m, _ce, num_records=8)
+    ref.update((X[:16], Y[:16]))
     met = MISIndicator(m, _ce, ["int8_weight_only"], num_records=8)
     met.update(X[:16], Y[:16])
-    assert (met.accumulator.mode, met.accumulator.hessian) == ("diagonal", "ggn")
+    # reuse seen, and cheap (n unknown: 10^4 records x 50 weights x this forward): exact, as assess
+    assert (met.accumulator.mode, met.accumulator.hessian) == (ref.mode, ref.hessian) == ("exact", "exact")
     again = pickle.loads(pickle.dumps(met))
-    assert (again.accumulator.mode, again.accumulator.hessian) == ("diagonal", "ggn")
+    assert (again.accumulator.mode, again.accumulator.hessian) == ("exact", "exact")
+    assert again.accumulator.reason == met.accumulator.reason
     again.update(X[16:], Y[16:])
     met.update(X[16:], Y[16:])
     a, b = met.accumulator.finalize(met._states()), again.accumulator.finalize(again._states())

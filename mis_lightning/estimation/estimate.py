@@ -71,6 +71,12 @@ EXACT_MAX_COST = 1e11
 WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd, nn.RNNBase, nn.RNNCellBase, nn.MultiheadAttention,
 )
+# ... unless the first batch shows the exact sandwich is cheap for them: n x d x (floats one
+# record's forward produces) below this (a few seconds), with d <= EXACT_MAX_PARAMS. The diagonal
+# sandwich's sigma ignores the weights' correlation (method.md section 4), which reuse layers make
+# strong: on a 4-weight linear Conv1d over an AR(1) input the default read 40-72% below the exact
+# truth, the exact estimator within 2%.
+EXACT_REUSE_MAX_COST = 2e9
 # Without an explicit ``dtype``, the diagonal estimator's per-sample passes (the per-layer and
 # factored nn.Linear programs) compute in float64 up to this many weights and in float32 above
 # (oneDNN kernels, ~2.5x faster on a CNN); their sums accumulate in float64 either way
@@ -386,9 +392,28 @@ def reused_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | No
     return out
 
 
+def forward_floats(model: nn.Module, inputs: Any, b: int) -> float | None:
+    """Floats one record's forward pass produces (every floating output of every op, counted on
+    one forward of a private copy over the batch ``inputs`` of ``b`` records, divided by ``b``):
+    the exact Hessian needs ``d`` forward-over-reverse passes of it. ``None`` when the model
+    cannot be copied or the forward fails here (the estimation reports that itself)."""
+    try:
+        copy = private_copy(model, "copying the model to measure its forward pass")
+    except ModelCopyError:
+        return None
+    counter = _CountFloats()
+    try:
+        with torch.no_grad(), counter:
+            copy.eval()(inputs)
+    except Exception:  # noqa: BLE001 - the estimation's own forward reports it
+        return None
+    return counter.total / max(b, 1)
+
+
 def choose_estimator(
     model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
     n: int | None = None, ggn: bool = True, reused: Iterable[str] = (),
+    forward_floats: float | None = None,
 ) -> tuple[str, str, str]:
     """Resolve ``"auto"`` for ``mode`` and ``hessian`` by estimated cost.
 
@@ -401,6 +426,11 @@ def choose_estimator(
             "outputs" are the losses themselves).
         reused: layers seen to reuse their weights within a record (:func:`reused_layers`:
             a Linear over atoms or positions), which the layer types alone do not show.
+        forward_floats: floats one record's forward pass produces (:func:`forward_floats`,
+            measured on the first batch); with weight reuse the exact sandwich is still chosen
+            when ``n d forward_floats <= EXACT_REUSE_MAX_COST`` (``None``: not measured yet, the
+            exact one is chosen provisionally for ``d <= EXACT_MAX_PARAMS`` and the first batch
+            decides).
 
     Returns:
         ``(mode, hessian, reason)``: the resolved choice and a sentence saying why.
@@ -413,10 +443,15 @@ def choose_estimator(
     """
     reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
     reuse += list(reused)
+    cost = None if forward_floats is None else (n or 10_000) * d * forward_floats
+    recurrent = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))})
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
-    elif reuse:
-        why = f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward)"
+    elif recurrent:  # torch.func cannot batch them: the exact Hessian's vmap over the model fails
+        why = f"{'; '.join(recurrent)} layers (torch.func cannot batch them for the exact Hessian)"
+    elif reuse and cost is not None and cost > EXACT_REUSE_MAX_COST:
+        why = (f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward, "
+               f"n d x forward floats = {cost:.2g} > {EXACT_REUSE_MAX_COST:.0g})")
     elif n is not None and n * d * d > EXACT_MAX_COST:
         why = f"n d^2 = {n * d * d:.2g} > {EXACT_MAX_COST:.0g}"
     else:
@@ -425,13 +460,22 @@ def choose_estimator(
     reason = "requested"
     if mode == "auto":
         mode = "exact" if cheap_exact else "diagonal"
-        reason = f"auto: d = {d:,} dense weights" if cheap_exact else f"auto: {why}"
+        if cheap_exact and reuse:
+            reason = (f"auto: d = {d:,} weights; {'; '.join(reuse)} layers, but the exact sandwich is cheap "
+                      + (f"(n d x forward floats = {cost:.2g})" if cost is not None else "(checked on the first batch)"))
+        else:
+            reason = f"auto: d = {d:,} dense weights" if cheap_exact else f"auto: {why}"
     if mode == "exact":
         return mode, "exact", reason
     if hessian == "auto":
-        hessian = "exact" if cheap_exact else ("ggn" if ggn else "hutchinson")
+        # the diagonal sandwich asked for (or chosen): its exact Hessian diagonal only for dense
+        # models; with weight reuse it would cost the d passes the diagonal mode is there to avoid
+        if cheap_exact and reuse:
+            why = f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward)"
+        exact_h = cheap_exact and not reuse
+        hessian = "exact" if exact_h else ("ggn" if ggn else "hutchinson")
         if reason == "requested":
-            reason = "auto Hessian: " + (f"d = {d:,} dense weights" if cheap_exact else why)
+            reason = "auto Hessian: " + (f"d = {d:,} dense weights" if exact_h else why)
     return mode, hessian, reason
 
 
@@ -556,6 +600,7 @@ class MomentAccumulator:
         # Linear is applied over atoms / positions (weight reuse the types do not show).
         self._probe_pending = hessian == "exact" and (self._request[0] == "auto" or self._request[1] == "auto")
         self._reused: list[str] = []
+        self._forward_floats: float | None = None
         self.estimator = describe_estimator(mode, hessian)
         if hessian not in ("exact", "ggn", "ggn_mc", "hutchinson"):
             raise ValueError(f"hessian must be 'auto', 'exact', 'ggn', 'ggn_mc' or 'hutchinson', got {hessian!r}")
@@ -593,15 +638,18 @@ class MomentAccumulator:
         self._c_out: int | None = None
         self.state = self.empty_state()
 
-    def resolve(self, reused: list[str]) -> None:
-        """Re-run the ``"auto"`` choice knowing the layers that reuse their weights (before
-        any record is accumulated): the fast program and a fresh ``state`` follow the new
-        choice (a caller's own state keeps the exact mode's ``[d, d]`` sums, unused)."""
+    def resolve(self, reused: list[str], floats: float | None = None) -> None:
+        """Re-run the ``"auto"`` choice knowing the layers that reuse their weights and the
+        floats of one record's forward pass (before any record is accumulated): the fast
+        program and a fresh ``state`` follow the new choice (a caller's own state keeps the
+        exact mode's ``[d, d]`` sums, unused). Without a measured forward a weight-reuse model
+        takes the diagonal sandwich."""
         mode, hessian, n_hint, ggn = self._request
-        self.mode, self.hessian, self.reason = choose_estimator(self.model, self.d, mode, hessian, n=n_hint,
-                                                                ggn=ggn, reused=reused)
+        self.mode, self.hessian, self.reason = choose_estimator(
+            self.model, self.d, mode, hessian, n=n_hint, ggn=ggn, reused=reused,
+            forward_floats=math.inf if floats is None else floats)
         self.estimator = describe_estimator(self.mode, self.hessian)
-        self._probe_pending, self._reused = False, list(reused)
+        self._probe_pending, self._reused, self._forward_floats = False, list(reused), floats
         log.info("estimation: %s (%s)", self.estimator, self.reason)
         if self.factored is None and self.use_factors and self.mode == "diagonal" \
                 and self.hessian in ("ggn", "ggn_mc") and self.program_cls is LossProgram:
@@ -679,9 +727,12 @@ class MomentAccumulator:
         inputs, targets, b = program.prepare(batch)
         if self._probe_pending:
             self._probe_pending = False
-            reused = reused_layers(self.model, self.batch_fn(batch)[0], self.names) if int(st["n"]) == 0 else []
-            if reused:
-                self.resolve(reused)
+            first = int(st["n"]) == 0
+            x = self.batch_fn(batch)[0]
+            reused = reused_layers(self.model, x, self.names) if first else []
+            typed = any(isinstance(m, WEIGHT_REUSE_LAYERS) for m in self.model.modules())
+            if reused or (typed and first):
+                self.resolve(reused, forward_floats(self.model, x, b) if first else None)
                 if state is None:
                     st = self.state
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
