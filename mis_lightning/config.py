@@ -91,8 +91,10 @@ class EstimationConfig:
     """Options of the estimation pass (``sigma`` and the influences ``w``; method.md section 4).
 
     Args:
-        mode: ``"exact"`` sandwich, ``"diagonal"`` or ``"auto"`` (exact for dense models up to
-            2,000 parameters). Front ends also take it as ``estimation=``.
+        mode: ``"exact"`` sandwich, ``"diagonal"`` or ``"auto"`` (exact up to 2,000 parameters
+            where it is cheap: for models with weight-reuse layers the first batch measures
+            the forward, :func:`~mis_lightning.estimation.estimate.choose_estimator`). Front ends
+            also take it as ``estimation=``.
         hessian: diagonal mode's Hessian: ``"exact"``, ``"ggn"`` (exact Gauss-Newton diagonal),
             ``"ggn_mc"`` (sampled-label Monte Carlo Gauss-Newton: one backward pass per draw
             instead of one per output direction; its error in ``diagnostics``), ``"hutchinson"``
