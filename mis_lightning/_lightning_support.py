@@ -415,7 +415,10 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
                               estimation_config=estimation_config, batch_fn=None if hook else batch_fn)
-    rank_zero_info(f"MISCallback: estimation pass ({metric.mode}, d={metric.accumulator.d}) "
+    # "auto" on a model with weight-reuse layers decides on the first batch (its forward's cost)
+    mode = f"{metric.mode}, or diagonal if the first batch shows it costly" if metric.accumulator.choice_pending \
+        else metric.mode
+    rank_zero_info(f"MISCallback: estimation pass ({mode}, d={metric.accumulator.d}) "
                    f"over the training records ({world} process(es))")
     batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
 

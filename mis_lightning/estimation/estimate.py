@@ -638,6 +638,12 @@ class MomentAccumulator:
         self._c_out: int | None = None
         self.state = self.empty_state()
 
+    @property
+    def choice_pending(self) -> bool:
+        """Whether ``"auto"``'s choice still waits for the first batch (weight reuse and the
+        forward's cost are measured there); :attr:`mode` is provisional until then."""
+        return self._probe_pending
+
     def resolve(self, reused: list[str], floats: float | None = None) -> None:
         """Re-run the ``"auto"`` choice knowing the layers that reuse their weights and the
         floats of one record's forward pass (before any record is accumulated): the fast
