@@ -49,3 +49,13 @@ def one_thread_fresh_guard():
     yield
     fastpath.GUARD.reset()
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (simulations whose timing on 2 shared cores is better
+    single-threaded), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from mis_lightning.groundtruth import ground_truth as GT
 from mis_lightning.groundtruth import logistic as LG
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_taylor_solve_equals_full_newton_fits():

@@ -9,13 +9,7 @@ import torch
 from mis_lightning.groundtruth import compare as C
 from mis_lightning.groundtruth import ground_truth as GT
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lr_test_matches_exact_ols_1d():
