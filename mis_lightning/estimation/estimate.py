@@ -1298,19 +1298,22 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
 
 
 # Per-sample gradient sd, relative to the largest median sd of a parameter of the same module,
-# below which a coordinate's gradients are rounding (in units of the compute dtype's eps): a
-# bias before a normalisation (InstanceNorm, LayerNorm over its channels) cancels exactly, and
-# its float64 gradients (~1e-16 of the weights') standardised by their own sd read as a
-# full-size influence (+3% to +19% on a Conv1d + InstanceNorm model).
+# below which a coordinate's gradients are rounding (in units of the compute dtype's eps, at most
+# ROUNDING_GRADIENT_MAX): a bias before a normalisation (InstanceNorm, LayerNorm over its
+# channels) cancels exactly, and its float64 gradients (~1e-16 of the weights') standardised by
+# their own sd read as a full-size influence (+3% to +19% on a Conv1d + InstanceNorm model). The
+# cap keeps float32 passes (1e3 eps = 1.2e-4) from taking a bias under inputs of magnitude ~1e4
+# (its gradient 1e-4 of its weight's) for rounding.
 ROUNDING_GRADIENT_EPS = 1e3
+ROUNDING_GRADIENT_MAX = 1e-5
 
 
 def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, tuple[int, int]], eps: float,
                                 diagnostics: dict[str, Any]) -> Tensor:
     """``V_jj`` for standardising the influences ``w_j = -(g_j - g_bar_j) / sqrt(V_jj)``, with
     ``+inf`` (so ``w_j = 0``: no influence) where the per-sample gradient sd is below
-    ``ROUNDING_GRADIENT_EPS * eps`` times the largest median sd among the parameters of the same
-    module; ``diagnostics["rounding_gradient_weights"]`` counts them."""
+    ``min(ROUNDING_GRADIENT_EPS * eps, ROUNDING_GRADIENT_MAX)`` times the largest median sd among
+    the parameters of the same module; ``diagnostics["rounding_gradient_weights"]`` counts them."""
     by_module: dict[str, float] = {}
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
@@ -1321,7 +1324,7 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
         sl = slice(*offsets[k])
-        low = v[sl].clamp_min(0.0).sqrt() <= ROUNDING_GRADIENT_EPS * eps * by_module[mod]
+        low = v[sl].clamp_min(0.0).sqrt() <= min(ROUNDING_GRADIENT_EPS * eps, ROUNDING_GRADIENT_MAX) * by_module[mod]
         if by_module[mod] > 0 and bool(low.any()):
             out[sl] = torch.where(low, torch.full_like(v[sl], math.inf), v[sl])
             flagged += int(low.sum())
