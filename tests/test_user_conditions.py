@@ -341,16 +341,7 @@ def test_a_dead_relu_unit_changes_no_figure():
     X = torch.randn(400, 4, generator=g, dtype=torch.float64)
     y = torch.tanh(X @ torch.randn(4, generator=g, dtype=torch.float64)) + 0.3 * torch.randn(400, generator=g, dtype=torch.float64)
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 1)).double()
-    opt = torch.optim.LBFGS(m.parameters(), max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = _mse(m(X), y).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    m = _lbfgs_fit(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 1)).double(), X, y, 300)
     with torch.no_grad():
         m[0].bias[0] = -100.0
     ref = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1)).double()
@@ -387,6 +378,20 @@ def test_params_leaving_out_trained_parameters_is_warned():
     assert not any("trainable parameter" in w for w in r.warnings)
     r = ml.assess(nn.Linear(3, 1), ["rtn_int8"], dl, mse, uncertainty_draws=0)
     assert not any("trainable parameter" in w for w in r.warnings)
+
+
+def _lbfgs_fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, iters: int) -> nn.Module:
+    """``model`` fitted to the mean squared error by L-BFGS (one call of ``iters`` iterations)."""
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = _mse(model(X), y).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model
 
 
 class _Wrapped(nn.Module):
@@ -494,16 +499,7 @@ def test_a_bias_cancelled_by_a_normalisation_carries_no_influence():
             return self.head(torch.tanh(self.norm(self.c(x))).flatten(1))
 
     torch.manual_seed(0)
-    with_bias = Net(True)
-    opt = torch.optim.LBFGS(with_bias.parameters(), max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = _mse(with_bias(X), Y).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)  # trained: the bias's gradients are rounding, not exact zeros
+    with_bias = _lbfgs_fit(Net(True), X, Y, 100)  # trained: the bias's gradients are rounding, not exact zeros
     without = Net(False)
     without.load_state_dict({k: v for k, v in with_bias.state_dict().items() if k != "c.bias"})
     dl = DataLoader(TensorDataset(X, Y), batch_size=100)
