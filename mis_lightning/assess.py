@@ -607,7 +607,7 @@ def score_schemes(
     if vif_rc is None and est.mode == "diagonal" and est.influence_stored and est.influence is not None \
             and est.num_records >= 8 and est.d > 1:  # covariance="independent": measured all the same
         vif_rc = F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
-    vif = _diagonal_sigma_warning(est, vif_rc, diagnostics)
+    vif = _diagonal_sigma_warning(est, vif_rc, diagnostics, headline=rc is not None)
     if vif:
         report.warnings.append(vif)
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
@@ -672,7 +672,7 @@ def score_schemes(
 
 
 def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | None,
-                            diagnostics: dict[str, Any]) -> str | None:
+                            diagnostics: dict[str, Any], headline: bool = True) -> str | None:
     """The diagonal estimator's ``sigma_j`` is ``sqrt(V_jj) / H_jj``; the cells need the marginal
     sd ``sqrt((H^-1 V H^-1)_jj)``, which with correlated weights is larger by about the square
     root of the coordinate's variance inflation factor (exactly so when ``V = H``: the ratio of
@@ -680,7 +680,7 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
     factor (``diag(R^-1)`` of their correlation model; ``V = H`` at a well-specified minimum).
     Sets ``diagnostics["variance_inflation_median"]`` and returns a warning above
     :data:`VARIANCE_INFLATION_WARN` (method.md section 4, "The diagonal sandwich and correlated
-    weights")."""
+    weights"); ``headline``: the correlated headline reads its baseline through ``rc``."""
     if est.mode != "diagonal" or rc is None:
         return None
     vif = rc.variance_inflation().clamp_min(1.0)
@@ -694,10 +694,11 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
     return (f"the weights are correlated (median variance inflation factor {med:.3g} from the stored records' "
             f"gradients; the correlation model's shrinkage can only lower it): the diagonal estimator's sigma "
             f"(sqrt(V_jj) / H_jj) is then about {math.sqrt(med):.2g}x or more below the marginal sd of each weight "
-            "that its cells need, so the quantized schemes' figures can be far off in either direction; the "
-            "correlation model is then ill-conditioned too, and the unquantized baseline read through it "
-            "uncertain (2.2-4.8x the exact estimator's on small ReLU MLPs and LoRA adapters with variance "
-            f"inflations of 66-264); {cure}")
+            "that its cells need, so the quantized schemes' figures can be far off in either direction; "
+            + ("the correlation model is then ill-conditioned too, and the unquantized baseline read through it "
+               "uncertain (2.2-4.8x the exact estimator's on small ReLU MLPs and LoRA adapters with variance "
+               "inflations of 66-264); " if headline else "")
+            + cure)
 
 
 def _low_precision_note(model: nn.Module, names: Sequence[str]) -> str | None:
