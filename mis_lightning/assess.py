@@ -683,7 +683,18 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
     weights"); ``headline``: the correlated headline reads its baseline through ``rc``."""
     if est.mode != "diagonal" or rc is None:
         return None
-    vif = rc.variance_inflation().clamp_min(1.0)
+    if 4 * est.d <= est.num_records:
+        vif = rc.variance_inflation().clamp_min(1.0)
+        where = "from the stored records' gradients"
+    else:
+        # d > m / 4: the correlation of all d weights is not estimable from m records (a factor
+        # model's residual variances go to 0 and its inverse saturates at 1 / shrinkage: median
+        # 1,000 on a d / n = 46 ChEMBL MLP); within one row of each weight tensor (one output's
+        # fan-in, at most m / 8 weights) it is, and a VIF within a subset is a lower bound
+        vif = _row_variance_inflation(est)
+        where = "within single rows of the weight tensors, a lower bound"
+        if vif is None:
+            return None
     med = float(vif.median())
     diagnostics["variance_inflation_median"] = med
     diagnostics["variance_inflation_p90"] = float(vif.quantile(0.9))
@@ -691,14 +702,41 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
         return None
     cure = (f"estimation='exact' computes the marginal sd (d = {est.d:,})" if est.d <= EXACT_MAX_PARAMS else
             f"no exact estimator for d = {est.d:,} here: read them as indicative")
-    return (f"the weights are correlated (median variance inflation factor {med:.3g} from the stored records' "
-            f"gradients; the correlation model's shrinkage can only lower it): the diagonal estimator's sigma "
+    return (f"the weights are correlated (median variance inflation factor {med:.3g} {where}; the correlation "
+            f"model's shrinkage can only lower it): the diagonal estimator's sigma "
             f"(sqrt(V_jj) / H_jj) is then about {math.sqrt(med):.2g}x or more below the marginal sd of each weight "
             "that its cells need, so the quantized schemes' figures can be far off in either direction; "
             + ("the correlation model is then ill-conditioned too, and the unquantized baseline read through it "
                "uncertain (2.2-4.8x the exact estimator's on small ReLU MLPs and LoRA adapters with variance "
                "inflations of 66-264); " if headline else "")
             + cure)
+
+
+def _row_variance_inflation(est: Estimate) -> Tensor | None:
+    """Variance inflation factors of the weights of the first row of each assessed weight tensor
+    (at most ``num_records / 8`` of them), from the stored influences' sample correlation within
+    the row (scaled by ``(m - p - 1) / (m - 1)``, the inverse sample correlation's mean inflation),
+    or ``None`` (no tensor with a row of >= 2 weights)."""
+    assert est.influence is not None
+    m = est.influence.shape[0]
+    out = []
+    for name in est.names:
+        a, b = est.offsets[name]
+        shape = est.shapes[name]
+        if len(shape) < 2:
+            continue
+        p = min(b - a, math.prod(shape[1:]), max(m // 8, 2))
+        if p < 2:
+            continue
+        W = est.influence[:, a: a + p].to(torch.float64)
+        W = W[:, W.square().sum(0) > 0]
+        p = W.shape[1]
+        if p < 2:
+            continue
+        R = F.correlated.correlation_from_covariance(W.T @ W / m)
+        vif = torch.linalg.pinv(R, hermitian=True, rtol=F.correlated.RCOND).diagonal()
+        out.append(vif * (m - p - 1) / (m - 1))
+    return torch.cat(out).clamp_min(1.0) if out else None
 
 
 def _low_precision_note(model: nn.Module, names: Sequence[str]) -> str | None:
