@@ -311,15 +311,8 @@ def test_factor_model_scores_new_records_without_inflation(d, m, rho):
     assert 0.94 <= sum(ratios) / 2 <= 1.10
 
 
-@pytest.mark.parametrize("rho", [0.0, 0.9])
-def test_diagonal_sigma_on_correlated_weights_is_measured_and_warned(rho):
-    """The diagonal sandwich's sigma is the conditional sd of a weight; with an AR(1) design the
-    marginal one (exact estimator) is larger by sqrt(VIF), VIF = (1 + rho^2) / (1 - rho^2) = 9.53
-    for an interior coordinate at rho = 0.9. The report's variance inflation factor (from the
-    stored records' gradients) must read it (within 20%: 2,000 records, a shrunk factor model),
-    the exact / diagonal sigma ratio must match its square root (within 20%), and the warning
-    must be there at rho = 0.9 and absent at rho = 0 (VIF 1)."""
-    n, k = 2000, 16
+def _ar1_ols(rho: float, n: int = 2000, k: int = 16) -> tuple[nn.Module, DataLoader]:
+    """OLS ``nn.Linear(k, 1)`` fitted exactly on an AR(1) Gaussian design (correlation ``rho``)."""
     g = torch.Generator().manual_seed(0)
     idx = torch.arange(k)
     R = rho ** (idx[:, None] - idx[None, :]).abs().double()
@@ -328,10 +321,23 @@ def test_diagonal_sigma_on_correlated_weights_is_measured_and_warned(rho):
     m = nn.Linear(k, 1, bias=False).double()
     with torch.no_grad():
         m.weight.copy_(torch.linalg.lstsq(X, Y.unsqueeze(-1)).solution.T)
-    loader = DataLoader(TensorDataset(X, Y), batch_size=500)
+    return m, DataLoader(TensorDataset(X, Y), batch_size=500)
 
-    def mse(o, y):
-        return (o.squeeze(-1) - y) ** 2
+
+def _sq(o, y):
+    return (o.squeeze(-1) - y) ** 2
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.9])
+def test_diagonal_sigma_on_correlated_weights_is_measured_and_warned(rho):
+    """The diagonal sandwich's sigma is the conditional sd of a weight; with an AR(1) design the
+    marginal one (exact estimator) is larger by sqrt(VIF), VIF = (1 + rho^2) / (1 - rho^2) = 9.53
+    for an interior coordinate at rho = 0.9. The report's variance inflation factor (from the
+    stored records' gradients) must read it (within 20%: 2,000 records, a shrunk factor model),
+    the exact / diagonal sigma ratio must match its square root (within 20%), and the warning
+    must be there at rho = 0.9 and absent at rho = 0 (VIF 1)."""
+    m, loader = _ar1_ols(rho)
+    mse = _sq
 
     reps = {e: assess(m, ["none"], loader, mse, estimation=e, uncertainty_draws=0) for e in ("diagonal", "exact")}
     vif = reps["diagonal"].diagnostics["variance_inflation_median"]
@@ -352,19 +358,9 @@ def test_diagonal_sigma_check_above_a_quarter_of_the_records_reads_within_rows()
     then reads the VIF within the first row of each weight tensor (a lower bound). OLS on an
     AR(1) rho = 0.9 design, 48 records: 6 consecutive weights, VIF 5.3 at the ends and 9.5
     inside; read within [4, 16] (48 records) and warned; independent features: not warned."""
-    n, k = 2000, 16
     for rho, warned in ((0.9, True), (0.0, False)):
-        g = torch.Generator().manual_seed(0)
-        idx = torch.arange(k)
-        R = rho ** (idx[:, None] - idx[None, :]).abs().double()
-        X = torch.randn(n, k, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(R).T
-        Y = X @ (torch.randn(k, generator=g, dtype=torch.float64) / 4) + torch.randn(n, generator=g, dtype=torch.float64)
-        m = nn.Linear(k, 1, bias=False).double()
-        with torch.no_grad():
-            m.weight.copy_(torch.linalg.lstsq(X, Y.unsqueeze(-1)).solution.T)
-        rep = assess(m, ["none"], DataLoader(TensorDataset(X, Y), batch_size=500),
-                     lambda o, y: (o.squeeze(-1) - y) ** 2, estimation="diagonal", uncertainty_draws=0,
-                     num_records=48)
+        m, loader = _ar1_ols(rho)
+        rep = assess(m, ["none"], loader, _sq, estimation="diagonal", uncertainty_draws=0, num_records=48)
         vif = rep.diagnostics["variance_inflation_median"]
         w = [x for x in rep.warnings if "within single rows" in x]
         assert bool(w) == warned, (rho, vif, w)
