@@ -30,6 +30,7 @@ from torch.utils.data import (
 from ._lightning_compat import trainer_package
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
+from .estimation.batching import merge_batches
 from .estimation.per_sample import check_record_losses, check_record_outputs
 from .evaluation import evaluate_utility, to_device
 from .progress import ProgressDisplay
@@ -433,9 +434,11 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     device, done = next(pl_module.parameters()).device, 0
     total = len(shard) if shard is not None else None
     with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
-        for batch in loader:
-            metric.update(trainer_batch(trainer, batch, device))
-            done += getattr(loader, "batch_size", None) or 1
+        # consecutive batches merged for the estimation pass (the same sums, fewer per-batch costs)
+        batches = (trainer_batch(trainer, batch, device) for batch in loader)
+        for batch, rows in merge_batches(batches, lambda: metric.accumulator.records_per_update):
+            metric.update(batch)
+            done += rows or getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
         est = metric.estimate()
         report = score_schemes(est, pl_module, schemes, scoring_config=scoring_config,

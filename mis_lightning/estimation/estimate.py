@@ -33,11 +33,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .._modelcopy import ModelCopyError, private_copy
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import Correlation, correlation_from_covariance
+from .batching import merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
     FactoredProgram,
     LayerProgram,
     LinearFactors,
+    _BatchTaps,
     _Sparse,
     factored_power_sums,
     iterate_factor_blocks,
@@ -97,6 +99,11 @@ log = logging.getLogger(__name__)
 # Stored records per forward/backward pass when their per-sample gradients are recomputed
 # (activations of a batch of this size; the default num_records in one pass).
 TAP_BLOCK = 512
+# The diagonal estimator's fast programs take consecutive loader batches merged up to this
+# many records (batching.merge_batches: fewer fixed per-batch costs; the sums do not depend on
+# the grouping), within MERGE_FLOATS floats of per-record layer taps held for the batch
+MERGE_MAX_RECORDS = 512
+MERGE_FLOATS = 1 << 24
 DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB in float32)
 # Above this many weights (where the sums are accumulated in float32 anyway) and without stored
 # influences, the estimate's per-weight state (theta, sigma, the gradient means and variances)
@@ -636,6 +643,9 @@ class MomentAccumulator:
         self._factors_possible = self.keep_w
         self.keep_factors = mode == "exact" and self._factors_possible
         self._c_out: int | None = None
+        # records per update for merged loader batches (batching.merge_batches): 0 (batches as
+        # they come) until the first batch of a fast program has shown its taps' size
+        self.records_per_update = 0
         self.state = self.empty_state()
 
     @property
@@ -757,6 +767,8 @@ class MomentAccumulator:
                 return self.update(batch, state)
             else:
                 self._settle_ggn()
+                if not self.records_per_update:
+                    self.records_per_update = _records_per_update(fac, b)
                 self._update_factored(st, fac, inputs, targets, b, keys)
                 return b
         self._settle_ggn()
@@ -1411,11 +1423,22 @@ def estimate(
                             n_hint=_dataset_size(train_dataloader), **options)
     log.info("estimation: %s (%s), d = %d", acc.estimator, acc.reason, acc.d)
     n = 0
-    for batch in train_dataloader:
+    for batch, _ in merge_batches(train_dataloader, lambda: acc.records_per_update):
         n += acc.update(batch)
         if progress is not None:
             progress(n)
     return acc.finalize()
+
+
+def _records_per_update(fac: Any, b: int) -> int:
+    """Records per merged batch of a fast program (:data:`MERGE_MAX_RECORDS`, fewer when its
+    per-record taps, measured on a batch of ``b``, would exceed :data:`MERGE_FLOATS`); at least 1."""
+    if isinstance(fac, tuple) and isinstance(fac[0], _BatchTaps):  # the per-layer program's taps
+        floats = fac[0].numel()
+    else:  # the factored Linear path: per-record layer inputs and output gradients [B, width]
+        floats = sum(t.numel() for t in torch.utils._pytree.tree_leaves(fac)
+                     if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[0] == b)
+    return max(1, min(MERGE_MAX_RECORDS, int(MERGE_FLOATS // max(floats / max(b, 1), 1.0))))
 
 
 def _dataset_size(loader: Any) -> int | None:

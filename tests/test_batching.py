@@ -1,0 +1,128 @@
+"""Loader batches merged for the estimation pass (estimation/batching.py): the same records in
+the same order, only regrouped, so every figure of the estimate is the one of the unmerged
+pass up to float64 summation order (tolerance 1e-10 relative: sums of a few hundred float64
+terms regrouped; a wrong grouping, a lost or duplicated record moves them by >= 1e-3)."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning.estimation import estimate
+from mis_lightning.estimation.batching import batch_rows, merge_batches
+
+E = importlib.import_module("mis_lightning.estimation.estimate")
+
+
+def _ce(o, y):
+    return F.cross_entropy(o, y, reduction="none")
+
+
+def _batches(sizes, tail=(3,)):
+    out, start = [], 0
+    for s in sizes:
+        x = torch.arange(start, start + s, dtype=torch.float32).reshape(s, 1).expand(s, *tail).contiguous()
+        out.append({"x": x, "y": torch.arange(start, start + s)})
+        start += s
+    return out
+
+
+def test_merge_batches_concatenates_up_to_the_cap_in_order():
+    batches = _batches([4, 4, 4, 4, 4])
+    got = list(merge_batches(batches, lambda: 9))
+    assert [r for _, r in got] == [8, 8, 4]
+    ys = torch.cat([b["y"] for b, _ in got])
+    assert torch.equal(ys, torch.arange(20))  # every record once, in order
+    assert torch.equal(got[0][0]["x"][:, 0], torch.arange(8, dtype=torch.float32))
+    # no cap yet (the consumer has not sized the merge): batches pass as they came
+    assert [b is orig for (b, _), orig in zip(merge_batches(batches, lambda: 0), batches)] == [True] * 5
+
+
+def test_merge_batches_never_merges_what_cannot_be_concatenated():
+    a, b = _batches([4, 4])
+    wide = {"x": torch.zeros(4, 5), "y": torch.arange(4)}  # another per-record shape (padding)
+    names = {"x": torch.zeros(4, 3), "y": ["s"] * 4}  # a non-tensor leaf
+    ragged = {"x": torch.zeros(4, 3), "y": torch.arange(3)}  # leaves of different lengths
+    assert batch_rows(names) is None and batch_rows(ragged) is None and batch_rows(a) == 4
+    got = list(merge_batches([a, wide, b, names, ragged], lambda: 64))
+    assert [r for _, r in got] == [4, 4, 4, None, None]
+    assert got[1][0] is wide and got[3][0] is names and got[4][0] is ragged
+    # a batch larger than the cap passes alone and ends the pending merge
+    big = _batches([4, 10])
+    assert [r for _, r in merge_batches(big, lambda: 8)] == [4, 10]
+
+
+class _TF(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("kind", ["transformer", "mlp"])
+def test_merged_estimation_equals_the_unmerged_pass(kind, monkeypatch):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if kind == "transformer":  # the per-layer program (embedding, attention, norms)
+        model = _TF().eval()
+        X, Y = torch.randint(0, 11, (96, 5), generator=g), torch.randint(0, 3, (96,), generator=g)
+    else:  # the factored nn.Linear path
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        X, Y = torch.randn(96, 4, generator=g), torch.randint(0, 3, (96,), generator=g)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=8)
+    kw = dict(mode="diagonal", hessian="ggn", num_records=20, dtype=torch.float64)
+    merged = estimate(model, loader, _ce, **kw)
+    calls = []
+
+    def counted(batches, records):
+        for batch, rows in merge_batches(batches, records):
+            calls.append(rows)
+            yield batch, rows
+
+    monkeypatch.setattr(E, "merge_batches", counted)
+    monkeypatch.setattr(E, "_records_per_update", lambda fac, b: 1)
+    plain = estimate(model, loader, _ce, **kw)
+    assert calls == [8] * 12, calls  # unmerged: one update per loader batch
+    calls.clear()
+    monkeypatch.setattr(E, "_records_per_update", lambda fac, b: 40)
+    again = estimate(model, loader, _ce, **kw)
+    assert calls == [8, 40, 40, 8], calls  # the first batch sizes the merge, then up to 40 records
+    assert merged.n == plain.n == again.n == 96
+    for est in (merged, again):
+        for k in plain.names:
+            torch.testing.assert_close(est.sigma[k], plain.sigma[k], rtol=1e-10, atol=0)
+            torch.testing.assert_close(est._g_mean[k], plain._g_mean[k], rtol=1e-10, atol=1e-14)
+        assert est.diagnostics.keys() == plain.diagnostics.keys()
+        for k, v in plain.diagnostics.items():
+            if isinstance(v, float):
+                assert est.diagnostics[k] == pytest.approx(v, rel=1e-8, abs=1e-12), k
+        cols = {p: torch.ones(plain.offsets[plain.names[0]][1], 2, dtype=torch.float64) for p in (2, 4)}
+        for p, v in est.power_sums(plain.names[0], cols).items():
+            torch.testing.assert_close(v, plain.power_sums(plain.names[0], cols)[p], rtol=1e-10, atol=0)
+
+
+def test_records_per_update_is_bounded_by_the_taps_memory():
+    model = _TF().eval()
+    acc = E.MomentAccumulator(model, _ce, mode="diagonal", hessian="ggn", dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    acc.update((torch.randint(0, 11, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g)))
+    assert acc.records_per_update == E.MERGE_MAX_RECORDS  # small taps: the record cap
+    taps = acc.factored  # the per-layer program was used
+    assert taps is not None
+    acc2 = E.MomentAccumulator(model, _ce, mode="diagonal", hessian="ggn", dtype=torch.float64)
+    E_floats = E.MERGE_FLOATS
+    try:
+        E.MERGE_FLOATS = 1000  # a per-record taps size above the budget / 8 records
+        acc2.update((torch.randint(0, 11, (8, 5), generator=g), torch.randint(0, 3, (8,), generator=g)))
+    finally:
+        E.MERGE_FLOATS = E_floats
+    assert 1 <= acc2.records_per_update < 8
