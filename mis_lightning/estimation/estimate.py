@@ -1383,6 +1383,10 @@ def estimate(
     """Stream the training records once and estimate ``sigma`` and ``w`` (method.md section 4).
 
     A thin loop over :class:`MomentAccumulator` (``update`` per batch, then ``finalize``).
+    Consecutive loader batches of the same layout are concatenated up to
+    :attr:`MomentAccumulator.records_per_update` records before ``update``
+    (:func:`~mis_lightning.estimation.batching.merge_batches`): the same records and sums,
+    fewer per-batch costs.
 
     Args:
         model: the trained model (never modified).
