@@ -414,8 +414,11 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     loader = reloader(train, shard, batch_size)
     val = single_loader(trainer.val_dataloaders, "validation")
     val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
+    # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
+    n_total = len(records) if records is not None else (len(ds) if ds is not None else None)
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
-                              estimation_config=estimation_config, batch_fn=None if hook else batch_fn)
+                              estimation_config=estimation_config, batch_fn=None if hook else batch_fn,
+                              num_training_records=n_total)
     # "auto" on a model with weight-reuse layers decides on the first batch (its forward's cost)
     mode = f"{metric.mode}, or diagonal if the first batch shows it costly" if metric.accumulator.choice_pending \
         else metric.mode

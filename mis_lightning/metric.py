@@ -113,6 +113,10 @@ class MISIndicator(EstimationMetric):
         utility_fn: ``utility_fn(quantized_copy) -> {name: value}``, recorded per scheme.
         progress: ``progress("schemes", i)`` hook during ``compute`` (see
             :mod:`mis_lightning.progress`).
+        num_training_records: the number of training records the stream will hold, when known:
+            ``estimation="auto"`` weighs the exact sandwich's cost by it, as ``assess`` does with
+            ``len(dataset)`` (``None`` assumes 10,000; the same data then may get another
+            estimator than ``assess`` gives it).
         options: fields of either config by name (``estimation="exact"``, ``num_records=64``,
             ``method="mc"``, ...), then torchmetrics ``Metric`` options (``process_group``,
             ``sync_on_compute``, ...).
@@ -169,12 +173,13 @@ class MISIndicator(EstimationMetric):
         batch_fn: BatchFn | None = None,
         utility_fn: Callable[[nn.Module], Mapping[str, float]] | None = None,
         progress: ProgressFn | None = None,
+        num_training_records: int | None = None,
         **options: Any,
     ) -> None:
         est_cfg, sc_cfg, metric_kwargs = stage_configs(
             "MISIndicator", estimation_config, scoring_config, options, defaults={"strict": False})
         super().__init__(model, loss_fn, estimation_config=est_cfg, seed=sc_cfg.seed,
-                         batch_fn=batch_fn, **metric_kwargs)
+                         batch_fn=batch_fn, num_training_records=num_training_records, **metric_kwargs)
         # fails early on [] and unknown names
         self.schemes = resolve_schemes(default_schemes() if schemes is None else schemes)
         for msg in check_schemes(model, self.schemes, strict=sc_cfg.strict):  # before any update

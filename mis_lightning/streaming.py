@@ -224,6 +224,10 @@ class EstimationMetric(Metric):
         estimation_config: the estimation options (``weight_decay=None`` reads the model's).
         seed: seed of the Hutchinson probes.
         batch_fn: ``batch -> (inputs, targets)`` for other layouts.
+        num_training_records: the number of training records the stream will hold, when known
+            (``assess`` reads it from ``len(dataset)``, ``MISCallback`` from the trainer's data):
+            ``estimation="auto"`` weighs the exact sandwich's cost by it; ``None`` assumes
+            10,000 (:func:`~mis_lightning.estimation.estimate.choose_estimator`).
         kwargs: torchmetrics ``Metric`` options (``process_group``, ``sync_on_compute``, ...).
 
     Raises:
@@ -245,6 +249,7 @@ class EstimationMetric(Metric):
         estimation_config: EstimationConfig,
         seed: int = 0,
         batch_fn: BatchFn | None = None,
+        num_training_records: int | None = None,
         **kwargs: Any,
     ) -> None:
         try:
@@ -278,7 +283,7 @@ class EstimationMetric(Metric):
         self._acc_kwargs = dict(
             loss_fn=loss_fn, param_names=names, weight_decay=cfg.resolved_weight_decay(model),
             batch_fn=batch_fn, selection="hash", program_cls=program_cls,
-            ggn_available=not self.uses_hook, **cfg.estimator_kwargs(),
+            ggn_available=not self.uses_hook, n_hint=num_training_records, **cfg.estimator_kwargs(),
         )
         acc = MomentAccumulator(model, generator=torch.Generator().manual_seed(seed), **self._acc_kwargs)
         self._ref = _Ref((model, acc))

@@ -762,3 +762,33 @@ def test_assessed_figures_can_be_monitored(tmp_path):
     assert ck.best_model_path and float(ck.best_model_score) == pytest.approx(
         max(h["summary"]["rtn_int8"]["mis"] for h in cb.history if h["stage"] == "validation"))
     assert float(trainer.callback_metrics["mis/rtn_int8/leakage"]) == pytest.approx(cb.report.schemes["rtn_int8"].leakage)
+
+
+class ConvRegressor(Regressor):
+    """A Conv1d over 64 positions (weight reuse: "auto" weighs the exact sandwich's cost by n)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Unflatten(1, (2, 64)), nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(),
+                                 nn.Linear(4 * 62, 1))
+
+
+def test_auto_estimator_is_the_same_in_the_callback_and_assess(tmp_path):
+    """The callback knows the number of training records as assess does (len(dataset)): with
+    10^4 assumed, this 277-weight Conv1d took the diagonal sandwich in the callback and the
+    exact one in assess, and read another baseline (examples/cnn_callback.py: 0.76 vs 0.34)."""
+    import mis_lightning as ml
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(160, 128, generator=g)
+    y = X[:, :64].mean(1) + 0.1 * torch.randn(160, generator=g)
+    train = DataLoader(TensorDataset(X[:120], y[:120]), batch_size=32, shuffle=True)
+    val = DataLoader(TensorDataset(X[120:], y[120:]), batch_size=64)
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, num_records=32, uncertainty_draws=0, **FAST)
+    _, module = fit(tmp_path, ConvRegressor, [cb], data=(train, val))
+    rep = ml.assess(module, ["rtn_int8"], DataLoader(train.dataset, batch_size=32), mse, val_dataloader=val,
+                    num_records=32, uncertainty_draws=0, **FAST)
+    assert rep.estimation["estimator"].startswith("exact")  # 120 x 277 x its forward: cheap
+    assert cb.report.estimation["estimator"] == rep.estimation["estimator"]
+    assert cb.report.baseline_leakage == pytest.approx(rep.baseline_leakage, rel=1e-8)
+    assert cb.report.schemes["rtn_int8"].leakage == pytest.approx(rep.schemes["rtn_int8"].leakage, rel=1e-8)

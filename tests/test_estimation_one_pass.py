@@ -172,7 +172,7 @@ def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse():
     # ... cheap: still exact (the diagonal sigma ignores the correlation reuse creates)
     assert choose_estimator(m, 50, n=32, reused=["Linear on [B, 5, 3] (embed)"],
                             forward_floats=1e3)[:2] == ("exact", "exact")
-    acc = MomentAccumulator(m, _ce, num_records=8, selection="hash", budget=2**27)
+    acc = MomentAccumulator(m, _ce, num_records=8, selection="hash", budget=2**27, n_hint=32)
     assert acc.mode == "exact"
     acc.update((X, Y))
     assert acc.mode == "exact" and "Linear on [B, 5, 3] (embed) layers, but the exact sandwich is cheap" in acc.reason
@@ -205,12 +205,17 @@ def test_metric_front_end_takes_the_same_choice_and_keeps_it_through_pickling():
     torch.manual_seed(0)
     m = Atoms().eval()
     X, Y = torch.randn(32, 5, 3), torch.randint(0, 2, (32,))
-    ref = MomentAccumulator(m, _ce, num_records=8)
+    ref = MomentAccumulator(m, _ce, num_records=8, n_hint=32)
     ref.update((X[:16], Y[:16]))
-    met = MISIndicator(m, _ce, ["int8_weight_only"], num_records=8)
+    met = MISIndicator(m, _ce, ["int8_weight_only"], num_records=8, num_training_records=32)
     met.update(X[:16], Y[:16])
-    # reuse seen, and cheap (n unknown: 10^4 records x 50 weights x this forward): exact, as assess
+    # reuse seen, and cheap (32 records x 50 weights x this forward): exact, as assess
     assert (met.accumulator.mode, met.accumulator.hessian) == (ref.mode, ref.hessian) == ("exact", "exact")
+    # n unknown (10^4 records assumed): the same model's exact pass would cost too much
+    blind = MISIndicator(m, _ce, ["int8_weight_only"], num_records=8)
+    blind.update(X[:16], Y[:16])
+    assert (blind.accumulator.mode, blind.accumulator.hessian) == ("diagonal", "ggn")
+    assert "n d x forward floats" in blind.accumulator.reason
     again = pickle.loads(pickle.dumps(met))
     assert (again.accumulator.mode, again.accumulator.hessian) == ("exact", "exact")
     assert again.accumulator.reason == met.accumulator.reason
