@@ -126,3 +126,28 @@ def test_records_per_update_is_bounded_by_the_taps_memory():
     finally:
         E.MERGE_FLOATS = E_floats
     assert 1 <= acc2.records_per_update < 8
+
+
+def test_record_keys_do_not_depend_on_per_batch_zero_padding():
+    """The same sequences padded with zeros to each batch's longest keep their keys (the byte
+    weights depend on the position only): otherwise the bottom-k sample, and every figure,
+    depended on the batch size. Other content still changes the key."""
+    from mis_lightning.estimation.records import record_keys
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 50, (int(n),), generator=g) for n in torch.randint(2, 9, (6,), generator=g)]
+
+    def padded(width):
+        tok = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width)
+        for r, s in enumerate(seqs):
+            tok[r, : len(s)], mask[r, : len(s)] = s, 1.0
+        return {"tokens": tok, "mask": mask, "y": torch.arange(len(seqs)) % 2}
+
+    k8, k12, k5000 = (record_keys(padded(w), None, len(seqs)) for w in (8, 12, 5000))
+    assert torch.equal(k8, k12) and torch.equal(k8, k5000)  # 5000: weights beyond one block
+    assert k8.unique().numel() == len(seqs)
+    other = padded(8)
+    other["tokens"][0, 0] += 1
+    changed = record_keys(other, None, len(seqs))
+    assert changed[0] != k8[0] and torch.equal(changed[1:], k8[1:])

@@ -16,7 +16,24 @@ import torch
 from torch import Tensor
 
 _P31 = 2_147_483_647  # 2^31 - 1: modulus of the record hash
-_HASH_WEIGHTS: dict[tuple[int, int], Tensor] = {}
+_HASH_BLOCK = 4096
+_HASH_WEIGHTS: dict[int, Tensor] = {}
+
+
+def _hash_weights(leaf: int, length: int) -> Tensor:
+    """``[length]`` int64 weights in ``[1, 2^31 - 1)`` of the byte positions of one leaf: a
+    function of ``(leaf, position)`` only (blocks of ``_HASH_BLOCK`` drawn from fixed seeds),
+    so that a record's zero bytes add nothing wherever the row ends: the same sequence padded
+    with zeros to another length (per-batch padding) keeps its key."""
+    w = _HASH_WEIGHTS.get(leaf)
+    if w is None or w.numel() < length:
+        have = 0 if w is None else w.numel()
+        blocks = [] if w is None else [w]
+        for k in range(have // _HASH_BLOCK, -(-length // _HASH_BLOCK)):
+            gen = torch.Generator().manual_seed(1_000_003 * leaf + k + 1)
+            blocks.append(torch.randint(1, _P31, (_HASH_BLOCK,), generator=gen, dtype=torch.int64))
+        w = _HASH_WEIGHTS[leaf] = torch.cat(blocks)
+    return w[:length]
 
 
 def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
@@ -28,7 +45,12 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
     ``inputs`` and ``None`` as ``targets`` to hash a whole batch). Deterministic across
     processes, batch compositions and loader orders: the same record always gets the same key.
     Keeping the records with the smallest keys is a *bottom-k* sample, which does not depend on
-    how the records were split over batches or processes, nor on their order.
+    how the records were split over batches or processes, nor on their order. A byte's weight
+    depends on its position only, so zeros padded at the end of a record (sequences padded to
+    each batch's longest, their attention masks) leave its key unchanged: with weights drawn per
+    row length, the same records padded by batches of 4 and of 64 drew other samples and moved
+    the figures by up to 2.4%. (Padding with another value, or along a record's last dimension
+    of several, still changes the bytes: pad at the end with 0 for batch-independent figures.)
     """
     h = torch.zeros(b, dtype=torch.int64)
     leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets))
@@ -47,10 +69,7 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
         raw = raw.contiguous()
         by = raw.view(torch.uint8).to(torch.int64)  # [b, bytes]
         L = by.shape[1]
-        w = _HASH_WEIGHTS.get((i, L))
-        if w is None:
-            w = torch.randint(1, _P31, (L,), generator=torch.Generator().manual_seed(7919 * i + L), dtype=torch.int64)
-            _HASH_WEIGHTS[(i, L)] = w
+        w = _hash_weights(i, L)
         h = (h * 1_000_003 + (by * w % _P31).sum(1)) % _P31
     return h
 
