@@ -603,7 +603,10 @@ def score_schemes(
                 ", and the diagonal estimator's sigma, which ignores the correlation too, is unchecked here "
                 "(on correlated weights it made the quantized figures read 26-41% low in small tests)"
                 if est.mode == "diagonal" else ""))
-    vif_rc = rc
+    # the VIF diagnostic reads the cross-fitted factor model (the in-sample form's inverse
+    # diagonal is that of a near-singular sample matrix where the records show null directions)
+    vif_rc = rc if rc is None or rc.fit != "in_sample" else \
+        F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
     if vif_rc is None and est.mode == "diagonal" and est.influence_stored and est.influence is not None \
             and est.num_records >= 8 and est.d > 1:  # covariance="independent": measured all the same
         vif_rc = F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
@@ -1382,7 +1385,9 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
             layers[name].leakage = float(F.saturate(rcl.gaussian_mean_abs(wl, k_l) / (2 * math.sqrt(n))).mean())
             layers[name].mis = 1.0 - layers[name].leakage
             layers[name].baseline_leakage = _layer_baseline(est, rc, name)
-        notes.append(f"covariance: {rc.kind} correlation of the weights "
+        fitted = {"in_sample": " (the stored records' sample correlation)",
+                  "cross_fitted": " (cross-fitted factor model)"}.get(rc.fit, "") if rc.kind == "factor" else ""
+        notes.append(f"covariance: {rc.kind} correlation of the weights{fitted} "
                      f"(independent-coordinate value {float(leak_independent.mean()):.4g})")
     leakage = float(leak.mean())
     # Standard error of the mean over the R records (the truth averages over all z).
@@ -1433,7 +1438,10 @@ def _record_correlation(est: Estimate, cfg: ScoringConfig) -> F.correlated.Recor
             raise ValueError("covariance='factor' needs the stored influences of >= 8 records (a model small "
                              "enough for budget=, or more num_records=); use covariance='auto'")
         return None
-    return F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
+    # the stored rows' own sample correlation where they show its rank (r < R); linearly
+    # independent rows (d >= R) leave only the cross-fitted factor model
+    return F.correlated.RecordCorrelation.in_sample(est.influence) or \
+        F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
 
 
 def _unquantized_mean_abs(est: Estimate, rc: F.correlated.RecordCorrelation) -> Tensor:
