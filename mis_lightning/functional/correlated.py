@@ -185,12 +185,22 @@ class Correlation:
         # M = diag(D) + A A', A = K^1/2 L: Woodbury (k x k), with D floored at RCOND.
         D = (1.0 - kappa + kappa * self.residual).clamp_min(RCOND)
         A = kh.unsqueeze(-1) * self.factor
-        Dinv_u = u / D
         Dinv_A = A / D.unsqueeze(-1)
-        core = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A
-        y = Dinv_u @ A                                        # [R, k]
-        z = torch.linalg.solve(core, y.T).T
-        return Dinv_u - z @ Dinv_A.T
+        core = torch.linalg.cholesky_ex(torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A)
+        ok = int(core.info) == 0
+
+        def woodbury(r: Tensor) -> Tensor:
+            Dinv_r = r / D
+            y = Dinv_r @ A                                    # [R, k]
+            z = torch.cholesky_solve(y.T, core.L).T if ok else torch.linalg.solve(core_m, y.T).T
+            return Dinv_r - z @ Dinv_A.T
+
+        core_m = None if ok else torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A
+        x = woodbury(u)
+        # One step of iterative refinement: with a small remainder D (the in-sample form's
+        # shrinkage 1e-6) the Woodbury difference cancels ~1/D of its digits; the residual's
+        # correction restores them (the same records in two DDP worlds read 2e-8 apart before).
+        return x + woodbury(u - (x * D + (x @ A) @ A.T))
 
     def quadratic(self, influence: Tensor, kappa: Tensor | None = None) -> Tensor:
         """``[R]`` ``s2 = u' M^+ u`` (``kappa [d]``; ``None``: unquantized, ``w' R^+ w``).
@@ -373,9 +383,7 @@ class RecordCorrelation:
             raise ValueError(f"a factor model of the correlation needs >= 8 stored records, got {Rr}")
         # Folds by the records' values, not their order: the same records give the same folds
         # whatever order they arrive in (processes, batch sizes).
-        gen = torch.Generator().manual_seed(20250212)
-        probe = torch.randn(influence.shape[1], dtype=torch.float64, generator=gen)
-        order = torch.argsort(influence.to(torch.float64) @ probe)
+        order = _value_order(influence.to(torch.float64))
         folds = [order[0::2], order[1::2]]
         parts = []
         for a, b in ((0, 1), (1, 0)):
@@ -410,6 +418,10 @@ class RecordCorrelation:
         m, d = W.shape
         if m < 8:
             raise ValueError(f"a correlation model needs >= 8 stored records, got {m}")
+        # rows in an order set by their values: the same records give the same matrix to the
+        # last bit whatever order they arrive in (processes, batch sizes); the solve's
+        # conditioning (shrinkage 1e-6) amplified a permutation's rounding to 3e-8
+        W = W[_value_order(W)]
         evals, evecs = torch.linalg.eigh(W @ W.T / m)  # [m, m]: the nonzero spectrum of W'W / m
         keep = evals > RCOND * max(float(evals[-1]), 1e-300)
         if int(keep.sum()) >= m:
@@ -445,6 +457,13 @@ class RecordCorrelation:
         """``[R]`` Monte Carlo form (:func:`correlated_mc_mean_abs`)."""
         return self._apply(influence, lambda c, w: correlated_mc_mean_abs(
             c, w, kappa, coarse_index, coarse_stats, mc_draws, generator)[0])
+
+
+def _value_order(W: Tensor) -> Tensor:
+    """``[R]`` the rows of ``W [R, d]`` sorted by a fixed random projection of their values."""
+    gen = torch.Generator().manual_seed(20250212)
+    probe = torch.randn(W.shape[1], dtype=torch.float64, generator=gen)
+    return torch.argsort(W @ probe)
 
 
 def _factor_fit(Ws: Tensor, rank: int, inflate: bool) -> tuple[Tensor, Tensor]:
