@@ -433,5 +433,13 @@ def test_in_sample_correlation_mean_form_is_the_rank_and_defers_on_independent_r
     assert float(RecordCorrelation.in_sample(W12).parts[0][1].quadratic(W12).mean()) == pytest.approx(12.0, rel=1e-4)
     # d >= R with linearly independent rows: every in-sample form would be R; the caller cross-fits
     assert RecordCorrelation.in_sample(torch.randn(16, 40, dtype=torch.float64, generator=g)) is None
+    # d >= R, rank just below R (a spectrum's tail, as on the ChEMBL MPNN: 251 of 256): not a
+    # null space, cross-fitted; a clear null space (rank 30 of 64 in 200 coordinates): in-sample
+    def rank_rows(r):
+        return torch.randn(64, r, dtype=torch.float64, generator=g) @ torch.randn(r, 200, dtype=torch.float64, generator=g)
+
+    assert RecordCorrelation.in_sample(rank_rows(60)) is None
+    low = rank_rows(30)
+    assert float(RecordCorrelation.in_sample(low).parts[0][1].quadratic(low).mean()) == pytest.approx(30.0, rel=1e-4)
     with pytest.raises(ValueError, match=">= 8 stored records"):
         RecordCorrelation.in_sample(torch.randn(4, 2, dtype=torch.float64))
