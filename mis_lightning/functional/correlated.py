@@ -61,7 +61,7 @@ IN_SAMPLE_SHRINKAGE = 1e-6
 # With more weights than stored records, the in-sample form only where the rows show a clear null
 # space (rank at most this share of the records): a Gram spectrum with a smooth tail past RCOND
 # (rank 251 of 256 on the ChEMBL MPNN, 255-508 of 256-512 on a 1,004-weight MLP) is not a low
-# rank, and in-sample forms, capped at that rank, read 0.45-0.94x the exact baseline there
+# rank, and in-sample forms, capped at that rank, read 0.72-0.94x the exact baseline on that MLP
 IN_SAMPLE_MAX_RANK_SHARE = 0.9
 # Draws per block of the Monte Carlo form: at least MC_BLOCK, and [S, max(R, d)] buffers of
 # about MC_BLOCK_ELEMENTS (16 MiB in float32).
