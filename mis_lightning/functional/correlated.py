@@ -191,16 +191,15 @@ class Correlation:
         D = (1.0 - kappa + kappa * self.residual).clamp_min(RCOND)
         A = kh.unsqueeze(-1) * self.factor
         Dinv_A = A / D.unsqueeze(-1)
-        core = torch.linalg.cholesky_ex(torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A)
-        ok = int(core.info) == 0
+        core = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A
+        chol, info = torch.linalg.cholesky_ex(core)
 
         def woodbury(r: Tensor) -> Tensor:
             Dinv_r = r / D
             y = Dinv_r @ A                                    # [R, k]
-            z = torch.cholesky_solve(y.T, core.L).T if ok else torch.linalg.solve(core_m, y.T).T
+            z = (torch.cholesky_solve(y.T, chol) if int(info) == 0 else torch.linalg.solve(core, y.T)).T
             return Dinv_r - z @ Dinv_A.T
 
-        core_m = None if ok else torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A
         x = woodbury(u)
         # One step of iterative refinement: with a small remainder D (the in-sample form's
         # shrinkage 1e-6) the Woodbury difference cancels ~1/D of its digits; the residual's
