@@ -603,16 +603,7 @@ def score_schemes(
                 ", and the diagonal estimator's sigma, which ignores the correlation too, is unchecked here "
                 "(on correlated weights it made the quantized figures read 26-41% low in small tests)"
                 if est.mode == "diagonal" else ""))
-    # the VIF diagnostic reads the cross-fitted factor model (the in-sample form's inverse
-    # diagonal is that of a near-singular sample matrix where the records show null directions)
-    vif_rc = rc if rc is None or rc.fit != "in_sample" else \
-        F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
-    if vif_rc is None and est.mode == "diagonal" and est.influence_stored and est.influence is not None \
-            and est.num_records >= 8 and est.d > 1:  # covariance="independent": measured all the same
-        vif_rc = F.correlated.RecordCorrelation.cross_fitted(est.influence, cfg.factor_rank)
-    # the baseline clause only where the headline reads the cross-fitted model (the in-sample
-    # form reads the exact estimator's baseline within 10%: method.md section 3)
-    vif = _diagonal_sigma_warning(est, vif_rc, diagnostics, headline=rc is not None and rc.fit != "in_sample")
+    vif = _diagonal_sigma_warning(est, rc, cfg.factor_rank, diagnostics)
     if vif:
         report.warnings.append(vif)
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
@@ -676,8 +667,8 @@ def score_schemes(
     return report
 
 
-def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | None,
-                            diagnostics: dict[str, Any], headline: bool = True) -> str | None:
+def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | None, factor_rank: int,
+                            diagnostics: dict[str, Any]) -> str | None:
     """The diagonal estimator's ``sigma_j`` is ``sqrt(V_jj) / H_jj``; the cells need the marginal
     sd ``sqrt((H^-1 V H^-1)_jj)``, which with correlated weights is larger by about the square
     root of the coordinate's variance inflation factor (exactly so when ``V = H``: the ratio of
@@ -685,12 +676,19 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
     factor (``diag(R^-1)`` of their correlation model; ``V = H`` at a well-specified minimum).
     Sets ``diagnostics["variance_inflation_median"]`` and returns a warning above
     :data:`VARIANCE_INFLATION_WARN` (method.md section 4, "The diagonal sandwich and correlated
-    weights"); ``headline``: the correlated headline reads its baseline through a cross-fitted
-    factor model."""
-    if est.mode != "diagonal" or rc is None:
+    weights"). ``rc``: the headline's correlation form (``None``: independent coordinates,
+    ``covariance="independent"`` included, where the stored records are measured all the same);
+    the factors are read from the cross-fitted factor model, fitted here unless ``rc`` is one
+    (the in-sample form's inverse diagonal is that of a near-singular sample matrix where the
+    records show null directions)."""
+    if est.mode != "diagonal" or not est.influence_stored or est.influence is None or est.num_records < 8 \
+            or est.d <= 1:
         return None
+    cross_fitted = rc is not None and rc.kind == "factor" and rc.fit == "cross_fitted"
     if 4 * est.d <= est.num_records:
-        vif = rc.variance_inflation().clamp_min(1.0)
+        vrc = rc if cross_fitted and rc is not None else \
+            F.correlated.RecordCorrelation.cross_fitted(est.influence, factor_rank)
+        vif = vrc.variance_inflation().clamp_min(1.0)
         where = "from the stored records' gradients"
     else:
         # d > m / 4: the correlation of all d weights is not estimable from m records (a factor
@@ -712,9 +710,11 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
             f"model's shrinkage can only lower it): the diagonal estimator's sigma "
             f"(sqrt(V_jj) / H_jj) is then about {math.sqrt(med):.2g}x or more below the marginal sd of each weight "
             "that its cells need, so the quantized schemes' figures can be far off in either direction; "
+            # the baseline clause only where the headline reads the cross-fitted model (the in-sample
+            # form reads the exact estimator's baseline within 10%: method.md section 3)
             + ("the cross-fitted correlation model (more weights than stored records) is then ill-conditioned "
                "too, and the unquantized baseline read through it uncertain (1.6-2.3x the exact estimator's on an "
-               "865-weight MLP on correlated inputs and a 1,364-weight CNN); " if headline else "")
+               "865-weight MLP on correlated inputs and a 1,364-weight CNN); " if cross_fitted else "")
             + cure)
 
 
