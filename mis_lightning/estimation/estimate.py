@@ -101,6 +101,10 @@ log = logging.getLogger(__name__)
 # Stored records per forward/backward pass when their per-sample gradients are recomputed
 # (activations of a batch of this size; the default num_records in one pass).
 TAP_BLOCK = 512
+# Records per block of the scoring's per-record power sums from per-sample gradients: a
+# [32, numel] block stays in cache through its three element-wise passes and two products
+# (1.7x faster than whole [chunk, numel] float64 passes at the same figures, measured)
+POWER_SUM_ROWS = 32
 # The diagonal estimator's fast programs take consecutive loader batches merged up to this
 # many records (batching.merge_batches: fewer fixed per-batch costs; the sums do not depend on
 # the grouping), within MERGE_FLOATS floats of per-record layer taps held for the batch
@@ -258,29 +262,52 @@ class Estimate:
         gm, vd = self._centring(name)
         sd = vd.clamp_min(1e-300).sqrt()
         inv_sd = 1.0 / sd
+        low = {}  # float32 copies, made on the first float32 block
         for r0, r1, g in self._layer_blocks([name]):
             v = g[name]
             if not isinstance(v, _Sparse):
-                # w^2 = ((g - gbar) / sqrt(V))^2 formed in place on the chunk's own float64
-                # copy (iter_grads returns fresh tensors): 4 passes over [rows, numel] instead of 7
-                w2 = v.to(torch.float64, copy=True).reshape(r1 - r0, -1).sub_(gm).mul_(inv_sd).square_()
-                if 2 in columns:
-                    out[2][r0:r1] += w2 @ columns[2]
-                if 4 in columns:
-                    out[4][r0:r1] += w2.square_() @ columns[4]
+                v = v.reshape(r1 - r0, -1)
+                if v.dtype == torch.float32 and not low:
+                    low = {"gm": gm.float(), "inv_sd": inv_sd.float(),
+                           **({"c2": columns[2].float()} if 2 in columns else {})}
+                # w^2 = ((g - gbar) / sqrt(V))^2 in blocks of POWER_SUM_ROWS records (in cache),
+                # in place on a fresh copy. float32 gradients: w and the p = 2 product in float32
+                # (the gradient's own precision; the product's relative error ~5e-7, measured,
+                # docs/method.md section 4), the p = 4 product (heavier tailed) in float64.
+                for q0 in range(0, r1 - r0, POWER_SUM_ROWS):
+                    q1 = min(q0 + POWER_SUM_ROWS, r1 - r0)
+                    rows = slice(r0 + q0, r0 + q1)
+                    if v.dtype == torch.float32:
+                        w2 = (v[q0:q1] - low["gm"]).mul_(low["inv_sd"]).square_()
+                        if 2 in columns:
+                            out[2][rows] += w2 @ low["c2"]
+                        w2 = w2.double()
+                    else:
+                        w2 = v[q0:q1].to(torch.float64, copy=True).sub_(gm).mul_(inv_sd).square_()
+                        if 2 in columns:
+                            out[2][rows] += w2 @ columns[2]
+                    if 4 in columns:
+                        out[4][rows] += w2.square_() @ columns[4]
                 continue
             base = gm / sd  # [numel]
             width = v.shape[1]
             for p, c in columns.items():
                 out[p][r0:r1] += base.pow(p) @ c
-            step = max(1, self.budget // max(width * max(c.shape[1] for c in columns.values()), 1))
+            # the touched entries as a CSR matrix [records, numel] (one per power) times the
+            # columns: no [pairs, width, columns] gather (6x faster on a 1,000 x 64 table)
+            step = max(1, self.budget // max(width, 1))
             for u0 in range(0, v.row.numel(), step):
-                idx = (v.row[u0:u0 + step] * width).unsqueeze(-1) + torch.arange(width)  # [U, D]
-                wt = -(v.g[u0:u0 + step].to(torch.float64) - gm[idx]) / sd[idx]
-                rows = r0 + v.sample[u0:u0 + step]
+                u1 = min(u0 + step, v.row.numel())
+                order = torch.argsort(v.sample[u0:u1], stable=True)
+                smp, row = v.sample[u0:u1][order], v.row[u0:u1][order]
+                idx = (row * width).unsqueeze(-1) + torch.arange(width)  # [U, D]
+                wt = -(v.g[u0:u1][order].to(torch.float64) - gm[idx]) / sd[idx]
+                crow = torch.zeros(r1 - r0 + 1, dtype=torch.long)
+                crow[1:] = torch.bincount(smp, minlength=r1 - r0).cumsum(0) * width
                 for p, c in columns.items():
-                    delta = wt.pow(p) - base[idx].pow(p)
-                    out[p].index_add_(0, rows, torch.einsum("ud,udm->um", delta, c[idx]))
+                    delta = (wt.pow(p) - base[idx].pow(p)).reshape(-1)
+                    mat = torch.sparse_csr_tensor(crow, idx.reshape(-1), delta, (r1 - r0, c.shape[0]))
+                    out[p][r0:r1] += mat @ c
         return out
 
     def _centring(self, name: str, sel: slice | Tensor | None = None) -> tuple[Tensor, Tensor]:
