@@ -24,10 +24,12 @@ from torch.utils.data import (
     IterableDataset,
     RandomSampler,
     SequentialSampler,
+    SubsetRandomSampler,
     WeightedRandomSampler,
 )
 
 from ._lightning_compat import trainer_package
+from ._modelcopy import private_copy
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .estimation.batching import merge_batches
@@ -75,6 +77,18 @@ def single_loader(loaders: Any, what: str) -> Any:
     return loaders
 
 
+def validation_loaders(loaders: Any) -> tuple[Any, int]:
+    """``(the first validation loader or None, how many there are)``: the quantized copies'
+    utility is measured on the first (``dataloader_idx`` 0), as Lightning numbers them."""
+    if loaders is None:
+        return None, 0
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return (loaders[0] if loaders else None), len(loaders)
+    return loaders, 1
+
+
 def sized_dataset(dl: Any) -> Any:
     """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset, else None."""
     ds = getattr(dl, "dataset", None)
@@ -104,6 +118,16 @@ def _finite_len(obj: Any) -> int | None:
 
 
 _UNKNOWN = object()  # a custom batch sampler without a ``sampler`` attribute: its order is unknown
+
+
+def _shuffled_draws(sampler: Any) -> list[int] | None:
+    """The records a shuffling sampler draws from over the epochs (``RandomSampler`` without
+    replacement: its whole data source; ``SubsetRandomSampler``: its indices), else None."""
+    if isinstance(sampler, RandomSampler) and not sampler.replacement:
+        return list(range(len(sampler.data_source)))
+    if isinstance(sampler, SubsetRandomSampler):
+        return [int(i) for i in sampler.indices]
+    return None
 
 
 def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | None]:
@@ -139,6 +163,16 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
         elif _finite_len(batch_sampler) is not None:  # one pass, at most its length (never an endless one)
             batches_read = [[int(i) for i in b] for b in itertools.islice(iter(batch_sampler), _finite_len(batch_sampler))]
             order = [i for b in batches_read for i in b]
+            drawable = _shuffled_draws(sampler)
+            if drawable is not None and set(order) != set(drawable):
+                # a shuffled loader whose pass leaves records out (drop_last, num_samples < the
+                # dataset): other records each epoch, and this pass (read with the RNG isolated)
+                # is not one that trained; every record it can draw counts
+                why = ("drop_last=True" if getattr(batch_sampler, "drop_last", False) else
+                       f"{type(sampler).__name__}(num_samples={_finite_len(sampler)})")
+                notes.append(f"the training loader is shuffled with {why}: each epoch leaves other records out; "
+                             f"n counts every record it can draw ({len(set(drawable))})")
+                order, batches_read = drawable, None
         elif sampler is not _UNKNOWN and _finite_len(sampler) is not None:
             order = [int(i) for i in itertools.islice(iter(sampler), _finite_len(sampler))]
         else:
@@ -216,37 +250,69 @@ def resolve_loss(trainer: Any, pl_module: Any, loss_fn: Any) -> dict[str, Any]:
     return {"hook": hook, "loss_fn": loss_fn}
 
 
-def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: float | None) -> None:
-    """Warn when the Trainer's optimizers decay weights that the assessment would not know of
-    (``weight_decay=None`` and no ``weight_decay`` attribute on the module: the objective is
-    then taken as unpenalised). Called once the optimizers exist (``on_train_start``; they do
-    not at ``setup``)."""
+def optimizer_decays(trainer: Any, pl_module: Any, names: list[str]) -> dict[str, float]:
+    """``{assessed parameter: the weight decay of the optimizer group that holds it}`` (0 for a
+    parameter no optimizer group holds)."""
+    ids = {id(p): n for n, p in pl_module.named_parameters()}
+    out = dict.fromkeys(names, 0.0)
+    for opt in trainer.optimizers or []:
+        for group in opt.param_groups:
+            wd = float(group.get("weight_decay", 0) or 0)
+            for p in group.get("params", []):
+                n = ids.get(id(p))
+                if n in out:
+                    out[n] = max(out[n], wd)
+    return out
+
+
+def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names: list[str]
+                          ) -> dict[str, float] | None:
+    """The objective's L2 coefficients against the optimizers' weight decay, once the
+    optimizers exist (``on_train_start``; they do not at ``setup``), for ``weight_decay=None``
+    (an explicit value is the user's word). Returns a per-parameter mapping to assess with, or
+    None to keep the resolved value.
+
+    * The module's numeric ``weight_decay`` attribute is the coefficient; where the optimizer
+      groups apply it to some assessed parameters and none to others (no decay on biases and
+      norms, a common AdamW setup), the groups' per-parameter values are returned (said in an
+      info line); other disagreements are warned about.
+    * Without the attribute, decay in the optimizer is warned about: the objective is then
+      taken as unpenalised (decoupled decay is not an L2 term of the loss).
+    """
     if weight_decay is not None:  # the user said it explicitly
-        return
-    decays = sorted({float(g.get("weight_decay", 0) or 0) for o in (trainer.optimizers or [])
-                     for g in o.param_groups} - {0.0})
+        return None
+    by_param = optimizer_decays(trainer, pl_module, names)
+    decays = sorted(set(by_param.values()) - {0.0})
+    names_opt = ", ".join(type(o).__name__ for o in trainer.optimizers or [])
     attr = getattr(pl_module, "weight_decay", None)
-    if attr is not None:  # the module's attribute is used: say so when the optimizer disagrees
-        if isinstance(attr, (int, float)) and decays and any(abs(w - float(attr)) > 1e-12 * max(w, 1.0)
-                                                            for w in decays):
-            names = ", ".join(type(o).__name__ for o in trainer.optimizers)
+    if isinstance(attr, (int, float)) and not isinstance(attr, bool):
+        attr = float(attr)
+        if decays == [attr] and 0.0 in by_param.values():
+            zero = [n for n, v in by_param.items() if v == 0.0]
+            rank_zero_info(
+                f"MISCallback: the optimizer ({names_opt}) decays {len(by_param) - len(zero)} assessed "
+                f"parameter(s) with {type(pl_module).__name__}.weight_decay = {attr:g} and not "
+                f"{len(zero)} others ({', '.join(zero[:4])}{', ...' if len(zero) > 4 else ''}): the assessed "
+                "objective follows its groups (pass MISCallback(weight_decay=...) to override)")
+            return by_param
+        if decays and any(abs(w - attr) > 1e-12 * max(w, 1.0) for w in decays):
             rank_zero_warn(
-                f"MISCallback: {type(pl_module).__name__}.weight_decay = {float(attr):g} (used as the L2 "
-                f"coefficient of the assessed objective) but the optimizer ({names}) applies weight decay "
+                f"MISCallback: {type(pl_module).__name__}.weight_decay = {attr:g} (used as the L2 "
+                f"coefficient of the assessed objective) but the optimizer ({names_opt}) applies weight decay "
                 f"{', '.join(f'{w:g}' for w in decays)}; pass MISCallback(weight_decay=...) with the "
-                "objective's coefficient to settle it")
-        return
+                "objective's coefficient (a number, or {parameter name: coefficient}) to settle it")
+        return None
     if decays:
-        names = ", ".join(type(o).__name__ for o in trainer.optimizers)
         rank_zero_warn(
-            f"MISCallback: the optimizer ({names}) applies weight decay "
+            f"MISCallback: the optimizer ({names_opt}) applies weight decay "
             f"({', '.join(f'{w:g}' for w in decays)}) but neither MISCallback(weight_decay=...) nor a "
             f"`weight_decay` attribute of {type(pl_module).__name__} says so: the assessment takes the "
-            "objective as unpenalised, which can overstate the leakage; pass weight_decay= (the L2 "
-            "coefficient of mean(loss) + weight_decay / 2 * |theta|^2; for decoupled decay (AdamW) an "
-            "approximation)"
+            "objective as unpenalised, which changes the figures (either way: the penalty's curvature "
+            "narrows sigma, its shift of the minimum moves the weights); pass weight_decay= (the L2 "
+            "coefficient of mean(loss) + weight_decay / 2 * |theta|^2, or {parameter name: coefficient} "
+            "where the groups differ; for decoupled decay (AdamW) an approximation)"
         )
-
+    return None
 
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
@@ -272,44 +338,50 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     loader = reloader(train, list(range(bs)), bs)
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
-    was_training = pl_module.training
+    # a private copy: what the forward does (attributes it sets, buffers it updates) never
+    # reaches the module that trains
+    model = private_copy(pl_module, "copying the model for the first-batch check").eval()
     with rng_isolated(), torch.inference_mode(False), torch.no_grad():
-        try:
-            pl_module.eval()
-            batch = trainer_batch(trainer, next(iter(loader)), device)
-            if hook:
-                name = f"{type(pl_module).__name__}.{HOOK_NAME}"
-                leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
-                b = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
-                losses = getattr(pl_module, HOOK_NAME)(batch)
+        batch = trainer_batch(trainer, next(iter(loader)), device)
+        if hook:
+            name = f"{type(pl_module).__name__}.{HOOK_NAME}"
+            leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
+            b = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
+            losses = getattr(model, HOOK_NAME)(batch)
+        else:
+            name = ("loss_fn " + callable_name(loss_fn)) if user_loss \
+                else f"{type(pl_module).__name__}.per_sample_loss"
+            if batch_fn is None:
+                if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+                    layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                    if isinstance(batch, Mapping):
+                        layout += f" with keys {list(batch)}"
+                    raise TypeError(
+                        f"MISCallback: the training batches are {layout}, not (inputs, targets) "
+                        f"pairs: pass batch_fn=<a module-level function batch -> (inputs, targets)>, "
+                        f"or define {HOOK_NAME}(self, batch) -> per-sample losses [B] on "
+                        f"{type(pl_module).__name__}")
+                inputs, targets = batch
             else:
-                name = ("loss_fn " + callable_name(loss_fn)) if user_loss \
-                    else f"{type(pl_module).__name__}.per_sample_loss"
-                if batch_fn is None:
-                    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                        layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                        if isinstance(batch, Mapping):
-                            layout += f" with keys {list(batch)}"
-                        raise TypeError(
-                            f"MISCallback: the training batches are {layout}, not (inputs, targets) "
-                            f"pairs: pass batch_fn=<a module-level function batch -> (inputs, targets)>, "
-                            f"or define {HOOK_NAME}(self, batch) -> per-sample losses [B] on "
-                            f"{type(pl_module).__name__}")
-                    inputs, targets = batch
-                else:
-                    inputs, targets = batch_fn(batch)
-                tl = [t for t in torch.utils._pytree.tree_leaves(targets) if isinstance(t, Tensor)]
-                b = int(tl[0].shape[0]) if tl and tl[0].dim() > 0 else None
-                outputs = pl_module(inputs)
-                losses = loss_fn(outputs, targets)
-                shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
-                if shape is not None and b is not None and shape == (b,):
-                    # losses that mix records (outputs [B, 1] broadcast against targets [B]):
-                    # the estimation would fail on them after the whole training
-                    check_record_losses(loss_fn, outputs, targets, losses, f"MISCallback: {name}")
-                    check_record_outputs(pl_module, inputs, outputs, f"MISCallback: {type(pl_module).__name__}")
-        finally:
-            pl_module.train(was_training)
+                inputs, targets = batch_fn(batch)
+            tl = [t for t in torch.utils._pytree.tree_leaves(targets) if isinstance(t, Tensor)]
+            b = int(tl[0].shape[0]) if tl and tl[0].dim() > 0 else None
+            try:
+                outputs = model(inputs)
+            except TypeError as exc:  # e.g. forward(self, x1, x2): the estimation calls model(inputs)
+                raise TypeError(
+                    f"MISCallback: {type(pl_module).__name__}(inputs) failed on the first training batch "
+                    f"({exc}); the assessment calls the model with one argument, the inputs of each "
+                    f"(inputs, targets) batch: for a forward that takes several arguments, define "
+                    f"{HOOK_NAME}(self, batch) -> per-sample losses [B] on {type(pl_module).__name__}, "
+                    f"or pass batch_fn returning inputs the forward takes as its one argument") from exc
+            losses = loss_fn(outputs, targets)
+            shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
+            if shape is not None and b is not None and shape == (b,):
+                # losses that mix records (outputs [B, 1] broadcast against targets [B]):
+                # the estimation would fail on them after the whole training
+                check_record_losses(loss_fn, outputs, targets, losses, f"MISCallback: {name}")
+                check_record_outputs(model, inputs, outputs, f"MISCallback: {type(pl_module).__name__}")
     shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
     if shape is None or b is None or shape != (b,):
         got = f"shape {list(shape)}" if shape is not None else type(losses).__name__
@@ -399,7 +471,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
-        ValueError: several train / validation loaders, or the estimation's own errors.
+        ValueError: several training loaders, or the estimation's own errors.
     """
     hook, world, rank = resolved["hook"], int(trainer.world_size), int(trainer.global_rank)
     train = single_loader(trainer.train_dataloader, "training")
@@ -412,7 +484,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     records, note = training_records(trainer, train)
     shard = records[rank::world] if records is not None else None
     loader = reloader(train, shard, batch_size)
-    val = single_loader(trainer.val_dataloaders, "validation")
+    val, num_val = validation_loaders(trainer.val_dataloaders)
     val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
     n_total = len(records) if records is not None else (len(ds) if ds is not None else None)
@@ -446,12 +518,21 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         est = metric.estimate()
         report = score_schemes(est, pl_module, schemes, scoring_config=scoring_config,
                                utility_fn=utility_fn, progress=show, calibration_data=loader)
+    if world > 1 and val_loader is not None:
+        # the utility is measured on rank 0; every rank logs the same figures (a checkpoint or
+        # early-stopping callback monitoring mis/<scheme>/utility/... reads them on each rank)
+        utility = trainer.strategy.broadcast({k: dict(r.utility) for k, r in report.schemes.items()}, src=0)
+        for k, r in report.schemes.items():
+            r.utility = dict(utility.get(k, {}))
     if keep is not None:
         keep.update(estimate=est, loader=loader, utility_fn=utility_fn if val_loader is not None else None)
     if note:
         report.warnings.append(note)
     if val_loader is None:
         report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
+    elif num_val > 1:
+        report.warnings.append(f"{num_val} validation dataloaders: the quantized copies' utility is measured "
+                               "on the first (dataloader_idx 0)")
     return report
 
 

@@ -496,6 +496,8 @@ def score_schemes(
                        "leverage_correction": bool(est.diagnostics.get("leverage_correction", False)),
                        # the L2 coefficient the objective was assessed with (0: unpenalised)
                        "weight_decay": est.diagnostics.get("weight_decay")}
+    if "weight_decay_per_parameter" in est.diagnostics:
+        estimation_info["weight_decay_per_parameter"] = est.diagnostics["weight_decay_per_parameter"]
     diagnostics = dict(est.diagnostics)
     rc = _record_correlation(est, cfg)
     estimation_info["covariance"] = "independent" if rc is None else rc.kind

@@ -9,6 +9,7 @@ callback. Behaviour in full (shards, utility, safety, errors, DDP): docs/lightni
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Mapping, Sequence
@@ -160,7 +161,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
         if not self._state_loaded:  # a new fit starts clean (a checkpoint's state comes later)
             self._reset_run_state()
-        self._state_loaded, self._resolved = False, None
+        self._state_loaded, self._resolved, self._decay = False, None, None
         self._loss(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -171,7 +172,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
             if msg not in getattr(self, "_scheme_problems", ()):
                 rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
-        lt.check_optimizer_decay(trainer, pl_module, self.estimation_config.weight_decay)
+        self._decay = lt.check_optimizer_decay(trainer, pl_module, self.estimation_config.weight_decay,
+                                               select_params(pl_module, self.estimation_config.params))
         res = self._loss(trainer, pl_module)
         lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn, self.loss_fn is not None)
 
@@ -198,8 +200,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         return self._resolved
 
     def _assess(self, trainer: Any, pl_module: Any) -> Any:
+        # the optimizer groups' per-parameter decay where they refine the module's coefficient
+        est_cfg = self.estimation_config if getattr(self, "_decay", None) is None else \
+            dataclasses.replace(self.estimation_config, weight_decay=self._decay)
         return lt.assess_on_trainer(
-            trainer, pl_module, self.schemes, self.estimation_config, self.scoring_config,
+            trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept)
 

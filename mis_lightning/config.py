@@ -86,6 +86,26 @@ def compile_policy_from_env() -> str:
 DEFAULT_LEVERAGE_CORRECTION: bool | str = "auto"
 
 
+def check_weight_decay(wd: Any) -> float | dict[str, float]:
+    """A weight decay option as a float, or a ``{parameter name: float}`` mapping (Hydra's
+    DictConfig too), each value a number >= 0.
+
+    Raises:
+        ValueError: a value that is not a number >= 0 (naming the parameter for a mapping).
+    """
+    if isinstance(wd, Mapping):
+        out = {}
+        for k, v in wd.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v) >= 0:
+                raise ValueError(f"weight_decay[{k!r}] must be a number >= 0, got {v!r}")
+            out[str(k)] = float(v)
+        return out
+    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not float(wd) >= 0:
+        raise ValueError(f"weight_decay must be None, a number >= 0 or a mapping {{parameter name: number}}, "
+                         f"got {wd!r}")
+    return float(wd)
+
+
 @dataclass(frozen=True)
 class EstimationConfig:
     """Options of the estimation pass (``sigma`` and the influences ``w``; method.md section 4).
@@ -101,8 +121,10 @@ class EstimationConfig:
             or ``"auto"`` (``"ggn_mc"`` where the exact one needs more than 3 directions per
             record, e.g. cross-entropy over 5 or more classes, on the per-layer path).
         weight_decay: L2 coefficient of the objective ``mean loss + wd / 2 |theta|^2``
-            (dimensionless, >= 0); ``None``: the model's numeric ``weight_decay`` attribute,
-            else 0 (see :meth:`resolved_weight_decay`).
+            (dimensionless, >= 0), or ``{parameter name: coefficient}`` for a penalty that
+            differs by parameter (e.g. none on biases and norms; parameters not named: 0);
+            ``None``: the model's numeric ``weight_decay`` attribute, else 0 (see
+            :meth:`resolved_weight_decay`).
         num_records: records ``z`` over which the leakage is averaged (>= 1).
         params: names of the parameters to assess, or ``predicate(name, param) -> bool``;
             ``None``: every parameter with ``requires_grad``.
@@ -130,7 +152,7 @@ class EstimationConfig:
 
     mode: str = "auto"
     hessian: str = "auto"
-    weight_decay: float | None = 0.0
+    weight_decay: float | Mapping[str, float] | None = 0.0
     num_records: int = 512
     params: ParamSelection = None
     budget: int | None = None
@@ -146,10 +168,7 @@ class EstimationConfig:
             raise ValueError(f"leverage_correction must be True, False or 'auto', got {self.leverage_correction!r}")
         _check_choice("hessian", self.hessian, HESSIANS)
         if self.weight_decay is not None:
-            wd = self.weight_decay
-            if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not float(wd) >= 0:
-                raise ValueError(f"weight_decay must be None or a number >= 0, got {wd!r}")
-            object.__setattr__(self, "weight_decay", float(wd))
+            object.__setattr__(self, "weight_decay", check_weight_decay(self.weight_decay))
         _check_int("num_records", self.num_records, 1)
         _check_int("budget", self.budget, 1, allow_none=True)
         _check_int("hutchinson_probes", self.hutchinson_probes, 1)
@@ -162,9 +181,20 @@ class EstimationConfig:
                                 f"(name, param) -> bool or None, got {p!r}")
             object.__setattr__(self, "params", tuple(str(n) for n in p))  # Hydra ListConfig too
 
-    def resolved_weight_decay(self, model: Any) -> float:
+    def resolved_weight_decay(self, model: Any) -> float | dict[str, float]:
         """``weight_decay``, or for ``None`` the model's numeric ``weight_decay`` attribute
-        (else 0.0)."""
+        (else 0.0).
+
+        Raises:
+            KeyError: a per-parameter mapping names a parameter the model does not have.
+        """
+        if isinstance(self.weight_decay, Mapping):
+            named = dict(model.named_parameters())
+            unknown = [k for k in self.weight_decay if k not in named]
+            if unknown:
+                raise KeyError(f"weight_decay names parameters the model does not have: {unknown}; "
+                               f"its parameters: {list(named)[:12]}{' ...' if len(named) > 12 else ''}")
+            return dict(self.weight_decay)
         if self.weight_decay is not None:
             return self.weight_decay
         attr = getattr(model, "weight_decay", None)

@@ -792,3 +792,143 @@ def test_auto_estimator_is_the_same_in_the_callback_and_assess(tmp_path):
     assert cb.report.estimation["estimator"] == rep.estimation["estimator"]
     assert cb.report.baseline_leakage == pytest.approx(rep.baseline_leakage, rel=1e-8)
     assert cb.report.schemes["rtn_int8"].leakage == pytest.approx(rep.schemes["rtn_int8"].leakage, rel=1e-8)
+
+
+def test_shuffled_loader_with_drop_last_counts_every_record_it_can_draw():
+    """``shuffle=True, drop_last=True``: each epoch leaves other records out, and one pass
+    read with the RNG isolated is not a pass that trained; n was 960 random records of 1,000
+    (figures moved with the RNG state). Now every record the sampler draws, the same whatever
+    the RNG, with a note; an unshuffled loader with drop_last keeps its exact records."""
+    from torch.utils.data import RandomSampler, SubsetRandomSampler
+
+    from mis_lightning._lightning_support import training_records
+
+    class NoLimit:
+        num_training_batches = float("inf")
+
+    ds = TensorDataset(torch.randn(100, 2))
+    got = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=16, shuffle=True, drop_last=True))
+        got.append(idx)
+        assert len(idx) == 100 and "drop_last=True" in note
+    assert got[0] == got[1]
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=16, drop_last=True))
+    assert idx == list(range(96)) and note is None
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=16, drop_last=True,
+                                                       sampler=SubsetRandomSampler(range(10, 60))))
+    assert idx == list(range(10, 60)) and "drop_last" in note
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=10, sampler=RandomSampler(ds, num_samples=40)))
+    assert len(idx) == 100 and "num_samples=40" in note
+
+
+class SideEffects(Regressor):
+    """A forward that counts calls, keeps its last output and counts training records in a
+    buffer (common in user code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training:
+            self.seen += x.shape[0]
+        out = self.net(x).squeeze(-1)
+        self.last_out = out.detach()
+        return out
+
+
+def test_the_callbacks_checks_and_assessment_never_run_the_users_module(tmp_path):
+    """The first-batch check ran the module itself (its buffer counted 66 more records, also
+    in the checkpoints; its attributes held the check's outputs); now every forward of the
+    assessment runs on a private copy: buffers, attributes and call counts as without it."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, estimation="diagonal", **FAST)
+    _, with_cb = fit(tmp_path / "a", SideEffects, [cb], max_epochs=1)
+    _, without = fit(tmp_path / "b", SideEffects, [], max_epochs=1)
+    assert cb.report is not None and not cb.report.schemes["rtn_int8"].error
+    assert float(with_cb.seen) == float(without.seen) and with_cb.calls == without.calls
+    assert torch.equal(with_cb.last_out, without.last_out)
+
+
+class TwoInputs(Regressor):
+    def forward(self, x1, x2):
+        return self.net(x1 + x2).squeeze(-1)
+
+    def training_step(self, batch, batch_idx):
+        (x1, x2), y = batch
+        return ((self(x1, x2) - y) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_forward_with_several_arguments_gets_a_clear_error_before_training(tmp_path):
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return (torch.randn(4, generator=g), torch.randn(4, generator=g)), torch.randn((), generator=g)
+
+    steps = []
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, *a):
+            steps.append(1)
+
+    dl = DataLoader(Pairs(), batch_size=8)
+    with pytest.raises(TypeError, match=r"MISCallback: TwoInputs\(inputs\) failed .*mis_per_sample_loss"):
+        fit(tmp_path, TwoInputs, [MISCallback(["rtn_int8"], loss_fn=mse, **FAST), Count()], max_epochs=1,
+            data=(dl, dl))
+    assert not steps
+
+
+def test_two_validation_loaders_measure_utility_on_the_first(tmp_path):
+    """Two validation loaders failed after the whole training; the first is now used, said."""
+    train, val = loaders()
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
+    class TwoVal(Regressor):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            super().validation_step(batch, batch_idx)
+
+    trainer.fit(TwoVal(), train, [val, val])
+    assert cb.last_error is None and "loss" in cb.report.schemes["rtn_int8"].utility
+    assert any("2 validation dataloaders" in w for w in cb.report.warnings)
+
+
+class GroupDecay(Regressor):
+    """AdamW without decay on the biases (a common setup), the coefficient as an attribute."""
+
+    weight_decay = 0.05
+
+    def configure_optimizers(self):
+        dec = [p for n, p in self.named_parameters() if n.endswith("weight")]
+        nodec = [p for n, p in self.named_parameters() if n.endswith("bias")]
+        return torch.optim.AdamW([{"params": dec, "weight_decay": 0.05}, {"params": nodec, "weight_decay": 0.0}],
+                                 lr=1e-2)
+
+
+def test_per_group_weight_decay_is_followed_and_equals_assess_with_the_mapping(tmp_path):
+    """The attribute's 0.05 was applied to every parameter, biases included, silently; the
+    groups' per-parameter decay is now what the callback assesses, the same figures as
+    ``assess(weight_decay={name: coefficient})``."""
+    from mis_lightning import assess
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    _, module = fit(tmp_path, GroupDecay, [cb], max_epochs=2)
+    per = cb.report.estimation["weight_decay_per_parameter"]
+    assert per == {"net.0.weight": 0.05, "net.0.bias": 0.0, "net.3.weight": 0.05, "net.3.bias": 0.0}
+    train, _ = loaders()
+    dl = DataLoader(train.dataset, batch_size=32)
+    ref = assess(module, ["rtn_int8"], dl, mse, weight_decay=per, uncertainty_draws=0, **FAST)
+    uniform = assess(module, ["rtn_int8"], dl, mse, weight_decay=0.05, uncertainty_draws=0, **FAST)
+    got = cb.report.schemes["rtn_int8"].leakage
+    assert got == pytest.approx(ref.schemes["rtn_int8"].leakage, rel=1e-9)
+    assert got != pytest.approx(uniform.schemes["rtn_int8"].leakage, rel=1e-6)

@@ -155,10 +155,14 @@ def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
     torch.set_num_threads(1)
     pl.seed_everything(0)
     train, val = loaders(n_train=101)  # odd: the DistributedSampler pads one record
-    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64, **FAST)  # see test_callback
+    # assessed after every validation epoch, with an early-stopping callback monitoring a utility
+    # figure: it is measured on rank 0 and must reach every rank (rank 1 raised "not available")
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64, every_n_val_epochs=1,
+                     **FAST)  # see test_callback
+    stop = pl.callbacks.EarlyStopping(monitor="mis/rtn_int8/utility/loss", mode="min", patience=5)
     trainer = pl.Trainer(
         strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2,
-        logger=CSVLogger(str(tmp_path)), callbacks=[cb], enable_progress_bar=False,
+        logger=CSVLogger(str(tmp_path)), callbacks=[cb, stop], enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path),
     )
     trainer.fit(Regressor(), train, val)
@@ -172,4 +176,4 @@ def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
     rows = (next(tmp_path.rglob("metrics.csv"))).read_text().splitlines()
     header = rows[0].split(",")
     col = header.index("mis/rtn_int8/leakage")
-    assert sum(1 for r in rows[1:] if r.split(",")[col] != "") == 1  # logged once (rank 0)
+    assert sum(1 for r in rows[1:] if r.split(",")[col] != "") == 2  # once per validation epoch (rank 0)

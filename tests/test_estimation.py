@@ -170,3 +170,44 @@ def test_record_keys_do_not_depend_on_the_dtype():
     assert torch.equal(k, record_keys([X.double(), y.int()], None, 50))
     assert torch.equal(k, record_keys([X.bfloat16(), y], None, 50))
     assert not torch.equal(k, record_keys([X + 1, y], None, 50))
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+def test_weight_decay_per_parameter(mode):
+    """``weight_decay={name: coefficient}`` (e.g. none on the bias, a common optimizer setup):
+    the penalty's curvature enters each parameter's own block. Against references: the same
+    coefficient named for every parameter equals the scalar; the exact Hessian is the
+    unpenalised one plus diag(coefficients) (closed form for OLS: X'X / n); the diagonal
+    estimator's sigma of each parameter equals the scalar run with that parameter's coefficient."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 3, generator=g, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64) + 0.3 + torch.randn(300, generator=g, dtype=torch.float64)
+    m = nn.Linear(3, 1).double()
+    dl = DataLoader(TensorDataset(X, y), batch_size=64)
+    kw = dict(mode=mode, hessian="exact" if mode == "exact" else "ggn", leverage_correction=False)
+    names = [n for n, _ in m.named_parameters()]
+    uniform = estimate(m, dl, mse, weight_decay=0.2, **kw)
+    mapped = estimate(m, dl, mse, weight_decay=dict.fromkeys(names, 0.2), **kw)
+    for k in names:
+        torch.testing.assert_close(mapped.sigma[k], uniform.sigma[k], rtol=1e-12, atol=0)
+    per = estimate(m, dl, mse, weight_decay={"weight": 0.2}, **kw)  # the bias: 0
+    assert per.diagnostics["weight_decay_per_parameter"] == {"weight": 0.2, "bias": 0.0}
+    if mode == "diagonal":
+        zero = estimate(m, dl, mse, weight_decay=0.0, **kw)
+        torch.testing.assert_close(per.sigma["weight"], uniform.sigma["weight"], rtol=1e-12, atol=0)
+        torch.testing.assert_close(per.sigma["bias"], zero.sigma["bias"], rtol=1e-12, atol=0)
+    else:  # sigma^2 = diag(H^-1 V H^-1), H = [X 1]'[X 1] / n + diag(0.2, 0.2, 0.2, 0)
+        Z = torch.cat([X, torch.ones(300, 1, dtype=torch.float64)], 1)
+        theta = torch.cat([m.weight.detach().reshape(-1), m.bias.detach()])
+        r = Z @ theta - y
+        Gc = Z * r.unsqueeze(-1)
+        Gc = Gc - Gc.mean(0)  # V: the per-record gradients' covariance (the penalty's share cancels)
+        H = Z.T @ Z / 300 + torch.diag(torch.tensor([0.2, 0.2, 0.2, 0.0], dtype=torch.float64))
+        Hi = torch.linalg.inv(H)
+        sig = (Hi @ (Gc.T @ Gc / 300) @ Hi).diagonal().sqrt() / math.sqrt(300)
+        torch.testing.assert_close(per.sigma["weight"].reshape(-1), sig[:3], rtol=1e-8, atol=0)
+        torch.testing.assert_close(per.sigma["bias"].reshape(-1), sig[3:], rtol=1e-8, atol=0)
+    with pytest.raises(KeyError, match="does not have.*'wieght'"):
+        estimate(m, dl, mse, weight_decay={"wieght": 0.1}, **kw)
+    with pytest.raises(ValueError, match="weight_decay"):
+        estimate(m, dl, mse, weight_decay={"weight": -1.0}, **kw)

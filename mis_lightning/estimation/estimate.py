@@ -579,7 +579,7 @@ class MomentAccumulator:
         param_names: list[str] | None = None,
         mode: Mode = "auto",
         hessian: HessianMode = "auto",
-        weight_decay: float = 0.0,
+        weight_decay: float | Mapping[str, float] = 0.0,
         num_records: int = 512,
         batch_fn: BatchFn | None = None,
         hutchinson_probes: int = 8,
@@ -601,7 +601,8 @@ class MomentAccumulator:
             # nn.DataParallel module"), and their replicas are not the weights the release holds
             raise TypeError(f"the model is wrapped in {type(model).__name__}: pass the wrapped model itself "
                             "(model.module); the assessment runs on one device")
-        if weight_decay < 0:
+        decay = dict(weight_decay) if isinstance(weight_decay, Mapping) else None
+        if any(not float(v) >= 0 for v in (decay.values() if decay is not None else [weight_decay])):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if num_records < 1:
             raise ValueError(f"num_records must be >= 1, got {num_records}")
@@ -647,7 +648,13 @@ class MomentAccumulator:
         self.mode, self.hessian = mode, hessian
         self.acc_dtype = torch.float64 if d <= 10_000_000 else torch.float32
         self.names = self.program.param_names
-        self.weight_decay, self.num_records = float(weight_decay), int(num_records)
+        # the L2 coefficient per assessed parameter (a mapping: those it names, others 0)
+        unknown = sorted(set(decay) - set(named)) if decay is not None else []
+        if unknown:
+            raise KeyError(f"weight_decay names parameters the model does not have: {unknown}")
+        self.decay = {k: float(decay.get(k, 0.0)) if decay is not None else float(weight_decay) for k in self.names}
+        self.weight_decay = max(self.decay.values(), default=0.0)  # uniform: the coefficient
+        self.num_records = int(num_records)
         self.hutchinson_probes, self.damping, self.budget = hutchinson_probes, damping, budget
         self.generator, self.selection, self.pytree_records = generator, selection, pytree_records
         self.keep_w = num_records * d <= budget
@@ -1005,7 +1012,7 @@ class MomentAccumulator:
         g_mean_flat = (st["g_sum"].to(cpu) / n).to(torch.float64)
         v_flat = (st["g2_sum"].to(cpu) / n).to(torch.float64) - g_mean_flat.square()
         theta = {k: self.program.params[k].reshape(-1).to(cpu, torch.float64) for k in names}
-        diagnostics = _stationarity(g_mean_flat, v_flat, theta, names, offsets, self.weight_decay,
+        diagnostics = _stationarity(g_mean_flat, v_flat, theta, names, offsets, self.decay,
                                     float(st["grad_norm_sq"]), n)
         stored_g = cat_state(st["rec_grad"]) if self.keep_w else None
         G = None if stored_g is None else stored_g.to(cpu, torch.float64)[: self.num_records]
@@ -1016,7 +1023,7 @@ class MomentAccumulator:
             if G is None:
                 raise ValueError("exact mode stores per-sample gradients; raise budget or lower num_records")
             gg = st["gg_sum"].to(cpu) / n
-            H = st["H_sum"].to(cpu) / n + self.weight_decay * torch.eye(self.d, dtype=torch.float64)
+            H = st["H_sum"].to(cpu) / n + torch.diag(torch.as_tensor(self._decay_slice(0, self.d), dtype=torch.float64).expand(self.d))
             J = L = None
             d, extra = self.d, G.shape[1] - self.d
             # C outputs from the row width d + C d + C^2 (a process that saw no record, or a
@@ -1053,7 +1060,7 @@ class MomentAccumulator:
         # coordinates the loss does not depend on: their gradients are rounding (w = 0 below)
         eps = torch.finfo(self.fast_dtype if self.factored is not None else self.dtype).eps
         v_centring = _without_rounding_gradients(v_flat, names, offsets, eps, diagnostics)
-        sigma_flat, w = diagonal_compute(h_flat + self.weight_decay, v_flat, g_mean_flat, G, n, self.damping,
+        sigma_flat, w = diagonal_compute(h_flat + self._decay_slice(0, self.d), v_flat, g_mean_flat, G, n, self.damping,
                                          diagnostics, v_centring)
         records, factors = None, None
         if w is not None:
@@ -1077,6 +1084,20 @@ class MomentAccumulator:
             factors=factors, **common,
         )
 
+    def _decay_slice(self, a: int, b: int) -> float | Tensor:
+        """The L2 coefficient of flat weights ``a:b``: a float where it is uniform, else a
+        float64 ``[b - a]`` vector (per parameter, :attr:`decay`)."""
+        vals = set(self.decay.values())
+        if len(vals) <= 1:
+            return vals.pop() if vals else 0.0
+        out = torch.zeros(b - a, dtype=torch.float64)
+        for k in self.names:
+            s0, e0 = self.offsets[k]
+            lo, hi = max(s0, a), min(e0, b)
+            if lo < hi:
+                out[lo - a: hi - a] = self.decay[k]
+        return out
+
     def _finalize_lean(self, st: dict[str, Any], n: int) -> Estimate:
         """The diagonal estimate of a large model (``d > FLOAT32_STATE_MIN_PARAMS``, influences
         not stored) with memory bounded by a chunk: the per-weight arithmetic of
@@ -1086,7 +1107,7 @@ class MomentAccumulator:
         are stored in float32 (relative rounding <= 2^-24 = 6e-8 each; readers cast each chunk
         back to float64). Before: ~90 bytes per weight of float64 temporaries and 32 held."""
         cpu, f64, f32 = torch.device("cpu"), torch.float64, torch.float32
-        names, offsets, d, wd = self.names, self.offsets, self.d, self.weight_decay
+        names, offsets, d = self.names, self.offsets, self.d
         # the weights the estimator computed with (float32 above 10^5 weights): exact, and views
         # of the program's private copy (which the estimate keeps anyway), not another copy
         theta = {k: self.program.params[k].detach().reshape(-1).to(cpu) for k in names}
@@ -1099,7 +1120,7 @@ class MomentAccumulator:
             v = (st["g2_sum"][a:b].to(cpu) / n).to(f64) - g.square()
             hs = h_sum[a:b].to(cpu, f64)
             h = (hs / self.hutchinson_probes) / n if hutch else hs / n
-            return g, v, h + wd
+            return g, v, h + self._decay_slice(a, b)
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
         grad_sq, zero_var, h_min, h_max, h_abs, neg = 0.0, 0, math.inf, -math.inf, 0.0, 0
@@ -1108,7 +1129,7 @@ class MomentAccumulator:
             g, v, h = chunk(a, b)
             th = torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
                             ((k, offsets[k]) for k in names) if s0 < b and e0 > a])
-            grad_sq += float((g + wd * th.to(f64)).square().sum())
+            grad_sq += float((g + self._decay_slice(a, b) * th.to(f64)).square().sum())
             zero_var += int((v <= 0).sum())
             h_min, h_max = min(h_min, float(h.min())), max(h_max, float(h.max()))
             h_abs, neg = max(h_abs, float(h.abs().max())), neg + int((h <= 0).sum())
@@ -1118,7 +1139,7 @@ class MomentAccumulator:
         diagnostics: dict[str, Any] = {
             "gradient_norm": gnorm, "gradient_norm_ratio": gnorm / max(rms_g, 1e-300),
             "not_at_minimum": gnorm / max(rms_g, 1e-300) > 0.1, "zero_gradient_variance": zero_var,
-            "weight_decay": float(wd)}
+            **_decay_diagnostics(self.decay)}
         floor = self.damping * h_abs if d else 0.0
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma, chunk by chunk
             b = min(a + FINALIZE_CHUNK, d)
@@ -1194,17 +1215,27 @@ def _split(flat: Tensor, names: list[str], offsets: dict[str, tuple[int, int]]) 
     return {k: flat[slice(*offsets[k])] for k in names}
 
 
+def _decay_diagnostics(decay: Mapping[str, float]) -> dict[str, Any]:
+    """``{"weight_decay": the coefficient}``, plus ``"weight_decay_per_parameter"`` when it
+    differs between parameters (then ``"weight_decay"`` is the largest)."""
+    vals = set(decay.values())
+    out: dict[str, Any] = {"weight_decay": max(vals, default=0.0)}
+    if len(vals) > 1:
+        out["weight_decay_per_parameter"] = dict(decay)
+    return out
+
+
 def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: list[str],
-                  offsets: dict[str, tuple[int, int]], weight_decay: float, grad_norm_sq: float,
+                  offsets: dict[str, tuple[int, int]], decay: Mapping[str, float], grad_norm_sq: float,
                   n: int) -> dict[str, Any]:
     """Stationarity diagnostics: the penalised mean gradient relative to the size of a
-    per-sample gradient (method.md section 6)."""
-    total_grad = torch.cat([g_mean[slice(*offsets[k])] + weight_decay * theta[k] for k in names])
+    per-sample gradient (method.md section 6); ``decay``: the L2 coefficient per parameter."""
+    total_grad = torch.cat([g_mean[slice(*offsets[k])] + decay[k] * theta[k] for k in names])
     rms_g = math.sqrt(grad_norm_sq / n)
     ratio = float(total_grad.norm()) / max(rms_g, 1e-300)
     return {"gradient_norm": float(total_grad.norm()), "gradient_norm_ratio": ratio,
             "not_at_minimum": ratio > 0.1, "zero_gradient_variance": int((v <= 0).sum()),
-            "weight_decay": float(weight_decay)}
+            **_decay_diagnostics(decay)}
 
 
 def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
@@ -1431,7 +1462,8 @@ def estimate(
             Monte Carlo Gauss-Newton, its error in ``diagnostics``), ``"hutchinson"``, ``"auto"``.
         ggn_mc_samples: sampled labels per record for ``hessian="ggn_mc"``.
         weight_decay: L2 penalty coefficient of the training objective
-            ``mean(loss) + weight_decay / 2 * |theta|^2`` (added to ``H``).
+            ``mean(loss) + weight_decay / 2 * |theta|^2`` (added to ``H``), or
+            ``{parameter name: coefficient}`` (parameters not named: 0).
         num_records: records whose influences are kept: the ``num_records`` smallest content
             hashes (:func:`record_keys`), so the same records whatever the loader's order.
         batch_fn: ``batch -> (inputs, targets)``.

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from .._modelcopy import ModelCopyError, private_copy
+
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
 
@@ -230,9 +232,9 @@ class LossProgram:
     """A model, its per-sample loss and the batch layout, as pure functions of the parameters.
 
     Args:
-        model: the trained model (read only; evaluated in eval mode, whatever its
-            ``training`` flag, through ``functional_call`` with private copies of its buffers,
-            so the model, its buffers and its flags stay bit-identical).
+        model: the trained model (read only: a private copy is evaluated, in eval mode whatever
+            its ``training`` flag, through ``functional_call``, so the model, its buffers, its
+            flags and its attributes stay bit-identical).
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (no reduction).
         param_names: the parameters to differentiate (the assessed ones); the others are
             held fixed.
@@ -252,18 +254,27 @@ class LossProgram:
         missing = [n for n in self.param_names if n not in named]
         if missing:
             raise KeyError(f"parameters not in the model: {missing}; the model has {list(named)}")
+        # A private copy: whatever the forward does (attributes it sets, buffers it updates,
+        # counters) lands on the copy, never on the caller's model; its parameters and buffers
+        # are the functional ones. A model that cannot be deep-copied (a lock, an open file)
+        # is read in place with clones of its tensors: its quantized copies fail later, each
+        # with that error, while the unquantized baseline is still assessed.
+        try:
+            self.model = private_copy(self.model, "copying the model for the per-sample loss program")
+            own = False
+        except ModelCopyError:
+            own = True
+        named = dict(self.model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
-        self.params = {n: named[n].detach().to(self.dtype).clone() for n in self.param_names}
-        self.fixed = {
-            n: p.detach().to(self.dtype) if p.is_floating_point() else p.detach()
-            for n, p in named.items()
-            if n not in self.params
-        }
-        # Private copies: nothing the forward does can reach the caller's buffers.
-        self.buffers = {
-            n: (b.detach().to(self.dtype) if b.is_floating_point() else b.detach()).clone()
-            for n, b in self.model.named_buffers()
-        }
+
+        def private(t: Tensor) -> Tensor:
+            t = t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
+            return t.clone() if own else t
+
+        self.params = {n: private(named[n]) for n in self.param_names}
+        self.fixed = {n: p.detach().to(self.dtype) if p.is_floating_point() else p.detach()
+                      for n, p in named.items() if n not in self.params}
+        self.buffers = {n: private(b) for n, b in self.model.named_buffers()}
         self._checked = False
 
     # -- pure functions ---------------------------------------------------------------

@@ -217,10 +217,14 @@ class TorchAOScheme(SchemeConfig):
         why = {**reasons, **more}
         shown = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3]) + (
             f"; and {len(why) - 3} more" if len(why) > 3 else "")
+        text = " ".join(why.values())
+        # what would apply instead: torchao leaves tied weights in float (it would quantize the
+        # shared tensor twice); this library's round-to-nearest schemes quantize them once
+        hint = ("a scheme that quantizes tied weights (rtn_int8, rtn_int4, native_int8_per_row)" if "tied" in text
+                else "a per-row one, e.g. intx_weight_only_int4" if "group" in text else "another scheme")
         raise SchemeError(f"scheme {self.name!r} would quantize no weight of this model"
                           + (f" ({shown})" if shown else " (no layer it supports)")
-                          + ": it would be scored as no protection at all; choose another scheme "
-                          "(e.g. a per-row one) or a model it applies to")
+                          + f": it would be scored as no protection at all; choose {hint}, or a model it applies to")
 
     def _check_dtypes(self, chosen: dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]]) -> None:
         # torchao's quantize primitives assert on other dtypes deep in quantize_affine
