@@ -196,10 +196,17 @@ def test_rounding_eigenvalues_of_a_singular_psd_hessian_are_not_negative_curvatu
     H = J.T @ J / r                                   # rank 12 of 40
     G = torch.randn(n, r, dtype=torch.float64, generator=g) @ J  # gradients in H's range
     diag: dict = {}
-    sandwich_compute(G.T @ G / n, H, G.mean(0), G[:16], n, 1e-8, diag)
+    sigma, *_ = sandwich_compute(G.T @ G / n, H, G.mean(0), G[:16], n, 1e-8, diag)
     assert diag["hessian_min_eigenvalue"] < 0  # rounding below zero ...
     assert diag["negative_eigenvalues_flipped"] == 0 and not diag["negative_curvature"]  # ... is no curvature
-    assert diag["eigenvalues_floored"] >= d - r
+    # ... and, with no gradient variance along them, exact null directions: the sandwich's 0 / 0
+    # is 0 there, i.e. the pseudo-inverse H+ V H+ (floored, the damped inverse blew V's rounding
+    # up to O(1) of the variances)
+    assert diag["hessian_null_directions"] == d - r
+    C = G - G.mean(0)
+    Hp = torch.linalg.pinv(H, hermitian=True, rtol=1e-10)
+    ref = (Hp @ (C.T @ C / n) @ Hp).diagonal().clamp_min(0).div(n).sqrt()
+    torch.testing.assert_close(sigma, ref, rtol=1e-6, atol=1e-9 * float(ref.max()))
     diag = {}
     sandwich_compute(G.T @ G / n, H - 0.5 * torch.eye(d, dtype=torch.float64), G.mean(0), G[:16], n, 1e-8, diag)
     assert diag["negative_curvature"] and diag["negative_eigenvalues_flipped"] >= d - r  # a real one still is

@@ -1280,14 +1280,30 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     # whole spectrum up to the floor would leave a near-zero eigenvalue and an unbounded
     # variance along it. Use |eigenvalues| (the curvature's magnitude, as saddle-free Newton
     # does) floored at damping * max instead; reported in the diagnostics.
-    fixed = evals.abs().clamp_min(floor)
+    inv = 1.0 / evals.abs().clamp_min(floor)
+    # Exact null directions: H's eigenvalue within rounding of 0 and no gradient variance along
+    # the direction either (a symmetry, e.g. softmax's shift of every output bias; a GGN's
+    # directions no record's gradient reaches): the data never moves theta there, so the
+    # sandwich's 0 / 0 is 0 (pseudo-inverse). Floored instead, the damped inverse (1e8 / max)
+    # blew V's rounding along them up to O(1) of the variances, which then moved with the
+    # summation order (the batch size) and split the baseline's two forms by a few percent.
+    null = evals.abs() <= rounding
+    if bool(null.any()):
+        U = evecs[:, null]
+        along = ((U.T @ V) * U.T).sum(-1)  # u' V u per direction
+        v_round = 100 * H.shape[0] * torch.finfo(torch.float64).eps * max(float(V.diagonal().abs().max()), 1e-300)
+        drop = torch.zeros_like(null)
+        drop[null] = along.abs() <= v_round
+        inv = torch.where(drop, torch.zeros_like(inv), inv)
+        floored -= int(drop.sum())
+        diagnostics["hessian_null_directions"] = int(drop.sum())
     diagnostics.update(
         hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
         hessian_condition=(hi / lo) if lo > 0 else math.inf,
         negative_curvature=lo < -rounding, negative_eigenvalues_flipped=flipped,
         eigenvalues_floored=floored,
     )
-    Hinv = (evecs / fixed) @ evecs.T
+    Hinv = (evecs * inv) @ evecs.T
     C = G - g_mean  # centred gradients [R, d]
     if jacobians is not None and loss_hessians is not None:
         C, V = _leverage(C, V, Hinv, jacobians, loss_hessians, n, correct_leverage, diagnostics)
