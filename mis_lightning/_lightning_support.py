@@ -316,33 +316,38 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
 
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
-                      user_loss: bool) -> None:
+                      user_loss: bool, batch: Any = None) -> bool:
     """One training batch through the model and the loss: a batch that is not
     ``(inputs, targets)`` (without ``batch_fn``), losses that are not ``[B]`` (a scalar
     mean, ``[B, 1]``) or that mix records raise here instead of after the whole training.
 
-    Runs in eval mode without gradients on the first records of the dataset (unshuffled,
-    in-process), with the RNG isolated, so training is unaffected. Skipped for iterable
-    datasets (reading them may consume the stream).
+    Runs a private copy of the model in eval mode without gradients, with the RNG isolated,
+    so training is unaffected, on ``batch`` when given (the first training batch, for iterable
+    datasets: ``on_train_batch_start``, still before the first optimizer step), else on the
+    first records of a sized dataset (unshuffled, in-process). Returns False, having checked
+    nothing, for an iterable dataset without ``batch`` (reading it could consume the stream).
 
     Raises:
         TypeError: the batch layout does not fit (names ``batch_fn``).
         ValueError: the per-sample losses do not have shape ``[B]``, or mix records (a record's
             loss computed alone differs from its entry); names the loss.
     """
-    train = single_loader(trainer.train_dataloader, "training")
-    ds = sized_dataset(train)
-    if ds is None or len(ds) == 0:
-        return
-    bs = min(len(ds), train.batch_size or 8)
-    loader = reloader(train, list(range(bs)), bs)
+    if batch is None:
+        train = single_loader(trainer.train_dataloader, "training")
+        ds = sized_dataset(train)
+        if ds is None:
+            return False
+        if len(ds) == 0:
+            return True
+        bs = min(len(ds), train.batch_size or 8)
+        batch = next(iter(reloader(train, list(range(bs)), bs)))
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     # a private copy: what the forward does (attributes it sets, buffers it updates) never
     # reaches the module that trains
     model = private_copy(pl_module, "copying the model for the first-batch check").eval()
     with rng_isolated(), torch.inference_mode(False), torch.no_grad():
-        batch = trainer_batch(trainer, next(iter(loader)), device)
+        batch = trainer_batch(trainer, batch, device)
         if hook:
             name = f"{type(pl_module).__name__}.{HOOK_NAME}"
             leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
@@ -395,6 +400,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         raise ValueError(
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
+    return True
 
 
 def _shapes(tree: Any) -> str:

@@ -175,7 +175,17 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._decay = lt.check_optimizer_decay(trainer, pl_module, self.estimation_config.weight_decay,
                                                select_params(pl_module, self.estimation_config.params))
         res = self._loss(trainer, pl_module)
-        lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn, self.loss_fn is not None)
+        # an iterable dataset is not read here (that could consume its stream): its first
+        # training batch is checked as it arrives, before the first optimizer step
+        self._batch_unchecked = not lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"],
+                                                         self.batch_fn, self.loss_fn is not None)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if getattr(self, "_batch_unchecked", False):
+            self._batch_unchecked = False
+            res = self._loss(trainer, pl_module)
+            lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
+                                 self.loss_fn is not None, batch=batch)
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every_n_val_epochs is None or trainer.sanity_checking or trainer.state.fn != "fit":

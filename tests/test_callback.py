@@ -932,3 +932,38 @@ def test_per_group_weight_decay_is_followed_and_equals_assess_with_the_mapping(t
     got = cb.report.schemes["rtn_int8"].leakage
     assert got == pytest.approx(ref.schemes["rtn_int8"].leakage, rel=1e-9)
     assert got != pytest.approx(uniform.schemes["rtn_int8"].leakage, rel=1e-6)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A stream (no length): the callback does not read it ahead of the training."""
+
+    def __init__(self, n=96):
+        g = torch.Generator().manual_seed(3)
+        self.X = torch.randn(n, 4, generator=g)
+        self.y = self.X[:, 0] + 0.1 * torch.randn(n, generator=g)
+
+    def __iter__(self):
+        return iter(zip(self.X, self.y))
+
+
+def test_iterable_dataset_loss_mistake_raises_at_its_first_batch_before_any_step(tmp_path):
+    """The first-batch check skipped iterable datasets (reading ahead could consume a stream),
+    so a batch-reduced loss failed only after the whole training; the first training batch is
+    now checked as it arrives, before the first optimizer step. A correct loss trains as
+    without the callback."""
+    steps = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, *a):
+            steps.append(1)
+
+    dl = DataLoader(_Stream(), batch_size=16)
+    with pytest.raises(ValueError, match=r"loss_fn mean_loss returned shape \[\] for a batch of 16"):
+        fit(tmp_path / "bad", Regressor, [MISCallback(["rtn_int8"], loss_fn=mean_loss, **FAST), Count()],
+            max_epochs=1, data=(dl, dl))
+    assert not steps
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    trainer, a = fit(tmp_path / "ok", Regressor, [cb], max_epochs=1, data=(dl, dl))
+    _, b = fit(tmp_path / "ref", Regressor, [], max_epochs=1, data=(dl, dl))
+    assert cb.report is not None and cb.report.n == 96
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
