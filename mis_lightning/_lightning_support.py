@@ -340,7 +340,8 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         if len(ds) == 0:
             return True
         bs = min(len(ds), train.batch_size or 8)
-        batch = next(iter(reloader(train, list(range(bs)), bs)))
+        with rng_isolated():  # a DataLoader iterator draws its base seed from the global RNG
+            batch = next(iter(reloader(train, list(range(bs)), bs)))
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     # a private copy: what the forward does (attributes it sets, buffers it updates) never
