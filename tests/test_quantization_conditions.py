@@ -410,3 +410,29 @@ def test_failed_row_keeps_the_up_front_reason():
     err = rep.schemes["intx_weight_only_int4_g32"].error
     assert "not a multiple of the group size 32" in err and rep.schemes["int8_weight_only"].error is None
     assert any("not a multiple of the group size 32" in w for w in rep.warnings)
+
+
+def test_an_all_zero_row_is_given_away_by_its_scale_for_every_scheme():
+    """A weight row that is exactly 0: its weight-derived scale (torchao float8: 0; integer
+    schemes: the clamped floor) reveals max |w| = 0, every weight exactly. float8 read leakage 0
+    with interval [0, 0] (a one-cell grid), the integer schemes 2/pi of each weight, against an
+    independent simulation of the release (0.030 +- 0.0003, OLS d = 3, n = 300) and the same
+    row at 1e-20 (the baseline: the tiny scale gives the row away). Now every scheme reads the
+    unquantized figure, as at 1e-20."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(300, 3, generator=g)
+    y = torch.randn(300, generator=g)
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    out = {}
+    for value in (0.0, 1e-20):
+        m = nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            m.weight.fill_(value)
+        out[value] = ml.assess(m, ["float8_weight_only", "intx_weight_only_int4", "rtn_int2"], dl, mse,
+                               estimation="exact", uncertainty_draws=0)
+    base = out[0.0].baseline_leakage
+    assert base == pytest.approx(out[1e-20].baseline_leakage, rel=1e-9) and base > 0.02
+    for name, r in out[0.0].schemes.items():
+        assert r.error is None, name
+        assert r.leakage == pytest.approx(base, rel=1e-9), name
+        assert r.leakage == pytest.approx(out[1e-20].schemes[name].leakage, rel=1e-6), name

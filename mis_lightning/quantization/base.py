@@ -168,7 +168,10 @@ def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal[
     if rule == "absmax":
         a = view.abs()
         m = torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
-        mask = (a == m) & (m > 0)
+        # an all-zero block ties every element at the maximum: the released scale (0, or the
+        # clamped floor) gives all of them away, as minmax does (scored 0 before: a
+        # discontinuity, the same row at 1e-20 read the baseline)
+        mask = a == m
     elif rule == "minmax":
         hi = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red, keepdim=True)
         lo = torch.nan_to_num(view, nan=float("inf")).amin(dim=red, keepdim=True)
@@ -351,7 +354,8 @@ class ParamGrid:
         if not use_codes:
             code = None
         # A block whose scale is 0 (torchao float8 on an all-zero row or group: every element
-        # is exactly 0) is a one-cell grid {0}: its elements are frozen (all moments 0).
+        # is exactly 0) is a one-cell grid {0}: no cell information (moments 0). Its scale
+        # reveals max |w| = 0, i.e. every element exactly (``revealed`` below: kappa 1).
         dead = scale <= 0
         if bool(dead.any()):
             scale = torch.where(dead, torch.ones_like(scale), scale)
