@@ -161,7 +161,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
         if not self._state_loaded:  # a new fit starts clean (a checkpoint's state comes later)
             self._reset_run_state()
-        self._state_loaded, self._resolved, self._decay = False, None, None
+        self._state_loaded, self._resolved, self._decay, self._batch_unchecked = False, None, None, False
         self._loss(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -181,7 +181,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                                          self.batch_fn, self.loss_fn is not None)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if getattr(self, "_batch_unchecked", False):
+        if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
             lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
