@@ -389,14 +389,24 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     inside = {id(r) for r in eligible}
     same = [r["scheme"] for r in others if _overlap(safest, r) and id(r) in inside]
     outside = [r["scheme"] for r in others if _overlap(safest, r) and id(r) not in inside]
+    # schemes clearly safer than it (no overlap, lower leakage): outside the utility band, since
+    # it is the safest inside; said, never folded into "clearly safer than every other scheme"
+    safer = [r for r in others if _overlap(safest, r) is False and float(r["leakage"]) < float(safest["leakage"])]
+    tail = ""
+    if safer:
+        tail = ("; clearly safer than it but outside the utility band: "
+                + ", ".join(f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
+                            + (f", {uk.removeprefix('utility_')} {_fmt(r[uk])}" if uk and r.get(uk) is not None else "")
+                            + ")" for r in safer))
     if not same and not outside:
-        return text + "; clearly safer than every other scheme (no interval overlaps its own)"
+        return text + ("; clearly safer than every other scheme" + (" in the utility band" if safer else "")
+                       + " (no interval overlaps its own)") + tail
     if same:
         text += "; not clearly different from it (intervals overlap): " + ", ".join(same)
     if outside:  # as safe within the intervals, but their utility is outside the band
         text += (f"; {'also ' if same else ''}overlapping its interval but outside the utility band: "
                  + ", ".join(outside))
-    return text
+    return text + tail
 
 
 def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:

@@ -226,18 +226,24 @@ def test_table_ends_with_legend_and_verdict():
         "verdict: safest with rmse within 1% of the best (0.8100, int8_weight_only): "
         "intx_weight_only_int4 (leakage 0.0571); not clearly different from it (intervals overlap): "
         "int8_weight_only, int8_dynamic_activation_int8_weight, float8_weight_only, "
-        "native_int8_dynamic, bf16")
-    # a wider tolerance admits int3 (0.870 <= 0.81 * 1.1 = 0.891), clearly safer than the rest
+        "native_int8_dynamic, bf16; clearly safer than it but outside the utility band: "
+        "intx_weight_only_int3 (leakage 0.0400, rmse 0.8700), intx_weight_only_int2 (leakage 0.0150, rmse 1.2000)")
+    # a wider tolerance admits int3 (0.870 <= 0.81 * 1.1 = 0.891), clearly safer than the rest of
+    # the band; int2 (outside it) is clearly safer still: said, not folded into "every other"
+    # (the verdict read "clearly safer than every other scheme" with a clearly safer one beside it)
     assert verdict(rows, utility_tolerance=0.1) == (
         "verdict: safest with rmse within 10% of the best (0.8100, int8_weight_only): "
-        "intx_weight_only_int3 (leakage 0.0400); clearly safer than every other scheme "
-        "(no interval overlaps its own)")
+        "intx_weight_only_int3 (leakage 0.0400); clearly safer than every other scheme in the utility "
+        "band (no interval overlaps its own); clearly safer than it but outside the utility band: "
+        "intx_weight_only_int2 (leakage 0.0150, rmse 1.2000)")
+    assert verdict(rows, utility_tolerance=1.0).endswith(
+        "intx_weight_only_int2 (leakage 0.0150); clearly safer than every other scheme (no interval overlaps its own)")
     # a scheme as safe within the intervals but outside the utility band is named apart
     i2 = next(r for r in rows if r["scheme"] == "intx_weight_only_int2")
     saved = (i2["leakage_p10"], i2["leakage_p90"])
     i2["leakage_p10"], i2["leakage_p90"] = 0.0500, 0.0560
-    assert verdict(rows).endswith("native_int8_dynamic, bf16; also overlapping its interval but outside the "
-                                  "utility band: intx_weight_only_int2")
+    assert ("native_int8_dynamic, bf16; also overlapping its interval but outside the utility band: "
+            "intx_weight_only_int2; clearly safer than it") in verdict(rows)
     i2["leakage_p10"], i2["leakage_p90"] = saved
     for r in rows:  # no intervals: say that differences cannot be judged
         r["leakage_p10"] = r["leakage_p90"] = None
