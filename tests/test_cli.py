@@ -113,6 +113,10 @@ def test_cli_prints_a_configuration_error_without_a_traceback(tmp_path, monkeypa
 @pytest.mark.parametrize("override, culprit", [
     ("mis.estimation.mode=exakt", "configuration error (ValueError): estimation (mode) must be 'auto', 'exact' "
                                   "or 'diagonal', got 'exakt'"),
+    # a misspelled field added with `+` reaches the dataclass: the close name is given
+    ("+mis.estimation.num_record=64", "configuration error (TypeError): mis.estimation: EstimationConfig() got "
+                                      "unexpected keyword argument(s) ['num_record'] ('num_record': did you mean "
+                                      "'num_records'?)"),
 ])
 def test_cli_instantiation_and_availability_errors_are_one_line(tmp_path, monkeypatch, capsys, override, culprit):
     """An invalid option of a config class (Hydra's InstantiationException, unwrapped to the

@@ -196,8 +196,21 @@ def stage_configs_of(cfg: DictConfig) -> tuple[EstimationConfig, ScoringConfig]:
         TypeError: a node does not build the expected config (names it).
         ValueError: an invalid option (from the config's checks, naming the option).
     """
+    import dataclasses
+
     from hydra.utils import instantiate
 
+    from mis_lightning.config import unexpected_options
+
+    for key, cls in (("estimation", EstimationConfig), ("scoring", ScoringConfig)):
+        node = cfg.mis.get(key)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        # a `+mis.estimation.<typo>=...` override reaches the dataclass as a keyword: name the
+        # close fields (Hydra's own "not in struct" error covers overrides without the +)
+        unknown = [k for k in (node or {}) if not str(k).startswith("_") and k not in fields]
+        if unknown and node.get("_target_", "").endswith(cls.__name__):
+            err = unexpected_options(cls.__name__, unknown, what=f"the fields of {cls.__name__}", known=fields)
+            raise TypeError(f"mis.{key}: {err}")
     est, sc = instantiate(cfg.mis.estimation), instantiate(cfg.mis.scoring)
     for key, obj, cls in (("estimation", est, EstimationConfig), ("scoring", sc, ScoringConfig)):
         if not isinstance(obj, cls):
