@@ -477,3 +477,16 @@ def test_own_tdc_csv_runs_and_its_skipped_rows_reach_the_report(tmp_path):
     res = json.loads((out / "result.json").read_text())
     assert res["task"] == "regression"
     assert any(w.startswith("data: 2 input row(s) skipped by TDCADMETDataModule") for w in res["warnings"])
+
+
+def test_aggregate_header_counts_jobs_that_scored_no_scheme(tmp_path):
+    """A job that ran but whose every scheme is an error row (e.g. a group size that divides no
+    layer) released nothing: the header said "4 jobs (1 failed)" while its Failures section
+    listed two; it now counts them apart."""
+    _fake_result(tmp_path / "0_a", 0, "a", 0.3, 1.0)
+    _fake_result(tmp_path / "1_g32", 1, "g32", 0.3, 1.0)
+    res = json.loads((tmp_path / "1_g32" / "result.json").read_text())
+    res["rows"][0].update(leakage=None, error="SchemeError: would quantize no weight of this model")
+    (tmp_path / "1_g32" / "result.json").write_text(json.dumps(res))
+    agg.aggregate(tmp_path, verbose=False)
+    assert "2 jobs (1 scored no scheme), 2 rows." in (tmp_path / "aggregate.md").read_text()

@@ -304,7 +304,15 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
         wr.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
     md = markdown_table(rows)
     n_failed = len(failed_jobs(rows))
-    failed_txt = f" ({n_failed} failed)" if n_failed else ""
+    # jobs that ran but scored no scheme (every one an error row, e.g. a group size that
+    # divides no layer): they released nothing either, and the Failures section lists them
+    by_job: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("job_status") != "failed":
+            by_job.setdefault((r.get("job"), r.get("job_dir")), []).append(r)
+    n_none = sum(1 for rs in by_job.values() if rs and all(r.get("error") for r in rs))
+    parts = [f"{n_failed} failed"] * bool(n_failed) + [f"{n_none} scored no scheme"] * bool(n_none)
+    failed_txt = f" ({'; '.join(parts)})" if parts else ""
     head = f"# mis-lightning sweep {sweep_dir}\n\n{len(results)} jobs{failed_txt}, {len(rows)} rows.\n\n"
     (out / "aggregate.md").write_text(head + md + "\n")
     import matplotlib.pyplot as plt
