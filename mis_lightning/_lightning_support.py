@@ -10,7 +10,8 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +41,20 @@ from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
 
 
-def rng_isolated() -> Any:
+@contextmanager
+def rng_isolated() -> Iterator[None]:
     """Lightning's ``isolate_rng`` (torch CPU, ``random``, ``numpy``, and CUDA only where CUDA is
-    already initialised: reading its states would otherwise initialise it)."""
-    return isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
+    already initialised: reading its states would otherwise initialise it), restoring the
+    states when the block raises too: ``isolate_rng`` restores on a normal exit only, and a
+    failed assessment (caught with ``strict=False``) left the training's RNG advanced."""
+    error: BaseException | None = None
+    with isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized()):
+        try:
+            yield
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, once the states are back
+            error = exc
+    if error is not None:
+        raise error
 
 
 def unpicklable(obj: Any) -> str | None:

@@ -178,6 +178,19 @@ def test_rng_is_restored_even_if_the_callback_draws_random_numbers(tmp_path, mon
     trainer, module = fit(tmp_path / "b", lambda: Regressor(dropout=0.2), [cb], max_epochs=2)
     _assert_same(ref, _snapshot(trainer, module))
 
+    # ... and when the assessment fails after drawing (strict=False catches it): Lightning's
+    # isolate_rng restores on a normal exit only, so the next epochs trained on another stream
+    def noisy_failure(self, trainer, pl_module):
+        torch.rand(7)
+        raise RuntimeError("the assessment broke after drawing")
+
+    monkeypatch.setattr(C._MISCallbackImpl, "_assess", noisy_failure)
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0, **FAST)
+    with pytest.warns(UserWarning, match="assessment failed"):
+        trainer, module = fit(tmp_path / "c", lambda: Regressor(dropout=0.2), [cb], max_epochs=2)
+    assert cb.last_error == "RuntimeError: the assessment broke after drawing"
+    _assert_same(ref, _snapshot(trainer, module))
+
 
 def test_loggers_csv_tensorboard_report_and_figure(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
