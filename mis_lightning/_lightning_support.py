@@ -10,14 +10,12 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from pytorch_lightning.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from torch.utils.data import (
     DataLoader,
@@ -31,6 +29,7 @@ from torch.utils.data import (
 
 from ._lightning_compat import trainer_package
 from ._modelcopy import private_copy
+from ._rng import isolated_rng
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .estimation.batching import merge_batches
@@ -41,20 +40,12 @@ from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
 
 
-@contextmanager
-def rng_isolated() -> Iterator[None]:
-    """Lightning's ``isolate_rng`` (torch CPU, ``random``, ``numpy``, and CUDA only where CUDA is
-    already initialised: reading its states would otherwise initialise it), restoring the
-    states when the block raises too: ``isolate_rng`` restores on a normal exit only, and a
-    failed assessment (caught with ``strict=False``) left the training's RNG advanced."""
-    error: BaseException | None = None
-    with isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized()):
-        try:
-            yield
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, once the states are back
-            error = exc
-    if error is not None:
-        raise error
+def rng_isolated() -> Any:
+    """The caller's RNG states restored after the block, whether it returns or raises
+    (:func:`mis_lightning._rng.isolated_rng`: Lightning's ``isolate_rng`` restores on a normal
+    exit only, and a failed assessment caught with ``strict=False`` left the training's RNG
+    advanced)."""
+    return isolated_rng()
 
 
 def unpicklable(obj: Any) -> str | None:

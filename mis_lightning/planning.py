@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._modelcopy import private_copy
 from .assess import (
     SchemeSpec,
     _correlated_leakage,
@@ -578,7 +579,9 @@ def plan(
 
     # Step 2: per candidate, its real copy's grids -> kappa per weight and bits per parameter.
     t0 = time.perf_counter()
-    float_u = measure(model)
+    # the float model's utility on a private copy: whatever its forward sets or counts stays
+    # off the caller's model (the quantized candidates are copies anyway)
+    float_u = measure(private_copy(model, "copying the model to measure its float utility"))
     metric = cfg.utility_metric
     if metric not in float_u:
         raise ValueError(f"PlanConfig.utility_metric {metric!r} is not among the measured utilities "

@@ -340,3 +340,25 @@ def test_size_budget_no_plan_can_meet_fails_before_the_estimation_pass(setup, mo
     with pytest.raises(PlanInfeasibleError, match="max_bits=1.0 is below the fewest reachable bits per weight"):
         plan(model, CANDS, tr, loss, val_dataloader=va, max_bits=1.0, weight_decay=WD)
     check_size_budget(model, PlanConfig(candidates=CANDS, max_bits=32.0))  # reachable: no error
+
+
+class _Counted(nn.Module):
+    """Counts its forward calls in an attribute (user code often keeps such state)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)
+
+
+def test_plan_never_runs_the_callers_model(setup):
+    """The float model's utility was measured on the caller's model itself (a forward that
+    counts calls or keeps its output changed it); now on a private copy."""
+    model, tr, va, _, _ = setup
+    counted = _Counted(model)
+    plan(counted, CANDS, tr, loss, val_dataloader=va, max_utility_loss=0.05, weight_decay=WD,
+         uncertainty_draws=0, reassess=1)
+    assert counted.calls == 0

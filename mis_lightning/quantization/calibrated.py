@@ -65,12 +65,10 @@ from .torchao_backend import (
 
 
 def _isolate_rng() -> Any:
-    """Lightning's ``isolate_rng`` (torch, ``random``, ``numpy``), or torch's ``fork_rng``."""
-    try:
-        from lightning_fabric.utilities.seed import isolate_rng
-    except ImportError:  # pragma: no cover - lightning_fabric ships with pytorch_lightning
-        return torch.random.fork_rng(devices=[])
-    return isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
+    """Lightning's ``isolate_rng`` (torch, ``random``, ``numpy``), restored on errors too."""
+    from .._rng import isolated_rng
+
+    return isolated_rng()
 
 
 def _batch_inputs(batch: Any, scheme: str) -> Any:
