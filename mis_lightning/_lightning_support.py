@@ -166,6 +166,14 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
             batches_read = [[int(i) for i in b] for b in itertools.islice(iter(batch_sampler), _finite_len(batch_sampler))]
             order = [i for b in batches_read for i in b]
             drawable = _shuffled_draws(sampler)
+            if drawable is None and getattr(batch_sampler, "drop_last", False) and sampler is not _UNKNOWN \
+                    and not isinstance(sampler, (SequentialSampler, type(None))) and _finite_len(sampler):
+                # a sampler of the user's own with drop_last: two passes tell a shuffling one
+                # (other records dropped each epoch) from a fixed order (the same tail dropped)
+                size = _finite_len(sampler)
+                passes = [[int(i) for i in itertools.islice(iter(sampler), size)] for _ in range(2)]
+                if passes[0] != passes[1]:
+                    drawable = sorted(set(passes[0]) | set(passes[1]))
             if drawable is not None and set(order) != set(drawable):
                 # a shuffled loader whose pass leaves records out (drop_last, num_samples < the
                 # dataset): other records each epoch, and this pass (read with the RNG isolated)

@@ -835,6 +835,24 @@ def test_shuffled_loader_with_drop_last_counts_every_record_it_can_draw():
     idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=10, sampler=RandomSampler(ds, num_samples=40)))
     assert len(idx) == 100 and "num_samples=40" in note
 
+    # samplers of the user's own with drop_last: a shuffling one draws every record over the
+    # epochs (two passes differ); a fixed order drops the same tail every epoch
+    class Shuffling(torch.utils.data.Sampler):
+        def __len__(self):
+            return 100
+
+        def __iter__(self):
+            return iter(torch.randperm(100).tolist())
+
+    class Reversed(Shuffling):
+        def __iter__(self):
+            return iter(range(99, -1, -1))
+
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=16, sampler=Shuffling(), drop_last=True))
+    assert idx == list(range(100)) and "drop_last=True" in note
+    idx, note = training_records(NoLimit(), DataLoader(ds, batch_size=16, sampler=Reversed(), drop_last=True))
+    assert idx == list(range(4, 100)) and note is None
+
 
 class SideEffects(Regressor):
     """A forward that counts calls, keeps its last output and counts training records in a
