@@ -696,9 +696,13 @@ def exact_box_mean_abs(
     evals, evecs = torch.linalg.eigh(0.5 * (S + S.T))
     floor = 1e-9 * max(float(evals.abs().max()), 1e-12)
     chol = torch.linalg.cholesky((evecs * evals.clamp_min(floor)) @ evecs.T)
-    # outer draws of (U_C, Y_F); a singular covariance raises LinAlgError (the caller then uses
-    # the copula form)
-    root = torch.linalg.cholesky(cov_z + 1e-12 * torch.eye(cov_z.shape[0], dtype=torch.float64))
+    # outer draws of (U_C, Y_F). A singular covariance (a weight the data never moves: a dead
+    # unit's row of the correlation is 0; collinear inputs) is floored like S above: a plain
+    # Cholesky then failed or not by rounding, and the form switched to the copula Monte Carlo
+    # with the loader's batch size (8e-3 of an int2 figure on an MLP with a dead ReLU unit)
+    ev_z, evec_z = torch.linalg.eigh(0.5 * (cov_z + cov_z.T))
+    floor_z = 1e-12 * max(float(ev_z.abs().max()), 1e-12)
+    root = torch.linalg.cholesky((evec_z * ev_z.clamp_min(floor_z)) @ evec_z.T)
     alpha = coarse_alpha.to(torch.float64)
     pad = torch.cat([torch.full((c, 1), -math.inf, dtype=torch.float64), alpha,
                      torch.full((c, 1), math.inf, dtype=torch.float64)], 1)
