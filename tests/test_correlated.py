@@ -443,3 +443,32 @@ def test_in_sample_correlation_mean_form_is_the_rank_and_defers_on_independent_r
     assert float(RecordCorrelation.in_sample(low).parts[0][1].quadratic(low).mean()) == pytest.approx(30.0, rel=1e-4)
     with pytest.raises(ValueError, match=">= 8 stored records"):
         RecordCorrelation.in_sample(torch.randn(4, 2, dtype=torch.float64))
+
+
+def test_exact_box_form_takes_a_weight_the_data_never_moves():
+    """A weight with no variance (a dead unit: its row and column of the correlation are 0 up
+    to rounding, its influences 0) made the outer draws' Cholesky fail or not by the sign of
+    that rounding, and the headline then switched to the copula form with the loader's batch
+    size. The covariance is floored now: the form runs whatever the rounding's sign, and gives
+    the same value as with a positive rounding."""
+    d, rho = 4, 0.6
+    R = _equicorrelated(d, rho)
+    g = torch.Generator().manual_seed(5)
+    h = torch.full((d,), 4.0, dtype=torch.float64)
+    off = torch.rand(d, dtype=torch.float64, generator=g)
+    w = torch.randn(3, d, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(R).T
+    stats = _grid_stats(h, off)
+    k = torch.arange(-40, 41, dtype=torch.float64)
+    alpha = (k.unsqueeze(0) + off.unsqueeze(1)) * h.unsqueeze(1)
+    out = []
+    for noise in (1e-11, -1e-11):
+        Rd = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+        Rd[:d, :d] = R
+        Rd[d, d] = noise  # the dead weight's variance: rounding of 0, either sign
+        wd = torch.cat([w, torch.zeros(3, 1, dtype=torch.float64)], 1)
+        kd = torch.cat([stats.kappa, torch.ones(1, dtype=torch.float64)])
+        got, _ = F.correlated.exact_box_mean_abs(Correlation(full=Rd), wd, kd, torch.arange(d), alpha,
+                                                 generator=torch.Generator().manual_seed(3))
+        out.append(got)
+    assert torch.isfinite(out[1]).all()
+    torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=0)
