@@ -398,6 +398,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
                 # the estimation would fail on them after the whole training
                 check_record_losses(loss_fn, outputs, targets, losses, f"MISCallback: {name}")
                 check_record_outputs(model, inputs, outputs, f"MISCallback: {type(pl_module).__name__}")
+                _check_differentiable_forward(model, loss_fn, inputs, targets)
     shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
     if shape is None or b is None or shape != (b,):
         got = f"shape {list(shape)}" if shape is not None else type(losses).__name__
@@ -412,6 +413,35 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
     return True
+
+
+def _check_differentiable_forward(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any) -> None:
+    """One record's per-sample gradient through ``torch.func`` (as the estimation takes them),
+    on the private copy: a forward that updates a tensor it holds in place even in eval mode
+    fails there, and would otherwise fail after the whole training.
+
+    Raises:
+        ValueError: the forward mutates a captured tensor (says what to change).
+    """
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        return
+    one = torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() else t, (inputs, targets))
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        return loss_fn(torch.func.functional_call(model, p, (one[0],)), one[1]).sum()
+
+    try:
+        with torch.enable_grad():
+            torch.func.grad(loss)(params)
+    except RuntimeError as exc:
+        if "mutate a captured Tensor" not in str(exc):
+            return  # not this check's concern: the estimation reports its own errors
+        raise ValueError(
+            f"MISCallback: {type(model).__name__}'s forward updates a tensor it holds in place (a buffer or "
+            "an attribute, e.g. a counter) even in eval mode, which the per-sample gradients (torch.func) "
+            "cannot differentiate through: update it in training mode only (if self.training: ...) or "
+            "outside forward") from exc
 
 
 def _shapes(tree: Any) -> str:

@@ -998,3 +998,30 @@ def test_iterable_dataset_loss_mistake_raises_at_its_first_batch_before_any_step
     _, b = fit(tmp_path / "ref", Regressor, [], max_epochs=1, data=(dl, dl))
     assert cb.report is not None and cb.report.n == 96
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+class EvalCounter(Regressor):
+    """Updates a buffer in place in every forward, eval mode included."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen += 1
+        return self.net(x).squeeze(-1)
+
+
+def test_a_forward_mutating_a_buffer_in_eval_mode_is_refused_before_training(tmp_path):
+    """torch.func (the per-sample gradients) cannot differentiate through an in-place update
+    of a held tensor: the assessment failed after the whole training with functorch's raw
+    message; the first-batch check now says what to change, before the first step."""
+    steps = []
+
+    class Count(pl.Callback):
+        def on_train_batch_start(self, *a):
+            steps.append(1)
+
+    with pytest.raises(ValueError, match=r"EvalCounter's forward updates a tensor it holds in place .*self\.training"):
+        fit(tmp_path, EvalCounter, [MISCallback(["rtn_int8"], loss_fn=mse, **FAST), Count()], max_epochs=1)
+    assert not steps

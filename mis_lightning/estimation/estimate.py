@@ -773,7 +773,23 @@ class MomentAccumulator:
         Dispatches to one ``_update_*`` per kind: the factored Linear path, else per-sample
         gradients (with the Gauss-Newton diagonal when ``hessian="ggn"``) followed by the
         exact Hessian or the Hutchinson probes.
+
+        Raises:
+            ValueError: the model's forward updates a tensor it holds in place in eval mode
+                (torch.func cannot differentiate through it; the message says what to change).
         """
+        try:
+            return self._update(batch, state)
+        except RuntimeError as exc:
+            if "mutate a captured Tensor" not in str(exc):
+                raise
+            raise ValueError(
+                f"{type(self.model).__name__}'s forward updates a tensor it holds in place (a buffer or "
+                "an attribute, e.g. a counter) even in eval mode, which the per-sample gradients "
+                "(torch.func) cannot differentiate through: update it in training mode only "
+                "(if self.training: ...) or outside forward") from exc
+
+    def _update(self, batch: Any, state: dict[str, Any] | None) -> int:
         st = self.state if state is None else state
         program = self.program
         inputs, targets, b = program.prepare(batch)
