@@ -247,3 +247,33 @@ def test_softmax_symmetry_directions_do_not_make_figures_depend_on_the_batch_siz
         assert r.baseline_leakage == pytest.approx(got[0].baseline_leakage, rel=1e-9)
         assert r.schemes["rtn_int4"].leakage == pytest.approx(got[0].schemes["rtn_int4"].leakage, rel=1e-9)
     assert not any("from the gradient covariance but" in w for r in got for w in r.warnings)
+
+
+def test_forward_cost_probe_does_not_depend_on_the_attention_layout():
+    """``"auto"`` weighs the exact sandwich's cost by the floats of one forward. Measured without
+    gradients, nn.MultiheadAttention(batch_first=True) took its fused inference path and read 13x
+    fewer floats than the same model with batch_first=False: the estimator (and the headline,
+    17% apart) changed with the layout. Measured as the exact sandwich runs it (with gradients),
+    both layouts read alike."""
+    from mis_lightning.estimation.estimate import forward_floats
+
+    class Attn(nn.Module):
+        def __init__(self, batch_first: bool):
+            super().__init__()
+            self.batch_first = batch_first
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+            self.head = nn.Linear(8, 1)
+
+        def forward(self, x):  # x: [B, T, E] either way
+            h = x if self.batch_first else x.transpose(0, 1)
+            out, _ = self.mha(h, h, h, need_weights=False)
+            out = out if self.batch_first else out.transpose(0, 1)
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    a, b = Attn(True), Attn(False)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(16, 5, 8)
+    torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=1e-5, atol=1e-6)
+    fa, fb = forward_floats(a, x, 16), forward_floats(b, x, 16)
+    assert fa is not None and fb is not None and 0.5 <= fa / fb <= 2.0, (fa, fb)

@@ -439,7 +439,10 @@ def forward_floats(model: nn.Module, inputs: Any, b: int) -> float | None:
         return None
     counter = _CountFloats()
     try:
-        with torch.no_grad(), counter:
+        # with gradients, as the exact sandwich runs it: without, nn.MultiheadAttention takes its
+        # fused inference path for batch_first=True only, and the same model measured 13x fewer
+        # floats in one layout than in the other (the estimator then changed with the layout)
+        with torch.enable_grad(), counter:
             copy.eval()(inputs)
     except Exception:  # noqa: BLE001 - the estimation's own forward reports it
         return None
