@@ -611,6 +611,17 @@ def score_schemes(
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
+    # Whole parameters the data never moves (no gradient variance on any record: sigma 0): a
+    # parameter the forward does not use, or frozen in effect. They carry no leakage, but were
+    # counted silently in d (and in the baseline's d_eff).
+    unused = [k for k in est.names if est.sigma[k].numel() and not bool(est.sigma[k].any())]
+    if unused:
+        size = sum(est.sigma[k].numel() for k in unused)
+        report.warnings.append(
+            f"{len(unused)} assessed parameter(s) ({size:,} weights) never moved by the training data (no "
+            f"gradient on any record, sigma 0): {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}; "
+            "they carry no leakage but count in d: a parameter the forward does not use (check the model) or "
+            "one to leave out with params=")
     lev = _leverage_note(est.diagnostics)
     off = est.diagnostics.get("leverage_unavailable")
     if off and est.d / n > D_EFF_OVER_N_MAX:

@@ -520,3 +520,30 @@ def test_a_bias_cancelled_by_a_normalisation_carries_no_influence():
     r0 = ml.assess(without, ["none", "rtn_int2"], dl, _mse, **kw)
     for s in ("none", "rtn_int2"):
         assert r1.schemes[s].leakage == pytest.approx(r0.schemes[s].leakage, rel=1e-4), s
+
+
+def test_a_parameter_the_forward_never_uses_is_named():
+    """A parameter the forward does not use (a leftover decoder, an unused head) gets no
+    gradient: sigma 0, no leakage, but it was counted in d silently (d_eff 76 for "none" and 44
+    for bf16 on one model). Named in the warnings, for both estimators."""
+    class Leftover(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused = nn.Linear(3, 1), nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.a(x)
+
+    torch.manual_seed(0)
+    X = torch.randn(300, 3)
+    y = X[:, 0] + 0.3 * torch.randn(300)
+    m = Leftover()
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+
+    def mse(o, t):
+        return 0.5 * (o.squeeze(-1) - t) ** 2
+
+    for est in ("exact", "diagonal"):
+        r = ml.assess(m, ["rtn_int8"], dl, mse, estimation=est, uncertainty_draws=0, strict=False)
+        hits = [w for w in r.warnings if "never moved by the training data" in w]
+        assert len(hits) == 1 and "unused.weight, unused.bias" in hits[0] and "(40 weights)" in hits[0], est
