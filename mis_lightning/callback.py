@@ -24,6 +24,7 @@ from . import _lightning_support as lt
 from ._lightning_compat import lightning_callback_base
 from .assess import SchemeSpec, check_schemes, resolve_schemes, select_params
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
+from .estimation.estimate import check_decay_names
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
 from .planning import PlanConfig, PlanResult, check_size_budget
@@ -151,6 +152,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             return
         check_float_model(pl_module)  # a torchao-quantized model: refuse before training
         select_params(pl_module, self.estimation_config.params)  # a misspelled params= name, too
+        if isinstance(self.estimation_config.weight_decay, Mapping):  # and a weight_decay={name: ...} one
+            check_decay_names(self.estimation_config.weight_decay, pl_module)
         if self.plan_config is not None:  # a size budget no plan can meet: before training
             check_size_budget(pl_module, self.plan_config, self.estimation_config.params)
         # a scheme that cannot run here or on this model is an error row at the end (the

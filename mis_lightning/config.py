@@ -182,18 +182,9 @@ class EstimationConfig:
             object.__setattr__(self, "params", tuple(str(n) for n in p))  # Hydra ListConfig too
 
     def resolved_weight_decay(self, model: Any) -> float | dict[str, float]:
-        """``weight_decay``, or for ``None`` the model's numeric ``weight_decay`` attribute
-        (else 0.0).
-
-        Raises:
-            KeyError: a per-parameter mapping names a parameter the model does not have.
-        """
+        """``weight_decay`` (a per-parameter mapping as given: the estimator checks its names),
+        or for ``None`` the model's numeric ``weight_decay`` attribute (else 0.0)."""
         if isinstance(self.weight_decay, Mapping):
-            named = dict(model.named_parameters())
-            unknown = [k for k in self.weight_decay if k not in named]
-            if unknown:
-                raise KeyError(f"weight_decay names parameters the model does not have: {unknown}; "
-                               f"its parameters: {list(named)[:12]}{' ...' if len(named) > 12 else ''}")
             return dict(self.weight_decay)
         if self.weight_decay is not None:
             return self.weight_decay

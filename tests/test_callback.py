@@ -1025,3 +1025,9 @@ def test_a_forward_mutating_a_buffer_in_eval_mode_is_refused_before_training(tmp
     with pytest.raises(ValueError, match=r"EvalCounter's forward updates a tensor it holds in place .*self\.training"):
         fit(tmp_path, EvalCounter, [MISCallback(["rtn_int8"], loss_fn=mse, **FAST), Count()], max_epochs=1)
     assert not steps
+
+
+def test_a_misspelled_weight_decay_name_raises_before_training(tmp_path):
+    with pytest.raises(KeyError, match=r"weight_decay names parameters the model does not have: \['net.0.wieght'\]"):
+        fit(tmp_path, Regressor, [MISCallback(["rtn_int8"], loss_fn=mse, weight_decay={"net.0.wieght": 0.1})],
+            max_epochs=1)

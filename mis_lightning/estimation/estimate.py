@@ -652,9 +652,8 @@ class MomentAccumulator:
         self.acc_dtype = torch.float64 if d <= 10_000_000 else torch.float32
         self.names = self.program.param_names
         # the L2 coefficient per assessed parameter (a mapping: those it names, others 0)
-        unknown = sorted(set(decay) - set(named)) if decay is not None else []
-        if unknown:
-            raise KeyError(f"weight_decay names parameters the model does not have: {unknown}")
+        if decay is not None:
+            check_decay_names(decay, model)
         self.decay = {k: float(decay.get(k, 0.0)) if decay is not None else float(weight_decay) for k in self.names}
         self.weight_decay = max(self.decay.values(), default=0.0)  # uniform: the coefficient
         self.num_records = int(num_records)
@@ -1232,6 +1231,19 @@ def _dense(v: Any, rows: int) -> Tensor:
 
 def _split(flat: Tensor, names: list[str], offsets: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
     return {k: flat[slice(*offsets[k])] for k in names}
+
+
+def check_decay_names(decay: Mapping[str, float], model: nn.Module) -> None:
+    """A per-parameter ``weight_decay`` mapping names parameters of ``model`` only.
+
+    Raises:
+        KeyError: names the unknown entries and the model's parameters.
+    """
+    named = [n for n, _ in model.named_parameters()]
+    unknown = sorted(set(decay) - set(named))
+    if unknown:
+        raise KeyError(f"weight_decay names parameters the model does not have: {unknown}; its parameters: "
+                       f"{named[:12]}{' ...' if len(named) > 12 else ''}")
 
 
 def _decay_diagnostics(decay: Mapping[str, float]) -> dict[str, Any]:
