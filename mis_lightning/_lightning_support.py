@@ -1,6 +1,6 @@
 """What :class:`~mis_lightning.callback.MISCallback` needs from a Trainer, kept out of the
 callback: the Trainer's loaders re-read unpadded and unshuffled, the loss resolved from the
-module, the first-batch check, the pickling check, RNG isolation (Lightning's ``isolate_rng``)
+module, the first-batch check, the pickling check
 and :func:`assess_on_trainer` (the pipeline's two halves on the Trainer's data). Depends on
 Lightning utilities and the core, never on the other front ends.
 """
@@ -38,14 +38,6 @@ from .evaluation import evaluate_utility, to_device
 from .progress import ProgressDisplay
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
-
-
-def rng_isolated() -> Any:
-    """The caller's RNG states restored after the block, whether it returns or raises
-    (:func:`mis_lightning._rng.isolated_rng`: Lightning's ``isolate_rng`` restores on a normal
-    exit only, and a failed assessment caught with ``strict=False`` left the training's RNG
-    advanced)."""
-    return isolated_rng()
 
 
 def unpicklable(obj: Any) -> str | None:
@@ -153,7 +145,7 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
         sampler = getattr(batch_sampler, "sampler", _UNKNOWN)
     notes = []
     batches_read: list[list[int]] | None = None
-    with rng_isolated():
+    with isolated_rng():
         distributed_shuffle, replicas = False, 1
         if isinstance(sampler, DistributedSampler):  # DDP: the user's sampler, if Lightning wrapped one
             inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
@@ -350,14 +342,14 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         if len(ds) == 0:
             return True
         bs = min(len(ds), train.batch_size or 8)
-        with rng_isolated():  # a DataLoader iterator draws its base seed from the global RNG
+        with isolated_rng():  # a DataLoader iterator draws its base seed from the global RNG
             batch = next(iter(reloader(train, list(range(bs)), bs)))
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     # a private copy: what the forward does (attributes it sets, buffers it updates) never
     # reaches the module that trains
     model = private_copy(pl_module, "copying the model for the first-batch check").eval()
-    with rng_isolated(), torch.inference_mode(False), torch.no_grad():
+    with isolated_rng(), torch.inference_mode(False), torch.no_grad():
         batch = trainer_batch(trainer, batch, device)
         if hook:
             name = f"{type(pl_module).__name__}.{HOOK_NAME}"

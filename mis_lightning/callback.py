@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _lightning_support as lt
 from ._lightning_compat import lightning_callback_base
+from ._rng import isolated_rng
 from .assess import SchemeSpec, check_schemes, resolve_schemes, select_params
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.estimate import check_decay_names
@@ -239,7 +240,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         where = {"lightning": {"stage": stage, "epoch": epoch, "global_step": step}}
         out = lt.report_dir(trainer, self.dirpath)
         try:
-            with lt.rng_isolated(), torch.inference_mode(False), torch.enable_grad():
+            with isolated_rng(), torch.inference_mode(False), torch.enable_grad():
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)

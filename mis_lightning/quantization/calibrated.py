@@ -53,6 +53,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._rng import isolated_rng
 from .base import ParamGrid, SchemeError, SchemeUnavailableError, affine_grid
 from .registry import register_scheme
 from .torchao_backend import (
@@ -62,13 +63,6 @@ from .torchao_backend import (
     _read_affine,
     _torchao_version,
 )
-
-
-def _isolate_rng() -> Any:
-    """Lightning's ``isolate_rng`` (torch, ``random``, ``numpy``), restored on errors too."""
-    from .._rng import isolated_rng
-
-    return isolated_rng()
 
 
 def _batch_inputs(batch: Any, scheme: str) -> Any:
@@ -191,7 +185,7 @@ class CalibratedScheme(TorchAOScheme):
         """
         taken: list[Any] = []
         try:
-            with _isolate_rng():
+            with isolated_rng():
                 torch.manual_seed(self.calibration_seed)
                 for batch in batches:
                     taken.append(_detach(_batch_inputs(batch, self.name)))
@@ -245,8 +239,8 @@ class CalibratedScheme(TorchAOScheme):
         def only(_m: nn.Module, fqn: str) -> bool:
             return fqn in chosen
 
-        # _isolate_rng: AWQ's convert builds a fresh nn.Linear (its init draws from the global RNG)
-        with _quiet(), _isolate_rng():
+        # isolated_rng: AWQ's convert builds a fresh nn.Linear (its init draws from the global RNG)
+        with _quiet(), isolated_rng():
             quantize_(model, self._wrapper_config(self.steps[0]), filter_fn=only)
             with torch.no_grad():
                 for x in self.calibration:
