@@ -655,7 +655,6 @@ class MomentAccumulator:
         if decay is not None:
             check_decay_names(decay, model)
         self.decay = {k: float(decay.get(k, 0.0)) if decay is not None else float(weight_decay) for k in self.names}
-        self.weight_decay = max(self.decay.values(), default=0.0)  # uniform: the coefficient
         self.num_records = int(num_records)
         self.hutchinson_probes, self.damping, self.budget = hutchinson_probes, damping, budget
         self.generator, self.selection, self.pytree_records = generator, selection, pytree_records
