@@ -83,6 +83,20 @@ def validation_loaders(loaders: Any) -> tuple[Any, int]:
     return loaders, 1
 
 
+def trainer_loaders(trainer: Any) -> list[Any]:
+    """The Trainer's training and validation loaders (those it has; none where reading the
+    property fails): what an assessment reads, whose own generators it must restore."""
+    out = []
+    for attr in ("train_dataloader", "val_dataloaders"):
+        try:
+            loaders = getattr(trainer, attr, None)
+        except Exception:  # noqa: BLE001 - a loader Lightning could not build: nothing to save
+            continue
+        if loaders is not None:
+            out.append(loaders)
+    return out
+
+
 def sized_dataset(dl: Any) -> Any:
     """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset, else None."""
     ds = getattr(dl, "dataset", None)
@@ -145,7 +159,7 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
         sampler = getattr(batch_sampler, "sampler", _UNKNOWN)
     notes = []
     batches_read: list[list[int]] | None = None
-    with isolated_rng():
+    with isolated_rng(dl):  # the loader's own generator too: reading the sampler draws from it
         distributed_shuffle, replicas = False, 1
         if isinstance(sampler, DistributedSampler):  # DDP: the user's sampler, if Lightning wrapped one
             inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
@@ -342,7 +356,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         if len(ds) == 0:
             return True
         bs = min(len(ds), train.batch_size or 8)
-        with isolated_rng():  # a DataLoader iterator draws its base seed from the global RNG
+        with isolated_rng(train):  # a DataLoader iterator draws its base seed from the global RNG
             batch = next(iter(reloader(train, list(range(bs)), bs)))
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")

@@ -3,17 +3,25 @@
 Lightning's ``isolate_rng`` (torch CPU, ``random``, ``numpy``; CUDA only where CUDA is already
 initialised: reading its states would otherwise initialise it) restores the states on a normal
 exit only: a block that raised (a failed scheme or assessment, caught and reported) left the
-caller's streams advanced. :func:`isolated_rng` restores them either way.
+caller's streams advanced. :func:`isolated_rng` restores them either way, and with them the
+generators of the caller's data loaders that the block iterates: a ``DataLoader(shuffle=True,
+generator=g)`` draws its order (and its workers' base seed) from ``g``, not from the global
+stream, so reading it would otherwise move the caller's next epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["isolated_rng"]
+__all__ = ["isolated_rng", "loader_generators", "restores_rng"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _isolate() -> object:
@@ -24,15 +32,88 @@ def _isolate() -> object:
     return isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
 
 
+def loader_generators(*holders: Any) -> list[torch.Generator]:
+    """Every ``torch.Generator`` that iterating ``holders`` can draw from, each once: a data
+    loader's own (``generator=``), its sampler's, its batch sampler's and that one's sampler's;
+    loaders in lists, tuples, dicts or a Lightning ``CombinedLoader`` (``.flattened``); a
+    generator given directly. Anything else contributes nothing."""
+    found: list[torch.Generator] = []
+    seen: set[int] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if obj is None or depth > 4 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, torch.Generator):
+            found.append(obj)
+        elif isinstance(obj, Mapping):
+            for v in obj.values():
+                visit(v, depth + 1)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v, depth + 1)
+        else:
+            flat = getattr(obj, "flattened", None)  # Lightning's CombinedLoader
+            if isinstance(flat, (list, tuple)):
+                visit(flat, depth + 1)
+            for attr in ("generator", "sampler", "batch_sampler"):
+                try:
+                    visit(getattr(obj, attr, None), depth + 1)
+                except Exception:  # noqa: BLE001 - a property of the user's object that fails: nothing to save
+                    continue
+
+    for h in holders:
+        visit(h, 0)
+    return found
+
+
 @contextmanager
-def isolated_rng() -> Iterator[None]:
+def isolated_rng(*loaders: Any, seed: int | None = None) -> Iterator[None]:
     """Run the block with the random states restored afterwards, whether it returns or raises
-    (the exception is re-raised once the states are back)."""
+    (the exception is re-raised once the states are back): the global streams and the
+    generators of ``loaders`` (:func:`loader_generators`).
+
+    Args:
+        loaders: data loaders (or generators) the block iterates.
+        seed: seed the global torch stream and those generators with it for the block, so
+            that the block draws the same batches every time (calibration).
+    """
+    gens = loader_generators(*loaders)
+    states = [(g, g.get_state()) for g in gens]
     error: BaseException | None = None
     with _isolate():  # type: ignore[attr-defined]
         try:
+            if seed is not None:
+                torch.manual_seed(seed)
+                for g in gens:
+                    g.manual_seed(seed)
             yield
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             error = exc
+        finally:
+            for g, state in states:
+                g.set_state(state)
     if error is not None:
         raise error
+
+
+def restores_rng(*loader_args: str) -> Callable[[F], F]:
+    """Decorate a public entry point that reads the caller's data: the call runs inside
+    :func:`isolated_rng` of the loaders passed as ``loader_args`` (argument names), so the
+    caller's streams and loaders come back as they were (iterating a ``DataLoader`` draws
+    its workers' base seed, and a shuffled one its order, from them)."""
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                bound = sig.bind_partial(*args, **kwargs).arguments
+            except TypeError:  # the call itself raises its own clear TypeError below
+                bound = {}
+            with isolated_rng(*(bound.get(a) for a in loader_args)):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._rng import restores_rng
 from .config import (  # noqa: F401
     DEFAULT_CHUNK,
     EstimationConfig,
@@ -275,6 +276,7 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
             "(requires_grad=False) if they were not fitted to these records")
 
 
+@restores_rng("train_dataloader", "val_dataloader")
 def assess(
     model: nn.Module,
     schemes: SchemeSpec | Sequence[SchemeSpec],
@@ -360,6 +362,7 @@ def assess(
     )
 
 
+@restores_rng("train_dataloader")
 def run_estimation(
     model: nn.Module,
     train_dataloader: Iterable,
@@ -443,6 +446,7 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
     return out
 
 
+@restores_rng("val_dataloader", "calibration_data")
 def score_schemes(
     est: Estimate,
     model: nn.Module,

@@ -240,7 +240,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         where = {"lightning": {"stage": stage, "epoch": epoch, "global_step": step}}
         out = lt.report_dir(trainer, self.dirpath)
         try:
-            with isolated_rng(), torch.inference_mode(False), torch.enable_grad():
+            # the trainer's loaders' own generators too: the assessment reads them
+            with isolated_rng(*lt.trainer_loaders(trainer)), torch.inference_mode(False), torch.enable_grad():
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._rng import restores_rng
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 
 OutputTransform = Callable[[Any, Any], tuple[Any, Any]]
@@ -29,6 +30,7 @@ def to_device(tree: Any, device: torch.device | str) -> Any:
 
 
 @torch.inference_mode()
+@restores_rng("dataloader")
 def evaluate_utility(
     model: nn.Module,
     dataloader: Iterable,

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from ._modelcopy import private_copy
+from ._rng import restores_rng
 from .assess import (
     SchemeSpec,
     _correlated_leakage,
@@ -487,6 +488,7 @@ def _pareto(points: list[tuple[float, float, float]]) -> list[int]:
     return [i for i in range(len(points)) if not bool(dominated[i])]
 
 
+@restores_rng("train_dataloader", "val_dataloader")
 def plan(
     model: nn.Module,
     candidates: SchemeSpec | Sequence[SchemeSpec] | None,

@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -351,6 +352,27 @@ class EstimationMetric(Metric):
                 acc.factored.close()  # the original fell back from nn.Linear factors to the per-layer path
                 acc.factored = acc._fast_program(LayerProgram)
         self._ref = _Ref((model, acc))
+
+    # -- dtype ----------------------------------------------------------------------------
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> nn.Module:
+        """Device moves reach the states, dtype changes do not (``set_dtype``, ``.to(dtype)``):
+        the states are float64 sums and int64 record keys, which a float32 or float16 copy
+        would round (float16: a leakage 8% off, and keys that pick other records)."""
+        def keep_dtype(t: Any) -> Any:
+            out = fn(t)
+            if isinstance(t, Tensor) and isinstance(out, Tensor) and out.dtype != t.dtype:
+                return t.to(device=out.device)
+            return out
+
+        return super()._apply(keep_dtype, exclude_state)
+
+    def set_dtype(self, dst_type: str | torch.dtype) -> EstimationMetric:
+        """Kept for torchmetrics' interface: the states keep their own dtypes (see ``_apply``);
+        warns that the request is not followed. Returns ``self``."""
+        warnings.warn(f"{type(self).__name__}.set_dtype({dst_type}) is ignored: its states are float64 sums "
+                      "and int64 record keys, which a lower precision would round (the figures are float64 either way)",
+                      UserWarning, stacklevel=2)
+        return self
 
     # -- distributed sync -----------------------------------------------------------------
     def sync(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None,

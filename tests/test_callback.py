@@ -159,6 +159,26 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     assert all(s.error is None and "loss" in s.utility for s in cb.report.schemes.values())
 
 
+def test_a_loader_with_its_own_generator_trains_identically_and_keeps_its_state(tmp_path):
+    # DataLoader(shuffle=True, generator=g) shuffles from g, not from the global stream: the
+    # callback's reads of the sampler (every_n_val_epochs) drew from g and changed the next
+    # epochs' order (fu17: final weights differed); the end-of-fit assessment left g advanced
+    def data():
+        train, val = loaders()
+        gen = torch.Generator().manual_seed(11)
+        return DataLoader(train.dataset, batch_size=32, shuffle=True, generator=gen), val
+
+    ref_data = data()
+    ref = _snapshot(*fit(tmp_path / "a", lambda: Regressor(dropout=0.2), data=ref_data))
+    for n, every in (("b", 1), ("c", None)):
+        got_data = data()
+        cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=every, uncertainty_draws=0, **FAST)
+        trainer, module = fit(tmp_path / n, lambda: Regressor(dropout=0.2), [cb], data=got_data)
+        _assert_same(ref, _snapshot(trainer, module))
+        assert torch.equal(got_data[0].generator.get_state(), ref_data[0].generator.get_state())
+        assert cb.report is not None and all(s.error is None for s in cb.report.schemes.values())
+
+
 def test_rng_is_restored_even_if_the_callback_draws_random_numbers(tmp_path, monkeypatch):
     from mis_lightning import callback as C
 

@@ -111,6 +111,31 @@ def test_partition_invariance_with_bottom_k_records():
     assert float(c.compute()["rtn_int8"]["leakage"]) != float(oa["rtn_int8"]["leakage"])
 
 
+def test_dtype_requests_leave_the_float64_sums_and_int64_keys_alone():
+    # torchmetrics' set_dtype / .to(dtype) cast every state: float16 sums and float16 record
+    # keys (which pick the scored records) moved a leakage by 8% silently (fu17)
+    X, y = _data(n=300)
+    m = _ols_model(X, y)
+    kw = {"estimation": "diagonal", "hessian": "exact", "num_records": 40, "uncertainty_draws": 0}
+    ref = MISIndicator(m, mse, SCHEMES, **kw)
+    _feed(ref, X, y, 64)
+    want = ref.compute()
+    for how in ("set_dtype", "to"):
+        met = MISIndicator(m, mse, SCHEMES, **kw)
+        _feed(met, X[:150], y[:150], 64)
+        if how == "set_dtype":
+            with pytest.warns(UserWarning, match=r"set_dtype\(torch.float16\) is ignored"):
+                met.set_dtype(torch.float16)
+        else:
+            met.to(torch.float16)
+        assert {str(v.dtype) for v in met._states().values() if isinstance(v, torch.Tensor)} <= {"torch.float64", "torch.int64"}
+        _feed(met, X[150:], y[150:], 64)
+        got = met.compute()
+        for k in SCHEMES:
+            # other batch boundaries (150 | 64): the float64 sums agree to rounding
+            assert float(got[k]["leakage"]) == pytest.approx(float(want[k]["leakage"]), rel=1e-12), (how, k)
+
+
 def test_model_is_held_by_reference_and_untouched():
     X, y = _data()
     m = _ols_model(X, y)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._modelcopy import ModelCopyError, private_copy
+from .._rng import restores_rng
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .batching import merge_batches
@@ -1478,6 +1479,7 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
     return sigma, w
 
 
+@restores_rng("train_dataloader")
 def estimate(
     model: nn.Module,
     train_dataloader: Iterable,

@@ -35,9 +35,9 @@ included, re-run on perturbed weights (:func:`~mis_lightning.quantization.requan
 
 Calibration (``calibrate(model, batches)``, which ``assess``, ``MISCallback`` and the app call
 with the training loader): the inputs of the first ``calibration_batches`` batches the
-loader yields, under ``torch.manual_seed(calibration_seed)`` inside Lightning's
-``isolate_rng`` (a shuffling loader draws the same batches every time and the caller's RNG
-is untouched). Defaults follow torchao's examples: 10 batches for AWQ and SmoothQuant
+loader yields, with the global torch stream and the loader's own generators (``generator=``
+of the loader or its sampler) seeded with ``calibration_seed``, all restored afterwards (a
+shuffling loader draws the same batches every time and the caller's RNG is untouched). Defaults follow torchao's examples: 10 batches for AWQ and SmoothQuant
 (``calibration_limit=10``), 128 for GPTQ (``--num-calibration-samples 128``).
 """
 
@@ -174,9 +174,9 @@ class CalibratedScheme(TorchAOScheme):
     def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> CalibratedScheme:
         """The scheme holding the inputs of the first ``calibration_batches`` training batches.
 
-        The loader is iterated under ``torch.manual_seed(calibration_seed)`` inside
-        ``isolate_rng`` (the caller's RNG state is restored); neither ``model`` nor the
-        batches are modified.
+        The loader is iterated with the global torch stream and the loader's own generators
+        seeded with ``calibration_seed`` (the same batches every call); their states are
+        restored afterwards; neither ``model`` nor the batches are modified.
 
         A batch that is neither an ``(inputs, targets)`` pair nor a tensor, or a loader that
         yields nothing, does not raise here: the returned scheme holds the reason and raises
@@ -185,8 +185,9 @@ class CalibratedScheme(TorchAOScheme):
         """
         taken: list[Any] = []
         try:
-            with isolated_rng():
-                torch.manual_seed(self.calibration_seed)
+            # the loader's own generator seeded too (a DataLoader(generator=g) shuffles from g):
+            # the same batches every call, and the caller's states restored afterwards
+            with isolated_rng(batches, seed=self.calibration_seed):
                 for batch in batches:
                     taken.append(_detach(_batch_inputs(batch, self.name)))
                     if len(taken) >= self.calibration_batches:
