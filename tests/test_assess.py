@@ -92,8 +92,10 @@ def test_assess_matches_functional_core():
     k_w = revealed + (1 - revealed) * stats.kappa
     kappa = torch.cat([k_w, torch.ones(1, dtype=torch.float64)])  # the bias is left in float
     ref = F.record_leakage(est.influence, F.CellMoments(kappa, kappa, kappa, kappa), est.n, method="clt")
-    assert rep.schemes["rtn_int4"].leakage == pytest.approx(float(ref.mean()), rel=1e-10)
-    assert rep.schemes["rtn_int4"].d_eff == pytest.approx(float(kappa.sum()), rel=1e-10)
+    # the edges keep one cell beyond the row's bound, which the moments read as revealed
+    # (functional/bounds.py): the two differ by the mass ~6 sd away here (3e-10 relative)
+    assert rep.schemes["rtn_int4"].leakage == pytest.approx(float(ref.mean()), rel=1e-8)
+    assert rep.schemes["rtn_int4"].d_eff == pytest.approx(float(kappa.sum()), rel=1e-8)
 
 
 def test_monte_carlo_and_gaussian_forms_agree_when_many_weights_leak():

@@ -412,6 +412,35 @@ def test_failed_row_keeps_the_up_front_reason():
     assert any("not a multiple of the group size 32" in w for w in rep.warnings)
 
 
+def test_weights_near_the_rows_maximum_keep_their_information_on_a_fine_grid():
+    """A row of 5 correlated OLS weights of similar magnitude, two within ~0.3-0.5 sd of the
+    row's absmax: beyond the released bound such a weight would be the new maximum, given away
+    by the scale, not a lumped cell. Read as a lumped cell, int8 (step ~0.03 sd, which loses
+    ~1e-4 of the information) read 9% below the baseline and d_eff 4.72, while a likelihood-ratio
+    attack on the real int8 release reached the unquantized advantage (ra17: 0.0346 +- 0.0006
+    against the baseline's 0.0345, 40,000 trials). Now int8 reads the baseline within 0.5%."""
+    g = torch.Generator().manual_seed(0)
+    n, rho = 400, 0.9
+    k = torch.arange(5, dtype=torch.float64)
+    cov = rho ** (k[:, None] - k[None]).abs()
+    X = (torch.randn(n, 5, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T)
+    theta = torch.tensor([-0.784, -0.686, 0.446, -0.765, 0.812], dtype=torch.float64)
+    r = torch.randn(n, dtype=torch.float64, generator=g)
+    r = r - X @ torch.linalg.solve(X.T @ X, X.T @ r)  # residuals orthogonal to X: OLS gives theta exactly
+    y = X @ theta + r / r.std()
+    m = nn.Linear(5, 1, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(theta[None].float())
+    dl = DataLoader(TensorDataset(X.float(), y.float()), batch_size=100)
+    rep = ml.assess(m, ["none", "rtn_int8", "int8_weight_only"], dl, lambda o, t: (o[:, 0] - t) ** 2,
+                    uncertainty_draws=0)
+    base = rep.baseline_leakage
+    for name in ("rtn_int8", "int8_weight_only"):
+        s = rep.schemes[name]
+        assert s.error is None and s.d_eff > 4.99, (name, s.d_eff)
+        assert base * 0.995 <= s.leakage <= base * (1 + 1e-6), (name, s.leakage, base)
+
+
 def test_an_all_zero_row_is_given_away_by_its_scale_for_every_scheme():
     """A weight row that is exactly 0: its weight-derived scale (torchao float8: 0; integer
     schemes: the clamped floor) reveals max |w| = 0, every weight exactly. float8 read leakage 0
