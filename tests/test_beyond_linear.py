@@ -81,6 +81,47 @@ def test_transformer_embedding_by_torchao_and_attention_projections_quantized():
                                res.grids["enc.self_attn.in_proj_weight"].dequantized)
 
 
+@pytest.mark.parametrize("name", ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int2",
+                                  "intx_weight_only_int4_g32_asym"])
+def test_one_wide_embeddings_and_kernels_are_quantized_not_crashed(name):
+    """``nn.Embedding(V, 1)`` and a 1x1 convolution from one channel: rows one weight wide.
+    torchao 0.18's IntxWeightOnlyConfig and its ``choose_qparams_affine`` fail on them ("shape
+    [12, 1] is invalid for input of size 1", ex17: the whole ``assess`` call raised). Each row's
+    scale gives its one weight away: released exactly up to float32 rounding, every weight
+    revealed, leakage = the unquantized baseline."""
+    class Tok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 1)
+            self.conv = nn.Conv1d(1, 3, 1, bias=False)
+
+        def forward(self, tok):
+            return self.conv(self.emb(tok).transpose(1, 2)).sum((1, 2))
+
+    torch.manual_seed(0)
+    model = Tok()
+    s = get_scheme(name)
+    res = s.apply(model)
+    if name.endswith("_g32_asym"):  # a group of 32 does not tile one-wide rows: float, with the reason
+        assert set(res.unquantized) == {"emb.weight", "conv.weight"}
+        return
+    assert set(res.grids) == {"emb.weight", "conv.weight"} and not res.unquantized
+    for pname, g in res.grids.items():
+        w = dict(model.named_parameters())[pname].detach().reshape(g.dequantized.shape).to(torch.float64)
+        # torchao's symmetric scale is max|w| / (qmax + 1/2): it gives each one-wide row's weight away
+        assert torch.allclose(g.scale.reshape(w.shape).to(torch.float64) * (g.qmax + 0.5), w.abs(), rtol=1e-6), pname
+        assert g.revealed is not None and bool(g.revealed.all()), pname
+    g = torch.Generator().manual_seed(1)
+    tok = torch.randint(0, 12, (400, 4), generator=g)
+    with torch.no_grad():
+        y = model(tok) + torch.randn(400, generator=g)
+    rep = ml.assess(model, [name], DataLoader(TensorDataset(tok, y), batch_size=100),
+                    lambda o, t: (o - t) ** 2, uncertainty_draws=0, hessian="exact")
+    r = rep.schemes[name]
+    assert r.error is None and r.quantized_fraction == 1.0
+    assert r.leakage == pytest.approx(rep.baseline_leakage, rel=1e-9)
+
+
 def test_group_sizes_that_do_not_tile_a_flattened_kernel_are_left_in_float_with_the_reason():
     m = CNN().eval()
     res = get_scheme("intx_weight_only_int4_g32").apply(m)

@@ -177,12 +177,18 @@ def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
     else:
         mt = MappingType.ASYMMETRIC if spec.mapping == "asymmetric" else MappingType.SYMMETRIC
         wf = w.to(torch.float32)
-        scale, zp = choose_qparams_affine(wf, mt, block, torch.int8, spec.qmin, spec.qmax,
+        # torchao 0.18's primitives fail on a weight one element wide ("shape [V, 1] is invalid
+        # for input of size 1"): each block doubled has the same absmax, min and max
+        twin = gshape[-1] == 1
+        wq, bq = (torch.cat([wf, wf], -1), (*block[:-1], 2)) if twin else (wf, block)
+        scale, zp = choose_qparams_affine(wq, mt, bq, torch.int8, spec.qmin, spec.qmax,
                                           eps=torch.finfo(torch.float32).eps, scale_dtype=torch.float32,
                                           zero_point_dtype=torch.int8)
-        codes = quantize_affine(wf, block, scale, zp, torch.int8, spec.qmin, spec.qmax)
-        deq = dequantize_affine(codes, block, scale, zp, torch.int8, spec.qmin, spec.qmax,
+        codes = quantize_affine(wq, bq, scale, zp, torch.int8, spec.qmin, spec.qmax)
+        deq = dequantize_affine(codes, bq, scale, zp, torch.int8, spec.qmin, spec.qmax,
                                 output_dtype=torch.float32)
+        if twin:
+            codes, deq = codes[..., :1], deq[..., :1]
         nb = [s // b for s, b in zip(gshape, block)]
         scale, zp = scale.reshape(nb), zp.reshape(nb)
         side = None
@@ -212,6 +218,10 @@ def _torchao_embedding(model: nn.Module, fqn: str, module: nn.Embedding, spec: F
 
     if spec.granularity == "per_tensor" or module.max_norm is not None:
         return None  # IntxWeightOnlyConfig refuses per-tensor; max_norm renorms in place
+    if module.weight.shape[-1] < 2:
+        # rows of one weight: torchao's IntxWeightOnlyConfig fails on them ("shape [V, 1] is
+        # invalid for input of size 1", torchao 0.18); the library RTN takes them (flat_rtn)
+        return None
     gran = aoq.PerAxis(0) if spec.granularity == "per_row" else aoq.PerGroup(int(spec.group_size or 0))
     mt = aoq.MappingType.ASYMMETRIC if spec.mapping == "asymmetric" else aoq.MappingType.SYMMETRIC
     cfg = _make_config(aoq.IntxWeightOnlyConfig, weight_dtype=getattr(torch, f"int{spec.bits}"),
