@@ -182,8 +182,14 @@ class MISIndicator(EstimationMetric):
                          batch_fn=batch_fn, num_training_records=num_training_records, **metric_kwargs)
         # fails early on [] and unknown names
         self.schemes = resolve_schemes(default_schemes() if schemes is None else schemes)
-        for msg in check_schemes(model, self.schemes, strict=sc_cfg.strict):  # before any update
+        for msg in check_schemes(model, self.schemes, strict=sc_cfg.strict, availability=True):  # before any update
             rank_zero_warn(f"MISIndicator: {msg} (it will be reported as a failed scheme)")
+        for s in self.schemes:  # a calibrated scheme by name: the Metric sees no loader to calibrate on
+            if callable(getattr(s, "calibrate", None)) and not getattr(s, "calibration", None) \
+                    and not getattr(s, "calibration_error", None):
+                rank_zero_warn(f"MISIndicator: scheme {s.name!r} needs calibration batches, which a Metric "
+                               f"does not see: pass get_scheme({s.name!r}).calibrate(model, train_loader) "
+                               "(it will be reported as a failed scheme)")
         self.scoring_config, self.utility_fn, self.progress = sc_cfg, utility_fn, progress
         self.report: Report | None = None
 
