@@ -647,8 +647,11 @@ def score_schemes(
             "asymptotic regime needs d_eff << n: treat those figures as indicative"
         )
     # What a release carries beyond its weights and the indicator does not score (AWQ factors).
-    report.warnings += [w for w in (getattr(sc, "release_warning", lambda: None)() for sc in scheme_objs
-                                    if sc.name not in failures) if w]
+    for sc in scheme_objs:
+        unscored = getattr(sc, "release_warning", lambda: None)()
+        if unscored and sc.name not in failures:
+            report.warnings.append(unscored)
+            report.schemes[sc.name].unscored = unscored  # marked "+" (a lower bound) in the table
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
     report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs
                                     if not isinstance(sc, NoQuantization)) if w]

@@ -119,6 +119,10 @@ class SchemeResult:
     pool_leakage: float = math.nan
     covariance: str = "independent"
     leakage_independent: float | None = None
+    # what the release carries beyond its weights that ``leakage`` does not score (AWQ's and
+    # SmoothQuant's per-channel factors, computed from the calibration records): the figure is
+    # then a lower bound of the whole release's leakage (data processing); ``None``: nothing
+    unscored: str | None = None
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
@@ -243,7 +247,7 @@ class Report:
                 "baseline_leakage": s.baseline_leakage, "d_eff": s.d_eff, "d": s.d,
                 "zero_fraction": s.zero_fraction, "pinned_fraction": s.pinned_fraction,
                 "float_fraction": math.nan if s.error else 1.0 - s.quantized_fraction,
-                "method": s.method, "error": s.error or "",
+                "method": s.method, "error": s.error or "", "unscored": bool(s.unscored),
             }
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
             out.append(row)
@@ -435,6 +439,10 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
     if any(re.fullmatch(r"plan(_\d+)?", str(r.get("scheme", ""))) for r in rows):
         lines.append("  plan, plan_k: mixed-precision plans of the planner (mode=plan), re-assessed like the "
                      "schemes; their per-layer assignment, budget and proxy values are in plan.md.")
+    if any(r.get("unscored") for r in rows if not r.get("error")):
+        lines.append("  +: a lower bound: the release also carries a part this figure does not score "
+                     "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
+                     "records; see warnings).")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
                      "exceed: the figure is not reliable here (see warnings).")
@@ -495,7 +503,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
-            _fmt(r["leakage"]) + (" !" if above_baseline(r) else ""), interval, _fmt(r["mis"]),
+            _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else ""),
+            interval, _fmt(r["mis"]),
             _fmt_or_dash(r.get("pool_leakage")),
             _fmt(r["baseline_leakage"]),
             _fmt(r["d_eff"]), _fmt(r.get("zero_fraction", r.get("sparsity")))])  # old rows: sparsity

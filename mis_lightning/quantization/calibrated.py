@@ -269,8 +269,10 @@ class CalibratedScheme(TorchAOScheme):
         if not self.prescaled:
             return None
         return (f"scheme {self.name!r} releases a per-input-channel factor computed from the "
-                "calibration batches' activations (training records); the factor's own "
-                "dependence on those records is not scored (only the weights it reveals are)")
+                "calibration batches' activations (training records where it calibrates on the "
+                "training loader, as assess, MISCallback and the app do); the factor's own "
+                "dependence on those records is not scored (only the weights it reveals are): its "
+                "leakage is a lower bound of the whole release's (marked + in the table)")
 
 
 def _rows(x: Any) -> int:
