@@ -47,6 +47,7 @@ from .assess import SchemeSpec, check_schemes, resolve_schemes, score_schemes
 from .config import EstimationConfig, ScoringConfig, stage_configs
 from .estimation.per_sample import BatchFn, LossFn
 from .progress import ProgressFn
+from .quantization import QuantizationScheme
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric, default_schemes, hook_program
 
@@ -182,11 +183,14 @@ class MISIndicator(EstimationMetric):
                          batch_fn=batch_fn, num_training_records=num_training_records, **metric_kwargs)
         # fails early on [] and unknown names
         self.schemes = resolve_schemes(default_schemes() if schemes is None else schemes)
-        for msg in check_schemes(model, self.schemes, strict=sc_cfg.strict, availability=True):  # before any update
+        problems = check_schemes(model, self.schemes, strict=sc_cfg.strict, availability=True)
+        for msg in problems:  # before any update
             rank_zero_warn(f"MISIndicator: {msg} (it will be reported as a failed scheme)")
         for s in self.schemes:  # a calibrated scheme by name: the Metric sees no loader to calibrate on
-            if callable(getattr(s, "calibrate", None)) and not getattr(s, "calibration", None) \
-                    and not getattr(s, "calibration_error", None):
+            data_dependent = type(s).calibrate is not QuantizationScheme.calibrate  # data-free ones return self
+            if data_dependent and hasattr(s, "calibration") and not s.calibration \
+                    and not getattr(s, "calibration_error", None) \
+                    and not any(f"scheme {s.name!r}" in msg for msg in problems):
                 rank_zero_warn(f"MISIndicator: scheme {s.name!r} needs calibration batches, which a Metric "
                                f"does not see: pass get_scheme({s.name!r}).calibrate(model, train_loader) "
                                "(it will be reported as a failed scheme)")

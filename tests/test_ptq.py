@@ -344,12 +344,15 @@ def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_
     awq = get_scheme("awq_int8_weight_only").calibrate(m, loader)
     # said when the Metric is built, not only after the whole pass (fu17)
     with pytest.warns(UserWarning, match=r"MISIndicator: scheme 'smooth_quant_int8_weight_only' needs calibration") as rec:
-        met = MISIndicator(m, _mse, [awq, "smooth_quant_int8_weight_only"], num_records=32,
-                           uncertainty_draws=0, weight_decay=2e-2)
-    assert not any("'awq_int8_weight_only'" in str(w.message) for w in rec)  # the calibrated one is fine
-    if not torch.cuda.is_available():  # a scheme this machine cannot run: said up front too
-        with pytest.warns(UserWarning, match=r"MISIndicator: scheme 'gptq_int8_weight_only' is unavailable"):
+        met = MISIndicator(m, _mse, [awq, "smooth_quant_int8_weight_only", "rtn_int4", "int8_weight_only"],
+                           num_records=32, uncertainty_draws=0, weight_decay=2e-2)
+    # the calibrated one and the data-free ones are fine (a first version warned for every scheme)
+    assert [str(w.message) for w in rec if "needs calibration" in str(w.message)] == [
+        str(w.message) for w in rec if "'smooth_quant_int8_weight_only'" in str(w.message)]
+    if not torch.cuda.is_available():  # a scheme this machine cannot run: said up front too, once
+        with pytest.warns(UserWarning, match=r"MISIndicator: scheme 'gptq_int8_weight_only' is unavailable") as rec:
             MISIndicator(m, _mse, ["gptq_int8_weight_only"], num_records=32)
+        assert not any("needs calibration" in str(w.message) for w in rec)
     for batch in loader:
         met.update(batch)
     met.compute()
