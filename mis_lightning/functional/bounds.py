@@ -100,12 +100,16 @@ def _revealed_tail(b: Tensor, tail_b: Tensor, pb: Tensor) -> tuple[Tensor, Tenso
     return tail_b + bphi, absm, 3.0 * tail_b + b3phi
 
 
-def _lumped_tail(b: Tensor, tail_b: Tensor, pb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The same restricted moments when ``U > b`` is one cell (``m(U)`` its conditional mean)."""
-    live = tail_b > 1e-300
-    r = torch.where(live, torch.maximum(pb / tail_b.clamp_min(1e-300), b), torch.zeros_like(b))
-    sq = pb * r
-    return sq, pb, sq * r * r
+def _cell_term(diff: Tensor, prob: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One cell's ``(kappa, mean_abs, m4)`` terms from ``diff = phi(lo) - phi(hi)`` and its
+    probability: ``p mu^2``, ``p |mu|``, ``p mu^4`` with ``mu = diff / p`` kept inside
+    ``[lo, hi]`` (an empty cell: 0)."""
+    tiny = 1e-300
+    live = prob > tiny
+    r = torch.maximum(torch.minimum(diff / prob.clamp_min(tiny), hi), lo)
+    r = torch.where(live, r, torch.zeros_like(r))
+    sq = diff * r
+    return sq, diff.abs(), sq * r * r
 
 
 def _split_delta(e: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -116,25 +120,15 @@ def _split_delta(e: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     :func:`~mis_lightning.functional.cells.cell_terms` (tail probabilities without
     cancellation, conditional means kept inside their cells, empty cells dropped), written
     elementwise: two ``ndtr`` and two ``exp`` per element."""
-    tiny = 1e-300
     qe, qb = torch.special.ndtr(-e.abs()), torch.special.ndtr(-b.abs())  # the smaller tails
     tail_e = torch.where(e >= 0, qe, 1.0 - qe)  # P(U > e)
     tail_b = torch.where(b >= 0, qb, 1.0 - qb)
     mid = torch.where(e >= 0, qe - qb, torch.where(b <= 0, qb - qe, 1.0 - qe - qb)).clamp_min(0.0)
     pe, pb = _pdf(e), _pdf(b)
-    d = pe - pb
-
-    def term(diff: Tensor, prob: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        live = prob > tiny
-        r = torch.maximum(torch.minimum(diff / prob.clamp_min(tiny), hi), lo)
-        r = torch.where(live, r, torch.zeros_like(r))
-        sq = diff * r
-        return sq, diff.abs(), sq * r * r
-
     inf = torch.full_like(e, math.inf)
-    kw, lw, mw = term(pe, tail_e, e, inf)
+    kw, lw, mw = _cell_term(pe, tail_e, e, inf)
     ku, lu, mu = _revealed_tail(b, tail_b, pb)
-    km, lm, m4m = term(d, mid, e, b)
+    km, lm, m4m = _cell_term(pe - pb, mid, e, b)
     return km + ku - kw, lm + lu - lw, m4m + mu - mw
 
 
@@ -145,7 +139,7 @@ def _reveal_delta(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     tail_b = torch.where(b >= 0, qb, 1.0 - qb)
     pb = _pdf(b)
     rk, rl, r4 = _revealed_tail(b, tail_b, pb)
-    lk, ll, l4 = _lumped_tail(b, tail_b, pb)
+    lk, ll, l4 = _cell_term(pb, tail_b, b, torch.full_like(b, math.inf))
     return rk - lk, rl - ll, r4 - l4
 
 
