@@ -650,7 +650,8 @@ def score_schemes(
     for sc in scheme_objs:
         unscored = getattr(sc, "release_warning", lambda: None)()
         if unscored and sc.name not in failures:
-            report.warnings.append(unscored)
+            if unscored not in report.warnings:  # a plan repeats its candidates' own words
+                report.warnings.append(unscored)
             report.schemes[sc.name].unscored = unscored  # marked "+" (a lower bound) in the table
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
     report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs

@@ -337,6 +337,19 @@ def test_assess_scores_calibrated_schemes_and_warns_about_the_factors():
     assert " +" not in hqq
 
 
+def test_plan_with_a_calibrated_candidate_warns_once_about_its_factor():
+    # the re-assessed plan repeated its candidate's factor warning word for word (fu17: three
+    # lines for two schemes)
+    from mis_lightning import plan
+
+    m, loader = _regression()
+    res = plan(m, ["int8_weight_only", "awq_int8_weight_only", "smooth_quant_int8_weight_only",
+                   "intx_weight_only_int4"], loader, _mse, val_dataloader=loader, max_utility_loss=10.0,
+               num_records=32, uncertainty_draws=0, weight_decay=2e-2)
+    factor = [w for w in res.report.warnings if "per-input-channel factor" in w]
+    assert len(factor) == 1 and len(set(res.warnings)) == len(res.warnings)
+
+
 def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_one():
     from mis_lightning import MISIndicator
 
