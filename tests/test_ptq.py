@@ -347,7 +347,7 @@ def test_plan_with_a_calibrated_candidate_warns_once_about_its_factor():
                    "intx_weight_only_int4"], loader, _mse, val_dataloader=loader, max_utility_loss=10.0,
                num_records=32, uncertainty_draws=0, weight_decay=2e-2)
     factor = [w for w in res.report.warnings if "per-input-channel factor" in w]
-    assert len(factor) == 1 and len(set(res.warnings)) == len(res.warnings)
+    assert len(factor) == len(set(factor)) == 2 and len(set(res.warnings)) == len(res.warnings)
 
 
 def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_one():
