@@ -358,6 +358,8 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     """One line: the safest scheme (lowest leakage) among those whose utility is within
     ``utility_tolerance`` (relative, e.g. 0.01 = 1%) of the best scheme's, and which schemes it
     is not clearly different from (80% intervals overlap). Without utility: the safest scheme.
+    A row whose leakage is only a lower bound (``unscored``: a part of the release the figure
+    does not score, marked ``+``) is not ranked; the line names it.
 
     Raises:
         ValueError: ``utility_tolerance`` is negative.
@@ -368,6 +370,17 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
           and math.isfinite(float(r["leakage"]))]
     if not ok:
         return "verdict: no scheme succeeded"
+    # a leakage that is only a lower bound (+: an unscored part of the release) cannot be ranked
+    bounded = [str(r["scheme"]) for r in ok if r.get("unscored")]
+    note = f"; not ranked (leakage a lower bound, +): {', '.join(bounded)}" if bounded else ""
+    ranked = [r for r in ok if not r.get("unscored")]
+    if not ranked:
+        return f"verdict: no scheme ranked: every leakage is a lower bound (+): {', '.join(bounded)}"
+    return _ranked_verdict(ranked, utility_key, utility_tolerance) + note
+
+
+def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float) -> str:
+    """:func:`verdict` over the rows whose leakage is a full figure."""
     uk = pick_utility_key(ok, utility_key)
     eligible, how = ok, ""
     if uk:

@@ -335,6 +335,16 @@ def test_assess_scores_calibrated_schemes_and_warns_about_the_factors():
     assert " +" in row and "+: a lower bound" in table
     hqq = [ln for ln in table.splitlines() if ln.startswith("intx_weight_only_int4_hqq ")][0]
     assert " +" not in hqq
+    # ... and never the verdict's pick: a lower bound cannot show a scheme safer (the app's
+    # verdict called AWQ "clearly safer than every other scheme" on its lower bound)
+    line = [ln for ln in table.splitlines() if ln.startswith("verdict:")][0]
+    assert "safest" in line and line.split(";")[0].split(": ")[-1].split(" (")[0] not in (
+        "awq_int8_weight_only", "smooth_quant_int8_dynamic_activation_int8_weight")
+    assert "not ranked (leakage a lower bound, +): awq_int8_weight_only, " \
+           "smooth_quant_int8_dynamic_activation_int8_weight" in line
+    from mis_lightning.report import verdict
+    only = [r for r in rep.rows() if r["scheme"] == "awq_int8_weight_only"]
+    assert verdict(only) == "verdict: no scheme ranked: every leakage is a lower bound (+): awq_int8_weight_only"
 
 
 def test_plan_with_a_calibrated_candidate_warns_once_about_its_factor():
