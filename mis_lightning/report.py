@@ -455,7 +455,7 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
     if any(r.get("unscored") for r in rows if not r.get("error")):
         lines.append("  +: a lower bound: the release also carries a part this figure does not score "
                      "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
-                     "records; see warnings).")
+                     "records; see warnings); not ranked by the verdict.")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
                      "exceed: the figure is not reliable here (see warnings).")
