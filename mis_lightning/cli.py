@@ -39,13 +39,15 @@ def main(cfg: DictConfig) -> Any:
     A configuration mistake found before training (a misspelled scheme, an invalid option, a
     scheme this machine cannot run, a missing checkpoint), or a plan budget no candidate can
     meet, prints its message alone and exits with status 2; any other failure keeps Hydra's
-    traceback (exit status 1)."""
+    traceback (exit status 1). A single run that scored no scheme (every row an error, e.g. a
+    scheme that quantizes no layer of the model) exits with status 1 after writing its outputs
+    (in a multirun the aggregate does)."""
     from mis_lightning.app.job import run_job, user_error
     from mis_lightning.planning import PlanInfeasibleError
     from mis_lightning.quantization.base import SchemeError
 
     try:
-        return run_job(cfg)
+        result = run_job(cfg)
     except Exception as raised:
         exc = user_error(raised)  # Hydra's InstantiationException: the config class's own error
         infeasible = isinstance(exc, PlanInfeasibleError)
@@ -58,6 +60,12 @@ def main(cfg: DictConfig) -> Any:
         print(f"mis-lightning: {what} ({type(exc).__name__}): {msg}\n"
               f"  {done}; the failed job is recorded in its result.json", file=sys.stderr)
         raise SystemExit(2) from None
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if isinstance(result, dict) and result.get("scored") is False and HydraConfig.get().mode != RunMode.MULTIRUN:
+        raise SystemExit(1)
+    return result
 
 
 if __name__ == "__main__":

@@ -192,6 +192,27 @@ def _run_rc(args: list[str], cwd: Path, timeout: int = 300):
                           check=False, capture_output=True, text=True, timeout=timeout)
 
 
+def test_a_single_run_that_scored_no_scheme_exits_1_after_writing_its_outputs(tmp_path, monkeypatch, capsys):
+    """A job whose every scheme is an error row (here a group size of 128 that divides no layer
+    of the 10-input linear model) exited 0 with "verdict: no scheme succeeded": a script or CI
+    reading the status took a run that released no figure for a success. The outputs are still
+    written (the table and result.json name the error); the command exits 1."""
+    from mis_lightning import cli
+
+    run = tmp_path / "r"
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", *FAST, "logger=none", "schemes=[intx_weight_only_int4_g128]",
+                                      f"hydra.run.dir={run}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "mis-lightning: no scheme was scored (every row is an error" in err
+    res = json.loads((run / "result.json").read_text())
+    assert res["status"] == "ok" and [r["scheme"] for r in res["rows"]] == ["intx_weight_only_int4_g128"]
+    assert "would quantize no weight" in res["rows"][0]["error"]
+    assert (run / res["files"]["figure"].rsplit("/", 1)[-1]).is_file()
+
+
 def test_frontier_says_no_scheme_succeeded():
     rows = [{"job": 0, "scheme": "int4_tinygemm", "error": "job failed (configuration): "
              "SchemeUnavailableError: needs CUDA", "job_status": "failed"}]
@@ -490,3 +511,6 @@ def test_aggregate_header_counts_jobs_that_scored_no_scheme(tmp_path):
     (tmp_path / "1_g32" / "result.json").write_text(json.dumps(res))
     agg.aggregate(tmp_path, verbose=False)
     assert "2 jobs (1 scored no scheme), 2 rows." in (tmp_path / "aggregate.md").read_text()
+    # ... and the sweep's status says so (it was 0): nothing was released for job 1
+    assert agg.unscored_jobs(agg.aggregate(tmp_path, verbose=False)) == [1]
+    assert agg.main([str(tmp_path), "--quiet"]) == 1

@@ -16,8 +16,8 @@ A failed job (its ``result.json`` has ``status: "failed"``, written by
 :func:`~mis_lightning.app.job.run_job` or, as a fallback, by :meth:`AggregateSweep.on_job_end`)
 gets one row with ``job_status = failed`` and its error; ``aggregate.md`` lists the failures
 with their full messages below the table; the figure shows what succeeded (or says that
-nothing did). When a job failed, the callback exits with status 1 after aggregating, and
-``mis-lightning-aggregate`` returns 1.
+nothing did). When a job failed, or ran but scored no scheme (every row an error), the
+callback exits with status 1 after aggregating, and ``mis-lightning-aggregate`` returns 1.
 
 Re-run on an existing sweep: ``mis-lightning-aggregate <sweep dir>`` or
 ``python -m mis_lightning.app.aggregate <sweep dir>``.
@@ -47,7 +47,7 @@ from mis_lightning.report import (
 )
 
 __all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_figure", "main",
-           "markdown_table", "write_failure"]
+           "markdown_table", "unscored_jobs", "write_failure"]
 
 RESULT_NAME = "result.json"
 
@@ -96,6 +96,16 @@ def write_failure(path: str | Path, exc: BaseException, *, stage: str, job: dict
 def failed_jobs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of jobs that failed as a whole (not the error rows of single schemes)."""
     return [r for r in rows if r.get("job_status") == "failed"]
+
+
+def unscored_jobs(rows: Sequence[dict[str, Any]]) -> list[Any]:
+    """The jobs (``job`` numbers) that ran but scored no scheme: every row of theirs is an
+    error row (e.g. a group size that divides no layer), so they released no figure either."""
+    by_job: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("job_status") != "failed":
+            by_job.setdefault((r.get("job"), r.get("job_dir")), []).append(r)
+    return [job for (job, _), rs in by_job.items() if rs and all(r.get("error") for r in rs)]
 
 
 def _float(v: Any) -> float | None:
@@ -304,13 +314,8 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
         wr.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
     md = markdown_table(rows)
     n_failed = len(failed_jobs(rows))
-    # jobs that ran but scored no scheme (every one an error row, e.g. a group size that
-    # divides no layer): they released nothing either, and the Failures section lists them
-    by_job: dict[Any, list[dict[str, Any]]] = {}
-    for r in rows:
-        if r.get("job_status") != "failed":
-            by_job.setdefault((r.get("job"), r.get("job_dir")), []).append(r)
-    n_none = sum(1 for rs in by_job.values() if rs and all(r.get("error") for r in rs))
+    # jobs that ran but scored no scheme: the Failures section lists them too
+    n_none = len(unscored_jobs(rows))
     parts = [f"{n_failed} failed"] * bool(n_failed) + [f"{n_none} scored no scheme"] * bool(n_none)
     failed_txt = f" ({'; '.join(parts)})" if parts else ""
     head = f"# mis-lightning sweep {sweep_dir}\n\n{len(results)} jobs{failed_txt}, {len(rows)} rows.\n\n"
@@ -350,24 +355,26 @@ class AggregateSweep(Callback):
                 write_failure(path, exc, stage="job", job={"overrides": list(job_return.overrides or [])})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Aggregate the sweep; exit with status 1 if any job failed (after aggregating)."""
+        """Aggregate the sweep; exit with status 1 if any job failed or scored no scheme (after
+        aggregating)."""
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             rows = aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose)
         except FileNotFoundError as exc:
             print(f"mis-lightning: nothing to aggregate ({exc})", file=sys.stderr)
             return
-        failed = failed_jobs(rows)
-        if failed:
-            jobs = ", ".join(str(r.get("job")) for r in failed)
-            sys.exit(f"mis-lightning: {len(failed)} job(s) of the sweep failed (job {jobs}); "
-                     f"the others are aggregated in {sweep_dir / 'aggregate.md'}, which lists "
-                     "the errors")
+        failed = [str(r.get("job")) for r in failed_jobs(rows)]
+        unscored = [str(j) for j in unscored_jobs(rows)]
+        if failed or unscored:
+            what = [f"{len(failed)} job(s) of the sweep failed (job {', '.join(failed)})"] * bool(failed) + [
+                f"{len(unscored)} job(s) scored no scheme (job {', '.join(unscored)})"] * bool(unscored)
+            sys.exit(f"mis-lightning: {'; '.join(what)}; the others are aggregated in "
+                     f"{sweep_dir / 'aggregate.md'}, which lists the errors")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mis-lightning-aggregate SWEEP_DIR [--out DIR]``; returns 0, 1 when a job of the sweep
-    failed (its failure is listed in the aggregate), 2 when no result was found."""
+    failed or scored no scheme (listed in the aggregate), 2 when no result was found."""
     ap = argparse.ArgumentParser(
         prog="mis-lightning-aggregate",
         description="Aggregate the per-job result.json files of a mis-lightning sweep dir into "
@@ -382,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"mis-lightning-aggregate: {exc}", file=sys.stderr)
         return 2
-    return 1 if failed_jobs(rows) else 0
+    return 1 if failed_jobs(rows) or unscored_jobs(rows) else 0
 
 
 if __name__ == "__main__":

@@ -441,7 +441,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any]:
     error is then raised (the command exits 1). In a multirun aggregated by
     :class:`~mis_lightning.app.aggregate.AggregateSweep` (the default) the job prints the error
     and returns, so that the other jobs run and the sweep is aggregated; the aggregate lists
-    the failure and the command exits 1 at the end.
+    the failure and the command exits 1 at the end. A job whose every scheme is an error row
+    returns ``scored: False`` (the command exits 1 in a single run; the aggregate counts it).
     """
     stage = ["configuration"]
     try:
@@ -631,7 +632,12 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     if ckpt is None and cfg.output.get("checkpoint") and (out / cfg.output.checkpoint).exists():
         print(f"model: {out / cfg.output.checkpoint}  (assess it again: mis-lightning mode=assess "
               f"ckpt_path={out / cfg.output.checkpoint})")
-    return {"output_dir": str(out), "leakage": {r["scheme"]: r["leakage"] for r in report.rows()}}
+    rows = report.rows()
+    scored = not rows or not all(r.get("error") for r in rows)
+    if not scored:
+        print(f"mis-lightning: no scheme was scored (every row is an error: see the table and "
+              f"{out / cfg.output.result})", file=sys.stderr)
+    return {"output_dir": str(out), "leakage": {r["scheme"]: r["leakage"] for r in rows}, "scored": scored}
 
 
 def _end_mlflow_run() -> None:
