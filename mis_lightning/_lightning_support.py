@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,15 +106,53 @@ def sized_dataset(dl: Any) -> Any:
     return ds
 
 
-def reloader(dl: Any, indices: list[int] | None, batch_size: int | None) -> Any:
-    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset (or ``dl`` itself
-    for iterable datasets / objects that are not DataLoaders)."""
+class _FirstBatches:
+    """The first ``limit`` batches of a loader (``limit_train_batches`` on an iterable dataset)."""
+
+    def __init__(self, loader: Any, limit: int) -> None:
+        self.loader, self.limit = loader, limit
+        self.batch_size = getattr(loader, "batch_size", None)
+
+    def __iter__(self) -> Any:
+        return itertools.islice(iter(self.loader), self.limit)
+
+
+def _stream_copy(dl: Any) -> Any:
+    """A single-process loader over a private deep copy of ``dl``'s iterable dataset: reading it
+    must not advance the user's own (a pass counter, a reshuffle, a generator it holds: the
+    next epoch, or the next ``fit``, would see other batches). ``dl`` itself, with a warning,
+    when the dataset cannot be copied (an open file or stream), or for loaders that are not
+    DataLoaders."""
+    ds = getattr(dl, "dataset", None)
+    if not isinstance(dl, DataLoader) or not isinstance(ds, IterableDataset):
+        return dl
+    try:
+        private = copy.deepcopy(ds)
+    except Exception as exc:  # noqa: BLE001 - e.g. an open file handle: read the user's own
+        rank_zero_warn(f"MISCallback: the iterable dataset {type(ds).__name__} cannot be copied ({type(exc).__name__}: "
+                       f"{exc}): the assessment iterates it itself, which advances whatever state its iterator "
+                       "keeps (a pass counter, a shuffle) as one more epoch would")
+        return dl
+    return DataLoader(private, batch_size=dl.batch_size, drop_last=dl.drop_last, collate_fn=dl.collate_fn,
+                      num_workers=0)
+
+
+def reloader(dl: Any, indices: list[int] | None, batch_size: int | None, limit: Any = None) -> Any:
+    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset; for an iterable
+    dataset, a loader over a private copy of it (:func:`_stream_copy`), cut to its first
+    ``limit`` batches when ``limit`` is an int (the Trainer's ``num_training_batches``)."""
     ds = sized_dataset(dl)
     if ds is None:
-        return dl
+        out = _stream_copy(dl)
+        return _FirstBatches(out, limit) if isinstance(limit, int) and limit < _finite_len_or_inf(dl) else out
     idx = list(range(len(ds))) if indices is None else indices
     bs = batch_size or dl.batch_size or 64
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
+
+
+def _finite_len_or_inf(obj: Any) -> float:
+    n = _finite_len(obj)
+    return math.inf if n is None else n
 
 
 def _finite_len(obj: Any) -> int | None:
@@ -281,6 +320,69 @@ def optimizer_decays(trainer: Any, pl_module: Any, names: list[str]) -> dict[str
     return out
 
 
+def weights_fingerprint(module: nn.Module) -> str | None:
+    """A digest of ``module``'s parameters and buffers (names, dtypes, shapes, bytes): tells
+    whether the weights changed between two hooks at the same step (weight averaging or
+    pruning applied in ``on_train_end``); None where a tensor cannot be read as bytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+            t = t.detach()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    except Exception:  # noqa: BLE001 - a tensor subclass without bytes: treat as changed
+        return None
+    return h.hexdigest()
+
+
+def check_monitors(trainer: Any, keys: list[str], prefix: str, every_n_val_epochs: int | None) -> None:
+    """Before training: a callback of the Trainer (``EarlyStopping``, ``ModelCheckpoint``, any
+    with a ``monitor``) that monitors one of this callback's keys must find it at every
+    validation it reads it, else Lightning raises after the first epoch with its generic
+    message. Raises ``ValueError`` naming the callback, the key and the fix: a key this
+    callback never logs (with the close ones), or one it logs only at the end of ``fit``
+    (``every_n_val_epochs=None``) or not at the first validation (``every_n_val_epochs > 1``)
+    while the monitor needs it there (``EarlyStopping(strict=True)``, ``ModelCheckpoint``)."""
+    import difflib
+
+    head = f"{prefix}/" if prefix else ""
+    for cb in getattr(trainer, "callbacks", None) or []:
+        key = getattr(cb, "monitor", None)
+        if not isinstance(key, str) or not key.startswith(head) or (not head and key not in keys):
+            continue
+        who = f"{type(cb).__name__}(monitor={key!r})"
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            raise ValueError(f"{who}: MISCallback logs no such key" + (
+                f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
+                + f"; its keys are {head}<scheme>/<figure> for its schemes, e.g. {keys[3]!r}")
+        if every_n_val_epochs == 1:
+            continue
+        needs = getattr(cb, "strict", True) if type(cb).__name__ == "EarlyStopping" else (
+            getattr(cb, "save_top_k", 1) != 0)
+        if needs:
+            when = ("only at the end of fit (every_n_val_epochs=None)" if every_n_val_epochs is None else
+                    f"every {every_n_val_epochs} validation epochs (every_n_val_epochs={every_n_val_epochs}), "
+                    "not at the first")
+            raise ValueError(f"{who} reads {key!r} at every validation, but MISCallback logs it {when}: "
+                             "Lightning would stop after the first epoch; pass MISCallback(every_n_val_epochs=1)"
+                             + (", or EarlyStopping(strict=False)" if type(cb).__name__ == "EarlyStopping" else ""))
+
+
+def untrained_params(trainer: Any, pl_module: Any, names: list[str]) -> list[str]:
+    """The selected parameters no optimizer of the Trainer holds (they require grad, but
+    training never updates them: a body left out of ``configure_optimizers``); ``[]`` when
+    the Trainer has no optimizer (nothing to tell)."""
+    opts = trainer.optimizers or []
+    if not opts:
+        return []
+    held = {id(p) for opt in opts for group in opt.param_groups for p in group.get("params", [])}
+    named = dict(pl_module.named_parameters())
+    return [n for n in names if n in named and id(named[n]) not in held]
+
+
 def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names: list[str]
                           ) -> dict[str, float] | None:
     """The objective's L2 coefficients against the optimizers' weight decay, once the
@@ -397,7 +499,19 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
                     f"(inputs, targets) batch: for a forward that takes several arguments, define "
                     f"{HOOK_NAME}(self, batch) -> per-sample losses [B] on {type(pl_module).__name__}, "
                     f"or pass batch_fn returning inputs the forward takes as its one argument") from exc
-            losses = loss_fn(outputs, targets)
+            try:
+                losses = loss_fn(outputs, targets)
+            except Exception as exc:  # name the loss and what it was given: the raw error does not
+                msg = (f"MISCallback: {name}(outputs, targets) failed on the first training batch with outputs "
+                       f"{type(outputs).__name__} {_shapes(outputs)} and targets {_shapes(targets)} ({type(exc).__name__}: {exc}); the "
+                       f"assessment passes the model's outputs as the forward returns them: make the loss take "
+                       f"them (e.g. a dict or tuple), or define {HOOK_NAME}(self, batch) -> per-sample losses [B] "
+                       f"on {type(pl_module).__name__}")
+                try:
+                    named = type(exc)(msg)
+                except Exception:  # noqa: BLE001 - an exception type with its own constructor
+                    named = RuntimeError(msg)
+                raise named from exc
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
             if shape is not None and b is not None and shape == (b,):
                 # losses that mix records (outputs [B, 1] broadcast against targets [B]):
@@ -536,7 +650,13 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                        "each process streams its own loader and duplicated records count twice")
     records, note = training_records(trainer, train)
     shard = records[rank::world] if records is not None else None
-    loader = reloader(train, shard, batch_size)
+    limit = getattr(trainer, "num_training_batches", None)
+    loader = reloader(train, shard, batch_size, limit=limit)
+    if isinstance(loader, _FirstBatches):
+        what = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else "limit_train_batches"
+        note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
+                                           "assessed (the records trained on when each pass yields the same "
+                                           "records first)") if x)
     val, num_val = validation_loaders(trainer.val_dataloaders)
     val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
@@ -662,6 +782,7 @@ class RunHistory:
         """Forget the previous fit's results (one callback object may serve several Trainers)."""
         self.report: Report | None = None
         self.report_path = self.figure_path = self.last_error = self._last_step = self._resolved = None
+        self._last_weights: str | None = None  # digest of the weights the last run assessed
         self.history: list[dict[str, Any]] = []
         self._val_epochs = 0
 

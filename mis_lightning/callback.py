@@ -37,6 +37,7 @@ from .tracking import (  # noqa: F401
     FIGURE_NAME,
     REPORT_NAME,
     history_summary,
+    metric_keys,
     publish_failure,
     publish_report,
     report_metrics,
@@ -163,9 +164,13 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                               availability=True)
         for msg in self._scheme_problems:
             rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
+        # an EarlyStopping / ModelCheckpoint on a mis/ key it cannot read when it looks
+        lt.check_monitors(trainer, metric_keys([s.name for s in resolve_schemes(self.schemes)], self.utility_metrics,
+                                               self.prefix), self.prefix, self.every_n_val_epochs)
         if not self._state_loaded:  # a new fit starts clean (a checkpoint's state comes later)
             self._reset_run_state()
         self._state_loaded, self._resolved, self._decay, self._batch_unchecked = False, None, None, False
+        self._trained = None
         self._loss(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -176,8 +181,27 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
             if msg not in getattr(self, "_scheme_problems", ()):
                 rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
-        self._decay = lt.check_optimizer_decay(trainer, pl_module, self.estimation_config.weight_decay,
-                                               select_params(pl_module, self.estimation_config.params))
+        names = select_params(pl_module, self.estimation_config.params)
+        self._trained = None
+        untrained = lt.untrained_params(trainer, pl_module, names)
+        if len(untrained) == len(names):  # none held: a strategy's own (flattened) optimizer parameters
+            untrained = []
+        if untrained and self.estimation_config.params is None:
+            # requires_grad=True but in no optimizer group: frozen as surely as requires_grad=False
+            # (assessed, they would be scored as trained on the records: too high a figure)
+            names = [n for n in names if n not in untrained]
+            self._trained = names
+            self._untrained_note = (
+                f"{len(untrained)} parameter(s) require grad but no optimizer holds them "
+                f"({', '.join(untrained[:6])}{', ...' if len(untrained) > 6 else ''}): training does not update "
+                "them, so they are not assessed (as with requires_grad=False); pass params= to choose the "
+                "assessed parameters yourself")
+            rank_zero_warn(f"MISCallback: {self._untrained_note}")
+        elif untrained:
+            rank_zero_warn(f"MISCallback: assessed parameter(s) {', '.join(untrained[:6])}"
+                           f"{', ...' if len(untrained) > 6 else ''} are in no optimizer's param groups: training "
+                           "does not update them, yet they are scored as trained on the records")
+        self._decay = lt.check_optimizer_decay(trainer, pl_module, self.estimation_config.weight_decay, names)
         res = self._loss(trainer, pl_module)
         # an iterable dataset is not read here (that could consume its stream): its first
         # training batch is checked as it arrives, before the first optimizer step
@@ -204,8 +228,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._stage, self._state_loaded = None, False
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._last_step is not None and self._last_step == trainer.global_step and self.report is not None:
+        if self._last_step is not None and self._last_step == trainer.global_step and self.report is not None \
+                and self._last_weights is not None and self._last_weights == lt.weights_fingerprint(pl_module):
             return  # already assessed these weights at the last validation epoch
+        # (same step, other weights: StochasticWeightAveraging, EMA or ModelPruning changed them
+        # in on_train_end; the report must be about the model the user ships)
         self._run(trainer, pl_module, stage="fit_end")
 
     # -- run and publish ----------------------------------------------------------------------
@@ -217,6 +244,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # the optimizer groups' per-parameter decay where they refine the module's coefficient
         est_cfg = self.estimation_config if getattr(self, "_decay", None) is None else \
             dataclasses.replace(self.estimation_config, weight_decay=self._decay)
+        if getattr(self, "_trained", None):  # parameters no optimizer holds are left out
+            est_cfg = dataclasses.replace(est_cfg, params=list(self._trained))
         return lt.assess_on_trainer(
             trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
@@ -235,16 +264,24 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                         scoring_config=self.scoring_config, batch_fn=self.batch_fn)
 
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        was_training, t0, zero = pl_module.training, time.perf_counter(), trainer.is_global_zero
+        t0, zero = time.perf_counter(), trainer.is_global_zero
+        # each module's own flag (a BatchNorm the user keeps in eval mode while training stays so)
+        flags = [(m, m.training) for m in pl_module.modules()]
         epoch, step = int(trainer.current_epoch), int(trainer.global_step)
         where = {"lightning": {"stage": stage, "epoch": epoch, "global_step": step}}
         out = lt.report_dir(trainer, self.dirpath)
+        self._last_weights = lt.weights_fingerprint(pl_module) if stage != "fit_end" else None
         try:
             # the trainer's loaders' own generators too: the assessment reads them
             with isolated_rng(*lt.trainer_loaders(trainer)), torch.inference_mode(False), torch.enable_grad():
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
+                if getattr(self, "_trained", None):
+                    # the parameters left out are the ones no optimizer holds (said at on_train_start),
+                    # not trained ones held fixed: the generic params= note would say the opposite
+                    report.warnings[:] = [w for w in report.warnings if not w.startswith("params= leaves out")]
+                    report.warnings.append(self._untrained_note)
                 if self.plan_config is not None and stage == "fit_end" and zero:
                     self.plan_result = self._plan(trainer, pl_module)
             self.report, self.last_error = report, None
@@ -289,7 +326,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                "results and checkpoints are kept (strict=True raises instead)")
                 self.report_path = publish_failure(out, exc, trainer.loggers, step=step, prefix=self.prefix, extra=where)
         finally:
-            pl_module.train(was_training)
+            for m, t in reversed(flags):
+                m.training = t
             self._last_step = step
             self._kept = {}  # the estimate is large: not kept past the run
 

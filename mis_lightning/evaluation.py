@@ -67,7 +67,7 @@ def evaluate_utility(
     if loss_fn is None and batch_loss is None:
         raise ValueError("evaluate_utility needs loss_fn or batch_loss")
     batch_fn = batch_fn or default_batch_fn
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # each module's own flag, restored exactly
     model.eval()
     if device is None:
         p = next(model.parameters(), None)
@@ -109,7 +109,8 @@ def evaluate_utility(
                             named = RuntimeError(msg)
                         raise named from exc
     finally:
-        model.train(was_training)
+        for m, t in reversed(flags):  # not model.train(flag): a user's module left in eval stays so
+            m.training = t
     out = {"loss": total / max(count, 1)}
     for k, m in ms.items():
         out[k] = float(m.compute())

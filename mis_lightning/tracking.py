@@ -30,6 +30,20 @@ def _head(prefix: str) -> str:
     return f"{prefix}/" if prefix else ""
 
 
+#: The per-scheme figures logged as ``<prefix>/<scheme>/<figure>`` (SchemeResult attributes),
+#: besides ``failed``, ``leakage_p10`` / ``leakage_p90`` (with an interval) and ``utility/<metric>``.
+SCHEME_FIGURES = ("leakage", "mis", "pool_leakage", "d_eff", "zero_fraction", "bits_per_weight", "pinned_fraction")
+
+
+def metric_keys(schemes: Iterable[str], utility: Iterable[str], prefix: str = "mis") -> list[str]:
+    """Every key :func:`report_metrics` can log for these scheme names and utility metric
+    names (``loss`` is always measured with a validation loader)."""
+    head = _head(prefix)
+    keys = [f"{head}baseline/{k}" for k in ("leakage", "mis", "pool_leakage")]
+    figures = [*SCHEME_FIGURES, "failed", "leakage_p10", "leakage_p90", *(f"utility/{u}" for u in ("loss", *utility))]
+    return keys + [f"{head}{s}/{k}" for s in schemes for k in figures]
+
+
 def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
     """Flat ``{key: value}`` of a report's per-scheme figures (finite values only).
 
@@ -44,12 +58,8 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
         out[f"{_head(prefix)}baseline/pool_leakage"] = report.baseline_pool_leakage
     for name, s in report.schemes.items():
         base = f"{_head(prefix)}{name}"
-        vals: dict[str, Any] = {
-            "leakage": s.leakage, "mis": s.mis, "pool_leakage": s.pool_leakage, "d_eff": s.d_eff,
-            "zero_fraction": s.zero_fraction,
-            "bits_per_weight": s.bits_per_weight, "pinned_fraction": s.pinned_fraction,
-            "failed": 1.0 if s.error else 0.0,
-        }
+        vals: dict[str, Any] = {k: getattr(s, k) for k in SCHEME_FIGURES}
+        vals["failed"] = 1.0 if s.error else 0.0
         if s.interval is not None:
             vals["leakage_p10"], vals["leakage_p90"] = s.interval
         for k, v in s.utility.items():

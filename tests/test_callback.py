@@ -1051,3 +1051,184 @@ def test_a_misspelled_weight_decay_name_raises_before_training(tmp_path):
     with pytest.raises(KeyError, match=r"weight_decay names parameters the model does not have: \['net.0.wieght'\]"):
         fit(tmp_path, Regressor, [MISCallback(["rtn_int8"], loss_fn=mse, weight_decay={"net.0.wieght": 0.1})],
             max_epochs=1)
+
+
+class EvalDropout(Regressor):
+    """Keeps its Dropout in eval mode while training (set at each epoch start, as users do for a
+    frozen BatchNorm)."""
+
+    def __init__(self):
+        super().__init__(dropout=0.3)
+
+    def on_train_epoch_start(self):
+        self.net[2].eval()
+
+
+def test_a_submodule_the_user_keeps_in_eval_mode_stays_in_eval_mode(tmp_path):
+    """The callback ran `eval()` then `train(was_training)`, which set every submodule to train
+    mode: a Dropout / BatchNorm the user keeps in eval mode while training was switched back
+    to train mode after each assessment (fu18 s09: `net.1.training` True with the callback,
+    False without); evaluate_utility did the same to a user's model. Each module's own flag is
+    restored now."""
+    from mis_lightning.evaluation import evaluate_utility
+
+    _, ref = fit(tmp_path / "a", EvalDropout)
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0, **FAST)
+    _, module = fit(tmp_path / "b", EvalDropout, [cb])
+    assert len(cb.history) == 3
+    assert [m.training for m in module.modules()] == [m.training for m in ref.modules()]
+    assert module.net[2].training is False and module.training is True
+    model = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.5), nn.Linear(2, 1)).train()
+    model[1].eval()
+    evaluate_utility(model, loaders()[1], lambda o, t: mse(o.squeeze(-1), t))
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+class _Average(pl.Callback):
+    """Replaces the weights in on_train_end, as StochasticWeightAveraging / EMA / ModelPruning
+    (make_pruning_permanent) do: the shipped model is not the last validated one."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                p.mul_(0.5)
+
+
+def test_weights_replaced_in_on_train_end_are_assessed_again_at_fit_end(tmp_path):
+    """The end-of-fit assessment was skipped when the step had not moved since the last
+    validation run, so with StochasticWeightAveraging, EMA weight averaging or ModelPruning
+    (which swap the weights in on_train_end) the final report and mis_report.json described the
+    raw weights, not the model the user ships (fu18 s16: int8 0.060086 against 0.059141 on the
+    final model, silently). It now compares a digest of the weights, not the step."""
+    import mis_lightning as ml
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0, **FAST)
+    _, module = fit(tmp_path, Regressor, [cb, _Average()])
+    assert [h["stage"] for h in cb.history] == ["validation"] * 3 + ["fit_end"]
+    train, val = loaders()
+    rep = ml.assess(module, ["rtn_int8"], DataLoader(train.dataset, batch_size=32), mse, val_dataloader=val,
+                    uncertainty_draws=0, **FAST)
+    assert cb.report.schemes["rtn_int8"].leakage == pytest.approx(rep.schemes["rtn_int8"].leakage, rel=1e-8)
+    assert cb.report.baseline_leakage == pytest.approx(rep.baseline_leakage, rel=1e-8)
+    assert json.loads(cb.report_path.read_text())["lightning"]["stage"] == "fit_end"
+
+
+class _Reshuffling(torch.utils.data.IterableDataset):
+    """A stream that counts its passes and reshuffles from its own generator at each one."""
+
+    def __init__(self, n=96):
+        g = torch.Generator().manual_seed(3)
+        self.X = torch.randn(n, 4, generator=g)
+        self.y = self.X[:, 0] + 0.1 * torch.randn(n, generator=g)
+        self.g, self.passes = torch.Generator().manual_seed(5), 0
+
+    def __iter__(self):
+        self.passes += 1
+        order = torch.randperm(len(self.X), generator=self.g)
+        return iter(zip(self.X[order], self.y[order]))
+
+
+def test_an_iterable_dataset_is_read_from_a_copy_and_limit_train_batches_is_followed(tmp_path):
+    """The assessment iterated the user's own iterable dataset: its pass counter and shuffle
+    advanced, so with every_n_val_epochs the following epochs (and a second fit) saw other
+    batches (fu18 s12b: weights 0.02 apart, 6 passes instead of 3). It reads a deep copy now.
+    And limit_train_batches on an iterable dataset was ignored: 5 of 32 batches trained, n
+    counted 1,024 and the figure was 3x too low, silently (s13b); the first `limit` batches
+    are assessed now, with a note."""
+    ref_ds, ds = _Reshuffling(), _Reshuffling()
+    _, ref = fit(tmp_path / "a", Regressor, max_epochs=2,
+                 data=(DataLoader(ref_ds, batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, every_n_val_epochs=1, uncertainty_draws=0, **FAST)
+    _, module = fit(tmp_path / "b", Regressor, [cb], max_epochs=2,
+                    data=(DataLoader(ds, batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    assert ds.passes == ref_ds.passes == 2
+    assert torch.equal(ds.g.get_state(), ref_ds.g.get_state())
+    assert all(torch.equal(x, y) for x, y in zip(module.state_dict().values(), ref.state_dict().values()))
+    assert cb.report.n == 96 and len(cb.history) == 2
+    # limit_train_batches=2: the first 2 batches of 16 (an unshuffled stream: those trained on)
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "c", Regressor, [cb], max_epochs=2, limit_train_batches=2,
+        data=(DataLoader(_Stream(), batch_size=16), DataLoader(_Stream(), batch_size=32)))
+    assert cb.report.n == 32
+    assert any(w.startswith("limit_train_batches: the first 2 batches of the iterable training data")
+               for w in cb.report.warnings)
+
+
+class HeadOnlyOptimizer(Regressor):
+    """Freezes its body by leaving it out of the optimizer (requires_grad stays True)."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net[3].parameters(), lr=1e-2)
+
+
+def test_parameters_no_optimizer_holds_are_not_assessed(tmp_path):
+    """A body frozen by leaving it out of configure_optimizers (requires_grad still True) was
+    assessed as if trained: the figure was that of 37 trained weights instead of 7, too high
+    and with no word of why (fu18 s03b: int8 0.0575 against 0.0258 for the head alone). Such
+    parameters are left out now, as requires_grad=False ones are, and said so before training."""
+    import mis_lightning as ml
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\) require grad but no optimizer holds them "
+                                         r"\(net.0.weight, net.0.bias\)"):
+        _, module = fit(tmp_path, HeadOnlyOptimizer, [cb])
+    assert cb.report.d == 7
+    assert not any(w.startswith("params= leaves out") for w in cb.report.warnings)
+    train, val = loaders()
+    rep = ml.assess(module, ["rtn_int8"], DataLoader(train.dataset, batch_size=32), mse, val_dataloader=val,
+                    params=["net.3.weight", "net.3.bias"], uncertainty_draws=0, **FAST)
+    assert cb.report.schemes["rtn_int8"].leakage == pytest.approx(rep.schemes["rtn_int8"].leakage, rel=1e-8)
+
+
+def test_a_monitor_on_a_key_the_callback_cannot_give_raises_before_training(tmp_path):
+    """EarlyStopping / ModelCheckpoint monitoring a mis/ key the callback logs only at the end
+    of fit (or every 2nd validation, or never: a typo) made Lightning raise after the first
+    epoch with its generic message (fu18 s17b); the callback checks at setup and names the fix."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    steps = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, *a):
+            steps.append(1)
+
+    cases = [
+        (dict(), EarlyStopping(monitor="mis/rtn_int8/mis", mode="max"),
+         r"EarlyStopping\(monitor='mis/rtn_int8/mis'\) reads 'mis/rtn_int8/mis' at every validation, but "
+         r"MISCallback logs it only at the end of fit \(every_n_val_epochs=None\).*every_n_val_epochs=1\), or "
+         r"EarlyStopping\(strict=False\)"),
+        (dict(every_n_val_epochs=2), ModelCheckpoint(dirpath=tmp_path / "ck", monitor="mis/rtn_int8/leakage"),
+         r"logs it every 2 validation epochs \(every_n_val_epochs=2\), not at the first"),
+        (dict(every_n_val_epochs=1), EarlyStopping(monitor="mis/rtn_int8/leakge"),
+         r"MISCallback logs no such key \(did you mean 'mis/rtn_int8/leakage'"),
+    ]
+    for kw, mon, msg in cases:
+        cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **kw, **FAST)
+        with pytest.raises(ValueError, match=msg):
+            fit(tmp_path, Regressor, [cb, mon, Count()], max_epochs=1)
+    assert not steps
+    # a non-strict EarlyStopping tolerates the missing key: it trains
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path, Regressor, [cb, EarlyStopping(monitor="mis/rtn_int8/mis", strict=False)], max_epochs=1)
+    assert cb.report is not None
+
+
+class DictOut(Regressor):
+    def forward(self, x):
+        return {"y": self.net(x).squeeze(-1)}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self(x)["y"] - y) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_loss_that_fails_on_the_outputs_is_named_before_training(tmp_path):
+    """A forward returning a dict with a loss written for a tensor failed before training, but
+    with a bare "AttributeError: 'dict' object has no attribute ..." naming neither MISCallback
+    nor loss_fn (fu18 U3)."""
+    with pytest.raises(TypeError, match=r"MISCallback: loss_fn mse\(outputs, targets\) failed on the first "
+                                             r"training batch with outputs dict \[32\] and targets \[32\]"):
+        fit(tmp_path, DictOut, [MISCallback(["rtn_int8"], loss_fn=mse, **FAST)], max_epochs=1)

@@ -465,3 +465,25 @@ def test_an_all_zero_row_is_given_away_by_its_scale_for_every_scheme():
         assert r.error is None, name
         assert r.leakage == pytest.approx(base, rel=1e-9), name
         assert r.leakage == pytest.approx(out[1e-20].schemes[name].leakage, rel=1e-6), name
+
+
+def test_a_pruned_layer_names_pruning_and_the_fix():
+    """A layer pruned with torch.nn.utils.prune (weight = weight_orig * weight_mask, recomputed
+    before every forward) stayed in float with "layer type Linear not supported", and a model
+    pruned throughout got "would quantize no weight of this model (no layer it supports)"
+    (fu18 U1, U2): both now say it is pruning and how to make it permanent."""
+    from torch.nn.utils import prune
+
+    from mis_lightning.quantization.base import SchemeError
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    res = get_scheme("rtn_int8").apply(model)
+    assert "0.weight_orig" not in res.grids and "2.weight" in res.grids
+    why = res.unquantized["0.weight_orig"]
+    assert why.startswith("pruned weight of '0' (torch.nn.utils.prune: weight = weight_orig * weight_mask")
+    assert "torch.nn.utils.prune.remove(module, 'weight')" in why
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    with pytest.raises(SchemeError, match=r"would quantize no weight of this model \(0: Linear.weight pruned by "
+                                          r"torch.nn.utils.prune .*remove the pruning or parametrization first"):
+        get_scheme("int8_weight_only").check_model(model)

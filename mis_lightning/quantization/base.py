@@ -452,6 +452,27 @@ class ParamGrid:
         return torch.where(scale > 0, v[pos] * scale, torch.zeros_like(th))
 
 
+def surgery_reasons(model: nn.Module) -> dict[str, str]:
+    """``{module name: reason}`` for layer weights that are no parameter because of model
+    surgery a scheme does not see through: ``torch.nn.utils.prune`` (``weight = weight_orig *
+    weight_mask``, recomputed before each forward) and ``torch.nn.utils.parametrize``
+    (``weight_norm``, ``spectral_norm``, ``orthogonal``): the reason a scheme finds nothing to
+    quantize in such a model, and the fix."""
+    out: dict[str, str] = {}
+    for fqn, m in model.named_modules():
+        for attr in ("weight",):
+            if isinstance(getattr(m, attr + "_orig", None), nn.Parameter) and isinstance(
+                    getattr(m, attr + "_mask", None), Tensor):
+                out[fqn or "model"] = (
+                    f"{type(m).__name__}.{attr} pruned by torch.nn.utils.prune ({attr}_orig * {attr}_mask, not a "
+                    f"parameter): make the pruning permanent first (torch.nn.utils.prune.remove(module, "
+                    f"{attr!r}), or Lightning's ModelPruning(make_pruning_permanent=True))")
+            elif torch.nn.utils.parametrize.is_parametrized(m, attr):
+                out[fqn or "model"] = (f"{type(m).__name__}.{attr} is parametrized (torch.nn.utils.parametrize): "
+                                       "computed from its parametrization's parameters, not a plain weight")
+    return out
+
+
 def affine_grid(name: str, *, codes: Tensor, scale: Tensor, zero_point: Tensor,
                 block_size: tuple[int, ...], qmin: int, qmax: int, dequantized: Tensor,
                 code_bits: float, side_bits: float | None = None,
@@ -666,6 +687,13 @@ class QuantizationScheme(ABC):
                 how = ", ".join(type(q).__name__ for q in m) if isinstance(m, nn.ModuleList) else "a parametrization"
                 return (f"parametrized weight of {layer!r} ({how}): the layer's weight is computed from it, "
                         f"and scheme {self.name!r} quantizes plain layer weights only")
+            if a.endswith("_orig") and isinstance(getattr(m, a[:-5] + "_mask", None), Tensor):
+                # torch.nn.utils.prune: the layer's weight is a plain tensor, orig * mask, recomputed
+                # before every forward; the parameter is its unpruned original
+                return (f"pruned weight of {f!r} (torch.nn.utils.prune: {a[:-5]} = {a} * {a[:-5]}_mask, "
+                        f"not a parameter): make the pruning permanent first (torch.nn.utils.prune.remove"
+                        f"(module, {a[:-5]!r}), or Lightning's ModelPruning(make_pruning_permanent=True)); "
+                        f"scheme {self.name!r} quantizes plain layer weights only")
             also = ", convolutions (Conv1d/2d/3d), embeddings (nn.Embedding, nn.EmbeddingBag) and attention projections" if self.flat_spec() is not None else ""
             return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
                     f"{self.name!r} quantizes the weights of {self.layers}{also} only)")

@@ -72,6 +72,7 @@ from .base import (
     SchemeUnavailableError,
     _quantized_kind,
     affine_grid,
+    surgery_reasons,
 )
 from .beyond_linear import FlatSpec, beyond_linear_weights, quantize_beyond_linear
 from .casts import representable_values
@@ -214,7 +215,7 @@ class TorchAOScheme(SchemeConfig):
         beyond, more = beyond_linear_weights(self, model, spec) if spec is not None else ([], {})
         if beyond:
             return
-        why = {**reasons, **more}
+        why = {**reasons, **more} or surgery_reasons(model)
         shown = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3]) + (
             f"; and {len(why) - 3} more" if len(why) > 3 else "")
         text = " ".join(why.values())
@@ -222,9 +223,11 @@ class TorchAOScheme(SchemeConfig):
         # shared tensor twice); this library's round-to-nearest schemes quantize them once
         hint = ("a scheme that quantizes tied weights (rtn_int8, rtn_int4, native_int8_per_row)" if "tied" in text
                 else "a per-row one, e.g. intx_weight_only_int4" if "group" in text else "another scheme")
+        fix = (f"choose {hint}, or a model it applies to" if "torch.nn.utils" not in text
+               else "remove the pruning or parametrization first")
         raise SchemeError(f"scheme {self.name!r} would quantize no weight of this model"
                           + (f" ({shown})" if shown else " (no layer it supports)")
-                          + f": it would be scored as no protection at all; choose {hint}, or a model it applies to")
+                          + f": it would be scored as no protection at all; {fix}")
 
     def _check_dtypes(self, chosen: dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]]) -> None:
         # torchao's quantize primitives assert on other dtypes deep in quantize_affine
