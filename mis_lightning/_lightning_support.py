@@ -30,7 +30,7 @@ from torch.utils.data import (
 
 from ._lightning_compat import trainer_package
 from ._modelcopy import private_copy
-from ._rng import isolated_rng
+from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .estimation.batching import merge_batches
@@ -117,33 +117,14 @@ class _FirstBatches:
         return itertools.islice(iter(self.loader), self.limit)
 
 
-def _stream_copy(dl: Any) -> Any:
-    """A single-process loader over a private deep copy of ``dl``'s iterable dataset: reading it
-    must not advance the user's own (a pass counter, a reshuffle, a generator it holds: the
-    next epoch, or the next ``fit``, would see other batches). ``dl`` itself, with a warning,
-    when the dataset cannot be copied (an open file or stream), or for loaders that are not
-    DataLoaders."""
-    ds = getattr(dl, "dataset", None)
-    if not isinstance(dl, DataLoader) or not isinstance(ds, IterableDataset):
-        return dl
-    try:
-        private = copy.deepcopy(ds)
-    except Exception as exc:  # noqa: BLE001 - e.g. an open file handle: read the user's own
-        rank_zero_warn(f"MISCallback: the iterable dataset {type(ds).__name__} cannot be copied ({type(exc).__name__}: "
-                       f"{exc}): the assessment iterates it itself, which advances whatever state its iterator "
-                       "keeps (a pass counter, a shuffle) as one more epoch would")
-        return dl
-    return DataLoader(private, batch_size=dl.batch_size, drop_last=dl.drop_last, collate_fn=dl.collate_fn,
-                      num_workers=0)
-
-
 def reloader(dl: Any, indices: list[int] | None, batch_size: int | None, limit: Any = None) -> Any:
     """An unpadded, unshuffled, single-process loader over ``dl``'s dataset; for an iterable
     dataset, a loader over a private copy of it (:func:`_stream_copy`), cut to its first
     ``limit`` batches when ``limit`` is an int (the Trainer's ``num_training_batches``)."""
     ds = sized_dataset(dl)
     if ds is None:
-        out = _stream_copy(dl)
+        # an iterable dataset: read from a copy, its own pass state stays as training left it
+        out = private_stream(dl, warn=lambda m: rank_zero_warn(f"MISCallback: {m}"))
         return _FirstBatches(out, limit) if isinstance(limit, int) and limit < _finite_len_or_inf(dl) else out
     idx = list(range(len(ds))) if indices is None else indices
     bs = batch_size or dl.batch_size or 64

@@ -6,20 +6,24 @@ exit only: a block that raised (a failed scheme or assessment, caught and report
 caller's streams advanced. :func:`isolated_rng` restores them either way, and with them the
 generators of the caller's data loaders that the block iterates: a ``DataLoader(shuffle=True,
 generator=g)`` draws its order (and its workers' base seed) from ``g``, not from the global
-stream, so reading it would otherwise move the caller's next epoch.
+stream, so reading it would otherwise move the caller's next epoch. An iterable dataset keeps
+such state in itself (a pass counter, a reshuffle, a generator it holds): it is read from a deep
+copy (:func:`private_stream`).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["isolated_rng", "loader_generators", "restores_rng"]
+__all__ = ["isolated_rng", "loader_generators", "private_stream", "restores_rng"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,6 +71,13 @@ def loader_generators(*holders: Any) -> list[torch.Generator]:
     return found
 
 
+def _is_stream(loader: Any) -> bool:
+    from torch.utils.data import DataLoader, IterableDataset
+
+    return isinstance(loader, DataLoader) and isinstance(getattr(loader, "dataset", None), IterableDataset) \
+        and not getattr(loader, "_mis_private", False)
+
+
 @contextmanager
 def isolated_rng(*loaders: Any, seed: int | None = None) -> Iterator[None]:
     """Run the block with the random states restored afterwards, whether it returns or raises
@@ -97,21 +108,58 @@ def isolated_rng(*loaders: Any, seed: int | None = None) -> Iterator[None]:
         raise error
 
 
+def private_stream(loader: Any, warn: Callable[[str], None] | None = None) -> Any:
+    """A single-process ``DataLoader`` over a deep copy of ``loader``'s iterable dataset (same
+    batch size, ``drop_last`` and ``collate_fn``): iterating it leaves the caller's dataset as
+    it was (its next pass, or the next ``fit``, sees the batches it would have). ``loader``
+    itself for anything else (map-style datasets: their order lives in the loader's generators,
+    :func:`isolated_rng`), and, with a warning (``warn``, default ``warnings.warn``), for a
+    dataset that cannot be copied (an open file or stream)."""
+    from torch.utils.data import DataLoader
+
+    ds = getattr(loader, "dataset", None)
+    if not _is_stream(loader):
+        return loader
+    try:
+        private = copy.deepcopy(ds)
+    except Exception as exc:  # noqa: BLE001 - e.g. an open file handle: read the caller's own
+        msg = (f"the iterable dataset {type(ds).__name__} cannot be copied ({type(exc).__name__}: {exc}): it is "
+               "read itself, which advances whatever state its iterator keeps (a pass counter, a shuffle) "
+               "as one more pass would")
+        (warn or (lambda m: warnings.warn(m, UserWarning, stacklevel=3)))(msg)
+        return loader
+    out = DataLoader(private, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                     collate_fn=loader.collate_fn, num_workers=0)
+    out._mis_private = True  # type: ignore[attr-defined]  # a nested entry point does not copy it again
+    return out
+
+
 def restores_rng(*loader_args: str) -> Callable[[F], F]:
     """Decorate a public entry point that reads the caller's data: the call runs inside
     :func:`isolated_rng` of the loaders passed as ``loader_args`` (argument names), so the
     caller's streams and loaders come back as they were (iterating a ``DataLoader`` draws
-    its workers' base seed, and a shuffled one its order, from them)."""
+    its workers' base seed, and a shuffled one its order, from them); a loader over an
+    iterable dataset is replaced by one over a copy of it (:func:`private_stream`)."""
     def decorate(fn: F) -> F:
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                bound = sig.bind_partial(*args, **kwargs).arguments
+                ba = sig.bind_partial(*args, **kwargs)
             except TypeError:  # the call itself raises its own clear TypeError below
-                bound = {}
+                ba = None
+            bound = {} if ba is None else ba.arguments
             with isolated_rng(*(bound.get(a) for a in loader_args)):
+                copies: dict[int, Any] = {}  # the same loader passed twice is copied once
+                for a in loader_args:
+                    v = bound.get(a)
+                    if _is_stream(v):
+                        if id(v) not in copies:
+                            copies[id(v)] = private_stream(v)
+                        bound[a] = copies[id(v)]
+                if copies:
+                    return fn(*ba.args, **ba.kwargs)  # type: ignore[union-attr]
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

@@ -303,6 +303,8 @@ def assess(
         schemes: registry names (see ``mis_lightning.quantization.available_schemes()``) or
             scheme objects.
         train_dataloader: the training records (each once), batches ``(inputs, targets)``.
+            Left as it was: the global RNG streams and the loader's generators are restored,
+            and an iterable dataset is read from a deep copy (its pass state is untouched).
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (the data term of the
             training objective).
         estimation_config, scoring_config: the stages' options

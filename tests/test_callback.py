@@ -1232,3 +1232,20 @@ def test_a_loss_that_fails_on_the_outputs_is_named_before_training(tmp_path):
     with pytest.raises(TypeError, match=r"MISCallback: loss_fn mse\(outputs, targets\) failed on the first "
                                              r"training batch with outputs dict \[32\] and targets \[32\]"):
         fit(tmp_path, DictOut, [MISCallback(["rtn_int8"], loss_fn=mse, **FAST)], max_epochs=1)
+
+
+def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy():
+    """assess() / evaluate_utility() iterated the caller's iterable dataset, advancing its pass
+    counter and its own shuffling generator (the caller's next pass then saw another order);
+    they read a deep copy now, as the callback does, and count its records once."""
+    import mis_lightning as ml
+    from mis_lightning.evaluation import evaluate_utility
+
+    ds = _Reshuffling(n=96)
+    model = nn.Linear(4, 1)
+    state = ds.g.get_state().clone()
+    loss = lambda o, t: mse(o.squeeze(-1), t)  # noqa: E731
+    rep = ml.assess(model, ["rtn_int8"], DataLoader(ds, batch_size=32), loss,
+                    val_dataloader=DataLoader(ds, batch_size=32), uncertainty_draws=0, **FAST)
+    evaluate_utility(model, DataLoader(ds, batch_size=32), loss)
+    assert rep.n == 96 and ds.passes == 0 and torch.equal(ds.g.get_state(), state)
