@@ -170,7 +170,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if not self._state_loaded:  # a new fit starts clean (a checkpoint's state comes later)
             self._reset_run_state()
         self._state_loaded, self._resolved, self._decay, self._batch_unchecked = False, None, None, False
-        self._trained = None
+        self._untrained_note: str | None = None
         self._loss(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -182,25 +182,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             if msg not in getattr(self, "_scheme_problems", ()):
                 rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
         names = select_params(pl_module, self.estimation_config.params)
-        self._trained = None
-        untrained = lt.untrained_params(trainer, pl_module, names)
-        if len(untrained) == len(names):  # none held: a strategy's own (flattened) optimizer parameters
-            untrained = []
-        if untrained and self.estimation_config.params is None:
-            # requires_grad=True but in no optimizer group: frozen as surely as requires_grad=False
-            # (assessed, they would be scored as trained on the records: too high a figure)
-            names = [n for n in names if n not in untrained]
-            self._trained = names
-            self._untrained_note = (
-                f"{len(untrained)} parameter(s) require grad but no optimizer holds them "
-                f"({', '.join(untrained[:6])}{', ...' if len(untrained) > 6 else ''}): training does not update "
-                "them, so they are not assessed (as with requires_grad=False); pass params= to choose the "
-                "assessed parameters yourself")
-            rank_zero_warn(f"MISCallback: {self._untrained_note}")
-        elif untrained:
-            rank_zero_warn(f"MISCallback: assessed parameter(s) {', '.join(untrained[:6])}"
-                           f"{', ...' if len(untrained) > 6 else ''} are in no optimizer's param groups: training "
-                           "does not update them, yet they are scored as trained on the records")
+        trained, note = self._optimized(trainer, pl_module, names)
+        if note:
+            rank_zero_warn(f"MISCallback: {note}")
+        names = trained or names
         self._decay = lt.check_optimizer_decay(trainer, pl_module, self.estimation_config.weight_decay, names)
         res = self._loss(trainer, pl_module)
         # an iterable dataset is not read here (that could consume its stream): its first
@@ -240,12 +225,32 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._resolved = self._resolved or lt.resolve_loss(trainer, pl_module, self.loss_fn)
         return self._resolved
 
+    def _optimized(self, trainer: Any, pl_module: Any, names: list[str]) -> tuple[list[str] | None, str | None]:
+        """``(assessed names, note)`` with the parameters no optimizer holds left out (they require
+        grad, but training does not update them: a body left out of ``configure_optimizers``;
+        assessed, they would be scored as trained on the records, too high a figure), or
+        ``(None, note or None)`` to keep the selection. Read at each run: an unfreezing callback
+        (``BackboneFinetuning``) adds its parameters to the optimizer during training."""
+        untrained = lt.untrained_params(trainer, pl_module, names)
+        if not untrained or len(untrained) == len(names):  # none held: a strategy's own (flattened) copies
+            return None, None
+        shown = f"{', '.join(untrained[:6])}{', ...' if len(untrained) > 6 else ''}"
+        if self.estimation_config.params is None:
+            return [n for n in names if n not in untrained], (
+                f"{len(untrained)} parameter(s) require grad but no optimizer holds them ({shown}): training does "
+                "not update them, so they are not assessed (as with requires_grad=False); pass params= to choose "
+                "the assessed parameters yourself")
+        return None, (f"assessed parameter(s) {shown} are in no optimizer's param groups: training does not "
+                      "update them, yet they are scored as trained on the records")
+
     def _assess(self, trainer: Any, pl_module: Any) -> Any:
         # the optimizer groups' per-parameter decay where they refine the module's coefficient
         est_cfg = self.estimation_config if getattr(self, "_decay", None) is None else \
             dataclasses.replace(self.estimation_config, weight_decay=self._decay)
-        if getattr(self, "_trained", None):  # parameters no optimizer holds are left out
-            est_cfg = dataclasses.replace(est_cfg, params=list(self._trained))
+        trained, self._untrained_note = self._optimized(
+            trainer, pl_module, select_params(pl_module, self.estimation_config.params))
+        if trained:  # parameters no optimizer holds are left out
+            est_cfg = dataclasses.replace(est_cfg, params=trained)
         return lt.assess_on_trainer(
             trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
@@ -277,10 +282,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
-                if getattr(self, "_trained", None):
-                    # the parameters left out are the ones no optimizer holds (said at on_train_start),
-                    # not trained ones held fixed: the generic params= note would say the opposite
-                    report.warnings[:] = [w for w in report.warnings if not w.startswith("params= leaves out")]
+                if self._untrained_note:
+                    if self.estimation_config.params is None:
+                        # the parameters left out are the ones no optimizer holds, not trained ones
+                        # held fixed: the generic params= note would say the opposite
+                        report.warnings[:] = [w for w in report.warnings if not w.startswith("params= leaves out")]
                     report.warnings.append(self._untrained_note)
                 if self.plan_config is not None and stage == "fit_end" and zero:
                     self.plan_result = self._plan(trainer, pl_module)

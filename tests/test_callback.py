@@ -1179,6 +1179,15 @@ def test_parameters_no_optimizer_holds_are_not_assessed(tmp_path):
                     params=["net.3.weight", "net.3.bias"], uncertainty_draws=0, **FAST)
     assert cb.report.schemes["rtn_int8"].leakage == pytest.approx(rep.schemes["rtn_int8"].leakage, rel=1e-8)
 
+    class Unfreeze(pl.Callback):  # as BackboneFinetuning does: the body joins the optimizer later
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters())})
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "u", HeadOnlyOptimizer, [cb, Unfreeze()])
+    assert cb.report.d == 37 and not any("no optimizer holds" in w for w in cb.report.warnings)
+
 
 def test_a_monitor_on_a_key_the_callback_cannot_give_raises_before_training(tmp_path):
     """EarlyStopping / ModelCheckpoint monitoring a mis/ key the callback logs only at the end
