@@ -156,9 +156,13 @@ def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal[
     """Boolean mask (``theta``'s shape) of the weights a weight-derived scale gives away.
 
     ``"absmax"`` (symmetric scales ``s = max|w| / c``): the element(s) of largest magnitude
-    in each block; ``"minmax"`` (asymmetric ``scale, zero_point`` from ``min w, max w``): the
-    smallest and largest element of each block. The released scale (a float) determines
-    these values exactly, so they are scored as unquantized (``kappa = 1``).
+    in each block, which the released float scale determines exactly; ``"minmax"``
+    (asymmetric ``scale, zero_point`` from ``min w, max w``): the smallest and largest
+    element of each block. Both are scored as unquantized (``kappa = 1``). For ``"minmax"``
+    that over-reveals, on the safe side: torchao's float scale gives the range
+    ``max(w_max, 0) - min(w_min, 0)`` exactly, but its integer zero point places the extremes
+    only to within a cell (and a block of one sign reveals one end only); an independent exact
+    truth on ``intx_weight_only_int{2,4}_g32_asym`` OLS rows read 1.00-1.03x (docs/validation.md).
     """
     # |w|, max and == are exact in the weights' own float dtype: no float64 copy of the tensor
     t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
