@@ -222,22 +222,37 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
                      "weighted objective, other records each epoch), which the assessment does not model; "
                      "n counts every record of the dataset")
         order = list(range(total))
-    limit = getattr(trainer, "num_training_batches", float("inf"))
+    limit, what = trained_batches(trainer)
     batches = _finite_len(dl)
     if isinstance(limit, int) and batches is not None and limit < batches:
         # the same records every epoch only when the order is fixed (a batch sampler of unknown
         # make counts as shuffled)
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
-        what = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else "limit_train_batches"
         if shuffled or replacement:
-            notes.append(f"{what}: each epoch trained on {limit} of {batches} batches of a shuffled "
-                         f"loader (other records each epoch); n counts every record it can draw ({len(set(order))})")
+            notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (records "
+                         f"this pass cannot tell); n counts every record it can draw ({len(set(order))})")
         elif batches_read is not None:
             order = [i for b in batches_read[:limit] for i in b]
         else:
             order = order[: limit * (getattr(dl, "batch_size", None) or 1) * replicas]
     keep = sorted(set(order))
     return keep, ("; ".join(notes) or None)
+
+
+def trained_batches(trainer: Any) -> tuple[int | float, str]:
+    """``(batches per epoch the training read, what limited them)``: the Trainer's
+    ``num_training_batches`` (``limit_train_batches``, ``fast_dev_run``), or fewer when the
+    training has not completed one pass (``max_steps``, an early stop, a validation run
+    within the first epoch): the batches completed so far."""
+    limit = getattr(trainer, "num_training_batches", math.inf)
+    what = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else "limit_train_batches"
+    try:
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+    except Exception:  # noqa: BLE001 - a Trainer without that loop state: the configured limit
+        done = 0
+    if 0 < done < limit:
+        return done, f"training read {done} batches in all (max_steps, a stop or a validation within the first epoch)"
+    return limit, what
 
 
 def trainer_batch(trainer: Any, batch: Any, device: torch.device) -> Any:
@@ -318,14 +333,37 @@ def weights_fingerprint(module: nn.Module) -> str | None:
     return h.hexdigest()
 
 
+def _first_read(cb: Any, trainer: Any) -> int | None:
+    """The validation run (1-based count) at which a monitoring callback first reads its key,
+    or None when it may never need it during training (or its schedule is not one this check
+    can count: it is then left to Lightning)."""
+    name = type(cb).__name__
+    if name == "EarlyStopping":
+        return 1 if getattr(cb, "strict", True) else None  # every validation (or train epoch end)
+    if not hasattr(cb, "_every_n_epochs"):  # another monitor: its schedule is unknown
+        return None
+    if getattr(cb, "save_top_k", 1) == 0:
+        return None
+    if (getattr(cb, "_every_n_train_steps", 0) or 0) > 0 or getattr(cb, "_train_time_interval", None) is not None:
+        return 1  # a step- or time-triggered save waits for the next validation's metrics
+    k = int(getattr(cb, "_every_n_epochs", 1) or 0)
+    if k < 1:
+        return None
+    c = int(getattr(trainer, "check_val_every_n_epoch", 1) or 1)
+    if getattr(trainer, "val_check_interval", 1.0) != 1.0:  # several validations per epoch
+        return 1 if k == 1 else None
+    return math.lcm(c, k) // c  # reads at the validations of epochs e with (e + 1) % k == 0
+
+
 def check_monitors(trainer: Any, keys: list[str], prefix: str, every_n_val_epochs: int | None) -> None:
     """Before training: a callback of the Trainer (``EarlyStopping``, ``ModelCheckpoint``, any
-    with a ``monitor``) that monitors one of this callback's keys must find it at every
-    validation it reads it, else Lightning raises after the first epoch with its generic
-    message. Raises ``ValueError`` naming the callback, the key and the fix: a key this
-    callback never logs (with the close ones), or one it logs only at the end of ``fit``
-    (``every_n_val_epochs=None``) or not at the first validation (``every_n_val_epochs > 1``)
-    while the monitor needs it there (``EarlyStopping(strict=True)``, ``ModelCheckpoint``)."""
+    with a ``monitor``) that monitors one of this callback's keys must find it when it reads
+    it, else Lightning raises after the first epochs with its generic message. Raises
+    ``ValueError`` naming the callback, the key and the fix: a key this callback never logs
+    (with the close ones), or one it logs only at the end of ``fit`` (``every_n_val_epochs=None``)
+    or from the ``every_n_val_epochs``-th validation on, while the monitor reads it before
+    (``EarlyStopping(strict=True)`` at every validation; ``ModelCheckpoint`` at the
+    validations of its ``every_n_epochs``)."""
     import difflib
 
     head = f"{prefix}/" if prefix else ""
@@ -338,18 +376,16 @@ def check_monitors(trainer: Any, keys: list[str], prefix: str, every_n_val_epoch
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
             raise ValueError(f"{who}: MISCallback logs no such key" + (
                 f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
-                + f"; its keys are {head}<scheme>/<figure> for its schemes, e.g. {keys[3]!r}")
-        if every_n_val_epochs == 1:
+                + f"; its keys are {head}<scheme>/<figure> for its schemes, e.g. {keys[3]!r}"
+                + " (leakage_p10 / leakage_p90 need uncertainty_draws > 0)" * key.endswith(("_p10", "_p90")))
+        first = _first_read(cb, trainer)
+        if every_n_val_epochs == 1 or first is None or (every_n_val_epochs is not None and first >= every_n_val_epochs):
             continue
-        needs = getattr(cb, "strict", True) if type(cb).__name__ == "EarlyStopping" else (
-            getattr(cb, "save_top_k", 1) != 0)
-        if needs:
-            when = ("only at the end of fit (every_n_val_epochs=None)" if every_n_val_epochs is None else
-                    f"every {every_n_val_epochs} validation epochs (every_n_val_epochs={every_n_val_epochs}), "
-                    "not at the first")
-            raise ValueError(f"{who} reads {key!r} at every validation, but MISCallback logs it {when}: "
-                             "Lightning would stop after the first epoch; pass MISCallback(every_n_val_epochs=1)"
-                             + (", or EarlyStopping(strict=False)" if type(cb).__name__ == "EarlyStopping" else ""))
+        when = ("only at the end of fit (every_n_val_epochs=None)" if every_n_val_epochs is None else
+                f"from validation {every_n_val_epochs} on (every_n_val_epochs={every_n_val_epochs})")
+        raise ValueError(f"{who} reads {key!r} from validation {first} on, but MISCallback logs it {when}: "
+                         "Lightning would stop there; pass MISCallback(every_n_val_epochs=1)"
+                         + (", or EarlyStopping(strict=False)" if type(cb).__name__ == "EarlyStopping" else ""))
 
 
 def untrained_params(trainer: Any, pl_module: Any, names: list[str]) -> list[str]:
@@ -631,10 +667,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                        "each process streams its own loader and duplicated records count twice")
     records, note = training_records(trainer, train)
     shard = records[rank::world] if records is not None else None
-    limit = getattr(trainer, "num_training_batches", None)
+    limit, what = trained_batches(trainer)
     loader = reloader(train, shard, batch_size, limit=limit)
     if isinstance(loader, _FirstBatches):
-        what = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else "limit_train_batches"
         note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
                                            "assessed (the records trained on when each pass yields the same "
                                            "records first)") if x)

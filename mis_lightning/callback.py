@@ -165,8 +165,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         for msg in self._scheme_problems:
             rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
         # an EarlyStopping / ModelCheckpoint on a mis/ key it cannot read when it looks
-        lt.check_monitors(trainer, metric_keys([s.name for s in resolve_schemes(self.schemes)], self.utility_metrics,
-                                               self.prefix), self.prefix, self.every_n_val_epochs)
+        keys = metric_keys([s.name for s in resolve_schemes(self.schemes)], self.utility_metrics, self.prefix,
+                           interval=self.scoring_config.uncertainty_draws > 0)
+        lt.check_monitors(trainer, keys, self.prefix, self.every_n_val_epochs)
         if not self._state_loaded:  # a new fit starts clean (a checkpoint's state comes later)
             self._reset_run_state()
         self._state_loaded, self._resolved, self._decay, self._batch_unchecked = False, None, None, False

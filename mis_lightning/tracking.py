@@ -35,12 +35,15 @@ def _head(prefix: str) -> str:
 SCHEME_FIGURES = ("leakage", "mis", "pool_leakage", "d_eff", "zero_fraction", "bits_per_weight", "pinned_fraction")
 
 
-def metric_keys(schemes: Iterable[str], utility: Iterable[str], prefix: str = "mis") -> list[str]:
+def metric_keys(schemes: Iterable[str], utility: Iterable[str], prefix: str = "mis", interval: bool = True
+                ) -> list[str]:
     """Every key :func:`report_metrics` can log for these scheme names and utility metric
-    names (``loss`` is always measured with a validation loader)."""
+    names (``loss`` is always measured with a validation loader); ``leakage_p10`` /
+    ``leakage_p90`` only with an ``interval`` (``uncertainty_draws > 0``)."""
     head = _head(prefix)
     keys = [f"{head}baseline/{k}" for k in ("leakage", "mis", "pool_leakage")]
-    figures = [*SCHEME_FIGURES, "failed", "leakage_p10", "leakage_p90", *(f"utility/{u}" for u in ("loss", *utility))]
+    figures = [*SCHEME_FIGURES, "failed", *(("leakage_p10", "leakage_p90") if interval else ()),
+               *(f"utility/{u}" for u in ("loss", *utility))]
     return keys + [f"{head}{s}/{k}" for s in schemes for k in figures]
 
 

@@ -684,7 +684,18 @@ def test_records_counted_are_those_the_training_draws_from(tmp_path):
     fit(tmp_path / "c", Regressor, [cb], max_epochs=1, data=(DataLoader(ds, batch_size=16, shuffle=True), val),
         limit_train_batches=3)
     assert cb.report.n == 120
-    assert any("limit_train_batches: each epoch trained on 3 of 8 batches" in w for w in cb.report.warnings)
+    assert any("limit_train_batches: trained on 3 of 8 batches of a shuffled loader" in w for w in cb.report.warnings)
+    # max_steps within the first epoch (fu18/vf18: n counted all 120 records, silently): the
+    # batches read, of an unshuffled loader; of a shuffled one, said
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "d", Regressor, [cb], max_steps=2, data=(DataLoader(ds, batch_size=16), val))
+    assert cb.report.n == 32
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "e", Regressor, [cb], max_steps=2, data=(DataLoader(ds, batch_size=16, shuffle=True), val))
+    assert cb.report.n == 120 and any(w.startswith("training read 2 batches in all (max_steps") for w in cb.report.warnings)
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "f", Regressor, [cb], max_steps=3, data=(DataLoader(_Stream(), batch_size=16), val))
+    assert cb.report.n == 48
 
 
 def test_every_mid_training_run_keeps_its_own_report_file(tmp_path):
@@ -1203,23 +1214,32 @@ def test_a_monitor_on_a_key_the_callback_cannot_give_raises_before_training(tmp_
 
     cases = [
         (dict(), EarlyStopping(monitor="mis/rtn_int8/mis", mode="max"),
-         r"EarlyStopping\(monitor='mis/rtn_int8/mis'\) reads 'mis/rtn_int8/mis' at every validation, but "
+         r"EarlyStopping\(monitor='mis/rtn_int8/mis'\) reads 'mis/rtn_int8/mis' from validation 1 on, but "
          r"MISCallback logs it only at the end of fit \(every_n_val_epochs=None\).*every_n_val_epochs=1\), or "
          r"EarlyStopping\(strict=False\)"),
         (dict(every_n_val_epochs=2), ModelCheckpoint(dirpath=tmp_path / "ck", monitor="mis/rtn_int8/leakage"),
-         r"logs it every 2 validation epochs \(every_n_val_epochs=2\), not at the first"),
+         r"from validation 1 on, but MISCallback logs it from validation 2 on \(every_n_val_epochs=2\)"),
+        (dict(every_n_val_epochs=3), ModelCheckpoint(dirpath=tmp_path / "ck", monitor="mis/rtn_int8/leakage",
+                                                     every_n_epochs=2), r"from validation 2 on"),
         (dict(every_n_val_epochs=1), EarlyStopping(monitor="mis/rtn_int8/leakge"),
          r"MISCallback logs no such key \(did you mean 'mis/rtn_int8/leakage'"),
+        (dict(every_n_val_epochs=1), EarlyStopping(monitor="mis/rtn_int8/leakage_p10"),
+         r"no such key.*leakage_p10 / leakage_p90 need uncertainty_draws > 0"),
     ]
     for kw, mon, msg in cases:
         cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **kw, **FAST)
         with pytest.raises(ValueError, match=msg):
             fit(tmp_path, Regressor, [cb, mon, Count()], max_epochs=1)
     assert not steps
-    # a non-strict EarlyStopping tolerates the missing key: it trains
+    # a non-strict EarlyStopping tolerates the missing key, and a ModelCheckpoint that first reads
+    # at the 2nd validation finds what every_n_val_epochs=2 logged there: both train
     cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path, Regressor, [cb, EarlyStopping(monitor="mis/rtn_int8/mis", strict=False)], max_epochs=1)
     assert cb.report is not None
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, every_n_val_epochs=2, **FAST)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck2", monitor="mis/rtn_int8/mis", mode="max", every_n_epochs=2)
+    fit(tmp_path, Regressor, [cb, ck], max_epochs=4)
+    assert ck.best_model_path and len(cb.history) == 2
 
 
 class DictOut(Regressor):
@@ -1243,7 +1263,7 @@ def test_a_loss_that_fails_on_the_outputs_is_named_before_training(tmp_path):
         fit(tmp_path, DictOut, [MISCallback(["rtn_int8"], loss_fn=mse, **FAST)], max_epochs=1)
 
 
-def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy():
+def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy(monkeypatch):
     """assess() / evaluate_utility() iterated the caller's iterable dataset, advancing its pass
     counter and its own shuffling generator (the caller's next pass then saw another order);
     they read a deep copy now, as the callback does, and count its records once."""
@@ -1258,3 +1278,10 @@ def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy():
                     val_dataloader=DataLoader(ds, batch_size=32), uncertainty_draws=0, **FAST)
     evaluate_utility(model, DataLoader(ds, batch_size=32), loss)
     assert rep.n == 96 and ds.passes == 0 and torch.equal(ds.g.get_state(), state)
+    # the copy shares the dataset's large tensors (vf18: a 256 MB stream doubled the peak memory,
+    # a memory-mapped one was read into RAM) and copies its small pass state
+    from mis_lightning import _rng
+
+    monkeypatch.setattr(_rng, "SHARED_BYTES", 1024)
+    private = _rng.private_stream(DataLoader(ds, batch_size=32)).dataset
+    assert private.X is ds.X and private.g is not ds.g and private is not ds
