@@ -158,7 +158,7 @@ def _shuffled_draws(sampler: Any) -> list[int] | None:
     return None
 
 
-def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | None]:
+def training_records(trainer: Any, dl: Any, full_pass: bool = False) -> tuple[list[int] | None, str | None]:
     """The dataset indices the training draws from, and a note for the report when that set
     is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
 
@@ -222,7 +222,7 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
                      "weighted objective, other records each epoch), which the assessment does not model; "
                      "n counts every record of the dataset")
         order = list(range(total))
-    limit, what = trained_batches(trainer)
+    limit, what = trained_batches(trainer, full_pass)
     batches = _finite_len(dl)
     if isinstance(limit, int) and batches is not None and limit < batches:
         # the same records every epoch only when the order is fixed (a batch sampler of unknown
@@ -239,18 +239,19 @@ def training_records(trainer: Any, dl: Any) -> tuple[list[int] | None, str | Non
     return keep, ("; ".join(notes) or None)
 
 
-def trained_batches(trainer: Any) -> tuple[int | float, str]:
+def trained_batches(trainer: Any, full_pass: bool = False) -> tuple[int | float, str]:
     """``(batches per epoch the training read, what limited them)``: the Trainer's
     ``num_training_batches`` (``limit_train_batches``, ``fast_dev_run``), or fewer when the
     training has not completed one pass (``max_steps``, an early stop, a validation run
-    within the first epoch): the batches completed so far."""
+    within the first epoch): the batches completed so far. ``full_pass``: a pass is known to
+    have ended (a stream's length is known only then)."""
     limit = getattr(trainer, "num_training_batches", math.inf)
     what = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else "limit_train_batches"
     try:
         done = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
     except Exception:  # noqa: BLE001 - a Trainer without that loop state: the configured limit
         done = 0
-    if 0 < done < limit:
+    if not full_pass and 0 < done < limit:
         return done, f"training read {done} batches in all (max_steps, a stop or a validation within the first epoch)"
     return limit, what
 
@@ -345,14 +346,20 @@ def _first_read(cb: Any, trainer: Any) -> int | None:
     if getattr(cb, "save_top_k", 1) == 0:
         return None
     if (getattr(cb, "_every_n_train_steps", 0) or 0) > 0 or getattr(cb, "_train_time_interval", None) is not None:
-        return 1  # a step- or time-triggered save waits for the next validation's metrics
+        return None  # step- or time-triggered: Lightning warns and saves later (measured by vf18b)
     k = int(getattr(cb, "_every_n_epochs", 1) or 0)
     if k < 1:
         return None
     c = int(getattr(trainer, "check_val_every_n_epoch", 1) or 1)
-    if getattr(trainer, "val_check_interval", 1.0) != 1.0:  # several validations per epoch
-        return 1 if k == 1 else None
-    return math.lcm(c, k) // c  # reads at the validations of epochs e with (e + 1) % k == 0
+    vci = getattr(trainer, "val_check_interval", 1.0)
+    if isinstance(vci, float) and 0.0 < vci <= 1.0:
+        per_epoch = max(1, int(1.0 / vci + 1e-9))  # validations per validating epoch
+    elif k == 1:
+        return 1
+    else:  # every N batches: how many per epoch is not known before the loader
+        return None
+    # reads at the first validation of the first validating epoch e with (e + 1) % k == 0
+    return (math.lcm(c, k) // c - 1) * per_epoch + 1
 
 
 def check_monitors(trainer: Any, keys: list[str], prefix: str, every_n_val_epochs: int | None) -> None:
@@ -641,7 +648,8 @@ class PicklingChecked:
 def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimation_config: EstimationConfig,
                       scoring_config: ScoringConfig, resolved: dict[str, Any], *, batch_fn: Any = None,
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
-                      output_transform: Any = None, keep: dict[str, Any] | None = None) -> Report:
+                      output_transform: Any = None, keep: dict[str, Any] | None = None,
+                      full_pass: bool = False) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
     over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
@@ -651,7 +659,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     shows a progress bar (rank 0).
 
     ``keep``, when given, receives the ``estimate``, the estimation ``loader`` and the
-    ``utility_fn`` (the planner reuses them: ``MISCallback(plan=...)``).
+    ``utility_fn`` (the planner reuses them: ``MISCallback(plan=...)``). ``full_pass``: the
+    training has read its loader to the end at least once (:func:`trained_batches`).
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -665,9 +674,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if ds is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
-    records, note = training_records(trainer, train)
+    records, note = training_records(trainer, train, full_pass)
     shard = records[rank::world] if records is not None else None
-    limit, what = trained_batches(trainer)
+    limit, what = trained_batches(trainer, full_pass)
     loader = reloader(train, shard, batch_size, limit=limit)
     if isinstance(loader, _FirstBatches):
         note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "

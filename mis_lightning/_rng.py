@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
-import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -109,25 +108,25 @@ def isolated_rng(*loaders: Any, seed: int | None = None) -> Iterator[None]:
         raise error
 
 
-#: Arrays and tensors an iterable dataset holds from this size on are shared with the copy, not
-#: duplicated (its data: an in-memory or memory-mapped table; the pass state that iteration
-#: changes, counters, generators and index orders, is small and is copied).
-SHARED_BYTES = 1 << 26
+def _shareable(obj: Any) -> bool:
+    """A ``numpy.memmap`` (file-backed data: a deep copy would read the whole file into memory)
+    or a read-only numpy array: iterating a dataset cannot change either in place, so its
+    private copy may share them. Everything else (tensors, writeable arrays: an index order
+    shuffled in place) is copied."""
+    if not type(obj).__module__.startswith("numpy") or not hasattr(obj, "flags"):
+        return False
+    return type(obj).__name__ == "memmap" or not bool(obj.flags.writeable)
 
 
-def _large_arrays(obj: Any, memo: dict[int, Any], depth: int = 0) -> None:
-    """Put the large tensors and arrays (any ``numpy.memmap``) reachable from ``obj``'s
-    attributes, lists, tuples and dicts into ``memo``: ``deepcopy`` then keeps them shared."""
-    if depth > 4 or id(obj) in memo:
+def _shared_arrays(obj: Any, memo: dict[int, Any], depth: int = 0) -> None:
+    """Put the shareable arrays (:func:`_shareable`) reachable from ``obj``'s attributes,
+    lists, tuples and dicts into ``memo``: ``deepcopy`` then keeps them shared."""
+    if depth > 4 or id(obj) in memo or isinstance(obj, torch.Tensor):
         return
-    nbytes = None
-    if isinstance(obj, torch.Tensor):
-        nbytes = obj.untyped_storage().nbytes()
-    elif type(obj).__module__.startswith("numpy") and hasattr(obj, "nbytes") and hasattr(obj, "shape"):
-        nbytes = math.inf if type(obj).__name__ == "memmap" else int(obj.nbytes)
-    if nbytes is not None:
-        if nbytes >= SHARED_BYTES:
-            memo[id(obj)] = obj
+    if _shareable(obj):
+        memo[id(obj)] = obj
+        return
+    if type(obj).__module__.startswith("numpy"):
         return
     if isinstance(obj, Mapping):
         items: Any = obj.values()
@@ -138,14 +137,14 @@ def _large_arrays(obj: Any, memo: dict[int, Any], depth: int = 0) -> None:
     else:
         return
     for v in items:
-        _large_arrays(v, memo, depth + 1)
+        _shared_arrays(v, memo, depth + 1)
 
 
 def private_stream(loader: Any, warn: Callable[[str], None] | None = None) -> Any:
     """A single-process ``DataLoader`` over a deep copy of ``loader``'s iterable dataset (same
-    batch size, ``drop_last`` and ``collate_fn``; its tensors and arrays of ``SHARED_BYTES`` or
-    more, and memory maps, shared rather than copied): iterating it leaves the caller's dataset as
-    it was (its next pass, or the next ``fit``, sees the batches it would have). ``loader``
+    batch size, ``drop_last`` and ``collate_fn``; memory maps and read-only arrays shared rather
+    than copied, everything else copied, in-memory data included: an ``__iter__`` may shuffle
+    an index array in place): iterating it leaves the caller's dataset as it was (its next pass, or the next ``fit``, sees the batches it would have). ``loader``
     itself for anything else (map-style datasets: their order lives in the loader's generators,
     :func:`isolated_rng`), and, with a warning (``warn``, default ``warnings.warn``), for a
     dataset that cannot be copied (an open file or stream)."""
@@ -155,7 +154,7 @@ def private_stream(loader: Any, warn: Callable[[str], None] | None = None) -> An
     if not _is_stream(loader):
         return loader
     memo: dict[int, Any] = {}
-    _large_arrays(ds, memo)
+    _shared_arrays(ds, memo)
     try:
         private = copy.deepcopy(ds, memo)
     except Exception as exc:  # noqa: BLE001 - e.g. an open file handle: read the caller's own

@@ -172,11 +172,14 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             self._reset_run_state()
         self._state_loaded, self._resolved, self._decay, self._batch_unchecked = False, None, None, False
         self._untrained_note: str | None = None
+        self._full_pass = False
         self._loss(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # the train loader exists now, before the first step: configuration errors surface here
         self._state_loaded = False
+        # resumed from a checkpoint taken after an epoch's end: a pass has ended
+        self._full_pass = int(trainer.fit_loop.epoch_progress.current.completed) >= 1
         # the precision plugin has converted the module now ("64-true", "bf16-true"): a scheme
         # that cannot take the new dtype is said before the first step, not at the end
         for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
@@ -193,6 +196,12 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # training batch is checked as it arrives, before the first optimizer step
         self._batch_unchecked = not lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"],
                                                          self.batch_fn, self.loss_fn is not None)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # a pass over the training data ended (a stream's length is known only then): the
+        # records trained on are all of them, not the batches counted so far
+        if not self._full_pass and bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False)):
+            self._full_pass = True
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_unchecked:
@@ -255,7 +264,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         return lt.assess_on_trainer(
             trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
-            metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept)
+            metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
+            full_pass=getattr(self, "_full_pass", False))
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""

@@ -696,6 +696,12 @@ def test_records_counted_are_those_the_training_draws_from(tmp_path):
     cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path / "f", Regressor, [cb], max_steps=3, data=(DataLoader(_Stream(), batch_size=16), val))
     assert cb.report.n == 48
+    # a stream read to its end (its length is known only then; vf18b: "training read 18 batches in
+    # all ... within the first epoch" after 3 full passes), and past it by max_steps: every record
+    for kw in (dict(max_epochs=3), dict(max_steps=8)):
+        cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+        fit(tmp_path / "g", Regressor, [cb], data=(DataLoader(_Stream(), batch_size=16), val), **kw)
+        assert cb.report.n == 96 and not any(w.startswith("training read") for w in cb.report.warnings)
 
 
 def test_every_mid_training_run_keeps_its_own_report_file(tmp_path):
@@ -1221,15 +1227,19 @@ def test_a_monitor_on_a_key_the_callback_cannot_give_raises_before_training(tmp_
          r"from validation 1 on, but MISCallback logs it from validation 2 on \(every_n_val_epochs=2\)"),
         (dict(every_n_val_epochs=3), ModelCheckpoint(dirpath=tmp_path / "ck", monitor="mis/rtn_int8/leakage",
                                                      every_n_epochs=2), r"from validation 2 on"),
+        # two validations per epoch: a checkpoint every 2nd epoch first reads at validation 3
+        # (vf18b: accepted, then Lightning stopped at step 48)
+        (dict(every_n_val_epochs=4), ModelCheckpoint(dirpath=tmp_path / "ck", monitor="mis/rtn_int8/leakage",
+                                                     every_n_epochs=2), r"from validation 3 on", dict(val_check_interval=0.5)),
         (dict(every_n_val_epochs=1), EarlyStopping(monitor="mis/rtn_int8/leakge"),
          r"MISCallback logs no such key \(did you mean 'mis/rtn_int8/leakage'"),
         (dict(every_n_val_epochs=1), EarlyStopping(monitor="mis/rtn_int8/leakage_p10"),
          r"no such key.*leakage_p10 / leakage_p90 need uncertainty_draws > 0"),
     ]
-    for kw, mon, msg in cases:
+    for kw, mon, msg, *trainer_kw in cases:
         cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **kw, **FAST)
         with pytest.raises(ValueError, match=msg):
-            fit(tmp_path, Regressor, [cb, mon, Count()], max_epochs=1)
+            fit(tmp_path, Regressor, [cb, mon, Count()], max_epochs=1, **(trainer_kw[0] if trainer_kw else {}))
     assert not steps
     # a non-strict EarlyStopping tolerates the missing key, and a ModelCheckpoint that first reads
     # at the 2nd validation finds what every_n_val_epochs=2 logged there: both train
@@ -1263,7 +1273,7 @@ def test_a_loss_that_fails_on_the_outputs_is_named_before_training(tmp_path):
         fit(tmp_path, DictOut, [MISCallback(["rtn_int8"], loss_fn=mse, **FAST)], max_epochs=1)
 
 
-def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy(monkeypatch):
+def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy(tmp_path):
     """assess() / evaluate_utility() iterated the caller's iterable dataset, advancing its pass
     counter and its own shuffling generator (the caller's next pass then saw another order);
     they read a deep copy now, as the callback does, and count its records once."""
@@ -1278,10 +1288,17 @@ def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy(monkey
                     val_dataloader=DataLoader(ds, batch_size=32), uncertainty_draws=0, **FAST)
     evaluate_utility(model, DataLoader(ds, batch_size=32), loss)
     assert rep.n == 96 and ds.passes == 0 and torch.equal(ds.g.get_state(), state)
-    # the copy shares the dataset's large tensors (vf18: a 256 MB stream doubled the peak memory,
-    # a memory-mapped one was read into RAM) and copies its small pass state
+    # the copy shares memory maps and read-only arrays (vf18: a memory-mapped stream was read into
+    # RAM) and copies the rest, in-memory arrays included (vf18b: an index array shuffled in
+    # place by __iter__ was changed in the caller's dataset when large arrays were shared)
+    import numpy as np
+
     from mis_lightning import _rng
 
-    monkeypatch.setattr(_rng, "SHARED_BYTES", 1024)
+    ds.mm = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=(16, 4))
+    ds.frozen = np.arange(8)
+    ds.frozen.flags.writeable = False
+    ds.order = np.arange(8)
     private = _rng.private_stream(DataLoader(ds, batch_size=32)).dataset
-    assert private.X is ds.X and private.g is not ds.g and private is not ds
+    assert private.mm is ds.mm and private.frozen is ds.frozen
+    assert private.order is not ds.order and private.X is not ds.X and private.g is not ds.g
