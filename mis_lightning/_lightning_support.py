@@ -119,7 +119,7 @@ class _FirstBatches:
 
 def reloader(dl: Any, indices: list[int] | None, batch_size: int | None, limit: Any = None) -> Any:
     """An unpadded, unshuffled, single-process loader over ``dl``'s dataset; for an iterable
-    dataset, a loader over a private copy of it (:func:`_stream_copy`), cut to its first
+    dataset, a loader over a private copy of it (:func:`~mis_lightning._rng.private_stream`), cut to its first
     ``limit`` batches when ``limit`` is an int (the Trainer's ``num_training_batches``)."""
     ds = sized_dataset(dl)
     if ds is None:
