@@ -35,7 +35,7 @@ from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .estimation.batching import merge_batches
 from .estimation.per_sample import check_record_losses, check_record_outputs
-from .evaluation import evaluate_utility, to_device
+from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
@@ -531,11 +531,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
                        f"assessment passes the model's outputs as the forward returns them: make the loss take "
                        f"them (e.g. a dict or tuple), or define {HOOK_NAME}(self, batch) -> per-sample losses [B] "
                        f"on {type(pl_module).__name__}")
-                try:
-                    named = type(exc)(msg)
-                except Exception:  # noqa: BLE001 - an exception type with its own constructor
-                    named = RuntimeError(msg)
-                raise named from exc
+                raise named_error(exc, msg) from exc
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
             if shape is not None and b is not None and shape == (b,):
                 # losses that mix records (outputs [B, 1] broadcast against targets [B]):

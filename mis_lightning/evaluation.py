@@ -17,7 +17,7 @@ from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 OutputTransform = Callable[[Any, Any], tuple[Any, Any]]
 BatchLoss = Callable[[nn.Module, Any], Tensor]
 
-__all__ = ["BatchLoss", "OutputTransform", "evaluate_utility", "to_device"]
+__all__ = ["BatchLoss", "OutputTransform", "evaluate_utility", "named_error", "to_device"]
 
 
 def to_device(tree: Any, device: torch.device | str) -> Any:
@@ -30,6 +30,15 @@ def to_device(tree: Any, device: torch.device | str) -> Any:
 
 
 @torch.inference_mode()
+def named_error(exc: BaseException, msg: str) -> BaseException:
+    """``exc``'s type with ``msg`` (which names the culprit and the fix), so that callers catching
+    that type still do; a ``RuntimeError`` when the type takes other constructor arguments."""
+    try:
+        return type(exc)(msg)
+    except Exception:  # noqa: BLE001 - an exception type with its own constructor
+        return RuntimeError(msg)
+
+
 @restores_rng("dataloader")
 def evaluate_utility(
     model: nn.Module,
@@ -103,11 +112,7 @@ def evaluate_utility(
                             "outputs into what the metric takes")
                         msg = (f"utility metric {name!r} ({type(m).__name__}) failed on the model's outputs "
                                f"({got}): {exc}{hint}")
-                        try:
-                            named = type(exc)(msg)
-                        except Exception:  # noqa: BLE001 - an exception type with its own constructor
-                            named = RuntimeError(msg)
-                        raise named from exc
+                        raise named_error(exc, msg) from exc
     finally:
         for m, t in reversed(flags):  # not model.train(flag): a user's module left in eval stays so
             m.training = t

@@ -92,18 +92,22 @@ def test_bad_scheme_fails_before_training(tmp_path):
     assert res["schemes"] == ["int9_weight_only"]
 
 
+def _console(monkeypatch, capsys, args: list[str]) -> tuple[object, str]:
+    """The console script in this process: ``(exit code, stderr)``."""
+    from mis_lightning import cli
+
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", *args])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    return info.value.code, capsys.readouterr().err
+
+
 def test_cli_prints_a_configuration_error_without_a_traceback(tmp_path, monkeypatch, capsys):
     """The console script: a misspelled scheme ends with its message alone (the "did you mean"
     list) and exit status 2, before training; Hydra's traceback is kept for later failures."""
-    from mis_lightning import cli
-
     run = tmp_path / "r"
-    monkeypatch.setattr(sys, "argv", ["mis-lightning", *FAST, "logger=none", "schemes=[int8_wieght_only]",
-                                      f"hydra.run.dir={run}"])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    assert info.value.code == 2
-    err = capsys.readouterr().err
+    code, err = _console(monkeypatch, capsys, [*FAST, "logger=none", "schemes=[int8_wieght_only]", f"hydra.run.dir={run}"])
+    assert code == 2
     assert "configuration error (KeyError): unknown quantization scheme 'int8_wieght_only'" in err
     assert "did you mean int8_weight_only" in err
     assert "Traceback" not in err
@@ -197,15 +201,10 @@ def test_a_single_run_that_scored_no_scheme_exits_1_after_writing_its_outputs(tm
     of the 10-input linear model) exited 0 with "verdict: no scheme succeeded": a script or CI
     reading the status took a run that released no figure for a success. The outputs are still
     written (the table and result.json name the error); the command exits 1."""
-    from mis_lightning import cli
-
     run = tmp_path / "r"
-    monkeypatch.setattr(sys, "argv", ["mis-lightning", *FAST, "logger=none", "schemes=[intx_weight_only_int4_g128]",
-                                      f"hydra.run.dir={run}"])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    assert info.value.code == 1
-    err = capsys.readouterr().err
+    code, err = _console(monkeypatch, capsys, [*FAST, "logger=none", "schemes=[intx_weight_only_int4_g128]",
+                                               f"hydra.run.dir={run}"])
+    assert code == 1
     assert "mis-lightning: no scheme was scored (every row is an error" in err
     res = json.loads((run / "result.json").read_text())
     assert res["status"] == "ok" and [r["scheme"] for r in res["rows"]] == ["intx_weight_only_int4_g128"]
