@@ -345,13 +345,15 @@ def _first_read(cb: Any, trainer: Any) -> int | None:
         return None
     if getattr(cb, "save_top_k", 1) == 0:
         return None
+    vci = getattr(trainer, "val_check_interval", 1.0)
     if (getattr(cb, "_every_n_train_steps", 0) or 0) > 0 or getattr(cb, "_train_time_interval", None) is not None:
-        return None  # step- or time-triggered: Lightning warns and saves later (measured by vf18b)
+        # step- or time-triggered: a save deferred to a validation's end raises there when it
+        # runs within the epoch; at the epoch's end Lightning only warns (measured, Lightning 2.6)
+        return None if vci == 1.0 else 1
     k = int(getattr(cb, "_every_n_epochs", 1) or 0)
     if k < 1:
         return None
     c = int(getattr(trainer, "check_val_every_n_epoch", 1) or 1)
-    vci = getattr(trainer, "val_check_interval", 1.0)
     if isinstance(vci, float) and 0.0 < vci <= 1.0:
         per_epoch = max(1, int(1.0 / vci + 1e-9))  # validations per validating epoch
     elif k == 1:
