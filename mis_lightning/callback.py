@@ -255,10 +255,16 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
 
     def _assess(self, trainer: Any, pl_module: Any) -> Any:
         # the optimizer groups' per-parameter decay where they refine the module's coefficient
-        est_cfg = self.estimation_config if getattr(self, "_decay", None) is None else \
-            dataclasses.replace(self.estimation_config, weight_decay=self._decay)
-        trained, self._untrained_note = self._optimized(
-            trainer, pl_module, select_params(pl_module, self.estimation_config.params))
+        names = select_params(pl_module, self.estimation_config.params)
+        trained, self._untrained_note = self._optimized(trainer, pl_module, names)
+        decay = getattr(self, "_decay", None)
+        if decay is not None:
+            # parameters an unfreezing callback added to the optimizer since on_train_start: their
+            # groups' decay, as the mapping was built
+            late = [n for n in (trained or names) if n not in decay]
+            decay = {**decay, **lt.optimizer_decays(trainer, pl_module, late)} if late else decay
+        est_cfg = self.estimation_config if decay is None else \
+            dataclasses.replace(self.estimation_config, weight_decay=decay)
         if trained:  # parameters no optimizer holds are left out
             est_cfg = dataclasses.replace(est_cfg, params=trained)
         return lt.assess_on_trainer(

@@ -1206,6 +1206,32 @@ def test_parameters_no_optimizer_holds_are_not_assessed(tmp_path):
     assert cb.report.d == 37 and not any("no optimizer holds" in w for w in cb.report.warnings)
 
 
+class DecayedHead(Regressor):
+    """AdamW-style groups: the head's weight decayed, its bias not; the body joins later."""
+
+    weight_decay = 1e-2
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([{"params": [self.net[3].weight], "weight_decay": 1e-2},
+                                 {"params": [self.net[3].bias], "weight_decay": 0.0}], lr=1e-2)
+
+
+def test_a_body_unfrozen_later_takes_its_groups_weight_decay(tmp_path):
+    """The per-parameter decay followed the optimizer groups as they were at on_train_start: a
+    body an unfreezing callback added later (with decay) was assessed as undecayed."""
+
+    class Unfreeze(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters()),
+                                                       "weight_decay": 1e-2})
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path, DecayedHead, [cb, Unfreeze()])
+    per = cb.report.diagnostics["weight_decay_per_parameter"]
+    assert per == {"net.0.weight": 1e-2, "net.0.bias": 1e-2, "net.3.weight": 1e-2, "net.3.bias": 0.0}
+
+
 def test_a_monitor_on_a_key_the_callback_cannot_give_raises_before_training(tmp_path):
     """EarlyStopping / ModelCheckpoint monitoring a mis/ key the callback logs only at the end
     of fit (or every 2nd validation, or never: a typo) made Lightning raise after the first
