@@ -643,6 +643,20 @@ class PicklingChecked:
         return new
 
 
+def _validation_dataloaders(trainer: Any) -> Any:
+    """The Trainer's validation loaders, set up by its validation loop when the fit never ran it
+    (a checkpoint resumed after its last epoch, with no sanity check: fu18 U4 warned "no
+    validation dataloader" although one was passed); None when there are none."""
+    loaders = trainer.val_dataloaders
+    if loaders is None and getattr(trainer, "limit_val_batches", 1) != 0:
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        except Exception:  # noqa: BLE001 - no validation source (or another loop layout): none
+            loaders = None
+    return loaders
+
+
 def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimation_config: EstimationConfig,
                       scoring_config: ScoringConfig, resolved: dict[str, Any], *, batch_fn: Any = None,
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
@@ -680,7 +694,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "
                                            "assessed (the records trained on when each pass yields the same "
                                            "records first)") if x)
-    val, num_val = validation_loaders(trainer.val_dataloaders)
+    val, num_val = validation_loaders(_validation_dataloaders(trainer))
     val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
     n_total = len(records) if records is not None else (len(ds) if ds is not None else None)

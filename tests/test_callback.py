@@ -1328,3 +1328,19 @@ def test_assess_and_evaluate_utility_read_an_iterable_dataset_from_a_copy(tmp_pa
     private = _rng.private_stream(DataLoader(ds, batch_size=32)).dataset
     assert private.mm is ds.mm and private.frozen is ds.frozen
     assert private.order is not ds.order and private.X is not ds.X and private.g is not ds.g
+
+
+def test_resuming_a_finished_checkpoint_still_measures_utility(tmp_path):
+    """A checkpoint resumed after its last epoch with no sanity check: Lightning never runs the
+    validation loop, so its loaders were never built and the report said "no validation
+    dataloader: the quantized copies' utility was not measured" although one was passed (fu18 U4)."""
+    _, _ = fit(tmp_path / "a", Regressor, max_epochs=1)
+    ckpt = next((tmp_path / "a").rglob("*.ckpt"))
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    pl.seed_everything(0)
+    train, val = loaders()
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "b"), num_sanity_val_steps=0)
+    trainer.fit(Regressor(), train, val, ckpt_path=str(ckpt))
+    assert "loss" in cb.report.schemes["rtn_int8"].utility
+    assert not any("no validation dataloader" in w for w in cb.report.warnings)
