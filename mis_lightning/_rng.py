@@ -142,10 +142,11 @@ def _shared_arrays(obj: Any, memo: dict[int, Any], depth: int = 0) -> None:
 
 def private_stream(loader: Any, warn: Callable[[str], None] | None = None) -> Any:
     """A single-process ``DataLoader`` over a deep copy of ``loader``'s iterable dataset (same
-    batch size, ``drop_last`` and ``collate_fn``; memory maps and read-only arrays shared rather
-    than copied, everything else copied, in-memory data included: an ``__iter__`` may shuffle
-    an index array in place): iterating it leaves the caller's dataset as it was (its next pass, or the next ``fit``, sees the batches it would have). ``loader``
-    itself for anything else (map-style datasets: their order lives in the loader's generators,
+    batch size, ``drop_last`` and ``collate_fn``): iterating it leaves the caller's dataset as
+    it was (its next pass, or the next ``fit``, sees the batches it would have). Memory maps
+    and read-only arrays are shared rather than copied; everything else is copied, in-memory
+    data included (an ``__iter__`` may shuffle an index array in place). ``loader`` itself for
+    anything else (map-style datasets: their order lives in the loader's generators,
     :func:`isolated_rng`), and, with a warning (``warn``, default ``warnings.warn``), for a
     dataset that cannot be copied (an open file or stream)."""
     from torch.utils.data import DataLoader
