@@ -172,7 +172,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             self._reset_run_state()
         self._state_loaded, self._resolved, self._decay, self._batch_unchecked = False, None, None, False
         self._untrained_note: str | None = None
-        self._full_pass = False
+        self._full_pass, self._restarted = False, 0
         self._loss(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -180,6 +180,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._state_loaded = False
         # resumed from a checkpoint taken after an epoch's end: a pass has ended
         self._full_pass = int(trainer.fit_loop.epoch_progress.current.completed) >= 1
+        # resumed within the first pass: a loader without state_dict starts its pass again
+        # ("ready": a checkpoint written in on_train_batch_end has that batch read, not completed)
+        read = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
+        train = lt.single_loader(trainer.train_dataloader, "training")
+        self._restarted = read if read and not self._full_pass and not hasattr(train, "state_dict") else 0
         # the precision plugin has converted the module now ("64-true", "bf16-true"): a scheme
         # that cannot take the new dtype is said before the first step, not at the end
         for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
@@ -271,7 +276,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
-            full_pass=getattr(self, "_full_pass", False))
+            full_pass=getattr(self, "_full_pass", False), restarted=getattr(self, "_restarted", 0))
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""
