@@ -158,7 +158,7 @@ def _shuffled_draws(sampler: Any) -> list[int] | None:
     return None
 
 
-def training_records(trainer: Any, dl: Any, full_pass: bool = False, restarted: int = 0
+def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int | None = None
                      ) -> tuple[list[int] | None, str | None]:
     """The dataset indices the training draws from, and a note for the report when that set
     is uncertain: ``(None, None)`` for datasets that are not sized map-style (streamed as is).
@@ -223,7 +223,7 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, restarted: 
                      "weighted objective, other records each epoch), which the assessment does not model; "
                      "n counts every record of the dataset")
         order = list(range(total))
-    limit, what = trained_batches(trainer, full_pass, restarted)
+    limit, what = trained_batches(trainer, full_pass, read)
     batches = _finite_len(dl)
     if isinstance(limit, int) and batches is not None and limit < batches:
         # the same records every epoch only when the order is fixed (a batch sampler of unknown
@@ -240,23 +240,22 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, restarted: 
     return keep, ("; ".join(notes) or None)
 
 
-def trained_batches(trainer: Any, full_pass: bool = False, restarted: int = 0) -> tuple[int | float, str]:
+def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = None) -> tuple[int | float, str]:
     """``(batches per epoch the training read, what limited them)``: the Trainer's
     ``num_training_batches`` (``limit_train_batches``, ``fast_dev_run``), or fewer when the
     training has not completed one pass (``max_steps``, an early stop, a validation run
-    within the first epoch): the batches completed so far. ``full_pass``: a pass is known to
-    have ended (a stream's length is known only then). ``restarted``: the batches read before
-    a resume within the first pass whose loader started its pass again (a loader without
-    ``state_dict``): the same first batches were read twice, so the distinct ones are the
-    larger of the two runs."""
+    within the first epoch). ``full_pass``: a pass is known to have ended (a stream's length is
+    known only then); ``read``: the most batches one pass has read from its start (the
+    callback counts them: a resume within a pass starts a plain loader's pass again, so the
+    Trainer's batch counter counts the first batches twice); None: that counter."""
     limit = getattr(trainer, "num_training_batches", math.inf)
     what = "fast_dev_run" if getattr(trainer, "fast_dev_run", False) else "limit_train_batches"
-    try:
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
-    except Exception:  # noqa: BLE001 - a Trainer without that loop state: the configured limit
-        done = 0
-    if not full_pass and 0 < restarted < done:
-        done = max(restarted, done - restarted)
+    done = read
+    if done is None:
+        try:
+            done = int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+        except Exception:  # noqa: BLE001 - a Trainer without that loop state: the configured limit
+            done = 0
     if not full_pass and 0 < done < limit:
         return done, f"training read {done} batches in all (max_steps, a stop or a validation within the first epoch)"
     return limit, what
@@ -667,7 +666,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                       scoring_config: ScoringConfig, resolved: dict[str, Any], *, batch_fn: Any = None,
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
                       output_transform: Any = None, keep: dict[str, Any] | None = None,
-                      full_pass: bool = False, restarted: int = 0) -> Report:
+                      full_pass: bool = False, read: int | None = None) -> Report:
     """The pipeline on a Trainer's data: the estimation pass over this process's unpadded shard
     of ``trainer.train_dataloader.dataset`` (indices ``rank, rank + world, ...``; states synced
     over processes by :class:`~mis_lightning.streaming.EstimationMetric`), then
@@ -678,8 +677,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
 
     ``keep``, when given, receives the ``estimate``, the estimation ``loader`` and the
     ``utility_fn`` (the planner reuses them: ``MISCallback(plan=...)``). ``full_pass``: the
-    training has read its loader to the end at least once; ``restarted``: batches read before
-    a resume that started the pass again (:func:`trained_batches`).
+    training has read its loader to the end at least once; ``read``: the most batches one pass
+    has read from its start (:func:`trained_batches`).
 
     Raises:
         RuntimeError: the trainer has no training dataloader.
@@ -693,9 +692,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if ds is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
-    records, note = training_records(trainer, train, full_pass, restarted)
+    records, note = training_records(trainer, train, full_pass, read)
     shard = records[rank::world] if records is not None else None
-    limit, what = trained_batches(trainer, full_pass, restarted)
+    limit, what = trained_batches(trainer, full_pass, read)
     loader = reloader(train, shard, batch_size, limit=limit)
     if isinstance(loader, _FirstBatches):
         note = "; ".join(x for x in (note, f"{what}: the first {limit} batches of the iterable training data are "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -172,19 +173,22 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             self._reset_run_state()
         self._state_loaded, self._resolved, self._decay, self._batch_unchecked = False, None, None, False
         self._untrained_note: str | None = None
-        self._full_pass, self._restarted = False, 0
+        self._full_pass, self._pass_read, self._most_read, self._resumed = False, 0, 0, False
         self._loss(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # the train loader exists now, before the first step: configuration errors surface here
         self._state_loaded = False
-        # resumed from a checkpoint taken after an epoch's end: a pass has ended
+        # Batches read per pass, counted here: the Trainer's counter counts the first batches
+        # twice after a resume within a pass (a loader without state_dict starts its pass
+        # again). A checkpoint taken after an epoch's end: a pass has ended. ("ready": a
+        # checkpoint written in on_train_batch_end has that batch read, not completed.)
+        progress = trainer.fit_loop.epoch_loop.batch_progress
         self._full_pass = int(trainer.fit_loop.epoch_progress.current.completed) >= 1
-        # resumed within the first pass: a loader without state_dict starts its pass again
-        # ("ready": a checkpoint written in on_train_batch_end has that batch read, not completed)
-        read = int(trainer.fit_loop.epoch_loop.batch_progress.total.ready)
-        train = lt.single_loader(trainer.train_dataloader, "training")
-        self._restarted = read if read and not self._full_pass and not hasattr(train, "state_dict") else 0
+        self._most_read = 0 if self._full_pass else int(progress.total.ready)
+        stateful = hasattr(lt.single_loader(trainer.train_dataloader, "training"), "state_dict")
+        self._pass_read = self._most_read if stateful else 0
+        self._resumed = stateful and self._most_read > 0  # the first epoch start continues its pass
         # the precision plugin has converted the module now ("64-true", "bf16-true"): a scheme
         # that cannot take the new dtype is said before the first step, not at the end
         for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
@@ -202,10 +206,22 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._batch_unchecked = not lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"],
                                                          self.batch_fn, self.loss_fn is not None)
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._resumed:  # a resumable loader goes on with the pass it was in
+            self._resumed = False
+        else:
+            self._pass_read = 0
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._pass_read += 1
+        self._most_read = max(self._most_read, self._pass_read)
         # a pass over the training data ended (a stream's length is known only then): the
-        # records trained on are all of them, not the batches counted so far
-        if not self._full_pass and bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False)):
+        # records trained on are all of them. After a resume within a pass, Lightning ends the
+        # epoch at its remaining count while a restarted loader is not at its end: only a pass
+        # read from its start to the Trainer's count (or a stream read to its end) is whole.
+        if not self._full_pass and bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False)) \
+                and (self._pass_read >= (total := getattr(trainer, "num_training_batches", math.inf))
+                     or not math.isfinite(total)):
             self._full_pass = True
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -276,7 +292,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             trainer, pl_module, self.schemes, est_cfg, self.scoring_config,
             self._loss(trainer, pl_module), batch_fn=self.batch_fn, batch_size=self.estimation_batch_size,
             metrics=self.utility_metrics, output_transform=self.output_transform, keep=self._kept,
-            full_pass=getattr(self, "_full_pass", False), restarted=getattr(self, "_restarted", 0))
+            full_pass=getattr(self, "_full_pass", False), read=getattr(self, "_most_read", None) or None)
 
     def _plan(self, trainer: Any, pl_module: Any) -> PlanResult:
         """The planner on the assessment's estimate, loader and utility (rank 0)."""

@@ -1361,3 +1361,11 @@ def test_a_resume_within_the_first_pass_counts_the_batches_read_once(tmp_path):
                          enable_model_summary=False, default_root_dir=str(tmp_path / "b"), num_sanity_val_steps=0)
     trainer.fit(Regressor(), plain, val, ckpt_path=str(ckpt))
     assert trainer.global_step == 6 and cb.report.n == 48
+    # to step 12: Lightning ends the resumed epoch after its 5 remaining batches (the restarted
+    # loader's batches 0-4, not its end), then reads 4 of the next pass: 5 distinct batches, 80
+    # records, not "a whole pass" (vf18b: 1,024 counted for 864 trained)
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    trainer = pl.Trainer(max_steps=12, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "c"), num_sanity_val_steps=0)
+    trainer.fit(Regressor(), plain, val, ckpt_path=str(ckpt))
+    assert trainer.global_step == 12 and cb.report.n == 80
