@@ -125,15 +125,11 @@ def reloader(dl: Any, indices: list[int] | None, batch_size: int | None, limit: 
     if ds is None:
         # an iterable dataset: read from a copy, its own pass state stays as training left it
         out = private_stream(dl, warn=lambda m: rank_zero_warn(f"MISCallback: {m}"))
-        return _FirstBatches(out, limit) if isinstance(limit, int) and limit < _finite_len_or_inf(dl) else out
+        n = _finite_len(dl)
+        return _FirstBatches(out, limit) if isinstance(limit, int) and (n is None or limit < n) else out
     idx = list(range(len(ds))) if indices is None else indices
     bs = batch_size or dl.batch_size or 64
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
-
-
-def _finite_len_or_inf(obj: Any) -> float:
-    n = _finite_len(obj)
-    return math.inf if n is None else n
 
 
 def _finite_len(obj: Any) -> int | None:

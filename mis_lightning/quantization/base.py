@@ -464,16 +464,15 @@ def surgery_reasons(model: nn.Module) -> dict[str, str]:
     quantize in such a model, and the fix."""
     out: dict[str, str] = {}
     for fqn, m in model.named_modules():
-        for attr in ("weight",):
-            if isinstance(getattr(m, attr + "_orig", None), nn.Parameter) and isinstance(
-                    getattr(m, attr + "_mask", None), Tensor):
-                out[fqn or "model"] = (
-                    f"{type(m).__name__}.{attr} pruned by torch.nn.utils.prune ({attr}_orig * {attr}_mask, not a "
-                    f"parameter): make the pruning permanent first (torch.nn.utils.prune.remove(module, "
-                    f"{attr!r}), or Lightning's ModelPruning(make_pruning_permanent=True))")
-            elif torch.nn.utils.parametrize.is_parametrized(m, attr):
-                out[fqn or "model"] = (f"{type(m).__name__}.{attr} is parametrized (torch.nn.utils.parametrize): "
-                                       "computed from its parametrization's parameters, not a plain weight")
+        if isinstance(getattr(m, "weight_orig", None), nn.Parameter) and isinstance(
+                getattr(m, "weight_mask", None), Tensor):
+            out[fqn or "model"] = (
+                f"{type(m).__name__}.weight pruned by torch.nn.utils.prune (weight_orig * weight_mask, not a "
+                "parameter): make the pruning permanent first (torch.nn.utils.prune.remove(module, 'weight'), "
+                "or Lightning's ModelPruning(make_pruning_permanent=True))")
+        elif torch.nn.utils.parametrize.is_parametrized(m, "weight"):
+            out[fqn or "model"] = (f"{type(m).__name__}.weight is parametrized (torch.nn.utils.parametrize): "
+                                   "computed from its parametrization's parameters, not a plain weight")
     return out
 
 
