@@ -357,6 +357,10 @@ def _first_read(cb: Any, trainer: Any) -> int | None:
     c = int(getattr(trainer, "check_val_every_n_epoch", 1) or 1)
     if isinstance(vci, float) and 0.0 < vci <= 1.0:
         per_epoch = max(1, int(1.0 / vci + 1e-9))  # validations per validating epoch
+        if abs(1.0 / vci - round(1.0 / vci)) > 1e-9 and math.lcm(c, k) > c:
+            # Lightning runs N // int(N * vci) per epoch for N batches: at least 1 / vci rounded
+            # down, how many more depends on the loader's length (0.15 with 32 batches: 8, not 6)
+            return None
     elif k == 1:
         return 1
     else:  # every N batches: how many per epoch is not known before the loader

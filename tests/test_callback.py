@@ -1276,6 +1276,13 @@ def test_a_monitor_on_a_key_the_callback_cannot_give_raises_before_training(tmp_
     ck = ModelCheckpoint(dirpath=tmp_path / "ck2", monitor="mis/rtn_int8/mis", mode="max", every_n_epochs=2)
     fit(tmp_path, Regressor, [cb, ck], max_epochs=4)
     assert ck.best_model_path and len(cb.history) == 2
+    # val_check_interval=0.4 with 4 batches: Lightning validates after every batch (4 per epoch,
+    # not int(1 / 0.4) = 2), so a checkpoint every 2nd epoch first reads at validation 5, where
+    # every_n_val_epochs=5 has logged (it was refused, counting validation 3)
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, every_n_val_epochs=5, **FAST)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck3", monitor="mis/rtn_int8/mis", mode="max", every_n_epochs=2)
+    fit(tmp_path, Regressor, [cb, ck], max_epochs=2, val_check_interval=0.4)
+    assert ck.best_model_path and len(cb.history) >= 1
 
 
 class DictOut(Regressor):
