@@ -648,6 +648,19 @@ class PicklingChecked:
         return new
 
 
+def has_validation_source(trainer: Any) -> bool | None:
+    """Whether the fit will have validation data (at ``setup``, before any loader is built):
+    a loader passed to ``fit`` or a ``val_dataloader`` hook of the module or datamodule, and
+    ``limit_val_batches`` not 0; None where the Trainer's layout is not one this reads."""
+    if getattr(trainer, "limit_val_batches", 1) == 0:
+        return False
+    try:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        return bool(source.is_defined()) and source.instance is not None
+    except Exception:  # noqa: BLE001 - another Lightning layout: left to the end of fit
+        return None
+
+
 def _validation_dataloaders(trainer: Any) -> Any:
     """The Trainer's validation loaders, set up by its validation loop when the fit never ran it
     (a checkpoint resumed after its last epoch, with no sanity check: fu18 U4 warned "no

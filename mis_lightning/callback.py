@@ -29,7 +29,7 @@ from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_o
 from .estimation.estimate import check_decay_names
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
-from .planning import PlanConfig, PlanResult, check_size_budget
+from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better
 from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
@@ -47,12 +47,15 @@ from .tracking import (  # noqa: F401
 __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, needs `lightning`
 
 
-def _plan_config(plan: PlanConfig | Mapping[str, Any] | None) -> PlanConfig | None:
-    """``plan=`` as a checked :class:`PlanConfig` (candidate names resolved now: typos raise).
+def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[str, Any]) -> PlanConfig | None:
+    """``plan=`` as a checked :class:`PlanConfig`: candidate names resolved now (typos raise),
+    its ``utility_metric`` one the callback measures (``"loss"`` or a key of ``metrics``, the
+    callback's ``utility_metrics``) with a known direction.
 
     Raises:
         TypeError: ``plan`` is neither a PlanConfig nor a mapping; ValueError / KeyError: as
-            :class:`PlanConfig` and ``resolve_schemes``.
+            :class:`PlanConfig` and ``resolve_schemes``, a ``utility_metric`` not measured or
+            whose direction is unknown (:func:`~mis_lightning.planning.lower_is_better`).
     """
     if plan is None:
         return None
@@ -61,7 +64,23 @@ def _plan_config(plan: PlanConfig | Mapping[str, Any] | None) -> PlanConfig | No
     if not isinstance(plan, PlanConfig):
         raise TypeError(f"MISCallback: plan must be a PlanConfig or a mapping of its fields, got {type(plan).__name__}")
     resolve_schemes(plan.candidates)
+    if plan.utility_metric != "loss" and plan.utility_metric not in metrics:
+        raise ValueError(f"MISCallback: PlanConfig.utility_metric {plan.utility_metric!r} is not measured: the "
+                         f"callback measures {sorted(['loss', *metrics])}; add it to utility_metrics= or use 'loss'")
+    lower_is_better(plan.utility_metric, metrics, plan.higher_is_better)
     return plan
+
+
+def lt_write_plan_failure(out: Path, exc: BaseException) -> Path:
+    """``<out>/mis_plan.json`` holding the planner's error (``error``, ``traceback``)."""
+    import json
+    import traceback
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "mis_plan.json"
+    path.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}",
+                                "traceback": "".join(traceback.format_exception(exc))}, indent=2))
+    return path
 
 
 def lt_write_plan(out: Path, result: PlanResult) -> Path:
@@ -131,7 +150,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self.utility_metrics, self.every_n_val_epochs = dict(utility_metrics or {}), every_n_val_epochs
         self.dirpath, self.estimation_batch_size = dirpath, estimation_batch_size
         self.log_figure, self.prefix, self._state_loaded = log_figure, prefix, False
-        self.plan_config = _plan_config(plan)
+        self.plan_config = _plan_config(plan, self.utility_metrics)
+        self.plan_error: str | None = None
         self.plan_result: PlanResult | None = None
         self.plan_path: Path | None = None
         self._kept: dict[str, Any] = {}  # the assessment's estimate, loader, utility (for the plan)
@@ -159,6 +179,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             check_decay_names(self.estimation_config.weight_decay, pl_module)
         if self.plan_config is not None:  # a size budget no plan can meet: before training
             check_size_budget(pl_module, self.plan_config, self.estimation_config.params)
+            if lt.has_validation_source(trainer) is False:
+                raise ValueError("MISCallback(plan=...) needs validation data (a val_dataloaders= loader, a "
+                                 "val_dataloader hook, and limit_val_batches > 0): the planner measures each "
+                                 "candidate's utility cost per layer on it")
         # a scheme that cannot run here or on this model is an error row at the end (the
         # others are still scored): say so now, before the training it would follow
         self._scheme_problems = check_schemes(pl_module, resolve_schemes(self.schemes), strict=False,
@@ -244,8 +268,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._stage, self._state_loaded = None, False
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._last_step is not None and self._last_step == trainer.global_step and self.report is not None \
-                and self._last_weights is not None and self._last_weights == lt.weights_fingerprint(pl_module):
+        # (the planner needs the estimate, which a validation run does not keep: it runs again)
+        if self.plan_config is None and self._last_step is not None and self._last_step == trainer.global_step \
+                and self.report is not None and self._last_weights is not None \
+                and self._last_weights == lt.weights_fingerprint(pl_module):
             return  # already assessed these weights at the last validation epoch
         # (same step, other weights: StochasticWeightAveraging, EMA or ModelPruning changed them
         # in on_train_end; the report must be about the model the user ships)
@@ -303,7 +329,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         res = self._loss(trainer, pl_module)
         assert self.plan_config is not None
         return run_plan(pl_module, None, kept["loader"], res["loss_fn"], estimate=kept["estimate"],
-                        utility_fn=kept["utility_fn"], config=self.plan_config,
+                        utility_fn=kept["utility_fn"], metrics=self.utility_metrics, config=self.plan_config,
                         scoring_config=self.scoring_config, batch_fn=self.batch_fn)
 
     def _run(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -326,8 +352,16 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                         # held fixed: the generic params= note would say the opposite
                         report.warnings[:] = [w for w in report.warnings if not w.startswith("params= leaves out")]
                     report.warnings.append(self._untrained_note)
+                plan_exc = None
                 if self.plan_config is not None and stage == "fit_end" and zero:
-                    self.plan_result = self._plan(trainer, pl_module)
+                    # a planning failure (a budget no plan meets) keeps the assessment's report
+                    self.plan_result, self.plan_error = None, None
+                    try:
+                        self.plan_result = self._plan(trainer, pl_module)
+                    except Exception as exc:
+                        if self.scoring_config.strict:
+                            raise
+                        plan_exc, self.plan_error = exc, f"{type(exc).__name__}: {exc}"
             self.report, self.last_error = report, None
             self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": history_summary(report)})
             # the figures as callback metrics (every rank: ModelCheckpoint/EarlyStopping read them
@@ -353,6 +387,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}")
+                if plan_exc is not None:
+                    rank_zero_warn(f"MISCallback: planning failed ({self.plan_error}); the assessment's report is "
+                                   "kept (strict=True raises instead)")
+                    self.plan_path = lt_write_plan_failure(out, plan_exc)
                 if self.plan_result is not None and stage == "fit_end":
                     for w in self.plan_result.warnings:  # a plan missing its budget, proxy off by > 2%
                         if w not in report.warnings:

@@ -86,8 +86,18 @@ SEARCH_DRAW_FRACTION = 1 / 8
 #: a re-assessed row whose measured utility differs from the predicted (additive) one by more
 #: than this fraction of the float model's utility is named in the warnings
 ADDITIVITY_TOLERANCE = 0.05
-#: utility names that are better when lower (others: higher, unless the metric says)
-_LOWER_IS_BETTER = ("loss", "rmse", "mse", "mae", "error", "nll")
+#: utility names whose direction is known without a metric object (matched whole, after a
+#: ``val_`` / ``test_`` prefix): better when lower, and better when higher. Any other name needs
+#: the metric's own ``higher_is_better`` (torchmetrics) or ``PlanConfig.higher_is_better``: a
+#: name's substrings guessed ``cross_entropy`` and ``mape`` as higher-is-better (fu19: a plan
+#: 536% over a 5% budget reported within it)
+LOWER_IS_BETTER_NAMES = frozenset({
+    "loss", "mse", "rmse", "mae", "mape", "smape", "nll", "cross_entropy", "log_loss", "bce",
+    "error", "error_rate", "perplexity", "brier", "brier_score"})
+HIGHER_IS_BETTER_NAMES = frozenset({
+    "accuracy", "acc", "auroc", "auc", "roc_auc", "r2", "f1", "f1_score", "precision", "recall",
+    "average_precision", "ap", "mcc", "matthews_corrcoef", "pearson", "spearman",
+    "explained_variance", "cohen_kappa"})
 
 
 @dataclasses.dataclass
@@ -104,6 +114,10 @@ class PlanConfig:
             (and the other budgets); without it, the plan minimises the leakage.
         utility_metric: the validation figure the budget applies to (``"loss"``: the mean
             per-sample loss, or the name of a utility metric).
+        higher_is_better: the direction of ``utility_metric``; ``None``: the metric object's own
+            ``higher_is_better`` (torchmetrics), else the name when it is one of
+            :data:`LOWER_IS_BETTER_NAMES` / :data:`HIGHER_IS_BETTER_NAMES` (``"loss"`` is lower
+            is better), else an error before the estimation pass.
         reassess: frontier plans re-assessed through the pipeline (the chosen one included;
             each costs about one uniform scheme's scoring: the default 2 keeps planning under 2x
             an `assess` of the uniform candidates, docs/planner.md "Cost").
@@ -116,6 +130,7 @@ class PlanConfig:
     max_bits: float | None = None
     target_mis: float | None = None
     utility_metric: str = "loss"
+    higher_is_better: bool | None = None
     reassess: int = 2
     max_enumerate: int = 256
 
@@ -131,10 +146,13 @@ class PlanConfig:
                 raise ValueError(f"PlanConfig.{key} must be a number >= 0 or None, got {v!r}")
         if self.target_mis is not None and not (0.0 <= float(self.target_mis) <= 1.0):
             raise ValueError(f"PlanConfig.target_mis must lie in [0, 1], got {self.target_mis!r}")
-        if int(self.reassess) < 1:
-            raise ValueError(f"PlanConfig.reassess must be >= 1, got {self.reassess!r}")
-        if int(self.max_enumerate) < 1:
-            raise ValueError(f"PlanConfig.max_enumerate must be >= 1, got {self.max_enumerate!r}")
+        for key in ("reassess", "max_enumerate"):  # counts: a whole number (2.5 failed late in range())
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not float(v).is_integer() or v < 1:
+                raise ValueError(f"PlanConfig.{key} must be a whole number >= 1, got {v!r}")
+            setattr(self, key, int(v))
+        if self.higher_is_better is not None and not isinstance(self.higher_is_better, bool):
+            raise ValueError(f"PlanConfig.higher_is_better must be True, False or None, got {self.higher_is_better!r}")
 
 
 @dataclasses.dataclass
@@ -361,12 +379,31 @@ class PlanResult:
         return fig
 
 
-def _lower_is_better(metric: str, metrics: Mapping[str, Any] | None = None) -> bool:
-    m = (metrics or {}).get(metric)
-    hib = getattr(m, "higher_is_better", None)
+def lower_is_better(metric: str, metrics: Mapping[str, Any] | None = None,
+                    higher_is_better: bool | None = None) -> bool:
+    """Whether the utility ``metric`` is better when lower: ``higher_is_better`` when given,
+    else the metric object's own ``higher_is_better`` (``metrics[metric]``, torchmetrics), else
+    the name (:data:`LOWER_IS_BETTER_NAMES`, :data:`HIGHER_IS_BETTER_NAMES`, after a ``val_`` /
+    ``test_`` prefix; ``"loss"``: the mean per-sample loss).
+
+    Raises:
+        ValueError: the direction is none of these (names the metric and the fix).
+    """
+    if higher_is_better is not None:
+        return not higher_is_better
+    hib = getattr((metrics or {}).get(metric), "higher_is_better", None)
     if hib is not None:
         return not bool(hib)
-    return any(t in metric.lower() for t in _LOWER_IS_BETTER)
+    key = metric.lower()
+    for prefix in ("val_", "val/", "test_", "test/"):
+        key = key.removeprefix(prefix)
+    if key in LOWER_IS_BETTER_NAMES:
+        return True
+    if key in HIGHER_IS_BETTER_NAMES:
+        return False
+    raise ValueError(f"PlanConfig.utility_metric {metric!r}: its direction is unknown (no metric object with "
+                     "higher_is_better, and not a name the planner knows); set PlanConfig(higher_is_better=True "
+                     "or False), or pass the torchmetrics metric in metrics=")
 
 
 def _relative_loss(value: float, ref: float, lower_better: bool) -> float:
@@ -566,6 +603,8 @@ def plan(
         # before the estimation pass: evaluate_utility reports "loss" and the metrics given
         raise ValueError(f"PlanConfig.utility_metric {cfg.utility_metric!r} is not among the measured "
                          f"utilities {sorted(['loss', *(metrics or {})])}; pass it in metrics= or use 'loss'")
+    # the budget's direction, before the estimation pass
+    lower = lower_is_better(cfg.utility_metric, metrics, cfg.higher_is_better)
     seconds: dict[str, float] = {}
 
     def measure(m: nn.Module) -> dict[str, float]:
@@ -588,7 +627,6 @@ def plan(
     if metric not in float_u:
         raise ValueError(f"PlanConfig.utility_metric {metric!r} is not among the measured utilities "
                          f"{sorted(float_u)}; pass it in metrics= or use 'loss'")
-    lower = _lower_is_better(metric, metrics)
     calibrated = [c.calibrate(model, train_dataloader) for c in cands]
     kappas: list[dict[str, Tensor]] = []
     m4s: list[dict[str, Tensor]] = []
@@ -714,8 +752,9 @@ def plan(
     plan_schemes = [MixedPrecisionScheme({g: calibrated[_index(cands, c)] for g, c in p.choices.items()},
                                          name=p.name) for p in to_assess]
     # the release to apply: the chosen plan as a MixedPrecisionScheme (uniform or not)
+    # (named as its report row: a uniform choice is its candidate's)
     scheme = plan_schemes[0] if not chosen_uniform else MixedPrecisionScheme(
-        {g: calibrated[_index(cands, c)] for g, c in chosen.choices.items()}, name="plan")
+        {g: calibrated[_index(cands, c)] for g, c in chosen.choices.items()}, name=chosen.name)
     t0 = time.perf_counter()
     report = score_schemes(est, model, [*cands, *plan_schemes], scoring_config=sc_cfg,
                            val_dataloader=val_dataloader, loss_fn=loss_fn, metrics=metrics,
@@ -758,8 +797,9 @@ def plan(
             warnings_.append(f"the search's choice {chosen.name!r} misses the budget once re-assessed "
                              f"({_misses(rc, uloss(rc['utility']), cfg)}); chosen instead: {new.name!r}, the best "
                              "re-assessed plan within the budget")
+            # named as its report row ("plan" is the rejected plan's row: fu19 W10)
             scheme = (plan_schemes[to_assess.index(new)] if new in to_assess else MixedPrecisionScheme(
-                {g: calibrated[_index(cands, new.name)] for g in groups}, name="plan"))
+                {g: calibrated[_index(cands, new.name)] for g in groups}, name=new.name))
             chosen = new
         else:
             within = False

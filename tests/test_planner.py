@@ -314,6 +314,8 @@ def test_chosen_plan_that_misses_its_budget_once_reassessed_gives_way(setup, mon
             ok.append(r["leakage"])
     assert res.leakage == min(ok)
     assert res.scheme.describe()["assignment"] == res.chosen.choices or res.chosen.name in res.uniform
+    # the release is named as its report row: "plan" is the rejected plan's (fu19 W10)
+    assert res.scheme.name == res.chosen.name and res.report.schemes[res.scheme.name].leakage == res.leakage
     assert "within the budget" in res.table()
 
 
@@ -362,3 +364,121 @@ def test_plan_never_runs_the_callers_model(setup):
     plan(counted, CANDS, tr, loss, val_dataloader=va, max_utility_loss=0.05, weight_decay=WD,
          uncertainty_draws=0, reassess=1)
     assert counted.calls == 0
+
+
+def test_the_utility_metrics_direction_is_known_or_refused(setup):
+    """fu19 W2: the direction was guessed from substrings of the name: "cross_entropy" (lower is
+    better) was planned as higher-is-better, int2 everywhere (+536% against a 5% budget,
+    reported within it); "neg_mse" the other way. Known names, the metric object, the explicit
+    option, or an error before the estimation pass."""
+    from mis_lightning.planning import lower_is_better
+
+    model, tr, va, est, (Xv, Yv) = setup
+    assert lower_is_better("cross_entropy") and lower_is_better("val_mape") and lower_is_better("loss")
+    assert not lower_is_better("auroc") and not lower_is_better("test_r2")
+    assert not lower_is_better("neg_mse", higher_is_better=True)
+    with pytest.raises(ValueError, match=r"utility_metric 'neg_mse': its direction is unknown.*higher_is_better"):
+        lower_is_better("neg_mse")
+
+    def utility(m):
+        with torch.no_grad():
+            return {"cross_entropy": float(loss(m(Xv), Yv).mean())}  # a loss under another name
+
+    res = plan(model, CANDS, tr, loss, utility_fn=utility, estimate=est, max_utility_loss=0.05,
+               weight_decay=WD, uncertainty_draws=0, config=PlanConfig(utility_metric="cross_entropy"))
+    assert res.lower_is_better
+    assert res.utility <= 1.05 * res.float_utility + 1e-12 and res.within_budget
+    with pytest.raises(ValueError, match=r"'score': its direction is unknown"):
+        plan(model, CANDS, tr, loss, utility_fn=lambda m: {"score": 1.0}, estimate=est, weight_decay=WD,
+             config=PlanConfig(utility_metric="score"))
+    # whole numbers only: reassess=2.5 failed after the candidates' evaluations (fu19 E6)
+    with pytest.raises(ValueError, match=r"PlanConfig.reassess must be a whole number >= 1, got 2.5"):
+        PlanConfig(reassess=2.5)
+    assert PlanConfig(reassess=3.0).reassess == 3
+
+
+def _callback_fit(tmp_path, cb, val=True, **trainer_kw):
+    import pytorch_lightning as pl
+
+    class Reg(pl.LightningModule):
+        weight_decay = WD
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def per_sample_loss(self, o, t):
+            return loss(o, t)
+
+        def training_step(self, b, i):
+            return loss(self(b[0]), b[1]).mean()
+
+        def validation_step(self, b, i):
+            self.log("val_loss", loss(self(b[0]), b[1]).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=2e-2)
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 6, generator=g)
+    Y = 3 + X[:, 0] - 0.5 * X[:, 1] + 0.1 * torch.randn(400, generator=g)
+    tr = DataLoader(TensorDataset(X[:300], Y[:300]), batch_size=100)
+    va = DataLoader(TensorDataset(X[300:], Y[300:]), batch_size=100)
+    torch.manual_seed(0)
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                         **trainer_kw)
+    trainer.fit(Reg(), tr, va if val else None)
+    return trainer
+
+
+def test_callback_plan_reads_the_metrics_direction_and_plans_with_every_n_val_epochs(tmp_path):
+    """fu19 W1: MISCallback(plan=...) did not give the planner its utility metrics, so MAPE
+    (torchmetrics: higher_is_better False) was planned by its name as higher-is-better: int2,
+    +124% against a 5% budget, within_budget True. W4: with every_n_val_epochs the end of fit
+    returned early and never planned."""
+    from torchmetrics.regression import MeanAbsolutePercentageError
+
+    from mis_lightning import MISCallback
+
+    cb = MISCallback(["rtn_int8"], dirpath=tmp_path, num_records=32, uncertainty_draws=0, method="clt",
+                     every_n_val_epochs=1, utility_metrics={"mape": MeanAbsolutePercentageError()},
+                     output_transform=lambda o, t: (o[:, 0], t),
+                     plan={"candidates": ["rtn_int8", "rtn_int2"], "reassess": 1, "utility_metric": "mape",
+                           "max_utility_loss": 0.05})
+    _callback_fit(tmp_path, cb)
+    res = cb.plan_result
+    assert cb.last_error is None and res is not None and (tmp_path / "mis_plan.json").is_file()
+    assert res.lower_is_better and res.within_budget
+    assert res.utility <= 1.05 * res.float_utility
+
+
+def test_a_failed_plan_keeps_the_callbacks_report_and_plan_mistakes_fail_before_training(tmp_path):
+    """fu19 W3: a plan that failed (no plan meets the budget) discarded the successful
+    assessment (report None, mis_report.json only the error); E2: a utility_metric the callback
+    does not measure, or no validation data, failed at the end of fit."""
+    import json
+
+    from mis_lightning import MISCallback
+
+    cb = MISCallback(["rtn_int8"], dirpath=tmp_path, num_records=32, uncertainty_draws=0, method="clt",
+                     plan={"candidates": ["rtn_int8", "rtn_int2"], "reassess": 1, "target_mis": 0.99999})
+    with pytest.warns(UserWarning, match=r"planning failed \(PlanInfeasibleError: .*the assessment's report is kept"):
+        _callback_fit(tmp_path, cb)
+    assert cb.report is not None and cb.last_error is None and cb.plan_result is None
+    assert "rtn_int8" in json.loads((tmp_path / "mis_report.json").read_text())["schemes"]
+    assert json.loads((tmp_path / "mis_plan.json").read_text())["error"].startswith("PlanInfeasibleError")
+    assert cb.plan_error.startswith("PlanInfeasibleError")
+    with pytest.raises(ValueError, match=r"utility_metric 'rmse' is not measured: the callback measures \['loss'\]"):
+        MISCallback(["rtn_int8"], plan={"utility_metric": "rmse"})
+    steps = []
+    cb = MISCallback(["rtn_int8"], dirpath=tmp_path, plan={"candidates": ["rtn_int8"]})
+    with pytest.raises(ValueError, match=r"MISCallback\(plan=\.\.\.\) needs validation data"):
+        _callback_fit(tmp_path, cb, val=False)
+    cb = MISCallback(["rtn_int8"], dirpath=tmp_path, plan={"candidates": ["rtn_int8"]})
+    with pytest.raises(ValueError, match=r"needs validation data"):
+        _callback_fit(tmp_path, cb, limit_val_batches=0)
+    assert not steps
