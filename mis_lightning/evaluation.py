@@ -86,33 +86,36 @@ def evaluate_utility(
         m.reset()
     total, count = 0.0, 0
     try:
-        for batch in dataloader:
-            if batch_loss is not None:  # the whole batch goes to the hook
-                batch = to_device(batch, device)
-                losses = batch_loss(model, batch)
-                if ms:
+        # without autograd, as Lightning's validation loop (a forward that needs it enables it
+        # itself): each batch's graph was built for nothing
+        with torch.no_grad():
+            for batch in dataloader:
+                if batch_loss is not None:  # the whole batch goes to the hook
+                    batch = to_device(batch, device)
+                    losses = batch_loss(model, batch)
+                    if ms:
+                        inputs, targets = batch_fn(batch)
+                        outputs = model(inputs)
+                else:
                     inputs, targets = batch_fn(batch)
+                    inputs, targets = to_device(inputs, device), to_device(targets, device)
                     outputs = model(inputs)
-            else:
-                inputs, targets = batch_fn(batch)
-                inputs, targets = to_device(inputs, device), to_device(targets, device)
-                outputs = model(inputs)
-                losses = loss_fn(outputs, targets)  # type: ignore[misc]
-            total += float(losses.double().sum())
-            count += int(losses.numel())
-            if ms:
-                preds, tgt = output_transform(outputs, targets) if output_transform else (outputs, targets)
-                for name, m in ms.items():
-                    try:
-                        m.update(preds, tgt)
-                    except Exception as exc:  # name the metric and the fix, keep the cause
-                        got = type(preds).__name__ if not isinstance(preds, torch.Tensor) else f"shape {list(preds.shape)}"
-                        hint = "" if output_transform else (
-                            "; pass output_transform=(outputs, targets) -> (preds, target) to turn the model's "
-                            "outputs into what the metric takes")
-                        msg = (f"utility metric {name!r} ({type(m).__name__}) failed on the model's outputs "
-                               f"({got}): {exc}{hint}")
-                        raise named_error(exc, msg) from exc
+                    losses = loss_fn(outputs, targets)  # type: ignore[misc]
+                total += float(losses.double().sum())
+                count += int(losses.numel())
+                if ms:
+                    preds, tgt = output_transform(outputs, targets) if output_transform else (outputs, targets)
+                    for name, m in ms.items():
+                        try:
+                            m.update(preds, tgt)
+                        except Exception as exc:  # name the metric and the fix, keep the cause
+                            got = type(preds).__name__ if not isinstance(preds, torch.Tensor) else f"shape {list(preds.shape)}"
+                            hint = "" if output_transform else (
+                                "; pass output_transform=(outputs, targets) -> (preds, target) to turn the model's "
+                                "outputs into what the metric takes")
+                            msg = (f"utility metric {name!r} ({type(m).__name__}) failed on the model's outputs "
+                                   f"({got}): {exc}{hint}")
+                            raise named_error(exc, msg) from exc
     finally:
         for m, t in reversed(flags):  # not model.train(flag): a user's module left in eval stays so
             m.training = t

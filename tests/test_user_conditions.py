@@ -547,3 +547,24 @@ def test_a_parameter_the_forward_never_uses_is_named():
         r = ml.assess(m, ["rtn_int8"], dl, mse, estimation=est, uncertainty_draws=0, strict=False)
         hits = [w for w in r.warnings if "never moved by the training data" in w]
         assert len(hits) == 1 and "unused.weight, unused.bias" in hits[0] and "(40 weights)" in hits[0], est
+
+
+def test_the_utility_is_evaluated_without_autograd():
+    """evaluate_utility ran each validation batch with autograd on (every app run printed
+    "Converting a tensor with requires_grad=True to a scalar", fu19): a graph per batch for
+    nothing. Lightning's validation loop runs without it; a forward that needs it enables it."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mis_lightning.evaluation import evaluate_utility
+
+    seen = []
+
+    class Probe(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(torch.is_grad_enabled())
+            return super().forward(x)
+
+    x, y = torch.randn(20, 3), torch.randn(20)
+    out = evaluate_utility(Probe(3, 1), DataLoader(TensorDataset(x, y), batch_size=10),
+                           lambda o, t: (o[:, 0] - t) ** 2)
+    assert seen == [False, False] and torch.is_grad_enabled() and bool(torch.isfinite(torch.tensor(out["loss"])))
