@@ -99,7 +99,7 @@ def test_plan_prediction_matches_reassessment(setup):
         assert p.result.utility["loss"] == pytest.approx(float(per.mean()), rel=1e-5)
     # the reported numbers are the pipeline's: assess() on the plan's scheme gives the same
     rep = assess(model, [res.scheme], tr, loss, weight_decay=WD, uncertainty_draws=0, val_dataloader=va)
-    assert rep.schemes["plan"].leakage == pytest.approx(res.leakage, rel=1e-9)
+    assert rep.schemes[res.scheme.name].leakage == pytest.approx(res.leakage, rel=1e-9)
 
 
 def test_plan_is_the_best_feasible_plan(setup):
@@ -117,8 +117,14 @@ def test_plan_is_the_best_feasible_plan(setup):
     model.eval()
     names = list(res.chosen.choices)
     assert len(names) == 3
+    # the least leakage, leakages within LEAKAGE_TIE (relative) counting as tied: then the least
+    # utility loss (a plan 0.002% leakier with a better loss lost to noise, fu19 p23)
+    from mis_lightning.planning import LEAKAGE_TIE
+
     best = min(p.leakage for p in res.frontier if p.utility_loss <= budget)
-    assert res.chosen.leakage == best
+    tied = [p for p in res.frontier if p.utility_loss <= budget and p.leakage <= best * (1 + LEAKAGE_TIE)]
+    assert res.chosen.leakage <= best * (1 + LEAKAGE_TIE)
+    assert res.chosen.utility_loss == min(p.utility_loss for p in tied)
     ul = (res.utility - res.float_utility) / res.float_utility
     assert ul <= budget or any("does not meet the budget" in w for w in res.warnings)
     # strictly better than every uniform candidate that meets the same budget, or equal to one
@@ -293,28 +299,29 @@ def test_chosen_plan_that_misses_its_budget_once_reassessed_gives_way(setup, mon
     from mis_lightning import planning
 
     model, tr, va, est, _ = setup
+    kw = dict(val_dataloader=va, estimate=est, weight_decay=WD, uncertainty_draws=0, reassess=3, method="clt")
+    first = plan(model, CANDS, tr, loss, max_utility_loss=0.5, **kw).chosen.choices
     real = planning.PlanPoint.reassessed
 
-    def worse_for_plan(self, metric):  # the search's own mixed choice reads a large loss
+    def worse_for_choice(self, metric):  # the search's own choice reads a large loss
         r = real(self, metric)
-        if r is not None and self.name == "plan":
+        if r is not None and self.choices == first:
             r = {**r, "utility": 10.0 * r["utility"]}
         return r
 
-    monkeypatch.setattr(planning.PlanPoint, "reassessed", worse_for_plan)
-    kw = dict(val_dataloader=va, estimate=est, weight_decay=WD, uncertainty_draws=0, reassess=3, method="clt")
+    monkeypatch.setattr(planning.PlanPoint, "reassessed", worse_for_choice)
     res = plan(model, CANDS, tr, loss, max_utility_loss=0.5, **kw)
-    assert res.chosen.name != "plan" and res.within_budget
+    assert res.chosen.choices != first and res.within_budget
     assert any("misses the budget once re-assessed" in w and f"chosen instead: {res.chosen.name!r}" in w
                for w in res.warnings)
     ok = []
-    for p in [*res.uniform.values(), *(q for q in res.frontier if q.result is not None and q.name != "plan")]:
+    for p in [*res.uniform.values(), *(q for q in res.frontier if q.result is not None and q.choices != first)]:
         r = p.reassessed("loss")
         if (r["utility"] - res.float_utility) / res.float_utility <= 0.5:
             ok.append(r["leakage"])
-    assert res.leakage == min(ok)
+    assert min(ok) <= res.leakage <= min(ok) * (1 + planning.LEAKAGE_TIE)
     assert res.scheme.describe()["assignment"] == res.chosen.choices or res.chosen.name in res.uniform
-    # the release is named as its report row: "plan" is the rejected plan's (fu19 W10)
+    # the release is named as its report row (a fallback's "plan" row is the rejected plan's: fu19 W10)
     assert res.scheme.name == res.chosen.name and res.report.schemes[res.scheme.name].leakage == res.leakage
     assert "within the budget" in res.table()
 
