@@ -53,9 +53,12 @@ RESULT_NAME = "result.json"
 
 
 def _job_num(path: Path, data: dict[str, Any], sweep_dir: Path) -> tuple[int, str]:
+    """The sort key of a result: its job number, else the number its folder starts with, else
+    last (a single run's ``result.json``, ``job.num = None``, directly in ``sweep_dir`` too)."""
     num = (data.get("job") or {}).get("num")
     if num is None:
-        m = re.match(r"(\d+)", path.parent.relative_to(sweep_dir).parts[0])
+        parts = path.parent.relative_to(sweep_dir).parts
+        m = re.match(r"(\d+)", parts[0]) if parts else None
         num = int(m.group(1)) if m else 10**9
     return int(num), str(path)
 
