@@ -31,3 +31,22 @@ def test_aggregate_of_a_single_run_dir_is_one_job(tmp_path):
     assert agg.main([str(tmp_path), "--quiet"]) == 0
     md = (tmp_path / "aggregate.md").read_text()
     assert "1 jobs, 1 rows." in md and "| int8_weight_only |" in md
+
+
+def test_long_job_folder_names_are_cut_at_an_override_and_marked():
+    """W11: job folder names were cut at 120 characters mid-value (`...,trainer.max_epochs=2`
+    for `trainer.max_epochs=20`); they are cut after a whole override, marked with the number
+    left out and a hash of the full list (so two cut names never collide)."""
+    from mis_lightning.app.resolvers import job_subdir
+
+    head = "data=synthetic_linear,model=mlp_probe,mode=plan,plan.candidates=[rtn_int8,rtn_int4,rtn_int2],"
+    overrides = head + "plan.max_utility_loss=0.05,trainer.max_epochs=20"
+    name = job_subdir(0, None, overrides)
+    label = name.removeprefix("0_")
+    assert len(label) <= 120
+    kept, mark = label.rsplit(",+", 1)
+    assert overrides.startswith(kept + ",") and kept.endswith("rtn_int2]")  # whole overrides only
+    assert mark.startswith("2more_") and len(mark.split("_")[1]) == 8
+    assert job_subdir(0, None, overrides.replace("=20", "=2")) != name  # the hash tells them apart
+    assert job_subdir(3, None, "seed=1,data.d=16") == "3_seed=1,data.d=16"  # short: unchanged
+    assert job_subdir(5, "int8_weight_only", overrides) == "5_int8_weight_only"
