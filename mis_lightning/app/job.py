@@ -66,10 +66,41 @@ def plan_config_of(cfg: DictConfig) -> PlanConfig | None:
     """
     if str(cfg.get("mode", "train")) != "plan":
         return None
+    check_plan_selection(cfg)
     node = cfg.get("plan")
     pc = PlanConfig(**(OmegaConf.to_container(node, resolve=True) if node is not None else {}))  # type: ignore[arg-type]
     pc.candidates = resolve_schemes(pc.candidates)
     return pc
+
+
+def _overridden(keys: Sequence[str]) -> list[str]:
+    """The command-line overrides of the running Hydra job that set one of ``keys``
+    (``schemes=...``, ``+schemes=...``, ``quantizer=...``)."""
+    out = []
+    for ov in job_info()["overrides"]:
+        key = str(ov).split("=", 1)[0].lstrip("+~")
+        if key in keys:
+            out.append(str(ov))
+    return out
+
+
+def check_plan_selection(cfg: DictConfig) -> None:
+    """``mode=plan`` plans over ``plan.candidates`` alone: refuse a ``quantizer`` selection or a
+    ``schemes=`` given on the command line, which it would otherwise ignore (a sweep over
+    ``quantizer=`` would run the same plan in every job). The config's default ``schemes`` list
+    is not a choice of the user's and passes.
+
+    Raises:
+        ValueError: naming the ignored option and the one to use instead.
+    """
+    q = cfg.get("quantizer")
+    given = [f"quantizer={q.get('name', '?')}"] if q else []
+    given += [ov for ov in _overridden(("schemes",)) if not ov.startswith("~")]
+    if given:
+        raise ValueError(
+            f"mode=plan plans over plan.candidates and does not use {' '.join(given)}: list the schemes "
+            "to plan with as 'plan.candidates=[<name>,...]' instead (mode=train / mode=assess score "
+            "`schemes` or `quantizer`)")
 
 
 def write_plan(planned: PlanResult, out: Path, names: Any) -> None:
