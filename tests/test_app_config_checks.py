@@ -62,3 +62,17 @@ def test_plan_mode_refuses_a_scheme_selection_it_would_ignore(tmp_path, monkeypa
     assert "Traceback" not in err
     _nothing_trained(run)
 
+
+def test_failed_plan_job_records_the_plan_candidates(tmp_path):
+    """W8: a failed mode=plan job recorded the default `schemes` list in result.json (and the
+    aggregate's failure row), not the candidates it was planning over."""
+    from mis_lightning.app.job import run_job
+    from mis_lightning.planning import PlanConfig
+
+    run = tmp_path / "r"
+    with pytest.raises(ValueError, match="max_bits"):
+        run_job(_compose([*FAST, "mode=plan", "plan.max_bits=-1"], run))
+    assert _nothing_trained(run)["schemes"] == PlanConfig().candidates
+    with pytest.raises(ValueError, match="max_bits"):
+        run_job(_compose([*FAST, "mode=plan", "plan.max_bits=-1", "plan.candidates=[rtn_int8,rtn_int2]"], run))
+    assert _nothing_trained(run)["schemes"] == ["rtn_int8", "rtn_int2"]

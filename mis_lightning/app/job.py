@@ -359,10 +359,14 @@ def check_schemes_available(schemes: Sequence[QuantizationScheme], strict: bool)
 
 
 def requested_scheme_names(cfg: DictConfig) -> list[str]:
-    """The scheme names a config asks for (for a failed job's record; never raises)."""
+    """The scheme names a config asks for (for a failed job's record; never raises):
+    ``mode=plan``: ``plan.candidates``; else ``quantizer`` when selected, else ``schemes``."""
     try:
         q = cfg.get("quantizer")
-        specs = [q] if q else list(cfg.get("schemes") or [])
+        if str(cfg.get("mode", "train")) == "plan":
+            specs = list((cfg.get("plan") or {}).get("candidates") or [])
+        else:
+            specs = [q] if q else list(cfg.get("schemes") or [])
         out = []
         for spec in specs:
             if isinstance(spec, str):
