@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 
 FAST = [
     "data=synthetic_linear", "data.n_train=400", "data.n_val=200", "data.batch_size=400",
@@ -76,3 +77,59 @@ def test_failed_plan_job_records_the_plan_candidates(tmp_path):
     with pytest.raises(ValueError, match="max_bits"):
         run_job(_compose([*FAST, "mode=plan", "plan.max_bits=-1", "plan.candidates=[rtn_int8,rtn_int2]"], run))
     assert _nothing_trained(run)["schemes"] == ["rtn_int8", "rtn_int2"]
+
+
+class TinyDM(pl.LightningDataModule):
+    """A minimal datamodule of the user's own (``data._target_``): 64 records, 3 features.
+    ``train_dataset=False`` keeps the training set under another name (``train_set``) and
+    draws it through a shuffled ``drop_last`` loader, as in fu19's p36."""
+
+    def __init__(self, task: str = "regression", train_dataset: bool = True, seed: int = 0, **_: object) -> None:
+        super().__init__()
+        self.task, self.keep, self.seed = task, train_dataset, seed
+        self.n_train, self.num_features, self.batch_size = 64, 3, 16
+
+    def setup(self, stage: str | None = None) -> None:
+        import torch
+        from torch.utils.data import TensorDataset
+
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(96, 3, generator=g)
+        ds = TensorDataset(x[:64], x[:64, 0].clone())
+        self.val_dataset = TensorDataset(x[64:], x[64:, 0].clone())
+        if self.keep:
+            self.train_dataset = ds
+        else:
+            self.train_set = ds
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        ds = self.train_dataset if self.keep else self.train_set
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.val_dataset, batch_size=32)
+
+
+TINY = ["data=synthetic_linear", f"data._target_={__name__}.TinyDM", *(o for o in FAST if not o.startswith("data"))]
+
+
+@pytest.mark.parametrize("override, message", [
+    # E4: an unsupported task failed after training (stage "assessment", exit 1)
+    ("data.task=multiclass", "data TinyDM has task 'multiclass', but the app assesses 'regression' and "
+                              "'binary' tasks only"),
+    # W9: a datamodule without train_dataset was assessed on one shuffled drop_last pass
+    # (n = 48 of 64 here), silently
+    ("+data.train_dataset=false", "data TinyDM has no train_dataset after setup(): the assessment reads every "
+                                  "training record once, in order"),
+])
+def test_datamodule_needs_a_supported_task_and_a_train_dataset(tmp_path, monkeypatch, capsys, override, message):
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*TINY, override, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
+    _nothing_trained(run)
+

@@ -318,13 +318,36 @@ def _build_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def _assessment_loader(dm: Any) -> Any:
-    """A non-shuffled loader over the training set (each record once), else the dm's loader."""
+    """A non-shuffled loader over the training set (each record once; :func:`check_datamodule`
+    has checked that ``dm.train_dataset`` exists)."""
     from torch.utils.data import DataLoader
 
-    ds = getattr(dm, "train_dataset", None)
-    if ds is None:
-        return dm.train_dataloader()
-    return DataLoader(ds, batch_size=getattr(dm, "batch_size", 256), shuffle=False)
+    return DataLoader(dm.train_dataset, batch_size=getattr(dm, "batch_size", 256), shuffle=False)
+
+
+def check_datamodule(dm: Any) -> str:
+    """The task of the set-up datamodule, checked with what the assessment needs of it, before
+    training: a task the app measures, and ``train_dataset`` (every training record once, in a
+    fixed order: a train loader may shuffle and drop the last batch, which would assess a random
+    part of the training set).
+
+    Raises:
+        ValueError: another task than ``"regression"`` / ``"binary"``, or no ``train_dataset``
+            (names the datamodule and the fix).
+    """
+    from mis_lightning.models.metrics import TASKS
+
+    name, task = type(dm).__name__, str(dm.task)
+    if task not in TASKS:
+        raise ValueError(f"data {name} has task {task!r}, but the app assesses {' and '.join(map(repr, TASKS))} "
+                         "tasks only (its utility metrics and plan budgets depend on the task): pick one "
+                         "(e.g. data.task=regression where the datamodule takes it)")
+    if getattr(dm, "train_dataset", None) is None:
+        raise ValueError(f"data {name} has no train_dataset after setup(): the assessment reads every "
+                         "training record once, in order (its train_dataloader() may shuffle or drop "
+                         "records); set self.train_dataset (a torch Dataset of the training records) "
+                         "in its setup()")
+    return task
 
 
 def check_schemes_available(schemes: Sequence[QuantizationScheme], strict: bool) -> list[str]:
@@ -550,6 +573,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # hparams_initial, which save_hyperparameters sets (assigning hparams did not)
             dm.save_hyperparameters({"task": task})
         stage[0] = "configuration"
+        check_datamodule(dm)
         model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
             cfg.model, ckpt.get("hyper_parameters"), "model"))
         if ckpt is not None:
