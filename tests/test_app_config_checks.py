@@ -133,3 +133,15 @@ def test_datamodule_needs_a_supported_task_and_a_train_dataset(tmp_path, monkeyp
     assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
     _nothing_trained(run)
 
+
+def test_plan_utility_metric_not_measured_for_the_task_fails_before_training(tmp_path, monkeypatch, capsys):
+    """E1: `mode=plan plan.utility_metric=auroc` on regression data trained, then failed with
+    the Python API's hint ("pass it in metrics="); it is refused before training with the
+    metrics the task measures."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "mode=plan", "plan.utility_metric=auroc",
+                                               "plan.candidates=[rtn_int8,rtn_int2]", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert ("configuration error (ValueError): plan.utility_metric=auroc is not measured for the regression "
+            "task of this data: the app measures loss, rmse, mae, r2 there") in err
+    _nothing_trained(run)

@@ -350,6 +350,24 @@ def check_datamodule(dm: Any) -> str:
     return task
 
 
+def check_plan_metric(plan_cfg: PlanConfig | None, task: str) -> None:
+    """``mode=plan``: ``plan.utility_metric`` is one the job measures for ``task`` (``loss`` or
+    a metric of :func:`~mis_lightning.models.utility_metrics`), checked before training.
+
+    Raises:
+        ValueError: naming the metric, the task and the metrics measured for it.
+    """
+    from mis_lightning.models import utility_metrics
+
+    if plan_cfg is None:
+        return
+    measured = ["loss", *utility_metrics(task)]
+    if plan_cfg.utility_metric not in measured:
+        raise ValueError(f"plan.utility_metric={plan_cfg.utility_metric} is not measured for the {task} "
+                         f"task of this data: the app measures {', '.join(measured)} there; pick one "
+                         f"of them (e.g. plan.utility_metric={measured[1]})")
+
+
 def check_schemes_available(schemes: Sequence[QuantizationScheme], strict: bool) -> list[str]:
     """Run each scheme's ``check_available()`` before anything is trained.
 
@@ -574,6 +592,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             dm.save_hyperparameters({"task": task})
         stage[0] = "configuration"
         check_datamodule(dm)
+        check_plan_metric(plan_cfg, task)
         model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
             cfg.model, ckpt.get("hyper_parameters"), "model"))
         if ckpt is not None:
