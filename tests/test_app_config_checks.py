@@ -145,3 +145,23 @@ def test_plan_utility_metric_not_measured_for_the_task_fails_before_training(tmp
     assert ("configuration error (ValueError): plan.utility_metric=auroc is not measured for the regression "
             "task of this data: the app measures loss, rmse, mae, r2 there") in err
     _nothing_trained(run)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["schemes=[rtn_int8,intx_weight_only_int4,{name: intx_weight_only_int4, group_size: 32}]"],
+     "schemes entries 2 (intx_weight_only_int4) and 3 ({name: intx_weight_only_int4, group_size: 32}) build "
+     "the same scheme 'intx_weight_only_int4' (IntxWeightOnly(bits=4, granularity='per_row', group_size=None, "
+     "mapping='symmetric')): each scheme is scored once, so list it once"),
+    (["schemes=[{name: rtn_int4, bits: 8},rtn_int8]"],
+     "schemes entries 1 ({name: rtn_int4, bits: 8}) and 2 (rtn_int8) build the same scheme 'rtn_int8'"),
+    (["mode=plan", "plan.candidates=[rtn_int8,rtn_int8]"],
+     "plan.candidates entries 1 (rtn_int8) and 2 (rtn_int8) build the same scheme 'rtn_int8'"),
+])
+def test_two_entries_of_one_scheme_name_fail_before_training(tmp_path, monkeypatch, capsys, overrides, message):
+    """E3: two entries building schemes of one name trained first, then failed with "scheme
+    'intx_weight_only_int4' is listed twice" (stage assessment, a traceback, no fix)."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, *overrides, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
+    _nothing_trained(run)

@@ -69,8 +69,41 @@ def plan_config_of(cfg: DictConfig) -> PlanConfig | None:
     check_plan_selection(cfg)
     node = cfg.get("plan")
     pc = PlanConfig(**(OmegaConf.to_container(node, resolve=True) if node is not None else {}))  # type: ignore[arg-type]
-    pc.candidates = resolve_schemes(pc.candidates)
+    specs = list(pc.candidates)
+    pc.candidates = resolve_schemes(specs)
+    check_unique_names(pc.candidates, specs, "plan.candidates")
     return pc
+
+
+def _spec_text(spec: Any) -> str:
+    """A config entry as the user wrote it: ``int8_weight_only`` or ``{name: ..., group_size: 32}``."""
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}"
+    return str(getattr(spec, "name", spec))
+
+
+def check_unique_names(schemes: Sequence[QuantizationScheme], specs: Sequence[Any], option: str) -> None:
+    """Each scheme of a job is scored once under its name: refuse two entries of ``option``
+    (``schemes`` or ``plan.candidates``) that build schemes of one name, before training.
+
+    Raises:
+        ValueError: naming both entries (position and text), the scheme and the fix.
+    """
+    first: dict[str, int] = {}
+    for i, sch in enumerate(schemes):
+        j = first.setdefault(sch.name, i)
+        if j == i:
+            continue
+        both = f"{option} entries {j + 1} ({_spec_text(specs[j])}) and {i + 1} ({_spec_text(specs[i])})"
+        if repr(schemes[j]) == repr(sch):
+            raise ValueError(f"{both} build the same scheme {sch.name!r} ({sch!r}): each scheme is "
+                             "scored once, so list it once")
+        raise ValueError(f"{both} build two schemes named {sch.name!r} ({schemes[j]!r} and {sch!r}): each "
+                         "scheme is scored once under its name; drop one, or change the options of one so "
+                         "that it builds a scheme of another name (a scheme's name follows its options: "
+                         "mis_lightning.get_scheme(<name>, **options).name)")
 
 
 def _overridden(keys: Sequence[str]) -> list[str]:
@@ -258,7 +291,9 @@ def selected_schemes(cfg: DictConfig) -> list[QuantizationScheme]:
     specs = cfg.get("schemes")
     if not specs:
         raise ValueError("no scheme selected: set `schemes: [...]` or pick `quantizer=<name>`")
-    return resolve_schemes(list(specs))
+    schemes = resolve_schemes(list(specs))
+    check_unique_names(schemes, list(specs), "schemes")
+    return schemes
 
 
 # -- the job -------------------------------------------------------------------------------------
