@@ -165,3 +165,28 @@ def test_two_entries_of_one_scheme_name_fail_before_training(tmp_path, monkeypat
     assert code == 2, err
     assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
     _nothing_trained(run)
+
+
+def test_a_job_that_fails_after_training_ends_its_tracker_runs(tmp_path, monkeypatch):
+    """W7: a job failing after training finalized its loggers but left its W&B run open (and
+    a fluent MLflow run), so the next job of a multirun logged into it. Fake tracker modules
+    stand in for wandb and mlflow: the job must end both runs, as failed."""
+    import types
+
+    from mis_lightning.app import job
+
+    calls: list[tuple[str, dict]] = []
+    wandb = types.SimpleNamespace(run=object(), finish=lambda **kw: calls.append(("wandb.finish", kw)))
+    mlflow = types.SimpleNamespace(active_run=lambda: object(), end_run=lambda **kw: calls.append(("mlflow.end_run", kw)))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+
+    def broken_assess(*args, **kwargs):
+        raise RuntimeError("assessment broke")
+
+    monkeypatch.setattr(job, "assess", broken_assess)
+    run = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="assessment broke"):
+        job.run_job(_compose([*FAST, "schemes=[rtn_int8]", f"trainer.default_root_dir={run}"], run))
+    assert json.loads((run / "result.json").read_text())["stage"] == "assessment"
+    assert calls == [("mlflow.end_run", {"status": "FAILED"}), ("wandb.finish", {"exit_code": 1})]

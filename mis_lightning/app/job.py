@@ -703,6 +703,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         except BaseException:
             for lg in loggers:
                 lg.finalize("failed")
+            # ... and end the tracker runs, or the next job of a multirun logs into this one
+            _end_mlflow_run(failed=True)
+            _end_wandb_run(failed=True)
             raise
     for lg in loggers:  # one tracker run per job: close it so that multirun jobs don't merge
         lg.finalize("success")
@@ -753,16 +756,18 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     return {"output_dir": str(out), "leakage": {r["scheme"]: r["leakage"] for r in rows}, "scored": scored}
 
 
-def _end_mlflow_run() -> None:
-    """End a fluent-API MLflow run if one is active (the Lightning logger uses the client)."""
+def _end_mlflow_run(failed: bool = False) -> None:
+    """End a fluent-API MLflow run if one is active (the Lightning logger uses the client);
+    ``failed``: with status ``FAILED``."""
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None and getattr(mlflow, "active_run", lambda: None)() is not None:
-        mlflow.end_run()
+        mlflow.end_run(**({"status": "FAILED"} if failed else {}))
 
 
-def _end_wandb_run() -> None:
+def _end_wandb_run(failed: bool = False) -> None:
     """Finish the W&B run if one is active: Lightning's WandbLogger leaves it open, and the next
-    job of a multirun in this process would otherwise log into it."""
+    job of a multirun in this process would otherwise log into it (a failed job too, whose run
+    ends with exit code 1)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        wandb.finish(**({"exit_code": 1} if failed else {}))
