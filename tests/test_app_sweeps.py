@@ -50,3 +50,58 @@ def test_long_job_folder_names_are_cut_at_an_override_and_marked():
     assert job_subdir(0, None, overrides.replace("=20", "=2")) != name  # the hash tells them apart
     assert job_subdir(3, None, "seed=1,data.d=16") == "3_seed=1,data.d=16"  # short: unchanged
     assert job_subdir(5, "int8_weight_only", overrides) == "5_int8_weight_only"
+
+
+def test_sweep_end_aggregate_counts_this_sweeps_jobs_only(tmp_path, monkeypatch):
+    """W6: a sweep re-run into the same sweep dir counted the earlier sweep's jobs: its
+    aggregate said "3 jobs (1 failed)" and it exited 1 for a stale failed job. The jobs record
+    the sweep's id; the sweep-end aggregate leaves the stale ones out (and says so), and
+    mis-lightning-aggregate over the dir flags the mix."""
+    import os
+    import time
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("MIS_LIGHTNING_SWEEP_ID", raising=False)
+    old = tmp_path / "1_int4_weight_only_tinygemm"
+    old.mkdir()
+    agg.write_failure(old / "result.json", RuntimeError("needs CUDA"), stage="configuration",
+                      job={"num": 1, "overrides": ["quantizer=int4_weight_only_tinygemm"], "sweep_id": "earlier"})
+    legacy = _result(tmp_path / "2_bf16", 2, "bf16", 0.3, {"rmse": 0.8})  # no sweep id (older version)
+    past = time.time() - 3600
+    os.utime(legacy, (past, past))
+
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    cb = agg.AggregateSweep(verbose=False)
+    cb.on_multirun_start(cfg)
+    sid = os.environ.get("MIS_LIGHTNING_SWEEP_ID", "none")
+    for num, scheme in enumerate(["int8_weight_only", "intx_weight_only_int4"]):
+        _result(tmp_path / f"{num}_{scheme}", num, scheme, 0.2, {"rmse": 0.7})
+        res = json.loads((tmp_path / f"{num}_{scheme}" / "result.json").read_text())
+        res["job"]["sweep_id"] = sid  # what run_job records (job_info)
+        (tmp_path / f"{num}_{scheme}" / "result.json").write_text(json.dumps(res))
+    cb.on_multirun_end(cfg)  # no SystemExit: the failed job is not this sweep's
+    assert "MIS_LIGHTNING_SWEEP_ID" not in os.environ
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "2 jobs, 2 rows." in md and "note: 2 result(s) of earlier sweeps into this dir left out" in md
+    assert "tinygemm" not in md and "bf16" not in md
+
+    assert agg.main([str(tmp_path), "--quiet"]) == 1  # the whole dir: the stale failure counts ...
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "4 jobs (1 failed)" in md
+    assert f"note: this dir holds the results of 2 sweeps (sweep ids {', '.join(sorted([sid, 'earlier']))})" in md
+
+
+def test_a_multirun_job_records_its_sweep_id(monkeypatch):
+    """W6: the id set by AggregateSweep.on_multirun_start reaches the job's record."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app import job
+
+    hc = OmegaConf.create({"mode": RunMode.MULTIRUN, "job": {"num": 3, "id": "x_3", "name": "cli",
+                                                             "override_dirname": "seed=1"},
+                           "runtime": {"choices": {}, "output_dir": "/tmp/x"}, "overrides": {"task": ["seed=1"]}})
+    monkeypatch.setattr(job, "_hydra_config", lambda: hc)
+    monkeypatch.setenv("MIS_LIGHTNING_SWEEP_ID", "abc123")
+    assert job.job_info()["sweep_id"] == "abc123"

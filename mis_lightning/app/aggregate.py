@@ -50,6 +50,9 @@ __all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_fi
            "markdown_table", "unscored_jobs", "write_failure"]
 
 RESULT_NAME = "result.json"
+#: set by :meth:`AggregateSweep.on_multirun_start` for the sweep's jobs, which record it in
+#: ``result.json`` (``job.sweep_id``): the sweep-end aggregate then counts this sweep's jobs only
+SWEEP_ID_ENV = "MIS_LIGHTNING_SWEEP_ID"
 
 
 def _job_num(path: Path, data: dict[str, Any], sweep_dir: Path) -> tuple[int, str]:
@@ -76,6 +79,35 @@ def collect(sweep_dir: str | Path, result_name: str = RESULT_NAME) -> list[dict[
         data["_path"] = str(p)
         found.append((_job_num(p, data, sweep_dir), data))
     return [d for _, d in sorted(found, key=lambda t: t[0])]
+
+
+def sweep_id_of(result: dict[str, Any]) -> str | None:
+    """The id of the sweep that wrote ``result`` (``job.sweep_id``), ``None`` if not recorded."""
+    return (result.get("job") or {}).get("sweep_id")
+
+
+def this_sweep(results: Sequence[dict[str, Any]], sweep_id: str | None,
+               since: float | None) -> tuple[list[dict[str, Any]], int]:
+    """``(results of the sweep sweep_id, number left out)``: a result recorded with another
+    sweep id is stale (an earlier sweep into the same dir); one without an id (a launcher that
+    did not pass the environment on) counts when its file is not older than ``since``."""
+    if sweep_id is None:
+        return list(results), 0
+    kept = []
+    for res in results:
+        sid = sweep_id_of(res)
+        if sid == sweep_id or (sid is None and (since is None or Path(res["_path"]).stat().st_mtime >= since - 1.0)):
+            kept.append(res)
+    return kept, len(results) - len(kept)
+
+
+def _mixed_sweeps_note(results: Sequence[dict[str, Any]]) -> str:
+    """A note when ``results`` come from several sweeps (several recorded sweep ids), else ``""``."""
+    ids = sorted({sid for res in results if (sid := sweep_id_of(res)) is not None})
+    if len(ids) < 2:
+        return ""
+    return (f"note: this dir holds the results of {len(ids)} sweeps (sweep ids {', '.join(ids)}): all "
+            "are aggregated, so job numbers may repeat; give each sweep its own hydra.sweep.dir")
 
 
 def write_failure(path: str | Path, exc: BaseException, *, stage: str, job: dict[str, Any] | None = None,
@@ -294,17 +326,24 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
 
 
 def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
-              result_name: str = RESULT_NAME, verbose: bool = True) -> list[dict[str, Any]]:
+              result_name: str = RESULT_NAME, verbose: bool = True, sweep_id: str | None = None,
+              since: float | None = None) -> list[dict[str, Any]]:
     """Write ``aggregate.csv``, ``aggregate.md`` and ``frontier.png`` for a sweep dir.
+
+    ``sweep_id`` (the sweep-end aggregate): only that sweep's results (see :func:`this_sweep`),
+    the stale ones of earlier sweeps into the same dir are left out and counted in the header.
+    Without it, every result is aggregated, and results of several sweeps are flagged.
 
     Returns the rows. Raises ``FileNotFoundError`` when the dir holds no ``result.json``.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep dir {sweep_dir} does not exist")
-    results = collect(sweep_dir, result_name)
+    results, n_stale = this_sweep(collect(sweep_dir, result_name), sweep_id, since)
     if not results:
         raise FileNotFoundError(f"no {result_name} under {sweep_dir}: is it a mis-lightning sweep dir?")
+    notes = [f"note: {n_stale} result(s) of earlier sweeps into this dir left out"] * bool(n_stale)
+    notes += [n] if (n := _mixed_sweeps_note(results)) else []
     out = Path(out_dir) if out_dir is not None else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = rows_of(results, sweep_dir)
@@ -322,11 +361,14 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
     parts = [f"{n_failed} failed"] * bool(n_failed) + [f"{n_none} scored no scheme"] * bool(n_none)
     failed_txt = f" ({'; '.join(parts)})" if parts else ""
     head = f"# mis-lightning sweep {sweep_dir}\n\n{len(results)} jobs{failed_txt}, {len(rows)} rows.\n\n"
+    head += "".join(f"{n}\n\n" for n in notes)
     (out / "aggregate.md").write_text(head + md + "\n")
     import matplotlib.pyplot as plt
 
     fig = frontier_figure(rows, out / "frontier.png")
     plt.close(fig)
+    for n in notes:
+        print(f"mis-lightning-aggregate: {n}", file=sys.stderr)
     if verbose:
         print(f"\nAggregated {len(results)} jobs{failed_txt} of {sweep_dir}:")
         print(md)
@@ -340,6 +382,19 @@ class AggregateSweep(Callback):
     def __init__(self, result_name: str = RESULT_NAME, verbose: bool = True) -> None:
         self.result_name = result_name
         self.verbose = verbose
+        self.sweep_id: str | None = None
+        self.started: float | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Give the sweep an id, passed to its jobs in the environment (``SWEEP_ID_ENV``): each
+        records it in its ``result.json``, so that the aggregate leaves out stale jobs of an
+        earlier sweep into the same dir."""
+        import os
+        import time
+        import uuid
+
+        self.sweep_id, self.started = uuid.uuid4().hex[:12], time.time()
+        os.environ[SWEEP_ID_ENV] = self.sweep_id
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """A job that failed outside ``run_job``'s own handling still leaves a ``result.json``."""
@@ -355,14 +410,21 @@ class AggregateSweep(Callback):
         if not path.exists():
             exc = job_return._return_value
             if isinstance(exc, BaseException):
-                write_failure(path, exc, stage="job", job={"overrides": list(job_return.overrides or [])})
+                import os
+
+                write_failure(path, exc, stage="job", job={"overrides": list(job_return.overrides or []),
+                                                           "sweep_id": os.environ.get(SWEEP_ID_ENV)})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Aggregate the sweep; exit with status 1 if any job failed or scored no scheme (after
         aggregating)."""
+        import os
+
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        os.environ.pop(SWEEP_ID_ENV, None)
         try:
-            rows = aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose)
+            rows = aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose,
+                             sweep_id=self.sweep_id, since=self.started)
         except FileNotFoundError as exc:
             print(f"mis-lightning: nothing to aggregate ({exc})", file=sys.stderr)
             return

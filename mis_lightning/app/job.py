@@ -166,6 +166,8 @@ def job_info() -> dict[str, Any]:
         return {"num": None, "name": None, "overrides": [], "override_dirname": "", "choices": {}}
     from hydra.types import RunMode
 
+    from mis_lightning.app.aggregate import SWEEP_ID_ENV
+
     multirun = hc.mode == RunMode.MULTIRUN
     choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
                if not k.startswith("hydra")}
@@ -178,6 +180,8 @@ def job_info() -> dict[str, Any]:
         "choices": choices,
         "output_dir": str(hc.runtime.output_dir),
         "multirun": multirun,
+        # the sweep's id (AggregateSweep.on_multirun_start): its aggregate leaves out stale jobs
+        "sweep_id": os.environ.get(SWEEP_ID_ENV) if multirun else None,
     }
 
 
