@@ -105,3 +105,25 @@ def test_a_multirun_job_records_its_sweep_id(monkeypatch):
     monkeypatch.setattr(job, "_hydra_config", lambda: hc)
     monkeypatch.setenv("MIS_LIGHTNING_SWEEP_ID", "abc123")
     assert job.job_info()["sweep_id"] == "abc123"
+
+
+def test_a_sweep_over_tasks_shows_every_row_with_its_own_utility(tmp_path):
+    """D3: a sweep over regression and binary data (the documented
+    `data=synthetic_linear,synthetic_logistic`): frontier.png plotted the rmse rows only ("2
+    results") and aggregate.md showed rmse alone, "-" for the binary rows. Now one panel per
+    utility and one column per utility, each row with its own."""
+    _result(tmp_path / "0_a", 0, "int8_weight_only", 0.10, {"rmse": 0.7, "mae": 0.5})
+    _result(tmp_path / "1_a", 1, "int8_weight_only", 0.20, {"auroc": 0.9, "accuracy": 0.8})
+    _result(tmp_path / "2_b", 2, "intx_weight_only_int2_g32", 0.05, {"rmse": 0.9, "mae": 0.6})
+    _result(tmp_path / "3_b", 3, "intx_weight_only_int2_g32", 0.15, {"auroc": 0.8, "accuracy": 0.7})
+    rows = agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    head = next(ln for ln in md.splitlines() if ln.startswith("| job"))
+    assert "| rmse | auroc |" in head
+    line = next(ln for ln in md.splitlines() if ln.startswith("| 1 |"))
+    assert "| - | 0.9000 |" in line  # the binary job's own utility
+    fig = agg.frontier_figure(rows)
+    assert [ax.get_xlabel() for ax in fig.axes] == ["rmse (validation; lower is better)",
+                                                     "auroc (validation; higher is better)"]
+    assert fig._suptitle.get_text() == "Privacy-utility frontier (4 results, 4 distinct)"
+    assert [ax.get_title() for ax in fig.axes] == ["rmse (2 results)", "auroc (2 results)"]
