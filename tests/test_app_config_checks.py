@@ -190,3 +190,20 @@ def test_a_job_that_fails_after_training_ends_its_tracker_runs(tmp_path, monkeyp
         job.run_job(_compose([*FAST, "schemes=[rtn_int8]", f"trainer.default_root_dir={run}"], run))
     assert json.loads((run / "result.json").read_text())["stage"] == "assessment"
     assert calls == [("mlflow.end_run", {"status": "FAILED"}), ("wandb.finish", {"exit_code": 1})]
+
+
+def test_single_run_dirs_have_sub_second_resolution(monkeypatch):
+    """E7: two single runs started in the same second shared one run dir (Hydra's
+    `%H-%M-%S`), and both failed writing the same csv/metrics.csv."""
+    import re
+
+    import mis_lightning.conf  # noqa: F401 - stores the generated groups (quantizer, plan)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("MIS_LIGHTNING_OUTPUT_DIR", raising=False)
+    # this checkout's configs (an editable install may map mis_lightning.conf to another)
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", run_dir), run_dir
