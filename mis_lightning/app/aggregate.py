@@ -7,10 +7,12 @@ every job, whatever the launcher -- it reads each job's ``result.json`` under th
 
 * ``aggregate.csv`` -- job, overrides, scheme, bits per weight, utility metrics, leakage with
   its (p10, p90) interval, MIS, baseline, d_eff, method, error, job dir;
-* ``aggregate.md`` -- the same as a Markdown table;
+* ``aggregate.md`` -- the same as a Markdown table (one utility column per metric the rows are
+  judged by: rmse and auroc in a sweep over both tasks);
 * ``frontier.png`` -- leakage against utility, one point per distinct row (identical results
   merged, names in a legend beside the axes), the non-dominated points joined (the
-  privacy-utility frontier) and the unquantized baseline dashed.
+  privacy-utility frontier) and the unquantized baseline dashed; one panel per utility when
+  the rows are judged by several (regression and binary data).
 
 A failed job (its ``result.json`` has ``status: "failed"``, written by
 :func:`~mis_lightning.app.job.run_job` or, as a fallback, by :meth:`AggregateSweep.on_job_end`)
@@ -47,15 +49,21 @@ from mis_lightning.report import (
 )
 
 __all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_figure", "main",
-           "markdown_table", "unscored_jobs", "write_failure"]
+           "markdown_table", "own_utility_key", "unscored_jobs", "utility_keys", "write_failure"]
 
 RESULT_NAME = "result.json"
+#: set by :meth:`AggregateSweep.on_multirun_start` for the sweep's jobs, which record it in
+#: ``result.json`` (``job.sweep_id``): the sweep-end aggregate then counts this sweep's jobs only
+SWEEP_ID_ENV = "MIS_LIGHTNING_SWEEP_ID"
 
 
 def _job_num(path: Path, data: dict[str, Any], sweep_dir: Path) -> tuple[int, str]:
+    """The sort key of a result: its job number, else the number its folder starts with, else
+    last (a single run's ``result.json``, ``job.num = None``, directly in ``sweep_dir`` too)."""
     num = (data.get("job") or {}).get("num")
     if num is None:
-        m = re.match(r"(\d+)", path.parent.relative_to(sweep_dir).parts[0])
+        parts = path.parent.relative_to(sweep_dir).parts
+        m = re.match(r"(\d+)", parts[0]) if parts else None
         num = int(m.group(1)) if m else 10**9
     return int(num), str(path)
 
@@ -73,6 +81,35 @@ def collect(sweep_dir: str | Path, result_name: str = RESULT_NAME) -> list[dict[
         data["_path"] = str(p)
         found.append((_job_num(p, data, sweep_dir), data))
     return [d for _, d in sorted(found, key=lambda t: t[0])]
+
+
+def sweep_id_of(result: dict[str, Any]) -> str | None:
+    """The id of the sweep that wrote ``result`` (``job.sweep_id``), ``None`` if not recorded."""
+    return (result.get("job") or {}).get("sweep_id")
+
+
+def this_sweep(results: Sequence[dict[str, Any]], sweep_id: str | None,
+               since: float | None) -> tuple[list[dict[str, Any]], int]:
+    """``(results of the sweep sweep_id, number left out)``: a result recorded with another
+    sweep id is stale (an earlier sweep into the same dir); one without an id (a launcher that
+    did not pass the environment on) counts when its file is not older than ``since``."""
+    if sweep_id is None:
+        return list(results), 0
+    kept = []
+    for res in results:
+        sid = sweep_id_of(res)
+        if sid == sweep_id or (sid is None and (since is None or Path(res["_path"]).stat().st_mtime >= since - 1.0)):
+            kept.append(res)
+    return kept, len(results) - len(kept)
+
+
+def _mixed_sweeps_note(results: Sequence[dict[str, Any]]) -> str:
+    """A note when ``results`` come from several sweeps (several recorded sweep ids), else ``""``."""
+    ids = sorted({sid for res in results if (sid := sweep_id_of(res)) is not None})
+    if len(ids) < 2:
+        return ""
+    return (f"note: this dir holds the results of {len(ids)} sweeps (sweep ids {', '.join(ids)}): all "
+            "are aggregated, so job numbers may repeat; give each sweep its own hydra.sweep.dir")
 
 
 def write_failure(path: str | Path, exc: BaseException, *, stage: str, job: dict[str, Any] | None = None,
@@ -180,25 +217,46 @@ def _fmt_pool(v: float | None) -> str:
     return "-" if v is None or math.isnan(v) else _fmt(v)
 
 
+def own_utility_key(row: dict[str, Any]) -> str | None:
+    """The utility a row is judged by: its own preferred measured metric
+    (:func:`~mis_lightning.report.pick_utility_key` over the keys it has a value for)."""
+    return pick_utility_key([{k: v for k, v in row.items() if _float(v) is not None}])
+
+
+def utility_keys(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> list[str]:
+    """The utility keys to show: ``utility_key`` if given (and measured), else each row's own
+    (:func:`own_utility_key`; several in a sweep over tasks: rmse for regression, auroc for
+    binary data), in order of first appearance."""
+    if utility_key is not None:
+        uk = pick_utility_key(list(rows), utility_key)
+        return [uk] if uk else []
+    keys: list[str] = []
+    for r in rows:
+        if not r.get("error") and (k := own_utility_key(r)) is not None and k not in keys:
+            keys.append(k)
+    return keys or ([uk] if (uk := pick_utility_key(list(rows))) else [])
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> str:
-    """A Markdown table of the aggregated rows."""
-    uk = pick_utility_key(list(rows), utility_key)
-    head = ["job", "scheme", "swept overrides", "bits/w"] + ([uk.removeprefix("utility_")] if uk else []) + [
+    """A Markdown table of the aggregated rows: one utility column per key of
+    :func:`utility_keys` (each row shows its own utility)."""
+    uks = utility_keys(rows, utility_key)
+    head = ["job", "scheme", "swept overrides", "bits/w"] + [k.removeprefix("utility_") for k in uks] + [
         "leakage", "[p10, p90]", "MIS", "pool", "baseline", "d_eff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     errors = []
     for r in rows:
         if r.get("error"):
             errors.append(r)
-            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-"] + (
-                ["-"] if uk else []) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-"]
+            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-"] + [
+                "-"] * len(uks) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
             interval = "-" if p10 is None else f"[{_fmt(p10)}, {_fmt(p90)}]"
             bits = r.get("bits_per_weight")
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
-                     "-" if bits is None else f"{bits:.2f}"] + (
-                [_fmt(_float(r.get(uk)))] if uk else []) + [
+                     "-" if bits is None else f"{bits:.2f}"] + [
+                _fmt(_float(r.get(uk))) for uk in uks] + [
                 _fmt(r.get("leakage")), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
                 _fmt(r.get("baseline_leakage")),
                 _fmt(r.get("d_eff"))]
@@ -228,19 +286,11 @@ def _pareto(points: list[tuple[float, float, int]], higher_better: bool) -> list
     return keep
 
 
-def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = None,
-                    utility_key: str | None = None):
-    """Leakage against utility, one point per distinct result, the frontier joined; saved if
-    ``path``. Rows with identical figures (same utility, leakage and interval) share one point
-    labelled ``"a = b"``; names are in a legend beside the axes (each point its own colour and
-    marker), so that labels never overlap however the points cluster; the unquantized baseline
-    is a dashed line (when all jobs share one)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, first: int = 0) -> tuple[int, int]:
+    """Draw one frontier panel of ``rows`` against the utility ``uk`` (``None``: bits per
+    weight); point styles start at index ``first``. Returns ``(results, distinct points)``."""
     import matplotlib.pyplot as plt
 
-    uk = pick_utility_key(list(rows), utility_key)
     metric = uk.removeprefix("utility_") if uk else "bits_per_weight"
     higher = metric in HIGHER_IS_BETTER
     xkey = uk or "bits_per_weight"
@@ -253,55 +303,96 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         ok.append({**r, xkey: x, "leakage": y, "scheme": label,
                    "leakage_p10": _float(r.get("leakage_p10")), "leakage_p90": _float(r.get("leakage_p90"))})
     points = merge_identical(ok, xkey)
-    fig, ax = plt.subplots(figsize=(7.0 if not points else 10.0, 4.8), layout="constrained")
     pts: list[tuple[float, float, int]] = []
     markers = "osD^vP*Xh<>p"
     for i, (r, name) in enumerate(sorted(points, key=lambda p: p[0]["leakage"])):
         x, y = r[xkey], r["leakage"]
         pts.append((x, y, i))
-        style = dict(color=plt.get_cmap("tab10")(i % 10), marker=markers[i % len(markers)],
+        k = first + i
+        style = dict(color=plt.get_cmap("tab10")(k % 10), marker=markers[k % len(markers)],
                      linestyle="none", label=name)
         p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
         if p10 is not None and p90 is not None:
             ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], capsize=3, **style)
         else:
             ax.plot([x], [y], **style)
-    if not pts:  # no job / scheme succeeded: say so rather than draw empty axes
-        no_points_note(ax, list(rows))
     front = _pareto(pts, higher)
     if len(front) > 1:
         fp = sorted(((x, y) for x, y, i in pts if i in front))
         ax.plot([p[0] for p in fp], [p[1] for p in fp], "-", color="k", lw=1, alpha=0.6,
-                label="frontier (non-dominated)")
+                label="frontier (non-dominated)" if first == 0 else None)
     baselines = {round(v, 12) for r in rows if (v := _float(r.get("baseline_leakage"))) is not None}
     if len(baselines) == 1:
-        ax.axhline(next(iter(baselines)), ls="--", color="gray", lw=1, label="unquantized baseline")
-    if pts:  # names beside the axes, in order of leakage (safest first): they never overlap
-        fig.legend(loc="outside right upper", fontsize=7, frameon=False,
-                  title="schemes: safest first", title_fontsize=8)
+        ax.axhline(next(iter(baselines)), ls="--", color="gray", lw=1,
+                   label="unquantized baseline" if first == 0 else None)
     arrow = "higher is better" if higher else "lower is better"
     ax.set_xlabel(f"{metric} (validation; {arrow})" if uk else "bits per weight")
     ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
     ax.margins(x=0.08, y=0.15)
-    ax.set_title(f"Privacy-utility frontier ({len(ok)} results, {len(pts)} distinct)")
     ax.grid(alpha=0.3)
+    return len(ok), len(pts)
+
+
+def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = None,
+                    utility_key: str | None = None):
+    """Leakage against utility, one point per distinct result, the frontier joined; saved if
+    ``path``. Rows with identical figures (same utility, leakage and interval) share one point
+    labelled ``"a = b"``; names are in a legend beside the axes (each point its own colour and
+    marker), so that labels never overlap however the points cluster; the unquantized baseline
+    is a dashed line (when all jobs share one). Rows judged by different utilities (a sweep
+    over regression and binary data: rmse and auroc) get one panel per utility, each row in
+    the panel of its own (:func:`utility_keys`), so that no row is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    uks = utility_keys(rows, utility_key) or [None]
+    groups = [list(rows)] if len(uks) == 1 else [
+        [r for r in rows if r.get("error") or own_utility_key(r) == uk] for uk in uks]
+    fig, axes = plt.subplots(1, len(uks), figsize=(7.0 + 3.5 * (len(uks) - 1), 4.8),
+                             layout="constrained", squeeze=False)
+    n_ok = n_pts = 0
+    for ax, uk, group in zip(axes[0], uks, groups):
+        ok, pts = _frontier_panel(ax, [r for r in group if len(uks) == 1 or not r.get("error")], uk, first=n_pts)
+        n_ok, n_pts = n_ok + ok, n_pts + pts
+        if len(uks) > 1:
+            ax.set_title(f"{uk.removeprefix('utility_')} ({ok} results)", fontsize=9)  # type: ignore[union-attr]
+    if not n_pts:  # no job / scheme succeeded: say so rather than draw empty axes
+        no_points_note(axes[0][0], list(rows))
+    else:  # names beside the axes, in order of leakage (safest first): they never overlap
+        fig.set_size_inches(fig.get_size_inches()[0] + 3.0, 4.8)
+        fig.legend(loc="outside right upper", fontsize=7, frameon=False,
+                   title="schemes: safest first", title_fontsize=8)
+    title = f"Privacy-utility frontier ({n_ok} results, {n_pts} distinct)"
+    if len(uks) == 1:
+        axes[0][0].set_title(title)
+    else:
+        fig.suptitle(title)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
 
 
 def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
-              result_name: str = RESULT_NAME, verbose: bool = True) -> list[dict[str, Any]]:
+              result_name: str = RESULT_NAME, verbose: bool = True, sweep_id: str | None = None,
+              since: float | None = None) -> list[dict[str, Any]]:
     """Write ``aggregate.csv``, ``aggregate.md`` and ``frontier.png`` for a sweep dir.
+
+    ``sweep_id`` (the sweep-end aggregate): only that sweep's results (see :func:`this_sweep`),
+    the stale ones of earlier sweeps into the same dir are left out and counted in the header.
+    Without it, every result is aggregated, and results of several sweeps are flagged.
 
     Returns the rows. Raises ``FileNotFoundError`` when the dir holds no ``result.json``.
     """
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep dir {sweep_dir} does not exist")
-    results = collect(sweep_dir, result_name)
+    results, n_stale = this_sweep(collect(sweep_dir, result_name), sweep_id, since)
     if not results:
         raise FileNotFoundError(f"no {result_name} under {sweep_dir}: is it a mis-lightning sweep dir?")
+    notes = [f"note: {n_stale} result(s) of earlier sweeps into this dir left out"] * bool(n_stale)
+    notes += [n] if (n := _mixed_sweeps_note(results)) else []
     out = Path(out_dir) if out_dir is not None else sweep_dir
     out.mkdir(parents=True, exist_ok=True)
     rows = rows_of(results, sweep_dir)
@@ -319,11 +410,14 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
     parts = [f"{n_failed} failed"] * bool(n_failed) + [f"{n_none} scored no scheme"] * bool(n_none)
     failed_txt = f" ({'; '.join(parts)})" if parts else ""
     head = f"# mis-lightning sweep {sweep_dir}\n\n{len(results)} jobs{failed_txt}, {len(rows)} rows.\n\n"
+    head += "".join(f"{n}\n\n" for n in notes)
     (out / "aggregate.md").write_text(head + md + "\n")
     import matplotlib.pyplot as plt
 
     fig = frontier_figure(rows, out / "frontier.png")
     plt.close(fig)
+    for n in notes:
+        print(f"mis-lightning-aggregate: {n}", file=sys.stderr)
     if verbose:
         print(f"\nAggregated {len(results)} jobs{failed_txt} of {sweep_dir}:")
         print(md)
@@ -337,6 +431,19 @@ class AggregateSweep(Callback):
     def __init__(self, result_name: str = RESULT_NAME, verbose: bool = True) -> None:
         self.result_name = result_name
         self.verbose = verbose
+        self.sweep_id: str | None = None
+        self.started: float | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Give the sweep an id, passed to its jobs in the environment (``SWEEP_ID_ENV``): each
+        records it in its ``result.json``, so that the aggregate leaves out stale jobs of an
+        earlier sweep into the same dir."""
+        import os
+        import time
+        import uuid
+
+        self.sweep_id, self.started = uuid.uuid4().hex[:12], time.time()
+        os.environ[SWEEP_ID_ENV] = self.sweep_id
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """A job that failed outside ``run_job``'s own handling still leaves a ``result.json``."""
@@ -352,14 +459,21 @@ class AggregateSweep(Callback):
         if not path.exists():
             exc = job_return._return_value
             if isinstance(exc, BaseException):
-                write_failure(path, exc, stage="job", job={"overrides": list(job_return.overrides or [])})
+                import os
+
+                write_failure(path, exc, stage="job", job={"overrides": list(job_return.overrides or []),
+                                                           "sweep_id": os.environ.get(SWEEP_ID_ENV)})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Aggregate the sweep; exit with status 1 if any job failed or scored no scheme (after
         aggregating)."""
+        import os
+
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        os.environ.pop(SWEEP_ID_ENV, None)
         try:
-            rows = aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose)
+            rows = aggregate(sweep_dir, result_name=self.result_name, verbose=self.verbose,
+                             sweep_id=self.sweep_id, since=self.started)
         except FileNotFoundError as exc:
             print(f"mis-lightning: nothing to aggregate ({exc})", file=sys.stderr)
             return

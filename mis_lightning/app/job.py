@@ -66,10 +66,74 @@ def plan_config_of(cfg: DictConfig) -> PlanConfig | None:
     """
     if str(cfg.get("mode", "train")) != "plan":
         return None
+    check_plan_selection(cfg)
     node = cfg.get("plan")
     pc = PlanConfig(**(OmegaConf.to_container(node, resolve=True) if node is not None else {}))  # type: ignore[arg-type]
-    pc.candidates = resolve_schemes(pc.candidates)
+    specs = list(pc.candidates)
+    pc.candidates = resolve_schemes(specs)
+    check_unique_names(pc.candidates, specs, "plan.candidates")
     return pc
+
+
+def _spec_text(spec: Any) -> str:
+    """A config entry as the user wrote it: ``int8_weight_only`` or ``{name: ..., group_size: 32}``."""
+    if OmegaConf.is_config(spec):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}"
+    return str(getattr(spec, "name", spec))
+
+
+def check_unique_names(schemes: Sequence[QuantizationScheme], specs: Sequence[Any], option: str) -> None:
+    """Each scheme of a job is scored once under its name: refuse two entries of ``option``
+    (``schemes`` or ``plan.candidates``) that build schemes of one name, before training.
+
+    Raises:
+        ValueError: naming both entries (position and text), the scheme and the fix.
+    """
+    first: dict[str, int] = {}
+    for i, sch in enumerate(schemes):
+        j = first.setdefault(sch.name, i)
+        if j == i:
+            continue
+        both = f"{option} entries {j + 1} ({_spec_text(specs[j])}) and {i + 1} ({_spec_text(specs[i])})"
+        if repr(schemes[j]) == repr(sch):
+            raise ValueError(f"{both} build the same scheme {sch.name!r} ({sch!r}): each scheme is "
+                             "scored once, so list it once")
+        raise ValueError(f"{both} build two schemes named {sch.name!r} ({schemes[j]!r} and {sch!r}): each "
+                         "scheme is scored once under its name; drop one, or change the options of one so "
+                         "that it builds a scheme of another name (a scheme's name follows its options: "
+                         "mis_lightning.get_scheme(<name>, **options).name)")
+
+
+def _overridden(keys: Sequence[str]) -> list[str]:
+    """The command-line overrides of the running Hydra job that set one of ``keys``
+    (``schemes=...``, ``+schemes=...``, ``quantizer=...``)."""
+    out = []
+    for ov in job_info()["overrides"]:
+        key = str(ov).split("=", 1)[0].lstrip("+~")
+        if key in keys:
+            out.append(str(ov))
+    return out
+
+
+def check_plan_selection(cfg: DictConfig) -> None:
+    """``mode=plan`` plans over ``plan.candidates`` alone: refuse a ``quantizer`` selection or a
+    ``schemes=`` given on the command line, which it would otherwise ignore (a sweep over
+    ``quantizer=`` would run the same plan in every job). The config's default ``schemes`` list
+    is not a choice of the user's and passes.
+
+    Raises:
+        ValueError: naming the ignored option and the one to use instead.
+    """
+    q = cfg.get("quantizer")
+    given = [f"quantizer={q.get('name', '?')}"] if q else []
+    given += [ov for ov in _overridden(("schemes",)) if not ov.startswith("~")]
+    if given:
+        raise ValueError(
+            f"mode=plan plans over plan.candidates and does not use {' '.join(given)}: list the schemes "
+            "to plan with as 'plan.candidates=[<name>,...]' instead (mode=train / mode=assess score "
+            "`schemes` or `quantizer`)")
 
 
 def write_plan(planned: PlanResult, out: Path, names: Any) -> None:
@@ -102,6 +166,8 @@ def job_info() -> dict[str, Any]:
         return {"num": None, "name": None, "overrides": [], "override_dirname": "", "choices": {}}
     from hydra.types import RunMode
 
+    from mis_lightning.app.aggregate import SWEEP_ID_ENV
+
     multirun = hc.mode == RunMode.MULTIRUN
     choices = {k: v for k, v in OmegaConf.to_container(hc.runtime.choices).items()
                if not k.startswith("hydra")}
@@ -114,6 +180,8 @@ def job_info() -> dict[str, Any]:
         "choices": choices,
         "output_dir": str(hc.runtime.output_dir),
         "multirun": multirun,
+        # the sweep's id (AggregateSweep.on_multirun_start): its aggregate leaves out stale jobs
+        "sweep_id": os.environ.get(SWEEP_ID_ENV) if multirun else None,
     }
 
 
@@ -227,7 +295,9 @@ def selected_schemes(cfg: DictConfig) -> list[QuantizationScheme]:
     specs = cfg.get("schemes")
     if not specs:
         raise ValueError("no scheme selected: set `schemes: [...]` or pick `quantizer=<name>`")
-    return resolve_schemes(list(specs))
+    schemes = resolve_schemes(list(specs))
+    check_unique_names(schemes, list(specs), "schemes")
+    return schemes
 
 
 # -- the job -------------------------------------------------------------------------------------
@@ -287,13 +357,54 @@ def _build_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def _assessment_loader(dm: Any) -> Any:
-    """A non-shuffled loader over the training set (each record once), else the dm's loader."""
+    """A non-shuffled loader over the training set (each record once; :func:`check_datamodule`
+    has checked that ``dm.train_dataset`` exists)."""
     from torch.utils.data import DataLoader
 
-    ds = getattr(dm, "train_dataset", None)
-    if ds is None:
-        return dm.train_dataloader()
-    return DataLoader(ds, batch_size=getattr(dm, "batch_size", 256), shuffle=False)
+    return DataLoader(dm.train_dataset, batch_size=getattr(dm, "batch_size", 256), shuffle=False)
+
+
+def check_datamodule(dm: Any) -> str:
+    """The task of the set-up datamodule, checked with what the assessment needs of it, before
+    training: a task the app measures, and ``train_dataset`` (every training record once, in a
+    fixed order: a train loader may shuffle and drop the last batch, which would assess a random
+    part of the training set).
+
+    Raises:
+        ValueError: another task than ``"regression"`` / ``"binary"``, or no ``train_dataset``
+            (names the datamodule and the fix).
+    """
+    from mis_lightning.models.metrics import TASKS
+
+    name, task = type(dm).__name__, str(dm.task)
+    if task not in TASKS:
+        raise ValueError(f"data {name} has task {task!r}, but the app assesses {' and '.join(map(repr, TASKS))} "
+                         "tasks only (its utility metrics and plan budgets depend on the task): pick one "
+                         "(e.g. data.task=regression where the datamodule takes it)")
+    if getattr(dm, "train_dataset", None) is None:
+        raise ValueError(f"data {name} has no train_dataset after setup(): the assessment reads every "
+                         "training record once, in order (its train_dataloader() may shuffle or drop "
+                         "records); set self.train_dataset (a torch Dataset of the training records) "
+                         "in its setup()")
+    return task
+
+
+def check_plan_metric(plan_cfg: PlanConfig | None, task: str) -> None:
+    """``mode=plan``: ``plan.utility_metric`` is one the job measures for ``task`` (``loss`` or
+    a metric of :func:`~mis_lightning.models.utility_metrics`), checked before training.
+
+    Raises:
+        ValueError: naming the metric, the task and the metrics measured for it.
+    """
+    from mis_lightning.models import utility_metrics
+
+    if plan_cfg is None:
+        return
+    measured = ["loss", *utility_metrics(task)]
+    if plan_cfg.utility_metric not in measured:
+        raise ValueError(f"plan.utility_metric={plan_cfg.utility_metric} is not measured for the {task} "
+                         f"task of this data: the app measures {', '.join(measured)} there; pick one "
+                         f"of them (e.g. plan.utility_metric={measured[1]})")
 
 
 def check_schemes_available(schemes: Sequence[QuantizationScheme], strict: bool) -> list[str]:
@@ -328,10 +439,14 @@ def check_schemes_available(schemes: Sequence[QuantizationScheme], strict: bool)
 
 
 def requested_scheme_names(cfg: DictConfig) -> list[str]:
-    """The scheme names a config asks for (for a failed job's record; never raises)."""
+    """The scheme names a config asks for (for a failed job's record; never raises):
+    ``mode=plan``: ``plan.candidates``; else ``quantizer`` when selected, else ``schemes``."""
     try:
         q = cfg.get("quantizer")
-        specs = [q] if q else list(cfg.get("schemes") or [])
+        if str(cfg.get("mode", "train")) == "plan":
+            specs = list((cfg.get("plan") or {}).get("candidates") or [])
+        else:
+            specs = [q] if q else list(cfg.get("schemes") or [])
         out = []
         for spec in specs:
             if isinstance(spec, str):
@@ -515,6 +630,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # hparams_initial, which save_hyperparameters sets (assigning hparams did not)
             dm.save_hyperparameters({"task": task})
         stage[0] = "configuration"
+        check_datamodule(dm)
+        check_plan_metric(plan_cfg, task)
         model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
             cfg.model, ckpt.get("hyper_parameters"), "model"))
         if ckpt is not None:
@@ -590,6 +707,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         except BaseException:
             for lg in loggers:
                 lg.finalize("failed")
+            # ... and end the tracker runs, or the next job of a multirun logs into this one
+            _end_mlflow_run(failed=True)
+            _end_wandb_run(failed=True)
             raise
     for lg in loggers:  # one tracker run per job: close it so that multirun jobs don't merge
         lg.finalize("success")
@@ -640,16 +760,18 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     return {"output_dir": str(out), "leakage": {r["scheme"]: r["leakage"] for r in rows}, "scored": scored}
 
 
-def _end_mlflow_run() -> None:
-    """End a fluent-API MLflow run if one is active (the Lightning logger uses the client)."""
+def _end_mlflow_run(failed: bool = False) -> None:
+    """End a fluent-API MLflow run if one is active (the Lightning logger uses the client);
+    ``failed``: with status ``FAILED``."""
     mlflow = sys.modules.get("mlflow")
     if mlflow is not None and getattr(mlflow, "active_run", lambda: None)() is not None:
-        mlflow.end_run()
+        mlflow.end_run(**({"status": "FAILED"} if failed else {}))
 
 
-def _end_wandb_run() -> None:
+def _end_wandb_run(failed: bool = False) -> None:
     """Finish the W&B run if one is active: Lightning's WandbLogger leaves it open, and the next
-    job of a multirun in this process would otherwise log into it."""
+    job of a multirun in this process would otherwise log into it (a failed job too, whose run
+    ends with exit code 1)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        wandb.finish(**({"exit_code": 1} if failed else {}))

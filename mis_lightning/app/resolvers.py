@@ -2,23 +2,69 @@
 
 ``${mis_job_subdir:${hydra.job.num},${hydra.runtime.choices.quantizer},${hydra.job.override_dirname}}``
 names a multirun job's folder: ``<num>_<scheme>`` when the sweep selects a ``quantizer``,
-else ``<num>_<overrides>`` (``/`` replaced), else ``<num>``.
+else ``<num>_<overrides>`` (``/`` replaced), else ``<num>``. A label longer than
+:data:`MAX_LABEL` characters is cut after a whole override and marked ``+<k>more_<hash>``
+(``k`` overrides left out; ``hash``: 8 hex digits of the full label), so that no value is
+shown cut.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["job_subdir", "register_resolvers"]
+__all__ = ["MAX_LABEL", "job_subdir", "register_resolvers"]
+
+#: the longest label of a job folder (file systems allow 255 bytes per path component)
+MAX_LABEL = 120
+
+
+def _split_overrides(label: str) -> list[str]:
+    """``a=1,b=[x,y],c=2`` -> ``["a=1", "b=[x,y]", "c=2"]``: commas inside brackets or quotes
+    belong to a value."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in label:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(depth - 1, 0)
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _shorten(label: str, limit: int = MAX_LABEL) -> str:
+    """``label`` if it fits ``limit``, else its leading whole overrides and ``+<k>more_<hash>``."""
+    if len(label) <= limit:
+        return label
+    digest = hashlib.sha1(label.encode()).hexdigest()[:8]
+    parts = _split_overrides(label)
+    kept: list[str] = []
+    for i, part in enumerate(parts):
+        mark = f"+{len(parts) - i - 1}more_{digest}"
+        if len(",".join([*kept, part, mark])) > limit:
+            break
+        kept.append(part)
+    mark = f"+{len(parts) - len(kept)}more_{digest}"
+    return ",".join([*kept, mark])
 
 
 def job_subdir(num: Any, scheme: Any = None, overrides: Any = None) -> str:
-    """``0_int4_weight_only``, ``3_seed=1,data.d=16`` or ``5`` (safe as one path component)."""
+    """``0_int4_weight_only``, ``3_seed=1,data.d=16`` or ``5`` (safe as one path component;
+    long override lists cut at an override, see the module docstring)."""
     label = scheme if scheme not in (None, "", "None", "null") else overrides
-    label = re.sub(r"[/\\\s]+", "_", str(label or "")).strip("_")[:120]
+    label = _shorten(re.sub(r"[/\\\s]+", "_", str(label or "")).strip("_"))
     return f"{num}_{label}" if label else str(num)
 
 

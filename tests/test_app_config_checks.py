@@ -1,0 +1,209 @@
+"""The app's checks before training (fresh-user sweep fu19): a config the job would ignore, or
+could only refuse after training, is refused at once with one line and exit status 2; a failed
+job records what it was to assess."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+
+FAST = [
+    "data=synthetic_linear", "data.n_train=400", "data.n_val=200", "data.batch_size=400",
+    "model=linear", "trainer.max_epochs=2", "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=2",
+    "logger=none", "progress=false", "mis.scoring.covariance=independent",
+]
+
+
+def _console(monkeypatch, capsys, args: list[str]) -> tuple[object, str]:
+    """The console script in this process: ``(exit code, stderr)``."""
+    from mis_lightning import cli
+
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", *args])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    return info.value.code, capsys.readouterr().err
+
+
+def _compose(overrides: list[str], out: Path):
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    with initialize_config_module("mis_lightning.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def _nothing_trained(run: Path) -> dict:
+    """Nothing was trained or assessed in ``run``: the failed job's record (returned) and
+    Hydra's own files only."""
+    assert {p.name for p in run.iterdir()} <= {"result.json", ".hydra", "cli.log"}
+    res = json.loads((run / "result.json").read_text())
+    assert res["status"] == "failed" and res["stage"] == "configuration"
+    return res
+
+
+@pytest.mark.parametrize("override, given", [
+    ("quantizer=rtn_int2", "quantizer=rtn_int2"),
+    ("schemes=[rtn_int8,rtn_int2]", "schemes=[rtn_int8,rtn_int2]"),
+])
+def test_plan_mode_refuses_a_scheme_selection_it_would_ignore(tmp_path, monkeypatch, capsys, override, given):
+    """W5: `mode=plan quantizer=...` (or `schemes=...`) planned over the default plan.candidates
+    and said nothing; a sweep over quantizer= ran the same plan in every job."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "mode=plan", override, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert (f"configuration error (ValueError): mode=plan plans over plan.candidates and does not use {given}: "
+            "list the schemes to plan with as 'plan.candidates=[<name>,...]' instead") in err
+    assert "Traceback" not in err
+    _nothing_trained(run)
+
+
+def test_failed_plan_job_records_the_plan_candidates(tmp_path):
+    """W8: a failed mode=plan job recorded the default `schemes` list in result.json (and the
+    aggregate's failure row), not the candidates it was planning over."""
+    from mis_lightning.app.job import run_job
+    from mis_lightning.planning import PlanConfig
+
+    run = tmp_path / "r"
+    with pytest.raises(ValueError, match="max_bits"):
+        run_job(_compose([*FAST, "mode=plan", "plan.max_bits=-1"], run))
+    assert _nothing_trained(run)["schemes"] == PlanConfig().candidates
+    with pytest.raises(ValueError, match="max_bits"):
+        run_job(_compose([*FAST, "mode=plan", "plan.max_bits=-1", "plan.candidates=[rtn_int8,rtn_int2]"], run))
+    assert _nothing_trained(run)["schemes"] == ["rtn_int8", "rtn_int2"]
+
+
+class TinyDM(pl.LightningDataModule):
+    """A minimal datamodule of the user's own (``data._target_``): 64 records, 3 features.
+    ``train_dataset=False`` keeps the training set under another name (``train_set``) and
+    draws it through a shuffled ``drop_last`` loader, as in fu19's p36."""
+
+    def __init__(self, task: str = "regression", train_dataset: bool = True, seed: int = 0, **_: object) -> None:
+        super().__init__()
+        self.task, self.keep, self.seed = task, train_dataset, seed
+        self.n_train, self.num_features, self.batch_size = 64, 3, 16
+
+    def setup(self, stage: str | None = None) -> None:
+        import torch
+        from torch.utils.data import TensorDataset
+
+        g = torch.Generator().manual_seed(self.seed)
+        x = torch.randn(96, 3, generator=g)
+        ds = TensorDataset(x[:64], x[:64, 0].clone())
+        self.val_dataset = TensorDataset(x[64:], x[64:, 0].clone())
+        if self.keep:
+            self.train_dataset = ds
+        else:
+            self.train_set = ds
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        ds = self.train_dataset if self.keep else self.train_set
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.val_dataset, batch_size=32)
+
+
+TINY = ["data=synthetic_linear", f"data._target_={__name__}.TinyDM", *(o for o in FAST if not o.startswith("data"))]
+
+
+@pytest.mark.parametrize("override, message", [
+    # E4: an unsupported task failed after training (stage "assessment", exit 1)
+    ("data.task=multiclass", "data TinyDM has task 'multiclass', but the app assesses 'regression' and "
+                              "'binary' tasks only"),
+    # W9: a datamodule without train_dataset was assessed on one shuffled drop_last pass
+    # (n = 48 of 64 here), silently
+    ("+data.train_dataset=false", "data TinyDM has no train_dataset after setup(): the assessment reads every "
+                                  "training record once, in order"),
+])
+def test_datamodule_needs_a_supported_task_and_a_train_dataset(tmp_path, monkeypatch, capsys, override, message):
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*TINY, override, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
+    _nothing_trained(run)
+
+
+def test_plan_utility_metric_not_measured_for_the_task_fails_before_training(tmp_path, monkeypatch, capsys):
+    """E1: `mode=plan plan.utility_metric=auroc` on regression data trained, then failed with
+    the Python API's hint ("pass it in metrics="); it is refused before training with the
+    metrics the task measures."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "mode=plan", "plan.utility_metric=auroc",
+                                               "plan.candidates=[rtn_int8,rtn_int2]", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert ("configuration error (ValueError): plan.utility_metric=auroc is not measured for the regression "
+            "task of this data: the app measures loss, rmse, mae, r2 there") in err
+    _nothing_trained(run)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["schemes=[rtn_int8,intx_weight_only_int4,{name: intx_weight_only_int4, group_size: 32}]"],
+     "schemes entries 2 (intx_weight_only_int4) and 3 ({name: intx_weight_only_int4, group_size: 32}) build "
+     "the same scheme 'intx_weight_only_int4' (IntxWeightOnly(bits=4, granularity='per_row', group_size=None, "
+     "mapping='symmetric')): each scheme is scored once, so list it once"),
+    (["schemes=[{name: rtn_int4, bits: 8},rtn_int8]"],
+     "schemes entries 1 ({name: rtn_int4, bits: 8}) and 2 (rtn_int8) build the same scheme 'rtn_int8'"),
+    (["mode=plan", "plan.candidates=[rtn_int8,rtn_int8]"],
+     "plan.candidates entries 1 (rtn_int8) and 2 (rtn_int8) build the same scheme 'rtn_int8'"),
+])
+def test_two_entries_of_one_scheme_name_fail_before_training(tmp_path, monkeypatch, capsys, overrides, message):
+    """E3: two entries building schemes of one name trained first, then failed with "scheme
+    'intx_weight_only_int4' is listed twice" (stage assessment, a traceback, no fix)."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, *overrides, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
+    _nothing_trained(run)
+
+
+def test_a_job_that_fails_after_training_ends_its_tracker_runs(tmp_path, monkeypatch):
+    """W7: a job failing after training finalized its loggers but left its W&B run open (and
+    a fluent MLflow run), so the next job of a multirun logged into it. Fake tracker modules
+    stand in for wandb and mlflow: the job must end both runs, as failed."""
+    import types
+
+    from mis_lightning.app import job
+
+    calls: list[tuple[str, dict]] = []
+    wandb = types.SimpleNamespace(run=object(), finish=lambda **kw: calls.append(("wandb.finish", kw)))
+    mlflow = types.SimpleNamespace(active_run=lambda: object(), end_run=lambda **kw: calls.append(("mlflow.end_run", kw)))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+
+    def broken_assess(*args, **kwargs):
+        raise RuntimeError("assessment broke")
+
+    monkeypatch.setattr(job, "assess", broken_assess)
+    run = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="assessment broke"):
+        job.run_job(_compose([*FAST, "schemes=[rtn_int8]", f"trainer.default_root_dir={run}"], run))
+    assert json.loads((run / "result.json").read_text())["stage"] == "assessment"
+    assert calls == [("mlflow.end_run", {"status": "FAILED"}), ("wandb.finish", {"exit_code": 1})]
+
+
+def test_single_run_dirs_have_sub_second_resolution(monkeypatch):
+    """E7: two single runs started in the same second shared one run dir (Hydra's
+    `%H-%M-%S`), and both failed writing the same csv/metrics.csv."""
+    import re
+
+    import mis_lightning.conf  # noqa: F401 - stores the generated groups (quantizer, plan)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("MIS_LIGHTNING_OUTPUT_DIR", raising=False)
+    # this checkout's configs (an editable install may map mis_lightning.conf to another)
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", run_dir), run_dir

@@ -1,0 +1,129 @@
+"""The app's sweep side (``mis_lightning.app.aggregate``, ``mis_lightning.app.resolvers``): a
+single run's dir, stale jobs of an earlier sweep in the same dir, job folder names, and a sweep
+that mixes utility metrics (fresh-user sweep fu19: E5, W6, W11, D3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mis_lightning.app import aggregate as agg
+
+
+def _result(job_dir: Path, num: int | None, scheme: str, leakage: float, utility: dict[str, float],
+            **extra: Any) -> Path:
+    """A minimal ``result.json`` of one job with one scheme row."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    row = {"scheme": scheme, "bits_per_weight": 4.0, "leakage": leakage, "mis": 1 - leakage,
+           "leakage_p10": None, "leakage_p90": None, "baseline_leakage": 0.5, "d_eff": 3.0,
+           "method": "clt", "error": "", **{f"utility_{k}": v for k, v in utility.items()}}
+    path = job_dir / "result.json"
+    path.write_text(json.dumps({"job": {"num": num, "overrides": [f"quantizer={scheme}"]}, "status": "ok",
+                                "rows": [row], **extra}))
+    return path
+
+
+def test_aggregate_of_a_single_run_dir_is_one_job(tmp_path):
+    """E5: `mis-lightning-aggregate <single-run dir>` (its result.json directly in the dir,
+    job.num = None) crashed with IndexError; it aggregates the run as one job."""
+    _result(tmp_path, None, "int8_weight_only", 0.1, {"rmse": 0.7})
+    assert agg.main([str(tmp_path), "--quiet"]) == 0
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "1 jobs, 1 rows." in md and "| int8_weight_only |" in md
+
+
+def test_long_job_folder_names_are_cut_at_an_override_and_marked():
+    """W11: job folder names were cut at 120 characters mid-value (`...,trainer.max_epochs=2`
+    for `trainer.max_epochs=20`); they are cut after a whole override, marked with the number
+    left out and a hash of the full list (so two cut names never collide)."""
+    from mis_lightning.app.resolvers import job_subdir
+
+    head = "data=synthetic_linear,model=mlp_probe,mode=plan,plan.candidates=[rtn_int8,rtn_int4,rtn_int2],"
+    overrides = head + "plan.max_utility_loss=0.05,trainer.max_epochs=20"
+    name = job_subdir(0, None, overrides)
+    label = name.removeprefix("0_")
+    assert len(label) <= 120
+    kept, mark = label.rsplit(",+", 1)
+    assert overrides.startswith(kept + ",") and kept.endswith("rtn_int2]")  # whole overrides only
+    assert mark.startswith("2more_") and len(mark.split("_")[1]) == 8
+    assert job_subdir(0, None, overrides.replace("=20", "=2")) != name  # the hash tells them apart
+    assert job_subdir(3, None, "seed=1,data.d=16") == "3_seed=1,data.d=16"  # short: unchanged
+    assert job_subdir(5, "int8_weight_only", overrides) == "5_int8_weight_only"
+
+
+def test_sweep_end_aggregate_counts_this_sweeps_jobs_only(tmp_path, monkeypatch):
+    """W6: a sweep re-run into the same sweep dir counted the earlier sweep's jobs: its
+    aggregate said "3 jobs (1 failed)" and it exited 1 for a stale failed job. The jobs record
+    the sweep's id; the sweep-end aggregate leaves the stale ones out (and says so), and
+    mis-lightning-aggregate over the dir flags the mix."""
+    import os
+    import time
+
+    from omegaconf import OmegaConf
+
+    monkeypatch.delenv("MIS_LIGHTNING_SWEEP_ID", raising=False)
+    old = tmp_path / "1_int4_weight_only_tinygemm"
+    old.mkdir()
+    agg.write_failure(old / "result.json", RuntimeError("needs CUDA"), stage="configuration",
+                      job={"num": 1, "overrides": ["quantizer=int4_weight_only_tinygemm"], "sweep_id": "earlier"})
+    legacy = _result(tmp_path / "2_bf16", 2, "bf16", 0.3, {"rmse": 0.8})  # no sweep id (older version)
+    past = time.time() - 3600
+    os.utime(legacy, (past, past))
+
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    cb = agg.AggregateSweep(verbose=False)
+    cb.on_multirun_start(cfg)
+    sid = os.environ.get("MIS_LIGHTNING_SWEEP_ID", "none")
+    for num, scheme in enumerate(["int8_weight_only", "intx_weight_only_int4"]):
+        _result(tmp_path / f"{num}_{scheme}", num, scheme, 0.2, {"rmse": 0.7})
+        res = json.loads((tmp_path / f"{num}_{scheme}" / "result.json").read_text())
+        res["job"]["sweep_id"] = sid  # what run_job records (job_info)
+        (tmp_path / f"{num}_{scheme}" / "result.json").write_text(json.dumps(res))
+    cb.on_multirun_end(cfg)  # no SystemExit: the failed job is not this sweep's
+    assert "MIS_LIGHTNING_SWEEP_ID" not in os.environ
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "2 jobs, 2 rows." in md and "note: 2 result(s) of earlier sweeps into this dir left out" in md
+    assert "tinygemm" not in md and "bf16" not in md
+
+    assert agg.main([str(tmp_path), "--quiet"]) == 1  # the whole dir: the stale failure counts ...
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "4 jobs (1 failed)" in md
+    assert f"note: this dir holds the results of 2 sweeps (sweep ids {', '.join(sorted([sid, 'earlier']))})" in md
+
+
+def test_a_multirun_job_records_its_sweep_id(monkeypatch):
+    """W6: the id set by AggregateSweep.on_multirun_start reaches the job's record."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app import job
+
+    hc = OmegaConf.create({"mode": RunMode.MULTIRUN, "job": {"num": 3, "id": "x_3", "name": "cli",
+                                                             "override_dirname": "seed=1"},
+                           "runtime": {"choices": {}, "output_dir": "/tmp/x"}, "overrides": {"task": ["seed=1"]}})
+    monkeypatch.setattr(job, "_hydra_config", lambda: hc)
+    monkeypatch.setenv("MIS_LIGHTNING_SWEEP_ID", "abc123")
+    assert job.job_info()["sweep_id"] == "abc123"
+
+
+def test_a_sweep_over_tasks_shows_every_row_with_its_own_utility(tmp_path):
+    """D3: a sweep over regression and binary data (the documented
+    `data=synthetic_linear,synthetic_logistic`): frontier.png plotted the rmse rows only ("2
+    results") and aggregate.md showed rmse alone, "-" for the binary rows. Now one panel per
+    utility and one column per utility, each row with its own."""
+    _result(tmp_path / "0_a", 0, "int8_weight_only", 0.10, {"rmse": 0.7, "mae": 0.5})
+    _result(tmp_path / "1_a", 1, "int8_weight_only", 0.20, {"auroc": 0.9, "accuracy": 0.8})
+    _result(tmp_path / "2_b", 2, "intx_weight_only_int2_g32", 0.05, {"rmse": 0.9, "mae": 0.6})
+    _result(tmp_path / "3_b", 3, "intx_weight_only_int2_g32", 0.15, {"auroc": 0.8, "accuracy": 0.7})
+    rows = agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    head = next(ln for ln in md.splitlines() if ln.startswith("| job"))
+    assert "| rmse | auroc |" in head
+    line = next(ln for ln in md.splitlines() if ln.startswith("| 1 |"))
+    assert "| - | 0.9000 |" in line  # the binary job's own utility
+    fig = agg.frontier_figure(rows)
+    assert [ax.get_xlabel() for ax in fig.axes] == ["rmse (validation; lower is better)",
+                                                     "auroc (validation; higher is better)"]
+    assert fig._suptitle.get_text() == "Privacy-utility frontier (4 results, 4 distinct)"
+    assert [ax.get_title() for ax in fig.axes] == ["rmse (2 results)", "auroc (2 results)"]
