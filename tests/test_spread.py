@@ -147,3 +147,30 @@ def test_quantized_scheme_stays_below_the_baseline_and_keeps_first_order_without
         # the spread term never lowers a figure (the first-order value is its h = 0 limit)
         assert r.leakage >= old.schemes[k].leakage * (1 - 1e-9) or r.leakage_independent is not None
     assert "baseline_leakage_first_order" not in old.diagnostics
+
+
+def test_gaussian_channel_reduces_to_one_dimension_with_rho() -> None:
+    """Correlated Gaussian channel (method.md section 3): ``Y = U + e``, ``Cov e = diag((1 - k)/k)``.
+    Member ``U ~ N(mu, R - b b')`` with the narrowing along the shift (``b = sqrt(h) mu / delta_u``),
+    non-member ``N(0, R)``. Whitened by ``P = R + Cov e`` both differ along one direction only, so
+    the exact TV is ``TV(N(sqrt(mu'P^-1 mu), 1 - b'P^-1 b), N(0, 1))``; the library's ``with_spread``
+    on the channel form (``rho = s2_q / s2_u``) must give it to rounding."""
+    gen = torch.Generator().manual_seed(5)
+    d, R_, n = 5, 16, 300
+    A = torch.randn(d, d, dtype=torch.float64, generator=gen)
+    cov = A @ A.T + 0.5 * torch.eye(d, dtype=torch.float64)
+    sd = cov.diagonal().sqrt()
+    corr = cov / sd[:, None] / sd[None, :]
+    W = torch.randn(R_, d, dtype=torch.float64, generator=gen) * 3
+    kappa = torch.rand(d, dtype=torch.float64, generator=gen) * 0.9 + 0.05
+    h = torch.rand(R_, dtype=torch.float64, generator=gen) * 0.3
+    rc = F.correlated.RecordCorrelation.full(corr)
+    t_u = rc.gaussian_mean_abs(W) / (2 * math.sqrt(n))
+    t_q = rc.gaussian_mean_abs(W, kappa) / (2 * math.sqrt(n))
+    got = F.with_spread(F.saturate(t_q), t_u, h)
+    P = corr + torch.diag((1 - kappa) / kappa)
+    mu = W / math.sqrt(n)
+    dq2 = torch.einsum("rj,jk,rk->r", mu, torch.linalg.inv(P), mu)
+    du2 = torch.einsum("rj,jk,rk->r", mu, torch.linalg.inv(corr), mu)
+    want = F.spread_tv(dq2.sqrt(), h * dq2 / du2)
+    assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
