@@ -174,3 +174,16 @@ def test_gaussian_channel_reduces_to_one_dimension_with_rho() -> None:
     du2 = torch.einsum("rj,jk,rk->r", mu, torch.linalg.inv(corr), mu)
     want = F.spread_tv(dq2.sqrt(), h * dq2 / du2)
     assert torch.allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_spread_keeps_saturated_and_empty_records_finite() -> None:
+    t = torch.tensor([0.0, 1e-300, 0.3, 50.0, math.inf], dtype=torch.float64)
+    h = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64)
+    out = F.saturate_spread(t, h)
+    assert bool(torch.isfinite(out).all()) and float(out[-1]) == 1.0 and float(out[-2]) == pytest.approx(1.0)
+    leak = F.saturate(t)
+    got = F.with_spread(leak, t, h)
+    assert bool(torch.isfinite(got).all()) and bool((got >= leak - 1e-15).all())
+    # a record with no unquantized leakage gets none from the spread either
+    assert float(F.with_spread(torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64),
+                               torch.full((1,), 0.5, dtype=torch.float64))) == 0.0

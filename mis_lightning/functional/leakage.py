@@ -145,7 +145,10 @@ def saturate_spread(t: Tensor, h: Tensor | None) -> Tensor:
     if h is None:
         return g
     h = h.to(torch.float64)
-    return torch.where(h > 0, spread_tv(math.sqrt(2.0 * math.pi) * t.to(torch.float64), h), g)
+    t = t.to(torch.float64)
+    use = (h > 0) & torch.isfinite(t)  # t = inf (leakage 1): nothing to add, and no inf - inf
+    tt = torch.where(use, t, torch.zeros_like(t))
+    return torch.where(use, spread_tv(math.sqrt(2.0 * math.pi) * tt, h), g)
 
 
 def with_spread(leakage: Tensor, unquantized: Tensor, h: Tensor | None) -> Tensor:
