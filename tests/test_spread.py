@@ -13,9 +13,9 @@ from scipy import integrate, stats
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
+from mis_lightning import functional as F
 from mis_lightning.assess import run_estimation
 from mis_lightning.config import EstimationConfig
-from mis_lightning import functional as F
 from mis_lightning.estimation.estimate import LEVERAGE_CAP
 
 
