@@ -50,9 +50,9 @@ from .leakage import (
     saturate,
     saturate_spread,
     spread_tv,
-    with_spread,
     unsaturate,
     window_too_narrow,
+    with_spread,
 )
 from .table import table_boundaries, table_cell_moments
 
