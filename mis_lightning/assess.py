@@ -559,12 +559,16 @@ def score_schemes(
     base_total = _total(base_layers, R)
     baseline = float(base_total.leakage(n).mean())
     baseline_pool = float(base_total.leakage(n / 2).mean())  # kappa = 1: the cells do not enter
+    # per record, the unquantized first-order value t (before the saturation): the spread term's
+    # reference for every scheme (method.md section 4, "Spread term")
+    base_t = F.cells.SQRT_2_OVER_PI * base_total.s2.clamp_min(0.0).sqrt() / (2 * math.sqrt(n))
     form_gap = None  # the two unquantized forms, when they disagree
     if rc is not None:
         diagnostics["baseline_leakage_independent"] = baseline
         assert est.influence is not None
         base_abs = _unquantized_mean_abs(est, rc)
-        baseline = float(F.saturate(base_abs / (2 * math.sqrt(n))).mean())
+        base_t = base_abs / (2 * math.sqrt(n))
+        baseline = float(F.saturate(base_t).mean())
         baseline_pool = float(F.saturate(base_abs / (2 * math.sqrt(n / 2))).mean())
         if rc.kind == "full" and est.mahalanobis is not None:
             # The quantized schemes are scored through the weights' correlation (its
@@ -575,6 +579,9 @@ def score_schemes(
             diagnostics["baseline_leakage_correlation_form"] = corr_form
             if abs(corr_form - baseline) > CONSISTENCY_TOLERANCE * baseline:
                 form_gap = (baseline, corr_form)
+    if est.leverage is not None:  # the spread term (the two forms above are compared without it)
+        diagnostics["baseline_leakage_first_order"] = baseline
+        baseline = float(F.saturate_spread(base_t, est.leverage).mean())
     report = Report(
         n=n, d=est.d, estimation=estimation_info, diagnostics=diagnostics, schemes={},
         baseline_leakage=baseline, baseline_mis=1.0 - baseline, baseline_pool_leakage=baseline_pool,
@@ -595,7 +602,7 @@ def score_schemes(
         # schemes are then far less noisy than the schemes' own Monte Carlo errors.
         gen = torch.Generator().manual_seed(seed + 7919)
         result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
-                                rc=rc)
+                                rc=rc, base_t=base_t)
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
             result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
                             "a singular weights' covariance); no figure")
@@ -1358,7 +1365,11 @@ def _total(layer_sums: dict[str, F.CltSums], R: int) -> F.CltSums:
 def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]],
                    base_layers: dict[str, F.CltSums], baseline: float, method: str,
                    num_samples: int | None, gen: torch.Generator, chunk: int,
-                   rc: F.correlated.RecordCorrelation | None = None) -> SchemeResult:
+                   rc: F.correlated.RecordCorrelation | None = None,
+                   base_t: Tensor | None = None) -> SchemeResult:
+    """One scheme's figures from the pass's sums. ``base_t [R]``: the unquantized first-order
+    values per record, the spread term's reference (with ``est.leverage``; method.md section 4,
+    "Spread term")."""
     R, n, d = est.num_records, est.n, est.d
     idx = prep.column
     main = {name: sums[name][idx] for name in est.names}
@@ -1415,7 +1426,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
                   "cross_fitted": " (cross-fitted factor model)"}.get(rc.fit, "") if rc.kind == "factor" else ""
         notes.append(f"covariance: {rc.kind} correlation of the weights{fitted} "
                      f"(independent-coordinate value {float(leak_independent.mean()):.4g})")
-    leakage = float(leak.mean())
+    leakage = float(leak.mean())  # first order (the interval is built around it)
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
     iv = _interval(est, prep, sums, idx, float(leak_independent.mean()), float(total.leakage(n).mean()),
@@ -1426,6 +1437,15 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         # saturation G so that the ends stay below 1 (method.md section 3).
         lo, hi = F.carry_interval(iv.lo, iv.hi, float(leak_independent.mean()), leakage)
         iv = dataclasses.replace(iv, lo=lo, hi=hi)
+    if est.leverage is not None and base_t is not None:
+        # the spread term on the headline (method.md section 4, "Spread term"); the interval is
+        # carried to it like the correlated headline above
+        first = leakage
+        leak = F.with_spread(leak, base_t, est.leverage)
+        leakage = float(leak.mean())
+        if iv is not None:
+            lo, hi = F.carry_interval(iv.lo, iv.hi, first, leakage)
+            iv = dataclasses.replace(iv, lo=lo, hi=hi)
     interval = None if iv is None else (iv.lo, iv.hi)
     return SchemeResult(
         name=prep.scheme.name, leakage=leakage, mis=1.0 - leakage, baseline_leakage=baseline,

@@ -54,6 +54,7 @@ from .assess import (
     _grid_moments,
     _mc_leakage,
     _record_correlation,
+    _unquantized_mean_abs,
     resolve_schemes,
     run_estimation,
     score_schemes,
@@ -438,12 +439,32 @@ class _Proxy:
             else:
                 rest += est.power_sums(name, {2: torch.ones(numel, 1, dtype=torch.float64)})[2][:, 0]
         self.rest = rest
+        # the spread term's unquantized reference per record, as the pipeline's (method.md
+        # section 4, "Spread term"; only with the exact estimator's leverages)
+        self.base_t: Tensor | None = None
+        if est.leverage is not None:
+            if self.rc is not None:
+                self.base_t = _unquantized_mean_abs(est, self.rc) / (2 * math.sqrt(self.n))
+            else:
+                full = rest + sum((est.power_sums(g, {2: torch.ones(est.theta[g].numel(), 1, dtype=torch.float64)})[2][:, 0]
+                                   for g in groups), torch.zeros_like(rest))
+                self.base_t = F.cells.SQRT_2_OVER_PI * full.sqrt() / (2 * math.sqrt(self.n))
 
-    def independent(self, choice: Sequence[int]) -> float:
+    def _mean(self, leak: Tensor) -> float:
+        """Mean over the records of the per-record leakage ``[R]``, with the spread term where the
+        pipeline has it."""
+        if self.base_t is None:
+            return float(leak.mean())
+        return float(F.with_spread(leak, self.base_t, self.est.leverage).mean())
+
+    def independent(self, choice: Sequence[int], spread: bool = False) -> float:
+        """The independent-coordinate Gaussian form (``spread``: with the spread term, as the
+        pipeline's headline where it has no correlation model)."""
         s2 = self.rest.clone()
         for g, c in zip(self.groups, choice):
             s2 += self.s2[g][:, c]
-        return float(F.leakage_from_sums(s2, self.n).mean())
+        leak = F.leakage_from_sums(s2, self.n)
+        return self._mean(leak) if spread and self.rc is None else float(leak.mean())
 
     @property
     def pipeline_form(self) -> bool:
@@ -485,8 +506,8 @@ class _Proxy:
         assert est.influence is not None
         if bool((kvec == 1.0).all()):
             if self.rc is None:
-                return self.independent(choice)
-            return float(F.saturate(self.rc.gaussian_mean_abs(est.influence) / (2 * math.sqrt(self.n))).mean())
+                return self.independent(choice, spread=True)
+            return self._mean(F.saturate(self.rc.gaussian_mean_abs(est.influence) / (2 * math.sqrt(self.n))))
         chosen = self._method(choice, kvec)
         if chosen == "mc" and self.grids is not None:
             grids = {g: self.grids[c][g] for g, c in zip(self.groups, choice) if g in self.grids[c]}
@@ -497,12 +518,12 @@ class _Proxy:
             gen = torch.Generator().manual_seed(self.cfg.seed)
             if self.rc is not None:
                 prep = _PlanCells(grids, kap)
-                return float(_correlated_leakage(est, prep, self.rc, kvec, "mc", draws, gen, 1.0, self.n).mean())
+                return self._mean(_correlated_leakage(est, prep, self.rc, kvec, "mc", draws, gen, 1.0, self.n))
             kappas = {name: kap.get(name) for name in est.names}
-            return float(_mc_leakage(est, grids, kappas, draws, gen, DEFAULT_CHUNK, names=est.names).mean())
+            return self._mean(_mc_leakage(est, grids, kappas, draws, gen, DEFAULT_CHUNK, names=est.names))
         if self.rc is None:
-            return self.independent(choice)
-        return float(F.saturate(self.rc.gaussian_mean_abs(est.influence, kvec) / (2 * math.sqrt(self.n))).mean())
+            return self.independent(choice, spread=True)
+        return self._mean(F.saturate(self.rc.gaussian_mean_abs(est.influence, kvec) / (2 * math.sqrt(self.n))))
 
 
 @dataclasses.dataclass

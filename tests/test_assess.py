@@ -92,6 +92,11 @@ def test_assess_matches_functional_core():
     k_w = revealed + (1 - revealed) * stats.kappa
     kappa = torch.cat([k_w, torch.ones(1, dtype=torch.float64)])  # the bias is left in float
     ref = F.record_leakage(est.influence, F.CellMoments(kappa, kappa, kappa, kappa), est.n, method="clt")
+    # the spread term (method.md section 4): the records' leverages, the unquantized first-order
+    # values as its reference
+    assert est.leverage is not None
+    t_u = F.cells.SQRT_2_OVER_PI * est.influence.square().sum(-1).sqrt() / (2 * est.n ** 0.5)
+    ref = F.with_spread(ref, t_u, est.leverage)
     # the edges keep one cell beyond the row's bound, which the moments read as revealed
     # (functional/bounds.py): the two differ by the mass ~6 sd away here (3e-10 relative)
     assert rep.schemes["rtn_int4"].leakage == pytest.approx(float(ref.mean()), rel=1e-8)

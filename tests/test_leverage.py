@@ -188,7 +188,7 @@ def test_leverage_above_the_cap_is_capped() -> None:
     x = torch.tensor([[[2.0 * 5**0.5, 0.0, 0.0]]], dtype=torch.float64)  # |x|^2 / n = 2
     c = 0.3 * x[:, 0]  # the gradient of one output: along J
     diag: dict = {}
-    c_loo, V = _leverage(c, torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), x,
+    c_loo, V, _ = _leverage(c, torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), x,
                          torch.ones(1, 1, 1, dtype=torch.float64), n, True, diag)
     assert diag["max_leverage"] == pytest.approx(2.0) and diag["leverage_capped"] == 1
     torch.testing.assert_close(c_loo, c / (1 - LEVERAGE_CAP), rtol=1e-12, atol=0)

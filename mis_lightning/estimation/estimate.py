@@ -139,6 +139,11 @@ class Estimate:
             parameter (large models); deprecated alias ``w``. Read them, whatever the path,
             with :meth:`iter_influence` or :meth:`power_sums`.
         mahalanobis: ``[R]`` ``|Sigma^{-1/2} psi|`` per record (exact mode only).
+        leverage: ``[R]`` per-direction leverage ``h_i / rank(L_i)`` of the stored records
+            (``h_i`` for one output; capped at :data:`LEVERAGE_CAP`), in the order of
+            ``influence``: the variance fraction a member removes along its own direction, the
+            scoring's spread term (method.md section 4, "Spread term"). Only where the
+            finite-sample (leverage) correction was applied; ``None`` otherwise (first-order forms).
         correlation: ``[d, d]`` correlation matrix of ``Sigma`` (exact mode only; dimensionless).
         diagnostics: method.md section 6 diagnostics.
         factors: per-record factors of Linear layers (the factored diagonal path, see
@@ -161,6 +166,7 @@ class Estimate:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     mahalanobis: Tensor | None = None
     correlation: Tensor | None = None
+    leverage: Tensor | None = None
     _program: LossProgram | None = None
     _records: list[tuple[Any, Any]] | None = None
     _g_mean: dict[str, Tensor] | None = None
@@ -1055,11 +1061,13 @@ class MomentAccumulator:
             if J is None and self.leverage_correction == "auto":
                 diagnostics["leverage_unavailable"] = getattr(self, "_leverage_off", None) or \
                     "the per-record Gauss-Newton factors were not kept"
+            records: dict[str, Tensor] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
-                                                          jacobians=J, loss_hessians=L, correct_leverage=correct)
+                                                          jacobians=J, loss_hessians=L, correct_leverage=correct,
+                                                          records=records)
             return Estimate(mode="exact", hessian="exact", sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
-                            **common)
+                            leverage=records.get("leverage"), **common)
 
         h_sum = st["h_sum"].to(cpu, torch.float64)
         if self.hessian == "hutchinson":
@@ -1272,6 +1280,7 @@ def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: li
 def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
                      diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
+                     records: dict[str, Tensor] | None = None,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``.
 
@@ -1290,6 +1299,8 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             becomes ``H H_{-i}^{-1} c_i`` (Woodbury; ``c_i / (1 - h_i)`` for one output), so
             ``psi_i = -H_{-i}^{-1} c_i`` is the leave-one-out shift, and ``V`` gets the HC2
             term ``mean_i c_i c_i' h_i / (1 - h_i)`` (over the kept records).
+        records: when given and the correction is applied, gets ``"leverage"``: ``[R]`` the
+            per-direction leverages ``h_i / rank(L_i)`` (capped), for the spread term.
 
     Returns:
         ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
@@ -1337,7 +1348,9 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     Hinv = (evecs * inv) @ evecs.T
     C = G - g_mean  # centred gradients [R, d]
     if jacobians is not None and loss_hessians is not None:
-        C, V = _leverage(C, V, Hinv, jacobians, loss_hessians, n, correct_leverage, diagnostics)
+        C, V, hp = _leverage(C, V, Hinv, jacobians, loss_hessians, n, correct_leverage, diagnostics)
+        if records is not None and hp is not None:
+            records["leverage"] = hp
     Sigma = Hinv @ V @ Hinv
     Sigma = 0.5 * (Sigma + Sigma.T)
     sdiag = torch.diagonal(Sigma).clamp_min(0.0)
@@ -1370,7 +1383,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
 
 
 def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, correct: bool,
-              diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor]:
+              diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
     """The kept records' generalized leverages and, with ``correct``, the leave-one-out
     gradients and the HC2 gradient covariance (method.md section 4, "Finite-sample (leverage)
     correction").
@@ -1390,7 +1403,8 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
             ``leverage_correction`` (whether applied).
 
     Returns:
-        ``(C, V)``: corrected or as given.
+        ``(C, V, h')``: corrected, with ``h' [R]`` the capped per-direction leverages; or
+        ``(C, V, None)`` as given (no correction).
     """
     L = 0.5 * (L + L.transpose(1, 2))
     HJ = J @ Hinv  # [R, K, d] (Hinv symmetric)
@@ -1400,7 +1414,7 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     diagnostics.update(mean_leverage=float(h.mean()), max_leverage=float(h.max()),
                        leverage_capped=int(capped.sum()), leverage_correction=bool(correct))
     if not correct:
-        return C, V
+        return C, V, None
     # Cap 1 / (1 - h): scale the records' A so that tr A = LEVERAGE_CAP (reported above).
     scale = torch.where(capped, LEVERAGE_CAP / h.clamp_min(1e-300), torch.ones_like(h))
     A = A * scale[:, None, None]
@@ -1413,7 +1427,7 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     rank = torch.linalg.matrix_rank(L).clamp_min(1).to(h.dtype) if K > 1 else torch.ones_like(h)
     hp = h / rank
     V = V + (C * (hp / (1 - hp)).unsqueeze(-1)).T @ C / C.shape[0]
-    return C_loo, 0.5 * (V + V.T)
+    return C_loo, 0.5 * (V + V.T), hp
 
 
 # Per-sample gradient sd, relative to the largest median sd of a parameter of the same module,

@@ -48,8 +48,11 @@ from .leakage import (
     resolve_method,
     sample_cell_means,
     saturate,
+    saturate_spread,
+    spread_tv,
     unsaturate,
     window_too_narrow,
+    with_spread,
 )
 from .table import table_boundaries, table_cell_moments
 
@@ -97,6 +100,9 @@ __all__ = [
     "record_leakage",
     "sample_cell_means",
     "saturate",
+    "saturate_spread",
+    "spread_tv",
+    "with_spread",
     "unsaturate",
     "carry_interval",
     "standardize_boundaries",

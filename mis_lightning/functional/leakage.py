@@ -87,6 +87,98 @@ def saturate(t: Tensor) -> Tensor:
     return torch.special.erf(math.sqrt(math.pi) * t / 2.0)
 
 
+def spread_tv(delta: Tensor, h: Tensor) -> Tensor:
+    """Total variation between ``N(delta, 1 - h)`` (a member) and ``N(0, 1)`` (a non-member):
+    the whitened release along a record's own direction when the member both shifts the mean
+    and narrows the spread (method.md section 4, "Spread term").
+
+    The log density ratio is ``-(h x^2 - 2 delta x + c) / (2 (1 - h))`` with
+    ``c = delta^2 + (1 - h) log(1 - h)``: the member's density is the larger between the two
+    roots ``x_s = c / q`` and ``x_b = q / h``, ``q = delta + sqrt(1 - h) sqrt(delta^2 - h log(1 - h))``
+    (the stable quadratic formula: no cancellation as ``h -> 0``, where ``x_s -> delta / 2`` and
+    ``x_b -> inf``), so ``TV = P_1(x_s, x_b) - P_0(x_s, x_b)``, written with lower and upper
+    tails so that neither difference is of two numbers near 1.
+
+    Args:
+        delta: ``[...]`` shift in sd units (``>= 0``; the sign does not matter by symmetry).
+        h: ``[...]`` (broadcast) fraction of the variance the member removes along the shift,
+            in ``[0, 1)``; ``h = 0`` gives ``2 Phi(delta / 2) - 1`` (the pure mean shift).
+
+    Returns:
+        ``[...]`` float64 total variation in ``[0, 1]``.
+    """
+    d = delta.to(torch.float64).abs()
+    h = torch.as_tensor(h, dtype=torch.float64).clamp(0.0, 1.0 - 1e-12)
+    d, h = torch.broadcast_tensors(d, h)
+    pos = h > 0
+    hh = torch.where(pos, h, torch.ones_like(h))  # placeholder where h = 0 (no division by 0)
+    s2 = 1.0 - hh
+    s = s2.sqrt()
+    lg = -torch.log1p(-hh)  # -log(1 - h) > 0
+    q = d + s * (d * d + hh * lg).sqrt()
+    x_s = (d * d - s2 * lg) / q
+    x_b = q / hh
+    lower = _phi_cdf(x_s) - _phi_cdf((x_s - d) / s)  # P_0 - P_1 below x_s (>= 0)
+    upper = _phi_sf(x_b) - _phi_sf((x_b - d) / s)  # P_0 - P_1 above x_b (>= 0)
+    spread = (lower + upper).clamp(0.0, 1.0)
+    shift = torch.special.erf(d / (2.0 * math.sqrt(2.0)))  # 2 Phi(delta / 2) - 1
+    return torch.where(pos, spread, shift)
+
+
+def _phi_cdf(x: Tensor) -> Tensor:
+    return 0.5 * torch.special.erfc(-x / math.sqrt(2.0))
+
+
+def _phi_sf(x: Tensor) -> Tensor:
+    return 0.5 * torch.special.erfc(x / math.sqrt(2.0))
+
+
+def saturate_spread(t: Tensor, h: Tensor | None) -> Tensor:
+    """:func:`saturate` with the spread term (method.md section 4, "Spread term"): ``[R]``
+    first-order values ``t`` (``t = E|S| / (2 sqrt n)``, the Gaussian-equivalent shift
+    ``delta = sqrt(2 pi) t``) and ``h [R]`` the variance fraction the member removes along its
+    direction (the per-direction leverage, times ``rho`` for a quantized release) ->
+    ``TV(N(delta, 1 - h), N(0, 1))`` (:func:`spread_tv`). ``h = None`` or ``h = 0`` for a record
+    gives :func:`saturate` exactly (the first-order form is the ``h = 0`` limit).
+    """
+    g = saturate(t)
+    if h is None:
+        return g
+    h = h.to(torch.float64)
+    t = t.to(torch.float64)
+    use = (h > 0) & torch.isfinite(t)  # t = inf (leakage 1): nothing to add, and no inf - inf
+    tt = torch.where(use, t, torch.zeros_like(t))
+    return torch.where(use, spread_tv(math.sqrt(2.0 * math.pi) * tt, h), g)
+
+
+def with_spread(leakage: Tensor, unquantized: Tensor, h: Tensor | None) -> Tensor:
+    """Per-record leakage ``[R]`` of a release given by a first-order form (saturated by
+    :func:`saturate`), with the spread term of the Gaussian-equivalent channel (method.md
+    section 4, "Spread term").
+
+    Along a record's whitened direction an independent Gaussian channel keeps the fraction
+    ``rho = s2_q / s2_u`` of the shift's information and of the member's narrowing ``h``, so
+    the member law of the channel's output is ``N(delta_q, 1 - h rho)`` against ``N(0, 1)``
+    (exact for the Gaussian forms). A cell form is read as the Gaussian channel with the same
+    first-order value ``t_q`` (``rho = (t_q / t_u)^2``): an approximation of how much of the
+    narrowing the cells keep (measured in docs/method.md).
+
+    Args:
+        leakage: ``[R]`` the release's saturated first-order leakage ``G(t_q)``.
+        unquantized: ``[R]`` the unquantized first-order values ``t_u`` (before saturation).
+        h: ``[R]`` per-direction leverages of the records, or ``None`` (no term: ``leakage``).
+
+    Returns:
+        ``[R]`` float64 leakage; ``leakage`` itself where ``h`` is ``None`` or 0.
+    """
+    if h is None:
+        return leakage
+    t_q = unsaturate(leakage.to(torch.float64))
+    t_u = unquantized.to(torch.float64)
+    rho = torch.where(t_u > 0, (t_q / t_u.clamp_min(1e-300)).square(), torch.zeros_like(t_u)).clamp(0.0, 1.0)
+    return torch.where(h > 0, saturate_spread(t_q, h.to(torch.float64) * rho), leakage.to(torch.float64))
+
+
 def unsaturate(leakage: Tensor) -> Tensor:
     """``G^-1``, the inverse of :func:`saturate`: ``[...]`` leakage in ``[0, 1)`` -> ``t >= 0``
     (``inf`` at 1)."""
