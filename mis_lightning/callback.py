@@ -77,6 +77,7 @@ def lt_write_plan_failure(out: Path, exc: BaseException) -> Path:
     import traceback
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "mis_plan.png").unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
     path = out / "mis_plan.json"
     path.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}",
                                 "traceback": "".join(traceback.format_exception(exc))}, indent=2))
@@ -92,6 +93,7 @@ def lt_write_plan(out: Path, result: PlanResult) -> Path:
     from .report import to_plain
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "mis_plan.png").unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
     path = out / "mis_plan.json"
     path.write_text(json.dumps(to_plain(result.to_dict()), indent=2))
     plt.close(result.figure(str(out / "mis_plan.png")))

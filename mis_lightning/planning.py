@@ -198,7 +198,8 @@ class PlanResult:
     Attributes:
         scheme: the chosen plan as a :class:`MixedPrecisionScheme` (apply it to release).
         chosen: its :class:`PlanPoint` (proxy figures and the pipeline's ``result``).
-        frontier: the Pareto-optimal plans (leakage, utility loss, bits), by leakage.
+        frontier: the Pareto-optimal plans (leakage, utility loss, bits; by the proxy) and the
+            re-assessed runner-ups, by leakage.
         uniform: the uniform candidates as plans (proxy figures and pipeline results).
         report: the pipeline's report of the uniform candidates and the re-assessed plans.
         float_utility: the float model's utility metric; ``metric``: its name.
@@ -765,10 +766,17 @@ def plan(
     # the next feasible ones by the objective (the proxy's error can reorder plans within a few
     # percent; the final choice is made on the re-assessed figures below). Spread along the
     # frontier instead, they missed a mixed plan better on all three figures (fu19 D2).
+    # They are taken among every plan within the budget, not only the proxy's Pareto frontier: a
+    # plan the proxy has dominated by a hair can be the better one (fu19/vf19 D2: int3 + int3 HQQ,
+    # better on all three figures than uniform int3 HQQ once re-assessed); the re-assessed ones
+    # join PlanResult.frontier.
     ranked = sorted(range(len(pts_f)), key=lambda i: _objective(pts_f[i], cfg))
-    runner_keys = [keys[feasible[i]] for i in ranked if keys[feasible[i]] in points
-                   and keys[feasible[i]] not in uniform_keys and keys[feasible[i]] != keys[best]]
-    pick = [points[k] for k in runner_keys[: cfg.reassess - 1]]
+    runner_keys = [keys[feasible[i]] for i in ranked
+                   if keys[feasible[i]] not in uniform_keys and keys[feasible[i]] != keys[best]][: cfg.reassess - 1]
+    pick = [points.setdefault(k, point(k)) for k in runner_keys]
+    if any(k not in frontier_keys for k in runner_keys):
+        frontier_keys = sorted(set(frontier_keys) | set(runner_keys), key=lambda k: seen[k][0])
+        frontier = [points[k] for k in frontier_keys]
     to_assess = ([] if chosen_uniform else [chosen]) + [p for i, p in enumerate(pick) if p not in pick[:i]]
     for i, p in enumerate(to_assess):
         p.name = "plan" if i == 0 and not chosen_uniform else f"plan_{i + int(chosen_uniform)}"

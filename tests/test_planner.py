@@ -473,12 +473,13 @@ def test_a_failed_plan_keeps_the_callbacks_report_and_plan_mistakes_fail_before_
 
     cb = MISCallback(["rtn_int8"], dirpath=tmp_path, num_records=32, uncertainty_draws=0, method="clt",
                      plan={"candidates": ["rtn_int8", "rtn_int2"], "reassess": 1, "target_mis": 0.99999})
+    (tmp_path / "mis_plan.png").write_bytes(b"an earlier fit's frontier")  # not left beside the error
     with pytest.warns(UserWarning, match=r"planning failed \(PlanInfeasibleError: .*the assessment's report is kept"):
         _callback_fit(tmp_path, cb)
     assert cb.report is not None and cb.last_error is None and cb.plan_result is None
     assert "rtn_int8" in json.loads((tmp_path / "mis_report.json").read_text())["schemes"]
     assert json.loads((tmp_path / "mis_plan.json").read_text())["error"].startswith("PlanInfeasibleError")
-    assert cb.plan_error.startswith("PlanInfeasibleError")
+    assert cb.plan_error.startswith("PlanInfeasibleError") and not (tmp_path / "mis_plan.png").exists()
     with pytest.raises(ValueError, match=r"utility_metric 'rmse' is not measured: the callback measures \['loss'\]"):
         MISCallback(["rtn_int8"], plan={"utility_metric": "rmse"})
     steps = []
