@@ -64,6 +64,18 @@ def test_plan_mode_refuses_a_scheme_selection_it_would_ignore(tmp_path, monkeypa
     _nothing_trained(run)
 
 
+def test_plan_mode_says_it_does_not_use_a_config_files_schemes(tmp_path, capsys):
+    """vf19: an experiment file with `mode: plan` and its own `schemes:` planned over the
+    default candidates without a word (only command-line overrides were checked); the packaged
+    default list passes silently."""
+    from mis_lightning.app.job import check_plan_selection
+
+    check_plan_selection(_compose([*FAST, "mode=plan"], tmp_path / "a"))
+    assert "not used" not in capsys.readouterr().err
+    check_plan_selection(_compose([*FAST, "mode=plan", "schemes=[rtn_int8]"], tmp_path / "b"))
+    assert "mode=plan plans over plan.candidates" in capsys.readouterr().err
+
+
 def test_failed_plan_job_records_the_plan_candidates(tmp_path):
     """W8: a failed mode=plan job recorded the default `schemes` list in result.json (and the
     aggregate's failure row), not the candidates it was planning over."""

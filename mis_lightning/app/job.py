@@ -134,6 +134,21 @@ def check_plan_selection(cfg: DictConfig) -> None:
             f"mode=plan plans over plan.candidates and does not use {' '.join(given)}: list the schemes "
             "to plan with as 'plan.candidates=[<name>,...]' instead (mode=train / mode=assess score "
             "`schemes` or `quantizer`)")
+    mine = cfg.get("schemes")
+    if mine is not None and OmegaConf.to_container(mine, resolve=True) != _packaged_schemes():
+        # set in a config file (an experiment's `schemes:`): said, not refused (the same file may
+        # serve mode=assess runs)
+        print("warning: mode=plan plans over plan.candidates "
+              f"{list(OmegaConf.to_container(cfg.plan.candidates, resolve=True)) if cfg.get('plan') else '(default)'}; "
+              "the config's `schemes` list is not used (set plan.candidates to plan over other schemes)",
+              file=sys.stderr)
+
+
+def _packaged_schemes() -> list[Any]:
+    """The ``schemes`` list of the packaged primary config (conf/config.yaml)."""
+    from importlib.resources import files
+
+    return list(OmegaConf.load(str(files("mis_lightning.conf") / "config.yaml")).get("schemes") or [])
 
 
 def write_plan(planned: PlanResult, out: Path, names: Any) -> None:
