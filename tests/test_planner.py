@@ -212,43 +212,11 @@ def test_callback_plans_at_fit_end(tmp_path):
     writes mis_plan.json / mis_plan.png; the plan's leakage is the re-assessed one."""
     import json
 
-    import pytorch_lightning as pl
-
     from mis_lightning import MISCallback
 
-    class Reg(pl.LightningModule):
-        weight_decay = WD
-
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
-
-        def forward(self, x):
-            return self.net(x)
-
-        def per_sample_loss(self, o, t):
-            return loss(o, t)
-
-        def training_step(self, b, i):
-            return loss(self(b[0]), b[1]).mean()
-
-        def validation_step(self, b, i):
-            self.log("val_loss", loss(self(b[0]), b[1]).mean())
-
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=2e-2)
-
-    g = torch.Generator().manual_seed(3)
-    X = torch.randn(400, 6, generator=g)
-    Y = X[:, 0] - 0.5 * X[:, 1] + 0.1 * torch.randn(400, generator=g)
-    tr = DataLoader(TensorDataset(X[:300], Y[:300]), batch_size=100)
-    va = DataLoader(TensorDataset(X[300:], Y[300:]), batch_size=100)
-    torch.manual_seed(0)
     cb = MISCallback(["rtn_int8"], dirpath=tmp_path, num_records=32, uncertainty_draws=0, method="clt",
                      plan={"candidates": ["rtn_int8", "rtn_int2"], "reassess": 1})
-    trainer = pl.Trainer(max_epochs=3, callbacks=[cb], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Reg(), tr, va)
+    _callback_fit(tmp_path, cb)
     assert cb.last_error is None and cb.plan_result is not None
     assert set(cb.plan_result.chosen.choices) == {"net.0.weight", "net.2.weight"}
     pj = json.loads((tmp_path / "mis_plan.json").read_text())
