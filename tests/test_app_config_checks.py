@@ -89,6 +89,10 @@ def test_failed_plan_job_records_the_plan_candidates(tmp_path):
     with pytest.raises(ValueError, match="max_bits"):
         run_job(_compose([*FAST, "mode=plan", "plan.max_bits=-1", "plan.candidates=[rtn_int8,rtn_int2]"], run))
     assert _nothing_trained(run)["schemes"] == ["rtn_int8", "rtn_int2"]
+    # mode=plan does not read `schemes`: without them it is judged on its own options (vf19:
+    # `~schemes` failed with "no scheme selected: set schemes")
+    with pytest.raises(ValueError, match="max_bits"):
+        run_job(_compose([*FAST, "mode=plan", "~schemes", "plan.max_bits=-1"], run))
 
 
 class TinyDM(pl.LightningDataModule):

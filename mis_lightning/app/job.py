@@ -614,10 +614,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.get("num_threads"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    schemes = selected_schemes(cfg)  # fail fast on a bad scheme name, before training
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
-    if plan_cfg is not None:
-        schemes = resolve_schemes(plan_cfg.candidates)
+    # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
+    # `~schemes` there said "no scheme selected")
+    schemes = resolve_schemes(plan_cfg.candidates) if plan_cfg is not None else selected_schemes(cfg)
     est_cfg, sc_cfg = stage_configs_of(cfg)  # invalid options fail here, before training
     # ... and on a scheme this machine cannot run (e.g. int4_weight_only_tinygemm without CUDA)
     unavailable = check_schemes_available(schemes, strict=sc_cfg.strict)
