@@ -31,8 +31,11 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
+import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -438,10 +441,6 @@ class AggregateSweep(Callback):
         """Give the sweep an id, passed to its jobs in the environment (``SWEEP_ID_ENV``): each
         records it in its ``result.json``, so that the aggregate leaves out stale jobs of an
         earlier sweep into the same dir."""
-        import os
-        import time
-        import uuid
-
         self.sweep_id, self.started = uuid.uuid4().hex[:12], time.time()
         os.environ[SWEEP_ID_ENV] = self.sweep_id
 
@@ -459,16 +458,12 @@ class AggregateSweep(Callback):
         if not path.exists():
             exc = job_return._return_value
             if isinstance(exc, BaseException):
-                import os
-
                 write_failure(path, exc, stage="job", job={"overrides": list(job_return.overrides or []),
                                                            "sweep_id": os.environ.get(SWEEP_ID_ENV)})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Aggregate the sweep; exit with status 1 if any job failed or scored no scheme (after
         aggregating)."""
-        import os
-
         sweep_dir = Path(str(config.hydra.sweep.dir))
         os.environ.pop(SWEEP_ID_ENV, None)
         try:
