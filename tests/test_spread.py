@@ -213,3 +213,25 @@ def test_unquantized_level_against_the_exact_population_truth_of_64_weight_rows(
         rep = ml.assess(model, ["none"], DataLoader(ds, batch_size=256), _mse, uncertainty_draws=0)
         vals.append(rep.baseline_leakage)
     assert float(np.mean(vals)) / 0.04791 == pytest.approx(1.0, abs=0.015)
+
+
+@pytest.mark.parametrize("C", [2, 3, 4, 10])
+def test_per_direction_leverage_divides_by_the_softmax_rank_whatever_the_rounding(C: int) -> None:
+    """A softmax cross-entropy's loss Hessian ``L = diag(p) - p p'`` has rank ``C - 1`` exactly
+    (its null direction is the all-ones vector); numerically that eigenvalue is ~1e-16 and
+    ``matrix_rank``'s float64 default tolerance counted it for ~40% of the records at C = 2,
+    halving their per-direction leverage (the spread term and HC2 correction) at random."""
+    from mis_lightning.estimation.estimate import _leverage
+
+    g = torch.Generator().manual_seed(1)
+    R, d, n = 400, 5, 1000
+    p = (2 * torch.randn(R, C, generator=g, dtype=torch.float64)).softmax(-1)  # no class below ~1e-4
+    L = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    J = torch.randn(R, C, d, generator=g, dtype=torch.float64)
+    C_ = torch.randn(R, d, generator=g, dtype=torch.float64)
+    diag: dict = {}
+    _, _, hp = _leverage(C_, torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64) * 0.5,
+                         J, L, n, True, diag)
+    A = L @ (J @ (0.5 * J.transpose(1, 2))) / n
+    h = torch.diagonal(A, dim1=1, dim2=2).sum(-1)
+    torch.testing.assert_close(hp, h / (C - 1), rtol=1e-12, atol=0)

@@ -4,6 +4,8 @@ assessment; now a clear error before any work, or a report with its warnings."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -568,3 +570,56 @@ def test_the_utility_is_evaluated_without_autograd():
     out = evaluate_utility(Probe(3, 1), DataLoader(TensorDataset(x, y), batch_size=10),
                            lambda o, t: (o[:, 0] - t) ** 2)
     assert seen == [False, False] and torch.is_grad_enabled() and bool(torch.isfinite(torch.tensor(out["loss"])))
+
+
+def _class_weighted_problem():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 4, generator=g)
+    Y = (X[:, 0] + 0.5 * torch.randn(300, generator=g) > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    w = torch.tensor([1.0, 3.0])
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X), Y, weight=w, reduction="none").mean()
+        loss = loss + 0.5e-2 * sum((p ** 2).sum() for p in model.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return model, DataLoader(TensorDataset(X, Y), batch_size=50), w
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+def test_a_loss_holding_float32_class_weights_runs_on_the_float64_estimation(mode):
+    """Class weights are float32 tensors of the user's loss; the estimation evaluates a float64
+    copy of a small model, and ``cross_entropy`` wants one dtype ("expected scalar type Double
+    but found Float" after the whole setup, through assess, the Metric and the callback alike).
+    An nn.Module loss is evaluated through a float64 copy (no warning, the same figures as a loss
+    built in float64); a closure runs its arithmetic in float32, with a warning naming it, within
+    1e-3 of the float64 figures (float32 rounding of the losses; measured 1e-4)."""
+    model, loader, w = _class_weighted_problem()
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def closure(o, t):
+        return F.cross_entropy(o, t, weight=w, reduction="none")
+
+    def in_f64(o, t):
+        return F.cross_entropy(o, t, weight=w.to(o.dtype), reduction="none")
+
+    kw = dict(weight_decay=1e-2, estimation=mode, uncertainty_draws=0)
+    ref = ml.assess(model, ["none", "rtn_int4"], loader, in_f64, **kw)
+    module_loss = nn.CrossEntropyLoss(weight=w, reduction="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no cast-down warning for a module loss
+        warnings.filterwarnings("ignore", message="(?!loss_fn)")
+        mod = ml.assess(model, ["none", "rtn_int4"], loader, module_loss, **kw)
+    with pytest.warns(UserWarning, match="loss_fn 'test_a_loss_holding.*closure' fails on float64 outputs"):
+        clo = ml.assess(model, ["none", "rtn_int4"], loader, closure, **kw)
+    for s in ("none", "rtn_int4"):
+        assert mod.schemes[s].leakage == pytest.approx(ref.schemes[s].leakage, rel=1e-10)
+        assert clo.schemes[s].leakage == pytest.approx(ref.schemes[s].leakage, rel=1e-3)
+    assert module_loss.weight.dtype == torch.float32  # the user's loss is not cast
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -45,7 +45,15 @@ from .linear_factors import (
     factored_power_sums,
     iterate_factor_blocks,
 )
-from .per_sample import BatchFn, LossFn, LossProgram, OutputShape, default_batch_fn, output_numel
+from .per_sample import (
+    BatchFn,
+    ComputeDtypeLoss,
+    LossFn,
+    LossProgram,
+    OutputShape,
+    default_batch_fn,
+    output_numel,
+)
 from .records import (
     batch_size_of,
     cat_state,
@@ -631,6 +639,9 @@ class MomentAccumulator:
         self.fast_dtype = dtype or (torch.float64 if d <= FAST_FLOAT64_MAX_PARAMS else torch.float32)
         if dtype is None:
             dtype = torch.float64 if d <= 100_000 else torch.float32
+        floats = [p.dtype for p in named.values() if p.is_floating_point()]
+        # a loss holding tensors of the model's dtype (class weights) runs on the compute dtype
+        loss_fn = ComputeDtypeLoss(loss_fn, floats[0] if floats else torch.float32)
         self.model, self.loss_fn, self.batch_fn = model, loss_fn, batch_fn or default_batch_fn
         self.dtype, self.program_cls = dtype, program_cls
         self.param_names = list(param_names)
@@ -1424,10 +1435,18 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     rhs = torch.einsum("rkl,rl->rk", L * scale[:, None, None], u) / n
     v = torch.linalg.solve(torch.eye(K, dtype=A.dtype) - A, rhs.unsqueeze(-1)).squeeze(-1)
     C_loo = C + torch.einsum("rkd,rk->rd", J, v)
-    rank = torch.linalg.matrix_rank(L).clamp_min(1).to(h.dtype) if K > 1 else torch.ones_like(h)
+    # directions below LOSS_RANK_RTOL of the largest carry no leverage; the tolerance does not
+    # follow the dtype, so a loss evaluated in float32 (ComputeDtypeLoss) counts the same rank
+    rank = (torch.linalg.matrix_rank(L, rtol=LOSS_RANK_RTOL).clamp_min(1).to(h.dtype) if K > 1
+            else torch.ones_like(h))
     hp = h / rank
     V = V + (C * (hp / (1 - hp)).unsqueeze(-1)).T @ C / C.shape[0]
     return C_loo, 0.5 * (V + V.T), hp
+
+
+# Relative eigenvalue below which a direction of a record's loss Hessian L_i does not count in
+# rank(L_i) (the per-direction leverage): well above float32 rounding of a loss's arithmetic.
+LOSS_RANK_RTOL = 1e-6
 
 
 # Per-sample gradient sd, relative to the largest median sd of a parameter of the same module,

@@ -8,6 +8,7 @@ the model: parameters are read once (detached copies) and every call goes throug
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,88 @@ def _describe(tree: Any) -> str:
 
 def _loss_name(loss_fn: Any) -> str:
     return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+
+
+_DTYPE_ERRORS = ("scalar type", "dtype")
+
+
+def _floats_to(tree: Any, dtype: torch.dtype) -> Any:
+    return torch.utils._pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, tree)
+
+
+class ComputeDtypeLoss:
+    """``loss_fn`` made to run on outputs in the estimation's compute dtype.
+
+    The estimation evaluates a float64 copy of a small model (exact-sandwich accuracy); a loss
+    that holds float tensors of the model's own dtype (class weights of ``cross_entropy``, a
+    ``pos_weight``) then fails inside a kernel that wants one dtype ("expected scalar type
+    Double but found Float"). An ``nn.Module`` loss is evaluated through a copy whose float
+    parameters and buffers are cast to the outputs' dtype (no precision lost); any other loss
+    that fails with a dtype error gets its floating inputs cast to ``reference_dtype`` (the
+    model's own) and its losses cast back, with a warning that its arithmetic then runs in
+    ``reference_dtype``. The choice is made on the first call per outputs dtype.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets) -> [B]``.
+        reference_dtype: the trained model's floating dtype.
+
+    Raises:
+        RuntimeError: the loss's own error, when it also fails in ``reference_dtype``.
+    """
+
+    def __init__(self, loss_fn: LossFn, reference_dtype: torch.dtype) -> None:
+        self.loss_fn, self.reference_dtype = loss_fn, reference_dtype
+        self.__qualname__ = _loss_name(loss_fn)  # error messages name the user's loss
+        self._modules: dict[torch.dtype, Any] = {}
+        self._cast_down: dict[torch.dtype, bool] = {}
+
+    def _for(self, dtype: torch.dtype) -> Any:
+        fn = self.loss_fn
+        if not isinstance(fn, nn.Module) or dtype is None:
+            return fn
+        if dtype not in self._modules:
+            floats = [t for t in (*fn.parameters(), *fn.buffers()) if t.is_floating_point()]
+            if any(t.dtype != dtype for t in floats):
+                try:
+                    fn = private_copy(fn, "copying loss_fn to cast its tensors").to(dtype)
+                except ModelCopyError:
+                    pass  # read as is; a dtype error then takes the cast-down path
+            self._modules[dtype] = fn
+        return self._modules[dtype]
+
+    def __call__(self, outputs: Any, targets: Any) -> Tensor:
+        leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, Tensor) and t.is_floating_point()]
+        dtype = leaves[0].dtype if leaves else None
+        fn = self._for(dtype)
+        down = self._cast_down.get(dtype)
+        if dtype is None or dtype == self.reference_dtype or down is False:
+            return fn(outputs, targets)
+        ref = self.reference_dtype
+        if down:
+            return _floats_to(fn(_floats_to(outputs, ref), _floats_to(targets, ref)), dtype)
+        try:  # the first call at this dtype decides
+            out = fn(outputs, targets)
+        except RuntimeError as exc:
+            if not any(k in str(exc) for k in _DTYPE_ERRORS):
+                raise
+            first = exc
+        else:
+            self._cast_down[dtype] = False
+            return out
+        try:
+            out = fn(_floats_to(outputs, ref), _floats_to(targets, ref))
+        except Exception:  # noqa: BLE001 - the loss's own error is the one to show
+            raise first from None
+        self._cast_down[dtype] = True
+        name = (str(dtype).removeprefix("torch."), str(ref).removeprefix("torch."))
+        warnings.warn(
+            f"loss_fn {_loss_name(self.loss_fn)!r} fails on {name[0]} outputs ({first}), typically through "
+            f"a {name[1]} tensor it holds (class weights, a pos_weight): the estimation evaluates the model "
+            f"in {name[0]}, so the loss's own arithmetic runs in {name[1]} (inputs cast down, losses cast "
+            "back). For full precision pass the loss as an nn.Module holding its tensors as buffers (e.g. "
+            "nn.CrossEntropyLoss(weight=w, reduction='none')): its copy is cast", stacklevel=2)
+        return _floats_to(out, dtype)
 
 
 def _batch_size(tree: Any) -> int:
@@ -227,6 +310,19 @@ def _unflatten_record(o: Tensor, shape: OutputShape) -> Any:
     return torch.utils._pytree.tree_unflatten(parts, shape.spec)
 
 
+def _cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating tensors a (private) model copy holds as plain attributes to ``dtype``.
+
+    Parameters and buffers are passed to ``functional_call`` in the compute dtype; a tensor
+    kept as a plain attribute (class weights a ``mis_per_sample_loss`` hook or ``forward``
+    uses) would otherwise stay in the model's dtype and fail a one-dtype kernel.
+    """
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != dtype:
+                object.__setattr__(module, key, value.detach().to(dtype))
+
+
 @dataclass
 class LossProgram:
     """A model, its per-sample loss and the batch layout, as pure functions of the parameters.
@@ -264,6 +360,8 @@ class LossProgram:
             own = False
         except ModelCopyError:
             own = True
+        else:
+            _cast_tensor_attributes(self.model, self.dtype)
         named = dict(self.model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
 
