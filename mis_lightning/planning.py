@@ -817,7 +817,7 @@ def plan(
                             {g: calibrated[c] for g, c in zip(groups, k)}, name="near-budget check").apply(
                                 model, params=est.names).model)[metric],
                         uloss, float_u[metric], cands)
-    if near["checked"]:
+    if near["factor"] is not None:  # utilities measured (docs/planner.md "Cost")
         seconds["near_budget"] = time.perf_counter() - t0
     extra_keys = [tuple(c["key"]) for c in near["checked"] if c["reassessed"]]
     if extra_keys:
