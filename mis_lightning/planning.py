@@ -886,8 +886,7 @@ def plan(
                    f"{rc['utility']:.4g} vs {rn['utility']:.4g}, bits {rc['bits_per_weight']:.4g} vs "
                    f"{rn['bits_per_weight']:.4g})")
             predicted_over = cfg.max_utility_loss is not None and new.utility_loss > cfg.max_utility_loss
-            how = (" (predicted over max_utility_loss by less than the prediction's error, measured within it)"
-                   if predicted_over else "")
+            how = " (predicted over max_utility_loss, measured within it)" if predicted_over else ""
             warnings_.append(f"the search's choice {chosen.name!r} {why}; chosen instead: {new.name!r}{how}, the best "
                              "re-assessed plan within the budget")
             # named as its report row ("plan" is then the search's choice's row: fu19 W10)
