@@ -626,8 +626,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     ckpt = load_checkpoint_of(cfg)  # mode=assess: a bad ckpt_path fails before the data is read
     show = bool(cfg.get("progress", True))
 
-    # mode=plan re-assesses the candidates and at most `reassess` plans
-    n_scored = len(schemes) + (int(plan_cfg.reassess) if plan_cfg is not None else 0)
+    # mode=plan re-assesses the candidates and at most `reassess` + `reassess_near_budget` plans
+    n_scored = len(schemes) + (int(plan_cfg.reassess) + int(plan_cfg.reassess_near_budget)
+                               if plan_cfg is not None else 0)
     with ProgressDisplay({"data": 1, "schemes": n_scored}, enabled=show) as progress:
         stage[0] = "data"
         progress("data", 0)
