@@ -623,3 +623,30 @@ def test_a_loss_holding_float32_class_weights_runs_on_the_float64_estimation(mod
         assert clo.schemes[s].leakage == pytest.approx(ref.schemes[s].leakage, rel=1e-3)
     assert module_loss.weight.dtype == torch.float32  # the user's loss is not cast
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _FixedProjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.P = torch.randn(5, 4)  # a plain tensor attribute, neither parameter nor buffer
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x @ self.P)
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+def test_a_float32_tensor_attribute_of_the_model_follows_the_float64_estimation(mode):
+    """A model's own float32 tensor attribute used in ``forward`` met float64 activations in the
+    estimation ("expected m1 and m2 to have the same dtype"); the private copy now holds it in the
+    compute dtype, and the user's attribute stays float32."""
+    torch.manual_seed(0)
+    model = _FixedProjection()
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(240, 5, generator=g), torch.randint(0, 3, (240,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ml.assess(model, ["none", "rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=40),
+                        lambda o, t: F.cross_entropy(o, t, reduction="none"), uncertainty_draws=0, estimation=mode)
+    assert 0 < rep.schemes["rtn_int8"].leakage <= rep.schemes["none"].leakage
+    assert model.P.dtype == torch.float32
