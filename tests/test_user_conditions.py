@@ -650,3 +650,30 @@ def test_a_float32_tensor_attribute_of_the_model_follows_the_float64_estimation(
                         lambda o, t: F.cross_entropy(o, t, reduction="none"), uncertainty_draws=0, estimation=mode)
     assert 0 < rep.schemes["rtn_int8"].leakage <= rep.schemes["none"].leakage
     assert model.P.dtype == torch.float32
+
+
+def test_a_multi_output_head_over_a_frozen_recurrent_encoder_is_assessed():
+    """A frozen LSTM encoder with a 2-class head: the per-layer path checks its gradients against
+    torch.func's on two records, whose vmap cannot batch the LSTM ("output with shape [1, 24]
+    doesn't match the broadcast shape [2, 1, 24]", after a whole training under the callback);
+    the check now takes them one record at a time. The figures equal those of the same head
+    assessed on the encoder's features (float32 features there, float64 here: 1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(120, 5, 3, generator=g)
+    Y = (X.sum((1, 2)) > 0).long()
+    torch.manual_seed(0)
+    model = _RNNNet("LSTM")
+    model.head = nn.Linear(6, 2)
+    model.rnn.requires_grad_(False)
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    kw = dict(uncertainty_draws=0, estimation="diagonal", weight_decay=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ml.assess(model, ["none", "rtn_int4"], DataLoader(TensorDataset(X, Y), batch_size=40), ce, **kw)
+        with torch.no_grad():
+            feats = model.rnn(X)[0][:, -1]
+        head = nn.Linear(6, 2)
+        head.load_state_dict(model.head.state_dict())
+        ref = ml.assess(head, ["none", "rtn_int4"], DataLoader(TensorDataset(feats, Y), batch_size=40), ce, **kw)
+    for s in ("none", "rtn_int4"):
+        assert rep.schemes[s].leakage == pytest.approx(ref.schemes[s].leakage, rel=1e-5)

@@ -149,6 +149,11 @@ class ComputeDtypeLoss:
         return _floats_to(out, dtype)
 
 
+def _rows_of(tree: Any, i: int) -> Any:
+    """Record ``i`` of every tensor leaf (the batch dimension dropped, as ``vmap`` sees it)."""
+    return torch.utils._pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
+
+
 def _batch_size(tree: Any) -> int:
     leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
     if not leaves:
@@ -433,15 +438,21 @@ class LossProgram:
         with torch.no_grad():
             return self.loss_fn(self.outputs(self.params, inputs), targets)
 
-    def per_sample_grads(self, inputs: Any, targets: Any, names: list[str] | None = None) -> dict[str, Tensor]:
-        """``{name: [B, *shape]}`` per-sample gradients of the loss (vmap of grad)."""
+    def per_sample_grads(self, inputs: Any, targets: Any, names: list[str] | None = None,
+                         looped: bool = False) -> dict[str, Tensor]:
+        """``{name: [B, *shape]}`` per-sample gradients of the loss (vmap of grad; with
+        ``looped``, one ``grad`` per record, for a forward that vmap cannot batch, e.g. a
+        frozen recurrent encoder)."""
         params = self.params if names is None else {n: self.params[n] for n in names}
         fixed_extra = {} if names is None else {n: p for n, p in self.params.items() if n not in params}
 
         def one(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
             return self._one_loss({**fixed_extra, **p}, x, y)
 
-        return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, targets)
+        if not looped:
+            return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, targets)
+        rows = [grad(one)(params, _rows_of(inputs, i), _rows_of(targets, i)) for i in range(_batch_size(inputs))]
+        return {n: torch.stack([r[n] for r in rows]) for n in params}
 
     def output_jacobians(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}``."""
