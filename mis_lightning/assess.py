@@ -74,7 +74,8 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     Raises:
         ValueError: the model is already quantized (see ``check_float_model``), the selection
             is empty, a selected parameter holds NaN/inf, or belongs to a recurrent layer
-            (``nn.LSTM``/``nn.GRU``/``nn.RNN``: no per-sample gradients for them).
+            (``nn.LSTM``/``nn.GRU``/``nn.RNN``: no per-sample gradients for them), or the model
+            holds batch normalisation without running statistics (records coupled by the batch).
         KeyError: a listed name is not a parameter of the model.
     """
     check_float_model(model)
@@ -98,6 +99,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         if p.is_floating_point() and not bool(torch.isfinite(p).all()):
             raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
     _check_recurrent(model, names)
+    _check_batch_statistics(model)
     frozen = _frozen_warning(model, names)
     if frozen:
         warnings.warn(frozen, UserWarning, stacklevel=2)
@@ -123,6 +125,23 @@ def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:
                 f"{type(mod).__name__} {mod_name!r} holds selected parameters ({', '.join(hit[:4])}"
                 f"{', ...' if len(hit) > 4 else ''}): per-sample gradients of recurrent layers are not "
                 f"supported (torch.func cannot batch them); assess the layers around it, e.g. {hint}")
+
+
+def _check_batch_statistics(model: nn.Module) -> None:
+    """Refuse batch normalisation without running statistics, naming the layer: it normalises
+    with the batch's own mean and variance even in eval mode, so a record's output depends on
+    the other records of its batch (the indicator needs each record's own loss; torch raised
+    "Expected more than 1 value per channel when training" on a record alone, deep in the
+    estimation). InstanceNorm (per-record statistics) is not concerned."""
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (not mod.track_running_stats
+                                                                 or mod.running_mean is None):
+            raise ValueError(
+                f"{type(mod).__name__} {mod_name!r} has track_running_stats=False: it normalises with "
+                "each batch's own statistics even in eval mode, so a record's output depends on the "
+                "other records of its batch and the per-record losses the indicator needs do not exist; "
+                "use track_running_stats=True (the running statistics are then part of the release) or a "
+                "per-record normalisation (nn.LayerNorm, nn.GroupNorm)")
 
 
 def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:

@@ -677,3 +677,24 @@ def test_a_multi_output_head_over_a_frozen_recurrent_encoder_is_assessed():
         ref = ml.assess(head, ["none", "rtn_int4"], DataLoader(TensorDataset(feats, Y), batch_size=40), ce, **kw)
     for s in ("none", "rtn_int4"):
         assert rep.schemes[s].leakage == pytest.approx(ref.schemes[s].leakage, rel=1e-5)
+
+
+def test_batch_norm_without_running_statistics_is_refused_naming_it():
+    """BatchNorm1d(track_running_stats=False) normalises with the batch's statistics in eval mode
+    too: the records of a batch are coupled, and torch raised "Expected more than 1 value per
+    channel when training" from deep in the estimation. Refused up front, naming the layer, for
+    assess and the Metric alike; InstanceNorm (per-record statistics) is not."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(60, 6, generator=g), torch.randn(60, generator=g)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=20)
+    model = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Tanh(), nn.Linear(4, 1))
+    match = r"BatchNorm1d '1' has track_running_stats=False"
+    with pytest.raises(ValueError, match=match):
+        ml.assess(model, ["rtn_int8"], loader, _mse, uncertainty_draws=0)
+    with pytest.raises(ValueError, match=match):
+        ml.MISIndicator(model, _mse, ["rtn_int8"])
+    inst = nn.Sequential(nn.Unflatten(1, (1, 6)), nn.InstanceNorm1d(1), nn.Flatten(), nn.Linear(6, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ml.assess(inst, ["rtn_int8"], loader, _mse, uncertainty_draws=0)
+    assert 0 < rep.schemes["rtn_int8"].leakage < 1
