@@ -1160,7 +1160,7 @@ class MomentAccumulator:
             return g, v, h + self._decay_slice(a, b)
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
-        grad_sq, zero_var, h_min, h_max, h_abs, neg = 0.0, 0, math.inf, -math.inf, 0.0, 0
+        grad_sq, zero_var, h_min, h_max, ratio, neg = 0.0, 0, math.inf, -math.inf, 0.0, 0
         for a in range(0, d, FINALIZE_CHUNK):
             b = min(a + FINALIZE_CHUNK, d)
             g, v, h = chunk(a, b)
@@ -1169,7 +1169,7 @@ class MomentAccumulator:
             grad_sq += float((g + self._decay_slice(a, b) * th.to(f64)).square().sum())
             zero_var += int((v <= 0).sum())
             h_min, h_max = min(h_min, float(h.min())), max(h_max, float(h.max()))
-            h_abs, neg = max(h_abs, float(h.abs().max())), neg + int((h <= 0).sum())
+            ratio, neg = max(ratio, _curvature_ratio_max(h, v)), neg + int((h <= 0).sum())
             g_out[a:b], v_out[a:b] = g, v
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
         gnorm = math.sqrt(grad_sq)
@@ -1177,11 +1177,10 @@ class MomentAccumulator:
             "gradient_norm": gnorm, "gradient_norm_ratio": gnorm / max(rms_g, 1e-300),
             "not_at_minimum": gnorm / max(rms_g, 1e-300) > 0.1, "zero_gradient_variance": zero_var,
             **_decay_diagnostics(self.decay)}
-        floor = self.damping * h_abs if d else 0.0
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma, chunk by chunk
             b = min(a + FINALIZE_CHUNK, d)
             _, v, h = chunk(a, b)
-            s_out[a:b] = (v.clamp_min(0.0) / (n * h.clamp_min(max(floor, 1e-300)).square())).sqrt()
+            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio)
         if hutch:  # whole-vector diagnostics of the estimators that report their own error
             total = h_sum.to(cpu, f64) / self.hutchinson_probes
             rel = st["h2_sum"].to(cpu, f64).sqrt() / total.abs().clamp_min(1e-300)
@@ -1293,7 +1292,52 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
                      records: dict[str, Tensor] | None = None,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``.
+    """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``
+    (:func:`_sandwich_scaled`, whose arguments and returns these are).
+
+    The figures must not depend on the units of each weight (``theta_j -> c_j theta_j`` is the
+    same model and estimator), but the eigenvalue floor (``damping`` times the largest) is
+    relative: inputs on a 1e-5 scale put the weights' curvature 1e-10 below the bias's, the
+    floor raised it and shrank their sigma 100x (int8 leakage -37%, no warning). Where the
+    floor bites in parameter units, the sandwich is recomputed with Jacobi scaling
+    (``D = diag|H_jj|^{-1/2}``: ``D H D``, ``D V D``, ``G D``, ``J D``; ``sigma`` scaled back,
+    the rest unit-free) and kept if fewer eigenvalues are floored there (units, not flat
+    directions, were the cause; ``diagnostics["hessian_scaling"] = "jacobi"``). A Hessian
+    that is singular in any units keeps the parameter-unit pseudo-inverse.
+    """
+    first: dict[str, Any] = {}
+    rec1: dict[str, Tensor] = {}
+    out = _sandwich_scaled(gg_mean, H, g_mean, G, n, damping, first, jacobians=jacobians,
+                           loss_hessians=loss_hessians, correct_leverage=correct_leverage, records=rec1)
+    if first.get("eigenvalues_floored", 0) > 0:
+        hd = torch.diagonal(H).abs()
+        top = float(hd.max())
+        # a zero diagonal (a weight no record reaches) keeps the neutral scale of the largest
+        s = torch.where(hd > 1e-300, hd, torch.full_like(hd, max(top, 1e-300))).rsqrt()
+        ss = torch.outer(s, s)
+        second: dict[str, Any] = {}
+        rec2: dict[str, Tensor] = {}
+        sigma, w, mahal, corr = _sandwich_scaled(
+            gg_mean * ss, H * ss, g_mean * s, G * s, n, damping, second,
+            jacobians=None if jacobians is None else jacobians * s, loss_hessians=loss_hessians,
+            correct_leverage=correct_leverage, records=rec2)
+        if second["eigenvalues_floored"] < first["eigenvalues_floored"]:
+            diagnostics.update(second, hessian_scaling="jacobi")
+            if records is not None:
+                records.update(rec2)
+            return sigma * s, w, mahal, corr
+    diagnostics.update(first)
+    if records is not None:
+        records.update(rec1)
+    return out
+
+
+def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
+                     diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
+                     loss_hessians: Tensor | None = None, correct_leverage: bool = False,
+                     records: dict[str, Tensor] | None = None,
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}`` in the given units.
 
     Args:
         gg_mean: ``[d, d]`` mean of ``g g^T`` over the n records; ``g_mean``: ``[d]`` mean gradient.
@@ -1484,6 +1528,25 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     return out
 
 
+def _curvature_ratio_max(h: Tensor, v: Tensor) -> float:
+    """``max_j |H_jj| / V_jj`` over the weights with gradient variance: unit-free (both scale as
+    ``c_j^2`` when ``theta_j -> theta_j / c_j``), the scale of the diagonal floor."""
+    r = torch.where(v > 0, h.abs() / v.clamp_min(1e-300), torch.zeros_like(h))
+    return float(r.max()) if r.numel() else 0.0
+
+
+def _diagonal_sigma(h: Tensor, v: Tensor, n: int, rel_floor: float) -> Tensor:
+    """``sigma_j = sqrt(V_jj / n) / max(H_jj, floor_j)`` with ``floor_j = rel_floor V_jj``:
+    a weight's curvature is floored relative to its own gradient variance (``rel_floor =
+    damping * max_k |H_kk| / V_kk``), so a change of units of one weight moves no other
+    weight's floor (relative to ``max |H_jj|`` in parameter units, inputs on a 1e-5 scale
+    floored the weights' curvature against the bias's and shrank their sigma 100x)."""
+    v = v.clamp_min(0.0)
+    den = torch.maximum(h, (rel_floor * v).clamp_min(1e-300))
+    # sqrt(v) / den, not sqrt(v / den^2): den^2 underflows where both are tiny
+    return torch.where(v > 0, v.sqrt() / (math.sqrt(n) * den), torch.zeros_like(v))
+
+
 def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,
                      diagnostics: dict[str, Any], v_centring: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The diagonal sandwich (method.md section 4): ``sigma_j^2 = V_jj / (n H_jj^2)``.
@@ -1492,7 +1555,7 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
         h: ``[d]`` Hessian diagonal of the training objective (weight decay included).
         v: ``[d]`` per-sample gradient variances ``V_jj``; ``g_mean``: ``[d]`` mean gradient.
         G: ``[R, d]`` per-sample gradients of the kept records, or ``None`` (not stored).
-        n: records; ``damping``: relative floor of ``H_jj``.
+        n: records; ``damping``: floor of ``H_jj`` relative to ``V_jj max_k |H_kk| / V_kk``.
         diagnostics: updated in place with the diagonal's range.
         v_centring: ``V_jj`` standardising ``w`` (default ``v``; ``+inf`` gives ``w_j = 0``).
 
@@ -1501,12 +1564,11 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
         sign of ``psi = -H^{-1} g``), or ``None`` without ``G``.
     """
     neg = int((h <= 0).sum())
-    floor = damping * float(h.abs().max()) if h.numel() else 0.0
     diagnostics.update(
         hessian_min_diagonal=float(h.min()), hessian_max_diagonal=float(h.max()),
         negative_curvature=neg > 0, nonpositive_hessian_diagonal=neg,
     )
-    sigma = (v.clamp_min(0.0) / (n * h.clamp_min(max(floor, 1e-300)).square())).sqrt()
+    sigma = _diagonal_sigma(h, v, n, damping * _curvature_ratio_max(h, v))
     vc = v if v_centring is None else v_centring
     w = None if G is None else -(G - g_mean) / vc.clamp_min(1e-300).sqrt()
     return sigma, w
