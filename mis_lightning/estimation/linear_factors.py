@@ -552,6 +552,10 @@ CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gr
 def _slice(tree: Any, a: Any, c: Any = None) -> Any:
     """Rows ``a:c`` (or the index tensor / slice ``a``) of every tensor of a pytree."""
     key = slice(a, c) if isinstance(a, int) else a
+    if isinstance(tree, Tensor):  # the common leaves first: no pytree walk per layer and chunk
+        return tree[key]
+    if type(tree) is tuple and all(isinstance(t, Tensor) for t in tree):
+        return tuple(t[key] for t in tree)
     return torch.utils._pytree.tree_map(lambda t: t[key] if isinstance(t, Tensor) else t, tree)
 
 
@@ -674,6 +678,7 @@ class LayerProgram:
                 holders.setdefault(n, []).append(m)
         self._sparse_slots = {n: ms for n, ms in holders.items()
                               if all(isinstance(self._mods[m], nn.Embedding) for m in ms)}
+        self._tied = any(len(ms) > 1 for ms in holders.values())  # a parameter held by several layers
         self._verified = False
 
     def _hook(self, name: str) -> Callable:
@@ -778,12 +783,16 @@ class LayerProgram:
         big = max((size(n) for n in (names if names is not None else self.names)), default=1)
         return max(1, CHUNK_FLOATS // max(big, 1))
 
-    def iter_grads(self, taps: _BatchTaps, names: Iterable[str] | None = None, go: dict[str, Any] | None = None
-                   ) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    def iter_grads(self, taps: _BatchTaps, names: Iterable[str] | None = None, go: dict[str, Any] | None = None,
+                   per_layer: bool = False) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """``(a, c, {name: [c - a, numel] or _Sparse})`` per-sample gradients of records
         ``a:c`` of the batch from its taps (``go``: the output gradients of another direction
-        than ``dl/do``); a tied parameter's uses are added up before any square is taken."""
+        than ``dl/do``); a tied parameter's uses are added up before any square is taken.
+        ``per_layer``: one dict per layer and chunk, yielded as soon as it is formed (the
+        consumer squares and sums it while it is in cache, and the chunk's gradients of all
+        layers are never held at once), when no parameter is tied (else one dict per chunk)."""
         want = set(self.names if names is None else names)
+        per_layer = per_layer and not self._tied
         step = self.chunk_rows(want, taps)
         gos = taps.go if go is None else go
         for a in range(0, taps.b, step):
@@ -798,9 +807,13 @@ class LayerProgram:
                 cache = ({k: v[a:c] for k, v in taps.cache[m].items()} if m in taps.cache
                          else _prepare(self._mods[m], xs, slot))
                 grads = _layer_grads(self._mods[m], xs, _slice(gos[m], a, c), sub, cache)
+                if per_layer:
+                    yield a, c, grads
+                    continue
                 for k, v in grads.items():
                     out[k] = v if k not in out else _add(out[k], v, c - a)
-            yield a, c, out
+            if not per_layer:
+                yield a, c, out
 
     def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True
               ) -> tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None]:
@@ -860,7 +873,7 @@ class LayerProgram:
         per record ``E[X^2] / num`` bounds ``Var(mean of num draws of X)`` from above."""
         f64 = torch.float64
         w = sgn if h2_all is None else sgn / num
-        for a, cc, grads in self.iter_grads(taps, go=go):
+        for a, cc, grads in self.iter_grads(taps, go=go, per_layer=True):
             for name, v in grads.items():
                 if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
                     sq = v.g.square()
@@ -1020,7 +1033,7 @@ class LayerProgram:
         s1 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         s2 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         bw = taps.base_weight  # the loss gradient's own share of the exact Gauss-Newton diagonal
-        for a, c, grads in self.iter_grads(taps):
+        for a, c, grads in self.iter_grads(taps, per_layer=True):
             for n, v in grads.items():
                 if isinstance(v, _Sparse):
                     s1[n] += v.sum().to(acc)
