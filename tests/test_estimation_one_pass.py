@@ -390,6 +390,13 @@ def test_attention_in_proj_per_sample_gradients_self_and_cross(how):
     ref = LossProgram(model, _ce, names, dtype=torch.float64).per_sample_grads(X, Y)
     for n in names:
         torch.testing.assert_close(got[n], ref[n].reshape(5, -1), rtol=1e-10, atol=1e-12)
+    # records selected by an index (the stored records' taps): still one tensor, the same gradients
+    rows = torch.tensor([3, 0, 4])
+    sel = taps.rows(rows)
+    assert _same_tensor(sel.x["att"]) == (how == "self")
+    got = prog.grads_from_taps(sel, names)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n].reshape(5, -1)[rows], rtol=1e-10, atol=1e-12)
 
 
 def test_per_layer_iteration_gives_the_per_chunk_gradients():

@@ -554,7 +554,12 @@ def _slice(tree: Any, a: Any, c: Any = None) -> Any:
     key = slice(a, c) if isinstance(a, int) else a
     if isinstance(tree, Tensor):  # the common leaves first: no pytree walk per layer and chunk
         return tree[key]
-    if type(tree) is tuple and all(isinstance(t, Tensor) for t in tree):
+    if type(tree) is dict:
+        return {k: _slice(v, key) for k, v in tree.items()}
+    if type(tree) is tuple and tree and all(isinstance(t, Tensor) for t in tree):
+        if _same_tensor(tree):  # self-attention's (query, key, value): one tensor stays one
+            part = tree[0][key]
+            return (part,) * len(tree)
         return tuple(t[key] for t in tree)
     return torch.utils._pytree.tree_map(lambda t: t[key] if isinstance(t, Tensor) else t, tree)
 
