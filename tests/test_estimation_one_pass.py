@@ -345,3 +345,78 @@ def test_exact_gauss_newton_of_near_certain_records_in_float32_is_finite(monkeyp
         runs.append(acc.state["h_sum"])
     assert bool(torch.isfinite(runs[0]).all())
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6 * float(runs[1].abs().max()))
+
+
+class _Attn(nn.Module):
+    """One nn.MultiheadAttention called as self-attention (query, key and value one tensor),
+    with key = value another tensor of the same length, or of another length (cross-attention)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(6, 8)
+        self.mem = nn.Linear(8, 8)
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        m = self.mem(h[:, :3] if self.how == "cross" else h)
+        if self.how == "self":
+            o = self.att(m, m, m, need_weights=False)[0]
+        else:
+            o = self.att(h, m, m, need_weights=False)[0]
+        return self.head(o.mean(1))
+
+
+@pytest.mark.parametrize("how", ["self", "kv", "cross"])
+def test_attention_in_proj_per_sample_gradients_self_and_cross(how):
+    """Self-attention's in_proj per-sample gradients come from one batched GEMM of the q/k/v
+    output gradients side by side (no stacked inputs); key/value another tensor (same or
+    another length) keeps the per-projection products. Both equal torch.func's."""
+    from mis_lightning.estimation.linear_factors import _prepare, _same_tensor
+    from mis_lightning.estimation.per_sample import LossProgram
+
+    torch.manual_seed(0)
+    model = _Attn(how).eval()
+    X, Y = torch.randint(0, 6, (5, 4)), torch.randint(0, 3, (5,))
+    names = [n for n, _ in model.named_parameters()]
+    prog = LayerProgram(model, _ce, names, torch.float64)
+    taps = prog.record_taps(X, Y, 5)
+    x_att = taps.x["att"]
+    assert _same_tensor(x_att) == (how == "self")
+    assert ("xs" in _prepare(prog._mods["att"], x_att, prog.slots["att"])) == (how == "kv")
+    got = prog.grads_from_taps(taps, names)
+    ref = LossProgram(model, _ce, names, dtype=torch.float64).per_sample_grads(X, Y)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n].reshape(5, -1), rtol=1e-10, atol=1e-12)
+    # records selected by an index (the stored records' taps): still one tensor, the same gradients
+    rows = torch.tensor([3, 0, 4])
+    sel = taps.rows(rows)
+    assert _same_tensor(sel.x["att"]) == (how == "self")
+    got = prog.grads_from_taps(sel, names)
+    for n in names:
+        torch.testing.assert_close(got[n], ref[n].reshape(5, -1)[rows], rtol=1e-10, atol=1e-12)
+
+
+def test_per_layer_iteration_gives_the_per_chunk_gradients():
+    """``iter_grads(per_layer=True)`` (the estimation's squares and sums, formed layer by layer
+    while in cache) yields the same per-sample gradients as the per-chunk dicts; a tied
+    parameter keeps one dict per chunk (its uses are added before any square)."""
+    for kind in ("transformer", "tied"):
+        model = _model(kind)
+        X, Y = _data(kind, 12)
+        prog = LayerProgram(model, _ce, [n for n, _ in model.named_parameters()], torch.float64)
+        taps = prog.record_taps(X, Y, 12)
+        whole = {(a, c): g for a, c, g in prog.iter_grads(taps)}
+        parts = list(prog.iter_grads(taps, per_layer=True))
+        if kind == "tied":
+            assert len(parts) == len(whole)
+        else:
+            assert len(parts) == len(whole) * len(prog.slots)
+        for a, c, g in parts:
+            for n, v in g.items():
+                want = whole[(a, c)][n]
+                if hasattr(v, "dense"):
+                    v, want = v.dense(c - a), want.dense(c - a)
+                assert torch.equal(v, want)

@@ -378,6 +378,14 @@ def _patches(mod: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(b, mod.groups, -1, math.prod(out))
 
 
+def _same_tensor(xs: Any) -> bool:
+    """Whether the tensors of ``xs`` are one tensor (the same storage, offset, shape and
+    strides: views of it, e.g. self-attention's query, key and value)."""
+    t0 = xs[0]
+    return all(isinstance(t, Tensor) and t.data_ptr() == t0.data_ptr() and t.shape == t0.shape
+               and t.stride() == t0.stride() and t.dtype == t0.dtype for t in xs[1:])
+
+
 def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cache: dict[str, Tensor]) -> dict[str, Any]:
     """Per-sample gradients ``{parameter: [B, numel] or _Sparse}`` of one layer from its input
     ``x`` and the gradient ``go`` at its output (both with the batch in dim 0); ``cache``
@@ -388,8 +396,8 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
     wn, bn = names.get("weight"), names.get("bias")
     if isinstance(mod, nn.Linear):
         xf, gf = x.reshape(b, -1, x.shape[-1]), go.reshape(b, -1, go.shape[-1])
-        if wn:
-            out[wn] = torch.einsum("bto,bti->boi", gf, xf).reshape(b, -1)
+        if wn:  # [B, O, T] x [B, T, I] (einsum's own bmm, without its dispatch)
+            out[wn] = torch.bmm(gf.transpose(1, 2), xf).reshape(b, -1)
         if bn:
             out[bn] = gf.sum(1)
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -427,7 +435,12 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
         # slot "in": x = (x_q, x_k, x_v) [B, T, E], go = (d_q, d_k, d_v) [B, T, E]
         wn, bn = names.get("in_proj_weight"), names.get("in_proj_bias")
         if wn:
-            if len({tuple(t.shape) for t in (*x, *go)}) == 1:
+            if _same_tensor(x):
+                # self-attention (query, key and value one tensor [B, T, E]): the q/k/v output
+                # gradients side by side [B, T, 3E] times the input, one plain batched GEMM into
+                # [B, 3E, E] (2.4x faster than the stacked 4-d einsum; the same products)
+                out[wn] = torch.bmm(torch.cat(list(go), -1).transpose(1, 2), x[0]).reshape(b, -1)
+            elif len({tuple(t.shape) for t in (*x, *go)}) == 1:
                 # one batched product into [B, 3, E, E] (the q/k/v rows of in_proj_weight, in order)
                 xs = cache["xs"] if "xs" in cache else torch.stack(list(x), 2)
                 out[wn] = torch.einsum("btko,btki->bkoi", torch.stack(list(go), 2), xs).reshape(b, -1)
@@ -539,6 +552,15 @@ CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gr
 def _slice(tree: Any, a: Any, c: Any = None) -> Any:
     """Rows ``a:c`` (or the index tensor / slice ``a``) of every tensor of a pytree."""
     key = slice(a, c) if isinstance(a, int) else a
+    if isinstance(tree, Tensor):  # the common leaves first: no pytree walk per layer and chunk
+        return tree[key]
+    if type(tree) is dict:
+        return {k: _slice(v, key) for k, v in tree.items()}
+    if type(tree) is tuple and tree and all(isinstance(t, Tensor) for t in tree):
+        if _same_tensor(tree):  # self-attention's (query, key, value): one tensor stays one
+            part = tree[0][key]
+            return (part,) * len(tree)
+        return tuple(t[key] for t in tree)
     return torch.utils._pytree.tree_map(lambda t: t[key] if isinstance(t, Tensor) else t, tree)
 
 
@@ -560,7 +582,8 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
         else:
             shape = (1, -1, *([1] * (x.dim() - 2)))
             cache["xhat"] = (x - mod.running_mean.reshape(shape)) / (mod.running_var.reshape(shape) + mod.eps).sqrt()
-    elif "in_proj_weight" in names and isinstance(mod, _MHA) and len({tuple(t.shape) for t in x}) == 1:
+    elif ("in_proj_weight" in names and isinstance(mod, _MHA) and not _same_tensor(x)
+          and len({tuple(t.shape) for t in x}) == 1):
         cache["xs"] = torch.stack(list(x), 2)  # [B, T, 3, E]: the q/k/v inputs, stacked once per batch
     return cache
 
@@ -660,6 +683,7 @@ class LayerProgram:
                 holders.setdefault(n, []).append(m)
         self._sparse_slots = {n: ms for n, ms in holders.items()
                               if all(isinstance(self._mods[m], nn.Embedding) for m in ms)}
+        self._tied = any(len(ms) > 1 for ms in holders.values())  # a parameter held by several layers
         self._verified = False
 
     def _hook(self, name: str) -> Callable:
@@ -764,12 +788,16 @@ class LayerProgram:
         big = max((size(n) for n in (names if names is not None else self.names)), default=1)
         return max(1, CHUNK_FLOATS // max(big, 1))
 
-    def iter_grads(self, taps: _BatchTaps, names: Iterable[str] | None = None, go: dict[str, Any] | None = None
-                   ) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    def iter_grads(self, taps: _BatchTaps, names: Iterable[str] | None = None, go: dict[str, Any] | None = None,
+                   per_layer: bool = False) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """``(a, c, {name: [c - a, numel] or _Sparse})`` per-sample gradients of records
         ``a:c`` of the batch from its taps (``go``: the output gradients of another direction
-        than ``dl/do``); a tied parameter's uses are added up before any square is taken."""
+        than ``dl/do``); a tied parameter's uses are added up before any square is taken.
+        ``per_layer``: one dict per layer and chunk, yielded as soon as it is formed (the
+        consumer squares and sums it while it is in cache, and the chunk's gradients of all
+        layers are never held at once), when no parameter is tied (else one dict per chunk)."""
         want = set(self.names if names is None else names)
+        per_layer = per_layer and not self._tied
         step = self.chunk_rows(want, taps)
         gos = taps.go if go is None else go
         for a in range(0, taps.b, step):
@@ -784,9 +812,13 @@ class LayerProgram:
                 cache = ({k: v[a:c] for k, v in taps.cache[m].items()} if m in taps.cache
                          else _prepare(self._mods[m], xs, slot))
                 grads = _layer_grads(self._mods[m], xs, _slice(gos[m], a, c), sub, cache)
+                if per_layer:
+                    yield a, c, grads
+                    continue
                 for k, v in grads.items():
                     out[k] = v if k not in out else _add(out[k], v, c - a)
-            yield a, c, out
+            if not per_layer:
+                yield a, c, out
 
     def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True
               ) -> tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None]:
@@ -846,7 +878,7 @@ class LayerProgram:
         per record ``E[X^2] / num`` bounds ``Var(mean of num draws of X)`` from above."""
         f64 = torch.float64
         w = sgn if h2_all is None else sgn / num
-        for a, cc, grads in self.iter_grads(taps, go=go):
+        for a, cc, grads in self.iter_grads(taps, go=go, per_layer=True):
             for name, v in grads.items():
                 if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
                     sq = v.g.square()
@@ -1009,7 +1041,7 @@ class LayerProgram:
         s1 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         s2 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         bw = taps.base_weight  # the loss gradient's own share of the exact Gauss-Newton diagonal
-        for a, c, grads in self.iter_grads(taps):
+        for a, c, grads in self.iter_grads(taps, per_layer=True):
             for n, v in grads.items():
                 if isinstance(v, _Sparse):
                     s1[n] += v.sum().to(acc)
