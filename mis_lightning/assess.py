@@ -468,6 +468,31 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
 
 
 @restores_rng("val_dataloader", "calibration_data")
+def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
+    """The schemes quantize ``model``'s weights while sigma and the influences are those of
+    ``est``: weights changed since the estimation (training on after a Metric's first
+    ``update``, or another model) would score a mix of two models, silently. The estimate's
+    ``theta`` are exact copies of the weights it read, so any difference above 1e-6 of the
+    tensor's largest weight is a change.
+
+    Raises:
+        ValueError: naming the first assessed parameter that differs (or is missing).
+    """
+    named = dict(model.named_parameters())
+    for k in est.names:
+        if k not in named:
+            raise ValueError(f"the model has no parameter {k!r}, which the estimate assessed: score the "
+                             "model the estimate was computed from")
+        now = named[k].detach().reshape(-1).to("cpu", torch.float64)
+        then = est.theta[k].reshape(-1).to(torch.float64)
+        if now.shape != then.shape or float((now - then).abs().max()) > 1e-6 * max(float(then.abs().max()), 1e-30):
+            raise ValueError(
+                f"the model's weights differ from those the estimate was computed from (parameter {k!r}): the "
+                "schemes would quantize the new weights while sigma and the influences are the old ones'. "
+                "Estimate again on the current weights (MISIndicator: reset() and update again; its weights "
+                "are read at the first update after construction or reset())")
+
+
 def score_schemes(
     est: Estimate,
     model: nn.Module,
@@ -500,7 +525,8 @@ def score_schemes(
     Raises:
         TypeError: an unknown keyword argument.
         ValueError: an invalid option, ``n < 4`` records (the pool protocol scores ``n / 2``),
-            non-finite ``sigma``, or (with ``strict``) a failing scheme's error.
+            non-finite ``sigma``, ``model``'s weights not those of ``est``, or (with ``strict``)
+            a failing scheme's error.
         KeyError: an unknown scheme name.
     """
     cfg = scoring_only("score_schemes", scoring_config, options)
@@ -515,6 +541,7 @@ def score_schemes(
                          "are computed for n / 2 records")
     for k in est.names:
         check_finite(f"sigma of {k!r}", est.sigma[k])
+    _check_model_matches_estimate(est, model)
     R = est.num_records
     estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R,
                        "estimator": est.estimator, "reason": est.reason,

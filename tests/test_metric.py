@@ -273,3 +273,29 @@ def test_pickle_round_trip_goes_on_accumulating(kw):
         float(fresh.compute()["rtn_int4"]["leakage"]), rel=1e-12)
     # clone() (a deep copy) still shares the model and does not copy it
     assert m.clone().model is net
+
+
+def test_weights_changed_after_the_first_update_are_refused_at_compute():
+    """The Metric reads the weights at the first ``update``; ``compute()`` quantized the live
+    model against that snapshot's sigma and influences: weights scaled x20 before ``compute``
+    read rtn_int4 0.0358 instead of 0.0528, silently. ``score_schemes`` on a model that is not the
+    estimate's had the same gap. Both now name the changed parameter; after ``reset()`` the new
+    weights are assessed."""
+    from mis_lightning import score_schemes
+
+    X, y = _data()
+    model = _ols_model(X, y)
+    metric = MISIndicator(model, lambda o, t: mse(o, t), SCHEMES, uncertainty_draws=0)
+    _feed(metric, X, y, 60)
+    with torch.no_grad():
+        model.weight.mul_(20.0)
+    with pytest.raises(ValueError, match=r"weights differ from those the estimate was computed from \(parameter 'weight'\)"):
+        metric.compute()
+    est = estimate(model, DataLoader(TensorDataset(X, y), batch_size=60), lambda o, t: mse(o, t))
+    other = _ols_model(X, y)
+    with pytest.raises(ValueError, match="parameter 'weight'"):
+        score_schemes(est, other, SCHEMES, uncertainty_draws=0)
+    metric.reset()
+    _feed(metric, X, y, 60)
+    out = metric.compute()
+    assert all(0 <= float(v["mis"]) <= 1 for v in out.values())
