@@ -736,3 +736,21 @@ def test_the_figures_do_not_depend_on_the_units_of_the_inputs(mode):
                        + [rep.schemes["rtn_int4"].d_eff])
     # float64 throughout: the same arithmetic up to rounding of the rescaled products
     assert figures[1] == pytest.approx(figures[0], rel=1e-6)
+
+
+def test_unused_embedding_rows_are_not_negative_curvature():
+    """Embedding rows no record uses have a zero Hessian diagonal (wd = 0): flat, not negative.
+    The diagonal estimator counted ``H_jj <= 0`` as negative curvature and the report told the
+    user the eigenvalues were "replaced by their magnitudes" (nothing is negative, the diagonal
+    estimator replaces no eigenvalue)."""
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(1, 7, (300, 4), generator=g)  # rows 0 and 7-11 never used
+    y = torch.randn(300, generator=g)
+    model = _Bag(bag=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ml.assess(model, ["rtn_int8"], DataLoader(TensorDataset(tok, y), batch_size=100), _mse,
+                        estimation="diagonal", uncertainty_draws=0)
+    assert rep.diagnostics["nonpositive_hessian_diagonal"] >= 18  # 6 unused rows x 3
+    assert not rep.diagnostics["negative_curvature"]
+    assert not [w for w in rep.warnings if "negative curvature" in w]

@@ -1160,7 +1160,7 @@ class MomentAccumulator:
             return g, v, h + self._decay_slice(a, b)
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
-        grad_sq, zero_var, h_min, h_max, ratio, neg = 0.0, 0, math.inf, -math.inf, 0.0, 0
+        grad_sq, zero_var, h_min, h_max, ratio, neg, h_abs = 0.0, 0, math.inf, -math.inf, 0.0, 0, 0.0
         for a in range(0, d, FINALIZE_CHUNK):
             b = min(a + FINALIZE_CHUNK, d)
             g, v, h = chunk(a, b)
@@ -1170,6 +1170,7 @@ class MomentAccumulator:
             zero_var += int((v <= 0).sum())
             h_min, h_max = min(h_min, float(h.min())), max(h_max, float(h.max()))
             ratio, neg = max(ratio, _curvature_ratio_max(h, v)), neg + int((h <= 0).sum())
+            h_abs = max(h_abs, float(h.abs().max()))
             g_out[a:b], v_out[a:b] = g, v
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
         gnorm = math.sqrt(grad_sq)
@@ -1189,7 +1190,8 @@ class MomentAccumulator:
             del total, rel
         if self.hessian == "ggn_mc":
             diagnostics.update(_mc_error(h_sum.to(cpu, f64), st["h2_sum"].to(cpu, f64), self.ggn_mc_samples))
-        diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max, negative_curvature=neg > 0,
+        diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max,
+                           negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32")
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
@@ -1528,6 +1530,10 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     return out
 
 
+# Hessian-diagonal entries within this fraction of the largest below 0 are rounding of 0
+_DIAGONAL_ROUNDING = 1e-12
+
+
 def _curvature_ratio_max(h: Tensor, v: Tensor) -> float:
     """``max_j |H_jj| / V_jj`` over the weights with gradient variance: unit-free (both scale as
     ``c_j^2`` when ``theta_j -> theta_j / c_j``), the scale of the diagonal floor."""
@@ -1564,9 +1570,11 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
         sign of ``psi = -H^{-1} g``), or ``None`` without ``G``.
     """
     neg = int((h <= 0).sum())
+    # a zero diagonal (an unused embedding row, a dead unit) is flat, not negative curvature
     diagnostics.update(
         hessian_min_diagonal=float(h.min()), hessian_max_diagonal=float(h.max()),
-        negative_curvature=neg > 0, nonpositive_hessian_diagonal=neg,
+        negative_curvature=bool((h < -_DIAGONAL_ROUNDING * float(h.abs().max())).any()) if h.numel() else False,
+        nonpositive_hessian_diagonal=neg,
     )
     sigma = _diagonal_sigma(h, v, n, damping * _curvature_ratio_max(h, v))
     vc = v if v_centring is None else v_centring
