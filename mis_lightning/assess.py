@@ -114,7 +114,7 @@ def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:
     selecting the head's parameters (its per-sample gradients need no vmap over the RNN)."""
     chosen = set(names)
     for mod_name, mod in model.named_modules():
-        if not isinstance(mod, nn.RNNBase):
+        if not isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):  # the cells' kernels too (LSTMCell loops)
             continue
         own = [f"{mod_name}.{p}" if mod_name else p for p, _ in mod.named_parameters()]
         hit = [n for n in own if n in chosen]

@@ -754,3 +754,51 @@ def test_unused_embedding_rows_are_not_negative_curvature():
     assert rep.diagnostics["nonpositive_hessian_diagonal"] >= 18  # 6 unused rows x 3
     assert not rep.diagnostics["negative_curvature"]
     assert not [w for w in rep.warnings if "negative curvature" in w]
+
+
+class _ZerosInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], 3)  # the default dtype, as most forwards create their state
+        return self.fc(x) + torch.nn.functional.linear(x, torch.eye(3), h[0])  # linear does not promote
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+def test_a_tensor_the_forward_creates_in_the_default_dtype_follows_the_estimation(mode):
+    """``torch.zeros(B, H)`` in ``forward`` (an LSTMCell loop's initial state) is float32 while
+    the estimation's copy computes in float64: "mat1 and mat2 must have the same dtype". The
+    estimation's forwards now run with the compute dtype as torch's default (restored after)."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(200, 3, generator=g), torch.randint(0, 3, (200,), generator=g)
+    torch.manual_seed(0)
+    model = _ZerosInForward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ml.assess(model, ["none", "rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=50),
+                        lambda o, t: F.cross_entropy(o, t, reduction="none"), uncertainty_draws=0, estimation=mode)
+    assert 0 < rep.schemes["rtn_int8"].leakage <= rep.schemes["none"].leakage
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_recurrent_cell_loop_is_refused_naming_the_cell():
+    """An nn.LSTMCell unrolled in ``forward`` (not an nn.RNNBase) has the same fused kernel that
+    vmap cannot batch: it crashed deep in the estimation with "output with shape [1, 24] doesn't
+    match the broadcast shape [50, 1, 24]"; now refused up front like nn.LSTM."""
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = nn.LSTMCell(3, 6), nn.Linear(6, 1)
+
+        def forward(self, x):
+            h = c = x.new_zeros(x.shape[0], 6)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return self.head(h)
+
+    X = torch.randn(40, 4, 3)
+    with pytest.raises(ValueError, match=r"LSTMCell 'cell' holds selected parameters .*params=\['head.weight', 'head.bias'\]"):
+        ml.assess(Cell(), ["rtn_int8"], DataLoader(TensorDataset(X, X.sum((1, 2))), batch_size=20), _mse,
+                  uncertainty_draws=0)

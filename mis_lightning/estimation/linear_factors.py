@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import private_copy
-from .per_sample import LossFn
+from .per_sample import LossFn, cast_tensor_attributes, default_dtype
 
 
 @dataclass
@@ -132,6 +132,7 @@ class FactoredProgram:
         self.names = names
         self.loss_fn, self.dtype = loss_fn, dtype
         self.model = private_copy(model, "copying the model for the factored nn.Linear estimation").to(dtype).eval()
+        cast_tensor_attributes(self.model, dtype)
         for p in self.model.parameters():
             p.requires_grad_(True)
         self.capture = _Capture(self.model, list(layout))
@@ -140,7 +141,7 @@ class FactoredProgram:
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         self.capture.reset()
         inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
-        with torch.enable_grad():
+        with torch.enable_grad(), default_dtype(self.dtype):
             out = self.model(inputs)
             if out.numel() != b:
                 raise NotImplementedError("the factored path needs one output per record")
@@ -631,6 +632,7 @@ class LayerProgram:
                  reference: Any = None) -> None:
         shared = shared_parameters(model, names)
         self.model = private_copy(model, "copying the model for the per-layer estimation").to(dtype).eval()
+        cast_tensor_attributes(self.model, dtype)
         mods = dict(self.model.named_modules(remove_duplicate=False))
         self.slots: dict[str, dict[str, str]] = {}  # module -> {attribute: parameter name}
         owners: dict[int, str] = {}
@@ -701,7 +703,8 @@ class LayerProgram:
         for mod in self._mods.values():
             if isinstance(mod, _MHA):
                 mod._fast_taps.clear()
-        out = self.model(inputs)
+        with default_dtype(self.dtype):
+            out = self.model(inputs)
         taps: dict[str, tuple[Any, list[Tensor]]] = {}
         for m, mod in self._mods.items():
             if isinstance(mod, _MHA):

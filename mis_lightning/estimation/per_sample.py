@@ -315,7 +315,24 @@ def _unflatten_record(o: Tensor, shape: OutputShape) -> Any:
     return torch.utils._pytree.tree_unflatten(parts, shape.spec)
 
 
-def _cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """torch's default floating dtype set to the compute dtype for the block (restored after,
+    even on error): a float tensor a ``forward`` creates without a dtype (``torch.zeros(B, H)``,
+    the initial state of an ``nn.LSTMCell`` loop) then meets the float64 activations of the
+    estimation's copy in its own dtype instead of failing a one-dtype kernel."""
+    old = torch.get_default_dtype()
+    if dtype == old or dtype not in (torch.float32, torch.float64):
+        yield
+        return
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating tensors a (private) model copy holds as plain attributes to ``dtype``.
 
     Parameters and buffers are passed to ``functional_call`` in the compute dtype; a tensor
@@ -366,7 +383,7 @@ class LossProgram:
         except ModelCopyError:
             own = True
         else:
-            _cast_tensor_attributes(self.model, self.dtype)
+            cast_tensor_attributes(self.model, self.dtype)
         named = dict(self.model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
 
@@ -382,7 +399,7 @@ class LossProgram:
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        with eval_mode(self.model):
+        with eval_mode(self.model), default_dtype(self.dtype):
             return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     def _one_loss(self, params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
