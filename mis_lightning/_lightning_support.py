@@ -465,7 +465,8 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
 
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
-                      user_loss: bool, batch: Any = None) -> bool:
+                      user_loss: bool, batch: Any = None,
+                      estimation_config: EstimationConfig | None = None) -> bool:
     """One training batch through the model and the loss: a batch that is not
     ``(inputs, targets)`` (without ``batch_fn``), losses that are not ``[B]`` (a scalar
     mean, ``[B, 1]``) or that mix records raise here instead of after the whole training.
@@ -476,10 +477,16 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     first records of a sized dataset (unshuffled, in-process). Returns False, having checked
     nothing, for an iterable dataset without ``batch`` (reading it could consume the stream).
 
+    With ``estimation_config``, the batch then goes through the estimation pass itself (a
+    throwaway :class:`~mis_lightning.streaming.EstimationMetric` on a private copy: the
+    compute dtype, the per-sample gradient paths, the Gauss-Newton directions), so what would
+    fail there after the whole training fails here.
+
     Raises:
         TypeError: the batch layout does not fit (names ``batch_fn``).
         ValueError: the per-sample losses do not have shape ``[B]``, or mix records (a record's
             loss computed alone differs from its entry); names the loss.
+        RuntimeError: the estimation pass fails on the batch (its error as the cause).
     """
     if batch is None:
         train = single_loader(trainer.train_dataloader, "training")
@@ -559,7 +566,33 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         raise ValueError(
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
+    if estimation_config is not None:
+        _dry_estimation(pl_module, None if hook else loss_fn, None if hook else batch_fn, estimation_config, batch)
     return True
+
+
+def _dry_estimation(pl_module: Any, loss_fn: Any, batch_fn: Any, estimation_config: EstimationConfig,
+                    batch: Any) -> None:
+    """The estimation pass's update on one batch, on a throwaway Metric (private copies; the RNG
+    isolated), so that its failures (a kernel vmap cannot batch, a dtype the float64 copy
+    meets) surface before training. Errors that are already clear (ValueError, TypeError) pass
+    through; any other is wrapped, naming the step.
+
+    Raises:
+        ValueError, TypeError: as the estimation raises them.
+        RuntimeError: any other failure of the estimation pass on this batch (as its cause).
+    """
+    with isolated_rng(), torch.inference_mode(False):
+        try:
+            metric = EstimationMetric(pl_module, loss_fn, estimation_config=estimation_config, batch_fn=batch_fn)
+            metric.update(batch)
+        except (ValueError, TypeError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - named and re-raised
+            raise RuntimeError(
+                f"MISCallback: the estimation pass fails on the first training batch ({type(exc).__name__}: "
+                f"{exc}); it would fail the same way after the whole training: assess fewer parameters "
+                "(params=), another estimation= mode, or a model torch.func can batch") from exc
 
 
 def _check_differentiable_forward(model: nn.Module, loss_fn: Any, inputs: Any, targets: Any) -> None:

@@ -230,7 +230,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # an iterable dataset is not read here (that could consume its stream): its first
         # training batch is checked as it arrives, before the first optimizer step
         self._batch_unchecked = not lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"],
-                                                         self.batch_fn, self.loss_fn is not None)
+                                                         self.batch_fn, self.loss_fn is not None,
+                                                         estimation_config=self._dry_config(names))
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._resumed:  # a resumable loader goes on with the pass it was in
@@ -254,8 +255,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if self._batch_unchecked:
             self._batch_unchecked = False
             res = self._loss(trainer, pl_module)
+            names = select_params(pl_module, self.estimation_config.params)
             lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
-                                 self.loss_fn is not None, batch=batch)
+                                 self.loss_fn is not None, batch=batch,
+                                 estimation_config=self._dry_config(self._optimized(trainer, pl_module, names)[0]
+                                                                    or names))
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every_n_val_epochs is None or trainer.sanity_checking or trainer.state.fn != "fit":
@@ -280,6 +284,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._run(trainer, pl_module, stage="fit_end")
 
     # -- run and publish ----------------------------------------------------------------------
+    def _dry_config(self, names: list[str]) -> EstimationConfig:
+        """The estimation options the assessment will use, on ``names``: what the first-batch
+        check runs through the estimation pass before training."""
+        return dataclasses.replace(self.estimation_config, params=list(names))
+
     def _loss(self, trainer: Any, pl_module: Any) -> dict[str, Any]:
         self._resolved = self._resolved or lt.resolve_loss(trainer, pl_module, self.loss_fn)
         return self._resolved

@@ -1376,3 +1376,37 @@ def test_a_resume_within_the_first_pass_counts_the_batches_read_once(tmp_path):
                          enable_model_summary=False, default_root_dir=str(tmp_path / "c"), num_sanity_val_steps=0)
     trainer.fit(Regressor(), plain, val, ckpt_path=str(ckpt))
     assert trainer.global_step == 12 and cb.report.n == 80
+
+
+class _RenormEmbedding(Regressor):
+    """An embedding with ``max_norm``: its forward renormalises the rows in place, which
+    torch.func's vmap cannot batch (only the estimation pass meets it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, max_norm=1.0)
+
+    def forward(self, x):
+        return self.net(self.emb(x).mean(1)).squeeze(-1)
+
+
+def test_an_estimation_pass_that_fails_fails_before_training(tmp_path):
+    """The first-batch check ran the model and the loss in the model's own dtype, not the
+    estimation pass: a model the pass cannot batch (here an Embedding with max_norm; before this
+    session also class-weighted losses on the float64 copy, a multi-output head over a frozen
+    LSTM) failed after the whole training. The pass now runs on the first batch at setup."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 10, (64, 3), generator=g), torch.randn(64, generator=g)
+    model = _RenormEmbedding()
+    steps = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, *args, **kwargs):
+            steps.append(1)
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST), Count()])
+    with pytest.raises(RuntimeError, match="the estimation pass fails on the first training batch"):
+        trainer.fit(model, DataLoader(TensorDataset(X, Y), batch_size=16))
+    assert not steps
