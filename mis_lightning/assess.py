@@ -469,7 +469,6 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
     return out
 
 
-@restores_rng("val_dataloader", "calibration_data")
 def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
     """The schemes quantize ``model``'s weights while sigma and the influences are those of
     ``est``: weights changed since the estimation (training on after a Metric's first
@@ -495,6 +494,7 @@ def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
                 "are read at the first update after construction or reset())")
 
 
+@restores_rng("val_dataloader", "calibration_data")
 def score_schemes(
     est: Estimate,
     model: nn.Module,

@@ -210,3 +210,34 @@ def test_a_scheme_failing_in_its_cell_moments_is_an_error_row():
     assert not rep.schemes["rtn_int4"].error and rep.schemes["rtn_int4"].leakage > 0
     with pytest.raises(AssertionError):
         ml.assess(m, ["rtn_int4", BadGrid()], dl, mse, num_records=100, uncertainty_draws=2)
+
+
+def test_score_schemes_leaves_the_callers_calibration_stream_as_it_was():
+    """``score_schemes`` restores the state of the streams it reads (``restores_rng``): a
+    stateful IterableDataset passed as ``calibration_data`` (AWQ) must not have moved on a pass. (The
+    decorator once slipped onto a helper inserted above ``score_schemes``: one pass consumed.)"""
+    from torch.utils.data import IterableDataset
+
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(120, 4, generator=g), torch.randn(120, generator=g)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    mse = lambda o, t: (o[:, 0] - t) ** 2  # noqa: E731
+    est = run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=40), mse, EstimationConfig(num_records=64))
+
+    class Stream(IterableDataset):
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            for a in range(0, 120, 40):
+                yield x[a:a + 40], y[a:a + 40]
+
+    ds = Stream()
+    ml.score_schemes(est, model, ["awq_int8_weight_only"], uncertainty_draws=0,
+                     calibration_data=DataLoader(ds, batch_size=None))
+    assert ds.passes == 0

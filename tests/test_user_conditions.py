@@ -802,3 +802,16 @@ def test_a_recurrent_cell_loop_is_refused_naming_the_cell():
     with pytest.raises(ValueError, match=r"LSTMCell 'cell' holds selected parameters .*params=\['head.weight', 'head.bias'\]"):
         ml.assess(Cell(), ["rtn_int8"], DataLoader(TensorDataset(X, X.sum((1, 2))), batch_size=20), _mse,
                   uncertainty_draws=0)
+
+
+@pytest.mark.parametrize("kw", [dict(estimation="exact"), dict(estimation="diagonal", hessian="exact")])
+def test_the_exact_estimators_on_a_recurrent_model_are_refused_up_front(kw):
+    """The exact sandwich and the exact Hessian diagonal vmap the whole forward, which a frozen
+    LSTM encoder defeats: torch's raw broadcast error at the first batch (the callback: after the
+    dry run's generic message). Refused before any work, naming the layers and the fix."""
+    model = _RNNNet("LSTM")
+    model.rnn.requires_grad_(False)
+    X = torch.randn(40, 5, 3)
+    with pytest.raises(ValueError, match=r"takes torch.func's vmap over the whole forward, which cannot batch the model's LSTM"):
+        ml.assess(model, ["rtn_int8"], DataLoader(TensorDataset(X, X.sum((1, 2))), batch_size=20), _mse,
+                  uncertainty_draws=0, **kw)

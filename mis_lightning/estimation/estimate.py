@@ -499,6 +499,14 @@ def choose_estimator(
     reuse += list(reused)
     cost = None if forward_floats is None else (n or 10_000) * d * forward_floats
     recurrent = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))})
+    if recurrent and (mode == "exact" or hessian == "exact"):
+        # the exact Hessian and the exact sandwich's per-sample gradients vmap the whole forward
+        asked = "estimation='exact'" if mode == "exact" else "hessian='exact'"
+        raise ValueError(
+            f"{asked} takes torch.func's vmap over the whole forward, which cannot batch the model's "
+            f"{', '.join(recurrent)} layers (frozen or not: 'output with shape [1, H] doesn't match the "
+            "broadcast shape [B, 1, H]'); leave estimation and hessian at 'auto' (the diagonal sandwich "
+            "with the Gauss-Newton Hessian, which reads the layers around the recurrent ones)")
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
     elif recurrent:  # torch.func cannot batch them: the exact Hessian's vmap over the model fails
