@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from . import functional as F
 from ._rng import restores_rng
@@ -378,11 +379,30 @@ def assess(
         log.warning("%s (it will be reported as a failed scheme)", msg)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
-    return score_schemes(
+    report = score_schemes(
         est, model, scheme_objs, scoring_config=sc_cfg, val_dataloader=val_dataloader,
         loss_fn=loss_fn, metrics=metrics, output_transform=output_transform, batch_fn=batch_fn,
         progress=progress, calibration_data=train_dataloader,
     )
+    report.warnings += _sampling_notes(train_dataloader)
+    return report
+
+
+def _sampling_notes(loader: Any) -> list[str]:
+    """Notes for a training loader that does not read each record once: a sampler with
+    replacement counts records as often as it draws them (n is then the draws), and a shuffled
+    pass with ``drop_last`` leaves a different subset out each call (figures move with the RNG)."""
+    if not isinstance(loader, DataLoader):
+        return []
+    sampler, notes = loader.sampler, []
+    if isinstance(sampler, WeightedRandomSampler) or bool(getattr(sampler, "replacement", False)):
+        notes.append(f"train_dataloader's {type(sampler).__name__} draws records with replacement: each record "
+                     "counts as often as it is drawn (n is the number of draws, not of training records); "
+                     "assess over each training record once (a loader without a sampler, shuffle=False)")
+    elif loader.drop_last and isinstance(sampler, RandomSampler):
+        notes.append("train_dataloader shuffles and drops its last partial batch: each call reads a different "
+                     "subset of the training records (the figures move with the RNG); use drop_last=False")
+    return notes
 
 
 @restores_rng("train_dataloader")
