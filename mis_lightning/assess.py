@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from . import functional as F
 from ._rng import restores_rng
@@ -391,18 +391,28 @@ def assess(
 def _sampling_notes(loader: Any) -> list[str]:
     """Notes for a training loader that does not read each record once: a sampler with
     replacement counts records as often as it draws them (n is then the draws), and a shuffled
-    pass with ``drop_last`` leaves a different subset out each call (figures move with the RNG)."""
+    pass that leaves records out (``drop_last`` with a partial last batch, ``num_samples`` below
+    the data) reads a different subset each call (figures move with the RNG)."""
     if not isinstance(loader, DataLoader):
         return []
-    sampler, notes = loader.sampler, []
-    if isinstance(sampler, WeightedRandomSampler) or bool(getattr(sampler, "replacement", False)):
-        notes.append(f"train_dataloader's {type(sampler).__name__} draws records with replacement: each record "
-                     "counts as often as it is drawn (n is the number of draws, not of training records); "
-                     "assess over each training record once (a loader without a sampler, shuffle=False)")
-    elif loader.drop_last and isinstance(sampler, RandomSampler):
-        notes.append("train_dataloader shuffles and drops its last partial batch: each call reads a different "
-                     "subset of the training records (the figures move with the RNG); use drop_last=False")
-    return notes
+    batches = loader.batch_sampler
+    sampler = getattr(batches, "sampler", loader.sampler)
+    drop_last = bool(getattr(batches, "drop_last", loader.drop_last))
+    size = getattr(batches, "batch_size", loader.batch_size)
+    if bool(getattr(sampler, "replacement", False)):
+        return [f"train_dataloader's {type(sampler).__name__} draws records with replacement: each record counts "
+                "as often as it is drawn (n is the number of draws, not of training records); assess over "
+                "each training record once (a loader without a sampler, shuffle=False)"]
+    if not isinstance(sampler, RandomSampler):
+        return []
+    total, drawn = len(sampler.data_source), sampler.num_samples
+    kept = drawn - drawn % size if drop_last and size else drawn
+    if kept >= total:
+        return []
+    why = "drops its last partial batch" if drawn >= total else f"draws {drawn} of its {total} records"
+    return [f"train_dataloader shuffles and {why}: each call reads a different subset of the training "
+            f"records ({kept} of {total}; the figures move with the RNG); read each record once "
+            "(drop_last=False, no num_samples)"]
 
 
 @restores_rng("train_dataloader")

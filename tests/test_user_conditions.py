@@ -804,7 +804,8 @@ def test_a_recurrent_cell_loop_is_refused_naming_the_cell():
                   uncertainty_draws=0)
 
 
-@pytest.mark.parametrize("kw", [dict(estimation="exact"), dict(estimation="diagonal", hessian="exact")])
+@pytest.mark.parametrize("kw", [dict(estimation="exact"), dict(estimation="diagonal", hessian="exact"),
+                                dict(estimation="diagonal", hessian="hutchinson")])
 def test_the_exact_estimators_on_a_recurrent_model_are_refused_up_front(kw):
     """The exact sandwich and the exact Hessian diagonal vmap the whole forward, which a frozen
     LSTM encoder defeats: torch's raw broadcast error at the first batch (the callback: after the
@@ -826,12 +827,19 @@ def test_assess_notes_a_loader_that_does_not_read_each_record_once():
     ds = TensorDataset(X, Y)
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
-    loaders = {
-        "with replacement": DataLoader(ds, batch_size=30, sampler=torch.utils.data.WeightedRandomSampler(torch.ones(90), 90)),
-        "drops its last partial batch": DataLoader(ds, batch_size=40, shuffle=True, drop_last=True),
-        None: DataLoader(ds, batch_size=30),
-    }
-    for want, loader in loaders.items():
+    from torch.utils.data import BatchSampler, RandomSampler, WeightedRandomSampler
+
+    loaders = [
+        ("with replacement", DataLoader(ds, batch_size=30, sampler=WeightedRandomSampler(torch.ones(90), 90))),
+        ("drops its last partial batch", DataLoader(ds, batch_size=40, shuffle=True, drop_last=True)),
+        ("drops its last partial batch", DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 40, drop_last=True))),
+        ("draws 60 of its 90 records", DataLoader(ds, batch_size=30, sampler=RandomSampler(ds, num_samples=60))),
+        # each record once: no note
+        (None, DataLoader(ds, batch_size=30)),
+        (None, DataLoader(ds, batch_size=30, shuffle=True, drop_last=True)),  # 90 = 3 x 30: nothing dropped
+        (None, DataLoader(ds, batch_size=30, sampler=WeightedRandomSampler(torch.ones(90), 90, replacement=False))),
+    ]
+    for want, loader in loaders:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             rep = ml.assess(model, ["rtn_int8"], loader, _mse, uncertainty_draws=0)

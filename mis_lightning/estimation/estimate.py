@@ -464,6 +464,33 @@ def forward_floats(model: nn.Module, inputs: Any, b: int) -> float | None:
     return counter.total / max(b, 1)
 
 
+def _check_recurrent_estimator(recurrent: list[str], mode: str, hessian: str, ggn: bool) -> None:
+    """Refuse the estimators that vmap the whole forward on a model with recurrent layers
+    (frozen or not; their fused kernels fail as "output with shape [1, H] doesn't match the
+    broadcast shape [B, 1, H]"): the exact sandwich, the exact Hessian diagonal and Hutchinson's
+    Hessian-vector products. The Gauss-Newton diagonal reads the layers around them.
+
+    Raises:
+        ValueError: naming the layers, what was asked and the fix.
+    """
+    if not recurrent:
+        return
+    if mode == "exact":
+        asked = "estimation='exact'"
+    elif hessian in ("exact", "hutchinson"):
+        asked = f"hessian={hessian!r}"
+    else:
+        return
+    fix = ("leave estimation and hessian at 'auto' (the diagonal sandwich with the Gauss-Newton Hessian, "
+           "which reads the layers around the recurrent ones)" if ggn else
+           "the Gauss-Newton Hessian, which reads the layers around them, needs the model's outputs: pass "
+           "loss_fn (outputs, targets) instead of a mis_per_sample_loss hook")
+    raise ValueError(
+        f"{asked} takes torch.func's vmap over the whole forward, which cannot batch the model's "
+        f"{', '.join(recurrent)} layers (frozen or not: 'output with shape [1, H] doesn't match the "
+        f"broadcast shape [B, 1, H]'); {fix}")
+
+
 def choose_estimator(
     model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
     n: int | None = None, ggn: bool = True, reused: Iterable[str] = (),
@@ -499,14 +526,7 @@ def choose_estimator(
     reuse += list(reused)
     cost = None if forward_floats is None else (n or 10_000) * d * forward_floats
     recurrent = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))})
-    if recurrent and (mode == "exact" or hessian == "exact"):
-        # the exact Hessian and the exact sandwich's per-sample gradients vmap the whole forward
-        asked = "estimation='exact'" if mode == "exact" else "hessian='exact'"
-        raise ValueError(
-            f"{asked} takes torch.func's vmap over the whole forward, which cannot batch the model's "
-            f"{', '.join(recurrent)} layers (frozen or not: 'output with shape [1, H] doesn't match the "
-            "broadcast shape [B, 1, H]'); leave estimation and hessian at 'auto' (the diagonal sandwich "
-            "with the Gauss-Newton Hessian, which reads the layers around the recurrent ones)")
+    _check_recurrent_estimator(recurrent, mode, hessian, ggn)
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
     elif recurrent:  # torch.func cannot batch them: the exact Hessian's vmap over the model fails
@@ -530,6 +550,8 @@ def choose_estimator(
     if mode == "exact":
         return mode, "exact", reason
     if hessian == "auto":
+        if recurrent and not ggn:  # auto would take Hutchinson's probes through the recurrent layers
+            _check_recurrent_estimator(recurrent, mode, "hutchinson", ggn)
         # the diagonal sandwich asked for (or chosen): its exact Hessian diagonal only for dense
         # models; with weight reuse it would cost the d passes the diagonal mode is there to avoid
         if cheap_exact and reuse:
