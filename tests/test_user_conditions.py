@@ -389,13 +389,19 @@ def test_params_leaving_out_trained_parameters_is_warned():
     assert not any("trainable parameter" in w for w in r.warnings)
 
 
-def _lbfgs_fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, iters: int) -> nn.Module:
-    """``model`` fitted to the mean squared error by L-BFGS (one call of ``iters`` iterations)."""
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
+def _lbfgs_fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, iters: int, loss_fn=None,
+               weight_decay: float = 0.0, **lbfgs) -> nn.Module:
+    """``model`` fitted to the mean of ``loss_fn`` (default the squared error) plus
+    ``weight_decay / 2 |theta|^2`` by L-BFGS (one call of ``iters`` iterations; ``lbfgs``: its
+    tolerances)."""
+    loss_fn = loss_fn or _mse
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=iters, line_search_fn="strong_wolfe", **lbfgs)
 
     def closure():
         opt.zero_grad()
-        loss = _mse(model(X), y).mean()
+        loss = loss_fn(model(X), y).mean()
+        if weight_decay:
+            loss = loss + 0.5 * weight_decay * sum((p ** 2).sum() for p in model.parameters())
         loss.backward()
         return loss
 
@@ -577,18 +583,9 @@ def _class_weighted_problem():
     X = torch.randn(300, 4, generator=g)
     Y = (X[:, 0] + 0.5 * torch.randn(300, generator=g) > 0).long()
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
     w = torch.tensor([1.0, 3.0])
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(model(X), Y, weight=w, reduction="none").mean()
-        loss = loss + 0.5e-2 * sum((p ** 2).sum() for p in model.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    model = _lbfgs_fit(nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), X, Y, 500,
+                       lambda o, t: F.cross_entropy(o, t, weight=w, reduction="none"), 1e-2, tolerance_grad=1e-9)
     return model, DataLoader(TensorDataset(X, Y), batch_size=50), w
 
 
@@ -711,17 +708,7 @@ def test_the_figures_do_not_depend_on_the_units_of_the_inputs(mode):
     Y = ((X @ torch.randn(8, generator=g)) * 0.5 + torch.randn(1000, generator=g) > 0).float()
     bce = lambda o, t: F.binary_cross_entropy_with_logits(o[:, 0], t, reduction="none")  # noqa: E731
     torch.manual_seed(0)
-    model = nn.Linear(8, 1)
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = bce(model(X), Y).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    model = _lbfgs_fit(nn.Linear(8, 1), X, Y, 500, bce, tolerance_grad=1e-10, tolerance_change=1e-14)
     figures = []
     for c in (1.0, 1e-5):
         m = nn.Linear(8, 1).double()
