@@ -101,6 +101,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
             raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
     _check_recurrent(model, names)
     _check_batch_statistics(model)
+    _check_embedding_max_norm(model)
     frozen = _frozen_warning(model, names)
     if frozen:
         warnings.warn(frozen, UserWarning, stacklevel=2)
@@ -143,6 +144,21 @@ def _check_batch_statistics(model: nn.Module) -> None:
                 "other records of its batch and the per-record losses the indicator needs do not exist; "
                 "use track_running_stats=True (the running statistics are then part of the release) or a "
                 "per-record normalisation (nn.LayerNorm, nn.GroupNorm)")
+
+
+def _check_embedding_max_norm(model: nn.Module) -> None:
+    """Refuse embeddings with ``max_norm``, naming the layer: their forward rescales the rows it
+    looks up in place (``torch.embedding_renorm_``), which per-sample gradients cannot batch
+    (vmap raised "aten::embedding_renorm_ ... is not possible", or the in-place-update error
+    when only other layers were selected), and the weights a forward uses are then not the
+    weights stored. Renormalising once and clearing ``max_norm`` gives the same forward."""
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and mod.max_norm is not None:
+            raise ValueError(
+                f"{type(mod).__name__} {mod_name!r} has max_norm={mod.max_norm}: its forward rescales the "
+                "rows it looks up in place, which per-sample gradients cannot batch; renormalise its weight "
+                f"once and clear max_norm (same outputs): `with torch.no_grad(): m.weight.copy_(torch.renorm("
+                f"m.weight, {mod.norm_type}, 0, {mod.max_norm})); m.max_norm = None`")
 
 
 def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:
@@ -761,7 +777,10 @@ def score_schemes(
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss (gradient norm ratio "
-            f"{diagnostics['gradient_norm_ratio']:.3g}): the M-estimator analysis may not apply"
+            f"{diagnostics['gradient_norm_ratio']:.3g}; a Newton step to the minimum would move the weights "
+            f"{diagnostics.get('minimum_offset_sd', float('nan')):.3g} of their own sampling standard "
+            "deviations, root mean square): the M-estimator analysis may not apply; train to convergence, "
+            "with the weight decay and loss you assess"
         )
     if diagnostics.get("negative_curvature"):
         flipped = diagnostics.get("negative_eigenvalues_flipped")

@@ -1378,26 +1378,26 @@ def test_a_resume_within_the_first_pass_counts_the_batches_read_once(tmp_path):
     assert trainer.global_step == 12 and cb.report.n == 80
 
 
-class _RenormEmbedding(Regressor):
-    """An embedding with ``max_norm``: its forward renormalises the rows in place, which
-    torch.func's vmap cannot batch (only the estimation pass meets it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(10, 4, max_norm=1.0)
+class _GuardedRegressor(Regressor):
+    """A forward with data-dependent control flow (a guard on the activations): a plain forward
+    runs it, torch.func's vmap cannot (only the estimation pass meets it)."""
 
     def forward(self, x):
-        return self.net(self.emb(x).mean(1)).squeeze(-1)
+        h = self.net[0](x)
+        if bool((h.abs() > 1e6).any()):
+            h = h.clamp(-1e6, 1e6)
+        return self.net[1:](h).squeeze(-1)
 
 
 def test_an_estimation_pass_that_fails_fails_before_training(tmp_path):
     """The first-batch check ran the model and the loss in the model's own dtype, not the
-    estimation pass: a model the pass cannot batch (here an Embedding with max_norm; before this
-    session also class-weighted losses on the float64 copy, a multi-output head over a frozen
-    LSTM) failed after the whole training. The pass now runs on the first batch at setup."""
+    estimation pass: a model the pass cannot batch (here data-dependent control flow; before
+    that session also class-weighted losses on the float64 copy, a multi-output head over a
+    frozen LSTM, an Embedding with max_norm, now refused by name at setup) failed after the
+    whole training. The pass now runs on the first batch at setup."""
     g = torch.Generator().manual_seed(0)
-    X, Y = torch.randint(0, 10, (64, 3), generator=g), torch.randn(64, generator=g)
-    model = _RenormEmbedding()
+    X, Y = torch.randn(64, 4, generator=g), torch.randn(64, generator=g)
+    model = _GuardedRegressor()
     steps = []
 
     class Count(Callback):
@@ -1410,3 +1410,24 @@ def test_an_estimation_pass_that_fails_fails_before_training(tmp_path):
     with pytest.raises(RuntimeError, match="the estimation pass fails on the first training batch"):
         trainer.fit(model, DataLoader(TensorDataset(X, Y), batch_size=16))
     assert not steps
+
+
+def test_an_embedding_with_max_norm_is_refused_at_setup_naming_it(tmp_path):
+    class RenormEmbedding(Regressor):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4, max_norm=1.0)
+
+        def forward(self, x):
+            return self.net(self.emb(x).mean(1)).squeeze(-1)
+
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 10, (64, 3), generator=g), torch.randn(64, generator=g)
+    model = RenormEmbedding()
+    before = model.emb.weight.detach().clone()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)])
+    with pytest.raises(ValueError, match=r"Embedding 'emb' has max_norm=1\.0"):
+        trainer.fit(model, DataLoader(TensorDataset(X, Y), batch_size=16))
+    assert trainer.global_step == 0 and torch.equal(model.emb.weight, before)

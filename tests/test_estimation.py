@@ -63,6 +63,27 @@ def test_exact_sandwich_can_fail_when_the_weights_are_not_the_minimiser():
     assert est.diagnostics["not_at_minimum"]
 
 
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+def test_distance_to_the_minimum_is_measured_in_the_weights_own_standard_deviations(mode):
+    # One weight, least squares: the Newton step is exact and theta-hat's sd is sqrt(Sigma / n),
+    # so the weight moved t sd from the fit must read minimum_offset_sd = t (up to V evaluated at
+    # the moved weight instead of the fit: the residuals grow by t sd * x, relative O(t^2 / n)).
+    # At n = 4000 a 2 sd offset has gradient norm ratio ~2 / sqrt(n) = 0.03 < 0.1, which the
+    # ratio-only flag missed.
+    X, y, beta, m = _ols(n=4000, d=1)
+    n = X.shape[0]
+    r = y - X[:, 0] * beta[0]
+    sd = math.sqrt(float((X[:, 0] * r).square().mean()) / float(X[:, 0].square().mean()) ** 2 / n)
+    dl = DataLoader(TensorDataset(X, y), batch_size=500)
+    for t, flagged in ((0.5, False), (2.0, True)):
+        moved = nn.Linear(1, 1, bias=False).double()
+        moved.weight.data = m.weight.data + t * sd
+        est = estimate(moved, dl, mse, mode=mode)
+        assert est.diagnostics["gradient_norm_ratio"] < 0.1
+        assert est.diagnostics["minimum_offset_sd"] == pytest.approx(t, rel=1e-2)
+        assert est.diagnostics["not_at_minimum"] is flagged
+
+
 def test_diagonal_agrees_with_exact_on_orthogonal_design():
     # Orthogonal design: X^T X = n I, so H is diagonal and the diagonal mode is exact.
     n, d = 256, 4

@@ -75,7 +75,7 @@ def test_float32_state_changes_leakage_below_1e_6(monkeypatch, recomputed):
         assert torch.equal(lean.theta[k].double(), ref.theta[k])
         torch.testing.assert_close(lean.sigma[k].double(), ref.sigma[k], rtol=1e-7, atol=0)
         torch.testing.assert_close(lean._v_diag[k].double(), ref._v_diag[k], rtol=1e-7, atol=0)
-    for key in ("gradient_norm", "hessian_min_diagonal", "hessian_max_diagonal"):
+    for key in ("gradient_norm", "minimum_offset_sd", "hessian_min_diagonal", "hessian_max_diagonal"):
         assert lean.diagnostics[key] == pytest.approx(ref.diagnostics[key], rel=1e-9)
     for key in ("zero_gradient_variance", "nonpositive_hessian_diagonal", "not_at_minimum"):
         assert lean.diagnostics[key] == ref.diagnostics[key]

@@ -832,3 +832,44 @@ def test_assess_notes_a_loader_that_does_not_read_each_record_once():
             rep = ml.assess(model, ["rtn_int8"], loader, _mse, uncertainty_draws=0)
         notes = [w for w in rep.warnings if w.startswith("train_dataloader")]
         assert (want in notes[0]) if want else not notes
+
+
+@pytest.mark.parametrize("selected", [None, ["head.weight", "head.bias"]], ids=["all", "head"])
+def test_embedding_max_norm_is_refused_naming_it_and_the_advice_gives_the_same_forward(selected):
+    # max_norm rescales the looked-up rows in place in the forward: vmap raised its own
+    # "aten::embedding_renorm_ ... is not possible" (the embedding selected) or the generic
+    # in-place-update error (only the head selected)
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, 10, (200, 4), generator=g)
+    y = tok[:, 0] % 2
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 3, max_norm=1.0)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, t):
+            return self.head(self.emb(t).mean(1))
+
+    torch.manual_seed(0)
+    m = Model()
+    with torch.no_grad():
+        m.emb.weight.mul_(3)  # rows above max_norm
+    stored = m.emb.weight.detach().clone()
+    ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    dl = DataLoader(TensorDataset(tok, y), batch_size=50)
+    with pytest.raises(ValueError, match=r"Embedding 'emb' has max_norm=1\.0"):
+        ml.assess(m, ["rtn_int8"], dl, ce, params=selected, uncertainty_draws=0)
+    assert torch.equal(m.emb.weight, stored)
+    # the advice: renormalise once, clear max_norm; the forward is the same
+    with torch.no_grad():
+        ref = m(tok)
+        m.emb.weight.copy_(torch.renorm(m.emb.weight, 2, 0, 1.0))
+    m.emb.max_norm = None
+    with torch.no_grad():
+        torch.testing.assert_close(m(tok), ref, rtol=1e-6, atol=1e-7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = ml.assess(m, ["rtn_int8"], dl, ce, params=selected, uncertainty_draws=0, strict=False)
+    assert r.schemes["rtn_int8"].error is None

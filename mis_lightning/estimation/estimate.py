@@ -99,6 +99,12 @@ FAST_FLOAT64_MAX_PARAMS = 10_000
 # A sampled-label Gauss-Newton diagonal whose median relative standard error (a bound) exceeds
 # this gets a line in the report's warnings: sigma_j moves by as much.
 GGN_MC_WARN_RELATIVE_ERROR = 0.1
+# Flag a model whose distance to the minimum of the assessed objective exceeds this many of
+# theta-hat's own sampling standard deviations (root mean square per weight; _not_at_minimum)
+MINIMUM_OFFSET_SD = 1.0
+# gradient variances below this fraction of the largest are rounding (dead units): left out of
+# the offset statistic, whose terms divide by them
+V_RELATIVE_FLOOR = 1e-12
 GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many outputs per record
 # Leverage above which the finite-sample correction is capped (method.md section 4, "Finite-sample
 # (leverage) correction"): 1 / (1 - h) diverges at h = 1, which a GGN factor can only reach
@@ -1191,12 +1197,18 @@ class MomentAccumulator:
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
         grad_sq, zero_var, h_min, h_max, ratio, neg, h_abs = 0.0, 0, math.inf, -math.inf, 0.0, 0, 0.0
+        v_max = max((float(chunk(a, min(a + FINALIZE_CHUNK, d))[1].max()) for a in range(0, d, FINALIZE_CHUNK)),
+                    default=0.0)
+        z_sum, z_count = 0.0, 0
         for a in range(0, d, FINALIZE_CHUNK):
             b = min(a + FINALIZE_CHUNK, d)
             g, v, h = chunk(a, b)
             th = torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
                             ((k, offsets[k]) for k in names) if s0 < b and e0 > a])
-            grad_sq += float((g + self._decay_slice(a, b) * th.to(f64)).square().sum())
+            tg = g + self._decay_slice(a, b) * th.to(f64)
+            grad_sq += float(tg.square().sum())
+            zs, zc = _offset_terms(tg, v, v_max)
+            z_sum, z_count = z_sum + zs, z_count + zc
             zero_var += int((v <= 0).sum())
             h_min, h_max = min(h_min, float(h.min())), max(h_max, float(h.max()))
             ratio, neg = max(ratio, _curvature_ratio_max(h, v)), neg + int((h <= 0).sum())
@@ -1206,7 +1218,7 @@ class MomentAccumulator:
         gnorm = math.sqrt(grad_sq)
         diagnostics: dict[str, Any] = {
             "gradient_norm": gnorm, "gradient_norm_ratio": gnorm / max(rms_g, 1e-300),
-            "not_at_minimum": gnorm / max(rms_g, 1e-300) > 0.1, "zero_gradient_variance": zero_var,
+            **_not_at_minimum(gnorm / max(rms_g, 1e-300), z_sum, z_count, n), "zero_gradient_variance": zero_var,
             **_decay_diagnostics(self.decay)}
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma, chunk by chunk
             b = min(a + FINALIZE_CHUNK, d)
@@ -1314,9 +1326,29 @@ def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: li
     total_grad = torch.cat([g_mean[slice(*offsets[k])] + decay[k] * theta[k] for k in names])
     rms_g = math.sqrt(grad_norm_sq / n)
     ratio = float(total_grad.norm()) / max(rms_g, 1e-300)
+    z_sum, z_count = _offset_terms(total_grad, v, float(v.max()) if v.numel() else 0.0)
     return {"gradient_norm": float(total_grad.norm()), "gradient_norm_ratio": ratio,
-            "not_at_minimum": ratio > 0.1, "zero_gradient_variance": int((v <= 0).sum()),
+            **_not_at_minimum(ratio, z_sum, z_count, n), "zero_gradient_variance": int((v <= 0).sum()),
             **_decay_diagnostics(decay)}
+
+
+def _offset_terms(total_grad: Tensor, v: Tensor, v_max: float) -> tuple[float, int]:
+    """``sum_j g_j^2 / V_jj`` and its count over the weights with gradient variance above
+    the rounding of the largest (the offset statistic of :func:`_not_at_minimum`)."""
+    keep = v > V_RELATIVE_FLOOR * v_max
+    return float((total_grad[keep].square() / v[keep]).sum()), int(keep.sum())
+
+
+def _not_at_minimum(ratio: float, z_sum: float, z_count: int, n: int) -> dict[str, Any]:
+    """The stationarity flags (method.md section 6). A Newton step from theta-hat to the
+    minimum of the assessed objective is ``delta = H^{-1} g`` (``g``: the penalised mean
+    gradient) and theta-hat's sampling covariance is ``H^{-1} V H^{-1} / n``, so delta in
+    theta-hat's own standard deviations is ``n g' V^{-1} g`` whatever H: its root mean square
+    per weight, with V's diagonal, is ``minimum_offset_sd``. Flagged when it exceeds
+    :data:`MINIMUM_OFFSET_SD` (the distance grows like ``ratio * sqrt(n)``, so a fixed
+    ``gradient_norm_ratio`` threshold misses large n), or when the ratio exceeds 0.1."""
+    offset = math.sqrt(n * z_sum / z_count) if z_count else 0.0
+    return {"minimum_offset_sd": offset, "not_at_minimum": ratio > 0.1 or offset > MINIMUM_OFFSET_SD}
 
 
 def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
