@@ -1,0 +1,147 @@
+"""float8 cell moments, this checkout's fast path against another checkout's, and both against
+an integer scheme, in one process (issue 13: ``fp8_weight_only`` at most 2x an integer scheme).
+
+Settings as ``benchmarks/float_grid_speed.py``: ``sigma = r x weight sd`` (one ``Linear`` with
+N(0, 0.05^2) weights, ``--d`` of them, sigma = r x 0.05 for each ``--ratios`` r) and ``mlp 1e5``
+(the 98,817-parameter MLP of ``assess_speed.py`` after 3 Adam epochs, the sigmas of
+``estimate(..., mode="diagonal", hessian="ggn")``). Per setting and thread count, interleaved
+``--repeats`` times (best of each, after a warm-up):
+
+* ``int8``: ``ParamGrid.moments`` of ``int8_weight_only`` (fused kernel, eager), chunks of 2^18;
+* ``fp8 old`` / ``fp8 new``: ``table._table_fast_moments`` of ``float8_weight_only`` on the same
+  chunks, from the checkout at ``--old-root`` (its ``functional/table.py`` loaded beside this
+  one's; the modules it imports are this checkout's) and from this checkout.
+
+It prints weights/s, fp8 / int8 for both, the speed-up, and the largest |new - old| and
+|new - exact| of kappa, mean_abs and m4 (exact: the sum over every cell of the whole table).
+
+    python benchmarks/fp8_core_speed.py --old-root /path/to/checkout-before --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEYS = ("kappa", "mean_abs", "m4")
+
+
+def _old_table(root: Path):
+    path = root / "mis_lightning" / "functional" / "table.py"
+    spec = importlib.util.spec_from_file_location("mis_lightning.functional._table_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def _exact(th, sg, values, sc):
+    from mis_lightning.functional.cells import moments_from_alpha
+
+    mids = 0.5 * (values[1:] + values[:-1]).to(torch.float64)
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    out = {k: [] for k in KEYS}
+    for a in range(0, th.numel(), 4096):
+        e = torch.cat([-inf, mids, inf]).unsqueeze(0) * sc[a : a + 4096, None]
+        mm = moments_from_alpha((e - th[a : a + 4096, None]) / sg[a : a + 4096, None])
+        for k in out:
+            out[k].append(getattr(mm, k))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _items(model, theta, sigma, name):
+    from mis_lightning.quantization import get_scheme
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        grids = get_scheme(name).apply(model).grids
+    return [(g, theta[p].reshape(-1).to(torch.float64), sigma[p].reshape(-1).to(torch.float64))
+            for p, g in grids.items()]
+
+
+def run(label, model, theta, sigma, old, chunk, repeats, threads):
+    from mis_lightning.functional import CompilePolicy
+    from mis_lightning.functional import table as new
+
+    policy = CompilePolicy("never")
+    i8 = _items(model, theta, sigma, "int8_weight_only")
+    f8 = _items(model, theta, sigma, "float8_weight_only")
+    n = sum(th.numel() for _, th, _ in f8)
+    chunks = []
+    for g, th, sg in f8:
+        for a in range(0, th.numel(), chunk):
+            b = min(a + chunk, th.numel())
+            sc, _, _ = g.element_grid(a, b)
+            chunks.append((th[a:b], sg[a:b], g.values, torch.where(sc > 0, sc, torch.ones_like(sc))))
+
+    def int8():
+        for g, th, sg in i8:
+            for a in range(0, th.numel(), chunk):
+                g.moments(th[a : a + chunk], sg[a : a + chunk], a, min(a + chunk, th.numel()),
+                          compile_policy=policy)
+
+    def fp8(mod):
+        return [mod._table_fast_moments(*c)[0] for c in chunks]
+
+    # agreement: new against old and against the exact sum over every cell
+    got, before = fp8(new), fp8(old)
+    d_old = max(float((getattr(x, k) - getattr(y, k)).abs().max()) for x, y in zip(got, before) for k in KEYS)
+    d_ex = 0.0
+    for x, c in zip(got, chunks):
+        ex = _exact(*c)
+        d_ex = max(d_ex, max(float((getattr(x, k) - ex[k]).abs().max()) for k in KEYS))
+    for t in threads:
+        torch.set_num_threads(t)
+        fns = {"int8": int8, "old": lambda: fp8(old), "new": lambda: fp8(new)}
+        best = dict.fromkeys(fns, math.inf)
+        for f in fns.values():
+            f()  # warm-up
+        for _ in range(repeats):
+            for k, f in fns.items():
+                s = time.perf_counter()
+                f()
+                best[k] = min(best[k], time.perf_counter() - s)
+        print(f"| {label} | {t} | {n / best['int8']:.3g} | {n / best['old']:.3g} | {n / best['new']:.3g} | "
+              f"{best['old'] / best['int8']:.1f} | {best['new'] / best['int8']:.1f} | "
+              f"{best['old'] / best['new']:.2f}x | {d_old:.1e} | {d_ex:.1e} |", flush=True)
+
+
+def main(argv=None) -> int:
+    from benchmarks.float_grid_speed import _mlp_case, _synthetic_case
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old-root", type=Path, required=True, help="checkout whose table.py is 'old'")
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
+    ap.add_argument("--d", type=float, default=1e5, help="synthetic weights")
+    ap.add_argument("--mlp", action="store_true", help="also the 1e5 MLP")
+    ap.add_argument("--chunk", type=int, default=1 << 18)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    args = ap.parse_args(argv)
+    old = _old_table(args.old_root)
+    print(f"old = {args.old_root}, chunk = {args.chunk}, load = {os.getloadavg()[0]:.2f}")
+    print("| setting | threads | int8 /s | fp8 old /s | fp8 new /s | old / int8 | new / int8 | speed-up "
+          "| max abs new - old | max abs new - exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    if args.mlp:
+        torch.set_num_threads(1)
+        run("mlp 1e5", *_mlp_case("1e5"), old, args.chunk, args.repeats, args.threads)
+    for r in args.ratios:
+        run(f"sigma = {r:g} x weight sd", *_synthetic_case(r, int(args.d)), old, args.chunk, args.repeats,
+            args.threads)
+    print(f"load at the end = {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
