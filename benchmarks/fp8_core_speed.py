@@ -5,7 +5,9 @@ Settings as ``benchmarks/float_grid_speed.py``: ``sigma = r x weight sd`` (one `
 N(0, 0.05^2) weights, ``--d`` of them, sigma = r x 0.05 for each ``--ratios`` r) and ``mlp 1e5``
 (the 98,817-parameter MLP of ``assess_speed.py`` after 3 Adam epochs, the sigmas of
 ``estimate(..., mode="diagonal", hessian="ggn")``). Per setting and thread count, interleaved
-``--repeats`` times (best of each, after a warm-up):
+``--repeats`` times (best of each, after a warm-up; CPU time of the process, summed over its
+threads, so that other processes on a loaded machine do not count; run with
+``OMP_WAIT_POLICY=PASSIVE`` so that idle OpenMP threads do not spin):
 
 * ``int8``: ``ParamGrid.moments`` of ``int8_weight_only`` (fused kernel, eager), chunks of 2^18;
 * ``fp8 old`` / ``fp8 new``: ``table._table_fast_moments`` of ``float8_weight_only`` on the same
@@ -108,9 +110,9 @@ def run(label, model, theta, sigma, old, chunk, repeats, threads):
             f()  # warm-up
         for _ in range(repeats):
             for k, f in fns.items():
-                s = time.perf_counter()
+                s = time.process_time()
                 f()
-                best[k] = min(best[k], time.perf_counter() - s)
+                best[k] = min(best[k], time.process_time() - s)
         print(f"| {label} | {t} | {n / best['int8']:.3g} | {n / best['old']:.3g} | {n / best['new']:.3g} | "
               f"{best['old'] / best['int8']:.1f} | {best['new'] / best['int8']:.1f} | "
               f"{best['old'] / best['new']:.2f}x | {d_old:.1e} | {d_ex:.1e} |", flush=True)
@@ -130,6 +132,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     old = _old_table(args.old_root)
     print(f"old = {args.old_root}, chunk = {args.chunk}, load = {os.getloadavg()[0]:.2f}")
+    print("weights per CPU-second")
     print("| setting | threads | int8 /s | fp8 old /s | fp8 new /s | old / int8 | new / int8 | speed-up "
           "| max abs new - old | max abs new - exact |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -53,15 +53,16 @@ def _full_sum(theta, sigma, values, scale):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _cases(dtype: torch.dtype, c: int, seed: int):
-    """Weights over and beyond the table with sds from ~1/100 of the table to ~4 tables: every
-    core size and every node count, cells up to 0.3 sd in the core."""
+def _cases(dtype: torch.dtype, c: int, seed: int, lo: float = 1e-2, hi: float = 4.0):
+    """Weights over and beyond the table with sds from ``lo`` to ``hi`` tables (default ~1/100
+    of the table to ~4 tables: every core size and every node count, cells up to 0.2 sd in the
+    core)."""
     gen = torch.Generator().manual_seed(seed)
     values = _all_values(dtype)
     vmax = float(values.max())
     scale = torch.exp(torch.empty(c, dtype=F64).uniform_(math.log(1e-3), 0.0, generator=gen))
     theta = (torch.rand(c, generator=gen, dtype=F64) * 2.2 - 1.1) * vmax * scale
-    sigma = scale * vmax * torch.exp(torch.empty(c, dtype=F64).uniform_(math.log(1e-2), math.log(4.0),
+    sigma = scale * vmax * torch.exp(torch.empty(c, dtype=F64).uniform_(math.log(lo), math.log(hi),
                                                                         generator=gen))
     return theta, sigma, values, scale
 
@@ -78,8 +79,11 @@ def test_all_bit_patterns_are_the_table():
 
 @pytest.mark.parametrize("dtype", FORMATS)
 def test_core_equals_the_exact_sum_over_every_value(dtype, monkeypatch):
-    theta, sigma, values, scale = _cases(dtype, 6000, 21)
-    ref = _full_sum(theta, sigma, values, scale)
+    """One call over sds of ~1/100 to 20 tables, then one call per quadrature rule with every
+    element's whole-table span (``zmax * scale / sigma``) inside that rule's band (a group of
+    elements takes its largest node count, so mixed spans would hide the small rules): every
+    node count the format reaches is used and every element is within the tolerances of the
+    exact sum."""
     used: set[int] = set()
     real = T._core_side_kernel
 
@@ -89,13 +93,26 @@ def test_core_equals_the_exact_sum_over_every_value(dtype, monkeypatch):
 
     monkeypatch.setattr(T, "_core_side_kernel", spy)
     T._RULES.clear()
-    err, core = _errors(theta, sigma, values, scale, ref)
-    assert float(core.double().mean()) > 0.5  # most elements on the closed form
-    # every node count exercised (e5m2's cells, a quarter binade, reach 0.2 sd before its core
-    # spans more than 1.2 sd: its step limit binds first)
+    theta, sigma, values, scale = _cases(dtype, 3000, 21, 1e-2, 20.0)
+    calls = [(theta, sigma, values, scale)]
+    zmax = float(T._core_rules(values, theta.device).zmax[0])  # the whole table's core
+    lo = 0.05
+    for i, (_, hi) in enumerate(T._CORE_RULES):
+        th, _, v, sc = _cases(dtype, 250, 40 + i)
+        span = torch.linspace(lo * 1.02, hi * 0.98, 250, dtype=F64)
+        calls.append((th, sc * zmax / span, v, sc))
+        lo = hi
+    on_core = 0
+    for theta, sigma, values, scale in calls:
+        ref = _full_sum(theta, sigma, values, scale)
+        err, core = _errors(theta, sigma, values, scale, ref)
+        on_core += int(core.sum())
+        for k, tol in TOL.items():
+            assert err[k] <= tol, (k, err[k])
+    assert on_core > 0.5 * (3000 + 250 * len(T._CORE_RULES))  # most elements on the closed form
+    # every node count exercised (e5m2's cells, a quarter binade, reach 0.2 sd before its
+    # whole-table core spans more than 1.2 sd: its step limit binds first)
     assert used == ({q for q, _ in T._CORE_RULES} if dtype == torch.float8_e4m3fn else {4, 6, 8, 10}), used
-    for k, tol in TOL.items():
-        assert err[k] <= tol, (k, err[k])
 
 
 def test_dropping_the_w9_term_is_caught(monkeypatch):

@@ -504,12 +504,13 @@ def _groups(key: Tensor) -> list[tuple[int, Tensor]]:
     return [(k, order[ends[k] - int(counts[k]) : ends[k]]) for k in present]
 
 
-def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_e: Tensor, hi_e: Tensor,
-                       need_lo: Tensor, need_hi: Tensor, rules: _CoreRules, th: Tensor, sg: Tensor,
+def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rule: Tensor, lo_e: Tensor,
+                       hi_e: Tensor, need_lo: Tensor, need_hi: Tensor, rules: _CoreRules, th: Tensor, sg: Tensor,
                        sc: Tensor) -> None:
     """``kappa`` and ``m4`` (written at ``idx``) of the elements ``idx`` whose cells are core
-    ``core // len(_CORE_RULES)`` with quadrature rule ``core % len(_CORE_RULES)`` (``[r]``,
-    indices into ``rules.nodes`` / ``rules.combined``) plus exact cells out to ``need_lo`` / ``need_hi``
+    ``core`` (``[r]``, indices into ``rules``), summed with at least quadrature rule ``rule``
+    (``[r]``, indices into ``_CORE_RULES``: each group takes its elements' largest, so that the
+    rule does not split the groups) plus exact cells out to ``need_lo`` / ``need_hi``
     finite edges each side of the core's edges ``mids[lo_e]``, ``mids[hi_e]`` (then the
     unbounded cell; edges past the table's ends are empty cells). Grouped by core and by each
     side's width bucketed in ``_SIDE_BUCKETS``, in blocks of ``_CORE_BLOCK`` elements
@@ -528,6 +529,7 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
     for kv, group in _groups(key):
         jv, rest = divmod(kv, nb * nb)
         m_lo, m_hi = _SIDE_BUCKETS[rest // nb], _SIDE_BUCKETS[rest % nb]
+        jq = jv * len(_CORE_RULES) + int(rule[group].max())
         off_lo = torch.arange(m_lo, device=th.device).unsqueeze(-1)
         off_hi = torch.arange(m_hi, device=th.device).unsqueeze(-1)
         block = max(1024, min(_CORE_BLOCK, (1 << 18) // (m_lo + m_hi + 2)))
@@ -537,8 +539,8 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
             eh = hi_e[g] + off_hi  # [m_hi, r]: the core's edge first
             e_lo = torch.where(el < 0, -math.inf, mids[el.clamp(0, n - 1)])
             e_hi = torch.where(eh >= n, math.inf, mids[eh.clamp(0, n - 1)])
-            k, m4g = _core_side_kernel(u0[g], r[g], e_lo, e_hi, rules.nodes[jv], rules.combined[jv],  # type: ignore[arg-type]
-                                       zmax[jv // len(_CORE_RULES)])
+            k, m4g = _core_side_kernel(u0[g], r[g], e_lo, e_hi, rules.nodes[jq], rules.combined[jq],  # type: ignore[arg-type]
+                                       zmax[jv])
             kappa[idx[g]] = k
             m4[idx[g]] = m4g
 
@@ -722,8 +724,7 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
         # the fewest nodes whose span covers the core's, r * zmax (<= _CORE_MAX_SPAN by rmax)
         spans = torch.tensor([sp for _, sp in _CORE_RULES], dtype=torch.float64, device=dev)
         qi = torch.bucketize(sc[ii] / sg[ii] * rules.zmax[jj], spans).clamp_(max=len(_CORE_RULES) - 1)
-        _core_side_moments(kappa, m4, ii, jj * len(_CORE_RULES) + qi, lo_e, hi_e, need_lo, need_hi, rules,
-                           th, sg, sc)
+        _core_side_moments(kappa, m4, ii, jj, qi, lo_e, hi_e, need_lo, need_hi, rules, th, sg, sc)
         lower, upper = (own_lo[ii] - th[ii]) / sg[ii], (own_hi[ii] - th[ii]) / sg[ii]
         mean_abs[ii] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
     rest = rest & ~core
