@@ -18,6 +18,13 @@ It prints weights/s, fp8 / int8 for both, the speed-up, and the largest |new - o
 |new - exact| of kappa, mean_abs and m4 (exact: the sum over every cell of the whole table).
 
     python benchmarks/fp8_core_speed.py --old-root /path/to/checkout-before --threads 1 2
+    python benchmarks/fp8_core_speed.py --floor      # per-edge cost of an exact cell sum, 1 thread
+    python benchmarks/fp8_core_speed.py --old-root PATH --counts --d 65536   # cells per weight
+
+``--floor`` times, on ``[30, 16384]`` sorted standardised edges (30 edges per weight, what a
+float8 weight with sigma ~0.1-0.3 x the weight sd sums exactly), the density and tail alone
+(``exp`` + ``ndtr``: the transcendental floor) and the whole exact cell sum of the fast path
+(density, tails, ``table._cell_terms``, sums), eager and ``torch.compile``'d, in ns per edge.
 """
 
 from __future__ import annotations
@@ -118,11 +125,82 @@ def run(label, model, theta, sigma, old, chunk, repeats, threads):
               f"{best['old'] / best['new']:.2f}x | {d_old:.1e} | {d_ex:.1e} |", flush=True)
 
 
+def floor(repeats: int) -> None:
+    from mis_lightning.functional import table as T
+    from mis_lightning.functional.cells import _pdf
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    n, b = 30, 16384
+    a = torch.sort(torch.randn(n, b, dtype=torch.float64, generator=gen) * 3, 0).values
+
+    def transcendental(a):
+        return torch.exp(a * a * -0.5), torch.special.ndtr(-a.abs())
+
+    def cells(a):
+        pdf, tail = _pdf(a), T._tails(a)
+        t2, t4 = T._cell_terms(a[:-1], a[1:], pdf[:-1], pdf[1:], tail[:-1], tail[1:])
+        return t2.sum(0), t4.sum(0)
+
+    t0 = time.perf_counter()
+    compiled = torch.compile(cells, dynamic=False)
+    compiled(a)
+    t_compile = time.perf_counter() - t0
+    for name, f in (("exp + ndtr", transcendental), ("exact cell sum, eager", cells),
+                    ("exact cell sum, compiled", compiled)):
+        f(a)
+        best = math.inf
+        for _ in range(repeats):
+            s = time.process_time()
+            f(a)
+            best = min(best, time.process_time() - s)
+        print(f"{name}: {best / (n * b) * 1e9:.1f} ns per edge ({best / b * 1e9:.0f} ns per weight of {n} edges)")
+    diff = max(float((x - y).abs().max()) for x, y in zip(compiled(a), cells(a)))
+    print(f"compile {t_compile:.1f} s; max |compiled - eager| {diff:.1e}; load {os.getloadavg()[0]:.2f}")
+
+
+def counts(label, model, theta, sigma, old) -> None:
+    """Per setting, old and new: the fraction of weights on the closed-form core, the exact edges
+    and quadrature nodes per core weight, and the exact cells per weight (``_cell_terms`` rows)."""
+    from mis_lightning.functional import table as new
+
+    def measure(mod, chunks):
+        rec, cells = [], [0]
+        kern, terms = mod._core_side_kernel, mod._cell_terms
+
+        def k(u0, r, e_lo, e_hi, nodes, *rest):
+            rec.append((u0.numel(), e_lo.shape[0] + e_hi.shape[0], nodes.numel()))
+            return kern(u0, r, e_lo, e_hi, nodes, *rest)
+
+        def t(lo, *rest):
+            cells[0] += lo.numel()
+            return terms(lo, *rest)
+
+        mod._core_side_kernel, mod._cell_terms = k, t
+        try:
+            on_core = sum(int(mod._table_fast_moments(*c)[1].sum()) for c in chunks)
+        finally:
+            mod._core_side_kernel, mod._cell_terms = kern, terms
+        n = sum(a for a, _, _ in rec)
+        total = sum(c[0].numel() for c in chunks)
+        return (f"core {on_core / total:.2f}, edges/core weight {sum(a * b for a, b, _ in rec) / max(n, 1):.1f}, "
+                f"nodes/core weight {sum(a * q for a, _, q in rec) / max(n, 1):.1f}, "
+                f"exact cells/weight {cells[0] / total:.1f}")
+
+    chunks = []
+    for g, th, sg in _items(model, theta, sigma, "float8_weight_only"):
+        sc, _, _ = g.element_grid(0, th.numel())
+        chunks.append((th, sg, g.values, torch.where(sc > 0, sc, torch.ones_like(sc))))
+    print(f"{label}: old {measure(old, chunks)} | new {measure(new, chunks)}", flush=True)
+
+
 def main(argv=None) -> int:
     from benchmarks.float_grid_speed import _mlp_case, _synthetic_case
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--old-root", type=Path, required=True, help="checkout whose table.py is 'old'")
+    ap.add_argument("--old-root", type=Path, help="checkout whose table.py is 'old' (required unless --floor)")
+    ap.add_argument("--floor", action="store_true", help="only the per-edge cost of the exact cell sums")
+    ap.add_argument("--counts", action="store_true", help="only the cells and nodes each weight sums")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
     ap.add_argument("--d", type=float, default=1e5, help="synthetic weights")
     ap.add_argument("--mlp", action="store_true", help="also the 1e5 MLP")
@@ -130,7 +208,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     args = ap.parse_args(argv)
+    if args.floor:
+        floor(args.repeats)
+        return 0
+    if args.old_root is None:
+        ap.error("--old-root is required")
     old = _old_table(args.old_root)
+    if args.counts:
+        torch.set_num_threads(1)
+        for r in args.ratios:
+            counts(f"sigma = {r:g} x weight sd", *_synthetic_case(r, int(args.d)), old)
+        return 0
     print(f"old = {args.old_root}, chunk = {args.chunk}, load = {os.getloadavg()[0]:.2f}")
     print("weights per CPU-second")
     print("| setting | threads | int8 /s | fp8 old /s | fp8 new /s | old / int8 | new / int8 | speed-up "
