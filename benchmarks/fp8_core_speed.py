@@ -20,6 +20,7 @@ It prints weights/s, fp8 / int8 for both, the speed-up, and the largest |new - o
     python benchmarks/fp8_core_speed.py --old-root /path/to/checkout-before --threads 1 2
     python benchmarks/fp8_core_speed.py --floor      # per-edge cost of an exact cell sum, 1 thread
     python benchmarks/fp8_core_speed.py --old-root PATH --counts --d 65536   # cells per weight
+    python benchmarks/fp8_core_speed.py --profile 0.1 --d 2.5e5 [--old-root PATH]   # cProfile
 
 ``--floor`` times, on ``[30, 16384]`` sorted standardised edges (30 edges per weight, what a
 float8 weight with sigma ~0.1-0.3 x the weight sd sums exactly), the density and tail alone
@@ -201,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--old-root", type=Path, help="checkout whose table.py is 'old' (required unless --floor)")
     ap.add_argument("--floor", action="store_true", help="only the per-edge cost of the exact cell sums")
     ap.add_argument("--counts", action="store_true", help="only the cells and nodes each weight sums")
+    ap.add_argument("--profile", type=float, default=None, metavar="R",
+                    help="only cProfile the fast path at sigma = R x the weight sd (--old-root's if given)")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.03, 0.1, 0.3, 1.0, 3.0, 10.0])
     ap.add_argument("--d", type=float, default=1e5, help="synthetic weights")
     ap.add_argument("--mlp", action="store_true", help="also the 1e5 MLP")
@@ -210,6 +213,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.floor:
         floor(args.repeats)
+        return 0
+    if args.profile is not None:
+        import cProfile
+        import pstats
+
+        from mis_lightning.functional import table
+
+        new = table if args.old_root is None else _old_table(args.old_root)
+        torch.set_num_threads(1)
+        model, theta, sigma = _synthetic_case(args.profile, int(args.d))
+        (g, th, sg), = _items(model, theta, sigma, "float8_weight_only")
+        sc, _, _ = g.element_grid(0, th.numel())
+        new._table_fast_moments(th, sg, g.values, sc)  # warm-up: rules, tables
+        prof = cProfile.Profile()
+        prof.enable()
+        new._table_fast_moments(th, sg, g.values, sc)
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
         return 0
     if args.old_root is None:
         ap.error("--old-root is required")
