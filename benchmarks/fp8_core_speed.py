@@ -79,13 +79,13 @@ def _items(model, theta, sigma, name):
             for p, g in grids.items()]
 
 
-def run(label, model, theta, sigma, old, chunk, repeats, threads):
+def run(label, model, theta, sigma, old, chunk, repeats, threads, scheme="float8_weight_only"):
     from mis_lightning.functional import CompilePolicy
     from mis_lightning.functional import table as new
 
     policy = CompilePolicy("never")
     i8 = _items(model, theta, sigma, "int8_weight_only")
-    f8 = _items(model, theta, sigma, "float8_weight_only")
+    f8 = _items(model, theta, sigma, scheme)
     n = sum(th.numel() for _, th, _ in f8)
     chunks = []
     for g, th, sg in f8:
@@ -106,8 +106,8 @@ def run(label, model, theta, sigma, old, chunk, repeats, threads):
     # agreement: new against old and against the exact sum over every cell
     got, before = fp8(new), fp8(old)
     d_old = max(float((getattr(x, k) - getattr(y, k)).abs().max()) for x, y in zip(got, before) for k in KEYS)
-    d_ex = 0.0
-    for x, c in zip(got, chunks):
+    d_ex = 0.0 if chunks and chunks[0][2].numel() <= 1024 else math.nan  # 16-bit tables: too many cells
+    for x, c in zip(got, chunks if d_ex == 0.0 else []):
         ex = _exact(*c)
         d_ex = max(d_ex, max(float((getattr(x, k) - ex[k]).abs().max()) for k in KEYS))
     for t in threads:
@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=1 << 18)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--scheme", default="float8_weight_only", help="the float-format scheme timed (bf16, fp16)")
     args = ap.parse_args(argv)
     if args.floor:
         floor(args.repeats)
@@ -240,17 +241,17 @@ def main(argv=None) -> int:
         for r in args.ratios:
             counts(f"sigma = {r:g} x weight sd", *_synthetic_case(r, int(args.d)), old)
         return 0
-    print(f"old = {args.old_root}, chunk = {args.chunk}, load = {os.getloadavg()[0]:.2f}")
+    print(f"scheme = {args.scheme}, old = {args.old_root}, chunk = {args.chunk}, load = {os.getloadavg()[0]:.2f}")
     print("weights per CPU-second")
     print("| setting | threads | int8 /s | fp8 old /s | fp8 new /s | old / int8 | new / int8 | speed-up "
           "| max abs new - old | max abs new - exact |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     if args.mlp:
         torch.set_num_threads(1)
-        run("mlp 1e5", *_mlp_case("1e5"), old, args.chunk, args.repeats, args.threads)
+        run("mlp 1e5", *_mlp_case("1e5"), old, args.chunk, args.repeats, args.threads, args.scheme)
     for r in args.ratios:
         run(f"sigma = {r:g} x weight sd", *_synthetic_case(r, int(args.d)), old, args.chunk, args.repeats,
-            args.threads)
+            args.threads, args.scheme)
     print(f"load at the end = {os.getloadavg()[0]:.2f}")
     return 0
 
