@@ -1,8 +1,8 @@
 """The float-format fast path of ``table_cell_moments`` (issue 13: fp8 scored at 2-3e4 weights/s).
 
 The fast path (``table._table_fast_moments``) sums the fine core of a value table around 0 in
-closed form (per-cell series in the width to w^7, Gaussian quadrature of the table's
-W^3/W^5/W^7 measures) and sizes exact windows by the edges within 8.5 sd. Its reference is
+closed form (per-cell series in the width to w^9, Gaussian quadratures of 4-16 nodes of the
+table's W^3/W^5/W^7/W^9 measures; tests/test_fp8_core_rules.py) and sizes exact windows by the edges within 8.5 sd. Its reference is
 the previous path (``table._table_cell_moments`` with the fine-grid step, windowed exact sums
 over at least 18 edges each side; every edge of the table where more than 512 lie within 8.5
 sd each side and the own cell is coarse: it used to stop at 512, which
@@ -10,8 +10,8 @@ sd each side and the own cell is coarse: it used to stop at 512, which
 edge of the table.
 
 Tolerance: 1e-10 absolute for kappa, mean_abs and m4 (float64; measured <= 2.2e-13 for kappa,
-<= 1.2e-11 for m4, 3e-16 for mean_abs). The series remainder is O(w^9) with w <= 0.1 sd (below
-1e-12) and the quadrature's remainder is below 1e-13 for cores within 2 sd of 0; edges beyond
+<= 1.2e-11 for m4, 3e-16 for mean_abs). The series remainder is O(w^11) with w <= 0.2 sd (below
+1e-12) and the quadrature's remainder is below 1e-12 for cores within 2 sd of 0; edges beyond
 8.5 sd carry < 1e-15 of kappa, which is all the two window sizings differ by.
 """
 

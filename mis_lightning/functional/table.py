@@ -223,24 +223,66 @@ def _whole_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, m
 # edges). The core is instead summed in closed form: per cell of width w and centre c (sd
 # units), exactly
 #     p mu^2 = int_cell u^2 phi - phi(c) [w^3/12 - w^5 (c^2 + 9)/1440
-#                                         + w^7 (17 c^4 + 94 c^2 + 135)/483840] + O(w^9)
+#                                         + w^7 (17 c^4 + 94 c^2 + 135)/483840
+#                                         - w^9 (47 c^6 + 433 c^4 + 943 c^2 + 525)/58060800] + O(w^11)
 #     p mu^4 = int_cell u^4 phi - phi(c) [w^3 c^2/2 - w^5 (c^4 + 21 c^2 - 3)/240
-#                                         + w^7 (51 c^6 + 482 c^4 + 1755 c^2 - 270)/241920] + O(w^9)
-# (series of diff^2/p and diff^4/p^3 in w, derived with sympy). The integrals telescope over
-# the core into one closed form; the w^3, w^5, w^7 sums over the core's cells are sums of a
-# smooth function against the discrete measures sum_k W_k^(3,5,7) delta(C_k) of the table
-# (W, C in units of the scale): a Gaussian quadrature rule of _CORE_NODES nodes for the W^3
-# measure (interpolatory weights on the same nodes for W^5 and W^7) reduces each to
-# _CORE_NODES exp evaluations. Valid while every core cell is <= _CORE_MAX_STEP sd wide and the
-# core lies within _CORE_MAX_SPAN sd of 0 (Taylor remainder of the rules); measured against
-# the exact sums (tests/test_float_grid_fast.py): kappa <= 1e-13, m4 <= 4e-12. Cells outside
-# the core and within 8.5 sd are summed exactly (a few dozen at most), and mean_abs telescopes
-# exactly: sum_k |phi(a_k) - phi(b_k)| = 2 max(phi(l), phi(u)) over the own cell (l, u).
-_CORE_NODES = 12
-_CORE_MAX_STEP = 0.1  # sd units
-_CORE_MAX_SPAN = 2.0  # sd units
+#                                         + w^7 (51 c^6 + 482 c^4 + 1755 c^2 - 270)/241920
+#                                         - w^9 (47 c^8/9676800 + 2279 c^6/29030400 + 47 c^4/151200
+#                                                + 7 c^2/18432 - 1/18432)] + O(w^11)
+# (series of diff^2/p and diff^4/p^3 in w, derived with sympy; the w^9 terms as in runs.py). The
+# integrals telescope over the core into one closed form; the w^3 .. w^9 sums over the core's
+# cells are sums of a smooth function against the discrete measures sum_k W_k^(3,5,7,9) delta(C_k)
+# of the table (W, C in units of the core's largest |C|, zmax): a Gaussian quadrature rule of Q
+# nodes for the W^3 measure (interpolatory weights on the same nodes for W^5, W^7, W^9) reduces
+# each to Q exp evaluations, Q the fewest nodes of _CORE_RULES whose span covers the core's
+# extent in sd units (r zmax). Valid while every core cell is <= _CORE_MAX_STEP sd wide and the
+# core lies within _CORE_MAX_SPAN sd of 0 (Taylor remainder of the rules); measured against the
+# exact sums over every value (tests/test_fp8_core_rules.py, tests/test_float_grid_fast.py):
+# kappa <= 1e-13, m4 <= 1.1e-11. The spans per node count keep the quadrature's share below
+# ~1e-12 (float8 e4m3, the whole table as core, 20,000 weights: 4 nodes 2e-13 up to 0.3 sd,
+# 6 nodes 3e-14 to 0.6, 8 nodes 6e-13 to 0.9, 10 nodes 5e-14 to 1.2, 12 nodes 5e-13 to 1.5,
+# 16 nodes 4e-13 to 2.0). Cells up to 0.2 sd: at 0.3 sd the series left float8 e5m2's m4 off by
+# 5.8e-10 (its cells are a quarter binade). Cells outside the core and within 8.5 sd are summed
+# exactly (a few dozen at most), and mean_abs telescopes exactly: sum_k |phi(a_k) - phi(b_k)| =
+# 2 max(phi(l), phi(u)) over the own cell (l, u).
+# Quadrature rules (nodes Q, largest span in sd units): an element uses the fewest nodes whose
+# span covers its core's (``r * zmax``); the last rule's span is the core's limit.
+_CORE_RULES = ((4, 0.25), (6, 0.6), (8, 0.8), (10, 1.2), (12, 1.5), (16, 2.0))
+_CORE_NODES = _CORE_RULES[-1][0]
+_CORE_MAX_STEP = 0.2  # sd units
+_CORE_MAX_SPAN = _CORE_RULES[-1][1]  # sd units
+# Powers of the cell width in the per-cell series (w^3, w^5, w^7, w^9) and the coefficients
+# _CORE_COEF[k, l, col]: the weight of phi(c) c^2k times w^(_CORE_ORDERS[l]) in output column
+# col (kappa columns 0..L-1, m4 columns L..2L-1): minus the series of p mu^2 and p mu^4 above
+# (the w^9 terms of runs.py's docstring).
+_CORE_ORDERS = (3, 5, 7, 9)
+_CORE_POWERS = 5  # phi c^2k for k = 0..4
+
+
+def _core_coefficients() -> np.ndarray:
+    nl = len(_CORE_ORDERS)
+    coef = np.zeros((_CORE_POWERS, nl, 2 * nl))
+    k2 = {3: {0: 1.0 / 12.0},
+          5: {1: -1.0 / 1440.0, 0: -9.0 / 1440.0},
+          7: {2: 17.0 / 483840.0, 1: 94.0 / 483840.0, 0: 135.0 / 483840.0},
+          9: {3: -47.0 / 58060800.0, 2: -433.0 / 58060800.0, 1: -943.0 / 58060800.0, 0: -525.0 / 58060800.0}}
+    k4 = {3: {1: 0.5},
+          5: {2: -1.0 / 240.0, 1: -21.0 / 240.0, 0: 3.0 / 240.0},
+          7: {3: 51.0 / 241920.0, 2: 482.0 / 241920.0, 1: 1755.0 / 241920.0, 0: -270.0 / 241920.0},
+          9: {4: -47.0 / 9676800.0, 3: -2279.0 / 29030400.0, 2: -47.0 / 151200.0, 1: -7.0 / 18432.0,
+              0: 1.0 / 18432.0}}
+    for col0, series in ((0, k2), (nl, k4)):
+        for li, order in enumerate(_CORE_ORDERS):
+            for k, v in series[order].items():
+                coef[k, li, col0 + li] = -v  # p mu^2k = int u^2k phi - phi(c) g(c)
+    return coef
+
+
+_CORE_COEF = _core_coefficients()
 # The core path is taken when the exact window would need more edges each side than this.
 _CORE_MIN_NEED = 8
+# ... and when its side windows are at least this many edges narrower than the exact window.
+_CORE_MIN_SAVING = 6
 # Elements per block of the closed-form core's kernel (edge-major rows; measured on the 1e5
 # MLP's float8 chunks: 2,048 -> 70 ms, 16,384 -> 38 ms, 65,536 -> 68 ms per 65,536 elements).
 _CORE_BLOCK = 1 << 14
@@ -285,7 +327,7 @@ class _CoreRules:
         self.device = device
         self.values = values.detach().to(device=device, dtype=torch.float64).clone()
         self.mids = torch.as_tensor(mids, dtype=torch.float64, device=device)
-        lo, hi, rmax = [], [], []
+        lo, hi, rmax, zmax_all = [], [], [], []
         absc = np.abs(self._C)
         if absc.size >= 2 * _CORE_NODES:
             z = float(absc.max())
@@ -298,52 +340,47 @@ class _CoreRules:
                     zmax = float(absc[a : b + 1].max())
                     lo.append(a)
                     hi.append(b + 1)
+                    zmax_all.append(zmax)
                     rmax.append(min(_CORE_MAX_STEP / float(self._W[a : b + 1].max()), _CORE_MAX_SPAN / zmax))
                 z *= 0.5
         self.lo = torch.tensor(lo, dtype=torch.long, device=device)
         self.hi = torch.tensor(hi, dtype=torch.long, device=device)
         self.rmax = torch.tensor(rmax, dtype=torch.float64, device=device)
-        self.nodes = torch.zeros(len(lo), _CORE_NODES, dtype=torch.float64, device=device)  # [J, Q]
-        self.weights = torch.zeros(len(lo), 3, _CORE_NODES, dtype=torch.float64, device=device)  # [J, 3, Q]
-        # per core, the node weights contracted with the series' coefficients: [J, 4 Q, 6], rows
-        # (power k, node q) weighting exp(g) g^k with g = -c^2 / 2 (phi(c) c^2k =
-        # (-2)^k exp(g) g^k / sqrt(2 pi): the kernel's form), columns (kappa, m4) x (w^3, w^5, w^7)
-        self.combined = torch.zeros(len(lo), 4 * _CORE_NODES, 6, dtype=torch.float64, device=device)
+        self.zmax = torch.tensor(zmax_all, dtype=torch.float64, device=device)  # [J] largest |centre|
+        # per core j and rule i of _CORE_RULES (node count Q_i): its nodes (units of the scale)
+        # nodes[j * NR + i] ([Q_i]) and the node weights contracted with the series'
+        # coefficients combined[j * NR + i] ([5 Q_i, 2 L]): rows (power k, node q) weighting
+        # exp(g) g^k with g = -c^2 / 2 (phi(c) c^2k = (-2)^k exp(g) g^k / sqrt(2 pi): the
+        # kernel's form), columns (kappa, m4) x (w^3, w^5, w^7, w^9)
+        self.nodes: list[Tensor | None] = [None] * (len(lo) * len(_CORE_RULES))
+        self.combined: list[Tensor | None] = [None] * (len(lo) * len(_CORE_RULES))
         self._ready = np.zeros(len(lo), dtype=bool)
 
     def prepare(self, used: Tensor) -> None:
         """Compute the quadrature rules of the cores ``used`` (indices; those between their
         least and largest) not computed yet."""
-        q = _CORE_NODES
         if used.numel() == 0 or self._ready.all():
             return
+        coef = _CORE_COEF * ((-2.0) ** np.arange(_CORE_POWERS) * _INV_SQRT_2PI)[:, None, None]
         for j in range(int(used.min()), int(used.max()) + 1):
             if self._ready[j]:
                 continue
             a, b = int(self.lo[j]), int(self.hi[j])
-            Wc, Cc = self._W[a:b], self._C[a:b]
-            zmax = float(np.abs(Cc).max())
-            t = Cc / zmax
-            x, w3 = _gauss_rule(t, Wc**3, q)
-            vand = np.vander(x, q, increasing=True).T
-            ws = [w3] + [np.linalg.solve(vand, np.array([np.sum(Wc**p * t**n) for n in range(q)]))
-                         for p in (5, 7)]
-            self.nodes[j] = torch.as_tensor(x * zmax, dtype=torch.float64)
-            self.weights[j] = torch.as_tensor(np.stack(ws), dtype=torch.float64)
-            # coef[k, l, col]: the weight of (phi c^2k) @ w_l in output column col
-            coef = np.zeros((4, 3, 6))
-            coef[0, 0, 0] = -1.0 / 12.0                                       # kappa, w^3
-            coef[1, 0, 3] = -0.5                                              # m4, w^3
-            coef[1, 1, 1], coef[0, 1, 1] = 1.0 / 1440.0, 9.0 / 1440.0          # kappa, w^5
-            coef[2, 1, 4], coef[1, 1, 4], coef[0, 1, 4] = 1.0 / 240.0, 21.0 / 240.0, -3.0 / 240.0
-            coef[2, 2, 2], coef[1, 2, 2], coef[0, 2, 2] = (-17.0 / 483840.0, -94.0 / 483840.0,
-                                                           -135.0 / 483840.0)  # kappa, w^7
-            coef[3, 2, 5], coef[2, 2, 5], coef[1, 2, 5], coef[0, 2, 5] = (
-                -51.0 / 241920.0, -482.0 / 241920.0, -1755.0 / 241920.0, 270.0 / 241920.0)  # m4, w^7
-            W = np.stack(ws)  # [3, Q]
-            coef *= ((-2.0) ** np.arange(4) * _INV_SQRT_2PI)[:, None, None]  # phi c^2k -> exp(g) g^k
-            self.combined[j] = torch.as_tensor(np.einsum("klc,lq->kqc", coef, W).reshape(4 * q, 6),
-                                               dtype=torch.float64)
+            zmax = float(self.zmax[j])
+            # widths and centres in units of zmax (W^9 of bfloat16's 1e36-wide cells overflows
+            # in the scale's units); the kernel multiplies by (r zmax)^p instead of r^p
+            Wc, t = self._W[a:b] / zmax, self._C[a:b] / zmax
+            for i, (q, _) in enumerate(_CORE_RULES):
+                x, w3 = _gauss_rule(t, Wc**3, q)
+                vand = np.vander(x, q, increasing=True).T
+                ws = [w3] + [np.linalg.solve(vand, np.array([np.sum(Wc**p * t**n) for n in range(q)]))
+                             for p in _CORE_ORDERS[1:]]
+                W = np.stack(ws)  # [L, Q]
+                self.nodes[j * len(_CORE_RULES) + i] = torch.as_tensor(x * zmax, dtype=torch.float64,
+                                                                       device=self.device)
+                self.combined[j * len(_CORE_RULES) + i] = torch.as_tensor(
+                    np.einsum("klc,lq->kqc", coef, W).reshape(_CORE_POWERS * q, -1), dtype=torch.float64,
+                    device=self.device)
             self._ready[j] = True
 
 
@@ -387,8 +424,8 @@ def _outer_cell_terms(e: Tensor, p: Tensor, t: Tensor, below: bool) -> tuple[Ten
     return sq, sq * ratio * ratio
 
 
-def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: Tensor, combined: Tensor
-                      ) -> tuple[Tensor, Tensor]:
+def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: Tensor, combined: Tensor,
+                      zmax: float = 1.0) -> tuple[Tensor, Tensor]:
     """``kappa`` and ``m4`` (``[c]`` each) of elements whose cells are one closed-form core plus
     exact cells each side (``M`` below, ``N`` above).
 
@@ -400,11 +437,12 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
             unbounded.
         e_hi: ``[N, c]`` the upper side's edges, the first the core's upper edge (``+inf`` past
             the end); the cell above the last is unbounded.
-        nodes, combined: the core's quadrature nodes ``[Q]`` and contracted weights
-            ``[4 Q, 6]`` (:class:`_CoreRules`).
+        nodes, combined: the core's quadrature nodes ``[Q]`` (units of the scale) and contracted
+            weights ``[5 Q, 8]`` (:class:`_CoreRules`; widths in units of ``zmax``).
+        zmax: the core's largest ``|centre|`` (units of the scale).
 
-    Edge-major (the edges as ``[M + N, c]`` rows, the quadrature as ``[4 Q, c]`` rows and one
-    ``[6, 4 Q] x [4 Q, c]`` product): every operation runs over contiguous rows of the block
+    Edge-major (the edges as ``[M + N, c]`` rows, the quadrature as ``[5 Q, c]`` rows and one
+    ``[8, 5 Q] x [5 Q, c]`` product): every operation runs over contiguous rows of the block
     and the op count does not grow with ``M`` or ``N`` (the element-major ``[c, M + 1]`` cell sums and
     ``[c, 4 Q]`` products spent most of their time in concatenations and reductions over a
     short last axis: 92 -> 38 ms per 65,536 float8 elements of the 1e5 MLP)."""
@@ -424,17 +462,24 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     # contracted with the node weights times the series' coefficients (their -2^k / sqrt(2 pi)
     # included: six passes over [Q, c])
     q, c = nodes.numel(), u0.numel()
-    powers = torch.empty(4, q, c, dtype=torch.float64, device=u0.device)
+    kp = combined.shape[0] // q
+    powers = torch.empty(kp, q, c, dtype=torch.float64, device=u0.device)
     cq = torch.addcmul(u0, nodes.unsqueeze(-1), r)  # [Q, c]
     g = torch.addcmul(_ZERO, cq, cq, value=-0.5)
     torch.exp(g, out=powers[0])
-    for k in (1, 2, 3):
+    for k in range(1, kp):
         torch.mul(powers[k - 1], g, out=powers[k])
-    F = combined.T @ powers.view(4 * q, c)  # [6, c]: (kappa, m4) x (w^3, w^5, w^7)
-    r2 = r * r
-    r3 = r2 * r
-    kappa += r3 * (F[0] + r2 * (F[1] + r2 * F[2]))
-    m4 += r3 * (F[3] + r2 * (F[4] + r2 * F[5]))
+    F = combined.T @ powers.view(kp * q, c)  # [2 L, c]: (kappa, m4) x (w^3, w^5, ...)
+    rz = r * zmax  # the rules' widths are in units of zmax
+    r2 = rz * rz
+    nl = F.shape[0] // 2
+    fk, f4 = F[nl - 1], F[2 * nl - 1]
+    for i in range(nl - 2, -1, -1):
+        fk = torch.addcmul(F[i], r2, fk)
+        f4 = torch.addcmul(F[nl + i], r2, f4)
+    r3 = r2 * rz
+    kappa += r3 * fk
+    m4 += r3 * f4
     # the side cells, exactly: between consecutive edges of each side (row slices)...
     for lo, hi in ((slice(0, m - 1), slice(1, m)), (slice(m, n - 1), slice(m + 1, n))):
         if hi.stop > hi.start:
@@ -459,17 +504,20 @@ def _groups(key: Tensor) -> list[tuple[int, Tensor]]:
     return [(k, order[ends[k] - int(counts[k]) : ends[k]]) for k in present]
 
 
-def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_e: Tensor, hi_e: Tensor,
-                       need_lo: Tensor, need_hi: Tensor, rules: _CoreRules, th: Tensor, sg: Tensor,
+def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rule: Tensor, lo_e: Tensor,
+                       hi_e: Tensor, need_lo: Tensor, need_hi: Tensor, rules: _CoreRules, th: Tensor, sg: Tensor,
                        sc: Tensor) -> None:
     """``kappa`` and ``m4`` (written at ``idx``) of the elements ``idx`` whose cells are core
-    ``core`` (``[r]``, indices into ``rules``) plus exact cells out to ``need_lo`` / ``need_hi``
+    ``core`` (``[r]``, indices into ``rules``), summed with at least quadrature rule ``rule``
+    (``[r]``, indices into ``_CORE_RULES``: each group takes its elements' largest, so that the
+    rule does not split the groups) plus exact cells out to ``need_lo`` / ``need_hi``
     finite edges each side of the core's edges ``mids[lo_e]``, ``mids[hi_e]`` (then the
     unbounded cell; edges past the table's ends are empty cells). Grouped by core and by each
     side's width bucketed in ``_SIDE_BUCKETS``, in blocks of ``_CORE_BLOCK`` elements
     (cache-sized working set)."""
     mids = rules.mids
     n = mids.numel()
+    zmax = rules.zmax.tolist()
     sizes = torch.tensor(_SIDE_BUCKETS, device=th.device)
     # one group per core and pair of side widths, each bucketed (edges past ``need`` lie
     # beyond 8.5 sd: < 1e-15 of kappa); the two sides apart (a weight far from 0 needs many
@@ -481,6 +529,7 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
     for kv, group in _groups(key):
         jv, rest = divmod(kv, nb * nb)
         m_lo, m_hi = _SIDE_BUCKETS[rest // nb], _SIDE_BUCKETS[rest % nb]
+        jq = jv * len(_CORE_RULES) + int(rule[group].max())
         off_lo = torch.arange(m_lo, device=th.device).unsqueeze(-1)
         off_hi = torch.arange(m_hi, device=th.device).unsqueeze(-1)
         block = max(1024, min(_CORE_BLOCK, (1 << 18) // (m_lo + m_hi + 2)))
@@ -490,7 +539,8 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, lo_
             eh = hi_e[g] + off_hi  # [m_hi, r]: the core's edge first
             e_lo = torch.where(el < 0, -math.inf, mids[el.clamp(0, n - 1)])
             e_hi = torch.where(eh >= n, math.inf, mids[eh.clamp(0, n - 1)])
-            k, m4g = _core_side_kernel(u0[g], r[g], e_lo, e_hi, rules.nodes[jv], rules.combined[jv])
+            k, m4g = _core_side_kernel(u0[g], r[g], e_lo, e_hi, rules.nodes[jq], rules.combined[jq],  # type: ignore[arg-type]
+                                       zmax[jv])
             kappa[idx[g]] = k
             m4[idx[g]] = m4g
 
@@ -664,14 +714,17 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
         need_hi = (cell_hi[ii] - hi_e + 1).clamp(min=1)
         # only where it saves work: the side windows plus the quadrature against the full window
         side = torch.maximum(need_lo, need_hi)
-        ok &= (side + _CORE_NODES // 2 < need[ii]) & (side <= _MAX_WINDOW)
+        ok &= (side + _CORE_MIN_SAVING < need[ii]) & (side <= _MAX_WINDOW)
         if not bool(ok.all()):
             keep = torch.nonzero(ok).squeeze(-1)  # one scan, not one per boolean mask
             ii, jj, lo_e, hi_e, need_lo, need_hi = (t[keep] for t in (ii, jj, lo_e, hi_e, need_lo, need_hi))
         core[ii] = True
     if bool(core.any()):
         rules.prepare(jj)
-        _core_side_moments(kappa, m4, ii, jj, lo_e, hi_e, need_lo, need_hi, rules, th, sg, sc)
+        # the fewest nodes whose span covers the core's, r * zmax (<= _CORE_MAX_SPAN by rmax)
+        spans = torch.tensor([sp for _, sp in _CORE_RULES], dtype=torch.float64, device=dev)
+        qi = torch.bucketize(sc[ii] / sg[ii] * rules.zmax[jj], spans).clamp_(max=len(_CORE_RULES) - 1)
+        _core_side_moments(kappa, m4, ii, jj, qi, lo_e, hi_e, need_lo, need_hi, rules, th, sg, sc)
         lower, upper = (own_lo[ii] - th[ii]) / sg[ii], (own_hi[ii] - th[ii]) / sg[ii]
         mean_abs[ii] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
     rest = rest & ~core
