@@ -223,3 +223,30 @@ def test_single_run_dirs_have_sub_second_resolution(monkeypatch):
         cfg = compose("config", return_hydra_config=True)
     run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
     assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", run_dir), run_dir
+
+
+def test_unknown_params_name_fails_before_training(tmp_path, monkeypatch, capsys):
+    """fu21: `mis.estimation.params=[nope.weight]` trained the model, then failed in the
+    assessment with Hydra's traceback (stage assessment, exit 1); it is refused before training
+    with the close names."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "mis.estimation.params=[linear.wieght]",
+                                               f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert ("configuration error (KeyError): params not in the model: ['linear.wieght'] ('linear.wieght': "
+            "did you mean 'linear.weight'") in err and "Traceback" not in err
+    _nothing_trained(run)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed must be an integer, got 'abc'"),
+    ("num_threads=abc", "num_threads must be null, 'auto' or an integer >= 1, got 'abc'"),
+])
+def test_non_integer_seed_or_threads_names_the_option(tmp_path, monkeypatch, capsys, override, message):
+    """fu21: `seed=abc` / `num_threads=abc` said only "invalid literal for int() with base 10:
+    'abc'", naming neither option."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, override, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err
+    _nothing_trained(run)

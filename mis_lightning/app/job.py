@@ -200,6 +200,21 @@ def job_info() -> dict[str, Any]:
     }
 
 
+def _integer_option(key: str, value: Any, expected: str) -> int:
+    """``value`` of the top-level option ``key`` as an int.
+
+    Raises:
+        ValueError: naming the option and what it takes (``int('abc')``'s own message names
+            neither).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {expected}, got {value!r}") from None
+
+
 def set_threads(setting: Any) -> int:
     """Apply ``num_threads``: ``None`` (torch default), an int, or ``"auto"`` (in a multirun
     under a launcher with ``n_jobs``: cores / n_jobs). Returns the thread count in effect."""
@@ -218,7 +233,7 @@ def set_threads(setting: Any) -> int:
             n_jobs = cores if int(n_jobs) < 0 else int(n_jobs)
             torch.set_num_threads(max(1, cores // max(n_jobs, 1)))
         return torch.get_num_threads()
-    n = int(setting)
+    n = _integer_option("num_threads", setting, "null, 'auto' or an integer >= 1")
     if n < 1:
         raise ValueError(f"num_threads must be null, 'auto' or an integer >= 1, got {setting!r}")
     torch.set_num_threads(n)
@@ -402,6 +417,25 @@ def check_datamodule(dm: Any) -> str:
                          "records); set self.train_dataset (a torch Dataset of the training records) "
                          "in its setup()")
     return task
+
+
+def check_params(model: torch.nn.Module, params: Any) -> None:
+    """``mis.estimation.params`` names parameters of the model built from the config (and the
+    selection passes the assessment's other checks), before training: the assessment would
+    otherwise refuse it only after the whole training.
+
+    Raises:
+        KeyError: a name the model does not have (with the close names and the model's names).
+        ValueError: as :func:`mis_lightning.assess.select_params` (an empty selection, a
+            recurrent layer among the selected parameters, ...).
+    """
+    import warnings
+
+    from mis_lightning.assess import select_params
+
+    with warnings.catch_warnings():  # its warnings are the assessment's to give, once
+        warnings.simplefilter("ignore")
+        select_params(model, params)
 
 
 def check_plan_metric(plan_cfg: PlanConfig | None, task: str) -> None:
@@ -613,7 +647,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.get("num_threads"))
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    pl.seed_everything(_integer_option("seed", cfg.seed, "an integer"), workers=True, verbose=False)
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
     # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
     # `~schemes` there said "no scheme selected")
@@ -652,6 +686,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             cfg.model, ckpt.get("hyper_parameters"), "model"))
         if ckpt is not None:
             _load_weights(model, ckpt, cfg)
+        check_params(model, est_cfg.params)  # a misspelled mis.estimation.params name: before training
         if plan_cfg is not None:  # a size budget no plan can meet: before training
             check_size_budget(model, plan_cfg, est_cfg.params)
         loggers = _build_loggers(cfg)
