@@ -250,3 +250,25 @@ def test_non_integer_seed_or_threads_names_the_option(tmp_path, monkeypatch, cap
     assert code == 2, err
     assert f"configuration error (ValueError): {message}" in err
     _nothing_trained(run)
+
+
+def test_a_null_output_file_name_fails_before_training(tmp_path, monkeypatch, capsys):
+    """fu21: `output.report_json=null` trained and assessed, then failed writing the report
+    (`TypeError: unsupported operand type(s) for /: 'PosixPath' and 'NoneType'`, exit 1)."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "output.report_json=null", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert "configuration error (ValueError): output.report_json must be a file name (the job writes it), got None" in err
+    _nothing_trained(run)
+
+
+@pytest.mark.parametrize("n_val", [0, 1])
+def test_a_validation_set_under_two_records_fails_before_training(tmp_path, monkeypatch, capsys, n_val):
+    """fu21: `data.n_val=0` trained and estimated, then every scheme was an error row
+    ("Needs at least two samples to calculate r2 score"), exit 1."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, f"data.n_val={n_val}", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert (f"configuration error (ValueError): data SyntheticRegressionDataModule has {n_val} validation "
+            "record(s) after setup()") in err
+    _nothing_trained(run)

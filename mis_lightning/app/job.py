@@ -438,6 +438,44 @@ def check_params(model: torch.nn.Module, params: Any) -> None:
         select_params(model, params)
 
 
+def check_validation_set(dm: Any) -> None:
+    """The validation set holds at least 2 records, before training: the utility of every
+    quantized copy is measured on it (r2 and auroc need two), so with fewer every scheme would
+    be an error row after the whole training. A datamodule whose validation set has no length is
+    not checked.
+
+    Raises:
+        ValueError: naming the datamodule, the count and the fix.
+    """
+    try:
+        n_val = len(dm.val_dataloader().dataset)
+    except Exception:  # noqa: BLE001 - no sized validation set: the assessment will say
+        return
+    if n_val < 2:
+        raise ValueError(f"data {type(dm).__name__} has {n_val} validation record(s) after setup(): the "
+                         "utility of each quantized copy is measured on the validation set and needs at "
+                         "least 2 records (e.g. data.n_val=200 where the datamodule takes it)")
+
+
+#: ``output.*`` files every job writes (``report_table`` and ``checkpoint`` may be null: not written)
+REQUIRED_OUTPUTS = ("report_json", "report_csv", "figure", "result")
+
+
+def check_output_names(cfg: DictConfig) -> None:
+    """Each file of :data:`REQUIRED_OUTPUTS` has a name, before training (a null one failed
+    with ``TypeError: unsupported operand type(s) for /`` once the assessment was done).
+
+    Raises:
+        ValueError: naming the option and the ones that may be null.
+    """
+    names = cfg.get("output") or {}
+    for key in REQUIRED_OUTPUTS:
+        value = names.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"output.{key} must be a file name (the job writes it), got {value!r}; only "
+                             "output.report_table and output.checkpoint may be null (not written)")
+
+
 def check_plan_metric(plan_cfg: PlanConfig | None, task: str) -> None:
     """``mode=plan``: ``plan.utility_metric`` is one the job measures for ``task`` (``loss`` or
     a metric of :func:`~mis_lightning.models.utility_metrics`), checked before training.
@@ -648,6 +686,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.get("num_threads"))
     pl.seed_everything(_integer_option("seed", cfg.seed, "an integer"), workers=True, verbose=False)
+    check_output_names(cfg)  # a file the job could only fail to write after the assessment
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
     # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
     # `~schemes` there said "no scheme selected")
@@ -681,6 +720,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             dm.save_hyperparameters({"task": task})
         stage[0] = "configuration"
         check_datamodule(dm)
+        check_validation_set(dm)
         check_plan_metric(plan_cfg, task)
         model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
             cfg.model, ckpt.get("hyper_parameters"), "model"))
