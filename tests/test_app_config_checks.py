@@ -272,3 +272,18 @@ def test_a_validation_set_under_two_records_fails_before_training(tmp_path, monk
     assert (f"configuration error (ValueError): data SyntheticRegressionDataModule has {n_val} validation "
             "record(s) after setup()") in err
     _nothing_trained(run)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.n_train=0", "n_train must be an integer >= 2, got 0"),
+    ("data.batch_size=0", "batch_size must be an integer >= 1, got 0"),
+])
+def test_an_invalid_data_option_is_a_configuration_error(tmp_path, monkeypatch, capsys, override, message):
+    """fu21: an invalid `data.*` value failed before training, but as Hydra's "Error in call to
+    target ...SyntheticRegressionDataModule" with exit 1 (stage data), where an invalid `model.*`
+    or `mis.*` value gets the one-line configuration error and exit 2."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, override, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
+    _nothing_trained(run)

@@ -703,11 +703,13 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     n_scored = len(schemes) + (int(plan_cfg.reassess) + int(plan_cfg.reassess_near_budget)
                                if plan_cfg is not None else 0)
     with ProgressDisplay({"data": 1, "schemes": n_scored}, enabled=show) as progress:
-        stage[0] = "data"
         progress("data", 0)
         with _timed(times, "data"):
+            # the datamodule's own checks of its options (data.n_train=0, ...) are configuration
+            # errors (one line, exit 2); reading the data (setup) is the data stage
             dm = instantiate(cfg.data, **({} if ckpt is None else _from_checkpoint(
                 cfg.data, ckpt.get("datamodule_hyper_parameters"), "data")))
+            stage[0] = "data"
             dm.setup("fit")
         progress("data", 1, description=f"data: {dm.n_train} training records, "
                  f"{dm.num_features} features ({dm.task})")
