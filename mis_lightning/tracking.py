@@ -82,11 +82,37 @@ def log_report(loggers: Iterable[Any], report: Report, step: int = 0, prefix: st
     """
     metrics = report_metrics(report, prefix)
     for lg in loggers:
+        keep_csv_rows(lg)
         lg.log_metrics(metrics, step=step)
         if figure is not None:
             log_figure(lg, figure, figure_name, step)
         if hasattr(lg, "save"):
             lg.save()
+
+
+def keep_csv_rows(logger: Any) -> None:
+    """A CSV logger that has not written in this process yet, over a ``metrics.csv`` that another
+    process wrote (rank 0 of ``strategy="ddp_spawn"``, whose training metrics the app's report
+    joins from the main process): keep those rows. Lightning's CSV writer deletes an existing
+    ``metrics.csv`` when it is created, so the report's row would otherwise replace the whole
+    training history. A no-op for other loggers and for a CSV logger already writing here.
+
+    Raises:
+        OSError: the file cannot be read or written back.
+    """
+    if not type(logger).__name__.endswith("CSVLogger") or getattr(logger, "_experiment", True) is not None:
+        return
+    path = Path(str(logger.log_dir)) / "metrics.csv"
+    if not path.is_file():
+        return
+    text = path.read_text()
+    writer = logger.experiment  # created now: it removes the file
+    path.write_text(text)
+    lines = text.splitlines()
+    if lines and hasattr(writer, "metrics_keys"):  # the columns: save() rewrites the header with new keys
+        import csv as _csv
+
+        writer.metrics_keys = next(_csv.reader([lines[0]]))
 
 
 def log_figure(logger: Any, figure: Any, name: str, step: int = 0) -> bool:

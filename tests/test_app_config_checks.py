@@ -223,3 +223,67 @@ def test_single_run_dirs_have_sub_second_resolution(monkeypatch):
         cfg = compose("config", return_hydra_config=True)
     run_dir = OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"]
     assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-\d{6}", run_dir), run_dir
+
+
+def test_unknown_params_name_fails_before_training(tmp_path, monkeypatch, capsys):
+    """fu21: `mis.estimation.params=[nope.weight]` trained the model, then failed in the
+    assessment with Hydra's traceback (stage assessment, exit 1); it is refused before training
+    with the close names."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "mis.estimation.params=[linear.wieght]",
+                                               f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert ("configuration error (KeyError): params not in the model: ['linear.wieght'] ('linear.wieght': "
+            "did you mean 'linear.weight'") in err and "Traceback" not in err
+    _nothing_trained(run)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed must be an integer, got 'abc'"),
+    ("num_threads=abc", "num_threads must be null, 'auto' or an integer >= 1, got 'abc'"),
+])
+def test_non_integer_seed_or_threads_names_the_option(tmp_path, monkeypatch, capsys, override, message):
+    """fu21: `seed=abc` / `num_threads=abc` said only "invalid literal for int() with base 10:
+    'abc'", naming neither option."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, override, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err
+    _nothing_trained(run)
+
+
+def test_a_null_output_file_name_fails_before_training(tmp_path, monkeypatch, capsys):
+    """fu21: `output.report_json=null` trained and assessed, then failed writing the report
+    (`TypeError: unsupported operand type(s) for /: 'PosixPath' and 'NoneType'`, exit 1)."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "output.report_json=null", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert "configuration error (ValueError): output.report_json must be a file name (the job writes it), got None" in err
+    _nothing_trained(run)
+
+
+@pytest.mark.parametrize("n_val", [0, 1])
+def test_a_validation_set_under_two_records_fails_before_training(tmp_path, monkeypatch, capsys, n_val):
+    """fu21: `data.n_val=0` trained and estimated, then every scheme was an error row
+    ("Needs at least two samples to calculate r2 score"), exit 1."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, f"data.n_val={n_val}", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert (f"configuration error (ValueError): data SyntheticRegressionDataModule has {n_val} validation "
+            "record(s) after setup()") in err
+    _nothing_trained(run)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.n_train=0", "n_train must be an integer >= 2, got 0"),
+    ("data.batch_size=0", "batch_size must be an integer >= 1, got 0"),
+])
+def test_an_invalid_data_option_is_a_configuration_error(tmp_path, monkeypatch, capsys, override, message):
+    """fu21: an invalid `data.*` value failed before training, but as Hydra's "Error in call to
+    target ...SyntheticRegressionDataModule" with exit 1 (stage data), where an invalid `model.*`
+    or `mis.*` value gets the one-line configuration error and exit 2."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, override, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
+    _nothing_trained(run)

@@ -127,3 +127,19 @@ def test_a_sweep_over_tasks_shows_every_row_with_its_own_utility(tmp_path):
                                                      "auroc (validation; higher is better)"]
     assert fig._suptitle.get_text() == "Privacy-utility frontier (4 results, 4 distinct)"
     assert [ax.get_title() for ax in fig.axes] == ["rmse (2 results)", "auroc (2 results)"]
+
+
+def test_the_aggregate_keeps_the_jobs_warnings(tmp_path):
+    """fu21: a sweep whose jobs all warned `d / n = 0.825 is not small ...` (figures indicative
+    only) had an aggregate.md (and printed table) without any warning; the jobs' warnings
+    follow the table, each once with the jobs that gave it."""
+    dn = "d / n = 0.825 is not small (33 assessed weights, 40 records): every figure is indicative only"
+    _result(tmp_path / "0_int8_weight_only", 0, "int8_weight_only", 0.85, {"rmse": 2.7}, warnings=[dn])
+    _result(tmp_path / "1_intx_weight_only_int2", 1, "intx_weight_only_int2", 0.57, {"rmse": 4.2},
+            warnings=[dn, "the model is not at a minimum of the training loss"])
+    _result(tmp_path / "2_bf16", 2, "bf16", 0.86, {"rmse": 2.7})
+    agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    assert "## Warnings" in md
+    assert f"- jobs 0, 1: {dn}" in md
+    assert "- job 1: the model is not at a minimum of the training loss" in md

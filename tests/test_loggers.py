@@ -131,3 +131,28 @@ def test_callback_logs_to_csv_tensorboard_mlflow_wandb_and_reads_back(package, t
         assert json.loads((files_dir / "mis_report.json").read_text()) == rep
         assert list((files_dir / "media" / "images").glob("mis_privacy_utility_*.png"))
         wb.finish()
+
+
+def test_report_logged_from_another_process_keeps_the_csv_training_rows(tmp_path):
+    """fu21: `mis-lightning trainer=ddp_spawn logger=csv` trained in spawned processes (rank 0
+    wrote train_loss / val_* to metrics.csv), then logged the report from the main process
+    through a CSVLogger that had not written there yet: Lightning's CSV writer deleted the
+    existing metrics.csv, so the file held the report's row alone. The training rows stay."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from mis_lightning import assess
+    from mis_lightning.tracking import log_report
+
+    rank0 = CSVLogger(tmp_path, name="csv", version="")  # the spawned rank 0's logger
+    for step in range(3):
+        rank0.log_metrics({"train_loss": 1.0 / (step + 1), "epoch": step}, step=step)
+    rank0.save()
+    model = nn.Linear(4, 1)
+    train, _ = _loaders()
+    report = assess(model, ["rtn_int8"], train, lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2,
+                    num_records=32, uncertainty_draws=0)
+    main = CSVLogger(tmp_path, name="csv", version="")  # the main process's copy of it
+    log_report([main], report, step=3)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [r["train_loss"] for r in rows[:3]] == ["1.0", "0.5", "0.3333333333333333"]
+    assert float(rows[-1]["mis/rtn_int8/leakage"]) == pytest.approx(report.schemes["rtn_int8"].leakage)

@@ -271,6 +271,22 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     return "\n".join(lines)
 
 
+def warnings_section(results: Sequence[dict[str, Any]]) -> str:
+    """The jobs' report warnings (``result.json`` ``warnings``: the d / n regime, a model not at a
+    minimum, weights left in float, ...) as a Markdown section, one entry per distinct warning
+    with the jobs that gave it; ``""`` when no job warned. Without it the aggregate showed the
+    figures of a sweep whose every job was outside the analysis' regime as plainly as any other."""
+    seen: dict[str, list[str]] = {}
+    for res in results:
+        num = (res.get("job") or {}).get("num")
+        for w in res.get("warnings") or []:
+            seen.setdefault(" ".join(str(w).split()), []).append(_fmt(num))
+    if not seen:
+        return ""
+    return "\n\n## Warnings\n\n" + "\n".join(
+        f"- job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)}: {w}" for w, jobs in seen.items())
+
+
 def _pareto(points: list[tuple[float, float, int]], higher_better: bool) -> list[int]:
     """Indices of the non-dominated points (lower leakage, better utility), by utility."""
     keep = []
@@ -406,7 +422,7 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None,
         wr = csv.DictWriter(fh, fieldnames=keys)
         wr.writeheader()
         wr.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
-    md = markdown_table(rows)
+    md = markdown_table(rows) + warnings_section(results)
     n_failed = len(failed_jobs(rows))
     # jobs that ran but scored no scheme: the Failures section lists them too
     n_none = len(unscored_jobs(rows))

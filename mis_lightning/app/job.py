@@ -200,6 +200,21 @@ def job_info() -> dict[str, Any]:
     }
 
 
+def _integer_option(key: str, value: Any, expected: str) -> int:
+    """``value`` of the top-level option ``key`` as an int.
+
+    Raises:
+        ValueError: naming the option and what it takes (``int('abc')``'s own message names
+            neither).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {expected}, got {value!r}") from None
+
+
 def set_threads(setting: Any) -> int:
     """Apply ``num_threads``: ``None`` (torch default), an int, or ``"auto"`` (in a multirun
     under a launcher with ``n_jobs``: cores / n_jobs). Returns the thread count in effect."""
@@ -218,7 +233,7 @@ def set_threads(setting: Any) -> int:
             n_jobs = cores if int(n_jobs) < 0 else int(n_jobs)
             torch.set_num_threads(max(1, cores // max(n_jobs, 1)))
         return torch.get_num_threads()
-    n = int(setting)
+    n = _integer_option("num_threads", setting, "null, 'auto' or an integer >= 1")
     if n < 1:
         raise ValueError(f"num_threads must be null, 'auto' or an integer >= 1, got {setting!r}")
     torch.set_num_threads(n)
@@ -402,6 +417,63 @@ def check_datamodule(dm: Any) -> str:
                          "records); set self.train_dataset (a torch Dataset of the training records) "
                          "in its setup()")
     return task
+
+
+def check_params(model: torch.nn.Module, params: Any) -> None:
+    """``mis.estimation.params`` names parameters of the model built from the config (and the
+    selection passes the assessment's other checks), before training: the assessment would
+    otherwise refuse it only after the whole training.
+
+    Raises:
+        KeyError: a name the model does not have (with the close names and the model's names).
+        ValueError: as :func:`mis_lightning.assess.select_params` (an empty selection, a
+            recurrent layer among the selected parameters, ...).
+    """
+    import warnings
+
+    from mis_lightning.assess import select_params
+
+    with warnings.catch_warnings():  # its warnings are the assessment's to give, once
+        warnings.simplefilter("ignore")
+        select_params(model, params)
+
+
+def check_validation_set(dm: Any) -> None:
+    """The validation set holds at least 2 records, before training: the utility of every
+    quantized copy is measured on it (r2 and auroc need two), so with fewer every scheme would
+    be an error row after the whole training. A datamodule whose validation set has no length is
+    not checked.
+
+    Raises:
+        ValueError: naming the datamodule, the count and the fix.
+    """
+    try:
+        n_val = len(dm.val_dataloader().dataset)
+    except Exception:  # noqa: BLE001 - no sized validation set: the assessment will say
+        return
+    if n_val < 2:
+        raise ValueError(f"data {type(dm).__name__} has {n_val} validation record(s) after setup(): the "
+                         "utility of each quantized copy is measured on the validation set and needs at "
+                         "least 2 records (e.g. data.n_val=200 where the datamodule takes it)")
+
+
+#: ``output.*`` files every job writes (``report_table`` and ``checkpoint`` may be null: not written)
+REQUIRED_OUTPUTS = ("report_json", "report_csv", "figure", "result")
+
+
+def check_output_names(cfg: DictConfig) -> None:
+    """Each file of :data:`REQUIRED_OUTPUTS` has a name, before training (a null one failed
+    with ``TypeError: unsupported operand type(s) for /`` once the assessment was done).
+
+    Raises:
+        ValueError: naming the option and the ones that may be null.
+    """
+    names = cfg.get("output") or {}
+    for key in REQUIRED_OUTPUTS:
+        value = names.get(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"output.{key} must be a file name (the job writes it), got {value!r}; only "
+                             "output.report_table and output.checkpoint may be null (not written)")
 
 
 def check_plan_metric(plan_cfg: PlanConfig | None, task: str) -> None:
@@ -613,7 +685,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.get("num_threads"))
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    pl.seed_everything(_integer_option("seed", cfg.seed, "an integer"), workers=True, verbose=False)
+    check_output_names(cfg)  # a file the job could only fail to write after the assessment
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
     # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
     # `~schemes` there said "no scheme selected")
@@ -630,11 +703,13 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     n_scored = len(schemes) + (int(plan_cfg.reassess) + int(plan_cfg.reassess_near_budget)
                                if plan_cfg is not None else 0)
     with ProgressDisplay({"data": 1, "schemes": n_scored}, enabled=show) as progress:
-        stage[0] = "data"
         progress("data", 0)
         with _timed(times, "data"):
+            # the datamodule's own checks of its options (data.n_train=0, ...) are configuration
+            # errors (one line, exit 2); reading the data (setup) is the data stage
             dm = instantiate(cfg.data, **({} if ckpt is None else _from_checkpoint(
                 cfg.data, ckpt.get("datamodule_hyper_parameters"), "data")))
+            stage[0] = "data"
             dm.setup("fit")
         progress("data", 1, description=f"data: {dm.n_train} training records, "
                  f"{dm.num_features} features ({dm.task})")
@@ -647,11 +722,13 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             dm.save_hyperparameters({"task": task})
         stage[0] = "configuration"
         check_datamodule(dm)
+        check_validation_set(dm)
         check_plan_metric(plan_cfg, task)
         model = _build_model(cfg, dm.num_features, task, None if ckpt is None else _from_checkpoint(
             cfg.model, ckpt.get("hyper_parameters"), "model"))
         if ckpt is not None:
             _load_weights(model, ckpt, cfg)
+        check_params(model, est_cfg.params)  # a misspelled mis.estimation.params name: before training
         if plan_cfg is not None:  # a size budget no plan can meet: before training
             check_size_budget(model, plan_cfg, est_cfg.params)
         loggers = _build_loggers(cfg)
