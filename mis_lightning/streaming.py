@@ -71,12 +71,13 @@ class _Ref:
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
+        self.pending: tuple[Any, Any] | None = None  # (model, how to rebuild the accumulator)
 
     def __deepcopy__(self, memo: dict) -> _Ref:
         return self
 
     def __getstate__(self) -> dict:
-        return {"obj": None}
+        return {"obj": None, "pending": None}
 
 
 class _ByValue:
@@ -301,11 +302,21 @@ class EstimationMetric(Metric):
     # -- accessors ------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:
-        return self._ref.obj[0]
+        return self._resolved()[0]
 
     @property
     def accumulator(self) -> MomentAccumulator:
-        return self._ref.obj[1]
+        return self._resolved()[1]
+
+    def _resolved(self) -> tuple[nn.Module, MomentAccumulator]:
+        """``(model, accumulator)``; an unpickled Metric whose model was not unpickled yet when
+        its own state was (the Metric is an attribute of the model it assesses: the pickle's
+        cycle) builds its accumulator at first use."""
+        ref = self._ref
+        if ref.obj is None and ref.pending is not None:  # shared with clones, like the accumulator
+            model, extra = ref.pending
+            ref.obj, ref.pending = (model, self._rebuild_accumulator(model, extra)), None
+        return ref.obj
 
     @property
     def mode(self) -> str:
@@ -320,13 +331,17 @@ class EstimationMetric(Metric):
         both, the unpickled Metric holds that module's unpickled model) and the accumulated
         states; the accumulator (closures, hooks) is rebuilt from them on unpickling."""
         state = super().__getstate__()
-        model, acc = self._ref.obj
+        model, acc = self._resolved()
         state["_pickled_model"] = _ByValue(model)
         state["_pickled_acc"] = {"factored": acc.factored is not None, "out_shape": acc._out_shape,
                                  "reused": acc._reused, "probe_pending": acc._probe_pending,
                                  "forward_floats": acc._forward_floats,
                                  "factored_kind": type(acc.factored).__name__,
-                                 "generator": acc.generator.get_state() if acc.generator is not None else None}
+                                 # bytes, not the state tensor: a tensor made here dies with this
+                                 # dict, before a spawned process (ddp_spawn) maps its shared memory
+                                 # ("unable to resize file" in the child)
+                                 "generator": (acc.generator.get_state().numpy().tobytes()
+                                               if acc.generator is not None else None)}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -336,6 +351,14 @@ class EstimationMetric(Metric):
         model = held.obj if held is not None else None
         if model is None or self._ref.obj is not None:
             return  # a deep copy (clone()): the reference and the accumulator are shared
+        if "_parameters" not in model.__dict__:  # the model's own state comes later in this pickle
+            self._ref = _Ref(None)
+            self._ref.pending = (model, extra)
+            return
+        self._ref = _Ref((model, self._rebuild_accumulator(model, extra)))
+
+    def _rebuild_accumulator(self, model: nn.Module, extra: dict[str, Any] | None) -> MomentAccumulator:
+        """The accumulator of an unpickled Metric, as :meth:`__getstate__` described it."""
         gen = torch.Generator().manual_seed(self.seed)
         acc = MomentAccumulator(model, generator=gen, **self._acc_kwargs)
         if extra is not None:
@@ -344,7 +367,8 @@ class EstimationMetric(Metric):
                 acc.resolve(extra.get("reused") or [], extra.get("forward_floats"))
             acc._probe_pending = extra.get("probe_pending", acc._probe_pending)
             if extra["generator"] is not None:
-                gen.set_state(extra["generator"])
+                rng = extra["generator"]
+                gen.set_state(torch.frombuffer(bytearray(rng), dtype=torch.uint8) if isinstance(rng, bytes) else rng)
             acc._out_shape = extra["out_shape"]
             if not extra["factored"] and acc.factored is not None:
                 acc.factored.close()  # the original fell back to the generic path
@@ -352,7 +376,7 @@ class EstimationMetric(Metric):
             elif extra.get("factored_kind") == "LayerProgram" and type(acc.factored).__name__ != "LayerProgram":
                 acc.factored.close()  # the original fell back from nn.Linear factors to the per-layer path
                 acc.factored = acc._fast_program(LayerProgram)
-        self._ref = _Ref((model, acc))
+        return acc
 
     # -- dtype ----------------------------------------------------------------------------
     def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> nn.Module:

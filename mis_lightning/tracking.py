@@ -14,6 +14,7 @@ TensorBoard: figure as an image, the table as text); either Lightning package's 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import traceback
@@ -110,9 +111,7 @@ def keep_csv_rows(logger: Any) -> None:
     path.write_text(text)
     lines = text.splitlines()
     if lines and hasattr(writer, "metrics_keys"):  # the columns: save() rewrites the header with new keys
-        import csv as _csv
-
-        writer.metrics_keys = next(_csv.reader([lines[0]]))
+        writer.metrics_keys = next(csv.reader([lines[0]]))
 
 
 def log_figure(logger: Any, figure: Any, name: str, step: int = 0) -> bool:

@@ -275,6 +275,49 @@ def test_pickle_round_trip_goes_on_accumulating(kw):
     assert m.clone().model is net
 
 
+class _SelfAssessing(nn.Module):
+    """A module whose Metric assesses the module itself (a LightningModule owning
+    ``MISIndicator(self, ...)``): the pickle holds a cycle, the model's state after the Metric's."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+        self.mis = MISIndicator(self, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _spawned_leakage(rank, owner, X, y, out):
+    owner.mis.update(X, y)
+    torch.save(float(owner.mis.compute()["rtn_int4"]["leakage"]), out)
+
+
+def test_a_metric_assessing_its_owner_crosses_pickle_and_spawn(tmp_path):
+    """Unpickling a module whose Metric assesses the module itself raised "'Owner' object has no
+    attribute '_parameters'" (the Metric rebuilt its accumulator before the module's own state
+    was set); through torch.multiprocessing.spawn (ddp_spawn) the child also died with "unable
+    to resize file" (a generator-state tensor made in __getstate__ was freed before the child
+    mapped it). Same float64 operations: equal to 1e-12 relative."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    X, y = _data(n=200)
+    torch.manual_seed(0)
+    owner = _SelfAssessing()
+    fresh = MISIndicator(owner, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32)
+    fresh.update(X, y)
+    ref = float(fresh.compute()["rtn_int4"]["leakage"])
+    back = pickle.loads(pickle.dumps(owner))
+    assert back.mis.model is back
+    back.mis.update(X, y)
+    assert float(back.mis.compute()["rtn_int4"]["leakage"]) == pytest.approx(ref, rel=1e-12)
+    out = str(tmp_path / "leakage.pt")
+    mp.spawn(_spawned_leakage, args=(owner, X, y, out), nprocs=1, join=True)
+    assert torch.load(out) == pytest.approx(ref, rel=1e-12)
+
+
 def test_weights_changed_after_the_first_update_are_refused_at_compute():
     """The Metric reads the weights at the first ``update``; ``compute()`` quantized the live
     model against that snapshot's sigma and influences: weights scaled x20 before ``compute``
