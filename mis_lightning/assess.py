@@ -1169,7 +1169,7 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
             bounds = grid.element_bounds(a, b)
         kap[bi, idx] = grid.element_moments(
             th_b[idx], sg64[idx], scale[idx], zp[idx], None,
-            None if bounds is None else (bounds[0][idx], bounds[1][idx]), policy).kappa
+            None if bounds is None else (bounds[0][idx], bounds[1][idx]), policy, kappa_only=True).kappa
     return kap, lam
 
 

@@ -386,14 +386,16 @@ class ParamGrid:
 
     def element_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                         code: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
-                        compile_policy: CompilePolicy | None = None) -> CellMoments:
+                        compile_policy: CompilePolicy | None = None, kappa_only: bool = False) -> CellMoments:
         """Cell moments of any elements given their per-element grid parameters (each ``[c]``:
         ``scale > 0``, ``zero_point``, the backend's ``code`` or ``None``, and the release's
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
-        elements are :meth:`moments`' business."""
+        elements are :meth:`moments`' business. ``kappa_only``: only ``kappa`` is needed (the
+        bootstrap draws); affine grids may then leave ``mean_abs`` and ``m4`` uncomputed (NaN)
+        or uncorrected for the bounds; ``kappa`` is bitwise the same."""
         if self.kind == "affine":
             mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
-                                     compile_policy=compile_policy)
+                                     compile_policy=compile_policy, kappa_only=kappa_only)
         else:
             assert self.values is not None
             mm = table_cell_moments(theta, sigma, self.values, scale)
@@ -403,7 +405,7 @@ class ParamGrid:
             mm = bounded_moments(mm, theta, sigma, *bounds, low_edge, high_edge, step,
                                  lambda ii, m: self._edges(theta[ii], scale[ii], zero_point[ii],
                                                            None if code is None else code[ii], m),
-                                 compile_policy)
+                                 compile_policy, kappa_only=kappa_only)
         return mm
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
