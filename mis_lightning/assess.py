@@ -1167,9 +1167,10 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
         if scale is None:
             scale, zp, _ = grid.element_grid(a, b)
             bounds = grid.element_bounds(a, b)
-        kap[bi, idx] = grid.element_moments(
-            th_b[idx], sg64[idx], scale[idx], zp[idx], None,
-            None if bounds is None else (bounds[0][idx], bounds[1][idx]), policy, kappa_only=True).kappa
+        sel = lambda t, ii=idx: t.index_select(0, ii)  # noqa: E731 - the values of t[idx], faster
+        kap[bi].index_copy_(0, idx, grid.element_moments(
+            sel(th_b), sel(sg64), sel(scale), sel(zp), None,
+            None if bounds is None else (sel(bounds[0]), sel(bounds[1])), policy, kappa_only=True).kappa)
     return kap, lam
 
 

@@ -123,25 +123,33 @@ def _affine_cell_moments_sparse(
 
     c = th.shape[0]
     kappa = torch.zeros(c, dtype=torch.float64, device=th.device)
-    mean_abs = torch.zeros_like(kappa)
-    m4 = torch.zeros_like(kappa)
+    # kappa_only: not computed (NaN) where the fine-grid forms run
+    mean_abs = torch.full_like(kappa, math.nan) if kappa_only else torch.zeros_like(kappa)
+    m4 = torch.full_like(kappa, math.nan) if kappa_only else torch.zeros_like(kappa)
     coverage = torch.ones_like(kappa)
+
+    def put(ii: Tensor, fm: CellMoments) -> None:
+        # gathered once by index (index_select / index_copy_: the same values as boolean-mask
+        # indexing, a few times faster on small chunks)
+        kappa.index_copy_(0, ii, fm.kappa)
+        if not kappa_only:
+            mean_abs.index_copy_(0, ii, fm.mean_abs)
+            m4.index_copy_(0, ii, fm.m4)
 
     frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
     fine_all = ~frozen & (h <= fine_step)
     far_ends = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS)
-    fine = fine_all & far_ends
-    if bool(fine.any()):
-        fm = fine_grid_moments(h[fine], kappa_only=kappa_only)
-        kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
-    near = fine_all & ~far_ends
-    if bool(near.any()):
+    ii = torch.nonzero(fine_all & far_ends).squeeze(-1)
+    if ii.numel():
+        put(ii, fine_grid_moments(h.index_select(0, ii), kappa_only=kappa_only))
+    ii = torch.nonzero(fine_all & ~far_ends).squeeze(-1)
+    if ii.numel():
         # A fine grid whose end cell is within reach (the weight's sd spans to the end of the
         # code range): fine interior + exact end cells; far ends drop out (phi(8.5) ~ 0).
-        lo_edge = torch.where(to_min[near] > CUTOFF_SIGMAS, torch.full_like(to_min[near], -math.inf), -to_min[near])
-        hi_edge = torch.where(to_max[near] > CUTOFF_SIGMAS, torch.full_like(to_max[near], math.inf), to_max[near])
-        fm = fine_grid_moments(h[near], lo_edge, hi_edge, kappa_only=kappa_only)
-        kappa[near], mean_abs[near], m4[near] = fm.kappa, fm.mean_abs, fm.m4
+        t_min, t_max = to_min.index_select(0, ii), to_max.index_select(0, ii)
+        lo_edge = torch.where(t_min > CUTOFF_SIGMAS, torch.full_like(t_min, -math.inf), -t_min)
+        hi_edge = torch.where(t_max > CUTOFF_SIGMAS, torch.full_like(t_max, math.inf), t_max)
+        put(ii, fine_grid_moments(h.index_select(0, ii), lo_edge, hi_edge, kappa_only=kappa_only))
     fine = fine_all
     rest = ~(frozen | fine)
     if bool(rest.any()):

@@ -145,12 +145,14 @@ def _split_delta_kappa(e: Tensor, b: Tensor) -> Tensor:
     """The ``kappa`` change of :func:`_split_delta` alone, by the same operations (bitwise
     equal; the bootstrap draws read nothing else)."""
     qe, qb = torch.special.ndtr(-e.abs()), torch.special.ndtr(-b.abs())
-    tail_e = torch.where(e >= 0, qe, 1.0 - qe)
+    e_pos = e >= 0
+    tail_e = torch.where(e_pos, qe, 1.0 - qe)
     tail_b = torch.where(b >= 0, qb, 1.0 - qb)
-    mid = torch.where(e >= 0, qe - qb, torch.where(b <= 0, qb - qe, 1.0 - qe - qb)).clamp_min(0.0)
+    mid = torch.where(e_pos, qe - qb, torch.where(b <= 0, qb - qe, 1.0 - qe - qb)).clamp_min(0.0)
     pe, pb = _pdf(e), _pdf(b)
     kw = _cell_kappa(pe, tail_e, e, torch.full_like(e, math.inf))
-    ku = tail_b + torch.where(torch.isfinite(b), b * pb, torch.zeros_like(b))  # _revealed_tail's first term
+    # _revealed_tail's first term (|b| < inf: isfinite's answer in 2 operations instead of 4)
+    ku = tail_b + torch.where(b.abs() < math.inf, b * pb, torch.zeros_like(b))
     km = _cell_kappa(pe - pb, mid, e, b)
     return km + ku - kw
 

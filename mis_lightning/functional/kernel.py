@@ -111,8 +111,9 @@ def _fine_with_ends_kappa(h2: Tensor, a: Tensor, b: Tensor) -> Tensor:
     ca, cb = torch.special.ndtr(a), torch.special.ndtr(b)
     qb = torch.special.ndtr(-b)
     P = (cb - ca).clamp_min(0.0)
-    ua = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
-    ub = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+    # |x| < inf: isfinite's answer (NaN too) in 2 operations instead of 4
+    ua = torch.where(a.abs() < math.inf, a, torch.zeros_like(a))
+    ub = torch.where(b.abs() < math.inf, b, torch.zeros_like(b))
     I2 = P - (ub * pb - ua * pa)
     end_k = torch.where(ca > 1e-300, pa * pa / ca.clamp_min(1e-300), torch.zeros_like(a)) + torch.where(
         qb > 1e-300, pb * pb / qb.clamp_min(1e-300), torch.zeros_like(b))
@@ -253,12 +254,14 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
             idx = torch.nonzero(mask).squeeze(-1)
             if idx.numel() == 0:
                 continue
+            sel = lambda t, ii=idx: t.index_select(0, ii)  # noqa: E731 - the values of t[idx]
             if form == "table":
-                kappa[idx] = _table_read(h[idx], lower[idx], upper[idx], lo, dlog, du, table)[:, 0]
+                got = _table_read(sel(h), sel(lower), sel(upper), lo, dlog, du, table)[:, 0]
             elif form == "two":
-                kappa[idx] = _two_edges(lower[idx], upper[idx])[0]
+                got = _two_edges(sel(lower), sel(upper))[0]
             else:
-                kappa[idx] = _near_ends_kappa(h2[idx], to_min[idx], to_max[idx])
+                got = _near_ends_kappa(sel(h2), sel(to_min), sel(to_max))
+            kappa.index_copy_(0, idx, got)
         nan = torch.full_like(h, math.nan)
         return torch.where(frozen, zero, kappa), nan, nan, frozen | interior | near
     if torch.compiler.is_compiling():
