@@ -1344,7 +1344,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         else:
                             mm = g.moments(th_c, sg_c, a, b, compile_policy=policy)
                             k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs
-                        pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy)
+                        # the pool protocol reads kappa alone (and lam for one coordinate)
+                        pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy,
+                                       kappa_only=est.d != 1)
                         kp_c = pm.kappa
                         if prep.num_draws:
                             x = xi[: _draw_noise_rows(prep.num_draws, est.d == 1)]

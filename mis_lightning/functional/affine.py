@@ -91,6 +91,14 @@ def affine_boundaries(
     return torch.cat([-inf, edges, inf], dim=-1)
 
 
+def _fine(h: Tensor, lower: Tensor | None, upper: Tensor | None, kappa_only: bool) -> CellMoments:
+    """:func:`fine_grid_moments` (looked up on this module: tests substitute it), with
+    ``kappa_only`` passed only when set."""
+    if kappa_only:
+        return fine_grid_moments(h, lower, upper, kappa_only=True)
+    return fine_grid_moments(h, lower, upper)
+
+
 def _affine_cell_moments_sparse(
     theta: Tensor,
     sigma: Tensor,
@@ -141,7 +149,7 @@ def _affine_cell_moments_sparse(
     far_ends = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS)
     ii = torch.nonzero(fine_all & far_ends).squeeze(-1)
     if ii.numel():
-        put(ii, fine_grid_moments(h.index_select(0, ii), kappa_only=kappa_only))
+        put(ii, _fine(h.index_select(0, ii), None, None, kappa_only))
     ii = torch.nonzero(fine_all & ~far_ends).squeeze(-1)
     if ii.numel():
         # A fine grid whose end cell is within reach (the weight's sd spans to the end of the
@@ -149,7 +157,7 @@ def _affine_cell_moments_sparse(
         t_min, t_max = to_min.index_select(0, ii), to_max.index_select(0, ii)
         lo_edge = torch.where(t_min > CUTOFF_SIGMAS, torch.full_like(t_min, -math.inf), -t_min)
         hi_edge = torch.where(t_max > CUTOFF_SIGMAS, torch.full_like(t_max, math.inf), t_max)
-        put(ii, fine_grid_moments(h.index_select(0, ii), lo_edge, hi_edge, kappa_only=kappa_only))
+        put(ii, _fine(h.index_select(0, ii), lo_edge, hi_edge, kappa_only))
     fine = fine_all
     rest = ~(frozen | fine)
     if bool(rest.any()):

@@ -132,12 +132,14 @@ def _split_delta(e: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return km + ku - kw, lm + lu - lw, m4m + mu - mw
 
 
-def _cell_kappa(diff: Tensor, prob: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+def _cell_kappa(diff: Tensor, prob: Tensor, lo: Tensor, hi: Tensor | None) -> Tensor:
     """The ``kappa`` term of :func:`_cell_term` alone (the same operations)."""
     tiny = 1e-300
     live = prob > tiny
-    r = torch.maximum(torch.minimum(diff / prob.clamp_min(tiny), hi), lo)
-    r = torch.where(live, r, torch.zeros_like(r))
+    r = diff / prob.clamp_min(tiny)
+    if hi is not None:  # None: +inf (minimum(r, inf) is r, NaN included)
+        r = torch.minimum(r, hi)
+    r = torch.where(live, torch.maximum(r, lo), torch.zeros_like(r))
     return diff * r
 
 
@@ -150,7 +152,7 @@ def _split_delta_kappa(e: Tensor, b: Tensor) -> Tensor:
     tail_b = torch.where(b >= 0, qb, 1.0 - qb)
     mid = torch.where(e_pos, qe - qb, torch.where(b <= 0, qb - qe, 1.0 - qe - qb)).clamp_min(0.0)
     pe, pb = _pdf(e), _pdf(b)
-    kw = _cell_kappa(pe, tail_e, e, torch.full_like(e, math.inf))
+    kw = _cell_kappa(pe, tail_e, e, None)
     # _revealed_tail's first term (|b| < inf: isfinite's answer in 2 operations instead of 4)
     ku = tail_b + torch.where(b.abs() < math.inf, b * pb, torch.zeros_like(b))
     km = _cell_kappa(pe - pb, mid, e, b)
@@ -186,9 +188,12 @@ def _split_chunk_kappa(kappa: Tensor, mask: Tensor, theta: Tensor, sigma: Tensor
                        sign: Tensor) -> Tensor:
     """The ``kappa`` of :func:`_split_chunk` alone (eager; bitwise equal)."""
     sg = sigma.clamp_min(2.2250738585072014e-308)
+    e = sign * (edge - theta) / sg
+    b = sign * (bound - theta) / sg
+    if bool(mask.all()):  # every element cut (a model whose sd spans the grid): no masking
+        return (kappa + _split_delta_kappa(e, b)).clamp(0.0, 1.0)
     zero = torch.zeros_like(theta)
-    e = torch.where(mask, sign * (edge - theta) / sg, zero)
-    b = torch.where(mask, sign * (bound - theta) / sg, zero)
+    e, b = torch.where(mask, e, zero), torch.where(mask, b, zero)
     return (kappa + torch.where(mask, _split_delta_kappa(e, b), zero)).clamp(0.0, 1.0)
 
 

@@ -347,12 +347,14 @@ class ParamGrid:
         return scale, zp, code
 
     def moments(self, theta: Tensor, sigma: Tensor, start: int, end: int,
-                use_codes: bool = True, compile_policy: CompilePolicy | None = None) -> CellMoments:
+                use_codes: bool = True, compile_policy: CompilePolicy | None = None,
+                kappa_only: bool = False) -> CellMoments:
         """Cell moments of elements ``start:end`` given their weights and std (each ``[c]``).
 
         ``use_codes=False`` locates each weight's cell from the grid alone (for weights other
         than the trained ones, e.g. the parametric bootstrap of the uncertainty interval).
         ``compile_policy``: the caller's :class:`~mis_lightning.functional.CompilePolicy`.
+        ``kappa_only``: only ``kappa`` is read (:meth:`element_moments`; ``kappa`` bitwise the same).
         """
         scale, zp, code = self.element_grid(start, end)
         if not use_codes:
@@ -365,7 +367,8 @@ class ParamGrid:
             scale = torch.where(dead, torch.ones_like(scale), scale)
             if code is not None:
                 code = torch.where(dead, zp, code)
-        mm = self.element_moments(theta, sigma, scale, zp, code, self.element_bounds(start, end), compile_policy)
+        mm = self.element_moments(theta, sigma, scale, zp, code, self.element_bounds(start, end), compile_policy,
+                                  kappa_only=kappa_only)
         if bool(dead.any()):
             zero = torch.zeros_like(mm.kappa)
             mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
