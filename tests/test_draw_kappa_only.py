@@ -21,7 +21,7 @@ A = importlib.import_module("mis_lightning.assess")  # the module (the package e
 F64 = torch.float64
 
 
-def _grid_and_weights(rows: int, cols: int, qmax: int, seed: int, bounded: bool = True):
+def _grid_and_weights(rows: int, cols: int, qmax: int, seed: int, bounded: bool = True, qmin: int | None = None):
     """A per-row symmetric absmax grid (codes ``[-qmax - 1, qmax]``, scale ``absmax / qmax``,
     bounds ``[-absmax, absmax]`` as the release gives them) and weights whose sd ranges from
     far below the step (frozen) to many times the whole grid (fine, near both ends)."""
@@ -31,7 +31,7 @@ def _grid_and_weights(rows: int, cols: int, qmax: int, seed: int, bounded: bool 
     scale = absmax / qmax
     g = ParamGrid(name="w", shape=(rows, cols), kind="affine", dequantized=torch.zeros(rows, cols),
                   bits_per_weight=float(math.log2(2 * qmax + 2)), scale=scale, block_size=(1, cols),
-                  zero_point=torch.zeros(rows, 1, dtype=F64), qmin=-qmax - 1, qmax=qmax)
+                  zero_point=torch.zeros(rows, 1, dtype=F64), qmin=-qmax - 1 if qmin is None else qmin, qmax=qmax)
     if bounded:
         g.support = (-absmax, absmax)
     c = rows * cols
@@ -125,4 +125,31 @@ def test_kappa_only_self_check_compares_kappa_and_still_catches_a_wrong_one():
     with pytest.warns(RuntimeWarning, match="kappa"):
         assert not verify_sample("test path", c, off, lambda: (h, []), lambda idx: kernel.fine_grid_moments(h[idx]),
                                  "reference", kappa_only=True)
+    GUARD.reset()
+
+
+def test_kappa_only_moments_with_a_compiled_split_pass_its_self_check(monkeypatch):
+    """With the outer-cell split compiled (large models; stood in for here by the eager split
+    reported as compiled) and kappa-only cell moments (``mean_abs``, ``m4`` NaN, not computed),
+    the split's self-check compares ``kappa`` alone: no false disagreement that would disable
+    the compiled split, and ``kappa`` equal to the full path's."""
+    import warnings
+
+    monkeypatch.setattr(bounds, "_split_kernel", lambda policy: (bounds._split_chunk, True))
+    # codes [-7, 7]: both bounds (+-absmax) in the end cells, cut by the split (no inner bound)
+    g, w, _, gen = _grid_and_weights(64, 600, 7, seed=5, qmin=-7)
+    # sd of 0.5-3 times each row's absmax: every bound within reach, the chunk-wide split
+    absmax = g.support[1].expand(64, 600).reshape(-1)
+    sigma = absmax * torch.empty(w.numel(), dtype=F64).uniform_(0.5, 3.0, generator=gen)
+    th = w + sigma * torch.randn(w.numel(), generator=gen, dtype=F64)
+    GUARD.reset()
+    full = _moments(g, th, sigma, kappa_only=False)
+    GUARD.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fast = _moments(g, th, sigma, kappa_only=True)
+    assert bounds.SPLIT_COMPILED_PATH not in GUARD.disabled
+    assert GUARD.is_checked(bounds.SPLIT_COMPILED_PATH)
+    assert torch.equal(fast.kappa, full.kappa)
+    assert bool(fast.mean_abs.isnan().all())  # not computed upstream: what the check must not read
     GUARD.reset()
