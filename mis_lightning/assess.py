@@ -1186,9 +1186,10 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
         if scale is None:
             scale, zp, _ = grid.element_grid(a, b)
             bounds = grid.element_bounds(a, b)
-        kap[bi, idx] = grid.element_moments(
-            th_b[idx], sg64[idx], scale[idx], zp[idx], None,
-            None if bounds is None else (bounds[0][idx], bounds[1][idx]), policy).kappa
+        sel = lambda t, ii=idx: t.index_select(0, ii)  # noqa: E731 - the values of t[idx], faster
+        kap[bi].index_copy_(0, idx, grid.element_moments(
+            sel(th_b), sel(sg64), sel(scale), sel(zp), None,
+            None if bounds is None else (sel(bounds[0]), sel(bounds[1])), policy, kappa_only=True).kappa)
     return kap, lam
 
 
@@ -1362,7 +1363,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         else:
                             mm = g.moments(th_c, sg_c, a, b, compile_policy=policy)
                             k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs
-                        pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy)
+                        # the pool protocol reads kappa alone (and lam for one coordinate)
+                        pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy,
+                                       kappa_only=est.d != 1)
                         kp_c = pm.kappa
                         if prep.num_draws:
                             x = xi[: _draw_noise_rows(prep.num_draws, est.d == 1)]

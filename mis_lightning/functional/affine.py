@@ -91,6 +91,14 @@ def affine_boundaries(
     return torch.cat([-inf, edges, inf], dim=-1)
 
 
+def _fine(h: Tensor, lower: Tensor | None, upper: Tensor | None, kappa_only: bool) -> CellMoments:
+    """:func:`fine_grid_moments` (looked up on this module: tests substitute it), with
+    ``kappa_only`` passed only when set."""
+    if kappa_only:
+        return fine_grid_moments(h, lower, upper, kappa_only=True)
+    return fine_grid_moments(h, lower, upper)
+
+
 def _affine_cell_moments_sparse(
     theta: Tensor,
     sigma: Tensor,
@@ -100,6 +108,7 @@ def _affine_cell_moments_sparse(
     qmax: int,
     code: Tensor | None = None,
     fine_step: float = FINE_STEP,
+    kappa_only: bool = False,
 ) -> CellMoments:
     """The per-regime path of :func:`affine_cell_moments` (frozen skipped, fine expansion,
     exact window sums grouped by window size): used for small chunks and for the elements of
@@ -107,7 +116,10 @@ def _affine_cell_moments_sparse(
 
     ``fine_step``: steps (sd units) at or below which the fine-grid expansion replaces the
     cell sum. The reference path (:func:`affine_reference_moments`) lowers it to the step
-    below which the window would exceed ``_MAX_WINDOW`` edges."""
+    below which the window would exceed ``_MAX_WINDOW`` edges.
+
+    ``kappa_only``: the fine-grid forms skip ``mean_abs`` and ``m4`` (left NaN there; the exact
+    window sums still fill them); ``kappa`` is bitwise the same."""
     th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     q0 = affine_codes(th, s, zp, qmin, qmax) if code is None else code.to(torch.float64)
     h = s / sg
@@ -119,25 +131,33 @@ def _affine_cell_moments_sparse(
 
     c = th.shape[0]
     kappa = torch.zeros(c, dtype=torch.float64, device=th.device)
-    mean_abs = torch.zeros_like(kappa)
-    m4 = torch.zeros_like(kappa)
+    # kappa_only: not computed (NaN) where the fine-grid forms run
+    mean_abs = torch.full_like(kappa, math.nan) if kappa_only else torch.zeros_like(kappa)
+    m4 = torch.full_like(kappa, math.nan) if kappa_only else torch.zeros_like(kappa)
     coverage = torch.ones_like(kappa)
+
+    def put(ii: Tensor, fm: CellMoments) -> None:
+        # gathered once by index (index_select / index_copy_: the same values as boolean-mask
+        # indexing, a few times faster on small chunks)
+        kappa.index_copy_(0, ii, fm.kappa)
+        if not kappa_only:
+            mean_abs.index_copy_(0, ii, fm.mean_abs)
+            m4.index_copy_(0, ii, fm.m4)
 
     frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
     fine_all = ~frozen & (h <= fine_step)
     far_ends = (to_min > CUTOFF_SIGMAS) & (to_max > CUTOFF_SIGMAS)
-    fine = fine_all & far_ends
-    if bool(fine.any()):
-        fm = fine_grid_moments(h[fine])
-        kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
-    near = fine_all & ~far_ends
-    if bool(near.any()):
+    ii = torch.nonzero(fine_all & far_ends).squeeze(-1)
+    if ii.numel():
+        put(ii, _fine(h.index_select(0, ii), None, None, kappa_only))
+    ii = torch.nonzero(fine_all & ~far_ends).squeeze(-1)
+    if ii.numel():
         # A fine grid whose end cell is within reach (the weight's sd spans to the end of the
         # code range): fine interior + exact end cells; far ends drop out (phi(8.5) ~ 0).
-        lo_edge = torch.where(to_min[near] > CUTOFF_SIGMAS, torch.full_like(to_min[near], -math.inf), -to_min[near])
-        hi_edge = torch.where(to_max[near] > CUTOFF_SIGMAS, torch.full_like(to_max[near], math.inf), to_max[near])
-        fm = fine_grid_moments(h[near], lo_edge, hi_edge)
-        kappa[near], mean_abs[near], m4[near] = fm.kappa, fm.mean_abs, fm.m4
+        t_min, t_max = to_min.index_select(0, ii), to_max.index_select(0, ii)
+        lo_edge = torch.where(t_min > CUTOFF_SIGMAS, torch.full_like(t_min, -math.inf), -t_min)
+        hi_edge = torch.where(t_max > CUTOFF_SIGMAS, torch.full_like(t_max, math.inf), t_max)
+        put(ii, _fine(h.index_select(0, ii), lo_edge, hi_edge, kappa_only))
     fine = fine_all
     rest = ~(frozen | fine)
     if bool(rest.any()):
@@ -171,18 +191,19 @@ def affine_reference_moments(
 
 
 def _sparse_checked(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: int, qmax: int,
-                    code: Tensor | None) -> CellMoments:
-    """The per-regime path, checked against the reference on a sample (see ``fastpath``)."""
+                    code: Tensor | None, kappa_only: bool = False) -> CellMoments:
+    """The per-regime path, checked against the reference on a sample (see ``fastpath``;
+    ``kappa_only``: only ``kappa`` is computed and checked)."""
     if SPARSE_PATH in GUARD.disabled:
         return affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
-    out = _affine_cell_moments_sparse(th, sg, s, zp, qmin, qmax, code)
+    out = _affine_cell_moments_sparse(th, sg, s, zp, qmin, qmax, code, kappa_only=kappa_only)
     th64, sg64, s64 = _float64_inputs(th, sg, s)
     h = s64 / sg64  # cheap: computed whether or not a check is due
     ok = verify_sample(
         SPARSE_PATH, th.shape[0], out, lambda: (h, [h <= FINE_STEP, h > FINE_STEP]),
         lambda idx: affine_reference_moments(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax,
                                              None if code is None else code[idx]),
-        "exact cell sums")
+        "exact cell sums", kappa_only=kappa_only)
     return out if ok else affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
 
 
@@ -196,6 +217,7 @@ def affine_cell_moments(
     code: Tensor | None = None,
     *,
     compile_policy: CompilePolicy | None = None,
+    kappa_only: bool = False,
 ) -> CellMoments:
     """``kappa``, ``mean_abs``, ``m4`` of every element of an affine-grid chunk, fast.
 
@@ -228,6 +250,10 @@ def affine_cell_moments(
         code: ``[c]`` the backend's codes, if known (ties follow the backend).
         compile_policy: when the fused kernel is compiled (default :class:`CompilePolicy`
             ``"auto"``); decided by the caller (the front ends read ``MIS_LIGHTNING_COMPILE``).
+        kappa_only: only ``kappa`` is needed (the bootstrap draws): the eager paths skip the
+            ``mean_abs`` and ``m4`` terms of their fine-grid forms and check ``kappa`` alone;
+            those two may then hold NaN. ``kappa`` is bitwise the same (the same operations,
+            element by element); the compiled kernel computes all three as before.
 
     Returns:
         float64 :class:`CellMoments` of shape ``[c]``.
@@ -238,7 +264,7 @@ def affine_cell_moments(
     """
     c = theta.shape[0]
     if c < TABLE_MIN_ELEMENTS or FUSED_PATH in GUARD.disabled:
-        return _sparse_checked(theta, sigma, scale, zero_point, qmin, qmax, code)
+        return _sparse_checked(theta, sigma, scale, zero_point, qmin, qmax, code, kappa_only)
     th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     lo, dlog, du, table = _uniform_table()
     table = table.to(th.device)
@@ -253,16 +279,17 @@ def affine_cell_moments(
     eager = _kernel._fused_affine if code is not None else _kernel._fused_affine_codes
     q_given = None if code is None else code.to(torch.float64)
 
-    def run(kernel, idx: Tensor | None = None):
+    def run(kernel, idx: Tensor | None = None, **kw):
         a = (th, sg, s, zp) if idx is None else (th[idx], sg[idx], s[idx], zp[idx])
         if q_given is not None:
             q = q_given if idx is None else q_given[idx]
-            return (*kernel(*a, q, *bounds), q)
-        return kernel(*a, *bounds)
+            return (*kernel(*a, q, *bounds, **kw), q)
+        return kernel(*a, *bounds, **kw)
 
     kernel, compiled = _kernel._fused_kernel(c, with_codes=code is not None, policy=compile_policy)
     try:
-        kappa, mean_abs, m4, ok, q0 = run(kernel)
+        # kappa alone from the eager kernel (the compiled one computes all three)
+        kappa, mean_abs, m4, ok, q0 = run(kernel, **({"kappa_only": True} if kappa_only and not compiled else {}))
     except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
         if not compiled:
             raise
@@ -290,7 +317,7 @@ def affine_cell_moments(
     bad = ~ok
     if bool(bad.any()):
         idx = torch.nonzero(bad).squeeze(-1)
-        mm = _sparse_checked(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax, q0[idx])
+        mm = _sparse_checked(th[idx], sg[idx], s[idx], zp[idx], qmin, qmax, q0[idx], kappa_only)
         kappa, mean_abs, m4 = kappa.clone(), mean_abs.clone(), m4.clone()
         kappa[idx], mean_abs[idx], m4[idx], coverage[idx] = mm.kappa, mm.mean_abs, mm.m4, mm.coverage
     out = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
@@ -307,8 +334,9 @@ def affine_cell_moments(
                                              None if q_given is None else q_given[idx]),
         SPARSE_PATH,
         codes=None if q_given is not None else (
-            lambda idx: (q0[idx], affine_codes(th[idx], s[idx], zp[idx], qmin, qmax))))
-    return out if ok else _sparse_checked(th, sg, s, zp, qmin, qmax, code)
+            lambda idx: (q0[idx], affine_codes(th[idx], s[idx], zp[idx], qmin, qmax))),
+        kappa_only=kappa_only)
+    return out if ok else _sparse_checked(th, sg, s, zp, qmin, qmax, code, kappa_only)
 
 
 #: Progress stage of the up-front compilation (:func:`warm_up_compiled_kernel`).

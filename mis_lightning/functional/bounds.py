@@ -132,6 +132,33 @@ def _split_delta(e: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return km + ku - kw, lm + lu - lw, m4m + mu - mw
 
 
+def _cell_kappa(diff: Tensor, prob: Tensor, lo: Tensor, hi: Tensor | None) -> Tensor:
+    """The ``kappa`` term of :func:`_cell_term` alone (the same operations)."""
+    tiny = 1e-300
+    live = prob > tiny
+    r = diff / prob.clamp_min(tiny)
+    if hi is not None:  # None: +inf (minimum(r, inf) is r, NaN included)
+        r = torch.minimum(r, hi)
+    r = torch.where(live, torch.maximum(r, lo), torch.zeros_like(r))
+    return diff * r
+
+
+def _split_delta_kappa(e: Tensor, b: Tensor) -> Tensor:
+    """The ``kappa`` change of :func:`_split_delta` alone, by the same operations (bitwise
+    equal; the bootstrap draws read nothing else)."""
+    qe, qb = torch.special.ndtr(-e.abs()), torch.special.ndtr(-b.abs())
+    e_pos = e >= 0
+    tail_e = torch.where(e_pos, qe, 1.0 - qe)
+    tail_b = torch.where(b >= 0, qb, 1.0 - qb)
+    mid = torch.where(e_pos, qe - qb, torch.where(b <= 0, qb - qe, 1.0 - qe - qb)).clamp_min(0.0)
+    pe, pb = _pdf(e), _pdf(b)
+    kw = _cell_kappa(pe, tail_e, e, None)
+    # _revealed_tail's first term (|b| < inf: isfinite's answer in 2 operations instead of 4)
+    ku = tail_b + torch.where(b.abs() < math.inf, b * pb, torch.zeros_like(b))
+    km = _cell_kappa(pe - pb, mid, e, b)
+    return km + ku - kw
+
+
 def _reveal_delta(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The change of ``(kappa, mean_abs, m4)`` when the lumped cell ``[b, inf)`` beyond a
     bound (standardised) is read as revealed instead (bottom: negate ``b``)."""
@@ -155,6 +182,19 @@ def _split_chunk(kappa: Tensor, mean_abs: Tensor, m4: Tensor, mask: Tensor, thet
     return ((kappa + torch.where(mask, dk, zero)).clamp(0.0, 1.0),
             (mean_abs + torch.where(mask, dl, zero)).clamp(0.0, SQRT_2_OVER_PI),
             m4 + torch.where(mask, d4, zero))
+
+
+def _split_chunk_kappa(kappa: Tensor, mask: Tensor, theta: Tensor, sigma: Tensor, edge: Tensor, bound: Tensor,
+                       sign: Tensor) -> Tensor:
+    """The ``kappa`` of :func:`_split_chunk` alone (eager; bitwise equal)."""
+    sg = sigma.clamp_min(2.2250738585072014e-308)
+    e = sign * (edge - theta) / sg
+    b = sign * (bound - theta) / sg
+    if bool(mask.all()):  # every element cut (a model whose sd spans the grid): no masking
+        return (kappa + _split_delta_kappa(e, b)).clamp(0.0, 1.0)
+    zero = torch.zeros_like(theta)
+    e, b = torch.where(mask, e, zero), torch.where(mask, b, zero)
+    return (kappa + torch.where(mask, _split_delta_kappa(e, b), zero)).clamp(0.0, 1.0)
 
 
 #: Name of the compiled split, as the self-check warnings print it.
@@ -192,11 +232,13 @@ def warm_up_split(mm: CellMoments, theta: Tensor, sigma: Tensor, scale: Tensor, 
 
 
 def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, edge: Tensor,
-                 bound: Tensor, top: bool, policy: CompilePolicy | None) -> CellMoments:
+                 bound: Tensor, top: bool, policy: CompilePolicy | None, kappa_only: bool = False) -> CellMoments:
     """Cut the outer cell at ``edge`` at ``bound`` for the elements ``mask``: on gathered
     elements when few, over the whole chunk (compiled as ``policy`` says, checked against the
     eager arithmetic on a sample) when most are concerned (large models whose sd spans the
-    whole grid)."""
+    whole grid). ``kappa_only``: ``mean_abs`` and ``m4`` are left as they are (eager only;
+    the compiled split computes all three, and its self-check then compares ``kappa`` alone:
+    the inputs' ``mean_abs`` and ``m4`` may be NaN, not computed)."""
     n = int(mask.sum())
     if n == 0:
         return out
@@ -205,6 +247,10 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
         idx = torch.nonzero(mask).squeeze(-1)
         s = sigma[idx].clamp_min(torch.finfo(torch.float64).tiny)
         t = theta[idx]
+        if kappa_only:
+            dk = _split_delta_kappa(sign * (edge[idx] - t) / s, sign * (bound[idx] - t) / s)
+            out.kappa[idx] = (out.kappa[idx] + dk).clamp(0.0, 1.0)
+            return out
         dk, dl, d4 = _split_delta(sign * (edge[idx] - t) / s, sign * (bound[idx] - t) / s)
         out.kappa[idx] = (out.kappa[idx] + dk).clamp(0.0, 1.0)
         out.mean_abs[idx] = (out.mean_abs[idx] + dl).clamp(0.0, SQRT_2_OVER_PI)
@@ -213,6 +259,9 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
     args = (mask, theta, sigma, edge, bound, torch.tensor(sign, dtype=torch.float64, device=theta.device))
     kernel, compiled = _split_kernel(policy)
     c = theta.numel()
+    if kappa_only and not compiled:
+        return CellMoments(kappa=_split_chunk_kappa(out.kappa, *args), mean_abs=out.mean_abs, m4=out.m4,
+                           coverage=out.coverage)
     try:
         res = kernel(out.kappa, out.mean_abs, out.m4, *args)
     except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
@@ -227,8 +276,11 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
         if k:
             idx = sample_indices(c, k, [mask])
             ref = _split_chunk(out.kappa[idx], out.mean_abs[idx], out.m4[idx], *(a[idx] for a in args[:-1]), args[-1])
-            problem = compare(tuple(r[idx] for r in res), ref, torch.ones(idx.numel(), dtype=torch.float64),
-                              SAME_ARITHMETIC)
+            got = tuple(r[idx] for r in res)
+            if kappa_only:  # mean_abs and m4 may be uncomputed (NaN) upstream: kappa alone is read
+                zero = torch.zeros_like(got[0])
+                got, ref = (got[0], zero, zero), (ref[0], zero, zero)
+            problem = compare(got, ref, torch.ones(idx.numel(), dtype=torch.float64), SAME_ARITHMETIC)
             if problem:
                 GUARD.fail(SPLIT_COMPILED_PATH, problem, "the eager arithmetic")
                 res = _split_chunk(out.kappa, out.mean_abs, out.m4, *args)
@@ -248,6 +300,7 @@ def bounded_moments(
     step: Tensor | None,
     edges: Callable[[Tensor, int], Tensor],
     compile_policy: CompilePolicy | None = None,
+    kappa_only: bool = False,
 ) -> CellMoments:
     """The grid's cell moments ``mm`` (unbounded outer cells) corrected for bounds the release
     puts on each weight (see the module doc and method.md section 5).
@@ -264,6 +317,8 @@ def bounded_moments(
             ``ii`` (the grid's ``boundaries``); clipped here.
         compile_policy: the caller's :class:`~mis_lightning.functional.CompilePolicy`: the
             chunk-wide split is compiled when the cell-moment kernel is (and self-checked).
+        kappa_only: only ``kappa`` is needed (the bootstrap draws): the eager outer-cell split
+            leaves ``mean_abs`` and ``m4`` uncorrected; ``kappa`` is bitwise the same.
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` (a new object; ``coverage`` as the sums give it).
@@ -335,8 +390,8 @@ def bounded_moments(
                     out.m4[sub] = out.m4[sub] + torch.where(near, d4, zero)
     # the outer cell [b, inf) cut at the bound beyond it, the rest revealed (and (-inf, a]
     # likewise); a bound on the edge itself (torchao's symmetric scales) reveals the whole cell
-    out = _apply_split(out, split & (hi >= b) & (hi - th <= cut), th, sg, b, hi, True, compile_policy)
-    out = _apply_split(out, split & (lo <= a) & (th - lo <= cut), th, sg, a, lo, False, compile_policy)
+    out = _apply_split(out, split & (hi >= b) & (hi - th <= cut), th, sg, b, hi, True, compile_policy, kappa_only)
+    out = _apply_split(out, split & (lo <= a) & (th - lo <= cut), th, sg, a, lo, False, compile_policy, kappa_only)
     return out
 
 

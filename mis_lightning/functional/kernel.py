@@ -39,7 +39,8 @@ def _float64_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor
     return (theta.to(torch.float64), sg, *(t.to(torch.float64) for t in rest))
 
 
-def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | None = None) -> CellMoments:
+def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | None = None, *,
+                      kappa_only: bool = False) -> CellMoments:
     """Cell moments of a fine uniform grid of step ``h`` (standard units).
 
     Far from the ends of the code range: ``kappa = 1 - h^2/12 + h^4/144`` (error < 6e-4 h^6);
@@ -55,15 +56,25 @@ def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | No
     ``P = Phi(b) - Phi(a)`` and ``Ik = int_a^b u^k phi(u) du``. This is what a weight whose
     standard deviation spans the whole code range needs (its window would be thousands of
     cells wide).
+
+    ``kappa_only``: ``mean_abs`` and ``m4`` are not computed (NaN); ``kappa`` is bitwise the
+    same (the same operations).
     """
     h2 = h.to(torch.float64) ** 2
     if lower is None and upper is None:
         kappa = 1.0 - h2 / 12.0 + h2 * h2 / 144.0
+        if kappa_only:
+            nan = torch.full_like(h2, math.nan)
+            return CellMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=torch.ones_like(h2))
         mean_abs = SQRT_2_OVER_PI - 0.05 * h2
         m4 = 3.0 - 0.5 * h2
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
     a = (torch.full_like(h2, -math.inf) if lower is None else lower.to(torch.float64))
     b = (torch.full_like(h2, math.inf) if upper is None else upper.to(torch.float64))
+    if kappa_only:
+        nan = torch.full_like(h2, math.nan)
+        return CellMoments(kappa=_fine_with_ends_kappa(h2, a, b), mean_abs=nan, m4=nan,
+                           coverage=torch.ones_like(h2))
     kappa, mean_abs, m4 = _fine_with_ends(h2, a, b)
     return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
 
@@ -91,6 +102,22 @@ def _fine_with_ends(h2: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, T
     mean_abs = (I1 - 0.05 * h2 * P + pa + pb).clamp(0.0, SQRT_2_OVER_PI)
     m4 = I4 - 0.5 * h2 * I2 + ca * mu_a**4 + qb * mu_b**4
     return kappa, mean_abs, m4
+
+
+def _fine_with_ends_kappa(h2: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``kappa`` of :func:`_fine_with_ends` alone, by the same operations (bitwise equal; the
+    bootstrap draws read nothing else): no ``mean_abs``, ``m4`` and their terms."""
+    pa, pb = _pdf(a), _pdf(b)
+    ca, cb = torch.special.ndtr(a), torch.special.ndtr(b)
+    qb = torch.special.ndtr(-b)
+    P = (cb - ca).clamp_min(0.0)
+    # |x| < inf: isfinite's answer (NaN too) in 2 operations instead of 4
+    ua = torch.where(a.abs() < math.inf, a, torch.zeros_like(a))
+    ub = torch.where(b.abs() < math.inf, b, torch.zeros_like(b))
+    I2 = P - (ub * pb - ua * pa)
+    end_k = torch.where(ca > 1e-300, pa * pa / ca.clamp_min(1e-300), torch.zeros_like(a)) + torch.where(
+        qb > 1e-300, pb * pb / qb.clamp_min(1e-300), torch.zeros_like(b))
+    return (I2 - (h2 / 12.0 - h2 * h2 / 144.0) * P + end_k).clamp(0.0, 1.0)
 
 
 # ----------------------------------------------------------------- uniform-grid table
@@ -181,8 +208,16 @@ def _near_ends(h2: Tensor, to_min: Tensor, to_max: Tensor) -> tuple[Tensor, Tens
     return _fine_with_ends(h2, torch.where(far_lo, -inf, -to_min), torch.where(far_hi, inf, to_max))
 
 
+def _near_ends_kappa(h2: Tensor, to_min: Tensor, to_max: Tensor) -> Tensor:
+    """``kappa`` of :func:`_near_ends` alone (bitwise equal)."""
+    inf = torch.full_like(h2, math.inf)
+    far_lo, far_hi = to_min > CUTOFF_SIGMAS, to_max > CUTOFF_SIGMAS
+    return _fine_with_ends_kappa(h2, torch.where(far_lo, -inf, -to_min), torch.where(far_hi, inf, to_max))
+
+
 def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmin: Tensor, qmax: Tensor,
-                  lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor, *,
+                  kappa_only: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Moments of every element of an affine chunk.
 
     Frozen elements get 0, fine steps the expansion (with the end cells of the code range
@@ -194,6 +229,9 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
     the two). Returns ``kappa, mean_abs, m4, ok`` where ``ok`` is False for the elements with a
     step above 0.5 sd whose cells reach a clamped end of the code range: the caller
     recomputes those exactly.
+
+    ``kappa_only`` (eager only): ``mean_abs`` and ``m4`` are NaN, not computed; ``kappa`` is
+    bitwise the same.
     """
     h = s / sg
     lower = (th - (q0 - 0.5 - zp) * s) / sg  # sd units to the element's own lower edge
@@ -210,6 +248,22 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
     kappa = 1.0 - h2 / 12.0 + h2 * h2 / 144.0
     mean_abs = SQRT_2_OVER_PI - 0.05 * h2
     m4 = 3.0 - 0.5 * h2
+    if kappa_only and not torch.compiler.is_compiling():
+        live = ~frozen
+        for mask, form in ((live & ~fine & ~big, "table"), (live & big, "two"), (live & near, "near")):
+            idx = torch.nonzero(mask).squeeze(-1)
+            if idx.numel() == 0:
+                continue
+            sel = lambda t, ii=idx: t.index_select(0, ii)  # noqa: E731 - the values of t[idx]
+            if form == "table":
+                got = _table_read(sel(h), sel(lower), sel(upper), lo, dlog, du, table)[:, 0]
+            elif form == "two":
+                got = _two_edges(sel(lower), sel(upper))[0]
+            else:
+                got = _near_ends_kappa(sel(h2), sel(to_min), sel(to_max))
+            kappa.index_copy_(0, idx, got)
+        nan = torch.full_like(h, math.nan)
+        return torch.where(frozen, zero, kappa), nan, nan, frozen | interior | near
     if torch.compiler.is_compiling():
         v = _table_read(h, lower, upper, lo, dlog, du, table)
         k2, l2, m2 = _two_edges(lower, upper)
@@ -238,11 +292,12 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
 
 
 def _fused_affine_codes(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Tensor, qmax: Tensor,
-                        lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        lo: Tensor, dlog: Tensor, du: Tensor, table: Tensor, *,
+                        kappa_only: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`_fused_affine` with the round-to-nearest codes computed inside the same kernel."""
     frac = zp - torch.round(zp)
     q0 = torch.clamp(torch.round(th / s + frac) + (zp - frac), min=qmin, max=qmax)
-    return (*_fused_affine(th, sg, s, zp, q0, qmin, qmax, lo, dlog, du, table), q0)
+    return (*_fused_affine(th, sg, s, zp, q0, qmin, qmax, lo, dlog, du, table, kappa_only=kappa_only), q0)
 
 
 # torch.compile of the fused kernel: used once a process has pushed COMPILE_AFTER elements

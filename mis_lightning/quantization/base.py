@@ -347,12 +347,14 @@ class ParamGrid:
         return scale, zp, code
 
     def moments(self, theta: Tensor, sigma: Tensor, start: int, end: int,
-                use_codes: bool = True, compile_policy: CompilePolicy | None = None) -> CellMoments:
+                use_codes: bool = True, compile_policy: CompilePolicy | None = None,
+                kappa_only: bool = False) -> CellMoments:
         """Cell moments of elements ``start:end`` given their weights and std (each ``[c]``).
 
         ``use_codes=False`` locates each weight's cell from the grid alone (for weights other
         than the trained ones, e.g. the parametric bootstrap of the uncertainty interval).
         ``compile_policy``: the caller's :class:`~mis_lightning.functional.CompilePolicy`.
+        ``kappa_only``: only ``kappa`` is read (:meth:`element_moments`; ``kappa`` bitwise the same).
         """
         scale, zp, code = self.element_grid(start, end)
         if not use_codes:
@@ -365,7 +367,8 @@ class ParamGrid:
             scale = torch.where(dead, torch.ones_like(scale), scale)
             if code is not None:
                 code = torch.where(dead, zp, code)
-        mm = self.element_moments(theta, sigma, scale, zp, code, self.element_bounds(start, end), compile_policy)
+        mm = self.element_moments(theta, sigma, scale, zp, code, self.element_bounds(start, end), compile_policy,
+                                  kappa_only=kappa_only)
         if bool(dead.any()):
             zero = torch.zeros_like(mm.kappa)
             mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
@@ -386,14 +389,16 @@ class ParamGrid:
 
     def element_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                         code: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
-                        compile_policy: CompilePolicy | None = None) -> CellMoments:
+                        compile_policy: CompilePolicy | None = None, kappa_only: bool = False) -> CellMoments:
         """Cell moments of any elements given their per-element grid parameters (each ``[c]``:
         ``scale > 0``, ``zero_point``, the backend's ``code`` or ``None``, and the release's
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
-        elements are :meth:`moments`' business."""
+        elements are :meth:`moments`' business. ``kappa_only``: only ``kappa`` is needed (the
+        bootstrap draws); affine grids may then leave ``mean_abs`` and ``m4`` uncomputed (NaN)
+        or uncorrected for the bounds; ``kappa`` is bitwise the same."""
         if self.kind == "affine":
             mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
-                                     compile_policy=compile_policy)
+                                     compile_policy=compile_policy, kappa_only=kappa_only)
         else:
             assert self.values is not None
             mm = table_cell_moments(theta, sigma, self.values, scale)
@@ -403,7 +408,7 @@ class ParamGrid:
             mm = bounded_moments(mm, theta, sigma, *bounds, low_edge, high_edge, step,
                                  lambda ii, m: self._edges(theta[ii], scale[ii], zero_point[ii],
                                                            None if code is None else code[ii], m),
-                                 compile_policy)
+                                 compile_policy, kappa_only=kappa_only)
         return mm
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
