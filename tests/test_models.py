@@ -221,3 +221,22 @@ def test_utility_metrics():
     assert target.dtype == torch.long and preds.min() >= 0 and preds.max() <= 1
     binm["accuracy"].update(preds, target)
     assert binm["accuracy"].compute().item() == pytest.approx(0.5)
+
+
+def test_epoch_losses_are_logged_synced_across_processes(monkeypatch):
+    """Under DDP the app's models logged each process's own epoch loss, and the logger kept rank
+    0's (fu21 F10): every epoch-level loss is logged with ``sync_dist=True`` (Lightning's
+    reduction over processes; a no-op in one process)."""
+    calls = []
+    orig = pl.LightningModule.log
+
+    def spy(self, name, value, *args, **kwargs):
+        calls.append((name, kwargs.get("sync_dist", False)))
+        return orig(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", spy)
+    dm = synthetic(task="linear", batch_size=64)
+    trainer(max_epochs=1).fit(MLPProbe(dm.num_features, hidden=[4]), dm)
+    losses = {name: synced for name, synced in calls if name.endswith("loss")}
+    assert set(losses) >= {"train_loss", "train_data_loss", "val_loss"}
+    assert all(losses.values()), losses

@@ -164,8 +164,9 @@ class PenalizedModule(pl.LightningModule):
         last = getattr(self, "_last_train", None)
         if last is not None:
             loss, data_loss, bs = last
-            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=bs)
-            self.log("train_data_loss", data_loss, on_step=False, on_epoch=True, batch_size=bs)
+            # sync_dist: the epoch means over every process's records under DDP, not rank 0's
+            self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+            self.log("train_data_loss", data_loss, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
             self._last_train = None
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -174,7 +175,7 @@ class PenalizedModule(pl.LightningModule):
         loss = self.per_sample_loss(out, y).mean()
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(*metric_inputs(out, y, self.task))
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=_rows(x))
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=_rows(x), sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True)
         return loss
 
