@@ -1535,14 +1535,21 @@ def _spread_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int, hp: Ten
     is 1 (there the two agree under the information equality, and ``hp`` is kept exactly). With
     ``rank(L_i) > 1`` the mean over the output directions understates the narrowing where the shift
     is: the residual lies along ``L_i``'s large directions, where ``A_i``'s eigenvalues are large
-    too. Capped at :data:`LEVERAGE_CAP`; ``hp`` where ``c' V^+ c = 0``."""
+    too. At most ``h_i`` and :data:`LEVERAGE_CAP`; ``hp`` where ``c' V^+ c = 0``."""
     L = 0.5 * (L + L.transpose(1, 2))
-    multi = _loss_rank(L, hp) > 1
+    rank = _loss_rank(L, hp)
+    multi = rank > 1
     if not bool(multi.any()):
         return hp
     hd = _directional_leverage(C[multi], V, J[multi], L[multi], n)
+    # At most the whole narrowing h_i = tr A_i (under the information equality u' B_i u <= tr B_i =
+    # h_i): where V^+ is large against H^-1 (the information equality fails: class weights, a
+    # hidden layer's Hessian against its Gauss-Newton factor, a weight decay above a direction's
+    # gradient variance) the ratio is not bounded otherwise (a class-weighted 2-class MLP read
+    # 9x h_i on the records whose float32 L counted rank 2).
     out = hp.clone()
-    out[multi] = torch.where(torch.isfinite(hd), hd, hp[multi]).clamp(0.0, LEVERAGE_CAP)
+    out[multi] = torch.minimum(torch.where(torch.isfinite(hd), hd, hp[multi]),
+                               (hp * rank)[multi]).clamp(0.0, LEVERAGE_CAP)
     return out
 
 
