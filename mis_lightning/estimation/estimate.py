@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import restores_rng
 from ..config import DEFAULT_LEVERAGE_CORRECTION
+from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
 from .batching import merge_batches
 from .linear_factors import (
@@ -153,10 +154,11 @@ class Estimate:
             parameter (large models); deprecated alias ``w``. Read them, whatever the path,
             with :meth:`iter_influence` or :meth:`power_sums`.
         mahalanobis: ``[R]`` ``|Sigma^{-1/2} psi|`` per record (exact mode only).
-        leverage: ``[R]`` per-direction leverage ``h_i / rank(L_i)`` of the stored records
-            (``h_i`` for one output; capped at :data:`LEVERAGE_CAP`), in the order of
-            ``influence``: the variance fraction a member removes along its own direction, the
-            scoring's spread term (method.md section 4, "Spread term"). Only where the
+        leverage: ``[R]`` the variance fraction a member removes along its own shift direction
+            (the scoring's spread term; method.md section 4, "Spread term") of the stored
+            records, in the order of ``influence``: ``h_i`` where ``rank(L_i) = 1`` (one output,
+            a two-class softmax), the directional ``c' V^+ J' L J V^+ c / (n c' V^+ c)`` where
+            ``rank(L_i) > 1``; capped at :data:`LEVERAGE_CAP`. Only where the
             finite-sample (leverage) correction was applied; ``None`` otherwise (first-order forms).
         correlation: ``[d, d]`` correlation matrix of ``Sigma`` (exact mode only; dimensionless).
         diagnostics: method.md section 6 diagnostics.
@@ -1419,7 +1421,8 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             ``psi_i = -H_{-i}^{-1} c_i`` is the leave-one-out shift, and ``V`` gets the HC2
             term ``mean_i c_i c_i' h_i / (1 - h_i)`` (over the kept records).
         records: when given and the correction is applied, gets ``"leverage"``: ``[R]`` the
-            per-direction leverages ``h_i / rank(L_i)`` (capped), for the spread term.
+            narrowing along each record's shift direction (capped), for the spread term
+            (:func:`_spread_leverage`; ``h_i`` where ``rank(L_i) = 1``).
 
     Returns:
         ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
@@ -1469,7 +1472,7 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     if jacobians is not None and loss_hessians is not None:
         C, V, hp = _leverage(C, V, Hinv, jacobians, loss_hessians, n, correct_leverage, diagnostics)
         if records is not None and hp is not None:
-            records["leverage"] = hp
+            records["leverage"] = _spread_leverage(C, V, jacobians, loss_hessians, n, hp)
     Sigma = Hinv @ V @ Hinv
     Sigma = 0.5 * (Sigma + Sigma.T)
     sdiag = torch.diagonal(Sigma).clamp_min(0.0)
@@ -1543,13 +1546,62 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     rhs = torch.einsum("rkl,rl->rk", L * scale[:, None, None], u) / n
     v = torch.linalg.solve(torch.eye(K, dtype=A.dtype) - A, rhs.unsqueeze(-1)).squeeze(-1)
     C_loo = C + torch.einsum("rkd,rk->rd", J, v)
-    # directions below LOSS_RANK_RTOL of the largest carry no leverage; the tolerance does not
-    # follow the dtype, so a loss evaluated in float32 (ComputeDtypeLoss) counts the same rank
-    rank = (torch.linalg.matrix_rank(L, rtol=LOSS_RANK_RTOL).clamp_min(1).to(h.dtype) if K > 1
-            else torch.ones_like(h))
-    hp = h / rank
+    hp = h / _loss_rank(L, h)
     V = V + (C * (hp / (1 - hp)).unsqueeze(-1)).T @ C / C.shape[0]
     return C_loo, 0.5 * (V + V.T), hp
+
+
+def _loss_rank(L: Tensor, like: Tensor) -> Tensor:
+    """``[R]`` ``rank(L_i)`` (at least 1), in ``like``'s dtype: directions below
+    :data:`LOSS_RANK_RTOL` of the largest carry no leverage; the tolerance does not follow the
+    dtype, so a loss evaluated in float32 (ComputeDtypeLoss) counts the same rank."""
+    if L.shape[-1] == 1:
+        return torch.ones(L.shape[0], dtype=like.dtype)
+    return torch.linalg.matrix_rank(L, rtol=LOSS_RANK_RTOL).clamp_min(1).to(like.dtype)
+
+
+def _spread_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int, hp: Tensor) -> Tensor:
+    """``[R]`` the spread term's leverage (method.md section 4, "Spread term"): the narrowing
+    along each record's own shift direction, :func:`_directional_leverage` of the corrected
+    ``(C, V)``, where ``rank(L_i) > 1``; the per-direction ``hp = h_i / rank(L_i)`` where the rank
+    is 1 (there the two agree under the information equality, and ``hp`` is kept exactly). With
+    ``rank(L_i) > 1`` the mean over the output directions understates the narrowing where the shift
+    is: the residual lies along ``L_i``'s large directions, where ``A_i``'s eigenvalues are large
+    too. At most ``h_i`` and :data:`LEVERAGE_CAP`; ``hp`` where ``c' V^+ c = 0``."""
+    L = 0.5 * (L + L.transpose(1, 2))
+    rank = _loss_rank(L, hp)
+    multi = rank > 1
+    if not bool(multi.any()):
+        return hp
+    hd = _directional_leverage(C[multi], V, J[multi], L[multi], n)
+    # At most the whole narrowing h_i = tr A_i (under the information equality u' B_i u <= tr B_i =
+    # h_i): where V^+ is large against H^-1 (the information equality fails: class weights, a
+    # hidden layer's Hessian against its Gauss-Newton factor, a weight decay above a direction's
+    # gradient variance) the ratio is not bounded otherwise (a class-weighted 2-class MLP read
+    # 9x h_i on the records whose float32 L counted rank 2).
+    out = hp.clone()
+    out[multi] = torch.minimum(torch.where(torch.isfinite(hd), hd, hp[multi]),
+                               (hp * rank)[multi]).clamp(0.0, LEVERAGE_CAP)
+    return out
+
+
+def _directional_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int) -> Tensor:
+    """``[R]`` each record's narrowing along its own shift direction (method.md section 4,
+    "Spread term"): whitened by ``Sigma = H^-1 V H^-1``, the member's covariance loses
+    ``B_i = Sigma^-1/2 H^-1 J_i' L_i J_i H^-1 Sigma^-1/2 / n`` and its shift lies along
+    ``u ~ Sigma^-1/2 H^-1 c_i``, so ``u' B_i u = c' V^+ J' L J V^+ c / (n c' V^+ c)`` (the Hessian
+    cancels). ``V^+`` is taken through the correlation matrix with the pseudo-inverse cutoff of the
+    influences' Mahalanobis norm (functional/correlated.py); ``nan`` where ``c' V^+ c = 0``.
+    """
+    Vs = V.diagonal().clamp_min(0.0).sqrt()
+    Dinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
+    Rinv = torch.linalg.pinv(correlation_from_covariance(V), hermitian=True, rtol=CORRELATION_RCOND)
+    cs = C * Dinv
+    y = cs @ Rinv  # R^+ symmetric
+    den = (cs * y).sum(-1)
+    Ja = torch.einsum("rkd,rd->rk", J, y * Dinv)  # J V^+ c
+    num = torch.einsum("rk,rkl,rl->r", Ja, L, Ja)
+    return torch.where(den > 0, num / (n * den.clamp_min(1e-300)), torch.full_like(den, math.nan))
 
 
 # Relative eigenvalue below which a direction of a record's loss Hessian L_i does not count in
