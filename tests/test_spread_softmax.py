@@ -24,12 +24,15 @@ def _newton(theta: torch.Tensor, Xt: torch.Tensor, Y: torch.Tensor, steps: int) 
     laid out class by class (weight row, then bias)."""
     q = Xt.shape[1]
     eye = torch.eye(K * q, dtype=theta.dtype)
+    XX = (Xt[:, :, None] * Xt[:, None, :]).reshape(N, q * q)  # x_n x_n' flattened
     for _ in range(steps):
         T = theta.view(-1, K, q)
-        p = torch.softmax(torch.einsum("np,bkp->bnk", Xt, T), -1)
-        grad = torch.einsum("bnk,np->bkp", p - Y, Xt).reshape(-1, K * q) / N + WD * theta
+        p = torch.softmax(Xt @ T.transpose(1, 2), -1)  # [B, N, K]
+        grad = ((p - Y).transpose(1, 2) @ Xt).reshape(-1, K * q) / N + WD * theta
         L = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)  # [B, N, K, K]
-        H = torch.einsum("bnkl,np,nq->bkplq", L, Xt, Xt).reshape(-1, K * q, K * q) / N + WD * eye
+        # sum_n L_n (x) x_n x_n' as one matmul (a 5-index einsum took 17 s of the test)
+        LX = L.reshape(-1, N, K * K).transpose(1, 2) @ XX  # [B, K K, q q]
+        H = LX.view(-1, K, K, q, q).permute(0, 1, 3, 2, 4).reshape(-1, K * q, K * q) / N + WD * eye
         theta = theta - torch.linalg.solve(H, grad.unsqueeze(-1)).squeeze(-1)
     return theta
 
