@@ -348,6 +348,16 @@ class EstimationMetric(Metric):
         held = state.pop("_pickled_model", None)
         extra = state.pop("_pickled_acc", None)
         super().__setstate__(state)
+        # torch.multiprocessing (spawn, ddp_spawn) unpickles tensors into shared memory, one
+        # storage for every process given the same pickle: states summed in place would then
+        # add every process's records into one tensor (each rank's sum the global one, and the
+        # sync doubled it again). Each unpickled Metric owns its states.
+        for attr in self._state_names.values():
+            val = getattr(self, attr, None)
+            if isinstance(val, Tensor) and val.is_shared():
+                setattr(self, attr, val.clone())
+            elif isinstance(val, list) and any(isinstance(t, Tensor) and t.is_shared() for t in val):
+                setattr(self, attr, [t.clone() if isinstance(t, Tensor) and t.is_shared() else t for t in val])
         model = held.obj if held is not None else None
         if model is None or self._ref.obj is not None:
             return  # a deep copy (clone()): the reference and the accumulator are shared
