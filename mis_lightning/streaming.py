@@ -81,13 +81,16 @@ class _Ref:
 
 
 class _ByValue:
-    """Pickled by value, shared by deep copies (a ``clone()`` must not copy the model)."""
+    """Pickled by value, shared by deep copies (a ``clone()`` must not copy the model), except
+    in a deep copy that copies the model too (``copy.deepcopy`` of a module owning the Metric):
+    there the copy's model."""
 
     def __init__(self, obj: Any) -> None:
         self.obj = obj
 
     def __deepcopy__(self, memo: dict) -> _ByValue:
-        return self
+        copied = memo.get(id(self.obj))
+        return self if copied is None else _ByValue(copied)
 
 
 class _HookProgram(LossProgram):
@@ -359,7 +362,7 @@ class EstimationMetric(Metric):
             elif isinstance(val, list) and any(isinstance(t, Tensor) and t.is_shared() for t in val):
                 setattr(self, attr, [t.clone() if isinstance(t, Tensor) and t.is_shared() else t for t in val])
         model = held.obj if held is not None else None
-        if model is None or self._ref.obj is not None:
+        if model is None or (self._ref.obj is not None and self._ref.obj[0] is model):
             return  # a deep copy (clone()): the reference and the accumulator are shared
         if "_parameters" not in model.__dict__:  # the model's own state comes later in this pickle
             self._ref = _Ref(None)

@@ -367,3 +367,42 @@ def test_spawned_processes_do_not_share_the_pickled_states(tmp_path):
     assert int(owner.mis.s_n) == 0  # the parent's states untouched by the child
     owner.mis.update(X, y)
     assert int(owner.mis.s_n) == 200
+
+
+def test_a_deep_copied_owner_gets_a_metric_assessing_the_copy():
+    """``copy.deepcopy`` of a module owning a Metric that assesses it (EMA/SWA-style copies,
+    ``deepcopy(model)`` before fine-tuning) left the copy's Metric assessing the original module:
+    the copy changed, its Metric read the original's weights (leakage 0.106 instead of 0.201 on
+    weights scaled x3). The copy's Metric now assesses the copy, as a pickled owner does;
+    ``clone()`` of the Metric alone still shares the model."""
+    import copy
+
+    X, y = _data(n=200)
+    torch.manual_seed(0)
+    owner = _SelfAssessing()
+    twin = copy.deepcopy(owner)
+    assert twin.mis.model is twin and owner.mis.model is owner
+    assert owner.mis.clone().model is owner
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(3.0)
+    twin.mis.update(X, y)
+    torch.manual_seed(0)
+    ref_owner = _SelfAssessing()
+    with torch.no_grad():
+        for p in ref_owner.parameters():
+            p.mul_(3.0)
+    ref = MISIndicator(ref_owner, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32)
+    ref.update(X, y)
+    want = float(ref.compute()["rtn_int4"]["leakage"])
+    assert float(twin.mis.compute()["rtn_int4"]["leakage"]) == pytest.approx(want, rel=1e-12)
+    # after the first update too: the copy goes on accumulating from the copied states
+    torch.manual_seed(0)
+    owner = _SelfAssessing()
+    owner.mis.update(X[:100], y[:100])
+    twin = copy.deepcopy(owner)
+    assert twin.mis.model is twin
+    twin.mis.update(X[100:], y[100:])
+    owner.mis.update(X[100:], y[100:])
+    assert float(twin.mis.compute()["rtn_int4"]["leakage"]) == pytest.approx(
+        float(owner.mis.compute()["rtn_int4"]["leakage"]), rel=1e-12)
