@@ -779,8 +779,11 @@ def score_schemes(
             f"the model is not at a minimum of the training loss (gradient norm ratio "
             f"{diagnostics['gradient_norm_ratio']:.3g}; a Newton step to the minimum would move the weights "
             f"{diagnostics.get('minimum_offset_sd', float('nan')):.3g} of their own sampling standard "
-            "deviations, root mean square): the M-estimator analysis may not apply; train to convergence, "
-            "with the weight decay and loss you assess"
+            "deviations, root mean square"
+            + (", from the gradient variances alone (a surrogate that ignores the weights' correlation)"
+               if diagnostics.get("minimum_offset_covariance") == "diagonal" else "")
+            + "): the M-estimator analysis may not apply; train to convergence, with the weight decay and "
+            "loss you assess"
         )
     if diagnostics.get("negative_curvature"):
         flipped = diagnostics.get("negative_eigenvalues_flipped")

@@ -1096,6 +1096,8 @@ class MomentAccumulator:
             if G is None:
                 raise ValueError("exact mode stores per-sample gradients; raise budget or lower num_records")
             gg = st["gg_sum"].to(cpu) / n
+            diagnostics.update(_full_offset(g_mean_flat, gg, theta, names, self._decay_slice(0, self.d),
+                                            diagnostics["gradient_norm_ratio"], n))
             H = st["H_sum"].to(cpu) / n + torch.diag(torch.as_tensor(self._decay_slice(0, self.d), dtype=torch.float64).expand(self.d))
             J = L = None
             d, extra = self.d, G.shape[1] - self.d
@@ -1220,7 +1222,8 @@ class MomentAccumulator:
         gnorm = math.sqrt(grad_sq)
         diagnostics: dict[str, Any] = {
             "gradient_norm": gnorm, "gradient_norm_ratio": gnorm / max(rms_g, 1e-300),
-            **_not_at_minimum(gnorm / max(rms_g, 1e-300), z_sum, z_count, n), "zero_gradient_variance": zero_var,
+            **_not_at_minimum(gnorm / max(rms_g, 1e-300), z_sum, z_count, n),
+            "minimum_offset_covariance": "diagonal", "zero_gradient_variance": zero_var,
             **_decay_diagnostics(self.decay)}
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma, chunk by chunk
             b = min(a + FINALIZE_CHUNK, d)
@@ -1330,7 +1333,8 @@ def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: li
     ratio = float(total_grad.norm()) / max(rms_g, 1e-300)
     z_sum, z_count = _offset_terms(total_grad, v, float(v.max()) if v.numel() else 0.0)
     return {"gradient_norm": float(total_grad.norm()), "gradient_norm_ratio": ratio,
-            **_not_at_minimum(ratio, z_sum, z_count, n), "zero_gradient_variance": int((v <= 0).sum()),
+            **_not_at_minimum(ratio, z_sum, z_count, n), "minimum_offset_covariance": "diagonal",
+            "zero_gradient_variance": int((v <= 0).sum()),
             **_decay_diagnostics(decay)}
 
 
@@ -1339,6 +1343,22 @@ def _offset_terms(total_grad: Tensor, v: Tensor, v_max: float) -> tuple[float, i
     the rounding of the largest (the offset statistic of :func:`_not_at_minimum`)."""
     keep = v > V_RELATIVE_FLOOR * v_max
     return float((total_grad[keep].square() / v[keep]).sum()), int(keep.sum())
+
+
+def _full_offset(g_mean: Tensor, gg: Tensor, theta: dict[str, Tensor], names: list[str], decay: Any,
+                 ratio: float, n: int) -> dict[str, Any]:
+    """The exact estimator's stationarity flags: :func:`_not_at_minimum` with the whole gradient
+    covariance ``V = E[g g'] - g_bar g_bar'`` (``n g' V^+ g`` over V's range, eigenvalues below
+    :data:`V_RELATIVE_FLOOR` of the largest left out) instead of its diagonal, which ignores the
+    weights' correlation: on a 6-5-1 tanh MLP stopped after 300 Adam steps (n = 4000) the
+    diagonal read 0.40 sd, the full V 2.66, training on to the minimum moved it 17 (vf21)."""
+    total = g_mean + torch.as_tensor(decay, dtype=g_mean.dtype) * torch.cat([theta[k] for k in names]).to(g_mean)
+    V = gg.to(g_mean) - torch.outer(g_mean, g_mean)
+    lam, U = torch.linalg.eigh((V + V.T) / 2)
+    keep = lam > V_RELATIVE_FLOOR * max(float(lam.max()), 0.0) if lam.numel() else lam > 0
+    proj = U[:, keep].T @ total
+    flags = _not_at_minimum(ratio, float((proj.square() / lam[keep]).sum()), int(keep.sum()), n)
+    return {**flags, "minimum_offset_covariance": "full"}
 
 
 def _not_at_minimum(ratio: float, z_sum: float, z_count: int, n: int) -> dict[str, Any]:
