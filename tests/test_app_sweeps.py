@@ -143,3 +143,9 @@ def test_the_aggregate_keeps_the_jobs_warnings(tmp_path):
     assert "## Warnings" in md
     assert f"- jobs 0, 1: {dn}" in md
     assert "- job 1: the model is not at a minimum of the training loss" in md
+    # aggregate.csv carries them too, on each of the job's rows
+    import csv
+
+    with open(tmp_path / "aggregate.csv", newline="") as fh:
+        by_job = {row["job"]: row["warnings"] for row in csv.DictReader(fh)}
+    assert by_job == {"0": dn, "1": f"{dn} | the model is not at a minimum of the training loss", "2": ""}

@@ -6,7 +6,8 @@ every job, whatever the launcher -- it reads each job's ``result.json`` under th
 (ordered by job number) and writes into the sweep dir:
 
 * ``aggregate.csv`` -- job, overrides, scheme, bits per weight, utility metrics, leakage with
-  its (p10, p90) interval, MIS, baseline, d_eff, method, error, job dir;
+  its (p10, p90) interval, MIS, baseline, d_eff, method, error, job dir, the job's report
+  warnings (joined with `` | ``);
 * ``aggregate.md`` -- the same as a Markdown table (one utility column per metric the rows are
   judged by: rmse and auroc in a sweep over both tasks);
 * ``frontier.png`` -- leakage against utility, one point per distinct row (identical results
@@ -190,6 +191,8 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
             row.update({k: (_float(v) if _is_numeric_key(k) else v) for k, v in r.items()})
             row["job_status"] = "failed" if failed else "ok"
             row["job_dir"] = str(job_dir) if job_dir is not None else ""
+            # the report's warnings (d / n regime, not at a minimum, ...) travel with its figures
+            row["warnings"] = " | ".join(" ".join(str(w).split()) for w in res.get("warnings") or [])
             rows.append(row)
     return rows
 
