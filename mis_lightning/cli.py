@@ -42,6 +42,8 @@ def main(cfg: DictConfig) -> Any:
     traceback (exit status 1). A single run that scored no scheme (every row an error, e.g. a
     scheme that quantizes no layer of the model) exits with status 1 after writing its outputs
     (in a multirun the aggregate does)."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException  # trainer.* values
+
     from mis_lightning.app.job import run_job, user_error
     from mis_lightning.planning import PlanInfeasibleError
     from mis_lightning.quantization.base import SchemeError
@@ -52,7 +54,7 @@ def main(cfg: DictConfig) -> Any:
         exc = user_error(raised)  # Hydra's InstantiationException: the config class's own error
         infeasible = isinstance(exc, PlanInfeasibleError)
         if not infeasible and (getattr(raised, "mis_lightning_stage", None) != "configuration" or not isinstance(
-                exc, (KeyError, ValueError, TypeError, FileNotFoundError, SchemeError))):
+                exc, (KeyError, ValueError, TypeError, FileNotFoundError, SchemeError, MisconfigurationException))):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         what = "plan budget" if infeasible else "configuration error"

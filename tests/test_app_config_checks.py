@@ -287,3 +287,14 @@ def test_an_invalid_data_option_is_a_configuration_error(tmp_path, monkeypatch, 
     assert code == 2, err
     assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
     _nothing_trained(run)
+
+
+def test_an_invalid_trainer_option_is_a_configuration_error(tmp_path, monkeypatch, capsys):
+    """fu21 F9: `trainer.devices=0` (Lightning's MisconfigurationException, raised when the Trainer
+    is built, before training) exited 1 with Hydra's traceback; it is a configuration error like
+    an invalid `model.*`, `mis.*` or `data.*` value (one line, exit 2)."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "trainer.devices=0", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert "configuration error (MisconfigurationException): `Trainer(devices=0)`" in err and "Traceback" not in err
+    _nothing_trained(run)
