@@ -1201,23 +1201,29 @@ class MomentAccumulator:
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
         grad_sq, zero_var, h_min, h_max, ratio, neg, h_abs = 0.0, 0, math.inf, -math.inf, 0.0, 0, 0.0
-        v_max = max((float(chunk(a, min(a + FINALIZE_CHUNK, d))[1].max()) for a in range(0, d, FINALIZE_CHUNK)),
-                    default=0.0)
-        z_sum, z_count = 0.0, 0
+        def penalised(a: int, b: int, g: Tensor) -> Tensor:
+            th = torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
+                            ((k, offsets[k]) for k in names) if s0 < b and e0 > a])
+            return g + self._decay_slice(a, b) * th.to(f64)
+
+        v_max = 0.0
         for a in range(0, d, FINALIZE_CHUNK):
             b = min(a + FINALIZE_CHUNK, d)
             g, v, h = chunk(a, b)
-            th = torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
-                            ((k, offsets[k]) for k in names) if s0 < b and e0 > a])
-            tg = g + self._decay_slice(a, b) * th.to(f64)
-            grad_sq += float(tg.square().sum())
-            zs, zc = _offset_terms(tg, v, v_max)
-            z_sum, z_count = z_sum + zs, z_count + zc
+            grad_sq += float(penalised(a, b, g).square().sum())
             zero_var += int((v <= 0).sum())
+            v_max = max(v_max, float(v.max()))
             h_min, h_max = min(h_min, float(h.min())), max(h_max, float(h.max()))
             ratio, neg = max(ratio, _curvature_ratio_max(h, v)), neg + int((h <= 0).sum())
             h_abs = max(h_abs, float(h.abs().max()))
             g_out[a:b], v_out[a:b] = g, v
+        z_sum, z_count = 0.0, 0
+        for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma and the offset's terms (v_max known)
+            b = min(a + FINALIZE_CHUNK, d)
+            g, v, h = chunk(a, b)
+            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio)
+            zs, zc = _offset_terms(penalised(a, b, g), v, v_max)
+            z_sum, z_count = z_sum + zs, z_count + zc
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
         gnorm = math.sqrt(grad_sq)
         diagnostics: dict[str, Any] = {
@@ -1225,10 +1231,6 @@ class MomentAccumulator:
             **_not_at_minimum(gnorm / max(rms_g, 1e-300), z_sum, z_count, n),
             "minimum_offset_covariance": "diagonal", "zero_gradient_variance": zero_var,
             **_decay_diagnostics(self.decay)}
-        for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma, chunk by chunk
-            b = min(a + FINALIZE_CHUNK, d)
-            _, v, h = chunk(a, b)
-            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio)
         if hutch:  # whole-vector diagnostics of the estimators that report their own error
             total = h_sum.to(cpu, f64) / self.hutchinson_probes
             rel = st["h2_sum"].to(cpu, f64).sqrt() / total.abs().clamp_min(1e-300)
