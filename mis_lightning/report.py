@@ -8,6 +8,7 @@ import math
 import re
 import textwrap
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,8 +290,9 @@ class Report:
         return text
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):
-        """Privacy-utility figure (leakage against the utility metric, one point per scheme)."""
-        return privacy_utility_figure(self.rows(), path, utility_key)
+        """Privacy-utility figure (leakage against the utility metric, one point per scheme); the
+        report's warnings are printed under it (a figure shared without the table keeps them)."""
+        return privacy_utility_figure(self.rows(), path, utility_key, warnings=self.warnings)
 
 
 def to_plain(x: Any) -> Any:
@@ -567,13 +569,27 @@ def merge_identical(rows: list[dict[str, Any]], x_key: str | None) -> list[tuple
     return [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
 
 
+def _warnings_note(fig: Any, warnings: Sequence[str]) -> None:
+    """The warnings, wrapped, in red under the panels (the figure grows to hold them)."""
+    lines = [f"warning: {ln}" if i == 0 else f"    {ln}" for w in warnings
+             for i, ln in enumerate(textwrap.wrap(" ".join(str(w).split()), 130))]
+    w, h = fig.get_size_inches()
+    extra = 0.17 * len(lines) + 0.15
+    fig.set_size_inches(w, h + extra)
+    fig.get_layout_engine().set(rect=(0, extra / (h + extra), 1, 1 - extra / (h + extra)))
+    fig.text(0.01, extra / (h + extra) - 0.02, "\n".join(lines), ha="left", va="top", fontsize=7,
+             color="firebrick", family="monospace")
+
+
 def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
-                           utility_key: str | None = None):
+                           utility_key: str | None = None, warnings: Sequence[str] = ()):
     """A matplotlib Figure of two aligned panels, one row per distinct result, sorted by
     leakage (safest on top): left, the leakage with its 80% interval and the unquantized
     baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
     was measured). Schemes with identical figures share one row labelled ``"a = b"``; each
-    row's label carries its bits per weight. Saved if ``path``."""
+    row's label carries its bits per weight. ``warnings`` (the report's) are printed under the
+    panels: a figure is often shared without the table, and its figures then carry their caveats.
+    Saved if ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -636,6 +652,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     ax_u.grid(axis="x", alpha=0.3)
     fig.suptitle("Privacy-utility trade-off of quantization schemes (safest on top)", fontsize=11,
                  x=0.02, ha="left")
+    if warnings:
+        _warnings_note(fig, warnings)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

@@ -149,3 +149,29 @@ def test_the_aggregate_keeps_the_jobs_warnings(tmp_path):
     with open(tmp_path / "aggregate.csv", newline="") as fh:
         by_job = {row["job"]: row["warnings"] for row in csv.DictReader(fh)}
     assert by_job == {"0": dn, "1": f"{dn} | the model is not at a minimum of the training loss", "2": ""}
+
+
+def test_the_figures_mark_warned_results(tmp_path):
+    """The frontier figure showed warned jobs' points like any other (fu21 left it): a figure
+    shared without aggregate.md lost the caveat. Warned jobs' points are now hollow and labelled
+    "(warned)"; the single-job figure prints the report's warnings under its panels."""
+    from mis_lightning.report import privacy_utility_figure
+
+    dn = "d / n = 0.825 is not small (33 assessed weights, 40 records): every figure is indicative only"
+    _result(tmp_path / "0_int8_weight_only", 0, "int8_weight_only", 0.85, {"rmse": 2.7}, warnings=[dn])
+    _result(tmp_path / "1_bf16", 1, "bf16", 0.86, {"rmse": 2.5})
+    rows = agg.aggregate(tmp_path, verbose=False)
+    fig = agg.frontier_figure(rows)
+    ax = fig.axes[0]
+    by_label = {ln.get_label(): ln for ln in ax.get_lines() if not ln.get_label().startswith("_")}
+    warned = next(ln for lab, ln in by_label.items() if lab.startswith("0: int8_weight_only"))
+    clean = next(ln for lab, ln in by_label.items() if lab.startswith("1: bf16"))
+    assert warned.get_label().endswith("(warned)") and not clean.get_label().endswith("(warned)")
+    assert warned.get_markerfacecolor() == "none" and clean.get_markerfacecolor() != "none"
+    assert "hollow: job warned" in fig.legends[0].get_title().get_text()
+
+    one = [{"scheme": "int8_weight_only", "bits_per_weight": 8.5, "leakage": 0.1, "leakage_p10": 0.09,
+            "leakage_p90": 0.11, "baseline_leakage": 0.1}]
+    shown = " ".join(t.get_text() for t in privacy_utility_figure(one, warnings=[dn]).texts)
+    assert "warning: d / n = 0.825 is not small" in shown
+    assert "warning" not in " ".join(t.get_text() for t in privacy_utility_figure(one).texts)

@@ -322,6 +322,8 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
         if r.get("error") or x is None or y is None or not (math.isfinite(x) and math.isfinite(y)):
             continue
         label = r["scheme"] if r.get("job") is None else f"{r.get('job')}: {r['scheme']}"
+        if r.get("warnings"):  # its report's caveats (d / n, not at a minimum...): aggregate.md
+            label += " (warned)"
         ok.append({**r, xkey: x, "leakage": y, "scheme": label,
                    "leakage_p10": _float(r.get("leakage_p10")), "leakage_p90": _float(r.get("leakage_p90"))})
     points = merge_identical(ok, xkey)
@@ -333,6 +335,8 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
         k = first + i
         style = dict(color=plt.get_cmap("tab10")(k % 10), marker=markers[k % len(markers)],
                      linestyle="none", label=name)
+        if "(warned)" in name:  # hollow: a figure with caveats (merged rows: any of them)
+            style["markerfacecolor"] = "none"
         p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
         if p10 is not None and p90 is not None:
             ax.errorbar([x], [y], yerr=[[max(y - p10, 0)], [max(p90 - y, 0)]], capsize=3, **style)
@@ -384,8 +388,9 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         no_points_note(axes[0][0], list(rows))
     else:  # names beside the axes, in order of leakage (safest first): they never overlap
         fig.set_size_inches(fig.get_size_inches()[0] + 3.0, 4.8)
-        fig.legend(loc="outside right upper", fontsize=7, frameon=False,
-                   title="schemes: safest first", title_fontsize=8)
+        warned = any(r.get("warnings") and not r.get("error") for r in rows)
+        fig.legend(loc="outside right upper", fontsize=7, frameon=False, title_fontsize=8,
+                   title="schemes: safest first" + ("\nhollow: job warned (aggregate.md)" if warned else ""))
     title = f"Privacy-utility frontier ({n_ok} results, {n_pts} distinct)"
     if len(uks) == 1:
         axes[0][0].set_title(title)
