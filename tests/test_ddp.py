@@ -160,12 +160,20 @@ def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
     cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64, every_n_val_epochs=1,
                      **FAST)  # see test_callback
     stop = pl.callbacks.EarlyStopping(monitor="mis/rtn_int8/utility/loss", mode="min", patience=5)
+    from mis_lightning.app.job import EpochProgress, trained_step
+
     trainer = pl.Trainer(
         strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2,
-        logger=CSVLogger(str(tmp_path)), callbacks=[cb, stop], enable_progress_bar=False,
+        logger=CSVLogger(str(tmp_path)), callbacks=[cb, stop, EpochProgress(None)], enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path),
     )
     trainer.fit(Regressor(), train, val)
+    # the app logs its report at the step training ended on: the main process's trainer says 0
+    # under ddp_spawn (vf21: the report row at step 0, step 3 in one process)
+    assert trainer.global_step == 0
+    n_batches = -(-51 // train.batch_size)  # 51 records per rank after the sampler's padding
+    assert trained_step(trainer) == 2 * n_batches
+    assert "_mis_lightning_global_step" not in trainer.callback_metrics  # not left for others to read
     reports = list(tmp_path.rglob("mis_report.json"))
     assert len(reports) == 1
     data = json.loads(reports[0].read_text())

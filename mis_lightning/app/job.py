@@ -259,6 +259,23 @@ class EpochProgress(pl.Callback):
         if self._progress is not None and trainer.is_global_zero:
             self._progress("train", trainer.current_epoch + 1)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Under ddp_spawn the main process's trainer keeps global_step 0 (Lightning sends back
+        # the weights, the state and callback_metrics only): the final step travels in
+        # callback_metrics, so that the report is logged at the step it follows (trained_step)
+        trainer.callback_metrics[_STEP_KEY] = torch.tensor(trainer.global_step)
+
+
+_STEP_KEY = "_mis_lightning_global_step"
+
+
+def trained_step(trainer: pl.Trainer) -> int:
+    """The optimizer steps the fit took: ``trainer.global_step``, or under ``ddp_spawn`` (where
+    the main process's trainer did not train) rank 0's, sent back by :class:`EpochProgress`
+    through ``callback_metrics`` (the entry is removed)."""
+    sent = trainer.callback_metrics.pop(_STEP_KEY, None)
+    return max(int(trainer.global_step), int(sent) if sent is not None else 0)
+
 
 @contextmanager
 def _timed(times: dict[str, float], key: str) -> Iterator[None]:
@@ -750,7 +767,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                 stage[0] = "training"
                 with _timed(times, "train"):
                     trainer.fit(model, datamodule=dm)
-                step, job_loggers = trainer.global_step, trainer.loggers
+                step, job_loggers = trained_step(trainer), trainer.loggers
                 if cfg.output.get("checkpoint"):
                     save_checkpoint(out / cfg.output.checkpoint, model, dm, step)
             else:  # mode=assess: the checkpoint's weights, logged at its step
