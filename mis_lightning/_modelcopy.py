@@ -10,11 +10,22 @@ message that names neither the attribute nor the step. :func:`private_copy`
   history is of no use to a quantized copy), and
 * otherwise raises :class:`ModelCopyError` naming the step, the attribute, its module and
   the cause.
+
+``deepcopy`` keeps functions as they are, closures included: a ``forward`` compiled as an
+instance attribute (``m.forward = torch.compile(m.forward)``; Lightning does it for
+``trainer.fit(torch.compile(module))``) or a lambda / hook closing over the module would make
+the copy run the *original* module, so that every quantized copy evaluated the float weights
+and every per-sample gradient with respect to the copy's parameters was 0 (leakage 0 for every
+scheme, fu22). :func:`private_copy` points such closures at the copy's own modules, and
+replaces a ``torch.compile`` wrapper by the callable it wraps (the same computation, eager:
+the copies run under ``torch.func`` transforms).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import types
 from typing import Any
 
 from torch import Tensor, nn
@@ -65,6 +76,94 @@ def _culprits(model: nn.Module, memo: dict[int, Any], limit: int = 3) -> list[tu
     return found
 
 
+# how deep to look through nested closures and wrappers for references to the original model
+_CLOSURE_DEPTH = 6
+
+
+def _rebound(val: Any, pairs: dict[int, nn.Module], depth: int = 0) -> Any:
+    """``val`` with every reference to a module of the original model (a key of ``pairs``) in
+    its closures replaced by the copy's module; a ``torch.compile`` wrapper is replaced by the
+    callable it wraps (rebound). ``val`` itself when nothing refers to the original."""
+    if depth > _CLOSURE_DEPTH:
+        return val
+    if isinstance(val, nn.Module):
+        return pairs.get(id(val), val)
+    if isinstance(val, types.MethodType):
+        owner = pairs.get(id(val.__self__))
+        func = _rebound(val.__func__, pairs, depth + 1)
+        if owner is None and func is val.__func__:
+            return val
+        return types.MethodType(func, owner if owner is not None else val.__self__)
+    if isinstance(val, functools.partial):
+        func = _rebound(val.func, pairs, depth + 1)
+        args = tuple(_rebound(a, pairs, depth + 1) for a in val.args)
+        kw = {k: _rebound(v, pairs, depth + 1) for k, v in val.keywords.items()}
+        if func is val.func and all(a is b for a, b in zip(args, val.args)) and \
+                all(kw[k] is v for k, v in val.keywords.items()):
+            return val
+        return functools.partial(func, *args, **kw)
+    if not isinstance(val, types.FunctionType):
+        return val
+    if getattr(val, "_torchdynamo_orig_callable", None) is not None:
+        # a torch.compile wrapper: the bound callable it compiled sits in its closures
+        return _rebound(_compiled_target(val), pairs, depth + 1)
+    if not val.__closure__:
+        return val
+    cells = []
+    changed = False
+    for cell in val.__closure__:
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell (a name not yet bound)
+            cells.append(cell)
+            continue
+        new = _rebound(content, pairs, depth + 1)
+        changed |= new is not content
+        cells.append(types.CellType(new) if new is not content else cell)
+    if not changed:
+        return val
+    fn = types.FunctionType(val.__code__, val.__globals__, val.__name__, val.__defaults__, tuple(cells))
+    fn.__kwdefaults__ = val.__kwdefaults__
+    fn.__dict__.update(val.__dict__)
+    fn.__qualname__ = val.__qualname__
+    return fn
+
+
+def _compiled_target(wrapper: types.FunctionType) -> Any:
+    """The callable a ``torch.compile`` wrapper compiled: its ``_torchdynamo_orig_callable``,
+    followed through ``__wrapped__`` (for a bound method that is a ``functools.wraps`` shim
+    whose ``__wrapped__`` is the bound method itself)."""
+    target = wrapper._torchdynamo_orig_callable  # type: ignore[attr-defined]
+    for _ in range(_CLOSURE_DEPTH):
+        inner = getattr(target, "__wrapped__", None)
+        if inner is None or isinstance(target, types.MethodType):
+            break
+        target = inner
+    return target
+
+
+def _rebind_closures(original: nn.Module, copied: nn.Module) -> None:
+    """Point the copy's instance-attribute callables (``forward``, ``training_step``, hooks...)
+    that refer to the original model at the copy's own modules (module docstring)."""
+    pairs = {id(o): c for o, c in zip(original.modules(), copied.modules())}
+    for mod in copied.modules():
+        d = vars(mod)
+        for key, val in list(d.items()):
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(val, dict) and key.endswith("hooks"):  # the hook dicts of nn.Module
+                for hk, hv in list(val.items()):
+                    new = _rebound(hv, pairs)
+                    if new is not hv:
+                        val[hk] = new
+                continue
+            if isinstance(val, nn.Module) or not callable(val):
+                continue
+            new = _rebound(val, pairs)
+            if new is not val:
+                d[key] = new
+
+
 def private_copy(model: nn.Module, step: str) -> nn.Module:
     """``copy.deepcopy(model)``, or a :class:`ModelCopyError` that names what failed.
 
@@ -81,15 +180,21 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
             attribute, the module that holds it and the original error (kept as the cause).
     """
     try:
-        return copy.deepcopy(model)
+        copied = copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001 - diagnosed below
         first = exc
+    else:
+        _rebind_closures(model, copied)
+        return copied
     memo = _non_leaf_memo(model)
     if memo:
         try:
-            return copy.deepcopy(model, dict(memo))
+            copied = copy.deepcopy(model, dict(memo))
         except Exception as exc:  # noqa: BLE001 - diagnosed below
             first = exc
+        else:
+            _rebind_closures(model, copied)
+            return copied
     found = _culprits(model, memo)
     if not found:
         raise ModelCopyError(f"{step}: copy.deepcopy of the model failed: "

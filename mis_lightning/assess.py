@@ -404,6 +404,24 @@ def assess(
     return report
 
 
+def _check_some_gradient(est: Estimate) -> None:
+    """Refuse an estimate in which no assessed weight moves the loss (sigma 0 everywhere): every
+    figure would read 0 leakage, silently.
+
+    Raises:
+        ValueError: every record's gradient is 0 for every assessed weight; names the likely causes.
+    """
+    if est.d == 0 or any(bool(est.sigma[k].any()) for k in est.names):
+        return
+    raise ValueError(
+        f"no assessed weight moves the training loss: every record's gradient is 0 for all {est.d:,} weights "
+        f"({', '.join(est.names[:4])}{' ...' if len(est.names) > 4 else ''}), so every figure would read 0 "
+        "leakage. The library differentiates private copies of the model: a forward, hook or lambda set as an "
+        "instance attribute that reaches the model through a global name (not through self) runs your model "
+        "instead of the copy (set it in the class, or refer to the module through self); otherwise the "
+        "forward or the loss detaches the outputs, or params= names weights the loss does not use")
+
+
 def _sampling_notes(loader: Any) -> list[str]:
     """Notes for a training loader that does not read each record once: a sampler with
     replacement counts records as often as it draws them (n is then the draws), and a shuffled
@@ -589,6 +607,7 @@ def score_schemes(
                          "are computed for n / 2 records")
     for k in est.names:
         check_finite(f"sigma of {k!r}", est.sigma[k])
+    _check_some_gradient(est)
     _check_model_matches_estimate(est, model)
     R = est.num_records
     estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R,

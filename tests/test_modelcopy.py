@@ -62,3 +62,87 @@ def test_uncopyable_attribute_names_step_attribute_and_module():
     assert isinstance(info.value.__cause__, TypeError)
     rep = ml.assess(m, ["rtn_int4", "none"], dl, mse, num_records=64, uncertainty_draws=0, strict=False)
     assert rep.schemes["rtn_int4"].error.startswith("ModelCopyError: " + msg)
+
+
+class _ClosureForward(nn.Module):
+    """``self.forward = lambda x: self.net(x)``: a closure over the module itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.forward = lambda x: self.net(x)
+
+
+class _HookToSelf(nn.Module):
+    """A forward hook closing over the module (records the calls on it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.calls = [0]
+        me = self
+        self.net.register_forward_hook(lambda mod, i, o: me.calls.__setitem__(0, me.calls[0] + 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _plain() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _figures(m: nn.Module) -> dict:
+    _, dl = _data()
+    rep = ml.assess(m, ["rtn_int8", "rtn_int2"], dl, mse, val_dataloader=dl, num_records=128,
+                    uncertainty_draws=0)
+    return {r["scheme"]: (r["leakage"], r["utility_loss"]) for r in rep.rows()}
+
+
+def test_a_forward_compiled_or_closed_over_the_model_runs_the_copy():
+    """fu22 F1: ``m.forward = torch.compile(m.forward)`` (Lightning does it for
+    ``trainer.fit(torch.compile(module))``) is an instance attribute whose closure calls the
+    ORIGINAL module; ``deepcopy`` keeps functions as they are, so every private copy ran the
+    user's float weights: leakage 0 for every scheme and every quantized utility equal to the
+    float model's (above 1e5 weights; below, a bare "Double and Float" error). The copies now
+    run their own modules; the figures equal those of the same model without the attribute,
+    and the user's model keeps its compiled forward."""
+    ref = _figures(_plain())
+    assert ref["rtn_int2"][1] != ref["rtn_int8"][1]  # quantization moves the utility here
+    m = _plain()
+    compiled = torch.compile(m.forward, backend="eager")  # the wrapper torch.compile builds; no inductor
+    m.forward = compiled
+    assert _figures(m) == ref
+    assert m.forward is compiled  # the user's model is untouched
+    copy_ = private_copy(m, "test")
+    assert "forward" not in vars(copy_) or copy_.forward.__self__ is copy_
+    # a closure over self (a lambda forward), and a hook closing over the module
+    closure = _ClosureForward()
+    got = _figures(closure)
+    assert got == {k: pytest.approx(v, rel=1e-12) for k, v in ref.items()}
+    hooked = _HookToSelf()
+    before = hooked.calls[0]
+    assert _figures(hooked) == {k: pytest.approx(v, rel=1e-12) for k, v in ref.items()}
+    assert hooked.calls[0] == before  # the copies' hooks count on the copies, not on the user's module
+
+
+def test_a_forward_reaching_the_model_through_a_global_is_refused():
+    """What cannot be pointed at the copy (a compiled lambda reading the model through a global
+    name) fails with a message naming the cause: below 1e5 weights the float64 copy's dtype
+    clash, above it every gradient 0 (it read leakage 0 for every scheme, silently)."""
+    m = _plain()
+    glob = {"m": m, "type": type}
+    fn = eval("lambda x: type(m).forward(m, x)", glob)  # reads m from its globals, not a closure
+    m.forward = fn
+    with pytest.raises(RuntimeError, match="through a global name"):
+        _figures(m)
+    from mis_lightning.assess import _check_some_gradient
+    from mis_lightning.estimation import estimate
+
+    est = estimate(_plain(), _data()[1], mse, num_records=64)
+    for k in est.names:
+        est.sigma[k] = torch.zeros_like(est.sigma[k])
+    with pytest.raises(ValueError, match="no assessed weight moves the training loss"):
+        _check_some_gradient(est)

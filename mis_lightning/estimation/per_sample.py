@@ -437,7 +437,17 @@ class LossProgram:
                 first record whose loss differs.
         """
         with torch.no_grad():
-            out = self.outputs(self.params, inputs)
+            try:
+                out = self.outputs(self.params, inputs)
+            except RuntimeError as exc:
+                if "dtype" not in str(exc) and "scalar type" not in str(exc):
+                    raise
+                raise RuntimeError(
+                    f"model {type(self.model).__name__}'s forward failed on the library's private copy, whose "
+                    f"parameters and buffers are {self.dtype} ({exc}): the forward uses a tensor or module the "
+                    "copy does not hold in that dtype -- a tensor created in another dtype inside forward, or a "
+                    "forward, hook or lambda set as an instance attribute that reaches the model through a "
+                    "global name instead of self (it then runs your model, not the copy)") from exc
             losses = self.loss_fn(out, targets)
             what = (f"loss_fn {_loss_name(self.loss_fn)!r} (model outputs {_describe(out)}, "
                     f"targets {_describe(targets)})")
