@@ -110,3 +110,42 @@ def test_softmax_spread_leverage_is_the_simulated_narrowing_along_the_shift() ->
     assert abs(ratio - 1) < 0.15, (lev[sel], ref_t, old[sel])
     # the per-direction mean is well below the simulated narrowing there
     assert float(old[sel].mean() / ref_t.mean()) < 0.8
+
+
+def test_the_spread_leverage_does_not_depend_on_the_loss_scale() -> None:
+    """fu22 F3: the M-estimator's figures are those of ``s * loss`` for any ``s > 0`` (Sigma =
+    H^-1 V H^-1 and the influences are invariant), but the multi-output narrowing along the
+    shift, ``c'V+J'LJV+c / (n c'V+c)``, scaled as ``1 / s``: a 3-output least-squares fit at its
+    minimum read 0.03390 / 0.03384 / 0.03375 for s = 1, 3, 100 (a mean instead of a sum over the
+    outputs is s = 1/3). The narrowing is now the leverage times the share of B_i along the
+    shift, scale-free: the figures agree to rounding (1e-9 relative; the loss's float64 sums
+    round differently by ~1e-15)."""
+    import functools
+
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import mis_lightning as ml
+
+    g = torch.Generator().manual_seed(0)
+    n, p, k = 400, 5, 3
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(p, k, generator=g, dtype=torch.float64) + 0.5 * torch.randn(n, k, generator=g, dtype=torch.float64)
+    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(n, 1, dtype=X.dtype)], 1), y).solution
+    model = nn.Linear(p, k).double()
+    with torch.no_grad():
+        model.weight.copy_(sol[:p].T)
+        model.bias.copy_(sol[p])
+    loader = DataLoader(TensorDataset(X, y), batch_size=100)
+
+    def loss(o, t, s=1.0):
+        return s * F.mse_loss(o, t, reduction="none").sum(-1)
+
+    figs = []
+    for s in (1.0, 1.0 / 3.0, 100.0):
+        rep = ml.assess(model, ["rtn_int4", "rtn_int2"], loader, functools.partial(loss, s=s),
+                        estimation="exact", uncertainty_draws=0)
+        figs.append([rep.baseline_leakage] + [r.leakage for r in rep.schemes.values()])
+    for other in figs[1:]:
+        for a, b in zip(figs[0], other):
+            assert abs(a - b) <= 1e-9 * a, (figs[0], other)

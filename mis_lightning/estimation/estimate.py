@@ -1601,25 +1601,33 @@ def _spread_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int, hp: Ten
     multi = rank > 1
     if not bool(multi.any()):
         return hp
-    hd = _directional_leverage(C[multi], V, J[multi], L[multi], n)
-    # At most the whole narrowing h_i = tr A_i (under the information equality u' B_i u <= tr B_i =
-    # h_i): where V^+ is large against H^-1 (the information equality fails: class weights, a
-    # hidden layer's Hessian against its Gauss-Newton factor, a weight decay above a direction's
-    # gradient variance) the ratio is not bounded otherwise (a class-weighted 2-class MLP read
-    # 9x h_i on the records whose float32 L counted rank 2).
+    hd = _directional_leverage(C[multi], V, J[multi], L[multi], n, (hp * rank)[multi])
+    # At most the whole narrowing h_i = tr A_i: the share u' B_i u / tr B_i is at most 1 for a
+    # positive semi-definite L_i; the minimum guards an indefinite one (a loss whose Hessian in
+    # the outputs is not a covariance). The unnormalised u' B_i u was unbounded where V^+ is large
+    # against H^-1 (a class-weighted 2-class MLP read 9x h_i) and moved with the loss's scale.
     out = hp.clone()
     out[multi] = torch.minimum(torch.where(torch.isfinite(hd), hd, hp[multi]),
                                (hp * rank)[multi]).clamp(0.0, LEVERAGE_CAP)
     return out
 
 
-def _directional_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int) -> Tensor:
+def _directional_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int, h: Tensor) -> Tensor:
     """``[R]`` each record's narrowing along its own shift direction (method.md section 4,
     "Spread term"): whitened by ``Sigma = H^-1 V H^-1``, the member's covariance loses
     ``B_i = Sigma^-1/2 H^-1 J_i' L_i J_i H^-1 Sigma^-1/2 / n`` and its shift lies along
-    ``u ~ Sigma^-1/2 H^-1 c_i``, so ``u' B_i u = c' V^+ J' L J V^+ c / (n c' V^+ c)`` (the Hessian
-    cancels). ``V^+`` is taken through the correlation matrix with the pseudo-inverse cutoff of the
-    influences' Mahalanobis norm (functional/correlated.py); ``nan`` where ``c' V^+ c = 0``.
+    ``u ~ Sigma^-1/2 H^-1 c_i``, so ``u' B_i u = c' V^+ J' L J V^+ c / (n c' V^+ c)`` and
+    ``tr B_i = tr(V^+ J' L J) / n`` (the Hessian cancels in both). ``B_i`` is what the member
+    removes under the information equality (its gradient's covariance given its inputs is
+    ``L_i``); a loss scaled by ``s`` (a mean instead of a sum over outputs, MSE whose noise
+    variance is not 1) scales ``B_i`` by ``1 / s`` while the narrowing is unchanged. The
+    returned narrowing is therefore the leverage ``h_i`` (``h``, scale-free) times the share of
+    ``B_i`` along the shift, ``u' B_i u / tr B_i`` (at most 1): equal to ``u' B_i u`` under the
+    information equality (``tr B_i = h_i``), and the same figure whatever the loss's scale (fu22:
+    the exact estimator's leakage moved 0.193 -> 0.182 -> 0.177 for a 3-output loss scaled by
+    1, 3, 10). ``V^+`` is taken through the correlation matrix with the pseudo-inverse cutoff of
+    the influences' Mahalanobis norm (functional/correlated.py); ``nan`` where ``c' V^+ c = 0``
+    or ``tr B_i = 0``.
     """
     Vs = V.diagonal().clamp_min(0.0).sqrt()
     Dinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
@@ -1629,7 +1637,12 @@ def _directional_leverage(C: Tensor, V: Tensor, J: Tensor, L: Tensor, n: int) ->
     den = (cs * y).sum(-1)
     Ja = torch.einsum("rkd,rd->rk", J, y * Dinv)  # J V^+ c
     num = torch.einsum("rk,rkl,rl->r", Ja, L, Ja)
-    return torch.where(den > 0, num / (n * den.clamp_min(1e-300)), torch.full_like(den, math.nan))
+    JD = J * Dinv
+    JVJ = torch.einsum("rkd,rld->rkl", JD @ Rinv, JD)  # J V^+ J'
+    tr = torch.einsum("rkl,rlk->r", L, JVJ)  # n tr B_i
+    ok = (den > 0) & (tr > 0)
+    share = num / (den * tr).clamp_min(1e-300)
+    return torch.where(ok, h * share, torch.full_like(den, math.nan))
 
 
 # Relative eigenvalue below which a direction of a record's loss Hessian L_i does not count in
