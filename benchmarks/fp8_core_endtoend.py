@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     est = run_estimation(model, loader, loss_fn, est_cfg)
     if args.sigma_ratio is not None:
         for name, th in est.theta.items():
-            est.sigma[name] = torch.full_like(est.sigma[name], args.sigma_ratio * float(th.double().std()))
+            if th.numel() > 1:  # a single weight keeps its estimated sigma
+                est.sigma[name] = torch.full_like(est.sigma[name], args.sigma_ratio * float(th.double().std()))
     new_fn = T._table_fast_moments
     out = {}
     for label, fn in (("old", old._table_fast_moments), ("new", new_fn)):

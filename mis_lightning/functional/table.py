@@ -79,10 +79,13 @@ def table_cell_moments(
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
-        (:func:`_table_fast_moments`: frozen elements skipped, the fine-grid expansion where the
-        grid is fine and uniform within 8.5 sd, a closed form for the fine core of the table
-        around 0, exact sums elsewhere; equal to exact cell sums within 1e-13 in kappa and
-        1e-11 in m4 outside the fine-expansion elements, tests/test_float_grid_fast.py). It is
+        (:func:`_table_fast_moments`: for float8 tables on the CPU, kappa and m4 of elements
+        whose own cell is at most 4 sd wide interpolated from a table of exact sums, within
+        1e-7 in kappa and 1e-6 in m4, :mod:`~mis_lightning.functional.interp`; otherwise frozen
+        elements skipped, the fine-grid expansion where the grid is fine and uniform within
+        8.5 sd, a closed form for the fine core of the table around 0, exact sums elsewhere;
+        equal to exact cell sums within 1e-13 in kappa and 1e-11 in m4 outside the
+        fine-expansion and interpolated elements, tests/test_float_grid_fast.py). It is
         checked against exact sums on a sample (at first use per thread count, then every few
         calls; :mod:`~mis_lightning.functional.fastpath`); on disagreement it is disabled for
         the process with a ``RuntimeWarning`` and the previous windowed sums are used (then the
