@@ -4,6 +4,12 @@ this checkout against another checkout's (``--old-root``: its ``functional/table
 d_eff and the interval must agree within 1e-6 relative (issue 13's fp8 fast path).
 
     python benchmarks/fp8_core_endtoend.py --old-root /path/to/checkout-before --size 1e5
+    python benchmarks/fp8_core_endtoend.py --old-root PATH --size 1e5 --sigma-ratio 0.1
+
+``--sigma-ratio r`` replaces each weight's sigma by ``r`` x its tensor's weight sd (the settings of
+``fp8_core_speed.py``): the estimate's own sigmas put the whole float8 table within a fraction of a
+sd, the regimes where the float8 interpolation table (``functional/interp.py``) is used are
+sigma ~0.03-3 x the weight sd.
 """
 
 from __future__ import annotations
@@ -31,12 +37,17 @@ def main(argv=None) -> int:
     ap.add_argument("--old-root", type=Path, required=True)
     ap.add_argument("--size", default="1e5")
     ap.add_argument("--schemes", nargs="+", default=["float8_weight_only", "bf16"])
+    ap.add_argument("--sigma-ratio", type=float, default=None, help="sigma = r x each tensor's weight sd")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     old = _old_table(args.old_root)
     model, loader, loss_fn = trained_mlp(args.size, 4096)
     est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
     est = run_estimation(model, loader, loss_fn, est_cfg)
+    if args.sigma_ratio is not None:
+        for name, th in est.theta.items():
+            if th.numel() > 1:  # a single weight keeps its estimated sigma
+                est.sigma[name] = torch.full_like(est.sigma[name], args.sigma_ratio * float(th.double().std()))
     new_fn = T._table_fast_moments
     out = {}
     for label, fn in (("old", old._table_fast_moments), ("new", new_fn)):

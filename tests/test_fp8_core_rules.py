@@ -68,7 +68,9 @@ def _cases(dtype: torch.dtype, c: int, seed: int, lo: float = 1e-2, hi: float = 
 
 
 def _errors(theta, sigma, values, scale, ref):
-    got, core = T._table_fast_moments(theta, sigma, values, scale)
+    # the exact path, which holds the closed-form core (the float8 interpolation table in front
+    # of it, table._table_fast_moments, has its own tolerance: tests/test_fp8_interp.py)
+    got, core = T._table_sum_moments(theta, sigma, values, scale)
     return {k: float((getattr(got, k) - ref[k]).abs().max()) for k in TOL}, core
 
 

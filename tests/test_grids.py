@@ -235,7 +235,8 @@ def _local_step(theta, values, scale):
 
 
 def test_float8_table_matches_full_cell_sum(fp8_values):
-    """float8_e4m3fn with per-element scales: every element matches the full sum to 1e-10.
+    """float8_e4m3fn with per-element scales: every element matches the full sum to 1e-10,
+    except those on the float8 interpolation table (kappa and m4 within its tolerance).
 
     The grid is far from uniform (8 values per binade, subnormals near 0), so the fast path
     sums the cells exactly except where the grid is uniform within 8.5 sd.
@@ -259,12 +260,23 @@ def test_float8_table_matches_full_cell_sum(fp8_values):
     ref = cell_statistics(theta, sigma, table_boundaries(theta, fp8_values, scale, 260))
     fine = (step / sigma <= FINE_STEP)
     assert fine.sum() > 1000
+    # Elements the float8 interpolation table covers (kappa, m4 interpolated; issue 13): within
+    # its stated tolerance (tests/test_fp8_interp.py); every other one as before.
+    from mis_lightning.functional.interp import TOLERANCE as INTERP_TOL
+    from mis_lightning.functional.interp import interp_table
+
+    interp, *_ = interp_table(fp8_values).moments(theta / scale, sigma / scale)
+    assert 1000 < int(interp.sum()) < c - 1000
     for name in ("kappa", "mean_abs", "m4", "coverage"):
         err = (getattr(fast, name) - getattr(ref, name)).abs()
+        tol = INTERP_TOL[name] if name in ("kappa", "m4") else EXACT
+        assert err[interp].max() <= tol, (name, err[interp].max())
+        exact = ~fine & ~interp
         # Fine elements use the expansion only where the grid is uniform within 8.5 sd.
-        assert err[~fine].max() <= EXACT, (name, err[~fine].max())
+        assert err[exact].max() <= EXACT, (name, err[exact].max())
         if name == "kappa":
-            assert (err[fine] <= 6e-4 * (step / sigma)[fine] ** 6 + EXACT).all(), err[fine].max()
+            fine_exp = fine & ~interp
+            assert (err[fine_exp] <= 6e-4 * (step / sigma)[fine_exp] ** 6 + EXACT).all(), err[fine_exp].max()
 
 
 def _window_steps(theta, sigma, edges):

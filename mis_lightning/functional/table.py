@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
+from .interp import interp_table
 from .kernel import (
     _MAX_WINDOW,
     CUTOFF_SIGMAS,
@@ -78,10 +79,13 @@ def table_cell_moments(
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
-        (:func:`_table_fast_moments`: frozen elements skipped, the fine-grid expansion where the
-        grid is fine and uniform within 8.5 sd, a closed form for the fine core of the table
-        around 0, exact sums elsewhere; equal to exact cell sums within 1e-13 in kappa and
-        1e-11 in m4 outside the fine-expansion elements, tests/test_float_grid_fast.py). It is
+        (:func:`_table_fast_moments`: for float8 tables on the CPU, kappa and m4 of elements
+        whose own cell is at most 4 sd wide interpolated from a table of exact sums, within
+        1e-7 in kappa and 1e-6 in m4, :mod:`~mis_lightning.functional.interp`; otherwise frozen
+        elements skipped, the fine-grid expansion where the grid is fine and uniform within
+        8.5 sd, a closed form for the fine core of the table around 0, exact sums elsewhere;
+        equal to exact cell sums within 1e-13 in kappa and 1e-11 in m4 outside the
+        fine-expansion and interpolated elements, tests/test_float_grid_fast.py). It is
         checked against exact sums on a sample (at first use per thread count, then every few
         calls; :mod:`~mis_lightning.functional.fastpath`); on disagreement it is disabled for
         the process with a ``RuntimeWarning`` and the previous windowed sums are used (then the
@@ -652,6 +656,33 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
 
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
                         ) -> tuple[CellMoments, Tensor]:
+    """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form or
+    interpolated elements: for a symmetric float8 table (on the CPU), elements neither frozen
+    nor beyond the table whose own cell is at most ``MAX_OWN_STEP`` sd wide and whose sd lies
+    in the interpolation table's range read ``kappa`` and ``m4`` from it
+    (:mod:`~mis_lightning.functional.interp`; ``mean_abs`` telescoped exactly); the others, and
+    every element of other tables, go through :func:`_table_sum_moments`."""
+    th, sg, sc = _float64_inputs(theta, sigma, scale)
+    it = interp_table(values) if th.device.type == "cpu" else None
+    if it is None or th.numel() == 0:
+        return _table_sum_moments(th, sg, values, sc)
+    tab, k, ma, f = it.moments(th / sc, sg / sc)
+    if not bool(tab.any()):
+        return _table_sum_moments(th, sg, values, sc)
+    if bool(tab.all()):
+        return CellMoments(kappa=k, mean_abs=ma, m4=f, coverage=torch.ones_like(k)), tab
+    rest = torch.nonzero(~tab).squeeze(-1)
+    out, closed = _table_sum_moments(th[rest], sg[rest], values, sc[rest])
+    k[rest], ma[rest], f[rest] = out.kappa, out.mean_abs, out.m4
+    coverage = torch.ones_like(th)
+    coverage[rest] = out.coverage
+    mask = tab.clone()
+    mask[rest] = closed
+    return CellMoments(kappa=k, mean_abs=ma, m4=f, coverage=coverage), mask
+
+
+def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
+                       ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
     elements. Same regimes as :func:`_table_cell_moments` (frozen; fine-grid expansion where
     the grid is fine and uniform within 8.5 sd, or where more than ``_MAX_WINDOW`` edges lie
