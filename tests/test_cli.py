@@ -4,6 +4,7 @@ non-editable install (configs shipped inside the package)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -36,19 +37,91 @@ def _env(extra_path: str | None = None) -> dict[str, str]:
     return env
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 180):
-    proc = subprocess.run([sys.executable, "-m", "mis_lightning.cli", *args], cwd=cwd,
-                          env=env or _env(), check=False,
-                          capture_output=True, text=True, timeout=timeout)
+# The app runs that need a fresh process (the ``python -m mis_lightning.cli`` entry point, no state of
+# the test process): several independent runs in ONE subprocess, each in its own working directory
+# with its own stdout/stderr files (redirected at the file-descriptor level) and exit status, as
+# separate processes would give them; one start and import of torch/Lightning/Hydra (~6 s of CPU)
+# instead of one per run. An uncaught SystemExit's code is turned into a status as the
+# interpreter does (None -> 0, a message -> printed to stderr, status 1).
+APP_RUNS = r"""
+import json, os, runpy, sys, traceback
+runs = json.loads(sys.argv[1])
+codes = {}
+for name, cwd, args in runs:
+    os.chdir(cwd)
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(runs_dir + f"/{name}.out", "w") as o, open(runs_dir + f"/{name}.err", "w") as e:
+        os.dup2(o.fileno(), 1); os.dup2(e.fileno(), 2)
+        sys.argv = ["mis-lightning", *args]
+        try:
+            runpy.run_module("mis_lightning.cli", run_name="__main__", alter_sys=False)
+            code = 0
+        except SystemExit as exc:
+            code = 0 if exc.code is None else exc.code
+            if not isinstance(code, int):
+                print(code, file=sys.stderr); code = 1
+        except BaseException:
+            traceback.print_exc(); code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    codes[name] = code
+with open(runs_dir + "/codes.json", "w") as fh:
+    json.dump(codes, fh)
+"""
+
+
+class _Proc:
+    """What ``subprocess.run`` returns, for one run of the shared process."""
+
+    def __init__(self, logs: Path, name: str, codes: dict[str, int]):
+        self.returncode = codes[name]
+        self.stdout = (logs / f"{name}.out").read_text()
+        self.stderr = (logs / f"{name}.err").read_text()
+
+
+@pytest.fixture(scope="module")
+def app_runs(tmp_path_factory):
+    """The single run, the TDC CSV run and the multirun of this module, run one after the other
+    in one subprocess: ``{name: (working directory, _Proc)}``."""
+    base = tmp_path_factory.mktemp("app_runs")
+    logs = base / "logs"
+    logs.mkdir()
+    runs = {
+        # mlp_probe + csv logger: the model's and datamodule's hparams (task) must merge
+        "single": ([*FAST, "model=mlp_probe", "schemes=[int8_weight_only,intx_weight_only_int4_g32,bf16]",
+                    f"hydra.run.dir={base / 'single' / 'run'}"]),
+        "multirun": ["-m", f"quantizer={','.join(MULTIRUN_SCHEMES)}", "model=linear,logistic",
+                     *[a for a in FAST if a != "model=linear"], f"hydra.sweep.dir={base / 'multirun' / 'sweep'}"],
+    }
+    if importlib.util.find_spec("rdkit") is not None:
+        sample = ROOT / "tests" / "data" / "tdc_format_sample.csv"  # rows 7 and 19 unusable
+        cwd = base / "tdc"
+        runs["tdc"] = ["data=tdc_admet", f"data.path={sample}", "data.featurizer=physchem",
+                       f"data.cache_dir={cwd / 'cache'}", "model=linear", "trainer.max_epochs=2",
+                       "mis.estimation.num_records=16", "mis.scoring.uncertainty_draws=0",
+                       "mis.scoring.covariance=independent", "logger=csv", "progress=false",
+                       "schemes=[int8_weight_only]", f"hydra.run.dir={cwd / 'run'}"]
+    order = [n for n in ("single", "tdc", "multirun") if n in runs]  # the multirun last: its sweep id
+    for n in order:
+        (base / n).mkdir()
+    script = f"runs_dir = {str(logs)!r}\n" + APP_RUNS
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([[n, str(base / n), runs[n]] for n in order])],
+                          cwd=base, env=_env(), check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    codes = json.loads((logs / "codes.json").read_text())
+    return {n: (base / n, _Proc(logs, n, codes)) for n in order}
+
+
+def _ok(proc: _Proc) -> _Proc:
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return proc
 
 
-def test_single_run_writes_reports_and_prints_table(tmp_path):
+def test_single_run_writes_reports_and_prints_table(app_runs):
+    tmp_path, proc = app_runs["single"]
     out = tmp_path / "run"
-    # mlp_probe + csv logger: the model's and datamodule's hparams (task) must merge
-    proc = _run([*FAST, "model=mlp_probe", "schemes=[int8_weight_only,intx_weight_only_int4_g32,bf16]",
-                 f"hydra.run.dir={out}"], cwd=tmp_path)
+    _ok(proc)
     for f in ("report.json", "report.csv", "privacy_utility.png", "result.json"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     lines = proc.stdout.splitlines()
@@ -191,11 +264,6 @@ def test_unavailable_scheme_fails_before_training(tmp_path, unavailable_scheme):
             "failed", "configuration", f"SchemeUnavailableError: {msg}")
 
 
-def _run_rc(args: list[str], cwd: Path, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "mis_lightning.cli", *args], cwd=cwd, env=_env(),
-                          check=False, capture_output=True, text=True, timeout=timeout)
-
-
 def test_a_single_run_that_scored_no_scheme_exits_1_after_writing_its_outputs(tmp_path, monkeypatch, capsys):
     """A job whose every scheme is an error row (here a group size of 128 that divides no layer
     of the 10-input linear model) exited 0 with "verdict: no scheme succeeded": a script or CI
@@ -223,14 +291,16 @@ def test_frontier_says_no_scheme_succeeded():
     assert ax.get_xlabel() == "bits per weight" and not ax.lines
 
 
-def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and_exits_1(tmp_path):
+MULTIRUN_SCHEMES = ["int8_weight_only", "intx_weight_only_int4_g32", "intx_weight_only_int2_g32"]
+
+
+def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and_exits_1(app_runs):
     """One sweep (one process start) for both: one job per scheme, aggregated, and failing jobs
     aggregated with the others and an exit status of 1. quantizer x model: every model=logistic
     job is refused at configuration (a binary model on regression data), the linear ones run."""
+    tmp_path, proc = app_runs["multirun"]
     sweep = tmp_path / "sweep"
-    names = ["int8_weight_only", "intx_weight_only_int4_g32", "intx_weight_only_int2_g32"]
-    proc = _run_rc(["-m", f"quantizer={','.join(names)}", "model=linear,logistic",
-                    *[a for a in FAST if a != "model=linear"], f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    names = MULTIRUN_SCHEMES
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "3 job(s) of the sweep failed (job 1, 3, 5)" in proc.stderr
     ok, bad = [2 * i for i in range(3)], [2 * i + 1 for i in range(3)]  # the model varies fastest
@@ -359,6 +429,10 @@ def test_installed_package_ships_configs(tmp_path):
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    # one process (one start and torch import) for both checks: the package's files and a compose,
+    # then the installed console script run as `python <script> --cfg job data=nci_tpsa` would run
+    # it (its own code as __main__, its SystemExit caught and printed as the exit status)
+    script = site / "bin" / "mis-lightning"
     code = (
         "import mis_lightning, mis_lightning.conf as c\n"
         "from hydra import compose, initialize_config_module\n"
@@ -366,22 +440,31 @@ def test_installed_package_ships_configs(tmp_path):
         "    cfg = compose('config', overrides=['quantizer=intx_weight_only_int4_g32'])\n"
         "print(mis_lightning.__file__); print(c.__file__)\n"
         "print(cfg.data._target_, cfg.quantizer.name)\n"
+        "import os, runpy, sys\n"
+        "script = sys.argv[1]\n"
+        "if os.path.exists(script):\n"
+        "    print('== console script', flush=True)\n"
+        "    sys.argv = [script, '--cfg', 'job', 'data=nci_tpsa']\n"
+        "    try:\n"
+        "        runpy.run_path(script, run_name='__main__')\n"
+        "        status = 0\n"
+        "    except SystemExit as exc:\n"
+        "        status = 0 if exc.code is None else exc.code\n"
+        "    print(f'== console script exit status {status}')\n"
     )
     env = _env(str(site))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env,
-                          check=False, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, str(script)], cwd=elsewhere, env=env,
+                          check=False, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.split("\n")
+    own, _, console = proc.stdout.partition("== console script\n")
+    lines = own.split("\n")
     assert lines[0].startswith(str(site)) and lines[1].startswith(str(site))
     # the quantizer group is generated from the registry in the installed package too
-    assert "mis_lightning.data.ChEMBLDataModule intx_weight_only_int4_g32" in proc.stdout
+    assert "mis_lightning.data.ChEMBLDataModule intx_weight_only_int4_g32" in own
     # the installed console script composes from the package too (--cfg job: no run)
-    script = site / "bin" / "mis-lightning"
     if script.exists():
-        proc = subprocess.run([sys.executable, str(script), "--cfg", "job", "data=nci_tpsa"],
-                              cwd=elsewhere, env=env, check=False, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "NCITPSADataModule" in proc.stdout
+        assert console.rstrip().endswith("== console script exit status 0"), proc.stderr[-3000:]
+        assert "NCITPSADataModule" in console
     assert not any(elsewhere.iterdir())
 
 
@@ -483,17 +566,14 @@ def test_assess_mode_errors_name_the_option(tmp_path):
         run_job(_compose([*base, "mode=assess", f"ckpt_path={tmp_path}/other.ckpt"], tmp_path / "o"))
 
 
-def test_own_tdc_csv_runs_and_its_skipped_rows_reach_the_report(tmp_path):
+def test_own_tdc_csv_runs_and_its_skipped_rows_reach_the_report(app_runs):
     """`data=tdc_admet data.path=<own CSV>` crashed (Lightning refused the datamodule's saved
     task None against the model's inferred "regression"); and the rows skipped for a broken
     SMILES or a missing value were said on stderr only, not in result.json / report.md."""
     pytest.importorskip("rdkit")
+    tmp_path, proc = app_runs["tdc"]
+    _ok(proc)
     out = tmp_path / "run"
-    sample = ROOT / "tests" / "data" / "tdc_format_sample.csv"  # rows 7 and 19 unusable
-    _run(["data=tdc_admet", f"data.path={sample}", "data.featurizer=physchem", f"data.cache_dir={tmp_path / 'cache'}",
-          "model=linear", "trainer.max_epochs=2", "mis.estimation.num_records=16", "mis.scoring.uncertainty_draws=0",
-          "mis.scoring.covariance=independent", "logger=csv", "progress=false", "schemes=[int8_weight_only]",
-          f"hydra.run.dir={out}"], cwd=tmp_path)
     res = json.loads((out / "result.json").read_text())
     assert res["task"] == "regression"
     assert any(w.startswith("data: 2 input row(s) skipped by TDCADMETDataModule") for w in res["warnings"])
