@@ -179,3 +179,19 @@ def test_zero_sd_and_beyond_the_table_take_the_exact_path():
     ref = _full_sum(theta[3:], sigma[3:], values, scale[3:])
     for k in TOL:
         assert float((getattr(got, k)[3:] - ref[k]).abs().max()) <= 1e-11, k
+
+
+def test_small_calls_sum_exactly_and_large_ones_interpolate(monkeypatch):
+    """The table's octaves cost 0.1-1.2 s each at first use: calls below
+    ``INTERP_MIN_ELEMENTS`` (a small model's tensors) keep the exact sums, bit for bit; calls at or
+    above it read the table where it applies."""
+    values = _all_values(torch.float8_e4m3fn)
+    theta, sigma, _, scale = _cases(torch.float8_e4m3fn, 4000, 1, log2_s=(-2.0, 2.0))
+    small = T.table_cell_moments(theta, sigma, values, scale)
+    exact, _ = T._table_sum_moments(theta, sigma, values, scale)
+    for k in ("kappa", "mean_abs", "m4"):
+        assert torch.equal(getattr(small, k), getattr(exact, k)), k
+    monkeypatch.setattr(T, "INTERP_MIN_ELEMENTS", 1000)
+    large = T.table_cell_moments(theta, sigma, values, scale)
+    assert not torch.equal(large.kappa, exact.kappa)  # the table was read
+    assert float((large.kappa - exact.kappa).abs().max()) <= TOL["kappa"]

@@ -79,7 +79,8 @@ def table_cell_moments(
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
-        (:func:`_table_fast_moments`: for float8 tables on the CPU, kappa and m4 of elements
+        (:func:`_table_fast_moments`: for float8 tables on the CPU, in calls of at least
+        ``INTERP_MIN_ELEMENTS`` (2^15) elements, kappa and m4 of elements
         whose own cell is at most 4 sd wide interpolated from a table of exact sums, within
         1e-7 in kappa and 1e-6 in m4, :mod:`~mis_lightning.functional.interp`; otherwise frozen
         elements skipped, the fine-grid expansion where the grid is fine and uniform within
@@ -96,7 +97,10 @@ def table_cell_moments(
     if FLOAT_PATH in GUARD.disabled:
         out, core = _table_cell_moments(theta, sigma, values, scale, half_window, FINE_STEP), None
     else:
-        out, core = _table_fast_moments(theta, sigma, values, scale)
+        # the interpolation table pays for its octaves at first use (0.1-1.2 s each): worth it
+        # on large calls only (a small model's exact sums take less than one octave's build)
+        out, core = _table_fast_moments(theta, sigma, values, scale,
+                                        interpolate=theta.numel() >= INTERP_MIN_ELEMENTS)
     path = TABLE_PATH if core is None else FLOAT_PATH
 
     def steps() -> tuple[Tensor, list[Tensor]]:
@@ -654,8 +658,13 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
             coverage[sel] = 1.0
 
 
-def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
-                        ) -> tuple[CellMoments, Tensor]:
+# Calls below this many elements skip the float8 interpolation table (its build at first use,
+# 0.1-1.2 s per octave of sd, costs more than their exact sums at 3e4-4e5 elements/s)
+INTERP_MIN_ELEMENTS = 1 << 15
+
+
+def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor,
+                        interpolate: bool = True) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form or
     interpolated elements: for a symmetric float8 table (on the CPU), elements neither frozen
     nor beyond the table whose own cell is at most ``MAX_OWN_STEP`` sd wide and whose sd lies
@@ -663,7 +672,7 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
     (:mod:`~mis_lightning.functional.interp`; ``mean_abs`` telescoped exactly); the others, and
     every element of other tables, go through :func:`_table_sum_moments`."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
-    it = interp_table(values) if th.device.type == "cpu" else None
+    it = interp_table(values) if interpolate and th.device.type == "cpu" else None
     if it is None or th.numel() == 0:
         return _table_sum_moments(th, sg, values, sc)
     tab, k, ma, f = it.moments(th / sc, sg / sc)
