@@ -393,6 +393,8 @@ def assess(
     scheme_objs = resolve_schemes(schemes)
     for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict):  # before the estimation pass
         log.warning("%s (it will be reported as a failed scheme)", msg)
+    if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
+        check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
     report = score_schemes(
@@ -402,6 +404,40 @@ def assess(
     )
     report.warnings += _sampling_notes(train_dataloader)
     return report
+
+
+def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: LossFn,
+                           metrics: Mapping[str, Any] | None, batch_fn: BatchFn | None,
+                           output_transform: OutputTransform | None) -> None:
+    """Evaluate a private copy of ``model`` on the first validation batch, as each quantized
+    copy's utility will be, so that a batch the model cannot take (float32 inputs to a bf16
+    model, a wrong layout) fails before the estimation pass rather than after it. Only for a
+    map-style DataLoader (a stream is not read twice); the random streams are restored.
+
+    Raises:
+        RuntimeError: the batch fails; names ``val_dataloader``, the model's parameter dtypes and
+            the original error (kept as the cause).
+    """
+    if not isinstance(val_dataloader, DataLoader) or isinstance(val_dataloader.dataset,
+                                                                 torch.utils.data.IterableDataset):
+        return
+    from ._modelcopy import private_copy
+    from ._rng import isolated_rng
+
+    with isolated_rng(val_dataloader):
+        batch = next(iter(val_dataloader), None)
+    if batch is None:
+        return
+    copy_ = private_copy(model, "copying the model to check the validation batches")
+    try:
+        evaluate_utility(copy_, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform)
+    except Exception as exc:  # noqa: BLE001 - named and re-raised
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+        raise RuntimeError(
+            f"val_dataloader's first batch fails on the model ({type(exc).__name__}: {exc}); checked before the "
+            f"estimation pass: each quantized copy's utility is loss_fn(model(inputs), targets) over these "
+            f"batches, so give them in the layout, dtype and device the model takes (its parameters are "
+            f"{', '.join(dtypes)})") from exc
 
 
 def _check_some_gradient(est: Estimate) -> None:

@@ -873,3 +873,33 @@ def test_embedding_max_norm_is_refused_naming_it_and_the_advice_gives_the_same_f
         warnings.simplefilter("ignore")
         r = ml.assess(m, ["rtn_int8"], dl, ce, params=selected, uncertainty_draws=0, strict=False)
     assert r.schemes["rtn_int8"].error is None
+
+
+def test_validation_batches_the_model_cannot_take_fail_before_the_estimation_pass(monkeypatch):
+    """fu22 F4: a bf16 model with float32 validation batches ran the whole estimation pass, then
+    failed with a bare "mat1 and mat2 must have the same dtype". The first validation batch is
+    now evaluated on a private copy before it: the error names val_dataloader and the model's
+    dtype, and the estimation pass never starts."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(128, 6, generator=g)
+    y = X[:, 0] + 0.3 * torch.randn(128, generator=g)
+    dl = DataLoader(TensorDataset(X, y), batch_size=32, shuffle=True)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).to(torch.bfloat16)
+
+    def loss(o, t):
+        return 0.5 * (o.squeeze(-1).float() - t) ** 2
+
+    import sys
+
+    A = sys.modules["mis_lightning.assess"]  # the module (the package's `assess` is the function)
+
+    def never(*a, **k):
+        raise AssertionError("the estimation pass started")
+
+    monkeypatch.setattr(A, "run_estimation", never)
+    state = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match=r"val_dataloader's first batch fails on the model .*bfloat16") as info:
+        ml.assess(model, ["rtn_int8"], dl, loss, val_dataloader=dl)
+    assert "same dtype" in str(info.value.__cause__)
+    assert torch.equal(torch.get_rng_state(), state)  # the shuffled loader's draw left no trace
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
