@@ -903,3 +903,31 @@ def test_validation_batches_the_model_cannot_take_fail_before_the_estimation_pas
     assert "same dtype" in str(info.value.__cause__)
     assert torch.equal(torch.get_rng_state(), state)  # the shuffled loader's draw left no trace
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, always: bool):
+        super().__init__()
+        self.a, self.b, self.always = nn.Linear(6, 8), nn.Linear(8, 1), always
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        if self.always or self.training:
+            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=False))
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_activation_checkpointing_names_the_fix():
+    """fu22 F7: a forward with torch.utils.checkpoint gave torch.func's raw "don't yet support
+    saved tensor hooks"; the error now names activation checkpointing and the fix (checkpoint in
+    training mode only: the assessment runs the model in eval mode), which then assesses."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(96, 6, generator=g)
+    dl = DataLoader(TensorDataset(X, X[:, 0]), batch_size=32)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match=r"activation checkpointing .*if self.training: checkpoint"):
+        ml.assess(_Checkpointed(always=True), ["rtn_int8"], dl, _mse, uncertainty_draws=0)
+    torch.manual_seed(0)
+    rep = ml.assess(_Checkpointed(always=False).train(), ["rtn_int8"], dl, _mse, uncertainty_draws=0)
+    assert 0.0 < rep.schemes["rtn_int8"].leakage < 1.0

@@ -834,10 +834,18 @@ class MomentAccumulator:
         Raises:
             ValueError: the model's forward updates a tensor it holds in place in eval mode
                 (torch.func cannot differentiate through it; the message says what to change).
+            RuntimeError: the forward uses activation checkpointing (says what to change).
         """
         try:
             return self._update(batch, state)
         except RuntimeError as exc:
+            if "saved tensor hooks" in str(exc):
+                raise RuntimeError(
+                    f"{type(self.model).__name__}'s forward uses activation checkpointing "
+                    "(torch.utils.checkpoint) or another saved-tensor hook, which the per-sample gradients "
+                    f"(torch.func) do not support ({exc}): the assessment runs the model in eval mode, so "
+                    "checkpoint in training mode only (if self.training: checkpoint(...) else the plain call), "
+                    "or turn it off before assessing") from exc
             if "mutate a captured Tensor" not in str(exc):
                 raise
             raise ValueError(
