@@ -16,9 +16,12 @@ instance attribute (``m.forward = torch.compile(m.forward)``; Lightning does it 
 ``trainer.fit(torch.compile(module))``) or a lambda / hook closing over the module would make
 the copy run the *original* module, so that every quantized copy evaluated the float weights
 and every per-sample gradient with respect to the copy's parameters was 0 (leakage 0 for every
-scheme, fu22). :func:`private_copy` points such closures at the copy's own modules, and
-replaces a ``torch.compile`` wrapper by the callable it wraps (the same computation, eager:
-the copies run under ``torch.func`` transforms).
+scheme, fu22). :func:`private_copy` points such closures at the copy's own modules -- through
+closure cells, default arguments, plain lists / tuples / dicts in them, and parameters or
+buffers closed over (vf22) -- and replaces a ``torch.compile`` wrapper by the callable it wraps
+(the same computation, eager: the copies run under ``torch.func`` transforms; the user's own
+``functools.wraps`` decorators are kept). A parameter closed over is the copy's, but the
+estimation's ``functional_call`` swaps parameters that such a closure does not see.
 """
 
 from __future__ import annotations
@@ -80,14 +83,22 @@ def _culprits(model: nn.Module, memo: dict[int, Any], limit: int = 3) -> list[tu
 _CLOSURE_DEPTH = 6
 
 
-def _rebound(val: Any, pairs: dict[int, nn.Module], depth: int = 0) -> Any:
+def _rebound(val: Any, pairs: dict[int, Any], depth: int = 0) -> Any:
     """``val`` with every reference to a module of the original model (a key of ``pairs``) in
     its closures replaced by the copy's module; a ``torch.compile`` wrapper is replaced by the
     callable it wraps (rebound). ``val`` itself when nothing refers to the original."""
     if depth > _CLOSURE_DEPTH:
         return val
-    if isinstance(val, nn.Module):
+    if isinstance(val, (nn.Module, Tensor)):  # a module, or a parameter / buffer of the original
         return pairs.get(id(val), val)
+    if type(val) in (list, tuple, dict):  # e.g. a closure over [self.a, self.b] or {"w": self.fc.weight}
+        items = list(val.items()) if isinstance(val, dict) else list(enumerate(val))
+        new_items = [(k, _rebound(v, pairs, depth + 1)) for k, v in items]
+        if all(a[1] is b[1] for a, b in zip(items, new_items)):
+            return val
+        if isinstance(val, dict):
+            return dict(new_items)
+        return type(val)(v for _, v in new_items)
     if isinstance(val, types.MethodType):
         owner = pairs.get(id(val.__self__))
         func = _rebound(val.__func__, pairs, depth + 1)
@@ -107,11 +118,20 @@ def _rebound(val: Any, pairs: dict[int, nn.Module], depth: int = 0) -> Any:
     if getattr(val, "_torchdynamo_orig_callable", None) is not None:
         # a torch.compile wrapper: the bound callable it compiled sits in its closures
         return _rebound(_compiled_target(val), pairs, depth + 1)
-    if not val.__closure__:
+    # default arguments too (``lambda x, m=self.head: m(x)``)
+    defaults = val.__defaults__
+    if defaults:
+        new_def = tuple(_rebound(v, pairs, depth + 1) for v in defaults)
+        defaults = defaults if all(a is b for a, b in zip(new_def, defaults)) else new_def
+    kwdefaults = val.__kwdefaults__
+    if kwdefaults:
+        new_kw = {k: _rebound(v, pairs, depth + 1) for k, v in kwdefaults.items()}
+        kwdefaults = kwdefaults if all(new_kw[k] is v for k, v in kwdefaults.items()) else new_kw
+    changed = defaults is not val.__defaults__ or kwdefaults is not val.__kwdefaults__
+    if not val.__closure__ and not changed:
         return val
     cells = []
-    changed = False
-    for cell in val.__closure__:
+    for cell in val.__closure__ or ():
         try:
             content = cell.cell_contents
         except ValueError:  # an empty cell (a name not yet bound)
@@ -122,8 +142,9 @@ def _rebound(val: Any, pairs: dict[int, nn.Module], depth: int = 0) -> Any:
         cells.append(types.CellType(new) if new is not content else cell)
     if not changed:
         return val
-    fn = types.FunctionType(val.__code__, val.__globals__, val.__name__, val.__defaults__, tuple(cells))
-    fn.__kwdefaults__ = val.__kwdefaults__
+    fn = types.FunctionType(val.__code__, val.__globals__, val.__name__, defaults,
+                            tuple(cells) if val.__closure__ else None)
+    fn.__kwdefaults__ = kwdefaults
     fn.__dict__.update(val.__dict__)
     fn.__qualname__ = val.__qualname__
     return fn
@@ -136,16 +157,30 @@ def _compiled_target(wrapper: types.FunctionType) -> Any:
     target = wrapper._torchdynamo_orig_callable  # type: ignore[attr-defined]
     for _ in range(_CLOSURE_DEPTH):
         inner = getattr(target, "__wrapped__", None)
-        if inner is None or isinstance(target, types.MethodType):
+        # only torch's own shims are skipped: a user's functools.wraps decorator (a scaling, a
+        # torch.no_grad) is part of the computation, and its __wrapped__ is the undecorated function
+        if inner is None or isinstance(target, types.MethodType) or not _is_dynamo_shim(target):
             break
         target = inner
     return target
 
 
+def _is_dynamo_shim(fn: Any) -> bool:
+    """Whether ``fn`` is a function defined inside ``torch._dynamo`` (the ``functools.wraps`` shim
+    ``torch.compile`` puts around a bound method)."""
+    code = getattr(fn, "__code__", None)
+    return code is not None and "_dynamo" in code.co_filename.replace("\\", "/").split("/")
+
+
 def _rebind_closures(original: nn.Module, copied: nn.Module) -> None:
     """Point the copy's instance-attribute callables (``forward``, ``training_step``, hooks...)
     that refer to the original model at the copy's own modules (module docstring)."""
-    pairs = {id(o): c for o, c in zip(original.modules(), copied.modules())}
+    pairs: dict[int, Any] = {id(o): c for o, c in zip(original.modules(), copied.modules())}
+    for o, c in zip(original.modules(), copied.modules()):  # closures over a parameter or buffer
+        for key, t in list(o._parameters.items()) + list(o._buffers.items()):
+            ct = c._parameters.get(key) if key in o._parameters else c._buffers.get(key)
+            if t is not None and ct is not None:
+                pairs.setdefault(id(t), ct)
     for mod in copied.modules():
         d = vars(mod)
         for key, val in list(d.items()):
