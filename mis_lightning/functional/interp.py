@@ -151,12 +151,15 @@ class InterpTable:
         self.rb = rb
         self.lut = first.clamp(0, self.ncell - 1)
 
-    def moments(self, x: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def moments(self, x: Tensor, s: Tensor, min_build: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(done, kappa, mean_abs, m4)``, each ``[c]``: the mask of the elements at positions
         ``x`` and sds ``s`` (units of the scale) this table covers (``|x|`` within the table, own
         cell at most ``MAX_OWN_STEP`` sd wide, ``log2 s`` inside the octaves' range) and their
         ``kappa`` and ``m4`` from the table, ``mean_abs`` telescoped exactly over the own cell
-        (``2 max(phi(l), phi(u))``); unspecified where not ``done``."""
+        (``2 max(phi(l), phi(u))``); unspecified where not ``done``. An octave not built yet is
+        built only if at least ``min_build`` of the covered elements fall in it (its stencils'
+        reach); the others are left not ``done`` (the exact path), so that a call does not pay
+        an octave's build (0.1-1.2 s) for a handful of weights."""
         c0 = x.numel()
         ax = x.abs()
         u = (torch.log2(s) - self.l0) * PER_OCTAVE
@@ -165,6 +168,14 @@ class InterpTable:
         ends = self.ends.index_select(0, piece)  # [c, 4]: own cell, piece
         lo, hi = ends[:, 0], ends[:, 1]
         done = ok & ((hi - lo) <= MAX_OWN_STEP * s)
+        if min_build > 0 and bool(done.any()):
+            # per octave of s (of the stencil's first row, as below): unbuilt octaves that few
+            # elements would use go to the exact path
+            oct_ = torch.div(torch.floor(u).long(), PER_OCTAVE, rounding_mode="floor").clamp_(0, self.noct - 1)
+            counts = torch.bincount(oct_[done], minlength=self.noct)
+            skip = (~self.built) & (counts < min_build)
+            if bool(skip[counts > 0].any()):
+                done = done & ~skip[oct_]
         nd = int(done.sum())
         if nd == 0:
             z = torch.zeros_like(ax)
@@ -183,9 +194,10 @@ class InterpTable:
         # the stencil's first row: the octave's local slice jl - octave * PER_OCTAVE is row
         # STENCIL/2 - 1 of it
         rows = (octave * self.ncell + piece) * _SEG + (jl - octave * PER_OCTAVE)
-        o_lo, o_hi = int(octave.min()), int(octave.max()) + 1
-        if not bool(self.built[o_lo:o_hi].all()):
-            self._build([o for o in range(o_lo, o_hi) if not bool(self.built[o])])
+        used = torch.unique(octave)  # only the octaves some element reads (not the gaps between)
+        missing = used[~self.built[used]]
+        if missing.numel():
+            self._build([int(o) for o in missing])
         plo, phi_ = ends[:, 2], ends[:, 3]
         t = (2.0 * ax - (plo + phi_)) / (phi_ - plo)
         mean_abs = (2.0 * _pdf(torch.minimum(ax - lo, hi - ax) / s)).clamp_(0.0, SQRT_2_OVER_PI)  # the nearer edge
