@@ -25,32 +25,14 @@ import torch
 
 from mis_lightning.functional import interp as I
 from mis_lightning.functional import table as T
-from mis_lightning.functional.cells import moments_from_alpha
 
 F64 = torch.float64
 TOL = {"kappa": I.TOLERANCE["kappa"], "mean_abs": 1e-12, "m4": I.TOLERANCE["m4"]}
 FORMATS = [torch.float8_e4m3fn, torch.float8_e5m2]
+# every finite float8 value from its 256 bit patterns; the exact moments over every cell
+from test_fp8_core_rules import _all_values, _full_sum  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_fresh_guard")
-
-
-def _all_values(dtype: torch.dtype) -> torch.Tensor:
-    """Every finite value of a float8 format, from its 256 bit patterns."""
-    v = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(dtype).to(F64)
-    return torch.unique(v[torch.isfinite(v)])  # sorted; -0 and +0 merge
-
-
-def _full_sum(theta, sigma, values, scale):
-    """Exact moments over every cell of the table (all edges at once)."""
-    mids = 0.5 * (values[1:] + values[:-1])
-    inf = torch.tensor([math.inf], dtype=F64)
-    out = {k: [] for k in TOL}
-    for a in range(0, theta.numel(), 2048):
-        e = torch.cat([-inf, mids, inf]).unsqueeze(0) * scale[a : a + 2048, None]
-        mm = moments_from_alpha((e - theta[a : a + 2048, None]) / sigma[a : a + 2048, None])
-        for k in out:
-            out[k].append(getattr(mm, k))
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def _cases(dtype: torch.dtype, c: int, seed: int, log2_s: tuple[float, float] = (-3.0, 2.0)):
