@@ -445,12 +445,13 @@ def _check_some_gradient(est: Estimate) -> None:
     figure would read 0 leakage, silently.
 
     Raises:
-        ValueError: every record's gradient is 0 for every assessed weight; names the likely causes.
+        ValueError: no assessed weight's gradient varies across records; names the likely causes.
     """
     if est.d == 0 or any(bool(est.sigma[k].any()) for k in est.names):
         return
     raise ValueError(
-        f"no assessed weight moves the training loss: every record's gradient is 0 for all {est.d:,} weights "
+        f"no assessed weight moves the training loss: no record's gradient differs from the others' (sigma 0) "
+        f"for any of the {est.d:,} weights "
         f"({', '.join(est.names[:4])}{' ...' if len(est.names) > 4 else ''}), so every figure would read 0 "
         "leakage. The library differentiates private copies of the model: a forward, hook or lambda set as an "
         "instance attribute that reaches the model through a global name (not through self) runs your model "
