@@ -138,6 +138,11 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
     if mem is not None:
         _instrument(mem)
 
+    # One-time imports are not the estimation pass: the library's RNG isolation imports
+    # lightning_fabric (with torchmetrics) at its first use, ~1 s of a first call in a process
+    # that has not imported Lightning (a callback user's has).
+    import lightning_fabric.utilities.seed  # noqa: F401
+
     from mis_lightning.assess import run_estimation, score_schemes
     from mis_lightning.config import stage_configs
 
