@@ -348,6 +348,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # each module's own flag (a BatchNorm the user keeps in eval mode while training stays so)
         flags = [(m, m.training) for m in pl_module.modules()]
         epoch, step = int(trainer.current_epoch), int(trainer.global_step)
+        if stage == "fit_end" and epoch > 0:
+            # at fit end Lightning's current_epoch counts the epochs run; the last one trained
+            # (0-based, as mid-training runs and ModelCheckpoint's names count) is the one before
+            epoch -= 1
         where = {"lightning": {"stage": stage, "epoch": epoch, "global_step": step}}
         out = lt.report_dir(trainer, self.dirpath)
         self._last_weights = lt.weights_fingerprint(pl_module) if stage != "fit_end" else None

@@ -776,6 +776,9 @@ def test_a_reused_callback_starts_clean_after_a_checkpoint_was_restored(tmp_path
     ck = ModelCheckpoint(dirpath=tmp_path / "A", save_last=True)
     trainer, module = fit(tmp_path / "A", Regressor, [cb, ck], max_epochs=2)
     assert [h["stage"] for h in cb.history] == ["fit_end"]
+    # the last epoch trained, 0-based as ModelCheckpoint names it (fu22 F6: it read 2 after 2 epochs)
+    assert cb.history[0]["epoch"] == 1
+    assert json.loads(open(cb.report_path).read())["lightning"]["epoch"] == 1
     trainer.validate(module, loaders()[1], ckpt_path=ck.last_model_path, verbose=False)
     assert [h["stage"] for h in cb.history] == ["fit_end"]  # not rewound by the validate stage
     # resume A from its finished checkpoint, then a fresh model B with the same callback
