@@ -17,6 +17,10 @@ In one process, per model:
 * the ratio assess / epoch, and per scheme ``quantized_fraction`` (share of assessed weights
   quantized) and the methods line of the report.
 
+The epochs, the estimation pass and ``assess`` are timed in ``--repeats`` interleaved rounds (default
+3) and each figure is the median over the rounds: on a shared machine one pair of timings moved by
+1.5x between identical runs.
+
     python benchmarks/beyond_linear.py                  # both models, 2 threads
     python benchmarks/beyond_linear.py --models cnn --threads 2 --json out.json
     python benchmarks/beyond_linear.py --n 1024 --threads 1 --uncertainty-draws 0  # no (p10, p90) interval
@@ -99,37 +103,44 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t, time.process_time() - c
 
 
-def run(kind: str, n: int, batch: int, epochs: int, options: dict | None = None) -> dict:
+def run(kind: str, n: int, batch: int, epochs: int, options: dict | None = None, repeats: int = 3) -> dict:
+    import statistics
+
     import torch
     from torch.utils.data import DataLoader, Subset
 
     import mis_lightning as ml
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
 
     model, ds, val, ce = build(kind, n)
     loader = DataLoader(ds, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     epoch(model, loader, ce, opt)  # warm-up (and training)
-    times = [timed(epoch, model, loader, ce, opt)[1:] for _ in range(epochs)]
-    t_epoch = sum(t for t, _ in times) / len(times)
-    c_epoch = sum(c for _, c in times) / len(times)
-    model.eval()
     d = sum(p.numel() for p in model.parameters())
     plain = DataLoader(ds, batch_size=batch)
     vl = DataLoader(val, batch_size=batch)
     ml.assess(model, SCHEMES, DataLoader(Subset(ds, range(2 * batch)), batch_size=batch), ce,
               val_dataloader=vl, num_records=8)  # warm-up: imports, first calls
-    from mis_lightning.assess import run_estimation
-    from mis_lightning.config import EstimationConfig
-
-    _, t_est, c_est = timed(run_estimation, model, plain, ce, EstimationConfig())
-    rep, t_assess, c_assess = timed(ml.assess, model, SCHEMES, plain, ce, val_dataloader=vl, **(options or {}))
+    # Rounds of (epochs, estimation pass, assess), interleaved so that the machine's load weighs
+    # on both sides of each round's ratio alike; the figures are the medians over the rounds (on a
+    # shared machine one pair moved 3.95-6.05 for the same code)
+    rounds = []
+    for _ in range(repeats):
+        times = [timed(epoch, model, loader, ce, opt)[1:] for _ in range(epochs)]
+        t_epoch = sum(t for t, _ in times) / len(times)
+        c_epoch = sum(c for _, c in times) / len(times)
+        _, t_est, c_est = timed(run_estimation, model, plain, ce, EstimationConfig())
+        rep, t_assess, c_assess = timed(ml.assess, model, SCHEMES, plain, ce, val_dataloader=vl, **(options or {}))
+        rounds.append({"epoch_s": t_epoch, "epoch_cpu_s": c_epoch, "estimation_s": t_est, "estimation_cpu_s": c_est,
+                       "assess_s": t_assess, "assess_cpu_s": c_assess, "ratio": t_assess / t_epoch,
+                       "cpu_ratio": c_assess / c_epoch, "estimation_cpu_ratio": c_est / c_epoch,
+                       "scoring_cpu_ratio": (c_assess - c_est) / c_epoch})
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     return {
         "model": kind, "params": d, "n": n, "batch": batch, "threads": torch.get_num_threads(),
-        "epoch_s": t_epoch, "assess_s": t_assess, "ratio": t_assess / t_epoch,
-        # process CPU time: robust to other jobs on a shared machine (1 thread: the compute)
-        "epoch_cpu_s": c_epoch, "assess_cpu_s": c_assess, "cpu_ratio": c_assess / c_epoch,
-        "estimation_s": t_est, "estimation_cpu_s": c_est, "estimation_cpu_ratio": c_est / c_epoch,
-        "scoring_cpu_ratio": (c_assess - c_est) / c_epoch, "options": options or {},
+        # medians over the rounds; process CPU time is robust to other jobs on a shared machine
+        **med, "rounds": rounds, "options": options or {},
         "estimator": rep.estimation.get("estimator") if isinstance(rep.estimation, dict) else str(rep.estimation),
         "ggn_mc_median_relative_error": rep.diagnostics.get("ggn_mc_median_relative_error"),
         "quantized_fraction": {k: s.quantized_fraction for k, s in rep.schemes.items()},
@@ -145,6 +156,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=2, help="timed training epochs (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of (epochs, estimation, assess), interleaved; the figures are their medians")
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--uncertainty-draws", type=int, default=None,
                     help="assess's uncertainty_draws (default: the library's)")
@@ -157,10 +170,12 @@ def main() -> None:
     for kind in args.models:
         opts = {k: v for k, v in (("uncertainty_draws", args.uncertainty_draws), ("hessian", args.hessian))
                 if v is not None}
-        r = run(kind, args.n, args.batch, args.epochs, opts)
+        r = run(kind, args.n, args.batch, args.epochs, opts, repeats=args.repeats)
         out.append(r)
         qf = ", ".join(f"{k} {v:.3f}" for k, v in r["quantized_fraction"].items())
-        print(f"{kind}: {r['params']:,} parameters, n = {r['n']}, batch {r['batch']}, {r['threads']} threads: "
+        print(f"{kind}: {r['params']:,} parameters, n = {r['n']}, batch {r['batch']}, {r['threads']} threads, "
+              f"medians of {len(r['rounds'])} rounds (CPU ratios "
+              f"{' / '.join(format(x['cpu_ratio'], '.2f') for x in r['rounds'])}): "
               f"epoch {r['epoch_s']:.2f} s, assess {r['assess_s']:.2f} s, ratio {r['ratio']:.2f} epochs; "
               f"CPU time: epoch {r['epoch_cpu_s']:.2f} s, assess {r['assess_cpu_s']:.2f} s, ratio "
               f"{r['cpu_ratio']:.2f} epochs (estimation pass alone {r['estimation_cpu_ratio']:.2f}, scoring "
