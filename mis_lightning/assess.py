@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from . import functional as F
-from ._rng import restores_rng
+from ._modelcopy import private_copy
+from ._rng import isolated_rng, restores_rng
 from .config import (  # noqa: F401
     DEFAULT_CHUNK,
     EstimationConfig,
@@ -421,9 +422,6 @@ def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: 
     if not isinstance(val_dataloader, DataLoader) or isinstance(val_dataloader.dataset,
                                                                  torch.utils.data.IterableDataset):
         return
-    from ._modelcopy import private_copy
-    from ._rng import isolated_rng
-
     with isolated_rng(val_dataloader):
         batch = next(iter(val_dataloader), None)
     if batch is None:
