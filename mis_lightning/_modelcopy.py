@@ -20,8 +20,11 @@ scheme, fu22). :func:`private_copy` points such closures at the copy's own modul
 closure cells, default arguments, plain lists / tuples / dicts in them, and parameters or
 buffers closed over (vf22) -- and replaces a ``torch.compile`` wrapper by the callable it wraps
 (the same computation, eager: the copies run under ``torch.func`` transforms; the user's own
-``functools.wraps`` decorators are kept). A parameter closed over is the copy's, but the
-estimation's ``functional_call`` swaps parameters that such a closure does not see.
+``functools.wraps`` decorators are kept). A trainable *parameter* closed over directly (not
+through its module) is refused with :class:`ModelCopyError`: the estimation substitutes
+parameters through ``torch.func.functional_call`` and a scheme replaces a quantized module's
+weight, neither of which a closure over the tensor itself sees (its gradients read 0 and its
+quantized copy ran the float weight, silently).
 """
 
 from __future__ import annotations
@@ -83,13 +86,25 @@ def _culprits(model: nn.Module, memo: dict[int, Any], limit: int = 3) -> list[tu
 _CLOSURE_DEPTH = 6
 
 
-def _rebound(val: Any, pairs: dict[int, Any], depth: int = 0) -> Any:
+class _Pairs(dict):
+    """id of an original module / parameter / buffer -> the copy's; ``trainable`` maps the ids of
+    the trainable parameters to their names, and ``hits`` collects those found in a closure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trainable: dict[int, str] = {}
+        self.hits: list[str] = []
+
+
+def _rebound(val: Any, pairs: _Pairs, depth: int = 0) -> Any:
     """``val`` with every reference to a module of the original model (a key of ``pairs``) in
     its closures replaced by the copy's module; a ``torch.compile`` wrapper is replaced by the
     callable it wraps (rebound). ``val`` itself when nothing refers to the original."""
     if depth > _CLOSURE_DEPTH:
         return val
     if isinstance(val, (nn.Module, Tensor)):  # a module, or a parameter / buffer of the original
+        if id(val) in pairs.trainable:
+            pairs.hits.append(pairs.trainable[id(val)])
         return pairs.get(id(val), val)
     if type(val) in (list, tuple, dict):  # e.g. a closure over [self.a, self.b] or {"w": self.fc.weight}
         items = list(val.items()) if isinstance(val, dict) else list(enumerate(val))
@@ -172,31 +187,68 @@ def _is_dynamo_shim(fn: Any) -> bool:
     return code is not None and "_dynamo" in code.co_filename.replace("\\", "/").split("/")
 
 
-def _rebind_closures(original: nn.Module, copied: nn.Module) -> None:
+def _rebind_closures(original: nn.Module, copied: nn.Module) -> list[tuple[str, str]]:
     """Point the copy's instance-attribute callables (``forward``, ``training_step``, hooks...)
-    that refer to the original model at the copy's own modules (module docstring)."""
-    pairs: dict[int, Any] = {id(o): c for o, c in zip(original.modules(), copied.modules())}
+    that refer to the original model at the copy's own modules (module docstring).
+
+    Returns:
+        ``(attribute, parameter name)`` of each callable that closes over a trainable parameter
+        of the original directly (not through its module).
+    """
+    pairs = _Pairs()
+    pairs.update({id(o): c for o, c in zip(original.modules(), copied.modules())})
     for o, c in zip(original.modules(), copied.modules()):  # closures over a parameter or buffer
         for key, t in list(o._parameters.items()) + list(o._buffers.items()):
             ct = c._parameters.get(key) if key in o._parameters else c._buffers.get(key)
             if t is not None and ct is not None:
                 pairs.setdefault(id(t), ct)
-    for mod in copied.modules():
+    for name, p in original.named_parameters():
+        if p.requires_grad:
+            pairs.trainable.setdefault(id(p), name)
+    direct: list[tuple[str, str]] = []
+    for path, mod in copied.named_modules():
         d = vars(mod)
         for key, val in list(d.items()):
             if key in ("_parameters", "_buffers", "_modules"):
                 continue
+            where = f"{path}.{key}" if path else key
             if isinstance(val, dict) and key.endswith("hooks"):  # the hook dicts of nn.Module
                 for hk, hv in list(val.items()):
+                    pairs.hits.clear()
                     new = _rebound(hv, pairs)
+                    direct += [(f"{where}[{hk}]", n) for n in pairs.hits]
                     if new is not hv:
                         val[hk] = new
                 continue
             if isinstance(val, nn.Module) or not callable(val):
                 continue
+            pairs.hits.clear()
             new = _rebound(val, pairs)
+            direct += [(where, n) for n in pairs.hits]
             if new is not val:
                 d[key] = new
+    return direct
+
+
+def _refuse_direct(step: str, direct: list[tuple[str, str]]) -> None:
+    """Raise :class:`ModelCopyError` when a callable closes over a trainable parameter directly."""
+    if not direct:
+        return
+    by_attr: dict[str, list[str]] = {}
+    for attr, pname in direct:
+        if pname not in by_attr.setdefault(attr, []):
+            by_attr[attr].append(pname)
+    named = "; ".join(f"{attr!r} closes over parameter{'s' if len(ps) > 1 else ''} "
+                      + ", ".join(repr(p) for p in sorted(ps)) for attr, ps in list(by_attr.items())[:3])
+    name = sorted(next(iter(by_attr.values())))[0]
+    mod = name.rpartition(".")[0]
+    raise ModelCopyError(
+        f"{step}: {named} -- the tensor itself, not through its module. The assessment "
+        "substitutes parameters (torch.func.functional_call, for the per-sample gradients) and "
+        "each scheme replaces the weights of the modules it quantizes; a closure over the tensor "
+        "sees neither, so its gradients would read 0 and its quantized copy would run the float "
+        f"weight. Read the parameter through its module inside the function (self.{name}, or close "
+        f"over the module{f' self.{mod}' if mod else ''} instead of its tensor)")
 
 
 def private_copy(model: nn.Module, step: str) -> nn.Module:
@@ -213,13 +265,15 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
     Raises:
         ModelCopyError: an attribute cannot be deep-copied; the message names ``step``, the
             attribute, the module that holds it and the original error (kept as the cause).
+            Also when a callable attribute (``forward``, a hook) closes over a trainable
+            parameter directly (module docstring); the message names both.
     """
     try:
         copied = copy.deepcopy(model)
     except Exception as exc:  # noqa: BLE001 - diagnosed below
         first = exc
     else:
-        _rebind_closures(model, copied)
+        _refuse_direct(step, _rebind_closures(model, copied))
         return copied
     memo = _non_leaf_memo(model)
     if memo:
@@ -228,7 +282,7 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
         except Exception as exc:  # noqa: BLE001 - diagnosed below
             first = exc
         else:
-            _rebind_closures(model, copied)
+            _refuse_direct(step, _rebind_closures(model, copied))
             return copied
     found = _culprits(model, memo)
     if not found:

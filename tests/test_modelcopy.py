@@ -179,7 +179,7 @@ class _ReachedOtherwise(nn.Module):
         return self.h(self.body(x))
 
 
-@pytest.mark.parametrize("how", ["default", "kwdefault", "list", "dict", "params"])
+@pytest.mark.parametrize("how", ["default", "kwdefault", "list", "dict"])
 def test_a_head_reached_through_defaults_containers_or_parameters_runs_the_copy(how):
     m = _ReachedOtherwise(how)
     X = torch.randn(5, 4)
@@ -189,10 +189,34 @@ def test_a_head_reached_through_defaults_containers_or_parameters_runs_the_copy(
         c.head.weight.mul_(2.0)
     assert not torch.allclose(c(X), before)  # the copy runs its own head
     assert torch.equal(m(X), before)  # the user's model untouched
-    if how == "params":  # the estimation's functional_call swaps parameters a closure does not see
-        return
     ref = _figures(_plain_like(m))
     assert _figures(m) == {k: pytest.approx(v, rel=1e-12) for k, v in ref.items()}
+
+
+def test_a_trainable_parameter_closed_over_directly_is_refused():
+    """vf22: ``w = self.head.weight; self.h = lambda z: z @ w.T + b`` -- the estimation substitutes
+    parameters through ``functional_call`` and a scheme replaces the quantized module's weight,
+    neither of which the closure sees: the head's gradients read 0 and its quantized copies ran
+    the float weight (silent when only part of the model is affected; below 1e5 weights a dtype
+    error naming neither). Refused at the first copy, naming the function and the parameter;
+    a frozen parameter closed over (neither assessed nor quantized) is left alone."""
+    m = _ReachedOtherwise("params")
+    X = torch.randn(5, 4)
+    before = m(X).detach().clone()
+    with pytest.raises(ModelCopyError, match=r"'h' closes over parameters 'head.bias', 'head.weight'.*self.head"):
+        private_copy(m, "test")
+    with pytest.raises(ModelCopyError, match="closes over parameters 'head.bias', 'head.weight'"):
+        _figures(m)
+    assert torch.equal(m(X), before)
+    # a forward hook closing over a parameter is named by its hook dict entry
+    h = _plain()
+    w = h[2].weight
+    h[2].register_forward_hook(lambda mod, inp, out: out + 0.0 * w.sum())
+    with pytest.raises(ModelCopyError, match=r"_forward_hooks\[\d+\]' closes over parameter '2.weight'"):
+        private_copy(h, "test")
+    m.head.requires_grad_(False)
+    c = private_copy(m, "test")  # frozen: not assessed, not quantized
+    assert torch.equal(c(X), before)
 
 
 def _plain_like(m: _ReachedOtherwise) -> nn.Module:
