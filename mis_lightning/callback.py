@@ -394,7 +394,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     rank_zero_warn(f"MISCallback: {w}")
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
-                    extra=where,
+                    extra=where, epoch=epoch,
                     # one copy per mid-training run (several per epoch with val_check_interval)
                     copy_name=None if stage == "fit_end" else f"mis_report_epoch={epoch}-step={step}.json")
                 failed = sum(1 for r in report.schemes.values() if r.error)
@@ -421,7 +421,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             if zero:
                 rank_zero_warn(f"MISCallback: the assessment failed ({self.last_error}); training's "
                                "results and checkpoints are kept (strict=True raises instead)")
-                self.report_path = publish_failure(out, exc, trainer.loggers, step=step, prefix=self.prefix, extra=where)
+                self.report_path = publish_failure(out, exc, trainer.loggers, step=step, prefix=self.prefix, extra=where,
+                                                   epoch=epoch)
         finally:
             for m, t in reversed(flags):
                 m.training = t

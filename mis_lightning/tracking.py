@@ -75,13 +75,18 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
 
 
 def log_report(loggers: Iterable[Any], report: Report, step: int = 0, prefix: str = "mis",
-               figure: Any | None = None, figure_name: str = "mis_privacy_utility") -> None:
-    """Log a report's metrics (and optionally a matplotlib figure) to every logger.
+               figure: Any | None = None, figure_name: str = "mis_privacy_utility",
+               epoch: int | None = None) -> None:
+    """Log a report's metrics (and optionally a matplotlib figure) to every logger at ``step``;
+    with ``epoch`` (0-based, the epoch the assessed weights were trained in) also an ``epoch``
+    entry, as Lightning's own logging adds to every row (the CSV logger's ``epoch`` column).
 
     Raises:
         Exception: whatever a logger raises.
     """
     metrics = report_metrics(report, prefix)
+    if epoch is not None:
+        metrics["epoch"] = int(epoch)  # an int, as Lightning logs it (the CSV reads "3", not "3.0")
     for lg in loggers:
         keep_csv_rows(lg)
         lg.log_metrics(metrics, step=step)
@@ -185,11 +190,12 @@ FIGURE_NAME = "mis_privacy_utility.png"
 
 def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: int = 0,
                    prefix: str = "mis", log_figure: bool = True, extra: dict[str, Any] | None = None,
-                   copy_name: str | None = None) -> tuple[Path, Path]:
+                   copy_name: str | None = None, epoch: int | None = None) -> tuple[Path, Path]:
     """Write ``<out>/mis_report.json`` (plus ``extra`` keys, and a copy as ``copy_name``) and
     the privacy-utility figure ``<out>/mis_privacy_utility.png``, and log the report (and the
-    figure, with ``log_figure``) to every logger at ``step``; the JSON goes to the loggers that
-    keep files (:func:`log_files`). Returns ``(report, figure)`` paths.
+    figure, with ``log_figure``) to every logger at ``step`` (and ``epoch``: :func:`log_report`);
+    the JSON goes to the loggers that keep files (:func:`log_files`). Returns ``(report, figure)``
+    paths.
 
     Raises:
         OSError: ``out`` cannot be written.
@@ -208,7 +214,7 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
     fig = report.plot(figure_path)
     loggers = list(loggers)
     try:
-        log_report(loggers, report, step=step, prefix=prefix, figure=fig if log_figure else None)
+        log_report(loggers, report, step=step, prefix=prefix, figure=fig if log_figure else None, epoch=epoch)
     finally:
         plt.close(fig)
     table = report.table()
@@ -218,23 +224,25 @@ def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: i
 
 
 def publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], *, step: int = 0,
-                    prefix: str = "mis", extra: dict[str, Any] | None = None) -> Path | None:
+                    prefix: str = "mis", extra: dict[str, Any] | None = None, epoch: int | None = None
+                    ) -> Path | None:
     """Record a failed assessment: ``<out>/mis_report.json`` with the error and traceback (plus
-    ``extra``), and ``<prefix>/failed = 1`` in every logger. Returns the JSON's path (``None``
+    ``extra``), and ``<prefix>/failed = 1`` (with ``epoch`` when given) in every logger at ``step``.
+    Returns the JSON's path (``None``
     when recording failed: that is only warned about, so that reporting never breaks training).
 
     Raises:
         Nothing: a failure to record is a ``UserWarning``.
     """
     try:
-        return _publish_failure(out, exc, loggers, step, prefix, extra)
+        return _publish_failure(out, exc, loggers, step, prefix, extra, epoch)
     except Exception as exc2:  # noqa: BLE001 - never let reporting break training
         warnings.warn(f"MISCallback: could not record the failure: {exc2}", UserWarning, stacklevel=2)
         return None
 
 
 def _publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], step: int, prefix: str,
-                     extra: dict[str, Any] | None) -> Path:
+                     extra: dict[str, Any] | None, epoch: int | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT_NAME
     path.write_text(json.dumps({
@@ -243,7 +251,8 @@ def _publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], step
         **(extra or {}),
     }, indent=2))
     for lg in loggers:
-        lg.log_metrics({f"{_head(prefix)}failed": 1.0}, step=step)
+        lg.log_metrics({f"{_head(prefix)}failed": 1.0, **({"epoch": int(epoch)} if epoch is not None else {})},
+                       step=step)
         if hasattr(lg, "save"):
             lg.save()
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -141,6 +142,9 @@ def test_single_run_writes_reports_and_prints_table(app_runs):
     # the csv logger got the report's metrics
     metrics = (out / "csv" / "metrics.csv").read_text()
     assert "mis/int8_weight_only/leakage" in metrics
+    rows = list(csv.DictReader(io.StringIO(metrics)))
+    trained = max(int(r["epoch"]) for r in rows if r.get("epoch") and not r.get("mis/int8_weight_only/leakage"))
+    assert [r["epoch"] for r in rows if r.get("mis/int8_weight_only/leakage")] == [str(trained)]
     # no Hydra/Lightning files outside the run dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 

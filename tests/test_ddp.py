@@ -160,7 +160,7 @@ def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
     cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64, every_n_val_epochs=1,
                      **FAST)  # see test_callback
     stop = pl.callbacks.EarlyStopping(monitor="mis/rtn_int8/utility/loss", mode="min", patience=5)
-    from mis_lightning.app.job import EpochProgress, trained_step
+    from mis_lightning.app.job import EpochProgress, trained_epoch, trained_step
 
     trainer = pl.Trainer(
         strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2,
@@ -173,6 +173,7 @@ def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
     assert trainer.global_step == 0
     n_batches = -(-51 // train.batch_size)  # 51 records per rank after the sampler's padding
     assert trained_step(trainer) == 2 * n_batches
+    assert trained_epoch(trainer) == 1  # the last epoch trained, 0-based (the CSV's epoch column)
     assert "_mis_lightning_global_step" not in trainer.callback_metrics  # not left for others to read
     reports = list(tmp_path.rglob("mis_report.json"))
     assert len(reports) == 1

@@ -101,6 +101,9 @@ def test_callback_logs_to_csv_tensorboard_mlflow_wandb_and_reads_back(package, t
         rows = list(csv.DictReader(fh))
     logged = {k: float(v) for r in rows for k, v in r.items() if k.startswith("mis/") and v}
     assert logged["mis/rtn_int8/leakage"] == pytest.approx(leak, rel=1e-6)  # CSV keeps ~7 digits
+    # the report's row carries the epoch its weights were trained in, as Lightning's rows do
+    mis_rows = [r for r in rows if r.get("mis/rtn_int8/leakage")]
+    assert [r["epoch"] for r in mis_rows] == ["0"] and rep["lightning"]["epoch"] == 0
     assert {f"mis/{s}/utility/loss" for s in SCHEMES} <= set(logged)
 
     if have["tensorboard"]:

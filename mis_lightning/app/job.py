@@ -258,6 +258,7 @@ class EpochProgress(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._progress is not None and trainer.is_global_zero:
             self._progress("train", trainer.current_epoch + 1)
+        trainer.callback_metrics[_EPOCH_KEY] = torch.tensor(trainer.current_epoch)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Under ddp_spawn the main process's trainer keeps global_step 0 (Lightning sends back
@@ -267,6 +268,7 @@ class EpochProgress(pl.Callback):
 
 
 _STEP_KEY = "_mis_lightning_global_step"
+_EPOCH_KEY = "_mis_lightning_epoch"
 
 
 def trained_step(trainer: pl.Trainer) -> int:
@@ -275,6 +277,14 @@ def trained_step(trainer: pl.Trainer) -> int:
     through ``callback_metrics`` (the entry is removed)."""
     sent = trainer.callback_metrics.pop(_STEP_KEY, None)
     return max(int(trainer.global_step), int(sent) if sent is not None else 0)
+
+
+def trained_epoch(trainer: pl.Trainer) -> int | None:
+    """The last epoch trained (0-based, as Lightning's logged ``epoch``), sent by
+    :class:`EpochProgress` through ``callback_metrics`` (rank 0's under ``ddp_spawn``; the entry
+    is removed); ``None`` when no epoch ended."""
+    sent = trainer.callback_metrics.pop(_EPOCH_KEY, None)
+    return int(sent) if sent is not None else None
 
 
 @contextmanager
@@ -767,11 +777,12 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                 stage[0] = "training"
                 with _timed(times, "train"):
                     trainer.fit(model, datamodule=dm)
-                step, job_loggers = trained_step(trainer), trainer.loggers
+                step, epoch, job_loggers = trained_step(trainer), trained_epoch(trainer), trainer.loggers
                 if cfg.output.get("checkpoint"):
                     save_checkpoint(out / cfg.output.checkpoint, model, dm, step)
             else:  # mode=assess: the checkpoint's weights, logged at its step
                 step, job_loggers = int(ckpt.get("global_step", 0)), loggers
+                epoch = int(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else None
             stage[0] = "assessment"
             model.eval()
             progress("estimation", 0, total=dm.n_train)
@@ -806,7 +817,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             if names.get("report_table"):
                 (out / names.report_table).write_text(table + "\n")
             fig = report.plot(out / names.figure)
-            log_report(job_loggers, report, step=step, figure=fig)
+            log_report(job_loggers, report, step=step, figure=fig, epoch=epoch)
             for lg in job_loggers:  # the JSON next to the figure in trackers that keep files
                 log_files(lg, [out / names.report_json], table=report.table(), step=step)
             import matplotlib.pyplot as plt
