@@ -332,6 +332,26 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+@contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """torch's fused attention fast path off for the block (the flag restored after, even on
+    error). In eval mode ``nn.TransformerEncoder`` (``enable_nested_tensor=True``, the default)
+    given a ``src_key_padding_mask`` checks the mask with
+    ``torch._nested_tensor_from_mask_left_aligned`` before it looks at gradients, and vmap has no
+    batching rule for it: every torch.func per-sample gradient failed. The fast path is an
+    inference kernel of the same function (nested tensors, fused layers); the estimation
+    differentiates the plain modules."""
+    old = torch.backends.mha.get_fastpath_enabled()
+    if not old:
+        yield
+        return
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
+
+
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating tensors a (private) model copy holds as plain attributes to ``dtype``.
 
@@ -399,7 +419,7 @@ class LossProgram:
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        with eval_mode(self.model), default_dtype(self.dtype):
+        with eval_mode(self.model), default_dtype(self.dtype), mha_fastpath_off():
             return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     def _one_loss(self, params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
