@@ -327,3 +327,35 @@ def test_torch_func_path_takes_a_transformer_encoder_with_a_padding_mask():
                         num_records=8, uncertainty_draws=0)
     assert not rep.schemes["rtn_int8"].error and rep.schemes["rtn_int8"].leakage > 0
     assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _SparseEmb(nn.Module):
+    def __init__(self, bag: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = bag
+        self.emb = (nn.EmbeddingBag(12, 4, mode="mean", sparse=True) if bag else nn.Embedding(12, 4, sparse=True))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        e = self.emb(x)
+        return self.head(e if self.bag else e.mean(1))
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_embeddings_are_estimated_as_their_dense_twins(bag):
+    """nn.Embedding / nn.EmbeddingBag(sparse=True) (trained with SparseAdam): the flag only lays
+    the weight's gradient out as a sparse tensor, which torch.func's vmap could not take ("Could
+    not run 'aten::view' with arguments from the 'SparseCPU' backend") on every estimator. The
+    figures are those of the same model with sparse=False; the user's module keeps its flag."""
+    m = _SparseEmb(bag).eval()
+    twin = _SparseEmb(bag).eval()
+    twin.emb.sparse = False
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randint(0, 12, (40, 5), generator=g), torch.randint(0, 3, (40,), generator=g)
+    dl = DataLoader(TensorDataset(X, Y), batch_size=16)
+    for opts in ({"estimation": "exact"}, {"estimation": "diagonal", "hessian": "ggn"},
+                 {"estimation": "diagonal", "hessian": "ggn", "use_factors": False}):
+        a, b = (ml.assess(x, ["rtn_int4"], dl, _ce, num_records=8, uncertainty_draws=0, **opts) for x in (m, twin))
+        assert a.schemes["rtn_int4"].leakage == pytest.approx(b.schemes["rtn_int4"].leakage, rel=1e-9)
+    assert m.emb.sparse

@@ -332,6 +332,16 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def dense_embedding_gradients(model: nn.Module) -> None:
+    """``sparse=False`` on the embeddings of a (private) model copy. ``sparse=True`` only lays
+    out the weight's gradient as a sparse tensor (for ``SparseAdam``): the same values, but
+    torch.func's vmap cannot batch it ("Could not run 'aten::view' with arguments from the
+    'SparseCPU' backend")."""
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
+            m.sparse = False
+
+
 @contextmanager
 def mha_fastpath_off() -> Iterator[None]:
     """torch's fused attention fast path off for the block (the flag restored after, even on
@@ -404,6 +414,7 @@ class LossProgram:
             own = True
         else:
             cast_tensor_attributes(self.model, self.dtype)
+            dense_embedding_gradients(self.model)
         named = dict(self.model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
 
