@@ -359,3 +359,28 @@ def test_sparse_embeddings_are_estimated_as_their_dense_twins(bag):
         a, b = (ml.assess(x, ["rtn_int4"], dl, _ce, num_records=8, uncertainty_draws=0, **opts) for x in (m, twin))
         assert a.schemes["rtn_int4"].leakage == pytest.approx(b.schemes["rtn_int4"].leakage, rel=1e-9)
     assert m.emb.sparse
+
+
+class _FrozenGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_torch_func_gauss_newton_reads_the_head_of_a_recurrent_encoder_record_by_record():
+    """The Gauss-Newton diagonal on the torch.func path (use_factors=False, or a head the
+    per-layer path does not take) vmapped the recurrent layer's fused kernel and failed
+    ("output with shape [1, H] doesn't match the broadcast shape [B, 1, H]"); its output
+    Jacobians are now taken record by record there, with the per-layer path's figures."""
+    m = _FrozenGRU().eval()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(40, 5, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    dl = DataLoader(TensorDataset(X, Y), batch_size=16)
+    a, b = (ml.assess(m, ["rtn_int4"], dl, _ce, params=["head.weight", "head.bias"], estimation="diagonal",
+                      hessian="ggn", use_factors=uf, num_records=8, uncertainty_draws=0) for uf in (True, False))
+    assert a.schemes["rtn_int4"].leakage == pytest.approx(b.schemes["rtn_int4"].leakage, rel=1e-9)

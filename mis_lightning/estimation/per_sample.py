@@ -512,12 +512,17 @@ class LossProgram:
         rows = [grad(one)(params, _rows_of(inputs, i), _rows_of(targets, i)) for i in range(_batch_size(inputs))]
         return {n: torch.stack([r[n] for r in rows]) for n in params}
 
-    def output_jacobians(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}``."""
+    def output_jacobians(self, inputs: Any, looped: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}`` (with
+        ``looped``, one ``jacrev`` per record, for a forward that vmap cannot batch, e.g. a
+        frozen recurrent encoder)."""
         def f(p: dict[str, Tensor], x: Any) -> tuple[Tensor, Tensor]:
             o = self._one_output(p, x)
             return o, o.detach()
 
+        if looped:
+            rows = [jacrev(f, has_aux=True)(self.params, _rows_of(inputs, i)) for i in range(_batch_size(inputs))]
+            return torch.stack([o for _, o in rows]), {n: torch.stack([j[n] for j, _ in rows]) for n in self.params}
         # One forward serves both (has_aux), instead of a second vmapped forward for the outputs.
         jac, out = vmap(jacrev(f, has_aux=True), in_dims=(None, 0))(self.params, inputs)
         return out, jac
