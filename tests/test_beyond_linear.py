@@ -3,6 +3,8 @@ the per-layer fast estimation path (equal to torch.func's per-sample gradients).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -287,3 +289,98 @@ def test_a_weight_also_used_outside_its_layer_is_caught_by_the_first_batch_check
     assert isinstance(acc.factored, LayerProgram)
     acc.update((torch.randn(8, 1, 5), torch.randint(0, 3, (8,))))
     assert acc.factored is None  # fell back: the per-sample check against torch.func failed
+
+
+class _PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder as built by default (enable_nested_tensor=True, mask_check=True)
+    with a key padding mask: in eval mode its forward checks the mask with
+    ``torch._nested_tensor_from_mask_left_aligned``, which vmap cannot batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(12, 8, padding_idx=0)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        pad = x.eq(0)
+        h = self.enc(self.emb(x), src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.head((h * keep).sum(1) / keep.sum(1))
+
+
+def test_torch_func_path_takes_a_transformer_encoder_with_a_padding_mask():
+    """torch.func's per-sample gradients (use_factors=False, and every estimator but the
+    per-layer Gauss-Newton one) used to fail in the encoder's sparsity fast-path mask check
+    ("Batching rule not implemented for aten::_nested_tensor_from_mask_left_aligned"); the
+    figures equal the per-layer path's, and the global fast-path flag is left as it was."""
+    m = _PaddedEncoder().eval()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(1, 12, (40, 6), generator=g)
+    X[::3, 4:] = 0  # right-padded records
+    Y = torch.randint(0, 3, (40,), generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _assert_same(*_both(m, X, Y))
+        rep = ml.assess(m, ["rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=16), _ce, estimation="exact",
+                        num_records=8, uncertainty_draws=0)
+    assert not rep.schemes["rtn_int8"].error and rep.schemes["rtn_int8"].leakage > 0
+    assert torch.backends.mha.get_fastpath_enabled()
+
+
+class _SparseEmb(nn.Module):
+    def __init__(self, bag: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = bag
+        self.emb = (nn.EmbeddingBag(12, 4, mode="mean", sparse=True) if bag else nn.Embedding(12, 4, sparse=True))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        e = self.emb(x)
+        return self.head(e if self.bag else e.mean(1))
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_embeddings_are_estimated_as_their_dense_twins(bag):
+    """nn.Embedding / nn.EmbeddingBag(sparse=True) (trained with SparseAdam): the flag only lays
+    the weight's gradient out as a sparse tensor, which torch.func's vmap could not take ("Could
+    not run 'aten::view' with arguments from the 'SparseCPU' backend") on every estimator. The
+    figures are those of the same model with sparse=False; the user's module keeps its flag."""
+    m = _SparseEmb(bag).eval()
+    twin = _SparseEmb(bag).eval()
+    twin.emb.sparse = False
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randint(0, 12, (40, 5), generator=g), torch.randint(0, 3, (40,), generator=g)
+    dl = DataLoader(TensorDataset(X, Y), batch_size=16)
+    for opts in ({"estimation": "exact"}, {"estimation": "diagonal", "hessian": "ggn"},
+                 {"estimation": "diagonal", "hessian": "ggn", "use_factors": False}):
+        a, b = (ml.assess(x, ["rtn_int4"], dl, _ce, num_records=8, uncertainty_draws=0, **opts) for x in (m, twin))
+        assert a.schemes["rtn_int4"].leakage == pytest.approx(b.schemes["rtn_int4"].leakage, rel=1e-9)
+    assert m.emb.sparse
+
+
+class _FrozenGRU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.GRU(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_torch_func_gauss_newton_reads_the_head_of_a_recurrent_encoder_record_by_record():
+    """The Gauss-Newton diagonal on the torch.func path (use_factors=False, or a head the
+    per-layer path does not take) vmapped the recurrent layer's fused kernel and failed
+    ("output with shape [1, H] doesn't match the broadcast shape [B, 1, H]"); its output
+    Jacobians are now taken record by record there, with the per-layer path's figures."""
+    m = _FrozenGRU().eval()
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(40, 5, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    dl = DataLoader(TensorDataset(X, Y), batch_size=16)
+    a, b = (ml.assess(m, ["rtn_int4"], dl, _ce, params=["head.weight", "head.bias"], estimation="diagonal",
+                      hessian="ggn", use_factors=uf, num_records=8, uncertainty_draws=0) for uf in (True, False))
+    assert a.schemes["rtn_int4"].leakage == pytest.approx(b.schemes["rtn_int4"].leakage, rel=1e-9)

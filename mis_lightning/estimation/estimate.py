@@ -940,7 +940,15 @@ class MomentAccumulator:
         for x, y in split_batch(inputs, targets, b, step):
             bb = batch_size_of(y)
             if ggn:
-                out, jac = program.output_jacobians(x)  # out [b, C], jac {n: [b, C, *shape]}
+                try:
+                    out, jac = program.output_jacobians(x)  # out [b, C], jac {n: [b, C, *shape]}
+                except RuntimeError:
+                    if not any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in self.model.modules()):
+                        raise
+                    # recurrent layers (frozen: only the head is assessed): their fused kernels do
+                    # not batch under vmap ("output with shape [1, H] doesn't match the broadcast
+                    # shape [B, 1, H]"); the same Jacobians one record at a time
+                    out, jac = program.output_jacobians(x, looped=True)
                 e, L = program.loss_output_derivatives(out, y, out_shape or ())
                 grads = {}
                 for k in names:

@@ -457,8 +457,9 @@ def _supported(mod: nn.Module) -> str | None:
     if isinstance(mod, nn.Linear) or isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return None
     if isinstance(mod, nn.Embedding):
-        if mod.max_norm is not None or mod.scale_grad_by_freq or mod.sparse:
-            return "Embedding with max_norm / scale_grad_by_freq / sparse"
+        # sparse=True lays out the weight's gradient only; the per-sample rows are formed here
+        if mod.max_norm is not None or mod.scale_grad_by_freq:
+            return "Embedding with max_norm / scale_grad_by_freq"
         return None
     if isinstance(mod, nn.LayerNorm):
         return None

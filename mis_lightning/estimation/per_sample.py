@@ -332,6 +332,36 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def dense_embedding_gradients(model: nn.Module) -> None:
+    """``sparse=False`` on the embeddings of a (private) model copy. ``sparse=True`` only lays
+    out the weight's gradient as a sparse tensor (for ``SparseAdam``): the same values, but
+    torch.func's vmap cannot batch it ("Could not run 'aten::view' with arguments from the
+    'SparseCPU' backend")."""
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse:
+            m.sparse = False
+
+
+@contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """torch's fused attention fast path off for the block (the flag restored after, even on
+    error). In eval mode ``nn.TransformerEncoder`` (``enable_nested_tensor=True``, the default)
+    given a ``src_key_padding_mask`` checks the mask with
+    ``torch._nested_tensor_from_mask_left_aligned`` before it looks at gradients, and vmap has no
+    batching rule for it: every torch.func per-sample gradient failed. The fast path is an
+    inference kernel of the same function (nested tensors, fused layers); the estimation
+    differentiates the plain modules."""
+    old = torch.backends.mha.get_fastpath_enabled()
+    if not old:
+        yield
+        return
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(old)
+
+
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating tensors a (private) model copy holds as plain attributes to ``dtype``.
 
@@ -384,6 +414,7 @@ class LossProgram:
             own = True
         else:
             cast_tensor_attributes(self.model, self.dtype)
+            dense_embedding_gradients(self.model)
         named = dict(self.model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
 
@@ -399,7 +430,7 @@ class LossProgram:
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        with eval_mode(self.model), default_dtype(self.dtype):
+        with eval_mode(self.model), default_dtype(self.dtype), mha_fastpath_off():
             return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     def _one_loss(self, params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
@@ -481,12 +512,17 @@ class LossProgram:
         rows = [grad(one)(params, _rows_of(inputs, i), _rows_of(targets, i)) for i in range(_batch_size(inputs))]
         return {n: torch.stack([r[n] for r in rows]) for n in params}
 
-    def output_jacobians(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}``."""
+    def output_jacobians(self, inputs: Any, looped: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """Outputs ``[B, C]`` and per-sample Jacobians ``{name: [B, C, *shape]}`` (with
+        ``looped``, one ``jacrev`` per record, for a forward that vmap cannot batch, e.g. a
+        frozen recurrent encoder)."""
         def f(p: dict[str, Tensor], x: Any) -> tuple[Tensor, Tensor]:
             o = self._one_output(p, x)
             return o, o.detach()
 
+        if looped:
+            rows = [jacrev(f, has_aux=True)(self.params, _rows_of(inputs, i)) for i in range(_batch_size(inputs))]
+            return torch.stack([o for _, o in rows]), {n: torch.stack([j[n] for j, _ in rows]) for n in self.params}
         # One forward serves both (has_aux), instead of a second vmapped forward for the outputs.
         jac, out = vmap(jacrev(f, has_aux=True), in_dims=(None, 0))(self.params, inputs)
         return out, jac
