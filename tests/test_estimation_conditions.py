@@ -304,3 +304,38 @@ def test_a_forward_that_mixes_records_is_refused_on_the_first_batch():
         return 0.5 * (o.reshape(-1) - t.reshape(-1)) ** 2
 
     ml.assess(_Squeezed().eval(), ["rtn_int8"], dl, flat_mse, uncertainty_draws=0)
+
+
+def _absent_class_model(bias: float) -> tuple[nn.Module, DataLoader]:
+    """A 10-16-3 classifier trained on classes 0 and 1 only; the third class's bias set to
+    ``bias`` (probability ~ exp(bias) for every record)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 10, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        m[2].bias[2] = bias
+    return m, DataLoader(TensorDataset(x, y), batch_size=64)
+
+
+@pytest.mark.parametrize("bias", [-18.0, -45.0])
+@pytest.mark.parametrize("use_factors", [True, False])
+def test_a_class_of_probability_near_zero_does_not_floor_every_weights_curvature(bias, use_factors):
+    """fu23 F1: the diagonal sandwich floors ``H_jj`` at ``damping * r * V_jj``; with ``r`` the
+    MAXIMUM of ``|H_kk| / V_kk``, a class of probability p ~ 0 (its head row has H/V ~ 1/p:
+    1e8 at bias -18, 1e19 at -45) raised the floor above every other weight's curvature: the
+    first layer's sigma read 1/5 of itself (bias -18) and 1e-13 of itself (-45, torch.func path;
+    int4 and int8 then scored alike). With ``r`` the median, every sigma whose curvature is
+    positive equals the undamped sandwich's (1e-9: the floor then binds nowhere)."""
+    m, dl = _absent_class_model(bias)
+    ce_ = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
+    kw = dict(mode="diagonal", hessian="ggn", use_factors=use_factors)
+    damped, undamped = estimate(m, dl, ce_, **kw), estimate(m, dl, ce_, damping=0.0, **kw)
+    for k in ("0.weight", "0.bias"):
+        torch.testing.assert_close(damped.sigma[k], undamped.sigma[k], rtol=1e-9, atol=0.0)
