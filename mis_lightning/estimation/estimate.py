@@ -192,6 +192,10 @@ class Estimate:
     estimator: str = ""
     reason: str = ""
     _tap_cache: list | None = None
+    # exact mode where the eigenvalue floor bites: {factor: the estimate's exact-mode fields
+    # (sigma, influence, mahalanobis, correlation, leverage) with the floor at factor x damping}
+    # (sandwich_compute's floor_variants; the scoring's floor_sensitivity); None otherwise
+    _floor_variants: dict[float, dict[str, Any]] | None = None
 
     @property
     def d(self) -> int:
@@ -1120,13 +1124,17 @@ class MomentAccumulator:
                     "the per-record Gauss-Newton factors were not kept"
             records: dict[str, Tensor] = {}
             step = _newton_step(g_mean_flat, H, theta, names, self._decay_slice(0, self.d))
+            variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
-                                                          records=records)
+                                                          records=records, floor_variants=variants)
             diagnostics.update(_newton_offset(step, sigma_flat, diagnostics["gradient_norm_ratio"]))
+            floor_variants = {f: {"sigma": _split(v["sigma"], names, offsets), "influence": v["w"],
+                                  "mahalanobis": v["mahal"], "correlation": v["corr"], "leverage": v["leverage"]}
+                              for f, v in variants.items()} or None
             return Estimate(mode="exact", hessian="exact", sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
-                            leverage=records.get("leverage"), **common)
+                            leverage=records.get("leverage"), _floor_variants=floor_variants, **common)
 
         h_sum = st["h_sum"].to(cpu, torch.float64)
         if self.hessian == "hutchinson":
@@ -1393,6 +1401,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
                      records: dict[str, Tensor] | None = None,
+                     floor_variants: dict[float, dict[str, Tensor | None]] | None = None,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``
     (:func:`_sandwich_scaled`, whose arguments and returns these are).
@@ -1406,6 +1415,13 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     the rest unit-free) and kept if fewer eigenvalues are floored there (units, not flat
     directions, were the cause; ``diagnostics["hessian_scaling"] = "jacobi"``). A Hessian
     that is singular in any units keeps the parameter-unit pseudo-inverse.
+
+    ``floor_variants``: when given and the floor bites in the units kept (``eigenvalues_floored
+    > 0``), gets ``{f: {"sigma", "w", "mahal", "corr", "leverage"}}`` for the floor at ``f``
+    times ``damping``, ``f`` in :data:`FLOOR_SENSITIVITY_FACTORS` (same units): the floored
+    directions' variance is ``u' V u / floor^2``, set by the damping constant rather than by the
+    data, and the scoring reports how far the headline follows it (``floor_sensitivity``). An
+    unfloored Hessian leaves it empty (no extra work; the figures do not depend on the floor).
     """
     first: dict[str, Any] = {}
     rec1: dict[str, Tensor] = {}
@@ -1427,11 +1443,40 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             diagnostics.update(second, hessian_scaling="jacobi")
             if records is not None:
                 records.update(rec2)
+            if floor_variants is not None:
+                def scaled(f: float, rec: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    sg, *rest = _sandwich_scaled(
+                        gg_mean * ss, H * ss, g_mean * s, G * s, n, damping * f, {},
+                        jacobians=None if jacobians is None else jacobians * s, loss_hessians=loss_hessians,
+                        correct_leverage=correct_leverage, records=rec)
+                    return (sg * s, *rest)
+                _floor_variants(floor_variants, second["eigenvalues_floored"], damping, scaled)
             return sigma * s, w, mahal, corr
     diagnostics.update(first)
     if records is not None:
         records.update(rec1)
+    if floor_variants is not None:
+        _floor_variants(floor_variants, first.get("eigenvalues_floored", 0), damping, lambda f, rec: _sandwich_scaled(
+            gg_mean, H, g_mean, G, n, damping * f, {}, jacobians=jacobians, loss_hessians=loss_hessians,
+            correct_leverage=correct_leverage, records=rec))
     return out
+
+
+# The floor's sensitivity check (sandwich_compute's floor_variants): the sandwich again with the
+# eigenvalue floor at these multiples of ``damping``, where the floor bites.
+FLOOR_SENSITIVITY_FACTORS = (10.0, 0.1)
+
+
+def _floor_variants(out: dict[float, dict[str, Tensor | None]], floored: int, damping: float,
+                    compute: Callable[[float, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Tensor]]) -> None:
+    """Fill ``out`` with the sandwich at each floor of :data:`FLOOR_SENSITIVITY_FACTORS` when
+    ``floored > 0`` (``compute(factor, records)`` in the units the estimate kept)."""
+    if floored <= 0 or damping <= 0:
+        return
+    for f in FLOOR_SENSITIVITY_FACTORS:
+        rec: dict[str, Tensor] = {}
+        sigma, w, mahal, corr = compute(f, rec)
+        out[f] = {"sigma": sigma, "w": w, "mahal": mahal, "corr": corr, "leverage": rec.get("leverage")}
 
 
 def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
