@@ -838,6 +838,16 @@ def score_schemes(
     unstable = _floor_sensitivity(est, model, scheme_objs, cfg, report)
     if unstable:
         report.warnings.append(unstable)
+    if diagnostics.get("interpolating"):
+        report.warnings.append(
+            "the model interpolates its training data (training loss ~0: the per-sample gradients are rounding, "
+            f"root mean square {diagnostics.get('per_sample_gradient_ratio', float('nan')):.2g} of the curvature's "
+            "scale |diag(H) theta|): the gradient covariance, sigma and the influences are built from rounding, "
+            "so the figures are not determined by the data (the gradient norm ratio "
+            f"{diagnostics['gradient_norm_ratio']:.3g} is rounding over rounding, not a sign of an unconverged "
+            "fit); the M-estimator analysis needs training residuals: add weight decay, assess fewer weights "
+            "than records, or use more records"
+        )
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss (gradient norm ratio "

@@ -5,6 +5,9 @@
   floor (and the eigenvectors by the Hessian's rounding), so the headline moved 20% under an
   exact rescaling of the loss. The report flags the figures as unstable (``~``, a warning,
   ``floor_sensitivity``) from the headline rescored with the floor 10x higher and lower.
+* An exact interpolant (d > n, MSE, no weight decay): the per-sample gradients are rounding;
+  the report says the model interpolates its training data, not "not at a minimum" (the
+  gradient norm ratio 0.19 was rounding over rounding).
 """
 
 import functools
@@ -145,3 +148,64 @@ def test_well_conditioned_exact_fit_has_no_floor_check_and_is_scale_equivariant(
         figs.append([rep.baseline_leakage] + [r.leakage for r in rep.schemes.values()])
     for f in figs[1:]:
         assert f == pytest.approx(figs[0], rel=1e-8, abs=0)
+
+
+def _interpolant(n: int, p: int, decay: float = 0.0):
+    torch.manual_seed(0)
+    x = torch.randn(n, p, dtype=torch.float64)
+    y = x @ torch.randn(p, dtype=torch.float64) * 0.3 + torch.randn(n, dtype=torch.float64)
+    m = nn.Linear(p, 1, bias=False).double()
+    with torch.no_grad():
+        m.weight.copy_((torch.linalg.pinv(x) @ y).unsqueeze(0))
+    return m, DataLoader(TensorDataset(x, y), batch_size=20)
+
+
+def _mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def test_exact_interpolation_is_named_not_called_unconverged():
+    m, dl = _interpolant(40, 60)
+    rep = ml.assess(m, ["rtn_int8", "rtn_int4"], dl, _mse, uncertainty_draws=4)
+    dg = rep.diagnostics
+    assert dg["interpolating"] and dg["per_sample_gradient_ratio"] < 1e-12
+    assert dg["gradient_norm_ratio"] > 0.1  # rounding over rounding: what fired the old warning
+    assert not dg["not_at_minimum"]
+    assert not any("not at a minimum" in w for w in rep.warnings)
+    assert any(w.startswith("the model interpolates its training data (training loss ~0") for w in rep.warnings)
+    assert any(w.startswith("d / n = 1.5 is not small") for w in rep.warnings)  # kept
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+def test_interpolation_flag_in_both_estimators_and_not_for_small_residuals(mode):
+    m, dl = _interpolant(40, 60)
+    dg = estimate(m, dl, _mse, mode=mode).diagnostics
+    assert dg["interpolating"] and not dg["not_at_minimum"]
+    # a least-squares fit with residuals 1e-9 of the outputs is no interpolant
+    torch.manual_seed(0)
+    x = torch.randn(400, 60, dtype=torch.float64)
+    y = x @ torch.randn(60, dtype=torch.float64) * 0.3 + 1e-9 * torch.randn(400, dtype=torch.float64)
+    lin = nn.Linear(60, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.linalg.lstsq(x, y).solution.unsqueeze(0))
+    dg = estimate(lin, DataLoader(TensorDataset(x, y), batch_size=100), _mse, mode=mode).diagnostics
+    assert "interpolating" not in dg and not dg["not_at_minimum"]
+
+
+def test_interpolant_under_weight_decay_is_still_not_at_a_minimum():
+    """With weight decay the interpolant is no minimum of the penalised objective: both lines."""
+    m, dl = _interpolant(40, 60)
+    dg = estimate(m, dl, _mse, mode="exact", weight_decay=1e-2).diagnostics
+    assert dg["interpolating"] and dg["not_at_minimum"]
+
+
+def test_interpolation_flag_on_the_lean_diagonal_path(monkeypatch):
+    """The chunked float32-state finalize of models above FLOAT32_STATE_MIN_PARAMS weights."""
+    import importlib
+
+    est_mod = importlib.import_module("mis_lightning.estimation.estimate")
+    monkeypatch.setattr(est_mod, "FLOAT32_STATE_MIN_PARAMS", 10)
+    m, dl = _interpolant(40, 60)
+    dg = estimate(m, dl, _mse, mode="diagonal", dtype=torch.float64, budget=100).diagnostics
+    assert dg["state_dtype"] == "float32"  # the lean path ran
+    assert dg["interpolating"] and not dg["not_at_minimum"]
