@@ -40,7 +40,14 @@ from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
-from .report import CONSISTENCY_TOLERANCE, LayerResult, Report, SchemeResult, above_baseline
+from .report import (
+    CONSISTENCY_TOLERANCE,
+    FLOOR_SENSITIVITY_MAX,
+    LayerResult,
+    Report,
+    SchemeResult,
+    above_baseline,
+)
 from .threads import scoring_threads
 
 log = logging.getLogger(__name__)
@@ -828,6 +835,19 @@ def score_schemes(
     if trained_out:
         report.warnings.append(trained_out)
     report.warnings += estimator_warnings(diagnostics)  # e.g. the Monte Carlo Gauss-Newton's error
+    unstable = _floor_sensitivity(est, model, scheme_objs, cfg, report)
+    if unstable:
+        report.warnings.append(unstable)
+    if diagnostics.get("interpolating"):
+        report.warnings.append(
+            "the model interpolates its training data (training loss ~0: the per-sample gradients are rounding, "
+            f"root mean square {diagnostics.get('per_sample_gradient_ratio', float('nan')):.2g} of the curvature's "
+            "scale |diag(H) theta|): the gradient covariance, sigma and the influences are built from rounding, "
+            "so the figures are not determined by the data (the gradient norm ratio "
+            f"{diagnostics['gradient_norm_ratio']:.3g} is rounding over rounding, not a sign of an unconverged "
+            "fit); the M-estimator analysis needs training residuals: add weight decay, assess fewer weights "
+            "than records, or use more records"
+        )
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss (gradient norm ratio "
@@ -849,6 +869,52 @@ def score_schemes(
             "reading them (see diagnostics)"
         )
     return report
+
+
+def _floor_sensitivity(est: Estimate, model: nn.Module, schemes: Sequence[QuantizationScheme],
+                       cfg: ScoringConfig, report: Report) -> str | None:
+    """Where the exact sandwich's eigenvalue floor bites (``est._floor_variants``: the estimate
+    again with the floor 10x higher and lower), each scheme's leakage rescored from those and
+    its largest relative move stored (``SchemeResult.floor_sensitivity``, ``floor_sensitivity``
+    in the diagnostics); a warning when one exceeds :data:`FLOOR_SENSITIVITY_MAX`, else ``None``.
+
+    A near-singular or indefinite Hessian (a saturated, near-separable classifier) puts some
+    eigenvalues below the floor: the variance along them is ``u' V u / floor^2``, set by the
+    damping constant, and their eigenvectors by the Hessian's rounding (a class-weighted CE
+    MLP's figures moved 20% under an exact rescaling of the loss, 1e-16 relative in H). The
+    figure is then not determined by the data; no floor fixes that, so it is flagged."""
+    variants = getattr(est, "_floor_variants", None)
+    if not variants:
+        return None
+    rel = lambda a, b: abs(a - b) / abs(b) if b and math.isfinite(a) and math.isfinite(b) else math.nan
+    moves: dict[str, float] = {}
+    base_move = 0.0
+    for fields in variants.values():
+        alt = score_schemes(dataclasses.replace(est, _floor_variants=None, **fields), model, list(schemes),
+                            scoring_config=dataclasses.replace(cfg, strict=False, uncertainty_draws=0))
+        base_move = max(base_move, rel(alt.baseline_leakage, report.baseline_leakage))
+        for name, res in report.schemes.items():
+            other = alt.schemes.get(name)
+            if res.error or other is None or other.error:
+                continue
+            moves[name] = max(moves.get(name, 0.0), rel(other.leakage, res.leakage))
+    for name, move in moves.items():
+        report.schemes[name].floor_sensitivity = move
+    report.diagnostics["floor_sensitivity"] = {"baseline": base_move, **moves}
+    over = {k: v for k, v in moves.items() if v > FLOOR_SENSITIVITY_MAX}
+    if not over:
+        return None
+    worst = max(over, key=over.get)  # type: ignore[arg-type]
+    floored = est.diagnostics.get("eigenvalues_floored")
+    return (
+        f"unstable figures (~ in the table): the leakage of {', '.join(sorted(over))} moves by up to "
+        f"{100 * over[worst]:.0f}% ({worst}) when the Hessian's eigenvalue floor is set 10x higher or lower "
+        f"({floored} eigenvalue(s) of {est.d} below the floor): the Hessian is near-singular or indefinite "
+        "(a saturated or near-separable fit, a saddle point), so the weights' variance along those directions "
+        "is set by the floor and by rounding, not by the data, and the figure is not determined (it can move "
+        "with an exact rescaling of the loss); train to a strict minimum (weight decay, or a loss without "
+        "saturated records) or assess fewer weights before reading it"
+    )
 
 
 def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | None, factor_rank: int,

@@ -124,6 +124,10 @@ class SchemeResult:
     # SmoothQuant's per-channel factors, computed from the calibration records): the figure is
     # then a lower bound of the whole release's leakage (data processing); ``None``: nothing
     unscored: str | None = None
+    # the largest relative move of ``leakage`` when the exact sandwich's eigenvalue floor is set
+    # 10x higher or lower (computed only where the floor bites; ``None``: it does not, or not
+    # checked); above :data:`FLOOR_SENSITIVITY_MAX` the figure is unstable (``~`` in the table)
+    floor_sensitivity: float | None = None
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
@@ -250,6 +254,8 @@ class Report:
                 "float_fraction": math.nan if s.error else 1.0 - s.quantized_fraction,
                 "method": s.method, "error": s.error or "", "unscored": bool(s.unscored),
             }
+            if s.floor_sensitivity is not None:  # only where the floor bites (exact estimator)
+                row["floor_sensitivity"] = s.floor_sensitivity
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
             out.append(row)
         return out
@@ -458,6 +464,11 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
         lines.append("  +: a lower bound: the release also carries a part this figure does not score "
                      "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
                      "records; see warnings); not ranked by the verdict.")
+    if any(unstable(r) for r in rows if not r.get("error")):
+        lines.append(f"  ~: unstable: the figure moves by more than {100 * FLOOR_SENSITIVITY_MAX:.0f}% when the "
+                     "eigenvalue floor of the Hessian is set 10x higher or lower (a singular or indefinite "
+                     "Hessian: the floored directions' variance is set by the floor, not by the data; see "
+                     "warnings).")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
                      "exceed: the figure is not reliable here (see warnings).")
@@ -486,6 +497,18 @@ def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
 # must not exceed it is flagged (``!`` in the table, a warning; the Monte Carlo forms' own
 # error is ~1%).
 CONSISTENCY_TOLERANCE = 0.02
+
+
+# Relative move of a leakage under the eigenvalue floor x10 or /10 beyond which the figure is
+# flagged unstable (``~`` in the table, a warning; SchemeResult.floor_sensitivity).
+FLOOR_SENSITIVITY_MAX = 0.05
+
+
+def unstable(row: dict[str, Any]) -> bool:
+    """Whether a row's leakage moves by more than :data:`FLOOR_SENSITIVITY_MAX` (relative) when
+    the exact sandwich's eigenvalue floor is set 10x higher or lower."""
+    fs = row.get("floor_sensitivity")
+    return fs is not None and math.isfinite(float(fs)) and float(fs) > FLOOR_SENSITIVITY_MAX
 
 
 def above_baseline(row: dict[str, Any]) -> bool:
@@ -518,7 +541,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
-            _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else ""),
+            _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else "")
+            + (" ~" if unstable(r) else ""),
             interval, _fmt(r["mis"]),
             _fmt_or_dash(r.get("pool_leakage")),
             _fmt(r["baseline_leakage"]),

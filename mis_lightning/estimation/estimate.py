@@ -192,6 +192,10 @@ class Estimate:
     estimator: str = ""
     reason: str = ""
     _tap_cache: list | None = None
+    # exact mode where the eigenvalue floor bites: {factor: the estimate's exact-mode fields
+    # (sigma, influence, mahalanobis, correlation, leverage) with the floor at factor x damping}
+    # (sandwich_compute's floor_variants; the scoring's floor_sensitivity); None otherwise
+    _floor_variants: dict[float, dict[str, Any]] | None = None
 
     @property
     def d(self) -> int:
@@ -1128,13 +1132,20 @@ class MomentAccumulator:
                     "the per-record Gauss-Newton factors were not kept"
             records: dict[str, Tensor] = {}
             step = _newton_step(g_mean_flat, H, theta, names, self._decay_slice(0, self.d))
+            variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
-                                                          records=records)
+                                                          records=records, floor_variants=variants)
             diagnostics.update(_newton_offset(step, sigma_flat, diagnostics["gradient_norm_ratio"]))
+            diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"],
+                                              float((torch.diagonal(H) * _flatten_theta(theta, names)).norm()),
+                                              torch.finfo(self.dtype).eps))
+            floor_variants = {f: {"sigma": _split(v["sigma"], names, offsets), "influence": v["w"],
+                                  "mahalanobis": v["mahal"], "correlation": v["corr"], "leverage": v["leverage"]}
+                              for f, v in variants.items()} or None
             return Estimate(mode="exact", hessian="exact", sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
-                            leverage=records.get("leverage"), **common)
+                            leverage=records.get("leverage"), _floor_variants=floor_variants, **common)
 
         h_sum = st["h_sum"].to(cpu, torch.float64)
         if self.hessian == "hutchinson":
@@ -1155,6 +1166,8 @@ class MomentAccumulator:
         v_centring = _without_rounding_gradients(v_flat, names, offsets, eps, diagnostics)
         sigma_flat, w = diagonal_compute(h_flat + self._decay_slice(0, self.d), v_flat, g_mean_flat, G, n, self.damping,
                                          diagnostics, v_centring)
+        hth = float(((h_flat + self._decay_slice(0, self.d)) * _flatten_theta(theta, names)).norm())
+        diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"], hth, eps))
         records, factors = None, None
         if w is not None:
             kept = w.shape[0]
@@ -1217,10 +1230,12 @@ class MomentAccumulator:
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
         grad_sq, zero_var, h_min, h_max, neg, h_abs = 0.0, 0, math.inf, -math.inf, 0, 0.0
+        def theta_slice(a: int, b: int) -> Tensor:
+            return torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
+                              ((k, offsets[k]) for k in names) if s0 < b and e0 > a]).to(f64)
+
         def penalised(a: int, b: int, g: Tensor) -> Tensor:
-            th = torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
-                            ((k, offsets[k]) for k in names) if s0 < b and e0 > a])
-            return g + self._decay_slice(a, b) * th.to(f64)
+            return g + self._decay_slice(a, b) * theta_slice(a, b)
 
         v_max = 0.0
         for a in range(0, d, FINALIZE_CHUNK):
@@ -1235,11 +1250,12 @@ class MomentAccumulator:
             h_abs = max(h_abs, float(h.abs().max()))
             g_out[a:b], v_out[a:b] = g, v
         ratio = _curvature_ratio_median(s_out)
-        z_sum, z_count = 0.0, 0
+        z_sum, z_count, hth_sq = 0.0, 0, 0.0
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma and the offset's terms (v_max known)
             b = min(a + FINALIZE_CHUNK, d)
             g, v, h = chunk(a, b)
             s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio)
+            hth_sq += float((h * theta_slice(a, b)).square().sum())
             zs, zc = _offset_terms(penalised(a, b, g), v, v_max)
             z_sum, z_count = z_sum + zs, z_count + zc
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
@@ -1249,6 +1265,8 @@ class MomentAccumulator:
             **_not_at_minimum(gnorm / max(rms_g, 1e-300), z_sum, z_count, n),
             "minimum_offset_covariance": "diagonal", "zero_gradient_variance": zero_var,
             **_decay_diagnostics(self.decay)}
+        diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, gnorm, math.sqrt(hth_sq),
+                                          torch.finfo(self.fast_dtype if self.factored is not None else self.dtype).eps))
         if hutch:  # whole-vector diagnostics of the estimators that report their own error
             total = h_sum.to(cpu, f64) / self.hutchinson_probes
             rel = st["h2_sum"].to(cpu, f64).sqrt() / total.abs().clamp_min(1e-300)
@@ -1399,10 +1417,38 @@ def _not_at_minimum(ratio: float, z_sum: float, z_count: int, n: int) -> dict[st
     return {"minimum_offset_sd": offset, "not_at_minimum": ratio > 0.1 or offset > MINIMUM_OFFSET_SD}
 
 
+def _flatten_theta(theta: dict[str, Tensor], names: list[str]) -> Tensor:
+    """``[d]`` float64 flat weights in the estimate's order."""
+    return torch.cat([theta[k].reshape(-1).to(torch.float64) for k in names])
+
+
+def _interpolation(grad_norm_sq: float, n: int, gradient_norm: float, curvature_scale: float,
+                   eps: float) -> dict[str, Any]:
+    """The interpolation flags: ``{}`` unless the per-sample gradients are rounding, their root
+    mean square ``sqrt(grad_norm_sq / n)`` at most ``min(ROUNDING_GRADIENT_EPS * eps,
+    ROUNDING_GRADIENT_MAX)`` times ``curvature_scale = |diag(H) theta|`` (the gradient a change of
+    the weights by their own size would make: the scale of a per-sample gradient whose residual
+    is of the order of the outputs). Then the model interpolates its training data (training loss
+    ~0, e.g. d > n under MSE without weight decay): ``{"interpolating": True,
+    "per_sample_gradient_ratio": rms / scale, "not_at_minimum": ...}``, where ``not_at_minimum``
+    no longer reads ``gradient_norm_ratio`` (rounding over rounding: an exact least-squares
+    interpolant read 0.19, flagged "not at a minimum") but whether the penalised mean gradient
+    is above the same rounding level (weight decay: the interpolant is no minimum of the
+    penalised objective). A least-squares fit with residuals 1e-9 of the outputs reads
+    ~4e-9 against 2.2e-13 in float64 (not flagged); the interpolant 1.5e-14."""
+    tol = min(ROUNDING_GRADIENT_EPS * eps, ROUNDING_GRADIENT_MAX) * curvature_scale
+    rms = math.sqrt(max(grad_norm_sq, 0.0) / n)
+    if not (curvature_scale > 0 and rms <= tol):
+        return {}
+    return {"interpolating": True, "per_sample_gradient_ratio": rms / curvature_scale,
+            "not_at_minimum": gradient_norm > tol}
+
+
 def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
                      diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
                      records: dict[str, Tensor] | None = None,
+                     floor_variants: dict[float, dict[str, Tensor | None]] | None = None,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``
     (:func:`_sandwich_scaled`, whose arguments and returns these are).
@@ -1416,6 +1462,13 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     the rest unit-free) and kept if fewer eigenvalues are floored there (units, not flat
     directions, were the cause; ``diagnostics["hessian_scaling"] = "jacobi"``). A Hessian
     that is singular in any units keeps the parameter-unit pseudo-inverse.
+
+    ``floor_variants``: when given and the floor bites in the units kept (``eigenvalues_floored
+    > 0``), gets ``{f: {"sigma", "w", "mahal", "corr", "leverage"}}`` for the floor at ``f``
+    times ``damping``, ``f`` in :data:`FLOOR_SENSITIVITY_FACTORS` (same units): the floored
+    directions' variance is ``u' V u / floor^2``, set by the damping constant rather than by the
+    data, and the scoring reports how far the headline follows it (``floor_sensitivity``). An
+    unfloored Hessian leaves it empty (no extra work; the figures do not depend on the floor).
     """
     first: dict[str, Any] = {}
     rec1: dict[str, Tensor] = {}
@@ -1437,11 +1490,40 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             diagnostics.update(second, hessian_scaling="jacobi")
             if records is not None:
                 records.update(rec2)
+            if floor_variants is not None:
+                def scaled(f: float, rec: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                    sg, *rest = _sandwich_scaled(
+                        gg_mean * ss, H * ss, g_mean * s, G * s, n, damping * f, {},
+                        jacobians=None if jacobians is None else jacobians * s, loss_hessians=loss_hessians,
+                        correct_leverage=correct_leverage, records=rec)
+                    return (sg * s, *rest)
+                _floor_variants(floor_variants, second["eigenvalues_floored"], damping, scaled)
             return sigma * s, w, mahal, corr
     diagnostics.update(first)
     if records is not None:
         records.update(rec1)
+    if floor_variants is not None:
+        _floor_variants(floor_variants, first.get("eigenvalues_floored", 0), damping, lambda f, rec: _sandwich_scaled(
+            gg_mean, H, g_mean, G, n, damping * f, {}, jacobians=jacobians, loss_hessians=loss_hessians,
+            correct_leverage=correct_leverage, records=rec))
     return out
+
+
+# The floor's sensitivity check (sandwich_compute's floor_variants): the sandwich again with the
+# eigenvalue floor at these multiples of ``damping``, where the floor bites.
+FLOOR_SENSITIVITY_FACTORS = (10.0, 0.1)
+
+
+def _floor_variants(out: dict[float, dict[str, Tensor | None]], floored: int, damping: float,
+                    compute: Callable[[float, dict[str, Tensor]], tuple[Tensor, Tensor, Tensor, Tensor]]) -> None:
+    """Fill ``out`` with the sandwich at each floor of :data:`FLOOR_SENSITIVITY_FACTORS` when
+    ``floored > 0`` (``compute(factor, records)`` in the units the estimate kept)."""
+    if floored <= 0 or damping <= 0:
+        return
+    for f in FLOOR_SENSITIVITY_FACTORS:
+        rec: dict[str, Tensor] = {}
+        sigma, w, mahal, corr = compute(f, rec)
+        out[f] = {"sigma": sigma, "w": w, "mahal": mahal, "corr": corr, "leverage": rec.get("leverage")}
 
 
 def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
