@@ -457,9 +457,11 @@ def _supported(mod: nn.Module) -> str | None:
     if isinstance(mod, nn.Linear) or isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return None
     if isinstance(mod, nn.Embedding):
-        # sparse=True lays out the weight's gradient only; the per-sample rows are formed here
-        if mod.max_norm is not None or mod.scale_grad_by_freq:
-            return "Embedding with max_norm / scale_grad_by_freq"
+        # sparse=True lays out the weight's gradient only, scale_grad_by_freq rescales it for
+        # the optimizer (per_sample.plain_embedding_gradients): the per-sample rows of the
+        # loss's gradient are formed here either way
+        if mod.max_norm is not None:
+            return "Embedding with max_norm"
         return None
     if isinstance(mod, nn.LayerNorm):
         return None
