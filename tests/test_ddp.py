@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_metric import _data, _SelfAssessing
 from torch import nn
 
 from mis_lightning import MISIndicator
@@ -54,11 +55,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir):
-    """Both metric workloads in one gloo world (a world costs two process starts and imports):
-    the uneven shards of ``CASES`` (``rank{k}.json``) and the empty rank of ``EMPTY_CASES``
-    (``empty_rank{k}.json``)."""
+def _worker(rank, world, port, out_dir, owner, X_own, y_own):
+    """Every spawned-process workload in one gloo world (a world costs two process starts and
+    imports): the pickled self-assessing ``owner`` (``owner_rank{k}.pt``, before the process
+    group exists: a Metric's compute() would otherwise sync across the ranks), the uneven shards
+    of ``CASES`` (``rank{k}.json``) and the empty rank of ``EMPTY_CASES`` (``empty_rank{k}.json``)."""
     torch.set_num_threads(1)
+    owner.mis.update(X_own, y_own)
+    torch.save({"n": int(owner.mis.s_n), "leakage": float(owner.mis.compute()["rtn_int4"]["leakage"])},
+               os.path.join(out_dir, f"owner_rank{rank}.pt"))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
@@ -105,12 +110,21 @@ EMPTY_CASES = {
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The results of one two-process gloo world running both metric workloads (spawned once:
+def owner_and_data():
+    """A module whose Metric assesses the module itself, sent to both ranks of ``world``, and
+    its data (tests/test_metric.py's ``_SelfAssessing``)."""
+    X, y = _data(n=200)
+    torch.manual_seed(0)
+    return _SelfAssessing(), X, y
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, owner_and_data):
+    """The results of one two-process gloo world running the metric workloads (spawned once:
     ``--dist loadfile`` runs this module on one xdist worker)."""
     out = tmp_path_factory.mktemp("ddp_metric")
     torch.set_num_threads(1)
-    _spawn(_worker, (2, _free_port(), str(out)), 2, timeout=180)
+    _spawn(_worker, (2, _free_port(), str(out), *owner_and_data), 2, timeout=180)
     return out
 
 
@@ -142,6 +156,28 @@ def test_metric_with_a_rank_that_saw_no_record(world):
         for k in range(2):
             assert r[k][name][1] == 301, (name, k)
             assert r[k][name][0] == pytest.approx(single, rel=1e-9), (name, k)
+
+
+def test_a_metric_assessing_its_owner_crosses_spawn(world, owner_and_data):
+    """Through torch.multiprocessing.spawn (ddp_spawn) a Metric assessing its owner module died
+    in the child with "unable to resize file" (a generator-state tensor made in __getstate__ was
+    freed before the child mapped it). torch.multiprocessing unpickles tensors into shared
+    memory: every process given the same pickled Metric (ddp_spawn sends each rank the same
+    module; here both ranks of ``world``) summed its records into one storage, the parent's
+    included, so each rank held the global sums and the sync doubled them (Lightning ddp_spawn,
+    2 CPU processes: leakage 0.0748 instead of one process's 0.1061; vf21): each unpickled
+    Metric owns its states, and the parent's is left as it was. Same float64 operations: equal
+    to 1e-12 relative. (The pickle round trip in one process: tests/test_metric.py.)"""
+    owner, X, y = owner_and_data
+    fresh = MISIndicator(owner, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32)
+    fresh.update(X, y)
+    ref = float(fresh.compute()["rtn_int4"]["leakage"])
+    for k in range(2):
+        child = torch.load(world / f"owner_rank{k}.pt")
+        assert child["n"] == 200 and child["leakage"] == pytest.approx(ref, rel=1e-12), k
+    assert int(owner.mis.s_n) == 0  # the parent's states untouched by the children
+    owner.mis.update(X, y)
+    assert int(owner.mis.s_n) == 200
 
 
 # -- Lightning ddp_spawn with the callback -------------------------------------------------------
