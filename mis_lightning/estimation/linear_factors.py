@@ -360,14 +360,10 @@ def _embedding_grad(idx: Tensor, go: Tensor, num: int, padding_idx: int | None) 
 
 
 def _patches(mod: nn.Module, x: Tensor) -> Tensor:
-    """A convolution's input as transposed patches ``[B, groups, positions, C_in/groups *
-    prod(kernel)]``, contiguous: the layer is then a Linear over patches (one plain batched GEMM
-    per chunk of records). Strided windows (``Tensor.unfold``, a view: far faster than
-    ``F.unfold``'s im2col on CPU), any number of spatial dims, stride, dilation, padding
-    (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward). The
-    windows are copied once, straight into this layout (a copy into ``[B, G, K, P]`` and a
-    second one to transpose it took 2x the time and memory traffic: ~0.5 s of CPU per
-    ``assess`` of the 1e5-parameter CNN of benchmarks/beyond_linear.py)."""
+    """A convolution's input as patches ``[B, groups, C_in/groups * prod(kernel), positions]``:
+    the layer is then a Linear over patches. Strided windows (``Tensor.unfold``, a view: far
+    faster than ``F.unfold``'s im2col on CPU), any number of spatial dims, stride, dilation,
+    padding (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward)."""
     nd = x.dim() - 2
     if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
         mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
@@ -378,11 +374,9 @@ def _patches(mod: nn.Module, x: Tensor) -> Tensor:
         x = x.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # window dims appended last
     b, c = x.shape[:2]
     out = x.shape[2: 2 + nd]
-    # [B, C, O..., k...] -> [B, G, C/G, O..., k...] (a view) -> [B, G, O..., C/G, k...]
-    # -> [B, G, prod(O), C/G * prod(k)] (the one copy)
-    x = x.reshape(b, mod.groups, c // mod.groups, *x.shape[2:])
-    x = x.permute(0, 1, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
-    return x.reshape(b, mod.groups, math.prod(out), -1).contiguous()
+    # [B, C, O..., k...] -> [B, C, k..., O...] -> [B, G, C/G * prod(k), prod(O)]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return x.reshape(b, mod.groups, -1, math.prod(out))
 
 
 def _same_tensor(xs: Any) -> bool:
@@ -410,7 +404,7 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if wn:
             if "uT" not in cache:  # contiguous [B, G, P, K]: a plain batched GEMM
-                cache["uT"] = _patches(mod, x)
+                cache["uT"] = _patches(mod, x).transpose(-1, -2).contiguous()
             ut = cache["uT"]
             gg = go.reshape(b, mod.groups, -1, ut.shape[-2])  # [B, G, O/G, P]
             out[wn] = (gg @ ut).reshape(b, -1)  # [B, G, O/G, K]
@@ -583,7 +577,7 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
     if "weight" in names and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
                                               nn.modules.batchnorm._BatchNorm)):
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            cache["uT"] = _patches(mod, x)
+            cache["uT"] = _patches(mod, x).transpose(-1, -2).contiguous()
         elif isinstance(mod, nn.LayerNorm):
             cache["xhat"] = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
         else:
@@ -896,7 +890,7 @@ class LayerProgram:
                         h2_all[name].view(v.shape).index_add_(0, v.row, sq.square().to(f64) / num ** 2)
                 else:  # v is this chunk's own tensor: squared in place, summed by a GEMV
                     sq = v.reshape(cc - a, -1).square_()
-                    _acc_add(h_all[name], sq.T @ w[a:cc].to(sq.dtype))
+                    h_all[name] += (sq.T @ w[a:cc].to(sq.dtype)).to(f64)
                     if h2_all is not None:
                         h2_all[name] += sq.square_().sum(0).to(f64) / num ** 2
 
@@ -1059,13 +1053,11 @@ class LayerProgram:
                     if bw is not None:
                         h_all[n].view(v.shape).index_add_(0, v.row, (sq * bw[a:c][v.sample].unsqueeze(-1)).to(torch.float64))
                 else:
-                    # added in the sum's dtype without a converted copy (the same values: the
-                    # float32 chunk sums convert exactly, _acc_add)
-                    _acc_add(s1[n], v.sum(0))
+                    s1[n] += v.sum(0).to(acc)
                     sq = v.reshape(c - a, -1).square_()  # the chunk's own tensor, squared in place
-                    _acc_add(s2[n], sq.sum(0))
+                    s2[n] += sq.sum(0).to(acc)
                     if bw is not None:
-                        _acc_add(h_all[n], sq.T @ bw[a:c].to(sq.dtype))
+                        h_all[n] += (sq.T @ bw[a:c].to(sq.dtype)).to(torch.float64)
         out = {n: (s1[n], s2[n], h_all[n].to(acc), None if h2_all is None else h2_all[n].to(acc))
                for n in self.names}
         norm = sum((s2[n].sum() for n in self.names), torch.zeros((), dtype=acc))
@@ -1084,17 +1076,6 @@ class LayerProgram:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _acc_add(acc: Tensor, x: Tensor) -> None:
-    """``acc += x.to(acc.dtype)`` without the converted copy where the conversion is exact
-    (``x``'s dtype promotes to ``acc``'s: float32 into float64): the in-place add then converts
-    each element on the fly, so the sums are bit for bit the same (per chunk of records and
-    parameter, the copies were ~1,500 allocations per assess of a 1e5-parameter CNN)."""
-    if torch.promote_types(x.dtype, acc.dtype) == acc.dtype:
-        acc += x
-    else:
-        acc += x.to(acc.dtype)
 
 
 def _add(a: Any, b: Any, rows: int) -> Any:
