@@ -17,6 +17,7 @@ from torch import Tensor
 
 _P31 = 2_147_483_647  # 2^31 - 1: modulus of the record hash
 _HASH_BLOCK = 4096
+_SUM_BLOCK = 1 << 20  # bytes per exact int64 sum of products in record_keys: 2^20 x 255 x 2^31 < 2^63
 _HASH_WEIGHTS: dict[int, Tensor] = {}
 
 
@@ -70,7 +71,13 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
         by = raw.view(torch.uint8).to(torch.int64)  # [b, bytes]
         L = by.shape[1]
         w = _hash_weights(i, L)
-        h = (h * 1_000_003 + (by * w % _P31).sum(1)) % _P31
+        # sum_j (by_j w_j mod P) = sum_j by_j w_j (mod P): the products (< 2^39) are summed
+        # exactly in int64 over blocks of _SUM_BLOCK bytes and reduced once per block, the same
+        # keys as reducing every product (an int64 remainder per byte, a third of the hashing's time)
+        s = torch.zeros(b, dtype=torch.int64)
+        for a in range(0, L, _SUM_BLOCK):
+            s = (s + (by[:, a: a + _SUM_BLOCK] * w[a: a + _SUM_BLOCK]).sum(1)) % _P31
+        h = (h * 1_000_003 + s) % _P31
     return h
 
 
