@@ -202,9 +202,12 @@ def _rebind_closures(original: nn.Module, copied: nn.Module) -> list[tuple[str, 
             ct = c._parameters.get(key) if key in o._parameters else c._buffers.get(key)
             if t is not None and ct is not None:
                 pairs.setdefault(id(t), ct)
-    for name, p in original.named_parameters():
-        if p.requires_grad:
-            pairs.trainable.setdefault(id(p), name)
+    # the copy's own parameters too: what deepcopy copies (a functools.partial attribute over
+    # ``weight=self.head.weight``) holds the copy's tensor, which functional_call does not see either
+    for model in (original, copied):
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                pairs.trainable.setdefault(id(p), name)
     direct: list[tuple[str, str]] = []
     for path, mod in copied.named_modules():
         d = vars(mod)

@@ -597,3 +597,28 @@ def test_aggregate_header_counts_jobs_that_scored_no_scheme(tmp_path):
     # ... and the sweep's status says so (it was 0): nothing was released for job 1
     assert agg.unscored_jobs(agg.aggregate(tmp_path, verbose=False)) == [1]
     assert agg.main([str(tmp_path), "--quiet"]) == 1
+
+
+def test_assess_mode_logs_the_epoch_the_checkpoint_was_trained_in(tmp_path):
+    """vf23: the report's logger row carries the epoch its weights were trained in. In
+    mode=assess the app's own checkpoint had no ``epoch`` (the row had none), and a Lightning
+    checkpoint saved after ``fit`` (``trainer.save_checkpoint``) stores ``current_epoch``, the
+    count of epochs run: its row read epoch 2 for weights of epoch 1."""
+    from mis_lightning.app.job import run_job
+
+    fast = [a for a in FAST if a != "logger=csv"] + ["logger=none", "schemes=[rtn_int8]"]
+    run_job(_compose([*fast, f"trainer.default_root_dir={tmp_path / 'train'}"], tmp_path / "train"))
+    ckpt = tmp_path / "train" / "model.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    after_fit = {**saved, "epoch": 2,  # what trainer.save_checkpoint writes after a 2-epoch fit
+                 "loops": {"fit_loop": {"epoch_progress": {"current": {"ready": 2, "started": 2,
+                                                                       "processed": 2, "completed": 2}}}}}
+    torch.save(after_fit, tmp_path / "after_fit.ckpt")
+    again = ["data=synthetic_linear", "model=linear", "logger=csv", "progress=false",
+             "mis.estimation.num_records=128", "mis.scoring.uncertainty_draws=0",
+             "mis.scoring.covariance=independent", "schemes=[rtn_int8]", "mode=assess"]
+    for name, path in (("own", ckpt), ("after_fit", tmp_path / "after_fit.ckpt")):
+        out = tmp_path / name
+        run_job(_compose([*again, f"ckpt_path={path}", f"logger.csv.save_dir={out}"], out))
+        rows = list(csv.DictReader(io.StringIO((out / "csv" / "metrics.csv").read_text())))
+        assert [r.get("epoch") for r in rows if r.get("mis/rtn_int8/leakage")] == ["1"], name  # max_epochs=2

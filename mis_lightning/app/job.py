@@ -640,16 +640,35 @@ def _from_checkpoint(node: DictConfig, saved: Any, what: str) -> dict[str, Any]:
     return out
 
 
-def save_checkpoint(path: Path, model: pl.LightningModule, dm: Any, global_step: int) -> None:
+def save_checkpoint(path: Path, model: pl.LightningModule, dm: Any, global_step: int,
+                    epoch: int | None = None) -> None:
     """A Lightning-format checkpoint of the trained model (``state_dict``, ``hyper_parameters``,
-    ``datamodule_hyper_parameters``, ``global_step``): what ``mode=assess`` reads, and what
+    ``datamodule_hyper_parameters``, ``global_step``, and ``epoch``: the last epoch trained,
+    0-based, when known): what ``mode=assess`` reads, and what
     ``type(model).load_from_checkpoint`` loads. Written from the main process (also after
     ``ddp_spawn``, whose trained weights are back in ``model``)."""
     torch.save({
         "state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
         "datamodule_hyper_parameters": dict(getattr(dm, "hparams", {}) or {}),
         "global_step": int(global_step), "pytorch-lightning_version": pl.__version__,
+        **({"epoch": int(epoch)} if epoch is not None else {}),
     }, path)
+
+
+def checkpoint_epoch(ckpt: dict[str, Any]) -> int | None:
+    """The last epoch a checkpoint's weights were trained in (0-based, as the training run's
+    logged ``epoch``), or ``None``. Lightning's own checkpoints store ``current_epoch``, which
+    after ``fit`` counts the epochs run (``trainer.save_checkpoint`` after a 2-epoch fit:
+    ``epoch`` 2, the weights of epoch 1); their fit loop's started-epoch count tells (``epoch``
+    1 at the end of epoch 1 and after the fit alike). The app's checkpoints store the epoch."""
+    try:
+        started = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["started"]
+    except (KeyError, TypeError):
+        started = None
+    if isinstance(started, int) and started > 0:
+        return started - 1
+    epoch = ckpt.get("epoch")
+    return int(epoch) if isinstance(epoch, int) else None
 
 
 def user_error(exc: BaseException) -> BaseException:
@@ -779,10 +798,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                     trainer.fit(model, datamodule=dm)
                 step, epoch, job_loggers = trained_step(trainer), trained_epoch(trainer), trainer.loggers
                 if cfg.output.get("checkpoint"):
-                    save_checkpoint(out / cfg.output.checkpoint, model, dm, step)
+                    save_checkpoint(out / cfg.output.checkpoint, model, dm, step, epoch)
             else:  # mode=assess: the checkpoint's weights, logged at its step
                 step, job_loggers = int(ckpt.get("global_step", 0)), loggers
-                epoch = int(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else None
+                epoch = checkpoint_epoch(ckpt)
             stage[0] = "assessment"
             model.eval()
             progress("estimation", 0, total=dm.n_train)
