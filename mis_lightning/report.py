@@ -424,6 +424,8 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
                             + (f", {uk.removeprefix('utility_')} {_fmt(r[uk])}" if uk and r.get(uk) is not None else "")
                             + ")" for r in safer))
     if not same and not outside:
+        if safer and not any(id(r) in inside for r in others):  # nothing else in the band to beat
+            return text + "; the only scheme in the utility band" + tail
         return text + ("; clearly safer than every other scheme" + (" in the utility band" if safer else "")
                        + " (no interval overlaps its own)") + tail
     if same:

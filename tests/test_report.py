@@ -270,6 +270,26 @@ def test_table_ends_with_legend_and_verdict():
     assert rest.endswith("\n\nwarnings:\n  - d_eff / n is large")
 
 
+def test_verdict_alone_in_the_utility_band_is_not_called_safer_than_the_band():
+    """fu23b: `mis-lightning mode=assess 'schemes=[int8_weight_only,intx_weight_only_int2]'` (README)
+    printed "int8_weight_only (leakage 0.0948); clearly safer than every other scheme in the
+    utility band" when int8 was the only scheme in the band (int2's rmse 0.8514 against 0.6669):
+    a claim about no scheme at all. Say that it is the only one."""
+    from mis_lightning.report import verdict
+
+    rows = []
+    for n, lk, lo, hi, u in [("int8_weight_only", 0.0948, 0.0891, 0.1005, 0.6669),
+                             ("intx_weight_only_int2", 0.0732, 0.0657, 0.0788, 0.8514)]:
+        r = _ok_row(n)
+        r.update(leakage=lk, mis=1 - lk, leakage_p10=lo, leakage_p90=hi, baseline_leakage=0.0948,
+                 utility_rmse=u)
+        rows.append(r)
+    assert verdict(rows) == (
+        "verdict: safest with rmse within 1% of the best (0.6669, int8_weight_only): "
+        "int8_weight_only (leakage 0.0948); the only scheme in the utility band; clearly safer than "
+        "it but outside the utility band: intx_weight_only_int2 (leakage 0.0732, rmse 0.8514)")
+
+
 def test_leakage_above_the_baseline_is_marked_and_explained():
     """A figure no release can reach (above the unquantized baseline, e.g. from a singular
     Hessian) is marked ``!`` in the table with a legend line; within the tolerance it is not."""
