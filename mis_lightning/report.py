@@ -412,11 +412,18 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
             return text + "; no intervals (uncertainty_draws=0): differences cannot be judged"
         return text + "; it has no interval of its own (unquantized), so differences from it cannot be judged"
     inside = {id(r) for r in eligible}
-    same = [r["scheme"] for r in others if _overlap(safest, r) and id(r) in inside]
-    outside = [r["scheme"] for r in others if _overlap(safest, r) and id(r) not in inside]
+
+    def vs_safest(r: dict[str, Any]) -> bool:
+        """Whether ``r`` overlaps the safest's interval; a row without an interval (the
+        unquantized ``none``) is a point: inside that interval it is not clearly different."""
+        o = _overlap(safest, r)
+        return safest["leakage_p10"] <= float(r["leakage"]) <= safest["leakage_p90"] if o is None else o
+
+    same = [r["scheme"] for r in others if vs_safest(r) and id(r) in inside]
+    outside = [r["scheme"] for r in others if vs_safest(r) and id(r) not in inside]
     # schemes clearly safer than it (no overlap, lower leakage): outside the utility band, since
     # it is the safest inside; said, never folded into "clearly safer than every other scheme"
-    safer = [r for r in others if _overlap(safest, r) is False and float(r["leakage"]) < float(safest["leakage"])]
+    safer = [r for r in others if not vs_safest(r) and float(r["leakage"]) < float(safest["leakage"])]
     tail = ""
     if safer:
         tail = ("; clearly safer than it but outside the utility band: "
@@ -424,6 +431,8 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
                             + (f", {uk.removeprefix('utility_')} {_fmt(r[uk])}" if uk and r.get(uk) is not None else "")
                             + ")" for r in safer))
     if not same and not outside:
+        if safer and not any(id(r) in inside for r in others):  # nothing else in the band to beat
+            return text + "; the only scheme in the utility band" + tail
         return text + ("; clearly safer than every other scheme" + (" in the utility band" if safer else "")
                        + " (no interval overlaps its own)") + tail
     if same:

@@ -270,6 +270,51 @@ def test_table_ends_with_legend_and_verdict():
     assert rest.endswith("\n\nwarnings:\n  - d_eff / n is large")
 
 
+def test_verdict_alone_in_the_utility_band_is_not_called_safer_than_the_band():
+    """fu23b: `mis-lightning mode=assess 'schemes=[int8_weight_only,intx_weight_only_int2]'` (README)
+    printed "int8_weight_only (leakage 0.0948); clearly safer than every other scheme in the
+    utility band" when int8 was the only scheme in the band (int2's rmse 0.8514 against 0.6669):
+    a claim about no scheme at all. Say that it is the only one."""
+    from mis_lightning.report import verdict
+
+    rows = []
+    for n, lk, lo, hi, u in [("int8_weight_only", 0.0948, 0.0891, 0.1005, 0.6669),
+                             ("intx_weight_only_int2", 0.0732, 0.0657, 0.0788, 0.8514)]:
+        r = _ok_row(n)
+        r.update(leakage=lk, mis=1 - lk, leakage_p10=lo, leakage_p90=hi, baseline_leakage=0.0948,
+                 utility_rmse=u)
+        rows.append(r)
+    assert verdict(rows) == (
+        "verdict: safest with rmse within 1% of the best (0.6669, int8_weight_only): "
+        "int8_weight_only (leakage 0.0948); the only scheme in the utility band; clearly safer than "
+        "it but outside the utility band: intx_weight_only_int2 (leakage 0.0732, rmse 0.8514)")
+
+
+def test_verdict_reads_a_row_without_interval_against_the_safest_interval():
+    """fu23b: the README's one-call example assesses ["none", "int8_weight_only", ...]; the
+    unquantized row "none" has no interval, so the verdict ignored it and called int8 "clearly
+    safer than every other scheme in the utility band" even with none's leakage inside int8's
+    interval. A row without an interval is a point: inside the safest's interval it is not
+    clearly different; above it, the claim stands."""
+    from mis_lightning.report import verdict
+
+    rows = []
+    for n, lk, lo, hi, u in [("none", 0.0410, None, None, 0.0050),
+                             ("int8_weight_only", 0.0404, 0.0375, 0.0428, 0.0050),
+                             ("intx_weight_only_int4", 0.0329, 0.0307, 0.0347, 0.0076)]:
+        r = _ok_row(n)
+        r.update(leakage=lk, mis=1 - lk, leakage_p10=lo, leakage_p90=hi, baseline_leakage=0.0410,
+                 utility_loss=u)
+        rows.append(r)
+    assert verdict(rows) == (
+        "verdict: safest with loss within 1% of the best (0.0050, none): int8_weight_only "
+        "(leakage 0.0404); not clearly different from it (intervals overlap): none; clearly safer "
+        "than it but outside the utility band: intx_weight_only_int4 (leakage 0.0329, loss 0.0076)")
+    rows[0]["leakage"] = rows[0]["baseline_leakage"] = 0.0431  # above int8's p90 0.0428: clearly
+    assert "int8_weight_only (leakage 0.0404); clearly safer than every other scheme in the utility band" \
+        in verdict(rows)
+
+
 def test_leakage_above_the_baseline_is_marked_and_explained():
     """A figure no release can reach (above the unquantized baseline, e.g. from a singular
     Hessian) is marked ``!`` in the table with a legend line; within the tolerance it is not."""
