@@ -5,6 +5,7 @@ numbers."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -80,3 +81,65 @@ def test_uniform_table_is_the_row_by_row_build_in_few_calls(monkeypatch):
     assert len(calls) <= 32, f"{len(calls)} calls: one per row of the table"
     corners = table.reshape(K._TABLE_NH, K._TABLE_NU, 12)
     assert torch.equal(corners[:, :, 0:3], ref)  # each entry's own corner, bitwise
+
+
+def _fp8_grid(rows: int, cols: int, support: bool) -> tuple:
+    from mis_lightning.quantization.base import ParamGrid
+
+    values = representable_values(torch.float8_e4m3fn)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(rows, cols, dtype=F64, generator=gen) * 0.1
+    m = w.abs().amax(1, keepdim=True)
+    scale = m / 448.0
+    scale[1] = 0.0  # a dead row (all-zero block): kappa 0
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=8.0, scale=scale, block_size=(1, cols), values=values)
+    g.revealed = torch.zeros(rows, cols, dtype=torch.bool)
+    g.revealed[0, 3] = True  # an element the scale gives away: kappa 1
+    if support:
+        g.support = (-m, m)
+    sigma = torch.rand(rows * cols, dtype=F64, generator=gen) * 0.03 + 1e-3
+    return g, w.reshape(-1), sigma
+
+
+@pytest.mark.parametrize("support", [False, True])
+def test_small_table_chunk_draws_in_one_call_equal_row_by_row(support, monkeypatch):
+    """The bootstrap positions of a small value-table chunk are scored in one cell-moment call
+    (the per-call cost dominated small chunks: a 128-weight float8 row cost as much as 32k
+    weights), with what the per-position calls gave (dead blocks 0, revealed elements 1) to
+    rounding: the closed-form core groups its elements by window and takes each group's largest
+    quadrature rule, so an element grouped with other positions may sum with more nodes
+    (measured: at most 3.9e-15 here; the quadratures' own error is below 1e-12)."""
+    A = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
+
+    g, th, sg = _fp8_grid(4, 32, support)
+    c = th.numel()
+    gen = torch.Generator().manual_seed(5)
+    xi = torch.randn(8, c, dtype=F64, generator=gen) * 1.5
+    k_main = g.moments(th, sg, 0, c).kappa
+    want = torch.stack([g.moments(th + sg * xi[b], sg, 0, c, use_codes=False).kappa for b in range(8)])
+    calls = []
+    real = type(g).element_moments
+    monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
+    got, _ = A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert calls == [8 * c], f"one call for the 8 positions, got calls of {calls}"
+    assert (got - want).abs().max() <= 1e-12
+    assert bool((got[:, 32:64] == 0).all()) and bool((got[:, 3] == 1).all())
+
+
+def test_large_table_chunks_keep_one_call_per_position(monkeypatch):
+    """At or above the float8 interpolation's call size the positions stay apart (batching
+    would switch elements to the interpolated path: not the same numbers)."""
+    A = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
+    import mis_lightning.functional as Fn
+
+    g, th, sg = _fp8_grid(4, 32, False)
+    c = th.numel()
+    monkeypatch.setattr(Fn.table, "INTERP_MIN_ELEMENTS", 4 * c)  # 8 positions * c above it
+    xi = torch.randn(8, c, dtype=F64, generator=torch.Generator().manual_seed(6))
+    k_main = g.moments(th, sg, 0, c).kappa
+    calls = []
+    real = type(g).element_moments
+    monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
+    A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert calls == [c] * 8
