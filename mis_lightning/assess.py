@@ -1289,6 +1289,11 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
     lam = torch.zeros(D, c, dtype=torch.float64)
     free = None if with_lam else _position_free(grid, th, sg, a, b, xi)
     scale = zp = bounds = None
+    if free is None and not with_lam and grid.kind == "table" and 1 < D and D * c < F.table.INTERP_MIN_ELEMENTS:
+        # A small chunk of a value-table grid: the D positions in one call (the per-call cost,
+        # ~1-20 ms, dominated: a 128-weight float8 row cost as much as 32k weights). Every
+        # element takes the path it takes alone (below INTERP_MIN_ELEMENTS in both forms).
+        return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy), lam
     for bi in range(D):
         th_b = th64 + sg64 * xi[bi]
         if free is None:
@@ -1314,6 +1319,27 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
             sel(th_b), sel(sg64), sel(scale), sel(zp), None,
             None if bounds is None else (sel(bounds[0]), sel(bounds[1])), policy, kappa_only=True).kappa)
     return kap, lam
+
+
+def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b: int, xi: Tensor,
+                         policy: F.CompilePolicy | None) -> Tensor:
+    """``[D, c]`` kappa of elements ``a:b`` at ``theta + sigma * xi_b`` for every row of ``xi``
+    in one cell-moment call: what ``grid.moments(theta + sigma * xi_b, sigma, a, b,
+    use_codes=False)`` gives row by row (dead blocks 0, revealed elements 1)."""
+    D, c = xi.shape
+    scale, zp, _ = grid.element_grid(a, b)
+    dead = scale <= 0
+    scale = torch.where(dead, torch.ones_like(scale), scale)
+    bounds = grid.element_bounds(a, b)
+    rep = lambda t: t.repeat(D)  # noqa: E731 - [c] -> [D c], row-major like the positions
+    mm = grid.element_moments((th64 + sg64 * xi).reshape(-1), rep(sg64), rep(scale), rep(zp), None,
+                              None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
+    kap = mm.kappa.reshape(D, c)
+    kap = torch.where(dead, torch.zeros_like(kap), kap)
+    if grid.revealed is not None:
+        rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
+        kap = torch.where(rev, torch.ones_like(kap), kap)
+    return kap
 
 
 def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,

@@ -137,14 +137,18 @@ def _uniform_table() -> tuple[float, float, float, Tensor]:
         logh = torch.linspace(lo, hi, _TABLE_NH, dtype=torch.float64)
         u = torch.linspace(0.0, 0.5, _TABLE_NU, dtype=torch.float64)
         vals = torch.empty(_TABLE_NH, _TABLE_NU, 3, dtype=torch.float64)
-        for k in range(_TABLE_NH):
-            hk = math.exp(float(logh[k]))
-            M = math.ceil((CUTOFF_SIGMAS + 1.0) / hk) + 2
+        hs = [math.exp(float(lk)) for lk in logh]
+        windows = [math.ceil((CUTOFF_SIGMAS + 1.0) / hk) + 2 for hk in hs]
+        # the rows of one window size M in one call (~20 calls, not 256): each row's edges and
+        # sums are those of its own call (bitwise), only the Python and dispatch cost is shared
+        for M in sorted(set(windows)):
+            ks = [k for k, m in enumerate(windows) if m == M]
+            hk = torch.tensor([hs[k] for k in ks], dtype=torch.float64).view(-1, 1, 1)
             i = torch.arange(-M, M, dtype=torch.float64)
-            alpha = (i + 0.5) * hk - (u * hk).unsqueeze(-1)  # [NU, 2M] edges around t = u h
-            inf = torch.full((_TABLE_NU, 1), math.inf, dtype=torch.float64)
-            mm = moments_from_alpha(torch.cat([-inf, alpha, inf], -1))
-            vals[k] = torch.stack([mm.kappa, mm.mean_abs, mm.m4], -1)
+            alpha = (i + 0.5) * hk - u.view(1, -1, 1) * hk  # [rows, NU, 2M] edges around t = u h
+            inf = torch.full((len(ks), _TABLE_NU, 1), math.inf, dtype=torch.float64)
+            mm = moments_from_alpha(torch.cat([-inf, alpha, inf], -1).reshape(len(ks) * _TABLE_NU, 2 * M + 2))
+            vals[ks] = torch.stack([mm.kappa, mm.mean_abs, mm.m4], -1).reshape(len(ks), _TABLE_NU, 3)
         # Each entry holds its cell's four corners, so that a lookup is one gather of 12.
         pad = torch.cat([vals, vals[-1:]], 0)
         pad = torch.cat([pad, pad[:, -1:]], 1)

@@ -1,0 +1,145 @@
+"""Fixed costs of the scoring that do not scale with the model (issue 13: 8 schemes at 1e5-1e6
+weights cost more in fixed costs than in work): work that depends on a value table or on the
+library's constants alone is done once per process, not once per call, with bitwise the same
+numbers."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from mis_lightning.functional import cells as C
+from mis_lightning.functional import kernel as K
+from mis_lightning.functional import table as T
+from mis_lightning.quantization.casts import representable_values
+
+F64 = torch.float64
+
+
+def _inline_layout(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mids and changes as _table_sum_moments computed them on every call before."""
+    v = values.to(F64)
+    mids = 0.5 * (v[1:] + v[:-1])
+    widths = mids[1:] - mids[:-1]
+    change = ~torch.isclose(widths[1:], widths[:-1], rtol=1e-9, atol=0.0)
+    return mids, torch.cat([change.new_zeros(1, dtype=torch.long), change.long().cumsum(0)])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_table_layout_is_built_once_per_table_and_equal(dtype, monkeypatch):
+    values = representable_values(dtype)
+    mids, changes = _inline_layout(values)
+    lay = T.table_layout(values, values.device)
+    assert torch.equal(lay.mids, mids) and torch.equal(lay.changes, changes)
+    assert T.table_layout(values, values.device) is lay  # cached
+    gen = torch.Generator().manual_seed(0)
+    th = torch.randn(64, dtype=F64, generator=gen) * 0.05
+    sg = torch.rand(64, dtype=F64, generator=gen) * 0.01 + 1e-4
+    sc = torch.ones(64, dtype=F64)
+    before = T._table_sum_moments(th, sg, values, sc)[0]
+    # after the first call, no O(V) work per call: the layout's isclose over the table is not redone
+    calls = []
+    real = torch.isclose
+    monkeypatch.setattr(torch, "isclose", lambda *a, **k: calls.append(a[0].numel()) or real(*a, **k))
+    after = T._table_sum_moments(th, sg, values, sc)[0]
+    assert not [n for n in calls if n >= values.numel() - 3], "the table's step changes were recomputed per call"
+    for f in ("kappa", "mean_abs", "m4", "coverage"):
+        assert torch.equal(getattr(before, f), getattr(after, f))
+
+
+def test_table_layout_follows_a_changed_table():
+    values = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0], dtype=F64)
+    lay = T.table_layout(values, values.device)
+    values[0] = -4.0  # same storage, new content: rebuilt, not reused
+    lay2 = T.table_layout(values, values.device)
+    assert torch.equal(lay2.mids, _inline_layout(values)[0])
+    assert not torch.equal(lay2.mids, lay.mids)
+
+
+def test_uniform_table_is_the_row_by_row_build_in_few_calls(monkeypatch):
+    # the reference: one moments_from_alpha call per row of log h (the build before)
+    lo, hi = math.log(K.FINE_STEP), math.log(K.TABLE_H_MAX)
+    logh = torch.linspace(lo, hi, K._TABLE_NH, dtype=F64)
+    u = torch.linspace(0.0, 0.5, K._TABLE_NU, dtype=F64)
+    ref = torch.empty(K._TABLE_NH, K._TABLE_NU, 3, dtype=F64)
+    for k in range(K._TABLE_NH):
+        hk = math.exp(float(logh[k]))
+        M = math.ceil((K.CUTOFF_SIGMAS + 1.0) / hk) + 2
+        i = torch.arange(-M, M, dtype=F64)
+        alpha = (i + 0.5) * hk - (u * hk).unsqueeze(-1)
+        inf = torch.full((K._TABLE_NU, 1), math.inf, dtype=F64)
+        mm = C.moments_from_alpha(torch.cat([-inf, alpha, inf], -1))
+        ref[k] = torch.stack([mm.kappa, mm.mean_abs, mm.m4], -1)
+    calls = []
+    real = K.moments_from_alpha
+    monkeypatch.setattr(K, "moments_from_alpha", lambda a: calls.append(a.shape) or real(a))
+    monkeypatch.setattr(K, "_TABLE", None)  # rebuild (monkeypatch restores the cached one)
+    _, _, _, table = K._uniform_table()
+    assert len(calls) <= 32, f"{len(calls)} calls: one per row of the table"
+    corners = table.reshape(K._TABLE_NH, K._TABLE_NU, 12)
+    assert torch.equal(corners[:, :, 0:3], ref)  # each entry's own corner, bitwise
+
+
+def _fp8_grid(rows: int, cols: int, support: bool) -> tuple:
+    from mis_lightning.quantization.base import ParamGrid
+
+    values = representable_values(torch.float8_e4m3fn)
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(rows, cols, dtype=F64, generator=gen) * 0.1
+    m = w.abs().amax(1, keepdim=True)
+    scale = m / 448.0
+    scale[1] = 0.0  # a dead row (all-zero block): kappa 0
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=8.0, scale=scale, block_size=(1, cols), values=values)
+    g.revealed = torch.zeros(rows, cols, dtype=torch.bool)
+    g.revealed[0, 3] = True  # an element the scale gives away: kappa 1
+    if support:
+        g.support = (-m, m)
+    sigma = torch.rand(rows * cols, dtype=F64, generator=gen) * 0.03 + 1e-3
+    return g, w.reshape(-1), sigma
+
+
+@pytest.mark.parametrize("support", [False, True])
+def test_small_table_chunk_draws_in_one_call_equal_row_by_row(support, monkeypatch):
+    """The bootstrap positions of a small value-table chunk are scored in one cell-moment call
+    (the per-call cost dominated small chunks: a 128-weight float8 row cost as much as 32k
+    weights), with what the per-position calls gave (dead blocks 0, revealed elements 1) to
+    rounding: the closed-form core groups its elements by window and takes each group's largest
+    quadrature rule, so an element grouped with other positions may sum with more nodes
+    (measured: at most 3.9e-15 here; the quadratures' own error is below 1e-12)."""
+    A = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
+
+    g, th, sg = _fp8_grid(4, 32, support)
+    c = th.numel()
+    gen = torch.Generator().manual_seed(5)
+    xi = torch.randn(8, c, dtype=F64, generator=gen) * 1.5
+    k_main = g.moments(th, sg, 0, c).kappa
+    want = torch.stack([g.moments(th + sg * xi[b], sg, 0, c, use_codes=False).kappa for b in range(8)])
+    calls = []
+    real = type(g).element_moments
+    monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
+    got, _ = A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert calls == [8 * c], f"one call for the 8 positions, got calls of {calls}"
+    assert (got - want).abs().max() <= 1e-12
+    assert bool((got[:, 32:64] == 0).all()) and bool((got[:, 3] == 1).all())
+
+
+def test_large_table_chunks_keep_one_call_per_position(monkeypatch):
+    """At or above the float8 interpolation's call size the positions stay apart (batching
+    would switch elements to the interpolated path: not the same numbers)."""
+    A = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
+    import mis_lightning.functional as Fn
+
+    g, th, sg = _fp8_grid(4, 32, False)
+    c = th.numel()
+    monkeypatch.setattr(Fn.table, "INTERP_MIN_ELEMENTS", 4 * c)  # 8 positions * c above it
+    xi = torch.randn(8, c, dtype=F64, generator=torch.Generator().manual_seed(6))
+    k_main = g.moments(th, sg, 0, c).kappa
+    calls = []
+    real = type(g).element_moments
+    monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
+    A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert calls == [c] * 8
