@@ -270,6 +270,17 @@ def test_table_ends_with_legend_and_verdict():
     assert rest.endswith("\n\nwarnings:\n  - d_eff / n is large")
 
 
+def _verdict_rows(spec: list[tuple], baseline: float, utility: str) -> list[dict]:
+    """Rows ``(scheme, leakage, p10, p90, utility)`` with one baseline and utility metric."""
+    rows = []
+    for n, lk, lo, hi, u in spec:
+        r = _ok_row(n)
+        r.update(leakage=lk, mis=1 - lk, leakage_p10=lo, leakage_p90=hi, baseline_leakage=baseline,
+                 **{f"utility_{utility}": u})
+        rows.append(r)
+    return rows
+
+
 def test_verdict_alone_in_the_utility_band_is_not_called_safer_than_the_band():
     """fu23b: `mis-lightning mode=assess 'schemes=[int8_weight_only,intx_weight_only_int2]'` (README)
     printed "int8_weight_only (leakage 0.0948); clearly safer than every other scheme in the
@@ -277,13 +288,8 @@ def test_verdict_alone_in_the_utility_band_is_not_called_safer_than_the_band():
     a claim about no scheme at all. Say that it is the only one."""
     from mis_lightning.report import verdict
 
-    rows = []
-    for n, lk, lo, hi, u in [("int8_weight_only", 0.0948, 0.0891, 0.1005, 0.6669),
-                             ("intx_weight_only_int2", 0.0732, 0.0657, 0.0788, 0.8514)]:
-        r = _ok_row(n)
-        r.update(leakage=lk, mis=1 - lk, leakage_p10=lo, leakage_p90=hi, baseline_leakage=0.0948,
-                 utility_rmse=u)
-        rows.append(r)
+    rows = _verdict_rows([("int8_weight_only", 0.0948, 0.0891, 0.1005, 0.6669),
+                          ("intx_weight_only_int2", 0.0732, 0.0657, 0.0788, 0.8514)], 0.0948, "rmse")
     assert verdict(rows) == (
         "verdict: safest with rmse within 1% of the best (0.6669, int8_weight_only): "
         "int8_weight_only (leakage 0.0948); the only scheme in the utility band; clearly safer than "
@@ -298,14 +304,9 @@ def test_verdict_reads_a_row_without_interval_against_the_safest_interval():
     clearly different; above it, the claim stands."""
     from mis_lightning.report import verdict
 
-    rows = []
-    for n, lk, lo, hi, u in [("none", 0.0410, None, None, 0.0050),
-                             ("int8_weight_only", 0.0404, 0.0375, 0.0428, 0.0050),
-                             ("intx_weight_only_int4", 0.0329, 0.0307, 0.0347, 0.0076)]:
-        r = _ok_row(n)
-        r.update(leakage=lk, mis=1 - lk, leakage_p10=lo, leakage_p90=hi, baseline_leakage=0.0410,
-                 utility_loss=u)
-        rows.append(r)
+    rows = _verdict_rows([("none", 0.0410, None, None, 0.0050),
+                          ("int8_weight_only", 0.0404, 0.0375, 0.0428, 0.0050),
+                          ("intx_weight_only_int4", 0.0329, 0.0307, 0.0347, 0.0076)], 0.0410, "loss")
     assert verdict(rows) == (
         "verdict: safest with loss within 1% of the best (0.0050, none): int8_weight_only "
         "(leakage 0.0404); not clearly different from it (intervals overlap): none; clearly safer "
