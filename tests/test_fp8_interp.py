@@ -222,5 +222,12 @@ def test_top_cell_is_interpolated_where_its_span_is_at_most_four_sd():
     err, _ = _errors(theta, s, values, scale, ref)
     for k, tol in TOL.items():
         assert err[k] <= tol, (k, err[k])
-    beyond = torch.tensor([448.5, -460.0, 600.0], dtype=F64)
+    # a row's absmax over a float32 scale: up to ~6e-8 beyond 448 (relative), on the table too
+    near = 448.0 * (1.0 + torch.tensor([1e-9, 6e-8, 5e-7, 1e-6], dtype=F64)) * torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=F64)
+    s_near = torch.tensor([4.0, 9.6, 30.0, 500.0], dtype=F64)
+    assert bool(it.moments(near, s_near)[0].all())
+    err, _ = _errors(near, s_near, values, torch.ones_like(near), _full_sum(near, s_near, values, torch.ones_like(near)))
+    for k, tol in TOL.items():
+        assert err[k] <= tol, (k, err[k])
+    beyond = torch.tensor([448.5, -460.0, 600.0, 448.0 * (1.0 + 1e-5)], dtype=F64)
     assert not bool(it.moments(beyond, torch.full_like(beyond, 64.0))[0].any())
