@@ -698,7 +698,8 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
                         interpolate: bool = True, min_build: int = 0) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form or
     interpolated elements: for a symmetric float8 table (on the CPU), elements neither frozen
-    nor beyond the table whose own cell is at most ``MAX_OWN_STEP`` sd wide and whose sd lies
+    nor beyond the table whose own cell is at most ``MAX_OWN_STEP`` sd wide (the unbounded top
+    cell: its span up to the largest value) and whose sd lies
     in the interpolation table's range read ``kappa`` and ``m4`` from it
     (:mod:`~mis_lightning.functional.interp`; ``mean_abs`` telescoped exactly); the others, and
     every element of other tables, go through :func:`_table_sum_moments`."""
