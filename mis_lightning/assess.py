@@ -1746,7 +1746,12 @@ def _unquantized_mean_abs(est: Estimate, rc: F.correlated.RecordCorrelation) -> 
     if rc.kind == "full" and est.mahalanobis is not None:
         return F.cells.SQRT_2_OVER_PI * est.mahalanobis.to(torch.float64)
     assert est.influence is not None
-    return rc.gaussian_mean_abs(est.influence)
+    # the same for every scheme (and the baseline, the caps, the interval's ends): one solve per
+    # correlation, not one per use (22 factor-model solves, 5.7 of 13 s scoring a 9.4k-weight MLP)
+    cached = rc.cache.get("unquantized_mean_abs")
+    if cached is None:
+        cached = rc.cache["unquantized_mean_abs"] = rc.gaussian_mean_abs(est.influence)
+    return cached
 
 
 def _kappa_vector(est: Estimate, kappas: Mapping[str, Tensor]) -> Tensor:
