@@ -298,3 +298,29 @@ def test_an_invalid_trainer_option_is_a_configuration_error(tmp_path, monkeypatc
     assert code == 2, err
     assert "configuration error (MisconfigurationException): `Trainer(devices=0)`" in err and "Traceback" not in err
     _nothing_trained(run)
+
+
+def test_data_parallel_training_refuses_the_probes_full_batch_lbfgs_before_training(tmp_path, monkeypatch, capsys):
+    """model=mlp_probe trains by full-batch L-BFGS (the main job reaches a minimum); under
+    trainer=ddp_spawn its line search would deadlock the gradient all-reduce: refused before
+    anything is trained, naming the way out."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "model=mlp_probe", "trainer=ddp_spawn",
+                                               f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert "cannot train data-parallel" in err and "model.optimizer=adam" in err and "data.batch_size" in err
+    assert not (run / "model.ckpt").exists() and not (run / "report.json").exists()
+
+
+def test_the_main_job_trains_its_probe_by_full_batch_lbfgs():
+    """The main job's probe reaches the minimum the analysis assumes only when each L-BFGS step
+    sees the whole training set (the shipped ChEMBL series: 711 training records); the wider
+    probes of the experiments keep minibatch Adam."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("mis_lightning.conf", version_base="1.3"):
+        main = compose("config")
+        wide = [compose("config", overrides=[f"experiment={e}"]) for e in ("chembl_mlp", "nci_tpsa")]
+    assert main.model.optimizer == "lbfgs" and main.model.lr is None
+    assert main.data.batch_size >= 711
+    assert all(c.model.optimizer == "adam" and c.data.batch_size <= 128 for c in wide)

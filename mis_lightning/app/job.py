@@ -789,7 +789,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             raise ValueError(
                 "full-batch L-BFGS (model.optimizer=lbfgs) cannot train data-parallel: each rank's "
                 "line search takes a data-dependent number of steps and the gradient all-reduce "
-                "deadlocks. Use trainer.devices=1, or model.optimizer=adam"
+                "deadlocks. Use trainer.devices=1, or model.optimizer=adam with a minibatch data.batch_size "
+                "(e.g. data.batch_size=64)"
             )
         try:
             if trainer is not None:
