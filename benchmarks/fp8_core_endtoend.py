@@ -15,6 +15,7 @@ sigma ~0.03-3 x the weight sd.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -23,6 +24,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def _keywords_it_takes(fn):
+    """``fn`` called with only the keyword arguments its signature names: an older checkout's
+    ``_table_fast_moments`` lacks ``interpolate`` / ``min_build`` (it always ran its own rules)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn
+    return lambda *a, **k: fn(*a, **{key: v for key, v in k.items() if key in params})
 
 
 def main(argv=None) -> int:
@@ -50,7 +60,7 @@ def main(argv=None) -> int:
                 est.sigma[name] = torch.full_like(est.sigma[name], args.sigma_ratio * float(th.double().std()))
     new_fn = T._table_fast_moments
     out = {}
-    for label, fn in (("old", old._table_fast_moments), ("new", new_fn)):
+    for label, fn in (("old", _keywords_it_takes(old._table_fast_moments)), ("new", new_fn)):
         T._table_fast_moments = fn
         fastpath.GUARD.disabled.clear()
         try:
