@@ -320,7 +320,10 @@ def test_the_main_job_trains_its_probe_by_full_batch_lbfgs():
 
     with initialize_config_module("mis_lightning.conf", version_base="1.3"):
         main = compose("config")
+        binary = compose("config", overrides=["data=chembl_binary"])
+        nci = compose("config", overrides=["data=nci_tpsa"])
         wide = [compose("config", overrides=[f"experiment={e}"]) for e in ("chembl_mlp", "nci_tpsa")]
     assert main.model.optimizer == "lbfgs" and main.model.lr is None
-    assert main.data.batch_size >= 711
+    assert main.data.batch_size >= 711 and binary.data.batch_size >= 711
+    assert nci.data.batch_size >= nci.data.max_molecules  # every training record in one batch
     assert all(c.model.optimizer == "adam" and c.data.batch_size <= 128 for c in wide)
