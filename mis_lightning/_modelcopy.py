@@ -367,22 +367,36 @@ def _storage_ptr(t: Any) -> int | None:
 
 class _Seen(TorchFunctionMode):
     """Records the watched tensors (by identity, or by storage for the original's parameters)
-    that reach a torch function as an argument."""
+    that reach a torch function as an argument; a tensor outside autograd that shares the
+    storage of a trainable parameter of the original (``w.data``, ``w.detach()``, a view taken
+    under ``torch.no_grad``) is replaced by a leaf that requires grad, so that autograd shows
+    whether the outputs depend on it."""
 
-    def __init__(self, ids: dict[int, str], storages: dict[int, str]) -> None:
+    def __init__(self, ids: dict[int, str], storages: dict[int, str], trainable: set[int]) -> None:
         super().__init__()
-        self.ids, self.storages, self.seen = ids, storages, {}
+        self.ids, self.storages, self.trainable, self.seen = ids, storages, trainable, {}
+        self.aliases: dict[int, tuple[str, Tensor, Tensor]] = {}  # id -> (name, the tensor, its leaf)
+
+    def _arg(self, t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        name = self.ids.get(id(t))
+        if name is not None:
+            self.seen[name] = None
+            return t
+        ptr = _storage_ptr(t) if self.storages else None
+        name = self.storages.get(ptr) if ptr is not None else None
+        if name is None:
+            return t
+        self.seen[name] = None
+        if ptr in self.trainable and t.is_leaf and (t.is_floating_point() or t.is_complex()):
+            if id(t) not in self.aliases:
+                self.aliases[id(t)] = (name, t, t.detach().requires_grad_())
+            return self.aliases[id(t)][2]
+        return t
 
     def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if not isinstance(t, Tensor):
-                continue
-            name = self.ids.get(id(t))
-            if name is None and self.storages:
-                name = self.storages.get(_storage_ptr(t))
-            if name is not None:
-                self.seen[name] = None
+        args, kwargs = torch.utils._pytree.tree_map(self._arg, (args, kwargs or {}))
         return func(*args, **kwargs)
 
 
@@ -398,8 +412,11 @@ class SwapCheck:
     error. The copy-time scan (:func:`private_copy`) sees closures only; this check runs one
     forward on the first batch with the substituted tensors and asks autograd whether the
     output depends on the original parameters (the user's and the copy's own, which the
-    substitution removed from their modules) or on the derived attributes: every path is
-    covered, at the cost of one forward and one backward on one record. A tensor that is only
+    substitution removed from their modules) or on the derived attributes; a tensor outside
+    autograd that shares a trainable parameter's storage (``w.data``, ``w.detach()``, a view
+    taken under ``torch.no_grad``) is swapped for a leaf that requires grad as it reaches a torch
+    function (a ``TorchFunctionMode``), so that autograd sees it too. Every path is covered, at
+    the cost of one forward and one backward on one record. A tensor that is only
     read (a hook logging a norm) does not reach the output and passes; frozen parameters are
     not watched (neither differentiated nor, closed over, distinguishable by autograd).
 
@@ -418,6 +435,7 @@ class SwapCheck:
                     ids.add(id(p))
                     self.watch.append((name, p))
         self.storages = {ptr: n for n, p in original.named_parameters() if (ptr := _storage_ptr(p))}
+        self.trainable_names = {n for n, p in original.named_parameters() if p.requires_grad}
         self.derived = _DERIVED.get(copied, [])
         self.held = _HELD_BY.get(copied, {})
 
@@ -438,7 +456,8 @@ class SwapCheck:
         live = {id(t) for t in swapped}
         shared = {_storage_ptr(t) for t in swapped}
         storages = {k: v for k, v in self.storages.items() if k not in shared}
-        mode = _Seen({id(t): n for n, t in self.watch if id(t) not in live}, storages)
+        mode = _Seen({id(t): n for n, t in self.watch if id(t) not in live}, storages,
+                     {k for k, n in storages.items() if n in self.trainable_names})
         trainable = [(repr(n), t) for n, t in self.watch if t.requires_grad and id(t) not in live]
         restore = []
         for path, key, pnames in self.derived:
@@ -464,6 +483,9 @@ class SwapCheck:
                         self._refuse(step, [repr(n) + (" (frozen)" if n in frozen else "") for n in mode.seen],
                                      f"and fails there ({type(exc).__name__}: {exc})", exc)
                     return  # not this check's concern: the estimation reports its own errors
+                trainable += [(f"{name!r} (through a tensor sharing its storage outside autograd: w.data, "
+                               "w.detach(), or a view taken under torch.no_grad)", leaf)
+                              for name, _, leaf in mode.aliases.values()]
                 leaves = [t for t in torch.utils._pytree.tree_leaves(out)
                           if isinstance(t, Tensor) and t.requires_grad]
                 if not leaves or not trainable:

@@ -333,6 +333,13 @@ def _bypass(how: str) -> nn.Module:
             elif how == "global":
                 _GLOBAL["w"] = w
                 self.h = lambda z: z @ _GLOBAL["w"].T + self.head.bias
+            elif how in ("data", "detach", "no_grad_view"):  # aliases outside autograd
+                if how == "no_grad_view":
+                    with torch.no_grad():
+                        wa = w.T.T
+                else:
+                    wa = w.data if how == "data" else w.detach()
+                self.h = lambda z: z @ wa.T + self.head.bias
             elif how == "attribute":  # a non-leaf tensor attribute: the copy holds it detached
                 self.wt = w.T
                 self.h = lambda z: z @ self.wt + self.head.bias
@@ -351,15 +358,16 @@ def _bypass(how: str) -> nn.Module:
 
 
 _KIND = ["object", "namespace", "ordereddict", "namedtuple", "frozenset", "view", "row", "global", "attribute",
-         "class"]
+         "class", "data", "detach", "no_grad_view"]
 
 
 @pytest.mark.parametrize("how", _KIND)
 def test_a_parameter_reached_past_the_substitution_is_refused_whatever_the_path(how):
     """vf23 F2 (and the rest of the kind): a trainable parameter held by a non-module object, a
     SimpleNamespace / OrderedDict / namedtuple / frozenset in a closure, a view or a row of it
-    taken in advance, a global, a non-leaf attribute computed from it, or a forward defined on a
-    class built at run time. The copy-time scan missed each; above 1e5 weights (float32) the
+    taken in advance, a global, a non-leaf attribute computed from it, a forward defined on a
+    class built at run time, or an alias outside autograd (``w.data``, ``w.detach()``, a view taken
+    under ``torch.no_grad``). The copy-time scan missed each; above 1e5 weights (float32) the
     head's per-sample gradients read 0 without a word (below, a dtype error naming neither). One
     forward on the first record with the substituted tensors, asking autograd whether the
     outputs depend on the originals, refuses every path, naming the parameter."""
