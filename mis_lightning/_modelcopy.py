@@ -24,7 +24,9 @@ buffers closed over (vf22) -- and replaces a ``torch.compile`` wrapper by the ca
 through its module) is refused with :class:`ModelCopyError`: the estimation substitutes
 parameters through ``torch.func.functional_call`` and a scheme replaces a quantized module's
 weight, neither of which a closure over the tensor itself sees (its gradients read 0 and its
-quantized copy ran the float weight, silently).
+quantized copy ran the float weight, silently). A hook closing over one is not refused here
+(it may only read it); :class:`SwapCheck` settles every path -- hooks, containers, views,
+globals -- on the first batch, by autograd.
 """
 
 from __future__ import annotations
@@ -313,8 +315,8 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
     Raises:
         ModelCopyError: an attribute cannot be deep-copied; the message names ``step``, the
             attribute, the module that holds it and the original error (kept as the cause).
-            Also when a callable attribute (``forward``, a hook) closes over a trainable
-            parameter directly (module docstring); the message names both.
+            Also when a callable attribute (``forward``, a lambda; not a hook) closes over a
+            trainable parameter directly (module docstring); the message names both.
     """
     try:
         copied = copy.deepcopy(model)
