@@ -29,7 +29,7 @@ from torch.utils.data import (
 )
 
 from ._lightning_compat import trainer_package
-from ._modelcopy import private_copy
+from ._modelcopy import ModelCopyError, private_copy
 from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
@@ -586,7 +586,7 @@ def _dry_estimation(pl_module: Any, loss_fn: Any, batch_fn: Any, estimation_conf
         try:
             metric = EstimationMetric(pl_module, loss_fn, estimation_config=estimation_config, batch_fn=batch_fn)
             metric.update(batch)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, ModelCopyError):
             raise
         except Exception as exc:  # noqa: BLE001 - named and re-raised
             raise RuntimeError(

@@ -24,7 +24,9 @@ buffers closed over (vf22) -- and replaces a ``torch.compile`` wrapper by the ca
 through its module) is refused with :class:`ModelCopyError`: the estimation substitutes
 parameters through ``torch.func.functional_call`` and a scheme replaces a quantized module's
 weight, neither of which a closure over the tensor itself sees (its gradients read 0 and its
-quantized copy ran the float weight, silently).
+quantized copy ran the float weight, silently). A hook closing over one is not refused here
+(it may only read it); :class:`SwapCheck` settles every path -- hooks, containers, views,
+globals -- on the first batch, by autograd.
 """
 
 from __future__ import annotations
@@ -32,11 +34,15 @@ from __future__ import annotations
 import copy
 import functools
 import types
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-__all__ = ["ModelCopyError", "private_copy"]
+__all__ = ["ModelCopyError", "SwapCheck", "private_copy"]
 
 
 class ModelCopyError(RuntimeError):
@@ -62,6 +68,32 @@ def _non_leaf_memo(model: nn.Module) -> dict[int, Any]:
             if isinstance(val, Tensor) and not val.is_leaf:
                 memo[id(val)] = val.detach().clone()
     return memo
+
+
+def _derived_attributes(model: nn.Module) -> list[tuple[str, str, list[str]]]:
+    """``(module path, attribute, parameter names)`` of each non-leaf tensor attribute whose
+    autograd history reaches trainable parameters of ``model`` (``self.wt = self.head.weight.T``):
+    the copy holds it detached, a constant that neither the substitution nor a scheme moves."""
+    names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    found = []
+    for path, mod in model.named_modules():
+        for key, val in _state(mod).items():
+            if key in ("_parameters", "_buffers", "_modules") or not isinstance(val, Tensor) \
+                    or val.is_leaf or val.grad_fn is None:
+                continue
+            reached, seen, todo = set(), set(), [val.grad_fn]
+            while todo:
+                fn = todo.pop()
+                if fn is None or id(fn) in seen:
+                    continue
+                seen.add(id(fn))
+                var = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+                if isinstance(var, Tensor) and id(var) in names:
+                    reached.add(names[id(var)])
+                todo.extend(f for f, _ in fn.next_functions)
+            if reached:
+                found.append((path, key, sorted(reached)))
+    return found
 
 
 def _culprits(model: nn.Module, memo: dict[int, Any], limit: int = 3) -> list[tuple[str, str, str, Exception]]:
@@ -94,6 +126,12 @@ class _Pairs(dict):
         super().__init__()
         self.trainable: dict[int, str] = {}
         self.hits: list[str] = []
+
+
+# what the copy-time scan found, per copy, for the first-batch check's message: parameter name ->
+# the callables (attributes, hook entries) that hold it; and the non-leaf attributes copied detached
+_HELD_BY: weakref.WeakKeyDictionary[nn.Module, dict[str, list[str]]] = weakref.WeakKeyDictionary()
+_DERIVED: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, str, list[str]]]] = weakref.WeakKeyDictionary()
 
 
 def _rebound(val: Any, pairs: _Pairs, depth: int = 0) -> Any:
@@ -192,8 +230,11 @@ def _rebind_closures(original: nn.Module, copied: nn.Module) -> list[tuple[str, 
     that refer to the original model at the copy's own modules (module docstring).
 
     Returns:
-        ``(attribute, parameter name)`` of each callable that closes over a trainable parameter
-        of the original directly (not through its module).
+        ``(attribute, parameter name)`` of each callable attribute that closes over a trainable
+        parameter of the original directly (not through its module). Hooks that do are not
+        returned (a hook that only reads the tensor -- logs its norm, a state-dict or backward
+        hook -- is harmless; one whose output depends on it is refused by :class:`SwapCheck`
+        on the first batch); every finding is kept for that check's message.
     """
     pairs = _Pairs()
     pairs.update({id(o): c for o, c in zip(original.modules(), copied.modules())})
@@ -209,6 +250,7 @@ def _rebind_closures(original: nn.Module, copied: nn.Module) -> list[tuple[str, 
             if p.requires_grad:
                 pairs.trainable.setdefault(id(p), name)
     direct: list[tuple[str, str]] = []
+    held: dict[str, list[str]] = {}
     for path, mod in copied.named_modules():
         d = vars(mod)
         for key, val in list(d.items()):
@@ -219,7 +261,8 @@ def _rebind_closures(original: nn.Module, copied: nn.Module) -> list[tuple[str, 
                 for hk, hv in list(val.items()):
                     pairs.hits.clear()
                     new = _rebound(hv, pairs)
-                    direct += [(f"{where}[{hk}]", n) for n in pairs.hits]
+                    for n in pairs.hits:
+                        held.setdefault(n, []).append(f"{where}[{hk}]")
                     if new is not hv:
                         val[hk] = new
                 continue
@@ -228,8 +271,12 @@ def _rebind_closures(original: nn.Module, copied: nn.Module) -> list[tuple[str, 
             pairs.hits.clear()
             new = _rebound(val, pairs)
             direct += [(where, n) for n in pairs.hits]
+            for n in pairs.hits:
+                held.setdefault(n, []).append(where)
             if new is not val:
                 d[key] = new
+    if held:
+        _HELD_BY[copied] = held
     return direct
 
 
@@ -268,8 +315,8 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
     Raises:
         ModelCopyError: an attribute cannot be deep-copied; the message names ``step``, the
             attribute, the module that holds it and the original error (kept as the cause).
-            Also when a callable attribute (``forward``, a hook) closes over a trainable
-            parameter directly (module docstring); the message names both.
+            Also when a callable attribute (``forward``, a lambda; not a hook) closes over a
+            trainable parameter directly (module docstring); the message names both.
     """
     try:
         copied = copy.deepcopy(model)
@@ -286,6 +333,9 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
             first = exc
         else:
             _refuse_direct(step, _rebind_closures(model, copied))
+            derived = _derived_attributes(model)
+            if derived:
+                _DERIVED[copied] = derived
             return copied
     found = _culprits(model, memo)
     if not found:
@@ -304,3 +354,174 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
         f"{target}), keep a detached tensor / a copyable object there, or give the module a "
         "__deepcopy__ / __getstate__ that leaves it out"
     ) from first
+
+
+def _storage_ptr(t: Any) -> int | None:
+    """The address of a tensor's storage; None for an empty tensor or one without plain storage
+    (a tensor subclass such as torchao's quantized weights, a meta tensor)."""
+    if not isinstance(t, Tensor) or not t.numel() or t.device.type == "meta":
+        return None
+    try:
+        return t.untyped_storage().data_ptr() or None
+    except Exception:  # noqa: BLE001 - "invalid python storage" and the like
+        return None
+
+
+class _Seen(TorchFunctionMode):
+    """Records the watched tensors (by identity, or by storage for the original's parameters)
+    that reach a torch function as an argument; a tensor outside autograd that shares the
+    storage of a trainable parameter of the original (``w.data``, ``w.detach()``, a view taken
+    under ``torch.no_grad``) is replaced by a leaf that requires grad, so that autograd shows
+    whether the outputs depend on it."""
+
+    def __init__(self, ids: dict[int, str], storages: dict[int, str], trainable: set[int]) -> None:
+        super().__init__()
+        self.ids, self.storages, self.trainable, self.seen = ids, storages, trainable, {}
+        self.aliases: dict[int, tuple[str, Tensor, Tensor]] = {}  # id -> (name, the tensor, its leaf)
+
+    def _arg(self, t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        name = self.ids.get(id(t))
+        if name is not None:
+            self.seen[name] = None
+            return t
+        ptr = _storage_ptr(t) if self.storages else None
+        name = self.storages.get(ptr) if ptr is not None else None
+        if name is None:
+            return t
+        self.seen[name] = None
+        if ptr in self.trainable and t.is_leaf and (t.is_floating_point() or t.is_complex()):
+            if id(t) not in self.aliases:
+                self.aliases[id(t)] = (name, t, t.detach().requires_grad_())
+            return self.aliases[id(t)][2]
+        return t
+
+    def __torch_function__(self, func: Any, types_: Any, args: Any = (), kwargs: Any = None) -> Any:
+        args, kwargs = torch.utils._pytree.tree_map(self._arg, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
+class SwapCheck:
+    """Whether a forward that substitutes the parameters still depends on the originals.
+
+    The estimation substitutes every parameter (``torch.func.functional_call``) and each scheme
+    replaces the weights of the modules it quantizes. A forward that reaches a trainable
+    parameter another way -- a closure, default argument or container holding the tensor, a
+    non-module object that holds it, a view or slice of it taken in advance, a global or a
+    class attribute, a non-leaf attribute derived from it (copied as a constant) -- reads the
+    tensor itself: its gradients read 0 and its quantized copies run the float weight, with no
+    error. The copy-time scan (:func:`private_copy`) sees closures only; this check runs one
+    forward on the first batch with the substituted tensors and asks autograd whether the
+    output depends on the original parameters (the user's and the copy's own, which the
+    substitution removed from their modules) or on the derived attributes; a tensor outside
+    autograd that shares a trainable parameter's storage (``w.data``, ``w.detach()``, a view
+    taken under ``torch.no_grad``) is swapped for a leaf that requires grad as it reaches a torch
+    function (a ``TorchFunctionMode``), so that autograd sees it too. Every path is covered, at
+    the cost of one forward and one backward on one record. A tensor that is only
+    read (a hook logging a norm) does not reach the output and passes; frozen parameters are
+    not watched (neither differentiated nor, closed over, distinguishable by autograd).
+
+    Args:
+        original: the user's model.
+        copied: the model the forward runs (the private copy, or ``original`` itself).
+    """
+
+    def __init__(self, original: nn.Module, copied: nn.Module) -> None:
+        self.model = copied
+        self.watch: list[tuple[str, Tensor]] = []
+        ids: set[int] = set()
+        for model in (original, copied):
+            for name, p in model.named_parameters():
+                if id(p) not in ids:
+                    ids.add(id(p))
+                    self.watch.append((name, p))
+        self.storages = {ptr: n for n, p in original.named_parameters() if (ptr := _storage_ptr(p))}
+        self.trainable_names = {n for n, p in original.named_parameters() if p.requires_grad}
+        self.derived = _DERIVED.get(copied, [])
+        self.held = _HELD_BY.get(copied, {})
+
+    def run(self, forward: Callable[[], Any], swapped: Iterable[Tensor], step: str) -> None:
+        """Run ``forward`` (the substituted forward on one record) and refuse a path past the swap.
+
+        Args:
+            forward: computes the outputs with the substituted tensors.
+            swapped: the tensors substituted (their storage is not a sign of a bypass).
+            step: what is checked, in words (starts the message).
+
+        Raises:
+            ModelCopyError: the outputs depend on a trainable parameter reached other than
+                through its module (names the parameters and, where the copy-time scan found
+                them, the callables that hold them); or the forward fails on a parameter it
+                reaches that way (a dtype clash with the float64 copy), its error as the cause.
+        """
+        live = {id(t) for t in swapped}
+        shared = {_storage_ptr(t) for t in swapped}
+        storages = {k: v for k, v in self.storages.items() if k not in shared}
+        mode = _Seen({id(t): n for n, t in self.watch if id(t) not in live}, storages,
+                     {k for k, n in storages.items() if n in self.trainable_names})
+        trainable = [(repr(n), t) for n, t in self.watch if t.requires_grad and id(t) not in live]
+        restore = []
+        for path, key, pnames in self.derived:
+            try:
+                mod = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            val = vars(mod).get(key)
+            if isinstance(val, Tensor) and (val.is_floating_point() or val.is_complex()):
+                restore.append((mod, key, val))
+                vars(mod)[key] = t = val.detach().requires_grad_()
+                trainable.append((f"{', '.join(repr(n) for n in pnames)} (through the attribute "
+                                  f"{(path + '.' if path else '') + key!r}, a tensor computed from it "
+                                  "and held detached by the copy)", t))
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                try:
+                    with mode:
+                        out = forward()
+                except Exception as exc:  # noqa: BLE001 - named below when a bypass explains it
+                    if mode.seen:
+                        frozen = {n for n, t in self.watch if not t.requires_grad}
+                        self._refuse(step, [repr(n) + (" (frozen)" if n in frozen else "") for n in mode.seen],
+                                     f"and fails there ({type(exc).__name__}: {exc})", exc)
+                    return  # not this check's concern: the estimation reports its own errors
+                trainable += [(f"{name!r} (through a tensor sharing its storage outside autograd: w.data, "
+                               "w.detach(), or a view taken under torch.no_grad)", leaf)
+                              for name, _, leaf in mode.aliases.values()]
+                leaves = [t for t in torch.utils._pytree.tree_leaves(out)
+                          if isinstance(t, Tensor) and t.requires_grad]
+                if not leaves or not trainable:
+                    return
+                total = sum((t.real if t.is_complex() else t).float().sum() for t in leaves)
+                try:
+                    grads = torch.autograd.grad(total, [t for _, t in trainable], allow_unused=True)
+                except RuntimeError:
+                    return  # a graph autograd cannot walk back: left to the estimation
+        finally:
+            for mod, key, val in restore:
+                vars(mod)[key] = val
+        reached = [n for (n, _), g in zip(trainable, grads) if g is not None]
+        if reached:
+            self._refuse(step, reached, "", None)
+
+    def _refuse(self, step: str, names: list[str], tail: str, cause: BaseException | None) -> None:
+        plain = [n.split("'")[1] for n in names if n.startswith("'")]
+        held = ["{!r} (held by {})".format(n, ", ".join(repr(w) for w in self.held[n][:3]))
+                for n in plain if n in self.held]
+        what = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+        mod = plain[0].rpartition(".")[0] if plain else ""
+        pron = "them" if len(names) > 1 else "it"
+        raise ModelCopyError(
+            f"{step}: the forward reaches the parameter{'s' if len(names) > 1 else ''} {what} past the "
+            f"substitution{' ' + tail if tail else f' (the outputs depend on {pron})'} -- not read through its module "
+            "but through a closure, default argument, container or non-module object holding the tensor, "
+            "a tensor computed from it in advance (a view, a slice, an attribute), or the model or the tensor "
+            "reached through a global name or a class attribute"
+            + (f"; found in: {'; '.join(held)}" if held else "")
+            + ". The assessment substitutes parameters (torch.func.functional_call, for the per-sample "
+            "gradients) and each scheme replaces the weights of the modules it quantizes; a path that "
+            "holds the tensor itself sees neither, so its gradients would read 0 and its quantized copy "
+            "would run the float weight. Read the parameter through its module inside the function, and compute "
+            "from it there "
+            f"(self.{plain[0] if plain else '<module>.weight'}), or hold the module"
+            f"{f' (self.{mod})' if mod else ''} instead of its tensor") from cause

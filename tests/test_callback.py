@@ -1434,3 +1434,36 @@ def test_an_embedding_with_max_norm_is_refused_at_setup_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"Embedding 'emb' has max_norm=1\.0"):
         trainer.fit(model, DataLoader(TensorDataset(X, Y), batch_size=16))
     assert trainer.global_step == 0 and torch.equal(model.emb.weight, before)
+
+
+class HeadThroughNamespace(Regressor):
+    """The head's tensors held by a SimpleNamespace in a closure: the assessment's substituted
+    parameters never reach them (their per-sample gradients read 0)."""
+
+    def __init__(self):
+        super().__init__()
+        import types
+
+        head = self.net[3]
+        held = types.SimpleNamespace(w=head.weight, b=head.bias)
+        self.head_fn = lambda z: z @ held.w.T + held.b
+
+    def forward(self, x):
+        return self.head_fn(self.net[:3](x)).squeeze(-1)
+
+
+def test_a_parameter_reached_past_the_substitution_fails_the_setup_before_training(tmp_path):
+    """cl24: the first-batch check runs the estimation pass, whose first batch checks that the
+    forward reads every trainable parameter through the substitution: a closure over a
+    container holding the head's tensors fails at the start of fit, naming them (it used to
+    be assessed with the head's gradients 0 above 1e5 weights, or fail after the whole training)."""
+    from mis_lightning._modelcopy import ModelCopyError
+
+    cb = MISCallback(SCHEMES, loss_fn=mse)
+    pl.seed_everything(0)
+    train, val = loaders()
+    trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ModelCopyError, match=r"reaches the parameters? 'net.3.weight'"):
+        trainer.fit(HeadThroughNamespace(), train, val)
+    assert trainer.global_step == 0

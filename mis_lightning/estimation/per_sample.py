@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .._modelcopy import ModelCopyError, private_copy
+from .._modelcopy import ModelCopyError, SwapCheck, private_copy
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -414,6 +414,7 @@ class LossProgram:
         # are the functional ones. A model that cannot be deep-copied (a lock, an open file)
         # is read in place with clones of its tensors: its quantized copies fail later, each
         # with that error, while the unquantized baseline is still assessed.
+        original = self.model
         try:
             self.model = private_copy(self.model, "copying the model for the per-sample loss program")
             own = False
@@ -434,6 +435,9 @@ class LossProgram:
                       for n, p in named.items() if n not in self.params}
         self.buffers = {n: private(b) for n, b in self.model.named_buffers()}
         self._checked = False
+        # the first batch checks that the forward reads every trainable parameter through the
+        # substitution (a closure, container or view holding the tensor would not: SwapCheck)
+        self._swap_check: SwapCheck | None = SwapCheck(original, self.model)
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
@@ -454,9 +458,27 @@ class LossProgram:
         targets = _to(targets, self.device, self.dtype)
         b = _batch_size(inputs)
         if not self._checked:
+            self.check_swap(inputs)
             self.check_per_sample(inputs, targets, b)
             self._checked = True
         return inputs, targets, b
+
+    def check_swap(self, inputs: Any) -> None:
+        """Once: the outputs of the first record must not depend on a trainable parameter reached
+        other than through the substitution (:class:`~mis_lightning._modelcopy.SwapCheck`).
+
+        Raises:
+            ModelCopyError: naming the parameters (and what holds them, where known).
+        """
+        check, self._swap_check = self._swap_check, None  # drops the references to the user's tensors
+        if check is None:
+            return
+        one = torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() else t, inputs)
+        with torch.no_grad():
+            check.run(lambda: self.outputs(self.params, one),
+                      [*self.params.values(), *self.fixed.values(), *self.buffers.values()],
+                      f"checking that {type(self.model).__name__}'s forward reads its parameters through "
+                      "the library's substitution")
 
     def check_per_sample(self, inputs: Any, targets: Any, b: int, records: int = 8) -> None:
         """Check that ``loss_fn`` returns one loss per record, each depending on that record only.
