@@ -125,7 +125,8 @@ def test_conv_products_read_the_patches_in_place():
         want = (gg @ u.transpose(-1, -2).contiguous()).reshape(b, -1)
         got = _layer_grads(mod, x, go, {"weight": "w"}, cache)["w"]
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
-        ref = torch.func.vmap(torch.func.grad(
-            lambda w, xi, gi: (torch.func.functional_call(mod, {"weight": w, "bias": mod.bias}, (xi[None],))[0] * gi).sum()),
-            in_dims=(None, 0, 0))(mod.weight.detach(), x, go)
+        def loss(w, xi, gi, mod=mod):
+            return (torch.func.functional_call(mod, {"weight": w, "bias": mod.bias}, (xi[None],))[0] * gi).sum()
+
+        ref = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(mod.weight.detach(), x, go)
         assert torch.allclose(got, ref.reshape(b, -1), rtol=1e-5, atol=1e-5)

@@ -819,7 +819,7 @@ class LayerProgram:
                 xs = _slice(taps.x[m], a, c)
                 # the batch's prepared inputs (estimation: reused over directions), else per chunk
                 cache = ({k: v[a:c] for k, v in taps.cache[m].items()} if m in taps.cache
-                         else _prepare(self._mods[m], xs, slot))
+                         else _prepare(self._mods[m], xs, sub))  # only what sub needs
                 grads = _layer_grads(self._mods[m], xs, _slice(gos[m], a, c), sub, cache)
                 if per_layer:
                     yield a, c, grads
@@ -927,10 +927,9 @@ class LayerProgram:
                     continue
                 v = v.reshape(c0 - a0, -1)
                 for a, cc, k in _chunk_groups(a0, c0, step):
-                    if k:  # k whole chunks at once: per chunk the same GEMV and sums (batched)
+                    if k:  # k whole chunks at once: per chunk the same GEMV and sums
                         sq = v[a - a0: cc - a0].reshape(k, step, -1).square_()
-                        wk = w[a:cc].to(sq.dtype).reshape(k, step, 1)
-                        h_all[name] += torch.bmm(sq.transpose(1, 2), wk).reshape(k, -1).to(f64).sum(0)
+                        h_all[name] += _gemvs(sq, w[a:cc].to(sq.dtype).reshape(k, step)).to(f64).sum(0)
                         if h2_all is not None:
                             h2_all[name] += (sq.square_().sum(1).to(f64) / num ** 2).sum(0)
                         continue
@@ -1103,14 +1102,13 @@ class LayerProgram:
                     continue
                 v = v.reshape(c0 - a0, -1)
                 for a, c, k in _chunk_groups(a0, c0, step):
-                    if k:  # k whole chunks at once: per chunk the same sums and GEMV (batched)
+                    if k:  # k whole chunks at once: per chunk the same sums and GEMV
                         vk = v[a - a0: c - a0].reshape(k, step, -1)
                         s1[n] += vk.sum(1).to(acc).sum(0)
                         sq = vk.square_()
                         s2[n] += sq.sum(1).to(acc).sum(0)
                         if bw is not None:
-                            wk = bw[a:c].to(sq.dtype).reshape(k, step, 1)
-                            h_all[n] += torch.bmm(sq.transpose(1, 2), wk).reshape(k, -1).to(f64).sum(0)
+                            h_all[n] += _gemvs(sq, bw[a:c].to(sq.dtype).reshape(k, step)).to(f64).sum(0)
                         continue
                     vc = v[a - a0: c - a0]
                     s1[n] += vc.sum(0).to(acc)
@@ -1141,12 +1139,19 @@ class LayerProgram:
 def _chunk_groups(a0: int, c0: int, step: int) -> list[tuple[int, int, int]]:
     """Records ``a0:c0`` (a block of :meth:`LayerProgram.iter_grad_groups`) as ``(a, c, k)``:
     ``k > 1`` whole chunks of ``step`` records summed as ``[k, step, numel]`` views (the same
-    float32 sums and GEMVs per chunk as one at a time, bit for bit: tested), then the rest one
-    chunk at a time (``k = 0``)."""
+    float32 sums per chunk as one at a time, bit for bit: tested), then the rest one chunk at
+    a time (``k = 0``)."""
     k = (c0 - a0) // step
     out = [(a0, a0 + k * step, k)] if k > 1 else []
     out += [(a, min(c0, a + step), 0) for a in range(a0 + (k * step if k > 1 else 0), c0, step)]
     return out
+
+
+def _gemvs(sq: Tensor, w: Tensor) -> Tensor:
+    """``[k, numel]``: per chunk ``i`` the GEMV ``sq[i]' w[i]`` of ``sq [k, step, numel]`` and
+    ``w [k, step]``, one GEMV per chunk as for a lone chunk (a batched ``[k, numel, step] x
+    [k, step, 1]`` product was 60x slower: no BLAS kernel for it)."""
+    return torch.stack([sq[i].T @ w[i] for i in range(sq.shape[0])])
 
 
 def _add(a: Any, b: Any, rows: int) -> Any:
