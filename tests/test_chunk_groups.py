@@ -130,3 +130,21 @@ def test_conv_products_read_the_patches_in_place():
 
         ref = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(mod.weight.detach(), x, go)
         assert torch.allclose(got, ref.reshape(b, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bias_alone_builds_no_patches(monkeypatch):
+    """The scoring forms one parameter's per-sample gradients at a time from the stored
+    records' taps: a convolution's bias needs no patches (main built them for the whole block)."""
+    model = _cnn()
+    prog, names = _program(model, monkeypatch, 1 << 20)
+    b = 16
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(b, 3, 8, 8, generator=g), torch.randint(0, 5, (b,), generator=g)
+    taps = prog.record_taps(x, y, b)
+    calls = []
+    real = LF._patches
+    monkeypatch.setattr(LF, "_patches", lambda *a: calls.append(1) or real(*a))
+    bias = prog.grads_from_taps(taps, ["0.bias"])["0.bias"]
+    assert calls == [] and bias.shape == (b, 8)
+    assert torch.equal(bias, prog.grads_from_taps(taps, ["0.weight", "0.bias"])["0.bias"])
+    assert len(calls) == 1
