@@ -403,11 +403,16 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
             out[bn] = gf.sum(1)
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if wn:
-            if "uT" not in cache:  # contiguous [B, G, P, K]: a plain batched GEMM
-                cache["uT"] = _patches(mod, x).transpose(-1, -2).contiguous()
-            ut = cache["uT"]
-            gg = go.reshape(b, mod.groups, -1, ut.shape[-2])  # [B, G, O/G, P]
-            out[wn] = (gg @ ut).reshape(b, -1)  # [B, G, O/G, K]
+            if "u" not in cache:
+                cache["u"] = _patches(mod, x)
+            u = cache["u"]  # [B, G, K, P]
+            gg = go.reshape(b, mod.groups, -1, u.shape[-1])  # [B, G, O/G, P]
+            # the batched GEMM reads the patches transposed in place (BLAS's transpose flag): no
+            # [B, G, P, K] copy (a strided transpose of the whole patches). The products were bit
+            # for bit those of the copy on the benchmark CNN's layers (its report unchanged); BLAS
+            # may pick another kernel for another layout and shape (float32 rounding: ~2e-7
+            # relative on a small grouped convolution; tests/test_chunk_groups.py)
+            out[wn] = (gg @ u.transpose(-1, -2)).reshape(b, -1)  # [B, G, O/G, K]
         if bn:
             out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
     elif isinstance(mod, nn.Embedding):
@@ -580,7 +585,7 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
     if "weight" in names and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
                                               nn.modules.batchnorm._BatchNorm)):
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            cache["uT"] = _patches(mod, x).transpose(-1, -2).contiguous()
+            cache["u"] = _patches(mod, x)  # [B, G, K, P], read transposed by _layer_grads
         elif isinstance(mod, nn.LayerNorm):
             cache["xhat"] = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
         else:
@@ -816,7 +821,7 @@ class LayerProgram:
                 xs = _slice(taps.x[m], a, c)
                 # the batch's prepared inputs (estimation: reused over directions), else per chunk
                 cache = ({k: v[a:c] for k, v in taps.cache[m].items()} if m in taps.cache
-                         else _prepare(self._mods[m], xs, slot))
+                         else _prepare(self._mods[m], xs, sub))  # only what sub needs
                 grads = _layer_grads(self._mods[m], xs, _slice(gos[m], a, c), sub, cache)
                 if per_layer:
                     yield a, c, grads
@@ -825,6 +830,36 @@ class LayerProgram:
                     out[k] = v if k not in out else _add(out[k], v, c - a)
             if not per_layer:
                 yield a, c, out
+
+    def iter_grad_groups(self, taps: _BatchTaps, go: dict[str, Any] | None = None, group: bool = True
+                         ) -> Iterator[tuple[int, int, int, dict[str, Any]]]:
+        """``(a, c, step, {name: [c - a, numel] or _Sparse})`` per layer: the per-sample
+        gradients of records ``a:c`` of the batch, to be summed in chunks of ``step`` records
+        (:meth:`chunk_rows`, the largest parameter's; a last partial chunk as it comes), as
+        :meth:`iter_grads` with ``per_layer`` yields them chunk by chunk. A layer whose dense
+        parameters are small takes several chunks (up to the whole batch) in one call, within
+        ``CHUNK_FLOATS`` floats per temporary as before: per chunk its products, sums and squares
+        are the same operations on the same records (the consumers reduce ``[k, step, numel]``
+        views), without a dozen small calls per chunk (each mostly dispatch, and a wake-up of the
+        second thread: on a 1e5-weight CNN 12 of 14 parameters are below 2,000 weights).
+        ``group=False``, a tied parameter or an embedding's sparse gradients: one chunk per call."""
+        step = self.chunk_rows(None, taps)
+        if self._tied:  # tied uses are added up per chunk (iter_grads)
+            for a, c, g in self.iter_grads(taps, go=go, per_layer=True):
+                yield a, c, c - a, g
+            return
+        gos = taps.go if go is None else go
+        for m, slot in self.slots.items():
+            rows = step
+            if group and not any(n in self._sparse_slots for n in slot.values()):
+                fit = CHUNK_FLOATS // max(sum(self._numels[n] for n in slot.values()), 1)
+                rows = taps.b if fit >= taps.b else max(step, fit // step * step)
+            for a in range(0, taps.b, rows):
+                c = min(taps.b, a + rows)
+                xs = _slice(taps.x[m], a, c)
+                cache = ({k: v[a:c] for k, v in taps.cache[m].items()} if m in taps.cache
+                         else _prepare(self._mods[m], xs, slot))
+                yield a, c, step, _layer_grads(self._mods[m], xs, _slice(gos[m], a, c), slot, cache)
 
     def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True
               ) -> tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None]:
@@ -884,15 +919,24 @@ class LayerProgram:
         per record ``E[X^2] / num`` bounds ``Var(mean of num draws of X)`` from above."""
         f64 = torch.float64
         w = sgn if h2_all is None else sgn / num
-        for a, cc, grads in self.iter_grads(taps, go=go, per_layer=True):
+        for a0, c0, step, grads in self.iter_grad_groups(taps, go=go):
             for name, v in grads.items():
                 if isinstance(v, _Sparse):  # per-record squares, weighted by the sign
                     sq = v.g.square()
-                    h_all[name].view(v.shape).index_add_(0, v.row, (sq * w[a:cc][v.sample].unsqueeze(-1)).to(f64))
+                    h_all[name].view(v.shape).index_add_(0, v.row, (sq * w[a0:c0][v.sample].unsqueeze(-1)).to(f64))
                     if h2_all is not None:
                         h2_all[name].view(v.shape).index_add_(0, v.row, sq.square().to(f64) / num ** 2)
-                else:  # v is this chunk's own tensor: squared in place, summed by a GEMV
-                    sq = v.reshape(cc - a, -1).square_()
+                    continue
+                v = v.reshape(c0 - a0, -1)
+                for a, cc, k in _chunk_groups(a0, c0, step):
+                    if k:  # k whole chunks at once: per chunk the same GEMV and sums
+                        sq = v[a - a0: cc - a0].reshape(k, step, -1).square_()
+                        h_all[name] += _gemvs(sq, w[a:cc].to(sq.dtype).reshape(k, step)).to(f64).sum(0)
+                        if h2_all is not None:
+                            h2_all[name] += (sq.square_().sum(1).to(f64) / num ** 2).sum(0)
+                        continue
+                    # v is this chunk's own tensor: squared in place, summed by a GEMV
+                    sq = v[a - a0: cc - a0].square_()
                     h_all[name] += (sq.T @ w[a:cc].to(sq.dtype)).to(f64)
                     if h2_all is not None:
                         h2_all[name] += sq.square_().sum(0).to(f64) / num ** 2
@@ -1047,20 +1091,33 @@ class LayerProgram:
         s1 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         s2 = {n: torch.zeros(self._numels[n], dtype=acc) for n in self.names}
         bw = taps.base_weight  # the loss gradient's own share of the exact Gauss-Newton diagonal
-        for a, c, grads in self.iter_grads(taps, per_layer=True):
+        f64 = torch.float64
+        # chunks grouped only where their float64 sums are added up in float64 (reassociated)
+        for a0, c0, step, grads in self.iter_grad_groups(taps, group=acc == f64):
             for n, v in grads.items():
                 if isinstance(v, _Sparse):
                     s1[n] += v.sum().to(acc)
                     sq = v.g.square()
                     s2[n] += v.sum_sq(sq).to(acc)
                     if bw is not None:
-                        h_all[n].view(v.shape).index_add_(0, v.row, (sq * bw[a:c][v.sample].unsqueeze(-1)).to(torch.float64))
-                else:
-                    s1[n] += v.sum(0).to(acc)
-                    sq = v.reshape(c - a, -1).square_()  # the chunk's own tensor, squared in place
+                        h_all[n].view(v.shape).index_add_(0, v.row, (sq * bw[a0:c0][v.sample].unsqueeze(-1)).to(f64))
+                    continue
+                v = v.reshape(c0 - a0, -1)
+                for a, c, k in _chunk_groups(a0, c0, step):
+                    if k:  # k whole chunks at once: per chunk the same sums and GEMV
+                        vk = v[a - a0: c - a0].reshape(k, step, -1)
+                        s1[n] += vk.sum(1).to(acc).sum(0)
+                        sq = vk.square_()
+                        s2[n] += sq.sum(1).to(acc).sum(0)
+                        if bw is not None:
+                            h_all[n] += _gemvs(sq, bw[a:c].to(sq.dtype).reshape(k, step)).to(f64).sum(0)
+                        continue
+                    vc = v[a - a0: c - a0]
+                    s1[n] += vc.sum(0).to(acc)
+                    sq = vc.square_()  # the chunk's own tensor, squared in place
                     s2[n] += sq.sum(0).to(acc)
                     if bw is not None:
-                        h_all[n] += (sq.T @ bw[a:c].to(sq.dtype)).to(torch.float64)
+                        h_all[n] += (sq.T @ bw[a:c].to(sq.dtype)).to(f64)
         out = {n: (s1[n], s2[n], h_all[n].to(acc), None if h2_all is None else h2_all[n].to(acc))
                for n in self.names}
         norm = sum((s2[n].sum() for n in self.names), torch.zeros((), dtype=acc))
@@ -1079,6 +1136,24 @@ class LayerProgram:
     def close(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _chunk_groups(a0: int, c0: int, step: int) -> list[tuple[int, int, int]]:
+    """Records ``a0:c0`` (a block of :meth:`LayerProgram.iter_grad_groups`) as ``(a, c, k)``:
+    ``k > 1`` whole chunks of ``step`` records summed as ``[k, step, numel]`` views (the same
+    float32 sums per chunk as one at a time, bit for bit: tested), then the rest one chunk at
+    a time (``k = 0``)."""
+    k = (c0 - a0) // step
+    out = [(a0, a0 + k * step, k)] if k > 1 else []
+    out += [(a, min(c0, a + step), 0) for a in range(a0 + (k * step if k > 1 else 0), c0, step)]
+    return out
+
+
+def _gemvs(sq: Tensor, w: Tensor) -> Tensor:
+    """``[k, numel]``: per chunk ``i`` the GEMV ``sq[i]' w[i]`` of ``sq [k, step, numel]`` and
+    ``w [k, step]``, one GEMV per chunk as for a lone chunk (a batched ``[k, numel, step] x
+    [k, step, 1]`` product was 60x slower: no BLAS kernel for it)."""
+    return torch.stack([sq[i].T @ w[i] for i in range(sq.shape[0])])
 
 
 def _add(a: Any, b: Any, rows: int) -> Any:
