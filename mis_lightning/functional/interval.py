@@ -50,11 +50,12 @@ POSITION_MAX_TERMS = 10.0
 # Evaluation points of each coordinate's cell statistics across the box (odd: includes 0).
 RANGE_POINTS = 25
 REGIMES = ("position-dominated", "averaged")
-# Draws of the exact box-mean form at the two ends (the headline uses 1,024 x 1,024). Outer
+# Draws of the exact box-mean form at the two ends (the headline uses 1,024 outer draws). Outer
 # draws only add unbiased noise (~3% at 256, small against the box's range); box draws set
 # what is left of the upward bias of a mean |.| of noisy box means (antithetic pairs remove
 # most of it, functional.correlated) -- the floor of a near-zero end (8 sd mid-cell) -- so
-# they stay at the headline's. A quarter of the cost of the headline.
+# they stay at the headline's (the form caps them as there: 256 quasi-random draws per box
+# with fine weights, EXACT_QMC_BOX_DRAWS). A quarter of the cost of the headline.
 ENDS_OUTER_DRAWS = 256
 ENDS_BOX_DRAWS = 1024
 
