@@ -554,3 +554,32 @@ def test_exact_box_form_simulates_fewer_quasi_random_draws_per_box(monkeypatch):
     p = torch.stack([x[2] for x in values]).mean(0)
     se = (torch.stack([x[1] for x in values]).square().mean(0) + torch.stack([x[3] for x in values]).square().mean(0)).sqrt() / 2
     assert torch.all((v - p).abs() <= 2 * se), ((v - p) / se)
+
+
+def test_wide_boxes_keep_plain_draws(monkeypatch):
+    """Quasi-Monte Carlo box draws only where at most EXACT_QMC_MAX_COARSE weights are coarse: a
+    Sobol set's advantage fades with the dimension (28 coarse weights: 1.8x the plain draws'
+    spread over seeds, sc24), so wider boxes keep the former plain draws and their count."""
+    d = F.correlated.EXACT_QMC_MAX_COARSE + 3
+    R = _equicorrelated(d, 0.5)
+    g = torch.Generator().manual_seed(7)
+    h = torch.tensor([4.0] * (d - 2) + [0.25] * 2, dtype=torch.float64)
+    off = torch.rand(d, dtype=torch.float64, generator=g)
+    w = torch.randn(3, d, dtype=torch.float64, generator=g) @ torch.linalg.cholesky(R).T
+    stats = _grid_stats(h, off)
+    coarse = torch.nonzero(stats.kappa < F.FINE_KAPPA).squeeze(-1)
+    assert coarse.numel() == d - 2 > F.correlated.EXACT_QMC_MAX_COARSE
+    k = torch.arange(-40, 41, dtype=torch.float64)
+    alpha = ((k.unsqueeze(0) + off.unsqueeze(1)) * h.unsqueeze(1))[coarse]
+    calls = []
+    real = F.correlated.truncated_gaussian_means
+
+    def spy(mean, chol, lo, hi, draws, generator=None, **kw):
+        calls.append((draws, kw.get("qmc", False)))
+        return real(mean, chol, lo, hi, draws, generator, **kw)
+
+    monkeypatch.setattr(F.correlated, "truncated_gaussian_means", spy)
+    value, se = F.correlated.exact_box_mean_abs(Correlation(full=R), w, stats.kappa, coarse, alpha,
+                                                outer_draws=64, generator=torch.Generator().manual_seed(0))
+    assert calls and all(not q and n > F.correlated.EXACT_QMC_BOX_DRAWS for n, q in calls), calls
+    assert torch.isfinite(value).all() and torch.isfinite(se).all()

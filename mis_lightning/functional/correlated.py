@@ -604,6 +604,10 @@ EXACT_BOX_DRAWS = 1024
 # mean over records (8 seeds) within 0.0022 of the former's at reported standard errors of
 # 0.016-0.020 (unchanged), 2.8-3.8x less CPU per call.
 EXACT_QMC_BOX_DRAWS = 256
+# ... where at most this many coordinates are coarse: a Sobol set's advantage fades with the
+# dimension (the README main job's 28 coarse weights: the spread of the mean over 8 seeds was
+# 1.8x the former plain draws' at the same 256 draws, sc24), so wider boxes keep plain draws
+EXACT_QMC_MAX_COARSE = 16
 EXACT_OUTER_DRAWS = 1024
 # truncated draws one evaluation may cost (outer x box draws x coarse coordinates)
 EXACT_BUDGET = 6_000_000
@@ -768,10 +772,11 @@ def exact_box_mean_abs(
     lo = torch.gather(pad, 1, cell.T).T                            # [S, c]
     hi = torch.gather(pad, 1, (cell + 1).T).T
     mean = Yf @ G.T
-    box_draws = min(all_coarse_draws, EXACT_QMC_BOX_DRAWS)     # the former plain draws: all_coarse_draws
+    qmc = c <= EXACT_QMC_MAX_COARSE
+    box_draws = min(all_coarse_draws, EXACT_QMC_BOX_DRAWS) if qmc else all_coarse_draws
     per = max(1, (1 << 22) // max(box_draws * c, 1))
     m = torch.cat([truncated_gaussian_means(mean[i : i + per], chol, lo[i : i + per], hi[i : i + per],
-                                            box_draws, generator, qmc=True)
+                                            box_draws, generator, qmc=qmc)
                    for i in range(0, outer_draws, per)])           # [S, c]
     score = (m @ b.T + Yf @ h.T).abs()                             # [S, R]
     # Control variate: the same draws scored with the coarse weights also seen through the
