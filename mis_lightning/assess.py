@@ -1456,24 +1456,22 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
                         draws: int, policy: F.CompilePolicy | None, sample: tuple[Tensor, Tensor, float]
                         ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_draw_parts` (built draws) of chunk ``a:b`` on a sample of its elements
-    (:func:`_draw_sample`): ``(basis [k, c], mix [D, k], groups [G, c])``, the basis zero off the
-    sample and ``mu / pi``, ``sd * zeta / sqrt(pi)`` on it (Horvitz-Thompson: the per-record sums
-    of ``w^2 mu`` and their variance over the draws, ``sum w^4 v``, are unbiased over samples);
-    ``groups[g]`` is the basis' ``mu`` row on the sample's group ``g`` only (the centre's sample
-    noise, :func:`_draw_sample_noise`). Elements of the sample read the same ``xi`` columns as a
+    (:func:`_draw_sample`): ``(basis [k, m], mix [D, k], groups [G, m])`` over the ``m`` sampled
+    elements (the draws' kappa changes are 0 off the sample): ``mu / pi`` and
+    ``sd * zeta / sqrt(pi)`` (Horvitz-Thompson: the per-record sums of ``w^2 mu`` and their
+    variance over the draws, ``sum w^4 v``, are unbiased over samples); ``groups[g]`` is the
+    basis' ``mu`` row on the sample's group ``g`` only, 0 elsewhere (the centre's sample noise,
+    :func:`_draw_sample_noise`). Elements of the sample read the same ``xi`` columns as a
     full evaluation, so their moments are the full evaluation's (value tables: the 8 positions
     in one call, the interpolated table from ``2^15`` elements on)."""
     elem, grp, pi = sample
-    c = xi.shape[1]
     sub = _subset_grid(grid, a, b, elem)
     part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
                                k_main.index_select(0, elem), xi.index_select(1, elem), draws, policy,
                                table_at_once=True)
-    basis = torch.zeros(part.shape[0], c, dtype=torch.float64)
-    basis[0, elem] = part[0] / pi
-    basis[1:, elem] = part[1:] / math.sqrt(pi)
-    groups = torch.zeros(DRAW_SAMPLE_GROUPS, c, dtype=torch.float64)
-    groups[grp, elem] = basis[0, elem]
+    basis = torch.cat([part[:1] / pi, part[1:] / math.sqrt(pi)])
+    groups = torch.zeros(DRAW_SAMPLE_GROUPS, elem.numel(), dtype=torch.float64)
+    groups[grp, torch.arange(elem.numel())] = basis[0]
     return basis, mix, groups
 
 
@@ -1638,7 +1636,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             xi = torch.randn(_draw_noise_rows(D, est.d == 1), c, dtype=torch.float64, generator=gen) if D else None
             ones = torch.ones(c, dtype=torch.float64)
             K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
-            deltas: list[tuple[Tensor, Tensor, Tensor | None] | None] = []  # per scheme: (basis, mix, groups)
+            # per scheme: (basis, mix, groups); subsampled: over the sample's elements only
+            deltas: list[tuple[Tensor, Tensor, Tensor | None] | None] = []
             sample = None
             if D >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS \
                     and c // reader.unit >= DRAW_SAMPLE_MIN_ROWS:
@@ -1711,15 +1710,20 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     continue
                 basis, mix, grp = parts  # the draws' kappa changes are mix @ basis: sum the basis rows
                 k_ = basis.shape[0]
-                moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows
-                rows = torch.nonzero(moved).squeeze(-1)
-                if rows.numel() == 0:
+                moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows (of the sample)
+                if not bool(moved.any()):
                     continue
-                if grp is not None:  # subsampled: the centre's groups are summed with the basis
+                if grp is not None:  # subsampled: whole sampled rows; the centre's groups summed with the basis
+                    assert sample is not None
                     sampled[j] = True
+                    rows = sample[0][:: reader.unit].div(reader.unit, rounding_mode="floor")[moved]
                     basis = torch.cat([basis, grp])
-                kk = basis.shape[0]
-                dsub = basis.reshape(kk, -1, reader.unit)[:, rows].reshape(kk, -1)
+                    kk = basis.shape[0]
+                    dsub = basis.reshape(kk, -1, reader.unit)[:, moved].reshape(kk, -1)
+                else:
+                    rows = torch.nonzero(moved).squeeze(-1)
+                    kk = k_
+                    dsub = basis.reshape(kk, -1, reader.unit)[:, rows].reshape(kk, -1)
                 ps_d = reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
                 dd[j] += ps_d[:, :k_] @ mix.T
                 if grp is not None:
