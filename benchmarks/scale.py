@@ -7,7 +7,9 @@ Per model size, in a fresh subprocess (so that its peak RSS is its own):
 * the estimation pass (``run_estimation`` with the default options) and the scoring of the
   schemes (``score_schemes`` with the default options: 16 bootstrap draws, auto method),
   in seconds and in Adam epochs, measured in the SAME process, back to back;
-* the peak RSS of the process (``ru_maxrss``, MiB) and bytes per weight.
+* the peak RSS of the process (``ru_maxrss``, MiB) and bytes per weight;
+* the same times as process CPU time (``*_cpu_*``; on a shared machine wall times move 2-5x
+  with the load, CPU times far less).
 
     python benchmarks/scale.py --sizes 1e5 1e6 1e7                # 8 common schemes
     python benchmarks/scale.py --sizes 1e7 3e7 --memory-only --schemes int8_weight_only \\
@@ -158,31 +160,38 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         return 0.5 * (out.squeeze(-1) - t) ** 2
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    epochs = []
+    epochs, epochs_cpu = [], []
     for _ in range(1 if memory_only else 3):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for xb, yb in loader:
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xb), yb).mean().backward()
             opt.step()
         epochs.append(time.perf_counter() - t0)
+        epochs_cpu.append(time.process_time() - c0)
     # a trained model handed to assess: no optimizer state, no .grad (4 bytes per weight)
     opt.zero_grad(set_to_none=True)
     del opt
     epoch = min(epochs[1:]) if len(epochs) > 1 else epochs[0]
+    epoch_cpu = min(epochs_cpu[1:]) if len(epochs_cpu) > 1 else epochs_cpu[0]
     est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
     if mem is not None:
         mem.mark("build + warm-up epoch")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     est = run_estimation(model, loader, loss_fn, est_cfg)
     est_s = time.perf_counter() - t0
+    est_cpu = time.process_time() - c0
     if mem is not None:
         mem.mark("run_estimation")
     rss_est = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    c0 = time.process_time()
     t0 = time.perf_counter()
     rep = score_schemes(est, model, schemes, scoring_config=sc_cfg)
     score_s = time.perf_counter() - t0
+    score_cpu = time.process_time() - c0
     if mem is not None:
         mem.mark("other")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
@@ -193,6 +202,10 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "epoch_adam_s": epoch, "estimation_s": est_s, "scoring_s": score_s,
         "estimation_epochs": est_s / epoch, "scoring_epochs": score_s / epoch,
         "total_epochs": (est_s + score_s) / epoch,
+        # the same in process CPU time (a shared machine's load moves wall times 2-5x)
+        "epoch_adam_cpu_s": epoch_cpu, "estimation_cpu_s": est_cpu, "scoring_cpu_s": score_cpu,
+        "estimation_cpu_epochs": est_cpu / epoch_cpu, "scoring_cpu_epochs": score_cpu / epoch_cpu,
+        "total_cpu_epochs": (est_cpu + score_cpu) / epoch_cpu,
         "peak_rss_mib": peak, "rss_before_estimation_mib": rss0, "rss_after_estimation_mib": rss_est,
         "bytes_per_weight": peak * 2**20 / d, "estimator": est.estimator,
         "influence_stored": est.influence_stored, "factored": est.factors is not None,
@@ -241,6 +254,9 @@ def main(argv=None) -> int:
               f"= {r['estimation_epochs']:.1f} ep | scoring {len(r['schemes'])} schemes {r['scoring_s']:.1f}s "
               f"= {r['scoring_epochs']:.1f} ep | total {r['total_epochs']:.1f} ep | peak RSS "
               f"{r['peak_rss_mib']:.0f} MiB ({r['bytes_per_weight']:.0f} B/weight) | load {r['load_avg'][0]:.1f}",
+              flush=True)
+        print(f"    CPU time: epoch {r['epoch_adam_cpu_s']:.3f}s | estimation {r['estimation_cpu_epochs']:.1f} ep | "
+              f"scoring {r['scoring_cpu_s']:.1f}s = {r['scoring_cpu_epochs']:.1f} ep | total {r['total_cpu_epochs']:.1f} ep",
               flush=True)
         for st in r.get("stages") or []:
             print(f"    {st['stage']:<45} peak {st['peak_mib']:8.0f} MiB = {st['peak_mib'] * 2**20 / r['params']:7.1f} "

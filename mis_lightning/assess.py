@@ -1028,6 +1028,9 @@ class _Prepared:
         self.column = 0  # index of this scheme's main column in the joint sums
         self.failed: str | None = None
         self.lam_draws: dict[str, list[Tensor]] = {}
+        # per parameter whose draws were subsampled: [R, DRAW_SAMPLE_GROUPS] per-record sums of the
+        # draws' centre (w^2 mu / pi) by random group of the sampled rows (_draw_sample_noise)
+        self.draw_groups: dict[str, Tensor] = {}
         self.layers: dict[str, LayerResult] = {}
         self.utility: dict[str, float] = {}
         self.notes: list[str] = []
@@ -1222,8 +1225,8 @@ def _built_mix(draws: int) -> Tensor:
 
 
 def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
-                draws: int, policy: F.CompilePolicy | None, with_lam: bool = False
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                draws: int, policy: F.CompilePolicy | None, with_lam: bool = False,
+                table_at_once: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The kappa changes of elements ``a:b`` at the ``D = draws`` bootstrap draws as
     ``(basis [k, c], mix [D, k], lam [D, c])``: draw ``b``'s kappa is ``k_main + mix[b] @ basis``
     (per-record sums are linear in the columns: the scoring pass sums the ``k`` basis rows, not
@@ -1252,7 +1255,8 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     "The uncertainty interval"), so only each element's mean and variance of ``delta`` matter
     there, estimated per element and averaged over elements: 8 evaluations replace ``D`` (16
     by default). Elements whose kappa cannot move (:func:`_position_free` at every position)
-    keep ``k_main`` exactly."""
+    keep ``k_main`` exactly. ``table_at_once``: a value-table grid scores the 8 positions in one
+    call (:func:`_table_draws_at_once`; the subsampled draws, :func:`_draw_sample`)."""
     D, c = draws, xi.shape[1]
     if with_lam or D < BUILT_DRAWS_MIN:
         kap, lam = _evaluated_draws(grid, th, sg, a, b, k_main, xi[2: 2 + D], policy, with_lam)
@@ -1260,7 +1264,8 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     x, y = xi[0], xi[1]
     nodes = _GH_X[_GH_X != 0]
     t = torch.stack([x, -x, y, -y])  # [4, c] random positions
-    kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)]), policy)
+    kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)]), policy,
+                              table_at_once=table_at_once)
     dl, dn = kap[:4] - k_main, kap[4:] - k_main  # at the random positions, at the rule's nodes
     even1, even2 = 0.5 * (dl[0] + dl[1]), 0.5 * (dl[2] + dl[3])
     odd1, odd2 = 0.5 * (dl[0] - dl[1]), 0.5 * (dl[2] - dl[3])
@@ -1278,7 +1283,8 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
 
 
 def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
-                     policy: F.CompilePolicy | None, with_lam: bool = False) -> tuple[Tensor, Tensor]:
+                     policy: F.CompilePolicy | None, with_lam: bool = False,
+                     table_at_once: bool = False) -> tuple[Tensor, Tensor]:
     """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` with
     the cells re-read around ``theta + sigma * xi_b`` (``xi [D, c]``). Elements whose kappa
     cannot move (:func:`_position_free`) keep ``k_main`` without a cell-moment evaluation: on
@@ -1289,11 +1295,16 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
     lam = torch.zeros(D, c, dtype=torch.float64)
     free = None if with_lam else _position_free(grid, th, sg, a, b, xi)
     scale = zp = bounds = None
-    if free is None and not with_lam and grid.kind == "table" and 1 < D and D * c < F.table.INTERP_MIN_ELEMENTS:
+    if free is None and not with_lam and grid.kind == "table" and 1 < D \
+            and (table_at_once or D * c < F.table.INTERP_MIN_ELEMENTS):
         # A small chunk of a value-table grid: the D positions in one call (the per-call cost,
         # ~1-20 ms, dominated: a 128-weight float8 row cost as much as 32k weights). Every
         # element takes the path it takes alone (below INTERP_MIN_ELEMENTS in both forms).
         return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy), lam
+    if table_at_once and not with_lam and grid.kind == "affine" and 1 < D:
+        # the sampled draws (_sampled_draw_parts): the positions' moving elements in one call, so
+        # that a sample of a chunk of >= TABLE_MIN_ELEMENTS takes the chunk's (fused) path
+        return _affine_draws_at_once(grid, th64, sg64, a, b, k_main, xi, free, policy), lam
     for bi in range(D):
         th_b = th64 + sg64 * xi[bi]
         if free is None:
@@ -1321,6 +1332,45 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
     return kap, lam
 
 
+def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
+                          free: Tensor | None, policy: F.CompilePolicy | None) -> Tensor:
+    """``[D, c]`` kappa of elements ``a:b`` of an affine grid at ``theta + sigma * xi_b`` for every
+    row of ``xi``, the elements that can move (not ``free``, :func:`_position_free`) of every
+    position in one cell-moment call, padded to ``TABLE_MIN_ELEMENTS`` with position-free ones
+    (as :func:`_evaluated_draws` pads each position): what the per-position calls give, on the
+    fused path whenever ``D * c`` reaches ``TABLE_MIN_ELEMENTS``. Position-free elements keep
+    ``k_main``; without the shortcut (``free is None``) dead blocks are 0, revealed elements 1."""
+    D, c = xi.shape
+    scale, zp, _ = grid.element_grid(a, b)
+    dead = scale <= 0
+    scale = torch.where(dead, torch.ones_like(scale), scale)
+    bounds = grid.element_bounds(a, b)
+    kap = k_main.to(torch.float64).expand(D, c).reshape(-1).clone()
+    if free is None:
+        idx = torch.arange(D * c)
+    else:
+        flat = free.reshape(-1)
+        idx = torch.nonzero(~flat).squeeze(-1)
+        if idx.numel() == 0:
+            return kap.reshape(D, c)
+        if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= D * c:
+            pad = torch.nonzero(flat).squeeze(-1)[: F.affine.TABLE_MIN_ELEMENTS - idx.numel()]
+            idx = torch.sort(torch.cat([idx, pad])).values
+    el = idx % c  # the element of each evaluated (position, element) pair
+    sel = lambda t: t.index_select(0, el)  # noqa: E731
+    pos = (th64 + sg64 * xi).reshape(-1).index_select(0, idx)
+    kap.index_copy_(0, idx, grid.element_moments(
+        pos, sel(sg64), sel(scale), sel(zp), None, None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
+        policy, kappa_only=True).kappa)
+    kap = kap.reshape(D, c)
+    if free is None:
+        kap = torch.where(dead, torch.zeros_like(kap), kap)
+        if grid.revealed is not None:
+            rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
+            kap = torch.where(rev, torch.ones_like(kap), kap)
+    return kap
+
+
 def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b: int, xi: Tensor,
                          policy: F.CompilePolicy | None) -> Tensor:
     """``[D, c]`` kappa of elements ``a:b`` at ``theta + sigma * xi_b`` for every row of ``xi``
@@ -1340,6 +1390,89 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
         rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
         kap = torch.where(rev, torch.ones_like(kap), kap)
     return kap
+
+
+# Subsampled bootstrap draws (averaged regime; method.md section 3, "Subsampled draws"). A chunk of
+# at least DRAW_SAMPLE_MIN_WEIGHTS weights evaluates the built draws' moments (mu, v) on a simple
+# random sample of DRAW_SAMPLE_FRACTION of its rows (whole output rows of a factored weight,
+# elements otherwise), the same rows for every scheme, and scales them as Horvitz-Thompson
+# estimates: mu / pi and sqrt(v / pi), so that the per-record sums of w^2 mu and of w^4 v, all a
+# draw's leakage reads, are unbiased. The sample's noise in the draws' centre is estimated from
+# DRAW_SAMPLE_GROUPS random groups of the sampled rows and added to the interval's record error.
+DRAW_SAMPLE_FRACTION = 0.25
+DRAW_SAMPLE_MIN_WEIGHTS = 1 << 15
+DRAW_SAMPLE_GROUPS = 8
+DRAW_SAMPLE_MIN_ROWS = 4 * DRAW_SAMPLE_GROUPS  # rows of the chunk (the groups' noise estimate needs several per group)
+
+
+class _SubsetGrid(ParamGrid):
+    """A view of a :class:`ParamGrid` on some elements ``sel`` of its chunk ``a:b``: element
+    ``i`` of the view is element ``a + sel[i]`` of the grid (:func:`_subset_grid`)."""
+
+    _sel_grid: tuple[Tensor, Tensor, Tensor | None]
+    _sel_bounds: tuple[Tensor, Tensor] | None
+
+    def element_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        scale, zp, code = self._sel_grid
+        return scale[start:end], zp[start:end], None if code is None else code[start:end]
+
+    def element_bounds(self, start: int, end: int) -> tuple[Tensor, Tensor] | None:
+        if self._sel_bounds is None:
+            return None
+        return self._sel_bounds[0][start:end], self._sel_bounds[1][start:end]
+
+
+def _subset_grid(grid: ParamGrid, a: int, b: int, sel: Tensor) -> ParamGrid:
+    """``grid`` restricted to elements ``a + sel`` (``sel`` sorted, relative to ``a``), indexed
+    ``0 .. len(sel)``: its per-element grid, bounds and revealed mask (what the draws read)."""
+    import copy
+
+    sub = copy.copy(grid)
+    sub.__class__ = _SubsetGrid
+    scale, zp, code = grid.element_grid(a, b)
+    sub._sel_grid = (scale[sel], zp[sel], None if code is None else code[sel])
+    bounds = grid.element_bounds(a, b)
+    sub._sel_bounds = None if bounds is None else (bounds[0][sel], bounds[1][sel])
+    if grid.revealed is not None:
+        sub.revealed = grid.revealed.reshape(-1)[a:b][sel]
+    return sub
+
+
+def _draw_sample(c: int, unit: int, gen: torch.Generator) -> tuple[Tensor, Tensor, float]:
+    """A simple random sample of ``round(DRAW_SAMPLE_FRACTION * units)`` of the chunk's
+    ``units = c // unit`` rows: ``(elements [m] sorted, group [m] in 0..DRAW_SAMPLE_GROUPS-1,
+    pi)`` with ``pi`` the exact inclusion probability (sampled rows / rows)."""
+    units = c // unit
+    m = max(DRAW_SAMPLE_GROUPS, int(round(DRAW_SAMPLE_FRACTION * units)))
+    perm = torch.randperm(units, generator=gen)[:m]
+    group_of_row = torch.empty(units, dtype=torch.long)
+    group_of_row[perm] = torch.arange(m) % DRAW_SAMPLE_GROUPS  # balanced random groups
+    rows = torch.sort(perm).values
+    elem = (rows.unsqueeze(-1) * unit + torch.arange(unit)).reshape(-1)
+    return elem, group_of_row[rows].repeat_interleave(unit), m / units
+
+
+def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
+                        draws: int, policy: F.CompilePolicy | None, sample: tuple[Tensor, Tensor, float]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_draw_parts` (built draws) of chunk ``a:b`` on a sample of its elements
+    (:func:`_draw_sample`): ``(basis [k, m], mix [D, k], groups [G, m])`` over the ``m`` sampled
+    elements (the draws' kappa changes are 0 off the sample): ``mu / pi`` and
+    ``sd * zeta / sqrt(pi)`` (Horvitz-Thompson: the per-record sums of ``w^2 mu`` and their
+    variance over the draws, ``sum w^4 v``, are unbiased over samples); ``groups[g]`` is the
+    basis' ``mu`` row on the sample's group ``g`` only, 0 elsewhere (the centre's sample noise,
+    :func:`_draw_sample_noise`). Elements of the sample read the same ``xi`` columns as a
+    full evaluation, so their moments are the full evaluation's (value tables: the 8 positions
+    in one call, the interpolated table from ``2^15`` elements on)."""
+    elem, grp, pi = sample
+    sub = _subset_grid(grid, a, b, elem)
+    part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
+                               k_main.index_select(0, elem), xi.index_select(1, elem), draws, policy,
+                               table_at_once=True)
+    basis = torch.cat([part[:1] / pi, part[1:] / math.sqrt(pi)])
+    groups = torch.zeros(DRAW_SAMPLE_GROUPS, elem.numel(), dtype=torch.float64)
+    groups[grp, torch.arange(elem.numel())] = basis[0]
+    return basis, mix, groups
 
 
 def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
@@ -1467,6 +1600,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         D = max((p.num_draws for p in active), default=0)
         gen = torch.Generator().manual_seed(seed + 7919 * (pi + 1))  # xi: the same for every scheme
         keep = keep_moments or not reader.streaming or est.d == 1
+        # the rows whose draws are evaluated (subsampled draws): their own stream, the same for every scheme
+        sgen = torch.Generator().manual_seed(seed + 7919 * (pi + 1) + 1)
         for prep in active:
             if prep.failed is None and prep.grids[name].rounding != "nearest":
                 try:
@@ -1489,6 +1624,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         s2 = torch.zeros(R, 2 * nm - 1, dtype=torch.float64)  # base, main per scheme, pool per scheme
         s4 = torch.zeros(R, 2 * nm, dtype=torch.float64)  # (m4 - 3 k^2) then k^2 of the main columns
         dd = [torch.zeros(R, p.num_draws, dtype=torch.float64) for p in active]  # draws minus main
+        cg = [torch.zeros(R, DRAW_SAMPLE_GROUPS, dtype=torch.float64) for _ in active]  # sampled centre by group
+        sampled = [False] * len(active)
         ksum = [0.0] * len(active)
         held: list[tuple[dict[int, Tensor], list[Tensor]]] = []
         frz = [0] * len(active)
@@ -1499,7 +1636,12 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             xi = torch.randn(_draw_noise_rows(D, est.d == 1), c, dtype=torch.float64, generator=gen) if D else None
             ones = torch.ones(c, dtype=torch.float64)
             K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
-            deltas: list[tuple[Tensor, Tensor] | None] = []  # per scheme: the draws as (basis, mix)
+            # per scheme: (basis, mix, groups); subsampled: over the sample's elements only
+            deltas: list[tuple[Tensor, Tensor, Tensor | None] | None] = []
+            sample = None
+            if D >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS \
+                    and c // reader.unit >= DRAW_SAMPLE_MIN_ROWS:
+                sample = _draw_sample(c, reader.unit, sgen)
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
                 delta = None
@@ -1520,10 +1662,14 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             x = xi[: _draw_noise_rows(prep.num_draws, est.d == 1)]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
+                            elif sample is not None and prep.num_draws >= BUILT_DRAWS_MIN:
+                                basis, mix, grp = _sampled_draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws,
+                                                                      policy, sample)
+                                delta = (basis, mix, grp)
                             else:
                                 basis, mix, ld = _draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws, policy,
                                                              with_lam=est.d == 1)
-                                delta = (basis, mix)
+                                delta = (basis, mix, None)
                                 kd = k_c + mix @ basis if keep else None
                             if keep:
                                 for bi in range(prep.num_draws):
@@ -1562,14 +1708,26 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             for j, parts in enumerate(deltas):
                 if parts is None:
                     continue
-                basis, mix = parts  # the draws' kappa changes are mix @ basis: sum the basis rows
+                basis, mix, grp = parts  # the draws' kappa changes are mix @ basis: sum the basis rows
                 k_ = basis.shape[0]
-                moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows
-                rows = torch.nonzero(moved).squeeze(-1)
-                if rows.numel() == 0:
+                moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows (of the sample)
+                if not bool(moved.any()):
                     continue
-                dsub = basis.reshape(k_, -1, reader.unit)[:, rows].reshape(k_, -1)
-                dd[j] += reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2] @ mix.T
+                if grp is not None:  # subsampled: whole sampled rows; the centre's groups summed with the basis
+                    assert sample is not None
+                    sampled[j] = True
+                    rows = sample[0][:: reader.unit].div(reader.unit, rounding_mode="floor")[moved]
+                    basis = torch.cat([basis, grp])
+                    kk = basis.shape[0]
+                    dsub = basis.reshape(kk, -1, reader.unit)[:, moved].reshape(kk, -1)
+                else:
+                    rows = torch.nonzero(moved).squeeze(-1)
+                    kk = k_
+                    dsub = basis.reshape(kk, -1, reader.unit)[:, rows].reshape(kk, -1)
+                ps_d = reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
+                dd[j] += ps_d[:, :k_] @ mix.T
+                if grp is not None:
+                    cg[j] += ps_d[:, k_:]
         if held:
             widths = [p.num_draws for p in active]
             ps = est.power_sums(name, {2: torch.cat([torch.cat([h[0][2], *h[1]], 1) for h in held], 0),
@@ -1596,6 +1754,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             res.extend(F.CltSums(main2 + dd[j][:, bi], torch.zeros(R, dtype=torch.float64))
                        for bi in range(prep.num_draws))
             res.append(F.CltSums(s2[:, nm + j].clone(), torch.zeros(R, dtype=torch.float64)))
+            if sampled[j]:
+                prep.draw_groups[name] = cg[j]
             prep.d_eff += ksum[j]
             prep.frozen += frz[j]
             prep.layers[name].d_eff = ksum[j]
@@ -1818,6 +1978,7 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     (``Interval.correlated``); otherwise the caller carries the interval over by the ratio."""
     if prep.num_draws == 0:
         return None
+    draw_noise = 0.0
     if chosen == "exact1d" and est.influence_stored:
         lam_draws = prep.lam_draws[est.names[0]]
         vals = [float(F.exact1d_leakage(est.influence[:, 0], lam_b, est.n).mean()) for lam_b in lam_draws]
@@ -1825,6 +1986,7 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
         scale = leakage / clt_value if chosen == "mc" and clt_value > 0 else 1.0
         vals = [scale * float(_total({name: sums[name][idx + 1 + b] for name in est.names}, est.num_records)
                               .leakage(est.n).mean()) for b in range(prep.num_draws)]
+        draw_noise = scale * _draw_sample_noise(est, prep, sums, idx)
     # The range over where the population weights sit in their cells (few coarse weights)
     # or the widened bootstrap spread (many): functional.interval, method.md section 3.
     coarse = _coarse_inputs(est, prep, chosen) if est.influence_stored else {}
@@ -1837,7 +1999,34 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     mc_draws = int(min(4096, max(256, MC_BUFFER // max(est.num_records, 1))))
     return F.interval.leakage_interval(
         leakage, record_se, est.n, draws=torch.tensor(vals, dtype=torch.float64), method=chosen,
-        mc_draws=mc_draws, generator=torch.Generator().manual_seed(7919), correlated=ends, **coarse)
+        mc_draws=mc_draws, generator=torch.Generator().manual_seed(7919), correlated=ends, draw_noise=draw_noise,
+        **coarse)
+
+
+def _draw_sample_noise(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int) -> float:
+    """Standard error (leakage units, Gaussian form) of the bootstrap draws' centre that the
+    subsampled draws add (0 when no parameter's draws were subsampled): the random-group
+    estimate over the ``G = DRAW_SAMPLE_GROUPS`` groups of the sampled rows, each group's own
+    Horvitz-Thompson estimate ``G * group`` of the sampled parameters' centre sums replacing
+    theirs, ``sqrt(sum_g (L_g - mean L)^2 / (G (G - 1)))``."""
+    if not prep.draw_groups or prep.num_draws < 2:
+        return 0.0
+    R, G, D = est.num_records, DRAW_SAMPLE_GROUPS, prep.num_draws
+    half = (D + 1) // 2  # draw `half` is draw 0's antithetic partner (_built_mix): their mean is the centre
+    zero = torch.zeros(R, dtype=torch.float64)
+    centre = {name: 0.5 * (sums[name][idx + 1].s2 + sums[name][idx + 1 + half].s2) for name in est.names}
+    vals = []
+    for gi in range(G):
+        layer = {}
+        for name in est.names:
+            s2 = centre[name]
+            grp = prep.draw_groups.get(name)
+            if grp is not None:
+                s2 = s2 + G * grp[:, gi] - grp.sum(1)
+            layer[name] = F.CltSums(s2, zero)
+        vals.append(float(_total(layer, R).leakage(est.n).mean()))
+    t = torch.tensor(vals, dtype=torch.float64)
+    return float(((t - t.mean()).square().sum() / (G * (G - 1))).sqrt())
 
 
 def _coarse_inputs(est: Estimate, prep: _Prepared, chosen: str) -> dict[str, Tensor | None]:

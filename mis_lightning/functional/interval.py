@@ -291,7 +291,8 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                      gaussian_s2: Tensor | None = None, method: str = "clt", level: float = 0.8,
                      max_terms: float = POSITION_MAX_TERMS, mc_draws: int = 4096,
                      generator: torch.Generator | None = None,
-                     correlated: CorrelatedEnds | None = None, box_sigma: Tensor | None = None) -> Interval:
+                     correlated: CorrelatedEnds | None = None, box_sigma: Tensor | None = None,
+                     draw_noise: float = 0.0) -> Interval:
     """A ``level`` uncertainty interval of the leakage around the plug-in ``value``.
 
     Args:
@@ -316,6 +317,9 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
             independent coordinates.
         box_sigma: ``[d]`` standard deviations of the coarse coordinates' positions relative
             to their grids (:func:`position_range`); ``None``: ``sigma``.
+        draw_noise: standard error of the draws' centre from evaluating them on a sample of
+            the weights (``assess._draw_sample_noise``); the averaged regime adds it to the
+            record error in quadrature (both are errors of the centre, independent).
 
     Returns:
         :class:`Interval`.
@@ -371,6 +375,8 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                         correlated=correlated is not None)
     if draws is None or draws.numel() == 0:
         return Interval(max(value - pad, 0.0), value + pad, "averaged", terms)
+    if draw_noise > 0.0:
+        pad = z1 * math.hypot(max(record_se, 0.0), draw_noise)
     t = draws.to(torch.float64)
     if t.numel() < 5:  # too few draws for quantiles: normal approximation
         med, s = float(t.mean()), float(t.std()) if t.numel() > 1 else 0.0
