@@ -257,27 +257,49 @@ def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = No
     return limit, what
 
 
-def trainer_batch(trainer: Any, batch: Any, device: torch.device) -> Any:
-    """``batch`` as the Trainer's loops hand it to the module: on ``device`` and through the
-    precision plugin's ``convert_input`` (``precision="bf16-true"`` / ``"64-true"`` cast the
-    floating inputs to the weights' dtype; the mixed precisions leave them as they are)."""
-    batch = to_device(batch, device)
+def _transfer(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    """``batch`` through the batch-transfer hooks of the module and its datamodule
+    (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``),
+    as the Trainer's loops apply them; a plain device move where the module has no such hooks
+    (another Lightning layout) or is not attached to ``trainer``."""
+    module = getattr(trainer, "lightning_module", None)
+    before = getattr(module, "_on_before_batch_transfer", None)
+    handler = getattr(module, "_apply_batch_transfer_handler", None)
+    if not (callable(before) and callable(handler)):
+        return to_device(batch, device)
+    return handler(before(batch, dataloader_idx=dataloader_idx), device=device, dataloader_idx=dataloader_idx)
+
+
+def trainer_batch(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:
+    """``batch`` as the Trainer's loops hand it to the module: through the batch-transfer hooks
+    of the module and its datamodule (a module that standardises its inputs in
+    ``on_after_batch_transfer`` trains on the standardised ones: raw ones were assessed, fu24),
+    on ``device``, and through the precision plugin's ``convert_input`` (``precision="bf16-true"``
+    / ``"64-true"`` cast the floating inputs to the weights' dtype; the mixed precisions leave
+    them as they are)."""
+    batch = _transfer(trainer, batch, device, dataloader_idx)
     plugin = getattr(trainer, "precision_plugin", None)
     convert = getattr(plugin, "convert_input", None)
     return convert(batch) if callable(convert) else batch
 
 
 class _Converted:
-    """A loader whose batches go through the Trainer's precision plugin (``convert_input``), as
-    the Trainer's own loops do: the quantized copies of a ``"bf16-true"`` model read bf16."""
+    """A validation loader whose batches go through the batch-transfer hooks and the Trainer's
+    precision plugin (``convert_input``), as the Trainer's own loops hand them to the module
+    (:func:`trainer_batch`, ``dataloader_idx`` 0): the quantized copies of a ``"bf16-true"``
+    model read bf16, those of a module that standardises its inputs in a hook read them
+    standardised."""
 
-    def __init__(self, loader: Any, trainer: Any) -> None:
-        self.loader, self.trainer = loader, trainer
+    def __init__(self, loader: Any, trainer: Any, device: torch.device | None = None) -> None:
+        self.loader, self.trainer, self.device = loader, trainer, device
         self.batch_size = getattr(loader, "batch_size", None)
 
     def __iter__(self) -> Any:
-        convert = getattr(getattr(self.trainer, "precision_plugin", None), "convert_input", None)
-        return (convert(b) if callable(convert) else b for b in self.loader)
+        device = self.device
+        if device is None:
+            p = next(self.trainer.lightning_module.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+        return (trainer_batch(self.trainer, b, device) for b in self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -571,6 +593,51 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     return True
 
 
+def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
+                           metrics: Mapping[str, Any] | None, output_transform: Any) -> None:
+    """The first validation batch through a private copy of the model, as each quantized copy's
+    utility will be measured at the assessment (the loss, ``batch_fn``, the utility metrics,
+    ``output_transform``): validation batches of another layout than the training ones
+    (``(x, y, w)`` against ``(x, y)`` pairs, a dict) failed every scheme's row, the float
+    baseline's too, after the whole training (fu24). Only a sized map-style validation set is
+    read (a stream is not read twice); the RNG streams and the loaders' generators are kept.
+
+    Raises:
+        the error's own type (``RuntimeError`` if it cannot be rebuilt): names the validation
+        data, the layout and the fix, with the original error as the cause.
+    """
+    with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
+        val, _ = validation_loaders(_validation_dataloaders(trainer))
+    ds = sized_dataset(val)
+    if ds is None or len(ds) == 0:
+        return
+    bs = min(len(ds), val.batch_size or 8)
+    with isolated_rng(val):
+        batch = next(iter(reloader(val, list(range(bs)), bs)))
+    p = next(pl_module.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    model = private_copy(pl_module, "copying the model for the validation-batch check")
+    batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
+    try:
+        with isolated_rng(), torch.inference_mode(False):
+            batch = trainer_batch(trainer, batch, device)
+            evaluate_utility(model, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,
+                             batch_fn=None if hook else batch_fn, output_transform=output_transform)
+    except Exception as exc:  # noqa: BLE001 - named and re-raised
+        layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        if isinstance(batch, Mapping):
+            layout += f" with keys {list(batch)}"
+        how = (f"{HOOK_NAME}(batch)" if hook else
+               f"loss_fn(model(inputs), targets) with (inputs, targets) = "
+               f"{'batch_fn(batch)' if batch_fn is not None else 'the batch as a pair'}")
+        raise named_error(exc, (
+            f"MISCallback: the first validation batch ({layout}) fails in the utility evaluation the "
+            f"quantized copies get after training ({type(exc).__name__}: {exc}); each copy's utility is the "
+            f"mean of {how} over the validation batches, as for the training batches: give the validation "
+            f"batches the training batches' layout, or pass batch_fn=<a module-level function that takes "
+            f"both layouts, e.g. returning (batch[0], batch[1])>")) from exc
+
+
 def _dry_estimation(pl_module: Any, loss_fn: Any, batch_fn: Any, estimation_config: EstimationConfig,
                     batch: Any) -> None:
     """The estimation pass's update on one batch, on a throwaway Metric (private copies; the RNG
@@ -747,7 +814,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                                            "assessed (the records trained on when each pass yields the same "
                                            "records first)") if x)
     val, num_val = validation_loaders(_validation_dataloaders(trainer))
-    val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
+    val_loader = _Converted(reloader(val, None, None), trainer, next(pl_module.parameters()).device) \
+        if val is not None else None
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
     n_total = len(records) if records is not None else (len(ds) if ds is not None else None)
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,

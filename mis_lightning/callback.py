@@ -232,6 +232,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._batch_unchecked = not lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"],
                                                          self.batch_fn, self.loss_fn is not None,
                                                          estimation_config=self._dry_config(names))
+        # the validation batches the quantized copies' utility will be measured on: their
+        # layout, the loss and the utility metrics on them, before training too
+        lt.check_validation_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
+                                  self.utility_metrics, self.output_transform)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._resumed:  # a resumable loader goes on with the pass it was in
