@@ -34,6 +34,7 @@ from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .estimation.batching import merge_batches
+from .estimation.estimate import check_curvature
 from .estimation.per_sample import check_record_losses, check_record_outputs
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
@@ -436,6 +437,19 @@ def untrained_params(trainer: Any, pl_module: Any, names: list[str]) -> list[str
     return [n for n in names if n in named and id(named[n]) not in held]
 
 
+def decay_possible(trainer: Any, pl_module: Any, weight_decay: Any) -> bool:
+    """Whether the assessed objective may have an L2 term (an explicit ``weight_decay``, the
+    module's attribute, or an optimizer group's decay): curvature the first-batch sums of the
+    loss do not hold."""
+    if weight_decay is not None:
+        vals = weight_decay.values() if isinstance(weight_decay, Mapping) else [weight_decay]
+        return any(float(v) > 0 for v in vals)
+    attr = getattr(pl_module, "weight_decay", None)
+    if isinstance(attr, (int, float)) and not isinstance(attr, bool) and attr > 0:
+        return True
+    return any(float(g.get("weight_decay", 0) or 0) > 0 for o in (trainer.optimizers or []) for g in o.param_groups)
+
+
 def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names: list[str]
                           ) -> dict[str, float] | None:
     """The objective's L2 coefficients against the optimizers' weight decay, once the
@@ -488,7 +502,7 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                       user_loss: bool, batch: Any = None,
-                      estimation_config: EstimationConfig | None = None) -> bool:
+                      estimation_config: EstimationConfig | None = None, curvature: bool = False) -> bool:
     """One training batch through the model and the loss: a batch that is not
     ``(inputs, targets)`` (without ``batch_fn``), losses that are not ``[B]`` (a scalar
     mean, ``[B, 1]``) or that mix records raise here instead of after the whole training.
@@ -589,7 +603,8 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
     if estimation_config is not None:
-        _dry_estimation(pl_module, None if hook else loss_fn, None if hook else batch_fn, estimation_config, batch)
+        _dry_estimation(pl_module, None if hook else loss_fn, None if hook else batch_fn, estimation_config, batch,
+                        curvature=curvature)
     return True
 
 
@@ -638,8 +653,32 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
             f"both layouts, e.g. returning (batch[0], batch[1])>")) from exc
 
 
+def _first_batch_curvature(metric: EstimationMetric) -> None:
+    """:func:`~mis_lightning.estimation.estimate.check_curvature` on the first batch's sums: a
+    loss piecewise linear in the assessed weights (L1 on a linear model; L1 under the
+    Gauss-Newton diagonal of any model) has no curvature at any weights, so the refusal the
+    assessment would give after training comes now. Not for Hutchinson's noisy probes."""
+    acc = metric.accumulator
+    if acc.hessian == "hutchinson" or not acc.d:
+        return
+    st = metric._states()
+    n = int(st["n"])
+    if n < 2:
+        return
+    g = st["g_sum"].double() / n
+    varies = bool(((st["g2_sum"].double() / n - g.square()) > 0).any())
+    if acc.mode == "exact":
+        H = st["H_sum"].double() / n
+        top = float(H.diagonal().max())
+        if top <= 0:
+            top = float(torch.linalg.eigvalsh(0.5 * (H + H.T)).max())
+    else:
+        top = float(st["h_sum"].double().max()) / n
+    check_curvature(top, varies)
+
+
 def _dry_estimation(pl_module: Any, loss_fn: Any, batch_fn: Any, estimation_config: EstimationConfig,
-                    batch: Any) -> None:
+                    batch: Any, curvature: bool = False) -> None:
     """The estimation pass's update on one batch, on a throwaway Metric (private copies; the RNG
     isolated), so that its failures (a kernel vmap cannot batch, a dtype the float64 copy
     meets) surface before training. Errors that are already clear (ValueError, TypeError) pass
@@ -653,6 +692,8 @@ def _dry_estimation(pl_module: Any, loss_fn: Any, batch_fn: Any, estimation_conf
         try:
             metric = EstimationMetric(pl_module, loss_fn, estimation_config=estimation_config, batch_fn=batch_fn)
             metric.update(batch)
+            if curvature:
+                _first_batch_curvature(metric)
         except (ValueError, TypeError):
             raise
         except Exception as exc:  # noqa: BLE001 - named and re-raised
