@@ -437,6 +437,32 @@ def untrained_params(trainer: Any, pl_module: Any, names: list[str]) -> list[str
     return [n for n in names if n in named and id(named[n]) not in held]
 
 
+def best_checkpoint_note(trainer: Any) -> str | None:
+    """A note for an end-of-fit report when a ``ModelCheckpoint`` with a ``monitor`` keeps
+    another model as its best than the one assessed: its best score differs from the monitored
+    value at the last validation (an ``EarlyStopping`` with patience stops epochs after the best;
+    the best checkpoint is what ``trainer.test(ckpt_path="best")`` evaluates and what is often
+    shipped). The report was silently of the last weights (fu24: leakage 0.158 reported, 0.183
+    for the best checkpoint). None when no such checkpoint."""
+    for ck in getattr(trainer, "checkpoint_callbacks", None) or []:
+        monitor, path = getattr(ck, "monitor", None), getattr(ck, "best_model_path", "") or ""
+        best = getattr(ck, "best_model_score", None)
+        last = trainer.callback_metrics.get(monitor) if monitor else None
+        if not monitor or not path or best is None or last is None:
+            continue
+        try:
+            best_v, last_v = float(best), float(last)
+        except (TypeError, ValueError):
+            continue
+        if best_v == last_v:
+            continue
+        return (f"this report is of the weights at the end of fit (step {int(trainer.global_step)}), but "
+                f"ModelCheckpoint(monitor={monitor!r}) keeps another model as its best: {Path(path).name} "
+                f"({monitor} {best_v:.6g}; {last_v:.6g} at the last validation); if you ship or test that "
+                f"checkpoint, assess it (mis_lightning.assess on the module loaded from it)")
+    return None
+
+
 def decay_possible(trainer: Any, pl_module: Any, weight_decay: Any) -> bool:
     """Whether the assessed objective may have an L2 term (an explicit ``weight_decay``, the
     module's attribute, or an optimizer group's decay): curvature the first-batch sums of the

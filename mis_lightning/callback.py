@@ -370,6 +370,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
+                if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):
+                    report.warnings.append(best_note)
                 if self._untrained_note:
                     if self.estimation_config.params is None:
                         # the parameters left out are the ones no optimizer holds, not trained ones
