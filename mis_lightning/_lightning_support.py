@@ -268,7 +268,23 @@ def _transfer(trainer: Any, batch: Any, device: torch.device, dataloader_idx: in
     handler = getattr(module, "_apply_batch_transfer_handler", None)
     if not (callable(before) and callable(handler)):
         return to_device(batch, device)
-    return handler(before(batch, dataloader_idx=dataloader_idx), device=device, dataloader_idx=dataloader_idx)
+    # the hooks see the validation stage, as in the mid-training runs (on_validation_epoch_end):
+    # at the end of fit the Trainer is still in its training stage, and a hook that augments
+    # `if self.trainer.training` (Lightning's own example) would augment the assessed records
+    # and the validation batches of the utility
+    state = getattr(trainer, "state", None)
+    stage = getattr(state, "stage", None)
+    try:
+        validating = type(stage)("validate") if stage is not None else None
+    except ValueError:  # another enum layout: the stage as it is
+        validating = None
+    if validating is not None:
+        state.stage = validating
+    try:
+        return handler(before(batch, dataloader_idx=dataloader_idx), device=device, dataloader_idx=dataloader_idx)
+    finally:
+        if validating is not None:
+            state.stage = stage
 
 
 def trainer_batch(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:

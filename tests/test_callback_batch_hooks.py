@@ -111,6 +111,34 @@ def test_batch_transfer_hooks_are_applied_to_the_assessed_batches(tmp_path, wher
         evaluate_utility(module, val, mse)["loss"], rel=0.05)
 
 
+class AugmentingModule(NormalisingModule):
+    """Lightning's documented pattern: augmentation on the device in training only."""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = super().on_after_batch_transfer(batch, dataloader_idx)
+        if self.trainer.training:
+            x = x + 0.5 * torch.randn_like(x)
+        return x, y
+
+
+@pytest.mark.parametrize("every", [None, 1])
+def test_training_only_augmentation_in_a_hook_is_not_applied_to_the_assessment(tmp_path, every):
+    """At the end of fit the Trainer is still in its training stage: the hooks would augment the
+    assessed records and the validation batches there, and not in the mid-training runs. They
+    see the validation stage in both."""
+    cb = MISCallback(SCHEMES, loss_fn=mse, every_n_val_epochs=every, **FAST)
+    pl.seed_everything(0)
+    module = AugmentingModule()
+    _trainer(tmp_path, cb).fit(module, DataLoader(TensorDataset(X[:120], Y[:120]), batch_size=32, shuffle=True),
+                               DataLoader(TensorDataset(X[120:], Y[120:]), batch_size=64))
+    Xn = (X - MU) / SD
+    ref = ml.assess(module, SCHEMES, DataLoader(TensorDataset(Xn[:120], Y[:120]), batch_size=32), mse,
+                    val_dataloader=DataLoader(TensorDataset(Xn[120:], Y[120:]), batch_size=64), **FAST)
+    for s in SCHEMES:
+        assert cb.report.schemes[s].leakage == pytest.approx(ref.schemes[s].leakage, rel=1e-8)
+        assert cb.report.schemes[s].utility["loss"] == pytest.approx(ref.schemes[s].utility["loss"], rel=1e-6)
+
+
 @pytest.mark.parametrize("sanity", [2, 0])
 def test_training_with_batch_transfer_hooks_is_bit_identical_with_and_without_the_callback(tmp_path, sanity):
     """Also without a sanity check: the validation-batch check then sets the validation loader up
