@@ -34,6 +34,7 @@ from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .estimation.batching import merge_batches
+from .estimation.estimate import check_curvature
 from .estimation.per_sample import check_record_losses, check_record_outputs
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
@@ -257,27 +258,65 @@ def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = No
     return limit, what
 
 
-def trainer_batch(trainer: Any, batch: Any, device: torch.device) -> Any:
-    """``batch`` as the Trainer's loops hand it to the module: on ``device`` and through the
-    precision plugin's ``convert_input`` (``precision="bf16-true"`` / ``"64-true"`` cast the
-    floating inputs to the weights' dtype; the mixed precisions leave them as they are)."""
-    batch = to_device(batch, device)
+def _transfer(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    """``batch`` through the batch-transfer hooks of the module and its datamodule
+    (``on_before_batch_transfer``, ``transfer_batch_to_device``, ``on_after_batch_transfer``),
+    as the Trainer's loops apply them; a plain device move where the module has no such hooks
+    (another Lightning layout) or is not attached to ``trainer``."""
+    module = getattr(trainer, "lightning_module", None)
+    before = getattr(module, "_on_before_batch_transfer", None)
+    handler = getattr(module, "_apply_batch_transfer_handler", None)
+    if not (callable(before) and callable(handler)):
+        return to_device(batch, device)
+    # the hooks see the validation stage, as in the mid-training runs (on_validation_epoch_end):
+    # at the end of fit the Trainer is still in its training stage, and a hook that augments
+    # `if self.trainer.training` (Lightning's own example) would augment the assessed records
+    # and the validation batches of the utility
+    state = getattr(trainer, "state", None)
+    stage = getattr(state, "stage", None)
+    try:
+        validating = type(stage)("validate") if stage is not None else None
+    except ValueError:  # another enum layout: the stage as it is
+        validating = None
+    if validating is not None:
+        state.stage = validating
+    try:
+        return handler(before(batch, dataloader_idx=dataloader_idx), device=device, dataloader_idx=dataloader_idx)
+    finally:
+        if validating is not None:
+            state.stage = stage
+
+
+def trainer_batch(trainer: Any, batch: Any, device: torch.device, dataloader_idx: int = 0) -> Any:
+    """``batch`` as the Trainer's loops hand it to the module: through the batch-transfer hooks
+    of the module and its datamodule (a module that standardises its inputs in
+    ``on_after_batch_transfer`` trains on the standardised ones: raw ones were assessed, fu24),
+    on ``device``, and through the precision plugin's ``convert_input`` (``precision="bf16-true"``
+    / ``"64-true"`` cast the floating inputs to the weights' dtype; the mixed precisions leave
+    them as they are)."""
+    batch = _transfer(trainer, batch, device, dataloader_idx)
     plugin = getattr(trainer, "precision_plugin", None)
     convert = getattr(plugin, "convert_input", None)
     return convert(batch) if callable(convert) else batch
 
 
 class _Converted:
-    """A loader whose batches go through the Trainer's precision plugin (``convert_input``), as
-    the Trainer's own loops do: the quantized copies of a ``"bf16-true"`` model read bf16."""
+    """A validation loader whose batches go through the batch-transfer hooks and the Trainer's
+    precision plugin (``convert_input``), as the Trainer's own loops hand them to the module
+    (:func:`trainer_batch`, ``dataloader_idx`` 0): the quantized copies of a ``"bf16-true"``
+    model read bf16, those of a module that standardises its inputs in a hook read them
+    standardised."""
 
-    def __init__(self, loader: Any, trainer: Any) -> None:
-        self.loader, self.trainer = loader, trainer
+    def __init__(self, loader: Any, trainer: Any, device: torch.device | None = None) -> None:
+        self.loader, self.trainer, self.device = loader, trainer, device
         self.batch_size = getattr(loader, "batch_size", None)
 
     def __iter__(self) -> Any:
-        convert = getattr(getattr(self.trainer, "precision_plugin", None), "convert_input", None)
-        return (convert(b) if callable(convert) else b for b in self.loader)
+        device = self.device
+        if device is None:
+            p = next(self.trainer.lightning_module.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+        return (trainer_batch(self.trainer, b, device) for b in self.loader)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -414,6 +453,45 @@ def untrained_params(trainer: Any, pl_module: Any, names: list[str]) -> list[str
     return [n for n in names if n in named and id(named[n]) not in held]
 
 
+def best_checkpoint_note(trainer: Any) -> str | None:
+    """A note for an end-of-fit report when a ``ModelCheckpoint`` with a ``monitor`` keeps
+    another model as its best than the one assessed: its best score differs from the monitored
+    value at the last validation (an ``EarlyStopping`` with patience stops epochs after the best;
+    the best checkpoint is what ``trainer.test(ckpt_path="best")`` evaluates and what is often
+    shipped). The report was silently of the last weights (fu24: leakage 0.158 reported, 0.183
+    for the best checkpoint). None when no such checkpoint."""
+    for ck in getattr(trainer, "checkpoint_callbacks", None) or []:
+        monitor, path = getattr(ck, "monitor", None), getattr(ck, "best_model_path", "") or ""
+        best = getattr(ck, "best_model_score", None)
+        last = trainer.callback_metrics.get(monitor) if monitor else None
+        if not monitor or not path or best is None or last is None:
+            continue
+        try:
+            best_v, last_v = float(best), float(last)
+        except (TypeError, ValueError):
+            continue
+        if best_v == last_v:
+            continue
+        return (f"this report is of the weights at the end of fit (step {int(trainer.global_step)}), but "
+                f"ModelCheckpoint(monitor={monitor!r}) keeps another model as its best: {Path(path).name} "
+                f"({monitor} {best_v:.6g}; {last_v:.6g} at the last validation); if you ship or test that "
+                f"checkpoint, assess it (mis_lightning.assess on the module loaded from it)")
+    return None
+
+
+def decay_possible(trainer: Any, pl_module: Any, weight_decay: Any) -> bool:
+    """Whether the assessed objective may have an L2 term (an explicit ``weight_decay``, the
+    module's attribute, or an optimizer group's decay): curvature the first-batch sums of the
+    loss do not hold."""
+    if weight_decay is not None:
+        vals = weight_decay.values() if isinstance(weight_decay, Mapping) else [weight_decay]
+        return any(float(v) > 0 for v in vals)
+    attr = getattr(pl_module, "weight_decay", None)
+    if isinstance(attr, (int, float)) and not isinstance(attr, bool) and attr > 0:
+        return True
+    return any(float(g.get("weight_decay", 0) or 0) > 0 for o in (trainer.optimizers or []) for g in o.param_groups)
+
+
 def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names: list[str]
                           ) -> dict[str, float] | None:
     """The objective's L2 coefficients against the optimizers' weight decay, once the
@@ -466,7 +544,7 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                       user_loss: bool, batch: Any = None,
-                      estimation_config: EstimationConfig | None = None) -> bool:
+                      estimation_config: EstimationConfig | None = None, curvature: bool = False) -> bool:
     """One training batch through the model and the loss: a batch that is not
     ``(inputs, targets)`` (without ``batch_fn``), losses that are not ``[B]`` (a scalar
     mean, ``[B, 1]``) or that mix records raise here instead of after the whole training.
@@ -567,12 +645,82 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
     if estimation_config is not None:
-        _dry_estimation(pl_module, None if hook else loss_fn, None if hook else batch_fn, estimation_config, batch)
+        _dry_estimation(pl_module, None if hook else loss_fn, None if hook else batch_fn, estimation_config, batch,
+                        curvature=curvature)
     return True
 
 
+def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
+                           metrics: Mapping[str, Any] | None, output_transform: Any) -> None:
+    """The first validation batch through a private copy of the model, as each quantized copy's
+    utility will be measured at the assessment (the loss, ``batch_fn``, the utility metrics,
+    ``output_transform``): validation batches of another layout than the training ones
+    (``(x, y, w)`` against ``(x, y)`` pairs, a dict) failed every scheme's row, the float
+    baseline's too, after the whole training (fu24). Only a sized map-style validation set is
+    read (a stream is not read twice); the RNG streams and the loaders' generators are kept.
+
+    Raises:
+        the error's own type (``RuntimeError`` if it cannot be rebuilt): names the validation
+        data, the layout and the fix, with the original error as the cause.
+    """
+    with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
+        val, _ = validation_loaders(_validation_dataloaders(trainer))
+    ds = sized_dataset(val)
+    if ds is None or len(ds) == 0:
+        return
+    bs = min(len(ds), val.batch_size or 8)
+    with isolated_rng(val):
+        batch = next(iter(reloader(val, list(range(bs)), bs)))
+    p = next(pl_module.parameters(), None)
+    device = p.device if p is not None else torch.device("cpu")
+    model = private_copy(pl_module, "copying the model for the validation-batch check")
+    batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
+    try:
+        with isolated_rng(), torch.inference_mode(False):
+            batch = trainer_batch(trainer, batch, device)
+            evaluate_utility(model, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,
+                             batch_fn=None if hook else batch_fn, output_transform=output_transform)
+    except Exception as exc:  # noqa: BLE001 - named and re-raised
+        layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        if isinstance(batch, Mapping):
+            layout += f" with keys {list(batch)}"
+        how = (f"{HOOK_NAME}(batch)" if hook else
+               f"loss_fn(model(inputs), targets) with (inputs, targets) = "
+               f"{'batch_fn(batch)' if batch_fn is not None else 'the batch as a pair'}")
+        raise named_error(exc, (
+            f"MISCallback: the first validation batch ({layout}) fails in the utility evaluation the "
+            f"quantized copies get after training ({type(exc).__name__}: {exc}); each copy's utility is the "
+            f"mean of {how} over the validation batches, as for the training batches: give the validation "
+            f"batches the training batches' layout, or pass batch_fn=<a module-level function that takes "
+            f"both layouts, e.g. returning (batch[0], batch[1])>")) from exc
+
+
+def _first_batch_curvature(metric: EstimationMetric) -> None:
+    """:func:`~mis_lightning.estimation.estimate.check_curvature` on the first batch's sums: a
+    loss piecewise linear in the assessed weights (L1 on a linear model; L1 under the
+    Gauss-Newton diagonal of any model) has no curvature at any weights, so the refusal the
+    assessment would give after training comes now. Not for Hutchinson's noisy probes."""
+    acc = metric.accumulator
+    if acc.hessian == "hutchinson" or not acc.d:
+        return
+    st = metric._states()
+    n = int(st["n"])
+    if n < 2:
+        return
+    g = st["g_sum"].double() / n
+    varies = bool(((st["g2_sum"].double() / n - g.square()) > 0).any())
+    if acc.mode == "exact":
+        H = st["H_sum"].double() / n
+        top = float(H.diagonal().max())
+        if top <= 0:
+            top = float(torch.linalg.eigvalsh(0.5 * (H + H.T)).max())
+    else:
+        top = float(st["h_sum"].double().max()) / n
+    check_curvature(top, varies)
+
+
 def _dry_estimation(pl_module: Any, loss_fn: Any, batch_fn: Any, estimation_config: EstimationConfig,
-                    batch: Any) -> None:
+                    batch: Any, curvature: bool = False) -> None:
     """The estimation pass's update on one batch, on a throwaway Metric (private copies; the RNG
     isolated), so that its failures (a kernel vmap cannot batch, a dtype the float64 copy
     meets) surface before training. Errors that are already clear (ValueError, TypeError) pass
@@ -586,6 +734,8 @@ def _dry_estimation(pl_module: Any, loss_fn: Any, batch_fn: Any, estimation_conf
         try:
             metric = EstimationMetric(pl_module, loss_fn, estimation_config=estimation_config, batch_fn=batch_fn)
             metric.update(batch)
+            if curvature:
+                _first_batch_curvature(metric)
         except (ValueError, TypeError, ModelCopyError):
             raise
         except Exception as exc:  # noqa: BLE001 - named and re-raised
@@ -747,7 +897,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                                            "assessed (the records trained on when each pass yields the same "
                                            "records first)") if x)
     val, num_val = validation_loaders(_validation_dataloaders(trainer))
-    val_loader = _Converted(reloader(val, None, None), trainer) if val is not None else None
+    val_loader = _Converted(reloader(val, None, None), trainer, next(pl_module.parameters()).device) \
+        if val is not None else None
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
     n_total = len(records) if records is not None else (len(ds) if ds is not None else None)
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,

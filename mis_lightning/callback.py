@@ -229,9 +229,17 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         res = self._loss(trainer, pl_module)
         # an iterable dataset is not read here (that could consume its stream): its first
         # training batch is checked as it arrives, before the first optimizer step
+        # a loss without curvature (L1 on a linear model) is refused now, not after training;
+        # an L2 term (weight decay) gives the objective curvature the loss's sums do not hold
+        self._curvature_check = not lt.decay_possible(trainer, pl_module, self.estimation_config.weight_decay)
         self._batch_unchecked = not lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"],
                                                          self.batch_fn, self.loss_fn is not None,
-                                                         estimation_config=self._dry_config(names))
+                                                         estimation_config=self._dry_config(names),
+                                                         curvature=self._curvature_check)
+        # the validation batches the quantized copies' utility will be measured on: their
+        # layout, the loss and the utility metrics on them, before training too
+        lt.check_validation_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
+                                  self.utility_metrics, self.output_transform)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._resumed:  # a resumable loader goes on with the pass it was in
@@ -259,7 +267,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             lt.check_first_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
                                  self.loss_fn is not None, batch=batch,
                                  estimation_config=self._dry_config(self._optimized(trainer, pl_module, names)[0]
-                                                                    or names))
+                                                                    or names),
+                                 curvature=getattr(self, "_curvature_check", False))
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every_n_val_epochs is None or trainer.sanity_checking or trainer.state.fn != "fit":
@@ -361,6 +370,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
+                if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):
+                    report.warnings.append(best_note)
                 if self._untrained_note:
                     if self.estimation_config.params is None:
                         # the parameters left out are the ones no optimizer holds, not trained ones
