@@ -23,9 +23,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 SLOW_FILES = (
     "test_callback.py", "test_ddp.py", "test_ptq.py", "test_interval.py", "test_cli.py",
     "test_user_conditions.py", "test_fastpath.py", "test_planner.py", "test_scoring_pass.py",
-    "test_validation.py", "test_modelcopy.py", "test_conf.py", "test_assess.py", "test_spread.py",
-    "test_metric.py", "test_grids.py", "test_correlated.py", "test_leakage.py", "test_loggers.py",
-    "test_estimation.py", "test_spread_softmax.py", "test_float_grid_fast.py",
+    "test_validation.py", "test_modelcopy.py", "test_ill_posed_fits.py", "test_conf.py", "test_assess.py",
+    "test_spread.py", "test_metric.py", "test_grids.py", "test_correlated.py", "test_leakage.py",
+    "test_loggers.py", "test_estimation.py", "test_spread_softmax.py", "test_float_grid_fast.py",
     "test_app_config_checks.py", "test_models.py", "test_mpnn.py", "test_fp8_interp.py",
     "test_config.py", "test_third_party_scheme.py", "test_estimation_conditions.py",
 )
