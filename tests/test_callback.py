@@ -18,6 +18,9 @@ from mis_lightning.callback import lightning_callback
 from mis_lightning.quantization import QuantizationScheme
 
 torch.set_num_threads(1)
+# every report the callback publishes comes with a figure no test here reads but one (marked
+# real_figure): laid out, not rasterized (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
 # These tests are about the callback (training untouched, failures, loggers, state), not about
 # the correlated headline, which tests/test_correlated.py checks: the independent-coordinate
@@ -212,6 +215,7 @@ def test_rng_is_restored_even_if_the_callback_draws_random_numbers(tmp_path, mon
     _assert_same(ref, _snapshot(trainer, module))
 
 
+@pytest.mark.real_figure
 def test_loggers_csv_tensorboard_report_and_figure(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

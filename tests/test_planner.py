@@ -16,6 +16,10 @@ from mis_lightning.planning import PlanConfig, plan
 from mis_lightning.quantization import get_scheme
 from mis_lightning.quantization.mixed import MixedPrecisionScheme
 
+# the reports' and plans' figures are laid out, not rasterized: no test here reads one
+# (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("layout_only_figures")
+
 torch.set_num_threads(1)
 CANDS = ["rtn_int8", "rtn_int4", "rtn_int2"]
 WD = 1e-3
