@@ -34,7 +34,7 @@ from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .estimation.batching import merge_batches
-from .estimation.estimate import check_curvature
+from .estimation.estimate import check_curvature, top_curvature
 from .estimation.per_sample import check_record_losses, check_record_outputs
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
@@ -710,10 +710,7 @@ def _first_batch_curvature(metric: EstimationMetric) -> None:
     g = st["g_sum"].double() / n
     varies = bool(((st["g2_sum"].double() / n - g.square()) > 0).any())
     if acc.mode == "exact":
-        H = st["H_sum"].double() / n
-        top = float(H.diagonal().max())
-        if top <= 0:
-            top = float(torch.linalg.eigvalsh(0.5 * (H + H.T)).max())
+        top = top_curvature(st["H_sum"].double() / n)
     else:
         top = float(st["h_sum"].double().max()) / n
     check_curvature(top, varies)

@@ -7,6 +7,7 @@ quantizes, computes cell moments chunk by chunk and returns the :class:`Report`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
@@ -1425,8 +1426,6 @@ class _SubsetGrid(ParamGrid):
 def _subset_grid(grid: ParamGrid, a: int, b: int, sel: Tensor) -> ParamGrid:
     """``grid`` restricted to elements ``a + sel`` (``sel`` sorted, relative to ``a``), indexed
     ``0 .. len(sel)``: its per-element grid, bounds and revealed mask (what the draws read)."""
-    import copy
-
     sub = copy.copy(grid)
     sub.__class__ = _SubsetGrid
     scale, zp, code = grid.element_grid(a, b)

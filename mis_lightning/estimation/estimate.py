@@ -1130,10 +1130,8 @@ class MomentAccumulator:
                 J = G[:, d : d + c * d].reshape(-1, c, d)
                 L = G[:, d + c * d :].reshape(-1, c, c)
             G = G[:, :d]
-            h_top = float(H.diagonal().max()) if d else 1.0
-            if h_top <= 0:  # max eigenvalue >= max diagonal entry: only then is eigvalsh needed
-                h_top = float(torch.linalg.eigvalsh(0.5 * (H + H.T)).max())
-            check_curvature(h_top, bool((G - g_mean_flat).abs().max() > 0) if G.numel() else False)
+            check_curvature(top_curvature(H) if d else 1.0,
+                            bool((G - g_mean_flat).abs().max() > 0) if G.numel() else False)
             correct = self.leverage_correction is not False and J is not None
             if J is None and self.leverage_correction == "auto":
                 diagnostics["leverage_unavailable"] = getattr(self, "_leverage_off", None) or \
@@ -1835,6 +1833,14 @@ def _curvature_ratio_reference(r: Tensor) -> float:
         return 0.0
     k = 1 + int(CURVATURE_RATIO_QUANTILE * (r.numel() - 1))
     return float(r.kthvalue(k).values)
+
+
+def top_curvature(H: Tensor) -> float:
+    """A positive lower bound of the largest eigenvalue of a symmetric ``H [d, d]`` where one
+    exists (its largest diagonal entry), else that eigenvalue: what :func:`check_curvature`
+    needs, with ``eigvalsh`` only when no diagonal entry is positive."""
+    top = float(H.diagonal().max())
+    return top if top > 0 else float(torch.linalg.eigvalsh(0.5 * (H + H.T)).max())
 
 
 def check_curvature(h_max: float, varies: bool) -> None:
