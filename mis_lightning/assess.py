@@ -758,7 +758,7 @@ def score_schemes(
         # schemes are then far less noisy than the schemes' own Monte Carlo errors.
         gen = torch.Generator().manual_seed(seed + 7919)
         result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
-                                rc=rc, base_t=base_t)
+                                rc=rc, base_t=base_t, policy=policy)
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
             result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
                             "a singular weights' covariance); no figure")
@@ -1572,6 +1572,11 @@ class _InfluenceReader:
         return {p: self._fps(part, gm, vd, c, p, bias=bias) for p, c in columns.items()}
 
 
+# Streamed schemes' fourth-power sums replaced by the baseline's bound where it suffices
+# (method.md section 3, "Gaussian form's diagnostics"); False: always summed (A/B benchmarks).
+BOUND_FOURTH_POWER_SUMS = True
+
+
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 keep_moments: bool, strict: bool = True,
                 policy: F.CompilePolicy | None = None) -> dict[str, list[F.CltSums]]:
@@ -1622,6 +1627,12 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         nm = 1 + len(active)
         s2 = torch.zeros(R, 2 * nm - 1, dtype=torch.float64)  # base, main per scheme, pool per scheme
         s4 = torch.zeros(R, 2 * nm, dtype=torch.float64)  # (m4 - 3 k^2) then k^2 of the main columns
+        # Streamed influences: a scheme's fourth-power sums only feed the Gaussian form's
+        # diagnostics, which the baseline's sum_j w^4 bounds (method.md section 3, "Gaussian
+        # form's diagnostics"); _finish_scheme sums them exactly only where the bound fails.
+        bounded = [BOUND_FOURTH_POWER_SUMS and not keep and p.grids[name].rounding == "nearest" for p in active]
+        exact4 = [0] + [1 + j for j, bd in enumerate(bounded) if not bd]  # columns of K with exact sums
+        cols4 = exact4 + [nm + i for i in exact4]
         dd = [torch.zeros(R, p.num_draws, dtype=torch.float64) for p in active]  # draws minus main
         cg = [torch.zeros(R, DRAW_SAMPLE_GROUPS, dtype=torch.float64) for _ in active]  # sampled centre by group
         sampled = [False] * len(active)
@@ -1695,15 +1706,17 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 ksum[j] += float(k_c.sum())
                 frz[j] += int((k_c < FROZEN_KAPPA).sum())
             Km = torch.stack(K, 1)
+            K4 = Km[:, exact4] if len(exact4) < nm else Km
+            M4m = torch.stack([M4[i] for i in exact4], 1)
             cols = {2: torch.cat([Km, torch.stack(P, 1)], 1) if P else Km,
-                    4: torch.cat([torch.stack(M4, 1) - 3.0 * Km.square(), Km.square()], 1)}
+                    4: torch.cat([M4m - 3.0 * K4.square(), K4.square()], 1)}
             if not reader.streaming:  # influences recomputed per record block: one call at the end
                 held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None else (dl[1] @ dl[0]).T
                                     for p, dl in zip(active, deltas)]))
                 continue
             ps = reader.sums(a, b, cols)
             s2 += ps[2]
-            s4 += ps[4]
+            s4[:, cols4] += ps[4]
             for j, parts in enumerate(deltas):
                 if parts is None:
                     continue
@@ -1749,7 +1762,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 continue
             j = active.index(prep)
             main2 = s2[:, 1 + j]
-            res.append(F.CltSums(main2.clone(), s4[:, 1 + j].clone(), s4[:, nm + 1 + j].clone()))
+            if bounded[j]:  # |s4| <= 3 sum_j w^4 and s22 <= sum_j w^4 (the baseline's s22)
+                res.append(F.CltSums(main2.clone(), 3.0 * s4[:, nm], s4[:, nm].clone(), bound=True))
+            else:
+                res.append(F.CltSums(main2.clone(), s4[:, 1 + j].clone(), s4[:, nm + 1 + j].clone()))
             res.extend(F.CltSums(main2 + dd[j][:, bi], torch.zeros(R, dtype=torch.float64))
                        for bi in range(prep.num_draws))
             res.append(F.CltSums(s2[:, nm + j].clone(), torch.zeros(R, dtype=torch.float64)))
@@ -1770,11 +1786,33 @@ def _total(layer_sums: dict[str, F.CltSums], R: int) -> F.CltSums:
     return sum(layer_sums.values(), F.CltSums.zeros(R))
 
 
+def _exact_fourth_sums(est: Estimate, prep: _Prepared, main: dict[str, F.CltSums], chunk: int,
+                       policy: F.CompilePolicy | None) -> dict[str, F.CltSums]:
+    """``main`` with every bounded layer's fourth-power sums (``s4``, ``s22``; :class:`F.CltSums`
+    ``bound``) replaced by the exact ones: a second pass over those layers' weights, their
+    cell moments at theta-hat only (method.md section 3, "Gaussian form's diagnostics")."""
+    out = dict(main)
+    for name, cs in main.items():
+        if not cs.bound:
+            continue
+        reader = _InfluenceReader(est, name)
+        th, sg, g = est.theta[name], est.sigma[name], prep.grids[name]
+        step = max(1, chunk // reader.unit) * reader.unit
+        s4 = torch.zeros(est.num_records, 2, dtype=torch.float64)
+        for a in range(0, th.numel(), step):
+            b = min(a + step, th.numel())
+            mm = g.moments(th[a:b].to(torch.float64), sg[a:b].to(torch.float64), a, b, compile_policy=policy)
+            k2 = mm.kappa.square()
+            s4 += reader.sums(a, b, {4: torch.stack([mm.m4 - 3.0 * k2, k2], 1)})[4]
+        out[name] = F.CltSums(cs.s2, s4[:, 0], s4[:, 1])
+    return out
+
+
 def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]],
                    base_layers: dict[str, F.CltSums], baseline: float, method: str,
                    num_samples: int | None, gen: torch.Generator, chunk: int,
                    rc: F.correlated.RecordCorrelation | None = None,
-                   base_t: Tensor | None = None) -> SchemeResult:
+                   base_t: Tensor | None = None, policy: F.CompilePolicy | None = None) -> SchemeResult:
     """One scheme's figures from the pass's sums. ``base_t [R]``: the unquantized first-order
     values per record, the spread term's reference (with ``est.leverage``; method.md section 4,
     "Spread term")."""
@@ -1784,6 +1822,12 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     total = _total(main, R)
     clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
     n_eff = float(total.effective_terms().min()) if R else math.inf
+    if total.bound and F.clt_out_of_tolerance(clt_err, n_eff):
+        # the bounds do not show the Gaussian form within its tolerance: the exact sums decide
+        main = _exact_fourth_sums(est, prep, main, chunk, policy)
+        total = _total(main, R)
+        clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
+        n_eff = float(total.effective_terms().min()) if R else math.inf
     layers = prep.layers
     for name in est.names:
         lk = float(main[name].leakage(n).mean())

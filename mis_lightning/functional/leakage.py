@@ -217,12 +217,20 @@ class CltSums:
     (the fourth cumulant of ``sum_j w_j m_j``). Both are sums over coordinates: add
     coordinate chunks in any order, and add the sums of disjoint coordinate sets (layers,
     processes) with ``+``.
+
+    With ``bound=True``, ``s4`` and ``s22`` are per-record upper bounds of ``|s4|`` and
+    ``s22`` instead of the sums (``3 sum_j w_rj^4`` and ``sum_j w_rj^4``, from
+    ``0 <= kappa_j <= 1`` and ``kappa_j^2 <= m4_j <= 3``: method.md section 3, "Gaussian
+    form's diagnostics"); :meth:`excess_kurtosis` and :meth:`effective_terms` are then an
+    upper and a lower bound. ``s2`` is always the sum.
     """
 
     s2: Tensor
     s4: Tensor
     #: ``sum_j (w_rj^2 kappa_j)^2`` (for :meth:`effective_terms`); ``None`` = not tracked.
     s22: Tensor | None = None
+    #: whether ``s4`` / ``s22`` are upper bounds of ``|s4|`` / ``s22`` (see above).
+    bound: bool = False
 
     @classmethod
     def zeros(cls, num_records: int, device: torch.device | str | None = None) -> CltSums:
@@ -249,18 +257,22 @@ class CltSums:
             s22 = None
         else:
             s22 = self.s22 + other.s22
+        if self.bound or other.bound:  # a bound of |s4| plus a signed sum: bound the sum's size
+            return CltSums(self.s2 + other.s2, self.s4.abs() + other.s4.abs(), s22, bound=True)
         return CltSums(self.s2 + other.s2, self.s4 + other.s4, s22)
 
     def effective_terms(self) -> Tensor:
         """``[R]`` effective number of contributing coordinates ``s2^2 / s22`` (``inf`` where a
-        record has no leakage or ``s22`` is not tracked); see :func:`effective_terms`."""
+        record has no leakage or ``s22`` is not tracked; with ``bound``, a lower bound); see
+        :func:`effective_terms`."""
         if self.s22 is None:
             return torch.full_like(self.s2, math.inf)
         return torch.where(self.s22 > 0, self.s2.square() / self.s22.clamp_min(1e-300),
                            torch.full_like(self.s2, math.inf))
 
     def excess_kurtosis(self) -> Tensor:
-        """``[R]`` excess kurtosis of ``sum_j w_j m_j`` (0 where the record has no leakage)."""
+        """``[R]`` excess kurtosis of ``sum_j w_j m_j`` (0 where the record has no leakage; with
+        ``bound``, an upper bound of its absolute value)."""
         den = self.s2.square()
         return torch.where(den > 0, self.s4 / den.clamp_min(1e-300), torch.zeros_like(den))
 
