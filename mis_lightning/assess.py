@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
+from ._augmentation import random_records_note
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
 from .config import (  # noqa: F401
@@ -412,6 +413,11 @@ def assess(
         progress=progress, calibration_data=train_dataloader,
     )
     report.warnings += _sampling_notes(train_dataloader)
+    ds = getattr(train_dataloader, "dataset", None)
+    if isinstance(train_dataloader, DataLoader) and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
+        # random augmentation in __getitem__: each record was assessed at one random draw
+        if aug := random_records_note(ds, range(len(ds))):
+            report.warnings.append(aug)
     return report
 
 

@@ -1,0 +1,103 @@
+"""The training sets a fit drew from when the Trainer rebuilds its train loader
+(``reload_dataloaders_every_n_epochs``), for :class:`~mis_lightning.callback.MISCallback`.
+
+The callback assesses the records of ``trainer.train_dataloader`` as it stands when it runs: with
+reloads, the last loader's. Lightning rebuilds the loader before ``on_train_epoch_start``
+(measured, Lightning 2.6: ``scripts/f6_reload_probe.py`` of cb25), so :class:`TrainingSets`, fed
+there, sees each epoch's dataset: one object throughout (a hook returning
+``DataLoader(self.ds, ...)``: the records trained on are those assessed, unless the dataset
+changes them in place), or several (a curriculum: fu24 trained on 384 records in three datasets
+of 128 and the report counted the last 128, saying nothing). Either way the report says which.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+__all__ = ["TrainingSets"]
+
+
+class _Held:
+    """A strong reference for objects that take no weak one (a list as a dataset); dropped on
+    pickling and copying (what a spawning strategy or a deep copy of the callback would hold)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any = None) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return _Held, ()
+
+
+def _ref(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return _Held(obj)
+
+
+def _size(ds: Any) -> int | None:
+    try:
+        n = len(ds)
+    except Exception:  # noqa: BLE001 - a stream without a length
+        return None
+    return int(n) if isinstance(n, int) else None
+
+
+class TrainingSets:
+    """The train loaders and datasets seen at each epoch start while the Trainer reloads its
+    train loader; :meth:`note` words them for the report.
+
+    Identity is by reference (weak where the object allows it): a dataset object that has died
+    is not the current one, so an address reused by a new object is never taken for the old.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous fit's loaders (called as a fit starts)."""
+        self._loader: Any = None
+        self._dataset: Any = None
+        self.first_epoch: int | None = None
+        self.rebuilt = 0  # loaders built after the first one seen
+        self.datasets: list[tuple[str, int | None]] = []  # (type, size) at each change of dataset
+
+    def see(self, trainer: Any, loader: Any) -> None:
+        """Record the train loader of the epoch starting (``on_train_epoch_start``); nothing
+        unless ``trainer.reload_dataloaders_every_n_epochs`` > 0."""
+        if not int(getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0) or loader is None:
+            return
+        ds = getattr(loader, "dataset", loader)
+        if self.first_epoch is None:
+            self.first_epoch = int(getattr(trainer, "current_epoch", 0))
+        if self._loader is not None and self._loader() is not loader:
+            self.rebuilt += 1
+        if self._dataset is None or self._dataset() is not ds:
+            self.datasets.append((type(ds).__name__, _size(ds)))
+        self._loader, self._dataset = _ref(loader), _ref(ds)
+
+    def note(self, trainer: Any, n: int) -> str | None:
+        """The report's note (``n``: the records assessed), or None when no reload was seen."""
+        k = int(getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0)
+        if not k or not self.datasets or (self.rebuilt == 0 and len(self.datasets) == 1):
+            return None
+        since = f" (epochs before {self.first_epoch}, before the resume, are not seen)" if self.first_epoch else ""
+        if len(self.datasets) == 1:
+            name, size = self.datasets[0]
+            return (f"reload_dataloaders_every_n_epochs={k}: the training loader was rebuilt {self.rebuilt} time(s), "
+                    f"each time over the same dataset object ({name}"
+                    + (f" of {size} records" if size is not None else "")
+                    + f"){since}: the records assessed (n={n}) are the ones it drew from, as the dataset holds them "
+                    "now (a dataset that changes its records in place between epochs is not seen)")
+        sizes = [s for _, s in self.datasets]
+        shown = ", ".join("?" if s is None else str(s) for s in sizes[:8]) + (", ..." if len(sizes) > 8 else "")
+        return (f"reload_dataloaders_every_n_epochs={k}: the training loader was rebuilt over {len(self.datasets)} "
+                f"different datasets (of {shown} records){since}: only the last one's records are assessed "
+                f"(n={n}); the records of the earlier datasets trained the model too and are not in the figures "
+                "(a curriculum: assess all the records trained on with mis_lightning.assess)")
