@@ -81,10 +81,13 @@ def _restore(g: Any, state: Any) -> None:
         g.bit_generator.state = state
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(a: Any, b: Any, depth: int = 0) -> bool:
     """Whether two reads of a record are equal: tensors and arrays bit for bit (NaN equal to
-    NaN), containers element-wise, other values by ``==``; a value that cannot be compared
-    counts as equal (nothing is claimed about it)."""
+    NaN), containers element-wise, objects by their own ``==`` where their class defines one
+    that answers a bool, else attribute by attribute (a plain class or a dataclass holding
+    tensors); a value that cannot be compared counts as equal (nothing is claimed about it)."""
+    if depth > 8:
+        return True
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -103,14 +106,23 @@ def _same(a: Any, b: Any) -> bool:
         except Exception:  # noqa: BLE001 - object arrays and the like
             return True
     if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_same(a[k], b[k], depth + 1) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    try:
-        eq = a == b
-        return bool(eq) if isinstance(eq, bool) else True
-    except Exception:  # noqa: BLE001 - a value without a usable ==
+        return len(a) == len(b) and all(_same(x, y, depth + 1) for x, y in zip(a, b))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (float, complex)) and a != a and b != b:  # NaN
         return True
+    if type(a).__eq__ is not object.__eq__:
+        try:
+            eq = a == b
+            if isinstance(eq, bool):
+                return eq
+        except Exception:  # noqa: BLE001 - e.g. a dataclass comparing tensor fields: by attribute below
+            pass
+    if hasattr(a, "__dict__") and not isinstance(a, type):
+        return _same(vars(a), vars(b), depth + 1)
+    return True  # an object compared by identity only, without attributes to compare: no claim
 
 
 def random_records_note(dataset: Any, indices: Sequence[int], records: int = AUGMENTATION_RECORDS,

@@ -220,3 +220,35 @@ def test_assess_says_random_augmentation_too():
     rep = ml.assess(nn.Linear(4, 1), SCHEMES, DataLoader(Noisy(X[:120], Y[:120], "none"), batch_size=32),
                     lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2, **FAST)
     assert not [w for w in rep.warnings if "another value" in w]
+
+
+class _Sample:
+    """A record as a plain object (compared by identity by Python)."""
+
+    def __init__(self, x) -> None:
+        self.x = x
+
+
+def test_the_augmentation_check_compares_records_by_value():
+    """Records returned as fresh objects each read (a plain class, a dataclass of tensors, a
+    dict, NaN) are the same record: no note; a changed attribute is seen."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Pair:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    class Records(Dataset):
+        def __init__(self, make, noise=0.0):
+            self.make, self.noise = make, noise
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return self.make(X[i] + self.noise * torch.randn(4), Y[i])
+
+    for make in (lambda x, y: _Sample(x), Pair, lambda x, y: {"x": x, "meta": _Sample(float("nan"))}):
+        assert random_records_note(Records(make), range(10)) is None
+        assert random_records_note(Records(make, 0.1), range(10)) is not None
