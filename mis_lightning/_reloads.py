@@ -49,6 +49,22 @@ def _size(ds: Any) -> int | None:
     return int(n) if isinstance(n, int) else None
 
 
+def _draws(loader: Any, ds: Any) -> tuple[Any, int | None]:
+    """``(signature, size)`` of the records ``loader`` draws from: a sampler over part of the
+    dataset (``SubsetRandomSampler``, any sampler with ``indices``) by those indices, else the
+    sampler's kind and length with the dataset's size."""
+    batches = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batches, "sampler", None) or getattr(loader, "sampler", None)
+    idx = getattr(sampler, "indices", None)
+    if idx is not None:
+        try:
+            chosen = sorted(int(i) for i in idx)
+            return ("indices", len(chosen), hash(tuple(chosen))), len(chosen)
+        except Exception:  # noqa: BLE001 - indices of another kind: by the sampler's kind below
+            pass
+    return (type(sampler).__name__, _size(sampler)), _size(ds)
+
+
 class TrainingSets:
     """The train loaders and datasets seen at each epoch start while the Trainer reloads its
     train loader; :meth:`note` words them for the report.
@@ -64,9 +80,12 @@ class TrainingSets:
         """Forget the previous fit's loaders (called as a fit starts)."""
         self._loader: Any = None
         self._dataset: Any = None
+        self._draws: Any = None
         self.first_epoch: int | None = None
         self.rebuilt = 0  # loaders built after the first one seen
-        self.datasets: list[tuple[str, int | None]] = []  # (type, size) at each change of dataset
+        # (dataset type, records drawn from) at each change of dataset or of the records its
+        # sampler draws from (a curriculum by SubsetRandomSampler over one dataset)
+        self.datasets: list[tuple[str, int | None]] = []
 
     def see(self, trainer: Any, loader: Any) -> None:
         """Record the train loader of the epoch starting (``on_train_epoch_start``); nothing
@@ -78,9 +97,10 @@ class TrainingSets:
             self.first_epoch = int(getattr(trainer, "current_epoch", 0))
         if self._loader is not None and self._loader() is not loader:
             self.rebuilt += 1
-        if self._dataset is None or self._dataset() is not ds:
-            self.datasets.append((type(ds).__name__, _size(ds)))
-        self._loader, self._dataset = _ref(loader), _ref(ds)
+        draws, size = _draws(loader, ds)
+        if self._dataset is None or self._dataset() is not ds or draws != self._draws:
+            self.datasets.append((type(ds).__name__, size))
+        self._loader, self._dataset, self._draws = _ref(loader), _ref(ds), draws
 
     def note(self, trainer: Any, n: int) -> str | None:
         """The report's note (``n``: the records assessed), or None when no reload was seen."""
@@ -91,13 +111,14 @@ class TrainingSets:
         if len(self.datasets) == 1:
             name, size = self.datasets[0]
             return (f"reload_dataloaders_every_n_epochs={k}: the training loader was rebuilt {self.rebuilt} time(s), "
-                    f"each time over the same dataset object ({name}"
-                    + (f" of {size} records" if size is not None else "")
+                    f"each time over the same dataset object and records ({name}"
+                    + (f", {size} records" if size is not None else "")
                     + f"){since}: the records assessed (n={n}) are the ones it drew from, as the dataset holds them "
                     "now (a dataset that changes its records in place between epochs is not seen)")
         sizes = [s for _, s in self.datasets]
         shown = ", ".join("?" if s is None else str(s) for s in sizes[:8]) + (", ..." if len(sizes) > 8 else "")
         return (f"reload_dataloaders_every_n_epochs={k}: the training loader was rebuilt over {len(self.datasets)} "
-                f"different datasets (of {shown} records){since}: only the last one's records are assessed "
+                f"different training sets (datasets, or samplers drawing other records; of {shown} records){since}: "
+                f"only the last one's records are assessed "
                 f"(n={n}); the records of the earlier datasets trained the model too and are not in the figures "
                 "(a curriculum: assess all the records trained on with mis_lightning.assess)")

@@ -11,7 +11,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    SubsetRandomSampler,
+    TensorDataset,
+)
 
 from mis_lightning import MISCallback
 from mis_lightning._augmentation import random_records_note
@@ -34,7 +40,9 @@ class Regressor(pl.LightningModule):
     def __init__(self, sets=None):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
-        self.sets = sets  # "same": one dataset object, "curriculum": another one each epoch
+        # "same": one dataset object; "curriculum": another one each epoch; "sampler": one
+        # dataset, a SubsetRandomSampler over other records each epoch
+        self.sets = sets
 
     def forward(self, x):
         return self.net(x).squeeze(-1)
@@ -55,6 +63,10 @@ class Regressor(pl.LightningModule):
             if not hasattr(self, "_ds"):
                 self._ds = TensorDataset(X[:128], Y[:128])
             ds = self._ds
+        elif self.sets == "sampler":
+            if not hasattr(self, "_ds"):
+                self._ds = TensorDataset(X[:384], Y[:384])
+            return DataLoader(self._ds, batch_size=32, sampler=SubsetRandomSampler(range(128 * e, 128 * (e + 1))))
         else:  # a curriculum: 128 other records each epoch
             ds = TensorDataset(X[128 * e:128 * (e + 1)], Y[128 * e:128 * (e + 1)])
         return DataLoader(ds, batch_size=32, shuffle=True)
@@ -75,15 +87,18 @@ def _fit(tmp_path, module, cb=None, train=None, epochs=3, **kw):
     return trainer
 
 
-def test_a_curriculum_of_reloaded_datasets_is_said_in_the_report(tmp_path):
-    """fu24 F6: three datasets of 128 records (one per epoch, reload_dataloaders_every_n_epochs=1):
-    the report counted the last 128 and said nothing. It names the reloads and what is left out."""
+@pytest.mark.parametrize("how", ["curriculum", "sampler"])
+def test_a_curriculum_of_reloaded_datasets_is_said_in_the_report(tmp_path, how):
+    """fu24 F6: three datasets of 128 records (one per epoch, reload_dataloaders_every_n_epochs=1),
+    or one dataset with a SubsetRandomSampler over other records each epoch: the report counted
+    the last 128 and said nothing. It names the reloads and what is left out."""
     cb = MISCallback(SCHEMES, loss_fn=mse, **FAST)
-    _fit(tmp_path, Regressor("curriculum"), cb, reload_dataloaders_every_n_epochs=1)
+    _fit(tmp_path, Regressor(how), cb, reload_dataloaders_every_n_epochs=1)
     assert cb.report is not None and cb.report.n == 128
     notes = [w for w in cb.report.warnings if w.startswith("reload_dataloaders_every_n_epochs=1")]
     assert len(notes) == 1, cb.report.warnings
-    assert "rebuilt over 3 different datasets (of 128, 128, 128 records)" in notes[0]
+    assert "rebuilt over 3 different training sets (datasets, or samplers drawing other records; of 128, 128, " \
+           "128 records)" in notes[0]
     assert "only the last one's records are assessed (n=128)" in notes[0]
     assert notes[0] in cb.report.table()  # printed under the table
 
@@ -95,8 +110,8 @@ def test_a_reloaded_loader_over_one_dataset_object_is_said_as_such(tmp_path):
     _fit(tmp_path, Regressor("same"), cb, reload_dataloaders_every_n_epochs=1)
     assert cb.report is not None and cb.report.n == 128
     notes = [w for w in cb.report.warnings if w.startswith("reload_dataloaders_every_n_epochs=1")]
-    assert len(notes) == 1 and "rebuilt 2 time(s), each time over the same dataset object (TensorDataset " \
-                               "of 128 records)" in notes[0], cb.report.warnings
+    assert len(notes) == 1 and "rebuilt 2 time(s), each time over the same dataset object and records " \
+                               "(TensorDataset, 128 records)" in notes[0], cb.report.warnings
     # no reload: no note
     cb2 = MISCallback(SCHEMES, loss_fn=mse, **FAST)
     _fit(tmp_path, Regressor("same"), cb2)
