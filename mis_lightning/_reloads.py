@@ -105,9 +105,14 @@ class TrainingSets:
     def note(self, trainer: Any, n: int) -> str | None:
         """The report's note (``n``: the records assessed), or None when no reload was seen."""
         k = int(getattr(trainer, "reload_dataloaders_every_n_epochs", 0) or 0)
-        if not k or not self.datasets or (self.rebuilt == 0 and len(self.datasets) == 1):
+        if not k or not self.datasets or (self.rebuilt == 0 and len(self.datasets) == 1 and not self.first_epoch):
             return None
         since = f" (epochs before {self.first_epoch}, before the resume, are not seen)" if self.first_epoch else ""
+        if self.rebuilt == 0 and len(self.datasets) == 1:
+            return (f"reload_dataloaders_every_n_epochs={k}: the fit resumed at epoch {self.first_epoch}, and the "
+                    f"training sets of the epochs before are not seen: the records assessed (n={n}) are those of "
+                    "the current training loader; if earlier epochs trained on other records (a curriculum), "
+                    "they are not in the figures")
         if len(self.datasets) == 1:
             name, size = self.datasets[0]
             return (f"reload_dataloaders_every_n_epochs={k}: the training loader was rebuilt {self.rebuilt} time(s), "

@@ -267,3 +267,21 @@ def test_the_augmentation_check_compares_records_by_value():
     for make in (lambda x, y: _Sample(x), Pair, lambda x, y: {"x": x, "meta": _Sample(float("nan"))}):
         assert random_records_note(Records(make), range(10)) is None
         assert random_records_note(Records(make, 0.1), range(10)) is not None
+
+
+def test_a_resumed_fit_with_reloads_says_the_earlier_epochs_are_not_seen(tmp_path):
+    """Resumed at its last epoch, a reloading fit sees one training set: the earlier epochs'
+    (another dataset each, here) are not seen, and the report says so."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    pl.Trainer(max_epochs=2, logger=False, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+               reload_dataloaders_every_n_epochs=1, default_root_dir=str(tmp_path)).fit(Regressor("curriculum"))
+    cb = MISCallback(SCHEMES, loss_fn=mse, **FAST)
+    pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1,
+               default_root_dir=str(tmp_path)).fit(Regressor("curriculum"), ckpt_path=str(tmp_path / "last.ckpt"))
+    notes = [w for w in cb.report.warnings if w.startswith("reload_dataloaders_every_n_epochs=1")]
+    assert len(notes) == 1 and "the fit resumed at epoch 2, and the training sets of the epochs before are not " \
+                               "seen" in notes[0], cb.report.warnings
