@@ -353,6 +353,9 @@ def assess(
         train_dataloader: the training records (each once), batches ``(inputs, targets)``.
             Left as it was: the global RNG streams and the loader's generators are restored,
             and an iterable dataset is read from a deep copy (its pass state is untouched).
+            A map-style dataset whose records differ between two reads (random augmentation
+            in ``__getitem__``: each record is then assessed at one random draw) is said in
+            the report's warnings (:func:`~mis_lightning._augmentation.random_records_note`).
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (the data term of the
             training objective).
         estimation_config, scoring_config: the stages' options
