@@ -87,6 +87,11 @@ class TrainingSets:
         # sampler draws from (a curriculum by SubsetRandomSampler over one dataset)
         self.datasets: list[tuple[str, int | None]] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        # references to the user's loader and dataset are not pickled (a weak one cannot be):
+        # a pickled callback keeps what it counted
+        return {**self.__dict__, "_loader": None, "_dataset": None}
+
     def see(self, trainer: Any, loader: Any) -> None:
         """Record the train loader of the epoch starting (``on_train_epoch_start``); nothing
         unless ``trainer.reload_dataloaders_every_n_epochs`` > 0."""

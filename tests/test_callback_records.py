@@ -101,6 +101,10 @@ def test_a_curriculum_of_reloaded_datasets_is_said_in_the_report(tmp_path, how):
            "128 records)" in notes[0]
     assert "only the last one's records are assessed (n=128)" in notes[0]
     assert notes[0] in cb.report.table()  # printed under the table
+    import pickle
+
+    again = pickle.loads(pickle.dumps(cb))  # the callback pickles after the fit (weak references dropped)
+    assert again._sets.datasets == cb._sets.datasets
 
 
 def test_a_reloaded_loader_over_one_dataset_object_is_said_as_such(tmp_path):
