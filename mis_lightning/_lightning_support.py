@@ -28,6 +28,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
+from ._augmentation import random_records_note
 from ._lightning_compat import trainer_package
 from ._modelcopy import ModelCopyError, private_copy
 from ._rng import isolated_rng, private_stream
@@ -887,6 +888,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                        "each process streams its own loader and duplicated records count twice")
     records, note = training_records(trainer, train, full_pass, read)
     shard = records[rank::world] if records is not None else None
+    # random augmentation in __getitem__: each record is assessed at one draw (a few records
+    # read twice, every random state restored); a stream cannot be read twice: not checked
+    aug = random_records_note(ds, records) if ds is not None and records else None
     limit, what = trained_batches(trainer, full_pass, read)
     loader = reloader(train, shard, batch_size, limit=limit)
     if isinstance(loader, _FirstBatches):
@@ -938,6 +942,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
         keep.update(estimate=est, loader=loader, utility_fn=utility_fn if val_loader is not None else None)
     if note:
         report.warnings.append(note)
+    if aug:
+        report.warnings.append(aug)
     if val_loader is None:
         report.warnings.append("no validation dataloader: the quantized copies' utility was not measured")
     elif num_val > 1:

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
+from ._augmentation import random_records_note
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
 from .config import (  # noqa: F401
@@ -352,6 +353,9 @@ def assess(
         train_dataloader: the training records (each once), batches ``(inputs, targets)``.
             Left as it was: the global RNG streams and the loader's generators are restored,
             and an iterable dataset is read from a deep copy (its pass state is untouched).
+            A map-style dataset whose records differ between two reads (random augmentation
+            in ``__getitem__``: each record is then assessed at one random draw) is said in
+            the report's warnings (:func:`~mis_lightning._augmentation.random_records_note`).
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (the data term of the
             training objective).
         estimation_config, scoring_config: the stages' options
@@ -412,6 +416,11 @@ def assess(
         progress=progress, calibration_data=train_dataloader,
     )
     report.warnings += _sampling_notes(train_dataloader)
+    ds = getattr(train_dataloader, "dataset", None)
+    if isinstance(train_dataloader, DataLoader) and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
+        # random augmentation in __getitem__: each record was assessed at one random draw
+        if aug := random_records_note(ds, range(len(ds))):
+            report.warnings.append(aug)
     return report
 
 

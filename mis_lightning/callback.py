@@ -22,7 +22,9 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _lightning_support as lt
+from ._augmentation import random_records_note
 from ._lightning_compat import lightning_callback_base
+from ._reloads import TrainingSets
 from ._rng import isolated_rng
 from .assess import SchemeSpec, check_schemes, resolve_schemes, select_params
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
@@ -157,6 +159,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self.plan_result: PlanResult | None = None
         self.plan_path: Path | None = None
         self._kept: dict[str, Any] = {}  # the assessment's estimate, loader, utility (for the plan)
+        self._sets = TrainingSets()  # the datasets each epoch's train loader held (reloads)
         self._reset_run_state()
 
     def _user_objects(self) -> dict[str, Any]:
@@ -240,12 +243,21 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # layout, the loss and the utility metrics on them, before training too
         lt.check_validation_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
                                   self.utility_metrics, self.output_transform)
+        # random augmentation in the dataset: said now, and in the report (a few records read
+        # twice, every random state restored)
+        ds = lt.sized_dataset(lt.single_loader(trainer.train_dataloader, "training"))
+        if ds is not None and (aug := random_records_note(ds, range(len(ds)))):
+            rank_zero_warn(f"MISCallback: {aug}")
+        self._sets = TrainingSets()  # this fit's loaders only
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._resumed:  # a resumable loader goes on with the pass it was in
             self._resumed = False
         else:
             self._pass_read = 0
+        # the loader of this epoch (Lightning has reloaded it by now, if it does)
+        if (sets := getattr(self, "_sets", None)) is not None:
+            sets.see(trainer, lt.single_loader(trainer.train_dataloader, "training"))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._pass_read += 1
@@ -372,6 +384,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 report = self._assess(trainer, pl_module)
                 if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):
                     report.warnings.append(best_note)
+                if (sets := getattr(self, "_sets", None)) and (sets_note := sets.note(trainer, report.n)):
+                    report.warnings.append(sets_note)
                 if self._untrained_note:
                     if self.estimation_config.params is None:
                         # the parameters left out are the ones no optimizer holds, not trained ones

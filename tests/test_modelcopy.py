@@ -438,3 +438,50 @@ def test_a_frozen_parameter_closed_over_is_not_watched():
     assert set(est.names) == {"body.0.weight", "body.0.bias"}
     with pytest.raises(ModelCopyError, match=r"reaches the parameters? 'head.weight' \(frozen\).* and fails there"):
         _figures(m)
+
+
+def test_a_frozen_parameter_assessed_by_params_is_watched():
+    """cl24 left frozen parameters unwatched. One that ``params=`` selects is differentiated and
+    quantized all the same (quantization follows the selection): reached past the substitution,
+    its gradients read 0 and its quantized copy ran the float weight, silently in float32 (cb25:
+    leakage 0.127 and utility loss 0.493 for rtn_int2, 0.103 and 0.546 read through the module).
+    It is now watched like a trainable one; a frozen parameter not assessed is left alone (its
+    value is read as it is, and no scheme quantizes it: the figures are those read through the
+    module, test above)."""
+    from mis_lightning.estimation import estimate
+
+    _, dl = _data()
+    m = _bypass("namespace")
+    m.head.requires_grad_(False)
+    names = ["body.0.weight", "body.0.bias", "head.weight", "head.bias"]
+    with pytest.raises(ModelCopyError, match=r"reaches the parameters 'head.weight' \(frozen, assessed: params= "
+                                             r"selects it\), 'head.bias' \(frozen, .*\) past the substitution"):
+        estimate(m, dl, mse, param_names=names, num_records=64, dtype=torch.float32)
+    assert not m.head.weight.requires_grad  # the user's flag as it was
+
+
+class _BatchBranch(nn.Module):
+    """Reads the head's weight through a list holding the tensor for batches of more than one
+    record, through the module for a single record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.body, self.head = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Linear(8, 1)
+        self.held = [self.head.weight]
+
+    def forward(self, x):
+        z = self.body(x)
+        return z @ self.held[0].T + self.head.bias if x.shape[0] > 1 else self.head(z)
+
+
+def test_a_forward_that_leaves_the_substitution_for_batches_only_is_refused():
+    """The check ran the first record only: a forward that reaches a parameter past the
+    substitution only for batches of several records passed it, and in float32 the head's
+    per-sample gradients read 0 (cb25: leakage 0.695 for rtn_int2 and rtn_int4, 0.103 and 0.111
+    read through the module). It runs the first batch now."""
+    from mis_lightning.estimation import estimate
+
+    _, dl = _data()
+    with pytest.raises(ModelCopyError, match=r"reaches the parameters? 'head.weight' past the substitution"):
+        estimate(_BatchBranch(), dl, mse, num_records=64, dtype=torch.float32)

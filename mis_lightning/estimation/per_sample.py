@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .._modelcopy import ModelCopyError, SwapCheck, private_copy
+from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -437,7 +437,7 @@ class LossProgram:
         self._checked = False
         # the first batch checks that the forward reads every trainable parameter through the
         # substitution (a closure, container or view holding the tensor would not: SwapCheck)
-        self._swap_check: SwapCheck | None = SwapCheck(original, self.model)
+        self._swap_check: SwapCheck | None = SwapCheck(original, self.model, self.param_names)
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
@@ -464,8 +464,9 @@ class LossProgram:
         return inputs, targets, b
 
     def check_swap(self, inputs: Any) -> None:
-        """Once: the outputs of the first record must not depend on a trainable parameter reached
-        other than through the substitution (:class:`~mis_lightning._modelcopy.SwapCheck`).
+        """Once: the outputs of the first batch (its first ``SWAP_CHECK_RECORDS`` records) must not
+        depend on a trainable or assessed parameter reached other than through the substitution
+        (:class:`~mis_lightning._modelcopy.SwapCheck`).
 
         Raises:
             ModelCopyError: naming the parameters (and what holds them, where known).
@@ -473,9 +474,10 @@ class LossProgram:
         check, self._swap_check = self._swap_check, None  # drops the references to the user's tensors
         if check is None:
             return
-        one = torch.utils._pytree.tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() else t, inputs)
+        first = torch.utils._pytree.tree_map(
+            lambda t: t[:SWAP_CHECK_RECORDS] if isinstance(t, Tensor) and t.dim() else t, inputs)
         with torch.no_grad():
-            check.run(lambda: self.outputs(self.params, one),
+            check.run(lambda: self.outputs(self.params, first),
                       [*self.params.values(), *self.fixed.values(), *self.buffers.values()],
                       f"checking that {type(self.model).__name__}'s forward reads its parameters through "
                       "the library's substitution")
