@@ -25,12 +25,15 @@ Each setting: ``--populations`` populations (their own ``theta*``, positions and
 ``--trainings`` trainings each. Per replication the interval covers the truth or misses it below
 (the interval's upper end under the truth) or above. Per population it also reports the
 closed-form centre bias: ``E[plug-in] - truth`` (``kappa`` smoothed over one sd at ``theta*``)
-and the draws' centre's (two sd: the draws move around ``theta-hat``), in units of the mean
+and the draws' centre's (smoothed over sqrt(2) sd: the draws move around ``theta-hat``), in units of the mean
 half-width, which decides that population's coverage when the draws are narrow.
 
-    PYTHONPATH=. python benchmarks/coverage_averaged.py \\
-        --settings 32x64:stored:mixed 32x64:stored:4 256x256:factored:4 256x256:factored-full:4 \\
-        --populations 4 --trainings 25 --json out.json
+    PYTHONPATH=. python benchmarks/coverage_averaged.py --settings 32x64:stored:mixed \\
+        32x64:stored:4 64x128:stored:4 256x256:factored-full:4 --populations 100 --trainings 1 \\
+        --json out.json                                  # docs/validation.md, "2026-12-02 (cv25)"
+    PYTHONPATH=. python benchmarks/coverage_averaged.py --settings 32x64:stored:4 \\
+        --populations 10 --trainings 30                  # coverage per population
+    PYTHONPATH=. python benchmarks/coverage_averaged.py --theory   # the centre's error, closed form
 
 About 0.1-0.8 s of CPU per replication (``d`` = 2,048-98,304), plus 1-20 s per population for
 the closed forms.
