@@ -1,0 +1,97 @@
+"""The averaged regime's ground truth (``groundtruth.averaged``; docs/validation.md, "Coverage in
+the averaged regime"): its closed forms against the library, and a small coverage run."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mis_lightning.groundtruth import averaged as AV
+
+AS = importlib.import_module("mis_lightning.assess")
+
+
+def _score(tr: AV.Training, pop: AV.Population, seed: int):
+    rep = AS.score_schemes(tr.estimate, tr.model, [AV.StepGridScheme(pop.step)], uncertainty_draws=16, seed=seed,
+                           covariance="independent")
+    return rep.schemes["step"]
+
+
+def test_kappa_closed_form_matches_the_library_cells():
+    """``kappa_step`` (scipy, the truth's) equals the library's cell moments of the same
+    affine grid (``ParamGrid.moments``, what the scoring reads) at steps 0.25-8 sd and any
+    position: within 1e-10 above 0.5 sd (both exact sums over the cells, float64), and within the
+    library's documented bound ``h^6 / 1728`` of its fine-grid expansion at steps ``h <= 0.5`` sd
+    (docs/functional-accuracy.md section 4; ``kappa_step`` matches 40-digit mpmath sums to 1e-15
+    there: measured 8.7e-6 at h = 0.49, the bound's 8.8e-6 at 0.5)."""
+    pop = AV.make_population(8, 40, steps=1.0, seed=3)
+    rng = np.random.default_rng(0)
+    r = np.exp(rng.uniform(math.log(0.25), math.log(8.0), pop.d))
+    u = rng.uniform(-0.5, 0.5, pop.d)
+    sigma = pop.sigma
+    step = r * sigma
+    theta = (rng.integers(-3, 4, pop.d) + u) * step
+    model = torch.nn.Linear(pop.in_features, pop.out_features, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.from_numpy(theta).reshape(model.weight.shape))
+    grids, _ = AV.StepGridScheme(step)._quantize_copy(model)
+    lib = grids["weight"].moments(torch.from_numpy(theta), torch.from_numpy(sigma), 0, pop.d).kappa
+    ours = AV.kappa_step(u, r)
+    err = np.abs(lib.numpy() - ours)
+    fine = r <= 0.5
+    assert float(err[~fine].max()) < 1e-10
+    assert bool((err[fine] <= r[fine] ** 6 / 1728 + 1e-12).all())
+    assert ours.min() < 0.05 and ours.max() > 0.6  # coarse mid-cell and boundary positions both present
+
+
+@pytest.mark.parametrize("path", ["stored", "factored"])
+def test_the_truth_is_the_library_value_at_the_population(path):
+    """Scored at ``theta-hat = theta*`` with the true ``sigma`` the library's plug-in is the
+    truth's own quantity: equal within 1e-9 relative (float64 sums of 512 terms; a 4-sd grid,
+    where the library's cells are exact sums, see the test above)."""
+    pop = AV.make_population(16, 32, steps=4.0, seed=1)
+    truth, se = AV.truth(pop)
+    assert se == 0.0
+    r = _score(AV.training(pop, 0, path=path, at_population=True), pop, 0)
+    assert r.leakage == pytest.approx(truth, rel=1e-9)
+    assert r.interval_regime == "averaged"
+
+
+def test_the_centre_error_has_the_draws_spread_and_is_mostly_the_populations():
+    """Per weight, over uniform positions: the draws' centre errs by exactly the draws' sd
+    (per harmonic of kappa both are ``1 - rho^2`` of its power; quadrature to 1e-3), and on a
+    4-sd grid 96% of that error is the population's fixed part (``1 - rho^2``, ``rho =
+    exp(-2 pi^2 / 16)``: sqrt(1 - 0.085) = 0.957), the same in every training."""
+    for r in (3.0, 4.0, 8.0):
+        t = AV.centre_error_decomposition(r)
+        assert t["total_rms"] == pytest.approx(t["draws_sd"], rel=1e-3)
+    t4 = AV.centre_error_decomposition(4.0)
+    rho = math.exp(-2 * math.pi ** 2 / 16)
+    assert t4["fixed_rms"] / t4["draws_sd"] == pytest.approx(math.sqrt(1 - rho ** 2), abs=0.01)
+
+
+def test_small_averaged_coverage_is_near_its_design():
+    """64 populations (512 weights, 4-sd grid, spread positions), one training each, the
+    report's 80% interval. Design (method.md section 3, averaged regime): the centre's error has
+    the draws' sd (test above) and the half-width is sqrt(2) x the draws' p90 - median, so the
+    mean half-width over the rms error of the centre should be near sqrt(2) x 1.14 (the p10/p90
+    of 16 draws read ~1.14 sd) = 1.6. Measured 1.55 and 56/64 covered; with the sqrt(2) factor
+    removed 1.11 and 48/64 (``/work/scratch/cv25/no_sqrt2.py`` of the session). Bounds: the ratio
+    in [1.3, 2.5] (its sampling relative se over 64 populations is ~9%: 1.3 is ~2 se below the
+    measured value, 1.11 fails), coverage at least 45/64 (0.70; binomial 0.5% tail at 0.83).
+    Deterministic seeds."""
+    covered, err, half = 0, [], []
+    for p in range(64):
+        pop = AV.make_population(16, 32, steps=4.0, seed=100 + p)
+        truth, _ = AV.truth(pop)
+        lo, hi = _score(AV.training(pop, p), pop, p).interval
+        covered += int(lo <= truth <= hi)
+        err.append((lo + hi) / 2 - truth)
+        half.append((hi - lo) / 2)
+    ratio = float(np.mean(half) / np.sqrt(np.mean(np.square(err))))
+    assert 1.3 <= ratio <= 2.5, ratio
+    assert covered >= 45, covered
