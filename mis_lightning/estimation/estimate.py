@@ -1004,7 +1004,7 @@ class MomentAccumulator:
             if not first:  # the first batch had them: a real error
                 raise
             if self.leverage_correction is True:
-                raise ValueError(f"leverage_correction=True: the per-record Gauss-Newton factors are not "
+                raise ValueError(f"leverage_correction=True: the per-record factors (output Jacobians) are not "
                                  f"available for this model ({type(exc).__name__}: {exc})") from exc
             log.info("estimation: no leverage factors (%s)", exc)
             self._leverage_off = f"{type(exc).__name__}: {exc}"
