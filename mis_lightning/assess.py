@@ -807,6 +807,13 @@ def score_schemes(
             f"the finite-sample (leverage) correction could not run ({off}): with d / n = {est.d / n:.3g} the "
             "first-order influences understate each record's leave-one-out shift by about 1 / (1 - leverage), "
             "so the figures can read low (an MLP at d / n = 0.12: 7%)")
+    if est.diagnostics.get("leverage_correction") and est.diagnostics.get("leverage_curvature") == "gauss_newton":
+        report.warnings.append(
+            "the leverages (finite-sample correction) are the records' Gauss-Newton factors J' L J at the model's "
+            f"output, not their exact Hessians ({est.diagnostics.get('leverage_curvature_reason')}): they depend on "
+            "where the model's output ends (a sigmoid or softmax moved from the loss into forward changes them, "
+            "and the figures by a few percent at d / n above 0.1); leverage_correction=False gives the first-order "
+            "forms, which do not")
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
         report.warnings.append(_d_over_n_warning(est.d, n) + (f"; {lev}" if lev else ""))
     elif lev:

@@ -137,11 +137,14 @@ class EstimationConfig:
         leverage_correction: the finite-sample (leverage) correction of the exact estimator
             (method.md section 4): each stored record's influence becomes its leave-one-out
             shift ``H_{-i}^{-1} g_i`` (``psi_i / (1 - h_i)`` for one output) and the gradient
-            covariance gets the HC2 term. ``"auto"`` (default): wherever the exact estimator
-            runs and the per-record Gauss-Newton factors exist (the model's output is one
-            tensor; with a ``mis_per_sample_loss`` hook, the model called once inside it and
-            the loss a function of that output); ``True``: required (an error otherwise);
-            ``False``: the first-order forms.
+            covariance gets the HC2 term. The leverages use each record's exact Hessian on the
+            span of its output gradients, so they do not depend on where the model's output
+            ends (a sigmoid in ``forward`` or in the loss); a model without per-record second
+            derivatives (``EmbeddingBag``) gets the Gauss-Newton factors and a warning saying
+            so. ``"auto"`` (default): wherever the exact estimator runs and the per-record
+            factors exist (the model's output is one tensor; with a ``mis_per_sample_loss``
+            hook, the model called once inside it and the loss a function of that output);
+            ``True``: required (an error otherwise); ``False``: the first-order forms.
             The leverages (``diagnostics["mean_leverage"]``, ``["max_leverage"]``) are
             reported by the exact estimator either way.
 

@@ -140,8 +140,14 @@ def test_metric_two_processes_equal_one(world):
         assert r0[name]["n"] == r1[name]["n"] == single["n"] == 301
         for scheme in SCHEMES:
             for f, v in single[scheme].items():
-                assert r0[name][scheme][f] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, scheme, f)
-                assert r1[name][scheme][f] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, scheme, f)
+                # The interval's ends are order statistics of 4 draws of a release whose coarse
+                # cells make it position-dominated (rtn_int2 on this untrained MLP): draws near a
+                # cell boundary amplify the estimate's 1e-14 rounding (batch composition alone:
+                # 6.6e-10 at rtn_int2's lower end, /work/scratch/lv25/ddp_rounding2.py; the
+                # headline 5e-14), so 1e-8 there
+                rel = 1e-8 if f in ("leakage_p10", "leakage_p90") else 1e-9
+                assert r0[name][scheme][f] == pytest.approx(v, rel=rel, abs=1e-12), (name, scheme, f)
+                assert r1[name][scheme][f] == pytest.approx(v, rel=rel, abs=1e-12), (name, scheme, f)
 
 
 def test_metric_with_a_rank_that_saw_no_record(world):

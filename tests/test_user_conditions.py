@@ -178,6 +178,12 @@ def test_embedding_bag_without_second_derivative_uses_the_gauss_newton_hessian()
         out[bag] = ml.assess(model, ["rtn_int8"], loader, mse, params=["e.weight"], estimation="exact",
                              weight_decay=1e-3, uncertainty_draws=0, strict=False)
     assert "Gauss-Newton Hessian J'LJ in its place" in out[True].estimation["reason"]
+    # the leverages too: the Gauss-Newton factor at the model's output, which depends on where
+    # the output ends, said in the report (the embedding's are the exact per-record Hessians)
+    assert out[True].diagnostics["leverage_curvature"] == "gauss_newton"
+    assert out[False].diagnostics["leverage_curvature"] == "exact"
+    assert [w for w in out[True].warnings if "depend on where the model's output ends" in w]
+    assert not [w for w in out[False].warnings if "depend on where the model's output ends" in w]
     assert out[True].baseline_leakage == pytest.approx(out[False].baseline_leakage, rel=1e-6)
     # the bag's table is quantized over rows like an embedding's (it was left in float)
     for bag in (True, False):

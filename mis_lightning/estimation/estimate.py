@@ -742,6 +742,9 @@ class MomentAccumulator:
         self._factors_possible = self.keep_w
         self.keep_factors = mode == "exact" and self._factors_possible
         self._c_out: int | None = None
+        # why the leverages fell back to the Gauss-Newton factors J' L J (no per-record second
+        # derivatives); None: each record's exact Hessian on its output-gradient span (_record_curvature)
+        self._leverage_ggn: str | None = None
         # records per update for merged loader batches (batching.merge_batches): 0 (batches as
         # they come) until the first batch of a fast program has shown its taps' size
         self.records_per_update = 0
@@ -982,8 +985,11 @@ class MomentAccumulator:
             a += bb
 
     def _leverage_factors(self, x: Any, y: Any, b: int) -> Tensor | None:
-        """``[b, C d + C^2]`` float64: each record's output Jacobian ``J`` and loss Hessian in the
-        outputs ``L`` (its Gauss-Newton factor ``J' L J``), flattened; ``None`` (and no more
+        """``[b, C d + C^2]`` float64: each record's curvature factor pair, flattened: ``(Q, S)``
+        of :func:`_record_curvature` (its exact Hessian on the span of its output gradients,
+        ``Q' S Q``), or where the model has no per-record second derivatives the output Jacobian
+        ``J`` and the loss Hessian in the outputs ``L`` (the Gauss-Newton factor ``J' L J``, which
+        depends on where the output ends; ``_leverage_ggn`` says why); ``None`` (and no more
         factors) when the model's outputs do not allow them or they exceed the budget."""
         first = self._c_out is None
         try:
@@ -998,15 +1004,27 @@ class MomentAccumulator:
             if not first:  # the first batch had them: a real error
                 raise
             if self.leverage_correction is True:
-                raise ValueError(f"leverage_correction=True: the per-record Gauss-Newton factors are not "
+                raise ValueError(f"leverage_correction=True: the per-record factors (output Jacobians) are not "
                                  f"available for this model ({type(exc).__name__}: {exc})") from exc
             log.info("estimation: no leverage factors (%s)", exc)
             self._leverage_off = f"{type(exc).__name__}: {exc}"
             self.keep_factors = False
             return None
         c = self._c_out
-        J = torch.cat([jac[k].reshape(b, c, -1) for k in self.names], 2).to(torch.float64)
-        return torch.cat([J.reshape(b, -1), L.reshape(b, -1).to(torch.float64)], 1)
+        J = torch.cat([jac[k].reshape(b, c, -1) for k in self.names], 2)
+        if self._leverage_ggn is None:
+            try:
+                Q, S = _record_curvature(self.program, x, y, J, self.names, self.offsets)
+            except (RuntimeError, NotImplementedError) as exc:
+                if not first:  # the first batch had them: a real error
+                    raise
+                # no second derivative per record (EmbeddingBag): the Gauss-Newton factor at the
+                # model's output, which depends on where the output ends (said in the report)
+                self._leverage_ggn = f"{type(exc).__name__}: {exc}"
+                log.info("estimation: leverages from the Gauss-Newton factors (%s)", exc)
+            else:
+                return torch.cat([Q.reshape(b, -1), S.reshape(b, -1)], 1)
+        return torch.cat([J.to(torch.float64).reshape(b, -1), L.reshape(b, -1).to(torch.float64)], 1)
 
     def _update_exact_hessian(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
         """The batch's autograd Hessian: whole (exact mode) or its diagonal. A layer without a
@@ -1135,7 +1153,14 @@ class MomentAccumulator:
             correct = self.leverage_correction is not False and J is not None
             if J is None and self.leverage_correction == "auto":
                 diagnostics["leverage_unavailable"] = getattr(self, "_leverage_off", None) or \
-                    "the per-record Gauss-Newton factors were not kept"
+                    "the per-record factors were not kept"
+            if J is not None:
+                # "exact": each record's exact Hessian on its output-gradient span (_record_curvature),
+                # a function of the loss of the parameters; "gauss_newton": J' L J at the model's
+                # output (no per-record second derivatives), which depends on where the output ends
+                diagnostics["leverage_curvature"] = "exact" if self._leverage_ggn is None else "gauss_newton"
+                if self._leverage_ggn is not None:
+                    diagnostics["leverage_curvature_reason"] = self._leverage_ggn
             records: dict[str, Tensor] = {}
             step = _newton_step(g_mean_flat, H, theta, names, self._decay_slice(0, self.d))
             variants: dict[float, dict[str, Tensor | None]] = {}
@@ -1550,9 +1575,11 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         n: records; ``damping``: relative floor of ``|eigenvalues|`` of ``H``.
         diagnostics: updated in place with the Hessian's spectrum and, with ``jacobians``, the
             records' leverages (``mean_leverage``, ``max_leverage``, ``leverage_correction``).
-        jacobians: ``[R, C, d]`` output Jacobians ``J_i`` of the kept records, and
-        loss_hessians: ``[R, C, C]`` their loss Hessians in the outputs ``L_i`` (the
-            per-record Gauss-Newton factor ``J_i' L_i J_i``); ``None``: no leverages.
+        jacobians: ``[R, C, d]`` and
+        loss_hessians: ``[R, C, C]`` the kept records' curvature factors, ``J_i' L_i J_i``
+            the record's Hessian (:func:`_record_curvature`'s ``(Q_i, S_i)``: its exact Hessian
+            on the span of its output gradients; or the Gauss-Newton factor, output Jacobian and
+            loss Hessian in the outputs); ``None``: no leverages.
         correct_leverage: apply the finite-sample correction (method.md section 4,
             "Finite-sample (leverage) correction"): each record's centred gradient ``c_i``
             becomes ``H H_{-i}^{-1} c_i`` (Woodbury; ``c_i / (1 - h_i)`` for one output), so
@@ -2080,6 +2107,65 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
             warnings.filterwarnings("ignore", message="There is a performance drop")
             H = torch.func.jacrev(torch.func.jacrev(f), chunk_size=chunk if chunk < d else None)(flat0)
     return H.to(torch.float64).reshape(d, d)
+
+
+def _record_curvature(program: LossProgram, inputs: Any, targets: Any, J: Tensor, names: list[str],
+                      offsets: dict[str, tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """Each record's curvature for the leverages (method.md section 4, "Per-record factors"): its
+    exact loss Hessian ``∇²ℓ_i`` on the span of its output gradients, ``P_i ∇²ℓ_i P_i`` with
+    ``P_i`` the projector onto the rows of ``J_i``, as the factor pair ``(Q_i, S_i)``:
+    ``Q_i [K, d]`` an orthonormal basis of that span (right singular vectors of ``J_i``; rows of
+    zeros for directions below ``sqrt(eps)`` of the largest singular value, e.g. a softmax's
+    common shift) and ``S_i = Q_i ∇²ℓ_i Q_i' [K, K]`` (``K`` per-record Hessian-vector products,
+    :meth:`LossProgram.record_hessian_products`), so that ``Q_i' S_i Q_i = P_i ∇²ℓ_i P_i``.
+
+    Unlike the Gauss-Newton factor ``J_i' L_i J_i`` (``L_i`` the loss's Hessian in the model's
+    outputs) this is a function of the loss as a function of the parameters: an invertible map
+    moved between the end of ``forward`` and the loss (a sigmoid, softmax or tanh) leaves ``P_i``
+    and ``∇²ℓ_i`` unchanged, where the Gauss-Newton factor took the loss's curvature in the
+    probability (``(y - p)^2 x x'`` for a sigmoid + BCE, against ``p (1 - p) x x'``). Exact
+    (``= ∇²ℓ_i``) for models affine in the parameters up to such an output map (GLMs, linear heads
+    and probes); for deeper models the curvature off the span (hidden layers' residual-weighted
+    second derivatives) is left out, as the Gauss-Newton factor leaves it out. May be indefinite
+    (a loss not convex in the outputs, e.g. least squares on a tanh).
+
+    Args:
+        J: ``[B, C, d]`` the records' output Jacobians (flattened parameters in ``names`` order).
+
+    Returns:
+        ``(Q [B, K, d], S [B, K, K])`` float64, ``K = min(C, d)``.
+
+    Raises:
+        RuntimeError / NotImplementedError: the model has no per-record second derivative.
+    """
+    b = J.shape[0]
+    _, sv, Vh = torch.linalg.svd(J, full_matrices=False)  # sv descending [B, K]
+    keep = sv > torch.finfo(J.dtype).eps ** 0.5 * sv[:, :1]
+    Q = Vh * keep.unsqueeze(-1).to(Vh.dtype)
+    k = Q.shape[1]
+    dirs = {n: Q[:, :, slice(*offsets[n])].reshape(b, k, *program.params[n].shape) for n in names}
+
+    def curvature(reverse: bool) -> Tensor:
+        hv = program.record_hessian_products(inputs, targets, dirs, reverse=reverse)
+        HQ = torch.cat([hv[n].reshape(b, k, -1) for n in names], 2)
+        return Q @ HQ.transpose(1, 2)
+
+    # Forward-over-reverse first; reverse-over-reverse where forward AD is missing or asymmetric
+    # (an embedding's padding_idx, as in _batch_hessian)
+    try:
+        S = curvature(False)
+    except (NotImplementedError, RuntimeError) as exc:
+        if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
+            raise
+        S = None
+    if S is not None:
+        tol = (1e-8 if S.dtype == torch.float64 else 1e-4) * S.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
+        if bool(((S - S.transpose(1, 2)).abs() > tol).any()):
+            S = None
+    if S is None:
+        S = curvature(True)
+    S = S.to(torch.float64)
+    return Q.to(torch.float64), 0.5 * (S + S.transpose(1, 2))
 
 
 def _batch_gauss_newton(program: LossProgram, inputs: Any, targets: Any, names: list[str], d: int) -> Tensor:

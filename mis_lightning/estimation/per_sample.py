@@ -576,6 +576,30 @@ class LossProgram:
         _, L = self.loss_output_derivatives(out, targets, out_shape)
         return jac, L
 
+    def record_hessian_products(self, inputs: Any, targets: Any, directions: dict[str, Tensor],
+                                reverse: bool = False) -> dict[str, Tensor]:
+        """Each record's own loss Hessian ``∇²ℓ_i`` (exact: second derivatives of the model
+        included) applied to that record's directions: ``{name: [B, K, *shape]}`` for
+        ``directions`` ``{name: [B, K, *shape]}`` (the assessed parameters). Forward-over-reverse
+        (``jvp`` of the per-record gradient), or with ``reverse`` reverse-over-reverse (``vjp``
+        of it; ``∇²ℓ_i`` is symmetric) for layers whose forward AD is missing or wrong.
+
+        Raises:
+            RuntimeError / NotImplementedError: from torch.func, where the model's forward
+                cannot be differentiated twice per record (the caller decides what to do)."""
+        params = self.params
+
+        def per_record_grad(p: dict[str, Tensor], x: Any, y: Any) -> dict[str, Tensor]:
+            return grad(self._one_loss)(p, x, y)
+
+        def hvp(x: Any, y: Any, v: dict[str, Tensor]) -> dict[str, Tensor]:
+            if reverse:
+                _, fn = torch.func.vjp(lambda p: per_record_grad(p, x, y), params)
+                return fn(v)[0]
+            return torch.func.jvp(lambda p: per_record_grad(p, x, y), (params,), (v,))[1]
+
+        return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))(inputs, targets, directions)
+
     def output_shape(self, inputs: Any) -> OutputShape:
         """Per-record shape of the model's output: a tensor's shape without the batch dim, or an
         :class:`OutputTree` for a tuple / dict / namedtuple of floating tensors.
