@@ -49,6 +49,7 @@ from .kernel import (
     _MAX_WINDOW,
     COMPILED_PATH,
     CUTOFF_SIGMAS,
+    EAGER_BLOCK,
     FINE_STEP,
     CompilePolicy,
     fine_grid_moments,
@@ -56,11 +57,9 @@ from .kernel import (
 )
 
 _WINDOWS = (2, 3, 4, 6, 10, 18, 64, 256, _MAX_WINDOW)
-# Elements per block of the eager correction (:func:`bounded_moments`): measured on the 1e6
-# benchmark MLP's int8 chunks (2^18 elements, 1 thread), the outer-cell split ran at 151 ns per
-# element on the whole chunk and 66 / 55 / 49 / 47 / 52 ns in blocks of 2^12 / 2^13 / 2^14 /
-# 2^15 / 2^16 (its temporaries stay in the 4 MiB L2 cache; bitwise equal).
-BLOCK = 1 << 15
+# Elements per block of the eager correction (:func:`bounded_moments`; measured with the
+# fused kernel's, kernel.EAGER_BLOCK: its temporaries stay in the cache)
+BLOCK = EAGER_BLOCK
 _ROWS_BUDGET = 1 << 18
 # Relative distance (of the grid's span) within which a bound counts as on an end edge.
 _SNAP = 1e-6
