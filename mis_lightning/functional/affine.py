@@ -235,8 +235,9 @@ def affine_cell_moments(
     ``compile_policy`` says) in which
     steps between 0.5 and 19 sd read a precomputed table of exact sums
     (:func:`uniform_table_moments`, kappa error < 1e-4, measured in tests/test_grids.py) and
-    larger steps a two-edge closed form; elements with steps above 0.5 sd near a clamped end
-    of the code range are then recomputed exactly (fine steps near an end keep the kernel's
+    larger steps a two-edge closed form (eager: in blocks of ``kernel.EAGER_BLOCK`` elements,
+    :func:`~mis_lightning.functional.kernel.in_blocks`); elements with steps above 0.5 sd near a
+    clamped end of the code range are then recomputed exactly (fine steps near an end keep the kernel's
     end-cell form: large models, whose sd spans the whole code range, stay in the kernel).
 
     Every optimised path is checked against its reference on a sample of its output (at first
