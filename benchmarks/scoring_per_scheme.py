@@ -5,7 +5,9 @@ estimate shared by every scheme, in one process.
 The compiled cell-moment kernel is warmed up before the timings (``--compile always``: the
 one-time ``torch.compile``, ~8 s on this machine, is reported apart), so that each scheme's
 figure is its steady-state cost; ``--compile never`` times the eager kernel. Each scheme is
-timed ``--repeats`` times (median), with the default scoring options (16 bootstrap draws).
+timed ``--repeats`` times (median of the wall and of the process's CPU time: on a shared
+machine the CPU time is the figure to compare), with the default scoring options (16
+bootstrap draws).
 ``--root`` imports ``mis_lightning`` from another checkout (a before/after comparison on the
 same machine, in the same conditions):
 
@@ -63,19 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     t_compile = time.perf_counter() - t0
     rows = []
     for name in args.schemes:
-        times, err = [], None
+        times, cpu, err = [], [], None
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 rep = score_schemes(est, model, [name], scoring_config=sc_cfg)
             except Exception as exc:  # noqa: BLE001 - a scheme this machine cannot run is reported
                 err = f"{type(exc).__name__}: {exc}"
                 break
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             res = rep.schemes.get(name)
             if res is not None and getattr(res, "error", None):
                 err = str(res.error)
         rows.append({"scheme": name, "seconds": statistics.median(times) if times else None,
+                     "cpu_seconds": statistics.median(cpu) if cpu else None,
                      "us_per_weight": statistics.median(times) / est.d * 1e6 if times else None, "error": err})
     out = {"size": args.size, "d": est.d, "threads": args.threads, "compile": args.compile,
            "compile_s": t_compile if compiled else None, "root": str(args.root.resolve()),
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.size}: d = {est.d:,}, {args.threads} thread(s), compile {args.compile}"
           + (f" (warm-up {t_compile:.1f} s)" if compiled else "") + f", root {out['root']}")
     for r in rows:
-        fig = "failed: " + r["error"][:80] if r["seconds"] is None else f"{r['seconds']:.2f} s ({r['us_per_weight']:.2f} us/weight)"
+        fig = "failed: " + r["error"][:80] if r["seconds"] is None else (
+            f"{r['seconds']:.2f} s ({r['us_per_weight']:.2f} us/weight), CPU {r['cpu_seconds']:.2f} s")
         print(f"  {r['scheme']:<40} {fig}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

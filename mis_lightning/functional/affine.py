@@ -235,8 +235,9 @@ def affine_cell_moments(
     ``compile_policy`` says) in which
     steps between 0.5 and 19 sd read a precomputed table of exact sums
     (:func:`uniform_table_moments`, kappa error < 1e-4, measured in tests/test_grids.py) and
-    larger steps a two-edge closed form; elements with steps above 0.5 sd near a clamped end
-    of the code range are then recomputed exactly (fine steps near an end keep the kernel's
+    larger steps a two-edge closed form (eager: in blocks of ``kernel.EAGER_BLOCK`` elements,
+    :func:`~mis_lightning.functional.kernel.in_blocks`); elements with steps above 0.5 sd near a
+    clamped end of the code range are then recomputed exactly (fine steps near an end keep the kernel's
     end-cell form: large models, whose sd spans the whole code range, stay in the kernel).
 
     Every optimised path is checked against its reference on a sample of its output (at first
@@ -279,17 +280,21 @@ def affine_cell_moments(
     eager = _kernel._fused_affine if code is not None else _kernel._fused_affine_codes
     q_given = None if code is None else code.to(torch.float64)
 
-    def run(kernel, idx: Tensor | None = None, **kw):
+    def run(kernel, idx: Tensor | None = None, blocks: bool = False, **kw):
+        # blocks: an eager kernel over the whole chunk runs on cache-sized blocks (element-wise:
+        # the same numbers up to an ulp, kernel.in_blocks); the compiled one fuses its loop
         a = (th, sg, s, zp) if idx is None else (th[idx], sg[idx], s[idx], zp[idx])
         if q_given is not None:
             q = q_given if idx is None else q_given[idx]
-            return (*kernel(*a, q, *bounds, **kw), q)
-        return kernel(*a, *bounds, **kw)
+            a = (*a, q)
+        out = _kernel.in_blocks(kernel, a, bounds, **kw) if blocks else kernel(*a, *bounds, **kw)
+        return (*out, q) if q_given is not None else out
 
     kernel, compiled = _kernel._fused_kernel(c, with_codes=code is not None, policy=compile_policy)
     try:
         # kappa alone from the eager kernel (the compiled one computes all three)
-        kappa, mean_abs, m4, ok, q0 = run(kernel, **({"kappa_only": True} if kappa_only and not compiled else {}))
+        kappa, mean_abs, m4, ok, q0 = run(kernel, blocks=not compiled,
+                                          **({"kappa_only": True} if kappa_only and not compiled else {}))
     except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
         if not compiled:
             raise
@@ -297,7 +302,7 @@ def affine_cell_moments(
                       "using the eager kernel", RuntimeWarning, stacklevel=2)
         _FUSED_STATE["failed"] = True
         compiled = False
-        kappa, mean_abs, m4, ok, q0 = run(eager)
+        kappa, mean_abs, m4, ok, q0 = run(eager, blocks=True)
     h = s / sg
     strata = [h <= FINE_STEP, (h > FINE_STEP) & (h < TABLE_H_MAX), h >= TABLE_H_MAX]
     if compiled:
@@ -310,7 +315,7 @@ def affine_cell_moments(
                               equal_nan=True)
             if problem:
                 GUARD.fail(COMPILED_PATH, problem, "the eager kernel")
-                kappa, mean_abs, m4, ok, q0 = run(eager)
+                kappa, mean_abs, m4, ok, q0 = run(eager, blocks=True)
             else:
                 GUARD.passed(COMPILED_PATH, c)
     coverage = torch.ones_like(kappa)

@@ -172,6 +172,9 @@ class InterpTable:
         ax = x.abs()
         u = (torch.log2(s) - self.l0) * PER_OCTAVE
         ok = (ax <= self.vmax * (1.0 + _BEYOND_MAX)) & (u >= 0.0) & (u < self.noct * PER_OCTAVE)
+        if not bool(ok.any()):  # e.g. every sd wider than 2^10 table units: no lookups
+            z = torch.zeros_like(ax)
+            return ok, z, z, z
         piece = self._piece(torch.where(ok, ax, 0.0))
         ends = self.ends.index_select(0, piece)  # [c, 5]: own cell, piece, own width
         lo, hi = ends[:, 0], ends[:, 1]

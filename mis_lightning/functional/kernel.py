@@ -120,6 +120,30 @@ def _fine_with_ends_kappa(h2: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return (I2 - (h2 / 12.0 - h2 * h2 / 144.0) * P + end_k).clamp(0.0, 1.0)
 
 
+# Elements per block of the eager element-wise kernels (the fused affine kernel here, the
+# bounds' correction in bounds.py): ~100 element-wise operations each, whose chunk-sized
+# temporaries (2^18 float64: 2 MiB each) ran 2-3x slower than cache-sized ones (measured on the
+# 1e6 benchmark MLP's chunks, 1 thread: the outer-cell split 151 ns per element on the whole
+# chunk, 66 / 55 / 49 / 47 / 52 ns in blocks of 2^12 / 2^13 / 2^14 / 2^15 / 2^16).
+EAGER_BLOCK = 1 << 15
+
+
+def in_blocks(kernel: Callable[..., tuple[Tensor, ...]], per_element: tuple[Tensor, ...], rest: tuple,
+              block: int | None = None, **kw) -> tuple[Tensor, ...]:
+    """``kernel(*per_element, *rest, **kw)`` of an element-wise kernel (every output ``[c]``,
+    element ``i`` a function of element ``i`` of each ``per_element`` tensor alone), run on
+    blocks of ``block`` (default ``EAGER_BLOCK``) elements and concatenated. The same numbers
+    as one call up to the last bit: torch's vectorised transcendentals and its scalar loop for
+    a tensor's last few elements may differ by an ulp, and which elements are last depends on
+    the blocks (and on the subsets a kernel gathers)."""
+    block = block or EAGER_BLOCK
+    c = per_element[0].shape[0]
+    if c <= block:
+        return kernel(*per_element, *rest, **kw)
+    parts = [kernel(*(t[s : s + block] for t in per_element), *rest, **kw) for s in range(0, c, block)]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
 # ----------------------------------------------------------------- uniform-grid table
 # On an infinite uniform grid the moments of an element depend only on the step h and the
 # position t of theta in its cell (both in sd units): a 2-D table, computed once with the
