@@ -71,16 +71,22 @@ def _table_utility(model, costs, interaction=None):
     """A utility set by construction (no machine's float rounding in it): ``1 + sum of the
     per-layer costs`` of the candidate each weight matrix holds (a float matrix costs 0),
     ``+ interaction[plan]`` for the plans named (a tuple of candidates per layer). The layers'
-    candidates are recognised by their values (each candidate's dequantized grid)."""
+    candidates are recognised by their values (each candidate's dequantized grid; a matrix two
+    candidates quantize alike, or holding neither a grid nor its float values, is an error)."""
     names = list(costs)
     deq = {c: get_scheme(c).apply(model).grids for c in CANDS}
     deq = {(n, c): deq[c][n].dequantized.float() for c in CANDS for n in names}
+    params0 = dict(model.named_parameters())
     interaction = interaction or {}
+
+    def held_by(n, w):
+        hits = [c for c in CANDS if torch.equal(w, deq[n, c])]
+        assert len(hits) == 1 or (not hits and torch.equal(w, params0[n].detach().float())), (n, hits)
+        return hits[0] if hits else None
 
     def utility(m):
         params = dict(m.named_parameters())
-        held = tuple(next((c for c in CANDS if torch.equal(params[n].detach().float(), deq[n, c])), None)
-                     for n in names)
+        held = tuple(held_by(n, params[n].detach().float()) for n in names)
         v = 1.0 + sum(costs[n][c] for n, c in zip(names, held) if c is not None)
         return {"loss": v + interaction.get(held, 0.0)}
 
@@ -127,9 +133,12 @@ def test_plan_prediction_matches_reassessment(setup):
     # reassess=3 counts the search's choice, so 3 mixed plans when it is mixed, the 2 runner-ups
     # when it is uniform (its candidate's row, scored anyway; which it is depends on the fixture's
     # figures), and the near-budget plans measured within the budget
+    # (fewer when fewer mixed plans within the budget were scored: all of them are then
+    # re-assessed, hence on the frontier, so the bound below is exact)
     assessed = [p for p in res.frontier if p.result is not None and p.name not in res.uniform]
     near = sum(c["reassessed"] for c in res.near_budget["checked"])
-    assert len(assessed) == 3 - (_search_choice(res).name in res.uniform) + near
+    within = [p for p in res.frontier if p.name not in res.uniform and p.utility_loss <= 0.05]
+    assert len(assessed) == min(3 - (_search_choice(res).name in res.uniform), len(within)) + near
     assert not any(p.name in res.uniform for p in assessed)
     for p in assessed:
         assert p.result.leakage == pytest.approx(p.leakage, rel=0.02)
@@ -521,12 +530,13 @@ def test_a_failed_plan_keeps_the_callbacks_report_and_plan_mistakes_fail_before_
 
 
 #: the near-budget tests' utility by construction (_table_utility; float model 1.0, budget 0.01):
-#: the layers' costs make int8 on every layer (0.05%) the search's choice and put the plan int4,
-#: int8, int4 at +1.34% by the additive prediction (vf19's figure, below); uniform int4 misses its
-#: prediction (4.34%) by +2.2% (the margin's factor 0.507, as measured on vf19's fixture: 0.51)
-NEAR_COSTS = {"0.weight": {"rtn_int8": 0.0, "rtn_int4": 0.0124, "rtn_int2": 2.0},
-              "2.weight": {"rtn_int8": 0.0, "rtn_int4": 0.03, "rtn_int2": 3.0},
-              "4.weight": {"rtn_int8": 0.0005, "rtn_int4": 0.001, "rtn_int2": 0.004}}
+#: int4 (or int2) on any one layer costs more than the budget, so int8 on every layer is the only
+#: plan predicted within it (the search's choice, whatever the leakages); the plan int4, int8,
+#: int4 is predicted at +2.3%; uniform int4 misses its prediction (6.3%) by +4.2%, which sets the
+#: margin's factor (0.667: the plan's margin 1.53%, its predicted loss minus margin 0.77%)
+NEAR_COSTS = {"0.weight": {"rtn_int8": 0.0, "rtn_int4": 0.012, "rtn_int2": 2.0},
+              "2.weight": {"rtn_int8": 0.0, "rtn_int4": 0.04, "rtn_int2": 3.0},
+              "4.weight": {"rtn_int8": 0.0, "rtn_int4": 0.011, "rtn_int2": 0.05}}
 NEAR_PLAN = ("rtn_int4", "rtn_int8", "rtn_int4")
 UNIFORM_INT4 = ("rtn_int4",) * 3
 
@@ -542,14 +552,15 @@ def test_plan_predicted_over_the_budget_by_less_than_its_error_is_reassessed(set
 
     Those losses differ by 1e-5 on a loss of 0.005 and move with the fitted weights, i.e. with
     the machine's float32 kernels (an AVX512-FP16 Xeon: +1.03% predicted, +0.84% measured), so
-    the utility is set by construction (NEAR_COSTS: vf19's +1.34% / +0.64%); the leakages are
-    the fixture's own (layer 0 at int4 instead of int8: about 12% less)."""
+    the utility is set by construction (NEAR_COSTS: the plan predicted at +2.3%, measured at
+    +0.64%, int8 everywhere the only plan predicted within the budget); the leakages are the
+    fixture's own (int4 instead of int8 on layers 0 and 4: 12% less)."""
     model, tr, va, est, _ = setup
-    utility = _table_utility(model, NEAR_COSTS, {NEAR_PLAN: -0.0070, UNIFORM_INT4: 0.022})
+    utility = _table_utility(model, NEAR_COSTS, {NEAR_PLAN: -0.0166, UNIFORM_INT4: 0.042})
     kw = dict(utility_fn=utility, estimate=est, weight_decay=WD, uncertainty_draws=0, max_utility_loss=0.01)
     res = plan(model, CANDS, tr, loss, **kw)
     assert tuple(res.chosen.choices.values()) == NEAR_PLAN
-    assert res.chosen.utility_loss == pytest.approx(0.0134) and res.chosen.utility_loss > 0.01  # predicted over ...
+    assert res.chosen.utility_loss == pytest.approx(0.023) and res.chosen.utility_loss > 0.01  # predicted over ...
     ul = (res.utility - res.float_utility) / res.float_utility
     assert ul == pytest.approx(0.0064) and ul <= 0.01 and res.within_budget  # ... measured within it
     assert res.report.schemes[res.scheme.name].leakage == res.leakage == res.chosen.result.leakage
@@ -559,7 +570,7 @@ def test_plan_predicted_over_the_budget_by_less_than_its_error_is_reassessed(set
         if (r["utility"] - res.float_utility) / res.float_utility <= 0.01 and p is not res.chosen:
             assert res.leakage < r["leakage"]
     near = res.near_budget
-    assert near["factor"] == pytest.approx(0.022 / 0.0434) and near["checked"]
+    assert near["factor"] == pytest.approx(0.042 / 0.063) and near["checked"]
     (c,) = [c for c in near["checked"] if c["reassessed"]]
     assert c["name"] == res.chosen.name and c["predicted_utility_loss"] > 0.01
     assert c["predicted_utility_loss"] - c["margin"] <= 0.01 and c["measured_utility_loss"] == pytest.approx(ul)
@@ -567,29 +578,26 @@ def test_plan_predicted_over_the_budget_by_less_than_its_error_is_reassessed(set
                for w in res.warnings)
     assert res.to_dict()["near_budget"]["checked"][0]["choices"] == near["checked"][0]["choices"]
     assert "near the budget" in res.table()
-    # reassess_near_budget=0: the old behaviour (int8 on layer 0: every plan with int4 there is
-    # predicted over the budget; nothing measured)
+    # reassess_near_budget=0: the old behaviour (int8 on every layer, nothing measured)
     old = plan(model, CANDS, tr, loss, reassess_near_budget=0, **kw)
-    assert old.chosen.choices["0.weight"] == "rtn_int8" and old.chosen.utility_loss <= 0.01
-    assert old.near_budget["checked"] == []
+    assert old.chosen.name == "rtn_int8" and old.near_budget["checked"] == []
     assert old.leakage > res.leakage * 1.05
 
 
 def test_near_budget_plan_measured_over_the_budget_is_never_chosen(setup):
     """A plan predicted just over the budget whose measured utility is over it too is measured,
     not re-assessed, and not chosen: the choice stays within the budget as measured (the
-    utility by construction, as above, with int4|int8|int4 measured at +1.54%)."""
+    utility by construction, as above, with int4|int8|int4 measured at +1.3%)."""
     model, tr, va, est, _ = setup
-    utility = _table_utility(model, NEAR_COSTS, {NEAR_PLAN: 0.0020, UNIFORM_INT4: 0.022})
+    utility = _table_utility(model, NEAR_COSTS, {NEAR_PLAN: -0.010, UNIFORM_INT4: 0.042})
     res = plan(model, CANDS, tr, loss, utility_fn=utility, estimate=est, weight_decay=WD, uncertainty_draws=0,
                max_utility_loss=0.01)
     checked = res.near_budget["checked"]
     assert any(tuple(c["choices"].values()) == NEAR_PLAN and not c["reassessed"]
-               and c["measured_utility_loss"] == pytest.approx(0.0154) for c in checked)
+               and c["measured_utility_loss"] == pytest.approx(0.013) for c in checked)
     assert all(not c["reassessed"] and c["measured_utility_loss"] > 0.01 for c in checked)
     assert (res.utility - res.float_utility) / res.float_utility <= 0.01 and res.within_budget
-    # the search's choice within the predicted budget (int8 on layer 0), never a near-budget plan
-    assert res.chosen.choices["0.weight"] == "rtn_int8" and res.chosen.utility_loss <= 0.01
+    assert res.chosen.name == "rtn_int8"  # the only plan predicted within the budget
     assert not any("measured within it" in w for w in res.warnings)
     assert not any(p.result is not None and p.name not in res.uniform and p.utility_loss > 0.01
                    for p in res.frontier)  # no near-budget plan re-assessed
