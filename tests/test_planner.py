@@ -55,6 +55,44 @@ def setup():
     return model, tr, va, est, (X[n:], Y[n:])
 
 
+def _search_choice(res):
+    """The search's own choice (by the proxy) of a plan result: the final choice, unless a
+    warning says it gave way ("the search's choice 'X' ... chosen instead"), then the row X."""
+    head = "the search's choice '"
+    named = [w[len(head):].split("'")[0] for w in res.warnings if w.startswith(head)]
+    if not named:
+        return res.chosen
+    (name,) = named
+    (p,) = {id(p): p for p in [*res.uniform.values(), *res.frontier] if p.name == name}.values()
+    return p
+
+
+def _table_utility(model, costs, interaction=None):
+    """A utility set by construction (no machine's float rounding in it): ``1 + sum of the
+    per-layer costs`` of the candidate each weight matrix holds (a float matrix costs 0),
+    ``+ interaction[plan]`` for the plans named (a tuple of candidates per layer). The layers'
+    candidates are recognised by their values (each candidate's dequantized grid; a matrix two
+    candidates quantize alike, or holding neither a grid nor its float values, is an error)."""
+    names = list(costs)
+    deq = {c: get_scheme(c).apply(model).grids for c in CANDS}
+    deq = {(n, c): deq[c][n].dequantized.float() for c in CANDS for n in names}
+    params0 = dict(model.named_parameters())
+    interaction = interaction or {}
+
+    def held_by(n, w):
+        hits = [c for c in CANDS if torch.equal(w, deq[n, c])]
+        assert len(hits) == 1 or (not hits and torch.equal(w, params0[n].detach().float())), (n, hits)
+        return hits[0] if hits else None
+
+    def utility(m):
+        params = dict(m.named_parameters())
+        held = tuple(held_by(n, params[n].detach().float()) for n in names)
+        v = 1.0 + sum(costs[n][c] for n, c in zip(names, held) if c is not None)
+        return {"loss": v + interaction.get(held, 0.0)}
+
+    return utility
+
+
 def test_mixed_scheme_uses_each_candidates_backend():
     """Each parameter gets exactly its candidate's grid (as the uniform scheme would give it),
     bits per layer follow, biases stay float with the backend's reason; the model is untouched."""
@@ -86,13 +124,22 @@ def test_plan_prediction_matches_reassessment(setup):
     """The search's proxy equals the pipeline's re-assessed leakage of the real mixed copy
     within 2% (issue 16; here the pipeline's form is the Gaussian one, so they agree to
     rounding), and the predicted utility (float + sum of per-layer measured changes) lies
-    within 2 standard errors of the measured validation loss (its noise over the 300 records)."""
+    within 2 standard errors of the measured validation loss (its noise over the 300 records);
+    ``reassess=3`` re-assesses the search's choice and the runner-ups up to 3 plans."""
     model, tr, va, est, (Xv, Yv) = setup
     res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_utility_loss=0.05,
                weight_decay=WD, uncertainty_draws=0, reassess=3)
-    # the re-assessed mixed plans (a uniform plan on the frontier is its candidate's row)
+    # the re-assessed mixed plans (a uniform plan on the frontier is its candidate's row):
+    # reassess=3 counts the search's choice, so 3 mixed plans when it is mixed, the 2 runner-ups
+    # when it is uniform (its candidate's row, scored anyway; which it is depends on the fixture's
+    # figures), and the near-budget plans measured within the budget
+    # (fewer when fewer mixed plans within the budget were scored: all of them are then
+    # re-assessed, hence on the frontier, so the bound below is exact)
     assessed = [p for p in res.frontier if p.result is not None and p.name not in res.uniform]
-    assert len(assessed) == 3 and not any(p.name in res.uniform for p in assessed)
+    near = sum(c["reassessed"] for c in res.near_budget["checked"])
+    within = [p for p in res.frontier if p.name not in res.uniform and p.utility_loss <= 0.05]
+    assert len(assessed) == min(3 - (_search_choice(res).name in res.uniform), len(within)) + near
+    assert not any(p.name in res.uniform for p in assessed)
     for p in assessed:
         assert p.result.leakage == pytest.approx(p.leakage, rel=0.02)
         qm = MixedPrecisionScheme(p.choices).apply(model).model  # the real mixed copy
@@ -230,18 +277,33 @@ def test_callback_plans_at_fit_end(tmp_path):
         MISCallback(["rtn_int8"], plan={"candidates": ["rtn_int9"]})
 
 
-def test_candidate_whose_proxy_misses_is_named(setup):
-    """A candidate with non-nearest rounding (HQQ's optimised scales: the pipeline re-quantizes
-    Monte Carlo draws, the search's proxy reads the released cells) whose proxy misses its
-    re-assessed leakage by more than 2% is named in the warnings, with the size of the miss;
-    a candidate within 2% is not."""
+def test_candidate_whose_proxy_misses_is_named(setup, monkeypatch):
+    """A candidate whose proxy misses its re-assessed leakage by more than 2% is named in the
+    warnings, with the size of the miss and, for non-nearest rounding (HQQ's optimised scales:
+    the pipeline re-quantizes Monte Carlo draws, the search's proxy reads the released cells),
+    that its rounding is not nearest; a candidate within 2% is not. The size of HQQ's real miss
+    depends on the fitted weights, which depend on the machine's float32 kernels (the proxy read
+    1.3-1.5% low on ChEMBL, docs/planner.md; on this fixture more than 2% low where the test was
+    written, 1.2% low on an AVX512-FP16 Xeon): the miss is made certain by giving the search
+    0.8 x the cells' kappa of every HQQ weight (the pipeline's own scoring untouched); rtn_int4
+    (the Gaussian form, far below the unquantized baseline's cap, which moves rtn_int8 by about
+    1%) is the candidate within 2%."""
+    from mis_lightning import planning
+
+    real = planning._grid_moments
+
+    def hqq_kappa_low(grid, theta, sigma, chunk, *a, **k):  # the search's cell moments only
+        kappa, m4, lam = real(grid, theta, sigma, chunk, *a, **k)
+        return (0.8 * kappa if grid.rounding != "nearest" else kappa), m4, lam
+
+    monkeypatch.setattr(planning, "_grid_moments", hqq_kappa_low)
     model, tr, va, est, _ = setup
-    res = plan(model, ["rtn_int8", "intx_weight_only_int4_hqq"], tr, loss, val_dataloader=va, estimate=est,
+    res = plan(model, ["rtn_int4", "intx_weight_only_int4_hqq"], tr, loss, val_dataloader=va, estimate=est,
                weight_decay=WD, uncertainty_draws=0, reassess=1)
     gaps = {k: u.reassessed("loss")["leakage"] / u.leakage - 1 for k, u in res.uniform.items()}
     named = {k for k in gaps if any(w.startswith(f"candidate {k!r}") for w in res.warnings)}
     assert named == {k for k, g in gaps.items() if abs(g) > 0.02}
-    assert abs(gaps["rtn_int8"]) <= 0.02 and abs(gaps["intx_weight_only_int4_hqq"]) > 0.02, gaps
+    assert abs(gaps["rtn_int4"]) <= 0.02 and gaps["intx_weight_only_int4_hqq"] > 0.02, gaps
     (w,) = [w for w in res.warnings if w.startswith("candidate 'intx_weight_only_int4_hqq'")]
     assert "not nearest" in w and f"{100 * (1 / (1 + gaps['intx_weight_only_int4_hqq']) - 1):+.1f}%" in w
 
@@ -249,8 +311,9 @@ def test_candidate_whose_proxy_misses_is_named(setup):
 def test_utility_that_does_not_add_up_is_named(setup):
     """The predicted utility adds the per-layer changes measured one layer at a time; where the
     real copy's measured utility misses it by more than ADDITIVITY_TOLERANCE of the float
-    model's (int2 everywhere here: 0.0336 predicted, 0.0371 measured against 0.0050), the rows
-    are named in the warnings; rows within it (int8) are not."""
+    model's (int2 everywhere here: 0.0336 predicted, 0.0371 measured against 0.0050 where this
+    was written; 0.0327 and 0.0335 on an AVX512-FP16 Xeon, whose float32 kernels fit other
+    weights), the rows are named in the warnings; rows within it (int8) are not."""
     from mis_lightning.planning import ADDITIVITY_TOLERANCE
 
     model, tr, va, est, _ = setup
@@ -272,7 +335,9 @@ def test_chosen_plan_that_misses_its_budget_once_reassessed_gives_way(setup, mon
 
     model, tr, va, est, _ = setup
     kw = dict(val_dataloader=va, estimate=est, weight_decay=WD, uncertainty_draws=0, reassess=3, method="clt")
-    first = plan(model, CANDS, tr, loss, max_utility_loss=0.5, **kw).chosen.choices
+    # the search's own choice (the final one can differ: a re-assessed runner-up tied on leakage
+    # with a lower measured loss replaces it on some machines' fixture)
+    first = _search_choice(plan(model, CANDS, tr, loss, max_utility_loss=0.5, **kw)).choices
     real = planning.PlanPoint.reassessed
 
     def worse_for_choice(self, metric):  # the search's own choice reads a large loss
@@ -464,20 +529,40 @@ def test_a_failed_plan_keeps_the_callbacks_report_and_plan_mistakes_fail_before_
     assert not steps
 
 
+#: the near-budget tests' utility by construction (_table_utility; float model 1.0, budget 0.01):
+#: int4 (or int2) on any one layer costs more than the budget, so int8 on every layer is the only
+#: plan predicted within it (the search's choice, whatever the leakages); the plan int4, int8,
+#: int4 is predicted at +2.3%; uniform int4 misses its prediction (6.3%) by +4.2%, which sets the
+#: margin's factor (0.667: the plan's margin 1.53%, its predicted loss minus margin 0.77%)
+NEAR_COSTS = {"0.weight": {"rtn_int8": 0.0, "rtn_int4": 0.012, "rtn_int2": 2.0},
+              "2.weight": {"rtn_int8": 0.0, "rtn_int4": 0.04, "rtn_int2": 3.0},
+              "4.weight": {"rtn_int8": 0.0, "rtn_int4": 0.011, "rtn_int2": 0.05}}
+NEAR_PLAN = ("rtn_int4", "rtn_int8", "rtn_int4")
+UNIFORM_INT4 = ("rtn_int4",) * 3
+
+
 def test_plan_predicted_over_the_budget_by_less_than_its_error_is_reassessed(setup):
-    """vf19's brute force (this fixture's model): at max_utility_loss=0.01 the additive
-    prediction puts int4|int8|int4 at +1.34% (over the budget), while its real copy measures
-    +0.64% and leaks least of every plan within the budget (0.1136 vs 0.1268 for int8
-    everywhere, which was chosen: the plan was never re-assessed). Plans predicted over the
-    budget by less than the prediction's own error are now measured, and one measured within
-    it is re-assessed and can be chosen; one measured over it never is (next test)."""
+    """vf19's brute force (this fixture's model, on the machine of the time): at
+    max_utility_loss=0.01 the additive prediction put int4|int8|int4 at +1.34% (over the
+    budget), while its real copy measured +0.64% (the layers' errors partly cancel) and leaked
+    least of every plan within the budget (0.1136 vs 0.1268 for int8 everywhere, which was
+    chosen: the plan was never re-assessed). Plans predicted over the budget by less than the
+    prediction's own error are now measured, and one measured within it is re-assessed and can
+    be chosen; one measured over it never is (next test).
+
+    Those losses differ by 1e-5 on a loss of 0.005 and move with the fitted weights, i.e. with
+    the machine's float32 kernels (an AVX512-FP16 Xeon: +1.03% predicted, +0.84% measured), so
+    the utility is set by construction (NEAR_COSTS: the plan predicted at +2.3%, measured at
+    +0.64%, int8 everywhere the only plan predicted within the budget); the leakages are the
+    fixture's own (int4 instead of int8 on layers 0 and 4: 12% less)."""
     model, tr, va, est, _ = setup
-    kw = dict(val_dataloader=va, estimate=est, weight_decay=WD, uncertainty_draws=0, max_utility_loss=0.01)
+    utility = _table_utility(model, NEAR_COSTS, {NEAR_PLAN: -0.0166, UNIFORM_INT4: 0.042})
+    kw = dict(utility_fn=utility, estimate=est, weight_decay=WD, uncertainty_draws=0, max_utility_loss=0.01)
     res = plan(model, CANDS, tr, loss, **kw)
-    assert list(res.chosen.choices.values()) == ["rtn_int4", "rtn_int8", "rtn_int4"]
-    assert res.chosen.utility_loss > 0.01  # predicted over the budget ...
+    assert tuple(res.chosen.choices.values()) == NEAR_PLAN
+    assert res.chosen.utility_loss == pytest.approx(0.023) and res.chosen.utility_loss > 0.01  # predicted over ...
     ul = (res.utility - res.float_utility) / res.float_utility
-    assert ul <= 0.01 and res.within_budget  # ... measured within it
+    assert ul == pytest.approx(0.0064) and ul <= 0.01 and res.within_budget  # ... measured within it
     assert res.report.schemes[res.scheme.name].leakage == res.leakage == res.chosen.result.leakage
     # below every other re-assessed plan within the budget, uniform int8 included
     for p in [*res.uniform.values(), *(q for q in res.frontier if q.result is not None)]:
@@ -485,7 +570,7 @@ def test_plan_predicted_over_the_budget_by_less_than_its_error_is_reassessed(set
         if (r["utility"] - res.float_utility) / res.float_utility <= 0.01 and p is not res.chosen:
             assert res.leakage < r["leakage"]
     near = res.near_budget
-    assert near["factor"] > 0 and near["checked"]
+    assert near["factor"] == pytest.approx(0.042 / 0.063) and near["checked"]
     (c,) = [c for c in near["checked"] if c["reassessed"]]
     assert c["name"] == res.chosen.name and c["predicted_utility_loss"] > 0.01
     assert c["predicted_utility_loss"] - c["margin"] <= 0.01 and c["measured_utility_loss"] == pytest.approx(ul)
@@ -501,27 +586,19 @@ def test_plan_predicted_over_the_budget_by_less_than_its_error_is_reassessed(set
 
 def test_near_budget_plan_measured_over_the_budget_is_never_chosen(setup):
     """A plan predicted just over the budget whose measured utility is over it too is measured,
-    not re-assessed, and not chosen: the choice stays within the budget as measured."""
-    model, tr, va, est, (Xv, Yv) = setup
-    grids = get_scheme("rtn_int4").apply(model).grids
-    deq = {name: grids[name].dequantized for name in ("0.weight", "4.weight")}
-
-    def utility(m):  # the real loss, plus a penalty for the plan int4 on layers 0 and 4
-        with torch.no_grad():
-            v = float(loss(m(Xv), Yv).mean())
-            params = dict(m.named_parameters())
-            if all(torch.equal(params[n].detach().float(), d.float()) for n, d in deq.items()):
-                v *= 1.5
-        return {"loss": v}
-
+    not re-assessed, and not chosen: the choice stays within the budget as measured (the
+    utility by construction, as above, with int4|int8|int4 measured at +1.3%)."""
+    model, tr, va, est, _ = setup
+    utility = _table_utility(model, NEAR_COSTS, {NEAR_PLAN: -0.010, UNIFORM_INT4: 0.042})
     res = plan(model, CANDS, tr, loss, utility_fn=utility, estimate=est, weight_decay=WD, uncertainty_draws=0,
                max_utility_loss=0.01)
     checked = res.near_budget["checked"]
-    assert any(list(c["choices"].values()) == ["rtn_int4", "rtn_int8", "rtn_int4"] and not c["reassessed"]
-               and c["measured_utility_loss"] > 0.01 for c in checked)
-    assert all(not c["reassessed"] for c in checked)
+    assert any(tuple(c["choices"].values()) == NEAR_PLAN and not c["reassessed"]
+               and c["measured_utility_loss"] == pytest.approx(0.013) for c in checked)
+    assert all(not c["reassessed"] and c["measured_utility_loss"] > 0.01 for c in checked)
     assert (res.utility - res.float_utility) / res.float_utility <= 0.01 and res.within_budget
-    assert res.chosen.name == "rtn_int8"
+    assert res.chosen.name == "rtn_int8"  # the only plan predicted within the budget
+    assert not any("measured within it" in w for w in res.warnings)
     assert not any(p.result is not None and p.name not in res.uniform and p.utility_loss > 0.01
                    for p in res.frontier)  # no near-budget plan re-assessed
     with pytest.raises(ValueError, match=r"reassess_near_budget must be a whole number >= 0, got -1"):
