@@ -1712,7 +1712,12 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None else (dl[1] @ dl[0]).T
                                     for p, dl in zip(active, deltas)]))
                 continue
-            ps = reader.sums(a, b, cols)
+            if SHARE_EQUAL_COLUMNS:  # equal grids' columns (the same tensors) and zero columns summed once
+                keys = {2: [id(t) for t in (*K, *P)],
+                        4: [(id(m), id(k)) for m, k in zip(M4, K)] + [id(k) for k in K]}
+                ps = _distinct_column_sums(reader, a, b, cols, keys)
+            else:
+                ps = reader.sums(a, b, cols)
             s2 += ps[2]
             s4 += ps[4]
             summed: dict[int, Tensor | None] = {}  # id(parts) -> its sums (equal grids share the parts)
@@ -1774,7 +1779,9 @@ def _draw_sums(reader: _InfluenceReader, a: int, b: int, parts: tuple[Tensor, Te
                sample: tuple[Tensor, Tensor, float] | None) -> Tensor | None:
     """``[R, k (+ DRAW_SAMPLE_GROUPS)]`` per-record sums ``sum_j w_rj^2 basis_kj`` of one scheme's
     draws' parts over chunk ``a:b`` (then its sampled centre's groups, when subsampled), on the
-    rows where some basis row is non-zero; ``None`` when none is."""
+    rows where some basis row is non-zero; ``None`` when none is. The groups' sums
+    (``DRAW_GROUPS_BY_ROWS``) are the centre row ``basis[0]`` summed over each group's own rows
+    (each group column is zero off them): one column's work for all groups, not one per group."""
     basis, _, grp = parts
     k_ = basis.shape[0]
     moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows (of the sample)
@@ -1783,6 +1790,17 @@ def _draw_sums(reader: _InfluenceReader, a: int, b: int, parts: tuple[Tensor, Te
     if grp is not None:  # subsampled: whole sampled rows; the centre's groups summed with the basis
         assert sample is not None
         rows = sample[0][:: reader.unit].div(reader.unit, rounding_mode="floor")[moved]
+        if DRAW_GROUPS_BY_ROWS:
+            on = basis.reshape(k_, -1, reader.unit)[:, moved]  # [k, moved rows, unit]
+            ps = reader.sums(a, b, {2: on.reshape(k_, -1).T.contiguous()}, rows=rows)[2]
+            row_group = sample[1][:: reader.unit][moved]
+            groups = torch.zeros(ps.shape[0], DRAW_SAMPLE_GROUPS, dtype=torch.float64)
+            for gi in range(DRAW_SAMPLE_GROUPS):
+                sel = torch.nonzero(row_group == gi).squeeze(-1)
+                if sel.numel():
+                    col = on[0].index_select(0, sel).reshape(-1, 1)
+                    groups[:, gi] = reader.sums(a, b, {2: col}, rows=rows.index_select(0, sel))[2][:, 0]
+            return torch.cat([ps, groups], 1)
         basis = torch.cat([basis, grp])
         kk = basis.shape[0]
         dsub = basis.reshape(kk, -1, reader.unit)[:, moved].reshape(kk, -1)
@@ -1793,10 +1811,56 @@ def _draw_sums(reader: _InfluenceReader, a: int, b: int, parts: tuple[Tensor, Te
     return reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
 
 
+# The subsampled draws' group sums from each group's rows (:func:`_draw_sums`), not from G columns
+# that are zero off their group: ~1e-16 relative apart (other matrix shapes); False: the G columns.
+DRAW_GROUPS_BY_ROWS = True
+
+
 # Schemes whose grids of a parameter are equal (ParamGrid.same_cells) share its cell moments,
 # draws and draws' sums in the scoring pass (bitwise what each computes alone); False: each
 # computes its own (tests compare the two).
 SHARE_EQUAL_GRIDS = True
+
+
+# The main and pool columns of a chunk are summed once per distinct column: columns built from
+# the same tensors (equal grids sharing their moments) and all-zero columns (the baseline's
+# fourth-cumulant column, m4 - 3 kappa^2 = 0 at kappa = 1) are not summed again. Not bitwise:
+# the power sums' matrix products round differently with another number of columns (~1e-16
+# relative, measured); False: every column is summed (tests compare the two to 1e-12).
+SHARE_EQUAL_COLUMNS = True
+
+
+def _distinct_column_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int, Tensor],
+                          keys: dict[int, list[Any]]) -> dict[int, Tensor]:
+    """``reader.sums(a, b, cols)`` (``{p: [R, M]}``) from the distinct non-zero columns only:
+    ``keys[p][m]`` identifies what column ``m`` of ``cols[p]`` is computed from (equal keys:
+    bitwise-equal columns); a column with no non-zero element sums to exactly 0 (finite
+    influences, as ``score_schemes`` checks)."""
+    take: dict[int, list[int]] = {}
+    where: dict[int, list[int]] = {}
+    for p, C in cols.items():
+        nonzero = C.ne(0).any(0).tolist()
+        first: dict[Any, int] = {}
+        take[p], where[p] = [], []
+        for m, key in enumerate(keys[p]):
+            if not nonzero[m]:
+                where[p].append(-1)
+                continue
+            if key not in first:
+                first[key] = len(take[p])
+                take[p].append(m)
+            where[p].append(first[key])
+    if all(len(take[p]) == C.shape[1] for p, C in cols.items()):
+        return reader.sums(a, b, cols)
+    ps = reader.sums(a, b, {p: C[:, take[p]] for p, C in cols.items() if take[p]})
+    out = {}
+    for p, C in cols.items():
+        full = torch.zeros(reader.est.num_records, C.shape[1], dtype=torch.float64)
+        live = [m for m, w in enumerate(where[p]) if w >= 0]
+        if live:
+            full[:, live] = ps[p][:, [where[p][m] for m in live]]
+        out[p] = full
+    return out
 
 
 def _equal_grid_leads(active: list[_Prepared], name: str) -> list[int]:
