@@ -63,6 +63,25 @@ def _quantized_kind(t: Tensor) -> str | None:
     return None
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Bitwise equality of grid fields: tensors by dtype, shape, device and bytes (no float
+    comparison: ``-0.0 != 0.0`` here, and equal NaNs are equal), tuples element by element,
+    anything else by ``==`` and type."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+            return False
+        if a is b:
+            return True
+        if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+            return False
+        # the bytes: a view as uint8 of the flat contiguous values (any dtype, bool included)
+        return torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)
+                and all(_same_value(x, y) for x, y in zip(a, b)))
+    return type(a) is type(b) and a == b
+
+
 def check_float_model(model: nn.Module) -> None:
     """Refuse a model that is already quantized (torchao / quanto / bitsandbytes tensor
     subclasses, torch quantized tensors or ``torch.ao.nn.quantized`` modules).
@@ -459,6 +478,30 @@ class ParamGrid:
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         pos = torch.searchsorted(0.5 * (v[1:] + v[:-1]), th / safe, right=True)
         return torch.where(scale > 0, v[pos] * scale, torch.zeros_like(th))
+
+    #: fields no cell moment reads: a label, the footprint, and the freed backend output
+    _NOT_CELLS: ClassVar[frozenset[str]] = frozenset({"name", "method", "bits_per_weight", "dequantized"})
+
+    def same_cells(self, other: ParamGrid) -> bool:
+        """Whether ``other`` quantizes the weights exactly as this grid does: same class, and
+        every field the cell moments can read (kind, shape, block size, code range, rounding,
+        scale rule, and the tensors: scales, zero points, codes, values, revealed mask,
+        support) equal bit for bit (same dtype, shape, and bytes: ``-0.0`` differs from ``0.0``,
+        a NaN equals only the same NaN). Such grids give bitwise-identical cell moments at any
+        weights; the scoring pass computes them once (e.g. ``int8_weight_only`` and
+        ``int8_dynamic_activation_int8_weight``, which differ in activations only, which the
+        release's weights do not hold). Fields outside ``_NOT_CELLS`` are compared whatever
+        they are, so a field added later counts unless listed there. Cost: one pass over
+        each tensor (the codes: 1 byte per weight for int8); ``False`` at the first
+        difference."""
+        if type(other) is not type(self):
+            return False
+        for f in fields(self):
+            if f.name in self._NOT_CELLS:
+                continue
+            if not _same_value(getattr(self, f.name), getattr(other, f.name)):
+                return False
+        return True
 
 
 def surgery_reasons(model: nn.Module) -> dict[str, str]:
