@@ -411,9 +411,17 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
     if not others:
         return text
     if _overlap(safest, safest) is None:
+        # schemes reading lower than it but outside the utility band (safest being, e.g., the
+        # unquantized "none"): named with their utility even where no interval judges them (fu25)
+        inside_ids = {id(r) for r in eligible}
+        lower = [r for r in others if id(r) not in inside_ids and float(r["leakage"]) < float(safest["leakage"])]
+        low = ("; lower leakage but outside the utility band: "
+               + ", ".join(f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
+                           + (f", {uk.removeprefix('utility_')} {_fmt(r[uk])}" if uk and r.get(uk) is not None else "")
+                           + ")" for r in lower)) if lower else ""
         if all(_overlap(r, r) is None for r in others):
-            return text + "; no intervals (uncertainty_draws=0): differences cannot be judged"
-        return text + "; it has no interval of its own (unquantized), so differences from it cannot be judged"
+            return text + "; no intervals (uncertainty_draws=0): differences cannot be judged" + low
+        return text + "; it has no interval of its own (unquantized), so differences from it cannot be judged" + low
     inside = {id(r) for r in eligible}
 
     def vs_safest(r: dict[str, Any]) -> bool:

@@ -247,7 +247,9 @@ def test_table_ends_with_legend_and_verdict():
     i2["leakage_p10"], i2["leakage_p90"] = saved
     for r in rows:  # no intervals: say that differences cannot be judged
         r["leakage_p10"] = r["leakage_p90"] = None
-    assert verdict(rows).endswith("; no intervals (uncertainty_draws=0): differences cannot be judged")
+    assert verdict(rows).endswith("; no intervals (uncertainty_draws=0): differences cannot be judged; lower "
+                                  "leakage but outside the utility band: intx_weight_only_int3 (leakage 0.0400, "
+                                  "rmse 0.8700), intx_weight_only_int2 (leakage 0.0150, rmse 1.2000)")
     with pytest.raises(ValueError, match="utility_tolerance must be >= 0, got -0.1"):
         verdict(rows, utility_tolerance=-0.1)
 
@@ -355,3 +357,21 @@ def test_consistency_warnings_name_the_schemes_and_the_cause():
     ok = Report(n=100, d=12, estimation={}, diagnostics={}, schemes={}, baseline_leakage=0.2,
                 baseline_mis=0.8, baseline_pool_leakage=0.25)
     assert _consistency_warnings(ok, diag, None) == []
+
+
+def test_verdict_for_a_safest_row_without_interval_names_lower_schemes_outside_the_band():
+    """fu25: the README's one-call example on a small MLP made the unquantized ``none`` the safest
+    in the utility band (int8 and int4 outside it) and the verdict stopped at "it has no interval
+    of its own", never saying that int8 (0.0207) and int4 (0.0171) read lower than ``none``
+    (0.0228). They are named with their utility, not called clearly safer (no interval judges)."""
+    from mis_lightning.report import verdict
+
+    rows = _verdict_rows([("none", 0.0228, None, None, 0.0050),
+                          ("int8_weight_only", 0.0207, 0.0190, 0.0225, 0.0052),
+                          ("intx_weight_only_int4", 0.0171, 0.0150, 0.0190, 0.0060)], 0.0228, "loss")
+    text = verdict(rows)
+    assert text.startswith("verdict: safest with loss within 1% of the best (0.0050, none): none (leakage 0.0228); "
+                           "it has no interval of its own")
+    assert text.endswith("; lower leakage but outside the utility band: int8_weight_only (leakage 0.0207, "
+                         "loss 0.0052), intx_weight_only_int4 (leakage 0.0171, loss 0.0060)")
+    assert "clearly safer" not in text
