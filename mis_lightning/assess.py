@@ -223,8 +223,12 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
     base = report.baseline_leakage
     if form_gap is not None:
         grad, corr = form_gap
+        # both first order; the table's baseline adds the spread term where leverages exist (fu25:
+        # three baselines on one screen, none said to be the table's)
+        shown = (f" (first-order values; the table's baseline {base:.4g} adds the finite-sample spread term)"
+                 if "baseline_leakage_first_order" in diagnostics else "")
         out.append(f"the unquantized leakage is {grad:.4g} from the gradient covariance but {corr:.4g} from the "
-                   "weights' correlation that scores the quantized schemes "
+                   f"weights' correlation that scores the quantized schemes{shown} "
                    f"({100 * (corr - grad) / grad:+.1f}%): {cause}; each scheme's figure is capped by the "
                    "first, record by record (no release leaks more than the unquantized one), so schemes at "
                    "or near the baseline are not ranked by this estimate; treat every figure as indicative")

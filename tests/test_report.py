@@ -354,6 +354,12 @@ def test_consistency_warnings_name_the_schemes_and_the_cause():
     assert "emb.weight (0.3)" in w[2]
     assert all("condition inf, 3 negative eigenvalue(s)" in x for x in w)
     assert _consistency_warnings(rep, {}, None)[0].startswith("leakage above")
+    assert "the table's baseline" not in w[0]
+    # fu25: with the spread term the table's baseline is neither form: the warning says which it shows
+    rep.baseline_leakage = 0.2228
+    w = _consistency_warnings(rep, {**diag, "baseline_leakage_first_order": 0.2}, (0.2, 0.23))
+    assert ("0.2 from the gradient covariance but 0.23 from the weights' correlation that scores the quantized "
+            "schemes (first-order values; the table's baseline 0.2228 adds the finite-sample spread term)") in w[0]
     ok = Report(n=100, d=12, estimation={}, diagnostics={}, schemes={}, baseline_leakage=0.2,
                 baseline_mis=0.8, baseline_pool_leakage=0.25)
     assert _consistency_warnings(ok, diag, None) == []
