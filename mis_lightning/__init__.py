@@ -2,7 +2,9 @@
 
 Public API: :func:`assess`, :func:`plan` (per-layer quantization planner), :class:`MISCallback` (Lightning), :class:`MISIndicator`
 (torchmetrics), :mod:`mis_lightning.functional` (the math), and the scheme registry
-:mod:`mis_lightning.quantization` (``available_schemes``, ``get_scheme``, ``register_scheme``).
+:mod:`mis_lightning.quantization` (``available_schemes``, ``get_scheme``, ``register_scheme``,
+:class:`MixedPrecisionScheme`); the errors the README names: :class:`SchemeError` (a scheme that
+cannot quantize a layer), :class:`ModelCopyError` (a model the assessment cannot copy or substitute).
 """
 
 from __future__ import annotations
@@ -10,16 +12,21 @@ from __future__ import annotations
 from typing import Any
 
 from . import functional, quantization
+from ._modelcopy import ModelCopyError
 from .assess import assess, score, score_schemes
 from .config import EstimationConfig, ScoringConfig
 from .planning import PlanConfig, PlanResult, plan
-from .quantization import available_schemes, get_scheme, register_scheme
+from .quantization import SchemeError, available_schemes, get_scheme, register_scheme
+from .quantization.mixed import MixedPrecisionScheme
 from .report import Report, SchemeResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MISCallback",
+    "MixedPrecisionScheme",
+    "ModelCopyError",
+    "SchemeError",
     "MISIndicator",
     "Report",
     "SchemeResult",

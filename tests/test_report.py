@@ -381,3 +381,14 @@ def test_verdict_for_a_safest_row_without_interval_names_lower_schemes_outside_t
     assert text.endswith("; lower leakage but outside the utility band: int8_weight_only (leakage 0.0207, "
                          "loss 0.0052), intx_weight_only_int4 (leakage 0.0171, loss 0.0060)")
     assert "clearly safer" not in text
+
+
+def test_errors_and_mixed_scheme_the_readme_names_import_from_the_package():
+    """fu25: the README names SchemeError, ModelCopyError and MixedPrecisionScheme, but only the
+    first lived in a public module (ModelCopyError in the private _modelcopy)."""
+    import mis_lightning
+    from mis_lightning import MixedPrecisionScheme, ModelCopyError, SchemeError
+
+    assert issubclass(ModelCopyError, Exception) and issubclass(SchemeError, Exception)
+    assert MixedPrecisionScheme({"0": "rtn_int8"}).name
+    assert {"MixedPrecisionScheme", "ModelCopyError", "SchemeError"} <= set(mis_lightning.__all__)
