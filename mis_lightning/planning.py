@@ -73,7 +73,7 @@ from .evaluation import OutputTransform, evaluate_utility
 from .progress import ProgressFn
 from .quantization import QuantizationScheme
 from .quantization.mixed import MixedPrecisionScheme
-from .report import Report, SchemeResult
+from .report import Report, SchemeResult, pick_utility_key
 
 __all__ = ["PlanConfig", "PlanPoint", "PlanResult", "plan"]
 
@@ -340,6 +340,11 @@ class PlanResult:
         lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
                      f"budget: {budget}. \"predicted\": the search's proxy; the other columns: the "
                      "pipeline's re-assessment of the real quantized copy.")
+        shown = pick_utility_key(self.report.rows())
+        if shown is not None and shown != f"utility_{m}":  # fu25: rmse in the report, loss in the plan
+            what = "the mean per-sample loss" if m == "loss" else "the validation metric"
+            lines.append(f"{m} here is {what}, the utility the budget applies to (PlanConfig.utility_metric); "
+                         f"the report's table shows {shown.removeprefix('utility_')} instead")
         lines += [f"warning: {w}" for w in self.warnings if report_warnings or w not in self.report.warnings]
         return "\n".join(lines)
 

@@ -431,6 +431,7 @@ def test_the_utility_metrics_direction_is_known_or_refused(setup):
     res = plan(model, CANDS, tr, loss, utility_fn=utility, estimate=est, max_utility_loss=0.05,
                weight_decay=WD, uncertainty_draws=0, config=PlanConfig(utility_metric="cross_entropy"))
     assert res.lower_is_better
+    assert "the report's table shows" not in res.table()  # the report shows cross_entropy too
     assert res.utility <= 1.05 * res.float_utility + 1e-12 and res.within_budget
     with pytest.raises(ValueError, match=r"'score': its direction is unknown"):
         plan(model, CANDS, tr, loss, utility_fn=lambda m: {"score": 1.0}, estimate=est, weight_decay=WD,
@@ -604,3 +605,19 @@ def test_near_budget_plan_measured_over_the_budget_is_never_chosen(setup):
     with pytest.raises(ValueError, match=r"reassess_near_budget must be a whole number >= 0, got -1"):
         PlanConfig(reassess_near_budget=-1)
     assert PlanConfig(reassess_near_budget=0.0).reassess_near_budget == 0
+
+
+def test_plan_table_says_which_utility_the_budget_reads_when_the_report_shows_another(setup):
+    """fu25: the app's planner run printed the MIS table with rmse and the plan table and budget
+    with loss (rmse^2 / 2), saying nothing; the plan table names the budget's metric then."""
+    model, tr, va, est, (Xv, Yv) = setup
+
+    def utility(m):
+        with torch.no_grad():
+            v = float(loss(m(Xv), Yv).mean())
+            return {"loss": v, "rmse": (2 * v) ** 0.5}
+
+    res = plan(model, ["rtn_int8", "rtn_int4"], tr, loss, utility_fn=utility, estimate=est, max_utility_loss=0.05,
+               weight_decay=WD, uncertainty_draws=0)
+    assert ("loss here is the mean per-sample loss, the utility the budget applies to "
+            "(PlanConfig.utility_metric); the report's table shows rmse instead") in res.table()
