@@ -278,7 +278,7 @@ class Report:
               with_verdict: bool = True) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
-        then a legend of the columns (:func:`legend`), the verdict (:func:`verdict`: the safest
+        then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
         scheme whose utility is within ``utility_tolerance``, relative, of the best, and the
         schemes whose intervals overlap its own; ``with_verdict=False`` leaves it out, e.g.
         where a planner's budgeted choice follows), and every warning in full (an assumption
@@ -290,6 +290,11 @@ class Report:
         rows = self.rows()
         text = format_table(rows, utility_key)
         text += "\n\n" + legend(rows, utility_key)
+        est = self.estimation or {}
+        if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
+            cov = f"; covariance of the weights: {est['covariance']}" if est.get("covariance") else ""
+            text += (f"\nestimated by: {est['estimator']}{cov}; n = {self.n} training records, "
+                     f"d = {self.d} assessed weights")
         if with_verdict:
             text += "\n" + verdict(rows, utility_key, utility_tolerance)
         elif utility_tolerance < 0:

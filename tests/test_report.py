@@ -270,6 +270,11 @@ def test_table_ends_with_legend_and_verdict():
     assert "auroc: utility of the quantized copy on the validation data (higher is better)." in rest
     assert "\nverdict: safest with auroc within 1% of the best (0.9000, rtn_int8): rtn_int8 (leakage 0.0500)\n" in rest
     assert rest.endswith("\n\nwarnings:\n  - d_eff / n is large")
+    assert "estimated by" not in text  # no estimation record: nothing to say
+    # fu25: which estimator ran is printed with the table (the callback's output never said it)
+    rep.estimation = {"estimator": "diagonal sandwich, Gauss-Newton Hessian diagonal", "covariance": "factor"}
+    assert ("\nestimated by: diagonal sandwich, Gauss-Newton Hessian diagonal; covariance of the weights: factor; "
+            "n = 100 training records, d = 5 assessed weights\nverdict:") in rep.table()
 
 
 def _verdict_rows(spec: list[tuple], baseline: float, utility: str) -> list[dict]:
