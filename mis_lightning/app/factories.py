@@ -76,6 +76,9 @@ def granularity(spec: Any) -> Any:
     ``"per_group:<size>"`` or ``"per_axis:<axis>"`` (objects pass through)."""
     if not isinstance(spec, str):
         return spec
+    from ..quantization.torchao_backend import _import_torchao_quantization
+
+    _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
     from torchao.quantization import PerAxis, PerGroup, PerRow, PerTensor, PerToken
 
     kind, _, arg = spec.strip().lower().partition(":")
@@ -94,6 +97,9 @@ def mapping_type(spec: Any) -> Any:
     """torchao ``MappingType`` from ``"symmetric"`` / ``"asymmetric"`` (objects pass through)."""
     if not isinstance(spec, str):
         return spec
+    from ..quantization.torchao_backend import _import_torchao_quantization
+
+    _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
     from torchao.quantization import MappingType
 
     key = spec.strip().upper()

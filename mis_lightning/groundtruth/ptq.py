@@ -35,6 +35,9 @@ class HQQGrid(AbsmaxGrid):
     family: str = "hqq"
 
     def release(self, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from ..quantization.torchao_backend import _import_torchao_quantization
+
+        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
         from torchao.quantization.quant_primitives import (
             _choose_qparams_and_quantize_scale_only_hqq,
         )

@@ -149,6 +149,9 @@ def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
         the grid (``dequantized`` is what the release holds), or a reason string when the
         granularity cannot tile the weight.
     """
+    from .torchao_backend import _import_torchao_quantization
+
+    _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
     from torchao.quantization.quant_primitives import (
         MappingType,
         choose_qparams_affine,
@@ -212,6 +215,9 @@ def _torchao_embedding(model: nn.Module, fqn: str, module: nn.Embedding, spec: F
                        scheme: Any, name: str, notes: list[str]) -> ParamGrid | None:
     """torchao ``quantize_`` with ``IntxWeightOnlyConfig`` on one embedding; ``None`` where
     torchao cannot (the caller then uses the library RTN)."""
+    from .torchao_backend import _import_torchao_quantization
+
+    _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
     import torchao.quantization as aoq
 
     from .torchao_backend import _make_config, grid_reader

@@ -201,6 +201,9 @@ class CalibratedScheme(TorchAOScheme):
 
     # -- quantization -----------------------------------------------------------------------
     def _base(self) -> Any:
+        from .torchao_backend import _import_torchao_quantization
+
+        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
         import torchao.quantization as aoq
 
         cls = getattr(aoq, self.base_config)
@@ -217,6 +220,9 @@ class CalibratedScheme(TorchAOScheme):
         return None
 
     def _quantize_copy(self, model: nn.Module):
+        from .torchao_backend import _import_torchao_quantization
+
+        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
         from torchao.quantization import quantize_
 
         chosen, reasons, notes = self.select_weights(model)
@@ -474,6 +480,9 @@ class IntxWeightOnlyHQQ(IntxWeightOnly):
         return [*super().name_parts(), "hqq"]
 
     def _config(self) -> Any:
+        from .torchao_backend import _import_torchao_quantization
+
+        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
         import torchao.quantization as aoq
 
         from .torchao_backend import _granularity

@@ -107,6 +107,7 @@ def grid_reader(weight: Tensor) -> GridReader | None:
 def _torchao_default_filter() -> Callable[[nn.Module], bool]:
     """torchao's own default layer filter (``quant_api._is_linear``), or its equivalent."""
     try:
+        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
         from torchao.quantization.quant_api import _is_linear
 
         return lambda m: bool(_is_linear(m))
@@ -239,6 +240,7 @@ class TorchAOScheme(SchemeConfig):
                     "use a built-in scheme (rtn_int*), which takes any float dtype")
 
     def _quantize_linear(self, model: nn.Module):
+        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
         from torchao.quantization import quantize_
 
         chosen, reasons, notes = self.select_weights(model, skip_reason=self._skip_reason)
@@ -284,6 +286,7 @@ def _make_config(cls: Any, **kwargs: Any) -> Any:
 def _granularity(granularity: str, group_size: int | None, row: str = "per_row") -> Any:
     """torchao's granularity object; ``row`` picks ``PerRow()`` or ``PerAxis(0)`` (the
     per-row granularity as ``IntxWeightOnlyConfig`` takes it)."""
+    _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
     from torchao.quantization import PerAxis, PerGroup, PerRow, PerTensor
 
     if granularity == "per_row":
@@ -374,7 +377,7 @@ class Int8WeightOnly(TorchAOScheme):
                         mapping="symmetric")
 
     def _config(self) -> Any:
-        import torchao.quantization as aoq
+        aoq = _import_torchao_quantization()
 
         cls = getattr(aoq, self.config_class)
         return _make_config(cls, granularity=_granularity(self.granularity, self.group_size))
@@ -447,7 +450,7 @@ class IntxWeightOnly(TorchAOScheme):
                         mapping=self.mapping)  # type: ignore[arg-type]
 
     def _config(self) -> Any:
-        import torchao.quantization as aoq
+        aoq = _import_torchao_quantization()
 
         mt = aoq.MappingType.ASYMMETRIC if self.mapping == "asymmetric" else aoq.MappingType.SYMMETRIC
         return _make_config(
@@ -515,7 +518,7 @@ class Float8WeightOnly(TorchAOScheme):
                 *(["per_tensor"] if self.granularity == "per_tensor" else [])]
 
     def _config(self) -> Any:
-        import torchao.quantization as aoq
+        aoq = _import_torchao_quantization()
 
         return _make_config(aoq.Float8WeightOnlyConfig,
                             weight_dtype=getattr(torch, f"float8_{self.dtype}"),
@@ -526,6 +529,7 @@ class Float8WeightOnly(TorchAOScheme):
 @torch.no_grad()
 def _read_tinygemm(scheme: TorchAOScheme, name: str, weight: Tensor, notes: list[str]) -> ParamGrid:
     """The affine grid of an ``Int4TilePackedTo4dTensor`` (see :class:`Int4WeightOnly`)."""
+    _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
     from torchao.quantization.utils import unpack_tinygemm_scales_and_zeros
 
     n, k = weight.shape
@@ -601,7 +605,7 @@ class Int4WeightOnly(TorchAOScheme):
                 f"capability >= 8.0, this GPU has {torch.cuda.get_device_capability()}; {cpu_path}")
 
     def _config(self) -> Any:
-        import torchao.quantization as aoq
+        aoq = _import_torchao_quantization()
         from torchao.quantization.quantize_.workflows import (
             Int4ChooseQParamsAlgorithm,
             Int4PackingFormat,
