@@ -545,9 +545,11 @@ def _truncated_normal(a: Tensor, b: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     lo, hi = torch.where(flip, -b, a), torch.where(flip, -a, b)
     pa, pb = _ndtr_precise(lo), _ndtr_precise(hi)
     u = torch.where(flip, 1.0 - u, u)  # the flipped side inverts the same quantile
-    x = torch.special.ndtri((pa + u * (pb - pa)).clamp(1e-300, 1 - 1e-16))
+    width = pb - pa
+    # pa + u (pb - pa), clamped, inverted and cut to [lo, hi], in place where the shapes allow
+    x = torch.special.ndtri(torch.addcmul(pa, u, width).clamp_(1e-300, 1 - 1e-16))
     x = torch.minimum(torch.maximum(x, lo), hi)
-    return torch.where(flip, -x, x), pb - pa
+    return torch.where(flip, -x, x), width
 
 
 def truncated_gaussian_means(mean: Tensor, chol: Tensor, lo: Tensor, hi: Tensor, draws: int,
@@ -570,18 +572,18 @@ def truncated_gaussian_means(mean: Tensor, chol: Tensor, lo: Tensor, hi: Tensor,
     simulator stays consistent, boxes independent), antithetic pairs as above."""
     N, c = lo.shape
     half = max(1, (draws + 1) // 2)
+    # One contiguous [N, D] plane per coordinate ([c, N, D]; was [N, D, c], whose strided
+    # column reads and writes were ~45% of the time, sm25); the same uniforms in the same order.
+    D = 2 * half
+    u = torch.empty(c, N, D, dtype=torch.float64)
     if qmc:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         base = torch.quasirandom.SobolEngine(c, scramble=True, seed=seed).draw(half, dtype=torch.float64)
         shift = torch.rand(N, 1, c, generator=generator, dtype=torch.float64)
-        u = torch.remainder(base.unsqueeze(0) + shift, 1.0)
+        torch.remainder(base.T.unsqueeze(1) + shift.permute(2, 0, 1), 1.0, out=u[:, :, :half])
     else:
-        u = torch.rand(N, half, c, generator=generator, dtype=torch.float64)
-    # One contiguous [N, D] plane per coordinate ([c, N, D]; was [N, D, c], whose strided
-    # column reads and writes were ~45% of the time, sm25); the same uniforms in the same order.
-    u = u.permute(2, 0, 1)
-    u = torch.cat([u, 1.0 - u], 2)                                  # [c, N, D]
-    D = 2 * half
+        u[:, :, :half] = torch.rand(N, half, c, generator=generator, dtype=torch.float64).permute(2, 0, 1)
+    torch.sub(1.0, u[:, :, :half], out=u[:, :, half:])              # the antithetic partners
     eps = torch.empty(c, N, D, dtype=torch.float64)
     logw = torch.zeros(N, D, dtype=torch.float64)
     lo_c, hi_c = lo - mean, hi - mean
