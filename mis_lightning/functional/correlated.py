@@ -573,7 +573,7 @@ def truncated_gaussian_means(mean: Tensor, chol: Tensor, lo: Tensor, hi: Tensor,
     N, c = lo.shape
     half = max(1, (draws + 1) // 2)
     # One contiguous [N, D] plane per coordinate ([c, N, D]; was [N, D, c], whose strided
-    # column reads and writes were ~45% of the time, sm25); the same uniforms in the same order.
+    # column reads and writes were ~40% of the time, sm25); the same uniforms in the same order.
     D = 2 * half
     u = torch.empty(c, N, D, dtype=torch.float64)
     if qmc:
