@@ -770,8 +770,11 @@ def score_schemes(
         # The same draws for every scheme (common random numbers): differences between
         # schemes are then far less noisy than the schemes' own Monte Carlo errors.
         gen = torch.Generator().manual_seed(seed + 7919)
-        result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
-                                rc=rc, base_t=base_t, policy=policy)
+        # the Monte Carlo and box-mean forms are memory-bound too (fu25: 1.6 -> 19.7 s CPU of spinning
+        # threads at load ~4 on 2 cores): the same thread scoping as the pass
+        with scoring_threads():
+            result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
+                                    rc=rc, base_t=base_t, policy=policy)
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
             result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
                             "a singular weights' covariance); no figure")

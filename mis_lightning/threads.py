@@ -8,7 +8,8 @@ region whose threads share cores with other busy processes waits for descheduled
 the scoring's memory-bound elementwise kernels ran 2-10x slower on 2 threads than on 1 on a
 loaded 2-core machine, and 2.8x faster than 1 thread with ``OMP_WAIT_POLICY=PASSIVE``.
 
-So the scoring pass runs on one thread when the machine is oversubscribed (1-minute load
+So the scoring pass and each scheme's finishing forms (Monte Carlo, box means) run on one
+thread when the machine is oversubscribed (1-minute load
 average above the number of cores) and the process was not started with a passive wait
 policy; the caller's thread count is restored afterwards. To use every core on a busy
 machine, start the process with ``OMP_WAIT_POLICY=PASSIVE``.

@@ -294,3 +294,31 @@ def test_streamed_fourth_power_sums_bound_or_exact():
         else:  # the stored path switched to Monte Carlo where the Gaussian form failed: noted there
             assert beyond[1], s
     assert kinds == {"exact", "bound"}
+
+
+def test_finishing_forms_run_under_the_scoring_thread_scope(monkeypatch):
+    """fu25 / sm25: the exact box-mean form (phase C, after the pass) spun 2 OpenMP threads on a
+    loaded 2-core machine (1.6 -> 19.7 s CPU); each scheme's finishing runs under the same
+    one-thread scope as the pass when the machine is oversubscribed."""
+    from mis_lightning import threads
+
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    seen = []
+    real = A._finish_scheme
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(A, "_finish_scheme", spy)
+    model, est = _estimate("stored")
+    _, sc, _ = stage_configs("assess", None, None, {"uncertainty_draws": 0})
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        A.score_schemes(est, model, ["rtn_int4"], scoring_config=sc)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
