@@ -4,9 +4,9 @@ The LightningModule and the DataModule below know nothing about mis_lightning: a
 regression on synthetic data, trained to the minimum of its objective (mean squared error / 2
 plus an explicit L2 penalty) by full-batch L-BFGS: ``configure_optimizers`` returns
 ``torch.optim.LBFGS`` and the training loader holds the whole training set in one batch, so each
-epoch is one L-BFGS step on the full objective. (Adam on minibatches stops near the minimum, not
-at it; the callback's report then warns "not at a minimum" and "negative curvature".) The callback is
-given the per-sample loss explicitly (``loss_fn``) and the penalty coefficient
+epoch is one L-BFGS step on the full objective. (Adam on minibatches stops near the minimum,
+not at it; the callback's report then warns "not at a minimum" and "negative curvature".) The
+callback is given the per-sample loss explicitly (``loss_fn``) and the penalty coefficient
 (``weight_decay``), assesses three quantization schemes at the end of ``fit`` and logs
 ``mis/<scheme>/...`` to the CSV logger, next to the usual metrics.
 
