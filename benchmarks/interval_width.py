@@ -3,8 +3,8 @@ bootstrap p10-p90 hull (issue 12: at most 1.5x wider).
 
     python benchmarks/interval_width.py
 
-The MLP of examples/all_schemes.py (1,041 weights); the old interval is rebuilt from the
-same bootstrap draws, plug-in and record standard error that the new one receives.
+The MLP of examples/all_schemes.py (1,041 weights; docs/validation.md's figures are from its
+version before ex25); the old interval is rebuilt from the same bootstrap draws, plug-in and record standard error that the new one receives.
 """
 
 from __future__ import annotations

@@ -8,12 +8,26 @@ which torchao's filter leaves out) per output row with the library's round-to-ne
 estimation takes per-sample statistics of every layer (embedding rows, attention projections,
 LayerNorm affine parameters) in closed form, without torch.func.
 
+Training is the usual few epochs of Adam on minibatches with plain cross-entropy (no weight
+decay), so the weights are near a minimum of the training loss, not at it, and the report says
+so: its warnings include "the model is not at a minimum of the training loss" (the analysis
+assumes the released weights minimise the training objective; the figures are then indicative:
+fit for comparing the schemes on this model, not final numbers). Kept on purpose: the minimum is
+not cheap here. The labels are a function of the first token, so without weight decay the loss
+falls towards 0 as the weights grow and no finite minimum need exist; with an L2 penalty,
+full-batch L-BFGS (5 steps of 100 iterations on the 12,000 records) took 71 s of CPU, 10x this
+script, and still stopped 6 of the weights' sampling sd from the minimum. For figures the
+analysis stands behind, train to convergence with an explicit L2 penalty and pass it as
+``weight_decay=`` (``examples/callback_example.py``: full-batch L-BFGS from
+``configure_optimizers``; its report has no such warning).
+
 Run:  python examples/transformer_callback.py
 """
 
 from __future__ import annotations
 
 import tempfile
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -69,8 +83,18 @@ def main(max_epochs: int = 4) -> MISCallback:
                          enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tempfile.mkdtemp(prefix="mis_transformer_"))
     # the validation records measure each quantized copy's utility (the table's loss column)
-    trainer.fit(TinyTransformer(), DataLoader(data(), batch_size=128, shuffle=True), DataLoader(data(128, seed=1), batch_size=64))
+    # MISCallback also raises each report warning as a Python warning (for runs that never print
+    # the table); this script prints the table, which lists every warning: once is enough
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="MISCallback: ")
+        trainer.fit(TinyTransformer(), DataLoader(data(), batch_size=128, shuffle=True), DataLoader(data(128, seed=1), batch_size=64))
     print(mis.report.table())
+
+    # the warning printed with the table, explained (this example trains with Adam, see the docstring)
+    if any("not at a minimum" in w or "negative curvature" in w for w in mis.report.warnings):
+        print("\nnote: the 'not at a minimum' warning is expected here: a few epochs of Adam stop near a "
+              "minimum, not at it, so the figures are indicative; examples/callback_example.py trains to "
+              "the minimum (full-batch L-BFGS) and passes the report's checks.")
     return mis
 
 

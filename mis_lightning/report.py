@@ -288,7 +288,7 @@ class Report:
             ValueError: ``utility_tolerance`` is negative.
         """
         rows = self.rows()
-        text = format_table(rows, utility_key)
+        text = format_table(rows, utility_key, utility_tolerance)
         text += "\n\n" + legend(rows, utility_key)
         est = self.estimation or {}
         if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
@@ -336,14 +336,64 @@ def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None)
     return keys[0] if keys else None
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, extra: int = 0) -> str:
+    """A table cell: a float with 4 decimals (3 in exponent notation below 1e-3 or from 1e5),
+    plus ``extra`` digits; ``-`` for a missing value; anything else as ``str``."""
     if v is None or v == "":
         return "-"
     if isinstance(v, float):
         if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
-            return f"{v:.3e}"
-        return f"{v:.4f}"
+            return f"{v:.{3 + extra}e}"
+        return f"{v:.{4 + extra}f}"
     return str(v)
+
+
+# the most digits added to the utility column to tell the verdict's utility band from the rest
+MAX_EXTRA_UTILITY_DIGITS = 6
+
+
+def _utility_band(ok: list[dict[str, Any]], uk: str | None, utility_tolerance: float
+                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The verdict's utility band over rows ``ok``: ``(best row, rows within utility_tolerance
+    (relative) of its utility)``; ``(None, ok)`` without a utility metric or a finite value."""
+    if not uk:
+        return None, ok
+    have = [r for r in ok if r.get(uk) is not None and math.isfinite(float(r[uk]))]
+    if not have:
+        return None, ok
+    hib = higher_is_better(uk)
+    best = (max if hib else min)(have, key=lambda r: float(r[uk]))
+    b = float(best[uk])
+    tol = utility_tolerance * abs(b)
+    return best, [r for r in have if (float(r[uk]) >= b - tol if hib else float(r[uk]) <= b + tol)]
+
+
+def _ranked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the verdict ranks: no error, a finite leakage, not a lower bound (``unscored``)."""
+    return [r for r in rows if not r.get("error") and r.get("leakage") is not None
+            and math.isfinite(float(r["leakage"])) and not r.get("unscored")]
+
+
+def utility_digits(rows: list[dict[str, Any]], utility_key: str | None = None,
+                   utility_tolerance: float = UTILITY_TOLERANCE) -> int:
+    """Digits to add to :func:`_fmt` in the utility column (and the verdict's utility figures) so
+    that no row inside the verdict's utility band shows the same value as one outside it: 0 where
+    4 decimals already tell them apart (e.g. rmse 0.6669 against 0.6755), more where the band is
+    narrower than the last digit (loss 0.005003 inside a 1% band, 0.005061 outside: both 0.0050 at
+    4 decimals; fu25), at most :data:`MAX_EXTRA_UTILITY_DIGITS`."""
+    ranked = _ranked_rows(rows)
+    uk = pick_utility_key(ranked, utility_key)
+    best, inside = _utility_band(ranked, uk, utility_tolerance)
+    if best is None:
+        return 0
+    inside_ids = {id(r) for r in inside}
+    outside = [float(r[uk]) for r in ranked if id(r) not in inside_ids
+               and r.get(uk) is not None and math.isfinite(float(r[uk]))]
+    within = [float(r[uk]) for r in inside]
+    for extra in range(MAX_EXTRA_UTILITY_DIGITS + 1):
+        if not {_fmt(v, extra) for v in within} & {_fmt(v, extra) for v in outside}:
+            return extra
+    return MAX_EXTRA_UTILITY_DIGITS
 
 
 def _fmt_or_dash(v: Any) -> str:
@@ -389,27 +439,24 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     # a leakage that is only a lower bound (+: an unscored part of the release) cannot be ranked
     bounded = [str(r["scheme"]) for r in ok if r.get("unscored")]
     note = f"; not ranked (leakage a lower bound, +): {', '.join(bounded)}" if bounded else ""
-    ranked = [r for r in ok if not r.get("unscored")]
+    ranked = _ranked_rows(ok)
     if not ranked:
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {', '.join(bounded)}"
-    return _ranked_verdict(ranked, utility_key, utility_tolerance) + note
+    extra = utility_digits(ranked, utility_key, utility_tolerance)
+    return _ranked_verdict(ranked, utility_key, utility_tolerance, extra) + note
 
 
-def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float) -> str:
-    """:func:`verdict` over the rows whose leakage is a full figure."""
+def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,
+                    extra: int = 0) -> str:
+    """:func:`verdict` over the rows whose leakage is a full figure; utility figures with
+    ``extra`` digits (:func:`utility_digits`, as in the table's column)."""
     uk = pick_utility_key(ok, utility_key)
-    eligible, how = ok, ""
-    if uk:
-        have = [r for r in ok if r.get(uk) is not None and math.isfinite(float(r[uk]))]
-        if have:
-            hib = higher_is_better(uk)
-            best = (max if hib else min)(have, key=lambda r: float(r[uk]))
-            b = float(best[uk])
-            tol = utility_tolerance * abs(b)
-            eligible = [r for r in have if (float(r[uk]) >= b - tol if hib else float(r[uk]) <= b + tol)]
-            metric = uk.removeprefix("utility_")
-            how = (f" with {metric} within {100 * utility_tolerance:g}% of the best "
-                   f"({_fmt(b)}, {best['scheme']})")
+    how = ""
+    best, eligible = _utility_band(ok, uk, utility_tolerance)
+    if best is not None:
+        metric = uk.removeprefix("utility_")
+        how = (f" with {metric} within {100 * utility_tolerance:g}% of the best "
+               f"({_fmt(float(best[uk]), extra)}, {best['scheme']})")
     safest = min(eligible, key=lambda r: float(r["leakage"]))
     text = f"verdict: safest{how}: {safest['scheme']} (leakage {_fmt(safest['leakage'])})"
     others = [r for r in ok if r is not safest]
@@ -422,7 +469,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         lower = [r for r in others if id(r) not in inside_ids and float(r["leakage"]) < float(safest["leakage"])]
         low = ("; lower leakage but outside the utility band: "
                + ", ".join(f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
-                           + (f", {uk.removeprefix('utility_')} {_fmt(r[uk])}" if uk and r.get(uk) is not None else "")
+                           + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
                            + ")" for r in lower)) if lower else ""
         if all(_overlap(r, r) is None for r in others):
             return text + "; no intervals (uncertainty_draws=0): differences cannot be judged" + low
@@ -444,7 +491,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
     if safer:
         tail = ("; clearly safer than it but outside the utility band: "
                 + ", ".join(f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
-                            + (f", {uk.removeprefix('utility_')} {_fmt(r[uk])}" if uk and r.get(uk) is not None else "")
+                            + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
                             + ")" for r in safer))
     if not same and not outside:
         if safer and not any(id(r) in inside for r in others):  # nothing else in the band to beat
@@ -546,13 +593,19 @@ def above_baseline(row: dict[str, Any]) -> bool:
     return math.isfinite(lk) and math.isfinite(base) and lk > base * (1 + CONSISTENCY_TOLERANCE)
 
 
-def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
+def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
+                 utility_tolerance: float = UTILITY_TOLERANCE) -> str:
     """Plain-text table of :meth:`Report.rows`.
+
+    The utility column has 4 decimals, or as many more as it takes to tell the rows inside the
+    verdict's utility band (``utility_tolerance``, relative, of the best) from those outside it
+    (:func:`utility_digits`).
 
     A failed scheme's row shows ``error: <message cut at a word boundary>`` across the figure
     columns; it does not widen them. The full messages follow the table under ``errors:``.
     """
     uk = pick_utility_key(rows, utility_key)
+    extra = utility_digits(rows, utility_key, utility_tolerance)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
@@ -565,7 +618,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None) -> 
             interval += " pos."  # the range over where few coarse weights' true values sit
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
-                     "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk))] if uk else []) + [
+                     "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk), extra)] if uk else []) + [
             _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else "")
             + (" ~" if unstable(r) else ""),
             interval, _fmt(r["mis"]),

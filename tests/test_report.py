@@ -397,3 +397,27 @@ def test_errors_and_mixed_scheme_the_readme_names_import_from_the_package():
     assert issubclass(ModelCopyError, Exception) and issubclass(SchemeError, Exception)
     assert MixedPrecisionScheme({"0": "rtn_int8"}).name
     assert {"MixedPrecisionScheme", "ModelCopyError", "SchemeError"} <= set(mis_lightning.__all__)
+
+
+def test_utility_column_shows_the_digits_that_separate_the_verdicts_band():
+    """fu25: on examples/all_schemes.py every row's loss read 0.0050 at 4 decimals, while the
+    verdict put some inside its 1% band and others outside it. The utility column (and the
+    verdict's utility figures) add digits until no row inside the band shows the value of one
+    outside it; where 4 decimals already separate them, nothing changes."""
+    from mis_lightning.report import verdict
+
+    rows = _verdict_rows([("rtn_int8", 0.0400, 0.0380, 0.0420, 0.004990),   # best
+                          ("rtn_int4", 0.0250, 0.0230, 0.0270, 0.005030),   # inside (+0.8%)
+                          ("rtn_int2", 0.0210, 0.0190, 0.0225, 0.005046)],  # outside (+1.1%)
+                         0.0488, "loss")
+    cells = {line.split()[0]: line.split()[3] for line in format_table(rows).splitlines()[2:]}
+    assert cells == {"rtn_int8": "0.00499", "rtn_int4": "0.00503", "rtn_int2": "0.00505"}  # was 0.0050 x3
+    from mis_lightning.report import utility_digits
+
+    assert utility_digits(rows) == 1
+    assert verdict(rows).startswith("verdict: safest with loss within 1% of the best (0.00499, rtn_int8): "
+                                    "rtn_int4 (leakage 0.0250)")
+    assert "rtn_int2 (leakage 0.0210, loss 0.00505)" in verdict(rows)
+    # a wider gap: 4 decimals as before (the other verdict tests' figures stay as they were)
+    rows[2]["utility_loss"] = 0.0060
+    assert utility_digits(rows) == 0 and "0.0060" in format_table(rows)
