@@ -217,8 +217,7 @@ def _torchao_embedding(model: nn.Module, fqn: str, module: nn.Embedding, spec: F
     torchao cannot (the caller then uses the library RTN)."""
     from .torchao_backend import _import_torchao_quantization
 
-    _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
-    import torchao.quantization as aoq
+    aoq = _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
 
     from .torchao_backend import _make_config, grid_reader
 

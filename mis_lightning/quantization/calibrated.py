@@ -203,8 +203,7 @@ class CalibratedScheme(TorchAOScheme):
     def _base(self) -> Any:
         from .torchao_backend import _import_torchao_quantization
 
-        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
-        import torchao.quantization as aoq
+        aoq = _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
 
         cls = getattr(aoq, self.base_config)
         if self.base_config == "Int4WeightOnlyConfig":
@@ -482,8 +481,7 @@ class IntxWeightOnlyHQQ(IntxWeightOnly):
     def _config(self) -> Any:
         from .torchao_backend import _import_torchao_quantization
 
-        _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
-        import torchao.quantization as aoq
+        aoq = _import_torchao_quantization()  # torchao's first import: without its optional-kernel notices
 
         from .torchao_backend import _granularity
 
