@@ -18,17 +18,18 @@ class CNN(nn.Module):
         return self.head(self.f(x).flatten(1))
 
 
-def trained_relu_mlp():
-    """A 64 -> 24 -> 1 ReLU MLP trained (Adam, 100 full-batch steps) on 512 regression records
-    ``y = x_0 + 0.3 noise``; returns ``(model, x, y)`` (seeded)."""
+def trained_relu_mlp(inputs: int = 64, hidden: int = 24, steps: int = 100):
+    """An ``inputs -> hidden -> 1`` ReLU MLP (default 64 -> 24 -> 1) trained (Adam, ``steps``
+    full-batch steps) on 512 regression records ``y = x_0 + 0.3 noise``; returns
+    ``(model, x, y)`` (seeded)."""
     import torch
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 1))
-    x = torch.randn(512, 64)
+    model = nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+    x = torch.randn(512, inputs)
     y = x[:, 0] + 0.3 * torch.randn(512)
     opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(100):
+    for _ in range(steps):
         opt.zero_grad()
         ((model(x)[:, 0] - y) ** 2).mean().backward()
         opt.step()

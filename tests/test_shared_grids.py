@@ -13,7 +13,6 @@ from collections import Counter
 import pytest
 import torch
 from _nets import trained_relu_mlp  # tests/_nets.py
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning.config import stage_configs
@@ -28,18 +27,7 @@ def _fitted(kind: str):
     """``(model, est)``: the 64-24-1 MLP with stored influences (``"stored"``: the moments kept
     for the Monte Carlo form) or factored ones (``"factored"``), or a 256-128-1 MLP whose
     first weight (32,768 weights, 128 rows) takes the subsampled draws (``"sampled"``)."""
-    if kind == "sampled":
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 1))
-        x = torch.randn(512, 256)
-        y = x[:, 0] + 0.3 * torch.randn(512)
-        opt = torch.optim.Adam(model.parameters(), 1e-2)
-        for _ in range(30):
-            opt.zero_grad()
-            ((model(x)[:, 0] - y) ** 2).mean().backward()
-            opt.step()
-    else:
-        model, x, y = trained_relu_mlp()
+    model, x, y = trained_relu_mlp(256, 128, 30) if kind == "sampled" else trained_relu_mlp()
     opts = {"estimation": "diagonal", "num_records": 64, "hessian": "ggn"}
     if kind != "stored":
         opts["budget"] = 1000  # too small to store the [R, d] influences
