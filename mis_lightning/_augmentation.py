@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import default_collate
+from torch.utils.data._utils.collate import default_convert
 
 from ._rng import isolated_rng
 
@@ -126,26 +128,33 @@ def _same(a: Any, b: Any, depth: int = 0) -> bool:
 
 
 def random_records_note(dataset: Any, indices: Sequence[int], records: int = AUGMENTATION_RECORDS,
-                        seconds: float = AUGMENTATION_SECONDS) -> str | None:
+                        seconds: float = AUGMENTATION_SECONDS,
+                        collate_fn: Callable[[list[Any]], Any] | None = None) -> str | None:
     """A note for the report when reading a record of ``dataset`` twice gives two different
     values (random augmentation in ``__getitem__``), else None.
 
     Reads ``dataset[i]`` twice for the first ``records`` of ``indices`` (fewer when the reads
-    pass ``seconds`` of wall time; one record at least), in this process. Every random state
-    the reads can move is restored afterwards (module docstring); a read that raises ends the
-    check with no note (the assessment's own read reports it).
+    pass ``seconds`` of wall time; one record at least), in this process; when they agree and
+    ``collate_fn`` is given (not torch's deterministic default), collates the records read
+    twice and compares the batches. Every random state the reads can move is restored
+    afterwards (module docstring); a read or collation that raises ends the check with no note
+    (the assessment's own read reports it).
 
     Args:
         dataset: a map-style dataset (``dataset[i]``).
         indices: the records assessed, in the order to try them.
         records, seconds: the bound on the check's cost.
+        collate_fn: the training loader's ``collate_fn`` (``None``: not checked).
 
     Returns:
-        The note (names the first record that differed and what to do), or None.
+        The note (names the first record that differed, or the collator, and what to do), or None.
     """
-    gens = _held_generators(dataset)
+    if collate_fn is default_collate or collate_fn is default_convert:
+        collate_fn = None  # torch's own: deterministic
+    gens = _held_generators(dataset) + ([] if collate_fn is None else _held_generators(collate_fn))
     states = [(g, _state(g)) for g in gens]
     t0, differs = time.perf_counter(), None
+    read: list[Any] = []
     try:
         with isolated_rng():
             for k, i in enumerate(indices[:records]):
@@ -158,6 +167,14 @@ def random_records_note(dataset: Any, indices: Sequence[int], records: int = AUG
                 if not _same(first, second):
                     differs = int(i)
                     break
+                read.append(first)
+            if differs is None and collate_fn is not None and read:
+                try:
+                    collated = collate_fn(list(read)), collate_fn(list(read))
+                except Exception:  # noqa: BLE001 - not this check's concern
+                    return None
+                if not _same(*collated):
+                    return _collate_note(collate_fn)
     finally:
         for g, s in states:
             try:
@@ -171,3 +188,11 @@ def random_records_note(dataset: Any, indices: Sequence[int], records: int = AUG
             "each record is assessed at one random draw, not as the records trained on (fu24: leakage 0.182 "
             "on augmented draws, 0.158 on the clean records); to assess the records themselves, assess over "
             "the dataset without its random transforms (mis_lightning.assess, or a MISIndicator updated on them)")
+
+
+def _collate_note(collate_fn: Callable[..., Any]) -> str:
+    name = getattr(collate_fn, "__name__", None) or type(collate_fn).__name__
+    return (f"the training loader's collate_fn {name} returns another batch each time the same records are "
+            "collated (randomness in the collator: random masking, MixUp, noise): each record is assessed at "
+            "one random draw of it, not as trained on; to assess the records themselves, assess over a loader "
+            "whose collate_fn is deterministic (mis_lightning.assess, or a MISIndicator updated on its batches)")

@@ -888,9 +888,10 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                        "each process streams its own loader and duplicated records count twice")
     records, note = training_records(trainer, train, full_pass, read)
     shard = records[rank::world] if records is not None else None
-    # random augmentation in __getitem__: each record is assessed at one draw (a few records
+    # random augmentation in __getitem__ or the collate_fn: each record is assessed at one draw (a few records
     # read twice, every random state restored); a stream cannot be read twice: not checked
-    aug = random_records_note(ds, records) if ds is not None and records else None
+    aug = random_records_note(ds, records, collate_fn=getattr(train, "collate_fn", None)) \
+        if ds is not None and records else None
     limit, what = trained_batches(trainer, full_pass, read)
     loader = reloader(train, shard, batch_size, limit=limit)
     if isinstance(loader, _FirstBatches):

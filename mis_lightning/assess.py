@@ -422,8 +422,8 @@ def assess(
     report.warnings += _sampling_notes(train_dataloader)
     ds = getattr(train_dataloader, "dataset", None)
     if isinstance(train_dataloader, DataLoader) and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
-        # random augmentation in __getitem__: each record was assessed at one random draw
-        if aug := random_records_note(ds, range(len(ds))):
+        # random augmentation in __getitem__ or the collate_fn: each record was assessed at one random draw
+        if aug := random_records_note(ds, range(len(ds)), collate_fn=train_dataloader.collate_fn):
             report.warnings.append(aug)
     return report
 

@@ -243,10 +243,12 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # layout, the loss and the utility metrics on them, before training too
         lt.check_validation_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
                                   self.utility_metrics, self.output_transform)
-        # random augmentation in the dataset: said now, and in the report (a few records read
-        # twice, every random state restored)
-        ds = lt.sized_dataset(lt.single_loader(trainer.train_dataloader, "training"))
-        if ds is not None and (aug := random_records_note(ds, range(len(ds)))):
+        # random augmentation in the dataset or its collate_fn: said now, and in the report (a few
+        # records read and collated twice, every random state restored)
+        train = lt.single_loader(trainer.train_dataloader, "training")
+        ds = lt.sized_dataset(train)
+        if ds is not None and (aug := random_records_note(ds, range(len(ds)),
+                                                          collate_fn=getattr(train, "collate_fn", None))):
             rank_zero_warn(f"MISCallback: {aug}")
         self._sets = TrainingSets()  # this fit's loaders only
 

@@ -289,3 +289,51 @@ def test_a_resumed_fit_with_reloads_says_the_earlier_epochs_are_not_seen(tmp_pat
     notes = [w for w in cb.report.warnings if w.startswith("reload_dataloaders_every_n_epochs=1")]
     assert len(notes) == 1 and "the fit resumed at epoch 2, and the training sets of the epochs before are not " \
                                "seen" in notes[0], cb.report.warnings
+
+
+class MaskingCollate:
+    """A collator that masks random inputs (as a masked-language-model collator does), from
+    its own generator, or from the global stream (``own=False``)."""
+
+    def __init__(self, own=True):
+        self.gen = torch.Generator().manual_seed(7) if own else None
+
+    def __call__(self, records):
+        x = torch.stack([r[0] for r in records])
+        y = torch.stack([r[1] for r in records])
+        keep = torch.rand(x.shape, generator=self.gen) > 0.15
+        return x * keep, y
+
+
+@pytest.mark.parametrize("own", [True, False])
+def test_randomness_in_the_collate_fn_is_said_and_every_state_restored(own):
+    """cb25's open case: records read twice are equal, but the loader's ``collate_fn`` draws
+    (random masking): the assessed batches are one more draw, not those trained on. The check
+    collates the first records twice and says so; the collator's generator and the global
+    streams are as they were; a deterministic collate_fn (the default) gets no note."""
+    from torch.utils.data import default_collate
+
+    ds = Noisy(X[:20], Y[:20], "none")
+    coll = MaskingCollate(own)
+    before = _states(ds), torch.get_rng_state(), None if coll.gen is None else coll.gen.get_state()
+    note = random_records_note(ds, range(20), collate_fn=coll)
+    assert note is not None and "collate_fn" in note and "MaskingCollate" in note
+    after = _states(ds), torch.get_rng_state(), None if coll.gen is None else coll.gen.get_state()
+    assert _same_states(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert own is False or torch.equal(before[2], after[2])
+    assert random_records_note(ds, range(20), collate_fn=default_collate) is None
+    assert random_records_note(ds, range(20), collate_fn=lambda b: default_collate(b)) is None
+
+
+def test_assess_and_the_callback_say_a_random_collate_fn(tmp_path):
+    """The note reaches the report from both front ends that read a training loader."""
+    import mis_lightning as ml
+
+    ds = Noisy(X[:120], Y[:120], "none")
+    rep = ml.assess(nn.Linear(4, 1), SCHEMES, DataLoader(ds, batch_size=32, collate_fn=MaskingCollate()),
+                    lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2, **FAST)
+    assert [w for w in rep.warnings if "collate_fn" in w and "MaskingCollate" in w]
+    cb = MISCallback(SCHEMES, loss_fn=mse, **FAST)
+    with pytest.warns(UserWarning, match="collate_fn"):
+        _fit(tmp_path, Regressor(), cb, train=DataLoader(ds, batch_size=32, collate_fn=MaskingCollate()), epochs=1)
+    assert [w for w in cb.report.warnings if "collate_fn" in w]
