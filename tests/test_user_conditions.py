@@ -937,3 +937,120 @@ def test_activation_checkpointing_names_the_fix():
     torch.manual_seed(0)
     rep = ml.assess(_Checkpointed(always=False).train(), ["rtn_int8"], dl, _mse, uncertainty_draws=0)
     assert 0.0 < rep.schemes["rtn_int8"].leakage < 1.0
+
+
+def _lev_data(n=600):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(n, 4, generator=g)
+    Y = torch.tanh(X @ torch.randn(4, generator=g)) + 0.3 * torch.randn(n, generator=g)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))  # d = 25, d / n = 0.042
+    return net, DataLoader(TensorDataset(X, Y), batch_size=200)
+
+
+def test_a_leverage_correction_that_cannot_run_is_said_from_d_over_n_002():
+    """fu26: the diagonal estimator has no leverage correction, and below d / n = 0.1 nothing
+    said so (an embedding + Conv1d model at d / n = 0.083 read 27% below the exact estimator's
+    figures, mean leverage 0.12). Now said above d / n = 0.02 wherever the correction cannot run;
+    the exact estimator, which runs it, gets no such line."""
+    net, loader = _lev_data()
+    kw = dict(uncertainty_draws=0)
+    diag = ml.assess(net, ["none"], loader, _mse, estimation="diagonal", **kw)
+    assert any("leverage) correction could not run" in w and "estimation='exact'" in w for w in diag.warnings), \
+        diag.warnings
+    exact = ml.assess(net, ["none"], loader, _mse, estimation="exact", **kw)
+    assert exact.estimation["leverage_correction"]
+    assert not any("could not run" in w for w in exact.warnings), exact.warnings
+    off = ml.assess(net, ["none"], loader, _mse, estimation="diagonal", leverage_correction=False, **kw)
+    assert not any("could not run" in w for w in off.warnings)  # the user's own choice
+
+
+class _ConvNet(nn.Module):
+    """A weight-reuse model: "auto" weighs the exact sandwich's cost by n d x forward floats."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 3, 5)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x.unsqueeze(1))).mean(-1))
+
+
+def test_the_metric_says_when_the_records_seen_would_choose_another_estimator():
+    """fu26: ``MISIndicator`` without ``num_training_records`` chose its estimator assuming
+    10,000 records (here the diagonal sandwich) where ``assess`` over the same 300 records
+    chooses the exact one: figures 27-40% apart, nothing said. The report now says so and how
+    to get assess's; with ``num_training_records`` the two agree and nothing is said."""
+    from mis_lightning import MISIndicator
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(300, 400, generator=g)
+    Y = X[:, :5].sum(-1) / 3 + 0.3 * torch.randn(300, generator=g)
+    torch.manual_seed(2)
+    net = _ConvNet()
+    loader = DataLoader(TensorDataset(X, Y), batch_size=100)
+    kw = dict(uncertainty_draws=0, weight_decay=1e-3)
+    rep = ml.assess(net, ["rtn_int4"], loader, _mse, **kw)
+    assert rep.estimation["estimator"].startswith("exact")
+    for hint, said in ((None, True), (300, False)):
+        m = MISIndicator(net, _mse, ["rtn_int4"], num_training_records=hint, **kw)
+        for xb, yb in loader:
+            m.update(xb, yb)
+        m.compute()
+        notes = [w for w in m.report.warnings if "without knowing the number of training records" in w]
+        assert bool(notes) == said, m.report.warnings
+        if said:
+            assert m.report.estimation["estimator"].startswith("diagonal")
+            assert "num_training_records=300" in notes[0] and "exact sandwich" in notes[0]
+        else:
+            assert m.report.estimation["estimator"] == rep.estimation["estimator"]
+            assert m.report.schemes["rtn_int4"].leakage == pytest.approx(rep.schemes["rtn_int4"].leakage, rel=1e-6)
+
+
+N_COLLAPSE = 600
+
+
+def test_collapsed_units_left_by_weight_decay_do_not_leak():
+    """fu26: a GELU MLP whose weight decay collapses 5 of its 8 hidden units to the optimizer's
+    residue (~1e-7; their exact minimum is 0) read the unquantized leakage 0.0484 against 0.0410:
+    the gradient-covariance form whitened their residue-sized gradients, ~1 each in g' V^+ g,
+    while sigma already counted them as never moved. The same model with the residue set to
+    exactly 0 (the same function) is the reference: equal to 1e-3 relative (the residue's own
+    effect on the live weights' figures is ~1e-7)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N_COLLAPSE, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(6, 3, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+    y = (X @ W + torch.randn(N_COLLAPSE, 3, generator=g, dtype=torch.float64)).argmax(1)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    wd = 0.05
+    opt = torch.optim.LBFGS(net.parameters(), lr=1, max_iter=300, history_size=50, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-15)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(net(X), y) + 0.5 * wd * sum((p ** 2).sum() for p in net.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    net = net.float()
+    dead = net[0].weight.detach().norm(dim=1) < 1e-3
+    assert 3 <= int(dead.sum()) <= 6  # the condition: collapsed units with a residue, not exact zeros
+    assert float(net[0].weight.detach()[dead].abs().max()) > 0
+    loader = DataLoader(TensorDataset(X.float(), y), batch_size=300)
+
+    def ce(o, t):
+        return F.cross_entropy(o, t, reduction="none")
+
+    kw = dict(weight_decay=wd, uncertainty_draws=0)
+    residue = ml.assess(net, ["none"], loader, ce, **kw)
+    with torch.no_grad():
+        net[0].weight[dead] = 0
+        net[0].bias[dead] = 0
+        net[2].weight[:, dead] = 0
+    zero = ml.assess(net, ["none"], loader, ce, **kw)
+    assert residue.schemes["none"].leakage == pytest.approx(zero.schemes["none"].leakage, rel=1e-3)
+    assert residue.baseline_leakage == pytest.approx(zero.baseline_leakage, rel=1e-3)
