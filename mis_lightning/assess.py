@@ -809,8 +809,8 @@ def score_schemes(
         report.warnings.append(
             f"{len(unused)} assessed parameter(s) ({size:,} weights) never moved by the training data (no "
             f"gradient on any record, sigma 0): {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}; "
-            "they carry no leakage but count in d: a parameter the forward does not use (check the model) or "
-            "one to leave out with params=")
+            "they carry no leakage but count in d: a parameter the forward does not use (check the model), units "
+            "weight decay collapsed to zero (their residue is not counted), or one to leave out with params=")
     lev = _leverage_note(est.diagnostics)
     off = est.diagnostics.get("leverage_unavailable")
     if off and est.d / n > LEVERAGE_NOTE_MIN_D_OVER_N:
