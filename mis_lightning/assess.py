@@ -1604,10 +1604,12 @@ class _InfluenceReader:
 # Streamed schemes' fourth-power sums replaced by the baseline's bound where it suffices
 # (method.md section 3, "Gaussian form's diagnostics"); False: always summed (A/B benchmarks).
 BOUND_FOURTH_POWER_SUMS = True
-# Bytes of the bounded schemes' fourth-power columns ([c, 2] float64 per chunk) kept from the
-# joint pass, so that a scheme whose bound does not settle the Gaussian form's diagnostics
-# (small models: every scheme of the 1e5 benchmark MLP) sums them without computing its cell
-# moments at theta-hat a second time (0.2-0.3 s of ~1.4 s at 1e5). Beyond it they are recomputed.
+# The bounded schemes' fourth-power columns ([c, 2] float64 per chunk) are kept from the joint
+# pass when all of them (16 bytes per quantized weight and scheme) fit in this many bytes, so that
+# a scheme whose bound does not settle the Gaussian form's diagnostics (small models: every scheme
+# of the 1e5 benchmark MLP) sums them without computing its cell moments at theta-hat a second
+# time (1e5: 1.67 -> 1.35 s a call). All or none: larger models, whose bounds usually hold (1e6),
+# do not hold tens of MB they would not read; they recompute where a bound fails.
 FOURTH_KEEP_BYTES = 1 << 25
 
 
@@ -1641,7 +1643,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
     """
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
-    kept_bytes = 0  # the bounded schemes' fourth-power columns kept (FOURTH_KEEP_BYTES)
+    keep_fourth = 16 * sum(g.numel for p in prepared for g in p.grids.values()) <= FOURTH_KEEP_BYTES
     for pi, name in enumerate(est.names):
         numel = est.theta[name].numel()
         th, sg = est.theta[name], est.sigma[name]
@@ -1680,11 +1682,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         bounded = [BOUND_FOURTH_POWER_SUMS and not keep and p.grids[name].rounding == "nearest" for p in active]
         exact4 = [0] + [1 + j for j, bd in enumerate(bounded) if not bd]  # columns of K with exact sums
         cols4 = exact4 + [nm + i for i in exact4]
-        keep4 = [False] * len(active)
-        for j, bd in enumerate(bounded):
-            if bd and kept_bytes + 16 * numel <= FOURTH_KEEP_BYTES:
-                keep4[j] = True
-                kept_bytes += 16 * numel
+        keep4 = [keep_fourth and bd for bd in bounded]  # their columns kept for _exact_fourth_sums
+        for j in range(len(active)):
+            if keep4[j]:
                 active[j].fourth_kept[name] = []
         dd = [torch.zeros(R, p.num_draws, dtype=torch.float64) for p in active]  # draws minus main
         cg = [torch.zeros(R, DRAW_SAMPLE_GROUPS, dtype=torch.float64) for _ in active]  # sampled centre by group
