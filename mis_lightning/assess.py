@@ -1617,8 +1617,8 @@ def _moments_state(policy: F.CompilePolicy | None, elements: int = 0) -> tuple:
     """What a grid's cell moments at given inputs depend on that can change within a process:
     the float8 interpolation octaves built so far, the paths the self-checks disabled, failed
     compilations and whether the compile policy runs the compiled kernels after ``elements``
-    more elements (a call's own count them before it decides). Moments computed under equal
-    states are bitwise equal (the same paths on the same inputs)."""
+    more elements (a kernel call counts its own elements before it decides). Moments computed
+    under equal states are bitwise equal (the same paths on the same inputs)."""
     octaves = sum(int(t.built.sum()) for t in _INTERP_TABLES.values() if t is not None)
     fused = _FUSED_STATE
     return (octaves, tuple(sorted(F.fastpath.GUARD.disabled)), bool(fused["failed"]),
