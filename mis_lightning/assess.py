@@ -37,6 +37,9 @@ from .estimation.estimate import EXACT_MAX_PARAMS, LEVERAGE_CAP, estimator_warni
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
+from .functional.bounds import _SPLIT_STATE
+from .functional.interp import _TABLES as _INTERP_TABLES
+from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
@@ -1067,6 +1070,9 @@ class _Prepared:
         self.requant: Any = None  # JointRequant of the non-nearest grids (computed once)
         self.requant_seed = 0
         self.requant_moments: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        # per parameter and chunk of a bounded scheme: (moments state, [c, 2] fourth-power columns)
+        # kept from the joint pass for _exact_fourth_sums (None: not kept, recomputed there)
+        self.fourth_kept: dict[str, list[tuple[tuple, Tensor] | None]] = {}
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -1603,6 +1609,25 @@ class _InfluenceReader:
 # Streamed schemes' fourth-power sums replaced by the baseline's bound where it suffices
 # (method.md section 3, "Gaussian form's diagnostics"); False: always summed (A/B benchmarks).
 BOUND_FOURTH_POWER_SUMS = True
+# The bounded schemes' fourth-power columns ([c, 2] float64 per chunk) are kept from the joint
+# pass when all of them (16 bytes per quantized weight and scheme) fit in this many bytes, so that
+# a scheme whose bound does not settle the Gaussian form's diagnostics (small models: every scheme
+# of the 1e5 benchmark MLP) sums them without computing its cell moments at theta-hat a second
+# time (1e5: 1.67 -> 1.35 s a call). All or none: larger models, whose bounds usually hold (1e6),
+# do not hold tens of MB they would not read; they recompute where a bound fails.
+FOURTH_KEEP_BYTES = 1 << 25
+
+
+def _moments_state(policy: F.CompilePolicy | None, elements: int = 0) -> tuple:
+    """What a grid's cell moments at given inputs depend on that can change within a process:
+    the float8 interpolation octaves built so far, the paths the self-checks disabled, failed
+    compilations and whether the compile policy runs the compiled kernels after ``elements``
+    more elements (a kernel call counts its own elements before it decides). Moments computed
+    under equal states are bitwise equal (the same paths on the same inputs)."""
+    octaves = sum(int(t.built.sum()) for t in _INTERP_TABLES.values() if t is not None)
+    fused = _FUSED_STATE
+    return (octaves, tuple(sorted(F.fastpath.GUARD.disabled)), bool(fused["failed"]),
+            bool(_SPLIT_STATE["failed"]), (policy or F.CompilePolicy()).wants(int(fused["elements"]) + elements))
 
 
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
@@ -1623,6 +1648,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
     """
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
+    keep_fourth = 16 * sum(g.numel for p in prepared for g in p.grids.values()) <= FOURTH_KEEP_BYTES
     for pi, name in enumerate(est.names):
         numel = est.theta[name].numel()
         th, sg = est.theta[name], est.sigma[name]
@@ -1661,6 +1687,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         bounded = [BOUND_FOURTH_POWER_SUMS and not keep and p.grids[name].rounding == "nearest" for p in active]
         exact4 = [0] + [1 + j for j, bd in enumerate(bounded) if not bd]  # columns of K with exact sums
         cols4 = exact4 + [nm + i for i in exact4]
+        keep4 = [keep_fourth and bd for bd in bounded]  # their columns kept for _exact_fourth_sums
+        for j in range(len(active)):
+            if keep4[j]:
+                active[j].fourth_kept[name] = []
         dd = [torch.zeros(R, p.num_draws, dtype=torch.float64) for p in active]  # draws minus main
         cg = [torch.zeros(R, DRAW_SAMPLE_GROUPS, dtype=torch.float64) for _ in active]  # sampled centre by group
         sampled = [False] * len(active)
@@ -1683,6 +1713,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 sample = _draw_sample(c, reader.unit, sgen)
             # per scheme: (k, m4, pool k, draws' parts, chunk sums) of schemes that computed this chunk
             done: dict[int, tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None] | None, float, int]] = {}
+            state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
                 delta = None
@@ -1700,6 +1731,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         else:
                             mm = g.moments(th_c, sg_c, a, b, compile_policy=policy)
                             k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs
+                            if keep4[j]:
+                                state[j] = _moments_state(policy)
                         # the pool protocol reads kappa alone (and lam for one coordinate)
                         pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy,
                                        kappa_only=est.d != 1)
@@ -1738,6 +1771,14 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     k_c, m4_c, kp_c, delta = ones, M4[0], ones, None
                     k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
                 assert k_c is not None and m4_c is not None and kp_c is not None
+                if keep4[j]:  # the columns _exact_fourth_sums would recompute (the same operations)
+                    st = state.get(j if shared is None else lead[j]) if prep.failed is None else None
+                    if st is not None:
+                        state[j] = st
+                        k2 = k_c.square()
+                        prep.fourth_kept[name].append((st, torch.stack([m4_c - 3.0 * k2, k2], 1)))
+                    else:
+                        prep.fourth_kept[name].append(None)
                 K.append(k_c)
                 M4.append(m4_c)
                 P.append(kp_c)
@@ -1930,7 +1971,10 @@ def _exact_fourth_sums(est: Estimate, prep: _Prepared, main: dict[str, F.CltSums
                        policy: F.CompilePolicy | None) -> dict[str, F.CltSums]:
     """``main`` with every bounded layer's fourth-power sums (``s4``, ``s22``; :class:`F.CltSums`
     ``bound``) replaced by the exact ones: a second pass over those layers' weights, their
-    cell moments at theta-hat only (method.md section 3, "Gaussian form's diagnostics")."""
+    cell moments at theta-hat only (method.md section 3, "Gaussian form's diagnostics"). A
+    chunk's columns kept from the joint pass (``prep.fourth_kept``) are used where the moments
+    state (:func:`_moments_state`) is still the one they were computed in: bitwise what the
+    recomputation would give."""
     out = dict(main)
     for name, cs in main.items():
         if not cs.bound:
@@ -1938,12 +1982,18 @@ def _exact_fourth_sums(est: Estimate, prep: _Prepared, main: dict[str, F.CltSums
         reader = _InfluenceReader(est, name)
         th, sg, g = est.theta[name], est.sigma[name], prep.grids[name]
         step = max(1, chunk // reader.unit) * reader.unit
+        kept = prep.fourth_kept.get(name, [])
         s4 = torch.zeros(est.num_records, 2, dtype=torch.float64)
-        for a in range(0, th.numel(), step):
+        for i, a in enumerate(range(0, th.numel(), step)):
             b = min(a + step, th.numel())
-            mm = g.moments(th[a:b].to(torch.float64), sg[a:b].to(torch.float64), a, b, compile_policy=policy)
-            k2 = mm.kappa.square()
-            s4 += reader.sums(a, b, {4: torch.stack([mm.m4 - 3.0 * k2, k2], 1)})[4]
+            hold = kept[i] if i < len(kept) else None
+            if hold is not None and hold[1].shape[0] == b - a and hold[0] == _moments_state(policy, b - a):
+                cols = hold[1]
+            else:
+                mm = g.moments(th[a:b].to(torch.float64), sg[a:b].to(torch.float64), a, b, compile_policy=policy)
+                k2 = mm.kappa.square()
+                cols = torch.stack([mm.m4 - 3.0 * k2, k2], 1)
+            s4 += reader.sums(a, b, {4: cols})[4]
         out[name] = F.CltSums(cs.s2, s4[:, 0], s4[:, 1])
     return out
 
@@ -1968,6 +2018,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         total = _total(main, R)
         clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
         n_eff = float(total.effective_terms().min()) if R else math.inf
+    prep.fourth_kept.clear()  # read (or not needed): free them
     layers = prep.layers
     for name in est.names:
         lk = float(main[name].leakage(n).mean())

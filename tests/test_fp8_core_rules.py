@@ -130,3 +130,28 @@ def test_dropping_the_w9_term_is_caught(monkeypatch):
     finally:
         T._RULES.clear()
     assert err["kappa"] > TOL["kappa"] and err["m4"] > TOL["m4"], err
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_core_rules_bitwise_the_per_rule_sums(dtype):
+    """fc26: the cores' discrete moments ``sum_k W_k^p t_k^n`` are formed once per core and
+    read by every rule (a first-call cost of bf16 / fp16: 168 -> 48 sums per core); each rule's
+    nodes and contracted weights are bitwise those of the per-rule expression they replace."""
+    import numpy as np
+
+    values = representable_values(dtype).to(F64)
+    rules = T._CoreRules(values, torch.device("cpu"))
+    j = rules.lo.numel() - 1  # the smallest core (fewest cells: cheap)
+    rules.prepare(torch.tensor([j]))
+    coef = T._CORE_COEF * ((-2.0) ** np.arange(T._CORE_POWERS) * T._INV_SQRT_2PI)[:, None, None]
+    a, b, zmax = int(rules.lo[j]), int(rules.hi[j]), float(rules.zmax[j])
+    Wc, t = rules._W[a:b] / zmax, rules._C[a:b] / zmax
+    for i, (q, _) in enumerate(T._CORE_RULES):
+        x, w3 = T._gauss_rule(t, Wc**3, q)
+        vand = np.vander(x, q, increasing=True).T
+        ws = [w3] + [np.linalg.solve(vand, np.array([np.sum(Wc**p * t**n) for n in range(q)]))
+                     for p in T._CORE_ORDERS[1:]]
+        want = np.einsum("klc,lq->kqc", coef, np.stack(ws)).reshape(T._CORE_POWERS * q, -1)
+        k = j * len(T._CORE_RULES) + i
+        assert torch.equal(rules.nodes[k], torch.as_tensor(x * zmax, dtype=F64))
+        assert torch.equal(rules.combined[k], torch.as_tensor(want, dtype=F64))

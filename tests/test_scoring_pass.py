@@ -296,6 +296,53 @@ def test_streamed_fourth_power_sums_bound_or_exact():
     assert kinds == {"exact", "bound"}
 
 
+def test_exact_fourth_power_sums_read_the_pass_columns(monkeypatch):
+    """fc26: a scheme whose bound fails (rtn_int4, rtn_int2, g32 on this MLP) sums its exact
+    fourth powers from the columns kept in the joint pass, without computing its cell moments
+    at theta-hat again; its figures are bitwise those of the recomputation (kept columns off:
+    ``FOURTH_KEEP_BYTES = 0``), and a chunk whose moments state changed since (here: every
+    state read differs) is recomputed, with the same figures."""
+    from mis_lightning.quantization.base import ParamGrid
+
+    _, sc, _ = stage_configs("assess", None, None, {})
+    second_pass = []
+    real_exact, real_moments = A._exact_fourth_sums, ParamGrid.moments
+    inside = [False]
+
+    def exact(*a, **k):
+        inside[0] = True
+        try:
+            return real_exact(*a, **k)
+        finally:
+            inside[0] = False
+
+    def moments(self, *a, **k):
+        if inside[0]:
+            second_pass.append(1)
+        return real_moments(self, *a, **k)
+
+    monkeypatch.setattr(A, "_exact_fourth_sums", exact)
+    monkeypatch.setattr(ParamGrid, "moments", moments)
+
+    def run():
+        second_pass.clear()
+        model, est = _estimate("factored")
+        rep = A.score_schemes(est, model, SCHEMES, scoring_config=sc).schemes
+        return {s: (r.leakage, r.interval, r.clt_error_estimate, r.method, tuple(r.notes)) for s, r in rep.items()}, \
+            len(second_pass)
+
+    kept, n_kept = run()
+    assert n_kept == 0  # every bounded layer's columns were kept
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)
+    recomputed, n_re = run()
+    assert n_re > 0 and kept == recomputed
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 1 << 25)
+    tick = iter(range(1 << 30))
+    monkeypatch.setattr(A, "_moments_state", lambda policy, elements=0: next(tick))
+    changed, n_ch = run()
+    assert n_ch == n_re and changed == recomputed
+
+
 def test_finishing_forms_run_under_the_scoring_thread_scope(monkeypatch):
     """fu25 / sm25: the exact box-mean form (phase C, after the pass) spun 2 OpenMP threads on a
     loaded 2-core machine (1.6 -> 19.7 s CPU); each scheme's finishing runs under the same
