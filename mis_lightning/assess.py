@@ -889,16 +889,20 @@ def score_schemes(
             + (", from the gradient variances alone (a surrogate that ignores the weights' correlation)"
                if diagnostics.get("minimum_offset_covariance") == "diagonal" else "")
             + "): the M-estimator analysis may not apply; train to convergence, with the weight decay and "
-            "loss you assess"
+            "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "
+            "loss_fn and weight_decay given here must be its (class weights, label smoothing, a penalty or "
+            "weight-decay convention that differ make a converged model read as unconverged; fu26: 4-8% "
+            "moves)"
         )
     if diagnostics.get("negative_curvature"):
         flipped = diagnostics.get("negative_eigenvalues_flipped")
         count = f" ({flipped} of {est.d} eigenvalues negative)" if flipped else ""
         report.warnings.append(
-            f"the Hessian has negative curvature{count}: the weights are not at a strict minimum (a saddle "
-            "point, or training not converged); its eigenvalues were replaced by their magnitudes, so "
-            "the figures rest on a modified curvature: train to convergence (or add weight decay) before "
-            "reading them (see diagnostics)"
+            f"the Hessian has negative curvature{count}: the weights are not at a strict minimum of the "
+            "objective assessed (a saddle point, training not converged, or a loss_fn / weight_decay other "
+            "than the one the model was trained with); its eigenvalues were replaced by their magnitudes, so "
+            "the figures rest on a modified curvature: train to convergence (or add weight decay), with the "
+            "objective you pass here, before reading them (see diagnostics)"
         )
     return report
 
