@@ -84,6 +84,8 @@ class TableLayout:
         if self._guide is not None:
             self.a_lo, self.a_hi, self.shift, self.neg0, self.pos0 = self._guide[:5]
             self.guide1, self.gmid = (torch.from_numpy(t) for t in self._guide[5:])
+        self.wide = _wide_span(self.mids)
+
 
     def cells(self, x: Tensor) -> Tensor:
         """``torch.searchsorted(mids, x, right=True)`` (the value cell holding each ``x``,
@@ -98,6 +100,21 @@ class TableLayout:
         q.bitwise_right_shift_(self.shift)
         row = torch.where(x < 0, self.neg0 - q, q + self.pos0)
         return self.guide1.index_select(0, row).sub_((x < self.gmid.index_select(0, row)).long())
+
+
+def _wide_span(mids: Tensor) -> float | None:
+    """The least cell edge ``T > 0`` such that more than ``2 * _MAX_WINDOW`` edges lie in
+    ``[-T, T]`` (``searchsorted(mids, T, right=True) - searchsorted(mids, -T, right=True) >=
+    2 * _MAX_WINDOW``), or ``None`` (a table with fewer edges: float8). A reach
+    ``[x - r, x + r]`` covering ``[-T, T]`` then needs more than ``_MAX_WINDOW`` edges on one
+    side of ``x`` (:func:`_sum_prelude`'s ``need``; searchsorted is monotone), whatever ``x``:
+    bf16 / fp16 weights whose sd spans 0 (:func:`_settled`)."""
+    pos = mids[mids > 0]
+    if mids.numel() < 2 * _MAX_WINDOW or pos.numel() == 0 or not bool(torch.isfinite(mids).all()):
+        return None
+    span = torch.searchsorted(mids, pos, right=True) - torch.searchsorted(mids, -pos, right=True)
+    ok = torch.nonzero(span >= 2 * _MAX_WINDOW).squeeze(-1)
+    return float(pos[ok[0]]) if ok.numel() else None
 
 
 _MAGNITUDE = (1 << 63) - 1  # a float64's bits without the sign: its magnitude, ordered as an integer
@@ -842,8 +859,58 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine
 
 
+def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, ...]:
+    """``kappa, mean_abs, m4`` (``[c]`` each) and the mask of the elements whose regime needs
+    no more than their own cell: frozen (both own edges beyond 8.5 sd: 0) or fine (own cell at
+    most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
+    (``layout.wide``: more than ``_MAX_WINDOW`` edges within reach, so :func:`_sum_prelude`'s
+    ``fine``: the fine-grid expansion with the local step). The same operations as
+    :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
+    others (mask False) hold garbage. Element-wise (:func:`~.kernel.in_blocks`)."""
+    mids = layout.mids
+    n = mids.numel()
+    x = th / sc
+    reach = CUTOFF_SIGMAS * sg / sc
+    cell = layout.cells(x)
+    inf = torch.full_like(th, math.inf)
+    own_lo = torch.where(cell >= 1, mids[(cell - 1).clamp(0, max(n - 1, 0))] * sc, -inf)
+    own_hi = torch.where(cell < n, mids[cell.clamp(max=max(n - 1, 0))] * sc, inf)
+    frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
+    h_local = (own_hi - own_lo) / sg
+    wide = layout.wide
+    fine = ~frozen & (h_local <= FINE_STEP) & (x - reach <= -wide) & (x + reach >= wide)
+    fm = fine_grid_moments(h_local)
+    zero = torch.zeros_like(th)
+    return (torch.where(fine, fm.kappa, zero), torch.where(fine, fm.mean_abs, zero), torch.where(fine, fm.m4, zero),
+            frozen | fine)
+
+
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
                        ) -> tuple[CellMoments, Tensor]:
+    """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
+    elements (:func:`_table_window_moments`), the elements that need no more than their own
+    cell first (:func:`_settled`: bf16 / fp16 weights whose sd spans 0, and frozen ones): the
+    others go through the windowed path as a subset, whose per-element values do not depend
+    on which other elements it is given (its groups and blocks hold the same elements in the
+    same order either way)."""
+    th, sg, sc = _float64_inputs(theta, sigma, scale)
+    layout = table_layout(values, th.device)
+    if layout.wide is None or th.numel() == 0:
+        return _table_window_moments(th, sg, values, sc)
+    kappa, mean_abs, m4, done = in_blocks(_settled, (th, sg, sc), (layout,))
+    closed = torch.zeros_like(done)
+    coverage = torch.ones_like(kappa)
+    if bool(done.all()):
+        return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
+    rest = torch.nonzero(~done).squeeze(-1)
+    out, sub = _table_window_moments(th[rest], sg[rest], values, sc[rest])
+    kappa[rest], mean_abs[rest], m4[rest], coverage[rest] = out.kappa, out.mean_abs, out.m4, out.coverage
+    closed[rest] = sub
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
+
+
+def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
+                          ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
     elements. Same regimes as :func:`_table_cell_moments` (frozen; fine-grid expansion where
     the grid is fine and uniform within 8.5 sd, or where more than ``_MAX_WINDOW`` edges lie
