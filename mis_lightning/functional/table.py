@@ -85,6 +85,8 @@ class TableLayout:
             self.a_lo, self.a_hi, self.shift, self.neg0, self.pos0 = self._guide[:5]
             self.guide1, self.gmid = (torch.from_numpy(t) for t in self._guide[5:])
         self.wide = _wide_span(self.mids)
+        inf = torch.full((1,), math.inf, dtype=torch.float64, device=device)
+        self.padded = torch.cat([-inf, self.mids, inf])  # cell k's edges: padded[k], padded[k + 1]
 
 
     def cells(self, x: Tensor) -> Tensor:
@@ -867,15 +869,14 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[T
     ``fine``: the fine-grid expansion with the local step; tables with fewer edges, float8:
     frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
     :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
-    others (mask False) hold garbage. Element-wise (:func:`~.kernel.in_blocks`)."""
-    mids = layout.mids
-    n = mids.numel()
+    others (mask False) hold garbage (not frozen: the expansion). Element-wise
+    (:func:`~.kernel.in_blocks`)."""
     x = th / sc
     reach = CUTOFF_SIGMAS * sg / sc
-    cell = layout.cells(x)
-    inf = torch.full_like(th, math.inf)
-    own_lo = torch.where(cell >= 1, mids[(cell - 1).clamp(0, max(n - 1, 0))] * sc, -inf)
-    own_hi = torch.where(cell < n, mids[cell.clamp(max=max(n - 1, 0))] * sc, inf)
+    cell = layout.cells(x)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
+    # (-inf * sc and inf * sc are what _sum_prelude's where() gives at the ends, sc > 0)
+    own_lo = layout.padded.index_select(0, cell).mul_(sc)
+    own_hi = layout.padded.index_select(0, cell.add_(1)).mul_(sc)
     frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
     h_local = (own_hi - own_lo) / sg
     wide = layout.wide
@@ -883,10 +884,12 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[T
         fine = torch.zeros_like(frozen)
     else:
         fine = ~frozen & (h_local <= FINE_STEP) & (x - reach <= -wide) & (x + reach >= wide)
-    fm = fine_grid_moments(h_local)
-    zero = torch.zeros_like(th)
-    return (torch.where(fine, fm.kappa, zero), torch.where(fine, fm.mean_abs, zero), torch.where(fine, fm.m4, zero),
-            frozen | fine)
+    # fine_grid_moments(h_local), its operations (bitwise), in place; frozen elements 0
+    h2 = h_local**2
+    kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
+    mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
+    m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
+    return kappa, mean_abs, m4, frozen | fine
 
 
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
