@@ -88,7 +88,6 @@ class TableLayout:
         inf = torch.full((1,), math.inf, dtype=torch.float64, device=device)
         self.padded = torch.cat([-inf, self.mids, inf])  # cell k's edges: padded[k], padded[k + 1]
 
-
     def cells(self, x: Tensor) -> Tensor:
         """``torch.searchsorted(mids, x, right=True)`` (the value cell holding each ``x``,
         float64 ``[c]``; NaN: past the top, as there), exactly, from the bits of ``x``: its
@@ -105,7 +104,7 @@ class TableLayout:
 
 
 def _wide_span(mids: Tensor) -> float | None:
-    """The least cell edge ``T > 0`` such that more than ``2 * _MAX_WINDOW`` edges lie in
+    """The least cell edge ``T > 0`` such that at least ``2 * _MAX_WINDOW`` edges lie in
     ``[-T, T]`` (``searchsorted(mids, T, right=True) - searchsorted(mids, -T, right=True) >=
     2 * _MAX_WINDOW``), or ``None`` (a table with fewer edges: float8). A reach
     ``[x - r, x + r]`` covering ``[-T, T]`` then needs more than ``_MAX_WINDOW`` edges on one
@@ -895,12 +894,12 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[T
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
                        ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
-    elements (:func:`_table_window_moments`), the elements that need no more than their own
-    cell first (:func:`_settled`: bf16 / fp16 weights whose sd spans 0, and frozen ones, e.g.
-    sd 0: 97% of a float8 chunk of the 1e7 MLP's second layer): the
-    others go through the windowed path as a subset, whose per-element values do not depend
-    on which other elements it is given (its groups and blocks hold the same elements in the
-    same order either way)."""
+    elements. The elements that need no more than their own cell are settled first
+    (:func:`_settled`: bf16 / fp16 weights whose sd spans 0, and frozen ones, e.g. sd 0: 97% of
+    a float8 chunk of the 1e7 MLP's second layer); the others go through the windowed path
+    (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
+    which other elements it is given (its groups and blocks hold the same elements in the same
+    order either way): bitwise what the windowed path gives on the whole call."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
