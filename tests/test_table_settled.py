@@ -50,6 +50,9 @@ def test_settled_equals_windowed_path(dtype):
         sc = torch.ones_like(th) if scale_kind == "one" else torch.exp(torch.randn(n, dtype=F64) * 2)
         th = th * sc
         sg = sg * sc
+        if small:  # float8 settles only when most weights have sd 0 (dead units): 60% here
+            sg = torch.where(torch.rand(n, generator=torch.Generator().manual_seed(seed + 9), dtype=F64) < 0.6,
+                             torch.zeros_like(sg), sg)
         before, closed_before = T._table_window_moments(th, sg, values, sc)
         after, closed_after = T._table_sum_moments(th, sg, values, sc)
         for f in FIELDS:
@@ -57,7 +60,7 @@ def test_settled_equals_windowed_path(dtype):
         assert torch.equal(closed_before, closed_after)
         # the test covers both kinds of element: settled and windowed (a mixed call)
         _, _, _, done = T._settled(*T._float64_inputs(th, sg, sc), layout)
-        assert (0.1 if small else 0.2) * n < int(done.sum()) < 0.9 * n
+        assert 0.2 * n < int(done.sum()) < 0.9 * n
     # a call every element of which is settled returns at once, equal too
     th = torch.randn(1 << 16, dtype=F64) * 0.02
     sg = torch.zeros_like(th) if small else torch.full_like(th, 0.6)
