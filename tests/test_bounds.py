@@ -329,3 +329,31 @@ def test_blocked_bounds_equal_one_pass(grid, kappa_only, monkeypatch):
     far = B.bounded_moments(mm, th, sg * 1e-9, *(torch.full_like(th, v) for v in (-1e3, 1e3, -9e2, 9e2)),
                             args[7], args[8], kappa_only=kappa_only)
     assert far is mm
+
+
+@pytest.mark.parametrize("grid", [*sorted(GRIDS), "float8"])
+@pytest.mark.parametrize("kappa_only", [False, True])
+def test_sparse_reach_corrects_the_subset_bitwise(grid, kappa_only):
+    """A block with fewer than half its elements within reach of a bound (sd-0 weights of dead
+    units: 97% of a chunk of the 1e7 benchmark MLP's second layer) is corrected on those
+    elements alone: bit for bit the correction over the whole block (``_bounded_block`` with
+    every element, the path before), on every path (end-cell splits, inner bounds' fine
+    expansion and clipped windows), the other elements untouched."""
+    import mis_lightning.functional.bounds as B
+
+    gen = torch.Generator().manual_seed(4)
+    c = 1500
+    mm, th, sg, lo, hi, le, he, st, edges = _bounds_inputs(grid, c, gen)
+    sg = sg.clone()
+    sg[torch.rand(c, generator=gen) < 0.7] = 0.0  # frozen: no bound within reach
+    reach = B.bounds_in_reach(th, sg, lo, hi)
+    assert 0.1 * c < int(reach.sum()) < 0.5 * c
+    want = B._bounded_block(mm, th, sg, lo, hi, le, he, st, edges, None, kappa_only, reach, c)
+    got = B.bounded_moments(mm, th, sg, lo, hi, le, he, st, edges, kappa_only=kappa_only)
+    fields = ("kappa",) if kappa_only else ("kappa", "mean_abs", "m4", "coverage")
+    for f in fields:
+        a, b = getattr(want, f), getattr(got, f)
+        assert torch.equal(a.isnan(), b.isnan()), f
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), f
+        assert torch.equal(b[~reach].nan_to_num(7.0), getattr(mm, f)[~reach].nan_to_num(7.0)), f
+    assert not torch.equal(got.kappa[reach], mm.kappa[reach])  # the correction did something

@@ -236,18 +236,20 @@ def warm_up_split(mm: CellMoments, theta: Tensor, sigma: Tensor, scale: Tensor, 
 
 
 def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, edge: Tensor,
-                 bound: Tensor, top: bool, policy: CompilePolicy | None, kappa_only: bool = False) -> CellMoments:
+                 bound: Tensor, top: bool, policy: CompilePolicy | None, kappa_only: bool = False,
+                 total: int | None = None) -> CellMoments:
     """Cut the outer cell at ``edge`` at ``bound`` for the elements ``mask``: on gathered
     elements when few, over the whole chunk (compiled as ``policy`` says, checked against the
     eager arithmetic on a sample) when most are concerned (large models whose sd spans the
     whole grid). ``kappa_only``: ``mean_abs`` and ``m4`` are left as they are (eager only;
     the compiled split computes all three, and its self-check then compares ``kappa`` alone:
-    the inputs' ``mean_abs`` and ``m4`` may be NaN, not computed)."""
+    the inputs' ``mean_abs`` and ``m4`` may be NaN, not computed). ``total``: the elements of the
+    block these are a subset of (:func:`_bounded_moments`), which the choice of path reads."""
     n = int(mask.sum())
     if n == 0:
         return out
     sign = 1.0 if top else -1.0
-    if 2 * n < mask.numel():
+    if 2 * n < (mask.numel() if total is None else total):
         idx = torch.nonzero(mask).squeeze(-1)
         s = sigma[idx].clamp_min(torch.finfo(torch.float64).tiny)
         t = theta[idx]
@@ -368,12 +370,39 @@ def _bounded_moments(
     compile_policy: CompilePolicy | None,
     kappa_only: bool,
 ) -> CellMoments:
-    """:func:`bounded_moments` on one chunk or block (same arguments and returns)."""
+    """:func:`bounded_moments` on one chunk or block (same arguments and returns). When fewer
+    than half its elements have a bound within reach (e.g. sd-0 weights of dead units), the
+    correction runs on those alone (:func:`_bounded_block` on the subset): every operation is
+    element by element and each path gathers the same elements in the same order either way
+    (the block's size keeps the outer-cell split's choice of path), so the numbers are the same
+    bit for bit (tests/test_bounds.py)."""
     th, sg = theta.to(torch.float64), sigma.to(torch.float64)
     lo, hi = lower.to(torch.float64), upper.to(torch.float64)
     reach = bounds_in_reach(th, sg, lo, hi)
-    if not bool(reach.any()):
+    nr = int(reach.sum())
+    if nr == 0:
         return mm
+    if 2 * nr >= reach.numel():
+        return _bounded_block(mm, th, sg, lo, hi, low_edge, high_edge, step, edges, compile_policy, kappa_only,
+                              reach, reach.numel())
+    ix = torch.nonzero(reach).squeeze(-1)
+    part = CellMoments(kappa=mm.kappa[ix], mean_abs=mm.mean_abs[ix], m4=mm.m4[ix], coverage=mm.coverage[ix])
+    res = _bounded_block(part, th[ix], sg[ix], lo[ix], hi[ix], low_edge[ix], high_edge[ix],
+                         None if step is None else step[ix], lambda ii, m: edges(ix[ii], m),
+                         compile_policy, kappa_only, torch.ones_like(ix, dtype=torch.bool), reach.numel())
+    out = CellMoments(kappa=mm.kappa.clone(), mean_abs=mm.mean_abs.clone(), m4=mm.m4.clone(),
+                      coverage=mm.coverage.clone())
+    for o, v in zip((out.kappa, out.mean_abs, out.m4, out.coverage), (res.kappa, res.mean_abs, res.m4, res.coverage)):
+        o[ix] = v
+    return out
+
+
+def _bounded_block(mm: CellMoments, th: Tensor, sg: Tensor, lo: Tensor, hi: Tensor, low_edge: Tensor,
+                   high_edge: Tensor, step: Tensor | None, edges: Callable[[Tensor, int], Tensor],
+                   compile_policy: CompilePolicy | None, kappa_only: bool, reach: Tensor, total: int) -> CellMoments:
+    """The correction of :func:`_bounded_moments` given the float64 inputs, the mask ``reach``
+    (:func:`bounds_in_reach`, some element True) and ``total``, the size of the block these
+    elements are (a subset of): the outer-cell split chooses its path by it."""
     out = CellMoments(kappa=mm.kappa.clone(), mean_abs=mm.mean_abs.clone(), m4=mm.m4.clone(),
                       coverage=mm.coverage.clone())
     le, he = low_edge.to(torch.float64), high_edge.to(torch.float64)
@@ -436,8 +465,10 @@ def _bounded_moments(
                     out.m4[sub] = out.m4[sub] + torch.where(near, d4, zero)
     # the outer cell [b, inf) cut at the bound beyond it, the rest revealed (and (-inf, a]
     # likewise); a bound on the edge itself (torchao's symmetric scales) reveals the whole cell
-    out = _apply_split(out, split & (hi >= b) & (hi - th <= cut), th, sg, b, hi, True, compile_policy, kappa_only)
-    out = _apply_split(out, split & (lo <= a) & (th - lo <= cut), th, sg, a, lo, False, compile_policy, kappa_only)
+    out = _apply_split(out, split & (hi >= b) & (hi - th <= cut), th, sg, b, hi, True, compile_policy, kappa_only,
+                       total)
+    out = _apply_split(out, split & (lo <= a) & (th - lo <= cut), th, sg, a, lo, False, compile_policy, kappa_only,
+                       total)
     return out
 
 
