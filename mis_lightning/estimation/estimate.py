@@ -38,6 +38,7 @@ from ..functional.correlated import Correlation, correlation_from_covariance
 from .batching import merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
+    V_NONE,
     FactoredProgram,
     LayerProgram,
     LinearFactors,
@@ -290,8 +291,8 @@ class Estimate:
         an untouched coordinate has ``w_rj = gbar_j / sqrt(V_jj)`` for every record."""
         assert self._g_mean is not None and self._v_diag is not None
         gm, vd = self._centring(name)
-        sd = vd.clamp_min(1e-300).sqrt()
-        inv_sd = 1.0 / sd
+        sd = vd.clamp_min(V_NONE).sqrt()
+        inv_sd = torch.where(vd > V_NONE, 1.0 / sd, torch.zeros_like(sd))  # no variance: no influence
         low = {}  # float32 copies, made on the first float32 block
         for r0, r1, g in self._layer_blocks([name]):
             v = g[name]
@@ -384,8 +385,8 @@ class Estimate:
         if isinstance(self._program, LayerProgram):
             assert self._g_mean is not None and self._v_diag is not None
             for r0, r1, g in self._layer_blocks(names):
-                yield r0, r1, {k: -(_dense(v, r1 - r0).to(torch.float64) - self._centring(k)[0])
-                               / self._centring(k)[1].clamp_min(1e-300).sqrt() for k, v in g.items()}
+                yield r0, r1, {k: _standardised(_dense(v, r1 - r0).to(torch.float64), *self._centring(k))
+                               for k, v in g.items()}
             return
         for name in names:
             numel = self.offsets[name][1] - self.offsets[name][0]
@@ -397,8 +398,7 @@ class Estimate:
                     g = self._program.per_sample_grads(x, y, [name])[name].reshape(-1, numel).to(torch.float64)
                     assert self._g_mean is not None and self._v_diag is not None
                     # psi_j / sqrt(Sigma_jj) = -(g_j - g_bar_j) / sqrt(V_jj) when H_jj > 0.
-                    gm, vd = self._centring(name)
-                    w = -(g - gm) / vd.clamp_min(1e-300).sqrt()
+                    w = _standardised(g, *self._centring(name))
                     yield r0 + a, r0 + a + g.shape[0], {name: w}
                 r0 += b
 
@@ -1408,6 +1408,14 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
             f"error {med:.2g} (90th percentile {diagnostics['ggn_mc_p90_relative_error']:.2g}; a bound), which "
             "sigma and the leakage's cell sizes carry; raise ggn_mc_samples or use hessian='ggn' (exact)")
     return out
+
+
+def _standardised(g: Tensor, g_mean: Tensor, v: Tensor) -> Tensor:
+    """``w = -(g - g_bar) / sqrt(V_jj)`` ``[b, numel]``, 0 where ``V_jj <= V_NONE`` (no gradient
+    variance, no influence: a constant gradient's rounding over a clamped variance read as a
+    huge influence)."""
+    w = -(g - g_mean) / v.clamp_min(V_NONE).sqrt()
+    return torch.where(v > V_NONE, w, torch.zeros((), dtype=w.dtype))
 
 
 def _dense(v: Any, rows: int) -> Tensor:

@@ -238,6 +238,9 @@ class FactoredProgram:
 
 
 COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
+# gradient variance at or below which a weight has no influence in the factored sums (its square,
+# the fourth power's divisor, is then still a normal float64)
+V_NONE = 1e-150
 
 
 def factored_power_sums(
@@ -258,7 +261,13 @@ def factored_power_sums(
     if M > cols:
         return torch.cat([factored_power_sums(fac, g_mean, v_diag, A[:, c : c + cols], power, bias)
                           for c in range(0, M, cols)], dim=1)
-    scaled = A / v_diag.clamp_min(1e-300).pow(power / 2).unsqueeze(-1)  # [numel, M]
+    # A weight without gradient variance has no influence (w_j = 0, the estimate's convention):
+    # dividing by a clamped V_jj gave 0 * 1e300 at power 2 but 0 / 0 = NaN at power 4, where
+    # (1e-300)^2 underflows (mo26: every scheme's Edgeworth estimate NaN at 1e7 weights, with
+    # dead ReLU units). V_jj up to 1e-150 counts as none: its power stays finite above it.
+    live = v_diag > V_NONE
+    scaled = torch.where(live.unsqueeze(-1), A / v_diag.clamp_min(V_NONE).pow(power / 2).unsqueeze(-1),
+                         torch.zeros((), dtype=A.dtype))  # [numel, M]
     if bias:
         c = (fac.d - g_mean).pow(power)  # [R, out]
         return c @ scaled
@@ -292,7 +301,9 @@ def iterate_factor_blocks(factors: Iterable[LinearFactors], g_mean: dict[str, Te
             for a in range(0, R, step):
                 d = fac.d[a : a + step]
                 g = d if is_bias else (d.unsqueeze(-1) * fac.x[a : a + step].unsqueeze(1)).reshape(d.shape[0], -1)
-                w = -(g - g_mean[name]) / v_diag[name].clamp_min(1e-300).sqrt()
+                v = v_diag[name]
+                w = torch.where(v > V_NONE, -(g - g_mean[name]) / v.clamp_min(V_NONE).sqrt(),
+                                torch.zeros((), dtype=g.dtype))  # no variance: no influence
                 yield a, a + d.shape[0], {name: w}
 
 
