@@ -1388,9 +1388,10 @@ def _mc_error(h_sum: Tensor, h2_sum: Tensor, samples: int) -> dict[str, Any]:
 
 
 def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
-    """Report lines about the estimator's own accuracy: the sampled-label Gauss-Newton
-    diagonal's Monte Carlo error when its median relative standard error exceeds
-    :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j carries the same relative error)."""
+    """Report lines about the estimator's own accuracy: another estimator than the one chosen
+    without knowing ``n`` for the ``n`` seen (``"estimator_with_n"``, :meth:`MomentAccumulator.finalize`),
+    and the sampled-label Gauss-Newton diagonal's Monte Carlo error when its median relative
+    standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j carries the same relative error)."""
     out = []
     other = diagnostics.get("estimator_with_n")
     if other is not None:
