@@ -1011,8 +1011,8 @@ def test_the_metric_says_when_the_records_seen_would_choose_another_estimator():
 N_COLLAPSE = 600
 
 
-@pytest.mark.parametrize("estimation", ["exact", "diagonal"])
-def test_collapsed_units_left_by_weight_decay_do_not_leak(estimation):
+@pytest.mark.parametrize("estimation", ["exact", "diagonal", "lean"])
+def test_collapsed_units_left_by_weight_decay_do_not_leak(estimation, monkeypatch):
     """fu26: a GELU MLP whose weight decay collapses 5 of its 8 hidden units to the optimizer's
     residue (~1e-7; their exact minimum is 0) read the unquantized leakage 0.0484 against 0.0410:
     the gradient-covariance form whitened their residue-sized gradients, ~1 each in g' V^+ g,
@@ -1020,7 +1020,8 @@ def test_collapsed_units_left_by_weight_decay_do_not_leak(estimation):
     exactly 0 (the same function) is the reference: equal to 1e-3 relative (the residue's own
     effect on the live weights' figures is ~1e-7). The diagonal estimator read +18% (+57% with
     independent coordinates): its rounding detector measured the residue against the median of
-    a layer whose units had mostly collapsed, at float64's rounding."""
+    a layer whose units had mostly collapsed, at float64's rounding; the large-model path
+    ("lean": float32 state) had no such detector at all."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(N_COLLAPSE, 6, generator=g, dtype=torch.float64)
     W = torch.randn(6, 3, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
@@ -1048,7 +1049,12 @@ def test_collapsed_units_left_by_weight_decay_do_not_leak(estimation):
     def ce(o, t):
         return F.cross_entropy(o, t, reduction="none")
 
-    kw = dict(weight_decay=wd, uncertainty_draws=0, estimation=estimation)
+    kw = dict(weight_decay=wd, uncertainty_draws=0, estimation="diagonal" if estimation == "lean" else estimation)
+    if estimation == "lean":  # the large-model path: float32 state, influences not stored
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "FLOAT32_STATE_MIN_PARAMS", 0)
+        kw.update(budget=1000, hessian="ggn")
     residue = ml.assess(net, ["none"], loader, ce, **kw)
     with torch.no_grad():
         net[0].weight[dead] = 0

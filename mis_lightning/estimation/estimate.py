@@ -1227,18 +1227,14 @@ class MomentAccumulator:
         if self.hessian == "ggn_mc":
             diagnostics.update(_mc_error(h_sum, st["h2_sum"].to(cpu, torch.float64), self.ggn_mc_samples))
         # coordinates the loss does not depend on: their gradients are rounding (w = 0 below)
-        eps = torch.finfo(self.fast_dtype if self.factored is not None else self.dtype).eps
-        params = dict(self.model.named_parameters())
-        # a float32 model's weights are known to its rounding, whatever the passes' dtype
-        stored_eps = max((torch.finfo(params[k].dtype).eps for k in names
-                          if k in params and params[k].is_floating_point()), default=0.0)
-        v_centring = _without_rounding_gradients(v_flat, names, offsets, eps, diagnostics, stored_eps)
+        v_centring = _without_rounding_gradients(v_flat, names, offsets, self._rounding_eps(), diagnostics,
+                                                 self._stored_eps())
         if self.d:
             check_curvature(float((h_flat + self._decay_slice(0, self.d)).max()), bool((v_flat > 0).any()))
         sigma_flat, w = diagonal_compute(h_flat + self._decay_slice(0, self.d), v_flat, g_mean_flat, G, n, self.damping,
                                          diagnostics, v_centring)
         hth = float(((h_flat + self._decay_slice(0, self.d)) * _flatten_theta(theta, names)).norm())
-        diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"], hth, eps))
+        diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"], hth, self._rounding_eps()))
         records, factors = None, None
         if w is not None:
             kept = w.shape[0]
@@ -1260,6 +1256,17 @@ class MomentAccumulator:
             _g_mean=_split(g_mean_flat, names, offsets), _v_diag=_split(v_centring, names, offsets),
             factors=factors, **common,
         )
+
+    def _rounding_eps(self) -> float:
+        """The relative rounding of the passes' per-sample gradients (their compute dtype)."""
+        return torch.finfo(self.fast_dtype if self.factored is not None else self.dtype).eps
+
+    def _stored_eps(self) -> float:
+        """The relative rounding of the model's stored assessed weights: a float32 model's
+        weights are known to it whatever the passes' dtype."""
+        params = dict(self.model.named_parameters())
+        return max((torch.finfo(params[k].dtype).eps for k in self.names
+                    if k in params and params[k].is_floating_point()), default=0.0)
 
     def _decay_slice(self, a: int, b: int) -> float | Tensor:
         """The L2 coefficient of flat weights ``a:b``: a float where it is uniform, else a
@@ -1322,6 +1329,11 @@ class MomentAccumulator:
             g_out[a:b], v_out[a:b] = g, v
         if d:
             check_curvature(h_max, v_max > 0)
+        # v_out standardises the influences (_v_diag): rounding gradients, and a collapsed unit's
+        # residue, get no influence, as in finalize's whole-vector path (in place: no copy of size d)
+        rounding: dict[str, Any] = {}
+        _without_rounding_gradients(v_out, names, offsets, self._rounding_eps(), rounding, self._stored_eps(),
+                                    in_place=True)
         ratio = _curvature_ratio_reference(s_out)
         z_sum, z_count, hth_sq = 0.0, 0, 0.0
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma and the offset's terms (v_max known)
@@ -1339,7 +1351,7 @@ class MomentAccumulator:
             "minimum_offset_covariance": "diagonal", "zero_gradient_variance": zero_var,
             **_decay_diagnostics(self.decay)}
         diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, gnorm, math.sqrt(hth_sq),
-                                          torch.finfo(self.fast_dtype if self.factored is not None else self.dtype).eps))
+                                          self._rounding_eps()))
         if hutch:  # whole-vector diagnostics of the estimators that report their own error
             total = h_sum.to(cpu, f64) / self.hutchinson_probes
             rel = st["h2_sum"].to(cpu, f64).sqrt() / total.abs().clamp_min(1e-300)
@@ -1350,7 +1362,7 @@ class MomentAccumulator:
             diagnostics.update(_mc_error(h_sum.to(cpu, f64), st["h2_sum"].to(cpu, f64), self.ggn_mc_samples))
         diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max,
                            negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
-                           nonpositive_hessian_diagonal=neg, state_dtype="float32")
+                           nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
         kept = sum(batch_size_of(y) for _, y in records)
@@ -1875,7 +1887,8 @@ STORED_ROUNDING_MAX = 1e-6
 
 
 def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, tuple[int, int]], eps: float,
-                                diagnostics: dict[str, Any], stored_eps: float = 0.0) -> Tensor:
+                                diagnostics: dict[str, Any], stored_eps: float = 0.0,
+                                in_place: bool = False) -> Tensor:
     """``V_jj`` for standardising the influences ``w_j = -(g_j - g_bar_j) / sqrt(V_jj)``, with
     ``+inf`` (so ``w_j = 0``: no influence) where the per-sample gradient sd is below
     ``min(ROUNDING_GRADIENT_EPS * eps, ROUNDING_GRADIENT_MAX)`` times the module's scale: the
@@ -1884,7 +1897,8 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     all collapsed). ``stored_eps``: the rounding of the model's stored weights (float32: 1.2e-7),
     below ``min(STORED_ROUNDING_FACTOR * stored_eps, STORED_ROUNDING_MAX)`` of the scale whatever
     the passes' dtype (an optimizer's residue of a collapsed unit, ~1e-7 of the live weights).
-    ``diagnostics["rounding_gradient_weights"]`` counts them."""
+    ``diagnostics["rounding_gradient_weights"]`` counts them. ``in_place``: ``v`` itself is
+    returned, modified (the float32 state of a large model: no copy of size ``d``)."""
     by_module: dict[str, float] = {}
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
@@ -1896,7 +1910,7 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     by_module = {m: max(r, ROUNDING_MODULE_SHARE * top) for m, r in by_module.items()}
     rel = max(min(ROUNDING_GRADIENT_EPS * eps, ROUNDING_GRADIENT_MAX),
               min(STORED_ROUNDING_FACTOR * stored_eps, STORED_ROUNDING_MAX))
-    out = v.clone()
+    out = v if in_place else v.clone()
     flagged = 0
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
