@@ -1408,8 +1408,9 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     other = diagnostics.get("estimator_with_n")
     if other is not None:
         out.append(
-            f"estimation='auto' chose its estimator without knowing the number of training records (a stream: "
-            f"MISIndicator without num_training_records assumes {N_ASSUMED:,}); with the n = {other['n']:,} records "
+            f"estimation='auto' chose its estimator without knowing the number of training records (a stream of "
+            f"unknown size: MISIndicator without num_training_records, or an iterable training dataset; it assumes "
+            f"{N_ASSUMED:,}); with the n = {other['n']:,} records "
             f"seen it chooses the {other['estimator']} ({other['reason']}), which assess and MISCallback give "
             f"the same data: the figures differ between the two; pass num_training_records={other['n']} (or "
             "estimation='exact' / 'diagonal') to get assess's")
