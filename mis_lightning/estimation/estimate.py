@@ -46,6 +46,7 @@ from .linear_factors import (
     _Sparse,
     factored_power_sums,
     iterate_factor_blocks,
+    standardised_influence,
 )
 from .per_sample import (
     BatchFn,
@@ -385,7 +386,7 @@ class Estimate:
         if isinstance(self._program, LayerProgram):
             assert self._g_mean is not None and self._v_diag is not None
             for r0, r1, g in self._layer_blocks(names):
-                yield r0, r1, {k: _standardised(_dense(v, r1 - r0).to(torch.float64), *self._centring(k))
+                yield r0, r1, {k: standardised_influence(_dense(v, r1 - r0).to(torch.float64), *self._centring(k))
                                for k, v in g.items()}
             return
         for name in names:
@@ -398,7 +399,7 @@ class Estimate:
                     g = self._program.per_sample_grads(x, y, [name])[name].reshape(-1, numel).to(torch.float64)
                     assert self._g_mean is not None and self._v_diag is not None
                     # psi_j / sqrt(Sigma_jj) = -(g_j - g_bar_j) / sqrt(V_jj) when H_jj > 0.
-                    w = _standardised(g, *self._centring(name))
+                    w = standardised_influence(g, *self._centring(name))
                     yield r0 + a, r0 + a + g.shape[0], {name: w}
                 r0 += b
 
@@ -1422,14 +1423,6 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
             f"error {med:.2g} (90th percentile {diagnostics['ggn_mc_p90_relative_error']:.2g}; a bound), which "
             "sigma and the leakage's cell sizes carry; raise ggn_mc_samples or use hessian='ggn' (exact)")
     return out
-
-
-def _standardised(g: Tensor, g_mean: Tensor, v: Tensor) -> Tensor:
-    """``w = -(g - g_bar) / sqrt(V_jj)`` ``[b, numel]``, 0 where ``V_jj <= V_NONE`` (no gradient
-    variance, no influence: a constant gradient's rounding over a clamped variance read as a
-    huge influence)."""
-    w = -(g - g_mean) / v.clamp_min(V_NONE).sqrt()
-    return torch.where(v > V_NONE, w, torch.zeros((), dtype=w.dtype))
 
 
 def _dense(v: Any, rows: int) -> Tensor:

@@ -243,6 +243,14 @@ COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
 V_NONE = 1e-150
 
 
+def standardised_influence(g: Tensor, g_mean: Tensor, v: Tensor) -> Tensor:
+    """``w = -(g - g_bar) / sqrt(V_jj)`` ``[b, numel]`` from per-sample gradients ``g``, 0 where
+    ``V_jj <= V_NONE`` (no gradient variance, no influence: a constant gradient's rounding over a
+    clamped variance read as a huge influence)."""
+    w = -(g - g_mean) / v.clamp_min(V_NONE).sqrt()
+    return torch.where(v > V_NONE, w, torch.zeros((), dtype=w.dtype))
+
+
 def factored_power_sums(
     fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, A: Tensor, power: int, bias: bool = False,
 ) -> Tensor:
@@ -301,10 +309,7 @@ def iterate_factor_blocks(factors: Iterable[LinearFactors], g_mean: dict[str, Te
             for a in range(0, R, step):
                 d = fac.d[a : a + step]
                 g = d if is_bias else (d.unsqueeze(-1) * fac.x[a : a + step].unsqueeze(1)).reshape(d.shape[0], -1)
-                v = v_diag[name]
-                w = torch.where(v > V_NONE, -(g - g_mean[name]) / v.clamp_min(V_NONE).sqrt(),
-                                torch.zeros((), dtype=g.dtype))  # no variance: no influence
-                yield a, a + d.shape[0], {name: w}
+                yield a, a + d.shape[0], {name: standardised_influence(g, g_mean[name], v_diag[name])}
 
 
 
