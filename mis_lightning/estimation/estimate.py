@@ -1197,11 +1197,15 @@ class MomentAccumulator:
                 if self._leverage_ggn is not None:
                     diagnostics["leverage_curvature_reason"] = self._leverage_ggn
             records: dict[str, Tensor] = {}
-            step = _newton_step(g_mean_flat, H, theta, names, self._decay_slice(0, self.d))
+            # symmetries: no information, no curvature (method.md section 6); H's precision: the
+            # stored weights' rounding or the distance to the stationary point
+            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d),
+                                   max(self._stored_eps(), diagnostics["gradient_norm_ratio"]))
+            step = _newton_step(g_mean_flat, H, theta, names, self._decay_slice(0, self.d), flat)
             variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
-                                                          records=records, floor_variants=variants)
+                                                          records=records, floor_variants=variants, flat=flat)
             diagnostics.update(_newton_offset(step, sigma_flat, diagnostics["gradient_norm_ratio"]))
             diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"],
                                               float((torch.diagonal(H) * _flatten_theta(theta, names)).norm()),
@@ -1479,11 +1483,109 @@ def _offset_terms(total_grad: Tensor, v: Tensor, v_max: float) -> tuple[float, i
     return float((total_grad[keep].square() / v[keep]).sum()), int(keep.sum())
 
 
-def _newton_step(g_mean: Tensor, H: Tensor, theta: dict[str, Tensor], names: list[str], decay: Any) -> Tensor:
+def _newton_step(g_mean: Tensor, H: Tensor, theta: dict[str, Tensor], names: list[str], decay: Any,
+                 flat: Tensor | None = None) -> Tensor:
     """``[d]`` the Newton step ``H^+ g`` from theta-hat to the minimum of the assessed objective
-    (``g``: the penalised mean gradient; ``H`` with the weight decay)."""
+    (``g``: the penalised mean gradient; ``H`` with the weight decay), on the identifiable part:
+    ``flat`` (``[d, k]``, :func:`flat_directions`) projected out of ``H`` and ``g``."""
     total = g_mean + torch.as_tensor(decay, dtype=g_mean.dtype) * torch.cat([theta[k] for k in names]).to(g_mean)
-    return torch.linalg.pinv(H.to(g_mean), hermitian=True) @ total
+    H = H.to(g_mean)
+    if flat is not None and flat.shape[1]:
+        H, total = _project_out(H, flat), total - flat @ (flat.T @ total)
+    return torch.linalg.pinv(H, hermitian=True) @ total
+
+
+def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: float | Tensor = 0.0,
+                    precision: float = 0.0) -> Tensor:
+    """``[d, k]`` orthonormal basis of the objective's exact flat directions at theta-hat
+    (method.md section 6, "When the approximation holds"): the directions ``u`` along which
+    every record's gradient is 0 to float64 rounding (``G u = 0``), the penalty does not act
+    (``decay`` 0 on them) and the data loss has no curvature (``u' H u = 0`` to H's precision).
+    A symmetry of the model makes them: a constant input column beside a bias, duplicated
+    columns, the scale of a weight under ``weight_norm``, softmax's shift, a rescaling between
+    ReLU layers. The loss is constant along them: they carry no information and no membership
+    signal. An L2 penalty breaks the symmetry (curvature ``wd``): such directions are kept, as
+    are near-flat ones (near-collinear features, saturated units: gradients small, not rounding).
+
+    Args:
+        gg_mean: ``[d, d]`` mean of ``g g'`` over the n records (data-loss gradients, float64).
+        H: ``[d, d]`` mean Hessian of the objective, weight decay included.
+        G: ``[R, d]`` the kept records' gradients: the candidates ``E[(g'u)^2] = 0`` (read from
+            ``gg_mean`` to rounding of its square, ``100 d eps``) are kept where ``|G u|`` is
+            rounding itself (``100 d eps`` of ``|G|``, relative, not squared); ``None``: not checked.
+        decay: the L2 coefficient, a float or ``[d]`` per weight.
+        precision: H's relative precision as the curvature at the minimum (0: float64 rounding).
+            Off an exact stationary point (the weights' float rounding, the optimizer's residue)
+            H holds terms linear in the mean gradient: ``-grad L . phi''`` along a curved
+            symmetry; torch's ``weight_norm`` double backward adds a wrong one (asymmetric, 0
+            where ``dL/dW = 0``; torch 2.13). :meth:`MomentAccumulator.finalize` passes the larger
+            of the stored weights' eps and the gradient norm ratio (capped at
+            :data:`FLAT_CURVATURE_MAX`).
+
+    All are read in units where each weight's gradient has unit second moment (``D = diag(
+    E[g_j^2])^-1/2``; a weight whose gradients are rounding of the largest's gets the largest's
+    scale), so no weight's units decide; curvatures relative to ``D H D``'s largest eigenvalue.
+    """
+    d = H.shape[0]
+    empty = H.new_zeros(d, 0)
+    gd = gg_mean.diagonal().clamp_min(0.0)
+    top = float(gd.max()) if d else 0.0
+    if top <= 0.0:
+        return empty  # no gradient at all: the interpolation flags speak (_interpolation)
+    tol = 100 * d * torch.finfo(torch.float64).eps
+    s = torch.where(gd > tol * top, gd, torch.full_like(gd, top)).rsqrt()
+    ss = torch.outer(s, s)
+    ggs = gg_mean * ss
+    # eigh resolves a null subspace only to eps |gg| / gap: the candidates take in every
+    # eigenvalue whose mixing (eps e_top / e_j, weight e_j) could lift |G u| above the cutoff
+    e = torch.linalg.eigvalsh(ggs)  # ~3x cheaper than the vectors, which most models never need
+    e_top = float(e[-1])
+    if not bool((e <= e_top / (100 * d) ** 2).any()):
+        return empty
+    e, Q = torch.linalg.eigh(ggs)
+    U = Q[:, e <= e_top / (100 * d) ** 2]
+    if U.shape[1] and G is not None and G.shape[0]:
+        # the null subspace from the kept records' gradients themselves: |G u| is rounding
+        # (relative eps, where E[(g'u)^2] resolves only its square)
+        Gs = G.to(U) * s
+        _, sv, Vh = torch.linalg.svd(Gs @ U, full_matrices=True)
+        sv = torch.cat([sv, sv.new_zeros(U.shape[1] - sv.numel())])
+        U = U @ Vh.T[:, sv <= tol * float(torch.linalg.matrix_norm(Gs, 2))]
+    if not U.shape[1]:
+        return empty  # the common case: one eigh of E[gg'] is the whole cost
+    dec = torch.as_tensor(decay, dtype=H.dtype).expand(d)
+    H_data = (0.5 * (H + H.T) - torch.diag(dec)) * ss
+    h_top = float(torch.linalg.eigvalsh(H * ss).abs().max())
+    # every record (not only the kept ones) flat; no penalty; no curvature to H's precision
+    for M, cut in ((ggs / e_top * h_top, tol), (torch.diag(dec * s * s), tol),
+                   (H_data, max(tol, min(precision, FLAT_CURVATURE_MAX)))):
+        if not U.shape[1]:
+            return empty
+        c, W = torch.linalg.eigh(U.T @ M @ U)
+        U = U @ W[:, c.abs() <= cut * h_top]
+    if not U.shape[1]:
+        return empty
+    # back to parameter units (the subspace D U), orthonormal there
+    return torch.linalg.qr(s.unsqueeze(-1) * U).Q
+
+
+# The largest relative curvature (of the largest eigenvalue, in gradient units) that a direction
+# no record's gradient moves along may have and still be read as flat (flat_directions): H's
+# precision off the minimum, capped. Measured (sy27): a ReLU MLP's rescaling at gradient norm
+# ratio 1.5e-5 reads 2e-8, weight_norm's scale 3e-9 at 4e-8; a real curvature along such a
+# direction (the one separating two identical hidden units at a saddle) is of the residuals' order.
+FLAT_CURVATURE_MAX = 1e-5
+
+
+def _project_out(H: Tensor, flat: Tensor) -> Tensor:
+    """``P H P`` with ``P = I - F F'`` (``flat`` = F ``[d, k]`` orthonormal): the Hessian of the
+    identifiable part. Off an exact stationary point H couples a flat direction to the others by
+    a gradient-level term (``H v = -grad L`` for a loss invariant to the scale of ``v``), which
+    read as negative eigenvalues ("negative curvature (1 of 13)" on a converged weight_norm MLP,
+    "(3 of 19)" on a ReLU one without weight decay; sy27); at the minimum it is 0 and ``P H P = H``."""
+    HF = H @ flat
+    FHF = flat.T @ HF
+    return H - HF @ flat.T - flat @ HF.T + flat @ FHF @ flat.T
 
 
 def _newton_offset(step: Tensor, sigma: Tensor, ratio: float) -> dict[str, Any]:
@@ -1545,9 +1647,13 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
                      records: dict[str, Tensor] | None = None,
                      floor_variants: dict[float, dict[str, Tensor | None]] | None = None,
+                     flat: Tensor | None = None,
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``
-    (:func:`_sandwich_scaled`, whose arguments and returns these are).
+    (:func:`_sandwich_scaled`, whose arguments and returns these are), on the identifiable
+    part: the exact flat directions ``flat`` (``[d, k]``; ``None``: :func:`flat_directions`)
+    are projected out of H (``P H P``: no curvature, no variance, no influence along them;
+    ``diagnostics["flat_directions"] = k``).
 
     The figures must not depend on the units of each weight (``theta_j -> c_j theta_j`` is the
     same model and estimator), but the eigenvalue floor (``damping`` times the largest) is
@@ -1566,6 +1672,11 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     data, and the scoring reports how far the headline follows it (``floor_sensitivity``). An
     unfloored Hessian leaves it empty (no extra work; the figures do not depend on the floor).
     """
+    if flat is None:
+        flat = flat_directions(gg_mean, H, G)
+    if flat.shape[1]:
+        H = _project_out(H, flat)
+    diagnostics["flat_directions"] = int(flat.shape[1])
     first: dict[str, Any] = {}
     rec1: dict[str, Tensor] = {}
     out = _sandwich_scaled(gg_mean, H, g_mean, G, n, damping, first, jacobians=jacobians,

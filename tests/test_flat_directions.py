@@ -1,0 +1,173 @@
+"""Exact flat directions of the loss (symmetries of the model) carry no information: no
+negative-curvature or "not at a minimum" warning from them, and the identifiable directions'
+figures as without them (method.md section 6, "When the approximation holds"; sy27).
+
+The model: a 3-2-1 tanh MLP fitted by float64 L-BFGS to a target of its own class (a strict
+minimum, Hessian condition ~200), then released in float32. Its two symmetric variants compute the
+same function from the same weights:
+
+* an extra constant-1 input column next to the layer's bias (their sum is identified, not the
+  split: a straight line of minima, H u = 0 everywhere);
+* ``torch.nn.utils.parametrizations.weight_norm`` on the first layer (each row's ``v`` is
+  identified up to its scale: every record's gradient is orthogonal to ``v``, but off an exact
+  stationary point ``H v = -grad L`` couples the flat direction to the others, which read
+  as negative eigenvalues of H: "negative curvature (1 of 13)" on a converged model before).
+"""
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.estimation.estimate import sandwich_compute
+
+N = 1000
+# The variants agree with the plain model to the float32 rounding of their weights (the release
+# is float32; weight_norm recomputes W = g v / |v| in float32: 6e-8 relative per weight, seen
+# as < 1e-6 in the figures): 1e-4 relative leaves room and catches a moved figure (fu26: +2.4%).
+REL = 1e-4
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+@functools.cache
+def _fit() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(N, 3, generator=g, dtype=torch.float64)
+    w = torch.tensor([[1.5, -1.0, 0.5], [-0.5, 1.0, 1.5]], dtype=torch.float64)
+    y = torch.tanh(x @ w.T + torch.tensor([0.3, -0.2], dtype=torch.float64)) @ torch.tensor(
+        [1.0, -1.2], dtype=torch.float64) + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
+    torch.manual_seed(2)
+    m = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    opt = torch.optim.LBFGS(m.parameters(), max_iter=200, history_size=50, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-14, tolerance_change=1e-16)
+
+    def closure():
+        opt.zero_grad()
+        val = mse(m(x), y).mean()
+        val.backward()
+        return val
+
+    for _ in range(3):
+        opt.step(closure)
+    return m, x, y
+
+
+def _plain() -> nn.Module:
+    m, _, _ = _fit()
+    out = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    out.load_state_dict(m.state_dict())
+    return out
+
+
+def _assess(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kw):
+    # every record kept: the records kept by content hash differ with the inputs (a constant
+    # column changes each record's hash), which moves the figures by their sampling error (~3%)
+    dl = DataLoader(TensorDataset(x.float(), y.float()), batch_size=250)
+    return ml.assess(model.float(), ["none"], dl, mse, num_records=N, uncertainty_draws=0, **kw)
+
+
+def _no_false_warning(rep) -> None:
+    dg = rep.diagnostics
+    assert not dg["negative_curvature"] and not dg["not_at_minimum"], dg
+    assert not any("negative curvature" in w or "not at a minimum" in w for w in rep.warnings), rep.warnings
+
+
+def test_constant_column_with_a_bias_reads_the_model_without_it():
+    m, x, y = _fit()
+    b = nn.Sequential(nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        b[0].weight.copy_(torch.cat([m[0].weight, m[0].bias[:, None] / 2], 1))
+        b[0].bias.copy_(m[0].bias / 2)
+        b[2].load_state_dict(m[2].state_dict())
+    x1 = torch.cat([x, torch.ones(N, 1, dtype=torch.float64)], 1)
+    ra, rb = _assess(_plain(), x, y), _assess(b, x1, y)
+    _no_false_warning(ra)
+    _no_false_warning(rb)
+    assert rb.diagnostics["flat_directions"] == 2  # one (column weight, bias) pair per hidden unit
+    assert rb.baseline_leakage == pytest.approx(ra.baseline_leakage, rel=REL)
+
+
+def test_weight_norm_scale_is_no_negative_curvature_and_moves_no_figure():
+    ra = _assess(_plain(), *_fit()[1:])
+    wn = _plain()
+    wn[0] = weight_norm(wn[0])
+    rb = _assess(wn, *_fit()[1:])
+    _no_false_warning(ra)
+    _no_false_warning(rb)  # before: "negative curvature (1 of 13 eigenvalues negative)"
+    assert rb.diagnostics["flat_directions"] == 2  # the scale of each of the 2 rows of v
+    assert rb.baseline_leakage == pytest.approx(ra.baseline_leakage, rel=REL)
+
+
+def test_weight_norm_model_off_its_minimum_is_still_flagged():
+    # the norm g of the first row 30% off (the plain model with that row scaled: 3.6 sd, root
+    # mean square over its 11 weights): a real non-minimum along an identified direction, which
+    # the symmetry must not hide
+    wn = _plain()
+    wn[0] = weight_norm(wn[0])
+    with torch.no_grad():
+        wn[0].parametrizations.weight.original0[0] *= 1.3
+    rep = _assess(wn, *_fit()[1:])
+    assert rep.diagnostics["not_at_minimum"] and rep.diagnostics["minimum_offset_sd"] > 2
+    assert any("not at a minimum" in w for w in rep.warnings)
+
+
+def test_weight_decay_on_the_scale_invariant_weight_is_no_flat_direction():
+    # with an L2 penalty on v the objective is not flat along v's scale (it pulls |v| to 0: no
+    # minimum with v != 0): the direction has curvature wd and is kept, and the model is off the
+    # penalised objective's minimum along it, flagged
+    wn = _plain()
+    wn[0] = weight_norm(wn[0])
+    rep = _assess(wn, *_fit()[1:], weight_decay={"0.parametrizations.weight.original1": 1e-2})
+    assert rep.diagnostics.get("flat_directions", 0) == 0
+    assert rep.diagnostics["not_at_minimum"]
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-3])
+def test_relu_rescaling_is_flat_without_weight_decay_only(wd):
+    # (W1_k, b1_k, W2_k) -> (c W1_k, c b1_k, W2_k / c) per hidden unit: a curved orbit, whose
+    # curvature off the exact minimum is -grad L . phi'' (L-BFGS stops at ratio ~1e-5 on ReLU
+    # kinks): "negative curvature (3 of 19)" before. Weight decay breaks the symmetry (the
+    # penalty picks the balanced c): no flat direction then.
+    _, x, y = _fit()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    opt = torch.optim.LBFGS(m.parameters(), max_iter=300, history_size=50, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-14, tolerance_change=1e-16)
+
+    def closure():
+        opt.zero_grad()
+        val = mse(m(x), y).mean() + 0.5 * wd * sum((p ** 2).sum() for p in m.parameters())
+        val.backward()
+        return val
+
+    for _ in range(3):
+        opt.step(closure)
+    rep = _assess(m, x, y, weight_decay=wd)
+    _no_false_warning(rep)
+    assert rep.diagnostics["flat_directions"] == (3 if wd == 0 else 0)
+
+
+def test_a_saddle_beside_an_exact_flat_direction_still_reads_negative_curvature():
+    # H with one exact symmetry (u: no record's gradient moves along it, zero curvature, coupled
+    # to the others by a gradient-level term) and one real negative eigenvalue (-0.5)
+    g = torch.Generator().manual_seed(0)
+    d, n = 6, 400
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    u = Q[:, 0]
+    lam = torch.tensor([0.0, -0.5, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    H = (Q * lam) @ Q.T
+    H = H + 1e-2 * (torch.outer(u, Q[:, 2]) + torch.outer(Q[:, 2], u))  # H u = -grad L off the minimum
+    G = torch.randn(n, d, dtype=torch.float64, generator=g)
+    G = G - torch.outer(G @ u, u)  # every record's gradient orthogonal to u
+    diag: dict = {}
+    sandwich_compute(G.T @ G / n, H, G.mean(0), G[:32], n, 1e-8, diag)
+    # before: 2 flipped (the coupling put the flat direction's eigenvalue at -1e-4)
+    assert diag["negative_curvature"] and diag["negative_eigenvalues_flipped"] == 1
+    assert diag["flat_directions"] == 1
