@@ -34,6 +34,9 @@ half-width, which decides that population's coverage when the draws are narrow.
     PYTHONPATH=. python benchmarks/coverage_averaged.py --settings 32x64:stored:4 \\
         --populations 10 --trainings 30                  # coverage per population
     PYTHONPATH=. python benchmarks/coverage_averaged.py --theory   # the centre's error, closed form
+    PYTHONPATH=. python benchmarks/coverage_averaged.py --settings 256x256:factored:4 \\
+        256x256:factored:4:uniform:gaussian --populations 40 --trainings 1 \\
+        --draw-sample-fraction 0.25                      # the draws' sample size A/B (docs/benchmarks.md, pf27)
 
 About 0.1-0.8 s of CPU per replication (``d`` = 2,048-98,304), plus 1-20 s per population for
 the closed forms.
@@ -200,7 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="the closed-form centre biases only up to this d (they cost ~64 kappa passes)")
     ap.add_argument("--theory", action="store_true",
                     help="print the closed-form split of the centre's error per step (no scoring)")
+    ap.add_argument("--draw-sample-fraction", type=float, default=None,
+                    help="assess.DRAW_SAMPLE_FRACTION for this run (A/B of the subsampled draws' sample size)")
     a = ap.parse_args(argv)
+    if a.draw_sample_fraction is not None:
+        AS.DRAW_SAMPLE_FRACTION = a.draw_sample_fraction
     out = {"command": "python benchmarks/coverage_averaged.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "settings": []}
     if a.theory:

@@ -1396,12 +1396,14 @@ def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b
         if idx.numel() < F.affine.TABLE_MIN_ELEMENTS <= D * c:
             pad = torch.nonzero(flat).squeeze(-1)[: F.affine.TABLE_MIN_ELEMENTS - idx.numel()]
             idx = torch.sort(torch.cat([idx, pad])).values
-    el = idx % c  # the element of each evaluated (position, element) pair
+    n_pairs = idx.numel()
+    ev = _padded_pairs(idx, getattr(grid, "_chunk_elements", c), F.affine.TABLE_MIN_ELEMENTS)
+    el = ev % c  # the element of each evaluated (position, element) pair
     sel = lambda t: t.index_select(0, el)  # noqa: E731
-    pos = (th64 + sg64 * xi).reshape(-1).index_select(0, idx)
+    pos = (th64 + sg64 * xi).reshape(-1).index_select(0, ev)
     kap.index_copy_(0, idx, grid.element_moments(
         pos, sel(sg64), sel(scale), sel(zp), None, None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
-        policy, kappa_only=True).kappa)
+        policy, kappa_only=True).kappa[:n_pairs])
     kap = kap.reshape(D, c)
     if free is None:
         kap = torch.where(dead, torch.zeros_like(kap), kap)
@@ -1409,6 +1411,20 @@ def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b
             rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
             kap = torch.where(rev, torch.ones_like(kap), kap)
     return kap
+
+
+def _padded_pairs(idx: Tensor, chunk: int, path_min: int) -> Tensor:
+    """``idx`` (the evaluated (position, element) pairs, flat) followed by repeats of itself up to
+    ``path_min`` pairs when fewer, if the chunk (``chunk`` elements) is at least ``path_min``: a
+    sample of a chunk whose full evaluation takes the kernel path of ``path_min`` elements and up
+    at every position (fused affine kernel, interpolated value table) then takes it too, so that
+    its moments are the full evaluation's (the caller reads the first ``idx.numel()`` results;
+    the kernels are element-wise). A sixteenth of a 2^15-weight chunk, 8 positions, is 2^14
+    pairs."""
+    n = idx.numel()
+    if n == 0 or n >= path_min or chunk < path_min:
+        return idx
+    return torch.cat([idx, idx.repeat(-(-(path_min - n) // n))[: path_min - n]])
 
 
 def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b: int, xi: Tensor,
@@ -1421,10 +1437,12 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
     dead = scale <= 0
     scale = torch.where(dead, torch.ones_like(scale), scale)
     bounds = grid.element_bounds(a, b)
-    rep = lambda t: t.repeat(D)  # noqa: E731 - [c] -> [D c], row-major like the positions
-    mm = grid.element_moments((th64 + sg64 * xi).reshape(-1), rep(sg64), rep(scale), rep(zp), None,
-                              None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
-    kap = mm.kappa.reshape(D, c)
+    ev = _padded_pairs(torch.arange(D * c), getattr(grid, "_chunk_elements", c), F.table.INTERP_MIN_ELEMENTS)
+    el = ev % c
+    rep = lambda t: t.index_select(0, el)  # noqa: E731 - [c] -> [D c], row-major like the positions
+    mm = grid.element_moments((th64 + sg64 * xi).reshape(-1).index_select(0, ev), rep(sg64), rep(scale), rep(zp),
+                              None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
+    kap = mm.kappa[: D * c].reshape(D, c)
     kap = torch.where(dead, torch.zeros_like(kap), kap)
     if grid.revealed is not None:
         rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
@@ -1439,7 +1457,11 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
 # estimates: mu / pi and sqrt(v / pi), so that the per-record sums of w^2 mu and of w^4 v, all a
 # draw's leakage reads, are unbiased. The sample's noise in the draws' centre is estimated from
 # DRAW_SAMPLE_GROUPS random groups of the sampled rows and added to the interval's record error.
-DRAW_SAMPLE_FRACTION = 0.25
+# A sixteenth (a quarter until pf27): the draws were a third of a call's cost at 1e6-1e7 weights,
+# where the records' error is the interval's width (the ends moved by ~1e-6 of it); where the
+# draws are the width, the larger sample noise widens the interval (coverage kept: method.md
+# section 3, "Subsampled draws"; docs/benchmarks.md, "pf27").
+DRAW_SAMPLE_FRACTION = 1 / 16
 DRAW_SAMPLE_MIN_WEIGHTS = 1 << 15
 DRAW_SAMPLE_GROUPS = 8
 DRAW_SAMPLE_MIN_ROWS = 4 * DRAW_SAMPLE_GROUPS  # rows of the chunk (the groups' noise estimate needs several per group)
@@ -1451,6 +1473,7 @@ class _SubsetGrid(ParamGrid):
 
     _sel_grid: tuple[Tensor, Tensor, Tensor | None]
     _sel_bounds: tuple[Tensor, Tensor] | None
+    _chunk_elements: int
 
     def element_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
         scale, zp, code = self._sel_grid
@@ -1473,6 +1496,7 @@ def _subset_grid(grid: ParamGrid, a: int, b: int, sel: Tensor) -> ParamGrid:
     sub._sel_bounds = None if bounds is None else (bounds[0][sel], bounds[1][sel])
     if grid.revealed is not None:
         sub.revealed = grid.revealed.reshape(-1)[a:b][sel]
+    sub._chunk_elements = b - a  # the kernel path a full evaluation of the chunk takes (_padded_pairs)
     return sub
 
 

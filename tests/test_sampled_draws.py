@@ -1,5 +1,6 @@
 """Subsampled bootstrap draws (issue 13; method.md section 3, "Subsampled draws"): a large
-chunk evaluates the built draws' moments on a random quarter of its rows, scaled as
+chunk evaluates the built draws' moments on a random sixteenth of its rows (at least one per
+group), scaled as
 Horvitz-Thompson estimates, with the centre's sample noise from random groups."""
 
 from __future__ import annotations
@@ -120,9 +121,9 @@ def test_sampled_sums_are_unbiased_and_the_group_noise_is_calibrated():
     assert 0.75 <= ratio <= 1.33, ratio
 
 
-def test_scoring_evaluates_the_draws_on_a_quarter_of_a_large_parameter(monkeypatch):
+def test_scoring_evaluates_the_draws_on_a_sample_of_a_large_parameter(monkeypatch):
     """End to end (a 64 -> 24 -> 1 MLP, the sampling threshold lowered to its 1,536-weight
-    layer, factored influences): the draws' cell moments are evaluated on a quarter of the
+    layer, factored influences): the draws' cell moments are evaluated on a sample of the
     first layer's rows (8 of its 24: at least one per group) instead of every row; the
     headline, d_eff and the pool value are bitwise those of the full evaluation; the interval
     ends move by less than 5% of its width, and the sample noise is reported into it."""
