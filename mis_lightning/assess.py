@@ -814,6 +814,19 @@ def score_schemes(
             f"gradient on any record, sigma 0): {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}; "
             "they carry no leakage but count in d: a parameter the forward does not use (check the model), units "
             "weight decay collapsed to zero (their residue is not counted), or one to leave out with params=")
+    repeated = est.diagnostics.get("duplicate_records")
+    if repeated:
+        # The game draws members i.i.d.: a record present k times moves the weights k times as far
+        # (k psi / n), but each copy was scored as a member of its own (fu27: every record twice,
+        # the same weights and game as the unique set, read 0.708x its figure)
+        report.warnings.append(
+            f"{repeated} of the {est.diagnostics.get('duplicate_records_of')} records the leakage is averaged over "
+            "repeat another of them: the training data holds records more than once (duplicates, oversampling, "
+            "DistributedSampler padding). Each copy is scored as an independent member, but a record present k "
+            "times moves the weights k times as far, so the figures understate the leakage of repeated records "
+            "(every record twice: 0.71x the figure of the same trained weights from the unique records). Where every "
+            "record has the same count, the trained weights and the game are those of the unique records: assess "
+            "those; with unequal counts (oversampling a class) the repeated records' leakage is not modelled")
     lev = _leverage_note(est.diagnostics)
     off = est.diagnostics.get("leverage_unavailable")
     if off and est.d / n > LEVERAGE_NOTE_MIN_D_OVER_N:

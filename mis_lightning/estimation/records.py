@@ -177,6 +177,49 @@ def store_records(st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor
     prune_bottom_k(st, k)
 
 
+def repeated_records(st: dict[str, Any]) -> int | None:
+    """How many of the stored records repeat another stored record (equal content hash and equal
+    stored row: gradients, or the record itself), ``rows - distinct``; ``None`` without keys
+    (``selection="first"``) or stored rows.
+
+    The copies of a record share its key, so the bottom-k sample keeps them together. The key
+    is a 31-bit hash: with many records two different ones can share it (10^5 records: about
+    2 pairs), hence the rows are compared too (within 1e-6 of their largest entry: a record's
+    gradient may round differently in batches of other sizes)."""
+    keys = cat_state(st.get("rec_key", []))
+    if keys is None or keys.numel() < 2:
+        return None if keys is None else 0
+
+    def whole(items: Any) -> Tensor:  # no copy of the stored rows where they are one tensor (after a prune)
+        return items[0] if isinstance(items, list) and len(items) == 1 else cat_state(items)
+
+    if st.get("rec_grad") is not None and len(st["rec_grad"]):
+        rows = [whole(st["rec_grad"])]
+    elif st.get("rec_x") and isinstance(st["rec_x"][0], Tensor) and isinstance(st["rec_y"][0], Tensor):
+        rows = [whole(st["rec_x"]), whole(st["rec_y"])]
+    else:
+        return None
+    keys = keys.cpu()
+    order = torch.sort(keys, stable=True).indices
+    ks = keys[order]
+    same = torch.nonzero(ks[1:] == ks[:-1]).squeeze(-1)
+    count = 0
+    for j in same.tolist():
+        a, b = int(order[j]), int(order[j + 1])
+        equal = True
+        for r in rows:
+            ra, rb = (r[i].reshape(-1).to("cpu", torch.float64) for i in (a, b))
+            if not ra.numel():  # no stored content to compare: not counted (no false alarm on a key collision)
+                equal = False
+                break
+            scale = float(torch.maximum(ra.abs().max(), rb.abs().max()))
+            if float((ra - rb).abs().max()) > 1e-6 * scale:
+                equal = False
+                break
+        count += int(equal)
+    return count
+
+
 def prune_bottom_k(st: dict[str, Any], k: int) -> None:
     """Keep the ``k`` stored records with the smallest keys, sorted by key (in place)."""
     keys = cat_state(st["rec_key"])
