@@ -190,14 +190,20 @@ def repeated_records(st: dict[str, Any]) -> int | None:
     if keys is None or keys.numel() < 2:
         return None if keys is None else 0
 
-    def whole(items: Any) -> Tensor:  # no copy of the stored rows where they are one tensor (after a prune)
-        return items[0] if isinstance(items, list) and len(items) == 1 else cat_state(items)
+    def whole(items: Any) -> Tensor | None:
+        """The stored rows as one tensor (states are lists of tensors, or one tensor once synced
+        across processes); no copy where they are one tensor already (after a prune); ``None``
+        for nothing stored or pytree records."""
+        if isinstance(items, Tensor):
+            return items
+        if not isinstance(items, list) or not items or not all(isinstance(t, Tensor) for t in items):
+            return None
+        return items[0] if len(items) == 1 else cat_state(items)
 
-    if st.get("rec_grad") is not None and len(st["rec_grad"]):
-        rows = [whole(st["rec_grad"])]
-    elif st.get("rec_x") and isinstance(st["rec_x"][0], Tensor) and isinstance(st["rec_y"][0], Tensor):
-        rows = [whole(st["rec_x"]), whole(st["rec_y"])]
-    else:
+    rows = [whole(st.get("rec_grad"))]
+    if rows[0] is None or rows[0].shape[0] != keys.numel():
+        rows = [whole(st.get("rec_x")), whole(st.get("rec_y"))]
+    if any(r is None or r.shape[0] != keys.numel() for r in rows):
         return None
     keys = keys.cpu()
     order = torch.sort(keys, stable=True).indices
