@@ -847,7 +847,9 @@ def score_schemes(
             "times moves the weights k times as far, so the figures understate the leakage of repeated records "
             "(every record twice: 0.71x the figure of the same trained weights from the unique records). Where every "
             "record has the same count, the trained weights and the game are those of the unique records: assess "
-            "those; with unequal counts (oversampling a class) the repeated records' leakage is not modelled")
+            "those; with unequal counts (oversampling a class) the repeated records' leakage is not modelled. If "
+            "the copies are independent draws of a population with repeated values (a few categorical features), "
+            "each is a member of its own and the figures stand")
     stats = _running_statistics_note(model)
     if stats:
         report.warnings.append(stats)
