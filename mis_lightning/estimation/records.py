@@ -209,21 +209,20 @@ def repeated_records(st: dict[str, Any]) -> int | None:
     order = torch.sort(keys, stable=True).indices
     ks = keys[order]
     same = torch.nonzero(ks[1:] == ks[:-1]).squeeze(-1)
-    count = 0
-    for j in same.tolist():
-        a, b = int(order[j]), int(order[j + 1])
-        equal = True
-        for r in rows:
-            ra, rb = (r[i].reshape(-1).to("cpu", torch.float64) for i in (a, b))
-            if not ra.numel():  # no stored content to compare: not counted (no false alarm on a key collision)
-                equal = False
-                break
-            scale = float(torch.maximum(ra.abs().max(), rb.abs().max()))
-            if float((ra - rb).abs().max()) > 1e-6 * scale:
-                equal = False
-                break
-        count += int(equal)
-    return count
+    if not same.numel():
+        return 0
+    equal = torch.ones(same.numel(), dtype=torch.bool)
+    for r in rows:  # the pairs' rows side by side, in blocks (a row can be large)
+        for c in range(0, same.numel(), 256):
+            pa, pb = order[same[c: c + 256]], order[same[c: c + 256] + 1]
+            ra = r[pa.to(r.device)].reshape(len(pa), -1).to("cpu", torch.float64)
+            rb = r[pb.to(r.device)].reshape(len(pb), -1).to("cpu", torch.float64)
+            if not ra.shape[1]:  # no stored content to compare: not counted (no false alarm on a key collision)
+                equal[c: c + 256] = False
+                continue
+            scale = torch.maximum(ra.abs().amax(1), rb.abs().amax(1))
+            equal[c: c + 256] &= (ra - rb).abs().amax(1) <= 1e-6 * scale
+    return int(equal.sum())
 
 
 def prune_bottom_k(st: dict[str, Any], k: int) -> None:
