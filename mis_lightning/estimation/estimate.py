@@ -62,6 +62,7 @@ from .records import (
     cat_state,
     prune_bottom_k,
     record_keys,
+    repeated_records,
     slice_rows,
     split_batch,
     storable_rows,
@@ -1123,6 +1124,10 @@ class MomentAccumulator:
             ValueError: fewer than 2 records were seen; exact mode without stored gradients.
         """
         est = self._finalize(state)
+        if self._repeated:
+            # copies of a record scored as independent members (fu27): said in the report's warnings
+            est.diagnostics["duplicate_records"] = self._repeated[0]
+            est.diagnostics["duplicate_records_of"] = self._repeated[1]
         other = self.choice_with_n(est.n)
         if other is not None:
             est.diagnostics["estimator_with_n"] = other
@@ -1153,9 +1158,13 @@ class MomentAccumulator:
             why = (": no record was seen (an empty dataloader, or a Metric's compute() with no update() since "
                    "reset())") if n == 0 else ""
             raise ValueError(f"n (number of training records) must be >= 2 (>= 4 to score schemes), got {n}{why}")
+        self._repeated = None
         if self.selection == "hash":
             st = {k: (list(v) if isinstance(v, list) else v) for k, v in st.items()}
             prune_bottom_k(st, self.num_records)
+            rep = repeated_records(st)
+            if rep:
+                self._repeated = (rep, int(cat_state(st["rec_key"]).numel()))
         cpu = torch.device("cpu")
         if self.mode != "exact" and not self.keep_w and self.d > FLOAT32_STATE_MIN_PARAMS:
             return self._finalize_lean(st, n)

@@ -177,6 +177,54 @@ def store_records(st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor
     prune_bottom_k(st, k)
 
 
+def repeated_records(st: dict[str, Any]) -> int | None:
+    """How many of the stored records repeat another stored record (equal content hash and equal
+    stored row: gradients, or the record itself), ``rows - distinct``; ``None`` without keys
+    (``selection="first"``) or stored rows.
+
+    The copies of a record share its key, so the bottom-k sample keeps them together. The key
+    is a 31-bit hash: with many records two different ones can share it (10^5 records: about
+    2 pairs), hence the rows are compared too (within 1e-6 of their largest entry: a record's
+    gradient may round differently in batches of other sizes)."""
+    keys = cat_state(st.get("rec_key", []))
+    if keys is None or keys.numel() < 2:
+        return None if keys is None else 0
+
+    def whole(items: Any) -> Tensor | None:
+        """The stored rows as one tensor (states are lists of tensors, or one tensor once synced
+        across processes); no copy where they are one tensor already (after a prune); ``None``
+        for nothing stored or pytree records."""
+        if isinstance(items, Tensor):
+            return items
+        if not isinstance(items, list) or not items or not all(isinstance(t, Tensor) for t in items):
+            return None
+        return items[0] if len(items) == 1 else cat_state(items)
+
+    rows = [whole(st.get("rec_grad"))]
+    if rows[0] is None or rows[0].shape[0] != keys.numel():
+        rows = [whole(st.get("rec_x")), whole(st.get("rec_y"))]
+    if any(r is None or r.shape[0] != keys.numel() for r in rows):
+        return None
+    keys = keys.cpu()
+    order = torch.sort(keys, stable=True).indices
+    ks = keys[order]
+    same = torch.nonzero(ks[1:] == ks[:-1]).squeeze(-1)
+    if not same.numel():
+        return 0
+    equal = torch.ones(same.numel(), dtype=torch.bool)
+    for r in rows:  # the pairs' rows side by side, in blocks (a row can be large)
+        for c in range(0, same.numel(), 256):
+            pa, pb = order[same[c: c + 256]], order[same[c: c + 256] + 1]
+            ra = r[pa.to(r.device)].reshape(len(pa), -1).to("cpu", torch.float64)
+            rb = r[pb.to(r.device)].reshape(len(pb), -1).to("cpu", torch.float64)
+            if not ra.shape[1]:  # no stored content to compare: not counted (no false alarm on a key collision)
+                equal[c: c + 256] = False
+                continue
+            scale = torch.maximum(ra.abs().amax(1), rb.abs().amax(1))
+            equal[c: c + 256] &= (ra - rb).abs().amax(1) <= 1e-6 * scale
+    return int(equal.sum())
+
+
 def prune_bottom_k(st: dict[str, Any], k: int) -> None:
     """Keep the ``k`` stored records with the smallest keys, sorted by key (in place)."""
     keys = cat_state(st["rec_key"])
