@@ -174,6 +174,33 @@ def test_broadcasting_loss_is_refused_on_the_first_batch():
     ml.assess(m, ["rtn_int8"], dl, mse, uncertainty_draws=0)
 
 
+
+def test_a_loss_that_vmap_cannot_batch_is_named_on_the_first_batch():
+    # torch's own gaussian_nll_loss tests torch.any(var < 0) (Python control flow on a tensor):
+    # torch.func.vmap refuses it with a message naming neither the loss nor the model (fu27 #4);
+    # the hand-written NLL (same values) passes.
+    torch.manual_seed(0)
+    m = nn.Linear(3, 2)
+    X = torch.randn(120, 3)
+    y = X[:, 0] + torch.randn(120)
+    dl = DataLoader(TensorDataset(X, y), batch_size=40)
+
+    def gnll(o, t):
+        return F.gaussian_nll_loss(o[:, 0], t, o[:, 1].exp(), reduction="none")
+
+    def gnll_by_hand(o, t):
+        return 0.5 * (o[:, 1] + (o[:, 0] - t) ** 2 / o[:, 1].exp())
+
+    with torch.no_grad():
+        assert torch.allclose(gnll(m(X), y), gnll_by_hand(m(X), y), atol=1e-6)
+    msg = r"loss_fn '.*gnll' \(model outputs \[40, 2\], targets \[40\]\) cannot run under torch.func.vmap"
+    for estimation in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=msg):
+            ml.assess(m, ["rtn_int8"], dl, gnll, estimation=estimation, uncertainty_draws=0)
+    with pytest.raises(ValueError, match=msg):
+        ml.MISIndicator(m, gnll, ["rtn_int8"]).update(X[:40], y[:40])
+    ml.assess(m, ["rtn_int8"], dl, gnll_by_hand, uncertainty_draws=0)
+
 # -- item 10f: records selected by content -------------------------------------------------------
 @pytest.mark.parametrize("width", [4, 256])  # exact sandwich / factored diagonal path
 def test_leakage_does_not_depend_on_the_loader_order(width):

@@ -207,6 +207,33 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
             )
 
 
+def check_loss_batches(loss_fn: Any, outputs: Any, targets: Any, what: str) -> None:
+    """Check that ``loss_fn`` runs under ``torch.func.vmap`` as the per-sample gradients call it
+    (one record's outputs and targets with a batch dimension of 1), on the first two records.
+
+    A loss with data-dependent Python control flow or ``.item()`` cannot: torch's own
+    ``F.gaussian_nll_loss`` tests ``torch.any(var < 0)`` (fu27). The estimation would then fail
+    with torch's bare vmap error, which names neither the loss nor the model; probing the loss
+    alone on outputs already computed tells the two apart.
+
+    Raises:
+        ValueError: naming ``loss_fn`` (``what``) and torch's message.
+    """
+    k = min(2, _batch_size(outputs))
+    first = lambda t: t[:k] if isinstance(t, Tensor) else t  # noqa: E731
+    o, y = torch.utils._pytree.tree_map(first, outputs), torch.utils._pytree.tree_map(first, targets)
+    try:
+        vmap(lambda oi, yi: loss_fn(_unsqueeze(oi), _unsqueeze(yi)).reshape(()))(o, y)
+    except RuntimeError as exc:
+        if "vmap" not in str(exc):
+            raise
+        raise ValueError(
+            f"{what} cannot run under torch.func.vmap, which the per-record gradients need ({exc}): the "
+            "loss must be written with tensor operations only, without Python control flow on tensor "
+            "values or .item() (torch.nn.functional.gaussian_nll_loss checks torch.any(var < 0): write the "
+            "Gaussian negative log-likelihood as 0.5 * (var.log() + (out - target) ** 2 / var))") from exc
+
+
 def check_record_outputs(forward: Callable[[Any], Any], inputs: Any, outputs: Any, what: str,
                          records: int = 2) -> None:
     """Check that the model's outputs are per-record: ``forward`` on each of the first
@@ -520,6 +547,7 @@ class LossProgram:
                     "use reduction='none' and sum over output dimensions"
                 )
             check_record_losses(self.loss_fn, out, targets, losses, what, records)
+            check_loss_batches(self.loss_fn, out, targets, what)
             check_record_outputs(lambda x: self.outputs(self.params, x), inputs, out,
                                  f"model {type(self.model).__name__}")
 
