@@ -742,8 +742,7 @@ def score_schemes(
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
     # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it mid-call.
-    fused = sum(g.numel * (2 + _draw_evaluations(p.num_draws)) for p in prepared for g in p.grids.values()
-                if g.kind == "affine" and min(g.numel, chunk_size) >= F.affine.TABLE_MIN_ELEMENTS)
+    fused = _fused_elements(prepared, chunk_size, keep=est.influence_stored)
     if fused and est.theta:
         F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
     with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
@@ -1262,6 +1261,28 @@ _GH_W = torch.tensor([0.011257411327720691, 0.2220759220056126, 0.53333333333333
 
 # p(t) = sum_{m=1..4} c_m t^m through (x_k, delta_k) at the 4 outer nodes: c = V^-1 delta, V_km = x_k^m
 _GH_VANDERMONDE_INV = torch.linalg.inv(_GH_X[_GH_X != 0].unsqueeze(-1) ** torch.arange(1, 5, dtype=torch.float64))
+
+
+def _fused_elements(prepared: list[_Prepared], chunk_size: int, keep: bool) -> int:
+    """Affine-grid weights the coming pass sends through the fused cell-moment kernel, as
+    :func:`_joint_sums` will: once per equal grid (:func:`_equal_grid_leads`), main and pool
+    positions, and the draws' evaluations on their sample of the rows where a chunk is
+    subsampled (``DRAW_SAMPLE_FRACTION``; not where the moments are kept). What decides whether
+    the compiled kernel is warmed up before the pass (pf27: counting every scheme's grid and every
+    draw evaluation read about 3.4x the kernel's own count, compiling where the pass would not)."""
+    total = 0.0
+    for name in dict.fromkeys(n for p in prepared for n in p.grids):
+        active = [p for p in prepared if name in p.grids]
+        for j, (prep, lead) in enumerate(zip(active, _equal_grid_leads(active, name))):
+            g = prep.grids[name]
+            c = min(g.numel, chunk_size)
+            if lead != j or g.kind != "affine" or c < F.affine.TABLE_MIN_ELEMENTS:
+                continue
+            ev = float(_draw_evaluations(prep.num_draws))
+            if prep.num_draws >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS:
+                ev *= DRAW_SAMPLE_FRACTION
+            total += g.numel * (2.0 + ev)
+    return int(total)
 
 
 def _draw_evaluations(draws: int) -> int:

@@ -381,3 +381,30 @@ def test_auto_policy_warms_up_when_the_pass_crosses_the_threshold():
     assert not A.compile_due(G.CompilePolicy("auto", after=10**6), 10**5)
     assert A.compile_due(G.CompilePolicy("auto", after=10**6), 2 * 10**6)
     assert A.compile_due(ALWAYS, 1) and not A.compile_due(NEVER, 10**9) and not A.compile_due(ALWAYS, 0)
+
+
+def test_the_warm_up_counts_the_elements_the_pass_sends_through_the_kernel(monkeypatch):
+    """The element count that decides the up-front compile is the fused kernel's own count in
+    the pass: equal grids once (int8 weight-only and dynamic-activation int8 share their cells),
+    the bootstrap draws on their sample of the rows (a sixteenth of a 65,536-weight chunk). The
+    old estimate counted every scheme and all 8 draw evaluations per weight (pf27: ~3.4x), which
+    compiled up front where the pass itself never would. Tolerance 10 %: the sample's rows are
+    rounded and the last evaluations of a sample may be padded to the kernel's path."""
+    import importlib
+
+    import mis_lightning as ml
+
+    assess_mod = importlib.import_module("mis_lightning.assess")
+    seen: list[int] = []
+    monkeypatch.setattr(assess_mod.F, "warm_up_compiled_kernel", lambda policy, n, *a, **k: seen.append(n))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+    x = torch.randn(128, 256)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :4].sum(-1)), batch_size=64)
+    before = int(K._FUSED_STATE["elements"])
+    ml.assess(net, ["int8_weight_only", "int8_dynamic_activation_int8_weight", "rtn_int4"], loader,
+              lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2, estimation="diagonal", num_records=16,
+              compile="never")
+    ran = int(K._FUSED_STATE["elements"]) - before
+    assert len(seen) == 1 and ran > 0
+    assert seen[0] == pytest.approx(ran, rel=0.10), (seen[0], ran)
