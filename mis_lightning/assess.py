@@ -68,8 +68,12 @@ D_EFF_OVER_N_MAX = 0.1
 # MLP, 27% at 0.083 on an embedding + Conv1d model, against the 5% accuracy target).
 LEVERAGE_NOTE_MIN_D_OVER_N = 0.02
 # What the report says of the diagonal estimator's mean leverage (docs/validation.md, hc27).
-DIAGONAL_LEVERAGE_ACCURACY = ("an approximation: exact for least squares without weight decay, otherwise at "
-                              "or above the exact mean for a Gauss-Newton Hessian; hc27 measured TBD")
+DIAGONAL_LEVERAGE_ACCURACY = (
+    "an approximation: exact for least squares without weight decay, at or above the exact mean with it for a "
+    "Gauss-Newton Hessian; against the exact estimator (hc27) the mean leverage read 1.00x on least squares and "
+    "logistic regression, 1.06x on a small CNN, 2.3x / 0.73x on a tanh MLP with / without weight decay, and the "
+    "unquantized leakage within 1% on the first three, -3% on a 4-class softmax, +7% / -16% on those MLPs "
+    "(first order: -4% / -35%)")
 
 
 def _dtype_bits(t: Tensor) -> int:

@@ -1411,12 +1411,24 @@ class MomentAccumulator:
         _without_rounding_gradients(v_out, names, offsets, self._rounding_eps(), rounding, self._stored_eps(),
                                     in_place=True)
         ratio = _curvature_ratio_reference(s_out)
-        z_sum, z_count, hth_sq, trace = 0.0, 0, 0.0, 0.0
+        # the finite-sample (leverage) correction, as finalize's: its trace over the weights with
+        # an influence (a pass over the curvature alone), then sigma and V_jj scaled in float64
+        # before their float32 store (one rounding, as the whole-vector path's)
+        trace, lev = 0.0, {}
+        for a in range(0, d, FINALIZE_CHUNK):
+            b = min(a + FINALIZE_CHUNK, d)
+            hs = h_sum[a:b].to(cpu, f64)
+            hd = (hs / self.hutchinson_probes) / n if hutch else hs / n
+            trace += leverage_trace(hd, hd + self._decay_slice(a, b), torch.isfinite(v_out[a:b]))
+        hbar = self._diagonal_leverage(trace, n, lev)
+        grow = _influence_scale(hbar)
+        z_sum, z_count, hth_sq = 0.0, 0, 0.0
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma and the offset's terms (v_max known)
             b = min(a + FINALIZE_CHUNK, d)
             g, v, h = chunk(a, b)
-            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio)
-            trace += leverage_trace(h - self._decay_slice(a, b), h, torch.isfinite(v_out[a:b]))
+            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio) * grow
+            if hbar > 0:
+                v_out[a:b] = torch.where(torch.isfinite(v_out[a:b]), v * (1.0 - hbar), math.inf)
             hth_sq += float((h * theta_slice(a, b)).square().sum())
             zs, zc = _offset_terms(penalised(a, b, g), v, v_max)
             z_sum, z_count = z_sum + zs, z_count + zc
@@ -1440,11 +1452,7 @@ class MomentAccumulator:
         diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max,
                            negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
-        # the finite-sample (leverage) correction, as finalize's (in place: float32 state)
-        hbar = self._diagonal_leverage(trace, n, diagnostics)
-        if hbar > 0:
-            s_out.mul_(_influence_scale(hbar))
-            v_out.mul_(1.0 - hbar)
+        diagnostics.update(lev)
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
         kept = min(sum(batch_size_of(y) for _, y in records), self.num_records)
