@@ -340,8 +340,9 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
                    + (f"; the mean leverage per direction {per:.3g} was capped at {LEVERAGE_CAP}: the diagonal "
                       "approximation exceeds the count the data can fit (more weights than records x directions, "
                       "or a Hessian whose diagonal spreads a few large eigenvalues over many weights, as in "
-                      "overparameterised networks), so sigma and the figures are raised by an unknown, likely "
-                      "large, conservative margin" if capped else "") + left)
+                      "overparameterised networks), and sigma grows 4.5x: the figures then sit near their maximum "
+                      "(hc27, a 1,409-weight MLP on 500 records: baseline 0.926 against the exact estimator's 0.956), "
+                      "how far from the model's own is not known in general" if capped else "") + left)
 
 
 def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
