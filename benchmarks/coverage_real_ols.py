@@ -15,7 +15,11 @@ Population: ``groundtruth.averaged.make_population(out, in, n=n, steps=STEP, rec
 A training: ``n`` records ``x ~ N(0, I)``, ``y = Theta* x + s eps``, ``Theta-hat`` by least
 squares, then the library's own ``run_estimation`` (``num_records`` stored records) and
 ``score_schemes(..., covariance="independent", uncertainty_draws=16)`` with the population's
-grid (``AV.StepGridScheme``). Each training is scored twice: as estimated, and with the
+grid (``AV.StepGridScheme``; the estimator's finite-sample (leverage) correction as
+``--leverage-correction`` says: with it the plug-in also carries the leave-one-out influences and
+the spread term, which the first-order truth does not; ``--first-order-influences`` keeps the
+corrected sigma and scores the first-order influences without the spread term, so that only
+sigma-hat's error is compared with the first-order truth). Each training is scored twice: as estimated, and with the
 estimate's ``sigma`` replaced by the population's (the same ``theta-hat``, records and draws'
 seed): the difference is ``sigma-hat``'s share of the interval's error.
 """
@@ -74,8 +78,14 @@ def main():
     ap.add_argument("--records", type=int, default=64)
     ap.add_argument("--draws", type=int, default=16)
     ap.add_argument("--mode", default="diagonal", help="EstimationConfig.mode (the large-model estimator)")
+    ap.add_argument("--leverage-correction", default="auto", choices=["auto", "false"],
+                    help="EstimationConfig.leverage_correction (false: the first-order figures, as before hc27)")
+    ap.add_argument("--first-order-influences", action="store_true",
+                    help="score with the estimate's (corrected) sigma but the first-order influences and no spread "
+                         "term: what the first-order truth reads, so only sigma-hat's error is compared")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    lc = "auto" if a.leverage_correction == "auto" else False
     out_f, in_f = (int(v) for v in a.shape.split("x"))
     steps = a.steps if a.steps == "mixed" else float(a.steps)
     rows = []
@@ -85,7 +95,10 @@ def main():
         truth, tse = AV.truth(pop)
         model, loader = training(pop, p)
         est = AS.run_estimation(model, loader, loss_fn, EstimationConfig(mode=a.mode, num_records=a.records,
-                                                                          weight_decay=0.0), seed=p)
+                                                                          weight_decay=0.0, leverage_correction=lc),
+                                seed=p)
+        if a.first_order_influences and est.influence_scale != 1.0:
+            est.influence, est.influence_scale, est.leverage = est.unit_influence(), 1.0, None
         r = est.sigma["weight"].reshape(-1).double().numpy() / pop.sigma
         scheme = AV.StepGridScheme(pop.step)
         got = score(est, model, scheme, p, a.draws)

@@ -4,6 +4,7 @@
     python benchmarks/sigma_common_error.py --model lin1:2048 --n 8192 32768 --trainings 20
     python benchmarks/sigma_common_error.py --model logit:512 --n 8192 --trainings 20 [--mode diagonal]
     python benchmarks/sigma_common_error.py --sensitivity
+    (--leverage-correction false: the estimators' first-order figures, as before hc27)
 
 The averaged regime of the interval (method.md section 3) reads every coarse weight's cells at
 the plug-in ``sigma``: a relative error COMMON to the weights moves every ``kappa`` the same way
@@ -115,9 +116,9 @@ def make_training(kind: str, shape: tuple[int, int], n: int, seed: int, design: 
     return model, DataLoader(data, batch_size=4096), loss_fn, pop_sd, th.reshape(-1)
 
 
-def one(kind, shape, n, seed, mode, design, records=64):
+def one(kind, shape, n, seed, mode, design, records=64, leverage_correction="auto"):
     model, loader, loss_fn, pop_sd, th_star = make_training(kind, shape, n, seed, design)
-    cfg = EstimationConfig(mode=mode, num_records=records, weight_decay=0.0)
+    cfg = EstimationConfig(mode=mode, num_records=records, weight_decay=0.0, leverage_correction=leverage_correction)
     t0 = time.process_time()
     est = AS.run_estimation(model, loader, loss_fn, cfg, seed=seed)
     cpu = time.process_time() - t0
@@ -126,7 +127,7 @@ def one(kind, shape, n, seed, mode, design, records=64):
     dev = (model.weight.detach().reshape(-1).double().numpy() - th_star) / (pop_sd / math.sqrt(n))
     return {"dev2": float(np.mean(dev ** 2)), "common": float(r.mean() - 1), "median": float(np.median(r) - 1), "sd_coord": float(r.std()),
             "cpu": cpu, "estimator": est.estimator, "mode": est.mode,
-            "leverage": est.leverage is not None}
+            "leverage": bool(est.diagnostics.get("leverage_correction"))}
 
 
 def sensitivity() -> None:
@@ -153,13 +154,16 @@ def main():
     ap.add_argument("--trainings", type=int, default=20)
     ap.add_argument("--mode", default="auto", help="EstimationConfig.mode (auto: exact up to 2,000 weights)")
     ap.add_argument("--design", default="gauss", help="gauss or rad (Rademacher inputs)")
+    ap.add_argument("--leverage-correction", default="auto", choices=["auto", "false"],
+                    help="EstimationConfig.leverage_correction (false: the first-order figures)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    lc = "auto" if a.leverage_correction == "auto" else False
     kind, sz = a.model.split(":")
     shape = tuple(int(v) for v in sz.split("x")) if "x" in sz else (1, int(sz))
     res = []
     for n in a.n:
-        rows = [one(kind, shape, n, s, a.mode, a.design) for s in range(a.trainings)]
+        rows = [one(kind, shape, n, s, a.mode, a.design, leverage_correction=lc) for s in range(a.trainings)]
         c = np.array([x["common"] for x in rows])
         d = shape[0] * shape[1]
         line = {"model": a.model, "design": a.design, "n": n, "d": d, "mode": rows[0]["mode"],
@@ -174,6 +178,9 @@ def main():
         p = shape[1]  # regressors per output row: its leverage sum
         if kind == "logit":
             line["predicted"] = None
+        elif line["mode"] == "diagonal" and line["leverage"]:
+            # V-hat / (1 - h_bar), h_bar = p / n per output row (the diagonal trace is exact here): unbiased
+            line["predicted"] = 0.0
         elif line["mode"] == "diagonal":  # E e-hat^2 = s^2 (1 - p / n): V-hat low by the mean leverage
             line["predicted"] = math.sqrt(1.0 - p / n) - 1.0
         else:  # HC2-corrected V with the exact H^-1: E (X'X / n)^-1 = n / (n - p - 1) (Gaussian design)

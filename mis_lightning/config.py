@@ -81,7 +81,7 @@ def compile_policy_from_env() -> str:
     return CompilePolicy.parse(os.environ.get(COMPILE_ENV), source=COMPILE_ENV).mode
 
 
-# The exact estimator's finite-sample (leverage) correction by default (method.md section 4); the
+# The finite-sample (leverage) correction by default, both estimators (method.md section 4); the
 # one place that sets it (MomentAccumulator, estimate and every front end read it from here).
 DEFAULT_LEVERAGE_CORRECTION: bool | str = "auto"
 
@@ -134,19 +134,26 @@ class EstimationConfig:
         hutchinson_probes: Rademacher probes per batch for ``hessian="hutchinson"``.
         ggn_mc_samples: sampled labels per record for ``hessian="ggn_mc"`` (>= 1; the Monte
             Carlo variance falls as 1 / ggn_mc_samples).
-        leverage_correction: the finite-sample (leverage) correction of the exact estimator
-            (method.md section 4): each stored record's influence becomes its leave-one-out
-            shift ``H_{-i}^{-1} g_i`` (``psi_i / (1 - h_i)`` for one output) and the gradient
-            covariance gets the HC2 term. The leverages use each record's exact Hessian on the
-            span of its output gradients, so they do not depend on where the model's output
-            ends (a sigmoid in ``forward`` or in the loss); a model without per-record second
-            derivatives (``EmbeddingBag``) gets the Gauss-Newton factors and a warning saying
-            so. ``"auto"`` (default): wherever the exact estimator runs and the per-record
-            factors exist (the model's output is one tensor; with a ``mis_per_sample_loss``
-            hook, the model called once inside it and the loss a function of that output);
-            ``True``: required (an error otherwise); ``False``: the first-order forms.
-            The leverages (``diagnostics["mean_leverage"]``, ``["max_leverage"]``) are
-            reported by the exact estimator either way.
+        leverage_correction: the finite-sample (leverage) correction (method.md section 4,
+            "Finite-sample (leverage) correction"). The exact estimator: each stored record's
+            influence becomes its leave-one-out shift ``H_{-i}^{-1} g_i`` (``psi_i / (1 - h_i)``
+            for one output) and the gradient covariance gets the HC2 term. The leverages use
+            each record's exact Hessian on the span of its output gradients, so they do not
+            depend on where the model's output ends (a sigmoid in ``forward`` or in the loss); a
+            model without per-record second derivatives (``EmbeddingBag``) gets the Gauss-Newton
+            factors and a warning saying so. The diagonal estimator (every front end, the
+            large-model path included): one mean leverage per loss direction from its Hessian
+            diagonal, ``h_bar = sum_j H_data_jj / H_jj / (n rank(L))`` (an approximation: exact
+            for least squares without weight decay, at or above the exact mean for a
+            Gauss-Newton Hessian; capped at 0.95), and ``V_jj / (1 - h_bar)``: sigma and every
+            standardised influence times ``1 / sqrt(1 - h_bar)``, the spread term at ``h_bar``.
+            ``"auto"`` (default): wherever the diagonal estimator runs, and wherever the exact
+            one runs with the per-record factors (the model's output is one tensor; with a
+            ``mis_per_sample_loss`` hook, the model called once inside it and the loss a
+            function of that output); ``True``: required (an error where the exact estimator's
+            factors are unavailable); ``False``: the first-order forms. The leverages
+            (``diagnostics["mean_leverage"]``; the exact estimator's ``["max_leverage"]``, the
+            diagonal one's ``["leverage_per_direction"]``) are reported either way.
 
     Raises:
         ValueError: an option outside its range or choices (the message names the option).

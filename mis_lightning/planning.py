@@ -476,7 +476,8 @@ class _Proxy:
                 rest += est.power_sums(name, {2: torch.ones(numel, 1, dtype=torch.float64)})[2][:, 0]
         self.rest = rest
         # the spread term's unquantized reference per record, as the pipeline's (method.md
-        # section 4, "Spread term"; only with the exact estimator's leverages)
+        # section 4, "Spread term"; wherever the estimate has leverages: the exact estimator's
+        # per record, the diagonal one's mean per direction)
         self.base_t: Tensor | None = None
         if est.leverage is not None:
             if self.rc is not None:

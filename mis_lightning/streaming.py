@@ -156,6 +156,21 @@ class _HookProgram(LossProgram):
             _, out = self._through_output(self.params, first)
         return tuple(out.shape[1:])
 
+    def loss_output_hessians(self, inputs: Any, targets: Any, out_shape: tuple[int, ...]) -> Tensor:
+        """As :meth:`LossProgram.loss_output_hessians`, the model's output taken inside the hook
+        (the hook's loss differentiated in a shift of that output).
+
+        Raises:
+            ValueError: as :meth:`_through_output`.
+        """
+        c = int(math.prod(out_shape)) if out_shape else 1
+
+        def loss(delta: Tensor, x: Any) -> Tensor:
+            return self._through_output(self.params, _unsqueeze(x), delta)[0].reshape(())
+
+        zero = torch.zeros(_batch_size(inputs), c, dtype=self.dtype, device=self.device)
+        return vmap(torch.func.hessian(loss))(zero, inputs)
+
     def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: tuple[int, ...]) -> tuple[dict[str, Tensor], Tensor]:
         """As :meth:`LossProgram.gauss_newton_factors`, the model's output taken inside the hook.
 

@@ -164,9 +164,10 @@ def test_logistic_shift_within_the_newton_step_error(sigmoid_in_forward: bool) -
 def test_leverage_option_checks() -> None:
     x, y = _data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    with pytest.raises(ValueError, match=r"leverage_correction=True needs the exact estimator"):
-        estimate(_model(torch.zeros(F + 1, dtype=torch.float64)), loader, _mse, mode="diagonal",
-                 leverage_correction=True)
+    # the diagonal estimator has its own correction now (hc27): True is allowed and applied
+    est = estimate(_model(torch.zeros(F + 1, dtype=torch.float64)), loader, _mse, mode="diagonal",
+                   leverage_correction=True)
+    assert est.diagnostics["leverage_correction"] is True and est.leverage is not None
     with pytest.raises(ValueError, match=r"leverage_correction must be True, False or 'auto', got 'yes'"):
         EstimationConfig(leverage_correction="yes")
     with pytest.raises(ValueError, match=r"leverage_correction must be True, False or 'auto', got 1"):

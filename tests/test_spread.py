@@ -107,7 +107,11 @@ def test_estimate_carries_the_hat_values_only_with_the_correction() -> None:
     # influences is checked end to end below)
     np.testing.assert_allclose(np.sort(e.leverage.numpy()), np.sort(hat), rtol=1e-6)
     assert est(mode="exact", leverage_correction=False).leverage is None
-    assert est(mode="diagonal").leverage is None
+    # the diagonal estimator (hc27): its one mean leverage per direction for every record, here
+    # d / n (least squares without decay: the diagonal trace is d); none without the correction
+    dg = est(mode="diagonal")
+    np.testing.assert_allclose(dg.leverage.numpy(), np.full(120, 6 / 120), rtol=1e-12)
+    assert est(mode="diagonal", leverage_correction=False).leverage is None
 
 
 def test_ols_baseline_is_the_spread_tv_of_the_leave_one_out_shift() -> None:

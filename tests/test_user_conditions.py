@@ -948,21 +948,27 @@ def _lev_data(n=600):
     return net, DataLoader(TensorDataset(X, Y), batch_size=200)
 
 
-def test_a_leverage_correction_that_cannot_run_is_said_from_d_over_n_002():
-    """fu26: the diagonal estimator has no leverage correction, and below d / n = 0.1 nothing
+def test_the_diagonal_leverage_correction_is_said_from_d_over_n_002():
+    """fu26: the diagonal estimator had no leverage correction, and below d / n = 0.1 nothing
     said so (an embedding + Conv1d model at d / n = 0.083 read 27% below the exact estimator's
-    figures, mean leverage 0.12). Now said above d / n = 0.02 wherever the correction cannot run;
-    the exact estimator, which runs it, gets no such line."""
+    figures, mean leverage 0.12); the next version said it "could not run". hc27: the diagonal
+    estimator corrects with its Hessian diagonal's mean leverage; from a leverage per direction
+    of 0.02 the report says what it did and that it is an approximation, never that it could not
+    run; the exact estimator gets no such line; with leverage_correction=False the report says
+    the figures are not corrected."""
     net, loader = _lev_data()
     kw = dict(uncertainty_draws=0)
     diag = ml.assess(net, ["none"], loader, _mse, estimation="diagonal", **kw)
-    assert any("leverage) correction could not run" in w and "estimation='exact'" in w for w in diag.warnings), \
-        diag.warnings
+    assert diag.estimation["leverage_correction"]
+    assert not any("could not run" in w for w in diag.warnings), diag.warnings
+    assert any("from the Hessian diagonal" in w and "an approximation" in w and "were raised by" in w
+               for w in diag.warnings), diag.warnings
     exact = ml.assess(net, ["none"], loader, _mse, estimation="exact", **kw)
     assert exact.estimation["leverage_correction"]
-    assert not any("could not run" in w for w in exact.warnings), exact.warnings
+    assert not any("could not run" in w or "Hessian diagonal" in w for w in exact.warnings), exact.warnings
     off = ml.assess(net, ["none"], loader, _mse, estimation="diagonal", leverage_correction=False, **kw)
     assert not any("could not run" in w for w in off.warnings)  # the user's own choice
+    assert any("not corrected (leverage_correction=False)" in w for w in off.warnings), off.warnings
 
 
 class _ConvNet(nn.Module):

@@ -117,6 +117,13 @@ GGN_MAX_OUTPUTS = 16  # "auto" uses the Gauss-Newton diagonal up to this many ou
 # (leverage) correction"): 1 / (1 - h) diverges at h = 1, which a GGN factor can only reach
 # against a damped or sign-flipped Hessian.
 LEVERAGE_CAP = 0.95
+# The diagonal estimator's count of loss directions per record (rank(L_i), the denominator of its
+# mean leverage per direction; method.md section 4, "Finite-sample (leverage) correction"): measured
+# on this many records of the first batch, from the loss Hessian in the outputs where a record has
+# at most LOSS_RANK_MAX_OUTPUTS outputs (C x C each); above, every output counts as one direction.
+LOSS_RANK_RECORDS = 16
+LOSS_RANK_MAX_OUTPUTS = 1024
+LOSS_DIRECTIONS_RTOL = 1e-4
 LeverageOption = bool | Literal["auto"]
 log = logging.getLogger(__name__)
 
@@ -167,6 +174,11 @@ class Estimate:
             ``rank(L_i) > 1``; capped at :data:`LEVERAGE_CAP`. Only where the
             finite-sample (leverage) correction was applied; ``None`` otherwise (first-order forms).
         correlation: ``[d, d]`` correlation matrix of ``Sigma`` (exact mode only; dimensionless).
+        influence_scale: the factor the diagonal estimator's finite-sample (leverage) correction
+            put on every standardised influence, ``1 / sqrt(1 - h_bar)`` (method.md section 4;
+            1.0 without it): the leave-one-out shifts over the corrected sigma. Correlation
+            models of the weights, which assume unit-variance influences, are fitted to
+            :meth:`unit_influence`.
         diagnostics: method.md section 6 diagnostics.
         factors: per-record factors of Linear layers (the factored diagonal path, see
             ``linear_factors``): ``w`` of those records is a product of small matrices and is
@@ -189,6 +201,7 @@ class Estimate:
     mahalanobis: Tensor | None = None
     correlation: Tensor | None = None
     leverage: Tensor | None = None
+    influence_scale: float = 1.0
     _program: LossProgram | None = None
     _records: list[tuple[Any, Any]] | None = None
     _g_mean: dict[str, Tensor] | None = None
@@ -213,6 +226,13 @@ class Estimate:
         """Deprecated alias of :attr:`influence`."""
         warnings.warn("Estimate.w is deprecated; use Estimate.influence", DeprecationWarning, stacklevel=2)
         return self.influence
+
+    def unit_influence(self) -> Tensor | None:
+        """``[R, d]`` the stored influences over :attr:`influence_scale` (unit variance per
+        weight: what a correlation model of the weights is fitted to), or ``None``."""
+        if self.influence is None or self.influence_scale == 1.0:
+            return self.influence
+        return self.influence / self.influence_scale
 
     @property
     def influence_stored(self) -> bool:
@@ -736,11 +756,13 @@ class MomentAccumulator:
             self.factored = self._fast_program(FactoredProgram)
         if not (isinstance(leverage_correction, bool) or leverage_correction == "auto"):
             raise ValueError(f"leverage_correction must be True, False or 'auto', got {leverage_correction!r}")
-        if leverage_correction is True and mode != "exact":
-            raise ValueError("leverage_correction=True needs the exact estimator (estimation='exact'); this "
-                             f"model's estimator is the {self.estimator} ({self.reason}); use "
-                             "leverage_correction='auto' or False")
         self.leverage_correction = leverage_correction
+        # The diagonal estimator's loss directions per record (mean rank(L_i) over a few records of
+        # the first batch) and how they were had (_measure_loss_rank); None until then.
+        self._loss_directions: tuple[float, str] | None = None
+        # trainable weights left out of the assessment (a norm or bias kept in float): they fit
+        # the data too, but neither estimator's leverage counts them (reported, method.md section 4)
+        self._unassessed = sum(p.numel() for k, p in named.items() if p.requires_grad and k not in param_names)
         # Exact mode keeps each stored record's output Jacobian J [C, d] and loss Hessian in the
         # outputs L [C, C] next to its gradient (for the leverages; method.md section 4), unless
         # the model's outputs do not allow them (checked on the first batch; a loss hook's model
@@ -887,6 +909,8 @@ class MomentAccumulator:
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
         # loader's order and whether batch_fn or a loss hook splits the batch.
         keys = record_keys(batch, None, b) if self.selection == "hash" else None
+        if self._loss_directions is None and self.mode != "exact":
+            self._loss_directions = self._measure_loss_rank(inputs, targets, b)
         if self.factored is not None:
             try:
                 fac = self.factored.batch(inputs, targets, b)
@@ -912,6 +936,50 @@ class MomentAccumulator:
             self._update_hutchinson(st, inputs, targets)
         st["n"] += b
         return b
+
+    def _measure_loss_rank(self, inputs: Any, targets: Any, b: int) -> tuple[float, str]:
+        """``(mean rank(L_i), how)`` over the first :data:`LOSS_RANK_RECORDS` records of a batch:
+        the loss directions per record that the diagonal estimator's mean leverage is spread over
+        (method.md section 4, "Finite-sample (leverage) correction"; ``rank(L_i)`` with eigenvalues
+        below :data:`LOSS_DIRECTIONS_RTOL` of the largest left out). ``how`` is ``"measured"``, else why not: above
+        :data:`LOSS_RANK_MAX_OUTPUTS` outputs each output is one direction (the rank of a
+        softmax over ``V`` classes is ``V - 1`` per position: the leverage then reads low by
+        ``1/V``); where the loss Hessian in the outputs cannot be formed (an output that is not
+        floating tensors, a hook calling the model twice), one direction per record (the
+        largest correction: the leverage then reads high where there are more)."""
+        k = max(1, min(b, LOSS_RANK_RECORDS))
+        rows = torch.arange(k)
+        x, y = slice_rows(inputs, rows), slice_rows(targets, rows)
+        try:
+            shape = self.program.output_shape(x)
+            c = output_numel(shape)
+            if c > LOSS_RANK_MAX_OUTPUTS:
+                return float(c), (f"{c} outputs per record, above {LOSS_RANK_MAX_OUTPUTS}: each output counted as "
+                                  "one loss direction, the rank of their loss Hessian not measured")
+            L = self.program.loss_output_hessians(x, y, shape).reshape(k, c, c).to(torch.float64)
+            L = 0.5 * (L + L.transpose(1, 2))
+            # a structural count: directions below LOSS_DIRECTIONS_RTOL of the record's largest
+            # carry no leverage worth counting, and a loss evaluated in float32 (ComputeDtypeLoss:
+            # a closure holding float32 class weights) reads a softmax's null direction up to ~1e-5
+            rank = torch.linalg.matrix_rank(L, rtol=LOSS_DIRECTIONS_RTOL).clamp_min(1).to(torch.float64)
+            return float(rank.mean()), "measured"
+        except Exception as exc:  # outputs without a loss Hessian: the conservative count
+            log.info("estimation: rank of the loss Hessian not measured (%s)", exc)
+            return 1.0, (f"the loss Hessian in the outputs is not available ({type(exc).__name__}: {exc}); one "
+                         "loss direction per record assumed (the largest correction)")
+
+    def _diagonal_leverage(self, trace: float, n: int, diagnostics: dict[str, Any]) -> float:
+        """The diagonal estimator's mean leverage per loss direction, applied or not
+        (:func:`diagonal_leverage`); ``0.0`` where :attr:`leverage_correction` is ``False``."""
+        rank, how = self._loss_directions if self._loss_directions is not None else (
+            1.0, "no record was seen by this process: one loss direction per record assumed")
+        h = diagonal_leverage(trace, n, rank, diagnostics, correct=self.leverage_correction is not False)
+        # at most 1 each to the trace: what they could add to the mean leverage per direction
+        diagnostics.update(leverage_unassessed_weights=self._unassessed,
+                           leverage_unassessed_bound=self._unassessed / (n * max(rank, 1.0)))
+        if how != "measured":
+            diagnostics["leverage_directions_note"] = how
+        return h
 
     def _settle_ggn(self) -> None:
         """After the first batch: the Gauss-Newton diagonal the program actually forms.
@@ -1131,10 +1199,6 @@ class MomentAccumulator:
         other = self.choice_with_n(est.n)
         if other is not None:
             est.diagnostics["estimator_with_n"] = other
-        if self.mode != "exact" and self.leverage_correction == "auto":
-            # the finite-sample correction needs each record's Hessian: said where d / n makes it matter
-            est.diagnostics.setdefault("leverage_unavailable", f"the {self.estimator} keeps no per-record "
-                                       "Hessians; leverage_correction needs estimation='exact'")
         return est
 
     def choice_with_n(self, n: int) -> dict[str, Any] | None:
@@ -1247,6 +1311,16 @@ class MomentAccumulator:
             check_curvature(float((h_flat + self._decay_slice(0, self.d)).max()), bool((v_flat > 0).any()))
         sigma_flat, w = diagonal_compute(h_flat + self._decay_slice(0, self.d), v_flat, g_mean_flat, G, n, self.damping,
                                          diagnostics, v_centring)
+        # the finite-sample (leverage) correction with the mean leverage per loss direction
+        # (method.md section 4): V / (1 - h), so sigma and the standardised leave-one-out
+        # influences (psi / (1 - h) over sigma / sqrt(1 - h)) both grow by 1 / sqrt(1 - h)
+        hbar = self._diagonal_leverage(leverage_trace(h_flat, h_flat + self._decay_slice(0, self.d),
+                                                      torch.isfinite(v_centring)), n, diagnostics)
+        if hbar > 0:
+            grow = _influence_scale(hbar)
+            sigma_flat = sigma_flat * grow
+            w = None if w is None else w * grow
+            v_centring = v_centring * (1.0 - hbar)
         hth = float(((h_flat + self._decay_slice(0, self.d)) * _flatten_theta(theta, names)).norm())
         diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"], hth, self._rounding_eps()))
         records, factors = None, None
@@ -1261,9 +1335,10 @@ class MomentAccumulator:
             kept = sum(batch_size_of(y) for _, y in records)
             if isinstance(self.factored, FactoredProgram) and records:
                 factors = self._record_factors(records)
+        kept = min(kept, self.num_records)
         return Estimate(
             mode="diagonal", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets), influence=w,
-            num_records=min(kept, self.num_records),
+            num_records=kept, leverage=_uniform_leverage(hbar, kept), influence_scale=_influence_scale(hbar),
             # the per-layer path also recomputes the stored records' gradients (same numbers)
             _program=self.factored if isinstance(self.factored, LayerProgram) else self.program,
             _records=records,
@@ -1349,11 +1424,24 @@ class MomentAccumulator:
         _without_rounding_gradients(v_out, names, offsets, self._rounding_eps(), rounding, self._stored_eps(),
                                     in_place=True)
         ratio = _curvature_ratio_reference(s_out)
+        # the finite-sample (leverage) correction, as finalize's: its trace over the weights with
+        # an influence (a pass over the curvature alone), then sigma and V_jj scaled in float64
+        # before their float32 store (one rounding, as the whole-vector path's)
+        trace, lev = 0.0, {}
+        for a in range(0, d, FINALIZE_CHUNK):
+            b = min(a + FINALIZE_CHUNK, d)
+            hs = h_sum[a:b].to(cpu, f64)
+            hd = (hs / self.hutchinson_probes) / n if hutch else hs / n
+            trace += leverage_trace(hd, hd + self._decay_slice(a, b), torch.isfinite(v_out[a:b]))
+        hbar = self._diagonal_leverage(trace, n, lev)
+        grow = _influence_scale(hbar)
         z_sum, z_count, hth_sq = 0.0, 0, 0.0
         for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma and the offset's terms (v_max known)
             b = min(a + FINALIZE_CHUNK, d)
             g, v, h = chunk(a, b)
-            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio)
+            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio) * grow
+            if hbar > 0:
+                v_out[a:b] = torch.where(torch.isfinite(v_out[a:b]), v * (1.0 - hbar), math.inf)
             hth_sq += float((h * theta_slice(a, b)).square().sum())
             zs, zc = _offset_terms(penalised(a, b, g), v, v_max)
             z_sum, z_count = z_sum + zs, z_count + zc
@@ -1377,15 +1465,17 @@ class MomentAccumulator:
         diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max,
                            negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
+        diagnostics.update(lev)
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
-        kept = sum(batch_size_of(y) for _, y in records)
+        kept = min(sum(batch_size_of(y) for _, y in records), self.num_records)
         factors = self._record_factors(records) if isinstance(self.factored, FactoredProgram) and records else None
         return Estimate(
             n=n, mode="diagonal", hessian=self.hessian, names=names,
             shapes={k: tuple(self.program.params[k].shape) for k in names}, offsets=offsets,
             theta=theta, sigma=_split(s_out, names, offsets), influence=None,
-            num_records=min(kept, self.num_records), diagnostics=diagnostics, budget=self.budget,
+            num_records=kept, leverage=_uniform_leverage(hbar, kept), influence_scale=_influence_scale(hbar),
+            diagnostics=diagnostics, budget=self.budget,
             estimator=self.estimator, reason=self.reason,
             _program=self.factored if isinstance(self.factored, LayerProgram) else self.program,
             _records=records, _g_mean=_split(g_out, names, offsets), _v_diag=_split(v_out, names, offsets),
@@ -2123,6 +2213,71 @@ def _diagonal_sigma(h: Tensor, v: Tensor, n: int, rel_floor: float) -> Tensor:
     den = torch.maximum(h, (rel_floor * v).clamp_min(1e-300))
     # sqrt(v) / den, not sqrt(v / den^2): den^2 underflows where both are tiny
     return torch.where(v > 0, v.sqrt() / (math.sqrt(n) * den), torch.zeros_like(v))
+
+
+def leverage_trace(h_data: Tensor, h: Tensor, live: Tensor | None = None) -> float:
+    """``sum_j clamp(H_data_jj / H_jj, 0, 1)``: the diagonal approximation of the effective
+    dimension ``tr(H^{-1} H_data)`` (method.md section 4, "Finite-sample (leverage) correction").
+
+    Args:
+        h_data: ``[d]`` the data part of the Hessian diagonal (mean loss, no weight decay).
+        h: ``[d]`` the objective's (``h_data`` plus the weight decay ``lambda_j``).
+        live: ``[d]`` bool, the weights that count (default all): the diagonal estimator leaves
+            out those whose per-sample gradients are rounding (a bias cancelled by a
+            normalisation: no influence, and no degree of freedom the data fits).
+
+    Returns:
+        The count (float; weights with ``H_jj <= 0`` or ``H_data_jj <= 0`` count 0, each weight
+        at most 1). For a positive semi-definite ``H_data`` (a Gauss-Newton Hessian) and
+        ``H = H_data + diag(lambda)`` it is at least the exact trace (Schur-Horn: the diagonal
+        of ``diag(lambda)^{-1/2} H_data diag(lambda)^{-1/2}`` is majorised by its eigenvalues,
+        and ``x / (x + 1)`` is concave), equal without weight decay up to the rank: ``d``
+        against ``rank(H_data)``.
+    """
+    ok = (h > 0) & (h_data > 0)
+    if live is not None:
+        ok &= live
+    r = torch.where(ok, h_data / torch.where(ok, h, torch.ones_like(h)), torch.zeros_like(h))
+    return float(r.clamp(max=1.0).sum())
+
+
+def diagonal_leverage(trace: float, n: int, rank: float, diagnostics: dict[str, Any], *,
+                      correct: bool = True) -> float:
+    """The diagonal estimator's mean leverage per loss direction ``h_bar = T / (n rank(L))``,
+    capped at :data:`LEVERAGE_CAP` (method.md section 4, "Finite-sample (leverage) correction").
+
+    Args:
+        trace: ``T`` of :func:`leverage_trace` over the assessed weights.
+        n: training records; ``rank``: the mean ``rank(L_i)`` (loss directions per record).
+        diagnostics: gets ``mean_leverage`` (``T / n``: the mean leverage per record, the exact
+            estimator's ``mean h_i``), ``leverage_per_direction`` (``h_bar``, before the cap),
+            ``leverage_directions`` (``rank``), ``leverage_trace`` (``T``), ``leverage_estimate``
+            (``"diagonal"``: the approximation), ``leverage_capped`` (1 where ``h_bar`` was capped)
+            and ``leverage_correction`` (whether applied).
+        correct: whether the correction is applied.
+
+    Returns:
+        The capped ``h_bar`` where applied (``V_jj / (1 - h_bar)``: ``sigma`` and the standardised
+        influences times ``1 / sqrt(1 - h_bar)``), else ``0.0``.
+    """
+    per = trace / (n * max(rank, 1.0))
+    capped = per > LEVERAGE_CAP
+    diagnostics.update(mean_leverage=trace / n, leverage_per_direction=per, leverage_directions=rank,
+                       leverage_trace=trace, leverage_estimate="diagonal", leverage_capped=int(capped),
+                       leverage_correction=bool(correct))
+    return min(per, LEVERAGE_CAP) if correct else 0.0
+
+
+def _influence_scale(hbar: float) -> float:
+    """``1 / sqrt(1 - h_bar)``: what the diagonal estimator's correction puts on sigma and on
+    the standardised influences (1.0 at ``h_bar = 0``)."""
+    return 1.0 / math.sqrt(1.0 - hbar) if hbar > 0 else 1.0
+
+
+def _uniform_leverage(hbar: float, records: int) -> Tensor | None:
+    """``[R]`` every stored record's narrowing at the mean leverage per direction (the spread
+    term, method.md section 4), or ``None`` where no correction was applied."""
+    return torch.full((records,), hbar, dtype=torch.float64) if hbar > 0 else None
 
 
 def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,

@@ -597,6 +597,14 @@ class LossProgram:
         h = vmap(torch.func.hessian(one))(outputs, targets)
         return g, h
 
+    def loss_output_hessians(self, inputs: Any, targets: Any, out_shape: OutputShape) -> Tensor:
+        """Per-sample ``d2l/do2 [B, C, C]`` of the loss in the (flattened) model outputs, without
+        the output Jacobians (the diagonal estimator's count of loss directions, ``rank(L_i)``;
+        method.md section 4, "Finite-sample (leverage) correction")."""
+        with torch.no_grad():
+            out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
+        return self.loss_output_derivatives(out, targets, out_shape)[1]
+
     def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: OutputShape) -> tuple[dict[str, Tensor], Tensor]:
         """Each record's Gauss-Newton factors: output Jacobians ``{name: [B, C, *shape]}`` and
         the loss Hessian in the outputs ``[B, C, C]`` (the record's factor is ``J' L J``)."""

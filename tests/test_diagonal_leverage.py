@@ -1,0 +1,208 @@
+"""The diagonal estimator's finite-sample (leverage) correction (method.md section 4,
+"Finite-sample (leverage) correction", the diagonal estimator): one mean leverage per loss
+direction from the Hessian diagonal, ``V_jj / (1 - h_bar)``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from mis_lightning import assess
+from mis_lightning.estimation import estimate
+from mis_lightning.estimation.estimate import LEVERAGE_CAP, leverage_trace
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (out.reshape(len(y), -1) - y.reshape(len(y), -1)).square().sum(-1)
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    H = torch.tensor([[1.0]], dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return H
+
+
+def _ols(x: torch.Tensor, y: torch.Tensor, bias: bool = True) -> nn.Linear:
+    """Least squares solved exactly (float64)."""
+    X = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) if bias else x
+    th = torch.linalg.solve(X.T @ X, X.T @ y.reshape(len(x), -1))
+    m = nn.Linear(x.shape[1], th.shape[1], bias=bias).double()
+    with torch.no_grad():
+        m.weight.copy_(th[: x.shape[1]].T)
+        if bias:
+            m.bias.copy_(th[-1])
+    return m
+
+
+def _flat(est, attr: str = "sigma") -> torch.Tensor:
+    return torch.cat([getattr(est, attr)[k] for k in est.names])
+
+
+def test_constant_leverage_design_matches_the_exact_estimators_correction():
+    """Hadamard columns (X'X = n I, every record's leverage exactly d / n = 12 / 64): the exact
+    estimator's HC2 covariance is HC1 there and its Hessian is diagonal, so the diagonal
+    estimator's corrected sigma, influences and spread leverages must equal the exact
+    estimator's leave-one-out / HC2 figures (float64 solves: 1e-8). The first-order diagonal
+    figures (the code before hc27) read sigma low by sqrt(1 - 12/64) = 0.90."""
+    n, d = 64, 12
+    X = _hadamard(n)[:, 1 : d + 1].clone()
+    g = torch.Generator().manual_seed(3)
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    m = _ols(X, y, bias=False)
+    dl = DataLoader(TensorDataset(X, y), batch_size=16)
+    ex = estimate(m, dl, _mse, mode="exact", num_records=n)
+    for hess in ("exact", "ggn"):
+        dg = estimate(m, dl, _mse, mode="diagonal", hessian=hess, num_records=n)
+        assert dg.diagnostics["leverage_per_direction"] == pytest.approx(d / n, rel=1e-12)
+        assert dg.diagnostics["mean_leverage"] == pytest.approx(ex.diagnostics["mean_leverage"], rel=1e-10)
+        torch.testing.assert_close(_flat(dg), _flat(ex), rtol=1e-8, atol=0)
+        torch.testing.assert_close(dg.influence, ex.influence, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(dg.leverage, ex.leverage, rtol=1e-10, atol=0)
+    fo = estimate(m, dl, _mse, mode="diagonal", num_records=n, leverage_correction=False)
+    ratio = _flat(fo) / _flat(ex)
+    torch.testing.assert_close(ratio, torch.full_like(ratio, math.sqrt(1 - d / n)), rtol=1e-8, atol=0)
+
+
+def test_ols_sigma_is_hc1_and_the_ratio_is_one_over_sqrt_one_minus_d_over_n():
+    """Random Gaussian design, d / n = 40 / 256 = 0.16, least squares solved exactly: the
+    corrected sigma is the HC1 form computed here from the residuals, ``sqrt(mean_i x_ij^2
+    e_i^2 / (1 - d/n) / n) / mean_i x_ij^2`` (the diagonal trace is d exactly without weight
+    decay), to 1e-9; the ratio to the first-order estimate is ``1 / sqrt(1 - d/n)`` for sigma and
+    the influences, and the unit-variance influences (what correlation models are fitted to) are
+    the first-order ones."""
+    n, p = 256, 39
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(p, generator=g, dtype=torch.float64) / p**0.5 + torch.randn(n, generator=g, dtype=torch.float64)
+    m = _ols(x, y)
+    dl = DataLoader(TensorDataset(x, y), batch_size=64)
+    on = estimate(m, dl, _mse, mode="diagonal", num_records=64)
+    off = estimate(m, dl, _mse, mode="diagonal", num_records=64, leverage_correction=False)
+    X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    e = (m(x.to(torch.float64)).squeeze(-1) - y).detach()
+    Hjj = X.square().mean(0)
+    hc1 = ((X * e[:, None]).square().mean(0) / (1 - (p + 1) / n) / n).sqrt() / Hjj
+    torch.testing.assert_close(_flat(on), hc1, rtol=1e-9, atol=0)
+    grow = 1 / math.sqrt(1 - (p + 1) / n)
+    torch.testing.assert_close(_flat(on) / _flat(off), torch.full((p + 1,), grow, dtype=torch.float64),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(on.influence, off.influence * grow, rtol=1e-12, atol=0)
+    torch.testing.assert_close(on.unit_influence(), off.influence, rtol=1e-12, atol=0)
+    assert on.influence_scale == pytest.approx(grow, rel=1e-12) and off.influence_scale == 1.0
+    assert off.leverage is None and off.diagnostics["leverage_correction"] is False
+    assert off.diagnostics["leverage_per_direction"] == on.diagnostics["leverage_per_direction"]
+
+
+def test_several_outputs_spread_the_leverage_over_their_directions():
+    """Linear(29, 3) least squares: three loss directions per record (L = I), the leverage per
+    record is 3 x 30 / n and per direction 30 / n (each output row's own hat value); sigma of
+    every row grows by 1 / sqrt(1 - 30/n)."""
+    n, p, c = 200, 29, 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(p, c, generator=g, dtype=torch.float64) / p**0.5 + torch.randn(n, c, generator=g, dtype=torch.float64)
+    m = _ols(x, y)
+    dl = DataLoader(TensorDataset(x, y), batch_size=50)
+    on = estimate(m, dl, _mse, mode="diagonal")
+    off = estimate(m, dl, _mse, mode="diagonal", leverage_correction=False)
+    dg = on.diagnostics
+    assert dg["leverage_directions"] == 3.0 and "leverage_directions_note" not in dg
+    assert dg["leverage_per_direction"] == pytest.approx((p + 1) / n, rel=1e-12)
+    assert dg["mean_leverage"] == pytest.approx(c * (p + 1) / n, rel=1e-12)
+    torch.testing.assert_close(_flat(on) / _flat(off), torch.full((c * (p + 1),), 1 / math.sqrt(1 - (p + 1) / n),
+                               dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_the_diagonal_trace_bounds_the_exact_one_and_weight_decay_lowers_it():
+    """``leverage_trace`` against ``tr((H_data + lambda)^-1 H_data)`` on a correlated
+    positive semi-definite ``H_data``: equal to the count without decay (rank = d here), at or
+    above the exact trace with it (Schur-Horn; the property the report states), and each
+    weight counts at most 1 (a negative or zero curvature counts 0)."""
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(30, 10, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(-2, 1, 10, dtype=torch.float64))
+    Hd = A.T @ A / 30 + 0.5 * torch.ones(10, 10, dtype=torch.float64)  # correlated
+    assert leverage_trace(torch.diagonal(Hd), torch.diagonal(Hd)) == pytest.approx(10.0)
+    for lam in (1e-3, 1e-1, 1.0, 10.0):
+        exact = float(torch.trace(torch.linalg.solve(Hd + lam * torch.eye(10, dtype=torch.float64), Hd)))
+        diag = leverage_trace(torch.diagonal(Hd), torch.diagonal(Hd) + lam)
+        assert exact <= diag + 1e-12 and diag < 10.0, (lam, exact, diag)
+    h = torch.tensor([2.0, 0.0, -1.0, 1.0], dtype=torch.float64)
+    assert leverage_trace(h, h + torch.tensor([0.0, 1.0, 1.0, -0.5], dtype=torch.float64)) == pytest.approx(2.0)
+
+
+def test_more_weights_than_records_is_capped_and_said():
+    """Ridge with 60 weights on 30 records (wd = 1e-6): the diagonal trace (~60) exceeds what
+    30 records can fit, the mean leverage per direction (~2) is capped at LEVERAGE_CAP (sigma
+    times 1 / sqrt(0.05)) and counted; the report says it was capped and why; 1 - h_bar never
+    reaches 0."""
+    n, p, wd = 30, 59, 1e-6
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = x[:, 0] + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    X = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], 1)
+    th = torch.linalg.solve(X.T @ X / n + wd * torch.eye(p + 1, dtype=x.dtype), X.T @ y / n)
+    m = nn.Linear(p, 1).double()
+    with torch.no_grad():
+        m.weight.copy_(th[:p][None])
+        m.bias.copy_(th[p:])
+    dl = DataLoader(TensorDataset(x, y), batch_size=n)
+    on = estimate(m, dl, _mse, mode="diagonal", weight_decay=wd)
+    off = estimate(m, dl, _mse, mode="diagonal", weight_decay=wd, leverage_correction=False)
+    assert on.diagnostics["leverage_per_direction"] > 1.5 and on.diagnostics["leverage_capped"] == 1
+    torch.testing.assert_close(_flat(on) / _flat(off), torch.full((p + 1,), 1 / math.sqrt(1 - LEVERAGE_CAP),
+                               dtype=torch.float64), rtol=1e-12, atol=0)
+    assert float(on.leverage.max()) == LEVERAGE_CAP
+    rep = assess(m, ["rtn_int8"], dl, _mse, estimation="diagonal", weight_decay=wd, uncertainty_draws=0)
+    line = [w for w in rep.warnings if "from the Hessian diagonal" in w]
+    assert len(line) == 1 and f"capped at {LEVERAGE_CAP}" in line[0], rep.warnings
+
+
+def test_the_report_says_what_the_diagonal_correction_did():
+    """d / n = 0.16 on the diagonal estimator: the warnings say the correction ran (the factor
+    on sigma, that it is the Hessian diagonal's approximation), never that it "could not run";
+    with leverage_correction=False they say it was not corrected; the exact estimator's line
+    is its own."""
+    n, p = 250, 39
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(p, generator=g, dtype=torch.float64) / p**0.5 + torch.randn(n, generator=g, dtype=torch.float64)
+    m = _ols(x, y)
+    dl = DataLoader(TensorDataset(x, y), batch_size=n)
+    kw = dict(uncertainty_draws=0, estimation="diagonal")
+    on = assess(m, ["rtn_int8"], dl, _mse, **kw)
+    off = assess(m, ["rtn_int8"], dl, _mse, leverage_correction=False, **kw)
+    grow = 1 / math.sqrt(1 - 40 / n)
+    for rep, text in ((on, f"raised by 1 / sqrt(1 - 0.16) = {grow:.4g}"), (off, "not corrected (leverage_correction=False)")):
+        assert not any("could not run" in w for w in rep.warnings), rep.warnings
+        line = [w for w in rep.warnings if "from the Hessian diagonal" in w]
+        assert len(line) == 1 and text in line[0] and "an approximation" in line[0], rep.warnings
+    assert on.estimation["leverage_correction"] and not off.estimation["leverage_correction"]
+    assert on.baseline_leakage > off.baseline_leakage * 1.05
+
+
+def test_the_metric_front_end_applies_the_same_correction():
+    """MISIndicator (the streaming front end, one accumulator with assess): the same mean
+    leverage, directions and corrected leakage as assess on the same records (3-output least
+    squares, d / n = 0.3 per record)."""
+    from mis_lightning import MISIndicator
+
+    n, p, c = 200, 19, 3
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(p, c, generator=g, dtype=torch.float64) / p**0.5 + torch.randn(n, c, generator=g, dtype=torch.float64)
+    m = _ols(x, y)
+    kw = dict(estimation="diagonal", uncertainty_draws=0, num_records=n)
+    rep = assess(m, ["rtn_int4"], DataLoader(TensorDataset(x, y), batch_size=50), _mse, **kw)
+    met = MISIndicator(m, _mse, ["rtn_int4"], **kw)
+    for a in range(0, n, 50):
+        met.update(x[a : a + 50], y[a : a + 50])
+    out = met.compute()
+    for k in ("mean_leverage", "leverage_per_direction", "leverage_directions", "leverage_correction"):
+        assert met.report.diagnostics[k] == rep.diagnostics[k], k
+    assert rep.diagnostics["leverage_per_direction"] == pytest.approx((p + 1) / n, rel=1e-12)
+    assert float(out["rtn_int4"]["leakage"]) == pytest.approx(rep.schemes["rtn_int4"].leakage, rel=1e-9)
