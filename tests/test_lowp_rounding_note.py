@@ -23,10 +23,15 @@ def _model(dtype: torch.dtype) -> nn.Module:
     return m.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_intx_rounding_in_the_weights_dtype_is_said(dtype):
+@pytest.mark.parametrize("dtype,scheme", [(torch.bfloat16, "intx_weight_only_int8_g32"),
+                                          (torch.float16, "intx_weight_only_int8_g32"),
+                                          (torch.bfloat16, "intx_weight_only_int8_g32_asym")])
+def test_intx_rounding_in_the_weights_dtype_is_said(dtype, scheme):
     model = _model(dtype)
-    res = get_scheme("intx_weight_only_int8_g32").apply(model)
+    if scheme.endswith("asym"):  # one-signed rows: |w / scale| reaches 255 (zero point -128)
+        with torch.no_grad():
+            model[0].weight.abs_()
+    res = get_scheme(scheme).apply(model)
     g = res.grids["0.weight"]
     theta = model[0].weight.detach().double().reshape(-1)
     s, zp, code = g.element_grid(0, g.numel)
@@ -37,7 +42,9 @@ def test_intx_rounding_in_the_weights_dtype_is_said(dtype):
     assert bool(off.any())
     said = [n for n in res.notes if "rounds w / scale in" in n]
     assert len(said) == 1, res.notes
-    ulp_steps = 2.0 ** (8 - 2 - {torch.bfloat16: 7, torch.float16: 10}[dtype])  # a ulp of |w / scale| just below 128
+    # a ulp of |w / scale| just below 128 (symmetric) or 256 (asymmetric)
+    top = 8 if scheme.endswith("asym") else 7
+    ulp_steps = 2.0 ** (top - 1 - {torch.bfloat16: 7, torch.float16: 10}[dtype])
     assert f"{ulp_steps:.3g} step" in said[0]
 
 
