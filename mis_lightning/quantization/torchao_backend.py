@@ -329,8 +329,30 @@ def _granularity_part(granularity: str, group_size: int | None, default: str) ->
 @register_grid_reader("Int8Tensor", "IntxUnpackedToInt8Tensor")
 def _read_affine(scheme: TorchAOScheme, name: str, w: Tensor, notes: list[str]) -> ParamGrid:
     """An affine grid from an ``Int8Tensor`` / ``IntxUnpackedToInt8Tensor``: codes
-    ``qdata``, ``scale``, integer-domain ``zero_point``, ``block_size``."""
+    ``qdata``, ``scale``, integer-domain ``zero_point``, ``block_size``.
+
+    A scale held in bf16 / fp16 (``IntxUnpackedToInt8Tensor`` of a bf16 / fp16 weight) means
+    torchao rounded ``w / scale`` in that dtype before rounding to a code: the real cell edges
+    sit up to one ulp of ``|w / scale|`` below ``2^(bits-1)`` (``2^bits`` for asymmetric
+    blocks) away from the grid's midpoints (0.5 step for int8 in bf16, 1 step asymmetric;
+    measured by the qx27 audit, docs/quantization.md). The grid
+    still scores midpoints; a note says so and gives the bound (not for schemes scored by
+    Monte Carlo re-quantization, which re-run torchao itself).
+    """
     bits = int(getattr(scheme, "bits", 8))
+    sdt = w.scale.dtype
+    # (schemes scored by Monte Carlo re-quantization, e.g. HQQ, re-run torchao: their cells are real)
+    if sdt in (torch.bfloat16, torch.float16) and getattr(scheme, "rounding", "nearest") == "nearest":
+        # ulp of the largest |w / scale|, in steps (the quotient is held in sdt): below 2^(bits-1)
+        # for symmetric blocks; asymmetric ones reach 2^bits (a one-signed block, |zp| ~ 2^(bits-1))
+        top = bits if getattr(scheme, "mapping", "symmetric") == "asymmetric" else bits - 1
+        ulp = 2.0 ** (top - 1) * torch.finfo(sdt).eps
+        msg = (f"{scheme.name}: torchao rounds w / scale in {str(sdt)[6:]} (the weights' dtype) "
+               f"before rounding to a code, so the release's cell edges differ from the grid's "
+               f"midpoints by up to {ulp:.3g} step; the figure scores the midpoints (a float32 "
+               "model is quantized with exact midpoint cells)")
+        if msg not in notes:
+            notes.append(msg)
     return affine_grid(
         name, codes=w.qdata.detach().clone().reshape(tuple(w.shape)),
         scale=w.scale.detach().clone(), zero_point=w.zero_point.detach().clone(),
