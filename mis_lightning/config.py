@@ -119,7 +119,10 @@ class EstimationConfig:
             ``"ggn_mc"`` (sampled-label Monte Carlo Gauss-Newton: one backward pass per draw
             instead of one per output direction; its error in ``diagnostics``), ``"hutchinson"``
             or ``"auto"`` (``"ggn_mc"`` where the exact one needs more than 3 directions per
-            record, e.g. cross-entropy over 5 or more classes, on the per-layer path).
+            record, e.g. cross-entropy over 5 or more classes, on the per-layer path). With
+            ``mode="exact"``, ``"ggn"`` is the exact sandwich with the whole Gauss-Newton
+            Hessian (full correlation from the model's first derivatives; method.md section 4),
+            any other value the exact Hessian.
         weight_decay: L2 coefficient of the objective ``mean loss + wd / 2 |theta|^2``
             (dimensionless, >= 0), or ``{parameter name: coefficient}`` for a penalty that
             differs by parameter (e.g. none on biases and norms; parameters not named: 0);

@@ -557,7 +557,11 @@ def choose_estimator(
     pass costs ``F >> d`` (layers in :data:`WEIGHT_REUSE_LAYERS`); it is chosen only for
     dense models with ``d <= EXACT_MAX_PARAMS`` and ``n d^2 <= EXACT_MAX_COST``. The diagonal
     mode's Hessian is then exact for the same small dense models, else Gauss-Newton (or
-    Hutchinson without model outputs).
+    Hutchinson without model outputs). ``mode="exact", hessian="ggn"`` (asked for, never
+    chosen by ``"auto"``) is the exact sandwich with the Gauss-Newton Hessian
+    ``sum_i J_i' L_i J_i``: the weights' full correlation from the model's first derivatives
+    only (method.md section 4, "Exact sandwich with the Gauss-Newton Hessian"); any other
+    ``hessian`` with ``mode="exact"`` is the exact Hessian.
     """
     reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
     reuse += list(reused)
@@ -585,7 +589,7 @@ def choose_estimator(
         else:
             reason = f"auto: d = {d:,} dense weights" if cheap_exact else f"auto: {why}"
     if mode == "exact":
-        return mode, "exact", reason
+        return mode, "ggn" if hessian == "ggn" else "exact", reason
     if hessian == "auto":
         if recurrent and not ggn:  # auto would take Hutchinson's probes through the recurrent layers
             _check_recurrent_estimator(recurrent, mode, "hutchinson", ggn)
@@ -603,6 +607,8 @@ def choose_estimator(
 def describe_estimator(mode: str, hessian: str) -> str:
     """A short name of the estimator, e.g. ``"diagonal sandwich, Gauss-Newton Hessian"``."""
     if mode == "exact":
+        if hessian == "ggn":
+            return "exact sandwich (Gauss-Newton Hessian, per-sample gradients)"
         return "exact sandwich (full Hessian, per-sample gradients)"
     h = {"exact": "exact Hessian diagonal", "ggn": "Gauss-Newton Hessian diagonal",
          "ggn_mc": "sampled-label Monte Carlo Gauss-Newton Hessian diagonal",
@@ -1036,6 +1042,9 @@ class MomentAccumulator:
                     self._looped_jacobians = True
                     out, jac = program.output_jacobians(x, looped=True)
                 e, L = program.loss_output_derivatives(out, y, out_shape or ())
+                if self.mode == "exact":  # the Gauss-Newton Hessian sum_i J_i' L_i J_i, whole (d x d)
+                    Jf = torch.cat([jac[k].reshape(bb, c_out, -1) for k in names], 2).to(torch.float64)
+                    st["H_sum"] += torch.einsum("bcj,bce,bek->jk", Jf, L.to(torch.float64), Jf).to(dev)
                 grads = {}
                 for k in names:
                     J = jac[k].reshape(bb, c_out, -1)
@@ -1286,7 +1295,7 @@ class MomentAccumulator:
             floor_variants = {f: {"sigma": _split(v["sigma"], names, offsets), "influence": v["w"],
                                   "mahalanobis": v["mahal"], "correlation": v["corr"], "leverage": v["leverage"]}
                               for f, v in variants.items()} or None
-            return Estimate(mode="exact", hessian="exact", sigma=_split(sigma_flat, names, offsets),
+            return Estimate(mode="exact", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
                             leverage=records.get("leverage"), _floor_variants=floor_variants, **common)
 
