@@ -191,14 +191,12 @@ def repeated_records(st: dict[str, Any]) -> int | None:
         return None if keys is None else 0
 
     def whole(items: Any) -> Tensor | None:
-        """The stored rows as one tensor (states are lists of tensors, or one tensor once synced
-        across processes); no copy where they are one tensor already (after a prune); ``None``
-        for nothing stored or pytree records."""
-        if isinstance(items, Tensor):
-            return items
-        if not isinstance(items, list) or not items or not all(isinstance(t, Tensor) for t in items):
-            return None
-        return items[0] if len(items) == 1 else cat_state(items)
+        """The stored rows as one tensor (:func:`cat_state`; no copy of a single tensor, e.g.
+        after a prune); ``None`` for nothing stored or pytree records."""
+        if isinstance(items, list) and len(items) == 1 and isinstance(items[0], Tensor):
+            items = items[0]
+        t = cat_state(items) if isinstance(items, (Tensor, list)) else None
+        return t if isinstance(t, Tensor) else None
 
     rows = [whole(st.get("rec_grad"))]
     if rows[0] is None or rows[0].shape[0] != keys.numel():
