@@ -185,8 +185,8 @@ def random_records_note(dataset: Any, indices: Sequence[int], records: int = AUG
         return None
     return (f"the training dataset {type(dataset).__name__} returns another value each time a record is read "
             f"(record {differs} read twice differs: random augmentation or other randomness in __getitem__): "
-            "each record is assessed at one random draw, not as the records trained on (fu24: leakage 0.182 "
-            "on augmented draws, 0.158 on the clean records); to assess the records themselves, assess over "
+            "each record is assessed at one random draw, not as the records trained on (measured: leakage "
+            "0.182 on augmented draws, 0.158 on the clean records); to assess the records themselves, assess over "
             "the dataset without its random transforms (mis_lightning.assess, or a MISIndicator updated on them)")
 
 

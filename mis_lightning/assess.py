@@ -52,6 +52,7 @@ from .report import (
     Report,
     SchemeResult,
     above_baseline,
+    merge_scheme_warnings,
 )
 from .threads import scoring_threads
 
@@ -67,13 +68,12 @@ D_EFF_OVER_N_MAX = 0.1
 # first-order figures then read low by a few percent or more (measured: 7% at d / n = 0.07 on an
 # MLP, 27% at 0.083 on an embedding + Conv1d model, against the 5% accuracy target).
 LEVERAGE_NOTE_MIN_D_OVER_N = 0.02
-# What the report says of the diagonal estimator's mean leverage (docs/validation.md, hc27).
+# What the report says of the diagonal estimator's mean leverage (its measured accuracy against
+# the exact estimator: docs/validation.md, "hc27"; the derivation: method.md section 4).
 DIAGONAL_LEVERAGE_ACCURACY = (
-    "an approximation: exact for least squares without weight decay, at or above the exact mean with it for a "
-    "Gauss-Newton Hessian; against the exact estimator (hc27) the mean leverage read 1.00x on least squares and "
-    "logistic regression, 1.06x on a small CNN, 2.3x / 0.73x on a tanh MLP with / without weight decay, and the "
-    "unquantized leakage within 1% on the first three, -3% on a 4-class softmax, +7% / -16% on those MLPs "
-    "(first order: -4% / -35%)")
+    "an approximation (docs/method.md section 4): exact for least squares without weight decay; against the "
+    "exact estimator the unquantized leakage read within 1% on least squares, logistic regression and a small "
+    "CNN, -3% on a softmax, +7% / -16% on a tanh MLP with / without weight decay")
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -240,7 +240,7 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
         # both first order; the table's baseline adds the spread term where leverages exist (fu25:
         # three baselines on one screen, none said to be the table's)
         shown = (f" (first-order values; the table's baseline {base:.4g} adds the finite-sample spread term)"
-                 if "baseline_leakage_first_order" in diagnostics else "")
+                 if "baseline_leakage_without_spread" in diagnostics else "")
         out.append(f"the unquantized leakage is {grad:.4g} from the gradient covariance but {corr:.4g} from the "
                    f"weights' correlation that scores the quantized schemes{shown} "
                    f"({100 * (corr - grad) / grad:+.1f}%): {cause}; each scheme's figure is capped by the "
@@ -341,15 +341,14 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     left = (f"; {free:,} trainable weight(s) not assessed are not counted (they fit the data too: up to "
             f"{bound:.3g} more per direction)" if free and bound >= 1e-3 else "")
     return what + (f"sigma and the influences were raised by 1 / sqrt(1 - {hb:.3g}) = {1 / math.sqrt(1 - hb):.4g} "
-                   "(the in-sample gradient variance over 1 - leverage, the leave-one-out shift at the mean "
-                   "leverage; each record's own leverage is not known to this estimator), which first-order "
-                   "theory does not cover"
+                   "(the leave-one-out shift at the mean leverage; each record's own leverage is not known to "
+                   "this estimator), which first-order theory does not cover"
                    + (f"; the mean leverage per direction {per:.3g} was capped at {LEVERAGE_CAP}: the diagonal "
                       "approximation exceeds the count the data can fit (more weights than records x directions, "
                       "or a Hessian whose diagonal spreads a few large eigenvalues over many weights, as in "
                       "overparameterised networks), and sigma grows 4.5x: the figures then sit near their maximum "
-                      "(hc27, a 1,409-weight MLP on 500 records: baseline 0.926 against the exact estimator's 0.956), "
-                      "how far from the model's own is not known in general" if capped else "") + left)
+                      "(the exact estimator reads near it too on such models: docs/validation.md), how far from "
+                      "the model's own is not known in general" if capped else "") + left)
 
 
 def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
@@ -664,10 +663,9 @@ def _running_statistics_note(model: nn.Module) -> str | None:
     return (f"the release holds the running statistics of {len(names)} normalisation layer(s) ({shown}): float "
             "buffers (running_mean, running_var) computed from the training batches, released with every scheme "
             "and not scored, so every figure here is a lower bound for the release. They leak membership too, the "
-            "last batches' records the most (fu27: a BatchNorm1d(16) on N(0, I) inputs, n = 1,000, batch 32, "
-            "5 epochs: 0.0295 from its running mean alone, exact, above the 0.0194 its model's weights read under "
-            "intx_weight_only_int2). Statistics computed from other data (a frozen pretrained encoder) do not "
-            "leak these records; recomputing them on data that is not private before release removes this channel")
+            "last batches' records the most (docs/method.md section 6: one running mean can leak more than its "
+            "model's int2 weights); recomputing them on data that is not private before release removes this "
+            "channel (statistics computed from other data, a frozen pretrained encoder's, do not leak)")
 
 
 def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
@@ -829,7 +827,7 @@ def score_schemes(
             if abs(corr_form - baseline) > CONSISTENCY_TOLERANCE * baseline:
                 form_gap = (baseline, corr_form)
     if est.leverage is not None:  # the spread term (the two forms above are compared without it)
-        diagnostics["baseline_leakage_first_order"] = baseline
+        diagnostics["baseline_leakage_without_spread"] = baseline
         baseline = float(F.saturate_spread(base_t, est.leverage).mean())
     report = Report(
         n=n, d=est.d, estimation=estimation_info, diagnostics=diagnostics, schemes={},
@@ -912,9 +910,8 @@ def score_schemes(
         lev = ((lev + "; ") if lev else "") + (
             f"the finite-sample (leverage) correction could not run ({off}): with d / n = {est.d / n:.3g} the "
             "first-order influences understate each record's leave-one-out shift by about 1 / (1 - leverage) "
-            "and sigma reads low by about sqrt(1 - leverage) (in-sample residuals; sg26: -3.2% at 512 weights of "
-            "one output, n = 8,192), so the figures can read low (an MLP at d / n = 0.12: 7%; an embedding + "
-            "Conv1d model at d / n = 0.083: 27%, its mean leverage 0.12)")
+            "and sigma reads low by about sqrt(1 - leverage) (in-sample residuals), so the figures can read low "
+            "(measured: 7% on an MLP at d / n = 0.12, 27% on an embedding + Conv1d model at d / n = 0.083)")
     if est.diagnostics.get("leverage_correction") and est.diagnostics.get("leverage_curvature") == "gauss_newton":
         report.warnings.append(
             "the leverages (finite-sample correction) are the records' Gauss-Newton factors J' L J at the model's "
@@ -943,10 +940,12 @@ def score_schemes(
                 report.warnings.append(unscored)
             report.schemes[sc.name].unscored = unscored  # marked "+" (a lower bound) in the table
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
-    report.warnings += [w for w in (report.schemes[sc.name].float_warning() for sc in scheme_objs
-                                    if not isinstance(sc, NoQuantization)) if w]
+    # Said once for all the schemes they apply to (the same three lines per scheme buried the rest).
+    report.warnings += merge_scheme_warnings(
+        [(sc.name, w) for sc in scheme_objs if not isinstance(sc, NoQuantization)
+         for w in [report.schemes[sc.name].float_warning()] if w])
     # Weights quantized by another method than the scheme's backend (quantization/beyond_linear).
-    report.warnings += [w for w in (s.methods_line() for s in report.schemes.values()) if w]
+    report.warnings += merge_scheme_warnings([(k, w) for k, s in report.schemes.items() for w in [s.methods_line()] if w])
     stored = _low_precision_note(model, est.names)
     if stored:
         report.warnings.append(stored)
@@ -984,8 +983,7 @@ def score_schemes(
             + "): the M-estimator analysis may not apply; train to convergence, with the weight decay and "
             "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "
             "loss_fn and weight_decay given here must be its (class weights, label smoothing, a penalty or "
-            "weight-decay convention that differ make a converged model read as unconverged; fu26: 4-8% "
-            "moves)"
+            "weight-decay convention that differ make a converged model read as unconverged)"
         )
     if diagnostics.get("negative_curvature"):
         flipped = diagnostics.get("negative_eigenvalues_flipped")

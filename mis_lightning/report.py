@@ -309,6 +309,35 @@ class Report:
         return privacy_utility_figure(self.rows(), path, utility_key, warnings=self.warnings)
 
 
+def merge_scheme_warnings(lines: Sequence[tuple[str, str]]) -> list[str]:
+    """Per-scheme warnings said once for every scheme they apply to.
+
+    Args:
+        lines: ``(scheme name, warning)`` pairs, each warning naming its scheme as ``repr(name)``.
+
+    Returns:
+        One warning per distinct text once the scheme names are set aside, in first-appearance
+        order: a text shared by several schemes names them all ("schemes 'a' and 'b' leave ...",
+        the verbs that follow "scheme" made plural); a text of one scheme is returned as is.
+    """
+    mark = "\x00"
+    plural = {"leaves": "leave", "quantizes": "quantize", "is": "are", "has": "have"}
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for name, text in lines:
+        groups.setdefault(text.replace(repr(name), mark), []).append((name, text))
+    out = []
+    for template, members in groups.items():
+        if len(members) == 1:
+            out.append(members[0][1])
+            continue
+        names = [repr(k) for k, _ in members]
+        who = ", ".join(names[:-1]) + " and " + names[-1]
+        t = re.sub(r"\bscheme \x00 (leaves|quantizes|is|has)\b", lambda m: f"schemes {mark} {plural[m[1]]}", template)
+        t = t.replace("scheme " + mark, "schemes " + mark).replace("its backend's", "their backends'")
+        out.append(t.replace(mark, who))
+    return out
+
+
 def to_plain(x: Any) -> Any:
     """JSON-ready copy of nested dicts/lists/tensors/numbers (non-finite floats as strings)."""
     if isinstance(x, dict):

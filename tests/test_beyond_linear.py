@@ -160,6 +160,10 @@ def test_assess_reports_the_quantized_share_and_the_method_per_layer_type():
     assert line == ("scheme 'int8_weight_only' quantizes beyond its backend's layers: Conv2d: per-channel "
                     "int8 over flattened kernels (library RTN) (f.0.weight, f.4.weight)")
     assert "5.6%" in next(r for r in rep.table().splitlines() if r.startswith("int8_weight_only"))
+    # the two int4 schemes quantize the convolutions alike: one line names both (it was one per scheme)
+    int4 = [w for w in rep.warnings if "per-channel int4 over flattened kernels" in w]
+    assert int4 == ["schemes 'intx_weight_only_int4' and 'rtn_int4' quantize beyond their backends' layers: "
+                    "Conv2d: per-channel int4 over flattened kernels (library RTN) (f.0.weight, f.4.weight)"]
 
 
 # --------------------------------------------------------------------------- estimation

@@ -348,7 +348,7 @@ def test_the_figures_do_not_depend_on_where_the_output_ends(case: str) -> None:
 
     def figures(rep) -> dict[str, float]:
         out = {"baseline": rep.baseline_leakage, **{k: float(rep.diagnostics[k]) for k in
-               ("mean_leverage", "max_leverage", "minimum_offset_sd", "baseline_leakage_first_order")}}
+               ("mean_leverage", "max_leverage", "minimum_offset_sd", "baseline_leakage_without_spread")}}
         for name, s in rep.schemes.items():
             out.update({f"{name}.leakage": s.leakage, f"{name}.d_eff": s.d_eff, f"{name}.lo": s.interval[0],
                         f"{name}.hi": s.interval[1]})

@@ -362,7 +362,7 @@ def test_consistency_warnings_name_the_schemes_and_the_cause():
     assert "the table's baseline" not in w[0]
     # fu25: with the spread term the table's baseline is neither form: the warning says which it shows
     rep.baseline_leakage = 0.2228
-    w = _consistency_warnings(rep, {**diag, "baseline_leakage_first_order": 0.2}, (0.2, 0.23))
+    w = _consistency_warnings(rep, {**diag, "baseline_leakage_without_spread": 0.2}, (0.2, 0.23))
     assert ("0.2 from the gradient covariance but 0.23 from the weights' correlation that scores the quantized "
             "schemes (first-order values; the table's baseline 0.2228 adds the finite-sample spread term)") in w[0]
     ok = Report(n=100, d=12, estimation={}, diagnostics={}, schemes={}, baseline_leakage=0.2,
@@ -421,3 +421,20 @@ def test_utility_column_shows_the_digits_that_separate_the_verdicts_band():
     # a wider gap: 4 decimals as before (the other verdict tests' figures stay as they were)
     rows[2]["utility_loss"] = 0.0060
     assert utility_digits(rows) == 0 and "0.0060" in format_table(rows)
+
+
+def test_per_scheme_warnings_that_say_the_same_are_said_once_naming_every_scheme() -> None:
+    from mis_lightning.report import merge_scheme_warnings
+
+    def line(k: str, share: str) -> str:
+        return (f"scheme {k!r} leaves 40 of 396 assessed weights ({share}) in float, scored as unprotected: "
+                f"bn.weight (layer type BatchNorm2d not supported (scheme {k!r} quantizes the weights of nn.Linear))")
+
+    got = merge_scheme_warnings([("a", line("a", "10%")), ("b", line("b", "10%")), ("c", line("c", "20%")),
+                                 ("d", line("d", "10%"))])
+    assert got == ["schemes 'a', 'b' and 'd' leave 40 of 396 assessed weights (10%) in float, scored as unprotected: "
+                   "bn.weight (layer type BatchNorm2d not supported (schemes 'a', 'b' and 'd' quantize the weights of "
+                   "nn.Linear))", line("c", "20%")]
+    # one scheme, or a name that is a substring of another's: nothing merged, nothing rewritten
+    assert merge_scheme_warnings([("int4", line("int4", "1%")), ("rtn_int4", line("rtn_int4", "2%"))]) == [
+        line("int4", "1%"), line("rtn_int4", "2%")]

@@ -136,7 +136,7 @@ def test_ols_baseline_is_the_spread_tv_of_the_leave_one_out_shift() -> None:
     # float32 data and weights against the float64 reference: 1e-5 relative
     assert rep.baseline_leakage == pytest.approx(ref, rel=1e-5)
     assert rep.schemes["none"].leakage == pytest.approx(ref, rel=1e-5)
-    assert rep.diagnostics["baseline_leakage_first_order"] == pytest.approx(shift_only, rel=1e-5)
+    assert rep.diagnostics["baseline_leakage_without_spread"] == pytest.approx(shift_only, rel=1e-5)
     assert ref > 1.03 * shift_only
 
 
@@ -150,7 +150,7 @@ def test_quantized_scheme_stays_below_the_baseline_and_keeps_first_order_without
         assert math.isfinite(r.leakage) and r.leakage <= rep.baseline_leakage * (1 + 1e-9)
         # the spread term never lowers a figure (the first-order value is its h = 0 limit)
         assert r.leakage >= old.schemes[k].leakage * (1 - 1e-9) or r.leakage_independent is not None
-    assert "baseline_leakage_first_order" not in old.diagnostics
+    assert "baseline_leakage_without_spread" not in old.diagnostics
 
 
 def test_gaussian_channel_reduces_to_one_dimension_with_rho() -> None:
