@@ -12,7 +12,7 @@ even mantissa). So the cells in ``x`` form one table per dtype (:func:`quotient_
 parameter units the edges are those thresholds divided by ``inv`` (per block); the zero point
 enters after the rounding and only moves the clamp: cells ``j`` in ``[qmin - zp, qmax - zp]``,
 the two end cells unbounded. For bf16 int8 the cells of even ``j >= 64`` are 1.5 steps wide and
-of odd ones 0.5 (the qx27 audit); float32 weights never take this path.
+of odd ones 0.5 (docs/quantization.md); float32 weights never take this path.
 
 The weight ``w`` is taken as continuous, as everywhere in the library: the rounding of the trained
 weights to their storage dtype is not modelled (docs/quantization.md).

@@ -337,7 +337,7 @@ def _read_affine(scheme: TorchAOScheme, name: str, w: Tensor, notes: list[str]) 
     torchao computes the code as ``round(w * (1 / scale)) + zero_point`` with every operation in
     that dtype: the quotient is rounded to it before the integer rounding, and the real cell
     edges sit up to one ulp of the quotient away from the midpoints (0.5 step for int8 in bf16,
-    1 step asymmetric; the qx27 audit). Its grid is a ``"quotient"`` grid, scored on those real
+    1 step asymmetric; docs/quantization.md). Its grid is a ``"quotient"`` grid, scored on those real
     edges (:mod:`~mis_lightning.functional.quotient`). A bf16 / fp16 scale on any other tensor
     type (not seen with torchao 0.18) keeps the midpoint grid, and a note says so with the bound;
     schemes scored by Monte Carlo re-quantization (HQQ) re-run torchao and need neither.
