@@ -35,6 +35,13 @@ from ..functional import (
 )
 from ..functional.bounds import bounded_moments, clip_boundaries
 from ..functional.cells import SQRT_2_OVER_PI
+from ..functional.quotient import (
+    quotient_boundaries,
+    quotient_cell_moments,
+    quotient_cells,
+    quotient_inverse,
+    quotient_thresholds,
+)
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -236,8 +243,11 @@ class ParamGrid:
     Attributes:
         name: the parameter's name in the original model (``model.named_parameters()``).
         shape: the parameter's shape.
-        kind: ``"affine"`` (integer codes, ``(q - zero_point) * scale``) or ``"table"``
-            (non-uniform: ``values * scale``, e.g. float8 / bfloat16 / float16).
+        kind: ``"affine"`` (integer codes, ``(q - zero_point) * scale``), ``"table"``
+            (non-uniform: ``values * scale``, e.g. float8 / bfloat16 / float16) or
+            ``"quotient"`` (integer codes as ``"affine"``, but the backend rounds the quotient
+            ``w * rnd(1 / scale)`` to ``quotient_dtype`` before the integer rounding: torchao's
+            intx on bf16 / fp16 weights; cells from :mod:`~mis_lightning.functional.quotient`).
         dequantized: the backend's own dequantized tensor (float32, ``shape``).
         bits_per_weight: storage per element including scales and zero points.
         scale, zero_point: per-block tensors (``block_size`` layout).
@@ -259,11 +269,12 @@ class ParamGrid:
             the grid, and scoring re-runs the scheme on perturbed weights instead (the Monte
             Carlo re-quantization of :mod:`~mis_lightning.quantization.requantize`,
             method.md section 5).
+        quotient_dtype: the dtype of the rounded quotient (``kind == "quotient"`` only).
     """
 
     name: str
     shape: tuple[int, ...]
-    kind: Literal["affine", "table"]
+    kind: Literal["affine", "table", "quotient"]
     dequantized: Tensor
     bits_per_weight: float
     scale: Tensor
@@ -278,6 +289,7 @@ class ParamGrid:
     scale_rule: str = "none"
     rounding: str = "nearest"
     method: str = ""
+    quotient_dtype: torch.dtype | None = None
 
     @property
     def numel(self) -> int:
@@ -341,6 +353,12 @@ class ParamGrid:
         if self.kind == "affine":
             z = zp.to(torch.float64)
             return (self.qmin + 0.5 - z) * s, (self.qmax - 0.5 - z) * s, s
+        if self.kind == "quotient":
+            inv, lo, hi = self._quotient(scale, zp)
+            t, j0 = quotient_thresholds(self._qdtype)
+            t = t.to(s.device)
+            # the upper edge of the lowest cell (lo) and the lower edge of the highest (hi)
+            return t[(lo - j0).long()] / inv, t[(hi - 1 - j0).long()] / inv, None
         assert self.values is not None
         v = self.values.to(torch.float64)
         return 0.5 * (v[0] + v[1]) * s, 0.5 * (v[-2] + v[-1]) * s, None
@@ -418,6 +436,10 @@ class ParamGrid:
         if self.kind == "affine":
             mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
                                      compile_policy=compile_policy, kappa_only=kappa_only)
+        elif self.kind == "quotient":
+            inv, lo, hi = self._quotient(scale, zero_point)
+            cell = None if code is None else code.to(torch.float64) - zero_point.to(torch.float64)
+            mm = quotient_cell_moments(theta, sigma, inv, lo, hi, self._qdtype, cell=cell)
         else:
             assert self.values is not None
             mm = table_cell_moments(theta, sigma, self.values, scale)
@@ -452,19 +474,50 @@ class ParamGrid:
         """Unbounded cell edges ``[c, 2*half_window + 2]`` (per-element grid parameters)."""
         if self.kind == "affine":
             return affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=code)
+        if self.kind == "quotient":
+            inv, lo, hi = self._quotient(scale, zp)
+            cell = (quotient_cells(theta, inv, lo, hi, self._qdtype) if code is None
+                    else code.to(torch.float64) - zp.to(torch.float64))
+            return quotient_boundaries(cell, inv, lo, hi, self._qdtype, half_window)
         assert self.values is not None
         return table_boundaries(theta, self.values, scale, half_window)
+
+    @property
+    def _qdtype(self) -> torch.dtype:
+        assert self.quotient_dtype is not None, f"grid {self.name!r}: a quotient grid needs quotient_dtype"
+        return self.quotient_dtype
+
+    def _quotient(self, scale: Tensor, zp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(inv, lo, hi)`` float64 ``[c]`` of a quotient grid: ``rnd(1 / scale)`` in the quotient's
+        dtype (as the backend computes it; ``scale`` per element, exact in that dtype) and the
+        quotient integers' range ``[qmin - zp, qmax - zp]``."""
+        z = zp.to(torch.float64)
+        inv = quotient_inverse(scale.to(self._qdtype))
+        return inv, self.qmin - z, self.qmax - z
 
     def cell_value(self, theta: Tensor, start: int, end: int) -> Tensor:
         """The value of the cell that contains each weight, from the grid alone (``[c]`` float64).
 
         Affine grids: nearest code ``clamp(round(theta / scale) + zero_point)`` (halves to
-        even); table grids: nearest representable value. Tests check it against the backend's
+        even); table grids: nearest representable value; quotient grids: the backend's own
+        arithmetic in the quotient's dtype (``theta`` first held in that dtype, as the model
+        holds its weights), the released value rounded to that dtype as torchao releases it. Tests check it against the backend's
         ``dequantized`` output: the backend released the value of the cell the library
         scores.
         """
         scale, zp, _ = self.element_grid(start, end)
         th = theta.to(torch.float64)
+        if self.kind == "quotient":
+            # the backend's own arithmetic (torchao quantize_affine / dequantize_affine), all in
+            # the quotient's dtype: the weight as the model holds it, q = round(w * (1 / s)) + zp,
+            # clamped; released (q - zp) * s rounded to the dtype
+            dt = self._qdtype
+            live = scale > 0
+            s_d = torch.where(live, scale, torch.ones_like(scale)).to(dt)
+            z = zp.to(torch.float64)
+            q = (torch.round(th.to(dt) * (1.0 / s_d)).to(torch.float64) + z).clamp(self.qmin, self.qmax)
+            val = ((q - z).to(dt) * s_d).to(torch.float64)
+            return torch.where(live, val, torch.zeros_like(th))
         if self.kind == "affine":
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             # integer zero points: round(theta/s) + zp; a float zero point (tinygemm's
@@ -476,7 +529,22 @@ class ParamGrid:
         assert self.values is not None
         v = self.values.to(torch.float64)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        pos = torch.searchsorted(0.5 * (v[1:] + v[:-1]), th / safe, right=True)
+        # the quotient as the backends compute it: in float32 where the weight and the scale are
+        # float32 values (torchao's float8: w.float() / scale; a cast: scale 1), else in float64
+        x = th / safe
+        f32 = (th.to(torch.float32).to(torch.float64) == th) & (safe.to(torch.float32).to(torch.float64) == safe)
+        x = torch.where(f32, (th.to(torch.float32) / safe.to(torch.float32)).to(torch.float64), x)
+        mids = 0.5 * (v[1:] + v[:-1])
+        pos = torch.searchsorted(mids, x, right=True)
+        # a quotient exactly between two values goes to the even one (round half to even, as the
+        # float casts do): in a table of every finite value of a float format, the bit patterns of
+        # the values of one sign are consecutive integers counted from 0, so parity = distance to 0
+        zero = torch.nonzero(v == 0).squeeze(-1)
+        if zero.numel() == 1:
+            tie = (pos > 0) & (x == mids[(pos - 1).clamp_min(0)])
+            if bool(tie.any()):
+                up_odd = ((pos - int(zero)).abs() % 2) == 1  # the upper value's pattern is odd
+                pos = torch.where(tie & up_odd, pos - 1, pos)
         return torch.where(scale > 0, v[pos] * scale, torch.zeros_like(th))
 
     #: fields no cell moment reads: a label, the footprint, and the freed backend output

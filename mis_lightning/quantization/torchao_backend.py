@@ -7,7 +7,9 @@ weight's grid back from the tensor subclass torchao put in its place:
 * ``Int8Tensor`` (``Int8WeightOnlyConfig``, ``Int8DynamicActivationInt8WeightConfig``) and
   ``IntxUnpackedToInt8Tensor`` (``IntxWeightOnlyConfig``): kind ``"affine"``, codes
   ``qdata``, ``scale``, ``zero_point`` (integer domain: value ``(q - zp) * scale``) and
-  ``block_size``; code range ``[-2^(b-1), 2^(b-1) - 1]``.
+  ``block_size``; code range ``[-2^(b-1), 2^(b-1) - 1]``. On bf16 / fp16 weights
+  ``IntxUnpackedToInt8Tensor`` rounds the quotient in that dtype: kind ``"quotient"``
+  (:func:`_read_affine`).
 * ``Float8Tensor`` (``Float8WeightOnlyConfig``): kind ``"table"``, values = every finite
   float8 value, ``scale`` per block (value ``qdata.float() * scale``). torchao gives an
   all-zero row (or group) scale 0 and NaN codes, so its ``dequantize()`` -- and the
@@ -331,34 +333,40 @@ def _read_affine(scheme: TorchAOScheme, name: str, w: Tensor, notes: list[str]) 
     """An affine grid from an ``Int8Tensor`` / ``IntxUnpackedToInt8Tensor``: codes
     ``qdata``, ``scale``, integer-domain ``zero_point``, ``block_size``.
 
-    A scale held in bf16 / fp16 (``IntxUnpackedToInt8Tensor`` of a bf16 / fp16 weight) means
-    torchao rounded ``w / scale`` in that dtype before rounding to a code: the real cell edges
-    sit up to one ulp of ``|w / scale|`` below ``2^(bits-1)`` (``2^bits`` for asymmetric
-    blocks) away from the grid's midpoints (0.5 step for int8 in bf16, 1 step asymmetric;
-    measured by the qx27 audit, docs/quantization.md). The grid
-    still scores midpoints; a note says so and gives the bound (not for schemes scored by
-    Monte Carlo re-quantization, which re-run torchao itself).
+    An ``IntxUnpackedToInt8Tensor`` of a bf16 / fp16 weight holds its scale in that dtype, and
+    torchao computes the code as ``round(w * (1 / scale)) + zero_point`` with every operation in
+    that dtype: the quotient is rounded to it before the integer rounding, and the real cell
+    edges sit up to one ulp of the quotient away from the midpoints (0.5 step for int8 in bf16,
+    1 step asymmetric; docs/quantization.md). Its grid is a ``"quotient"`` grid, scored on those real
+    edges (:mod:`~mis_lightning.functional.quotient`). A bf16 / fp16 scale on any other tensor
+    type (not seen with torchao 0.18) keeps the midpoint grid, and a note says so with the bound;
+    schemes scored by Monte Carlo re-quantization (HQQ) re-run torchao and need neither.
     """
     bits = int(getattr(scheme, "bits", 8))
     sdt = w.scale.dtype
-    # (schemes scored by Monte Carlo re-quantization, e.g. HQQ, re-run torchao: their cells are real)
-    if sdt in (torch.bfloat16, torch.float16) and getattr(scheme, "rounding", "nearest") == "nearest":
-        # ulp of the largest |w / scale|, in steps (the quotient is held in sdt): below 2^(bits-1)
-        # for symmetric blocks; asymmetric ones reach 2^bits (a one-signed block, |zp| ~ 2^(bits-1))
-        top = bits if getattr(scheme, "mapping", "symmetric") == "asymmetric" else bits - 1
-        ulp = 2.0 ** (top - 1) * torch.finfo(sdt).eps
-        msg = (f"{scheme.name}: torchao rounds w / scale in {str(sdt)[6:]} (the weights' dtype) "
-               f"before rounding to a code, so the release's cell edges differ from the grid's "
-               f"midpoints by up to {ulp:.3g} step; the figure scores the midpoints (a float32 "
-               "model is quantized with exact midpoint cells)")
-        if msg not in notes:
-            notes.append(msg)
-    return affine_grid(
+    asym = getattr(scheme, "mapping", "symmetric") == "asymmetric"
+    grid = affine_grid(
         name, codes=w.qdata.detach().clone().reshape(tuple(w.shape)),
         scale=w.scale.detach().clone(), zero_point=w.zero_point.detach().clone(),
         block_size=tuple(int(b) for b in w.block_size),
         qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1, dequantized=w.dequantize(),
-        code_bits=bits, asymmetric=getattr(scheme, "mapping", "symmetric") == "asymmetric")
+        code_bits=bits, asymmetric=asym)
+    # (schemes scored by Monte Carlo re-quantization, e.g. HQQ, re-run torchao: their cells are real)
+    if sdt in (torch.bfloat16, torch.float16) and getattr(scheme, "rounding", "nearest") == "nearest":
+        intx = any(k.__name__ == "IntxUnpackedToInt8Tensor" for k in type(w).__mro__)
+        if intx and w.dtype == sdt:
+            grid.kind, grid.quotient_dtype = "quotient", sdt
+            return grid
+        # ulp of the largest |w / scale|, in steps (the quotient is held in sdt): below 2^(bits-1)
+        # for symmetric blocks; asymmetric ones reach 2^bits (a one-signed block, |zp| ~ 2^(bits-1))
+        top = bits if asym else bits - 1
+        ulp = 2.0 ** (top - 1) * torch.finfo(sdt).eps
+        msg = (f"{scheme.name}: torchao holds the scale in {str(sdt)[6:]} (the weights' dtype) and may "
+               f"round w / scale in it before rounding to a code, so the release's cell edges may differ "
+               f"from the grid's midpoints by up to {ulp:.3g} step; the figure scores the midpoints")
+        if msg not in notes:
+            notes.append(msg)
+    return grid
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,180 @@
+"""torchao's intx weight-only schemes on bf16 / fp16 weights are scored on their real cells.
+
+torchao rounds ``w * (1 / scale)`` to the weights' dtype before rounding it to a code (qx27
+audit, F1): int8 codes in bf16 get cells of 0.5 and 1.5 steps. The grid must (1) give the
+release torchao gives on every weight and (2) score the real cells.
+
+References, independent of the library's cell code:
+(1) torchao ``quantize_`` + ``dequantize()`` on a model holding every value of the dtype in a
+    block's range (so every weight next to every real edge, on both sides);
+(2) a closed-form Gaussian cell-probability sum (scipy ``ndtr``) over a partition built from
+    torchao's own codes: torchao's ``quantize_affine`` on every dtype value of the quotient
+    (scale 1) gives the integer of each quotient; the edges are the midpoints between adjacent
+    dtype values whose integer differs (the quotient is rounded to nearest), divided by
+    ``1 / scale`` as torchao computes it. The partition is checked against the real release of
+    (1) before it is used. Tolerance 1e-6 relative: both sides are float64 sums over the same
+    edges, whose rounding is ~1e-15; the midpoint grid of the old code reads 8-30% off at these
+    positions (int8 in bf16).
+"""
+import numpy as np
+import pytest
+import torch
+from scipy.special import ndtr
+from torch import nn
+
+from mis_lightning.quantization.torchao_backend import IntxWeightOnly
+
+pytest.importorskip("torchao")
+
+def _values(lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:
+    """Every finite value of ``dtype`` in ``[lo, hi]`` (float64, sorted)."""
+    allv = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).double()
+    v = allv[torch.isfinite(allv) & (allv >= lo) & (allv <= hi)]
+    return v.unique()
+
+
+def _scheme(bits: int, per_row: bool, asym: bool) -> IntxWeightOnly:
+    return IntxWeightOnly(bits=bits, granularity="per_row" if per_row else "per_group",
+                          group_size=None if per_row else 32, mapping="asymmetric" if asym else "symmetric")
+
+
+def _sweep_model(dtype: torch.dtype, m: float, lo: float, width: int, bits: int) -> tuple[nn.Module, int]:
+    """A Linear whose rows (blocks of ``width``) hold ``m`` and ``lo`` (fixing every block's scale
+    and zero point) and then every ``dtype`` value in ``[lo, m]`` but those within a quarter step
+    of 0 (deep inside one cell: the dtype's values pile up there); the number of sweep weights."""
+    vals = _values(lo, m, dtype)
+    vals = vals[vals.abs() >= 0.25 * (m - lo) / 2 ** bits]
+    per = width - 2
+    rows = -(-vals.numel() // per)
+    fill = torch.full((rows * per,), 0.5 * (lo + m), dtype=torch.float64)  # padding: one value again
+    fill[: vals.numel()] = vals
+    w = torch.empty(rows, width, dtype=torch.float64)
+    w[:, 0], w[:, 1], w[:, 2:] = m, lo, fill.reshape(rows, per)
+    lin = nn.Linear(width, rows, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return nn.Sequential(lin.to(dtype)), vals.numel()
+
+
+CASES = [(dt, bits, per_row, asym) for dt in (torch.bfloat16, torch.float16) for bits in (8, 4)
+         for per_row in (False, True) for asym in (False, True)]
+
+
+def _id(case):
+    dt, bits, per_row, asym = case
+    return f"{str(dt)[6:]}-int{bits}-{'row' if per_row else 'g32'}-{'asym' if asym else 'sym'}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_grid_gives_torchaos_release_on_every_weight(case):
+    dtype, bits, per_row, asym = case
+    m = 0.0371
+    lo = -0.61 * m if asym else -m
+    model, _ = _sweep_model(dtype, m, lo, 128 if per_row else 32, bits)
+    theta = model[0].weight.detach().double().reshape(-1)
+    res = _scheme(bits, per_row, asym).apply(model)
+    g = res.grids["0.weight"]
+    # torchao's release: the quantized copy's dequantize(), as the model serves it
+    released = res.model[0].weight.dequantize().float().reshape(-1)
+    assert torch.equal(g.cell_value(theta, 0, g.numel).float(), released)
+    # the grid's cell of each weight, located from the weight alone, is torchao's code: the
+    # moments read from the located cells equal those read from torchao's codes, bit for bit
+    sg = torch.full_like(theta, 0.4 * float(g.scale.double().reshape(-1)[0]))
+    a = g.moments(theta, sg, 0, g.numel, use_codes=True)
+    b = g.moments(theta, sg, 0, g.numel, use_codes=False)
+    assert torch.equal(a.kappa, b.kappa) and torch.equal(a.m4, b.m4)
+    # and each weight lies within the edges the grid scores for its code (every dtype value
+    # next to every real edge is in the sweep, on both sides)
+    e = g.boundaries(theta, 0, g.numel, 1)
+    assert bool(((e[:, 1] <= theta) & (theta <= e[:, 2])).all())
+    assert not [n for n in res.notes if "w / scale" in n]
+
+
+def _truth_edges(dtype: torch.dtype, scale: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Real edges (parameter units), the quotient integer of the cell above each, ``inv`` and
+    whether a quotient exactly at the edge's midpoint goes up (the dtype's ties to even), from
+    torchao's own rounding of every dtype value of the quotient."""
+    from torchao.quantization.quant_primitives import _quantize_affine_no_dtype_cast
+
+    x = _values(-300.0, 300.0, dtype).to(dtype)
+    j = _quantize_affine_no_dtype_cast(x.reshape(1, -1), [1, x.numel()], torch.ones(1, 1, dtype=dtype),
+                                       torch.zeros(1, 1, dtype=torch.int32), -1000, 1000).double().reshape(-1).numpy()
+    xv = x.double().numpy()
+    ch = np.nonzero(np.diff(j))[0]
+    inv = float((1.0 / scale.to(dtype)).double())  # torchao's input * (1.0 / scale)
+    mid = 0.5 * (xv[ch] + xv[ch + 1])
+    up = torch.from_numpy(mid).float().to(dtype).double().numpy() == xv[ch + 1]
+    return mid / inv, j[ch + 1], inv, up
+
+
+def _truth_kappa(theta: float, sigma: float, edges: np.ndarray, lower: float, upper: float) -> float:
+    """sum over cells of (phi(a) - phi(b))^2 / (Phi(b) - Phi(a)), the cells cut at the release's
+    bounds ``[lower, upper]``, and beyond them the weight revealed (E[U^2] over each tail,
+    method.md section 5): ``Phi(a) - a phi(a)`` below ``a`` and ``1 - Phi(b) + b phi(b)`` above ``b``."""
+    inner = edges[(edges > lower) & (edges < upper)]
+    e = np.concatenate([[lower], inner, [upper]])
+    a = (e - theta) / sigma
+    pdf = np.exp(-0.5 * a * a) / np.sqrt(2 * np.pi)
+    cdf = ndtr(a)
+    p = np.diff(cdf)
+    d = pdf[:-1] - pdf[1:]
+    live = p > 1e-300
+    lo_a, hi_b = a[0], a[-1]
+    tails = (ndtr(lo_a) - lo_a * pdf[0]) + (ndtr(-hi_b) + hi_b * pdf[-1])
+    return float((d[live] ** 2 / p[live]).sum() + tails)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_leakage_equals_gaussian_cell_truth_on_torchaos_cells(case):
+    dtype, bits, per_row, asym = case
+    m = 1.0
+    lo = -0.61 * m if asym else -m
+    model, _ = _sweep_model(dtype, m, lo, 128 if per_row else 32, bits)
+    theta_w = model[0].weight.detach().double().reshape(-1)
+    res = _scheme(bits, per_row, asym).apply(model)
+    g = res.grids["0.weight"]
+    scale, zp, code = g.element_grid(0, g.numel)
+    s0, z0 = scale[2], zp[2]
+    edges, upper_j, inv, up = _truth_edges(dtype, torch.tensor(float(s0)))
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    jlo, jhi = qmin - float(z0), qmax - float(z0)
+    # the truth partition holds every real weight in the cell of torchao's code
+    keep = (upper_j > jlo) & (upper_j <= jhi)
+    x, mids = theta_w.numpy() * inv, edges[keep] * inv  # quotients (exact), edges in quotient units
+    cell_of = np.searchsorted(mids, x, side="right")
+    tie = (cell_of > 0) & (x == mids[np.maximum(cell_of - 1, 0)]) & ~up[keep][np.maximum(cell_of - 1, 0)]
+    cell_of = cell_of - tie
+    j_of = np.concatenate([[jlo], upper_j[keep]])[cell_of]
+    assert np.array_equal(j_of, (code - zp).numpy())
+    step = float(s0)
+    # sd = step/2 and step, positions over the block's range (the edges outside the clamped code
+    # range are dropped: the two end cells run to the bounds)
+    inside = edges[keep]
+    pos = torch.linspace(0.97 * lo, 0.97 * m, 121, dtype=torch.float64)
+    s_el, z_el = s0.expand(pos.numel()).clone(), z0.expand(pos.numel()).clone()
+    for ratio in (0.5, 1.0):
+        sd = ratio * step
+        mm = g.element_moments(pos, torch.full_like(pos, sd), s_el, z_el, None,
+                               (torch.full_like(pos, lo), torch.full_like(pos, m)))
+        truth = torch.tensor([_truth_kappa(float(p), sd, inside, lo, m) for p in pos], dtype=torch.float64)
+        rel = (mm.kappa / truth - 1).abs().max()
+        assert float(rel) < 1e-6, (ratio, float(rel))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_float8_cell_value_breaks_ties_to_even_as_torchao(dtype):
+    """float8 on bf16 / fp16 weights: with the block's absmax at the format's largest value the
+    scale is 1, so many weights sit exactly between two float8 values; torchao rounds them to
+    the even one (the old ``cell_value`` took the upper one: 1/16 step off at most)."""
+    from mis_lightning.quantization.torchao_backend import Float8WeightOnly
+
+    top = float(torch.finfo(torch.float8_e4m3fn).max)
+    model, _ = _sweep_model(dtype, top, -top, 128, 8)
+    theta = model[0].weight.detach().double().reshape(-1)
+    res = Float8WeightOnly().apply(model)
+    g = res.grids["0.weight"]
+    assert bool((g.scale.double() == 1.0).all())
+    released = res.model[0].weight.dequantize().double().reshape(-1)
+    mids = 0.5 * (g.values.double()[1:] + g.values.double()[:-1])
+    assert int(torch.isin(theta, mids).sum()) > 100  # the premise: exact ties in the sweep
+    assert torch.equal(g.cell_value(theta, 0, g.numel), released)
