@@ -178,3 +178,44 @@ def test_float8_cell_value_breaks_ties_to_even_as_torchao(dtype):
     mids = 0.5 * (g.values.double()[1:] + g.values.double()[:-1])
     assert int(torch.isin(theta, mids).sum()) > 100  # the premise: exact ties in the sweep
     assert torch.equal(g.cell_value(theta, 0, g.numel), released)
+
+
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym"])
+def test_wide_sd_reads_the_midpoints_within_the_stated_bound(asym, monkeypatch):
+    """Above ``QUOTIENT_EXACT_MAX_SD`` steps a quotient grid is scored on its midpoints (the real
+    cells' sums cost 5-17x and their difference fades as 1 / (sd / step)^2): at 8.5 steps, int8 in
+    bf16 (the widest cells: 0.5 / 1.5 steps), kappa within 1.2e-3, mean_abs 4e-3 and m4 2.4e-3
+    of the real cells' moments (measured at 8 steps: 9.7e-4, 3.3e-3, 1.9e-3); at 7.5 steps the
+    real cells' moments exactly. A switch that moved the wrong way (midpoints at small sd, where
+    they are 5-17% off) fails the first assertion."""
+    import dataclasses
+
+    from mis_lightning.quantization import base
+
+    m = 1.0
+    lo = -0.61 * m if asym else -m
+    model, _ = _sweep_model(torch.bfloat16, m, lo, 32, 8)
+    g = _scheme(8, False, asym).apply(model).grids["0.weight"]
+    scale, zp, _ = g.element_grid(0, g.numel)
+    s0, z0 = scale[2], zp[2]
+    pos = torch.linspace(0.9 * lo, 0.9 * m, 301, dtype=torch.float64)
+    n = pos.numel()
+    rep = lambda t: t.reshape(1).expand(n).clone()  # noqa: E731
+    bounds = (torch.full_like(pos, lo), torch.full_like(pos, m))
+    step = float(s0)
+
+    def moments(ratio: float, exact: bool):
+        monkeypatch.setattr(base, "QUOTIENT_EXACT_MAX_SD", float("inf") if exact else 8.0)
+        return g.element_moments(pos, torch.full_like(pos, ratio * step), rep(s0), rep(z0), None, bounds)
+
+    wide, wide_exact = moments(8.5, False), moments(8.5, True)
+    # the switch took the midpoints, the bounds' outer cells included
+    mid = dataclasses.replace(g, kind="affine", quotient_dtype=None)
+    sd = torch.full_like(pos, 8.5 * step)
+    assert torch.equal(wide.kappa, mid.element_moments(pos, sd, rep(s0), rep(z0), None, bounds).kappa)
+    for f, tol in (("kappa", 1.2e-3), ("mean_abs", 4e-3), ("m4", 2.4e-3)):
+        r = getattr(wide, f) / getattr(wide_exact, f)
+        assert float((r - 1).abs().max()) < tol, f
+    narrow, narrow_exact = moments(7.5, False), moments(7.5, True)
+    for f in ("kappa", "mean_abs", "m4", "coverage"):
+        assert torch.equal(getattr(narrow, f), getattr(narrow_exact, f))
