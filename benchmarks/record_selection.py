@@ -82,6 +82,7 @@ def bce(o, y):
 
 def make(name, n):
     g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)  # the Student-t noise and the MLP's initialisation draw from the global generator
     if name == "ols100":
         d = 100
         X = torch.randn(n, d, generator=g, dtype=torch.float64)

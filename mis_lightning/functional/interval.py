@@ -297,8 +297,11 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
 
     Args:
         value: the plug-in leakage (mean over records, leakage units).
-        record_se: standard error of that mean over the records.
-        n: training records.
+        record_se: standard error of that mean over the records (``s / sqrt(R)``: it
+            estimates the stored mean's variance about the population mean, which records
+            were kept plus which were drawn; method.md section 3, "The uncertainty interval").
+        n: training records; also the sample of ``sigma``'s estimate, whose relative
+            standard error ``sd(w^2) / (2 sqrt(n))`` the position search reads.
         draws: ``[B]`` leakage under the parametric bootstrap (cells re-evaluated around
             ``theta_hat + sigma xi``), used in the averaged regime; ``None``/empty: that
             regime returns the plug-in widened by the record error only.
