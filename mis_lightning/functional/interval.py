@@ -297,8 +297,11 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
 
     Args:
         value: the plug-in leakage (mean over records, leakage units).
-        record_se: standard error of that mean over the records.
-        n: training records.
+        record_se: standard error of that mean over the records (``s / sqrt(R)``: it
+            estimates the stored mean's variance about the population mean, which records
+            were kept plus which were drawn; method.md section 3, "The uncertainty interval").
+        n: training records; also the sample of ``sigma``'s estimate, whose relative
+            standard error ``sd(w^2) / (2 sqrt(n))`` the position search reads.
         draws: ``[B]`` leakage under the parametric bootstrap (cells re-evaluated around
             ``theta_hat + sigma xi``), used in the averaged regime; ``None``/empty: that
             regime returns the plug-in widened by the record error only.
@@ -339,10 +342,12 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         if influence.shape[1] != theta.shape[0]:
             raise ValueError(f"influence has {influence.shape[1]} coordinates but theta has {theta.shape[0]}")
         by = "lam" if method == "exact1d" else "kappa"
-        # The step in sd units is known only as well as sigma: its relative standard error
-        # from the records' spread of w^2 (sigma^2 is their mean), searched at +-z1 se.
+        # The step in sd units is known only as well as sigma: sigma^2 is the mean of psi_j^2
+        # over all n training records (not the R stored ones), so its relative standard error is
+        # sd(w_j^2) / sqrt(n) -- the spread read on the R stored records -- and sigma's half of
+        # it, searched at +-z1 se (method.md section 3, "The step in sd units").
         R = influence.shape[0]
-        rel = z1 * 0.5 * influence.to(torch.float64).square().std(0) / math.sqrt(max(R, 1)) if R > 1 else None
+        rel = z1 * 0.5 * influence.to(torch.float64).square().std(0) / math.sqrt(max(n, R)) if R > 1 else None
         # The box at level (1 + level) / 2: at an extreme position (mid-cell, boundary) the
         # range reaches the truth exactly when the box holds theta*, so the box alone would
         # give the nominal level with nothing left for the plug-in's other errors
