@@ -809,9 +809,13 @@ def score_schemes(
     # per record, the unquantized first-order value t (before the saturation): the spread term's
     # reference for every scheme (method.md section 4, "Spread term")
     base_t = F.cells.SQRT_2_OVER_PI * base_total.s2.clamp_min(0.0).sqrt() / (2 * math.sqrt(n))
+    # the independent form's own reference, for the independent values kept beside a correlated
+    # headline: they get the spread term as covariance="independent" would give them (fu28)
+    base_t_independent = base_t
     form_gap = None  # the two unquantized forms, when they disagree
     if rc is not None:
-        diagnostics["baseline_leakage_independent"] = baseline
+        diagnostics["baseline_leakage_independent"] = (
+            baseline if est.leverage is None else float(F.saturate_spread(base_t, est.leverage).mean()))
         assert est.influence is not None
         base_abs = _unquantized_mean_abs(est, rc)
         base_t = base_abs / (2 * math.sqrt(n))
@@ -852,7 +856,8 @@ def score_schemes(
         # threads at load ~4 on 2 cores): the same thread scoping as the pass
         with scoring_threads():
             result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
-                                    rc=rc, base_t=base_t, policy=policy)
+                                    rc=rc, base_t=base_t, policy=policy,
+                                    base_t_independent=base_t_independent)
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
             result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
                             "a singular weights' covariance); no figure")
@@ -2143,10 +2148,12 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
                    base_layers: dict[str, F.CltSums], baseline: float, method: str,
                    num_samples: int | None, gen: torch.Generator, chunk: int,
                    rc: F.correlated.RecordCorrelation | None = None,
-                   base_t: Tensor | None = None, policy: F.CompilePolicy | None = None) -> SchemeResult:
+                   base_t: Tensor | None = None, policy: F.CompilePolicy | None = None,
+                   base_t_independent: Tensor | None = None) -> SchemeResult:
     """One scheme's figures from the pass's sums. ``base_t [R]``: the unquantized first-order
     values per record, the spread term's reference (with ``est.leverage``; method.md section 4,
-    "Spread term")."""
+    "Spread term"); ``base_t_independent [R]``: the same of the independent-coordinate form, the
+    reference of ``leakage_independent`` (defaults to ``base_t``)."""
     R, n, d = est.num_records, est.n, est.d
     idx = prep.column
     main = {name: sums[name][idx] for name in est.names}
@@ -2208,8 +2215,13 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
             layers[name].baseline_leakage = _layer_baseline(est, rc, name)
         fitted = {"in_sample": " (the stored records' sample correlation)",
                   "cross_fitted": " (cross-fitted factor model)"}.get(rc.fit, "") if rc.kind == "factor" else ""
+        # the independent value as covariance="independent" gives it: with the spread term where the
+        # headline has it, so that the two differ by the covariance form only (fu28)
+        ref_t = base_t if base_t_independent is None else base_t_independent
+        independent_shown = float((leak_independent if est.leverage is None or ref_t is None
+                                   else F.with_spread(leak_independent, ref_t, est.leverage)).mean())
         notes.append(f"covariance: {rc.kind} correlation of the weights{fitted} "
-                     f"(independent-coordinate value {float(leak_independent.mean()):.4g})")
+                     f"(independent-coordinate value {independent_shown:.4g})")
     leakage = float(leak.mean())  # first order (the interval is built around it)
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
@@ -2239,7 +2251,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
         float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
         pool_leakage=pool, covariance="independent" if rc is None else rc.kind,
-        leakage_independent=None if rc is None else float(leak_independent.mean()),
+        leakage_independent=None if rc is None else independent_shown,
     )
 
 

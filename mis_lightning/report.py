@@ -94,7 +94,8 @@ class SchemeResult:
     section 3, "Pool protocol"), the number to set beside such an audit's advantage.
     ``covariance``: how the headline treats the correlation of the weights (``"full"``,
     ``"factor"`` or ``"independent"``); ``leakage_independent``: the independent-coordinate
-    value, kept for comparison when another form was used. ``clt_error_estimate``: the
+    value, kept for comparison when another form was used (the figure ``covariance="independent"``
+    gives: with the finite-sample spread term where the headline has it). ``clt_error_estimate``: the
     Gaussian form's worst Edgeworth error estimate over records, or, where the influences are
     streamed and an upper bound already shows it within tolerance, that bound (method.md
     section 3, "Gaussian form's diagnostics").
