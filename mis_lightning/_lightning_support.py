@@ -358,6 +358,30 @@ def optimizer_decays(trainer: Any, pl_module: Any, names: list[str]) -> dict[str
     return out
 
 
+def decoupled_decay_note(trainer: Any, pl_module: Any, names: list[str]) -> str | None:
+    """A note where an optimizer applies *decoupled* weight decay (AdamW, or a group with
+    ``decoupled_weight_decay=True``) to assessed parameters, else ``None``. Its fixed point is
+    not a minimum of ``mean(loss) + weight_decay / 2 |theta|^2`` (the decay is not a term of the
+    gradient the preconditioner scales), so the objective the figures assume is an approximation
+    of the training's; the report's distance-to-minimum check measures how far it is."""
+    ids = {id(p): n for n, p in pl_module.named_parameters()}
+    chosen, hit = set(names), {}
+    for opt in trainer.optimizers or []:
+        for group in opt.param_groups:
+            wd = float(group.get("weight_decay", 0) or 0)
+            if wd and group.get("decoupled_weight_decay", False) and any(ids.get(id(q)) in chosen
+                                                                         for q in group.get("params", [])):
+                hit.setdefault(type(opt).__name__, set()).add(wd)
+    if not hit:
+        return None
+    what = ", ".join(f"{k} (weight decay {', '.join(f'{w:g}' for w in sorted(v))})" for k, v in hit.items())
+    return (f"the optimizer {what} decays the weights decoupled from the loss's gradient: its fixed point is "
+            "not a minimum of mean(loss) + weight_decay / 2 * |theta|^2, the objective the figures are computed "
+            "for, so that objective approximates the training's (the 'not at a minimum' check measures how far); "
+            "an optimizer with the decay in the loss (Adam or SGD with weight_decay, or an L2 term) trains "
+            "to the assessed objective itself")
+
+
 def weights_fingerprint(module: nn.Module) -> str | None:
     """A digest of ``module``'s parameters and buffers (names, dtypes, shapes, bytes): tells
     whether the weights changed between two hooks at the same step (weight averaging or

@@ -1471,3 +1471,27 @@ def test_a_parameter_reached_past_the_substitution_fails_the_setup_before_traini
     with pytest.raises(ModelCopyError, match=r"reaches the parameters? 'net.3.weight'"):
         trainer.fit(HeadThroughNamespace(), train, val)
     assert trainer.global_step == 0
+
+
+def test_decoupled_weight_decay_is_said_in_the_report(tmp_path):
+    """AdamW's decay is not an L2 term of the loss: its fixed point is not a minimum of the
+    objective the figures assume, and the report said nothing of it (fu28: a user's AdamW run).
+    Adam with the same coefficient (coupled: an L2 term of the gradient) gets no such line."""
+
+    class AdamWRegressor(Regressor):
+        weight_decay = 0.01
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+    class AdamRegressor(AdamWRegressor):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+    lines = {}
+    for name, cls in (("adamw", AdamWRegressor), ("adam", AdamRegressor)):
+        cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+        fit(tmp_path / name, cls, [cb], max_epochs=1)
+        lines[name] = [w for w in cb.report.warnings if "decoupled" in w]
+    assert len(lines["adamw"]) == 1 and "AdamW (weight decay 0.01)" in lines["adamw"][0]
+    assert lines["adam"] == []
