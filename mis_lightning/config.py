@@ -40,7 +40,7 @@ DEFAULT_CHUNK = 1 << 18  # weights per chunk of the cell computations (memory bo
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 MODES = ("auto", "exact", "diagonal")
-HESSIANS = ("auto", "exact", "ggn", "ggn_mc", "hutchinson")
+HESSIANS = ("auto", "exact", "ggn", "ggn_mc", "hutchinson", "ggn_residual")
 METHODS = ("auto", "mc", "clt", "exact1d")
 COMPILE_POLICIES = ("auto", "always", "never")
 COVARIANCE_FORMS = ("auto", "full", "factor", "independent")

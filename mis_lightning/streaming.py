@@ -298,7 +298,7 @@ class EstimationMetric(Metric):
                     "(outputs, targets): pass loss_fn=lambda outputs, targets: <per-sample losses [B]>"
                 )
         names = select_params(model, cfg.params)
-        if self.uses_hook and cfg.hessian in ("ggn", "ggn_mc"):
+        if self.uses_hook and cfg.hessian in ("ggn", "ggn_mc", "ggn_residual"):
             raise ValueError(f"hessian={cfg.hessian!r} needs model outputs; with {HOOK_NAME} use 'exact' or 'hutchinson'")
         # what rebuilds the accumulator of an unpickled Metric (see __setstate__)
         self._acc_kwargs = dict(
