@@ -584,7 +584,8 @@ def choose_estimator(
     ``mode="exact", hessian="ggn_residual"`` is the exact Hessian assembled as Gauss-Newton plus
     the residual term's columns on all modules but the largest (method.md section 4, "Exact
     sandwich for convolutional networks"): ``"auto"`` picks it where the exact Hessian's cost is
-    the only reason against the exact sandwich (weight reuse), the model is piecewise linear in
+    the only reason against the exact sandwich (weight reuse), the model has convolutions (a
+    Linear over atoms or positions keeps the diagonal sandwich), is piecewise linear in
     each module's weights (:data:`PIECEWISE_LINEAR_LAYERS`), ``hessian="auto"``, the outputs are
     known (``0 < outputs <= GGN_MAX_OUTPUTS``, no loss hook) and
     ``n (d - largest) forward_floats <= RESIDUAL_MAX_COST``; any other ``hessian`` with
@@ -610,7 +611,9 @@ def choose_estimator(
     reason = "requested"
     reuse_cost_only = bool(reuse) and cost is not None and cost > EXACT_REUSE_MAX_COST and d <= EXACT_MAX_PARAMS \
         and not recurrent and not (n is not None and n * d * d > EXACT_MAX_COST)
-    if mode == "auto" and hessian == "auto" and reuse_cost_only and ggn and outputs is not None \
+    # convolutional networks only (measured, gn28): a Linear over atoms or positions keeps its choice
+    conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if mode == "auto" and hessian == "auto" and reuse_cost_only and conv and ggn and outputs is not None \
             and 0 < outputs <= GGN_MAX_OUTPUTS and largest is not None and forward_floats is not None:
         r_cost = (n or N_ASSUMED) * (d - largest) * forward_floats
         layers = sorted({type(m).__name__ for m in model.modules()
@@ -2679,7 +2682,7 @@ def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: li
     shapes = {k: program.params[k].shape for k in names}
     flat0 = torch.cat([program.params[k].reshape(-1) for k in names])
 
-    def outputs(flat: Tensor) -> Tensor:
+    def outputs(flat: Tensor) -> Tensor:  # [B, C]: each record's outputs flattened as e's columns are
         params = {k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names}
         return torch.func.vmap(program._one_output, in_dims=(None, 0))(params, inputs)
 
