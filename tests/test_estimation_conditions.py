@@ -606,3 +606,26 @@ def test_the_residual_hessian_on_a_linear_convolution_is_the_gauss_newton_one():
         assert res.baseline_leakage == pytest.approx(other.baseline_leakage, rel=1e-8)
     with pytest.raises(ValueError, match="use it with mode='exact'"):
         ml.assess(m, ["rtn_int4"], dl, mse, estimation="diagonal", hessian="ggn_residual", uncertainty_draws=0)
+
+
+def test_a_metric_keeps_the_residual_hessian_through_pickling():
+    """MISIndicator on the example CNN resolves "auto" on its first batch to the Gauss-Newton +
+    residual exact sandwich, as assess does; an unpickled copy keeps that estimator (it used to be
+    rebuilt without the output size "auto" weighed: the diagonal sandwich over exact-mode states)
+    and finalizes to the same sigma (1e-12) after one more batch each."""
+    import pickle
+
+    x, y = _cnn_data(128)
+    m = _trained(_ExampleCNN(), x, y, steps=5)
+    met = ml.MISIndicator(m, ce, ["rtn_int4"], num_records=16, num_training_records=128)
+    met.update(x[:64], y[:64])
+    assert (met.accumulator.mode, met.accumulator.hessian) == ("exact", "ggn_residual")
+    again = pickle.loads(pickle.dumps(met))
+    assert (again.accumulator.mode, again.accumulator.hessian) == ("exact", "ggn_residual")
+    assert again.accumulator.reason == met.accumulator.reason
+    met.update(x[64:], y[64:])
+    again.update(x[64:], y[64:])
+    a, b = met.accumulator.finalize(met._states()), again.accumulator.finalize(again._states())
+    assert a.diagnostics["residual_columns"] == b.diagnostics["residual_columns"] == 100
+    for k in a.names:
+        torch.testing.assert_close(a.sigma[k], b.sigma[k], rtol=1e-12, atol=0)
