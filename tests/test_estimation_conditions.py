@@ -555,6 +555,11 @@ def test_auto_takes_the_exact_sandwich_with_the_residual_for_the_example_cnn():
     tanh = MomentAccumulator(_ExampleCNN(nn.Tanh).eval(), ce, n_hint=256)
     tanh.update((x[:128], y[:128]))
     assert (tanh.mode, tanh.hessian) == ("diagonal", "ggn")
+    # ... nor one whose layer types allow it but whose forward does not (its largest module applied
+    # twice): the first batch's check finds that module's residual block non-zero
+    twice = MomentAccumulator(_TinyCNN(twice=True).eval(), ce, n_hint=10_000)
+    twice.update((x[:64], y[:64] % 3))
+    assert (twice.mode, twice.hessian) == ("diagonal", "ggn")
 
 
 @pytest.mark.parametrize("act, twice, skipped", [(nn.ReLU, False, True), (nn.Tanh, False, False),

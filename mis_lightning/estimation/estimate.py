@@ -978,8 +978,12 @@ class MomentAccumulator:
             reused = reused_layers(self.model, x, self.names) if first else []
             typed = any(isinstance(m, WEIGHT_REUSE_LAYERS) for m in self.model.modules())
             if reused or (typed and first):
-                self.resolve(reused, forward_floats(self.model, x, b) if first else None,
-                             self._output_count(inputs) if first else None)
+                floats = forward_floats(self.model, x, b) if first else None
+                self.resolve(reused, floats, self._output_count(inputs) if first else None)
+                if self.hessian == "ggn_residual" and not self._residual_block_zero(inputs, targets):
+                    # the layer types allowed it, the forward does not (a functional tanh, a module
+                    # applied twice): "auto" keeps the choice it made before gn28
+                    self.resolve(reused, floats, None)
                 if state is None:
                     st = self.state
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
@@ -1209,26 +1213,35 @@ class MomentAccumulator:
         else:
             st["h_sum"] += torch.diagonal(H_b).to(self.acc_dtype)
 
+    def _residual_block_zero(self, inputs: Any, targets: Any) -> bool:
+        """Whether the largest module's own block of the residual term is zero on this batch
+        (:func:`residual_block_check` <= :data:`RESIDUAL_BLOCK_RTOL`); sets what
+        ``_update_residual`` then computes (that block skipped, or every column)."""
+        if self._out_shape is None:
+            self._out_shape = self.program.output_shape(inputs)
+        block = max(self._groups, key=lambda g: sum(self.program.params[k].numel() for k in g))
+        ratio = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d,
+                                     self._out_shape, block)
+        ok = ratio <= RESIDUAL_BLOCK_RTOL
+        self._residual_skip = block if ok else None
+        skipped = sum(self.program.params[k].numel() for k in block) if ok else 0
+        self._residual_info = {"residual_skipped_block": list(block) if ok else [],
+                               "residual_block_ratio": ratio, "residual_columns": self.d - skipped}
+        if not ok:
+            log.info("estimation: the residual term's block of %s is not zero (relative %.2g)", block, ratio)
+        return ok
+
     def _update_residual(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
         """``hessian="ggn_residual"``: add the batch's residual term ``R`` (:func:`batch_residual`)
         to ``H_sum``, which ``_update_gradients`` filled with ``J' L J``: their sum is the exact
         Hessian. The first batch checks that the largest module's own block of ``R`` is zero
         (:func:`residual_block_check`); where it is not, every column is computed (the exact
         Hessian still, at the full cost), said in the reason."""
-        if self._residual_info is None:
-            block = max(self._groups, key=lambda g: sum(self.program.params[k].numel() for k in g))
-            ratio = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d,
-                                         self._out_shape, block)
-            ok = ratio <= RESIDUAL_BLOCK_RTOL
-            self._residual_skip = block if ok else None
-            skipped = sum(self.program.params[k].numel() for k in block) if ok else 0
-            self._residual_info = {"residual_skipped_block": list(block) if ok else [],
-                                   "residual_block_ratio": ratio, "residual_columns": self.d - skipped}
-            if not ok:
-                self.reason = (f"{self.reason}; the residual term's block of {', '.join(block)} is not zero "
-                               f"(relative {ratio:.2g} > {RESIDUAL_BLOCK_RTOL:g}: the outputs are not affine in "
-                               "that module's weights): all its columns computed")
-                log.info("estimation: %s", self.reason)
+        if self._residual_info is None and not self._residual_block_zero(inputs, targets):
+            ratio = self._residual_info["residual_block_ratio"]
+            self.reason = (f"{self.reason}; the residual term's block of the largest module is not zero "
+                           f"(relative {ratio:.2g} > {RESIDUAL_BLOCK_RTOL:g}: the outputs are not affine in "
+                           "its weights): all its columns computed")
         R = batch_residual(self.program, inputs, targets, self.names, self.offsets, self.d, self._out_shape,
                            self._residual_skip)
         st["H_sum"] += R.to(st["H_sum"].device)
