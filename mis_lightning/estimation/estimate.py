@@ -588,7 +588,8 @@ def choose_estimator(
     Linear over atoms or positions keeps the diagonal sandwich), is piecewise linear in
     each module's weights (:data:`PIECEWISE_LINEAR_LAYERS`), ``hessian="auto"``, the outputs are
     known (``0 < outputs <= GGN_MAX_OUTPUTS``, no loss hook) and
-    ``n (d - largest) forward_floats <= RESIDUAL_MAX_COST``; any other ``hessian`` with
+    ``n (d - largest) forward_floats <= RESIDUAL_MAX_COST`` (and the accumulator's first batch finds
+    the largest module's residual block zero, else it re-resolves without it); any other ``hessian`` with
     ``mode="exact"`` is the exact Hessian.
     """
     reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
