@@ -931,7 +931,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                               estimation_config=estimation_config, batch_fn=None if hook else batch_fn,
                               num_training_records=n_total)
     # "auto" on a model with weight-reuse layers decides on the first batch (its forward's cost)
-    mode = f"{metric.mode}, or diagonal if the first batch shows it costly" if metric.accumulator.choice_pending \
+    mode = f"{metric.mode} provisionally: the first batch measures its cost (the diagonal sandwich, or a cheaper exact " \
+        "Hessian for a piecewise-linear CNN, if costly)" if metric.accumulator.choice_pending \
         else metric.mode
     rank_zero_info(f"MISCallback: estimation pass ({mode}, d={metric.accumulator.d}) "
                    f"over the training records ({world} process(es))")

@@ -40,7 +40,7 @@ DEFAULT_CHUNK = 1 << 18  # weights per chunk of the cell computations (memory bo
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 MODES = ("auto", "exact", "diagonal")
-HESSIANS = ("auto", "exact", "ggn", "ggn_mc", "hutchinson")
+HESSIANS = ("auto", "exact", "ggn", "ggn_mc", "hutchinson", "ggn_residual")
 METHODS = ("auto", "mc", "clt", "exact1d")
 COMPILE_POLICIES = ("auto", "always", "never")
 COVARIANCE_FORMS = ("auto", "full", "factor", "independent")
@@ -122,7 +122,11 @@ class EstimationConfig:
             record, e.g. cross-entropy over 5 or more classes, on the per-layer path). With
             ``mode="exact"``, ``"ggn"`` is the exact sandwich with the whole Gauss-Newton
             Hessian (full correlation from the model's first derivatives; method.md section 4),
-            any other value the exact Hessian.
+            ``"ggn_residual"`` the exact Hessian assembled as Gauss-Newton + the residual term's
+            columns off the largest module (zero there for models piecewise linear in each
+            module's weights, checked on the first batch; what ``"auto"`` runs on such CNNs
+            where the exact Hessian's own columns cost too much; ``mode="exact"`` only), any
+            other value the exact Hessian.
         weight_decay: L2 coefficient of the objective ``mean loss + wd / 2 |theta|^2``
             (dimensionless, >= 0), or ``{parameter name: coefficient}`` for a penalty that
             differs by parameter (e.g. none on biases and norms; parameters not named: 0);

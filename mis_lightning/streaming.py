@@ -298,7 +298,7 @@ class EstimationMetric(Metric):
                     "(outputs, targets): pass loss_fn=lambda outputs, targets: <per-sample losses [B]>"
                 )
         names = select_params(model, cfg.params)
-        if self.uses_hook and cfg.hessian in ("ggn", "ggn_mc"):
+        if self.uses_hook and cfg.hessian in ("ggn", "ggn_mc", "ggn_residual"):
             raise ValueError(f"hessian={cfg.hessian!r} needs model outputs; with {HOOK_NAME} use 'exact' or 'hutchinson'")
         # what rebuilds the accumulator of an unpickled Metric (see __setstate__)
         self._acc_kwargs = dict(
@@ -354,6 +354,10 @@ class EstimationMetric(Metric):
         state["_pickled_acc"] = {"factored": acc.factored is not None, "out_shape": acc._out_shape,
                                  "reused": acc._reused, "probe_pending": acc._probe_pending,
                                  "forward_floats": acc._forward_floats,
+                                 # the output size "auto" weighed ("ggn_residual") and the residual
+                                 # block the first batch found zero (the same columns after unpickling)
+                                 "outputs": acc._choice_outputs,
+                                 "residual": (acc._residual_skip, acc._residual_info),
                                  "factored_kind": type(acc.factored).__name__,
                                  # bytes, not the state tensor: a tensor made here dies with this
                                  # dict, before a spawned process (ddp_spawn) maps its shared memory
@@ -392,7 +396,8 @@ class EstimationMetric(Metric):
         if extra is not None:
             if extra.get("reused") or extra.get("forward_floats") is not None:
                 # the first batch showed weight reuse or measured the forward: the same estimator
-                acc.resolve(extra.get("reused") or [], extra.get("forward_floats"))
+                acc.resolve(extra.get("reused") or [], extra.get("forward_floats"), extra.get("outputs"))
+            acc._residual_skip, acc._residual_info = extra.get("residual") or (None, None)
             acc._probe_pending = extra.get("probe_pending", acc._probe_pending)
             if extra["generator"] is not None:
                 rng = extra["generator"]

@@ -41,7 +41,7 @@ def _problem():
 
 @pytest.mark.parametrize("cls,kw,msg", [
     (EstimationConfig, {"mode": "nope"}, "estimation (mode) must be 'auto', 'exact' or 'diagonal', got 'nope'"),
-    (EstimationConfig, {"hessian": "x"}, "hessian must be 'auto', 'exact', 'ggn', 'ggn_mc' or 'hutchinson', got 'x'"),
+    (EstimationConfig, {"hessian": "x"}, "hessian must be 'auto', 'exact', 'ggn', 'ggn_mc', 'hutchinson' or 'ggn_residual', got 'x'"),
     (EstimationConfig, {"num_records": 0}, "num_records must be an integer >= 1, got 0"),
     (EstimationConfig, {"weight_decay": -1.0}, "weight_decay must be None, a number >= 0 or a mapping {parameter name: number}, got -1.0"),
     (EstimationConfig, {"budget": 0}, "budget must be None or an integer >= 1, got 0"),

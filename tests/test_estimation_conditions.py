@@ -258,9 +258,12 @@ def ce(o, y):
 
 
 def test_auto_picks_a_cheap_estimator_for_a_cnn_and_exact_for_a_small_mlp():
-    """The 1,466-weight CNN's exact sandwich is costly (n d x its forward's floats above
-    EXACT_REUSE_MAX_COST): the diagonal one; a small MLP: exact."""
-    from mis_lightning.estimation.estimate import choose_estimator
+    """The 1,466-weight CNN's exact Hessian is costly (n d x its forward's floats above
+    EXACT_REUSE_MAX_COST): with n unknown (10,000 assumed) the diagonal sandwich; with n = 200
+    known, the exact sandwich with the Hessian as Gauss-Newton + residual (gn28: the CNN is
+    piecewise linear in each module's weights, n (d - 1,168) x floats within RESIDUAL_MAX_COST;
+    it used to be the diagonal one, 20-58 % low on examples/cnn_callback.py); a small MLP: exact."""
+    from mis_lightning.estimation.estimate import choose_estimator, forward_floats
 
     cnn = CNN()
     acc = MomentAccumulator(cnn, ce)
@@ -278,15 +281,20 @@ def test_auto_picks_a_cheap_estimator_for_a_cnn_and_exact_for_a_small_mlp():
     assert choose_estimator(mlp, 1000, n=10**3)[:2] == ("exact", "exact")
     # Explicit choices are kept.
     assert choose_estimator(cnn, 1466, "exact")[:2] == ("exact", "exact")
-    # The report says which estimator ran and why.
+    # With n = 200 known (assess, a sized loader): the exact sandwich with the Gauss-Newton + residual
+    # Hessian (its run and report: test_auto_takes_the_exact_sandwich_with_the_residual_for_the_example_cnn)
     g = torch.Generator().manual_seed(0)
-    X, Y = torch.randn(200, 1, 16, 16, generator=g), torch.randint(0, 10, (200,), generator=g)
-    r = ml.assess(cnn.eval(), ["rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=50), ce,
-                  uncertainty_draws=0, num_records=32)
-    # 10 classes: 9 Gauss-Newton directions, so the sampled-label one (method.md section 4)
-    assert r.estimation["mode"] == "diagonal" and r.estimation["hessian"] == "ggn_mc"
-    assert r.estimation["estimator"].startswith("diagonal sandwich (sampled-label Monte Carlo Gauss-Newton")
-    assert r.estimation["reason"].startswith("auto: Conv2d")
+    X = torch.randn(50, 1, 16, 16, generator=g)
+    floats = forward_floats(cnn, X, 50)
+    kw = dict(forward_floats=floats, outputs=10, largest=1168)
+    mode, hessian, why = choose_estimator(cnn, 1466, n=200, **kw)
+    assert (mode, hessian) == ("exact", "ggn_residual")
+    assert why.startswith("auto: d = 1,466; Conv2d") and "residual's 298 columns" in why
+    # n large enough that the residual's columns cost too much: the diagonal sandwich, as before
+    assert choose_estimator(cnn, 1466, n=10**5, **kw)[:2] == ("diagonal", "ggn")
+    # ... and so without the outputs (a loss hook) or with another Hessian asked for
+    assert choose_estimator(cnn, 1466, n=200, forward_floats=floats, largest=1168)[:2] == ("diagonal", "ggn")
+    assert choose_estimator(cnn, 1466, "auto", "ggn", n=200, **kw)[:2] == ("diagonal", "ggn")
 
 
 class _BatchCentred(nn.Module):
@@ -472,3 +480,157 @@ def test_the_gauss_newton_exact_sandwich_sums_each_records_j_l_j():
     assert float((acc.state["H_sum"] - H).abs().max()) <= 1e-10 * scale
     assert torch.allclose(torch.diagonal(acc.state["H_sum"]), ref.state["h_sum"], rtol=1e-10, atol=1e-12 * scale)
     assert torch.allclose(acc.state["g_sum"], ref.state["g_sum"], rtol=1e-10, atol=1e-14)
+
+
+# -- gn28: the exact Hessian as Gauss-Newton + residual for piecewise-linear CNNs -----------------
+
+
+class _ExampleCNN(nn.Module):
+    """examples/cnn_callback.py's CNN (396 weights, 4 classes, 8x8 inputs) as a plain module."""
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), act(), nn.MaxPool2d(2),
+            nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), act(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class _TinyCNN(nn.Module):
+    """115 weights, 3 classes: cheap enough for the whole exact Hessian in a test."""
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU, twice: bool = False) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2)
+        self.c2, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+        self.act, self.twice = act(), twice
+
+    def forward(self, x):
+        h = nn.functional.max_pool2d(self.act(self.bn(self.c1(x))), 2)
+        h = self.act(self.c2(h))
+        if self.twice:  # the largest module applied twice: outputs quadratic in its weights
+            h = self.act(self.c2(h[:, :2]))
+        return self.head(h.mean((2, 3)))
+
+
+def _cnn_data(n, shape=(1, 8, 8), classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    return x, torch.randint(0, classes, (n,), generator=g)
+
+
+def _trained(model, x, y, steps=30):
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_auto_takes_the_exact_sandwich_with_the_residual_for_the_example_cnn():
+    """gn28: examples/cnn_callback.py's CNN at n = 256 (n d x forward floats above
+    EXACT_REUSE_MAX_COST, so the exact Hessian's 396 columns were too costly and "auto" ran the
+    diagonal sandwich: 20-58 % low there, with a "median variance inflation factor" warning):
+    "auto" now runs the exact sandwich, its Hessian assembled as Gauss-Newton + the residual's
+    columns off the largest module (conv 2, 296 weights, whose own residual block is zero: the
+    first batch measures it, 0 here); the report names it and no longer warns about the diagonal
+    estimator's correlated weights. Fails on the old code: mode "diagonal"."""
+    x, y = _cnn_data(256)
+    m = _trained(_ExampleCNN(), x, y)
+    r = ml.assess(m, ["rtn_int4"], DataLoader(TensorDataset(x, y), batch_size=128), ce,
+                  uncertainty_draws=0, num_records=64)
+    assert (r.estimation["mode"], r.estimation["hessian"]) == ("exact", "ggn_residual")
+    assert r.estimation["estimator"] == "exact sandwich (full Hessian as Gauss-Newton + residual, per-sample gradients)"
+    assert "the residual's 100 columns off the largest module" in r.estimation["reason"]
+    assert r.diagnostics["residual_skipped_block"] == ["net.4.weight", "net.4.bias"]
+    assert r.diagnostics["residual_block_ratio"] <= 1e-8 and r.diagnostics["residual_columns"] == 100
+    assert not any("variance inflation" in w for w in r.warnings)
+    # a tanh CNN is not piecewise linear in its modules' weights: its choice is unchanged
+    tanh = MomentAccumulator(_ExampleCNN(nn.Tanh).eval(), ce, n_hint=256)
+    tanh.update((x[:128], y[:128]))
+    assert (tanh.mode, tanh.hessian) == ("diagonal", "ggn")
+    # ... nor one whose layer types allow it but whose forward does not (its largest module applied
+    # twice): the first batch's check finds that module's residual block non-zero
+    twice = MomentAccumulator(_TinyCNN(twice=True).eval(), ce, n_hint=10_000)
+    twice.update((x[:64], y[:64] % 3))
+    assert (twice.mode, twice.hessian) == ("diagonal", "ggn")
+
+
+@pytest.mark.parametrize("act, twice, skipped", [(nn.ReLU, False, True), (nn.Tanh, False, False),
+                                                 (nn.ReLU, True, False)])
+def test_the_residual_hessian_equals_the_exact_hessian(act, twice, skipped):
+    """hessian="ggn_residual" sums J'LJ (per-record output Jacobians) and the residual term's
+    columns (Hessian-vector products of sum_i e_i . o_i): their sum is the batch Hessian of the
+    summed loss (_batch_hessian, forward-over-reverse of the loss itself), to 1e-10 of its
+    largest entry (float64 rounding ~1e-14; the Gauss-Newton part alone is off by O(1) there).
+    ReLU: the largest module's (c2) residual block is zero and skipped; tanh, or c2 applied
+    twice: not zero (measured on the first batch), every column computed, still exact."""
+    from mis_lightning.estimation.estimate import _batch_gauss_newton, _batch_hessian
+
+    x, y = _cnn_data(96, classes=3, seed=1)
+    m = _trained(_TinyCNN(act, twice), x, y, steps=10)
+    acc = MomentAccumulator(m, ce, mode="exact", hessian="ggn_residual", num_records=16)
+    H = torch.zeros(acc.d, acc.d, dtype=torch.float64)
+    G = torch.zeros_like(H)
+    for a in range(0, 96, 48):
+        batch = (x[a:a + 48], y[a:a + 48])
+        acc.update(batch)
+        xb, yb, _ = acc.program.prepare(batch)
+        H += _batch_hessian(acc.program, xb, yb, acc.names, acc.offsets, acc.d)
+        G += _batch_gauss_newton(acc.program, xb, yb, acc.names, acc.d)
+    scale = float(H.abs().max())
+    assert float((acc.state["H_sum"] - H).abs().max()) <= 1e-10 * scale
+    assert float((G - H).abs().max()) > 1e-3 * scale  # the residual term matters here
+    est = acc.finalize()
+    assert est.hessian == "ggn_residual"
+    assert (est.diagnostics["residual_skipped_block"] == ["c2.weight", "c2.bias"]) is skipped
+    assert est.diagnostics["residual_columns"] == (acc.d - 76 if skipped else acc.d)
+    assert ("not zero" in est.reason) is not skipped
+
+
+def test_the_residual_hessian_on_a_linear_convolution_is_the_gauss_newton_one():
+    """A model linear in its weights (Conv1d + a fixed mean, least squares at its minimum) has
+    H = J'LJ: the residual term is zero, and hessian="ggn_residual" gives the exact-Hessian
+    sandwich's and the Gauss-Newton sandwich's figures to 1e-8 relative (float64 rounding)."""
+    x, y = _ar1_conv_data()
+    m = _fit_linear_conv(x, y)
+    dl = DataLoader(TensorDataset(x, y), batch_size=100)
+    kw = dict(uncertainty_draws=0, num_records=32, estimation="exact")
+    res = ml.assess(m, ["rtn_int4"], dl, mse, hessian="ggn_residual", **kw)
+    ggn = ml.assess(m, ["rtn_int4"], dl, mse, hessian="ggn", **kw)
+    ref = ml.assess(m, ["rtn_int4"], dl, mse, **kw)
+    assert res.estimation["hessian"] == "ggn_residual"
+    for other in (ggn, ref):
+        assert res.schemes["rtn_int4"].leakage == pytest.approx(other.schemes["rtn_int4"].leakage, rel=1e-8)
+        assert res.baseline_leakage == pytest.approx(other.baseline_leakage, rel=1e-8)
+    with pytest.raises(ValueError, match="use it with mode='exact'"):
+        ml.assess(m, ["rtn_int4"], dl, mse, estimation="diagonal", hessian="ggn_residual", uncertainty_draws=0)
+
+
+def test_a_metric_keeps_the_residual_hessian_through_pickling():
+    """MISIndicator on the example CNN resolves "auto" on its first batch to the Gauss-Newton +
+    residual exact sandwich, as assess does; an unpickled copy keeps that estimator (it used to be
+    rebuilt without the output size "auto" weighed: the diagonal sandwich over exact-mode states)
+    and finalizes to the same sigma (1e-12) after one more batch each."""
+    import pickle
+
+    x, y = _cnn_data(128)
+    m = _trained(_ExampleCNN(), x, y, steps=5)
+    met = ml.MISIndicator(m, ce, ["rtn_int4"], num_records=16, num_training_records=128)
+    met.update(x[:64], y[:64])
+    assert (met.accumulator.mode, met.accumulator.hessian) == ("exact", "ggn_residual")
+    again = pickle.loads(pickle.dumps(met))
+    assert (again.accumulator.mode, again.accumulator.hessian) == ("exact", "ggn_residual")
+    assert again.accumulator.reason == met.accumulator.reason
+    met.update(x[64:], y[64:])
+    again.update(x[64:], y[64:])
+    a, b = met.accumulator.finalize(met._states()), again.accumulator.finalize(again._states())
+    assert a.diagnostics["residual_columns"] == b.diagnostics["residual_columns"] == 100
+    for k in a.names:
+        torch.testing.assert_close(a.sigma[k], b.sigma[k], rtol=1e-12, atol=0)

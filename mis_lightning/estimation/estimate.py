@@ -94,6 +94,22 @@ WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
 # (examples/cnn_callback.py's 1,364-weight CNN: 13 s at 2.2e8, 43 s at 8.6e8 with n = 64 / 256,
 # against 0.2 s for the diagonal sandwich), so this bound keeps the exact pass to a few seconds.
 EXACT_REUSE_MAX_COST = 5e7
+# Above it, a model piecewise linear in each module's weights (PIECEWISE_LINEAR_LAYERS) gets the
+# same exact sandwich with its Hessian assembled as Gauss-Newton + residual (hessian="ggn_residual":
+# the residual's columns on all but the largest module, whose own block is zero) while
+# n x (d - largest module's weights) x forward floats is below this. Measured (gn28, one core):
+# ~1.5e-8 s per unit (examples/cnn_callback.py's CNN, n = 4,096: 100 of 396 columns, 1,620 floats,
+# 6.6e8: ~10 s, against ~66 s for the exact Hessian's 396 columns of the loss), so ~15-25 s at most.
+RESIDUAL_MAX_COST = 1e9
+# Leaf modules through which the outputs stay affine in each module's weights (BatchNorm in eval
+# mode: an affine map of fixed running statistics; ReLU and pooling: piecewise linear, second
+# derivative zero almost everywhere). The first batch checks the zero block numerically.
+PIECEWISE_LINEAR_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.LeakyReLU, nn.ReLU6,
+    nn.Hardtanh, nn.PReLU, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.Flatten, nn.Unflatten,
+    nn.Identity, nn.Dropout, nn.modules.dropout._DropoutNd, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d,
+)
 # Without an explicit ``dtype``, the diagonal estimator's per-sample passes (the per-layer and
 # factored nn.Linear programs) compute in float64 up to this many weights and in float32 above
 # (oneDNN kernels, ~2.5x faster on a CNN); their sums accumulate in float64 either way
@@ -531,7 +547,7 @@ def _check_recurrent_estimator(recurrent: list[str], mode: str, hessian: str, gg
 def choose_estimator(
     model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
     n: int | None = None, ggn: bool = True, reused: Iterable[str] = (),
-    forward_floats: float | None = None,
+    forward_floats: float | None = None, outputs: int | None = None, largest: int | None = None,
 ) -> tuple[str, str, str]:
     """Resolve ``"auto"`` for ``mode`` and ``hessian`` by estimated cost.
 
@@ -549,6 +565,10 @@ def choose_estimator(
             when ``n d forward_floats <= EXACT_REUSE_MAX_COST`` (``None``: not measured yet, the
             exact one is chosen provisionally for ``d <= EXACT_MAX_PARAMS`` and the first batch
             decides).
+        outputs: floats per record of the model's output (measured on the first batch; ``None``:
+            not known, the Gauss-Newton + residual Hessian is not chosen).
+        largest: assessed weights of the largest module (:func:`parameter_groups`), whose block of
+            the residual term the ``"ggn_residual"`` Hessian does not compute.
 
     Returns:
         ``(mode, hessian, reason)``: the resolved choice and a sentence saying why.
@@ -560,8 +580,17 @@ def choose_estimator(
     Hutchinson without model outputs). ``mode="exact", hessian="ggn"`` (asked for, never
     chosen by ``"auto"``) is the exact sandwich with the Gauss-Newton Hessian
     ``sum_i J_i' L_i J_i``: the weights' full correlation from the model's first derivatives
-    only (method.md section 4, "Exact sandwich with the Gauss-Newton Hessian"); any other
-    ``hessian`` with ``mode="exact"`` is the exact Hessian.
+    only (method.md section 4, "Exact sandwich with the Gauss-Newton Hessian");
+    ``mode="exact", hessian="ggn_residual"`` is the exact Hessian assembled as Gauss-Newton plus
+    the residual term's columns on all modules but the largest (method.md section 4, "Exact
+    sandwich for convolutional networks"): ``"auto"`` picks it where the exact Hessian's cost is
+    the only reason against the exact sandwich (weight reuse), the model has convolutions (a
+    Linear over atoms or positions keeps the diagonal sandwich), is piecewise linear in
+    each module's weights (:data:`PIECEWISE_LINEAR_LAYERS`), ``hessian="auto"``, the outputs are
+    known (``0 < outputs <= GGN_MAX_OUTPUTS``, no loss hook) and
+    ``n (d - largest) forward_floats <= RESIDUAL_MAX_COST`` (and the accumulator's first batch finds
+    the largest module's residual block zero, else it re-resolves without it); any other ``hessian`` with
+    ``mode="exact"`` is the exact Hessian.
     """
     reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
     reuse += list(reused)
@@ -581,6 +610,21 @@ def choose_estimator(
         why = ""
     cheap_exact = not why
     reason = "requested"
+    reuse_cost_only = bool(reuse) and cost is not None and cost > EXACT_REUSE_MAX_COST and d <= EXACT_MAX_PARAMS \
+        and not recurrent and not (n is not None and n * d * d > EXACT_MAX_COST)
+    # convolutional networks only (measured, gn28): a Linear over atoms or positions keeps its choice
+    conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if mode == "auto" and hessian == "auto" and reuse_cost_only and conv and ggn and outputs is not None \
+            and 0 < outputs <= GGN_MAX_OUTPUTS and largest is not None and forward_floats is not None:
+        r_cost = (n or N_ASSUMED) * (d - largest) * forward_floats
+        layers = sorted({type(m).__name__ for m in model.modules()
+                         if not list(m.children()) and not isinstance(m, PIECEWISE_LINEAR_LAYERS)})
+        if not layers and r_cost <= RESIDUAL_MAX_COST:
+            return "exact", "ggn_residual", (
+                f"auto: d = {d:,}; {why}: the exact sandwich with the exact Hessian as Gauss-Newton + residual "
+                f"(the model is piecewise linear in each module's weights: the residual's {d - largest:,} columns "
+                f"off the largest module, n (d - {largest:,}) x forward floats = {r_cost:.2g} "
+                f"<= {RESIDUAL_MAX_COST:.2g})")
     if mode == "auto":
         mode = "exact" if cheap_exact else "diagonal"
         if cheap_exact and reuse:
@@ -589,7 +633,10 @@ def choose_estimator(
         else:
             reason = f"auto: d = {d:,} dense weights" if cheap_exact else f"auto: {why}"
     if mode == "exact":
-        return mode, "ggn" if hessian == "ggn" else "exact", reason
+        return mode, hessian if hessian in ("ggn", "ggn_residual") else "exact", reason
+    if hessian == "ggn_residual":
+        raise ValueError("hessian='ggn_residual' is the exact sandwich's Hessian: use it with mode='exact' "
+                         "(or leave both at 'auto')")
     if hessian == "auto":
         if recurrent and not ggn:  # auto would take Hutchinson's probes through the recurrent layers
             _check_recurrent_estimator(recurrent, mode, "hutchinson", ggn)
@@ -609,6 +656,8 @@ def describe_estimator(mode: str, hessian: str) -> str:
     if mode == "exact":
         if hessian == "ggn":
             return "exact sandwich (Gauss-Newton Hessian, per-sample gradients)"
+        if hessian == "ggn_residual":
+            return "exact sandwich (full Hessian as Gauss-Newton + residual, per-sample gradients)"
         return "exact sandwich (full Hessian, per-sample gradients)"
     h = {"exact": "exact Hessian diagonal", "ggn": "Gauss-Newton Hessian diagonal",
          "ggn_mc": "sampled-label Monte Carlo Gauss-Newton Hessian diagonal",
@@ -726,6 +775,14 @@ class MomentAccumulator:
         if mode == "exact" and d > 20 * EXACT_MAX_PARAMS:
             raise ValueError(f"mode='exact' builds a d x d Hessian; d = {d} is too large, use mode='diagonal'")
         self._request = (mode, hessian, n_hint, ggn_available)
+        # the largest module's assessed weights: the block of the residual term "ggn_residual" skips
+        self._groups = parameter_groups([k for k in self.param_names if k in named])
+        self._largest = max(sum(named[k].numel() for k in g) for g in self._groups)
+        self._choice_outputs: int | None = None
+        # "ggn_residual": the module whose residual block is skipped (None: every column), checked
+        # on the first batch (residual_block_check); diagnostics for the report
+        self._residual_skip: list[str] | None = None
+        self._residual_info: dict[str, Any] | None = None
         mode, hessian, self.reason = choose_estimator(model, d, mode, hessian, n=n_hint, ggn=ggn_available)
         # "auto" chose an exact Hessian from the layer types: the first batch shows whether a
         # Linear is applied over atoms / positions (weight reuse the types do not show).
@@ -734,8 +791,9 @@ class MomentAccumulator:
         self._forward_floats: float | None = None
         self._choice_floats: float | None = None  # the forward cost the last choice weighed
         self.estimator = describe_estimator(mode, hessian)
-        if hessian not in ("exact", "ggn", "ggn_mc", "hutchinson"):
-            raise ValueError(f"hessian must be 'auto', 'exact', 'ggn', 'ggn_mc' or 'hutchinson', got {hessian!r}")
+        if hessian not in ("exact", "ggn", "ggn_mc", "hutchinson", "ggn_residual"):
+            raise ValueError(f"hessian must be 'auto', 'exact', 'ggn', 'ggn_mc', 'hutchinson' or 'ggn_residual', "
+                             f"got {hessian!r}")
         self.ggn_mc_samples = ggn_mc_samples
         # the Monte Carlo Gauss-Newton's labels: the accumulator's generator, else a private one
         # with a fixed seed (reproducible; the global RNG is never drawn from)
@@ -790,7 +848,18 @@ class MomentAccumulator:
         forward's cost are measured there); :attr:`mode` is provisional until then."""
         return self._probe_pending
 
-    def resolve(self, reused: list[str], floats: float | None = None) -> None:
+    def _output_count(self, x: Any) -> int | None:
+        """Floats per record of the model's output, ``None`` where the Gauss-Newton factors cannot
+        be had (a loss hook, outputs that are not floating tensors)."""
+        if not self._request[3]:
+            return None
+        try:
+            return output_numel(self.program.output_shape(x))
+        except Exception as exc:  # outputs the Gauss-Newton factors cannot read: no "ggn_residual"
+            log.info("estimation: output size not measured (%s)", exc)
+            return None
+
+    def resolve(self, reused: list[str], floats: float | None = None, outputs: int | None = None) -> None:
         """Re-run the ``"auto"`` choice knowing the layers that reuse their weights and the
         floats of one record's forward pass (before any record is accumulated): the fast
         program and a fresh ``state`` follow the new choice (a caller's own state keeps the
@@ -798,9 +867,10 @@ class MomentAccumulator:
         takes the diagonal sandwich."""
         mode, hessian, n_hint, ggn = self._request
         self._choice_floats = math.inf if floats is None else floats
+        self._choice_outputs = outputs
         self.mode, self.hessian, self.reason = choose_estimator(
             self.model, self.d, mode, hessian, n=n_hint, ggn=ggn, reused=reused,
-            forward_floats=self._choice_floats)
+            forward_floats=self._choice_floats, outputs=outputs, largest=self._largest)
         self.estimator = describe_estimator(self.mode, self.hessian)
         self._probe_pending, self._reused, self._forward_floats = False, list(reused), floats
         log.info("estimation: %s (%s)", self.estimator, self.reason)
@@ -909,7 +979,12 @@ class MomentAccumulator:
             reused = reused_layers(self.model, x, self.names) if first else []
             typed = any(isinstance(m, WEIGHT_REUSE_LAYERS) for m in self.model.modules())
             if reused or (typed and first):
-                self.resolve(reused, forward_floats(self.model, x, b) if first else None)
+                floats = forward_floats(self.model, x, b) if first else None
+                self.resolve(reused, floats, self._output_count(inputs) if first else None)
+                if self.hessian == "ggn_residual" and not self._residual_block_zero(inputs, targets):
+                    # the layer types allowed it, the forward does not (a functional tanh, a module
+                    # applied twice): "auto" keeps the choice it made before gn28
+                    self.resolve(reused, floats, None)
                 if state is None:
                     st = self.state
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
@@ -938,6 +1013,8 @@ class MomentAccumulator:
         self._update_gradients(st, inputs, targets, b, keys)
         if self.hessian == "exact":
             self._update_exact_hessian(st, inputs, targets)
+        elif self.hessian == "ggn_residual":
+            self._update_residual(st, inputs, targets)
         elif self.hessian == "hutchinson":
             self._update_hutchinson(st, inputs, targets)
         st["n"] += b
@@ -1014,7 +1091,7 @@ class MomentAccumulator:
                           keys: Tensor | None) -> None:
         """Per-sample gradient sums (and ``g g^T`` in exact mode), stored records, and with
         ``hessian="ggn"`` the Gauss-Newton diagonal from the per-sample output Jacobians."""
-        program, names, d, ggn = self.program, self.names, self.d, self.hessian == "ggn"
+        program, names, d, ggn = self.program, self.names, self.d, self.hessian in ("ggn", "ggn_residual")
         if ggn and self._out_shape is None:
             self._out_shape = program.output_shape(inputs)
             c = output_numel(self._out_shape)
@@ -1137,6 +1214,39 @@ class MomentAccumulator:
         else:
             st["h_sum"] += torch.diagonal(H_b).to(self.acc_dtype)
 
+    def _residual_block_zero(self, inputs: Any, targets: Any) -> bool:
+        """Whether the largest module's own block of the residual term is zero on this batch
+        (:func:`residual_block_check` <= :data:`RESIDUAL_BLOCK_RTOL`); sets what
+        ``_update_residual`` then computes (that block skipped, or every column)."""
+        if self._out_shape is None:
+            self._out_shape = self.program.output_shape(inputs)
+        block = max(self._groups, key=lambda g: sum(self.program.params[k].numel() for k in g))
+        ratio = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d,
+                                     self._out_shape, block)
+        ok = ratio <= RESIDUAL_BLOCK_RTOL
+        self._residual_skip = block if ok else None
+        skipped = sum(self.program.params[k].numel() for k in block) if ok else 0
+        self._residual_info = {"residual_skipped_block": list(block) if ok else [],
+                               "residual_block_ratio": ratio, "residual_columns": self.d - skipped}
+        if not ok:
+            log.info("estimation: the residual term's block of %s is not zero (relative %.2g)", block, ratio)
+        return ok
+
+    def _update_residual(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
+        """``hessian="ggn_residual"``: add the batch's residual term ``R`` (:func:`batch_residual`)
+        to ``H_sum``, which ``_update_gradients`` filled with ``J' L J``: their sum is the exact
+        Hessian. The first batch checks that the largest module's own block of ``R`` is zero
+        (:func:`residual_block_check`); where it is not, every column is computed (the exact
+        Hessian still, at the full cost), said in the reason."""
+        if self._residual_info is None and not self._residual_block_zero(inputs, targets):
+            ratio = self._residual_info["residual_block_ratio"]
+            self.reason = (f"{self.reason}; the residual term's block of the largest module is not zero "
+                           f"(relative {ratio:.2g} > {RESIDUAL_BLOCK_RTOL:g}: the outputs are not affine in "
+                           "its weights): all its columns computed")
+        R = batch_residual(self.program, inputs, targets, self.names, self.offsets, self.d, self._out_shape,
+                           self._residual_skip)
+        st["H_sum"] += R.to(st["H_sum"].device)
+
     def _update_hutchinson(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
         """Rademacher probes of the Hessian diagonal. Welford over this batch's probes:
         ``h2_sum`` accumulates the variance of each batch's probe mean, so the sum over
@@ -1218,7 +1328,8 @@ class MomentAccumulator:
         if n_hint is not None or "auto" not in (mode, hessian):
             return None
         m, h, why = choose_estimator(self.model, self.d, mode, hessian, n=n, ggn=ggn, reused=self._reused,
-                                     forward_floats=self._choice_floats)
+                                     forward_floats=self._choice_floats, outputs=self._choice_outputs,
+                                     largest=self._largest)
         if (m, h) == (self.mode, self.hessian):
             return None
         return {"estimator": describe_estimator(m, h), "reason": why, "n": n}
@@ -1295,6 +1406,8 @@ class MomentAccumulator:
             floor_variants = {f: {"sigma": _split(v["sigma"], names, offsets), "influence": v["w"],
                                   "mahalanobis": v["mahal"], "correlation": v["corr"], "leverage": v["leverage"]}
                               for f, v in variants.items()} or None
+            if self._residual_info is not None:
+                diagnostics.update(self._residual_info)
             return Estimate(mode="exact", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
                             leverage=records.get("leverage"), _floor_variants=floor_variants, **common)
@@ -2555,6 +2668,94 @@ def _batch_gauss_newton(program: LossProgram, inputs: Any, targets: Any, names: 
     b, c = out.shape[0], out.reshape(out.shape[0], -1).shape[1]
     J = torch.cat([jac[k].reshape(b, c, -1) for k in names], 2).to(torch.float64)
     return torch.einsum("bcj,bce,bek->jk", J, L.to(torch.float64), J).reshape(d, d)
+
+
+def parameter_groups(names: list[str]) -> list[list[str]]:
+    """The assessed parameters grouped by the module that holds them (``"net.4.weight"`` and
+    ``"net.4.bias"``: one group), in ``names`` order."""
+    groups: dict[str, list[str]] = {}
+    for k in names:
+        groups.setdefault(k.rsplit(".", 1)[0] if "." in k else "", []).append(k)
+    return list(groups.values())
+
+
+# A model piecewise linear in each module's weights (convolutions, linear layers, BatchNorm in eval
+# mode, ReLU, pooling) has outputs affine in any one module's weights: the residual term of its
+# Hessian, sum_i sum_c dl_i/do_ic Hess(o_ic), is zero within each module's block.
+RESIDUAL_BLOCK_RTOL = 1e-8  # |R_BB v| / |R v| above this on the first batch: the block is not zero
+
+
+def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: list[str],
+                      offsets: dict[str, tuple[int, int]], d: int, out_shape: OutputShape | None,
+                      tangents: Tensor) -> Tensor:
+    """``R t_k`` ``[K, d]`` (float64) for tangents ``[K, d]``: the residual term of the batch's
+    summed-loss Hessian, ``R = sum_i sum_c e_ic Hess(o_ic)`` with ``e_ic = dl_i/do_ic`` held at
+    the current weights, i.e. the Hessian of ``Phi(theta) = sum_i e_i . o_i(theta)`` (second
+    derivatives of the model only; ``H = J'LJ + R``, method.md section 4). Forward-over-reverse
+    in ``program``'s dtype, :func:`hessian_chunk` tangents at a time."""
+    shapes = {k: program.params[k].shape for k in names}
+    flat0 = torch.cat([program.params[k].reshape(-1) for k in names])
+
+    def outputs(flat: Tensor) -> Tensor:  # [B, C]: each record's outputs flattened as e's columns are
+        params = {k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names}
+        return torch.func.vmap(program._one_output, in_dims=(None, 0))(params, inputs)
+
+    with torch.no_grad():
+        out = outputs(flat0)
+    e, _ = program.loss_output_derivatives(out, targets, out_shape or ())
+    e = e.detach().to(flat0.dtype)
+
+    def phi(flat: Tensor) -> Tensor:
+        return (e * outputs(flat)).sum()
+
+    grad_phi = torch.func.grad(phi)
+    chunk = hessian_chunk(phi, flat0)
+    t = tangents.to(flat0.dtype)
+
+    def column(v: Tensor) -> Tensor:
+        return torch.func.jvp(grad_phi, (flat0,), (v,))[1]
+
+    return torch.cat([torch.func.vmap(column)(t[a: a + chunk]) for a in range(0, t.shape[0], chunk)]
+                     ).to(torch.float64)
+
+
+def residual_block_check(program: LossProgram, inputs: Any, targets: Any, names: list[str],
+                         offsets: dict[str, tuple[int, int]], d: int, out_shape: OutputShape | None,
+                         block: list[str], generator: torch.Generator | None = None) -> float:
+    """``max |(R v)_B| / max |R v|`` over two random tangents ``v`` supported on ``block`` (one
+    module's parameters, ``B``): zero up to rounding where the model's outputs are affine in that
+    module's weights (then ``R_BB = 0``; a random ``v`` finds a non-zero ``R_BB`` almost surely).
+    Run in ``program``'s dtype (float64 in the accumulator)."""
+    idx = torch.cat([torch.arange(*offsets[k]) for k in block])
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    v = torch.zeros(2, d, dtype=torch.float64)
+    v[:, idx] = torch.randn(2, idx.numel(), generator=gen, dtype=torch.float64)
+    Rv = _residual_columns(program, inputs, targets, names, offsets, d, out_shape, v)
+    top = float(Rv.abs().max())
+    return float(Rv[:, idx].abs().max()) / top if top > 0 else 0.0
+
+
+def batch_residual(program: LossProgram, inputs: Any, targets: Any, names: list[str],
+                   offsets: dict[str, tuple[int, int]], d: int, out_shape: OutputShape | None,
+                   skip: list[str] | None = None) -> Tensor:
+    """The residual term ``R`` ``[d, d]`` (float64) of the batch's summed-loss Hessian
+    (:func:`_residual_columns`) from its columns on every parameter outside ``skip`` (one
+    module whose own block ``R_BB`` is zero: :func:`residual_block_check`); the rest by
+    symmetry (``R_SB = R_BS'``), ``R_BB = 0``. ``skip=None``: every column (no assumption).
+    Cost: ``d - |B|`` Hessian-vector products of the batch instead of ``d``."""
+    skipped = set(skip or ())
+    cols = torch.cat([torch.arange(*offsets[k]) for k in names if k not in skipped]) if len(skipped) < len(names) \
+        else torch.zeros(0, dtype=torch.int64)
+    R = torch.zeros(d, d, dtype=torch.float64)
+    if cols.numel():
+        eye = torch.zeros(cols.numel(), d, dtype=torch.float64)
+        eye[torch.arange(cols.numel()), cols] = 1.0
+        rows = _residual_columns(program, inputs, targets, names, offsets, d, out_shape, eye)  # R[cols, :]
+        R[cols, :] = rows
+        R[:, cols] = rows.T
+        sub = rows[:, cols]
+        R[cols.unsqueeze(1), cols.unsqueeze(0)] = 0.5 * (sub + sub.T)
+    return R
 
 
 def _hutchinson_probe(program: LossProgram, inputs: Any, targets: Any,
