@@ -277,8 +277,8 @@ def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, power: int,
                          rtol: float) -> tuple[Tensor, Tensor]:
     """``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` ``[R, M]`` (``p`` even) with the binomial terms' GEMMs
-    in float32, and ``[R]`` the rows where the run-time error bound exceeds ``rtol`` relative on
-    some entry, or an entry is not finite (the caller sums those rows in float64).
+    in float32, and ``[R, M]`` the entries where the run-time error bound exceeds ``rtol`` relative,
+    or that are not finite (the caller sums those in float64).
     ``S [out, in, M] >= 0``; ``g0 [M]`` is the float64 term ``sum_oi gb_oi^p S_oim``.
 
     The bound (method.md section 3, "Power sums in float32"): the sum is
@@ -299,7 +299,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     sx, sd, sg = _pow2_scale(x, (0, 1)), _pow2_scale(d, (0, 1)), _pow2_scale(gb, (0, 1))
     sS = _pow2_scale(S, (0, 1))  # [1, 1, M]; S >= 0
     # [in, out, M]: the GEMM's right operand [in, out * M] without a copy per term
-    S32 = torch.empty((in_f, out_f, S.shape[-1]), dtype=torch.float32).copy_((S / sS).permute(1, 0, 2))
+    S32 = torch.empty((in_f, out_f, S.shape[-1]), dtype=torch.float32, device=S.device).copy_((S / sS).permute(1, 0, 2))
     xs, ds, gs = x / sx, d / sd, (gb / sg).T
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
@@ -321,7 +321,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     gp = g0.clamp_min(0.0).unsqueeze(0)
     err = eps * ((tpp.pow(1.0 / power) + gp.pow(1.0 / power)).pow(power) - gp).clamp_min(0.0) + u_sum
     ok = torch.isfinite(total) & (err * (1.0 + rtol) <= rtol * total.clamp_min(0.0))
-    return total, ~ok.all(1)
+    return total, ~ok
 
 
 def factored_power_sums(
@@ -362,13 +362,16 @@ def factored_power_sums(
     if power in POWER_SUMS_F32 and fac.x.dtype == torch.float64 and bool((A >= 0).all()):
         got, bad = _even_power_sums_f32(fac, gb, S, (S * gb.pow(power).unsqueeze(-1)).sum((0, 1)), power,
                                         POWER_SUMS_F32_RTOL)
-        nbad = int(bad.sum())
+        bad_rows = bad.any(1)
+        nbad = int(bad_rows.sum())
         POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
         POWER_SUMS_F32_COUNTS[(power, "float64")] += nbad
-        if nbad:  # the records whose bound failed, in float64
-            rows = bad.nonzero().reshape(-1)
+        if nbad:  # the records whose bound failed, in float64; only the failing entries replaced,
+            # so that an entry's value depends on its own column alone (equal columns summed once
+            # or apart give the same figures)
+            rows = bad_rows.nonzero().reshape(-1)
             part = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x[rows], d=fac.d[rows])
-            got[rows] = _binomial_sums_f64(part, gb, S, power)
+            got[rows] = torch.where(bad[rows], _binomial_sums_f64(part, gb, S, power), got[rows])
         return got
     return _binomial_sums_f64(fac, gb, S, power)
 
