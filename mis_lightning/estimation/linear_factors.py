@@ -287,7 +287,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     ``eps |T|_a``, ``|T|_a`` the same sum of absolute values, ``eps = (lambda (sqrt(in) + sqrt(out))
     + 6) u`` (Higham and Mary's probabilistic bound for the two sums, failing with probability at
     most ``2 (in + out) exp(-lambda^2 / 2)`` per entry, ~1e-10 at lambda 8; the worst case
-    ``(in + out + 6) u`` is ~25x looser at these widths), plus ``8 in out 2^-126`` per term for
+    ``(in + out + 6) u`` is 3-7x looser at the 1e6-1e7 MLPs' widths), plus ``8 in out 2^-126`` per term for
     underflow in the scaled inputs. With ``S >= 0``, Hoelder's inequality gives
     ``|T|_a <= T_p^(a/p) G^((p-a)/p)``, so the entry's error is at most
     ``eps ((T_p^(1/p) + G^(1/p))^p - G) + U`` and its relative error that over the (non-negative)
