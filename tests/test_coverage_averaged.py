@@ -48,16 +48,21 @@ def test_kappa_closed_form_matches_the_library_cells():
     assert ours.min() < 0.05 and ours.max() > 0.6  # coarse mid-cell and boundary positions both present
 
 
-@pytest.mark.parametrize("path", ["stored", "factored"])
-def test_the_truth_is_the_library_value_at_the_population(path):
+@pytest.mark.parametrize("path,f32", [("stored", False), ("factored", False), ("factored", True)])
+def test_the_truth_is_the_library_value_at_the_population(path, f32, monkeypatch):
     """Scored at ``theta-hat = theta*`` with the true ``sigma`` the library's plug-in is the
     truth's own quantity: equal within 1e-9 relative (float64 sums of 512 terms; a 4-sd grid,
-    where the library's cells are exact sums, see the test above)."""
+    where the library's cells are exact sums, see the test above). With the factored power
+    sums' float32 GEMMs (pf28; each sum within 1e-4, the leakage measured within 6e-9 on the
+    benchmark MLPs): within 1e-7."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset({2, 4}) if f32 else frozenset())
     pop = AV.make_population(16, 32, steps=4.0, seed=1)
     truth, se = AV.truth(pop)
     assert se == 0.0
     r = _score(AV.training(pop, 0, path=path, at_population=True), pop, 0)
-    assert r.leakage == pytest.approx(truth, rel=1e-9)
+    assert r.leakage == pytest.approx(truth, rel=1e-7 if f32 else 1e-9)
     assert r.interval_regime == "averaged"
 
 

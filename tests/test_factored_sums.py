@@ -18,11 +18,15 @@ def _reference(fac: LinearFactors, g_mean: torch.Tensor, v: torch.Tensor, A: tor
     return w.pow(power) @ A
 
 
-@pytest.mark.parametrize("power", [2, 4])
-def test_weights_without_gradient_variance_add_nothing(power):
+@pytest.mark.parametrize("power,f32", [(2, False), (2, True), (4, False), (4, True)])
+def test_weights_without_gradient_variance_add_nothing(power, f32, monkeypatch):
     """Two dead output units (their loss gradient 0 on every record, V_jj = 0): the sums equal
     the materialised influences' with w = 0 there, finite, to float64 rounding (1e-10 relative:
-    the binomial expansion cancels terms of the centred gradient)."""
+    the binomial expansion cancels terms of the centred gradient); with their float32 GEMMs
+    (pf28) to the 1e-4 their run-time bound admits."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset({power} if f32 else ()))
     g = torch.Generator().manual_seed(0)
     R, out_f, in_f = 40, 5, 7
     x = torch.randn(R, in_f, generator=g, dtype=torch.float64)
@@ -35,4 +39,76 @@ def test_weights_without_gradient_variance_add_nothing(power):
     A = torch.rand(out_f * in_f, 3, generator=g, dtype=torch.float64)
     got = factored_power_sums(fac, g_mean, v, A, power)
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, _reference(fac, g_mean, v, A, power), rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(got, _reference(fac, g_mean, v, A, power), rtol=lf.POWER_SUMS_F32_RTOL if f32 else 1e-10,
+                               atol=0.0)
+
+
+def _square_case(shift: float, R: int = 60, out_f: int = 48, in_f: int = 64, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = shift + torch.randn(R, in_f, generator=g, dtype=torch.float64)
+    d = shift + torch.randn(R, out_f, generator=g, dtype=torch.float64)
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=x, d=d)
+    gr = (d.unsqueeze(-1) * x.unsqueeze(1)).reshape(R, -1)
+    A = torch.rand(out_f * in_f, 3, generator=g, dtype=torch.float64)
+    return fac, gr.mean(0), gr.var(0, unbiased=False), A
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_power_sums_in_float32_stay_within_the_stated_tolerance(monkeypatch, power):
+    """Centred gradients (mean ~0 against a spread of 1): the power sums take the float32 GEMMs
+    (counted) and every entry is within POWER_SUMS_F32_RTOL (1e-4, the bound the run-time check
+    admits) of the materialised float64 sums; measured ~1e-7 here."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(power, k): 0 for k in ("float32", "float64")})
+    fac, g_mean, v, A = _square_case(shift=0.0)
+    got = factored_power_sums(fac, g_mean, v, A, power)
+    assert lf.POWER_SUMS_F32_COUNTS == {(power, "float32"): 60, (power, "float64"): 0}  # records
+    torch.testing.assert_close(got, _reference(fac, g_mean, v, A, power), rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_power_sums_fall_back_to_float64_where_the_binomial_terms_cancel(monkeypatch, power):
+    """Gradients of mean ~1600 against a spread of ~57 (d, x = 40 + N(0, 1)): the expanded terms
+    are ~800x (power 4: ~10^5 x) the centred sum, float32 GEMMs would miss it by more than the 1e-4
+    tolerance (checked: the unguarded float32 sums are off by more), the run-time bound sees it and
+    the records are summed in float64: the same figures as with float32 switched off, to float64
+    rounding of the reference."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(power, k): 0 for k in ("float32", "float64")})
+    fac, g_mean, v, A = _square_case(shift=40.0)
+    ref = _reference(fac, g_mean, v, A, power)
+    S = (A / v.pow(power / 2).unsqueeze(-1)).reshape(48, 64, 3)
+    gb = g_mean.reshape(48, 64)
+    g0 = (S * gb.pow(power).unsqueeze(-1)).sum((0, 1))
+    unguarded = lf._even_power_sums_f32(fac, gb, S, g0, power, rtol=float("inf"))[0]
+    assert ((unguarded - ref).abs() / ref).max() > lf.POWER_SUMS_F32_RTOL
+    got = factored_power_sums(fac, g_mean, v, A, power)
+    assert lf.POWER_SUMS_F32_COUNTS == {(power, "float32"): 0, (power, "float64"): 60}  # records
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())
+    assert torch.equal(got, factored_power_sums(fac, g_mean, v, A, power))
+    torch.testing.assert_close(got, ref, rtol=1e-9 if power == 2 else 1e-6, atol=0.0)
+
+
+def test_only_the_records_whose_bound_fails_are_summed_again_in_float64(monkeypatch):
+    """The mean gradient ~1600 (that of records with d, x = 40 + N(0, 1)): on those records the
+    expanded terms cancel to their spread (~57), on the others (d, x = N(0, 1)) they do not (the
+    sum is ~gb^2). The bound fails on the shifted records alone, they are summed in float64 (equal to the float64
+    path's rows to float64 rounding), the others keep their float32 sums (within the 1e-4)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(2, k): 0 for k in ("float32", "float64")})
+    fac, g_mean, v, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0
+    fac.d[far] += 40.0
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    g_mean, v = gr[far].mean(0), gr.var(0, unbiased=False)
+    got = factored_power_sums(fac, g_mean, v, A, 2)
+    assert lf.POWER_SUMS_F32_COUNTS[(2, "float64")] == int(far.sum())
+    assert lf.POWER_SUMS_F32_COUNTS[(2, "float32")] == 60 - int(far.sum())
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())
+    f64 = factored_power_sums(fac, g_mean, v, A, 2)
+    torch.testing.assert_close(got[far], f64[far], rtol=1e-12, atol=0.0)
+    torch.testing.assert_close(got[~far], f64[~far], rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)

@@ -77,3 +77,15 @@ def test_record_keys_equal_the_per_byte_reduction_over_any_block_of_exact_sums(m
 def test_the_exact_block_sum_cannot_overflow():
     """255 x (2^31 - 2) per byte over a block, plus the running sum below 2^31 - 1: below 2^63."""
     assert records._SUM_BLOCK * 255 * (_P31 - 1) + _P31 < 2 ** 63
+
+
+def test_the_float64_block_sums_are_exact_at_their_largest():
+    """The keys' float64 GEMM (pf28: the weights in 16-bit halves) sums at most 2^20 products
+    below 255 x 2^16 per block: below 2^53, exact in any order. Checked at the limit: records of
+    only 0xFF bytes, one full block and a partial one, against the per-byte int64 reduction."""
+    assert records._SUM_BLOCK * 255 * 0xFFFF < 2 ** 53
+    n = (records._SUM_BLOCK + 4096) // 8
+    x = torch.full((2, n), -1, dtype=torch.int64)  # every byte 0xFF
+    x[1, ::7] = 2 ** 62 + 12345  # and a record of other bytes
+    got = record_keys(x, None, 2)
+    assert torch.equal(got, _reference_keys([x], 2))

@@ -251,6 +251,79 @@ def standardised_influence(g: Tensor, g_mean: Tensor, v: Tensor) -> Tensor:
     return torch.where(v > V_NONE, w, torch.zeros((), dtype=w.dtype))
 
 
+# The powers whose sums take their GEMMs in float32 where the run-time bound of
+# _even_power_sums_f32 allows it (empty: always float64; A/B benchmarks). POWER_SUMS_F32_RTOL:
+# the largest relative error of any entry ``[r, m]`` the bound may admit before the call is
+# recomputed in float64; POWER_SUMS_F32_LAMBDA: the probabilistic rounding bound's lambda
+# (method.md section 3, "Power sums in float32").
+POWER_SUMS_F32: frozenset[int] = frozenset({2, 4})
+POWER_SUMS_F32_RTOL = 1e-4
+POWER_SUMS_F32_LAMBDA = 8.0
+# calls of factored_power_sums by (power, how they were summed) (tests, benchmarks)
+POWER_SUMS_F32_COUNTS = {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")}
+_U32 = 2.0 ** -24  # float32 unit roundoff
+_TINY32 = 2.0 ** -126  # smallest normal float32
+
+
+def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Powers of two ``>= max |t|`` over ``dims`` (1 where that is 0): exact float scalings that
+    bring ``t`` into ``[-1, 1]`` without changing its entries' relative rounding. A 3-d ``t``
+    (the power sums' ``S``) is non-negative: its maximum without ``abs``."""
+    m = t.abs().amax(dim=dims, keepdim=True) if t.dim() < 3 else t.amax(dim=dims, keepdim=True)  # S >= 0
+    e = torch.frexp(torch.where(m > 0, m, torch.ones((), dtype=m.dtype)))[1]
+    return torch.ldexp(torch.ones((), dtype=t.dtype), e.to(t.dtype))
+
+
+def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, power: int,
+                         rtol: float) -> tuple[Tensor, Tensor]:
+    """``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` ``[R, M]`` (``p`` even) with the binomial terms' GEMMs
+    in float32, and ``[R, M]`` the entries where the run-time error bound exceeds ``rtol`` relative,
+    or that are not finite (the caller sums those in float64).
+    ``S [out, in, M] >= 0``; ``g0 [M]`` is the float64 term ``sum_oi gb_oi^p S_oim``.
+
+    The bound (method.md section 3, "Power sums in float32"): the sum is
+    ``sum_a C(p, a) (-1)^(p-a) T_a`` with ``T_a = sum_oi (d x)^a gb^(p-a) S`` (``T_0 = G`` in float64).
+    Each T_a in float32 (inputs rounded, a GEMM over ``in``, a contraction over ``out``) is within
+    ``eps |T|_a``, ``|T|_a`` the same sum of absolute values, ``eps = (lambda (sqrt(in) + sqrt(out))
+    + 6) u`` (Higham and Mary's probabilistic bound for the two sums, failing with probability at
+    most ``2 (in + out) exp(-lambda^2 / 2)`` per entry, ~1e-10 at lambda 8; the worst case
+    ``(in + out + 6) u`` is 3-7x looser at the 1e6-1e7 MLPs' widths), plus ``8 in out 2^-126`` per term for
+    underflow in the scaled inputs. With ``S >= 0``, Hoelder's inequality gives
+    ``|T|_a <= T_p^(a/p) G^((p-a)/p)``, so the entry's error is at most
+    ``eps ((T_p^(1/p) + G^(1/p))^p - G) + U`` and its relative error that over the (non-negative)
+    sum. Cancellation (``|gb|`` large against the spread of ``d x``) shows as that bound large
+    against the sum."""
+    out_f, in_f = S.shape[0], S.shape[1]
+    x, d = fac.x, fac.d
+    # powers of two (exact rescalings): x, d and gb into [-1, 1], S per column into [0, 1]
+    sx, sd, sg = _pow2_scale(x, (0, 1)), _pow2_scale(d, (0, 1)), _pow2_scale(gb, (0, 1))
+    sS = _pow2_scale(S, (0, 1))  # [1, 1, M]; S >= 0
+    # [in, out, M]: the GEMM's right operand [in, out * M] without a copy per term
+    S32 = torch.empty((in_f, out_f, S.shape[-1]), dtype=torch.float32, device=S.device).copy_((S / sS).permute(1, 0, 2))
+    xs, ds, gs = x / sx, d / sd, (gb / sg).T
+    eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
+    under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
+    total = g0.unsqueeze(0).expand(d.shape[0], -1).clone()
+    u_sum = torch.zeros_like(total)
+    tp = total
+    for a in range(1, power + 1):
+        coef = math.comb(power, a) * (-1) ** (power - a)
+        # one more rounding where a power of gb multiplies S (counted in eps's six)
+        B = S32 * gs.pow(power - a).to(torch.float32).unsqueeze(-1) if power - a else S32
+        t = torch.einsum("ri,iom->rom", xs.pow(a).to(torch.float32), B)
+        ta = torch.einsum("ro,rom->rm", ds.pow(a).to(torch.float32), t).to(torch.float64)
+        scale = sg.pow(power - a) * (sx * sd).pow(a)
+        ta = ta * (sS.reshape(1, -1) * scale)
+        total = total + coef * ta
+        u_sum = u_sum + math.comb(power, a) * under * scale
+        tp = ta
+    tpp = tp.clamp_min(0.0) * (1.0 + eps)  # the float32 T_p is itself within eps of T_p
+    gp = g0.clamp_min(0.0).unsqueeze(0)
+    err = eps * ((tpp.pow(1.0 / power) + gp.pow(1.0 / power)).pow(power) - gp).clamp_min(0.0) + u_sum
+    ok = torch.isfinite(total) & (err * (1.0 + rtol) <= rtol * total.clamp_min(0.0))
+    return total, ~ok
+
+
 def factored_power_sums(
     fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, A: Tensor, power: int, bias: bool = False,
 ) -> Tensor:
@@ -260,6 +333,11 @@ def factored_power_sums(
     ``A [numel, M]`` holds M coefficient columns (kappa, bootstrap kappas, ...). The power of
     the centred gradient is expanded binomially so that only products of ``[R, out]``,
     ``[R, in]`` and ``[out, in, M]`` tensors appear.
+
+    A weight's power-2 and power-4 sums with ``A >= 0`` take their GEMMs in float32 (the powers
+    in :data:`POWER_SUMS_F32`) where a bound computed at run time holds every entry within
+    :data:`POWER_SUMS_F32_RTOL` relative, else float64 (method.md section 3, "Power sums in
+    float32"; :func:`_even_power_sums_f32`); a bias's sums are float64.
     """
     out_f, in_f = fac.d.shape[1], fac.x.shape[1]
     M = A.shape[1]
@@ -281,6 +359,26 @@ def factored_power_sums(
         return c @ scaled
     S = scaled.reshape(out_f, in_f, M)
     gb = g_mean.reshape(out_f, in_f)
+    if power in POWER_SUMS_F32 and fac.x.dtype == torch.float64 and bool((A >= 0).all()):
+        got, bad = _even_power_sums_f32(fac, gb, S, (S * gb.pow(power).unsqueeze(-1)).sum((0, 1)), power,
+                                        POWER_SUMS_F32_RTOL)
+        bad_rows = bad.any(1)
+        nbad = int(bad_rows.sum())
+        POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
+        POWER_SUMS_F32_COUNTS[(power, "float64")] += nbad
+        if nbad:  # the records whose bound failed, in float64; only the failing entries replaced,
+            # so that an entry's value depends on its own column alone (equal columns summed once
+            # or apart give the same figures)
+            rows = bad_rows.nonzero().reshape(-1)
+            part = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x[rows], d=fac.d[rows])
+            got[rows] = torch.where(bad[rows], _binomial_sums_f64(part, gb, S, power), got[rows])
+        return got
+    return _binomial_sums_f64(fac, gb, S, power)
+
+
+def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int) -> Tensor:
+    """``[R, M]`` ``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` by the binomial expansion in float64."""
+    M = S.shape[-1]
     total = torch.zeros(fac.d.shape[0], M, dtype=torch.float64)
     for a in range(power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)

@@ -603,7 +603,15 @@ class LossProgram:
         method.md section 4, "Finite-sample (leverage) correction")."""
         with torch.no_grad():
             out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
-        return self.loss_output_derivatives(out, targets, out_shape)[1]
+
+        def one(o: Tensor, y: Any) -> Tensor:
+            return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
+
+        # Reverse-over-reverse, not torch.func.hessian (forward-over-reverse): the same matrix
+        # for this count, without torch's first forward-AD use, which compiles its jvp
+        # decompositions with TorchScript (~0.4 s CPU once per process: ~9 Adam epochs of the
+        # 1e5-weight MLP's whole estimation budget; docs/benchmarks.md, pf28).
+        return vmap(jacrev(grad(one)))(out, targets)
 
     def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: OutputShape) -> tuple[dict[str, Tensor], Tensor]:
         """Each record's Gauss-Newton factors: output Jacobians ``{name: [B, C, *shape]}`` and
