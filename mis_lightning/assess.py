@@ -2225,8 +2225,11 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     leakage = float(leak.mean())  # first order (the interval is built around it)
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
+    # the interval's draws are of the independent form: its plug-in and record error go with them,
+    # the correlated ones only to ends computed with the correlation (iv28)
     iv = _interval(est, prep, sums, idx, float(leak_independent.mean()), float(total.leakage(n).mean()),
-                   chosen, record_se, rc=rc, correlated_value=leakage)
+                   chosen, F.record_standard_error(leak_independent) if rc is not None else record_se,
+                   rc=rc, correlated_value=leakage, correlated_se=record_se)
     if iv is not None and rc is not None and not iv.correlated:
         # The interval's construction is independent-coordinate; carried over to the
         # correlated headline by the ratio of the two plug-in values, taken before the
@@ -2353,8 +2356,8 @@ def _mc_leakage(est: Estimate, grids: dict[str, ParamGrid], kappas: dict[str, Te
 
 def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], idx: int,
               leakage: float, clt_value: float, chosen: str, record_se: float = 0.0,
-              rc: F.correlated.RecordCorrelation | None = None, correlated_value: float = math.nan
-              ) -> F.interval.Interval | None:
+              rc: F.correlated.RecordCorrelation | None = None, correlated_value: float = math.nan,
+              correlated_se: float = 0.0) -> F.interval.Interval | None:
     """An 80% uncertainty interval for the leakage and its regime
     (:func:`mis_lightning.functional.interval.leakage_interval`, method.md section 3 "The
     uncertainty interval").
@@ -2364,9 +2367,11 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     method's value to the Gaussian form at ``theta_hat`` when that is Monte Carlo; one
     coordinate uses the exact form. With stored influences the coarse weights' range over a
     confidence box of their population values decides the regime and, when few weights carry
-    it, is the interval. With a correlation ``rc`` (the correlated headline, value
-    ``correlated_value``) the position-dominated ends are computed with it
-    (``Interval.correlated``); otherwise the caller carries the interval over by the ratio."""
+    it, is the interval. ``leakage`` and ``record_se`` are the independent form's (that of the
+    draws). With a correlation ``rc`` (the correlated headline, value ``correlated_value``,
+    record error ``correlated_se``) the position-dominated ends are computed with it
+    (``Interval.correlated``); otherwise (averaged regime too) the interval is of the
+    independent form and the caller carries it over by the ratio."""
     if prep.num_draws == 0:
         return None
     draw_noise = 0.0
@@ -2385,8 +2390,8 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
     ends = None
     if rc is not None and index is not None and est.influence is not None:
         ends = F.interval.CorrelatedEnds(rc, est.influence, _kappa_vector(est, prep.kappa), index,
-                                         _unquantized_mean_abs(est, rc))
-        leakage = correlated_value
+                                         _unquantized_mean_abs(est, rc), value=correlated_value,
+                                         record_se=correlated_se)
     mc_draws = int(min(4096, max(256, MC_BUFFER // max(est.num_records, 1))))
     return F.interval.leakage_interval(
         leakage, record_se, est.n, draws=torch.tensor(vals, dtype=torch.float64), method=chosen,

@@ -211,6 +211,13 @@ class CorrelatedEnds:
         kappa: ``[D]`` each weight's ``kappa`` at the plug-in (1 for float weights).
         index: ``[d]`` global indices of the coarse coordinates, in the order of ``theta``.
         cap: ``[R]`` the unquantized mean ``|S|`` (conditional Jensen cap), or ``None``.
+        value: the correlated plug-in (mean over records, leakage units) that these ends
+            bracket; ``nan``: not given (:func:`leakage_interval` then uses its ``value``).
+        record_se: that mean's standard error over the records (leakage units).
+
+    The independent form's plug-in and record error stay :func:`leakage_interval`'s ``value``
+    and ``record_se``: the averaged regime's bootstrap draws are of that form, so an interval
+    built there is of it and carried to the headline by the caller (iv28).
     """
 
     correlation: RecordCorrelation
@@ -218,6 +225,8 @@ class CorrelatedEnds:
     kappa: Tensor
     index: Tensor
     cap: Tensor | None = None
+    value: float = math.nan
+    record_se: float = 0.0
 
 
 def correlated_leakage_at(ctx: CorrelatedEnds, n: float, theta: Tensor, sigma: Tensor, boundaries: Tensor,
@@ -296,7 +305,9 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
     """A ``level`` uncertainty interval of the leakage around the plug-in ``value``.
 
     Args:
-        value: the plug-in leakage (mean over records, leakage units).
+        value: the plug-in leakage (mean over records, leakage units) of the form the
+            ``draws`` are of (independent coordinates; with ``correlated`` too: a correlated
+            plug-in goes in ``correlated.value``).
         record_se: standard error of that mean over the records (``s / sqrt(R)``: it
             estimates the stored mean's variance about the population mean, which records
             were kept plus which were drawn; method.md section 3, "The uncertainty interval").
@@ -316,8 +327,10 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         max_terms: position-dominated up to this many effective coordinates.
         mc_draws, generator: Monte Carlo draws for ``method="mc"``.
         correlated: compute the position-dominated ends with the weights' correlation
-            (:class:`CorrelatedEnds`; ``value`` is then the correlated plug-in); ``None``:
-            independent coordinates.
+            (:class:`CorrelatedEnds`, around ``correlated.value`` padded by
+            ``correlated.record_se``); ``None``: independent coordinates. It does not change
+            the averaged regime, which stays around ``value`` (``Interval.correlated`` False:
+            the caller carries it over by the ratio of the two plug-ins).
         box_sigma: ``[d]`` standard deviations of the coarse coordinates' positions relative
             to their grids (:func:`position_range`); ``None``: ``sigma``.
         draw_noise: standard error of the draws' centre from evaluating them on a sample of
@@ -334,6 +347,12 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     z1 = normal_quantile(0.5 * (1.0 + level))
     pad = z1 * max(record_se, 0.0)
+    # The correlated ends bracket the correlated plug-in; the averaged regime's draws are of the
+    # independent form, so its interval is around ``value`` (a correlated value there, iv28, put
+    # the carried headline at an end of its interval and its other end past the baseline).
+    c_value, c_pad = value, pad
+    if correlated is not None and math.isfinite(correlated.value):
+        c_value, c_pad = correlated.value, z1 * max(correlated.record_se, 0.0)
     terms = math.inf
     if theta is not None and influence is not None and theta.numel() > 0:
         assert sigma is not None and boundaries is not None
@@ -372,11 +391,14 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                                  generator=torch.Generator().manual_seed(seed), **kw)
                 high = leakage_at(influence, n, rng.high, s_hi, boundaries, method,
                                   generator=torch.Generator().manual_seed(seed), **kw)
+            if correlated is not None:
+                return Interval(max(min(low, c_value) - c_pad, 0.0), max(high, c_value) + c_pad,
+                                "position-dominated", terms, z, correlated=True)
             return Interval(max(min(low, value) - pad, 0.0), max(high, value) + pad,
-                            "position-dominated", terms, z, correlated=correlated is not None)
+                            "position-dominated", terms, z)
     elif theta is not None and theta.numel() == 0:
         terms = 0.0  # nothing is coarse: no position uncertainty
-        return Interval(max(value - pad, 0.0), value + pad, "position-dominated", terms, 0.0,
+        return Interval(max(c_value - c_pad, 0.0), c_value + c_pad, "position-dominated", terms, 0.0,
                         correlated=correlated is not None)
     if draws is None or draws.numel() == 0:
         return Interval(max(value - pad, 0.0), value + pad, "averaged", terms)
