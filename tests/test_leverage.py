@@ -204,7 +204,9 @@ def test_leverage_above_the_cap_is_capped() -> None:
                          torch.ones(1, 1, 1, dtype=torch.float64), n, True, diag)
     assert diag["max_leverage"] == pytest.approx(2.0) and diag["leverage_capped"] == 1
     torch.testing.assert_close(c_loo, c / (1 - LEVERAGE_CAP), rtol=1e-12, atol=0)
-    torch.testing.assert_close(V, torch.eye(d, dtype=torch.float64) + c.T @ c * LEVERAGE_CAP / (1 - LEVERAGE_CAP),
+    # HC2 (hs28): the stored record's own term at a / n, the n - 1 others by (1 - 1/n) a V
+    a = LEVERAGE_CAP / (1 - LEVERAGE_CAP)
+    torch.testing.assert_close(V, torch.eye(d, dtype=torch.float64) * (1 + (n - 1) / n * a) + c.T @ c * a / n,
                                rtol=1e-12, atol=0)
 
 
