@@ -776,8 +776,9 @@ class MomentAccumulator:
             raise ValueError(f"mode='exact' builds a d x d Hessian; d = {d} is too large, use mode='diagonal'")
         self._request = (mode, hessian, n_hint, ggn_available)
         # the largest module's assessed weights: the block of the residual term "ggn_residual" skips
-        self._groups = parameter_groups([k for k in self.param_names if k in named])
-        self._largest = max(sum(named[k].numel() for k in g) for g in self._groups)
+        self._largest_group = max(parameter_groups([k for k in self.param_names if k in named]),
+                                  key=lambda g: sum(named[k].numel() for k in g))
+        self._largest = sum(named[k].numel() for k in self._largest_group)
         self._choice_outputs: int | None = None
         # "ggn_residual": the module whose residual block is skipped (None: every column), checked
         # on the first batch (residual_block_check); diagnostics for the report
@@ -1220,12 +1221,12 @@ class MomentAccumulator:
         ``_update_residual`` then computes (that block skipped, or every column)."""
         if self._out_shape is None:
             self._out_shape = self.program.output_shape(inputs)
-        block = max(self._groups, key=lambda g: sum(self.program.params[k].numel() for k in g))
+        block = self._largest_group
         ratio = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d,
                                      self._out_shape, block)
         ok = ratio <= RESIDUAL_BLOCK_RTOL
         self._residual_skip = block if ok else None
-        skipped = sum(self.program.params[k].numel() for k in block) if ok else 0
+        skipped = self._largest if ok else 0
         self._residual_info = {"residual_skipped_block": list(block) if ok else [],
                                "residual_block_ratio": ratio, "residual_columns": self.d - skipped}
         if not ok:

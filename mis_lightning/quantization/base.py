@@ -438,7 +438,8 @@ class ParamGrid:
         bootstrap draws); affine grids may then leave ``mean_abs`` and ``m4`` uncomputed (NaN)
         or uncorrected for the bounds; ``kappa`` is bitwise the same."""
         if self.kind == "quotient":
-            fine = sigma.to(torch.float64) * quotient_inverse(scale.to(self._qdtype)) > QUOTIENT_EXACT_MAX_SD
+            inv, lo, hi = self._quotient(scale, zero_point)
+            fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
             if bool(fine.any()):
                 return self._split_quotient_moments(fine, theta, sigma, scale, zero_point, code, bounds,
                                                     compile_policy, kappa_only)
@@ -446,7 +447,6 @@ class ParamGrid:
             mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
                                      compile_policy=compile_policy, kappa_only=kappa_only)
         elif self.kind == "quotient":
-            inv, lo, hi = self._quotient(scale, zero_point)
             cell = None if code is None else code.to(torch.float64) - zero_point.to(torch.float64)
             mm = quotient_cell_moments(theta, sigma, inv, lo, hi, self._qdtype, cell=cell)
         else:
