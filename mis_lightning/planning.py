@@ -73,7 +73,7 @@ from .evaluation import OutputTransform, evaluate_utility
 from .progress import ProgressFn
 from .quantization import QuantizationScheme
 from .quantization.mixed import MixedPrecisionScheme
-from .report import Report, SchemeResult, pick_utility_key
+from .report import NOT_RANKED, Report, SchemeResult, _fmt, _unresolved, pick_utility_key
 
 __all__ = ["PlanConfig", "PlanPoint", "PlanResult", "plan"]
 
@@ -227,6 +227,10 @@ class PlanResult:
             [{"choices", "predicted_utility", "predicted_utility_loss", "margin",
             "measured_utility", "measured_utility_loss", "reassessed", "name"}]}`` (``name``:
             the report row of one re-assessed, else ``None``; docs/planner.md step 5).
+        not_ranked_against: the re-assessed plans within the budget (report rows) whose
+            leakage the chosen plan's is not ranked beyond their 80% intervals
+            (:func:`~mis_lightning.report.unranked_groups`' rule): as safe within the figures'
+            uncertainty; the choice among them was made on the point values.
     """
 
     scheme: MixedPrecisionScheme
@@ -242,6 +246,7 @@ class PlanResult:
     lower_is_better: bool = True
     within_budget: bool = True
     near_budget: dict[str, Any] = dataclasses.field(default_factory=dict)
+    not_ranked_against: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def leakage(self) -> float:
@@ -322,12 +327,26 @@ class PlanResult:
             goal = "the fewest bits with MIS >= target_mis" if self.budget.get("target_mis") is not None \
                 else "the least leakage"
             beats = self.dominated_uniform()
+            # "strictly better" only where the leakages are resolved by their intervals (fu27/fu28:
+            # a difference inside both intervals is no ranking)
+            tied = [k for k in beats if _unresolved(_interval_row(c), _interval_row(self.uniform[k].reassessed(m)))]
+            clear = [k for k in beats if k not in tied]
             where = "within the budget" if self.within_budget else \
                 "by the search's proxy, OUTSIDE the budget once re-assessed (see the warnings)"
             lines.append(f"\nchosen: {self.chosen.name} ({', '.join(f'{k}={v}' for k, v in self.chosen.choices.items())}),"
-                         f" {goal} {where}: leakage {c['leakage']:.4g}, {m} {c['utility']:.4g}, "
+                         f" {goal} {where}: leakage {c['leakage']:.4g}{_interval_text(c)}, {m} {c['utility']:.4g}, "
                          f"{c['bits_per_weight']:.3g} bits per weight"
-                         + (f"; strictly better (leakage, {m} and size) than {', '.join(beats)}" if beats else ""))
+                         + (f"; strictly better (leakage, {m} and size) than {', '.join(clear)}" if clear else "")
+                         + (f"; {m} and size no worse than {', '.join(tied)}, with a lower point leakage "
+                            f"inside their intervals ({NOT_RANKED})" if tied else ""))
+            if self.not_ranked_against:  # the plan's own verdict: what it is not ranked against
+                rows = {r["name"]: r for r in self.rows()}
+                shown = ", ".join(
+                    f"{k} (leakage {rows[k]['leakage']:.4g}{_interval_text(rows[k])}, {m} {rows[k]['utility']:.4g}, "
+                    f"{rows[k]['bits_per_weight']:.3g} bits)" if k in rows else k for k in self.not_ranked_against)
+                lines.append(f"{NOT_RANKED}: {self.chosen.name} and {shown}, all within the budget and as safe "
+                             f"within the figures' uncertainty; {self.chosen.name} was chosen by its point leakage "
+                             f"(the objective's order: leakage, then {m}, then size)")
         checked = (self.near_budget or {}).get("checked") or []
         if checked:
             what = "; ".join(f"{', '.join(f'{k}={v}' for k, v in c['choices'].items())}: predicted "
@@ -357,7 +376,7 @@ class PlanResult:
                 "rows": self.rows(),
                 "frontier": [{"choices": p.choices, "predicted_leakage": p.leakage, "predicted_utility": p.utility,
                               "bits_per_weight": p.bits_per_weight} for p in self.frontier],
-                "near_budget": self.near_budget,
+                "near_budget": self.near_budget, "not_ranked_against": list(self.not_ranked_against),
                 "warnings": list(self.warnings), "seconds": dict(self.seconds)}
 
     def figure(self, path: str | None = None) -> Any:
@@ -414,6 +433,21 @@ class PlanResult:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
+
+
+def _interval_row(r: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A re-assessed plan's figures (:meth:`PlanPoint.reassessed` or a :meth:`PlanResult.rows`
+    row) as a report row for :func:`~mis_lightning.report._unresolved`."""
+    r = r or {}
+    iv = r.get("interval")
+    return {"leakage": r.get("leakage", math.nan), "leakage_p10": iv[0] if iv else None,
+            "leakage_p90": iv[1] if iv else None}
+
+
+def _interval_text(r: Mapping[str, Any]) -> str:
+    """`` [p10, p90]`` of a re-assessed plan, or ``""`` without an interval."""
+    iv = r.get("interval")
+    return f" [{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else ""
 
 
 def lower_is_better(metric: str, metrics: Mapping[str, Any] | None = None,
@@ -869,6 +903,7 @@ def plan(
     # re-assessed plan (mixed or uniform) within the budget, by the same objective. A chosen plan
     # that misses the budget gives way; so does one a re-assessed runner-up beats.
     within = True
+    not_ranked: list[str] = []
     rc = chosen.reassessed(metric)
     if rc is not None and not math.isnan(rc["leakage"]):
         ok, pts_ok = [], []
@@ -887,18 +922,34 @@ def plan(
                              "or raise reassess")
         elif new is not chosen:
             rn = new.reassessed(metric)
+            # a swap on a leakage difference inside both intervals is no ranking (fu27/fu28): say so
+            tie = (not missed and cfg.target_mis is None and rc["leakage"] > rn["leakage"]
+                   and _unresolved(_interval_row(rc), _interval_row(rn)))
             why = (f"misses the budget once re-assessed ({missed})" if missed else
-                   f"is beaten once re-assessed (leakage {rc['leakage']:.4g} vs {rn['leakage']:.4g}, {metric} "
-                   f"{rc['utility']:.4g} vs {rn['utility']:.4g}, bits {rc['bits_per_weight']:.4g} vs "
-                   f"{rn['bits_per_weight']:.4g})")
+                   ("reads a higher point leakage" if tie else "is beaten") +
+                   f" once re-assessed (leakage {rc['leakage']:.4g}{_interval_text(rc)} vs {rn['leakage']:.4g}"
+                   f"{_interval_text(rn)}, {metric} {rc['utility']:.4g} vs {rn['utility']:.4g}, bits "
+                   f"{rc['bits_per_weight']:.4g} vs {rn['bits_per_weight']:.4g})")
             predicted_over = cfg.max_utility_loss is not None and new.utility_loss > cfg.max_utility_loss
             how = " (predicted over max_utility_loss, measured within it)" if predicted_over else ""
+            sign = 1.0 if lower else -1.0
+            better = ([metric] if sign * (rc["utility"] - rn["utility"]) < 0 else []) + (
+                ["size"] if rc["bits_per_weight"] < rn["bits_per_weight"] - 1e-9 else [])
+            tie_note = (f". The two are {NOT_RANKED} (each leakage inside the other's): {chosen.name!r} is as "
+                        "safe within the figures' uncertainty"
+                        + (f" and has the better {' and '.join(better)}" if better else "")
+                        + "; the least point leakage decided") if tie else ""
             warnings_.append(f"the search's choice {chosen.name!r} {why}; chosen instead: {new.name!r}{how}, the best "
-                             "re-assessed plan within the budget")
+                             f"re-assessed plan within the budget{tie_note}")
             # named as its report row ("plan" is then the search's choice's row: fu19 W10)
             scheme = (plan_schemes[to_assess.index(new)] if new in to_assess else MixedPrecisionScheme(
                 {g: calibrated[_index(cands, new.name)] for g in groups}, name=new.name))
             chosen = new
+        # the final choice's verdict: the plans within the budget it is not ranked against
+        rc = chosen.reassessed(metric)
+        if rc is not None and cfg.target_mis is None:
+            not_ranked = [p.name for p in ok if p is not chosen
+                          and _unresolved(_interval_row(rc), _interval_row(p.reassessed(metric)))]
     for name, u in uniform.items():  # the proxy behind every frontier plan that uses this candidate
         r = u.reassessed(metric)
         if r is None or math.isnan(r["leakage"]) or abs(r["leakage"] - u.leakage) <= 0.02 * max(r["leakage"], 1e-12):
@@ -924,7 +975,8 @@ def plan(
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
-                      seconds=seconds, lower_is_better=lower, within_budget=within, near_budget=near)
+                      seconds=seconds, lower_is_better=lower, within_budget=within, near_budget=near,
+                      not_ranked_against=not_ranked)
 
 
 def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) -> None:

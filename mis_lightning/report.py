@@ -207,7 +207,15 @@ class Report:
             "game": self.game,
             "warnings": list(self.warnings),
             "schemes": {k: v.to_dict() for k, v in self.schemes.items()},
+            # groups of schemes whose order by leakage the figures do not resolve (table: ties line)
+            "not_ranked": self.not_ranked(),
         }
+
+    def not_ranked(self) -> list[list[str]]:
+        """The scheme names whose order by leakage the figures do not resolve, one list per group
+        (:func:`unranked_groups`: each leakage inside its neighbour's 80% interval, or printed
+        the same), each by leakage; ``[]`` when every order is resolved."""
+        return [[str(r["scheme"]) for r in g] for g in unranked_groups(self.rows())]
 
     def to_json(self, path: str | Path | None = None, indent: int = 2) -> str:
         """The report as JSON text (also written to ``path``).
@@ -282,8 +290,10 @@ class Report:
         then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
         scheme whose utility is within ``utility_tolerance``, relative, of the best, and the
         schemes whose intervals overlap its own; ``with_verdict=False`` leaves it out, e.g.
-        where a planner's budgeted choice follows), and every warning in full (an assumption
-        that failed must be read next to the numbers, not only in the JSON).
+        where a planner's budgeted choice follows), the schemes whose order by leakage the
+        figures do not resolve (:func:`ties_line`: "not ranked beyond their intervals", with or
+        without the verdict), and every warning in full (an assumption that failed must be read
+        next to the numbers, not only in the JSON).
 
         Raises:
             ValueError: ``utility_tolerance`` is negative.
@@ -300,6 +310,9 @@ class Report:
             text += "\n" + verdict(rows, utility_key, utility_tolerance)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
+        ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
+        if ties:
+            text += "\n" + ties
         if self.warnings:
             text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in self.warnings)
         return text
@@ -447,6 +460,64 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     if a.get("leakage_p10") is None or b.get("leakage_p10") is None:
         return None
     return a["leakage_p10"] <= b["leakage_p90"] and b["leakage_p10"] <= a["leakage_p90"]
+
+
+def _unresolved(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether the headlines of rows ``a`` and ``b`` are not told apart by the figures: each one
+    lies inside the other's 80% interval (a row without an interval, the unquantized ``none``,
+    is a point: the other's interval decides), or both print the same (:func:`_fmt`): an order
+    between them would then be the digits', not the data's."""
+    la, lb = float(a["leakage"]), float(b["leakage"])
+    if _fmt(la) == _fmt(lb):
+        return True
+    in_a = a.get("leakage_p10") is None or a["leakage_p10"] <= lb <= a["leakage_p90"]
+    in_b = b.get("leakage_p10") is None or b["leakage_p10"] <= la <= b["leakage_p90"]
+    if a.get("leakage_p10") is None and b.get("leakage_p10") is None:
+        return False  # no interval on either side (uncertainty_draws=0): nothing to judge by
+    return in_a and in_b
+
+
+def unranked_groups(rows: Sequence[dict[str, Any]], label: str = "scheme") -> list[list[dict[str, Any]]]:
+    """The runs of rows whose order by leakage the figures do not resolve (method.md section 3,
+    "The uncertainty interval"): the ranked rows (no error, a finite leakage, not a lower bound)
+    sorted by leakage, neighbours joined where :func:`_unresolved`; groups of two or more, each
+    sorted by leakage, in order of leakage. ``label``: the key naming a row (only for the sort's
+    tie-break, so that the groups do not depend on the rows' order).
+
+    E.g. rtn_int4 0.05142 [0.0460, 0.0797] and rtn_int2 0.05140 [0.0447, 0.1071] (fu28): each
+    inside the other's interval, one group; a table or legend listing them "safest first"
+    would otherwise rank them by digits the data do not carry.
+    """
+    ranked = sorted(_ranked_rows(list(rows)), key=lambda r: (float(r["leakage"]), str(r.get(label))))
+    groups: list[list[dict[str, Any]]] = []
+    run: list[dict[str, Any]] = ranked[:1]
+    for prev, r in zip(ranked, ranked[1:]):
+        if _unresolved(prev, r):
+            run.append(r)
+            continue
+        if len(run) > 1:
+            groups.append(run)
+        run = [r]
+    if len(run) > 1:
+        groups.append(run)
+    return groups
+
+
+#: how the table, the figures, the aggregate and the planner say it (one wording, every front end)
+NOT_RANKED = "not ranked beyond their intervals"
+
+
+def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | None:
+    """One line naming the schemes whose order the figures do not resolve
+    (:func:`unranked_groups`), e.g. ``"not ranked beyond their intervals: rtn_int2 (0.0514),
+    rtn_int4 (0.0514), rtn_int8 (0.0548) (each leakage inside its neighbour's 80% interval, or
+    printed the same)"``; groups are separated by ``;``. ``None`` when every order is resolved."""
+    groups = unranked_groups(rows, label)
+    if not groups:
+        return None
+    text = "; ".join(", ".join(f"{r.get(label)} ({_fmt(r['leakage'])})" for r in g) for g in groups)
+    return (f"{NOT_RANKED}: {text} (each leakage inside its neighbour's 80% interval, or printed the same: "
+            "their order is not a ranking)")
 
 
 def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
@@ -701,16 +772,25 @@ def merge_identical(rows: list[dict[str, Any]], x_key: str | None) -> list[tuple
     return [(rs[0], " = ".join(str(r["scheme"]) for r in rs)) for rs in groups.values()]
 
 
-def _warnings_note(fig: Any, warnings: Sequence[str]) -> None:
-    """The warnings, wrapped, in red under the panels (the figure grows to hold them)."""
-    lines = [f"warning: {ln}" if i == 0 else f"    {ln}" for w in warnings
-             for i, ln in enumerate(textwrap.wrap(" ".join(str(w).split()), 130))]
+def _warnings_note(fig: Any, warnings: Sequence[str], notes: Sequence[str] = ()) -> None:
+    """The warnings, wrapped, in red under the panels (the figure grows to hold them), after
+    ``notes`` (e.g. the schemes not ranked beyond their intervals) in black."""
+    def wrap(items: Sequence[str], head: str) -> list[str]:
+        return [f"{head}{ln}" if i == 0 else f"    {ln}" for w in items
+                for i, ln in enumerate(textwrap.wrap(" ".join(str(w).split()), 130))]
+
+    first, lines = wrap(notes, "note: "), wrap(warnings, "warning: ")
     w, h = fig.get_size_inches()
-    extra = 0.17 * len(lines) + 0.15
+    extra = 0.17 * (len(first) + len(lines)) + 0.15
     fig.set_size_inches(w, h + extra)
     fig.get_layout_engine().set(rect=(0, extra / (h + extra), 1, 1 - extra / (h + extra)))
-    fig.text(0.01, extra / (h + extra) - 0.02, "\n".join(lines), ha="left", va="top", fontsize=7,
-             color="firebrick", family="monospace")
+    top = extra / (h + extra) - 0.02
+    if first:
+        fig.text(0.01, top, "\n".join(first), ha="left", va="top", fontsize=7, color="black",
+                 family="monospace")
+    if lines:  # below the notes: one line of 7 pt is about 0.17 in
+        fig.text(0.01, top - 0.17 * len(first) / (h + extra), "\n".join(lines), ha="left", va="top",
+                 fontsize=7, color="firebrick", family="monospace")
 
 
 def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
@@ -720,7 +800,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
     was measured). Schemes with identical figures share one row labelled ``"a = b"``; each
     row's label carries its bits per weight. ``warnings`` (the report's) are printed under the
-    panels: a figure is often shared without the table, and its figures then carry their caveats.
+    panels: a figure is often shared without the table, and its figures then carry their caveats;
+    so is the line naming the schemes not ranked beyond their intervals (:func:`ties_line`).
     Saved if ``path``."""
     import matplotlib
 
@@ -784,8 +865,9 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     ax_u.grid(axis="x", alpha=0.3)
     fig.suptitle("Privacy-utility trade-off of quantization schemes (safest on top)", fontsize=11,
                  x=0.02, ha="left")
-    if warnings:
-        _warnings_note(fig, warnings)
+    ties = ties_line(ok)  # "safest on top" is no ranking where the intervals do not resolve it
+    if warnings or ties:
+        _warnings_note(fig, warnings, [ties] if ties else [])
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)

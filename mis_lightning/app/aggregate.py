@@ -46,10 +46,13 @@ from omegaconf import DictConfig
 
 from mis_lightning.report import (
     HIGHER_IS_BETTER,
+    NOT_RANKED,
     merge_identical,
     no_points_note,
     pick_utility_key,
     short_error,
+    ties_line,
+    unranked_groups,
 )
 
 __all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_figure", "main",
@@ -267,11 +270,36 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                 _fmt(r.get("baseline_leakage")),
                 _fmt(r.get("d_eff"))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    ties = aggregate_ties(rows, utility_key)
+    if ties:  # the rows' order by leakage that the figures do not resolve (same wording as the table)
+        lines += [""] + ties
     if errors:  # full messages below the table (the table shows them cut)
         lines += ["", "## Failures", ""] + [
             f"- job {_fmt(r.get('job'))} ({r.get('swept') or r.get('overrides') or '-'}), "
             f"{r['scheme']}: {' '.join(str(r['error']).split())}" for r in errors]
     return "\n".join(lines)
+
+
+def _labelled(r: dict[str, Any]) -> dict[str, Any]:
+    """Row ``r`` named as in the figure's legend (``"<job>: <scheme>"``), its figures as floats."""
+    return {**r, "scheme": r["scheme"] if r.get("job") is None else f"{r.get('job')}: {r['scheme']}",
+            "leakage": _float(r.get("leakage")), "leakage_p10": _float(r.get("leakage_p10")),
+            "leakage_p90": _float(r.get("leakage_p90"))}
+
+
+def aggregate_ties(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> list[str]:
+    """The sweep's rows whose order by leakage the figures do not resolve
+    (:func:`~mis_lightning.report.ties_line`, rows named ``"<job>: <scheme>"``), one line per
+    utility the rows are judged by (the figure's panels; one line when there is one)."""
+    uks = utility_keys(rows, utility_key) or [None]
+    ok = [_labelled(r) for r in rows if not r.get("error") and _float(r.get("leakage")) is not None]
+    out = []
+    for uk in uks:
+        group = ok if len(uks) == 1 else [r for r in ok if own_utility_key(r) == uk]
+        line = ties_line(group)
+        if line:
+            out.append(line if len(uks) == 1 else f"{uk.removeprefix('utility_')} rows: {line}")  # type: ignore[union-attr]
+    return out
 
 
 def warnings_section(results: Sequence[dict[str, Any]]) -> str:
@@ -308,10 +336,50 @@ def _pareto(points: list[tuple[float, float, int]], higher_better: bool) -> list
     return keep
 
 
-def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, first: int = 0) -> tuple[int, int]:
+#: letters naming the groups of points not ranked beyond their intervals in frontier.png
+TIE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: two points closer than this share of the axis span in both leakage and utility are drawn
+#: over each other (a marker is about 1.5% of the axis width at the figure's size)
+COINCIDENT_SHARE = 0.015
+#: horizontal step (points) between the markers of coincident points
+COINCIDENT_STEP = 7.0
+
+
+def _coincident_offsets(xy: Sequence[tuple[float, float]], names: Sequence[str]
+                        ) -> tuple[list[float], list[str | None]]:
+    """For points ``xy`` (in data units) with legend names ``names``: a horizontal offset in
+    points for each (0 for the first of a cluster of points that would hide each other, then
+    one :data:`COINCIDENT_STEP` after another) and, for each later member of a cluster, the
+    name of its first member (``None`` otherwise). Points are coincident when closer than
+    :data:`COINCIDENT_SHARE` of the axis span in both coordinates (fu28: int8_weight_only at
+    rmse 0.6627, leakage 0.0975 was hidden under bf16 at 0.6627, 0.0976)."""
+    xs, ys = [p[0] for p in xy], [p[1] for p in xy]
+    span_x = (max(xs) - min(xs)) if xs else 0.0
+    span_y = (max(ys) - min(ys)) if ys else 0.0
+    tol_x = COINCIDENT_SHARE * span_x or 1e-12 * max(abs(v) for v in xs or [1.0])
+    tol_y = COINCIDENT_SHARE * span_y or 1e-12 * max(abs(v) for v in ys or [1.0])
+    head: list[int] = []  # the first point of each cluster
+    shift, same_as = [0.0] * len(xy), [None] * len(xy)
+    count: dict[int, int] = {}
+    for i, (x, y) in enumerate(xy):
+        h = next((j for j in head if abs(xy[j][0] - x) <= tol_x and abs(xy[j][1] - y) <= tol_y), None)
+        if h is None:
+            head.append(i)
+            continue
+        count[h] = count.get(h, 0) + 1
+        shift[i] = COINCIDENT_STEP * count[h]
+        same_as[i] = names[h]
+    return shift, same_as  # type: ignore[return-value]
+
+
+def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, first: int = 0,
+                    first_tie: int = 0) -> tuple[int, int, int]:
     """Draw one frontier panel of ``rows`` against the utility ``uk`` (``None``: bits per
-    weight); point styles start at index ``first``. Returns ``(results, distinct points)``."""
+    weight); point styles start at index ``first``, tie letters (groups of points not ranked
+    beyond their intervals) at ``first_tie``; points that would hide each other are drawn side
+    by side, labelled "same point as". Returns ``(results, distinct points, tie groups)``."""
     import matplotlib.pyplot as plt
+    import matplotlib.transforms as mtransforms
 
     metric = uk.removeprefix("utility_") if uk else "bits_per_weight"
     higher = metric in HIGHER_IS_BETTER
@@ -326,15 +394,29 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
             label += " (warned)"
         ok.append({**r, xkey: x, "leakage": y, "scheme": label,
                    "leakage_p10": _float(r.get("leakage_p10")), "leakage_p90": _float(r.get("leakage_p90"))})
-    points = merge_identical(ok, xkey)
+    points = sorted(merge_identical(ok, xkey), key=lambda p: p[0]["leakage"])
+    # runs of points whose order by leakage the figures do not resolve: the legend's "safest
+    # first" is no ranking there, so each run gets a letter ("tie A": not ranked beyond intervals)
+    tie_of: dict[int, str] = {}
+    groups = unranked_groups([{**r, "scheme": name, "_i": i} for i, (r, name) in enumerate(points)])
+    for g, members in enumerate(groups):
+        for m in members:
+            tie_of[m["_i"]] = TIE_LETTERS[(first_tie + g) % len(TIE_LETTERS)]
+    shift, same_as = _coincident_offsets([(r[xkey], r["leakage"]) for r, _ in points], [n for _, n in points])
     pts: list[tuple[float, float, int]] = []
     markers = "osD^vP*Xh<>p"
-    for i, (r, name) in enumerate(sorted(points, key=lambda p: p[0]["leakage"])):
+    for i, (r, name) in enumerate(points):
         x, y = r[xkey], r["leakage"]
         pts.append((x, y, i))
         k = first + i
+        label = name + (f" (tie {tie_of[i]})" if i in tie_of else "")
+        if same_as[i] is not None:  # drawn beside the point it would hide (the figures are unchanged)
+            label += f" (same point as {same_as[i]}, drawn offset)"
         style = dict(color=plt.get_cmap("tab10")(k % 10), marker=markers[k % len(markers)],
-                     linestyle="none", label=name)
+                     linestyle="none", label=label)
+        if shift[i]:
+            style["transform"] = mtransforms.offset_copy(ax.transData, fig=ax.figure, x=shift[i], y=0.0,
+                                                         units="points")
         if "(warned)" in name:  # hollow: a figure with caveats (merged rows: any of them)
             style["markerfacecolor"] = "none"
         p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
@@ -356,7 +438,7 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
     ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
     ax.margins(x=0.08, y=0.15)
     ax.grid(alpha=0.3)
-    return len(ok), len(pts)
+    return len(ok), len(pts), len(groups)
 
 
 def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = None,
@@ -378,10 +460,11 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         [r for r in rows if r.get("error") or own_utility_key(r) == uk] for uk in uks]
     fig, axes = plt.subplots(1, len(uks), figsize=(7.0 + 3.5 * (len(uks) - 1), 4.8),
                              layout="constrained", squeeze=False)
-    n_ok = n_pts = 0
+    n_ok = n_pts = n_ties = 0
     for ax, uk, group in zip(axes[0], uks, groups):
-        ok, pts = _frontier_panel(ax, [r for r in group if len(uks) == 1 or not r.get("error")], uk, first=n_pts)
-        n_ok, n_pts = n_ok + ok, n_pts + pts
+        ok, pts, ties = _frontier_panel(ax, [r for r in group if len(uks) == 1 or not r.get("error")], uk,
+                                        first=n_pts, first_tie=n_ties)
+        n_ok, n_pts, n_ties = n_ok + ok, n_pts + pts, n_ties + ties
         if len(uks) > 1:
             ax.set_title(f"{uk.removeprefix('utility_')} ({ok} results)", fontsize=9)  # type: ignore[union-attr]
     if not n_pts:  # no job / scheme succeeded: say so rather than draw empty axes
@@ -390,7 +473,8 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         fig.set_size_inches(fig.get_size_inches()[0] + 3.0, 4.8)
         warned = any(r.get("warnings") and not r.get("error") for r in rows)
         fig.legend(loc="outside right upper", fontsize=7, frameon=False, title_fontsize=8,
-                   title="schemes: safest first" + ("\nhollow: job warned (aggregate.md)" if warned else ""))
+                   title="schemes: safest first" + ("\nhollow: job warned (aggregate.md)" if warned else "")
+                   + (f"\ntie A, B, ...: {NOT_RANKED}" if n_ties else ""))
     title = f"Privacy-utility frontier ({n_ok} results, {n_pts} distinct)"
     if len(uks) == 1:
         axes[0][0].set_title(title)
