@@ -70,10 +70,10 @@ D_EFF_OVER_N_MAX = 0.1
 LEVERAGE_NOTE_MIN_D_OVER_N = 0.02
 # What the report says of the diagonal estimator's mean leverage (its measured accuracy against
 # the exact estimator: docs/validation.md, "hc27"; the derivation: method.md section 4).
+# (the measurements themselves are in docs/validation.md: a warning says what to read, not the table)
 DIAGONAL_LEVERAGE_ACCURACY = (
-    "an approximation (docs/method.md section 4): exact for least squares without weight decay; against the "
-    "exact estimator the unquantized leakage read within 1% on least squares, logistic regression and a small "
-    "CNN, -3% on a softmax, +7% / -16% on a tanh MLP with / without weight decay")
+    "an approximation, exact for least squares without weight decay; its accuracy against the exact "
+    "estimator: docs/validation.md, \"hc27\"; the derivation: docs/method.md section 4")
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -204,10 +204,10 @@ def _d_over_n_warning(d: int, n: int) -> str:
     asymptotic regime, whatever the schemes' ``d_eff``."""
     return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
             "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
-            "of the trained weights that needs d << n, so every figure, low d_eff included, is "
-            "indicative only and can read below what real attacks achieve (a 3-4-3 tanh MLP classifier "
-            "at d / n = 0.10 read 8-10% below the best reference-model attack, outside its interval; "
-            "docs/validation.md); assess fewer weights (e.g. a head over a frozen encoder) or use more records")
+            "of the trained weights that needs d << n. Every figure, low d_eff included, is therefore "
+            "indicative only and can read below what real attacks achieve (8-10% below on a tanh MLP at "
+            "d / n = 0.10: docs/validation.md). To act: assess fewer weights (e.g. a head over a frozen "
+            "encoder) or use more records")
 
 
 def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
@@ -301,18 +301,18 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     if h is None or not h > D_EFF_OVER_N_MAX:
         return None
     hmax = float(diagnostics["max_leverage"])
-    what = (f"mean leverage {h:.3g} (max {hmax:.3g}) of the stored records"
+    what = (f"finite-sample (leverage) correction: mean leverage {h:.3g} (max {hmax:.3g}) of the stored records"
             + (" (above 1 the fit is no projection: more weights than records, or a damped or indefinite "
-               "Hessian)" if hmax > 1.0 else "") + ": ")
+               "Hessian)" if hmax > 1.0 else "") + ". ")
     if diagnostics.get("leverage_correction"):
         capped = int(diagnostics.get("leverage_capped", 0))
-        return what + ("their influences are the leave-one-out shifts and the gradient covariance is "
+        return what + ("Their influences are the leave-one-out shifts and the gradient covariance is "
                        "HC2-corrected (leverage_correction), which first-order theory does not cover"
-                       + (f"; for that correction the leverage of {capped} record(s) above {LEVERAGE_CAP} "
+                       + (f". For that correction the leverage of {capped} record(s) above {LEVERAGE_CAP} "
                           f"was capped at {LEVERAGE_CAP} (the mean and max above are before the cap)"
                           if capped else ""))
-    return what + ("the first-order influences understate each record's leave-one-out shift by about "
-                   "1 / (1 - leverage); leverage_correction=True corrects them")
+    return what + ("Not corrected: the first-order influences understate each record's leave-one-out shift by "
+                   "about 1 / (1 - leverage); leverage_correction=True corrects them")
 
 
 def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
@@ -327,23 +327,23 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
         return None
     dirs = float(diagnostics["leverage_directions"])
     why = diagnostics.get("leverage_directions_note")
-    what = (f"mean leverage {h:.3g} per record, {per:.3g} per loss direction ({dirs:.3g} direction(s) per record"
-            + (f": {why}" if why else "") + "), from the Hessian diagonal (sum_j H_data_jj / H_jj / n, "
-            f"{DIAGONAL_LEVERAGE_ACCURACY}): ")
+    what = (f"finite-sample (leverage) correction: mean leverage {h:.3g} per record, {per:.3g} per loss direction "
+            f"({dirs:.3g} direction(s) per record" + (f": {why}" if why else "") + "), from the Hessian diagonal "
+            f"(sum_j H_data_jj / H_jj / n: {DIAGONAL_LEVERAGE_ACCURACY}). ")
     if not diagnostics.get("leverage_correction"):
-        return what + ("not corrected (leverage_correction=False): the first-order influences understate each "
+        return what + ("It was not corrected (leverage_correction=False): the first-order influences understate each "
                        "record's leave-one-out shift by about 1 / (1 - leverage) and sigma reads low by about "
                        "sqrt(1 - leverage)")
     hb = min(per, LEVERAGE_CAP)
     free = int(diagnostics.get("leverage_unassessed_weights", 0))
     bound = float(diagnostics.get("leverage_unassessed_bound", 0.0))
     # trainable weights outside the assessment fit the data too (at most 1 each to the trace)
-    left = (f"; {free:,} trainable weight(s) not assessed are not counted (they fit the data too: up to "
+    left = (f". {free:,} trainable weight(s) not assessed are not counted (they fit the data too: up to "
             f"{bound:.3g} more per direction)" if free and bound >= 1e-3 else "")
-    return what + (f"sigma and the influences were raised by 1 / sqrt(1 - {hb:.3g}) = {1 / math.sqrt(1 - hb):.4g} "
+    return what + (f"Sigma and the influences were raised by 1 / sqrt(1 - {hb:.3g}) = {1 / math.sqrt(1 - hb):.4g} "
                    "(the leave-one-out shift at the mean leverage; each record's own leverage is not known to "
-                   "this estimator), which first-order theory does not cover"
-                   + (f"; the mean leverage per direction {per:.3g} was capped at {LEVERAGE_CAP}: the diagonal "
+                   "this estimator), a correction first-order theory does not cover"
+                   + (f". The mean leverage per direction {per:.3g} was capped at {LEVERAGE_CAP}: the diagonal "
                       "approximation exceeds the count the data can fit (more weights than records x directions, "
                       "or a Hessian whose diagonal spreads a few large eigenvalues over many weights, as in "
                       "overparameterised networks), and sigma grows 4.5x: the figures then sit near their maximum "
@@ -912,7 +912,7 @@ def score_schemes(
     lev = _leverage_note(est.diagnostics)
     off = est.diagnostics.get("leverage_unavailable")
     if off and est.d / n > LEVERAGE_NOTE_MIN_D_OVER_N:
-        lev = ((lev + "; ") if lev else "") + (
+        lev = ((lev + ". ") if lev else "") + (
             f"the finite-sample (leverage) correction could not run ({off}): with d / n = {est.d / n:.3g} the "
             "first-order influences understate each record's leave-one-out shift by about 1 / (1 - leverage) "
             "and sigma reads low by about sqrt(1 - leverage) (in-sample residuals), so the figures can read low "
@@ -925,8 +925,8 @@ def score_schemes(
             "and the figures by a few percent at d / n above 0.1); leverage_correction=False gives the first-order "
             "forms, which do not")
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
-        report.warnings.append(_d_over_n_warning(est.d, n) + (f"; {lev}" if lev else ""))
-    elif lev:
+        report.warnings.append(_d_over_n_warning(est.d, n))
+    if lev:  # its own warning: joined to the d / n one it buried that one's action (fu28: 1,379 characters)
         report.warnings.append(lev)
     large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
     if large:

@@ -35,6 +35,7 @@ from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better
 from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
+from .report import ties_line
 from .streaming import default_schemes
 from .tracking import (  # noqa: F401
     FIGURE_NAME,
@@ -433,6 +434,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                + (f" ({failed} failed: see the warnings)" if failed else "")
                                + f" on n={report.n} records in {time.perf_counter() - t0:.1f} s; "
                                f"report: {self.report_path}")
+                ties = ties_line(report.rows())  # the figures' order where the intervals do not resolve it
+                if ties:
+                    rank_zero_info(f"MISCallback: {ties}")
                 if plan_exc is not None:
                     rank_zero_warn(f"MISCallback: planning failed ({self.plan_error}); the assessment's report is "
                                    "kept (strict=True raises instead)")

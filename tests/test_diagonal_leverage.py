@@ -181,6 +181,14 @@ def test_the_report_says_what_the_diagonal_correction_did():
         assert not any("could not run" in w for w in rep.warnings), rep.warnings
         line = [w for w in rep.warnings if "from the Hessian diagonal" in w]
         assert len(line) == 1 and text in line[0] and "an approximation" in line[0], rep.warnings
+        # fu28 (ux29): the note is its own warning, not appended to the d / n one (1,379 characters
+        # that buried the d / n warning's action), and it points to the measurements instead of
+        # quoting them
+        assert line[0].startswith("finite-sample (leverage) correction: mean leverage 0.16 per record"), line[0]
+        assert 'docs/validation.md, "hc27"' in line[0] and "-16%" not in line[0]
+        (dn,) = [w for w in rep.warnings if w.startswith("d / n = 0.16 is not small")]
+        assert "leverage" not in dn and dn.endswith(
+            "To act: assess fewer weights (e.g. a head over a frozen encoder) or use more records"), dn
     assert on.estimation["leverage_correction"] and not off.estimation["leverage_correction"]
     assert on.baseline_leakage > off.baseline_leakage * 1.05
 
