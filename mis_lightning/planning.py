@@ -933,11 +933,17 @@ def plan(
             predicted_over = cfg.max_utility_loss is not None and new.utility_loss > cfg.max_utility_loss
             how = " (predicted over max_utility_loss, measured within it)" if predicted_over else ""
             sign = 1.0 if lower else -1.0
-            better = ([metric] if sign * (rc["utility"] - rn["utility"]) < 0 else []) + (
-                ["size"] if rc["bits_per_weight"] < rn["bits_per_weight"] - 1e-9 else [])
-            tie_note = (f". The two are {NOT_RANKED} (each leakage inside the other's): {chosen.name!r} is as "
-                        "safe within the figures' uncertainty"
-                        + (f" and has the better {' and '.join(better)}" if better else "")
+
+            def better(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+                """" and " + what ``a`` does better than ``b`` (utility, size), or ``""``."""
+                out = ([metric] if sign * (a["utility"] - b["utility"]) < 0 else []) + (
+                    ["size"] if a["bits_per_weight"] < b["bits_per_weight"] - 1e-9 else [])
+                return " and ".join(out)
+
+            b_old, b_new = better(rc, rn), better(rn, rc)
+            tie_note = (f". The two are {NOT_RANKED} (each leakage inside the other's), so {chosen.name!r} is as "
+                        "safe within the figures' uncertainty" + (f" and has the better {b_old}" if b_old else "")
+                        + (f"; {new.name!r} has the better {b_new}" if b_new else "")
                         + "; the least point leakage decided") if tie else ""
             warnings_.append(f"the search's choice {chosen.name!r} {why}; chosen instead: {new.name!r}{how}, the best "
                              f"re-assessed plan within the budget{tie_note}")
