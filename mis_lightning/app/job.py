@@ -872,6 +872,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         "baseline_leakage": report.baseline_leakage,
         "baseline_mis": report.baseline_mis,
         "rows": report.rows(),
+        "not_ranked": report.not_ranked(),  # the table's "not ranked beyond their intervals" groups
         "warnings": report.warnings,
         "times_s": times,
         **({} if plan_cfg is None else {"plan": planned.to_dict()}),
