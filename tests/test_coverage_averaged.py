@@ -143,10 +143,10 @@ def test_correlated_ols_interval_covers_the_closed_form_reference():
     independent form misses above on the 4-sd grid. Asserts, over 3 trainings x 2 grids: each in
     the averaged regime with the full correlation, the carry exercised on the 4-sd grid, the
     headline within 12% of the reference (measured sd over trainings 2-5%), and at least 5 of the
-    6 intervals contain the reference (measured coverage 0.93-1.0 at these settings,
-    ``benchmarks/coverage_averaged.py --ols 0 0.9 --ols-records 4000``, docs/validation.md cv29:
-    with independent replications at 0.93, two or more misses have probability ~6%; seeds 0-2,
-    fixed beforehand). Can fail: a change of the interval's centre, width or carry, or a bias of a
+    6 intervals contain the reference (measured coverage at rho = 0.9 with every record stored:
+    1.00 on the 4-sd grid, 0.825 on the 8-sd one, 40 each, ``benchmarks/coverage_averaged.py --ols
+    0 0.9 --ols-records 4000``, docs/validation.md cv29: two or more misses then have probability
+    ~8%; seeds 0-2, fixed beforehand). Can fail: a change of the interval's centre, width or carry, or a bias of a
     few percent of the correlated form, sigma-hat or the leverage correction (what it pins)."""
     import mis_lightning as ml
 
