@@ -6,8 +6,9 @@ section 3, "The uncertainty interval", averaged regime: "Built draws", and "Subs
 for chunks of ``>= 2^15`` weights). Model, truth and trainings: :mod:`mis_lightning.groundtruth.averaged`
 (multi-output linear regression with independent coordinates; the truth is the first-order
 leakage at the population weights, closed form; each training an ``Estimate`` scored by
-:func:`mis_lightning.assess.score_schemes` as the front ends do, ``covariance="independent"``,
-the truth's own form, ``uncertainty_draws=16``).
+:func:`mis_lightning.assess.score_schemes` as the front ends do, ``uncertainty_draws=16``, with
+``--covariance``: the library's default, ``"auto"``, unless given; ``independent`` is the
+truth's own form and what the figures of docs/validation.md before cv29 used).
 
 A setting is ``OUTxIN:PATH:STEPS[:POSITIONS[:RECORDS]]``:
 
@@ -38,6 +39,18 @@ half-width, which decides that population's coverage when the draws are narrow.
         256x256:factored:4:uniform:gaussian --populations 40 --trainings 1 \\
         --draw-sample-fraction 0.25                      # the draws' sample size A/B (docs/benchmarks.md, pf27)
 
+Correlated design (``--ols RHO ...``, cv29): fixed-design least squares with AR(1) or
+equicorrelated inputs (:class:`mis_lightning.groundtruth.averaged.OLSDesign`), each training
+fitted exactly and assessed by :func:`mis_lightning.assess` as a user calls it (the exact
+estimator at ``d <= 2000``, ``covariance`` as given: default the library's, ``"auto"``, the
+correlated headline), on per-weight grids of ``--ols-steps`` sd of theta-hat; the reference is
+:func:`~mis_lightning.groundtruth.averaged.ols_truth` (exact ``sigma``, correlation and
+leverages at ``theta*``). Per (rho, step): coverage of the 80% interval, misses below / above,
+headline / reference (mean, min). ``--populations`` designs x ``--trainings`` trainings each:
+
+    PYTHONPATH=. python benchmarks/coverage_averaged.py --ols 0 0.5 0.9 --populations 4 \
+        --trainings 10 --json ols.json                   # docs/validation.md, "cv29"
+
 About 0.1-0.8 s of CPU per replication (``d`` = 2,048-98,304), plus 1-20 s per population for
 the closed forms.
 """
@@ -51,6 +64,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,10 +73,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import mis_lightning as ml  # noqa: E402
+from mis_lightning.config import COVARIANCE_FORMS, ScoringConfig  # noqa: E402
 from mis_lightning.groundtruth import averaged as AV  # noqa: E402
 
 AS = importlib.import_module("mis_lightning.assess")
 PATHS = ("stored", "factored", "factored-full")
+DEFAULT_SETTINGS = ["32x64:stored:mixed", "32x64:stored:4", "256x256:factored:4", "256x256:factored-full:4"]
 FULL_CHUNK = (1 << 15) - 1  # every chunk below assess.DRAW_SAMPLE_MIN_WEIGHTS: full built draws
 
 
@@ -108,7 +125,8 @@ def leak_of_kappa_sum(ks: float, n: int) -> float:
 
 
 def run_population(st: dict, pop_seed: int, trainings: int, *, num_records: int, draws: int,
-                   sigma_bias: float, seed0: int, closed_form_max_d: int = 16384) -> dict:
+                   sigma_bias: float, seed0: int, closed_form_max_d: int = 16384,
+                   covariance: str = "independent") -> dict:
     pop = AV.make_population(st["out"], st["in"], steps=st["steps"], positions=st["positions"],
                              records=st["records"], seed=pop_seed)
     t0 = time.process_time()
@@ -130,7 +148,7 @@ def run_population(st: dict, pop_seed: int, trainings: int, *, num_records: int,
             tr = AV.training(pop, seed, num_records=num_records, path=path, sigma_bias=sigma_bias)
             n_before = len(noise)
             rep = AS.score_schemes(tr.estimate, tr.model, [scheme], uncertainty_draws=draws, seed=seed,
-                                   covariance="independent", **chunk)
+                                   covariance=covariance, **chunk)
             r = rep.schemes[scheme.name]
             lo, hi = r.interval
             rows.append({"training": seed, "plug_in": r.leakage, "lo": lo, "hi": hi, "regime": r.interval_regime,
@@ -169,6 +187,86 @@ def run_setting(st: dict, populations: int, trainings: int, **kw) -> dict:
             "coverage_per_population": per.tolist()}
 
 
+def run_ols(rho: float, design: str, d: int, n: int, steps: list[float], populations: int, trainings: int, *,
+            covariance: str, draws: int, seed0: int, spread_sd: float = 84.0, estimation: str = "auto",
+            num_records: int | None = None) -> dict:
+    """Coverage of the 80% interval of :func:`mis_lightning.assess` on :class:`AV.OLSDesign`
+    (module docstring) against :func:`AV.ols_truth`, per grid step."""
+    pops = []
+    extra = {} if num_records is None else {"num_records": num_records}
+    for p in range(populations):
+        des = AV.make_ols_design(d, n, rho, design=design, seed=p, spread_sd=spread_sd)
+        t0 = time.process_time()
+        truth = {"none": AV.ols_truth(des, None)}
+        fixed = {"none": AV.ols_truth(des, None, game="fixed")}
+        schemes = []
+        for r in steps:
+            sch = AV.ols_scheme(des, r)
+            truth[sch.name] = AV.ols_truth(des, r)
+            fixed[sch.name] = AV.ols_truth(des, r, game="fixed")
+            schemes.append(sch)
+        t_truth = time.process_time() - t0
+        rows = []
+        t0 = time.process_time()
+        for t in range(trainings):
+            seed = seed0 + 1000 * p + t
+            model, loader, _ = AV.ols_training(des, seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the report's warnings (d / n, ...) are not under test
+                rep = ml.assess(model, ["none", *schemes], loader, AV.squared_loss, covariance=covariance,
+                                uncertainty_draws=draws, seed=seed, estimation=estimation, **extra)
+            for name, r in rep.schemes.items():
+                lo, hi = r.interval if r.interval is not None else (math.nan, math.nan)
+                rows.append({"training": seed, "scheme": name, "leakage": r.leakage, "lo": lo, "hi": hi,
+                             "truth": truth[name], "truth_fixed": fixed[name], "independent": r.leakage_independent,
+                             "regime": r.interval_regime, "covariance": r.covariance, "method": r.method})
+        pops.append({"population": p, "truth": truth, "truth_fixed": fixed, "cpu_s_truth": t_truth,
+                     "cpu_s_per_training": (time.process_time() - t0) / max(trainings, 1), "rows": rows})
+    per_scheme = {}
+    for name in ["none"] + [f"step{r:g}" for r in steps]:
+        rr = [x for pp in pops for x in pp["rows"] if x["scheme"] == name]
+        ratio = np.array([x["leakage"] / x["truth"] for x in rr])
+        lo = np.array([x["lo"] for x in rr])
+        hi = np.array([x["hi"] for x in rr])
+        tr = np.array([x["truth"] for x in rr])
+        tf = np.array([x["truth_fixed"] for x in rr])
+        has = np.isfinite(lo)
+        k = int(has.sum())
+        cov = float(np.mean((lo[has] <= tr[has]) & (tr[has] <= hi[has]))) if k else math.nan
+        per_scheme[name] = {
+            "replications": len(rr), "with_interval": k, "coverage": cov,
+            "binomial_se": binomial_se(cov, k) if k else math.nan,
+            "below": float(np.mean(hi[has] < tr[has])) if k else math.nan,
+            "above": float(np.mean(lo[has] > tr[has])) if k else math.nan,
+            "coverage_fixed_game": float(np.mean((lo[has] <= tf[has]) & (tf[has] <= hi[has]))) if k else math.nan,
+            "ratio_fixed_game_mean": float(np.mean([x["leakage"] / x["truth_fixed"] for x in rr])),
+            "ratio_mean": float(ratio.mean()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max()),
+            "ratio_sd": float(ratio.std(ddof=1)) if ratio.size > 1 else 0.0,
+            "half_width_rel": float(np.mean((hi[has] - lo[has]) / 2 / tr[has])) if k else math.nan,
+            "independent_over_truth": float(np.mean([x["independent"] / x["truth"] for x in rr
+                                                     if x["independent"] is not None])) if rr else math.nan,
+            "regimes": sorted({str(x["regime"]) for x in rr}), "covariance": sorted({str(x["covariance"]) for x in rr}),
+            "methods": sorted({str(x["method"]) for x in rr}),
+        }
+    return {"rho": rho, "design": design, "d": d, "n": n, "covariance": covariance, "steps": steps,
+            "spread_sd": spread_sd, "estimation": estimation, "num_records": num_records,
+            "populations": pops, "schemes": per_scheme}
+
+
+def ols_summary(res: dict) -> list[str]:
+    out = []
+    cpu = np.mean([p["cpu_s_per_training"] for p in res["populations"]])
+    for name, s in res["schemes"].items():
+        cov = (f"coverage {s['coverage']:.3f} +- {s['binomial_se']:.3f} (n={s['with_interval']}) below {s['below']:.3f} "
+               f"above {s['above']:.3f} half-width {s['half_width_rel']:.3f} (fixed game: coverage {s['coverage_fixed_game']:.3f})"
+               if s["with_interval"] else "no interval")
+        out.append(f"{res['design']} rho={res['rho']:<4g} d={res['d']} n={res['n']} {name:<8} {cov} | headline / ref "
+                   f"mean {s['ratio_mean']:.3f} min {s['ratio_min']:.3f} max {s['ratio_max']:.3f} sd {s['ratio_sd']:.3f} "
+                   f"(fixed game {s['ratio_fixed_game_mean']:.3f}) | indep / ref {s['independent_over_truth']:.3f} | {','.join(s['regimes'])} "
+                   f"{','.join(s['covariance'])} {','.join(s['methods'])} | {cpu:.2f} s/training")
+    return out
+
+
 def summary_line(res: dict) -> str:
     pops = res["populations"]
     bias = [p["draws_centre_bias_closed_form"] / p["half_width_mean"] for p in pops
@@ -189,8 +287,22 @@ def summary_line(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--settings", nargs="+", default=["32x64:stored:mixed", "32x64:stored:4",
-                                                      "256x256:factored:4", "256x256:factored-full:4"])
+    ap.add_argument("--settings", nargs="+", default=None,
+                    help="independent populations (default: 32x64:stored:mixed 32x64:stored:4 "
+                         "256x256:factored:4 256x256:factored-full:4 unless --ols is given)")
+    ap.add_argument("--covariance", default=ScoringConfig().covariance, choices=COVARIANCE_FORMS,
+                    help="the headline's form (default: the library's default)")
+    ap.add_argument("--ols", nargs="+", type=float, default=None, metavar="RHO",
+                    help="correlated least-squares designs with these input correlations (module docstring)")
+    ap.add_argument("--ols-design", default="ar1", choices=AV.DESIGNS)
+    ap.add_argument("--ols-d", type=int, default=64, help="weights of the least-squares design")
+    ap.add_argument("--ols-n", type=int, default=4000, help="training records of the least-squares design")
+    ap.add_argument("--ols-spread", type=float, default=84.0,
+                    help="theta* spans +- this many sd (84: uniform positions on 0.75/1.4/4/8-sd grids)")
+    ap.add_argument("--ols-estimation", default="auto", help="assess(estimation=...)")
+    ap.add_argument("--ols-records", type=int, default=None, help="assess(num_records=...) (default: the library's)")
+    ap.add_argument("--ols-steps", nargs="+", type=float, default=[0.75, 1.4, 4.0, 8.0],
+                    help="grid steps in sd units of theta-hat")
     ap.add_argument("--populations", type=int, default=4)
     ap.add_argument("--trainings", type=int, default=25)
     ap.add_argument("--records", type=int, default=64, help="stored records R")
@@ -221,9 +333,25 @@ def main(argv: list[str] | None = None) -> dict:
         if a.json is not None:
             a.json.write_text(json.dumps(out, indent=1))
         return out
-    for spec in a.settings:
+    if a.ols is not None:
+        out["ols"] = []
+        for rho in a.ols:
+            res = run_ols(rho, a.ols_design, a.ols_d, a.ols_n, a.ols_steps, a.populations, a.trainings,
+                          covariance=a.covariance, draws=a.draws, seed0=a.seed, spread_sd=a.ols_spread,
+                          estimation=a.ols_estimation, num_records=a.ols_records)
+            for line in ols_summary(res):
+                print(line, flush=True)
+            if a.no_rows:
+                for p in res["populations"]:
+                    p.pop("rows")
+            out["ols"].append(res)
+            if a.json is not None:
+                a.json.write_text(json.dumps(out, indent=1))
+    settings = a.settings if a.settings is not None else ([] if a.ols is not None else DEFAULT_SETTINGS)
+    for spec in settings:
         res = run_setting(parse_setting(spec), a.populations, a.trainings, num_records=a.records, draws=a.draws,
-                          sigma_bias=a.sigma_bias, seed0=a.seed, closed_form_max_d=a.closed_form_max_d)
+                          sigma_bias=a.sigma_bias, seed0=a.seed, closed_form_max_d=a.closed_form_max_d,
+                          covariance=a.covariance)
         print(summary_line(res), flush=True)
         if a.no_rows:
             for p in res["populations"]:
