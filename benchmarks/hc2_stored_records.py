@@ -3,7 +3,7 @@ same records scored with every record stored (paired: the same rows). hs28's des
 Reads, per record, |Sigma^-1/2 psi| (the estimator's Mahalanobis norm, the unquantized form) and
 the quantized Gaussian channel's sqrt(s2) at a fixed kappa (random in [0.3, 1]), each as the
 scoring reads them (with the per-record self term where the code has one).
-    PYTHONPATH=$PWD python benchmarks/hc2_stored_records.py DESIGN n d R subsets   # DESIGN: iid, hetero
+    PYTHONPATH=$PWD python benchmarks/hc2_stored_records.py DESIGN n d R subsets   # DESIGN: iid, hetero, scaled
 
 method.md section 4, *Gradient covariance*; docs/validation.md, "lo29". Runs on code without the per-record
 term too (the "before" column there)."""
@@ -21,6 +21,9 @@ X = torch.randn(n, d, generator=g, dtype=torch.float64)
 if design == "hetero":  # heavy-tailed rows (high leverage) and errors growing with |x_0|
     X = X * (torch.distributions.Chi2(3.0).sample((n, 1)).double() / 3).rsqrt()
     e = torch.randn(n, generator=g, dtype=torch.float64) * (0.3 + X[:, 0].abs())
+elif design == "scaled":  # rows scaled by 1 + |x_0| (spread leverages), homoscedastic errors
+    X = X * (1 + X[:, :1].abs())
+    e = torch.randn(n, generator=g, dtype=torch.float64)
 else:
     e = torch.randn(n, generator=g, dtype=torch.float64)
 b = torch.linalg.lstsq(X, X @ torch.ones(d, dtype=torch.float64) / d**.5 + e).solution
