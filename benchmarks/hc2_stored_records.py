@@ -3,7 +3,7 @@ same records scored with every record stored (paired: the same rows). hs28's des
 Reads, per record, |Sigma^-1/2 psi| (the estimator's Mahalanobis norm, the unquantized form) and
 the quantized Gaussian channel's sqrt(s2) at a fixed kappa (random in [0.3, 1]), each as the
 scoring reads them (with the per-record self term where the code has one).
-    PYTHONPATH=$PWD python benchmarks/hc2_stored_records.py DESIGN n d R subsets   # DESIGN: iid, hetero, scaled
+    PYTHONPATH=$PWD python benchmarks/hc2_stored_records.py DESIGN n d R subsets   # DESIGN: iid, hetero, scaled, logit
 
 method.md section 4, *Gradient covariance*; docs/validation.md, "lo29". Runs on code without the per-record
 term too (the "before" column there)."""
@@ -26,13 +26,24 @@ elif design == "scaled":  # rows scaled by 1 + |x_0| (spread leverages), homosce
     e = torch.randn(n, generator=g, dtype=torch.float64)
 else:
     e = torch.randn(n, generator=g, dtype=torch.float64)
-b = torch.linalg.lstsq(X, X @ torch.ones(d, dtype=torch.float64) / d**.5 + e).solution
-r = X @ b - (X @ torch.ones(d, dtype=torch.float64) / d**.5 + e)
-G = X * r[:, None]
-H = X.T @ X / n
+if design == "logit":  # logistic regression at its MLE (Newton), the record's curvature p (1 - p)
+    y = torch.bernoulli(torch.sigmoid(X @ torch.ones(d, dtype=torch.float64) * 1.5 / d**.5), generator=g)
+    b = torch.zeros(d, dtype=torch.float64)
+    for _ in range(30):
+        p = torch.sigmoid(X @ b)
+        b = b - torch.linalg.solve((X * (p * (1 - p))[:, None]).T @ X, X.T @ (p - y))
+    p = torch.sigmoid(X @ b)
+    G = X * (p - y)[:, None]
+    H = (X * (p * (1 - p))[:, None]).T @ X / n
+    L = (p * (1 - p)).reshape(n, 1, 1)
+else:
+    b = torch.linalg.lstsq(X, X @ torch.ones(d, dtype=torch.float64) / d**.5 + e).solution
+    G = X * (X @ b - (X @ torch.ones(d, dtype=torch.float64) / d**.5 + e))[:, None]
+    H = X.T @ X / n
+    L = torch.ones(n, 1, 1, dtype=torch.float64)
 C = G - G.mean(0)
 V = C.T @ C / n
-J, L = X[:, None, :], torch.ones(n, 1, 1, dtype=torch.float64)
+J = X[:, None, :]
 z = torch.zeros(d, dtype=torch.float64)
 kappa = 0.3 + 0.7 * torch.rand(d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
