@@ -2277,7 +2277,9 @@ def _record_correlation(est: Estimate, cfg: ScoringConfig) -> F.correlated.Recor
         raise ValueError("covariance='full' needs the full correlation of the weights, which only the exact "
                          "estimator computes (estimation='exact'); use covariance='factor' or 'auto'")
     if est.correlation is not None and form in ("auto", "full"):
-        return F.correlated.RecordCorrelation.full(est.correlation)
+        # with fewer records stored than trained on, each scored with its own leave-one-out HC2
+        # term (Estimate.self_term; method.md section 4, *Gradient covariance*)
+        return F.correlated.RecordCorrelation.full(est.correlation, est.self_term, est.self_weight)
     if not est.influence_stored or est.influence is None or est.num_records < 8:
         if form == "factor":
             raise ValueError("covariance='factor' needs the stored influences of >= 8 records (a model small "

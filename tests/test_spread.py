@@ -234,7 +234,7 @@ def test_per_direction_leverage_divides_by_the_softmax_rank_whatever_the_roundin
     J = torch.randn(R, C, d, generator=g, dtype=torch.float64)
     C_ = torch.randn(R, d, generator=g, dtype=torch.float64)
     diag: dict = {}
-    _, _, hp = _leverage(C_, torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64) * 0.5,
+    _, _, hp, _ = _leverage(C_, torch.eye(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64) * 0.5,
                          J, L, n, True, diag)
     A = L @ (J @ (0.5 * J.transpose(1, 2))) / n
     h = torch.diagonal(A, dim1=1, dim2=2).sum(-1)

@@ -190,6 +190,14 @@ class Estimate:
             ``rank(L_i) > 1``; capped at :data:`LEVERAGE_CAP`. Only where the
             finite-sample (leverage) correction was applied; ``None`` otherwise (first-order forms).
         correlation: ``[d, d]`` correlation matrix of ``Sigma`` (exact mode only; dimensionless).
+        self_term, self_weight: ``[R, d]`` and ``[R]``, exact mode with the leverage correction
+            and fewer records stored than trained on (else ``None``): stored record ``i`` is
+            scored through its own covariance ``R - self_weight_i x_i x_i'`` (``x_i`` the row of
+            ``self_term``, in the units of ``influence``; ``R`` = ``correlation`` times
+            ``diag Sigma``'s scale, i.e. the same standardisation), the HC2 term's
+            leave-one-out estimate (method.md section 4, *Gradient covariance*; lo29).
+            ``mahalanobis`` already includes it; the correlated forms apply it by
+            Sherman-Morrison (``functional.correlated.Correlation``).
         influence_scale: the factor the diagonal estimator's finite-sample (leverage) correction
             put on every standardised influence, ``1 / sqrt(1 - h_bar)`` (method.md section 4;
             1.0 without it): the leave-one-out shifts over the corrected sigma. Correlation
@@ -217,6 +225,8 @@ class Estimate:
     mahalanobis: Tensor | None = None
     correlation: Tensor | None = None
     leverage: Tensor | None = None
+    self_term: Tensor | None = None
+    self_weight: Tensor | None = None
     influence_scale: float = 1.0
     _program: LossProgram | None = None
     _records: list[tuple[Any, Any]] | None = None
@@ -1405,13 +1415,15 @@ class MomentAccumulator:
                                               float((torch.diagonal(H) * _flatten_theta(theta, names)).norm()),
                                               torch.finfo(self.dtype).eps))
             floor_variants = {f: {"sigma": _split(v["sigma"], names, offsets), "influence": v["w"],
-                                  "mahalanobis": v["mahal"], "correlation": v["corr"], "leverage": v["leverage"]}
+                                  "mahalanobis": v["mahal"], "correlation": v["corr"], "leverage": v["leverage"],
+                                  "self_term": v["self_term"], "self_weight": v["self_weight"]}
                               for f, v in variants.items()} or None
             if self._residual_info is not None:
                 diagnostics.update(self._residual_info)
             return Estimate(mode="exact", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
-                            leverage=records.get("leverage"), _floor_variants=floor_variants, **common)
+                            leverage=records.get("leverage"), self_term=records.get("self_term"),
+                            self_weight=records.get("self_weight"), _floor_variants=floor_variants, **common)
 
         h_sum = st["h_sum"].to(cpu, torch.float64)
         if self.hessian == "hutchinson":
@@ -1952,7 +1964,8 @@ def _floor_variants(out: dict[float, dict[str, Tensor | None]], floored: int, da
     for f in FLOOR_SENSITIVITY_FACTORS:
         rec: dict[str, Tensor] = {}
         sigma, w, mahal, corr = compute(f, rec)
-        out[f] = {"sigma": sigma, "w": w, "mahal": mahal, "corr": corr, "leverage": rec.get("leverage")}
+        out[f] = {"sigma": sigma, "w": w, "mahal": mahal, "corr": corr, "leverage": rec.get("leverage"),
+                  "self_term": rec.get("self_term"), "self_weight": rec.get("self_weight")}
 
 
 def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
@@ -1978,11 +1991,16 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             "Finite-sample (leverage) correction"): each record's centred gradient ``c_i``
             becomes ``H H_{-i}^{-1} c_i`` (Woodbury; ``c_i / (1 - h_i)`` for one output), so
             ``psi_i = -H_{-i}^{-1} c_i`` is the leave-one-out shift, and ``V`` gets the HC2
-            term ``sum_i c_i c_i' a_i / n`` over the kept records, ``a_i = h_i / (1 - h_i)``,
-            plus ``(1 - R/n) mean(a) V`` for the records not kept (:func:`_leverage`).
+            term ``sum_i c_i c_i' a_i / n``, ``a_i = h_i / (1 - h_i)``: over the n records when
+            all are kept, else each kept record's leave-one-out estimate of it, a shared ``V``
+            less a rank-one term per record (:func:`_leverage`).
         records: when given and the correction is applied, gets ``"leverage"``: ``[R]`` the
             narrowing along each record's shift direction (capped), for the spread term
-            (:func:`_spread_leverage`; ``h_i`` where ``rank(L_i) = 1``).
+            (:func:`_spread_leverage`; ``h_i`` where ``rank(L_i) = 1``); with fewer records kept
+            than ``n``, also ``"self_term"`` ``[R, d]`` and ``"self_weight"`` ``[R]``, record
+            ``i``'s rank-one term in the units of ``w`` (:class:`Estimate`); the returned
+            ``|Sigma^{-1/2} psi|`` includes it, ``sigma``, ``w`` and the correlation are the
+            shared ones.
 
     Returns:
         ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
@@ -2028,9 +2046,10 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         eigenvalues_floored=floored,
     )
     Hinv = (evecs * inv) @ evecs.T
-    C = G - g_mean  # centred gradients [R, d]
+    C0 = G - g_mean  # centred gradients [R, d]
+    C, beta = C0, None
     if jacobians is not None and loss_hessians is not None:
-        C, V, hp = _leverage(C, V, Hinv, jacobians, loss_hessians, n, correct_leverage, diagnostics)
+        C, V, hp, beta = _leverage(C0, V, Hinv, jacobians, loss_hessians, n, correct_leverage, diagnostics)
         if records is not None and hp is not None:
             records["leverage"] = _spread_leverage(C, V, jacobians, loss_hessians, n, hp)
     Sigma = Hinv @ V @ Hinv
@@ -2050,6 +2069,13 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     sigma = (sdiag / n).sqrt()
     psi = -C @ Hinv.T
     w = torch.where(sdiag > 0, psi / sdiag.clamp_min(1e-300).sqrt(), torch.zeros_like(psi))
+    if beta is not None and records is not None:
+        # R < n stored (lo29): record i's own V is V_bar - beta_i c_i c_i' (_leverage), so its
+        # Sigma is Sigma_bar - beta_i (H^-1 c_i)(H^-1 c_i)', in the units of w: the rank-one
+        # self term x_i = H^-1 c_i / sqrt(diag Sigma_bar) (the sign does not enter)
+        x = C0 @ Hinv.T
+        records["self_term"] = torch.where(sdiag > 0, x / sdiag.clamp_min(1e-300).sqrt(), torch.zeros_like(x))
+        records["self_weight"] = beta
     # The correlation of Sigma (the standardised units of ``w``) carries the covariance into the
     # headline (functional/correlated.py); |Sigma^{-1/2} psi| = sqrt(w' R^+ w) by an
     # eigendecomposition pseudo-inverse with a stated cutoff (lstsq's default driver gave
@@ -2064,12 +2090,13 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     Vs = Vm.diagonal().clamp_min(0.0).sqrt()
     Vinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
     g_std = C * Vinv
-    mahal = Correlation(full=correlation_from_covariance(Vm)).quadratic(g_std).sqrt()
+    mahal = Correlation(full=correlation_from_covariance(Vm), self_term=None if beta is None else C0 * Vinv,
+                        self_weight=beta).quadratic(g_std).sqrt()
     return sigma, w, mahal, corr
 
 
 def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, correct: bool,
-              diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None]:
+              diagnostics: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The kept records' generalized leverages and, with ``correct``, the leave-one-out
     gradients and the HC2 gradient covariance (method.md section 4, "Finite-sample (leverage)
     correction").
@@ -2077,11 +2104,17 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     ``A_i = L_i J_i H^{-1} J_i' / n`` ``[C, C]``, leverage ``h_i = tr A_i`` (ridge: the hat
     value). Woodbury for ``H_{-i} = H - J_i' L_i J_i / n``:
     ``H H_{-i}^{-1} c = c + J_i' (I - A_i)^{-1} L_i J_i H^{-1} c / n`` (one output and
-    ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i a_i c_i c_i' / n + (1 - R/n) mean(a) V``
-    with ``a_i = h'_i / (1 - h'_i)``, the sum over the R kept records (each at its own weight
-    ``1/n``, as with every record kept; the scalar stands in for the ``n - R`` others, so no kept
-    record is scored through its own term at ``1/R``) and ``h'_i = h_i / rank(L_i)`` (the mean
-    leverage per output direction; ``h_i`` for one output).
+    ``c = J' e``: ``c / (1 - h_i)``). HC2: ``V + sum_i a_i c_i c_i' / n`` over the n records,
+    ``a_i = h'_i / (1 - h'_i)``, ``h'_i = h_i / rank(L_i)`` (the mean leverage per output
+    direction; ``h_i`` for one output). With every record kept (``R >= n``) that sum itself.
+    With ``R < n`` kept (lo29, method.md section 4, *Gradient covariance*) each kept record ``i``
+    is scored through its own leave-one-out estimate, unbiased for that sum given ``i``:
+    its own term at ``a_i / n`` and the ``n - 1`` others by the regression (control-variate)
+    estimate ``a_bar V_{-i} + mean_{kept j != i} (a_j - a_bar) c_j c_j'``. That is one shared
+    ``V_bar = (1 + a_bar) V + kappa sum_kept (a_j - a_bar) c_j c_j'`` (``kappa = (n - 1) / (n (R - 1))``)
+    less a rank-one term per record, ``V_i = V_bar - beta_i c_i c_i'``,
+    ``beta_i = (n - R) / (n (R - 1)) (a_i - a_bar)``: the scoring applies it by Sherman-Morrison
+    (functional/correlated.py, ``Correlation.self_term``). ``R = 1``: ``(1 + a) V``.
 
     Args:
         C: ``[R, d]`` centred gradients; ``V``: ``[d, d]`` their covariance over all n records.
@@ -2092,8 +2125,10 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
             ``leverage_correction`` (whether applied).
 
     Returns:
-        ``(C, V, h')``: corrected, with ``h' [R]`` the capped per-direction leverages; or
-        ``(C, V, None)`` as given (no correction).
+        ``(C, V, h', beta)``: corrected (``V`` the shared ``V_bar``), with ``h' [R]`` the capped
+        per-direction leverages and ``beta [R]`` the per-record rank-one weights (``None`` with
+        every record kept, or one kept: no per-record term); or ``(C, V, None, None)`` as given
+        (no correction).
     """
     L = 0.5 * (L + L.transpose(1, 2))
     HJ = J @ Hinv  # [R, K, d] (Hinv symmetric)
@@ -2103,7 +2138,7 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     diagnostics.update(mean_leverage=float(h.mean()), max_leverage=float(h.max()),
                        leverage_capped=int(capped.sum()), leverage_correction=bool(correct))
     if not correct:
-        return C, V, None
+        return C, V, None, None
     # Cap 1 / (1 - h): scale the records' A so that tr A = LEVERAGE_CAP (reported above).
     scale = torch.where(capped, LEVERAGE_CAP / h.clamp_min(1e-300), torch.ones_like(h))
     A = A * scale[:, None, None]
@@ -2115,14 +2150,26 @@ def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, 
     C_loo = C + torch.einsum("rkd,rk->rd", J, v)
     hp = h / _loss_rank(L, h)
     a = hp / (1 - hp)
-    # HC2 adds (1/n) sum_j a_j c_j c_j' over all n records. The R stored records enter at their
-    # own weight a_j / n, and the n - R not stored by the scalar (1 - R/n) mean(a) V: their mean
-    # over the stored ones (the former add-on) put each stored record's own c c' in at a_i / R and
-    # scored that record through it, its c' V^-1 c lower by ~a_i d / R (hs28: OLS d = 201,
-    # R = 512 of 3,000, the headline read 1.8 % low). Unchanged with every record stored.
+    # HC2 adds (1/n) sum_j a_j c_j c_j' over all n records. With R < n stored, a mean over the
+    # stored ones put each stored record's own c c' in at a_i / R and scored that record through
+    # it, its c' V^-1 c lower by ~a_i d / R (rn28: OLS d = 201, R = 512 of 3,000, -1.8 %); a
+    # scalar a_bar V for the records not stored (hs28) is right in trace, not in shape (-0.3 % on
+    # that OLS, +1.5 % on a heteroscedastic high-leverage design). Here each record gets its
+    # own term at a_i / n and the others' by a regression estimate on the known V (whose noise
+    # is that of (a_j - a_bar) c_j c_j' alone: inverted, an unbiased but noisy sum reads high,
+    # +0.2 % on that OLS with the plain mean), as V_bar less a rank-one term per record (beta).
     R = C.shape[0]
-    V = V + (C * a.unsqueeze(-1)).T @ C / n + V * (max(n - R, 0) / n * float(a.mean()))
-    return C_loo, 0.5 * (V + V.T), hp
+    Ca = C * a.unsqueeze(-1)
+    if R >= n:  # every record stored: the HC2 sum itself
+        V = V + Ca.T @ C / n
+        return C_loo, 0.5 * (V + V.T), hp, None
+    abar = float(a.mean())
+    if R == 1:  # no other stored record: the others at this record's a (its own term cancels)
+        return C_loo, V * (1.0 + abar), hp, None
+    kappa = (n - 1) / (n * (R - 1))
+    V = V * (1.0 + abar) + kappa * ((Ca - abar * C).T @ C)
+    beta = (n - R) / (n * (R - 1)) * (a - abar)
+    return C_loo, 0.5 * (V + V.T), hp, beta
 
 
 def _loss_rank(L: Tensor, like: Tensor) -> Tensor:

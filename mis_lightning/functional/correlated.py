@@ -97,12 +97,29 @@ class Correlation:
     records' influences.
 
     ``kind`` is ``"full"`` or ``"factor"`` (reported as the covariance form used).
+
+    ``self_term [R, d]`` and ``self_weight [R]`` (full only; the exact estimator with fewer
+    records stored than trained on, ``Estimate.self_term``): stored record ``r`` is scored
+    through its own ``full - self_weight_r x_r x_r'`` (``x_r`` the row), the leave-one-out
+    HC2 term (method.md section 4, *Gradient covariance*; lo29). :meth:`quadratic` applies it
+    exactly by Sherman-Morrison, ``s2 = u'M^+u + b (u'M^+v)^2 / (1 - b v'M^+v)`` with
+    ``v = K^1/2 x_r``, ``b = self_weight_r`` (``M`` changes by ``-b v v'``); the Monte Carlo and
+    box-mean forms, which draw from one ``full``, are scaled per record by the Gaussian
+    channel's ratio (:meth:`self_term_ratio`). The rows must be the stored records, in order.
     """
 
     full: Tensor | None = None
     factor: Tensor | None = None
     residual: Tensor | None = None
+    self_term: Tensor | None = None
+    self_weight: Tensor | None = None
     _root: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.self_term is None) != (self.self_weight is None):
+            raise ValueError("self_term and self_weight go together")
+        if self.self_term is not None and self.full is None:
+            raise ValueError("a per-record self term needs the full correlation")
 
     @property
     def kind(self) -> str:
@@ -176,9 +193,10 @@ class Correlation:
     def restrict(self, index: Tensor | slice) -> Correlation:
         """The correlation of a subset of coordinates (a layer's block)."""
         if self.full is not None:
+            x = None if self.self_term is None else self.self_term[:, index]
             if isinstance(index, slice):
-                return Correlation(full=self.full[index, index])
-            return Correlation(full=self.full[index][:, index])
+                return Correlation(full=self.full[index, index], self_term=x, self_weight=self.self_weight)
+            return Correlation(full=self.full[index][:, index], self_term=x, self_weight=self.self_weight)
         assert self.factor is not None and self.residual is not None
         return Correlation(factor=self.factor[index], residual=self.residual[index])
 
@@ -218,8 +236,41 @@ class Correlation:
         k = torch.ones(w.shape[1], dtype=torch.float64) if kappa is None else kappa.to(torch.float64).clamp(0.0, 1.0)
         if self.factor is not None:
             return self._factor_quadratic(w, k).clamp_min(0.0)
+        if self.self_term is not None:
+            return self._self_quadratic(w, k)[1]
         u = w * k.sqrt()
         return (u * self._solve(u, k)).sum(-1).clamp_min(0.0)
+
+    def _self_quadratic(self, w: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
+        """``([R], [R])``: ``u' M^+ u`` with the shared ``full`` and with each record's own
+        ``full - b x x'`` (Sherman-Morrison; class docstring). One solve of the stacked
+        ``[u; v]``. Raises ValueError where ``w``'s rows are not the self term's."""
+        assert self.self_term is not None and self.self_weight is not None
+        x = self.self_term.to(torch.float64)
+        if x.shape != w.shape:
+            raise ValueError(f"the per-record self term has shape {tuple(x.shape)}, the influences "
+                             f"{tuple(w.shape)}: its rows must be the stored records")
+        b = self.self_weight.to(torch.float64)
+        kh = kappa.sqrt()
+        u, v = w * kh, x * kh
+        R = u.shape[0]
+        sol = self._solve(torch.cat([u, v]), kappa)
+        su, sv = sol[:R], sol[R:]
+        q0 = (u * su).sum(-1).clamp_min(0.0)
+        uv, vv = (u * sv).sum(-1), (v * sv).sum(-1)
+        # 1 - b v'M^+v > 0 while the record's own matrix stays positive definite along v (a
+        # downdate b > 0 of a record whose term is in the shared one); floored against rounding
+        q = q0 + b * uv.square() / (1.0 - b * vv).clamp_min(1e-12)
+        return q0, q.clamp_min(0.0)
+
+    def self_term_ratio(self, influence: Tensor, kappa: Tensor) -> Tensor:
+        """``[R]`` ``sqrt(s2_own / s2_shared)`` of the Gaussian channel form at ``kappa``: the
+        factor by which each record's own leave-one-out term (``self_term``) moves its score;
+        all ones without a self term (or where ``s2_shared = 0``)."""
+        if self.self_term is None:
+            return torch.ones(influence.shape[0], dtype=torch.float64)
+        q0, q = self._self_quadratic(influence.to(torch.float64), kappa.to(torch.float64).clamp(0.0, 1.0))
+        return torch.where(q0 > 0, (q / q0.clamp_min(1e-300)).sqrt(), torch.ones_like(q0))
 
     def _factor_quadratic(self, w: Tensor, kappa: Tensor) -> Tensor:
         """``[R]`` ``u' M^-1 u`` (``u = K^1/2 w``) of the factor model without the ``[R, d]``
@@ -314,6 +365,15 @@ def correlated_mc_mean_abs(
         coarse_stats: their cell statistics (``prob``, ``mean`` ``[c, K]``, standardised).
         mc_draws: draws (standard error ~ 1/sqrt(mc_draws) relative).
     """
+    mean, se = _correlated_mc_shared(corr, influence, kappa, coarse_index, coarse_stats, mc_draws, generator)
+    ratio = corr.self_term_ratio(influence, kappa)  # each record's own leave-one-out term (class Correlation)
+    return mean * ratio, se * ratio
+
+
+def _correlated_mc_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coarse_index: Tensor,
+                          coarse_stats: CellStatistics, mc_draws: int,
+                          generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """:func:`correlated_mc_mean_abs` with the shared ``corr.full`` (no per-record self term)."""
     R, d = influence.shape
     k = kappa.to(torch.float64).clamp(0.0, 1.0)
     c = corr.coefficients(influence, k)                               # [R, d]
@@ -405,9 +465,13 @@ class RecordCorrelation:
     fit: str = "cross_fitted"
 
     @classmethod
-    def full(cls, correlation: Tensor) -> RecordCorrelation:
-        """Every record scored with the ``[d, d]`` correlation matrix."""
-        return cls([(None, Correlation(full=correlation.to(torch.float64)))], "full")
+    def full(cls, correlation: Tensor, self_term: Tensor | None = None,
+             self_weight: Tensor | None = None) -> RecordCorrelation:
+        """Every record scored with the ``[d, d]`` correlation matrix; with ``self_term [R, d]``
+        and ``self_weight [R]`` each stored record with its own rank-one change of it
+        (:class:`Correlation`; ``Estimate.self_term``)."""
+        return cls([(None, Correlation(full=correlation.to(torch.float64), self_term=self_term,
+                                       self_weight=self_weight))], "full")
 
     @classmethod
     def cross_fitted(cls, influence: Tensor, rank: int) -> RecordCorrelation:
@@ -732,6 +796,16 @@ def exact_box_mean_abs(
     """
     if corr.full is None:
         raise ValueError("the exact box-mean form needs the full correlation")
+    mean, se = _exact_box_shared(corr, influence, kappa, coarse_index, coarse_alpha, outer_draws, box_draws, generator)
+    ratio = corr.self_term_ratio(influence, kappa)  # each record's own leave-one-out term (class Correlation)
+    return mean * ratio, se * ratio
+
+
+def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coarse_index: Tensor,
+                      coarse_alpha: Tensor, outer_draws: int, box_draws: int,
+                      generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """:func:`exact_box_mean_abs` with the shared ``corr.full`` (no per-record self term)."""
+    assert corr.full is not None
     c = coarse_index.numel()
     all_coarse_draws = int(max(256, min(box_draws, EXACT_BUDGET // max(outer_draws * c, 1))))
     if c > EXACT_MAX_COARSE:
