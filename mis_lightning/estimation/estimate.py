@@ -100,6 +100,8 @@ EXACT_REUSE_MAX_COST = 5e7
 # n x (d - largest module's weights) x forward floats is below this. Measured (gn28, one core):
 # ~1.5e-8 s per unit (examples/cnn_callback.py's CNN, n = 4,096: 100 of 396 columns, 1,620 floats,
 # 6.6e8: ~10 s, against ~66 s for the exact Hessian's 396 columns of the loss), so ~15-25 s at most.
+# cn29 took the columns one module at a time (batch_residual): the pass is 2.3-2.5x cheaper
+# (docs/benchmarks.md "cn29"); the bound is unchanged, so "auto" chooses as before.
 RESIDUAL_MAX_COST = 1e9
 # Leaf modules through which the outputs stay affine in each module's weights (BatchNorm in eval
 # mode: an affine map of fixed running statistics; ReLU and pooling: piecewise linear, second
