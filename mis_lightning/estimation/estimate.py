@@ -2757,7 +2757,7 @@ def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: li
 
     grad_phi = torch.func.grad(phi)
     chunk = hessian_chunk(phi, flat0)
-    t = tangents.to(flat0.dtype)
+    t = tangents.to(flat0.device, flat0.dtype)
 
     def column(v: Tensor) -> Tensor:
         return torch.func.jvp(grad_phi, (flat0,), (v,))[1]
