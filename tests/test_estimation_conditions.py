@@ -594,6 +594,51 @@ def test_the_residual_hessian_equals_the_exact_hessian(act, twice, skipped):
     assert ("not zero" in est.reason) is not skipped
 
 
+class _TanhFirstCNN(nn.Module):
+    """111 weights, 3 classes: a functional tanh after the first convolution, so the outputs are
+    affine in c2's (the largest module) and the head's weights but not in c1's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.head = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.c1(x))
+        return self.head(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+def test_the_residual_keeps_the_own_block_of_a_module_not_found_zero():
+    """cn29: batch_residual leaves a module's own rows out of its pass where the first batch finds
+    its own residual block zero (as gn28 did for the largest module). c1 is followed by a tanh: its
+    block is not zero (ratio O(1)) and must be kept; c2 (skipped, the largest) and the head are
+    zero. H_sum equals the batch Hessians' sum to 1e-10 of its largest entry (float64 rounding
+    ~1e-15), and the case discriminates: the residual's c1 block is above 1e-3 of that entry, so
+    leaving it out would fail the bound (checked by forcing c1 into the zero blocks). Fails on
+    the old code: no residual_zero_blocks diagnostics."""
+    from mis_lightning.estimation.estimate import _batch_gauss_newton, _batch_hessian
+
+    x, y = _cnn_data(96, classes=3, seed=2)
+    m = _trained(_TanhFirstCNN(), x, y, steps=10)
+    acc = MomentAccumulator(m, ce, mode="exact", hessian="ggn_residual", num_records=16)
+    H = torch.zeros(acc.d, acc.d, dtype=torch.float64)
+    G = torch.zeros_like(H)
+    for a in range(0, 96, 48):
+        batch = (x[a:a + 48], y[a:a + 48])
+        acc.update(batch)
+        xb, yb, _ = acc.program.prepare(batch)
+        H += _batch_hessian(acc.program, xb, yb, acc.names, acc.offsets, acc.d)
+        G += _batch_gauss_newton(acc.program, xb, yb, acc.names, acc.d)
+    scale = float(H.abs().max())
+    assert float((acc.state["H_sum"] - H).abs().max()) <= 1e-10 * scale
+    c1 = torch.arange(*acc.offsets["c1.weight"])
+    assert float((H - G)[c1][:, c1].abs().max()) > 1e-3 * scale  # c1's own residual block matters
+    est = acc.finalize()
+    assert est.diagnostics["residual_skipped_block"] == ["c2.weight", "c2.bias"]
+    assert est.diagnostics["residual_zero_blocks"] == [["head.weight", "head.bias"]]
+    assert est.diagnostics["residual_block_ratios"]["c1"] > 1e-3
+    assert est.diagnostics["residual_block_ratios"]["head"] <= 1e-8
+
+
 def test_the_residual_hessian_on_a_linear_convolution_is_the_gauss_newton_one():
     """A model linear in its weights (Conv1d + a fixed mean, least squares at its minimum) has
     H = J'LJ: the residual term is zero, and hessian="ggn_residual" gives the exact-Hessian

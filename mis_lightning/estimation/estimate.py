@@ -100,6 +100,8 @@ EXACT_REUSE_MAX_COST = 5e7
 # n x (d - largest module's weights) x forward floats is below this. Measured (gn28, one core):
 # ~1.5e-8 s per unit (examples/cnn_callback.py's CNN, n = 4,096: 100 of 396 columns, 1,620 floats,
 # 6.6e8: ~10 s, against ~66 s for the exact Hessian's 396 columns of the loss), so ~15-25 s at most.
+# cn29 took the columns one module at a time (batch_residual): the pass is 2.3-2.5x cheaper
+# (docs/benchmarks.md "cn29"); the bound is unchanged, so "auto" chooses as before.
 RESIDUAL_MAX_COST = 1e9
 # Leaf modules through which the outputs stay affine in each module's weights (BatchNorm in eval
 # mode: an affine map of fixed running statistics; ReLU and pooling: piecewise linear, second
@@ -1232,8 +1234,7 @@ class MomentAccumulator:
         if self._out_shape is None:
             self._out_shape = self.program.output_shape(inputs)
         block = self._largest_group
-        ratio = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d,
-                                     self._out_shape, block)
+        ratio = residual_block_check(self.program, inputs, targets, self.names, self.offsets, self.d, block)
         ok = ratio <= RESIDUAL_BLOCK_RTOL
         self._residual_skip = block if ok else None
         skipped = self._largest if ok else 0
@@ -1254,8 +1255,18 @@ class MomentAccumulator:
             self.reason = (f"{self.reason}; the residual term's block of the largest module is not zero "
                            f"(relative {ratio:.2g} > {RESIDUAL_BLOCK_RTOL:g}: the outputs are not affine in "
                            "its weights): all its columns computed")
-        R = batch_residual(self.program, inputs, targets, self.names, self.offsets, self.d, self._out_shape,
-                           self._residual_skip)
+        info = self._residual_info
+        if "residual_zero_blocks" not in info:
+            # the other modules' own blocks, checked once (first batch) as the largest one's: those
+            # found zero leave their own rows out of batch_residual's passes (cn29: cheaper, same R)
+            others = [g for g in parameter_groups(self.names) if not set(g) & set(self._residual_skip or ())]
+            zero, ratios = residual_zero_blocks(self.program, inputs, targets, self.names, self.offsets,
+                                                self.d, others)
+            info["residual_zero_blocks"] = [list(g) for g in zero]
+            info["residual_block_ratios"] = {g[0].rsplit(".", 1)[0] if "." in g[0] else g[0]: r
+                                             for g, r in zip(others, ratios)}
+        R = batch_residual(self.program, inputs, targets, self.names, self.offsets, self.d,
+                           self._residual_skip, info["residual_zero_blocks"])
         st["H_sum"] += R.to(st["H_sum"].device)
 
     def _update_hutchinson(self, st: dict[str, Any], inputs: Any, targets: Any) -> None:
@@ -2744,9 +2755,41 @@ def parameter_groups(names: list[str]) -> list[list[str]]:
 RESIDUAL_BLOCK_RTOL = 1e-8  # |R_BB v| / |R v| above this on the first batch: the block is not zero
 
 
+# Tangents per vmapped chunk of the residual term's columns: measured (cn29, one core) 32 at a time
+# faster than 64 or all of a module's at once on both benchmark CNNs (the batched intermediates
+# stay in cache); the memory bound of hessian_chunk applies below it.
+RESIDUAL_TANGENT_CHUNK = 32
+
+
+def _batch_outputs(out: Any) -> Tensor:
+    """A batched model output as ``[B, C]``, each row flattened as :func:`_flatten_record` flattens
+    one record (a tensor reshaped, a pytree's leaves joined in leaf order)."""
+    if isinstance(out, Tensor):
+        return out.reshape(out.shape[0], -1)
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return torch.cat([t.reshape(t.shape[0], -1) for t in leaves], 1)
+
+
+def _residual_weights(program: LossProgram, inputs: Any, targets: Any, names: list[str]) -> tuple[Callable[[dict[str, Tensor]], Tensor], Tensor]:
+    """``(outputs, e)``: the batch's outputs ``[B, C]`` as a function of the parameters in
+    ``names`` (the others held at their values; one batched forward, as the exact Hessian's loss
+    takes it) and ``e = dl/do [B, C]`` at the current weights (detached), so that the residual
+    term ``R`` of the summed-loss Hessian is the Hessian of ``Phi(theta) = sum(e * outputs(theta))``."""
+    base = {k: program.params[k] for k in names}
+
+    def outputs(params: dict[str, Tensor]) -> Tensor:
+        return _batch_outputs(program.outputs({**base, **params}, inputs))
+
+    with torch.no_grad():
+        raw = program.outputs(base, inputs)
+    # dl_i/do_i for every record at once: the gradient of the summed (per-sample) loss in the
+    # batched outputs, as the exact Hessian's loss sums them (no per-record loss Hessians)
+    e = _batch_outputs(torch.func.grad(lambda o: program.loss_fn(o, targets).sum())(raw))
+    return outputs, e.detach().to(_batch_outputs(raw).dtype)
+
+
 def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: list[str],
-                      offsets: dict[str, tuple[int, int]], d: int, out_shape: OutputShape | None,
-                      tangents: Tensor) -> Tensor:
+                      offsets: dict[str, tuple[int, int]], d: int, tangents: Tensor) -> Tensor:
     """``R t_k`` ``[K, d]`` (float64) for tangents ``[K, d]``: the residual term of the batch's
     summed-loss Hessian, ``R = sum_i sum_c e_ic Hess(o_ic)`` with ``e_ic = dl_i/do_ic`` held at
     the current weights, i.e. the Hessian of ``Phi(theta) = sum_i e_i . o_i(theta)`` (second
@@ -2754,22 +2797,14 @@ def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: li
     in ``program``'s dtype, :func:`hessian_chunk` tangents at a time."""
     shapes = {k: program.params[k].shape for k in names}
     flat0 = torch.cat([program.params[k].reshape(-1) for k in names])
-
-    def outputs(flat: Tensor) -> Tensor:  # [B, C]: each record's outputs flattened as e's columns are
-        params = {k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names}
-        return torch.func.vmap(program._one_output, in_dims=(None, 0))(params, inputs)
-
-    with torch.no_grad():
-        out = outputs(flat0)
-    e, _ = program.loss_output_derivatives(out, targets, out_shape or ())
-    e = e.detach().to(flat0.dtype)
+    outputs, e = _residual_weights(program, inputs, targets, names)
 
     def phi(flat: Tensor) -> Tensor:
-        return (e * outputs(flat)).sum()
+        return (e * outputs({k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names})).sum()
 
     grad_phi = torch.func.grad(phi)
     chunk = hessian_chunk(phi, flat0)
-    t = tangents.to(flat0.dtype)
+    t = tangents.to(flat0.device, flat0.dtype)
 
     def column(v: Tensor) -> Tensor:
         return torch.func.jvp(grad_phi, (flat0,), (v,))[1]
@@ -2779,8 +2814,7 @@ def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: li
 
 
 def residual_block_check(program: LossProgram, inputs: Any, targets: Any, names: list[str],
-                         offsets: dict[str, tuple[int, int]], d: int, out_shape: OutputShape | None,
-                         block: list[str], generator: torch.Generator | None = None) -> float:
+                         offsets: dict[str, tuple[int, int]], d: int, block: list[str], generator: torch.Generator | None = None) -> float:
     """``max |(R v)_B| / max |R v|`` over two random tangents ``v`` supported on ``block`` (one
     module's parameters, ``B``): zero up to rounding where the model's outputs are affine in that
     module's weights (then ``R_BB = 0``; a random ``v`` finds a non-zero ``R_BB`` almost surely).
@@ -2789,31 +2823,106 @@ def residual_block_check(program: LossProgram, inputs: Any, targets: Any, names:
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     v = torch.zeros(2, d, dtype=torch.float64)
     v[:, idx] = torch.randn(2, idx.numel(), generator=gen, dtype=torch.float64)
-    Rv = _residual_columns(program, inputs, targets, names, offsets, d, out_shape, v)
+    Rv = _residual_columns(program, inputs, targets, names, offsets, d, v)
     top = float(Rv.abs().max())
     return float(Rv[:, idx].abs().max()) / top if top > 0 else 0.0
 
 
+def residual_zero_blocks(program: LossProgram, inputs: Any, targets: Any, names: list[str],
+                         offsets: dict[str, tuple[int, int]], d: int, groups: list[list[str]],
+                         generator: torch.Generator | None = None) -> tuple[list[list[str]], list[float]]:
+    """``(zero, ratios)``: the modules (parameter groups, :func:`parameter_groups`) among ``groups``
+    whose own block ``R_MM`` of the residual term is zero on this batch, and each group's
+    ``max |(R v)_M| / max |R v|`` over two random tangents ``v`` supported on it, all in one
+    forward-over-reverse pass (as :func:`residual_block_check` for one module; zero: at most
+    :data:`RESIDUAL_BLOCK_RTOL`). A module applied twice, or followed by a smooth function of its
+    outputs (a functional tanh), is not zero and keeps its own rows in :func:`batch_residual`."""
+    if not groups:
+        return [], []
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    idx = [torch.cat([torch.arange(*offsets[k]) for k in g]) for g in groups]
+    v = torch.zeros(2 * len(groups), d, dtype=torch.float64)
+    for j, ix in enumerate(idx):
+        v[2 * j: 2 * j + 2, ix] = torch.randn(2, ix.numel(), generator=gen, dtype=torch.float64)
+    Rv = _residual_columns(program, inputs, targets, names, offsets, d, v)
+    ratios = []
+    for j, ix in enumerate(idx):
+        rows = Rv[2 * j: 2 * j + 2]
+        top = float(rows.abs().max())
+        ratios.append(float(rows[:, ix].abs().max()) / top if top > 0 else 0.0)
+    return [g for g, r in zip(groups, ratios) if r <= RESIDUAL_BLOCK_RTOL], ratios
+
+
+def _residual_module_rows(outputs: Callable[[dict[str, Tensor]], Tensor], e: Tensor, params0: dict[str, Tensor],
+                          group: list[str], rows: list[str], chunk: int) -> Tensor:
+    """``R[M, rows]`` ``[|M|, |rows|]`` (float64): one module ``M``'s (``group``) columns of the
+    Hessian of ``Phi(theta) = sum(e * outputs(theta))`` in the parameters ``rows`` only, by
+    forward-over-reverse with tangents on ``M``'s weights alone (``chunk`` of them per vmap; the
+    forward before ``M`` carries none, the backward stops below the earliest row's module)."""
+    sizes = [params0[k].numel() for k in group]
+    at_m = {k: params0[k] for k in group}
+
+    def grad_rows(pm: dict[str, Tensor]) -> Tensor:  # the gradient in the rows only
+        wrt = {k: pm.get(k, params0[k]) for k in rows}
+        held = {k: t for k, t in pm.items() if k not in wrt}  # M's weights outside the rows
+        g = torch.func.grad(lambda p: (e * outputs({**held, **p})).sum())(wrt)
+        return torch.cat([g[k].reshape(-1) for k in rows])
+
+    def column(v: Tensor) -> Tensor:  # R[rows, M] v, v on M's weights only
+        tangent = {k: t.reshape(params0[k].shape) for k, t in zip(group, torch.split(v, sizes))}
+        return torch.func.jvp(grad_rows, (at_m,), (tangent,))[1]
+
+    m = sum(sizes)
+    eye = torch.eye(m, dtype=e.dtype, device=e.device)
+    return torch.cat([torch.func.vmap(column)(eye[a: a + chunk]) for a in range(0, m, chunk)]).to(torch.float64)
+
+
 def batch_residual(program: LossProgram, inputs: Any, targets: Any, names: list[str],
-                   offsets: dict[str, tuple[int, int]], d: int, out_shape: OutputShape | None,
-                   skip: list[str] | None = None) -> Tensor:
+                   offsets: dict[str, tuple[int, int]], d: int, skip: list[str] | None = None, zero_blocks: list[list[str]] | None = None) -> Tensor:
     """The residual term ``R`` ``[d, d]`` (float64) of the batch's summed-loss Hessian
     (:func:`_residual_columns`) from its columns on every parameter outside ``skip`` (one
     module whose own block ``R_BB`` is zero: :func:`residual_block_check`); the rest by
     symmetry (``R_SB = R_BS'``), ``R_BB = 0``. ``skip=None``: every column (no assumption).
-    Cost: ``d - |B|`` Hessian-vector products of the batch instead of ``d``."""
-    skipped = set(skip or ())
-    cols = torch.cat([torch.arange(*offsets[k]) for k in names if k not in skipped]) if len(skipped) < len(names) \
-        else torch.zeros(0, dtype=torch.int64)
-    R = torch.zeros(d, d, dtype=torch.float64)
-    if cols.numel():
-        eye = torch.zeros(cols.numel(), d, dtype=torch.float64)
-        eye[torch.arange(cols.numel()), cols] = 1.0
-        rows = _residual_columns(program, inputs, targets, names, offsets, d, out_shape, eye)  # R[cols, :]
-        R[cols, :] = rows
-        R[:, cols] = rows.T
-        sub = rows[:, cols]
-        R[cols.unsqueeze(1), cols.unsqueeze(0)] = 0.5 * (sub + sub.T)
+
+    The columns are taken one module ``M`` at a time (its parameters' groups,
+    :func:`parameter_groups`, in ``names`` order), by forward-over-reverse of ``Phi`` with
+    tangents on ``M``'s weights only (the forward before ``M`` carries no tangent) and the
+    gradient taken only in the rows not yet known: ``M``, the modules after it in that order and
+    ``skip`` (a row of an earlier module ``K`` is ``R[K, M] = R[M, K]'``, from ``K``'s columns;
+    the backward stops where no such row needs it). ``zero_blocks``: modules (parameter groups)
+    whose own block ``R_MM`` is zero (checked like ``skip``'s, :func:`residual_block_check`): their
+    own rows are left out of their pass (``R_MM = 0``; the last module's pass then needs no backward
+    beyond its own output). Every entry computed is the same derivative as the full column's, so
+    ``R`` is the same to rounding (cn29: within 1e-15 of the largest entry).
+    Cost: ``d - |B|`` Hessian-vector products of the batch, each cheaper than the full column's
+    (cn29: 2-4x less CPU on the benchmark CNNs), :data:`RESIDUAL_TANGENT_CHUNK` at a time."""
+    skipped = [k for k in names if k in set(skip or ())]
+    groups = [g for g in parameter_groups(names) if not set(g) & set(skipped)]
+    params0 = {k: program.params[k] for k in names}
+    R = torch.zeros(d, d, dtype=torch.float64, device=next(iter(params0.values())).device)
+    if not groups:
+        return R
+    outputs, e = _residual_weights(program, inputs, targets, names)
+    # tangents per chunk: the memory bound (one count of the forward's floats per batch)
+    chunk = max(1, min(RESIDUAL_TANGENT_CHUNK, hessian_chunk(lambda _: (e * outputs(params0)).sum(),
+                                                             e.new_zeros(d))))
+
+    def span(keys: list[str]) -> Tensor:
+        return torch.cat([torch.arange(*offsets[k]) for k in keys])
+
+    zero = {k for g in zero_blocks or () for k in g}
+    for i, group in enumerate(groups):
+        later = {k for g in groups[i + 1:] for k in g} | set(skipped) | {k for k in group if k not in zero}
+        if not later:
+            continue  # a last module with a zero block of its own: its column is known by symmetry
+        rows = [k for k in names if k in later]  # the rows not yet known, in names order
+        r_idx, c_idx = span(rows), span(group)
+        cols = _residual_module_rows(outputs, e, params0, group, rows, chunk)  # [m, |rows|] = R[M, rows]
+        R[c_idx.unsqueeze(1), r_idx.unsqueeze(0)] = cols
+        R[r_idx.unsqueeze(1), c_idx.unsqueeze(0)] = cols.T
+    computed = span([k for k in names if k not in set(skipped)])
+    sub = R[computed.unsqueeze(1), computed.unsqueeze(0)]
+    R[computed.unsqueeze(1), computed.unsqueeze(0)] = 0.5 * (sub + sub.T)
     return R
 
 
