@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -130,32 +129,6 @@ def test_hook_loss_hessians_are_the_forward_over_reverse_hessians():
     torch.testing.assert_close(L, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_the_loss_rank_count_does_not_load_forward_ad():
-    """A fresh process's estimation pass (diagonal estimator with the Gauss-Newton diagonal, the
-    benchmark MLPs' path; the leverage's loss-rank count on the first batch) leaves torch's
-    forward-AD decompositions unloaded (they were its largest first-call cost at 1e5 weights).
-    The exact Hessian diagonal's own jvp still loads them where it is chosen."""
-    code = textwrap.dedent("""
-        import sys, torch
-        from torch import nn
-        from torch.utils.data import DataLoader, TensorDataset
-        from mis_lightning.assess import run_estimation
-        from mis_lightning.config import stage_configs
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-        x = torch.randn(64, 8); y = torch.randn(64)
-        loader = DataLoader(TensorDataset(x, y), batch_size=32)
-        est_cfg, _, _ = stage_configs("assess", None, None, {"strict": False, "mode": "diagonal", "hessian": "ggn"})
-        est = run_estimation(model, loader, lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2, est_cfg)
-        assert est.estimator.startswith("diagonal"), est.estimator
-        print("loaded" if "torch._decomp.decompositions_for_jvp" in sys.modules else "not loaded")
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "not loaded"
-
-
 _FRESH_ESTIMATION = """
 import sys, torch
 from torch import nn
@@ -165,23 +138,61 @@ from mis_lightning.config import stage_configs
 torch.manual_seed(0)
 cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
 mlp = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-runs = {"cnn": (cnn, torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)),
+runs = {"mse": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)), torch.randn(64, 8), torch.randn(64),
+                lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2),
+        "cnn": (cnn, torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)),
                 lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")),
-        "logcosh": (mlp, torch.randn(64, 8), torch.randn(64, 3), lambda o, t: torch.log(torch.cosh(o - t)).sum(-1))}
-est_cfg, _, _ = stage_configs("assess", None, None, {"strict": False, "mode": "diagonal", "hessian": "ggn"})
+        "logcosh": (mlp, torch.randn(64, 8), torch.randn(64, 3), lambda o, t: torch.log(torch.cosh(o - t)).sum(-1)),
+        "exact": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)), torch.randn(64, 8), torch.randn(64),
+                  lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2)}
 for kind, (model, x, y, loss) in runs.items():
+    opts = {"mode": "diagonal", "hessian": "ggn"} if kind != "exact" else {}
+    est_cfg, _, _ = stage_configs("assess", None, None, {"strict": False, **opts})
     est = run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=32), loss, est_cfg)
-    assert est.estimator.startswith("diagonal"), est.estimator
+    assert est.estimator.startswith("diagonal" if kind != "exact" else "exact sandwich (full"), est.estimator
     print(kind, "loaded" if "torch._decomp.decompositions_for_jvp" in sys.modules else "not loaded")
 """
 
 
-def test_gauss_newton_estimation_does_not_load_forward_ad():
-    """A fresh process: the diagonal estimator with the Gauss-Newton diagonal on a small CNN
+def test_gauss_newton_and_exact_estimation_do_not_load_forward_ad():
+    """A fresh process: the diagonal estimator with the Gauss-Newton diagonal on the benchmarks'
+    kind of MLP (least squares; the leverage's loss-rank count on the first batch, pf28), on a small CNN
     (cross-entropy), then on an MLP with a log-cosh loss (the per-layer program's loss Hessian in
-    the outputs, every batch) leaves torch's forward-AD decompositions unloaded (pf29: they loaded
-    through ``_loss_derivatives``' torch.func.hessian on the CNN's first batch)."""
+    the outputs, every batch), then the exact sandwich ``"auto"`` chooses for a small MLP (full
+    Hessian, the records' exact curvature) leaves torch's forward-AD decompositions unloaded
+    (pf29: they loaded through ``_loss_derivatives``' torch.func.hessian on the CNN's first batch,
+    and through the jvp of the exact Hessian and record curvature)."""
     out = subprocess.run([sys.executable, "-c", _FRESH_ESTIMATION], capture_output=True, text=True, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-2:] == ["cnn not loaded", "logcosh not loaded"]
+    assert out.stdout.strip().splitlines()[-4:] == ["mse not loaded", "cnn not loaded", "logcosh not loaded",
+                                                    "exact not loaded"]
+
+
+def test_exact_hessian_and_record_curvature_reverse_over_reverse_equal_forward_over_reverse():
+    """The exact Hessian of a batch (``_batch_hessian``) and the records' exact curvature on their
+    output-gradient span (``_record_curvature``), reverse-over-reverse (the default since pf29)
+    against forward-over-reverse (``HESSIAN_FORWARD_AD``), float64: equal to 1e-10 relative to the
+    largest entry (the same second derivatives, products in another order; measured ~1e-15)."""
+    import importlib
+
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    model, x, y = _model_and_data("logcosh")
+    names = [n for n, _ in model.named_parameters()]
+    prog = LossProgram(model, _logcosh, names, dtype=torch.float64)
+    offsets, o = {}, 0
+    for n in names:
+        offsets[n] = (o, o + prog.params[n].numel())
+        o += prog.params[n].numel()
+    J = torch.cat([j.reshape(6, 4, -1) for j in prog.output_jacobians(x)[1].values()], 2)
+    got = {}
+    for fwd in (False, True):
+        E.HESSIAN_FORWARD_AD = fwd
+        try:
+            got[fwd] = (E._batch_hessian(prog, x, y, names, offsets, o), *E._record_curvature(prog, x, y, J, names, offsets))
+        finally:
+            E.HESSIAN_FORWARD_AD = False
+    for a, b in zip(got[False], got[True]):
+        scale = float(b.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
