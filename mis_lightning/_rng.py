@@ -1,9 +1,12 @@
 """The caller's random states kept out of the library's own draws, on errors too.
 
-Lightning's ``isolate_rng`` (torch CPU, ``random``, ``numpy``; CUDA only where CUDA is already
-initialised: reading its states would otherwise initialise it) restores the states on a normal
-exit only: a block that raised (a failed scheme or assessment, caught and reported) left the
-caller's streams advanced. :func:`isolated_rng` restores them either way, and with them the
+The global streams Lightning's ``isolate_rng`` keeps (torch CPU, ``random``, ``numpy``; CUDA only
+where CUDA is already initialised: reading its states would otherwise initialise it), saved and
+restored by :func:`_isolate` without importing Lightning (pf29: the import cost ~1 s, and
+``lightning_fabric.utilities.seed`` of lightning 2.6 has no ``isolate_rng``, so the fallback
+``torch.random.fork_rng`` had kept the torch stream only). Lightning's restores the states on a
+normal exit only: a block that raised (a failed scheme or assessment, caught and reported) left
+the caller's streams advanced. :func:`isolated_rng` restores them either way, and with them the
 generators of the caller's data loaders that the block iterates: a ``DataLoader(shuffle=True,
 generator=g)`` draws its order (and its workers' base seed) from ``g``, not from the global
 stream, so reading it would otherwise move the caller's next epoch. An iterable dataset keeps
@@ -16,6 +19,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -28,12 +32,31 @@ __all__ = ["isolated_rng", "loader_generators", "private_stream", "restores_rng"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _isolate() -> object:
+@contextmanager
+def _isolate() -> Iterator[None]:
+    """The global streams Lightning's ``isolate_rng`` keeps (torch CPU, CUDA where already
+    initialised, ``numpy``, ``random``), saved and restored here: importing it loads
+    lightning_fabric with torchmetrics, ~1 s CPU once per process that has not imported
+    Lightning (a plain ``assess`` caller's: ~25 Adam epochs of the 1e5-weight benchmark MLP;
+    docs/benchmarks.md, pf29). Restored on errors too (:func:`isolated_rng` re-raises after)."""
+    include_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if include_cuda else None
+    python_state = random.getstate()
     try:
-        from lightning_fabric.utilities.seed import isolate_rng
-    except ImportError:  # pragma: no cover - lightning_fabric ships with pytorch_lightning
-        return torch.random.fork_rng(devices=[])
-    return isolate_rng(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+        np = None
+    numpy_state = np.random.get_state() if np is not None else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        if np is not None:
+            np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 def loader_generators(*holders: Any) -> list[torch.Generator]:
@@ -92,7 +115,7 @@ def isolated_rng(*loaders: Any, seed: int | None = None) -> Iterator[None]:
     gens = loader_generators(*loaders)
     states = [(g, g.get_state()) for g in gens]
     error: BaseException | None = None
-    with _isolate():  # type: ignore[attr-defined]
+    with _isolate():
         try:
             if seed is not None:
                 torch.manual_seed(seed)

@@ -1632,8 +1632,8 @@ def _draw_sample(c: int, unit: int, gen: torch.Generator) -> tuple[Tensor, Tenso
 
 
 def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
-                        draws: int, policy: F.CompilePolicy | None, sample: tuple[Tensor, Tensor, float]
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+                        draws: int, policy: F.CompilePolicy | None, sample: tuple[Tensor, Tensor, float],
+                        xi_on_sample: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`_draw_parts` (built draws) of chunk ``a:b`` on a sample of its elements
     (:func:`_draw_sample`): ``(basis [k, m], mix [D, k], groups [G, m])`` over the ``m`` sampled
     elements (the draws' kappa changes are 0 off the sample): ``mu / pi`` and
@@ -1642,11 +1642,12 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     basis' ``mu`` row on the sample's group ``g`` only, 0 elsewhere (the centre's sample noise,
     :func:`_draw_sample_noise`). Elements of the sample read the same ``xi`` columns as a
     full evaluation, so their moments are the full evaluation's (value tables: the 8 positions
-    in one call, the interpolated table from ``2^15`` elements on)."""
+    in one call, the interpolated table from ``2^15`` elements on). ``xi_on_sample``: ``xi`` is
+    ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others)."""
     elem, grp, pi = sample
     sub = _subset_grid(grid, a, b, elem)
     part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
-                               k_main.index_select(0, elem), xi.index_select(1, elem), draws, policy,
+                               k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,
                                table_at_once=True)
     basis = torch.cat([part[:1] / pi, part[1:] / math.sqrt(pi)])
     groups = torch.zeros(DRAW_SAMPLE_GROUPS, elem.numel(), dtype=torch.float64)
@@ -1848,15 +1849,24 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             b = min(a + step, numel)
             c = b - a
             th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
-            xi = torch.randn(_draw_noise_rows(D, est.d == 1), c, dtype=torch.float64, generator=gen) if D else None
-            ones = torch.ones(c, dtype=torch.float64)
-            K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
             # per scheme: (basis, mix, groups); subsampled: over the sample's elements only
             deltas: list[tuple[Tensor, Tensor, Tensor | None] | None] = []
             sample = None
             if D >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS \
                     and c // reader.unit >= DRAW_SAMPLE_MIN_ROWS:
                 sample = _draw_sample(c, reader.unit, sgen)
+            xi = xi_on_sample = None
+            if D and sample is not None and all(not p.num_draws or p.num_draws >= BUILT_DRAWS_MIN
+                                                or p.grids[name].rounding != "nearest" for p in active):
+                # Every draw reads its positions on the sample only: draw them there (common random
+                # numbers: the sample's columns, the same for every scheme), not on the whole chunk
+                # (a sixteenth of the normals; randn was ~7% of a first call at 1e7, pf29).
+                xi_on_sample = torch.randn(_draw_noise_rows(D, est.d == 1), sample[0].numel(), dtype=torch.float64,
+                                           generator=gen)
+            elif D:
+                xi = torch.randn(_draw_noise_rows(D, est.d == 1), c, dtype=torch.float64, generator=gen)
+            ones = torch.ones(c, dtype=torch.float64)
+            K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
             # per scheme: (k, m4, pool k, draws' parts, chunk sums) of schemes that computed this chunk
             done: dict[int, tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None] | None, float, int]] = {}
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
@@ -1884,12 +1894,13 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                        kappa_only=est.d != 1)
                         kp_c = pm.kappa
                         if prep.num_draws:
-                            x = xi[: _draw_noise_rows(prep.num_draws, est.d == 1)]
+                            rows = _draw_noise_rows(prep.num_draws, est.d == 1)
+                            x = xi_on_sample[:rows] if xi is None else xi[:rows]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
                             elif sample is not None and prep.num_draws >= BUILT_DRAWS_MIN:
                                 basis, mix, grp = _sampled_draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws,
-                                                                      policy, sample)
+                                                                      policy, sample, xi_on_sample=xi is None)
                                 delta = (basis, mix, grp)
                             else:
                                 basis, mix, ld = _draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws, policy,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -43,32 +42,152 @@ def test_loss_output_hessians_are_the_forward_over_reverse_hessians(loss):
     got = prog.loss_output_hessians(x, y, shape)
     with torch.no_grad():
         out = model(x)
-    ref = prog.loss_output_derivatives(out, y, shape)[1]
+    ref = _reference_hessians(_LOSSES[loss], out, y)
     assert got.shape == (6, 4, 4)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_the_loss_rank_count_does_not_load_forward_ad():
-    """A fresh process's estimation pass (diagonal estimator with the Gauss-Newton diagonal, the
-    benchmark MLPs' path; the leverage's loss-rank count on the first batch) leaves torch's
-    forward-AD decompositions unloaded (they were its largest first-call cost at 1e5 weights).
-    The exact Hessian diagonal's own jvp still loads them where it is chosen."""
-    code = textwrap.dedent("""
-        import sys, torch
-        from torch import nn
-        from torch.utils.data import DataLoader, TensorDataset
-        from mis_lightning.assess import run_estimation
-        from mis_lightning.config import stage_configs
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
-        x = torch.randn(64, 8); y = torch.randn(64)
-        loader = DataLoader(TensorDataset(x, y), batch_size=32)
-        est_cfg, _, _ = stage_configs("assess", None, None, {"strict": False, "mode": "diagonal", "hessian": "ggn"})
-        est = run_estimation(model, loader, lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2, est_cfg)
-        assert est.estimator.startswith("diagonal"), est.estimator
-        print("loaded" if "torch._decomp.decompositions_for_jvp" in sys.modules else "not loaded")
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+def _logcosh(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.log(torch.cosh(out - y)).sum(-1)
+
+
+_LOSSES = {"mse": _mse, "ce": _ce, "logcosh": _logcosh}
+
+
+def _reference_hessians(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """torch.func.hessian (forward-over-reverse) of each record's loss in its outputs [B, C, C]."""
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
+    return torch.func.vmap(torch.func.hessian(one))(out, y)
+
+
+def _model_and_data(loss: str):
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (6,), generator=g) if loss == "ce" else torch.randn(6, 4, generator=g, dtype=torch.float64)
+    return model, x, y
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce", "logcosh"])
+def test_gauss_newton_loss_hessians_are_the_forward_over_reverse_hessians(loss):
+    """The Gauss-Newton factors' loss Hessians in the outputs, reverse-over-reverse (pf29), against
+    torch.func.hessian, float64, to 1e-12: LossProgram.loss_output_derivatives (per-sample
+    factors) and the per-layer program's ``_loss_derivatives`` (a loss that is not the
+    softmax cross-entropy's closed form: log-cosh, MSE; and CE's first batch, which checks the form)."""
+    from mis_lightning.estimation.linear_factors import LayerProgram
+
+    model, x, y = _model_and_data(loss)
+    names = [n for n, _ in model.named_parameters()]
+    prog = LossProgram(model, _LOSSES[loss], names, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    ref = _reference_hessians(_LOSSES[loss], out, y)
+    e, L = prog.loss_output_derivatives(out, y, prog.output_shape(x))
+    torch.testing.assert_close(L, ref, rtol=1e-12, atol=1e-12)
+    fprog = LayerProgram(model, _LOSSES[loss], names, dtype=torch.float64)
+    e_f, L_f = fprog._loss_derivatives(out, y, (4,), True)
+    torch.testing.assert_close(L_f, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(e_f, e, rtol=1e-12, atol=1e-12)
+
+
+class _LogcoshHooked(nn.Module):
+    """Per-sample losses from ``mis_per_sample_loss(batch)`` (the hook front end), log-cosh: a
+    loss Hessian in the output that depends on the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        return _logcosh(self(x), y)
+
+
+def test_hook_loss_hessians_are_the_forward_over_reverse_hessians():
+    """The hook front end's loss Hessians in the model's output (loss_output_hessians and the
+    Gauss-Newton factors' ``L``), reverse-over-reverse (pf29), against torch.func.hessian of the
+    same loss, float64, to 1e-12."""
+    from mis_lightning.streaming import hook_program
+
+    model = _LogcoshHooked()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    loss_fn, batch_fn, program_cls = hook_program(model)
+    prog = program_cls(model, loss_fn, [n for n, _ in model.named_parameters()], dtype=torch.float64)
+    batch, dummy = batch_fn((x, y))
+    shape = prog.output_shape(batch)
+    with torch.no_grad():
+        out = model(x)
+    ref = _reference_hessians(_logcosh, out, y)
+    torch.testing.assert_close(prog.loss_output_hessians(batch, dummy, shape), ref, rtol=1e-12, atol=1e-12)
+    _, L = prog.gauss_newton_factors(batch, dummy, shape)
+    torch.testing.assert_close(L, ref, rtol=1e-12, atol=1e-12)
+
+
+_FRESH_ESTIMATION = """
+import sys, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from mis_lightning.assess import run_estimation
+from mis_lightning.config import stage_configs
+torch.manual_seed(0)
+cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+mlp = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+runs = {"mse": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)), torch.randn(64, 8), torch.randn(64),
+                lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2),
+        "cnn": (cnn, torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)),
+                lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")),
+        "logcosh": (mlp, torch.randn(64, 8), torch.randn(64, 3), lambda o, t: torch.log(torch.cosh(o - t)).sum(-1))}
+est_cfg, _, _ = stage_configs("assess", None, None, {"strict": False, "mode": "diagonal", "hessian": "ggn"})
+for kind, (model, x, y, loss) in runs.items():
+    est = run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=32), loss, est_cfg)
+    assert est.estimator.startswith("diagonal"), est.estimator
+    print(kind, "loaded" if "torch._decomp.decompositions_for_jvp" in sys.modules else "not loaded")
+"""
+
+
+def test_gauss_newton_estimation_does_not_load_forward_ad():
+    """A fresh process: the diagonal estimator with the Gauss-Newton diagonal on the benchmarks'
+    kind of MLP (least squares; the leverage's loss-rank count on the first batch, pf28), on a small CNN
+    (cross-entropy), then on an MLP with a log-cosh loss (the per-layer program's loss Hessian in
+    the outputs, every batch) leaves torch's forward-AD decompositions unloaded (pf29: they loaded
+    through ``_loss_derivatives``' torch.func.hessian on the CNN's first batch). The exact
+    sandwich's jvp still loads them (``estimate.HESSIAN_FORWARD_AD``)."""
+    out = subprocess.run([sys.executable, "-c", _FRESH_ESTIMATION], capture_output=True, text=True, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "not loaded"
+    assert out.stdout.strip().splitlines()[-3:] == ["mse not loaded", "cnn not loaded", "logcosh not loaded"]
+
+
+def test_exact_hessian_and_record_curvature_reverse_over_reverse_equal_forward_over_reverse():
+    """The exact Hessian of a batch (``_batch_hessian``) and the records' exact curvature on their
+    output-gradient span (``_record_curvature``), reverse-over-reverse (``HESSIAN_FORWARD_AD =
+    False``) against forward-over-reverse (the default), float64: equal to 1e-10 relative to the
+    largest entry (the same second derivatives, products in another order; measured ~1e-15)."""
+    import importlib
+
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    model, x, y = _model_and_data("logcosh")
+    names = [n for n, _ in model.named_parameters()]
+    prog = LossProgram(model, _logcosh, names, dtype=torch.float64)
+    offsets, o = {}, 0
+    for n in names:
+        offsets[n] = (o, o + prog.params[n].numel())
+        o += prog.params[n].numel()
+    J = torch.cat([j.reshape(6, 4, -1) for j in prog.output_jacobians(x)[1].values()], 2)
+    got = {}
+    for fwd in (False, True):
+        E.HESSIAN_FORWARD_AD = fwd
+        try:
+            got[fwd] = (E._batch_hessian(prog, x, y, names, offsets, o), *E._record_curvature(prog, x, y, J, names, offsets))
+        finally:
+            E.HESSIAN_FORWARD_AD = True
+    for a, b in zip(got[False], got[True]):
+        scale = float(b.abs().max())
+        assert scale > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)

@@ -69,6 +69,9 @@ def test_sampled_draws_are_the_evaluated_moments_on_the_sample(kind, unit):
     assert pi == pytest.approx(round(A.DRAW_SAMPLE_FRACTION * c / unit) / (c / unit))
     assert elem.numel() == round(pi * c)
     basis, mix, groups = A._sampled_draw_parts(g, th, sg, 0, c, k_main, xi, D, None, sample)
+    # the positions given on the sample only (what the scoring pass draws): bitwise the same parts
+    on = A._sampled_draw_parts(g, th, sg, 0, c, k_main, xi[:, elem].clone(), D, None, sample, xi_on_sample=True)
+    assert all(torch.equal(u, v) for u, v in zip(on, (basis, mix, groups)))
     torch.testing.assert_close(mix, mix_f)
     assert basis.shape == (full.shape[0], elem.numel()) and groups.shape == (A.DRAW_SAMPLE_GROUPS, elem.numel())
     assert float(full[0].abs().max()) > 1e-4 and float(full[1:].abs().max()) > 1e-4  # kappa moves
@@ -169,3 +172,46 @@ def test_scoring_evaluates_the_draws_on_a_sample_of_a_large_parameter(monkeypatc
         width = a.interval[1] - a.interval[0]
         assert abs(a.interval[0] - b.interval[0]) < 0.05 * width
         assert abs(a.interval[1] - b.interval[1]) < 0.05 * width
+
+
+def test_scoring_draws_the_positions_on_the_sample_only(monkeypatch):
+    """The scoring pass draws the bootstrap positions ``xi`` of a sampled chunk on its sampled
+    elements only (``rows x m`` standard normals, not ``rows x c``: a sixteenth; pf29), and the
+    draws read them: the chunk's draw parts are those of :func:`_sampled_draw_parts` given those
+    normals. The 64 -> 24 -> 1 MLP of the test above, its 1,536-weight layer sampled (8 of 24 rows)."""
+    from _nets import trained_relu_mlp
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mis_lightning.config import stage_configs
+
+    model, x, y = trained_relu_mlp()
+    est_cfg, sc_cfg, _ = stage_configs("assess", None, None,
+                                       {"estimation": "diagonal", "num_records": 64, "hessian": "ggn",
+                                        "budget": 1000})
+    est = A.run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=128),
+                           lambda o, t: (o[:, 0] - t) ** 2, est_cfg)
+    monkeypatch.setattr(A, "DRAW_SAMPLE_MIN_WEIGHTS", 1024)
+    monkeypatch.setattr(A, "DRAW_SAMPLE_MIN_ROWS", 16)
+    drawn: list[tuple[int, ...]] = []
+    real_randn = torch.randn
+
+    def counting_randn(*size, **kw):
+        out = real_randn(*size, **kw)
+        if kw.get("generator") is not None:
+            drawn.append(tuple(out.shape))
+        return out
+
+    seen: list[tuple] = []
+    real_parts = A._sampled_draw_parts
+
+    def parts(grid, th, sg, a, b, k_main, xi, draws, policy, sample, **kw):
+        seen.append((tuple(xi.shape), sample[0].numel(), b - a, kw.get("xi_on_sample", False)))
+        return real_parts(grid, th, sg, a, b, k_main, xi, draws, policy, sample, **kw)
+
+    monkeypatch.setattr(A.torch, "randn", counting_randn)
+    monkeypatch.setattr(A, "_sampled_draw_parts", parts)
+    A.score_schemes(est, model, ["rtn_int4"], scoring_config=sc_cfg)
+    first = est.theta[est.names[0]].numel()
+    rows = A._draw_noise_rows(D)
+    assert seen and all(on and shape == (rows, m) and c == first and m == 8 * 64 for shape, m, c, on in seen)
+    assert (rows, 8 * 64) in drawn and (rows, first) not in drawn

@@ -2621,6 +2621,18 @@ def hessian_chunk(f: Callable[[Tensor], Tensor], flat0: Tensor, budget: int = HE
     return int(max(1, min(flat0.numel(), budget // per_tangent)))
 
 
+# Second derivatives in the parameters (the exact Hessian, the records' exact curvature): True
+# (default) tries forward-over-reverse first (jvp of the gradient); False goes reverse-over-reverse
+# (vjp of it, the fallback's form): the same steady-state cost on the small models that choose
+# these estimators, without torch's first forward-AD use (~0.3-0.4 s CPU once per process: its jvp
+# decompositions compiled with TorchScript). The matrices agree to rounding (1e-10 of the largest
+# entry; sigma within 1e-14 - 1.3e-9 relative), but an ill-posed fit's floored directions amplify
+# that rounding: the class-weighted fit of tests/test_ill_posed_fits.py read a floor sensitivity of
+# 1.6% instead of 8.5% and lost its "unstable figures" warning, so forward stays the default
+# (docs/benchmarks.md, pf29).
+HESSIAN_FORWARD_AD = True
+
+
 def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[str],
                    offsets: dict[str, tuple[int, int]], d: int) -> Tensor:
     """Hessian ``[d, d]`` of the batch's summed loss in the flattened parameters, its tangents
@@ -2646,16 +2658,16 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
         # rows j of the stack are H e_j: the transpose of torch.func.hessian's layout
         return torch.cat([torch.func.vmap(column)(eye[a: a + chunk]) for a in range(0, d, chunk)]).T
 
-    # Forward-over-reverse first (the fastest); reverse-over-reverse where an op has no forward
-    # AD (EmbeddingBag, weight_norm's kernel) or gets it wrong: torch's forward AD of an
+    # Forward-over-reverse first when HESSIAN_FORWARD_AD; reverse-over-reverse otherwise and
+    # where an op has no forward AD (EmbeddingBag, weight_norm's kernel) or gets it wrong: torch's forward AD of an
     # embedding ignores padding_idx, which made the Hessian asymmetric (and a padding row read as
     # negative curvature), so an asymmetric result is recomputed
+    H = None
     try:
-        H = forward_over_reverse()
+        H = forward_over_reverse() if HESSIAN_FORWARD_AD else None
     except (NotImplementedError, RuntimeError) as exc:
         if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
             raise
-        H = None
     if H is not None:
         scale = float(H.abs().max()) if H.numel() else 0.0
         tol = (1e-8 if H.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
@@ -2709,14 +2721,14 @@ def _record_curvature(program: LossProgram, inputs: Any, targets: Any, J: Tensor
         HQ = torch.cat([hv[n].reshape(b, k, -1) for n in names], 2)
         return Q @ HQ.transpose(1, 2)
 
-    # Forward-over-reverse first; reverse-over-reverse where forward AD is missing or asymmetric
-    # (an embedding's padding_idx, as in _batch_hessian)
+    # Forward-over-reverse first when HESSIAN_FORWARD_AD; reverse-over-reverse otherwise and where
+    # forward AD is missing or asymmetric (an embedding's padding_idx, as in _batch_hessian)
+    S = None
     try:
-        S = curvature(False)
+        S = curvature(False) if HESSIAN_FORWARD_AD else None
     except (NotImplementedError, RuntimeError) as exc:
         if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
             raise
-        S = None
     if S is not None:
         tol = (1e-8 if S.dtype == torch.float64 else 1e-4) * S.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
         if bool(((S - S.transpose(1, 2)).abs() > tol).any()):
