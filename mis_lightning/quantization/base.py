@@ -33,7 +33,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
-from ..functional.bounds import bounded_moments, clip_boundaries
+from ..functional.bounds import bounded_moments, bounds_in_reach, clip_boundaries
 from ..functional.cells import SQRT_2_OVER_PI
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, windowed_moments
 from ..functional.quotient import (
@@ -773,6 +773,9 @@ class ParamGrid:
         # the grid is coarse (kappa follows the position within a cell), by its square where the
         # grid is fine (sd above STORAGE_FINE_CELLS cells: the position's effect is ~exp(-2 pi^2 (sd/h)^2))
         exact = (sg <= STORAGE_EXACT_MAX_ULPS * storage_ulp(far, D)) | (sg <= STORAGE_FINE_CELLS * self._cell_width(far, scale))
+        if bounds is not None:
+            # a bound within reach cuts a cell at the stored midpoint: first order at any sd
+            exact = exact | bounds_in_reach(th, sg, bounds[0].to(torch.float64), bounds[1].to(torch.float64))
         center = self._center(th, scale, zp, code)
         k_lo = self._stored_key(stored(th - reach, D), scale, zp)
         k_hi = self._stored_key(stored(th + reach, D), scale, zp)
