@@ -16,6 +16,8 @@ codes of the stored values with the backend's own arithmetic and sums the cells
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -63,7 +65,7 @@ def storage_ulp(x: Tensor, dtype: torch.dtype) -> Tensor:
     return next_stored(r, dtype) - r
 
 
-def stored_edges(raw: Tensor, upper_key: Tensor, key: callable, dtype: torch.dtype) -> Tensor:
+def stored_edges(raw: Tensor, upper_key: Tensor, key: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Tensor:
     """Edges of the stored cells from a grid's own edges.
 
     Args:
