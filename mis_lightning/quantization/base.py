@@ -738,6 +738,14 @@ class ParamGrid:
         """The stored cells' edges ``[c, 2*half_window + 2]`` around the cells of key ``center``
         (the layout of :meth:`_edges`)."""
         assert self.storage_dtype is not None
+        # a window wider than the grid holds +-inf beyond it: compute the grid's own width, pad
+        # (the bounds' correction asks for 256-edge windows on a 16-code int4 grid)
+        cells = (self.qmax - self.qmin) if self.kind != "table" else self.values.numel()  # type: ignore[union-attr]
+        if half_window > cells:
+            inner = self._stored_window(theta, scale, zp, center, cells)
+            pad = half_window - cells
+            return torch.cat([torch.full_like(inner[:, :1], -math.inf).expand(-1, pad + 1), inner[:, 1:-1],
+                              torch.full_like(inner[:, :1], math.inf).expand(-1, pad + 1)], dim=-1)
         i = torch.arange(-half_window + 1, half_window + 1, dtype=torch.float64, device=theta.device)
         upper = center.unsqueeze(-1) + i  # the key of the cell above each inner edge
         if self.kind == "affine":
