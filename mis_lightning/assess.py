@@ -1281,7 +1281,8 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     expansion ``kappa(h)``), dead blocks (kappa 0) and revealed elements (kappa 1). Far means
     at theta-hat and at the draw (``to_min + xi``, ``to_max - xi`` in sd units), from the
     clamped ends and from the bounds the release gives (``ParamGrid.support``)."""
-    if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
+    # stored cells (bf16 / fp16 weights): their edges are not the affine grid's
+    if grid.kind != "affine" or grid.storage_dtype is not None or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
         return None
     scale, zp, _ = grid.element_grid(a, b)

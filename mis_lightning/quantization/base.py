@@ -33,8 +33,9 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
-from ..functional.bounds import bounded_moments, clip_boundaries
+from ..functional.bounds import bounded_moments, bounds_in_reach, clip_boundaries
 from ..functional.cells import SQRT_2_OVER_PI
+from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, windowed_moments
 from ..functional.quotient import (
     quotient_boundaries,
     quotient_cell_moments,
@@ -42,12 +43,26 @@ from ..functional.quotient import (
     quotient_inverse,
     quotient_thresholds,
 )
+from ..functional.storage import STORAGE_DTYPES, storage_ulp, stored, stored_bounds, stored_edges
+from ..functional.table import table_layout
 
 FilterFn = Callable[[nn.Module, str], bool]
 # sd / step above which a quotient grid (torchao intx on bf16 / fp16 weights) is scored on its
 # midpoints: the real cells' sums cost 5-17x there and their difference is <= 1e-3 of kappa
 # (int8 in bf16, the widest cells; tests/test_lowp_quotient_cells.py pins the bound)
 QUOTIENT_EXACT_MAX_SD = 8.0
+# sd above which a grid on bf16 / fp16 weights (``storage_dtype``) is scored on its own edges, in
+# storage ulps at the edges within reach: the stored cells' edges sit within half an ulp of them,
+# and their sums cost 5-50x the affine kernel's; the difference fades as 1 / (sd / ulp)^2
+# (tests/test_storage_rounding.py pins it: kappa within 2e-4 relative at 16 ulps)
+STORAGE_EXACT_MAX_ULPS = 16.0
+# ... and where sd exceeds STORAGE_FINE_CELLS of the grid's own cells only (kappa then hardly
+# depends on the position within a cell: the stored edges' first-order effect is gone)
+STORAGE_FINE_CELLS = 2.0
+# window half-widths of the stored cells' exact sums (an element takes the first that holds the
+# cells within its 8.5 sd)
+_STORAGE_WINDOWS = (2, 3, 4, 6, 10, 18, 32, 64, 128, 256, _MAX_WINDOW)
+_STORAGE_ROWS_BUDGET = 1 << 20
 
 #: packages whose tensor subclasses hold already-quantized weights
 _QUANT_PACKAGES = ("torchao", "optimum.quanto", "bitsandbytes")
@@ -91,6 +106,26 @@ def _same_value(a: Any, b: Any) -> bool:
         return (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)
                 and all(_same_value(x, y) for x, y in zip(a, b)))
     return type(a) is type(b) and a == b
+
+
+def _pick(t: Any, ii: Tensor) -> Any:
+    """``t[ii]`` of a tensor, of each tensor of a tuple, or ``None``."""
+    if t is None:
+        return None
+    if isinstance(t, tuple):
+        return tuple(x[ii] for x in t)
+    return t[ii]
+
+
+def _merge_moments(c: int, device: torch.device, parts: list[tuple[Tensor, Callable[[Tensor], CellMoments]]]) -> CellMoments:
+    """``[c]`` float64 moments assembled from ``(indices, moments of those indices)`` parts."""
+    out = [torch.empty(c, dtype=torch.float64, device=device) for _ in range(4)]
+    for ii, fn in parts:
+        if ii.numel():
+            sub = fn(ii)
+            for o, f in zip(out, ("kappa", "mean_abs", "m4", "coverage")):
+                o[ii] = getattr(sub, f).to(torch.float64)
+    return CellMoments(*out)
 
 
 def check_float_model(model: nn.Module) -> None:
@@ -274,6 +309,19 @@ class ParamGrid:
             Carlo re-quantization of :mod:`~mis_lightning.quantization.requantize`,
             method.md section 5).
         quotient_dtype: the dtype of the rounded quotient (``kind == "quotient"`` only).
+        storage_dtype: the dtype the trained weights are stored in (bfloat16 / float16), or
+            ``None`` (float32 / float64: continuous). The scheme quantized ``rnd(theta-hat)``:
+            each cell is the set of real weights whose stored value has its code, with edges at
+            the storage midpoints next to the grid's own (:mod:`~mis_lightning.functional.storage`,
+            method.md section 5). Set by :meth:`QuantizationScheme.apply` for round-to-nearest grids.
+        quantize_arith: how the backend computes the quotient of a weight (affine grids):
+            ``"div"`` (``theta / scale`` in float64, this library's RTN) or ``"mul_inv32"``
+            (``theta * (1 / scale)`` in float32, torch's and torchao's float32 scales). Read where
+            the stored weights' codes must be the backend's (:meth:`cell_value`, ``storage_dtype``).
+        product_dtype: the dtype the backend computes a released value ``(q - zero_point) *
+            scale`` (or ``value * scale``) in; ``None``: float64 (exact for a float32 scale).
+        release_dtype: the dtype the release holds its values in (the model's dtype where the
+            backend writes them back or dequantizes to it); ``None``: as computed.
     """
 
     name: str
@@ -294,6 +342,10 @@ class ParamGrid:
     rounding: str = "nearest"
     method: str = ""
     quotient_dtype: torch.dtype | None = None
+    storage_dtype: torch.dtype | None = None
+    quantize_arith: str = "div"
+    product_dtype: torch.dtype | None = None
+    release_dtype: torch.dtype | None = None
 
     @property
     def numel(self) -> int:
@@ -352,7 +404,21 @@ class ParamGrid:
 
     def _outer_edges(self, scale: Tensor, zp: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(low_edge, high_edge, step)`` per element: the upper edge of the lowest cell, the
-        lower edge of the highest, and the uniform step (``None`` for value tables)."""
+        lower edge of the highest, and the uniform step (``None`` for value tables and stored
+        cells, ``storage_dtype``, whose edges are the storage midpoints next to the grid's own)."""
+        if self.storage_dtype is not None:
+            low, high, _ = replace(self, storage_dtype=None)._outer_edges(scale, zp)
+            z = zp.to(torch.float64)
+            if self.kind == "affine":
+                k_low, k_high = torch.full_like(low, self.qmin + 1.0), torch.full_like(high, float(self.qmax))
+            elif self.kind == "quotient":
+                k_low, k_high = self.qmin + 1.0 - z, self.qmax - z
+            else:
+                assert self.values is not None
+                k_low, k_high = torch.ones_like(low), torch.full_like(high, self.values.numel() - 1.0)
+            pair = stored_edges(torch.stack([low, high], -1), torch.stack([k_low, k_high], -1),
+                                lambda v: self._stored_key(v, scale, zp), self.storage_dtype)
+            return pair[:, 0], pair[:, 1], None
         s = scale.to(torch.float64)
         if self.kind == "affine":
             z = zp.to(torch.float64)
@@ -368,10 +434,15 @@ class ParamGrid:
         return 0.5 * (v[0] + v[1]) * s, 0.5 * (v[-2] + v[-1]) * s, None
 
     def element_bounds(self, start: int, end: int) -> tuple[Tensor, Tensor] | None:
-        """``(lower, upper)`` ``[c]`` float64 of elements ``start:end`` (:attr:`support`), or ``None``."""
+        """``(lower, upper)`` ``[c]`` float64 of elements ``start:end`` (:attr:`support`), or ``None``.
+        With ``storage_dtype``: the bounds on the continuous weights, the storage midpoints inside
+        the stored extremes (:func:`~mis_lightning.functional.storage.stored_bounds`)."""
         if self.support is None:
             return None
-        return self._elem(self.support[0], start, end), self._elem(self.support[1], start, end)
+        lo, hi = self._elem(self.support[0], start, end), self._elem(self.support[1], start, end)
+        if self.storage_dtype is not None:
+            return stored_bounds(lo, hi, self.storage_dtype)
+        return lo, hi
 
     def _elem(self, t: Tensor | None, start: int, end: int) -> Tensor:
         if t is None:
@@ -436,7 +507,24 @@ class ParamGrid:
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
         elements are :meth:`moments`' business. ``kappa_only``: only ``kappa`` is needed (the
         bootstrap draws); affine grids may then leave ``mean_abs`` and ``m4`` uncomputed (NaN)
-        or uncorrected for the bounds; ``kappa`` is bitwise the same."""
+        or uncorrected for the bounds; ``kappa`` is bitwise the same. With ``storage_dtype``:
+        elements within ``STORAGE_EXACT_MAX_ULPS`` storage ulps on the stored cells (exact window
+        sums), the others on the grid's own edges."""
+        if self.storage_dtype is not None:
+            exact, center, need = self._storage_exact(theta, sigma, scale, zero_point, code, bounds)
+            own = replace(self, storage_dtype=None)
+            if bool(exact.all()):
+                return self._storage_moments(theta, sigma, scale, zero_point, center, need, bounds,
+                                             compile_policy, kappa_only)
+            if not bool(exact.any()):
+                return own.element_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+            return _merge_moments(theta.shape[0], theta.device, [
+                (torch.nonzero(exact).squeeze(-1),
+                 lambda ii: self._storage_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], center[ii],
+                                                  need[ii], _pick(bounds, ii), compile_policy, kappa_only)),
+                (torch.nonzero(~exact).squeeze(-1),
+                 lambda ii: own.element_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], _pick(code, ii),
+                                                _pick(bounds, ii), compile_policy, kappa_only))])
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
@@ -480,7 +568,10 @@ class ParamGrid:
         return edges
 
     def _edges(self, theta: Tensor, scale: Tensor, zp: Tensor, code: Tensor | None, half_window: int) -> Tensor:
-        """Unbounded cell edges ``[c, 2*half_window + 2]`` (per-element grid parameters)."""
+        """Unbounded cell edges ``[c, 2*half_window + 2]`` (per-element grid parameters); with
+        ``storage_dtype`` those of the stored cells."""
+        if self.storage_dtype is not None:
+            return self._stored_window(theta, scale, zp, self._center(theta, scale, zp, code), half_window)
         if self.kind == "affine":
             return affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=code)
         if self.kind == "quotient":
@@ -531,39 +622,81 @@ class ParamGrid:
         return inv, self.qmin - z, self.qmax - z
 
     def cell_value(self, theta: Tensor, start: int, end: int) -> Tensor:
-        """The value of the cell that contains each weight, from the grid alone (``[c]`` float64).
+        """The value the backend releases for each weight, from the grid alone (``[c]`` float64).
 
-        Affine grids: nearest code ``clamp(round(theta / scale) + zero_point)`` (halves to
-        even); table grids: nearest representable value; quotient grids: the backend's own
-        arithmetic in the quotient's dtype (``theta`` first held in that dtype, as the model
-        holds its weights), the released value rounded to that dtype as torchao releases it. Tests check it against the backend's
-        ``dequantized`` output: the backend released the value of the cell the library
-        scores.
+        The weight is first held as the model holds it (``storage_dtype``), then given its code
+        by the backend's own arithmetic: affine grids ``clamp(round(theta / scale) + zero_point)``
+        (halves to even; the quotient as ``quantize_arith`` says), table grids the nearest
+        representable value (ties to even), quotient grids torchao's arithmetic in the quotient's
+        dtype. The released value is the code's value computed in ``product_dtype`` and held in
+        ``release_dtype`` (e.g. torchao's ``Int8Tensor.dequantize()`` on a bf16 weight:
+        ``rnd_bf16(rnd_f32(q * scale))``). Tests check it bit for bit against the real release:
+        the backend released the value of the cell the library scores.
         """
         scale, zp, _ = self.element_grid(start, end)
         th = theta.to(torch.float64)
+        if self.storage_dtype is not None:
+            th = stored(th, self.storage_dtype)
+        live = scale > 0
         if self.kind == "quotient":
-            # the backend's own arithmetic (torchao quantize_affine / dequantize_affine), all in
-            # the quotient's dtype: the weight as the model holds it, q = round(w * (1 / s)) + zp,
-            # clamped; released (q - zp) * s rounded to the dtype
+            # torchao quantize_affine / dequantize_affine, all in the quotient's dtype: released
+            # (q - zp) * s rounded to that dtype
             dt = self._qdtype
-            live = scale > 0
             s_d = torch.where(live, scale, torch.ones_like(scale)).to(dt)
-            z = zp.to(torch.float64)
-            q = (torch.round(th.to(dt) * (1.0 / s_d)).to(torch.float64) + z).clamp(self.qmin, self.qmax)
-            val = ((q - z).to(dt) * s_d).to(torch.float64)
+            j = self._quotient_code(th, scale, zp)
+            val = (j.to(dt) * s_d).to(torch.float64)
             return torch.where(live, val, torch.zeros_like(th))
+        safe = torch.where(live, scale, torch.ones_like(scale))
         if self.kind == "affine":
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            # integer zero points: round(theta/s) + zp; a float zero point (tinygemm's
-            # float-domain zero) rounds theta/s + zp as a whole.
-            q = torch.where(zp == torch.round(zp), torch.round(th / safe) + zp,
-                            torch.round(th / safe + zp))
-            return torch.where(scale > 0, (q.clamp(self.qmin, self.qmax) - zp) * scale,
-                               torch.zeros_like(th))
+            z = zp.to(torch.float64)
+            k = self._affine_code(th, scale, zp) - z
+        else:
+            assert self.values is not None
+            k = self.values.to(torch.float64)[self._table_index(th, scale)]
+        if self.product_dtype is not None:
+            val = (k.to(self.product_dtype) * safe.to(self.product_dtype)).to(torch.float64)
+        else:
+            val = k * safe.to(torch.float64)
+        if self.release_dtype is not None:
+            val = val.to(self.release_dtype).to(torch.float64)
+        return torch.where(live, val, torch.zeros_like(th))
+
+    # -- the codes of given weights, by the backend's arithmetic (keys of the stored cells) --
+
+    def _affine_code(self, th: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+        """The clamped code (float64, ``th``'s shape; per-element ``scale`` / ``zp`` broadcast on
+        the last dim's left) the backend gives the weights ``th``."""
+        s, z = scale.to(torch.float64), zp.to(torch.float64)
+        if th.dim() > s.dim():
+            s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        if self.quantize_arith == "mul_inv32":
+            x = (th.to(torch.float32) * (1.0 / safe.to(torch.float32))).to(torch.float64)
+        else:
+            x = th / safe
+        # integer zero points: round(theta/s) + zp; a float zero point (tinygemm's float-domain
+        # zero) rounds theta/s + zp as a whole
+        q = torch.where(z == torch.round(z), torch.round(x) + z, torch.round(x + z))
+        return q.clamp(self.qmin, self.qmax)
+
+    def _quotient_code(self, th: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+        """Quotient grids: ``j = q - zero_point`` (float64) torchao gives the weights ``th``."""
+        dt = self._qdtype
+        s, z = scale, zp.to(torch.float64)
+        if th.dim() > s.dim():
+            s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+        s_d = torch.where(s > 0, s, torch.ones_like(s)).to(dt)
+        j = torch.round(th.to(dt) * (1.0 / s_d)).to(torch.float64)
+        return torch.minimum(torch.maximum(j, self.qmin - z), self.qmax - z)
+
+    def _table_index(self, th: Tensor, scale: Tensor) -> Tensor:
+        """Table grids: the index (long, ``th``'s shape) of the value each weight is cast to."""
         assert self.values is not None
         v = self.values.to(torch.float64)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        s = scale.to(torch.float64)
+        if th.dim() > s.dim():
+            s = s.unsqueeze(-1)
+        safe = torch.where(s > 0, s, torch.ones_like(s))
         # the quotient as the backends compute it: in float32 where the weight and the scale are
         # float32 values (torchao's float8: w.float() / scale; a cast: scale 1), else in float64
         x = th / safe
@@ -580,10 +713,132 @@ class ParamGrid:
             if bool(tie.any()):
                 up_odd = ((pos - int(zero)).abs() % 2) == 1  # the upper value's pattern is odd
                 pos = torch.where(tie & up_odd, pos - 1, pos)
-        return torch.where(scale > 0, v[pos] * scale, torch.zeros_like(th))
+        return pos
+
+    def _stored_key(self, v: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+        """The key of the cell (float64: affine code, quotient ``j``, table index) holding each
+        stored weight ``v``, by the backend's arithmetic; non-decreasing in ``v``."""
+        if self.kind == "affine":
+            return self._affine_code(v, scale, zp)
+        if self.kind == "quotient":
+            return self._quotient_code(v, scale, zp)
+        return self._table_index(v, scale).to(torch.float64)
+
+    def _center(self, theta: Tensor, scale: Tensor, zp: Tensor, code: Tensor | None) -> Tensor:
+        """The key of each element's cell: the backend's ``code`` where given, else the key of
+        the stored weight."""
+        if code is not None and self.kind == "affine":
+            return code.to(torch.float64)
+        if code is not None and self.kind == "quotient":
+            return code.to(torch.float64) - zp.to(torch.float64)
+        assert self.storage_dtype is not None
+        return self._stored_key(stored(theta.to(torch.float64), self.storage_dtype), scale, zp)
+
+    def _stored_window(self, theta: Tensor, scale: Tensor, zp: Tensor, center: Tensor, half_window: int) -> Tensor:
+        """The stored cells' edges ``[c, 2*half_window + 2]`` around the cells of key ``center``
+        (the layout of :meth:`_edges`)."""
+        assert self.storage_dtype is not None
+        # a window wider than the grid holds +-inf beyond it: compute the grid's own width, pad
+        # (the bounds' correction asks for 256-edge windows on a 16-code int4 grid)
+        cells = (self.qmax - self.qmin) if self.kind != "table" else self.values.numel()  # type: ignore[union-attr]
+        if half_window > cells:
+            inner = self._stored_window(theta, scale, zp, center, cells)
+            pad = half_window - cells
+            return torch.cat([torch.full_like(inner[:, :1], -math.inf).expand(-1, pad + 1), inner[:, 1:-1],
+                              torch.full_like(inner[:, :1], math.inf).expand(-1, pad + 1)], dim=-1)
+        i = torch.arange(-half_window + 1, half_window + 1, dtype=torch.float64, device=theta.device)
+        upper = center.unsqueeze(-1) + i  # the key of the cell above each inner edge
+        if self.kind == "affine":
+            raw = affine_boundaries(theta, scale, zp, self.qmin, self.qmax, half_window, code=center)
+        elif self.kind == "quotient":
+            inv, lo, hi = self._quotient(scale, zp)
+            raw = quotient_boundaries(center, inv, lo, hi, self._qdtype, half_window)
+        else:
+            assert self.values is not None
+            mids = table_layout(self.values, theta.device).mids
+            e = upper.long()  # edge between values e - 1 and e
+            inner = mids[(e - 1).clamp(0, mids.numel() - 1)] * scale.to(torch.float64).unsqueeze(-1)
+            inner = torch.where(e >= 1, inner, torch.full_like(inner, -math.inf))
+            inner = torch.where(e <= mids.numel(), inner, torch.full_like(inner, math.inf))
+            inf = torch.full_like(inner[:, :1], math.inf)
+            raw = torch.cat([-inf, inner, inf], dim=-1)
+        inner = stored_edges(raw[:, 1:-1], upper, lambda v: self._stored_key(v, scale, zp), self.storage_dtype)
+        return torch.cat([raw[:, :1], inner, raw[:, -1:]], dim=-1)
+
+    def _storage_exact(self, theta: Tensor, sigma: Tensor, scale: Tensor, zp: Tensor,
+                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(exact [c] bool, center [c], need [c])``: the elements scored on the stored cells (sd
+        within ``STORAGE_EXACT_MAX_ULPS`` storage ulps at the edges within reach, and their
+        cells within the largest window), their cell keys and the edges each side they need."""
+        D = self.storage_dtype
+        assert D is not None
+        th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+        reach = CUTOFF_SIGMAS * sg
+        far = th.abs() + reach
+        if bounds is not None:
+            far = torch.minimum(far, torch.maximum(bounds[0].abs(), bounds[1].abs()).to(torch.float64))
+        # the stored cells' edges move the moments by the first order of (half an ulp) / sd where
+        # the grid is coarse (kappa follows the position within a cell), by its square where the
+        # grid is fine (sd above STORAGE_FINE_CELLS cells: the position's effect is ~exp(-2 pi^2 (sd/h)^2))
+        exact = (sg <= STORAGE_EXACT_MAX_ULPS * storage_ulp(far, D)) | (sg <= STORAGE_FINE_CELLS * self._cell_width(far, scale))
+        if bounds is not None:
+            # a bound within reach cuts a cell at the stored midpoint: first order at any sd
+            exact = exact | bounds_in_reach(th, sg, bounds[0].to(torch.float64), bounds[1].to(torch.float64))
+        center = self._center(th, scale, zp, code)
+        k_lo = self._stored_key(stored(th - reach, D), scale, zp)
+        k_hi = self._stored_key(stored(th + reach, D), scale, zp)
+        need = torch.maximum(center - k_lo, k_hi - center) + 1
+        return exact & (need <= _MAX_WINDOW), center, need
+
+    def _cell_width(self, x: Tensor, scale: Tensor) -> Tensor:
+        """An upper bound of the grid's own cell widths within ``|x|`` (parameter units, ``[c]``):
+        the step (affine), two steps (quotient: bf16's widest cells are 1.5 steps), the cell of
+        the value nearest ``|x|`` (tables of float formats: cells widen away from 0)."""
+        s = scale.to(torch.float64)
+        if self.kind == "affine":
+            return s
+        if self.kind == "quotient":
+            return 2.0 * s
+        assert self.values is not None
+        mids = table_layout(self.values, x.device).mids
+        safe = torch.where(s > 0, s, torch.ones_like(s))
+        k = torch.searchsorted(mids, x.abs() / safe).clamp(1, mids.numel() - 1)
+        lo_w = (mids[k] - mids[k - 1]) * safe
+        k2 = torch.searchsorted(mids, -x.abs() / safe).clamp(1, mids.numel() - 1)
+        return torch.maximum(lo_w, (mids[k2] - mids[k2 - 1]) * safe)
+
+    def _storage_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zp: Tensor, center: Tensor,
+                         need: Tensor, bounds: tuple[Tensor, Tensor] | None,
+                         compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+        """Exact sums over the stored cells within 8.5 sd (``bounds``: already the stored ones,
+        :meth:`element_bounds`); frozen elements 0, as on the other grids."""
+        th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+        c = th.shape[0]
+
+        def edges(ii: Tensor, m: int) -> Tensor:
+            return self._stored_window(th[ii], scale[ii], zp[ii], center[ii], m)
+
+        kappa = torch.zeros(c, dtype=torch.float64, device=th.device)
+        mean_abs, m4 = torch.zeros_like(kappa), torch.zeros_like(kappa)
+        coverage = torch.ones_like(kappa)
+        own = edges(torch.arange(c, device=th.device), 1)[:, 1:3]
+        sgt = sg.clamp_min(torch.finfo(torch.float64).tiny)
+        frozen = ((th - own[:, 0]) / sgt > CUTOFF_SIGMAS) & ((own[:, 1] - th) / sgt > CUTOFF_SIGMAS)
+        rest = ~frozen
+        if bool(rest.any()):
+            windowed_moments((kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1),
+                             need[rest].clamp(min=2, max=_MAX_WINDOW), _STORAGE_WINDOWS, _STORAGE_ROWS_BUDGET,
+                             edges, th, sgt)
+        mm = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+        if bounds is not None:
+            low_edge, high_edge, _ = self._outer_edges(scale, zp)
+            mm = bounded_moments(mm, th, sg, *bounds, low_edge, high_edge, None, edges, compile_policy,
+                                 kappa_only=kappa_only)
+        return mm
 
     #: fields no cell moment reads: a label, the footprint, and the freed backend output
-    _NOT_CELLS: ClassVar[frozenset[str]] = frozenset({"name", "method", "bits_per_weight", "dequantized"})
+    _NOT_CELLS: ClassVar[frozenset[str]] = frozenset({"name", "method", "bits_per_weight", "dequantized",
+                                                       "product_dtype", "release_dtype"})
 
     def same_cells(self, other: ParamGrid) -> bool:
         """Whether ``other`` quantizes the weights exactly as this grid does: same class, and
@@ -906,6 +1161,12 @@ class QuantizationScheme(ABC):
             for g in grids.values():
                 if g.rounding == "nearest":
                     g.rounding = self.rounding
+        for n, g in grids.items():
+            # a bf16 / fp16 model holds rnd(theta-hat): the scheme quantized the stored weight
+            # (method.md section 5); Monte Carlo grids re-run the scheme on stored weights anyway
+            dt = params_[n].dtype if n in params_ else None
+            if dt in STORAGE_DTYPES and g.rounding == "nearest" and g.storage_dtype is None:
+                g.storage_dtype = dt
         if self.scale_rule != "none":
             for n, g in grids.items():
                 # a backend that set `revealed` itself (e.g. prescaled grids) knows better

@@ -198,6 +198,11 @@ def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
     grid = affine_grid(name, codes=codes.reshape(gshape), scale=scale, zero_point=zp, block_size=block,
                        qmin=spec.qmin, qmax=spec.qmax, dequantized=deq.reshape(gshape),
                        code_bits=spec.bits, side_bits=side, asymmetric=spec.mapping == "asymmetric")
+    # written back in the weight's dtype (quantize_beyond_linear); torchao's primitives compute
+    # w * (1 / scale) and (q - zp) * scale in float32
+    grid.release_dtype = weight.dtype
+    if spec.rule != "absmax_qmax":
+        grid.quantize_arith, grid.product_dtype = "mul_inv32", torch.float32
     # the weights the released scale gives away (block absmax, or min and max), scored as float
     grid.reveal(w, "minmax" if spec.mapping == "asymmetric" else "absmax")
     return grid

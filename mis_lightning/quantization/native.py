@@ -72,9 +72,12 @@ def _grid_from_qtensor(name: str, q: Tensor, bits: int, qmin: int, qmax: int) ->
         scale = q.q_per_channel_scales().reshape(-1, 1).clone()
         zp = q.q_per_channel_zero_points().reshape(-1, 1).clone()
         block = (1, *shape[1:])
-    return affine_grid(name, codes=q.int_repr().clone(), scale=scale, zero_point=zp,
+    grid = affine_grid(name, codes=q.int_repr().clone(), scale=scale, zero_point=zp,
                        block_size=block, qmin=qmin, qmax=qmax, dequantized=q.dequantize(),
                        code_bits=bits, asymmetric=bool((zp != 0).any()))
+    # torch's quantize kernels: w * (1 / scale) in float32; dequantize(): float32
+    grid.quantize_arith, grid.product_dtype = "mul_inv32", torch.float32
+    return grid
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,7 @@ class _NativePerRow(_NativeScheme):
             scales, zps = _per_channel_qparams(w, self.qmin, self.qmax)
             grid = self._quantize_weight(name, w, scales, zps)
             m.weight.copy_(grid.dequantized.to(m.weight.dtype))
+            grid.release_dtype = m.weight.dtype  # the release holds the values in the weight's dtype
             grids[name] = grid
         return grids, notes, reasons
 
@@ -225,10 +229,13 @@ class NativeInt4PerRow(_NativePerRow):
         s64 = scales.to(torch.float64).reshape(-1, 1)
         zp = zps.to(torch.int64).reshape(-1, 1)
         codes = (torch.round(fq.to(torch.float64) / s64) + zp).to(torch.int8)
-        return affine_grid(
+        grid = affine_grid(
             name, codes=codes, scale=scales.reshape(-1, 1), zero_point=zp,
             block_size=(1, *w.shape[1:]), qmin=-8, qmax=7, dequantized=fq.clone(),
             code_bits=4, side_bits=32.0)
+        # fake_quantize: w * (1 / scale) and (q - zp) * scale in float32
+        grid.quantize_arith, grid.product_dtype = "mul_inv32", torch.float32
+        return grid
 
 
 NativeInt8PerChannel, NativeInt4PerChannel = NativeInt8PerRow, NativeInt4PerRow  # earlier names

@@ -74,6 +74,7 @@ class RoundToNearestInt(SchemeConfig):
                 name, codes=codes.to(torch.int8), scale=scale, zero_point=torch.zeros_like(scale),
                 block_size=(1, w.shape[1]), qmin=qmin, qmax=qmax, dequantized=deq,
                 code_bits=self.bits, side_bits=32.0)  # a float32 scale per row (nominal)
+            grids[name].release_dtype = w.dtype  # codes * scale in float64, written back in the weight's dtype
         # convolutions, embeddings, attention projections: the same rule over flattened rows
         quantize_beyond_linear(self, model, self.flat_spec(), grids, reasons, notes)
         return grids, notes, reasons

@@ -351,6 +351,12 @@ def _read_affine(scheme: TorchAOScheme, name: str, w: Tensor, notes: list[str]) 
         block_size=tuple(int(b) for b in w.block_size),
         qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1, dequantized=w.dequantize(),
         code_bits=bits, asymmetric=asym)
+    # torchao's arithmetic: quantize_affine computes w * (1.0 / scale) in the promoted dtype (float32
+    # for a float32 scale); dequantize() computes (q - zp) * scale there and returns the weight's dtype
+    if sdt == torch.float32:
+        grid.quantize_arith = "mul_inv32"
+    grid.product_dtype = torch.promote_types(w.dtype, sdt)
+    grid.release_dtype = w.dtype
     # (schemes scored by Monte Carlo re-quantization, e.g. HQQ, re-run torchao: their cells are real)
     if sdt in (torch.bfloat16, torch.float16) and getattr(scheme, "rounding", "nearest") == "nearest":
         intx = any(k.__name__ == "IntxUnpackedToInt8Tensor" for k in type(w).__mro__)
@@ -514,6 +520,8 @@ def _read_float8(scheme: TorchAOScheme, name: str, weight: Tensor, notes: list[s
         dequantized=weight.dequantize().detach().to(torch.float32).reshape(shape),
         bits_per_weight=8 + scale.element_size() * 8 / math.prod(block),
         scale=scale, block_size=block, values=representable_values(q.dtype),
+        # dequantize(): qdata.float() * scale in float32, returned in the weight's dtype
+        product_dtype=torch.float32, release_dtype=weight.dtype,
     )
 
 

@@ -1,0 +1,103 @@
+"""The storage rounding of a bf16 / fp16 model's trained weights (method.md section 5, "Weights
+stored in bf16 / fp16").
+
+A model trained and stored in a 16-bit float format ``D`` holds ``w = rnd_D(theta-hat)``, and
+every scheme quantizes ``w``: the release is ``Q(rnd_D(theta-hat))``. So, in the Gaussian model of
+the continuous ``theta-hat``, the cell of a code is the set of real values whose *stored* value
+has that code: a union of storage cells (the intervals that round to one ``D`` value), and each
+edge is the midpoint between the last ``D`` value of one code and the first of the next. The
+edges move by up to half a storage ulp from the grid's own edges: 0.25 int8 step near a bf16
+block's absmax (docs/quantization.md).
+
+This module holds the dtype arithmetic; :class:`~mis_lightning.quantization.ParamGrid` locates the
+codes of the stored values with the backend's own arithmetic and sums the cells
+(``storage_dtype``). Tensors hold ``D`` values as float64, any shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+#: the dtypes whose storage rounding is modelled
+STORAGE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _ordered(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """int32 keys of ``D`` values (float64 ``x``), increasing with the value (+-0 both 0)."""
+    bits = x.to(dtype).view(torch.int16).to(torch.int32)
+    return torch.where(bits >= 0, bits, -(bits & 0x7FFF))
+
+
+def _from_ordered(o: Tensor, dtype: torch.dtype) -> Tensor:
+    bits = torch.where(o >= 0, o, (-o) | 0x8000)
+    bits = torch.where(bits >= 0x8000, bits - 0x10000, bits)  # as int16 two's complement
+    return bits.to(torch.int16).view(dtype).to(torch.float64)
+
+
+def next_stored(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The next ``D`` value above each ``D`` value ``x`` (float64)."""
+    return _from_ordered(_ordered(x, dtype) + 1, dtype)
+
+
+def prev_stored(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The next ``D`` value below each ``D`` value ``x`` (float64)."""
+    return _from_ordered(_ordered(x, dtype) - 1, dtype)
+
+
+def stored(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rnd_D(x)`` (nearest, ties to even: the cast), as float64."""
+    return x.to(dtype).to(torch.float64)
+
+
+def stored_floor(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The largest ``D`` value ``<= x`` (finite float64 ``x`` within ``D``'s range)."""
+    r = stored(x, dtype)
+    return torch.where(r > x, prev_stored(r, dtype), r)
+
+
+def storage_ulp(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The gap between ``rnd_D(|x|)`` and the next ``D`` value (float64): the width of a
+    storage cell near ``x``."""
+    r = stored_floor(x.abs().clamp_max(torch.finfo(dtype).max / 2), dtype)
+    return next_stored(r, dtype) - r
+
+
+def stored_edges(raw: Tensor, upper_key: Tensor, key: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Tensor:
+    """Edges of the stored cells from a grid's own edges.
+
+    Args:
+        raw: ``[..., K]`` the grid's edges in parameter units (``+-inf`` kept): edge ``i`` lies
+            below the cell of key ``upper_key[..., i]``, within one ``D`` ulp of the real
+            threshold of the backend's arithmetic.
+        upper_key: ``[..., K]`` float64 the key of the cell above each edge.
+        key: ``key(v) -> [..., K]`` the key of the cell holding each stored value ``v`` (``D``
+            values, ``[..., K]``), by the backend's own arithmetic, non-decreasing in ``v``.
+        dtype: the storage dtype ``D``.
+
+    Returns:
+        ``[..., K]`` float64: ``(u + next_D(u)) / 2`` with ``u`` the largest ``D`` value whose key
+        is below ``upper_key`` (an empty cell, one no ``D`` value rounds into, gets two equal edges).
+    """
+    fin = torch.isfinite(raw)
+    e = torch.where(fin, raw, torch.zeros_like(raw))
+    va = stored_floor(e, dtype)
+    na, pa = next_stored(va, dtype), prev_stored(va, dtype)
+    u = torch.where(key(na) < upper_key, na, torch.where(key(va) < upper_key, va, pa))
+    return torch.where(fin, 0.5 * (u + next_stored(u, dtype)), raw)
+
+
+def stored_bounds(lower: Tensor, upper: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The bounds a release puts on the continuous weights of a block whose stored extremes are
+    ``lower`` / ``upper`` (``D`` values; ``+-inf``: none): a weight that is not the extreme is
+    stored strictly inside, so the continuous weight lies within the midpoints next to them.
+    (Where a bound is not attained, e.g. the 0 of a one-signed min/max block, this is tighter
+    than the truth by half an ulp of 0, which moves mass to the revealed tail: conservative.)"""
+    lo_f, hi_f = torch.isfinite(lower), torch.isfinite(upper)
+    lo0 = torch.where(lo_f, lower, torch.zeros_like(lower))
+    hi0 = torch.where(hi_f, upper, torch.zeros_like(upper))
+    lo = torch.where(lo_f, 0.5 * (lo0 + next_stored(lo0, dtype)), lower)
+    hi = torch.where(hi_f, 0.5 * (prev_stored(hi0, dtype) + hi0), upper)
+    return lo, hi
