@@ -562,19 +562,12 @@ def test_auto_takes_the_exact_sandwich_with_the_residual_for_the_example_cnn():
     assert (twice.mode, twice.hessian) == ("diagonal", "ggn")
 
 
-@pytest.mark.parametrize("act, twice, skipped", [(nn.ReLU, False, True), (nn.Tanh, False, False),
-                                                 (nn.ReLU, True, False)])
-def test_the_residual_hessian_equals_the_exact_hessian(act, twice, skipped):
-    """hessian="ggn_residual" sums J'LJ (per-record output Jacobians) and the residual term's
-    columns (Hessian-vector products of sum_i e_i . o_i): their sum is the batch Hessian of the
-    summed loss (_batch_hessian, forward-over-reverse of the loss itself), to 1e-10 of its
-    largest entry (float64 rounding ~1e-14; the Gauss-Newton part alone is off by O(1) there).
-    ReLU: the largest module's (c2) residual block is zero and skipped; tanh, or c2 applied
-    twice: not zero (measured on the first batch), every column computed, still exact."""
+def _residual_and_batch_hessians(m, x, y):
+    """The ggn_residual accumulator updated on two batches of 48 records, with the sums of the
+    batches' exact Hessians (forward-over-reverse of the summed loss) and Gauss-Newton matrices:
+    the references its H_sum is checked against."""
     from mis_lightning.estimation.estimate import _batch_gauss_newton, _batch_hessian
 
-    x, y = _cnn_data(96, classes=3, seed=1)
-    m = _trained(_TinyCNN(act, twice), x, y, steps=10)
     acc = MomentAccumulator(m, ce, mode="exact", hessian="ggn_residual", num_records=16)
     H = torch.zeros(acc.d, acc.d, dtype=torch.float64)
     G = torch.zeros_like(H)
@@ -584,6 +577,20 @@ def test_the_residual_hessian_equals_the_exact_hessian(act, twice, skipped):
         xb, yb, _ = acc.program.prepare(batch)
         H += _batch_hessian(acc.program, xb, yb, acc.names, acc.offsets, acc.d)
         G += _batch_gauss_newton(acc.program, xb, yb, acc.names, acc.d)
+    return acc, H, G
+
+
+@pytest.mark.parametrize("act, twice, skipped", [(nn.ReLU, False, True), (nn.Tanh, False, False),
+                                                 (nn.ReLU, True, False)])
+def test_the_residual_hessian_equals_the_exact_hessian(act, twice, skipped):
+    """hessian="ggn_residual" sums J'LJ (per-record output Jacobians) and the residual term's
+    columns (Hessian-vector products of sum_i e_i . o_i): their sum is the batch Hessian of the
+    summed loss (_batch_hessian, forward-over-reverse of the loss itself), to 1e-10 of its
+    largest entry (float64 rounding ~1e-14; the Gauss-Newton part alone is off by O(1) there).
+    ReLU: the largest module's (c2) residual block is zero and skipped; tanh, or c2 applied
+    twice: not zero (measured on the first batch), every column computed, still exact."""
+    x, y = _cnn_data(96, classes=3, seed=1)
+    acc, H, G = _residual_and_batch_hessians(_trained(_TinyCNN(act, twice), x, y, steps=10), x, y)
     scale = float(H.abs().max())
     assert float((acc.state["H_sum"] - H).abs().max()) <= 1e-10 * scale
     assert float((G - H).abs().max()) > 1e-3 * scale  # the residual term matters here
@@ -615,19 +622,8 @@ def test_the_residual_keeps_the_own_block_of_a_module_not_found_zero():
     ~1e-15), and the case discriminates: the residual's c1 block is above 1e-3 of that entry, so
     leaving it out would fail the bound (checked by forcing c1 into the zero blocks). Fails on
     the old code: no residual_zero_blocks diagnostics."""
-    from mis_lightning.estimation.estimate import _batch_gauss_newton, _batch_hessian
-
     x, y = _cnn_data(96, classes=3, seed=2)
-    m = _trained(_TanhFirstCNN(), x, y, steps=10)
-    acc = MomentAccumulator(m, ce, mode="exact", hessian="ggn_residual", num_records=16)
-    H = torch.zeros(acc.d, acc.d, dtype=torch.float64)
-    G = torch.zeros_like(H)
-    for a in range(0, 96, 48):
-        batch = (x[a:a + 48], y[a:a + 48])
-        acc.update(batch)
-        xb, yb, _ = acc.program.prepare(batch)
-        H += _batch_hessian(acc.program, xb, yb, acc.names, acc.offsets, acc.d)
-        G += _batch_gauss_newton(acc.program, xb, yb, acc.names, acc.d)
+    acc, H, G = _residual_and_batch_hessians(_trained(_TanhFirstCNN(), x, y, steps=10), x, y)
     scale = float(H.abs().max())
     assert float((acc.state["H_sum"] - H).abs().max()) <= 1e-10 * scale
     c1 = torch.arange(*acc.offsets["c1.weight"])

@@ -124,12 +124,9 @@ def test_sampled_sums_are_unbiased_and_the_group_noise_is_calibrated():
     assert 0.75 <= ratio <= 1.33, ratio
 
 
-def test_scoring_evaluates_the_draws_on_a_sample_of_a_large_parameter(monkeypatch):
-    """End to end (a 64 -> 24 -> 1 MLP, the sampling threshold lowered to its 1,536-weight
-    layer, factored influences): the draws' cell moments are evaluated on a sample of the
-    first layer's rows (8 of its 24: at least one per group) instead of every row; the
-    headline, d_eff and the pool value are bitwise those of the full evaluation; the interval
-    ends move by less than 5% of its width, and the sample noise is reported into it."""
+def _diagonal_relu_mlp():
+    """The 64 -> 24 -> 1 ReLU MLP of ``_nets``, its diagonal estimate (64 stored records, the
+    Gauss-Newton Hessian) and the scoring configuration of the same call."""
     from _nets import trained_relu_mlp
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -141,6 +138,16 @@ def test_scoring_evaluates_the_draws_on_a_sample_of_a_large_parameter(monkeypatc
                                         "budget": 1000})
     est = A.run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=128),
                            lambda o, t: (o[:, 0] - t) ** 2, est_cfg)
+    return model, est, sc_cfg
+
+
+def test_scoring_evaluates_the_draws_on_a_sample_of_a_large_parameter(monkeypatch):
+    """End to end (a 64 -> 24 -> 1 MLP, the sampling threshold lowered to its 1,536-weight
+    layer, factored influences): the draws' cell moments are evaluated on a sample of the
+    first layer's rows (8 of its 24: at least one per group) instead of every row; the
+    headline, d_eff and the pool value are bitwise those of the full evaluation; the interval
+    ends move by less than 5% of its width, and the sample noise is reported into it."""
+    model, est, sc_cfg = _diagonal_relu_mlp()
     assert est.factors is not None and not est.influence_stored
     counted = {"n": 0}
     real = A._draw_parts
@@ -179,17 +186,7 @@ def test_scoring_draws_the_positions_on_the_sample_only(monkeypatch):
     elements only (``rows x m`` standard normals, not ``rows x c``: a sixteenth; pf29), and the
     draws read them: the chunk's draw parts are those of :func:`_sampled_draw_parts` given those
     normals. The 64 -> 24 -> 1 MLP of the test above, its 1,536-weight layer sampled (8 of 24 rows)."""
-    from _nets import trained_relu_mlp
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from mis_lightning.config import stage_configs
-
-    model, x, y = trained_relu_mlp()
-    est_cfg, sc_cfg, _ = stage_configs("assess", None, None,
-                                       {"estimation": "diagonal", "num_records": 64, "hessian": "ggn",
-                                        "budget": 1000})
-    est = A.run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=128),
-                           lambda o, t: (o[:, 0] - t) ** 2, est_cfg)
+    model, est, sc_cfg = _diagonal_relu_mlp()
     monkeypatch.setattr(A, "DRAW_SAMPLE_MIN_WEIGHTS", 1024)
     monkeypatch.setattr(A, "DRAW_SAMPLE_MIN_ROWS", 16)
     drawn: list[tuple[int, ...]] = []
