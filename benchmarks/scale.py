@@ -42,6 +42,10 @@ for a field-by-field comparison of two checkouts with ``benchmarks/compare_repor
 
     python benchmarks/scale.py --sizes 1e6 --calls 2 --profile prof --report rep   # prof_1e6_call{1,2}.prof*
 
+``--root PATH`` measures the ``mis_lightning`` of another checkout (e.g. ``git worktree add
+../old COMMIT``) with this file's models, data and options: "before / after" figures of two
+checkouts in fresh, interleaved processes (docs/benchmarks.md, "Before / after").
+
 ``--memory-only`` skips the Adam epochs (the 1e8 model's epoch alone takes minutes on one
 core) and reports times in seconds only. ``--threads`` sets ``torch.set_num_threads`` in the
 child; the OpenMP wait policy is whatever the environment says (see docs/benchmarks.md).
@@ -174,6 +178,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         _import_torchao_quantization()
         torchao_cpu = time.process_time() - c0
 
+    import mis_lightning
     from mis_lightning.assess import run_estimation, score_schemes
     from mis_lightning.config import stage_configs
 
@@ -244,7 +249,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
     if mem is not None:  # clear_refs also resets ru_maxrss: the run's peak is the stages' largest
         peak = max(peak, *(st["peak_mib"] for st in mem.rows))
     return {
-        "size": size, "params": d, "n": n, "batch": batch, "threads": threads, "schemes": schemes,
+        "size": size, "mis_lightning": str(Path(mis_lightning.__file__).parent), "params": d, "n": n, "batch": batch, "threads": threads, "schemes": schemes,
         "epoch_adam_s": epoch, "estimation_s": est_s, "scoring_s": score_s,
         "estimation_epochs": est_s / epoch, "scoring_epochs": score_s / epoch,
         "total_epochs": (est_s + score_s) / epoch,
@@ -277,10 +282,14 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=1, help="scoring calls in one process (see above)")
     ap.add_argument("--profile", default=None, metavar="PREFIX", help="cProfile each scoring call (see above)")
     ap.add_argument("--report", default=None, metavar="PREFIX", help="write the report JSON (see above)")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="the checkout whose mis_lightning is measured (default: this file's)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
+        if args.root is not None:  # ahead of this checkout (inserted at import) and of PYTHONPATH
+            sys.path.insert(0, str(args.root))
         r = run_one(args.one, args.n, args.batch, args.schemes, args.threads, args.memory_only, args.stages,
                     args.preimport_torchao, args.calls, args.profile, args.report)
         print(json.dumps(r))
@@ -296,6 +305,8 @@ def main(argv=None) -> int:
         if args.preimport_torchao:
             cmd.append("--preimport-torchao")
         cmd += ["--calls", str(args.calls)]
+        if args.root is not None:
+            cmd += ["--root", str(args.root.resolve())]
         for flag, value in (("--profile", args.profile), ("--report", args.report)):
             if value:  # absolute: the child writes where the caller asked
                 cmd += [flag, str(Path(value).resolve())]
@@ -309,7 +320,7 @@ def main(argv=None) -> int:
         r = json.loads(p.stdout.strip().splitlines()[-1])
         r["wall_s"] = time.perf_counter() - t0
         rows.append(r)
-        print(f"{size}: d={r['params']:,} epoch {r['epoch_adam_s']:.3f}s | estimation {r['estimation_s']:.1f}s "
+        print(f"{size} ({r['mis_lightning']}): d={r['params']:,} epoch {r['epoch_adam_s']:.3f}s | estimation {r['estimation_s']:.1f}s "
               f"= {r['estimation_epochs']:.1f} ep | scoring {len(r['schemes'])} schemes {r['scoring_s']:.1f}s "
               f"= {r['scoring_epochs']:.1f} ep | total {r['total_epochs']:.1f} ep | peak RSS "
               f"{r['peak_rss_mib']:.0f} MiB ({r['bytes_per_weight']:.0f} B/weight) | load {r['load_avg'][0]:.1f}",
