@@ -46,6 +46,10 @@ for a field-by-field comparison of two checkouts with ``benchmarks/compare_repor
 ../old COMMIT``) with this file's models, data and options: "before / after" figures of two
 checkouts in fresh, interleaved processes (docs/benchmarks.md, "Before / after").
 
+``--plain`` imports nothing of Lightning before the timed region (by default lightning_fabric is
+imported first, as a Lightning user's process has it): the first call of a plain-PyTorch caller of
+``assess`` (pf29). The result's ``lightning_loaded`` says whether the library loaded it itself.
+
 ``--memory-only`` skips the Adam epochs (the 1e8 model's epoch alone takes minutes on one
 core) and reports times in seconds only. ``--threads`` sets ``torch.set_num_threads`` in the
 child; the OpenMP wait policy is whatever the environment says (see docs/benchmarks.md).
@@ -154,7 +158,7 @@ def _instrument(mem: StageMemory) -> None:
 
 def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, memory_only: bool,
             stages: bool = False, preimport_torchao: bool = False, calls: int = 1,
-            profile: str | None = None, report: str | None = None) -> dict:
+            profile: str | None = None, report: str | None = None, plain: bool = False) -> dict:
     import cProfile
     import io
     import pstats
@@ -167,8 +171,11 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
 
     # One-time imports are not the estimation pass: the library's RNG isolation imports
     # lightning_fabric (with torchmetrics) at its first use, ~1 s of a first call in a process
-    # that has not imported Lightning (a callback user's has).
-    import lightning_fabric.utilities.seed  # noqa: F401
+    # that has not imported Lightning (a callback user's has). ``plain``: the process of a caller
+    # of ``assess`` that imports nothing of Lightning, whose first call pays whatever the library
+    # itself imports (pf29).
+    if not plain:
+        import lightning_fabric.utilities.seed  # noqa: F401
 
     torchao_cpu = None
     if preimport_torchao:  # the library's own import of it (the same logging filters)
@@ -257,6 +264,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "epoch_adam_cpu_s": epoch_cpu, "estimation_cpu_s": est_cpu, "scoring_cpu_s": score_cpu,
         "estimation_cpu_epochs": est_cpu / epoch_cpu, "scoring_cpu_epochs": score_cpu / epoch_cpu,
         "total_cpu_epochs": (est_cpu + score_cpu) / epoch_cpu,
+        "plain": plain, "lightning_loaded": "lightning_fabric" in sys.modules,
         "torchao_import_cpu_s": torchao_cpu, "later_calls_cpu_s": [c for _, c in times[1:]],
         "peak_rss_mib": peak, "rss_before_estimation_mib": rss0, "rss_after_estimation_mib": rss_est,
         "bytes_per_weight": peak * 2**20 / d, "estimator": est.estimator,
@@ -282,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=1, help="scoring calls in one process (see above)")
     ap.add_argument("--profile", default=None, metavar="PREFIX", help="cProfile each scoring call (see above)")
     ap.add_argument("--report", default=None, metavar="PREFIX", help="write the report JSON (see above)")
+    ap.add_argument("--plain", action="store_true", help="import nothing of Lightning first (see above)")
     ap.add_argument("--root", type=Path, default=None,
                     help="the checkout whose mis_lightning is measured (default: this file's)")
     ap.add_argument("--json", type=Path, default=None)
@@ -291,7 +300,7 @@ def main(argv=None) -> int:
         if args.root is not None:  # ahead of this checkout (inserted at import) and of PYTHONPATH
             sys.path.insert(0, str(args.root))
         r = run_one(args.one, args.n, args.batch, args.schemes, args.threads, args.memory_only, args.stages,
-                    args.preimport_torchao, args.calls, args.profile, args.report)
+                    args.preimport_torchao, args.calls, args.profile, args.report, args.plain)
         print(json.dumps(r))
         return 0
     rows = []
@@ -305,6 +314,8 @@ def main(argv=None) -> int:
         if args.preimport_torchao:
             cmd.append("--preimport-torchao")
         cmd += ["--calls", str(args.calls)]
+        if args.plain:
+            cmd.append("--plain")
         if args.root is not None:
             cmd += ["--root", str(args.root.resolve())]
         for flag, value in (("--profile", args.profile), ("--report", args.report)):
