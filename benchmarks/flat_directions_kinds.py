@@ -110,7 +110,10 @@ def kinds() -> None:
 
 
 def cost() -> None:
-    from mis_lightning.estimation import estimate as est
+    import importlib
+
+    # the module (the package's ``estimate`` name is the function)
+    est = importlib.import_module("mis_lightning.estimation.estimate")
 
     torch.manual_seed(0)
     d, r, n = 2000, 512, 5000
