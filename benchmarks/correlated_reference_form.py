@@ -8,7 +8,7 @@ Per (rho, step in sd): the mean over the records of channel / exact and its rang
 value's relative standard error, and exact / unquantized. The exact value's GHK draws per box are
 ``min(16384, max(256, budget // (boxes x d)))``: at rho = 0.9 its bias dominates with the default
 256 (``--boxes 500 --budget`` so that each box gets 4,096 or 16,384 draws moves the ratio towards 1).
-Runtime: ~3 s CPU per (rho, step) with the defaults; ~1-2 min per step at 16,384 draws per box.
+Runtime: ~3 s CPU per (rho, step) with the defaults; ~10 s at 4,096 draws per box (500 boxes).
 
     python benchmarks/correlated_reference_form.py                      # d = 64, n = 4000, 12 rows
     python benchmarks/correlated_reference_form.py --rhos 0.9 --steps 1.4 4 --spread-sd 6 \\
