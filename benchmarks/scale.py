@@ -32,6 +32,24 @@ the first call's fixed costs between torchao's import (~0.4 s CPU, paid once by 
 quantizes with torchao) and the library's own (docs/benchmarks.md, fc26). Off by default: the
 headline first call includes the import.
 
+``--calls K`` scores the schemes K times in the same process (the first call pays the
+one-time costs: imports, compiles, kernel caches; later calls are the steady state), CPU time of
+each in ``later_calls_cpu_s``. ``--profile PREFIX`` runs each scoring call under cProfile (timer:
+process CPU time; the profiler adds its own overhead, so time a run without it) and writes
+``PREFIX_SIZE_callI.prof`` and a text summary ``.prof.txt`` (70 rows by cumulative, 40 by own
+time). ``--report PREFIX`` writes the last call's report to ``PREFIX_SIZE.json`` (``to_json()``),
+for a field-by-field comparison of two checkouts with ``benchmarks/compare_reports.py``:
+
+    python benchmarks/scale.py --sizes 1e6 --calls 2 --profile prof --report rep   # prof_1e6_call{1,2}.prof*
+
+``--root PATH`` measures the ``mis_lightning`` of another checkout (e.g. ``git worktree add
+../old COMMIT``) with this file's models, data and options: "before / after" figures of two
+checkouts in fresh, interleaved processes (docs/benchmarks.md, "Before / after").
+
+``--plain`` imports nothing of Lightning before the timed region (by default lightning_fabric is
+imported first, as a Lightning user's process has it): the first call of a plain-PyTorch caller of
+``assess`` (pf29). The result's ``lightning_loaded`` says whether the library loaded it itself.
+
 ``--memory-only`` skips the Adam epochs (the 1e8 model's epoch alone takes minutes on one
 core) and reports times in seconds only. ``--threads`` sets ``torch.set_num_threads`` in the
 child; the OpenMP wait policy is whatever the environment says (see docs/benchmarks.md).
@@ -139,7 +157,12 @@ def _instrument(mem: StageMemory) -> None:
 
 
 def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, memory_only: bool,
-            stages: bool = False, preimport_torchao: bool = False) -> dict:
+            stages: bool = False, preimport_torchao: bool = False, calls: int = 1,
+            profile: str | None = None, report: str | None = None, plain: bool = False) -> dict:
+    import cProfile
+    import io
+    import pstats
+
     import torch
 
     mem = StageMemory() if stages else None
@@ -148,8 +171,11 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
 
     # One-time imports are not the estimation pass: the library's RNG isolation imports
     # lightning_fabric (with torchmetrics) at its first use, ~1 s of a first call in a process
-    # that has not imported Lightning (a callback user's has).
-    import lightning_fabric.utilities.seed  # noqa: F401
+    # that has not imported Lightning (a callback user's has). ``plain``: the process of a caller
+    # of ``assess`` that imports nothing of Lightning, whose first call pays whatever the library
+    # itself imports (pf29).
+    if not plain:
+        import lightning_fabric.utilities.seed  # noqa: F401
 
     torchao_cpu = None
     if preimport_torchao:  # the library's own import of it (the same logging filters)
@@ -159,6 +185,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         _import_torchao_quantization()
         torchao_cpu = time.process_time() - c0
 
+    import mis_lightning
     from mis_lightning.assess import run_estimation, score_schemes
     from mis_lightning.config import stage_configs
 
@@ -201,18 +228,35 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
     if mem is not None:
         mem.mark("run_estimation")
     rss_est = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    rep = score_schemes(est, model, schemes, scoring_config=sc_cfg)
-    score_s = time.perf_counter() - t0
-    score_cpu = time.process_time() - c0
+    times = []  # (wall, CPU) per call
+    for call in range(1, calls + 1):
+        prof = cProfile.Profile(time.process_time) if profile else None
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        rep = score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        if prof is not None:
+            prof.disable()
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+        if prof is not None:
+            out = f"{profile}_{size}_call{call}"
+            prof.dump_stats(out + ".prof")
+            txt = io.StringIO()
+            txt.write(f"size {size} scoring call {call}: {times[-1][1]:.2f} s CPU (profiled)\n")
+            pstats.Stats(prof, stream=txt).sort_stats("cumulative").print_stats(70)
+            pstats.Stats(prof, stream=txt).sort_stats("tottime").print_stats(40)
+            Path(out + ".prof.txt").write_text(txt.getvalue())
+    score_s, score_cpu = times[0]
+    if report:
+        Path(f"{report}_{size}.json").write_text(rep.to_json())
     if mem is not None:
         mem.mark("other")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # MiB (Linux: KiB)
     if mem is not None:  # clear_refs also resets ru_maxrss: the run's peak is the stages' largest
         peak = max(peak, *(st["peak_mib"] for st in mem.rows))
     return {
-        "size": size, "params": d, "n": n, "batch": batch, "threads": threads, "schemes": schemes,
+        "size": size, "mis_lightning": str(Path(mis_lightning.__file__).parent), "params": d, "n": n, "batch": batch, "threads": threads, "schemes": schemes,
         "epoch_adam_s": epoch, "estimation_s": est_s, "scoring_s": score_s,
         "estimation_epochs": est_s / epoch, "scoring_epochs": score_s / epoch,
         "total_epochs": (est_s + score_s) / epoch,
@@ -220,7 +264,8 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "epoch_adam_cpu_s": epoch_cpu, "estimation_cpu_s": est_cpu, "scoring_cpu_s": score_cpu,
         "estimation_cpu_epochs": est_cpu / epoch_cpu, "scoring_cpu_epochs": score_cpu / epoch_cpu,
         "total_cpu_epochs": (est_cpu + score_cpu) / epoch_cpu,
-        "torchao_import_cpu_s": torchao_cpu,
+        "plain": plain, "lightning_loaded": "lightning_fabric" in sys.modules,
+        "torchao_import_cpu_s": torchao_cpu, "later_calls_cpu_s": [c for _, c in times[1:]],
         "peak_rss_mib": peak, "rss_before_estimation_mib": rss0, "rss_after_estimation_mib": rss_est,
         "bytes_per_weight": peak * 2**20 / d, "estimator": est.estimator,
         "influence_stored": est.influence_stored, "factored": est.factors is not None,
@@ -242,12 +287,20 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", action="store_true", help="peak RSS per stage (see above)")
     ap.add_argument("--preimport-torchao", action="store_true",
                     help="import torchao before the epochs (its CPU time apart; see above)")
+    ap.add_argument("--calls", type=int, default=1, help="scoring calls in one process (see above)")
+    ap.add_argument("--profile", default=None, metavar="PREFIX", help="cProfile each scoring call (see above)")
+    ap.add_argument("--report", default=None, metavar="PREFIX", help="write the report JSON (see above)")
+    ap.add_argument("--plain", action="store_true", help="import nothing of Lightning first (see above)")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="the checkout whose mis_lightning is measured (default: this file's)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
+        if args.root is not None:  # ahead of this checkout (inserted at import) and of PYTHONPATH
+            sys.path.insert(0, str(args.root))
         r = run_one(args.one, args.n, args.batch, args.schemes, args.threads, args.memory_only, args.stages,
-                    args.preimport_torchao)
+                    args.preimport_torchao, args.calls, args.profile, args.report, args.plain)
         print(json.dumps(r))
         return 0
     rows = []
@@ -260,6 +313,14 @@ def main(argv=None) -> int:
             cmd.append("--stages")
         if args.preimport_torchao:
             cmd.append("--preimport-torchao")
+        cmd += ["--calls", str(args.calls)]
+        if args.plain:
+            cmd.append("--plain")
+        if args.root is not None:
+            cmd += ["--root", str(args.root.resolve())]
+        for flag, value in (("--profile", args.profile), ("--report", args.report)):
+            if value:  # absolute: the child writes where the caller asked
+                cmd += [flag, str(Path(value).resolve())]
         t0 = time.perf_counter()
         # the child's stage lines (stderr) go straight through: a long run shows where it is
         p = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=None if args.stages else subprocess.PIPE,
@@ -270,7 +331,7 @@ def main(argv=None) -> int:
         r = json.loads(p.stdout.strip().splitlines()[-1])
         r["wall_s"] = time.perf_counter() - t0
         rows.append(r)
-        print(f"{size}: d={r['params']:,} epoch {r['epoch_adam_s']:.3f}s | estimation {r['estimation_s']:.1f}s "
+        print(f"{size} ({r['mis_lightning']}): d={r['params']:,} epoch {r['epoch_adam_s']:.3f}s | estimation {r['estimation_s']:.1f}s "
               f"= {r['estimation_epochs']:.1f} ep | scoring {len(r['schemes'])} schemes {r['scoring_s']:.1f}s "
               f"= {r['scoring_epochs']:.1f} ep | total {r['total_epochs']:.1f} ep | peak RSS "
               f"{r['peak_rss_mib']:.0f} MiB ({r['bytes_per_weight']:.0f} B/weight) | load {r['load_avg'][0]:.1f}",
@@ -278,7 +339,8 @@ def main(argv=None) -> int:
         print(f"    CPU time: epoch {r['epoch_adam_cpu_s']:.3f}s | estimation {r['estimation_cpu_epochs']:.1f} ep | "
               f"scoring {r['scoring_cpu_s']:.1f}s = {r['scoring_cpu_epochs']:.1f} ep | total {r['total_cpu_epochs']:.1f} ep"
               + ("" if r["torchao_import_cpu_s"] is None else
-                 f" | torchao import (before, apart) {r['torchao_import_cpu_s']:.2f}s"), flush=True)
+                 f" | torchao import (before, apart) {r['torchao_import_cpu_s']:.2f}s")
+              + "".join(f" | call {i} {c:.2f}s" for i, c in enumerate(r["later_calls_cpu_s"], 2)), flush=True)
         for st in r.get("stages") or []:
             print(f"    {st['stage']:<45} peak {st['peak_mib']:8.0f} MiB = {st['peak_mib'] * 2**20 / r['params']:7.1f} "
                   f"B/weight (rise {st['peak_mib'] - st['start_mib']:7.0f} MiB), held after {st['end_mib']:8.0f} MiB, "

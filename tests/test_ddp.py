@@ -143,7 +143,7 @@ def test_metric_two_processes_equal_one(world):
                 # The interval's ends are order statistics of 4 draws of a release whose coarse
                 # cells make it position-dominated (rtn_int2 on this untrained MLP): draws near a
                 # cell boundary amplify the estimate's 1e-14 rounding (batch composition alone:
-                # 6.6e-10 at rtn_int2's lower end, /work/scratch/lv25/ddp_rounding2.py; the
+                # 6.6e-10 at rtn_int2's lower end, lv25's probe ddp_rounding2.py, not kept; the
                 # headline 5e-14), so 1e-8 there
                 rel = 1e-8 if f in ("leakage_p10", "leakage_p90") else 1e-9
                 assert r0[name][scheme][f] == pytest.approx(v, rel=rel, abs=1e-12), (name, scheme, f)

@@ -409,7 +409,7 @@ def test_hc2_term_with_fewer_records_stored_reads_the_all_records_figure() -> No
     all-records figures of the same records. OLS n = 3,000, d = 201, R = 512, 3 random
     selections: hs28's trace-matched scalar read -0.28 % (its shape is not the HC2 term's), the
     rank-one leave-one-out terms -0.01 % (mahalanobis) / -0.02 % (quantized), over 10 selections
-    +0.01 % with sd 0.02 % (/work/scratch/lo29/scripts/proto.py). Tolerance 0.1 % (the brief's
+    +0.01 % with sd 0.02 % (lo29's prototype proto.py, not kept). Tolerance 0.1 % (the brief's
     bound on the headline's bias): a third of the old offset, 5x the new."""
     n, d, R = 3000, 201, 512
     C, V, Hinv, J, L = _ols_factors(n, d)
@@ -507,7 +507,7 @@ def test_box_mean_form_carries_each_records_self_term() -> None:
     ``R_bar - b x x'``, on a design where the term is large (heteroscedastic, high-leverage rows,
     d = 40, n = 400, R = 40, 4 coarse weights on 2-sd grids, the 6 records with the largest terms:
     the shared matrix alone reads 10 % low): their mean is within 1 % (+0.17 %; +0.05 % over 40 records with 8
-    coarse weights and 4,096 draws, /work/scratch/lo29/scripts/mc_ratio.py; the runs share their
+    coarse weights and 4,096 draws, benchmarks/self_term_box_mean.py; the runs share their
     draws' seed)."""
     from mis_lightning.estimation.estimate import sandwich_compute
     from mis_lightning.functional.cells import cell_moments

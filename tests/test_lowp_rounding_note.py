@@ -6,7 +6,7 @@ not be shown (it is kept for a bf16 / fp16 scale the library cannot score exactl
 
 The reference here is torchao's own release, not the library: we find a weight whose real
 code differs from round-to-nearest on the grid's own (float64) scale, i.e. a weight the
-fixed-grid cells place in the wrong cell (qx27 audit, /work/scratch/qx27/gridcheck.py).
+fixed-grid cells place in the wrong cell (qx27 audit, its gridcheck.py not kept).
 """
 import pytest
 import torch

@@ -4,7 +4,7 @@
   record present ``k`` times moves the weights ``k`` times as far (a shift of ``k psi / n``), so
   its leakage is understated: with every record of a logistic regression twice, the trained
   weights and the membership game are exactly those of the unique set, yet the report read
-  0.708x the unique set's figure (``/work/scratch/fu27/s10_duplicates.py``).
+  0.708x the unique set's figure (fu27's ``s10_duplicates.py``, not kept).
 * BatchNorm's running statistics: float buffers computed from the training batches, released
   with the weights and not scored.
 
@@ -114,7 +114,7 @@ def test_batchnorm_running_statistics_are_said_to_be_released_and_not_scored():
     every weight-only scheme and not scored: on BatchNorm1d(16) over N(0, I) inputs, n = 1000, batch 32,
     5 epochs, it alone has a membership advantage of 0.0295 (exact; a real attack on it alone: 0.028),
     while the report read 0.0194 [0.0132, 0.0255] for intx_weight_only_int2
-    (/work/scratch/fu27/s12_bn_buffers.py, s13_bn_model.py). The report now names the buffers.
+    (fu27's s12_bn_buffers.py, s13_bn_model.py, not kept). The report now names the buffers.
     Without running statistics (track_running_stats=False: batch statistics at evaluation too) the
     model mixes records and is refused; here it is the tracked model and a model without BatchNorm."""
     m, x, y = _bn_model(True)

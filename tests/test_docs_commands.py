@@ -1,0 +1,56 @@
+"""Every command the docs give runs from a clean checkout.
+
+The docs state figures with the command that reproduces them (docs/benchmarks.md, "How to
+measure"). A command or log under a developer's scratch folder (``/work/scratch/...``) is not in
+a reader's checkout, so the figure cannot be rerun or checked; and a ``python benchmarks/X.py``
+whose file was renamed or removed fails the same way. Both are text checks (< 0.1 s).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What a reader of the checkout reads: the docs, the README, the benchmarks' docstrings (their
+# commands), the library's docstrings and comments, the examples and the tests' notes.
+_SOURCES = (
+    [ROOT / "README.md"]
+    + sorted((ROOT / "docs").glob("*.md"))
+    + sorted((ROOT / "benchmarks").glob("*.py"))
+    + sorted((ROOT / "examples").glob("*.py"))
+    + sorted((ROOT / "mis_lightning").rglob("*.py"))
+    + sorted((ROOT / "tests").glob("*.py"))
+)
+
+# Scratch folders of the developers' sessions; this file names the pattern itself.
+_SCRATCH = re.compile("/work/" + "scratch")
+_BENCH = re.compile(r"\bbenchmarks/([A-Za-z0-9_]+\.(?:py|sh))\b")
+
+
+def _lines():
+    for path in _SOURCES:
+        if path == Path(__file__).resolve():
+            continue
+        for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            yield path.relative_to(ROOT), no, line
+
+
+def test_no_command_or_log_points_into_a_scratch_folder():
+    hits = [f"{p}:{no}: {line.strip()[:120]}" for p, no, line in _lines() if _SCRATCH.search(line)]
+    assert not hits, (
+        f"{len(hits)} line(s) cite a scratch folder the reader's checkout lacks; bring the "
+        "script into benchmarks/ (and cite that command) or state the figure without the path:\n"
+        + "\n".join(hits)
+    )
+
+
+def test_every_benchmark_the_docs_name_exists():
+    missing = sorted({
+        f"{p}:{no}: benchmarks/{m.group(1)}"
+        for p, no, line in _lines()
+        for m in _BENCH.finditer(line)
+        if not (ROOT / "benchmarks" / m.group(1)).is_file()
+    })
+    assert not missing, "benchmarks named in the docs that the checkout lacks:\n" + "\n".join(missing)
