@@ -47,6 +47,7 @@ from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
 from .report import (
     CONSISTENCY_TOLERANCE,
+    D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
     LayerResult,
     Report,
@@ -198,16 +199,36 @@ def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:
             "meaningless; select the trained parameters (params=None selects exactly those)")
 
 
-def _d_over_n_warning(d: int, n: int) -> str:
+def _d_over_n_warning(d: int, n: int, d_eff_over_n: Mapping[str, float] | None = None,
+                      num_schemes: int = 0) -> str:
     """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
     influences; method.md section 2) and the baseline (``d_eff = d``) are then outside the
-    asymptotic regime, whatever the schemes' ``d_eff``."""
+    asymptotic regime, whatever the schemes' ``d_eff``. ``d_eff_over_n``: the schemes (of
+    ``num_schemes``) whose own ``d_eff / n`` is above it too, named in the same warning
+    (:data:`D_EFF_STILL_LARGE`; the separate d_eff / n warning said nearly the same, ux29)."""
+    # the schemes between the cause and the consequence: the warning still ends with its action (fu28)
+    schemes = (_d_eff_over_n_sentence(d_eff_over_n, num_schemes, D_EFF_STILL_LARGE) + ". ") if d_eff_over_n else ""
     return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
             "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
-            "of the trained weights that needs d << n. Every figure, low d_eff included, is therefore "
+            f"of the trained weights that needs d << n. {schemes}Every figure, low d_eff included, is therefore "
             "indicative only and can read below what real attacks achieve (8-10% below on a tanh MLP at "
             "d / n = 0.10: docs/validation.md). To act: assess fewer weights (e.g. a head over a frozen "
             "encoder) or use more records")
+
+
+#: how the d / n warning names the schemes whose own d_eff / n is not small either (the aggregate
+#: of a sweep finds them by :data:`~mis_lightning.report.D_EFF_SCHEMES_MARK`)
+D_EFF_STILL_LARGE = (f"{D_EFF_SCHEMES_MARK} (the weights that still leak, over n; the regime needs it small too) "
+                     f"above {D_EFF_OVER_N_MAX:g} for ")
+
+
+def _d_eff_over_n_sentence(large: Mapping[str, float], num_schemes: int, head: str) -> str:
+    """``head`` + the schemes of ``large`` (name: d_eff / n), every scheme said as such, the
+    largest value named."""
+    worst = max(large, key=large.get)  # type: ignore[arg-type]
+    which = "every scheme" if len(large) == num_schemes else ", ".join(sorted(large))
+    size = f"{large[worst]:.3g}" if len(large) == 1 else f"up to {large[worst]:.3g}, {worst}"
+    return f"{head}{which} ({size})"
 
 
 def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
@@ -924,19 +945,16 @@ def score_schemes(
             "where the model's output ends (a sigmoid or softmax moved from the loss into forward changes them, "
             "and the figures by a few percent at d / n above 0.1); leverage_correction=False gives the first-order "
             "forms, which do not")
+    large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
-        report.warnings.append(_d_over_n_warning(est.d, n))
+        # one warning: the schemes' own d_eff / n only adds which of them stay above the bound
+        report.warnings.append(_d_over_n_warning(est.d, n, large, len(scheme_objs)))
     if lev:  # its own warning: joined to the d / n one it buried that one's action (fu28: 1,379 characters)
         report.warnings.append(lev)
-    large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
-    if large:
-        worst = max(large, key=large.get)  # type: ignore[arg-type]
-        which = "every scheme" if len(large) == len(scheme_objs) else ", ".join(sorted(large))
-        size = f"{large[worst]:.3g}" if len(large) == 1 else f"up to {large[worst]:.3g}, {worst}"
+    if large and est.d / n <= D_EFF_OVER_N_MAX:  # d_eff > d: not expected (kappa <= 1), said if it happens
         report.warnings.append(
-            f"d_eff / n is not small for {which} ({size}); the "
-            "asymptotic regime needs d_eff << n: treat those figures as indicative"
-        )
+            _d_eff_over_n_sentence(large, len(scheme_objs), "d_eff / n is not small for ")
+            + "; the asymptotic regime needs d_eff << n: treat those figures as indicative")
     # What a release carries beyond its weights and the indicator does not score (AWQ factors).
     for sc in scheme_objs:
         unscored = getattr(sc, "release_warning", lambda: None)()

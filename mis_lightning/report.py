@@ -672,6 +672,11 @@ def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
 CONSISTENCY_TOLERANCE = 0.02
 
 
+#: the d / n warning's sentence naming the schemes whose own d_eff / n is not small either
+#: (assess.py builds it; the aggregate of a sweep lists those per job under one warning)
+D_EFF_SCHEMES_MARK = "Quantization leaves d_eff / n"
+
+
 # Relative move of a leakage under the eigenvalue floor x10 or /10 beyond which the figure is
 # flagged unstable (``~`` in the table, a warning; SchemeResult.floor_sensitivity).
 FLOOR_SENSITIVITY_MAX = 0.05
