@@ -53,7 +53,9 @@ from .report import (
     Report,
     SchemeResult,
     above_baseline,
+    higher_is_better,
     merge_scheme_warnings,
+    pick_utility_key,
 )
 from .threads import scoring_threads
 
@@ -72,6 +74,16 @@ LEVERAGE_NOTE_MIN_D_OVER_N = 0.02
 # What the report says of the diagonal estimator's mean leverage (its measured accuracy against
 # the exact estimator: docs/validation.md, "hc27"; the derivation: method.md section 4).
 # (the measurements themselves are in docs/validation.md: a warning says what to read, not the table)
+# Ratio of the largest to the smallest lower-is-better utility (a loss) over the schemes from which,
+# with no weight decay and an indefinite or floored Hessian, the report names large weights as the
+# likely cause (ux29: 41x and 1,180x on an L-BFGS tanh MLP without weight decay, 1.1x and 1.5x
+# on the same MLP trained with Adam; an order of magnitude separates them).
+LOSS_EXPLOSION_RATIO = 10.0
+# rms(W) sqrt(fan_in) (a unit's pre-activation sd over unit-variance inputs) above which a weight
+# matrix is called large in that sentence: about 0.6 at PyTorch's default initialisation
+# (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), 0.6-0.8 after Adam on the ux29 MLP, 36 after L-BFGS without
+# weight decay; a tanh unit is mostly saturated from about 3.
+LARGE_WEIGHT_SCALE = 5.0
 DIAGONAL_LEVERAGE_ACCURACY = (
     "an approximation, exact for least squares without weight decay; its accuracy against the exact "
     "estimator: docs/validation.md, \"hc27\"; the derivation: docs/method.md section 4")
@@ -1018,7 +1030,62 @@ def score_schemes(
             "the figures rest on a modified curvature: train to convergence (or add weight decay), with the "
             "objective you pass here, before reading them (see diagnostics)"
         )
+    cause = _large_weights_sentence(report, model, est.theta, diagnostics)
+    if cause:  # inside the curvature warning it explains (one cause, not one more warning)
+        at = next(i for i, w in enumerate(report.warnings)
+                  if w.startswith(("the Hessian has negative curvature", "unstable figures")))
+        report.warnings[at] += ". " + cause
     return report
+
+
+def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str, Tensor],
+                            diagnostics: Mapping[str, Any]) -> str | None:
+    """The likely cause of an indefinite or floored Hessian together with quantized copies whose
+    loss explodes, in a model assessed without weight decay whose weights are far above their
+    initial scale: weights grown large without regularisation, with the cure; ``None`` otherwise
+    (ux29: full-batch L-BFGS, no weight decay, a tanh MLP whose first layer reached root mean
+    square 12.6 on 8 inputs; int4 / int2 lost all utility, loss 41x and 1,180x int8's).
+
+    Fires when all hold: no weight decay in the objective assessed (``diagnostics``); the
+    negative-curvature or the unstable-figures warning is in ``report`` (the Hessian signal of
+    method.md section 6); a lower-is-better utility whose largest value over the schemes is at
+    least :data:`LOSS_EXPLOSION_RATIO` times the smallest (positive) one; and a weight matrix
+    (of ``theta``, the assessed weights by name) with ``rms(W) sqrt(fan_in)`` -- the sd of a
+    unit's pre-activation over unit-variance inputs, about 0.6 at PyTorch's default
+    initialisation -- above :data:`LARGE_WEIGHT_SCALE`. A tanh or sigmoid unit with such
+    pre-activations is saturated (a near-singular Hessian), and quantization noise of a step
+    proportional to the tensor's largest weight moves it across its steep part, which large
+    downstream weights amplify into the loss."""
+    if diagnostics.get("weight_decay") or not any(
+            w.startswith(("the Hessian has negative curvature", "unstable figures")) for w in report.warnings):
+        return None
+    rows = [r for r in report.rows() if not r.get("error")]
+    uk = pick_utility_key(rows)
+    if uk is None or higher_is_better(uk):
+        return None
+    vals = {r["scheme"]: float(r[uk]) for r in rows if r.get(uk) is not None and math.isfinite(float(r[uk]))}
+    if len(vals) < 2:
+        return None
+    lo, hi = min(vals, key=vals.get), max(vals, key=vals.get)  # type: ignore[arg-type]
+    if not vals[lo] > 0 or vals[hi] < LOSS_EXPLOSION_RATIO * vals[lo]:
+        return None
+    params = dict(model.named_parameters())
+    scale: dict[str, tuple[float, float]] = {}  # name: (rms sqrt(fan_in), rms)
+    for name, t in theta.items():
+        shape = params[name].shape if name in params else ()
+        if len(shape) >= 2 and t.numel():
+            rms = float(t.detach().double().pow(2).mean().sqrt())
+            scale[name] = (rms * math.sqrt(t.numel() / shape[0]), rms)
+    big = max(scale, key=lambda k: scale[k][0], default=None)
+    if big is None or scale[big][0] <= LARGE_WEIGHT_SCALE:
+        return None
+    what = uk.removeprefix("utility_")
+    return (f"Likely cause: weights grown large without regularisation (no weight decay; {big} has root mean square "
+            f"{scale[big][1]:.3g}, a pre-activation sd of {scale[big][0]:.3g} over unit-variance inputs against "
+            f"about 0.6 at initialisation; the quantized copies' {what} ranges from {vals[lo]:.3g} ({lo}) to "
+            f"{vals[hi]:.3g} ({hi})): large weights saturate the activations, which leaves the Hessian near-singular "
+            "or indefinite, and amplify the quantization error (e.g. full-batch L-BFGS run to a minimum without "
+            "weight decay); retrain with weight decay and pass the same weight_decay here")
 
 
 def _floor_sensitivity(est: Estimate, model: nn.Module, schemes: Sequence[QuantizationScheme],
