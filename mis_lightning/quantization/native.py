@@ -33,6 +33,9 @@ channel, axis 0); the ``*_per_channel`` names of earlier releases are deprecated
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -56,6 +59,29 @@ class _NativeScheme(SchemeConfig):
 
     def supports(self, module: nn.Module) -> bool:
         return _is_plain_linear(module)
+
+
+# torch's deprecation notices that the library's own calls into torch.ao.quantization and its
+# quantized tensors raise (not the user's: filtered only around those calls)
+_DEPRECATED_QUANTIZATION = (
+    (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"),
+    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
+    (DeprecationWarning, r"`torch\.jit\.script` is deprecated"),
+)
+
+
+@contextmanager
+def quiet_deprecated_quantization() -> Iterator[None]:
+    """Silence :data:`_DEPRECATED_QUANTIZATION` inside the block only (the scheme's notes say that
+    torch.ao.quantization is deprecated). torch raises the quantized tensors' notice once per
+    process (``TORCH_WARN_ONCE``), so a user's own later call does not repeat it, as before:
+    that once was used up by the library's call then too. (``torch.set_warn_always(True)`` in the
+    block, to keep it, sends the calls inside ``quantize_dynamic`` to torch's C++ stderr printer,
+    which no Python filter reaches.)"""
+    with warnings.catch_warnings():
+        for category, message in _DEPRECATED_QUANTIZATION:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
 
 
 def _grid_from_qtensor(name: str, q: Tensor, bits: int, qmin: int, qmax: int) -> ParamGrid:
@@ -111,6 +137,10 @@ class NativeInt8Dynamic(_NativeScheme):
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
+        with quiet_deprecated_quantization():  # the notes say it once, as the scheme's own words
+            return self._quantize_dynamic(model)
+
+    def _quantize_dynamic(self, model: nn.Module):
         import torch.ao.quantization as tq
 
         chosen, reasons, notes = self.select_weights(model)
@@ -184,6 +214,10 @@ class _NativePerRow(_NativeScheme):
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
+        with quiet_deprecated_quantization():  # torch.quantize_per_channel: "deprecated" (UserWarning)
+            return self._quantize_rows(model)
+
+    def _quantize_rows(self, model: nn.Module):
         grids: dict[str, ParamGrid] = {}
         chosen, reasons, notes = self.select_weights(model, in_place=True)
         for m, name, _ in chosen.values():
