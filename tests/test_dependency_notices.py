@@ -6,24 +6,22 @@ The user's own warnings and log records are never filtered."""
 from __future__ import annotations
 
 import logging
-import re
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
-
-from mis_lightning.quantization import get_scheme
-from mis_lightning.quantization.native import (
-    _DEPRECATED_QUANTIZATION,
-    quiet_deprecated_quantization,
-)
+from mis_lightning.quantization.native import quiet_deprecated_quantization
 from mis_lightning.quantization.torchao_backend import _torchao_import_notices_filtered
 
+ROOT = Path(__file__).resolve().parents[1]
 # torch 2.13's words (torch/utils/_pytree.py), logged at torchao's first import
 KERNEL_PREFERENCE = ("%s is an Enum subclass and is now natively supported by torch.compile as an opaque value "
                      "type. Calling register_constant() on Enum subclasses is deprecated and will be an error in a "
                      "future release.")
+QINT8 = ("torch.quantize_per_tensor, torch.quantize_per_channel and other quantized tensor creation functions that "
+         "produce tensors with dtype torch.quint8, torch.qint8, and torch.qint32 are deprecated")
 
 
 def test_torchaos_enum_registration_notice_is_dropped_during_its_import_only(caplog):
@@ -37,31 +35,35 @@ def test_torchaos_enum_registration_notice_is_dropped_during_its_import_only(cap
     assert got == ["another pytree notice", KERNEL_PREFERENCE % "<enum 'UserEnum'>"]
 
 
-@pytest.mark.parametrize("scheme", ["native_int8_dynamic", "native_int8_per_row"])
-def test_native_schemes_raise_no_deprecation_notice_and_leave_the_filters_as_they_were(scheme):
-    """On the old code torch.ao.quantization's DeprecationWarning came out of every
-    native_int8_dynamic call (the quantized tensors' UserWarning is once per process: an earlier
-    test may have used it up, so only its absence is asserted)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
-    before = list(warnings.filters)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        inner = list(warnings.filters)
-        res = get_scheme(scheme).apply(net)
-        assert warnings.filters == inner  # nothing left behind by the library's scope
-    assert warnings.filters == before
-    assert res.grids  # quantized
-    noisy = [str(w.message)[:80] for w in rec
-             if any(issubclass(w.category, c) and re.search(m, str(w.message)) for c, m in _DEPRECATED_QUANTIZATION)]
-    assert noisy == []
+FRESH = """
+import warnings
+import torch
+from torch import nn
+from mis_lightning.quantization import get_scheme
+net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+for name in ("int8_weight_only", "native_int8_dynamic"):  # torchao's first import; torch.ao's qint8 tensors
+    assert get_scheme(name).apply(net).grids
+warnings.warn("the user's own notice")
+"""
+
+
+def test_a_fresh_process_shows_no_dependency_notice_and_the_users_own_warning():
+    """torchao's import and the qint8 notice come once per process: a fresh one shows them (the
+    old code printed both to stderr: "<enum 'KernelPreference'> is an Enum subclass ..." and
+    "UserWarning: torch.quantize_per_tensor, ... are deprecated")."""
+    proc = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the user's own notice" in proc.stderr
+    assert "KernelPreference" not in proc.stderr and "register_constant" not in proc.stderr
+    assert "quantize_per_tensor" not in proc.stderr
 
 
 def test_the_users_own_warnings_pass_through_the_scope():
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         with quiet_deprecated_quantization():
-            warnings.warn("the user's own deprecation", DeprecationWarning, stacklevel=1)
-            warnings.warn("torch.ao.quantization is deprecated", DeprecationWarning, stacklevel=1)  # ours
-        warnings.warn("torch.ao.quantization is deprecated", DeprecationWarning, stacklevel=1)  # outside: kept
-    assert [str(w.message) for w in rec] == ["the user's own deprecation", "torch.ao.quantization is deprecated"]
+            warnings.warn("the user's own notice", UserWarning, stacklevel=1)
+            warnings.warn(QINT8, UserWarning, stacklevel=1)  # torch's, raised by the library's call: dropped
+        warnings.warn(QINT8, UserWarning, stacklevel=1)  # outside: kept
+    assert [str(w.message) for w in rec] == ["the user's own notice", QINT8]

@@ -61,19 +61,18 @@ class _NativeScheme(SchemeConfig):
         return _is_plain_linear(module)
 
 
-# torch's deprecation notices that the library's own calls into torch.ao.quantization and its
-# quantized tensors raise (not the user's: filtered only around those calls)
+# torch's notice that the library's own calls raise on creating qint8 tensors (a UserWarning, which
+# Python shows by default: it came before the table, ux29). Filtered only around those calls; the
+# DeprecationWarning of torch.ao.quantization still reaches the caller (docs/quantization.md).
 _DEPRECATED_QUANTIZATION = (
     (UserWarning, r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"),
-    (DeprecationWarning, r"torch\.ao\.quantization is deprecated"),
-    (DeprecationWarning, r"`torch\.jit\.script` is deprecated"),
 )
 
 
 @contextmanager
 def quiet_deprecated_quantization() -> Iterator[None]:
-    """Silence :data:`_DEPRECATED_QUANTIZATION` inside the block only (the scheme's notes say that
-    torch.ao.quantization is deprecated). torch raises the quantized tensors' notice once per
+    """Silence :data:`_DEPRECATED_QUANTIZATION` inside the block only (the native_int8_dynamic
+    scheme's notes say that torch.ao.quantization is deprecated). torch raises the quantized tensors' notice once per
     process (``TORCH_WARN_ONCE``), so a user's own later call does not repeat it, as before:
     that once was used up by the library's call then too. (``torch.set_warn_always(True)`` in the
     block, to keep it, sends the calls inside ``quantize_dynamic`` to torch's C++ stderr printer,
@@ -137,7 +136,7 @@ class NativeInt8Dynamic(_NativeScheme):
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):
-        with quiet_deprecated_quantization():  # the notes say it once, as the scheme's own words
+        with quiet_deprecated_quantization():  # torch's qint8 notice; the notes say it is deprecated
             return self._quantize_dynamic(model)
 
     def _quantize_dynamic(self, model: nn.Module):
