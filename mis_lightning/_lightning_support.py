@@ -880,6 +880,23 @@ def _validation_dataloaders(trainer: Any) -> Any:
     return loaders
 
 
+def estimation_start_line(mode: str, pending: bool, d: int, n: int | None, world: int) -> str:
+    """The callback's first line: what the estimation pass runs (``mode``: ``"exact"`` or
+    ``"diagonal"``, method.md section 4), for how many assessed weights ``d`` and training
+    records ``n`` (``None``: not known before the pass, e.g. an iterable dataset), over ``world``
+    processes, in one sentence. ``pending``: ``"auto"`` still waits for the first batch, which
+    measures the model's cost and may switch to a cheaper estimator (a model that reuses its
+    weights within a record: a convolution, a Linear over atoms or positions)."""
+    records = f"{n:,} training records" if n is not None else "the training records"
+    procs = "1 process" if world == 1 else f"{world:,} processes"
+    line = f"MISCallback: estimation pass over {records} ({procs}) for {d:,} assessed weights with the {mode} sandwich"
+    if pending:
+        # the layer types alone do not show weight reuse: the first batch does (MomentAccumulator._update)
+        line += ("; the first batch measures the model's cost and, if that is high, switches to a cheaper estimator "
+                 "(the diagonal sandwich, or for a piecewise-linear CNN a cheaper exact Hessian)")
+    return line
+
+
 def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimation_config: EstimationConfig,
                       scoring_config: ScoringConfig, resolved: dict[str, Any], *, batch_fn: Any = None,
                       batch_size: int | None = None, metrics: Mapping[str, Any] | None = None,
@@ -930,12 +947,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
                               estimation_config=estimation_config, batch_fn=None if hook else batch_fn,
                               num_training_records=n_total)
-    # "auto" on a model with weight-reuse layers decides on the first batch (its forward's cost)
-    mode = f"{metric.mode} provisionally: the first batch measures its cost (the diagonal sandwich, or a cheaper exact " \
-        "Hessian for a piecewise-linear CNN, if costly)" if metric.accumulator.choice_pending \
-        else metric.mode
-    rank_zero_info(f"MISCallback: estimation pass ({mode}, d={metric.accumulator.d}) "
-                   f"over the training records ({world} process(es))")
+    rank_zero_info(estimation_start_line(metric.mode, metric.accumulator.choice_pending, metric.accumulator.d,
+                                         n_total, world))
     batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
 
     def utility_fn(qmodel: nn.Module) -> dict[str, float]:

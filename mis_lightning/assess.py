@@ -47,12 +47,15 @@ from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import scheme_list
 from .report import (
     CONSISTENCY_TOLERANCE,
+    D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
     LayerResult,
     Report,
     SchemeResult,
     above_baseline,
+    higher_is_better,
     merge_scheme_warnings,
+    pick_utility_key,
 )
 from .threads import scoring_threads
 
@@ -71,6 +74,16 @@ LEVERAGE_NOTE_MIN_D_OVER_N = 0.02
 # What the report says of the diagonal estimator's mean leverage (its measured accuracy against
 # the exact estimator: docs/validation.md, "hc27"; the derivation: method.md section 4).
 # (the measurements themselves are in docs/validation.md: a warning says what to read, not the table)
+# Ratio of the largest to the smallest lower-is-better utility (a loss) over the schemes from which,
+# with no weight decay and an indefinite or floored Hessian, the report names large weights as the
+# likely cause (ux29: 41x and 1,180x on an L-BFGS tanh MLP without weight decay, 1.1x and 1.5x
+# on the same MLP trained with Adam; an order of magnitude separates them).
+LOSS_EXPLOSION_RATIO = 10.0
+# rms(W) sqrt(fan_in) (a unit's pre-activation sd over unit-variance inputs) above which a weight
+# matrix is called large in that sentence: about 0.6 at PyTorch's default initialisation
+# (U(-1/sqrt(fan_in), 1/sqrt(fan_in))), 0.6-0.8 after Adam on the ux29 MLP, 36 after L-BFGS without
+# weight decay; a tanh unit is mostly saturated from about 3.
+LARGE_WEIGHT_SCALE = 5.0
 DIAGONAL_LEVERAGE_ACCURACY = (
     "an approximation, exact for least squares without weight decay; its accuracy against the exact "
     "estimator: docs/validation.md, \"hc27\"; the derivation: docs/method.md section 4")
@@ -198,16 +211,36 @@ def _frozen_warning(model: nn.Module, names: Sequence[str]) -> str | None:
             "meaningless; select the trained parameters (params=None selects exactly those)")
 
 
-def _d_over_n_warning(d: int, n: int) -> str:
+def _d_over_n_warning(d: int, n: int, d_eff_over_n: Mapping[str, float] | None = None,
+                      num_schemes: int = 0) -> str:
     """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
     influences; method.md section 2) and the baseline (``d_eff = d``) are then outside the
-    asymptotic regime, whatever the schemes' ``d_eff``."""
+    asymptotic regime, whatever the schemes' ``d_eff``. ``d_eff_over_n``: the schemes (of
+    ``num_schemes``) whose own ``d_eff / n`` is above it too, named in the same warning
+    (:data:`D_EFF_STILL_LARGE`; the separate d_eff / n warning said nearly the same, ux29)."""
+    # the schemes between the cause and the consequence: the warning still ends with its action (fu28)
+    schemes = (_d_eff_over_n_sentence(d_eff_over_n, num_schemes, D_EFF_STILL_LARGE) + ". ") if d_eff_over_n else ""
     return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
             "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
-            "of the trained weights that needs d << n. Every figure, low d_eff included, is therefore "
+            f"of the trained weights that needs d << n. {schemes}Every figure, low d_eff included, is therefore "
             "indicative only and can read below what real attacks achieve (8-10% below on a tanh MLP at "
             "d / n = 0.10: docs/validation.md). To act: assess fewer weights (e.g. a head over a frozen "
             "encoder) or use more records")
+
+
+#: how the d / n warning names the schemes whose own d_eff / n is not small either (the aggregate
+#: of a sweep finds them by :data:`~mis_lightning.report.D_EFF_SCHEMES_MARK`)
+D_EFF_STILL_LARGE = (f"{D_EFF_SCHEMES_MARK} (the weights that still leak, over n; the regime needs it small too) "
+                     f"above {D_EFF_OVER_N_MAX:g} for ")
+
+
+def _d_eff_over_n_sentence(large: Mapping[str, float], num_schemes: int, head: str) -> str:
+    """``head`` + the schemes of ``large`` (name: d_eff / n), every scheme said as such, the
+    largest value named."""
+    worst = max(large, key=large.get)  # type: ignore[arg-type]
+    which = "every scheme" if len(large) == num_schemes else ", ".join(sorted(large))
+    size = f"{large[worst]:.3g}" if len(large) == 1 else f"up to {large[worst]:.3g}, {worst}"
+    return f"{head}{which} ({size})"
 
 
 def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
@@ -924,19 +957,16 @@ def score_schemes(
             "where the model's output ends (a sigmoid or softmax moved from the loss into forward changes them, "
             "and the figures by a few percent at d / n above 0.1); leverage_correction=False gives the first-order "
             "forms, which do not")
+    large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
     if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
-        report.warnings.append(_d_over_n_warning(est.d, n))
+        # one warning: the schemes' own d_eff / n only adds which of them stay above the bound
+        report.warnings.append(_d_over_n_warning(est.d, n, large, len(scheme_objs)))
     if lev:  # its own warning: joined to the d / n one it buried that one's action (fu28: 1,379 characters)
         report.warnings.append(lev)
-    large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
-    if large:
-        worst = max(large, key=large.get)  # type: ignore[arg-type]
-        which = "every scheme" if len(large) == len(scheme_objs) else ", ".join(sorted(large))
-        size = f"{large[worst]:.3g}" if len(large) == 1 else f"up to {large[worst]:.3g}, {worst}"
+    if large and est.d / n <= D_EFF_OVER_N_MAX:  # d_eff > d: not expected (kappa <= 1), said if it happens
         report.warnings.append(
-            f"d_eff / n is not small for {which} ({size}); the "
-            "asymptotic regime needs d_eff << n: treat those figures as indicative"
-        )
+            _d_eff_over_n_sentence(large, len(scheme_objs), "d_eff / n is not small for ")
+            + "; the asymptotic regime needs d_eff << n: treat those figures as indicative")
     # What a release carries beyond its weights and the indicator does not score (AWQ factors).
     for sc in scheme_objs:
         unscored = getattr(sc, "release_warning", lambda: None)()
@@ -1000,7 +1030,62 @@ def score_schemes(
             "the figures rest on a modified curvature: train to convergence (or add weight decay), with the "
             "objective you pass here, before reading them (see diagnostics)"
         )
+    cause = _large_weights_sentence(report, model, est.theta, diagnostics)
+    if cause:  # inside the curvature warning it explains (one cause, not one more warning)
+        at = next(i for i, w in enumerate(report.warnings)
+                  if w.startswith(("the Hessian has negative curvature", "unstable figures")))
+        report.warnings[at] += ". " + cause
     return report
+
+
+def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str, Tensor],
+                            diagnostics: Mapping[str, Any]) -> str | None:
+    """The likely cause of an indefinite or floored Hessian together with quantized copies whose
+    loss explodes, in a model assessed without weight decay whose weights are far above their
+    initial scale: weights grown large without regularisation, with the cure; ``None`` otherwise
+    (ux29: full-batch L-BFGS, no weight decay, a tanh MLP whose first layer reached root mean
+    square 12.6 on 8 inputs; int4 / int2 lost all utility, loss 41x and 1,180x int8's).
+
+    Fires when all hold: no weight decay in the objective assessed (``diagnostics``); the
+    negative-curvature or the unstable-figures warning is in ``report`` (the Hessian signal of
+    method.md section 6); a lower-is-better utility whose largest value over the schemes is at
+    least :data:`LOSS_EXPLOSION_RATIO` times the smallest (positive) one; and a weight matrix
+    (of ``theta``, the assessed weights by name) with ``rms(W) sqrt(fan_in)`` -- the sd of a
+    unit's pre-activation over unit-variance inputs, about 0.6 at PyTorch's default
+    initialisation -- above :data:`LARGE_WEIGHT_SCALE`. A tanh or sigmoid unit with such
+    pre-activations is saturated (a near-singular Hessian), and quantization noise of a step
+    proportional to the tensor's largest weight moves it across its steep part, which large
+    downstream weights amplify into the loss."""
+    if diagnostics.get("weight_decay") or not any(
+            w.startswith(("the Hessian has negative curvature", "unstable figures")) for w in report.warnings):
+        return None
+    rows = [r for r in report.rows() if not r.get("error")]
+    uk = pick_utility_key(rows)
+    if uk is None or higher_is_better(uk):
+        return None
+    vals = {r["scheme"]: float(r[uk]) for r in rows if r.get(uk) is not None and math.isfinite(float(r[uk]))}
+    if len(vals) < 2:
+        return None
+    lo, hi = min(vals, key=vals.get), max(vals, key=vals.get)  # type: ignore[arg-type]
+    if not vals[lo] > 0 or vals[hi] < LOSS_EXPLOSION_RATIO * vals[lo]:
+        return None
+    params = dict(model.named_parameters())
+    scale: dict[str, tuple[float, float]] = {}  # name: (rms sqrt(fan_in), rms)
+    for name, t in theta.items():
+        shape = params[name].shape if name in params else ()
+        if len(shape) >= 2 and t.numel():
+            rms = float(t.detach().double().pow(2).mean().sqrt())
+            scale[name] = (rms * math.sqrt(t.numel() / shape[0]), rms)
+    big = max(scale, key=lambda k: scale[k][0], default=None)
+    if big is None or scale[big][0] <= LARGE_WEIGHT_SCALE:
+        return None
+    what = uk.removeprefix("utility_")
+    return (f"Likely cause: weights grown large without regularisation (no weight decay; {big} has root mean square "
+            f"{scale[big][1]:.3g}, a pre-activation sd of {scale[big][0]:.3g} over unit-variance inputs against "
+            f"about 0.6 at initialisation; the quantized copies' {what} ranges from {vals[lo]:.3g} ({lo}) to "
+            f"{vals[hi]:.3g} ({hi})): large weights saturate the activations, which leaves the Hessian near-singular "
+            "or indefinite, and amplify the quantization error (e.g. full-batch L-BFGS run to a minimum without "
+            "weight decay); retrain with weight decay and pass the same weight_decay here")
 
 
 def _floor_sensitivity(est: Estimate, model: nn.Module, schemes: Sequence[QuantizationScheme],

@@ -284,7 +284,7 @@ class Report:
             wr.writerows(rows)
 
     def table(self, utility_key: str | None = None, utility_tolerance: float = UTILITY_TOLERANCE,
-              with_verdict: bool = True) -> str:
+              with_verdict: bool = True, legend_columns: str | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
         then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
@@ -293,14 +293,15 @@ class Report:
         where a planner's budgeted choice follows), the schemes whose order by leakage the
         figures do not resolve (:func:`ties_line`: "not ranked beyond their intervals", with or
         without the verdict), and every warning in full (an assumption that failed must be read
-        next to the numbers, not only in the JSON).
+        next to the numbers, not only in the JSON). ``legend_columns``: one line in place of the
+        legend's entries for the columns every table has (:func:`legend`'s ``columns``).
 
         Raises:
             ValueError: ``utility_tolerance`` is negative.
         """
         rows = self.rows()
         text = format_table(rows, utility_key, utility_tolerance)
-        text += "\n\n" + legend(rows, utility_key)
+        text += "\n\n" + legend(rows, utility_key, columns=legend_columns)
         est = self.estimation or {}
         if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
             cov = f"; covariance of the weights: {est['covariance']}" if est.get("covariance") else ""
@@ -607,10 +608,15 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
     return text + tail
 
 
-def legend(rows: list[dict[str, Any]], utility_key: str | None = None) -> str:
-    """What the table's columns mean (printed below it by :meth:`Report.table`)."""
+def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None) -> str:
+    """What the table's columns mean (printed below it by :meth:`Report.table`).
+
+    ``columns``: when given, this one line replaces the entries of the columns every table has
+    (leakage, pool, interval, bits/w, float, baseline, d_eff, zeros), e.g. a pointer to a legend
+    printed once for several tables (the jobs of a Hydra sweep); the entries that depend on the
+    rows (the utility metric, plans, the ``+``, ``~`` and ``!`` marks) are kept."""
     uk = pick_utility_key(rows, utility_key)
-    lines = [
+    lines = [columns] if columns is not None else [
         "legend: leakage = advantage of the best membership-inference attack on the released "
         "weights (0 = none, 1 = always right); lower is safer. MIS = 1 - leakage. Game: a "
         "training member against a fresh draw from the population, other training records unknown.",
@@ -670,6 +676,11 @@ def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
 # must not exceed it is flagged (``!`` in the table, a warning; the Monte Carlo forms' own
 # error is ~1%).
 CONSISTENCY_TOLERANCE = 0.02
+
+
+#: the d / n warning's sentence naming the schemes whose own d_eff / n is not small either
+#: (assess.py builds it; the aggregate of a sweep lists those per job under one warning)
+D_EFF_SCHEMES_MARK = "Quantization leaves d_eff / n"
 
 
 # Relative move of a leakage under the eigenvalue floor x10 or /10 beyond which the figure is

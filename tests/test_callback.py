@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import pytest
@@ -382,6 +383,27 @@ def test_estimation_pass_shows_progress_with_the_trainers_bar(tmp_path, capsys):
     cb2 = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path / "quiet", Regressor, callbacks=[cb2], max_epochs=1)
     assert "MIS estimation pass" not in capsys.readouterr().err
+
+
+def test_first_line_says_in_one_sentence_what_runs_on_how_many_weights_and_records(tmp_path, caplog):
+    """ux29: the first line read "estimation pass (exact provisionally: the first batch measures its
+    cost (the diagonal sandwich, ...), d=161) over the training records (1 process(es))": three
+    nested parentheses, "provisionally" unexplained, no record count. Now one sentence with the
+    same facts: the estimator, d, n, the processes, and that the first batch may switch it."""
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, Regressor, [cb], max_epochs=1)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MISCallback: estimation pass")]
+    assert cb.report.d == 37 and cb.report.n == 120  # Linear(4, 6) + Linear(6, 1); loaders()' 120 records
+    assert "120 training records" in line and "37 assessed weights" in line and "(1 process)" in line
+    assert "exact sandwich" in line  # "auto" on a small dense model: the exact one, until the first batch
+    assert "first batch" in line and "cheaper estimator" in line and "diagonal sandwich" in line
+    assert "provisionally" not in line and "process(es)" not in line
+    depth = deepest = 0
+    for ch in line:  # no parenthesis inside another
+        depth += (ch == "(") - (ch == ")")
+        deepest = max(deepest, depth)
+    assert deepest <= 1 and depth == 0
 
 
 # -- one callback object, several fits (issue 9, item 4) ------------------------------------------

@@ -337,6 +337,13 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
         for n, j, e in zip(names, bad, errors))
     assert (sweep / "frontier.png").stat().st_size > 0
     assert "Aggregated 6 jobs (3 failed)" in proc.stdout
+    # the legend of the columns once, under job 0's table; the other jobs point to it (ux29: one
+    # legend a job before the aggregate), their tables and warnings printed in full
+    assert proc.stdout.count("legend: leakage = advantage of the best membership-inference attack") == 1
+    assert proc.stdout.count("legend: the columns as under job 0's table") == 2  # jobs 2 and 4
+    assert proc.stdout.index("legend: leakage = ") < proc.stdout.index("legend: the columns as under job 0")
+    for i, n in zip(ok, names):
+        assert (sweep / f"{i}_{n}" / "report.md").read_text().count("legend: leakage = advantage") == 1
     # the aggregate command says so too
     assert agg.main([str(sweep), "--quiet"]) == 1
 

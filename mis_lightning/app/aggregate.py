@@ -45,6 +45,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mis_lightning.report import (
+    D_EFF_SCHEMES_MARK,
     HIGHER_IS_BETTER,
     NOT_RANKED,
     merge_identical,
@@ -308,14 +309,27 @@ def warnings_section(results: Sequence[dict[str, Any]]) -> str:
     with the jobs that gave it; ``""`` when no job warned. Without it the aggregate showed the
     figures of a sweep whose every job was outside the analysis' regime as plainly as any other."""
     seen: dict[str, list[str]] = {}
+    # the d / n warning names each job's schemes whose d_eff / n is not small either: the warning
+    # once, those schemes per job after it (a sweep over quantizers: one scheme a job, one d / n)
+    heads: dict[str, str] = {}
+    tails: dict[str, list[str]] = {}
     for res in results:
         num = (res.get("job") or {}).get("num")
         for w in res.get("warnings") or []:
-            seen.setdefault(" ".join(str(w).split()), []).append(_fmt(num))
+            w = " ".join(str(w).split())
+            before, mark, rest = w.partition(" " + D_EFF_SCHEMES_MARK)
+            head, sep, after = rest.partition(" for ")
+            if mark and sep:
+                schemes, _, after = after.partition(". ")  # scheme names hold no ". "
+                w = f"{before} [{D_EFF_SCHEMES_MARK}{head} for: see below] {after}"
+                heads[w] = f"{D_EFF_SCHEMES_MARK}{head} for: "
+                tails.setdefault(w, []).append(f"job {_fmt(num)}: {schemes}")
+            seen.setdefault(w, []).append(_fmt(num))
     if not seen:
         return ""
     return "\n\n## Warnings\n\n" + "\n".join(
-        f"- job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)}: {w}" for w, jobs in seen.items())
+        f"- job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)}: {w}"
+        + (f"\n  - {heads[w]}" + "; ".join(tails[w]) if w in tails else "") for w, jobs in seen.items())
 
 
 def _pareto(points: list[tuple[float, float, int]], higher_better: bool) -> list[int]:

@@ -32,7 +32,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -574,6 +574,19 @@ def requested_scheme_names(cfg: DictConfig) -> list[str]:
         return []
 
 
+def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_verdict: bool = True,
+                table_file: str | None = None) -> str:
+    """The table a job prints: ``table`` (``report.table(with_verdict=...)``, which the job's
+    files keep) in a single run and in a sweep's first job; in its other jobs the legend's entries
+    for the columns every table has are one line pointing to job 0's (a sweep printed them once
+    per job: six legends before the aggregate, ux29). ``info``: :func:`job_info`."""
+    if not info.get("multirun") or info.get("num") in (None, 0):
+        return table
+    where = f"; in full in each job's {table_file}" if table_file else ""
+    return report.table(with_verdict=with_verdict,
+                        legend_columns=f"legend: the columns as under job 0's table{where}.")
+
+
 def _aggregated_multirun() -> bool:
     """A multirun whose sweep is aggregated by :class:`AggregateSweep` (a failed job then
     records its error and returns, so that the sweep goes on and is aggregated)."""
@@ -883,7 +896,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
 
     print(f"\nMIS of {type(model).__name__} on {cfg.data._target_.rsplit('.', 1)[-1]} "
           f"(n = {report.n}, d = {report.d}; baseline leakage {report.baseline_leakage:.4g})")
-    print(table)  # the warnings in full below the table
+    print(sweep_table(report, table, info, with_verdict=plan_cfg is None,
+                      table_file=names.get("report_table")))  # the warnings in full below the table
     if plan_cfg is not None:
         print(f"\nplan (candidates {[s.name for s in schemes]}):")
         print(planned.table(report_warnings=False))  # the report's warnings are printed above

@@ -60,7 +60,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -121,26 +122,37 @@ def _torchao_default_filter() -> Callable[[nn.Module], bool]:
 class _OptionalKernelNoise(logging.Filter):
     """Drops torchao's import-time notices about optional GPU kernel libraries it cannot load
     on this machine (``Failed to load .../_C_mxfp8...so``, ``Detected no triton``): they are
-    not about the CPU schemes used here. Everything else torchao logs passes through."""
+    not about the CPU schemes used here; and torch's deprecation notice for torchao's own
+    ``register_constant`` of an Enum (``<enum 'KernelPreference'> is an Enum subclass ...``),
+    torchao's to fix, not the user's. Everything else torchao and torch log passes through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        return not (msg.startswith("Failed to load") or "Detected no triton" in msg)
+        return not (msg.startswith("Failed to load") or "Detected no triton" in msg
+                    or ("is an Enum subclass" in msg and "register_constant()" in msg))
 
 
 def _import_torchao_quantization() -> Any:
-    """``import torchao.quantization``, filtering only the optional-kernel notices of the
-    first import (the filters are removed again afterwards)."""
-    names = ("torchao", "torchao.kernel.intmm")
+    """``import torchao.quantization``, filtering only the notices of :class:`_OptionalKernelNoise`
+    during the first import (the filters are removed again afterwards)."""
+    with _torchao_import_notices_filtered():
+        import torchao.quantization as aoq
+    return aoq
+
+
+@contextmanager
+def _torchao_import_notices_filtered() -> Iterator[None]:
+    """:class:`_OptionalKernelNoise` on the loggers of torchao's first import (torchao's, and
+    torch's pytree, which logs torchao's Enum registration) for the block only."""
+    names = ("torchao", "torchao.kernel.intmm", "torch.utils._pytree")
     filt = _OptionalKernelNoise()
     for n in names:
         logging.getLogger(n).addFilter(filt)
     try:
-        import torchao.quantization as aoq
+        yield
     finally:
         for n in names:
             logging.getLogger(n).removeFilter(filt)
-    return aoq
 
 
 def _torchao_version() -> str:
