@@ -518,11 +518,12 @@ def decay_possible(trainer: Any, pl_module: Any, weight_decay: Any) -> bool:
 
 
 def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names: list[str]
-                          ) -> dict[str, float] | None:
+                          ) -> tuple[dict[str, float] | None, str | None]:
     """The objective's L2 coefficients against the optimizers' weight decay, once the
     optimizers exist (``on_train_start``; they do not at ``setup``), for ``weight_decay=None``
     (an explicit value is the user's word). Returns a per-parameter mapping to assess with, or
-    None to keep the resolved value.
+    None to keep the resolved value, and the warning given (or None): the caller adds it to the
+    report, whose figures assume that objective.
 
     * The module's numeric ``weight_decay`` attribute is the coefficient; where the optimizer
       groups apply it to some assessed parameters and none to others (no decay on biases and
@@ -532,7 +533,7 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
       taken as unpenalised (decoupled decay is not an L2 term of the loss).
     """
     if weight_decay is not None:  # the user said it explicitly
-        return None
+        return None, None
     by_param = optimizer_decays(trainer, pl_module, names)
     decays = sorted(set(by_param.values()) - {0.0})
     names_opt = ", ".join(type(o).__name__ for o in trainer.optimizers or [])
@@ -546,25 +547,29 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
                 f"parameter(s) with {type(pl_module).__name__}.weight_decay = {attr:g} and not "
                 f"{len(zero)} others ({', '.join(zero[:4])}{', ...' if len(zero) > 4 else ''}): the assessed "
                 "objective follows its groups (pass MISCallback(weight_decay=...) to override)")
-            return by_param
+            return by_param, None
+        note = None
         if decays and any(abs(w - attr) > 1e-12 * max(w, 1.0) for w in decays):
-            rank_zero_warn(
-                f"MISCallback: {type(pl_module).__name__}.weight_decay = {attr:g} (used as the L2 "
+            note = (
+                f"{type(pl_module).__name__}.weight_decay = {attr:g} (used as the L2 "
                 f"coefficient of the assessed objective) but the optimizer ({names_opt}) applies weight decay "
                 f"{', '.join(f'{w:g}' for w in decays)}; pass MISCallback(weight_decay=...) with the "
                 "objective's coefficient (a number, or {parameter name: coefficient}) to settle it")
-        return None
-    if decays:
-        rank_zero_warn(
-            f"MISCallback: the optimizer ({names_opt}) applies weight decay "
-            f"({', '.join(f'{w:g}' for w in decays)}) but neither MISCallback(weight_decay=...) nor a "
-            f"`weight_decay` attribute of {type(pl_module).__name__} says so: the assessment takes the "
-            "objective as unpenalised, which changes the figures (either way: the penalty's curvature "
-            "narrows sigma, its shift of the minimum moves the weights); pass weight_decay= (the L2 "
-            "coefficient of mean(loss) + weight_decay / 2 * |theta|^2, or {parameter name: coefficient} "
-            "where the groups differ; for decoupled decay (AdamW) an approximation)"
-        )
-    return None
+            rank_zero_warn(f"MISCallback: {note}")
+        return None, note
+    if not decays:
+        return None, None
+    note = (
+        f"the optimizer ({names_opt}) applies weight decay "
+        f"({', '.join(f'{w:g}' for w in decays)}) but neither MISCallback(weight_decay=...) nor a "
+        f"`weight_decay` attribute of {type(pl_module).__name__} says so: the assessment takes the "
+        "objective as unpenalised, which changes the figures (either way: the penalty's curvature "
+        "narrows sigma, its shift of the minimum moves the weights); pass weight_decay= (the L2 "
+        "coefficient of mean(loss) + weight_decay / 2 * |theta|^2, or {parameter name: coefficient} "
+        "where the groups differ; for decoupled decay (AdamW) an approximation)"
+    )
+    rank_zero_warn(f"MISCallback: {note}")
+    return None, note
 
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,

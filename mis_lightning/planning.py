@@ -73,7 +73,15 @@ from .evaluation import OutputTransform, evaluate_utility
 from .progress import ProgressFn
 from .quantization import QuantizationScheme
 from .quantization.mixed import MixedPrecisionScheme
-from .report import NOT_RANKED, Report, SchemeResult, _fmt, _unresolved, pick_utility_key
+from .report import (
+    HIGHER_IS_BETTER,
+    NOT_RANKED,
+    Report,
+    SchemeResult,
+    _fmt,
+    _unresolved,
+    pick_utility_key,
+)
 
 __all__ = ["PlanConfig", "PlanPoint", "PlanResult", "plan"]
 
@@ -100,10 +108,7 @@ NEAR_BUDGET_CHECKS = 4
 LOWER_IS_BETTER_NAMES = frozenset({
     "loss", "mse", "rmse", "mae", "mape", "smape", "nll", "cross_entropy", "log_loss", "bce",
     "error", "error_rate", "perplexity", "brier", "brier_score"})
-HIGHER_IS_BETTER_NAMES = frozenset({
-    "accuracy", "acc", "auroc", "auc", "roc_auc", "r2", "f1", "f1_score", "precision", "recall",
-    "average_precision", "ap", "mcc", "matthews_corrcoef", "pearson", "spearman",
-    "explained_variance", "cohen_kappa"})
+HIGHER_IS_BETTER_NAMES = HIGHER_IS_BETTER  # the report's list: verdict, figure and planner agree
 
 
 @dataclasses.dataclass

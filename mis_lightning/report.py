@@ -445,15 +445,30 @@ def _fmt_or_dash(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else _fmt(v)
 
 
-# utility metrics where larger is better (others -- rmse, mae, loss -- are smaller-is-better)
-HIGHER_IS_BETTER = ("r2", "auroc", "accuracy", "f1", "auprc")
+#: utility names where larger is better, matched whole (lower case) after a ``utility_`` and a
+#: ``val_`` / ``test_`` prefix; one list for the table's verdict and legend, the figure, the
+#: sweep's aggregate and the planner (the report's own short list missed ``acc``: fu30, the
+#: verdict called a scheme at chance accuracy the best). Any other name -- rmse, mae, loss --
+#: reads as smaller-is-better here.
+HIGHER_IS_BETTER = frozenset({
+    "accuracy", "acc", "auroc", "auc", "roc_auc", "auprc", "r2", "f1", "f1_score", "precision", "recall",
+    "average_precision", "ap", "mcc", "matthews_corrcoef", "pearson", "spearman",
+    "explained_variance", "cohen_kappa"})
 
+
+def _metric_name(utility_key: str) -> str:
+    """``utility_key`` without its ``utility_`` and ``val_`` / ``test_`` prefixes, in lower case."""
+    key = utility_key.lower().removeprefix("utility_")
+    for prefix in ("val_", "val/", "test_", "test/"):
+        key = key.removeprefix(prefix)
+    return key
 
 
 def higher_is_better(utility_key: str) -> bool:
     """Whether a larger value of the utility metric ``utility_key`` (``"utility_auroc"`` or
-    ``"auroc"``) is better; rmse, mae and loss are smaller-is-better."""
-    return utility_key.removeprefix("utility_") in HIGHER_IS_BETTER
+    ``"auroc"``) is better (a name in :data:`HIGHER_IS_BETTER`); rmse, mae and loss are
+    smaller-is-better."""
+    return _metric_name(utility_key) in HIGHER_IS_BETTER
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:

@@ -677,6 +677,9 @@ def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_train
     assert any("Attr.weight_decay = 0.01" in str(w.message) and "applies weight decay 0.1" in str(w.message)
                for w in caught)
     assert cb.report.estimation["weight_decay"] == 0.01
+    # the saved report says it too: its figures assume that objective (fu30: said on the console
+    # only, the report read weight_decay 0 with no word of the optimizer's decay)
+    assert any("Attr.weight_decay = 0.01" in w and "applies weight decay 0.1" in w for w in cb.report.warnings)
     for wd, expect in ((None, 1), (0.1, 0)):
         seen_at_start.clear()
         cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, weight_decay=wd, **FAST)
@@ -687,7 +690,9 @@ def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_train
         if expect:
             assert "SGD" in seen_at_start[0][0] and "(0.1)" in seen_at_start[0][0]
         assert cb.report.estimation["weight_decay"] == (wd or 0.0)
-        assert json.loads(cb.report_path.read_text())["estimation"]["weight_decay"] == (wd or 0.0)
+        saved = json.loads(cb.report_path.read_text())
+        assert saved["estimation"]["weight_decay"] == (wd or 0.0)
+        assert sum("applies weight decay (0.1)" in w for w in saved["warnings"]) == expect, saved["warnings"]
 
 
 def test_records_counted_are_those_the_training_draws_from(tmp_path):

@@ -438,3 +438,30 @@ def test_per_scheme_warnings_that_say_the_same_are_said_once_naming_every_scheme
     # one scheme, or a name that is a substring of another's: nothing merged, nothing rewritten
     assert merge_scheme_warnings([("int4", line("int4", "1%")), ("rtn_int4", line("rtn_int4", "2%"))]) == [
         line("int4", "1%"), line("rtn_int4", "2%")]
+
+
+def test_accuracy_named_acc_is_higher_is_better_in_the_verdict_and_legend():
+    """fu30: ``utility_metrics={"acc": MulticlassAccuracy(...)}`` (torchmetrics' own examples
+    name it ``acc``) was read as lower-is-better by the report while the planner knew the name:
+    ``table(utility_key="acc")`` named the scheme at chance accuracy (0.3333) "the best" and
+    recommended it. The report, the sweep's aggregate and the planner now share one list of
+    names, matched after ``utility_`` and ``val_`` / ``test_`` prefixes."""
+    from mis_lightning.planning import lower_is_better
+    from mis_lightning.report import higher_is_better, legend, verdict
+
+    for key in ("acc", "utility_acc", "utility_val_acc", "precision", "recall", "mcc", "accuracy", "auroc", "r2"):
+        assert higher_is_better(key), key
+        assert not lower_is_better(key.removeprefix("utility_")), key
+    for key in ("loss", "utility_rmse", "mae", "val_loss", "cross_entropy"):
+        assert not higher_is_better(key), key
+    rows = [  # accuracies of a run measured on a small classifier (fu30/user/cls_key.py)
+        {"scheme": "int8_weight_only", "leakage": 0.0529, "leakage_p10": 0.0484, "leakage_p90": 0.0577,
+         "utility_acc": 0.6215},
+        {"scheme": "intx_weight_only_int4", "leakage": 0.0469, "leakage_p10": 0.0421, "leakage_p90": 0.0511,
+         "utility_acc": 0.3333},
+    ]
+    line = verdict(rows, utility_key="utility_acc")
+    assert line.startswith("verdict: safest with acc within 1% of the best (0.6215, int8_weight_only): "
+                           "int8_weight_only (leakage 0.0529)"), line
+    assert "acc: utility of the quantized copy on the validation data (higher is better)" in " ".join(
+        legend(rows, utility_key="utility_acc").split())

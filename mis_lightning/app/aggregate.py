@@ -46,8 +46,8 @@ from omegaconf import DictConfig
 
 from mis_lightning.report import (
     D_EFF_SCHEMES_MARK,
-    HIGHER_IS_BETTER,
     NOT_RANKED,
+    higher_is_better,
     merge_identical,
     no_points_note,
     pick_utility_key,
@@ -398,7 +398,7 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
     import matplotlib.transforms as mtransforms
 
     metric = uk.removeprefix("utility_") if uk else "bits_per_weight"
-    higher = metric in HIGHER_IS_BETTER
+    higher = higher_is_better(metric)
     xkey = uk or "bits_per_weight"
     ok = []
     for r in rows:
