@@ -25,6 +25,7 @@ from torch import Tensor
 from ._checks import check_finite, check_shape
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # A cell whose probability is below this carries no usable information: its
 # contribution diff^2/p -> p * alpha^2 vanishes with p, so it is dropped to avoid 0/0.
@@ -253,3 +254,22 @@ def moments_from_terms(terms: CellTerms) -> CellMoments:
 def moments_from_alpha(alpha: Tensor) -> CellMoments:
     """Cell moments ``[c]`` from standardised edges ``alpha [c, K+1]`` (see :func:`cell_terms`)."""
     return moments_from_terms(cell_terms(alpha))
+
+
+def moments_from_alpha_erfc(alpha: Tensor) -> CellMoments:
+    """:func:`moments_from_alpha` with each tail probability ``P(N(0,1) > |alpha|)`` computed as
+    ``erfc(|alpha| / sqrt 2) / 2`` (torch's vectorised ``erfc``, within 1.5 ulp) instead of
+    ``ndtr(-|alpha|)`` (a scalar loop, ~4x the cost on CPU): the same cells and terms to
+    ~1e-15 relative, not bit for bit. The stored cells of bf16 / fp16 models use it
+    (:meth:`~mis_lightning.quantization.ParamGrid.element_moments`, ``storage_dtype``); the
+    float32 paths keep :func:`moments_from_alpha` (their reports stay bitwise unchanged)."""
+    pdf = _pdf(alpha)
+    lo, hi = alpha[:, :-1], alpha[:, 1:]
+    q = torch.special.erfc(alpha.abs() * _SQRT_HALF) * 0.5
+    ql, qh = q[:, :-1], q[:, 1:]
+    prob = torch.where(lo > 0, ql - qh, torch.where(hi <= 0, qh - ql, 1.0 - ql - qh)).clamp_min(0.0)
+    diff = pdf[:, :-1] - pdf[:, 1:]
+    live = prob > _TINY_PROB
+    ratio = torch.maximum(torch.minimum(diff / torch.where(live, prob, torch.ones_like(prob)), hi), lo)
+    ratio = torch.where(live, ratio, torch.zeros_like(prob))
+    return moments_from_terms(CellTerms(prob=prob, diff=diff, ratio=ratio, live=live))
