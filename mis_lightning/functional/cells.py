@@ -257,19 +257,30 @@ def moments_from_alpha(alpha: Tensor) -> CellMoments:
 
 
 def moments_from_alpha_erfc(alpha: Tensor) -> CellMoments:
-    """:func:`moments_from_alpha` with each tail probability ``P(N(0,1) > |alpha|)`` computed as
+    """Cell moments ``[c]`` of standardised edges ``alpha [c, K+1]``: the terms of
+    :func:`cell_terms` with each tail probability ``P(N(0,1) > |alpha|)`` computed as
     ``erfc(|alpha| / sqrt 2) / 2`` (torch's vectorised ``erfc``, within 1.5 ulp) instead of
-    ``ndtr(-|alpha|)`` (a scalar loop, ~4x the cost on CPU): the same cells and terms to
-    ~1e-15 relative, not bit for bit. The stored cells of bf16 / fp16 models use it
+    ``ndtr(-|alpha|)`` (a scalar loop, ~4x the cost on CPU), and cells below ``1e-300``
+    :func:`moments_from_alpha` to ~1e-15, not bit for bit, in ~30 element-wise operations per
+    edge instead of ~40. The stored cells of bf16 / fp16 models use it
     (:meth:`~mis_lightning.quantization.ParamGrid.element_moments`, ``storage_dtype``); the
     float32 paths keep :func:`moments_from_alpha` (their reports stay bitwise unchanged)."""
     pdf = _pdf(alpha)
     lo, hi = alpha[:, :-1], alpha[:, 1:]
+    # Phi(alpha) - [alpha > 0] = -q above 0, q below: a cell's probability is the difference of
+    # these plus the count of its edges above 0 (0 or 1), a difference of two tails on either side
+    # of 0 (no cancellation) and 1 - both tails for a cell holding 0
     q = torch.special.erfc(alpha.abs() * _SQRT_HALF) * 0.5
-    ql, qh = q[:, :-1], q[:, 1:]
-    prob = torch.where(lo > 0, ql - qh, torch.where(hi <= 0, qh - ql, 1.0 - ql - qh)).clamp_min(0.0)
+    pos = alpha > 0
+    f = torch.where(pos, -q, q)
+    prob = ((f[:, 1:] - f[:, :-1]) + (pos[:, 1:].to(alpha.dtype) - pos[:, :-1].to(alpha.dtype))).clamp_min(0.0)
     diff = pdf[:, :-1] - pdf[:, 1:]
-    live = prob > _TINY_PROB
-    ratio = torch.maximum(torch.minimum(diff / torch.where(live, prob, torch.ones_like(prob)), hi), lo)
-    ratio = torch.where(live, ratio, torch.zeros_like(prob))
-    return moments_from_terms(CellTerms(prob=prob, diff=diff, ratio=ratio, live=live))
+    # Rounding can push a tail mean just outside its cell; the true mean lies inside.
+    ratio = torch.maximum(torch.minimum(diff / prob.clamp_min(_TINY_PROB), hi), lo)
+    # an empty cell (a window's +-inf padding, a zero-width cell at a bound) adds nothing: no 0 * inf
+    ratio = torch.where(prob > _TINY_PROB, ratio, 0.0)
+    sq = diff * ratio
+    kappa = sq.sum(-1).clamp(0.0, 1.0)
+    mean_abs = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
+    m4 = (sq * ratio * ratio).sum(-1)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=prob.sum(-1))

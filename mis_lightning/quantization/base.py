@@ -909,7 +909,7 @@ class ParamGrid:
         else:
             low = torch.zeros_like(su)
         # in blocks of rows: the stored edges' ~40 element-wise operations on cache-sized temporaries
-        rows = max(1, _STORAGE_ROWS_BUDGET // (4 * width))
+        rows = max(1, _STORAGE_ROWS_BUDGET // width)
         tab = torch.cat([self._stored_window(su[a:a + rows], su[a:a + rows], zu[a:a + rows], low[a:a + rows] + h, h)
                          for a in range(0, su.numel(), rows)])
         rel = (center - low[gid]).long()
