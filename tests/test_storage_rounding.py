@@ -261,3 +261,5 @@ def test_stored_edge_table_equals_each_elements_own_window(name, monkeypatch):
         own = g.moments(th, r * step, 0, g.numel)
         for f in ("kappa", "mean_abs", "m4", "coverage"):
             assert torch.equal(getattr(t, f), getattr(own, f)), (r, f)
+        # the bootstrap draws' kappa-only sums: kappa bitwise the same
+        assert torch.equal(g.moments(th, r * step, 0, g.numel, kappa_only=True).kappa, own.kappa)

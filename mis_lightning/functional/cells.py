@@ -256,7 +256,7 @@ def moments_from_alpha(alpha: Tensor) -> CellMoments:
     return moments_from_terms(cell_terms(alpha))
 
 
-def moments_from_alpha_erfc(alpha: Tensor) -> CellMoments:
+def moments_from_alpha_erfc(alpha: Tensor, kappa_only: bool = False) -> CellMoments:
     """Cell moments ``[c]`` of standardised edges ``alpha [c, K+1]``: the terms of
     :func:`cell_terms` with each tail probability ``P(N(0,1) > |alpha|)`` computed as
     ``erfc(|alpha| / sqrt 2) / 2`` (torch's vectorised ``erfc``, within 1.5 ulp) instead of
@@ -264,7 +264,8 @@ def moments_from_alpha_erfc(alpha: Tensor) -> CellMoments:
     :func:`moments_from_alpha` to ~1e-15, not bit for bit, in ~30 element-wise operations per
     edge instead of ~40. The stored cells of bf16 / fp16 models use it
     (:meth:`~mis_lightning.quantization.ParamGrid.element_moments`, ``storage_dtype``); the
-    float32 paths keep :func:`moments_from_alpha` (their reports stay bitwise unchanged)."""
+    float32 paths keep :func:`moments_from_alpha` (their reports stay bitwise unchanged).
+    ``kappa_only``: ``mean_abs`` and ``m4`` are not computed (NaN); ``kappa`` bitwise the same."""
     pdf = _pdf(alpha)
     lo, hi = alpha[:, :-1], alpha[:, 1:]
     # Phi(alpha) - [alpha > 0] = -q above 0, q below: a cell's probability is the difference of
@@ -281,6 +282,9 @@ def moments_from_alpha_erfc(alpha: Tensor) -> CellMoments:
     ratio = torch.where(prob > _TINY_PROB, ratio, 0.0)
     sq = diff * ratio
     kappa = sq.sum(-1).clamp(0.0, 1.0)
+    if kappa_only:
+        nan = torch.full_like(kappa, math.nan)
+        return CellMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=prob.sum(-1))
     mean_abs = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
     m4 = (sq * ratio * ratio).sum(-1)
     return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=prob.sum(-1))

@@ -826,7 +826,7 @@ class ParamGrid:
         and each element's window, sized to the cells within its reach, is gathered from its
         grid's row. A weight with a bound within reach sums its window clipped at the bounds,
         the region beyond a bound read as revealed (as :func:`bounded_moments` reads inner
-        bounds). ``kappa_only`` is accepted for the interface; every moment is computed."""
+        bounds). ``kappa_only``: ``mean_abs`` and ``m4`` are NaN (``kappa`` bitwise the same)."""
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
         c = th.shape[0]
         sgt = sg.clamp_min(torch.finfo(torch.float64).tiny)
@@ -875,7 +875,8 @@ class ParamGrid:
         rest = torch.nonzero(~frozen).squeeze(-1)
         if rest.numel():
             windowed_moments((kappa, mean_abs, m4, coverage), rest, need[rest], _STORAGE_WINDOWS,
-                             _STORAGE_ROWS_BUDGET, window, th, sgt, kernel=moments_from_alpha_erfc)
+                             _STORAGE_ROWS_BUDGET, window, th, sgt,
+                             kernel=lambda a: moments_from_alpha_erfc(a, kappa_only=kappa_only))
         mm = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         if lo is not None and hi is not None:
             reveal_beyond_bounds(mm, torch.nonzero(reach).squeeze(-1), th, sg, lo, hi)
