@@ -58,7 +58,8 @@ FilterFn = Callable[[nn.Module, str], bool]
 QUOTIENT_EXACT_MAX_SD = 8.0
 # sd above which a grid on bf16 / fp16 weights (``storage_dtype``) is scored on its own edges, in
 # storage ulps at the edges within reach: the stored cells' edges sit within half an ulp of them,
-# and their sums cost 5-50x the affine kernel's; the difference fades as 1 / (sd / ulp)^2
+# and their sums cost 2-20x the affine kernel's (docs/benchmarks.md, "st30": in fp16 at 2.5-8
+# steps the switch saves 7x; in bf16 hardly anything); the difference fades as 1 / (sd / ulp)^2
 # (tests/test_storage_rounding.py pins it: kappa within 2e-4 relative at 16 ulps)
 STORAGE_EXACT_MAX_ULPS = 16.0
 # ... and where sd exceeds STORAGE_FINE_CELLS of the grid's own cells only (kappa then hardly
