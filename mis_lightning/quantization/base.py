@@ -823,9 +823,10 @@ class ParamGrid:
         :meth:`element_bounds`); frozen elements 0, as on the other grids.
 
         The stored edges depend on the grid (scale, zero point, code) alone, not on the weight:
-        they are computed once per distinct grid of the chunk (:meth:`_stored_table`, ``[G, K]``)
-        and each element's window, sized to the cells within its reach, is gathered from its
-        grid's row. A weight with a bound within reach sums its window clipped at the bounds,
+        they are computed once per block of the chunk (:meth:`_stored_table`: a row per run of
+        elements with one scale and zero point) and each element's window, sized to the cells
+        within its reach, is gathered from its block's row (else, where the table would hold more
+        edges than the windows, computed for the element as before: the same edges). A weight with a bound within reach sums its window clipped at the bounds,
         the region beyond a bound read as revealed (as :func:`bounded_moments` reads inner
         bounds). ``kappa_only``: ``mean_abs`` and ``m4`` are NaN (``kappa`` bitwise the same)."""
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
