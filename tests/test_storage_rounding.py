@@ -231,3 +231,35 @@ def test_float32_models_keep_continuous_cells():
         assert g.storage_dtype is None
         assert _apply(name, model.to(torch.bfloat16)).grids["0.weight"].storage_dtype == torch.bfloat16
         model = model.float()
+
+
+@pytest.mark.parametrize("name", ["int8_weight_only", "intx_weight_only_int8_g32_asym", "rtn_int4", "float8_weight_only"])
+def test_stored_edge_table_equals_each_elements_own_window(name, monkeypatch):
+    """The stored edges depend on the grid and the code alone, so the chunk's table of every code's
+    stored edge (one row per block) and each element's own window (the fallback where the table
+    would hold more edges than the windows) hold the same edges, computed by the same element-wise
+    arithmetic: the moments are equal bit for bit, bounds within reach included (the rows' absmax
+    / min-max), at sd from step/4 (windows of 2-3 edges) to 4 steps. An off-by-one in the table's
+    columns, rows or padding moves every moment by a cell (kappa by >1e-3 at these sd)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8, bias=False)
+    model = nn.Sequential(lin.to(torch.bfloat16))
+    g = _apply(name, model).grids["0.weight"]
+    th = model[0].weight.detach().double().reshape(-1)
+    step = g.element_grid(0, g.numel)[0] * (32.0 if g.kind == "table" else 1.0)
+    real, used = base.ParamGrid._stored_table, []
+
+    def table(self, scale, zp, center, budget):  # the table whatever its size
+        used.append(1)
+        return real(self, scale, zp, center, 1 << 40)
+
+    monkeypatch.setattr(base.ParamGrid, "_stored_table", table)
+    tabled = [g.moments(th, r * step, 0, g.numel) for r in (0.25, 1.0, 4.0)]
+    assert used
+    monkeypatch.setattr(base.ParamGrid, "_stored_table", lambda *a, **k: None)
+    for r, t in zip((0.25, 1.0, 4.0), tabled):
+        own = g.moments(th, r * step, 0, g.numel)
+        for f in ("kappa", "mean_abs", "m4", "coverage"):
+            assert torch.equal(getattr(t, f), getattr(own, f)), (r, f)
+        # the bootstrap draws' kappa-only sums: kappa bitwise the same
+        assert torch.equal(g.moments(th, r * step, 0, g.numel, kappa_only=True).kappa, own.kappa)

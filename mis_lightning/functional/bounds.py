@@ -397,6 +397,23 @@ def _bounded_moments(
     return out
 
 
+def reveal_beyond_bounds(out: CellMoments, sub: Tensor, th: Tensor, sg: Tensor, lo: Tensor, hi: Tensor) -> None:
+    """Moments of windows clipped at the bounds (:func:`clip_boundaries`: each ends in one
+    lumped cell beyond a bound) turned into those of the bounded release (in place at ``sub``):
+    the lumped cell beyond a bound within ``CUTOFF_SIGMAS`` sd is the region the release gives
+    away (:func:`_reveal_delta`). ``out``: ``[c]`` float64 moments; ``th``, ``sg``, ``lo``,
+    ``hi``: ``[c]`` float64 weights, sd and bounds (parameter units)."""
+    ts, ss = th[sub], sg[sub].clamp_min(torch.finfo(torch.float64).tiny)
+    for bound, sign in ((hi[sub], 1.0), (lo[sub], -1.0)):
+        near = torch.isfinite(bound) & (sign * (bound - ts) <= CUTOFF_SIGMAS * ss)
+        if bool(near.any()):
+            dk, dl, d4 = _reveal_delta(sign * (bound - ts) / ss)
+            zero = torch.zeros_like(dk)
+            out.kappa[sub] = (out.kappa[sub] + torch.where(near, dk, zero)).clamp(0.0, 1.0)
+            out.mean_abs[sub] = (out.mean_abs[sub] + torch.where(near, dl, zero)).clamp(0.0, SQRT_2_OVER_PI)
+            out.m4[sub] = out.m4[sub] + torch.where(near, d4, zero)
+
+
 def _bounded_block(mm: CellMoments, th: Tensor, sg: Tensor, lo: Tensor, hi: Tensor, low_edge: Tensor,
                    high_edge: Tensor, step: Tensor | None, edges: Callable[[Tensor, int], Tensor],
                    compile_policy: CompilePolicy | None, kappa_only: bool, reach: Tensor, total: int) -> CellMoments:
@@ -453,16 +470,7 @@ def _bounded_block(mm: CellMoments, th: Tensor, sg: Tensor, lo: Tensor, hi: Tens
             windowed_moments(
                 (out.kappa, out.mean_abs, out.m4, out.coverage), sub, need, _WINDOWS, _ROWS_BUDGET,
                 lambda ii, m: clip_boundaries(edges(ii, m), lo[ii], hi[ii]), th, sg.clamp_min(1e-300))
-            # the clipped windows end in a lumped cell at each bound: beyond it is revealed
-            ts, ss = th[sub], sg[sub].clamp_min(torch.finfo(torch.float64).tiny)
-            for bound, sign in ((hi[sub], 1.0), (lo[sub], -1.0)):
-                near = torch.isfinite(bound) & (sign * (bound - ts) <= CUTOFF_SIGMAS * ss)
-                if bool(near.any()):
-                    dk, dl, d4 = _reveal_delta(sign * (bound - ts) / ss)
-                    zero = torch.zeros_like(dk)
-                    out.kappa[sub] = (out.kappa[sub] + torch.where(near, dk, zero)).clamp(0.0, 1.0)
-                    out.mean_abs[sub] = (out.mean_abs[sub] + torch.where(near, dl, zero)).clamp(0.0, SQRT_2_OVER_PI)
-                    out.m4[sub] = out.m4[sub] + torch.where(near, d4, zero)
+            reveal_beyond_bounds(out, sub, th, sg, lo, hi)
     # the outer cell [b, inf) cut at the bound beyond it, the rest revealed (and (-inf, a]
     # likewise); a bound on the edge itself (torchao's symmetric scales) reveals the whole cell
     out = _apply_split(out, split & (hi >= b) & (hi - th <= cut), th, sg, b, hi, True, compile_policy, kappa_only,
@@ -472,4 +480,4 @@ def _bounded_block(mm: CellMoments, th: Tensor, sg: Tensor, lo: Tensor, hi: Tens
     return out
 
 
-__all__ = ["bounded_moments", "bounds_in_reach", "clip_boundaries"]
+__all__ = ["bounded_moments", "bounds_in_reach", "clip_boundaries", "reveal_beyond_bounds"]

@@ -25,6 +25,7 @@ from torch import Tensor
 from ._checks import check_finite, check_shape
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_HALF = math.sqrt(0.5)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 # A cell whose probability is below this carries no usable information: its
 # contribution diff^2/p -> p * alpha^2 vanishes with p, so it is dropped to avoid 0/0.
@@ -253,3 +254,37 @@ def moments_from_terms(terms: CellTerms) -> CellMoments:
 def moments_from_alpha(alpha: Tensor) -> CellMoments:
     """Cell moments ``[c]`` from standardised edges ``alpha [c, K+1]`` (see :func:`cell_terms`)."""
     return moments_from_terms(cell_terms(alpha))
+
+
+def moments_from_alpha_erfc(alpha: Tensor, kappa_only: bool = False) -> CellMoments:
+    """Cell moments ``[c]`` of standardised edges ``alpha [c, K+1]``: the terms of
+    :func:`cell_terms` with each tail probability ``P(N(0,1) > |alpha|)`` computed as
+    ``erfc(|alpha| / sqrt 2) / 2`` (torch's vectorised ``erfc``, within 1.5 ulp) instead of
+    ``ndtr(-|alpha|)`` (a scalar loop, ~4x the cost on CPU), and cells below ``1e-300``
+    :func:`moments_from_alpha` to ~1e-15, not bit for bit, in ~30 element-wise operations per
+    edge instead of ~40. The stored cells of bf16 / fp16 models use it
+    (:meth:`~mis_lightning.quantization.ParamGrid.element_moments`, ``storage_dtype``); the
+    float32 paths keep :func:`moments_from_alpha` (their reports stay bitwise unchanged).
+    ``kappa_only``: ``mean_abs`` and ``m4`` are not computed (NaN); ``kappa`` bitwise the same."""
+    pdf = _pdf(alpha)
+    lo, hi = alpha[:, :-1], alpha[:, 1:]
+    # Phi(alpha) - [alpha > 0] = -q above 0, q below: a cell's probability is the difference of
+    # these plus the count of its edges above 0 (0 or 1), a difference of two tails on either side
+    # of 0 (no cancellation) and 1 - both tails for a cell holding 0
+    q = torch.special.erfc(alpha.abs() * _SQRT_HALF) * 0.5
+    pos = alpha > 0
+    f = torch.where(pos, -q, q)
+    prob = ((f[:, 1:] - f[:, :-1]) + (pos[:, 1:].to(alpha.dtype) - pos[:, :-1].to(alpha.dtype))).clamp_min(0.0)
+    diff = pdf[:, :-1] - pdf[:, 1:]
+    # Rounding can push a tail mean just outside its cell; the true mean lies inside.
+    ratio = torch.maximum(torch.minimum(diff / prob.clamp_min(_TINY_PROB), hi), lo)
+    # an empty cell (a window's +-inf padding, a zero-width cell at a bound) adds nothing: no 0 * inf
+    ratio = torch.where(prob > _TINY_PROB, ratio, 0.0)
+    sq = diff * ratio
+    kappa = sq.sum(-1).clamp(0.0, 1.0)
+    if kappa_only:
+        nan = torch.full_like(kappa, math.nan)
+        return CellMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=prob.sum(-1))
+    mean_abs = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
+    m4 = (sq * ratio * ratio).sum(-1)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=prob.sum(-1))

@@ -418,6 +418,7 @@ def windowed_moments(
     edges: Callable[[Tensor, int], Tensor],
     theta: Tensor,
     sigma: Tensor,
+    kernel: Callable[[Tensor], CellMoments] = moments_from_alpha,
 ) -> None:
     """Exact cell sums of the elements ``idx``, grouped by the window they need (in place).
 
@@ -428,6 +429,8 @@ def windowed_moments(
         rows_budget: floats per ``[rows, 2m + 2]`` working tensor (bounds memory).
         edges: ``edges(ii, m) -> [len(ii), 2m + 2]`` cell edges around elements ``ii``.
         theta, sigma: ``[c]`` float64 weights and standard deviations (parameter units).
+        kernel: the cell sums of standardised edges ``[r, 2m + 2]`` (default
+            :func:`~mis_lightning.functional.cells.moments_from_alpha`).
     """
     lo_bound = 0
     for m in windows:
@@ -440,6 +443,6 @@ def windowed_moments(
         for a in range(0, group.numel(), step):
             ii = group[a : a + step]
             alpha = (edges(ii, m) - theta[ii].unsqueeze(-1)) / sigma[ii].unsqueeze(-1)
-            mm = moments_from_alpha(alpha)
+            mm = kernel(alpha)
             for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
                 t[ii] = v

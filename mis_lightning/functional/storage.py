@@ -65,6 +65,18 @@ def storage_ulp(x: Tensor, dtype: torch.dtype) -> Tensor:
     return next_stored(r, dtype) - r
 
 
+_VALUES: dict[torch.dtype, Tensor] = {}
+
+
+def _values_by_key(dtype: torch.dtype) -> Tensor:
+    """float64 ``[65535]``: the ``D`` value of each ordered key ``o`` (:func:`_ordered`) at
+    ``o + 32767``: a key's value is one gather instead of the bit arithmetic of
+    :func:`_from_ordered` (512 KiB, built once per dtype)."""
+    if dtype not in _VALUES:
+        _VALUES[dtype] = _from_ordered(torch.arange(-32767, 32768, dtype=torch.int32), dtype)
+    return _VALUES[dtype]
+
+
 def stored_edges(raw: Tensor, upper_key: Tensor, key: Callable[[Tensor], Tensor], dtype: torch.dtype) -> Tensor:
     """Edges of the stored cells from a grid's own edges.
 
@@ -83,10 +95,17 @@ def stored_edges(raw: Tensor, upper_key: Tensor, key: Callable[[Tensor], Tensor]
     """
     fin = torch.isfinite(raw)
     e = torch.where(fin, raw, torch.zeros_like(raw))
-    va = stored_floor(e, dtype)
-    na, pa = next_stored(va, dtype), prev_stored(va, dtype)
-    u = torch.where(key(na) < upper_key, na, torch.where(key(va) < upper_key, va, pa))
-    return torch.where(fin, 0.5 * (u + next_stored(u, dtype)), raw)
+    # o: the ordered key of the largest D value <= e (the cast rounds to nearest: one down if above)
+    r = e.to(dtype)
+    bits = r.view(torch.int16).to(torch.int32)
+    o = torch.where(bits >= 0, bits, -(bits & 0x7FFF)) - (r.to(torch.float64) > e).to(torch.int32)
+    vals = _values_by_key(dtype).to(raw.device)
+    at = o.long() + 32767  # the value of key o + i: vals[at + i]
+    # u = o + 1, o or o - 1: the key is non-decreasing, so count the candidates below upper_key
+    below = ((key(vals.take(at + 1)) < upper_key).to(torch.int32)
+             + (key(vals.take(at)) < upper_key).to(torch.int32))
+    u = at - 1 + below
+    return torch.where(fin, 0.5 * (vals.take(u) + vals.take(u + 1)), raw)
 
 
 def stored_bounds(lower: Tensor, upper: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

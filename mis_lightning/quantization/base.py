@@ -33,8 +33,13 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
-from ..functional.bounds import bounded_moments, bounds_in_reach, clip_boundaries
-from ..functional.cells import SQRT_2_OVER_PI
+from ..functional.bounds import (
+    bounded_moments,
+    bounds_in_reach,
+    clip_boundaries,
+    reveal_beyond_bounds,
+)
+from ..functional.cells import SQRT_2_OVER_PI, moments_from_alpha_erfc
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, windowed_moments
 from ..functional.quotient import (
     quotient_boundaries,
@@ -53,16 +58,20 @@ FilterFn = Callable[[nn.Module, str], bool]
 QUOTIENT_EXACT_MAX_SD = 8.0
 # sd above which a grid on bf16 / fp16 weights (``storage_dtype``) is scored on its own edges, in
 # storage ulps at the edges within reach: the stored cells' edges sit within half an ulp of them,
-# and their sums cost 5-50x the affine kernel's; the difference fades as 1 / (sd / ulp)^2
+# and their sums cost 2-20x the affine kernel's (docs/benchmarks.md, "st30": in fp16 at 2.5-8
+# steps the switch saves 7x; in bf16 hardly anything); the difference fades as 1 / (sd / ulp)^2
 # (tests/test_storage_rounding.py pins it: kappa within 2e-4 relative at 16 ulps)
 STORAGE_EXACT_MAX_ULPS = 16.0
 # ... and where sd exceeds STORAGE_FINE_CELLS of the grid's own cells only (kappa then hardly
 # depends on the position within a cell: the stored edges' first-order effect is gone)
 STORAGE_FINE_CELLS = 2.0
 # window half-widths of the stored cells' exact sums (an element takes the first that holds the
-# cells within its 8.5 sd)
-_STORAGE_WINDOWS = (2, 3, 4, 6, 10, 18, 32, 64, 128, 256, _MAX_WINDOW)
-_STORAGE_ROWS_BUDGET = 1 << 20
+# cells within its 8.5 sd): ~1.2x apart, so a window holds at most ~20 % more edges than needed
+_STORAGE_WINDOWS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20, 24, 29, 35, 42, 50, 60, 72, 86, 103, 124, 149,
+                    179, 215, 258, 310, 372, 446, _MAX_WINDOW)
+# floats per [rows, edges] working tensor of those sums: ~30 element-wise operations per edge run
+# 3-4x faster on cache-sized temporaries (2^16 floats: 16 ns per edge, 2^20: 60; 1 thread)
+_STORAGE_ROWS_BUDGET = 1 << 16
 
 #: packages whose tensor subclasses hold already-quantized weights
 _QUANT_PACKAGES = ("torchao", "optimum.quanto", "bitsandbytes")
@@ -811,30 +820,103 @@ class ParamGrid:
                          need: Tensor, bounds: tuple[Tensor, Tensor] | None,
                          compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
         """Exact sums over the stored cells within 8.5 sd (``bounds``: already the stored ones,
-        :meth:`element_bounds`); frozen elements 0, as on the other grids."""
+        :meth:`element_bounds`); frozen elements 0, as on the other grids.
+
+        The stored edges depend on the grid (scale, zero point, code) alone, not on the weight:
+        they are computed once per block of the chunk (:meth:`_stored_table`: a row per run of
+        elements with one scale and zero point) and each element's window, sized to the cells
+        within its reach, is gathered from its block's row (else, where the table would hold more
+        edges than the windows, computed for the element as before: the same edges). A weight with a bound within reach sums its window clipped at the bounds,
+        the region beyond a bound read as revealed (as :func:`bounded_moments` reads inner
+        bounds). ``kappa_only``: ``mean_abs`` and ``m4`` are NaN (``kappa`` bitwise the same)."""
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
         c = th.shape[0]
-
-        def edges(ii: Tensor, m: int) -> Tensor:
-            return self._stored_window(th[ii], scale[ii], zp[ii], center[ii], m)
-
+        sgt = sg.clamp_min(torch.finfo(torch.float64).tiny)
         kappa = torch.zeros(c, dtype=torch.float64, device=th.device)
         mean_abs, m4 = torch.zeros_like(kappa), torch.zeros_like(kappa)
         coverage = torch.ones_like(kappa)
-        own = edges(torch.arange(c, device=th.device), 1)[:, 1:3]
-        sgt = sg.clamp_min(torch.finfo(torch.float64).tiny)
-        frozen = ((th - own[:, 0]) / sgt > CUTOFF_SIGMAS) & ((own[:, 1] - th) / sgt > CUTOFF_SIGMAS)
-        rest = ~frozen
-        if bool(rest.any()):
-            windowed_moments((kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1),
-                             need[rest].clamp(min=2, max=_MAX_WINDOW), _STORAGE_WINDOWS, _STORAGE_ROWS_BUDGET,
-                             edges, th, sgt)
-        mm = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+        if c == 0:
+            return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+        need = need.clamp(min=2, max=_MAX_WINDOW)
+        window_edges = int((2 * need + 2).sum())
+        table = self._stored_table(scale, zp, center, window_edges)
+        if table is not None:
+            flat, row, rel, last = table
+
+            def edges(ii: Tensor, m: int) -> Tensor:
+                # columns rel - m .. rel + m + 1 of the element's row; beyond the row: +-inf
+                j = (rel[ii] - m).unsqueeze(-1) + torch.arange(2 * m + 2, device=th.device)
+                e = flat.take(j.clamp(0, last) + row[ii].unsqueeze(-1))
+                e[:, 0], e[:, -1] = -math.inf, math.inf
+                return e
+        else:
+            def edges(ii: Tensor, m: int) -> Tensor:
+                return self._stored_window(th[ii], scale[ii], zp[ii], center[ii], m)
+
+        lo = hi = None
+        window = edges
         if bounds is not None:
-            low_edge, high_edge, _ = self._outer_edges(scale, zp)
-            mm = bounded_moments(mm, th, sg, *bounds, low_edge, high_edge, None, edges, compile_policy,
-                                 kappa_only=kappa_only)
+            lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
+            reach = bounds_in_reach(th, sg, lo, hi)
+            if bool(reach.any()):
+                def window(ii: Tensor, m: int) -> Tensor:
+                    # the inner edges clipped at the element's bounds: zero-width cells at a
+                    # bound, one lumped cell beyond it (turned into the revealed region below)
+                    e = edges(ii, m)
+                    r = reach[ii].unsqueeze(-1)
+                    inner = e[:, 1:-1]
+                    clipped = torch.minimum(torch.maximum(inner, lo[ii].unsqueeze(-1)), hi[ii].unsqueeze(-1))
+                    e[:, 1:-1] = torch.where(r, clipped, inner)
+                    return e
+            else:
+                lo = hi = None
+        own = edges(torch.arange(c, device=th.device), 1)[:, 1:3]
+        frozen = ((th - own[:, 0]) / sgt > CUTOFF_SIGMAS) & ((own[:, 1] - th) / sgt > CUTOFF_SIGMAS)
+        if lo is not None:
+            frozen = frozen & ~reach
+        rest = torch.nonzero(~frozen).squeeze(-1)
+        if rest.numel():
+            windowed_moments((kappa, mean_abs, m4, coverage), rest, need[rest], _STORAGE_WINDOWS,
+                             _STORAGE_ROWS_BUDGET, window, th, sgt,
+                             kernel=lambda a: moments_from_alpha_erfc(a, kappa_only=kappa_only))
+        mm = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+        if lo is not None and hi is not None:
+            reveal_beyond_bounds(mm, torch.nonzero(reach).squeeze(-1), th, sg, lo, hi)
         return mm
+
+    def _stored_table(self, scale: Tensor, zp: Tensor, center: Tensor,
+                      budget: int) -> tuple[Tensor, Tensor, Tensor, int] | None:
+        """The stored edges of every code of each grid of elements ``[c]`` (one row per run of
+        consecutive elements with one ``(scale, zero point)``: the blocks of a row-major chunk),
+        or ``None`` where the table would hold more than ``budget`` edges (the elements' own
+        windows then cost less). Row layout: :meth:`_stored_window` around key ``low + h``, ``low``
+        the grid's lowest key, ``2h`` >= the number of edges: column ``j`` holds the edge below
+        key ``low + j``; columns 0 and ``2h + 1`` are ``-inf`` / ``inf``, and so is any edge
+        beyond the code range. Returns ``(table.reshape(-1), row [c], rel [c], 2h + 1)``:
+        element ``i``'s row starts at ``row[i]`` of the flat table, and the edge below key
+        ``center[i] + d`` is in its column ``rel[i] + d``."""
+        s64, z64 = scale.to(torch.float64), zp.to(torch.float64)
+        n_edges = (self.qmax - self.qmin) if self.kind != "table" else self.values.numel() - 1  # type: ignore[union-attr]
+        h = (n_edges + 1) // 2
+        width = 2 * h + 2
+        new = (s64[1:] != s64[:-1]) | (z64[1:] != z64[:-1])
+        if (int(new.sum()) + 1) * width > budget:
+            return None
+        gid = torch.cat([new.new_zeros(1, dtype=torch.long), new.long().cumsum(0)])
+        first = torch.nonzero(torch.cat([new.new_ones(1), new])).squeeze(-1)
+        su, zu = s64[first], z64[first]
+        if self.kind == "affine":
+            low = torch.full_like(su, float(self.qmin))
+        elif self.kind == "quotient":
+            low = self.qmin - zu
+        else:
+            low = torch.zeros_like(su)
+        # in blocks of rows: the stored edges' ~40 element-wise operations on cache-sized temporaries
+        rows = max(1, _STORAGE_ROWS_BUDGET // width)
+        tab = torch.cat([self._stored_window(su[a:a + rows], su[a:a + rows], zu[a:a + rows], low[a:a + rows] + h, h)
+                         for a in range(0, su.numel(), rows)])
+        rel = (center - low[gid]).long()
+        return tab.reshape(-1), gid * width, rel, width - 1
 
     #: fields no cell moment reads: a label, the footprint, and the freed backend output
     _NOT_CELLS: ClassVar[frozenset[str]] = frozenset({"name", "method", "bits_per_weight", "dequantized",
