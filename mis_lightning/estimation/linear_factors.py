@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import private_copy
-from .per_sample import LossFn, cast_tensor_attributes, default_dtype
+from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 
 
 @dataclass
@@ -165,8 +165,15 @@ class FactoredProgram:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
             return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
 
-        e = torch.func.vmap(torch.func.grad(one))(fd, targets)  # dl/df [B]
-        L = torch.func.vmap(torch.func.grad(torch.func.grad(one)))(fd, targets)  # d2l/df2 [B]
+        # dl/df [B], d2l/df2 [B] by autograd through vmap(one) (torch.func's grad imports
+        # torch._dynamo at its first call, ~1 s in a process that never ran an optimizer; pf30)
+        try:
+            e, L2 = record_loss_derivatives(one, fd, targets)
+            assert L2 is not None
+            L = L2.reshape(b)
+        except Exception:  # a loss autograd cannot differentiate through vmap: torch.func
+            e = torch.func.vmap(torch.func.grad(one))(fd, targets)
+            L = torch.func.vmap(torch.func.grad(torch.func.grad(one)))(fd, targets)
         res = {}
         for m, delta in zip(self.layout, deltas):
             x = self.capture.inputs[m].detach()
@@ -851,18 +858,29 @@ class LayerProgram:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
             return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
 
-        e = torch.func.vmap(torch.func.grad(one))(fd, targets)
+        def derivatives(hessian: bool) -> tuple[Tensor, Tensor | None]:
+            # autograd through vmap(one), not torch.func's grad: its first call imports
+            # torch._dynamo (~1 s in a process that never ran an optimizer; pf30)
+            try:
+                return record_loss_derivatives(one, fd, targets, second=hessian)
+            except Exception:  # a loss autograd cannot differentiate through vmap: torch.func
+                e = torch.func.vmap(torch.func.grad(one))(fd, targets)
+                # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
+                return e, torch.func.vmap(torch.func.jacrev(torch.func.grad(one)))(fd, targets) if hessian else None
+
         if not second:
-            return e, None
+            return derivatives(False)
         # Softmax cross-entropy (this batch's dl/do is p - onehot(y)): its Hessian in the
         # outputs is diag(p) - p p' in closed form, once the first such batch has shown the
         # loss's own Hessian equal to it (the per-record Hessian by torch.func costs ~4x the
         # gradient: half an epoch on a small Transformer)
+        e, L = derivatives(not self._ce_hessian_checked)
         p = self._ce_probs(fd, targets, e)
         if p is not None and self._ce_hessian_checked:
             return e, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-        # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
-        L = torch.func.vmap(torch.func.jacrev(torch.func.grad(one)))(fd, targets)
+        if L is None:
+            L = derivatives(True)[1]
+        assert L is not None
         if p is not None:
             L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
             self._ce_hessian_checked = bool((L - L_ce).abs().max() <= CE_TOLERANCE)
