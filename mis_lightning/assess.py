@@ -1723,7 +1723,7 @@ class _InfluenceReader:
     collects their columns and makes one :meth:`Estimate.power_sums` call."""
 
     def __init__(self, est: Estimate, name: str) -> None:
-        from .estimation.linear_factors import factored_power_sums
+        from .estimation.linear_factors import PowerCache, factored_power_sums
 
         self.est, self.name, self.start = est, name, est.offsets[name][0]
         self._fps = factored_power_sums
@@ -1731,6 +1731,8 @@ class _InfluenceReader:
         self.streaming = est.influence is not None or self.factor is not None
         # elements per output row (a factored weight is summed in whole rows)
         self.unit = int(self.factor[0].x.shape[1]) if self.factor is not None and not self.factor[1] else 1
+        # the layer's input powers, shared by every chunk, scheme and draw of this parameter (pf30)
+        self.cache = PowerCache()
 
     def sums(self, a: int, b: int, columns: Mapping[int, Tensor], rows: Tensor | None = None) -> dict[int, Tensor]:
         """``{p: [R, M]}`` over elements ``a:b`` (``rows``: only these rows of ``unit`` elements,
@@ -1751,7 +1753,7 @@ class _InfluenceReader:
         gm, vd = est._centring(self.name, sel)
         out_rows = slice(a // u, b // u) if rows is None else a // u + rows
         part = dataclasses.replace(fac, d=fac.d[:, out_rows])
-        return {p: self._fps(part, gm, vd, c, p, bias=bias) for p, c in columns.items()}
+        return {p: self._fps(part, gm, vd, c, p, bias=bias, cache=self.cache) for p, c in columns.items()}
 
 
 # Streamed schemes' fourth-power sums replaced by the baseline's bound where it suffices
