@@ -10,7 +10,8 @@ Two phases, each a fresh process:
 ``train`` builds ``assess_speed.mlp(SIZE)`` and the synthetic regression of scale.py (4,096
 records, batch 256, seed 0), trains it 3 Adam epochs (lr 1e-3) and saves the weights, the data
 and the epoch's CPU time (the least of epochs 2-3). ``assess`` loads them, runs the default
-"assess" estimation and scores scale.py's eight schemes (``COMMON_SCHEMES``), then prints one
+"assess" estimation and scores scale.py's eight schemes (``COMMON_SCHEMES``; ``--schemes``
+others), then prints one
 line: the CPU times (``time.process_time``, one thread) and their ratio to the epoch;
 ``--json`` writes the report (``Report.to_json``) for a field-by-field comparison of two
 checkouts; ``--prof`` writes a cProfile of the scoring call (``PREFIX.prof``, ``PREFIX.txt``).
@@ -60,7 +61,7 @@ def _train(size: str, path: str) -> None:
     print(f"size {size} epoch {min(ep[1:]):.3f} s CPU (epochs {', '.join(f'{e:.3f}' for e in ep)})")
 
 
-def _assess(path: str, json_path: str | None, prof: str | None) -> None:
+def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None) -> None:
     import torch
 
     from benchmarks.assess_speed import mlp
@@ -87,7 +88,7 @@ def _assess(path: str, json_path: str | None, prof: str | None) -> None:
     c0 = time.process_time()
     if prof:
         pr.enable()
-    rep = score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+    rep = score_schemes(est, model, schemes or COMMON_SCHEMES, scoring_config=sc_cfg)
     if prof:
         pr.disable()
     s = time.process_time() - c0
@@ -114,11 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("path")
     a.add_argument("--json", default=None)
     a.add_argument("--prof", default=None)
+    a.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
     args = ap.parse_args(argv)
     if args.cmd == "train":
         _train(args.size, args.path)
     else:
-        _assess(args.path, args.json, args.prof)
+        _assess(args.path, args.json, args.prof, args.schemes)
     return 0
 
 
