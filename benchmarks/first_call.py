@@ -28,6 +28,7 @@ import cProfile
 import io
 import os
 import pstats
+import resource
 import sys
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
     s = time.process_time() - c0
     line = (f"size {saved['size']} epoch {epoch:.3f} s; estimation {e:.2f} s = {e / epoch:.2f} ep; scoring {s:.2f} s"
             f" = {s / epoch:.2f} ep; total {(e + s) / epoch:.2f} ep; torch._dynamo after estimation: {dynamo};"
-            f" load {os.getloadavg()[0]:.1f}")
+            f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; load {os.getloadavg()[0]:.1f}")
     print(line)
     if json_path:
         Path(json_path).write_text(rep.to_json())
