@@ -189,7 +189,7 @@ def record_loss_derivatives(one: Callable[[Tensor, Any], Tensor], outputs: Tenso
         # rows[j, r, l] = sum_r' d g_r'j / d o_rl = d g_rj / d o_rl (each loss reads its own record)
         rows = torch.autograd.grad(g2, leaf, grad_outputs=eye, is_grads_batched=True, allow_unused=True)[0]
     if rows is not None:
-        H = rows.reshape(c, b, c).transpose(0, 1)
+        H = rows.reshape(c, b, c).transpose(0, 1).contiguous()
     return g.detach(), H
 
 
@@ -652,7 +652,7 @@ class LossProgram:
         def one(o: Tensor, y: Any) -> Tensor:
             return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
 
-        # Reverse-over-reverse by plain autograd (record_loss_hessians), not torch.func: the
+        # Reverse-over-reverse by plain autograd (record_loss_derivatives), not torch.func: the
         # same matrix for this count, without torch's first forward-AD use (jvp decompositions
         # compiled with TorchScript, ~0.4 s once per process; pf28) nor torch.func's grad, whose
         # first call imports torch._dynamo (~1 s in a process that never ran an optimizer; pf30).
