@@ -1808,7 +1808,7 @@ class _InfluenceReader:
     collects their columns and makes one :meth:`Estimate.power_sums` call."""
 
     def __init__(self, est: Estimate, name: str) -> None:
-        from .estimation.linear_factors import factored_power_sums
+        from .estimation.linear_factors import PowerCache, factored_power_sums
 
         self.est, self.name, self.start = est, name, est.offsets[name][0]
         self._fps = factored_power_sums
@@ -1816,6 +1816,8 @@ class _InfluenceReader:
         self.streaming = est.influence is not None or self.factor is not None
         # elements per output row (a factored weight is summed in whole rows)
         self.unit = int(self.factor[0].x.shape[1]) if self.factor is not None and not self.factor[1] else 1
+        # the layer's input powers, shared by every chunk, scheme and draw of this parameter (pf30)
+        self.cache = PowerCache()
 
     def sums(self, a: int, b: int, columns: Mapping[int, Tensor], rows: Tensor | None = None) -> dict[int, Tensor]:
         """``{p: [R, M]}`` over elements ``a:b`` (``rows``: only these rows of ``unit`` elements,
@@ -1836,7 +1838,7 @@ class _InfluenceReader:
         gm, vd = est._centring(self.name, sel)
         out_rows = slice(a // u, b // u) if rows is None else a // u + rows
         part = dataclasses.replace(fac, d=fac.d[:, out_rows])
-        return {p: self._fps(part, gm, vd, c, p, bias=bias) for p, c in columns.items()}
+        return {p: self._fps(part, gm, vd, c, p, bias=bias, cache=self.cache) for p, c in columns.items()}
 
 
 # Streamed schemes' fourth-power sums replaced by the baseline's bound where it suffices
@@ -2028,20 +2030,24 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 deltas.append(delta)
                 ksum[j] += k_sum
                 frz[j] += k_frz
-            Km = torch.stack(K, 1)
-            K4 = Km[:, exact4] if len(exact4) < nm else Km
-            M4m = torch.stack([M4[i] for i in exact4], 1)
-            cols = {2: torch.cat([Km, torch.stack(P, 1)], 1) if P else Km,
-                    4: torch.cat([M4m - 3.0 * K4.square(), K4.square()], 1)}
-            if not reader.streaming:  # influences recomputed per record block: one call at the end
-                held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None else (dl[1] @ dl[0]).T
-                                    for p, dl in zip(active, deltas)]))
-                continue
-            if SHARE_EQUAL_COLUMNS:  # equal grids' columns (the same tensors) and zero columns summed once
+            if reader.streaming and SHARE_EQUAL_COLUMNS:
+                # equal grids' columns (the same tensors) and zero columns summed once, the
+                # distinct ones stacked alone (no [c, all columns] matrix to gather from; pf30)
+                k2 = {i: K[i].square() for i in exact4}
+                lists = {2: [*K, *P], 4: [M4[i] - 3.0 * k2[i] for i in exact4] + [k2[i] for i in exact4]}
                 keys = {2: [id(t) for t in (*K, *P)],
                         4: [(id(M4[i]), id(K[i])) for i in exact4] + [id(K[i]) for i in exact4]}
-                ps = _distinct_column_sums(reader, a, b, cols, keys)
+                ps = _distinct_list_sums(reader, a, b, lists, keys)
             else:
+                Km = torch.stack(K, 1)
+                K4 = Km[:, exact4] if len(exact4) < nm else Km
+                M4m = torch.stack([M4[i] for i in exact4], 1)
+                cols = {2: torch.cat([Km, torch.stack(P, 1)], 1) if P else Km,
+                        4: torch.cat([M4m - 3.0 * K4.square(), K4.square()], 1)}
+                if not reader.streaming:  # influences recomputed per record block: one call at the end
+                    held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None
+                                        else (dl[1] @ dl[0]).T for p, dl in zip(active, deltas)]))
+                    continue
                 ps = reader.sums(a, b, cols)
             s2 += ps[2]
             s4[:, cols4] += ps[4]
@@ -2142,32 +2148,31 @@ SHARE_EQUAL_GRIDS = True
 SHARE_EQUAL_COLUMNS = True
 
 
-def _distinct_column_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int, Tensor],
-                          keys: dict[int, list[Any]]) -> dict[int, Tensor]:
-    """``reader.sums(a, b, cols)`` (``{p: [R, M]}``) from the distinct non-zero columns only:
-    ``keys[p][m]`` identifies what column ``m`` of ``cols[p]`` is computed from (equal keys:
-    bitwise-equal columns); a column with no non-zero element sums to exactly 0 (finite
-    influences, as ``score_schemes`` checks)."""
-    take: dict[int, list[int]] = {}
+def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int, list[Tensor]],
+                        keys: dict[int, list[Any]]) -> dict[int, Tensor]:
+    """``reader.sums(a, b, {p: torch.stack(cols[p], 1)})`` (``{p: [R, M]}``, ``cols[p]`` the
+    ``[c]`` columns) from the distinct non-zero columns only: ``keys[p][m]`` identifies what
+    column ``m`` is computed from (equal keys: bitwise-equal columns); a column with no non-zero
+    element sums to exactly 0 (finite influences, as ``score_schemes`` checks). Only those
+    columns are stacked, in order of first use (pf30: no matrix of every column to gather
+    them from; the same matrix reaches ``reader.sums`` as before, so bitwise the same sums)."""
+    take: dict[int, list[Tensor]] = {}
     where: dict[int, list[int]] = {}
     for p, C in cols.items():
-        nonzero = C.ne(0).any(0).tolist()
         first: dict[Any, int] = {}
         take[p], where[p] = [], []
-        for m, key in enumerate(keys[p]):
-            if not nonzero[m]:
-                where[p].append(-1)
-                continue
+        for t, key in zip(C, keys[p]):
             if key not in first:
-                first[key] = len(take[p])
-                take[p].append(m)
+                first[key] = len(take[p]) if bool(t.ne(0).any()) else -1
+                if first[key] >= 0:
+                    take[p].append(t)
             where[p].append(first[key])
-    if all(len(take[p]) == C.shape[1] for p, C in cols.items()):
-        return reader.sums(a, b, cols)
-    ps = reader.sums(a, b, {p: C[:, take[p]] for p, C in cols.items() if take[p]})
+    ps = reader.sums(a, b, {p: torch.stack(take[p], 1) for p in cols if take[p]})
+    if all(len(take[p]) == len(C) for p, C in cols.items()):
+        return ps
     out = {}
     for p, C in cols.items():
-        full = torch.zeros(reader.est.num_records, C.shape[1], dtype=torch.float64)
+        full = torch.zeros(reader.est.num_records, len(C), dtype=torch.float64)
         live = [m for m, w in enumerate(where[p]) if w >= 0]
         if live:
             full[:, live] = ps[p][:, [where[p][m] for m in live]]

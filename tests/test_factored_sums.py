@@ -112,3 +112,39 @@ def test_only_the_records_whose_bound_fails_are_summed_again_in_float64(monkeypa
     f64 = factored_power_sums(fac, g_mean, v, A, 2)
     torch.testing.assert_close(got[far], f64[far], rtol=1e-12, atol=0.0)
     torch.testing.assert_close(got[~far], f64[~far], rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("f32", [True, False])
+def test_a_layers_power_cache_gives_bitwise_the_same_sums(monkeypatch, f32):
+    """pf30: one PowerCache per layer (the input powers reused by every chunk, scheme and draw of
+    a scoring pass) gives bitwise the sums without it, for powers 2 and 4, non-negative columns
+    (float32 GEMMs, some records falling back to float64) and signed ones (float64), row subsets
+    of d (chunks) and dead units; an in-place change of x empties it (the version counter), and a
+    budget of 0 bytes caches nothing."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset({2, 4} if f32 else ()))
+    fac, g_mean, v, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0  # some records' float32 bound fails: their float64 sums on a subset
+    fac.d[far] += 40.0
+    fac.d[:, 5] = 0.0  # a dead unit
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    g_mean, v = gr[far].mean(0), gr.var(0, unbiased=False)
+    signed = A - 0.5
+    cache = lf.PowerCache()
+    for rows in (slice(0, 48), slice(0, 16), slice(16, 48)):
+        part = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=fac.d[:, rows])
+        el = slice(rows.start * 64, rows.stop * 64)
+        for power in (2, 4):
+            for cols in (A[el], signed[el]):
+                want = factored_power_sums(part, g_mean[el], v[el], cols, power)
+                got = factored_power_sums(part, g_mean[el], v[el], cols, power, cache=cache)
+                assert torch.equal(got, want)
+    assert cache._bytes > 0
+    fac.x.mul_(2.0)  # in place: the cached powers are stale
+    part = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=fac.d)
+    assert torch.equal(factored_power_sums(part, g_mean, v, A, 2, cache=cache), factored_power_sums(part, g_mean, v, A, 2))
+    none = lf.PowerCache(budget=0)
+    factored_power_sums(part, g_mean, v, A, 4, cache=none)
+    assert [k for k in none._entries if k != "sx"] == []

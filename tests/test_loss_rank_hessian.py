@@ -148,6 +148,8 @@ for kind, (model, x, y, loss) in runs.items():
     est = run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=32), loss, est_cfg)
     assert est.estimator.startswith("diagonal"), est.estimator
     print(kind, "loaded" if "torch._decomp.decompositions_for_jvp" in sys.modules else "not loaded")
+    if kind == "mse":  # no torch.func grad on a Linear-only model's first batch (the loss-rank count; pf30)
+        print("dynamo", "imported" if "torch._dynamo" in sys.modules else "not imported")
 """
 
 
@@ -157,11 +159,14 @@ def test_gauss_newton_estimation_does_not_load_forward_ad():
     (cross-entropy), then on an MLP with a log-cosh loss (the per-layer program's loss Hessian in
     the outputs, every batch) leaves torch's forward-AD decompositions unloaded (pf29: they loaded
     through ``_loss_derivatives``' torch.func.hessian on the CNN's first batch). The exact
-    sandwich's jvp still loads them (``estimate.HESSIAN_FORWARD_AD``)."""
+    sandwich's jvp still loads them (``estimate.HESSIAN_FORWARD_AD``). The MLP's estimation does
+    not import torch._dynamo either (pf30: the loss-rank count's torch.func ``grad`` did, ~1 s
+    CPU, in a process that never ran an optimizer; now plain autograd)."""
     out = subprocess.run([sys.executable, "-c", _FRESH_ESTIMATION], capture_output=True, text=True, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-3:] == ["mse not loaded", "cnn not loaded", "logcosh not loaded"]
+    assert out.stdout.strip().splitlines()[-4:] == ["mse not loaded", "dynamo not imported", "cnn not loaded",
+                                                    "logcosh not loaded"]
 
 
 def test_exact_hessian_and_record_curvature_reverse_over_reverse_equal_forward_over_reverse():
@@ -191,3 +196,41 @@ def test_exact_hessian_and_record_curvature_reverse_over_reverse_equal_forward_o
         scale = float(b.abs().max())
         assert scale > 0
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
+
+
+def _coupled(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Couples the records of a call through a batch sum: per record (batch of one, as the
+    loss-rank count calls it) a smooth non-quadratic loss; on a batch, cross-record terms."""
+    return 0.5 * (out - y).square().sum(-1) + 0.3 * torch.tanh(out).sum(-1) * torch.sin(out).sum()
+
+
+def _linear(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (out * y).sum(-1)  # gradient independent of the outputs: Hessian 0
+
+
+@pytest.mark.parametrize("loss", ["coupled", "linear", "mse_f32"])
+def test_loss_output_hessians_by_autograd_are_per_record(loss):
+    """pf30: the count's Hessians by plain autograd (one loss call per record, one batched
+    backward) equal torch.func.hessian of each record's own loss call: a loss that would couple
+    the records of a batch gets no cross-record term (the batched call's Hessian differs here by
+    O(0.3), checked), a loss linear in the outputs has Hessian 0, and a float32 program is held
+    to float32 rounding (rtol 1e-5: the two orders of products round differently)."""
+    g = torch.Generator().manual_seed(2)
+    dt = torch.float32 if loss == "mse_f32" else torch.float64
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).to(dt)
+    x = torch.randn(6, 5, generator=g, dtype=dt)
+    y = torch.randn(6, 4, generator=g, dtype=dt)
+    fn = {"coupled": _coupled, "linear": _linear, "mse_f32": _mse}[loss]
+    prog = LossProgram(model, fn, [n for n, _ in model.named_parameters()], dtype=dt)
+    got = prog.loss_output_hessians(x, y, prog.output_shape(x))
+    with torch.no_grad():
+        out = model(x)
+    ref = _reference_hessians(fn, out, y)
+    tol = 1e-5 if dt == torch.float32 else 1e-12
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    if loss == "coupled":  # the batched call would differ: the test can tell
+        whole = torch.func.hessian(lambda o: fn(o, y).sum())(out)  # [B, C, B, C]
+        diag = torch.stack([whole[i, :, i] for i in range(6)])
+        assert (diag - ref).abs().max() > 1e-3
+    if loss == "linear":
+        assert bool((got == 0).all())

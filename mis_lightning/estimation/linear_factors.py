@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import private_copy
-from .per_sample import LossFn, cast_tensor_attributes, default_dtype
+from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 
 
 @dataclass
@@ -165,8 +165,15 @@ class FactoredProgram:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
             return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
 
-        e = torch.func.vmap(torch.func.grad(one))(fd, targets)  # dl/df [B]
-        L = torch.func.vmap(torch.func.grad(torch.func.grad(one)))(fd, targets)  # d2l/df2 [B]
+        # dl/df [B], d2l/df2 [B] by autograd through vmap(one) (torch.func's grad imports
+        # torch._dynamo at its first call, ~1 s in a process that never ran an optimizer; pf30)
+        try:
+            e, L2 = record_loss_derivatives(one, fd, targets)
+            assert L2 is not None
+            L = L2.reshape(b)
+        except Exception:  # a loss autograd cannot differentiate through vmap: torch.func
+            e = torch.func.vmap(torch.func.grad(one))(fd, targets)
+            L = torch.func.vmap(torch.func.grad(torch.func.grad(one)))(fd, targets)
         res = {}
         for m, delta in zip(self.layout, deltas):
             x = self.capture.inputs[m].detach()
@@ -263,6 +270,59 @@ POWER_SUMS_F32_LAMBDA = 8.0
 POWER_SUMS_F32_COUNTS = {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")}
 _U32 = 2.0 ** -24  # float32 unit roundoff
 _TINY32 = 2.0 ** -126  # smallest normal float32
+# Bytes of one layer's input powers (x / 2^k)^a in float32 and x^a in float64 that a
+# PowerCache holds; beyond it a power is recomputed per call, as before (pf30).
+POWER_CACHE_BYTES = 1 << 28
+
+
+class PowerCache:
+    """The input side of one Linear layer's power sums, reused by every call on the same ``x``
+    (the chunks, schemes and draws of a scoring pass read the same ``[R, in]`` inputs; pf30:
+    their powers were ~40% of a call's GEMM time at the 1e7 MLP's widths): the exact scale
+    ``2^k >= max |x|`` and ``(x / 2^k)^a`` in float32 (:func:`_even_power_sums_f32`), ``x^a`` in
+    float64 (:func:`_binomial_sums_f64`). Entries are the same operations on the same tensor,
+    so sums are bitwise those without the cache. Keyed by the tensor object and its version
+    counter (an in-place change of ``x`` empties the cache); holds at most
+    :data:`POWER_CACHE_BYTES` of powers. Hold one per layer for a pass, then drop it."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = POWER_CACHE_BYTES if budget is None else budget
+        self._x: Tensor | None = None
+        self._version = -1
+        self._entries: dict[Any, Tensor] = {}
+        self._bytes = 0
+
+    def _check(self, x: Tensor) -> None:
+        if self._x is not x or self._version != x._version:
+            self._x, self._version, self._entries, self._bytes = x, x._version, {}, 0
+
+    def _get(self, x: Tensor, key: Any, make: Callable[[], Tensor]) -> Tensor:
+        self._check(x)
+        got = self._entries.get(key)
+        if got is None:
+            got = make()
+            size = got.numel() * got.element_size()
+            if self._bytes + size <= self.budget or key == "sx":
+                self._entries[key] = got
+                self._bytes += size
+        return got
+
+    def scale(self, x: Tensor) -> Tensor:
+        """``_pow2_scale(x, (0, 1))``."""
+        return self._get(x, "sx", lambda: _pow2_scale(x, (0, 1)))
+
+    def scaled_power32(self, x: Tensor, a: int) -> Tensor:
+        """``(x / scale(x)).pow(a).to(float32)`` ``[R, in]``."""
+        return self._get(x, ("f32", a), lambda: (x / self.scale(x)).pow(a).to(torch.float32))
+
+    def power64(self, x: Tensor, a: int) -> Tensor:
+        """``x.pow(a)`` ``[R, in]`` (``x`` itself at ``a = 1``: the same values)."""
+        return x if a == 1 else self._get(x, ("f64", a), lambda: x.pow(a))
+
+
+def _no_cache() -> PowerCache:
+    return PowerCache(budget=0)
+
 
 
 def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -275,7 +335,7 @@ def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 
 def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, power: int,
-                         rtol: float) -> tuple[Tensor, Tensor]:
+                         rtol: float, cache: PowerCache | None = None) -> tuple[Tensor, Tensor]:
     """``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` ``[R, M]`` (``p`` even) with the binomial terms' GEMMs
     in float32, and ``[R, M]`` the entries where the run-time error bound exceeds ``rtol`` relative,
     or that are not finite (the caller sums those in float64).
@@ -296,11 +356,12 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     out_f, in_f = S.shape[0], S.shape[1]
     x, d = fac.x, fac.d
     # powers of two (exact rescalings): x, d and gb into [-1, 1], S per column into [0, 1]
-    sx, sd, sg = _pow2_scale(x, (0, 1)), _pow2_scale(d, (0, 1)), _pow2_scale(gb, (0, 1))
+    cache = cache or _no_cache()
+    sx, sd, sg = cache.scale(x), _pow2_scale(d, (0, 1)), _pow2_scale(gb, (0, 1))
     sS = _pow2_scale(S, (0, 1))  # [1, 1, M]; S >= 0
     # [in, out, M]: the GEMM's right operand [in, out * M] without a copy per term
     S32 = torch.empty((in_f, out_f, S.shape[-1]), dtype=torch.float32, device=S.device).copy_((S / sS).permute(1, 0, 2))
-    xs, ds, gs = x / sx, d / sd, (gb / sg).T
+    ds, gs = d / sd, (gb / sg).T
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
     total = g0.unsqueeze(0).expand(d.shape[0], -1).clone()
@@ -310,7 +371,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
         coef = math.comb(power, a) * (-1) ** (power - a)
         # one more rounding where a power of gb multiplies S (counted in eps's six)
         B = S32 * gs.pow(power - a).to(torch.float32).unsqueeze(-1) if power - a else S32
-        t = torch.einsum("ri,iom->rom", xs.pow(a).to(torch.float32), B)
+        t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
         ta = torch.einsum("ro,rom->rm", ds.pow(a).to(torch.float32), t).to(torch.float64)
         scale = sg.pow(power - a) * (sx * sd).pow(a)
         ta = ta * (sS.reshape(1, -1) * scale)
@@ -326,6 +387,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
 
 def factored_power_sums(
     fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, A: Tensor, power: int, bias: bool = False,
+    cache: PowerCache | None = None,
 ) -> Tensor:
     """``[R, M]`` sums ``sum_j w_rj^power A_jm`` for one parameter of a Linear layer.
 
@@ -337,7 +399,9 @@ def factored_power_sums(
     A weight's power-2 and power-4 sums with ``A >= 0`` take their GEMMs in float32 (the powers
     in :data:`POWER_SUMS_F32`) where a bound computed at run time holds every entry within
     :data:`POWER_SUMS_F32_RTOL` relative, else float64 (method.md section 3, "Power sums in
-    float32"; :func:`_even_power_sums_f32`); a bias's sums are float64.
+    float32"; :func:`_even_power_sums_f32`); a bias's sums are float64. ``cache``: the layer's
+    :class:`PowerCache` where the caller makes several calls on the same factors (bitwise the
+    same sums).
     """
     out_f, in_f = fac.d.shape[1], fac.x.shape[1]
     M = A.shape[1]
@@ -345,15 +409,16 @@ def factored_power_sums(
     # COLUMN_BUDGET floats whatever the number of columns (schemes x bootstrap draws).
     cols = max(1, COLUMN_BUDGET // max(A.shape[0], fac.d.shape[0] * out_f, 1))
     if M > cols:
-        return torch.cat([factored_power_sums(fac, g_mean, v_diag, A[:, c : c + cols], power, bias)
+        return torch.cat([factored_power_sums(fac, g_mean, v_diag, A[:, c : c + cols], power, bias, cache)
                           for c in range(0, M, cols)], dim=1)
     # A weight without gradient variance has no influence (w_j = 0, the estimate's convention):
     # dividing by a clamped V_jj gave 0 * 1e300 at power 2 but 0 / 0 = NaN at power 4, where
     # (1e-300)^2 underflows (mo26: every scheme's Edgeworth estimate NaN at 1e7 weights, with
     # dead ReLU units). V_jj up to 1e-150 counts as none: its power stays finite above it.
     live = v_diag > V_NONE
-    scaled = torch.where(live.unsqueeze(-1), A / v_diag.clamp_min(V_NONE).pow(power / 2).unsqueeze(-1),
-                         torch.zeros((), dtype=A.dtype))  # [numel, M]
+    scaled = A / v_diag.clamp_min(V_NONE).pow(power / 2).unsqueeze(-1)  # [numel, M]
+    if not bool(live.all()):  # torch.where(live, scaled, 0) on the dead rows alone (bitwise)
+        scaled[~live] = 0.0
     if bias:
         c = (fac.d - g_mean).pow(power)  # [R, out]
         return c @ scaled
@@ -361,7 +426,7 @@ def factored_power_sums(
     gb = g_mean.reshape(out_f, in_f)
     if power in POWER_SUMS_F32 and fac.x.dtype == torch.float64 and bool((A >= 0).all()):
         got, bad = _even_power_sums_f32(fac, gb, S, (S * gb.pow(power).unsqueeze(-1)).sum((0, 1)), power,
-                                        POWER_SUMS_F32_RTOL)
+                                        POWER_SUMS_F32_RTOL, cache)
         bad_rows = bad.any(1)
         nbad = int(bad_rows.sum())
         POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
@@ -373,10 +438,11 @@ def factored_power_sums(
             part = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x[rows], d=fac.d[rows])
             got[rows] = torch.where(bad[rows], _binomial_sums_f64(part, gb, S, power), got[rows])
         return got
-    return _binomial_sums_f64(fac, gb, S, power)
+    return _binomial_sums_f64(fac, gb, S, power, cache)
 
 
-def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int) -> Tensor:
+def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
+                       cache: PowerCache | None = None) -> Tensor:
     """``[R, M]`` ``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` by the binomial expansion in float64."""
     M = S.shape[-1]
     total = torch.zeros(fac.d.shape[0], M, dtype=torch.float64)
@@ -386,7 +452,7 @@ def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int) ->
             total += coef * (S * gb.pow(power).unsqueeze(-1)).sum((0, 1))
             continue
         B = S * gb.pow(power - a).unsqueeze(-1) if power - a else S  # [out, in, M]
-        xa = fac.x.pow(a)  # [R, in]
+        xa = fac.x.pow(a) if cache is None else cache.power64(fac.x, a)  # [R, in]
         da = fac.d.pow(a)  # [R, out]
         # sum_{o,i} d_ro^a x_ri^a B_oim = sum_o d_ro^a (x^a @ B_o^T)
         t = torch.einsum("ri,oim->rom", xa, B)
@@ -851,18 +917,29 @@ class LayerProgram:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
             return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
 
-        e = torch.func.vmap(torch.func.grad(one))(fd, targets)
+        def derivatives(hessian: bool) -> tuple[Tensor, Tensor | None]:
+            # autograd through vmap(one), not torch.func's grad: its first call imports
+            # torch._dynamo (~1 s in a process that never ran an optimizer; pf30)
+            try:
+                return record_loss_derivatives(one, fd, targets, second=hessian)
+            except Exception:  # a loss autograd cannot differentiate through vmap: torch.func
+                e = torch.func.vmap(torch.func.grad(one))(fd, targets)
+                # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
+                return e, torch.func.vmap(torch.func.jacrev(torch.func.grad(one)))(fd, targets) if hessian else None
+
         if not second:
-            return e, None
+            return derivatives(False)
         # Softmax cross-entropy (this batch's dl/do is p - onehot(y)): its Hessian in the
         # outputs is diag(p) - p p' in closed form, once the first such batch has shown the
         # loss's own Hessian equal to it (the per-record Hessian by torch.func costs ~4x the
         # gradient: half an epoch on a small Transformer)
+        e, L = derivatives(not self._ce_hessian_checked)
         p = self._ce_probs(fd, targets, e)
         if p is not None and self._ce_hessian_checked:
             return e, torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
-        # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
-        L = torch.func.vmap(torch.func.jacrev(torch.func.grad(one)))(fd, targets)
+        if L is None:
+            L = derivatives(True)[1]
+        assert L is not None
         if p is not None:
             L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
             self._ce_hessian_checked = bool((L - L_ce).abs().max() <= CE_TOLERANCE)

@@ -154,6 +154,45 @@ def _rows_of(tree: Any, i: int) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
 
+def record_loss_derivatives(one: Callable[[Tensor, Any], Tensor], outputs: Tensor, targets: Any,
+                            second: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per record ``dl/do [B, *o]`` and (``second``) ``d2l/do2 [B, C, C]`` (``C = numel(o)``) of
+    ``one(o_r, y_r)`` (a scalar per record) at ``outputs [B, *o]``, ``targets`` batched as
+    ``vmap`` reads them; float as ``outputs``. The matrix of ``vmap(jacrev(grad(one)))``
+    (reverse-over-reverse; method.md section 4, "Finite-sample (leverage) correction", and the
+    Gauss-Newton factors) without torch.func's ``grad``, whose first call in a process imports
+    ``torch._dynamo`` (~1 s CPU where no optimizer ran before; pf30): the per-record losses by a
+    plain ``vmap(one)`` (each call sees its own record alone, as before: a loss that would couple
+    the records of a batch gets no cross-record term), differentiated by ``torch.autograd``; the
+    second derivatives in all output directions in one batched backward (``is_grads_batched``).
+    A record whose gradient does not depend on its outputs has Hessian 0.
+
+    Raises:
+        RuntimeError: autograd cannot differentiate the vmapped loss (an operation without a
+            batching rule for its backward); callers fall back to torch.func.
+    """
+    b = outputs.shape[0]
+    c = outputs[0].numel() if b else int(math.prod(outputs.shape[1:]))
+    with torch.enable_grad():
+        leaf = outputs.detach().clone().requires_grad_(True)
+        losses = vmap(one)(leaf, targets)
+        g = torch.autograd.grad(losses.sum(), leaf, create_graph=second, allow_unused=True)[0]
+        if g is None:
+            g = torch.zeros_like(leaf)
+        if not second:
+            return g.detach(), None
+        H = torch.zeros(b, c, c, dtype=outputs.dtype, device=outputs.device)
+        if not g.requires_grad or b == 0 or c == 0:  # the gradient does not depend on the outputs
+            return g.detach(), H
+        g2 = g.reshape(b, c)
+        eye = torch.eye(c, dtype=g2.dtype, device=g2.device).unsqueeze(1).expand(c, b, c)
+        # rows[j, r, l] = sum_r' d g_r'j / d o_rl = d g_rj / d o_rl (each loss reads its own record)
+        rows = torch.autograd.grad(g2, leaf, grad_outputs=eye, is_grads_batched=True, allow_unused=True)[0]
+    if rows is not None:
+        H = rows.reshape(c, b, c).transpose(0, 1).contiguous()
+    return g.detach(), H
+
+
 def _batch_size(tree: Any) -> int:
     leaves = [t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, Tensor)]
     if not leaves:
@@ -593,10 +632,15 @@ class LossProgram:
         def one(o: Tensor, y: Any) -> Tensor:
             return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
 
-        g = vmap(grad(one))(outputs, targets)
-        # reverse-over-reverse (torch.func.hessian's matrix without torch's first forward-AD use, ~0.4 s once per process; pf28, pf29)
-        h = vmap(jacrev(grad(one)))(outputs, targets)
-        return g, h
+        # reverse-over-reverse by autograd (torch.func.hessian's matrix without torch's first
+        # forward-AD use, ~0.4 s once per process, pf28, pf29; nor torch.func's grad, whose
+        # first call imports torch._dynamo, ~1 s, pf30)
+        try:
+            g, h = record_loss_derivatives(one, outputs, targets)
+            assert h is not None
+            return g, h
+        except Exception:  # a loss autograd cannot differentiate through vmap: torch.func
+            return vmap(grad(one))(outputs, targets), vmap(jacrev(grad(one)))(outputs, targets)
 
     def loss_output_hessians(self, inputs: Any, targets: Any, out_shape: OutputShape) -> Tensor:
         """Per-sample ``d2l/do2 [B, C, C]`` of the loss in the (flattened) model outputs, without
@@ -608,11 +652,16 @@ class LossProgram:
         def one(o: Tensor, y: Any) -> Tensor:
             return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
 
-        # Reverse-over-reverse, not torch.func.hessian (forward-over-reverse): the same matrix
-        # for this count, without torch's first forward-AD use, which compiles its jvp
-        # decompositions with TorchScript (~0.4 s CPU once per process: ~9 Adam epochs of the
-        # 1e5-weight MLP's whole estimation budget; docs/benchmarks.md, pf28).
-        return vmap(jacrev(grad(one)))(out, targets)
+        # Reverse-over-reverse by plain autograd (record_loss_derivatives), not torch.func: the
+        # same matrix for this count, without torch's first forward-AD use (jvp decompositions
+        # compiled with TorchScript, ~0.4 s once per process; pf28) nor torch.func's grad, whose
+        # first call imports torch._dynamo (~1 s in a process that never ran an optimizer; pf30).
+        try:
+            H = record_loss_derivatives(one, out, targets)[1]
+            assert H is not None
+            return H
+        except Exception:  # a loss autograd cannot differentiate through vmap: torch.func
+            return vmap(jacrev(grad(one)))(out, targets)
 
     def gauss_newton_factors(self, inputs: Any, targets: Any, out_shape: OutputShape) -> tuple[dict[str, Tensor], Tensor]:
         """Each record's Gauss-Newton factors: output Jacobians ``{name: [B, C, *shape]}`` and

@@ -206,7 +206,8 @@ def table_cell_moments(
         elements skipped, the fine-grid expansion where the grid is fine and uniform within
         8.5 sd, a closed form for the fine core of the table around 0, exact sums elsewhere;
         equal to exact cell sums within 1e-13 in kappa and 1e-11 in m4 outside the
-        fine-expansion and interpolated elements, tests/test_float_grid_fast.py). It is
+        fine-expansion and interpolated elements, tests/test_float_grid_fast.py; the closed-form
+        runs of equal cells within 2.1e-12 and 6.7e-11, tests/test_float_runs.py). It is
         checked against exact sums on a sample (at first use per thread count, then every few
         calls; :mod:`~mis_lightning.functional.fastpath`); on disagreement it is disabled for
         the process with a ``RuntimeWarning`` and the previous windowed sums are used (then the
@@ -419,7 +420,15 @@ _ZERO = torch.zeros((), dtype=torch.float64)
 # Groups (:func:`_groups`) up to which one scan per group is cheaper than one sort.
 _SCAN_GROUPS = 8
 # Run counts of the closed-form run path's groups (runs past an element's last add exactly 0).
+# Up to 32 where the windowed paths are the alternative; up to 128 (_WIDE_RUN_BUCKETS, pf30)
+# for the elements that would otherwise be summed over every edge of the table
+# (:func:`_whole_table_sums`): an sd wider than a 16-bit table's top binades reaches every run
+# of it (float16: ~80) and the exact sums took all of its 63k edges (the 1e7 MLP's fp16 draws
+# around weights of sd 2-3e4: ~7% of its first scoring call). Measured against those exact sums
+# (tests/test_float_runs.py): kappa within 2.1e-12, m4 within 5.4e-11, the error growing where
+# the table lies beyond ~3 sd of the weight.
 _RUN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+_WIDE_RUN_BUCKETS = _RUN_BUCKETS + (48, 64, 96, 128)
 # Side widths (edges) of the closed-form core's groups: steps of ~25% (the padding to a bucket
 # is computed for nothing; the earlier buckets (1, 2, 3, 4, 6, 10, 18, 32, ...) padded a weight needing
 # 19 edges to 32, on both sides).
@@ -695,14 +704,15 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rul
 
 
 def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo: Tensor, cell_hi: Tensor,
-              own: tuple[Tensor, Tensor], need: Tensor, values: Tensor, th: Tensor, sg: Tensor, sc: Tensor
-              ) -> Tensor:
+              own: tuple[Tensor, Tensor], need: Tensor, values: Tensor, th: Tensor, sg: Tensor, sc: Tensor,
+              buckets: tuple[int, ...] = _RUN_BUCKETS) -> Tensor:
     """Moments (written into ``out`` = ``(kappa, mean_abs, m4, coverage)``) of the elements
     ``cand`` whose cells within 8.5 sd are all in runs of equal cells no wider than
     ``RUN_MAX_STEP`` sd (:mod:`~mis_lightning.functional.runs`), and the mask ``[c]`` of
     those done. ``cell_lo`` / ``cell_hi``: the value cells of each element's 8.5-sd reach;
     ``own``: its own cell's edges (parameter units). Taken only where the runs are fewer than
-    half the exact window's edges (``need`` each side), at most ``_RUN_BUCKETS[-1]`` runs."""
+    half the exact window's edges (``need`` each side), at most ``buckets[-1]`` runs (the groups'
+    run counts: :data:`_RUN_BUCKETS`, or :data:`_WIDE_RUN_BUCKETS` instead of whole-table sums)."""
     kappa, mean_abs, m4, coverage = out
     done = torch.zeros_like(cand)
     rt = run_table(values, th.device)
@@ -714,16 +724,16 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
     r0 = rt.run_of[lo_c.clamp(1, last - 1)]
     r1 = rt.run_of[hi_c.clamp(1, last - 1)]
     nr = r1 - r0 + 1
-    ok = (nr <= _RUN_BUCKETS[-1]) & (2 * nr < need[ii])
+    ok = (nr <= buckets[-1]) & (2 * nr < need[ii])
     if not bool(ok.any()):
         return done
     if not bool(ok.all()):
         keep = torch.nonzero(ok).squeeze(-1)  # one scan, not one per boolean mask
         ii, lo_c, hi_c, r0, r1, nr = (t[keep] for t in (ii, lo_c, hi_c, r0, r1, nr))
     u0, r = -th[ii] / sg[ii], sc[ii] / sg[ii]
-    bucket = torch.bucketize(nr, torch.tensor(_RUN_BUCKETS, device=th.device))
+    bucket = torch.bucketize(nr, torch.tensor(buckets, device=th.device))
     for bv in torch.unique(bucket).tolist():
-        m = _RUN_BUCKETS[bv]
+        m = buckets[bv]
         group = torch.nonzero(bucket == bv).squeeze(-1)
         off = torch.arange(m + 1, device=th.device).unsqueeze(-1)
         block = max(1024, min(_CORE_BLOCK, (1 << 18) // (4 * m + 4)))
@@ -999,7 +1009,13 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
         else:
             mean_abs[ii] = ma
     rest = rest & ~core
-    _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
+    wide = rest & (need > _MAX_WINDOW)
+    if bool(wide.any()):  # runs (up to 128) where they serve, then every edge of the table (pf30)
+        wide_runs = _run_path((kappa, mean_abs, m4, coverage), wide, cell_lo, cell_hi, (own_lo, own_hi), need,
+                              values, th, sg, sc, _WIDE_RUN_BUCKETS)
+        wide &= ~wide_runs
+        runs = runs | wide_runs
+    _whole_table_sums((kappa, mean_abs, m4, coverage), wide, mids, th, sg, sc)
     rest &= need <= _MAX_WINDOW
     if bool(rest.any()):
         _exact_windows((kappa, mean_abs, m4, coverage), torch.nonzero(rest).squeeze(-1), cell, cell_lo, cell_hi,

@@ -1,0 +1,129 @@
+"""The first ``run_estimation`` and ``score_schemes`` calls of a fresh process, as a user who
+loads a trained model makes them (no optimizer, no Lightning in the process), in CPU time and
+in Adam epochs of the same model (issue 13; docs/benchmarks.md, "pf30").
+
+Two phases, each a fresh process:
+
+    python benchmarks/first_call.py train 1e7 /tmp/m1e7.pt     # 3 Adam epochs; epoch CPU time
+    python benchmarks/first_call.py assess /tmp/m1e7.pt --json /tmp/r.json [--prof /tmp/p]
+
+``train`` builds ``assess_speed.mlp(SIZE)`` and the synthetic regression of scale.py (4,096
+records, batch 256, seed 0), trains it 3 Adam epochs (lr 1e-3) and saves the weights, the data
+and the epoch's CPU time (the least of epochs 2-3). ``assess`` loads them, runs the default
+"assess" estimation and scores scale.py's eight schemes (``COMMON_SCHEMES``; ``--schemes``
+others), then prints one
+line: the CPU times (``time.process_time``, one thread) and their ratio to the epoch;
+``--json`` writes the report (``Report.to_json``) for a field-by-field comparison of two
+checkouts; ``--prof`` writes a cProfile of the scoring call (``PREFIX.prof``, ``PREFIX.txt``).
+
+To compare two checkouts, run ``assess`` alternately from each (``cd CHECKOUT &&
+PYTHONPATH=$PWD python PATH/TO/first_call.py assess ...``) on the same saved model, one thread,
+``OMP_WAIT_POLICY=PASSIVE``: old/new ratios within a pair, never absolute times across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())  # the checkout under test first (PYTHONPATH=$PWD does the same)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+
+def _train(size: str, path: str) -> None:
+    import torch
+
+    from benchmarks.assess_speed import mlp
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, n_in = mlp(size)
+    n = 4096
+    x = torch.randn(n, n_in)
+    y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(n)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ep = []
+    for _ in range(3):
+        c0 = time.process_time()
+        for xb, yb in loader:
+            opt.zero_grad()
+            (0.5 * (model(xb).squeeze(-1) - yb) ** 2).mean().backward()
+            opt.step()
+        ep.append(time.process_time() - c0)
+    torch.save({"size": size, "state": model.state_dict(), "x": x, "y": y, "epoch": min(ep[1:])}, path)
+    print(f"size {size} epoch {min(ep[1:]):.3f} s CPU (epochs {', '.join(f'{e:.3f}' for e in ep)})")
+
+
+def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None) -> None:
+    import torch
+
+    from benchmarks.assess_speed import mlp
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.assess import run_estimation, score_schemes
+    from mis_lightning.config import stage_configs
+
+    torch.set_num_threads(1)
+    saved = torch.load(path)
+    model, _ = mlp(saved["size"])
+    model.load_state_dict(saved["state"])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(saved["x"], saved["y"]), batch_size=256)
+
+    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (out.squeeze(-1) - t) ** 2
+
+    epoch = float(saved["epoch"])
+    est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
+    c0 = time.process_time()
+    est = run_estimation(model, loader, loss_fn, est_cfg)
+    e = time.process_time() - c0
+    dynamo = "torch._dynamo" in sys.modules
+    pr = cProfile.Profile()
+    c0 = time.process_time()
+    if prof:
+        pr.enable()
+    rep = score_schemes(est, model, schemes or COMMON_SCHEMES, scoring_config=sc_cfg)
+    if prof:
+        pr.disable()
+    s = time.process_time() - c0
+    line = (f"size {saved['size']} epoch {epoch:.3f} s; estimation {e:.2f} s = {e / epoch:.2f} ep; scoring {s:.2f} s"
+            f" = {s / epoch:.2f} ep; total {(e + s) / epoch:.2f} ep; torch._dynamo after estimation: {dynamo};"
+            f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; load {os.getloadavg()[0]:.1f}")
+    print(line)
+    if json_path:
+        Path(json_path).write_text(rep.to_json())
+    if prof:
+        pr.dump_stats(prof + ".prof")
+        st = io.StringIO()
+        pstats.Stats(pr, stream=st).sort_stats("cumulative").print_stats(60)
+        Path(prof + ".txt").write_text(line + "\n" + st.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("size")
+    t.add_argument("path")
+    a = sub.add_parser("assess")
+    a.add_argument("path")
+    a.add_argument("--json", default=None)
+    a.add_argument("--prof", default=None)
+    a.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
+    args = ap.parse_args(argv)
+    if args.cmd == "train":
+        _train(args.size, args.path)
+    else:
+        _assess(args.path, args.json, args.prof, args.schemes)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
