@@ -415,4 +415,12 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
     # and population value): up to sqrt(2) times the spread of one (the bootstrap's).
     lo = med - math.sqrt(2.0) * (med - q_lo)
     hi = med + math.sqrt(2.0) * (q_hi - med)
+    # The plug-in reads the cells smoothed over one sd of the position and the draws' centre over
+    # two variances, so `med - value` estimates the plug-in's own smoothing bias (to first order
+    # in the smoothing) and `2 value - med` is the plug-in with that bias removed: where the
+    # population weights crowd where kappa curves (cell edges: the plug-in reads low), the truth
+    # sits there and not at the draws' centre. The interval holds the spread around both centres
+    # (cg30; method.md section 3, "averaged": "The centre and the plug-in's bias").
+    shift = 2.0 * (value - med)
+    lo, hi = min(lo, lo + shift), max(hi, hi + shift)
     return Interval(max(min(lo, value) - pad, 0.0), max(hi, value) + pad, "averaged", terms)
