@@ -314,8 +314,11 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         n: training records; also the sample of ``sigma``'s estimate, whose relative
             standard error ``sd(w^2) / (2 sqrt(n))`` the position search reads.
         draws: ``[B]`` leakage under the parametric bootstrap (cells re-evaluated around
-            ``theta_hat + sigma xi``), used in the averaged regime; ``None``/empty: that
-            regime returns the plug-in widened by the record error only.
+            ``theta_hat + sigma xi``), used in the averaged regime: sqrt(2) x their p10 / p90
+            distances from their median ``med``, held around ``med`` and around the plug-in
+            debiased by them, ``2 value - med`` (method.md section 3, "The centre and the
+            plug-in's bias"); ``None``/empty: that regime returns the plug-in widened by the
+            record error only.
         theta, sigma, boundaries: ``[d]``, ``[d]``, ``[d, K+1]`` of the coarse quantized
             coordinates (those whose cell statistics depend on the position; parameter
             units). ``None`` (e.g. influences not stored): averaged regime.
