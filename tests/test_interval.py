@@ -168,3 +168,23 @@ def test_full_covariance_lr_test_reaches_the_gaussian_tv():
     assert full == pytest.approx(exact, abs=0.02)
     assert indep < 0.11
     assert abs(null) < 0.02
+
+
+def test_averaged_interval_reaches_the_plug_in_debiased_by_the_draws_centre():
+    """cg30: the plug-in reads each weight's cells smoothed over one sd of its position, the draws'
+    centre over two variances, so ``med - value`` estimates the plug-in's smoothing bias (first
+    order) and ``2 value - med`` is the plug-in without it. The averaged interval holds the
+    draws' spread (sqrt(2) x their p10 / p90 distances) around both centres: with the draws'
+    median 0.003 below the plug-in the upper end is ``2 value - med + sqrt(2) (q90 - med)``,
+    the lower end the draws' own; mirrored when the median is above. Exact arithmetic on the
+    given draws (1e-12)."""
+    draws = torch.linspace(0.010, 0.020, 17, dtype=torch.float64)
+    q10, med, q90 = (float(x) for x in torch.quantile(draws, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)))
+    s2 = math.sqrt(2.0)
+    up = FI.leakage_interval(med + 0.003, 0.0, 1000, draws=draws)
+    assert up.regime == "averaged"
+    assert up.hi == pytest.approx(med + 0.006 + s2 * (q90 - med), abs=1e-12)
+    assert up.lo == pytest.approx(med - s2 * (med - q10), abs=1e-12)
+    down = FI.leakage_interval(med - 0.003, 0.0, 1000, draws=draws)
+    assert down.lo == pytest.approx(med - 0.006 - s2 * (med - q10), abs=1e-12)
+    assert down.hi == pytest.approx(med + s2 * (q90 - med), abs=1e-12)

@@ -314,8 +314,11 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
         n: training records; also the sample of ``sigma``'s estimate, whose relative
             standard error ``sd(w^2) / (2 sqrt(n))`` the position search reads.
         draws: ``[B]`` leakage under the parametric bootstrap (cells re-evaluated around
-            ``theta_hat + sigma xi``), used in the averaged regime; ``None``/empty: that
-            regime returns the plug-in widened by the record error only.
+            ``theta_hat + sigma xi``), used in the averaged regime: sqrt(2) x their p10 / p90
+            distances from their median ``med``, held around ``med`` and around the plug-in
+            debiased by them, ``2 value - med`` (method.md section 3, "The centre and the
+            plug-in's bias"); ``None``/empty: that regime returns the plug-in widened by the
+            record error only.
         theta, sigma, boundaries: ``[d]``, ``[d]``, ``[d, K+1]`` of the coarse quantized
             coordinates (those whose cell statistics depend on the position; parameter
             units). ``None`` (e.g. influences not stored): averaged regime.
@@ -415,4 +418,12 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
     # and population value): up to sqrt(2) times the spread of one (the bootstrap's).
     lo = med - math.sqrt(2.0) * (med - q_lo)
     hi = med + math.sqrt(2.0) * (q_hi - med)
+    # The plug-in reads the cells smoothed over one sd of the position and the draws' centre over
+    # two variances, so `med - value` estimates the plug-in's own smoothing bias (to first order
+    # in the smoothing) and `2 value - med` is the plug-in with that bias removed: where the
+    # population weights crowd where kappa curves (cell edges: the plug-in reads low), the truth
+    # sits there and not at the draws' centre. The interval holds the spread around both centres
+    # (cg30; method.md section 3, "averaged": "The centre and the plug-in's bias").
+    shift = 2.0 * (value - med)
+    lo, hi = min(lo, lo + shift), max(hi, hi + shift)
     return Interval(max(min(lo, value) - pad, 0.0), max(hi, value) + pad, "averaged", terms)
