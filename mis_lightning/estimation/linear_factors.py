@@ -168,10 +168,12 @@ class FactoredProgram:
         e = torch.func.vmap(torch.func.grad(one))(fd, targets)  # dl/df [B]
         L = torch.func.vmap(torch.func.grad(torch.func.grad(one)))(fd, targets)  # d2l/df2 [B]
         res = {}
+        Ld = L.detach()
         for m, delta in zip(self.layout, deltas):
             x = self.capture.inputs[m].detach()
             dl = delta.detach()
-            res[m] = (x, e.unsqueeze(-1) * dl, L.unsqueeze(-1) * dl.square())
+            # (x, d, c) as documented, then delta and L for the Kronecker factor G (kron_sums)
+            res[m] = (x, e.unsqueeze(-1) * dl, Ld.unsqueeze(-1) * dl.square(), dl, Ld)
         self.capture.reset()
         return res
 
@@ -205,7 +207,7 @@ class FactoredProgram:
         for m, (wn, bn) in self.layout.items():
             # Products in the model's dtype (one batch: float32 is accurate to ~1e-6 relative),
             # accumulated across batches in ``acc``.
-            x, d, c = fac[m]
+            x, d, c = fac[m][:3]
             x2, d2 = x.square(), d.square()
             if norm is None:
                 norm = torch.zeros(x.shape[0], dtype=acc)
@@ -218,11 +220,44 @@ class FactoredProgram:
         assert norm is not None
         return out, norm
 
+    def kron_layers(self) -> dict[str, tuple[int, int]]:
+        """``{module: (p, out)}``: the layers whose Kronecker factors :meth:`kron_sums` forms, with
+        ``p`` the rows of ``A`` (the assessed weight's fan-in, plus 1 for an assessed bias; 1 for
+        a bias alone) and ``out`` those of ``G``; layers with ``p`` or ``out`` above
+        :data:`KFAC_MAX_WIDTH` are left out (their ``p^2 + out^2`` floats and eigendecompositions)."""
+        mods = dict(self.model.named_modules())
+        out: dict[str, tuple[int, int]] = {}
+        for m, (wn, bn) in self.layout.items():
+            lin = mods[m]
+            p = (lin.in_features if wn is not None else 0) + (1 if bn is not None else 0)
+            if max(p, lin.out_features) <= KFAC_MAX_WIDTH:
+                out[m] = (p, lin.out_features)
+        return out
+
+    def kron_sums(self, fac: dict[str, tuple[Tensor, ...]], acc: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer of :meth:`kron_layers` the batch's Kronecker factors of the Gauss-Newton
+        Hessian (K-FAC; method.md section 4, "The diagonal sandwich and correlated weights"):
+        ``A = sum_i a_i a_i^T`` ``[p, p]`` with ``a_i`` the layer input (and a trailing 1 for the
+        bias) and ``G = sum_i L_i delta_i delta_i^T`` ``[out, out]`` (the GN diagonal's weighting).
+        GEMMs in the batch's dtype, returned in ``acc``."""
+        res: dict[str, tuple[Tensor, Tensor]] = {}
+        for m in self.kron_layers():
+            wn, bn = self.layout[m]
+            x, _, _, delta, L = fac[m]
+            if wn is None:
+                a = torch.ones(x.shape[0], 1, dtype=x.dtype)
+            elif bn is not None:
+                a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            else:
+                a = x
+            res[m] = ((a.T @ a).to(acc), ((L.unsqueeze(-1) * delta).T @ delta).to(acc))
+        return res
+
     def record_gradients(self, fac: dict[str, tuple[Tensor, Tensor, Tensor]], take: int) -> Tensor:
         """Flat per-sample gradients ``[take, d]`` in ``names`` order (small models only)."""
         parts = {}
         for m, (wn, bn) in self.layout.items():
-            x, d, _ = fac[m]
+            x, d = fac[m][:2]
             if wn is not None:
                 parts[wn] = (d[:take].unsqueeze(-1) * x[:take].unsqueeze(1)).reshape(take, -1)
             if bn is not None:
@@ -235,6 +270,71 @@ class FactoredProgram:
 
     def close(self) -> None:
         self.capture.remove()
+
+
+# the widest layer (fan-in + bias, or fan-out) whose Kronecker factors the diagonal estimator
+# keeps for its sigma correction (kfac_variance_inflation): p^2 + out^2 floats of state and two
+# eigendecompositions per layer; wider layers keep the uncorrected sigma (reported)
+KFAC_MAX_WIDTH = 4096
+# eigenvalues of A or G below this fraction of the largest are null directions of the factor
+# (collinear inputs, dead units): the pseudo-inverse's 0 there, as the exact estimator's
+KFAC_RCOND = 1e-10
+
+
+def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float = 0.0) -> Tensor:
+    """Per-weight variance inflation factors ``VIF_j = H_jj (H^-1)_jj`` ``[out, p]`` of a Linear
+    layer's Kronecker-factored Hessian ``H = (A / n) (x) (G / n) + diag(lambda)`` (method.md
+    section 4, "The diagonal sandwich and correlated weights").
+
+    Args:
+        A: ``[p, p]`` sum of the records' layer inputs' outer products (bias column last).
+        G: ``[out, out]`` sum of ``L_i delta_i delta_i^T``.
+        n: records summed.
+        decay: the L2 coefficient, a float or ``[p]`` per input column (weight / bias).
+
+    Returns:
+        ``[out, p]`` float64, entry ``[o, i]`` the factor of the weight ``(o, i)`` (bias: ``i = p - 1``),
+        at least 1 (the correction only widens sigma; a pseudo-inverse along exact null
+        directions can read below 1, which is not used), 1 where ``A_ii`` or ``G_oo`` is 0.
+
+    The inverse's diagonal is exact for the factored model: with ``A / n = U S U^T`` and
+    ``G / n = W T W^T``, ``(H^-1)_(o,i) = sum_ab U_ia^2 W_ob^2 / (s_a t_b + lambda)`` (uniform
+    ``lambda``); a per-column ``lambda_i > 0`` is factored out as ``D (D^-1 A D^-1 (x) G + I) D``
+    with ``D = diag(sqrt(lambda_i))`` (columns of 0 among positive ones take 1e-6 of the largest).
+    Eigenvalues below :data:`KFAC_RCOND` of the largest are null directions (pseudo-inverse) when
+    ``lambda = 0``.
+    """
+    f64 = torch.float64
+    An, Gn = A.to(f64) / n, G.to(f64) / n
+    Gn = (Gn + Gn.T) / 2
+    An = (An + An.T) / 2
+    p = An.shape[0]
+    lam = torch.as_tensor(decay, dtype=f64).expand(p).clone()
+    uniform = bool((lam == lam[0]).all())
+    if uniform:
+        lam0, scale = float(lam[0]), torch.ones(p, dtype=f64)
+        At = An
+    else:
+        lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
+        lam0, scale = 1.0, lam.rsqrt()
+        At = An * scale.unsqueeze(0) * scale.unsqueeze(1)
+    s, U = torch.linalg.eigh(At)
+    t, W = torch.linalg.eigh(Gn)
+    s, t = s.clamp_min(0.0), t.clamp_min(0.0)
+    den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p, out]
+    if lam0 > 0:
+        M = 1.0 / den
+    else:  # pseudo-inverse: exact null directions of either factor carry no variance
+        live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
+            & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
+        M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
+    inv_diag = (U.square() @ M @ W.square().T) * scale.square().unsqueeze(1)  # [p, out]
+    h_diag = An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) + lam.unsqueeze(1) \
+        if not uniform else An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) + lam0
+    vif = h_diag * inv_diag
+    dead = (An.diagonal() <= 0).unsqueeze(1) | (Gn.diagonal() <= 0).unsqueeze(0)
+    vif = torch.where(dead | ~torch.isfinite(vif), torch.ones((), dtype=f64), vif.clamp_min(1.0))
+    return vif.T.contiguous()
 
 
 COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
