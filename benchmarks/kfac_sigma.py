@@ -14,6 +14,14 @@ the stationary point) to a teacher MLP plus Gaussian noise on AR(1) inputs of co
 Run it on two checkouts to compare code (the script puts its own checkout first on the path):
 
     PYTHONPATH=. python benchmarks/kfac_sigma.py --rho 0.9 0       # docs/validation.md, "dg30"
+
+``--cost SIZE``: the estimation pass (``estimate`` with its defaults, the diagonal estimator's
+factored Linear path above 2,000 weights) on ``benchmarks/assess_speed.py``'s MLP of that size,
+``--n`` records in batches of 256, with the K-FAC correction off and on
+(``estimate.KFAC_CORRECTION``), interleaved ``--repeats`` times in one process; CPU seconds
+(``time.process_time``) and the ratio on / off:
+
+    PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 1e6 --n 4096   # docs/validation.md, "dg30"
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ def fitted(rho: float, n: int, d_in: int, hidden: int, seed: int, decay: float) 
             lin.weight.normal_(0.0, 1.5 / lin.in_features ** 0.5, generator=g)
         y = teacher(x).reshape(-1) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
     model = mlp(d_in, hidden)
-    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=2000, tolerance_grad=1e-12,
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=400, tolerance_grad=1e-12,
                             tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -73,23 +81,57 @@ def fitted(rho: float, n: int, d_in: int, hidden: int, seed: int, decay: float) 
         loss.backward()
         return loss
 
-    for _ in range(5):
+    for _ in range(3):
         opt.step(closure)
     grad = max(float(p.grad.abs().max()) for p in model.parameters())
     return model.eval(), DataLoader(TensorDataset(x, y), batch_size=500), grad
 
 
+def cost(size: str, n: int, repeats: int) -> None:
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from assess_speed import mlp as build_mlp
+
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    torch.manual_seed(0)
+    model, f = build_mlp(size)
+    model = model.eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, f, generator=g)
+    y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(n, generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    d = sum(p.numel() for p in model.parameters())
+    estimate(model, DataLoader(TensorDataset(x[:512], y[:512]), batch_size=256), mse, num_records=8)  # warm-up
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for on in (False, True):
+            E.KFAC_CORRECTION = on
+            t0 = time.process_time()
+            est = estimate(model, loader, mse)
+            cpu[on].append(time.process_time() - t0)
+    E.KFAC_CORRECTION = True
+    off, on = min(cpu[False]), min(cpu[True])
+    print(f"{size} MLP, d = {d:,}, n = {n}, {torch.get_num_threads()} thread(s), {est.estimator}: estimation CPU "
+          f"s off {cpu[False]} on {cpu[True]}; best on / off {on / off:.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rho", nargs="+", type=float, default=[0.9, 0.0])
-    ap.add_argument("--n", type=int, default=4000)
+    ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--d-in", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--weight-decay", type=float, default=0.0,
+    ap.add_argument("--weight-decay", type=float, default=1e-3,
                     help="the training's L2 coefficient (objective mean loss + wd / 2 |theta|^2), given to the estimators")
+    ap.add_argument("--cost", default=None, help="an assess_speed.py MLP size: the estimation pass's cost A/B")
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     print(f"mis_lightning from {Path(ml.__file__).parent}", flush=True)
+    if a.cost is not None:
+        cost(a.cost, a.n, a.repeats)
+        return
     for rho in a.rho:
         t0 = time.process_time()
         model, loader, grad = fitted(rho, a.n, a.d_in, a.hidden, a.seed, a.weight_decay)

@@ -38,6 +38,8 @@ from ..functional.correlated import Correlation, correlation_from_covariance
 from .batching import merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
+    KFAC_MIN_RECORDS,
+    KFAC_RECORDS_PER_WIDTH,
     V_NONE,
     FactoredProgram,
     LayerProgram,
@@ -165,6 +167,9 @@ DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB 
 # 16 bytes per weight held instead of 32, no whole-model float64 temporaries.
 FLOAT32_STATE_MIN_PARAMS = 10_000_000
 FINALIZE_CHUNK = 1 << 22
+# the diagonal estimator's K-FAC correction of sigma (MomentAccumulator._kfac_factors); False: the
+# uncorrected diagonal sandwich (A/B benchmarks: benchmarks/kfac_sigma.py --cost)
+KFAC_CORRECTION = True
 
 
 @dataclass
@@ -907,7 +912,7 @@ class MomentAccumulator:
             self._kron_side.close()
             self._kron_side = None
         if self.mode == "diagonal" and self.use_factors and self.program_cls is LossProgram \
-                and not isinstance(self.factored, FactoredProgram):
+                and not isinstance(self.factored, FactoredProgram) and KFAC_CORRECTION:
             try:
                 self._kron_side = FactoredProgram(self.model, self.loss_fn, self.names, self.fast_dtype)
             except NotImplementedError:
@@ -963,12 +968,13 @@ class MomentAccumulator:
         if self.mode == "exact":
             spec["gg_sum"] = (torch.zeros(d, d, dtype=torch.float64), "sum")
             spec["H_sum"] = (torch.zeros(d, d, dtype=torch.float64), "sum")
-        kron = self._kron_program() if hasattr(self, "_kron_side") else None
+        kron = self._kron_program() if hasattr(self, "_kron_side") and KFAC_CORRECTION else None
         if kron is not None:
             # the Kronecker factors of the sigma correction (finalize, _kfac_factors)
             for m, (p, q) in kron.kron_layers().items():
                 spec[f"kfac_A.{m}"] = (torch.zeros(p, p, dtype=torch.float64), "sum")
                 spec[f"kfac_G.{m}"] = (torch.zeros(q, q, dtype=torch.float64), "sum")
+                spec[f"kfac_n.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
         if self.keep_w:
             spec["rec_grad"] = ([], "cat")
         else:
@@ -1356,10 +1362,16 @@ class MomentAccumulator:
         if not any(k.startswith("kfac_A.") for k in st):
             return
         dev = st["g_sum"].device
-        for m, (A, G) in prog.kron_sums(fac, torch.float64).items():
-            if f"kfac_A.{m}" in st:  # a state built before the program changed has none
-                st[f"kfac_A.{m}"] += A.to(dev)
-                st[f"kfac_G.{m}"] += G.to(dev)
+        b = next(iter(fac.values()))[0].shape[0]
+        rows = {}
+        for m, (p, q) in prog.kron_layers().items():
+            if f"kfac_n.{m}" in st:  # a state built before the program changed has none
+                cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
+                rows[m] = min(b, cap - int(st[f"kfac_n.{m}"]))
+        for m, (A, G) in prog.kron_sums(fac, torch.float64, rows).items():
+            st[f"kfac_A.{m}"] += A.to(dev)
+            st[f"kfac_G.{m}"] += G.to(dev)
+            st[f"kfac_n.{m}"] += rows[m]
 
     def _update_kron_side(self, st: dict[str, Any], inputs: Any, targets: Any, b: int) -> None:
         """The side factored program's forward and backward (K-FAC factors only); a layout it
@@ -1564,14 +1576,17 @@ class MomentAccumulator:
         ``kfac_variance_inflation_median`` / ``_p90`` / ``_max`` over the corrected weights (the
         VIF, i.e. the variance factor), ``kfac_corrected_weights``, and ``kfac_uncorrected_layers``
         (layers wider than :data:`~mis_lightning.estimation.linear_factors.KFAC_MAX_WIDTH`) with
-        ``kfac_uncorrected_weights``. Empty where the path had no factored Linear program."""
+        ``kfac_uncorrected_weights``, ``kfac_records_min`` (the fewest records a layer's factors
+        summed: :data:`~mis_lightning.estimation.linear_factors.KFAC_RECORDS_PER_WIDTH`; fewer than
+        ``n`` for wide layers on many records). Empty
+        where the path had no factored Linear program."""
         prog = self._kron_program()
         if prog is None or not any(k.startswith("kfac_A.") for k in st):
             return {}
         out: dict[str, Tensor] = {}
         kron = prog.kron_layers()
         mods = dict(prog.model.named_modules())
-        left, left_w, vifs = [], 0, []
+        left, left_w, vifs, records = [], 0, [], []
         for m, (wn, bn) in prog.layout.items():
             if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
                 left.append(m)
@@ -1579,7 +1594,9 @@ class MomentAccumulator:
                 continue
             decay = torch.tensor(([self.decay[wn]] * mods[m].in_features if wn is not None else [])
                                  + ([self.decay[bn]] if bn is not None else []), dtype=torch.float64)
-            vif = kfac_variance_inflation(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(), n, decay)
+            vif = kfac_variance_inflation(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(),
+                                          int(st[f"kfac_n.{m}"]), decay)
+            records.append(int(st[f"kfac_n.{m}"]))
             if wn is not None:
                 out[wn] = vif[:, : mods[m].in_features].reshape(-1).sqrt()
                 vifs.append(vif[:, : mods[m].in_features].reshape(-1))
@@ -1591,7 +1608,7 @@ class MomentAccumulator:
             diagnostics.update(kfac_correction=True, kfac_variance_inflation_median=float(v.median()),
                                kfac_variance_inflation_p90=float(v.quantile(0.9)) if v.numel() <= 1 << 24
                                else float(v.median()), kfac_variance_inflation_max=float(v.max()),
-                               kfac_corrected_weights=int(v.numel()))
+                               kfac_corrected_weights=int(v.numel()), kfac_records_min=min(records))
         else:
             diagnostics["kfac_correction"] = False
         diagnostics["kfac_uncorrected_layers"] = left
