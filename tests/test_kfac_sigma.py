@@ -87,3 +87,22 @@ def test_kfac_variance_inflation_is_that_of_the_kronecker_factored_hessian() -> 
     Xd = torch.cat([X, X[:, :1]], 1)  # an exactly duplicated input: A singular
     vif = kfac_variance_inflation(Xd.T @ Xd, G, n, 0.0)
     assert bool(torch.isfinite(vif).all()) and float(vif.max()) < 1e6
+
+
+def test_factors_from_a_subsample_read_the_full_samples_sigma(monkeypatch) -> None:
+    """The factors sum a layer's first max(KFAC_MIN_RECORDS, 2 max(p, out)) records (cost), the VIF
+    rescaled by the Wishart mean of an inverse (kfac_subsample_scale). AR(1) rho = 0.9, d = 16 + bias,
+    n = 2,000, factors from 300 records: sigma against the exact estimator's (all records) within 5%
+    at the median and 15% for every weight (the subsample's noise: relative sd ~ sqrt(2 / (m - p)) ~
+    8% on the VIF, 4% on sigma, common to the layer's weights; measured median 0.96, 0.88-1.05;
+    without the rescaling 0.99, 0.90-1.08 on this sample, the Wishart mean being 6% high on the VIF).
+    Fails on main (no correction: 0.3x)."""
+    import importlib
+
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    monkeypatch.setattr(E, "KFAC_MIN_RECORDS", 300)
+    model, loader = _ols(0.9, True)
+    est = estimate(model, loader, _mse, mode="diagonal", hessian="ggn", num_records=64)
+    assert est.diagnostics["kfac_records_min"] == 300
+    r = _sigma_ratio(model, loader)
+    assert abs(float(r.median()) - 1.0) < 0.05 and float((r - 1).abs().max()) < 0.15, r

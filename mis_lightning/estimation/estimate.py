@@ -48,6 +48,7 @@ from .linear_factors import (
     _Sparse,
     factored_power_sums,
     iterate_factor_blocks,
+    kfac_subsample_scale,
     kfac_variance_inflation,
     standardised_influence,
 )
@@ -1594,8 +1595,10 @@ class MomentAccumulator:
                 continue
             decay = torch.tensor(([self.decay[wn]] * mods[m].in_features if wn is not None else [])
                                  + ([self.decay[bn]] if bn is not None else []), dtype=torch.float64)
-            vif = kfac_variance_inflation(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(),
-                                          int(st[f"kfac_n.{m}"]), decay)
+            k = int(st[f"kfac_n.{m}"])
+            vif = kfac_variance_inflation(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(), k, decay)
+            # a subsample's inverse reads high (Wishart): to the full sample's, never below 1
+            vif = (vif * kfac_subsample_scale(k, n, *kron[m])).clamp_min(1.0)
             records.append(int(st[f"kfac_n.{m}"]))
             if wn is not None:
                 out[wn] = vif[:, : mods[m].in_features].reshape(-1).sqrt()

@@ -288,10 +288,24 @@ KFAC_RCOND = 1e-10
 # KFAC_RECORDS_PER_WIDTH x max(p, out)) seen (p = fan-in + bias). Their GEMMs cost p^2 + out^2 per
 # record against the pass's ~6 p out flops, so over all records they would add a third or more to
 # a square layer and ~p / 6 times a one-output layer's cost; capped, the cost stops growing with
-# n. A subsample's inverse second moment reads high by about m / (m - p - 1) (Wishart, Gaussian
-# inputs): at most 4 / 3 on the VIF (15% on sigma, upwards) at the cap, 0 below it (all records)
-KFAC_RECORDS_PER_WIDTH = 4
-KFAC_MIN_RECORDS = 4096
+# n. A subsample of m records reads the inverse's diagonal high by about m / (m - p - 1) against
+# the population (Wishart), the full sample by n / (n - p - 1): kfac_subsample_scale rescales
+KFAC_RECORDS_PER_WIDTH = 2
+KFAC_MIN_RECORDS = 2048
+
+
+def kfac_subsample_scale(m: int, n: int, p: int, q: int) -> float:
+    """The factor on a VIF whose factors summed ``m`` of ``n`` records, to read the full sample's:
+    ``[(m - p - 1) / m * n / (n - p - 1)] * [the same with q]`` (the Wishart mean of an inverse
+    sample second moment, ``E[S^-1] = Sigma^-1 m / (m - p - 1)``, for each factor; exact for
+    Gaussian rows, the leading order of the Marchenko-Pastur law otherwise); 1 where ``m >= n``."""
+    if m >= n:
+        return 1.0
+    out = 1.0
+    for k in (p, q):
+        if k > 1 and m > k + 1 and n > k + 1:
+            out *= (m - k - 1) / m * n / (n - k - 1)
+    return out
 
 
 def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float = 0.0) -> Tensor:
