@@ -345,6 +345,13 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
         lam0, scale = 1.0, lam.rsqrt()
         At = An * scale.unsqueeze(0) * scale.unsqueeze(1)
+    if uniform and lam0 == 0.0:
+        # no decay: the inverse of a Kronecker product is the product of the inverses, and each
+        # factor's VIF is diag(R^-1) of its correlation matrix: a Cholesky (p^3 / 3) where the
+        # factor is well conditioned, ~10x less than the eigendecompositions below
+        va, vg = _factor_vif(An), _factor_vif(Gn)
+        if va is not None and vg is not None:
+            return (vg.unsqueeze(1) * va.unsqueeze(0)).clamp_min(1.0)
     s, U = torch.linalg.eigh(At)
     t, W = torch.linalg.eigh(Gn)
     s, t = s.clamp_min(0.0), t.clamp_min(0.0)
@@ -362,6 +369,25 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
     dead = (An.diagonal() <= 0).unsqueeze(1) | (Gn.diagonal() <= 0).unsqueeze(0)
     vif = torch.where(dead | ~torch.isfinite(vif), torch.ones((), dtype=f64), vif.clamp_min(1.0))
     return vif.T.contiguous()
+
+
+def _factor_vif(S: Tensor) -> Tensor | None:
+    """``diag(R^-1)`` ``[k]`` of the correlation matrix of ``S`` by a Cholesky factorisation (1 on
+    a zero diagonal: a dead unit, no curvature), or ``None`` where ``R`` is singular or within
+    :data:`KFAC_RCOND` of it (its pivots), for the eigendecomposition's pseudo-inverse."""
+    d = S.diagonal()
+    live = d > 0
+    out = torch.ones_like(d)
+    if not bool(live.any()):
+        return out
+    idx = live.nonzero().reshape(-1)
+    sd = d[idx].sqrt()
+    R = S[idx][:, idx] / sd.unsqueeze(0) / sd.unsqueeze(1)
+    L, info = torch.linalg.cholesky_ex(R)
+    if int(info) != 0 or not float(L.diagonal().square().min()) > KFAC_RCOND * float(R.diagonal().max()) * 1e3:
+        return None
+    out[idx] = torch.cholesky_inverse(L).diagonal()
+    return out
 
 
 COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
