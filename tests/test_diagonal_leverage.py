@@ -87,6 +87,9 @@ def test_ols_sigma_is_hc1_and_the_ratio_is_one_over_sqrt_one_minus_d_over_n():
     e = (m(x.to(torch.float64)).squeeze(-1) - y).detach()
     Hjj = X.square().mean(0)
     hc1 = ((X * e[:, None]).square().mean(0) / (1 - (p + 1) / n) / n).sqrt() / Hjj
+    # dg30: times the K-FAC sqrt(VIF) of the layer, exact for least squares (the sample's
+    # correlation of the columns: H_jj (H^-1)_jj with H = X'X / n)
+    hc1 = hc1 * (Hjj * torch.linalg.inv(X.T @ X / n).diagonal()).clamp_min(1.0).sqrt()
     torch.testing.assert_close(_flat(on), hc1, rtol=1e-9, atol=0)
     grow = 1 / math.sqrt(1 - (p + 1) / n)
     torch.testing.assert_close(_flat(on) / _flat(off), torch.full((p + 1,), grow, dtype=torch.float64),

@@ -227,12 +227,17 @@ def test_record_keys_do_not_depend_on_the_dtype():
 
 
 @pytest.mark.parametrize("mode", ["exact", "diagonal"])
-def test_weight_decay_per_parameter(mode):
+def test_weight_decay_per_parameter(mode, monkeypatch):
     """``weight_decay={name: coefficient}`` (e.g. none on the bias, a common optimizer setup):
     the penalty's curvature enters each parameter's own block. Against references: the same
     coefficient named for every parameter equals the scalar; the exact Hessian is the
     unpenalised one plus diag(coefficients) (closed form for OLS: X'X / n); the diagonal
-    estimator's sigma of each parameter equals the scalar run with that parameter's coefficient."""
+    estimator's sigma of each parameter equals the scalar run with that parameter's coefficient
+    (the diagonal sandwich itself: its K-FAC factor reads the whole layer's decay, the bias's
+    included, and is checked against the factored Hessian in tests/test_kfac_sigma.py)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
     g = torch.Generator().manual_seed(1)
     X = torch.randn(300, 3, generator=g, dtype=torch.float64)
     y = X @ torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64) + 0.3 + torch.randn(300, generator=g, dtype=torch.float64)

@@ -38,6 +38,8 @@ from ..functional.correlated import Correlation, correlation_from_covariance
 from .batching import merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
+    KFAC_MIN_RECORDS,
+    KFAC_RECORDS_PER_WIDTH,
     V_NONE,
     FactoredProgram,
     LayerProgram,
@@ -46,6 +48,8 @@ from .linear_factors import (
     _Sparse,
     factored_power_sums,
     iterate_factor_blocks,
+    kfac_subsample_scale,
+    kfac_variance_inflation,
     standardised_influence,
 )
 from .per_sample import (
@@ -164,6 +168,9 @@ DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB 
 # 16 bytes per weight held instead of 32, no whole-model float64 temporaries.
 FLOAT32_STATE_MIN_PARAMS = 10_000_000
 FINALIZE_CHUNK = 1 << 22
+# the diagonal estimator's K-FAC correction of sigma (MomentAccumulator._kfac_factors); False: the
+# uncorrected diagonal sandwich (A/B benchmarks: benchmarks/kfac_sigma.py --cost)
+KFAC_CORRECTION = True
 
 
 @dataclass
@@ -831,6 +838,11 @@ class MomentAccumulator:
             # nn.Linear layers with one output per record: per-sample statistics as products
             # of layer inputs and output gradients (linear_factors), no [B, d] tensors.
             self.factored = self._fast_program(FactoredProgram)
+        # the K-FAC sigma correction's Kronecker factors where the diagonal estimator runs another
+        # per-sample path on an all-Linear model (exact / Hutchinson Hessian diagonal): one more
+        # forward and backward per batch through a factored program (_kron_program)
+        self._kron_side: FactoredProgram | None = None
+        self._set_kron_side()
         if not (isinstance(leverage_correction, bool) or leverage_correction == "auto"):
             raise ValueError(f"leverage_correction must be True, False or 'auto', got {leverage_correction!r}")
         self.leverage_correction = leverage_correction
@@ -892,7 +904,25 @@ class MomentAccumulator:
             self.factored = self._fast_program(FactoredProgram)
         # The leverages' factors are kept only where the (re)chosen estimator is exact.
         self.keep_factors = self.mode == "exact" and self._factors_possible
+        self._set_kron_side()
         self.state = self.empty_state()
+
+    def _set_kron_side(self) -> None:
+        """Build (or drop) :attr:`_kron_side` for the current choice."""
+        if self._kron_side is not None:
+            self._kron_side.close()
+            self._kron_side = None
+        if self.mode == "diagonal" and self.use_factors and self.program_cls is LossProgram \
+                and not isinstance(self.factored, FactoredProgram) and KFAC_CORRECTION:
+            try:
+                self._kron_side = FactoredProgram(self.model, self.loss_fn, self.names, self.fast_dtype)
+            except NotImplementedError:
+                self._kron_side = None
+
+    def _kron_program(self) -> FactoredProgram | None:
+        """The factored program whose layers get the K-FAC correction: the estimation's own, else
+        the side one, else ``None`` (no all-Linear layout)."""
+        return self.factored if isinstance(self.factored, FactoredProgram) else self._kron_side
 
     def _fast_program(self, kind: type) -> FactoredProgram | LayerProgram | None:
         """The fastest per-sample program the model's layout allows: the factored 2-D Linear
@@ -921,6 +951,8 @@ class MomentAccumulator:
             kind = type(self.factored)
             self.factored.close()
             self.factored = self._fast_program(kind)
+        if self._kron_side is not None:  # its private copy holds the old weights
+            self._set_kron_side()
 
     def state_spec(self) -> dict[str, tuple[Any, str]]:
         """``{name: (default, reduction)}`` with reduction ``"sum"`` or ``"cat"`` (lists)."""
@@ -937,6 +969,13 @@ class MomentAccumulator:
         if self.mode == "exact":
             spec["gg_sum"] = (torch.zeros(d, d, dtype=torch.float64), "sum")
             spec["H_sum"] = (torch.zeros(d, d, dtype=torch.float64), "sum")
+        kron = self._kron_program() if hasattr(self, "_kron_side") and KFAC_CORRECTION else None
+        if kron is not None:
+            # the Kronecker factors of the sigma correction (finalize, _kfac_factors)
+            for m, (p, q) in kron.kron_layers().items():
+                spec[f"kfac_A.{m}"] = (torch.zeros(p, p, dtype=torch.float64), "sum")
+                spec[f"kfac_G.{m}"] = (torch.zeros(q, q, dtype=torch.float64), "sum")
+                spec[f"kfac_n.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
         if self.keep_w:
             spec["rec_grad"] = ([], "cat")
         else:
@@ -1023,6 +1062,7 @@ class MomentAccumulator:
                 self._update_factored(st, fac, inputs, targets, b, keys)
                 return b
         self._settle_ggn()
+        self._update_kron_side(st, inputs, targets, b)
         self._update_gradients(st, inputs, targets, b, keys)
         if self.hessian == "exact":
             self._update_exact_hessian(st, inputs, targets)
@@ -1305,6 +1345,8 @@ class MomentAccumulator:
             if h2 and h2[0] is not None:  # the Monte Carlo Gauss-Newton's variance bound
                 st["h2_sum"][sl] += h2[0].to(dev)
         st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
+        if isinstance(self.factored, FactoredProgram):
+            self._add_kron(st, self.factored, fac)
         # Only the rows that can still be stored are materialised (a [rows, d] tensor).
         rows = storable_rows(st, keys, b, self.num_records, self.keep_w)
         if rows.numel():
@@ -1315,6 +1357,37 @@ class MomentAccumulator:
             self._store(st, flat, slice_rows(inputs, rows), slice_rows(targets, rows),
                         None if keys is None else keys[rows])
         st["n"] += b
+
+    def _add_kron(self, st: dict[str, Any], prog: FactoredProgram, fac: dict) -> None:
+        """Add a batch's Kronecker factors (``kfac_A.<layer>``, ``kfac_G.<layer>``) to ``st``."""
+        if not any(k.startswith("kfac_A.") for k in st):
+            return
+        dev = st["g_sum"].device
+        b = next(iter(fac.values()))[0].shape[0]
+        rows = {}
+        for m, (p, q) in prog.kron_layers().items():
+            if f"kfac_n.{m}" in st:  # a state built before the program changed has none
+                cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
+                rows[m] = min(b, cap - int(st[f"kfac_n.{m}"]))
+        for m, (A, G) in prog.kron_sums(fac, torch.float64, rows).items():
+            st[f"kfac_A.{m}"] += A.to(dev)
+            st[f"kfac_G.{m}"] += G.to(dev)
+            st[f"kfac_n.{m}"] += rows[m]
+
+    def _update_kron_side(self, st: dict[str, Any], inputs: Any, targets: Any, b: int) -> None:
+        """The side factored program's forward and backward (K-FAC factors only); a layout it
+        cannot take (found on the first batch) drops it, and the sigma keeps no correction."""
+        if self._kron_side is None:
+            return
+        try:
+            fac = self._kron_side.batch(inputs, targets, b)
+        except NotImplementedError:
+            if int(st["n"]) > 0:
+                raise
+            self._kron_side.close()
+            self._kron_side = None
+            return
+        self._add_kron(st, self._kron_side, fac)
 
     def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
         store_records(st, flat, x, y, keys, num_records=self.num_records, keep_grad=self.keep_w,
@@ -1467,6 +1540,9 @@ class MomentAccumulator:
             sigma_flat = sigma_flat * grow
             w = None if w is None else w * grow
             v_centring = v_centring * (1.0 - hbar)
+        for k, f in self._kfac_factors(st, n, diagnostics).items():
+            sl = slice(*offsets[k])
+            sigma_flat[sl] = sigma_flat[sl] * f
         hth = float(((h_flat + self._decay_slice(0, self.d)) * _flatten_theta(theta, names)).norm())
         diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"], hth, self._rounding_eps()))
         records, factors = None, None
@@ -1491,6 +1567,56 @@ class MomentAccumulator:
             _g_mean=_split(g_mean_flat, names, offsets), _v_diag=_split(v_centring, names, offsets),
             factors=factors, **common,
         )
+
+    def _kfac_factors(self, st: dict[str, Any], n: int, diagnostics: dict[str, Any]) -> dict[str, Tensor]:
+        """``{parameter: [numel] float64}``: ``sqrt(VIF_j)`` from each nn.Linear layer's Kronecker
+        factors, the factor that turns the diagonal sandwich's conditional sd ``sqrt(V_jj) / H_jj``
+        into the marginal sd ``sqrt((H^-1 V H^-1)_jj)`` where ``V`` is proportional to ``H`` within
+        the layer (exact for one least-squares Linear layer; method.md section 4, "The diagonal
+        sandwich and correlated weights"). Diagnostics: ``kfac_correction`` (whether applied),
+        ``kfac_variance_inflation_median`` / ``_p90`` / ``_max`` over the corrected weights (the
+        VIF, i.e. the variance factor), ``kfac_corrected_weights``, and ``kfac_uncorrected_layers``
+        (layers wider than :data:`~mis_lightning.estimation.linear_factors.KFAC_MAX_WIDTH`) with
+        ``kfac_uncorrected_weights``, ``kfac_records_min`` (the fewest records a layer's factors
+        summed: :data:`~mis_lightning.estimation.linear_factors.KFAC_RECORDS_PER_WIDTH`; fewer than
+        ``n`` for wide layers on many records). Empty
+        where the path had no factored Linear program."""
+        prog = self._kron_program()
+        if prog is None or not any(k.startswith("kfac_A.") for k in st):
+            return {}
+        out: dict[str, Tensor] = {}
+        kron = prog.kron_layers()
+        mods = dict(prog.model.named_modules())
+        left, left_w, vifs, records = [], 0, [], []
+        for m, (wn, bn) in prog.layout.items():
+            if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
+                left.append(m)
+                left_w += sum(mods[m].get_parameter(k.rpartition(".")[2]).numel() for k in (wn, bn) if k is not None)
+                continue
+            decay = torch.tensor(([self.decay[wn]] * mods[m].in_features if wn is not None else [])
+                                 + ([self.decay[bn]] if bn is not None else []), dtype=torch.float64)
+            k = int(st[f"kfac_n.{m}"])
+            vif = kfac_variance_inflation(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(), k, decay)
+            # a subsample's inverse reads high (Wishart): to the full sample's, never below 1
+            vif = (vif * kfac_subsample_scale(k, n, *kron[m])).clamp_min(1.0)
+            records.append(int(st[f"kfac_n.{m}"]))
+            if wn is not None:
+                out[wn] = vif[:, : mods[m].in_features].reshape(-1).sqrt()
+                vifs.append(vif[:, : mods[m].in_features].reshape(-1))
+            if bn is not None:
+                out[bn] = vif[:, -1].sqrt()
+                vifs.append(vif[:, -1])
+        if vifs:
+            v = torch.cat(vifs)
+            diagnostics.update(kfac_correction=True, kfac_variance_inflation_median=float(v.median()),
+                               kfac_variance_inflation_p90=float(v.quantile(0.9)) if v.numel() <= 1 << 24
+                               else float(v.median()), kfac_variance_inflation_max=float(v.max()),
+                               kfac_corrected_weights=int(v.numel()), kfac_records_min=min(records))
+        else:
+            diagnostics["kfac_correction"] = False
+        diagnostics["kfac_uncorrected_layers"] = left
+        diagnostics["kfac_uncorrected_weights"] = left_w
+        return out
 
     def _rounding_eps(self) -> float:
         """The relative rounding of the passes' per-sample gradients (their compute dtype)."""
@@ -1612,6 +1738,9 @@ class MomentAccumulator:
                            negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
         diagnostics.update(lev)
+        for k, f in self._kfac_factors(st, n, diagnostics).items():
+            a, b = offsets[k]
+            s_out[a:b] = (s_out[a:b].to(f64) * f).to(f32)
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
         kept = min(sum(batch_size_of(y) for _, y in records), self.num_records)

@@ -175,10 +175,12 @@ class FactoredProgram:
             e = torch.func.vmap(torch.func.grad(one))(fd, targets)
             L = torch.func.vmap(torch.func.grad(torch.func.grad(one)))(fd, targets)
         res = {}
+        Ld = L.detach()
         for m, delta in zip(self.layout, deltas):
             x = self.capture.inputs[m].detach()
             dl = delta.detach()
-            res[m] = (x, e.unsqueeze(-1) * dl, L.unsqueeze(-1) * dl.square())
+            # (x, d, c) as documented, then delta and L for the Kronecker factor G (kron_sums)
+            res[m] = (x, e.unsqueeze(-1) * dl, Ld.unsqueeze(-1) * dl.square(), dl, Ld)
         self.capture.reset()
         return res
 
@@ -212,7 +214,7 @@ class FactoredProgram:
         for m, (wn, bn) in self.layout.items():
             # Products in the model's dtype (one batch: float32 is accurate to ~1e-6 relative),
             # accumulated across batches in ``acc``.
-            x, d, c = fac[m]
+            x, d, c = fac[m][:3]
             x2, d2 = x.square(), d.square()
             if norm is None:
                 norm = torch.zeros(x.shape[0], dtype=acc)
@@ -225,11 +227,49 @@ class FactoredProgram:
         assert norm is not None
         return out, norm
 
+    def kron_layers(self) -> dict[str, tuple[int, int]]:
+        """``{module: (p, out)}``: the layers whose Kronecker factors :meth:`kron_sums` forms, with
+        ``p`` the rows of ``A`` (the assessed weight's fan-in, plus 1 for an assessed bias; 1 for
+        a bias alone) and ``out`` those of ``G``; layers with ``p`` or ``out`` above
+        :data:`KFAC_MAX_WIDTH` are left out (their ``p^2 + out^2`` floats and eigendecompositions)."""
+        mods = dict(self.model.named_modules())
+        out: dict[str, tuple[int, int]] = {}
+        for m, (wn, bn) in self.layout.items():
+            lin = mods[m]
+            p = (lin.in_features if wn is not None else 0) + (1 if bn is not None else 0)
+            if max(p, lin.out_features) <= KFAC_MAX_WIDTH:
+                out[m] = (p, lin.out_features)
+        return out
+
+    def kron_sums(self, fac: dict[str, tuple[Tensor, ...]], acc: torch.dtype,
+                  rows: dict[str, int] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per layer of :meth:`kron_layers` the batch's Kronecker factors of the Gauss-Newton
+        Hessian (K-FAC; method.md section 4, "The diagonal sandwich and correlated weights"):
+        ``A = sum_i a_i a_i^T`` ``[p, p]`` with ``a_i`` the layer input (and a trailing 1 for the
+        bias) and ``G = sum_i L_i delta_i delta_i^T`` ``[out, out]`` (the GN diagonal's weighting).
+        GEMMs in the batch's dtype, returned in ``acc``. ``rows``: per layer, the batch's first
+        records summed (default all; a layer at 0 is left out)."""
+        res: dict[str, tuple[Tensor, Tensor]] = {}
+        for m in self.kron_layers():
+            wn, bn = self.layout[m]
+            r = None if rows is None else rows.get(m, 0)
+            if r is not None and r <= 0:
+                continue
+            x, _, _, delta, L = (t[:r] for t in fac[m])
+            if wn is None:
+                a = torch.ones(x.shape[0], 1, dtype=x.dtype)
+            elif bn is not None:
+                a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+            else:
+                a = x
+            res[m] = ((a.T @ a).to(acc), ((L.unsqueeze(-1) * delta).T @ delta).to(acc))
+        return res
+
     def record_gradients(self, fac: dict[str, tuple[Tensor, Tensor, Tensor]], take: int) -> Tensor:
         """Flat per-sample gradients ``[take, d]`` in ``names`` order (small models only)."""
         parts = {}
         for m, (wn, bn) in self.layout.items():
-            x, d, _ = fac[m]
+            x, d = fac[m][:2]
             if wn is not None:
                 parts[wn] = (d[:take].unsqueeze(-1) * x[:take].unsqueeze(1)).reshape(take, -1)
             if bn is not None:
@@ -242,6 +282,119 @@ class FactoredProgram:
 
     def close(self) -> None:
         self.capture.remove()
+
+
+# the widest layer (fan-in + bias, or fan-out) whose Kronecker factors the diagonal estimator
+# keeps for its sigma correction (kfac_variance_inflation): p^2 + out^2 floats of state and two
+# eigendecompositions per layer; wider layers keep the uncorrected sigma (reported)
+KFAC_MAX_WIDTH = 4096
+# eigenvalues of A or G below this fraction of the largest are null directions of the factor
+# (collinear inputs, dead units): the pseudo-inverse's 0 there, as the exact estimator's
+KFAC_RCOND = 1e-10
+# records per layer whose Kronecker factors are summed: the first max(KFAC_MIN_RECORDS,
+# KFAC_RECORDS_PER_WIDTH x max(p, out)) seen (p = fan-in + bias). Their GEMMs cost p^2 + out^2 per
+# record against the pass's ~6 p out flops, so over all records they would add a third or more to
+# a square layer and ~p / 6 times a one-output layer's cost; capped, the cost stops growing with
+# n. A subsample of m records reads the inverse's diagonal high by about m / (m - p - 1) against
+# the population (Wishart), the full sample by n / (n - p - 1): kfac_subsample_scale rescales
+KFAC_RECORDS_PER_WIDTH = 2
+KFAC_MIN_RECORDS = 2048
+
+
+def kfac_subsample_scale(m: int, n: int, p: int, q: int) -> float:
+    """The factor on a VIF whose factors summed ``m`` of ``n`` records, to read the full sample's:
+    ``[(m - p - 1) / m * n / (n - p - 1)] * [the same with q]`` (the Wishart mean of an inverse
+    sample second moment, ``E[S^-1] = Sigma^-1 m / (m - p - 1)``, for each factor; exact for
+    Gaussian rows, the leading order of the Marchenko-Pastur law otherwise); 1 where ``m >= n``."""
+    if m >= n:
+        return 1.0
+    out = 1.0
+    for k in (p, q):
+        if k > 1 and m > k + 1 and n > k + 1:
+            out *= (m - k - 1) / m * n / (n - k - 1)
+    return out
+
+
+def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float = 0.0) -> Tensor:
+    """Per-weight variance inflation factors ``VIF_j = H_jj (H^-1)_jj`` ``[out, p]`` of a Linear
+    layer's Kronecker-factored Hessian ``H = (A / n) (x) (G / n) + diag(lambda)`` (method.md
+    section 4, "The diagonal sandwich and correlated weights").
+
+    Args:
+        A: ``[p, p]`` sum of the records' layer inputs' outer products (bias column last).
+        G: ``[out, out]`` sum of ``L_i delta_i delta_i^T``.
+        n: records summed.
+        decay: the L2 coefficient, a float or ``[p]`` per input column (weight / bias).
+
+    Returns:
+        ``[out, p]`` float64, entry ``[o, i]`` the factor of the weight ``(o, i)`` (bias: ``i = p - 1``),
+        at least 1 (the correction only widens sigma; a pseudo-inverse along exact null
+        directions can read below 1, which is not used), 1 where ``A_ii`` or ``G_oo`` is 0.
+
+    The inverse's diagonal is exact for the factored model: with ``A / n = U S U^T`` and
+    ``G / n = W T W^T``, ``(H^-1)_(o,i) = sum_ab U_ia^2 W_ob^2 / (s_a t_b + lambda)`` (uniform
+    ``lambda``); a per-column ``lambda_i > 0`` is factored out as ``D (D^-1 A D^-1 (x) G + I) D``
+    with ``D = diag(sqrt(lambda_i))`` (columns of 0 among positive ones take 1e-6 of the largest).
+    Eigenvalues below :data:`KFAC_RCOND` of the largest are null directions (pseudo-inverse) when
+    ``lambda = 0``.
+    """
+    f64 = torch.float64
+    An, Gn = A.to(f64) / n, G.to(f64) / n
+    Gn = (Gn + Gn.T) / 2
+    An = (An + An.T) / 2
+    p = An.shape[0]
+    lam = torch.as_tensor(decay, dtype=f64).expand(p).clone()
+    uniform = bool((lam == lam[0]).all())
+    if uniform:
+        lam0, scale = float(lam[0]), torch.ones(p, dtype=f64)
+        At = An
+    else:
+        lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
+        lam0, scale = 1.0, lam.rsqrt()
+        At = An * scale.unsqueeze(0) * scale.unsqueeze(1)
+    if uniform and lam0 == 0.0:
+        # no decay: the inverse of a Kronecker product is the product of the inverses, and each
+        # factor's VIF is diag(R^-1) of its correlation matrix: a Cholesky (p^3 / 3) where the
+        # factor is well conditioned, ~10x less than the eigendecompositions below
+        va, vg = _factor_vif(An), _factor_vif(Gn)
+        if va is not None and vg is not None:
+            return (vg.unsqueeze(1) * va.unsqueeze(0)).clamp_min(1.0)
+    s, U = torch.linalg.eigh(At)
+    t, W = torch.linalg.eigh(Gn)
+    s, t = s.clamp_min(0.0), t.clamp_min(0.0)
+    den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p, out]
+    if lam0 > 0:
+        M = 1.0 / den
+    else:  # pseudo-inverse: exact null directions of either factor carry no variance
+        live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
+            & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
+        M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
+    inv_diag = (U.square() @ M @ W.square().T) * scale.square().unsqueeze(1)  # [p, out]
+    h_diag = An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) + lam.unsqueeze(1) \
+        if not uniform else An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) + lam0
+    vif = h_diag * inv_diag
+    dead = (An.diagonal() <= 0).unsqueeze(1) | (Gn.diagonal() <= 0).unsqueeze(0)
+    vif = torch.where(dead | ~torch.isfinite(vif), torch.ones((), dtype=f64), vif.clamp_min(1.0))
+    return vif.T.contiguous()
+
+
+def _factor_vif(S: Tensor) -> Tensor | None:
+    """``diag(R^-1)`` ``[k]`` of the correlation matrix of ``S`` by a Cholesky factorisation (1 on
+    a zero diagonal: a dead unit, no curvature), or ``None`` where ``R`` is singular or within
+    :data:`KFAC_RCOND` of it (its pivots), for the eigendecomposition's pseudo-inverse."""
+    d = S.diagonal()
+    live = d > 0
+    out = torch.ones_like(d)
+    if not bool(live.any()):
+        return out
+    idx = live.nonzero().reshape(-1)
+    sd = d[idx].sqrt()
+    R = S[idx][:, idx] / sd.unsqueeze(0) / sd.unsqueeze(1)
+    L, info = torch.linalg.cholesky_ex(R)
+    if int(info) != 0 or not float(L.diagonal().square().min()) > KFAC_RCOND * float(R.diagonal().max()) * 1e3:
+        return None
+    out[idx] = torch.cholesky_inverse(L).diagonal()
+    return out
 
 
 COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
