@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mis_lightning.data.synthetic import ar1_cholesky
 from mis_lightning.estimation.estimate import estimate
 
 
@@ -15,12 +16,8 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _ar1(n: int, d: int, rho: float, g: torch.Generator) -> torch.Tensor:
-    e = torch.randn(n, d, generator=g, dtype=torch.float64)
-    x = torch.empty_like(e)
-    x[:, 0] = e[:, 0]
-    for j in range(1, d):
-        x[:, j] = rho * x[:, j - 1] + (1 - rho * rho) ** 0.5 * e[:, j]
-    return x
+    """``n`` rows of a stationary AR(1) series of length ``d`` (unit variance, lag-1 correlation ``rho``)."""
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ ar1_cholesky(d, rho).T
 
 
 def _ols(rho: float, bias: bool, n: int = 2000, d: int = 16, seed: int = 0) -> tuple[nn.Module, list]:

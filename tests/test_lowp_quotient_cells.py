@@ -21,19 +21,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from _lowp import dtype_values, sweep_linear
 from scipy.special import ndtr
 from torch import nn
 
 from mis_lightning.quantization.torchao_backend import IntxWeightOnly
 
 pytest.importorskip("torchao")
-
-def _values(lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:
-    """Every finite value of ``dtype`` in ``[lo, hi]`` (float64, sorted)."""
-    allv = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).double()
-    v = allv[torch.isfinite(allv) & (allv >= lo) & (allv <= hi)]
-    return v.unique()
-
 
 def _scheme(bits: int, per_row: bool, asym: bool) -> IntxWeightOnly:
     return IntxWeightOnly(bits=bits, granularity="per_row" if per_row else "per_group",
@@ -44,18 +38,9 @@ def _sweep_model(dtype: torch.dtype, m: float, lo: float, width: int, bits: int)
     """A Linear whose rows (blocks of ``width``) hold ``m`` and ``lo`` (fixing every block's scale
     and zero point) and then every ``dtype`` value in ``[lo, m]`` but those within a quarter step
     of 0 (deep inside one cell: the dtype's values pile up there); the number of sweep weights."""
-    vals = _values(lo, m, dtype)
+    vals = dtype_values(lo, m, dtype)
     vals = vals[vals.abs() >= 0.25 * (m - lo) / 2 ** bits]
-    per = width - 2
-    rows = -(-vals.numel() // per)
-    fill = torch.full((rows * per,), 0.5 * (lo + m), dtype=torch.float64)  # padding: one value again
-    fill[: vals.numel()] = vals
-    w = torch.empty(rows, width, dtype=torch.float64)
-    w[:, 0], w[:, 1], w[:, 2:] = m, lo, fill.reshape(rows, per)
-    lin = nn.Linear(width, rows, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    return nn.Sequential(lin.to(dtype)), vals.numel()
+    return sweep_linear(vals, m, lo, width, dtype), vals.numel()
 
 
 CASES = [(dt, bits, per_row, asym) for dt in (torch.bfloat16, torch.float16) for bits in (8, 4)
@@ -100,7 +85,7 @@ def _truth_edges(dtype: torch.dtype, scale: torch.Tensor) -> tuple[np.ndarray, n
     torchao's own rounding of every dtype value of the quotient."""
     from torchao.quantization.quant_primitives import _quantize_affine_no_dtype_cast
 
-    x = _values(-300.0, 300.0, dtype).to(dtype)
+    x = dtype_values(-300.0, 300.0, dtype).to(dtype)
     j = _quantize_affine_no_dtype_cast(x.reshape(1, -1), [1, x.numel()], torch.ones(1, 1, dtype=dtype),
                                        torch.zeros(1, 1, dtype=torch.int32), -1000, 1000).double().reshape(-1).numpy()
     xv = x.double().numpy()

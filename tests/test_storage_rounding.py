@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _lowp import dtype_values, sweep_linear
 from scipy.special import ndtr
 from torch import nn
 
@@ -34,26 +35,12 @@ pytest.importorskip("torchao")
 DTYPES = [torch.bfloat16, torch.float16]
 
 
-def _values(lo: float, hi: float, dtype: torch.dtype) -> torch.Tensor:
-    """Every finite value of ``dtype`` in ``[lo, hi]`` (float64, sorted, 0 once)."""
-    allv = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).double()
-    return allv[torch.isfinite(allv) & (allv >= lo) & (allv <= hi)].unique()
 
 
 def _sweep(dtype: torch.dtype, m: float, lo: float, width: int) -> nn.Sequential:
     """A Linear whose rows (blocks of ``width``) hold ``m`` and ``lo`` (every block's scale and zero
     point alike) and then every ``dtype`` value in ``[lo, m]``."""
-    vals = _values(lo, m, dtype)
-    per = width - 2
-    rows = -(-vals.numel() // per)
-    fill = torch.full((rows * per,), 0.5 * (lo + m), dtype=torch.float64)
-    fill[: vals.numel()] = vals
-    w = torch.empty(rows, width, dtype=torch.float64)
-    w[:, 0], w[:, 1], w[:, 2:] = m, lo, fill.reshape(rows, per)
-    lin = nn.Linear(width, rows, bias=False)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    return nn.Sequential(lin.to(dtype))
+    return sweep_linear(dtype_values(lo, m, dtype), m, lo, width, dtype)
 
 
 def _served(model: nn.Module, name: str) -> torch.Tensor:
