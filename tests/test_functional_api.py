@@ -112,6 +112,19 @@ def test_bootstrap_interval_values():
         F.bootstrap_interval([], 0.1)
 
 
+def test_bootstrap_interval_ends_stay_within_a_leakage_s_range():
+    """A leakage is a TV, in [0, 1]: the record pad and the Monte Carlo rescaling of the draws
+    must not carry an end past 1 (nor below 0). Near saturation: plug-in 0.99, draws up to
+    0.999 (p90 0.997), record se 0.02 (pad 0.0256): uncapped, the upper end was 1.023."""
+    draws = [0.97, 0.98, 0.99, 0.995, 0.999]
+    lo, hi = F.bootstrap_interval(draws, 0.99, 0.02)
+    assert hi == 1.0 and lo == pytest.approx(0.974 - 0.025632, abs=1e-5)  # p10 0.974
+    lo, hi = F.bootstrap_interval([0.6, 0.62], 0.99, gaussian_plug_in=0.5)  # draws x 1.98 > 1
+    assert hi == 1.0 and 0.0 <= lo <= 0.99
+    lo, hi = F.bootstrap_interval([0.001, 0.002, 0.003, 0.004, 0.005], 0.003, 0.01)
+    assert lo == 0.0 and hi == pytest.approx(0.0046 + 0.012816, abs=1e-6)
+
+
 def test_hybrid_mc_without_coarse_coordinates_is_the_gaussian_form():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(30, 20, dtype=F64, generator=g)

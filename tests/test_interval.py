@@ -188,3 +188,29 @@ def test_averaged_interval_reaches_the_plug_in_debiased_by_the_draws_centre():
     down = FI.leakage_interval(med - 0.003, 0.0, 1000, draws=draws)
     assert down.lo == pytest.approx(med - 0.006 - s2 * (med - q10), abs=1e-12)
     assert down.hi == pytest.approx(med + s2 * (q90 - med), abs=1e-12)
+
+
+def test_interval_ends_stay_within_a_leakage_s_range():
+    """A leakage is a TV, in [0, 1]. Near saturation (plug-in 0.99, record se 0.02: pad 0.0256)
+    every branch of ``leakage_interval`` -- averaged with and without draws (the cg30 shift
+    included), nothing coarse, position-dominated -- pads past 1 before the cut; the ends must
+    stay in [0, 1] and hold the plug-in (cv31; ``Interval.__post_init__`` is the cut: without
+    it the upper ends are 1.016-1.059)."""
+    draws = torch.linspace(0.95, 0.999, 17, dtype=torch.float64)
+    edges = torch.tensor([[-math.inf] + [-2.0 + 4 * k for k in range(-3, 5)] + [math.inf]], dtype=torch.float64)
+    one = torch.tensor([0.0], dtype=torch.float64)
+    infl = torch.full((8, 1), 50.0, dtype=torch.float64) + torch.arange(8, dtype=torch.float64)[:, None]
+    cases = {
+        "averaged": FI.leakage_interval(0.99, 0.02, 1000, draws=draws),
+        "averaged, median above": FI.leakage_interval(0.96, 0.02, 1000, draws=draws),
+        "no draws": FI.leakage_interval(0.99, 0.02, 1000),
+        "nothing coarse": FI.leakage_interval(0.99, 0.02, 1000, theta=one[:0], sigma=one[:0],
+                                              boundaries=edges[:0], influence=infl[:, :0]),
+        "position-dominated": FI.leakage_interval(0.99, 0.02, 4, theta=one, sigma=one + 1.0, boundaries=edges,
+                                                  influence=infl, method="clt"),
+    }
+    assert cases["position-dominated"].regime == "position-dominated"
+    for name, iv in cases.items():
+        value = 0.96 if "above" in name else 0.99
+        assert 0.0 <= iv.lo <= value <= iv.hi <= 1.0, (name, iv)
+        assert iv.hi == 1.0, (name, iv)  # each case pads past 1: the cut is exercised

@@ -50,7 +50,8 @@ def bootstrap_interval(
             rescaled by ``plug_in / gaussian_plug_in`` (if positive).
 
     Returns:
-        ``(lo, hi)`` with ``0 <= lo <= plug_in <= hi``.
+        ``(lo, hi)`` with ``0 <= lo <= plug_in <= hi <= 1`` (both ends cut to ``[0, 1]``, the
+        range of a leakage).
 
     Raises:
         ValueError: no draws.
@@ -65,4 +66,6 @@ def bootstrap_interval(
         lo, hi = max(m - Z80 * s, 0.0), m + Z80 * s
     else:
         lo, hi = float(torch.quantile(t, 0.1)), float(torch.quantile(t, 0.9))
-    return max(min(lo, plug_in) - Z80 * record_se, 0.0), max(hi, plug_in) + Z80 * record_se
+    # a leakage is a TV, in [0, 1]: the record pad (and draws rescaled to a Monte Carlo plug-in)
+    # near saturation would carry the upper end past 1 (cv31)
+    return max(min(lo, plug_in) - Z80 * record_se, 0.0), min(max(hi, plug_in) + Z80 * record_se, 1.0)
