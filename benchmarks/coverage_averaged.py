@@ -80,6 +80,7 @@ from mis_lightning.groundtruth import averaged as AV  # noqa: E402
 AS = importlib.import_module("mis_lightning.assess")
 PATHS = ("stored", "factored", "factored-full")
 DEFAULT_SETTINGS = ["32x64:stored:mixed", "32x64:stored:4", "256x256:factored:4", "256x256:factored-full:4"]
+Z80 = 1.2815515655446004  # Phi^-1(0.9): an 80% interval's half-width in standard errors
 FULL_CHUNK = (1 << 15) - 1  # every chunk below assess.DRAW_SAMPLE_MIN_WEIGHTS: full built draws
 
 
@@ -233,9 +234,21 @@ def run_ols(rho: float, design: str, d: int, n: int, steps: list[float], populat
         has = np.isfinite(lo)
         k = int(has.sum())
         cov = float(np.mean((lo[has] <= tr[has]) & (tr[has] <= hi[has]))) if k else math.nan
+        # The headline's error in units of the standard error the interval implies, (hi - lo) /
+        # (2 z80): its sd is what decides the coverage of a symmetric interval (1: nominal; the
+        # fine grids' interval is the record term alone, whose sd over trainings is
+        # sqrt(1 - R/n) of it against this fixed-design reference, cv31); its mean is the bias.
+        zerr = ((np.array([x["leakage"] for x in rr]) - tr) / ((hi - lo) / (2.0 * Z80)))[has] if k else np.array([])
+        # coverage's se between designs (a design's trainings share its X and theta*: the
+        # binomial se understates it when designs differ)
+        per_pop = [np.mean([(x["lo"] <= x["truth"] <= x["hi"]) for x in pp["rows"] if x["scheme"] == name])
+                   for pp in pops] if k else []
         per_scheme[name] = {
             "replications": len(rr), "with_interval": k, "coverage": cov,
             "binomial_se": binomial_se(cov, k) if k else math.nan,
+            "population_se": float(np.std(per_pop, ddof=1) / math.sqrt(len(per_pop))) if len(per_pop) > 1 else math.nan,
+            "error_over_se_mean": float(zerr.mean()) if k else math.nan,
+            "error_over_se_sd": float(zerr.std(ddof=1)) if k > 1 else math.nan,
             "below": float(np.mean(hi[has] < tr[has])) if k else math.nan,
             "above": float(np.mean(lo[has] > tr[has])) if k else math.nan,
             "coverage_fixed_game": float(np.mean((lo[has] <= tf[has]) & (tf[has] <= hi[has]))) if k else math.nan,
@@ -257,8 +270,10 @@ def ols_summary(res: dict) -> list[str]:
     out = []
     cpu = np.mean([p["cpu_s_per_training"] for p in res["populations"]])
     for name, s in res["schemes"].items():
-        cov = (f"coverage {s['coverage']:.3f} +- {s['binomial_se']:.3f} (n={s['with_interval']}) below {s['below']:.3f} "
-               f"above {s['above']:.3f} half-width {s['half_width_rel']:.3f} (fixed game: coverage {s['coverage_fixed_game']:.3f})"
+        cov = (f"coverage {s['coverage']:.3f} +- {s['binomial_se']:.3f} (n={s['with_interval']}; between designs "
+               f"{s['population_se']:.3f}) below {s['below']:.3f} above {s['above']:.3f} half-width {s['half_width_rel']:.3f} "
+               f"(fixed game: coverage {s['coverage_fixed_game']:.3f}) | error / implied se: mean "
+               f"{s['error_over_se_mean']:+.2f} sd {s['error_over_se_sd']:.2f}"
                if s["with_interval"] else "no interval")
         out.append(f"{res['design']} rho={res['rho']:<4g} d={res['d']} n={res['n']} {name:<8} {cov} | headline / ref "
                    f"mean {s['ratio_mean']:.3f} min {s['ratio_min']:.3f} max {s['ratio_max']:.3f} sd {s['ratio_sd']:.3f} "
