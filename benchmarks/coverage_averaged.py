@@ -46,10 +46,14 @@ estimator at ``d <= 2000``, ``covariance`` as given: default the library's, ``"a
 correlated headline), on per-weight grids of ``--ols-steps`` sd of theta-hat; the reference is
 :func:`~mis_lightning.groundtruth.averaged.ols_truth` (exact ``sigma``, correlation and
 leverages at ``theta*``). Per (rho, step): coverage of the 80% interval, misses below / above,
-headline / reference (mean, min). ``--populations`` designs x ``--trainings`` trainings each:
+its se between designs, the headline's error in units of the standard error the interval implies
+(``(hi - lo) / (2 z80)``: mean and sd; a mean of 0 and an sd of 1 give 80%), headline / reference
+(mean, min). ``--populations`` designs x ``--trainings`` trainings each:
 
     PYTHONPATH=. python benchmarks/coverage_averaged.py --ols 0 0.5 0.9 --populations 4 \
         --trainings 10 --json ols.json                   # docs/validation.md, "cv29"
+    PYTHONPATH=. python benchmarks/coverage_averaged.py --ols 0.5 --ols-spread 6 --ols-steps 0.75 1.4 \
+        --populations 28 --trainings 10                  # docs/validation.md, "cv31"
 
 About 0.1-0.8 s of CPU per replication (``d`` = 2,048-98,304), plus 1-20 s per population for
 the closed forms.
