@@ -194,9 +194,12 @@ def run_setting(st: dict, populations: int, trainings: int, **kw) -> dict:
 
 def run_ols(rho: float, design: str, d: int, n: int, steps: list[float], populations: int, trainings: int, *,
             covariance: str, draws: int, seed0: int, spread_sd: float = 84.0, estimation: str = "auto",
-            num_records: int | None = None) -> dict:
+            num_records: int | None = None, split_records: int | None = None) -> dict:
     """Coverage of the 80% interval of :func:`mis_lightning.assess` on :class:`AV.OLSDesign`
-    (module docstring) against :func:`AV.ols_truth`, per grid step."""
+    (module docstring) against :func:`AV.ols_truth`, per grid step. ``split_records``: each
+    training is assessed a second time with that many stored records (all ``n``: the headline
+    without the stored records' selection error), splitting the headline's error into the
+    selection's part and the rest (sigma, correlation, leverages, the noise's realisation)."""
     pops = []
     extra = {} if num_records is None else {"num_records": num_records}
     for p in range(populations):
@@ -220,11 +223,19 @@ def run_ols(rho: float, design: str, d: int, n: int, steps: list[float], populat
                 warnings.simplefilter("ignore")  # the report's warnings (d / n, ...) are not under test
                 rep = ml.assess(model, ["none", *schemes], loader, AV.squared_loss, covariance=covariance,
                                 uncertainty_draws=draws, seed=seed, estimation=estimation, **extra)
+            rep_all = None
+            if split_records is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    rep_all = ml.assess(model, ["none", *schemes], loader, AV.squared_loss, covariance=covariance,
+                                        uncertainty_draws=draws, seed=seed, estimation=estimation,
+                                        num_records=split_records)
             for name, r in rep.schemes.items():
                 lo, hi = r.interval if r.interval is not None else (math.nan, math.nan)
                 rows.append({"training": seed, "scheme": name, "leakage": r.leakage, "lo": lo, "hi": hi,
                              "truth": truth[name], "truth_fixed": fixed[name], "independent": r.leakage_independent,
-                             "regime": r.interval_regime, "covariance": r.covariance, "method": r.method})
+                             "regime": r.interval_regime, "covariance": r.covariance, "method": r.method,
+                             "leakage_split": None if rep_all is None else rep_all.schemes[name].leakage})
         pops.append({"population": p, "truth": truth, "truth_fixed": fixed, "cpu_s_truth": t_truth,
                      "cpu_s_per_training": (time.process_time() - t0) / max(trainings, 1), "rows": rows})
     per_scheme = {}
@@ -247,12 +258,22 @@ def run_ols(rho: float, design: str, d: int, n: int, steps: list[float], populat
         # binomial se understates it when designs differ)
         per_pop = [np.mean([(x["lo"] <= x["truth"] <= x["hi"]) for x in pp["rows"] if x["scheme"] == name])
                    for pp in pops] if k else []
+        split = {}
+        if rr and rr[0]["leakage_split"] is not None:
+            split["split_ratio_mean"] = float(np.mean([x["leakage_split"] / x["truth"] for x in rr]))
+        if k and rr[0]["leakage_split"] is not None:
+            se = ((hi - lo) / (2.0 * Z80))[has]
+            ls = np.array([x["leakage_split"] for x in rr])[has]
+            sel, rest = (np.array([x["leakage"] for x in rr])[has] - ls) / se, (ls - tr[has]) / se
+            split = {"selection_over_se_mean": float(sel.mean()), "selection_over_se_sd": float(sel.std(ddof=1)),
+                     "rest_over_se_mean": float(rest.mean()), "rest_over_se_sd": float(rest.std(ddof=1)),
+                     **split}
         per_scheme[name] = {
             "replications": len(rr), "with_interval": k, "coverage": cov,
             "binomial_se": binomial_se(cov, k) if k else math.nan,
             "population_se": float(np.std(per_pop, ddof=1) / math.sqrt(len(per_pop))) if len(per_pop) > 1 else math.nan,
             "error_over_se_mean": float(zerr.mean()) if k else math.nan,
-            "error_over_se_sd": float(zerr.std(ddof=1)) if k > 1 else math.nan,
+            "error_over_se_sd": float(zerr.std(ddof=1)) if k > 1 else math.nan, **split,
             "below": float(np.mean(hi[has] < tr[has])) if k else math.nan,
             "above": float(np.mean(lo[has] > tr[has])) if k else math.nan,
             "coverage_fixed_game": float(np.mean((lo[has] <= tf[has]) & (tf[has] <= hi[has]))) if k else math.nan,
@@ -266,6 +287,7 @@ def run_ols(rho: float, design: str, d: int, n: int, steps: list[float], populat
             "methods": sorted({str(x["method"]) for x in rr}),
         }
     return {"rho": rho, "design": design, "d": d, "n": n, "covariance": covariance, "steps": steps,
+            "split_records": split_records,
             "spread_sd": spread_sd, "estimation": estimation, "num_records": num_records,
             "populations": pops, "schemes": per_scheme}
 
@@ -278,7 +300,13 @@ def ols_summary(res: dict) -> list[str]:
                f"{s['population_se']:.3f}) below {s['below']:.3f} above {s['above']:.3f} half-width {s['half_width_rel']:.3f} "
                f"(fixed game: coverage {s['coverage_fixed_game']:.3f}) | error / implied se: mean "
                f"{s['error_over_se_mean']:+.2f} sd {s['error_over_se_sd']:.2f}"
-               if s["with_interval"] else "no interval")
+               if s["with_interval"] else "no interval" + (f" (headline with {res['split_records']} records / ref "
+                                                           f"{s['split_ratio_mean']:.4f})" if "split_ratio_mean" in s else ""))
+        if s["with_interval"] and "rest_over_se_mean" in s:
+            cov += (f" (selection of the stored records: mean {s['selection_over_se_mean']:+.2f} sd "
+                    f"{s['selection_over_se_sd']:.2f}; the rest: mean {s['rest_over_se_mean']:+.2f} sd "
+                    f"{s['rest_over_se_sd']:.2f}; headline with {res['split_records']} records / ref "
+                    f"{s['split_ratio_mean']:.4f})")
         out.append(f"{res['design']} rho={res['rho']:<4g} d={res['d']} n={res['n']} {name:<8} {cov} | headline / ref "
                    f"mean {s['ratio_mean']:.3f} min {s['ratio_min']:.3f} max {s['ratio_max']:.3f} sd {s['ratio_sd']:.3f} "
                    f"(fixed game {s['ratio_fixed_game_mean']:.3f}) | indep / ref {s['independent_over_truth']:.3f} | {','.join(s['regimes'])} "
@@ -320,6 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="theta* spans +- this many sd (84: uniform positions on 0.75/1.4/4/8-sd grids)")
     ap.add_argument("--ols-estimation", default="auto", help="assess(estimation=...)")
     ap.add_argument("--ols-records", type=int, default=None, help="assess(num_records=...) (default: the library's)")
+    ap.add_argument("--ols-split-records", type=int, default=None, metavar="R",
+                    help="assess each training again with R stored records (the design's n: all) and split the "
+                         "headline's error into the stored records' selection and the rest (cv31)")
     ap.add_argument("--ols-steps", nargs="+", type=float, default=[0.75, 1.4, 4.0, 8.0],
                     help="grid steps in sd units of theta-hat")
     ap.add_argument("--populations", type=int, default=4)
@@ -357,7 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
         for rho in a.ols:
             res = run_ols(rho, a.ols_design, a.ols_d, a.ols_n, a.ols_steps, a.populations, a.trainings,
                           covariance=a.covariance, draws=a.draws, seed0=a.seed, spread_sd=a.ols_spread,
-                          estimation=a.ols_estimation, num_records=a.ols_records)
+                          estimation=a.ols_estimation, num_records=a.ols_records,
+                          split_records=a.ols_split_records)
             for line in ols_summary(res):
                 print(line, flush=True)
             if a.no_rows:
