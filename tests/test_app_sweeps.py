@@ -125,7 +125,7 @@ def test_a_sweep_over_tasks_shows_every_row_with_its_own_utility(tmp_path):
     fig = agg.frontier_figure(rows)
     assert [ax.get_xlabel() for ax in fig.axes] == ["rmse (validation; lower is better)",
                                                      "auroc (validation; higher is better)"]
-    assert fig._suptitle.get_text() == "Privacy-utility frontier (4 results, 4 distinct)"
+    assert fig._suptitle.get_text() == "Privacy-utility frontier (4 results at 4 distinct points)"
     assert [ax.get_title() for ax in fig.axes] == ["rmse (2 results)", "auroc (2 results)"]
 
 
