@@ -321,7 +321,8 @@ class Report:
             wr.writerows(rows)
 
     def table(self, utility_key: str | None = None, utility_tolerance: float = UTILITY_TOLERANCE,
-              with_verdict: bool = True, legend_columns: str | None = None) -> str:
+              with_verdict: bool = True, legend_columns: str | None = None,
+              verdict_note: str | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
         then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
@@ -332,6 +333,8 @@ class Report:
         without the verdict), and every warning in full (an assumption that failed must be read
         next to the numbers, not only in the JSON). ``legend_columns``: one line in place of the
         legend's entries for the columns every table has (:func:`legend`'s ``columns``).
+        ``verdict_note``: a line printed in place of the verdict (a sweep's job that assessed
+        one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`).
 
         Raises:
             ValueError: ``utility_tolerance`` is negative.
@@ -345,7 +348,7 @@ class Report:
             text += (f"\nestimated by: {est['estimator']}{cov}; n = {self.n} training records, "
                      f"d = {self.d} assessed weights")
         if with_verdict:
-            text += "\n" + verdict(rows, utility_key, utility_tolerance)
+            text += "\n" + (verdict(rows, utility_key, utility_tolerance) if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order

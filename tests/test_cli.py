@@ -351,6 +351,10 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     assert proc.stdout.index("legend: leakage = ") < proc.stdout.index("legend: the columns as under job 0")
     for i, n in zip(ok, names):
         assert (sweep / f"{i}_{n}" / "report.md").read_text().count("legend: leakage = advantage") == 1
+        # ux31 (fu30): no verdict over one scheme in a job: a pointer to the aggregate
+        assert f"verdict: none in this job, which assessed one scheme ({n})" in (
+            sweep / f"{i}_{n}" / "report.md").read_text()
+    assert "verdict: safest" not in proc.stdout
     # the aggregate command says so too
     assert agg.main([str(sweep), "--quiet"]) == 1
 
