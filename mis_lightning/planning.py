@@ -320,7 +320,8 @@ class PlanResult:
                  f"| predicted {m} | {m} | bits/weight |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows():
-            name = f"**{r['name']} (chosen)**" if r["chosen"] else r["name"]
+            note = self.report.row_notes.get(r["name"])
+            name = f"**{r['name']} (chosen)**" if r["chosen"] else f"{r['name']} ({note})" if note else r["name"]
             what = "every layer" if r["kind"] == "uniform" else ", ".join(f"{k}={v}" for k, v in r["choices"].items())
             iv = "-" if not r["interval"] else f"[{r['interval'][0]:.4g}, {r['interval'][1]:.4g}]"
             lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {iv} "
@@ -983,6 +984,17 @@ def plan(
                          f"model's {metric} for {', '.join(off)}: the layers' quantization errors interact; "
                          "the frontier's predicted utilities near them carry an error of that order (the "
                          "re-assessed rows are measured)")
+    # the rows' roles in the report's table (fu30: the rejected search choice's row "plan" beside
+    # the chosen uniform candidate read as the recommendation)
+    report.row_notes = {chosen.name: "chosen" if within else "chosen, over budget"}
+    for p in [*uniform.values(), *to_assess]:
+        r = p.reassessed(metric)
+        if p is chosen or r is None or math.isnan(r["leakage"]):
+            continue
+        if _misses(r, uloss(r["utility"]), cfg):
+            report.row_notes[p.name] = "over budget"
+        elif p.name not in uniform:  # a uniform candidate is named as such: no note
+            report.row_notes[p.name] = "not chosen"
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,

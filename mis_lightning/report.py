@@ -9,7 +9,7 @@ import re
 import textwrap
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,9 @@ class Report:
         diagnostics: method.md section 6 diagnostics (plus ``d_eff_over_n`` warnings);
         schemes: scheme name -> :class:`SchemeResult`; baseline_leakage / baseline_mis: the
         unquantized release; baseline_pool_leakage: the unquantized release in the pool
-        protocol (see :class:`SchemeResult`); game: the attack game ``leakage`` belongs to.
+        protocol (see :class:`SchemeResult`); game: the attack game ``leakage`` belongs to;
+        row_notes: scheme name -> a short note printed after its name in :meth:`table` (the
+        planner's ``"chosen"``, ``"over budget"``, ``"not chosen"``: :data:`ROW_NOTES`).
     """
 
     n: int
@@ -194,6 +196,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     baseline_pool_leakage: float = math.nan
     game: str = GAME
+    row_notes: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -207,6 +210,7 @@ class Report:
             "game": self.game,
             "warnings": list(self.warnings),
             "schemes": {k: v.to_dict() for k, v in self.schemes.items()},
+            "row_notes": dict(self.row_notes),
             # groups of schemes whose order by leakage the figures do not resolve (table: ties line)
             "not_ranked": self.not_ranked(),
         }
@@ -233,24 +237,55 @@ class Report:
     def from_dict(cls, data: dict[str, Any]) -> Report:
         """The report of :meth:`to_dict` / a saved JSON (also one saved before the renames:
         ``sparsity`` and ``frozen_fraction`` keys load as ``zero_fraction`` / ``pinned_fraction``).
+        Non-finite figures saved as strings (``"nan"``, ``"inf"``, ``"-inf"``: :func:`to_plain`)
+        load back as floats; keys that are no field (``not_ranked``, a front end's additions)
+        are ignored.
 
         Raises:
             KeyError: a required key is missing; TypeError: an unknown result field.
         """
         schemes = {}
         for k, v in data["schemes"].items():
-            v = _new_keys(dict(v))
-            v["layers"] = {ln: LayerResult(**_new_keys(dict(lv))) for ln, lv in v.get("layers", {}).items()}
+            v = _floats_back(SchemeResult, _new_keys(dict(v)))
+            v["layers"] = {ln: LayerResult(**_floats_back(LayerResult, _new_keys(dict(lv))))
+                           for ln, lv in v.get("layers", {}).items()}
             if v.get("interval") is not None:
                 v["interval"] = tuple(v["interval"])
             schemes[k] = SchemeResult(**v)
+        top = _floats_back(cls, {k: data[k] for k in ("baseline_leakage", "baseline_mis", "baseline_pool_leakage")
+                                 if k in data})
         return cls(
             n=data["n"], d=data["d"], estimation=data["estimation"], diagnostics=data["diagnostics"],
-            schemes=schemes, baseline_leakage=data["baseline_leakage"],
-            baseline_mis=data["baseline_mis"], warnings=data.get("warnings", []),
-            baseline_pool_leakage=data.get("baseline_pool_leakage", math.nan),
-            game=data.get("game", GAME),
+            schemes=schemes, baseline_leakage=top["baseline_leakage"],
+            baseline_mis=top["baseline_mis"], warnings=data.get("warnings", []),
+            baseline_pool_leakage=top.get("baseline_pool_leakage", math.nan),
+            game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
         )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Report:
+        """The report saved at ``path``: by :meth:`to_json`, :func:`mis_lightning.assess`'s
+        caller, the callback (``mis_report.json`` and its per-epoch copies) or the app
+        (``report.json``). Every field loads as written (``Report.from_json(p).to_json()``
+        gives the file's report keys back), so :meth:`table` (with any ``utility_key``),
+        :meth:`rows` and :meth:`plot` re-render from the file. The keys a front end adds beside
+        the report (the callback's ``lightning``: stage, epoch, step) are not fields: read them
+        from the JSON.
+
+        Raises:
+            OSError: ``path`` cannot be read; ValueError: not JSON, a failed assessment's
+            record (its ``error``: the callback writes one when the assessment raised), or
+            not a report (e.g. the app's ``result.json``: its ``rows`` are :meth:`rows`).
+        """
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a saved report (a JSON object with 'schemes')")
+        if "schemes" not in data and "error" in data:
+            raise ValueError(f"{path} records a failed assessment: {data['error']}")
+        if "schemes" not in data:
+            raise ValueError(f"{path} is not a saved report (no 'schemes'; the app's result.json holds "
+                             "rows, its report.json the report)")
+        return cls.from_dict(data)
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per scheme (for CSV, tables and trackers)."""
@@ -268,6 +303,8 @@ class Report:
             }
             if s.floor_sensitivity is not None:  # only where the floor bites (exact estimator)
                 row["floor_sensitivity"] = s.floor_sensitivity
+            if name in self.row_notes:  # the planner's role of the row (the table prints it)
+                row["note"] = self.row_notes[name]
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
             out.append(row)
         return out
@@ -284,7 +321,8 @@ class Report:
             wr.writerows(rows)
 
     def table(self, utility_key: str | None = None, utility_tolerance: float = UTILITY_TOLERANCE,
-              with_verdict: bool = True, legend_columns: str | None = None) -> str:
+              with_verdict: bool = True, legend_columns: str | None = None,
+              verdict_note: str | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
         utility, leakage and its 80% interval (``pos.``: position-dominated), MIS, baseline;
         then a legend of the columns (:func:`legend`), the estimator that ran (``estimation``), the verdict (:func:`verdict`: the safest
@@ -295,6 +333,8 @@ class Report:
         without the verdict), and every warning in full (an assumption that failed must be read
         next to the numbers, not only in the JSON). ``legend_columns``: one line in place of the
         legend's entries for the columns every table has (:func:`legend`'s ``columns``).
+        ``verdict_note``: a line printed in place of the verdict (a sweep's job that assessed
+        one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`).
 
         Raises:
             ValueError: ``utility_tolerance`` is negative.
@@ -308,7 +348,7 @@ class Report:
             text += (f"\nestimated by: {est['estimator']}{cov}; n = {self.n} training records, "
                      f"d = {self.d} assessed weights")
         if with_verdict:
-            text += "\n" + verdict(rows, utility_key, utility_tolerance)
+            text += "\n" + (verdict(rows, utility_key, utility_tolerance) if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
@@ -322,6 +362,26 @@ class Report:
         """Privacy-utility figure (leakage against the utility metric, one point per scheme); the
         report's warnings are printed under it (a figure shared without the table keeps them)."""
         return privacy_utility_figure(self.rows(), path, utility_key, warnings=self.warnings)
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _floats_back(kind: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the non-finite floats :func:`to_plain` wrote as strings back to floats, in
+    the fields of the dataclass ``kind`` typed with ``float`` (also inside tuples and dicts)."""
+    floats = {f.name for f in fields(kind) if "float" in str(f.type)}
+
+    def back(x: Any) -> Any:
+        if isinstance(x, str):
+            return _NON_FINITE.get(x, x)
+        if isinstance(x, list):
+            return [back(v) for v in x]
+        if isinstance(x, dict):
+            return {k: back(v) for k, v in x.items()}
+        return x
+
+    return {k: back(v) if k in floats else v for k, v in values.items()}
 
 
 def merge_scheme_warnings(lines: Sequence[tuple[str, str]]) -> list[str]:
@@ -654,6 +714,9 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
     if any(re.fullmatch(r"plan(_\d+)?", str(r.get("scheme", ""))) for r in rows):
         lines.append("  plan, plan_k: mixed-precision plans of the planner (mode=plan), re-assessed like the "
                      "schemes; their per-layer assignment, budget and proxy values are in plan.md.")
+    notes = [n for n in ROW_NOTES if any(r.get("note") == n for r in rows)]
+    if notes:
+        lines.append("  " + "; ".join(f"({n}): {ROW_NOTES[n]}" for n in notes) + ".")
     if any(r.get("unscored") for r in rows if not r.get("error")):
         lines.append("  +: a lower bound: the release also carries a part this figure does not score "
                      "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
@@ -670,6 +733,15 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
     return "\n".join(textwrap.fill(ln, 100, subsequent_indent="    ", break_on_hyphens=False)
                      for ln in lines)
 
+
+#: the planner's notes after a row's name (:attr:`Report.row_notes`) and what the legend says of them
+ROW_NOTES = {
+    "chosen": "the planner's release, the best re-assessed plan within the budget",
+    "chosen, over budget": "the planner's release by its proxy, which misses the budget once re-assessed "
+                           "(no re-assessed plan meets it: see warnings)",
+    "over budget": "misses the planner's budget once re-assessed: not the release",
+    "not chosen": "a plan within the budget that the chosen one beats: not the release",
+}
 
 ERROR_CELL_WIDTH = 60  # characters of an error message shown in a table row
 
@@ -737,14 +809,15 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
+        label = f"{r['scheme']} ({r['note']})" if r.get("note") else str(r["scheme"])
         if r.get("error"):
-            body.append((str(r["scheme"]), str(r["error"])))
+            body.append((label, str(r["error"])))
             continue
         interval = "-" if r.get("leakage_p10") is None else f"[{_fmt(r['leakage_p10'])}, {_fmt(r['leakage_p90'])}]"
         if interval != "-" and r.get("interval_regime") == "position-dominated":
             interval += " pos."  # the range over where few coarse weights' true values sit
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
-        body.append([r["scheme"], f"{r['bits_per_weight']:.2f}",
+        body.append([label, f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk), extra)] if uk else []) + [
             _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else "")
             + (" ~" if unstable(r) else ""),

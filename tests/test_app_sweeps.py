@@ -125,7 +125,7 @@ def test_a_sweep_over_tasks_shows_every_row_with_its_own_utility(tmp_path):
     fig = agg.frontier_figure(rows)
     assert [ax.get_xlabel() for ax in fig.axes] == ["rmse (validation; lower is better)",
                                                      "auroc (validation; higher is better)"]
-    assert fig._suptitle.get_text() == "Privacy-utility frontier (4 results, 4 distinct)"
+    assert fig._suptitle.get_text() == "Privacy-utility frontier (4 results at 4 distinct points)"
     assert [ax.get_title() for ax in fig.axes] == ["rmse (2 results)", "auroc (2 results)"]
 
 
@@ -200,3 +200,31 @@ def test_a_sweeps_jobs_after_the_first_print_the_columns_legend_as_a_pointer():
     # the rest of the table as in the full one: the rows, the warnings
     assert short.split("\n\n")[0] == full.split("\n\n")[0]
     assert short.endswith("warnings:\n  - the model is not at a minimum of the training loss")
+
+
+def test_a_sweep_job_that_assessed_one_scheme_points_to_the_aggregate_instead_of_a_verdict():
+    """fu30: each job of ``mis-lightning -m quantizer=a,b,...`` assesses one scheme and printed
+    "verdict: safest ...: a", a choice among one. In a multirun a one-scheme job's table (printed
+    and in report.md) says there is no verdict in the job and points to the sweep's aggregate; a
+    single run, or a job with several schemes, keeps its verdict."""
+    from mis_lightning.app.job import sweep_table, sweep_verdict_note
+    from mis_lightning.report import Report, SchemeResult
+
+    def result(name: str, leakage: float) -> SchemeResult:
+        return SchemeResult(name=name, leakage=leakage, mis=1 - leakage, baseline_leakage=0.2, d_eff=3.0, d=4,
+                            zero_fraction=0.0, pinned_fraction=0.0, bits_per_weight=8.0, method="clt",
+                            utility={"rmse": 0.7})
+
+    def report(*names: str) -> Report:
+        return Report(n=40, d=4, estimation={}, diagnostics={}, baseline_leakage=0.2, baseline_mis=0.8,
+                      schemes={n: result(n, 0.1 + 0.01 * i) for i, n in enumerate(names)})
+
+    one, two = report("rtn_int8"), report("rtn_int8", "rtn_int4")
+    sweep_job, single = {"multirun": True, "num": 2}, {"multirun": False, "num": None}
+    assert sweep_verdict_note(one, single) is None and sweep_verdict_note(two, sweep_job) is None
+    note = sweep_verdict_note(one, sweep_job)
+    assert note is not None and "one scheme (rtn_int8)" in note and "aggregate.md" in note
+    for info in (sweep_job, {"multirun": True, "num": 0}):
+        text = sweep_table(one, one.table(verdict_note=note), info, table_file="report.md")
+        assert "verdict: safest" not in text and note in text
+    assert "verdict: safest" in one.table() and "verdict: safest" in two.table(verdict_note=None)

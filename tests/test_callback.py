@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from mis_lightning import MISCallback
 from mis_lightning.callback import lightning_callback
 from mis_lightning.quantization import QuantizationScheme
+from mis_lightning.report import Report
 
 torch.set_num_threads(1)
 # every report the callback publishes comes with a figure no test here reads but one (marked
@@ -229,6 +230,10 @@ def test_loggers_csv_tensorboard_report_and_figure(tmp_path):
     rep = json.loads((tmp_path / "ckpts" / "mis_report.json").read_text())
     assert rep["n"] == 120 and set(rep["schemes"]) == set(SCHEMES)
     assert rep["lightning"]["global_step"] == trainer.global_step
+    # ux31: the saved report loads back (Report.from_json): every field, the same table
+    back = Report.from_json(tmp_path / "ckpts" / "mis_report.json")
+    assert json.loads(back.to_json()) == {k: v for k, v in rep.items() if k != "lightning"}
+    assert back.table() == cb.report.table()
     png = tmp_path / "ckpts" / "mis_privacy_utility.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "ckpts").glob("*.ckpt"))

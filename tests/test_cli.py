@@ -18,6 +18,7 @@ import torch
 
 from mis_lightning.app import aggregate as agg
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError, register_scheme
+from mis_lightning.report import Report, to_plain
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -139,6 +140,12 @@ def test_single_run_writes_reports_and_prints_table(app_runs):
     assert "data=synthetic_linear" in res["job"]["overrides"]
     assert res["job"]["num"] is None and res["task"] == "regression"
     assert 0.0 <= res["rows"][0]["leakage"] <= 1.0 and "utility_rmse" in res["rows"][0]
+    # ux31: the saved report loads back (Report.from_json): the table as printed and written, the rows
+    # the sweep aggregate reads from result.json
+    back = Report.from_json(out / "report.json")
+    assert back.to_json() == (out / "report.json").read_text()
+    assert back.table() + "\n" == (out / "report.md").read_text() and back.table() in proc.stdout
+    assert json.loads(json.dumps(to_plain(back.rows()))) == res["rows"]
     # the csv logger got the report's metrics
     metrics = (out / "csv" / "metrics.csv").read_text()
     assert "mis/int8_weight_only/leakage" in metrics
@@ -344,6 +351,10 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
     assert proc.stdout.index("legend: leakage = ") < proc.stdout.index("legend: the columns as under job 0")
     for i, n in zip(ok, names):
         assert (sweep / f"{i}_{n}" / "report.md").read_text().count("legend: leakage = advantage") == 1
+        # ux31 (fu30): no verdict over one scheme in a job: a pointer to the aggregate
+        assert f"verdict: none in this job, which assessed one scheme ({n})" in (
+            sweep / f"{i}_{n}" / "report.md").read_text()
+    assert "verdict: safest" not in proc.stdout
     # the aggregate command says so too
     assert agg.main([str(sweep), "--quiet"]) == 1
 
@@ -500,7 +511,8 @@ def test_frontier_merges_identical_results_and_names_points_in_a_legend():
                      "0: int8_weight_only = 1: int8_dynamic_activation_int8_weight (tie A)",
                      "3: bf16 (tie A) (same point as 0: int8_weight_only = 1: int8_dynamic_activation_int8_weight, "
                      "drawn offset)"]
-    assert ax.get_title() == "Privacy-utility frontier (4 results, 3 distinct)"
+    assert ax.get_title() == ("Privacy-utility frontier (4 results at 2 distinct points; 1 drawn offset: "
+                              "the same point as another)")
     assert ax.get_ylabel() == "leakage = 1 - MIS (lower is safer)"
     assert ax.get_xlabel() == "rmse (validation; lower is better)"
 

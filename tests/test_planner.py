@@ -361,6 +361,21 @@ def test_chosen_plan_that_misses_its_budget_once_reassessed_gives_way(setup, mon
     # the release is named as its report row (a fallback's "plan" row is the rejected plan's: fu19 W10)
     assert res.scheme.name == res.chosen.name and res.report.schemes[res.scheme.name].leakage == res.leakage
     assert "within the budget" in res.table()
+    # ux31 (fu30): the tables mark the release and the rejected search choice; a user scanning the
+    # report's table took the row "plan" (the rejected plan) for the recommendation
+    rejected = _search_choice(res).name
+    def over(p):
+        return (p.reassessed("loss")["utility"] - res.float_utility) / res.float_utility > 0.5
+
+    assert over(_search_choice(res))
+    assert res.report.row_notes == {res.chosen.name: "chosen", **{
+        p.name: "over budget" if over(p) else "not chosen"
+        for p in res.frontier if p.result is not None and p.name not in res.uniform and p is not res.chosen},
+        **{k: "over budget" for k, p in res.uniform.items() if p is not res.chosen and over(p)}}
+    rows = {ln.split("  ")[0]: ln for ln in res.report.table(with_verdict=False).splitlines()}
+    assert f"{res.chosen.name} (chosen)" in rows and f"{rejected} (over budget)" in rows
+    assert "(over budget): misses the planner's budget" in " ".join(res.report.table(with_verdict=False).split())  # the legend says what it means
+    assert f"| {rejected} (over budget) |" in res.table()
 
 
 def test_size_budget_no_plan_can_meet_fails_before_the_estimation_pass(setup, monkeypatch, tmp_path):

@@ -465,3 +465,37 @@ def test_accuracy_named_acc_is_higher_is_better_in_the_verdict_and_legend():
                            "int8_weight_only (leakage 0.0529)"), line
     assert "acc: utility of the quantized copy on the validation data (higher is better)" in " ".join(
         legend(rows, utility_key="utility_acc").split())
+
+
+def test_a_saved_report_loads_back_with_every_field_and_renders_the_same_table(tmp_path):
+    """ux31 (fu30): a saved report (``Report.to_json``, the callback's ``mis_report.json``, the
+    app's ``report.json``) loads back with :meth:`Report.from_json`: every field as written, the
+    non-finite figures (saved as ``"nan"``/``"inf"`` strings) back to floats, so the table, rows
+    and figure re-render from the file. Exact equality: JSON keeps a float's repr. The callback's
+    and the app's files are checked in tests/test_callback.py and tests/test_cli.py."""
+    import json
+    import math
+
+    from mis_lightning.report import Report
+
+    m, dl = _model_and_data()
+    rep = ml.assess(m, [_NeedsGPU(), "rtn_int8", "rtn_int4"], dl, mse, num_records=64, uncertainty_draws=4,
+                    strict=False, val_dataloader=dl)
+    # figures the JSON writes as strings: a failed row's NaNs, an infinite sensitivity, notes
+    rep.schemes["rtn_int4"].floor_sensitivity = math.inf
+    rep.row_notes = {"rtn_int8": "chosen"}
+    assert math.isnan(rep.schemes["needs_gpu"].pool_leakage)
+    path = tmp_path / "r.json"
+    text = rep.to_json(path)
+    back = Report.from_json(path)
+    assert back.to_json() == text  # every field, as written
+    assert math.isnan(back.schemes["needs_gpu"].pool_leakage) and back.schemes["rtn_int4"].floor_sensitivity == math.inf
+    assert back.table() == rep.table() and back.table(utility_key="utility_loss") == rep.table(utility_key="utility_loss")
+    assert json.dumps(back.rows(), default=str) == json.dumps(rep.rows(), default=str)
+    # a failed assessment's file (the callback's, on an exception) and a file that is not a report
+    (tmp_path / "failed.json").write_text(json.dumps({"error": "RuntimeError: boom", "traceback": "..."}))
+    with pytest.raises(ValueError, match="records a failed assessment: RuntimeError: boom"):
+        Report.from_json(tmp_path / "failed.json")
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "rows": []}))
+    with pytest.raises(ValueError, match="not a saved report"):
+        Report.from_json(tmp_path / "result.json")

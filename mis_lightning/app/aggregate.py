@@ -389,11 +389,12 @@ def _coincident_offsets(xy: Sequence[tuple[float, float]], names: Sequence[str]
 
 
 def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, first: int = 0,
-                    first_tie: int = 0) -> tuple[int, int, int]:
+                    first_tie: int = 0) -> tuple[int, int, int, int]:
     """Draw one frontier panel of ``rows`` against the utility ``uk`` (``None``: bits per
     weight); point styles start at index ``first``, tie letters (groups of points not ranked
     beyond their intervals) at ``first_tie``; points that would hide each other are drawn side
-    by side, labelled "same point as". Returns ``(results, distinct points, tie groups)``."""
+    by side, labelled "same point as". Returns ``(results, points drawn, tie groups, points drawn
+    offset)``: a point drawn offset shares another's place at the figure's scale."""
     import matplotlib.pyplot as plt
     import matplotlib.transforms as mtransforms
 
@@ -454,7 +455,7 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
     ax.set_ylabel("leakage = 1 - MIS (lower is safer)")
     ax.margins(x=0.08, y=0.15)
     ax.grid(alpha=0.3)
-    return len(ok), len(pts), len(groups)
+    return len(ok), len(pts), len(groups), sum(s is not None for s in same_as)
 
 
 def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = None,
@@ -476,11 +477,11 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         [r for r in rows if r.get("error") or own_utility_key(r) == uk] for uk in uks]
     fig, axes = plt.subplots(1, len(uks), figsize=(7.0 + 3.5 * (len(uks) - 1), 4.8),
                              layout="constrained", squeeze=False)
-    n_ok = n_pts = n_ties = 0
+    n_ok = n_pts = n_ties = n_off = 0
     for ax, uk, group in zip(axes[0], uks, groups):
-        ok, pts, ties = _frontier_panel(ax, [r for r in group if len(uks) == 1 or not r.get("error")], uk,
-                                        first=n_pts, first_tie=n_ties)
-        n_ok, n_pts, n_ties = n_ok + ok, n_pts + pts, n_ties + ties
+        ok, pts, ties, off = _frontier_panel(ax, [r for r in group if len(uks) == 1 or not r.get("error")], uk,
+                                             first=n_pts, first_tie=n_ties)
+        n_ok, n_pts, n_ties, n_off = n_ok + ok, n_pts + pts, n_ties + ties, n_off + off
         if len(uks) > 1:
             ax.set_title(f"{uk.removeprefix('utility_')} ({ok} results)", fontsize=9)  # type: ignore[union-attr]
     if not n_pts:  # no job / scheme succeeded: say so rather than draw empty axes
@@ -491,7 +492,10 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         fig.legend(loc="outside right upper", fontsize=7, frameon=False, title_fontsize=8,
                    title="schemes: safest first" + ("\nhollow: job warned (aggregate.md)" if warned else "")
                    + (f"\ntie A, B, ...: {NOT_RANKED}" if n_ties else ""))
-    title = f"Privacy-utility frontier ({n_ok} results, {n_pts} distinct)"
+    # the points as drawn: identical results merged ("a = b"), and those a legend entry calls
+    # "same point as" (coincident at the figure's scale, drawn offset) not counted as distinct (fu30)
+    title = (f"Privacy-utility frontier ({n_ok} results at {n_pts - n_off} distinct points"
+             + (f"; {n_off} drawn offset: the same point as another" if n_off else "") + ")")
     if len(uks) == 1:
         axes[0][0].set_title(title)
     else:

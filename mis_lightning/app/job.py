@@ -29,9 +29,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -574,6 +576,51 @@ def requested_scheme_names(cfg: DictConfig) -> list[str]:
         return []
 
 
+#: Lightning's notices about its own internals that the app's own Trainer sets off (the README's
+#: default job printed both): the LeafSpec check (Lightning 2.6 under torch 2.13) and the "Tip"
+#: adverts for litlogger / litmodels (Lightning's rank-zero logger)
+LIGHTNING_NOTICE_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+LIGHTNING_TIP_PREFIX = "\N{ELECTRIC LIGHT BULB} Tip:"
+LIGHTNING_RANK_ZERO_LOGGERS = ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero")
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LIGHTNING_TIP_PREFIX)
+
+
+@contextmanager
+def lightning_notices_quieted() -> Iterator[None]:
+    """Around the app's own Trainer (its construction and ``fit``): Lightning's notices about its
+    own code (:data:`LIGHTNING_NOTICE_WARNINGS`, the "Tip" adverts) are dropped, by their exact
+    text; every other warning and log line, the user's included, passes, and nothing is
+    dropped outside the block. Not used by :class:`~mis_lightning.MISCallback`: there the Trainer
+    is the user's."""
+    tips, loggers = _DropTips(), [logging.getLogger(n) for n in LIGHTNING_RANK_ZERO_LOGGERS]
+    with warnings.catch_warnings():
+        for msg in LIGHTNING_NOTICE_WARNINGS:
+            warnings.filterwarnings("ignore", message=msg, category=FutureWarning)
+        for lg in loggers:
+            lg.addFilter(tips)
+        try:
+            yield
+        finally:
+            for lg in loggers:
+                lg.removeFilter(tips)
+
+
+def sweep_verdict_note(report: Report, info: Mapping[str, Any]) -> str | None:
+    """In a multirun, the line a job that assessed one scheme prints in place of the verdict (a
+    verdict chooses among schemes; each job of ``-m quantizer=a,b,...`` has one, and printed
+    "verdict: safest ...: a": fu30), pointing to the sweep's aggregate; ``None`` otherwise (a
+    single run, or a job with several schemes, keeps its verdict). ``info``: :func:`job_info`."""
+    if not info.get("multirun") or len(report.schemes) != 1:
+        return None
+    (name,) = report.schemes
+    return (f"verdict: none in this job, which assessed one scheme ({name}); the sweep's jobs are compared in "
+            "aggregate.md and frontier.png in the sweep dir (written when the sweep ends)")
+
+
 def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_verdict: bool = True,
                 table_file: str | None = None) -> str:
     """The table a job prints: ``table`` (``report.table(with_verdict=...)``, which the job's
@@ -583,7 +630,7 @@ def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_ver
     if not info.get("multirun") or info.get("num") in (None, 0):
         return table
     where = f"; in full in each job's {table_file}" if table_file else ""
-    return report.table(with_verdict=with_verdict,
+    return report.table(with_verdict=with_verdict, verdict_note=sweep_verdict_note(report, info),
                         legend_columns=f"legend: the columns as under job 0's table{where}.")
 
 
@@ -795,8 +842,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         if ckpt is None:
             progress("train", 0, description=f"train {type(model).__name__}",
                      total=cfg.trainer.get("max_epochs"))
-            trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
-                                  callbacks=[EpochProgress(progress), *_build_callbacks(cfg)])
+            with lightning_notices_quieted():  # Lightning's notices about its own code (the app's Trainer)
+                trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
+                                      callbacks=[EpochProgress(progress), *_build_callbacks(cfg)])
         if trainer is not None and trainer.num_devices * trainer.num_nodes > 1 and \
                 getattr(model, "optimizer_name", "") == "lbfgs":
             raise ValueError(
@@ -808,7 +856,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         try:
             if trainer is not None:
                 stage[0] = "training"
-                with _timed(times, "train"):
+                with _timed(times, "train"), lightning_notices_quieted():
                     trainer.fit(model, datamodule=dm)
                 step, epoch, job_loggers = trained_step(trainer), trained_epoch(trainer), trainer.loggers
                 if cfg.output.get("checkpoint"):
@@ -846,7 +894,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             report.to_json(out / names.report_json)
             report.to_csv(out / names.report_csv)
             # the table as printed below (mode=plan: the plan's budgeted choice replaces the verdict)
-            table = report.table(with_verdict=plan_cfg is None)
+            # a sweep's one-scheme job: no verdict over one scheme, a pointer to the aggregate
+            table = report.table(with_verdict=plan_cfg is None, verdict_note=sweep_verdict_note(report, job_info()))
             if names.get("report_table"):
                 (out / names.report_table).write_text(table + "\n")
             fig = report.plot(out / names.figure)
