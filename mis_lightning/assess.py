@@ -45,7 +45,7 @@ from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
-from .quantization.registry import scheme_list
+from .quantization.registry import check_scheme_names, scheme_list
 from .report import (
     CONSISTENCY_TOLERANCE,
     D_EFF_SCHEMES_MARK,
@@ -670,6 +670,7 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
         KeyError: an unknown name (the message lists the close registered names).
     """
     specs = scheme_list(schemes)
+    check_scheme_names(specs)  # every unknown name at once, not the first only
     out = [get_scheme(s) for s in specs]
     seen: dict[str, Any] = {}
     for spec, s in zip(specs, out):
