@@ -390,15 +390,21 @@ def to_plain(x: Any) -> Any:
     return x
 
 
-def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None) -> str | None:
-    keys = [k for r in rows for k in r if k.startswith("utility_")]
+def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None,
+                     modes: Mapping[str, str] | None = None) -> str | None:
+    """The row key of the utility the table, verdict and figure use: ``utility_key`` when given
+    (``None`` if not measured), else the first of rmse, auroc, accuracy, loss, else the first
+    measured metric whose direction is known (``modes`` or the name: a default pick never ranks
+    by a direction it would have to guess; naming such a metric raises in
+    :func:`higher_is_better`)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("utility_")))
     if utility_key is not None:
         k = utility_key if utility_key.startswith("utility_") else f"utility_{utility_key}"
         return k if k in keys else None
     for pref in ("utility_rmse", "utility_auroc", "utility_accuracy", "utility_loss"):
         if pref in keys:
             return pref
-    return keys[0] if keys else None
+    return next((k for k in keys if k.removeprefix("utility_") in (modes or {}) or known_mode(k) is not None), None)
 
 
 def _fmt(v: Any, extra: int = 0) -> str:
@@ -447,7 +453,7 @@ def utility_digits(rows: list[dict[str, Any]], utility_key: str | None = None,
     narrower than the last digit (loss 0.005003 inside a 1% band, 0.005061 outside: both 0.0050 at
     4 decimals; fu25), at most :data:`MAX_EXTRA_UTILITY_DIGITS`."""
     ranked = _ranked_rows(rows)
-    uk = pick_utility_key(ranked, utility_key)
+    uk = pick_utility_key(ranked, utility_key, modes)
     best, inside = _utility_band(ranked, uk, utility_tolerance, modes)
     if best is None:
         return 0
@@ -647,7 +653,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
                     extra: int = 0, modes: Mapping[str, str] | None = None) -> str:
     """:func:`verdict` over the rows whose leakage is a full figure; utility figures with
     ``extra`` digits (:func:`utility_digits`, as in the table's column)."""
-    uk = pick_utility_key(ok, utility_key)
+    uk = pick_utility_key(ok, utility_key, modes)
     how = ""
     best, eligible = _utility_band(ok, uk, utility_tolerance, modes)
     if best is not None:
@@ -711,7 +717,7 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
     (leakage, pool, interval, bits/w, float, baseline, d_eff, zeros), e.g. a pointer to a legend
     printed once for several tables (the jobs of a Hydra sweep); the entries that depend on the
     rows (the utility metric, plans, the ``+``, ``~`` and ``!`` marks) are kept."""
-    uk = pick_utility_key(rows, utility_key)
+    uk = pick_utility_key(rows, utility_key, modes)
     lines = [columns] if columns is not None else [
         "legend: leakage = advantage of the best membership-inference attack on the released "
         "weights (0 = none, 1 = always right); lower is safer. MIS = 1 - leakage. Game: a "
@@ -812,7 +818,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     A failed scheme's row shows ``error: <message cut at a word boundary>`` across the figure
     columns; it does not widen them. The full messages follow the table under ``errors:``.
     """
-    uk = pick_utility_key(rows, utility_key)
+    uk = pick_utility_key(rows, utility_key, modes)
     extra = utility_digits(rows, utility_key, utility_tolerance, modes)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
@@ -916,7 +922,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    uk = pick_utility_key(rows, utility_key)
+    uk = pick_utility_key(rows, utility_key, modes)
     ok = [r for r in rows if not r.get("error") and r.get("leakage") is not None]
     points = sorted(merge_identical(ok, uk), key=lambda p: (p[0]["leakage"], p[1]))
     height = 1.6 + 0.42 * max(len(points), 2)

@@ -221,6 +221,8 @@ def test_the_verdict_never_ranks_by_a_direction_it_guessed():
                for r in ROWS]
     with pytest.raises(ValueError, match="'score'"):
         verdict(renamed, utility_key="score")
+    # not asked for: the default pick skips a metric whose direction it would have to guess
+    assert verdict(renamed).startswith("verdict: safest: int4 (leakage 0.0469)")
     line = verdict(renamed, utility_key="score", modes={"score": "max"})
     assert "(0.6215, int8): int8" in line
     assert "(higher is better)" in " ".join(legend(renamed, "score", modes={"score": "max"}).split())
