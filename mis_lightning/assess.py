@@ -508,7 +508,7 @@ def assess(
     for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict,
                              params=select_params(model, est_cfg.params)):
         log.warning("%s", msg)
-    check_utility_metric(sc_cfg, metrics if val_dataloader is not None else {})
+    check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
     if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
         check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
@@ -1131,7 +1131,7 @@ def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: Scorin
 
 
 def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, Any] | None,
-                         known_names: bool = True, where: str = "utility_key") -> None:
+                         known_names: bool = True, where: str = "utility_key", validation: bool = True) -> None:
     """Before training or estimating: the utility metric the verdict ranks by
     (``scoring_config.utility_key``) is measured and its direction is known, in every front end.
 
@@ -1142,15 +1142,20 @@ def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, An
             ``utility_fn`` whose names are known only when it runs: the name is not checked,
             its direction still is).
         where: the option's name in this front end (e.g. ``mis.scoring.utility_key``).
+        validation: whether the front end has validation data (no utility is measured without).
 
     Raises:
-        ValueError: ``utility_key`` is not measured (close names suggested), or its direction is
+        ValueError: ``utility_key`` is given without validation data, or is not measured (close
+            names suggested), or its direction is
             neither declared (``utility_mode``), the metric's ``higher_is_better``, nor known from
             the name (:func:`~mis_lightning.report.unknown_mode_message`).
     """
     key = scoring_config.utility_key
     if key is None:
         return
+    if not validation:
+        raise ValueError(f"{where}={key!r} names a utility metric, but no utility is measured without validation "
+                         "data: pass validation data (val_dataloader=), or drop utility_key")
     metrics = dict(metrics or {})
     name = key.removeprefix("utility_")
     by_name = {metric_name(k): k for k in ["loss", *metrics]}

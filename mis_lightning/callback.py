@@ -192,6 +192,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 raise ValueError("MISCallback(plan=...) needs validation data (a val_dataloaders= loader, a "
                                  "val_dataloader hook, and limit_val_batches > 0): the planner measures each "
                                  "candidate's utility cost per layer on it")
+        if self.scoring_config.utility_key is not None and lt.has_validation_source(trainer) is False:
+            check_utility_metric(self.scoring_config, self.utility_metrics, validation=False)  # raises
         # a scheme that cannot run here or on this model is an error row at the end (the
         # others are still scored): say so now, before the training it would follow
         # (every scheme such: refused now, SchemeError)

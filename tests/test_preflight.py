@@ -286,6 +286,17 @@ def test_an_unknown_direction_is_refused_before_training_naming_the_key(tmp_path
     with pytest.raises(ValueError, match="utility metric 'score'"):
         assess(nn.Linear(4, 1), ["rtn_int8"], _data(), lambda o, t: mse(o[:, 0], t), val_dataloader=_data(40),
                metrics={"score": _NoDirection()}, utility_key="score", num_records=16, uncertainty_draws=0)
+    # a ranking metric and no validation data to measure it on: refused too (nothing would rank by it)
+    with pytest.raises(ValueError, match="utility_key='loss' names a utility metric, but no utility is measured"):
+        assess(nn.Linear(4, 1), ["rtn_int8"], _data(), lambda o, t: mse(o[:, 0], t), utility_key="loss",
+               num_records=16, uncertainty_draws=0)
+    module = Regressor()
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, utility_key="loss")
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="no utility is measured without validation data"):
+        trainer.fit(module, _data())  # no val_dataloaders
+    assert module.steps == 0
 
 
 def test_the_apps_conf_declares_the_direction_options():
