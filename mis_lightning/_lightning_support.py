@@ -974,7 +974,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             done += rows or getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
         est = metric.estimate()
-        report = score_schemes(est, pl_module, schemes, scoring_config=scoring_config,
+        # metrics= only for their directions (report.utility_modes); utility_fn measures them
+        report = score_schemes(est, pl_module, schemes, scoring_config=scoring_config, metrics=metrics,
                                utility_fn=utility_fn, progress=show, calibration_data=loader)
     if world > 1 and val_loader is not None:
         # the utility is measured on rank 0; every rank logs the same figures (a checkpoint or

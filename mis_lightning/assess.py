@@ -45,7 +45,7 @@ from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
-from .quantization.registry import scheme_list
+from .quantization.registry import check_scheme_names, scheme_list
 from .report import (
     CONSISTENCY_TOLERANCE,
     D_EFF_SCHEMES_MARK,
@@ -56,7 +56,10 @@ from .report import (
     above_baseline,
     higher_is_better,
     merge_scheme_warnings,
+    metric_mode,
+    metric_name,
     pick_utility_key,
+    unknown_mode_message,
 )
 from .threads import scoring_threads
 
@@ -501,8 +504,11 @@ def assess(
     if rest:
         raise unexpected_options("assess", rest)
     scheme_objs = resolve_schemes(schemes)
-    for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict):  # before the estimation pass
-        log.warning("%s (it will be reported as a failed scheme)", msg)
+    # before the estimation pass: schemes that cannot run, or quantize nothing (all of them: refused)
+    for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict,
+                             params=select_params(model, est_cfg.params)):
+        log.warning("%s", msg)
+    check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
     if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
         check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
@@ -636,20 +642,60 @@ def score(*args: Any, **kwargs: Any) -> Report:
     return score_schemes(*args, **kwargs)
 
 
+FAILED_ROW = "(it will be reported as a failed scheme)"
+
+
+def assessed_weights_quantized(scheme: QuantizationScheme, model: nn.Module,
+                               params: Sequence[str] | None = None) -> list[str] | None:
+    """The assessed parameters (``params``; ``None``: every parameter) that ``scheme`` would
+    quantize on ``model``, decided from its layers without copying or quantizing anything: the
+    layer-selection of the built-in backends (:meth:`~mis_lightning.quantization.QuantizationScheme.select_weights`
+    with the backend's own skips, and the weights beyond ``nn.Linear`` its ``flat_spec`` takes), or
+    every floating parameter for a dtype cast. ``None`` where it cannot be told without running the
+    scheme (a third-party or mixed-precision scheme): such a scheme is not judged here."""
+    from .quantization.base import SchemeConfig
+    from .quantization.beyond_linear import beyond_linear_weights
+    from .quantization.casts import DtypeCast
+
+    named = dict(model.named_parameters())
+    wanted = set(named) if params is None else set(params) & set(named)
+    if isinstance(scheme, DtypeCast):
+        return [n for n in named if n in wanted and named[n].is_floating_point()]
+    if not isinstance(scheme, SchemeConfig) or isinstance(scheme, NoQuantization) \
+            or type(scheme).select_weights is not SchemeConfig.select_weights:
+        return None
+    ids = {id(named[n]) for n in wanted}
+    # the selection ``apply(params=...)`` sets for one call (object.__setattr__: frozen dataclasses)
+    object.__setattr__(scheme, "_only", ids)
+    try:
+        chosen, _, _ = scheme.select_weights(model, skip_reason=getattr(scheme, "_skip_reason", None))
+        spec = scheme.flat_spec()
+        beyond = beyond_linear_weights(scheme, model, spec)[0] if spec is not None else []
+    finally:
+        object.__setattr__(scheme, "_only", None)
+    return [name for _, name, _ in chosen.values()] + [n for n in beyond if n in wanted]
+
+
 def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, strict: bool,
-                  availability: bool = False) -> list[str]:
-    """Check each scheme against ``model`` before anything is estimated or trained: its
+                  availability: bool = False, params: Sequence[str] | None = None) -> list[str]:
+    """Check each scheme against ``model`` before anything is estimated or trained (the one
+    check every front end runs: ``assess``, the Metric, the callback, the app): its
     :meth:`~mis_lightning.quantization.QuantizationScheme.check_model` (and, with
-    ``availability``, its ``check_available``). The model is not modified.
+    ``availability``, its ``check_available``), and whether it would quantize any of the assessed
+    weights ``params`` (:func:`assessed_weights_quantized`; ``None``: every parameter). The model
+    is not modified.
 
     Returns:
-        The messages of the schemes that cannot run (each will be a failed row), for the
-        caller to show its own way.
+        One message per scheme that cannot run or would quantize no assessed weight (each a failed
+        row, :data:`FAILED_ROW`), naming it and why, for the caller to show.
 
     Raises:
-        SchemeError: (``strict``) the first scheme that cannot run.
+        SchemeError: (``strict``) the first scheme that cannot run; and, whatever ``strict``,
+            when no requested scheme (``none`` aside) can quantize any assessed weight: the
+            assessment could only report the float model (the message names every scheme and why).
     """
     problems: list[str] = []
+    usable = 0
     for scheme in schemes:
         try:
             if availability:
@@ -659,7 +705,25 @@ def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, st
             if strict:
                 raise
             problems.append(str(exc))
-    return problems
+            continue
+        if isinstance(scheme, NoQuantization):  # the float release asked for: a reference, not a scheme
+            continue
+        quantized = assessed_weights_quantized(scheme, model, params)
+        if quantized is not None and not quantized:
+            layers = getattr(scheme, "layers", "its layers")
+            beyond = " (and convolutions, embeddings, attention projections)" if (
+                hasattr(scheme, "flat_spec") and scheme.flat_spec() is not None) else ""
+            # the message of the scoring's own refusal (_prepare_scheme), said before training
+            problems.append(f"scheme {scheme.name!r} applies to no assessed parameter of this model: it "
+                            f"quantizes the weights of {layers}{beyond}, and no assessed parameter is held by "
+                            "such a layer, so it would be scored as no protection at all; choose a scheme that "
+                            "applies (e.g. bf16 casts any parameter)")
+            continue
+        usable += 1
+    if problems and usable == 0 and any(not isinstance(s, NoQuantization) for s in schemes):
+        raise SchemeError("no requested scheme can quantize this model's assessed weights, so nothing was "
+                          "trained or estimated: " + "; ".join(problems))
+    return [f"{p} {FAILED_ROW}" for p in problems]
 
 
 def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[QuantizationScheme]:
@@ -670,6 +734,7 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
         KeyError: an unknown name (the message lists the close registered names).
     """
     specs = scheme_list(schemes)
+    check_scheme_names(specs)  # every unknown name at once, not the first only
     out = [get_scheme(s) for s in specs]
     seen: dict[str, Any] = {}
     for spec, s in zip(specs, out):
@@ -784,6 +849,8 @@ def score_schemes(
                        "leverage_correction": bool(est.diagnostics.get("leverage_correction", False)),
                        # the L2 coefficient the objective was assessed with (0: unpenalised)
                        "weight_decay": est.diagnostics.get("weight_decay")}
+    if "num_records_requested" in est.diagnostics:  # more asked for than there are records (fu31)
+        estimation_info["num_records_requested"] = int(est.diagnostics["num_records_requested"])
     if "weight_decay_per_parameter" in est.diagnostics:
         estimation_info["weight_decay_per_parameter"] = est.diagnostics["weight_decay_per_parameter"]
     diagnostics = dict(est.diagnostics)
@@ -1042,7 +1109,64 @@ def score_schemes(
         at = next(i for i, w in enumerate(report.warnings)
                   if w.startswith(("the Hessian has negative curvature", "unstable figures")))
         report.warnings[at] += ". " + cause
+    report.utility_modes = utility_modes(report, metrics, cfg)
+    report.utility_key = cfg.utility_key
     return report
+
+
+def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: ScoringConfig) -> dict[str, str]:
+    """``{utility metric name: "min" | "max"}`` for each metric the report measured whose direction
+    is known (:func:`~mis_lightning.report.metric_mode`: ``cfg.utility_mode`` for
+    ``cfg.utility_key``, else the torchmetrics object's ``higher_is_better``, else the name);
+    what :attr:`Report.utility_modes` records, so that a saved report ranks as it was measured."""
+    names = list(dict.fromkeys(k for s in report.schemes.values() for k in s.utility))
+    declared = metric_name(cfg.utility_key) if cfg.utility_key is not None else None
+    out: dict[str, str] = {}
+    for name in names:
+        mode = metric_mode(name, (metrics or {}).get(name),
+                           cfg.utility_mode if declared is not None and metric_name(name) == declared else None)
+        if mode is not None:
+            out[name] = mode
+    return out
+
+
+def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, Any] | None,
+                         known_names: bool = True, where: str = "utility_key", validation: bool = True) -> None:
+    """Before training or estimating: the utility metric the verdict ranks by
+    (``scoring_config.utility_key``) is measured and its direction is known, in every front end.
+
+    Args:
+        scoring_config: its ``utility_key`` / ``utility_mode``.
+        metrics: ``{name: metric}`` the front end measures (``"loss"`` always is).
+        known_names: whether ``metrics`` names every measured metric (``False`` for a
+            ``utility_fn`` whose names are known only when it runs: the name is not checked,
+            its direction still is).
+        where: the option's name in this front end (e.g. ``mis.scoring.utility_key``).
+        validation: whether the front end has validation data (no utility is measured without).
+
+    Raises:
+        ValueError: ``utility_key`` is given without validation data, or is not measured (close
+            names suggested), or its direction is
+            neither declared (``utility_mode``), the metric's ``higher_is_better``, nor known from
+            the name (:func:`~mis_lightning.report.unknown_mode_message`).
+    """
+    key = scoring_config.utility_key
+    if key is None:
+        return
+    if not validation:
+        raise ValueError(f"{where}={key!r} names a utility metric, but no utility is measured without validation "
+                         "data: pass validation data (val_dataloader=), or drop utility_key")
+    metrics = dict(metrics or {})
+    name = key.removeprefix("utility_")
+    by_name = {metric_name(k): k for k in ["loss", *metrics]}
+    measured = by_name.get(metric_name(name))
+    if known_names and measured is None:
+        close = difflib.get_close_matches(name, list(by_name.values()), n=3, cutoff=0.5)
+        raise ValueError(f"{where}={key!r} is not a measured utility metric: the measured ones are "
+                         f"{sorted(by_name.values())}" + (f" (did you mean {' or '.join(map(repr, close))}?)"
+                                                          if close else ""))
+    if metric_mode(name, metrics.get(measured) if measured else None, scoring_config.utility_mode) is None:
+        raise ValueError(unknown_mode_message(name))
 
 
 def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str, Tensor],
@@ -1068,7 +1192,7 @@ def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str
         return None
     rows = [r for r in report.rows() if not r.get("error")]
     uk = pick_utility_key(rows)
-    if uk is None or higher_is_better(uk):
+    if uk is None or higher_is_better(uk, report.utility_modes):
         return None
     vals = {r["scheme"]: float(r[uk]) for r in rows if r.get(uk) is not None and math.isfinite(float(r[uk]))}
     if len(vals) < 2:

@@ -26,12 +26,12 @@ from ._augmentation import random_records_note
 from ._lightning_compat import lightning_callback_base
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
-from .assess import SchemeSpec, check_schemes, resolve_schemes, select_params
+from .assess import SchemeSpec, check_schemes, check_utility_metric, resolve_schemes, select_params
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.estimate import check_decay_names
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform
-from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better
+from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better, plan_direction
 from .planning import plan as run_plan
 from .quantization import check_float_model
 from .quantization.registry import scheme_list
@@ -50,7 +50,8 @@ from .tracking import (  # noqa: F401
 __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, needs `lightning`
 
 
-def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[str, Any]) -> PlanConfig | None:
+def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[str, Any],
+                 scoring_config: ScoringConfig | None = None) -> PlanConfig | None:
     """``plan=`` as a checked :class:`PlanConfig`: candidate names resolved now (typos raise),
     its ``utility_metric`` one the callback measures (``"loss"`` or a key of ``metrics``, the
     callback's ``utility_metrics``) with a known direction.
@@ -70,7 +71,7 @@ def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[s
     if plan.utility_metric != "loss" and plan.utility_metric not in metrics:
         raise ValueError(f"MISCallback: PlanConfig.utility_metric {plan.utility_metric!r} is not measured: the "
                          f"callback measures {sorted(['loss', *metrics])}; add it to utility_metrics= or use 'loss'")
-    lower_is_better(plan.utility_metric, metrics, plan.higher_is_better)
+    lower_is_better(plan.utility_metric, metrics, plan_direction(plan, scoring_config))
     return plan
 
 
@@ -155,7 +156,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self.utility_metrics, self.every_n_val_epochs = dict(utility_metrics or {}), every_n_val_epochs
         self.dirpath, self.estimation_batch_size = dirpath, estimation_batch_size
         self.log_figure, self.prefix, self._state_loaded = log_figure, prefix, False
-        self.plan_config = _plan_config(plan, self.utility_metrics)
+        # the utility metric the verdict ranks by (utility_key=): measured, its direction known
+        check_utility_metric(self.scoring_config, self.utility_metrics, where="utility_key")
+        self.plan_config = _plan_config(plan, self.utility_metrics, self.scoring_config)
         self.plan_error: str | None = None
         self.plan_result: PlanResult | None = None
         self.plan_path: Path | None = None
@@ -189,12 +192,16 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 raise ValueError("MISCallback(plan=...) needs validation data (a val_dataloaders= loader, a "
                                  "val_dataloader hook, and limit_val_batches > 0): the planner measures each "
                                  "candidate's utility cost per layer on it")
+        if self.scoring_config.utility_key is not None and lt.has_validation_source(trainer) is False:
+            check_utility_metric(self.scoring_config, self.utility_metrics, validation=False)  # raises
         # a scheme that cannot run here or on this model is an error row at the end (the
         # others are still scored): say so now, before the training it would follow
+        # (every scheme such: refused now, SchemeError)
         self._scheme_problems = check_schemes(pl_module, resolve_schemes(self.schemes), strict=False,
-                                              availability=True)
+                                              availability=True,
+                                              params=select_params(pl_module, self.estimation_config.params))
         for msg in self._scheme_problems:
-            rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
+            rank_zero_warn(f"MISCallback: {msg}")
         # an EarlyStopping / ModelCheckpoint on a mis/ key it cannot read when it looks
         keys = metric_keys([s.name for s in resolve_schemes(self.schemes)], self.utility_metrics, self.prefix,
                            interval=self.scoring_config.uncertainty_draws > 0)
@@ -223,9 +230,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._resumed = stateful and self._most_read > 0  # the first epoch start continues its pass
         # the precision plugin has converted the module now ("64-true", "bf16-true"): a scheme
         # that cannot take the new dtype is said before the first step, not at the end
-        for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True):
+        for msg in check_schemes(pl_module, resolve_schemes(self.schemes), strict=False, availability=True,
+                                 params=select_params(pl_module, self.estimation_config.params)):
             if msg not in getattr(self, "_scheme_problems", ()):
-                rank_zero_warn(f"MISCallback: {msg} (it will be reported as a failed scheme)")
+                rank_zero_warn(f"MISCallback: {msg}")
         names = select_params(pl_module, self.estimation_config.params)
         trained, note = self._optimized(trainer, pl_module, names)
         if note:

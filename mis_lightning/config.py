@@ -245,6 +245,15 @@ class ScoringConfig:
             else independent coordinates), ``"full"``, ``"factor"`` or ``"independent"``
             (the diagonal form of earlier versions). The report says which form was used.
         factor_rank: principal directions of the factor model (``covariance="factor"``, >= 1).
+        utility_key: the utility metric the table's verdict and the figure rank by (``"loss"``,
+            the mean per-sample loss, or a name of the front end's utility metrics, with or
+            without a ``val_`` prefix); ``None``: the first of rmse, auroc, accuracy, loss.
+        utility_mode: its direction, as Lightning's ``ModelCheckpoint(mode=...)``: ``"max"``
+            (higher is better) or ``"min"``; ``None``: the metric object's own
+            ``higher_is_better`` (torchmetrics), else the name (``report.known_mode``: accuracy,
+            f1, top1, auroc... and rmse, mae, loss, ``*_loss``... after a ``val_`` / ``test_``
+            prefix); a metric none of these knows is refused before training
+            (``assess.check_utility_metric``), never guessed.
 
     Raises:
         ValueError: an option outside its range or choices (the message names the option).
@@ -259,6 +268,8 @@ class ScoringConfig:
     compile: str = field(default_factory=compile_policy_from_env)
     covariance: str = "auto"
     factor_rank: int = 64
+    utility_key: str | None = None
+    utility_mode: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -271,6 +282,13 @@ class ScoringConfig:
         _check_int("chunk_size", self.chunk_size, 1)
         _check_choice("compile", self.compile, COMPILE_POLICIES)
         object.__setattr__(self, "strict", bool(self.strict))
+        if self.utility_key is not None and (not isinstance(self.utility_key, str) or not self.utility_key):
+            raise ValueError(f"utility_key must be None or a metric name, got {self.utility_key!r}")
+        if self.utility_mode is not None:
+            _check_choice("utility_mode", self.utility_mode, ("min", "max"))
+            if self.utility_key is None:
+                raise ValueError(f"utility_mode={self.utility_mode!r} needs utility_key= (the metric it is the "
+                                 "direction of), as Lightning's ModelCheckpoint(monitor=..., mode=...)")
 
 
 # Old keyword names -> (field, deprecated). ``estimation=`` stays the front ends' documented name.

@@ -43,7 +43,14 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities import rank_zero_warn
 
-from .assess import SchemeSpec, check_schemes, resolve_schemes, score_schemes
+from .assess import (
+    SchemeSpec,
+    check_schemes,
+    check_utility_metric,
+    resolve_schemes,
+    score_schemes,
+    select_params,
+)
 from .config import EstimationConfig, ScoringConfig, stage_configs
 from .estimation.per_sample import BatchFn, LossFn
 from .progress import ProgressFn
@@ -183,9 +190,12 @@ class MISIndicator(EstimationMetric):
                          batch_fn=batch_fn, num_training_records=num_training_records, **metric_kwargs)
         # fails early on [] and unknown names
         self.schemes = resolve_schemes(default_schemes() if schemes is None else schemes)
-        problems = check_schemes(model, self.schemes, strict=sc_cfg.strict, availability=True)
-        for msg in problems:  # before any update
-            rank_zero_warn(f"MISIndicator: {msg} (it will be reported as a failed scheme)")
+        problems = check_schemes(model, self.schemes, strict=sc_cfg.strict, availability=True,
+                                 params=select_params(model, est_cfg.params))
+        for msg in problems:  # before any update (every scheme such: refused, SchemeError)
+            rank_zero_warn(f"MISIndicator: {msg}")
+        # the verdict's utility metric: its direction known (utility_fn's names are known when it runs)
+        check_utility_metric(sc_cfg, None, known_names=False)
         for s in self.schemes:  # a calibrated scheme by name: the Metric sees no loader to calibrate on
             data_dependent = type(s).calibrate is not QuantizationScheme.calibrate  # data-free ones return self
             if data_dependent and hasattr(s, "calibration") and not s.calibration \

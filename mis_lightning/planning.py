@@ -75,11 +75,14 @@ from .quantization import QuantizationScheme
 from .quantization.mixed import MixedPrecisionScheme
 from .report import (
     HIGHER_IS_BETTER,
+    LOWER_IS_BETTER,
     NOT_RANKED,
     Report,
     SchemeResult,
     _fmt,
     _unresolved,
+    metric_mode,
+    metric_name,
     pick_utility_key,
 )
 
@@ -100,14 +103,12 @@ ADDITIVITY_TOLERANCE = 0.05
 #: budget by less than its error are measured, the likeliest within it first, at most this many
 #: times ``reassess_near_budget``, and the first ones within the budget are re-assessed
 NEAR_BUDGET_CHECKS = 4
-#: utility names whose direction is known without a metric object (matched whole, after a
-#: ``val_`` / ``test_`` prefix): better when lower, and better when higher. Any other name needs
-#: the metric's own ``higher_is_better`` (torchmetrics) or ``PlanConfig.higher_is_better``: a
+#: utility names whose direction is known without a metric object: the report's lists (one for
+#: the verdict, the figure, the aggregate and the planner; ``report.known_mode``). Any other name
+#: needs the metric's own ``higher_is_better`` (torchmetrics) or ``PlanConfig.higher_is_better``: a
 #: name's substrings guessed ``cross_entropy`` and ``mape`` as higher-is-better (fu19: a plan
 #: 536% over a 5% budget reported within it)
-LOWER_IS_BETTER_NAMES = frozenset({
-    "loss", "mse", "rmse", "mae", "mape", "smape", "nll", "cross_entropy", "log_loss", "bce",
-    "error", "error_rate", "perplexity", "brier", "brier_score"})
+LOWER_IS_BETTER_NAMES = LOWER_IS_BETTER
 HIGHER_IS_BETTER_NAMES = HIGHER_IS_BETTER  # the report's list: verdict, figure and planner agree
 
 
@@ -456,6 +457,19 @@ def _interval_text(r: Mapping[str, Any]) -> str:
     return f" [{_fmt(iv[0])}, {_fmt(iv[1])}]" if iv else ""
 
 
+def plan_direction(cfg: PlanConfig, scoring_config: ScoringConfig | None) -> bool | None:
+    """``cfg.higher_is_better``, else the scoring config's declared direction when it declares the
+    same metric (``ScoringConfig(utility_key=cfg.utility_metric, utility_mode=...)``: one
+    declaration serves the verdict and the planner), else ``None``."""
+    if cfg.higher_is_better is not None:
+        return cfg.higher_is_better
+    sc = scoring_config
+    if sc is not None and sc.utility_mode is not None and sc.utility_key is not None \
+            and metric_name(sc.utility_key) == metric_name(cfg.utility_metric):
+        return sc.utility_mode == "max"
+    return None
+
+
 def lower_is_better(metric: str, metrics: Mapping[str, Any] | None = None,
                     higher_is_better: bool | None = None) -> bool:
     """Whether the utility ``metric`` is better when lower: ``higher_is_better`` when given,
@@ -466,18 +480,10 @@ def lower_is_better(metric: str, metrics: Mapping[str, Any] | None = None,
     Raises:
         ValueError: the direction is none of these (names the metric and the fix).
     """
-    if higher_is_better is not None:
-        return not higher_is_better
-    hib = getattr((metrics or {}).get(metric), "higher_is_better", None)
-    if hib is not None:
-        return not bool(hib)
-    key = metric.lower()
-    for prefix in ("val_", "val/", "test_", "test/"):
-        key = key.removeprefix(prefix)
-    if key in LOWER_IS_BETTER_NAMES:
-        return True
-    if key in HIGHER_IS_BETTER_NAMES:
-        return False
+    mode = metric_mode(metric, (metrics or {}).get(metric),
+                       None if higher_is_better is None else ("max" if higher_is_better else "min"))
+    if mode is not None:  # the report's one rule (report.metric_mode): declared, the object's, the name
+        return mode == "min"
     raise ValueError(f"PlanConfig.utility_metric {metric!r}: its direction is unknown (no metric object with "
                      "higher_is_better, and not a name the planner knows); set PlanConfig(higher_is_better=True "
                      "or False), or pass the torchmetrics metric in metrics=")
@@ -702,7 +708,7 @@ def plan(
         raise ValueError(f"PlanConfig.utility_metric {cfg.utility_metric!r} is not among the measured "
                          f"utilities {sorted(['loss', *(metrics or {})])}; pass it in metrics= or use 'loss'")
     # the budget's direction, before the estimation pass
-    lower = lower_is_better(cfg.utility_metric, metrics, cfg.higher_is_better)
+    lower = lower_is_better(cfg.utility_metric, metrics, plan_direction(cfg, sc_cfg))
     seconds: dict[str, float] = {}
 
     def measure(m: nn.Module) -> dict[str, float]:

@@ -8,7 +8,7 @@ import math
 import re
 import textwrap
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,12 @@ class Report:
         protocol (see :class:`SchemeResult`); game: the attack game ``leakage`` belongs to;
         row_notes: scheme name -> a short note printed after its name in :meth:`table` (the
         planner's ``"chosen"``, ``"over budget"``, ``"not chosen"``: :data:`ROW_NOTES`).
+        utility_modes: ``{utility metric name: "min" | "max"}``, the direction of each measured
+        utility metric whose direction is known (declared ``utility_mode``, the torchmetrics
+        object's ``higher_is_better``, or the name; :func:`metric_mode`); every ranking by
+        utility reads it (:func:`higher_is_better`). utility_key: the metric the table's verdict
+        and the figure use by default (``ScoringConfig.utility_key``; ``None``: the first of
+        rmse, auroc, accuracy, loss).
     """
 
     n: int
@@ -197,6 +203,8 @@ class Report:
     baseline_pool_leakage: float = math.nan
     game: str = GAME
     row_notes: dict[str, str] = field(default_factory=dict)
+    utility_modes: dict[str, str] = field(default_factory=dict)
+    utility_key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -209,6 +217,8 @@ class Report:
             "baseline_pool_leakage": self.baseline_pool_leakage,
             "game": self.game,
             "warnings": list(self.warnings),
+            "utility_modes": dict(self.utility_modes),
+            "utility_key": self.utility_key,
             "schemes": {k: v.to_dict() for k, v in self.schemes.items()},
             "row_notes": dict(self.row_notes),
             # groups of schemes whose order by leakage the figures do not resolve (table: ties line)
@@ -260,6 +270,7 @@ class Report:
             baseline_mis=top["baseline_mis"], warnings=data.get("warnings", []),
             baseline_pool_leakage=top.get("baseline_pool_leakage", math.nan),
             game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
+            utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
         )
 
     @classmethod
@@ -336,19 +347,28 @@ class Report:
         ``verdict_note``: a line printed in place of the verdict (a sweep's job that assessed
         one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`).
 
+        ``utility_key``: ``None``: :attr:`utility_key` (declared), else the default pick.
+
         Raises:
-            ValueError: ``utility_tolerance`` is negative.
+            ValueError: ``utility_tolerance`` is negative; the utility metric's direction is
+                unknown (:func:`higher_is_better`).
         """
         rows = self.rows()
-        text = format_table(rows, utility_key, utility_tolerance)
-        text += "\n\n" + legend(rows, utility_key, columns=legend_columns)
+        utility_key = utility_key if utility_key is not None else self.utility_key
+        modes = self.utility_modes
+        text = format_table(rows, utility_key, utility_tolerance, modes=modes)
+        text += "\n\n" + legend(rows, utility_key, columns=legend_columns, modes=modes)
         est = self.estimation or {}
         if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
             cov = f"; covariance of the weights: {est['covariance']}" if est.get("covariance") else ""
             text += (f"\nestimated by: {est['estimator']}{cov}; n = {self.n} training records, "
                      f"d = {self.d} assessed weights")
+            if est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
+                text += (f"; influences of all {est['num_records']} records stored (num_records="
+                         f"{est['num_records_requested']} asked for more than there are)")
         if with_verdict:
-            text += "\n" + (verdict(rows, utility_key, utility_tolerance) if verdict_note is None else verdict_note)
+            text += "\n" + (verdict(rows, utility_key, utility_tolerance, modes=modes)
+                             if verdict_note is None else verdict_note)
         elif utility_tolerance < 0:
             raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
@@ -360,8 +380,10 @@ class Report:
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):
         """Privacy-utility figure (leakage against the utility metric, one point per scheme); the
-        report's warnings are printed under it (a figure shared without the table keeps them)."""
-        return privacy_utility_figure(self.rows(), path, utility_key, warnings=self.warnings)
+        report's warnings are printed under it (a figure shared without the table keeps them).
+        ``utility_key``: ``None``: :attr:`utility_key`, else the default pick."""
+        return privacy_utility_figure(self.rows(), path, utility_key if utility_key is not None else self.utility_key,
+                                      warnings=self.warnings, modes=self.utility_modes)
 
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -429,15 +451,21 @@ def to_plain(x: Any) -> Any:
     return x
 
 
-def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None) -> str | None:
-    keys = [k for r in rows for k in r if k.startswith("utility_")]
+def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None,
+                     modes: Mapping[str, str] | None = None) -> str | None:
+    """The row key of the utility the table, verdict and figure use: ``utility_key`` when given
+    (``None`` if not measured), else the first of rmse, auroc, accuracy, loss, else the first
+    measured metric whose direction is known (``modes`` or the name: a default pick never ranks
+    by a direction it would have to guess; naming such a metric raises in
+    :func:`higher_is_better`)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k.startswith("utility_")))
     if utility_key is not None:
         k = utility_key if utility_key.startswith("utility_") else f"utility_{utility_key}"
         return k if k in keys else None
     for pref in ("utility_rmse", "utility_auroc", "utility_accuracy", "utility_loss"):
         if pref in keys:
             return pref
-    return keys[0] if keys else None
+    return next((k for k in keys if k.removeprefix("utility_") in (modes or {}) or known_mode(k) is not None), None)
 
 
 def _fmt(v: Any, extra: int = 0) -> str:
@@ -456,8 +484,8 @@ def _fmt(v: Any, extra: int = 0) -> str:
 MAX_EXTRA_UTILITY_DIGITS = 6
 
 
-def _utility_band(ok: list[dict[str, Any]], uk: str | None, utility_tolerance: float
-                  ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def _utility_band(ok: list[dict[str, Any]], uk: str | None, utility_tolerance: float,
+                  modes: Mapping[str, str] | None = None) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The verdict's utility band over rows ``ok``: ``(best row, rows within utility_tolerance
     (relative) of its utility)``; ``(None, ok)`` without a utility metric or a finite value."""
     if not uk:
@@ -465,7 +493,7 @@ def _utility_band(ok: list[dict[str, Any]], uk: str | None, utility_tolerance: f
     have = [r for r in ok if r.get(uk) is not None and math.isfinite(float(r[uk]))]
     if not have:
         return None, ok
-    hib = higher_is_better(uk)
+    hib = higher_is_better(uk, modes)
     best = (max if hib else min)(have, key=lambda r: float(r[uk]))
     b = float(best[uk])
     tol = utility_tolerance * abs(b)
@@ -479,15 +507,15 @@ def _ranked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def utility_digits(rows: list[dict[str, Any]], utility_key: str | None = None,
-                   utility_tolerance: float = UTILITY_TOLERANCE) -> int:
+                   utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> int:
     """Digits to add to :func:`_fmt` in the utility column (and the verdict's utility figures) so
     that no row inside the verdict's utility band shows the same value as one outside it: 0 where
     4 decimals already tell them apart (e.g. rmse 0.6669 against 0.6755), more where the band is
     narrower than the last digit (loss 0.005003 inside a 1% band, 0.005061 outside: both 0.0050 at
     4 decimals; fu25), at most :data:`MAX_EXTRA_UTILITY_DIGITS`."""
     ranked = _ranked_rows(rows)
-    uk = pick_utility_key(ranked, utility_key)
-    best, inside = _utility_band(ranked, uk, utility_tolerance)
+    uk = pick_utility_key(ranked, utility_key, modes)
+    best, inside = _utility_band(ranked, uk, utility_tolerance, modes)
     if best is None:
         return 0
     inside_ids = {id(r) for r in inside}
@@ -506,29 +534,86 @@ def _fmt_or_dash(v: Any) -> str:
 
 
 #: utility names where larger is better, matched whole (lower case) after a ``utility_`` and a
-#: ``val_`` / ``test_`` prefix; one list for the table's verdict and legend, the figure, the
-#: sweep's aggregate and the planner (the report's own short list missed ``acc``: fu30, the
-#: verdict called a scheme at chance accuracy the best). Any other name -- rmse, mae, loss --
-#: reads as smaller-is-better here.
+#: ``val_`` / ``test_`` / ``train_`` prefix (:func:`metric_name`); one list for the table's verdict
+#: and legend, the figure, the sweep's aggregate and the planner (the report's own short list missed
+#: ``acc``: fu30, the verdict called a scheme at chance accuracy the best).
 HIGHER_IS_BETTER = frozenset({
-    "accuracy", "acc", "auroc", "auc", "roc_auc", "auprc", "r2", "f1", "f1_score", "precision", "recall",
-    "average_precision", "ap", "mcc", "matthews_corrcoef", "pearson", "spearman",
-    "explained_variance", "cohen_kappa"})
+    "accuracy", "acc", "top1", "top5", "top1_acc", "top5_acc", "top1_accuracy", "top5_accuracy",
+    "top_1_accuracy", "top_5_accuracy", "balanced_accuracy", "auroc", "auc", "roc_auc", "auprc", "pr_auc",
+    "r2", "r2_score", "f1", "f1_score", "fbeta", "precision", "recall", "specificity", "sensitivity",
+    "average_precision", "ap", "map", "mcc", "matthews_corrcoef", "pearson", "pearson_corrcoef",
+    "spearman", "spearman_corrcoef", "explained_variance", "cohen_kappa", "kappa", "iou", "jaccard",
+    "jaccard_index", "dice", "bleu", "rouge", "psnr", "ssim", "ndcg", "hit_rate", "hits"})
+#: utility names where smaller is better (matched as :data:`HIGHER_IS_BETTER`; also any name ending
+#: in ``_loss`` or ``_error``). Any other name has no known direction: :func:`higher_is_better`
+#: raises rather than guess (a name read as smaller-is-better made the verdict pick the worst scheme)
+LOWER_IS_BETTER = frozenset({
+    "loss", "mse", "rmse", "mae", "mape", "smape", "msle", "rmsle", "nrmse", "nll", "cross_entropy", "ce",
+    "log_loss", "logloss", "bce", "error", "error_rate", "err", "top1_error", "top5_error", "wer", "cer",
+    "perplexity", "ppl", "brier", "brier_score", "kl", "kl_div", "kl_divergence", "hinge", "huber"})
+#: the two values of a declared direction, as Lightning's ModelCheckpoint / EarlyStopping ``mode``
+UTILITY_MODES = ("min", "max")
 
 
-def _metric_name(utility_key: str) -> str:
-    """``utility_key`` without its ``utility_`` and ``val_`` / ``test_`` prefixes, in lower case."""
+def metric_name(utility_key: str) -> str:
+    """``utility_key`` without its ``utility_`` and ``val_`` / ``test_`` / ``train_`` prefixes
+    (also ``val/``...), in lower case: the name the direction lists are matched against."""
     key = utility_key.lower().removeprefix("utility_")
-    for prefix in ("val_", "val/", "test_", "test/"):
+    for prefix in ("val_", "val/", "valid_", "validation_", "test_", "test/", "train_", "train/"):
         key = key.removeprefix(prefix)
     return key
 
 
-def higher_is_better(utility_key: str) -> bool:
+_metric_name = metric_name  # the name before fu31
+
+
+def known_mode(utility_key: str) -> str | None:
+    """The direction of a utility metric known from its name (:data:`HIGHER_IS_BETTER`,
+    :data:`LOWER_IS_BETTER`, a ``_loss`` / ``_error`` ending): ``"max"``, ``"min"``, or ``None``."""
+    name = metric_name(utility_key)
+    if name in HIGHER_IS_BETTER:
+        return "max"
+    if name in LOWER_IS_BETTER or name.endswith(("_loss", "_error")):
+        return "min"
+    return None
+
+
+def metric_mode(name: str, metric: Any = None, declared: str | None = None) -> str | None:
+    """The direction of utility metric ``name``: ``declared`` (``"min"`` / ``"max"``), else the
+    metric object's own ``higher_is_better`` (torchmetrics), else :func:`known_mode`; ``None``
+    where none of them says."""
+    if declared is not None:
+        return declared
+    hib = getattr(metric, "higher_is_better", None)
+    if isinstance(hib, bool):
+        return "max" if hib else "min"
+    return known_mode(name)
+
+
+def higher_is_better(utility_key: str, modes: Mapping[str, str] | None = None) -> bool:
     """Whether a larger value of the utility metric ``utility_key`` (``"utility_auroc"`` or
-    ``"auroc"``) is better (a name in :data:`HIGHER_IS_BETTER`); rmse, mae and loss are
-    smaller-is-better."""
-    return _metric_name(utility_key) in HIGHER_IS_BETTER
+    ``"auroc"``) is better: the direction recorded in ``modes`` (``{metric name: "min" | "max"}``,
+    :attr:`Report.utility_modes`: declared, or the torchmetrics object's), else the name
+    (:func:`known_mode`). The one function every ranking by utility reads (table, verdict, legend,
+    figure, the sweep's aggregate, the planner).
+
+    Raises:
+        ValueError: the direction is unknown (names the metric and how to declare it).
+    """
+    modes = modes or {}
+    key = utility_key.removeprefix("utility_")
+    mode = modes.get(key, modes.get(metric_name(utility_key))) or known_mode(utility_key)
+    if mode is None:
+        raise ValueError(unknown_mode_message(key))
+    return mode == "max"
+
+
+def unknown_mode_message(name: str) -> str:
+    """The error for a utility metric whose direction is unknown (names it and the fix)."""
+    return (f"utility metric {name!r}: whether higher or lower is better is unknown (its metric object has no "
+            f"higher_is_better, and {name!r} is not a name with a known direction, e.g. accuracy, auroc, f1, "
+            "rmse, loss); declare it: utility_mode='max' or 'min' (ScoringConfig(utility_key=..., "
+            "utility_mode=...); Hydra: mis.scoring.utility_mode=max), as Lightning's ModelCheckpoint mode=")
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
@@ -597,15 +682,17 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
 
 
 def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
-            utility_tolerance: float = UTILITY_TOLERANCE) -> str:
+            utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> str:
     """One line: the safest scheme (lowest leakage) among those whose utility is within
     ``utility_tolerance`` (relative, e.g. 0.01 = 1%) of the best scheme's, and which schemes it
     is not clearly different from (80% intervals overlap). Without utility: the safest scheme.
     A row whose leakage is only a lower bound (``unscored``: a part of the release the figure
     does not score, marked ``+``) is not ranked; the line names it.
 
+    ``modes``: the utility metrics' directions (:attr:`Report.utility_modes`).
+
     Raises:
-        ValueError: ``utility_tolerance`` is negative.
+        ValueError: ``utility_tolerance`` is negative; the utility metric's direction is unknown.
     """
     if utility_tolerance < 0:
         raise ValueError(f"utility_tolerance must be >= 0, got {utility_tolerance}")
@@ -619,17 +706,17 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     ranked = _ranked_rows(ok)
     if not ranked:
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {', '.join(bounded)}"
-    extra = utility_digits(ranked, utility_key, utility_tolerance)
-    return _ranked_verdict(ranked, utility_key, utility_tolerance, extra) + note
+    extra = utility_digits(ranked, utility_key, utility_tolerance, modes)
+    return _ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes) + note
 
 
 def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,
-                    extra: int = 0) -> str:
+                    extra: int = 0, modes: Mapping[str, str] | None = None) -> str:
     """:func:`verdict` over the rows whose leakage is a full figure; utility figures with
     ``extra`` digits (:func:`utility_digits`, as in the table's column)."""
-    uk = pick_utility_key(ok, utility_key)
+    uk = pick_utility_key(ok, utility_key, modes)
     how = ""
-    best, eligible = _utility_band(ok, uk, utility_tolerance)
+    best, eligible = _utility_band(ok, uk, utility_tolerance, modes)
     if best is not None:
         metric = uk.removeprefix("utility_")
         how = (f" with {metric} within {100 * utility_tolerance:g}% of the best "
@@ -683,14 +770,15 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
     return text + tail
 
 
-def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None) -> str:
+def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None,
+           modes: Mapping[str, str] | None = None) -> str:
     """What the table's columns mean (printed below it by :meth:`Report.table`).
 
     ``columns``: when given, this one line replaces the entries of the columns every table has
     (leakage, pool, interval, bits/w, float, baseline, d_eff, zeros), e.g. a pointer to a legend
     printed once for several tables (the jobs of a Hydra sweep); the entries that depend on the
     rows (the utility metric, plans, the ``+``, ``~`` and ``!`` marks) are kept."""
-    uk = pick_utility_key(rows, utility_key)
+    uk = pick_utility_key(rows, utility_key, modes)
     lines = [columns] if columns is not None else [
         "legend: leakage = advantage of the best membership-inference attack on the released "
         "weights (0 = none, 1 = always right); lower is safer. MIS = 1 - leakage. Game: a "
@@ -708,7 +796,7 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
         "zeros: share of quantized weights released as exactly 0.",
     ]
     if uk:
-        better = "higher" if higher_is_better(uk) else "lower"
+        better = "higher" if higher_is_better(uk, modes) else "lower"
         lines.append(f"  {uk.removeprefix('utility_')}: utility of the quantized copy on the "
                      f"validation data ({better} is better).")
     if any(re.fullmatch(r"plan(_\d+)?", str(r.get("scheme", ""))) for r in rows):
@@ -793,7 +881,7 @@ def above_baseline(row: dict[str, Any]) -> bool:
 
 
 def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
-                 utility_tolerance: float = UTILITY_TOLERANCE) -> str:
+                 utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> str:
     """Plain-text table of :meth:`Report.rows`.
 
     The utility column has 4 decimals, or as many more as it takes to tell the rows inside the
@@ -803,8 +891,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     A failed scheme's row shows ``error: <message cut at a word boundary>`` across the figure
     columns; it does not widen them. The full messages follow the table under ``errors:``.
     """
-    uk = pick_utility_key(rows, utility_key)
-    extra = utility_digits(rows, utility_key, utility_tolerance)
+    uk = pick_utility_key(rows, utility_key, modes)
+    extra = utility_digits(rows, utility_key, utility_tolerance, modes)
     head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
@@ -893,7 +981,8 @@ def _warnings_note(fig: Any, warnings: Sequence[str], notes: Sequence[str] = ())
 
 
 def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None = None,
-                           utility_key: str | None = None, warnings: Sequence[str] = ()):
+                           utility_key: str | None = None, warnings: Sequence[str] = (),
+                           modes: Mapping[str, str] | None = None):
     """A matplotlib Figure of two aligned panels, one row per distinct result, sorted by
     leakage (safest on top): left, the leakage with its 80% interval and the unquantized
     baseline (dashed); right, the utility of the same scheme (bits per weight when no utility
@@ -907,7 +996,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    uk = pick_utility_key(rows, utility_key)
+    uk = pick_utility_key(rows, utility_key, modes)
     ok = [r for r in rows if not r.get("error") and r.get("leakage") is not None]
     points = sorted(merge_identical(ok, uk), key=lambda p: (p[0]["leakage"], p[1]))
     height = 1.6 + 0.42 * max(len(points), 2)
@@ -956,7 +1045,7 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
         pad = 0.15 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 0.05
         ax_u.set_xlim(lo - pad, hi + 3 * pad)
     if uk:
-        better = "higher" if higher_is_better(uk) else "lower"
+        better = "higher" if higher_is_better(uk, modes) else "lower"
         ax_u.set_xlabel(f"{uk.removeprefix('utility_')} (validation; {better} is better)")
     else:
         ax_u.set_xlabel("bits per weight (no utility measured)")

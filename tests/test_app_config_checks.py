@@ -327,3 +327,16 @@ def test_the_main_job_trains_its_probe_by_full_batch_lbfgs():
     assert main.data.batch_size >= 711 and binary.data.batch_size >= 711
     assert nci.data.batch_size >= nci.data.max_molecules  # every training record in one batch
     assert all(c.model.optimizer == "adam" and c.data.batch_size <= 128 for c in wide)
+
+
+def test_verdict_utility_key_not_measured_fails_before_training(tmp_path, monkeypatch, capsys):
+    """fu31: `mis.scoring.utility_key` (the metric the verdict ranks by) goes through the library's
+    check of every front end: one the task does not measure is refused before training, with the
+    measured names (`++`: the key exists in the clone's conf/mis/default.yaml, whatever conf the
+    installed package maps)."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "++mis.scoring.utility_key=top1", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert ("configuration error (ValueError): mis.scoring.utility_key='top1' is not a measured utility metric: "
+            "the measured ones are ['loss', 'mae', 'r2', 'rmse']") in err and "Traceback" not in err
+    _nothing_trained(run)

@@ -139,10 +139,15 @@ def test_scheme_touching_no_parameter_is_reported_not_scored_secure():
     m = _NoLinear()
     with pytest.raises(SchemeError, match="rtn_int4.*applies to no assessed parameter"):
         ml.assess(m, ["rtn_int4"], dl, mse)
-    rep = ml.assess(m, ["none", "rtn_int4"], dl, mse, strict=False)
+    # fu31: with no other scheme that quantizes anything ("none" is the float release) it is refused
+    # before the estimation pass, whatever strict; next to one that applies (bf16 casts any
+    # parameter) it is an error row, not scored as secure
+    with pytest.raises(SchemeError, match="no requested scheme can quantize"):
+        ml.assess(m, ["none", "rtn_int4"], dl, mse, strict=False)
+    rep = ml.assess(m, ["none", "bf16", "rtn_int4"], dl, mse, strict=False)
     assert rep.schemes["rtn_int4"].error and "applies to no assessed parameter" in rep.schemes["rtn_int4"].error
     assert math.isnan(rep.schemes["rtn_int4"].mis)
-    assert not math.isnan(rep.schemes["none"].mis)
+    assert not math.isnan(rep.schemes["none"].mis) and not math.isnan(rep.schemes["bf16"].mis)
 
 
 def test_nan_weights_and_bad_params_are_named():

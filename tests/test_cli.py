@@ -275,20 +275,21 @@ def test_unavailable_scheme_fails_before_training(tmp_path, unavailable_scheme):
             "failed", "configuration", f"SchemeUnavailableError: {msg}")
 
 
-def test_a_single_run_that_scored_no_scheme_exits_1_after_writing_its_outputs(tmp_path, monkeypatch, capsys):
-    """A job whose every scheme is an error row (here a group size of 128 that divides no layer
+def test_a_single_run_that_could_score_no_scheme_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """A job whose every scheme would be an error row (here a group size of 128 that divides no layer
     of the 10-input linear model) exited 0 with "verdict: no scheme succeeded": a script or CI
-    reading the status took a run that released no figure for a success. The outputs are still
-    written (the table and result.json name the error); the command exits 1."""
+    reading the status took a run that released no figure for a success. It then trained and exited 1
+    after writing its outputs; since fu31 it is refused before training (exit 2, the library's check
+    of every front end, naming the scheme and why)."""
     run = tmp_path / "r"
     code, err = _console(monkeypatch, capsys, [*FAST, "logger=none", "schemes=[intx_weight_only_int4_g128]",
                                                f"hydra.run.dir={run}"])
-    assert code == 1
-    assert "mis-lightning: no scheme was scored (every row is an error" in err
+    assert code == 2, err
+    assert "no requested scheme can quantize this model's assessed weights" in err
+    assert "'intx_weight_only_int4_g128' would quantize no weight" in err
     res = json.loads((run / "result.json").read_text())
-    assert res["status"] == "ok" and [r["scheme"] for r in res["rows"]] == ["intx_weight_only_int4_g128"]
-    assert "would quantize no weight" in res["rows"][0]["error"]
-    assert (run / res["files"]["figure"].rsplit("/", 1)[-1]).is_file()
+    assert res["status"] == "failed" and res["stage"] == "configuration"
+    assert not list(run.glob("*.ckpt")) and not (run / "model.ckpt").exists()
 
 
 def test_frontier_says_no_scheme_succeeded():

@@ -374,8 +374,13 @@ def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_
         str(w.message) for w in rec if "'smooth_quant_int8_weight_only'" in str(w.message)]
     if not torch.cuda.is_available():  # a scheme this machine cannot run: said up front too, once
         with pytest.warns(UserWarning, match=r"MISIndicator: scheme 'gptq_int8_weight_only' is unavailable") as rec:
-            MISIndicator(m, _mse, ["gptq_int8_weight_only"], num_records=32)
+            MISIndicator(m, _mse, ["gptq_int8_weight_only", "rtn_int8"], num_records=32)
         assert not any("needs calibration" in str(w.message) for w in rec)
+        # fu31: with no other scheme, nothing could be scored: refused when built (as the app does)
+        from mis_lightning.quantization import SchemeError
+
+        with pytest.raises(SchemeError, match="no requested scheme can quantize.*'gptq_int8_weight_only'"):
+            MISIndicator(m, _mse, ["gptq_int8_weight_only"], num_records=32)
     for batch in loader:
         met.update(batch)
     met.compute()

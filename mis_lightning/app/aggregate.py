@@ -399,7 +399,7 @@ def _frontier_panel(ax: Any, rows: Sequence[dict[str, Any]], uk: str | None, fir
     import matplotlib.transforms as mtransforms
 
     metric = uk.removeprefix("utility_") if uk else "bits_per_weight"
-    higher = higher_is_better(metric)
+    higher = higher_is_better(metric) if uk else False  # bits per weight: smaller is better
     xkey = uk or "bits_per_weight"
     ok = []
     for r in rows:

@@ -201,6 +201,10 @@ def resolve_schemes(specs: Iterable[Any]) -> list[QuantizationScheme]:
     from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
+    from mis_lightning.quantization.registry import check_scheme_names
+
+    specs = list(specs)
+    check_scheme_names(specs)  # every unknown name at once (the library's check)
     out: list[QuantizationScheme] = []
     for spec in specs:
         if isinstance(spec, QuantizationScheme):

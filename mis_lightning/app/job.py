@@ -44,7 +44,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mis_lightning.app.factories import resolve_schemes
-from mis_lightning.assess import assess
+from mis_lightning.assess import assess, check_schemes, check_utility_metric, select_params
 from mis_lightning.config import EstimationConfig, ScoringConfig
 from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, plan
 from mis_lightning.progress import ProgressDisplay, ProgressFn
@@ -835,6 +835,12 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         if ckpt is not None:
             _load_weights(model, ckpt, cfg)
         check_params(model, est_cfg.params)  # a misspelled mis.estimation.params name: before training
+        # the library's checks of every front end, before training: schemes that cannot take this
+        # model or quantize none of its assessed weights (all of them: refused), and the verdict's
+        # utility metric (mis.scoring.utility_key: measured here, its direction known)
+        for w in check_schemes(model, schemes, strict=sc_cfg.strict, params=select_params(model, est_cfg.params)):
+            print(f"warning: {w}", file=sys.stderr)
+        check_utility_metric(sc_cfg, utility_metrics(task), where="mis.scoring.utility_key")
         if plan_cfg is not None:  # a size budget no plan can meet: before training
             check_size_budget(model, plan_cfg, est_cfg.params)
         loggers = _build_loggers(cfg)
@@ -881,6 +887,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                 output_transform=functools.partial(metric_inputs, task=task), progress=progress,
             )
             report = planned if plan_cfg is None else planned.report
+            if est_cfg.num_records > dm.n_train:  # capped above (as every front end states it, fu31)
+                report.estimation["num_records_requested"] = int(est_cfg.num_records)
             times["assess" if plan_cfg is None else "plan"] = round(time.perf_counter() - t0, 3)
             skipped = list(getattr(dm, "skipped", None) or [])
             if skipped:  # the data behind n: the rows the data module could not use (stderr alone lost them)

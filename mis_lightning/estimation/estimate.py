@@ -1413,6 +1413,9 @@ class MomentAccumulator:
         other = self.choice_with_n(est.n)
         if other is not None:
             est.diagnostics["estimator_with_n"] = other
+        if self.num_records > est.n and est.num_records == est.n:  # more asked for than there are: the
+            # report says so (fu31); every record's influence is kept, so nothing is approximated
+            est.diagnostics["num_records_requested"] = self.num_records
         return est
 
     def choice_with_n(self, n: int) -> dict[str, Any] | None:

@@ -29,7 +29,7 @@ import difflib
 import importlib
 import pkgutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -129,21 +129,44 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
                       DeprecationWarning, stacklevel=2)
         spec = new
     if spec not in _FACTORIES:
-        # suggest current names only (a deprecated alias would point outside the list printed
-        # below); an alias that is close suggests the name it stands for
-        close = list(dict.fromkeys(
-            _ALIASES[m][0] if m in _ALIASES else m
-            for m in difflib.get_close_matches(spec, [*_FACTORIES, *_ALIASES], n=6, cutoff=0.6)))[:3]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise KeyError(
-            f"unknown quantization scheme {spec!r}{hint}; available schemes: {', '.join(sorted(_FACTORIES))}"
-        )
+        raise KeyError(_unknown_names_message([spec]))
     scheme = _FACTORIES[spec](**kwargs)
     if not kwargs and not dataclasses.is_dataclass(scheme):
         # a hand-written (mutable) scheme takes its registry name; a dataclass scheme's name
         # derives from its fields
         scheme.name = spec
     return scheme
+
+
+def _close_names(spec: str) -> list[str]:
+    """Up to 3 registered names close to ``spec`` (difflib); an alias that is close suggests the
+    name it stands for (a deprecated alias would point outside the list printed with them)."""
+    return list(dict.fromkeys(
+        _ALIASES[m][0] if m in _ALIASES else m
+        for m in difflib.get_close_matches(spec, [*_FACTORIES, *_ALIASES], n=6, cutoff=0.6)))[:3]
+
+
+def _unknown_names_message(unknown: Sequence[str]) -> str:
+    parts = []
+    for spec in unknown:
+        close = _close_names(spec)
+        parts.append(f"{spec!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    what = "unknown quantization scheme" if len(unknown) == 1 else f"{len(unknown)} unknown quantization schemes:"
+    return f"{what} {'; '.join(parts)}; available schemes: {', '.join(sorted(_FACTORIES))}"
+
+
+def check_scheme_names(specs: Iterable[Any]) -> None:
+    """Every registry name among ``specs`` (other entries: scheme objects, config mappings, are
+    skipped) is registered or a deprecated alias; checked all at once, so that a list with
+    several misspelt names is corrected in one try (fu31).
+
+    Raises:
+        KeyError: the unknown names, each with up to 3 close registered names, then the list.
+    """
+    _load_backends()
+    unknown = [s for s in specs if isinstance(s, str) and s not in _FACTORIES and s not in _ALIASES]
+    if unknown:
+        raise KeyError(_unknown_names_message(list(dict.fromkeys(unknown))))
 
 
 def scheme_list(schemes: str | QuantizationScheme | Iterable[str | QuantizationScheme]) -> list:
