@@ -148,3 +148,54 @@ def test_a_layers_power_cache_gives_bitwise_the_same_sums(monkeypatch, f32):
     none = lf.PowerCache(budget=0)
     factored_power_sums(part, g_mean, v, A, 4, cache=none)
     assert [k for k in none._entries if k != "sx"] == []
+
+
+@pytest.mark.parametrize("f32", [True, False])
+def test_silent_output_rows_skipped_give_the_same_sums(monkeypatch, f32):
+    """pf31: output units whose loss gradient is 0 on every stored record (ReLU units off for all of
+    them) are left out of the GEMMs (SKIP_SILENT_ROWS). Their mean gradient need not be 0 (it is
+    the mean over every record, not the stored ones): here it is not, so their a = 0 term
+    ``gb^p S`` must stay. Against the materialised influences (float64 1e-10, float32 the 1e-4 its
+    bound admits) and against every row summed (SKIP_SILENT_ROWS False): the same records fall
+    back to float64 (the bound is computed on the whole S, so the same entries fail it); float64
+    sums agree to 1e-12 relative (the skipped terms are exact zeros, only the GEMMs' shapes
+    differ), float32 ones to twice the 1e-4 each is within (MKL's float32 GEMMs can round
+    otherwise with fewer columns: 1.5e-6 measured by benchmarks/silent_rows.py). Chunks of rows,
+    all rows silent, powers 2 and 4, a cache."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset({2, 4} if f32 else ()))
+    fac, _, _, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0  # some records fall back to float64
+    fac.d[far] += 40.0
+    silent = torch.zeros(48, dtype=torch.bool)
+    silent[[0, 5, 6, 7, 20, 31, 32, 47]] = True
+    silent[16:24] = True
+    fac.d[:, silent] = 0.0
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    g_mean, v = gr.mean(0), gr.var(0, unbiased=False)
+    g_mean = g_mean + 0.25 * (torch.arange(48 * 64) % 7 == 0)  # silent rows' gb non-zero too
+    v = v + 0.5  # every weight live (the silent rows' terms are gb alone)
+    cache = lf.PowerCache()
+    for rows in (slice(0, 48), slice(16, 24), slice(8, 40)):
+        part = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=fac.d[:, rows])
+        el = slice(rows.start * 64, rows.stop * 64)
+        for power in (2, 4):
+            counts = {}
+            got = {}
+            for skip in (False, True):
+                monkeypatch.setattr(lf, "SKIP_SILENT_ROWS", skip)
+                monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")})
+                got[skip] = factored_power_sums(part, g_mean[el], v[el], A[el], power, cache=cache)
+                counts[skip] = dict(lf.POWER_SUMS_F32_COUNTS)
+            assert counts[True] == counts[False]
+            torch.testing.assert_close(got[True], got[False], rtol=2 * lf.POWER_SUMS_F32_RTOL if f32 else 1e-12,
+                                       atol=0.0)
+            ref = _reference(part, g_mean[el], v[el], A[el], power)
+            torch.testing.assert_close(got[True], ref, rtol=lf.POWER_SUMS_F32_RTOL if f32 else 1e-10, atol=0.0)
+    if f32:  # the skipped rows' a = 0 term kept: all-silent chunk equals sum_j gb_j^p A_j / v_j^(p/2)
+        part = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=fac.d[:, 16:24])
+        el = slice(16 * 64, 24 * 64)
+        want = ((g_mean[el].pow(2) / v[el]).unsqueeze(-1) * A[el]).sum(0)
+        torch.testing.assert_close(factored_power_sums(part, g_mean[el], v[el], A[el], 2)[0], want, rtol=1e-12, atol=0.0)

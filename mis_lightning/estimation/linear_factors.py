@@ -398,6 +398,9 @@ def _factor_vif(S: Tensor) -> Tensor | None:
 
 
 COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
+# factored_power_sums' GEMMs skip the output rows whose d is 0 on every record (their terms are
+# exact zeros; pf31). False: every row, as before (tests and benchmarks compare the two).
+SKIP_SILENT_ROWS = True
 # gradient variance at or below which a weight has no influence in the factored sums (its square,
 # the fourth power's divisor, is then still a normal float64)
 V_NONE = 1e-150
@@ -488,7 +491,8 @@ def _pow2_scale(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 
 def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, power: int,
-                         rtol: float, cache: PowerCache | None = None) -> tuple[Tensor, Tensor]:
+                         rtol: float, cache: PowerCache | None = None,
+                         keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` ``[R, M]`` (``p`` even) with the binomial terms' GEMMs
     in float32, and ``[R, M]`` the entries where the run-time error bound exceeds ``rtol`` relative,
     or that are not finite (the caller sums those in float64).
@@ -505,15 +509,22 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     ``|T|_a <= T_p^(a/p) G^((p-a)/p)``, so the entry's error is at most
     ``eps ((T_p^(1/p) + G^(1/p))^p - G) + U`` and its relative error that over the (non-negative)
     sum. Cancellation (``|gb|`` large against the spread of ``d x``) shows as that bound large
-    against the sum."""
+    against the sum.
+
+    ``keep``: the output rows whose ``d`` is non-zero on some record (:data:`SKIP_SILENT_ROWS`);
+    the terms ``a >= 1`` are summed over those rows only (the others' are exact zeros), the scales
+    and the bound (its ``out``) are those of the whole ``S`` (the same ``eps``, so the same entries
+    fall back to float64)."""
     out_f, in_f = S.shape[0], S.shape[1]
     x, d = fac.x, fac.d
     # powers of two (exact rescalings): x, d and gb into [-1, 1], S per column into [0, 1]
     cache = cache or _no_cache()
     sx, sd, sg = cache.scale(x), _pow2_scale(d, (0, 1)), _pow2_scale(gb, (0, 1))
     sS = _pow2_scale(S, (0, 1))  # [1, 1, M]; S >= 0
+    if keep is not None:  # after the scales: a silent row's gb and S still set them
+        d, S, gb = d[:, keep], S[keep], gb[keep]
     # [in, out, M]: the GEMM's right operand [in, out * M] without a copy per term
-    S32 = torch.empty((in_f, out_f, S.shape[-1]), dtype=torch.float32, device=S.device).copy_((S / sS).permute(1, 0, 2))
+    S32 = torch.empty((in_f, S.shape[0], S.shape[-1]), dtype=torch.float32, device=S.device).copy_((S / sS).permute(1, 0, 2))
     ds, gs = d / sd, (gb / sg).T
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
@@ -577,9 +588,18 @@ def factored_power_sums(
         return c @ scaled
     S = scaled.reshape(out_f, in_f, M)
     gb = g_mean.reshape(out_f, in_f)
+    keep = None
+    if SKIP_SILENT_ROWS:
+        # Output units whose loss gradient is 0 on every record (ReLU units off for all of them:
+        # 91% of the 1e7 benchmark MLP's second layer, pf31): their terms d^a x^a gb^(p-a) S,
+        # a >= 1, are exact zeros, so the GEMMs skip those rows; the a = 0 term keeps the whole S
+        # (their gb, the mean over every record, need not be 0).
+        on = fac.d.ne(0).any(0)
+        if not bool(on.all()):
+            keep = on.nonzero().reshape(-1)
     if power in POWER_SUMS_F32 and fac.x.dtype == torch.float64 and bool((A >= 0).all()):
         got, bad = _even_power_sums_f32(fac, gb, S, (S * gb.pow(power).unsqueeze(-1)).sum((0, 1)), power,
-                                        POWER_SUMS_F32_RTOL, cache)
+                                        POWER_SUMS_F32_RTOL, cache, keep)
         bad_rows = bad.any(1)
         nbad = int(bad_rows.sum())
         POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
@@ -589,24 +609,28 @@ def factored_power_sums(
             # or apart give the same figures)
             rows = bad_rows.nonzero().reshape(-1)
             part = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x[rows], d=fac.d[rows])
-            got[rows] = torch.where(bad[rows], _binomial_sums_f64(part, gb, S, power), got[rows])
+            got[rows] = torch.where(bad[rows], _binomial_sums_f64(part, gb, S, power, keep=keep), got[rows])
         return got
-    return _binomial_sums_f64(fac, gb, S, power, cache)
+    return _binomial_sums_f64(fac, gb, S, power, cache, keep)
 
 
 def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
-                       cache: PowerCache | None = None) -> Tensor:
-    """``[R, M]`` ``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` by the binomial expansion in float64."""
+                       cache: PowerCache | None = None, keep: Tensor | None = None) -> Tensor:
+    """``[R, M]`` ``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` by the binomial expansion in float64
+    (``keep``: the terms ``a >= 1`` over these output rows only, as in :func:`_even_power_sums_f32`)."""
     M = S.shape[-1]
     total = torch.zeros(fac.d.shape[0], M, dtype=torch.float64)
+    d = fac.d
     for a in range(power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         if a == 0:
             total += coef * (S * gb.pow(power).unsqueeze(-1)).sum((0, 1))
+            if keep is not None:
+                d, S, gb = d[:, keep], S[keep], gb[keep]
             continue
         B = S * gb.pow(power - a).unsqueeze(-1) if power - a else S  # [out, in, M]
         xa = fac.x.pow(a) if cache is None else cache.power64(fac.x, a)  # [R, in]
-        da = fac.d.pow(a)  # [R, out]
+        da = d.pow(a)  # [R, out]
         # sum_{o,i} d_ro^a x_ri^a B_oim = sum_o d_ro^a (x^a @ B_o^T)
         t = torch.einsum("ri,oim->rom", xa, B)
         total += coef * torch.einsum("ro,rom->rm", da, t)
