@@ -129,3 +129,20 @@ def test_the_correlated_headline_reads_the_closed_form_reference() -> None:
             r = rep.schemes[name]
             assert r.covariance in ("factor", "full"), r.covariance
             assert r.leakage == pytest.approx(ref, rel=0.05), (t, name, r.leakage / ref)
+
+
+def test_layers_above_the_width_cap_keep_the_gradients_influences(monkeypatch) -> None:
+    """Cost: a layer with ``p + out`` above ``KFAC_INFLUENCE_MAX_WIDTH`` keeps the gradients'
+    influences, bit for bit, and is named in ``kfac_influences_left`` (its sigma keeps the K-FAC
+    factor)."""
+    model, loader = _ols(0.9, True)
+    kw = dict(mode="diagonal", hessian="ggn", num_records=64)
+    monkeypatch.setattr(E, "KFAC_INFLUENCES", False)
+    off = estimate(model, loader, _mse, **kw)
+    monkeypatch.setattr(E, "KFAC_INFLUENCES", True)
+    monkeypatch.setattr(E, "KFAC_INFLUENCE_MAX_WIDTH", 10)  # p + out = 18 here
+    capped = estimate(model, loader, _mse, **kw)
+    assert capped.diagnostics["kfac_influences_left"] == [""] and capped.diagnostics["kfac_influences"] == 0
+    assert capped.influence is not None and off.influence is not None
+    assert torch.equal(capped.influence, off.influence)
+    assert capped.diagnostics["kfac_correction"] is True
