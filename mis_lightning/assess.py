@@ -1223,7 +1223,7 @@ def _kfac_sentence(diag: Mapping[str, Any]) -> str | None:
             "(on a 16-16-1 tanh MLP on rho = 0.9 inputs the corrected sigma read a median 0.81x the exact "
             "estimator's on the first layer and 0.28x on the output layer, and the quantized figures 0.93-1.05x "
             "its; on one least-squares layer sigma and the influences are exact and the correlated headline read "
-            "0.99-1.03x the closed-form reference)")
+            "0.97-1.03x the closed-form reference)")
     if left:
         text += (f"; left uncorrected (wider than {KFAC_MAX_WIDTH:,} inputs or outputs): "
                  f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
