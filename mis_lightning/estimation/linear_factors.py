@@ -412,10 +412,10 @@ def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | 
         decay: the L2 coefficient, a float or ``[p]`` per input column (weight / bias).
 
     Returns:
-        ``[R, out, p]`` float64. With ``lambda = 0`` the pseudo-inverse: eigenvalues of either factor
-        below :data:`KFAC_RCOND` of its largest are null directions and get 0, as in
-        :func:`kfac_variance_inflation` (whose ``(H^-1)_jj`` this applies, from the same
-        eigendecompositions). Cost ``2 R out p (out + p)`` flops (``4 R out p (out + p)`` with decay:
+        ``[R, out, p]`` float64. With ``lambda = 0`` the pseudo-inverse of each factor on its
+        correlation matrix (``D^-1 R^+ D^-1``, unit-free): eigenvalues below :data:`KFAC_RCOND` of
+        the largest are null directions and get 0, as in :func:`kfac_variance_inflation` (whose
+        ``(H^-1)_jj`` this applies). Cost ``2 R out p (out + p)`` flops (``4 R out p (out + p)`` with decay:
         the eigenbases) plus the two eigendecompositions.
     """
     f64 = torch.float64
@@ -429,15 +429,22 @@ def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | 
         lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
         lam0, scale = 1.0, lam.rsqrt()
         An = An * scale.unsqueeze(0) * scale.unsqueeze(1)
+    if lam0 == 0.0:
+        # no decay: H^+ = (G/n)^+ (x) (A/n)^+, two GEMMs per record instead of four; each factor's
+        # pseudo-inverse taken on its correlation matrix (Jacobi-scaled, as _factor_vif), so that
+        # the cutoff does not depend on the units of the inputs (inputs on a 1e-5 scale beside a
+        # bias: eigenvalues 1e-10 apart in parameter units, cut as null directions)
+        def pinv(S: Tensor) -> Tensor:
+            dg = S.diagonal()
+            inv_sd = torch.where(dg > 0, dg.clamp_min(1e-300).rsqrt(), torch.zeros((), dtype=f64))
+            e, V = torch.linalg.eigh(S * inv_sd.unsqueeze(0) * inv_sd.unsqueeze(1))
+            keep = e > KFAC_RCOND * float(e.max().clamp_min(1e-300))
+            Rp = (V * torch.where(keep, 1.0 / e.clamp_min(1e-300), torch.zeros((), dtype=f64))) @ V.T
+            return Rp * inv_sd.unsqueeze(0) * inv_sd.unsqueeze(1)
+        return pinv(Gn) @ Y.to(f64) @ pinv(An)
     s, U = torch.linalg.eigh(An)
     t, W = torch.linalg.eigh(Gn)
     s, t = s.clamp_min(0.0), t.clamp_min(0.0)
-    if lam0 == 0.0:
-        # no decay: H^+ = (G/n)^+ (x) (A/n)^+, two GEMMs per record instead of four
-        def pinv(e: Tensor, V: Tensor) -> Tensor:
-            keep = e > KFAC_RCOND * float(e.max().clamp_min(1e-300))
-            return (V * torch.where(keep, 1.0 / e.clamp_min(1e-300), torch.zeros((), dtype=f64))) @ V.T
-        return pinv(t, W) @ Y.to(f64) @ pinv(s, U)
     Z = W.T @ (Y.to(f64) * scale) @ U
     return (W @ (Z / (t.unsqueeze(1) * s.unsqueeze(0) + lam0)) @ U.T) * scale
 
