@@ -22,6 +22,14 @@ factored Linear path above 2,000 weights) on ``benchmarks/assess_speed.py``'s ML
 (``time.process_time``) and the ratio on / off:
 
     PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 1e6 --n 4096   # docs/validation.md, "dg30"
+
+``--cost SIZE --influences``: the same A/B for the stored influences of ``psi = -H^-1 g`` under K-FAC
+(``estimate.KFAC_INFLUENCES``; the sigma correction on in both), on a model whose influences are
+stored (``num_records * d <= budget``: up to 65,536 weights at the 512 default records); ``SIZE``
+an assess_speed.py size or ``IN-H1-H2...`` (a ReLU MLP with those widths and one output):
+
+    PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 1e4 --n 4096 --influences      # docs/validation.md, "dg31"
+    PYTHONPATH=. python benchmarks/kfac_sigma.py --cost 200-256-1 --n 4096 --influences
 """
 
 from __future__ import annotations
@@ -87,7 +95,7 @@ def fitted(rho: float, n: int, d_in: int, hidden: int, seed: int, decay: float) 
     return model.eval(), DataLoader(TensorDataset(x, y), batch_size=500), grad
 
 
-def cost(size: str, n: int, repeats: int) -> None:
+def cost(size: str, n: int, repeats: int, influences: bool = False) -> None:
     import importlib
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -95,7 +103,14 @@ def cost(size: str, n: int, repeats: int) -> None:
 
     E = importlib.import_module("mis_lightning.estimation.estimate")
     torch.manual_seed(0)
-    model, f = build_mlp(size)
+    if "-" in size:  # IN-H1-...-1: a ReLU MLP of these widths
+        widths = [int(v) for v in size.split("-")]
+        layers: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        model, f = nn.Sequential(*layers[:-1]), widths[0]
+    else:
+        model, f = build_mlp(size)
     model = model.eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, f, generator=g)
@@ -104,16 +119,20 @@ def cost(size: str, n: int, repeats: int) -> None:
     d = sum(p.numel() for p in model.parameters())
     estimate(model, DataLoader(TensorDataset(x[:512], y[:512]), batch_size=256), mse, num_records=8)  # warm-up
     cpu: dict[bool, list[float]] = {False: [], True: []}
+    # --influences: the K-FAC psi influences (estimate.KFAC_INFLUENCES) off / on, the sigma
+    # correction on in both; they exist where the influences are stored (num_records * d <= budget)
+    flag = "KFAC_INFLUENCES" if influences else "KFAC_CORRECTION"
     for _ in range(repeats):
         for on in (False, True):
-            E.KFAC_CORRECTION = on
+            setattr(E, flag, on)
             t0 = time.process_time()
-            est = estimate(model, loader, mse)
+            est = estimate(model, loader, mse, mode="diagonal")
             cpu[on].append(time.process_time() - t0)
-    E.KFAC_CORRECTION = True
+    setattr(E, flag, True)
     off, on = min(cpu[False]), min(cpu[True])
-    print(f"{size} MLP, d = {d:,}, n = {n}, {torch.get_num_threads()} thread(s), {est.estimator}: estimation CPU "
-          f"s off {cpu[False]} on {cpu[True]}; best on / off {on / off:.3f}", flush=True)
+    print(f"{size} MLP, d = {d:,}, n = {n}, {torch.get_num_threads()} thread(s), {est.estimator}, {flag}, "
+          f"influences stored: {est.influence_stored} (K-FAC psi for {est.diagnostics.get('kfac_influences', 0):,} "
+          f"weights): estimation CPU s off {cpu[False]} on {cpu[True]}; best on / off {on / off:.3f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,10 +146,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="the training's L2 coefficient (objective mean loss + wd / 2 |theta|^2), given to the estimators")
     ap.add_argument("--cost", default=None, help="an assess_speed.py MLP size: the estimation pass's cost A/B")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--influences", action="store_true",
+                    help="with --cost: A/B the K-FAC psi influences (stored-influence models) instead of the sigma factor")
     a = ap.parse_args(argv)
     print(f"mis_lightning from {Path(ml.__file__).parent}", flush=True)
     if a.cost is not None:
-        cost(a.cost, a.n, a.repeats)
+        cost(a.cost, a.n, a.repeats, a.influences)
         return
     for rho in a.rho:
         t0 = time.process_time()

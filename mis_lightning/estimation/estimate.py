@@ -48,6 +48,8 @@ from .linear_factors import (
     _Sparse,
     factored_power_sums,
     iterate_factor_blocks,
+    kfac_influence_subsample_scale,
+    kfac_inverse_apply,
     kfac_subsample_scale,
     kfac_variance_inflation,
     standardised_influence,
@@ -171,6 +173,14 @@ FINALIZE_CHUNK = 1 << 22
 # the diagonal estimator's K-FAC correction of sigma (MomentAccumulator._kfac_factors); False: the
 # uncorrected diagonal sandwich (A/B benchmarks: benchmarks/kfac_sigma.py --cost)
 KFAC_CORRECTION = True
+# the stored influences of the K-FAC-corrected layers are those of psi = -H^-1 g under the same
+# Kronecker model (MomentAccumulator._kfac_influences); False: the gradients' g / sqrt(V_jj) (A/B)
+KFAC_INFLUENCES = True
+# the widest layer (fan-in + bias + fan-out) given psi's influences: their cost, 2 R out p (out + p)
+# flops (4x with weight decay) for R stored records, is then at most ~2x the in-sample correlation's
+# R^2 numel Gram at R = 512 (a 200-256 layer: +1.8 s CPU, 1.45x the estimation); wider layers keep
+# the gradients' influences (diagnostics["kfac_influences_left"])
+KFAC_INFLUENCE_MAX_WIDTH = 1024
 
 
 @dataclass
@@ -1543,9 +1553,16 @@ class MomentAccumulator:
             sigma_flat = sigma_flat * grow
             w = None if w is None else w * grow
             v_centring = v_centring * (1.0 - hbar)
-        for k, f in self._kfac_factors(st, n, diagnostics).items():
+        kfac = self._kfac_factors(st, n, diagnostics)
+        for k, f in kfac.items():
             sl = slice(*offsets[k])
             sigma_flat[sl] = sigma_flat[sl] * f
+        if w is not None and kfac and G is not None and KFAC_INFLUENCES:
+            # the stored influences of psi = -H^-1 g under the same Kronecker model (their
+            # correlation, corr(H^-1 V H^-1), is what the correlated headline reads)
+            lev = _influence_scale(hbar) if hbar > 0 else 1.0
+            self._kfac_influences(st, G, g_mean_flat, sigma_flat / lev, n, torch.isfinite(v_centring), w, lev,
+                                  diagnostics)
         hth = float(((h_flat + self._decay_slice(0, self.d)) * _flatten_theta(theta, names)).norm())
         diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"], hth, self._rounding_eps()))
         records, factors = None, None
@@ -1620,6 +1637,56 @@ class MomentAccumulator:
         diagnostics["kfac_uncorrected_layers"] = left
         diagnostics["kfac_uncorrected_weights"] = left_w
         return out
+
+    def _kfac_influences(self, st: dict[str, Any], grads: Tensor, g_mean: Tensor, sigma: Tensor, n: int,
+                         live: Tensor, w: Tensor, grow: float, diagnostics: dict[str, Any]) -> None:
+        """Replace, in place, the stored influences ``w [R, d]`` of each K-FAC-corrected nn.Linear
+        layer (:meth:`_kfac_factors`) by those of ``psi = -H^-1 (g - g_bar)``, ``H`` the layer's
+        Kronecker-factored Hessian (:func:`~mis_lightning.estimation.linear_factors.kfac_inverse_apply`;
+        the bias column mixes into the weights' rows), standardised by ``sqrt(n) sigma_j`` (the
+        corrected sigma before the leverage correction, whose factor ``w`` already carries): the
+        estimator's own ``sqrt(diag Sigma)``, so that ``w = psi / sqrt(diag Sigma)`` as the exact
+        estimator's. The gradients' influences ``g / sqrt(V_jj)`` have the correlation of ``V``
+        (of ``H`` where ``V ~ H``); the weights' estimation errors have that of ``H^-1 V H^-1``
+        (method.md section 4, "The diagonal sandwich and correlated weights"). Weights with no
+        influence (``live`` False: rounding gradients) or no sigma keep 0; layers left without
+        factors, or wider than :data:`KFAC_INFLUENCE_MAX_WIDTH` (``p + out``: cost), keep the
+        gradients' influences (``diagnostics["kfac_influences_left"]``). Factors summed over
+        ``m < n`` records: ``psi`` times
+        :func:`~mis_lightning.estimation.linear_factors.kfac_influence_subsample_scale` (the bias of
+        the inverses, first order as the VIF's, and their noise). ``grads``: ``[R, d]`` float64 stored gradients. Diagnostic
+        ``kfac_influences``: the weights whose influences are the K-FAC psi's."""
+        prog = self._kron_program()
+        assert prog is not None
+        kron, mods = prog.kron_layers(), dict(prog.model.named_modules())
+        R = grads.shape[0]
+        done, left = 0, []
+        for m, (wn, bn) in prog.layout.items():
+            if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
+                continue
+            if sum(kron[m]) > KFAC_INFLUENCE_MAX_WIDTH:
+                left.append(m)
+                continue
+            q = mods[m].out_features
+            fin = mods[m].in_features if wn is not None else 0
+            sls = [slice(*self.offsets[k]) for k in (wn, bn) if k is not None]
+            parts = [((grads[:, sl] - g_mean[sl]) * live[sl]).reshape(R, q, -1) for sl in sls]
+            decay = torch.tensor(([self.decay[wn]] * fin if wn is not None else [])
+                                 + ([self.decay[bn]] if bn is not None else []), dtype=torch.float64)
+            k = int(st[f"kfac_n.{m}"])
+            # factors from a subsample: their inverses read high by m / (m - p - 1) against the full
+            # sample's (Wishart, as the VIF's kfac_subsample_scale), and their noise adds ~p / m
+            psi = -kfac_inverse_apply(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(), k, torch.cat(parts, 2),
+                                      decay) * kfac_influence_subsample_scale(k, n, *kron[m])
+            cols = [psi[:, :, :fin].reshape(R, -1), psi[:, :, fin:].reshape(R, -1)]
+            for sl, x in zip(sls, [c for c in cols if c.shape[1]]):
+                ok = live[sl] & (sigma[sl] > 0)
+                # the leverage correction's factor on every influence, as on the gradients' w
+                w[:, sl] = torch.where(ok, x / (math.sqrt(n) * sigma[sl]).clamp_min(1e-300),
+                                       torch.zeros((), dtype=x.dtype)) * grow
+                done += int(ok.sum())
+        diagnostics["kfac_influences"] = done
+        diagnostics["kfac_influences_left"] = left
 
     def _rounding_eps(self) -> float:
         """The relative rounding of the passes' per-sample gradients (their compute dtype)."""
