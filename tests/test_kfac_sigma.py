@@ -84,6 +84,26 @@ def test_kfac_variance_inflation_is_that_of_the_kronecker_factored_hessian() -> 
     Xd = torch.cat([X, X[:, :1]], 1)  # an exactly duplicated input: A singular
     vif = kfac_variance_inflation(Xd.T @ Xd, G, n, 0.0)
     assert bool(torch.isfinite(vif).all()) and float(vif.max()) < 1e6
+    # dead units (a zero output row of G) and inputs never active (a zero column of A): the
+    # eigendecompositions run on the live blocks only; the live weights' factors are those of the
+    # explicit inverse on the live coordinates (where the decay's identity keeps H invertible the
+    # full and the live inverse agree on them), the dead ones 1. Both Cholesky-failing (lambda = 0,
+    # A singular) and decayed paths.
+    Dz, Xz = D.clone(), torch.cat([X, X[:, :1], torch.zeros(n, 1, dtype=torch.float64)], 1)
+    Dz[:, 1] = 0.0
+    Az, Gz = Xz.T @ Xz, Dz.T @ Dz
+    for lam in (0.0, 0.5):
+        got = kfac_variance_inflation(Az, Gz, n, lam)
+        assert bool((got[1] == 1.0).all()) and bool((got[:, -1] == 1.0).all())
+        la, lg = [0, 1, 2, 3, 4, 5], [0, 2]
+        Al, Gl = Az[la][:, la], Gz[lg][:, lg]
+        H = torch.kron(Gl / n, Al / n) + lam * torch.eye(len(la) * len(lg), dtype=torch.float64)
+        inv = torch.linalg.pinv(H, hermitian=True) if lam == 0.0 else torch.linalg.inv(H)
+        ref = (H.diagonal() * inv.diagonal()).reshape(len(lg), len(la)).clamp_min(1.0)
+        if lam > 0:
+            torch.testing.assert_close(got[lg][:, la], ref, rtol=1e-9, atol=0.0)
+        else:  # pseudo-inverse along the duplicated input: finite, as above
+            assert bool(torch.isfinite(got).all()) and float(got.max()) < 1e6
 
 
 def test_factors_from_a_subsample_read_the_full_samples_sigma(monkeypatch) -> None:
@@ -103,3 +123,21 @@ def test_factors_from_a_subsample_read_the_full_samples_sigma(monkeypatch) -> No
     assert est.diagnostics["kfac_records_min"] == 300
     r = _sigma_ratio(model, loader)
     assert abs(float(r.median()) - 1.0) < 0.05 and float((r - 1).abs().max()) < 0.15, r
+
+
+def test_factor_gram_over_the_live_columns_equals_the_full_gram() -> None:
+    """The Kronecker factors' GEMM runs over the columns non-zero in the batch (dead ReLU units and
+    the inputs they feed; pf31's 1e7 MLP: 91% of a layer): equal to the full ``u^T v`` (float64:
+    the same products, 1e-12 relative), exact zeros in the dead rows and columns, both for a mostly
+    dead batch (the live path) and a mostly live one (the plain GEMM)."""
+    from mis_lightning.estimation.linear_factors import _live_gram
+
+    g = torch.Generator().manual_seed(3)
+    for dead in (0.9, 0.1):
+        v = torch.randn(64, 40, generator=g, dtype=torch.float64)
+        v[:, torch.rand(40, generator=g) < dead] = 0.0
+        u = torch.rand(64, 1, generator=g, dtype=torch.float64) * v
+        got = _live_gram(u, v)
+        torch.testing.assert_close(got, u.T @ v, rtol=1e-12, atol=1e-12)
+        zero = (v == 0).all(0)
+        assert bool((got[zero] == 0).all()) and bool((got[:, zero] == 0).all())

@@ -262,7 +262,7 @@ class FactoredProgram:
                 a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
             else:
                 a = x
-            res[m] = ((a.T @ a).to(acc), ((L.unsqueeze(-1) * delta).T @ delta).to(acc))
+            res[m] = (_live_gram(a, a).to(acc), _live_gram(L.unsqueeze(-1) * delta, delta).to(acc))
         return res
 
     def record_gradients(self, fac: dict[str, tuple[Tensor, Tensor, Tensor]], take: int) -> Tensor:
@@ -282,6 +282,24 @@ class FactoredProgram:
 
     def close(self) -> None:
         self.capture.remove()
+
+
+def _live_gram(u: Tensor, v: Tensor) -> Tensor:
+    """``u^T v`` ``[k, k]`` for ``u``, ``v`` ``[B, k]`` with the same zero columns (``u`` is ``v``
+    or ``v`` scaled by record): the GEMM over the columns non-zero in the batch only, the rest
+    exact zeros. A ReLU layer's dead units (``delta = 0``) and the next layer's inputs from them
+    are most of a wide trained MLP's columns (91% of the 1e7 benchmark MLP's second layer: pf31),
+    and the factors' GEMMs were most of the K-FAC correction's cost. The live block's entries are
+    the same dot products, summed by the GEMM in another blocking: equal to float rounding."""
+    live = (v != 0).any(0)  # NaN counts as live: a non-finite factor stays visible
+    k, nl = v.shape[1], int(live.sum())
+    if nl > 0.75 * k:
+        return u.T @ v
+    out = torch.zeros(k, k, dtype=torch.promote_types(u.dtype, v.dtype))
+    if nl:
+        idx = live.nonzero().reshape(-1)
+        out[idx.unsqueeze(1), idx.unsqueeze(0)] = u[:, idx].T @ v[:, idx]
+    return out
 
 
 # the widest layer (fan-in + bias, or fan-out) whose Kronecker factors the diagonal estimator
@@ -379,22 +397,31 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         va, vg = _factor_vif(An), _factor_vif(Gn)
         if va is not None and vg is not None:
             return (vg.unsqueeze(1) * va.unsqueeze(0)).clamp_min(1.0)
-    s, U = torch.linalg.eigh(At)
-    t, W = torch.linalg.eigh(Gn)
+    # a zero diagonal entry of a PSD factor is a zero row and column (a dead unit, an input never
+    # active): the factor is block-diagonal with it, so the eigendecompositions run on the live
+    # block only (exact; it was most of the 1e7 MLP's estimation, whose ReLU layers are ~90% dead:
+    # pf31) and the dead entries take the factor 1 below
+    la, lg = An.diagonal() > 0, Gn.diagonal() > 0
+    vif = torch.ones(p, Gn.shape[0], dtype=f64)
+    if not (bool(la.any()) and bool(lg.any())):
+        return vif.T.contiguous()
+    ia, ig = la.nonzero().reshape(-1), lg.nonzero().reshape(-1)
+    At_l, Gn_l, An_l = At[ia][:, ia], Gn[ig][:, ig], An[ia][:, ia]
+    s, U = torch.linalg.eigh(At_l)
+    t, W = torch.linalg.eigh(Gn_l)
     s, t = s.clamp_min(0.0), t.clamp_min(0.0)
-    den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p, out]
+    den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p_live, out_live]
     if lam0 > 0:
         M = 1.0 / den
     else:  # pseudo-inverse: exact null directions of either factor carry no variance
         live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
             & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
         M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
-    inv_diag = (U.square() @ M @ W.square().T) * scale.square().unsqueeze(1)  # [p, out]
-    h_diag = An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) + lam.unsqueeze(1) \
-        if not uniform else An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) + lam0
-    vif = h_diag * inv_diag
-    dead = (An.diagonal() <= 0).unsqueeze(1) | (Gn.diagonal() <= 0).unsqueeze(0)
-    vif = torch.where(dead | ~torch.isfinite(vif), torch.ones((), dtype=f64), vif.clamp_min(1.0))
+    inv_diag = (U.square() @ M @ W.square().T) * scale[ia].square().unsqueeze(1)  # [p_live, out_live]
+    h_diag = An_l.diagonal().unsqueeze(1) * Gn_l.diagonal().unsqueeze(0) \
+        + (lam[ia].unsqueeze(1) if not uniform else lam0)
+    v = h_diag * inv_diag
+    vif[ia.unsqueeze(1), ig.unsqueeze(0)] = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
     return vif.T.contiguous()
 
 
