@@ -835,7 +835,7 @@ def score_schemes(
     if fused and est.theta:
         F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
     with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
-        stored_base: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None]] = {}
+        stored_base: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None, F.CltSums]] = {}
         if storage and not prepared:  # the baseline's storage cells without any scheme to carry them
             prepared_base = _Prepared(NoQuantization())
             prepared_base.storage = dict(storage)
@@ -864,13 +864,28 @@ def score_schemes(
     # per record, the unquantized first-order value t (before the saturation): the spread term's
     # reference for every scheme (method.md section 4, "Spread term")
     base_t = F.cells.SQRT_2_OVER_PI * base_total.s2.clamp_min(0.0).sqrt() / (2 * math.sqrt(n))
+    # the reference is the continuous estimate's t (kappa = 1), whose narrowing the leverages are:
+    # with stored weights the baseline itself is a release (their storage grid) that keeps the
+    # fraction (t / ref_t)^2 of it, as a scheme does
+    ref_t = base_t
+    if stored_base:
+        cont = {name: stored_base[name][3] if name in stored_base else base_layers[name] for name in est.names}
+        ref_t = F.cells.SQRT_2_OVER_PI * _total(cont, R).s2.clamp_min(0.0).sqrt() / (2 * math.sqrt(n))
+
+    def spread(t: Tensor, ref: Tensor) -> float:
+        """The baseline with the spread term (float32 weights: the operations before st31)."""
+        assert est.leverage is not None
+        if not stored_base:
+            return float(F.saturate_spread(t, est.leverage).mean())
+        return float(F.with_spread(F.saturate(t), ref, est.leverage).mean())
+
     # the independent form's own reference, for the independent values kept beside a correlated
     # headline: they get the spread term as covariance="independent" would give them (fu28)
-    base_t_independent = base_t
+    base_t_independent = ref_t
     form_gap = None  # the two unquantized forms, when they disagree
     if rc is not None:
         diagnostics["baseline_leakage_independent"] = (
-            baseline if est.leverage is None else float(F.saturate_spread(base_t, est.leverage).mean()))
+            baseline if est.leverage is None else spread(base_t, ref_t))
         assert est.influence is not None
         base_abs = _unquantized_mean_abs(est, rc)
         base_abs_pool = base_abs
@@ -881,6 +896,7 @@ def score_schemes(
             base_abs_pool = torch.minimum(rc.gaussian_mean_abs(est.influence, base_kvec_pool), base_abs_pool)
         continuous = float(F.saturate(_unquantized_mean_abs(est, rc) / (2 * math.sqrt(n))).mean())
         base_t = base_abs / (2 * math.sqrt(n))
+        ref_t = _unquantized_mean_abs(est, rc) / (2 * math.sqrt(n)) if stored_base else base_t
         baseline = float(F.saturate(base_t).mean())
         baseline_pool = float(F.saturate(base_abs_pool / (2 * math.sqrt(n / 2))).mean())
         if rc.kind == "full" and est.mahalanobis is not None:
@@ -895,7 +911,7 @@ def score_schemes(
                 form_gap = (continuous, corr_form)
     if est.leverage is not None:  # the spread term (the two forms above are compared without it)
         diagnostics["baseline_leakage_without_spread"] = baseline
-        baseline = float(F.saturate_spread(base_t, est.leverage).mean())
+        baseline = spread(base_t, ref_t)
     report = Report(
         n=n, d=est.d, estimation=estimation_info, diagnostics=diagnostics, schemes={},
         baseline_leakage=baseline, baseline_mis=1.0 - baseline, baseline_pool_leakage=baseline_pool,
@@ -919,7 +935,7 @@ def score_schemes(
         # threads at load ~4 on 2 cores): the same thread scoping as the pass
         with scoring_threads():
             result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
-                                    rc=rc, base_t=base_t, policy=policy,
+                                    rc=rc, base_t=ref_t, policy=policy,
                                     base_t_independent=base_t_independent, base_kvec=base_kvec)
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
             result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
@@ -1959,7 +1975,7 @@ def _moments_state(policy: F.CompilePolicy | None, elements: int = 0) -> tuple:
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 keep_moments: bool, strict: bool = True,
                 policy: F.CompilePolicy | None = None,
-                stored: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None]] | None = None
+                stored: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None, F.CltSums]] | None = None
                 ) -> dict[str, list[F.CltSums]]:
     """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_0 pool, scheme_1 main, ...]``
     sums, in one streaming pass over the weights for every scheme and bootstrap draw.
@@ -1977,8 +1993,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
     The baseline column of a parameter stored in bf16 / fp16 (``prepared[0].storage``) reads its
     storage grid (the unquantized release ``rnd_D(theta-hat)``, method.md section 5) instead of
     ``kappa = 1``; ``stored`` (when given) receives, per such parameter, the baseline's pool
-    protocol sums (cells at ``sigma / sqrt(2)``) and, when the moments are kept, its kappa at
-    theta-hat and in the pool protocol (``[numel]``). Float32 parameters: ``kappa = 1``, as before.
+    protocol sums (cells at ``sigma / sqrt(2)``), when the moments are kept its kappa at
+    theta-hat and in the pool protocol (``[numel]``, else ``None``), and the sums at ``kappa = 1``
+    (the continuous estimate: the spread term's reference). Float32 parameters: ``kappa = 1``, as before.
     """
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
@@ -2015,11 +2032,11 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     prep.lam_draws[name] = [prep.lam[name].clone() for _ in range(prep.num_draws)]
         nm = 1 + len(active)
         sgrid = storage.get(name)
-        extra = int(sgrid is not None)  # the baseline's pool column (stored weights)
+        extra = 2 * int(sgrid is not None)  # the baseline's pool and kappa = 1 columns (stored weights)
         base_k = base_kp = None
         if sgrid is not None and keep:
             base_k, base_kp = torch.empty(numel, dtype=torch.float64), torch.empty(numel, dtype=torch.float64)
-        # base, main per scheme, pool per scheme (, the baseline's pool)
+        # base, main per scheme, pool per scheme (, the baseline's pool, kappa = 1)
         s2 = torch.zeros(R, 2 * nm - 1 + extra, dtype=torch.float64)
         s4 = torch.zeros(R, 2 * nm, dtype=torch.float64)  # (m4 - 3 k^2) then k^2 of the main columns
         # Streamed influences: a scheme's fourth-power sums only feed the Gaussian form's
@@ -2067,6 +2084,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 K[0], M4[0] = mm0.kappa, mm0.m4
                 P0.append(sgrid.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy,
                                         kappa_only=est.d != 1).kappa)
+                P0.append(ones)  # the continuous estimate's sums: the spread term's reference
                 if base_k is not None and base_kp is not None:
                     base_k[a:b], base_kp[a:b] = K[0], P0[0]
             # per scheme: (k, m4, pool k, draws' parts, chunk sums) of schemes that computed this chunk
@@ -2196,7 +2214,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         base = F.CltSums(s2[:, 0].clone(), s4[:, 0].clone(), s4[:, nm].clone())
         res = [base]
         if sgrid is not None and stored is not None:
-            stored[name] = (F.CltSums(s2[:, 2 * nm - 1].clone(), torch.zeros(R, dtype=torch.float64)), base_k, base_kp)
+            zero = torch.zeros(R, dtype=torch.float64)
+            stored[name] = (F.CltSums(s2[:, 2 * nm - 1].clone(), zero), base_k, base_kp,
+                            F.CltSums(s2[:, 2 * nm].clone(), zero.clone()))
         for prep in prepared:
             if prep not in active:
                 res.append(F.CltSums(base.s2.clone(), base.s4.clone(), base.s22.clone()))
