@@ -6,7 +6,8 @@ scales, zero points, block sizes) back from the backend's own tensors into a
 :class:`ParamGrid`. Parameters the scheme leaves in float appear in ``unquantized`` with the
 reason (layer type not supported, width not a multiple of the group size, excluded by
 ``filter_fn``, outside the assessed parameters, ...) and are scored as unprotected
-(``kappa = 1``).
+(``kappa = 1``; a weight stored in bf16 / fp16 on its storage grid,
+:mod:`~mis_lightning.quantization.storage_grid`).
 
 Shared (tied) parameters: a weight held by several modules is quantized in every module that
 holds it, or in none (left in float everywhere, with the reason): the released copy never
