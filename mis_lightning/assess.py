@@ -803,7 +803,7 @@ def score_schemes(
             # can it take this model
             scheme.check_available()
             scheme.check_model(model)
-            prep = _prepare_scheme(est, model, scheme, uncertainty_draws, storage)
+            prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:
                 prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
