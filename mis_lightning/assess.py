@@ -47,10 +47,12 @@ from .functional.bounds import _SPLIT_STATE
 from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
+from .functional.storage import storage_cell_moments
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization.base import ParamGrid, check_float_model
 from .quantization.registry import check_scheme_names, scheme_list
+from .quantization.storage_grid import storage_grids
 from .report import (
     CONSISTENCY_TOLERANCE,
     D_EFF_SCHEMES_MARK,
@@ -863,6 +865,8 @@ def score_schemes(
     estimation_info["covariance"] = "independent" if rc is None else rc.kind
 
     # Phase A: quantize each scheme and evaluate its copy. Nothing here touches w or sigma.
+    # Parameters stored in bf16 / fp16 released unquantized are released on their storage grid.
+    storage = storage_grids(model, est.names)
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
     for scheme in scheme_objs:
@@ -903,8 +907,16 @@ def score_schemes(
     if fused and est.theta:
         F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
     with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
-        sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
-                           policy=policy)
+        stored_base: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None, F.CltSums]] = {}
+        if storage and not prepared:  # the baseline's storage cells without any scheme to carry them
+            prepared_base = _Prepared(NoQuantization())
+            prepared_base.storage = dict(storage)
+            sums = _joint_sums(est, [prepared_base], chunk_size, seed, keep_moments=est.influence_stored,
+                               strict=strict, policy=policy, stored=stored_base)
+            sums = {k: v[:1] for k, v in sums.items()}
+        else:
+            sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
+                               policy=policy, stored=stored_base)
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed
@@ -912,21 +924,53 @@ def score_schemes(
     base_total = _total(base_layers, R)
     baseline = float(base_total.leakage(n).mean())
     baseline_pool = float(base_total.leakage(n / 2).mean())  # kappa = 1: the cells do not enter
+    base_kvec = base_kvec_pool = None  # stored weights: the storage grid's kappa (else 1)
+    if stored_base:
+        # the unquantized release of stored weights is their storage grid: the pool protocol reads
+        # its cells at sigma / sqrt(2) (float32 parameters: kappa = 1, their baseline column)
+        pool_layers = {name: stored_base[name][0] if name in stored_base else base_layers[name] for name in est.names}
+        baseline_pool = float(_total(pool_layers, R).leakage(n / 2).mean())
+        if all(v[1] is not None for v in stored_base.values()):
+            base_kvec = _kappa_vector(est, {k: v[1] for k, v in stored_base.items()})  # type: ignore[misc]
+            base_kvec_pool = _kappa_vector(est, {k: v[2] for k, v in stored_base.items()})  # type: ignore[misc]
     # per record, the unquantized first-order value t (before the saturation): the spread term's
     # reference for every scheme (method.md section 4, "Spread term")
     base_t = F.cells.SQRT_2_OVER_PI * base_total.s2.clamp_min(0.0).sqrt() / (2 * math.sqrt(n))
+    # the reference is the continuous estimate's t (kappa = 1), whose narrowing the leverages are:
+    # with stored weights the baseline itself is a release (their storage grid) that keeps the
+    # fraction (t / ref_t)^2 of it, as a scheme does
+    ref_t = base_t
+    if stored_base:
+        cont = {name: stored_base[name][3] if name in stored_base else base_layers[name] for name in est.names}
+        ref_t = F.cells.SQRT_2_OVER_PI * _total(cont, R).s2.clamp_min(0.0).sqrt() / (2 * math.sqrt(n))
+
+    def spread(t: Tensor, ref: Tensor) -> float:
+        """The baseline with the spread term (float32 weights: the operations before st31)."""
+        assert est.leverage is not None
+        if not stored_base:
+            return float(F.saturate_spread(t, est.leverage).mean())
+        return float(F.with_spread(F.saturate(t), ref, est.leverage).mean())
+
     # the independent form's own reference, for the independent values kept beside a correlated
     # headline: they get the spread term as covariance="independent" would give them (fu28)
-    base_t_independent = base_t
+    base_t_independent = ref_t
     form_gap = None  # the two unquantized forms, when they disagree
     if rc is not None:
         diagnostics["baseline_leakage_independent"] = (
-            baseline if est.leverage is None else float(F.saturate_spread(base_t, est.leverage).mean()))
+            baseline if est.leverage is None else spread(base_t, ref_t))
         assert est.influence is not None
         base_abs = _unquantized_mean_abs(est, rc)
+        base_abs_pool = base_abs
+        if base_kvec is not None and base_kvec_pool is not None:
+            # stored weights: the storage grid's kappa through the correlation, capped by the
+            # continuous value, as _correlated_leakage scores the 'none' row
+            base_abs = torch.minimum(rc.gaussian_mean_abs(est.influence, base_kvec), base_abs)
+            base_abs_pool = torch.minimum(rc.gaussian_mean_abs(est.influence, base_kvec_pool), base_abs_pool)
+        continuous = float(F.saturate(_unquantized_mean_abs(est, rc) / (2 * math.sqrt(n))).mean())
         base_t = base_abs / (2 * math.sqrt(n))
+        ref_t = _unquantized_mean_abs(est, rc) / (2 * math.sqrt(n)) if stored_base else base_t
         baseline = float(F.saturate(base_t).mean())
-        baseline_pool = float(F.saturate(base_abs / (2 * math.sqrt(n / 2))).mean())
+        baseline_pool = float(F.saturate(base_abs_pool / (2 * math.sqrt(n / 2))).mean())
         if rc.kind == "full" and est.mahalanobis is not None:
             # The quantized schemes are scored through the weights' correlation (its
             # pseudo-inverse); the baseline from the gradient covariance, which the Hessian
@@ -934,11 +978,12 @@ def score_schemes(
             # is not determined in every direction and schemes can read above the baseline.
             corr_form = float(F.saturate(rc.gaussian_mean_abs(est.influence) / (2 * math.sqrt(n))).mean())
             diagnostics["baseline_leakage_correlation_form"] = corr_form
-            if abs(corr_form - baseline) > CONSISTENCY_TOLERANCE * baseline:
-                form_gap = (baseline, corr_form)
+            # the two forms of the continuous release (kappa = 1; the storage grid aside)
+            if abs(corr_form - continuous) > CONSISTENCY_TOLERANCE * continuous:
+                form_gap = (continuous, corr_form)
     if est.leverage is not None:  # the spread term (the two forms above are compared without it)
         diagnostics["baseline_leakage_without_spread"] = baseline
-        baseline = float(F.saturate_spread(base_t, est.leverage).mean())
+        baseline = spread(base_t, ref_t)
     report = Report(
         n=n, d=est.d, estimation=estimation_info, diagnostics=diagnostics, schemes={},
         baseline_leakage=baseline, baseline_mis=1.0 - baseline, baseline_pool_leakage=baseline_pool,
@@ -962,8 +1007,8 @@ def score_schemes(
         # threads at load ~4 on 2 cores): the same thread scoping as the pass
         with scoring_threads():
             result = _finish_scheme(est, prep, sums, base_layers, baseline, method, num_samples, gen, chunk_size,
-                                    rc=rc, base_t=base_t, policy=policy,
-                                    base_t_independent=base_t_independent)
+                                    rc=rc, base_t=ref_t, policy=policy,
+                                    base_t_independent=base_t_independent, base_kvec=base_kvec)
         if result.error is None and not math.isfinite(result.leakage):  # never a silent NaN
             result.error = (f"the leakage is not finite (a numerical failure of the {result.method!r} form, e.g. "
                             "a singular weights' covariance); no figure")
@@ -1392,9 +1437,10 @@ def _low_precision_note(model: nn.Module, names: Sequence[str]) -> str | None:
     if not low:
         return None
     fmt = " and ".join(low)
-    return (f"the assessed weights are stored in {fmt}: they already sit on that format's grid, which the "
-            f"unquantized baseline ('none') treats as continuous; a scheme that casts to {fmt} releases them "
-            "unchanged, and its row reads the model as stored")
+    return (f"the assessed weights are stored in {fmt}: they already sit on that format's grid, and the "
+            f"unquantized release (the baseline, 'none', parameters a scheme leaves in float) is scored on it (its "
+            f"kappa is below 1 where sd spans a few {fmt} ulps); a scheme that casts to {fmt} releases them "
+            "unchanged and reads the same figure")
 
 
 class _Prepared:
@@ -1423,6 +1469,8 @@ class _Prepared:
         self.utility: dict[str, float] = {}
         self.notes: list[str] = []
         self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
+        # assessed parameters stored in bf16 / fp16 -> their storage grid (the unquantized release)
+        self.storage: dict[str, ParamGrid] = {}
         self.requant: Any = None  # JointRequant of the non-nearest grids (computed once)
         self.requant_seed = 0
         self.requant_moments: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
@@ -1436,9 +1484,14 @@ class _Prepared:
 KAPPA_BUDGET = 1 << 27
 
 
-def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int) -> _Prepared:
+def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
+                    storage: Mapping[str, ParamGrid] | None = None) -> _Prepared:
     """Quantize (the copy is kept for the utility evaluation) and collect the per-parameter
-    figures that need no sigma; the cell moments come later, one parameter at a time."""
+    figures that need no sigma; the cell moments come later, one parameter at a time.
+    ``storage``: the storage grids of the assessed parameters stored in bf16 / fp16
+    (:func:`~mis_lightning.quantization.storage_grid.storage_grids`; ``None``: built here): each
+    such parameter the scheme leaves unquantized is scored on it (its release is ``rnd_D(theta-hat)``,
+    method.md section 5), as a grid of the scheme that counts as unquantized in the report."""
     # Quantization follows the selection: the copy whose utility is measured is the release
     # whose leakage is scored (parameters outside ``params`` stay float in it).
     qres = scheme.apply(model, params=est.names)
@@ -1448,6 +1501,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     prep.notes = list(qres.notes)
     prep.grids = {k: g for k, g in qres.grids.items() if k in est.theta}
     prep.float_params = {k: qres.unquantized[k] for k in est.names if k in qres.unquantized}
+    prep.storage = dict(storage_grids(model, est.names) if storage is None else storage)
     outside = [k for k in qres.unquantized if k not in est.theta]
     if outside and not isinstance(scheme, NoQuantization):
         prep.notes.append(f"quantization follows params=: {len(outside)} parameter(s) outside the "
@@ -1458,12 +1512,16 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
             f"(assessed: {est.names}); it would be scored as no protection at all"
         )
     params = dict(model.named_parameters())
+    # the unquantized stored parameters: their storage grid (after the footprint and zero counts
+    # below, which are those of the float parameter; their d_eff and pinned count come from the pass)
+    stored = {k: prep.storage[k] for k in est.names if k not in prep.grids and k in prep.storage}
+    grids = {**prep.grids, **stored}
     # Streamed parameters (stored or factored influences) hold one chunk of columns whatever the
     # draws; the others hold [numel, columns] float64 until their one power-sum call.
-    largest = max((est.theta[k].numel() for k in prep.grids
+    largest = max((est.theta[k].numel() for k in grids
                    if est.influence is None and est._factor_of(k) is None), default=1)
-    prep.num_draws = max(0, min(draws, KAPPA_BUDGET // max(largest, 1) - 2)) if prep.grids else 0
-    if prep.num_draws < draws and prep.grids:
+    prep.num_draws = max(0, min(draws, KAPPA_BUDGET // max(largest, 1) - 2)) if grids else 0
+    if prep.num_draws < draws and grids:
         prep.notes.append(f"uncertainty interval from {prep.num_draws} bootstrap draws (memory bound)")
     for name in est.names:
         numel = est.theta[name].numel()
@@ -1471,8 +1529,9 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
         if g is None:
             bits, zero = _dtype_bits(params[name]), 0.0
             frz = int((est.sigma[name] <= 0).sum())
-            prep.d_eff += float(numel)
-            prep.frozen += frz
+            if name not in stored:
+                prep.d_eff += float(numel)
+                prep.frozen += frz
         else:
             bits = g.bits_per_weight
             zero = float((g.dequantized.reshape(-1) == 0).sum())
@@ -1487,6 +1546,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
             pinned_fraction=frz / max(numel, 1), zero_fraction=zero / numel if g is not None else 0.0,
             bits_per_weight=bits, quantized_by=g.method if g is not None else "",
         )
+    prep.grids = grids
     return prep
 
 
@@ -1781,9 +1841,7 @@ def _affine_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b
     kap = kap.reshape(D, c)
     if free is None:
         kap = torch.where(dead, torch.zeros_like(kap), kap)
-        if grid.revealed is not None:
-            rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
-            kap = torch.where(rev, torch.ones_like(kap), kap)
+        kap = _revealed_draws(grid, kap, th64, sg64, xi, a, b)
     return kap
 
 
@@ -1818,9 +1876,23 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
                               None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
     kap = mm.kappa[: D * c].reshape(D, c)
     kap = torch.where(dead, torch.zeros_like(kap), kap)
-    if grid.revealed is not None:
-        rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
-        kap = torch.where(rev, torch.ones_like(kap), kap)
+    return _revealed_draws(grid, kap, th64, sg64, xi, a, b)
+
+
+def _revealed_draws(grid: ParamGrid, kap: Tensor, th64: Tensor, sg64: Tensor, xi: Tensor, a: int, b: int) -> Tensor:
+    """``kap [D, c]`` with the elements the release gives away (:attr:`ParamGrid.revealed`) at 1,
+    or, for a grid of stored weights (``storage_dtype``), at the storage grid's kappa at each draw's
+    position (their release is ``rnd_D(theta)``; method.md section 5)."""
+    if grid.revealed is None:
+        return kap
+    rev = grid.revealed.reshape(-1)[a:b].to(torch.bool)
+    if grid.storage_dtype is None or not bool(rev.any()):
+        return torch.where(rev, torch.ones_like(kap), kap)
+    ii = torch.nonzero(rev).squeeze(-1)
+    pos = (th64[ii] + sg64[ii] * xi[:, ii]).reshape(-1)
+    sm = storage_cell_moments(pos, sg64[ii].expand(xi.shape[0], -1).reshape(-1), grid.storage_dtype)
+    kap = kap.clone()
+    kap[:, ii] = sm.kappa.reshape(xi.shape[0], -1)
     return kap
 
 
@@ -2038,7 +2110,9 @@ def _moments_state(policy: F.CompilePolicy | None, elements: int = 0) -> tuple:
 
 def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 keep_moments: bool, strict: bool = True,
-                policy: F.CompilePolicy | None = None) -> dict[str, list[F.CltSums]]:
+                policy: F.CompilePolicy | None = None,
+                stored: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None, F.CltSums]] | None = None
+                ) -> dict[str, list[F.CltSums]]:
     """Per parameter: ``[baseline, scheme_0 main, scheme_0 draws..., scheme_0 pool, scheme_1 main, ...]``
     sums, in one streaming pass over the weights for every scheme and bootstrap draw.
 
@@ -2051,9 +2125,17 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
     moments of whole parameters are kept only when ``keep_moments`` (the Monte Carlo form,
     small models) or the influences must be recomputed (no factors, not stored: one
     :meth:`Estimate.power_sums` call per parameter, as before).
+
+    The baseline column of a parameter stored in bf16 / fp16 (``prepared[0].storage``) reads its
+    storage grid (the unquantized release ``rnd_D(theta-hat)``, method.md section 5) instead of
+    ``kappa = 1``; ``stored`` (when given) receives, per such parameter, the baseline's pool
+    protocol sums (cells at ``sigma / sqrt(2)``), when the moments are kept its kappa at
+    theta-hat and in the pool protocol (``[numel]``, else ``None``), and the sums at ``kappa = 1``
+    (the continuous estimate: the spread term's reference). Float32 parameters: ``kappa = 1``, as before.
     """
     R = est.num_records
     out: dict[str, list[F.CltSums]] = {}
+    storage = prepared[0].storage if prepared else {}
     keep_fourth = 16 * sum(g.numel for p in prepared for g in p.grids.values()) <= FOURTH_KEEP_BYTES
     for pi, name in enumerate(est.names):
         numel = est.theta[name].numel()
@@ -2085,7 +2167,13 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     prep.lam_pool[name] = prep.lam[name].clone()
                     prep.lam_draws[name] = [prep.lam[name].clone() for _ in range(prep.num_draws)]
         nm = 1 + len(active)
-        s2 = torch.zeros(R, 2 * nm - 1, dtype=torch.float64)  # base, main per scheme, pool per scheme
+        sgrid = storage.get(name)
+        extra = 2 * int(sgrid is not None)  # the baseline's pool and kappa = 1 columns (stored weights)
+        base_k = base_kp = None
+        if sgrid is not None and keep:
+            base_k, base_kp = torch.empty(numel, dtype=torch.float64), torch.empty(numel, dtype=torch.float64)
+        # base, main per scheme, pool per scheme (, the baseline's pool, kappa = 1)
+        s2 = torch.zeros(R, 2 * nm - 1 + extra, dtype=torch.float64)
         s4 = torch.zeros(R, 2 * nm, dtype=torch.float64)  # (m4 - 3 k^2) then k^2 of the main columns
         # Streamed influences: a scheme's fourth-power sums only feed the Gaussian form's
         # diagnostics, which the baseline's sum_j w^4 bounds (method.md section 3, "Gaussian
@@ -2126,6 +2214,15 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 xi = torch.randn(_draw_noise_rows(D, est.d == 1), c, dtype=torch.float64, generator=gen)
             ones = torch.ones(c, dtype=torch.float64)
             K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
+            P0: list[Tensor] = []
+            if sgrid is not None:  # the unquantized release of stored weights: the storage grid
+                mm0 = sgrid.moments(th_c, sg_c, a, b, compile_policy=policy)
+                K[0], M4[0] = mm0.kappa, mm0.m4
+                P0.append(sgrid.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy,
+                                        kappa_only=est.d != 1).kappa)
+                P0.append(ones)  # the continuous estimate's sums: the spread term's reference
+                if base_k is not None and base_kp is not None:
+                    base_k[a:b], base_kp[a:b] = K[0], P0[0]
             # per scheme: (k, m4, pool k, draws' parts, chunk sums) of schemes that computed this chunk
             done: dict[int, tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None] | None, float, int]] = {}
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
@@ -2184,7 +2281,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         # Keep the column layout (kappa = 1); the scheme is reported as failed.
                         prep.failed = f"{type(exc).__name__} in the cell moments of {name!r}: {exc}"
                 if prep.failed is not None:
-                    k_c, m4_c, kp_c, delta = ones, M4[0], ones, None
+                    k_c, m4_c, kp_c, delta = ones, M4[0] if sgrid is None else torch.full((c,), 3.0, dtype=torch.float64), ones, None
                     k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
                 assert k_c is not None and m4_c is not None and kp_c is not None
                 if keep4[j]:  # the columns _exact_fourth_sums would recompute (the same operations)
@@ -2205,15 +2302,15 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 # equal grids' columns (the same tensors) and zero columns summed once, the
                 # distinct ones stacked alone (no [c, all columns] matrix to gather from; pf30)
                 k2 = {i: K[i].square() for i in exact4}
-                lists = {2: [*K, *P], 4: [M4[i] - 3.0 * k2[i] for i in exact4] + [k2[i] for i in exact4]}
-                keys = {2: [id(t) for t in (*K, *P)],
+                lists = {2: [*K, *P, *P0], 4: [M4[i] - 3.0 * k2[i] for i in exact4] + [k2[i] for i in exact4]}
+                keys = {2: [id(t) for t in (*K, *P, *P0)],
                         4: [(id(M4[i]), id(K[i])) for i in exact4] + [id(K[i]) for i in exact4]}
                 ps = _distinct_list_sums(reader, a, b, lists, keys)
             else:
                 Km = torch.stack(K, 1)
                 K4 = Km[:, exact4] if len(exact4) < nm else Km
                 M4m = torch.stack([M4[i] for i in exact4], 1)
-                cols = {2: torch.cat([Km, torch.stack(P, 1)], 1) if P else Km,
+                cols = {2: torch.cat([Km, torch.stack(P + P0, 1)], 1) if P or P0 else Km,
                         4: torch.cat([M4m - 3.0 * K4.square(), K4.square()], 1)}
                 if not reader.streaming:  # influences recomputed per record block: one call at the end
                     held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None
@@ -2242,9 +2339,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             widths = [p.num_draws for p in active]
             ps = est.power_sums(name, {2: torch.cat([torch.cat([h[0][2], *h[1]], 1) for h in held], 0),
                                        4: torch.cat([h[0][4] for h in held], 0)})
-            s2 = ps[2][:, : 2 * nm - 1]
+            s2 = ps[2][:, : 2 * nm - 1 + extra]
             s4 = ps[4]
-            o = 2 * nm - 1
+            o = 2 * nm - 1 + extra
             for j, w_ in enumerate(widths):
                 dd[j] = ps[2][:, o: o + w_]
                 o += w_
@@ -2252,6 +2349,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         # the columns in the layout the callers read
         base = F.CltSums(s2[:, 0].clone(), s4[:, 0].clone(), s4[:, nm].clone())
         res = [base]
+        if sgrid is not None and stored is not None:
+            zero = torch.zeros(R, dtype=torch.float64)
+            stored[name] = (F.CltSums(s2[:, 2 * nm - 1].clone(), zero), base_k, base_kp,
+                            F.CltSums(s2[:, 2 * nm].clone(), zero.clone()))
         for prep in prepared:
             if prep not in active:
                 res.append(F.CltSums(base.s2.clone(), base.s4.clone(), base.s22.clone()))
@@ -2422,11 +2523,13 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
                    num_samples: int | None, gen: torch.Generator, chunk: int,
                    rc: F.correlated.RecordCorrelation | None = None,
                    base_t: Tensor | None = None, policy: F.CompilePolicy | None = None,
-                   base_t_independent: Tensor | None = None) -> SchemeResult:
+                   base_t_independent: Tensor | None = None, base_kvec: Tensor | None = None) -> SchemeResult:
     """One scheme's figures from the pass's sums. ``base_t [R]``: the unquantized first-order
     values per record, the spread term's reference (with ``est.leverage``; method.md section 4,
     "Spread term"); ``base_t_independent [R]``: the same of the independent-coordinate form, the
-    reference of ``leakage_independent`` (defaults to ``base_t``)."""
+    reference of ``leakage_independent`` (defaults to ``base_t``); ``base_kvec [d]``: the
+    baseline's kappa (stored weights' storage grid, 1 elsewhere; ``None``: all 1), for the
+    per-layer correlated baselines."""
     R, n, d = est.num_records, est.n, est.d
     idx = prep.column
     main = {name: sums[name][idx] for name in est.names}
@@ -2485,7 +2588,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
             k_l = kvec[sl] if name in prep.kappa else None
             layers[name].leakage = float(F.saturate(rcl.gaussian_mean_abs(wl, k_l) / (2 * math.sqrt(n))).mean())
             layers[name].mis = 1.0 - layers[name].leakage
-            layers[name].baseline_leakage = _layer_baseline(est, rc, name)
+            layers[name].baseline_leakage = _layer_baseline(est, rc, name, base_kvec)
         fitted = {"in_sample": " (the stored records' sample correlation)",
                   "cross_fitted": " (cross-fitted factor model)"}.get(rc.fit, "") if rc.kind == "factor" else ""
         # the independent value as covariance="independent" gives it: with the spread term where the
@@ -2593,15 +2696,21 @@ def _kappa_vector(est: Estimate, kappas: Mapping[str, Tensor]) -> Tensor:
     return out
 
 
-def _layer_baseline(est: Estimate, rc: F.correlated.RecordCorrelation, name: str) -> float:
-    """A layer's unquantized leakage with its block of the correlation (cached per estimate)."""
+def _layer_baseline(est: Estimate, rc: F.correlated.RecordCorrelation, name: str,
+                    base_kvec: Tensor | None = None) -> float:
+    """A layer's unquantized leakage with its block of the correlation (cached per estimate);
+    ``base_kvec [d]``: the baseline's kappa where the layer is stored in bf16 / fp16 (its storage
+    grid, as a scheme's layer reads its kappa), ``None``: 1."""
     cache = rc.cache.setdefault("layer_baseline", {})
-    if name not in cache:
+    sl = slice(*est.offsets[name])
+    stored = base_kvec is not None and not bool((base_kvec[sl] == 1.0).all())
+    key = (name, "stored") if stored else name
+    if key not in cache:
         assert est.influence is not None
-        sl = slice(*est.offsets[name])
-        cache[name] = float(F.saturate(rc.restrict(sl).gaussian_mean_abs(est.influence[:, sl])
-                                       / (2 * math.sqrt(est.n))).mean())
-    return cache[name]
+        rcl, wl = rc.restrict(sl), est.influence[:, sl]
+        mean_abs = rcl.gaussian_mean_abs(wl, None if base_kvec is None or not stored else base_kvec[sl])
+        cache[key] = float(F.saturate(mean_abs / (2 * math.sqrt(est.n))).mean())
+    return cache[key]
 
 
 def _exact1d(est: Estimate, lams: dict[str, Tensor]) -> Tensor:

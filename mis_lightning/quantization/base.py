@@ -6,7 +6,8 @@ scales, zero points, block sizes) back from the backend's own tensors into a
 :class:`ParamGrid`. Parameters the scheme leaves in float appear in ``unquantized`` with the
 reason (layer type not supported, width not a multiple of the group size, excluded by
 ``filter_fn``, outside the assessed parameters, ...) and are scored as unprotected
-(``kappa = 1``).
+(``kappa = 1``; a weight stored in bf16 / fp16 on its storage grid,
+:mod:`~mis_lightning.quantization.storage_grid`).
 
 Shared (tied) parameters: a weight held by several modules is quantized in every module that
 holds it, or in none (left in float everywhere, with the reason): the released copy never
@@ -48,7 +49,15 @@ from ..functional.quotient import (
     quotient_inverse,
     quotient_thresholds,
 )
-from ..functional.storage import STORAGE_DTYPES, storage_ulp, stored, stored_bounds, stored_edges
+from ..functional.storage import (
+    STORAGE_DTYPES,
+    storage_cell_moments,
+    storage_ulp,
+    storage_values,
+    stored,
+    stored_bounds,
+    stored_edges,
+)
 from ..functional.table import table_layout
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -67,8 +76,23 @@ STORAGE_EXACT_MAX_ULPS = 16.0
 STORAGE_FINE_CELLS = 2.0
 # window half-widths of the stored cells' exact sums (an element takes the first that holds the
 # cells within its 8.5 sd): ~1.2x apart, so a window holds at most ~20 % more edges than needed
+# Beyond _MAX_WINDOW (grids with more keys than the storage grid has values within reach: fp16 on a
+# bf16 model near 0, where neither holds the other's values) 1.4x apart up to a 16-bit table's keys:
+# an element is never scored on other cells than its stored ones (st31)
 _STORAGE_WINDOWS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20, 24, 29, 35, 42, 50, 60, 72, 86, 103, 124, 149,
-                    179, 215, 258, 310, 372, 446, _MAX_WINDOW)
+                    179, 215, 258, 310, 372, 446, _MAX_WINDOW, 724, 1024, 1448, 2048, 2896, 4096, 5793, 8192,
+                    11585, 16384, 23170, 32768, 46341, 65536)
+# runs of equal (scale, zero point) per chunk up to which a grid with more keys than 2 * _MAX_WINDOW
+# is checked for storage cells (:meth:`ParamGrid._storage_cells`: one key per D value, 65k, per run)
+_STORAGE_CELL_RUNS = 4
+# kappa by which the storage cells may read an element high and still stand for its stored cells
+# (:meth:`ParamGrid._storage_cells`: cells holding several D values within reach, bounded; on the
+# conservative side). At 1e-12 fp16 on bf16 weights of sd ~2e-3 whose reach spans 0 missed it by
+# 1.5% and took the stored cells' window sums over ~20k fp16 keys: 150 us per weight at 64 ulps
+STORAGE_CELLS_KAPPA = 1e-10
+# ... counting only merged cells up to this width (parameter units; wider ones disqualify: they
+# could only pass at sd above ~5e3 x their width)
+_MERGED_MAX_WIDTH = 2.0**-20
 # floats per [rows, edges] working tensor of those sums: ~30 element-wise operations per edge run
 # 3-4x faster on cache-sized temporaries (2^16 floats: 16 ns per edge, 2^20: 60; 1 thread)
 _STORAGE_ROWS_BUDGET = 1 << 16
@@ -498,9 +522,19 @@ class ParamGrid:
                              coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
         if self.revealed is not None:
             # Elements the released scale / zero point give away exactly (the absmax of a
-            # symmetric block, the min and max of an asymmetric one) leak like float weights.
+            # symmetric block, the min and max of an asymmetric one) leak like float weights:
+            # a stored weight's value given away is rnd_D(theta-hat), the storage grid's (st31)
             rev = self.revealed.reshape(-1)[start:end].to(mm.kappa.device)
-            if bool(rev.any()):
+            if bool(rev.any()) and self.storage_dtype is not None:
+                ii = torch.nonzero(rev).squeeze(-1)
+                sm = storage_cell_moments(theta[ii], sigma[ii], self.storage_dtype)
+                out = []
+                for f in ("kappa", "mean_abs", "m4", "coverage"):
+                    t = getattr(mm, f).to(torch.float64).clone()
+                    t[ii] = getattr(sm, f)
+                    out.append(t)
+                mm = CellMoments(*out)
+            elif bool(rev.any()):
                 one = torch.ones_like(mm.kappa)
                 mm = CellMoments(kappa=torch.where(rev, one, mm.kappa),
                                  mean_abs=torch.where(rev, one * SQRT_2_OVER_PI, mm.mean_abs),
@@ -518,22 +552,49 @@ class ParamGrid:
         bootstrap draws); affine grids may then leave ``mean_abs`` and ``m4`` uncomputed (NaN)
         or uncorrected for the bounds; ``kappa`` is bitwise the same. With ``storage_dtype``:
         elements within ``STORAGE_EXACT_MAX_ULPS`` storage ulps on the stored cells (exact window
-        sums), the others on the grid's own edges."""
+        sums), the others on the grid's own edges; where the stored cells within an element's reach
+        are the storage cells themselves (a grid that holds every ``D`` value there: ``fp16`` or
+        ``bf16`` on a bf16 model), the storage grid's moments
+        (:func:`~mis_lightning.functional.storage.storage_cell_moments`), at any sd."""
         if self.storage_dtype is not None:
-            exact, center, need = self._storage_exact(theta, sigma, scale, zero_point, code, bounds)
-            own = replace(self, storage_dtype=None)
-            if bool(exact.all()):
-                return self._storage_moments(theta, sigma, scale, zero_point, center, need, bounds,
-                                             compile_policy, kappa_only)
-            if not bool(exact.any()):
-                return own.element_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
-            return _merge_moments(theta.shape[0], theta.device, [
-                (torch.nonzero(exact).squeeze(-1),
-                 lambda ii: self._storage_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], center[ii],
-                                                  need[ii], _pick(bounds, ii), compile_policy, kappa_only)),
-                (torch.nonzero(~exact).squeeze(-1),
-                 lambda ii: own.element_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], _pick(code, ii),
-                                                _pick(bounds, ii), compile_policy, kappa_only))])
+            same = self._storage_cells(theta, sigma, scale, zero_point, bounds)
+            if same is not None and bool(same.any()):
+                D = self.storage_dtype
+                return _merge_moments(theta.shape[0], theta.device, [
+                    (torch.nonzero(same).squeeze(-1), lambda ii: storage_cell_moments(theta[ii], sigma[ii], D)),
+                    (torch.nonzero(~same).squeeze(-1),
+                     lambda ii: self._stored_grid_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii],
+                                                          _pick(code, ii), _pick(bounds, ii), compile_policy,
+                                                          kappa_only))])
+            return self._stored_grid_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy,
+                                             kappa_only)
+        return self._own_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+
+    def _stored_grid_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                             code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
+                             compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+        """``storage_dtype`` grids: elements within ``STORAGE_EXACT_MAX_ULPS`` storage ulps (or
+        ``STORAGE_FINE_CELLS`` cells, or a bound within reach) on the stored cells, the others on
+        the grid's own edges."""
+        exact, center, need = self._storage_exact(theta, sigma, scale, zero_point, code, bounds)
+        own = replace(self, storage_dtype=None)
+        if bool(exact.all()):
+            return self._storage_moments(theta, sigma, scale, zero_point, center, need, bounds,
+                                         compile_policy, kappa_only)
+        if not bool(exact.any()):
+            return own.element_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+        return _merge_moments(theta.shape[0], theta.device, [
+            (torch.nonzero(exact).squeeze(-1),
+             lambda ii: self._storage_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], center[ii],
+                                              need[ii], _pick(bounds, ii), compile_policy, kappa_only)),
+            (torch.nonzero(~exact).squeeze(-1),
+             lambda ii: own.element_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], _pick(code, ii),
+                                            _pick(bounds, ii), compile_policy, kappa_only))])
+
+    def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                     code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
+                     compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+        """The grid's own cells (no storage rounding)."""
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
@@ -570,6 +631,13 @@ class ParamGrid:
         bounds = self.element_bounds(start, end)
         if bounds is not None:
             edges = clip_boundaries(edges, *bounds)
+        if self.revealed is not None and self.storage_dtype is not None:
+            # a stored weight the scale gives away is released as rnd_D(theta-hat): the storage cells
+            rev = self.revealed.reshape(-1)[start:end].to(edges.device)
+            if bool(rev.any()):
+                ii = torch.nonzero(rev).squeeze(-1)
+                th = theta.to(torch.float64)[ii]
+                edges[ii] = table_boundaries(th, storage_values(self.storage_dtype), torch.ones_like(th), half_window)
         if bool(dead.any()):
             single = torch.full_like(edges[0], math.inf)
             single[: half_window + 1] = -math.inf
@@ -777,8 +845,11 @@ class ParamGrid:
     def _storage_exact(self, theta: Tensor, sigma: Tensor, scale: Tensor, zp: Tensor,
                        code: Tensor | None, bounds: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """``(exact [c] bool, center [c], need [c])``: the elements scored on the stored cells (sd
-        within ``STORAGE_EXACT_MAX_ULPS`` storage ulps at the edges within reach, and their
-        cells within the largest window), their cell keys and the edges each side they need."""
+        within ``STORAGE_EXACT_MAX_ULPS`` storage ulps at the edges within reach, or within
+        ``STORAGE_FINE_CELLS`` of the grid's cells, or a bound within reach), their cell keys and
+        the grid's keys each side they need (any number: the windows go up to the whole table;
+        before st31 an element needing more than ``_MAX_WINDOW`` was scored on the grid's own
+        cells, 8x too fine for fp16 on a bf16 model: kappa up to 4.5e-3 too high)."""
         D = self.storage_dtype
         assert D is not None
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
@@ -797,7 +868,75 @@ class ParamGrid:
         k_lo = self._stored_key(stored(th - reach, D), scale, zp)
         k_hi = self._stored_key(stored(th + reach, D), scale, zp)
         need = torch.maximum(center - k_lo, k_hi - center) + 1
-        return exact & (need <= _MAX_WINDOW), center, need
+        return exact, center, need
+
+    def _storage_cells(self, theta: Tensor, sigma: Tensor, scale: Tensor, zp: Tensor,
+                       bounds: tuple[Tensor, Tensor] | None) -> Tensor | None:
+        """``[c]`` bool: the elements whose stored cells within reach (8.5 sd, and the cell beyond
+        each end) are the storage cells themselves, or as good as: each storage midpoint is a stored
+        edge (every ``D`` value has a key of its own: a grid finer than the storage grid, or equal;
+        ``fp16`` on a bf16 model from 2^-17 to 65280, ``bf16`` on a bf16 model everywhere), except in
+        cells that hold several ``D`` values ("merged") whose effect on kappa is at most
+        ``STORAGE_CELLS_KAPPA`` (1e-10): a partition refined inside a cell ``m`` of width ``w_m`` gains
+        ``p_m Var(u | m) <= p_m (w_m / sd)^2 / 4 <= (w_m / sd)^3 / (4 sqrt(2 pi))`` of kappa, summed
+        over the merged cells within reach (``fp16`` on a bf16 model: fp16's subnormal cells, 2^-24
+        wide, below 2^-17: a weight whose reach spans 0 qualifies from sd ~ 4e-4). The storage cells
+        read kappa at most that much high (conservative). No bound of the release may lie within reach. ``None``:
+        not checked (a grid of at most ``2 * _MAX_WINDOW`` keys, whose windows the stored cells'
+        sums cover at any sd, or more than ``_STORAGE_CELL_RUNS`` runs of equal ``(scale, zero
+        point)`` in the chunk)."""
+        D = self.storage_dtype
+        assert D is not None
+        n_keys = (self.qmax - self.qmin) if self.kind != "table" else self.values.numel()  # type: ignore[union-attr]
+        c = theta.shape[0]
+        if n_keys <= 2 * _MAX_WINDOW or c == 0:
+            return None
+        s64, z64 = scale.to(torch.float64), zp.to(torch.float64)
+        new = (s64[1:] != s64[:-1]) | (z64[1:] != z64[:-1])
+        if int(new.sum()) + 1 > _STORAGE_CELL_RUNS:
+            return None
+        vals = storage_values(D).to(theta.device)
+        V = vals.numel()
+        th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+        reach = CUTOFF_SIGMAS * sg
+        # the D values holding the ends of the reach, and one more each side (the cells beyond)
+        lo = (torch.searchsorted(vals, stored(th - reach, D)) - 1).clamp(0, V - 1)
+        hi = (torch.searchsorted(vals, stored(th + reach, D)) + 1).clamp(0, V - 1)
+        gid = torch.cat([new.new_zeros(1, dtype=torch.long), new.long().cumsum(0)])
+        first = torch.nonzero(torch.cat([new.new_ones(1), new])).squeeze(-1)
+        gain = torch.empty(c, dtype=torch.float64, device=theta.device)  # sum of w_m^3 of merged cells in reach
+        cache = self.__dict__.setdefault("_merged_cells", {})
+        for r, i0 in enumerate(first.tolist()):
+            key = (float(s64[i0]), float(z64[i0]), vals.device)
+            if key not in cache:
+                k = self._stored_key(vals, s64[i0].expand(V), z64[i0].expand(V))
+                # runs of D values sharing a key: one stored cell each, between the storage
+                # midpoints around the run (the outermost cells: to the last D value)
+                starts = torch.cat([k.new_ones(1, dtype=torch.bool), k[1:] != k[:-1]])
+                run = torch.cumsum(starts.long(), 0) - 1
+                sidx = torch.nonzero(starts).squeeze(-1)  # first D value of each run
+                eidx = torch.cat([sidx[1:] - 1, sidx.new_full((1,), V - 1)])  # last
+                mids = 0.5 * (vals[1:] + vals[:-1])
+                left = torch.where(sidx > 0, mids[(sidx - 1).clamp_min(0)], vals[0])
+                right = torch.where(eidx < V - 1, mids[eidx.clamp_max(V - 2)], vals[-1])
+                w = torch.where(eidx > sidx, right - left, torch.zeros_like(left))
+                # merged cells wider than _MERGED_MAX_WIDTH are counted, not summed: the prefix
+                # sums then hold no term that would swamp the others (a 1e38-wide cell beyond
+                # fp16's range next to 2^-24-wide subnormal cells)
+                big = w > _MERGED_MAX_WIDTH
+                w3 = torch.where(big, torch.zeros_like(w), w**3)
+                cum = torch.cat([w3.new_zeros(1), w3.cumsum(0)])  # cum[j]: runs before run j
+                nbig = torch.cat([big.new_zeros(1, dtype=torch.long), big.long().cumsum(0)])
+                cache[key] = (run, cum, nbig)
+            run, cum, nbig = cache[key]
+            sel = torch.nonzero(gid == r).squeeze(-1)
+            r_lo, r_hi = run[lo[sel]], run[hi[sel]] + 1
+            gain[sel] = torch.where(nbig[r_hi] > nbig[r_lo], math.inf, cum[r_hi] - cum[r_lo])
+        sgt = sg.clamp_min(torch.finfo(torch.float64).tiny)
+        same = (gain / (4.0 * math.sqrt(2.0 * math.pi) * sgt ** 3) <= STORAGE_CELLS_KAPPA) & torch.isfinite(th) & (sg > 0)
+        if bounds is not None:
+            same &= ~bounds_in_reach(th, sg, bounds[0].to(torch.float64), bounds[1].to(torch.float64))
+        return same
 
     def _cell_width(self, x: Tensor, scale: Tensor) -> Tensor:
         """An upper bound of the grid's own cell widths within ``|x|`` (parameter units, ``[c]``):
@@ -837,7 +976,7 @@ class ParamGrid:
         coverage = torch.ones_like(kappa)
         if c == 0:
             return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
-        need = need.clamp(min=2, max=_MAX_WINDOW)
+        need = need.clamp(min=2, max=_STORAGE_WINDOWS[-1])
         window_edges = int((2 * need + 2).sum())
         table = self._stored_table(scale, zp, center, window_edges)
         if table is not None:
