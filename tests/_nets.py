@@ -34,3 +34,29 @@ def trained_relu_mlp(inputs: int = 64, hidden: int = 24, steps: int = 100):
         ((model(x)[:, 0] - y) ** 2).mean().backward()
         opt.step()
     return model, x, y
+
+
+def mse_per_record(out, y):
+    """Per-record squared error ``[B]`` of a one-output model."""
+    return (out.reshape(-1) - y.reshape(-1)).square()
+
+
+def ols_ar1_linear(rho: float, bias: bool, n: int = 2000, d: int = 16, seed: int = 0):
+    """``nn.Linear(d, 1)`` (float64) fitted exactly (least squares) to ``y = x beta + noise`` on
+    AR(1) inputs of lag-1 correlation ``rho`` (non-centred by 1 with a bias: the bias column
+    correlated with the weights); returns ``(model, batches of 250 (x, y))`` (seeded)."""
+    import torch
+
+    from mis_lightning.data.synthetic import ar1_cholesky
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) @ ar1_cholesky(d, rho).T + (1.0 if bias else 0.0)
+    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1) if bias else x
+    beta = torch.linalg.lstsq(xa, y.unsqueeze(1)).solution.reshape(-1)
+    model = nn.Linear(d, 1, bias=bias).double()
+    with torch.no_grad():
+        model.weight.copy_(beta[:d].reshape(1, d))
+        if bias:
+            model.bias.copy_(beta[d:])
+    return model, [(x[i: i + 250], y[i: i + 250]) for i in range(0, n, 250)]

@@ -5,34 +5,11 @@ Kronecker-factored Hessian, the marginal sd the cells need."""
 from __future__ import annotations
 
 import torch
+from _nets import mse_per_record as _mse
+from _nets import ols_ar1_linear as _ols
 from torch import nn
 
-from mis_lightning.data.synthetic import ar1_cholesky
 from mis_lightning.estimation.estimate import estimate
-
-
-def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (out.reshape(-1) - y.reshape(-1)).square()
-
-
-def _ar1(n: int, d: int, rho: float, g: torch.Generator) -> torch.Tensor:
-    """``n`` rows of a stationary AR(1) series of length ``d`` (unit variance, lag-1 correlation ``rho``)."""
-    return torch.randn(n, d, generator=g, dtype=torch.float64) @ ar1_cholesky(d, rho).T
-
-
-def _ols(rho: float, bias: bool, n: int = 2000, d: int = 16, seed: int = 0) -> tuple[nn.Module, list]:
-    """``nn.Linear(d, 1)`` fitted exactly (least squares) to ``y = x beta + noise`` on AR(1) inputs."""
-    g = torch.Generator().manual_seed(seed)
-    x = _ar1(n, d, rho, g) + (1.0 if bias else 0.0)  # non-centred inputs: the bias collinear with them
-    y = x @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
-    xa = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1) if bias else x
-    beta = torch.linalg.lstsq(xa, y.unsqueeze(1)).solution.reshape(-1)
-    model = nn.Linear(d, 1, bias=bias).double()
-    with torch.no_grad():
-        model.weight.copy_(beta[:d].reshape(1, d))
-        if bias:
-            model.bias.copy_(beta[d:])
-    return model, [(x[i: i + 250], y[i: i + 250]) for i in range(0, n, 250)]
 
 
 def _sigma_ratio(model: nn.Module, loader: list) -> torch.Tensor:
