@@ -959,16 +959,16 @@ def score_schemes(
         diagnostics["baseline_leakage_independent"] = (
             baseline if est.leverage is None else spread(base_t, ref_t))
         assert est.influence is not None
-        base_abs = _unquantized_mean_abs(est, rc)
-        base_abs_pool = base_abs
+        cont_abs = _unquantized_mean_abs(est, rc)  # the continuous release (kappa = 1)
+        base_abs = base_abs_pool = cont_abs
         if base_kvec is not None and base_kvec_pool is not None:
             # stored weights: the storage grid's kappa through the correlation, capped by the
             # continuous value, as _correlated_leakage scores the 'none' row
             base_abs = torch.minimum(rc.gaussian_mean_abs(est.influence, base_kvec), base_abs)
             base_abs_pool = torch.minimum(rc.gaussian_mean_abs(est.influence, base_kvec_pool), base_abs_pool)
-        continuous = float(F.saturate(_unquantized_mean_abs(est, rc) / (2 * math.sqrt(n))).mean())
+        continuous = float(F.saturate(cont_abs / (2 * math.sqrt(n))).mean())
         base_t = base_abs / (2 * math.sqrt(n))
-        ref_t = _unquantized_mean_abs(est, rc) / (2 * math.sqrt(n)) if stored_base else base_t
+        ref_t = cont_abs / (2 * math.sqrt(n))  # base_t itself unless stored weights lowered it
         baseline = float(F.saturate(base_t).mean())
         baseline_pool = float(F.saturate(base_abs_pool / (2 * math.sqrt(n / 2))).mean())
         if rc.kind == "full" and est.mahalanobis is not None:
