@@ -61,8 +61,8 @@ def test_estimate_from_states_equals_estimate(mode):
     for k in est_f.names:
         torch.testing.assert_close(est_m.sigma[k], est_f.sigma[k], rtol=1e-10, atol=0)
     # same records (all of them), in hash order instead of arrival order
-    assert est_m.w.shape == est_f.w.shape
-    torch.testing.assert_close(est_m.w.abs().sum(0), est_f.w.abs().sum(0), rtol=1e-10, atol=1e-12)
+    assert est_m.influence.shape == est_f.influence.shape
+    torch.testing.assert_close(est_m.influence.abs().sum(0), est_f.influence.abs().sum(0), rtol=1e-10, atol=1e-12)
 
 
 def test_compute_equals_assess_and_follows_torchmetrics_conventions():

@@ -111,12 +111,12 @@ def test_empty_scheme_list_is_refused_everywhere():
         ml.MISIndicator(m, mse, schemes=[])
     with pytest.raises(ValueError, match=msg):
         ml.MISCallback(schemes=[])
-    from mis_lightning.assess import score
+    from mis_lightning.assess import score_schemes
     from mis_lightning.estimation import estimate
 
     est = estimate(m, dl, mse, num_records=16)
     with pytest.raises(ValueError, match=msg):
-        score(est, m, [])
+        score_schemes(est, m, [])
 
 
 def test_renamed_fields_old_json_keys_load_and_old_names_warn():

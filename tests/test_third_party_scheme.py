@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
-from mis_lightning.assess import score
+from mis_lightning.assess import score_schemes
 from mis_lightning.estimation import estimate
 from mis_lightning.functional import affine_cell_moments
 from mis_lightning.quantization import (
@@ -164,7 +164,7 @@ def test_floor_rounding_is_scored_by_requantization_with_the_right_kappa():
     nearest_kappa = float(grid.moments(th, sg, 0, th.numel()).kappa.sum())
     assert floor_kappa == pytest.approx(3.113, abs=1e-3) and nearest_kappa == pytest.approx(0.604, abs=1e-3)
 
-    rep = score(est, model, [scheme], uncertainty_draws=0, seed=0)
+    rep = score_schemes(est, model, [scheme], uncertainty_draws=0, seed=0)
     res = rep.schemes[scheme.name]
     assert res.error is None
     assert res.layers["weight"].d_eff == pytest.approx(floor_kappa, abs=0.4)
