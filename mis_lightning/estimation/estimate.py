@@ -1345,8 +1345,16 @@ class MomentAccumulator:
         """Linear layers: gradient sums and the Gauss-Newton diagonal from layer factors."""
         assert self.factored is not None
         dev = st["g_sum"].device
-        sums, norm = self.factored.batch_sums(fac, self.acc_dtype)
+        into = None
+        if isinstance(self.factored, FactoredProgram) and st["g_sum"].device.type == "cpu":
+            # the weights' sums added in place over their live rows (linear_factors._add_live_rows):
+            # no [d] float64 copies per batch, and no GEMMs over a ReLU layer's dead units
+            into = {wn: tuple(st[s][slice(*self.offsets[wn])] for s in ("g_sum", "g2_sum", "h_sum"))
+                    for wn, _ in self.factored.layout.values() if wn is not None and wn in self.offsets}
+        sums, norm = self.factored.batch_sums(fac, self.acc_dtype, **({"into": into} if into is not None else {}))
         for k in self.names:
+            if k not in sums:
+                continue
             sl = slice(*self.offsets[k])
             g, g2, h, *h2 = sums[k]
             st["g_sum"][sl] += g.to(dev)
@@ -1379,9 +1387,12 @@ class MomentAccumulator:
             if f"kfac_n.{m}" in st:  # a state built before the program changed has none
                 cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
                 rows[m] = min(b, cap - int(st[f"kfac_n.{m}"]))
-        for m, (A, G) in prog.kron_sums(fac, torch.float64, rows).items():
-            st[f"kfac_A.{m}"] += A.to(dev)
-            st[f"kfac_G.{m}"] += G.to(dev)
+        # added in place where the state is on the CPU (no zero-filled, widened [p, p] copies)
+        into = {m: (st[f"kfac_A.{m}"], st[f"kfac_G.{m}"]) for m in rows} if dev.type == "cpu" else None
+        for m, (A, G) in prog.kron_sums(fac, torch.float64, rows, into=into).items():
+            if into is None:
+                st[f"kfac_A.{m}"] += A.to(dev)
+                st[f"kfac_G.{m}"] += G.to(dev)
             st[f"kfac_n.{m}"] += rows[m]
 
     def _update_kron_side(self, st: dict[str, Any], inputs: Any, targets: Any, b: int) -> None:
