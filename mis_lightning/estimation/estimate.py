@@ -1640,8 +1640,7 @@ class MomentAccumulator:
         if vifs:
             v = torch.cat(vifs)
             diagnostics.update(kfac_correction=True, kfac_variance_inflation_median=float(v.median()),
-                               kfac_variance_inflation_p90=float(v.quantile(0.9)) if v.numel() <= 1 << 24
-                               else float(v.median()), kfac_variance_inflation_max=float(v.max()),
+                               kfac_variance_inflation_p90=_quantile(v, 0.9), kfac_variance_inflation_max=float(v.max()),
                                kfac_corrected_weights=int(v.numel()), kfac_records_min=min(records))
         else:
             diagnostics["kfac_correction"] = False
@@ -1847,6 +1846,26 @@ class MomentAccumulator:
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
 
 
+def _quantile(v: Tensor, q: float) -> float:
+    """``torch.quantile(v, q)`` (linear interpolation between the order statistics at
+    ``floor`` / ``ceil`` of ``q (n - 1)``; NaN if ``v`` holds one) of a non-empty 1-D ``v`` by one
+    ``kthvalue`` selection and the least value above it instead of a sort: the same two order
+    statistics and the same ``lerp``, so the
+    same float (es32: the sort was ~0.6 s of the 1e7 MLP's estimation), and no size limit (torch's
+    quantile takes at most 2^24 elements; the median stood in above it before es32)."""
+    if bool(torch.isnan(v).any()):
+        return float("nan")
+    n = v.numel()
+    rank = torch.tensor(q, dtype=v.dtype) * (n - 1)  # in v's dtype, as torch.quantile's ranks
+    lo_k = int(rank.floor())
+    hi_k = int(rank.ceil())
+    lo = v.kthvalue(lo_k + 1).values
+    hi = lo
+    if hi_k > lo_k and int((v <= lo).sum()) < hi_k + 1:  # the next order statistic: the least above
+        hi = v[v > lo].min()
+    return float(torch.lerp(lo, hi, rank - lo_k))
+
+
 def _mc_error(h_sum: Tensor, h2_sum: Tensor, samples: int) -> dict[str, Any]:
     """The sampled-label Gauss-Newton diagonal's Monte Carlo error: per weight the relative
     standard error bound ``sqrt(h2_sum) / h_sum`` (``h2_sum`` bounds the variance of the summed
@@ -1855,7 +1874,7 @@ def _mc_error(h_sum: Tensor, h2_sum: Tensor, samples: int) -> dict[str, Any]:
     pos = h_sum > 0
     rel = h2_sum[pos].clamp_min(0.0).sqrt() / h_sum[pos]
     med = float(rel.median()) if rel.numel() else 0.0
-    p90 = float(rel.quantile(0.9)) if 0 < rel.numel() <= 1 << 24 else med
+    p90 = _quantile(rel, 0.9) if rel.numel() else med
     return {"ggn_mc_samples": samples, "ggn_mc_median_relative_error": med, "ggn_mc_p90_relative_error": p90}
 
 
