@@ -1629,7 +1629,9 @@ class MomentAccumulator:
             k = int(st[f"kfac_n.{m}"])
             vif = kfac_variance_inflation(st[f"kfac_A.{m}"].cpu(), st[f"kfac_G.{m}"].cpu(), k, decay)
             # a subsample's inverse reads high (Wishart): to the full sample's, never below 1
-            vif = (vif * kfac_subsample_scale(k, n, *kron[m])).clamp_min(1.0)
+            scale = kfac_subsample_scale(k, n, *kron[m])
+            if scale != 1.0:  # (all records summed: the VIF is already >= 1)
+                vif = (vif * scale).clamp_min(1.0)
             records.append(int(st[f"kfac_n.{m}"]))
             if wn is not None:
                 out[wn] = vif[:, : mods[m].in_features].reshape(-1).sqrt()

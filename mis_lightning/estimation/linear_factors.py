@@ -457,11 +457,17 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         va, vg = _factor_vif(An), _factor_vif(Gn)
         va = _factor_pinv_vif(An) if va is None else va
         vg = _factor_pinv_vif(Gn) if vg is None else vg
-        v = vg.unsqueeze(1) * va.unsqueeze(0)
         # a dead unit's row and a never-active input's column read 1 (as documented; the
-        # Cholesky route gave them the other factor's VIF before es32, the eigh route 1)
-        dead = (Gn.diagonal() <= 0).unsqueeze(1) | (An.diagonal() <= 0).unsqueeze(0)
-        return torch.where(torch.isfinite(v) & ~dead, v.clamp_min(1.0), torch.ones((), dtype=f64))
+        # Cholesky route gave them the other factor's VIF before es32, the eigh route 1): the
+        # products over the live block only (a ReLU layer's dead rows: most of a wide one)
+        ig, ia = (Gn.diagonal() > 0).nonzero().reshape(-1), (An.diagonal() > 0).nonzero().reshape(-1)
+        v = vg[ig].unsqueeze(1) * va[ia].unsqueeze(0)
+        v = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
+        if ig.numel() == Gn.shape[0] and ia.numel() == p:
+            return v
+        out = torch.ones(Gn.shape[0], p, dtype=f64)
+        out[ig.unsqueeze(1), ia.unsqueeze(0)] = v
+        return out
     # a zero diagonal entry of a PSD factor is a zero row and column (a dead unit, an input never
     # active): the factor is block-diagonal with it, so the eigendecompositions run on the live
     # block only (exact; it was most of the 1e7 MLP's estimation, whose ReLU layers are ~90% dead:
