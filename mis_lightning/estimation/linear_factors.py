@@ -345,18 +345,43 @@ def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None) -> Tensor:
     live = (v != 0).any(0)  # NaN counts as live: a non-finite factor stays visible
     k, nl = v.shape[1], int(live.sum())
     if nl > 0.75 * k:
-        return u.T @ v if into is None else into.add_(u.T @ v)
+        return _gram(u, v) if into is None else into.add_(_gram(u, v))
     if into is not None:
         if nl:
             idx = live.nonzero().reshape(-1)
             ix, iy = idx.unsqueeze(1), idx.unsqueeze(0)
-            into[ix, iy] = into[ix, iy] + u[:, idx].T @ v[:, idx]
+            into[ix, iy] = into[ix, iy] + _gram(u[:, idx], v[:, idx] if v is not u else None)
         return into
     out = torch.zeros(k, k, dtype=torch.promote_types(u.dtype, v.dtype))
     if nl:
         idx = live.nonzero().reshape(-1)
-        out[idx.unsqueeze(1), idx.unsqueeze(0)] = u[:, idx].T @ v[:, idx]
+        out[idx.unsqueeze(1), idx.unsqueeze(0)] = _gram(u[:, idx], v[:, idx] if v is not u else None)
     return out
+
+
+def _gram(u: Tensor, v: Tensor | None) -> Tensor:
+    """``u^T v`` ``[k, k]``; with ``v`` ``None`` or ``u`` itself, ``u^T u`` from the GEMMs of its
+    block rows from the diagonal block rightwards (:data:`GRAM_BLOCKS` row blocks, ``(b + 1) / (2 b)``
+    of the flops), the blocks below the diagonal mirrored: each entry the same dot product over
+    the records as the whole GEMM's, equal to float rounding (measured bitwise equal with MKL at
+    the 1e7 MLP's float32 shapes; es32)."""
+    if v is not None and v is not u:
+        return u.T @ v
+    k = u.shape[1]
+    if k < GRAM_BLOCK_MIN:
+        return u.T @ u
+    out = torch.empty(k, k, dtype=u.dtype)
+    e = [k * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
+    for r0, r1 in zip(e[:-1], e[1:]):
+        blk = u[:, r0:r1].T @ u[:, r0:]
+        out[r0:r1, r0:] = blk
+        out[r1:, r0:r1] = blk[:, r1 - r0:].T
+    return out
+
+
+# _gram's row blocks of a symmetric u^T u, and the width from which it splits (below: one GEMM)
+GRAM_BLOCKS = 4
+GRAM_BLOCK_MIN = 512
 
 
 # the widest layer (fan-in + bias, or fan-out) whose Kronecker factors the diagonal estimator
