@@ -459,19 +459,28 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
     ``lambda = 0``.
     """
     f64 = torch.float64
-    An, Gn = A.to(f64) / n, G.to(f64) / n
+    p, q = A.shape[0], G.shape[0]
+    # a zero diagonal entry of a PSD factor is a zero row and column (a dead unit, an input never
+    # active): the factor is block-diagonal with it, so everything below runs on the live blocks
+    # (exact; a ReLU layer's dead units are ~90% of the 1e7 MLP's second layer: pf31), the
+    # normalisation and symmetrisation too (es32: over the whole 4,096-wide G they were ~0.3 s),
+    # and the dead entries take the factor 1
+    ia = (A.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    ig = (G.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    vif = torch.ones(q, p, dtype=f64)
+    if not (ia.numel() and ig.numel()):
+        return vif
+    An, Gn = A[ia][:, ia].to(f64) / n, G[ig][:, ig].to(f64) / n
     Gn = (Gn + Gn.T) / 2
     An = (An + An.T) / 2
-    p = An.shape[0]
     lam = torch.as_tensor(decay, dtype=f64).expand(p).clone()
     uniform = bool((lam == lam[0]).all())
     if uniform:
         lam0, scale = float(lam[0]), torch.ones(p, dtype=f64)
-        At = An
     else:
         lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
         lam0, scale = 1.0, lam.rsqrt()
-        At = An * scale.unsqueeze(0) * scale.unsqueeze(1)
+    lam_l, scale_l = lam[ia], scale[ia]
     if uniform and lam0 == 0.0:
         # no decay: the (pseudo-)inverse of a Kronecker product is the product of the factors'
         # (pseudo-)inverses, so VIF = VIF_G (x) VIF_A, one factor at a time: diag(R^-1) of its
@@ -482,43 +491,29 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         va, vg = _factor_vif(An), _factor_vif(Gn)
         va = _factor_pinv_vif(An) if va is None else va
         vg = _factor_pinv_vif(Gn) if vg is None else vg
-        # a dead unit's row and a never-active input's column read 1 (as documented; the
-        # Cholesky route gave them the other factor's VIF before es32, the eigh route 1): the
-        # products over the live block only (a ReLU layer's dead rows: most of a wide one)
-        ig, ia = (Gn.diagonal() > 0).nonzero().reshape(-1), (An.diagonal() > 0).nonzero().reshape(-1)
-        v = vg[ig].unsqueeze(1) * va[ia].unsqueeze(0)
-        v = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
-        if ig.numel() == Gn.shape[0] and ia.numel() == p:
-            return v
-        out = torch.ones(Gn.shape[0], p, dtype=f64)
-        out[ig.unsqueeze(1), ia.unsqueeze(0)] = v
-        return out
-    # a zero diagonal entry of a PSD factor is a zero row and column (a dead unit, an input never
-    # active): the factor is block-diagonal with it, so the eigendecompositions run on the live
-    # block only (exact; it was most of the 1e7 MLP's estimation, whose ReLU layers are ~90% dead:
-    # pf31) and the dead entries take the factor 1 below
-    la, lg = An.diagonal() > 0, Gn.diagonal() > 0
-    vif = torch.ones(p, Gn.shape[0], dtype=f64)
-    if not (bool(la.any()) and bool(lg.any())):
-        return vif.T.contiguous()
-    ia, ig = la.nonzero().reshape(-1), lg.nonzero().reshape(-1)
-    At_l, Gn_l, An_l = At[ia][:, ia], Gn[ig][:, ig], An[ia][:, ia]
-    s, U = torch.linalg.eigh(At_l)
-    t, W = torch.linalg.eigh(Gn_l)
-    s, t = s.clamp_min(0.0), t.clamp_min(0.0)
-    den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p_live, out_live]
-    if lam0 > 0:
-        M = 1.0 / den
-    else:  # pseudo-inverse: exact null directions of either factor carry no variance
-        live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
-            & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
-        M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
-    inv_diag = (U.square() @ M @ W.square().T) * scale[ia].square().unsqueeze(1)  # [p_live, out_live]
-    h_diag = An_l.diagonal().unsqueeze(1) * Gn_l.diagonal().unsqueeze(0) \
-        + (lam[ia].unsqueeze(1) if not uniform else lam0)
-    v = h_diag * inv_diag
-    vif[ia.unsqueeze(1), ig.unsqueeze(0)] = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
-    return vif.T.contiguous()
+        v = vg.unsqueeze(1) * va.unsqueeze(0)  # [out_live, p_live]
+    else:
+        At = An if uniform else An * scale_l.unsqueeze(0) * scale_l.unsqueeze(1)
+        s, U = torch.linalg.eigh(At)
+        t, W = torch.linalg.eigh(Gn)
+        s, t = s.clamp_min(0.0), t.clamp_min(0.0)
+        den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p_live, out_live]
+        if lam0 > 0:
+            M = 1.0 / den
+        else:  # pseudo-inverse: exact null directions of either factor carry no variance
+            live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
+                & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
+            M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
+        inv_diag = (U.square() @ M @ W.square().T) * scale_l.square().unsqueeze(1)  # [p_live, out_live]
+        h_diag = An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) \
+            + (lam_l.unsqueeze(1) if not uniform else lam0)
+        v = (h_diag * inv_diag).T
+    # a pseudo-inverse along exact null directions can read below 1 (not used): at least 1
+    v = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
+    if ia.numel() == p and ig.numel() == q:
+        return v.contiguous()
+    vif[ig.unsqueeze(1), ia.unsqueeze(0)] = v
+    return vif
 
 
 def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | float = 0.0) -> Tensor:
