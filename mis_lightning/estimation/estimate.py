@@ -1353,7 +1353,7 @@ class MomentAccumulator:
                     for wn, _ in self.factored.layout.values() if wn is not None and wn in self.offsets}
         sums, norm = self.factored.batch_sums(fac, self.acc_dtype, **({"into": into} if into is not None else {}))
         for k in self.names:
-            if k not in sums:
+            if into is not None and k in into:  # added in place by batch_sums
                 continue
             sl = slice(*self.offsets[k])
             g, g2, h, *h2 = sums[k]
@@ -1390,7 +1390,7 @@ class MomentAccumulator:
         # added in place where the state is on the CPU (no zero-filled, widened [p, p] copies)
         into = {m: (st[f"kfac_A.{m}"], st[f"kfac_G.{m}"]) for m in rows} if dev.type == "cpu" else None
         for m, (A, G) in prog.kron_sums(fac, torch.float64, rows, into=into).items():
-            if into is None:
+            if into is None or m not in into:
                 st[f"kfac_A.{m}"] += A.to(dev)
                 st[f"kfac_G.{m}"] += G.to(dev)
             st[f"kfac_n.{m}"] += rows[m]
