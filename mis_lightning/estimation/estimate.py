@@ -1852,9 +1852,9 @@ def _quantile(v: Tensor, q: float) -> float:
     """``torch.quantile(v, q)`` (linear interpolation between the order statistics at
     ``floor`` / ``ceil`` of ``q (n - 1)``; NaN if ``v`` holds one) of a non-empty 1-D ``v`` by one
     ``kthvalue`` selection and the least value above it instead of a sort: the same two order
-    statistics and the same ``lerp``, so the
-    same float (es32: the sort was ~0.6 s of the 1e7 MLP's estimation), and no size limit (torch's
-    quantile takes at most 2^24 elements; the median stood in above it before es32)."""
+    statistics and the same ``lerp``, so the same float (es32: the sort was ~0.6 s of the 1e7
+    MLP's estimation), and no size limit (torch's quantile takes at most 2^24 elements; the
+    median stood in above it before es32)."""
     if bool(torch.isnan(v).any()):
         return float("nan")
     n = v.numel()
