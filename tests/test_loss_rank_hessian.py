@@ -150,6 +150,8 @@ for kind, (model, x, y, loss) in runs.items():
     print(kind, "loaded" if "torch._decomp.decompositions_for_jvp" in sys.modules else "not loaded")
     if kind == "mse":  # no torch.func grad on a Linear-only model's first batch (the loss-rank count; pf30)
         print("dynamo", "imported" if "torch._dynamo" in sys.modules else "not imported")
+        # no gradient tensor handed to autograd (its first import of sympy, ~0.4 s; es32)
+        print("sympy", "imported" if "sympy" in sys.modules else "not imported")
 """
 
 
@@ -161,12 +163,15 @@ def test_gauss_newton_estimation_does_not_load_forward_ad():
     through ``_loss_derivatives``' torch.func.hessian on the CNN's first batch). The exact
     sandwich's jvp still loads them (``estimate.HESSIAN_FORWARD_AD``). The MLP's estimation does
     not import torch._dynamo either (pf30: the loss-rank count's torch.func ``grad`` did, ~1 s
-    CPU, in a process that never ran an optimizer; now plain autograd)."""
+    CPU, in a process that never ran an optimizer; now plain autograd), nor sympy (es32: the loss
+    Hessian's batched backward handed autograd a gradient tensor, whose first use imports
+    torch.fx.experimental.symbolic_shapes and sympy, ~0.4 s, most of a 1e5 MLP's estimation;
+    fails on main)."""
     out = subprocess.run([sys.executable, "-c", _FRESH_ESTIMATION], capture_output=True, text=True, cwd=ROOT,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-4:] == ["mse not loaded", "dynamo not imported", "cnn not loaded",
-                                                    "logcosh not loaded"]
+    assert out.stdout.strip().splitlines()[-5:] == ["mse not loaded", "dynamo not imported", "sympy not imported",
+                                                    "cnn not loaded", "logcosh not loaded"]
 
 
 def test_exact_hessian_and_record_curvature_reverse_over_reverse_equal_forward_over_reverse():

@@ -206,9 +206,14 @@ class FactoredProgram:
                     raise NotImplementedError(f"parameter {name!r} is also used outside layer {m!r}")
         self._verified = True
 
-    def batch_sums(self, fac: dict[str, tuple[Tensor, Tensor, Tensor]], acc: torch.dtype
+    def batch_sums(self, fac: dict[str, tuple[Tensor, Tensor, Tensor]], acc: torch.dtype,
+                   into: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None
                    ) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]], Tensor]:
-        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum)`` (flat) and ``|g_i|^2 [B]``."""
+        """Per assessed parameter ``(sum g, sum g^2, GGN diagonal sum)`` (flat) and ``|g_i|^2 [B]``.
+
+        ``into``: per weight name three flat ``[out * in]`` tensors (the running sums, dtype
+        ``acc``) to which the weight's sums are added in place instead of being returned; the
+        GEMMs then run over the output rows live in the batch only (:func:`_live_rows`)."""
         out: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
         norm = None
         for m, (wn, bn) in self.layout.items():
@@ -218,7 +223,10 @@ class FactoredProgram:
             x2, d2 = x.square(), d.square()
             if norm is None:
                 norm = torch.zeros(x.shape[0], dtype=acc)
-            if wn is not None:
+            if wn is not None and into is not None and wn in into:
+                _add_live_rows(into[wn], x, x2, d, d2, c)
+                norm += (d2.sum(-1) * x2.sum(-1)).to(acc)
+            elif wn is not None:
                 out[wn] = tuple(t.reshape(-1).to(acc) for t in (d.T @ x, d2.T @ x2, c.T @ x2))
                 norm += (d2.sum(-1) * x2.sum(-1)).to(acc)
             if bn is not None:
@@ -242,13 +250,17 @@ class FactoredProgram:
         return out
 
     def kron_sums(self, fac: dict[str, tuple[Tensor, ...]], acc: torch.dtype,
-                  rows: dict[str, int] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+                  rows: dict[str, int] | None = None,
+                  into: dict[str, tuple[Tensor, Tensor]] | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """Per layer of :meth:`kron_layers` the batch's Kronecker factors of the Gauss-Newton
         Hessian (K-FAC; method.md section 4, "The diagonal sandwich and correlated weights"):
         ``A = sum_i a_i a_i^T`` ``[p, p]`` with ``a_i`` the layer input (and a trailing 1 for the
         bias) and ``G = sum_i L_i delta_i delta_i^T`` ``[out, out]`` (the GN diagonal's weighting).
         GEMMs in the batch's dtype, returned in ``acc``. ``rows``: per layer, the batch's first
-        records summed (default all; a layer at 0 is left out)."""
+        records summed (default all; a layer at 0 is left out). ``into``: per layer the running
+        ``(A, G)`` sums (dtype ``acc``) to which the batch's are added in place (the same sums,
+        without the ``[p, p]`` / ``[out, out]`` zero-filled and widened copies per batch); the
+        layers added are returned with empty tensors."""
         res: dict[str, tuple[Tensor, Tensor]] = {}
         for m in self.kron_layers():
             wn, bn = self.layout[m]
@@ -262,6 +274,11 @@ class FactoredProgram:
                 a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
             else:
                 a = x
+            if into is not None and m in into:
+                _live_gram(a, a, into=into[m][0])
+                _live_gram(L.unsqueeze(-1) * delta, delta, into=into[m][1])
+                res[m] = (torch.empty(0, dtype=acc), torch.empty(0, dtype=acc))
+                continue
             res[m] = (_live_gram(a, a).to(acc), _live_gram(L.unsqueeze(-1) * delta, delta).to(acc))
         return res
 
@@ -284,22 +301,87 @@ class FactoredProgram:
         self.capture.remove()
 
 
-def _live_gram(u: Tensor, v: Tensor) -> Tensor:
+def _live_rows(d: Tensor, c: Tensor) -> Tensor | None:
+    """The output rows ``[k]`` (indices) of a batch with a non-zero ``d`` or ``c`` on some record
+    (NaN counts as live), or ``None`` where more than 3/4 are live (the whole GEMM is then as
+    cheap). A ReLU layer's dead units have ``d = c = 0`` on every record: their rows of
+    ``d^T x``, ``(d^2)^T x^2`` and ``c^T x^2`` are exact zeros (finite ``x``)."""
+    live = ((d != 0) | (c != 0)).any(0)
+    nl = int(live.sum())
+    return None if nl > 0.75 * d.shape[1] else live.nonzero().reshape(-1)
+
+
+def _add_live_rows(into: tuple[Tensor, Tensor, Tensor], x: Tensor, x2: Tensor, d: Tensor, d2: Tensor,
+                   c: Tensor) -> None:
+    """Add a batch's ``d^T x``, ``(d^2)^T x^2`` and ``c^T x^2`` (``[out, in]``, flattened) to the
+    three running sums ``into`` in place, the GEMMs over the live output rows only
+    (:func:`_live_rows`; the others add exact zeros). The float32 products are added to the
+    ``acc`` sums as the former ``.to(acc)`` copies were (exact widening, then one rounding), with
+    no whole-layer temporary; the live rows' GEMMs are the same dot products over the batch, in
+    MKL's blocking for the smaller shape (pf31 measured such shapes equal or ~1e-7 relative
+    apart). Non-finite inputs take the whole GEMM (``0 * inf`` is NaN in a dead row)."""
+    rows = _live_rows(d, c)
+    k = d.shape[1]
+    if rows is None or not bool(torch.isfinite(x).all()):
+        for tgt, t in zip(into, (d.T @ x, d2.T @ x2, c.T @ x2)):
+            tgt.add_(t.reshape(-1))
+        return
+    if rows.numel() == 0:
+        return
+    for tgt, t in zip(into, (d[:, rows].T @ x, d2[:, rows].T @ x2, c[:, rows].T @ x2)):
+        view = tgt.view(k, -1)
+        view[rows] = view[rows] + t
+
+
+def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None) -> Tensor:
     """``u^T v`` ``[k, k]`` for ``u``, ``v`` ``[B, k]`` with the same zero columns (``u`` is ``v``
     or ``v`` scaled by record): the GEMM over the columns non-zero in the batch only, the rest
     exact zeros. A ReLU layer's dead units (``delta = 0``) and the next layer's inputs from them
     are most of a wide trained MLP's columns (91% of the 1e7 benchmark MLP's second layer: pf31),
     and the factors' GEMMs were most of the K-FAC correction's cost. The live block's entries are
-    the same dot products, summed by the GEMM in another blocking: equal to float rounding."""
+    the same dot products, summed by the GEMM in another blocking: equal to float rounding.
+    ``into``: a ``[k, k]`` running sum to which ``u^T v`` is added in place (its live block only:
+    the rest would add exact zeros), returned."""
     live = (v != 0).any(0)  # NaN counts as live: a non-finite factor stays visible
     k, nl = v.shape[1], int(live.sum())
     if nl > 0.75 * k:
-        return u.T @ v
+        return _gram(u, v) if into is None else into.add_(_gram(u, v))
+    if into is not None:
+        if nl:
+            idx = live.nonzero().reshape(-1)
+            ix, iy = idx.unsqueeze(1), idx.unsqueeze(0)
+            into[ix, iy] = into[ix, iy] + _gram(u[:, idx], v[:, idx] if v is not u else None)
+        return into
     out = torch.zeros(k, k, dtype=torch.promote_types(u.dtype, v.dtype))
     if nl:
         idx = live.nonzero().reshape(-1)
-        out[idx.unsqueeze(1), idx.unsqueeze(0)] = u[:, idx].T @ v[:, idx]
+        out[idx.unsqueeze(1), idx.unsqueeze(0)] = _gram(u[:, idx], v[:, idx] if v is not u else None)
     return out
+
+
+def _gram(u: Tensor, v: Tensor | None) -> Tensor:
+    """``u^T v`` ``[k, k]``; with ``v`` ``None`` or ``u`` itself, ``u^T u`` from the GEMMs of its
+    block rows from the diagonal block rightwards (:data:`GRAM_BLOCKS` row blocks, ``(b + 1) / (2 b)``
+    of the flops), the blocks below the diagonal mirrored: each entry the same dot product over
+    the records as the whole GEMM's, equal to float rounding (measured bitwise equal with MKL at
+    the 1e7 MLP's float32 shapes; es32)."""
+    if v is not None and v is not u:
+        return u.T @ v
+    k = u.shape[1]
+    if k < GRAM_BLOCK_MIN:
+        return u.T @ u
+    out = torch.empty(k, k, dtype=u.dtype)
+    e = [k * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
+    for r0, r1 in zip(e[:-1], e[1:]):
+        blk = u[:, r0:r1].T @ u[:, r0:]
+        out[r0:r1, r0:] = blk
+        out[r1:, r0:r1] = blk[:, r1 - r0:].T
+    return out
+
+
+# _gram's row blocks of a symmetric u^T u, and the width from which it splits (below: one GEMM)
+GRAM_BLOCKS = 4
+GRAM_BLOCK_MIN = 512
 
 
 # the widest layer (fan-in + bias, or fan-out) whose Kronecker factors the diagonal estimator
@@ -377,52 +459,61 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
     ``lambda = 0``.
     """
     f64 = torch.float64
-    An, Gn = A.to(f64) / n, G.to(f64) / n
+    p, q = A.shape[0], G.shape[0]
+    # a zero diagonal entry of a PSD factor is a zero row and column (a dead unit, an input never
+    # active): the factor is block-diagonal with it, so everything below runs on the live blocks
+    # (exact; a ReLU layer's dead units are ~90% of the 1e7 MLP's second layer: pf31), the
+    # normalisation and symmetrisation too (es32: over the whole 4,096-wide G they were ~0.3 s),
+    # and the dead entries take the factor 1
+    ia = (A.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    ig = (G.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    vif = torch.ones(q, p, dtype=f64)
+    if not (ia.numel() and ig.numel()):
+        return vif
+    An, Gn = A[ia][:, ia].to(f64) / n, G[ig][:, ig].to(f64) / n
     Gn = (Gn + Gn.T) / 2
     An = (An + An.T) / 2
-    p = An.shape[0]
     lam = torch.as_tensor(decay, dtype=f64).expand(p).clone()
     uniform = bool((lam == lam[0]).all())
     if uniform:
         lam0, scale = float(lam[0]), torch.ones(p, dtype=f64)
-        At = An
     else:
         lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
         lam0, scale = 1.0, lam.rsqrt()
-        At = An * scale.unsqueeze(0) * scale.unsqueeze(1)
+    lam_l, scale_l = lam[ia], scale[ia]
     if uniform and lam0 == 0.0:
-        # no decay: the inverse of a Kronecker product is the product of the inverses, and each
-        # factor's VIF is diag(R^-1) of its correlation matrix: a Cholesky (p^3 / 3) where the
-        # factor is well conditioned, ~10x less than the eigendecompositions below
+        # no decay: the (pseudo-)inverse of a Kronecker product is the product of the factors'
+        # (pseudo-)inverses, so VIF = VIF_G (x) VIF_A, one factor at a time: diag(R^-1) of its
+        # correlation matrix by a Cholesky (p^3 / 3) where the factor is well conditioned, ~10x
+        # less than an eigendecomposition; the factor's own pseudo-inverse by one where not (the
+        # two eigendecompositions below reduce to these products at lambda = 0). Before es32 one
+        # singular factor sent both to eigh: the 1e7 MLP's 2,049-wide A with its 380-live G.
         va, vg = _factor_vif(An), _factor_vif(Gn)
-        if va is not None and vg is not None:
-            return (vg.unsqueeze(1) * va.unsqueeze(0)).clamp_min(1.0)
-    # a zero diagonal entry of a PSD factor is a zero row and column (a dead unit, an input never
-    # active): the factor is block-diagonal with it, so the eigendecompositions run on the live
-    # block only (exact; it was most of the 1e7 MLP's estimation, whose ReLU layers are ~90% dead:
-    # pf31) and the dead entries take the factor 1 below
-    la, lg = An.diagonal() > 0, Gn.diagonal() > 0
-    vif = torch.ones(p, Gn.shape[0], dtype=f64)
-    if not (bool(la.any()) and bool(lg.any())):
-        return vif.T.contiguous()
-    ia, ig = la.nonzero().reshape(-1), lg.nonzero().reshape(-1)
-    At_l, Gn_l, An_l = At[ia][:, ia], Gn[ig][:, ig], An[ia][:, ia]
-    s, U = torch.linalg.eigh(At_l)
-    t, W = torch.linalg.eigh(Gn_l)
-    s, t = s.clamp_min(0.0), t.clamp_min(0.0)
-    den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p_live, out_live]
-    if lam0 > 0:
-        M = 1.0 / den
-    else:  # pseudo-inverse: exact null directions of either factor carry no variance
-        live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
-            & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
-        M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
-    inv_diag = (U.square() @ M @ W.square().T) * scale[ia].square().unsqueeze(1)  # [p_live, out_live]
-    h_diag = An_l.diagonal().unsqueeze(1) * Gn_l.diagonal().unsqueeze(0) \
-        + (lam[ia].unsqueeze(1) if not uniform else lam0)
-    v = h_diag * inv_diag
-    vif[ia.unsqueeze(1), ig.unsqueeze(0)] = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
-    return vif.T.contiguous()
+        va = _factor_pinv_vif(An) if va is None else va
+        vg = _factor_pinv_vif(Gn) if vg is None else vg
+        v = vg.unsqueeze(1) * va.unsqueeze(0)  # [out_live, p_live]
+    else:
+        At = An if uniform else An * scale_l.unsqueeze(0) * scale_l.unsqueeze(1)
+        s, U = torch.linalg.eigh(At)
+        t, W = torch.linalg.eigh(Gn)
+        s, t = s.clamp_min(0.0), t.clamp_min(0.0)
+        den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p_live, out_live]
+        if lam0 > 0:
+            M = 1.0 / den
+        else:  # pseudo-inverse: exact null directions of either factor carry no variance
+            live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
+                & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
+            M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
+        inv_diag = (U.square() @ M @ W.square().T) * scale_l.square().unsqueeze(1)  # [p_live, out_live]
+        h_diag = An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0) \
+            + (lam_l.unsqueeze(1) if not uniform else lam0)
+        v = (h_diag * inv_diag).T
+    # a pseudo-inverse along exact null directions can read below 1 (not used): at least 1
+    v = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
+    if ia.numel() == p and ig.numel() == q:
+        return v.contiguous()
+    vif[ig.unsqueeze(1), ia.unsqueeze(0)] = v
+    return vif
 
 
 def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | float = 0.0) -> Tensor:
@@ -474,6 +565,26 @@ def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | 
     s, t = s.clamp_min(0.0), t.clamp_min(0.0)
     Z = W.T @ (Y.to(f64) * scale) @ U
     return (W @ (Z / (t.unsqueeze(1) * s.unsqueeze(0) + lam0)) @ U.T) * scale
+
+
+def _factor_pinv_vif(S: Tensor) -> Tensor:
+    """``S_ii (S^+)_ii`` ``[k]`` of a PSD factor by the eigendecomposition of its live block (1 on
+    a zero diagonal): eigenvalues at or below :data:`KFAC_RCOND` of the largest are null
+    directions, 0 in the pseudo-inverse (the factor of :func:`kfac_variance_inflation` at
+    ``lambda = 0``, where the Cholesky route :func:`_factor_vif` does not hold)."""
+    f64 = S.dtype
+    d = S.diagonal()
+    out = torch.ones_like(d)
+    live = d > 0
+    if not bool(live.any()):
+        return out
+    idx = live.nonzero().reshape(-1)
+    e, U = torch.linalg.eigh(S[idx][:, idx])
+    e = e.clamp_min(0.0)
+    keep = e > KFAC_RCOND * float(e.max().clamp_min(1e-300))
+    inv = torch.where(keep, 1.0 / torch.where(keep, e, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
+    out[idx] = d[idx] * (U.square() @ inv)
+    return out
 
 
 def _factor_vif(S: Tensor) -> Tensor | None:

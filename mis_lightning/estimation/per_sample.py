@@ -154,6 +154,11 @@ def _rows_of(tree: Any, i: int) -> Any:
     return torch.utils._pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, tree)
 
 
+# record_loss_derivatives: output sizes up to which the loss Hessian's rows take one scalar
+# backward each instead of one batched backward with a gradient tensor (below: the import it avoids)
+LOSS_HESSIAN_LOOP_MAX = 16
+
+
 def record_loss_derivatives(one: Callable[[Tensor, Any], Tensor], outputs: Tensor, targets: Any,
                             second: bool = True) -> tuple[Tensor, Tensor | None]:
     """Per record ``dl/do [B, *o]`` and (``second``) ``d2l/do2 [B, C, C]`` (``C = numel(o)``) of
@@ -164,7 +169,9 @@ def record_loss_derivatives(one: Callable[[Tensor, Any], Tensor], outputs: Tenso
     ``torch._dynamo`` (~1 s CPU where no optimizer ran before; pf30): the per-record losses by a
     plain ``vmap(one)`` (each call sees its own record alone, as before: a loss that would couple
     the records of a batch gets no cross-record term), differentiated by ``torch.autograd``; the
-    second derivatives in all output directions in one batched backward (``is_grads_batched``).
+    second derivatives one backward per output direction (up to :data:`LOSS_HESSIAN_LOOP_MAX`
+    outputs; then in one batched backward, ``is_grads_batched``, whose gradient tensor makes torch
+    import sympy once per process).
     A record whose gradient does not depend on its outputs has Hessian 0.
 
     Raises:
@@ -185,9 +192,18 @@ def record_loss_derivatives(one: Callable[[Tensor, Any], Tensor], outputs: Tenso
         if not g.requires_grad or b == 0 or c == 0:  # the gradient does not depend on the outputs
             return g.detach(), H
         g2 = g.reshape(b, c)
-        eye = torch.eye(c, dtype=g2.dtype, device=g2.device).unsqueeze(1).expand(c, b, c)
         # rows[j, r, l] = sum_r' d g_r'j / d o_rl = d g_rj / d o_rl (each loss reads its own record)
-        rows = torch.autograd.grad(g2, leaf, grad_outputs=eye, is_grads_batched=True, allow_unused=True)[0]
+        if c <= LOSS_HESSIAN_LOOP_MAX:
+            # one backward of the scalar sum_r g_rj per output direction: no gradient tensor is
+            # handed to autograd, whose first such call in a process imports
+            # torch.fx.experimental.symbolic_shapes and sympy (~0.4 s CPU, most of a 1e5-weight
+            # MLP's estimation pass; es32); the same backward graph, seeded with the same one-hot
+            got = [torch.autograd.grad(g2[:, j].sum(), leaf, retain_graph=j < c - 1, allow_unused=True)[0]
+                   for j in range(c)]
+            rows = torch.stack([torch.zeros_like(leaf) if t is None else t for t in got])
+        else:
+            eye = torch.eye(c, dtype=g2.dtype, device=g2.device).unsqueeze(1).expand(c, b, c)
+            rows = torch.autograd.grad(g2, leaf, grad_outputs=eye, is_grads_batched=True, allow_unused=True)[0]
     if rows is not None:
         H = rows.reshape(c, b, c).transpose(0, 1).contiguous()
     return g.detach(), H
