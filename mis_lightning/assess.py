@@ -923,11 +923,13 @@ def score_schemes(
         col += 2 + prep.num_draws  # main, draws, pool protocol
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
-    # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it mid-call.
     fused = _fused_elements(prepared, chunk_size, keep=est.influence_stored)
-    if fused and est.theta:
-        F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
     with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
+        # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it
+        # mid-call; at the pass's thread count (dynamo guards on it and inductor bakes it in: a
+        # kernel warmed up at the caller's count was compiled again inside the pass, mm32).
+        if fused and est.theta:
+            F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
         stored_base: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None, F.CltSums]] = {}
         if storage and not prepared:  # the baseline's storage cells without any scheme to carry them
             prepared_base = _Prepared(NoQuantization())
