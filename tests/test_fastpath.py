@@ -201,6 +201,23 @@ def test_self_check_catches_a_wrong_compiled_kernel_and_falls_back(monkeypatch):
         assert torch.equal(getattr(got, n), getattr(want, n)), n
 
 
+def test_self_check_records_the_compiled_kernels_agreement_for_benchmarks(monkeypatch):
+    """What benchmarks/scale.py prints as the compiled kernels' agreement with eager: the largest
+    |compiled - eager| the self-check saw, per path and thread count. A compiled kernel that is
+    the eager arithmetic reads 0; the kernel with the int4 clamp bug reads its error (kappa off
+    by more than 1e-6), recorded before the path is disabled."""
+    monkeypatch.setitem(G._FUSED_STATE, "compiled_codes", G._fused_affine_codes)  # exact stand-in
+    args = _chunk(4, seed=3)
+    G.affine_cell_moments(*args, compile_policy=ALWAYS)
+    key = (G.COMPILED_PATH, torch.get_num_threads())
+    assert fastpath.GUARD.observed[key][0] == 0.0 and fastpath.GUARD.observed[key][1] > 0
+    fastpath.GUARD.reset()
+    monkeypatch.setitem(G._FUSED_STATE, "compiled_codes", _broken_codes)
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        G.affine_cell_moments(*args, compile_policy=ALWAYS)
+    assert fastpath.GUARD.observed[key][0] > 1e-6
+
+
 def test_self_check_catches_a_wrong_compiled_split_and_falls_back(monkeypatch):
     """The compiled outer-cell split of bounded grids is checked against its eager arithmetic
     like the kernel: a wrong one (kappa 1% high) is disabled with a warning and the chunk
