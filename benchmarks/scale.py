@@ -372,7 +372,7 @@ def main(argv=None) -> int:
         cve = r.get("compiled_vs_eager") or {}
         if cve or r.get("compile_stage_s") is not None:
             worst = max((v[0] for per in cve.values() for v in per.values()), default=float("nan"))
-            print(f"    compiled vs eager (the self-check's samples of this run): "
+            print("    compiled vs eager (the self-check's samples of this run): "
                   + "; ".join(f"{p}: " + ", ".join(f"{t} thread(s) max {v[0]:.1e} over {v[1]:,} elements"
                                                    for t, v in sorted(per.items())) for p, per in sorted(cve.items()))
                   + f" | largest {worst:.1e} ({'<= 1e-6' if worst <= 1e-6 else 'ABOVE 1e-6'})"
