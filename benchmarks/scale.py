@@ -357,6 +357,9 @@ def main(argv=None) -> int:
             print(f"{size}: failed ({p.returncode})\n{(p.stderr or '')[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
+        for line in (p.stderr or "").splitlines():  # the child's progress lines (with --stages: shown live)
+            if line.startswith("  [progress]"):
+                print(line, flush=True)
         r["wall_s"] = time.perf_counter() - t0
         rows.append(r)
         print(f"{size} ({r['mis_lightning']}): d={r['params']:,} epoch {r['epoch_adam_s']:.3f}s | estimation {r['estimation_s']:.1f}s "
