@@ -11,7 +11,8 @@ difference of kappa, lam and m4 over one chunk (the two must agree to 1e-6: the 
 with status 1 and says which row when they do not), and the script ends by listing any
 optimised path the self-check (functional/fastpath.py) disabled. The self-check runs in both
 modes, as in production. ``--threads 1 2`` runs the whole table once per thread count in one
-process (the compiled kernel is built once; the self-check runs per thread count).
+process (dynamo guards on the thread count, ``GLOBAL_STATE changed: num_threads``, so the kernel is
+compiled again at each, as in production; the self-check runs per thread count).
 
     python benchmarks/fused_kernel_speed.py                # d = 4e6, 1 thread
     python benchmarks/fused_kernel_speed.py --d 1e7 --threads 2

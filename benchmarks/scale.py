@@ -50,6 +50,15 @@ checkouts in fresh, interleaved processes (docs/benchmarks.md, "Before / after")
 imported first, as a Lightning user's process has it): the first call of a plain-PyTorch caller of
 ``assess`` (pf29). The result's ``lightning_loaded`` says whether the library loaded it itself.
 
+Every run prints the compile stage as the library's progress hook reports it (``[progress]``
+lines on stderr, when the compile policy compiles in this call) and, when compiled kernels ran,
+the largest ``|compiled - eager|`` the first-use and periodic self-checks
+(``mis_lightning/functional/fastpath.py``) saw on this run's own chunks, per path and thread
+count (``compiled_vs_eager`` in the JSON; issue 13 asks for <= 1e-6 at 1 and 2 threads):
+
+    MIS_LIGHTNING_COMPILE=always python benchmarks/scale.py --sizes 1e6 --threads 1 --memory-only
+    MIS_LIGHTNING_COMPILE=always python benchmarks/scale.py --sizes 1e6 --threads 2 --memory-only
+
 ``--memory-only`` skips the Adam epochs (the 1e8 model's epoch alone takes minutes on one
 core) and reports times in seconds only. ``--threads`` sets ``torch.set_num_threads`` in the
 child; the OpenMP wait policy is whatever the environment says (see docs/benchmarks.md).
@@ -188,6 +197,8 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
     import mis_lightning
     from mis_lightning.assess import run_estimation, score_schemes
     from mis_lightning.config import stage_configs
+    from mis_lightning.functional.fastpath import GUARD
+    from mis_lightning.progress import STAGE_LABELS
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -229,13 +240,24 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         mem.mark("run_estimation")
     rss_est = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     times = []  # (wall, CPU) per call
+    compile_seen: list[tuple[int, float]] = []
+
+    def compile_progress(stage: str, completed: int) -> None:
+        # the library's progress hook: the up-front compile is a stage of its own (shown here as
+        # ProgressDisplay would show it), the rest is left quiet
+        if stage == "compile":
+            compile_seen.append((completed, time.perf_counter()))
+            print(f"  [progress] {STAGE_LABELS['compile']}: {'started' if completed == 0 else 'done'}"
+                  + (f" ({compile_seen[-1][1] - compile_seen[-2][1]:.1f} s)" if completed else ""),
+                  file=sys.stderr, flush=True)
+
     for call in range(1, calls + 1):
         prof = cProfile.Profile(time.process_time) if profile else None
         c0 = time.process_time()
         t0 = time.perf_counter()
         if prof is not None:
             prof.enable()
-        rep = score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        rep = score_schemes(est, model, schemes, scoring_config=sc_cfg, progress=compile_progress)
         if prof is not None:
             prof.disable()
         times.append((time.perf_counter() - t0, time.process_time() - c0))
@@ -271,6 +293,12 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "influence_stored": est.influence_stored, "factored": est.factors is not None,
         "load_avg": os.getloadavg(),
         "stages": None if mem is None else mem.rows,
+        # the self-check's samples of each compiled path against its eager arithmetic, on this
+        # run's own chunks: {path: {threads: [largest |compiled - eager|, elements compared]}}
+        "compiled_vs_eager": {p: {str(t): v for (q, t), v in getattr(GUARD, "observed", {}).items() if q == p}
+                              for p in {q for q, _ in getattr(GUARD, "observed", {})}},
+        "compile_stage_s": (compile_seen[1][1] - compile_seen[0][1]) if len(compile_seen) >= 2 else None,
+        "paths_disabled": dict(GUARD.disabled),
         "results": {k: {"leakage": v.leakage, "interval": v.interval, "method": v.method, "error": v.error}
                     for k, v in rep.schemes.items()},
     }
@@ -329,6 +357,9 @@ def main(argv=None) -> int:
             print(f"{size}: failed ({p.returncode})\n{(p.stderr or '')[-3000:]}", file=sys.stderr)
             continue
         r = json.loads(p.stdout.strip().splitlines()[-1])
+        for line in (p.stderr or "").splitlines():  # the child's progress lines (with --stages: shown live)
+            if line.startswith("  [progress]"):
+                print(line, flush=True)
         r["wall_s"] = time.perf_counter() - t0
         rows.append(r)
         print(f"{size} ({r['mis_lightning']}): d={r['params']:,} epoch {r['epoch_adam_s']:.3f}s | estimation {r['estimation_s']:.1f}s "
@@ -341,6 +372,15 @@ def main(argv=None) -> int:
               + ("" if r["torchao_import_cpu_s"] is None else
                  f" | torchao import (before, apart) {r['torchao_import_cpu_s']:.2f}s")
               + "".join(f" | call {i} {c:.2f}s" for i, c in enumerate(r["later_calls_cpu_s"], 2)), flush=True)
+        cve = r.get("compiled_vs_eager") or {}
+        if cve or r.get("compile_stage_s") is not None:
+            worst = max((v[0] for per in cve.values() for v in per.values()), default=float("nan"))
+            print("    compiled vs eager (the self-check's samples of this run): "
+                  + "; ".join(f"{p}: " + ", ".join(f"{t} thread(s) max {v[0]:.1e} over {v[1]:,} elements"
+                                                   for t, v in sorted(per.items())) for p, per in sorted(cve.items()))
+                  + f" | largest {worst:.1e} ({'<= 1e-6' if worst <= 1e-6 else 'ABOVE 1e-6'})"
+                  + ("" if r.get("compile_stage_s") is None else f" | compile stage {r['compile_stage_s']:.1f} s")
+                  + (f" | disabled: {r['paths_disabled']}" if r.get("paths_disabled") else ""), flush=True)
         for st in r.get("stages") or []:
             print(f"    {st['stage']:<45} peak {st['peak_mib']:8.0f} MiB = {st['peak_mib'] * 2**20 / r['params']:7.1f} "
                   f"B/weight (rise {st['peak_mib'] - st['start_mib']:7.0f} MiB), held after {st['end_mib']:8.0f} MiB, "

@@ -4,8 +4,8 @@ The agreement matrix (threads 1 and 2, float32 and float64 inputs, compilation o
 fine / table / two-edge / clamped regimes, int8 and int4 code ranges interleaved in one
 process) runs in one subprocess, away from the test process's torch state: first at 1
 thread, then at 2 with the compiled kernels built again (inductor bakes the thread count into
-its C++ kernels, ``#pragma omp parallel num_threads(N)``, and dynamo does not guard on it, so
-a kernel compiled at 1 thread would otherwise be reused at 2). Tolerances: compiled against eager 1e-6 (the same arithmetic: only rounding may
+its C++ kernels, ``#pragma omp parallel num_threads(N)``; torch 2.13's dynamo also recompiles
+at a new thread count, measured by mm32, but the test does not rely on it). Tolerances: compiled against eager 1e-6 (the same arithmetic: only rounding may
 differ; measured 0) and codes exactly; eager fused kernel against exact cell sums within
 ``fastpath.APPROXIMATION`` (the (h, t) table's interpolation error, measured 4.5e-5 in kappa).
 """
@@ -201,6 +201,23 @@ def test_self_check_catches_a_wrong_compiled_kernel_and_falls_back(monkeypatch):
         assert torch.equal(getattr(got, n), getattr(want, n)), n
 
 
+def test_self_check_records_the_compiled_kernels_agreement_for_benchmarks(monkeypatch):
+    """What benchmarks/scale.py prints as the compiled kernels' agreement with eager: the largest
+    |compiled - eager| the self-check saw, per path and thread count. A compiled kernel that is
+    the eager arithmetic reads 0; the kernel with the int4 clamp bug reads its error (kappa off
+    by more than 1e-6), recorded before the path is disabled."""
+    monkeypatch.setitem(G._FUSED_STATE, "compiled_codes", G._fused_affine_codes)  # exact stand-in
+    args = _chunk(4, seed=3)
+    G.affine_cell_moments(*args, compile_policy=ALWAYS)
+    key = (G.COMPILED_PATH, torch.get_num_threads())
+    assert fastpath.GUARD.observed[key][0] == 0.0 and fastpath.GUARD.observed[key][1] > 0
+    fastpath.GUARD.reset()
+    monkeypatch.setitem(G._FUSED_STATE, "compiled_codes", _broken_codes)
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        G.affine_cell_moments(*args, compile_policy=ALWAYS)
+    assert fastpath.GUARD.observed[key][0] > 1e-6
+
+
 def test_self_check_catches_a_wrong_compiled_split_and_falls_back(monkeypatch):
     """The compiled outer-cell split of bounded grids is checked against its eager arithmetic
     like the kernel: a wrong one (kappa 1% high) is disabled with a warning and the chunk
@@ -360,6 +377,52 @@ def test_compile_is_warmed_up_before_the_scoring_pass_and_shown(monkeypatch):
     ml.assess(net, ["rtn_int8"], loader, loss, estimation="diagonal", num_records=16,
               uncertainty_draws=0, compile="always", progress=progress)
     assert not [e for e in events if e[0] in ("compile", "torch.compile")], events
+
+
+def test_the_warm_up_runs_at_the_thread_count_of_the_pass(monkeypatch):
+    """On an oversubscribed machine without a passive OpenMP wait the scoring pass runs on one
+    thread (threads.scoring_threads). The warm-up compiles and checks the kernel at the thread
+    count the pass will use: torch 2.13's dynamo guards on it (a kernel used at another count is
+    compiled again, mid-call) and inductor bakes it into the generated loops, so a kernel warmed
+    up at the caller's 2 threads was compiled again inside the pass at 1 (mm32). Recording
+    pass-through compile, as above; the thread count of every compiled run is recorded."""
+    import importlib
+
+    import mis_lightning as ml
+    import mis_lightning.threads as TH
+
+    assess_mod = importlib.import_module("mis_lightning.assess")
+    events: list = []
+
+    def fake_compile(fn, **kw):
+        def compiled(*a, **k):
+            events.append(("ran", torch.get_num_threads()))
+            return fn(*a, **k)
+        return compiled
+
+    real = assess_mod._joint_sums
+
+    def joint_sums(*a, **k):
+        events.append(("pass", torch.get_num_threads()))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(assess_mod, "_joint_sums", joint_sums)
+    monkeypatch.setattr(TH, "_oversubscribed", lambda: True)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    net, loader, loss = _tiny_net_and_data()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ml.assess(net, ["rtn_int8"], loader, loss, estimation="diagonal", num_records=16,
+                  uncertainty_draws=0, compile="always",
+                  progress=lambda s, c: events.append((s, c, torch.get_num_threads())) if s == "compile" else None)
+        assert torch.get_num_threads() == 2  # the caller's count is restored
+    finally:
+        torch.set_num_threads(before)
+    start, end = events.index(("compile", 0, 1)), events.index(("compile", 1, 1))
+    assert ("pass", 1) in events[end:], events
+    assert {e for e in events[start:end] if e[0] == "ran"} == {("ran", 1)}, events
 
 
 @pytest.mark.parametrize("mode", ["never", "auto"])

@@ -1599,7 +1599,8 @@ class MomentAccumulator:
             factors=factors, **common,
         )
 
-    def _kfac_factors(self, st: dict[str, Any], n: int, diagnostics: dict[str, Any]) -> dict[str, Tensor]:
+    def _kfac_factors(self, st: dict[str, Any], n: int, diagnostics: dict[str, Any],
+                      apply: Callable[[str, Tensor], None] | None = None) -> dict[str, Tensor]:
         """``{parameter: [numel] float64}``: ``sqrt(VIF_j)`` from each nn.Linear layer's Kronecker
         factors, the factor that turns the diagonal sandwich's conditional sd ``sqrt(V_jj) / H_jj``
         into the marginal sd ``sqrt((H^-1 V H^-1)_jj)`` where ``V`` is proportional to ``H`` within
@@ -1611,19 +1612,34 @@ class MomentAccumulator:
         ``kfac_uncorrected_weights``, ``kfac_records_min`` (the fewest records a layer's factors
         summed: :data:`~mis_lightning.estimation.linear_factors.KFAC_RECORDS_PER_WIDTH`; fewer than
         ``n`` for wide layers on many records). Empty
-        where the path had no factored Linear program."""
+        where the path had no factored Linear program.
+
+        ``apply``: the large-model path (:meth:`_finalize_lean`): each parameter's factor goes to
+        ``apply(name, [out, in] or [out] float64 sqrt(VIF))`` as its layer is done and nothing of
+        size numel is returned; the VIFs the diagnostics read are kept in float32 (4 bytes per
+        corrected weight instead of ~32 in float64 copies; median and maximum are order statistics,
+        so they are the float64 ones rounded to float32, the 90th percentile within 2^-24 relative).
+        """
         prog = self._kron_program()
         if prog is None or not any(k.startswith("kfac_A.") for k in st):
             return {}
         out: dict[str, Tensor] = {}
         kron = prog.kron_layers()
         mods = dict(prog.model.named_modules())
-        left, left_w, vifs, records = [], 0, [], []
+        left, left_w, records = [], 0, []
+        todo = []
         for m, (wn, bn) in prog.layout.items():
             if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
                 left.append(m)
                 left_w += sum(mods[m].get_parameter(k.rpartition(".")[2]).numel() for k in (wn, bn) if k is not None)
-                continue
+            else:
+                todo.append((m, wn, bn))
+        # the corrected weights' VIFs in one buffer (the diagnostics' order statistics), filled layer by layer
+        total = sum(mods[m].weight.numel() * (wn is not None) + mods[m].out_features * (bn is not None)
+                    for m, wn, bn in todo)
+        vifs = torch.empty(total, dtype=torch.float32 if apply is not None else torch.float64)
+        at, vmax = 0, -math.inf
+        for m, wn, bn in todo:
             decay = torch.tensor(([self.decay[wn]] * mods[m].in_features if wn is not None else [])
                                  + ([self.decay[bn]] if bn is not None else []), dtype=torch.float64)
             k = int(st[f"kfac_n.{m}"])
@@ -1631,18 +1647,31 @@ class MomentAccumulator:
             # a subsample's inverse reads high (Wishart): to the full sample's, never below 1
             scale = kfac_subsample_scale(k, n, *kron[m])
             if scale != 1.0:  # (all records summed: the VIF is already >= 1)
-                vif = (vif * scale).clamp_min(1.0)
-            records.append(int(st[f"kfac_n.{m}"]))
+                vif = vif.mul_(scale).clamp_min_(1.0)
+            records.append(k)
+            parts = []
             if wn is not None:
-                out[wn] = vif[:, : mods[m].in_features].reshape(-1).sqrt()
-                vifs.append(vif[:, : mods[m].in_features].reshape(-1))
+                parts.append((wn, vif[:, : mods[m].in_features]))
             if bn is not None:
-                out[bn] = vif[:, -1].sqrt()
-                vifs.append(vif[:, -1])
-        if vifs:
-            v = torch.cat(vifs)
+                parts.append((bn, vif[:, -1]))
+            for name, part in parts:
+                vifs[at: at + part.numel()].view(part.shape).copy_(part)
+                at += part.numel()
+                vmax = max(vmax, float(part.max()))
+                if apply is not None:
+                    apply(name, part.sqrt())
+                else:
+                    out[name] = part.reshape(-1).sqrt()
+            del vif, parts
+        if todo and apply is not None:
+            med, p90 = _order_statistics_in_place(vifs)
+            diagnostics.update(kfac_correction=True, kfac_variance_inflation_median=med,
+                               kfac_variance_inflation_p90=p90, kfac_variance_inflation_max=vmax,
+                               kfac_corrected_weights=int(vifs.numel()), kfac_records_min=min(records))
+        elif todo:
+            v = vifs
             diagnostics.update(kfac_correction=True, kfac_variance_inflation_median=float(v.median()),
-                               kfac_variance_inflation_p90=_quantile(v, 0.9), kfac_variance_inflation_max=float(v.max()),
+                               kfac_variance_inflation_p90=_quantile(v, 0.9), kfac_variance_inflation_max=vmax,
                                kfac_corrected_weights=int(v.numel()), kfac_records_min=min(records))
         else:
             diagnostics["kfac_correction"] = False
@@ -1820,9 +1849,13 @@ class MomentAccumulator:
                            negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
         diagnostics.update(lev)
-        for k, f in self._kfac_factors(st, n, diagnostics).items():
+        def corrected(k: str, f: Tensor) -> None:
+            # sigma times sqrt(VIF) in float64, one rounding to float32, one layer at a time
             a, b = offsets[k]
-            s_out[a:b] = (s_out[a:b].to(f64) * f).to(f32)
+            sv = s_out[a:b].view(f.shape)
+            sv.copy_(sv.to(f64).mul_(f))
+
+        self._kfac_factors(st, n, diagnostics, apply=corrected)
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
         kept = min(sum(batch_size_of(y) for _, y in records), self.num_records)
@@ -1866,6 +1899,22 @@ def _quantile(v: Tensor, q: float) -> float:
     if hi_k > lo_k and int((v <= lo).sum()) < hi_k + 1:  # the next order statistic: the least above
         hi = v[v > lo].min()
     return float(torch.lerp(lo, hi, rank - lo_k))
+
+
+def _order_statistics_in_place(v: Tensor) -> tuple[float, float]:
+    """``(median, 90th percentile)`` of a 1-D CPU tensor, reordering it in place (no copy: a sort
+    or ``Tensor.quantile`` holds 12 bytes per element more, ``Tensor.median`` 4): the median is
+    the lower of the two middle values (as ``Tensor.median``), the percentile the linear
+    interpolation between the order statistics around ``0.9 (N - 1)`` (as ``Tensor.quantile``),
+    taken in float64."""
+    a = v.numpy()
+    N = a.shape[0]
+    pos = 0.9 * (N - 1)
+    lo, hi, mid = math.floor(pos), math.ceil(pos), (N - 1) // 2
+    a.partition(sorted({mid, lo, hi}))
+    frac = pos - lo
+    below, above = float(a[lo]), float(a[hi])
+    return float(a[mid]), below + (above - below) * frac
 
 
 def _mc_error(h_sum: Tensor, h2_sum: Tensor, samples: int) -> dict[str, Any]:
@@ -2584,7 +2633,13 @@ def _curvature_ratio_reference(r: Tensor) -> float:
     if not r.numel():
         return 0.0
     k = 1 + int(CURVATURE_RATIO_QUANTILE * (r.numel() - 1))
-    return float(r.kthvalue(k).values)
+    # the k-th smallest by a partition of that copy in place: Tensor.kthvalue copied it again
+    # with int64 indices (12 bytes per weight: 1.2 GB of the 1e8 estimation's peak, mm32)
+    if r.device.type != "cpu":
+        return float(r.kthvalue(k).values)
+    a = r.numpy()
+    a.partition(k - 1)
+    return float(a[k - 1])
 
 
 def top_curvature(H: Tensor) -> float:

@@ -310,6 +310,7 @@ def affine_cell_moments(
         if k:
             idx = sample_indices(c, k, [*strata, ~ok])
             ek, el, em, eok, eq = run(eager, idx)
+            GUARD.observe(COMPILED_PATH, (kappa[idx], mean_abs[idx], m4[idx]), (ek, el, em))
             problem = compare((kappa[idx], mean_abs[idx], m4[idx]), (ek, el, em), h[idx], SAME_ARITHMETIC,
                               codes=(torch.cat([q0[idx], ok[idx].double()]), torch.cat([eq, eok.double()])),
                               equal_nan=True)

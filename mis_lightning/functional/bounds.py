@@ -286,6 +286,7 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
             if kappa_only:  # mean_abs and m4 may be uncomputed (NaN) upstream: kappa alone is read
                 zero = torch.zeros_like(got[0])
                 got, ref = (got[0], zero, zero), (ref[0], zero, zero)
+            GUARD.observe(SPLIT_COMPILED_PATH, got, ref)
             problem = compare(got, ref, torch.ones(idx.numel(), dtype=torch.float64), SAME_ARITHMETIC)
             if problem:
                 GUARD.fail(SPLIT_COMPILED_PATH, problem, "the eager arithmetic")

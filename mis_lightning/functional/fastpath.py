@@ -20,6 +20,7 @@ sums). The sample is drawn with its own generator: the global RNG is never touch
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -127,6 +128,8 @@ class PathGuard:
         self._sizes: set[tuple[str, int, int]] = set()
         self._calls: Counter[tuple[str, int]] = Counter()
         self.disabled: dict[str, str] = {}
+        # (path, threads) -> [largest |fast - reference| seen, elements compared] (observe)
+        self.observed: dict[tuple[str, int], list] = {}
 
     def sample_size(self, path: str, c: int, per_size: bool = False) -> int:
         """Elements to check on this call of ``path`` over a chunk of ``c`` (0: none)."""
@@ -154,12 +157,30 @@ class PathGuard:
         self.disabled[path] = msg
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
+    def observe(self, path: str, fast: tuple[Tensor, ...], ref: tuple[Tensor, ...]) -> float:
+        """Record the largest ``|fast - ref|`` over a checked sample (kappa, lam, m4; NaN in both
+        is agreement, NaN in one is ``inf``) under ``(path, thread count)`` in :attr:`observed`;
+        returns it. What benchmarks print as the compiled kernels' agreement with eager."""
+        worst, n = 0.0, 0
+        for f, r in zip(fast, ref):
+            f64, r64 = f.to(torch.float64), r.to(torch.float64)
+            if not f64.numel():
+                continue
+            agree = (f64 == r64) | (torch.isnan(f64) & torch.isnan(r64))  # equal infinities too
+            err = torch.where(agree, torch.zeros_like(f64), (f64 - r64).abs()).nan_to_num(nan=math.inf)
+            worst, n = max(worst, float(err.max())), max(n, f64.numel())
+        key = (path, torch.get_num_threads())
+        seen = self.observed.setdefault(key, [0.0, 0])
+        seen[0], seen[1] = max(seen[0], worst), seen[1] + n
+        return worst
+
     def reset(self) -> None:
         """Forget every check and re-enable every path (tests)."""
         self._checked.clear()
         self._sizes.clear()
         self._calls.clear()
         self.disabled.clear()
+        self.observed.clear()
 
 
 GUARD = PathGuard()
