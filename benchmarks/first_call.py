@@ -14,7 +14,9 @@ and the epoch's CPU time (the least of epochs 2-3). ``assess`` loads them, runs 
 others), then prints one
 line: the CPU times (``time.process_time``, one thread) and their ratio to the epoch;
 ``--json`` writes the report (``Report.to_json``) for a field-by-field comparison of two
-checkouts; ``--prof`` writes a cProfile of the scoring call (``PREFIX.prof``, ``PREFIX.txt``).
+checkouts; ``--prof`` writes a cProfile of the scoring call (``PREFIX.prof``, ``PREFIX.txt``);
+``--off MODULE.FLAG`` (repeatable) sets a module-level switch of ``mis_lightning`` False before
+the calls, e.g. ``--off quantization.base.POINT_MASS_CLOSED_FORM`` (an A/B in one checkout).
 
 To compare two checkouts, run ``assess`` alternately from each (``cd CHECKOUT &&
 PYTHONPATH=$PWD python PATH/TO/first_call.py assess ...``) on the same saved model, one thread,
@@ -62,8 +64,18 @@ def _train(size: str, path: str) -> None:
     print(f"size {size} epoch {min(ep[1:]):.3f} s CPU (epochs {', '.join(f'{e:.3f}' for e in ep)})")
 
 
-def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None) -> None:
+def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None,
+            off: list[str] | None = None) -> None:
+    import importlib
+
     import torch
+
+    for flag in off or []:
+        mod, _, attr = flag.rpartition(".")
+        m = importlib.import_module("mis_lightning." + mod)
+        if not isinstance(getattr(m, attr), bool):
+            raise SystemExit(f"--off {flag}: not a boolean switch")
+        setattr(m, attr, False)
 
     from benchmarks.assess_speed import mlp
     from benchmarks.scale import COMMON_SCHEMES
@@ -117,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--json", default=None)
     a.add_argument("--prof", default=None)
     a.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
+    a.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
+                   help="set mis_lightning.MODULE.FLAG False (repeatable)")
     args = ap.parse_args(argv)
     if args.cmd == "train":
         _train(args.size, args.path)
     else:
-        _assess(args.path, args.json, args.prof, args.schemes)
+        _assess(args.path, args.json, args.prof, args.schemes, args.off)
     return 0
 
 

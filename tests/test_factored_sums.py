@@ -199,3 +199,73 @@ def test_silent_output_rows_skipped_give_the_same_sums(monkeypatch, f32):
         el = slice(16 * 64, 24 * 64)
         want = ((g_mean[el].pow(2) / v[el]).unsqueeze(-1) * A[el]).sum(0)
         torch.testing.assert_close(factored_power_sums(part, g_mean[el], v[el], A[el], 2)[0], want, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("f32", [True, False])
+def test_dead_rows_left_out_of_the_elementwise_work_give_the_same_sums(monkeypatch, f32):
+    """pf32: output rows none of whose weights has gradient variance (V_jj = 0 on the whole row: a
+    unit dead on every record) have scaled = 0, so factored_power_sums runs on the other rows only
+    (SKIP_DEAD_ROWS). Against every row (SKIP_DEAD_ROWS False): the same records fall back to
+    float64 (the bound's out and the power-of-two scales of d and gb stay the layer's: here a dead
+    row holds the largest |d| and |gb|), float64 sums within 1e-12 relative (the a = 0 term's sum
+    runs over fewer zeros), float32 ones within twice the 1e-4 each is held to (the GEMMs' shapes
+    differ); both equal the materialised influences' sums (1e-10 / 1e-4). Partly dead rows stay;
+    an all-dead chunk sums to 0; powers 2 and 4; a cache."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset({2, 4} if f32 else ()))
+    fac, _, _, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0  # some records fall back to float64
+    fac.d[far] += 40.0
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    g_mean, v = gr.mean(0), gr.var(0, unbiased=False) + 0.5
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[[0, 5, 6, 7, 20, 31, 32, 47]] = True
+    dead[16:24] = True
+    fac.d[:, dead] = 0.0
+    fac.d[:, 31] = 1e3  # a dead row (V = 0: no influence whatever its d) holding the largest |d| ...
+    g_mean = g_mean.reshape(48, 64)
+    g_mean[dead] = 0.0
+    g_mean[32] = 1e3  # ... and the largest |gb|
+    g_mean = g_mean.reshape(-1)
+    v = v.reshape(48, 64)
+    v[dead] = 0.0
+    v[9, ::3] = 0.0  # a partly dead row stays
+    v = v.reshape(-1)
+    cache = lf.PowerCache()
+    seen = []
+    f32_sums = lf._even_power_sums_f32
+
+    def spy(*a):
+        seen.append(a[-1])  # layer: (out, d's scale, gb's scale) of the whole chunk
+        return f32_sums(*a)
+
+    monkeypatch.setattr(lf, "_even_power_sums_f32", spy)
+    for rows in (slice(0, 48), slice(16, 24), slice(8, 40)):
+        part = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=fac.d[:, rows])
+        el = slice(rows.start * 64, rows.stop * 64)
+        for power in (2, 4):
+            seen.clear()
+            counts, got = {}, {}
+            for skip in (False, True):
+                monkeypatch.setattr(lf, "SKIP_DEAD_ROWS", skip)
+                monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")})
+                got[skip] = factored_power_sums(part, g_mean[el], v[el], A[el], power, cache=cache)
+                counts[skip] = dict(lf.POWER_SUMS_F32_COUNTS)
+            if rows == slice(16, 24):  # every row dead: no influence at all (no GEMM, no float64 fallback)
+                assert bool((got[True] == 0).all()) and bool((got[False] == 0).all())
+                assert counts[True][(power, "float64")] == 0
+                continue
+            assert counts[True] == counts[False]
+            if f32:  # the bound and the scales are the whole chunk's (its largest |d| and |gb| in dead rows)
+                n_out = rows.stop - rows.start
+                layer = seen[-1]
+                assert seen[0] is None and layer is not None and layer[0] == n_out
+                assert torch.equal(layer[1], lf._pow2_scale(part.d, (0, 1)))
+                assert torch.equal(layer[2], lf._pow2_scale(g_mean[el].reshape(n_out, 64), (0, 1)))
+                assert float(layer[1]) == 1024.0 and float(layer[2]) == 1024.0  # from rows 31 and 32
+            torch.testing.assert_close(got[True], got[False], rtol=2 * lf.POWER_SUMS_F32_RTOL if f32 else 1e-12,
+                                       atol=0.0)
+            ref = _reference(part, g_mean[el], v[el], A[el], power)
+            torch.testing.assert_close(got[True], ref, rtol=lf.POWER_SUMS_F32_RTOL if f32 else 1e-10, atol=0.0)

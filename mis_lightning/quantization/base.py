@@ -34,6 +34,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional.affine import affine_codes
 from ..functional.bounds import (
     bounded_moments,
     bounds_in_reach,
@@ -96,6 +97,24 @@ _MERGED_MAX_WIDTH = 2.0**-20
 # floats per [rows, edges] working tensor of those sums: ~30 element-wise operations per edge run
 # 3-4x faster on cache-sized temporaries (2^16 floats: 16 ns per edge, 2^20: 60; 1 thread)
 _STORAGE_ROWS_BUDGET = 1 << 16
+
+# sd-0 weights (dead units: no record moves them, pf31/pf32) lying strictly inside their own cell
+# and bounds are a point mass in one cell: moments (kappa, mean_abs, m4, coverage) = (0, 0, 0, 1),
+# what every grid path's frozen regime returns for them (both edges beyond 8.5 sd). Chunks in which
+# at least POINT_MASS_MIN_FRACTION of the elements are such are scored on the others alone
+# (ParamGrid._own_moments; 94% of the 1e7 MLP's second layer); False: every element on the paths.
+POINT_MASS_CLOSED_FORM = True
+POINT_MASS_MIN_FRACTION = 0.25
+# distance (relative to the element's scale) an sd-0 weight must keep from its cell's edges and
+# its bounds: far above the ulps by which the paths' own edge arithmetic may differ (they then
+# all see both edges beyond 8.5 sd of a floored sd), far below any cell width (fp8's subnormal
+# cells are 2^-9 of the scale); a weight closer than this goes through the paths
+_POINT_MASS_MARGIN = 1e-9
+# calls of at least this many elements take the kernels' large-call paths (the fused affine
+# kernel, affine.TABLE_MIN_ELEMENTS; the float8 interpolation table, table.INTERP_MIN_ELEMENTS):
+# the remaining elements of such a chunk are padded with point-mass ones up to it, so that they
+# take the path the whole chunk takes (bitwise the same moments)
+_POINT_MASS_PATH_MIN = 1 << 15
 
 #: packages whose tensor subclasses hold already-quantized weights
 _QUANT_PACKAGES = ("torchao", "optimum.quanto", "bitsandbytes")
@@ -594,7 +613,82 @@ class ParamGrid:
     def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                      compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
-        """The grid's own cells (no storage rounding)."""
+        """The grid's own cells (no storage rounding); point-mass elements in closed form
+        (:meth:`_point_masses`)."""
+        if POINT_MASS_CLOSED_FORM:
+            c = theta.shape[0]
+            point = self._point_masses(theta, sigma, scale, zero_point, code, bounds)
+            if point is not None:
+                live = torch.nonzero(~point).squeeze(-1)
+                n = live.numel()
+                kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
+                mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
+                if n:
+                    ii = live
+                    if n < _POINT_MASS_PATH_MIN <= c:
+                        # padded with point-mass elements (the chunk's own, in its order) so that the
+                        # live ones take the whole chunk's path; their moments are read from the call
+                        pad = torch.nonzero(point).squeeze(-1)[: _POINT_MASS_PATH_MIN - n]
+                        ii = torch.sort(torch.cat([live, pad])).values
+                    sel = lambda t: t.index_select(0, ii)  # noqa: E731
+                    sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
+                                             None if code is None else sel(code),
+                                             None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
+                                             compile_policy, kappa_only)
+                    for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
+                        o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
+                return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+        return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+
+    def _point_masses(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None) -> Tensor | None:
+        """``[c]`` bool: the elements whose moments are a point mass's, ``(0, 0, 0, 1)``, or
+        ``None`` when fewer than :data:`POINT_MASS_MIN_FRACTION` of them are (the paths score all).
+
+        A point mass: sd 0 (at most the smallest normal float64, which every path floors it to),
+        the weight inside its own cell (the backend's ``code`` where given, else the nearest; the
+        edges of :meth:`_edges`) and inside ``bounds``, by more than ``_POINT_MASS_MARGIN`` of its
+        scale on each side. Its distribution is one cell, so it has no cell information: every
+        path finds both edges beyond ``CUTOFF_SIGMAS`` sd (frozen) and returns ``(0, 0, 0, 1)``
+        (tests/test_point_mass.py checks each grid kind's paths against this)."""
+        c = theta.shape[0]
+        zero = sigma.to(torch.float64) <= torch.finfo(torch.float64).tiny
+        if int(zero.sum()) < max(1.0, POINT_MASS_MIN_FRACTION * c):
+            return None
+        # over the whole chunk (most of it is sd 0 here: gathers would cost more than they save)
+        th, sc = theta.to(torch.float64), scale.to(torch.float64)
+        lo, hi = self._own_edges(th, sc, zero_point, code)
+        margin = _POINT_MASS_MARGIN * sc
+        point = zero & (th - lo > margin) & (hi - th > margin)
+        if bounds is not None:
+            point &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+        if int(point.sum()) < POINT_MASS_MIN_FRACTION * c:
+            return None
+        return point
+
+    def _own_edges(self, th: Tensor, sc: Tensor, zp: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The lower and upper edge ``[c]`` (parameter units, float64; ``-inf`` / ``inf`` for the
+        outer cells) of each element's own cell on the grid's own edges: :meth:`_edges`' two
+        middle columns at ``half_window = 1``, computed directly for affine grids and value tables
+        (the cell of the table paths, :meth:`TableLayout.cells`)."""
+        if self.kind == "affine":
+            z = zp.to(torch.float64)
+            q0 = affine_codes(th, sc, z, self.qmin, self.qmax) if code is None else code.to(torch.float64)
+            lo = torch.where(q0 > self.qmin, (q0 - 0.5 - z) * sc, -math.inf)
+            hi = torch.where(q0 < self.qmax, (q0 + 0.5 - z) * sc, math.inf)
+            return lo, hi
+        if self.kind == "table":
+            assert self.values is not None
+            layout = table_layout(self.values, th.device)
+            cell = layout.cells(th / sc)
+            return layout.padded.index_select(0, cell) * sc, layout.padded.index_select(0, cell + 1) * sc
+        own = self._edges(th, sc, zp, code, 1)
+        return own[:, 1], own[:, 2]
+
+    def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
+                      compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+        """The grid's own cells on the grid paths (every element)."""
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
