@@ -1052,6 +1052,26 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
     return cache
 
 
+@dataclass(frozen=True)
+class KronBlock:
+    """A layer of :class:`LayerProgram` whose Kronecker factors (K-FAC; KFC for convolutions)
+    the diagonal estimator's sigma correction and influences use: ``groups`` independent blocks,
+    each with ``fan`` inputs per output (``C_in / groups * prod(kernel)``; a Linear's
+    ``in_features``) and ``out`` outputs (``C_out / groups``)."""
+
+    module: str
+    weight: str | None
+    bias: str | None
+    groups: int
+    fan: int
+    out: int
+
+    @property
+    def p(self) -> int:
+        """Rows of ``A``: the fan-in where the weight is assessed, plus 1 for an assessed bias."""
+        return (self.fan if self.weight is not None else 0) + (1 if self.bias is not None else 0)
+
+
 @dataclass
 class _BatchTaps:
     """A batch's layer taps: per layer its input ``x`` and the loss gradient(s) at its
@@ -1064,6 +1084,10 @@ class _BatchTaps:
     # per record ``[b]``: the weight of the squared loss gradient ``(J' dl/do)^2`` in the exact
     # Gauss-Newton diagonal (softmax cross-entropy, :meth:`LayerProgram._ce_directions`), else None
     base_weight: Tensor | None = None
+    # the K-FAC (KFC) output factors of the batch's first records (:meth:`LayerProgram.kron_sums`):
+    # {block: (G [out, out] summed over the records, their count)}, formed by LayerProgram.batch
+    # from every Gauss-Newton direction's output gradients (transient there)
+    kron_G: dict[str, tuple[Tensor, int]] | None = None
 
     def rows(self, rows: Any) -> _BatchTaps:
         """The taps of records ``rows`` (an index tensor or a slice)."""
@@ -1150,6 +1174,10 @@ class LayerProgram:
                               if all(isinstance(self._mods[m], nn.Embedding) for m in ms)}
         self._tied = any(len(ms) > 1 for ms in holders.values())  # a parameter held by several layers
         self._verified = False
+        # the K-FAC (KFC) blocks (:meth:`kron_blocks`) and, per block, the batch's first records whose
+        # factors :meth:`batch` forms (set by the accumulator before each batch; None: none)
+        self._kron_blocks = self._make_kron_blocks(holders)
+        self.kron_rows: dict[str, int] | None = None
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
@@ -1369,10 +1397,20 @@ class LayerProgram:
                         taps.base_weight, dirs = split
                     else:
                         dirs = [(vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1), lam[:, k].sign()) for k in keep]
+                # the K-FAC output factors: G = sum over the Gauss-Newton directions (and records, and
+                # positions) of their weighted output-gradient outer products, as the diagonal's squares
+                kron = self._kron_start()
+                if kron and taps.base_weight is not None:
+                    self._kron_add(kron, taps.go, taps.base_weight)
                 for i, (vdir, sgn) in enumerate(dirs):
                     gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
-                    self._add_squares(taps, self._unpack(self._forward_taps, gos), sgn, h_all, h2_all, self.mc_samples)
+                    go = self._unpack(self._forward_taps, gos)
+                    self._add_squares(taps, go, sgn, h_all, h2_all, self.mc_samples)
+                    if kron:
+                        self._kron_add(kron, go, sgn if h2_all is None else sgn / self.mc_samples)
+                if kron:
+                    taps.kron_G = {m: (G, (self.kron_rows or {})[m]) for m, G in kron.items()}
         self._forward_taps = {}
         if not self._verified:
             self._verify(inputs, targets, taps)
@@ -1500,6 +1538,115 @@ class LayerProgram:
             return None
         L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
         return p if bool((L - L_ce).abs().max() <= CE_TOLERANCE) else None
+
+    def _make_kron_blocks(self, holders: dict[str, list[str]]) -> dict[str, KronBlock]:
+        """The layers of :meth:`kron_blocks`: every convolution and nn.Linear holding no parameter
+        of another layer (tied weights: a sum of uses, no Kronecker factor), where the model has
+        at least one convolution (without one the K-FAC factors, if any, come from the
+        FactoredProgram as before: a model without convolutions is unchanged)."""
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        if not any(isinstance(mod, conv) for mod in self._mods.values()):
+            return {}
+        out: dict[str, KronBlock] = {}
+        for m, slot in self.slots.items():
+            mod = self._mods[m]
+            if not isinstance(mod, (*conv, nn.Linear)) or any(len(holders[n]) > 1 for n in slot.values()):
+                continue
+            if isinstance(mod, nn.Linear):
+                groups, fan, q = 1, mod.in_features, mod.out_features
+            else:
+                groups = mod.groups
+                fan, q = mod.in_channels // groups * math.prod(mod.kernel_size), mod.out_channels // groups
+            out[m] = KronBlock(m, slot.get("weight"), slot.get("bias"), groups, fan, q)
+        return out
+
+    def kron_blocks(self) -> dict[str, KronBlock]:
+        """``{module: KronBlock}``: the convolutions and nn.Linear layers (any number of positions)
+        whose K-FAC / KFC factors :meth:`kron_sums` forms (Grosse & Martens 2016; method.md
+        section 4, "The diagonal sandwich and correlated weights"), without the width cap of
+        :meth:`kron_layers`; empty for a model without a convolution."""
+        return self._kron_blocks
+
+    def kron_layers(self) -> dict[str, tuple[int, int]]:
+        """``{module: (p, out)}`` per group (:class:`KronBlock`), the blocks of :meth:`kron_blocks`
+        with ``p`` and ``out`` at most :data:`KFAC_MAX_WIDTH` (as :meth:`FactoredProgram.kron_layers`)."""
+        return {m: (blk.p, blk.out) for m, blk in self._kron_blocks.items() if max(blk.p, blk.out) <= KFAC_MAX_WIDTH}
+
+    def _kron_start(self) -> dict[str, Tensor]:
+        """Zero ``[groups, out, out]`` float64 output factors of the layers with rows to sum."""
+        rows = self.kron_rows or {}
+        layers = self.kron_layers()
+        return {m: torch.zeros(self._kron_blocks[m].groups, q, q, dtype=torch.float64)
+                for m, (_, q) in layers.items() if rows.get(m, 0) > 0}
+
+    def _kron_out(self, m: str, go: Tensor, r: int) -> Tensor:
+        """A layer's output gradients of records ``:r`` as ``[r, groups, out, positions]``."""
+        blk, mod = self._kron_blocks[m], self._mods[m]
+        go = go[:r]
+        if isinstance(mod, nn.Linear):
+            return go.reshape(r, -1, blk.out).transpose(1, 2).unsqueeze(1)
+        return go.reshape(r, blk.groups, blk.out, -1)
+
+    def _kron_add(self, kron: dict[str, Tensor], go: dict[str, Any], w: Tensor) -> None:
+        """Add one Gauss-Newton direction's ``sum_r w_r sum_t delta_rt delta_rt^T`` per group
+        (``go``: its output gradients per layer, ``w [B]``: each record's weight, the direction's
+        sign) to ``kron`` over each layer's first :attr:`kron_rows` records."""
+        for m, G in kron.items():
+            r = (self.kron_rows or {})[m]
+            Z = self._kron_out(m, go[m], r)
+            Zw = Z * w[:r].to(Z.dtype).reshape(r, 1, 1, 1)
+            G += torch.einsum("rgot,rgqt->goq", Zw, Z).to(torch.float64)
+
+    def _kron_in(self, m: str, taps: _BatchTaps, a: int, c: int) -> Tensor:
+        """A layer's inputs of records ``a:c`` as ``[c - a, groups, p, positions]`` (the patches
+        of a convolution, a Linear's inputs over its positions; a trailing 1 for an assessed bias)."""
+        blk, mod = self._kron_blocks[m], self._mods[m]
+        r = c - a
+        if blk.weight is None:
+            x = taps.x[m]
+            pos = (math.prod(x.shape[1:-1]) if isinstance(mod, nn.Linear)
+                   else math.prod(_patches(mod, x[a:a + 1]).shape[3:]))
+            return torch.ones(r, 1, 1, pos, dtype=self.dtype)
+        if isinstance(mod, nn.Linear):
+            x = taps.x[m][a:c]
+            u = x.reshape(r, -1, blk.fan).transpose(1, 2).unsqueeze(1)
+        else:
+            cache = taps.cache.get(m) or {}
+            u = cache["u"][a:c] if "u" in cache else _patches(mod, taps.x[m][a:c])
+        if blk.bias is not None:
+            u = torch.cat([u, torch.ones(r, blk.groups, 1, u.shape[-1], dtype=u.dtype)], 2)
+        return u
+
+    def kron_sums(self, fac: tuple[_BatchTaps, Any, Any], acc: torch.dtype, rows: dict[str, int] | None = None
+                  ) -> dict[str, tuple[Tensor, Tensor, int]]:
+        """Per layer of :meth:`kron_layers` with rows the batch's KFC factors (Grosse & Martens
+        2016): ``A = sum_r sum_t u_rt u_rt^T`` ``[groups, p, p]`` over the first ``rows[m]`` records'
+        patches ``u`` (positions ``t``), ``G`` ``[groups, out, out]`` (formed by :meth:`batch` over
+        the same records, :attr:`kron_rows`) and the positions summed (records x positions). Their
+        product's overall scale is not KFC's (no ``1 / positions``): the accumulator matches it to
+        the Gauss-Newton diagonal's trace (``MomentAccumulator._kfac_factors``). GEMMs in the
+        batch's dtype a block of records at a time, returned in ``acc``."""
+        taps = fac[0]
+        res: dict[str, tuple[Tensor, Tensor, int]] = {}
+        for m, (p, _) in self.kron_layers().items():
+            r = 0 if rows is None else rows.get(m, 0)
+            if r <= 0 or taps.kron_G is None or m not in taps.kron_G:
+                continue
+            G, rg = taps.kron_G[m]
+            if rg != r:
+                raise RuntimeError(f"K-FAC factors of layer {m!r}: G summed {rg} records, A would sum {r}")
+            blk = self._kron_blocks[m]
+            A = torch.zeros(blk.groups, p, p, dtype=torch.float64)
+            step, pos = 1, 0
+            a = 0
+            while a < r:
+                u = self._kron_in(m, taps, a, min(r, a + step))
+                A += torch.einsum("rgkt,rglt->gkl", u, u).to(torch.float64)
+                pos += u.shape[0] * u.shape[-1]
+                a += u.shape[0]
+                step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * p * u.shape[-1], 1))
+            res[m] = (A.to(acc), G.to(acc), pos)
+        return res
 
     def record_taps(self, inputs: Any, targets: Any, b: int) -> _BatchTaps:
         """One forward and one backward pass of the loss over a block of records: per layer
