@@ -54,6 +54,7 @@ import mis_lightning as ml  # noqa: E402
 from mis_lightning.estimation.estimate import estimate  # noqa: E402
 
 E = importlib.import_module("mis_lightning.estimation.estimate")
+LF = importlib.import_module("mis_lightning.estimation.linear_factors")
 SCHEMES = ["rtn_int8", "rtn_int6", "rtn_int4"]
 
 
@@ -147,8 +148,10 @@ def compare(name: str, a: argparse.Namespace) -> None:
         ref = ml.assess(model, SCHEMES, loader, loss, estimation="exact", uncertainty_draws=0, **kw)
     print(f"{name}: d = {d}, n = {a.n}, rho {a.rho:g}, max |grad| {grad:.1e}; exact baseline "
           f"{ref.baseline_leakage:.4f} " + " ".join(f"{s} {ref.schemes[s].leakage:.4f}" for s in SCHEMES), flush=True)
-    for on in (False, True):
-        E.KFAC_CORRECTION = on
+    for on in [False] + a.factors:
+        E.KFAC_CORRECTION = bool(on)
+        if on:
+            LF.KFAC_CONV_FACTORS = on
         try:
             diag = estimate(model, loader, loss, mode="diagonal", hessian="ggn", **kw)
             with warnings.catch_warnings():
@@ -156,8 +159,8 @@ def compare(name: str, a: argparse.Namespace) -> None:
                 rep = ml.assess(model, SCHEMES, loader, loss, estimation="diagonal", hessian="ggn",
                                 uncertainty_draws=0, **kw)
         finally:
-            E.KFAC_CORRECTION = True
-        tag = "after " if on else "before"
+            E.KFAC_CORRECTION, LF.KFAC_CONV_FACTORS = True, "trace"
+        tag = f"after ({on})" if on else "before"
         print(f"  {tag} K-FAC median VIF {diag.diagnostics.get('kfac_variance_inflation_median', 'n/a')}, "
               f"psi influences for {diag.diagnostics.get('kfac_influences', 0)} weights, uncorrected "
               f"{diag.diagnostics.get('kfac_uncorrected_layers', 'all')}", flush=True)
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rho", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight-decay", type=float, default=1e-3)
+    ap.add_argument("--factors", nargs="+", default=["trace"], choices=["trace", "kfc"],
+                    help="the convolutions' Kronecker factors (linear_factors.KFAC_CONV_FACTORS) to compare")
     ap.add_argument("--cost", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)

@@ -1641,7 +1641,8 @@ class MomentAccumulator:
             for m, blk, parts in self._kfac_blocks(st, n, prog, left):
                 ws, bs = [], []
                 for A, G, k, scale, decay, _ in parts:
-                    vif = (kfac_variance_inflation(A, G, k, decay) * scale).clamp_min(1.0)
+                    # the sandwich's factor: V ~ K, not K + decay (dg30's VIF over-reads there)
+                    vif = (kfac_variance_inflation(A, G, k, decay, sandwich=True) * scale).clamp_min(1.0)
                     ws.append(vif[:, : blk.fan].reshape(-1))
                     bs.append(vif[:, -1])
                     vifs.append(vif.reshape(-1))  # [out, p]: the group's weights and biases

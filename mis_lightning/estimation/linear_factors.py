@@ -317,6 +317,12 @@ KFAC_RCOND = 1e-10
 # the population (Wishart), the full sample by n / (n - p - 1): kfac_subsample_scale rescales
 KFAC_RECORDS_PER_WIDTH = 2
 KFAC_MIN_RECORDS = 2048
+# the Kronecker factors of the per-layer program's convolutions and Linear layers (kc32):
+# "trace", the Gauss-Newton block's partial traces from the per-sample gradients of every direction
+# (exact wherever the block is a Kronecker product, whatever the output gradients' spatial
+# correlation); "kfc", Grosse & Martens' KFC (patches' and output gradients' second moments over
+# positions: exact only where the output gradients are spatially uncorrelated; A/B benchmarks)
+KFAC_CONV_FACTORS = "trace"
 
 
 def kfac_subsample_scale(m: int, n: int, p: int, q: int) -> float:
@@ -353,7 +359,8 @@ def kfac_influence_subsample_scale(m: int, n: int, p: int, q: int) -> float:
     return out
 
 
-def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float = 0.0) -> Tensor:
+def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float = 0.0,
+                            sandwich: bool = False) -> Tensor:
     """Per-weight variance inflation factors ``VIF_j = H_jj (H^-1)_jj`` ``[out, p]`` of a Linear
     layer's Kronecker-factored Hessian ``H = (A / n) (x) (G / n) + diag(lambda)`` (method.md
     section 4, "The diagonal sandwich and correlated weights").
@@ -363,6 +370,13 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         G: ``[out, out]`` sum of ``L_i delta_i delta_i^T``.
         n: records summed.
         decay: the L2 coefficient, a float or ``[p]`` per input column (weight / bias).
+        sandwich: with decay, the factor of the sandwich instead: ``[(K + lambda)^-1 K (K +
+            lambda)^-1]_jj (K_jj + lambda_j)^2 / K_jj`` (``K`` the Kronecker product), the ratio of
+            the marginal variance to the diagonal sandwich's ``V_jj / (K_jj + lambda_j)^2`` where the
+            gradients' covariance ``V`` is proportional to ``K`` (not to ``K + lambda``: the decay is
+            no data); without it ``VIF_j`` over-reads along directions of ``K`` whose eigenvalues are
+            near ``lambda`` (kc32: 1.4-2.0x the exact sigma on a pooled linear Conv1d at
+            ``lambda = 1e-3``). The same as ``VIF_j`` without decay.
 
     Returns:
         ``[out, p]`` float64, entry ``[o, i]`` the factor of the weight ``(o, i)`` (bias: ``i = p - 1``),
@@ -411,16 +425,21 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
     t, W = torch.linalg.eigh(Gn_l)
     s, t = s.clamp_min(0.0), t.clamp_min(0.0)
     den = s.unsqueeze(1) * t.unsqueeze(0) + lam0  # [p_live, out_live]
-    if lam0 > 0:
+    if lam0 > 0 and sandwich:
+        M = (den - lam0) / den.square()
+    elif lam0 > 0:
         M = 1.0 / den
     else:  # pseudo-inverse: exact null directions of either factor carry no variance
         live = (s > KFAC_RCOND * float(s.max().clamp_min(1e-300))).unsqueeze(1) \
             & (t > KFAC_RCOND * float(t.max().clamp_min(1e-300))).unsqueeze(0)
         M = torch.where(live, 1.0 / torch.where(live, den, torch.ones((), dtype=f64)), torch.zeros((), dtype=f64))
     inv_diag = (U.square() @ M @ W.square().T) * scale[ia].square().unsqueeze(1)  # [p_live, out_live]
-    h_diag = An_l.diagonal().unsqueeze(1) * Gn_l.diagonal().unsqueeze(0) \
-        + (lam[ia].unsqueeze(1) if not uniform else lam0)
-    v = h_diag * inv_diag
+    k_diag = An_l.diagonal().unsqueeze(1) * Gn_l.diagonal().unsqueeze(0)
+    h_diag = k_diag + (lam[ia].unsqueeze(1) if not uniform else lam0)
+    if sandwich and lam0 > 0:
+        v = h_diag.square() / k_diag * inv_diag
+    else:
+        v = h_diag * inv_diag
     vif[ia.unsqueeze(1), ig.unsqueeze(0)] = torch.where(torch.isfinite(v), v.clamp_min(1.0), torch.ones((), dtype=f64))
     return vif.T.contiguous()
 
@@ -1084,10 +1103,10 @@ class _BatchTaps:
     # per record ``[b]``: the weight of the squared loss gradient ``(J' dl/do)^2`` in the exact
     # Gauss-Newton diagonal (softmax cross-entropy, :meth:`LayerProgram._ce_directions`), else None
     base_weight: Tensor | None = None
-    # the K-FAC (KFC) output factors of the batch's first records (:meth:`LayerProgram.kron_sums`):
-    # {block: (G [out, out] summed over the records, their count)}, formed by LayerProgram.batch
-    # from every Gauss-Newton direction's output gradients (transient there)
-    kron_G: dict[str, tuple[Tensor, int]] | None = None
+    # the Kronecker factors of the batch's first records (:meth:`LayerProgram.kron_sums`):
+    # {layer: (A [groups, p, p] or None, G [groups, out, out], records, rows summed)}, formed by
+    # LayerProgram.batch from every Gauss-Newton direction's output gradients (transient there)
+    kron: dict[str, tuple[Tensor | None, Tensor, int, int]] | None = None
 
     def rows(self, rows: Any) -> _BatchTaps:
         """The taps of records ``rows`` (an index tensor or a slice)."""
@@ -1401,16 +1420,17 @@ class LayerProgram:
                 # positions) of their weighted output-gradient outer products, as the diagonal's squares
                 kron = self._kron_start()
                 if kron and taps.base_weight is not None:
-                    self._kron_add(kron, taps.go, taps.base_weight)
+                    self._kron_add(kron, taps, taps.go, taps.base_weight)
                 for i, (vdir, sgn) in enumerate(dirs):
                     gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
                     go = self._unpack(self._forward_taps, gos)
                     self._add_squares(taps, go, sgn, h_all, h2_all, self.mc_samples)
                     if kron:
-                        self._kron_add(kron, go, sgn if h2_all is None else sgn / self.mc_samples)
+                        self._kron_add(kron, taps, go, sgn if h2_all is None else sgn / self.mc_samples)
                 if kron:
-                    taps.kron_G = {m: (G, (self.kron_rows or {})[m]) for m, G in kron.items()}
+                    rows = self.kron_rows or {}
+                    taps.kron = {m: (A, G, rows[m], pos) for m, (A, G, pos) in kron.items()}
         self._forward_taps = {}
         if not self._verified:
             self._verify(inputs, targets, taps)
@@ -1572,30 +1592,52 @@ class LayerProgram:
         with ``p`` and ``out`` at most :data:`KFAC_MAX_WIDTH` (as :meth:`FactoredProgram.kron_layers`)."""
         return {m: (blk.p, blk.out) for m, blk in self._kron_blocks.items() if max(blk.p, blk.out) <= KFAC_MAX_WIDTH}
 
-    def _kron_start(self) -> dict[str, Tensor]:
-        """Zero ``[groups, out, out]`` float64 output factors of the layers with rows to sum."""
+    def _kron_start(self) -> dict[str, list]:
+        """Zero float64 factors ``[A [groups, p, p] or None, G [groups, out, out], rows]`` of the
+        layers with records to sum (:attr:`kron_rows`; ``A`` None for :data:`KFAC_CONV_FACTORS`
+        ``"kfc"``, whose ``A`` :meth:`kron_sums` forms from the inputs alone)."""
         rows = self.kron_rows or {}
-        layers = self.kron_layers()
-        return {m: torch.zeros(self._kron_blocks[m].groups, q, q, dtype=torch.float64)
-                for m, (_, q) in layers.items() if rows.get(m, 0) > 0}
+        f64 = torch.float64
+        return {m: [torch.zeros(self._kron_blocks[m].groups, p, p, dtype=f64) if KFAC_CONV_FACTORS == "trace" else None,
+                    torch.zeros(self._kron_blocks[m].groups, q, q, dtype=f64), 0]
+                for m, (p, q) in self.kron_layers().items() if rows.get(m, 0) > 0}
 
-    def _kron_out(self, m: str, go: Tensor, r: int) -> Tensor:
-        """A layer's output gradients of records ``:r`` as ``[r, groups, out, positions]``."""
+    def _kron_out(self, m: str, go: Tensor, a: int, c: int) -> Tensor:
+        """A layer's output gradients of records ``a:c`` as ``[c - a, groups, out, positions]``."""
         blk, mod = self._kron_blocks[m], self._mods[m]
-        go = go[:r]
+        go = go[a:c]
         if isinstance(mod, nn.Linear):
-            return go.reshape(r, -1, blk.out).transpose(1, 2).unsqueeze(1)
-        return go.reshape(r, blk.groups, blk.out, -1)
+            return go.reshape(c - a, -1, blk.out).transpose(1, 2).unsqueeze(1)
+        return go.reshape(c - a, blk.groups, blk.out, -1)
 
-    def _kron_add(self, kron: dict[str, Tensor], go: dict[str, Any], w: Tensor) -> None:
-        """Add one Gauss-Newton direction's ``sum_r w_r sum_t delta_rt delta_rt^T`` per group
-        (``go``: its output gradients per layer, ``w [B]``: each record's weight, the direction's
-        sign) to ``kron`` over each layer's first :attr:`kron_rows` records."""
-        for m, G in kron.items():
+    def _kron_add(self, kron: dict[str, list], taps: _BatchTaps, go: dict[str, Any], w: Tensor) -> None:
+        """Add one Gauss-Newton direction's share (``w [B]``: each record's weight, the direction's
+        sign; ``go``: its output gradients per layer) of each layer's factors over its first
+        :attr:`kron_rows` records. ``"kfc"``: ``G += sum_r w_r sum_t delta_rt delta_rt^T`` (positions
+        ``t``). ``"trace"``: with ``g_r [out, p]`` the record's gradient in the direction (bias
+        column last) per group, ``A += sum_r w_r g_r^T g_r`` and ``G += sum_r w_r g_r g_r^T``: the
+        Gauss-Newton block's two partial traces, whose product is the block itself wherever it is a
+        Kronecker product (any spatial correlation of the output gradients: global pooling too)."""
+        for m, acc in kron.items():
             r = (self.kron_rows or {})[m]
-            Z = self._kron_out(m, go[m], r)
-            Zw = Z * w[:r].to(Z.dtype).reshape(r, 1, 1, 1)
-            G += torch.einsum("rgot,rgqt->goq", Zw, Z).to(torch.float64)
+            blk = self._kron_blocks[m]
+            if KFAC_CONV_FACTORS != "trace":
+                Z = self._kron_out(m, go[m], 0, r)
+                Zw = Z * w[:r].to(Z.dtype).reshape(r, 1, 1, 1)
+                acc[1] += torch.einsum("rgot,rgqt->goq", Zw, Z).to(torch.float64)
+                continue
+            a, step = 0, 1
+            while a < r:
+                c = min(r, a + step)
+                U = self._kron_in(m, taps, a, c)  # [c - a, groups, p, positions]
+                Z = self._kron_out(m, go[m], a, c)
+                g = torch.einsum("rgot,rgkt->rgok", Z, U)  # the per-sample gradients [c - a, groups, out, p]
+                gw = g * w[a:c].to(g.dtype).reshape(-1, 1, 1, 1)
+                acc[0] += torch.einsum("rgok,rgol->gkl", gw, g).to(torch.float64)
+                acc[1] += torch.einsum("rgok,rgqk->goq", gw, g).to(torch.float64)
+                a = c
+                step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * max(blk.p * U.shape[-1], blk.out * blk.p), 1))
+            acc[2] = r
 
     def _kron_in(self, m: str, taps: _BatchTaps, a: int, c: int) -> Tensor:
         """A layer's inputs of records ``a:c`` as ``[c - a, groups, p, positions]`` (the patches
@@ -1619,26 +1661,29 @@ class LayerProgram:
 
     def kron_sums(self, fac: tuple[_BatchTaps, Any, Any], acc: torch.dtype, rows: dict[str, int] | None = None
                   ) -> dict[str, tuple[Tensor, Tensor, int]]:
-        """Per layer of :meth:`kron_layers` with rows the batch's KFC factors (Grosse & Martens
-        2016): ``A = sum_r sum_t u_rt u_rt^T`` ``[groups, p, p]`` over the first ``rows[m]`` records'
-        patches ``u`` (positions ``t``), ``G`` ``[groups, out, out]`` (formed by :meth:`batch` over
-        the same records, :attr:`kron_rows`) and the positions summed (records x positions). Their
-        product's overall scale is not KFC's (no ``1 / positions``): the accumulator matches it to
-        the Gauss-Newton diagonal's trace (``MomentAccumulator._kfac_factors``). GEMMs in the
-        batch's dtype a block of records at a time, returned in ``acc``."""
+        """Per layer of :meth:`kron_layers` with rows the batch's Kronecker factors ``A``
+        ``[groups, p, p]`` and ``G`` ``[groups, out, out]`` over its first ``rows[m]`` records (formed
+        by :meth:`batch` with the same :attr:`kron_rows`) and the rows they summed, by
+        :data:`KFAC_CONV_FACTORS`: ``"trace"`` the Gauss-Newton block's partial traces (rows:
+        records), ``"kfc"`` KFC's (Grosse & Martens 2016: ``A = sum_r sum_t u_rt u_rt^T`` over the
+        patches ``u``, rows: records x positions). Their product's overall scale is not the
+        Hessian's: the accumulator matches it to the Gauss-Newton diagonal's trace
+        (``MomentAccumulator._kfac_blocks``). Returned in ``acc``."""
         taps = fac[0]
         res: dict[str, tuple[Tensor, Tensor, int]] = {}
         for m, (p, _) in self.kron_layers().items():
             r = 0 if rows is None else rows.get(m, 0)
-            if r <= 0 or taps.kron_G is None or m not in taps.kron_G:
+            if r <= 0 or taps.kron is None or m not in taps.kron:
                 continue
-            G, rg = taps.kron_G[m]
+            A, G, rg, done = taps.kron[m]
             if rg != r:
                 raise RuntimeError(f"K-FAC factors of layer {m!r}: G summed {rg} records, A would sum {r}")
+            if A is not None:
+                res[m] = (A.to(acc), G.to(acc), r)
+                continue
             blk = self._kron_blocks[m]
             A = torch.zeros(blk.groups, p, p, dtype=torch.float64)
-            step, pos = 1, 0
-            a = 0
+            step, pos, a = 1, 0, 0
             while a < r:
                 u = self._kron_in(m, taps, a, min(r, a + step))
                 A += torch.einsum("rgkt,rglt->gkl", u, u).to(torch.float64)
