@@ -35,6 +35,7 @@ from .._rng import restores_rng
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
+from . import linear_factors as LF
 from .batching import merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
@@ -1393,10 +1394,14 @@ class MomentAccumulator:
         rows = {}
         if not any(k.startswith("kfac_A.") for k in st):
             return rows
+        trace = isinstance(prog, LayerProgram) and LF.KFAC_CONV_FACTORS == "trace"
         for m, (p, q) in prog.kron_layers().items():
             if f"kfac_n.{m}" in st:  # a state built before the program changed has none
                 cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
-                rows[m] = min(b, cap - int(st[f"kfac_n.{m}"]))
+                if trace:  # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS)
+                    per = q * p * (p + q) * prog.kron_blocks()[m].groups
+                    cap = min(cap, max(LF.KFAC_TRACE_MIN_RECORDS, int(LF.KFAC_TRACE_MAX_FLOPS // max(per, 1))))
+                rows[m] = max(0, min(b, cap - int(st[f"kfac_n.{m}"])))
         return rows
 
     def _add_kron(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, fac: Any, b: int) -> None:
@@ -1708,7 +1713,8 @@ class MomentAccumulator:
                 continue
             blk = blocks[m]
             k, t = int(st[f"kfac_n.{m}"]), int(st[f"kfac_t.{m}"])
-            pos = t / max(k, 1)
+            pos = t / max(k, 1)  # t = 0: the partial traces, no subsample rescaling (scales 1)
+            full = t == 0 or k >= n
             decay = torch.tensor(([self.decay[blk.weight]] * blk.fan if blk.weight is not None else [])
                                  + ([self.decay[blk.bias]] if blk.bias is not None else []), dtype=f64)
             parts = []
@@ -1724,8 +1730,9 @@ class MomentAccumulator:
                 kr = float(A.diagonal().sum()) * float(G.diagonal().sum()) / max(k, 1) ** 2
                 if not (tr > 0 and kr > 0 and math.isfinite(tr / kr)):
                     break
-                parts.append((A * (tr / kr), G, k, kfac_subsample_scale(t, round(n * pos), blk.p, blk.out), decay,
-                              kfac_influence_subsample_scale(t, round(n * pos), blk.p, blk.out)))
+                parts.append((A * (tr / kr), G, k,
+                              1.0 if full else kfac_subsample_scale(t, round(n * pos), blk.p, blk.out), decay,
+                              1.0 if full else kfac_influence_subsample_scale(t, round(n * pos), blk.p, blk.out)))
             if len(parts) < blk.groups:  # a group without curvature: the layer stays uncorrected
                 left.append(m)
                 continue

@@ -323,6 +323,14 @@ KFAC_MIN_RECORDS = 2048
 # correlation); "kfc", Grosse & Martens' KFC (patches' and output gradients' second moments over
 # positions: exact only where the output gradients are spatially uncorrelated; A/B benchmarks)
 KFAC_CONV_FACTORS = "trace"
+# the "trace" factors cost out p (p + out) multiply-adds per record and group (the per-sample
+# gradient's outer products), up to ~8x a wide convolution's share of the pass: a layer's factors sum
+# its first max(KFAC_TRACE_MIN_RECORDS, KFAC_TRACE_MAX_FLOPS / that) records (within dg30's cap), a
+# fixed cost. Each record adds out rows to A and p to G (correlated within the record), so the
+# records' Wishart rescaling (kfac_subsample_scale, which lowers the VIF) is not applied: a
+# subsample's inverse reads high, the conservative side (a wider sigma)
+KFAC_TRACE_MIN_RECORDS = 512
+KFAC_TRACE_MAX_FLOPS = 2e10
 
 
 def kfac_subsample_scale(m: int, n: int, p: int, q: int) -> float:
@@ -1700,8 +1708,8 @@ class LayerProgram:
         """Per layer of :meth:`kron_layers` with rows the batch's Kronecker factors ``A``
         ``[groups, p, p]`` and ``G`` ``[groups, out, out]`` over its first ``rows[m]`` records (formed
         by :meth:`batch` with the same :attr:`kron_rows`) and the rows they summed, by
-        :data:`KFAC_CONV_FACTORS`: ``"trace"`` the Gauss-Newton block's partial traces (rows:
-        records), ``"kfc"`` KFC's (Grosse & Martens 2016: ``A = sum_r sum_t u_rt u_rt^T`` over the
+        :data:`KFAC_CONV_FACTORS`: ``"trace"`` the Gauss-Newton block's partial traces (rows: 0,
+        no subsample rescaling), ``"kfc"`` KFC's (Grosse & Martens 2016: ``A = sum_r sum_t u_rt u_rt^T`` over the
         patches ``u``, rows: records x positions). Their product's overall scale is not the
         Hessian's: the accumulator matches it to the Gauss-Newton diagonal's trace
         (``MomentAccumulator._kfac_blocks``). Returned in ``acc``."""
@@ -1714,8 +1722,8 @@ class LayerProgram:
             A, G, rg, done = taps.kron[m]
             if rg != r:
                 raise RuntimeError(f"K-FAC factors of layer {m!r}: G summed {rg} records, A would sum {r}")
-            if A is not None:
-                res[m] = (A.to(acc), G.to(acc), r)
+            if A is not None:  # the partial traces: 0 rows, no Wishart rescaling (see KFAC_TRACE_MIN_RECORDS)
+                res[m] = (A.to(acc), G.to(acc), 0)
                 continue
             blk = self._kron_blocks[m]
             A = torch.zeros(blk.groups, p, p, dtype=torch.float64)
