@@ -1205,9 +1205,6 @@ class LayerProgram:
         # factors :meth:`batch` forms (set by the accumulator before each batch; None: none)
         self._kron_blocks = self._make_kron_blocks(holders)
         self.kron_rows: dict[str, int] | None = None
-        # the Rademacher signs mixing the Gauss-Newton directions for the "trace" factors (seeded:
-        # the same records give the same factors)
-        self._kron_generator = torch.Generator().manual_seed(0)
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
@@ -1430,18 +1427,18 @@ class LayerProgram:
                 # the K-FAC output factors: G = sum over the Gauss-Newton directions (and records, and
                 # positions) of their weighted output-gradient outer products, as the diagonal's squares
                 kron = self._kron_start()
-                mix: dict[float, dict[str, Tensor]] = {}
                 if kron and taps.base_weight is not None:
-                    self._kron_direction(kron, mix, taps, taps.go, taps.base_weight)
+                    self._kron_add(kron, taps, taps.go, taps.base_weight)
                 for i, (vdir, sgn) in enumerate(dirs):
                     gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
                     go = self._unpack(self._forward_taps, gos)
                     self._add_squares(taps, go, sgn, h_all, h2_all, self.mc_samples)
                     if kron:
-                        self._kron_direction(kron, mix, taps, go, sgn if h2_all is None else sgn / self.mc_samples)
-                for sign, go in mix.items():  # "trace": the directions' random mix, one per sign
-                    self._kron_add({m: kron[m] for m in go}, taps, go, torch.full((b,), sign, dtype=self.dtype))
+                        # every direction's own outer products (a random-sign mix of the directions,
+                        # 1 / directions of the cost, read sigma 1-16% apart between two mixes on a
+                        # 3-class CNN at 256 records: tests/test_ggn_mc.py's float32 / float64 check)
+                        self._kron_add(kron, taps, go, sgn if h2_all is None else sgn / self.mc_samples)
                 if kron:
                     rows = self.kron_rows or {}
                     taps.kron = {m: (A, G, rows[m], pos) for m, (A, G, pos) in kron.items()}
@@ -1624,36 +1621,6 @@ class LayerProgram:
             return go.reshape(c - a, -1, blk.out).transpose(1, 2).unsqueeze(1)
         return go.reshape(c - a, blk.groups, blk.out, -1)
 
-    def _kron_direction(self, kron: dict[str, list], mix: dict[float, dict[str, Tensor]], taps: _BatchTaps,
-                        go: dict[str, Any], w: Tensor) -> None:
-        """One Gauss-Newton direction's share of the factors: ``"kfc"`` adds it (:meth:`_kron_add`,
-        cheap: output gradients only); ``"trace"`` adds ``xi_r sqrt(|w_r|) delta_r`` (Rademacher
-        ``xi``, :attr:`_kron_generator`) to ``mix[sign(w_r)]``, whose per-sample gradients' outer
-        products are then formed once (``E[g~ g~^T] = sum_k |w_k| g_k g_k^T``: the same factors in
-        expectation at ``1 / directions`` of the cost, e.g. 9 directions for 10 classes)."""
-        # per layer: each direction's own products where they cost no more than its per-sample
-        # gradients (p + out <= positions: the mix's noise, ~sqrt(directions) cross terms per
-        # record, read 0.88-1.10x on a 64-direction Conv1d at 300 records), else the mix
-        own = [m for m in kron if KFAC_CONV_FACTORS != "trace"
-               or self._kron_blocks[m].p + self._kron_blocks[m].out <= self._kron_out(m, go[m], 0, 1).shape[-1]]
-        if own:
-            self._kron_add({m: kron[m] for m in own}, taps, go, w)
-        rest = [m for m in kron if m not in own]
-        if not rest:
-            return
-        rows = max((self.kron_rows or {})[m] for m in rest)
-        wf = w[:rows].to(self.dtype)
-        xi = torch.randint(0, 2, (rows,), generator=self._kron_generator).to(self.dtype) * 2 - 1
-        for sign in (1.0, -1.0):
-            part = (wf > 0) if sign > 0 else (wf < 0)
-            if not bool(part.any()):
-                continue
-            coef = torch.where(part, xi * wf.abs().sqrt(), torch.zeros((), dtype=self.dtype))
-            tgt = mix.setdefault(sign, {})
-            for m in rest:
-                v = go[m][:rows] * coef.reshape(-1, *([1] * (go[m].dim() - 1)))
-                tgt[m] = v if m not in tgt else tgt[m] + v
-
     def _kron_add(self, kron: dict[str, list], taps: _BatchTaps, go: dict[str, Any], w: Tensor) -> None:
         """Add one Gauss-Newton direction's share (``w [B]``: each record's weight, the direction's
         sign; ``go``: its output gradients per layer) of each layer's factors over its first
@@ -1666,7 +1633,7 @@ class LayerProgram:
             r = (self.kron_rows or {})[m]
             blk = self._kron_blocks[m]
             if KFAC_CONV_FACTORS != "trace":
-                Z = self._kron_out(m, go[m], 0, r)
+                Z = self._kron_out(m, go[m], 0, r).to(torch.float64)  # float64 outer products (below)
                 Zw = Z * w[:r].to(Z.dtype).reshape(r, 1, 1, 1)
                 acc[1] += torch.einsum("rgot,rgqt->goq", Zw, Z).to(torch.float64)
                 continue
@@ -1675,7 +1642,11 @@ class LayerProgram:
                 c = min(r, a + step)
                 U = self._kron_in(m, taps, a, c)  # [c - a, groups, p, positions]
                 Z = self._kron_out(m, go[m], a, c)
-                g = torch.einsum("rgot,rgkt->rgok", Z, U)  # the per-sample gradients [c - a, groups, out, p]
+                # the per-sample gradients [c - a, groups, out, p]; their outer products in float64:
+                # a float32 GEMM's rounding (~1e-7 of the entries) lifts a factor's exact null
+                # directions above KFAC_RCOND, and their pseudo-inverse then read sigma up to ~900x
+                # the float64 pass's (tests/test_ggn_mc.py's float32 / float64 check)
+                g = torch.einsum("rgot,rgkt->rgok", Z, U).to(torch.float64)
                 gw = g * w[a:c].to(g.dtype).reshape(-1, 1, 1, 1)
                 acc[0] += torch.einsum("rgok,rgol->gkl", gw, g).to(torch.float64)
                 acc[1] += torch.einsum("rgok,rgqk->goq", gw, g).to(torch.float64)
@@ -1729,8 +1700,8 @@ class LayerProgram:
             A = torch.zeros(blk.groups, p, p, dtype=torch.float64)
             step, pos, a = 1, 0, 0
             while a < r:
-                u = self._kron_in(m, taps, a, min(r, a + step))
-                A += torch.einsum("rgkt,rglt->gkl", u, u).to(torch.float64)
+                u = self._kron_in(m, taps, a, min(r, a + step)).to(torch.float64)
+                A += torch.einsum("rgkt,rglt->gkl", u, u)
                 pos += u.shape[0] * u.shape[-1]
                 a += u.shape[0]
                 step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * p * u.shape[-1], 1))
