@@ -1377,7 +1377,7 @@ KFAC_CONV_FIGURES = (
     "over inputs correlated along their positions, dense outputs or pooled to one, the corrected sigma read "
     "0.93-1.06x the exact estimator's and the quantized figures 0.95-1.01x its; on a small ReLU CNN with "
     "global pooling the correlation across layers kept sigma a median 0.04-0.72x the exact estimator's per "
-    "parameter and the quantized figures 0.64-1.08x its, with weight decay 1e-3 to 1e-2)")
+    "parameter and the quantized figures 0.68-1.08x its, with weight decay 1e-3 to 1e-2)")
 
 
 def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:
