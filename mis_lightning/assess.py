@@ -1048,7 +1048,7 @@ def score_schemes(
                 "(on correlated weights it made the quantized figures read 26-41% low in small tests)"
                 if est.mode == "diagonal" and not est.diagnostics.get("kfac_correction") else
                 f", and the diagonal estimator's sigma is unchecked here beyond its K-FAC correction of the "
-                f"correlation within each nn.Linear layer (median factor "
+                f"correlation within each {_kfac_layer_kinds(est.diagnostics)} layer (median factor "
                 f"{est.diagnostics.get('kfac_variance_inflation_median', 1.0):.3g} on the variance)"
                 + (f"; layers left uncorrected: {', '.join(est.diagnostics['kfac_uncorrected_layers'][:6])}"
                    if est.diagnostics.get("kfac_uncorrected_layers") else "")
@@ -1393,6 +1393,22 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
             + cure)
 
 
+# the measured figures the K-FAC sentence quotes for a model with convolutions (kc32; docs/validation.md,
+# "kc32": benchmarks/kfac_conv.py)
+KFAC_CONV_FIGURES = (
+    "(the convolutions' factors are the partial traces of their Gauss-Newton blocks; on linear convolutions "
+    "over inputs correlated along their positions, dense outputs or pooled to one, the corrected sigma read "
+    "0.93-1.06x the exact estimator's and the quantized figures 0.95-1.01x its; on a small ReLU CNN with "
+    "global pooling the correlation across layers kept sigma a median 0.04-0.72x the exact estimator's per "
+    "parameter and the quantized figures 0.68-1.08x its, with weight decay 1e-3 to 1e-2)")
+
+
+def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:
+    """``"nn.Linear"``, or ``"convolution or nn.Linear"`` where the per-layer program's factors were
+    used (``kfac_convolutions``: a model with convolutions, kc32)."""
+    return "nn.Linear" if diag.get("kfac_convolutions") is None else "convolution or nn.Linear"
+
+
 def _kfac_sentence(diag: Mapping[str, Any]) -> str | None:
     """What the diagonal estimator's K-FAC correction of sigma did (``Estimate.diagnostics``'s
     ``kfac_*``, :meth:`MomentAccumulator._kfac_factors`; method.md section 4, "The diagonal
@@ -1400,8 +1416,9 @@ def _kfac_sentence(diag: Mapping[str, Any]) -> str | None:
     if not diag.get("kfac_correction"):
         return None
     left = list(diag.get("kfac_uncorrected_layers") or [])
+    conv = diag.get("kfac_convolutions")
     text = (f"the diagonal estimator's sigma (sqrt(V_jj) / H_jj, the sd given the other weights) was multiplied "
-            f"by the square root of each weight's variance inflation factor in its nn.Linear layer's "
+            f"by the square root of each weight's variance inflation factor in its {_kfac_layer_kinds(diag)} layer's "
             f"Kronecker-factored (K-FAC) Hessian (median factor {diag['kfac_variance_inflation_median']:.3g}, "
             f"90th percentile {diag['kfac_variance_inflation_p90']:.3g}, over "
             f"{diag['kfac_corrected_weights']:,} weights), the marginal sd under that model"
@@ -1412,11 +1429,18 @@ def _kfac_sentence(diag: Mapping[str, Any]) -> str | None:
                f"is the Hessian's, not its inverse's: wider than {KFAC_INFLUENCE_MAX_WIDTH:,} inputs and outputs)"
                if diag.get("kfac_influences_left") else "")
             + "; the correlation across layers, and within a layer beyond the Kronecker model, is not in it "
-            "(on a 16-16-1 tanh MLP on rho = 0.9 inputs the corrected sigma read a median 0.81x the exact "
-            "estimator's on the first layer and 0.28x on the output layer, and the quantized figures 0.93-1.05x "
-            "its; on one least-squares layer sigma and the influences are exact and the correlated headline read "
-            "0.97-1.03x the closed-form reference)")
-    if left:
+            + ("(on a 16-16-1 tanh MLP on rho = 0.9 inputs the corrected sigma read a median 0.81x the exact "
+               "estimator's on the first layer and 0.28x on the output layer, and the quantized figures 0.93-1.05x "
+               "its; on one least-squares layer sigma and the influences are exact and the correlated headline read "
+               "0.97-1.03x the closed-form reference)" if conv is None else
+               KFAC_CONV_FIGURES))
+    if left and conv is not None:
+        text += (f"; left uncorrected (not a convolution or nn.Linear, a tied weight, or wider than "
+                 f"{KFAC_MAX_WIDTH:,} inputs or outputs per group): "
+                 f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
+                 f"({diag.get('kfac_uncorrected_weights', 0):,} weights), whose sigma can be several times below "
+                 "the marginal sd, so those figures can be far off in either direction")
+    elif left:
         text += (f"; left uncorrected (wider than {KFAC_MAX_WIDTH:,} inputs or outputs): "
                  f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
                  f"({diag.get('kfac_uncorrected_weights', 0):,} weights), whose sigma can be several times below "

@@ -3,6 +3,7 @@ the per-layer fast estimation path (equal to torch.func's per-sample gradients).
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -219,7 +220,10 @@ def _assert_same(fast, ref) -> None:
         torch.testing.assert_close(wa[:, live], wb[:, live], rtol=1e-6, atol=1e-6)
 
 
-def test_fast_path_equals_torch_func_on_convolutions_and_norms():
+def test_fast_path_equals_torch_func_on_convolutions_and_norms(monkeypatch):
+    """The per-layer path equals torch.func's (its K-FAC correction of convolutions off: the
+    torch.func path has none; kc32, tests/test_kfac_conv.py)."""
+    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
     torch.manual_seed(0)
     m = _Convs().eval()
     with torch.no_grad():
@@ -244,9 +248,11 @@ def test_fast_path_equals_torch_func_on_a_transformer_layer_and_embedding():
     _assert_same(*_both(m, X, Y))
 
 
-def test_fast_path_with_stored_records_streamed_and_one_output():
+def test_fast_path_with_stored_records_streamed_and_one_output(monkeypatch):
     """Large models keep the records, not the gradients (num_records * d > budget): the
-    influences are recomputed by the per-layer program; a single output per record (MSE)."""
+    influences are recomputed by the per-layer program; a single output per record (MSE). The
+    K-FAC correction of convolutions off (the torch.func path has none; kc32)."""
+    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 6, 1)).eval()
     g = torch.Generator().manual_seed(2)

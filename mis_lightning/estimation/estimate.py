@@ -35,6 +35,7 @@ from .._rng import restores_rng
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
+from . import linear_factors as LF
 from .batching import merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
@@ -42,6 +43,7 @@ from .linear_factors import (
     KFAC_RECORDS_PER_WIDTH,
     V_NONE,
     FactoredProgram,
+    KronBlock,
     LayerProgram,
     LinearFactors,
     _BatchTaps,
@@ -929,10 +931,17 @@ class MomentAccumulator:
             except NotImplementedError:
                 self._kron_side = None
 
-    def _kron_program(self) -> FactoredProgram | None:
-        """The factored program whose layers get the K-FAC correction: the estimation's own, else
-        the side one, else ``None`` (no all-Linear layout)."""
-        return self.factored if isinstance(self.factored, FactoredProgram) else self._kron_side
+    def _kron_program(self) -> FactoredProgram | LayerProgram | None:
+        """The program whose layers get the K-FAC correction: the estimation's own factored one,
+        else the side one, else the per-layer program of a model with convolutions (KFC:
+        :meth:`LayerProgram.kron_blocks`), else ``None``."""
+        if isinstance(self.factored, FactoredProgram):
+            return self.factored
+        if self._kron_side is not None:
+            return self._kron_side
+        if isinstance(self.factored, LayerProgram) and self.factored.kron_blocks() and KFAC_CORRECTION:
+            return self.factored
+        return None
 
     def _fast_program(self, kind: type) -> FactoredProgram | LayerProgram | None:
         """The fastest per-sample program the model's layout allows: the factored 2-D Linear
@@ -983,8 +992,14 @@ class MomentAccumulator:
         if kron is not None:
             # the Kronecker factors of the sigma correction (finalize, _kfac_factors)
             for m, (p, q) in kron.kron_layers().items():
-                spec[f"kfac_A.{m}"] = (torch.zeros(p, p, dtype=torch.float64), "sum")
-                spec[f"kfac_G.{m}"] = (torch.zeros(q, q, dtype=torch.float64), "sum")
+                if isinstance(kron, LayerProgram):  # per group, and the positions summed (KFC)
+                    k = kron.kron_blocks()[m].groups
+                    spec[f"kfac_A.{m}"] = (torch.zeros(k, p, p, dtype=torch.float64), "sum")
+                    spec[f"kfac_G.{m}"] = (torch.zeros(k, q, q, dtype=torch.float64), "sum")
+                    spec[f"kfac_t.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
+                else:
+                    spec[f"kfac_A.{m}"] = (torch.zeros(p, p, dtype=torch.float64), "sum")
+                    spec[f"kfac_G.{m}"] = (torch.zeros(q, q, dtype=torch.float64), "sum")
                 spec[f"kfac_n.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
         if self.keep_w:
             spec["rec_grad"] = ([], "cat")
@@ -1055,6 +1070,10 @@ class MomentAccumulator:
         if self._loss_directions is None and self.mode != "exact":
             self._loss_directions = self._measure_loss_rank(inputs, targets, b)
         if self.factored is not None:
+            if isinstance(self.factored, LayerProgram):
+                # the records whose KFC factors its backward passes form (_add_kron sums the same)
+                self.factored.kron_rows = (self._kron_rows(st, self.factored, b)
+                                           if self._kron_program() is self.factored else None)
             try:
                 fac = self.factored.batch(inputs, targets, b)
             except NotImplementedError:
@@ -1363,8 +1382,9 @@ class MomentAccumulator:
             if h2 and h2[0] is not None:  # the Monte Carlo Gauss-Newton's variance bound
                 st["h2_sum"][sl] += h2[0].to(dev)
         st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
-        if isinstance(self.factored, FactoredProgram):
-            self._add_kron(st, self.factored, fac)
+        if isinstance(self.factored, FactoredProgram) or (
+                self.factored is not None and self._kron_program() is self.factored):
+            self._add_kron(st, self.factored, fac, b)
         # Only the rows that can still be stored are materialised (a [rows, d] tensor).
         rows = storable_rows(st, keys, b, self.num_records, self.keep_w)
         if rows.numel():
@@ -1376,24 +1396,41 @@ class MomentAccumulator:
                         None if keys is None else keys[rows])
         st["n"] += b
 
-    def _add_kron(self, st: dict[str, Any], prog: FactoredProgram, fac: dict) -> None:
+    def _kron_rows(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, b: int) -> dict[str, int]:
+        """Per K-FAC layer the batch's first records whose factors are summed (the cap
+        ``max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, out))`` records per layer)."""
+        rows = {}
+        if not any(k.startswith("kfac_A.") for k in st):
+            return rows
+        trace = isinstance(prog, LayerProgram) and LF.KFAC_CONV_FACTORS == "trace"
+        for m, (p, q) in prog.kron_layers().items():
+            if f"kfac_n.{m}" in st:  # a state built before the program changed has none
+                cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
+                if trace:  # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS)
+                    per = q * p * (p + q) * prog.kron_blocks()[m].groups
+                    cap = min(cap, max(LF.KFAC_TRACE_MIN_RECORDS, int(LF.KFAC_TRACE_MAX_FLOPS // max(per, 1))))
+                rows[m] = max(0, min(b, cap - int(st[f"kfac_n.{m}"])))
+        return rows
+
+    def _add_kron(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, fac: Any, b: int) -> None:
         """Add a batch's Kronecker factors (``kfac_A.<layer>``, ``kfac_G.<layer>``) to ``st``."""
         if not any(k.startswith("kfac_A.") for k in st):
             return
         dev = st["g_sum"].device
-        b = next(iter(fac.values()))[0].shape[0]
-        rows = {}
-        for m, (p, q) in prog.kron_layers().items():
-            if f"kfac_n.{m}" in st:  # a state built before the program changed has none
-                cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
-                rows[m] = min(b, cap - int(st[f"kfac_n.{m}"]))
-        # added in place where the state is on the CPU (no zero-filled, widened [p, p] copies)
-        into = {m: (st[f"kfac_A.{m}"], st[f"kfac_G.{m}"]) for m in rows} if dev.type == "cpu" else None
-        for m, (A, G) in prog.kron_sums(fac, torch.float64, rows, into=into).items():
+        rows = self._kron_rows(st, prog, b)
+        # the factored program adds in place where the state is on the CPU (no zero-filled,
+        # widened [p, p] copies: es32); the per-layer program's sums are returned
+        into = ({m: (st[f"kfac_A.{m}"], st[f"kfac_G.{m}"]) for m in rows}
+                if dev.type == "cpu" and isinstance(prog, FactoredProgram) else None)
+        sums = (prog.kron_sums(fac, torch.float64, rows, into=into) if into is not None
+                else prog.kron_sums(fac, torch.float64, rows))
+        for m, (A, G, *pos) in sums.items():
             if into is None or m not in into:
                 st[f"kfac_A.{m}"] += A.to(dev)
                 st[f"kfac_G.{m}"] += G.to(dev)
             st[f"kfac_n.{m}"] += rows[m]
+            if pos:
+                st[f"kfac_t.{m}"] += pos[0]
 
     def _update_kron_side(self, st: dict[str, Any], inputs: Any, targets: Any, b: int) -> None:
         """The side factored program's forward and backward (K-FAC factors only); a layout it
@@ -1408,7 +1445,7 @@ class MomentAccumulator:
             self._kron_side.close()
             self._kron_side = None
             return
-        self._add_kron(st, self._kron_side, fac)
+        self._add_kron(st, self._kron_side, fac, b)
 
     def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
         store_records(st, flat, x, y, keys, num_records=self.num_records, keep_grad=self.keep_w,
@@ -1627,8 +1664,29 @@ class MomentAccumulator:
         kron = prog.kron_layers()
         mods = dict(prog.model.named_modules())
         left, left_w, records = [], 0, []
-        todo = []
-        for m, (wn, bn) in prog.layout.items():
+        todo: list[tuple[str, str | None, str | None]] = []
+        # the per-layer program's KFC blocks (kc32; convolutions), computed here, written below
+        # with the Linear layers' (the same buffer, diagnostics and ``apply``)
+        block_parts: list[tuple[str, Tensor]] = []
+        if isinstance(prog, LayerProgram):
+            conv = []
+            for m, blk, parts in self._kfac_blocks(st, n, prog, left):
+                ws, bs = [], []
+                for A, G, k, scale, decay, _ in parts:
+                    # the sandwich's factor: V ~ K, not K + decay (dg30's VIF over-reads there)
+                    vif = (kfac_variance_inflation(A, G, k, decay, sandwich=True) * scale).clamp_min(1.0)
+                    ws.append(vif[:, : blk.fan].reshape(-1))
+                    bs.append(vif[:, -1])
+                if blk.weight is not None:
+                    block_parts.append((blk.weight, torch.cat(ws)))
+                if blk.bias is not None:
+                    block_parts.append((blk.bias, torch.cat(bs)))
+                records.append(int(st[f"kfac_n.{m}"]))
+                if not isinstance(mods[m], nn.Linear):
+                    conv.append(m)
+            left_w = sum(prog._numels[k] for m in left for k in prog.slots[m].values())
+            diagnostics["kfac_convolutions"] = conv
+        for m, (wn, bn) in ({} if isinstance(prog, LayerProgram) else prog.layout).items():
             if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
                 left.append(m)
                 left_w += sum(mods[m].get_parameter(k.rpartition(".")[2]).numel() for k in (wn, bn) if k is not None)
@@ -1636,9 +1694,23 @@ class MomentAccumulator:
                 todo.append((m, wn, bn))
         # the corrected weights' VIFs in one buffer (the diagnostics' order statistics), filled layer by layer
         total = sum(mods[m].weight.numel() * (wn is not None) + mods[m].out_features * (bn is not None)
-                    for m, wn, bn in todo)
+                    for m, wn, bn in todo) + sum(part.numel() for _, part in block_parts)
         vifs = torch.empty(total, dtype=torch.float32 if apply is not None else torch.float64)
         at, vmax = 0, -math.inf
+
+        def write(parts: list[tuple[str, Tensor]]) -> None:
+            nonlocal at, vmax
+            for name, part in parts:
+                vifs[at: at + part.numel()].view(part.shape).copy_(part)
+                at += part.numel()
+                vmax = max(vmax, float(part.max()))
+                if apply is not None:
+                    apply(name, part.sqrt())
+                else:
+                    out[name] = part.reshape(-1).sqrt()
+
+        write(block_parts)
+        del block_parts
         for m, wn, bn in todo:
             decay = torch.tensor(([self.decay[wn]] * mods[m].in_features if wn is not None else [])
                                  + ([self.decay[bn]] if bn is not None else []), dtype=torch.float64)
@@ -1654,21 +1726,14 @@ class MomentAccumulator:
                 parts.append((wn, vif[:, : mods[m].in_features]))
             if bn is not None:
                 parts.append((bn, vif[:, -1]))
-            for name, part in parts:
-                vifs[at: at + part.numel()].view(part.shape).copy_(part)
-                at += part.numel()
-                vmax = max(vmax, float(part.max()))
-                if apply is not None:
-                    apply(name, part.sqrt())
-                else:
-                    out[name] = part.reshape(-1).sqrt()
+            write(parts)
             del vif, parts
-        if todo and apply is not None:
+        if at and apply is not None:
             med, p90 = _order_statistics_in_place(vifs)
             diagnostics.update(kfac_correction=True, kfac_variance_inflation_median=med,
                                kfac_variance_inflation_p90=p90, kfac_variance_inflation_max=vmax,
                                kfac_corrected_weights=int(vifs.numel()), kfac_records_min=min(records))
-        elif todo:
+        elif at:
             v = vifs
             diagnostics.update(kfac_correction=True, kfac_variance_inflation_median=float(v.median()),
                                kfac_variance_inflation_p90=_quantile(v, 0.9), kfac_variance_inflation_max=vmax,
@@ -1678,6 +1743,54 @@ class MomentAccumulator:
         diagnostics["kfac_uncorrected_layers"] = left
         diagnostics["kfac_uncorrected_weights"] = left_w
         return out
+
+    def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str]
+                     ) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
+        """The per-layer program's KFC blocks (convolutions and nn.Linear layers of a model with
+        convolutions; Grosse & Martens 2016) with factors: ``(module, block, per group (A, G,
+        records, VIF subsample scale, decay [p], psi subsample scale))``. ``A`` is rescaled so that
+        the Kronecker product's trace, ``tr(A / k) tr(G / k)``, equals the group's Gauss-Newton
+        diagonal sum (``h_sum / n``): KFC's factors sum over positions, whose product reads about
+        ``positions`` times the Hessian where the output gradients are spatially uncorrelated
+        (its ``1 / positions``) and otherwise by another factor. The VIF does not depend on that
+        scale without decay; ``psi = -H^-1 g`` does, and the decay's weight against it. The
+        subsample scales count rows as records x positions (``kfac_t``): a smaller correction
+        than per record, so the VIF is lowered less. Layers left out (no block, wider than
+        :data:`~mis_lightning.estimation.linear_factors.KFAC_MAX_WIDTH`, no factors) are appended
+        to ``left``."""
+        f64 = torch.float64
+        kron, blocks = prog.kron_layers(), prog.kron_blocks()
+        h = st["h_sum"].to("cpu", f64) / max(n, 1)
+        for m in prog.slots:
+            if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal(0, 1, 2).sum()) > 0:
+                left.append(m)
+                continue
+            blk = blocks[m]
+            k, t = int(st[f"kfac_n.{m}"]), int(st[f"kfac_t.{m}"])
+            pos = t / max(k, 1)  # t = 0: the partial traces, no subsample rescaling (scales 1)
+            full = t == 0 or k >= n
+            decay = torch.tensor(([self.decay[blk.weight]] * blk.fan if blk.weight is not None else [])
+                                 + ([self.decay[blk.bias]] if blk.bias is not None else []), dtype=f64)
+            parts = []
+            for g in range(blk.groups):
+                A, G = st[f"kfac_A.{m}"][g].to("cpu", f64), st[f"kfac_G.{m}"][g].to("cpu", f64)
+                tr = 0.0
+                if blk.weight is not None:
+                    a = self.offsets[blk.weight][0] + g * blk.out * blk.fan
+                    tr += float(h[a: a + blk.out * blk.fan].sum())
+                if blk.bias is not None:
+                    a = self.offsets[blk.bias][0] + g * blk.out
+                    tr += float(h[a: a + blk.out].sum())
+                kr = float(A.diagonal().sum()) * float(G.diagonal().sum()) / max(k, 1) ** 2
+                if not (tr > 0 and kr > 0 and math.isfinite(tr / kr)):
+                    break
+                parts.append((A * (tr / kr), G, k,
+                              1.0 if full else kfac_subsample_scale(t, round(n * pos), blk.p, blk.out), decay,
+                              1.0 if full else kfac_influence_subsample_scale(t, round(n * pos), blk.p, blk.out)))
+            if len(parts) < blk.groups:  # a group without curvature: the layer stays uncorrected
+                left.append(m)
+                continue
+            yield m, blk, parts
 
     def _kfac_influences(self, st: dict[str, Any], grads: Tensor, g_mean: Tensor, sigma: Tensor, n: int,
                          live: Tensor, w: Tensor, grow: float, diagnostics: dict[str, Any]) -> None:
@@ -1702,7 +1815,32 @@ class MomentAccumulator:
         kron, mods = prog.kron_layers(), dict(prog.model.named_modules())
         R = grads.shape[0]
         done, left = 0, []
-        for m, (wn, bn) in prog.layout.items():
+        if isinstance(prog, LayerProgram):
+            for m, blk, parts in self._kfac_blocks(st, n, prog, []):
+                if blk.p + blk.out > KFAC_INFLUENCE_MAX_WIDTH:
+                    left.append(m)
+                    continue
+                # [R, C_out, fan] and [R, C_out]: a group's rows are its out channels
+                W = (((grads[:, slice(*self.offsets[blk.weight])] - g_mean[slice(*self.offsets[blk.weight])])
+                      * live[slice(*self.offsets[blk.weight])]).reshape(R, blk.groups, blk.out, blk.fan)
+                     if blk.weight is not None else None)
+                B = (((grads[:, slice(*self.offsets[blk.bias])] - g_mean[slice(*self.offsets[blk.bias])])
+                      * live[slice(*self.offsets[blk.bias])]).reshape(R, blk.groups, blk.out, 1)
+                     if blk.bias is not None else None)
+                Y = torch.cat([y for y in (W, B) if y is not None], 3)  # [R, groups, out, p]
+                psi = torch.stack([-kfac_inverse_apply(A, G, k, Y[:, g], decay) * iscale
+                                   for g, (A, G, k, _, decay, iscale) in enumerate(parts)], 1)
+                cols = [(blk.weight, psi[..., : blk.fan] if blk.weight is not None else None),
+                        (blk.bias, psi[..., -1] if blk.bias is not None else None)]
+                for name, x in cols:
+                    if name is None or x is None:
+                        continue
+                    sl = slice(*self.offsets[name])
+                    ok = live[sl] & (sigma[sl] > 0)
+                    w[:, sl] = torch.where(ok, x.reshape(R, -1) / (math.sqrt(n) * sigma[sl]).clamp_min(1e-300),
+                                           torch.zeros((), dtype=x.dtype)) * grow
+                    done += int(ok.sum())
+        for m, (wn, bn) in ({} if isinstance(prog, LayerProgram) else prog.layout).items():
             if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
                 continue
             if sum(kron[m]) > KFAC_INFLUENCE_MAX_WIDTH:

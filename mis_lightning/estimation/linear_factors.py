@@ -399,6 +399,20 @@ KFAC_RCOND = 1e-10
 # the population (Wishart), the full sample by n / (n - p - 1): kfac_subsample_scale rescales
 KFAC_RECORDS_PER_WIDTH = 2
 KFAC_MIN_RECORDS = 2048
+# the Kronecker factors of the per-layer program's convolutions and Linear layers (kc32):
+# "trace", the Gauss-Newton block's partial traces from the per-sample gradients of every direction
+# (exact wherever the block is a Kronecker product, whatever the output gradients' spatial
+# correlation); "kfc", Grosse & Martens' KFC (patches' and output gradients' second moments over
+# positions: exact only where the output gradients are spatially uncorrelated; A/B benchmarks)
+KFAC_CONV_FACTORS = "trace"
+# the "trace" factors cost out p (p + out) multiply-adds per record and group (the per-sample
+# gradient's outer products), up to ~8x a wide convolution's share of the pass: a layer's factors sum
+# its first max(KFAC_TRACE_MIN_RECORDS, KFAC_TRACE_MAX_FLOPS / that) records (within dg30's cap), a
+# fixed cost. Each record adds out rows to A and p to G (correlated within the record), so the
+# records' Wishart rescaling (kfac_subsample_scale, which lowers the VIF) is not applied: a
+# subsample's inverse reads high, the conservative side (a wider sigma)
+KFAC_TRACE_MIN_RECORDS = 512
+KFAC_TRACE_MAX_FLOPS = 2e10
 
 
 def kfac_subsample_scale(m: int, n: int, p: int, q: int) -> float:
@@ -435,7 +449,8 @@ def kfac_influence_subsample_scale(m: int, n: int, p: int, q: int) -> float:
     return out
 
 
-def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float = 0.0) -> Tensor:
+def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float = 0.0,
+                            sandwich: bool = False) -> Tensor:
     """Per-weight variance inflation factors ``VIF_j = H_jj (H^-1)_jj`` ``[out, p]`` of a Linear
     layer's Kronecker-factored Hessian ``H = (A / n) (x) (G / n) + diag(lambda)`` (method.md
     section 4, "The diagonal sandwich and correlated weights").
@@ -445,6 +460,13 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         G: ``[out, out]`` sum of ``L_i delta_i delta_i^T``.
         n: records summed.
         decay: the L2 coefficient, a float or ``[p]`` per input column (weight / bias).
+        sandwich: with decay, the factor of the sandwich instead: ``[(K + lambda)^-1 K (K +
+            lambda)^-1]_jj (K_jj + lambda_j)^2 / K_jj`` (``K`` the Kronecker product), the ratio of
+            the marginal variance to the diagonal sandwich's ``V_jj / (K_jj + lambda_j)^2`` where the
+            gradients' covariance ``V`` is proportional to ``K`` (not to ``K + lambda``: the decay is
+            no data); without it ``VIF_j`` over-reads along directions of ``K`` whose eigenvalues are
+            near ``lambda`` (kc32: 1.4-2.0x the exact sigma on a pooled linear Conv1d at
+            ``lambda = 1e-3``). The same as ``VIF_j`` without decay.
 
     Returns:
         ``[out, p]`` float64, entry ``[o, i]`` the factor of the weight ``(o, i)`` (bias: ``i = p - 1``),
@@ -502,7 +524,12 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         # (a 4096-wide layer's are 134 MB each: the sigma correction's peak, mm32), with the same
         # operations and values as out of place
         M = s.unsqueeze(1) * t.unsqueeze(0)  # s_a t_b + lambda, inverted in place
-        M.add_(lam0).reciprocal_()
+        if sandwich and lam0 > 0:  # (den - lambda) / den^2: the sandwich (K + lambda)^-1 K (K + lambda)^-1
+            den = M.add_(lam0)
+            M = (den - lam0).div_(den.square())
+            del den
+        else:
+            M.add_(lam0).reciprocal_()
         if lam0 == 0.0:  # pseudo-inverse: exact null directions of either factor carry no variance
             M[~(s > KFAC_RCOND * float(s.max().clamp_min(1e-300)))] = 0.0
             M[:, ~(t > KFAC_RCOND * float(t.max().clamp_min(1e-300)))] = 0.0
@@ -512,8 +539,14 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         del W
         v.mul_(scale_l.square().unsqueeze(1))  # (H^-1)_jj  [p_live, out_live]
         h_diag = An.diagonal().unsqueeze(1) * Gn.diagonal().unsqueeze(0)
-        h_diag.add_(lam_l.unsqueeze(1) if not uniform else lam0)
-        v.mul_(h_diag)  # VIF_j = H_jj (H^-1)_jj
+        if sandwich and lam0 > 0:  # (K_jj + lambda_j)^2 / K_jj [(K + lambda)^-1 K (K + lambda)^-1]_jj
+            k_diag = h_diag.clone()
+            h_diag.add_(lam_l.unsqueeze(1) if not uniform else lam0)
+            v.mul_(h_diag.square_().div_(k_diag))
+            del k_diag
+        else:
+            h_diag.add_(lam_l.unsqueeze(1) if not uniform else lam0)
+            v.mul_(h_diag)  # VIF_j = H_jj (H^-1)_jj
         del h_diag
         v = v.T
     # a pseudo-inverse along exact null directions can read below 1 (not used): at least 1
@@ -1200,6 +1233,26 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
     return cache
 
 
+@dataclass(frozen=True)
+class KronBlock:
+    """A layer of :class:`LayerProgram` whose Kronecker factors (K-FAC; KFC for convolutions)
+    the diagonal estimator's sigma correction and influences use: ``groups`` independent blocks,
+    each with ``fan`` inputs per output (``C_in / groups * prod(kernel)``; a Linear's
+    ``in_features``) and ``out`` outputs (``C_out / groups``)."""
+
+    module: str
+    weight: str | None
+    bias: str | None
+    groups: int
+    fan: int
+    out: int
+
+    @property
+    def p(self) -> int:
+        """Rows of ``A``: the fan-in where the weight is assessed, plus 1 for an assessed bias."""
+        return (self.fan if self.weight is not None else 0) + (1 if self.bias is not None else 0)
+
+
 @dataclass
 class _BatchTaps:
     """A batch's layer taps: per layer its input ``x`` and the loss gradient(s) at its
@@ -1212,6 +1265,10 @@ class _BatchTaps:
     # per record ``[b]``: the weight of the squared loss gradient ``(J' dl/do)^2`` in the exact
     # Gauss-Newton diagonal (softmax cross-entropy, :meth:`LayerProgram._ce_directions`), else None
     base_weight: Tensor | None = None
+    # the Kronecker factors of the batch's first records (:meth:`LayerProgram.kron_sums`):
+    # {layer: (A [groups, p, p] or None, G [groups, out, out], records, rows summed)}, formed by
+    # LayerProgram.batch from every Gauss-Newton direction's output gradients (transient there)
+    kron: dict[str, tuple[Tensor | None, Tensor, int, int]] | None = None
 
     def rows(self, rows: Any) -> _BatchTaps:
         """The taps of records ``rows`` (an index tensor or a slice)."""
@@ -1298,6 +1355,10 @@ class LayerProgram:
                               if all(isinstance(self._mods[m], nn.Embedding) for m in ms)}
         self._tied = any(len(ms) > 1 for ms in holders.values())  # a parameter held by several layers
         self._verified = False
+        # the K-FAC (KFC) blocks (:meth:`kron_blocks`) and, per block, the batch's first records whose
+        # factors :meth:`batch` forms (set by the accumulator before each batch; None: none)
+        self._kron_blocks = self._make_kron_blocks(holders)
+        self.kron_rows: dict[str, int] | None = None
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
@@ -1517,10 +1578,24 @@ class LayerProgram:
                         taps.base_weight, dirs = split
                     else:
                         dirs = [(vec[:, :, k] * lam[:, k].abs().sqrt().unsqueeze(-1), lam[:, k].sign()) for k in keep]
+                # the K-FAC output factors: G = sum over the Gauss-Newton directions (and records, and
+                # positions) of their weighted output-gradient outer products, as the diagonal's squares
+                kron = self._kron_start()
+                if kron and taps.base_weight is not None:
+                    self._kron_add(kron, taps, taps.go, taps.base_weight)
                 for i, (vdir, sgn) in enumerate(dirs):
                     gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
-                    self._add_squares(taps, self._unpack(self._forward_taps, gos), sgn, h_all, h2_all, self.mc_samples)
+                    go = self._unpack(self._forward_taps, gos)
+                    self._add_squares(taps, go, sgn, h_all, h2_all, self.mc_samples)
+                    if kron:
+                        # every direction's own outer products (a random-sign mix of the directions,
+                        # 1 / directions of the cost, read sigma 1-16% apart between two mixes on a
+                        # 3-class CNN at 256 records: tests/test_ggn_mc.py's float32 / float64 check)
+                        self._kron_add(kron, taps, go, sgn if h2_all is None else sgn / self.mc_samples)
+                if kron:
+                    rows = self.kron_rows or {}
+                    taps.kron = {m: (A, G, rows[m], pos) for m, (A, G, pos) in kron.items()}
         self._forward_taps = {}
         if not self._verified:
             self._verify(inputs, targets, taps)
@@ -1648,6 +1723,144 @@ class LayerProgram:
             return None
         L_ce = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
         return p if bool((L - L_ce).abs().max() <= CE_TOLERANCE) else None
+
+    def _make_kron_blocks(self, holders: dict[str, list[str]]) -> dict[str, KronBlock]:
+        """The layers of :meth:`kron_blocks`: every convolution and nn.Linear holding no parameter
+        of another layer (tied weights: a sum of uses, no Kronecker factor), where the model has
+        at least one convolution (without one the K-FAC factors, if any, come from the
+        FactoredProgram as before: a model without convolutions is unchanged)."""
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        if not any(isinstance(mod, conv) for mod in self._mods.values()):
+            return {}
+        out: dict[str, KronBlock] = {}
+        for m, slot in self.slots.items():
+            mod = self._mods[m]
+            if not isinstance(mod, (*conv, nn.Linear)) or any(len(holders[n]) > 1 for n in slot.values()):
+                continue
+            if isinstance(mod, nn.Linear):
+                groups, fan, q = 1, mod.in_features, mod.out_features
+            else:
+                groups = mod.groups
+                fan, q = mod.in_channels // groups * math.prod(mod.kernel_size), mod.out_channels // groups
+            out[m] = KronBlock(m, slot.get("weight"), slot.get("bias"), groups, fan, q)
+        return out
+
+    def kron_blocks(self) -> dict[str, KronBlock]:
+        """``{module: KronBlock}``: the convolutions and nn.Linear layers (any number of positions)
+        whose K-FAC / KFC factors :meth:`kron_sums` forms (Grosse & Martens 2016; method.md
+        section 4, "The diagonal sandwich and correlated weights"), without the width cap of
+        :meth:`kron_layers`; empty for a model without a convolution."""
+        return self._kron_blocks
+
+    def kron_layers(self) -> dict[str, tuple[int, int]]:
+        """``{module: (p, out)}`` per group (:class:`KronBlock`), the blocks of :meth:`kron_blocks`
+        with ``p`` and ``out`` at most :data:`KFAC_MAX_WIDTH` (as :meth:`FactoredProgram.kron_layers`)."""
+        return {m: (blk.p, blk.out) for m, blk in self._kron_blocks.items() if max(blk.p, blk.out) <= KFAC_MAX_WIDTH}
+
+    def _kron_start(self) -> dict[str, list]:
+        """Zero float64 factors ``[A [groups, p, p] or None, G [groups, out, out], rows]`` of the
+        layers with records to sum (:attr:`kron_rows`; ``A`` None for :data:`KFAC_CONV_FACTORS`
+        ``"kfc"``, whose ``A`` :meth:`kron_sums` forms from the inputs alone)."""
+        rows = self.kron_rows or {}
+        f64 = torch.float64
+        return {m: [torch.zeros(self._kron_blocks[m].groups, p, p, dtype=f64) if KFAC_CONV_FACTORS == "trace" else None,
+                    torch.zeros(self._kron_blocks[m].groups, q, q, dtype=f64), 0]
+                for m, (p, q) in self.kron_layers().items() if rows.get(m, 0) > 0}
+
+    def _kron_out(self, m: str, go: Tensor, a: int, c: int) -> Tensor:
+        """A layer's output gradients of records ``a:c`` as ``[c - a, groups, out, positions]``."""
+        blk, mod = self._kron_blocks[m], self._mods[m]
+        go = go[a:c]
+        if isinstance(mod, nn.Linear):
+            return go.reshape(c - a, -1, blk.out).transpose(1, 2).unsqueeze(1)
+        return go.reshape(c - a, blk.groups, blk.out, -1)
+
+    def _kron_add(self, kron: dict[str, list], taps: _BatchTaps, go: dict[str, Any], w: Tensor) -> None:
+        """Add one Gauss-Newton direction's share (``w [B]``: each record's weight, the direction's
+        sign; ``go``: its output gradients per layer) of each layer's factors over its first
+        :attr:`kron_rows` records. ``"kfc"``: ``G += sum_r w_r sum_t delta_rt delta_rt^T`` (positions
+        ``t``). ``"trace"``: with ``g_r [out, p]`` the record's gradient in the direction (bias
+        column last) per group, ``A += sum_r w_r g_r^T g_r`` and ``G += sum_r w_r g_r g_r^T``: the
+        Gauss-Newton block's two partial traces, whose product is the block itself wherever it is a
+        Kronecker product (any spatial correlation of the output gradients: global pooling too)."""
+        for m, acc in kron.items():
+            r = (self.kron_rows or {})[m]
+            blk = self._kron_blocks[m]
+            if KFAC_CONV_FACTORS != "trace":
+                Z = self._kron_out(m, go[m], 0, r).to(torch.float64)  # float64 outer products (below)
+                Zw = Z * w[:r].to(Z.dtype).reshape(r, 1, 1, 1)
+                acc[1] += torch.einsum("rgot,rgqt->goq", Zw, Z).to(torch.float64)
+                continue
+            a, step = 0, 1
+            while a < r:
+                c = min(r, a + step)
+                U = self._kron_in(m, taps, a, c)  # [c - a, groups, p, positions]
+                Z = self._kron_out(m, go[m], a, c)
+                # the per-sample gradients [c - a, groups, out, p]; their outer products in float64:
+                # a float32 GEMM's rounding (~1e-7 of the entries) lifts a factor's exact null
+                # directions above KFAC_RCOND, and their pseudo-inverse then read sigma up to ~900x
+                # the float64 pass's (tests/test_ggn_mc.py's float32 / float64 check)
+                g = torch.einsum("rgot,rgkt->rgok", Z, U).to(torch.float64)
+                gw = g * w[a:c].to(g.dtype).reshape(-1, 1, 1, 1)
+                acc[0] += torch.einsum("rgok,rgol->gkl", gw, g).to(torch.float64)
+                acc[1] += torch.einsum("rgok,rgqk->goq", gw, g).to(torch.float64)
+                a = c
+                step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * max(blk.p * U.shape[-1], blk.out * blk.p), 1))
+            acc[2] = r
+
+    def _kron_in(self, m: str, taps: _BatchTaps, a: int, c: int) -> Tensor:
+        """A layer's inputs of records ``a:c`` as ``[c - a, groups, p, positions]`` (the patches
+        of a convolution, a Linear's inputs over its positions; a trailing 1 for an assessed bias)."""
+        blk, mod = self._kron_blocks[m], self._mods[m]
+        r = c - a
+        if blk.weight is None:
+            x = taps.x[m]
+            pos = (math.prod(x.shape[1:-1]) if isinstance(mod, nn.Linear)
+                   else math.prod(_patches(mod, x[a:a + 1]).shape[3:]))
+            return torch.ones(r, 1, 1, pos, dtype=self.dtype)
+        if isinstance(mod, nn.Linear):
+            x = taps.x[m][a:c]
+            u = x.reshape(r, -1, blk.fan).transpose(1, 2).unsqueeze(1)
+        else:
+            cache = taps.cache.get(m) or {}
+            u = cache["u"][a:c] if "u" in cache else _patches(mod, taps.x[m][a:c])
+        if blk.bias is not None:
+            u = torch.cat([u, torch.ones(r, blk.groups, 1, u.shape[-1], dtype=u.dtype)], 2)
+        return u
+
+    def kron_sums(self, fac: tuple[_BatchTaps, Any, Any], acc: torch.dtype, rows: dict[str, int] | None = None
+                  ) -> dict[str, tuple[Tensor, Tensor, int]]:
+        """Per layer of :meth:`kron_layers` with rows the batch's Kronecker factors ``A``
+        ``[groups, p, p]`` and ``G`` ``[groups, out, out]`` over its first ``rows[m]`` records (formed
+        by :meth:`batch` with the same :attr:`kron_rows`) and the rows they summed, by
+        :data:`KFAC_CONV_FACTORS`: ``"trace"`` the Gauss-Newton block's partial traces (rows: 0,
+        no subsample rescaling), ``"kfc"`` KFC's (Grosse & Martens 2016: ``A = sum_r sum_t u_rt u_rt^T`` over the
+        patches ``u``, rows: records x positions). Their product's overall scale is not the
+        Hessian's: the accumulator matches it to the Gauss-Newton diagonal's trace
+        (``MomentAccumulator._kfac_blocks``). Returned in ``acc``."""
+        taps = fac[0]
+        res: dict[str, tuple[Tensor, Tensor, int]] = {}
+        for m, (p, _) in self.kron_layers().items():
+            r = 0 if rows is None else rows.get(m, 0)
+            if r <= 0 or taps.kron is None or m not in taps.kron:
+                continue
+            A, G, rg, done = taps.kron[m]
+            if rg != r:
+                raise RuntimeError(f"K-FAC factors of layer {m!r}: G summed {rg} records, A would sum {r}")
+            if A is not None:  # the partial traces: 0 rows, no Wishart rescaling (see KFAC_TRACE_MIN_RECORDS)
+                res[m] = (A.to(acc), G.to(acc), 0)
+                continue
+            blk = self._kron_blocks[m]
+            A = torch.zeros(blk.groups, p, p, dtype=torch.float64)
+            step, pos, a = 1, 0, 0
+            while a < r:
+                u = self._kron_in(m, taps, a, min(r, a + step)).to(torch.float64)
+                A += torch.einsum("rgkt,rglt->gkl", u, u)
+                pos += u.shape[0] * u.shape[-1]
+                a += u.shape[0]
+                step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * p * u.shape[-1], 1))
+            res[m] = (A.to(acc), G.to(acc), pos)
+        return res
 
     def record_taps(self, inputs: Any, targets: Any, b: int) -> _BatchTaps:
         """One forward and one backward pass of the loss over a block of records: per layer

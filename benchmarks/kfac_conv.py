@@ -1,0 +1,226 @@
+"""The diagonal estimator's KFC correction (K-FAC for convolutions; kc32) against the exact
+estimator on small convolutional models (method.md section 4, "The diagonal sandwich and
+correlated weights").
+
+Each case is fitted to its stationary point (full-batch L-BFGS, float64, a small L2 term given to
+the estimators) on inputs correlated along their positions (AR(1) of correlation ``--rho`` along a
+sequence, or along both axes of an image); then, with the correction off
+(``estimate.KFAC_CORRECTION = False``: the code before kc32 on these models) and on:
+
+* ``sigma``: the diagonal estimator's (Gauss-Newton diagonal) over the exact sandwich's, per
+  parameter (median, min, max of the ratio);
+* every scheme's leakage under ``assess(estimation="diagonal")`` over ``"exact"``'s (uncertainty
+  draws off): the headline ratio.
+
+Cases (``--cases``):
+
+* ``conv1d``: a linear ``Conv1d(2, 3, 5, padding=2)`` predicting a 3-channel sequence of 24
+  positions (squared error summed over positions): KFC's model is exact here (the output
+  gradients at different positions are independent residuals);
+* ``conv2d``: the same with a ``Conv2d(2, 3, 3, padding=1)`` on 8 x 8 images;
+* ``pooled``: ``Conv1d(1, 1, 5) -> mean over positions`` (one output per record, the weights'
+  correlation set by the pooling; tests/test_estimation_conditions.py's model): KFC's failure mode,
+  spatially correlated output gradients;
+* ``cnn``: a ReLU CNN classifier (examples/cnn_callback.py's layers without BatchNorm: two 3x3
+  convolutions, max- and global average pooling, a Linear head; 4 classes, cross-entropy).
+
+    PYTHONPATH=. python benchmarks/kfac_conv.py                      # docs/validation.md, "kc32"
+
+``--cost``: the estimation pass (``estimate(mode="diagonal")``, its defaults) on a ReLU CNN of
+~3e5 weights (``--n`` 8 x 8 ... 16 x 16 images in batches of 256), correction off and on,
+interleaved ``--repeats`` times in one process; CPU seconds (``time.process_time``):
+
+    PYTHONPATH=. python benchmarks/kfac_conv.py --cost --n 2048      # docs/benchmarks.md, "kc32"
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import mis_lightning as ml  # noqa: E402
+from mis_lightning.estimation.estimate import estimate  # noqa: E402
+
+E = importlib.import_module("mis_lightning.estimation.estimate")
+LF = importlib.import_module("mis_lightning.estimation.linear_factors")
+SCHEMES = ["rtn_int8", "rtn_int6", "rtn_int4"]
+
+
+def sq_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error per record, summed over its outputs: ``[B]``."""
+    return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).sum(1)
+
+
+def ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def ar1(shape: tuple[int, ...], rho: float, g: torch.Generator, dims: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """Unit-variance Gaussian noise made AR(1) of correlation ``rho`` along each of ``dims``."""
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    for d in dims:
+        x = x.movedim(d, 0).clone()
+        for t in range(1, x.shape[0]):
+            x[t] = rho * x[t - 1] + (1 - rho * rho) ** 0.5 * x[t]
+        x = x.movedim(0, d)
+    return x
+
+
+def fit(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, decay: float) -> float:
+    """Full-batch L-BFGS on the mean loss + decay / 2 |theta|^2; returns the largest |gradient|."""
+    opt = torch.optim.LBFGS([p for p in model.parameters() if p.requires_grad], lr=1.0, max_iter=500,
+                            tolerance_grad=1e-12, tolerance_change=1e-15, history_size=50,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        obj = loss(model(x), y).mean() + decay / 2 * sum(p.square().sum() for p in model.parameters()
+                                                          if p.requires_grad)
+        obj.backward()
+        return obj
+
+    for _ in range(4):
+        opt.step(closure)
+    closure()
+    return max(float(p.grad.abs().max()) for p in model.parameters() if p.requires_grad)
+
+
+def case(name: str, n: int, rho: float, seed: int) -> tuple[nn.Module, object, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "conv1d":
+        x = ar1((n, 2, 24), rho, g)
+        teacher = nn.Conv1d(2, 3, 5, padding=2).double()
+        model = nn.Conv1d(2, 3, 5, padding=2).double()
+        with torch.no_grad():
+            y = teacher(x) + 0.5 * torch.randn(n, 3, 24, generator=g, dtype=torch.float64)
+        return model, sq_sum, x, y
+    if name == "conv2d":
+        x = ar1((n, 2, 8, 8), rho, g, dims=(-1, -2))
+        teacher = nn.Conv2d(2, 3, 3, padding=1).double()
+        model = nn.Conv2d(2, 3, 3, padding=1).double()
+        with torch.no_grad():
+            y = teacher(x) + 0.5 * torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)
+        return model, sq_sum, x, y
+    if name == "pooled":
+        x = ar1((n, 1, 24), rho, g)
+        y = x[:, 0, 2:].mean(1) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+        model = nn.Sequential(nn.Conv1d(1, 1, 5, bias=False), nn.Flatten(), nn.Linear(20, 1, bias=False)).double()
+        with torch.no_grad():
+            model[2].weight.fill_(1 / 20)
+        model[2].weight.requires_grad_(False)
+        return model, lambda o, t: (o.reshape(-1) - t).square(), x, y
+    if name == "cnn":
+        x = ar1((n, 1, 8, 8), rho, g, dims=(-1, -2))
+        y = (x[:, 0, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, :, :4].mean((1, 2)) > 0).long()
+        flip = torch.rand(n, generator=g) < 0.2  # label noise: no separable fit
+        y = torch.where(flip, torch.randint(0, 4, (n,), generator=g), y)
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
+        return model, ce, x, y
+    raise ValueError(name)
+
+
+def compare(name: str, a: argparse.Namespace) -> None:
+    t0 = time.process_time()
+    model, loss, x, y = case(name, a.n, a.rho, a.seed)
+    grad = fit(model, loss, x, y, a.weight_decay)
+    model.eval()
+    loader = DataLoader(TensorDataset(x, y), batch_size=250)
+    d = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    kw = dict(weight_decay=a.weight_decay)
+    exact = estimate(model, loader, loss, mode="exact", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = ml.assess(model, SCHEMES, loader, loss, estimation="exact", uncertainty_draws=0, **kw)
+    print(f"{name}: d = {d}, n = {a.n}, rho {a.rho:g}, max |grad| {grad:.1e}; exact baseline "
+          f"{ref.baseline_leakage:.4f} " + " ".join(f"{s} {ref.schemes[s].leakage:.4f}" for s in SCHEMES), flush=True)
+    for on in [False] + a.factors:
+        E.KFAC_CORRECTION = bool(on)
+        if on:
+            LF.KFAC_CONV_FACTORS = on
+        try:
+            diag = estimate(model, loader, loss, mode="diagonal", hessian="ggn", **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rep = ml.assess(model, SCHEMES, loader, loss, estimation="diagonal", hessian="ggn",
+                                uncertainty_draws=0, **kw)
+        finally:
+            E.KFAC_CORRECTION, LF.KFAC_CONV_FACTORS = True, "trace"
+        tag = f"after ({on})" if on else "before"
+        print(f"  {tag} K-FAC median VIF {diag.diagnostics.get('kfac_variance_inflation_median', 'n/a')}, "
+              f"psi influences for {diag.diagnostics.get('kfac_influences', 0)} weights, uncorrected "
+              f"{diag.diagnostics.get('kfac_uncorrected_layers', 'all')}", flush=True)
+        for k in diag.names:
+            r = diag.sigma[k].reshape(-1) / exact.sigma[k].reshape(-1)
+            print(f"    sigma diagonal / exact {k:10s} median {float(r.median()):.3f} min {float(r.min()):.3f} "
+                  f"max {float(r.max()):.3f}", flush=True)
+        print(f"    headline diagonal / exact: baseline {rep.baseline_leakage / ref.baseline_leakage:.3f} " + " ".join(
+            f"{s} {rep.schemes[s].leakage / ref.schemes[s].leakage:.3f}" for s in SCHEMES
+            if ref.schemes[s].leakage > 0), flush=True)
+    print(f"  ({time.process_time() - t0:.0f} s CPU)", flush=True)
+
+
+def cost(n: int, repeats: int) -> None:
+    """The estimation pass on a ReLU CNN of ~3e5 weights, KFC off / on (interleaved)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(128, 10)).eval()
+    d = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 16, 16, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    loader = DataLoader(TensorDataset(x, y), batch_size=256)
+    estimate(model, DataLoader(TensorDataset(x[:64], y[:64]), batch_size=64), ce, mode="diagonal", num_records=8)
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(repeats):
+        for on in (False, True):
+            E.KFAC_CORRECTION = on
+            t0 = time.process_time()
+            est = estimate(model, loader, ce, mode="diagonal")
+            cpu[on].append(time.process_time() - t0)
+    E.KFAC_CORRECTION = True
+    off, on = min(cpu[False]), min(cpu[True])
+    print(f"CNN d = {d:,}, n = {n}, 16 x 16 x 3 inputs, {torch.get_num_threads()} thread(s), {est.estimator}, "
+          f"K-FAC weights {est.diagnostics.get('kfac_corrected_weights', 0):,}, psi influences "
+          f"{est.diagnostics.get('kfac_influences', 0):,}: estimation CPU s off {[round(c, 2) for c in cpu[False]]} "
+          f"on {[round(c, 2) for c in cpu[True]]}; best on / off {on / off:.3f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", nargs="+", default=["conv1d", "conv2d", "pooled", "cnn"])
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--rho", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight-decay", type=float, default=1e-3)
+    ap.add_argument("--factors", nargs="+", default=["trace"], choices=["trace", "kfc"],
+                    help="the convolutions' Kronecker factors (linear_factors.KFAC_CONV_FACTORS) to compare")
+    ap.add_argument("--cost", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args(argv)
+    print(f"mis_lightning from {Path(ml.__file__).parent}", flush=True)
+    if a.cost:
+        cost(a.n, a.repeats)
+        return
+    for name in a.cases:
+        compare(name, a)
+
+
+if __name__ == "__main__":
+    main()
