@@ -182,3 +182,24 @@ def test_models_without_convolutions_keep_their_path():
     x, y = torch.randn(64, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
     est = estimate(mlp, DataLoader(TensorDataset(x, y), batch_size=32), ce, mode="diagonal", hessian="ggn")
     assert "kfac_convolutions" not in est.diagnostics and not est.diagnostics.get("kfac_correction")
+
+
+def test_the_large_model_path_applies_the_convolutions_correction(monkeypatch):
+    """Above ``FLOAT32_STATE_MIN_PARAMS`` weights without stored influences the estimate is
+    finalized chunk by chunk and each layer's sqrt(VIF) is applied as it is computed (mm32);
+    the convolutions' KFC factors (kc32) go through the same path: the large-model sigma equals
+    the whole-vector one to float32 rounding (2^-24 relative, 1e-6 allowed) and is corrected
+    (it stays far above the uncorrected sigma: before the merge of the two the convolution's
+    factors would not reach that path)."""
+    m, dl = _dense_conv(1)
+    kw = dict(mode="diagonal", hessian="ggn", num_records=300, budget=10)
+    ref = estimate(m, dl, _sq, **kw)
+    monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", 0)
+    lean = estimate(m, dl, _sq, **kw)
+    assert lean.diagnostics.get("state_dtype") == "float32"
+    assert lean.diagnostics["kfac_convolutions"] == [""]
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(lean.sigma[k].double(), ref.sigma[k], rtol=1e-6, atol=0)
+    monkeypatch.setattr(E, "KFAC_CORRECTION", False)
+    plain = estimate(m, dl, _sq, **kw)
+    assert float((lean.sigma["weight"].double() / plain.sigma["weight"].double()).min()) > 1.5
