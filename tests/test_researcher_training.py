@@ -139,3 +139,38 @@ def test_a_sweep_jobs_note_in_place_of_the_verdict_is_kept_in_its_json(tmp_path)
     assert noted.verdict_note in back.table()
     assert back.table(with_verdict=False) == plain.table(with_verdict=False)  # no verdict, no note
     assert back.table(verdict_note="other note").count("other note") == 1  # an explicit note wins
+
+
+def test_a_monitor_on_a_utility_the_callback_does_not_measure_says_how_to_measure_it():
+    """``EarlyStopping(monitor='mis/int8_weight_only/utility/val_acc')`` (the module logs val_acc
+    itself) was refused with close spellings of the loss keys only; the message now says the
+    utility keys come from ``utility_metrics=`` and how to add that one. A key that is no utility
+    keeps the old message."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from mis_lightning import _lightning_support as lt
+    from mis_lightning.tracking import metric_keys
+
+    keys = metric_keys(["int8_weight_only"], [], "mis")
+    trainer = SimpleNamespace(callbacks=[EarlyStopping(monitor="mis/int8_weight_only/utility/val_acc")])
+    with pytest.raises(ValueError, match=r"MISCallback logs no such key") as e:
+        lt.check_monitors(trainer, keys, "mis", 1)
+    assert "pass MISCallback(utility_metrics={'val_acc': <a torchmetrics Metric>})" in str(e.value)
+    trainer = SimpleNamespace(callbacks=[EarlyStopping(monitor="mis/int8_weight_only/mls")])
+    with pytest.raises(ValueError, match=r"did you mean 'mis/int8_weight_only/mis'") as e:
+        lt.check_monitors(trainer, keys, "mis", 1)
+    assert "utility_metrics" not in str(e.value)
+
+
+def test_a_dict_batch_without_batch_fn_names_its_keys_and_a_picklable_fix():
+    """The Metric (and ``assess``) on dict batches said "got dict. Pass batch_fn=lambda batch:
+    (inputs, targets)": no keys, and a lambda, which a pickled Metric (spawned workers,
+    torch.save) cannot hold. It now names the keys, a module-level function and the
+    ``mis_per_sample_loss`` hook, as the callback's message does."""
+    m = ml.MISIndicator(_TiedLM(), _ce, ["rtn_int8"], num_records=8)
+    x = torch.randint(0, 6, (8, 3))
+    with pytest.raises(TypeError, match=r"got dict with keys \['x', 'y'\]: pass batch_fn=<a module-level function"
+                                        r" batch -> \(inputs, targets\)>, or define mis_per_sample_loss"):
+        m.update({"x": x, "y": x[:, 0]})
