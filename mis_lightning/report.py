@@ -298,7 +298,14 @@ class Report:
             record (its ``error``: the callback writes one when the assessment raised), or
             not a report (e.g. the app's ``result.json``: its ``rows`` are :meth:`rows`).
         """
-        data = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:  # name the file and what does load (fu32: aggregate.csv)
+            raise ValueError(f"{path} is not JSON ({e}): Report.from_json reads a report saved as JSON (the "
+                             "app's report.json, the callback's mis_report.json, Report.to_json); a sweep's "
+                             "aggregate.csv / aggregate.md are tables of its jobs' rows, each job's report.json "
+                             "loads") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a saved report (a JSON object with 'schemes')")
         if "schemes" not in data and "error" in data:

@@ -174,3 +174,14 @@ def test_a_dict_batch_without_batch_fn_names_its_keys_and_a_picklable_fix():
     with pytest.raises(TypeError, match=r"got dict with keys \['x', 'y'\]: pass batch_fn=<a module-level function"
                                         r" batch -> \(inputs, targets\)>, or define mis_per_sample_loss"):
         m.update({"x": x, "y": x[:, 0]})
+
+
+def test_loading_a_file_that_is_not_json_names_it_and_what_loads(tmp_path):
+    """``Report.from_json("sweep/aggregate.csv")`` raised a bare "JSONDecodeError: Expecting
+    value: line 1 column 1 (char 0)", naming neither the file nor what loads."""
+    p = tmp_path / "aggregate.csv"
+    p.write_text("job,scheme,leakage\n0,int8_weight_only,0.27\n")
+    with pytest.raises(ValueError, match=r"aggregate.csv is not JSON \(Expecting value: line 1 column 1 \(char 0\)\)"
+                                         r": Report.from_json reads a report saved as JSON") as e:
+        Report.from_json(p)
+    assert "each job's report.json loads" in str(e.value)
