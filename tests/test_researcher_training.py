@@ -185,3 +185,50 @@ def test_loading_a_file_that_is_not_json_names_it_and_what_loads(tmp_path):
                                          r": Report.from_json reads a report saved as JSON") as e:
         Report.from_json(p)
     assert "each job's report.json loads" in str(e.value)
+
+
+def _job(root, num: int, overrides: list[str], scheme: str, leakage: float, auroc: float, base: float = 0.27):
+    import json
+
+    d = root / f"{num}_{scheme}"
+    d.mkdir(parents=True)
+    row = {"scheme": scheme, "bits_per_weight": 4.0, "leakage": leakage, "mis": 1 - leakage,
+           "leakage_p10": leakage - 0.01, "leakage_p90": leakage + 0.01, "baseline_leakage": base, "d_eff": 3.0,
+           "d": 10, "zero_fraction": 0.0, "pinned_fraction": 0.0, "method": "clt", "error": "",
+           "utility_auroc": auroc}
+    (d / "result.json").write_text(json.dumps({"job": {"num": num, "overrides": overrides}, "rows": [row]}))
+
+
+def test_a_sweep_over_schemes_alone_gets_a_verdict_in_its_aggregate(tmp_path):
+    """Each job of ``mis-lightning -m quantizer=a,b,c`` points to aggregate.md for the comparison,
+    which listed the rows and chose none: the README's question (which scheme is safest for the
+    accuracy you need) went unanswered by its own sweep. Jobs that differ only in their schemes
+    and share their unquantized baseline now get the table's verdict, rows named "<job>: <scheme>";
+    jobs that trained other models (another seed override, or the same overrides with another
+    baseline) are not compared."""
+    from mis_lightning.app import aggregate as agg
+
+    one = tmp_path / "one"
+    for num, (s, lk, u) in enumerate([("int8", 0.27, 0.9425), ("int4", 0.226, 0.9401), ("int2", 0.151, 0.8945)]):
+        _job(one, num, [f"quantizer={s}", "data=synthetic_logistic"], s, lk, u)
+    agg.aggregate(one, verbose=False)
+    md = (one / "aggregate.md").read_text()
+    assert ("verdict across jobs 0, 1, 2 (the same training; only their schemes differ): safest with auroc "
+            "within 1% of the best (0.9425, 0: int8): 1: int4 (leakage 0.2260)") in md
+    # a sweep over seeds too: one verdict per seed, named by it
+    two = tmp_path / "two"
+    for num, (seed, s, lk) in enumerate([(1, "int8", 0.27), (1, "int2", 0.15), (2, "int8", 0.3), (2, "int2", 0.2)]):
+        _job(two, num, [f"quantizer={s}", f"seed={seed}"], s, lk, 0.94, base=0.27 + seed / 100)
+    agg.aggregate(two, verbose=False)
+    lines = [x for x in (two / "aggregate.md").read_text().splitlines() if x.startswith("verdict")]
+    assert [x.split(":")[0] for x in lines] == ["verdict across jobs 0, 1 (seed=1) (the same training; only their "
+                                                 "schemes differ)", "verdict across jobs 2, 3 (seed=2) (the same "
+                                                 "training; only their schemes differ)"]
+    assert "1: int2 (leakage 0.1500)" in lines[0] and "3: int2 (leakage 0.2000)" in lines[1]
+    # the same overrides but another baseline: another trained model, no comparison
+    three = tmp_path / "three"
+    _job(three, 0, ["quantizer=int8"], "int8", 0.27, 0.94, base=0.27)
+    _job(three, 1, ["quantizer=int2"], "int2", 0.15, 0.94, base=0.31)
+    agg.aggregate(three, verbose=False)
+    assert ("verdict: none across jobs 0, 1: their unquantized baselines differ (0.2700 to 0.3100), so they "
+            "assessed different trained models") in (three / "aggregate.md").read_text()
