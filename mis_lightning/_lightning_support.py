@@ -452,10 +452,18 @@ def check_monitors(trainer: Any, keys: list[str], prefix: str, every_n_val_epoch
         who = f"{type(cb).__name__}(monitor={key!r})"
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            # a utility the callback does not measure, e.g. the val_acc the module logs itself
+            # (fu32): say where a measured one comes from, not only the close spellings
+            scheme, _, metric = key[len(head):].partition("/utility/")
+            util = (f"; the utility figures of the quantized copies are the mean loss and the metrics of "
+                    f"utility_metrics= ({head}<scheme>/utility/<name>): to monitor {metric!r}, pass "
+                    f"MISCallback(utility_metrics={{{metric!r}: <a torchmetrics Metric>}})"
+                    if metric and any(k.startswith(f"{head}{scheme}/") for k in keys) else "")
             raise ValueError(f"{who}: MISCallback logs no such key" + (
                 f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else "")
                 + f"; its keys are {head}<scheme>/<figure> for its schemes, e.g. {keys[3]!r}"
-                + " (leakage_p10 / leakage_p90 need uncertainty_draws > 0)" * key.endswith(("_p10", "_p90")))
+                + " (leakage_p10 / leakage_p90 need uncertainty_draws > 0)" * key.endswith(("_p10", "_p90"))
+                + util)
         first = _first_read(cb, trainer)
         if every_n_val_epochs == 1 or first is None or (every_n_val_epochs is not None and first >= every_n_val_epochs):
             continue

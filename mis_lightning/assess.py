@@ -116,7 +116,10 @@ def _close_param_names(name: str, named: Mapping[str, Any]) -> list[str]:
 
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
-    ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). Unknown names, an
+    ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). A tied weight may be
+    named by any of its holders (``'head.weight'`` for an output layer tied to ``'emb.weight'``,
+    as ``state_dict`` names it); the name returned is ``named_parameters``' (its first holder's),
+    which the report uses. Unknown names, an
     empty selection and NaN/inf weights raise errors that name the culprit; selected
     parameters that do not require grad (frozen: not trained on the records) get a warning.
 
@@ -134,7 +137,11 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     elif callable(params):
         names = [n for n, p in named.items() if params(n, p)]
     else:
-        names = list(params)
+        # A tied weight has one name in named_parameters (its first holder's: 'emb.weight') but
+        # one per holder in state_dict ('head.weight' too): any of them means that parameter.
+        first = {id(p): n for n, p in named.items()}
+        alias = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        names = list(dict.fromkeys(alias.get(n, n) for n in params))
         unknown = [n for n in names if n not in named]
         if unknown:
             hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
@@ -1204,7 +1211,8 @@ def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: Scorin
 
 
 def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, Any] | None,
-                         known_names: bool = True, where: str = "utility_key", validation: bool = True) -> None:
+                         known_names: bool = True, where: str = "utility_key", validation: bool = True,
+                         metrics_option: str | None = "metrics") -> None:
     """Before training or estimating: the utility metric the verdict ranks by
     (``scoring_config.utility_key``) is measured and its direction is known, in every front end.
 
@@ -1216,6 +1224,9 @@ def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, An
             its direction still is).
         where: the option's name in this front end (e.g. ``mis.scoring.utility_key``).
         validation: whether the front end has validation data (no utility is measured without).
+        metrics_option: the front end's argument that adds a measured metric (``metrics`` of
+            ``assess``, ``utility_metrics`` of the callback), named in the fix of an unmeasured
+            key; ``None`` where the user cannot add one (the app's metrics follow the task).
 
     Raises:
         ValueError: ``utility_key`` is given without validation data, or is not measured (close
@@ -1235,9 +1246,17 @@ def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, An
     measured = by_name.get(metric_name(name))
     if known_names and measured is None:
         close = difflib.get_close_matches(name, list(by_name.values()), n=3, cutoff=0.5)
+        # fu32: a researcher names the key their LightningModule logs (self.log("val_acc", ...)),
+        # which is measured on the float model only; each quantized copy is measured by the
+        # front end's own metrics, so say where a metric is added
+        fix = (f"; the utility of each quantized copy is measured on the validation data by the mean loss and "
+               f"the torchmetrics objects of {metrics_option}= only (a key the model logs itself, e.g. with "
+               f"self.log, is not measured on the quantized copies): add one under that name, e.g. "
+               f"{metrics_option}={{{name!r}: <a torchmetrics Metric>}}"
+               if metrics_option else "")
         raise ValueError(f"{where}={key!r} is not a measured utility metric: the measured ones are "
                          f"{sorted(by_name.values())}" + (f" (did you mean {' or '.join(map(repr, close))}?)"
-                                                          if close else ""))
+                                                          if close else "") + fix)
     if metric_mode(name, metrics.get(measured) if measured else None, scoring_config.utility_mode) is None:
         raise ValueError(unknown_mode_message(name))
 

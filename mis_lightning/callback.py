@@ -157,7 +157,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self.dirpath, self.estimation_batch_size = dirpath, estimation_batch_size
         self.log_figure, self.prefix, self._state_loaded = log_figure, prefix, False
         # the utility metric the verdict ranks by (utility_key=): measured, its direction known
-        check_utility_metric(self.scoring_config, self.utility_metrics, where="utility_key")
+        check_utility_metric(self.scoring_config, self.utility_metrics, where="utility_key",
+                             metrics_option="utility_metrics")
         self.plan_config = _plan_config(plan, self.utility_metrics, self.scoring_config)
         self.plan_error: str | None = None
         self.plan_result: PlanResult | None = None

@@ -190,6 +190,11 @@ class Report:
         utility reads it (:func:`higher_is_better`). utility_key: the metric the table's verdict
         and the figure use by default (``ScoringConfig.utility_key``; ``None``: the first of
         rmse, auroc, accuracy, loss).
+        verdict_note: a line :meth:`table` prints in place of the verdict (``None``: the
+        verdict), kept in the JSON so that a loaded report prints what its front end printed: a
+        sweep's job that assessed one scheme has no choice to make
+        (:func:`mis_lightning.app.job.sweep_verdict_note`), and its ``report.json`` loaded with
+        :meth:`from_json` named that one scheme "safest" before fu32.
     """
 
     n: int
@@ -205,8 +210,11 @@ class Report:
     row_notes: dict[str, str] = field(default_factory=dict)
     utility_modes: dict[str, str] = field(default_factory=dict)
     utility_key: str | None = None
+    verdict_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        # the key only where set: reports without a note keep their JSON as before
+        note = {} if self.verdict_note is None else {"verdict_note": self.verdict_note}
         return {
             "n": self.n,
             "d": self.d,
@@ -223,6 +231,7 @@ class Report:
             "row_notes": dict(self.row_notes),
             # groups of schemes whose order by leakage the figures do not resolve (table: ties line)
             "not_ranked": self.not_ranked(),
+            **note,
         }
 
     def not_ranked(self) -> list[list[str]]:
@@ -271,6 +280,7 @@ class Report:
             baseline_pool_leakage=top.get("baseline_pool_leakage", math.nan),
             game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
             utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
+            verdict_note=data.get("verdict_note"),
         )
 
     @classmethod
@@ -288,7 +298,14 @@ class Report:
             record (its ``error``: the callback writes one when the assessment raised), or
             not a report (e.g. the app's ``result.json``: its ``rows`` are :meth:`rows`).
         """
-        data = json.loads(Path(path).read_text())
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:  # name the file and what does load (fu32: aggregate.csv)
+            raise ValueError(f"{path} is not JSON ({e}): Report.from_json reads a report saved as JSON (the "
+                             "app's report.json, the callback's mis_report.json, Report.to_json); a sweep's "
+                             "aggregate.csv / aggregate.md are tables of its jobs' rows, each job's report.json "
+                             "loads") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} is not a saved report (a JSON object with 'schemes')")
         if "schemes" not in data and "error" in data:
@@ -345,7 +362,8 @@ class Report:
         next to the numbers, not only in the JSON). ``legend_columns``: one line in place of the
         legend's entries for the columns every table has (:func:`legend`'s ``columns``).
         ``verdict_note``: a line printed in place of the verdict (a sweep's job that assessed
-        one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`).
+        one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`);
+        ``None``: :attr:`verdict_note`, the report's own (``None`` too: the verdict).
 
         ``utility_key``: ``None``: :attr:`utility_key` (declared), else the default pick.
 
@@ -366,6 +384,7 @@ class Report:
             if est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
                 text += (f"; influences of all {est['num_records']} records stored (num_records="
                          f"{est['num_records_requested']} asked for more than there are)")
+        verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
             text += "\n" + (verdict(rows, utility_key, utility_tolerance, modes=modes)
                              if verdict_note is None else verdict_note)
@@ -418,7 +437,7 @@ def merge_scheme_warnings(lines: Sequence[tuple[str, str]]) -> list[str]:
         the verbs that follow "scheme" made plural); a text of one scheme is returned as is.
     """
     mark = "\x00"
-    plural = {"leaves": "leave", "quantizes": "quantize", "is": "are", "has": "have"}
+    plural = {"leaves": "leave", "quantizes": "quantize", "is": "are", "has": "have", "does": "do"}
     groups: dict[str, list[tuple[str, str]]] = {}
     for name, text in lines:
         groups.setdefault(text.replace(repr(name), mark), []).append((name, text))
@@ -429,7 +448,7 @@ def merge_scheme_warnings(lines: Sequence[tuple[str, str]]) -> list[str]:
             continue
         names = [repr(k) for k, _ in members]
         who = ", ".join(names[:-1]) + " and " + names[-1]
-        t = re.sub(r"\bscheme \x00 (leaves|quantizes|is|has)\b", lambda m: f"schemes {mark} {plural[m[1]]}", template)
+        t = re.sub(r"\bscheme \x00 (leaves|quantizes|is|has|does)\b", lambda m: f"schemes {mark} {plural[m[1]]}", template)
         t = t.replace("scheme " + mark, "schemes " + mark).replace("its backend's", "their backends'")
         out.append(t.replace(mark, who))
     return out

@@ -355,6 +355,9 @@ def test_multirun_one_job_per_scheme_and_a_failing_job_aggregates_the_others_and
         # ux31 (fu30): no verdict over one scheme in a job: a pointer to the aggregate
         assert f"verdict: none in this job, which assessed one scheme ({n})" in (
             sweep / f"{i}_{n}" / "report.md").read_text()
+        # fu32: the job's report.json loads back to the same table, not a "verdict: safest" over one scheme
+        assert Report.from_json(sweep / f"{i}_{n}" / "report.json").table() + "\n" == (
+            sweep / f"{i}_{n}" / "report.md").read_text()
     assert "verdict: safest" not in proc.stdout
     # the aggregate command says so too
     assert agg.main([str(sweep), "--quiet"]) == 1

@@ -54,6 +54,7 @@ from mis_lightning.report import (
     short_error,
     ties_line,
     unranked_groups,
+    verdict,
 )
 
 __all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_figure", "main",
@@ -271,6 +272,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                 _fmt(r.get("baseline_leakage")),
                 _fmt(r.get("d_eff"))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    verdicts = aggregate_verdicts(rows, utility_key)
+    if verdicts:  # the jobs' one-scheme tables point here for the comparison (fu32)
+        lines += [""] + verdicts
     ties = aggregate_ties(rows, utility_key)
     if ties:  # the rows' order by leakage that the figures do not resolve (same wording as the table)
         lines += [""] + ties
@@ -300,6 +304,51 @@ def aggregate_ties(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
         line = ties_line(group)
         if line:
             out.append(line if len(uks) == 1 else f"{uk.removeprefix('utility_')} rows: {line}")  # type: ignore[union-attr]
+    return out
+
+
+#: the overrides that choose the schemes a job assesses: jobs that differ in these alone train
+#: the same model, so their rows are one comparison (:func:`aggregate_verdicts`)
+SCHEME_OVERRIDES = ("quantizer=", "schemes=", "+schemes=", "++schemes=")
+
+
+def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> list[str]:
+    """The verdict over the jobs of a sweep that differ only in their schemes (fu32: each job of
+    ``-m quantizer=a,b,c`` assesses one scheme and points to the aggregate, which chose none).
+
+    Jobs are compared only when every other override is the same (same data, model, training
+    and estimation options) and their unquantized baselines agree (the same trained model:
+    ``baseline_leakage`` within 1e-9 relative); one line per such group of two or more jobs,
+    by :func:`~mis_lightning.report.verdict` on the rows named ``"<job>: <scheme>"`` and judged
+    by the group's utility (:func:`utility_keys`), prefixed with the group's other overrides
+    when the sweep has several groups. A group whose baselines differ gets a line saying why it
+    has no verdict; a utility whose direction is unknown gives none (no guessed ranking);
+    plan-mode rows (a planner's ``note``) are left to ``plan.md``."""
+    def others(r: dict[str, Any]) -> str:
+        return " ".join(o for o in str(r.get("overrides") or "").split() if not o.startswith(SCHEME_OVERRIDES))
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if not r.get("error") and _float(r.get("leakage")) is not None and not r.get("note"):
+            groups.setdefault(others(r), []).append(r)
+    out = []
+    for key, group in groups.items():
+        if len({r.get("job") for r in group}) < 2:
+            continue  # one job: its own table has the verdict
+        where = f" ({key})" if len(groups) > 1 and key else ""
+        base = [b for r in group if (b := _float(r.get("baseline_leakage"))) is not None]
+        jobs = ", ".join(sorted({_fmt(r.get("job")) for r in group}, key=lambda j: (len(j), j)))
+        if base and max(base) - min(base) > 1e-9 * max(abs(max(base)), 1e-12):
+            out.append(f"verdict{where}: none across jobs {jobs}: their unquantized baselines differ "
+                       f"({min(base):.4f} to {max(base):.4f}), so they assessed different trained models")
+            continue
+        uks = utility_keys(group, utility_key)
+        try:
+            line = verdict([_labelled(r) for r in group], uks[0] if len(uks) == 1 else None)
+        except ValueError:  # a utility whose direction is unknown: no guessed ranking
+            continue
+        out.append(f"verdict across jobs {jobs}{where} (the same training; only their schemes differ): "
+                   + line.removeprefix("verdict: "))
     return out
 
 

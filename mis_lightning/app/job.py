@@ -840,7 +840,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         # utility metric (mis.scoring.utility_key: measured here, its direction known)
         for w in check_schemes(model, schemes, strict=sc_cfg.strict, params=select_params(model, est_cfg.params)):
             print(f"warning: {w}", file=sys.stderr)
-        check_utility_metric(sc_cfg, utility_metrics(task), where="mis.scoring.utility_key")
+        check_utility_metric(sc_cfg, utility_metrics(task), where="mis.scoring.utility_key", metrics_option=None)
         if plan_cfg is not None:  # a size budget no plan can meet: before training
             check_size_budget(model, plan_cfg, est_cfg.params)
         loggers = _build_loggers(cfg)
@@ -899,11 +899,13 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
 
             stage[0] = "output"
             names = cfg.output
+            # a sweep's one-scheme job: no verdict over one scheme, a pointer to the aggregate, kept
+            # in report.json (Report.from_json, the trackers' table and report.md print the same)
+            report.verdict_note = sweep_verdict_note(report, job_info())
             report.to_json(out / names.report_json)
             report.to_csv(out / names.report_csv)
             # the table as printed below (mode=plan: the plan's budgeted choice replaces the verdict)
-            # a sweep's one-scheme job: no verdict over one scheme, a pointer to the aggregate
-            table = report.table(with_verdict=plan_cfg is None, verdict_note=sweep_verdict_note(report, job_info()))
+            table = report.table(with_verdict=plan_cfg is None)
             if names.get("report_table"):
                 (out / names.report_table).write_text(table + "\n")
             fig = report.plot(out / names.figure)

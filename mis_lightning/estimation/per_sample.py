@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +28,15 @@ def default_batch_fn(batch: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` from a batch that is a 2-tuple/list ``(inputs, targets)``."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
+    layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    if isinstance(batch, Mapping):  # a dict batch: name its keys, the batch_fn picks from them (fu32)
+        layout += f" with keys {list(batch)}"
+    # a module-level function, not the lambda this advised before: a Metric or callback that
+    # holds it is pickled by spawning strategies and torch.save
     raise TypeError(
-        "batches must be (inputs, targets) pairs by default; got "
-        f"{type(batch).__name__}{'' if not isinstance(batch, (tuple, list)) else f' of length {len(batch)}'}. "
-        "Pass batch_fn=lambda batch: (inputs, targets) for other layouts."
+        f"batches must be (inputs, targets) pairs by default; got {layout}: pass batch_fn=<a module-level "
+        "function batch -> (inputs, targets)>, or define mis_per_sample_loss(self, batch) -> per-sample "
+        "losses [B] on the model"
     )
 
 

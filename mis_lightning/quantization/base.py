@@ -1373,11 +1373,15 @@ class QuantizationScheme(ABC):
                        if a != "weight" or not self._selected(m, f)
                        or (skip_reason is not None and skip_reason(m) is not None)]
                 if bad:
+                    # name both holders: the parameter's name is often the other holder's
+                    # ('emb.weight' for a Linear head tied to an Embedding), so "this layer" alone
+                    # left the reader guessing which layer the scheme does quantize (fu32)
                     reasons[name] = (
-                        f"tied weight: also held by {', '.join(_holder(*u) for u in bad)}, which "
-                        f"scheme {self.name!r} does not quantize together with this layer (its backend "
-                        "pass skips it; a tied weight is not quantized by two passes, and quantizing only "
-                        "some of its uses would release it in float anyway): left in float everywhere")
+                        f"tied weight: {_holder(fqn, 'weight', module)} is also held by "
+                        f"{', '.join(_holder(*u) for u in bad)}, which scheme {self.name!r} does not "
+                        "quantize with it (its backend pass skips that layer; a tied weight is not quantized "
+                        "by two passes, and quantizing only some of its uses would release it in float "
+                        "anyway): left in float everywhere")
                     continue
             r = skip_reason(module) if skip_reason is not None else None
             if r is not None:
