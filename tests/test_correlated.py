@@ -720,7 +720,7 @@ def test_in_sample_own_row_term_is_the_dense_leave_one_out_channel_form():
     leave-one-out ones (1e-8), unquantized their mean is the shared form's (the trace identity,
     1e-10), and the Monte Carlo form's per-record ratio is ``sqrt(q / q_shared)``. Scored rows
     are the fitted ones times 1.3 (the diagonal estimator's leverage scale). Also a layer's
-    block, and rows that are not the stored records."""
+    block, rows that are not the stored records, and the records in another order (bitwise)."""
     m, d = 40, 8
     W = _scaled_rows(m, d, 5)
     rc = RecordCorrelation.in_sample(W)
@@ -757,6 +757,12 @@ def test_in_sample_own_row_term_is_the_dense_leave_one_out_channel_form():
     assert float(q.mean()) == pytest.approx(float(q0.mean()), rel=1e-10)
     with pytest.raises(ValueError, match="rows must be the stored records"):
         corr.quadratic(W[:10])
+    # the same records in another order (processes, batch sizes): the same figures to the last bit
+    perm = torch.randperm(m, generator=g)
+    kappa = torch.rand(d, dtype=torch.float64, generator=g)
+    a = rc.gaussian_mean_abs(1.3 * W, kappa)
+    b = RecordCorrelation.in_sample(W[perm]).gaussian_mean_abs(1.3 * W[perm], kappa)
+    assert torch.equal(a[perm], b)
 
 
 def test_in_sample_record_alone_along_a_direction_does_not_pull_the_others_down(monkeypatch):

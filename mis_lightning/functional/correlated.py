@@ -318,10 +318,15 @@ class Correlation:
         second-order estimate ``a_K = mean_j[h_j (v_j'y_j - y_j'(I - K)y_j)] / mean_j v_j'y_j``
         plus the higher orders ``beta_1 - a_1`` times ``(a_K / a_1)^2`` (on a uniform ``kappa``
         the second order scales as ``kappa^2``, the next even one as ``kappa^4``)."""
+        def mean(t: Tensor) -> float:
+            # summed in sorted order: the same records give the same figure to the last bit
+            # whatever order they arrive in (processes, batch sizes), as the matrix itself
+            return float(torch.sort(t).values.sum()) / max(t.numel(), 1)
+
         def second_order(vv_: Tensor, y_: Tensor, h_: Tensor, k_: Tensor) -> float:
             inside = (vv_ - ((1.0 - k_) * y_.square()).sum(-1)).clamp_min(0.0)
-            m = float(vv_.mean())
-            return float((h_ * inside).mean()) / m if m > 0 else 0.0
+            m = mean(vv_)
+            return mean(h_ * inside) / m if m > 0 else 0.0
 
         if "unquantized" not in self._loo_cache:
             assert self.self_term is not None and self.self_weight is not None
@@ -331,7 +336,7 @@ class Correlation:
             vv1 = (x * y1).sum(-1).clamp_min(0.0)
             h1 = (self.self_weight.to(torch.float64) * vv1).clamp(0.0, IN_SAMPLE_LOO_LEVERAGE_CAP)
             q_loo = vv1 / (1.0 - h1)
-            exact = float(q_loo.mean()) / max(float(vv1.mean()), 1e-300) - 1.0
+            exact = mean(q_loo) / max(mean(vv1), 1e-300) - 1.0
             self._loo_cache["unquantized"] = (exact, second_order(vv1, y1, h1, ones))
         exact, approx1 = self._loo_cache["unquantized"]
         if bool((kappa == 1).all()) or approx1 <= 0:
