@@ -6,7 +6,8 @@ in-sample correlation (``RecordCorrelation.in_sample``) and the cross-fitted fac
 Per case: train to the minimum (L-BFGS, weight decay 1e-3), estimate once with
 ``mode="exact"`` (the truth) and once with ``mode="diagonal"`` (the stored rows ``W`` the
 headline reads), then the mean of ``sqrt(w' A^+ w)`` over the stored records for each form,
-divided by the truth (1 = exact). ``in_sample`` falls back to the cross-fitted model where
+divided by the truth (1 = exact): ``in-sample`` as scored (each record with its own row taken out
+and the common rescaling, dx32), ``own row in`` the form before dx32. ``in_sample`` falls back to the cross-fitted model where
 the rows are linearly independent (rank ``R``), as ``assess`` does.
 
     python benchmarks/in_sample_correlation.py                          # R = 512, every case
@@ -118,7 +119,8 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=CASES)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{'case':9s} {'n':>5s} {'d':>5s} {'rank':>5s} | {'truth':>7s} | {'cross-fitted':>12s} {'in-sample':>9s}")
+    print(f"{'case':9s} {'n':>5s} {'d':>5s} {'rank':>5s} | {'truth':>7s} | {'cross-fitted':>12s} {'in-sample':>9s}"
+          f" {'own row in':>10s}")
     for case in args.cases:
         model, x, y, loss = make(case)
         train(model, x, y, loss)
@@ -134,8 +136,10 @@ def main() -> None:
         rank = int(torch.linalg.matrix_rank(W @ W.T, rtol=C.RCOND, hermitian=True))
         cross = form(C.RecordCorrelation.cross_fitted(W, 64))
         inside = form(ins) if ins is not None else float("nan")
+        # the form before dx32: each record scored with its own row in the matrix
+        plain = form(C.RecordCorrelation.in_sample(W, loo=False)) if ins is not None else float("nan")
         print(f"{case:9s} {len(x):5d} {W.shape[1]:5d} {rank:5d} | {truth:7.3f} | {cross:12.3f} "
-              f"{inside:9.3f}{'' if ins is not None else ' (rank R: cross-fitted)'}", flush=True)
+              f"{inside:9.3f} {plain:10.3f}{'' if ins is not None else ' (rank R: cross-fitted)'}", flush=True)
 
 
 if __name__ == "__main__":

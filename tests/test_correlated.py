@@ -491,7 +491,8 @@ def test_factor_quadratic_skips_the_refined_solve_where_woodbury_is_exact(monkey
     W[:, : d // 2] += torch.randn(m, 1, dtype=torch.float64, generator=g)
     kappa = torch.rand(d, dtype=torch.float64, generator=g)
     cross = Correlation.from_influences(W[: m // 2], 32)
-    inside = RecordCorrelation.in_sample(W[:, :40]).parts[0][1]
+    # the shared form's solve (loo=False: the records' own-row term, dx32, is applied on top of it)
+    inside = RecordCorrelation.in_sample(W[:, :40], loo=False).parts[0][1]
     low = torch.randn(16, 5, dtype=torch.float64, generator=g) @ torch.randn(5, 40, dtype=torch.float64, generator=g)
     cases = [(cross, W[m // 2:], kappa), (cross, W[m // 2:], None), (inside, W[:, :40], kappa[:40]),
              (inside, low, None)]
@@ -670,3 +671,115 @@ def test_averaged_interval_is_carried_from_the_form_of_its_draws(monkeypatch):
     # the same construction, two exact ratios: equal to rounding (old code: 0.955 against 0.586)
     assert position(fac) == pytest.approx(position(ind), abs=1e-9)
     assert 0.1 < position(fac) < 0.9
+
+
+def _scaled_rows(m: int, d: int, seed: int) -> torch.Tensor:
+    """``[m, d]`` rows ``z e``: Gaussian directions times a per-record normal scale (a
+    least-squares record's gradient, ``x`` times its residual); ``E w w' = I``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, d, dtype=torch.float64, generator=g) * torch.randn(m, 1, dtype=torch.float64, generator=g)
+
+
+def test_in_sample_form_reads_the_true_mean_norm_without_the_records_own_row():
+    """dx32. The in-sample form ``w'S^+w`` (``S`` from the R stored rows, each record's own row
+    in it) has the right mean unquantized (the rank, trace identity) but too little spread: a
+    record's own row pulls ``S`` towards it (``q = q_loo / (1 + q_loo / R)``), so the mean
+    ``sqrt`` read high by about ``d / 2R`` for rows with a per-record normal scale, 1.05 at
+    ``d / R = 64 / 512`` (the diagonal estimator's unquantized headline on cv29's OLS design,
+    1.051 against 1.013 for the exact estimator). Quantized (``kappa < 1``) the inverse's
+    bias shrinks as ``kappa^2`` and the own row's pull as ``kappa``, so the plain form read low
+    there (0.983 at ``kappa = 0.5``). Truth in closed form for ``Sigma = I``: ``M = I``,
+    ``E sqrt(kappa w'w) = sqrt(kappa) E|e| E|z|``. Tolerances: 1.5% for scaled rows (4 samples
+    of 512 records; 6 samples read 0.992-1.006 over kappa 1-0.1, the old form 0.983-1.047),
+    1% for Gaussian rows (0.9995-1.0005; old 0.985-1.0005)."""
+    m, d = 512, 64
+    ez = math.sqrt(2.0) * math.exp(math.lgamma((d + 1) / 2) - math.lgamma(d / 2))  # E|z|, z ~ N(0, I_d)
+    kappas = (1.0, 0.5)
+    for scaled, tol in ((True, 0.015), (False, 0.01)):
+        truth = SQ * (SQ if scaled else 1.0) * ez
+        new, old = torch.zeros(len(kappas)), torch.zeros(len(kappas))
+        for seed in range(4):
+            W = _scaled_rows(m, d, seed) if scaled else \
+                torch.randn(m, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+            rc_new, rc_old = RecordCorrelation.in_sample(W), RecordCorrelation.in_sample(W, loo=False)
+            for i, kap in enumerate(kappas):
+                k = torch.full((d,), kap, dtype=torch.float64)
+                new[i] += float(rc_new.gaussian_mean_abs(W, k).mean()) / (4 * truth * math.sqrt(kap))
+                old[i] += float(rc_old.gaussian_mean_abs(W, k).mean()) / (4 * truth * math.sqrt(kap))
+        for i, kap in enumerate(kappas):
+            assert float(new[i]) == pytest.approx(1.0, abs=tol), (scaled, kap, float(new[i]))
+        if scaled:  # the form before dx32, what the fix removes
+            assert float(old[0]) > 1.035
+
+
+def test_in_sample_own_row_term_is_the_dense_leave_one_out_channel_form():
+    """dx32. Each record's form against a dense computation, unquantized and on a channel
+    ``M = I - K + K^1/2 S K^1/2``: ``S_i = S - b w_i w_i'`` (``b = (1 - s) / R``), ``q_i =
+    u'M_i^-1 u`` (the leverage ``b v'M^-1 v`` capped at ``IN_SAMPLE_LOO_LEVERAGE_CAP``), then one
+    common factor per form: the records' forms relative to each other are the dense
+    leave-one-out ones (1e-8), unquantized their mean is the shared form's (the trace identity,
+    1e-10), and the Monte Carlo form's per-record ratio is ``sqrt(q / q_shared)``. Scored rows
+    are the fitted ones times 1.3 (the diagonal estimator's leverage scale). Also a layer's
+    block, rows that are not the stored records, and the records in another order (bitwise)."""
+    m, d = 40, 8
+    W = _scaled_rows(m, d, 5)
+    rc = RecordCorrelation.in_sample(W)
+    corr = rc.parts[0][1]
+    s = F.correlated.IN_SAMPLE_SHRINKAGE
+    cap = F.correlated.IN_SAMPLE_LOO_LEVERAGE_CAP
+    S = (1 - s) * W.T @ W / m + s * torch.eye(d, dtype=torch.float64)
+
+    def dense(Sm, Wm, kappa):
+        kh = kappa.sqrt()
+        M = torch.diag(1 - kappa) + kh[:, None] * Sm * kh[None]
+        Mi = torch.linalg.inv(M)
+        u, v = 1.3 * Wm * kh, Wm * kh
+        q0 = (u @ Mi * u).sum(-1)
+        h = (1 - s) / m * (v @ Mi * v).sum(-1)
+        own = torch.stack([u[i] @ torch.linalg.inv(M - (1 - s) / m * torch.outer(v[i], v[i])) @ u[i]
+                           for i in range(m)])
+        return q0, torch.where(h <= cap, own, q0 / (1 - h.clamp(max=cap)))
+
+    g = torch.Generator().manual_seed(6)
+    for kappa in (torch.ones(d, dtype=torch.float64), torch.rand(d, dtype=torch.float64, generator=g)):
+        q0, own = dense(S, W, kappa)
+        q = corr.quadratic(1.3 * W, kappa)
+        c = q / own
+        torch.testing.assert_close(c, torch.full_like(c, float(c.mean())), rtol=1e-8, atol=0)
+        assert float(c.mean()) < 1.0  # the inverse's bias removed
+        if bool((kappa == 1).all()):
+            assert float(q.mean()) == pytest.approx(float(q0.mean()), rel=1e-10)
+        torch.testing.assert_close(corr.self_term_ratio(1.3 * W, kappa), (q / q0).sqrt(), rtol=1e-8, atol=0)
+    blk = rc.restrict(slice(0, 3)).parts[0][1]
+    q0, own = dense(S[:3, :3], W[:, :3], torch.ones(3, dtype=torch.float64))
+    q = blk.quadratic(1.3 * W[:, :3])
+    torch.testing.assert_close(q / own, torch.full_like(q, float((q / own).mean())), rtol=1e-8, atol=0)
+    assert float(q.mean()) == pytest.approx(float(q0.mean()), rel=1e-10)
+    with pytest.raises(ValueError, match="rows must be the stored records"):
+        corr.quadratic(W[:10])
+    # the same records in another order (processes, batch sizes): the same figures to the last bit
+    perm = torch.randperm(m, generator=g)
+    kappa = torch.rand(d, dtype=torch.float64, generator=g)
+    a = rc.gaussian_mean_abs(1.3 * W, kappa)
+    b = RecordCorrelation.in_sample(W[perm]).gaussian_mean_abs(1.3 * W[perm], kappa)
+    assert torch.equal(a[perm], b)
+
+
+def test_in_sample_record_alone_along_a_direction_does_not_pull_the_others_down(monkeypatch):
+    """dx32. A record alone along a direction has in-sample leverage 1 (its own row is all of
+    ``S`` there): taken out, its form would be unbounded, and the common factor that keeps the
+    mean would push every other record towards 0 (checked: 1e-4 of their value with the cap at
+    1 - 1e-12). The leverage is capped at ``IN_SAMPLE_LOO_LEVERAGE_CAP`` (its form at most
+    ``1 / (1 - cap)`` = 4 times its in-sample one): against the same rows without that
+    direction the others keep 0.84-1.01 of their value (bound 0.75)."""
+    m = 64
+    W = torch.zeros(m, 9, dtype=torch.float64)
+    W[:, :8] = _scaled_rows(m, 8, 7)
+    W[0, 8] = 3.0  # record 0 alone along coordinate 8
+    q = RecordCorrelation.in_sample(W).parts[0][1].quadratic(W)
+    q8 = RecordCorrelation.in_sample(W[:, :8]).parts[0][1].quadratic(W[:, :8])
+    assert torch.isfinite(q).all()
+    assert float((q[1:] / q8[1:]).min()) > 0.75
+    monkeypatch.setattr(F.correlated, "IN_SAMPLE_LOO_LEVERAGE_CAP", 1 - 1e-12)
+    q = RecordCorrelation.in_sample(W).parts[0][1].quadratic(W)
+    assert float((q[1:] / q8[1:]).max()) < 0.01
