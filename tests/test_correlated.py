@@ -720,8 +720,9 @@ def test_in_sample_own_row_term_is_the_dense_leave_one_out_channel_form():
     leave-one-out ones (1e-8), unquantized their mean is the shared form's (the trace identity,
     1e-10), and the Monte Carlo form's per-record ratio is ``sqrt(q / q_shared)``. Scored rows
     are the fitted ones times 1.3 (the diagonal estimator's leverage scale). Also a layer's
-    block, rows that are not the stored records, and the records in another order (bitwise)."""
-    m, d = 40, 8
+    block, rows that are not the stored records, and the records in another order (bitwise).
+    rank / R = 8 / 64, inside ``IN_SAMPLE_LOO_MAX_RANK_SHARE``."""
+    m, d = 64, 8
     W = _scaled_rows(m, d, 5)
     rc = RecordCorrelation.in_sample(W)
     corr = rc.parts[0][1]
@@ -783,3 +784,18 @@ def test_in_sample_record_alone_along_a_direction_does_not_pull_the_others_down(
     monkeypatch.setattr(F.correlated, "IN_SAMPLE_LOO_LEVERAGE_CAP", 1 - 1e-12)
     q = RecordCorrelation.in_sample(W).parts[0][1].quadratic(W)
     assert float((q[1:] / q8[1:]).max()) < 0.01
+
+
+def test_in_sample_own_row_term_only_where_the_rank_is_a_small_share_of_the_records():
+    """The own-row-out form (dx32) applies where the rows' rank is at most
+    ``IN_SAMPLE_LOO_MAX_RANK_SHARE`` of the stored records (where it was checked against truths);
+    above, the plain in-sample form, bitwise, which reads high (conservative). 8 weights:
+    64 records take the new form (it differs from the plain one), 40 records (rank share 0.2)
+    the plain one."""
+    g = torch.Generator().manual_seed(3)
+    kappa = torch.rand(8, dtype=torch.float64, generator=g)
+    for m, new in ((64, True), (40, False)):
+        W = _scaled_rows(m, 8, 5)
+        a = RecordCorrelation.in_sample(W).gaussian_mean_abs(W, kappa)
+        b = RecordCorrelation.in_sample(W, loo=False).gaussian_mean_abs(W, kappa)
+        assert torch.equal(a, b) is not new, m

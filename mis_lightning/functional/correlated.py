@@ -65,6 +65,13 @@ IN_SAMPLE_SHRINKAGE = 1e-6
 IN_SAMPLE_LOO_LEVERAGE_CAP = 0.75
 # False restores the plain in-sample form (each record scored with its own row in; A/B)
 IN_SAMPLE_LOO = True
+# ... applied only where the rows' rank is at most this share of the stored records: checked
+# against closed-form truths at rank / R = 0.125 (OLS d = 64, R = 512: 0.998 against 1.05 before;
+# Sigma = I synthetic rows: 0.992-1.006), where the expansion in rank / R it removes (~d / 2R)
+# is small. Above it the plain form is kept, which reads high by about rank / 2R (the
+# conservative side): dx32 saw the own-row-out form move a 10-8-1 tanh MLP's baseline 12% down
+# at rank / R = 0.19 (heavy-tailed rows, no weight decay) with no truth to check it against
+IN_SAMPLE_LOO_MAX_RANK_SHARE = 0.15
 # With more weights than stored records, the in-sample form only where the rows show a clear null
 # space (rank at most this share of the records): a Gram spectrum with a smooth tail past RCOND
 # (rank 251 of 256 on the ChEMBL MPNN, 255-508 of 256-512 on a 1,004-weight MLP) is not a low
@@ -599,8 +606,9 @@ class RecordCorrelation:
         capped at ``R``, spread less than the truth's). Cost ``O(R^2 d + R^3)``, a ``[d, r]``
         factor (``r <= min(R, d)``).
 
-        Each record without its own row (``loo``; default ``IN_SAMPLE_LOO``, True; dx32; method.md
-        section 3, "Large models"). The right mean is not the right spread: scored with the
+        Each record without its own row (``loo``; default ``IN_SAMPLE_LOO``, True, where the rows'
+        rank is at most ``IN_SAMPLE_LOO_MAX_RANK_SHARE`` = 0.15 of the records, else the plain
+        form, which reads high; dx32; method.md section 3, "Large models"). The right mean is not the right spread: scored with the
         matrix it helped build, a record's form is ``q = q_ / (1 + q_ / R)`` (Sherman-Morrison,
         ``q_`` through the other rows' matrix), and ``q_``, through an inverted sample matrix,
         reads high by ``~E[q^2] / (R E[q])`` (``E[S^-1] ~ Sigma^-1 + Sigma^-1 E[(ww' - Sigma)
@@ -638,6 +646,7 @@ class RecordCorrelation:
         if r >= m or (d >= m and r > IN_SAMPLE_MAX_RANK_SHARE * m):
             return None
         L = W.T @ (evecs[:, keep] / math.sqrt(m))  # [d, r], L L' = W'W / m
+        loo = loo and r <= IN_SAMPLE_LOO_MAX_RANK_SHARE * m  # where it was checked (the constant's comment)
         # each record scored with its own row taken out, the inverse's bias removed (docstring;
         # Correlation.self_mean); the rows in the callers' order, as the scored influences
         own = {} if not loo else {
