@@ -218,6 +218,17 @@ def test_self_check_records_the_compiled_kernels_agreement_for_benchmarks(monkey
     assert fastpath.GUARD.observed[key][0] > 1e-6
 
 
+def _split_args(c: int = 4096) -> tuple:
+    """``_apply_split``'s arguments (before the policy) for an int4-like bounded grid: every
+    element's outer cell cut at 6.5 of 7 steps, sd half a unit."""
+    gen = torch.Generator().manual_seed(2)
+    th = torch.rand(c, generator=gen, dtype=F64) * 2 - 1
+    sg = torch.full((c,), 0.5, dtype=F64)
+    s = torch.full((c,), 1 / 7, dtype=F64)
+    mm = A._affine_cell_moments_sparse(th, sg, s, torch.zeros(c, dtype=F64), -8, 7)
+    return (mm, torch.ones(c, dtype=torch.bool), th, sg, 6.5 * s, 7 * s, True)
+
+
 def test_self_check_catches_a_wrong_compiled_split_and_falls_back(monkeypatch):
     """The compiled outer-cell split of bounded grids is checked against its eager arithmetic
     like the kernel: a wrong one (kappa 1% high) is disabled with a warning and the chunk
@@ -227,13 +238,8 @@ def test_self_check_catches_a_wrong_compiled_split_and_falls_back(monkeypatch):
         return k * 1.01, lam, m4
 
     monkeypatch.setitem(B._SPLIT_STATE, "compiled", broken)
-    c = 4096
-    gen = torch.Generator().manual_seed(2)
-    th = torch.rand(c, generator=gen, dtype=F64) * 2 - 1
-    sg = torch.full((c,), 0.5, dtype=F64)
-    s = torch.full((c,), 1 / 7, dtype=F64)
-    mm = A._affine_cell_moments_sparse(th, sg, s, torch.zeros(c, dtype=F64), -8, 7)
-    args = (mm, torch.ones(c, dtype=torch.bool), th, sg, 6.5 * s, 7 * s, True)
+    args = _split_args()
+    mm = args[0]
     with pytest.warns(RuntimeWarning, match=r"outer-cell split of bounded grids disagrees"):
         got = B._apply_split(*args, ALWAYS)
     assert B.SPLIT_COMPILED_PATH in fastpath.GUARD.disabled
@@ -247,14 +253,8 @@ def test_compiled_split_self_check_reads_nan_in_both_as_agreement(monkeypatch):
     (before: "m4 nan against the reference nan" disabled it for the process, seen at 1e7 by pf32).
     The stand-in compiled kernel is the eager arithmetic itself."""
     monkeypatch.setitem(B._SPLIT_STATE, "compiled", B._split_chunk)
-    c = 4096
-    gen = torch.Generator().manual_seed(2)
-    th = torch.rand(c, generator=gen, dtype=F64) * 2 - 1
-    sg = torch.full((c,), 0.5, dtype=F64)
-    s = torch.full((c,), 1 / 7, dtype=F64)
-    mm = A._affine_cell_moments_sparse(th, sg, s, torch.zeros(c, dtype=F64), -8, 7)
-    mm.m4[::3] = float("nan")
-    args = (mm, torch.ones(c, dtype=torch.bool), th, sg, 6.5 * s, 7 * s, True)
+    args = _split_args()
+    args[0].m4[::3] = float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         got = B._apply_split(*args, ALWAYS)
