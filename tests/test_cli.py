@@ -515,7 +515,7 @@ def test_frontier_merges_identical_results_and_names_points_in_a_legend():
                      "0: int8_weight_only = 1: int8_dynamic_activation_int8_weight (tie A)",
                      "3: bf16 (tie A) (same point as 0: int8_weight_only = 1: int8_dynamic_activation_int8_weight, "
                      "drawn offset)"]
-    assert ax.get_title() == ("Privacy-utility frontier (4 results at 2 distinct points; 1 drawn offset: "
+    assert ax.get_title() == ("Privacy-utility frontier (4 results at 2 distinct points;\n1 drawn offset: "
                               "the same point as another)")
     assert ax.get_ylabel() == "leakage = 1 - MIS (lower is safer)"
     assert ax.get_xlabel() == "rmse (validation; lower is better)"

@@ -110,7 +110,7 @@ def test_sweep_frontier_shows_every_scheme_and_names_the_ties(tmp_path):
     assert "same point as" not in text["0: int8_weight_only"] + text["2: intx_weight_only_int2"]
     # ux31 (fu30): the title counted them "6 distinct" beside a legend saying "same point as": the
     # title counts the points as drawn and says how many share another's
-    assert ax.get_title() == ("Privacy-utility frontier (6 results at 4 distinct points; 2 drawn offset: "
+    assert ax.get_title() == ("Privacy-utility frontier (6 results at 4 distinct points;\n2 drawn offset: "
                               "the same point as another)")
     tied = sorted(k for k, t in text.items() if "(tie A)" in t)
     assert tied == ["0: int8_weight_only", "3: float8_weight_only", "4: bf16", "5: native_int8_dynamic"]

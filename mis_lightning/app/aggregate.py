@@ -543,10 +543,12 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
                    + (f"\ntie A, B, ...: {NOT_RANKED}" if n_ties else ""))
     # the points as drawn: identical results merged ("a = b"), and those a legend entry calls
     # "same point as" (coincident at the figure's scale, drawn offset) not counted as distinct (fu30)
+    # on two lines where it says what was drawn offset: on one it ran past the axes on both sides,
+    # cut at the figure's left edge and over the legend's title on the right (fr32)
     title = (f"Privacy-utility frontier ({n_ok} results at {n_pts - n_off} distinct points"
-             + (f"; {n_off} drawn offset: the same point as another" if n_off else "") + ")")
+             + (f";\n{n_off} drawn offset: the same point as another" if n_off else "") + ")")
     if len(uks) == 1:
-        axes[0][0].set_title(title)
+        axes[0][0].set_title(title, fontsize=10 if n_off else None)
     else:
         fig.suptitle(title)
     if path is not None:
