@@ -2505,7 +2505,7 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
                 if first[key] >= 0:
                     take[p].append(t)
             where[p].append(first[key])
-    ps = reader.sums(a, b, {p: torch.stack(take[p], 1) for p in cols if take[p]})
+    ps = reader.sums(a, b, {p: _stacked(reader, p, take[p]) for p in cols if take[p]})
     if all(len(take[p]) == len(C) for p, C in cols.items()):
         return ps
     out = {}
@@ -2516,6 +2516,17 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
             full[:, live] = ps[p][:, [where[p][m] for m in live]]
         out[p] = full
     return out
+
+
+def _stacked(reader: _InfluenceReader, slot: Any, columns: list[Tensor]) -> Tensor:
+    """``torch.stack(columns, 1)`` ``[c, M]``, written into the reader's held buffer for ``slot``
+    (:meth:`PowerCache.scratch`: the same values, without fresh pages for a chunk-sized matrix
+    on every chunk; the power sums read it before the next chunk's columns are stacked)."""
+    dtype = columns[0].dtype
+    if any(t.dtype != dtype or t.dim() != 1 for t in columns):
+        return torch.stack(columns, 1)
+    out = reader.cache.scratch(("columns", slot), (columns[0].numel(), len(columns)), dtype, columns[0].device)
+    return torch.stack(columns, 1, out=out)
 
 
 def _equal_grid_leads(active: list[_Prepared], name: str) -> list[int]:

@@ -269,3 +269,55 @@ def test_dead_rows_left_out_of_the_elementwise_work_give_the_same_sums(monkeypat
                                        atol=0.0)
             ref = _reference(part, g_mean[el], v[el], A[el], power)
             torch.testing.assert_close(got[True], ref, rtol=lf.POWER_SUMS_F32_RTOL if f32 else 1e-10, atol=0.0)
+
+
+def test_held_scratch_buffers_give_bitwise_the_same_sums_and_keep_no_result(monkeypatch):
+    """ps33: a layer's PowerCache holds the chunk-sized temporaries of factored_power_sums
+    (``A / V^(p/2)``, the ``a = 0`` product, the float32 operands) from call to call. The sums are
+    bitwise those of a call without a cache, for non-negative columns (float32 GEMMs, some records
+    falling back to float64, which now reuse the call's ``a = 0`` term) and signed ones (float64),
+    powers 2 and 4; a result is not overwritten by the next call (no buffer is returned), the same
+    buffer memory serves every call of a slot, and a cache without budget holds none."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, _, _, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0  # some records' float32 bound fails: the float64 fallback
+    fac.d[far] += 40.0
+    fac.d[:, 7] = 0.0  # a silent unit
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    g_mean, v = gr[far].mean(0), gr.var(0, unbiased=False)
+    monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")})
+    cache = lf.PowerCache()
+    kept, ptrs = [], {}
+    for power in (2, 4):
+        for cols in (A, A - 0.5, A[:, :2].contiguous()):
+            want = factored_power_sums(fac, g_mean, v, cols, power)
+            got = factored_power_sums(fac, g_mean, v, cols, power, cache=cache)
+            assert torch.equal(got, want)
+            kept.append((got, got.clone()))
+            for slot, buf in cache._scratch.items():
+                assert got.untyped_storage().data_ptr() != buf.untyped_storage().data_ptr()
+                ptrs.setdefault(slot, set()).add(buf.data_ptr())
+    assert lf.POWER_SUMS_F32_COUNTS[(2, "float64")] > 0 and lf.POWER_SUMS_F32_COUNTS[(2, "float32")] > 0
+    assert all(torch.equal(g, c) for g, c in kept)  # later calls left earlier results alone
+    assert {"scaled", "prod", "S32"} <= set(ptrs)
+    assert all(len(p) == 1 for p in ptrs.values())  # one buffer per slot (the first call's largest)
+    none = lf.PowerCache(budget=0)
+    assert torch.equal(factored_power_sums(fac, g_mean, v, A, 2, cache=none), factored_power_sums(fac, g_mean, v, A, 2))
+    assert none._scratch == {}
+
+
+@pytest.mark.parametrize("shape", [(48, 64, 13), (3, 7, 5), (1, 1, 1), (5, 64, 1)])
+def test_the_blocked_column_maximum_is_amax(shape):
+    """ps33: the power-of-two scale of ``S`` takes each column's maximum over ``[rows / k, k M]``
+    blocks (``_leading_max``): exactly ``amax`` over the leading dimensions, whatever the number of
+    rows (not a multiple of 64 too), with a NaN propagated and a non-contiguous ``S`` handled."""
+    from mis_lightning.estimation.linear_factors import _leading_max
+
+    S = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(_leading_max(S, (0, 1)), S.amax((0, 1), keepdim=True))
+    T = S.permute(1, 0, 2)  # not contiguous
+    assert torch.equal(_leading_max(T, (0, 1)), T.amax((0, 1), keepdim=True))
+    S.view(-1)[S.numel() // 2] = float("nan")
+    assert bool(_leading_max(S, (0, 1)).isnan().any())
