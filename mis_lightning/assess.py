@@ -1600,7 +1600,8 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
                 prep.frozen += frz
         else:
             bits = g.bits_per_weight
-            zero = float((g.dequantized.reshape(-1) == 0).sum())
+            # the zeros counted without a [numel] mask (NaN counts as non-zero in both forms)
+            zero = float(g.dequantized.numel() - int(torch.count_nonzero(g.dequantized)))
             g.dequantized = g.dequantized.new_empty(0)  # not needed past this point: free it
             prep.zero += zero
             prep.quant += numel
@@ -2385,7 +2386,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 ps = reader.sums(a, b, cols)
             s2 += ps[2]
             s4[:, cols4] += ps[4]
-            summed: dict[int, Tensor | None] = {}  # id(parts) -> its sums (equal grids share the parts)
+            # id(parts) -> its sums (equal grids share the parts); every scheme's in one call
+            summed: dict[int, Tensor | None] = _joint_draw_sums(reader, a, b, deltas, sample) if JOINT_DRAW_SUMS else {}
             for j, parts in enumerate(deltas):
                 if parts is None:
                     continue
@@ -2470,6 +2472,54 @@ def _draw_sums(reader: _InfluenceReader, a: int, b: int, parts: tuple[Tensor, Te
         kk = k_
         dsub = basis.reshape(kk, -1, reader.unit)[:, rows].reshape(kk, -1)
     return reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
+
+
+# A chunk's draws' parts of every scheme summed in one power-sum call (over the rows some scheme's
+# draws moved), not one call per scheme: the record-side work of the call (the factors' rows,
+# the centring, the scales, the a = 0 term) once per chunk, and one wider GEMM instead of several
+# narrow ones (ps33). Not bitwise: the products round otherwise with more columns and rows
+# (~1e-16 relative, as SHARE_EQUAL_COLUMNS). False: one call per scheme (tests, A/B).
+JOINT_DRAW_SUMS = True
+
+
+def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
+                     deltas: list[tuple[Tensor, Tensor, Tensor | None] | None],
+                     sample: tuple[Tensor, Tensor, float] | None) -> dict[int, Tensor | None]:
+    """``{id(parts): sums}`` for the distinct draws' parts of a chunk (``deltas``, one per
+    scheme): what :func:`_draw_sums` gives each (``[R, k (+ DRAW_SAMPLE_GROUPS)]``, ``None``
+    where none of its rows moved), from one :meth:`_InfluenceReader.sums` call over the union
+    of the rows any of them moved (a part is 0 on a row it did not move, so its columns read
+    the same values). ``{}`` (the caller sums each alone) for fewer than two parts, or parts
+    some subsampled and some not."""
+    distinct: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {}
+    for parts in deltas:
+        if parts is not None:
+            distinct.setdefault(id(parts), parts)
+    kinds = {parts[2] is None for parts in distinct.values()}
+    if len(distinct) < 2 or len(kinds) > 1:
+        return {}
+    u = reader.unit
+    cols, moved = [], []
+    for basis, _, grp in distinct.values():
+        moved.append((basis != 0).reshape(basis.shape[0], -1, u).any(-1).any(0))  # rows (of the sample)
+        cols.append(basis if grp is None else torch.cat([basis, grp]))
+    union = torch.stack(moved).any(0)
+    if not bool(union.any()):
+        return dict.fromkeys(distinct)
+    local = torch.nonzero(union).squeeze(-1)
+    if kinds == {False}:  # subsampled: whole sampled rows, numbered in the chunk
+        assert sample is not None
+        rows = sample[0][::u].div(u, rounding_mode="floor")[local]
+    else:
+        rows = local
+    dsub = torch.cat([c.reshape(c.shape[0], -1, u)[:, local].reshape(c.shape[0], -1) for c in cols])
+    ps = reader.sums(a, b, {2: dsub.T.contiguous()}, rows=rows)[2]
+    out: dict[int, Tensor | None] = {}
+    o = 0
+    for (key, c), mv in zip(zip(distinct, cols), moved):
+        out[key] = ps[:, o: o + c.shape[0]] if bool(mv.any()) else None
+        o += c.shape[0]
+    return out
 
 
 # Schemes whose grids of a parameter are equal (ParamGrid.same_cells) share its cell moments,
