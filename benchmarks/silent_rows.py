@@ -17,6 +17,11 @@ units dead on every record, 0.907, of the 3,907 silent on the stored records, 0.
 
     python benchmarks/silent_rows.py --flag SKIP_DEAD_ROWS --silent 0.954 --dead 0.907
 
+``--flag HOLD_TEMPORARIES`` (ps33) times the chunk-sized temporaries held by the layer's
+PowerCache from call to call against new ones per call (bitwise the same sums):
+
+    python benchmarks/silent_rows.py --flag HOLD_TEMPORARIES --silent 0.954 --reps 8
+
 The sums are not bitwise the same: MKL's
 float32 GEMMs can round otherwise with fewer columns (the power-4 call's single column: 11
 instead of 128), within the run-time bound each is held to (``POWER_SUMS_F32_RTOL``).
@@ -38,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=int, default=512)
     ap.add_argument("--columns", type=int, default=13)
     ap.add_argument("--reps", type=int, default=4)
-    ap.add_argument("--flag", choices=["SKIP_SILENT_ROWS", "SKIP_DEAD_ROWS"], default="SKIP_SILENT_ROWS")
+    ap.add_argument("--flag", choices=["SKIP_SILENT_ROWS", "SKIP_DEAD_ROWS", "HOLD_TEMPORARIES"],
+                    default="SKIP_SILENT_ROWS")
     ap.add_argument("--dead", type=float, default=0.0, help="fraction of rows without gradient variance")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -78,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"silent rows {int((d == 0).all(0).sum())} of {out}, dead {int((v.reshape(out, -1) == 0).all(1).sum())}; "
           f"{args.flag} False / True")
     for skip, t in times.items():
-        print(f"{'skipped' if skip else 'summed':8s} powers 2 + 4, one chunk: min {min(t):.4f} s, "
+        label = ("held" if skip else "new") if args.flag == "HOLD_TEMPORARIES" else ("skipped" if skip else "summed")
+        print(f"{label:8s} powers 2 + 4, one chunk: min {min(t):.4f} s, "
               f"median {sorted(t)[len(t) // 2]:.4f} s CPU")
-    print(f"skipped / summed (min): {min(times[True]) / min(times[False]):.2f}; bitwise equal: {equal}; "
+    print(f"{args.flag} True / False (min): {min(times[True]) / min(times[False]):.2f}; bitwise equal: {equal}; "
           f"largest relative difference {rel:.1e}")
     # float32 GEMMs of another shape may round otherwise: each sum is within the run-time bound's
     # POWER_SUMS_F32_RTOL of the exact one, so the two within twice that

@@ -684,6 +684,9 @@ _TINY32 = 2.0 ** -126  # smallest normal float32
 # Bytes of one layer's input powers (x / 2^k)^a in float32 and x^a in float64 that a
 # PowerCache holds; beyond it a power is recomputed per call, as before (pf30).
 POWER_CACHE_BYTES = 1 << 28
+# factored_power_sums' chunk-sized temporaries in buffers a layer's PowerCache holds from call to
+# call (PowerCache.scratch; ps33); False: a new tensor per call, as before (A/B benchmarks).
+HOLD_TEMPORARIES = True
 
 
 class PowerCache:
@@ -742,7 +745,7 @@ class PowerCache:
         must not keep the tensor beyond the call (the next call overwrites it). At most one
         buffer per slot: a few chunk-sized tensors per layer, dropped with the cache."""
         n = math.prod(shape)
-        if self.budget <= 0:
+        if self.budget <= 0 or not HOLD_TEMPORARIES:
             return torch.empty(shape, dtype=dtype, device=device)
         buf = self._scratch.get(slot)
         if buf is None or buf.dtype != dtype or buf.device != torch.device(device) or buf.numel() < n:
