@@ -2551,7 +2551,7 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
         take[p], where[p] = [], []
         for t, key in zip(C, keys[p]):
             if key not in first:
-                first[key] = len(take[p]) if bool(t.ne(0).any()) else -1
+                first[key] = len(take[p]) if bool(torch.count_nonzero(t)) else -1  # NaN counts as non-zero too
                 if first[key] >= 0:
                     take[p].append(t)
             where[p].append(first[key])
