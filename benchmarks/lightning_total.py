@@ -157,6 +157,7 @@ def run_plain(size: str, n: int, batch: int, schemes: list[str], profile: str | 
         _dump(prof, profile, size, "plain")
     spent = time.process_time() - c0
     return {"epoch_plain_s": min(epochs[1:]), "epochs_plain_s": epochs, "assess_s": spent,
+            "mis_lightning": mis_lightning.__file__,
             "lightning_loaded": "lightning_fabric" in sys.modules,
             "results": {k: v.leakage for k, v in rep.schemes.items()},
             "errors": {k: v.error for k, v in rep.schemes.items() if v.error}}
@@ -173,6 +174,7 @@ def run_lightning(size: str, n: int, batch: int, schemes: list[str], profile: st
     plain_model, loader = _data(size, n, batch)
     plain_epochs = _plain_epochs(plain_model, loader)
     model, loader = _data(size, n, batch)
+    hook_s: dict[str, float] = {}  # CPU seconds of the callback's construction and of each hook
 
     class Module(pl.LightningModule):
         def __init__(self, net):
@@ -193,7 +195,6 @@ def run_lightning(size: str, n: int, batch: int, schemes: list[str], profile: st
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    hook_s: dict[str, float] = {}
     in_epoch = [0.0]  # the callback's hook time inside the current epoch
     prof = None
 
@@ -219,7 +220,10 @@ def run_lightning(size: str, n: int, batch: int, schemes: list[str], profile: st
                 CLOCK.phase = "training"
         return inner
 
-    mis = MISCallback([s for s in schemes])
+    CLOCK.phase = "callback.__init__"
+    c0 = time.process_time()
+    mis = MISCallback(list(schemes))  # its construction checks the scheme names: the user's cost too
+    hook_s["__init__"] = time.process_time() - c0
     for h in HOOKS:
         setattr(mis, h, timed(h, getattr(mis, h)))
 
@@ -296,11 +300,12 @@ def _summary(r: dict) -> str:
     if r["mode"] == "plain":
         ml_import = r["imports_s"].get("assess", {}).get("mis_lightning", 0.0)
     tao = lazy.get("torchao", 0.0)
-    lines = [f"{r['size']} {r['mode']} (d={r['params']:,}, load {r['load_avg'][0]:.1f}): epoch "
+    lines = [f"{r['size']} {r['mode']} ({Path(r['mis_lightning']).parent.parent.name}, d={r['params']:,}, "
+             f"load {r['load_avg'][0]:.1f}): epoch "
              + (f"Lightning {r['epoch_lightning_s']:.4f} s (plain loop {r['epoch_plain_s']:.4f} s, "
                 f"x{r['epoch_lightning_s'] / r['epoch_plain_s']:.2f})" if r["mode"] == "lightning"
                 else f"{r['epoch_plain_s']:.4f} s")]
-    what = "callback hooks" if r["mode"] == "lightning" else "assess (with `import mis_lightning`)"
+    what = "callback (construction and hooks)" if r["mode"] == "lightning" else "assess (with `import mis_lightning`)"
     total = work + (ml_import if r["mode"] == "lightning" else 0.0)
     lines.append(f"    {what} {work:.2f} s = {work / ep:.1f} ep"
                  + (f"; + import mis_lightning {ml_import:.2f} s = {total / ep:.1f} ep" if r["mode"] == "lightning" else "")
