@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.scale import COMMON_SCHEMES  # noqa: E402
 
 CUDA_ONLY = ["int4_weight_only_tinygemm"]
+EXTRA_EPOCHS = 4  # a second training after the assessment, for a steadier epoch (its first left out)
 HOOKS = ["setup", "on_train_start", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
          "on_validation_epoch_end", "on_fit_end", "teardown"]
 
@@ -99,6 +100,54 @@ class ImportClock:
 
 
 CLOCK = ImportClock()
+
+#: ``--stages``: the library functions whose CPU time is reported (nested ones within their
+#: callers: the joint sums hold the cell moments and the power sums), with the helper that owns
+#: them this round in docs/benchmarks.md ("fx33").
+STAGES = [
+    ("mis_lightning._lightning_support", "assess_on_trainer"), ("mis_lightning._lightning_support", "check_first_batch"),
+    ("mis_lightning.streaming", "EstimationMetric.update"), ("mis_lightning.streaming", "EstimationMetric.estimate"),
+    ("mis_lightning.assess", "check_schemes"), ("mis_lightning.assess", "run_estimation"),
+    ("mis_lightning.assess", "score_schemes"), ("mis_lightning.assess", "_prepare_scheme"),
+    ("mis_lightning.assess", "_joint_sums"), ("mis_lightning.quantization.base", "ParamGrid.element_moments"),
+    ("mis_lightning.estimation.linear_factors", "factored_power_sums"),
+    ("mis_lightning.assess", "_finish_scheme"), ("mis_lightning.assess", "_exact_fourth_sums"),
+    ("mis_lightning.tracking", "publish_report"), ("mis_lightning.tracking", "draw_figure"),
+    ("mis_lightning.tracking", "log_report"),
+]
+STAGE_S: dict[str, list] = {}
+
+
+def _install_stages(lightning: bool) -> None:
+    """Wrap :data:`STAGES` (and the references other library modules imported by name) with
+    CPU timers, into :data:`STAGE_S` ``{label: [seconds, calls]}``; without ``lightning``, not
+    the modules that import Lightning."""
+    import mis_lightning  # noqa: F401
+
+    for mod, name in STAGES:
+        if not lightning and mod.rsplit(".", 1)[-1] in ("_lightning_support", "tracking", "streaming"):
+            continue
+        m = importlib.import_module(mod)
+        *path, attr = name.split(".")
+        owner = functools.reduce(getattr, path, m)
+        fn = getattr(owner, attr, None)
+        if fn is None:  # another checkout (--root) without it
+            continue
+
+        def timed(*a, __fn=fn, __label=name, **k):
+            c0 = time.process_time()
+            try:
+                return __fn(*a, **k)
+            finally:
+                row = STAGE_S.setdefault(__label, [0.0, 0])
+                row[0] += time.process_time() - c0
+                row[1] += 1
+
+        setattr(owner, attr, functools.wraps(fn)(timed))
+        if not path:  # `from .x import name` copies elsewhere in the library
+            for other in [v for k, v in sys.modules.items() if k.startswith("mis_lightning") and v is not m]:
+                if getattr(other, attr, None) is fn:
+                    setattr(other, attr, getattr(owner, attr))
 
 
 def _data(size: str, n: int, batch: int):
@@ -156,6 +205,10 @@ def run_plain(size: str, n: int, batch: int, schemes: list[str], profile: str | 
         prof.disable()
         _dump(prof, profile, size, "plain")
     spent = time.process_time() - c0
+    CLOCK.phase = "after"
+    # more epochs of the same training (a second model) after the assessment: on a loaded
+    # machine one epoch's CPU time moves 20-50%, the least of more of them is steadier
+    epochs += _plain_epochs(_data(size, n, batch)[0], loader, EXTRA_EPOCHS)[1:]
     return {"epoch_plain_s": min(epochs[1:]), "epochs_plain_s": epochs, "assess_s": spent,
             "mis_lightning": mis_lightning.__file__,
             "lightning_loaded": "lightning_fabric" in sys.modules,
@@ -163,7 +216,8 @@ def run_plain(size: str, n: int, batch: int, schemes: list[str], profile: str | 
             "errors": {k: v.error for k, v in rep.schemes.items() if v.error}}
 
 
-def run_lightning(size: str, n: int, batch: int, schemes: list[str], profile: str | None) -> dict:
+def run_lightning(size: str, n: int, batch: int, schemes: list[str], profile: str | None,
+                  callback: bool = True) -> dict:
     import pytorch_lightning as pl
     import torch
 
@@ -220,12 +274,14 @@ def run_lightning(size: str, n: int, batch: int, schemes: list[str], profile: st
                 CLOCK.phase = "training"
         return inner
 
-    CLOCK.phase = "callback.__init__"
-    c0 = time.process_time()
-    mis = MISCallback(list(schemes))  # its construction checks the scheme names: the user's cost too
-    hook_s["__init__"] = time.process_time() - c0
-    for h in HOOKS:
-        setattr(mis, h, timed(h, getattr(mis, h)))
+    mis = None
+    if callback:
+        CLOCK.phase = "callback.__init__"
+        c0 = time.process_time()
+        mis = MISCallback(list(schemes))  # its construction checks the scheme names: the user's cost too
+        hook_s["__init__"] = time.process_time() - c0
+        for h in HOOKS:
+            setattr(mis, h, timed(h, getattr(mis, h)))
 
     marks: list[tuple[str, float, float]] = []  # (event, CPU, callback time so far in the epoch)
 
@@ -238,19 +294,28 @@ def run_lightning(size: str, n: int, batch: int, schemes: list[str], profile: st
 
     root = tempfile.mkdtemp(prefix="mis_lt_")
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, default_root_dir=root,
-                         enable_progress_bar=False, callbacks=[EpochClock(), mis])
+                         enable_progress_bar=False, callbacks=[EpochClock()] + ([mis] if mis else []))
     CLOCK.phase = "training"
     c0 = time.process_time()
     trainer.fit(Module(model), train_dataloaders=loader)
     fit_s = time.process_time() - c0
     if prof is not None:
         _dump(prof, profile, size, "lightning")
-    l_epochs = [(b[1] - a[1]) - (b[2] - a[2]) for a, b in zip(marks, marks[1:])]
-    rep = mis.report
+    l_epochs = [(b[1] - a[1]) - (b[2] - a[2]) for a, b in zip(marks, marks[1:])][1:]
+    # the same Lightning training again (a second model, no MISCallback) after the assessment,
+    # its epochs after the first joining the sample (see run_plain)
+    CLOCK.phase = "after"
+    marks.clear()
+    pl.Trainer(max_epochs=EXTRA_EPOCHS, accelerator="cpu", devices=1, default_root_dir=root, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[EpochClock()]).fit(Module(_data(size, n, batch)[0]),
+                                                                          train_dataloaders=loader)
+    l_epochs += [(b[1] - a[1]) - (b[2] - a[2]) for a, b in zip(marks, marks[1:])][1:]
+    plain_epochs += _plain_epochs(_data(size, n, batch)[0], loader, EXTRA_EPOCHS)[1:]
+    rep = mis.report if mis else None
     return {"epoch_plain_s": min(plain_epochs[1:]), "epochs_plain_s": plain_epochs,
-            "epoch_lightning_s": min(l_epochs[1:]), "epochs_lightning_s": l_epochs, "fit_s": fit_s,
+            "epoch_lightning_s": min(l_epochs), "epochs_lightning_s": l_epochs, "fit_s": fit_s,
             "callback_s": sum(hook_s.values()), "hooks_s": hook_s, "mis_lightning": mis_lightning.__file__,
-            "last_error": mis.last_error,
+            "last_error": mis.last_error if mis else None, "callback": callback,
             "results": {} if rep is None else {k: v.leakage for k, v in rep.schemes.items()},
             "errors": {} if rep is None else {k: v.error for k, v in rep.schemes.items() if v.error}}
 
@@ -279,15 +344,23 @@ def child(args) -> dict:
 
         import mis_lightning  # noqa: F401  (a Lightning user imports the callback at the top)
     before_s = time.process_time() - c0
+    if args.stages:  # (in plain mode this imports mis_lightning before the timed assess)
+        _install_stages(args.one_mode == "lightning")
     run = run_lightning if args.one_mode == "lightning" else run_plain
-    r = run(args.one, args.n, args.batch, args.schemes, args.profile)
+    r = run(args.one, args.n, args.batch, args.schemes, args.profile) if args.one_mode == "plain" else \
+        run(args.one, args.n, args.batch, args.schemes, args.profile, callback=not args.no_callback)
     r.update({"size": args.one, "mode": args.one_mode, "schemes": args.schemes, "before_s": before_s,
-              "imports_s": CLOCK.spent, "load_avg": os.getloadavg(),
+              "imports_s": CLOCK.spent, "load_avg": os.getloadavg(), "stages_s": STAGE_S,
               "params": sum(p.numel() for p in __import__("benchmarks.assess_speed", fromlist=["mlp"]).mlp(args.one)[0].parameters())})
     return r
 
 
 def _summary(r: dict) -> str:
+    if r["mode"] == "lightning" and not r.get("callback", True):
+        train = r["imports_s"].get("training", {})
+        return (f"{r['size']} lightning without the callback: epoch Lightning {r['epoch_lightning_s']:.4f} s (plain loop "
+                f"{r['epoch_plain_s']:.4f} s); fit {r['fit_s']:.2f} s; imports during the fit: {sum(train.values()):.2f} s ("
+                + ", ".join(f"{k} {v:.2f}" for k, v in sorted(train.items(), key=lambda kv: -kv[1]) if v >= 0.005) + ")")
     ep = r["epoch_lightning_s"] if r["mode"] == "lightning" else r["epoch_plain_s"]
     work = r["callback_s"] if r["mode"] == "lightning" else r["assess_s"]
     phase_imports = {ph: v for ph, v in r["imports_s"].items() if ph not in ("before", "training")}
@@ -314,13 +387,35 @@ def _summary(r: dict) -> str:
                  + ("" if r["mode"] == "plain" else f"; mis_lightning import {ml_import / ep:.1f} ep"))
     if r["mode"] == "lightning":
         lines.append("    hooks: " + ", ".join(f"{k} {v:.3f}" for k, v in r["hooks_s"].items() if v >= 0.0005))
+        train = r["imports_s"].get("training", {})
+        lines.append(f"    imports during the fit's training (not the callback's): {sum(train.values()):.2f} s ("
+                     + ", ".join(f"{k} {v:.2f}" for k, v in sorted(train.items(), key=lambda kv: -kv[1]) if v >= 0.005) + ")")
     before = r["imports_s"].get("before", {})
     lines.append("    script's imports (before): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(before.items(), key=lambda kv: -kv[1]) if v >= 0.005))
+    if r.get("stages_s"):
+        lines.append("    stages (CPU s, calls; nested in their callers): " + ", ".join(
+            f"{k} {v[0]:.3f} ({v[1]})" for k, v in r["stages_s"].items()))
     if r.get("errors"):
         lines.append(f"    error rows: {sorted(r['errors'])}")
     if r.get("last_error"):
         lines.append(f"    callback failed: {r['last_error']}")
     return "\n".join(lines)
+
+
+def _importtime_roots(lines: list[str]) -> list[tuple[str, int]]:
+    """``-X importtime`` lines -> ``[(root package, cumulative microseconds)]`` of the outermost
+    imports (no indentation), largest first."""
+    out: dict[str, int] = {}
+    for ln in lines:
+        parts = ln.split("|")
+        if len(parts) != 3 or not parts[1].strip().isdigit():
+            continue  # the header
+        name = parts[2][1:]
+        if name.startswith(" "):
+            continue  # nested in another import
+        root = name.split(".")[0]
+        out[root] = out.get(root, 0) + int(parts[1])
+    return sorted(out.items(), key=lambda kv: -kv[1])
 
 
 def main(argv=None) -> int:
@@ -332,6 +427,9 @@ def main(argv=None) -> int:
     ap.add_argument("--with-cuda-only", action="store_true", help="keep int4_weight_only_tinygemm (an error row on CPU)")
     ap.add_argument("--profile", default=None, metavar="PREFIX", help="cProfile the assessment (on_fit_end / assess)")
     ap.add_argument("--importtime", default=None, metavar="PREFIX", help="also run under -X importtime, log kept")
+    ap.add_argument("--no-callback", action="store_true",
+                    help="lightning mode: the same fit without MISCallback (the imports the training makes itself)")
+    ap.add_argument("--stages", action="store_true", help="CPU time of the library's stages (STAGES)")
     ap.add_argument("--root", type=Path, default=None, help="the checkout whose mis_lightning is measured")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -352,10 +450,16 @@ def main(argv=None) -> int:
                 cmd += ["--root", str(args.root.resolve())]
             if args.profile:
                 cmd += ["--profile", str(Path(args.profile).resolve())]
+            if args.stages:
+                cmd.append("--stages")
+            if args.no_callback:
+                cmd.append("--no-callback")
             p = subprocess.run(cmd, check=False, capture_output=True, text=True)
             if args.importtime:
-                Path(f"{args.importtime}_{size}_{mode}.importtime").write_text(
-                    "\n".join(ln for ln in p.stderr.splitlines() if ln.startswith("import time:")))
+                log = [ln for ln in p.stderr.splitlines() if ln.startswith("import time:")]
+                Path(f"{args.importtime}_{size}_{mode}.importtime").write_text("\n".join(log))
+                print(f"{size} {mode} -X importtime, outermost imports by package (wall ms): "
+                      + ", ".join(f"{k} {v / 1e3:.0f}" for k, v in _importtime_roots(log)[:8]), flush=True)
             if p.returncode != 0:
                 print(f"{size} {mode}: failed ({p.returncode})\n{p.stderr[-3000:]}", file=sys.stderr)
                 continue
