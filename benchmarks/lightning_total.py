@@ -7,14 +7,18 @@ Per model size (``assess_speed.mlp``: the MLPs of scale.py, n = 4096, batch 256,
 * ``lightning``: a ``pytorch_lightning.LightningModule`` around the MLP, trained by
   ``Trainer(max_epochs=3)`` (CPU, defaults but the progress bar: its TensorBoard logger, its
   checkpoint at each epoch end, its model summary) with ``MISCallback(schemes)`` at its default
-  options (the assessment at the end of ``fit``, report and figure written). The epoch is the
-  Lightning training's own: CPU time from one ``on_train_epoch_start`` to the next (the last to
-  ``on_train_end``), which includes the Trainer's hooks, logging and the epoch-end checkpoint,
-  less the callback's own hooks in it; the least of epochs 2-3. A plain loop's epoch over the
-  same batches (a second model, same process, before the fit) is reported beside it.
+  options (the assessment at the end of ``fit``, report and figure written). The callback's
+  cost: its construction and every hook (``HOOKS``), imports they trigger included. The epoch
+  is the Lightning training's own: CPU time from one ``on_train_epoch_start`` to the next (the
+  last to ``on_train_end``), which includes the Trainer's hooks, ``self.log``, the optimizer
+  closure and the epoch-end checkpoint, less the callback's own hooks in it; the least of epochs
+  2-3 of that fit and 2-4 of a second one (same module, no callback) after the assessment. A
+  plain loop's epoch over the same batches (another model, same process) is reported beside it.
 * ``plain``: the plain loop's 3 epochs, then ``mis_lightning.assess(model, schemes, loader,
-  loss_fn)`` at its defaults (scale.py's protocol, through the public function), nothing of
-  Lightning imported by the script.
+  loss_fn)`` at its defaults (scale.py's protocol, through the public function, ``import
+  mis_lightning`` inside the timed region), nothing of Lightning imported by the script; the
+  epoch is the least of epochs 2-3 and 2-4 of a second model trained after the assessment.
+  (``--stages`` imports the library before the timed region, to wrap it.)
 
 Schemes: scale.py's eight ``COMMON_SCHEMES`` less ``int4_weight_only_tinygemm`` (CUDA only: on a
 CPU it is an error row; ``--with-cuda-only`` keeps it, to show what its row costs).
@@ -27,8 +31,15 @@ writes its log (wall microseconds per module) to ``PREFIX_SIZE_MODE.importtime``
 package's import time goes (torchao: torch._dynamo, through torchao.kernel.bsr_triton_ops).
 
     python benchmarks/lightning_total.py --sizes 1e5 1e6
+    python benchmarks/lightning_total.py --sizes 1e5 --stages            # CPU per library stage
+    python benchmarks/lightning_total.py --sizes 1e5 --modes lightning --no-callback  # the fit alone
     python benchmarks/lightning_total.py --sizes 1e5 --modes plain --profile prof   # cProfile of assess
     python benchmarks/lightning_total.py --sizes 1e5 --importtime it --json out.json
+
+``--stages`` times the library's stages (``STAGES``: estimation, joint sums, cell moments, power
+sums, fourth sums, figure, ...) in the same run; ``--no-callback`` runs the Lightning fit without
+the callback, to see which imports the training makes itself (an import the callback triggers
+first is the training's saving, not the callback's cost).
 
 Every figure is process CPU time (``time.process_time``), in seconds and in epochs of the same
 process. ``--root PATH`` measures another checkout's ``mis_lightning`` (before / after).
@@ -56,7 +67,7 @@ from benchmarks.scale import COMMON_SCHEMES  # noqa: E402
 CUDA_ONLY = ["int4_weight_only_tinygemm"]
 EXTRA_EPOCHS = 4  # a second training after the assessment, for a steadier epoch (its first left out)
 HOOKS = ["setup", "on_train_start", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
-         "on_validation_epoch_end", "on_fit_end", "teardown"]
+         "on_validation_epoch_end", "on_fit_end", "teardown", "state_dict"]
 
 
 class ImportClock:
