@@ -212,6 +212,7 @@ def draw_figure(figure: Any, path: str | Path, dpi: float = FIGURE_DPI) -> Any:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(figure.canvas, FigureCanvasAgg):  # another backend's canvas: savefig draws
         figure.savefig(path, dpi=dpi)
         return None
