@@ -224,7 +224,7 @@ def draw_figure(figure: Any, path: str | Path, dpi: float = FIGURE_DPI) -> Any:
     finally:
         figure.set_dpi(old)  # other loggers (MLflow, W&B) draw it at its own dpi, as before
     matplotlib.image.imsave(path, rgba, format="png", origin="upper", dpi=dpi)
-    return rgba[:, :, :3]
+    return np.ascontiguousarray(rgba[:, :, :3])
 
 
 def publish_report(out: Path, report: Report, loggers: Iterable[Any], *, step: int = 0,
