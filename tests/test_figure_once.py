@@ -31,8 +31,7 @@ def test_draw_figure_writes_the_pixels_savefig_writes(report, tmp_path):
     from mis_lightning.tracking import FIGURE_DPI, draw_figure
 
     # each a new figure's first draw: a second draw of one figure moves a few text pixels (the
-    # constrained layout starts from the first draw's), so the old TensorBoard image (add_figure
-    # after savefig) already differed from the file
+    # constrained layout starts from the first draw's)
     plt.close(report.plot(tmp_path / "savefig.png"))  # what publish_report wrote before
     fig = report.plot()
     assert fig.get_dpi() != FIGURE_DPI  # the dpi the figure is drawn at is draw_figure's
