@@ -785,7 +785,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from mis_lightning.models import metric_inputs, utility_metrics
-    from mis_lightning.tracking import log_files, log_report
+    from mis_lightning.tracking import draw_figure, log_files, log_report
 
     times: dict[str, float] = {}
     out = output_dir(cfg)
@@ -908,8 +908,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             table = report.table(with_verdict=plan_cfg is None)
             if names.get("report_table"):
                 (out / names.report_table).write_text(table + "\n")
-            fig = report.plot(out / names.figure)
-            log_report(job_loggers, report, step=step, figure=fig, epoch=epoch)
+            fig = report.plot()
+            # drawn once, for the file and the loggers (TensorBoard logs its pixels: fx33)
+            pixels = draw_figure(fig, out / names.figure)
+            log_report(job_loggers, report, step=step, figure=fig, epoch=epoch, pixels=pixels)
             for lg in job_loggers:  # the JSON next to the figure in trackers that keep files
                 log_files(lg, [out / names.report_json], table=report.table(), step=step)
             import matplotlib.pyplot as plt
