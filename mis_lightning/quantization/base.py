@@ -43,7 +43,7 @@ from ..functional.bounds import (
     reveal_beyond_bounds,
 )
 from ..functional.cells import SQRT_2_OVER_PI, moments_from_alpha_erfc
-from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, windowed_moments
+from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
 from ..functional.quotient import (
     quotient_boundaries,
     quotient_cell_moments,
@@ -127,6 +127,9 @@ _POINT_MASS_PATH_MIN = 1 << 15
 # in-place change or a new tensor recomputes it. Float64 per element: ~5 chunk-sized tensors per
 # entry, _FACT_SLOTS entries (module-level: release_chunk_facts() frees them).
 REUSE_CHUNK_FACTS = True
+# the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
+# its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
+POINT_MASS_BLOCKS = True
 _FACT_SLOTS = 4
 _FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": []}
 
@@ -593,7 +596,8 @@ class ParamGrid:
             # symmetric block, the min and max of an asymmetric one) leak like float weights:
             # a stored weight's value given away is rnd_D(theta-hat), the storage grid's (st31)
             rev = self.revealed.reshape(-1)[start:end].to(mm.kappa.device)
-            if bool(rev.any()) and self.storage_dtype is not None:
+            any_rev = bool(rev.any())
+            if any_rev and self.storage_dtype is not None:
                 ii = torch.nonzero(rev).squeeze(-1)
                 sm = storage_cell_moments(theta[ii], sigma[ii], self.storage_dtype)
                 out = []
@@ -602,12 +606,11 @@ class ParamGrid:
                     t[ii] = getattr(sm, f)
                     out.append(t)
                 mm = CellMoments(*out)
-            elif bool(rev.any()):
-                one = torch.ones_like(mm.kappa)
-                mm = CellMoments(kappa=torch.where(rev, one, mm.kappa),
-                                 mean_abs=torch.where(rev, one * SQRT_2_OVER_PI, mm.mean_abs),
-                                 m4=torch.where(rev, one * 3.0, mm.m4),
-                                 coverage=torch.where(rev, one, mm.coverage))
+            elif any_rev:  # (new tensors: the moments' fields may be shared)
+                mm = CellMoments(kappa=mm.kappa.masked_fill(rev, 1.0),
+                                 mean_abs=mm.mean_abs.masked_fill(rev, SQRT_2_OVER_PI),
+                                 m4=mm.m4.masked_fill(rev, 3.0),
+                                 coverage=mm.coverage.masked_fill(rev, 1.0))
         return mm
 
     def _chunk_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
@@ -740,19 +743,32 @@ class ParamGrid:
         extra = (self.kind, self.qmin, self.qmax, self.quotient_dtype, self.storage_dtype, self.quantize_arith)
         inside = _fact_get("inside", src, extra) if REUSE_CHUNK_FACTS else None
         if inside is None:
-            # over the whole chunk (most of it is sd 0 here: gathers would cost more than they save)
-            th, sc = theta.to(torch.float64), scale.to(torch.float64)
-            lo, hi = self._own_edges(th, sc, zero_point, code)
-            margin = _POINT_MASS_MARGIN * sc
-            inside = (th - lo > margin) & (hi - th > margin)
-            if bounds is not None:
-                inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+            # over the whole chunk (most of it is sd 0 here: gathers would cost more than they save),
+            # in cache-sized blocks (comparisons of exactly rounded arithmetic: the same mask)
+            block = EAGER_BLOCK if POINT_MASS_BLOCKS else c
+            inside = torch.empty(c, dtype=torch.bool, device=theta.device)
+            for a in range(0, c, block):
+                sl = slice(a, a + block)
+                inside[sl] = self._inside(theta[sl], scale[sl], zero_point[sl], None if code is None else code[sl],
+                                          None if bounds is None else (bounds[0][sl], bounds[1][sl]))
             if REUSE_CHUNK_FACTS:
                 _fact_put("inside", src, extra, inside)
         point = zero & inside
         if int(point.sum()) < POINT_MASS_MIN_FRACTION * c:
             return None
         return point
+
+    def _inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                bounds: tuple[Tensor, Tensor] | None) -> Tensor:
+        """``[c]`` bool: each weight inside its own cell (:meth:`_own_edges`) and ``bounds`` by more
+        than ``_POINT_MASS_MARGIN`` of its scale on each side (element-wise)."""
+        th, sc = theta.to(torch.float64), scale.to(torch.float64)
+        lo, hi = self._own_edges(th, sc, zero_point, code)
+        margin = _POINT_MASS_MARGIN * sc
+        inside = (th - lo > margin) & (hi - th > margin)
+        if bounds is not None:
+            inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+        return inside
 
     def _own_edges(self, th: Tensor, sc: Tensor, zp: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor]:
         """The lower and upper edge ``[c]`` (parameter units, float64; ``-inf`` / ``inf`` for the
