@@ -303,11 +303,16 @@ def affine_cell_moments(
         _FUSED_STATE["failed"] = True
         compiled = False
         kappa, mean_abs, m4, ok, q0 = run(eager, blocks=True)
-    h = s / sg
-    strata = [h <= FINE_STEP, (h > FINE_STEP) & (h < TABLE_H_MAX), h >= TABLE_H_MAX]
+    def steps() -> tuple[Tensor, list[Tensor]]:
+        # the step in sd and its strata, for the sampled self-checks only (6 chunk-sized
+        # operations that most calls, eager and between checks, never read)
+        h = s / sg
+        return h, [h <= FINE_STEP, (h > FINE_STEP) & (h < TABLE_H_MAX), h >= TABLE_H_MAX]
+
     if compiled:
         k = GUARD.sample_size(COMPILED_PATH, c, per_size=True)
         if k:
+            h, strata = steps()
             idx = sample_indices(c, k, [*strata, ~ok])
             ek, el, em, eok, eq = run(eager, idx)
             GUARD.observe(COMPILED_PATH, (kappa[idx], mean_abs[idx], m4[idx]), (ek, el, em))
@@ -330,6 +335,7 @@ def affine_cell_moments(
 
     def regimes() -> tuple[Tensor, list[Tensor]]:
         # fine steps whose sd reaches a clamped end: the kernel's end-cell form, its own stratum
+        h, strata = steps()
         cut = CUTOFF_SIGMAS
         near = (h <= FINE_STEP) & (((th - (qmin + 0.5 - zp) * s) / sg <= cut) | (((qmax - 0.5 - zp) * s - th) / sg <= cut))
         return h, [*strata, bad, near]

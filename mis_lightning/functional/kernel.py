@@ -225,7 +225,11 @@ def _two_edges(lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     k_b = torch.where(qb > 1e-300, pb * pb / qb.clamp_min(1e-300), zero)
     m_a = torch.where(qa > 1e-300, pa**4 / qa.clamp_min(1e-300) ** 3, zero)
     m_b = torch.where(qb > 1e-300, pb**4 / qb.clamp_min(1e-300) ** 3, zero)
-    return (k_a + k_b + dm * dm / pm).clamp(0.0, 1.0), pa + pb + dm.abs(), m_a + m_b + dm**4 / pm**3
+    # an empty own cell (dm = 0: a weight of sd ~0 outside the cell of its backend code, which
+    # rounded a float32 tie the other way) adds nothing: 0 / pm^3 was 0 / 0 (NaN m4) where pm
+    # is floored at 1e-300; every other element's value is unchanged
+    m_mid = torch.where(dm == 0, zero, dm**4 / pm**3)
+    return (k_a + k_b + dm * dm / pm).clamp(0.0, 1.0), pa + pb + dm.abs(), m_a + m_b + m_mid
 
 
 def _near_ends(h2: Tensor, to_min: Tensor, to_max: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -17,6 +17,7 @@ holds a quantized and a float version of one parameter.
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, fields, replace
@@ -42,7 +43,7 @@ from ..functional.bounds import (
     reveal_beyond_bounds,
 )
 from ..functional.cells import SQRT_2_OVER_PI, moments_from_alpha_erfc
-from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, windowed_moments
+from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
 from ..functional.quotient import (
     quotient_boundaries,
     quotient_cell_moments,
@@ -115,6 +116,65 @@ _POINT_MASS_MARGIN = 1e-9
 # the remaining elements of such a chunk are padded with point-mass ones up to it, so that they
 # take the path the whole chunk takes (bitwise the same moments)
 _POINT_MASS_PATH_MIN = 1 << 15
+
+# The scoring pass reads each chunk of a parameter several times per grid: its cell moments at sd
+# and at sd / sqrt(2) (the pool protocol), with the same weights, grid and bounds. What does not
+# depend on sd is kept from the last few calls (REUSE_CHUNK_FACTS; False: recomputed every call):
+# a grid's per-element expansion of a range (ParamGrid._chunk_grid) and the sd-0 elements'
+# "strictly inside their cell and bounds" test (ParamGrid._point_masses). Each entry is keyed by
+# the identity and version counter of every tensor it was computed from (weak references: an
+# entry never keeps its inputs alive, and a freed input's entry cannot match a new tensor), so an
+# in-place change or a new tensor recomputes it. Float64 per element: ~5 chunk-sized tensors per
+# entry, _FACT_SLOTS entries (module-level: release_chunk_facts() frees them).
+REUSE_CHUNK_FACTS = True
+# the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
+# its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
+POINT_MASS_BLOCKS = True
+_FACT_SLOTS = 4
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": []}
+
+
+def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
+    """A key of :data:`_FACTS`: per tensor a weak reference and its version counter (``None``
+    kept as is), then ``extra`` (plain values compared by ``==``)."""
+    return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors) + extra
+
+
+def _key_matches(key: tuple, tensors: tuple[Tensor | None, ...], extra: tuple) -> bool:
+    n = len(tensors)
+    if len(key) != n + len(extra) or key[n:] != extra:
+        return False
+    for k, t in zip(key[:n], tensors):
+        if (k is None) != (t is None):
+            return False
+        if t is not None and (k[0]() is not t or k[1] != t._version):
+            return False
+    return True
+
+
+def _fact_get(kind: str, tensors: tuple[Tensor | None, ...], extra: tuple) -> Any:
+    """The entry computed from these tensors, taken out of the cache: each serves one later call
+    (the pool protocol's after the main one), so chunk-sized tensors are held only between the two
+    (held longer, they kept glibc from reusing freed chunks: +30-60% page faults and CPU time in
+    a replay of the 1e7 calls)."""
+    slots = _FACTS[kind]
+    for i, (key, value) in enumerate(slots):
+        if _key_matches(key, tensors, extra):
+            del slots[i]
+            return value
+    return None
+
+
+def _fact_put(kind: str, tensors: tuple[Tensor | None, ...], extra: tuple, value: Any) -> None:
+    slots = _FACTS[kind]
+    slots.insert(0, (_fact_key(tensors, extra), value))
+    del slots[_FACT_SLOTS:]
+
+
+def release_chunk_facts() -> None:
+    """Free the per-chunk facts kept for the next call (:data:`REUSE_CHUNK_FACTS`)."""
+    for slots in _FACTS.values():
+        slots.clear()
 
 #: packages whose tensor subclasses hold already-quantized weights
 _QUANT_PACKAGES = ("torchao", "optimum.quanto", "bitsandbytes")
@@ -520,20 +580,12 @@ class ParamGrid:
         ``compile_policy``: the caller's :class:`~mis_lightning.functional.CompilePolicy`.
         ``kappa_only``: only ``kappa`` is read (:meth:`element_moments`; ``kappa`` bitwise the same).
         """
-        scale, zp, code = self.element_grid(start, end)
+        scale, zp, code, dead, bounds = self._chunk_grid(start, end)
         if not use_codes:
             code = None
-        # A block whose scale is 0 (torchao float8 on an all-zero row or group: every element
-        # is exactly 0) is a one-cell grid {0}: no cell information (moments 0). Its scale
-        # reveals max |w| = 0, i.e. every element exactly (``revealed`` below: kappa 1).
-        dead = scale <= 0
-        if bool(dead.any()):
-            scale = torch.where(dead, torch.ones_like(scale), scale)
-            if code is not None:
-                code = torch.where(dead, zp, code)
-        mm = self.element_moments(theta, sigma, scale, zp, code, self.element_bounds(start, end), compile_policy,
+        mm = self.element_moments(theta, sigma, scale, zp, code, bounds, compile_policy,
                                   kappa_only=kappa_only)
-        if bool(dead.any()):
+        if dead is not None:
             zero = torch.zeros_like(mm.kappa)
             mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
                              mean_abs=torch.where(dead, zero, mm.mean_abs),
@@ -544,7 +596,8 @@ class ParamGrid:
             # symmetric block, the min and max of an asymmetric one) leak like float weights:
             # a stored weight's value given away is rnd_D(theta-hat), the storage grid's (st31)
             rev = self.revealed.reshape(-1)[start:end].to(mm.kappa.device)
-            if bool(rev.any()) and self.storage_dtype is not None:
+            any_rev = bool(rev.any())
+            if any_rev and self.storage_dtype is not None:
                 ii = torch.nonzero(rev).squeeze(-1)
                 sm = storage_cell_moments(theta[ii], sigma[ii], self.storage_dtype)
                 out = []
@@ -553,13 +606,42 @@ class ParamGrid:
                     t[ii] = getattr(sm, f)
                     out.append(t)
                 mm = CellMoments(*out)
-            elif bool(rev.any()):
-                one = torch.ones_like(mm.kappa)
-                mm = CellMoments(kappa=torch.where(rev, one, mm.kappa),
-                                 mean_abs=torch.where(rev, one * SQRT_2_OVER_PI, mm.mean_abs),
-                                 m4=torch.where(rev, one * 3.0, mm.m4),
-                                 coverage=torch.where(rev, one, mm.coverage))
+            elif any_rev:  # (new tensors: the moments' fields may be shared)
+                mm = CellMoments(kappa=mm.kappa.masked_fill(rev, 1.0),
+                                 mean_abs=mm.mean_abs.masked_fill(rev, SQRT_2_OVER_PI),
+                                 m4=mm.m4.masked_fill(rev, 3.0),
+                                 coverage=mm.coverage.masked_fill(rev, 1.0))
         return mm
+
+    def _chunk_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
+                                                         tuple[Tensor, Tensor] | None]:
+        """``(scale, zero_point, code, dead, bounds)`` of elements ``start:end`` as :meth:`moments`
+        reads them: :meth:`element_grid` with dead blocks (scale 0) at scale 1 and code
+        ``zero_point``, ``dead`` their mask (``None``: none) and :meth:`element_bounds`. Kept for
+        the next calls on the same range while the grid's tensors are unchanged
+        (:data:`REUSE_CHUNK_FACTS`); the tensors returned are read, never written, by the callers."""
+        src = (self.scale, self.zero_point, self.codes,
+               *(self.support if self.support is not None else (None, None)))
+        extra = (start, end, self.block_size, self.shape, self.storage_dtype, self.support is None)
+        if REUSE_CHUNK_FACTS:
+            hit = _fact_get("grid", src, extra)
+            if hit is not None:
+                return hit
+        scale, zp, code = self.element_grid(start, end)
+        # A block whose scale is 0 (torchao float8 on an all-zero row or group: every element
+        # is exactly 0) is a one-cell grid {0}: no cell information (moments 0). Its scale
+        # reveals max |w| = 0, i.e. every element exactly (``revealed`` in moments(): kappa 1).
+        dead: Tensor | None = scale <= 0
+        if bool(dead.any()):
+            scale = torch.where(dead, torch.ones_like(scale), scale)
+            if code is not None:
+                code = torch.where(dead, zp, code)
+        else:
+            dead = None
+        out = (scale, zp, code, dead, self.element_bounds(start, end))
+        if REUSE_CHUNK_FACTS:
+            _fact_put("grid", src, extra, out)
+        return out
 
     def element_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                         code: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
@@ -619,17 +701,17 @@ class ParamGrid:
             c = theta.shape[0]
             point = self._point_masses(theta, sigma, scale, zero_point, code, bounds)
             if point is not None:
-                live = torch.nonzero(~point).squeeze(-1)
-                n = live.numel()
+                take = ~point
+                n = int(take.sum())
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
                 if n:
-                    ii = live
                     if n < _POINT_MASS_PATH_MIN <= c:
-                        # padded with point-mass elements (the chunk's own, in its order) so that the
-                        # live ones take the whole chunk's path; their moments are read from the call
-                        pad = torch.nonzero(point).squeeze(-1)[: _POINT_MASS_PATH_MIN - n]
-                        ii = torch.sort(torch.cat([live, pad])).values
+                        # padded with point-mass elements (the chunk's first ones) so that the live
+                        # ones take the whole chunk's path; their moments are read from the call.
+                        # One scan for the indices, in the chunk's order (no sort of a gathered list)
+                        take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - n)
+                    ii = torch.nonzero(take).squeeze(-1)
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
                                              None if code is None else sel(code),
@@ -655,16 +737,38 @@ class ParamGrid:
         zero = sigma.to(torch.float64) <= torch.finfo(torch.float64).tiny
         if int(zero.sum()) < max(1.0, POINT_MASS_MIN_FRACTION * c):
             return None
-        # over the whole chunk (most of it is sd 0 here: gathers would cost more than they save)
-        th, sc = theta.to(torch.float64), scale.to(torch.float64)
-        lo, hi = self._own_edges(th, sc, zero_point, code)
-        margin = _POINT_MASS_MARGIN * sc
-        point = zero & (th - lo > margin) & (hi - th > margin)
-        if bounds is not None:
-            point &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+        # whether each weight lies strictly inside its cell and bounds does not depend on sd: the
+        # call at sd / sqrt(2) (pool protocol) on the same chunk reads the one at sd (REUSE_CHUNK_FACTS)
+        src = (theta, scale, zero_point, code, *(bounds if bounds is not None else (None, None)), self.values)
+        extra = (self.kind, self.qmin, self.qmax, self.quotient_dtype, self.storage_dtype, self.quantize_arith)
+        inside = _fact_get("inside", src, extra) if REUSE_CHUNK_FACTS else None
+        if inside is None:
+            # over the whole chunk (most of it is sd 0 here: gathers would cost more than they save),
+            # in cache-sized blocks (comparisons of exactly rounded arithmetic: the same mask)
+            block = EAGER_BLOCK if POINT_MASS_BLOCKS else c
+            inside = torch.empty(c, dtype=torch.bool, device=theta.device)
+            for a in range(0, c, block):
+                sl = slice(a, a + block)
+                inside[sl] = self._inside(theta[sl], scale[sl], zero_point[sl], None if code is None else code[sl],
+                                          None if bounds is None else (bounds[0][sl], bounds[1][sl]))
+            if REUSE_CHUNK_FACTS:
+                _fact_put("inside", src, extra, inside)
+        point = zero & inside
         if int(point.sum()) < POINT_MASS_MIN_FRACTION * c:
             return None
         return point
+
+    def _inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                bounds: tuple[Tensor, Tensor] | None) -> Tensor:
+        """``[c]`` bool: each weight inside its own cell (:meth:`_own_edges`) and ``bounds`` by more
+        than ``_POINT_MASS_MARGIN`` of its scale on each side (element-wise)."""
+        th, sc = theta.to(torch.float64), scale.to(torch.float64)
+        lo, hi = self._own_edges(th, sc, zero_point, code)
+        margin = _POINT_MASS_MARGIN * sc
+        inside = (th - lo > margin) & (hi - th > margin)
+        if bounds is not None:
+            inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+        return inside
 
     def _own_edges(self, th: Tensor, sc: Tensor, zp: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor]:
         """The lower and upper edge ``[c]`` (parameter units, float64; ``-inf`` / ``inf`` for the
