@@ -2750,11 +2750,13 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     by_module: dict[str, float] = {}
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
-        sd = v[slice(*offsets[k])].clamp_min(0.0).sqrt()
-        # the nearest-rank quantile (kthvalue: no sort of the whole parameter, 7x faster at 8e6)
-        q = float(sd.kthvalue(max(1, math.ceil(ROUNDING_REFERENCE_QUANTILE * sd.numel()))).values) \
-            if sd.numel() else 0.0
+        sd = v[slice(*offsets[k])].clamp_min(0.0).sqrt_()
+        # the nearest-rank quantile (an order statistic, no sort of the whole parameter): on the
+        # CPU by a partition of this copy in place (es33: kthvalue copied it again with int64
+        # indices, 12 bytes per weight of fresh memory; the same value)
+        q = _kth_smallest(sd, max(1, math.ceil(ROUNDING_REFERENCE_QUANTILE * sd.numel()))) if sd.numel() else 0.0
         by_module[mod] = max(by_module.get(mod, 0.0), q)
+        del sd
     top = max(by_module.values(), default=0.0)
     by_module = {m: max(r, ROUNDING_MODULE_SHARE * top) for m, r in by_module.items()}
     rel = max(min(ROUNDING_GRADIENT_EPS * eps, ROUNDING_GRADIENT_MAX),
@@ -2763,13 +2765,30 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     flagged = 0
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
-        sl = slice(*offsets[k])
-        low = v[sl].clamp_min(0.0).sqrt() <= rel * by_module[mod]
-        if by_module[mod] > 0 and bool(low.any()):
-            out[sl] = torch.where(low, torch.full_like(v[sl], math.inf), v[sl])
-            flagged += int(low.sum())
+        if not by_module[mod] > 0:
+            continue
+        a0, e0 = offsets[k]
+        # by sub-blocks (es33: no [numel] temporaries); each block's flags read v before its own
+        # write, as the whole-parameter where did
+        for a in range(a0, e0, FINALIZE_SUB_CHUNK):
+            sl = slice(a, min(a + FINALIZE_SUB_CHUNK, e0))
+            low = v[sl].clamp_min(0.0).sqrt_() <= rel * by_module[mod]
+            c = int(low.sum())
+            if c:
+                out[sl].masked_fill_(low, math.inf)
+                flagged += c
     diagnostics["rounding_gradient_weights"] = flagged
     return out
+
+
+def _kth_smallest(x: Tensor, k: int) -> float:
+    """``float(x.kthvalue(k).values)`` of a 1-D tensor the caller no longer needs: on the CPU a
+    partition of ``x`` in place (reordering it), elsewhere ``kthvalue``. NaN sorts last in both."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return float(x.kthvalue(k).values)
+    a = x.numpy()
+    a.partition(k - 1)
+    return float(a[k - 1])
 
 
 # Hessian-diagonal entries within this fraction of the largest below 0 are rounding of 0
