@@ -1494,6 +1494,8 @@ class MomentAccumulator:
         return {"estimator": describe_estimator(m, h), "reason": why, "n": n}
 
     def _finalize(self, state: dict[str, Any] | None = None) -> Estimate:
+        if isinstance(self.factored, FactoredProgram):
+            self.factored.scratch.clear()  # the pass's GEMM buffers (refilled by a later update)
         st = self.state if state is None else dict(state)
         names, offsets = self.names, self.offsets
         n = int(st["n"])

@@ -137,6 +137,7 @@ class FactoredProgram:
             p.requires_grad_(True)
         self.capture = _Capture(self.model, list(layout))
         self._verified = False
+        self.scratch = Scratch()
 
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         self.capture.reset()
@@ -224,7 +225,7 @@ class FactoredProgram:
             if norm is None:
                 norm = torch.zeros(x.shape[0], dtype=acc)
             if wn is not None and into is not None and wn in into:
-                _add_live_rows(into[wn], x, x2, d, d2, c)
+                _add_live_rows(into[wn], x, x2, d, d2, c, self.scratch)
                 norm += (d2.sum(-1) * x2.sum(-1)).to(acc)
             elif wn is not None:
                 out[wn] = tuple(t.reshape(-1).to(acc) for t in (d.T @ x, d2.T @ x2, c.T @ x2))
@@ -275,8 +276,8 @@ class FactoredProgram:
             else:
                 a = x
             if into is not None and m in into:
-                _live_gram(a, a, into=into[m][0])
-                _live_gram(L.unsqueeze(-1) * delta, delta, into=into[m][1])
+                _live_gram(a, a, into=into[m][0], scratch=self.scratch)
+                _live_gram(L.unsqueeze(-1) * delta, delta, into=into[m][1], scratch=self.scratch)
                 res[m] = (torch.empty(0, dtype=acc), torch.empty(0, dtype=acc))
                 continue
             res[m] = (_live_gram(a, a).to(acc), _live_gram(L.unsqueeze(-1) * delta, delta).to(acc))
@@ -299,6 +300,30 @@ class FactoredProgram:
 
     def close(self) -> None:
         self.capture.remove()
+        self.scratch.clear()
+
+
+class Scratch:
+    """Reused output buffers of the per-batch sums' GEMMs (es33): ``get(key, shape, dtype)`` a
+    contiguous ``shape`` view of a flat buffer kept per ``key`` (grown when too small). A fresh
+    multi-MB result per GEMM and batch was memory the kernel mapped and zeroed each time (~0.3 s of
+    page faults over the 1e7 MLP's pass); a GEMM writing into a contiguous buffer gives the same
+    floats (measured bitwise with MKL at the pass's shapes). At most one buffer per key is held,
+    the size of the largest product so far (two K-FAC factor blocks and one layer's gradient-sum
+    product: ~3 x 17 MB at the 1e7 MLP); :meth:`clear` drops them (the estimate's finalisation)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._bufs.get(key)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._bufs.clear()
 
 
 def _live_rows(d: Tensor, c: Tensor) -> Tensor | None:
@@ -312,28 +337,35 @@ def _live_rows(d: Tensor, c: Tensor) -> Tensor | None:
 
 
 def _add_live_rows(into: tuple[Tensor, Tensor, Tensor], x: Tensor, x2: Tensor, d: Tensor, d2: Tensor,
-                   c: Tensor) -> None:
+                   c: Tensor, scratch: Scratch | None = None) -> None:
     """Add a batch's ``d^T x``, ``(d^2)^T x^2`` and ``c^T x^2`` (``[out, in]``, flattened) to the
     three running sums ``into`` in place, the GEMMs over the live output rows only
     (:func:`_live_rows`; the others add exact zeros). The float32 products are added to the
     ``acc`` sums as the former ``.to(acc)`` copies were (exact widening, then one rounding), with
     no whole-layer temporary; the live rows' GEMMs are the same dot products over the batch, in
     MKL's blocking for the smaller shape (pf31 measured such shapes equal or ~1e-7 relative
-    apart). Non-finite inputs take the whole GEMM (``0 * inf`` is NaN in a dead row)."""
+    apart). Non-finite inputs take the whole GEMM (``0 * inf`` is NaN in a dead row). ``scratch``:
+    the products are written to one reused buffer, one at a time (:class:`Scratch`)."""
     rows = _live_rows(d, c)
     k = d.shape[1]
+
+    def product(u: Tensor, w: Tensor) -> Tensor:
+        if scratch is None:
+            return u.T @ w
+        return torch.mm(u.T, w, out=scratch.get("rows", (u.shape[1], w.shape[1]), torch.promote_types(u.dtype, w.dtype)))
+
     if rows is None or not bool(torch.isfinite(x).all()):
-        for tgt, t in zip(into, (d.T @ x, d2.T @ x2, c.T @ x2)):
-            tgt.add_(t.reshape(-1))
+        for tgt, u, w in zip(into, (d, d2, c), (x, x2, x2)):
+            tgt.add_(product(u, w).reshape(-1))
         return
     if rows.numel() == 0:
         return
-    for tgt, t in zip(into, (d[:, rows].T @ x, d2[:, rows].T @ x2, c[:, rows].T @ x2)):
-        view = tgt.view(k, -1)
-        view[rows] = view[rows] + t
+    for tgt, u, w in zip(into, (d, d2, c), (x, x2, x2)):
+        # view[rows] += the product: the same float additions as view[rows] + t, no gathered copy
+        tgt.view(k, -1).index_add_(0, rows, product(u[:, rows], w))
 
 
-def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None) -> Tensor:
+def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
     """``u^T v`` ``[k, k]`` for ``u``, ``v`` ``[B, k]`` with the same zero columns (``u`` is ``v``
     or ``v`` scaled by record): the GEMM over the columns non-zero in the batch only, the rest
     exact zeros. A ReLU layer's dead units (``delta = 0``) and the next layer's inputs from them
@@ -341,16 +373,17 @@ def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None) -> Tensor:
     and the factors' GEMMs were most of the K-FAC correction's cost. The live block's entries are
     the same dot products, summed by the GEMM in another blocking: equal to float rounding.
     ``into``: a ``[k, k]`` running sum to which ``u^T v`` is added in place (its live block only:
-    the rest would add exact zeros), returned."""
+    the rest would add exact zeros), returned. ``scratch``: the product's buffers (with ``into``;
+    :class:`Scratch`)."""
     live = (v != 0).any(0)  # NaN counts as live: a non-finite factor stays visible
     k, nl = v.shape[1], int(live.sum())
     if nl > 0.75 * k:
-        return _gram(u, v) if into is None else into.add_(_gram(u, v))
+        return _gram(u, v) if into is None else _add_widened(into, _gram(u, v, scratch), scratch)
     if into is not None:
         if nl:
             idx = live.nonzero().reshape(-1)
             ix, iy = idx.unsqueeze(1), idx.unsqueeze(0)
-            into[ix, iy] = into[ix, iy] + _gram(u[:, idx], v[:, idx] if v is not u else None)
+            into[ix, iy] = into[ix, iy] + _gram(u[:, idx], v[:, idx] if v is not u else None, scratch)
         return into
     out = torch.zeros(k, k, dtype=torch.promote_types(u.dtype, v.dtype))
     if nl:
@@ -359,21 +392,47 @@ def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None) -> Tensor:
     return out
 
 
-def _gram(u: Tensor, v: Tensor | None) -> Tensor:
+def _add_widened(into: Tensor, t: Tensor, scratch: Scratch | None = None) -> Tensor:
+    """``into.add_(t)`` for a 2-D ``t`` of a narrower dtype (float32 products into a float64 sum):
+    the same additions, with ``t`` widened by blocks of rows into a reused buffer (es33: the
+    in-place add widened all of ``t`` to a fresh ``[k, k]`` float64 copy, 34 MB per 2,049-wide
+    factor and batch, each page mapped and zeroed by the kernel). Returns ``into``."""
+    if scratch is None or t.dtype == into.dtype or t.dim() != 2:
+        return into.add_(t)
+    rows = max(1, WIDEN_BLOCK // max(1, t.shape[1]))
+    for r0 in range(0, t.shape[0], rows):
+        blk = scratch.get("widen", (min(rows, t.shape[0] - r0), t.shape[1]), into.dtype)
+        into[r0: r0 + rows].add_(blk.copy_(t[r0: r0 + rows]))
+    return into
+
+
+# elements widened at once by _add_widened (512 KiB of float64)
+WIDEN_BLOCK = 1 << 16
+
+
+def _gram(u: Tensor, v: Tensor | None, scratch: Scratch | None = None) -> Tensor:
     """``u^T v`` ``[k, k]``; with ``v`` ``None`` or ``u`` itself, ``u^T u`` from the GEMMs of its
     block rows from the diagonal block rightwards (:data:`GRAM_BLOCKS` row blocks, ``(b + 1) / (2 b)``
     of the flops), the blocks below the diagonal mirrored: each entry the same dot product over
     the records as the whole GEMM's, equal to float rounding (measured bitwise equal with MKL at
-    the 1e7 MLP's float32 shapes; es32)."""
+    the 1e7 MLP's float32 shapes; es32). ``scratch``: the result and the blocks are written to its
+    reused buffers (:class:`Scratch`; valid until the next call with it), each GEMM into a
+    contiguous buffer of its own shape: the same floats (MKL's result can depend on the output's
+    row stride, so a block is not written straight into the result's rows)."""
+    dt = torch.promote_types(u.dtype, u.dtype if v is None else v.dtype)
+
+    def mm(a: Tensor, b: Tensor, key: str) -> Tensor:
+        return a @ b if scratch is None else torch.mm(a, b, out=scratch.get(key, (a.shape[0], b.shape[1]), dt))
+
     if v is not None and v is not u:
-        return u.T @ v
+        return mm(u.T, v, "gram")
     k = u.shape[1]
     if k < GRAM_BLOCK_MIN:
-        return u.T @ u
-    out = torch.empty(k, k, dtype=u.dtype)
+        return mm(u.T, u, "gram")
+    out = torch.empty(k, k, dtype=u.dtype) if scratch is None else scratch.get("gram", (k, k), u.dtype)
     e = [k * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
     for r0, r1 in zip(e[:-1], e[1:]):
-        blk = u[:, r0:r1].T @ u[:, r0:]
+        blk = mm(u[:, r0:r1].T, u[:, r0:], "gram_block")
         out[r0:r1, r0:] = blk
         out[r1:, r0:r1] = blk[:, r1 - r0:].T
     return out
