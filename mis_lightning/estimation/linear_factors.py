@@ -714,8 +714,29 @@ def _factor_vif(S: Tensor) -> Tensor | None:
     L, info = torch.linalg.cholesky_ex(R)
     if int(info) != 0 or not float(L.diagonal().square().min()) > KFAC_RCOND * float(R.diagonal().max()) * 1e3:
         return None
-    out[idx] = torch.cholesky_inverse(L, out=R).diagonal()
+    del R
+    out[idx] = _cholesky_inverse_diagonal(L)
     return out
+
+
+def _cholesky_inverse_diagonal(L: Tensor) -> Tensor:
+    """``diag((L L^T)^-1)`` ``[k]`` of a lower-triangular ``L`` ``[k, k]``: the squared column norms
+    of ``L^-1``, whose columns ``j0:j1`` are zero above row ``j0``, so each block of
+    :data:`INVERSE_DIAGONAL_BLOCK` columns is one triangular solve of ``L[j0:, j0:]``: ``k^3 / 3``
+    flops (``torch.cholesky_inverse`` forms the whole inverse, ``2 k^3 / 3``; es33: 0.41 -> 0.20 s
+    over the 1e7 MLP's 1,025-, 2,048- and 2,049-wide factors, within 2.3e-15 relative of it)."""
+    k = L.shape[0]
+    out = torch.empty(k, dtype=L.dtype)
+    for j0 in range(0, k, INVERSE_DIAGONAL_BLOCK):
+        j1 = min(j0 + INVERSE_DIAGONAL_BLOCK, k)
+        E = torch.zeros(k - j0, j1 - j0, dtype=L.dtype)
+        E.diagonal().fill_(1.0)
+        out[j0:j1] = torch.linalg.solve_triangular(L[j0:, j0:], E, upper=False).square().sum(0)
+    return out
+
+
+# columns of L^-1 per triangular solve in _cholesky_inverse_diagonal
+INVERSE_DIAGONAL_BLOCK = 256
 
 
 COLUMN_BUDGET = 1 << 24  # floats per temporary in factored_power_sums
