@@ -551,7 +551,6 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
     vif = torch.ones(q, p, dtype=f64)
     if not (ia.numel() and ig.numel()):
         return vif
-    Gn, An = _live_block(G, ig, n), _live_block(A, ia, n)
     lam = torch.as_tensor(decay, dtype=f64).expand(p).clone()
     uniform = bool((lam == lam[0]).all())
     if uniform:
@@ -567,11 +566,15 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
         # less than an eigendecomposition; the factor's own pseudo-inverse by one where not (the
         # two eigendecompositions below reduce to these products at lambda = 0). Before es32 one
         # singular factor sent both to eigh: the 1e7 MLP's 2,049-wide A with its 380-live G.
-        va, vg = _factor_vif(An), _factor_vif(Gn)
-        va = _factor_pinv_vif(An) if va is None else va
-        vg = _factor_pinv_vif(Gn) if vg is None else vg
+        # one factor at a time, its Cholesky in place of its live block (es33: no [k, k] copies;
+        # the rare pseudo-inverse forms the block again)
+        va = _factor_vif(_live_block(A, ia, n), overwrite=True)
+        va = _factor_pinv_vif(_live_block(A, ia, n)) if va is None else va
+        vg = _factor_vif(_live_block(G, ig, n), overwrite=True)
+        vg = _factor_pinv_vif(_live_block(G, ig, n)) if vg is None else vg
         v = vg.unsqueeze(1) * va.unsqueeze(0)  # [out_live, p_live]
     else:
+        Gn, An = _live_block(G, ig, n), _live_block(A, ia, n)
         At = An if uniform else An * scale_l.unsqueeze(0) * scale_l.unsqueeze(1)
         s, U = torch.linalg.eigh(At)
         del At
@@ -667,14 +670,29 @@ def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | 
 
 def _live_block(S: Tensor, idx: Tensor, n: int) -> Tensor:
     """``(S_l / n + (S_l / n)^T) / 2`` in float64, ``S_l = S[idx][:, idx]`` (the live block of a
-    factor, symmetrised): the same operations with two ``[k, k]`` temporaries instead of five
-    (es33: each one freshly mapped memory, ~0.1 s of page faults per 2,048-wide factor), and no
-    ``[k, p]`` row gather where a few rows of a wide factor are live."""
+    factor, symmetrised): the same operations with one ``[k, k]`` result and block temporaries
+    instead of five ``[k, k]`` ones (es33: each freshly mapped memory, ~0.1 s of page faults per
+    2,048-wide factor), and no ``[k, p]`` row gather where a few rows of a wide factor are live."""
     blk = S if idx.numel() == S.shape[0] else S[idx.unsqueeze(1), idx.unsqueeze(0)]
-    Sn = blk.to(torch.float64) / n
-    out = Sn + Sn.T
-    del Sn
-    return out.div_(2)
+    k = blk.shape[0]
+    out = torch.empty(k, k, dtype=torch.float64)
+    # by pairs of row blocks (I, J >= I): (S_IJ / n + (S_JI / n)^T) / 2, mirrored to J, I (the sum
+    # is commutative: the same float both sides)
+    e = list(range(0, k, SYMMETRISE_BLOCK)) + [k]
+    for i0, i1 in zip(e[:-1], e[1:]):
+        for j0, j1 in zip(e[:-1], e[1:]):
+            if j0 < i0:
+                continue
+            t = blk[i0:i1, j0:j1].to(torch.float64) / n
+            t.add_((blk[j0:j1, i0:i1].to(torch.float64) / n).T).div_(2)
+            out[i0:i1, j0:j1] = t
+            if j0 != i0:
+                out[j0:j1, i0:i1] = t.T
+    return out
+
+
+# rows per block of _live_block's symmetrisation
+SYMMETRISE_BLOCK = 256
 
 
 def _factor_pinv_vif(S: Tensor) -> Tensor:
@@ -697,24 +715,29 @@ def _factor_pinv_vif(S: Tensor) -> Tensor:
     return out
 
 
-def _factor_vif(S: Tensor) -> Tensor | None:
+def _factor_vif(S: Tensor, overwrite: bool = False) -> Tensor | None:
     """``diag(R^-1)`` ``[k]`` of the correlation matrix of ``S`` by a Cholesky factorisation (1 on
     a zero diagonal: a dead unit, no curvature), or ``None`` where ``R`` is singular or within
-    :data:`KFAC_RCOND` of it (its pivots), for the eigendecomposition's pseudo-inverse."""
-    d = S.diagonal()
+    :data:`KFAC_RCOND` of it (its pivots), for the eigendecomposition's pseudo-inverse.
+    ``overwrite``: ``S`` (float64, contiguous) may be overwritten (by ``R`` and its Cholesky
+    factor: no ``[k, k]`` copies where every unit is live)."""
+    d = S.diagonal().clone()
     live = d > 0
     out = torch.ones_like(d)
     if not bool(live.any()):
         return out
     idx = live.nonzero().reshape(-1)
     sd = d[idx].sqrt()
-    # S / sd_i / sd_j with one [k, k] temporary (the same operations); the inverse overwrites it
-    R = (S if idx.numel() == d.numel() else S[idx.unsqueeze(1), idx.unsqueeze(0)]) / sd.unsqueeze(0)
+    # S / sd_i / sd_j (the same operations), in place where allowed; the Cholesky overwrites R
+    if idx.numel() == d.numel() and overwrite:
+        R = S.div_(sd.unsqueeze(0))
+    else:
+        R = (S if idx.numel() == d.numel() else S[idx.unsqueeze(1), idx.unsqueeze(0)]) / sd.unsqueeze(0)
     R.div_(sd.unsqueeze(1))
-    L, info = torch.linalg.cholesky_ex(R)
-    if int(info) != 0 or not float(L.diagonal().square().min()) > KFAC_RCOND * float(R.diagonal().max()) * 1e3:
+    r_max = float(R.diagonal().max())
+    L, info = torch.linalg.cholesky_ex(R, out=(R, torch.empty((), dtype=torch.int32)))
+    if int(info) != 0 or not float(L.diagonal().square().min()) > KFAC_RCOND * r_max * 1e3:
         return None
-    del R
     out[idx] = _cholesky_inverse_diagonal(L)
     return out
 
@@ -727,11 +750,16 @@ def _cholesky_inverse_diagonal(L: Tensor) -> Tensor:
     over the 1e7 MLP's 1,025-, 2,048- and 2,049-wide factors, within 2.3e-15 relative of it)."""
     k = L.shape[0]
     out = torch.empty(k, dtype=L.dtype)
-    for j0 in range(0, k, INVERSE_DIAGONAL_BLOCK):
-        j1 = min(j0 + INVERSE_DIAGONAL_BLOCK, k)
-        E = torch.zeros(k - j0, j1 - j0, dtype=L.dtype)
-        E.diagonal().fill_(1.0)
-        out[j0:j1] = torch.linalg.solve_triangular(L[j0:, j0:], E, upper=False).square().sum(0)
+    w = min(INVERSE_DIAGONAL_BLOCK, k)
+    # the identity's columns j0:j1 from row j0 on: the top rows of one [k, w] block
+    E = torch.zeros(k, w, dtype=L.dtype)
+    E.diagonal().fill_(1.0)
+    X = torch.empty(k * w, dtype=L.dtype)
+    for j0 in range(0, k, w):
+        j1 = min(j0 + w, k)
+        x = torch.linalg.solve_triangular(L[j0:, j0:], E[: k - j0, : j1 - j0], upper=False,
+                                          out=X[: (k - j0) * (j1 - j0)].view(k - j0, j1 - j0))
+        out[j0:j1] = x.square().sum(0)
     return out
 
 
