@@ -981,10 +981,10 @@ class MomentAccumulator:
         d, ad = self.d, self.acc_dtype
         spec: dict[str, tuple[Any, str]] = {
             "n": (torch.zeros((), dtype=torch.int64), "sum"),
-            "g_sum": (torch.zeros(d, dtype=ad), "sum"),
-            "g2_sum": (torch.zeros(d, dtype=ad), "sum"),
-            "h_sum": (torch.zeros(d, dtype=ad), "sum"),
-            "h2_sum": (torch.zeros(d, dtype=ad), "sum"),
+            "g_sum": (_zeros((d,), ad), "sum"),
+            "g2_sum": (_zeros((d,), ad), "sum"),
+            "h_sum": (_zeros((d,), ad), "sum"),
+            "h2_sum": (_zeros((d,), ad), "sum"),
             "probes": (torch.zeros((), dtype=torch.int64), "sum"),
             "grad_norm_sq": (torch.zeros((), dtype=torch.float64), "sum"),
         }
@@ -1001,8 +1001,8 @@ class MomentAccumulator:
                     spec[f"kfac_G.{m}"] = (torch.zeros(k, q, q, dtype=torch.float64), "sum")
                     spec[f"kfac_t.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
                 else:
-                    spec[f"kfac_A.{m}"] = (torch.zeros(p, p, dtype=torch.float64), "sum")
-                    spec[f"kfac_G.{m}"] = (torch.zeros(q, q, dtype=torch.float64), "sum")
+                    spec[f"kfac_A.{m}"] = (_zeros((p, p), torch.float64), "sum")
+                    spec[f"kfac_G.{m}"] = (_zeros((q, q), torch.float64), "sum")
                 spec[f"kfac_n.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
         if self.keep_w:
             spec["rec_grad"] = ([], "cat")
@@ -2053,6 +2053,25 @@ class MomentAccumulator:
         merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
         R = self.num_records
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.zeros(shape, dtype=dtype)``; from :data:`LAZY_ZEROS_MIN_BYTES` on, on memory the
+    kernel zeroes at first touch (numpy's ``calloc``): ``torch.zeros`` writes every page at once,
+    and most of the large sums' pages are written late or never (es33: a ReLU layer's dead rows
+    of ``g_sum``, ``h2_sum`` outside Hutchinson and ``ggn_mc``, all but the live block of a
+    4,096-wide ``G``: ~270 of the 1e7 MLP's ~380 MB of state, ~0.2-0.5 s of page faults). The
+    tensor is an ordinary CPU tensor on numpy's buffer (not resizable in place)."""
+    numel = math.prod(shape)
+    if numel * torch.empty((), dtype=dtype).element_size() < LAZY_ZEROS_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    import numpy as np
+
+    return torch.from_numpy(np.zeros(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
+
+
+# state tensors of at least this many bytes are zeroed lazily (_zeros)
+LAZY_ZEROS_MIN_BYTES = 1 << 22
 
 
 def _quantile(v: Tensor, q: float) -> float:

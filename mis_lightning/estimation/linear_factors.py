@@ -139,26 +139,41 @@ class FactoredProgram:
         self._verified = False
         self.scratch = Scratch()
 
-    def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    def _forward(self, inputs: Any, b: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``(out, f [b], the layers' outputs)`` of one forward with the layout's checks."""
+        out = self.model(inputs)
+        if out.numel() != b:
+            raise NotImplementedError("the factored path needs one output per record")
+        for m in self.layout:
+            if self.capture.calls.get(m, 0) != 1 or self.capture.inputs[m].dim() != 2:
+                raise NotImplementedError(f"layer {m!r} is not called once on [B, in] inputs")
+        return out, out.reshape(b), [self.capture.outputs[m] for m in self.layout]
+
+    def _verify_first(self, inputs: Any, b: int) -> None:
+        """:meth:`_verify` on the first :data:`VERIFY_RECORDS` records of the first batch, in a
+        forward and backward of their own (es33: the whole merged batch's weight gradients and
+        factored products were ~0.25 s of the 1e7 MLP's first call; a weight used outside its
+        layer adds its terms on any record)."""
+        r = min(b, VERIFY_RECORDS)
+        first = torch.utils._pytree.tree_map(
+            lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
         self.capture.reset()
-        inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
         with torch.enable_grad(), default_dtype(self.dtype):
-            out = self.model(inputs)
-            if out.numel() != b:
-                raise NotImplementedError("the factored path needs one output per record")
-            for m in self.layout:
-                if self.capture.calls.get(m, 0) != 1 or self.capture.inputs[m].dim() != 2:
-                    raise NotImplementedError(f"layer {m!r} is not called once on [B, in] inputs")
-            f = out.reshape(b)
-            outs = [self.capture.outputs[m] for m in self.layout]
-            if self._verified:
-                deltas = torch.autograd.grad(f.sum(), outs)
-            else:
-                mp = dict(self.model.named_parameters())
-                pnames = [n for n in self.names if n in mp]
-                got = torch.autograd.grad(f.sum(), outs + [mp[n] for n in pnames])
-                deltas = got[: len(outs)]
-                self._verify(deltas, dict(zip(pnames, got[len(outs):])))
+            _, f, outs = self._forward(first, r)
+            mp = dict(self.model.named_parameters())
+            pnames = [n for n in self.names if n in mp]
+            got = torch.autograd.grad(f.sum(), outs + [mp[n] for n in pnames])
+            self._verify(got[: len(outs)], dict(zip(pnames, got[len(outs):])))
+        self.capture.reset()
+
+    def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+        inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
+        if not self._verified:
+            self._verify_first(inputs, b)
+        self.capture.reset()
+        with torch.enable_grad(), default_dtype(self.dtype):
+            out, f, outs = self._forward(inputs, b)
+            deltas = torch.autograd.grad(f.sum(), outs)
         fd = f.detach()
         shape = tuple(out.shape[1:])
 
@@ -181,7 +196,7 @@ class FactoredProgram:
             x = self.capture.inputs[m].detach()
             dl = delta.detach()
             # (x, d, c) as documented, then delta and L for the Kronecker factor G (kron_sums)
-            res[m] = (x, e.unsqueeze(-1) * dl, Ld.unsqueeze(-1) * dl.square(), dl, Ld)
+            res[m] = (x, e.unsqueeze(-1) * dl, dl.square().mul_(Ld.unsqueeze(-1)), dl, Ld)
         self.capture.reset()
         return res
 
@@ -190,7 +205,8 @@ class FactoredProgram:
         return {m: tuple(t[rows] for t in v) for m, v in fac.items()}
 
     def _verify(self, deltas: tuple[Tensor, ...], grads: dict[str, Tensor]) -> None:
-        """The factored gradient of ``sum_i f_i`` (``delta^T x`` per layer) must equal autograd's.
+        """The factored gradient of ``sum_i f_i`` (``delta^T x`` per layer) must equal autograd's
+        (on the records of the last forward: :meth:`_verify_first`).
 
         A weight used anywhere else (tied to another module, a functional call in
         ``forward``) gets extra gradient terms the factors do not see: fall back to torch.func.
@@ -362,7 +378,8 @@ def _add_live_rows(into: tuple[Tensor, Tensor, Tensor], x: Tensor, x2: Tensor, d
         return
     for tgt, u, w in zip(into, (d, d2, c), (x, x2, x2)):
         # view[rows] += the product: the same float additions as view[rows] + t, no gathered copy
-        tgt.view(k, -1).index_add_(0, rows, product(u[:, rows], w))
+        view = tgt.view(k, -1)
+        view.index_add_(0, rows, product(u[:, rows], w).to(view.dtype))
 
 
 def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
@@ -438,6 +455,8 @@ def _gram(u: Tensor, v: Tensor | None, scratch: Scratch | None = None) -> Tensor
     return out
 
 
+# records of the first batch on which FactoredProgram checks its factored gradient (_verify_first)
+VERIFY_RECORDS = 64
 # _gram's row blocks of a symmetric u^T u, and the width from which it splits (below: one GEMM)
 GRAM_BLOCKS = 4
 GRAM_BLOCK_MIN = 512
