@@ -2056,18 +2056,19 @@ class MomentAccumulator:
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """``torch.zeros(shape, dtype=dtype)``; from :data:`LAZY_ZEROS_MIN_BYTES` on, on memory the
-    kernel zeroes at first touch (numpy's ``calloc``): ``torch.zeros`` writes every page at once,
-    and most of the large sums' pages are written late or never (es33: a ReLU layer's dead rows
-    of ``g_sum``, ``h2_sum`` outside Hutchinson and ``ggn_mc``, all but the live block of a
-    4,096-wide ``G``: ~270 of the 1e7 MLP's ~380 MB of state, ~0.2-0.5 s of page faults). The
-    tensor is an ordinary CPU tensor on numpy's buffer (not resizable in place)."""
-    numel = math.prod(shape)
-    if numel * torch.empty((), dtype=dtype).element_size() < LAZY_ZEROS_MIN_BYTES:
+    """``torch.zeros(shape, dtype=dtype)``; from :data:`LAZY_ZEROS_MIN_BYTES` on, on an anonymous
+    memory map, whose pages the kernel zeroes at their first touch: ``torch.zeros`` writes every
+    page at once, and most of the large sums' pages are written late or never (es33: a ReLU
+    layer's dead rows of ``g_sum``, ``h2_sum`` outside Hutchinson and ``ggn_mc``, all but the live
+    block of a 4,096-wide ``G``: ~270 of the 1e7 MLP's ~380 MB of state). Not numpy's ``calloc``:
+    numpy advises huge pages for large buffers, each first touch then zeroes 2 MB (the 1e7 pass
+    spent seconds in the kernel). An ordinary CPU tensor on the map (not resizable in place)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < LAZY_ZEROS_MIN_BYTES:
         return torch.zeros(shape, dtype=dtype)
-    import numpy as np
+    import mmap
 
-    return torch.from_numpy(np.zeros(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 # state tensors of at least this many bytes are zeroed lazily (_zeros)
