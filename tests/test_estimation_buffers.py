@@ -231,3 +231,38 @@ def test_kfac_sums_in_reused_buffers_equal_fresh_products():
         for a, r in zip(sums[w], ref_sums[w]):
             torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)  # live rows: MKL's blocking of a smaller GEMM
     prog.close()
+
+
+class _Reused(nn.Module):
+    """A Linear layer whose weight the forward also uses outside the layer (F.linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)) + 0.5 * nn.functional.linear(x, self.a.weight))
+
+
+def test_factored_path_verifies_its_gradient_on_the_first_records_and_still_finds_a_reused_weight():
+    """``FactoredProgram`` checks its factored gradient against autograd's once, on the first
+    ``VERIFY_RECORDS`` records of the first batch in a forward and backward of their own (es33:
+    the weight gradients and products over the whole merged batch were ~0.25 s of the 1e7 MLP's
+    first call), then runs the batch without weight gradients: the private copy sees 64 then
+    200 records (main: 200 once). A weight also used outside its layer is still found (its
+    extra terms are on every record): ``NotImplementedError``, the per-layer path's cue."""
+    torch.manual_seed(1)
+    x, y = torch.randn(200, 12), torch.randn(200)
+    model, _ = _relu_mlp()
+    prog = LF.FactoredProgram(model, mse_per_record, [k for k, _ in model.named_parameters()], torch.float32)
+    seen: list[int] = []
+    prog.model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    prog.batch(x, y, 200)
+    prog.batch(x, y, 200)
+    assert seen == [LF.VERIFY_RECORDS, 200, 200]
+    prog.close()
+    reused = _Reused()
+    prog = LF.FactoredProgram(reused, mse_per_record, [k for k, _ in reused.named_parameters()], torch.float32)
+    with pytest.raises(NotImplementedError, match="also used outside layer"):
+        prog.batch(torch.randn(200, 6), y, 200)
+    prog.close()
