@@ -111,7 +111,10 @@ def test_inverse_diagonal_by_triangular_solves_equals_the_cholesky_inverse():
     ``torch.cholesky_inverse``; es33): within 1e-12 relative of ``cholesky_inverse``'s diagonal on
     well- and ill-conditioned correlation matrices (condition up to ~1e8), widths below, at and
     across the block (several blocks and a short last one). Fails on main (ImportError)."""
-    from mis_lightning.estimation.linear_factors import INVERSE_DIAGONAL_BLOCK, _cholesky_inverse_diagonal
+    from mis_lightning.estimation.linear_factors import (
+        INVERSE_DIAGONAL_BLOCK,
+        _cholesky_inverse_diagonal,
+    )
 
     g = torch.Generator().manual_seed(3)
     for k in (1, 7, INVERSE_DIAGONAL_BLOCK, INVERSE_DIAGONAL_BLOCK + 1, 2 * INVERSE_DIAGONAL_BLOCK + 37):
