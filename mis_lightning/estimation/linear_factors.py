@@ -299,7 +299,10 @@ class FactoredProgram:
                 a = x
             if into is not None and m in into:
                 _live_gram(a, a, into=into[m][0], scratch=self.scratch)
-                _live_gram(L.unsqueeze(-1) * delta, delta, into=into[m][1], scratch=self.scratch)
+                # L = 1 on every record (a squared error's second derivative): L delta is delta
+                # itself (1 x is exact), whose Gram is symmetric: its upper blocks only (_gram)
+                Ld = delta if bool((L == 1).all()) else L.unsqueeze(-1) * delta
+                _live_gram(Ld, delta, into=into[m][1], scratch=self.scratch)
                 res[m] = (torch.empty(0, dtype=acc), torch.empty(0, dtype=acc))
                 continue
             res[m] = (_live_gram(a, a).to(acc), _live_gram(L.unsqueeze(-1) * delta, delta).to(acc))
