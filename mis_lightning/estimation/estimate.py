@@ -1716,7 +1716,7 @@ class MomentAccumulator:
                 # by blocks of rows (es33: no [out, in] float64 sqrt and widened sigma per layer,
                 # 134 MB of fresh memory at the 1e7 MLP's 4,096 x 2,049 layer); the maximum over
                 # the blocks' maxima is the part's (NaN propagates as in one max)
-                rows = max(1, FINALIZE_SUB_CHUNK // max(1, part[0].numel()))
+                rows = max(1, FINALIZE_SUB_CHUNK // max(1, math.prod(part.shape[1:])))
                 tops = []
                 for r0 in range(0, part.shape[0], rows):
                     blk = part[r0: r0 + rows]
