@@ -173,8 +173,8 @@ def test_kth_smallest_by_partition_is_kthvalue():
 def test_large_state_is_zeroed_lazily_and_behaves_as_torch_zeros():
     """``estimate._zeros`` (the large sums of the estimation's state, es33): equal to
     ``torch.zeros``, writable, saved and loaded, deep-copied, and its pages not written at
-    creation (minor page faults < 1/8 of ``torch.zeros``'s for 64 MB: most of a ReLU MLP's sums
-    stay zero and are never touched). Fails on main (ImportError)."""
+    creation (minor page faults for 64 MB: most of a ReLU MLP's sums stay zero and are never
+    touched): < 1/8 of its pages at creation. Fails on main (ImportError)."""
     import copy
     import io
 
@@ -182,9 +182,10 @@ def test_large_state_is_zeroed_lazily_and_behaves_as_torch_zeros():
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     z = E._zeros(shape, torch.float64)
     f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    # torch.zeros writes all 16,384 pages (which, in a long-lived process, may already be mapped:
+    # no fault to compare against); the lazy tensor's are fresh and untouched
+    assert (f1 - f0) * 8 < z.numel() * 8 // 4096, f1 - f0
     ref = torch.zeros(shape, dtype=torch.float64)
-    f2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    assert (f1 - f0) * 8 < f2 - f1, (f1 - f0, f2 - f1)
     assert z.shape == shape and z.dtype == torch.float64 and z.is_contiguous() and torch.equal(z, ref)
     z[5, 7] = 2.0
     z.add_(1.0)
