@@ -172,6 +172,9 @@ DEFAULT_BUDGET = 1 << 25  # floats held at once by per-sample buffers (~128 MiB 
 # 16 bytes per weight held instead of 32, no whole-model float64 temporaries.
 FLOAT32_STATE_MIN_PARAMS = 10_000_000
 FINALIZE_CHUNK = 1 << 22
+# ... each block in sub-blocks of this many weights (float64 temporaries of 512 KiB: in cache, and
+# reused by the allocator; es33)
+FINALIZE_SUB_CHUNK = 1 << 16
 # the diagonal estimator's K-FAC correction of sigma (MomentAccumulator._kfac_factors); False: the
 # uncorrected diagonal sandwich (A/B benchmarks: benchmarks/kfac_sigma.py --cost)
 KFAC_CORRECTION = True
@@ -978,10 +981,10 @@ class MomentAccumulator:
         d, ad = self.d, self.acc_dtype
         spec: dict[str, tuple[Any, str]] = {
             "n": (torch.zeros((), dtype=torch.int64), "sum"),
-            "g_sum": (torch.zeros(d, dtype=ad), "sum"),
-            "g2_sum": (torch.zeros(d, dtype=ad), "sum"),
-            "h_sum": (torch.zeros(d, dtype=ad), "sum"),
-            "h2_sum": (torch.zeros(d, dtype=ad), "sum"),
+            "g_sum": (_zeros((d,), ad), "sum"),
+            "g2_sum": (_zeros((d,), ad), "sum"),
+            "h_sum": (_zeros((d,), ad), "sum"),
+            "h2_sum": (_zeros((d,), ad), "sum"),
             "probes": (torch.zeros((), dtype=torch.int64), "sum"),
             "grad_norm_sq": (torch.zeros((), dtype=torch.float64), "sum"),
         }
@@ -998,8 +1001,8 @@ class MomentAccumulator:
                     spec[f"kfac_G.{m}"] = (torch.zeros(k, q, q, dtype=torch.float64), "sum")
                     spec[f"kfac_t.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
                 else:
-                    spec[f"kfac_A.{m}"] = (torch.zeros(p, p, dtype=torch.float64), "sum")
-                    spec[f"kfac_G.{m}"] = (torch.zeros(q, q, dtype=torch.float64), "sum")
+                    spec[f"kfac_A.{m}"] = (_zeros((p, p), torch.float64), "sum")
+                    spec[f"kfac_G.{m}"] = (_zeros((q, q), torch.float64), "sum")
                 spec[f"kfac_n.{m}"] = (torch.zeros((), dtype=torch.int64), "sum")
         if self.keep_w:
             spec["rec_grad"] = ([], "cat")
@@ -1491,6 +1494,8 @@ class MomentAccumulator:
         return {"estimator": describe_estimator(m, h), "reason": why, "n": n}
 
     def _finalize(self, state: dict[str, Any] | None = None) -> Estimate:
+        if isinstance(self.factored, FactoredProgram):
+            self.factored.scratch.clear()  # the pass's GEMM buffers (refilled by a later update)
         st = self.state if state is None else dict(state)
         names, offsets = self.names, self.offsets
         n = int(st["n"])
@@ -1652,8 +1657,8 @@ class MomentAccumulator:
         where the path had no factored Linear program.
 
         ``apply``: the large-model path (:meth:`_finalize_lean`): each parameter's factor goes to
-        ``apply(name, [out, in] or [out] float64 sqrt(VIF))`` as its layer is done and nothing of
-        size numel is returned; the VIFs the diagnostics read are kept in float32 (4 bytes per
+        ``apply(name, [rows, in] or [rows] float64 sqrt(VIF), r0)``, a block of its rows from row
+        ``r0`` at a time, as its layer is done, and nothing of size numel is returned; the VIFs the diagnostics read are kept in float32 (4 bytes per
         corrected weight instead of ~32 in float64 copies; median and maximum are order statistics,
         so they are the float64 ones rounded to float32, the 90th percentile within 2^-24 relative).
         """
@@ -1701,13 +1706,24 @@ class MomentAccumulator:
         def write(parts: list[tuple[str, Tensor]]) -> None:
             nonlocal at, vmax
             for name, part in parts:
-                vifs[at: at + part.numel()].view(part.shape).copy_(part)
+                buf = vifs[at: at + part.numel()].view(part.shape)
                 at += part.numel()
-                vmax = max(vmax, float(part.max()))
-                if apply is not None:
-                    apply(name, part.sqrt())
-                else:
+                if apply is None:
+                    buf.copy_(part)
+                    vmax = max(vmax, float(part.max()))
                     out[name] = part.reshape(-1).sqrt()
+                    continue
+                # by blocks of rows (es33: no [out, in] float64 sqrt and widened sigma per layer,
+                # 134 MB of fresh memory at the 1e7 MLP's 4,096 x 2,049 layer); the maximum over
+                # the blocks' maxima is the part's (NaN propagates as in one max)
+                rows = max(1, FINALIZE_SUB_CHUNK // max(1, math.prod(part.shape[1:])))
+                tops = []
+                for r0 in range(0, part.shape[0], rows):
+                    blk = part[r0: r0 + rows]
+                    buf[r0: r0 + rows].copy_(blk)
+                    tops.append(blk.max())
+                    apply(name, blk.sqrt(), r0)
+                vmax = max(vmax, float(torch.stack(tops).max()))
 
         write(block_parts)
         del block_parts
@@ -1925,18 +1941,29 @@ class MomentAccumulator:
         def penalised(a: int, b: int, g: Tensor) -> Tensor:
             return g + self._decay_slice(a, b) * theta_slice(a, b)
 
+        # Each FINALIZE_CHUNK block runs as sub-blocks of FINALIZE_SUB_CHUNK weights (es33): the
+        # same element-wise float64 operations, on temporaries that stay in cache and are reused
+        # by the allocator instead of ~30 fresh 32 MB ones per block (each mapped and zeroed by
+        # the kernel: ~45% of the 1e7 MLP's estimation was page faults). A block's float sums
+        # are taken over its per-weight terms written to one reused [FINALIZE_CHUNK] buffer, its
+        # maxima over the sub-blocks' (NaN-propagating, as one max): the same floats as before.
+        terms = torch.empty(min(FINALIZE_CHUNK, d), dtype=f64)
         v_max = 0.0
-        for a in range(0, d, FINALIZE_CHUNK):
-            b = min(a + FINALIZE_CHUNK, d)
-            g, v, h = chunk(a, b)
-            grad_sq += float(penalised(a, b, g).square().sum())
-            zero_var += int((v <= 0).sum())
-            v_max = max(v_max, float(v.max()))
-            h_min, h_max = min(h_min, float(h.min())), max(h_max, float(h.max()))
-            neg += int((h <= 0).sum())
-            s_out[a:b] = _curvature_ratios(h, v)  # the floor's scale, before sigma overwrites it
-            h_abs = max(h_abs, float(h.abs().max()))
-            g_out[a:b], v_out[a:b] = g, v
+        for a, b, subs in _finalize_blocks(d):
+            ext = torch.empty(len(subs), 4, dtype=f64)  # per sub-block: max v, min h, max h, max |h|
+            for i, (s, e) in enumerate(subs):
+                g, v, h = chunk(s, e)
+                torch.square(penalised(s, e, g), out=terms[s - a: e - a])
+                zero_var += int((v <= 0).sum())
+                ext[i, 0], ext[i, 1], ext[i, 2], ext[i, 3] = v.max(), h.min(), h.max(), h.abs().max()
+                neg += int((h <= 0).sum())
+                s_out[s:e] = _curvature_ratios(h, v)  # the floor's scale, before sigma overwrites it
+                g_out[s:e], v_out[s:e] = g, v
+            grad_sq += float(terms[: b - a].sum())
+            bmax, bmin = ext.max(0).values, ext.min(0).values
+            v_max = max(v_max, float(bmax[0]))
+            h_min, h_max = min(h_min, float(bmin[1])), max(h_max, float(bmax[2]))
+            h_abs = max(h_abs, float(bmax[3]))
         if d:
             check_curvature(h_max, v_max > 0)
         # v_out standardises the influences (_v_diag): rounding gradients, and a collapsed unit's
@@ -1949,23 +1976,32 @@ class MomentAccumulator:
         # an influence (a pass over the curvature alone), then sigma and V_jj scaled in float64
         # before their float32 store (one rounding, as the whole-vector path's)
         trace, lev = 0.0, {}
-        for a in range(0, d, FINALIZE_CHUNK):
-            b = min(a + FINALIZE_CHUNK, d)
-            hs = h_sum[a:b].to(cpu, f64)
-            hd = (hs / self.hutchinson_probes) / n if hutch else hs / n
-            trace += leverage_trace(hd, hd + self._decay_slice(a, b), torch.isfinite(v_out[a:b]))
+        for a, b, subs in _finalize_blocks(d):
+            for s, e in subs:
+                hs = h_sum[s:e].to(cpu, f64)
+                hd = (hs / self.hutchinson_probes) / n if hutch else hs / n
+                terms[s - a: e - a] = _leverage_terms(hd, hd + self._decay_slice(s, e), torch.isfinite(v_out[s:e]))
+            trace += float(terms[: b - a].sum())
         hbar = self._diagonal_leverage(trace, n, lev)
         grow = _influence_scale(hbar)
         z_sum, z_count, hth_sq = 0.0, 0, 0.0
-        for a in range(0, d, FINALIZE_CHUNK):  # diagonal_compute's sigma and the offset's terms (v_max known)
-            b = min(a + FINALIZE_CHUNK, d)
-            g, v, h = chunk(a, b)
-            s_out[a:b] = _diagonal_sigma(h, v, n, self.damping * ratio) * grow
-            if hbar > 0:
-                v_out[a:b] = torch.where(torch.isfinite(v_out[a:b]), v * (1.0 - hbar), math.inf)
-            hth_sq += float((h * theta_slice(a, b)).square().sum())
-            zs, zc = _offset_terms(penalised(a, b, g), v, v_max)
-            z_sum, z_count = z_sum + zs, z_count + zc
+        # the offset statistic's kept terms of a block, packed in order (_offset_terms' selection)
+        kept = torch.empty(min(FINALIZE_CHUNK, d), dtype=f64)
+        for a, b, subs in _finalize_blocks(d):  # diagonal_compute's sigma and the offset's terms (v_max known)
+            at = 0
+            for s, e in subs:
+                g, v, h = chunk(s, e)
+                s_out[s:e] = _diagonal_sigma(h, v, n, self.damping * ratio) * grow
+                if hbar > 0:
+                    v_out[s:e] = torch.where(torch.isfinite(v_out[s:e]), v * (1.0 - hbar), math.inf)
+                torch.square(h * theta_slice(s, e), out=terms[s - a: e - a])
+                tg = penalised(s, e, g)
+                keep = v > V_RELATIVE_FLOOR * v_max
+                k = int(keep.sum())
+                torch.div(tg[keep].square(), v[keep], out=kept[at: at + k])
+                at += k
+            hth_sq += float(terms[: b - a].sum())
+            z_sum, z_count = z_sum + float(kept[:at].sum()), z_count + at
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
         gnorm = math.sqrt(grad_sq)
         diagnostics: dict[str, Any] = {
@@ -1987,10 +2023,10 @@ class MomentAccumulator:
                            negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
         diagnostics.update(lev)
-        def corrected(k: str, f: Tensor) -> None:
-            # sigma times sqrt(VIF) in float64, one rounding to float32, one layer at a time
+        def corrected(k: str, f: Tensor, r0: int) -> None:
+            # sigma times sqrt(VIF) in float64, one rounding to float32, a block of rows at a time
             a, b = offsets[k]
-            sv = s_out[a:b].view(f.shape)
+            sv = s_out[a:b].view(-1, *f.shape[1:])[r0: r0 + f.shape[0]]
             sv.copy_(sv.to(f64).mul_(f))
 
         self._kfac_factors(st, n, diagnostics, apply=corrected)
@@ -2017,6 +2053,26 @@ class MomentAccumulator:
         merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
         R = self.num_records
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """``torch.zeros(shape, dtype=dtype)``; from :data:`LAZY_ZEROS_MIN_BYTES` on, on an anonymous
+    memory map, whose pages the kernel zeroes at their first touch: ``torch.zeros`` writes every
+    page at once, and most of the large sums' pages are written late or never (es33: a ReLU
+    layer's dead rows of ``g_sum``, ``h2_sum`` outside Hutchinson and ``ggn_mc``, all but the live
+    block of a 4,096-wide ``G``: ~270 of the 1e7 MLP's ~380 MB of state). Not numpy's ``calloc``:
+    numpy advises huge pages for large buffers, each first touch then zeroes 2 MB (the 1e7 pass
+    spent seconds in the kernel). An ordinary CPU tensor on the map (not resizable in place)."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < LAZY_ZEROS_MIN_BYTES:
+        return torch.zeros(shape, dtype=dtype)
+    import mmap
+
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
+
+
+# state tensors of at least this many bytes are zeroed lazily (_zeros)
+LAZY_ZEROS_MIN_BYTES = 1 << 22
 
 
 def _quantile(v: Tensor, q: float) -> float:
@@ -2716,11 +2772,13 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     by_module: dict[str, float] = {}
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
-        sd = v[slice(*offsets[k])].clamp_min(0.0).sqrt()
-        # the nearest-rank quantile (kthvalue: no sort of the whole parameter, 7x faster at 8e6)
-        q = float(sd.kthvalue(max(1, math.ceil(ROUNDING_REFERENCE_QUANTILE * sd.numel()))).values) \
-            if sd.numel() else 0.0
+        sd = v[slice(*offsets[k])].clamp_min(0.0).sqrt_()
+        # the nearest-rank quantile (an order statistic, no sort of the whole parameter): on the
+        # CPU by a partition of this copy in place (es33: kthvalue copied it again with int64
+        # indices, 12 bytes per weight of fresh memory; the same value)
+        q = _kth_smallest(sd, max(1, math.ceil(ROUNDING_REFERENCE_QUANTILE * sd.numel()))) if sd.numel() else 0.0
         by_module[mod] = max(by_module.get(mod, 0.0), q)
+        del sd
     top = max(by_module.values(), default=0.0)
     by_module = {m: max(r, ROUNDING_MODULE_SHARE * top) for m, r in by_module.items()}
     rel = max(min(ROUNDING_GRADIENT_EPS * eps, ROUNDING_GRADIENT_MAX),
@@ -2729,13 +2787,30 @@ def _without_rounding_gradients(v: Tensor, names: list[str], offsets: dict[str, 
     flagged = 0
     for k in names:
         mod = k.rsplit(".", 1)[0] if "." in k else ""
-        sl = slice(*offsets[k])
-        low = v[sl].clamp_min(0.0).sqrt() <= rel * by_module[mod]
-        if by_module[mod] > 0 and bool(low.any()):
-            out[sl] = torch.where(low, torch.full_like(v[sl], math.inf), v[sl])
-            flagged += int(low.sum())
+        if not by_module[mod] > 0:
+            continue
+        a0, e0 = offsets[k]
+        # by sub-blocks (es33: no [numel] temporaries); each block's flags read v before its own
+        # write, as the whole-parameter where did
+        for a in range(a0, e0, FINALIZE_SUB_CHUNK):
+            sl = slice(a, min(a + FINALIZE_SUB_CHUNK, e0))
+            low = v[sl].clamp_min(0.0).sqrt_() <= rel * by_module[mod]
+            c = int(low.sum())
+            if c:
+                out[sl].masked_fill_(low, math.inf)
+                flagged += c
     diagnostics["rounding_gradient_weights"] = flagged
     return out
+
+
+def _kth_smallest(x: Tensor, k: int) -> float:
+    """``float(x.kthvalue(k).values)`` of a 1-D tensor the caller no longer needs: on the CPU a
+    partition of ``x`` in place (reordering it), elsewhere ``kthvalue``. NaN sorts last in both."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return float(x.kthvalue(k).values)
+    a = x.numpy()
+    a.partition(k - 1)
+    return float(a[k - 1])
 
 
 # Hessian-diagonal entries within this fraction of the largest below 0 are rounding of 0
@@ -2831,6 +2906,23 @@ def _diagonal_sigma(h: Tensor, v: Tensor, n: int, rel_floor: float) -> Tensor:
     return torch.where(v > 0, v.sqrt() / (math.sqrt(n) * den), torch.zeros_like(v))
 
 
+def _finalize_blocks(d: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
+    """``(a, b, [(s, e), ...])``: the :data:`FINALIZE_CHUNK` blocks of ``range(d)``, each with
+    its :data:`FINALIZE_SUB_CHUNK` sub-blocks (:meth:`MomentAccumulator._finalize_lean`)."""
+    for a in range(0, d, FINALIZE_CHUNK):
+        b = min(a + FINALIZE_CHUNK, d)
+        yield a, b, [(s, min(s + FINALIZE_SUB_CHUNK, b)) for s in range(a, b, FINALIZE_SUB_CHUNK)]
+
+
+def _leverage_terms(h_data: Tensor, h: Tensor, live: Tensor | None = None) -> Tensor:
+    """The per-weight terms of :func:`leverage_trace` (its sum is the trace)."""
+    ok = (h > 0) & (h_data > 0)
+    if live is not None:
+        ok &= live
+    r = torch.where(ok, h_data / torch.where(ok, h, torch.ones_like(h)), torch.zeros_like(h))
+    return r.clamp(max=1.0)
+
+
 def leverage_trace(h_data: Tensor, h: Tensor, live: Tensor | None = None) -> float:
     """``sum_j clamp(H_data_jj / H_jj, 0, 1)``: the diagonal approximation of the effective
     dimension ``tr(H^{-1} H_data)`` (method.md section 4, "Finite-sample (leverage) correction").
@@ -2850,11 +2942,7 @@ def leverage_trace(h_data: Tensor, h: Tensor, live: Tensor | None = None) -> flo
         and ``x / (x + 1)`` is concave), equal without weight decay up to the rank: ``d``
         against ``rank(H_data)``.
     """
-    ok = (h > 0) & (h_data > 0)
-    if live is not None:
-        ok &= live
-    r = torch.where(ok, h_data / torch.where(ok, h, torch.ones_like(h)), torch.zeros_like(h))
-    return float(r.clamp(max=1.0).sum())
+    return float(_leverage_terms(h_data, h, live).sum())
 
 
 def diagonal_leverage(trace: float, n: int, rank: float, diagnostics: dict[str, Any], *,
