@@ -1727,10 +1727,15 @@ class LayerProgram:
     def _make_kron_blocks(self, holders: dict[str, list[str]]) -> dict[str, KronBlock]:
         """The layers of :meth:`kron_blocks`: every convolution and nn.Linear holding no parameter
         of another layer (tied weights: a sum of uses, no Kronecker factor), where the model has
-        at least one convolution (without one the K-FAC factors, if any, come from the
-        FactoredProgram as before: a model without convolutions is unchanged)."""
+        at least one convolution (kc32), or where every assessed layer is an nn.Linear (kf33: the
+        layouts :class:`FactoredProgram` takes, on this path only where its batch could not: several
+        outputs per record, e.g. an MLP classifier; a single-output MLP keeps the FactoredProgram's
+        factors, which the accumulator prefers). Other models without convolutions (norms,
+        embeddings, attention) get none, as before. :attr:`kron_conv` says which case."""
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        if not any(isinstance(mod, conv) for mod in self._mods.values()):
+        self.kron_conv = any(isinstance(mod, conv) for mod in self._mods.values())
+        if not self.kron_conv and (self._tied or KFAC_CONV_FACTORS != "trace"
+                                   or not all(type(mod) is nn.Linear for mod in self._mods.values())):
             return {}
         out: dict[str, KronBlock] = {}
         for m, slot in self.slots.items():
