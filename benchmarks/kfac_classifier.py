@@ -180,10 +180,10 @@ def cost(n: int, repeats: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--act", nargs="+", default=["relu", "tanh"], choices=["relu", "tanh"])
-    ap.add_argument("--hidden", nargs="+", type=int, default=[96], help="hidden widths (one per layer)")
-    ap.add_argument("--fan", type=int, default=24, help="input features")
+    ap.add_argument("--hidden", nargs="*", type=int, default=[80], help="hidden widths (one per layer; none: softmax regression)")
+    ap.add_argument("--fan", type=int, default=20, help="input features")
     ap.add_argument("--classes", type=int, default=5)
-    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--rho", type=float, default=0.5)
     ap.add_argument("--decay", nargs="+", type=float, default=[0.0, 1e-3, 1e-2])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])

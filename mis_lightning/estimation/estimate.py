@@ -1402,7 +1402,8 @@ class MomentAccumulator:
         rows = {}
         if not any(k.startswith("kfac_A.") for k in st):
             return rows
-        trace = isinstance(prog, LayerProgram) and LF.KFAC_CONV_FACTORS == "trace"
+        # (an all-Linear model's layers, kf33: rank-one gradients, dg30's cap as the factored program's)
+        trace = isinstance(prog, LayerProgram) and LF.KFAC_CONV_FACTORS == "trace" and prog.kron_conv
         for m, (p, q) in prog.kron_layers().items():
             if f"kfac_n.{m}" in st:  # a state built before the program changed has none
                 cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))

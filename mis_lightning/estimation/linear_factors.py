@@ -1796,6 +1796,20 @@ class LayerProgram:
                 Zw = Z * w[:r].to(Z.dtype).reshape(r, 1, 1, 1)
                 acc[1] += torch.einsum("rgot,rgqt->goq", Zw, Z).to(torch.float64)
                 continue
+            x = taps.x[m]
+            if not self.kron_conv and isinstance(x, Tensor) and x.dim() == 2:
+                # an all-Linear model's layer on [B, in] inputs (kf33): the gradient is rank one,
+                # g_r = delta_r a_r^T, so A = sum_r w_r |delta_r|^2 a_r a_r^T and G = sum_r w_r |a_r|^2
+                # delta_r delta_r^T: p^2 + out^2 multiply-adds per record, not out p (p + out)
+                d = go[m][:r].reshape(r, blk.out).to(torch.float64)
+                u = x[:r].to(torch.float64) if blk.weight is not None else torch.zeros(r, 0, dtype=torch.float64)
+                if blk.bias is not None:
+                    u = torch.cat([u, torch.ones(r, 1, dtype=torch.float64)], 1)
+                wr = w[:r].to(torch.float64)
+                acc[0][0] += (u * (wr * d.square().sum(1)).unsqueeze(1)).T @ u
+                acc[1][0] += (d * (wr * u.square().sum(1)).unsqueeze(1)).T @ d
+                acc[2] = r
+                continue
             a, step = 0, 1
             while a < r:
                 c = min(r, a + step)
