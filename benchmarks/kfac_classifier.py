@@ -2,13 +2,16 @@
 outputs per record: the per-layer program), with the K-FAC correction off and on (kf33; method.md
 section 4, "The diagonal sandwich and correlated weights").
 
-Each case: ``--in`` Gaussian inputs (AR(1) of correlation ``--rho`` along the features), labels
+Each case: ``--fan`` Gaussian inputs (AR(1) of correlation ``--rho`` along the features), labels
 drawn from a random teacher MLP's softmax (noisy: no separable fit), an MLP of ``--hidden`` widths
 (``relu`` or ``tanh``) with ``--classes`` outputs fitted to its stationary point (full-batch
 L-BFGS in float64 on the mean cross-entropy + ``decay / 2 |theta|^2``, the decay given to the
 estimators). Then ``estimation="exact"`` (its default Hessian: the autograd one) and
 ``estimation="diagonal"`` (its default: the Gauss-Newton diagonal at d > 2,000) with the
-correction off (``estimate.KFAC_CORRECTION = False``: every classifier's path before kf33) and on:
+correction ``off`` (``estimate.KFAC_CORRECTION = False``: every classifier's path before kf33) and on;
+
+``sigma`` runs the correction with the gradients' influences (``estimate.KFAC_INFLUENCES = False``),
+``on`` with the psi influences too (the library's default). Printed:
 
 * ``sigma``: the diagonal estimator's over the exact sandwich's, per parameter tensor (median,
   min, max of the ratio);
@@ -17,7 +20,7 @@ correction off (``estimate.KFAC_CORRECTION = False``: every classifier's path be
   target holds where the step is at most the weight's sd).
 
     PYTHONPATH=. python benchmarks/kfac_classifier.py                    # docs/validation.md, "kf33"
-    PYTHONPATH=. python benchmarks/kfac_classifier.py --act tanh --hidden 40 40 --decay 0 1e-3 1e-2
+    PYTHONPATH=. python benchmarks/kfac_classifier.py --hidden 36 36 --fan 16 --classes 10 --decay 1e-3 0
 
 ``--cost``: the estimation pass (``estimate(mode="diagonal")``, its defaults) on a ReLU MLP
 classifier of ~1e6 weights (784-1024-256-10, ``--n`` records in batches of 256), correction off
@@ -130,14 +133,16 @@ def compare(a: argparse.Namespace, act: str, decay: float, seed: int) -> list[fl
         steps.append(f"{s} {float(r.median()):.2f}")
     print(f"  median grid step / exact sigma: {' '.join(steps)}", flush=True)
     out: list[float] = []
-    for on in [False] + ([True] if a.factors else []):
-        E.KFAC_CORRECTION = on
+    # off: no correction (the code before kf33 on classifiers); sigma: the sigma factor with the
+    # gradients' influences (estimate.KFAC_INFLUENCES = False); on: sigma and the psi influences
+    for on in ["off"] + (["sigma", "on"] if a.factors else []):
+        E.KFAC_CORRECTION, E.KFAC_INFLUENCES = on != "off", on == "on"
         try:
             diag, rep = run(model, loader, "diagonal", decay, a.hessian)
         finally:
-            E.KFAC_CORRECTION = True
+            E.KFAC_CORRECTION, E.KFAC_INFLUENCES = True, True
         dg = diag.diagnostics
-        print(f"  K-FAC {'on ' if on else 'off'} ({diag.estimator}): correction {dg.get('kfac_correction', 'n/a')}, "
+        print(f"  K-FAC {on:5s} ({diag.estimator}): correction {dg.get('kfac_correction', 'n/a')}, "
               f"median VIF {dg.get('kfac_variance_inflation_median', float('nan')):.3g}, p90 "
               f"{dg.get('kfac_variance_inflation_p90', float('nan')):.3g}, psi influences "
               f"{dg.get('kfac_influences', 0)}, uncorrected {dg.get('kfac_uncorrected_layers', 'all')}", flush=True)

@@ -1424,7 +1424,13 @@ KFAC_CONV_FIGURES = (
 
 # ... and for an all-Linear model with several outputs per record, e.g. an MLP classifier (kf33; the
 # per-layer program's partial traces; docs/validation.md, "kf33": benchmarks/kfac_classifier.py)
-KFAC_CLASSIFIER_FIGURES = "FIGURES"
+KFAC_CLASSIFIER_FIGURES = (
+    "(the layers' factors are the partial traces of their Gauss-Newton blocks; on a softmax regression over "
+    "inputs correlated along their features the corrected sigma read a median 0.98-1.44x the exact estimator's "
+    "and the quantized figures 0.92-1.03x its (rtn_int4 0.53-0.81x uncorrected); on small MLP classifiers fitted "
+    "to 91-100% training accuracy (one and two hidden layers, ReLU and tanh, weight decay 0 to 1e-2) the "
+    "correlation across layers kept the quantized figures MLP_RANGE the exact estimator's (MLP_BEFORE "
+    "uncorrected), so they can read low)")
 
 
 def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:
