@@ -1429,9 +1429,9 @@ KFAC_CLASSIFIER_FIGURES = (
     "inputs correlated along their features the corrected sigma read a median 0.98-1.44x the exact estimator's "
     "and the quantized figures 0.92-1.03x its (rtn_int4 0.53-0.81x uncorrected); on small MLP classifiers fitted "
     "to 91-100% training accuracy (one and two hidden layers, ReLU and tanh, weight decay 1e-3 to 1e-2) the "
-    "correlation across layers kept the quantized figures 0.57-1.45x the exact estimator's (0.68-1.08x "
-    "uncorrected; lower than uncorrected on a ReLU MLP at decay 1e-2, where the decay dominated the "
-    "curvature), so they can read low)")
+    "correlation across layers kept the quantized figures 0.56-1.45x the exact estimator's (0.67-1.79x "
+    "uncorrected; lower than uncorrected at decay 1e-2, where the decay dominated the curvature), so they "
+    "can read low)")
 
 
 def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:
