@@ -1402,12 +1402,14 @@ class MomentAccumulator:
         rows = {}
         if not any(k.startswith("kfac_A.") for k in st):
             return rows
-        # (an all-Linear model's layers, kf33: rank-one gradients, dg30's cap as the factored program's)
-        trace = isinstance(prog, LayerProgram) and LF.KFAC_CONV_FACTORS == "trace" and prog.kron_conv
+        trace = isinstance(prog, LayerProgram) and LF.KFAC_CONV_FACTORS == "trace"
         for m, (p, q) in prog.kron_layers().items():
             if f"kfac_n.{m}" in st:  # a state built before the program changed has none
                 cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
-                if trace:  # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS)
+                # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS); an all-Linear
+                # model's layer on [B, in] inputs forms them from its rank-one gradients at p^2 + out^2 per
+                # record (kf33): dg30's cap, as the factored program's
+                if trace and (prog.kron_conv or m in prog.kron_positions):
                     per = q * p * (p + q) * prog.kron_blocks()[m].groups
                     cap = min(cap, max(LF.KFAC_TRACE_MIN_RECORDS, int(LF.KFAC_TRACE_MAX_FLOPS // max(per, 1))))
                 rows[m] = max(0, min(b, cap - int(st[f"kfac_n.{m}"])))

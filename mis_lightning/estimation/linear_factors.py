@@ -1359,6 +1359,9 @@ class LayerProgram:
         # factors :meth:`batch` forms (set by the accumulator before each batch; None: none)
         self._kron_blocks = self._make_kron_blocks(holders)
         self.kron_rows: dict[str, int] | None = None
+        # an all-Linear model's blocks seen on inputs with positions ([B, ..., in]): the general
+        # partial traces, whose cost takes the convolutions' record cap (MomentAccumulator._kron_rows)
+        self.kron_positions: set[str] = set()
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
@@ -1810,6 +1813,8 @@ class LayerProgram:
                 acc[1][0] += (d * (wr * u.square().sum(1)).unsqueeze(1)).T @ d
                 acc[2] = r
                 continue
+            if not self.kron_conv:
+                self.kron_positions.add(m)
             a, step = 0, 1
             while a < r:
                 c = min(r, a + step)
