@@ -168,11 +168,12 @@ def test_the_report_names_the_convolutions_and_the_layers_left_out():
 
 
 def test_models_without_convolutions_keep_their_path():
-    """A Linear classifier (several outputs: the per-layer program) has no KFC blocks, and its
-    estimate no ``kfac_convolutions`` (its figures are the code's before kc32: checked bit for bit
-    on three MLPs with benchmarks/compare_reports.py, docs/validation.md "kc32"); with one
-    convolution, every Linear layer joins."""
-    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    """A classifier with a LayerNorm (several outputs: the per-layer program) has no KFC blocks,
+    and its estimate no ``kfac_convolutions`` (its figures are the code's before kc32: checked bit
+    for bit on three MLPs with benchmarks/compare_reports.py, docs/validation.md "kc32"; an
+    all-Linear classifier has the partial-trace blocks since kf33, tests/test_kfac_classifier.py);
+    with one convolution, every Linear layer joins."""
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 3))
     names = [n for n, _ in mlp.named_parameters()]
     ce = lambda o, t: F.cross_entropy(o, t, reduction="none")  # noqa: E731
     assert LayerProgram(mlp, ce, names, torch.float32).kron_blocks() == {}

@@ -1409,7 +1409,10 @@ class MomentAccumulator:
         for m, (p, q) in prog.kron_layers().items():
             if f"kfac_n.{m}" in st:  # a state built before the program changed has none
                 cap = max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, q))
-                if trace:  # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS)
+                # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS); an all-Linear
+                # model's layer on [B, in] inputs forms them from its rank-one gradients at p^2 + out^2 per
+                # record (kf33): dg30's cap, as the factored program's
+                if trace and (prog.kron_conv or m in prog.kron_positions):
                     per = q * p * (p + q) * prog.kron_blocks()[m].groups
                     cap = min(cap, max(LF.KFAC_TRACE_MIN_RECORDS, int(LF.KFAC_TRACE_MAX_FLOPS // max(per, 1))))
                 rows[m] = max(0, min(b, cap - int(st[f"kfac_n.{m}"])))
@@ -1429,10 +1432,12 @@ class MomentAccumulator:
                 else prog.kron_sums(fac, torch.float64, rows))
         for m, (A, G, *pos) in sums.items():
             if into is None or m not in into:
-                st[f"kfac_A.{m}"] += A.to(dev)
-                st[f"kfac_G.{m}"] += G.to(dev)
+                # an MLP classifier's state was laid out for the FactoredProgram ([p, p]) before its first
+                # batch moved it to the per-layer program ([1, p, p] sums; kf33): the same floats
+                st[f"kfac_A.{m}"] += A.to(dev).reshape(st[f"kfac_A.{m}"].shape)
+                st[f"kfac_G.{m}"] += G.to(dev).reshape(st[f"kfac_G.{m}"].shape)
             st[f"kfac_n.{m}"] += rows[m]
-            if pos:
+            if pos and f"kfac_t.{m}" in st:  # (the partial traces' pos is 0: no kfac_t needed)
                 st[f"kfac_t.{m}"] += pos[0]
 
     def _update_kron_side(self, st: dict[str, Any], inputs: Any, targets: Any, b: int) -> None:
@@ -1690,7 +1695,10 @@ class MomentAccumulator:
                 if not isinstance(mods[m], nn.Linear):
                     conv.append(m)
             left_w = sum(prog._numels[k] for m in left for k in prog.slots[m].values())
-            diagnostics["kfac_convolutions"] = conv
+            if prog.kron_conv:
+                diagnostics["kfac_convolutions"] = conv
+            else:  # an all-Linear model with several outputs per record (kf33): its own report sentence
+                diagnostics["kfac_multi_output"] = True
         for m, (wn, bn) in ({} if isinstance(prog, LayerProgram) else prog.layout).items():
             if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal().sum()) > 0:
                 left.append(m)
@@ -1778,18 +1786,21 @@ class MomentAccumulator:
         kron, blocks = prog.kron_layers(), prog.kron_blocks()
         h = st["h_sum"].to("cpu", f64) / max(n, 1)
         for m in prog.slots:
-            if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal(0, 1, 2).sum()) > 0:
+            if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal(0, -2, -1).sum()) > 0:
                 left.append(m)
                 continue
             blk = blocks[m]
-            k, t = int(st[f"kfac_n.{m}"]), int(st[f"kfac_t.{m}"])
+            # [groups, p, p]; an MLP classifier's state may hold [p, p] (see _add_kron) and no kfac_t
+            sA = st[f"kfac_A.{m}"].reshape(blk.groups, blk.p, blk.p)
+            sG = st[f"kfac_G.{m}"].reshape(blk.groups, blk.out, blk.out)
+            k, t = int(st[f"kfac_n.{m}"]), int(st.get(f"kfac_t.{m}", 0))
             pos = t / max(k, 1)  # t = 0: the partial traces, no subsample rescaling (scales 1)
             full = t == 0 or k >= n
             decay = torch.tensor(([self.decay[blk.weight]] * blk.fan if blk.weight is not None else [])
                                  + ([self.decay[blk.bias]] if blk.bias is not None else []), dtype=f64)
             parts = []
             for g in range(blk.groups):
-                A, G = st[f"kfac_A.{m}"][g].to("cpu", f64), st[f"kfac_G.{m}"][g].to("cpu", f64)
+                A, G = sA[g].to("cpu", f64), sG[g].to("cpu", f64)
                 tr = 0.0
                 if blk.weight is not None:
                     a = self.offsets[blk.weight][0] + g * blk.out * blk.fan

@@ -1553,6 +1553,9 @@ class LayerProgram:
         # factors :meth:`batch` forms (set by the accumulator before each batch; None: none)
         self._kron_blocks = self._make_kron_blocks(holders)
         self.kron_rows: dict[str, int] | None = None
+        # an all-Linear model's blocks seen on inputs with positions ([B, ..., in]): the general
+        # partial traces, whose cost takes the convolutions' record cap (MomentAccumulator._kron_rows)
+        self.kron_positions: set[str] = set()
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
@@ -1921,10 +1924,15 @@ class LayerProgram:
     def _make_kron_blocks(self, holders: dict[str, list[str]]) -> dict[str, KronBlock]:
         """The layers of :meth:`kron_blocks`: every convolution and nn.Linear holding no parameter
         of another layer (tied weights: a sum of uses, no Kronecker factor), where the model has
-        at least one convolution (without one the K-FAC factors, if any, come from the
-        FactoredProgram as before: a model without convolutions is unchanged)."""
+        at least one convolution (kc32), or where every assessed layer is an nn.Linear (kf33: the
+        layouts :class:`FactoredProgram` takes, on this path only where its batch could not: several
+        outputs per record, e.g. an MLP classifier; a single-output MLP keeps the FactoredProgram's
+        factors, which the accumulator prefers). Other models without convolutions (norms,
+        embeddings, attention) get none, as before. :attr:`kron_conv` says which case."""
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        if not any(isinstance(mod, conv) for mod in self._mods.values()):
+        self.kron_conv = any(isinstance(mod, conv) for mod in self._mods.values())
+        if not self.kron_conv and (self._tied or KFAC_CONV_FACTORS != "trace"
+                                   or not all(type(mod) is nn.Linear for mod in self._mods.values())):
             return {}
         out: dict[str, KronBlock] = {}
         for m, slot in self.slots.items():
@@ -1985,6 +1993,22 @@ class LayerProgram:
                 Zw = Z * w[:r].to(Z.dtype).reshape(r, 1, 1, 1)
                 acc[1] += torch.einsum("rgot,rgqt->goq", Zw, Z).to(torch.float64)
                 continue
+            x = taps.x[m]
+            if not self.kron_conv and isinstance(x, Tensor) and x.dim() == 2:
+                # an all-Linear model's layer on [B, in] inputs (kf33): the gradient is rank one,
+                # g_r = delta_r a_r^T, so A = sum_r w_r |delta_r|^2 a_r a_r^T and G = sum_r w_r |a_r|^2
+                # delta_r delta_r^T: p^2 + out^2 multiply-adds per record, not out p (p + out)
+                d = go[m][:r].reshape(r, blk.out).to(torch.float64)
+                u = x[:r].to(torch.float64) if blk.weight is not None else torch.zeros(r, 0, dtype=torch.float64)
+                if blk.bias is not None:
+                    u = torch.cat([u, torch.ones(r, 1, dtype=torch.float64)], 1)
+                wr = w[:r].to(torch.float64)
+                acc[0][0] += (u * (wr * d.square().sum(1)).unsqueeze(1)).T @ u
+                acc[1][0] += (d * (wr * u.square().sum(1)).unsqueeze(1)).T @ d
+                acc[2] = r
+                continue
+            if not self.kron_conv:
+                self.kron_positions.add(m)
             a, step = 0, 1
             while a < r:
                 c = min(r, a + step)
