@@ -52,22 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, help="write the rounds' figures here")
     args = ap.parse_args(argv)
 
-    import torch
-
-    from benchmarks.assess_speed import mlp
+    from benchmarks.first_call import load_saved
     from mis_lightning.assess import run_estimation
-    from mis_lightning.config import stage_configs
 
-    torch.set_num_threads(1)
-    saved = torch.load(args.path)
-    model, _ = mlp(saved["size"])
-    model.load_state_dict(saved["state"])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(saved["x"], saved["y"]), batch_size=256)
-
-    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (out.squeeze(-1) - t) ** 2
-
-    est_cfg, _, _ = stage_configs("assess", None, None, {"strict": False})
+    saved, model, loader, loss_fn, est_cfg, _ = load_saved(args.path)
     rows = []
     for r in range(args.rounds):
         u0 = resource.getrusage(resource.RUSAGE_SELF)

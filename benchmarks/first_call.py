@@ -64,22 +64,13 @@ def _train(size: str, path: str) -> None:
     print(f"size {size} epoch {min(ep[1:]):.3f} s CPU (epochs {', '.join(f'{e:.3f}' for e in ep)})")
 
 
-def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None,
-            off: list[str] | None = None) -> None:
-    import importlib
-
+def load_saved(path: str) -> tuple:
+    """``(saved, model, loader, loss_fn, est_cfg, sc_cfg)`` of a model saved by ``train``: the MLP
+    with its weights, the data in batches of 256, the squared-error loss per record and the
+    default "assess" configurations; one thread."""
     import torch
 
-    for flag in off or []:
-        mod, _, attr = flag.rpartition(".")
-        m = importlib.import_module("mis_lightning." + mod)
-        if not isinstance(getattr(m, attr), bool):
-            raise SystemExit(f"--off {flag}: not a boolean switch")
-        setattr(m, attr, False)
-
     from benchmarks.assess_speed import mlp
-    from benchmarks.scale import COMMON_SCHEMES
-    from mis_lightning.assess import run_estimation, score_schemes
     from mis_lightning.config import stage_configs
 
     torch.set_num_threads(1)
@@ -91,8 +82,27 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
     def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return 0.5 * (out.squeeze(-1) - t) ** 2
 
-    epoch = float(saved["epoch"])
     est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
+    return saved, model, loader, loss_fn, est_cfg, sc_cfg
+
+
+def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None,
+            off: list[str] | None = None) -> None:
+    import importlib
+
+
+    for flag in off or []:
+        mod, _, attr = flag.rpartition(".")
+        m = importlib.import_module("mis_lightning." + mod)
+        if not isinstance(getattr(m, attr), bool):
+            raise SystemExit(f"--off {flag}: not a boolean switch")
+        setattr(m, attr, False)
+
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.assess import run_estimation, score_schemes
+
+    saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path)
+    epoch = float(saved["epoch"])
     c0 = time.process_time()
     est = run_estimation(model, loader, loss_fn, est_cfg)
     e = time.process_time() - c0

@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mis_lightning as ml  # noqa: E402
+from benchmarks.kfac_conv import kfac_on_off_cost  # noqa: E402
 from mis_lightning.assess import run_estimation, score_schemes  # noqa: E402
 from mis_lightning.config import EstimationConfig  # noqa: E402
-from mis_lightning.estimation.estimate import estimate  # noqa: E402
 
 E = importlib.import_module("mis_lightning.estimation.estimate")
 SCHEMES = ["rtn_int8", "rtn_int6", "rtn_int4"]
@@ -163,25 +163,10 @@ def cost(n: int, repeats: int) -> None:
     """The estimation pass on a ~1e6-weight ReLU MLP classifier, K-FAC off / on (interleaved)."""
     torch.manual_seed(0)
     model = mlp(784, [1024, 256], 10, "relu").eval()
-    d = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 784, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
-    loader = DataLoader(TensorDataset(x, y), batch_size=256)
-    estimate(model, DataLoader(TensorDataset(x[:64], y[:64]), batch_size=64), ce, mode="diagonal", num_records=8)
-    cpu: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(repeats):
-        for on in (False, True):
-            E.KFAC_CORRECTION = on
-            t0 = time.process_time()
-            est = estimate(model, loader, ce, mode="diagonal")
-            cpu[on].append(time.process_time() - t0)
-    E.KFAC_CORRECTION = True
-    off, on = min(cpu[False]), min(cpu[True])
-    print(f"MLP classifier d = {d:,}, n = {n}, {torch.get_num_threads()} thread(s), {est.estimator}, "
-          f"K-FAC weights {est.diagnostics.get('kfac_corrected_weights', 0):,}, psi influences "
-          f"{est.diagnostics.get('kfac_influences', 0):,}: estimation CPU s off {[round(c, 2) for c in cpu[False]]} "
-          f"on {[round(c, 2) for c in cpu[True]]}; best on / off {on / off:.3f}", flush=True)
+    kfac_on_off_cost(model, x, y, repeats, "MLP classifier")
 
 
 def main(argv: list[str] | None = None) -> None:

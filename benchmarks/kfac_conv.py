@@ -181,10 +181,18 @@ def cost(n: int, repeats: int) -> None:
                           nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(128, 10)).eval()
-    d = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 16, 16, generator=g)
     y = torch.randint(0, 10, (n,), generator=g)
+    kfac_on_off_cost(model, x, y, repeats, "CNN", "16 x 16 x 3 inputs, ")
+
+
+def kfac_on_off_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int, label: str,
+                     extra: str = "") -> None:
+    """The diagonal estimation pass of ``model`` on ``(x, y)`` (cross-entropy, batch 256), K-FAC off
+    and on interleaved ``repeats`` times after a warm-up; prints the CPU seconds and the best on / off."""
+    d = sum(p.numel() for p in model.parameters())
+    n = len(x)
     loader = DataLoader(TensorDataset(x, y), batch_size=256)
     estimate(model, DataLoader(TensorDataset(x[:64], y[:64]), batch_size=64), ce, mode="diagonal", num_records=8)
     cpu: dict[bool, list[float]] = {False: [], True: []}
@@ -196,7 +204,7 @@ def cost(n: int, repeats: int) -> None:
             cpu[on].append(time.process_time() - t0)
     E.KFAC_CORRECTION = True
     off, on = min(cpu[False]), min(cpu[True])
-    print(f"CNN d = {d:,}, n = {n}, 16 x 16 x 3 inputs, {torch.get_num_threads()} thread(s), {est.estimator}, "
+    print(f"{label} d = {d:,}, n = {n}, {extra}{torch.get_num_threads()} thread(s), {est.estimator}, "
           f"K-FAC weights {est.diagnostics.get('kfac_corrected_weights', 0):,}, psi influences "
           f"{est.diagnostics.get('kfac_influences', 0):,}: estimation CPU s off {[round(c, 2) for c in cpu[False]]} "
           f"on {[round(c, 2) for c in cpu[True]]}; best on / off {on / off:.3f}", flush=True)

@@ -30,22 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", nargs="+", default=["int8_weight_only", "float8_weight_only", "rtn_int8"])
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args(argv)
-    import torch
 
-    from benchmarks.assess_speed import mlp
+    from benchmarks.first_call import load_saved
     from mis_lightning.assess import run_estimation, score_schemes
-    from mis_lightning.config import stage_configs
 
-    torch.set_num_threads(1)
-    saved = torch.load(args.path)
-    model, _ = mlp(saved["size"])
-    model.load_state_dict(saved["state"])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(saved["x"], saved["y"]), batch_size=256)
-
-    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (out.squeeze(-1) - t) ** 2
-
-    est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
+    saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(args.path)
     est = run_estimation(model, loader, loss_fn, est_cfg)
     c0 = time.process_time()
     score_schemes(est, model, args.schemes[:1], scoring_config=sc_cfg)
