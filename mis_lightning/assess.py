@@ -50,7 +50,7 @@ from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .functional.storage import storage_cell_moments
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
-from .quantization.base import ParamGrid, check_float_model
+from .quantization.base import ParamGrid, check_float_model, release_chunk_facts
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
 from .report import (
@@ -938,15 +938,18 @@ def score_schemes(
         if fused and est.theta:
             F.warm_up_compiled_kernel(policy, fused, progress, device=next(iter(est.theta.values())).device)
         stored_base: dict[str, tuple[F.CltSums, Tensor | None, Tensor | None, F.CltSums]] = {}
-        if storage and not prepared:  # the baseline's storage cells without any scheme to carry them
-            prepared_base = _Prepared(NoQuantization())
-            prepared_base.storage = dict(storage)
-            sums = _joint_sums(est, [prepared_base], chunk_size, seed, keep_moments=est.influence_stored,
-                               strict=strict, policy=policy, stored=stored_base)
-            sums = {k: v[:1] for k, v in sums.items()}
-        else:
-            sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
-                               policy=policy, stored=stored_base)
+        try:
+            if storage and not prepared:  # the baseline's storage cells without any scheme to carry them
+                prepared_base = _Prepared(NoQuantization())
+                prepared_base.storage = dict(storage)
+                sums = _joint_sums(est, [prepared_base], chunk_size, seed, keep_moments=est.influence_stored,
+                                   strict=strict, policy=policy, stored=stored_base)
+                sums = {k: v[:1] for k, v in sums.items()}
+            else:
+                sums = _joint_sums(est, prepared, chunk_size, seed, keep_moments=est.influence_stored, strict=strict,
+                                   policy=policy, stored=stored_base)
+        finally:  # the chunk facts kept for the pool call (ParamGrid._chunk_grid) end with the pass
+            release_chunk_facts()
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed

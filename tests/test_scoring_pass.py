@@ -383,3 +383,33 @@ def test_finishing_forms_run_under_the_scoring_thread_scope(monkeypatch):
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_chunk_facts_do_not_outlive_the_pass(monkeypatch):
+    """sc33's per-chunk facts (``quantization.base.REUSE_CHUNK_FACTS``: chunk-sized float64
+    expansions kept for the pool call) are freed when the scoring pass ends, also when it raises:
+    a module-level cache must not hold memory in the user's process after the call."""
+    import mis_lightning.quantization.base as qb
+
+    model, est = _estimate("stored")
+    _, sc, _ = stage_configs("assess", None, None, {"uncertainty_draws": 2})
+    kept = []
+    real = qb._fact_put
+
+    def spy(*a, **k):
+        real(*a, **k)
+        kept.append(sum(len(v) for v in qb._FACTS.values()))
+
+    monkeypatch.setattr(qb, "_fact_put", spy)
+    A.score_schemes(est, model, ["rtn_int4", "bf16"], scoring_config=sc)
+    assert kept and max(kept) > 0  # the cache was used during the pass
+    assert all(not v for v in qb._FACTS.values())
+
+    def boom(*a, **k):
+        real(*a, **k)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(qb, "_fact_put", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        A.score_schemes(est, model, ["rtn_int4"], scoring_config=sc)
+    assert all(not v for v in qb._FACTS.values())
