@@ -1023,6 +1023,7 @@ def score_schemes(
     )
 
     # Phase C: per scheme, the chosen method, per-layer values and the interval.
+    _joint_exact_fourth(est, [p for p in prepared if p.scheme.name not in failures], sums, chunk_size, policy)
     for scheme in scheme_objs:
         if scheme.name in failures:
             report.schemes[scheme.name] = SchemeResult(
@@ -1559,6 +1560,9 @@ class _Prepared:
         # per parameter and chunk of a bounded scheme: (moments state, [c, 2] fourth-power columns)
         # kept from the joint pass for _exact_fourth_sums (None: not kept, recomputed there)
         self.fourth_kept: dict[str, list[tuple[tuple, Tensor] | None]] = {}
+        # the main sums with the exact fourth-power sums, where score_schemes computed them for
+        # several schemes at once (JOINT_EXACT_FOURTH); read and dropped by _finish_scheme
+        self.exact_fourth: dict[str, F.CltSums] | None = None
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -2630,6 +2634,47 @@ def _total(layer_sums: dict[str, F.CltSums], R: int) -> F.CltSums:
     return sum(layer_sums.values(), F.CltSums.zeros(R))
 
 
+# The schemes whose bounds do not settle the Gaussian form's diagnostics sum their exact fourth
+# powers in one pass over the layers for all of them (pw34: at 1e5 weights every scheme's, 7
+# passes of 0.04 s): one reader (one PowerCache, its held buffers) per layer and one power-sum
+# call per chunk for every scheme's columns (equal columns once) instead of a pass and a call per
+# scheme. Not bitwise: the GEMMs round otherwise with more columns (~1e-16 relative, as
+# SHARE_EQUAL_COLUMNS). False: one pass per scheme, in _finish_scheme (tests, A/B).
+JOINT_EXACT_FOURTH = True
+
+
+def _joint_exact_fourth(est: Estimate, prepared: list[_Prepared], sums: dict[str, list[F.CltSums]], chunk: int,
+                        policy: F.CompilePolicy | None) -> None:
+    """``prep.exact_fourth`` of every scheme of ``prepared`` whose bounds need the exact sums
+    (:func:`_needs_exact_fourth`), from one :func:`_exact_fourth_sums_of` pass for them all, where
+    :data:`JOINT_EXACT_FOURTH` and at least two need them (one: _finish_scheme's own pass)."""
+    if not JOINT_EXACT_FOURTH:
+        return
+    need = [p for p in prepared if _needs_exact_fourth(est, p, sums)]
+    if len(need) < 2:
+        return
+    with scoring_threads():  # the same thread scope as the per-scheme pass in _finish_scheme
+        got = _exact_fourth_sums_of(est, [(p, {name: sums[name][p.column] for name in est.names}) for p in need],
+                                    chunk, policy)
+    for p, main in zip(need, got):
+        p.exact_fourth = main
+
+
+def _clt_diagnostics(total: F.CltSums, R: int) -> tuple[float, float]:
+    """``(clt_err, n_eff)``: the Edgeworth error estimate (the largest excess kurtosis over 24)
+    and the least effective number of coordinates over the records (method.md section 3)."""
+    clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
+    n_eff = float(total.effective_terms().min()) if R else math.inf
+    return clt_err, n_eff
+
+
+def _needs_exact_fourth(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]]) -> bool:
+    """Whether ``prep``'s fourth-power bounds leave the Gaussian form's diagnostics out of their
+    tolerance, so that :func:`_finish_scheme` needs the exact sums (the test it makes)."""
+    total = _total({name: sums[name][prep.column] for name in est.names}, est.num_records)
+    return total.bound and F.clt_out_of_tolerance(*_clt_diagnostics(total, est.num_records))
+
+
 def _exact_fourth_sums(est: Estimate, prep: _Prepared, main: dict[str, F.CltSums], chunk: int,
                        policy: F.CompilePolicy | None) -> dict[str, F.CltSums]:
     """``main`` with every bounded layer's fourth-power sums (``s4``, ``s22``; :class:`F.CltSums`
@@ -2637,28 +2682,62 @@ def _exact_fourth_sums(est: Estimate, prep: _Prepared, main: dict[str, F.CltSums
     cell moments at theta-hat only (method.md section 3, "Gaussian form's diagnostics"). A
     chunk's columns kept from the joint pass (``prep.fourth_kept``) are used where the moments
     state (:func:`_moments_state`) is still the one they were computed in: bitwise what the
-    recomputation would give."""
-    out = dict(main)
-    for name, cs in main.items():
-        if not cs.bound:
+    recomputation would give. One scheme of :func:`_exact_fourth_sums_of` (bitwise the same)."""
+    return _exact_fourth_sums_of(est, [(prep, main)], chunk, policy)[0]
+
+
+def _exact_fourth_sums_of(est: Estimate, jobs: Sequence[tuple[_Prepared, dict[str, F.CltSums]]], chunk: int,
+                          policy: F.CompilePolicy | None) -> list[dict[str, F.CltSums]]:
+    """:func:`_exact_fourth_sums` of several schemes (``jobs``: ``(prep, main)`` each) in one pass:
+    per layer one :class:`_InfluenceReader` and per chunk one power-sum call over every scheme's
+    ``[c, 2]`` columns (``m4 - 3 kappa^2``, ``kappa^2``), a block equal to an earlier scheme's
+    (equal grids) summed once; schemes with equal grids (``same_cells``) that recompute their
+    moments compute them once. A single job's call is the one scheme's call (bitwise)."""
+    outs = [dict(main) for _, main in jobs]
+    R = est.num_records
+    for name in est.names:
+        who = [i for i, (_, main) in enumerate(jobs) if name in main and main[name].bound]
+        if not who:
             continue
         reader = _InfluenceReader(est, name)
-        th, sg, g = est.theta[name], est.sigma[name], prep.grids[name]
+        th, sg = est.theta[name], est.sigma[name]
         step = max(1, chunk // reader.unit) * reader.unit
-        kept = prep.fourth_kept.get(name, [])
-        s4 = torch.zeros(est.num_records, 2, dtype=torch.float64)
-        for i, a in enumerate(range(0, th.numel(), step)):
+        preps = [jobs[i][0] for i in who]
+        lead = _equal_grid_leads(preps, name)
+        s4 = [torch.zeros(R, 2, dtype=torch.float64) for _ in who]
+        for ci, a in enumerate(range(0, th.numel(), step)):
             b = min(a + step, th.numel())
-            hold = kept[i] if i < len(kept) else None
-            if hold is not None and hold[1].shape[0] == b - a and hold[0] == _moments_state(policy, b - a):
-                cols = hold[1]
-            else:
-                mm = g.moments(th[a:b].to(torch.float64), sg[a:b].to(torch.float64), a, b, compile_policy=policy)
-                k2 = mm.kappa.square()
-                cols = torch.stack([mm.m4 - 3.0 * k2, k2], 1)
-            s4 += reader.sums(a, b, {4: cols})[4]
-        out[name] = F.CltSums(cs.s2, s4[:, 0], s4[:, 1])
-    return out
+            blocks: list[Tensor] = []
+            for k, prep in enumerate(preps):
+                kept = prep.fourth_kept.get(name, [])
+                hold = kept[ci] if ci < len(kept) else None
+                if hold is not None and hold[1].shape[0] == b - a and hold[0] == _moments_state(policy, b - a):
+                    blocks.append(hold[1])
+                elif lead[k] < k and not _is_kept(preps[lead[k]], name, ci):  # an equal grid recomputed it
+                    blocks.append(blocks[lead[k]])
+                else:
+                    mm = prep.grids[name].moments(th[a:b].to(torch.float64), sg[a:b].to(torch.float64), a, b,
+                                                  compile_policy=policy)
+                    k2 = mm.kappa.square()
+                    blocks.append(torch.stack([mm.m4 - 3.0 * k2, k2], 1))
+            first: list[int] = []  # per block, the first equal block's index
+            for k, blk in enumerate(blocks):
+                first.append(next((i for i in range(k) if first[i] == i and (blocks[i] is blk or torch.equal(blocks[i], blk))), k))
+            distinct = [blk for k, blk in enumerate(blocks) if first[k] == k]
+            cols = distinct[0] if len(distinct) == 1 else torch.cat(distinct, 1)
+            ps = reader.sums(a, b, {4: cols})[4]
+            pos = {k: 2 * i for i, k in enumerate(k for k in range(len(blocks)) if first[k] == k)}
+            for k in range(len(blocks)):
+                s4[k] += ps[:, pos[first[k]]: pos[first[k]] + 2]
+        for k, i in enumerate(who):
+            cs = jobs[i][1][name]
+            outs[i][name] = F.CltSums(cs.s2, s4[k][:, 0], s4[k][:, 1])
+    return outs
+
+
+def _is_kept(prep: _Prepared, name: str, ci: int) -> bool:
+    kept = prep.fourth_kept.get(name, [])
+    return ci < len(kept) and kept[ci] is not None
 
 
 def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]],
@@ -2677,15 +2756,15 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     idx = prep.column
     main = {name: sums[name][idx] for name in est.names}
     total = _total(main, R)
-    clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
-    n_eff = float(total.effective_terms().min()) if R else math.inf
+    clt_err, n_eff = _clt_diagnostics(total, R)
     if total.bound and F.clt_out_of_tolerance(clt_err, n_eff):
         # the bounds do not show the Gaussian form within its tolerance: the exact sums decide
-        main = _exact_fourth_sums(est, prep, main, chunk, policy)
+        # (computed for every such scheme at once by score_schemes where JOINT_EXACT_FOURTH)
+        main = prep.exact_fourth if prep.exact_fourth is not None else _exact_fourth_sums(est, prep, main, chunk, policy)
         total = _total(main, R)
-        clt_err = float(total.excess_kurtosis().abs().max()) / 24.0 if R else 0.0
-        n_eff = float(total.effective_terms().min()) if R else math.inf
+        clt_err, n_eff = _clt_diagnostics(total, R)
     prep.fourth_kept.clear()  # read (or not needed): free them
+    prep.exact_fourth = None
     layers = prep.layers
     for name in est.names:
         lk = float(main[name].leakage(n).mean())

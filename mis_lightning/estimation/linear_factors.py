@@ -1094,18 +1094,22 @@ def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
     M = S.shape[-1]
     total = torch.zeros(fac.d.shape[0], M, dtype=torch.float64)
     d = fac.d
+    St = gt = S
     for a in range(power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         if a == 0:
             total += coef * ((S * gb.pow(power).unsqueeze(-1)).sum((0, 1)) if g0 is None else g0)
             if keep is not None:
                 d, S, gb = d[:, keep], S[keep], gb[keep]
+            # [in, out, M]: the GEMM's right operand [in, out * M], copied once instead of by einsum
+            # in every term (the same operands reach the GEMM: bitwise the same sums; pw34)
+            St, gt = S.permute(1, 0, 2).contiguous(), gb.T
             continue
-        B = S * gb.pow(power - a).unsqueeze(-1) if power - a else S  # [out, in, M]
+        B = St * gt.pow(power - a).unsqueeze(-1) if power - a else St  # [in, out, M]
         xa = fac.x.pow(a) if cache is None else cache.power64(fac.x, a)  # [R, in]
         da = d.pow(a)  # [R, out]
-        # sum_{o,i} d_ro^a x_ri^a B_oim = sum_o d_ro^a (x^a @ B_o^T)
-        t = torch.einsum("ri,oim->rom", xa, B)
+        # sum_{o,i} d_ro^a x_ri^a B_iom = sum_o d_ro^a (x^a @ B)_ro
+        t = torch.einsum("ri,iom->rom", xa, B)
         total += coef * torch.einsum("ro,rom->rm", da, t)
     return total
 
