@@ -260,11 +260,13 @@ def test_dead_rows_left_out_of_the_elementwise_work_give_the_same_sums(monkeypat
             assert counts[True] == counts[False]
             if f32:  # the bound and the scales are the whole chunk's (its largest |d| and |gb| in dead rows)
                 n_out = rows.stop - rows.start
-                layer = seen[-1]
-                assert seen[0] is None and layer is not None and layer[0] == n_out
-                assert torch.equal(layer[1], lf._pow2_scale(part.d, (0, 1)))
-                assert torch.equal(layer[2], lf._pow2_scale(g_mean[el].reshape(n_out, 64), (0, 1)))
-                assert float(layer[1]) == 1024.0 and float(layer[2]) == 1024.0  # from rows 31 and 32
+                # (every row: the layer's scales passed where silent rows are left out, pw34 F32_ON_LIVE_ROWS)
+                assert seen[-1] is not None and (seen[0] is None) == (not lf.F32_ON_LIVE_ROWS)
+                for layer in seen[-1:] if seen[0] is None else seen:
+                    assert layer[0] == n_out
+                    assert torch.equal(layer[1], lf._pow2_scale(part.d, (0, 1)))
+                    assert torch.equal(layer[2], lf._pow2_scale(g_mean[el].reshape(n_out, 64), (0, 1)))
+                    assert float(layer[1]) == 1024.0 and float(layer[2]) == 1024.0  # from rows 31 and 32
             torch.testing.assert_close(got[True], got[False], rtol=2 * lf.POWER_SUMS_F32_RTOL if f32 else 1e-12,
                                        atol=0.0)
             ref = _reference(part, g_mean[el], v[el], A[el], power)
@@ -321,3 +323,72 @@ def test_the_blocked_column_maximum_is_amax(shape):
     assert torch.equal(_leading_max(T, (0, 1)), T.amax((0, 1), keepdim=True))
     S.view(-1)[S.numel() // 2] = float("nan")
     assert bool(_leading_max(S, (0, 1)).isnan().any())
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_float32_sums_form_S_on_the_gemm_rows_only(monkeypatch, power):
+    """pw34 (F32_ON_LIVE_ROWS): a float32 call forms ``S = A / V^(p/2)`` on the output rows that
+    reach its GEMMs only (the held ``scaled`` buffer has the non-silent rows, not the chunk's) and
+    takes the a = 0 term by one GEMV over ``A``. Against the materialised float64 sums: within the
+    1e-4 the bound admits; against the path before (switch off): the same records fall back and
+    the sums agree to 1e-12 relative (the GEMMs' operands are the same up to powers of two; the
+    a = 0 term rounds in another order, ~1e-16 of it); dead weights in live rows, an infinite
+    column entry on a dead weight (the product form's exact zero kept: finite sums), an all-silent
+    chunk (the a = 0 term alone: sum_j gb_j^p A_j / v_j^(p/2))."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, g_mean, v, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0  # some records fall back to float64
+    fac.d[far] += 40.0
+    silent = torch.zeros(48, dtype=torch.bool)
+    silent[[0, 5, 6, 7, 20, 31, 32, 47]] = True
+    silent[16:24] = True
+    fac.d[:, silent] = 0.0
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    g_mean, v = gr.mean(0) + 0.25 * (torch.arange(48 * 64) % 7 == 0), gr.var(0, unbiased=False) + 0.5
+    v[64 * 9: 64 * 10: 3] = 0.0  # dead weights in a live row
+    A[64 * 9] = float("inf")  # ... one of them with an infinite entry: no influence, no NaN
+    shapes = []
+    real_scratch = lf.PowerCache.scratch
+
+    def spy(self, slot, shape, dtype, device="cpu"):
+        if slot == "scaled":
+            shapes.append(tuple(shape))
+        return real_scratch(self, slot, shape, dtype, device)
+
+    monkeypatch.setattr(lf.PowerCache, "scratch", spy)
+    got, counts = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(lf, "F32_ON_LIVE_ROWS", on)
+        monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")})
+        shapes.clear()
+        got[on] = factored_power_sums(fac, g_mean, v, A, power, cache=lf.PowerCache())
+        counts[on] = dict(lf.POWER_SUMS_F32_COUNTS)
+        assert shapes == [(48 * 64, 3) if not on else (int((~silent).sum()), 64, 3)]
+    assert counts[True] == counts[False]
+    assert bool(torch.isfinite(got[True]).all())
+    torch.testing.assert_close(got[True], got[False], rtol=1e-12, atol=0.0)
+    Af = torch.where(torch.isfinite(A), A, torch.zeros(()))  # the dead weight's entry counts 0
+    ref = _reference(fac, g_mean, v, Af, power)
+    torch.testing.assert_close(got[True], ref, rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+    # every record falls back (terms that cancel): its float64 sums, the same a = 0 term as a float64 call
+    fac40, g40, v40, A40 = _square_case(shift=40.0)
+    fac40.d[:, silent] = 0.0
+    gr = (fac40.d.unsqueeze(-1) * fac40.x.unsqueeze(1)).reshape(60, -1)
+    g40, v40 = gr.mean(0) + 0.25 * (torch.arange(48 * 64) % 7 == 0), gr.var(0, unbiased=False) + 0.5
+    for on in (False, True):
+        monkeypatch.setattr(lf, "F32_ON_LIVE_ROWS", on)
+        monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")})
+        got[on] = factored_power_sums(fac40, g40, v40, A40, power)
+        assert lf.POWER_SUMS_F32_COUNTS[(power, "float64")] == 60
+        monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())
+        assert torch.equal(got[on], factored_power_sums(fac40, g40, v40, A40, power))
+        monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset({2, 4}))
+    # (the terms cancel ~1e6-fold here: the a = 0 term's ~1e-16 reads ~1e-9 of the sums)
+    torch.testing.assert_close(got[True], got[False], rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(got[True], _reference(fac40, g40, v40, A40, power), rtol=1e-8, atol=0.0)
+    quiet = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=fac.d[:, 16:24])
+    el = slice(16 * 64, 24 * 64)
+    want = ((g_mean[el].pow(power) / v[el].pow(power / 2)).unsqueeze(-1) * A[el]).sum(0)
+    torch.testing.assert_close(factored_power_sums(quiet, g_mean[el], v[el], A[el], power)[0], want, rtol=1e-12, atol=0.0)

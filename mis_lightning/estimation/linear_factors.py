@@ -804,6 +804,12 @@ SKIP_SILENT_ROWS = True
 # on every record: 3,716 of the 1e7 MLP's 4,096 second-layer units) has scaled = 0, every term an
 # exact zero (pf32). Not bitwise: the a = 0 term's float64 sum runs over fewer zeros (~1e-16).
 SKIP_DEAD_ROWS = True
+# ... and a weight's float32 power sums form S = A / V^(p/2) on the GEMMs' rows only, the a = 0
+# term sum_j gb_j^p A_jm / V_j^(p/2) by one GEMV over A (_even_sums_on_rows; pw34: the [numel, M]
+# temporaries of a 1e7 second-layer chunk, 3 of whose 128 rows reach the GEMMs, were ~60% of its
+# call); the float64 calls take that term the same way. Not bitwise: that term's float64 sum in
+# another order (~1e-16 of it). False: as before (A/B).
+F32_ON_LIVE_ROWS = True
 # gradient variance at or below which a weight has no influence in the factored sums (its square,
 # the fourth power's divisor, is then still a normal float64)
 V_NONE = 1e-150
@@ -1047,6 +1053,9 @@ def factored_power_sums(
             out_f = ri.numel()
     cache = cache or _no_cache()
     vp = v_diag.clamp_min(V_NONE).pow(power / 2).unsqueeze(-1)
+    if (F32_ON_LIVE_ROWS and not bias and power in POWER_SUMS_F32 and fac.x.dtype == torch.float64
+            and A.numel() and bool(A.amin() >= 0)):
+        return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache)
     scaled = torch.div(A, vp, out=cache.scratch("scaled", tuple(A.shape), torch.result_type(A, vp), A.device))  # [numel, M]
     if not bool(live.all()):  # torch.where(live, scaled, 0) on the dead rows alone (bitwise)
         scaled[~live] = 0.0
@@ -1081,7 +1090,79 @@ def factored_power_sums(
             part = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x[rows], d=fac.d[rows])
             got[rows] = torch.where(bad[rows], _binomial_sums_f64(part, gb, S, power, keep=keep, g0=g0), got[rows])
         return got
-    return _binomial_sums_f64(fac, gb, S, power, cache, keep)
+    # (the a = 0 term as the float32 calls sum it, so that their records that fall back are these sums)
+    g0 = _zeroth_term(g_mean, A, vp, live, power, bool(live.all())) if F32_ON_LIVE_ROWS else None
+    return _binomial_sums_f64(fac, gb, S, power, cache, keep, g0=g0)
+
+
+def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int, every: bool) -> Tensor:
+    """``[M]`` the binomial expansion's ``a = 0`` term ``sum_j gb_j^p A_jm / V_j^(p/2)`` over the live
+    weights (``vp [numel, 1] = V^(p/2)``), one GEMV over ``A`` (:data:`F32_ON_LIVE_ROWS`); where that
+    is not finite (an infinite ``A`` where a dead weight's 0 multiplied it), the product form of
+    before, whose dead weights are exact zeros."""
+    g2 = g_mean.square()  # gb^p by squarings (pow(4) runs std::pow per element: ~6x slower)
+    c = (g2 if power == 2 else g2.square() if power == 4 else g_mean.pow(power)) / vp.reshape(-1)  # [numel]
+    if not every:
+        c = torch.where(live, c, torch.zeros((), dtype=c.dtype))
+    g0 = c @ A
+    if not bool(torch.isfinite(g0).all()):
+        S = torch.where(live.unsqueeze(-1), A / vp, torch.zeros((), dtype=A.dtype))
+        g0 = (S * g_mean.pow(power).unsqueeze(-1)).sum(0)
+    return g0
+
+
+def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int,
+                       out_f: int, in_f: int, layer: tuple[int, Tensor, Tensor] | None, cache: PowerCache) -> Tensor:
+    """:func:`factored_power_sums` of a weight's columns ``A >= 0`` ``[out * in, M]`` in float32
+    (:func:`_even_power_sums_f32`, its float64 fallback per record) with the element-wise work
+    over the output rows whose ``d`` is not 0 on every record only (:data:`F32_ON_LIVE_ROWS`):
+    the ``a = 0`` term ``G_m = sum_j gb_j^p A_jm / V_j^(p/2)`` is one GEMV over ``A`` (no
+    ``[numel, M]`` temporaries ``S = A / V^(p/2)`` and ``S gb^p``), and ``S`` is formed on the
+    GEMMs' rows alone. ``vp [numel, 1]``: ``V^(p/2)``; ``live [numel]``: ``V > V_NONE``.
+
+    Against the sums before: the GEMMs' operands are the same up to a power of two (``S``'s
+    scale is the maximum over the GEMMs' rows, not the whole chunk's: exact rescalings, the
+    same float32 significands unless an entry is subnormal), so the terms ``a >= 1`` are
+    bitwise the same; ``G`` is summed in another order and rounds the product ``gb^p / V^(p/2)``
+    (``gb^p`` by squarings) before ``A`` instead of ``A / V^(p/2)`` first: a non-negative float64
+    sum of ``numel`` terms, within ``(numel + 3) u`` relative either way (~1e-16 measured; the
+    sums, ``G`` minus the other terms, moved by at most ~1e-14 relative at 1e7 weights)."""
+    M = A.shape[1]
+    gb = g_mean.reshape(out_f, in_f)
+    every = bool(live.all())
+    g0 = _zeroth_term(g_mean, A, vp, live, power, every)
+    keep = None
+    if SKIP_SILENT_ROWS:  # the rows whose d is 0 on every record: their terms a >= 1 are exact zeros (pf31)
+        on = fac.d.ne(0).any(0)
+        if not bool(on.all()):
+            keep = on.nonzero().reshape(-1)
+    if keep is not None and keep.numel() == 0:  # every row silent: the a = 0 term alone, exact
+        POWER_SUMS_F32_COUNTS[(power, "float32")] += fac.d.shape[0]
+        return g0.unsqueeze(0).expand(fac.d.shape[0], -1).clone()
+    if keep is not None:
+        # the bound's out and the power-of-two scales of d and gb stay the layer's (as with keep)
+        layer = layer or (out_f, _pow2_scale(fac.d, (0, 1)), _pow2_scale(gb, (0, 1)))
+        A = A.reshape(out_f, in_f, M)[keep]
+        vp = vp.reshape(out_f, in_f, 1)[keep]
+        live = live.reshape(out_f, in_f)[keep]
+        gb = gb[keep]
+        fac = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x, d=fac.d[:, keep])
+        rows = keep.numel()
+    else:
+        A, vp, live, rows = A.reshape(out_f, in_f, M), vp.reshape(out_f, in_f, 1), live.reshape(out_f, in_f), out_f
+    S = torch.div(A, vp, out=cache.scratch("scaled", (rows, in_f, M), torch.result_type(A, vp), A.device))
+    if not every:
+        S[~live] = 0.0
+    got, bad = _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer)
+    bad_rows = bad.any(1)
+    nbad = int(bad_rows.sum())
+    POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
+    POWER_SUMS_F32_COUNTS[(power, "float64")] += nbad
+    if nbad:  # as in factored_power_sums: the failing entries of these records in float64
+        r = bad_rows.nonzero().reshape(-1)
+        part = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x[r], d=fac.d[r])
+        got[r] = torch.where(bad[r], _binomial_sums_f64(part, gb, S, power, g0=g0), got[r])
+    return got
 
 
 def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
