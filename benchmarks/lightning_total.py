@@ -122,7 +122,7 @@ STAGES = [
     ("mis_lightning.assess", "score_schemes"), ("mis_lightning.assess", "_prepare_scheme"),
     ("mis_lightning.assess", "_joint_sums"), ("mis_lightning.quantization.base", "ParamGrid.element_moments"),
     ("mis_lightning.estimation.linear_factors", "factored_power_sums"),
-    ("mis_lightning.assess", "_finish_scheme"), ("mis_lightning.assess", "_exact_fourth_sums"),
+    ("mis_lightning.assess", "_finish_scheme"), ("mis_lightning.assess", "_exact_fourth_sums_of"),
     ("mis_lightning.tracking", "publish_report"), ("mis_lightning.tracking", "draw_figure"),
     ("mis_lightning.tracking", "log_report"),
 ]
