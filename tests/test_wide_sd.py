@@ -166,13 +166,13 @@ def test_the_gate_dispatches_and_only_where_it_holds(monkeypatch):
     sigma[1::11] = 0.0  # sd 0: no
     sigma[2::13] = 60.0 * scale[2::13].to(F64)  # W ~0.25 > 0.1: no
     seen: list[int] = []
-    path = qb.ParamGrid._path_moments
+    kernel = qb.affine_cell_moments  # the affine grid path's kernel: which weights reach it
 
-    def spy(self, th, *a, **k):
+    def spy(th, *a, **k):
         seen.append(th.shape[0])
-        return path(self, th, *a, **k)
+        return kernel(th, *a, **k)
 
-    monkeypatch.setattr(qb.ParamGrid, "_path_moments", spy)
+    monkeypatch.setattr(qb, "affine_cell_moments", spy)
     monkeypatch.setattr(qb, "WIDE_SD_CLOSED_FORM", True)
     new = g.moments(theta, sigma, 0, c)
     n_new = sum(seen)

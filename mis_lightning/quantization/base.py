@@ -710,11 +710,7 @@ class ParamGrid:
                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                      compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
         """The grid's own cells (no storage rounding); point-mass elements in closed form
-        (:meth:`_point_masses`), and those whose sd spans their bounded window (:meth:`_wide_sd`)."""
-        if WIDE_SD_CLOSED_FORM and bounds is not None:
-            wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
-            if wide is not None:
-                return wide
+        (:meth:`_point_masses`)."""
         if POINT_MASS_CLOSED_FORM:
             c = theta.shape[0]
             point = self._point_masses(theta, sigma, scale, zero_point, code, bounds)
@@ -746,7 +742,7 @@ class ParamGrid:
         """The moments of every element when some lie strictly inside bounds at most
         ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
         ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
-        :meth:`_own_moments`), or ``None`` when none does (affine grids and value tables of at
+        :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
         most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`)."""
         if self.kind == "quotient" or (self.kind == "table" and (
                 self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES)):
@@ -801,8 +797,8 @@ class ParamGrid:
             return out
         # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths
         jj = torch.nonzero(~take).squeeze(-1)
-        sub = self._own_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
-                                _pick(bounds, jj), compile_policy, kappa_only)
+        sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
+                                 _pick(bounds, jj), compile_policy, kappa_only)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
             o[jj] = getattr(sub, f).to(torch.float64)
         return out
@@ -877,7 +873,13 @@ class ParamGrid:
     def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                       compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
-        """The grid's own cells on the grid paths (every element)."""
+        """The grid's own cells on the grid paths (every element); those whose sd spans their
+        bounded window in closed form (:meth:`_wide_sd`; after the point masses: sd-0 weights never
+        qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone)."""
+        if WIDE_SD_CLOSED_FORM and bounds is not None:
+            wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+            if wide is not None:
+                return wide
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
