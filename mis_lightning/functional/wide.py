@@ -35,6 +35,8 @@ All tensors are per element (``[c]``, float64, parameter units).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -133,7 +135,7 @@ def wide_sd_error_bound(sigma: Tensor, lower: Tensor, upper: Tensor, theta: Tens
 
 
 def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cube: Tensor,
-                    own_lo: Tensor, own_hi: Tensor) -> tuple[CellMoments, Tensor]:
+                    own_lo: Tensor | None, own_hi: Tensor | None) -> tuple[CellMoments, Tensor]:
     """The closed form of the module doc and where it applies.
 
     Args:
@@ -142,7 +144,8 @@ def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, 
         cube: ``[c]`` ``C3`` of the cells clipped to the bounds (:func:`affine_cube_sum`,
             :func:`table_cube_sum`).
         own_lo, own_hi: ``[c]`` the edges of each weight's own cell (``-inf`` / ``inf`` for the
-            grid's outer cells); clipped to the bounds here.
+            grid's outer cells); clipped to the bounds here. ``None``: ``mean_abs`` is not
+            computed (NaN; a caller that reads ``kappa`` alone).
 
     Returns:
         ``(moments, ok)``: float64 :class:`CellMoments` ``[c]`` (``kappa = 1 - lambda S``,
@@ -155,6 +158,9 @@ def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, 
     S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube)
     ok = (upper - lower <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper) & (bound <= WIDE_TOL)
     kappa = (1.0 - lam * S).clamp(0.0, 1.0)
+    if own_lo is None or own_hi is None:
+        return CellMoments(kappa=kappa, mean_abs=torch.full_like(kappa, math.nan), m4=torch.full_like(kappa, 3.0),
+                           coverage=torch.ones_like(kappa)), ok
     # the own cell clipped to the bounds; x = the nearer edge (sd units, >= 0: a backend code's
     # cell may miss theta by an ulp at a float32 tie)
     left = th - torch.maximum(own_lo.to(torch.float64), lower)

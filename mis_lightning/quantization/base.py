@@ -743,7 +743,8 @@ class ParamGrid:
         ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
         ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
         :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
-        most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`)."""
+        most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`;
+        ``kappa_only``: their ``mean_abs`` is NaN, not computed)."""
         if self.kind == "quotient" or (self.kind == "table" and (
                 self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES)):
             return None
@@ -772,7 +773,8 @@ class ParamGrid:
             else:
                 assert self.values is not None
                 cube = table_cube_sum(lb, ub, sc, self.values)
-            own_lo, own_hi = self._own_edges(th, sc, zp, cd[0] if cd else None)
+            # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
+            own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
             mm, good = wide_sd_moments(th, sg, lb, ub, cube, own_lo, own_hi)
             kappa[a:a + EAGER_BLOCK], mean_abs[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = mm.kappa, mm.mean_abs, good
         if ii is None:
