@@ -43,13 +43,14 @@ from torch import Tensor
 from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments
 from .runs import per_table
 
-# The closed form applies where the bounded window is at most this many sd wide (the bounds'
-# derivation keeps the exp(+-M^2/2) factors exact, so it holds at any W; below 0.1 the error
-# bound is ~M^2/2 of the Sheppard deficit S, i.e. at most 0.5% of it)...
+# The closed form applies where the bounded window is at most this many sd wide (the error
+# bound's derivation keeps the exp(+-M^2/2) factors exact, so it holds at any W; below 0.1 it is
+# ~M^2/2 of the Sheppard deficit S, i.e. at most 0.5% of it)...
 WIDE_MAX_WINDOW = 0.1
 # ... and where its error bound (the larger of kappa's and m4's, absolute) is at most this: far
 # below the grid paths' own errors there (the fine-grid expansion's 5e-4 h^2: 1e-9 at steps of
-# 1.4e-3 sd) and below every figure the report prints (docs/validation.md, "wsd34")
+# 1.4e-3 sd); the 1e7 / 1e6 / 1e5 reports' d_eff, leakage and mis moved by at most 4.5e-13
+# relative (docs/validation.md and docs/benchmarks.md, "wsd34")
 WIDE_TOL = 1e-11
 # value tables up to this many values (float8, float4, nf4: bounded formats whose cubed widths
 # sum without cancellation); the 16-bit tables (65k values up to 3e38) take the paths
