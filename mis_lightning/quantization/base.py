@@ -61,6 +61,13 @@ from ..functional.storage import (
     stored_edges,
 )
 from ..functional.table import table_layout
+from ..functional.wide import (
+    WIDE_MAX_WINDOW,
+    WIDE_TABLE_MAX_VALUES,
+    affine_cube_sum,
+    table_cube_sum,
+    wide_sd_moments,
+)
 
 FilterFn = Callable[[nn.Module, str], bool]
 # sd / step above which a quotient grid (torchao intx on bf16 / fp16 weights) is scored on its
@@ -116,6 +123,13 @@ _POINT_MASS_MARGIN = 1e-9
 # the remaining elements of such a chunk are padded with point-mass ones up to it, so that they
 # take the path the whole chunk takes (bitwise the same moments)
 _POINT_MASS_PATH_MIN = 1 << 15
+
+# weights whose sd dwarfs the window their release bounds them to (the bounds within
+# functional.wide.WIDE_MAX_WINDOW sd of each other; the 1e7 MLP's first layer: sd 1e3-1e6 steps)
+# take the closed form of functional.wide (kappa = 1 - lambda S, mean_abs exact, m4 = 3) where its
+# derived error bound is at most functional.wide.WIDE_TOL (docs/method.md section 5, "wsd34");
+# False: the grid paths (windowed sums, fine-grid expansion, outer-cell split) for every element
+WIDE_SD_CLOSED_FORM = True
 
 # The scoring pass reads each chunk of a parameter several times per grid: its cell moments at sd
 # and at sd / sqrt(2) (the pool protocol), with the same weights, grid and bounds. What does not
@@ -722,6 +736,79 @@ class ParamGrid:
                 return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
 
+    def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                 bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
+                 kappa_only: bool) -> CellMoments | None:
+        """The moments of every element when some lie strictly inside bounds at most
+        ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
+        ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
+        :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
+        most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`;
+        ``kappa_only``: their ``mean_abs`` is NaN, not computed)."""
+        if self.kind == "quotient" or (self.kind == "table" and (
+                self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES)):
+            return None
+        c = theta.shape[0]
+        lo, hi = bounds
+        # (sd 0, NaN and infinite bounds all fail the first test); in cache-sized blocks (its
+        # chunk-sized temporaries cost 2-5 ms per 2^18 weights, a tenth of the closed form)
+        cand = torch.empty(c, dtype=torch.bool, device=theta.device)
+        for a in range(0, c, EAGER_BLOCK):
+            sl = slice(a, a + EAGER_BLOCK)
+            cand[sl] = (hi[sl] - lo[sl] <= WIDE_MAX_WINDOW * sigma[sl]) & (theta[sl] > lo[sl]) & (theta[sl] < hi[sl])
+        n = int(cand.sum())
+        if n == 0:
+            return None
+        # most elements: the whole chunk (no gathers; the others' values are discarded)
+        ii = torch.nonzero(cand).squeeze(-1) if 2 * n < c else None
+        args = [theta, sigma, scale, zero_point, lo, hi] + ([] if code is None else [code])
+        if ii is not None:
+            args = [t.index_select(0, ii) for t in args]
+        m = args[0].shape[0]
+        kappa = torch.empty(m, dtype=torch.float64, device=theta.device)
+        mean_abs, ok = torch.empty_like(kappa), torch.empty(m, dtype=torch.bool, device=theta.device)
+        # in cache-sized blocks: ~60 element-wise operations (kernel.EAGER_BLOCK)
+        for a in range(0, m, EAGER_BLOCK):
+            th, sg, sc, zp, lb, ub, *cd = (t[a:a + EAGER_BLOCK].to(torch.float64) for t in args)
+            if self.kind == "affine":
+                low_edge, high_edge, step = self._outer_edges(sc, zp)
+                assert step is not None
+                cube = affine_cube_sum(lb, ub, low_edge, high_edge, step)
+            else:
+                assert self.values is not None
+                cube = table_cube_sum(lb, ub, sc, self.values)
+            # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
+            own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
+            mm, good = wide_sd_moments(th, sg, lb, ub, cube, own_lo, own_hi)
+            kappa[a:a + EAGER_BLOCK], mean_abs[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = mm.kappa, mm.mean_abs, good
+        if ii is None:
+            take = ok
+        else:
+            take = torch.zeros(c, dtype=torch.bool, device=theta.device)
+            take[ii] = ok
+        nt = int(take.sum())
+        if nt == 0:
+            return None
+        if ii is None:
+            out = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
+                              coverage=torch.ones_like(kappa))
+        else:
+            out = CellMoments(kappa=torch.zeros(c, dtype=torch.float64, device=theta.device),
+                              mean_abs=torch.zeros(c, dtype=torch.float64, device=theta.device),
+                              m4=torch.full((c,), 3.0, dtype=torch.float64, device=theta.device),
+                              coverage=torch.ones(c, dtype=torch.float64, device=theta.device))
+            jj = ii[ok]
+            out.kappa[jj], out.mean_abs[jj] = kappa[ok], mean_abs[ok]
+        if nt == c:
+            return out
+        # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths
+        jj = torch.nonzero(~take).squeeze(-1)
+        sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
+                                 _pick(bounds, jj), compile_policy, kappa_only)
+        for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
+            o[jj] = getattr(sub, f).to(torch.float64)
+        return out
+
     def _point_masses(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None) -> Tensor | None:
         """``[c]`` bool: the elements whose moments are a point mass's, ``(0, 0, 0, 1)``, or
@@ -792,7 +879,13 @@ class ParamGrid:
     def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                       compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
-        """The grid's own cells on the grid paths (every element)."""
+        """The grid's own cells on the grid paths (every element); those whose sd spans their
+        bounded window in closed form (:meth:`_wide_sd`; after the point masses: sd-0 weights never
+        qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone)."""
+        if WIDE_SD_CLOSED_FORM and bounds is not None:
+            wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+            if wide is not None:
+                return wide
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD

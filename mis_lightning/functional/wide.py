@@ -1,0 +1,177 @@
+"""Cell moments of weights whose sd dwarfs the window the release bounds them to (method.md
+section 5, "Weights whose sd spans the bounded window").
+
+A release with weight-derived scales bounds each weight to ``[lower, upper]`` (the block's
+absmax or min/max, :mod:`~mis_lightning.functional.bounds`): its partition is the grid's cells
+clipped to the bounds plus the two regions beyond them, which the release gives away
+(``m(U) = U``). In standard units ``u = (x - theta) / sigma`` let the window ``[L, U]`` hold
+``0`` (``theta`` strictly inside its bounds), ``W = U - L`` its width and ``M = max(-L, U)``.
+Then, exactly,
+
+* ``1 - kappa = sum_k p_k Var(u | cell k)`` (``E u^2 = 1`` and the revealed regions keep all of
+  theirs);
+* ``sqrt(2/pi) - mean_abs = 2 (phi(0) - phi(min(l, r)))``, ``l``, ``r`` the distances from
+  ``theta`` to the edges of its own clipped cell (only the cell holding ``0`` loses ``E|u|``);
+* ``0 <= 3 - m4 <= 6 M^2 (1 - kappa)`` (on a cell within ``|u| <= M``,
+  ``E u^4 - mu^4 = Var(u^2) + Var(u) (E u^2 + mu^2) <= 6 M^2 Var(u)``).
+
+With ``S = phi(0) C3 / (12 sigma^3)``, ``C3`` the sum of the clipped cells' cubed widths
+(parameter units; the Sheppard term ``h^2 P / 12`` of a uniform grid of step ``h``), each cell
+of width ``w <= W`` obeys ``lambda S_k <= p_k Var_k <= S_k`` with
+``lambda = exp(-M^2 / 2) - M^2 W^2 exp(M^2 / 2) / 12``: the upper side because ``mu_k``
+minimises the second moment and ``phi <= phi(0)``, the lower because ``phi >= phi(0) exp(-M^2/2)``
+on the window and ``|mu_k - c_k| p_k <= M S_k`` (``|phi'| <= M phi(0)``). So the closed form
+
+    kappa = 1 - lambda S,   mean_abs as above (exact),   m4 = 3,   coverage = 1
+
+reads at least the exact ``kappa`` (the conservative side) and errs by at most
+``(1 - lambda) S ~ M^2 S / 2`` in ``kappa`` and ``6 M^2 S`` in ``m4``
+(:func:`wide_sd_error_bound`). The grid paths it replaces (windowed sums, the fine-grid
+expansion between the bounds, the outer-cell split; ~100-500 element-wise operations) carry
+their own errors of up to ``5e-4 h^2`` (the expansion) there.
+
+All tensors are per element (``[c]``, float64, parameter units).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments
+from .runs import per_table
+
+# The closed form applies where the bounded window is at most this many sd wide (the error
+# bound's derivation keeps the exp(+-M^2/2) factors exact, so it holds at any W; below 0.1 it is
+# ~M^2/2 of the Sheppard deficit S, i.e. at most 0.5% of it)...
+WIDE_MAX_WINDOW = 0.1
+# ... and where its error bound (the larger of kappa's and m4's, absolute) is at most this: far
+# below the grid paths' own errors there (the fine-grid expansion's 5e-4 h^2: 1e-9 at steps of
+# 1.4e-3 sd); the 1e7 / 1e6 / 1e5 reports' d_eff, leakage and mis moved by at most 4.5e-13
+# relative (docs/validation.md and docs/benchmarks.md, "wsd34")
+WIDE_TOL = 1e-11
+# value tables up to this many values (float8, float4, nf4: bounded formats whose cubed widths
+# sum without cancellation); the 16-bit tables (65k values up to 3e38) take the paths
+WIDE_TABLE_MAX_VALUES = 4096
+
+
+def _cube(x: Tensor) -> Tensor:
+    # x * x * x: torch's pow(x, 3) on float64 took ~4x the time of two multiplications
+    return x * x * x
+
+
+def affine_cube_sum(lower: Tensor, upper: Tensor, low_edge: Tensor, high_edge: Tensor, step: Tensor) -> Tensor:
+    """``C3 = sum_k w_k^3`` over the cells of a uniform grid clipped to ``[lower, upper]``.
+
+    Args:
+        lower, upper: ``[c]`` finite bounds, ``lower < upper`` (parameter units).
+        low_edge, high_edge: ``[c]`` the grid's first and last inner edge (the upper edge of the
+            lowest cell, the lower edge of the highest: ``(qmin + 1/2 - zp) s``, ``(qmax - 1/2 - zp) s``).
+        step: ``[c]`` the step ``s > 0``.
+
+    Returns:
+        ``[c]`` float64: the inner edges inside ``[lower, upper]`` run from ``a`` to ``b``
+        (``n = (b - a) / s`` whole cells), plus the two cut cells ``a - lower`` and ``upper - b``;
+        no inner edge inside: one cell ``upper - lower``.
+    """
+    lo, hi = lower.to(torch.float64), upper.to(torch.float64)
+    le, s = low_edge.to(torch.float64), step.to(torch.float64)
+    top = torch.round((high_edge.to(torch.float64) - le) / s)
+    n_lo = torch.ceil((lo - le) / s).clamp(min=0.0)
+    n_hi = torch.minimum(torch.floor((hi - le) / s), top)
+    some = n_lo <= n_hi
+    a = le + n_lo * s
+    b = le + n_hi * s
+    inner = _cube((a - lo).clamp_min(0.0)) + (n_hi - n_lo) * _cube(s) + _cube((hi - b).clamp_min(0.0))
+    return torch.where(some, inner, _cube(hi - lo))
+
+
+class CubeTable:
+    """Prefix sums of a value table's finite cells' cubed widths (units of the scale):
+    ``prefix[i] = sum_{j < i} (mids[j + 1] - mids[j])^3`` over the cell edges ``mids``."""
+
+    def __init__(self, values: Tensor, device: torch.device) -> None:
+        self.values = values.detach().to(device=device, dtype=torch.float64).clone()
+        self.mids = 0.5 * (self.values[1:] + self.values[:-1])
+        w3 = _cube(self.mids[1:] - self.mids[:-1])
+        self.prefix = torch.cat([w3.new_zeros(1), torch.cumsum(w3, 0)])
+
+
+_CUBE_TABLES: dict = {}
+
+
+def table_cube_sum(lower: Tensor, upper: Tensor, scale: Tensor, values: Tensor) -> Tensor:
+    """``C3`` (see :func:`affine_cube_sum`) of a value table ``values * scale`` (``values``:
+    ``[V]`` sorted, finite) clipped to ``[lower, upper]`` (``[c]`` each, ``lower < upper``;
+    ``scale > 0``); ``[c]`` float64, parameter units."""
+    s = scale.to(torch.float64)
+    ct = per_table(_CUBE_TABLES, values, s.device, CubeTable)
+    x_lo, x_hi = lower.to(torch.float64) / s, upper.to(torch.float64) / s
+    i0 = torch.searchsorted(ct.mids, x_lo)  # the first edge >= x_lo
+    i1 = torch.searchsorted(ct.mids, x_hi, right=True) - 1  # the last edge <= x_hi
+    some = i0 <= i1
+    j0 = i0.clamp(0, ct.mids.numel() - 1)
+    j1 = i1.clamp(0, ct.mids.numel() - 1)
+    a, b = ct.mids.index_select(0, j0), ct.mids.index_select(0, j1)
+    mid = ct.prefix.index_select(0, j1) - ct.prefix.index_select(0, j0)
+    inner = _cube((a - x_lo).clamp_min(0.0)) + mid.clamp_min(0.0) + _cube((x_hi - b).clamp_min(0.0))
+    return torch.where(some, inner, _cube(x_hi - x_lo)) * _cube(s)
+
+
+def wide_sd_error_bound(sigma: Tensor, lower: Tensor, upper: Tensor, theta: Tensor, cube: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(S, lambda, bound)`` ``[c]`` of :func:`wide_sd_moments`: the Sheppard deficit
+    ``S = phi(0) C3 / (12 sigma^3)``, the factor ``lambda`` of the module doc and the larger of
+    the two error bounds, ``max((1 - lambda) S, 6 M^2 S)`` (absolute, on ``kappa`` and ``m4``)."""
+    sg = sigma.to(torch.float64)
+    th = theta.to(torch.float64)
+    w = (upper - lower) / sg
+    m = torch.maximum(th - lower, upper - th) / sg
+    m2 = m * m
+    S = (_INV_SQRT_2PI / 12.0) * cube / _cube(sg)
+    lam = torch.exp(-0.5 * m2) - m2 * w * w * torch.exp(0.5 * m2) / 12.0
+    return S, lam, torch.maximum((1.0 - lam) * S, 6.0 * m2 * S)
+
+
+def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cube: Tensor,
+                    own_lo: Tensor | None, own_hi: Tensor | None) -> tuple[CellMoments, Tensor]:
+    """The closed form of the module doc and where it applies.
+
+    Args:
+        theta, sigma: ``[c]`` weights and sd (parameter units).
+        lower, upper: ``[c]`` the release's bounds.
+        cube: ``[c]`` ``C3`` of the cells clipped to the bounds (:func:`affine_cube_sum`,
+            :func:`table_cube_sum`).
+        own_lo, own_hi: ``[c]`` the edges of each weight's own cell (``-inf`` / ``inf`` for the
+            grid's outer cells); clipped to the bounds here. ``None``: ``mean_abs`` is not
+            computed (NaN; a caller that reads ``kappa`` alone).
+
+    Returns:
+        ``(moments, ok)``: float64 :class:`CellMoments` ``[c]`` (``kappa = 1 - lambda S``,
+        ``mean_abs`` exact, ``m4 = 3``, coverage 1) and ``ok`` ``[c]`` bool, the elements it
+        holds for: ``lower < theta < upper``, ``upper - lower <= WIDE_MAX_WINDOW sigma`` and
+        :func:`wide_sd_error_bound` at most ``WIDE_TOL`` (the others' moments are meaningless:
+        sd 0, NaN or infinite bounds all fail).
+    """
+    th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+    S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube)
+    ok = (upper - lower <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper) & (bound <= WIDE_TOL)
+    kappa = (1.0 - lam * S).clamp(0.0, 1.0)
+    if own_lo is None or own_hi is None:
+        return CellMoments(kappa=kappa, mean_abs=torch.full_like(kappa, math.nan), m4=torch.full_like(kappa, 3.0),
+                           coverage=torch.ones_like(kappa)), ok
+    # the own cell clipped to the bounds; x = the nearer edge (sd units, >= 0: a backend code's
+    # cell may miss theta by an ulp at a float32 tie)
+    left = th - torch.maximum(own_lo.to(torch.float64), lower)
+    right = torch.minimum(own_hi.to(torch.float64), upper) - th
+    x = (torch.minimum(left, right) / sg).clamp_min(0.0)
+    # 2 (phi(0) - phi(x)) without cancellation
+    mean_abs = (SQRT_2_OVER_PI + 2.0 * _INV_SQRT_2PI * torch.expm1(-0.5 * x * x)).clamp(0.0, SQRT_2_OVER_PI)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
+                       coverage=torch.ones_like(kappa)), ok
+
+
+__all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "table_cube_sum", "wide_sd_error_bound",
+           "wide_sd_moments"]
