@@ -329,6 +329,78 @@ def _block_view(t: Tensor, block_size: tuple[int, ...]) -> tuple[Tensor, tuple[i
     return tp.reshape(view), tuple(tp.shape)
 
 
+# Elements per slab of the scale facts (:func:`scale_facts`): the whole-tensor form made ~6
+# tensor-sized temporaries per parameter and scheme (|w|, its NaN-filled copies, the mask), mapped
+# and zeroed page by page: 182k of the 1e7 scoring pass's 0.69M minor page faults (pad34).
+_SCALE_FACT_SLAB = 1 << 16
+
+
+def _scale_facts_slab(t: Tensor, block_size: tuple[int, ...], rule: str, mask: bool, support: bool
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`scale_facts` of a tensor of whole blocks along dim 0 (or the last, partial one)."""
+    if rule not in ("absmax", "minmax"):
+        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    view, padded = _block_view(t, block_size)
+    red = tuple(range(1, 2 * t.dim(), 2))
+    revealed = lo = hi = None
+    if rule == "absmax":
+        a = view.abs()
+        if mask:
+            m = torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
+            # an all-zero block ties every element at the maximum: the released scale (0, or the
+            # clamped floor) gives all of them away, as minmax does (scored 0 before: a
+            # discontinuity, the same row at 1e-20 read the baseline)
+            revealed = a == m
+        if support:
+            hi = torch.nan_to_num(a, nan=0.0).amax(dim=red).to(torch.float64)
+            lo = -hi
+    else:
+        top = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red, keepdim=True)
+        bottom = torch.nan_to_num(view, nan=float("inf")).amin(dim=red, keepdim=True)
+        if mask:
+            revealed = (view == top) | (view == bottom)
+        if support:
+            nb = tuple(top.shape[i] for i in range(0, 2 * t.dim(), 2))
+            hi = top.reshape(nb).to(torch.float64).clamp_min(0.0)
+            lo = bottom.reshape(nb).to(torch.float64).clamp_max(0.0)
+    if revealed is not None:
+        revealed = revealed.reshape(padded)[tuple(slice(0, s) for s in t.shape)]
+    return revealed, lo, hi
+
+
+def scale_facts(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"],
+                mask: bool = True, support: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(revealed, lower, upper)``: :func:`revealed_by_scale` (``mask``) and
+    :func:`support_by_scale` (``support``) in one pass (``None`` for what is not asked), computed
+    on slabs of whole blocks along dim 0 of about ``_SCALE_FACT_SLAB`` elements: the same
+    comparisons and maxima per block, so the same values as one pass over the tensor, without
+    its tensor-sized temporaries.
+
+    Raises:
+        ValueError: an unknown ``rule``.
+    """
+    # |w|, max and == are exact in the weights' own float dtype: no float64 copy of the tensor
+    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
+    if t.dim() == 0 or t.numel() <= _SCALE_FACT_SLAB:
+        r, lo, hi = _scale_facts_slab(t, block_size, rule, mask, support)
+        return (None if r is None else r.clone()), lo, hi
+    b0 = block_size[0]
+    rows = max(b0, _SCALE_FACT_SLAB // max(1, t[0].numel()) // b0 * b0)
+    nblocks = tuple(math.ceil(s / b) for s, b in zip(t.shape, block_size))
+    revealed = torch.empty(t.shape, dtype=torch.bool, device=t.device) if mask else None
+    lo = torch.empty(nblocks, dtype=torch.float64, device=t.device) if support else None
+    hi = torch.empty(nblocks, dtype=torch.float64, device=t.device) if support else None
+    for r0 in range(0, t.shape[0], rows):
+        r1 = min(r0 + rows, t.shape[0])
+        part = _scale_facts_slab(t[r0:r1], block_size, rule, mask, support)
+        if revealed is not None:
+            revealed[r0:r1] = part[0]
+        if lo is not None and hi is not None:
+            blocks = slice(r0 // b0, math.ceil(r1 / b0))
+            lo[blocks], hi[blocks] = part[1], part[2]
+    return revealed, lo, hi
+
+
 def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"]) -> Tensor:
     """Boolean mask (``theta``'s shape) of the weights a weight-derived scale gives away.
 
@@ -340,27 +412,14 @@ def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal[
     ``max(w_max, 0) - min(w_min, 0)`` exactly, but its integer zero point places the extremes
     only to within a cell (and a block of one sign reveals one end only); an independent exact
     truth on ``intx_weight_only_int{2,4}_g32_asym`` OLS rows read 1.00-1.03x (docs/validation.md).
+    Computed by :func:`scale_facts`.
+
+    Raises:
+        ValueError: an unknown ``rule``.
     """
-    # |w|, max and == are exact in the weights' own float dtype: no float64 copy of the tensor
-    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
-    view, padded = _block_view(t, block_size)
-    nd = t.dim()
-    red = tuple(range(1, 2 * nd, 2))
-    if rule == "absmax":
-        a = view.abs()
-        m = torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
-        # an all-zero block ties every element at the maximum: the released scale (0, or the
-        # clamped floor) gives all of them away, as minmax does (scored 0 before: a
-        # discontinuity, the same row at 1e-20 read the baseline)
-        mask = a == m
-    elif rule == "minmax":
-        hi = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red, keepdim=True)
-        lo = torch.nan_to_num(view, nan=float("inf")).amin(dim=red, keepdim=True)
-        mask = (view == hi) | (view == lo)
-    else:
-        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
-    mask = mask.reshape(padded)
-    return mask[tuple(slice(0, s) for s in t.shape)].clone()
+    revealed = scale_facts(theta, block_size, rule, support=False)[0]
+    assert revealed is not None
+    return revealed
 
 
 def support_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"]
@@ -372,19 +431,14 @@ def support_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["
     ``"minmax"``: ``[min(w_min, 0), max(w_max, 0)]`` (torchao's ``choose_qparams_affine`` and
     torch's min/max observers widen the range to hold 0). Given the release, the grid's outer
     cells end at these bounds (:func:`~mis_lightning.functional.bounds.bounded_moments`,
-    method.md section 5).
+    method.md section 5). Computed by :func:`scale_facts`.
+
+    Raises:
+        ValueError: an unknown ``rule``.
     """
-    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
-    view, _ = _block_view(t, block_size)
-    red = tuple(range(1, 2 * t.dim(), 2))
-    if rule == "absmax":
-        m = torch.nan_to_num(view.abs(), nan=0.0).amax(dim=red).to(torch.float64)
-        return -m, m
-    if rule == "minmax":
-        hi = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red).to(torch.float64).clamp_min(0.0)
-        lo = torch.nan_to_num(view, nan=float("inf")).amin(dim=red).to(torch.float64).clamp_max(0.0)
-        return lo, hi
-    raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    _, lo, hi = scale_facts(theta, block_size, rule, mask=False)
+    assert lo is not None and hi is not None
+    return lo, hi
 
 
 @dataclass
@@ -467,8 +521,9 @@ class ParamGrid:
         """Record what a weight-derived scale ``rule`` gives away about the trained weights
         ``theta`` (this grid's shape, its ``block_size``): the elements it determines exactly
         (:attr:`revealed`) and the bounds on every other one (:attr:`support`)."""
-        self.revealed = revealed_by_scale(theta, self.block_size, rule)
-        self.support = support_by_scale(theta, self.block_size, rule)
+        revealed, lo, hi = scale_facts(theta, self.block_size, rule)
+        assert revealed is not None and lo is not None and hi is not None
+        self.revealed, self.support = revealed, (lo, hi)
         self.scale_rule = rule
 
     def scale_setters(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
