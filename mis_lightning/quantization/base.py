@@ -113,9 +113,14 @@ POINT_MASS_MIN_FRACTION = 0.25
 _POINT_MASS_MARGIN = 1e-9
 # calls of at least this many elements take the kernels' large-call paths (the fused affine
 # kernel, affine.TABLE_MIN_ELEMENTS; the float8 interpolation table, table.INTERP_MIN_ELEMENTS):
-# the remaining elements of such a chunk are padded with point-mass ones up to it, so that they
-# take the path the whole chunk takes (bitwise the same moments)
+# the remaining elements of such a chunk take the path of a call of this many, of which the others
+# are point masses (bitwise the same moments): given alone, as standing for a call of that size
+# (the paths' path_elements), or padded with point-mass elements of the chunk up to it
 _POINT_MASS_PATH_MIN = 1 << 15
+# the live elements alone (path_elements) on affine and value-table grids: their cost follows
+# their count (pf32's padding doubled a 1e7 second-layer chunk's ~16-20k live elements; pad34);
+# False, and quotient grids (whose fine-step split re-enters the closed form on its subsets): padded
+POINT_MASS_LIVE_ONLY = True
 
 # The scoring pass reads each chunk of a parameter several times per grid: its cell moments at sd
 # and at sd / sqrt(2) (the pool protocol), with the same weights, grid and bounds. What does not
@@ -761,17 +766,21 @@ class ParamGrid:
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
                 if n:
+                    size = None
                     if n < _POINT_MASS_PATH_MIN <= c:
-                        # padded with point-mass elements (the chunk's first ones) so that the live
-                        # ones take the whole chunk's path; their moments are read from the call.
-                        # One scan for the indices, in the chunk's order (no sort of a gathered list)
-                        take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - n)
+                        if POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table"):
+                            size = _POINT_MASS_PATH_MIN  # the live ones alone, on the whole chunk's path
+                        else:
+                            # padded with point-mass elements (the chunk's first ones) so that the live
+                            # ones take the whole chunk's path; their moments are read from the call.
+                            # One scan for the indices, in the chunk's order (no sort of a gathered list)
+                            take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - n)
                     ii = torch.nonzero(take).squeeze(-1)
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
                                              None if code is None else sel(code),
                                              None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
-                                             compile_policy, kappa_only)
+                                             compile_policy, kappa_only, size)
                     for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
                         o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
                 return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
@@ -846,8 +855,11 @@ class ParamGrid:
 
     def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
-                      compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
-        """The grid's own cells on the grid paths (every element)."""
+                      compile_policy: CompilePolicy | None, kappa_only: bool,
+                      path_elements: int | None = None) -> CellMoments:
+        """The grid's own cells on the grid paths (every element). ``path_elements`` (affine and
+        value-table grids): the elements take the paths of a call of that many (the kernels'
+        ``path_elements``; :meth:`_own_moments` gives a chunk's live elements alone)."""
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
@@ -856,20 +868,21 @@ class ParamGrid:
                                                     compile_policy, kappa_only)
         if self.kind == "affine":
             mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
-                                     compile_policy=compile_policy, kappa_only=kappa_only)
+                                     compile_policy=compile_policy, kappa_only=kappa_only,
+                                     path_elements=path_elements)
         elif self.kind == "quotient":
             cell = None if code is None else code.to(torch.float64) - zero_point.to(torch.float64)
             mm = quotient_cell_moments(theta, sigma, inv, lo, hi, self._qdtype, cell=cell)
         else:
             assert self.values is not None
-            mm = table_cell_moments(theta, sigma, self.values, scale)
+            mm = table_cell_moments(theta, sigma, self.values, scale, path_elements=path_elements)
         if bounds is not None:
             # the release bounds every weight of the block: outer cells cut at the bounds
             low_edge, high_edge, step = self._outer_edges(scale, zero_point)
             mm = bounded_moments(mm, theta, sigma, *bounds, low_edge, high_edge, step,
                                  lambda ii, m: self._edges(theta[ii], scale[ii], zero_point[ii],
                                                            None if code is None else code[ii], m),
-                                 compile_policy, kappa_only=kappa_only)
+                                 compile_policy, kappa_only=kappa_only, path_elements=path_elements)
         return mm
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
