@@ -7,12 +7,15 @@ repetitions in one process; the moments of both settings must be equal bit for b
 both are NaN).
 
     python benchmarks/point_mass_calls.py [--rows 128] [--cols 2048] [--dead 0.94] [--reps 7]
+    python benchmarks/point_mass_calls.py --switch POINT_MASS_LIVE_ONLY     # pad34: the live elements alone
 
 Shapes as at 1e7 weights with the default options: a chunk of 128 output rows of 2,048 inputs
 (2^18 weights), a fraction ``--dead`` of the rows with sd 0 on every weight, the other rows' sd
 from a tenth of a step to 10 steps (log-normal). ``REUSE_CHUNK_FACTS`` and
 ``POINT_MASS_BLOCKS`` (quantization/base.py) both False is the code before sc33 in those two
-respects; the padding without a sort and the other sc33 changes have no switch.
+respects; the padding without a sort and the other sc33 changes have no switch. ``--switch NAME``
+(repeatable) compares other module switches of ``quantization/base.py`` instead, e.g.
+``POINT_MASS_LIVE_ONLY`` (pad34: the chunk's live elements given to the paths alone, not padded).
 """
 
 from __future__ import annotations
@@ -35,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dead", type=float, default=0.94)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--schemes", nargs="+", default=SCHEMES)
+    ap.add_argument("--switch", action="append", default=None, metavar="NAME",
+                    help="a boolean switch of quantization/base.py to compare off / on (repeatable; default: "
+                         "REUSE_CHUNK_FACTS and POINT_MASS_BLOCKS)")
     args = ap.parse_args(argv)
+    switches = args.switch or ["REUSE_CHUNK_FACTS", "POINT_MASS_BLOCKS"]
+    for s in switches:
+        if not isinstance(getattr(qb, s, None), bool):
+            raise SystemExit(f"--switch {s}: not a boolean switch of quantization/base.py")
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(args.cols, args.rows)
@@ -44,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     theta = lin.weight.detach().reshape(-1).to(torch.float64)
     c = theta.numel()
     dead_rows = torch.rand(args.rows, generator=gen) < args.dead
-    print(f"chunk {c} weights, {int(dead_rows.sum())} of {args.rows} rows sd 0; min of {args.reps} (main + pool) pairs")
+    print(f"chunk {c} weights, {int(dead_rows.sum())} of {args.rows} rows sd 0; min of {args.reps} (main + pool) pairs;"
+          f" switches {', '.join(switches)}")
     for name in args.schemes:
         try:
             g = get_scheme(name).apply(torch.nn.Sequential(lin)).grids["0.weight"]
@@ -59,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         outs: dict[bool, tuple] = {}
         for _ in range(args.reps):
             for on in (False, True):
-                qb.REUSE_CHUNK_FACTS = qb.POINT_MASS_BLOCKS = on
+                for s in switches:
+                    setattr(qb, s, on)
                 qb.release_chunk_facts()
                 c0 = time.process_time()
                 main_mm = g.moments(theta, sigma, 0, c)
@@ -71,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: off {off * 1e3:.2f} ms, on {on * 1e3:.2f} ms ({on / off:.2f}x); moments bitwise equal: {same}")
         if not same:
             return 1
-    qb.REUSE_CHUNK_FACTS = qb.POINT_MASS_BLOCKS = True
+    for s in switches:
+        setattr(qb, s, True)
     return 0
 
 

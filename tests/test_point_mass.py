@@ -71,7 +71,10 @@ def test_point_masses_in_closed_form_equal_the_grid_paths(scheme, dtype, rows, c
 
     def spy(self, th, *a, **k):
         seen.append(th.shape[0])
+        sizes.append(a[7] if len(a) > 7 else k.get("path_elements"))
         return path(self, th, *a, **k)
+
+    sizes: list[int | None] = []
 
     monkeypatch.setattr(qb.ParamGrid, "_path_moments", spy)
     xi = torch.randn(c, generator=torch.Generator().manual_seed(2), dtype=F64)
@@ -84,10 +87,14 @@ def test_point_masses_in_closed_form_equal_the_grid_paths(scheme, dtype, rows, c
         assert seen[0] == c  # the first call is the chunk's (quotient grids then split their own)
         monkeypatch.setattr(qb, "POINT_MASS_CLOSED_FORM", True)
         seen.clear()
+        sizes.clear()
         got = g.moments(start=0, end=c, **kw)
         assert seen[0] < c  # the point masses never reached the paths
         if c >= qb._POINT_MASS_PATH_MIN:
-            assert seen[0] == qb._POINT_MASS_PATH_MIN  # padded: the whole chunk's path
+            if g.kind in ("affine", "table"):  # the live elements alone, on the whole chunk's path
+                assert seen[0] < qb._POINT_MASS_PATH_MIN and sizes[0] == qb._POINT_MASS_PATH_MIN
+            else:  # padded: the whole chunk's path
+                assert seen[0] == qb._POINT_MASS_PATH_MIN
         fields = ("kappa",) if kw.get("kappa_only") else FIELDS
         for f in fields:
             torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=1e-12, atol=0.0, equal_nan=True)
@@ -123,3 +130,41 @@ def test_point_masses_need_sd_zero_inside_the_bounds():
     sigma_live = torch.full((c,), 1e-3, dtype=F64)
     sigma_live[: int(qb.POINT_MASS_MIN_FRACTION * c) - 1] = 0.0
     assert g._point_masses(theta, sigma_live, scale, zp, code, bounds) is None
+
+
+@pytest.mark.parametrize("scheme, dtype", CASES + [("int8_weight_only", torch.float32)],
+                         ids=[c[0] + ("-bf16" if c[1] != torch.float32 else "") for c in CASES] + ["int8_weight_only"])
+def test_live_elements_alone_equal_the_padded_call(scheme, dtype, monkeypatch):
+    """pad34: the live elements of a mostly point-mass chunk given to the paths alone (standing
+    for the padded call: ``path_elements``) give the padded call's moments bit for bit (every
+    field; ``kappa`` alone where ``kappa_only``, whose other fields the padded call left NaN on
+    its padding), at theta-hat, the pool's sd and a draw's positions; and the paths saw fewer
+    elements. Fails on the code before pad34 (no ``POINT_MASS_LIVE_ONLY``)."""
+    if scheme not in ("rtn_int4", "bf16"):
+        pytest.importorskip("torchao")
+    rows, cols = 512, 128  # 2^16 elements, 1 row in 8 live: 8,192 live, padded to 2^15
+    g, theta = _grid(scheme, rows, cols, dtype)
+    c = theta.numel()
+    theta, sigma = _sigma(g, theta, rows, cols)
+    seen: list[int] = []
+    path = qb.ParamGrid._path_moments
+
+    def spy(self, th, *a, **k):
+        seen.append(th.shape[0])
+        return path(self, th, *a, **k)
+
+    monkeypatch.setattr(qb.ParamGrid, "_path_moments", spy)
+    xi = torch.randn(c, generator=torch.Generator().manual_seed(2), dtype=F64)
+    calls = [dict(theta=theta, sigma=sigma), dict(theta=theta, sigma=sigma / 2 ** 0.5, kappa_only=True),
+             dict(theta=theta + sigma * xi, sigma=sigma, use_codes=False)]
+    for kw in calls:
+        out = {}
+        for live_only in (False, True):
+            monkeypatch.setattr(qb, "POINT_MASS_LIVE_ONLY", live_only)
+            seen.clear()
+            out[live_only] = g.moments(start=0, end=c, **kw)
+            if g.kind in ("affine", "table"):  # padded, or the live elements alone
+                assert (seen[0] < qb._POINT_MASS_PATH_MIN) if live_only else (seen[0] == qb._POINT_MASS_PATH_MIN)
+        for f in ("kappa",) if kw.get("kappa_only") else FIELDS:
+            a, b = getattr(out[True], f), getattr(out[False], f)
+            assert bool(((a == b) | (a.isnan() & b.isnan())).all()), f

@@ -218,6 +218,7 @@ def affine_cell_moments(
     *,
     compile_policy: CompilePolicy | None = None,
     kappa_only: bool = False,
+    path_elements: int | None = None,
 ) -> CellMoments:
     """``kappa``, ``mean_abs``, ``m4`` of every element of an affine-grid chunk, fast.
 
@@ -255,6 +256,11 @@ def affine_cell_moments(
             ``mean_abs`` and ``m4`` terms of their fine-grid forms and check ``kappa`` alone;
             those two may then hold NaN. ``kappa`` is bitwise the same (the same operations,
             element by element); the compiled kernel computes all three as before.
+        path_elements: the size of the call whose path these elements take (default ``c``):
+            the live elements of a chunk mostly of point masses (the sd-0 closed form,
+            ``ParamGrid._own_moments``) are given alone and take the path, and count towards
+            ``compile_policy``, as a call of that many elements of which the others are frozen
+            (an element's moments never read another's).
 
     Returns:
         float64 :class:`CellMoments` of shape ``[c]``.
@@ -264,7 +270,8 @@ def affine_cell_moments(
             falls back to the eager kernel with a ``RuntimeWarning``).
     """
     c = theta.shape[0]
-    if c < TABLE_MIN_ELEMENTS or FUSED_PATH in GUARD.disabled:
+    size = max(c, path_elements or 0)
+    if size < TABLE_MIN_ELEMENTS or FUSED_PATH in GUARD.disabled:
         return _sparse_checked(theta, sigma, scale, zero_point, qmin, qmax, code, kappa_only)
     th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     lo, dlog, du, table = _uniform_table()
@@ -290,7 +297,7 @@ def affine_cell_moments(
         out = _kernel.in_blocks(kernel, a, bounds, **kw) if blocks else kernel(*a, *bounds, **kw)
         return (*out, q) if q_given is not None else out
 
-    kernel, compiled = _kernel._fused_kernel(c, with_codes=code is not None, policy=compile_policy)
+    kernel, compiled = _kernel._fused_kernel(size, with_codes=code is not None, policy=compile_policy)
     try:
         # kappa alone from the eager kernel (the compiled one computes all three)
         kappa, mean_abs, m4, ok, q0 = run(kernel, blocks=not compiled,

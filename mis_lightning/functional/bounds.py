@@ -312,6 +312,7 @@ def bounded_moments(
     edges: Callable[[Tensor, int], Tensor],
     compile_policy: CompilePolicy | None = None,
     kappa_only: bool = False,
+    path_elements: int | None = None,
 ) -> CellMoments:
     """The grid's cell moments ``mm`` (unbounded outer cells) corrected for bounds the release
     puts on each weight (see the module doc and method.md section 5).
@@ -330,6 +331,10 @@ def bounded_moments(
             chunk-wide split is compiled when the cell-moment kernel is (and self-checked).
         kappa_only: only ``kappa`` is needed (the bootstrap draws): the eager outer-cell split
             leaves ``mean_abs`` and ``m4`` uncorrected; ``kappa`` is bitwise the same.
+        path_elements: the size of the call these elements stand for (default ``c``): the live
+            elements of a chunk mostly of point masses (``ParamGrid._own_moments``), given alone,
+            choose the outer-cell split's path as a call of that many elements of which the
+            others have no bound within reach.
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` (a new object; ``coverage`` as the sums give it),
@@ -345,7 +350,7 @@ def bounded_moments(
     c = theta.shape[0]
     if c <= BLOCK or _split_kernel(compile_policy)[1]:
         return _bounded_moments(mm, theta, sigma, lower, upper, low_edge, high_edge, step, edges,
-                                compile_policy, kappa_only)
+                                compile_policy, kappa_only, max(c, path_elements or 0))
     outs = [torch.empty_like(t, dtype=torch.float64) for t in (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)]
     changed = False
     for s in range(0, c, BLOCK):
@@ -374,8 +379,10 @@ def _bounded_moments(
     edges: Callable[[Tensor, int], Tensor],
     compile_policy: CompilePolicy | None,
     kappa_only: bool,
+    total: int | None = None,
 ) -> CellMoments:
-    """:func:`bounded_moments` on one chunk or block (same arguments and returns). When fewer
+    """:func:`bounded_moments` on one chunk or block (same arguments and returns; ``total``: the
+    size of the call it stands for, default its own). When fewer
     than half its elements have a bound within reach (e.g. sd-0 weights of dead units), the
     correction runs on those alone (:func:`_bounded_block` on the subset): every operation is
     element by element and each path gathers the same elements in the same order either way
@@ -387,14 +394,15 @@ def _bounded_moments(
     nr = int(reach.sum())
     if nr == 0:
         return mm
-    if 2 * nr >= reach.numel():
+    total = max(reach.numel(), total or 0)
+    if 2 * nr >= total:
         return _bounded_block(mm, th, sg, lo, hi, low_edge, high_edge, step, edges, compile_policy, kappa_only,
-                              reach, reach.numel())
+                              reach, total)
     ix = torch.nonzero(reach).squeeze(-1)
     part = CellMoments(kappa=mm.kappa[ix], mean_abs=mm.mean_abs[ix], m4=mm.m4[ix], coverage=mm.coverage[ix])
     res = _bounded_block(part, th[ix], sg[ix], lo[ix], hi[ix], low_edge[ix], high_edge[ix],
                          None if step is None else step[ix], lambda ii, m: edges(ix[ii], m),
-                         compile_policy, kappa_only, torch.ones_like(ix, dtype=torch.bool), reach.numel())
+                         compile_policy, kappa_only, torch.ones_like(ix, dtype=torch.bool), total)
     out = CellMoments(kappa=mm.kappa.clone(), mean_abs=mm.mean_abs.clone(), m4=mm.m4.clone(),
                       coverage=mm.coverage.clone())
     for o, v in zip((out.kappa, out.mean_abs, out.m4, out.coverage), (res.kappa, res.mean_abs, res.m4, res.coverage)):

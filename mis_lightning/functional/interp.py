@@ -159,7 +159,8 @@ class InterpTable:
         self.rb = rb
         self.lut = first.clamp(0, self.ncell - 1)
 
-    def moments(self, x: Tensor, s: Tensor, min_build: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def moments(self, x: Tensor, s: Tensor, min_build: int = 0,
+                call_elements: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(done, kappa, mean_abs, m4)``, each ``[c]``: the mask of the elements at positions
         ``x`` and sds ``s`` (units of the scale) this table covers (``|x|`` within the table, own
         cell at most ``MAX_OWN_STEP`` sd wide, ``log2 s`` inside the octaves' range) and their
@@ -167,7 +168,9 @@ class InterpTable:
         (``2 max(phi(l), phi(u))``); unspecified where not ``done``. An octave not built yet is
         built only if at least ``min_build`` of the covered elements fall in it (its stencils'
         reach); the others are left not ``done`` (the exact path), so that a call does not pay
-        an octave's build (0.1-1.2 s) for a handful of weights."""
+        an octave's build (0.1-1.2 s) for a handful of weights. ``call_elements``: the size of
+        the call these elements stand for (the others frozen, never covered; default ``c``):
+        whether the covered ones are computed apart counts it."""
         c0 = x.numel()
         ax = x.abs()
         u = (torch.log2(s) - self.l0) * PER_OCTAVE
@@ -192,7 +195,7 @@ class InterpTable:
             z = torch.zeros_like(ax)
             return done, z, z, z
         ii = None
-        if nd < _SUBSET * c0:  # few covered: compute those alone
+        if nd < _SUBSET * max(c0, call_elements or 0):  # few covered: compute those alone
             ii = torch.nonzero(done).squeeze(-1)
             ax, s, u, piece, ends = ax[ii], s[ii], u[ii], piece[ii], ends[ii]
             lo, hi = ends[:, 0], ends[:, 1]

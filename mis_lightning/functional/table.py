@@ -186,7 +186,8 @@ def table_layout(values: Tensor, device: torch.device) -> TableLayout:
 
 
 def table_cell_moments(
-    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int = 18
+    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int = 18,
+    path_elements: int | None = None,
 ) -> CellMoments:
     """Cell moments on a non-uniform grid (float formats), skipping frozen elements.
 
@@ -196,6 +197,11 @@ def table_cell_moments(
         scale: ``[c]`` per-element positive scale.
         half_window: the least number of edges each side of the windowed sums of the previous
             path and the reference (the fast path sizes each window by the edges within 8.5 sd).
+        path_elements: the size of the call whose path these elements take (default ``c``):
+            the live elements of a chunk mostly of point masses (the sd-0 closed form,
+            ``ParamGrid._own_moments``) are given alone and take the path of a call of that
+            many elements of which the others are frozen (an element's moments never read
+            another's; the interpolation table's choices count the call's size).
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
@@ -220,9 +226,9 @@ def table_cell_moments(
     else:
         # the interpolation table pays for its octaves at first use (0.1-1.2 s each): worth it
         # on large calls only (a small model's exact sums take less than one octave's build)
-        out, core = _table_fast_moments(theta, sigma, values, scale,
-                                        interpolate=theta.numel() >= INTERP_MIN_ELEMENTS,
-                                        min_build=OCTAVE_MIN_ELEMENTS)
+        size = max(theta.numel(), path_elements or 0)
+        out, core = _table_fast_moments(theta, sigma, values, scale, interpolate=size >= INTERP_MIN_ELEMENTS,
+                                        min_build=OCTAVE_MIN_ELEMENTS, call_elements=size)
     path = TABLE_PATH if core is None else FLOAT_PATH
 
     def steps() -> tuple[Tensor, list[Tensor]]:
@@ -821,19 +827,21 @@ OCTAVE_MIN_ELEMENTS = 1 << 12
 
 
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor,
-                        interpolate: bool = True, min_build: int = 0) -> tuple[CellMoments, Tensor]:
+                        interpolate: bool = True, min_build: int = 0,
+                        call_elements: int | None = None) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form or
     interpolated elements: for a symmetric float8 table (on the CPU), elements neither frozen
     nor beyond the table whose own cell is at most ``MAX_OWN_STEP`` sd wide (the unbounded top
     cell: its span up to the largest value) and whose sd lies
     in the interpolation table's range read ``kappa`` and ``m4`` from it
     (:mod:`~mis_lightning.functional.interp`; ``mean_abs`` telescoped exactly); the others, and
-    every element of other tables, go through :func:`_table_sum_moments`."""
+    every element of other tables, go through :func:`_table_sum_moments`. ``call_elements``: the
+    size of the call the elements stand for (:func:`table_cell_moments`' ``path_elements``)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     it = interp_table(values) if interpolate and th.device.type == "cpu" else None
     if it is None or th.numel() == 0:
         return _table_sum_moments(th, sg, values, sc)
-    tab, k, ma, f = it.moments(th / sc, sg / sc, min_build=min_build)
+    tab, k, ma, f = it.moments(th / sc, sg / sc, min_build=min_build, call_elements=call_elements)
     if not bool(tab.any()):
         return _table_sum_moments(th, sg, values, sc)
     if bool(tab.all()):

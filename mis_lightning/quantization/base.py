@@ -120,9 +120,14 @@ POINT_MASS_MIN_FRACTION = 0.25
 _POINT_MASS_MARGIN = 1e-9
 # calls of at least this many elements take the kernels' large-call paths (the fused affine
 # kernel, affine.TABLE_MIN_ELEMENTS; the float8 interpolation table, table.INTERP_MIN_ELEMENTS):
-# the remaining elements of such a chunk are padded with point-mass ones up to it, so that they
-# take the path the whole chunk takes (bitwise the same moments)
+# the remaining elements of such a chunk take the path of a call of this many, of which the others
+# are point masses (bitwise the same moments): given alone, as standing for a call of that size
+# (the paths' path_elements), or padded with point-mass elements of the chunk up to it
 _POINT_MASS_PATH_MIN = 1 << 15
+# the live elements alone (path_elements) on affine and value-table grids: their cost follows
+# their count (pf32's padding doubled a 1e7 second-layer chunk's ~16-20k live elements; pad34);
+# False, and quotient grids (whose fine-step split re-enters the closed form on its subsets): padded
+POINT_MASS_LIVE_ONLY = True
 
 # weights whose sd dwarfs the window their release bounds them to (the bounds within
 # functional.wide.WIDE_MAX_WINDOW sd of each other; the 1e7 MLP's first layer: sd 1e3-1e6 steps)
@@ -343,6 +348,78 @@ def _block_view(t: Tensor, block_size: tuple[int, ...]) -> tuple[Tensor, tuple[i
     return tp.reshape(view), tuple(tp.shape)
 
 
+# Elements per slab of the scale facts (:func:`scale_facts`): the whole-tensor form made ~6
+# tensor-sized temporaries per parameter and scheme (|w|, its NaN-filled copies, the mask), mapped
+# and zeroed page by page: 182k of the 1e7 scoring pass's 0.69M minor page faults (pad34).
+_SCALE_FACT_SLAB = 1 << 16
+
+
+def _scale_facts_slab(t: Tensor, block_size: tuple[int, ...], rule: str, mask: bool, support: bool
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`scale_facts` of a tensor of whole blocks along dim 0 (or the last, partial one)."""
+    if rule not in ("absmax", "minmax"):
+        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    view, padded = _block_view(t, block_size)
+    red = tuple(range(1, 2 * t.dim(), 2))
+    revealed = lo = hi = None
+    if rule == "absmax":
+        a = view.abs()
+        if mask:
+            m = torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
+            # an all-zero block ties every element at the maximum: the released scale (0, or the
+            # clamped floor) gives all of them away, as minmax does (scored 0 before: a
+            # discontinuity, the same row at 1e-20 read the baseline)
+            revealed = a == m
+        if support:
+            hi = torch.nan_to_num(a, nan=0.0).amax(dim=red).to(torch.float64)
+            lo = -hi
+    else:
+        top = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red, keepdim=True)
+        bottom = torch.nan_to_num(view, nan=float("inf")).amin(dim=red, keepdim=True)
+        if mask:
+            revealed = (view == top) | (view == bottom)
+        if support:
+            nb = tuple(top.shape[i] for i in range(0, 2 * t.dim(), 2))
+            hi = top.reshape(nb).to(torch.float64).clamp_min(0.0)
+            lo = bottom.reshape(nb).to(torch.float64).clamp_max(0.0)
+    if revealed is not None:
+        revealed = revealed.reshape(padded)[tuple(slice(0, s) for s in t.shape)]
+    return revealed, lo, hi
+
+
+def scale_facts(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"],
+                mask: bool = True, support: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(revealed, lower, upper)``: :func:`revealed_by_scale` (``mask``) and
+    :func:`support_by_scale` (``support``) in one pass (``None`` for what is not asked), computed
+    on slabs of whole blocks along dim 0 of about ``_SCALE_FACT_SLAB`` elements: the same
+    comparisons and maxima per block, so the same values as one pass over the tensor, without
+    its tensor-sized temporaries.
+
+    Raises:
+        ValueError: an unknown ``rule``.
+    """
+    # |w|, max and == are exact in the weights' own float dtype: no float64 copy of the tensor
+    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
+    if t.dim() == 0 or t.numel() <= _SCALE_FACT_SLAB:
+        r, lo, hi = _scale_facts_slab(t, block_size, rule, mask, support)
+        return (None if r is None else r.clone()), lo, hi
+    b0 = block_size[0]
+    rows = max(b0, _SCALE_FACT_SLAB // max(1, t[0].numel()) // b0 * b0)
+    nblocks = tuple(math.ceil(s / b) for s, b in zip(t.shape, block_size))
+    revealed = torch.empty(t.shape, dtype=torch.bool, device=t.device) if mask else None
+    lo = torch.empty(nblocks, dtype=torch.float64, device=t.device) if support else None
+    hi = torch.empty(nblocks, dtype=torch.float64, device=t.device) if support else None
+    for r0 in range(0, t.shape[0], rows):
+        r1 = min(r0 + rows, t.shape[0])
+        part = _scale_facts_slab(t[r0:r1], block_size, rule, mask, support)
+        if revealed is not None:
+            revealed[r0:r1] = part[0]
+        if lo is not None and hi is not None:
+            blocks = slice(r0 // b0, math.ceil(r1 / b0))
+            lo[blocks], hi[blocks] = part[1], part[2]
+    return revealed, lo, hi
+
+
 def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"]) -> Tensor:
     """Boolean mask (``theta``'s shape) of the weights a weight-derived scale gives away.
 
@@ -354,27 +431,14 @@ def revealed_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal[
     ``max(w_max, 0) - min(w_min, 0)`` exactly, but its integer zero point places the extremes
     only to within a cell (and a block of one sign reveals one end only); an independent exact
     truth on ``intx_weight_only_int{2,4}_g32_asym`` OLS rows read 1.00-1.03x (docs/validation.md).
+    Computed by :func:`scale_facts`.
+
+    Raises:
+        ValueError: an unknown ``rule``.
     """
-    # |w|, max and == are exact in the weights' own float dtype: no float64 copy of the tensor
-    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
-    view, padded = _block_view(t, block_size)
-    nd = t.dim()
-    red = tuple(range(1, 2 * nd, 2))
-    if rule == "absmax":
-        a = view.abs()
-        m = torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
-        # an all-zero block ties every element at the maximum: the released scale (0, or the
-        # clamped floor) gives all of them away, as minmax does (scored 0 before: a
-        # discontinuity, the same row at 1e-20 read the baseline)
-        mask = a == m
-    elif rule == "minmax":
-        hi = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red, keepdim=True)
-        lo = torch.nan_to_num(view, nan=float("inf")).amin(dim=red, keepdim=True)
-        mask = (view == hi) | (view == lo)
-    else:
-        raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
-    mask = mask.reshape(padded)
-    return mask[tuple(slice(0, s) for s in t.shape)].clone()
+    revealed = scale_facts(theta, block_size, rule, support=False)[0]
+    assert revealed is not None
+    return revealed
 
 
 def support_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["absmax", "minmax"]
@@ -386,19 +450,14 @@ def support_by_scale(theta: Tensor, block_size: tuple[int, ...], rule: Literal["
     ``"minmax"``: ``[min(w_min, 0), max(w_max, 0)]`` (torchao's ``choose_qparams_affine`` and
     torch's min/max observers widen the range to hold 0). Given the release, the grid's outer
     cells end at these bounds (:func:`~mis_lightning.functional.bounds.bounded_moments`,
-    method.md section 5).
+    method.md section 5). Computed by :func:`scale_facts`.
+
+    Raises:
+        ValueError: an unknown ``rule``.
     """
-    t = theta.detach() if theta.is_floating_point() else theta.detach().to(torch.float64)
-    view, _ = _block_view(t, block_size)
-    red = tuple(range(1, 2 * t.dim(), 2))
-    if rule == "absmax":
-        m = torch.nan_to_num(view.abs(), nan=0.0).amax(dim=red).to(torch.float64)
-        return -m, m
-    if rule == "minmax":
-        hi = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red).to(torch.float64).clamp_min(0.0)
-        lo = torch.nan_to_num(view, nan=float("inf")).amin(dim=red).to(torch.float64).clamp_max(0.0)
-        return lo, hi
-    raise ValueError(f"rule must be 'absmax' or 'minmax', got {rule!r}")
+    _, lo, hi = scale_facts(theta, block_size, rule, mask=False)
+    assert lo is not None and hi is not None
+    return lo, hi
 
 
 @dataclass
@@ -481,8 +540,9 @@ class ParamGrid:
         """Record what a weight-derived scale ``rule`` gives away about the trained weights
         ``theta`` (this grid's shape, its ``block_size``): the elements it determines exactly
         (:attr:`revealed`) and the bounds on every other one (:attr:`support`)."""
-        self.revealed = revealed_by_scale(theta, self.block_size, rule)
-        self.support = support_by_scale(theta, self.block_size, rule)
+        revealed, lo, hi = scale_facts(theta, self.block_size, rule)
+        assert revealed is not None and lo is not None and hi is not None
+        self.revealed, self.support = revealed, (lo, hi)
         self.scale_rule = rule
 
     def scale_setters(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -720,17 +780,21 @@ class ParamGrid:
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
                 if n:
+                    size = None
                     if n < _POINT_MASS_PATH_MIN <= c:
-                        # padded with point-mass elements (the chunk's first ones) so that the live
-                        # ones take the whole chunk's path; their moments are read from the call.
-                        # One scan for the indices, in the chunk's order (no sort of a gathered list)
-                        take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - n)
+                        if POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table"):
+                            size = _POINT_MASS_PATH_MIN  # the live ones alone, on the whole chunk's path
+                        else:
+                            # padded with point-mass elements (the chunk's first ones) so that the live
+                            # ones take the whole chunk's path; their moments are read from the call.
+                            # One scan for the indices, in the chunk's order (no sort of a gathered list)
+                            take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - n)
                     ii = torch.nonzero(take).squeeze(-1)
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
                                              None if code is None else sel(code),
                                              None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
-                                             compile_policy, kappa_only)
+                                             compile_policy, kappa_only, size)
                     for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
                         o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
                 return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
@@ -738,13 +802,14 @@ class ParamGrid:
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
-                 kappa_only: bool) -> CellMoments | None:
+                 kappa_only: bool, path_elements: int | None = None) -> CellMoments | None:
         """The moments of every element when some lie strictly inside bounds at most
         ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
         ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
         :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
         most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`;
-        ``kappa_only``: their ``mean_abs`` is NaN, not computed)."""
+        ``kappa_only``: their ``mean_abs`` is NaN, not computed; ``path_elements``: as
+        :meth:`_path_moments`, for the elements left to the paths)."""
         if self.kind == "quotient" or (self.kind == "table" and (
                 self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES)):
             return None
@@ -803,8 +868,11 @@ class ParamGrid:
             return out
         # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths
         jj = torch.nonzero(~take).squeeze(-1)
+        # (a chunk's live elements alone, path_elements given: the rest take the paths of the
+        # padded call's rest, as when the padding came along)
         sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
-                                 _pick(bounds, jj), compile_policy, kappa_only)
+                                 _pick(bounds, jj), compile_policy, kappa_only,
+                                 None if path_elements is None else path_elements - nt)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
             o[jj] = getattr(sub, f).to(torch.float64)
         return out
@@ -878,12 +946,17 @@ class ParamGrid:
 
     def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
-                      compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+                      compile_policy: CompilePolicy | None, kappa_only: bool,
+                      path_elements: int | None = None) -> CellMoments:
         """The grid's own cells on the grid paths (every element); those whose sd spans their
         bounded window in closed form (:meth:`_wide_sd`; after the point masses: sd-0 weights never
-        qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone)."""
+        qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone).
+        ``path_elements`` (affine and value-table grids): the elements take the paths of a call of
+        that many (the kernels' ``path_elements``; :meth:`_own_moments` gives a chunk's live
+        elements alone)."""
         if WIDE_SD_CLOSED_FORM and bounds is not None:
-            wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+            wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                 path_elements)
             if wide is not None:
                 return wide
         if self.kind == "quotient":
@@ -894,20 +967,21 @@ class ParamGrid:
                                                     compile_policy, kappa_only)
         if self.kind == "affine":
             mm = affine_cell_moments(theta, sigma, scale, zero_point, self.qmin, self.qmax, code=code,
-                                     compile_policy=compile_policy, kappa_only=kappa_only)
+                                     compile_policy=compile_policy, kappa_only=kappa_only,
+                                     path_elements=path_elements)
         elif self.kind == "quotient":
             cell = None if code is None else code.to(torch.float64) - zero_point.to(torch.float64)
             mm = quotient_cell_moments(theta, sigma, inv, lo, hi, self._qdtype, cell=cell)
         else:
             assert self.values is not None
-            mm = table_cell_moments(theta, sigma, self.values, scale)
+            mm = table_cell_moments(theta, sigma, self.values, scale, path_elements=path_elements)
         if bounds is not None:
             # the release bounds every weight of the block: outer cells cut at the bounds
             low_edge, high_edge, step = self._outer_edges(scale, zero_point)
             mm = bounded_moments(mm, theta, sigma, *bounds, low_edge, high_edge, step,
                                  lambda ii, m: self._edges(theta[ii], scale[ii], zero_point[ii],
                                                            None if code is None else code[ii], m),
-                                 compile_policy, kappa_only=kappa_only)
+                                 compile_policy, kappa_only=kappa_only, path_elements=path_elements)
         return mm
 
     def boundaries(self, theta: Tensor, start: int, end: int, half_window: int) -> Tensor:
