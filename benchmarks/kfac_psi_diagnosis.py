@@ -172,7 +172,15 @@ def case(a: argparse.Namespace, seed: int, rounds: int) -> None:
         c = cos(W, ref)
         print(f"    {nm:22s} " + " ".join(f"{k} {float(c[slice(*off[k])].median()):.3f}" for k in names)
               + f"  mean {float(c.mean()):.3f}", flush=True)
+    rms = diag.unit_influence().to(torch.float64).square().mean(0).sqrt()
+    print(f"  the estimator's stored influences' root mean square per weight (KFAC_INFLUENCE_SCALE "
+          f"{getattr(E, 'KFAC_INFLUENCE_SCALE', 'sigma')!r}; unit influences): " + " ".join(
+              f"{k} {float(rms[slice(*off[k])].median()):.3f} [{float(rms[slice(*off[k])].quantile(0.1)):.3f}, "
+              f"{float(rms[slice(*off[k])].quantile(0.9)):.3f}]" for k in names), flush=True)
+    own = headline(diag, model)
     ex = headline(exact, model)
+    print("  the diagonal estimate as it is, over the exact estimator: " + " ".join(
+        f"{s} {v / e:.3f}" for s, v, e in zip(["baseline"] + SCHEMES, own, ex)), flush=True)
     print("  exact estimator: " + " ".join(f"{s} {v:.4f}" for s, v in zip(["baseline"] + SCHEMES, ex)), flush=True)
     for lab, sig in (("diagonal sigma", diag.sigma), ("exact sigma", exact.sigma)):
         print(f"  headline / exact, the diagonal estimate with {lab} and the influences of:", flush=True)
