@@ -961,7 +961,8 @@ class MomentAccumulator:
 
     def _kron_program(self) -> FactoredProgram | LayerProgram | None:
         """The program whose layers get the K-FAC correction: the estimation's own factored one,
-        else the side one, else the per-layer program of a model with convolutions (KFC:
+        else the side one (factored, or per-layer for a classifier: kfd34), else the per-layer
+        program of a model with convolutions or an all-Linear classifier (partial traces:
         :meth:`LayerProgram.kron_blocks`), else ``None``."""
         if isinstance(self.factored, FactoredProgram):
             return self.factored
