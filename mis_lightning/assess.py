@@ -1427,15 +1427,19 @@ KFAC_CONV_FIGURES = (
 
 
 # ... and for an all-Linear model with several outputs per record, e.g. an MLP classifier (kf33; the
-# per-layer program's partial traces; docs/validation.md, "kf33": benchmarks/kfac_classifier.py)
+# per-layer program's partial traces, under every Hessian diagonal since kfd34; docs/validation.md,
+# "kf33", "kfd34": benchmarks/kfac_classifier.py, benchmarks/kfac_psi_diagnosis.py)
 KFAC_CLASSIFIER_FIGURES = (
     "(the layers' factors are the partial traces of their Gauss-Newton blocks; on a softmax regression over "
     "inputs correlated along their features the corrected sigma read a median 0.98-1.44x the exact estimator's "
-    "and the quantized figures 0.92-1.03x its (rtn_int4 0.53-0.81x uncorrected); on small MLP classifiers fitted "
+    "and the quantized figures 0.92-1.05x its (rtn_int4 0.53-0.90x uncorrected); on small MLP classifiers fitted "
     "to 91-100% training accuracy (one and two hidden layers, ReLU and tanh, weight decay 1e-3 to 1e-2) the "
     "correlation across layers kept the quantized figures 0.56-1.45x the exact estimator's (0.67-1.79x "
-    "uncorrected; lower than uncorrected at decay 1e-2, where the decay dominated the curvature), so they "
-    "can read low)")
+    "uncorrected). On ReLU MLPs at decay 1e-2, where the decay outweighs about half the weights' curvature, they "
+    "read lower than uncorrected (0.56-0.61x against 0.67-0.73x), not from the fit or the factors' scale: the "
+    "psi influences' per-weight spread is 0.6-0.95 of the unit the correlation model assumes there, and the "
+    "correlated form, a factor model of the stored records' influences, read 0.41-0.52x the exact estimator's "
+    "headline given that estimator's own influences and sigma, so the figures can read low)")
 
 
 def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:

@@ -148,3 +148,55 @@ def test_the_rank_one_factors_equal_the_general_partial_traces(monkeypatch):
         assert fast.diagnostics["kfac_multi_output"] and ref.diagnostics["kfac_convolutions"] == []
         for k in fast.names:
             torch.testing.assert_close(fast.sigma[k], ref.sigma[k], rtol=1e-12, atol=0)
+
+
+def test_the_exact_and_hutchinson_hessian_diagonals_give_a_classifier_its_factors():
+    """kfd34: ``estimation="diagonal"`` with the exact Hessian diagonal (its default at d <= 2,000)
+    or the Hutchinson one took its K-FAC factors from a side factored program, which cannot take
+    several outputs, so a classifier got no correction (kf33's "not covered"). The side program is
+    now the per-layer one (kf33's partial traces). On a softmax regression, whose exact Hessian is
+    its Gauss-Newton matrix (linear logits), the exact-diagonal estimate equals the Gauss-Newton
+    path's: sigma and influences to 1e-9 relative (measured 1e-13). The Hutchinson diagonal's
+    factors are scaled to its own trace (its ``h_sum`` sums its probes: without that the VIF median
+    read 9.3 for the exact diagonal's 1.27 at decay 1e-2, and the influences' cosine with the exact
+    diagonal's 0.91): VIF median within 0.8-1.25x (measured 1.15x), cosine > 0.99 (measured 0.9996)."""
+    m, dl = _softmax_regression(decay=1e-2)
+    kw = dict(weight_decay=1e-2)
+    ggn = estimate(m, dl, _ce, mode="diagonal", hessian="ggn", **kw)
+    ex = estimate(m, dl, _ce, mode="diagonal", **kw)
+    assert ex.hessian == "exact" and ex.diagnostics["kfac_multi_output"] is True
+    for k in ex.names:
+        torch.testing.assert_close(ex.sigma[k], ggn.sigma[k], rtol=1e-9, atol=0)
+    torch.testing.assert_close(ex.influence, ggn.influence, rtol=1e-9, atol=1e-9)
+    hu = estimate(m, dl, _ce, mode="diagonal", hessian="hutchinson", generator=torch.Generator().manual_seed(0), **kw)
+    assert hu.diagnostics["kfac_multi_output"] is True and hu.diagnostics["kfac_influences"] == ex.d
+    vif = hu.diagnostics["kfac_variance_inflation_median"] / ex.diagnostics["kfac_variance_inflation_median"]
+    assert 0.8 < vif < 1.25, vif
+    cos = (hu.influence * ex.influence).sum(0) / (hu.influence.norm(dim=0) * ex.influence.norm(dim=0))
+    assert float(cos.median()) > 0.99, cos
+
+
+def test_a_classifier_under_the_exact_hessian_diagonal_reads_the_exact_estimators_headline():
+    """The softmax regression of the first test under ``estimation="diagonal"``'s default (the exact
+    Hessian diagonal at d = 44): rtn_int6 / rtn_int4 within 5% of the exact estimator's (measured
+    0.975 / 0.974, as the Gauss-Newton path's; before kfd34 0.925 / 0.72, no correction), and the
+    side program stays the per-layer one when the accumulator re-reads the model's weights
+    (``reset_program``: a factored one would refuse the batch after records were seen)."""
+    m, dl = _softmax_regression()
+    kw = dict(weight_decay=1e-3, uncertainty_draws=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        d = ml.assess(m, SCHEMES, dl, _ce, estimation="diagonal", **kw)
+        e = ml.assess(m, SCHEMES, dl, _ce, estimation="exact", **kw)
+    assert "exact Hessian diagonal" in d.estimation["estimator"], d.estimation
+    for s in SCHEMES:
+        assert abs(d.schemes[s].leakage / e.schemes[s].leakage - 1) < 0.05, (s, d.schemes[s].leakage,
+                                                                              e.schemes[s].leakage)
+    acc = E.MomentAccumulator(m, _ce, mode="diagonal", weight_decay=1e-3)
+    batches = list(dl)
+    acc.update(batches[0])
+    assert isinstance(acc._kron_side, LayerProgram)
+    acc.reset_program()
+    for b in batches[1:]:
+        acc.update(b)
+    assert isinstance(acc._kron_side, LayerProgram) and acc.finalize().diagnostics["kfac_multi_output"]

@@ -4,7 +4,6 @@ assessment; now a clear error before any work, or a report with its warnings."""
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import pytest
@@ -656,17 +655,15 @@ def test_a_float32_tensor_attribute_of_the_model_follows_the_float64_estimation(
     assert model.P.dtype == torch.float32
 
 
-def test_a_multi_output_head_over_a_frozen_recurrent_encoder_is_assessed(monkeypatch):
+def test_a_multi_output_head_over_a_frozen_recurrent_encoder_is_assessed():
     """A frozen LSTM encoder with a 2-class head: the per-layer path checks its gradients against
     torch.func's on two records, whose vmap cannot batch the LSTM ("output with shape [1, 24]
     doesn't match the broadcast shape [2, 1, 24]", after a whole training under the callback);
     the check now takes them one record at a time. The figures equal those of the same head
-    assessed on the encoder's features (float32 features there, float64 here: 1e-5). Compared
-    without the K-FAC correction: the head over the encoder takes the per-layer program (the
-    Gauss-Newton diagonal), whose all-Linear classifier gets it since kf33, the head alone the
-    exact Hessian diagonal (d <= 2,000), whose side program cannot take two outputs (4e-4 apart
-    with it)."""
-    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.estimate"), "KFAC_CORRECTION", False)
+    assessed on the encoder's features (float32 features there, float64 here: 1e-5), the K-FAC
+    correction included: the head over the encoder takes the per-layer program (the Gauss-Newton
+    diagonal; kf33), the head alone the exact Hessian diagonal (d <= 2,000), whose side program
+    is the per-layer one since kfd34 (before, it took none, and they were 4e-4 apart)."""
     g = torch.Generator().manual_seed(0)
     X = torch.randn(120, 5, 3, generator=g)
     Y = (X.sum((1, 2)) > 0).long()

@@ -855,8 +855,10 @@ class MomentAccumulator:
             self.factored = self._fast_program(FactoredProgram)
         # the K-FAC sigma correction's Kronecker factors where the diagonal estimator runs another
         # per-sample path on an all-Linear model (exact / Hutchinson Hessian diagonal): one more
-        # forward and backward per batch through a factored program (_kron_program)
-        self._kron_side: FactoredProgram | None = None
+        # forward and backward per batch through a factored program (_kron_program), or, for several
+        # outputs per record (an MLP classifier, found on the first batch), through the per-layer
+        # program's partial traces (kfd34: _update_kron_side)
+        self._kron_side: FactoredProgram | LayerProgram | None = None
         self._set_kron_side()
         if not (isinstance(leverage_correction, bool) or leverage_correction == "auto"):
             raise ValueError(f"leverage_correction must be True, False or 'auto', got {leverage_correction!r}")
@@ -922,21 +924,45 @@ class MomentAccumulator:
         self._set_kron_side()
         self.state = self.empty_state()
 
-    def _set_kron_side(self) -> None:
-        """Build (or drop) :attr:`_kron_side` for the current choice."""
+    def _set_kron_side(self, kind: type = FactoredProgram) -> None:
+        """Build (or drop) :attr:`_kron_side` for the current choice: a ``kind`` program
+        (:class:`FactoredProgram`, or :class:`LayerProgram` once a first batch has shown several
+        outputs per record: :meth:`_layer_kron_side`)."""
         if self._kron_side is not None:
             self._kron_side.close()
             self._kron_side = None
         if self.mode == "diagonal" and self.use_factors and self.program_cls is LossProgram \
                 and not isinstance(self.factored, FactoredProgram) and KFAC_CORRECTION:
+            if kind is LayerProgram:
+                self._kron_side = self._layer_kron_side()
+                return
             try:
                 self._kron_side = FactoredProgram(self.model, self.loss_fn, self.names, self.fast_dtype)
             except NotImplementedError:
                 self._kron_side = None
 
+    def _layer_kron_side(self) -> LayerProgram | None:
+        """The side program of an all-Linear model with several outputs per record (an MLP classifier,
+        softmax regression) under the exact or Hutchinson Hessian diagonal: the per-layer program,
+        whose Gauss-Newton directions give kf33's partial-trace factors (``None`` where it has no
+        Kronecker block: a norm, an embedding, tied weights). Its Gauss-Newton directions are
+        chosen as the ``"ggn"`` estimator's default (``"auto"``: sampled labels above
+        ``GGN_EXACT_MAX_DIRECTIONS``), from a private generator (the estimator's draws do not move)."""
+        try:
+            prog = LayerProgram(self.model, self.loss_fn, self.names, self.fast_dtype, reference=self.program)
+        except NotImplementedError:
+            return None
+        if not prog.kron_blocks() or prog.kron_conv:
+            prog.close()
+            return None
+        prog.num_records, prog.group_budget = self.num_records, self.budget
+        prog.ggn_mode, prog.mc_samples, prog.generator = "auto", self.ggn_mc_samples, torch.Generator().manual_seed(0)
+        return prog
+
     def _kron_program(self) -> FactoredProgram | LayerProgram | None:
         """The program whose layers get the K-FAC correction: the estimation's own factored one,
-        else the side one, else the per-layer program of a model with convolutions (KFC:
+        else the side one (factored, or per-layer for a classifier: kfd34), else the per-layer
+        program of a model with convolutions or an all-Linear classifier (partial traces:
         :meth:`LayerProgram.kron_blocks`), else ``None``."""
         if isinstance(self.factored, FactoredProgram):
             return self.factored
@@ -974,7 +1000,7 @@ class MomentAccumulator:
             self.factored.close()
             self.factored = self._fast_program(kind)
         if self._kron_side is not None:  # its private copy holds the old weights
-            self._set_kron_side()
+            self._set_kron_side(type(self._kron_side))
 
     def state_spec(self) -> dict[str, tuple[Any, str]]:
         """``{name: (default, reduction)}`` with reduction ``"sum"`` or ``"cat"`` (lists)."""
@@ -1441,19 +1467,34 @@ class MomentAccumulator:
                 st[f"kfac_t.{m}"] += pos[0]
 
     def _update_kron_side(self, st: dict[str, Any], inputs: Any, targets: Any, b: int) -> None:
-        """The side factored program's forward and backward (K-FAC factors only); a layout it
-        cannot take (found on the first batch) drops it, and the sigma keeps no correction."""
-        if self._kron_side is None:
+        """The side program's forward and backward (K-FAC factors only). A layout the factored
+        program cannot take (found on the first batch: several outputs per record) moves the
+        side to the per-layer program where every assessed layer is an nn.Linear
+        (:meth:`_layer_kron_side`; the state's ``[p, p]`` factors take its ``[1, p, p]`` sums, as
+        kf33's); otherwise it is dropped, and the sigma keeps no correction."""
+        side = self._kron_side
+        if side is None:
             return
+        layer = isinstance(side, LayerProgram)
         try:
-            fac = self._kron_side.batch(inputs, targets, b)
-        except NotImplementedError:
+            if layer:
+                side.kron_rows = self._kron_rows(st, side, b)
+                if not any(side.kron_rows.values()):  # every layer's factors have their records
+                    return
+                fac = side.batch(inputs, targets, b, squares=False)
+            else:
+                fac = side.batch(inputs, targets, b)
+        except NotImplementedError:  # (a layer not called once per forward: neither program takes it)
             if int(st["n"]) > 0:
                 raise
-            self._kron_side.close()
-            self._kron_side = None
+            if layer:
+                self._kron_side = None
+                side.close()
+                return
+            self._set_kron_side(LayerProgram)
+            self._update_kron_side(st, inputs, targets, b)
             return
-        self._add_kron(st, self._kron_side, fac, b)
+        self._add_kron(st, side, fac, b)
 
     def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
         store_records(st, flat, x, y, keys, num_records=self.num_records, keep_grad=self.keep_w,
@@ -1784,7 +1825,8 @@ class MomentAccumulator:
         to ``left``."""
         f64 = torch.float64
         kron, blocks = prog.kron_layers(), prog.kron_blocks()
-        h = st["h_sum"].to("cpu", f64) / max(n, 1)
+        # the estimator's Hessian diagonal (as _finalize's h_flat: Hutchinson's h_sum sums its probes)
+        h = st["h_sum"].to("cpu", f64) / max(n, 1) / (self.hutchinson_probes if self.hessian == "hutchinson" else 1)
         for m in prog.slots:
             if m not in kron or f"kfac_A.{m}" not in st or not float(st[f"kfac_A.{m}"].diagonal(0, -2, -1).sum()) > 0:
                 left.append(m)

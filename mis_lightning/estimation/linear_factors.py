@@ -1819,7 +1819,7 @@ class LayerProgram:
                          else _prepare(self._mods[m], xs, slot))
                 yield a, c, step, _layer_grads(self._mods[m], xs, _slice(gos[m], a, c), slot, cache)
 
-    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True
+    def batch(self, inputs: Any, targets: Any, b: int, ggn: bool = True, squares: bool = True
               ) -> tuple[_BatchTaps, dict[str, Tensor], dict[str, Tensor] | None]:
         """One forward and ``1 + k`` backward passes: the batch's taps (layer inputs and loss
         gradients at the outputs, from which every per-sample gradient follows), its
@@ -1833,7 +1833,9 @@ class LayerProgram:
         ``a`` with ``E[a a'] = L``, see :meth:`_mc_directions`); ``"auto"`` takes the Monte
         Carlo one when ``rank(L) > GGN_EXACT_MAX_DIRECTIONS`` on the first batch and keeps
         that choice (:attr:`ggn_choice`). Per-sample products are formed a chunk of records at a
-        time (:meth:`chunk_rows`) in the program's dtype; the sums are float64."""
+        time (:meth:`chunk_rows`) in the program's dtype; the sums are float64. ``squares=False``:
+        the directions' Kronecker factors only (:attr:`kron_rows`), the diagonal sums left zero
+        (the side program of an estimator whose Hessian diagonal comes from elsewhere, kfd34)."""
         f64 = torch.float64
         h_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
         h2_all = None
@@ -1869,7 +1871,8 @@ class LayerProgram:
                     gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
                                               allow_unused=True)
                     go = self._unpack(self._forward_taps, gos)
-                    self._add_squares(taps, go, sgn, h_all, h2_all, self.mc_samples)
+                    if squares:
+                        self._add_squares(taps, go, sgn, h_all, h2_all, self.mc_samples)
                     if kron:
                         # every direction's own outer products (a random-sign mix of the directions,
                         # 1 / directions of the cost, read sigma 1-16% apart between two mixes on a
