@@ -930,7 +930,7 @@ def score_schemes(
         col += 2 + prep.num_draws  # main, draws, pool protocol
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
-    fused = _fused_elements(prepared, chunk_size, keep=est.influence_stored)
+    fused = _fused_elements(est, prepared, chunk_size, keep=est.influence_stored)
     with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
         # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it
         # mid-call; at the pass's thread count (dynamo guards on it and inductor bakes it in: a
@@ -1728,13 +1728,16 @@ _GH_W = torch.tensor([0.011257411327720691, 0.2220759220056126, 0.53333333333333
 _GH_VANDERMONDE_INV = torch.linalg.inv(_GH_X[_GH_X != 0].unsqueeze(-1) ** torch.arange(1, 5, dtype=torch.float64))
 
 
-def _fused_elements(prepared: list[_Prepared], chunk_size: int, keep: bool) -> int:
+def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, keep: bool) -> int:
     """Affine-grid weights the coming pass sends through the fused cell-moment kernel, as
     :func:`_joint_sums` will: once per equal grid (:func:`_equal_grid_leads`), main and pool
     positions, and the draws' evaluations on their sample of the rows where a chunk is
     subsampled (``DRAW_SAMPLE_FRACTION``; not where the moments are kept). What decides whether
     the compiled kernel is warmed up before the pass (pf27: counting every scheme's grid and every
-    draw evaluation read about 3.4x the kernel's own count, compiling where the pass would not)."""
+    draw evaluation read about 3.4x the kernel's own count, compiling where the pass would not).
+    The share of the main and pool positions the wide-sd closed form takes
+    (:meth:`ParamGrid.wide_share`, on a sample) is left out: it never reaches the kernel (the 1e7
+    MLP's first layer: most of its weights)."""
     total = 0.0
     for name in dict.fromkeys(n for p in prepared for n in p.grids):
         active = [p for p in prepared if name in p.grids]
@@ -1746,7 +1749,8 @@ def _fused_elements(prepared: list[_Prepared], chunk_size: int, keep: bool) -> i
             ev = float(_draw_evaluations(prep.num_draws))
             if prep.num_draws >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS:
                 ev *= DRAW_SAMPLE_FRACTION
-            total += g.numel * (2.0 + ev)
+            # (the draws' evaluations take the kernel whatever the sd: _draw_parts)
+            total += g.numel * (2.0 * (1.0 - g.wide_share(est.theta[name], est.sigma[name])) + ev)
     return int(total)
 
 

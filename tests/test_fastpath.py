@@ -474,7 +474,9 @@ def test_the_warm_up_counts_the_elements_the_pass_sends_through_the_kernel(monke
     the pass: equal grids once (int8 weight-only and dynamic-activation int8 share their cells),
     the bootstrap draws on their sample of the rows (a sixteenth of a 65,536-weight chunk). The
     old estimate counted every scheme and all 8 draw evaluations per weight (pf27: ~3.4x), which
-    compiled up front where the pass itself never would. Tolerance 10 %: the sample's rows are
+    compiled up front where the pass itself never would. This untrained net's main and pool
+    positions all take the wide-sd closed form (sd >> the bounded window: wsd34), which never
+    reaches the kernel: counted, the estimate read 1.25x. Tolerance 10 %: the sample's rows are
     rounded and the last evaluations of a sample may be padded to the kernel's path."""
     import importlib
 

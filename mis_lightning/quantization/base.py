@@ -239,6 +239,12 @@ def _same_value(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _wide_candidates(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """``[c]`` bool: strictly inside bounds at most ``WIDE_MAX_WINDOW`` sd apart (the wide-sd closed
+    form's first test; sd 0, NaN and infinite bounds fail it)."""
+    return (upper - lower <= WIDE_MAX_WINDOW * sigma) & (theta > lower) & (theta < upper)
+
+
 def _pick(t: Any, ii: Tensor) -> Any:
     """``t[ii]`` of a tensor, of each tensor of a tuple, or ``None``."""
     if t is None:
@@ -800,16 +806,39 @@ class ParamGrid:
                 return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
 
-    def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
-                 bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
-                 kappa_only: bool, path_elements: int | None = None) -> CellMoments | None:
-        """The moments of every element when some lie strictly inside bounds at most
-        ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
-        ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
-        :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
-        most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`;
-        ``kappa_only``: their ``mean_abs`` is NaN, not computed; ``path_elements``: as
-        :meth:`_path_moments`, for the elements left to the paths)."""
+    def wide_share(self, theta: Tensor, sigma: Tensor, samples: int = 4096) -> float:
+        """The share of the grid's elements the wide-sd closed form takes (:meth:`_wide_sd`, on
+        ``samples`` elements in 8 evenly spaced runs; 0.0 where the closed form is off or the
+        grid has no bounds). ``theta``, ``sigma``: ``[numel]`` (flat, parameter units). What
+        :mod:`~mis_lightning.assess` leaves out of the fused kernel's coming elements (the
+        compile policy's count): those elements never reach it."""
+        if not WIDE_SD_CLOSED_FORM or self.support is None:
+            return 0.0
+        n = self.numel
+        run = max(1, min(n, samples) // 8)
+        hits = seen = 0
+        for a in sorted({int(i) for i in torch.linspace(0, max(n - run, 0), 8).round().tolist()}):
+            b = min(a + run, n)
+            bounds = self.element_bounds(a, b)
+            assert bounds is not None
+            scale, zp, code = self.element_grid(a, b)
+            live = scale > 0  # (dead blocks: the one-cell grid of moments(), not the closed form)
+            closed = self._wide_closed(theta[a:b].to(torch.float64), sigma[a:b].to(torch.float64),
+                                       torch.where(live, scale, torch.ones_like(scale)), zp,
+                                       code, bounds, kappa_only=True)
+            seen += b - a
+            if closed is not None:
+                ii, _, _, ok = closed
+                hits += int((ok & live).sum()) if ii is None else int((ok & live[ii]).sum())
+        return hits / seen if seen else 0.0
+
+    def _wide_closed(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                     bounds: tuple[Tensor, Tensor], kappa_only: bool
+                     ) -> tuple[Tensor | None, Tensor, Tensor, Tensor] | None:
+        """:meth:`_wide_sd`'s closed form on its candidates: ``(ii, kappa, mean_abs, ok)``, ``ii`` the
+        candidates' indices (``None``: every element, when they are most), the others ``[m]`` over
+        them, ``ok`` where the error bound holds; ``None`` when the grid takes no closed form or no
+        element is a candidate."""
         if self.kind == "quotient" or (self.kind == "table" and (
                 self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES)):
             return None
@@ -820,7 +849,7 @@ class ParamGrid:
         cand = torch.empty(c, dtype=torch.bool, device=theta.device)
         for a in range(0, c, EAGER_BLOCK):
             sl = slice(a, a + EAGER_BLOCK)
-            cand[sl] = (hi[sl] - lo[sl] <= WIDE_MAX_WINDOW * sigma[sl]) & (theta[sl] > lo[sl]) & (theta[sl] < hi[sl])
+            cand[sl] = _wide_candidates(theta[sl], sigma[sl], lo[sl], hi[sl])
         n = int(cand.sum())
         if n == 0:
             return None
@@ -846,6 +875,23 @@ class ParamGrid:
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
             mm, good = wide_sd_moments(th, sg, lb, ub, cube, own_lo, own_hi)
             kappa[a:a + EAGER_BLOCK], mean_abs[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = mm.kappa, mm.mean_abs, good
+        return ii, kappa, mean_abs, ok
+
+    def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                 bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
+                 kappa_only: bool, path_elements: int | None = None) -> CellMoments | None:
+        """The moments of every element when some lie strictly inside bounds at most
+        ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
+        ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
+        :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
+        most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`;
+        ``kappa_only``: their ``mean_abs`` is NaN, not computed; ``path_elements``: as
+        :meth:`_path_moments`, for the elements left to the paths)."""
+        closed = self._wide_closed(theta, sigma, scale, zero_point, code, bounds, kappa_only)
+        if closed is None:
+            return None
+        ii, kappa, mean_abs, ok = closed
+        c = theta.shape[0]
         if ii is None:
             take = ok
         else:
