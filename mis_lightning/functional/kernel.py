@@ -154,6 +154,13 @@ _TABLE_NH, _TABLE_NU = 256, 513
 _TABLE: tuple[float, float, float, Tensor] | None = None
 
 
+def _uniform_table_axes() -> tuple[float, float, float]:
+    """``(lo, dlog, du)`` of :func:`_uniform_table`: its first ``log h``, its ``log h`` step and
+    its ``|t| / h`` step (what the kernels read besides the table itself)."""
+    lo, hi = math.log(FINE_STEP), math.log(TABLE_H_MAX)
+    return lo, (hi - lo) / (_TABLE_NH - 1), 0.5 / (_TABLE_NU - 1)
+
+
 def _uniform_table() -> tuple[float, float, float, Tensor]:
     global _TABLE
     if _TABLE is None:
@@ -177,7 +184,7 @@ def _uniform_table() -> tuple[float, float, float, Tensor]:
         pad = torch.cat([vals, vals[-1:]], 0)
         pad = torch.cat([pad, pad[:, -1:]], 1)
         corners = torch.cat([pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]], -1)
-        _TABLE = (lo, (hi - lo) / (_TABLE_NH - 1), 0.5 / (_TABLE_NU - 1), corners.reshape(-1, 12))
+        _TABLE = (*_uniform_table_axes(), corners.reshape(-1, 12))
     return _TABLE
 
 
