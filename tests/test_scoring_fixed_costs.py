@@ -184,3 +184,30 @@ def test_fused_kernel_builds_the_uniform_table_only_when_a_step_needs_it(kappa_o
     assert torch.equal(mixed.kappa, again.kappa)
     assert not bool(torch.isnan(mixed.kappa).any())
     GUARD.reset()
+
+
+def test_float8_reference_sums_a_window_wider_than_the_table_over_the_table(monkeypatch):
+    # sds spanning most of the float8 table: the reference's windows of 256 edges each side
+    # (514) were wider than the table (254 edges); every edge of the table is the same cells
+    values = representable_values(torch.float8_e4m3fn)
+    gen = torch.Generator().manual_seed(11)
+    c = 300
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    sc = torch.full((c,), 0.2 / 448.0, dtype=F64)
+    sg = torch.rand(c, dtype=F64, generator=gen) * 0.1 + 0.01
+    widths = []
+    real = T.table_boundaries
+    monkeypatch.setattr(T, "table_boundaries", lambda t, v, s, m: widths.append(m) or real(t, v, s, m))
+    got = T.table_reference_moments(th, sg, values, sc)
+    edges_in_table = values.numel() + 1  # -inf, the V - 1 midpoints, +inf
+    assert all(2 * m + 2 <= edges_in_table for m in widths if m > 1), widths
+    # against the exact sum over every edge of the table, element by element
+    v = values.to(F64)
+    mids = 0.5 * (v[1:] + v[:-1])
+    inf = torch.tensor([math.inf], dtype=F64)
+    edges = torch.cat([-inf, mids, inf]).unsqueeze(0) * sc.unsqueeze(-1)
+    ref = C.moments_from_alpha((edges - th.unsqueeze(-1)) / sg.unsqueeze(-1))
+    torch.testing.assert_close(got.kappa, ref.kappa, rtol=0, atol=1e-14)
+    torch.testing.assert_close(got.mean_abs, ref.mean_abs, rtol=0, atol=1e-14)
+    torch.testing.assert_close(got.m4, ref.m4, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(got.coverage, ref.coverage, rtol=0, atol=1e-14)
