@@ -208,27 +208,16 @@ def _sparse_checked(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: int, qm
     return out if ok else affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
 
 
-# Chunks of at most this many elements look for a step in the uniform-grid table's range before
-# it is built (one pass over the chunk): a process whose chunks have none never builds it.
-LAZY_TABLE_MAX_ELEMENTS = 1 << 20
-
-
-def _kernel_table(s: Tensor, sg: Tensor, compiled: bool) -> tuple[float, float, float, Tensor]:
-    """``(lo, dlog, du, table)`` for the fused kernel on a chunk of float64 scales ``s`` and sds
-    ``sg`` (``[c]``, as the kernel reads them): the uniform-grid table
+def _kernel_table(compiled: bool) -> tuple[float, float, float, Tensor]:
+    """``(lo, dlog, du, table)`` for the fused kernel: the uniform-grid table
     (:func:`~mis_lightning.functional.kernel._uniform_table`, ~0.1-0.2 s of exact sums to build,
-    once per process) when the kernel may read it, else its axes and an empty ``[0, 12]``
-    placeholder, which no element reads (an index into it would raise, never read a value).
-
-    The eager kernel reads the table only for elements whose step ``h = s / sg`` is neither at
-    most ``FINE_STEP`` nor at least ``TABLE_H_MAX`` (NaN included): a chunk without any (a small
-    model whose sd spans its grid: every step fine, e.g. the 1e5 benchmark MLP's int8 and int4
-    layers) does not build it. The compiled kernel reads it for every element (branch-free), and
-    a chunk of more than ``LAZY_TABLE_MAX_ELEMENTS`` builds it rather than scan for the steps."""
-    if compiled or _kernel._TABLE is not None or s.numel() > LAZY_TABLE_MAX_ELEMENTS:
-        return _uniform_table()
-    h = s / sg
-    if bool((~((h <= FINE_STEP) | (h >= TABLE_H_MAX))).any()):
+    once per process) for the compiled kernel, which reads it for every element (branch-free);
+    for the eager one its axes and, until it is built, an empty ``[0, 12]`` placeholder, which
+    the eager kernel replaces by the table at its first read (``kernel._table_read``): only
+    elements whose step ``h = s / sd`` is neither at most ``FINE_STEP`` nor at least
+    ``TABLE_H_MAX`` read it, so a process without any (a small model whose sd spans its grid:
+    every step fine, e.g. the 1e5 benchmark MLP's int8 and int4 layers) never builds it."""
+    if compiled or _kernel._TABLE is not None:
         return _uniform_table()
     return (*_uniform_table_axes(), torch.empty(0, 12, dtype=torch.float64))
 
@@ -294,7 +283,7 @@ def affine_cell_moments(
         return _sparse_checked(theta, sigma, scale, zero_point, qmin, qmax, code, kappa_only)
     th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
     kernel, compiled = _kernel._fused_kernel(c, with_codes=code is not None, policy=compile_policy)
-    lo, dlog, du, table = _kernel_table(s, sg, compiled)
+    lo, dlog, du, table = _kernel_table(compiled)
     table = table.to(th.device)
     # Every scalar goes in as a 0-d tensor. Python floats given to a dynamic-shape compiled
     # function are traced as symbols, and inductor (torch 2.13) folded the bounds of `clamp`

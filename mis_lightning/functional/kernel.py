@@ -208,7 +208,11 @@ def uniform_table_moments(h: Tensor, t: Tensor) -> CellMoments:
 def _table_read(h: Tensor, lower: Tensor, upper: Tensor, lo: Tensor, dlog: Tensor, du: Tensor,
                 table: Tensor) -> Tensor:
     """``[c, 3]`` (kappa, mean_abs, m4) from the uniform-grid table in ``(log h, |t| / h)``,
-    ``t`` the position from the cell centre (``h`` clamped to the table's range)."""
+    ``t`` the position from the cell centre (``h`` clamped to the table's range). An empty
+    ``table`` (eager callers, :func:`~mis_lightning.functional.affine._kernel_table`) stands for
+    :func:`_uniform_table`'s, built here at its first read."""
+    if not torch.compiler.is_compiling() and table.numel() == 0:
+        table = _uniform_table()[3].to(h.device)
     hc = h.clamp(FINE_STEP, TABLE_H_MAX)
     x = ((torch.log(hc) - lo) / dlog).clamp(0.0, _TABLE_NH - 1 - 1e-9)
     y = ((0.5 * (lower - upper).abs() / hc) / du).clamp(0.0, _TABLE_NU - 1 - 1e-9)
