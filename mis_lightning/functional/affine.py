@@ -215,8 +215,8 @@ def _kernel_table(compiled: bool) -> tuple[float, float, float, Tensor]:
     for the eager one its axes and, until it is built, an empty ``[0, 12]`` placeholder, which
     the eager kernel replaces by the table at its first read (``kernel._table_read``): only
     elements whose step ``h = s / sd`` is neither at most ``FINE_STEP`` nor at least
-    ``TABLE_H_MAX`` read it, so a process without any (a small model whose sd spans its grid:
-    every step fine, e.g. the 1e5 benchmark MLP's int8 and int4 layers) never builds it."""
+    ``TABLE_H_MAX`` read it, so a process without any (the 1e5 benchmark MLP's int8 and int4
+    layers, whose sd spans the grid; the saved 1e7 one's) never builds it."""
     if compiled or _kernel._TABLE is not None:
         return _uniform_table()
     return (*_uniform_table_axes(), torch.empty(0, 12, dtype=torch.float64))
