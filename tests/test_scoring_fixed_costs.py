@@ -143,3 +143,71 @@ def test_large_table_chunks_keep_one_call_per_position(monkeypatch):
     monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
     A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
     assert calls == [c] * 8
+
+
+def _affine_chunk(c: int, step_sd: float, seed: int = 5) -> tuple:
+    """An int8-like chunk of ``c`` elements whose grid step is ``step_sd`` sd for every element."""
+    gen = torch.Generator().manual_seed(seed)
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    sc = torch.full((c,), 0.4 / 127, dtype=F64)
+    sg = sc / step_sd * (1.0 + 0.1 * torch.rand(c, dtype=F64, generator=gen))
+    return th, sg, sc, torch.zeros(c, dtype=F64)
+
+
+@pytest.mark.parametrize("kappa_only", [False, True])
+def test_fused_kernel_builds_the_uniform_table_only_when_a_step_needs_it(kappa_only, monkeypatch):
+    from mis_lightning.functional import affine as AF
+    from mis_lightning.functional.fastpath import GUARD
+
+    c = AF.TABLE_MIN_ELEMENTS
+    fine = _affine_chunk(c, 0.3)  # every step below FINE_STEP: the fused kernel never reads the table
+    monkeypatch.setattr(K, "_TABLE", None)
+    GUARD.reset()
+    got = AF.affine_cell_moments(*fine, -128, 127, kappa_only=kappa_only)
+    assert K._TABLE is None, "the uniform table was built for a chunk whose steps are all fine"
+    # the same numbers as with the table built (the kernel before the change built it first)
+    K._uniform_table()
+    GUARD.reset()
+    ref = AF.affine_cell_moments(*fine, -128, 127, kappa_only=kappa_only)
+    for f in ("kappa", "mean_abs", "m4", "coverage"):
+        assert torch.equal(getattr(got, f), getattr(ref, f)) or (
+            kappa_only and f != "kappa" and bool(getattr(got, f).isnan().all()))
+    # a chunk with one step in the table's range builds it, and reads it
+    monkeypatch.setattr(K, "_TABLE", None)
+    th, sg, sc, zp = _affine_chunk(c, 0.3)
+    sg[7] = sc[7] / 3.0  # 3 sd: the table's range
+    GUARD.reset()
+    mixed = AF.affine_cell_moments(th, sg, sc, zp, -128, 127, kappa_only=kappa_only)
+    assert K._TABLE is not None
+    GUARD.reset()
+    again = AF.affine_cell_moments(th, sg, sc, zp, -128, 127, kappa_only=kappa_only)
+    assert torch.equal(mixed.kappa, again.kappa)
+    assert not bool(torch.isnan(mixed.kappa).any())
+    GUARD.reset()
+
+
+def test_float8_reference_sums_a_window_wider_than_the_table_over_the_table(monkeypatch):
+    # sds spanning most of the float8 table: the reference's windows of 256 edges each side
+    # (514) were wider than the table (254 edges); every edge of the table is the same cells
+    values = representable_values(torch.float8_e4m3fn)
+    gen = torch.Generator().manual_seed(11)
+    c = 300
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    sc = torch.full((c,), 0.2 / 448.0, dtype=F64)
+    sg = torch.rand(c, dtype=F64, generator=gen) * 0.1 + 0.01
+    widths = []
+    real = T.table_boundaries
+    monkeypatch.setattr(T, "table_boundaries", lambda t, v, s, m: widths.append(m) or real(t, v, s, m))
+    got = T.table_reference_moments(th, sg, values, sc)
+    edges_in_table = values.numel() + 1  # -inf, the V - 1 midpoints, +inf
+    assert all(2 * m + 2 <= edges_in_table for m in widths if m > 1), widths
+    # against the exact sum over every edge of the table, element by element
+    v = values.to(F64)
+    mids = 0.5 * (v[1:] + v[:-1])
+    inf = torch.tensor([math.inf], dtype=F64)
+    edges = torch.cat([-inf, mids, inf]).unsqueeze(0) * sc.unsqueeze(-1)
+    ref = C.moments_from_alpha((edges - th.unsqueeze(-1)) / sg.unsqueeze(-1))
+    torch.testing.assert_close(got.kappa, ref.kappa, rtol=0, atol=1e-14)
+    torch.testing.assert_close(got.mean_abs, ref.mean_abs, rtol=0, atol=1e-14)
+    torch.testing.assert_close(got.m4, ref.m4, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(got.coverage, ref.coverage, rtol=0, atol=1e-14)

@@ -29,6 +29,7 @@ from .kernel import (
     CompilePolicy,
     _float64_inputs,
     _uniform_table,
+    _uniform_table_axes,
     fine_grid_moments,
     windowed_moments,
 )
@@ -207,6 +208,20 @@ def _sparse_checked(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: int, qm
     return out if ok else affine_reference_moments(th, sg, s, zp, qmin, qmax, code)
 
 
+def _kernel_table(compiled: bool) -> tuple[float, float, float, Tensor]:
+    """``(lo, dlog, du, table)`` for the fused kernel: the uniform-grid table
+    (:func:`~mis_lightning.functional.kernel._uniform_table`, ~0.1-0.2 s of exact sums to build,
+    once per process) for the compiled kernel, which reads it for every element (branch-free);
+    for the eager one its axes and, until it is built, an empty ``[0, 12]`` placeholder, which
+    the eager kernel replaces by the table at its first read (``kernel._table_read``): only
+    elements whose step ``h = s / sd`` is neither at most ``FINE_STEP`` nor at least
+    ``TABLE_H_MAX`` read it, so a process without any (the 1e5 benchmark MLP's int8 and int4
+    layers, whose sd spans the grid; the saved 1e7 one's) never builds it."""
+    if compiled or _kernel._TABLE is not None:
+        return _uniform_table()
+    return (*_uniform_table_axes(), torch.empty(0, 12, dtype=torch.float64))
+
+
 def affine_cell_moments(
     theta: Tensor,
     sigma: Tensor,
@@ -274,7 +289,8 @@ def affine_cell_moments(
     if size < TABLE_MIN_ELEMENTS or FUSED_PATH in GUARD.disabled:
         return _sparse_checked(theta, sigma, scale, zero_point, qmin, qmax, code, kappa_only)
     th, sg, s, zp = _float64_inputs(theta, sigma, scale, zero_point)
-    lo, dlog, du, table = _uniform_table()
+    kernel, compiled = _kernel._fused_kernel(size, with_codes=code is not None, policy=compile_policy)
+    lo, dlog, du, table = _kernel_table(compiled)
     table = table.to(th.device)
     # Every scalar goes in as a 0-d tensor. Python floats given to a dynamic-shape compiled
     # function are traced as symbols, and inductor (torch 2.13) folded the bounds of `clamp`
@@ -297,7 +313,6 @@ def affine_cell_moments(
         out = _kernel.in_blocks(kernel, a, bounds, **kw) if blocks else kernel(*a, *bounds, **kw)
         return (*out, q) if q_given is not None else out
 
-    kernel, compiled = _kernel._fused_kernel(size, with_codes=code is not None, policy=compile_policy)
     try:
         # kappa alone from the eager kernel (the compiled one computes all three)
         kappa, mean_abs, m4, ok, q0 = run(kernel, blocks=not compiled,

@@ -154,6 +154,13 @@ _TABLE_NH, _TABLE_NU = 256, 513
 _TABLE: tuple[float, float, float, Tensor] | None = None
 
 
+def _uniform_table_axes() -> tuple[float, float, float]:
+    """``(lo, dlog, du)`` of :func:`_uniform_table`: its first ``log h``, its ``log h`` step and
+    its ``|t| / h`` step (what the kernels read besides the table itself)."""
+    lo, hi = math.log(FINE_STEP), math.log(TABLE_H_MAX)
+    return lo, (hi - lo) / (_TABLE_NH - 1), 0.5 / (_TABLE_NU - 1)
+
+
 def _uniform_table() -> tuple[float, float, float, Tensor]:
     global _TABLE
     if _TABLE is None:
@@ -177,7 +184,7 @@ def _uniform_table() -> tuple[float, float, float, Tensor]:
         pad = torch.cat([vals, vals[-1:]], 0)
         pad = torch.cat([pad, pad[:, -1:]], 1)
         corners = torch.cat([pad[:-1, :-1], pad[:-1, 1:], pad[1:, :-1], pad[1:, 1:]], -1)
-        _TABLE = (lo, (hi - lo) / (_TABLE_NH - 1), 0.5 / (_TABLE_NU - 1), corners.reshape(-1, 12))
+        _TABLE = (*_uniform_table_axes(), corners.reshape(-1, 12))
     return _TABLE
 
 
@@ -201,7 +208,11 @@ def uniform_table_moments(h: Tensor, t: Tensor) -> CellMoments:
 def _table_read(h: Tensor, lower: Tensor, upper: Tensor, lo: Tensor, dlog: Tensor, du: Tensor,
                 table: Tensor) -> Tensor:
     """``[c, 3]`` (kappa, mean_abs, m4) from the uniform-grid table in ``(log h, |t| / h)``,
-    ``t`` the position from the cell centre (``h`` clamped to the table's range)."""
+    ``t`` the position from the cell centre (``h`` clamped to the table's range). An empty
+    ``table`` (eager callers, :func:`~mis_lightning.functional.affine._kernel_table`) stands for
+    :func:`_uniform_table`'s, built here at its first read."""
+    if not torch.compiler.is_compiling() and table.numel() == 0:
+        table = _uniform_table()[3].to(h.device)
     hc = h.clamp(FINE_STEP, TABLE_H_MAX)
     x = ((torch.log(hc) - lo) / dlog).clamp(0.0, _TABLE_NH - 1 - 1e-9)
     y = ((0.5 * (lower - upper).abs() / hc) / du).clamp(0.0, _TABLE_NU - 1 - 1e-9)
