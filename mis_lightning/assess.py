@@ -1677,6 +1677,10 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
 # draw: kappa's dependence on the position in the cell is 2e-9 at h = sigma (measured over 201
 # positions: range 1.97e-9 at kappa 0.92; 3e-6 at 1.25 sd, 1.6e-4 at 1.5 sd).
 POSITION_FREE_STEP = 1.0
+# A weight whose sd dwarfs its bounded window (ParamGrid.wide_position_free, the wide-sd regime of
+# wsd34: the 1e7 MLP's first layer) keeps its kappa at every draw where kappa cannot leave
+# [1 - S, 1] with S at most this: the same 2e-9 the step shortcut above accepts.
+POSITION_FREE_WIDE_TOL = 2e-9
 
 
 def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
@@ -1687,7 +1691,9 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     summation: 2e-9 at h = sigma, 0 at h <= FINE_STEP where every path uses the fine-grid
     expansion ``kappa(h)``), dead blocks (kappa 0) and revealed elements (kappa 1). Far means
     at theta-hat and at the draw (``to_min + xi``, ``to_max - xi`` in sd units), from the
-    clamped ends and from the bounds the release gives (``ParamGrid.support``)."""
+    clamped ends and from the bounds the release gives (``ParamGrid.support``). Also the weights
+    whose sd dwarfs their bounded window, where kappa stays within ``POSITION_FREE_WIDE_TOL`` of 1
+    at every position (:meth:`ParamGrid.wide_position_free`)."""
     # stored cells (bf16 / fp16 weights): their edges are not the affine grid's
     if grid.kind != "affine" or grid.storage_dtype is not None or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
@@ -1705,6 +1711,8 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     fixed = scale <= 0
     if grid.revealed is not None:
         fixed = fixed | grid.revealed.reshape(-1)[a:b].to(torch.bool)
+    if bounds is not None:
+        fixed = fixed | grid.wide_position_free(sg64, s, z, bounds, POSITION_FREE_WIDE_TOL)
     cut = F.kernel.CUTOFF_SIGMAS
     # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
     fine = ((s / sg64) <= POSITION_FREE_STEP) & (to_min > cut) & (to_max > cut)
@@ -1735,9 +1743,10 @@ def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, k
     subsampled (``DRAW_SAMPLE_FRACTION``; not where the moments are kept). What decides whether
     the compiled kernel is warmed up before the pass (pf27: counting every scheme's grid and every
     draw evaluation read about 3.4x the kernel's own count, compiling where the pass would not).
-    The share of the main and pool positions the wide-sd closed form takes
-    (:meth:`ParamGrid.wide_share`, on a sample) is left out: it never reaches the kernel (the 1e7
-    MLP's first layer: most of its weights)."""
+    The share of the main and pool positions the wide-sd closed form takes, and of the draws'
+    evaluations the wide-sd shortcut of :func:`_position_free` keeps (:meth:`ParamGrid.wide_shares`,
+    on a sample), are left out: they never reach the kernel (the 1e7 MLP's first layer: most of
+    its weights)."""
     total = 0.0
     for name in dict.fromkeys(n for p in prepared for n in p.grids):
         active = [p for p in prepared if name in p.grids]
@@ -1749,8 +1758,8 @@ def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, k
             ev = float(_draw_evaluations(prep.num_draws))
             if prep.num_draws >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS:
                 ev *= DRAW_SAMPLE_FRACTION
-            # (the draws' evaluations take the kernel whatever the sd: _draw_parts)
-            total += g.numel * (2.0 * (1.0 - g.wide_share(est.theta[name], est.sigma[name])) + ev)
+            closed, free = g.wide_shares(est.theta[name], est.sigma[name], POSITION_FREE_WIDE_TOL)
+            total += g.numel * (2.0 * (1.0 - closed) + ev * (1.0 - free))
     return int(total)
 
 

@@ -214,3 +214,34 @@ def test_unbounded_and_large_tables_never_take_it(monkeypatch):
     old = g.moments(theta, sigma, 0, c)
     for f in ("kappa", "mean_abs", "m4", "coverage"):
         assert torch.equal(getattr(new, f), getattr(old, f))
+
+
+@pytest.mark.parametrize("scheme", ["rtn_int4", "int8_weight_only", "intx_weight_only_int4_g32_asym"])
+def test_draws_keep_kappa_where_it_cannot_leave_one_minus_S(scheme):
+    """The bootstrap draws' shortcut (``ParamGrid.wide_position_free``, ``assess._position_free``):
+    at every position of the weight, inside its bounds or beyond them (the draws' ``theta + sigma
+    xi``), the exact deficit ``1 - kappa`` (tests/_wide_reference.py's partition sums) lies in
+    ``[0, S]``, ``S = phi(0) C3 / (12 sigma^3)`` (``wide_deficit_bound``), so kappa moves by at most
+    ``S <= POSITION_FREE_WIDE_TOL`` between theta-hat and any draw; the mask is exactly the weights
+    with a window at most ``WIDE_MAX_WINDOW`` sd wide and ``S`` at most the tolerance (fails
+    without the shortcut: no mask; tolerance: the reference's ~1e-15 relative)."""
+    if scheme != "rtn_int4":
+        pytest.importorskip("torchao")
+    from mis_lightning.assess import POSITION_FREE_WIDE_TOL
+    from mis_lightning.functional.wide import wide_deficit_bound
+
+    g, theta = _grid(scheme)
+    c = theta.numel()
+    scale, zp, _, _, bounds = g._chunk_grid(0, c)
+    lo, hi = bounds[0].to(F64), bounds[1].to(F64)
+    gen = torch.Generator().manual_seed(2)
+    sigma = 10.0 ** (1.0 + 4.0 * torch.rand(c, generator=gen, dtype=F64)) * scale.to(F64)  # 10 to 1e5 steps
+    free = g.wide_position_free(sigma, scale.to(F64), zp.to(F64), (lo, hi), POSITION_FREE_WIDE_TOL)
+    S = wide_deficit_bound(sigma, _cube(g, lo, hi, scale, zp))
+    want = (hi - lo <= WIDE_MAX_WINDOW * sigma) & (S <= POSITION_FREE_WIDE_TOL)
+    assert torch.equal(free, want) and 0 < int(free.sum()) < c
+    for i in torch.nonzero(free).squeeze(-1)[::9].tolist():
+        edges = partition_edges(g, i, float(lo[i]), float(hi[i]), float(scale[i]), float(zp[i]))
+        for xi in (-3.0, -0.7, 0.0, 0.4, 2.5):  # the draw's position, in sd units from theta-hat
+            dk, _, _ = exact_deficits(float(theta[i]) + xi * float(sigma[i]), float(sigma[i]), edges)
+            assert 0.0 <= dk <= float(S[i]) * (1 + 1e-12), (i, xi, dk, float(S[i]))

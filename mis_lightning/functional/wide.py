@@ -135,6 +135,16 @@ def wide_sd_error_bound(sigma: Tensor, lower: Tensor, upper: Tensor, theta: Tens
     return S, lam, torch.maximum((1.0 - lam) * S, 6.0 * m2 * S)
 
 
+def wide_deficit_bound(sigma: Tensor, cube: Tensor) -> Tensor:
+    """``[c]`` ``S = phi(0) C3 / (12 sigma^3)``: at EVERY position of the weight (inside its bounds
+    or not) ``0 <= 1 - kappa <= S`` when every cell of the bounded window is finite (each clipped
+    cell's ``p_k Var_k <= phi(0) w_k^3 / 12`` in sd units; the regions beyond the bounds are
+    revealed). So kappa moves by at most ``S`` between any two positions (the bootstrap draws'
+    shortcut, ``assess._position_free``). ``sigma``, ``cube``: ``[c]`` (parameter units)."""
+    sg = sigma.to(torch.float64)
+    return (_INV_SQRT_2PI / 12.0) * cube / _cube(sg)
+
+
 def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cube: Tensor,
                     own_lo: Tensor | None, own_hi: Tensor | None) -> tuple[CellMoments, Tensor]:
     """The closed form of the module doc and where it applies.
@@ -173,5 +183,5 @@ def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, 
                        coverage=torch.ones_like(kappa)), ok
 
 
-__all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "table_cube_sum", "wide_sd_error_bound",
-           "wide_sd_moments"]
+__all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "table_cube_sum", "wide_deficit_bound",
+           "wide_sd_error_bound", "wide_sd_moments"]

@@ -66,6 +66,7 @@ from ..functional.wide import (
     WIDE_TABLE_MAX_VALUES,
     affine_cube_sum,
     table_cube_sum,
+    wide_deficit_bound,
     wide_sd_moments,
 )
 
@@ -806,31 +807,55 @@ class ParamGrid:
                 return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
 
-    def wide_share(self, theta: Tensor, sigma: Tensor, samples: int = 4096) -> float:
-        """The share of the grid's elements the wide-sd closed form takes (:meth:`_wide_sd`, on
-        ``samples`` elements in 8 evenly spaced runs; 0.0 where the closed form is off or the
-        grid has no bounds). ``theta``, ``sigma``: ``[numel]`` (flat, parameter units). What
-        :mod:`~mis_lightning.assess` leaves out of the fused kernel's coming elements (the
-        compile policy's count): those elements never reach it."""
+    def wide_shares(self, theta: Tensor, sigma: Tensor, free_tol: float, samples: int = 4096) -> tuple[float, float]:
+        """``(closed, free)``: the share of the grid's elements the wide-sd closed form takes
+        (:meth:`_wide_sd`) and the share whose kappa the bootstrap draws keep
+        (:meth:`wide_position_free` at ``free_tol``), on ``samples`` elements in 8 evenly spaced
+        runs; ``(0.0, 0.0)`` where the closed form is off or the grid has no bounds. ``theta``,
+        ``sigma``: ``[numel]`` (flat, parameter units). What :mod:`~mis_lightning.assess` leaves
+        out of the fused kernel's coming elements (the compile policy's count): those elements
+        never reach it."""
         if not WIDE_SD_CLOSED_FORM or self.support is None:
-            return 0.0
+            return 0.0, 0.0
         n = self.numel
         run = max(1, min(n, samples) // 8)
-        hits = seen = 0
+        closed_hits = free_hits = seen = 0
         for a in sorted({int(i) for i in torch.linspace(0, max(n - run, 0), 8).round().tolist()}):
             b = min(a + run, n)
             bounds = self.element_bounds(a, b)
             assert bounds is not None
             scale, zp, code = self.element_grid(a, b)
             live = scale > 0  # (dead blocks: the one-cell grid of moments(), not the closed form)
-            closed = self._wide_closed(theta[a:b].to(torch.float64), sigma[a:b].to(torch.float64),
+            sg = sigma[a:b].to(torch.float64)
+            closed = self._wide_closed(theta[a:b].to(torch.float64), sg,
                                        torch.where(live, scale, torch.ones_like(scale)), zp,
                                        code, bounds, kappa_only=True)
             seen += b - a
             if closed is not None:
                 ii, _, _, ok = closed
-                hits += int((ok & live).sum()) if ii is None else int((ok & live[ii]).sum())
-        return hits / seen if seen else 0.0
+                closed_hits += int((ok & live).sum()) if ii is None else int((ok & live[ii]).sum())
+            free_hits += int(self.wide_position_free(sg, scale, zp, bounds, free_tol).sum())
+        return (closed_hits / seen, free_hits / seen) if seen else (0.0, 0.0)
+
+    def wide_position_free(self, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                           bounds: tuple[Tensor, Tensor], tol: float) -> Tensor:
+        """``[c]`` bool: affine-grid elements whose bounded window is at most ``WIDE_MAX_WINDOW``
+        sd wide and whose kappa bound ``S`` (:func:`~mis_lightning.functional.wide.wide_deficit_bound`)
+        is at most ``tol``: their kappa lies in ``[1 - S, 1]`` wherever the weight sits, so it moves
+        by at most ``tol`` between theta-hat and any bootstrap draw (``[c]`` tensors as
+        :meth:`element_grid` / :meth:`element_bounds` give them; all False off affine grids or
+        with the closed form off)."""
+        lo, hi = bounds
+        sg = sigma.to(torch.float64)
+        free = (hi - lo <= WIDE_MAX_WINDOW * sg) & (scale > 0)
+        if not WIDE_SD_CLOSED_FORM or self.kind != "affine" or self.storage_dtype is not None or not bool(free.any()):
+            return free & False
+        ii = torch.nonzero(free).squeeze(-1)
+        low_edge, high_edge, step = self._outer_edges(scale[ii], zero_point[ii])
+        assert step is not None
+        cube = affine_cube_sum(lo[ii], hi[ii], low_edge, high_edge, step)
+        free[ii] = wide_deficit_bound(sg[ii], cube) <= tol
+        return free
 
     def _wide_closed(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                      bounds: tuple[Tensor, Tensor], kappa_only: bool
