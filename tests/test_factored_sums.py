@@ -150,6 +150,21 @@ def test_a_layers_power_cache_gives_bitwise_the_same_sums(monkeypatch, f32):
     assert [k for k in none._entries if k != "sx"] == []
 
 
+def _partly_silent_case():
+    """:func:`_square_case` with a tenth of the records far off (they fall back to float64) and 16
+    silent output rows (0 on every record); also the ``[R, out * in]`` materialised gradients."""
+    fac, g_mean, v, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0  # some records fall back to float64
+    fac.d[far] += 40.0
+    silent = torch.zeros(48, dtype=torch.bool)
+    silent[[0, 5, 6, 7, 20, 31, 32, 47]] = True
+    silent[16:24] = True
+    fac.d[:, silent] = 0.0
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    return fac, g_mean, v, A, silent, gr
+
+
 @pytest.mark.parametrize("f32", [True, False])
 def test_silent_output_rows_skipped_give_the_same_sums(monkeypatch, f32):
     """pf31: output units whose loss gradient is 0 on every stored record (ReLU units off for all of
@@ -165,15 +180,7 @@ def test_silent_output_rows_skipped_give_the_same_sums(monkeypatch, f32):
     import mis_lightning.estimation.linear_factors as lf
 
     monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset({2, 4} if f32 else ()))
-    fac, _, _, A = _square_case(shift=0.0)
-    far = torch.arange(60) % 10 == 3
-    fac.x[far] += 40.0  # some records fall back to float64
-    fac.d[far] += 40.0
-    silent = torch.zeros(48, dtype=torch.bool)
-    silent[[0, 5, 6, 7, 20, 31, 32, 47]] = True
-    silent[16:24] = True
-    fac.d[:, silent] = 0.0
-    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    fac, _, _, A, silent, gr = _partly_silent_case()
     g_mean, v = gr.mean(0), gr.var(0, unbiased=False)
     g_mean = g_mean + 0.25 * (torch.arange(48 * 64) % 7 == 0)  # silent rows' gb non-zero too
     v = v + 0.5  # every weight live (the silent rows' terms are gb alone)
@@ -337,15 +344,7 @@ def test_float32_sums_form_S_on_the_gemm_rows_only(monkeypatch, power):
     chunk (the a = 0 term alone: sum_j gb_j^p A_j / v_j^(p/2))."""
     import mis_lightning.estimation.linear_factors as lf
 
-    fac, g_mean, v, A = _square_case(shift=0.0)
-    far = torch.arange(60) % 10 == 3
-    fac.x[far] += 40.0  # some records fall back to float64
-    fac.d[far] += 40.0
-    silent = torch.zeros(48, dtype=torch.bool)
-    silent[[0, 5, 6, 7, 20, 31, 32, 47]] = True
-    silent[16:24] = True
-    fac.d[:, silent] = 0.0
-    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    fac, g_mean, v, A, silent, gr = _partly_silent_case()
     g_mean, v = gr.mean(0) + 0.25 * (torch.arange(48 * 64) % 7 == 0), gr.var(0, unbiased=False) + 0.5
     v[64 * 9: 64 * 10: 3] = 0.0  # dead weights in a live row
     A[64 * 9] = float("inf")  # ... one of them with an infinite entry: no influence, no NaN
