@@ -24,7 +24,7 @@ sys.path.insert(0, os.getcwd())  # the checkout under test first
 
 
 def main(argv: list[str]) -> int:
-    from benchmarks.scale import COMMON_SCHEMES, mlp
+    from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.config import stage_configs
     from mis_lightning.estimation import linear_factors as LF
 
@@ -38,23 +38,9 @@ def main(argv: list[str]) -> int:
 
         _, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(src)
     else:
-        torch.manual_seed(0)
-        model, n_in = mlp(src)
-        x = torch.randn(4096, n_in)
-        y = x[:, :8].sum(-1) / 3 + 0.5 * torch.randn(4096)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
+        from benchmarks.assess_speed import trained_mlp
 
-        def loss_fn(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return 0.5 * (o.squeeze(-1) - t) ** 2
-
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(3):
-            for xb, yb in loader:
-                opt.zero_grad(set_to_none=True)
-                loss_fn(model(xb), yb).mean().backward()
-                opt.step()
-        opt.zero_grad(set_to_none=True)
-        del opt
+        model, loader, loss_fn = trained_mlp(src, 4096)  # scale.py's model, data and 3 Adam epochs
     est = AS.run_estimation(model, loader, loss_fn, est_cfg)
     real = LF.factored_power_sums
     depth, acc = [0], [0.0]
