@@ -841,6 +841,12 @@ POWER_CACHE_BYTES = 1 << 28
 # factored_power_sums' chunk-sized temporaries in buffers a layer's PowerCache holds from call to
 # call (PowerCache.scratch; ps33); False: a new tensor per call, as before (A/B benchmarks).
 HOLD_TEMPORARIES = True
+# The float64 sums of signed columns (the draws' parts) take as GEMM columns the (row, column)
+# pairs whose block of S has a non-zero element only, where at most PACK_FRACTION of them do
+# (_nonzero_pairs; ps35). Not bitwise: each column's sum over the rows in another order (~1e-16
+# relative). False: every pair, as before (A/B).
+PACK_ZERO_BLOCKS = True
+PACK_FRACTION = 0.75
 
 
 class PowerCache:
@@ -1092,7 +1098,7 @@ def factored_power_sums(
         return got
     # (the a = 0 term as the float32 calls sum it, so that their records that fall back are these sums)
     g0 = _zeroth_term(g_mean, A, vp, live, power, bool(live.all())) if F32_ON_LIVE_ROWS else None
-    return _binomial_sums_f64(fac, gb, S, power, cache, keep, g0=g0)
+    return _binomial_sums_f64(fac, gb, S, power, cache, keep, g0=g0, pack=PACK_ZERO_BLOCKS)
 
 
 def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int, every: bool) -> Tensor:
@@ -1167,32 +1173,64 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
 
 def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
                        cache: PowerCache | None = None, keep: Tensor | None = None,
-                       g0: Tensor | None = None) -> Tensor:
+                       g0: Tensor | None = None, pack: bool = False) -> Tensor:
     """``[R, M]`` ``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` by the binomial expansion in float64
     (``keep``: the terms ``a >= 1`` over these output rows only, as in :func:`_even_power_sums_f32`;
     ``g0 [M]``: the ``a = 0`` term ``sum_oi gb_oi^p S_oim`` where the caller has it, computed
-    the same way: a float32 call's records that fall back do not sum the whole ``S`` again)."""
+    the same way: a float32 call's records that fall back do not sum the whole ``S`` again).
+    ``pack``: the GEMMs' columns are the ``(o, m)`` pairs whose ``S_o:m`` is not all zero only
+    (:func:`_nonzero_pairs`, :data:`PACK_ZERO_BLOCKS`), where that leaves out enough of them."""
     M = S.shape[-1]
     total = torch.zeros(fac.d.shape[0], M, dtype=torch.float64)
     d = fac.d
     St = gt = S
+    pairs = None
     for a in range(power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         if a == 0:
             total += coef * ((S * gb.pow(power).unsqueeze(-1)).sum((0, 1)) if g0 is None else g0)
             if keep is not None:
                 d, S, gb = d[:, keep], S[keep], gb[keep]
+            pairs = _nonzero_pairs(S) if pack else None
+            if pairs is not None:  # [in, N]: the non-zero blocks' columns alone
+                St, gt = S[pairs[0], :, pairs[1]].T.contiguous(), gb[pairs[0]].T
+                continue
             # [in, out, M]: the GEMM's right operand [in, out * M], copied once instead of by einsum
             # in every term (the same operands reach the GEMM: bitwise the same sums; pw34)
             St, gt = S.permute(1, 0, 2).contiguous(), gb.T
             continue
-        B = St * gt.pow(power - a).unsqueeze(-1) if power - a else St  # [in, out, M]
+        B = St  # [in, out, M], or [in, N] packed
+        if power - a:
+            g = gt.pow(power - a)
+            B = St * (g if pairs is not None else g.unsqueeze(-1))
         xa = fac.x.pow(a) if cache is None else cache.power64(fac.x, a)  # [R, in]
         da = d.pow(a)  # [R, out]
+        if pairs is not None:
+            # sum_o d_ro^a (x^a @ B)_r(o, m), each column's pairs added in their order of o
+            t = (xa @ B).mul_(da[:, pairs[0]])  # [R, N]
+            total += coef * torch.zeros_like(total).index_add_(1, pairs[1], t)
+            continue
         # sum_{o,i} d_ro^a x_ri^a B_iom = sum_o d_ro^a (x^a @ B)_ro
         t = torch.einsum("ri,iom->rom", xa, B)
         total += coef * torch.einsum("ro,rom->rm", da, t)
     return total
+
+
+def _nonzero_pairs(S: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(o [N], m [N])`` the pairs whose block ``S[o, :, m]`` has a non-zero element, ordered by
+    ``m`` then ``o``, where they are at most :data:`PACK_FRACTION` of the ``out * M`` pairs; else
+    ``None``. Why: a block of zeros adds exact zeros to every term (finite inputs), and the draws'
+    signed columns are mostly such blocks (ps35: a 1e7 first-layer chunk's draws read 16 sampled
+    rows, but a scheme's 8 sample-group columns 2 rows each; the schemes whose draws moved no row
+    of the chunk are left out by the caller)."""
+    if S.dim() != 3 or S.numel() == 0:
+        return None
+    blk = S.ne(0).any(1)  # [out, M]; NaN counts as non-zero
+    n = int(blk.sum())
+    if n > PACK_FRACTION * blk.numel():
+        return None
+    m, o = blk.T.nonzero(as_tuple=True)
+    return o, m
 
 
 def iterate_factor_blocks(factors: Iterable[LinearFactors], g_mean: dict[str, Tensor],
