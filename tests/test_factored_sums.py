@@ -391,3 +391,61 @@ def test_float32_sums_form_S_on_the_gemm_rows_only(monkeypatch, power):
     el = slice(16 * 64, 24 * 64)
     want = ((g_mean[el].pow(power) / v[el].pow(power / 2)).unsqueeze(-1) * A[el]).sum(0)
     torch.testing.assert_close(factored_power_sums(quiet, g_mean[el], v[el], A[el], power)[0], want, rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_signed_columns_sum_their_nonzero_blocks_only(monkeypatch, power):
+    """ps35: signed columns (the draws' parts, float64) whose ``S[o, :, m]`` blocks are mostly zero
+    (a column on a few output rows, one all-zero) take the non-zero ``(o, m)`` pairs alone as GEMM
+    columns (PACK_ZERO_BLOCKS): against the materialised influences to 1e-10 relative (the binomial
+    expansion's float64 cancellation, as test_weights_without_gradient_variance_add_nothing), and
+    against every pair (the switch off) to 1e-13 relative (each column's sum over its rows in another
+    order); the zero column's sums exactly 0. Fewer GEMM columns reach the products (counted)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    g = torch.Generator().manual_seed(3)
+    R, out_f, in_f, M = 30, 8, 16, 6
+    x = torch.randn(R, in_f, generator=g, dtype=torch.float64)
+    d = torch.randn(R, out_f, generator=g, dtype=torch.float64)
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=x, d=d)
+    gr = (d.unsqueeze(-1) * x.unsqueeze(1)).reshape(R, -1)
+    g_mean, v = gr.mean(0), gr.var(0, unbiased=False)
+    A = torch.randn(out_f, in_f, M, generator=g, dtype=torch.float64)
+    A[:, :, 0] = 0.0  # a part that moved nothing
+    A[2:, :, 1] = 0.0  # a sample group's column: two rows
+    A[:5, :, 2] = 0.0
+    A[[0, 3, 4, 7], :, 3] = 0.0
+    A = A.reshape(-1, M)
+    widths: list[int] = []
+    real_mm = torch.Tensor.__matmul__
+
+    def spy(a, b):
+        if a.dim() == 2 and b.dim() == 2 and a.shape[1] == in_f:
+            widths.append(b.shape[1])
+        return real_mm(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    got = {}
+    for pack in (False, True):
+        monkeypatch.setattr(lf, "PACK_ZERO_BLOCKS", pack)
+        widths.clear()
+        got[pack] = factored_power_sums(fac, g_mean, v, A, power)
+        if pack:
+            assert widths and max(widths) == 8 * M - 8 - 6 - 5 - 4
+    torch.testing.assert_close(got[True], _reference(fac, g_mean, v, A, power), rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(got[True], got[False], rtol=1e-13, atol=0.0)
+    assert torch.equal(got[True][:, 0], torch.zeros(R, dtype=torch.float64))
+
+
+def test_dense_signed_columns_are_not_packed():
+    """A block pattern with more than PACK_FRACTION of its pairs non-zero keeps the dense layout
+    (the gather would cost more than the pairs it leaves out)."""
+    from mis_lightning.estimation.linear_factors import PACK_FRACTION, _nonzero_pairs
+
+    S = torch.ones(4, 3, 2, dtype=torch.float64)
+    assert _nonzero_pairs(S) is None
+    S[:, :, 1] = 0.0
+    S[1, 2, 1] = float("nan")  # NaN counts as non-zero
+    o, m = _nonzero_pairs(S)
+    assert 5 <= PACK_FRACTION * 8
+    assert o.tolist() == [0, 1, 2, 3, 1] and m.tolist() == [0, 0, 0, 0, 1]
