@@ -48,8 +48,15 @@ from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .functional.storage import storage_cell_moments
+from .functional.wide import (
+    WIDE_MAX_WINDOW,
+    WIDE_TABLE_MAX_VALUES,
+    table_cube_sum,
+    wide_deficit_bound,
+)
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
+from .quantization import base as _qbase
 from .quantization.base import ParamGrid, check_float_model, release_chunk_facts
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
@@ -1681,6 +1688,9 @@ POSITION_FREE_STEP = 1.0
 # wsd34: the 1e7 MLP's first layer) keeps its kappa at every draw where kappa cannot leave
 # [1 - S, 1] with S at most this: the same 2e-9 the step shortcut above accepts.
 POSITION_FREE_WIDE_TOL = 2e-9
+# ... and on value tables (float8: the same bound on the table's own cells, _table_position_free);
+# False: value-table draws keep only the elements that cannot move at all (sd 0, dead, revealed)
+TABLE_WIDE_POSITION_FREE = True
 
 
 def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
@@ -1694,8 +1704,12 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     clamped ends and from the bounds the release gives (``ParamGrid.support``). Also the weights
     whose sd dwarfs their bounded window, where kappa stays within ``POSITION_FREE_WIDE_TOL`` of 1
     at every position (:meth:`ParamGrid.wide_position_free`)."""
-    # stored cells (bf16 / fp16 weights): their edges are not the affine grid's
-    if grid.kind != "affine" or grid.storage_dtype is not None or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
+    # stored cells (bf16 / fp16 weights): their edges are not the grid's
+    if grid.storage_dtype is not None:
+        return None
+    if grid.kind == "table":
+        return _table_position_free(grid, sg, a, b, xi.shape[0])
+    if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
         return None
     scale, zp, _ = grid.element_grid(a, b)
@@ -1717,6 +1731,38 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
     fine = ((s / sg64) <= POSITION_FREE_STEP) & (to_min > cut) & (to_max > cut)
     return fixed.unsqueeze(0) | (fine & (to_min + xi > cut) & (to_max - xi > cut))
+
+
+def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int) -> Tensor | None:
+    """``[draws, c]`` mask of the elements ``a:b`` of a value-table grid (not of stored weights)
+    whose kappa at every bootstrap draw is their kappa at theta-hat, or ``None`` when some
+    element's can move (the caller then evaluates every position, as before: a call of fewer
+    elements could take another path, e.g. the float8 interpolation table's, and read the
+    others' kappa differently by up to its 1e-7). Such elements: dead blocks (kappa 0),
+    elements the release gives away (kappa 1), sd 0 (the draw's position is theta-hat itself)
+    and, on a table of at most ``WIDE_TABLE_MAX_VALUES`` values with bounds, weights whose sd
+    dwarfs their bounded window (at most ``WIDE_MAX_WINDOW`` sd) with the deficit bound ``S``
+    (:func:`~mis_lightning.functional.wide.wide_deficit_bound`: ``0 <= 1 - kappa <= S`` at every
+    position) at most ``POSITION_FREE_WIDE_TOL``: the affine grids' shortcut
+    (:meth:`ParamGrid.wide_position_free`; method.md section 5, "The bootstrap draws") on the
+    table's own cells (the 1e7 MLP's first layer under ``float8_weight_only``: all of it)."""
+    scale, zp, _ = grid.element_grid(a, b)
+    sg64 = sg.to(torch.float64)
+    fixed = (scale <= 0) | (sg64 == 0)
+    if grid.revealed is not None:
+        fixed |= grid.revealed.reshape(-1)[a:b].to(torch.bool)
+    bounds = grid.element_bounds(a, b)
+    if not bool(fixed.all()) and bounds is not None and TABLE_WIDE_POSITION_FREE and _qbase.WIDE_SD_CLOSED_FORM \
+            and grid.values is not None and grid.values.numel() <= WIDE_TABLE_MAX_VALUES:
+        lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
+        cand = ~fixed & (hi - lo <= WIDE_MAX_WINDOW * sg64) & (hi > lo)
+        if bool(cand.any()):
+            ii = torch.nonzero(cand).squeeze(-1)
+            cube = table_cube_sum(lo[ii], hi[ii], scale[ii].to(torch.float64), grid.values)
+            fixed[ii] = wide_deficit_bound(sg64[ii], cube) <= POSITION_FREE_WIDE_TOL
+    if not bool(fixed.all()):
+        return None
+    return fixed.unsqueeze(0).expand(draws, -1)
 
 
 # Bootstrap draws (``uncertainty_draws``) from which on the draws are built from 8 cell-moment
@@ -1872,6 +1918,9 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
     kap = torch.empty(D, c, dtype=torch.float64)
     lam = torch.zeros(D, c, dtype=torch.float64)
     free = None if with_lam else _position_free(grid, th, sg, a, b, xi)
+    if not with_lam and bool((sg64 == 0).all() if free is None else (free | (sg64 == 0)).all()):
+        # no element moves (sd 0: the position is theta-hat itself; float8's wide-sd first layer)
+        return k_main.to(torch.float64).expand(D, c).clone(), lam
     scale = zp = bounds = None
     if free is None and not with_lam and grid.kind == "table" and 1 < D \
             and (table_at_once or D * c < F.table.INTERP_MIN_ELEMENTS):
@@ -2078,6 +2127,12 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     in one call, the interpolated table from ``2^15`` elements on). ``xi_on_sample``: ``xi`` is
     ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others)."""
     elem, grp, pi = sample
+    if not bool(sg.index_select(0, elem).ne(0).any()):
+        # every sampled weight has sd 0 (the 1e7 MLP's dead units): each draw's position is
+        # theta-hat itself, so every kappa change is exactly 0 (what the 8 evaluations returned)
+        m = elem.numel()
+        return (torch.zeros(1 + (draws + 1) // 2, m, dtype=torch.float64), _built_mix(draws),
+                torch.zeros(DRAW_SAMPLE_GROUPS, m, dtype=torch.float64))
     sub = _subset_grid(grid, a, b, elem)
     part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
                                k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,
