@@ -45,6 +45,7 @@ from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
 from .functional.bounds import _SPLIT_STATE
 from .functional.interp import _TABLES as _INTERP_TABLES
+from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .functional.storage import storage_cell_moments
@@ -1927,7 +1928,7 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
         # A small chunk of a value-table grid: the D positions in one call (the per-call cost,
         # ~1-20 ms, dominated: a 128-weight float8 row cost as much as 32k weights). Every
         # element takes the path it takes alone (below INTERP_MIN_ELEMENTS in both forms).
-        return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy), lam
+        return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy, k_main), lam
     if table_at_once and not with_lam and grid.kind == "affine" and 1 < D:
         # the sampled draws (_sampled_draw_parts): the positions' moving elements in one call, so
         # that a sample of a chunk of >= TABLE_MIN_ELEMENTS takes the chunk's (fused) path
@@ -2013,23 +2014,49 @@ def _padded_pairs(idx: Tensor, chunk: int, path_min: int) -> Tensor:
 
 
 def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b: int, xi: Tensor,
-                         policy: F.CompilePolicy | None) -> Tensor:
+                         policy: F.CompilePolicy | None, k_main: Tensor | None = None) -> Tensor:
     """``[D, c]`` kappa of elements ``a:b`` at ``theta + sigma * xi_b`` for every row of ``xi``
     in one cell-moment call: what ``grid.moments(theta + sigma * xi_b, sigma, a, b,
-    use_codes=False)`` gives row by row (dead blocks 0, revealed elements 1)."""
+    use_codes=False)`` gives row by row (dead blocks 0, revealed elements 1). With ``k_main``
+    (their kappa at theta-hat), on a table whose moments never depend on the call's other
+    elements (:func:`_elementwise_table`: no interpolation table, no bounds), the elements of sd
+    0 keep it (their position is theta-hat itself) and only the others are evaluated: the 1e7
+    MLP's second layer, mostly dead units, sent ~90% sd-0 positions through the point-mass test."""
     D, c = xi.shape
     scale, zp, _ = grid.element_grid(a, b)
     dead = scale <= 0
     scale = torch.where(dead, torch.ones_like(scale), scale)
     bounds = grid.element_bounds(a, b)
-    ev = _padded_pairs(torch.arange(D * c), getattr(grid, "_chunk_elements", c), F.table.INTERP_MIN_ELEMENTS)
-    el = ev % c
+    live = None
+    if k_main is not None and bounds is None and _elementwise_table(grid):
+        still = sg64 == 0
+        if bool(still.any()):
+            live = torch.nonzero(~still).squeeze(-1)
+    if live is None:
+        ev = _padded_pairs(torch.arange(D * c), getattr(grid, "_chunk_elements", c), F.table.INTERP_MIN_ELEMENTS)
+        el = ev % c
+    else:  # the moving elements' pairs alone (row-major like the positions)
+        el = live.repeat(D)
+        ev = el + c * torch.arange(D).repeat_interleave(live.numel())
     rep = lambda t: t.index_select(0, el)  # noqa: E731 - [c] -> [D c], row-major like the positions
     mm = grid.element_moments((th64 + sg64 * xi).reshape(-1).index_select(0, ev), rep(sg64), rep(scale), rep(zp),
                               None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
-    kap = mm.kappa[: D * c].reshape(D, c)
+    if live is None:
+        kap = mm.kappa[: D * c].reshape(D, c)
+    else:
+        assert k_main is not None
+        kap = k_main.to(torch.float64).expand(D, c).clone()
+        kap[:, live] = mm.kappa.reshape(D, -1)
     kap = torch.where(dead, torch.zeros_like(kap), kap)
     return _revealed_draws(grid, kap, th64, sg64, xi, a, b)
+
+
+def _elementwise_table(grid: ParamGrid) -> bool:
+    """Whether a value-table grid's cell moments of an element never depend on which other
+    elements share its call: no float8 interpolation table (whose use counts the call's size,
+    ``table.INTERP_MIN_ELEMENTS``) and no stored cells; the 16-bit casts (``bf16``, ``fp16``)."""
+    return grid.kind == "table" and grid.storage_dtype is None and grid.values is not None \
+        and interp_table(grid.values) is None
 
 
 def _revealed_draws(grid: ParamGrid, kap: Tensor, th64: Tensor, sg64: Tensor, xi: Tensor, a: int, b: int) -> Tensor:
