@@ -13,15 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cells import (
-    _INV_SQRT_2PI,
-    _TINY_PROB,
-    SQRT_2_OVER_PI,
-    CellMoments,
-    _pdf,
-    moments_from_alpha,
-    moments_from_alpha_erfc,
-)
+from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
 from .interp import interp_table
 from .kernel import (
@@ -328,8 +320,7 @@ def _table_cell_moments(
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
     rest = ~(frozen | fine)
-    _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc,
-                      erfc=fine_step < FINE_STEP)
+    _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
     rest &= need <= _MAX_WINDOW
     windows = sorted({half_window, *(w for w in _TABLE_BUCKETS if w > half_window), _MAX_WINDOW})
     if bool(rest.any()):
@@ -342,7 +333,7 @@ def _table_cell_moments(
         bucket = torch.tensor(windows, device=th.device)
         m = bucket[torch.searchsorted(bucket, need.clamp(min=half_window, max=_MAX_WINDOW))]
         whole = rest & (2 * m + 2 > mids.numel() + 2)
-        _whole_table_sums((kappa, mean_abs, m4, coverage), whole, mids, th, sg, sc, erfc=fine_step < FINE_STEP)
+        _whole_table_sums((kappa, mean_abs, m4, coverage), whole, mids, th, sg, sc)
         rest &= ~whole
     if bool(rest.any()):
         windowed_moments(
@@ -353,27 +344,21 @@ def _table_cell_moments(
 
 
 def _whole_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, mids: Tensor, th: Tensor,
-                      sg: Tensor, sc: Tensor, erfc: bool = False) -> None:
+                      sg: Tensor, sc: Tensor) -> None:
     """Exact sums over every edge of the table for the elements ``sel`` (in place): those with
     more than ``_MAX_WINDOW`` edges within 8.5 sd whose own cell is not fine (weights at or
     beyond the largest value with an sd wider than the table's top binades). Windows of
     ``_MAX_WINDOW`` edges each side used to miss cells there (float16 at 65504, sd 5e5:
-    kappa 0.645 against 0.694). ``erfc``: the tails by torch's vectorised ``erfc``
-    (:func:`~.cells.moments_from_alpha_erfc`, ~1e-15 from ``ndtr``'s; the reference sums of
-    :func:`table_reference_moments`, whose float16 calls summed 63k edges per sampled weight with
-    ``ndtr``'s scalar loop: 0.13-0.2 s per self-check of the 1e7 MLP's fp16 draws); the fast
-    path keeps ``ndtr`` (its numbers bit for bit)."""
+    kappa 0.645 against 0.694)."""
     if not bool(sel.any()):
         return
     idx = torch.nonzero(sel).squeeze(-1)
     inf = torch.full((1,), math.inf, dtype=torch.float64, device=th.device)
-    padded = torch.cat([-inf, mids, inf]).unsqueeze(0)
     step = max(1, _ROWS_BUDGET // (mids.numel() + 2))
-    sums = moments_from_alpha_erfc if erfc else moments_from_alpha
     for a in range(0, idx.numel(), step):
         ii = idx[a : a + step]
-        edges = padded * sc[ii].unsqueeze(-1)
-        mm = sums((edges - th[ii].unsqueeze(-1)) / sg[ii].unsqueeze(-1))
+        edges = torch.cat([-inf, mids, inf]).unsqueeze(0) * sc[ii].unsqueeze(-1)
+        mm = moments_from_alpha((edges - th[ii].unsqueeze(-1)) / sg[ii].unsqueeze(-1))
         for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
             t[ii] = v
 
