@@ -1889,8 +1889,13 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     x, y = xi[0], xi[1]
     nodes = _GH_X[_GH_X != 0]
     t = torch.stack([x, -x, y, -y])  # [4, c] random positions
-    kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)]), policy,
-                              table_at_once=table_at_once)
+    pos = torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)])
+    free, still = _draw_freedom(grid, th, sg, a, b, pos)
+    half = (D + 1) // 2
+    if still:  # no element's kappa moves: every change exactly 0 (what the evaluations gave)
+        return torch.zeros(1 + half, c, dtype=torch.float64), _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
+    kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, pos, policy, table_at_once=table_at_once,
+                              freedom=(free,))
     dl, dn = kap[:4] - k_main, kap[4:] - k_main  # at the random positions, at the rule's nodes
     even1, even2 = 0.5 * (dl[0] + dl[1]), 0.5 * (dl[2] + dl[3])
     odd1, odd2 = 0.5 * (dl[0] - dl[1]), 0.5 * (dl[2] - dl[3])
@@ -1902,26 +1907,41 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     for m in (2, 1, 0):
         p = (p + coef[m]) * t
     mu = _GH_W[_GH_X != 0] @ dn + (dl - p).mean(0)
-    half = (D + 1) // 2
     basis = torch.cat([mu.unsqueeze(0), sd * xi[2: 2 + half]])  # draws: mu +- sd zeta (_built_mix)
     return basis, _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
 
 
+def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> tuple[Tensor | None, bool]:
+    """``(free, still)``: :func:`_position_free`'s mask at the positions ``theta + sigma * xi_b``
+    and whether no element moves at all (every one free or of sd 0, whose position is
+    theta-hat itself): the draws then keep ``k_main`` with no evaluation (the 1e7 MLP's dead
+    units, and its first layer on the bounded grids)."""
+    free = _position_free(grid, th, sg, a, b, xi)
+    zero = sg == 0
+    return free, bool(zero.all() if free is None else (free | zero).all())
+
+
 def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
                      policy: F.CompilePolicy | None, with_lam: bool = False,
-                     table_at_once: bool = False) -> tuple[Tensor, Tensor]:
+                     table_at_once: bool = False,
+                     freedom: tuple[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
     """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` with
     the cells re-read around ``theta + sigma * xi_b`` (``xi [D, c]``). Elements whose kappa
     cannot move (:func:`_position_free`) keep ``k_main`` without a cell-moment evaluation: on
-    fine grids (int8 with sigma above the step) most of a draw costs nothing."""
+    fine grids (int8 with sigma above the step) most of a draw costs nothing. ``freedom``:
+    ``(free,)`` of :func:`_draw_freedom` already computed for these positions (not all still)."""
     D, c = xi.shape
     th64, sg64 = th.to(torch.float64), sg.to(torch.float64)
     kap = torch.empty(D, c, dtype=torch.float64)
     lam = torch.zeros(D, c, dtype=torch.float64)
-    free = None if with_lam else _position_free(grid, th, sg, a, b, xi)
-    if not with_lam and bool((sg64 == 0).all() if free is None else (free | (sg64 == 0)).all()):
-        # no element moves (sd 0: the position is theta-hat itself; float8's wide-sd first layer)
-        return k_main.to(torch.float64).expand(D, c).clone(), lam
+    if with_lam:
+        free = None
+    elif freedom is None:
+        free, still = _draw_freedom(grid, th, sg, a, b, xi)
+        if still:
+            return k_main.to(torch.float64).expand(D, c).clone(), lam
+    else:
+        free = freedom[0]
     scale = zp = bounds = None
     if free is None and not with_lam and grid.kind == "table" and 1 < D \
             and (table_at_once or D * c < F.table.INTERP_MIN_ELEMENTS):
