@@ -125,3 +125,25 @@ def test_sd_zero_sample_keeps_kappa_without_evaluations(kind, monkeypatch):
     assert not calls
     assert basis.shape == (1 + D // 2, sample[0].numel()) and bool((basis == 0).all()) and bool((groups == 0).all())
     assert torch.equal(mix, A._built_mix(D))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_draws_evaluate_the_moving_elements_alone(dtype):
+    """A 16-bit cast (no bounds, no interpolation table: each element's moments are its own):
+    with ``k_main`` the draws evaluate only the elements of sd > 0 and keep ``k_main`` for the
+    sd-0 ones: bitwise the full call's kappa (the sd-0 ones there are point masses at theta-hat)."""
+    rows, cols = 32, 64
+    c = rows * cols
+    values = representable_values(dtype)
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=16.0, scale=torch.ones(1, 1, dtype=F64), block_size=(rows, cols), values=values)
+    gen = torch.Generator().manual_seed(6)
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    sg = torch.rand(c, dtype=F64, generator=gen) * 1e-3
+    sg[: c // 2] = 0.0  # dead units' rows
+    k_main = _moments(g, th, sg, c)
+    xi = torch.randn(8, c, dtype=F64, generator=torch.Generator().manual_seed(8))
+    full = A._table_draws_at_once(g, th, sg, 0, c, xi, None)
+    alone = A._table_draws_at_once(g, th, sg, 0, c, xi, None, k_main)
+    assert A._elementwise_table(g) and torch.equal(full, alone)
+    assert float((full[:, c // 2:] - k_main[c // 2:]).abs().max()) > 1e-6  # the live ones do move
