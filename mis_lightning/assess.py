@@ -1692,6 +1692,10 @@ POSITION_FREE_WIDE_TOL = 2e-9
 # ... and on value tables (float8: the same bound on the table's own cells, _table_position_free);
 # False: value-table draws keep only the elements that cannot move at all (sd 0, dead, revealed)
 TABLE_WIDE_POSITION_FREE = True
+# The draws of weights whose position cannot move (sd 0: theta + 0 * xi is theta-hat) keep the main
+# kappa, and a sample or a chunk where no element moves evaluates nothing (_draw_freedom,
+# _sampled_draw_parts, _table_draws_at_once); False: they are evaluated as before tb35
+DRAWS_KEEP_STILL = True
 
 
 def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
@@ -1749,7 +1753,9 @@ def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int
     table's own cells (the 1e7 MLP's first layer under ``float8_weight_only``: all of it)."""
     scale, zp, _ = grid.element_grid(a, b)
     sg64 = sg.to(torch.float64)
-    fixed = (scale <= 0) | (sg64 == 0)
+    fixed = scale <= 0
+    if DRAWS_KEEP_STILL:
+        fixed = fixed | (sg64 == 0)
     if grid.revealed is not None:
         fixed |= grid.revealed.reshape(-1)[a:b].to(torch.bool)
     bounds = grid.element_bounds(a, b)
@@ -1917,6 +1923,8 @@ def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: T
     theta-hat itself): the draws then keep ``k_main`` with no evaluation (the 1e7 MLP's dead
     units, and its first layer on the bounded grids)."""
     free = _position_free(grid, th, sg, a, b, xi)
+    if not DRAWS_KEEP_STILL:
+        return free, False
     zero = sg == 0
     return free, bool(zero.all() if free is None else (free | zero).all())
 
@@ -2048,7 +2056,7 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
     scale = torch.where(dead, torch.ones_like(scale), scale)
     bounds = grid.element_bounds(a, b)
     live = None
-    if k_main is not None and bounds is None and _elementwise_table(grid):
+    if DRAWS_KEEP_STILL and k_main is not None and bounds is None and _elementwise_table(grid):
         still = sg64 == 0
         if bool(still.any()):
             live = torch.nonzero(~still).squeeze(-1)
@@ -2174,7 +2182,7 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     in one call, the interpolated table from ``2^15`` elements on). ``xi_on_sample``: ``xi`` is
     ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others)."""
     elem, grp, pi = sample
-    if not bool(sg.index_select(0, elem).ne(0).any()):
+    if DRAWS_KEEP_STILL and not bool(sg.index_select(0, elem).ne(0).any()):
         # every sampled weight has sd 0 (the 1e7 MLP's dead units): each draw's position is
         # theta-hat itself, so every kappa change is exactly 0 (what the 8 evaluations returned)
         m = elem.numel()
