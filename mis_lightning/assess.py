@@ -45,11 +45,19 @@ from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
 from .functional.bounds import _SPLIT_STATE
 from .functional.interp import _TABLES as _INTERP_TABLES
+from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .functional.storage import storage_cell_moments
+from .functional.wide import (
+    WIDE_MAX_WINDOW,
+    WIDE_TABLE_MAX_VALUES,
+    table_cube_sum,
+    wide_deficit_bound,
+)
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
+from .quantization import base as _qbase
 from .quantization.base import ParamGrid, check_float_model, release_chunk_facts
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
@@ -1681,6 +1689,13 @@ POSITION_FREE_STEP = 1.0
 # wsd34: the 1e7 MLP's first layer) keeps its kappa at every draw where kappa cannot leave
 # [1 - S, 1] with S at most this: the same 2e-9 the step shortcut above accepts.
 POSITION_FREE_WIDE_TOL = 2e-9
+# ... and on value tables (float8: the same bound on the table's own cells, _table_position_free);
+# False: value-table draws keep only the elements that cannot move at all (sd 0, dead, revealed)
+TABLE_WIDE_POSITION_FREE = True
+# The draws of weights whose position cannot move (sd 0: theta + 0 * xi is theta-hat) keep the main
+# kappa, and a sample or a chunk where no element moves evaluates nothing (_draw_freedom,
+# _sampled_draw_parts, _table_draws_at_once); False: they are evaluated as before tb35
+DRAWS_KEEP_STILL = True
 
 
 def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
@@ -1694,8 +1709,12 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     clamped ends and from the bounds the release gives (``ParamGrid.support``). Also the weights
     whose sd dwarfs their bounded window, where kappa stays within ``POSITION_FREE_WIDE_TOL`` of 1
     at every position (:meth:`ParamGrid.wide_position_free`)."""
-    # stored cells (bf16 / fp16 weights): their edges are not the affine grid's
-    if grid.kind != "affine" or grid.storage_dtype is not None or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
+    # stored cells (bf16 / fp16 weights): their edges are not the grid's
+    if grid.storage_dtype is not None:
+        return None
+    if grid.kind == "table":
+        return _table_position_free(grid, sg, a, b, xi.shape[0])
+    if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
         return None
     scale, zp, _ = grid.element_grid(a, b)
@@ -1717,6 +1736,40 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
     fine = ((s / sg64) <= POSITION_FREE_STEP) & (to_min > cut) & (to_max > cut)
     return fixed.unsqueeze(0) | (fine & (to_min + xi > cut) & (to_max - xi > cut))
+
+
+def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int) -> Tensor | None:
+    """``[draws, c]`` mask of the elements ``a:b`` of a value-table grid (not of stored weights)
+    whose kappa at every bootstrap draw is their kappa at theta-hat, or ``None`` when some
+    element's can move (the caller then evaluates every position, as before: a call of fewer
+    elements could take another path, e.g. the float8 interpolation table's, and read the
+    others' kappa differently by up to its 1e-7). Such elements: dead blocks (kappa 0),
+    elements the release gives away (kappa 1), sd 0 (the draw's position is theta-hat itself)
+    and, on a table of at most ``WIDE_TABLE_MAX_VALUES`` values with bounds, weights whose sd
+    dwarfs their bounded window (at most ``WIDE_MAX_WINDOW`` sd) with the deficit bound ``S``
+    (:func:`~mis_lightning.functional.wide.wide_deficit_bound`: ``0 <= 1 - kappa <= S`` at every
+    position) at most ``POSITION_FREE_WIDE_TOL``: the affine grids' shortcut
+    (:meth:`ParamGrid.wide_position_free`; method.md section 5, "The bootstrap draws") on the
+    table's own cells (the 1e7 MLP's first layer under ``float8_weight_only``: all of it)."""
+    scale, zp, _ = grid.element_grid(a, b)
+    sg64 = sg.to(torch.float64)
+    fixed = scale <= 0
+    if DRAWS_KEEP_STILL:
+        fixed = fixed | (sg64 == 0)
+    if grid.revealed is not None:
+        fixed |= grid.revealed.reshape(-1)[a:b].to(torch.bool)
+    bounds = grid.element_bounds(a, b)
+    if not bool(fixed.all()) and bounds is not None and TABLE_WIDE_POSITION_FREE and _qbase.WIDE_SD_CLOSED_FORM \
+            and grid.values is not None and grid.values.numel() <= WIDE_TABLE_MAX_VALUES:
+        lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
+        cand = ~fixed & (hi - lo <= WIDE_MAX_WINDOW * sg64) & (hi > lo)
+        if bool(cand.any()):
+            ii = torch.nonzero(cand).squeeze(-1)
+            cube = table_cube_sum(lo[ii], hi[ii], scale[ii].to(torch.float64), grid.values)
+            fixed[ii] = wide_deficit_bound(sg64[ii], cube) <= POSITION_FREE_WIDE_TOL
+    if not bool(fixed.all()):
+        return None
+    return fixed.unsqueeze(0).expand(draws, -1)
 
 
 # Bootstrap draws (``uncertainty_draws``) from which on the draws are built from 8 cell-moment
@@ -1842,8 +1895,13 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     x, y = xi[0], xi[1]
     nodes = _GH_X[_GH_X != 0]
     t = torch.stack([x, -x, y, -y])  # [4, c] random positions
-    kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)]), policy,
-                              table_at_once=table_at_once)
+    pos = torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)])
+    free, still = _draw_freedom(grid, th, sg, a, b, pos)
+    half = (D + 1) // 2
+    if still:  # no element's kappa moves: every change exactly 0 (what the evaluations gave)
+        return torch.zeros(1 + half, c, dtype=torch.float64), _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
+    kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, pos, policy, table_at_once=table_at_once,
+                              freedom=(free,))
     dl, dn = kap[:4] - k_main, kap[4:] - k_main  # at the random positions, at the rule's nodes
     even1, even2 = 0.5 * (dl[0] + dl[1]), 0.5 * (dl[2] + dl[3])
     odd1, odd2 = 0.5 * (dl[0] - dl[1]), 0.5 * (dl[2] - dl[3])
@@ -1855,30 +1913,50 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     for m in (2, 1, 0):
         p = (p + coef[m]) * t
     mu = _GH_W[_GH_X != 0] @ dn + (dl - p).mean(0)
-    half = (D + 1) // 2
     basis = torch.cat([mu.unsqueeze(0), sd * xi[2: 2 + half]])  # draws: mu +- sd zeta (_built_mix)
     return basis, _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
 
 
+def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> tuple[Tensor | None, bool]:
+    """``(free, still)``: :func:`_position_free`'s mask at the positions ``theta + sigma * xi_b``
+    and whether no element moves at all (every one free or of sd 0, whose position is
+    theta-hat itself): the draws then keep ``k_main`` with no evaluation (the 1e7 MLP's dead
+    units, and its first layer on the bounded grids)."""
+    free = _position_free(grid, th, sg, a, b, xi)
+    if not DRAWS_KEEP_STILL:
+        return free, False
+    zero = sg == 0
+    return free, bool(zero.all() if free is None else (free | zero).all())
+
+
 def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
                      policy: F.CompilePolicy | None, with_lam: bool = False,
-                     table_at_once: bool = False) -> tuple[Tensor, Tensor]:
+                     table_at_once: bool = False,
+                     freedom: tuple[Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
     """``[D, c]`` kappa (and ``lam`` when ``with_lam``, else zeros) of elements ``a:b`` with
     the cells re-read around ``theta + sigma * xi_b`` (``xi [D, c]``). Elements whose kappa
     cannot move (:func:`_position_free`) keep ``k_main`` without a cell-moment evaluation: on
-    fine grids (int8 with sigma above the step) most of a draw costs nothing."""
+    fine grids (int8 with sigma above the step) most of a draw costs nothing. ``freedom``:
+    ``(free,)`` of :func:`_draw_freedom` already computed for these positions (not all still)."""
     D, c = xi.shape
     th64, sg64 = th.to(torch.float64), sg.to(torch.float64)
     kap = torch.empty(D, c, dtype=torch.float64)
     lam = torch.zeros(D, c, dtype=torch.float64)
-    free = None if with_lam else _position_free(grid, th, sg, a, b, xi)
+    if with_lam:
+        free = None
+    elif freedom is None:
+        free, still = _draw_freedom(grid, th, sg, a, b, xi)
+        if still:
+            return k_main.to(torch.float64).expand(D, c).clone(), lam
+    else:
+        free = freedom[0]
     scale = zp = bounds = None
     if free is None and not with_lam and grid.kind == "table" and 1 < D \
             and (table_at_once or D * c < F.table.INTERP_MIN_ELEMENTS):
         # A small chunk of a value-table grid: the D positions in one call (the per-call cost,
         # ~1-20 ms, dominated: a 128-weight float8 row cost as much as 32k weights). Every
         # element takes the path it takes alone (below INTERP_MIN_ELEMENTS in both forms).
-        return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy), lam
+        return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy, k_main), lam
     if table_at_once and not with_lam and grid.kind == "affine" and 1 < D:
         # the sampled draws (_sampled_draw_parts): the positions' moving elements in one call, so
         # that a sample of a chunk of >= TABLE_MIN_ELEMENTS takes the chunk's (fused) path
@@ -1964,23 +2042,49 @@ def _padded_pairs(idx: Tensor, chunk: int, path_min: int) -> Tensor:
 
 
 def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b: int, xi: Tensor,
-                         policy: F.CompilePolicy | None) -> Tensor:
+                         policy: F.CompilePolicy | None, k_main: Tensor | None = None) -> Tensor:
     """``[D, c]`` kappa of elements ``a:b`` at ``theta + sigma * xi_b`` for every row of ``xi``
     in one cell-moment call: what ``grid.moments(theta + sigma * xi_b, sigma, a, b,
-    use_codes=False)`` gives row by row (dead blocks 0, revealed elements 1)."""
+    use_codes=False)`` gives row by row (dead blocks 0, revealed elements 1). With ``k_main``
+    (their kappa at theta-hat), on a table whose moments never depend on the call's other
+    elements (:func:`_elementwise_table`: no interpolation table, no bounds), the elements of sd
+    0 keep it (their position is theta-hat itself) and only the others are evaluated: the 1e7
+    MLP's second layer, mostly dead units, sent ~90% sd-0 positions through the point-mass test."""
     D, c = xi.shape
     scale, zp, _ = grid.element_grid(a, b)
     dead = scale <= 0
     scale = torch.where(dead, torch.ones_like(scale), scale)
     bounds = grid.element_bounds(a, b)
-    ev = _padded_pairs(torch.arange(D * c), getattr(grid, "_chunk_elements", c), F.table.INTERP_MIN_ELEMENTS)
-    el = ev % c
+    live = None
+    if DRAWS_KEEP_STILL and k_main is not None and bounds is None and _elementwise_table(grid):
+        still = sg64 == 0
+        if bool(still.any()):
+            live = torch.nonzero(~still).squeeze(-1)
+    if live is None:
+        ev = _padded_pairs(torch.arange(D * c), getattr(grid, "_chunk_elements", c), F.table.INTERP_MIN_ELEMENTS)
+        el = ev % c
+    else:  # the moving elements' pairs alone (row-major like the positions)
+        el = live.repeat(D)
+        ev = el + c * torch.arange(D).repeat_interleave(live.numel())
     rep = lambda t: t.index_select(0, el)  # noqa: E731 - [c] -> [D c], row-major like the positions
     mm = grid.element_moments((th64 + sg64 * xi).reshape(-1).index_select(0, ev), rep(sg64), rep(scale), rep(zp),
                               None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
-    kap = mm.kappa[: D * c].reshape(D, c)
+    if live is None:
+        kap = mm.kappa[: D * c].reshape(D, c)
+    else:
+        assert k_main is not None
+        kap = k_main.to(torch.float64).expand(D, c).clone()
+        kap[:, live] = mm.kappa.reshape(D, -1)
     kap = torch.where(dead, torch.zeros_like(kap), kap)
     return _revealed_draws(grid, kap, th64, sg64, xi, a, b)
+
+
+def _elementwise_table(grid: ParamGrid) -> bool:
+    """Whether a value-table grid's cell moments of an element never depend on which other
+    elements share its call: no float8 interpolation table (whose use counts the call's size,
+    ``table.INTERP_MIN_ELEMENTS``) and no stored cells; the 16-bit casts (``bf16``, ``fp16``)."""
+    return grid.kind == "table" and grid.storage_dtype is None and grid.values is not None \
+        and interp_table(grid.values) is None
 
 
 def _revealed_draws(grid: ParamGrid, kap: Tensor, th64: Tensor, sg64: Tensor, xi: Tensor, a: int, b: int) -> Tensor:
@@ -2078,6 +2182,12 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     in one call, the interpolated table from ``2^15`` elements on). ``xi_on_sample``: ``xi`` is
     ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others)."""
     elem, grp, pi = sample
+    if DRAWS_KEEP_STILL and not bool(sg.index_select(0, elem).ne(0).any()):
+        # every sampled weight has sd 0 (the 1e7 MLP's dead units): each draw's position is
+        # theta-hat itself, so every kappa change is exactly 0 (what the 8 evaluations returned)
+        m = elem.numel()
+        return (torch.zeros(1 + (draws + 1) // 2, m, dtype=torch.float64), _built_mix(draws),
+                torch.zeros(DRAW_SAMPLE_GROUPS, m, dtype=torch.float64))
     sub = _subset_grid(grid, a, b, elem)
     part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
                                k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,

@@ -272,9 +272,23 @@ _TABLES: dict[bytes, InterpTable | None] = {}
 def interp_table(values: Tensor) -> InterpTable | None:
     """The (cached) interpolation table of ``values``, or ``None`` where it does not apply (a table
     that is not symmetric about 0 or larger than 256 values)."""
+    # a tensor object seen recently, unmodified since (held here: its address cannot be reused),
+    # skips the key: 186 us per call for a 16-bit table's 65k values, ~400 calls per 1e7 scoring
+    last = _RECENT.get(id(values))
+    if last is not None and last[0] is values and last[1] == values._version and _TABLES.get(last[3], 0) is last[2]:
+        return last[2]  # (the key's hash is cached in its bytes object: no new hashing)
     key = values.detach().to(device="cpu", dtype=torch.float64).numpy().tobytes()
     if key not in _TABLES:
         v = values.to(torch.float64).cpu()
         ok = v.numel() <= 256 and bool(torch.equal(v, -v.flip(0)))
         _TABLES[key] = InterpTable(v) if ok else None  # type: ignore[assignment]
+    _RECENT[id(values)] = (values, values._version, _TABLES[key], key)
+    while len(_RECENT) > _RECENT_MAX:
+        del _RECENT[next(iter(_RECENT))]
     return _TABLES[key]
+
+
+# value tensors of the latest interp_table calls (a scoring pass alternates between its grids'
+# tables: float8, bf16, fp16, ...), by id
+_RECENT: dict[int, tuple] = {}
+_RECENT_MAX = 16

@@ -92,14 +92,19 @@ class TableLayout:
         """``torch.searchsorted(mids, x, right=True)`` (the value cell holding each ``x``,
         float64 ``[c]``; NaN: past the top, as there), exactly, from the bits of ``x``: its
         magnitude's exponent and leading mantissa bits pick a bucket that holds at most one cell
-        edge, then one comparison (:func:`_bit_guide`). 10 element-wise operations instead of a
+        edge, then one comparison (:func:`_bit_guide`). 12 element-wise operations (no `where`) instead of a
         binary search over the edges (bf16 / fp16: 65k edges, 16 steps: ~50 ns per element)."""
         if self._guide is None or x.device.type != "cpu" or x.dtype != torch.float64:
             return torch.searchsorted(self.mids, x, right=True)
         x = x.contiguous()
-        q = torch.bitwise_and(x.view(torch.int64), _MAGNITUDE).clamp_(self.a_lo, self.a_hi)
-        q.bitwise_right_shift_(self.shift)
-        row = torch.where(x < 0, self.neg0 - q, q + self.pos0)
+        bits = x.view(torch.int64)
+        row = torch.bitwise_and(bits, _MAGNITUDE).clamp_(self.a_lo, self.a_hi)
+        row.bitwise_right_shift_(self.shift)
+        # the row, neg0 - q below 0 and q + pos0 otherwise (NaN of either sign: not below 0), without
+        # a where (a third of the call): with s = -(x < 0) (0 or -1), q ^ s is q or -q - 1, and
+        # s & (neg0 + 1 - pos0) adds what the negative side needs
+        sign = (x < 0).long().neg_()
+        row.bitwise_xor_(sign).add_(sign.bitwise_and_(self.neg0 + 1 - self.pos0)).add_(self.pos0)
         return self.guide1.index_select(0, row).sub_((x < self.gmid.index_select(0, row)).long())
 
 
