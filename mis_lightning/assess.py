@@ -930,7 +930,11 @@ def score_schemes(
         col += 2 + prep.num_draws  # main, draws, pool protocol
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
-    fused = _fused_elements(est, prepared, chunk_size, keep=est.influence_stored)
+    # the wide shares' sample (fx35: ~0.06 s a call at 1e5) only where the upper bound would compile:
+    # compile_due grows with the count, so below it the exact count decides the same
+    fused = _fused_elements(est, prepared, chunk_size, keep=est.influence_stored, shares=False)
+    if F.affine.compile_due(policy, fused):
+        fused = _fused_elements(est, prepared, chunk_size, keep=est.influence_stored)
     with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
         # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it
         # mid-call; at the pass's thread count (dynamo guards on it and inductor bakes it in: a
@@ -1736,7 +1740,8 @@ _GH_W = torch.tensor([0.011257411327720691, 0.2220759220056126, 0.53333333333333
 _GH_VANDERMONDE_INV = torch.linalg.inv(_GH_X[_GH_X != 0].unsqueeze(-1) ** torch.arange(1, 5, dtype=torch.float64))
 
 
-def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, keep: bool) -> int:
+def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, keep: bool,
+                    shares: bool = True) -> int:
     """Affine-grid weights the coming pass sends through the fused cell-moment kernel, as
     :func:`_joint_sums` will: once per equal grid (:func:`_equal_grid_leads`), main and pool
     positions, and the draws' evaluations on their sample of the rows where a chunk is
@@ -1746,7 +1751,7 @@ def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, k
     The share of the main and pool positions the wide-sd closed form takes, and of the draws'
     evaluations the wide-sd shortcut of :func:`_position_free` keeps (:meth:`ParamGrid.wide_shares`,
     on a sample), are left out: they never reach the kernel (the 1e7 MLP's first layer: most of
-    its weights)."""
+    its weights). ``shares=False`` keeps them in: an upper bound without the sample's cost."""
     total = 0.0
     for name in dict.fromkeys(n for p in prepared for n in p.grids):
         active = [p for p in prepared if name in p.grids]
@@ -1758,7 +1763,8 @@ def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, k
             ev = float(_draw_evaluations(prep.num_draws))
             if prep.num_draws >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS:
                 ev *= DRAW_SAMPLE_FRACTION
-            closed, free = g.wide_shares(est.theta[name], est.sigma[name], POSITION_FREE_WIDE_TOL)
+            closed, free = (g.wide_shares(est.theta[name], est.sigma[name], POSITION_FREE_WIDE_TOL)
+                            if shares else (0.0, 0.0))
             total += g.numel * (2.0 * (1.0 - closed) + ev * (1.0 - free))
     return int(total)
 
