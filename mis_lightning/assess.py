@@ -50,7 +50,7 @@ from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .functional.storage import storage_cell_moments
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
-from .quantization.base import ParamGrid, check_float_model, release_chunk_facts
+from .quantization.base import ParamGrid, check_float_model, release_chunk_facts, zero_counts_only
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
 from .report import (
@@ -1588,7 +1588,8 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     method.md section 5), as a grid of the scheme that counts as unquantized in the report."""
     # Quantization follows the selection: the copy whose utility is measured is the release
     # whose leakage is scored (parameters outside ``params`` stay float in it).
-    qres = scheme.apply(model, params=est.names)
+    with zero_counts_only():  # of each release only its zeros are read below
+        qres = scheme.apply(model, params=est.names)
     prep = _Prepared(scheme)
     prep.source = model  # the float model: non-nearest grids re-run the scheme on it
     prep.qmodel = qres.model
@@ -1628,8 +1629,10 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
                 prep.frozen += frz
         else:
             bits = g.bits_per_weight
-            # the zeros counted without a [numel] mask (NaN counts as non-zero in both forms)
-            zero = float(g.dequantized.numel() - int(torch.count_nonzero(g.dequantized)))
+            # the zeros counted without a [numel] mask (NaN counts as non-zero in both forms), or
+            # by the backend (zero_counts_only)
+            zero = float(g.zero_count if g.zero_count is not None
+                         else g.dequantized.numel() - int(torch.count_nonzero(g.dequantized)))
             g.dequantized = g.dequantized.new_empty(0)  # not needed past this point: free it
             prep.zero += zero
             prep.quant += numel
