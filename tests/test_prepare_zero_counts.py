@@ -62,6 +62,26 @@ def test_zero_counts_equal_the_whole_release(monkeypatch, name, dtype):
     assert full.notes == counted.notes
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_cast_zero_counts_equal_the_whole_release(name, dtype):
+    """The dtype casts count the zeros of the cast weights (no float32 copy of them)."""
+    net = _net(dtype)
+    with torch.no_grad():
+        net[2].weight[0, :4] = torch.tensor([1e-44, -1e-44, -0.0, float("nan")])  # cast to (-)0; NaN
+    scheme = get_scheme(name)
+    full = scheme.apply(net)
+    with zero_counts_only():
+        counted = scheme.apply(net)
+    assert set(full.grids) == set(counted.grids) and len(full.grids) == 4  # weights and biases
+    for k, g in full.grids.items():
+        c = counted.grids[k]
+        zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
+        assert c.zero_count == zeros and c.dequantized.numel() == 0 and c.same_cells(g)
+    g2 = full.grids["2.weight"]
+    assert g2.dequantized.numel() - int(torch.count_nonzero(g2.dequantized)) >= 3
+
+
 def test_per_tensor_blocks_keep_the_whole_release():
     """A per-tensor scale spans all rows: no slabs, the whole ``dequantize()`` as before."""
     net = _net(torch.float32)
