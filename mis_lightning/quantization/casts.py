@@ -112,9 +112,10 @@ class DtypeCast(SchemeConfig):
                 done.add(id(p))
                 name = names[id(p)]
                 cast = p.detach().to(self.dtype)
-                if bool((torch.isinf(cast) & torch.isfinite(p.detach())).any()):
+                # the weight-sized finiteness mask only where the cast holds an infinity at all
+                if bool(torch.isinf(cast).any()) and bool((torch.isinf(cast) & torch.isfinite(p.detach())).any()):
                     overflow.append(name)
-                p.copy_(cast.to(p.dtype))
+                p.copy_(cast)  # copy_ converts as .to(p.dtype) does, without the temporary
                 shape = tuple(p.shape)
                 kept = dequantized_kept()  # else the zeros alone (zero_counts_only), no float32 copy
                 grids[name] = ParamGrid(
