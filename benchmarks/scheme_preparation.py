@@ -19,7 +19,6 @@ import argparse
 import collections
 import contextlib
 import functools
-import importlib
 import os
 import resource
 import sys
@@ -76,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     _import_torchao_quantization()
     import torchao.quantization as aoq
 
-    tb = importlib.import_module("mis_lightning.quantization.torchao_backend")
     stats: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0.0, 0.0])
     stack: list[list[float]] = []
     _wrap(stats, stack, qb.QuantizationScheme, "apply", "apply (the rest)")
