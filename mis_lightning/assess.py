@@ -50,7 +50,13 @@ from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
 from .functional.storage import storage_cell_moments
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
-from .quantization.base import ParamGrid, check_float_model, release_chunk_facts, zero_counts_only
+from .quantization.base import (
+    ParamGrid,
+    check_float_model,
+    release_chunk_facts,
+    scale_facts_shared,
+    zero_counts_only,
+)
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
 from .report import (
@@ -897,13 +903,14 @@ def score_schemes(
     storage = storage_grids(model, est.names)
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
+    shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
     for scheme in scheme_objs:
         try:
             # the up-front reasons (no copy), not a vaguer one after apply: can it run here, then
             # can it take this model
             scheme.check_available()
             scheme.check_model(model)
-            prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
+            prep = _prepare_scheme(est, model, scheme, uncertainty_draws, shared_facts=shared_facts)
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:
                 prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
@@ -1579,17 +1586,19 @@ KAPPA_BUDGET = 1 << 27
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
-                    storage: Mapping[str, ParamGrid] | None = None) -> _Prepared:
+                    storage: Mapping[str, ParamGrid] | None = None, shared_facts: list | None = None) -> _Prepared:
     """Quantize (the copy is kept for the utility evaluation) and collect the per-parameter
     figures that need no sigma; the cell moments come later, one parameter at a time.
     ``storage``: the storage grids of the assessed parameters stored in bf16 / fp16
     (:func:`~mis_lightning.quantization.storage_grid.storage_grids`; ``None``: built here): each
     such parameter the scheme leaves unquantized is scored on it (its release is ``rnd_D(theta-hat)``,
-    method.md section 5), as a grid of the scheme that counts as unquantized in the report."""
+    method.md section 5), as a grid of the scheme that counts as unquantized in the report.
+    ``shared_facts``: a list kept across a call's schemes, whose grids then share the scale facts
+    they reveal alike (:func:`~mis_lightning.quantization.base.scale_facts_shared`)."""
     # Quantization follows the selection: the copy whose utility is measured is the release
     # whose leakage is scored (parameters outside ``params`` stay float in it).
-    with zero_counts_only():  # of each release only its zeros are read below
-        qres = scheme.apply(model, params=est.names)
+    with zero_counts_only(), scale_facts_shared([] if shared_facts is None else shared_facts):
+        qres = scheme.apply(model, params=est.names)  # of each release only its zeros are read below
     prep = _Prepared(scheme)
     prep.source = model  # the float model: non-nearest grids re-run the scheme on it
     prep.qmodel = qres.model

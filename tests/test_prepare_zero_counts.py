@@ -118,3 +118,49 @@ def test_scoring_counts_zeros_without_the_whole_release(monkeypatch):
     for k, g in full.grids.items():
         zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
         assert rep.schemes["int8_weight_only"].layers[k].zero_fraction == zeros / g.numel
+
+
+def test_schemes_share_the_scale_facts_they_reveal_alike():
+    """Inside ``scale_facts_shared`` grids revealing the same weights with the same block size and
+    rule share one computation (the same tensors); the facts equal a fresh computation; a weight
+    changed in place (its version) or another block size computes its own."""
+    from mis_lightning.quantization.base import scale_facts_shared
+
+    net = _net(torch.float32)
+    shared: list = []
+    with scale_facts_shared(shared):
+        a = get_scheme("int8_weight_only").apply(net).grids["0.weight"]
+    with scale_facts_shared(shared):
+        b = get_scheme("float8_weight_only").apply(net).grids["0.weight"]
+        g32 = get_scheme("intx_weight_only_int4_g32").apply(net).grids["0.weight"]
+    fresh = get_scheme("float8_weight_only").apply(net).grids["0.weight"]
+    assert b.revealed is a.revealed and b.support is not None and a.support is not None
+    assert b.support[0] is a.support[0] and b.support[1] is a.support[1]
+    assert fresh.revealed is not a.revealed and torch.equal(fresh.revealed, a.revealed)
+    assert torch.equal(fresh.support[0], a.support[0]) and torch.equal(fresh.support[1], a.support[1])
+    assert g32.revealed is not a.revealed and g32.block_size != a.block_size
+    with torch.no_grad():
+        net[0].weight[0, 0] *= 4.0  # the version moves: computed again, on the new weights
+    with scale_facts_shared(shared):
+        c = get_scheme("int8_weight_only").apply(net).grids["0.weight"]
+    assert c.revealed is not a.revealed
+    assert torch.equal(c.revealed, get_scheme("int8_weight_only").apply(net).grids["0.weight"].revealed)
+
+
+def test_scoring_reveals_each_weight_once_for_schemes_alike(monkeypatch):
+    """Three per-row absmax schemes in one scoring call: one scale-facts computation per weight."""
+    import mis_lightning as ml
+
+    qbase = importlib.import_module("mis_lightning.quantization.base")
+    calls: list[tuple] = []
+    real = qbase.scale_facts
+    monkeypatch.setattr(qbase, "scale_facts", lambda t, bs, rule, *a, **k: calls.append((tuple(t.shape), bs))
+                        or real(t, bs, rule, *a, **k))
+    net = _net(torch.float32)
+    x = torch.randn(64, 64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :3].sum(-1)), batch_size=32)
+    rep = ml.assess(net, ["int8_weight_only", "intx_weight_only_int4", "float8_weight_only"], loader,
+                    lambda out, t: 0.5 * (out[:, 0] - t) ** 2, estimation="diagonal", num_records=16,
+                    uncertainty_draws=0)
+    assert all(r.error is None for r in rep.schemes.values())
+    assert sorted(calls) == sorted([((40, 64), (1, 64)), ((32, 40), (1, 40))]), calls
