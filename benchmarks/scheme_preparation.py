@@ -1,5 +1,6 @@
 """The scoring's scheme preparation on a saved model: ``scheme.apply`` per scheme as
-``assess._prepare_scheme`` calls it (inside ``zero_counts_only``), with the zero count it reads;
+``assess._prepare_scheme`` calls it (inside ``zero_counts_only``, the scale facts shared across the
+schemes: ``scale_facts_shared``), with the zero count it reads;
 CPU seconds, minor page faults and system seconds per scheme, and attributed exclusively (a
 function's own, less the wrapped functions it calls) to torchao's ``quantize_``, the model copy,
 the scale facts (``ParamGrid.reveal``), torchao's ``dequantize()`` and the rest of ``apply``
@@ -8,8 +9,8 @@ the scale facts (``ParamGrid.reveal``), torchao's ``dequantize()`` and the rest 
     python benchmarks/first_call.py train 1e7 M
     PYTHONPATH=$PWD python benchmarks/scheme_preparation.py M [--whole] [--schemes ...]
 
-``--whole``: outside ``zero_counts_only`` (every grid keeps its whole ``dequantized`` tensor, as
-before fx35; the zeros counted in it). One thread, torchao imported before the timed region;
+``--whole``: outside both contexts (every grid keeps its whole ``dequantized`` tensor and computes
+its own scale facts, as before fx35; the zeros counted in it). One thread, torchao imported before the timed region;
 no estimation (``apply`` needs none).
 """
 
@@ -23,7 +24,6 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="a model saved by first_call.py train")
     ap.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
-    ap.add_argument("--whole", action="store_true", help="keep every whole dequantized tensor (before fx35)")
+    ap.add_argument("--whole", action="store_true", help="whole dequantized tensors, own scale facts (before fx35)")
     args = ap.parse_args(argv)
     import torch
 
@@ -85,7 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         _wrap(stats, stack, cls, "dequantize", f"{cls.__name__}.dequantize")
     saved, model, *_ = load_saved(args.path)
     names = [n for n, _ in model.named_parameters()]
-    counting: Callable[[], Any] = contextlib.nullcontext if args.whole else qb.zero_counts_only
+    shared: list = []  # the scale facts the schemes reveal alike, as score_schemes keeps them
+
+    def counting() -> Any:
+        if args.whole:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(qb.zero_counts_only())
+        stack.enter_context(qb.scale_facts_shared(shared))
+        return stack
     rows = []
     s0 = _usage()
     for spec in args.schemes or COMMON_SCHEMES:
