@@ -596,8 +596,9 @@ class ParamGrid:
         """Record what a weight-derived scale ``rule`` gives away about the trained weights
         ``theta`` (this grid's shape, its ``block_size``): the elements it determines exactly
         (:attr:`revealed`) and the bounds on every other one (:attr:`support`)."""
-        shared = _SHARED_SCALE_FACTS.get()
-        key = (theta._version, tuple(self.block_size), rule, theta.dtype, tuple(theta.shape))
+        shared = _SHARED_SCALE_FACTS.get()  # (the key only there: inference tensors have no version)
+        key = None if shared is None else (theta._version, tuple(self.block_size), rule, theta.dtype,
+                                           tuple(theta.shape))
         facts = None if shared is None else next(
             (v for ref, k, v in shared if ref() is theta and k == key), None)
         if facts is None:
