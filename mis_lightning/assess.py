@@ -58,7 +58,13 @@ from .functional.wide import (
 from .progress import ProgressFn
 from .quantization import NoQuantization, QuantizationScheme, SchemeError, get_scheme
 from .quantization import base as _qbase
-from .quantization.base import ParamGrid, check_float_model, release_chunk_facts
+from .quantization.base import (
+    ParamGrid,
+    check_float_model,
+    release_chunk_facts,
+    scale_facts_shared,
+    zero_counts_only,
+)
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
 from .report import (
@@ -905,13 +911,14 @@ def score_schemes(
     storage = storage_grids(model, est.names)
     prepared: list[_Prepared] = []
     failures: dict[str, str] = {}
+    shared_facts: list = []  # the scale facts the schemes reveal alike (scale_facts_shared)
     for scheme in scheme_objs:
         try:
             # the up-front reasons (no copy), not a vaguer one after apply: can it run here, then
             # can it take this model
             scheme.check_available()
             scheme.check_model(model)
-            prep = _prepare_scheme(est, model, scheme, uncertainty_draws)
+            prep = _prepare_scheme(est, model, scheme, uncertainty_draws, shared_facts=shared_facts)
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
             if utility_fn is not None:
                 prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
@@ -938,7 +945,11 @@ def score_schemes(
         col += 2 + prep.num_draws  # main, draws, pool protocol
     # The Monte Carlo form (small models, stored influences) needs every tensor's moments.
     policy = F.CompilePolicy.parse(cfg.compile, source="ScoringConfig.compile")
-    fused = _fused_elements(est, prepared, chunk_size, keep=est.influence_stored)
+    # the wide shares' sample (fx35: ~0.06 s a call at 1e5) only where the upper bound would compile:
+    # compile_due grows with the count, so below it the exact count decides the same
+    fused = _fused_elements(est, prepared, chunk_size, keep=est.influence_stored, shares=False)
+    if F.affine.compile_due(policy, fused):
+        fused = _fused_elements(est, prepared, chunk_size, keep=est.influence_stored)
     with scoring_threads():  # memory-bound kernels: 1 thread on an oversubscribed machine (threads.py)
         # Compile and self-check the cell-moment kernel now, visibly, if this pass would do it
         # mid-call; at the pass's thread count (dynamo guards on it and inductor bakes it in: a
@@ -1583,16 +1594,19 @@ KAPPA_BUDGET = 1 << 27
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
-                    storage: Mapping[str, ParamGrid] | None = None) -> _Prepared:
+                    storage: Mapping[str, ParamGrid] | None = None, shared_facts: list | None = None) -> _Prepared:
     """Quantize (the copy is kept for the utility evaluation) and collect the per-parameter
     figures that need no sigma; the cell moments come later, one parameter at a time.
     ``storage``: the storage grids of the assessed parameters stored in bf16 / fp16
     (:func:`~mis_lightning.quantization.storage_grid.storage_grids`; ``None``: built here): each
     such parameter the scheme leaves unquantized is scored on it (its release is ``rnd_D(theta-hat)``,
-    method.md section 5), as a grid of the scheme that counts as unquantized in the report."""
+    method.md section 5), as a grid of the scheme that counts as unquantized in the report.
+    ``shared_facts``: a list kept across a call's schemes, whose grids then share the scale facts
+    they reveal alike (:func:`~mis_lightning.quantization.base.scale_facts_shared`)."""
     # Quantization follows the selection: the copy whose utility is measured is the release
     # whose leakage is scored (parameters outside ``params`` stay float in it).
-    qres = scheme.apply(model, params=est.names)
+    with zero_counts_only(), scale_facts_shared([] if shared_facts is None else shared_facts):
+        qres = scheme.apply(model, params=est.names)  # of each release only its zeros are read below
     prep = _Prepared(scheme)
     prep.source = model  # the float model: non-nearest grids re-run the scheme on it
     prep.qmodel = qres.model
@@ -1632,8 +1646,10 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
                 prep.frozen += frz
         else:
             bits = g.bits_per_weight
-            # the zeros counted without a [numel] mask (NaN counts as non-zero in both forms)
-            zero = float(g.dequantized.numel() - int(torch.count_nonzero(g.dequantized)))
+            # the zeros counted without a [numel] mask (NaN counts as non-zero in both forms), or
+            # by the backend (zero_counts_only)
+            zero = float(g.zero_count if g.zero_count is not None
+                         else g.dequantized.numel() - int(torch.count_nonzero(g.dequantized)))
             g.dequantized = g.dequantized.new_empty(0)  # not needed past this point: free it
             prep.zero += zero
             prep.quant += numel
@@ -1789,7 +1805,8 @@ _GH_W = torch.tensor([0.011257411327720691, 0.2220759220056126, 0.53333333333333
 _GH_VANDERMONDE_INV = torch.linalg.inv(_GH_X[_GH_X != 0].unsqueeze(-1) ** torch.arange(1, 5, dtype=torch.float64))
 
 
-def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, keep: bool) -> int:
+def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, keep: bool,
+                    shares: bool = True) -> int:
     """Affine-grid weights the coming pass sends through the fused cell-moment kernel, as
     :func:`_joint_sums` will: once per equal grid (:func:`_equal_grid_leads`), main and pool
     positions, and the draws' evaluations on their sample of the rows where a chunk is
@@ -1799,7 +1816,7 @@ def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, k
     The share of the main and pool positions the wide-sd closed form takes, and of the draws'
     evaluations the wide-sd shortcut of :func:`_position_free` keeps (:meth:`ParamGrid.wide_shares`,
     on a sample), are left out: they never reach the kernel (the 1e7 MLP's first layer: most of
-    its weights)."""
+    its weights). ``shares=False`` keeps them in: an upper bound without the sample's cost."""
     total = 0.0
     for name in dict.fromkeys(n for p in prepared for n in p.grids):
         active = [p for p in prepared if name in p.grids]
@@ -1811,7 +1828,8 @@ def _fused_elements(est: Estimate, prepared: list[_Prepared], chunk_size: int, k
             ev = float(_draw_evaluations(prep.num_draws))
             if prep.num_draws >= BUILT_DRAWS_MIN and not keep and c >= DRAW_SAMPLE_MIN_WEIGHTS:
                 ev *= DRAW_SAMPLE_FRACTION
-            closed, free = g.wide_shares(est.theta[name], est.sigma[name], POSITION_FREE_WIDE_TOL)
+            closed, free = (g.wide_shares(est.theta[name], est.sigma[name], POSITION_FREE_WIDE_TOL)
+                            if shares else (0.0, 0.0))
             total += g.numel * (2.0 * (1.0 - closed) + ev * (1.0 - free))
     return int(total)
 

@@ -480,13 +480,16 @@ def test_the_warm_up_counts_the_elements_the_pass_sends_through_the_kernel(monke
     the closed form and its draws keep kappa (``POSITION_FREE_WIDE_TOL``), so nothing reaches the
     kernel (counted, the estimate read 1.25x, then ~1e6 against 0).
     Tolerance 10 %: the sample's rows are
-    rounded and the last evaluations of a sample may be padded to the kernel's path."""
+    rounded and the last evaluations of a sample may be padded to the kernel's path.
+    compile="always" (the exact count is taken only where the bound without the wide shares would
+    compile, fx35), torch.compile replaced by a pass-through as above."""
     import importlib
 
     import mis_lightning as ml
 
     assess_mod = importlib.import_module("mis_lightning.assess")
     monkeypatch.setattr(importlib.import_module("mis_lightning.quantization.base"), "WIDE_SD_CLOSED_FORM", wide)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     seen: list[int] = []
     monkeypatch.setattr(assess_mod.F, "warm_up_compiled_kernel", lambda policy, n, *a, **k: seen.append(n))
     torch.manual_seed(0)
@@ -496,7 +499,7 @@ def test_the_warm_up_counts_the_elements_the_pass_sends_through_the_kernel(monke
     before = int(K._FUSED_STATE["elements"])
     ml.assess(net, ["int8_weight_only", "int8_dynamic_activation_int8_weight", "rtn_int4"], loader,
               lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2, estimation="diagonal", num_records=16,
-              compile="never")
+              compile="always")
     ran = int(K._FUSED_STATE["elements"]) - before
     if wide:
         # the estimate is sampled (8 runs of 512 elements per grid): ~0.1 % of the ~1.3e6 above
@@ -504,3 +507,25 @@ def test_the_warm_up_counts_the_elements_the_pass_sends_through_the_kernel(monke
         return
     assert len(seen) == 1 and ran > 0
     assert seen[0] == pytest.approx(ran, rel=0.10), (seen[0], ran)
+
+
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_the_wide_shares_are_not_sampled_where_nothing_would_compile(monkeypatch, mode):
+    """The compile count's wide-sd sample (``ParamGrid.wide_shares``, 8 runs of 512 elements per
+    grid: ~0.05 s a call on the 1e5 MLP) only decides whether to compile up front. Leaving it out
+    only raises the count, and ``compile_due`` grows with the count: where the raised count
+    compiles nothing ("never", or "auto" below its threshold), the sample is not taken and the
+    warm-up is told the raised count, which it declines (fx35). Fails where the sample is taken."""
+    import importlib
+
+    import mis_lightning as ml
+
+    qbase = importlib.import_module("mis_lightning.quantization.base")
+    calls: list[str] = []
+    real = qbase.ParamGrid.wide_shares
+    monkeypatch.setattr(qbase.ParamGrid, "wide_shares", lambda self, *a, **k: calls.append(self.name) or real(self, *a, **k))
+    net, loader, loss = _tiny_net_and_data()
+    rep = ml.assess(net, ["int8_weight_only", "rtn_int8"], loader, loss, estimation="diagonal", num_records=16,
+                    uncertainty_draws=0, compile=mode)
+    assert not calls and all(r.error is None for r in rep.schemes.values())
+    assert G._FUSED_STATE["compiled"] is None and G._FUSED_STATE["compiled_codes"] is None

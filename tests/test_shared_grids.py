@@ -109,8 +109,8 @@ def test_equal_grids_are_scored_once_and_rows_are_bitwise_unchanged(kind, monkey
         seen: dict[str, list[int]] = {}
         real_prep = A._prepare_scheme
 
-        def prep_spy(est_, model_, scheme, draws, _real=real_prep, _seen=seen):
-            p = _real(est_, model_, scheme, draws)
+        def prep_spy(est_, model_, scheme, draws, _real=real_prep, _seen=seen, **kw):
+            p = _real(est_, model_, scheme, draws, **kw)
             _seen[scheme.name] = [id(g) for g in p.grids.values()]
             return p
 

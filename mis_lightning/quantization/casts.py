@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import ParamGrid, SchemeConfig
+from .base import ParamGrid, SchemeConfig, dequantized_kept
 from .registry import register_scheme
 
 _VALUE_TABLES: dict[torch.dtype, Tensor] = {}
@@ -112,12 +112,16 @@ class DtypeCast(SchemeConfig):
                 done.add(id(p))
                 name = names[id(p)]
                 cast = p.detach().to(self.dtype)
-                if bool((torch.isinf(cast) & torch.isfinite(p.detach())).any()):
+                # the weight-sized finiteness mask only where the cast holds an infinity at all
+                if bool(torch.isinf(cast).any()) and bool((torch.isinf(cast) & torch.isfinite(p.detach())).any()):
                     overflow.append(name)
-                p.copy_(cast.to(p.dtype))
+                p.copy_(cast)  # copy_ converts as .to(p.dtype) does, without the temporary
                 shape = tuple(p.shape)
+                kept = dequantized_kept()  # else the zeros alone (zero_counts_only), no float32 copy
                 grids[name] = ParamGrid(
-                    name=name, shape=shape, kind="table", dequantized=cast.to(torch.float32),
+                    name=name, shape=shape, kind="table",
+                    dequantized=cast.to(torch.float32) if kept else torch.empty(0, dtype=torch.float32),
+                    zero_count=None if kept else cast.numel() - int(torch.count_nonzero(cast)),
                     bits_per_weight=bits, scale=torch.ones([1] * len(shape), dtype=torch.float32),
                     block_size=shape, values=values,
                 )

@@ -75,6 +75,7 @@ from .base import (
     SchemeUnavailableError,
     _quantized_kind,
     affine_grid,
+    dequantized_kept,
     surgery_reasons,
 )
 from .beyond_linear import FlatSpec, beyond_linear_weights, quantize_beyond_linear
@@ -340,6 +341,28 @@ def _granularity_part(granularity: str, group_size: int | None, default: str) ->
     return [f"g{group_size}"] if granularity == "per_group" else [granularity]
 
 
+# Elements per slab of rows when a quantized weight's zeros are counted without keeping its
+# dequantized tensor (below glibc's mmap threshold once it has adapted: reused, not faulted in).
+_ZERO_COUNT_SLAB = 1 << 18
+
+
+def _dequantized_or_zeros(w: Tensor) -> tuple[Tensor, int | None]:
+    """``(w.dequantize(), None)``; inside :func:`~.base.zero_counts_only`, for a 2-d weight whose
+    blocks lie within a row (``block_size[0] == 1``: per row, per group), ``(empty, zeros)``:
+    torchao's own ``dequantize()`` on slabs of whole rows (the same element-wise arithmetic on
+    the same blocks, bit for bit: ``tests/test_prepare_zero_counts.py``), counting the values
+    exactly 0 (NaN counts as non-zero, as ``count_nonzero`` on the whole tensor does)."""
+    block = tuple(int(b) for b in getattr(w, "block_size", ()))
+    if dequantized_kept() or w.dim() != 2 or len(block) != 2 or block[0] != 1:
+        return w.dequantize(), None
+    rows = max(1, _ZERO_COUNT_SLAB // max(int(w.shape[1]), 1))
+    zeros = 0
+    for a in range(0, int(w.shape[0]), rows):
+        part = w[a:a + rows].dequantize()
+        zeros += part.numel() - int(torch.count_nonzero(part))
+    return torch.empty(0, dtype=torch.float32), zeros
+
+
 @register_grid_reader("Int8Tensor", "IntxUnpackedToInt8Tensor")
 def _read_affine(scheme: TorchAOScheme, name: str, w: Tensor, notes: list[str]) -> ParamGrid:
     """An affine grid from an ``Int8Tensor`` / ``IntxUnpackedToInt8Tensor``: codes
@@ -357,12 +380,13 @@ def _read_affine(scheme: TorchAOScheme, name: str, w: Tensor, notes: list[str]) 
     bits = int(getattr(scheme, "bits", 8))
     sdt = w.scale.dtype
     asym = getattr(scheme, "mapping", "symmetric") == "asymmetric"
+    deq, zeros = _dequantized_or_zeros(w)
     grid = affine_grid(
         name, codes=w.qdata.detach().clone().reshape(tuple(w.shape)),
         scale=w.scale.detach().clone(), zero_point=w.zero_point.detach().clone(),
         block_size=tuple(int(b) for b in w.block_size),
-        qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1, dequantized=w.dequantize(),
-        code_bits=bits, asymmetric=asym)
+        qmin=-(2 ** (bits - 1)), qmax=2 ** (bits - 1) - 1, dequantized=deq,
+        code_bits=bits, asymmetric=asym, zero_count=zeros)
     # torchao's arithmetic: quantize_affine computes w * (1.0 / scale) in the promoted dtype (float32
     # for a float32 scale); dequantize() computes (q - zp) * scale there and returns the weight's dtype
     if sdt == torch.float32:
@@ -527,9 +551,10 @@ def _read_float8(scheme: TorchAOScheme, name: str, weight: Tensor, notes: list[s
                      "release exactly 0")
     scale = weight.scale.detach().clone()
     block = tuple(int(b) for b in weight.block_size)
+    deq, zeros = _dequantized_or_zeros(weight)
     return ParamGrid(
-        name=name, shape=shape, kind="table",
-        dequantized=weight.dequantize().detach().to(torch.float32).reshape(shape),
+        name=name, shape=shape, kind="table", zero_count=zeros,
+        dequantized=deq.detach().to(torch.float32).reshape(shape if zeros is None else (-1,)),
         bits_per_weight=8 + scale.element_size() * 8 / math.prod(block),
         scale=scale, block_size=block, values=representable_values(q.dtype),
         # dequantize(): qdata.float() * scale in float32, returned in the weight's dtype

@@ -1,0 +1,126 @@
+"""The scoring's scheme preparation on a saved model: ``scheme.apply`` per scheme as
+``assess._prepare_scheme`` calls it (inside ``zero_counts_only``, the scale facts shared across the
+schemes: ``scale_facts_shared``), with the zero count it reads;
+CPU seconds, minor page faults and system seconds per scheme, and attributed exclusively (a
+function's own, less the wrapped functions it calls) to torchao's ``quantize_``, the model copy,
+the scale facts (``ParamGrid.reveal``), torchao's ``dequantize()`` and the rest of ``apply``
+(fx35; docs/benchmarks.md, "fx35").
+
+    python benchmarks/first_call.py train 1e7 M
+    PYTHONPATH=$PWD python benchmarks/scheme_preparation.py M [--whole] [--schemes ...]
+
+``--whole``: outside both contexts (every grid keeps its whole ``dequantized`` tensor and computes
+its own scale facts, as before fx35; the zeros counted in it). One thread, torchao imported before the timed region;
+no estimation (``apply`` needs none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.getcwd())  # the checkout under test first
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+
+def _usage() -> tuple[int, float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_stime, time.process_time()
+
+
+def _wrap(stats: dict, stack: list, owner: Any, name: str, label: str) -> None:
+    f = getattr(owner, name)
+
+    @functools.wraps(f)
+    def g(*a: Any, **k: Any) -> Any:
+        s = _usage()
+        stack.append([0, 0.0, 0.0])
+        try:
+            return f(*a, **k)
+        finally:
+            e = _usage()
+            child = stack.pop()
+            tot = [e[i] - s[i] for i in range(3)]
+            st = stats[label]
+            st[0] += 1
+            for i in range(3):
+                st[1 + i] += tot[i] - child[i]
+                if stack:
+                    stack[-1][i] += tot[i]
+    setattr(owner, name, g)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("path", help="a model saved by first_call.py train")
+    ap.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
+    ap.add_argument("--whole", action="store_true", help="whole dequantized tensors, own scale facts (before fx35)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from benchmarks.first_call import load_saved
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.quantization import base as qb
+    from mis_lightning.quantization import get_scheme
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    _import_torchao_quantization()
+    import torchao.quantization as aoq
+
+    stats: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0, 0.0, 0.0])
+    stack: list[list[float]] = []
+    _wrap(stats, stack, qb.QuantizationScheme, "apply", "apply (the rest)")
+    _wrap(stats, stack, qb, "private_copy", "private_copy (the model copy)")
+    _wrap(stats, stack, aoq, "quantize_", "torchao quantize_")
+    _wrap(stats, stack, qb.ParamGrid, "reveal", "ParamGrid.reveal (scale facts)")
+    for cls in (aoq.Int8Tensor, aoq.IntxUnpackedToInt8Tensor, aoq.Float8Tensor):
+        _wrap(stats, stack, cls, "dequantize", f"{cls.__name__}.dequantize")
+    saved, model, *_ = load_saved(args.path)
+    names = [n for n, _ in model.named_parameters()]
+    shared: list = []  # the scale facts the schemes reveal alike, as score_schemes keeps them
+
+    def counting() -> Any:
+        if args.whole:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(qb.zero_counts_only())
+        stack.enter_context(qb.scale_facts_shared(shared))
+        return stack
+    rows = []
+    s0 = _usage()
+    for spec in args.schemes or COMMON_SCHEMES:
+        scheme = get_scheme(spec)
+        try:
+            scheme.check_available()
+        except Exception as exc:  # noqa: BLE001 - e.g. the CUDA-only tinygemm layout
+            print(f"{spec}: skipped ({type(exc).__name__})")
+            continue
+        a = _usage()
+        with counting():
+            res = scheme.apply(model, params=names)
+        zeros = sum(g.zero_count if g.zero_count is not None
+                    else g.dequantized.numel() - int(torch.count_nonzero(g.dequantized)) for g in res.grids.values())
+        del res
+        b = _usage()
+        rows.append((spec, b[2] - a[2], b[0] - a[0], b[1] - a[1], zeros))
+    e = _usage()
+    print(f"size {saved['size']} ({'whole dequantized' if args.whole else 'zero_counts_only'}): {e[2] - s0[2]:.2f} s CPU, "
+          f"{e[0] - s0[0]} minor page faults, {e[1] - s0[1]:.2f} s system; load {os.getloadavg()[0]:.1f}")
+    for spec, cpu, flt, sys_s, zeros in rows:
+        print(f"  {spec:40s} {cpu:6.3f} s {flt:8d} faults {sys_s:5.2f} s system  zeros {zeros}")
+    print(f"{'exclusive of the wrapped callees':42s} {'calls':>6s} {'faults':>9s} {'system s':>9s} {'CPU s':>7s}")
+    for k, v in sorted(stats.items(), key=lambda kv: -kv[1][3]):
+        print(f"{k:42s} {int(v[0]):6d} {int(v[1]):9d} {v[2]:9.2f} {v[3]:7.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

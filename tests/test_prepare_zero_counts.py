@@ -1,0 +1,166 @@
+"""The scoring's scheme preparation counts the zeros of a torchao release without keeping its
+dequantized tensor (fx35): ``zero_counts_only`` makes the torchao grid readers run torchao's own
+``dequantize()`` on slabs of whole rows and keep only the count. The reference is the whole
+tensor's ``dequantize()`` (what the readers kept before): the count must equal its zeros, and
+every other field of the grid must be what the plain ``apply`` gives."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+from mis_lightning.quantization import get_scheme  # noqa: E402
+from mis_lightning.quantization.base import dequantized_kept, zero_counts_only  # noqa: E402
+
+TB = importlib.import_module("mis_lightning.quantization.torchao_backend")
+ROW_BLOCK_SCHEMES = ["int8_weight_only", "int8_dynamic_activation_int8_weight", "intx_weight_only_int4",
+                     "intx_weight_only_int4_g32", "float8_weight_only"]
+
+
+def _net(dtype: torch.dtype) -> torch.nn.Module:
+    """Two Linear layers with exact zeros: an all-zero row (float8: scale 0, NaN codes repaired to
+    0), weights that round to code 0, and exact zero weights."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.ReLU(), torch.nn.Linear(40, 32))
+    with torch.no_grad():
+        w = net[0].weight
+        w[3] = 0.0  # a whole row
+        w[5, ::3] = 0.0  # exact zeros in a live row
+        w[7] *= 1e-3
+        w[7, 0] = 1.0  # the rest of this row rounds to code 0
+    return net.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ROW_BLOCK_SCHEMES)
+def test_zero_counts_equal_the_whole_release(monkeypatch, name, dtype):
+    monkeypatch.setattr(TB, "_ZERO_COUNT_SLAB", 3 * 64 + 5)  # 3 rows a slab: uneven last slab
+    net = _net(dtype)
+    scheme = get_scheme(name)
+    full = scheme.apply(net)
+    assert dequantized_kept()
+    with zero_counts_only():
+        assert not dequantized_kept()
+        counted = scheme.apply(net)
+    assert dequantized_kept()
+    assert set(full.grids) == set(counted.grids) and full.grids
+    for k, g in full.grids.items():
+        c = counted.grids[k]
+        assert g.zero_count is None and tuple(g.dequantized.shape) == g.shape
+        zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
+        assert c.zero_count == zeros and c.dequantized.numel() == 0
+        assert c.same_cells(g) and c.bits_per_weight == g.bits_per_weight
+        assert c.product_dtype == g.product_dtype and c.release_dtype == g.release_dtype
+    assert full.grids["0.weight"].zero_count is None
+    # the test's zeros are there: the all-zero row at least (40 or 64 weights)
+    g0 = full.grids["0.weight"]
+    assert g0.dequantized.numel() - int(torch.count_nonzero(g0.dequantized)) >= 64
+    assert full.notes == counted.notes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_cast_zero_counts_equal_the_whole_release(name, dtype):
+    """The dtype casts count the zeros of the cast weights (no float32 copy of them)."""
+    net = _net(dtype)
+    with torch.no_grad():
+        net[2].weight[0, :4] = torch.tensor([1e-44, -1e-44, -0.0, float("nan")])  # cast to (-)0; NaN
+    scheme = get_scheme(name)
+    full = scheme.apply(net)
+    with zero_counts_only():
+        counted = scheme.apply(net)
+    assert set(full.grids) == set(counted.grids) and len(full.grids) == 4  # weights and biases
+    for k, g in full.grids.items():
+        c = counted.grids[k]
+        zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
+        assert c.zero_count == zeros and c.dequantized.numel() == 0 and c.same_cells(g)
+    g2 = full.grids["2.weight"]
+    assert g2.dequantized.numel() - int(torch.count_nonzero(g2.dequantized)) >= 3
+
+
+def test_per_tensor_blocks_keep_the_whole_release():
+    """A per-tensor scale spans all rows: no slabs, the whole ``dequantize()`` as before."""
+    net = _net(torch.float32)
+    scheme = get_scheme("int8_weight_only", granularity="per_tensor")
+    with zero_counts_only():
+        res = scheme.apply(net)
+    for g in res.grids.values():
+        assert g.zero_count is None and tuple(g.dequantized.shape) == g.shape
+
+
+def test_scoring_counts_zeros_without_the_whole_release(monkeypatch):
+    """``score_schemes`` prepares the torchao schemes without dequantizing a whole weight, and the
+    report's zero fractions are those of the whole release."""
+    from torchao.quantization import Int8Tensor
+
+    import mis_lightning as ml
+
+    shapes: list[tuple[int, ...]] = []
+    real = Int8Tensor.dequantize
+
+    def spy(self, *a, **k):
+        shapes.append(tuple(self.shape))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(TB, "_ZERO_COUNT_SLAB", 128)
+    monkeypatch.setattr(Int8Tensor, "dequantize", spy)
+    net = _net(torch.float32)
+    x = torch.randn(64, 64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :3].sum(-1)), batch_size=32)
+    rep = ml.assess(net, ["int8_weight_only"], loader, lambda out, t: 0.5 * (out[:, 0] - t) ** 2,
+                    estimation="diagonal", num_records=16, uncertainty_draws=0)
+    assert shapes and all(s[0] * s[1] <= 128 for s in shapes), shapes  # slabs of at most 128 elements
+    full = get_scheme("int8_weight_only").apply(net)
+    for k, g in full.grids.items():
+        zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
+        assert rep.schemes["int8_weight_only"].layers[k].zero_fraction == zeros / g.numel
+
+
+def test_schemes_share_the_scale_facts_they_reveal_alike():
+    """Inside ``scale_facts_shared`` grids revealing the same weights with the same block size and
+    rule share one computation (the same tensors); the facts equal a fresh computation; a weight
+    changed in place (its version) or another block size computes its own."""
+    from mis_lightning.quantization.base import scale_facts_shared
+
+    net = _net(torch.float32)
+    shared: list = []
+    with scale_facts_shared(shared):
+        a = get_scheme("int8_weight_only").apply(net).grids["0.weight"]
+    with scale_facts_shared(shared):
+        b = get_scheme("float8_weight_only").apply(net).grids["0.weight"]
+        g32 = get_scheme("intx_weight_only_int4_g32").apply(net).grids["0.weight"]
+    fresh = get_scheme("float8_weight_only").apply(net).grids["0.weight"]
+    assert b.revealed is a.revealed and b.support is not None and a.support is not None
+    assert b.support[0] is a.support[0] and b.support[1] is a.support[1]
+    assert fresh.revealed is not a.revealed and torch.equal(fresh.revealed, a.revealed)
+    assert torch.equal(fresh.support[0], a.support[0]) and torch.equal(fresh.support[1], a.support[1])
+    assert g32.revealed is not a.revealed and g32.block_size != a.block_size
+    with torch.no_grad():
+        net[0].weight[0, 0] *= 4.0  # the version moves: computed again, on the new weights
+    with scale_facts_shared(shared):
+        c = get_scheme("int8_weight_only").apply(net).grids["0.weight"]
+    assert c.revealed is not a.revealed
+    assert torch.equal(c.revealed, get_scheme("int8_weight_only").apply(net).grids["0.weight"].revealed)
+
+
+def test_scoring_reveals_each_weight_once_for_schemes_alike(monkeypatch):
+    """Three per-row absmax schemes in one scoring call: one scale-facts computation per weight."""
+    import mis_lightning as ml
+
+    qbase = importlib.import_module("mis_lightning.quantization.base")
+    calls: list[tuple] = []
+    real = qbase.scale_facts
+    monkeypatch.setattr(qbase, "scale_facts", lambda t, bs, rule, *a, **k: calls.append((tuple(t.shape), bs))
+                        or real(t, bs, rule, *a, **k))
+    net = _net(torch.float32)
+    x = torch.randn(64, 64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :3].sum(-1)), batch_size=32)
+    rep = ml.assess(net, ["int8_weight_only", "intx_weight_only_int4", "float8_weight_only"], loader,
+                    lambda out, t: 0.5 * (out[:, 0] - t) ** 2, estimation="diagonal", num_records=16,
+                    uncertainty_draws=0)
+    assert all(r.error is None for r in rep.schemes.values())
+    assert sorted(calls) == sorted([((40, 64), (1, 64)), ((32, 40), (1, 40))]), calls
