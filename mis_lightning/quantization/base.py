@@ -147,6 +147,12 @@ WIDE_SD_CLOSED_FORM = True
 # in-place change or a new tensor recomputes it. Float64 per element: ~5 chunk-sized tensors per
 # entry, _FACT_SLOTS entries (module-level: release_chunk_facts() frees them).
 REUSE_CHUNK_FACTS = True
+# ParamGrid.moments writes the revealed elements' moments into the fields in place where the call
+# that made them allocated them (_FreshMoments: the sd-0 closed form, the wide-sd closed form, the
+# merges), instead of four out-of-place masked_fill copies of the chunk (2 MiB each at 2^18 weights:
+# 1.7 ms per call, the largest single cost of the 1e7 integer grids' calls, cm35); the same values.
+# False: always the copies
+REVEALED_IN_PLACE = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
@@ -255,6 +261,13 @@ def _pick(t: Any, ii: Tensor) -> Any:
     return t[ii]
 
 
+class _FreshMoments(CellMoments):
+    """:class:`CellMoments` whose four fields the call that returned them allocated: distinct
+    tensors that nothing else holds yet, so :meth:`ParamGrid.moments` may write them in place
+    (:data:`REVEALED_IN_PLACE`). Any other moments may share a field with another field, a cache
+    or an input, and are copied."""
+
+
 def _merge_moments(c: int, device: torch.device, parts: list[tuple[Tensor, Callable[[Tensor], CellMoments]]]) -> CellMoments:
     """``[c]`` float64 moments assembled from ``(indices, moments of those indices)`` parts."""
     out = [torch.empty(c, dtype=torch.float64, device=device) for _ in range(4)]
@@ -263,7 +276,7 @@ def _merge_moments(c: int, device: torch.device, parts: list[tuple[Tensor, Calla
             sub = fn(ii)
             for o, f in zip(out, ("kappa", "mean_abs", "m4", "coverage")):
                 o[ii] = getattr(sub, f).to(torch.float64)
-    return CellMoments(*out)
+    return _FreshMoments(*out)
 
 
 def check_float_model(model: nn.Module) -> None:
@@ -338,7 +351,12 @@ def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tup
         rem = rem - coord * stride
         lead_block = lead_block + torch.div(coord, block_size[dim], rounding_mode="floor") * bstride
     rows = block_tensor.reshape(-1, nblocks[-1])[lead_block]  # [r1 - r0, nb_last]
-    full = rows.repeat_interleave(b_last, dim=1)[:, :last] if b_last > 1 else rows
+    if b_last > 1:  # each block's value b_last times: a broadcast copy (repeat_interleave built an
+        # index tensor first: 2-4x the time on the 1e7 MLP's per-row scales and bounds, cm35)
+        r, nb = rows.shape
+        full = rows.unsqueeze(-1).expand(r, nb, b_last).reshape(r, nb * b_last)[:, :last]
+    else:
+        full = rows
     return full.reshape(-1)[start - r0 * last: end - r0 * last]
 
 
@@ -668,7 +686,7 @@ class ParamGrid:
                                   kappa_only=kappa_only)
         if dead is not None:
             zero = torch.zeros_like(mm.kappa)
-            mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
+            mm = _FreshMoments(kappa=torch.where(dead, zero, mm.kappa),
                              mean_abs=torch.where(dead, zero, mm.mean_abs),
                              m4=torch.where(dead, zero, mm.m4),
                              coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
@@ -687,6 +705,9 @@ class ParamGrid:
                     t[ii] = getattr(sm, f)
                     out.append(t)
                 mm = CellMoments(*out)
+            elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _FreshMoments):
+                for t, v in zip((mm.kappa, mm.mean_abs, mm.m4, mm.coverage), (1.0, SQRT_2_OVER_PI, 3.0, 1.0)):
+                    t.masked_fill_(rev, v)
             elif any_rev:  # (new tensors: the moments' fields may be shared)
                 mm = CellMoments(kappa=mm.kappa.masked_fill(rev, 1.0),
                                  mean_abs=mm.mean_abs.masked_fill(rev, SQRT_2_OVER_PI),
@@ -804,7 +825,7 @@ class ParamGrid:
                                              compile_policy, kappa_only, size)
                     for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
                         o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
-                return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+                return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
 
     def wide_shares(self, theta: Tensor, sigma: Tensor, free_tol: float, samples: int = 4096) -> tuple[float, float]:
@@ -926,13 +947,13 @@ class ParamGrid:
         if nt == 0:
             return None
         if ii is None:
-            out = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
-                              coverage=torch.ones_like(kappa))
+            out = _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
+                                coverage=torch.ones_like(kappa))
         else:
-            out = CellMoments(kappa=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                              mean_abs=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                              m4=torch.full((c,), 3.0, dtype=torch.float64, device=theta.device),
-                              coverage=torch.ones(c, dtype=torch.float64, device=theta.device))
+            out = _FreshMoments(kappa=torch.zeros(c, dtype=torch.float64, device=theta.device),
+                                mean_abs=torch.zeros(c, dtype=torch.float64, device=theta.device),
+                                m4=torch.full((c,), 3.0, dtype=torch.float64, device=theta.device),
+                                coverage=torch.ones(c, dtype=torch.float64, device=theta.device))
             jj = ii[ok]
             out.kappa[jj], out.mean_abs[jj] = kappa[ok], mean_abs[ok]
         if nt == c:
