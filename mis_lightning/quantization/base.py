@@ -198,9 +198,45 @@ def _fact_put(kind: str, tensors: tuple[Tensor | None, ...], extra: tuple, value
 
 
 def release_chunk_facts() -> None:
-    """Free the per-chunk facts kept for the next call (:data:`REUSE_CHUNK_FACTS`)."""
+    """Free the per-chunk facts kept for the next call (:data:`REUSE_CHUNK_FACTS`) and the
+    shared per-element expansions (:data:`SHARE_EXPANSIONS`)."""
     for slots in _FACTS.values():
         slots.clear()
+    _EXPANSIONS.clear()
+
+
+# The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
+# the bounds of every absmax grid of one block size (int8, int4 and float8 per row on the 1e7 MLP),
+# the zero points of the symmetric ones. ParamGrid._chunk_grid reads one expansion for all of them
+# (each a chunk-sized copy, ~1-3 ms per 2^18 weights); the entries of other ranges are dropped
+# at each lookup, so only the current chunk's are held (cm35). False: one expansion per grid.
+SHARE_EXPANSIONS = True
+_EXPANSIONS: list[tuple[tuple, Any, int, Tensor]] = []
+
+
+def _shared_expansion(t: Tensor | None, role: str, block_size: tuple[int, ...], shape: tuple[int, ...],
+                      start: int, end: int) -> Tensor:
+    """``_expand_blocks(t)`` (``None``: zeros) over ``start:end``, or the tensor an earlier call
+    returned for a bitwise-equal ``t`` (:func:`_same_value`, unchanged since: its version counter)
+    of the same ``role``, blocks, shape and range. The result is shared: never written."""
+    key = (role, start, end, tuple(block_size), tuple(shape),
+           None if t is None else (t.dtype, tuple(t.shape), t.device))
+    _EXPANSIONS[:] = [e for e in _EXPANSIONS if e[0][1:3] == (start, end)]
+    for k, ref, version, out in _EXPANSIONS:
+        if k != key:
+            continue
+        if t is None:
+            return out
+        held = ref()
+        if held is not None and held._version == version and _same_value(held, t):
+            return out
+    if t is None:
+        out, ref, version = torch.zeros(end - start, dtype=torch.float64), None, 0
+    else:
+        out = _expand_blocks(t.to(torch.float64), block_size, shape, start, end)
+        ref, version = weakref.ref(t), t._version
+    _EXPANSIONS.append((key, ref, version, out))
+    return out
 
 #: packages whose tensor subclasses hold already-quantized weights
 _QUANT_PACKAGES = ("torchao", "optimum.quanto", "bitsandbytes")
@@ -644,26 +680,34 @@ class ParamGrid:
         v = self.values.to(torch.float64)
         return 0.5 * (v[0] + v[1]) * s, 0.5 * (v[-2] + v[-1]) * s, None
 
-    def element_bounds(self, start: int, end: int) -> tuple[Tensor, Tensor] | None:
+    def element_bounds(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor] | None:
         """``(lower, upper)`` ``[c]`` float64 of elements ``start:end`` (:attr:`support`), or ``None``.
         With ``storage_dtype``: the bounds on the continuous weights, the storage midpoints inside
-        the stored extremes (:func:`~mis_lightning.functional.storage.stored_bounds`)."""
+        the stored extremes (:func:`~mis_lightning.functional.storage.stored_bounds`).
+        ``shared``: the tensors may be those of another grid whose per-block values are bitwise
+        equal, on the same range (:data:`SHARE_EXPANSIONS`): read them, never write them."""
         if self.support is None:
             return None
-        lo, hi = self._elem(self.support[0], start, end), self._elem(self.support[1], start, end)
+        lo = self._elem(self.support[0], start, end, "lower" if shared else None)
+        hi = self._elem(self.support[1], start, end, "upper" if shared else None)
         if self.storage_dtype is not None:
             return stored_bounds(lo, hi, self.storage_dtype)
         return lo, hi
 
-    def _elem(self, t: Tensor | None, start: int, end: int) -> Tensor:
+    def _elem(self, t: Tensor | None, start: int, end: int, role: str | None = None) -> Tensor:
+        """``t``'s per-element values of elements ``start:end`` (float64; ``None``: zeros);
+        ``role`` (what ``t`` is): shared with equal expansions (:func:`_shared_expansion`)."""
+        if role is not None and SHARE_EXPANSIONS:
+            return _shared_expansion(t, role, self.block_size, self.shape, start, end)
         if t is None:
             return torch.zeros(end - start, dtype=torch.float64)
         return _expand_blocks(t.to(torch.float64), self.block_size, self.shape, start, end)
 
-    def element_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(scale [c], zero_point [c], code [c] or None)`` for elements ``start:end``."""
+    def element_grid(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(scale [c], zero_point [c], code [c] or None)`` for elements ``start:end``. ``shared``:
+        as :meth:`element_bounds`, for the zero point (the scales of two distinct grids differ)."""
         scale = self._elem(self.scale, start, end)
-        zp = self._elem(self.zero_point, start, end)
+        zp = self._elem(self.zero_point, start, end, "zero_point" if shared else None)
         code = None
         if self.codes is not None:
             code = self.codes.reshape(-1)[start:end].to(torch.float64)
@@ -729,7 +773,7 @@ class ParamGrid:
             hit = _fact_get("grid", src, extra)
             if hit is not None:
                 return hit
-        scale, zp, code = self.element_grid(start, end)
+        scale, zp, code = self.element_grid(start, end, shared=True)
         # A block whose scale is 0 (torchao float8 on an all-zero row or group: every element
         # is exactly 0) is a one-cell grid {0}: no cell information (moments 0). Its scale
         # reveals max |w| = 0, i.e. every element exactly (``revealed`` in moments(): kappa 1).
@@ -740,7 +784,7 @@ class ParamGrid:
                 code = torch.where(dead, zp, code)
         else:
             dead = None
-        out = (scale, zp, code, dead, self.element_bounds(start, end))
+        out = (scale, zp, code, dead, self.element_bounds(start, end, shared=True))
         if REUSE_CHUNK_FACTS:
             _fact_put("grid", src, extra, out)
         return out
