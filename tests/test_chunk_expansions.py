@@ -146,3 +146,35 @@ def test_revealed_written_in_place_only_into_fresh_fields(monkeypatch):
     assert all(getattr(mm, f) is t for f, t in zip(FIELDS, own))
     assert bool((own[0][rev] == 1.0).all()) and bool((own[2][rev] == 3.0).all())
     assert bool((own[0][~rev] == 0.25).all())
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "float8_weight_only"])
+def test_the_pool_call_reads_the_main_calls_cubes(scheme, monkeypatch):
+    """A chunk whose sd spans its bounded window (every weight in the wide-sd closed form): the
+    main call's cubed cell widths serve the pool call (no second C3 pass; the old code computed
+    it in both), and both calls' moments equal those of calls that recompute it, bit for bit."""
+    (g,), theta = _grids([scheme])
+    c = theta.numel()
+    lo, hi = g.element_bounds(0, c)
+    sigma = 100.0 * (hi - lo)  # the window is a hundredth of an sd
+    calls = {"n": 0}
+    for name in ("affine_cube_sum", "table_cube_sum"):
+        real = getattr(qb, name)
+
+        def spy(*a, _real=real, **k):
+            calls["n"] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(qb, name, spy)
+    monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", False)
+    ref = [g.moments(theta, sigma, 0, c), g.moments(theta, sigma / 2 ** 0.5, 0, c, kappa_only=True)]
+    assert calls["n"] >= 2
+    monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", True)
+    qb.release_chunk_facts()
+    main = g.moments(theta, sigma, 0, c)
+    after_main = calls["n"]
+    pool = g.moments(theta, sigma / 2 ** 0.5, 0, c, kappa_only=True)
+    assert calls["n"] == after_main  # the pool call computed no C3
+    _equal(main, ref[0])
+    _equal(pool, ref[1], ("kappa",))
+    assert float((1.0 - main.kappa).max()) < 1e-6  # the wide-sd regime indeed
