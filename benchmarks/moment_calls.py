@@ -9,7 +9,11 @@ process, with the changes on and off interleaved:
     python benchmarks/moment_calls.py capture M CALLS.pt            # estimation + scoring; ~750 MB
     python benchmarks/moment_calls.py ab CALLS.pt --rounds 5 [--param 2.weight] [--flag NAME ...]
 
-``capture`` runs ``first_call.py assess``'s estimation and scoring and saves every
+    python benchmarks/moment_calls.py timed M                       # the calls' share of one scoring
+
+``timed`` runs the estimation and the scoring once, fresh, and prints the scoring's CPU seconds
+and those spent in ``ParamGrid.moments`` (for old / new pairs of checkouts: run it from each,
+ABBA order, ``PYTHONPATH=$PWD``). ``capture`` runs ``first_call.py assess``'s estimation and scoring and saves every
 ``ParamGrid.moments`` call (grid, weights, sd, range, ``kappa_only``). ``ab`` replays them under
 ``CompilePolicy("never")`` (the eager paths the 1e7 pass takes before its compile threshold),
 ``--rounds`` times with the switches on, then off, and prints the CPU seconds
@@ -60,6 +64,38 @@ def _capture(model_path: str, out: str) -> None:
         base.ParamGrid.moments = real
     torch.save(calls, out)
     print(f"{len(calls)} calls, {sum(c['theta'].numel() for c in calls):,} elements -> {out}")
+
+
+def _timed(model_path: str) -> None:
+    import torch
+
+    from benchmarks.first_call import load_saved
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.assess import run_estimation, score_schemes
+    from mis_lightning.quantization import base
+
+    torch.set_num_threads(1)
+    _, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(model_path)
+    est = run_estimation(model, loader, loss_fn, est_cfg)
+    spent = [0.0, 0]
+    real = base.ParamGrid.moments
+
+    def timed(self, *a, **k):
+        t0 = time.process_time()
+        try:
+            return real(self, *a, **k)
+        finally:
+            spent[0] += time.process_time() - t0
+            spent[1] += 1
+
+    base.ParamGrid.moments = timed
+    try:
+        t0 = time.process_time()
+        score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+        s = time.process_time() - t0
+    finally:
+        base.ParamGrid.moments = real
+    print(f"scoring {s:.2f} s; ParamGrid.moments {spent[0]:.2f} s over {spent[1]} calls; load {os.getloadavg()[0]:.1f}")
 
 
 def _ab(path: str, rounds: int, param: str | None, flags: list[str]) -> None:
@@ -120,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("capture")
     c.add_argument("model")
     c.add_argument("out")
+    t = sub.add_parser("timed")
+    t.add_argument("model")
     a = sub.add_parser("ab")
     a.add_argument("calls")
     a.add_argument("--rounds", type=int, default=5)
@@ -129,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "capture":
         _capture(args.model, args.out)
+    elif args.cmd == "timed":
+        _timed(args.model)
     else:
         _ab(args.calls, args.rounds, args.param, args.flag or ["SHARE_EXPANSIONS", "REVEALED_IN_PLACE", "cube"])
     return 0
