@@ -18,7 +18,7 @@ ABBA order, ``PYTHONPATH=$PWD``). ``capture`` runs ``first_call.py assess``'s es
 ``CompilePolicy("never")`` (the eager paths the 1e7 pass takes before its compile threshold),
 ``--rounds`` times with the switches on, then off, and prints the CPU seconds
 (``time.process_time``, one thread) of each round and whether every call's four fields summed
-to the same values both ways. ``--flag`` names boolean switches of
+to the same values both ways (``kappa`` alone in ``kappa_only`` calls: the others are unread). ``--flag`` names boolean switches of
 ``mis_lightning.quantization.base`` to turn off (default: cm35's ``SHARE_EXPANSIONS`` and
 ``REVEALED_IN_PLACE``, plus the wide-sd form's C3 kept for the pool call, which ``--flag cube``
 names: the replay then never finds a kept C3).
@@ -137,7 +137,8 @@ def _ab(path: str, rounds: int, param: str | None, flags: list[str]) -> None:
                 mm = c["grid"].moments(c["theta"], c["sigma"], c["start"], c["end"], c["use_codes"], policy,
                                        c["kappa_only"])
                 if r == 0:
-                    got.append(tuple(float(getattr(mm, f).nan_to_num(nan=-7.0).sum()) for f in FIELDS))
+                    fields = ("kappa",) if c["kappa_only"] else FIELDS  # the others unread there
+                    got.append(tuple(float(getattr(mm, f).nan_to_num(nan=-7.0).sum()) for f in fields))
             times[on].append(time.process_time() - t0)
             if r == 0:
                 sums[on] = got

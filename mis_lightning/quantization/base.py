@@ -154,6 +154,12 @@ REUSE_CHUNK_FACTS = True
 # 1.7 ms per call, the largest single cost of the 1e7 integer grids' calls, cm35); the same values.
 # False: always the copies
 REVEALED_IN_PLACE = True
+# A kappa_only call (the pool protocol's, the draws') on a chunk mostly of point masses
+# (ParamGrid._own_moments) returns mean_abs, m4 and coverage as one NaN expanded to the chunk:
+# its callers read kappa alone, and the three zero / one tensors, their copies of the live
+# elements' values and their revealed fills cost ~3 ms per 2^18-weight call (cm35). False: the
+# point masses' (0, 0, 1) and the paths' values, as in a full call
+KAPPA_ONLY_STANDINS = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
@@ -303,6 +309,13 @@ class _FreshMoments(CellMoments):
     tensors that nothing else holds yet, so :meth:`ParamGrid.moments` may write them in place
     (:data:`REVEALED_IN_PLACE`). Any other moments may share a field with another field, a cache
     or an input, and are copied."""
+
+
+class _KappaOnlyMoments(CellMoments):
+    """:class:`CellMoments` of a ``kappa_only`` call whose ``kappa`` the call allocated (as
+    :class:`_FreshMoments`') and whose other three fields are one NaN, expanded (stride 0: no
+    chunk-sized tensor; :data:`KAPPA_ONLY_STANDINS`): :meth:`ParamGrid.moments` writes ``kappa``
+    alone in place."""
 
 
 def _merge_moments(c: int, device: torch.device, parts: list[tuple[Tensor, Callable[[Tensor], CellMoments]]]) -> CellMoments:
@@ -750,6 +763,8 @@ class ParamGrid:
                     t[ii] = getattr(sm, f)
                     out.append(t)
                 mm = CellMoments(*out)
+            elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _KappaOnlyMoments):
+                mm.kappa.masked_fill_(rev, 1.0)
             elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _FreshMoments):
                 for t, v in zip((mm.kappa, mm.mean_abs, mm.m4, mm.coverage), (1.0, SQRT_2_OVER_PI, 3.0, 1.0)):
                     t.masked_fill_(rev, v)
@@ -798,7 +813,9 @@ class ParamGrid:
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
         elements are :meth:`moments`' business. ``kappa_only``: only ``kappa`` is needed (the
         bootstrap draws); affine grids may then leave ``mean_abs`` and ``m4`` uncomputed (NaN)
-        or uncorrected for the bounds; ``kappa`` is bitwise the same. With ``storage_dtype``:
+        or uncorrected for the bounds, and a chunk mostly of point masses returns ``mean_abs``,
+        ``m4`` and ``coverage`` as one NaN expanded to ``[c]`` (stride 0: read them, never write
+        them; :data:`KAPPA_ONLY_STANDINS`); ``kappa`` is bitwise the same. With ``storage_dtype``:
         elements within ``STORAGE_EXACT_MAX_ULPS`` storage ulps on the stored cells (exact window
         sums), the others on the grid's own edges; where the stored cells within an element's reach
         are the storage cells themselves (a grid that holds every ``D`` value there: ``fp16`` or
@@ -851,7 +868,12 @@ class ParamGrid:
                 take = ~point
                 n = int(take.sum())
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
-                mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
+                standin = kappa_only and KAPPA_ONLY_STANDINS
+                if standin:  # kappa alone is read: the others NaN, one stride-0 value (no chunk-sized tensor)
+                    mean_abs = m4 = coverage = torch.full((1,), math.nan, dtype=torch.float64,
+                                                          device=theta.device).expand(c)
+                else:
+                    mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
                 if n:
                     size = None
                     if n < _POINT_MASS_PATH_MIN <= c:
@@ -870,6 +892,10 @@ class ParamGrid:
                                              compile_policy, kappa_only, size)
                     for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
                         o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
+                        if standin:
+                            break
+                if standin:
+                    return _KappaOnlyMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
                 return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
 
