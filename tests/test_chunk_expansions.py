@@ -178,3 +178,28 @@ def test_the_pool_call_reads_the_main_calls_cubes(scheme, monkeypatch):
     _equal(main, ref[0])
     _equal(pool, ref[1], ("kappa",))
     assert float((1.0 - main.kappa).max()) < 1e-6  # the wide-sd regime indeed
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "intx_weight_only_int4_g32", "float8_weight_only", "bf16"])
+def test_kappa_only_point_mass_chunks_return_standins(scheme, monkeypatch):
+    """``KAPPA_ONLY_STANDINS``: a kappa_only call on a chunk mostly of sd-0 rows gives the kappa
+    of the full call bit for bit (revealed elements at 1), and mean_abs, m4 and coverage as one
+    NaN expanded to the chunk (no chunk-sized tensor; the old code built three and filled them)."""
+    (g,), theta = _grids([scheme])
+    c = theta.numel()
+    th, sg = _sigma(g, theta, 256, 128)
+    monkeypatch.setattr(qb, "KAPPA_ONLY_STANDINS", False)
+    full = g.moments(th, sg / 2 ** 0.5, 0, c)
+    ref = g.moments(th, sg / 2 ** 0.5, 0, c, kappa_only=True)
+    monkeypatch.setattr(qb, "KAPPA_ONLY_STANDINS", True)
+    qb.release_chunk_facts()
+    got = g.moments(th, sg / 2 ** 0.5, 0, c, kappa_only=True)
+    assert torch.equal(got.kappa, ref.kappa) and torch.equal(got.kappa, full.kappa)
+    for f in ("mean_abs", "m4", "coverage"):
+        t = getattr(got, f)
+        assert t.shape == (c,) and t.stride() == (0,) and bool(t.isnan().all()), f
+    if g.revealed is not None:
+        rev = g.revealed.reshape(-1)[:c]
+        assert bool((got.kappa[rev] == 1.0).all())
+    # a full call is untouched by the switch
+    _equal(g.moments(th, sg / 2 ** 0.5, 0, c), full)
