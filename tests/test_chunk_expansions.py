@@ -8,6 +8,10 @@ place (cm35, issue 13):
 * ``REVEALED_IN_PLACE``: ``ParamGrid.moments`` writes the revealed elements' moments into fields
   that the call allocated (``_FreshMoments``), never into moments that may share a tensor with
   anything else.
+* The wide-sd closed form's C3 of a whole chunk: the main call's serves the pool call
+  (``REUSE_CHUNK_FACTS``).
+* ``KAPPA_ONLY_STANDINS``: a kappa_only call on a chunk mostly of point masses returns its unread
+  fields as one expanded NaN; ``kappa`` bit for bit that of the full call.
 
 Tolerance: none (``torch.equal``): the same operations on the same values either way.
 """
