@@ -745,9 +745,9 @@ class ParamGrid:
         if dead is not None:
             zero = torch.zeros_like(mm.kappa)
             mm = _FreshMoments(kappa=torch.where(dead, zero, mm.kappa),
-                             mean_abs=torch.where(dead, zero, mm.mean_abs),
-                             m4=torch.where(dead, zero, mm.m4),
-                             coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
+                               mean_abs=torch.where(dead, zero, mm.mean_abs),
+                               m4=torch.where(dead, zero, mm.m4),
+                               coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
         if self.revealed is not None:
             # Elements the released scale / zero point give away exactly (the absmax of a
             # symmetric block, the min and max of an asymmetric one) leak like float weights:
