@@ -143,17 +143,30 @@ WIDE_SD_CLOSED_FORM = True
 # and at sd / sqrt(2) (the pool protocol), with the same weights, grid and bounds. What does not
 # depend on sd is kept from the last few calls (REUSE_CHUNK_FACTS; False: recomputed every call):
 # a grid's per-element expansion of a range (ParamGrid._chunk_grid) and the sd-0 elements'
-# "strictly inside their cell and bounds" test (ParamGrid._point_masses). Each entry is keyed by
+# "strictly inside their cell and bounds" test (ParamGrid._point_masses), and the wide-sd closed
+# form's cubed cell widths of a whole chunk (ParamGrid._wide_closed, cm35). Each entry is keyed by
 # the identity and version counter of every tensor it was computed from (weak references: an
 # entry never keeps its inputs alive, and a freed input's entry cannot match a new tensor), so an
 # in-place change or a new tensor recomputes it. Float64 per element: ~5 chunk-sized tensors per
 # entry, _FACT_SLOTS entries (module-level: release_chunk_facts() frees them).
 REUSE_CHUNK_FACTS = True
+# ParamGrid.moments writes the revealed elements' moments into the fields in place where the call
+# that made them allocated them (_FreshMoments: the sd-0 closed form, the wide-sd closed form, the
+# merges), instead of four out-of-place masked_fill copies of the chunk (2 MiB each at 2^18 weights:
+# 1.7 ms per call, the largest single cost of the 1e7 integer grids' calls, cm35); the same values.
+# False: always the copies
+REVEALED_IN_PLACE = True
+# A kappa_only call (the pool protocol's, the draws') on a chunk mostly of point masses
+# (ParamGrid._own_moments) returns mean_abs, m4 and coverage as one NaN expanded to the chunk:
+# its callers read kappa alone, and the three zero / one tensors, their copies of the live
+# elements' values and their revealed fills cost ~3 ms per 2^18-weight call (cm35). False: the
+# point masses' (0, 0, 1) and the paths' values, as in a full call
+KAPPA_ONLY_STANDINS = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
 _FACT_SLOTS = 4
-_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": []}
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": []}
 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
@@ -194,9 +207,45 @@ def _fact_put(kind: str, tensors: tuple[Tensor | None, ...], extra: tuple, value
 
 
 def release_chunk_facts() -> None:
-    """Free the per-chunk facts kept for the next call (:data:`REUSE_CHUNK_FACTS`)."""
+    """Free the per-chunk facts kept for the next call (:data:`REUSE_CHUNK_FACTS`) and the
+    shared per-element expansions (:data:`SHARE_EXPANSIONS`)."""
     for slots in _FACTS.values():
         slots.clear()
+    _EXPANSIONS.clear()
+
+
+# The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
+# the bounds of every absmax grid of one block size (int8, int4 and float8 per row on the 1e7 MLP),
+# the zero points of the symmetric ones. ParamGrid._chunk_grid reads one expansion for all of them
+# (each a chunk-sized copy, ~1-3 ms per 2^18 weights); the entries of other ranges are dropped
+# at each lookup, so only the current chunk's are held (cm35). False: one expansion per grid.
+SHARE_EXPANSIONS = True
+_EXPANSIONS: list[tuple[tuple, Any, int, Tensor]] = []
+
+
+def _shared_expansion(t: Tensor | None, role: str, block_size: tuple[int, ...], shape: tuple[int, ...],
+                      start: int, end: int) -> Tensor:
+    """``_expand_blocks(t)`` (``None``: zeros) over ``start:end``, or the tensor an earlier call
+    returned for a bitwise-equal ``t`` (:func:`_same_value`, unchanged since: its version counter)
+    of the same ``role``, blocks, shape and range. The result is shared: never written."""
+    key = (role, start, end, tuple(block_size), tuple(shape),
+           None if t is None else (t.dtype, tuple(t.shape), t.device))
+    _EXPANSIONS[:] = [e for e in _EXPANSIONS if e[0][1:3] == (start, end)]
+    for k, ref, version, out in _EXPANSIONS:
+        if k != key:
+            continue
+        if t is None:
+            return out
+        held = ref()
+        if held is not None and held._version == version and _same_value(held, t):
+            return out
+    if t is None:
+        out, ref, version = torch.zeros(end - start, dtype=torch.float64), None, 0
+    else:
+        out = _expand_blocks(t.to(torch.float64), block_size, shape, start, end)
+        ref, version = weakref.ref(t), t._version
+    _EXPANSIONS.append((key, ref, version, out))
+    return out
 
 
 _DEQUANTIZED_KEPT: ContextVar[bool] = ContextVar("mis_lightning_dequantized_kept", default=True)
@@ -299,6 +348,20 @@ def _pick(t: Any, ii: Tensor) -> Any:
     return t[ii]
 
 
+class _FreshMoments(CellMoments):
+    """:class:`CellMoments` whose four fields the call that returned them allocated: distinct
+    tensors that nothing else holds yet, so :meth:`ParamGrid.moments` may write them in place
+    (:data:`REVEALED_IN_PLACE`). Any other moments may share a field with another field, a cache
+    or an input, and are copied."""
+
+
+class _KappaOnlyMoments(CellMoments):
+    """:class:`CellMoments` of a ``kappa_only`` call whose ``kappa`` the call allocated (as
+    :class:`_FreshMoments`') and whose other three fields are one NaN, expanded (stride 0: no
+    chunk-sized tensor; :data:`KAPPA_ONLY_STANDINS`): :meth:`ParamGrid.moments` writes ``kappa``
+    alone in place."""
+
+
 def _merge_moments(c: int, device: torch.device, parts: list[tuple[Tensor, Callable[[Tensor], CellMoments]]]) -> CellMoments:
     """``[c]`` float64 moments assembled from ``(indices, moments of those indices)`` parts."""
     out = [torch.empty(c, dtype=torch.float64, device=device) for _ in range(4)]
@@ -307,7 +370,7 @@ def _merge_moments(c: int, device: torch.device, parts: list[tuple[Tensor, Calla
             sub = fn(ii)
             for o, f in zip(out, ("kappa", "mean_abs", "m4", "coverage")):
                 o[ii] = getattr(sub, f).to(torch.float64)
-    return CellMoments(*out)
+    return _FreshMoments(*out)
 
 
 def check_float_model(model: nn.Module) -> None:
@@ -382,7 +445,12 @@ def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tup
         rem = rem - coord * stride
         lead_block = lead_block + torch.div(coord, block_size[dim], rounding_mode="floor") * bstride
     rows = block_tensor.reshape(-1, nblocks[-1])[lead_block]  # [r1 - r0, nb_last]
-    full = rows.repeat_interleave(b_last, dim=1)[:, :last] if b_last > 1 else rows
+    if b_last > 1:  # each block's value b_last times: a broadcast copy (repeat_interleave built an
+        # index tensor first: 2-4x the time on the 1e7 MLP's per-row scales and bounds, cm35)
+        r, nb = rows.shape
+        full = rows.unsqueeze(-1).expand(r, nb, b_last).reshape(r, nb * b_last)[:, :last]
+    else:
+        full = rows
     return full.reshape(-1)[start - r0 * last: end - r0 * last]
 
 
@@ -684,26 +752,34 @@ class ParamGrid:
         v = self.values.to(torch.float64)
         return 0.5 * (v[0] + v[1]) * s, 0.5 * (v[-2] + v[-1]) * s, None
 
-    def element_bounds(self, start: int, end: int) -> tuple[Tensor, Tensor] | None:
+    def element_bounds(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor] | None:
         """``(lower, upper)`` ``[c]`` float64 of elements ``start:end`` (:attr:`support`), or ``None``.
         With ``storage_dtype``: the bounds on the continuous weights, the storage midpoints inside
-        the stored extremes (:func:`~mis_lightning.functional.storage.stored_bounds`)."""
+        the stored extremes (:func:`~mis_lightning.functional.storage.stored_bounds`).
+        ``shared``: the tensors may be those of another grid whose per-block values are bitwise
+        equal, on the same range (:data:`SHARE_EXPANSIONS`): read them, never write them."""
         if self.support is None:
             return None
-        lo, hi = self._elem(self.support[0], start, end), self._elem(self.support[1], start, end)
+        lo = self._elem(self.support[0], start, end, "lower" if shared else None)
+        hi = self._elem(self.support[1], start, end, "upper" if shared else None)
         if self.storage_dtype is not None:
             return stored_bounds(lo, hi, self.storage_dtype)
         return lo, hi
 
-    def _elem(self, t: Tensor | None, start: int, end: int) -> Tensor:
+    def _elem(self, t: Tensor | None, start: int, end: int, role: str | None = None) -> Tensor:
+        """``t``'s per-element values of elements ``start:end`` (float64; ``None``: zeros);
+        ``role`` (what ``t`` is): shared with equal expansions (:func:`_shared_expansion`)."""
+        if role is not None and SHARE_EXPANSIONS:
+            return _shared_expansion(t, role, self.block_size, self.shape, start, end)
         if t is None:
             return torch.zeros(end - start, dtype=torch.float64)
         return _expand_blocks(t.to(torch.float64), self.block_size, self.shape, start, end)
 
-    def element_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(scale [c], zero_point [c], code [c] or None)`` for elements ``start:end``."""
+    def element_grid(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(scale [c], zero_point [c], code [c] or None)`` for elements ``start:end``. ``shared``:
+        as :meth:`element_bounds`, for the zero point (the scales of two distinct grids differ)."""
         scale = self._elem(self.scale, start, end)
-        zp = self._elem(self.zero_point, start, end)
+        zp = self._elem(self.zero_point, start, end, "zero_point" if shared else None)
         code = None
         if self.codes is not None:
             code = self.codes.reshape(-1)[start:end].to(torch.float64)
@@ -726,10 +802,10 @@ class ParamGrid:
                                   kappa_only=kappa_only)
         if dead is not None:
             zero = torch.zeros_like(mm.kappa)
-            mm = CellMoments(kappa=torch.where(dead, zero, mm.kappa),
-                             mean_abs=torch.where(dead, zero, mm.mean_abs),
-                             m4=torch.where(dead, zero, mm.m4),
-                             coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
+            mm = _FreshMoments(kappa=torch.where(dead, zero, mm.kappa),
+                               mean_abs=torch.where(dead, zero, mm.mean_abs),
+                               m4=torch.where(dead, zero, mm.m4),
+                               coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
         if self.revealed is not None:
             # Elements the released scale / zero point give away exactly (the absmax of a
             # symmetric block, the min and max of an asymmetric one) leak like float weights:
@@ -745,6 +821,11 @@ class ParamGrid:
                     t[ii] = getattr(sm, f)
                     out.append(t)
                 mm = CellMoments(*out)
+            elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _KappaOnlyMoments):
+                mm.kappa.masked_fill_(rev, 1.0)
+            elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _FreshMoments):
+                for t, v in zip((mm.kappa, mm.mean_abs, mm.m4, mm.coverage), (1.0, SQRT_2_OVER_PI, 3.0, 1.0)):
+                    t.masked_fill_(rev, v)
             elif any_rev:  # (new tensors: the moments' fields may be shared)
                 mm = CellMoments(kappa=mm.kappa.masked_fill(rev, 1.0),
                                  mean_abs=mm.mean_abs.masked_fill(rev, SQRT_2_OVER_PI),
@@ -766,7 +847,7 @@ class ParamGrid:
             hit = _fact_get("grid", src, extra)
             if hit is not None:
                 return hit
-        scale, zp, code = self.element_grid(start, end)
+        scale, zp, code = self.element_grid(start, end, shared=True)
         # A block whose scale is 0 (torchao float8 on an all-zero row or group: every element
         # is exactly 0) is a one-cell grid {0}: no cell information (moments 0). Its scale
         # reveals max |w| = 0, i.e. every element exactly (``revealed`` in moments(): kappa 1).
@@ -777,7 +858,7 @@ class ParamGrid:
                 code = torch.where(dead, zp, code)
         else:
             dead = None
-        out = (scale, zp, code, dead, self.element_bounds(start, end))
+        out = (scale, zp, code, dead, self.element_bounds(start, end, shared=True))
         if REUSE_CHUNK_FACTS:
             _fact_put("grid", src, extra, out)
         return out
@@ -790,7 +871,9 @@ class ParamGrid:
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
         elements are :meth:`moments`' business. ``kappa_only``: only ``kappa`` is needed (the
         bootstrap draws); affine grids may then leave ``mean_abs`` and ``m4`` uncomputed (NaN)
-        or uncorrected for the bounds; ``kappa`` is bitwise the same. With ``storage_dtype``:
+        or uncorrected for the bounds, and a chunk mostly of point masses returns ``mean_abs``,
+        ``m4`` and ``coverage`` as one NaN expanded to ``[c]`` (stride 0: read them, never write
+        them; :data:`KAPPA_ONLY_STANDINS`); ``kappa`` is bitwise the same. With ``storage_dtype``:
         elements within ``STORAGE_EXACT_MAX_ULPS`` storage ulps on the stored cells (exact window
         sums), the others on the grid's own edges; where the stored cells within an element's reach
         are the storage cells themselves (a grid that holds every ``D`` value there: ``fp16`` or
@@ -843,7 +926,12 @@ class ParamGrid:
                 take = ~point
                 n = int(take.sum())
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
-                mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
+                standin = kappa_only and KAPPA_ONLY_STANDINS
+                if standin:  # kappa alone is read: the others NaN, one stride-0 value (no chunk-sized tensor)
+                    mean_abs = m4 = coverage = torch.full((1,), math.nan, dtype=torch.float64,
+                                                          device=theta.device).expand(c)
+                else:
+                    mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
                 if n:
                     size = None
                     if n < _POINT_MASS_PATH_MIN <= c:
@@ -862,7 +950,11 @@ class ParamGrid:
                                              compile_policy, kappa_only, size)
                     for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
                         o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
-                return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+                        if standin:
+                            break
+                if standin:
+                    return _KappaOnlyMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
+                return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
 
     def wide_shares(self, theta: Tensor, sigma: Tensor, free_tol: float, samples: int = 4096) -> tuple[float, float]:
@@ -944,20 +1036,35 @@ class ParamGrid:
         m = args[0].shape[0]
         kappa = torch.empty(m, dtype=torch.float64, device=theta.device)
         mean_abs, ok = torch.empty_like(kappa), torch.empty(m, dtype=torch.bool, device=theta.device)
+        # C3 of the whole chunk depends on the grid and bounds alone: the main call's serves the
+        # pool call's (REUSE_CHUNK_FACTS; a float8 chunk's table_cube_sum ~3 ms per 2^18 weights)
+        kept = keep = None
+        if ii is None and REUSE_CHUNK_FACTS:
+            src = (lo, hi, scale, zero_point, self.values)
+            extra = (self.kind, self.qmin, self.qmax)
+            kept = _fact_get("cube", src, extra)
+            if kept is None and not kappa_only:
+                keep = torch.empty(c, dtype=torch.float64, device=theta.device)
         # in cache-sized blocks: ~60 element-wise operations (kernel.EAGER_BLOCK)
         for a in range(0, m, EAGER_BLOCK):
             th, sg, sc, zp, lb, ub, *cd = (t[a:a + EAGER_BLOCK].to(torch.float64) for t in args)
-            if self.kind == "affine":
+            if kept is not None:
+                cube = kept[a:a + EAGER_BLOCK]
+            elif self.kind == "affine":
                 low_edge, high_edge, step = self._outer_edges(sc, zp)
                 assert step is not None
                 cube = affine_cube_sum(lb, ub, low_edge, high_edge, step)
             else:
                 assert self.values is not None
                 cube = table_cube_sum(lb, ub, sc, self.values)
+            if keep is not None:
+                keep[a:a + EAGER_BLOCK] = cube
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
             mm, good = wide_sd_moments(th, sg, lb, ub, cube, own_lo, own_hi)
             kappa[a:a + EAGER_BLOCK], mean_abs[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = mm.kappa, mm.mean_abs, good
+        if keep is not None:
+            _fact_put("cube", src, extra, keep)
         return ii, kappa, mean_abs, ok
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
@@ -984,13 +1091,13 @@ class ParamGrid:
         if nt == 0:
             return None
         if ii is None:
-            out = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
-                              coverage=torch.ones_like(kappa))
+            out = _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
+                                coverage=torch.ones_like(kappa))
         else:
-            out = CellMoments(kappa=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                              mean_abs=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                              m4=torch.full((c,), 3.0, dtype=torch.float64, device=theta.device),
-                              coverage=torch.ones(c, dtype=torch.float64, device=theta.device))
+            out = _FreshMoments(kappa=torch.zeros(c, dtype=torch.float64, device=theta.device),
+                                mean_abs=torch.zeros(c, dtype=torch.float64, device=theta.device),
+                                m4=torch.full((c,), 3.0, dtype=torch.float64, device=theta.device),
+                                coverage=torch.ones(c, dtype=torch.float64, device=theta.device))
             jj = ii[ok]
             out.kappa[jj], out.mean_abs[jj] = kappa[ok], mean_abs[ok]
         if nt == c:

@@ -1,0 +1,179 @@
+"""The scoring pass's cell-moment calls, captured once and replayed (issue 13; docs/benchmarks.md, "cm35").
+
+The 1e7 scoring's main and pool calls of ``ParamGrid.moments`` (each chunk of each parameter,
+once per distinct grid) cost seconds against a load-dependent noise of several seconds per
+fresh-process run, so changes to them are measured here on the calls themselves, in one
+process, with the changes on and off interleaved:
+
+    python benchmarks/first_call.py train 1e7 M                     # the saved model (once)
+    python benchmarks/moment_calls.py capture M CALLS.pt            # estimation + scoring; ~750 MB
+    python benchmarks/moment_calls.py ab CALLS.pt --rounds 5 [--param 2.weight] [--flag NAME ...]
+
+    python benchmarks/moment_calls.py timed M                       # the calls' share of one scoring
+
+``timed`` runs the estimation and the scoring once, fresh, and prints the scoring's CPU seconds
+and those spent in ``ParamGrid.moments`` (for old / new pairs of checkouts: run it from each,
+ABBA order, ``PYTHONPATH=$PWD``). ``capture`` runs ``first_call.py assess``'s estimation and scoring and saves every
+``ParamGrid.moments`` call (grid, weights, sd, range, ``kappa_only``). ``ab`` replays them under
+``CompilePolicy("never")`` (the eager paths the 1e7 pass takes before its compile threshold),
+``--rounds`` times with the switches on, then off, and prints the CPU seconds
+(``time.process_time``, one thread) of each round and whether every call's four fields summed
+to the same values both ways (``kappa`` alone in ``kappa_only`` calls: the others are unread). ``--flag`` names boolean switches of
+``mis_lightning.quantization.base`` to turn off (default: cm35's ``SHARE_EXPANSIONS`` and
+``REVEALED_IN_PLACE``, plus the wide-sd form's C3 kept for the pool call, which ``--flag cube``
+names: the replay then never finds a kept C3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())  # the checkout under test first (PYTHONPATH=$PWD does the same)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+FIELDS = ("kappa", "mean_abs", "m4", "coverage")
+
+
+def _capture(model_path: str, out: str) -> None:
+    import torch
+
+    from benchmarks.first_call import load_saved
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.assess import run_estimation, score_schemes
+    from mis_lightning.quantization import base
+
+    torch.set_num_threads(1)
+    _, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(model_path)
+    est = run_estimation(model, loader, loss_fn, est_cfg)
+    calls = []
+    real = base.ParamGrid.moments
+
+    def record(self, theta, sigma, start, end, use_codes=True, compile_policy=None, kappa_only=False):
+        calls.append({"grid": self, "theta": theta, "sigma": sigma, "start": start, "end": end,
+                      "use_codes": use_codes, "kappa_only": kappa_only})
+        return real(self, theta, sigma, start, end, use_codes, compile_policy, kappa_only)
+
+    base.ParamGrid.moments = record
+    try:
+        score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+    finally:
+        base.ParamGrid.moments = real
+    torch.save(calls, out)
+    print(f"{len(calls)} calls, {sum(c['theta'].numel() for c in calls):,} elements -> {out}")
+
+
+def _timed(model_path: str) -> None:
+    import torch
+
+    from benchmarks.first_call import load_saved
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.assess import run_estimation, score_schemes
+    from mis_lightning.quantization import base
+
+    torch.set_num_threads(1)
+    _, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(model_path)
+    est = run_estimation(model, loader, loss_fn, est_cfg)
+    spent = [0.0, 0]
+    real = base.ParamGrid.moments
+
+    def timed(self, *a, **k):
+        t0 = time.process_time()
+        try:
+            return real(self, *a, **k)
+        finally:
+            spent[0] += time.process_time() - t0
+            spent[1] += 1
+
+    base.ParamGrid.moments = timed
+    try:
+        t0 = time.process_time()
+        score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+        s = time.process_time() - t0
+    finally:
+        base.ParamGrid.moments = real
+    print(f"scoring {s:.2f} s; ParamGrid.moments {spent[0]:.2f} s over {spent[1]} calls; load {os.getloadavg()[0]:.1f}")
+
+
+def _ab(path: str, rounds: int, param: str | None, flags: list[str]) -> None:
+    import torch
+
+    import mis_lightning.quantization.base as qb
+    from mis_lightning.functional import CompilePolicy
+
+    torch.set_num_threads(1)
+    calls = torch.load(path, weights_only=False)
+    if param:
+        calls = [c for c in calls if c["grid"].name == param]
+    policy = CompilePolicy("never")
+    get, put = qb._fact_get, qb._fact_put
+    switches = [f for f in flags if f != "cube"]
+    for f in switches:
+        if not isinstance(getattr(qb, f), bool):
+            raise SystemExit(f"--flag {f}: not a boolean switch of quantization.base")
+
+    def no_cube_get(kind, *a):
+        return None if kind == "cube" else get(kind, *a)
+
+    def no_cube_put(kind, *a):
+        if kind != "cube":
+            put(kind, *a)
+
+    times: dict[bool, list[float]] = {True: [], False: []}
+    sums: dict[bool, list[tuple[float, ...]]] = {}
+    for r in range(rounds):
+        for on in (True, False):
+            if "cube" in flags:
+                qb._fact_get, qb._fact_put = (get, put) if on else (no_cube_get, no_cube_put)
+            for f in switches:
+                setattr(qb, f, on)
+            qb.release_chunk_facts()
+            t0 = time.process_time()
+            got = []
+            for c in calls:
+                mm = c["grid"].moments(c["theta"], c["sigma"], c["start"], c["end"], c["use_codes"], policy,
+                                       c["kappa_only"])
+                if r == 0:
+                    fields = ("kappa",) if c["kappa_only"] else FIELDS  # the others unread there
+                    got.append(tuple(float(getattr(mm, f).nan_to_num(nan=-7.0).sum()) for f in fields))
+            times[on].append(time.process_time() - t0)
+            if r == 0:
+                sums[on] = got
+    qb._fact_get, qb._fact_put = get, put
+    print(f"{len(calls)} calls; off: {' '.join(flags)}; field sums equal: {sums[True] == sums[False]}")
+    for on in (True, False):
+        t = sorted(times[on])
+        print(f"{'on ' if on else 'off'} min {t[0]:.3f} s, median {t[len(t) // 2]:.3f} s |",
+              " ".join(f"{x:.2f}" for x in times[on]))
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("capture")
+    c.add_argument("model")
+    c.add_argument("out")
+    t = sub.add_parser("timed")
+    t.add_argument("model")
+    a = sub.add_parser("ab")
+    a.add_argument("calls")
+    a.add_argument("--rounds", type=int, default=5)
+    a.add_argument("--param", default=None, help="one parameter's calls (e.g. 2.weight)")
+    a.add_argument("--flag", action="append", default=None,
+                   help="a switch of quantization.base to turn off, or 'cube' (repeatable)")
+    args = ap.parse_args(argv)
+    if args.cmd == "capture":
+        _capture(args.model, args.out)
+    elif args.cmd == "timed":
+        _timed(args.model)
+    else:
+        _ab(args.calls, args.rounds, args.param, args.flag or ["SHARE_EXPANSIONS", "REVEALED_IN_PLACE", "cube"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
