@@ -8,16 +8,13 @@ floating-point summation, hence a 1e-9 relative tolerance in float64.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import socket
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -190,34 +187,9 @@ def test_a_metric_assessing_its_owner_crosses_spawn(world, owner_and_data):
 
 
 # -- Lightning ddp_spawn with the callback -------------------------------------------------------
-def _destroy_world(mark: str) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-        Path(mark).write_text("destroyed")
-
-
-class DestroyWorldAtExit(pl.Callback):
-    """Destroys each spawned rank's gloo world (``destroy_process_group``) when the rank's
-    interpreter exits, and marks it in ``<marks>/rank<k>`` (ux31).
-
-    Lightning (2.6) registers that at-exit destruction for NCCL only
-    (``lightning_fabric.utilities.distributed._init_dist_connection``); a gloo world is left to
-    the interpreter's finalization, which tears its C++ objects down in no set order. Under load
-    that killed rank 1 once in a full-suite run, after ``Trainer.fit`` had returned: SIGABRT,
-    "terminate called without an active exception" (a thread object destroyed unjoined; the
-    same message upstream for a gloo world not destroyed before a spawned process exits:
-    pytorch/pytorch#190489). The library opens no process group and no thread, and its
-    collectives (the estimation's ``all_gather_object``, the utility's ``strategy.broadcast``)
-    complete before the hook returns; the world is the Trainer's, so its user ends it."""
-
-    def __init__(self, marks: Path) -> None:
-        self.marks = str(marks)
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        atexit.register(_destroy_world, os.path.join(self.marks, f"rank{trainer.global_rank}"))
-
-
 def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
+    import pytorch_lightning as pl
+    from _ddp_world import DestroyWorldAtExit  # tests/_ddp_world.py
     from pytorch_lightning.loggers import CSVLogger
     from test_callback import FAST, Regressor, loaders
 

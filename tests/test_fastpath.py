@@ -84,10 +84,13 @@ with warnings.catch_warnings():
                     seed += 1
                     args = tuple(a.to(dtype) if torch.is_tensor(a) else a for a in case(regime, bits, seed))
                     eager, comp = run(args, "0"), run(args, "1")
-                    # the exact cell sums of the same inputs at any thread count: computed once
-                    # (most of the matrix's time: ~2 s for each fine-regime case)
+                    # the exact cell sums of the same inputs at any thread count: computed once,
+                    # on every 4th element (10,000 per case, 16,384 for the issue example: the
+                    # log-uniform h and the positions stay as dense as the interpolation table's
+                    # error varies: per case, the largest kappa error on them is 0.80-1.00 of
+                    # the largest on all; the full 40,000 were 8.7 of the matrix's 17.6 CPU s)
                     if seed not in refs:
-                        refs[seed] = G.affine_reference_moments(*args)
+                        refs[seed] = G.affine_reference_moments(*(a[::4] if torch.is_tensor(a) else a for a in args))
                     ref = refs[seed]
                     ke, kc = kernel_codes(args, False), kernel_codes(args, True)
                     th, sg, s = (a.to(F64) for a in args[:3])
@@ -99,8 +102,8 @@ with warnings.catch_warnings():
                         "codes_off": int((ke[4] != kc[4]).sum()),
                         "ok_off": int((ke[3] != kc[3]).sum()),
                         "kernel_vs_eager": max(float((a - b).abs().max()) for a, b in zip(kc[:3], ke[:3])),
-                        "vs_reference": fastpath.compare((eager.kappa, eager.mean_abs, eager.m4),
-                                                         (ref.kappa, ref.mean_abs, ref.m4), h,
+                        "vs_reference": fastpath.compare((eager.kappa[::4], eager.mean_abs[::4], eager.m4[::4]),
+                                                         (ref.kappa, ref.mean_abs, ref.m4), h[::4],
                                                          fastpath.APPROXIMATION),
                         "compiled": G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"],
                     }
