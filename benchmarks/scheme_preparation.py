@@ -19,43 +19,18 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import os
-import resource
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.getcwd())  # the checkout under test first
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-
-def _usage() -> tuple[int, float, float]:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_minflt, r.ru_stime, time.process_time()
+from benchmarks.scoring_faults import _usage, _wrapper  # noqa: E402  (the same fault/CPU accounting)
 
 
 def _wrap(stats: dict, stack: list, owner: Any, name: str, label: str) -> None:
-    f = getattr(owner, name)
-
-    @functools.wraps(f)
-    def g(*a: Any, **k: Any) -> Any:
-        s = _usage()
-        stack.append([0, 0.0, 0.0])
-        try:
-            return f(*a, **k)
-        finally:
-            e = _usage()
-            child = stack.pop()
-            tot = [e[i] - s[i] for i in range(3)]
-            st = stats[label]
-            st[0] += 1
-            for i in range(3):
-                st[1 + i] += tot[i] - child[i]
-                if stack:
-                    stack[-1][i] += tot[i]
-    setattr(owner, name, g)
+    setattr(owner, name, _wrapper(stats, stack, label, getattr(owner, name)))
 
 
 def main(argv: list[str] | None = None) -> int:
