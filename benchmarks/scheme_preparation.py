@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, os.getcwd())  # the checkout under test first
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.scoring_faults import _usage, _wrapper  # noqa: E402  (the same fault/CPU accounting)
+from benchmarks.scoring_faults import _usage, _wrapper, print_exclusive  # noqa: E402  (the same fault/CPU accounting)
 
 
 def _wrap(stats: dict, stack: list, owner: Any, name: str, label: str) -> None:
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{e[0] - s0[0]} minor page faults, {e[1] - s0[1]:.2f} s system; load {os.getloadavg()[0]:.1f}")
     for spec, cpu, flt, sys_s, zeros in rows:
         print(f"  {spec:40s} {cpu:6.3f} s {flt:8d} faults {sys_s:5.2f} s system  zeros {zeros}")
-    print(f"{'exclusive of the wrapped callees':42s} {'calls':>6s} {'faults':>9s} {'system s':>9s} {'CPU s':>7s}")
-    for k, v in sorted(stats.items(), key=lambda kv: -kv[1][3]):
-        print(f"{k:42s} {int(v[0]):6d} {int(v[1]):9d} {v[2]:9.2f} {v[3]:7.3f}")
+    print_exclusive(stats, by=3)
     return 0
 
 

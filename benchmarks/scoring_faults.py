@@ -54,6 +54,13 @@ def _wrapper(stats: dict[str, list[float]], stack: list[list[float]], label: str
     return g
 
 
+def print_exclusive(stats: dict[str, list[float]], by: int) -> None:
+    """The wrapped callees' table (calls, faults, system s, CPU s), largest column ``by`` first."""
+    print(f"{'exclusive of the wrapped callees':44s} {'calls':>6s} {'faults':>9s} {'system s':>9s} {'CPU s':>7s}")
+    for k, v in sorted(stats.items(), key=lambda kv: -kv[1][by]):
+        print(f"{k:44s} {int(v[0]):6d} {int(v[1]):9d} {v[2]:9.2f} {v[3]:7.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="a model saved by first_call.py train")
@@ -82,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     e = _usage()
     print(f"size {saved['size']}: scoring {e[2] - s[2]:.2f} s CPU, {e[0] - s[0]} minor page faults, "
           f"{e[1] - s[1]:.2f} s system; load {os.getloadavg()[0]:.1f}")
-    print(f"{'exclusive of the wrapped callees':44s} {'calls':>6s} {'faults':>9s} {'system s':>9s} {'CPU s':>7s}")
-    for k, v in sorted(stats.items(), key=lambda kv: -kv[1][1]):
-        print(f"{k:44s} {int(v[0]):6d} {int(v[1]):9d} {v[2]:9.2f} {v[3]:7.2f}")
+    print_exclusive(stats, by=1)
     return 0
 
 
