@@ -1586,6 +1586,9 @@ class _Prepared:
         # the main sums with the exact fourth-power sums, where score_schemes computed them for
         # several schemes at once (JOINT_EXACT_FOURTH); read and dropped by _finish_scheme
         self.exact_fourth: dict[str, F.CltSums] | None = None
+        # per bounded parameter (float32 weights): the main sums with the sharper fourth-power
+        # bounds from the scheme's own moments (_sharp_fourth_bound); read by _diagnostic_sums
+        self.sharp_fourth: dict[str, F.CltSums] = {}
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
 
 
@@ -2326,6 +2329,29 @@ BOUND_FOURTH_POWER_SUMS = True
 # time (1e5: 1.67 -> 1.35 s a call). All or none: larger models, whose bounds usually hold (1e6),
 # do not hold tens of MB they would not read; they recompute where a bound fails.
 FOURTH_KEEP_BYTES = 1 << 25
+# Where the scheme-free bounds do not settle the Gaussian form's diagnostics, the sharper bounds
+# of each layer's largest |m4 - 3 kappa^2| and kappa^2 (the scheme's moments at theta-hat, which
+# the pass computes anyway) decide before the exact sums are computed (fx36: at 1e5 weights the
+# scheme-free bound read 0.01025 against the tolerance 0.01 for every scheme, and the exact pass
+# was ~15% of a call; method.md section 3, "Gaussian form's diagnostics"). False: the scheme-free
+# bounds, then the exact sums, as before (tests, A/B).
+SHARP_FOURTH_BOUND = True
+
+
+def _fourth_peaks(peaks: list[float], kappa: Tensor, m4: Tensor, cols: Tensor | None) -> list[float]:
+    """``peaks`` (``[max |m4 - 3 kappa^2|, max kappa^2]`` so far) updated with a chunk's ``[c]``
+    moments (``cols``: their ``[c, 2]`` columns ``(m4 - 3 kappa^2, kappa^2)`` where the pass
+    built them). A NaN anywhere makes the peak infinite (no bound: the exact sums decide)."""
+    if cols is None:
+        k2 = kappa.square()
+        a4, a22 = (m4 - 3.0 * k2).abs().max(), k2.max()
+    else:
+        a4, a22 = cols[:, 0].abs().max(), cols[:, 1].max()
+    out = []
+    for cur, t in zip(peaks, (a4, a22)):
+        v = float(t)
+        out.append(math.inf if math.isnan(v) else max(cur, v))
+    return out
 
 
 def _moments_state(policy: F.CompilePolicy | None, elements: int = 0) -> tuple:
@@ -2414,6 +2440,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         exact4 = [0] + [1 + j for j, bd in enumerate(bounded) if not bd]  # columns of K with exact sums
         cols4 = exact4 + [nm + i for i in exact4]
         keep4 = [keep_fourth and bd for bd in bounded]  # their columns kept for _exact_fourth_sums
+        # the bounded schemes' largest |m4 - 3 kappa^2| and kappa^2 over the parameter (float32
+        # weights: the baseline's fourth-power column is then B = sum_j w^4): the sharper bounds
+        sharp = [SHARP_FOURTH_BOUND and bd and sgrid is None for bd in bounded]
+        peaks = [[0.0, 0.0] for _ in active]
         for j in range(len(active)):
             if keep4[j]:
                 active[j].fourth_kept[name] = []
@@ -2516,14 +2546,23 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     k_c, m4_c, kp_c, delta = ones, M4[0] if sgrid is None else torch.full((c,), 3.0, dtype=torch.float64), ones, None
                     k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
                 assert k_c is not None and m4_c is not None and kp_c is not None
+                cols_kept = None
                 if keep4[j]:  # the columns _exact_fourth_sums would recompute (the same operations)
                     st = state.get(j if shared is None else lead[j]) if prep.failed is None else None
                     if st is not None:
                         state[j] = st
                         k2 = k_c.square()
-                        prep.fourth_kept[name].append((st, torch.stack([m4_c - 3.0 * k2, k2], 1)))
+                        cols_kept = torch.stack([m4_c - 3.0 * k2, k2], 1)
+                        prep.fourth_kept[name].append((st, cols_kept))
                     else:
                         prep.fourth_kept[name].append(None)
+                if sharp[j] and c:
+                    if prep.failed is not None:
+                        peaks[j] = [math.inf, math.inf]
+                    elif shared is not None and sharp[lead[j]]:  # the same tensors: the same peaks
+                        peaks[j] = list(peaks[lead[j]])
+                    else:
+                        peaks[j] = _fourth_peaks(peaks[j], k_c, m4_c, cols_kept)
                 K.append(k_c)
                 M4.append(m4_c)
                 P.append(kp_c)
@@ -2596,6 +2635,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             main2 = s2[:, 1 + j]
             if bounded[j]:  # |s4| <= 3 sum_j w^4 and s22 <= sum_j w^4 (the baseline's s22)
                 res.append(F.CltSums(main2.clone(), 3.0 * s4[:, nm], s4[:, nm].clone(), bound=True))
+                if sharp[j]:
+                    prep.sharp_fourth[name] = F.CltSums(res[-1].s2, peaks[j][0] * s4[:, nm], peaks[j][1] * s4[:, nm],
+                                                        bound=True)
             else:
                 res.append(F.CltSums(main2.clone(), s4[:, 1 + j].clone(), s4[:, nm + 1 + j].clone()))
             res.extend(F.CltSums(main2 + dd[j][:, bi], torch.zeros(R, dtype=torch.float64))
@@ -2836,8 +2878,27 @@ def _clt_diagnostics(total: F.CltSums, R: int) -> tuple[float, float]:
 def _needs_exact_fourth(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]]) -> bool:
     """Whether ``prep``'s fourth-power bounds leave the Gaussian form's diagnostics out of their
     tolerance, so that :func:`_finish_scheme` needs the exact sums (the test it makes)."""
-    total = _total({name: sums[name][prep.column] for name in est.names}, est.num_records)
-    return total.bound and F.clt_out_of_tolerance(*_clt_diagnostics(total, est.num_records))
+    return _diagnostic_sums(est, prep, sums)[2]
+
+
+def _diagnostic_sums(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]]
+                     ) -> tuple[dict[str, F.CltSums], F.CltSums, bool]:
+    """``(main, total, exact_needed)``: the scheme's per-layer main sums whose fourth powers the
+    Gaussian form's diagnostics read and their total over layers: the pass's sums (exact, or
+    the scheme-free bounds where they show the form within tolerance), else the sharper bounds
+    (:data:`SHARP_FOURTH_BOUND`) where those show it; ``exact_needed``: neither does, the
+    exact sums must decide (``main`` is then the pass's sums)."""
+    R = est.num_records
+    main = {name: sums[name][prep.column] for name in est.names}
+    total = _total(main, R)
+    if not (total.bound and F.clt_out_of_tolerance(*_clt_diagnostics(total, R))):
+        return main, total, False
+    if prep.sharp_fourth:
+        sharp = {name: prep.sharp_fourth.get(name, main[name]) for name in est.names}
+        tight = _total(sharp, R)
+        if not F.clt_out_of_tolerance(*_clt_diagnostics(tight, R)):
+            return sharp, tight, False
+    return main, total, True
 
 
 def _exact_fourth_sums(est: Estimate, prep: _Prepared, main: dict[str, F.CltSums], chunk: int,
@@ -2919,17 +2980,16 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     per-layer correlated baselines."""
     R, n, d = est.num_records, est.n, est.d
     idx = prep.column
-    main = {name: sums[name][idx] for name in est.names}
-    total = _total(main, R)
-    clt_err, n_eff = _clt_diagnostics(total, R)
-    if total.bound and F.clt_out_of_tolerance(clt_err, n_eff):
+    main, total, exact = _diagnostic_sums(est, prep, sums)
+    if exact:
         # the bounds do not show the Gaussian form within its tolerance: the exact sums decide
         # (computed for every such scheme at once by score_schemes where JOINT_EXACT_FOURTH)
         main = prep.exact_fourth if prep.exact_fourth is not None else _exact_fourth_sums(est, prep, main, chunk, policy)
         total = _total(main, R)
-        clt_err, n_eff = _clt_diagnostics(total, R)
+    clt_err, n_eff = _clt_diagnostics(total, R)
     prep.fourth_kept.clear()  # read (or not needed): free them
     prep.exact_fourth = None
+    prep.sharp_fourth.clear()
     layers = prep.layers
     for name in est.names:
         lk = float(main[name].leakage(n).mean())
