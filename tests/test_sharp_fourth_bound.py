@@ -1,0 +1,130 @@
+"""fx36: the sharper fourth-power bounds of the Gaussian form's diagnostics (``assess.SHARP_FOURTH_BOUND``).
+
+Where the scheme-free bounds ``|s4| <= 3 B``, ``s22 <= B`` (``B = sum_j w^4``) leave the Edgeworth
+estimate or ``n_eff`` out of tolerance, each layer's ``max_j |m4_j - 3 kappa_j^2| B`` and
+``max_j kappa_j^2 B`` decide before the exact sums are computed (method.md section 3, "Gaussian
+form's diagnostics")."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_scoring_pass import SCHEMES, _estimate, _materialised_influence, _prepared  # tests/
+
+from mis_lightning import functional as F
+from mis_lightning.config import stage_configs
+
+A = importlib.import_module("mis_lightning.assess")
+leakage = importlib.import_module("mis_lightning.functional.leakage")
+
+
+def test_sharp_bounds_hold_against_materialised_sums(monkeypatch):
+    """Per bounded scheme and layer: the sharper bounds are at least the exact sums
+    ``|sum_j w^4 (m4 - 3 kappa^2)|`` and ``sum_j w^4 kappa^2`` (``w`` materialised from the factors
+    in float64; the pass's sums in float64 too: only float64 rounding between them, 1e-12
+    relative allowed), at most the scheme-free ones, and their factors are the layer's largest
+    ``|m4 - 3 kappa^2|`` and ``kappa^2`` of the moments at theta-hat."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())
+    model, est = _estimate("factored")
+    prepared = _prepared(est, model)
+    sums = A._joint_sums(est, prepared, 1 << 18, 0, keep_moments=False)
+    seen = 0
+    for p in prepared:
+        for name in est.names:
+            loose = sums[name][p.column]
+            if not loose.bound:
+                assert name not in p.sharp_fourth
+                continue
+            sharp = p.sharp_fourth[name]
+            mm = p.grids[name].moments(est.theta[name].double(), est.sigma[name].double(), 0, est.theta[name].numel())
+            a4 = mm.m4 - 3.0 * mm.kappa.square()
+            w4 = _materialised_influence(est, name).pow(4)
+            B = loose.s22
+            torch.testing.assert_close(sharp.s4, float(a4.abs().max()) * B, rtol=0.0, atol=0.0)
+            torch.testing.assert_close(sharp.s22, float(mm.kappa.square().max()) * B, rtol=0.0, atol=0.0)
+            assert bool(((w4 @ a4).abs() <= sharp.s4 * (1 + 1e-12)).all()), (p.scheme.name, name)
+            assert bool((w4 @ mm.kappa.square() <= sharp.s22 * (1 + 1e-12)).all()), (p.scheme.name, name)
+            assert bool((sharp.s4 <= loose.s4).all()) and bool((sharp.s22 <= loose.s22).all())
+            assert sharp.bound and sharp.s2 is loose.s2
+            seen += 1
+    assert seen >= 4
+
+
+def _reports(monkeypatch, sharp: bool):
+    monkeypatch.setattr(A, "SHARP_FOURTH_BOUND", sharp)
+    jobs = []
+    real = A._exact_fourth_sums_of
+
+    def spy(est, js, *a, **k):
+        jobs.extend(p.scheme.name for p, _ in js)
+        return real(est, js, *a, **k)
+
+    monkeypatch.setattr(A, "_exact_fourth_sums_of", spy)
+    _, sc, _ = stage_configs("assess", None, None, {})
+    model, est = _estimate("factored")
+    rep = A.score_schemes(est, model, SCHEMES, scoring_config=sc)
+    return rep, jobs
+
+
+def test_sharp_bounds_spare_the_exact_pass(monkeypatch):
+    """With the tolerance at 0.001, the scheme-free bound fails for ``int8_weight_only`` on this
+    MLP (0.00106), its sharper bound holds: its exact sums are not computed, its
+    ``clt_error_estimate`` is the sharper bound (at least the exact value, at most the tolerance),
+    and every other figure of the report is bitwise the one computed with the exact sums (they
+    read only ``s2``); schemes the sharper bounds do not settle still get the exact sums (their
+    Edgeworth estimates to 1e-9 relative: the joint exact pass's GEMMs round with fewer columns,
+    ~1e-16 on the terms, ~2e-11 measured on this sum of cancelling terms)."""
+    monkeypatch.setattr(leakage, "CLT_TOLERANCE", 1e-3)
+    old, old_jobs = _reports(monkeypatch, False)
+    new, new_jobs = _reports(monkeypatch, True)
+    assert "int8_weight_only" in old_jobs and "int8_weight_only" not in new_jobs
+    assert set(new_jobs) < set(old_jobs)
+    settled = set(old_jobs) - set(new_jobs)
+    a, b = old.to_dict(), new.to_dict()
+    for s in SCHEMES:
+        ra, rb = a["schemes"][s], b["schemes"][s]
+        ea, eb = ra["clt_error_estimate"], rb["clt_error_estimate"]
+        if s in settled:
+            assert ea <= eb <= 1e-3, s
+        elif s in new_jobs:
+            assert eb == pytest.approx(ea, rel=1e-9, abs=0.0), s
+        else:
+            assert ea == eb, s
+        ra, rb = dict(ra, clt_error_estimate=None), dict(rb, clt_error_estimate=None)
+        assert ra == rb, s
+    assert dict(a, schemes=None) == dict(b, schemes=None)
+
+
+def test_a_nan_moment_leaves_the_decision_to_the_exact_sums():
+    """A NaN among a chunk's moments makes its peaks infinite (Python's ``max`` would drop it):
+    the sharper bound is then infinite and the exact sums decide."""
+    k = torch.tensor([0.5, math.nan, 0.2], dtype=torch.float64)
+    m4 = torch.tensor([1.0, 1.0, 0.1], dtype=torch.float64)
+    assert A._fourth_peaks([0.0, 0.0], k, m4, None) == [math.inf, math.inf]
+    ok = A._fourth_peaks([0.0, 0.0], k[[0, 2]], m4[[0, 2]], None)
+    assert ok == pytest.approx([0.25, 0.25])
+    cols = torch.stack([m4 - 3.0 * k.square(), k.square()], 1)
+    assert A._fourth_peaks([0.0, 0.0], k, m4, cols) == [math.inf, math.inf]
+
+    R = 3
+    s2 = torch.full((R,), 1.0, dtype=torch.float64)
+    B = torch.full((R,), 0.09, dtype=torch.float64)  # scheme-free: n_eff >= 11.1, Edgeworth <= 0.0113
+    est = SimpleNamespace(names=["w"], num_records=R)
+
+    def decide(peaks):
+        prep = A._Prepared.__new__(A._Prepared)
+        prep.column = 1
+        prep.sharp_fourth = {"w": F.CltSums(s2, peaks[0] * B, peaks[1] * B, bound=True)}
+        sums = {"w": [F.CltSums(s2, 3.0 * B, B.clone()), F.CltSums(s2, 3.0 * B, B.clone(), bound=True)]}
+        return A._diagnostic_sums(est, prep, sums)
+
+    main, total, exact = decide([0.5, 1.0])
+    assert not exact and float(total.s4.max()) == pytest.approx(0.045)
+    assert decide([math.inf, math.inf])[2]
+    assert decide([0.5, 1.2])[2]  # n_eff below 10 by the sharper bound too
