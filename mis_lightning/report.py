@@ -97,8 +97,9 @@ class SchemeResult:
     value, kept for comparison when another form was used (the figure ``covariance="independent"``
     gives: with the finite-sample spread term where the headline has it). ``clt_error_estimate``: the
     Gaussian form's worst Edgeworth error estimate over records, or, where the influences are
-    streamed and an upper bound already shows it within tolerance, that bound (method.md
-    section 3, "Gaussian form's diagnostics").
+    streamed and an upper bound already shows it within tolerance, that bound (the scheme-free
+    one, else the sharper one from each layer's largest moments; method.md section 3, "Gaussian
+    form's diagnostics").
     """
 
     name: str
