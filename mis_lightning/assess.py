@@ -2330,25 +2330,20 @@ BOUND_FOURTH_POWER_SUMS = True
 # do not hold tens of MB they would not read; they recompute where a bound fails.
 FOURTH_KEEP_BYTES = 1 << 25
 # Where the scheme-free bounds do not settle the Gaussian form's diagnostics, the sharper bounds
-# of each layer's largest |m4 - 3 kappa^2| and kappa^2 (the scheme's moments at theta-hat, which
-# the pass computes anyway) decide before the exact sums are computed (fx36: at 1e5 weights the
+# of each layer's largest |m4 - 3 kappa^2| and kappa^2 (read off the columns kept for them,
+# FOURTH_KEEP_BYTES: small models) decide before the exact sums are computed (fx36: at 1e5 weights the
 # scheme-free bound read 0.01025 against the tolerance 0.01 for every scheme, and the exact pass
 # was ~15% of a call; method.md section 3, "Gaussian form's diagnostics"). False: the scheme-free
 # bounds, then the exact sums, as before (tests, A/B).
 SHARP_FOURTH_BOUND = True
 
 
-def _fourth_peaks(peaks: list[float], kappa: Tensor, m4: Tensor, cols: Tensor | None) -> list[float]:
-    """``peaks`` (``[max |m4 - 3 kappa^2|, max kappa^2]`` so far) updated with a chunk's ``[c]``
-    moments (``cols``: their ``[c, 2]`` columns ``(m4 - 3 kappa^2, kappa^2)`` where the pass
-    built them). A NaN anywhere makes the peak infinite (no bound: the exact sums decide)."""
-    if cols is None:
-        k2 = kappa.square()
-        a4, a22 = (m4 - 3.0 * k2).abs().max(), k2.max()
-    else:
-        a4, a22 = cols[:, 0].abs().max(), cols[:, 1].max()
+def _fourth_peaks(peaks: list[float], cols: Tensor) -> list[float]:
+    """``peaks`` (``[max |m4 - 3 kappa^2|, max kappa^2]`` so far) updated with a chunk's ``[c, 2]``
+    fourth-power columns ``(m4 - 3 kappa^2, kappa^2)`` (kept from the pass). A NaN anywhere makes
+    the peak infinite (no bound: the exact sums decide)."""
     out = []
-    for cur, t in zip(peaks, (a4, a22)):
+    for cur, t in zip(peaks, (cols[:, 0].abs().max(), cols[:, 1].max())):
         v = float(t)
         out.append(math.inf if math.isnan(v) else max(cur, v))
     return out
@@ -2440,9 +2435,11 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         exact4 = [0] + [1 + j for j, bd in enumerate(bounded) if not bd]  # columns of K with exact sums
         cols4 = exact4 + [nm + i for i in exact4]
         keep4 = [keep_fourth and bd for bd in bounded]  # their columns kept for _exact_fourth_sums
-        # the bounded schemes' largest |m4 - 3 kappa^2| and kappa^2 over the parameter (float32
-        # weights: the baseline's fourth-power column is then B = sum_j w^4): the sharper bounds
-        sharp = [SHARP_FOURTH_BOUND and bd and sgrid is None for bd in bounded]
+        # the largest |m4 - 3 kappa^2| and kappa^2 over the parameter of the schemes whose columns
+        # are kept (small models; float32 weights: the baseline's fourth-power column is then
+        # B = sum_j w^4): the sharper bounds, read off the kept columns (no pass of their own over
+        # a large model's moments, whose scheme-free bounds usually hold)
+        sharp = [SHARP_FOURTH_BOUND and kp and sgrid is None for kp in keep4]
         peaks = [[0.0, 0.0] for _ in active]
         for j in range(len(active)):
             if keep4[j]:
@@ -2557,12 +2554,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     else:
                         prep.fourth_kept[name].append(None)
                 if sharp[j] and c:
-                    if prep.failed is not None:
-                        peaks[j] = [math.inf, math.inf]
-                    elif shared is not None and sharp[lead[j]]:  # the same tensors: the same peaks
-                        peaks[j] = list(peaks[lead[j]])
-                    else:
-                        peaks[j] = _fourth_peaks(peaks[j], k_c, m4_c, cols_kept)
+                    # (not kept: a failed scheme, or a grid recomputed apart: no sharper bound)
+                    peaks[j] = [math.inf, math.inf] if cols_kept is None else _fourth_peaks(peaks[j], cols_kept)
                 K.append(k_c)
                 M4.append(m4_c)
                 P.append(kp_c)
