@@ -425,6 +425,14 @@ def test_signed_columns_sum_their_nonzero_blocks_only(monkeypatch, power):
         return real_mm(a, b)
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    real_torch_mm = torch.mm
+
+    def spy_mm(a, b, *args, **kw):  # the skinny GEMMs' transposed form (ps36): [N, in] @ [in, R]
+        if a.dim() == 2 and b.dim() == 2 and a.shape[1] == in_f:
+            widths.append(a.shape[0])
+        return real_torch_mm(a, b, *args, **kw)
+
+    monkeypatch.setattr(lf.torch, "mm", spy_mm)
     got = {}
     for pack in (False, True):
         monkeypatch.setattr(lf, "PACK_ZERO_BLOCKS", pack)
@@ -568,3 +576,33 @@ def test_skinny_float32_gemms_over_a_wide_dynamic_range(monkeypatch, power):
     assert any(s[:2] == ((out_f * 3, in_f), (in_f, R)) and s[2] == torch.float32 for s in seen)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, _reference(fac, g_mean, v, A, power), rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_skinny_float64_sums_of_signed_columns_are_transposed(monkeypatch, sparse):
+    """ps36: the float64 sums (signed columns: the draws' parts; the records whose float32 bound
+    fails) take a GEMM of at most SKINNY_GEMM_COLUMNS columns transposed too, packed
+    (``sparse``: most ``(o, m)`` blocks zero, PACK_ZERO_BLOCKS) or not. With R, out, in, M all
+    different and non-contiguous ``x``, ``d``: the transposed float64 GEMMs run (one per term
+    ``a >= 1``), and every entry is within 1e-12 of its column's scale (``sum_j w_rj^p |A_jm|``)
+    of the materialised float64 sums, as the plain GEMMs' (switch off)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, g_mean, v, A = _rectangular_case(seed=11)
+    R, out_f, in_f, M = 37, 5, 23, 3
+    A = A - 0.5  # signed: the float64 path
+    if sparse:  # column m non-zero on output row m only: 3 of 15 blocks
+        A = A.reshape(out_f, in_f, M) * torch.eye(out_f, M, dtype=torch.float64).unsqueeze(1)
+        A = A.reshape(-1, M)
+    w = ((fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(R, -1) - g_mean) / v.sqrt()
+    for power in (2, 4):
+        ref, scale = w.pow(power) @ A, w.pow(power) @ A.abs()
+        got = {}
+        for on in (True, False):
+            monkeypatch.setattr(lf, "SKINNY_GEMM_TRANSPOSED", on)
+            seen = _gemm_spy(monkeypatch)
+            got[on] = factored_power_sums(fac, g_mean, v, A, power)
+            n = 3 if sparse else out_f * M
+            transposed = [s for s in seen if s[:3] == ((n, in_f), (in_f, R), torch.float64) and s[3]]
+            assert len(transposed) == (power if on else 0)
+            assert ((got[on] - ref).abs() / scale).max() < 1e-12

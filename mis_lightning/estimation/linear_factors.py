@@ -853,7 +853,9 @@ PACK_FRACTION = 0.75
 # SGEMM on this CPU ran [512, 2048] x [2048, 6] in 1.35 ms, its transpose in 0.40 ms; from ~200
 # columns on the two are alike and the plain form keeps the first layer's wide GEMMs). The same
 # float32 products summed in another order: within the same bound (method.md section 3), not
-# bitwise (~1e-8 relative in the 1e7 report). False: the plain GEMM everywhere, as before (A/B).
+# bitwise (~1e-8 relative in the 1e7 report). The float64 sums (_binomial_sums_f64: the records
+# that fall back, the draws' signed columns) likewise (DGEMM [512, 2048] x [2048, 20] 3.0 -> 1.4
+# ms; ~1e-16). False: the plain GEMM everywhere, as before (A/B).
 SKINNY_GEMM_TRANSPOSED = True
 SKINNY_GEMM_COLUMNS = 128
 
@@ -1202,11 +1204,12 @@ def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
     the same way: a float32 call's records that fall back do not sum the whole ``S`` again).
     ``pack``: the GEMMs' columns are the ``(o, m)`` pairs whose ``S_o:m`` is not all zero only
     (:func:`_nonzero_pairs`, :data:`PACK_ZERO_BLOCKS`), where that leaves out enough of them."""
-    M = S.shape[-1]
-    total = torch.zeros(fac.d.shape[0], M, dtype=torch.float64)
+    M, R, in_f = S.shape[-1], fac.d.shape[0], S.shape[1]
+    total = torch.zeros(R, M, dtype=torch.float64)
     d = fac.d
     St = gt = S
     pairs = None
+    skinny = False
     for a in range(power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         if a == 0:
@@ -1214,23 +1217,32 @@ def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
             if keep is not None:
                 d, S, gb = d[:, keep], S[keep], gb[keep]
             pairs = _nonzero_pairs(S) if pack else None
-            if pairs is not None:  # [in, N]: the non-zero blocks' columns alone
-                St, gt = S[pairs[0], :, pairs[1]].T.contiguous(), gb[pairs[0]].T
+            # at most SKINNY_GEMM_COLUMNS GEMM columns: the transposed product, B^T (x^a)^T, as in
+            # _even_power_sums_f32 (the fallback's records, the second layer's draws)
+            skinny = SKINNY_GEMM_TRANSPOSED and (S.shape[0] * M if pairs is None else pairs[0].numel()) <= SKINNY_GEMM_COLUMNS
+            if pairs is not None:  # [in, N] ([N, in] skinny): the non-zero blocks' columns alone
+                St, gt = S[pairs[0], :, pairs[1]], gb[pairs[0]]
+                if not skinny:
+                    St, gt = St.T.contiguous(), gt.T
                 continue
-            # [in, out, M]: the GEMM's right operand [in, out * M], copied once instead of by einsum
-            # in every term (the same operands reach the GEMM: bitwise the same sums; pw34)
-            St, gt = S.permute(1, 0, 2).contiguous(), gb.T
+            # [in, out, M] ([out, M, in] skinny): the GEMM's operand, copied once instead of by
+            # einsum in every term (the same operands reach the GEMM: bitwise the same sums; pw34)
+            St, gt = (S.permute(0, 2, 1).contiguous(), gb) if skinny else (S.permute(1, 0, 2).contiguous(), gb.T)
             continue
-        B = St  # [in, out, M], or [in, N] packed
+        B = St  # [in, out, M], or [in, N] packed; skinny [out, M, in], or [N, in] packed
         if power - a:
             g = gt.pow(power - a)
-            B = St * (g if pairs is not None else g.unsqueeze(-1))
+            B = St * (g if pairs is not None else g.unsqueeze(1) if skinny else g.unsqueeze(-1))
         xa = fac.x.pow(a) if cache is None else cache.power64(fac.x, a)  # [R, in]
         da = d.pow(a)  # [R, out]
         if pairs is not None:
             # sum_o d_ro^a (x^a @ B)_r(o, m), each column's pairs added in their order of o
-            t = (xa @ B).mul_(da[:, pairs[0]])  # [R, N]
+            t = (torch.mm(B, xa.T).T if skinny else xa @ B).mul_(da[:, pairs[0]])  # [R, N]
             total += coef * torch.zeros_like(total).index_add_(1, pairs[1], t)
+            continue
+        if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out
+            t = torch.mm(B.view(-1, in_f), xa.T).view(-1, M, R).mul_(da.T.unsqueeze(1))
+            total += coef * t.sum(0).T
             continue
         # sum_{o,i} d_ro^a x_ri^a B_iom = sum_o d_ro^a (x^a @ B)_ro
         t = torch.einsum("ri,iom->rom", xa, B)
