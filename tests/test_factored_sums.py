@@ -606,3 +606,23 @@ def test_skinny_float64_sums_of_signed_columns_are_transposed(monkeypatch, spars
             transposed = [s for s in seen if s[:3] == ((n, in_f), (in_f, R), torch.float64) and s[3]]
             assert len(transposed) == (power if on else 0)
             assert ((got[on] - ref).abs() / scale).max() < 1e-12
+
+
+@pytest.mark.parametrize("f32", [True, False])
+def test_skinny_gemms_with_every_output_row_silent(monkeypatch, f32):
+    """No output row reaches the GEMMs (``d`` 0 on every record; the bound's and the signed
+    columns' paths): the transposed form handles the empty ``[0, M, in]`` operand, and the sums
+    are the ``a = 0`` term alone, bitwise those of the plain form."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "F32_ON_LIVE_ROWS", False)  # factored_power_sums' own keep path
+    fac, g_mean, v, A = _rectangular_case(seed=13)
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=torch.zeros_like(fac.d))
+    if not f32:
+        A = A - 0.5
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(lf, "SKINNY_GEMM_TRANSPOSED", on)
+        got[on] = factored_power_sums(fac, g_mean, v + 1.0, A, 4)
+    assert torch.isfinite(got[True]).all()
+    assert torch.equal(got[True], got[False])
