@@ -425,6 +425,14 @@ def test_signed_columns_sum_their_nonzero_blocks_only(monkeypatch, power):
         return real_mm(a, b)
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
+    real_torch_mm = torch.mm
+
+    def spy_mm(a, b, *args, **kw):  # the skinny GEMMs' transposed form (ps36): [N, in] @ [in, R]
+        if a.dim() == 2 and b.dim() == 2 and a.shape[1] == in_f:
+            widths.append(a.shape[0])
+        return real_torch_mm(a, b, *args, **kw)
+
+    monkeypatch.setattr(lf.torch, "mm", spy_mm)
     got = {}
     for pack in (False, True):
         monkeypatch.setattr(lf, "PACK_ZERO_BLOCKS", pack)
@@ -449,3 +457,172 @@ def test_dense_signed_columns_are_not_packed():
     o, m = _nonzero_pairs(S)
     assert 5 <= PACK_FRACTION * 8
     assert o.tolist() == [0, 1, 2, 3, 1] and m.tolist() == [0, 0, 0, 0, 1]
+
+
+def _gemm_spy(monkeypatch):
+    """Record the shapes of the ``torch.mm`` calls (the skinny float32 GEMMs' transposed form)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    seen: list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, bool]] = []
+    real = torch.mm
+
+    def mm(a, b, *args, **kw):
+        seen.append((tuple(a.shape), tuple(b.shape), a.dtype, a.is_contiguous()))
+        return real(a, b, *args, **kw)
+
+    monkeypatch.setattr(lf.torch, "mm", mm)
+    return seen
+
+
+def _rectangular_case(R: int = 37, out_f: int = 5, in_f: int = 23, M: int = 3, shift: float = 0.0, seed: int = 3):
+    """Every dimension different (a transposition or a reshape over the wrong axis shows), ``x``
+    and ``d`` non-contiguous views (``[R, in]`` as the transpose of ``[in, R]``, every other
+    column of a wider ``d``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (shift + torch.randn(in_f, R, generator=g, dtype=torch.float64)).T
+    d = (shift + torch.randn(R, 2 * out_f, generator=g, dtype=torch.float64))[:, ::2]
+    assert not x.is_contiguous() and not d.is_contiguous()
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=x, d=d)
+    gr = (d.unsqueeze(-1) * x.unsqueeze(1)).reshape(R, -1)
+    A = torch.rand(out_f * in_f, M, generator=g, dtype=torch.float64)
+    return fac, gr.mean(0), gr.var(0, unbiased=False), A
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_skinny_float32_gemms_are_transposed_and_within_the_bound(monkeypatch, power):
+    """ps36: a float32 GEMM of at most SKINNY_GEMM_COLUMNS columns (``out * M``) is taken as
+    ``B^T (x^a)^T`` (``[out * M, in] @ [in, R]``, B^T contiguous) with the contraction over the
+    outputs on ``[out, M, R]``. With R, out, in, M all different and non-contiguous ``x``, ``d``:
+    the transposed GEMMs are the ones run (one per term ``a >= 1``), every entry is within the
+    1e-4 its bound admits of the materialised float64 sums (measured ~1e-7), and so are the plain
+    GEMMs' (SKINNY_GEMM_TRANSPOSED False, or one column over the threshold: no transposed GEMM);
+    both ways sum the same records in float32. A wrong axis order (``[M, out, R]``, the outputs'
+    sum over ``M``) misses the reference by O(1)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, g_mean, v, A = _rectangular_case()
+    ref = _reference(fac, g_mean, v, A, power)
+    R, out_f, in_f, M = 37, 5, 23, 3
+    got, counts = {}, {}
+    for label, on, cols in (("skinny", True, out_f * M), ("off", False, 128), ("wide", True, out_f * M - 1)):
+        monkeypatch.setattr(lf, "SKINNY_GEMM_TRANSPOSED", on)
+        monkeypatch.setattr(lf, "SKINNY_GEMM_COLUMNS", cols)
+        monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(power, k): 0 for k in ("float32", "float64")})
+        seen = _gemm_spy(monkeypatch)
+        got[label] = factored_power_sums(fac, g_mean, v, A, power)
+        counts[label] = dict(lf.POWER_SUMS_F32_COUNTS)
+        transposed = [s for s in seen if s[:3] == ((out_f * M, in_f), (in_f, R), torch.float32) and s[3]]
+        assert len(transposed) == (power if label == "skinny" else 0)
+        torch.testing.assert_close(got[label], ref, rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+    assert counts["skinny"] == counts["off"] == counts["wide"] == {(power, "float32"): R, (power, "float64"): 0}
+    assert ((got["skinny"] - ref).abs() / ref).max() < 1e-5
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_skinny_float32_gemms_on_silent_rows_and_cancelling_records(monkeypatch, power):
+    """The transposed GEMMs over the non-silent output rows only (``keep``: 2 of 5 rows reach the
+    GEMMs), with a tenth of the records far off (``d, x`` shifted by 40: the expanded terms cancel
+    ~800x, power 4 ~10^5 x). The unguarded float32 sums of those records miss by more than 1e-4;
+    the bound sends them to float64; every entry within 1e-4 of the materialised float64 sums,
+    the far records' to 1e-9 (float64)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, _, _, A = _rectangular_case()
+    R = 37
+    far = torch.arange(R) % 10 == 3
+    x, d = fac.x.clone(), fac.d.clone()
+    x[far] += 40.0
+    d[far] += 40.0
+    d[:, [0, 2, 3]] = 0.0  # silent rows
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=x, d=d)
+    gr = (d.unsqueeze(-1) * x.unsqueeze(1)).reshape(R, -1)
+    g_mean, v = gr[far].mean(0), gr.var(0, unbiased=False) + 0.5
+    ref = _reference(fac, g_mean, v, A, power)
+    monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(power, k): 0 for k in ("float32", "float64")})
+    seen = _gemm_spy(monkeypatch)
+    got = factored_power_sums(fac, g_mean, v, A, power)
+    assert [s[:2] for s in seen if s[2] == torch.float32] == [((2 * 3, 23), (23, R))] * power
+    assert lf.POWER_SUMS_F32_COUNTS[(power, "float64")] >= int(far.sum())
+    torch.testing.assert_close(got, ref, rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+    torch.testing.assert_close(got[far], ref[far], rtol=1e-9 if power == 2 else 1e-6, atol=0.0)
+    keep = torch.tensor([1, 4])
+    S = (A / v.pow(power / 2).unsqueeze(-1)).reshape(5, 23, 3)
+    gb = g_mean.reshape(5, 23)
+    g0 = (S * gb.pow(power).unsqueeze(-1)).sum((0, 1))
+    unguarded = lf._even_power_sums_f32(fac, gb, S, g0, power, rtol=float("inf"), keep=keep)[0]
+    assert ((unguarded[far] - ref[far]).abs() / ref[far]).max() > lf.POWER_SUMS_F32_RTOL
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_skinny_float32_gemms_over_a_wide_dynamic_range(monkeypatch, power):
+    """Columns of ``A`` spanning 1e-30..1e30 by rows (the scales are per column: most of a column's
+    entries are subnormal or zero in float32 against its largest), records' ``d`` and inputs'
+    ``x`` scaled by 2^-40..2^40: every entry of the transposed GEMMs' sums within the 1e-4 its
+    bound admits of the materialised float64 sums, or summed again in float64 where the bound
+    says it is not."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, g_mean, v, A = _rectangular_case(seed=5)
+    g = torch.Generator().manual_seed(7)
+    R, out_f, in_f = 37, 5, 23
+    A = A * torch.logspace(-30, 30, out_f * in_f, dtype=torch.float64)[torch.randperm(out_f * in_f, generator=g)].unsqueeze(-1)
+    x = fac.x * torch.pow(2.0, torch.randint(-40, 41, (1, in_f), generator=g)).to(torch.float64)
+    d = fac.d * torch.pow(2.0, torch.randint(-40, 41, (R, 1), generator=g)).to(torch.float64)
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=x, d=d)
+    gr = (d.unsqueeze(-1) * x.unsqueeze(1)).reshape(R, -1)
+    g_mean, v = gr.mean(0), gr.var(0, unbiased=False)
+    seen = _gemm_spy(monkeypatch)
+    got = factored_power_sums(fac, g_mean, v, A, power)
+    assert any(s[:2] == ((out_f * 3, in_f), (in_f, R)) and s[2] == torch.float32 for s in seen)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, _reference(fac, g_mean, v, A, power), rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_skinny_float64_sums_of_signed_columns_are_transposed(monkeypatch, sparse):
+    """ps36: the float64 sums (signed columns: the draws' parts; the records whose float32 bound
+    fails) take a GEMM of at most SKINNY_GEMM_COLUMNS columns transposed too, packed
+    (``sparse``: most ``(o, m)`` blocks zero, PACK_ZERO_BLOCKS) or not. With R, out, in, M all
+    different and non-contiguous ``x``, ``d``: the transposed float64 GEMMs run (one per term
+    ``a >= 1``), and every entry is within 1e-12 of its column's scale (``sum_j w_rj^p |A_jm|``)
+    of the materialised float64 sums, as the plain GEMMs' (switch off)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, g_mean, v, A = _rectangular_case(seed=11)
+    R, out_f, in_f, M = 37, 5, 23, 3
+    A = A - 0.5  # signed: the float64 path
+    if sparse:  # column m non-zero on output row m only: 3 of 15 blocks
+        A = A.reshape(out_f, in_f, M) * torch.eye(out_f, M, dtype=torch.float64).unsqueeze(1)
+        A = A.reshape(-1, M)
+    w = ((fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(R, -1) - g_mean) / v.sqrt()
+    for power in (2, 4):
+        ref, scale = w.pow(power) @ A, w.pow(power) @ A.abs()
+        got = {}
+        for on in (True, False):
+            monkeypatch.setattr(lf, "SKINNY_GEMM_TRANSPOSED", on)
+            seen = _gemm_spy(monkeypatch)
+            got[on] = factored_power_sums(fac, g_mean, v, A, power)
+            n = 3 if sparse else out_f * M
+            transposed = [s for s in seen if s[:3] == ((n, in_f), (in_f, R), torch.float64) and s[3]]
+            assert len(transposed) == (power if on else 0)
+            assert ((got[on] - ref).abs() / scale).max() < 1e-12
+
+
+@pytest.mark.parametrize("f32", [True, False])
+def test_skinny_gemms_with_every_output_row_silent(monkeypatch, f32):
+    """No output row reaches the GEMMs (``d`` 0 on every record; the bound's and the signed
+    columns' paths): the transposed form handles the empty ``[0, M, in]`` operand, and the sums
+    are the ``a = 0`` term alone, bitwise those of the plain form."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "F32_ON_LIVE_ROWS", False)  # factored_power_sums' own keep path
+    fac, g_mean, v, A = _rectangular_case(seed=13)
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=fac.x, d=torch.zeros_like(fac.d))
+    if not f32:
+        A = A - 0.5
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(lf, "SKINNY_GEMM_TRANSPOSED", on)
+        got[on] = factored_power_sums(fac, g_mean, v + 1.0, A, 4)
+    assert torch.isfinite(got[True]).all()
+    assert torch.equal(got[True], got[False])

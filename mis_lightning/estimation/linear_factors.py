@@ -847,6 +847,17 @@ HOLD_TEMPORARIES = True
 # relative). False: every pair, as before (A/B).
 PACK_ZERO_BLOCKS = True
 PACK_FRACTION = 0.75
+# The float32 terms' GEMM over the inputs, where it has at most SKINNY_GEMM_COLUMNS columns
+# (out * M: the second layer's few non-silent rows), is taken transposed, (x^a B)^T = B^T (x^a)^T
+# with B^T contiguous, and the contraction over the outputs then reads [out, M, R] (ps36: MKL's
+# SGEMM on this CPU ran [512, 2048] x [2048, 6] in 1.35 ms, its transpose in 0.40 ms; from ~200
+# columns on the two are alike and the plain form keeps the first layer's wide GEMMs). The same
+# float32 products summed in another order: within the same bound (method.md section 3), not
+# bitwise (the 1e7 / 1e6 reports: clt_error_estimate 2.9e-7 / 7.2e-7 relative). The float64 sums (_binomial_sums_f64: the records
+# that fall back, the draws' signed columns) likewise (DGEMM [512, 2048] x [2048, 20] 3.0 -> 1.4
+# ms; ~1e-16). False: the plain GEMM everywhere, as before (A/B).
+SKINNY_GEMM_TRANSPOSED = True
+SKINNY_GEMM_COLUMNS = 128
 
 
 class PowerCache:
@@ -982,22 +993,35 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     sS = _pow2_scale(S, (0, 1))  # [1, 1, M]; S >= 0
     if keep is not None:  # after the scales: a silent row's gb and S still set them
         d, S, gb = d[:, keep], S[keep], gb[keep]
-    # [in, out, M]: the GEMM's right operand [in, out * M] without a copy per term
-    S32 = cache.scratch("S32", (in_f, S.shape[0], S.shape[-1]), torch.float32, S.device).copy_(
-        torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device)).permute(1, 0, 2))
-    ds, gs = d / sd, (gb / sg).T
+    rows, M, R = S.shape[0], S.shape[-1], d.shape[0]
+    skinny = SKINNY_GEMM_TRANSPOSED and rows * M <= SKINNY_GEMM_COLUMNS
+    # the GEMM's operand without a copy per term: [in, out, M] (x^a @ [in, out * M]), or skinny
+    # [out, M, in] ([out * M, in] @ (x^a)^T: the transposed product, SKINNY_GEMM_TRANSPOSED)
+    layout = (rows, M, in_f) if skinny else (in_f, rows, M)
+    S32 = cache.scratch("S32", layout, torch.float32, S.device).copy_(
+        torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device))
+        .permute(*((0, 2, 1) if skinny else (1, 0, 2))))
+    ds, gs = d / sd, gb / sg  # [R, out], [out, in]
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
-    total = g0.unsqueeze(0).expand(d.shape[0], -1).clone()
+    total = g0.unsqueeze(0).expand(R, -1).clone()
     u_sum = torch.zeros_like(total)
     tp = total
     for a in range(1, power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         # one more rounding where a power of gb multiplies S (counted in eps's six)
-        B = torch.mul(S32, gs.pow(power - a).to(torch.float32).unsqueeze(-1),
+        g = gs.pow(power - a).to(torch.float32)
+        B = torch.mul(S32, g.unsqueeze(1) if skinny else g.T.unsqueeze(-1),
                       out=cache.scratch("B32", S32.shape, torch.float32, S.device)) if power - a else S32
-        t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
-        ta = torch.einsum("ro,rom->rm", ds.pow(a).to(torch.float32), t).to(torch.float64)
+        if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out
+            t = torch.mm(B.view(rows * M, in_f), cache.scaled_power32(x, a).T,
+                         out=cache.scratch("t32", (rows * M, R), torch.float32, S.device)).view(rows, M, R)
+            t = torch.mul(t, ds.T.pow(a).to(torch.float32).unsqueeze(1),
+                          out=cache.scratch("dt32", (rows, M, R), torch.float32, S.device))
+            ta = t.sum(0).T.to(torch.float64, memory_format=torch.contiguous_format)
+        else:
+            t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
+            ta = torch.einsum("ro,rom->rm", ds.pow(a).to(torch.float32), t).to(torch.float64)
         scale = sg.pow(power - a) * (sx * sd).pow(a)
         ta = ta * (sS.reshape(1, -1) * scale)
         total = total + coef * ta
@@ -1180,11 +1204,12 @@ def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
     the same way: a float32 call's records that fall back do not sum the whole ``S`` again).
     ``pack``: the GEMMs' columns are the ``(o, m)`` pairs whose ``S_o:m`` is not all zero only
     (:func:`_nonzero_pairs`, :data:`PACK_ZERO_BLOCKS`), where that leaves out enough of them."""
-    M = S.shape[-1]
-    total = torch.zeros(fac.d.shape[0], M, dtype=torch.float64)
+    M, R, in_f = S.shape[-1], fac.d.shape[0], S.shape[1]
+    total = torch.zeros(R, M, dtype=torch.float64)
     d = fac.d
     St = gt = S
     pairs = None
+    skinny = False
     for a in range(power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         if a == 0:
@@ -1192,23 +1217,32 @@ def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
             if keep is not None:
                 d, S, gb = d[:, keep], S[keep], gb[keep]
             pairs = _nonzero_pairs(S) if pack else None
-            if pairs is not None:  # [in, N]: the non-zero blocks' columns alone
-                St, gt = S[pairs[0], :, pairs[1]].T.contiguous(), gb[pairs[0]].T
+            # at most SKINNY_GEMM_COLUMNS GEMM columns: the transposed product, B^T (x^a)^T, as in
+            # _even_power_sums_f32 (the fallback's records, the second layer's draws)
+            skinny = SKINNY_GEMM_TRANSPOSED and (S.shape[0] * M if pairs is None else pairs[0].numel()) <= SKINNY_GEMM_COLUMNS
+            if pairs is not None:  # [in, N] ([N, in] skinny): the non-zero blocks' columns alone
+                St, gt = S[pairs[0], :, pairs[1]], gb[pairs[0]]
+                if not skinny:
+                    St, gt = St.T.contiguous(), gt.T
                 continue
-            # [in, out, M]: the GEMM's right operand [in, out * M], copied once instead of by einsum
-            # in every term (the same operands reach the GEMM: bitwise the same sums; pw34)
-            St, gt = S.permute(1, 0, 2).contiguous(), gb.T
+            # [in, out, M] ([out, M, in] skinny): the GEMM's operand, copied once instead of by
+            # einsum in every term (the same operands reach the GEMM: bitwise the same sums; pw34)
+            St, gt = (S.permute(0, 2, 1).contiguous(), gb) if skinny else (S.permute(1, 0, 2).contiguous(), gb.T)
             continue
-        B = St  # [in, out, M], or [in, N] packed
+        B = St  # [in, out, M], or [in, N] packed; skinny [out, M, in], or [N, in] packed
         if power - a:
             g = gt.pow(power - a)
-            B = St * (g if pairs is not None else g.unsqueeze(-1))
+            B = St * (g if pairs is not None else g.unsqueeze(1) if skinny else g.unsqueeze(-1))
         xa = fac.x.pow(a) if cache is None else cache.power64(fac.x, a)  # [R, in]
         da = d.pow(a)  # [R, out]
         if pairs is not None:
             # sum_o d_ro^a (x^a @ B)_r(o, m), each column's pairs added in their order of o
-            t = (xa @ B).mul_(da[:, pairs[0]])  # [R, N]
+            t = (torch.mm(B, xa.T).T if skinny else xa @ B).mul_(da[:, pairs[0]])  # [R, N]
             total += coef * torch.zeros_like(total).index_add_(1, pairs[1], t)
+            continue
+        if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out
+            t = torch.mm(B.view(S.shape[0] * M, in_f), xa.T).view(S.shape[0], M, R).mul_(da.T.unsqueeze(1))
+            total += coef * t.sum(0).T
             continue
         # sum_{o,i} d_ro^a x_ri^a B_iom = sum_o d_ro^a (x^a @ B)_ro
         t = torch.einsum("ri,iom->rom", xa, B)

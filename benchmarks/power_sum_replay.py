@@ -1,0 +1,128 @@
+"""Capture every outermost ``factored_power_sums`` call of one scoring call (its arguments and
+result to disk), then replay them in one process with a boolean switch off and on alternating call
+by call (both ways under the same load: whole scoring calls swing by more than a power-sum change
+on a shared machine). ps35/ps36's method, kept as a script.
+
+    python benchmarks/power_sum_replay.py capture M DIR          # M: a model saved by first_call.py train
+    python benchmarks/power_sum_replay.py replay DIR [REPS] [--switch MODULE.FLAG]
+
+``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
+under DIR). ``replay`` times each call (CPU, one thread) per (caller, parameter, power), after one
+warm-up round (the layers' PowerCaches), and counts the calls whose result with the switch on
+differs from the captured one (default switch ``estimation.linear_factors.SKINNY_GEMM_TRANSPOSED``).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import importlib
+import inspect
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.getcwd())  # the checkout under test first
+
+CALLERS = ("_distinct_list_sums", "_joint_draw_sums", "_draw_sums", "_exact_fourth_sums_of")
+
+
+def capture(path: str, out: str) -> None:
+    from benchmarks.first_call import load_saved
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.estimation import linear_factors as LF
+
+    AS = importlib.import_module("mis_lightning.assess")
+    os.makedirs(out, exist_ok=True)
+    _, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path)
+    est = AS.run_estimation(model, loader, loss_fn, est_cfg)
+    real = LF.factored_power_sums
+    depth, n, xs = [0], [0], {}
+
+    def wrapped(fac, g_mean, v_diag, A, power, bias=False, cache=None):
+        depth[0] += 1
+        try:
+            if depth[0] > 1:
+                return real(fac, g_mean, v_diag, A, power, bias, cache)
+            stack = [f.function for f in inspect.stack()[1:6]]
+            tag = next((c for c in stack if c in CALLERS), stack[0])
+            if id(fac.x) not in xs:
+                xs[id(fac.x)] = len(xs)
+                torch.save(fac.x, f"{out}/x{xs[id(fac.x)]}.pt")
+            torch.save(dict(d=fac.d, gm=g_mean, vd=v_diag, A=A, power=power, bias=bias, x=xs[id(fac.x)], tag=tag,
+                            module=fac.module, weight=fac.weight, fbias=fac.bias, cache=id(cache)),
+                       f"{out}/c{n[0]:04d}.pt")
+            got = real(fac, g_mean, v_diag, A, power, bias, cache)
+            torch.save(got, f"{out}/r{n[0]:04d}.pt")
+            n[0] += 1
+            return got
+        finally:
+            depth[0] -= 1
+
+    LF.factored_power_sums = wrapped
+    c0 = time.process_time()
+    AS.score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+    print(f"{n[0]} calls captured; scoring {time.process_time() - c0:.2f} s CPU")
+
+
+def replay(cap: str, reps: int, switch: str) -> None:
+    from mis_lightning.estimation import linear_factors as LF
+
+    mod, _, attr = switch.rpartition(".")
+    sw = importlib.import_module("mis_lightning." + mod)
+    if not isinstance(getattr(sw, attr), bool):
+        raise SystemExit(f"--switch {switch}: not a boolean switch")
+    torch.set_num_threads(1)
+    xs = {int(f.rsplit("/x", 1)[-1][:-3]): torch.load(f) for f in glob.glob(f"{cap}/x*.pt")}
+    files = sorted(glob.glob(f"{cap}/c*.pt"))
+    tot: dict[tuple, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    caches: dict[bool, dict[int, object]] = {False: {}, True: {}}
+    differ = 0
+    for rep in range(reps + 1):
+        for i, f in enumerate(files):
+            c = torch.load(f)
+            key = (c["tag"], c["fbias"] if c["bias"] else c["weight"], c["power"])
+            fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+            for on in ((False, True) if (rep + i) % 2 else (True, False)):
+                setattr(sw, attr, on)
+                cache = caches[on].setdefault(c["cache"], LF.PowerCache())
+                t0 = time.process_time()
+                got = LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache)
+                if rep:  # round 0 warms the caches
+                    tot[key][on] += time.process_time() - t0
+                elif on:
+                    differ += not torch.equal(got, torch.load(f"{cap}/r{f[-7:]}"))
+    print(f"switch {switch}; CPU s per round ({reps} rounds), off / on, by (caller, parameter, power):")
+    total = [0.0, 0.0]
+    for k, (off, on) in sorted(tot.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {k}: {off / reps:.3f} / {on / reps:.3f}")
+        total[0] += off / reps
+        total[1] += on / reps
+    print(f"all {len(files)} calls: {total[0]:.3f} / {total[1]:.3f} s; "
+          f"{differ} results differ from the captured ones with the switch on")
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("capture")
+    c.add_argument("model")
+    c.add_argument("dir")
+    r = sub.add_parser("replay")
+    r.add_argument("dir")
+    r.add_argument("reps", nargs="?", type=int, default=3)
+    r.add_argument("--switch", default="estimation.linear_factors.SKINNY_GEMM_TRANSPOSED", metavar="MODULE.FLAG")
+    args = ap.parse_args(argv)
+    if args.cmd == "capture":
+        capture(args.model, args.dir)
+    else:
+        replay(args.dir, args.reps, args.switch)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
