@@ -244,7 +244,8 @@ def table_cell_moments(
 
     ok = verify_sample(
         path, theta.shape[0], out, steps,
-        lambda idx: table_reference_moments(theta[idx], sigma[idx], values, scale[idx], half_window),
+        lambda idx: _table_cell_moments(theta[idx], sigma[idx], values, scale[idx], half_window,
+                                        REFERENCE_FINE_STEP, merge_sd=CHECK_MERGE_SD),
         "exact cell sums" if core is None else TABLE_PATH)
     if ok:
         return out
@@ -263,7 +264,8 @@ def table_reference_moments(
 
 
 def _table_cell_moments(
-    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int, fine_step: float
+    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int, fine_step: float,
+    merge_sd: float = 0.0,
 ) -> CellMoments:
     """Cell moments on a non-uniform grid (float formats), skipping frozen elements.
 
@@ -286,7 +288,8 @@ def _table_cell_moments(
     ``1 - E[h(U)^2] / 12``), i.e. <= h^2/4 at a single binade edge. Elements with
     more than ``_MAX_WINDOW`` edges within 8.5 sigma whose own cell is not fine (weights at or
     beyond the largest value with a very wide sigma) are summed over every edge of the table
-    (:func:`_whole_table_sums`).
+    (:func:`_whole_table_sums`), or, with ``merge_sd > 0`` (the self-checks' reference), with
+    the cells narrower than ``merge_sd`` sd in closed form (:func:`_merged_table_sums`).
     """
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     c = th.shape[0]
@@ -325,7 +328,11 @@ def _table_cell_moments(
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
     rest = ~(frozen | fine)
-    _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
+    if merge_sd > 0.0:
+        _merged_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW),
+                           table_layout(values, th.device), th, sg, sc, merge_sd)
+    else:
+        _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
     rest &= need <= _MAX_WINDOW
     windows = sorted({half_window, *(w for w in _TABLE_BUCKETS if w > half_window), _MAX_WINDOW})
     if bool(rest.any()):
@@ -366,6 +373,92 @@ def _whole_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, m
         mm = moments_from_alpha((edges - th[ii].unsqueeze(-1)) / sg[ii].unsqueeze(-1))
         for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
             t[ii] = v
+
+
+# The self-checks' reference (table_cell_moments' verify_sample) sums the cells of a table
+# narrower than this many sd in closed form where an element's sd spans more than _MAX_WINDOW
+# edges (_merged_table_sums): its kappa is then off the exact sums by at most CHECK_MERGE_SD^2 / 4
+# (1e-6), mean_abs by 0.4 CHECK_MERGE_SD^2 and m4 by 2 CHECK_MERGE_SD^2 (<= 8e-6), against the
+# check's tolerance of 2e-4, 2e-4 and 1e-3 (fastpath.APPROXIMATION). fp16 weights beyond 65504
+# with an sd of 2e4-1e5 (the 1e7 MLP's draws) summed all 63k edges of the table (70-210 ms a check).
+CHECK_MERGE_SD = 2e-3
+
+
+def _valley(layout: TableLayout) -> tuple[int, Tensor, Tensor] | None:
+    """``(m, dec, inc)`` when the widths of the table's finite cells (cell ``k`` in ``1..n-1``
+    between ``mids[k - 1]`` and ``mids[k]``) fall to cell ``m`` and rise after it (float
+    formats: their step halves towards 0): ``dec`` the widths of cells ``m, m - 1, .., 1``
+    (non-decreasing), ``inc`` those of cells ``m, .., n - 1`` (non-decreasing); ``None``
+    otherwise (or with fewer than 2 finite cells). Cached on the layout."""
+    if not hasattr(layout, "_valley"):
+        w = layout.mids[1:] - layout.mids[:-1]  # w[k - 1]: cell k
+        out = None
+        if w.numel() >= 2:
+            m = int(torch.argmin(w))
+            dec, inc = w[: m + 1].flip(0), w[m:]
+            if bool((dec[1:] >= dec[:-1]).all()) and bool((inc[1:] >= inc[:-1]).all()):
+                out = (m + 1, dec.contiguous(), inc.contiguous())
+        layout._valley = out
+    return layout._valley
+
+
+def _merged_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, layout: TableLayout,
+                       th: Tensor, sg: Tensor, sc: Tensor, merge_sd: float) -> None:
+    """:func:`_whole_table_sums` (in place, for the elements ``sel``) with the cells narrower
+    than ``merge_sd`` sd in closed form: on a table whose widths fall then rise
+    (:func:`_valley`) they form one run of cells ``R = [A, B]`` (standardised), whose exact
+    contribution sum_k p_k mu_k^2 is ``int_R u^2 phi - sum_k p_k Var_k`` with each cell's
+    variance at most ``w_k^2 / 4`` (Popoviciu): kappa takes ``int_R u^2 phi``, off by at most
+    ``merge_sd^2 / 4`` (from above); m4 ``int_R u^4 phi`` (``E[U^4] - mu^4 <= 6 mu^2 w^2 / 4 +
+    |mu| w^3 / 2 + w^4``: at most ``2 merge_sd^2``); mean_abs the variation of phi over ``R``
+    (exact off the cell holding 0, within ``0.4 merge_sd^2`` there); coverage ``P(R)``. The
+    cells outside ``R`` are summed exactly. Elements with no such cells, or tables that are
+    not valley-shaped, take :func:`_whole_table_sums`. Only the self-checks' reference uses it
+    (the fallback sums stay exact)."""
+    if not bool(sel.any()):
+        return
+    valley = _valley(layout)
+    mids = layout.mids
+    if valley is None:
+        _whole_table_sums(out, sel, mids, th, sg, sc)
+        return
+    n = mids.numel()
+    m, dec, inc = valley
+    idx = torch.nonzero(sel).squeeze(-1)
+    t = merge_sd * sg[idx] / sc[idx]  # the widest merged cell, units of the scale
+    # cells j_lo..j_hi (1 <= j_lo, j_hi <= n - 1) are at most t wide; none when j_lo > j_hi
+    j_lo = m - torch.searchsorted(dec, t, right=True) + 1
+    j_hi = m + torch.searchsorted(inc, t, right=True) - 1
+    merged = j_lo <= j_hi
+    if not bool(merged.all()):
+        rest = torch.zeros_like(sel)
+        rest[idx[~merged]] = True
+        _whole_table_sums(out, rest, mids, th, sg, sc)
+        idx, j_lo, j_hi = idx[merged], j_lo[merged], j_hi[merged]
+        if idx.numel() == 0:
+            return
+    padded = layout.padded  # cell k's edges: padded[k], padded[k + 1]
+    th_i, sg_i, sc_i = th[idx].unsqueeze(-1), sg[idx].unsqueeze(-1), sc[idx].unsqueeze(-1)
+    # the exact cells below R: edges padded[0..j_lo] (the last is A), then A repeated (empty cells)
+    lo_rows = torch.minimum(torch.arange(int(j_lo.max()) + 1, device=th.device), j_lo.unsqueeze(-1))
+    # the exact cells above R: B repeated, then edges padded[j_hi + 1 .. n + 1] (B first)
+    width = int((n + 1 - j_hi).max())
+    hi_rows = torch.maximum(torch.arange(n + 2 - width, n + 2, device=th.device), (j_hi + 1).unsqueeze(-1))
+    below = moments_from_alpha((padded[lo_rows] * sc_i - th_i) / sg_i)
+    above = moments_from_alpha((padded[hi_rows] * sc_i - th_i) / sg_i)
+    a = ((padded[j_lo] * sc_i.squeeze(-1)) - th_i.squeeze(-1)) / sg_i.squeeze(-1)
+    b = ((padded[j_hi + 1] * sc_i.squeeze(-1)) - th_i.squeeze(-1)) / sg_i.squeeze(-1)
+    pa, pb = _pdf(a), _pdf(b)
+    qa, qb = _tails(a), _tails(b)
+    prob = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min(0.0)
+    i2 = prob - (b * pb - a * pa)  # int_a^b u^2 phi
+    i4 = 3.0 * prob - ((b**3 + 3.0 * b) * pb - (a**3 + 3.0 * a) * pa)  # int_a^b u^4 phi
+    tv = torch.where((a >= 0) | (b <= 0), (pa - pb).abs(), 2.0 * _INV_SQRT_2PI - pa - pb)
+    kappa, mean_abs, m4, coverage = out
+    kappa[idx] = (below.kappa + above.kappa + i2).clamp(0.0, 1.0)
+    mean_abs[idx] = (below.mean_abs + above.mean_abs + tv).clamp(0.0, SQRT_2_OVER_PI)
+    m4[idx] = below.m4 + above.m4 + i4
+    coverage[idx] = below.coverage + above.coverage + prob
 
 
 # ------------------------------------------------------------------ float-format fast path
