@@ -48,7 +48,7 @@ from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
-from .functional.storage import storage_cell_moments
+from .functional.storage import storage_cell_moments, stored_bounds
 from .functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TABLE_MAX_VALUES,
@@ -2157,15 +2157,71 @@ class _SubsetGrid(ParamGrid):
         return self._sel_bounds[0][start:end], self._sel_bounds[1][start:end]
 
 
+# _subset_grid expands the per-block values over the sampled whole rows alone (a sixteenth of the
+# chunk's rows: the draws' sample of a factored weight) instead of over the chunk, then a gather
+# (tb36; the same values). False: the chunk's expansion and a gather (A/B)
+SUBSET_BY_BLOCK = True
+
+
+def _block_gather(t: Tensor | None, grid: ParamGrid, rows: Tensor) -> Tensor:
+    """Float64 values ``[k * L]`` of the per-block tensor ``t`` (as ``ParamGrid`` holds ``scale``,
+    ``zero_point`` and ``support``: one entry per block of ``grid.block_size``, row-major over the
+    blocks; ``None``: zeros) over the whole rows ``rows [k]`` of the last dim (``L`` elements each)
+    of a weight of ``grid.shape``: what ``_expand_blocks`` gives those elements (a copy of the
+    same values; its row-wise form on the sampled rows alone)."""
+    shape, block = tuple(grid.shape), tuple(grid.block_size)
+    last, b_last = shape[-1], block[-1]
+    if t is None:
+        return torch.zeros(rows.numel() * last, dtype=torch.float64)
+    nblocks = [math.ceil(s_ / b_) for s_, b_ in zip(shape, block)]
+    lead_block = torch.zeros_like(rows)
+    rem, stride = rows, math.prod(shape[:-1])
+    for dim in range(len(shape) - 1):
+        stride //= shape[dim]
+        coord = torch.div(rem, stride, rounding_mode="floor")
+        rem = rem - coord * stride
+        lead_block += torch.div(coord, block[dim], rounding_mode="floor") * math.prod(nblocks[dim + 1: -1])
+    vals = t.to(torch.float64).reshape(-1, nblocks[-1]).index_select(0, lead_block)  # [k, nb_last]
+    if b_last > 1:
+        k, nb = vals.shape
+        vals = vals.unsqueeze(-1).expand(k, nb, b_last).reshape(k, nb * b_last)[:, :last]
+    return vals.reshape(-1)
+
+
+def _whole_rows(grid: ParamGrid, a: int, sel: Tensor) -> Tensor | None:
+    """The rows ``[k]`` of the last dim whose elements are exactly ``a + sel`` (whole rows, in
+    order: the draws' sample of a factored weight), or ``None``."""
+    shape = tuple(grid.shape)
+    if len(shape) < 2 or a % shape[-1] or sel.numel() % shape[-1]:
+        return None
+    last = shape[-1]
+    rows = sel[::last].div(last, rounding_mode="floor")
+    whole = (rows.unsqueeze(-1) * last + torch.arange(last)).reshape(-1)
+    return rows + a // last if torch.equal(whole, sel) else None
+
+
 def _subset_grid(grid: ParamGrid, a: int, b: int, sel: Tensor) -> ParamGrid:
     """``grid`` restricted to elements ``a + sel`` (``sel`` sorted, relative to ``a``), indexed
     ``0 .. len(sel)``: its per-element grid, bounds and revealed mask (what the draws read)."""
     sub = copy.copy(grid)
     sub.__class__ = _SubsetGrid
-    scale, zp, code = grid.element_grid(a, b)
-    sub._sel_grid = (scale[sel], zp[sel], None if code is None else code[sel])
-    bounds = grid.element_bounds(a, b)
-    sub._sel_bounds = None if bounds is None else (bounds[0][sel], bounds[1][sel])
+    rows = _whole_rows(grid, a, sel) if SUBSET_BY_BLOCK else None
+    if rows is not None:
+        code = None
+        if grid.codes is not None:
+            code = grid.codes.reshape(-1, grid.shape[-1]).index_select(0, rows).reshape(-1).to(torch.float64)
+        sub._sel_grid = (_block_gather(grid.scale, grid, rows), _block_gather(grid.zero_point, grid, rows), code)
+        bounds = None
+        if grid.support is not None:
+            bounds = (_block_gather(grid.support[0], grid, rows), _block_gather(grid.support[1], grid, rows))
+            if grid.storage_dtype is not None:
+                bounds = stored_bounds(bounds[0], bounds[1], grid.storage_dtype)
+        sub._sel_bounds = bounds
+    else:
+        scale, zp, code = grid.element_grid(a, b)
+        sub._sel_grid = (scale[sel], zp[sel], None if code is None else code[sel])
+        bounds = grid.element_bounds(a, b)
+        sub._sel_bounds = None if bounds is None else (bounds[0][sel], bounds[1][sel])
     if grid.revealed is not None:
         sub.revealed = grid.revealed.reshape(-1)[a:b][sel]
     sub._chunk_elements = b - a  # the kernel path a full evaluation of the chunk takes (_padded_pairs)
