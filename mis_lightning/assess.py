@@ -2086,7 +2086,8 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
         ev = el + c * torch.arange(D).repeat_interleave(live.numel())
     rep = lambda t: t.index_select(0, el)  # noqa: E731 - [c] -> [D c], row-major like the positions
     mm = grid.element_moments((th64 + sg64 * xi).reshape(-1).index_select(0, ev), rep(sg64), rep(scale), rep(zp),
-                              None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
+                              None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy,
+                              kappa_only=True)  # kappa alone is read
     if live is None:
         kap = mm.kappa[: D * c].reshape(D, c)
     else:

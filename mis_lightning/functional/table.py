@@ -192,7 +192,7 @@ def table_layout(values: Tensor, device: torch.device) -> TableLayout:
 
 def table_cell_moments(
     theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int = 18,
-    path_elements: int | None = None,
+    path_elements: int | None = None, kappa_only: bool = False,
 ) -> CellMoments:
     """Cell moments on a non-uniform grid (float formats), skipping frozen elements.
 
@@ -207,6 +207,9 @@ def table_cell_moments(
             ``ParamGrid._own_moments``) are given alone and take the path of a call of that
             many elements of which the others are frozen (an element's moments never read
             another's; the interpolation table's choices count the call's size).
+        kappa_only: only ``kappa`` is read (the pool protocol's call, the draws): the elements
+            settled by their own cell (:func:`_settled`) get no ``mean_abs`` or ``m4`` (NaN
+            there); ``kappa`` is bitwise the same, and the self-check compares it alone.
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
@@ -233,7 +236,7 @@ def table_cell_moments(
         # on large calls only (a small model's exact sums take less than one octave's build)
         size = max(theta.numel(), path_elements or 0)
         out, core = _table_fast_moments(theta, sigma, values, scale, interpolate=size >= INTERP_MIN_ELEMENTS,
-                                        min_build=OCTAVE_MIN_ELEMENTS, call_elements=size)
+                                        min_build=OCTAVE_MIN_ELEMENTS, call_elements=size, kappa_only=kappa_only)
     path = TABLE_PATH if core is None else FLOAT_PATH
 
     def steps() -> tuple[Tensor, list[Tensor]]:
@@ -246,7 +249,7 @@ def table_cell_moments(
         path, theta.shape[0], out, steps,
         lambda idx: _table_cell_moments(theta[idx], sigma[idx], values, scale[idx], half_window,
                                         REFERENCE_FINE_STEP, merge_sd=CHECK_MERGE_SD),
-        "exact cell sums" if core is None else TABLE_PATH)
+        "exact cell sums" if core is None else TABLE_PATH, kappa_only=kappa_only)
     if ok:
         return out
     if core is None:
@@ -938,7 +941,7 @@ OCTAVE_MIN_ELEMENTS = 1 << 12
 
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor,
                         interpolate: bool = True, min_build: int = 0,
-                        call_elements: int | None = None) -> tuple[CellMoments, Tensor]:
+                        call_elements: int | None = None, kappa_only: bool = False) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form or
     interpolated elements: for a symmetric float8 table (on the CPU), elements neither frozen
     nor beyond the table whose own cell is at most ``MAX_OWN_STEP`` sd wide (the unbounded top
@@ -946,18 +949,19 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
     in the interpolation table's range read ``kappa`` and ``m4`` from it
     (:mod:`~mis_lightning.functional.interp`; ``mean_abs`` telescoped exactly); the others, and
     every element of other tables, go through :func:`_table_sum_moments`. ``call_elements``: the
-    size of the call the elements stand for (:func:`table_cell_moments`' ``path_elements``)."""
+    size of the call the elements stand for (:func:`table_cell_moments`' ``path_elements``);
+    ``kappa_only``: as there (:func:`_table_sum_moments`)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     it = interp_table(values) if interpolate and th.device.type == "cpu" else None
     if it is None or th.numel() == 0:
-        return _table_sum_moments(th, sg, values, sc)
+        return _table_sum_moments(th, sg, values, sc, kappa_only)
     tab, k, ma, f = it.moments(th / sc, sg / sc, min_build=min_build, call_elements=call_elements)
     if not bool(tab.any()):
-        return _table_sum_moments(th, sg, values, sc)
+        return _table_sum_moments(th, sg, values, sc, kappa_only)
     if bool(tab.all()):
         return CellMoments(kappa=k, mean_abs=ma, m4=f, coverage=torch.ones_like(k)), tab
     rest = torch.nonzero(~tab).squeeze(-1)
-    out, closed = _table_sum_moments(th[rest], sg[rest], values, sc[rest])
+    out, closed = _table_sum_moments(th[rest], sg[rest], values, sc[rest], kappa_only)
     k[rest], ma[rest], f[rest] = out.kappa, out.mean_abs, out.m4
     coverage = torch.ones_like(th)
     coverage[rest] = out.coverage
@@ -993,7 +997,8 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine
 
 
-def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, ...]:
+def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool = False
+             ) -> tuple[Tensor, ...]:
     """``kappa, mean_abs, m4`` (``[c]`` each) and the mask of the elements whose regime needs
     no more than their own cell: frozen (both own edges beyond 8.5 sd: 0) or fine (own cell at
     most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
@@ -1002,7 +1007,7 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[T
     frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
     :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
     others (mask False) hold garbage (not frozen: the expansion). Element-wise
-    (:func:`~.kernel.in_blocks`)."""
+    (:func:`~.kernel.in_blocks`). ``kappa_only``: ``kappa`` and the mask alone."""
     x = th / sc
     reach = CUTOFF_SIGMAS * sg / sc
     cell = layout.cells(x)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
@@ -1019,12 +1024,14 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[T
     # fine_grid_moments(h_local), its operations (bitwise), in place; frozen elements 0
     h2 = h_local**2
     kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
+    if kappa_only:
+        return kappa, frozen | fine
     mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
     m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
     return kappa, mean_abs, m4, frozen | fine
 
 
-def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
+def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False
                        ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
     elements. The elements that need no more than their own cell are settled first
@@ -1032,7 +1039,8 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     a float8 chunk of the 1e7 MLP's second layer); the others go through the windowed path
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
-    order either way): bitwise what the windowed path gives on the whole call."""
+    order either way): bitwise what the windowed path gives on the whole call. ``kappa_only``:
+    the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
@@ -1041,7 +1049,11 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
         # float8: only frozen elements can be settled; without many sd-0 weights (dead units)
         # the settling pass would cost more than it saves (a live 1e7 chunk: +8-18%)
         return _table_window_moments(th, sg, values, sc)
-    kappa, mean_abs, m4, done = in_blocks(_settled, (th, sg, sc), (layout,))
+    if kappa_only:
+        kappa, done = in_blocks(_settled, (th, sg, sc), (layout,), kappa_only=True)
+        mean_abs, m4 = torch.full_like(kappa, math.nan), torch.full_like(kappa, math.nan)
+    else:
+        kappa, mean_abs, m4, done = in_blocks(_settled, (th, sg, sc), (layout,))
     closed = torch.zeros_like(done)
     coverage = torch.ones_like(kappa)
     if bool(done.all()):
