@@ -1,0 +1,66 @@
+"""``kappa_only`` on the value tables' path (tb36): the pool protocol's calls and the draws read
+``kappa`` alone, so ``table_cell_moments`` (given it by ``ParamGrid._path_moments``) leaves the
+settled elements' ``mean_abs`` and ``m4`` uncomputed (NaN); ``kappa`` is bitwise the full call's,
+on every regime of the 16-bit casts and float8 (settled, windowed, runs, core, interpolated), and
+through ``ParamGrid.moments``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mis_lightning.functional import table as T
+from mis_lightning.quantization.base import ParamGrid
+from mis_lightning.quantization.casts import representable_values
+
+F64 = torch.float64
+
+
+def _weights(dtype: torch.dtype, c: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Weights and sds over every regime: sd 0, far below a cell, spanning the table, beyond it."""
+    vals = representable_values(dtype)
+    top = float(vals.max())
+    g = torch.Generator().manual_seed(seed)
+    sc = torch.ones(c, dtype=F64) if dtype != torch.float8_e4m3fn else \
+        torch.exp(torch.empty(c, dtype=F64).uniform_(-8.0, -2.0, generator=g))
+    th = torch.randn(c, generator=g, dtype=F64) * sc * torch.exp(torch.empty(c, dtype=F64).uniform_(-6, 6, generator=g))
+    th = th.clamp(-1.1 * top * sc, 1.1 * top * sc)
+    sg = th.abs() * torch.exp(torch.empty(c, dtype=F64).uniform_(math.log(1e-5), math.log(1e3), generator=g))
+    sg[:: 7] = 0.0
+    return vals, th, sg, sc
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("c", [3000, 1 << 15])
+def test_kappa_only_table_moments_are_bitwise_the_full_kappa(dtype, c):
+    vals, th, sg, sc = _weights(dtype, c, 4)
+    full = T.table_cell_moments(th, sg, vals, sc)
+    ko = T.table_cell_moments(th, sg, vals, sc, kappa_only=True)
+    assert torch.equal(ko.kappa, full.kappa)
+    if dtype != torch.float8_e4m3fn:  # the 16-bit casts settle most elements by their own cell
+        assert bool(torch.isnan(ko.m4).any()) and bool(torch.isnan(ko.mean_abs).any())
+
+
+def test_grid_pool_calls_pass_kappa_only_to_the_table(monkeypatch):
+    """``ParamGrid.moments(kappa_only=True)`` on a value table asks the table path for kappa alone,
+    and its kappa is the full call's."""
+    vals = representable_values(torch.float16)
+    rows, cols = 64, 128
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=16.0, scale=torch.ones(rows, 1, dtype=F64), block_size=(1, cols), values=vals)
+    _, th, sg, _ = _weights(torch.float16, rows * cols, 9)
+    seen = []
+    real = T.table_cell_moments
+
+    def spy(*a, **kw):
+        seen.append(kw.get("kappa_only", False))
+        return real(*a, **kw)
+
+    import mis_lightning.quantization.base as base
+    monkeypatch.setattr(base, "table_cell_moments", spy)
+    full = g.moments(th, sg, 0, rows * cols)
+    ko = g.moments(th, sg, 0, rows * cols, kappa_only=True)
+    assert seen == [False, True]
+    assert torch.equal(full.kappa, ko.kappa)
