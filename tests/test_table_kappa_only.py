@@ -64,3 +64,40 @@ def test_grid_pool_calls_pass_kappa_only_to_the_table(monkeypatch):
     ko = g.moments(th, sg, 0, rows * cols, kappa_only=True)
     assert seen == [False, True]
     assert torch.equal(full.kappa, ko.kappa)
+
+
+@pytest.mark.parametrize("c", [3000, 3 * (1 << 15) + 17])
+def test_pool_call_reads_the_main_calls_own_cells(c, monkeypatch):
+    """The pool protocol's kappa-only call on the same weight and scale tensors as the main call
+    (sd / sqrt 2) reads the main call's own cells (``SHARE_OWN_CELLS``) instead of locating them
+    again, bitwise what it computes alone; a weight tensor modified in place, or another one,
+    recomputes them; the entry serves one call."""
+    vals, th, sg, sc = _weights(torch.float16, c, 11)
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
+    alone = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", True)
+    located = []
+    real = T._own_facts
+
+    def spy(*a, **kw):
+        located.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T, "_own_facts", spy)
+    T.table_cell_moments(th, sg, vals, sc)
+    n_main = len(located)
+    assert n_main >= 1 and sum(located) == c
+    pool = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    assert len(located) == n_main  # read, not located again
+    assert torch.equal(pool, alone)
+    assert T._OWN_CELLS == []  # taken out by the call it served
+    # a second kappa-only call locates its cells itself
+    again = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    assert len(located) == 2 * n_main and torch.equal(again, alone)
+    # a weight tensor changed in place after the main call: recomputed, its own values
+    T.table_cell_moments(th, sg, vals, sc)
+    th2 = th.clone()
+    th.mul_(1.5)
+    moved = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
+    assert torch.equal(moved, T.table_cell_moments(th2 * 1.5, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa)

@@ -8,11 +8,13 @@ All tensors are per element (``[c]``, one chunk of a flattened parameter).
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernel as _kernel
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
 from .interp import interp_table
@@ -997,23 +999,21 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine
 
 
-def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool = False
-             ) -> tuple[Tensor, ...]:
-    """``kappa, mean_abs, m4`` (``[c]`` each) and the mask of the elements whose regime needs
-    no more than their own cell: frozen (both own edges beyond 8.5 sd: 0) or fine (own cell at
-    most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
-    (``layout.wide``: more than ``_MAX_WINDOW`` edges within reach, so :func:`_sum_prelude`'s
-    ``fine``: the fine-grid expansion with the local step; tables with fewer edges, float8:
-    frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
-    :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
-    others (mask False) hold garbage (not frozen: the expansion). Element-wise
-    (:func:`~.kernel.in_blocks`). ``kappa_only``: ``kappa`` and the mask alone."""
-    x = th / sc
-    reach = CUTOFF_SIGMAS * sg / sc
-    cell = layout.cells(x)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
+def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, Tensor]:
+    """What :func:`_settled` reads that does not depend on the sd: the own cell's lower and upper
+    edges (``[c]`` each, parameter units; ``-inf`` / ``inf`` at the unbounded end cells)."""
+    cell = layout.cells(th / sc)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
     # (-inf * sc and inf * sc are what _sum_prelude's where() gives at the ends, sc > 0)
     own_lo = layout.padded.index_select(0, cell).mul_(sc)
     own_hi = layout.padded.index_select(0, cell.add_(1)).mul_(sc)
+    return own_lo, own_hi
+
+
+def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Tensor, layout: TableLayout,
+                  kappa_only: bool = False) -> tuple[Tensor, ...]:
+    """:func:`_settled` given :func:`_own_facts` (the same operations on the same values)."""
+    x = th / sc
+    reach = CUTOFF_SIGMAS * sg / sc
     frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
     h_local = (own_hi - own_lo) / sg
     wide = layout.wide
@@ -1029,6 +1029,61 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only
     mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
     m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
     return kappa, mean_abs, m4, frozen | fine
+
+
+def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool = False
+             ) -> tuple[Tensor, ...]:
+    """``kappa, mean_abs, m4`` (``[c]`` each) and the mask of the elements whose regime needs
+    no more than their own cell: frozen (both own edges beyond 8.5 sd: 0) or fine (own cell at
+    most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
+    (``layout.wide``: more than ``_MAX_WINDOW`` edges within reach, so :func:`_sum_prelude`'s
+    ``fine``: the fine-grid expansion with the local step; tables with fewer edges, float8:
+    frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
+    :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
+    others (mask False) hold garbage (not frozen: the expansion). Element-wise
+    (:func:`~.kernel.in_blocks`). ``kappa_only``: ``kappa`` and the mask alone."""
+    return _settled_from(th, sg, sc, *_own_facts(th, sc, layout), layout, kappa_only)
+
+
+# The settling pass's sd-free facts (_own_facts) of the last full call on a table, per block, kept
+# for the next kappa-only call on the same weights and scales (the pool protocol's, sd / sqrt 2:
+# the same own cells; ParamGrid.moments gives both the same tensors), keyed by the tensors' identity
+# and version counter (weak references: a new or modified tensor recomputes) and taken out by that
+# call (held between the two only; sc33's page faults). One entry. False: recomputed every call
+SHARE_OWN_CELLS = True
+_OWN_CELLS: list[tuple[tuple, list[tuple[Tensor, ...]]]] = []
+
+
+def _own_cells_key(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple:
+    return (weakref.ref(th), th._version, weakref.ref(sc), sc._version, id(layout), th.shape[0], _kernel.EAGER_BLOCK)
+
+
+def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool) -> tuple[Tensor, ...]:
+    """``in_blocks(_settled, (th, sg, sc), (layout,), kappa_only=kappa_only)`` (the same blocks,
+    the same numbers), with the sd-free facts of each block kept by a full call and read by the
+    next kappa-only call on the same tensors (:data:`SHARE_OWN_CELLS`)."""
+    facts = None
+    if SHARE_OWN_CELLS and kappa_only and _OWN_CELLS:
+        key, held = _OWN_CELLS.pop()
+        k_th, v_th, k_sc, v_sc, lay, c, blk = key
+        if k_th() is th and v_th == th._version and k_sc() is sc and v_sc == sc._version and lay == id(layout) \
+                and c == th.shape[0] and blk == _kernel.EAGER_BLOCK:
+            facts = held
+    keep: list[tuple[Tensor, ...]] | None = [] if SHARE_OWN_CELLS and not kappa_only else None
+    c, block = th.shape[0], _kernel.EAGER_BLOCK
+    parts = []
+    for i, s in enumerate(range(0, c, block) if c > block else (0,)):
+        sl = slice(s, s + block) if c > block else slice(None)
+        t, g, k = th[sl], sg[sl], sc[sl]
+        f = facts[i] if facts is not None else _own_facts(t, k, layout)
+        if keep is not None:
+            keep.append(f)
+        parts.append(_settled_from(t, g, k, *f, layout, kappa_only))
+    if keep is not None:
+        _OWN_CELLS[:] = [(_own_cells_key(th, sc, layout), keep)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False
@@ -1050,10 +1105,10 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
         # the settling pass would cost more than it saves (a live 1e7 chunk: +8-18%)
         return _table_window_moments(th, sg, values, sc)
     if kappa_only:
-        kappa, done = in_blocks(_settled, (th, sg, sc), (layout,), kappa_only=True)
+        kappa, done = _settled_blocks(th, sg, sc, layout, True)
         mean_abs, m4 = torch.full_like(kappa, math.nan), torch.full_like(kappa, math.nan)
     else:
-        kappa, mean_abs, m4, done = in_blocks(_settled, (th, sg, sc), (layout,))
+        kappa, mean_abs, m4, done = _settled_blocks(th, sg, sc, layout, False)
     closed = torch.zeros_like(done)
     coverage = torch.ones_like(kappa)
     if bool(done.all()):
