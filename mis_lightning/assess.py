@@ -2243,6 +2243,13 @@ def _draw_sample(c: int, unit: int, gen: torch.Generator) -> tuple[Tensor, Tenso
     return elem, group_of_row[rows].repeat_interleave(unit), m / units
 
 
+class StillParts(tuple):
+    """``(basis, mix, groups)`` of :func:`_sampled_draw_parts` for a sample where no kappa moves:
+    every basis and group entry exactly 0 (the zeros may be one value expanded: read them, never
+    write them). The flag lets the draws' sums (:func:`_draw_sums`, :func:`_joint_draw_sums`)
+    take it as moving no row without scanning it (tb36, for ps36's GEMMs)."""
+
+
 def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
                         draws: int, policy: F.CompilePolicy | None, sample: tuple[Tensor, Tensor, float],
                         xi_on_sample: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -2255,14 +2262,16 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     :func:`_draw_sample_noise`). Elements of the sample read the same ``xi`` columns as a
     full evaluation, so their moments are the full evaluation's (value tables: the 8 positions
     in one call, the interpolated table from ``2^15`` elements on). ``xi_on_sample``: ``xi`` is
-    ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others)."""
+    ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others).
+    A sample whose kappa cannot move (every sampled weight of sd 0) returns :class:`StillParts`
+    (zeros, flagged)."""
     elem, grp, pi = sample
     if DRAWS_KEEP_STILL and not bool(sg.index_select(0, elem).ne(0).any()):
         # every sampled weight has sd 0 (the 1e7 MLP's dead units): each draw's position is
         # theta-hat itself, so every kappa change is exactly 0 (what the 8 evaluations returned)
+        zero = torch.zeros((), dtype=torch.float64)  # one value expanded: no chunk-sized fill
         m = elem.numel()
-        return (torch.zeros(1 + (draws + 1) // 2, m, dtype=torch.float64), _built_mix(draws),
-                torch.zeros(DRAW_SAMPLE_GROUPS, m, dtype=torch.float64))
+        return StillParts((zero.expand(1 + (draws + 1) // 2, m), _built_mix(draws), zero.expand(DRAW_SAMPLE_GROUPS, m)))
     sub = _subset_grid(grid, a, b, elem)
     part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
                                k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,
@@ -2678,6 +2687,8 @@ def _draw_sums(reader: _InfluenceReader, a: int, b: int, parts: tuple[Tensor, Te
     rows where some basis row is non-zero; ``None`` when none is. (Summing each group over its
     own rows, instead of ``G`` columns that are zero off their group, measured no faster: 0.13
     -> 0.15 s at 1e5 weights, 1.3 -> 1.15 s at 1e6, the smaller products' overhead.)"""
+    if isinstance(parts, StillParts):  # no row moved (the flag: no scan)
+        return None
     basis, _, grp = parts
     k_ = basis.shape[0]
     moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows (of the sample)
@@ -2727,7 +2738,12 @@ def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
         return {}
     u = reader.unit
     cols, moved = [], []
-    for basis, _, grp in distinct.values():
+    for parts in distinct.values():
+        basis, _, grp = parts
+        if isinstance(parts, StillParts) and JOINT_DRAW_NONZERO_COLUMNS:  # moves no row: no scan, no columns
+            moved.append(torch.zeros(basis.shape[1] // u, dtype=torch.bool))
+            cols.append(basis)
+            continue
         moved.append((basis != 0).reshape(basis.shape[0], -1, u).any(-1).any(0))  # rows (of the sample)
         cols.append(basis if grp is None else torch.cat([basis, grp]))
     union = torch.stack(moved).any(0)
