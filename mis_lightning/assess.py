@@ -1724,7 +1724,8 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     at theta-hat and at the draw (``to_min + xi``, ``to_max - xi`` in sd units), from the
     clamped ends and from the bounds the release gives (``ParamGrid.support``). Also the weights
     whose sd dwarfs their bounded window, where kappa stays within ``POSITION_FREE_WIDE_TOL`` of 1
-    at every position (:meth:`ParamGrid.wide_position_free`)."""
+    at every position (:meth:`ParamGrid.wide_position_free`). The mask may be one ``[c]`` row
+    expanded (read it, never write it)."""
     # stored cells (bf16 / fp16 weights): their edges are not the grid's
     if grid.storage_dtype is not None:
         return None
@@ -1735,19 +1736,21 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
         return None
     scale, zp, _ = grid.element_grid(a, b)
     s, z = scale.to(torch.float64), zp.to(torch.float64)
-    th64 = th.to(torch.float64)
     sg64 = sg.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
-    low, high = (grid.qmin + 0.5 - z) * s, (grid.qmax - 0.5 - z) * s  # the outer cells' edges
     bounds = grid.element_bounds(a, b)
-    if bounds is not None:  # outer cells cut at the bounds the release gives
-        low, high = torch.maximum(low, bounds[0]), torch.minimum(high, bounds[1])
-    to_min = (th64 - low) / sg64  # sd units above the lowest edge (or bound)
-    to_max = (high - th64) / sg64
     fixed = scale <= 0
     if grid.revealed is not None:
         fixed = fixed | grid.revealed.reshape(-1)[a:b].to(torch.bool)
     if bounds is not None:
         fixed = fixed | grid.wide_position_free(sg64, s, z, bounds, POSITION_FREE_WIDE_TOL)
+        if bool(fixed.all()):  # every element (the 1e7 MLP's first layer): no per-position test
+            return fixed.unsqueeze(0).expand(xi.shape[0], -1)
+    th64 = th.to(torch.float64)
+    low, high = (grid.qmin + 0.5 - z) * s, (grid.qmax - 0.5 - z) * s  # the outer cells' edges
+    if bounds is not None:  # outer cells cut at the bounds the release gives
+        low, high = torch.maximum(low, bounds[0]), torch.minimum(high, bounds[1])
+    to_min = (th64 - low) / sg64  # sd units above the lowest edge (or bound)
+    to_max = (high - th64) / sg64
     cut = F.kernel.CUTOFF_SIGMAS
     # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
     fine = ((s / sg64) <= POSITION_FREE_STEP) & (to_min > cut) & (to_max > cut)
