@@ -969,6 +969,7 @@ def score_schemes(
                                    policy=policy, stored=stored_base)
         finally:  # the chunk facts kept for the pool call (ParamGrid._chunk_grid) end with the pass
             release_chunk_facts()
+            F.table.release_own_cells()
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed

@@ -101,3 +101,11 @@ def test_pool_call_reads_the_main_calls_own_cells(c, monkeypatch):
     moved = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
     monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
     assert torch.equal(moved, T.table_cell_moments(th2 * 1.5, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa)
+
+
+def test_release_own_cells_frees_the_kept_entry():
+    vals, th, sg, sc = _weights(torch.float16, 4000, 13)
+    T.table_cell_moments(th, sg, vals, sc)
+    assert len(T._OWN_CELLS) == 1
+    T.release_own_cells()
+    assert T._OWN_CELLS == []

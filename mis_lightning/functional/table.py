@@ -1054,6 +1054,12 @@ SHARE_OWN_CELLS = True
 _OWN_CELLS: list[tuple[tuple, list[tuple[Tensor, ...]]]] = []
 
 
+def release_own_cells() -> None:
+    """Free the own cells kept for the next kappa-only call (:data:`SHARE_OWN_CELLS`; the
+    scoring pass calls it at its end)."""
+    _OWN_CELLS.clear()
+
+
 def _own_cells_key(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple:
     return (weakref.ref(th), th._version, weakref.ref(sc), sc._version, id(layout), th.shape[0], _kernel.EAGER_BLOCK)
 
