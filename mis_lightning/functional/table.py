@@ -383,7 +383,7 @@ def _whole_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, m
 # The self-checks' reference (table_cell_moments' verify_sample) sums the cells of a table
 # narrower than this many sd in closed form where an element's sd spans more than _MAX_WINDOW
 # edges (_merged_table_sums): its kappa is then off the exact sums by at most CHECK_MERGE_SD^2 / 4
-# (1e-6), mean_abs by 0.4 CHECK_MERGE_SD^2 and m4 by 2 CHECK_MERGE_SD^2 (<= 8e-6), against the
+# (1e-6), mean_abs by 0.1 CHECK_MERGE_SD^2 and m4 by 2 CHECK_MERGE_SD^2 (<= 8e-6), against the
 # check's tolerance of 2e-4, 2e-4 and 1e-3 (fastpath.APPROXIMATION). fp16 weights beyond 65504
 # with an sd of 2e4-1e5 (the 1e7 MLP's draws) summed all 63k edges of the table (70-210 ms a check).
 CHECK_MERGE_SD = 2e-3
@@ -414,10 +414,10 @@ def _merged_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, 
     (:func:`_valley`) they form one run of cells ``R = [A, B]`` (standardised), whose exact
     contribution sum_k p_k mu_k^2 is ``int_R u^2 phi - sum_k p_k Var_k`` with each cell's
     variance at most ``w_k^2 / 4`` (Popoviciu): kappa takes ``int_R u^2 phi``, off by at most
-    ``merge_sd^2 / 4`` (from above); m4 ``int_R u^4 phi`` (``E[U^4] - mu^4 <= 6 mu^2 w^2 / 4 +
-    |mu| w^3 / 2 + w^4``: at most ``2 merge_sd^2``); mean_abs the variation of phi over ``R``
-    (exact off the cell holding 0, within ``0.4 merge_sd^2`` there); coverage ``P(R)``. The
-    cells outside ``R`` are summed exactly. Elements with no such cells, or tables that are
+    ``merge_sd^2 / 4`` (from above); m4 ``int_R u^4 phi`` (``E[U^4] - mu^4 <= 6 mu^2 w^2 / 4
+    + 4 |mu| w^3 + w^4`` and ``sum p mu^2 <= 1``: at most ``2 merge_sd^2``); mean_abs the
+    variation of phi over ``R`` (exact off the cell holding 0, within ``2 (phi(0) - phi(w / 2))
+    <= 0.1 merge_sd^2`` there); coverage ``P(R)``. The cells outside ``R`` are summed exactly. Elements with no such cells, or tables that are
     not valley-shaped, take :func:`_whole_table_sums`. Only the self-checks' reference uses it
     (the fallback sums stay exact)."""
     if not bool(sel.any()):
