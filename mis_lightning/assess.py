@@ -48,7 +48,7 @@ from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
-from .functional.storage import storage_cell_moments
+from .functional.storage import storage_cell_moments, stored_bounds
 from .functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TABLE_MAX_VALUES,
@@ -969,6 +969,7 @@ def score_schemes(
                                    policy=policy, stored=stored_base)
         finally:  # the chunk facts kept for the pool call (ParamGrid._chunk_grid) end with the pass
             release_chunk_facts()
+            F.table.release_own_cells()
     for prep in prepared:
         if prep.failed:
             failures[prep.scheme.name] = prep.failed
@@ -1727,7 +1728,8 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     at theta-hat and at the draw (``to_min + xi``, ``to_max - xi`` in sd units), from the
     clamped ends and from the bounds the release gives (``ParamGrid.support``). Also the weights
     whose sd dwarfs their bounded window, where kappa stays within ``POSITION_FREE_WIDE_TOL`` of 1
-    at every position (:meth:`ParamGrid.wide_position_free`)."""
+    at every position (:meth:`ParamGrid.wide_position_free`). The mask may be one ``[c]`` row
+    expanded (read it, never write it)."""
     # stored cells (bf16 / fp16 weights): their edges are not the grid's
     if grid.storage_dtype is not None:
         return None
@@ -1738,19 +1740,21 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
         return None
     scale, zp, _ = grid.element_grid(a, b)
     s, z = scale.to(torch.float64), zp.to(torch.float64)
-    th64 = th.to(torch.float64)
     sg64 = sg.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
-    low, high = (grid.qmin + 0.5 - z) * s, (grid.qmax - 0.5 - z) * s  # the outer cells' edges
     bounds = grid.element_bounds(a, b)
-    if bounds is not None:  # outer cells cut at the bounds the release gives
-        low, high = torch.maximum(low, bounds[0]), torch.minimum(high, bounds[1])
-    to_min = (th64 - low) / sg64  # sd units above the lowest edge (or bound)
-    to_max = (high - th64) / sg64
     fixed = scale <= 0
     if grid.revealed is not None:
         fixed = fixed | grid.revealed.reshape(-1)[a:b].to(torch.bool)
     if bounds is not None:
         fixed = fixed | grid.wide_position_free(sg64, s, z, bounds, POSITION_FREE_WIDE_TOL)
+        if bool(fixed.all()):  # every element (the 1e7 MLP's first layer): no per-position test
+            return fixed.unsqueeze(0).expand(xi.shape[0], -1)
+    th64 = th.to(torch.float64)
+    low, high = (grid.qmin + 0.5 - z) * s, (grid.qmax - 0.5 - z) * s  # the outer cells' edges
+    if bounds is not None:  # outer cells cut at the bounds the release gives
+        low, high = torch.maximum(low, bounds[0]), torch.minimum(high, bounds[1])
+    to_min = (th64 - low) / sg64  # sd units above the lowest edge (or bound)
+    to_max = (high - th64) / sg64
     cut = F.kernel.CUTOFF_SIGMAS
     # far from both ends at theta-hat (the main kappa is the plain expansion) and at the draw
     fine = ((s / sg64) <= POSITION_FREE_STEP) & (to_min > cut) & (to_max > cut)
@@ -2089,7 +2093,8 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
         ev = el + c * torch.arange(D).repeat_interleave(live.numel())
     rep = lambda t: t.index_select(0, el)  # noqa: E731 - [c] -> [D c], row-major like the positions
     mm = grid.element_moments((th64 + sg64 * xi).reshape(-1).index_select(0, ev), rep(sg64), rep(scale), rep(zp),
-                              None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy)
+                              None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy,
+                              kappa_only=True)  # kappa alone is read
     if live is None:
         kap = mm.kappa[: D * c].reshape(D, c)
     else:
@@ -2160,15 +2165,71 @@ class _SubsetGrid(ParamGrid):
         return self._sel_bounds[0][start:end], self._sel_bounds[1][start:end]
 
 
+# _subset_grid expands the per-block values over the sampled whole rows alone (a sixteenth of the
+# chunk's rows: the draws' sample of a factored weight) instead of over the chunk, then a gather
+# (tb36; the same values). False: the chunk's expansion and a gather (A/B)
+SUBSET_BY_BLOCK = True
+
+
+def _block_gather(t: Tensor | None, grid: ParamGrid, rows: Tensor) -> Tensor:
+    """Float64 values ``[k * L]`` of the per-block tensor ``t`` (as ``ParamGrid`` holds ``scale``,
+    ``zero_point`` and ``support``: one entry per block of ``grid.block_size``, row-major over the
+    blocks; ``None``: zeros) over the whole rows ``rows [k]`` of the last dim (``L`` elements each)
+    of a weight of ``grid.shape``: what ``_expand_blocks`` gives those elements (a copy of the
+    same values; its row-wise form on the sampled rows alone)."""
+    shape, block = tuple(grid.shape), tuple(grid.block_size)
+    last, b_last = shape[-1], block[-1]
+    if t is None:
+        return torch.zeros(rows.numel() * last, dtype=torch.float64)
+    nblocks = [math.ceil(s_ / b_) for s_, b_ in zip(shape, block)]
+    lead_block = torch.zeros_like(rows)
+    rem, stride = rows, math.prod(shape[:-1])
+    for dim in range(len(shape) - 1):
+        stride //= shape[dim]
+        coord = torch.div(rem, stride, rounding_mode="floor")
+        rem = rem - coord * stride
+        lead_block += torch.div(coord, block[dim], rounding_mode="floor") * math.prod(nblocks[dim + 1: -1])
+    vals = t.to(torch.float64).reshape(-1, nblocks[-1]).index_select(0, lead_block)  # [k, nb_last]
+    if b_last > 1:
+        k, nb = vals.shape
+        vals = vals.unsqueeze(-1).expand(k, nb, b_last).reshape(k, nb * b_last)[:, :last]
+    return vals.reshape(-1)
+
+
+def _whole_rows(grid: ParamGrid, a: int, sel: Tensor) -> Tensor | None:
+    """The rows ``[k]`` of the last dim whose elements are exactly ``a + sel`` (whole rows, in
+    order: the draws' sample of a factored weight), or ``None``."""
+    shape = tuple(grid.shape)
+    if len(shape) < 2 or a % shape[-1] or sel.numel() % shape[-1]:
+        return None
+    last = shape[-1]
+    rows = sel[::last].div(last, rounding_mode="floor")
+    whole = (rows.unsqueeze(-1) * last + torch.arange(last)).reshape(-1)
+    return rows + a // last if torch.equal(whole, sel) else None
+
+
 def _subset_grid(grid: ParamGrid, a: int, b: int, sel: Tensor) -> ParamGrid:
     """``grid`` restricted to elements ``a + sel`` (``sel`` sorted, relative to ``a``), indexed
     ``0 .. len(sel)``: its per-element grid, bounds and revealed mask (what the draws read)."""
     sub = copy.copy(grid)
     sub.__class__ = _SubsetGrid
-    scale, zp, code = grid.element_grid(a, b)
-    sub._sel_grid = (scale[sel], zp[sel], None if code is None else code[sel])
-    bounds = grid.element_bounds(a, b)
-    sub._sel_bounds = None if bounds is None else (bounds[0][sel], bounds[1][sel])
+    rows = _whole_rows(grid, a, sel) if SUBSET_BY_BLOCK else None
+    if rows is not None:
+        code = None
+        if grid.codes is not None:
+            code = grid.codes.reshape(-1, grid.shape[-1]).index_select(0, rows).reshape(-1).to(torch.float64)
+        sub._sel_grid = (_block_gather(grid.scale, grid, rows), _block_gather(grid.zero_point, grid, rows), code)
+        bounds = None
+        if grid.support is not None:
+            bounds = (_block_gather(grid.support[0], grid, rows), _block_gather(grid.support[1], grid, rows))
+            if grid.storage_dtype is not None:
+                bounds = stored_bounds(bounds[0], bounds[1], grid.storage_dtype)
+        sub._sel_bounds = bounds
+    else:
+        scale, zp, code = grid.element_grid(a, b)
+        sub._sel_grid = (scale[sel], zp[sel], None if code is None else code[sel])
+        bounds = grid.element_bounds(a, b)
+        sub._sel_bounds = None if bounds is None else (bounds[0][sel], bounds[1][sel])
     if grid.revealed is not None:
         sub.revealed = grid.revealed.reshape(-1)[a:b][sel]
     sub._chunk_elements = b - a  # the kernel path a full evaluation of the chunk takes (_padded_pairs)
@@ -2189,6 +2250,13 @@ def _draw_sample(c: int, unit: int, gen: torch.Generator) -> tuple[Tensor, Tenso
     return elem, group_of_row[rows].repeat_interleave(unit), m / units
 
 
+class StillParts(tuple):
+    """``(basis, mix, groups)`` of :func:`_sampled_draw_parts` for a sample where no kappa moves:
+    every basis and group entry exactly 0 (the zeros may be one value expanded: read them, never
+    write them). The flag lets the draws' sums (:func:`_draw_sums`, :func:`_joint_draw_sums`)
+    take it as moving no row without scanning it (tb36, for ps36's GEMMs)."""
+
+
 def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
                         draws: int, policy: F.CompilePolicy | None, sample: tuple[Tensor, Tensor, float],
                         xi_on_sample: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -2201,14 +2269,16 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     :func:`_draw_sample_noise`). Elements of the sample read the same ``xi`` columns as a
     full evaluation, so their moments are the full evaluation's (value tables: the 8 positions
     in one call, the interpolated table from ``2^15`` elements on). ``xi_on_sample``: ``xi`` is
-    ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others)."""
+    ``[rows, m]``, the positions of the sampled elements only (the scoring pass draws no others).
+    A sample whose kappa cannot move (every sampled weight of sd 0) returns :class:`StillParts`
+    (zeros, flagged)."""
     elem, grp, pi = sample
     if DRAWS_KEEP_STILL and not bool(sg.index_select(0, elem).ne(0).any()):
         # every sampled weight has sd 0 (the 1e7 MLP's dead units): each draw's position is
         # theta-hat itself, so every kappa change is exactly 0 (what the 8 evaluations returned)
+        zero = torch.zeros((), dtype=torch.float64)  # one value expanded: no chunk-sized fill
         m = elem.numel()
-        return (torch.zeros(1 + (draws + 1) // 2, m, dtype=torch.float64), _built_mix(draws),
-                torch.zeros(DRAW_SAMPLE_GROUPS, m, dtype=torch.float64))
+        return StillParts((zero.expand(1 + (draws + 1) // 2, m), _built_mix(draws), zero.expand(DRAW_SAMPLE_GROUPS, m)))
     sub = _subset_grid(grid, a, b, elem)
     part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
                                k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,
@@ -2656,6 +2726,8 @@ def _draw_sums(reader: _InfluenceReader, a: int, b: int, parts: tuple[Tensor, Te
     rows where some basis row is non-zero; ``None`` when none is. (Summing each group over its
     own rows, instead of ``G`` columns that are zero off their group, measured no faster: 0.13
     -> 0.15 s at 1e5 weights, 1.3 -> 1.15 s at 1e6, the smaller products' overhead.)"""
+    if isinstance(parts, StillParts):  # no row moved (the flag: no scan)
+        return None
     basis, _, grp = parts
     k_ = basis.shape[0]
     moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows (of the sample)
@@ -2705,7 +2777,12 @@ def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
         return {}
     u = reader.unit
     cols, moved = [], []
-    for basis, _, grp in distinct.values():
+    for parts in distinct.values():
+        basis, _, grp = parts
+        if isinstance(parts, StillParts) and JOINT_DRAW_NONZERO_COLUMNS:  # moves no row: no scan, no columns
+            moved.append(torch.zeros(basis.shape[1] // u, dtype=torch.bool))
+            cols.append(basis)
+            continue
         moved.append((basis != 0).reshape(basis.shape[0], -1, u).any(-1).any(0))  # rows (of the sample)
         cols.append(basis if grp is None else torch.cat([basis, grp]))
     union = torch.stack(moved).any(0)

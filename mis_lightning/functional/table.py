@@ -8,11 +8,13 @@ All tensors are per element (``[c]``, one chunk of a flattened parameter).
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from . import kernel as _kernel
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
 from .interp import interp_table
@@ -192,7 +194,7 @@ def table_layout(values: Tensor, device: torch.device) -> TableLayout:
 
 def table_cell_moments(
     theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int = 18,
-    path_elements: int | None = None,
+    path_elements: int | None = None, kappa_only: bool = False,
 ) -> CellMoments:
     """Cell moments on a non-uniform grid (float formats), skipping frozen elements.
 
@@ -207,6 +209,9 @@ def table_cell_moments(
             ``ParamGrid._own_moments``) are given alone and take the path of a call of that
             many elements of which the others are frozen (an element's moments never read
             another's; the interpolation table's choices count the call's size).
+        kappa_only: only ``kappa`` is read (the pool protocol's call, the draws): the elements
+            settled by their own cell (:func:`_settled`) get no ``mean_abs`` or ``m4`` (NaN
+            there); ``kappa`` is bitwise the same, and the self-check compares it alone.
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
@@ -233,7 +238,7 @@ def table_cell_moments(
         # on large calls only (a small model's exact sums take less than one octave's build)
         size = max(theta.numel(), path_elements or 0)
         out, core = _table_fast_moments(theta, sigma, values, scale, interpolate=size >= INTERP_MIN_ELEMENTS,
-                                        min_build=OCTAVE_MIN_ELEMENTS, call_elements=size)
+                                        min_build=OCTAVE_MIN_ELEMENTS, call_elements=size, kappa_only=kappa_only)
     path = TABLE_PATH if core is None else FLOAT_PATH
 
     def steps() -> tuple[Tensor, list[Tensor]]:
@@ -244,8 +249,9 @@ def table_cell_moments(
 
     ok = verify_sample(
         path, theta.shape[0], out, steps,
-        lambda idx: table_reference_moments(theta[idx], sigma[idx], values, scale[idx], half_window),
-        "exact cell sums" if core is None else TABLE_PATH)
+        lambda idx: _table_cell_moments(theta[idx], sigma[idx], values, scale[idx], half_window,
+                                        REFERENCE_FINE_STEP, merge_sd=CHECK_MERGE_SD),
+        "exact cell sums" if core is None else TABLE_PATH, kappa_only=kappa_only)
     if ok:
         return out
     if core is None:
@@ -263,7 +269,8 @@ def table_reference_moments(
 
 
 def _table_cell_moments(
-    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int, fine_step: float
+    theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, half_window: int, fine_step: float,
+    merge_sd: float = 0.0,
 ) -> CellMoments:
     """Cell moments on a non-uniform grid (float formats), skipping frozen elements.
 
@@ -286,7 +293,8 @@ def _table_cell_moments(
     ``1 - E[h(U)^2] / 12``), i.e. <= h^2/4 at a single binade edge. Elements with
     more than ``_MAX_WINDOW`` edges within 8.5 sigma whose own cell is not fine (weights at or
     beyond the largest value with a very wide sigma) are summed over every edge of the table
-    (:func:`_whole_table_sums`).
+    (:func:`_whole_table_sums`), or, with ``merge_sd > 0`` (the self-checks' reference), with
+    the cells narrower than ``merge_sd`` sd in closed form (:func:`_merged_table_sums`).
     """
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     c = th.shape[0]
@@ -325,7 +333,11 @@ def _table_cell_moments(
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
     rest = ~(frozen | fine)
-    _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
+    if merge_sd > 0.0:
+        _merged_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW),
+                           table_layout(values, th.device), th, sg, sc, merge_sd)
+    else:
+        _whole_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW), mids, th, sg, sc)
     rest &= need <= _MAX_WINDOW
     windows = sorted({half_window, *(w for w in _TABLE_BUCKETS if w > half_window), _MAX_WINDOW})
     if bool(rest.any()):
@@ -366,6 +378,92 @@ def _whole_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, m
         mm = moments_from_alpha((edges - th[ii].unsqueeze(-1)) / sg[ii].unsqueeze(-1))
         for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
             t[ii] = v
+
+
+# The self-checks' reference (table_cell_moments' verify_sample) sums the cells of a table
+# narrower than this many sd in closed form where an element's sd spans more than _MAX_WINDOW
+# edges (_merged_table_sums): its kappa is then off the exact sums by at most CHECK_MERGE_SD^2 / 4
+# (1e-6), mean_abs by 0.1 CHECK_MERGE_SD^2 and m4 by 2 CHECK_MERGE_SD^2 (<= 8e-6), against the
+# check's tolerance of 2e-4, 2e-4 and 1e-3 (fastpath.APPROXIMATION). fp16 weights beyond 65504
+# with an sd of 2e4-1e5 (the 1e7 MLP's draws) summed all 63k edges of the table (70-210 ms a check).
+CHECK_MERGE_SD = 2e-3
+
+
+def _valley(layout: TableLayout) -> tuple[int, Tensor, Tensor] | None:
+    """``(m, dec, inc)`` when the widths of the table's finite cells (cell ``k`` in ``1..n-1``
+    between ``mids[k - 1]`` and ``mids[k]``) fall to cell ``m`` and rise after it (float
+    formats: their step halves towards 0): ``dec`` the widths of cells ``m, m - 1, .., 1``
+    (non-decreasing), ``inc`` those of cells ``m, .., n - 1`` (non-decreasing); ``None``
+    otherwise (or with fewer than 2 finite cells). Cached on the layout."""
+    if not hasattr(layout, "_valley"):
+        w = layout.mids[1:] - layout.mids[:-1]  # w[k - 1]: cell k
+        out = None
+        if w.numel() >= 2:
+            m = int(torch.argmin(w))
+            dec, inc = w[: m + 1].flip(0), w[m:]
+            if bool((dec[1:] >= dec[:-1]).all()) and bool((inc[1:] >= inc[:-1]).all()):
+                out = (m + 1, dec.contiguous(), inc.contiguous())
+        layout._valley = out
+    return layout._valley
+
+
+def _merged_table_sums(out: tuple[Tensor, Tensor, Tensor, Tensor], sel: Tensor, layout: TableLayout,
+                       th: Tensor, sg: Tensor, sc: Tensor, merge_sd: float) -> None:
+    """:func:`_whole_table_sums` (in place, for the elements ``sel``) with the cells narrower
+    than ``merge_sd`` sd in closed form: on a table whose widths fall then rise
+    (:func:`_valley`) they form one run of cells ``R = [A, B]`` (standardised), whose exact
+    contribution sum_k p_k mu_k^2 is ``int_R u^2 phi - sum_k p_k Var_k`` with each cell's
+    variance at most ``w_k^2 / 4`` (Popoviciu): kappa takes ``int_R u^2 phi``, off by at most
+    ``merge_sd^2 / 4`` (from above); m4 ``int_R u^4 phi`` (``E[U^4] - mu^4 <= 6 mu^2 w^2 / 4
+    + 4 |mu| w^3 + w^4`` and ``sum p mu^2 <= 1``: at most ``2 merge_sd^2``); mean_abs the
+    variation of phi over ``R`` (exact off the cell holding 0, within ``2 (phi(0) - phi(w / 2))
+    <= 0.1 merge_sd^2`` there); coverage ``P(R)``. The cells outside ``R`` are summed exactly. Elements with no such cells, or tables that are
+    not valley-shaped, take :func:`_whole_table_sums`. Only the self-checks' reference uses it
+    (the fallback sums stay exact)."""
+    if not bool(sel.any()):
+        return
+    valley = _valley(layout)
+    mids = layout.mids
+    if valley is None:
+        _whole_table_sums(out, sel, mids, th, sg, sc)
+        return
+    n = mids.numel()
+    m, dec, inc = valley
+    idx = torch.nonzero(sel).squeeze(-1)
+    t = merge_sd * sg[idx] / sc[idx]  # the widest merged cell, units of the scale
+    # cells j_lo..j_hi (1 <= j_lo, j_hi <= n - 1) are at most t wide; none when j_lo > j_hi
+    j_lo = m - torch.searchsorted(dec, t, right=True) + 1
+    j_hi = m + torch.searchsorted(inc, t, right=True) - 1
+    merged = j_lo <= j_hi
+    if not bool(merged.all()):
+        rest = torch.zeros_like(sel)
+        rest[idx[~merged]] = True
+        _whole_table_sums(out, rest, mids, th, sg, sc)
+        idx, j_lo, j_hi = idx[merged], j_lo[merged], j_hi[merged]
+        if idx.numel() == 0:
+            return
+    padded = layout.padded  # cell k's edges: padded[k], padded[k + 1]
+    th_i, sg_i, sc_i = th[idx].unsqueeze(-1), sg[idx].unsqueeze(-1), sc[idx].unsqueeze(-1)
+    # the exact cells below R: edges padded[0..j_lo] (the last is A), then A repeated (empty cells)
+    lo_rows = torch.minimum(torch.arange(int(j_lo.max()) + 1, device=th.device), j_lo.unsqueeze(-1))
+    # the exact cells above R: B repeated, then edges padded[j_hi + 1 .. n + 1] (B first)
+    width = int((n + 1 - j_hi).max())
+    hi_rows = torch.maximum(torch.arange(n + 2 - width, n + 2, device=th.device), (j_hi + 1).unsqueeze(-1))
+    below = moments_from_alpha((padded[lo_rows] * sc_i - th_i) / sg_i)
+    above = moments_from_alpha((padded[hi_rows] * sc_i - th_i) / sg_i)
+    a = ((padded[j_lo] * sc_i.squeeze(-1)) - th_i.squeeze(-1)) / sg_i.squeeze(-1)
+    b = ((padded[j_hi + 1] * sc_i.squeeze(-1)) - th_i.squeeze(-1)) / sg_i.squeeze(-1)
+    pa, pb = _pdf(a), _pdf(b)
+    qa, qb = _tails(a), _tails(b)
+    prob = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min(0.0)
+    i2 = prob - (b * pb - a * pa)  # int_a^b u^2 phi
+    i4 = 3.0 * prob - ((b**3 + 3.0 * b) * pb - (a**3 + 3.0 * a) * pa)  # int_a^b u^4 phi
+    tv = torch.where((a >= 0) | (b <= 0), (pa - pb).abs(), 2.0 * _INV_SQRT_2PI - pa - pb)
+    kappa, mean_abs, m4, coverage = out
+    kappa[idx] = (below.kappa + above.kappa + i2).clamp(0.0, 1.0)
+    mean_abs[idx] = (below.mean_abs + above.mean_abs + tv).clamp(0.0, SQRT_2_OVER_PI)
+    m4[idx] = below.m4 + above.m4 + i4
+    coverage[idx] = below.coverage + above.coverage + prob
 
 
 # ------------------------------------------------------------------ float-format fast path
@@ -845,7 +943,7 @@ OCTAVE_MIN_ELEMENTS = 1 << 12
 
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor,
                         interpolate: bool = True, min_build: int = 0,
-                        call_elements: int | None = None) -> tuple[CellMoments, Tensor]:
+                        call_elements: int | None = None, kappa_only: bool = False) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form or
     interpolated elements: for a symmetric float8 table (on the CPU), elements neither frozen
     nor beyond the table whose own cell is at most ``MAX_OWN_STEP`` sd wide (the unbounded top
@@ -853,18 +951,19 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
     in the interpolation table's range read ``kappa`` and ``m4`` from it
     (:mod:`~mis_lightning.functional.interp`; ``mean_abs`` telescoped exactly); the others, and
     every element of other tables, go through :func:`_table_sum_moments`. ``call_elements``: the
-    size of the call the elements stand for (:func:`table_cell_moments`' ``path_elements``)."""
+    size of the call the elements stand for (:func:`table_cell_moments`' ``path_elements``);
+    ``kappa_only``: as there (:func:`_table_sum_moments`)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     it = interp_table(values) if interpolate and th.device.type == "cpu" else None
     if it is None or th.numel() == 0:
-        return _table_sum_moments(th, sg, values, sc)
+        return _table_sum_moments(th, sg, values, sc, kappa_only)
     tab, k, ma, f = it.moments(th / sc, sg / sc, min_build=min_build, call_elements=call_elements)
     if not bool(tab.any()):
-        return _table_sum_moments(th, sg, values, sc)
+        return _table_sum_moments(th, sg, values, sc, kappa_only)
     if bool(tab.all()):
         return CellMoments(kappa=k, mean_abs=ma, m4=f, coverage=torch.ones_like(k)), tab
     rest = torch.nonzero(~tab).squeeze(-1)
-    out, closed = _table_sum_moments(th[rest], sg[rest], values, sc[rest])
+    out, closed = _table_sum_moments(th[rest], sg[rest], values, sc[rest], kappa_only)
     k[rest], ma[rest], f[rest] = out.kappa, out.mean_abs, out.m4
     coverage = torch.ones_like(th)
     coverage[rest] = out.coverage
@@ -900,22 +999,21 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine
 
 
-def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, ...]:
-    """``kappa, mean_abs, m4`` (``[c]`` each) and the mask of the elements whose regime needs
-    no more than their own cell: frozen (both own edges beyond 8.5 sd: 0) or fine (own cell at
-    most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
-    (``layout.wide``: more than ``_MAX_WINDOW`` edges within reach, so :func:`_sum_prelude`'s
-    ``fine``: the fine-grid expansion with the local step; tables with fewer edges, float8:
-    frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
-    :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
-    others (mask False) hold garbage (not frozen: the expansion). Element-wise
-    (:func:`~.kernel.in_blocks`)."""
-    x = th / sc
-    reach = CUTOFF_SIGMAS * sg / sc
-    cell = layout.cells(x)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
+def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, Tensor]:
+    """What :func:`_settled` reads that does not depend on the sd: the own cell's lower and upper
+    edges (``[c]`` each, parameter units; ``-inf`` / ``inf`` at the unbounded end cells)."""
+    cell = layout.cells(th / sc)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
     # (-inf * sc and inf * sc are what _sum_prelude's where() gives at the ends, sc > 0)
     own_lo = layout.padded.index_select(0, cell).mul_(sc)
     own_hi = layout.padded.index_select(0, cell.add_(1)).mul_(sc)
+    return own_lo, own_hi
+
+
+def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Tensor, layout: TableLayout,
+                  kappa_only: bool = False) -> tuple[Tensor, ...]:
+    """:func:`_settled` given :func:`_own_facts` (the same operations on the same values)."""
+    x = th / sc
+    reach = CUTOFF_SIGMAS * sg / sc
     frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
     h_local = (own_hi - own_lo) / sg
     wide = layout.wide
@@ -926,12 +1024,75 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[T
     # fine_grid_moments(h_local), its operations (bitwise), in place; frozen elements 0
     h2 = h_local**2
     kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
+    if kappa_only:
+        return kappa, frozen | fine
     mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
     m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
     return kappa, mean_abs, m4, frozen | fine
 
 
-def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
+def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool = False
+             ) -> tuple[Tensor, ...]:
+    """``kappa, mean_abs, m4`` (``[c]`` each) and the mask of the elements whose regime needs
+    no more than their own cell: frozen (both own edges beyond 8.5 sd: 0) or fine (own cell at
+    most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
+    (``layout.wide``: more than ``_MAX_WINDOW`` edges within reach, so :func:`_sum_prelude`'s
+    ``fine``: the fine-grid expansion with the local step; tables with fewer edges, float8:
+    frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
+    :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
+    others (mask False) hold garbage (not frozen: the expansion). Element-wise
+    (:func:`~.kernel.in_blocks`). ``kappa_only``: ``kappa`` and the mask alone."""
+    return _settled_from(th, sg, sc, *_own_facts(th, sc, layout), layout, kappa_only)
+
+
+# The settling pass's sd-free facts (_own_facts) of the last full call on a table, per block, kept
+# for the next kappa-only call on the same weights and scales (the pool protocol's, sd / sqrt 2:
+# the same own cells; ParamGrid.moments gives both the same tensors), keyed by the tensors' identity
+# and version counter (weak references: a new or modified tensor recomputes) and taken out by that
+# call (held between the two only; sc33's page faults). One entry. False: recomputed every call
+SHARE_OWN_CELLS = True
+_OWN_CELLS: list[tuple[tuple, list[tuple[Tensor, ...]]]] = []
+
+
+def release_own_cells() -> None:
+    """Free the own cells kept for the next kappa-only call (:data:`SHARE_OWN_CELLS`; the
+    scoring pass calls it at its end)."""
+    _OWN_CELLS.clear()
+
+
+def _own_cells_key(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple:
+    return (weakref.ref(th), th._version, weakref.ref(sc), sc._version, id(layout), th.shape[0], _kernel.EAGER_BLOCK)
+
+
+def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool) -> tuple[Tensor, ...]:
+    """``in_blocks(_settled, (th, sg, sc), (layout,), kappa_only=kappa_only)`` (the same blocks,
+    the same numbers), with the sd-free facts of each block kept by a full call and read by the
+    next kappa-only call on the same tensors (:data:`SHARE_OWN_CELLS`)."""
+    facts = None
+    if SHARE_OWN_CELLS and kappa_only and _OWN_CELLS:
+        key, held = _OWN_CELLS.pop()
+        k_th, v_th, k_sc, v_sc, lay, c, blk = key
+        if k_th() is th and v_th == th._version and k_sc() is sc and v_sc == sc._version and lay == id(layout) \
+                and c == th.shape[0] and blk == _kernel.EAGER_BLOCK:
+            facts = held
+    keep: list[tuple[Tensor, ...]] | None = [] if SHARE_OWN_CELLS and not kappa_only else None
+    c, block = th.shape[0], _kernel.EAGER_BLOCK
+    parts = []
+    for i, s in enumerate(range(0, c, block) if c > block else (0,)):
+        sl = slice(s, s + block) if c > block else slice(None)
+        t, g, k = th[sl], sg[sl], sc[sl]
+        f = facts[i] if facts is not None else _own_facts(t, k, layout)
+        if keep is not None:
+            keep.append(f)
+        parts.append(_settled_from(t, g, k, *f, layout, kappa_only))
+    if keep is not None:
+        _OWN_CELLS[:] = [(_own_cells_key(th, sc, layout), keep)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False
                        ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
     elements. The elements that need no more than their own cell are settled first
@@ -939,7 +1100,8 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     a float8 chunk of the 1e7 MLP's second layer); the others go through the windowed path
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
-    order either way): bitwise what the windowed path gives on the whole call."""
+    order either way): bitwise what the windowed path gives on the whole call. ``kappa_only``:
+    the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
@@ -948,7 +1110,11 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
         # float8: only frozen elements can be settled; without many sd-0 weights (dead units)
         # the settling pass would cost more than it saves (a live 1e7 chunk: +8-18%)
         return _table_window_moments(th, sg, values, sc)
-    kappa, mean_abs, m4, done = in_blocks(_settled, (th, sg, sc), (layout,))
+    if kappa_only:
+        kappa, done = _settled_blocks(th, sg, sc, layout, True)
+        mean_abs, m4 = torch.full_like(kappa, math.nan), torch.full_like(kappa, math.nan)
+    else:
+        kappa, mean_abs, m4, done = _settled_blocks(th, sg, sc, layout, False)
     closed = torch.zeros_like(done)
     coverage = torch.ones_like(kappa)
     if bool(done.all()):

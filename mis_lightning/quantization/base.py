@@ -1210,7 +1210,8 @@ class ParamGrid:
             mm = quotient_cell_moments(theta, sigma, inv, lo, hi, self._qdtype, cell=cell)
         else:
             assert self.values is not None
-            mm = table_cell_moments(theta, sigma, self.values, scale, path_elements=path_elements)
+            mm = table_cell_moments(theta, sigma, self.values, scale, path_elements=path_elements,
+                                    kappa_only=kappa_only)
         if bounds is not None:
             # the release bounds every weight of the block: outer cells cut at the bounds
             low_edge, high_edge, step = self._outer_edges(scale, zero_point)

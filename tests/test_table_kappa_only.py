@@ -1,0 +1,111 @@
+"""``kappa_only`` on the value tables' path (tb36): the pool protocol's calls and the draws read
+``kappa`` alone, so ``table_cell_moments`` (given it by ``ParamGrid._path_moments``) leaves the
+settled elements' ``mean_abs`` and ``m4`` uncomputed (NaN); ``kappa`` is bitwise the full call's,
+on every regime of the 16-bit casts and float8 (settled, windowed, runs, core, interpolated), and
+through ``ParamGrid.moments``."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mis_lightning.functional import table as T
+from mis_lightning.quantization.base import ParamGrid
+from mis_lightning.quantization.casts import representable_values
+
+F64 = torch.float64
+
+
+def _weights(dtype: torch.dtype, c: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Weights and sds over every regime: sd 0, far below a cell, spanning the table, beyond it."""
+    vals = representable_values(dtype)
+    top = float(vals.max())
+    g = torch.Generator().manual_seed(seed)
+    sc = torch.ones(c, dtype=F64) if dtype != torch.float8_e4m3fn else \
+        torch.exp(torch.empty(c, dtype=F64).uniform_(-8.0, -2.0, generator=g))
+    th = torch.randn(c, generator=g, dtype=F64) * sc * torch.exp(torch.empty(c, dtype=F64).uniform_(-6, 6, generator=g))
+    th = th.clamp(-1.1 * top * sc, 1.1 * top * sc)
+    sg = th.abs() * torch.exp(torch.empty(c, dtype=F64).uniform_(math.log(1e-5), math.log(1e3), generator=g))
+    sg[:: 7] = 0.0
+    return vals, th, sg, sc
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("c", [3000, 1 << 15])
+def test_kappa_only_table_moments_are_bitwise_the_full_kappa(dtype, c):
+    vals, th, sg, sc = _weights(dtype, c, 4)
+    full = T.table_cell_moments(th, sg, vals, sc)
+    ko = T.table_cell_moments(th, sg, vals, sc, kappa_only=True)
+    assert torch.equal(ko.kappa, full.kappa)
+    if dtype != torch.float8_e4m3fn:  # the 16-bit casts settle most elements by their own cell
+        assert bool(torch.isnan(ko.m4).any()) and bool(torch.isnan(ko.mean_abs).any())
+
+
+def test_grid_pool_calls_pass_kappa_only_to_the_table(monkeypatch):
+    """``ParamGrid.moments(kappa_only=True)`` on a value table asks the table path for kappa alone,
+    and its kappa is the full call's."""
+    vals = representable_values(torch.float16)
+    rows, cols = 64, 128
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=16.0, scale=torch.ones(rows, 1, dtype=F64), block_size=(1, cols), values=vals)
+    _, th, sg, _ = _weights(torch.float16, rows * cols, 9)
+    seen = []
+    real = T.table_cell_moments
+
+    def spy(*a, **kw):
+        seen.append(kw.get("kappa_only", False))
+        return real(*a, **kw)
+
+    import mis_lightning.quantization.base as base
+    monkeypatch.setattr(base, "table_cell_moments", spy)
+    full = g.moments(th, sg, 0, rows * cols)
+    ko = g.moments(th, sg, 0, rows * cols, kappa_only=True)
+    assert seen == [False, True]
+    assert torch.equal(full.kappa, ko.kappa)
+
+
+@pytest.mark.parametrize("c", [3000, 3 * (1 << 15) + 17])
+def test_pool_call_reads_the_main_calls_own_cells(c, monkeypatch):
+    """The pool protocol's kappa-only call on the same weight and scale tensors as the main call
+    (sd / sqrt 2) reads the main call's own cells (``SHARE_OWN_CELLS``) instead of locating them
+    again, bitwise what it computes alone; a weight tensor modified in place, or another one,
+    recomputes them; the entry serves one call."""
+    vals, th, sg, sc = _weights(torch.float16, c, 11)
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
+    alone = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", True)
+    located = []
+    real = T._own_facts
+
+    def spy(*a, **kw):
+        located.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T, "_own_facts", spy)
+    T.table_cell_moments(th, sg, vals, sc)
+    n_main = len(located)
+    assert n_main >= 1 and sum(located) == c
+    pool = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    assert len(located) == n_main  # read, not located again
+    assert torch.equal(pool, alone)
+    assert T._OWN_CELLS == []  # taken out by the call it served
+    # a second kappa-only call locates its cells itself
+    again = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    assert len(located) == 2 * n_main and torch.equal(again, alone)
+    # a weight tensor changed in place after the main call: recomputed, its own values
+    T.table_cell_moments(th, sg, vals, sc)
+    th2 = th.clone()
+    th.mul_(1.5)
+    moved = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
+    assert torch.equal(moved, T.table_cell_moments(th2 * 1.5, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa)
+
+
+def test_release_own_cells_frees_the_kept_entry():
+    vals, th, sg, sc = _weights(torch.float16, 4000, 13)
+    T.table_cell_moments(th, sg, vals, sc)
+    assert len(T._OWN_CELLS) == 1
+    T.release_own_cells()
+    assert T._OWN_CELLS == []
