@@ -69,7 +69,7 @@ from ..functional.wide import (
     affine_cube_sum,
     table_cube_sum,
     wide_deficit_bound,
-    wide_sd_moments,
+    wide_sd_parts,
 )
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -1009,11 +1009,11 @@ class ParamGrid:
 
     def _wide_closed(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                      bounds: tuple[Tensor, Tensor], kappa_only: bool
-                     ) -> tuple[Tensor | None, Tensor, Tensor, Tensor] | None:
+                     ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor] | None:
         """:meth:`_wide_sd`'s closed form on its candidates: ``(ii, kappa, mean_abs, ok)``, ``ii`` the
         candidates' indices (``None``: every element, when they are most), the others ``[m]`` over
-        them, ``ok`` where the error bound holds; ``None`` when the grid takes no closed form or no
-        element is a candidate."""
+        them (``mean_abs``: ``None`` when ``kappa_only``), ``ok`` where the error bound holds;
+        ``None`` when the grid takes no closed form or no element is a candidate."""
         if self.kind == "quotient" or (self.kind == "table" and (
                 self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES)):
             return None
@@ -1035,7 +1035,8 @@ class ParamGrid:
             args = [t.index_select(0, ii) for t in args]
         m = args[0].shape[0]
         kappa = torch.empty(m, dtype=torch.float64, device=theta.device)
-        mean_abs, ok = torch.empty_like(kappa), torch.empty(m, dtype=torch.bool, device=theta.device)
+        ok = torch.empty(m, dtype=torch.bool, device=theta.device)
+        mean_abs = None if kappa_only else torch.empty_like(kappa)
         # C3 of the whole chunk depends on the grid and bounds alone: the main call's serves the
         # pool call's (REUSE_CHUNK_FACTS; a float8 chunk's table_cube_sum ~3 ms per 2^18 weights)
         kept = keep = None
@@ -1061,8 +1062,10 @@ class ParamGrid:
                 keep[a:a + EAGER_BLOCK] = cube
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
-            mm, good = wide_sd_moments(th, sg, lb, ub, cube, own_lo, own_hi)
-            kappa[a:a + EAGER_BLOCK], mean_abs[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = mm.kappa, mm.mean_abs, good
+            k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi)
+            kappa[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = k, good
+            if mean_abs is not None and ma is not None:
+                mean_abs[a:a + EAGER_BLOCK] = ma
         if keep is not None:
             _fact_put("cube", src, extra, keep)
         return ii, kappa, mean_abs, ok
@@ -1090,27 +1093,40 @@ class ParamGrid:
         nt = int(take.sum())
         if nt == 0:
             return None
-        if ii is None:
+        # kappa alone is read (KAPPA_ONLY_STANDINS): the other three one NaN, stride 0 (two or
+        # three chunk-sized fills fewer; as _own_moments' point masses)
+        standin = kappa_only and KAPPA_ONLY_STANDINS
+        if ii is not None:
+            full = torch.zeros(c, dtype=torch.float64, device=theta.device)
+            full[ii[ok]] = kappa[ok]
+            kappa = full
+        if standin:
+            nan = torch.full((1,), math.nan, dtype=torch.float64, device=theta.device).expand(c)
+            out: CellMoments = _KappaOnlyMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=nan)
+        else:
+            if mean_abs is None:  # (kappa_only with the stand-ins off: NaN, as before)
+                mean_abs = torch.full((kappa.shape[0] if ii is None else ii.shape[0],), math.nan,
+                                      dtype=torch.float64, device=theta.device)
+            if ii is not None:
+                full = torch.zeros(c, dtype=torch.float64, device=theta.device)
+                full[ii[ok]] = mean_abs[ok]
+                mean_abs = full
             out = _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
                                 coverage=torch.ones_like(kappa))
-        else:
-            out = _FreshMoments(kappa=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                                mean_abs=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                                m4=torch.full((c,), 3.0, dtype=torch.float64, device=theta.device),
-                                coverage=torch.ones(c, dtype=torch.float64, device=theta.device))
-            jj = ii[ok]
-            out.kappa[jj], out.mean_abs[jj] = kappa[ok], mean_abs[ok]
         if nt == c:
             return out
         # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths
         jj = torch.nonzero(~take).squeeze(-1)
         # (a chunk's live elements alone, path_elements given: the rest take the paths of the
         # padded call's rest, as when the padding came along)
+        # (not the closed form again: those it took are out, and it holds for none of the rest)
         sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
                                  _pick(bounds, jj), compile_policy, kappa_only,
-                                 None if path_elements is None else path_elements - nt)
+                                 None if path_elements is None else path_elements - nt, wide=False)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
             o[jj] = getattr(sub, f).to(torch.float64)
+            if standin:
+                break
         return out
 
     def _point_masses(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
@@ -1183,14 +1199,14 @@ class ParamGrid:
     def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                       compile_policy: CompilePolicy | None, kappa_only: bool,
-                      path_elements: int | None = None) -> CellMoments:
+                      path_elements: int | None = None, wide: bool = True) -> CellMoments:
         """The grid's own cells on the grid paths (every element); those whose sd spans their
         bounded window in closed form (:meth:`_wide_sd`; after the point masses: sd-0 weights never
         qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone).
         ``path_elements`` (affine and value-table grids): the elements take the paths of a call of
         that many (the kernels' ``path_elements``; :meth:`_own_moments` gives a chunk's live
-        elements alone)."""
-        if WIDE_SD_CLOSED_FORM and bounds is not None:
+        elements alone). ``wide=False``: no closed form (:meth:`_wide_sd`'s rest)."""
+        if wide and WIDE_SD_CLOSED_FORM and bounds is not None:
             wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
                                  path_elements)
             if wide is not None:
