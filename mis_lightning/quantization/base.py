@@ -162,6 +162,13 @@ REVEALED_IN_PLACE = True
 # elements' values and their revealed fills cost ~3 ms per 2^18-weight call (cm35). False: the
 # point masses' (0, 0, 1) and the paths' values, as in a full call
 KAPPA_ONLY_STANDINS = True
+# Revealed elements (ParamGrid.revealed: a block's absmax, min or max) are given their moments by
+# ParamGrid.moments after the paths, which overwrite all four fields: on affine and value-table
+# grids (no storage rounding) they are left out of the paths (never strictly inside their bounds,
+# they were the wide-sd form's and the point masses' leftovers: one in 32 weights of a g32 grid,
+# 8,192 per 2^18-weight chunk on the exact sums and the outer-cell split), the others taking the
+# paths of the call they would have shared (path_elements). False: on the paths, then overwritten
+REVEALED_SKIPPED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
@@ -798,20 +805,23 @@ class ParamGrid:
         scale, zp, code, dead, bounds = self._chunk_grid(start, end)
         if not use_codes:
             code = None
+        rev, any_rev = None, False
+        if self.revealed is not None:
+            rev = self.revealed.reshape(-1)[start:end].to(theta.device)
+            any_rev = bool(rev.any())
+        known = rev if any_rev and REVEALED_SKIPPED and self.storage_dtype is None and self.kind != "quotient" else None
         mm = self.element_moments(theta, sigma, scale, zp, code, bounds, compile_policy,
-                                  kappa_only=kappa_only)
+                                  kappa_only=kappa_only, known=known)
         if dead is not None:
             zero = torch.zeros_like(mm.kappa)
             mm = _FreshMoments(kappa=torch.where(dead, zero, mm.kappa),
                                mean_abs=torch.where(dead, zero, mm.mean_abs),
                                m4=torch.where(dead, zero, mm.m4),
                                coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
-        if self.revealed is not None:
+        if rev is not None:
             # Elements the released scale / zero point give away exactly (the absmax of a
             # symmetric block, the min and max of an asymmetric one) leak like float weights:
             # a stored weight's value given away is rnd_D(theta-hat), the storage grid's (st31)
-            rev = self.revealed.reshape(-1)[start:end].to(mm.kappa.device)
-            any_rev = bool(rev.any())
             if any_rev and self.storage_dtype is not None:
                 ii = torch.nonzero(rev).squeeze(-1)
                 sm = storage_cell_moments(theta[ii], sigma[ii], self.storage_dtype)
@@ -865,7 +875,8 @@ class ParamGrid:
 
     def element_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                         code: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
-                        compile_policy: CompilePolicy | None = None, kappa_only: bool = False) -> CellMoments:
+                        compile_policy: CompilePolicy | None = None, kappa_only: bool = False,
+                        known: Tensor | None = None) -> CellMoments:
         """Cell moments of any elements given their per-element grid parameters (each ``[c]``:
         ``scale > 0``, ``zero_point``, the backend's ``code`` or ``None``, and the release's
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
@@ -878,7 +889,10 @@ class ParamGrid:
         sums), the others on the grid's own edges; where the stored cells within an element's reach
         are the storage cells themselves (a grid that holds every ``D`` value there: ``fp16`` or
         ``bf16`` on a bf16 model), the storage grid's moments
-        (:func:`~mis_lightning.functional.storage.storage_cell_moments`), at any sd."""
+        (:func:`~mis_lightning.functional.storage.storage_cell_moments`), at any sd. ``known``:
+        ``[c]`` bool, elements whose four fields the caller overwrites (:meth:`moments`' revealed
+        ones, :data:`REVEALED_SKIPPED`): affine and value-table grids without ``storage_dtype``
+        may leave them off the paths (their values then unspecified); ``None``: none."""
         if self.storage_dtype is not None:
             same = self._storage_cells(theta, sigma, scale, zero_point, bounds)
             if same is not None and bool(same.any()):
@@ -891,7 +905,8 @@ class ParamGrid:
                                                           kappa_only))])
             return self._stored_grid_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy,
                                              kappa_only)
-        return self._own_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+        return self._own_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                 None if self.kind == "quotient" else known)
 
     def _stored_grid_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                              code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
@@ -916,9 +931,10 @@ class ParamGrid:
 
     def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
-                     compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+                     compile_policy: CompilePolicy | None, kappa_only: bool,
+                     known: Tensor | None = None) -> CellMoments:
         """The grid's own cells (no storage rounding); point-mass elements in closed form
-        (:meth:`_point_masses`)."""
+        (:meth:`_point_masses`); ``known`` (affine and value-table grids): as :meth:`element_moments`."""
         if POINT_MASS_CLOSED_FORM:
             c = theta.shape[0]
             point = self._point_masses(theta, sigma, scale, zero_point, code, bounds)
@@ -932,8 +948,12 @@ class ParamGrid:
                                                           device=theta.device).expand(c)
                 else:
                     mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
-                if n:
-                    size = None
+                m = n
+                if known is not None:  # (the path's size as with them: the others' paths unchanged)
+                    take &= ~known
+                    m = int(take.sum())
+                if m:
+                    size = None if m == n else n  # (the known ones' call: a call of n elements' path)
                     if n < _POINT_MASS_PATH_MIN <= c:
                         if POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table"):
                             size = _POINT_MASS_PATH_MIN  # the live ones alone, on the whole chunk's path
@@ -941,7 +961,8 @@ class ParamGrid:
                             # padded with point-mass elements (the chunk's first ones) so that the live
                             # ones take the whole chunk's path; their moments are read from the call.
                             # One scan for the indices, in the chunk's order (no sort of a gathered list)
-                            take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - n)
+                            size = None
+                            take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - m)
                     ii = torch.nonzero(take).squeeze(-1)
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
@@ -955,7 +976,8 @@ class ParamGrid:
                 if standin:
                     return _KappaOnlyMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
                 return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
-        return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+        return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                  known=known)
 
     def wide_shares(self, theta: Tensor, sigma: Tensor, free_tol: float, samples: int = 4096) -> tuple[float, float]:
         """``(closed, free)``: the share of the grid's elements the wide-sd closed form takes
@@ -1072,14 +1094,16 @@ class ParamGrid:
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
-                 kappa_only: bool, path_elements: int | None = None) -> CellMoments | None:
+                 kappa_only: bool, path_elements: int | None = None,
+                 known: Tensor | None = None) -> CellMoments | None:
         """The moments of every element when some lie strictly inside bounds at most
         ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
         ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
         :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
         most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`;
         ``kappa_only``: their ``mean_abs`` is NaN, not computed; ``path_elements``: as
-        :meth:`_path_moments`, for the elements left to the paths)."""
+        :meth:`_path_moments`, for the elements left to the paths; ``known``: elements left off
+        them, as :meth:`element_moments`)."""
         closed = self._wide_closed(theta, sigma, scale, zero_point, code, bounds, kappa_only)
         if closed is None:
             return None
@@ -1115,14 +1139,23 @@ class ParamGrid:
                                 coverage=torch.ones_like(kappa))
         if nt == c:
             return out
-        # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths
-        jj = torch.nonzero(~take).squeeze(-1)
+        # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths,
+        # but for the known ones (a revealed absmax: overwritten by the caller)
+        rest = ~take
+        size = None if path_elements is None else path_elements - nt
+        if known is not None:
+            rest &= ~known
+            left = int(rest.sum())
+            if left == 0:
+                return out
+            if size is None and left < c - nt:  # (the path of the whole rest's call)
+                size = c - nt
+        jj = torch.nonzero(rest).squeeze(-1)
         # (a chunk's live elements alone, path_elements given: the rest take the paths of the
         # padded call's rest, as when the padding came along)
         # (not the closed form again: those it took are out, and it holds for none of the rest)
         sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
-                                 _pick(bounds, jj), compile_policy, kappa_only,
-                                 None if path_elements is None else path_elements - nt, wide=False)
+                                 _pick(bounds, jj), compile_policy, kappa_only, size, wide=False)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
             o[jj] = getattr(sub, f).to(torch.float64)
             if standin:
@@ -1199,18 +1232,20 @@ class ParamGrid:
     def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                       compile_policy: CompilePolicy | None, kappa_only: bool,
-                      path_elements: int | None = None, wide: bool = True) -> CellMoments:
+                      path_elements: int | None = None, wide: bool = True,
+                      known: Tensor | None = None) -> CellMoments:
         """The grid's own cells on the grid paths (every element); those whose sd spans their
         bounded window in closed form (:meth:`_wide_sd`; after the point masses: sd-0 weights never
         qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone).
         ``path_elements`` (affine and value-table grids): the elements take the paths of a call of
         that many (the kernels' ``path_elements``; :meth:`_own_moments` gives a chunk's live
-        elements alone). ``wide=False``: no closed form (:meth:`_wide_sd`'s rest)."""
+        elements alone). ``wide=False``: no closed form (:meth:`_wide_sd`'s rest); ``known``: as
+        :meth:`element_moments`, left off the paths after the closed form."""
         if wide and WIDE_SD_CLOSED_FORM and bounds is not None:
-            wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
-                                 path_elements)
-            if wide is not None:
-                return wide
+            closed = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                   path_elements, known)
+            if closed is not None:
+                return closed
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
