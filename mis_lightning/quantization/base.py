@@ -1056,6 +1056,8 @@ class ParamGrid:
         if ii is not None:
             args = [t.index_select(0, ii) for t in args]
         m = args[0].shape[0]
+        # the candidates' test is ok's first three where the inputs are float64 (the same operations)
+        same = ii is None and all(t.dtype == torch.float64 for t in (theta, sigma, lo, hi))
         kappa = torch.empty(m, dtype=torch.float64, device=theta.device)
         ok = torch.empty(m, dtype=torch.bool, device=theta.device)
         mean_abs = None if kappa_only else torch.empty_like(kappa)
@@ -1084,7 +1086,8 @@ class ParamGrid:
                 keep[a:a + EAGER_BLOCK] = cube
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
-            k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi)
+            k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi,
+                                        cand[a:a + EAGER_BLOCK] if same else None)
             kappa[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = k, good
             if mean_abs is not None and ma is not None:
                 mean_abs[a:a + EAGER_BLOCK] = ma
