@@ -173,7 +173,7 @@ REVEALED_SKIPPED = True
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
 _FACT_SLOTS = 4
-_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": []}
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": []}
 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
@@ -805,10 +805,8 @@ class ParamGrid:
         scale, zp, code, dead, bounds = self._chunk_grid(start, end)
         if not use_codes:
             code = None
-        rev, any_rev = None, False
-        if self.revealed is not None:
-            rev = self.revealed.reshape(-1)[start:end].to(theta.device)
-            any_rev = bool(rev.any())
+        rev, rev_ii = self._revealed_at(start, end, theta.device)
+        any_rev = rev_ii is not None and rev_ii.numel() > 0
         known = rev if any_rev and REVEALED_SKIPPED and self.storage_dtype is None and self.kind != "quotient" else None
         mm = self.element_moments(theta, sigma, scale, zp, code, bounds, compile_policy,
                                   kappa_only=kappa_only, known=known)
@@ -823,7 +821,7 @@ class ParamGrid:
             # symmetric block, the min and max of an asymmetric one) leak like float weights:
             # a stored weight's value given away is rnd_D(theta-hat), the storage grid's (st31)
             if any_rev and self.storage_dtype is not None:
-                ii = torch.nonzero(rev).squeeze(-1)
+                ii = rev_ii
                 sm = storage_cell_moments(theta[ii], sigma[ii], self.storage_dtype)
                 out = []
                 for f in ("kappa", "mean_abs", "m4", "coverage"):
@@ -832,16 +830,34 @@ class ParamGrid:
                     out.append(t)
                 mm = CellMoments(*out)
             elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _KappaOnlyMoments):
-                mm.kappa.masked_fill_(rev, 1.0)
+                mm.kappa.index_fill_(0, rev_ii, 1.0)
             elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _FreshMoments):
                 for t, v in zip((mm.kappa, mm.mean_abs, mm.m4, mm.coverage), (1.0, SQRT_2_OVER_PI, 3.0, 1.0)):
-                    t.masked_fill_(rev, v)
+                    t.index_fill_(0, rev_ii, v)
             elif any_rev:  # (new tensors: the moments' fields may be shared)
                 mm = CellMoments(kappa=mm.kappa.masked_fill(rev, 1.0),
                                  mean_abs=mm.mean_abs.masked_fill(rev, SQRT_2_OVER_PI),
                                  m4=mm.m4.masked_fill(rev, 3.0),
                                  coverage=mm.coverage.masked_fill(rev, 1.0))
         return mm
+
+    def _revealed_at(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """``(mask [c] bool, indices [r] int64)`` of the revealed elements of ``start:end``
+        (:attr:`revealed`), or ``(None, None)`` without them. Kept for the next call on the same
+        range (:data:`REUSE_CHUNK_FACTS`: the pool call's after the main one): the indices write
+        the revealed elements' moments in place (a few per block, not a pass over the chunk's
+        mask per field; cm36). Read, never written, by the callers."""
+        if self.revealed is None:
+            return None, None
+        src, extra = (self.revealed,), (start, end, str(device))
+        hit = _fact_get("revealed", src, extra) if REUSE_CHUNK_FACTS else None
+        if hit is not None:
+            return hit
+        rev = self.revealed.reshape(-1)[start:end].to(device)
+        out = (rev, torch.nonzero(rev).squeeze(-1))
+        if REUSE_CHUNK_FACTS:
+            _fact_put("revealed", src, extra, out)
+        return out
 
     def _chunk_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
                                                          tuple[Tensor, Tensor] | None]:
