@@ -8,6 +8,8 @@
 * ``_wide_sd``'s rest takes the paths without a second closed-form attempt (it holds for none of it).
 * ``KAPPA_ONLY_STANDINS`` in the wide-sd closed form: a kappa_only call returns ``mean_abs``,
   ``m4`` and ``coverage`` as one NaN expanded to the chunk (read-only: writing raises).
+* The revealed elements' indices, found by the main call, kept for the pool call
+  (``ParamGrid._revealed_at``, ``REUSE_CHUNK_FACTS``) and written by ``index_fill_``.
 
 Tolerance: none (``torch.equal``, NaN equal to NaN): the same operations on the same elements
 either way, so every field read is expected bit for bit.
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 import mis_lightning.quantization.base as qb
+from mis_lightning.functional.cells import SQRT_2_OVER_PI
 from tests.test_chunk_expansions import _equal, _grids
 from tests.test_point_mass import FIELDS, _sigma
 
@@ -170,3 +173,28 @@ def test_wide_kappa_only_returns_standins(scheme, monkeypatch):
     old = g.moments(theta, sigma, 0, c, kappa_only=True)
     assert torch.equal(old.kappa, full.kappa)
     assert bool((old.m4 == 3.0).all()) and bool((old.coverage == 1.0).all())
+
+
+def test_revealed_indices_kept_for_the_pool_call(monkeypatch):
+    """The revealed elements' indices of a chunk: found by the main call, kept for the pool call
+    (which takes them out of the cache: the old code had no such fact and passed over the chunk's
+    mask once per field), the same moments as recomputed ones, every revealed element at
+    (1, sqrt(2/pi), 3, 1)."""
+    (g,), theta = _grids(["rtn_int4"])
+    c = theta.numel()
+    theta, sigma = _sigma(g, theta, 256, 128)
+    monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", False)
+    ref = [g.moments(theta, sigma, 0, c), g.moments(theta, sigma / 2 ** 0.5, 0, c, kappa_only=True)]
+    monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", True)
+    qb.release_chunk_facts()
+    main = g.moments(theta, sigma, 0, c)
+    assert len(qb._FACTS["revealed"]) == 1
+    (_, (mask, idx)), = qb._FACTS["revealed"]
+    rev = g.revealed.reshape(-1)[:c]
+    assert torch.equal(mask, rev) and torch.equal(idx, torch.nonzero(rev).squeeze(-1)) and idx.numel() > 0
+    pool = g.moments(theta, sigma / 2 ** 0.5, 0, c, kappa_only=True)
+    assert len(qb._FACTS["revealed"]) == 0
+    _equal(main, ref[0])
+    _equal(pool, ref[1], ("kappa",))
+    for f, v in zip(FIELDS, (1.0, SQRT_2_OVER_PI, 3.0, 1.0)):
+        assert bool((getattr(main, f)[rev] == v).all()), f
