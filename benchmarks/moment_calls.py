@@ -10,6 +10,7 @@ process, with the changes on and off interleaved:
     python benchmarks/moment_calls.py ab CALLS.pt --rounds 5 [--param 2.weight] [--flag NAME ...]
 
     python benchmarks/moment_calls.py timed M                       # the calls' share of one scoring
+    python benchmarks/moment_calls.py versus CALLS.pt --root OLD --rounds 6   # this checkout against OLD
 
 ``timed`` runs the estimation and the scoring once, fresh, and prints the scoring's CPU seconds
 and those spent in ``ParamGrid.moments`` (for old / new pairs of checkouts: run it from each,
@@ -21,7 +22,10 @@ ABBA order, ``PYTHONPATH=$PWD``). ``capture`` runs ``first_call.py assess``'s es
 to the same values both ways (``kappa`` alone in ``kappa_only`` calls: the others are unread). ``--flag`` names boolean switches of
 ``mis_lightning.quantization.base`` to turn off (default: cm35's ``SHARE_EXPANSIONS`` and
 ``REVEALED_IN_PLACE``, plus the wide-sd form's C3 kept for the pool call, which ``--flag cube``
-names: the replay then never finds a kept C3).
+names: the replay then never finds a kept C3). ``versus`` replays the calls with this checkout's
+``ParamGrid`` and with another checkout's (``--root``: its ``mis_lightning`` copied into a temporary
+folder as ``mis_lightning_old``, each grid rebuilt from its fields there), rounds interleaved in
+one process (alternating which goes first), for changes without a switch (cm36).
 """
 
 from __future__ import annotations
@@ -151,6 +155,65 @@ def _ab(path: str, rounds: int, param: str | None, flags: list[str]) -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
+def _versus(path: str, root: str, rounds: int, param: str | None) -> None:
+    import importlib
+    import shutil
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(1)
+    tmp = tempfile.mkdtemp(prefix="moment_calls_")
+    try:  # (the copy kept until the end: modules imported inside functions load from it)
+        shutil.copytree(Path(root) / "mis_lightning", Path(tmp) / "mis_lightning_old")
+        sys.path.insert(0, tmp)
+        _versus_rounds(path, root, rounds, param, importlib.import_module("mis_lightning_old.quantization.base"),
+                       importlib.import_module("mis_lightning_old.functional").CompilePolicy("never"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _versus_rounds(path: str, root: str, rounds: int, param: str | None, ob, old_policy) -> None:
+    import dataclasses
+
+    import torch
+
+    import mis_lightning.quantization.base as qb
+    from mis_lightning.functional import CompilePolicy
+
+    calls = torch.load(path, weights_only=False)
+    if param:
+        calls = [c for c in calls if c["grid"].name == param]
+    rebuilt: dict[int, object] = {}
+
+    def old_grid(g):
+        if id(g) not in rebuilt:
+            rebuilt[id(g)] = ob.ParamGrid(**{f.name: getattr(g, f.name) for f in dataclasses.fields(g)})
+        return rebuilt[id(g)]
+
+    sides = {"new": (qb, calls, CompilePolicy("never")),
+             "old": (ob, [dict(c, grid=old_grid(c["grid"])) for c in calls], old_policy)}
+
+    def replay(side: str) -> float:
+        mod, cs, policy = sides[side]
+        mod.release_chunk_facts()
+        t0 = time.process_time()
+        for c in cs:
+            c["grid"].moments(c["theta"], c["sigma"], c["start"], c["end"], c["use_codes"], policy, c["kappa_only"])
+        return time.process_time() - t0
+
+    replay("new"), replay("old")  # (first-call costs out of the rounds)
+    times: dict[str, list[float]] = {"new": [], "old": []}
+    for r in range(rounds):
+        for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
+            times[side].append(replay(side))
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"{len(calls)} calls; old: {root}")
+    for k in ("old", "new"):
+        print(f"{k} median {med[k]:.3f} s |", " ".join(f"{x:.2f}" for x in times[k]))
+    print(f"new / old (medians) {med['new'] / med['old']:.3f}; load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -165,11 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--param", default=None, help="one parameter's calls (e.g. 2.weight)")
     a.add_argument("--flag", action="append", default=None,
                    help="a switch of quantization.base to turn off, or 'cube' (repeatable)")
+    v = sub.add_parser("versus")
+    v.add_argument("calls")
+    v.add_argument("--root", required=True, help="the other checkout (e.g. a git worktree of the old commit)")
+    v.add_argument("--rounds", type=int, default=6)
+    v.add_argument("--param", default=None)
     args = ap.parse_args(argv)
     if args.cmd == "capture":
         _capture(args.model, args.out)
     elif args.cmd == "timed":
         _timed(args.model)
+    elif args.cmd == "versus":
+        _versus(args.calls, args.root, args.rounds, args.param)
     else:
         _ab(args.calls, args.rounds, args.param, args.flag or ["SHARE_EXPANSIONS", "REVEALED_IN_PLACE", "cube"])
     return 0

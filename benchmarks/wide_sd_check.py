@@ -66,16 +66,16 @@ def check(scheme: str, rows: int, cols: int, ratios=RATIOS, reference_max: int =
     gen = torch.Generator().manual_seed(1)
     spread = torch.exp(0.3 * torch.randn(c, generator=gen, dtype=F64))
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    orig = qb.wide_sd_moments
+    orig = qb.wide_sd_parts
 
     def spy(th, sg, lb, ub, cube, own_lo, own_hi):
-        mm, ok = orig(th, sg, lb, ub, cube, own_lo, own_hi)
+        k, ma, ok = orig(th, sg, lb, ub, cube, own_lo, own_hi)
         seen.append((th.clone(), ok.clone()))
-        return mm, ok
+        return k, ma, ok
 
     rows_out = []
     try:
-        qb.wide_sd_moments = spy
+        qb.wide_sd_parts = spy
         for r in ratios:
             sigma = r * scale.to(F64) * spread
             seen.clear()
@@ -119,7 +119,7 @@ def check(scheme: str, rows: int, cols: int, ratios=RATIOS, reference_max: int =
                        largest_deficit=worst_dev, checked=len(ks))
             rows_out.append(row)
     finally:
-        qb.wide_sd_moments = orig
+        qb.wide_sd_parts = orig
         qb.WIDE_SD_CLOSED_FORM = True
     return rows_out
 

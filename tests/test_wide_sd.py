@@ -186,7 +186,9 @@ def test_the_gate_dispatches_and_only_where_it_holds(monkeypatch):
     on_bound = (theta <= lo) | (theta >= hi)
     assert bool(on_bound.any())
     gated = (hi - lo <= WIDE_MAX_WINDOW * sigma) & ~on_bound
-    assert n_new == c - int(gated.sum())  # the gated weights skip the paths, nothing else does
+    rev = g.revealed.reshape(-1)[:c]  # (given their moments after the paths: REVEALED_SKIPPED, cm36)
+    assert bool(rev.any()) and not bool((gated & rev).any())
+    assert n_new == c - int((gated | rev).sum())  # the gated and revealed weights skip the paths, nothing else does
     assert bool((new.m4[gated] == 3.0).all())
     for f in ("kappa", "mean_abs", "m4", "coverage"):
         torch.testing.assert_close(getattr(new, f)[~gated], getattr(old, f)[~gated], rtol=1e-13, atol=0.0)

@@ -120,14 +120,15 @@ def table_cube_sum(lower: Tensor, upper: Tensor, scale: Tensor, values: Tensor) 
     return torch.where(some, inner, _cube(x_hi - x_lo)) * _cube(s)
 
 
-def wide_sd_error_bound(sigma: Tensor, lower: Tensor, upper: Tensor, theta: Tensor, cube: Tensor
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+def wide_sd_error_bound(sigma: Tensor, lower: Tensor, upper: Tensor, theta: Tensor, cube: Tensor,
+                        width: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(S, lambda, bound)`` ``[c]`` of :func:`wide_sd_moments`: the Sheppard deficit
     ``S = phi(0) C3 / (12 sigma^3)``, the factor ``lambda`` of the module doc and the larger of
-    the two error bounds, ``max((1 - lambda) S, 6 M^2 S)`` (absolute, on ``kappa`` and ``m4``)."""
+    the two error bounds, ``max((1 - lambda) S, 6 M^2 S)`` (absolute, on ``kappa`` and ``m4``).
+    ``width``: ``upper - lower`` where the caller has it."""
     sg = sigma.to(torch.float64)
     th = theta.to(torch.float64)
-    w = (upper - lower) / sg
+    w = (upper - lower if width is None else width) / sg
     m = torch.maximum(th - lower, upper - th) / sg
     m2 = m * m
     S = (_INV_SQRT_2PI / 12.0) * cube / _cube(sg)
@@ -165,13 +166,28 @@ def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, 
         :func:`wide_sd_error_bound` at most ``WIDE_TOL`` (the others' moments are meaningless:
         sd 0, NaN or infinite bounds all fail).
     """
+    kappa, mean_abs, ok = wide_sd_parts(theta, sigma, lower, upper, cube, own_lo, own_hi)
+    return CellMoments(kappa=kappa, mean_abs=torch.full_like(kappa, math.nan) if mean_abs is None else mean_abs,
+                       m4=torch.full_like(kappa, 3.0), coverage=torch.ones_like(kappa)), ok
+
+
+def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cube: Tensor,
+                  own_lo: Tensor | None, own_hi: Tensor | None, window: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`wide_sd_moments`' ``(kappa, mean_abs, ok)`` alone (``[c]`` each; ``mean_abs``
+    ``None`` where ``own_lo`` or ``own_hi`` is): its constant ``m4`` and ``coverage`` are the
+    caller's to fill (chunk-sized fills that a caller reading ``kappa`` alone never reads).
+    ``window``: ``[c]`` bool, ``(upper - lower <= WIDE_MAX_WINDOW * sigma) & (lower < theta <
+    upper)`` on these float64 tensors, where the caller computed it (``ok``'s first three tests)."""
     th, sg = theta.to(torch.float64), sigma.to(torch.float64)
-    S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube)
-    ok = (upper - lower <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper) & (bound <= WIDE_TOL)
+    width = upper - lower
+    S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube, width)
+    if window is None:
+        window = (width <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper)
+    ok = window & (bound <= WIDE_TOL)
     kappa = (1.0 - lam * S).clamp(0.0, 1.0)
     if own_lo is None or own_hi is None:
-        return CellMoments(kappa=kappa, mean_abs=torch.full_like(kappa, math.nan), m4=torch.full_like(kappa, 3.0),
-                           coverage=torch.ones_like(kappa)), ok
+        return kappa, None, ok
     # the own cell clipped to the bounds; x = the nearer edge (sd units, >= 0: a backend code's
     # cell may miss theta by an ulp at a float32 tie)
     left = th - torch.maximum(own_lo.to(torch.float64), lower)
@@ -179,9 +195,9 @@ def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, 
     x = (torch.minimum(left, right) / sg).clamp_min(0.0)
     # 2 (phi(0) - phi(x)) without cancellation
     mean_abs = (SQRT_2_OVER_PI + 2.0 * _INV_SQRT_2PI * torch.expm1(-0.5 * x * x)).clamp(0.0, SQRT_2_OVER_PI)
-    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
-                       coverage=torch.ones_like(kappa)), ok
+    return kappa, mean_abs, ok
 
 
 __all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "table_cube_sum", "wide_deficit_bound",
-           "wide_sd_error_bound", "wide_sd_moments"]
+           "wide_sd_error_bound", "wide_sd_moments",
+           "wide_sd_parts"]

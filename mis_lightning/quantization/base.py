@@ -69,7 +69,7 @@ from ..functional.wide import (
     affine_cube_sum,
     table_cube_sum,
     wide_deficit_bound,
-    wide_sd_moments,
+    wide_sd_parts,
 )
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -162,11 +162,18 @@ REVEALED_IN_PLACE = True
 # elements' values and their revealed fills cost ~3 ms per 2^18-weight call (cm35). False: the
 # point masses' (0, 0, 1) and the paths' values, as in a full call
 KAPPA_ONLY_STANDINS = True
+# Revealed elements (ParamGrid.revealed: a block's absmax, min or max) are given their moments by
+# ParamGrid.moments after the paths, which overwrite all four fields: on affine and value-table
+# grids (no storage rounding) they are left out of the paths (never strictly inside their bounds,
+# they were the wide-sd form's and the point masses' leftovers: one in 32 weights of a g32 grid,
+# 8,192 per 2^18-weight chunk on the exact sums and the outer-cell split), the others taking the
+# paths of the call they would have shared (path_elements). False: on the paths, then overwritten
+REVEALED_SKIPPED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
 _FACT_SLOTS = 4
-_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": []}
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": []}
 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
@@ -798,22 +805,23 @@ class ParamGrid:
         scale, zp, code, dead, bounds = self._chunk_grid(start, end)
         if not use_codes:
             code = None
+        rev, rev_ii = self._revealed_at(start, end, theta.device)
+        any_rev = rev_ii is not None and rev_ii.numel() > 0
+        known = rev if any_rev and REVEALED_SKIPPED and self.storage_dtype is None and self.kind != "quotient" else None
         mm = self.element_moments(theta, sigma, scale, zp, code, bounds, compile_policy,
-                                  kappa_only=kappa_only)
+                                  kappa_only=kappa_only, known=known)
         if dead is not None:
             zero = torch.zeros_like(mm.kappa)
             mm = _FreshMoments(kappa=torch.where(dead, zero, mm.kappa),
                                mean_abs=torch.where(dead, zero, mm.mean_abs),
                                m4=torch.where(dead, zero, mm.m4),
                                coverage=torch.where(dead, torch.ones_like(zero), mm.coverage))
-        if self.revealed is not None:
+        if rev is not None:
             # Elements the released scale / zero point give away exactly (the absmax of a
             # symmetric block, the min and max of an asymmetric one) leak like float weights:
             # a stored weight's value given away is rnd_D(theta-hat), the storage grid's (st31)
-            rev = self.revealed.reshape(-1)[start:end].to(mm.kappa.device)
-            any_rev = bool(rev.any())
             if any_rev and self.storage_dtype is not None:
-                ii = torch.nonzero(rev).squeeze(-1)
+                ii = rev_ii
                 sm = storage_cell_moments(theta[ii], sigma[ii], self.storage_dtype)
                 out = []
                 for f in ("kappa", "mean_abs", "m4", "coverage"):
@@ -822,16 +830,34 @@ class ParamGrid:
                     out.append(t)
                 mm = CellMoments(*out)
             elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _KappaOnlyMoments):
-                mm.kappa.masked_fill_(rev, 1.0)
+                mm.kappa.index_fill_(0, rev_ii, 1.0)
             elif any_rev and REVEALED_IN_PLACE and isinstance(mm, _FreshMoments):
                 for t, v in zip((mm.kappa, mm.mean_abs, mm.m4, mm.coverage), (1.0, SQRT_2_OVER_PI, 3.0, 1.0)):
-                    t.masked_fill_(rev, v)
+                    t.index_fill_(0, rev_ii, v)
             elif any_rev:  # (new tensors: the moments' fields may be shared)
                 mm = CellMoments(kappa=mm.kappa.masked_fill(rev, 1.0),
                                  mean_abs=mm.mean_abs.masked_fill(rev, SQRT_2_OVER_PI),
                                  m4=mm.m4.masked_fill(rev, 3.0),
                                  coverage=mm.coverage.masked_fill(rev, 1.0))
         return mm
+
+    def _revealed_at(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """``(mask [c] bool, indices [r] int64)`` of the revealed elements of ``start:end``
+        (:attr:`revealed`), or ``(None, None)`` without them. Kept for the next call on the same
+        range (:data:`REUSE_CHUNK_FACTS`: the pool call's after the main one): the indices write
+        the revealed elements' moments in place (a few per block, not a pass over the chunk's
+        mask per field; cm36). Read, never written, by the callers."""
+        if self.revealed is None:
+            return None, None
+        src, extra = (self.revealed,), (start, end, str(device))
+        hit = _fact_get("revealed", src, extra) if REUSE_CHUNK_FACTS else None
+        if hit is not None:
+            return hit
+        rev = self.revealed.reshape(-1)[start:end].to(device)
+        out = (rev, torch.nonzero(rev).squeeze(-1))
+        if REUSE_CHUNK_FACTS:
+            _fact_put("revealed", src, extra, out)
+        return out
 
     def _chunk_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
                                                          tuple[Tensor, Tensor] | None]:
@@ -865,7 +891,8 @@ class ParamGrid:
 
     def element_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                         code: Tensor | None = None, bounds: tuple[Tensor, Tensor] | None = None,
-                        compile_policy: CompilePolicy | None = None, kappa_only: bool = False) -> CellMoments:
+                        compile_policy: CompilePolicy | None = None, kappa_only: bool = False,
+                        known: Tensor | None = None) -> CellMoments:
         """Cell moments of any elements given their per-element grid parameters (each ``[c]``:
         ``scale > 0``, ``zero_point``, the backend's ``code`` or ``None``, and the release's
         ``bounds``, :attr:`support` expanded; ``None``: unbounded). Dead blocks and revealed
@@ -878,7 +905,10 @@ class ParamGrid:
         sums), the others on the grid's own edges; where the stored cells within an element's reach
         are the storage cells themselves (a grid that holds every ``D`` value there: ``fp16`` or
         ``bf16`` on a bf16 model), the storage grid's moments
-        (:func:`~mis_lightning.functional.storage.storage_cell_moments`), at any sd."""
+        (:func:`~mis_lightning.functional.storage.storage_cell_moments`), at any sd. ``known``:
+        ``[c]`` bool, elements whose four fields the caller overwrites (:meth:`moments`' revealed
+        ones, :data:`REVEALED_SKIPPED`): affine and value-table grids without ``storage_dtype``
+        may leave them off the paths (their values then unspecified); ``None``: none."""
         if self.storage_dtype is not None:
             same = self._storage_cells(theta, sigma, scale, zero_point, bounds)
             if same is not None and bool(same.any()):
@@ -891,7 +921,8 @@ class ParamGrid:
                                                           kappa_only))])
             return self._stored_grid_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy,
                                              kappa_only)
-        return self._own_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+        return self._own_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                 None if self.kind == "quotient" else known)
 
     def _stored_grid_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                              code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
@@ -916,9 +947,10 @@ class ParamGrid:
 
     def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
-                     compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+                     compile_policy: CompilePolicy | None, kappa_only: bool,
+                     known: Tensor | None = None) -> CellMoments:
         """The grid's own cells (no storage rounding); point-mass elements in closed form
-        (:meth:`_point_masses`)."""
+        (:meth:`_point_masses`); ``known`` (affine and value-table grids): as :meth:`element_moments`."""
         if POINT_MASS_CLOSED_FORM:
             c = theta.shape[0]
             point = self._point_masses(theta, sigma, scale, zero_point, code, bounds)
@@ -932,8 +964,12 @@ class ParamGrid:
                                                           device=theta.device).expand(c)
                 else:
                     mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
-                if n:
-                    size = None
+                m = n
+                if known is not None:  # (the path's size as with them: the others' paths unchanged)
+                    take &= ~known
+                    m = int(take.sum())
+                if m:
+                    size = None if m == n else n  # (the known ones' call: a call of n elements' path)
                     if n < _POINT_MASS_PATH_MIN <= c:
                         if POINT_MASS_LIVE_ONLY and self.kind in ("affine", "table"):
                             size = _POINT_MASS_PATH_MIN  # the live ones alone, on the whole chunk's path
@@ -941,7 +977,8 @@ class ParamGrid:
                             # padded with point-mass elements (the chunk's first ones) so that the live
                             # ones take the whole chunk's path; their moments are read from the call.
                             # One scan for the indices, in the chunk's order (no sort of a gathered list)
-                            take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - n)
+                            size = None
+                            take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - m)
                     ii = torch.nonzero(take).squeeze(-1)
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
@@ -955,7 +992,8 @@ class ParamGrid:
                 if standin:
                     return _KappaOnlyMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
                 return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
-        return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+        return self._path_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                  known=known)
 
     def wide_shares(self, theta: Tensor, sigma: Tensor, free_tol: float, samples: int = 4096) -> tuple[float, float]:
         """``(closed, free)``: the share of the grid's elements the wide-sd closed form takes
@@ -1009,11 +1047,11 @@ class ParamGrid:
 
     def _wide_closed(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                      bounds: tuple[Tensor, Tensor], kappa_only: bool
-                     ) -> tuple[Tensor | None, Tensor, Tensor, Tensor] | None:
+                     ) -> tuple[Tensor | None, Tensor, Tensor | None, Tensor] | None:
         """:meth:`_wide_sd`'s closed form on its candidates: ``(ii, kappa, mean_abs, ok)``, ``ii`` the
         candidates' indices (``None``: every element, when they are most), the others ``[m]`` over
-        them, ``ok`` where the error bound holds; ``None`` when the grid takes no closed form or no
-        element is a candidate."""
+        them (``mean_abs``: ``None`` when ``kappa_only``), ``ok`` where the error bound holds;
+        ``None`` when the grid takes no closed form or no element is a candidate."""
         if self.kind == "quotient" or (self.kind == "table" and (
                 self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES)):
             return None
@@ -1034,8 +1072,11 @@ class ParamGrid:
         if ii is not None:
             args = [t.index_select(0, ii) for t in args]
         m = args[0].shape[0]
+        # the candidates' test is ok's first three where the inputs are float64 (the same operations)
+        same = ii is None and all(t.dtype == torch.float64 for t in (theta, sigma, lo, hi))
         kappa = torch.empty(m, dtype=torch.float64, device=theta.device)
-        mean_abs, ok = torch.empty_like(kappa), torch.empty(m, dtype=torch.bool, device=theta.device)
+        ok = torch.empty(m, dtype=torch.bool, device=theta.device)
+        mean_abs = None if kappa_only else torch.empty_like(kappa)
         # C3 of the whole chunk depends on the grid and bounds alone: the main call's serves the
         # pool call's (REUSE_CHUNK_FACTS; a float8 chunk's table_cube_sum ~3 ms per 2^18 weights)
         kept = keep = None
@@ -1061,22 +1102,27 @@ class ParamGrid:
                 keep[a:a + EAGER_BLOCK] = cube
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
-            mm, good = wide_sd_moments(th, sg, lb, ub, cube, own_lo, own_hi)
-            kappa[a:a + EAGER_BLOCK], mean_abs[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = mm.kappa, mm.mean_abs, good
+            k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi,
+                                        cand[a:a + EAGER_BLOCK] if same else None)
+            kappa[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = k, good
+            if mean_abs is not None and ma is not None:
+                mean_abs[a:a + EAGER_BLOCK] = ma
         if keep is not None:
             _fact_put("cube", src, extra, keep)
         return ii, kappa, mean_abs, ok
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
-                 kappa_only: bool, path_elements: int | None = None) -> CellMoments | None:
+                 kappa_only: bool, path_elements: int | None = None,
+                 known: Tensor | None = None) -> CellMoments | None:
         """The moments of every element when some lie strictly inside bounds at most
         ``WIDE_MAX_WINDOW`` sd apart and the closed form's error bound there is at most
         ``WIDE_TOL`` (:func:`~mis_lightning.functional.wide.wide_sd_moments`; the others on
         :meth:`_path_moments`), or ``None`` when none does (affine grids and value tables of at
         most ``WIDE_TABLE_MAX_VALUES`` values; ``[c]`` tensors as :meth:`element_moments`;
         ``kappa_only``: their ``mean_abs`` is NaN, not computed; ``path_elements``: as
-        :meth:`_path_moments`, for the elements left to the paths)."""
+        :meth:`_path_moments`, for the elements left to the paths; ``known``: elements left off
+        them, as :meth:`element_moments`)."""
         closed = self._wide_closed(theta, sigma, scale, zero_point, code, bounds, kappa_only)
         if closed is None:
             return None
@@ -1090,27 +1136,49 @@ class ParamGrid:
         nt = int(take.sum())
         if nt == 0:
             return None
-        if ii is None:
+        # kappa alone is read (KAPPA_ONLY_STANDINS): the other three one NaN, stride 0 (two or
+        # three chunk-sized fills fewer; as _own_moments' point masses)
+        standin = kappa_only and KAPPA_ONLY_STANDINS
+        if ii is not None:
+            full = torch.zeros(c, dtype=torch.float64, device=theta.device)
+            full[ii[ok]] = kappa[ok]
+            kappa = full
+        if standin:
+            nan = torch.full((1,), math.nan, dtype=torch.float64, device=theta.device).expand(c)
+            out: CellMoments = _KappaOnlyMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=nan)
+        else:
+            if mean_abs is None:  # (kappa_only with the stand-ins off: NaN, as before)
+                mean_abs = torch.full((kappa.shape[0] if ii is None else ii.shape[0],), math.nan,
+                                      dtype=torch.float64, device=theta.device)
+            if ii is not None:
+                full = torch.zeros(c, dtype=torch.float64, device=theta.device)
+                full[ii[ok]] = mean_abs[ok]
+                mean_abs = full
             out = _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
                                 coverage=torch.ones_like(kappa))
-        else:
-            out = _FreshMoments(kappa=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                                mean_abs=torch.zeros(c, dtype=torch.float64, device=theta.device),
-                                m4=torch.full((c,), 3.0, dtype=torch.float64, device=theta.device),
-                                coverage=torch.ones(c, dtype=torch.float64, device=theta.device))
-            jj = ii[ok]
-            out.kappa[jj], out.mean_abs[jj] = kappa[ok], mean_abs[ok]
         if nt == c:
             return out
-        # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths
-        jj = torch.nonzero(~take).squeeze(-1)
+        # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths,
+        # but for the known ones (a revealed absmax: overwritten by the caller)
+        rest = ~take
+        size = None if path_elements is None else path_elements - nt
+        if known is not None:
+            rest &= ~known
+            left = int(rest.sum())
+            if left == 0:
+                return out
+            if size is None and left < c - nt:  # (the path of the whole rest's call)
+                size = c - nt
+        jj = torch.nonzero(rest).squeeze(-1)
         # (a chunk's live elements alone, path_elements given: the rest take the paths of the
         # padded call's rest, as when the padding came along)
+        # (not the closed form again: those it took are out, and it holds for none of the rest)
         sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
-                                 _pick(bounds, jj), compile_policy, kappa_only,
-                                 None if path_elements is None else path_elements - nt)
+                                 _pick(bounds, jj), compile_policy, kappa_only, size, wide=False)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
             o[jj] = getattr(sub, f).to(torch.float64)
+            if standin:
+                break
         return out
 
     def _point_masses(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
@@ -1183,18 +1251,20 @@ class ParamGrid:
     def _path_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                       compile_policy: CompilePolicy | None, kappa_only: bool,
-                      path_elements: int | None = None) -> CellMoments:
+                      path_elements: int | None = None, wide: bool = True,
+                      known: Tensor | None = None) -> CellMoments:
         """The grid's own cells on the grid paths (every element); those whose sd spans their
         bounded window in closed form (:meth:`_wide_sd`; after the point masses: sd-0 weights never
         qualify, and the gate's test then runs on a mostly-sd-0 chunk's live elements alone).
         ``path_elements`` (affine and value-table grids): the elements take the paths of a call of
         that many (the kernels' ``path_elements``; :meth:`_own_moments` gives a chunk's live
-        elements alone)."""
-        if WIDE_SD_CLOSED_FORM and bounds is not None:
-            wide = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
-                                 path_elements)
-            if wide is not None:
-                return wide
+        elements alone). ``wide=False``: no closed form (:meth:`_wide_sd`'s rest); ``known``: as
+        :meth:`element_moments`, left off the paths after the closed form."""
+        if wide and WIDE_SD_CLOSED_FORM and bounds is not None:
+            closed = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
+                                   path_elements, known)
+            if closed is not None:
+                return closed
         if self.kind == "quotient":
             inv, lo, hi = self._quotient(scale, zero_point)
             fine = sigma.to(torch.float64) * inv > QUOTIENT_EXACT_MAX_SD
