@@ -42,7 +42,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kfac_classifier import ce, data, fit, mlp  # noqa: E402
 from mis_lightning.assess import run_estimation, score_schemes  # noqa: E402
 from mis_lightning.config import EstimationConfig  # noqa: E402
-from mis_lightning.groundtruth.attacks import lira_scores, pool_advantage, pool_splits, quantized, rmia_scores  # noqa: E402
+from mis_lightning.groundtruth.attacks import (  # noqa: E402
+    lira_scores,
+    pool_advantage,
+    pool_splits,
+    quantized,
+    rmia_scores,
+)
 
 ATTACKS = ["loss", "lira_on", "lira_off", "rmia_on", "rmia_off"]
 
