@@ -384,8 +384,8 @@ def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
 # "ac36": benchmarks/classifier_pool_attacks.py, ReLU 20-80-5 classifiers, d / n = 2.1, decay 1e-2)
 EXACT_RANK_FIGURES = (
     "on ReLU 20-80-5 classifiers at d / n = 2.1 (weight decay 1e-2) the exact estimator's pool-protocol "
-    "figures read 0.76-0.87 where the best of five reference-model attacks (LiRA, RMIA, loss) reached "
-    "0.31-0.34, the diagonal estimator 0.48 and the first-order form with the population's gradient "
+    "figures read 0.76-0.88 where the best of five reference-model attacks (LiRA, RMIA, loss) reached "
+    "0.31-0.37, the diagonal estimator 0.48-0.50 and the first-order form with the population's gradient "
     "covariance about 0.40")
 
 
@@ -1490,8 +1490,8 @@ KFAC_CLASSIFIER_FIGURES = (
     "(0.67-0.73x uncorrected), whose figures there are no reference: with more weights than records its "
     "in-sample form reads every record at the rank and its leverage correction, at leverages near 1, doubles "
     "them. Against reference-model attacks in the pool protocol the figures read high there, not low: the best "
-    "of five attacks reached 0.31-0.34 where the diagonal estimator read 0.48 (the exact "
-    "estimator 0.76-0.87) and the first-order form with the population's gradient covariance about 0.40, "
+    "of five attacks reached 0.31-0.37 where the diagonal estimator read 0.48-0.50 (the exact "
+    "estimator 0.76-0.88) and the first-order form with the population's gradient covariance about 0.40, "
     "docs/validation.md, \"ac36\")")
 
 
