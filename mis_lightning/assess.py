@@ -401,12 +401,12 @@ def _exact_rank_note(mode: str, d: int, n: int, diagnostics: Mapping[str, Any]) 
         return None
     corrected = bool(diagnostics.get("leverage_correction"))
     return (f"more assessed weights than records (d = {d:,}, n = {n:,}): the exact estimator's gradient covariance "
-            f"has rank at most n - 1, so before any correction every record reads the same shift (delta^2 = "
-            f"rank / n, the trace identity), not its own"
+            f"has rank at most n - 1, so before any correction every record in the others' span reads the same shift "
+            f"(delta^2 = (n - 1) / n, the trace identity), not its own"
             + (", and the finite-sample correction, at leverages near 1, raises the figures towards saturation"
                if corrected else "")
-            + f"; these figures are then far above what attacks achieve ({EXACT_RANK_FIGURES}; "
-            "docs/validation.md, \"ac36\"): treat them as an upper bound, not a reference for the diagonal estimator")
+            + f"; where measured, such figures were far above what attacks achieved ({EXACT_RANK_FIGURES}; "
+            "docs/validation.md, \"ac36\"): read them as conservative, not as a reference for the diagonal estimator")
 
 
 def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
