@@ -1586,7 +1586,7 @@ class _Prepared:
         # the main sums with the exact fourth-power sums, where score_schemes computed them for
         # several schemes at once (JOINT_EXACT_FOURTH); read and dropped by _finish_scheme
         self.exact_fourth: dict[str, F.CltSums] | None = None
-        # per bounded parameter whose fourth-power columns the pass kept (float32 weights): the
+        # per bounded parameter whose fourth-power columns the pass kept (small models): the
         # main sums with the sharper bounds (SHARP_FOURTH_BOUND); read by _diagnostic_sums
         self.sharp_fourth: dict[str, F.CltSums] = {}
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
