@@ -2150,11 +2150,14 @@ class _SubsetGrid(ParamGrid):
     _sel_bounds: tuple[Tensor, Tensor] | None
     _chunk_elements: int
 
-    def element_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    # ``shared`` (ParamGrid's: expansions shared between equal grids) has nothing to share here:
+    # the view's per-element values are its own; accepted, as ParamGrid._chunk_grid passes it
+    # (bb36: without it every bf16 / fp16-stored model's intx schemes failed with a TypeError)
+    def element_grid(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         scale, zp, code = self._sel_grid
         return scale[start:end], zp[start:end], None if code is None else code[start:end]
 
-    def element_bounds(self, start: int, end: int) -> tuple[Tensor, Tensor] | None:
+    def element_bounds(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor] | None:
         if self._sel_bounds is None:
             return None
         return self._sel_bounds[0][start:end], self._sel_bounds[1][start:end]
