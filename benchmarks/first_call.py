@@ -64,10 +64,12 @@ def _train(size: str, path: str) -> None:
     print(f"size {size} epoch {min(ep[1:]):.3f} s CPU (epochs {', '.join(f'{e:.3f}' for e in ep)})")
 
 
-def load_saved(path: str) -> tuple:
+def load_saved(path: str, dtype: str | None = None) -> tuple:
     """``(saved, model, loader, loss_fn, est_cfg, sc_cfg)`` of a model saved by ``train``: the MLP
-    with its weights, the data in batches of 256, the squared-error loss per record and the
-    default "assess" configurations; one thread."""
+    with its weights, the data in batches of 256, the squared-error loss per record (in float32)
+    and the default "assess" configurations; one thread. ``dtype`` ("bfloat16", "float16"): the
+    model and the inputs cast to it (weights stored in that format: their storage grid is the
+    unquantized release, method.md section 5)."""
     import torch
 
     from benchmarks.assess_speed import mlp
@@ -77,17 +79,20 @@ def load_saved(path: str) -> tuple:
     saved = torch.load(path)
     model, _ = mlp(saved["size"])
     model.load_state_dict(saved["state"])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(saved["x"], saved["y"]), batch_size=256)
+    x = saved["x"]
+    if dtype is not None:
+        model, x = model.to(getattr(torch, dtype)), x.to(getattr(torch, dtype))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, saved["y"]), batch_size=256)
 
     def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (out.squeeze(-1) - t) ** 2
+        return 0.5 * (out.squeeze(-1).float() - t) ** 2
 
     est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
     return saved, model, loader, loss_fn, est_cfg, sc_cfg
 
 
 def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None,
-            off: list[str] | None = None) -> None:
+            off: list[str] | None = None, dtype: str | None = None) -> None:
     import importlib
 
 
@@ -101,7 +106,7 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.assess import run_estimation, score_schemes
 
-    saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path)
+    saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path, dtype)
     epoch = float(saved["epoch"])
     c0 = time.process_time()
     est = run_estimation(model, loader, loss_fn, est_cfg)
@@ -141,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
     a.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
                    help="set mis_lightning.MODULE.FLAG False (repeatable)")
+    a.add_argument("--dtype", choices=["bfloat16", "float16"], default=None,
+                   help="cast the model and inputs to this storage format (default: float32 as saved)")
     args = ap.parse_args(argv)
     if args.cmd == "train":
         _train(args.size, args.path)
     else:
-        _assess(args.path, args.json, args.prof, args.schemes, args.off)
+        _assess(args.path, args.json, args.prof, args.schemes, args.off, args.dtype)
     return 0
 
 

@@ -1621,7 +1621,7 @@ class _Prepared:
         # the main sums with the exact fourth-power sums, where score_schemes computed them for
         # several schemes at once (JOINT_EXACT_FOURTH); read and dropped by _finish_scheme
         self.exact_fourth: dict[str, F.CltSums] | None = None
-        # per bounded parameter whose fourth-power columns the pass kept (float32 weights): the
+        # per bounded parameter whose fourth-power columns the pass kept (small models): the
         # main sums with the sharper bounds (SHARP_FOURTH_BOUND); read by _diagnostic_sums
         self.sharp_fourth: dict[str, F.CltSums] = {}
         self.bits = self.zero = self.quant = self.d_eff = self.frozen = 0.0
@@ -2189,11 +2189,14 @@ class _SubsetGrid(ParamGrid):
     _sel_bounds: tuple[Tensor, Tensor] | None
     _chunk_elements: int
 
-    def element_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    # ``shared`` (ParamGrid's: expansions shared between equal grids) has nothing to share here:
+    # the view's per-element values are its own; accepted, as ParamGrid._chunk_grid passes it
+    # (bb36: without it every bf16 / fp16-stored model's intx schemes failed with a TypeError)
+    def element_grid(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         scale, zp, code = self._sel_grid
         return scale[start:end], zp[start:end], None if code is None else code[start:end]
 
-    def element_bounds(self, start: int, end: int) -> tuple[Tensor, Tensor] | None:
+    def element_bounds(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor] | None:
         if self._sel_bounds is None:
             return None
         return self._sel_bounds[0][start:end], self._sel_bounds[1][start:end]
@@ -2531,19 +2534,22 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             base_k, base_kp = torch.empty(numel, dtype=torch.float64), torch.empty(numel, dtype=torch.float64)
         # base, main per scheme, pool per scheme (, the baseline's pool, kappa = 1)
         s2 = torch.zeros(R, 2 * nm - 1 + extra, dtype=torch.float64)
-        s4 = torch.zeros(R, 2 * nm, dtype=torch.float64)  # (m4 - 3 k^2) then k^2 of the main columns
+        # (m4 - 3 k^2) then k^2 of the main columns (, B = sum_j w^4: stored weights)
+        s4 = torch.zeros(R, 2 * nm + int(sgrid is not None), dtype=torch.float64)
         # Streamed influences: a scheme's fourth-power sums only feed the Gaussian form's
         # diagnostics, which the baseline's sum_j w^4 bounds (method.md section 3, "Gaussian
         # form's diagnostics"); _finish_scheme sums them exactly only where the bound fails.
         bounded = [BOUND_FOURTH_POWER_SUMS and not keep and p.grids[name].rounding == "nearest" for p in active]
         exact4 = [0] + [1 + j for j, bd in enumerate(bounded) if not bd]  # columns of K with exact sums
-        cols4 = exact4 + [nm + i for i in exact4]
+        # Stored weights: the baseline's k^2 column is sum_j w^4 kappa_storage^2, not B (bb36: with sd
+        # below an ulp and skewed cell splits m4 - 3 kappa^2 of a scheme can exceed 3 kappa_storage^2
+        # by orders of magnitude), so B is summed as a column of its own.
+        cols4 = exact4 + [nm + i for i in exact4] + ([2 * nm] if sgrid is not None else [])
         keep4 = [keep_fourth and bd for bd in bounded]  # their columns kept for _exact_fourth_sums
         # the largest |m4 - 3 kappa^2| and kappa^2 over the parameter of the schemes whose columns
-        # are kept (small models; float32 weights: the baseline's fourth-power column is then
-        # B = sum_j w^4): the sharper bounds, read off the kept columns (no pass of their own over
-        # a large model's moments, whose scheme-free bounds usually hold)
-        sharp = [SHARP_FOURTH_BOUND and kp and sgrid is None for kp in keep4]
+        # are kept (small models), times B = sum_j w^4: the sharper bounds, read off the kept
+        # columns (no pass of their own over a large model's moments, whose scheme-free bounds usually hold)
+        sharp = [SHARP_FOURTH_BOUND and kp for kp in keep4]
         peaks = [[0.0, 0.0] for _ in active]
         for j in range(len(active)):
             if keep4[j]:
@@ -2673,13 +2679,16 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 lists = {2: [*K, *P, *P0], 4: [M4[i] - 3.0 * k2[i] for i in exact4] + [k2[i] for i in exact4]}
                 keys = {2: [id(t) for t in (*K, *P, *P0)],
                         4: [(id(M4[i]), id(K[i])) for i in exact4] + [id(K[i]) for i in exact4]}
+                if sgrid is not None:
+                    lists[4].append(ones)
+                    keys[4].append("B")
                 ps = _distinct_list_sums(reader, a, b, lists, keys)
             else:
                 Km = torch.stack(K, 1)
                 K4 = Km[:, exact4] if len(exact4) < nm else Km
                 M4m = torch.stack([M4[i] for i in exact4], 1)
                 cols = {2: torch.cat([Km, torch.stack(P + P0, 1)], 1) if P or P0 else Km,
-                        4: torch.cat([M4m - 3.0 * K4.square(), K4.square()], 1)}
+                        4: torch.cat([M4m - 3.0 * K4.square(), K4.square()] + ([ones[:, None]] if sgrid is not None else []), 1)}
                 if not reader.streaming:  # influences recomputed per record block: one call at the end
                     held.append((cols, [torch.zeros(c, p.num_draws, dtype=torch.float64) if dl is None
                                         else (dl[1] @ dl[0]).T for p, dl in zip(active, deltas)]))
@@ -2718,6 +2727,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         # the columns in the layout the callers read
         base = F.CltSums(s2[:, 0].clone(), s4[:, 0].clone(), s4[:, nm].clone())
         res = [base]
+        B = s4[:, nm] if sgrid is None else s4[:, 2 * nm]  # sum_j w^4 (kappa = 1 in the baseline's column)
         if sgrid is not None and stored is not None:
             zero = torch.zeros(R, dtype=torch.float64)
             stored[name] = (F.CltSums(s2[:, 2 * nm - 1].clone(), zero), base_k, base_kp,
@@ -2730,11 +2740,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 continue
             j = active.index(prep)
             main2 = s2[:, 1 + j]
-            if bounded[j]:  # |s4| <= 3 sum_j w^4 and s22 <= sum_j w^4 (the baseline's s22)
-                res.append(F.CltSums(main2.clone(), 3.0 * s4[:, nm], s4[:, nm].clone(), bound=True))
+            if bounded[j]:  # |s4| <= 3 B and s22 <= B, B = sum_j w^4 (method.md section 3)
+                res.append(F.CltSums(main2.clone(), 3.0 * B, B.clone(), bound=True))
                 if sharp[j]:
-                    prep.sharp_fourth[name] = F.CltSums(res[-1].s2, peaks[j][0] * s4[:, nm], peaks[j][1] * s4[:, nm],
-                                                        bound=True)
+                    prep.sharp_fourth[name] = F.CltSums(res[-1].s2, peaks[j][0] * B, peaks[j][1] * B, bound=True)
             else:
                 res.append(F.CltSums(main2.clone(), s4[:, 1 + j].clone(), s4[:, nm + 1 + j].clone()))
             res.extend(F.CltSums(main2 + dd[j][:, bi], torch.zeros(R, dtype=torch.float64))

@@ -98,8 +98,9 @@ class SchemeResult:
     gives: with the finite-sample spread term where the headline has it). ``clt_error_estimate``: the
     Gaussian form's worst Edgeworth error estimate over records, or, where the influences are
     streamed and an upper bound already shows it within tolerance, that bound (the scheme-free
-    one, else the sharper one from each layer's largest moments; method.md section 3, "Gaussian
-    form's diagnostics").
+    one from ``B = sum_j w_j^4``, summed as such on bf16 / fp16-stored weights too, else the
+    sharper one from each layer's largest moments; method.md section 3, "Gaussian form's
+    diagnostics").
     """
 
     name: str

@@ -15,6 +15,7 @@ sums over the same edges, tolerance 1e-9 relative as tests/test_storage_rounding
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from _lowp import dtype_values
 from scipy.special import erf, erfc
@@ -197,3 +198,32 @@ def test_float32_weights_keep_the_continuous_baseline(monkeypatch):
     # (the same figure by two roundings: the correlated form's mean before and after saturation)
     assert abs(rep.baseline_leakage - rep.schemes["none"].leakage) <= 1e-15
     assert rep.schemes["bf16"].d_eff < rep.schemes["none"].d
+
+
+@pytest.mark.parametrize("scheme", ["intx_weight_only_int4", "int8_weight_only"])
+def test_a_subset_view_of_a_stored_grid_reads_its_elements(scheme):
+    """bb36: the sampled bootstrap draws' view of a grid on some of its elements (``_subset_grid``)
+    gives bitwise the full grid's moments there on bf16-stored weights. Before, its
+    ``element_grid`` lacked the ``shared`` keyword ``ParamGrid._chunk_grid`` passes (cm35): a
+    TypeError, and every bf16 / fp16 model of 1e5-1e6 weights reported its intx schemes as failed."""
+    import importlib
+
+    from test_scoring_pass import _estimate  # tests/
+
+    from mis_lightning.quantization import get_scheme
+
+    A = importlib.import_module("mis_lightning.assess")
+    model, est = _estimate("factored")
+    model = model.to(torch.bfloat16)
+    params = dict(model.named_parameters())
+    for n in est.names:
+        est.theta[n] = params[n].detach().float().reshape(est.theta[n].shape)
+    g = A._prepare_scheme(est, model, get_scheme(scheme), 0).grids["0.weight"]
+    assert g.storage_dtype == torch.bfloat16
+    n = est.theta["0.weight"].numel()
+    sel = torch.arange(3, n, 7)
+    th, sg = est.theta["0.weight"].double().reshape(-1), est.sigma["0.weight"].double().reshape(-1)
+    full = g.moments(th, sg, 0, n)
+    sub = A._subset_grid(g, 0, n, sel).moments(th[sel], sg[sel], 0, sel.numel())
+    assert torch.equal(sub.kappa, full.kappa[sel]) and torch.equal(sub.m4, full.m4[sel])
+    assert float(full.kappa.max()) > 0  # not all pinned: the comparison reads moving cells
