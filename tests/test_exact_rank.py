@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _nets import ce_per_record, fit_lbfgs_ce
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -18,9 +18,7 @@ from mis_lightning.assess import EXACT_RANK_FIGURES, KFAC_CLASSIFIER_FIGURES
 from mis_lightning.config import EstimationConfig
 from mis_lightning.estimation.estimate import estimate
 
-
-def _ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
+_ce = ce_per_record
 
 
 def _classifier(n: int, seed: int = 0, decay: float = 1e-2):
@@ -32,18 +30,8 @@ def _classifier(n: int, seed: int = 0, decay: float = 1e-2):
                           generator=g).reshape(-1)
     torch.manual_seed(seed)
     m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
-    opt = torch.optim.LBFGS(m.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        obj = _ce(m(x), y).mean() + decay / 2 * sum(p.square().sum() for p in m.parameters())
-        obj.backward()
-        return obj
-
-    for _ in range(2):
-        opt.step(closure)
-    return m.eval(), DataLoader(TensorDataset(x, y), batch_size=50)
+    fit_lbfgs_ce(m, x, y, decay, 2)
+    return m, DataLoader(TensorDataset(x, y), batch_size=50)
 
 
 def test_at_d_above_n_every_record_reads_the_rank():

@@ -9,7 +9,7 @@ import importlib
 import warnings
 
 import torch
-import torch.nn.functional as F
+from _nets import ce_per_record, fit_lbfgs_ce
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,8 +21,7 @@ E = importlib.import_module("mis_lightning.estimation.estimate")
 SCHEMES = ["rtn_int6", "rtn_int4"]
 
 
-def _ce(out, y):
-    return F.cross_entropy(out, y, reduction="none")
+_ce = ce_per_record
 
 
 def _softmax_regression(n=600, fan=10, classes=4, rho=0.98, decay=1e-3, seed=1):
@@ -38,18 +37,8 @@ def _softmax_regression(n=600, fan=10, classes=4, rho=0.98, decay=1e-3, seed=1):
     y = torch.multinomial(torch.softmax(x @ w * 0.7, 1), 1, generator=g).reshape(-1)
     torch.manual_seed(seed)
     m = nn.Linear(fan, classes).double()
-    opt = torch.optim.LBFGS(m.parameters(), lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        obj = _ce(m(x), y).mean() + decay / 2 * sum(p.square().sum() for p in m.parameters())
-        obj.backward()
-        return obj
-
-    for _ in range(3):
-        opt.step(closure)
-    return m.eval(), DataLoader(TensorDataset(x, y), batch_size=200)
+    fit_lbfgs_ce(m, x, y, decay, 3)
+    return m, DataLoader(TensorDataset(x, y), batch_size=200)
 
 
 def test_a_softmax_regression_reads_the_exact_estimators_sigma_and_headline():
