@@ -13,6 +13,7 @@ the shared 2-core machine); the other files follow in their usual order.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,17 +73,37 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def layout_only_figures(request, monkeypatch):
-    """``Figure.savefig`` lays the figure out (every artist, its text and mathtext included:
-    ``draw_without_rendering``, which raises what a save would raise from them) and writes a
-    short note, not an image. For the tests that assess through the callback or the planner:
-    they publish a privacy-utility figure per report (0.35 s of CPU each, 74 of them in
-    test_callback.py: 25 of its 64 s) but never read it. The figure is still built and laid
-    out from each report. A test that reads a figure is marked ``real_figure`` and saves for
-    real (the note is no PNG: a test reading one unmarked fails)."""
+    """``Figure.savefig`` and the report's one draw (``tracking.draw_figure``: the canvas's
+    draw, then the PNG; fx33) lay the figure out (every artist, its text and mathtext included:
+    ``draw_without_rendering``, which raises what a save would raise from them) and write a
+    short note, not an image; ``draw_figure`` hands the loggers blank pixels of the drawing's
+    size. For the tests that assess through the callback or the planner: they publish a
+    privacy-utility figure per report (0.35 s of CPU each, 74 of them in test_callback.py: 25 of
+    its 64 s) but never read it. The figure is still built and laid out from each report. A
+    test that reads a figure is marked ``real_figure`` and saves for real (the note is no PNG: a
+    test reading one unmarked fails). ts36: since fx33 the report no longer went through
+    ``savefig``, so every figure was rasterized again (35% of test_callback.py's CPU)."""
     if request.node.get_closest_marker("real_figure"):
         yield
         return
+    import numpy as np
     from matplotlib.figure import Figure
+
+    from mis_lightning import tracking
+
+    def draw_figure(figure, path, dpi=tracking.FIGURE_DPI):
+        old = figure.get_dpi()
+        figure.set_dpi(dpi)  # laid out at the dpi the real draw uses
+        try:
+            figure.draw_without_rendering()
+            width, height = figure.canvas.get_width_height()
+        finally:
+            figure.set_dpi(old)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(LAYOUT_ONLY_NOTE)
+        return np.zeros((height, width, 3), dtype=np.uint8)
+
+    monkeypatch.setattr(tracking, "draw_figure", draw_figure)
 
     def savefig(self, fname, *args, **kwargs):
         self.draw_without_rendering()

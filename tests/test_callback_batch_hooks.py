@@ -15,6 +15,8 @@ from mis_lightning import MISCallback
 from mis_lightning.evaluation import evaluate_utility
 
 torch.set_num_threads(1)
+# the report figures no test here reads: laid out, not rasterized (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8", "rtn_int2"]
 FAST = {"covariance": "independent", "uncertainty_draws": 0}
 

@@ -6,18 +6,12 @@ of the 1e5-weight benchmark MLP; docs/benchmarks.md, pf28)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mis_lightning.estimation.per_sample import LossProgram
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -129,49 +123,8 @@ def test_hook_loss_hessians_are_the_forward_over_reverse_hessians():
     torch.testing.assert_close(L, ref, rtol=1e-12, atol=1e-12)
 
 
-_FRESH_ESTIMATION = """
-import sys, torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-from mis_lightning.assess import run_estimation
-from mis_lightning.config import stage_configs
-torch.manual_seed(0)
-cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
-mlp = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
-runs = {"mse": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)), torch.randn(64, 8), torch.randn(64),
-                lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2),
-        "cnn": (cnn, torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)),
-                lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction="none")),
-        "logcosh": (mlp, torch.randn(64, 8), torch.randn(64, 3), lambda o, t: torch.log(torch.cosh(o - t)).sum(-1))}
-est_cfg, _, _ = stage_configs("assess", None, None, {"strict": False, "mode": "diagonal", "hessian": "ggn"})
-for kind, (model, x, y, loss) in runs.items():
-    est = run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=32), loss, est_cfg)
-    assert est.estimator.startswith("diagonal"), est.estimator
-    print(kind, "loaded" if "torch._decomp.decompositions_for_jvp" in sys.modules else "not loaded")
-    if kind == "mse":  # no torch.func grad on a Linear-only model's first batch (the loss-rank count; pf30)
-        print("dynamo", "imported" if "torch._dynamo" in sys.modules else "not imported")
-        # no gradient tensor handed to autograd (its first import of sympy, ~0.4 s; es32)
-        print("sympy", "imported" if "sympy" in sys.modules else "not imported")
-"""
-
-
-def test_gauss_newton_estimation_does_not_load_forward_ad():
-    """A fresh process: the diagonal estimator with the Gauss-Newton diagonal on the benchmarks'
-    kind of MLP (least squares; the leverage's loss-rank count on the first batch, pf28), on a small CNN
-    (cross-entropy), then on an MLP with a log-cosh loss (the per-layer program's loss Hessian in
-    the outputs, every batch) leaves torch's forward-AD decompositions unloaded (pf29: they loaded
-    through ``_loss_derivatives``' torch.func.hessian on the CNN's first batch). The exact
-    sandwich's jvp still loads them (``estimate.HESSIAN_FORWARD_AD``). The MLP's estimation does
-    not import torch._dynamo either (pf30: the loss-rank count's torch.func ``grad`` did, ~1 s
-    CPU, in a process that never ran an optimizer; now plain autograd), nor sympy (es32: the loss
-    Hessian's batched backward handed autograd a gradient tensor, whose first use imports
-    torch.fx.experimental.symbolic_shapes and sympy, ~0.4 s, most of a 1e5 MLP's estimation;
-    fails on main)."""
-    out = subprocess.run([sys.executable, "-c", _FRESH_ESTIMATION], capture_output=True, text=True, cwd=ROOT,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-5:] == ["mse not loaded", "dynamo not imported", "sympy not imported",
-                                                    "cnn not loaded", "logcosh not loaded"]
+# the fresh-process check that the Gauss-Newton estimations load no forward AD, dynamo or sympy:
+# tests/test_fresh_process.py
 
 
 def test_exact_hessian_and_record_curvature_reverse_over_reverse_equal_forward_over_reverse():
