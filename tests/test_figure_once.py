@@ -77,3 +77,27 @@ def test_publish_report_draws_once_and_tensorboard_logs_the_files_pixels(report,
     hwc = img if fmt == "HWC" else np.moveaxis(img, 0, -1)
     png = matplotlib.image.imread(figure_path)
     assert np.array_equal(hwc, (png[:, :, :3] * 255).round().astype(np.uint8))
+
+
+def test_layout_only_figures_keeps_publish_report_from_rasterizing(report, tmp_path, monkeypatch,
+                                                                    layout_only_figures):
+    """tests/conftest.py's ``layout_only_figures`` (the callback and planner tests' fixture) must
+    still reach the report's one draw: since fx33 ``publish_report`` draws through
+    ``tracking.draw_figure``, not ``savefig``, and the fixture silently stopped working (every
+    callback test rasterized its figure again: 35% of test_callback.py's CPU, ts36). Fails if the
+    report's figure reaches an Agg rasterization under the fixture."""
+    import matplotlib.image
+    from conftest import LAYOUT_ONLY_NOTE
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mis_lightning.tracking import publish_report
+
+    def rasterized(*args, **kwargs):
+        raise AssertionError("rasterized under layout_only_figures")
+
+    # a real draw reads the canvas's pixels and encodes them (the layout alone does neither:
+    # draw_without_rendering stops inside the canvas's draw, before any pixel)
+    monkeypatch.setattr(FigureCanvasAgg, "buffer_rgba", rasterized)
+    monkeypatch.setattr(matplotlib.image, "imsave", rasterized)
+    _, figure_path = publish_report(tmp_path, report, [])
+    assert figure_path.read_bytes() == LAYOUT_ONLY_NOTE
