@@ -1906,12 +1906,20 @@ def _built_mix(draws: int) -> Tensor:
     """``[D, 1 + ceil(D / 2)]`` the built draws as combinations of their parts ``[mu, sd * zeta_1,
     ...]``: draw ``b`` is ``mu + sd zeta_b`` in the first half, ``mu - sd zeta_(b - half)`` in the
     second (antithetic)."""
-    half = (draws + 1) // 2
-    mix = torch.zeros(draws, 1 + half, dtype=torch.float64)
-    mix[:, 0] = 1.0
-    for bi in range(draws):
-        mix[bi, 1 + bi % half] = 1.0 if bi < half else -1.0
-    return mix
+    mix = _BUILT_MIX.get(draws)
+    if mix is None:
+        half = (draws + 1) // 2
+        mix = torch.zeros(draws, 1 + half, dtype=torch.float64)
+        mix[:, 0] = 1.0
+        for bi in range(draws):
+            mix[bi, 1 + bi % half] = 1.0 if bi < half else -1.0
+        _BUILT_MIX[draws] = mix
+    # a copy: the callers own their parts (one clone, not the ~D element writes: ~90 us a call,
+    # ~90 calls a 1e5 scoring; py37)
+    return mix.clone()
+
+
+_BUILT_MIX: dict[int, Tensor] = {}  # draws -> _built_mix's matrix (constant: a function of draws alone)
 
 
 def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
@@ -2746,8 +2754,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     prep.sharp_fourth[name] = F.CltSums(res[-1].s2, peaks[j][0] * B, peaks[j][1] * B, bound=True)
             else:
                 res.append(F.CltSums(main2.clone(), s4[:, 1 + j].clone(), s4[:, nm + 1 + j].clone()))
-            res.extend(F.CltSums(main2 + dd[j][:, bi], torch.zeros(R, dtype=torch.float64))
-                       for bi in range(prep.num_draws))
+            # the draws' s2 main2 + dd[j][:, b] as the rows of one [D, R] sum (the same additions; py37)
+            drawn = torch.add(dd[j].T, main2).contiguous()
+            dzero = torch.zeros(prep.num_draws, R, dtype=torch.float64)
+            res.extend(F.CltSums(drawn[bi], dzero[bi]) for bi in range(prep.num_draws))
             res.append(F.CltSums(s2[:, nm + j].clone(), torch.zeros(R, dtype=torch.float64)))
             if sampled[j]:
                 prep.draw_groups[name] = cg[j]
@@ -2952,6 +2962,26 @@ def _keep_chunk(est: Estimate, prep: _Prepared, src: _Prepared, name: str, a: in
 
 def _total(layer_sums: dict[str, F.CltSums], R: int) -> F.CltSums:
     return sum(layer_sums.values(), F.CltSums.zeros(R))
+
+
+def _summed_s2(per_layer: Iterable[Tensor], rows: int, R: int) -> Tensor:
+    """``[rows, R]`` float64: the layers' ``s2`` (each ``[rows, R]`` or ``[R]``) summed in
+    :func:`_total`'s order (0, then each layer in turn): row ``i`` is bitwise ``_total``'s ``s2``
+    of the layers' rows ``i`` (the same additions, element by element), in one operation per
+    layer instead of one per row and layer (the interval's draws and groups; py37)."""
+    out = torch.zeros(rows, R, dtype=torch.float64)
+    for s2 in per_layer:
+        out = out + s2
+    return out
+
+
+def _row_leakage_means(s2: Tensor, n: float) -> list[float]:
+    """Per row of ``s2 [rows, R]`` the mean over the ``R`` records of the Gaussian form's leakage
+    (:meth:`F.CltSums.leakage`): bitwise ``float(F.CltSums(s2[i], ...).leakage(n).mean())`` (the
+    same element-wise operations; each row's mean taken over its own contiguous values, as a
+    ``[R]`` tensor's: no reduction over a strided dimension, whose order may differ)."""
+    lk = F.leakage_from_sums(s2.contiguous(), n)
+    return [float(lk[i].mean()) for i in range(lk.shape[0])]
 
 
 # The schemes whose bounds do not settle the Gaussian form's diagnostics sum their exact fourth
@@ -3324,8 +3354,10 @@ def _interval(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSums]], 
         vals = [float(F.exact1d_leakage(est.influence[:, 0], lam_b, est.n).mean()) for lam_b in lam_draws]
     else:
         scale = leakage / clt_value if chosen == "mc" and clt_value > 0 else 1.0
-        vals = [scale * float(_total({name: sums[name][idx + 1 + b] for name in est.names}, est.num_records)
-                              .leakage(est.n).mean()) for b in range(prep.num_draws)]
+        D = prep.num_draws
+        s2 = _summed_s2((torch.stack([sums[name][idx + 1 + b].s2 for b in range(D)]) for name in est.names),
+                        D, est.num_records)
+        vals = [scale * v for v in _row_leakage_means(s2, est.n)]
         draw_noise = scale * _draw_sample_noise(est, prep, sums, idx)
     # The range over where the population weights sit in their cells (few coarse weights)
     # or the widened bootstrap spread (many): functional.interval, method.md section 3.
@@ -3353,19 +3385,14 @@ def _draw_sample_noise(est: Estimate, prep: _Prepared, sums: dict[str, list[F.Cl
         return 0.0
     R, G, D = est.num_records, DRAW_SAMPLE_GROUPS, prep.num_draws
     half = (D + 1) // 2  # draw `half` is draw 0's antithetic partner (_built_mix): their mean is the centre
-    zero = torch.zeros(R, dtype=torch.float64)
-    centre = {name: 0.5 * (sums[name][idx + 1].s2 + sums[name][idx + 1 + half].s2) for name in est.names}
-    vals = []
-    for gi in range(G):
-        layer = {}
-        for name in est.names:
-            s2 = centre[name]
-            grp = prep.draw_groups.get(name)
-            if grp is not None:
-                s2 = s2 + G * grp[:, gi] - grp.sum(1)
-            layer[name] = F.CltSums(s2, zero)
-        vals.append(float(_total(layer, R).leakage(est.n).mean()))
-    t = torch.tensor(vals, dtype=torch.float64)
+    per_layer = []  # [G, R] (or [R], the same in every group) per layer
+    for name in est.names:
+        s2 = 0.5 * (sums[name][idx + 1].s2 + sums[name][idx + 1 + half].s2)
+        grp = prep.draw_groups.get(name)
+        if grp is not None:
+            s2 = s2 + G * grp.T - grp.sum(1)  # group g's row: the same operations as on its column
+        per_layer.append(s2)
+    t = torch.tensor(_row_leakage_means(_summed_s2(per_layer, G, R), est.n), dtype=torch.float64)
     return float(((t - t.mean()).square().sum() / (G * (G - 1))).sqrt())
 
 
