@@ -2743,8 +2743,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         for prep in prepared:
             if prep not in active:
                 res.append(F.CltSums(base.s2.clone(), base.s4.clone(), base.s22.clone()))
-                res.extend(F.CltSums(base.s2.clone(), torch.zeros(R, dtype=torch.float64))
-                           for _ in range(prep.num_draws + 1))
+                copies = base.s2.expand(prep.num_draws + 1, R).clone()  # one copy per column, at once
+                zeros = torch.zeros(prep.num_draws + 1, R, dtype=torch.float64)
+                res.extend(F.CltSums(c2, z) for c2, z in zip(copies.unbind(), zeros.unbind()))
                 continue
             j = active.index(prep)
             main2 = s2[:, 1 + j]
@@ -2757,7 +2758,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             # the draws' s2 main2 + dd[j][:, b] as the rows of one [D, R] sum (the same additions; py37)
             drawn = torch.add(dd[j].T, main2).contiguous()
             dzero = torch.zeros(prep.num_draws, R, dtype=torch.float64)
-            res.extend(F.CltSums(drawn[bi], dzero[bi]) for bi in range(prep.num_draws))
+            res.extend(F.CltSums(d2, z) for d2, z in zip(drawn.unbind(), dzero.unbind()))
             res.append(F.CltSums(s2[:, nm + j].clone(), torch.zeros(R, dtype=torch.float64)))
             if sampled[j]:
                 prep.draw_groups[name] = cg[j]
