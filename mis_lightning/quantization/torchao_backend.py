@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -136,6 +137,9 @@ class _OptionalKernelNoise(logging.Filter):
 def _import_torchao_quantization() -> Any:
     """``import torchao.quantization``, filtering only the notices of :class:`_OptionalKernelNoise`
     during the first import (the filters are removed again afterwards)."""
+    aoq = sys.modules.get("torchao.quantization")
+    if aoq is not None:  # imported: the import statement would run nothing (no notices to filter)
+        return aoq
     with _torchao_import_notices_filtered():
         import torchao.quantization as aoq
     return aoq
