@@ -2927,7 +2927,7 @@ def _stacked(reader: _InfluenceReader, slot: Any, columns: list[Tensor]) -> Tens
     dtype = columns[0].dtype
     if any(t.dtype != dtype or t.dim() != 1 for t in columns):
         return torch.stack(columns, 1)
-    if COLUMN_MAJOR_STACK and reader.factor is not None:
+    if COLUMN_MAJOR_STACK and reader.factor is not None and len(columns) > 1:  # (one column: the same memory)
         out = reader.cache.scratch(("columns", slot), (len(columns), columns[0].numel()), dtype, columns[0].device)
         return torch.stack(columns, 0, out=out).T
     out = reader.cache.scratch(("columns", slot), (columns[0].numel(), len(columns)), dtype, columns[0].device)

@@ -239,3 +239,31 @@ def test_the_joint_draws_call_sums_no_zero_column(kind, monkeypatch):
     for k, v in out[False].items():
         w = out[True][k]
         assert w == v or abs(w - v) <= 1e-12 * max(abs(v), abs(w)), (k, v, w)
+
+
+@pytest.mark.parametrize("kind", ["factored", "sampled"])
+def test_column_major_stack_gives_bitwise_the_same_report(kind, monkeypatch):
+    """ps37: a factored parameter's distinct main and pool columns are written column after
+    column into the reader's held buffer and passed as its transpose (``COLUMN_MAJOR_STACK``):
+    every figure of the report bitwise as with the row-major stack (the a = 0 term's GEMV per
+    column sums each column as the row-major GEMV does), and the power sums do receive the
+    column-major view (strides ``(1, c)``) with the switch on and a row-major matrix with it off."""
+    model, est = _fitted(kind)
+    layouts: list[tuple[int, ...]] = []
+    real = A._InfluenceReader.sums
+
+    def spy(self, a, b, columns, rows=None):
+        if rows is None:
+            layouts.extend(c.stride() for c in columns.values() if c.shape[1] > 1)
+        return real(self, a, b, columns, rows)
+
+    monkeypatch.setattr(A._InfluenceReader, "sums", spy)
+    reports, seen = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(A, "COLUMN_MAJOR_STACK", on)
+        layouts.clear()
+        reports[on] = json.dumps(A.score_schemes(est, model, _schemes(), strict=True).to_dict(), sort_keys=True)
+        seen[on] = set(layouts)
+    assert reports[True] == reports[False]
+    assert seen[False] and all(s[1] == 1 for s in seen[False])
+    assert seen[True] and all(s[0] == 1 and s[1] > 1 for s in seen[True])
