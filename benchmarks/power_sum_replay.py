@@ -6,6 +6,7 @@ on a shared machine). ps35/ps36's method, kept as a script.
     python benchmarks/power_sum_replay.py capture M DIR          # M: a model saved by first_call.py train
     python benchmarks/power_sum_replay.py replay DIR [REPS] [--switch MODULE.FLAG]
     python benchmarks/power_sum_replay.py count DIR [--records N]
+    python benchmarks/power_sum_replay.py layout DIR [REPS]
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
 under DIR). ``replay`` times each call (CPU, one thread) per (caller, parameter, power), after one
@@ -17,6 +18,10 @@ power): a power-p sum of a weight takes p binomial terms ``a = 1..p``, each a GE
 the ``M`` columns (the signed float64 columns: their non-zero ``(row, column)`` blocks only,
 ``PACK_ZERO_BLOCKS``), against an Adam epoch's ``3 N sum(in * out)`` (forward, input and weight
 gradients of every Linear layer over ``N`` records; ``out`` summed over the captured chunks).
+``layout`` (ps37) replays the ``_distinct_list_sums`` calls with their columns as separate tensors,
+stacked row by row into a held ``[c, M]`` buffer or column by column into a held ``[M, c]`` one
+(``assess.COLUMN_MAJOR_STACK``; one column stays row-major), the stack timed with the call,
+alternating call by call, and checks the two layouts' sums bitwise equal.
 """
 
 from __future__ import annotations
@@ -151,6 +156,46 @@ def count(cap: str, records: int) -> None:
     print(f"all: {total / 1e9:.2f} G multiply-adds = {total / epoch:.3f} of the epoch's")
 
 
+def layout(cap: str, reps: int) -> None:
+    from mis_lightning.estimation import linear_factors as LF
+
+    torch.set_num_threads(1)
+    xs = {int(f.rsplit("/x", 1)[-1][:-3]): torch.load(f) for f in glob.glob(f"{cap}/x*.pt")}
+    calls = []
+    for f in sorted(glob.glob(f"{cap}/c*.pt")):
+        c = torch.load(f)
+        if c["tag"] == "_distinct_list_sums":
+            c["cols"] = [t.contiguous() for t in c.pop("A").unbind(1)]
+            calls.append(c)
+    caches: dict[bool, dict[int, object]] = {False: {}, True: {}}
+    tot: dict[tuple, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    differ = 0
+    for rep in range(reps + 1):
+        for i, c in enumerate(calls):
+            fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+            cols, got = c["cols"], {}
+            for cm in ((False, True) if (rep + i) % 2 else (True, False)):
+                cache = caches[cm].setdefault(c["cache"], LF.PowerCache())
+                t0 = time.process_time()
+                if cm and len(cols) > 1:
+                    A = torch.stack(cols, 0, out=cache.scratch(("columns", c["power"]), (len(cols), cols[0].numel()),
+                                                               cols[0].dtype)).T
+                else:
+                    A = torch.stack(cols, 1, out=cache.scratch(("columns", c["power"]), (cols[0].numel(), len(cols)),
+                                                               cols[0].dtype))
+                got[cm] = LF.factored_power_sums(fac, c["gm"], c["vd"], A, c["power"], c["bias"], cache)
+                if rep:  # round 0 warms the caches and their held buffers
+                    tot[(c["fbias"] if c["bias"] else c["weight"], c["power"])][cm] += time.process_time() - t0
+            differ += rep == 0 and not torch.equal(got[False], got[True])
+    print(f"CPU s per round ({reps} rounds), stack + call, row-major / column-major, by (parameter, power):")
+    total = [0.0, 0.0]
+    for k, (rm, cm) in sorted(tot.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {k}: {rm / reps:.3f} / {cm / reps:.3f}")
+        total[0] += rm / reps
+        total[1] += cm / reps
+    print(f"all {len(calls)} calls: {total[0]:.3f} / {total[1]:.3f} s; {differ} calls' sums differ between the layouts")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -166,8 +211,13 @@ def main(argv: list[str]) -> int:
     k = sub.add_parser("count")
     k.add_argument("dir")
     k.add_argument("--records", type=int, default=4096, help="the epoch's records (first_call.py: 4096)")
+    lay = sub.add_parser("layout")
+    lay.add_argument("dir")
+    lay.add_argument("reps", nargs="?", type=int, default=3)
     args = ap.parse_args(argv)
-    if args.cmd == "capture":
+    if args.cmd == "layout":
+        layout(args.dir, args.reps)
+    elif args.cmd == "capture":
         capture(args.model, args.dir)
     elif args.cmd == "count":
         count(args.dir, args.records)
