@@ -20,8 +20,9 @@ the ``M`` columns (the signed float64 columns: their non-zero ``(row, column)`` 
 gradients of every Linear layer over ``N`` records; ``out`` summed over the captured chunks).
 ``layout`` (ps37) replays the ``_distinct_list_sums`` calls with their columns as separate tensors,
 stacked row by row into a held ``[c, M]`` buffer or column by column into a held ``[M, c]`` one
-(``assess.COLUMN_MAJOR_STACK``; one column stays row-major), the stack timed with the call,
-alternating call by call, and checks the two layouts' sums bitwise equal.
+(``assess.COLUMN_MAJOR_STACK``; one column, and a chunk where more than
+``assess.COLUMN_MAJOR_ROWS`` of the output rows reach the GEMMs, stay row-major as there), the
+stack timed with the call, alternating call by call, and checks the two layouts' sums bitwise equal.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def count(cap: str, records: int) -> None:
 
 
 def layout(cap: str, reps: int) -> None:
+    from mis_lightning import assess as AS
     from mis_lightning.estimation import linear_factors as LF
 
     torch.set_num_threads(1)
@@ -174,10 +176,11 @@ def layout(cap: str, reps: int) -> None:
         for i, c in enumerate(calls):
             fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
             cols, got = c["cols"], {}
+            few = c["bias"] or float(c["d"].ne(0).any(0).double().mean()) <= AS.COLUMN_MAJOR_ROWS
             for cm in ((False, True) if (rep + i) % 2 else (True, False)):
                 cache = caches[cm].setdefault(c["cache"], LF.PowerCache())
                 t0 = time.process_time()
-                if cm and len(cols) > 1:
+                if cm and len(cols) > 1 and few and not c["bias"]:
                     A = torch.stack(cols, 0, out=cache.scratch(("columns", c["power"]), (len(cols), cols[0].numel()),
                                                                cols[0].dtype)).T
                 else:
