@@ -158,9 +158,9 @@ def count(cap: str, records: int) -> None:
 
 
 def layout(cap: str, reps: int) -> None:
-    from mis_lightning import assess as AS
     from mis_lightning.estimation import linear_factors as LF
 
+    AS = importlib.import_module("mis_lightning.assess")
     torch.set_num_threads(1)
     xs = {int(f.rsplit("/x", 1)[-1][:-3]): torch.load(f) for f in glob.glob(f"{cap}/x*.pt")}
     calls = []
