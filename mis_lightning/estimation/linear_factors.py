@@ -1134,7 +1134,7 @@ def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int
     c = (g2 if power == 2 else g2.square() if power == 4 else g_mean.pow(power)) / vp.reshape(-1)  # [numel]
     if not every:
         c = torch.where(live, c, torch.zeros((), dtype=c.dtype))
-    if A.stride(0) == 1 and A.stride(1) != 1:
+    if A.shape[1] and A.stride(0) == 1 and A.stride(1) != 1:
         # columns stored one after another (assess.COLUMN_MAJOR_STACK): a GEMV per column, each
         # [numel, 1] with unit strides, which sums a column as the GEMV over a row-major
         # [numel, M] does (bitwise, tests/test_factored_sums.py; one GEMV over the transposed
