@@ -5,11 +5,24 @@ on a shared machine). ps35/ps36's method, kept as a script.
 
     python benchmarks/power_sum_replay.py capture M DIR          # M: a model saved by first_call.py train
     python benchmarks/power_sum_replay.py replay DIR [REPS] [--switch MODULE.FLAG]
+    python benchmarks/power_sum_replay.py count DIR [--records N]
+    python benchmarks/power_sum_replay.py layout DIR [REPS]
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
 under DIR). ``replay`` times each call (CPU, one thread) per (caller, parameter, power), after one
 warm-up round (the layers' PowerCaches), and counts the calls whose result with the switch on
 differs from the captured one (default switch ``estimation.linear_factors.SKINNY_GEMM_TRANSPOSED``).
+``count`` (ps37) counts the GEMMs' multiply-adds of the captured calls per (caller, parameter,
+power): a power-p sum of a weight takes p binomial terms ``a = 1..p``, each a GEMM
+``[R, in] x [in, rows * M]`` over the output rows that reach the GEMMs (the non-silent ones) and
+the ``M`` columns (the signed float64 columns: their non-zero ``(row, column)`` blocks only,
+``PACK_ZERO_BLOCKS``), against an Adam epoch's ``3 N sum(in * out)`` (forward, input and weight
+gradients of every Linear layer over ``N`` records; ``out`` summed over the captured chunks).
+``layout`` (ps37) replays the ``_distinct_list_sums`` calls with their columns as separate tensors,
+stacked row by row into a held ``[c, M]`` buffer or column by column into a held ``[M, c]`` one
+(``assess.COLUMN_MAJOR_STACK``; one column, and a chunk where more than
+``assess.COLUMN_MAJOR_ROWS`` of the output rows reach the GEMMs, stay row-major as there), the
+stack timed with the call, alternating call by call, and checks the two layouts' sums bitwise equal.
 """
 
 from __future__ import annotations
@@ -104,6 +117,88 @@ def replay(cap: str, reps: int, switch: str) -> None:
           f"{differ} results differ from the captured ones with the switch on")
 
 
+def count(cap: str, records: int) -> None:
+    from mis_lightning.estimation import linear_factors as LF
+
+    xs = {int(f.rsplit("/x", 1)[-1][:-3]): torch.load(f) for f in glob.glob(f"{cap}/x*.pt")}
+    rows: dict[tuple, list] = collections.defaultdict(lambda: [0, 0, 0, 0.0, ""])
+    layers: dict[str, list[int]] = {}
+    for f in sorted(glob.glob(f"{cap}/c*.pt")):
+        c = torch.load(f)
+        x, d, A, p = xs[c["x"]], c["d"], c["A"], c["power"]
+        R, in_f = x.shape
+        key = (c["tag"], c["fbias"] if c["bias"] else c["weight"], p)
+        r = rows[key]
+        r[0] += 1
+        r[1] += A.shape[1]
+        if c["bias"]:
+            r[4] = "bias: [R, out] x [out, M], no GEMM over the inputs"
+            continue
+        on = d.ne(0).any(0)  # the rows that reach the GEMMs (SKIP_SILENT_ROWS)
+        live_rows = int(on.sum())
+        signed = not bool(A.amin() >= 0)
+        cols = live_rows * A.shape[1]
+        if signed and LF.PACK_ZERO_BLOCKS:
+            blk = A.reshape(d.shape[1], in_f, -1)[on].ne(0).any(1)  # [rows, M]
+            if blk.sum() <= LF.PACK_FRACTION * blk.numel():
+                cols = int(blk.sum())
+        r[2] += live_rows
+        r[3] += p * R * in_f * cols
+        r[4] = "float64" if signed or p not in LF.POWER_SUMS_F32 else "float32"
+        if c["tag"] == "_distinct_list_sums" and p == 2:
+            layers.setdefault(c["weight"], [in_f, 0])[1] += d.shape[1]
+    epoch = 3 * records * sum(i * o for i, o in layers.values())
+    print(f"layers (in, out): {layers}; an epoch over {records} records: {epoch / 1e9:.1f} G multiply-adds")
+    total = 0.0
+    for (tag, name, p), (n, m, live, mac, kind) in rows.items():
+        total += mac
+        print(f"  {tag} {name} power {p}: {n} calls, {m / n:.1f} columns, {live / n:.1f} GEMM rows a call, "
+              f"{p if mac else 0} GEMM terms a call, {mac / 1e9:.2f} G multiply-adds ({kind})")
+    print(f"all: {total / 1e9:.2f} G multiply-adds = {total / epoch:.3f} of the epoch's")
+
+
+def layout(cap: str, reps: int) -> None:
+    from mis_lightning.estimation import linear_factors as LF
+
+    AS = importlib.import_module("mis_lightning.assess")
+    torch.set_num_threads(1)
+    xs = {int(f.rsplit("/x", 1)[-1][:-3]): torch.load(f) for f in glob.glob(f"{cap}/x*.pt")}
+    calls = []
+    for f in sorted(glob.glob(f"{cap}/c*.pt")):
+        c = torch.load(f)
+        if c["tag"] == "_distinct_list_sums":
+            c["cols"] = [t.contiguous() for t in c.pop("A").unbind(1)]
+            calls.append(c)
+    caches: dict[bool, dict[int, object]] = {False: {}, True: {}}
+    tot: dict[tuple, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    differ = 0
+    for rep in range(reps + 1):
+        for i, c in enumerate(calls):
+            fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+            cols, got = c["cols"], {}
+            few = c["bias"] or float(c["d"].ne(0).any(0).double().mean()) <= AS.COLUMN_MAJOR_ROWS
+            for cm in ((False, True) if (rep + i) % 2 else (True, False)):
+                cache = caches[cm].setdefault(c["cache"], LF.PowerCache())
+                t0 = time.process_time()
+                if cm and len(cols) > 1 and few and not c["bias"]:
+                    A = torch.stack(cols, 0, out=cache.scratch(("columns", c["power"]), (len(cols), cols[0].numel()),
+                                                               cols[0].dtype)).T
+                else:
+                    A = torch.stack(cols, 1, out=cache.scratch(("columns", c["power"]), (cols[0].numel(), len(cols)),
+                                                               cols[0].dtype))
+                got[cm] = LF.factored_power_sums(fac, c["gm"], c["vd"], A, c["power"], c["bias"], cache)
+                if rep:  # round 0 warms the caches and their held buffers
+                    tot[(c["fbias"] if c["bias"] else c["weight"], c["power"])][cm] += time.process_time() - t0
+            differ += rep == 0 and not torch.equal(got[False], got[True])
+    print(f"CPU s per round ({reps} rounds), stack + call, row-major / column-major, by (parameter, power):")
+    total = [0.0, 0.0]
+    for k, (rm, cm) in sorted(tot.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {k}: {rm / reps:.3f} / {cm / reps:.3f}")
+        total[0] += rm / reps
+        total[1] += cm / reps
+    print(f"all {len(calls)} calls: {total[0]:.3f} / {total[1]:.3f} s; {differ} calls' sums differ between the layouts")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -116,9 +211,19 @@ def main(argv: list[str]) -> int:
     r.add_argument("dir")
     r.add_argument("reps", nargs="?", type=int, default=3)
     r.add_argument("--switch", default="estimation.linear_factors.SKINNY_GEMM_TRANSPOSED", metavar="MODULE.FLAG")
+    k = sub.add_parser("count")
+    k.add_argument("dir")
+    k.add_argument("--records", type=int, default=4096, help="the epoch's records (first_call.py: 4096)")
+    lay = sub.add_parser("layout")
+    lay.add_argument("dir")
+    lay.add_argument("reps", nargs="?", type=int, default=3)
     args = ap.parse_args(argv)
-    if args.cmd == "capture":
+    if args.cmd == "layout":
+        layout(args.dir, args.reps)
+    elif args.cmd == "capture":
         capture(args.model, args.dir)
+    elif args.cmd == "count":
+        count(args.dir, args.records)
     else:
         replay(args.dir, args.reps, args.switch)
     return 0

@@ -626,3 +626,69 @@ def test_skinny_gemms_with_every_output_row_silent(monkeypatch, f32):
         got[on] = factored_power_sums(fac, g_mean, v + 1.0, A, 4)
     assert torch.isfinite(got[True]).all()
     assert torch.equal(got[True], got[False])
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 13])
+def test_the_zeroth_term_of_column_major_columns_is_the_row_major_gemv(M):
+    """ps37: a ``[numel, M]`` matrix stored column after column (assess.COLUMN_MAJOR_STACK, the
+    transpose of ``[M, numel]``) takes the a = 0 term ``c @ A`` as one GEMV per unit-stride
+    column, which sums each column as the GEMV over the row-major matrix does: bitwise the same
+    ``[M]``. (One GEMV over the transposed matrix, a dot product per column and a ``[numel, 1]``
+    slice with stride numel each round otherwise: the last measured up to 9e-15 relative on the
+    1e7 MLP's second layer.) numel past MKL's blocking; entries over ten decades."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    g = torch.Generator().manual_seed(7)
+    for numel in (4099, 2**18 + 3):
+        A = torch.rand(numel, M, generator=g, dtype=torch.float64) * torch.logspace(-5, 5, numel, dtype=torch.float64)[:, None]
+        Acm = _as_column_major(A)
+        g_mean = torch.randn(numel, generator=g, dtype=torch.float64)
+        vp = torch.rand(numel, 1, generator=g, dtype=torch.float64) + 0.1
+        live = torch.ones(numel, dtype=torch.bool)
+        for power in (2, 4):
+            row = lf._zeroth_term(g_mean, A, vp, live, power, True)
+            col = lf._zeroth_term(g_mean, Acm, vp, live, power, True)
+            assert torch.equal(row, col), (numel, power)
+
+
+def _as_column_major(A: torch.Tensor) -> torch.Tensor:
+    """``A``'s values stored column after column, strides ``(1, numel)`` (also for one column,
+    where ``A.T.contiguous().T`` keeps unit strides)."""
+    out = A.T.contiguous().as_strided(A.shape, (1, A.shape[0]))
+    assert torch.equal(out, A) and out.stride() == (1, A.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("path", ["f32", "f64", "signed", "bias", "silent", "dead"])
+def test_column_major_columns_give_bitwise_the_same_sums(monkeypatch, path):
+    """ps37: factored_power_sums of the same columns stored column after column (a ``[numel, M]``
+    view with strides ``(1, numel)``, as assess._stacked passes them) gives bitwise the sums of
+    the row-major matrix: on the float32 path (records falling back to float64 included), the
+    float64 path, signed columns (packed blocks), a bias, silent output rows and dead rows (the
+    gathered rows), with one held cache for both layouts (its scratch buffers shared)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset() if path == "f64" else frozenset({2, 4}))
+    fac, _, _, A, silent, gr = _partly_silent_case()
+    g_mean, v = gr.mean(0), gr.var(0, unbiased=False) + 0.5
+    A = torch.cat([A, A[:, :1] * 3.0, torch.rand(A.shape[0], 9, dtype=torch.float64)], 1)  # 13 columns
+    bias = path == "bias"
+    if path not in ("silent", "dead"):
+        fac.d[:, silent] = 1.0 + torch.rand(60, int(silent.sum()), dtype=torch.float64)  # every row live
+        gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+        g_mean, v = gr.mean(0), gr.var(0, unbiased=False) + 0.5
+    if path == "signed":
+        A = A - 0.5
+    if path == "dead":
+        v = v.reshape(48, 64)
+        v[silent] = 0.0
+        v = v.reshape(-1)
+    if bias:
+        g_mean, v, A = fac.d.mean(0), fac.d.var(0, unbiased=False), A[:48]
+    cache = lf.PowerCache()
+    for power in (2, 4):
+        for M in (1, 3, 13):
+            a = A[:, :M].contiguous()
+            row = factored_power_sums(fac, g_mean, v, a, power, bias=bias, cache=cache)
+            col = factored_power_sums(fac, g_mean, v, _as_column_major(a), power, bias=bias, cache=cache)
+            assert torch.equal(row, col), (path, power, M)

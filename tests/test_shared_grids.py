@@ -239,3 +239,57 @@ def test_the_joint_draws_call_sums_no_zero_column(kind, monkeypatch):
     for k, v in out[False].items():
         w = out[True][k]
         assert w == v or abs(w - v) <= 1e-12 * max(abs(v), abs(w)), (k, v, w)
+
+
+@pytest.mark.parametrize("kind", ["factored", "sampled"])
+def test_column_major_stack_gives_bitwise_the_same_report(kind, monkeypatch):
+    """ps37: a factored weight's distinct main and pool columns are written column after column
+    into the reader's held buffer and passed as its transpose (``COLUMN_MAJOR_STACK``; here every
+    chunk's, ``COLUMN_MAJOR_ROWS = 1``: these small MLPs' rows mostly reach the GEMMs): every
+    figure of the report bitwise as with the row-major stack (the a = 0 term's GEMV per column
+    sums each column as the row-major GEMV does), and the power sums do receive the column-major
+    view (strides ``(1, c)``) with the switch on and a row-major matrix with it off."""
+    model, est = _fitted(kind)
+    monkeypatch.setattr(A, "COLUMN_MAJOR_ROWS", 1.0)
+    layouts: list[tuple[int, ...]] = []
+    real = A._InfluenceReader.sums
+
+    def spy(self, a, b, columns, rows=None):
+        if rows is None:
+            layouts.extend(c.stride() for c in columns.values() if c.shape[1] > 1)
+        return real(self, a, b, columns, rows)
+
+    monkeypatch.setattr(A._InfluenceReader, "sums", spy)
+    reports, seen = {}, {}
+    for on in (False, True):
+        monkeypatch.setattr(A, "COLUMN_MAJOR_STACK", on)
+        layouts.clear()
+        reports[on] = json.dumps(A.score_schemes(est, model, _schemes(), strict=True).to_dict(), sort_keys=True)
+        seen[on] = set(layouts)
+    assert reports[True] == reports[False]
+    assert seen[False] and all(s[1] == 1 for s in seen[False])
+    assert seen[True] and all(s[0] == 1 and s[1] > 1 for s in seen[True])
+
+
+def test_column_major_stack_only_where_few_rows_reach_the_gemms():
+    """ps37: the column-major stack is taken where at most COLUMN_MAJOR_ROWS of a chunk's output
+    rows have a non-zero ``d`` on some record (the 1e7 second layer: 3-9 of 128); a chunk whose
+    rows mostly reach the GEMMs (the first layer) and stored influences stay row-major."""
+    model, est = _fitted("factored")
+    reader = A._InfluenceReader(est, est.names[0])
+    fac = reader.factor[0]
+    u, out = reader.unit, fac.d.shape[1]
+    cols = [torch.rand(out * u, dtype=torch.float64) for _ in range(3)]
+    on = fac.d.ne(0).any(0)
+    assert reader.gemm_row_fraction(0, out * u) == float(on.float().mean()) > A.COLUMN_MAJOR_ROWS
+    assert A._stacked(reader, 2, cols, 0, out * u).stride() == (3, 1)
+    saved = fac.d.clone()
+    try:
+        fac.d[:, : out - out // 4] = 0.0  # a quarter of the rows left
+        assert reader.gemm_row_fraction(0, out * u) <= 0.25
+        got = A._stacked(reader, 2, cols, 0, out * u)
+        assert got.stride() == (1, out * u) and torch.equal(got, torch.stack(cols, 1))
+    finally:
+        fac.d.copy_(saved)
+    stored, est_s = _fitted("stored")
+    assert A._InfluenceReader(est_s, est_s.names[0]).gemm_row_fraction(0, 10) == 1.0

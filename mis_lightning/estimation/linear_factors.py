@@ -1134,8 +1134,17 @@ def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int
     c = (g2 if power == 2 else g2.square() if power == 4 else g_mean.pow(power)) / vp.reshape(-1)  # [numel]
     if not every:
         c = torch.where(live, c, torch.zeros((), dtype=c.dtype))
-    g0 = c @ A
+    if A.shape[1] and A.stride(0) == 1 and A.stride(1) != 1:
+        # columns stored one after another (assess.COLUMN_MAJOR_STACK): a GEMV per column, each
+        # [numel, 1] with unit strides, which sums a column as the GEMV over a row-major
+        # [numel, M] does (bitwise, tests/test_factored_sums.py; one GEMV over the transposed
+        # [M, numel], a dot product per column or a [numel, 1] view with strides (1, numel), even
+        # for M = 1, round otherwise)
+        g0 = torch.cat([c @ A[:, m].unsqueeze(1) for m in range(A.shape[1])])
+    else:
+        g0 = c @ A
     if not bool(torch.isfinite(g0).all()):
+        A = A.contiguous()  # (the reduction over the rows in the row-major order, whatever the layout)
         S = torch.where(live.unsqueeze(-1), A / vp, torch.zeros((), dtype=A.dtype))
         g0 = (S * g_mean.pow(power).unsqueeze(-1)).sum(0)
     return g0
