@@ -28,7 +28,7 @@ from .kernel import (
     in_blocks,
     windowed_moments,
 )
-from .runs import RUN_MAX_STEP, per_table, run_moments, run_table
+from .runs import RUN_MAX_STEP, RunTable, per_table, run_moments, run_table
 
 # Window half-widths for value tables beyond their ``half_window`` (float grids get finer
 # towards zero, so a window may need many edges).
@@ -553,6 +553,11 @@ _SCAN_GROUPS = 8
 # the table lies beyond ~3 sd of the weight.
 _RUN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _WIDE_RUN_BUCKETS = _RUN_BUCKETS + (48, 64, 96, 128)
+# ... where the runs of cells at most this many sd wide are one closed-form region (tb37: an sd of
+# 2e4 on float16 leaves 73 of its 117 runs below 1e-6 sd): kappa off the exact cells by at most
+# WIDE_RUN_MERGE_SD^2 / 4 = 2.5e-13 (from above), m4 by 2e-12, below the runs' own 2.1e-12 /
+# 5.4e-11 (_run_path). 0: every run summed apart, as before
+WIDE_RUN_MERGE_SD = 1e-6
 # Side widths (edges) of the closed-form core's groups: steps of ~25% (the padding to a bucket
 # is computed for nothing; the earlier buckets (1, 2, 3, 4, 6, 10, 18, 32, ...) padded a weight needing
 # 19 edges to 32, on both sides).
@@ -836,7 +841,7 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rul
 
 def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo: Tensor, cell_hi: Tensor,
               own: tuple[Tensor, Tensor], need: Tensor, values: Tensor, th: Tensor, sg: Tensor, sc: Tensor,
-              buckets: tuple[int, ...] = _RUN_BUCKETS, kappa_only: bool = False) -> Tensor:
+              buckets: tuple[int, ...] = _RUN_BUCKETS, kappa_only: bool = False, merge_sd: float = 0.0) -> Tensor:
     """Moments (written into ``out`` = ``(kappa, mean_abs, m4, coverage)``) of the elements
     ``cand`` whose cells within 8.5 sd are all in runs of equal cells no wider than
     ``RUN_MAX_STEP`` sd (:mod:`~mis_lightning.functional.runs`), and the mask ``[c]`` of
@@ -844,7 +849,12 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
     ``own``: its own cell's edges (parameter units). Taken only where the runs are fewer than
     half the exact window's edges (``need`` each side), at most ``buckets[-1]`` runs (the groups'
     run counts: :data:`_RUN_BUCKETS`, or :data:`_WIDE_RUN_BUCKETS` instead of whole-table sums).
-    ``kappa_only``: their ``m4`` is NaN (not formed; ``kappa`` bitwise the same)."""
+    ``kappa_only``: their ``m4`` is NaN (not formed; ``kappa`` bitwise the same). ``merge_sd``
+    (> 0): the runs whose cells are at most ``merge_sd`` sd wide (on a table whose run steps fall
+    then rise, :func:`_run_valley`: one range of runs around 0) are one region of step 0, its
+    contribution ``int u^2 phi`` (``int u^4 phi``), off the exact cells' by at most
+    ``merge_sd^2 / 4`` in kappa (from above) and ``2 merge_sd^2`` in m4 (Popoviciu, as
+    :func:`_merged_table_sums`); elements with fewer than two such runs are as without it."""
     kappa, mean_abs, m4, coverage = out
     done = torch.zeros_like(cand)
     rt = run_table(values, th.device)
@@ -863,6 +873,17 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
         keep = torch.nonzero(ok).squeeze(-1)  # one scan, not one per boolean mask
         ii, lo_c, hi_c, r0, r1, nr = (t[keep] for t in (ii, lo_c, hi_c, r0, r1, nr))
     u0, r = -th[ii] / sg[ii], sc[ii] / sg[ii]
+    # merged runs (merge_sd): runs ma..mb of each element (none where shift is 0) become its run
+    # ma - r0 of step 0; the runs after it are shifted down by shift = mb - ma
+    ma = shift = None
+    valley = _run_valley(rt) if merge_sd > 0.0 else None
+    if valley is not None:
+        v_m, dec, inc = valley
+        t = merge_sd * sg[ii] / sc[ii]  # the widest merged step, units of the scale
+        ma = torch.maximum(v_m - torch.searchsorted(dec, t, right=True) + 1, r0)
+        mb = torch.minimum(v_m + torch.searchsorted(inc, t, right=True) - 1, r1)
+        shift = (mb - ma).clamp_min(0)
+        nr = nr - shift
     bucket = torch.bucketize(nr, torch.tensor(buckets, device=th.device))
     for bv in torch.unique(bucket).tolist():
         m = buckets[bv]
@@ -872,8 +893,15 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
         for s in range(0, group.numel(), block):
             g = group[s : s + block]
             # runs past r1 repeat its top edge: zero-width runs, which add exactly 0
-            u = torch.addcmul(u0[g], r[g], rt.edges[torch.minimum(r0[g] + off, r1[g] + 1)])  # [m + 1, b]
-            h = rt.steps[torch.minimum(r0[g] + off[:-1], r1[g])] * r[g]  # [m, b] sd units
+            if shift is None:
+                u = torch.addcmul(u0[g], r[g], rt.edges[torch.minimum(r0[g] + off, r1[g] + 1)])  # [m + 1, b]
+                h = rt.steps[torch.minimum(r0[g] + off[:-1], r1[g])] * r[g]  # [m, b] sd units
+            else:
+                rel = off - (ma[g] - r0[g])  # run / edge index relative to the merged run
+                idx = r0[g] + off + torch.where(rel > 0, shift[g], 0)
+                u = torch.addcmul(u0[g], r[g], rt.edges[torch.minimum(idx, r1[g] + 1)])
+                h = rt.steps[torch.minimum(idx[:-1], r1[g])] * r[g]
+                h = torch.where((rel[:-1] == 0) & (shift[g] > 0), 0.0, h)
             fine = h.amax(0) <= RUN_MAX_STEP
             if not bool(fine.any()):
                 continue
@@ -897,6 +925,22 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
         lower, upper = (own[0][done] - th[done]) / sg[done], (own[1][done] - th[done]) / sg[done]
         mean_abs[done] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
     return done
+
+
+def _run_valley(rt: RunTable) -> tuple[int, Tensor, Tensor] | None:
+    """``(m, dec, inc)`` when the run steps of ``rt`` fall to run ``m`` and rise after it (float
+    formats): ``dec`` the steps of runs ``m, m - 1, .., 0`` and ``inc`` those of ``m, ..``, each
+    non-decreasing; ``None`` otherwise. Cached on the run table."""
+    if not hasattr(rt, "_valley"):
+        w = rt.steps
+        out = None
+        if w.numel() >= 2:
+            m = int(torch.argmin(w))
+            dec, inc = w[: m + 1].flip(0).contiguous(), w[m:].contiguous()
+            if bool((dec[1:] >= dec[:-1]).all()) and bool((inc[1:] >= inc[:-1]).all()):
+                out = (m, dec, inc)
+        rt._valley = out  # type: ignore[attr-defined]
+    return rt._valley  # type: ignore[attr-defined]
 
 
 def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell: Tensor, cell_lo: Tensor,
@@ -1219,7 +1263,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     wide = rest & (need > _MAX_WINDOW)
     if bool(wide.any()):  # runs (up to 128) where they serve, then every edge of the table (pf30)
         wide_runs = _run_path((kappa, mean_abs, m4, coverage), wide, cell_lo, cell_hi, (own_lo, own_hi), need,
-                              values, th, sg, sc, _WIDE_RUN_BUCKETS, kappa_only)
+                              values, th, sg, sc, _WIDE_RUN_BUCKETS, kappa_only, WIDE_RUN_MERGE_SD)
         wide &= ~wide_runs
         runs = runs | wide_runs
     _whole_table_sums((kappa, mean_abs, m4, coverage), wide, mids, th, sg, sc)
