@@ -134,3 +134,46 @@ def test_check_strata_read_the_layouts_own_cells(monkeypatch):
     monkeypatch.setattr(T, "verify_sample", spy)
     T.table_cell_moments(th, sg, vals, sc)
     assert len(checked) == 2 and checked[1] == 0
+
+
+def test_small_16bit_chunks_draw_in_one_table_call(monkeypatch):
+    """A 16-bit cast's chunk too small to subsample, whose 8 draw positions make at least
+    ``INTERP_MIN_ELEMENTS`` pairs (the 1e7 MLP's 4,096-weight biases and last layer), is scored in
+    one table call (``assess.DRAWS_AT_ONCE_ELEMENTWISE``), the draws of one call per
+    position up to the rounding of the exact windows' row sums (the 16-bit tables' moments never
+    read the call's other elements; the reduction's order may depend on the call's size)."""
+    import importlib
+
+    from mis_lightning.functional.fastpath import GUARD
+    from mis_lightning.quantization.base import ParamGrid
+
+    A = importlib.import_module("mis_lightning.assess")
+    import mis_lightning.quantization.base as base
+
+    vals = representable_values(torch.float16)
+    rows, cols = 1, 4096
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=16.0, scale=torch.ones(rows, 1, dtype=F64), block_size=(1, cols), values=vals)
+    gen = torch.Generator().manual_seed(7)
+    c = rows * cols
+    th = torch.randn(c, generator=gen, dtype=F64) * 0.05
+    sg = th.abs() * torch.exp(torch.empty(c, dtype=F64).uniform_(math.log(1e-4), math.log(1e6), generator=gen))
+    sg[::9] = 0.0
+    k_main = g.moments(th, sg, 0, c).kappa
+    xi = torch.randn(8, c, generator=gen, dtype=F64)
+    assert 8 * c >= T.INTERP_MIN_ELEMENTS
+    calls = []
+    real = base.table_cell_moments
+    monkeypatch.setattr(base, "table_cell_moments", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    GUARD.reset()
+    once, _ = A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    n_once = len(calls)
+    monkeypatch.setattr(A, "DRAWS_AT_ONCE_ELEMENTWISE", False)
+    GUARD.reset()
+    apart, _ = A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert n_once == 1 and len(calls) - n_once == 8
+    # the same paths; the exact windows' sums over rows may round differently in a call of
+    # another size (the reduction's vector width): 1 ulp measured, here and nowhere in the 1e7
+    # report (759 fields, 0 differ)
+    assert float((once - apart).abs().max()) <= 4e-16
+    assert float((once != k_main).double().mean()) > 0.3  # the draws move kappa
