@@ -1996,6 +1996,14 @@ def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: T
     return free, bool(zero.all() if free is None else (free | zero).all())
 
 
+# The 16-bit casts' draws of a chunk too small to subsample (the 1e7 MLP's biases and last layer,
+# 4,096 weights: 8 positions of 2^15 pairs) in one table call, not one per position (tb37: their
+# moments never read the call's other elements; the exact windows' row sums may round 1 ulp apart
+# in a call of another size; the 1e7 report bitwise; ~5 ms per call saved).
+# False: one call per position from INTERP_MIN_ELEMENTS pairs on, as before
+DRAWS_AT_ONCE_ELEMENTWISE = True
+
+
 def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
                      policy: F.CompilePolicy | None, with_lam: bool = False,
                      table_at_once: bool = False,
@@ -2019,10 +2027,12 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
         free = freedom[0]
     scale = zp = bounds = None
     if free is None and not with_lam and grid.kind == "table" and 1 < D \
-            and (table_at_once or D * c < F.table.INTERP_MIN_ELEMENTS):
+            and (table_at_once or D * c < F.table.INTERP_MIN_ELEMENTS or (DRAWS_AT_ONCE_ELEMENTWISE
+                                                                         and _elementwise_table(grid))):
         # A small chunk of a value-table grid: the D positions in one call (the per-call cost,
         # ~1-20 ms, dominated: a 128-weight float8 row cost as much as 32k weights). Every
-        # element takes the path it takes alone (below INTERP_MIN_ELEMENTS in both forms).
+        # element takes the path it takes alone (below INTERP_MIN_ELEMENTS in both forms; on
+        # the 16-bit casts' tables, whatever the call's size: _elementwise_table).
         return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy, k_main), lam
     if table_at_once and not with_lam and grid.kind == "affine" and 1 < D:
         # the sampled draws (_sampled_draw_parts): the positions' moving elements in one call, so

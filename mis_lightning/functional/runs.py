@@ -133,7 +133,32 @@ def _eval(terms: list[tuple[int, list[tuple[int, float]]]], u_pow: list[Tensor],
     return total
 
 
-def run_moments(u: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _edge_terms(terms: list[tuple[int, list[tuple[int, float]]]], up: list[Tensor], hp: list[Tensor]
+                ) -> tuple[Tensor, Tensor]:
+    """:func:`_eval` of ``terms`` at the runs' lower and upper edges (``(at a, at b)``, ``[R, c]``
+    each) from the powers ``up`` of all ``R + 1`` edges (``[R + 1, c]`` each): each edge's powers are
+    formed once (a run's upper edge is the next one's lower) and each ``h`` polynomial once (both
+    edges read the run's own step): the same products and sums in the same order as ``_eval`` on
+    ``a = u[:-1]`` and ``b = u[1:]``, so bitwise equal."""
+    total_a = total_b = None
+    for i, hs in terms:
+        ch = None
+        for j, v in hs:
+            t = hp[j] * v
+            ch = t if ch is None else ch + t
+        assert ch is not None
+        ta, tb = up[i][:-1] * ch, up[i][1:] * ch
+        total_a = ta if total_a is None else total_a + ta
+        total_b = tb if total_b is None else total_b + tb
+    assert total_a is not None and total_b is not None
+    return total_a, total_b
+
+
+def _max_power(terms: list[tuple[int, list[tuple[int, float]]]]) -> int:
+    return max(i for i, _ in terms)
+
+
+def run_moments(u: Tensor, step: Tensor, kappa_only: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
     """``kappa`` and ``m4`` sums (``[c]`` each) and the probability of ``R`` consecutive runs of
     equal cells, per element.
 
@@ -141,6 +166,8 @@ def run_moments(u: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         u: ``[R + 1, c]`` the runs' edges in standard units (run ``r`` is ``[u[r], u[r + 1]]``;
             finite, increasing along the first axis).
         step: ``[R, c]`` each run's cell width (standard units, at most ``RUN_MAX_STEP``).
+        kappa_only: the ``m4`` sum is not formed (``None`` in its place); the others bitwise
+            the same.
 
     Returns:
         ``(sum p mu^2, sum p mu^4, sum p)`` over every cell of the runs (float64).
@@ -165,15 +192,18 @@ def run_moments(u: Tensor, step: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         hp.append(hp[-1] * step)
     mom = [m[0], None, m[1], None, m[2], None, m[3], None, m[4]]
     s2 = sum(mom[i] * sum(hp[j] * v for j, v in hs) for i, hs in _IN2)
+    # edge terms [phi(u) B(u, h)]_A^B: B evaluated with the run's own step at both its edges; the
+    # powers of u the edge polynomials read (odd, up to 5 for kappa, 7 for m4), formed once per edge
+    up = [torch.ones_like(u), u]
+    for _ in range(2, _max_power(_BD2 if kappa_only else _BD2 + _BD4) + 1):
+        up.append(up[-1] * u)
+    ea2, eb2 = _edge_terms(_BD2, up, hp)
+    s2 = s2 + pb * eb2 - pa * ea2
+    if kappa_only:
+        return (m[1] - s2).sum(0), None, m0.sum(0)
     s4 = sum(mom[i] * sum(hp[j] * v for j, v in hs) for i, hs in _IN4)
-    # edge terms [phi(u) B(u, h)]_A^B: B evaluated with the run's own step at both its edges
-    up_a = [torch.ones_like(a), a]
-    up_b = [torch.ones_like(b), b]
-    for _ in range(2, _U_POWERS):
-        up_a.append(up_a[-1] * a)
-        up_b.append(up_b[-1] * b)
-    s2 = s2 + pb * _eval(_BD2, up_b, hp) - pa * _eval(_BD2, up_a, hp)
-    s4 = s4 + pb * _eval(_BD4, up_b, hp) - pa * _eval(_BD4, up_a, hp)
+    ea4, eb4 = _edge_terms(_BD4, up, hp)
+    s4 = s4 + pb * eb4 - pa * ea4
     return (m[1] - s2).sum(0), (m[2] - s4).sum(0), m0.sum(0)
 
 

@@ -28,7 +28,7 @@ from .kernel import (
     in_blocks,
     windowed_moments,
 )
-from .runs import RUN_MAX_STEP, per_table, run_moments, run_table
+from .runs import RUN_MAX_STEP, RunTable, per_table, run_moments, run_table
 
 # Window half-widths for value tables beyond their ``half_window`` (float grids get finer
 # towards zero, so a window may need many edges).
@@ -243,8 +243,11 @@ def table_cell_moments(
 
     def steps() -> tuple[Tensor, list[Tensor]]:
         th, sg, sc = _float64_inputs(theta, sigma, scale)
-        own = table_boundaries(th, values, sc, 1)[:, 1:3]
-        h = (own[:, 1] - own[:, 0]) / sg
+        # the own cells' edges from the layout's bit guide (:func:`_own_facts`): the values
+        # table_boundaries(th, values, sc, 1)[:, 1:3] gives (its binary search over 65k edges
+        # was ~0.1 s per 1e7 scoring in the checks' strata)
+        own_lo, own_hi = _own_facts(th, sc, table_layout(values, th.device))
+        h = (own_hi - own_lo) / sg
         return h, [h <= FINE_STEP, h > FINE_STEP] + ([] if core is None else [core])
 
     ok = verify_sample(
@@ -550,6 +553,11 @@ _SCAN_GROUPS = 8
 # the table lies beyond ~3 sd of the weight.
 _RUN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 _WIDE_RUN_BUCKETS = _RUN_BUCKETS + (48, 64, 96, 128)
+# ... where the runs of cells at most this many sd wide are one closed-form region (tb37: an sd of
+# 2e4 on float16 leaves 73 of its 117 runs below 1e-6 sd): kappa off the exact cells by at most
+# WIDE_RUN_MERGE_SD^2 / 4 = 2.5e-13 (from above), m4 by 2e-12, below the runs' own 2.1e-12 /
+# 5.4e-11 (_run_path). 0: every run summed apart, as before
+WIDE_RUN_MERGE_SD = 1e-6
 # Side widths (edges) of the closed-form core's groups: steps of ~25% (the padding to a bucket
 # is computed for nothing; the earlier buckets (1, 2, 3, 4, 6, 10, 18, 32, ...) padded a weight needing
 # 19 edges to 32, on both sides).
@@ -691,7 +699,7 @@ def _outer_cell_terms(e: Tensor, p: Tensor, t: Tensor, below: bool) -> tuple[Ten
 
 
 def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: Tensor, combined: Tensor,
-                      zmax: float = 1.0) -> tuple[Tensor, Tensor]:
+                      zmax: float = 1.0, kappa_only: bool = False) -> tuple[Tensor, Tensor | None]:
     """``kappa`` and ``m4`` (``[c]`` each) of elements whose cells are one closed-form core plus
     exact cells each side (``M`` below, ``N`` above).
 
@@ -706,6 +714,7 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
         nodes, combined: the core's quadrature nodes ``[Q]`` (units of the scale) and contracted
             weights ``[5 Q, 8]`` (:class:`_CoreRules`; widths in units of ``zmax``).
         zmax: the core's largest ``|centre|`` (units of the scale).
+        kappa_only: ``m4`` is not formed (``None``); ``kappa`` bitwise the same.
 
     Edge-major (the edges as ``[M + N, c]`` rows, the quadrature as ``[5 Q, c]`` rows and one
     ``[8, 5 Q] x [5 Q, c]`` product): every operation runs over contiguous rows of the block
@@ -723,7 +732,7 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     ua = torch.where(torch.isfinite(a), a, 0.0)
     ub = torch.where(torch.isfinite(b), b, 0.0)
     kappa = P - (ub * pb - ua * pa)
-    m4 = 3.0 * P - ((ub**3 + 3.0 * ub) * pb - (ua**3 + 3.0 * ua) * pa)
+    m4 = None if kappa_only else 3.0 * P - ((ub**3 + 3.0 * ub) * pb - (ua**3 + 3.0 * ua) * pa)
     # per node c = u0 + r x_q the powers exp(g) g^k, g = -c^2 / 2, k = 0..3 (rows k Q + q),
     # contracted with the node weights times the series' coefficients (their -2^k / sqrt(2 pi)
     # included: six passes over [Q, c])
@@ -742,21 +751,25 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     fk, f4 = F[nl - 1], F[2 * nl - 1]
     for i in range(nl - 2, -1, -1):
         fk = torch.addcmul(F[i], r2, fk)
-        f4 = torch.addcmul(F[nl + i], r2, f4)
+        if m4 is not None:
+            f4 = torch.addcmul(F[nl + i], r2, f4)
     r3 = r2 * rz
     kappa += r3 * fk
-    m4 += r3 * f4
+    if m4 is not None:
+        m4 += r3 * f4
     # the side cells, exactly: between consecutive edges of each side (row slices)...
     for lo, hi in ((slice(0, m - 1), slice(1, m)), (slice(m, n - 1), slice(m + 1, n))):
         if hi.stop > hi.start:
             t2, t4 = _cell_terms(alpha[lo], alpha[hi], pdf[lo], pdf[hi], tail[lo], tail[hi])
             kappa += t2.sum(0)
-            m4 += t4.sum(0)
+            if m4 is not None:
+                m4 += t4.sum(0)
     # ...and the unbounded outer ones, (-inf, alpha[0]) and (alpha[-1], inf)
     for row, below in ((0, True), (n - 1, False)):
         t2, t4 = _outer_cell_terms(alpha[row], pdf[row], tail[row], below)
         kappa += t2
-        m4 += t4
+        if m4 is not None:
+            m4 += t4
     return kappa.clamp_(0.0, 1.0), m4
 
 
@@ -777,7 +790,7 @@ def _groups(key: Tensor) -> list[tuple[int, Tensor]]:
 
 def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rule: Tensor, lo_e: Tensor,
                        hi_e: Tensor, need_lo: Tensor, need_hi: Tensor, rules: _CoreRules, th: Tensor, sg: Tensor,
-                       sc: Tensor) -> None:
+                       sc: Tensor, kappa_only: bool = False) -> None:
     """``kappa`` and ``m4`` (written at ``idx``) of the elements ``idx`` whose cells are core
     ``core`` (``[r]``, indices into ``rules``), summed with at least quadrature rule ``rule``
     (``[r]``, indices into ``_CORE_RULES``: each group takes its elements' largest, so that the
@@ -785,7 +798,7 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rul
     finite edges each side of the core's edges ``mids[lo_e]``, ``mids[hi_e]`` (then the
     unbounded cell; edges past the table's ends are empty cells). Grouped by core and by each
     side's width bucketed in ``_SIDE_BUCKETS``, in blocks of ``_CORE_BLOCK`` elements
-    (cache-sized working set)."""
+    (cache-sized working set). ``kappa_only``: ``m4`` is NaN there (not formed)."""
     mids = rules.mids
     n = mids.numel()
     zmax = rules.zmax.tolist()
@@ -815,7 +828,9 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rul
             e_lo = torch.where(el < 0, -math.inf, mids[el.clamp(0, n - 1)])
             e_hi = torch.where(eh >= n, math.inf, mids[eh.clamp(0, n - 1)])
             k, m4g = _core_side_kernel(u0[g], r[g], e_lo, e_hi, rules.nodes[jq], rules.combined[jq],  # type: ignore[arg-type]
-                                       zmax[jv])
+                                       zmax[jv], kappa_only)
+            if m4g is None:
+                m4g = torch.full_like(k, math.nan)
             if full and len(groups) == 1:
                 kappa[g], m4[g] = k, m4g
             else:
@@ -826,14 +841,20 @@ def _core_side_moments(kappa: Tensor, m4: Tensor, idx: Tensor, core: Tensor, rul
 
 def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo: Tensor, cell_hi: Tensor,
               own: tuple[Tensor, Tensor], need: Tensor, values: Tensor, th: Tensor, sg: Tensor, sc: Tensor,
-              buckets: tuple[int, ...] = _RUN_BUCKETS) -> Tensor:
+              buckets: tuple[int, ...] = _RUN_BUCKETS, kappa_only: bool = False, merge_sd: float = 0.0) -> Tensor:
     """Moments (written into ``out`` = ``(kappa, mean_abs, m4, coverage)``) of the elements
     ``cand`` whose cells within 8.5 sd are all in runs of equal cells no wider than
     ``RUN_MAX_STEP`` sd (:mod:`~mis_lightning.functional.runs`), and the mask ``[c]`` of
     those done. ``cell_lo`` / ``cell_hi``: the value cells of each element's 8.5-sd reach;
     ``own``: its own cell's edges (parameter units). Taken only where the runs are fewer than
     half the exact window's edges (``need`` each side), at most ``buckets[-1]`` runs (the groups'
-    run counts: :data:`_RUN_BUCKETS`, or :data:`_WIDE_RUN_BUCKETS` instead of whole-table sums)."""
+    run counts: :data:`_RUN_BUCKETS`, or :data:`_WIDE_RUN_BUCKETS` instead of whole-table sums).
+    ``kappa_only``: their ``m4`` is NaN (not formed; ``kappa`` bitwise the same). ``merge_sd``
+    (> 0): the runs whose cells are at most ``merge_sd`` sd wide (on a table whose run steps fall
+    then rise, :func:`_run_valley`: one range of runs around 0) are one region of step 0, its
+    contribution ``int u^2 phi`` (``int u^4 phi``), off the exact cells' by at most
+    ``merge_sd^2 / 4`` in kappa (from above) and ``2 merge_sd^2`` in m4 (Popoviciu, as
+    :func:`_merged_table_sums`); elements with fewer than two such runs are as without it."""
     kappa, mean_abs, m4, coverage = out
     done = torch.zeros_like(cand)
     rt = run_table(values, th.device)
@@ -852,6 +873,17 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
         keep = torch.nonzero(ok).squeeze(-1)  # one scan, not one per boolean mask
         ii, lo_c, hi_c, r0, r1, nr = (t[keep] for t in (ii, lo_c, hi_c, r0, r1, nr))
     u0, r = -th[ii] / sg[ii], sc[ii] / sg[ii]
+    # merged runs (merge_sd): runs ma..mb of each element (none where shift is 0) become its run
+    # ma - r0 of step 0; the runs after it are shifted down by shift = mb - ma
+    ma = shift = None
+    valley = _run_valley(rt) if merge_sd > 0.0 else None
+    if valley is not None:
+        v_m, dec, inc = valley
+        t = merge_sd * sg[ii] / sc[ii]  # the widest merged step, units of the scale
+        ma = torch.maximum(v_m - torch.searchsorted(dec, t, right=True) + 1, r0)
+        mb = torch.minimum(v_m + torch.searchsorted(inc, t, right=True) - 1, r1)
+        shift = (mb - ma).clamp_min(0)
+        nr = nr - shift
     bucket = torch.bucketize(nr, torch.tensor(buckets, device=th.device))
     for bv in torch.unique(bucket).tolist():
         m = buckets[bv]
@@ -861,12 +893,19 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
         for s in range(0, group.numel(), block):
             g = group[s : s + block]
             # runs past r1 repeat its top edge: zero-width runs, which add exactly 0
-            u = torch.addcmul(u0[g], r[g], rt.edges[torch.minimum(r0[g] + off, r1[g] + 1)])  # [m + 1, b]
-            h = rt.steps[torch.minimum(r0[g] + off[:-1], r1[g])] * r[g]  # [m, b] sd units
+            if shift is None:
+                u = torch.addcmul(u0[g], r[g], rt.edges[torch.minimum(r0[g] + off, r1[g] + 1)])  # [m + 1, b]
+                h = rt.steps[torch.minimum(r0[g] + off[:-1], r1[g])] * r[g]  # [m, b] sd units
+            else:
+                rel = off - (ma[g] - r0[g])  # run / edge index relative to the merged run
+                idx = r0[g] + off + torch.where(rel > 0, shift[g], 0)
+                u = torch.addcmul(u0[g], r[g], rt.edges[torch.minimum(idx, r1[g] + 1)])
+                h = rt.steps[torch.minimum(idx[:-1], r1[g])] * r[g]
+                h = torch.where((rel[:-1] == 0) & (shift[g] > 0), 0.0, h)
             fine = h.amax(0) <= RUN_MAX_STEP
             if not bool(fine.any()):
                 continue
-            k2, k4, p = run_moments(u, h)
+            k2, k4, p = run_moments(u, h, kappa_only)
             # the unbounded outer cells, where within reach
             for e, end, below in ((u[0], lo_c[g] == 0, True), (u[-1], hi_c[g] == last, False)):
                 if bool(end.any()):
@@ -875,15 +914,33 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
                     prob = torch.where(e > 0, 1.0 - tail, tail) if below else torch.where(e > 0, tail, 1.0 - tail)
                     zero = torch.zeros_like(t2)
                     k2 = k2 + torch.where(end, t2, zero)
-                    k4 = k4 + torch.where(end, t4, zero)
+                    if k4 is not None:
+                        k4 = k4 + torch.where(end, t4, zero)
                     p = p + torch.where(end, prob, zero)
             sel = ii[g[fine]]
-            kappa[sel], m4[sel], coverage[sel] = k2[fine].clamp(0.0, 1.0), k4[fine], p[fine]
+            kappa[sel], coverage[sel] = k2[fine].clamp(0.0, 1.0), p[fine]
+            m4[sel] = math.nan if k4 is None else k4[fine]
             done[sel] = True
     if bool(done.any()):
         lower, upper = (own[0][done] - th[done]) / sg[done], (own[1][done] - th[done]) / sg[done]
         mean_abs[done] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
     return done
+
+
+def _run_valley(rt: RunTable) -> tuple[int, Tensor, Tensor] | None:
+    """``(m, dec, inc)`` when the run steps of ``rt`` fall to run ``m`` and rise after it (float
+    formats): ``dec`` the steps of runs ``m, m - 1, .., 0`` and ``inc`` those of ``m, ..``, each
+    non-decreasing; ``None`` otherwise. Cached on the run table."""
+    if not hasattr(rt, "_valley"):
+        w = rt.steps
+        out = None
+        if w.numel() >= 2:
+            m = int(torch.argmin(w))
+            dec, inc = w[: m + 1].flip(0).contiguous(), w[m:].contiguous()
+            if bool((dec[1:] >= dec[:-1]).all()) and bool((inc[1:] >= inc[:-1]).all()):
+                out = (m, dec, inc)
+        rt._valley = out  # type: ignore[attr-defined]
+    return rt._valley  # type: ignore[attr-defined]
 
 
 def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell: Tensor, cell_lo: Tensor,
@@ -1101,15 +1158,16 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
     order either way): bitwise what the windowed path gives on the whole call. ``kappa_only``:
-    the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed)."""
+    the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed), and the windowed
+    path's closed-form elements' ``m4`` (:func:`_run_path`, :func:`_core_side_moments`)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
-        return _table_window_moments(th, sg, values, sc)
+        return _table_window_moments(th, sg, values, sc, kappa_only)
     if layout.wide is None and 2 * int((sg <= torch.finfo(torch.float64).tiny).sum()) < th.numel():
         # float8: only frozen elements can be settled; without many sd-0 weights (dead units)
         # the settling pass would cost more than it saves (a live 1e7 chunk: +8-18%)
-        return _table_window_moments(th, sg, values, sc)
+        return _table_window_moments(th, sg, values, sc, kappa_only)
     if kappa_only:
         kappa, done = _settled_blocks(th, sg, sc, layout, True)
         mean_abs, m4 = torch.full_like(kappa, math.nan), torch.full_like(kappa, math.nan)
@@ -1120,15 +1178,15 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     if bool(done.all()):
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
     if not bool(done.any()):
-        return _table_window_moments(th, sg, values, sc)
+        return _table_window_moments(th, sg, values, sc, kappa_only)
     rest = torch.nonzero(~done).squeeze(-1)
-    out, sub = _table_window_moments(th[rest], sg[rest], values, sc[rest])
+    out, sub = _table_window_moments(th[rest], sg[rest], values, sc[rest], kappa_only)
     kappa[rest], mean_abs[rest], m4[rest], coverage[rest] = out.kappa, out.mean_abs, out.m4, out.coverage
     closed[rest] = sub
     return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
 
 
-def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor
+def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False
                           ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
     elements. Same regimes as :func:`_table_cell_moments` (frozen; fine-grid expansion where
@@ -1136,7 +1194,9 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     within 8.5 sd; otherwise exact sums), except that the exact sums of elements whose window
     holds more than ``_CORE_MIN_NEED`` edges each side and whose grid has a fine core
     around 0 (see the comment above ``_CORE_NODES``) sum that core in closed form, and that
-    exact windows are as wide as the edges within 8.5 sd need (no 18-edge minimum)."""
+    exact windows are as wide as the edges within 8.5 sd need (no 18-edge minimum).
+    ``kappa_only``: the runs' and the core's ``m4`` are NaN (not formed; ``kappa`` bitwise the
+    same: only ``kappa`` is read, :func:`table_cell_moments`)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     c = th.shape[0]
     dev = th.device
@@ -1160,7 +1220,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     # the reference does the same there, so the sampled self-check could not tell a more exact
     # value from a wrong one.
     runs = _run_path((kappa, mean_abs, m4, coverage), rest & (need > _CORE_MIN_NEED), cell_lo, cell_hi,
-                     (own_lo, own_hi), need, values, th, sg, sc)
+                     (own_lo, own_hi), need, values, th, sg, sc, _RUN_BUCKETS, kappa_only)
     rest &= ~runs
     core = torch.zeros_like(rest)
     wide = rest & (need > _CORE_MIN_NEED)
@@ -1192,7 +1252,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
         # the fewest nodes whose span covers the core's, r * zmax (<= _CORE_MAX_SPAN by rmax)
         spans = torch.tensor([sp for _, sp in _CORE_RULES], dtype=torch.float64, device=dev)
         qi = torch.bucketize(take(sc) / take(sg) * rules.zmax[jj], spans).clamp_(max=len(_CORE_RULES) - 1)
-        _core_side_moments(kappa, m4, ii, jj, qi, lo_e, hi_e, need_lo, need_hi, rules, th, sg, sc)
+        _core_side_moments(kappa, m4, ii, jj, qi, lo_e, hi_e, need_lo, need_hi, rules, th, sg, sc, kappa_only)
         lower, upper = (take(own_lo) - take(th)) / take(sg), (take(own_hi) - take(th)) / take(sg)
         ma = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
         if every:
@@ -1203,7 +1263,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     wide = rest & (need > _MAX_WINDOW)
     if bool(wide.any()):  # runs (up to 128) where they serve, then every edge of the table (pf30)
         wide_runs = _run_path((kappa, mean_abs, m4, coverage), wide, cell_lo, cell_hi, (own_lo, own_hi), need,
-                              values, th, sg, sc, _WIDE_RUN_BUCKETS)
+                              values, th, sg, sc, _WIDE_RUN_BUCKETS, kappa_only, WIDE_RUN_MERGE_SD)
         wide &= ~wide_runs
         runs = runs | wide_runs
     _whole_table_sums((kappa, mean_abs, m4, coverage), wide, mids, th, sg, sc)
