@@ -114,8 +114,9 @@ def series_moments(u0: Tensor, rho: Tensor, Q: Tensor, c3: Tensor, c5: Tensor, k
                    ) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(kappa, m4, err)`` ``[c]`` float64 of the module doc: each element's window centre ``u0``
     and half-width ``rho`` (sd units) and its window's :func:`series_coefficients` (gathered:
-    ``Q`` ``[c, 6, N]``, ``c3``, ``c5`` ``[c]``). ``kappa_only``: ``m4`` is ``None`` and ``err``
-    is ``kappa``'s bound alone; else the larger of the two (absolute)."""
+    ``Q`` ``[c, 6, N]``, or ``[c, 1, N]``, the first kind alone, when ``kappa_only``; ``c3``,
+    ``c5`` ``[c]``). ``kappa_only``: ``m4`` is ``None`` and ``err`` is ``kappa``'s bound alone;
+    else the larger of the two (absolute)."""
     N = Q.shape[-1]
     # g_n = (-1)^n He_n(u0) rho^n / n!, by He's recurrence: g_(n+1) = -(rho u0 g_n + rho^2 g_(n-1)) / (n + 1)
     g = [torch.ones_like(u0), -rho * u0]

@@ -155,8 +155,8 @@ WIDE_SD_CLOSED_FORM = True
 # bound within reach sent every such weight to those sums over the whole code range (bf16 1e6
 # MLP: ~90 s of scoring). False: the exact stored-cell sums for them
 STORED_WIDE_CLOSED_FORM = True
-# elements per block of that form's per-element step (cache-sized: ~1.7 kB of coefficients each)
-_SERIES_BLOCK = 2048
+# gathered per-window sums per block of that form's per-element step (float64: 2 MiB)
+_SERIES_BLOCK = 1 << 18
 
 # The scoring pass reads each chunk of a parameter several times per grid: its cell moments at sd
 # and at sd / sqrt(2) (the pool protocol), with the same weights, grid and bounds. What does not
@@ -1048,9 +1048,12 @@ class ParamGrid:
         m = th.shape[0]
         kappa, err = torch.empty_like(th), torch.empty_like(th)
         m4 = None if kappa_only else torch.empty_like(th)
-        # per element in blocks (the gathered [6, N] sums: ~1 kB each)
-        for a in range(0, m, _SERIES_BLOCK):
-            sl = slice(a, a + _SERIES_BLOCK)
+        if kappa_only:  # (A2's sums alone)
+            Q = Q[:, :1].contiguous()
+        # per element in blocks of about _SERIES_BLOCK gathered sums
+        block = max(1024, _SERIES_BLOCK // (Q.shape[1] * N))
+        for a in range(0, m, block):
+            sl = slice(a, a + block)
             g = gid[sl]
             k, m4b, eb = series_moments(u0[sl], rho[sl], Q.index_select(0, g), q3.index_select(0, g),
                                         q5.index_select(0, g), kappa_only)
