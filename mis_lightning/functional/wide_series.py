@@ -71,8 +71,8 @@ def _binomials(N: int) -> Tensor:
 def series_terms(rho: Tensor, factor: Tensor, tol: float) -> int:
     """The fewest even terms ``N`` (up to :data:`SERIES_TERMS`) whose truncation bound
     ``rho^N / sqrt(N!) factor`` is at most ``tol`` for every element (``rho``, ``factor``:
-    ``[c]``, ``factor`` the rest of ``Es2`` or ``Es4``, module doc); :data:`SERIES_TERMS` where
-    none is (those elements then fail their error bound)."""
+    ``[c]``, ``factor`` the rest of ``Es2``, module doc); :data:`SERIES_TERMS` where none is
+    (those elements then fail their error bound)."""
     for N in range(4, SERIES_TERMS, 2):
         if bool((rho**N / math.sqrt(math.factorial(N)) * factor <= tol).all()):
             return N
@@ -111,12 +111,12 @@ def series_coefficients(edges: Tensor, N: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def series_moments(u0: Tensor, rho: Tensor, Q: Tensor, c3: Tensor, c5: Tensor, kappa_only: bool
-                   ) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(kappa, m4, err)`` ``[c]`` float64 of the module doc: each element's window centre ``u0``
-    and half-width ``rho`` (sd units) and its window's :func:`series_coefficients` (gathered:
-    ``Q`` ``[c, 6, N]``, or ``[c, 1, N]``, the first kind alone, when ``kappa_only``; ``c3``,
-    ``c5`` ``[c]``). ``kappa_only``: ``m4`` is ``None`` and ``err`` is ``kappa``'s bound alone;
-    else the larger of the two (absolute)."""
+                   ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(kappa, err, m4, err4)`` ``[c]`` float64 of the module doc: each element's window centre
+    ``u0`` and half-width ``rho`` (sd units) and its window's :func:`series_coefficients`
+    (gathered: ``Q`` ``[c, 6, N]``, or ``[c, 1, N]``, the first kind alone, when ``kappa_only``;
+    ``c3``, ``c5`` ``[c]``); ``err``, ``err4``: the bounds (absolute) on ``kappa`` and ``m4``.
+    ``kappa_only``: ``m4`` and ``err4`` are ``None`` (``kappa`` and ``err`` bitwise the same)."""
     N = Q.shape[-1]
     # g_n = (-1)^n He_n(u0) rho^n / n!, by He's recurrence: g_(n+1) = -(rho u0 g_n + rho^2 g_(n-1)) / (n + 1)
     g = [torch.ones_like(u0), -rho * u0]
@@ -142,7 +142,7 @@ def series_moments(u0: Tensor, rho: Tensor, Q: Tensor, c3: Tensor, c5: Tensor, k
     kappa = (1.0 - A2 + Es2 + Ec2 + Er2).clamp(0.0, 1.0)
     err = 2.0 * (Es2 + Er2) + Ec2
     if kappa_only:
-        return kappa, None, err
+        return kappa, err, None, None
     # g_k = 6 c^2 t^2 + 4 c t^3 + t^4 with c = u0 + rho m (t, m in the window's units; t^e: rho^e)
     r4, r5 = r3 * rho, r3 * r2
     w = torch.stack([6.0 * r3 * u0 * u0, 12.0 * r4 * u0, 6.0 * r5, 4.0 * r4 * u0, 4.0 * r5, r5], -1)  # [c, 6]
@@ -153,7 +153,7 @@ def series_moments(u0: Tensor, rho: Tensor, Q: Tensor, c3: Tensor, c5: Tensor, k
     Es4 = Es2 * (6.0 * M2 + 2.0 * M * W + 0.25 * W * W)
     Ec4 = phimax * C5 * d1 * d1 * (6.0 * M2 + 4.0 * M * d1 * W * W + d1 * d1 * W**4)
     m4 = 3.0 - A4 + 0.5 * Ec4
-    return kappa, m4, torch.maximum(err, Es4 + 0.5 * Ec4 + Er4)
+    return kappa, err, m4, Es4 + 0.5 * Ec4 + Er4
 
 
 __all__ = ["SERIES_MAX_SHIFT", "SERIES_MAX_WINDOW", "SERIES_TERMS", "series_coefficients", "series_moments",

@@ -953,9 +953,17 @@ class ParamGrid:
         if STORED_WIDE_CLOSED_FORM and WIDE_SD_CLOSED_FORM and bounds is not None:
             closed = self._stored_wide(theta, sigma, scale, zero_point, code, bounds, kappa_only)
             if closed is not None:
-                jj, kappa, mean_abs, m4 = closed
+                jj, kappa, mean_abs, m4, _, err4 = closed
                 c = theta.shape[0]
                 cov = torch.ones_like(kappa)
+                if err4 is not None and bool((err4 > WIDE_TOL).any()):
+                    # m4's bound fails where kappa's holds (a draw far beyond a bound): m4 from
+                    # the exact stored-cell sums (kappa stays the series', as a kappa_only call's)
+                    bad = torch.nonzero(err4 > WIDE_TOL).squeeze(-1)
+                    kb = jj.index_select(0, bad)
+                    sub = self._stored_paths(theta[kb], sigma[kb], scale[kb], zero_point[kb], _pick(code, kb),
+                                             _pick(bounds, kb), compile_policy, False)
+                    m4[bad] = sub.m4.to(torch.float64)
                 if jj.numel() == c:
                     return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=cov)
                 rest = torch.ones(c, dtype=torch.bool, device=theta.device)
@@ -970,13 +978,16 @@ class ParamGrid:
 
     def _stored_wide(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                      bounds: tuple[Tensor, Tensor], kappa_only: bool
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None] | None:
         """The weights whose sd spans their bounded window, on the stored cells in closed form
-        (:mod:`~mis_lightning.functional.wide_series`): ``(ii, kappa, mean_abs, m4)``, the indices
-        of the elements it holds for (``[m]``: strictly inside ``bounds``, the stored bounds of
-        :meth:`element_bounds`, at most ``SERIES_MAX_WINDOW`` sd apart, error bound at most
-        ``WIDE_TOL``) and their float64 moments (``mean_abs`` and ``m4`` NaN when ``kappa_only``;
-        coverage 1 is the caller's); ``None`` when none qualifies or the grid has more than
+        (:mod:`~mis_lightning.functional.wide_series`): ``(ii, kappa, mean_abs, m4, err, err4)``,
+        the indices of the elements it holds for (``[m]``: bounds, the stored bounds of
+        :meth:`element_bounds`, at most ``SERIES_MAX_WINDOW`` sd apart, their centre within
+        ``SERIES_MAX_SHIFT`` of the weight, inside them or beyond one, and kappa's error bound
+        ``err`` at most ``WIDE_TOL``), their float64 moments and ``m4``'s error bound ``err4``,
+        which may exceed ``WIDE_TOL`` (the caller then takes ``m4`` elsewhere); ``kappa_only``:
+        ``mean_abs`` and ``m4`` NaN, ``err4`` ``None`` (``kappa`` and ``err`` bitwise the same).
+        Coverage 1 is the caller's. ``None`` when none qualifies or the grid has more than
         ``WIDE_TABLE_MAX_VALUES`` keys.
 
         The series holds on any partition of the window: here the cells are the stored ones (the
@@ -1040,14 +1051,14 @@ class ParamGrid:
         M, W = u0.abs() + rho, 2.0 * rho
         umin = (u0.abs() - rho).clamp_min(0.0)
         c3 = (torch.diff(e, dim=-1) ** 3).sum(-1).index_select(0, gid) * rho**3
+        # (kappa's bound alone: a kappa_only call takes the same terms, so the same kappa)
         factor = 0.44 * torch.exp(-0.25 * umin * umin) * c3 / 12.0  # (Cramer K phi(0) < 0.44)
-        if not kappa_only:
-            factor = factor * (1.0 + 6.0 * M * M + 2.0 * M * W + 0.25 * W * W)
         N = series_terms(rho, factor, WIDE_TOL / 16.0)
         Q, q3, q5 = series_coefficients(e, N)
         m = th.shape[0]
         kappa, err = torch.empty_like(th), torch.empty_like(th)
         m4 = None if kappa_only else torch.empty_like(th)
+        err4 = None if kappa_only else torch.empty_like(th)
         if kappa_only:  # (A2's sums alone)
             Q = Q[:, :1].contiguous()
         # per element in blocks of about _SERIES_BLOCK gathered sums
@@ -1055,20 +1066,20 @@ class ParamGrid:
         for a in range(0, m, block):
             sl = slice(a, a + block)
             g = gid[sl]
-            k, m4b, eb = series_moments(u0[sl], rho[sl], Q.index_select(0, g), q3.index_select(0, g),
-                                        q5.index_select(0, g), kappa_only)
+            k, eb, m4b, e4b = series_moments(u0[sl], rho[sl], Q.index_select(0, g), q3.index_select(0, g),
+                                             q5.index_select(0, g), kappa_only)
             kappa[sl], err[sl] = k, eb
-            if m4 is not None and m4b is not None:
-                m4[sl] = m4b
+            if m4 is not None and err4 is not None and m4b is not None and e4b is not None:
+                m4[sl], err4[sl] = m4b, e4b
         ok = err <= WIDE_TOL
         if not bool(ok.any()):
             return None
         keep = torch.nonzero(ok).squeeze(-1)
         idx = keep if ii is None else ii.index_select(0, keep)
-        kappa = kappa.index_select(0, keep)
-        if m4 is None:
+        kappa, err = kappa.index_select(0, keep), err.index_select(0, keep)
+        if m4 is None or err4 is None:
             nan = torch.full_like(kappa, math.nan)
-            return idx, kappa, nan, nan.clone()
+            return idx, kappa, nan, nan.clone(), err, None
         # column j of a row: the edge below key low + j
         th, sg, lo, hi = (t.index_select(0, keep) for t in (th, sg, lo, hi))
         g = gid.index_select(0, keep)
@@ -1077,7 +1088,7 @@ class ParamGrid:
         col = (center - low.index_select(0, g)).long() + g * width
         flat = torch.cat(tab).reshape(-1)
         mean_abs = own_cell_mean_abs(th, sg, lo, hi, flat.take(col), flat.take(col + 1))
-        return idx, kappa, mean_abs, m4.index_select(0, keep)
+        return idx, kappa, mean_abs, m4.index_select(0, keep), err, err4.index_select(0, keep)
 
     def _stored_paths(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
