@@ -68,9 +68,9 @@ from ..functional.wide import (
     WIDE_TABLE_MAX_VALUES,
     WIDE_TOL,
     affine_cube_sum,
+    own_cell_mean_abs,
     table_cube_sum,
     wide_deficit_bound,
-    own_cell_mean_abs,
     wide_sd_parts,
 )
 from ..functional.wide_series import (
@@ -147,13 +147,14 @@ POINT_MASS_LIVE_ONLY = True
 # derived error bound is at most functional.wide.WIDE_TOL (docs/method.md section 5, "wsd34");
 # False: the grid paths (windowed sums, fine-grid expansion, outer-cell split) for every element
 WIDE_SD_CLOSED_FORM = True
-# ... and so do such weights of a grid on bf16 / fp16 weights (``storage_dtype``), on the stored
-# cells themselves: the closed form's bounds hold for any partition of the bounded window into
-# cells, so C3 is summed over the stored cells clipped to the stored bounds (one row of stored
-# edges per block, ParamGrid._stored_wide) and the error bound is WIDE_TOL against the exact
-# stored-cell sums, kappa on the conservative side (docs/method.md section 5, "wc37"). Before, a
-# bound within reach sent every such weight to those sums over the whole code range (bf16 1e6
-# MLP: ~90 s of scoring). False: the exact stored-cell sums for them
+# Weights of a grid on bf16 / fp16 weights (``storage_dtype``) whose bounded window is at most
+# functional.wide_series.SERIES_MAX_WINDOW (1) sd wide, inside it or beyond a bound (a bootstrap
+# draw), take the series of functional.wide_series on the stored cells themselves (one row of
+# stored edges per block, ParamGrid._stored_wide) where its derived error bound on kappa is at most
+# functional.wide.WIDE_TOL (1e-11, kappa on the conservative side; m4 from the exact sums where its
+# own bound exceeds it): docs/method.md section 5, "wc37". Before, a bound within reach sent every
+# such weight to the exact stored-cell sums over the whole code range (bf16 1e6 MLP: ~90-110 s of
+# scoring against ~4.5 s on float32 weights). False: the exact stored-cell sums for them
 STORED_WIDE_CLOSED_FORM = True
 # gathered per-window sums per block of that form's per-element step (float64: 2 MiB)
 _SERIES_BLOCK = 1 << 18
@@ -1048,7 +1049,6 @@ class ParamGrid:
         hw = half.index_select(0, gid)
         u0, rho = (x0.index_select(0, gid) - th) / sg, hw / sg
         # the fewest terms whose truncation takes at most a 16th of the tolerance on every element
-        M, W = u0.abs() + rho, 2.0 * rho
         umin = (u0.abs() - rho).clamp_min(0.0)
         c3 = (torch.diff(e, dim=-1) ** 3).sum(-1).index_select(0, gid) * rho**3
         # (kappa's bound alone: a kappa_only call takes the same terms, so the same kappa)
