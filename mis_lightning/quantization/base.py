@@ -1054,7 +1054,11 @@ class ParamGrid:
         # (kappa's bound alone: a kappa_only call takes the same terms, so the same kappa)
         factor = 0.44 * torch.exp(-0.25 * umin * umin) * c3 / 12.0  # (Cramer K phi(0) < 0.44)
         N = series_terms(rho, factor, WIDE_TOL / 16.0)
-        Q, q3, q5 = series_coefficients(e, N)
+        # per-block power sums in blocks of windows: their [windows, cells, ~2N] temporaries stay
+        # cache-sized (a 2^18-weight chunk of int8 g32 blocks: 8,192 windows of 257 cells)
+        step = max(1, _STORAGE_ROWS_BUDGET // (e.shape[1] * (2 * N + 8)))
+        parts = [series_coefficients(e[a:a + step], N) for a in range(0, e.shape[0], step)]
+        Q, q3, q5 = (torch.cat([p[i] for p in parts]) for i in range(3))
         m = th.shape[0]
         kappa, err = torch.empty_like(th), torch.empty_like(th)
         m4 = None if kappa_only else torch.empty_like(th)
