@@ -188,16 +188,23 @@ def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cu
     kappa = (1.0 - lam * S).clamp(0.0, 1.0)
     if own_lo is None or own_hi is None:
         return kappa, None, ok
+    return kappa, own_cell_mean_abs(th, sg, lower, upper, own_lo, own_hi), ok
+
+
+def own_cell_mean_abs(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, own_lo: Tensor, own_hi: Tensor) -> Tensor:
+    """``mean_abs`` ``[c]`` of weights strictly inside their bounds whose release reveals the regions
+    beyond them: ``sqrt(2/pi) - 2 (phi(0) - phi(x))``, ``x`` the distance (sd units) from ``th`` to
+    the nearer edge of its own cell ``[own_lo, own_hi]`` clipped to ``[lower, upper]`` (only the cell
+    holding ``th`` loses ``E|u|``; exact on any partition). All ``[c]`` float64, parameter units."""
     # the own cell clipped to the bounds; x = the nearer edge (sd units, >= 0: a backend code's
     # cell may miss theta by an ulp at a float32 tie)
     left = th - torch.maximum(own_lo.to(torch.float64), lower)
     right = torch.minimum(own_hi.to(torch.float64), upper) - th
     x = (torch.minimum(left, right) / sg).clamp_min(0.0)
     # 2 (phi(0) - phi(x)) without cancellation
-    mean_abs = (SQRT_2_OVER_PI + 2.0 * _INV_SQRT_2PI * torch.expm1(-0.5 * x * x)).clamp(0.0, SQRT_2_OVER_PI)
-    return kappa, mean_abs, ok
+    return (SQRT_2_OVER_PI + 2.0 * _INV_SQRT_2PI * torch.expm1(-0.5 * x * x)).clamp(0.0, SQRT_2_OVER_PI)
 
 
-__all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "table_cube_sum", "wide_deficit_bound",
+__all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "own_cell_mean_abs", "table_cube_sum", "wide_deficit_bound",
            "wide_sd_error_bound", "wide_sd_moments",
            "wide_sd_parts"]

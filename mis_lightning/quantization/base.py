@@ -66,10 +66,19 @@ from ..functional.table import table_layout
 from ..functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TABLE_MAX_VALUES,
+    WIDE_TOL,
     affine_cube_sum,
+    own_cell_mean_abs,
     table_cube_sum,
     wide_deficit_bound,
     wide_sd_parts,
+)
+from ..functional.wide_series import (
+    SERIES_MAX_SHIFT,
+    SERIES_MAX_WINDOW,
+    series_coefficients,
+    series_moments,
+    series_terms,
 )
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -138,6 +147,17 @@ POINT_MASS_LIVE_ONLY = True
 # derived error bound is at most functional.wide.WIDE_TOL (docs/method.md section 5, "wsd34");
 # False: the grid paths (windowed sums, fine-grid expansion, outer-cell split) for every element
 WIDE_SD_CLOSED_FORM = True
+# Weights of a grid on bf16 / fp16 weights (``storage_dtype``) whose bounded window is at most
+# functional.wide_series.SERIES_MAX_WINDOW (1) sd wide, inside it or beyond a bound (a bootstrap
+# draw), take the series of functional.wide_series on the stored cells themselves (one row of
+# stored edges per block, ParamGrid._stored_wide) where its derived error bound on kappa is at most
+# functional.wide.WIDE_TOL (1e-11, kappa on the conservative side; m4 from the exact sums where its
+# own bound exceeds it): docs/method.md section 5, "wc37". Before, a bound within reach sent every
+# such weight to the exact stored-cell sums over the whole code range (bf16 1e6 MLP: ~90-110 s of
+# scoring against ~4.5 s on float32 weights). False: the exact stored-cell sums for them
+STORED_WIDE_CLOSED_FORM = True
+# gathered per-window sums per block of that form's per-element step (float64: 2 MiB)
+_SERIES_BLOCK = 1 << 18
 
 # The scoring pass reads each chunk of a parameter several times per grid: its cell moments at sd
 # and at sd / sqrt(2) (the pool protocol), with the same weights, grid and bounds. What does not
@@ -927,9 +947,158 @@ class ParamGrid:
     def _stored_grid_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                              code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
                              compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
-        """``storage_dtype`` grids: elements within ``STORAGE_EXACT_MAX_ULPS`` storage ulps (or
-        ``STORAGE_FINE_CELLS`` cells, or a bound within reach) on the stored cells, the others on
-        the grid's own edges."""
+        """``storage_dtype`` grids: elements whose sd dwarfs their bounded window in the wide-sd
+        closed form on the stored cells (:meth:`_stored_wide`, :data:`STORED_WIDE_CLOSED_FORM`);
+        the others within ``STORAGE_EXACT_MAX_ULPS`` storage ulps (or ``STORAGE_FINE_CELLS``
+        cells, or a bound within reach) on the stored cells, the rest on the grid's own edges."""
+        if STORED_WIDE_CLOSED_FORM and WIDE_SD_CLOSED_FORM and bounds is not None:
+            closed = self._stored_wide(theta, sigma, scale, zero_point, code, bounds, kappa_only)
+            if closed is not None:
+                jj, kappa, mean_abs, m4, _, err4 = closed
+                c = theta.shape[0]
+                cov = torch.ones_like(kappa)
+                if err4 is not None and bool((err4 > WIDE_TOL).any()):
+                    # m4's bound fails where kappa's holds (a draw far beyond a bound): m4 from
+                    # the exact stored-cell sums (kappa stays the series', as a kappa_only call's)
+                    bad = torch.nonzero(err4 > WIDE_TOL).squeeze(-1)
+                    kb = jj.index_select(0, bad)
+                    sub = self._stored_paths(theta[kb], sigma[kb], scale[kb], zero_point[kb], _pick(code, kb),
+                                             _pick(bounds, kb), compile_policy, False)
+                    m4[bad] = sub.m4.to(torch.float64)
+                if jj.numel() == c:
+                    return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=cov)
+                rest = torch.ones(c, dtype=torch.bool, device=theta.device)
+                rest[jj] = False
+                kk = torch.nonzero(rest).squeeze(-1)
+                return _merge_moments(c, theta.device, [
+                    (jj, lambda _: CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=cov)),
+                    (kk, lambda ii: self._stored_paths(theta[ii], sigma[ii], scale[ii], zero_point[ii],
+                                                       _pick(code, ii), _pick(bounds, ii), compile_policy,
+                                                       kappa_only))])
+        return self._stored_paths(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+
+    def _stored_wide(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                     bounds: tuple[Tensor, Tensor], kappa_only: bool
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None] | None:
+        """The weights whose sd spans their bounded window, on the stored cells in closed form
+        (:mod:`~mis_lightning.functional.wide_series`): ``(ii, kappa, mean_abs, m4, err, err4)``,
+        the indices of the elements it holds for (``[m]``: bounds, the stored bounds of
+        :meth:`element_bounds`, at most ``SERIES_MAX_WINDOW`` sd apart, their centre within
+        ``SERIES_MAX_SHIFT`` of the weight, inside them or beyond one, and kappa's error bound
+        ``err`` at most ``WIDE_TOL``), their float64 moments and ``m4``'s error bound ``err4``,
+        which may exceed ``WIDE_TOL`` (the caller then takes ``m4`` elsewhere); ``kappa_only``:
+        ``mean_abs`` and ``m4`` NaN, ``err4`` ``None`` (``kappa`` and ``err`` bitwise the same).
+        Coverage 1 is the caller's. ``None`` when none qualifies or the grid has more than
+        ``WIDE_TABLE_MAX_VALUES`` keys.
+
+        The series holds on any partition of the window: here the cells are the stored ones (the
+        grid's cells as the stored weights fall into them: edges at storage midpoints, empty cells
+        of width 0), clipped to the stored bounds as :meth:`_storage_moments` clips them, from
+        one row of stored edges per run of elements with equal scale, zero point and bounds (a
+        block). ``kappa`` reads at least the exact stored-cell sums' value and at most
+        ``WIDE_TOL`` above it, ``m4`` is within ``WIDE_TOL`` of theirs, ``mean_abs`` exact on the
+        stored own cell (docs/method.md section 5, "wc37")."""
+        n_edges = (self.qmax - self.qmin) if self.kind != "table" else self.values.numel() - 1  # type: ignore[union-attr]
+        if n_edges + 1 > WIDE_TABLE_MAX_VALUES:
+            return None
+        th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+        lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
+        # the window at most SERIES_MAX_WINDOW sd wide, its centre within SERIES_MAX_SHIFT (the
+        # series' cancellation) of the weight, inside its bounds or beyond one (a bootstrap draw;
+        # sd 0, NaN and infinite bounds fail)
+        x0_all, half_all = 0.5 * (lo + hi), 0.5 * (hi - lo)
+        cand = ((hi - lo <= SERIES_MAX_WINDOW * sg) & (hi > lo)
+                & (half_all * (th - x0_all).abs() <= SERIES_MAX_SHIFT * sg * sg))
+        n = int(cand.sum())
+        if n == 0:
+            return None
+        ii = torch.nonzero(cand).squeeze(-1) if n < cand.numel() else None
+
+        def pick(t: Tensor) -> Tensor:
+            return t if ii is None else t.index_select(0, ii)
+
+        th, sg, lo, hi = pick(th), pick(sg), pick(lo), pick(hi)
+        s64, z64 = pick(scale.to(torch.float64)), pick(zero_point.to(torch.float64))
+        # one row of stored edges per run of equal grid and bounds (the layout of _stored_table)
+        new = (s64[1:] != s64[:-1]) | (z64[1:] != z64[:-1]) | (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+        gid = torch.cat([new.new_zeros(1, dtype=torch.long), new.long().cumsum(0)])
+        first = torch.nonzero(torch.cat([new.new_ones(1), new])).squeeze(-1)
+        su, zu, lu, hu = s64[first], z64[first], lo[first], hi[first]
+        if self.kind == "affine":
+            low = torch.full_like(su, float(self.qmin))
+        elif self.kind == "quotient":
+            low = self.qmin - zu
+        else:
+            low = torch.zeros_like(su)
+        h = (n_edges + 1) // 2
+        width = 2 * h + 2
+        rows = max(1, _STORAGE_ROWS_BUDGET // width)
+        x0, half = 0.5 * (lu + hu), 0.5 * (hu - lu)
+        tab, unit = [], []
+        for a in range(0, su.numel(), rows):
+            b = a + rows
+            t = self._stored_window(su[a:b], su[a:b], zu[a:b], low[a:b] + h, h)
+            tab.append(t)
+            # the cells clipped to the bounds (edges beyond them, and the +-inf beyond the code
+            # range, fall on a bound: cells of width 0; the regions beyond are revealed), in the
+            # window's units
+            lb, ub = lu[a:b].unsqueeze(-1), hu[a:b].unsqueeze(-1)
+            inner = torch.minimum(torch.maximum(t[:, 1:-1], lb), ub)
+            unit.append((torch.cat([lb, inner, ub], dim=-1) - x0[a:b].unsqueeze(-1)) / half[a:b].unsqueeze(-1))
+        e = torch.cat(unit)
+        hw = half.index_select(0, gid)
+        u0, rho = (x0.index_select(0, gid) - th) / sg, hw / sg
+        # the fewest terms whose truncation takes at most a 16th of the tolerance on every element
+        umin = (u0.abs() - rho).clamp_min(0.0)
+        c3 = (torch.diff(e, dim=-1) ** 3).sum(-1).index_select(0, gid) * rho**3
+        # (kappa's bound alone: a kappa_only call takes the same terms, so the same kappa)
+        factor = 0.44 * torch.exp(-0.25 * umin * umin) * c3 / 12.0  # (Cramer K phi(0) < 0.44)
+        N = series_terms(rho, factor, WIDE_TOL / 16.0)
+        # per-block power sums in blocks of windows: their [windows, cells, ~2N] temporaries stay
+        # cache-sized (a 2^18-weight chunk of int8 g32 blocks: 8,192 windows of 257 cells)
+        step = max(1, _STORAGE_ROWS_BUDGET // (e.shape[1] * (2 * N + 8)))
+        parts = [series_coefficients(e[a:a + step], N) for a in range(0, e.shape[0], step)]
+        Q, q3, q5 = (torch.cat([p[i] for p in parts]) for i in range(3))
+        m = th.shape[0]
+        kappa, err = torch.empty_like(th), torch.empty_like(th)
+        m4 = None if kappa_only else torch.empty_like(th)
+        err4 = None if kappa_only else torch.empty_like(th)
+        if kappa_only:  # (A2's sums alone)
+            Q = Q[:, :1].contiguous()
+        # per element in blocks of about _SERIES_BLOCK gathered sums
+        block = max(1024, _SERIES_BLOCK // (Q.shape[1] * N))
+        for a in range(0, m, block):
+            sl = slice(a, a + block)
+            g = gid[sl]
+            k, eb, m4b, e4b = series_moments(u0[sl], rho[sl], Q.index_select(0, g), q3.index_select(0, g),
+                                             q5.index_select(0, g), kappa_only)
+            kappa[sl], err[sl] = k, eb
+            if m4 is not None and err4 is not None and m4b is not None and e4b is not None:
+                m4[sl], err4[sl] = m4b, e4b
+        ok = err <= WIDE_TOL
+        if not bool(ok.any()):
+            return None
+        keep = torch.nonzero(ok).squeeze(-1)
+        idx = keep if ii is None else ii.index_select(0, keep)
+        kappa, err = kappa.index_select(0, keep), err.index_select(0, keep)
+        if m4 is None or err4 is None:
+            nan = torch.full_like(kappa, math.nan)
+            return idx, kappa, nan, nan.clone(), err, None
+        # column j of a row: the edge below key low + j
+        th, sg, lo, hi = (t.index_select(0, keep) for t in (th, sg, lo, hi))
+        g = gid.index_select(0, keep)
+        center = self._center(th, s64.index_select(0, keep), z64.index_select(0, keep),
+                              None if code is None else pick(code).index_select(0, keep))
+        col = (center - low.index_select(0, g)).long() + g * width
+        flat = torch.cat(tab).reshape(-1)
+        mean_abs = own_cell_mean_abs(th, sg, lo, hi, flat.take(col), flat.take(col + 1))
+        return idx, kappa, mean_abs, m4.index_select(0, keep), err, err4.index_select(0, keep)
+
+    def _stored_paths(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
+                      compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
+        """:meth:`_stored_grid_moments` without the wide-sd closed form: the exact stored-cell sums
+        or the grid's own edges, as :meth:`_storage_exact` decides."""
         exact, center, need = self._storage_exact(theta, sigma, scale, zero_point, code, bounds)
         own = replace(self, storage_dtype=None)
         if bool(exact.all()):
