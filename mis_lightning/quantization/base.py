@@ -169,6 +169,10 @@ KAPPA_ONLY_STANDINS = True
 # 8,192 per 2^18-weight chunk on the exact sums and the outer-cell split), the others taking the
 # paths of the call they would have shared (path_elements). False: on the paths, then overwritten
 REVEALED_SKIPPED = True
+# the sd-0 inside test (ParamGrid._inside) as min(th - max(lo, lower), min(hi, upper) - th) > margin
+# and the affine own-cell edges (ParamGrid._own_edges) with one q0 - z on integer zero points, in
+# place: the same mask and edges bitwise, in ~half the operations (ws37). False: as before
+INSIDE_FUSED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
@@ -1224,10 +1228,22 @@ class ParamGrid:
         th, sc = theta.to(torch.float64), scale.to(torch.float64)
         lo, hi = self._own_edges(th, sc, zero_point, code)
         margin = _POINT_MASS_MARGIN * sc
-        inside = (th - lo > margin) & (hi - th > margin)
+        if not INSIDE_FUSED:
+            inside = (th - lo > margin) & (hi - th > margin)
+            if bounds is not None:
+                inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+            return inside
+        # the same mask in 7 operations after the edges (13 before, 8 of them comparisons and
+        # ands): rounding is monotone, so th - max(lo, b) = min(th - lo, th - b) bitwise, and
+        # min(d1, d2) > m iff both are (NaN: false either way); in place where _own_edges' tensors
+        # are its own (affine, table; the quotient grids' are views of _edges')
+        if self.kind == "quotient":
+            lo, hi = lo.clone(), hi.clone()
         if bounds is not None:
-            inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
-        return inside
+            lo = torch.maximum(lo, bounds[0].to(torch.float64), out=lo)
+            hi = torch.minimum(hi, bounds[1].to(torch.float64), out=hi)
+        d = torch.sub(th, lo, out=lo)
+        return torch.minimum(d, hi.sub_(th), out=d) > margin
 
     def _own_edges(self, th: Tensor, sc: Tensor, zp: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor]:
         """The lower and upper edge ``[c]`` (parameter units, float64; ``-inf`` / ``inf`` for the
@@ -1237,6 +1253,13 @@ class ParamGrid:
         if self.kind == "affine":
             z = zp.to(torch.float64)
             q0 = affine_codes(th, sc, z, self.qmin, self.qmax) if code is None else code.to(torch.float64)
+            if INSIDE_FUSED and (self.zero_point is None or not self.zero_point.is_floating_point()):
+                # integer codes and zero points: (q0 - z) -/+ 0.5 is q0 -/+ 0.5 - z exactly (small
+                # integers and halves); one subtraction, then in place on the call's own temporaries
+                t = q0 - z
+                lo = torch.where(q0 > self.qmin, (t - 0.5).mul_(sc), -math.inf)
+                hi = torch.where(q0 < self.qmax, t.add_(0.5).mul_(sc), math.inf)
+                return lo, hi
             lo = torch.where(q0 > self.qmin, (q0 - 0.5 - z) * sc, -math.inf)
             hi = torch.where(q0 < self.qmax, (q0 + 0.5 - z) * sc, math.inf)
             return lo, hi
