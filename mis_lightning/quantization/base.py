@@ -69,6 +69,7 @@ from ..functional.wide import (
     affine_cube_sum,
     table_cube_sum,
     wide_deficit_bound,
+    wide_sd_common,
     wide_sd_parts,
 )
 
@@ -173,6 +174,16 @@ REVEALED_SKIPPED = True
 # and the affine own-cell edges (ParamGrid._own_edges) with one q0 - z on integer zero points, in
 # place: the same mask and edges bitwise, in ~half the operations (ws37). False: as before
 INSIDE_FUSED = True
+# The sd-0 test of a chunk's sd (sigma <= tiny, its count, the others' indices) kept for the
+# grids' calls that read the same sd tensor (the last two: a chunk's main and pool sd), and a chunk
+# whose sd-0 elements are all point masses or known (revealed) takes the sd > 0 ones' indices as its
+# live ones, without a pass over the chunk per call (ws37; bitwise the same). False: per call
+SD_ZERO_SHARED = True
+# The wide-sd closed form's candidates and grid-free parts (functional.wide.wide_sd_common: the
+# bound's 6 M^2, lambda with its two exponentials, sigma^3) computed once per (weights, sd, bounds)
+# for every grid of a chunk that reads them (the absmax grids of one block size share their bounds'
+# expansion; the calls of one sd tensor), the last four kept (ws37; bitwise the same). False: per call
+WIDE_COMMON_SHARED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
@@ -223,6 +234,8 @@ def release_chunk_facts() -> None:
     for slots in _FACTS.values():
         slots.clear()
     _EXPANSIONS.clear()
+    _SD_ZERO.clear()
+    _WIDE_COMMON.clear()
 
 
 # The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
@@ -348,6 +361,65 @@ def _wide_candidates(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor)
     """``[c]`` bool: strictly inside bounds at most ``WIDE_MAX_WINDOW`` sd apart (the wide-sd closed
     form's first test; sd 0, NaN and infinite bounds fail it)."""
     return (upper - lower <= WIDE_MAX_WINDOW * sigma) & (theta > lower) & (theta < upper)
+
+
+class _SdZero:
+    """The sd-0 elements of one sd tensor (:func:`_sd_zero`): ``mask`` ``[c]`` bool, ``count``,
+    and :meth:`live`, the others' indices (sorted, computed once)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask, self.count, self._live = mask, int(mask.sum()), None
+
+    def live(self) -> Tensor:
+        if self._live is None:
+            self._live = torch.nonzero(~self.mask).squeeze(-1)
+        return self._live
+
+
+_SD_ZERO: list[tuple[tuple, _SdZero]] = []
+
+
+def _sd_zero(sigma: Tensor) -> _SdZero:
+    """``sigma <= tiny`` (float64's smallest normal, to which every path floors sd) of a chunk's
+    sd, with its count: every grid of the chunk reads the same sd tensor (the main call's; the
+    pool call's, computed once per chunk by assess), so its facts serve them all
+    (:data:`SD_ZERO_SHARED`: the last two sd tensors, keyed as :data:`_FACTS`' entries)."""
+    keep = SD_ZERO_SHARED and not sigma.is_inference()  # (inference tensors: no version counter)
+    if keep:
+        for key, fact in _SD_ZERO:
+            if _key_matches(key, (sigma,), ()):
+                return fact
+    fact = _SdZero(sigma.to(torch.float64) <= torch.finfo(torch.float64).tiny)
+    if keep:
+        _SD_ZERO.insert(0, (_fact_key((sigma,)), fact))
+        del _SD_ZERO[2:]
+    return fact
+
+
+_WIDE_COMMON: list[tuple[tuple, tuple[Tensor, int, tuple[Tensor, Tensor, Tensor] | None]]] = []
+
+
+def _wide_common_keepable(key: tuple[Tensor, ...]) -> bool:
+    return not any(t.is_inference() for t in key)  # (inference tensors: no version counter)
+
+
+def _wide_common_get(key: tuple[Tensor, ...]) -> tuple[Tensor, int, tuple[Tensor, Tensor, Tensor] | None] | None:
+    """The wide-sd candidates ``(mask [c], count, wide_sd_common's parts or None)`` an earlier
+    grid's call computed from these ``(theta, sigma, lower, upper)`` (unchanged since: identity
+    and version counters, as :data:`_FACTS`' keys), or ``None``. Read, never written."""
+    for k, v in _WIDE_COMMON:
+        if _key_matches(k, key, ()):
+            return v
+    return None
+
+
+def _wide_common_put(key: tuple[Tensor, ...], value: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor] | None]) -> None:
+    # the last four: a chunk's main and pool calls alternate grid by grid, and grids of two block
+    # sizes (two bounds) interleave (the 1e7 MLP: int8, int4, int4 g32, float8); entries whose
+    # tensors are gone (an earlier chunk's) are dropped
+    _WIDE_COMMON[:] = [e for e in _WIDE_COMMON if all(k[0]() is not None for k in e[0])]
+    _WIDE_COMMON.insert(0, (_fact_key(key), value))
+    del _WIDE_COMMON[4:]
 
 
 def _pick(t: Any, ii: Tensor) -> Any:
@@ -957,10 +1029,18 @@ class ParamGrid:
         (:meth:`_point_masses`); ``known`` (affine and value-table grids): as :meth:`element_moments`."""
         if POINT_MASS_CLOSED_FORM:
             c = theta.shape[0]
-            point = self._point_masses(theta, sigma, scale, zero_point, code, bounds)
-            if point is not None:
-                take = ~point
-                n = int(take.sum())
+            found = self._point_split(theta, sigma, scale, zero_point, code, bounds)
+            if found is not None:
+                point, n_point, zf = found
+                n = c - n_point
+                # the elements to score are the sd > 0 ones (the sd's kept indices, no pass over the
+                # chunk) when every sd-0 element is a point mass or known (revealed: never inside)
+                live = take = None
+                if zf is not None and (n_point == zf.count or (known is not None and not bool(
+                        torch.logical_xor(point, zf.mask).logical_and_(~known).any()))):
+                    live = zf.live()
+                else:
+                    take = ~point
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 standin = kappa_only and KAPPA_ONLY_STANDINS
                 if standin:  # kappa alone is read: the others NaN, one stride-0 value (no chunk-sized tensor)
@@ -970,8 +1050,13 @@ class ParamGrid:
                     mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
                 m = n
                 if known is not None:  # (the path's size as with them: the others' paths unchanged)
-                    take &= ~known
-                    m = int(take.sum())
+                    if live is not None:
+                        live = live[~known.index_select(0, live)]
+                        m = live.numel()
+                    else:
+                        assert take is not None
+                        take &= ~known
+                        m = int(take.sum())
                 if m:
                     size = None if m == n else n  # (the known ones' call: a call of n elements' path)
                     if n < _POINT_MASS_PATH_MIN <= c:
@@ -982,8 +1067,13 @@ class ParamGrid:
                             # ones take the whole chunk's path; their moments are read from the call.
                             # One scan for the indices, in the chunk's order (no sort of a gathered list)
                             size = None
+                            if take is None:
+                                take = ~point
+                                if known is not None:
+                                    take &= ~known
                             take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - m)
-                    ii = torch.nonzero(take).squeeze(-1)
+                            live = None
+                    ii = torch.nonzero(take).squeeze(-1) if live is None else live
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
                                              None if code is None else sel(code),
@@ -1061,13 +1151,21 @@ class ParamGrid:
             return None
         c = theta.shape[0]
         lo, hi = bounds
-        # (sd 0, NaN and infinite bounds all fail the first test); in cache-sized blocks (its
-        # chunk-sized temporaries cost 2-5 ms per 2^18 weights, a tenth of the closed form)
-        cand = torch.empty(c, dtype=torch.bool, device=theta.device)
-        for a in range(0, c, EAGER_BLOCK):
-            sl = slice(a, a + EAGER_BLOCK)
-            cand[sl] = _wide_candidates(theta[sl], sigma[sl], lo[sl], hi[sl])
-        n = int(cand.sum())
+        # the candidates and the closed form's grid-free parts serve every grid of the chunk with
+        # these weights, sd and bounds (WIDE_COMMON_SHARED)
+        key = (theta, sigma, lo, hi)
+        held = _wide_common_get(key) if WIDE_COMMON_SHARED else None
+        if held is None:
+            # (sd 0, NaN and infinite bounds all fail the first test); in cache-sized blocks (its
+            # chunk-sized temporaries cost 2-5 ms per 2^18 weights, a tenth of the closed form)
+            cand = torch.empty(c, dtype=torch.bool, device=theta.device)
+            for a in range(0, c, EAGER_BLOCK):
+                sl = slice(a, a + EAGER_BLOCK)
+                cand[sl] = _wide_candidates(theta[sl], sigma[sl], lo[sl], hi[sl])
+            n = int(cand.sum())
+            common = None
+        else:
+            cand, n, common = held
         if n == 0:
             return None
         # most elements: the whole chunk (no gathers; the others' values are discarded)
@@ -1078,6 +1176,9 @@ class ParamGrid:
         m = args[0].shape[0]
         # the candidates' test is ok's first three where the inputs are float64 (the same operations)
         same = ii is None and all(t.dtype == torch.float64 for t in (theta, sigma, lo, hi))
+        fill = None  # the grid-free parts, computed here for the next grids (whole chunks alone)
+        if held is None and WIDE_COMMON_SHARED and same and _wide_common_keepable(key):
+            fill = tuple(torch.empty(c, dtype=torch.float64, device=theta.device) for _ in range(3))
         kappa = torch.empty(m, dtype=torch.float64, device=theta.device)
         ok = torch.empty(m, dtype=torch.bool, device=theta.device)
         mean_abs = None if kappa_only else torch.empty_like(kappa)
@@ -1106,13 +1207,22 @@ class ParamGrid:
                 keep[a:a + EAGER_BLOCK] = cube
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
+            part = None
+            if common is not None:
+                part = tuple(t[a:a + EAGER_BLOCK] for t in common)
+            elif fill is not None:
+                part = wide_sd_common(th, sg, lb, ub)
+                for f, t in zip(fill, part):
+                    f[a:a + EAGER_BLOCK] = t
             k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi,
-                                        cand[a:a + EAGER_BLOCK] if same else None)
+                                        cand[a:a + EAGER_BLOCK] if same else None, part)
             kappa[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = k, good
             if mean_abs is not None and ma is not None:
                 mean_abs[a:a + EAGER_BLOCK] = ma
         if keep is not None:
             _fact_put("cube", src, extra, keep)
+        if held is None and WIDE_COMMON_SHARED and _wide_common_keepable(key):
+            _wide_common_put(key, (cand, n, fill))
         return ii, kappa, mean_abs, ok
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
@@ -1196,9 +1306,18 @@ class ParamGrid:
         scale on each side. Its distribution is one cell, so it has no cell information: every
         path finds both edges beyond ``CUTOFF_SIGMAS`` sd (frozen) and returns ``(0, 0, 0, 1)``
         (tests/test_point_mass.py checks each grid kind's paths against this)."""
+        found = self._point_split(theta, sigma, scale, zero_point, code, bounds)
+        return None if found is None else found[0]
+
+    def _point_split(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                     code: Tensor | None, bounds: tuple[Tensor, Tensor] | None
+                     ) -> tuple[Tensor, int, _SdZero | None] | None:
+        """:meth:`_point_masses` as ``(mask, its count, sd-0 fact)`` (:func:`_sd_zero`; ``None``
+        with :data:`SD_ZERO_SHARED` off)."""
         c = theta.shape[0]
-        zero = sigma.to(torch.float64) <= torch.finfo(torch.float64).tiny
-        if int(zero.sum()) < max(1.0, POINT_MASS_MIN_FRACTION * c):
+        zf = _sd_zero(sigma)
+        zero = zf.mask
+        if zf.count < max(1.0, POINT_MASS_MIN_FRACTION * c):
             return None
         # whether each weight lies strictly inside its cell and bounds does not depend on sd: the
         # call at sd / sqrt(2) (pool protocol) on the same chunk reads the one at sd (REUSE_CHUNK_FACTS)
@@ -1217,9 +1336,10 @@ class ParamGrid:
             if REUSE_CHUNK_FACTS:
                 _fact_put("inside", src, extra, inside)
         point = zero & inside
-        if int(point.sum()) < POINT_MASS_MIN_FRACTION * c:
+        n_point = int(point.sum())
+        if n_point < POINT_MASS_MIN_FRACTION * c:
             return None
-        return point
+        return point, n_point, (zf if SD_ZERO_SHARED else None)
 
     def _inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                 bounds: tuple[Tensor, Tensor] | None) -> Tensor:
