@@ -195,8 +195,6 @@ def _versus_rounds(path: str, root: str, rounds: int, param: str | None, ob, old
                    share_pool_sd: bool = False) -> None:
     import dataclasses
 
-    import torch
-
     import mis_lightning.quantization.base as qb
     from mis_lightning.functional import CompilePolicy
 
