@@ -5,9 +5,8 @@
 * ``SD_ZERO_SHARED``: the sd-0 mask of a chunk's sd tensor (its count, the others' indices) kept
   for every grid's call on that tensor; a chunk whose point masses are its sd-0 elements takes
   those indices as its live ones;
-* ``WIDE_COMMON_SHARED``: the wide-sd closed form's candidates and grid-free parts (``6 M^2``,
-  ``lambda``, ``sigma^3``) once per (weights, sd, bounds);
-* ``assess``: the pool protocol's ``sd / sqrt(2)`` one tensor per chunk for every grid.
+* ``assess``: the pool protocol's ``sd / sqrt(2)`` one tensor per chunk for every grid (so the
+  sd-0 facts serve its pool calls too).
 
 Tolerance: none (``torch.equal``, NaN equal to NaN): the same operations on the same values, or
 (the inside test) comparisons whose equivalence holds in floating point (rounding is monotone).
@@ -20,7 +19,6 @@ import math
 import pytest
 import torch
 
-import mis_lightning.functional.wide as wide
 import mis_lightning.quantization.base as qb
 from tests.test_point_mass import FIELDS, _grid, _sigma
 
@@ -153,81 +151,9 @@ def test_a_changed_sd_recomputes_its_sd_zero_facts(monkeypatch):
     _equal(got, g4.moments(theta, sigma, 0, c))
 
 
-def _wide_chunk(g4, g8, theta):
-    """sd 1e4 x each weight's bounded window: every element a wide-sd candidate."""
-    c = theta.numel()
-    lo, hi = g4.element_bounds(0, c)
-    return 1e4 * (hi - lo) + 1e-3
-
-
-def test_the_wide_common_parts_serve_every_grid_with_the_same_bounds(monkeypatch):
-    """The wide-sd closed form on two grids sharing their bounds (int4 / int8 per row), main and
-    pool calls: ``wide_sd_common`` once per (weights, sd, bounds) block, the moments bitwise as
-    with the switch off; a weight changed in place recomputes them (fails on the old code)."""
-    g4, g8, theta, _ = _two_grids()
-    theta = _grid("rtn_int4", 512, 128)[1]
-    c = theta.numel()
-    sigma = _wide_chunk(g4, g8, theta)
-    pool = sigma / 2 ** 0.5
-    calls = [(g, s, k) for g in (g4, g8) for s, k in ((sigma, False), (pool, True))]
-    n = {"common": 0}
-    real = qb.wide_sd_common
-
-    def spy(*a):
-        n["common"] += 1
-        return real(*a)
-
-    monkeypatch.setattr(qb, "wide_sd_common", spy)
-
-    def run():
-        qb.release_chunk_facts()
-        return [g.moments(theta, s, 0, c, kappa_only=k) for g, s, k in calls]
-
-    monkeypatch.setattr(qb, "WIDE_COMMON_SHARED", False)
-    ref = run()
-    assert n["common"] == 0
-    monkeypatch.setattr(qb, "WIDE_COMMON_SHARED", True)
-    got = run()
-    blocks = -(-c // qb.EAGER_BLOCK)
-    assert n["common"] == 2 * blocks  # the main sd and the pool sd; the second grid reads them
-    for (_, _, k), a, b in zip(calls, got, ref):
-        _equal(a, b, ("kappa",) if k else FIELDS)
-    assert float(got[0].kappa.min()) > 0.99  # the closed form answered (kappa ~ 1 - S)
-
-    # a weight moved in place: the held parts are stale, recomputed
-    n["common"] = 0
-    g4.moments(theta, sigma, 0, c)
-    assert n["common"] == 0  # (held from the run above)
-    with torch.no_grad():
-        theta[1] = theta[1] * 0.5
-    got = g8.moments(theta, sigma, 0, c)
-    assert n["common"] == blocks
-    monkeypatch.setattr(qb, "WIDE_COMMON_SHARED", False)
-    qb.release_chunk_facts()
-    _equal(got, g8.moments(theta, sigma, 0, c))
-
-
-def test_wide_sd_parts_with_common_parts_equal_without():
-    """``wide_sd_parts(common=wide_sd_common(...))`` is bitwise its own computation (``kappa``,
-    ``mean_abs``, ``ok``), on windows from 1e-4 to 0.2 sd (some beyond the gate)."""
-    gen = torch.Generator().manual_seed(3)
-    n = 4096
-    lo = -torch.rand(n, generator=gen, dtype=F64)
-    hi = torch.rand(n, generator=gen, dtype=F64)
-    th = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=F64)
-    sg = (hi - lo) / torch.exp(torch.empty(n, dtype=F64).uniform_(math.log(1e-4), math.log(0.2), generator=gen))
-    cube = (hi - lo) ** 3 * torch.rand(n, generator=gen, dtype=F64) * 1e-4
-    own_lo, own_hi = th - 0.01, th + 0.02
-    a = wide.wide_sd_parts(th, sg, lo, hi, cube, own_lo, own_hi)
-    b = wide.wide_sd_parts(th, sg, lo, hi, cube, own_lo, own_hi, common=wide.wide_sd_common(th, sg, lo, hi))
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    assert bool(a[2].any()) and not bool(a[2].all())
-
-
 def test_the_pool_calls_of_a_chunk_read_one_sd_tensor(monkeypatch):
     """``assess``: every grid's pool-protocol call on a chunk gets the same ``sd / sqrt(2)``
-    tensor (so the sd-0 and wide-sd facts serve them all), with the values of ``sd / sqrt(2)``
+    tensor (so the sd-0 facts serve them all), with the values of ``sd / sqrt(2)``
     (fails on the old code: one tensor per grid)."""
     from tests.test_sampled_draws import _diagonal_relu_mlp
 

@@ -171,38 +171,17 @@ def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, 
                        m4=torch.full_like(kappa, 3.0), coverage=torch.ones_like(kappa)), ok
 
 
-def wide_sd_common(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The grid-free parts of :func:`wide_sd_error_bound`, ``(6 M^2, lambda, sigma^3)`` ``[c]``
-    float64 (``[c]`` inputs as there): the grids of a chunk that share its weights, sd and bounds
-    (every absmax grid of one block size) read one computation (:func:`wide_sd_parts`' ``common``;
-    the same operations, so the same values)."""
-    sg = sigma.to(torch.float64)
-    th = theta.to(torch.float64)
-    w = (upper - lower) / sg
-    m = torch.maximum(th - lower, upper - th) / sg
-    m2 = m * m
-    lam = torch.exp(-0.5 * m2) - m2 * w * w * torch.exp(0.5 * m2) / 12.0
-    return 6.0 * m2, lam, _cube(sg)
-
-
 def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cube: Tensor,
-                  own_lo: Tensor | None, own_hi: Tensor | None, window: Tensor | None = None,
-                  common: tuple[Tensor, Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+                  own_lo: Tensor | None, own_hi: Tensor | None, window: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor | None, Tensor]:
     """:func:`wide_sd_moments`' ``(kappa, mean_abs, ok)`` alone (``[c]`` each; ``mean_abs``
     ``None`` where ``own_lo`` or ``own_hi`` is): its constant ``m4`` and ``coverage`` are the
     caller's to fill (chunk-sized fills that a caller reading ``kappa`` alone never reads).
     ``window``: ``[c]`` bool, ``(upper - lower <= WIDE_MAX_WINDOW * sigma) & (lower < theta <
-    upper)`` on these float64 tensors, where the caller computed it (``ok``'s first three tests).
-    ``common``: :func:`wide_sd_common` of these tensors, where the caller holds it (bitwise the
-    same results)."""
+    upper)`` on these float64 tensors, where the caller computed it (``ok``'s first three tests)."""
     th, sg = theta.to(torch.float64), sigma.to(torch.float64)
     width = upper - lower
-    if common is None:
-        S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube, width)
-    else:  # (wide_sd_error_bound's operations on the held parts)
-        m2x6, lam, sg3 = common
-        S = (_INV_SQRT_2PI / 12.0) * cube / sg3
-        bound = torch.maximum((1.0 - lam) * S, m2x6 * S)
+    S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube, width)
     if window is None:
         window = (width <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper)
     ok = window & (bound <= WIDE_TOL)
@@ -220,4 +199,5 @@ def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cu
 
 
 __all__ = ["WIDE_MAX_WINDOW", "WIDE_TOL", "affine_cube_sum", "table_cube_sum", "wide_deficit_bound",
-           "wide_sd_common", "wide_sd_error_bound", "wide_sd_moments", "wide_sd_parts"]
+           "wide_sd_error_bound", "wide_sd_moments",
+           "wide_sd_parts"]

@@ -69,7 +69,6 @@ from ..functional.wide import (
     affine_cube_sum,
     table_cube_sum,
     wide_deficit_bound,
-    wide_sd_common,
     wide_sd_parts,
 )
 
@@ -179,11 +178,6 @@ INSIDE_FUSED = True
 # whose sd-0 elements are all point masses or known (revealed) takes the sd > 0 ones' indices as its
 # live ones, without a pass over the chunk per call (ws37; bitwise the same). False: per call
 SD_ZERO_SHARED = True
-# The wide-sd closed form's candidates and grid-free parts (functional.wide.wide_sd_common: the
-# bound's 6 M^2, lambda with its two exponentials, sigma^3) computed once per (weights, sd, bounds)
-# for every grid of a chunk that reads them (the absmax grids of one block size share their bounds'
-# expansion; the calls of one sd tensor), the last four kept (ws37; bitwise the same). False: per call
-WIDE_COMMON_SHARED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
@@ -235,7 +229,6 @@ def release_chunk_facts() -> None:
         slots.clear()
     _EXPANSIONS.clear()
     _SD_ZERO.clear()
-    _WIDE_COMMON.clear()
 
 
 # The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
@@ -394,32 +387,6 @@ def _sd_zero(sigma: Tensor) -> _SdZero:
         _SD_ZERO.insert(0, (_fact_key((sigma,)), fact))
         del _SD_ZERO[2:]
     return fact
-
-
-_WIDE_COMMON: list[tuple[tuple, tuple[Tensor, int, tuple[Tensor, Tensor, Tensor] | None]]] = []
-
-
-def _wide_common_keepable(key: tuple[Tensor, ...]) -> bool:
-    return not any(t.is_inference() for t in key)  # (inference tensors: no version counter)
-
-
-def _wide_common_get(key: tuple[Tensor, ...]) -> tuple[Tensor, int, tuple[Tensor, Tensor, Tensor] | None] | None:
-    """The wide-sd candidates ``(mask [c], count, wide_sd_common's parts or None)`` an earlier
-    grid's call computed from these ``(theta, sigma, lower, upper)`` (unchanged since: identity
-    and version counters, as :data:`_FACTS`' keys), or ``None``. Read, never written."""
-    for k, v in _WIDE_COMMON:
-        if _key_matches(k, key, ()):
-            return v
-    return None
-
-
-def _wide_common_put(key: tuple[Tensor, ...], value: tuple[Tensor, int, tuple[Tensor, Tensor, Tensor] | None]) -> None:
-    # the last four: a chunk's main and pool calls alternate grid by grid, and grids of two block
-    # sizes (two bounds) interleave (the 1e7 MLP: int8, int4, int4 g32, float8); entries whose
-    # tensors are gone (an earlier chunk's) are dropped
-    _WIDE_COMMON[:] = [e for e in _WIDE_COMMON if all(k[0]() is not None for k in e[0])]
-    _WIDE_COMMON.insert(0, (_fact_key(key), value))
-    del _WIDE_COMMON[4:]
 
 
 def _pick(t: Any, ii: Tensor) -> Any:
@@ -1151,21 +1118,13 @@ class ParamGrid:
             return None
         c = theta.shape[0]
         lo, hi = bounds
-        # the candidates and the closed form's grid-free parts serve every grid of the chunk with
-        # these weights, sd and bounds (WIDE_COMMON_SHARED)
-        key = (theta, sigma, lo, hi)
-        held = _wide_common_get(key) if WIDE_COMMON_SHARED else None
-        if held is None:
-            # (sd 0, NaN and infinite bounds all fail the first test); in cache-sized blocks (its
-            # chunk-sized temporaries cost 2-5 ms per 2^18 weights, a tenth of the closed form)
-            cand = torch.empty(c, dtype=torch.bool, device=theta.device)
-            for a in range(0, c, EAGER_BLOCK):
-                sl = slice(a, a + EAGER_BLOCK)
-                cand[sl] = _wide_candidates(theta[sl], sigma[sl], lo[sl], hi[sl])
-            n = int(cand.sum())
-            common = None
-        else:
-            cand, n, common = held
+        # (sd 0, NaN and infinite bounds all fail the first test); in cache-sized blocks (its
+        # chunk-sized temporaries cost 2-5 ms per 2^18 weights, a tenth of the closed form)
+        cand = torch.empty(c, dtype=torch.bool, device=theta.device)
+        for a in range(0, c, EAGER_BLOCK):
+            sl = slice(a, a + EAGER_BLOCK)
+            cand[sl] = _wide_candidates(theta[sl], sigma[sl], lo[sl], hi[sl])
+        n = int(cand.sum())
         if n == 0:
             return None
         # most elements: the whole chunk (no gathers; the others' values are discarded)
@@ -1176,9 +1135,6 @@ class ParamGrid:
         m = args[0].shape[0]
         # the candidates' test is ok's first three where the inputs are float64 (the same operations)
         same = ii is None and all(t.dtype == torch.float64 for t in (theta, sigma, lo, hi))
-        fill = None  # the grid-free parts, computed here for the next grids (whole chunks alone)
-        if held is None and WIDE_COMMON_SHARED and same and _wide_common_keepable(key):
-            fill = tuple(torch.empty(c, dtype=torch.float64, device=theta.device) for _ in range(3))
         kappa = torch.empty(m, dtype=torch.float64, device=theta.device)
         ok = torch.empty(m, dtype=torch.bool, device=theta.device)
         mean_abs = None if kappa_only else torch.empty_like(kappa)
@@ -1207,22 +1163,13 @@ class ParamGrid:
                 keep[a:a + EAGER_BLOCK] = cube
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
-            part = None
-            if common is not None:
-                part = tuple(t[a:a + EAGER_BLOCK] for t in common)
-            elif fill is not None:
-                part = wide_sd_common(th, sg, lb, ub)
-                for f, t in zip(fill, part):
-                    f[a:a + EAGER_BLOCK] = t
             k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi,
-                                        cand[a:a + EAGER_BLOCK] if same else None, part)
+                                        cand[a:a + EAGER_BLOCK] if same else None)
             kappa[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = k, good
             if mean_abs is not None and ma is not None:
                 mean_abs[a:a + EAGER_BLOCK] = ma
         if keep is not None:
             _fact_put("cube", src, extra, keep)
-        if held is None and WIDE_COMMON_SHARED and _wide_common_keepable(key):
-            _wide_common_put(key, (cand, n, fill))
         return ii, kappa, mean_abs, ok
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
