@@ -102,16 +102,34 @@ def _timed(model_path: str) -> None:
     print(f"scoring {s:.2f} s; ParamGrid.moments {spent[0]:.2f} s over {spent[1]} calls; load {os.getloadavg()[0]:.1f}")
 
 
-def _ab(path: str, rounds: int, param: str | None, flags: list[str]) -> None:
+def _load_calls(path: str, param: str | None, share_pool_sd: bool) -> list[dict]:
+    """The captured calls (``param``'s alone where given); ``share_pool_sd``: each chunk's pool
+    calls given one sd tensor (the first of the bitwise-equal ones), as ``assess`` passes it since
+    ws37 (one ``sd / sqrt(2)`` per chunk), for files captured before (a tensor per grid)."""
+    import torch
+
+    calls = torch.load(path, weights_only=False)
+    if param:
+        calls = [c for c in calls if c["grid"].name == param]
+    if share_pool_sd:
+        first: dict[tuple, object] = {}
+        for c in calls:
+            if c["kappa_only"]:
+                key = (c["grid"].name, c["start"], c["end"])
+                held = first.setdefault(key, c["sigma"])
+                if held is not c["sigma"] and torch.equal(held, c["sigma"]):
+                    c["sigma"] = held
+    return calls
+
+
+def _ab(path: str, rounds: int, param: str | None, flags: list[str], share_pool_sd: bool = False) -> None:
     import torch
 
     import mis_lightning.quantization.base as qb
     from mis_lightning.functional import CompilePolicy
 
     torch.set_num_threads(1)
-    calls = torch.load(path, weights_only=False)
-    if param:
-        calls = [c for c in calls if c["grid"].name == param]
+    calls = _load_calls(path, param, share_pool_sd)
     policy = CompilePolicy("never")
     get, put = qb._fact_get, qb._fact_put
     switches = [f for f in flags if f != "cube"]
@@ -155,7 +173,7 @@ def _ab(path: str, rounds: int, param: str | None, flags: list[str]) -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
-def _versus(path: str, root: str, rounds: int, param: str | None) -> None:
+def _versus(path: str, root: str, rounds: int, param: str | None, share_pool_sd: bool = False) -> None:
     import importlib
     import shutil
     import tempfile
@@ -168,22 +186,19 @@ def _versus(path: str, root: str, rounds: int, param: str | None) -> None:
         shutil.copytree(Path(root) / "mis_lightning", Path(tmp) / "mis_lightning_old")
         sys.path.insert(0, tmp)
         _versus_rounds(path, root, rounds, param, importlib.import_module("mis_lightning_old.quantization.base"),
-                       importlib.import_module("mis_lightning_old.functional").CompilePolicy("never"))
+                       importlib.import_module("mis_lightning_old.functional").CompilePolicy("never"), share_pool_sd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _versus_rounds(path: str, root: str, rounds: int, param: str | None, ob, old_policy) -> None:
+def _versus_rounds(path: str, root: str, rounds: int, param: str | None, ob, old_policy,
+                   share_pool_sd: bool = False) -> None:
     import dataclasses
-
-    import torch
 
     import mis_lightning.quantization.base as qb
     from mis_lightning.functional import CompilePolicy
 
-    calls = torch.load(path, weights_only=False)
-    if param:
-        calls = [c for c in calls if c["grid"].name == param]
+    calls = _load_calls(path, param, share_pool_sd)
     rebuilt: dict[int, object] = {}
 
     def old_grid(g):
@@ -233,15 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--root", required=True, help="the other checkout (e.g. a git worktree of the old commit)")
     v.add_argument("--rounds", type=int, default=6)
     v.add_argument("--param", default=None)
+    for p in (a, v):
+        p.add_argument("--share-pool-sd", action="store_true",
+                       help="one pool-call sd tensor per chunk (files captured before ws37's assess change)")
     args = ap.parse_args(argv)
     if args.cmd == "capture":
         _capture(args.model, args.out)
     elif args.cmd == "timed":
         _timed(args.model)
     elif args.cmd == "versus":
-        _versus(args.calls, args.root, args.rounds, args.param)
+        _versus(args.calls, args.root, args.rounds, args.param, args.share_pool_sd)
     else:
-        _ab(args.calls, args.rounds, args.param, args.flag or ["SHARE_EXPANSIONS", "REVEALED_IN_PLACE", "cube"])
+        _ab(args.calls, args.rounds, args.param, args.flag or ["SHARE_EXPANSIONS", "REVEALED_IN_PLACE", "cube"],
+            args.share_pool_sd)
     return 0
 
 

@@ -2592,6 +2592,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             b = min(a + step, numel)
             c = b - a
             th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
+            # the pool protocol's sd, one tensor for every grid (their calls share its sd-0 facts, ws37)
+            sg_pool = sg_c / POOL_SIGMA_RATIO
             # per scheme: (basis, mix, groups); subsampled: over the sample's elements only
             deltas: list[tuple[Tensor, Tensor, Tensor | None] | None] = []
             sample = None
@@ -2614,7 +2616,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             if sgrid is not None:  # the unquantized release of stored weights: the storage grid
                 mm0 = sgrid.moments(th_c, sg_c, a, b, compile_policy=policy)
                 K[0], M4[0] = mm0.kappa, mm0.m4
-                P0.append(sgrid.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy,
+                P0.append(sgrid.moments(th_c, sg_pool, a, b, compile_policy=policy,
                                         kappa_only=est.d != 1).kappa)
                 P0.append(ones)  # the continuous estimate's sums: the spread term's reference
                 if base_k is not None and base_kp is not None:
@@ -2642,7 +2644,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             if keep4[j]:
                                 state[j] = _moments_state(policy)
                         # the pool protocol reads kappa alone (and lam for one coordinate)
-                        pm = g.moments(th_c, sg_c / POOL_SIGMA_RATIO, a, b, compile_policy=policy,
+                        pm = g.moments(th_c, sg_pool, a, b, compile_policy=policy,
                                        kappa_only=est.d != 1)
                         kp_c = pm.kappa
                         if prep.num_draws:

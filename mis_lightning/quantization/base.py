@@ -189,6 +189,15 @@ KAPPA_ONLY_STANDINS = True
 # 8,192 per 2^18-weight chunk on the exact sums and the outer-cell split), the others taking the
 # paths of the call they would have shared (path_elements). False: on the paths, then overwritten
 REVEALED_SKIPPED = True
+# the sd-0 inside test (ParamGrid._inside) as min(th - max(lo, lower), min(hi, upper) - th) > margin
+# and the affine own-cell edges (ParamGrid._own_edges) with one q0 - z on integer zero points, in
+# place: the same mask and edges bitwise, in ~half the operations (ws37). False: as before
+INSIDE_FUSED = True
+# The sd-0 test of a chunk's sd (sigma <= tiny, its count, the others' indices) kept for the
+# grids' calls that read the same sd tensor (the last two: a chunk's main and pool sd), and a chunk
+# whose sd-0 elements are all point masses or known (revealed) takes the sd > 0 ones' indices as its
+# live ones, without a pass over the chunk per call (ws37; bitwise the same). False: per call
+SD_ZERO_SHARED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
@@ -239,6 +248,7 @@ def release_chunk_facts() -> None:
     for slots in _FACTS.values():
         slots.clear()
     _EXPANSIONS.clear()
+    _SD_ZERO.clear()
 
 
 # The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
@@ -364,6 +374,39 @@ def _wide_candidates(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor)
     """``[c]`` bool: strictly inside bounds at most ``WIDE_MAX_WINDOW`` sd apart (the wide-sd closed
     form's first test; sd 0, NaN and infinite bounds fail it)."""
     return (upper - lower <= WIDE_MAX_WINDOW * sigma) & (theta > lower) & (theta < upper)
+
+
+class _SdZero:
+    """The sd-0 elements of one sd tensor (:func:`_sd_zero`): ``mask`` ``[c]`` bool, ``count``,
+    and :meth:`live`, the others' indices (sorted, computed once)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        self.mask, self.count, self._live = mask, int(mask.sum()), None
+
+    def live(self) -> Tensor:
+        if self._live is None:
+            self._live = torch.nonzero(~self.mask).squeeze(-1)
+        return self._live
+
+
+_SD_ZERO: list[tuple[tuple, _SdZero]] = []
+
+
+def _sd_zero(sigma: Tensor) -> _SdZero:
+    """``sigma <= tiny`` (float64's smallest normal, to which every path floors sd) of a chunk's
+    sd, with its count: every grid of the chunk reads the same sd tensor (the main call's; the
+    pool call's, computed once per chunk by assess), so its facts serve them all
+    (:data:`SD_ZERO_SHARED`: the last two sd tensors, keyed as :data:`_FACTS`' entries)."""
+    keep = SD_ZERO_SHARED and not sigma.is_inference()  # (inference tensors: no version counter)
+    if keep:
+        for key, fact in _SD_ZERO:
+            if _key_matches(key, (sigma,), ()):
+                return fact
+    fact = _SdZero(sigma.to(torch.float64) <= torch.finfo(torch.float64).tiny)
+    if keep:
+        _SD_ZERO.insert(0, (_fact_key((sigma,)), fact))
+        del _SD_ZERO[2:]
+    return fact
 
 
 def _pick(t: Any, ii: Tensor) -> Any:
@@ -1122,10 +1165,18 @@ class ParamGrid:
         (:meth:`_point_masses`); ``known`` (affine and value-table grids): as :meth:`element_moments`."""
         if POINT_MASS_CLOSED_FORM:
             c = theta.shape[0]
-            point = self._point_masses(theta, sigma, scale, zero_point, code, bounds)
-            if point is not None:
-                take = ~point
-                n = int(take.sum())
+            found = self._point_split(theta, sigma, scale, zero_point, code, bounds)
+            if found is not None:
+                point, n_point, zf = found
+                n = c - n_point
+                # the elements to score are the sd > 0 ones (the sd's kept indices, no pass over the
+                # chunk) when every sd-0 element is a point mass or known (revealed: never inside)
+                live = take = None
+                if zf is not None and (n_point == zf.count or (known is not None and not bool(
+                        torch.logical_xor(point, zf.mask).logical_and_(~known).any()))):
+                    live = zf.live()
+                else:
+                    take = ~point
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 standin = kappa_only and KAPPA_ONLY_STANDINS
                 if standin:  # kappa alone is read: the others NaN, one stride-0 value (no chunk-sized tensor)
@@ -1135,8 +1186,13 @@ class ParamGrid:
                     mean_abs, m4, coverage = torch.zeros_like(kappa), torch.zeros_like(kappa), torch.ones_like(kappa)
                 m = n
                 if known is not None:  # (the path's size as with them: the others' paths unchanged)
-                    take &= ~known
-                    m = int(take.sum())
+                    if live is not None:
+                        live = live[~known.index_select(0, live)]
+                        m = live.numel()
+                    else:
+                        assert take is not None
+                        take &= ~known
+                        m = int(take.sum())
                 if m:
                     size = None if m == n else n  # (the known ones' call: a call of n elements' path)
                     if n < _POINT_MASS_PATH_MIN <= c:
@@ -1147,8 +1203,13 @@ class ParamGrid:
                             # ones take the whole chunk's path; their moments are read from the call.
                             # One scan for the indices, in the chunk's order (no sort of a gathered list)
                             size = None
+                            if take is None:
+                                take = ~point
+                                if known is not None:
+                                    take &= ~known
                             take |= point & (torch.cumsum(point, 0, dtype=torch.int32) <= _POINT_MASS_PATH_MIN - m)
-                    ii = torch.nonzero(take).squeeze(-1)
+                            live = None
+                    ii = torch.nonzero(take).squeeze(-1) if live is None else live
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
                                              None if code is None else sel(code),
@@ -1361,9 +1422,18 @@ class ParamGrid:
         scale on each side. Its distribution is one cell, so it has no cell information: every
         path finds both edges beyond ``CUTOFF_SIGMAS`` sd (frozen) and returns ``(0, 0, 0, 1)``
         (tests/test_point_mass.py checks each grid kind's paths against this)."""
+        found = self._point_split(theta, sigma, scale, zero_point, code, bounds)
+        return None if found is None else found[0]
+
+    def _point_split(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
+                     code: Tensor | None, bounds: tuple[Tensor, Tensor] | None
+                     ) -> tuple[Tensor, int, _SdZero | None] | None:
+        """:meth:`_point_masses` as ``(mask, its count, sd-0 fact)`` (:func:`_sd_zero`; ``None``
+        with :data:`SD_ZERO_SHARED` off)."""
         c = theta.shape[0]
-        zero = sigma.to(torch.float64) <= torch.finfo(torch.float64).tiny
-        if int(zero.sum()) < max(1.0, POINT_MASS_MIN_FRACTION * c):
+        zf = _sd_zero(sigma)
+        zero = zf.mask
+        if zf.count < max(1.0, POINT_MASS_MIN_FRACTION * c):
             return None
         # whether each weight lies strictly inside its cell and bounds does not depend on sd: the
         # call at sd / sqrt(2) (pool protocol) on the same chunk reads the one at sd (REUSE_CHUNK_FACTS)
@@ -1382,9 +1452,10 @@ class ParamGrid:
             if REUSE_CHUNK_FACTS:
                 _fact_put("inside", src, extra, inside)
         point = zero & inside
-        if int(point.sum()) < POINT_MASS_MIN_FRACTION * c:
+        n_point = int(point.sum())
+        if n_point < POINT_MASS_MIN_FRACTION * c:
             return None
-        return point
+        return point, n_point, (zf if SD_ZERO_SHARED else None)
 
     def _inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                 bounds: tuple[Tensor, Tensor] | None) -> Tensor:
@@ -1393,10 +1464,22 @@ class ParamGrid:
         th, sc = theta.to(torch.float64), scale.to(torch.float64)
         lo, hi = self._own_edges(th, sc, zero_point, code)
         margin = _POINT_MASS_MARGIN * sc
-        inside = (th - lo > margin) & (hi - th > margin)
+        if not INSIDE_FUSED:
+            inside = (th - lo > margin) & (hi - th > margin)
+            if bounds is not None:
+                inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+            return inside
+        # the same mask in 7 operations after the edges (13 before, 8 of them comparisons and
+        # ands): rounding is monotone, so th - max(lo, b) = min(th - lo, th - b) bitwise, and
+        # min(d1, d2) > m iff both are (NaN: false either way); in place where _own_edges' tensors
+        # are its own (affine, table; the quotient grids' are views of _edges')
+        if self.kind == "quotient":
+            lo, hi = lo.clone(), hi.clone()
         if bounds is not None:
-            inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
-        return inside
+            lo = torch.maximum(lo, bounds[0].to(torch.float64), out=lo)
+            hi = torch.minimum(hi, bounds[1].to(torch.float64), out=hi)
+        d = torch.sub(th, lo, out=lo)
+        return torch.minimum(d, hi.sub_(th), out=d) > margin
 
     def _own_edges(self, th: Tensor, sc: Tensor, zp: Tensor, code: Tensor | None) -> tuple[Tensor, Tensor]:
         """The lower and upper edge ``[c]`` (parameter units, float64; ``-inf`` / ``inf`` for the
@@ -1406,6 +1489,13 @@ class ParamGrid:
         if self.kind == "affine":
             z = zp.to(torch.float64)
             q0 = affine_codes(th, sc, z, self.qmin, self.qmax) if code is None else code.to(torch.float64)
+            if INSIDE_FUSED and (self.zero_point is None or not self.zero_point.is_floating_point()):
+                # integer codes and zero points: (q0 - z) -/+ 0.5 is q0 -/+ 0.5 - z exactly (small
+                # integers and halves); one subtraction, then in place on the call's own temporaries
+                t = q0 - z
+                lo = torch.where(q0 > self.qmin, (t - 0.5).mul_(sc), -math.inf)
+                hi = torch.where(q0 < self.qmax, t.add_(0.5).mul_(sc), math.inf)
+                return lo, hi
             lo = torch.where(q0 > self.qmin, (q0 - 0.5 - z) * sc, -math.inf)
             hi = torch.where(q0 < self.qmax, (q0 + 0.5 - z) * sc, math.inf)
             return lo, hi
