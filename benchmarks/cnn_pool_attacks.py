@@ -15,12 +15,16 @@ offline; pooled-ROC ``TPR - FPR``, mean +- s.e. over the targets; ``pool_leakage
 models under each of ``--modes``: ``diagonal`` is the default estimator's path on large models,
 ``exact`` the sandwich that ``estimation="auto"`` picks at this d).
 
-Per target the script also prints the rank of the centred per-record gradients ``G [n, d]``
-(``rtol`` 1e-10 of the largest singular value) and of the full Hessian, and the twelve ReLU
-scale-symmetry directions' share of the exact estimator's ``sigma`` (the variance along the
-orthonormalised directions over the trace).
+Per target the script also prints the exact estimator's ingredients (``gradient_ranks``): the rank
+of the centred per-record gradients, the objective Hessian's spectrum, the share of the sandwich's
+trace along its largest single eigen-direction and the twelve ReLU scale symmetries' share.
 
     PYTHONPATH=. python benchmarks/cnn_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "cn37"
+
+``--anatomy``: kc32's one model (``kfac_conv.py``'s fit on ``--n`` records), the same ingredients and
+both estimators' figures after the fit and after each of ``--refit`` further fit calls:
+
+    PYTHONPATH=. python benchmarks/cnn_pool_attacks.py --anatomy --refit 2 --modes exact diagonal
 """
 
 from __future__ import annotations
@@ -75,8 +79,13 @@ def symmetry_directions(model: nn.Sequential) -> torch.Tensor:
 
 
 def gradient_ranks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, decay: float) -> dict:
-    """Rank of the centred per-record gradients and of the objective's Hessian, and the flat
-    directions' gradient norm (checks that they are symmetries: ~1e-16 relative)."""
+    """The exact estimator's ingredients at ``model``: rank of the centred per-record gradients
+    (``rtol`` 1e-10), the spectrum of ``H_lam = H_data + decay I`` (the objective's Hessian; eigenvalues
+    below ``decay`` are directions where the data curvature is negative or far below the decay's),
+    how much of ``tr(Sigma)``, ``Sigma = H_lam^-1 V H_lam^-1`` (``V`` the centred gradients'
+    covariance), lies along the single eigen-direction that carries most of it (its curvature in
+    units of ``decay``, its overlap with the ReLU scale symmetries), the symmetries' share of
+    ``tr(Sigma)`` and their largest relative gradient (~1e-16: they are symmetries)."""
     names = [k for k, _ in model.named_parameters()]
     theta = {k: p.detach() for k, p in model.named_parameters()}
 
@@ -98,23 +107,48 @@ def gradient_ranks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, decay: fl
         return ce(torch.func.functional_call(model, p, (x,)), y).mean()
 
     flat = torch.cat([theta[k].reshape(-1) for k in names])
-    H = torch.func.hessian(obj)(flat)
-    eh = torch.linalg.eigvalsh(H)
-    S = symmetry_directions(model)
-    flat_grad = float((G @ S.T).abs().max() / G.abs().max())
-    Q = torch.linalg.qr(S.T).Q  # [d, 12]
-    H_lam = H + decay * torch.eye(len(flat), dtype=H.dtype)
+    H = torch.func.hessian(obj)(flat) + decay * torch.eye(len(flat), dtype=flat.dtype)
+    h, U = torch.linalg.eigh(H)
     V = Gc.T @ Gc / len(x)
-    Hi = torch.linalg.inv(H_lam)
-    Sig = Hi @ V @ Hi
-    share = float(torch.trace(Q.T @ Sig @ Q) / torch.trace(Sig))
-    # the data Hessian along the symmetry directions (zero where the data gradient is zero)
-    hq = float(torch.linalg.eigvalsh(Q.T @ H @ Q).abs().max())
-    return {"d": int(len(flat)), "rank_centred_gradients": rank_g, "n": len(x),
-            "hessian_data_eig_min": float(eh[0]), "hessian_data_eig_max": float(eh[-1]),
-            "hessian_data_below_decay": int((eh.abs() < decay).sum()),
-            "symmetry_grad_rel": flat_grad, "symmetry_share_of_sandwich_trace": share,
-            "symmetry_data_hessian_max": hq}
+    Vt = U.T @ V @ U
+    Sig = U @ (Vt / h[:, None] / h[None, :]) @ U.T
+    contrib = torch.diag(Vt) / h.square()  # each eigen-direction's part of tr(Sigma)
+    top = int(contrib.argmax())
+    S = symmetry_directions(model)
+    Q = torch.linalg.qr(S.T).Q  # [d, 12]
+    return {"d": int(len(flat)), "n": len(x), "rank_centred_gradients": rank_g,
+            "H_eig_min_over_decay": float(h[0] / decay), "H_eig_max": float(h[-1]),
+            "H_eigs_below_decay": int((h < decay).sum()), "H_eigs_negative": int((h < 0).sum()),
+            "top_direction_share_of_trace": float(contrib[top] / contrib.sum()),
+            "top_direction_curvature_over_decay": float(h[top] / decay),
+            "top_direction_symmetry_overlap": float((Q.T @ U[:, top]).square().sum()),
+            "symmetry_share_of_trace": float(torch.trace(Q.T @ Sig @ Q) / torch.trace(Sig)),
+            "symmetry_grad_rel": float((G @ S.T).abs().max() / G.abs().max())}
+
+
+def anatomy(a: argparse.Namespace) -> None:
+    """kc32's single model (``kfac_conv.py --cases cnn``: the same data, initialisation and fit on
+    ``--n`` records), then ``--refit`` more calls of the same L-BFGS fit: after each, the largest
+    gradient, :func:`gradient_ranks` and the exact / diagonal estimators' ``leakage`` per scheme."""
+    import mis_lightning as ml
+
+    model, _, x, y = case("cnn", a.n, a.rho, a.seed)
+    loader = DataLoader(TensorDataset(x, y), batch_size=250)
+    for r in range(1 + a.refit):
+        grad = fit(model, ce, x, y, a.decay)
+        model.eval()
+        info = gradient_ranks(model, x, y, a.decay)
+        print(f"fit calls {r + 1}: max |grad| {grad:.1e}; " + ", ".join(
+            f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items()), flush=True)
+        for mode in a.modes:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rep = ml.assess(model, a.schemes, loader, ce, estimation=mode, uncertainty_draws=0,
+                                weight_decay=a.decay)
+            print(f"  {mode}: leakage none {rep.baseline_leakage:.4f} " + " ".join(
+                f"{s} {rep.schemes[s].leakage:.4f}" for s in a.schemes) + f"; pool_leakage none "
+                f"{rep.baseline_pool_leakage:.4f} " + " ".join(f"{s} {rep.schemes[s].pool_leakage:.4f}"
+                                                              for s in a.schemes), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,14 +162,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--schemes", nargs="+", default=["rtn_int8", "rtn_int6", "rtn_int4"])
     ap.add_argument("--modes", nargs="+", default=["exact", "diagonal"])
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--only", nargs="+", type=int, default=None,
+                    help="fit only these models and compute their indicator, no attacks (the same figures as a "
+                         "full run's for those targets: one process per target on a loaded machine)")
+    ap.add_argument("--anatomy", action="store_true", help="kc32's one model instead of the pool (anatomy())")
+    ap.add_argument("--refit", type=int, default=0, help="--anatomy: further fit calls")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.anatomy:
+        anatomy(a)
+        return
     t0 = time.process_time()
     N = 2 * a.n
     init, _, x, y = case("cnn", N, a.rho, a.seed)
     member = pool_splits(N, a.models, a.n, seed=a.seed)
     models, grads = [], []
-    for m in range(a.models):
+    fitted = list(range(a.models)) if a.only is None else a.only
+    for m in fitted:
         model = copy.deepcopy(init)  # one initialisation for all
         idx = torch.from_numpy(np.flatnonzero(member[m]))
         grads.append(fit(model, ce, x[idx], y[idx], a.decay))
@@ -143,14 +186,14 @@ def main(argv: list[str] | None = None) -> None:
     t_fit = time.process_time() - t0
     d = sum(p.numel() for p in models[0].parameters())
     with torch.no_grad():
-        acc = [float((mm(x[member[i]]).argmax(1) == y[member[i]]).double().mean()) for i, mm in enumerate(models)]
-        acc_out = [float((mm(x[~member[i]]).argmax(1) == y[~member[i]]).double().mean()) for i, mm in enumerate(models)]
+        acc = [float((mm(x[member[i]]).argmax(1) == y[member[i]]).double().mean()) for i, mm in zip(fitted, models)]
+        acc_out = [float((mm(x[~member[i]]).argmax(1) == y[~member[i]]).double().mean()) for i, mm in zip(fitted, models)]
     print(f"ReLU CNN (kc32), decay {a.decay:g}, rho {a.rho:g}, seed {a.seed}: d = {d}, n = {a.n}, pool {N}, "
-          f"{a.models} models (train acc {np.mean(acc):.3f}, held-out {np.mean(acc_out):.3f}, max |grad| "
+          f"{len(fitted)} of {a.models} models (train acc {np.mean(acc):.3f}, held-out {np.mean(acc_out):.3f}, max |grad| "
           f"{max(grads):.1e}; fit {t_fit:.0f} s CPU)", flush=True)
     out: dict = {"config": vars(a), "d": d, "train_acc": float(np.mean(acc)), "test_acc": float(np.mean(acc_out)),
                  "max_grad": max(grads), "attacks": {}, "indicator": {}, "ranks": []}
-    for sch in ["none"] + a.schemes:
+    for sch in ["none"] + a.schemes if a.only is None else []:
         sig = [signals(quantized(mm, sch), x, y) for mm in models]
         neg_loss, conf, py = (np.stack([s[k] for s in sig]) for k in range(3))
         scores = {"loss": neg_loss, "lira_on": lira_scores(conf, member, True), "lira_off": lira_scores(conf, member, False),
@@ -162,21 +205,23 @@ def main(argv: list[str] | None = None) -> None:
               + f" | best {best}; per-target max {res[best].max_advantage:.4f} (null {res[best].null_max_advantage:.4f})",
               flush=True)
     t_att = time.process_time() - t0 - t_fit
-    for m in range(min(a.targets, a.models)):
+    targets = list(range(min(a.targets, a.models))) if a.only is None else a.only
+    for m in targets:
         idx = torch.from_numpy(np.flatnonzero(member[m]))
-        r = gradient_ranks(models[m], x[idx], y[idx], a.decay)
+        r = gradient_ranks(models[fitted.index(m)], x[idx], y[idx], a.decay)
         out["ranks"].append(r)
         print(f"  target {m}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in r.items()), flush=True)
     for mode in a.modes:
         rows = []
-        for m in range(min(a.targets, a.models)):
+        for m in targets:
             idx = torch.from_numpy(np.flatnonzero(member[m]))
             loader = DataLoader(TensorDataset(x[idx], y[idx]), batch_size=250)
+            model = models[fitted.index(m)]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                est = run_estimation(models[m], loader, ce, EstimationConfig(mode=mode, weight_decay=a.decay))
-                rep = score_schemes(est, models[m], a.schemes, uncertainty_draws=0)
+                est = run_estimation(model, loader, ce, EstimationConfig(mode=mode, weight_decay=a.decay))
+                rep = score_schemes(est, model, a.schemes, uncertainty_draws=0)
             rows.append({"none": {"pool_leakage": rep.baseline_pool_leakage, "leakage": rep.baseline_leakage}}
                         | {s: {"pool_leakage": rep.schemes[s].pool_leakage, "leakage": rep.schemes[s].leakage}
                            for s in a.schemes} | {"estimator": est.estimator, "warnings": list(rep.warnings)})
