@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", nargs="+", type=int, default=None,
                     help="fit only these models and compute their indicator, no attacks (the same figures as a "
                          "full run's for those targets: one process per target on a loaded machine)")
+    ap.add_argument("--save", default=None, help="write each fitted model's state to DIR/model_M.pt")
+    ap.add_argument("--load", default=None, help="read the models from DIR/model_M.pt (written by --save) "
+                                                 "instead of fitting them")
+    ap.add_argument("--fit-only", action="store_true", help="with --only and --save: no indicator")
     ap.add_argument("--anatomy", action="store_true", help="kc32's one model instead of the pool (anatomy())")
     ap.add_argument("--refit", type=int, default=0, help="--anatomy: further fit calls")
     a = ap.parse_args(argv)
@@ -181,7 +185,15 @@ def main(argv: list[str] | None = None) -> None:
     for m in fitted:
         model = copy.deepcopy(init)  # one initialisation for all
         idx = torch.from_numpy(np.flatnonzero(member[m]))
-        grads.append(fit(model, ce, x[idx], y[idx], a.decay))
+        if a.load:
+            saved = torch.load(Path(a.load) / f"model_{m}.pt")
+            model.load_state_dict(saved["state"])
+            grads.append(saved["max_grad"])
+        else:
+            grads.append(fit(model, ce, x[idx], y[idx], a.decay))
+        if a.save:
+            Path(a.save).mkdir(parents=True, exist_ok=True)
+            torch.save({"state": model.state_dict(), "max_grad": grads[-1]}, Path(a.save) / f"model_{m}.pt")
         models.append(model.eval())
     t_fit = time.process_time() - t0
     d = sum(p.numel() for p in models[0].parameters())
@@ -205,14 +217,14 @@ def main(argv: list[str] | None = None) -> None:
               + f" | best {best}; per-target max {res[best].max_advantage:.4f} (null {res[best].null_max_advantage:.4f})",
               flush=True)
     t_att = time.process_time() - t0 - t_fit
-    targets = list(range(min(a.targets, a.models))) if a.only is None else a.only
+    targets = list(range(min(a.targets, a.models))) if a.only is None else [] if a.fit_only else a.only
     for m in targets:
         idx = torch.from_numpy(np.flatnonzero(member[m]))
         r = gradient_ranks(models[fitted.index(m)], x[idx], y[idx], a.decay)
         out["ranks"].append(r)
         print(f"  target {m}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in r.items()), flush=True)
-    for mode in a.modes:
+    for mode in a.modes if targets else []:
         rows = []
         for m in targets:
             idx = torch.from_numpy(np.flatnonzero(member[m]))
@@ -225,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"none": {"pool_leakage": rep.baseline_pool_leakage, "leakage": rep.baseline_leakage}}
                         | {s: {"pool_leakage": rep.schemes[s].pool_leakage, "leakage": rep.schemes[s].leakage}
                            for s in a.schemes} | {"estimator": est.estimator, "warnings": list(rep.warnings)})
+            print(f"    target {m} {mode}: pool_leakage " + " ".join(
+                f"{s} {rows[-1][s]['pool_leakage']:.4f}" for s in ["none"] + a.schemes), flush=True)
         out["indicator"][mode] = rows
         for key in ("pool_leakage", "leakage"):
             print(f"  indicator {mode} ({rows[0]['estimator']}), {key} mean over {len(rows)} targets: " + " ".join(
