@@ -1,4 +1,5 @@
-"""Stress: tests/test_ddp.py::test_callback_under_ddp_spawn_writes_one_report repeated under CPU load.
+"""Stress: tests/test_ddp.py's one ddp_spawn world (``run_world``, the Lightning fit with the
+metric workloads) and test_callback_under_ddp_spawn_writes_one_report's checks, repeated under CPU load.
 
 The test failed once in a loaded full-suite run: rank 1 died with SIGABRT ("terminate called
 without an active exception") after ``Trainer.fit`` returned, at the gloo process group's
@@ -50,7 +51,8 @@ def main() -> None:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    test_ddp.test_callback_under_ddp_spawn_writes_one_report(Path(tmp))
+                    world = test_ddp.run_world(Path(tmp), *test_ddp.make_owner_and_data())
+                    test_ddp.test_callback_under_ddp_spawn_writes_one_report(world)
                     status = "ok"
                 except BaseException as exc:  # noqa: BLE001 - counted, not re-raised
                     status = f"FAILED {type(exc).__name__}: {exc}"

@@ -1,9 +1,6 @@
-"""The Lightning ddp_spawn test's callback (tests/test_ddp.py), in its own module: ddp_spawn
-pickles it to the ranks, so it lives at a module's top level, and tests/test_ddp.py imports
-pytorch_lightning only inside that test. The metric world's two spawned ranks import
-tests/test_ddp.py to unpickle their workload: without pytorch_lightning at its top level each
-rank's start is shorter: torch and the library ~4.2 CPU s, pytorch_lightning 1.9-2.2 s more
-(measured in fresh processes)."""
+"""The callbacks of tests/test_ddp.py's one ddp_spawn world, in their own module: ddp_spawn
+pickles them to the ranks, so they live at a module's top level (tests/test_ddp.py imports
+pytorch_lightning only inside ``run_world``)."""
 
 from __future__ import annotations
 
@@ -12,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 import torch.distributed as dist
 
 
@@ -40,3 +38,39 @@ class DestroyWorldAtExit(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         atexit.register(_destroy_world, os.path.join(self.marks, f"rank{trainer.global_rank}"))
+
+
+class MetricWorkloads(pl.Callback):
+    """tests/test_ddp.py's metric checks, run in each rank of the Lightning world (ts37: one
+    spawned world for the module instead of two).
+
+    The self-assessing ``owner`` (with its data ``X``, ``y``) travels to the ranks as ddp_spawn
+    sends a module: pickled with the Trainer by torch.multiprocessing (tensors into shared
+    memory). Each rank updates and computes it when it is unpickled there (``__setstate__``),
+    before Lightning opens the process group, so the compute reads that rank's states alone;
+    ``setup`` (the rank now known) writes them to ``<out>/owner_rank{k}.pt``. After the fit, in
+    the open world, ``on_fit_end`` runs ``test_ddp.metric_workloads`` (collective computes: every
+    rank calls it, in the same order)."""
+
+    def __init__(self, out: Path, owner: torch.nn.Module, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.out, self.owner, self.X, self.y = str(out), owner, X, y
+        self.owner_result: dict | None = None
+        self.parent_pid = os.getpid()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if os.getpid() != self.parent_pid:  # in a spawned rank (multiprocessing.parent_process() is still None there)
+            assert not (dist.is_available() and dist.is_initialized())
+            torch.set_num_threads(1)
+            self.owner.mis.update(self.X, self.y)
+            self.owner_result = {"n": int(self.owner.mis.s_n),
+                                 "leakage": float(self.owner.mis.compute()["rtn_int4"]["leakage"])}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.owner_result is not None:
+            torch.save(self.owner_result, os.path.join(self.out, f"owner_rank{trainer.global_rank}.pt"))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import test_ddp
+
+        test_ddp.metric_workloads(trainer.global_rank, self.out)

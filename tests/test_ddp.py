@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
-from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from test_metric import _data, _SelfAssessing
 from torch import nn
 
@@ -49,57 +46,31 @@ def _summary(metric):
             for k, v in metric.compute().items()} | {"n": metric.report.n}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir, owner, X_own, y_own):
-    """Every spawned-process workload in one gloo world (a world costs two process starts and
-    imports): the pickled self-assessing ``owner`` (``owner_rank{k}.pt``, before the process
-    group exists: a Metric's compute() would otherwise sync across the ranks), the uneven shards
+def metric_workloads(rank: int, out_dir: str) -> None:
+    """The metric workloads of one rank of the running gloo world (``world``: run by
+    tests/_ddp_world.py's ``MetricWorkloads`` at the end of the Lightning fit): the uneven shards
     of ``CASES`` (``rank{k}.json``) and the empty rank of ``EMPTY_CASES`` (``empty_rank{k}.json``)."""
     torch.set_num_threads(1)
-    owner.mis.update(X_own, y_own)
-    torch.save({"n": int(owner.mis.s_n), "leakage": float(owner.mis.compute()["rtn_int4"]["leakage"])},
-               os.path.join(out_dir, f"owner_rank{rank}.pt"))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        X, y, model = _setup()
-        # uneven shards, different batch sizes on each process
-        lo, hi, bs = (0, 130, 32) if rank == 0 else (130, 301, 50)
-        res = {}
-        for name, kw in CASES.items():
-            met = MISIndicator(model, mse, SCHEMES, uncertainty_draws=4, **kw)
-            for a in range(lo, hi, bs):
-                met.update(X[a : min(a + bs, hi)], y[a : min(a + bs, hi)])
-            res[name] = _summary(met)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(res, fh)
-        res = {}
-        for name, kw in EMPTY_CASES.items():
-            met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
-            if rank == 0:  # rank 1 sees no record at all
-                for a in range(0, 301, 50):
-                    met.update(X[a : a + 50], y[a : a + 50])
-            res[name] = [float(met.compute()["rtn_int4"]["leakage"]), met.report.n]
-        with open(os.path.join(out_dir, f"empty_rank{rank}.json"), "w") as fh:
-            json.dump(res, fh)
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, args, nprocs, timeout):
-    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"DDP workers did not finish within {timeout} s")
+    X, y, model = _setup()
+    # uneven shards, different batch sizes on each process
+    lo, hi, bs = (0, 130, 32) if rank == 0 else (130, 301, 50)
+    res = {}
+    for name, kw in CASES.items():
+        met = MISIndicator(model, mse, SCHEMES, uncertainty_draws=4, **kw)
+        for a in range(lo, hi, bs):
+            met.update(X[a : min(a + bs, hi)], y[a : min(a + bs, hi)])
+        res[name] = _summary(met)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(res, fh)
+    res = {}
+    for name, kw in EMPTY_CASES.items():
+        met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
+        if rank == 0:  # rank 1 sees no record at all
+            for a in range(0, 301, 50):
+                met.update(X[a : a + 50], y[a : a + 50])
+        res[name] = [float(met.compute()["rtn_int4"]["leakage"]), met.report.n]
+    with open(os.path.join(out_dir, f"empty_rank{rank}.json"), "w") as fh:
+        json.dump(res, fh)
 
 
 EMPTY_CASES = {
@@ -109,8 +80,7 @@ EMPTY_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def owner_and_data():
+def make_owner_and_data() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A module whose Metric assesses the module itself, sent to both ranks of ``world``, and
     its data (tests/test_metric.py's ``_SelfAssessing``)."""
     X, y = _data(n=200)
@@ -119,18 +89,57 @@ def owner_and_data():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, owner_and_data):
-    """The results of one two-process gloo world running the metric workloads (spawned once:
-    ``--dist loadfile`` runs this module on one xdist worker)."""
-    out = tmp_path_factory.mktemp("ddp_metric")
+def owner_and_data():
+    """``make_owner_and_data()``, shared by ``world`` and the test reading the owner."""
+    return make_owner_and_data()
+
+
+def run_world(path: Path, owner: torch.nn.Module, X_own: torch.Tensor, y_own: torch.Tensor) -> SimpleNamespace:
+    """ONE two-process world for every check of this module (a spawned world costs two process
+    starts and imports, ~5 CPU s each, and each rank's first estimation ~2 s more): Lightning's
+    ddp_spawn (2 CPU ranks, gloo) fitting ``Regressor`` with the callback, whose ranks also run,
+    through tests/_ddp_world.py's ``MetricWorkloads``, the pickled self-assessing ``owner`` at
+    unpickling (before the world opens: ``owner_rank{k}.pt``) and ``metric_workloads`` in the
+    open world after the fit (``metric/``). ``path`` gets the run's files; returns the main
+    process's ``trainer`` and ``train`` loader."""
+    import pytorch_lightning as pl
+    from _ddp_world import DestroyWorldAtExit, MetricWorkloads  # tests/_ddp_world.py
+    from pytorch_lightning.loggers import CSVLogger
+    from test_callback import FAST, Regressor, loaders
+
+    from mis_lightning import MISCallback
+    from mis_lightning.app.job import EpochProgress
+
     torch.set_num_threads(1)
-    _spawn(_worker, (2, _free_port(), str(out), *owner_and_data), 2, timeout=180)
-    return out
+    (path / "metric").mkdir()
+    pl.seed_everything(0)
+    train, val = loaders(n_train=101)  # odd: the DistributedSampler pads one record
+    # assessed after every validation epoch, with an early-stopping callback monitoring a utility
+    # figure: it is measured on rank 0 and must reach every rank (rank 1 raised "not available")
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64, every_n_val_epochs=1,
+                     **FAST)  # see test_callback
+    stop = pl.callbacks.EarlyStopping(monitor="mis/rtn_int8/utility/loss", mode="min", patience=5)
+    workloads = MetricWorkloads(path / "metric", owner, X_own, y_own)
+    trainer = pl.Trainer(
+        strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2,
+        logger=CSVLogger(str(path)), callbacks=[cb, stop, EpochProgress(None), workloads, DestroyWorldAtExit(path)],
+        enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(path),
+    )
+    trainer.fit(Regressor(), train, val)
+    return SimpleNamespace(path=path, trainer=trainer, train=train)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, owner_and_data):
+    """The one two-process world of this module (``run_world``; spawned once: ``--dist loadfile``
+    runs this module on one xdist worker). Every test here reads it."""
+    return run_world(tmp_path_factory.mktemp("ddp_world"), *owner_and_data)
 
 
 def test_metric_two_processes_equal_one(world):
-    r0 = json.loads((world / "rank0.json").read_text())
-    r1 = json.loads((world / "rank1.json").read_text())
+    r0 = json.loads((world.path / "metric" / "rank0.json").read_text())
+    r1 = json.loads((world.path / "metric" / "rank1.json").read_text())
     X, y, model = _setup()
     for name, kw in CASES.items():
         met = MISIndicator(model, mse, SCHEMES, uncertainty_draws=4, **kw)
@@ -153,7 +162,7 @@ def test_metric_two_processes_equal_one(world):
 def test_metric_with_a_rank_that_saw_no_record(world):
     """Empty "cat" states used to be gathered as 1-d float32 against 2-d float64/int64 ones,
     which aborted the gloo job; now the empty rank changes nothing (1e-9: summation order)."""
-    r = [json.loads((world / f"empty_rank{k}.json").read_text()) for k in range(2)]
+    r = [json.loads((world.path / "metric" / f"empty_rank{k}.json").read_text()) for k in range(2)]
     X, y, model = _setup()
     for name, kw in EMPTY_CASES.items():
         met = MISIndicator(model, mse, ["rtn_int4"], uncertainty_draws=0, num_records=16, **kw)
@@ -173,13 +182,15 @@ def test_a_metric_assessing_its_owner_crosses_spawn(world, owner_and_data):
     included, so each rank held the global sums and the sync doubled them (Lightning ddp_spawn,
     2 CPU processes: leakage 0.0748 instead of one process's 0.1061; vf21): each unpickled
     Metric owns its states, and the parent's is left as it was. Same float64 operations: equal
-    to 1e-12 relative. (The pickle round trip in one process: tests/test_metric.py.)"""
+    to 1e-12 relative. Here the owner travels as ddp_spawn sends it: inside the Trainer's
+    callbacks (tests/_ddp_world.py's ``MetricWorkloads``), each rank updating it at unpickling,
+    before the world opens. (The pickle round trip in one process: tests/test_metric.py.)"""
     owner, X, y = owner_and_data
     fresh = MISIndicator(owner, mse, ["rtn_int4"], uncertainty_draws=0, num_records=32)
     fresh.update(X, y)
     ref = float(fresh.compute()["rtn_int4"]["leakage"])
     for k in range(2):
-        child = torch.load(world / f"owner_rank{k}.pt")
+        child = torch.load(world.path / "metric" / f"owner_rank{k}.pt")
         assert child["n"] == 200 and child["leakage"] == pytest.approx(ref, rel=1e-12), k
     assert int(owner.mis.s_n) == 0  # the parent's states untouched by the children
     owner.mis.update(X, y)
@@ -187,31 +198,12 @@ def test_a_metric_assessing_its_owner_crosses_spawn(world, owner_and_data):
 
 
 # -- Lightning ddp_spawn with the callback -------------------------------------------------------
-def test_callback_under_ddp_spawn_writes_one_report(tmp_path):
-    import pytorch_lightning as pl
-    from _ddp_world import DestroyWorldAtExit  # tests/_ddp_world.py
-    from pytorch_lightning.loggers import CSVLogger
-    from test_callback import FAST, Regressor, loaders
+def test_callback_under_ddp_spawn_writes_one_report(world):
+    """The callback under Lightning's ddp_spawn (``run_world``): one report, the utility figure
+    reaching every rank, the step and epoch the training ended on."""
+    from mis_lightning.app.job import trained_epoch, trained_step
 
-    from mis_lightning import MISCallback
-
-    torch.set_num_threads(1)
-    pl.seed_everything(0)
-    train, val = loaders(n_train=101)  # odd: the DistributedSampler pads one record
-    # assessed after every validation epoch, with an early-stopping callback monitoring a utility
-    # figure: it is measured on rank 0 and must reach every rank (rank 1 raised "not available")
-    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, num_records=64, every_n_val_epochs=1,
-                     **FAST)  # see test_callback
-    stop = pl.callbacks.EarlyStopping(monitor="mis/rtn_int8/utility/loss", mode="min", patience=5)
-    from mis_lightning.app.job import EpochProgress, trained_epoch, trained_step
-
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", devices=2, accelerator="cpu", max_epochs=2,
-        logger=CSVLogger(str(tmp_path)), callbacks=[cb, stop, EpochProgress(None), DestroyWorldAtExit(tmp_path)],
-        enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path),
-    )
-    trainer.fit(Regressor(), train, val)
+    tmp_path, trainer, train = world.path, world.trainer, world.train
     # the app logs its report at the step training ended on: the main process's trainer says 0
     # under ddp_spawn (vf21: the report row at step 0, step 3 in one process)
     assert trainer.global_step == 0
