@@ -47,11 +47,14 @@ def test_merged_runs_against_exact_whole_table_sums(monkeypatch):
     merged, done_m = _wide_runs(vals, th, sg, sc, T.WIDE_RUN_MERGE_SD)
     assert torch.equal(done, done_m) and int(done.sum()) > 1000
     assert sum(rows) < 0.6 * rows_apart  # fewer runs summed
+    # the whole-table float64 reference costs ~4 ms a weight (63k edges each): every 8th weight
+    # (375); its largest kappa error reads 5.1e-12 on 400, 1,000 and all 3,000 weights alike
+    sub = done & (torch.arange(th.numel()) % 8 == 0)
     ref = tuple(torch.zeros_like(th) for _ in range(4))
-    T._whole_table_sums(ref, done, T.table_layout(vals, th.device).mids, th, sg, sc)
-    k, k_ref = merged[0][done], ref[0][done]
+    T._whole_table_sums(ref, sub, T.table_layout(vals, th.device).mids, th, sg, sc)
+    k, k_ref = merged[0][sub], ref[0][sub]
     assert float((k - k_ref).abs().max()) < 1e-11  # the runs' tolerance (tests/test_float_runs.py)
-    assert float((merged[2][done] - ref[2][done]).abs().max()) < 1e-9
+    assert float((merged[2][sub] - ref[2][sub]).abs().max()) < 1e-9
     # against the runs apart: from above, by at most eps^2 / 4 (plus rounding of the sums)
     d = merged[0][done] - apart[0][done]
     assert float(d.max()) <= T.WIDE_RUN_MERGE_SD**2 / 4 + 1e-15 and float(d.min()) >= -1e-15
