@@ -118,6 +118,14 @@ _MERGED_MAX_WIDTH = 2.0**-20
 # 3-4x faster on cache-sized temporaries (2^16 floats: 16 ns per edge, 2^20: 60; 1 thread)
 _STORAGE_ROWS_BUDGET = 1 << 16
 
+
+def _runs(new: Tensor) -> tuple[Tensor, Tensor]:
+    """``(run id [c], first index of each run [r])`` of consecutive elements, ``new [c - 1]``
+    marking where element ``i + 1`` starts a run (a block with its own grid)."""
+    gid = torch.cat([new.new_zeros(1, dtype=torch.long), new.long().cumsum(0)])
+    return gid, torch.nonzero(torch.cat([new.new_ones(1), new])).squeeze(-1)
+
+
 # sd-0 weights (dead units: no record moves them, pf31/pf32) lying strictly inside their own cell
 # and bounds are a point mass in one cell: moments (kappa, mean_abs, m4, coverage) = (0, 0, 0, 1),
 # what every grid path's frozen regime returns for them (both edges beyond 8.5 sd). Chunks in which
@@ -1064,15 +1072,9 @@ class ParamGrid:
         s64, z64 = pick(scale.to(torch.float64)), pick(zero_point.to(torch.float64))
         # one row of stored edges per run of equal grid and bounds (the layout of _stored_table)
         new = (s64[1:] != s64[:-1]) | (z64[1:] != z64[:-1]) | (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
-        gid = torch.cat([new.new_zeros(1, dtype=torch.long), new.long().cumsum(0)])
-        first = torch.nonzero(torch.cat([new.new_ones(1), new])).squeeze(-1)
+        gid, first = _runs(new)
         su, zu, lu, hu = s64[first], z64[first], lo[first], hi[first]
-        if self.kind == "affine":
-            low = torch.full_like(su, float(self.qmin))
-        elif self.kind == "quotient":
-            low = self.qmin - zu
-        else:
-            low = torch.zeros_like(su)
+        low = self._lowest_key(su, zu)
         h = (n_edges + 1) // 2
         width = 2 * h + 2
         rows = max(1, _STORAGE_ROWS_BUDGET // width)
@@ -1954,6 +1956,14 @@ class ParamGrid:
             reveal_beyond_bounds(mm, torch.nonzero(reach).squeeze(-1), th, sg, lo, hi)
         return mm
 
+    def _lowest_key(self, scale: Tensor, zp: Tensor) -> Tensor:
+        """The lowest key of each grid ``[r]`` (float64) in the stored tables' layout."""
+        if self.kind == "affine":
+            return torch.full_like(scale, float(self.qmin))
+        if self.kind == "quotient":
+            return self.qmin - zp
+        return torch.zeros_like(scale)
+
     def _stored_table(self, scale: Tensor, zp: Tensor, center: Tensor,
                       budget: int) -> tuple[Tensor, Tensor, Tensor, int] | None:
         """The stored edges of every code of each grid of elements ``[c]`` (one row per run of
@@ -1972,15 +1982,9 @@ class ParamGrid:
         new = (s64[1:] != s64[:-1]) | (z64[1:] != z64[:-1])
         if (int(new.sum()) + 1) * width > budget:
             return None
-        gid = torch.cat([new.new_zeros(1, dtype=torch.long), new.long().cumsum(0)])
-        first = torch.nonzero(torch.cat([new.new_ones(1), new])).squeeze(-1)
+        gid, first = _runs(new)
         su, zu = s64[first], z64[first]
-        if self.kind == "affine":
-            low = torch.full_like(su, float(self.qmin))
-        elif self.kind == "quotient":
-            low = self.qmin - zu
-        else:
-            low = torch.zeros_like(su)
+        low = self._lowest_key(su, zu)
         # in blocks of rows: the stored edges' ~40 element-wise operations on cache-sized temporaries
         rows = max(1, _STORAGE_ROWS_BUDGET // width)
         tab = torch.cat([self._stored_window(su[a:a + rows], su[a:a + rows], zu[a:a + rows], low[a:a + rows] + h, h)
