@@ -92,8 +92,12 @@ def _reference(pos: torch.Tensor, sd: float, part: torch.Tensor) -> tuple[torch.
 
 
 @pytest.mark.parametrize("ratio", [0.999 * SERIES_MAX_WINDOW, 0.5, 0.1])
-@pytest.mark.parametrize("rng", RANGES, ids=["bf16", "fp16", "fp16-subnormal", "bf16-2^100", "fp16-32768"])
-@pytest.mark.parametrize("case", SCHEMES, ids=[c[0] for c in SCHEMES])
+@pytest.mark.parametrize(("case", "rng"), [
+    pytest.param(c, r, id=f"{c[0]}-{rid}") for c in SCHEMES
+    for r, rid in zip(RANGES, ["bf16", "fp16", "fp16-subnormal", "bf16-2^100", "fp16-32768"])
+    # float8's absmax / 448 underflows fp16 in the subnormal block: its scale is 0, a dead block
+    # (ParamGrid.moments), with no cells for the series
+    if not (c[0] == "float8_weight_only" and rid == "fp16-subnormal")])
 def test_the_series_holds_its_bound_against_the_real_partition(case, rng, ratio):
     scheme, width, asym = case
     dtype, m = rng
@@ -102,8 +106,7 @@ def test_the_series_holds_its_bound_against_the_real_partition(case, rng, ratio)
     pos = _positions(u, part, sd)
     n = pos.numel()
     scale, zp, _ = g.element_grid(0, 1)
-    if not float(scale[0]) > 0:  # float8's absmax / 448 underflows fp16: a dead block (ParamGrid.moments)
-        pytest.skip(f"{scheme}: the block's scale is {float(scale[0])}")
+    assert float(scale[0]) > 0
     bounds = g.element_bounds(0, 1)
     assert (float(bounds[0]), float(bounds[1])) == (float(part[0]), float(part[-1]))
     rep = lambda t: t[:1].expand(n).clone()  # noqa: E731
