@@ -27,3 +27,18 @@ def sweep_linear(vals: torch.Tensor, m: float, lo: float, width: int, dtype: tor
     with torch.no_grad():
         lin.weight.copy_(w)
     return nn.Sequential(lin.to(dtype))
+
+
+def stored_partition(model: nn.Sequential, res) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, ch)`` of a swept first layer quantized by ``res`` (a ``SchemeResult``): its distinct
+    stored values ``u`` (float64, ascending) and the indices ``ch`` where the code changes between
+    ``u[ch]`` and ``u[ch + 1]`` (the real partition's edges are their midpoints)."""
+    th = model[0].weight.detach().double().reshape(-1)
+    code = res.grids["0.weight"].codes
+    if code is None:  # float8: the real codes
+        code = res.model[0].weight.qdata.float()
+    code = code.double().reshape(-1)
+    u, inv = torch.unique(th, return_inverse=True)
+    cu = torch.empty_like(u)
+    cu[inv] = code
+    return u, torch.nonzero(cu[1:] != cu[:-1]).squeeze(-1)

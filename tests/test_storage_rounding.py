@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _lowp import dtype_values, sweep_linear
+from _lowp import dtype_values, stored_partition, sweep_linear
 from scipy.special import ndtr
 from torch import nn
 
@@ -127,15 +127,8 @@ def test_stored_cells_equal_the_gaussian_truth(case, m, dtype):
     res = _apply(name, model)
     g = res.grids["0.weight"]
     th = model[0].weight.detach().double().reshape(-1)
-    code = g.codes
-    if code is None:  # float8: the real codes
-        code = res.model[0].weight.qdata.float()
-    code = code.double().reshape(-1)
     # the real partition: midpoints between adjacent stored values whose code differs
-    u, inv = torch.unique(th, return_inverse=True)
-    cu = torch.empty_like(u)
-    cu[inv] = code
-    ch = torch.nonzero(cu[1:] != cu[:-1]).squeeze(-1)
+    u, ch = stored_partition(model, res)
     edges = (0.5 * (u[ch] + u[ch + 1])).numpy()
     assert float(u[-1]) == m and float(u[0]) == lo
     lower, upper = float(0.5 * (u[0] + u[1])), float(0.5 * (u[-2] + u[-1]))

@@ -23,7 +23,7 @@ import warnings
 
 import pytest
 import torch
-from _lowp import dtype_values, sweep_linear
+from _lowp import dtype_values, stored_partition, sweep_linear
 
 import mis_lightning.quantization.base as qb
 from mis_lightning.functional.wide import WIDE_TOL
@@ -58,15 +58,7 @@ def _setup(scheme: str, width: int, asym: bool, dtype: torch.dtype, m: float):
         pytest.skip(f"{scheme}: {exc}")
     g = res.grids["0.weight"]
     assert g.storage_dtype == dtype
-    th = model[0].weight.detach().double().reshape(-1)
-    code = g.codes
-    if code is None:  # float8: the real codes
-        code = res.model[0].weight.qdata.float()
-    code = code.double().reshape(-1)
-    u, inv = torch.unique(th, return_inverse=True)
-    cu = torch.empty_like(u)
-    cu[inv] = code
-    ch = torch.nonzero(cu[1:] != cu[:-1]).squeeze(-1)
+    u, ch = stored_partition(model, res)
     lower, upper = float(0.5 * (u[0] + u[1])), float(0.5 * (u[-2] + u[-1]))
     edges = 0.5 * (u[ch] + u[ch + 1])
     edges = edges[(edges > lower) & (edges < upper)]
