@@ -209,6 +209,12 @@ SD_ZERO_SHARED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
+# The wide-sd closed form's C3 of a whole chunk (ParamGrid._wide_closed) computed once per block
+# of the grid (its bounds, scale and zero point are per-block values) and then expanded, instead
+# of ~34 element-wise operations per element: bitwise the same (the same IEEE operations on the
+# same values; the expansion is a copy). Where the chunk's tensors are ParamGrid._chunk_grid's
+# (the range known); False, or other tensors: per element, as before (wd38)
+WIDE_CUBE_BLOCKS = True
 _FACT_SLOTS = 4
 _FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": []}
 
@@ -503,13 +509,23 @@ def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tup
     or anything that reshapes to it, e.g. ``[N, 1]`` for per-row); a block size of 1 along a
     dim means one entry per index of that dim.
     """
-    nblocks = [math.ceil(s / b) for s, b in zip(shape, block_size)]
     if not shape:
         return block_tensor.reshape(-1)[:1].expand(end - start).clone()
+    return _rows_to_elements(_block_rows(block_tensor, block_size, shape, start, end), block_size, shape, start, end)
+
+
+def _block_rows(block_tensor: Tensor, block_size: tuple[int, ...], shape: tuple[int, ...],
+                start: int, end: int) -> Tensor:
+    """``[r, nb_last]``: the per-block values of the ``r`` rows (of the last dim, ``shape`` at
+    least 1-D) that elements ``start:end`` touch, one entry per block of each row;
+    :func:`_rows_to_elements` expands them (:func:`_expand_blocks`' two halves: a function of
+    the blocks' values alone computed on these rows, then expanded, gives each element what it
+    gives on the expanded values)."""
+    nblocks = [math.ceil(s / b) for s, b in zip(shape, block_size)]
     # Whole rows of the last dim: the block index of each touched row (a few per chunk), then
     # one repeat along the last dim, instead of per-element index arithmetic (the scoring
     # pass expands a chunk's scales for every evaluation).
-    last, b_last = shape[-1], block_size[-1]
+    last = shape[-1]
     r0, r1 = start // last, (end - 1) // last + 1
     rem = torch.arange(r0, r1, device=block_tensor.device)
     lead_block = torch.zeros_like(rem)
@@ -522,7 +538,14 @@ def _expand_blocks(block_tensor: Tensor, block_size: tuple[int, ...], shape: tup
         coord = torch.div(rem, stride, rounding_mode="floor")
         rem = rem - coord * stride
         lead_block = lead_block + torch.div(coord, block_size[dim], rounding_mode="floor") * bstride
-    rows = block_tensor.reshape(-1, nblocks[-1])[lead_block]  # [r1 - r0, nb_last]
+    return block_tensor.reshape(-1, nblocks[-1])[lead_block]  # [r1 - r0, nb_last]
+
+
+def _rows_to_elements(rows: Tensor, block_size: tuple[int, ...], shape: tuple[int, ...],
+                      start: int, end: int) -> Tensor:
+    """``[end - start]``: :func:`_block_rows`' ``rows`` expanded to the elements ``start:end``."""
+    last, b_last = shape[-1], block_size[-1]
+    r0 = start // last
     if b_last > 1:  # each block's value b_last times: a broadcast copy (repeat_interleave built an
         # index tensor first: 2-4x the time on the 1e7 MLP's per-row scales and bounds, cm35)
         r, nb = rows.shape
@@ -1318,11 +1341,16 @@ class ParamGrid:
             kept = _fact_get("cube", src, extra)
             if kept is None and not kappa_only:
                 keep = torch.empty(c, dtype=torch.float64, device=theta.device)
+        blocks = self._chunk_cube(scale, zero_point, bounds) if ii is None and kept is None else None
+        if blocks is not None and keep is not None:
+            keep = blocks
         # in cache-sized blocks: ~60 element-wise operations (kernel.EAGER_BLOCK)
         for a in range(0, m, EAGER_BLOCK):
             th, sg, sc, zp, lb, ub, *cd = (t[a:a + EAGER_BLOCK].to(torch.float64) for t in args)
             if kept is not None:
                 cube = kept[a:a + EAGER_BLOCK]
+            elif blocks is not None:
+                cube = blocks[a:a + EAGER_BLOCK]
             elif self.kind == "affine":
                 low_edge, high_edge, step = self._outer_edges(sc, zp)
                 assert step is not None
@@ -1330,7 +1358,7 @@ class ParamGrid:
             else:
                 assert self.values is not None
                 cube = table_cube_sum(lb, ub, sc, self.values)
-            if keep is not None:
+            if keep is not None and blocks is None:
                 keep[a:a + EAGER_BLOCK] = cube
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
@@ -1342,6 +1370,47 @@ class ParamGrid:
         if keep is not None:
             _fact_put("cube", src, extra, keep)
         return ii, kappa, mean_abs, ok
+
+    def _chunk_cube(self, scale: Tensor, zero_point: Tensor, bounds: tuple[Tensor, Tensor]) -> Tensor | None:
+        """``C3`` ``[c]`` (float64, parameter units; :func:`~mis_lightning.functional.wide.affine_cube_sum`,
+        :func:`~mis_lightning.functional.wide.table_cube_sum`) of the chunk whose per-element
+        ``scale``, ``zero_point`` and ``bounds`` are the very tensors :meth:`_chunk_grid` returned
+        for it (still held: its range is read from that entry), computed on the grid's per-block
+        values of the chunk's rows and expanded (:data:`WIDE_CUBE_BLOCKS`): bitwise what the
+        per-element computation gives. ``None`` where the range is not known or the switch is off."""
+        if not (WIDE_CUBE_BLOCKS and REUSE_CHUNK_FACTS) or self.storage_dtype is not None \
+                or self.support is None or not self.shape:
+            return None
+        src = (self.scale, self.zero_point, self.codes, *self.support)
+        rng = None
+        for key, value in _FACTS["grid"]:
+            if value[0] is scale and value[1] is zero_point and value[4] is not None \
+                    and value[4][0] is bounds[0] and value[4][1] is bounds[1] \
+                    and _key_matches(key, src, key[len(src):]):
+                rng = key[len(src):len(src) + 2]
+                break
+        if rng is None:
+            return None
+        start, end = rng
+
+        def rows(t: Tensor | None) -> Tensor:
+            if t is None:  # (a zero point of None: zeros, as _elem expands it)
+                return torch.zeros(shape_rows, dtype=torch.float64)
+            return _block_rows(t.to(torch.float64), self.block_size, self.shape, start, end)
+
+        lo = _block_rows(self.support[0].to(torch.float64), self.block_size, self.shape, start, end)
+        shape_rows = lo.shape
+        hi, sc, zp = rows(self.support[1]), rows(self.scale), rows(self.zero_point)
+        sc = torch.where(sc <= 0, torch.ones_like(sc), sc)  # dead blocks at scale 1, as _chunk_grid
+        flat = [t.reshape(-1) for t in (lo, hi, sc, zp)]
+        if self.kind == "affine":
+            low_edge, high_edge, step = self._outer_edges(flat[2], flat[3])
+            assert step is not None
+            cube = affine_cube_sum(flat[0], flat[1], low_edge, high_edge, step)
+        else:
+            assert self.values is not None
+            cube = table_cube_sum(flat[0], flat[1], flat[2], self.values)
+        return _rows_to_elements(cube.reshape(shape_rows), self.block_size, self.shape, start, end)
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
