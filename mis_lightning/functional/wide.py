@@ -55,6 +55,10 @@ WIDE_TOL = 1e-11
 # value tables up to this many values (float8, float4, nf4: bounded formats whose cubed widths
 # sum without cancellation); the 16-bit tables (65k values up to 3e38) take the paths
 WIDE_TABLE_MAX_VALUES = 4096
+# wide_sd_parts and own_cell_mean_abs in place on their own temporaries, ok's bound as 6 M^2 S
+# alone (the larger of the two inside the window: the same mask); bitwise the same kappa,
+# mean_abs and ok (wd38). False: as before (tests, A/B)
+WIDE_PARTS_IN_PLACE = True
 
 
 def _cube(x: Tensor) -> Tensor:
@@ -172,32 +176,68 @@ def wide_sd_moments(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, 
 
 
 def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cube: Tensor,
-                  own_lo: Tensor | None, own_hi: Tensor | None, window: Tensor | None = None
-                  ) -> tuple[Tensor, Tensor | None, Tensor]:
+                  own_lo: Tensor | None, own_hi: Tensor | None, window: Tensor | None = None,
+                  own_fresh: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
     """:func:`wide_sd_moments`' ``(kappa, mean_abs, ok)`` alone (``[c]`` each; ``mean_abs``
     ``None`` where ``own_lo`` or ``own_hi`` is): its constant ``m4`` and ``coverage`` are the
     caller's to fill (chunk-sized fills that a caller reading ``kappa`` alone never reads).
     ``window``: ``[c]`` bool, ``(upper - lower <= WIDE_MAX_WINDOW * sigma) & (lower < theta <
-    upper)`` on these float64 tensors, where the caller computed it (``ok``'s first three tests)."""
+    upper)`` on these float64 tensors, where the caller computed it (``ok``'s first three tests).
+    ``own_fresh``: ``own_lo`` / ``own_hi`` are the caller's own temporaries (overwritten here)."""
     th, sg = theta.to(torch.float64), sigma.to(torch.float64)
-    width = upper - lower
-    S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube, width)
-    if window is None:
-        window = (width <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper)
-    ok = window & (bound <= WIDE_TOL)
-    kappa = (1.0 - lam * S).clamp(0.0, 1.0)
+    if not WIDE_PARTS_IN_PLACE:
+        width = upper - lower
+        S, lam, bound = wide_sd_error_bound(sg, lower, upper, th, cube, width)
+        if window is None:
+            window = (width <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper)
+        ok = window & (bound <= WIDE_TOL)
+        kappa = (1.0 - lam * S).clamp(0.0, 1.0)
+    else:
+        # wide_sd_error_bound's operations in its order (bitwise the same S, lambda, kappa), on
+        # this call's own temporaries
+        w = upper - lower
+        if window is None:
+            window = (w <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper)
+        w.div_(sg)
+        S = sg * sg
+        S = torch.div((_INV_SQRT_2PI / 12.0) * cube, S.mul_(sg), out=S)
+        m2 = th - lower
+        t = upper - th
+        m2 = torch.maximum(m2, t, out=m2).div_(sg)
+        m2.mul_(m2)
+        lam = torch.mul(m2, -0.5).exp_()
+        t = torch.mul(m2, w, out=t).mul_(w)
+        t.mul_(torch.mul(m2, 0.5, out=w).exp_()).div_(12.0)
+        lam.sub_(t)
+        # ok's bound is 6 M^2 S alone: inside the window (W <= 0.1, so M <= W) (1 - lambda) S <=
+        # (M^2 / 2 + M^2 W^2 exp(M^2 / 2) / 12) S <= 0.501 M^2 S, and with S <= phi(0) W^3 / 12 the
+        # rounding of 1 - lambda (a few 1e-16) adds at most ~1e-20: below 6 M^2 S <= WIDE_TOL
+        # whenever that holds, so max((1 - lambda) S, 6 M^2 S) <= WIDE_TOL is the same mask
+        # (tests/test_wide_parts.py)
+        ok = torch.mul(m2, 6.0, out=t).mul_(S) <= WIDE_TOL
+        ok &= window
+        kappa = lam.mul_(S).neg_().add_(1.0).clamp_(0.0, 1.0)
     if own_lo is None or own_hi is None:
         return kappa, None, ok
-    return kappa, own_cell_mean_abs(th, sg, lower, upper, own_lo, own_hi), ok
+    return kappa, own_cell_mean_abs(th, sg, lower, upper, own_lo, own_hi, own_fresh), ok
 
 
-def own_cell_mean_abs(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, own_lo: Tensor, own_hi: Tensor) -> Tensor:
+def own_cell_mean_abs(th: Tensor, sg: Tensor, lower: Tensor, upper: Tensor, own_lo: Tensor, own_hi: Tensor,
+                      own_fresh: bool = False) -> Tensor:
     """``mean_abs`` ``[c]`` of weights strictly inside their bounds whose release reveals the regions
     beyond them: ``sqrt(2/pi) - 2 (phi(0) - phi(x))``, ``x`` the distance (sd units) from ``th`` to
     the nearer edge of its own cell ``[own_lo, own_hi]`` clipped to ``[lower, upper]`` (only the cell
-    holding ``th`` loses ``E|u|``; exact on any partition). All ``[c]`` float64, parameter units."""
+    holding ``th`` loses ``E|u|``; exact on any partition). All ``[c]`` float64, parameter units.
+    ``own_fresh``: ``own_lo`` / ``own_hi`` are float64 temporaries of the caller's, overwritten here."""
     # the own cell clipped to the bounds; x = the nearer edge (sd units, >= 0: a backend code's
     # cell may miss theta by an ulp at a float32 tie)
+    if own_fresh and WIDE_PARTS_IN_PLACE and own_lo.dtype == own_hi.dtype == torch.float64:
+        left = torch.sub(th, torch.maximum(own_lo, lower, out=own_lo), out=own_lo)
+        right = torch.minimum(own_hi, upper, out=own_hi).sub_(th)
+        x = torch.minimum(left, right, out=left).div_(sg).clamp_min_(0.0)
+        # the same operations as below, in their order
+        e = torch.mul(x, -0.5, out=right).mul_(x).expm1_().mul_(2.0 * _INV_SQRT_2PI)
+        return e.add_(SQRT_2_OVER_PI).clamp_(0.0, SQRT_2_OVER_PI)
     left = th - torch.maximum(own_lo.to(torch.float64), lower)
     right = torch.minimum(own_hi.to(torch.float64), upper) - th
     x = (torch.minimum(left, right) / sg).clamp_min(0.0)

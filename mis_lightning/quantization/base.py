@@ -1363,7 +1363,7 @@ class ParamGrid:
             # kappa alone (the pool protocol's call, the draws): no own cell, mean_abs NaN
             own_lo, own_hi = (None, None) if kappa_only else self._own_edges(th, sc, zp, cd[0] if cd else None)
             k, ma, good = wide_sd_parts(th, sg, lb, ub, cube, own_lo, own_hi,
-                                        cand[a:a + EAGER_BLOCK] if same else None)
+                                        cand[a:a + EAGER_BLOCK] if same else None, own_fresh=True)
             kappa[a:a + EAGER_BLOCK], ok[a:a + EAGER_BLOCK] = k, good
             if mean_abs is not None and ma is not None:
                 mean_abs[a:a + EAGER_BLOCK] = ma
