@@ -48,6 +48,7 @@ from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
+from .functional.masks import any_along, any_set
 from .functional.storage import storage_cell_moments, stored_bounds
 from .functional.wide import (
     WIDE_MAX_WINDOW,
@@ -1826,7 +1827,7 @@ def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int
             and grid.values is not None and grid.values.numel() <= WIDE_TABLE_MAX_VALUES:
         lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
         cand = ~fixed & (hi - lo <= WIDE_MAX_WINDOW * sg64) & (hi > lo)
-        if bool(cand.any()):
+        if any_set(cand):
             ii = torch.nonzero(cand).squeeze(-1)
             cube = table_cube_sum(lo[ii], hi[ii], scale[ii].to(torch.float64), grid.values)
             fixed[ii] = wide_deficit_bound(sg64[ii], cube) <= POSITION_FREE_WIDE_TOL
@@ -2141,7 +2142,7 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
     live = None
     if DRAWS_KEEP_STILL and k_main is not None and bounds is None and _elementwise_table(grid):
         still = sg64 == 0
-        if bool(still.any()):
+        if any_set(still):
             live = torch.nonzero(~still).squeeze(-1)
     if live is None:
         ev = _padded_pairs(torch.arange(D * c), getattr(grid, "_chunk_elements", c), F.table.INTERP_MIN_ELEMENTS)
@@ -2334,7 +2335,7 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     A sample whose kappa cannot move (every sampled weight of sd 0) returns :class:`StillParts`
     (zeros, flagged)."""
     elem, grp, pi = sample
-    if DRAWS_KEEP_STILL and not bool(sg.index_select(0, elem).ne(0).any()):
+    if DRAWS_KEEP_STILL and not any_set(sg.index_select(0, elem).ne(0)):
         # every sampled weight has sd 0 (the 1e7 MLP's dead units): each draw's position is
         # theta-hat itself, so every kappa change is exactly 0 (what the 8 evaluations returned)
         zero = torch.zeros((), dtype=torch.float64)  # one value expanded: no chunk-sized fill
@@ -2811,8 +2812,8 @@ def _draw_sums(reader: _InfluenceReader, a: int, b: int, parts: tuple[Tensor, Te
         return None
     basis, _, grp = parts
     k_ = basis.shape[0]
-    moved = (basis != 0).reshape(k_, -1, reader.unit).any(-1).any(0)  # rows (of the sample)
-    if not bool(moved.any()):
+    moved = any_along(any_along((basis != 0).reshape(k_, -1, reader.unit), -1), 0)  # rows (of the sample)
+    if not any_set(moved):
         return None
     if grp is not None:  # subsampled: whole sampled rows; the centre's groups summed with the basis
         assert sample is not None
@@ -2864,10 +2865,10 @@ def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
             moved.append(torch.zeros(basis.shape[1] // u, dtype=torch.bool))
             cols.append(basis)
             continue
-        moved.append((basis != 0).reshape(basis.shape[0], -1, u).any(-1).any(0))  # rows (of the sample)
+        moved.append(any_along(any_along((basis != 0).reshape(basis.shape[0], -1, u), -1), 0))  # rows (of the sample)
         cols.append(basis if grp is None else torch.cat([basis, grp]))
     union = torch.stack(moved).any(0)
-    if not bool(union.any()):
+    if not any_set(union):
         return dict.fromkeys(distinct)
     local = torch.nonzero(union).squeeze(-1)
     if kinds == {False}:  # subsampled: whole sampled rows, numbered in the chunk
@@ -2875,7 +2876,7 @@ def _joint_draw_sums(reader: _InfluenceReader, a: int, b: int,
         rows = sample[0][::u].div(u, rounding_mode="floor")[local]
     else:
         rows = local
-    out: dict[int, Tensor | None] = dict.fromkeys(key for key, mv in zip(distinct, moved) if not bool(mv.any()))
+    out: dict[int, Tensor | None] = dict.fromkeys(key for key, mv in zip(distinct, moved) if not any_set(mv))
     # the parts that moved a row only (the others' answer is None), and of their columns only those
     # with a non-zero element on the union's rows: an all-zero column sums to exactly 0 (finite
     # influences, as _distinct_list_sums), so it need not reach the GEMMs (ps35: at 1e7 half the

@@ -46,6 +46,7 @@ from ..functional.bounds import (
 )
 from ..functional.cells import SQRT_2_OVER_PI, moments_from_alpha_erfc
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
+from ..functional.masks import any_set
 from ..functional.quotient import (
     quotient_boundaries,
     quotient_cell_moments,
@@ -972,7 +973,7 @@ class ParamGrid:
         # is exactly 0) is a one-cell grid {0}: no cell information (moments 0). Its scale
         # reveals max |w| = 0, i.e. every element exactly (``revealed`` in moments(): kappa 1).
         dead: Tensor | None = scale <= 0
-        if bool(dead.any()):
+        if any_set(dead):
             scale = torch.where(dead, torch.ones_like(scale), scale)
             if code is not None:
                 code = torch.where(dead, zp, code)
@@ -1197,8 +1198,8 @@ class ParamGrid:
                 # the elements to score are the sd > 0 ones (the sd's kept indices, no pass over the
                 # chunk) when every sd-0 element is a point mass or known (revealed: never inside)
                 live = take = None
-                if zf is not None and (n_point == zf.count or (known is not None and not bool(
-                        torch.logical_xor(point, zf.mask).logical_and_(~known).any()))):
+                if zf is not None and (n_point == zf.count or (known is not None and not any_set(
+                        torch.logical_xor(point, zf.mask).logical_and_(~known)))):
                     live = zf.live()
                 else:
                     take = ~point
@@ -1291,7 +1292,7 @@ class ParamGrid:
         lo, hi = bounds
         sg = sigma.to(torch.float64)
         free = (hi - lo <= WIDE_MAX_WINDOW * sg) & (scale > 0)
-        if not WIDE_SD_CLOSED_FORM or self.kind != "affine" or self.storage_dtype is not None or not bool(free.any()):
+        if not WIDE_SD_CLOSED_FORM or self.kind != "affine" or self.storage_dtype is not None or not any_set(free):
             return free & False
         ii = torch.nonzero(free).squeeze(-1)
         low_edge, high_edge, step = self._outer_edges(scale[ii], zero_point[ii])
