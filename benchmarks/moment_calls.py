@@ -25,7 +25,9 @@ to the same values both ways (``kappa`` alone in ``kappa_only`` calls: the other
 names: the replay then never finds a kept C3). ``versus`` replays the calls with this checkout's
 ``ParamGrid`` and with another checkout's (``--root``: its ``mis_lightning`` copied into a temporary
 folder as ``mis_lightning_old``, each grid rebuilt from its fields there), rounds interleaved in
-one process (alternating which goes first), for changes without a switch (cm36).
+one process (alternating which goes first), for changes without a switch (cm36); it also says
+in how many calls the SHA-1 of the read fields differ, and ``--method NAME`` times the CPU seconds
+spent inside ``ParamGrid.NAME`` on each side (wd38).
 """
 
 from __future__ import annotations
@@ -173,7 +175,8 @@ def _ab(path: str, rounds: int, param: str | None, flags: list[str], share_pool_
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
-def _versus(path: str, root: str, rounds: int, param: str | None, share_pool_sd: bool = False) -> None:
+def _versus(path: str, root: str, rounds: int, param: str | None, share_pool_sd: bool = False,
+            method: str | None = None) -> None:
     import importlib
     import shutil
     import tempfile
@@ -186,14 +189,16 @@ def _versus(path: str, root: str, rounds: int, param: str | None, share_pool_sd:
         shutil.copytree(Path(root) / "mis_lightning", Path(tmp) / "mis_lightning_old")
         sys.path.insert(0, tmp)
         _versus_rounds(path, root, rounds, param, importlib.import_module("mis_lightning_old.quantization.base"),
-                       importlib.import_module("mis_lightning_old.functional").CompilePolicy("never"), share_pool_sd)
+                       importlib.import_module("mis_lightning_old.functional").CompilePolicy("never"), share_pool_sd,
+                       method)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _versus_rounds(path: str, root: str, rounds: int, param: str | None, ob, old_policy,
-                   share_pool_sd: bool = False) -> None:
+                   share_pool_sd: bool = False, method: str | None = None) -> None:
     import dataclasses
+    import hashlib
 
     import mis_lightning.quantization.base as qb
     from mis_lightning.functional import CompilePolicy
@@ -208,24 +213,49 @@ def _versus_rounds(path: str, root: str, rounds: int, param: str | None, ob, old
 
     sides = {"new": (qb, calls, CompilePolicy("never")),
              "old": (ob, [dict(c, grid=old_grid(c["grid"])) for c in calls], old_policy)}
+    # --method: CPU seconds inside ParamGrid.METHOD on each side (wd38: _wide_closed)
+    inside = {"new": 0.0, "old": 0.0}
+    if method:
+        for side, mod in (("new", qb), ("old", ob)):
+            real = getattr(mod.ParamGrid, method)
 
-    def replay(side: str) -> float:
+            def timed(self, *a, _real=real, _side=side, **k):
+                t0 = time.process_time()
+                try:
+                    return _real(self, *a, **k)
+                finally:
+                    inside[_side] += time.process_time() - t0
+
+            setattr(mod.ParamGrid, method, timed)
+
+    def replay(side: str, digests: list[str] | None = None) -> tuple[float, float]:
         mod, cs, policy = sides[side]
         mod.release_chunk_facts()
+        inside[side] = 0.0
         t0 = time.process_time()
         for c in cs:
-            c["grid"].moments(c["theta"], c["sigma"], c["start"], c["end"], c["use_codes"], policy, c["kappa_only"])
-        return time.process_time() - t0
+            mm = c["grid"].moments(c["theta"], c["sigma"], c["start"], c["end"], c["use_codes"], policy,
+                                   c["kappa_only"])
+            if digests is not None:  # the fields read (kappa alone in kappa_only calls), bytes
+                fields = ("kappa",) if c["kappa_only"] else FIELDS
+                digests.append(hashlib.sha1(b"".join(getattr(mm, f).contiguous().numpy().tobytes()
+                                                     for f in fields)).hexdigest())
+        return time.process_time() - t0, inside[side]
 
-    replay("new"), replay("old")  # (first-call costs out of the rounds)
-    times: dict[str, list[float]] = {"new": [], "old": []}
+    # (first-call costs out of the rounds; every call's read fields hashed on each side)
+    dig: dict[str, list[str]] = {"new": [], "old": []}
+    replay("new", dig["new"]), replay("old", dig["old"])
+    differ = sum(a != b for a, b in zip(dig["new"], dig["old"]))
+    times: dict[str, list[tuple[float, float]]] = {"new": [], "old": []}
     for r in range(rounds):
         for side in (("old", "new") if r % 2 == 0 else ("new", "old")):
             times[side].append(replay(side))
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    print(f"{len(calls)} calls; old: {root}")
+    med = {k: sorted(x[0] for x in v)[len(v) // 2] for k, v in times.items()}
+    mid = {k: sorted(x[1] for x in v)[len(v) // 2] for k, v in times.items()}
+    print(f"{len(calls)} calls; old: {root}; SHA-1 of the read fields differ in {differ} calls")
     for k in ("old", "new"):
-        print(f"{k} median {med[k]:.3f} s |", " ".join(f"{x:.2f}" for x in times[k]))
+        print(f"{k} median {med[k]:.3f} s" + (f" ({method} {mid[k]:.3f} s)" if method else ""), "|",
+              " ".join(f"{x:.2f}" + (f"/{y:.2f}" if method else "") for x, y in times[k]))
     print(f"new / old (medians) {med['new'] / med['old']:.3f}; load {os.getloadavg()[0]:.1f}")
 
 
@@ -248,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--root", required=True, help="the other checkout (e.g. a git worktree of the old commit)")
     v.add_argument("--rounds", type=int, default=6)
     v.add_argument("--param", default=None)
+    v.add_argument("--method", default=None,
+                   help="also time the CPU seconds inside ParamGrid.METHOD on each side (e.g. _wide_closed)")
     for p in (a, v):
         p.add_argument("--share-pool-sd", action="store_true",
                        help="one pool-call sd tensor per chunk (files captured before ws37's assess change)")
@@ -257,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "timed":
         _timed(args.model)
     elif args.cmd == "versus":
-        _versus(args.calls, args.root, args.rounds, args.param, args.share_pool_sd)
+        _versus(args.calls, args.root, args.rounds, args.param, args.share_pool_sd, args.method)
     else:
         _ab(args.calls, args.rounds, args.param, args.flag or ["SHARE_EXPANSIONS", "REVEALED_IN_PLACE", "cube"],
             args.share_pool_sd)
