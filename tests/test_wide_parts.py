@@ -234,3 +234,26 @@ def test_mask_reductions_match_torch():
             if m.dim() == 3:
                 for d in (0, 1, 2, -1):
                     assert torch.equal(any_along(m, d), m.any(d))
+
+
+def test_chunk_cube_on_a_conv_weight_and_per_tensor_blocks():
+    """4-D weights (blocks over the leading dims) and one block for the whole tensor."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3)
+    g = get_scheme("rtn_int8").apply(torch.nn.Sequential(conv)).grids["0.weight"]
+    per_tensor = dataclasses.replace(
+        g, block_size=tuple(g.shape), scale=g.scale.reshape(-1)[:1].reshape(1, 1, 1, 1),
+        zero_point=None if g.zero_point is None else g.zero_point.reshape(-1)[:1].reshape(1, 1, 1, 1),
+        support=(g.support[0].reshape(-1).amin().reshape(1, 1, 1, 1), g.support[1].reshape(-1).amax().reshape(1, 1, 1, 1)),
+        codes=None, revealed=None)
+    for grid in (g, per_tensor):
+        n = grid.numel
+        for a, b in [(0, n), (7, n - 5), (40, 41), (45, 90)]:
+            qb.release_chunk_facts()
+            scale, zp, _, _, bounds = grid._chunk_grid(a, b)
+            got = grid._chunk_cube(scale, zp, bounds)
+            le, he, step = grid._outer_edges(scale, zp)
+            assert got is not None and _same(got, affine_cube_sum(bounds[0], bounds[1], le, he, step)), (a, b)
+    qb.release_chunk_facts()
