@@ -257,3 +257,14 @@ def test_chunk_cube_on_a_conv_weight_and_per_tensor_blocks():
             le, he, step = grid._outer_edges(scale, zp)
             assert got is not None and _same(got, affine_cube_sum(bounds[0], bounds[1], le, he, step)), (a, b)
     qb.release_chunk_facts()
+
+
+def test_parts_in_place_bitwise_on_float32_bounds(monkeypatch):
+    """Bounds held in float32 are promoted as the old ``width / sd`` promoted them."""
+    th, sg, lo, hi, cube, _ = _sweep()
+    lo32, hi32 = lo.float(), hi.float()
+    monkeypatch.setattr(W, "WIDE_PARTS_IN_PLACE", False)
+    old = wide_sd_parts(th, sg, lo32, hi32, cube, None, None)
+    monkeypatch.setattr(W, "WIDE_PARTS_IN_PLACE", True)
+    new = wide_sd_parts(th, sg, lo32, hi32, cube, None, None)
+    assert new[0].dtype == F64 and _same(old[0], new[0]) and torch.equal(old[2], new[2])

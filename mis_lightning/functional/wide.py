@@ -195,7 +195,7 @@ def wide_sd_parts(theta: Tensor, sigma: Tensor, lower: Tensor, upper: Tensor, cu
     else:
         # wide_sd_error_bound's operations in its order (bitwise the same S, lambda, kappa), on
         # this call's own temporaries
-        w = upper - lower
+        w = (upper - lower).to(torch.float64)  # (float32 bounds: promoted as width / sg promotes them)
         if window is None:
             window = (w <= WIDE_MAX_WINDOW * sg) & (th > lower) & (th < upper)
         w.div_(sg)
