@@ -288,3 +288,38 @@ def test_affine_chunk_draws_reaching_the_fused_kernel_stay_per_position(monkeypa
     monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
     A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
     assert len(calls) > 1 and max(calls) <= c
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float16])
+def test_whole_table_sums_in_cache_sized_blocks_equal_one_block(dtype, monkeypatch):
+    """``_whole_table_sums`` sums float8's 254 edges for 258 rows a block (sm38: the first-use
+    self-check's 2,014 rows were one block of 4 MB temporaries), the 16-bit tables 16 rows, as
+    before; each row's sums are its own: bitwise what one block gives."""
+    values = representable_values(dtype)
+    v = values.to(F64)
+    mids = 0.5 * (v[1:] + v[:-1])
+    c = 600 if dtype == torch.float8_e4m3fn else 40
+    gen = torch.Generator().manual_seed(13)
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    sc = torch.full((c,), 0.2 / 448.0 if dtype == torch.float8_e4m3fn else 1.0, dtype=F64)
+    sg = torch.rand(c, dtype=F64, generator=gen) * 0.1 + 0.01
+    sel = torch.rand(c, generator=gen) < 0.9
+    rows = []
+    real = T.moments_from_alpha
+    monkeypatch.setattr(T, "moments_from_alpha", lambda a: rows.append(a.shape[0]) or real(a))
+
+    def run() -> tuple:
+        out = tuple(torch.full((c,), -1.0, dtype=F64) for _ in range(4))
+        T._whole_table_sums(out, sel, mids, th, sg, sc)
+        return out
+
+    got = run()
+    per_block = (1 << 16) // (mids.numel() + 2) if dtype == torch.float8_e4m3fn else 16  # 258 rows of 254 edges
+    assert max(rows) == min(per_block, int(sel.sum())) and len(rows) > 1, rows
+    rows.clear()
+    monkeypatch.setattr(T, "_WHOLE_BLOCK", 1 << 30)  # one block
+    want = run()
+    assert rows == [int(sel.sum())]
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    assert bool((got[0][~sel] == -1).all()) and bool((got[0][sel] > 0).all())
