@@ -2011,7 +2011,7 @@ DRAWS_AT_ONCE_ELEMENTWISE = True
 # The draws of a small affine chunk (all its D * c (position, element) pairs below
 # affine.TABLE_MIN_ELEMENTS, so that no position alone or together reaches the fused kernel: the 1e5
 # MLP's last layer, 128 weights) in one cell-moment call, not one per position: the same per-element
-# path and arithmetic (sm38: ~16 -> ~2 ms a call at 1e5, ~1-3 ms was each call's fixed cost).
+# path and arithmetic (sm38: 13-20 -> 3.5-4 ms a scheme at 1e5; each call cost ~1-3 ms whatever its size).
 # False: one call per position, as before
 AFFINE_DRAWS_AT_ONCE_SMALL = True
 

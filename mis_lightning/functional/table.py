@@ -364,8 +364,8 @@ def _table_cell_moments(
 
 
 # _whole_table_sums' blocks: elements (rows x the table's edges) per block, and the fewest rows. Each
-# row's sums are its own (a reduction over its edges), whatever the block: a float8 table (256 edges)
-# takes 258 rows of 254 edges, whose ~15 temporaries of 0.5 MB stay in cache (sm38: the 1e5 first call's float8
+# row's sums are its own (a reduction over its edges), whatever the block: float8 (254 edges) takes
+# 258 rows a block, whose ~15 temporaries of 0.5 MB stay in cache (sm38: the 1e5 first call's float8
 # self-check reference, 2,014 rows in one block of 4 MB temporaries, 42-63 -> 30 ms and 14-16k -> 2k
 # page faults; later calls 15-16 -> 11 ms); the 16-bit tables (63-65k edges) keep 16 rows, as under
 # the former budget of _ROWS_BUDGET elements.
