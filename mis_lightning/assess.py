@@ -2009,6 +2009,12 @@ def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: T
 # in a call of another size; the 1e7 report bitwise; ~5 ms per call saved).
 # False: one call per position from INTERP_MIN_ELEMENTS pairs on, as before
 DRAWS_AT_ONCE_ELEMENTWISE = True
+# The draws of a small affine chunk (all its D * c (position, element) pairs below
+# affine.TABLE_MIN_ELEMENTS, so that no position alone or together reaches the fused kernel: the 1e5
+# MLP's last layer, 128 weights) in one cell-moment call, not one per position: the same per-element
+# path and arithmetic (sm38: 13-20 -> 3.5-4 ms a scheme at 1e5; each call cost ~1-3 ms whatever its size).
+# False: one call per position, as before
+AFFINE_DRAWS_AT_ONCE_SMALL = True
 
 
 def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
@@ -2041,9 +2047,12 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
         # element takes the path it takes alone (below INTERP_MIN_ELEMENTS in both forms; on
         # the 16-bit casts' tables, whatever the call's size: _elementwise_table).
         return _table_draws_at_once(grid, th64, sg64, a, b, xi, policy, k_main), lam
-    if table_at_once and not with_lam and grid.kind == "affine" and 1 < D:
+    if not with_lam and grid.kind == "affine" and 1 < D and (
+            table_at_once or (AFFINE_DRAWS_AT_ONCE_SMALL and free is not None
+                              and D * c < F.affine.TABLE_MIN_ELEMENTS)):
         # the sampled draws (_sampled_draw_parts): the positions' moving elements in one call, so
-        # that a sample of a chunk of >= TABLE_MIN_ELEMENTS takes the chunk's (fused) path
+        # that a sample of a chunk of >= TABLE_MIN_ELEMENTS takes the chunk's (fused) path; a
+        # small chunk (all its pairs below that path, as each position alone is) likewise
         return _affine_draws_at_once(grid, th64, sg64, a, b, k_main, xi, free, policy), lam
     for bi in range(D):
         th_b = th64 + sg64 * xi[bi]

@@ -211,3 +211,115 @@ def test_float8_reference_sums_a_window_wider_than_the_table_over_the_table(monk
     torch.testing.assert_close(got.mean_abs, ref.mean_abs, rtol=0, atol=1e-14)
     torch.testing.assert_close(got.m4, ref.m4, rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(got.coverage, ref.coverage, rtol=0, atol=1e-14)
+
+
+def _small_affine_grid(rows: int, cols: int, qmax: int, bounded: bool, seed: int) -> tuple:
+    """A per-row absmax grid (codes ``[-qmax - 1, qmax]``) on ``rows x cols`` weights whose sd
+    ranges from 1e-3 to 3e2 steps (every cell-moment regime), a dead row and a revealed element."""
+    from mis_lightning.quantization.base import ParamGrid
+
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, dtype=F64, generator=gen)
+    absmax = w.abs().amax(1, keepdim=True)
+    scale = absmax / qmax
+    if rows > 1:
+        scale[1] = 0.0  # a dead block: kappa 0
+    g = ParamGrid(name="w", shape=(rows, cols), kind="affine", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=float(math.log2(2 * qmax + 2)), scale=scale, block_size=(1, cols),
+                  zero_point=torch.zeros(rows, 1, dtype=F64), qmin=-qmax - 1, qmax=qmax)
+    g.revealed = torch.zeros(rows, cols, dtype=torch.bool)
+    g.revealed[0, 3] = True  # the scale gives it away: kappa 1
+    if bounded:
+        g.support = (-absmax, absmax)
+    step = absmax.expand(rows, cols).reshape(-1) / qmax
+    sg = step * torch.exp(torch.empty(rows * cols, dtype=F64).uniform_(math.log(1e-3), math.log(3e2), generator=gen))
+    return g, w.reshape(-1), sg, gen
+
+
+@pytest.mark.parametrize("rows, cols, qmax, bounded", [(1, 128, 127, True), (4, 32, 7, True), (3, 100, 7, False)])
+def test_small_affine_chunk_draws_in_one_call_equal_per_position(rows, cols, qmax, bounded, monkeypatch):
+    """The draws of a small affine chunk (all its positions' pairs below the fused kernel's
+    TABLE_MIN_ELEMENTS, as the 1e5 MLP's 128-weight last layer) take one cell-moment call, not one
+    per position (sm38), with bitwise the kappa of the per-position calls: every pair takes the
+    per-regime path either way, and that path is element-wise."""
+    A = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
+
+    g, th, sg, gen = _small_affine_grid(rows, cols, qmax, bounded, seed=rows * cols + qmax)
+    c = th.numel()
+    xi = torch.randn(8, c, dtype=F64, generator=gen) * 1.5
+    k_main = g.moments(th, sg, 0, c).kappa
+    calls = []
+    real = type(g).element_moments
+    monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
+    monkeypatch.setattr(A, "AFFINE_DRAWS_AT_ONCE_SMALL", False)
+    want, _ = A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert len(calls) > 1, calls  # the reference: one call per position that moves
+    calls.clear()
+    monkeypatch.setattr(A, "AFFINE_DRAWS_AT_ONCE_SMALL", True)
+    got, _ = A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert len(calls) == 1, calls
+    assert torch.equal(got, want)
+    assert float((got != k_main).double().mean()) > 0.1  # the draws move kappa
+    if rows > 1:
+        assert bool((got[:, cols:2 * cols] == 0).all())
+    assert bool((got[:, 3] == 1).all())
+    # and the built draws' parts through _draw_parts, bitwise
+    xi9 = torch.randn(A._draw_noise_rows(16), c, dtype=F64, generator=gen)
+    monkeypatch.setattr(A, "AFFINE_DRAWS_AT_ONCE_SMALL", False)
+    old = A._draw_parts(g, th, sg, 0, c, k_main, xi9, 16, None)
+    monkeypatch.setattr(A, "AFFINE_DRAWS_AT_ONCE_SMALL", True)
+    new = A._draw_parts(g, th, sg, 0, c, k_main, xi9, 16, None)
+    assert all(torch.equal(x, y) for x, y in zip(old, new))
+
+
+def test_affine_chunk_draws_reaching_the_fused_kernel_stay_per_position(monkeypatch):
+    """Where the positions together would reach TABLE_MIN_ELEMENTS (the fused kernel's path,
+    other arithmetic) the chunk keeps one call per position."""
+    A = importlib.import_module("mis_lightning.assess")  # the module (the package exports the function)
+    import mis_lightning.functional as Fn
+
+    g, th, sg, gen = _small_affine_grid(4, 32, 7, True, seed=11)
+    c = th.numel()
+    monkeypatch.setattr(Fn.affine, "TABLE_MIN_ELEMENTS", 4 * c)  # 8 positions * c reach it
+    xi = torch.randn(8, c, dtype=F64, generator=gen) * 1.5
+    k_main = g.moments(th, sg, 0, c).kappa
+    calls = []
+    real = type(g).element_moments
+    monkeypatch.setattr(type(g), "element_moments", lambda self, *a, **k: calls.append(a[0].numel()) or real(self, *a, **k))
+    A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None)
+    assert len(calls) > 1 and max(calls) <= c
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float16])
+def test_whole_table_sums_in_cache_sized_blocks_equal_one_block(dtype, monkeypatch):
+    """``_whole_table_sums`` sums float8's 254 edges for 258 rows a block (sm38: the first-use
+    self-check's 2,014 rows were one block of 4 MB temporaries), the 16-bit tables 16 rows, as
+    before; each row's sums are its own: bitwise what one block gives."""
+    values = representable_values(dtype)
+    v = values.to(F64)
+    mids = 0.5 * (v[1:] + v[:-1])
+    c = 600 if dtype == torch.float8_e4m3fn else 40
+    gen = torch.Generator().manual_seed(13)
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    sc = torch.full((c,), 0.2 / 448.0 if dtype == torch.float8_e4m3fn else 1.0, dtype=F64)
+    sg = torch.rand(c, dtype=F64, generator=gen) * 0.1 + 0.01
+    sel = torch.rand(c, generator=gen) < 0.9
+    rows = []
+    real = T.moments_from_alpha
+    monkeypatch.setattr(T, "moments_from_alpha", lambda a: rows.append(a.shape[0]) or real(a))
+
+    def run() -> tuple:
+        out = tuple(torch.full((c,), -1.0, dtype=F64) for _ in range(4))
+        T._whole_table_sums(out, sel, mids, th, sg, sc)
+        return out
+
+    got = run()
+    per_block = (1 << 16) // (mids.numel() + 2) if dtype == torch.float8_e4m3fn else 16  # 258 rows of 254 edges
+    assert max(rows) == min(per_block, int(sel.sum())) and len(rows) > 1, rows
+    rows.clear()
+    monkeypatch.setattr(T, "_WHOLE_BLOCK", 1 << 30)  # one block
+    want = run()
+    assert rows == [int(sel.sum())]
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+    assert bool((got[0][~sel] == -1).all()) and bool((got[0][sel] > 0).all())
