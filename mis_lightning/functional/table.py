@@ -1058,7 +1058,12 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     # knows nothing of the unbounded cells beyond the table's top (fp16 past 65504 with an sd of 3e4
     # or more: kappa 1 where the cells give 0.997 .. 0.637)
     fine = ~frozen & (h_local <= FINE_STEP) & inner & (uniform | (need > _MAX_WINDOW))
-    return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine
+    # ... where it does not, a reach covering [-T, T] (_settled's) takes _open_fine_moments
+    if layout.wide is None or not OPEN_CELLS_CLOSED_FORM:
+        spill = torch.zeros_like(fine)
+    else:
+        spill = ~frozen & (h_local <= FINE_STEP) & ~inner & (x - reach <= -layout.wide) & (x + reach >= layout.wide)
+    return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine, spill
 
 
 def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, Tensor]:
@@ -1085,16 +1090,75 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
         # ... and within the finite cells (_sum_prelude's inner: the fine expansion ignores the
         # unbounded ones beyond the table's ends)
         lo_r, hi_r = x - reach, x + reach
-        fine = ~frozen & (h_local <= FINE_STEP) & (lo_r <= -wide) & (hi_r >= wide) & (lo_r >= layout.lo_edge) \
-            & (hi_r < layout.hi_edge)
+        span = ~frozen & (h_local <= FINE_STEP) & (lo_r <= -wide) & (hi_r >= wide)
+        inner = (lo_r >= layout.lo_edge) & (hi_r < layout.hi_edge)
+        fine = span & inner
     # fine_grid_moments(h_local), its operations (bitwise), in place; frozen elements 0
     h2 = h_local**2
     kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
+    m4 = None
+    if not kappa_only:
+        mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
+        m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
+    if wide is not None and OPEN_CELLS_CLOSED_FORM:
+        spill = span & ~inner  # the reach passes the table's ends: the unbounded cells (_open_fine_moments)
+        if bool(spill.any()):
+            _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
+            fine = fine | spill
     if kappa_only:
         return kappa, frozen | fine
-    mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
-    m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
     return kappa, mean_abs, m4, frozen | fine
+
+
+# The fine elements whose reach covers [-T, T] and passes the table's finite cells (fp16: the
+# unbounded cells beyond +-65488; sds of ~4e3 and more) take _open_fine_moments (kappa within the
+# fine expansion's own error of the exact cell sums, ~1e-7). False: the exact paths (closed-form
+# core, wide runs: within 1e-11, but ~5 us an element: the 1e7 MLP's fp16 scoring +4 s)
+OPEN_CELLS_CLOSED_FORM = True
+
+
+def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: TableLayout
+                       ) -> tuple[Tensor, Tensor]:
+    """``kappa`` and ``m4`` (``[c]`` each, float64) of fine elements (own cell ``sqrt(h2)`` sd
+    wide, at most ``FINE_STEP``) whose 8.5-sd reach covers ``[-T, T]`` (:func:`_settled`) and
+    passes the table's finite cells into an unbounded end cell (fp16: beyond +-65488, the edges
+    next to +-65504). Arguments ``[c]``, parameter units (``h2`` the own cell's squared width in
+    sd).
+
+    With ``a``, ``b`` the finite cells' ends (``layout.lo_edge``, ``layout.hi_edge``) in sd
+    units, exactly ``kappa = int_a^b u^2 phi - sum_k p_k Var_k`` over the finite cells plus the
+    two end cells' ``p mu^2`` (each cell's ``p mu^2 = int_cell u^2 phi - p Var``). The variances
+    take the fine-grid expansion's local step, ``sum_k p_k Var_k = (h^2/12 - h^4/144) P(a, b)``;
+    the end cells are exact (:func:`_outer_cell_terms`). ``m4 = int_a^b u^4 phi - (h^2/2)
+    int_a^b u^2 phi`` plus the end cells' ``p mu^4`` (``E[u^4 | cell] - mu^4 ~ c^2 w^2 / 2``).
+    Where the end cells hold nothing (``P(a, b) = 1``) this is the fine expansion; its error is
+    the expansion's own, ``sum_k p_k (w_k^2 - h^2) / 12`` over the finite cells (``w_k`` their
+    widths in sd): a float format's cells are at most its relative step (fp16 ``2^-10``) times
+    their value wide, so ~``2^-20 E[(theta / sigma + u)^2] / 12`` (~1e-7; measured against the
+    sums over every edge: tests/test_table_open_cells.py). Before it such elements took the
+    expansion alone (kappa 1 where the cells give 0.637 at sd 1e8: tb37)."""
+    a = (layout.lo_edge * sc - th) / sg
+    b = (layout.hi_edge * sc - th) / sg
+    pa, pb, qa, qb = _pdf(a), _pdf(b), _tails(a), _tails(b)
+    prob = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min(0.0)
+    i2 = prob - (b * pb - a * pa)  # int_a^b u^2 phi
+    i4 = 3.0 * prob - ((b**3 + 3.0 * b) * pb - (a**3 + 3.0 * a) * pa)  # int_a^b u^4 phi
+    lo2, lo4 = _outer_cell_terms(a, pa, qa, True)
+    hi2, hi4 = _outer_cell_terms(b, pb, qb, False)
+    kappa = (i2 - (h2 / 12.0 - h2 * h2 / 144.0) * prob + lo2 + hi2).clamp_(0.0, 1.0)
+    m4 = i4 - 0.5 * h2 * i2 + lo4 + hi4
+    return kappa, m4
+
+
+def _open_fine_into(kappa: Tensor, m4: Tensor | None, sel: Tensor, th: Tensor, sg: Tensor, sc: Tensor,
+                    h2: Tensor, layout: TableLayout) -> None:
+    """:func:`_open_fine_moments` of the elements ``sel`` (``[c]`` bool) written into ``kappa``
+    and ``m4`` (``None``: kappa alone), in place."""
+    ii = torch.nonzero(sel).squeeze(-1)
+    k, f = _open_fine_moments(th[ii], sg[ii], sc[ii], h2[ii], layout)
+    kappa[ii] = k
+    if m4 is not None:
+        m4[ii] = f
 
 
 def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool = False
@@ -1213,7 +1277,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     mids = layout.mids
     # the element-wise start on cache-sized blocks (integer and float arithmetic only: equal
     # bit for bit to one pass; 2^18-element chunks of temporaries cost 2-3x in memory traffic)
-    cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine = in_blocks(
+    cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine, spill = in_blocks(
         _sum_prelude, (th, sg, sc), (layout,))
 
     kappa = torch.zeros(c, dtype=torch.float64, device=dev)
@@ -1222,6 +1286,20 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+    if bool(spill.any()):
+        # as _settled computes them: in its blocks, each block's elements gathered (the same
+        # numbers whichever path an element takes)
+        h2 = h_local**2
+        mean_abs[spill] = SQRT_2_OVER_PI - 0.05 * h2[spill]
+        block = _kernel.EAGER_BLOCK
+        for s in range(0, c, block) if c > block else (0,):
+            sl = slice(s, s + block) if c > block else slice(None)
+            if bool(spill[sl].any()):
+                _open_fine_into(kappa[sl], None if kappa_only else m4[sl], spill[sl], th[sl], sg[sl], sc[sl],
+                                h2[sl], layout)
+        if kappa_only:
+            m4[spill] = math.nan
+        fine = fine | spill
     rest = ~(frozen | fine)
     # runs of equal fine cells in closed form (well-determined weights: few binades within
     # reach, hundreds of cells), then the closed-form core (sds spanning the table's fine core).
