@@ -18,12 +18,12 @@ import math
 
 import pytest
 import torch
+from test_table_open_cells import _every_cell
 from torch import nn
 
 from mis_lightning.functional import table as T
 from mis_lightning.quantization import get_scheme
 from mis_lightning.quantization.casts import cast_cell_values, representable_values
-from test_table_open_cells import _every_cell
 
 F64 = torch.float64
 
