@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from test_table_open_cells import _every_cell
+from _every_cell import _every_cell
 from torch import nn
 
 from mis_lightning.functional import table as T
