@@ -1085,14 +1085,16 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     h_local = (own_hi - own_lo) / sg
     wide = layout.wide
     if wide is None:  # fewer edges than a reach can need (float8): frozen elements only
-        fine = torch.zeros_like(frozen)
+        fine, spill = torch.zeros_like(frozen), None
     else:
         # ... and within the finite cells (_sum_prelude's inner: the fine expansion ignores the
         # unbounded ones beyond the table's ends)
         lo_r, hi_r = x - reach, x + reach
         span = ~frozen & (h_local <= FINE_STEP) & (lo_r <= -wide) & (hi_r >= wide)
-        inner = (lo_r >= layout.lo_edge) & (hi_r < layout.hi_edge)
-        fine = span & inner
+        # past the finite cells (not _sum_prelude's inner); a block with none keeps span as is
+        out = (lo_r < layout.lo_edge).logical_or_(hi_r >= layout.hi_edge)
+        spill = span & out if bool(out.any()) else None
+        fine = span if spill is None else span & ~out
     # fine_grid_moments(h_local), its operations (bitwise), in place; frozen elements 0
     h2 = h_local**2
     kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
@@ -1100,30 +1102,29 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     if not kappa_only:
         mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
         m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
-    if wide is not None and OPEN_CELLS_CLOSED_FORM:
-        spill = span & ~inner  # the reach passes the table's ends: the unbounded cells (_open_fine_moments)
-        if bool(spill.any()):
-            _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
-            fine = fine | spill
+    if wide is not None and spill is not None and OPEN_CELLS_CLOSED_FORM and bool(spill.any()):
+        # the reach passes the table's ends: the unbounded cells too (_open_fine_moments)
+        _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
+        fine = fine | spill
     if kappa_only:
         return kappa, frozen | fine
     return kappa, mean_abs, m4, frozen | fine
 
 
-# The fine elements whose reach covers [-T, T] and passes the table's finite cells (fp16: the
-# unbounded cells beyond +-65488; sds of ~4e3 and more) take _open_fine_moments (kappa within the
+# The fine elements whose reach covers [-T, T] and passes the table's finite cells (the fp16 cast's
+# table: into its overflow cells beyond +-65520; sds of ~4e3 and more) take _open_fine_moments (kappa within the
 # fine expansion's own error of the exact cell sums, ~1e-7). False: the exact paths (closed-form
 # core, wide runs: within 1e-11, but ~5 us an element: the 1e7 MLP's fp16 scoring +4 s)
 OPEN_CELLS_CLOSED_FORM = True
 
 
-def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: TableLayout
-                       ) -> tuple[Tensor, Tensor]:
+def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: TableLayout,
+                       kappa_only: bool = False) -> tuple[Tensor, Tensor | None]:
     """``kappa`` and ``m4`` (``[c]`` each, float64) of fine elements (own cell ``sqrt(h2)`` sd
     wide, at most ``FINE_STEP``) whose 8.5-sd reach covers ``[-T, T]`` (:func:`_settled`) and
-    passes the table's finite cells into an unbounded end cell (fp16: beyond +-65488, the edges
-    next to +-65504). Arguments ``[c]``, parameter units (``h2`` the own cell's squared width in
-    sd).
+    passes the table's finite cells into an unbounded end cell (the fp16 cast's table,
+    ``casts.cast_cell_values``: beyond +-65520, where the cast overflows to inf). Arguments ``[c]``, parameter units (``h2`` the own cell's squared width in
+    sd). ``kappa_only``: ``m4`` is not formed (``None``; ``kappa`` bitwise the same).
 
     With ``a``, ``b`` the finite cells' ends (``layout.lo_edge``, ``layout.hi_edge``) in sd
     units, exactly ``kappa = int_a^b u^2 phi - sum_k p_k Var_k`` over the finite cells plus the
@@ -1142,12 +1143,13 @@ def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: T
     pa, pb, qa, qb = _pdf(a), _pdf(b), _tails(a), _tails(b)
     prob = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min(0.0)
     i2 = prob - (b * pb - a * pa)  # int_a^b u^2 phi
-    i4 = 3.0 * prob - ((b**3 + 3.0 * b) * pb - (a**3 + 3.0 * a) * pa)  # int_a^b u^4 phi
     lo2, lo4 = _outer_cell_terms(a, pa, qa, True)
     hi2, hi4 = _outer_cell_terms(b, pb, qb, False)
     kappa = (i2 - (h2 / 12.0 - h2 * h2 / 144.0) * prob + lo2 + hi2).clamp_(0.0, 1.0)
-    m4 = i4 - 0.5 * h2 * i2 + lo4 + hi4
-    return kappa, m4
+    if kappa_only:
+        return kappa, None
+    i4 = 3.0 * prob - ((b**3 + 3.0 * b) * pb - (a**3 + 3.0 * a) * pa)  # int_a^b u^4 phi
+    return kappa, i4 - 0.5 * h2 * i2 + lo4 + hi4
 
 
 def _open_fine_into(kappa: Tensor, m4: Tensor | None, sel: Tensor, th: Tensor, sg: Tensor, sc: Tensor,
@@ -1155,9 +1157,9 @@ def _open_fine_into(kappa: Tensor, m4: Tensor | None, sel: Tensor, th: Tensor, s
     """:func:`_open_fine_moments` of the elements ``sel`` (``[c]`` bool) written into ``kappa``
     and ``m4`` (``None``: kappa alone), in place."""
     ii = torch.nonzero(sel).squeeze(-1)
-    k, f = _open_fine_moments(th[ii], sg[ii], sc[ii], h2[ii], layout)
+    k, f = _open_fine_moments(th[ii], sg[ii], sc[ii], h2[ii], layout, m4 is None)
     kappa[ii] = k
-    if m4 is not None:
+    if m4 is not None and f is not None:
         m4[ii] = f
 
 
