@@ -1176,7 +1176,9 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only
     most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
     (``layout.wide``: more than ``_MAX_WINDOW`` edges within reach, so :func:`_sum_prelude`'s
     ``fine``: the fine-grid expansion with the local step; tables with fewer edges, float8:
-    frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
+    frozen elements only, e.g. the dead units' weights, sd 0); where that reach passes the
+    table's finite cells, the expansion with the end cells exact (:func:`_open_fine_moments`,
+    the windowed path's ``spill``). The same operations as
     :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
     others (mask False) hold garbage (not frozen: the expansion). Element-wise
     (:func:`~.kernel.in_blocks`). ``kappa_only``: ``kappa`` and the mask alone."""
