@@ -141,12 +141,15 @@ def test_runs_next_to_the_table_end_include_the_unbounded_cell():
         assert float((getattr(fast, k) - full[k]).abs().max()) <= TOL, k
 
 
-def test_weights_beyond_a_16bit_table_with_a_wide_sd_take_the_runs():
+def test_weights_beyond_a_16bit_table_with_a_wide_sd_take_the_runs(monkeypatch):
     """pf30: float16 positions beyond the table (|x| up to 1e5) with sds of 2-3e4 (the 1e7 MLP's
     scoring draws of weights without curvature) reach every run of the table (~80): the run path
     takes them (more than the former 32-run limit; on the old code none was closed-form and each
     was summed over the 63k edges) and equals the exact sums over every edge (the reference)
-    to TOL (measured: kappa 2.1e-12, m4 5.4e-11, largest where the table lies > 3.3 sd away)."""
+    to TOL (measured: kappa 2.1e-12, m4 5.4e-11, largest where the table lies > 3.3 sd away).
+    The reaches covering 0 take the runs too with ``OPEN_CELLS_CLOSED_FORM`` off (on, the fine
+    expansion with the end cells: tests/test_table_open_cells.py)."""
+    monkeypatch.setattr(T, "OPEN_CELLS_CLOSED_FORM", False)
     g = torch.Generator().manual_seed(3)
     vals = representable_values(torch.float16)
     n = 300

@@ -25,7 +25,7 @@ def _wide(dtype: torch.dtype, c: int, seed: int, lo: float, hi: float) -> tuple[
 
 def _wide_runs(vals, th, sg, sc, merge_sd, kappa_only=False):
     layout = T.table_layout(vals, th.device)
-    _, cell_lo, cell_hi, need, own_lo, own_hi, _, _, _ = T._sum_prelude(th, sg, sc, layout)
+    _, cell_lo, cell_hi, need, own_lo, own_hi, _, _, _, _ = T._sum_prelude(th, sg, sc, layout)
     out = tuple(torch.full_like(th, math.nan) for _ in range(4))
     done = T._run_path(out, need > T._MAX_WINDOW, cell_lo, cell_hi, (own_lo, own_hi), need, vals, th, sg, sc,
                        T._WIDE_RUN_BUCKETS, kappa_only, merge_sd)

@@ -87,6 +87,8 @@ class TableLayout:
             self.a_lo, self.a_hi, self.shift, self.neg0, self.pos0 = self._guide[:5]
             self.guide1, self.gmid = (torch.from_numpy(t) for t in self._guide[5:])
         self.wide = _wide_span(self.mids)
+        # the finite cells' ends: the unbounded cells lie below lo_edge and from hi_edge on
+        self.lo_edge, self.hi_edge = (float(self.mids[0]), float(self.mids[-1])) if self.mids.numel() else (0.0, 0.0)
         inf = torch.full((1,), math.inf, dtype=torch.float64, device=device)
         self.padded = torch.cat([-inf, self.mids, inf])  # cell k's edges: padded[k], padded[k + 1]
 
@@ -331,7 +333,7 @@ def _table_cell_moments(
 
     # Windows wider than _MAX_WINDOW edges cannot be summed: the expansion is used there even
     # by the reference (fine_step < FINE_STEP).
-    fine = ~frozen & (((h_local <= fine_step) & uniform) | ((h_local <= FINE_STEP) & (need > _MAX_WINDOW)))
+    fine = ~frozen & (((h_local <= fine_step) & uniform) | ((h_local <= FINE_STEP) & inner & (need > _MAX_WINDOW)))
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
@@ -1063,8 +1065,16 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     a = (cell_lo - 1).clamp(0, max(changes.numel() - 1, 0))
     b = (cell_hi - 1).clamp(0, max(changes.numel() - 1, 0))
     uniform = inner & (changes[b] == changes[a])
-    fine = ~frozen & (h_local <= FINE_STEP) & (uniform | (need > _MAX_WINDOW))
-    return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine
+    # the expansion beyond _MAX_WINDOW edges only while the reach stays within the finite cells: it
+    # knows nothing of the unbounded cells beyond the table's top (fp16 past 65504 with an sd of 3e4
+    # or more: kappa 1 where the cells give 0.997 .. 0.637)
+    fine = ~frozen & (h_local <= FINE_STEP) & inner & (uniform | (need > _MAX_WINDOW))
+    # ... where it does not, a reach covering [-T, T] (_settled's) takes _open_fine_moments
+    if layout.wide is None or not OPEN_CELLS_CLOSED_FORM:
+        spill = torch.zeros_like(fine)
+    else:
+        spill = ~frozen & (h_local <= FINE_STEP) & ~inner & (x - reach <= -layout.wide) & (x + reach >= layout.wide)
+    return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine, spill
 
 
 def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, Tensor]:
@@ -1086,17 +1096,88 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     h_local = (own_hi - own_lo) / sg
     wide = layout.wide
     if wide is None:  # fewer edges than a reach can need (float8): frozen elements only
-        fine = torch.zeros_like(frozen)
+        fine, spill = torch.zeros_like(frozen), None
     else:
-        fine = ~frozen & (h_local <= FINE_STEP) & (x - reach <= -wide) & (x + reach >= wide)
+        # ... and within the finite cells (_sum_prelude's inner: the fine expansion ignores the
+        # unbounded ones beyond the table's ends)
+        lo_r, hi_r = x - reach, x + reach
+        span = ~frozen & (h_local <= FINE_STEP) & (lo_r <= -wide) & (hi_r >= wide)
+        # past the finite cells (not _sum_prelude's inner); a block with none keeps span as is
+        out = (lo_r < layout.lo_edge).logical_or_(hi_r >= layout.hi_edge)
+        spill = span & out if bool(out.any()) else None
+        fine = span if spill is None else span & ~out
     # fine_grid_moments(h_local), its operations (bitwise), in place; frozen elements 0
     h2 = h_local**2
     kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
+    m4 = None
+    if not kappa_only:
+        mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
+        m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
+    if wide is not None and spill is not None and OPEN_CELLS_CLOSED_FORM and bool(spill.any()):
+        # the reach passes the table's ends: the unbounded cells too (_open_fine_moments)
+        _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
+        fine = fine | spill
     if kappa_only:
         return kappa, frozen | fine
-    mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
-    m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
     return kappa, mean_abs, m4, frozen | fine
+
+
+# The fine elements whose reach covers [-T, T] and passes the table's finite cells (the fp16 cast's
+# table: into its overflow cells beyond +-65520; sds of ~4e3 and more) take _open_fine_moments (kappa within the
+# fine expansion's own error of the exact cell sums, ~1e-7). False: the exact paths (closed-form
+# core, wide runs: within 1e-11, but ~5 us an element: the 1e7 MLP's fp16 scoring +4 s)
+OPEN_CELLS_CLOSED_FORM = True
+
+
+def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: TableLayout,
+                       kappa_only: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``kappa`` and ``m4`` (``[c]`` each, float64) of fine elements (own cell ``sqrt(h2)`` sd
+    wide, at most ``FINE_STEP``) whose 8.5-sd reach covers ``[-T, T]`` (:func:`_settled`) and
+    passes the table's finite cells into an unbounded end cell (the fp16 cast's table,
+    ``casts.cast_cell_values``: beyond +-65520, where the cast overflows to inf). Arguments ``[c]``, parameter units (``h2`` the own cell's squared width in
+    sd). ``kappa_only``: ``m4`` is not formed (``None``; ``kappa`` bitwise the same).
+
+    With ``a``, ``b`` the finite cells' ends (``layout.lo_edge``, ``layout.hi_edge``) in sd
+    units, exactly ``kappa = int_a^b u^2 phi - sum_k p_k Var_k`` over the finite cells plus the
+    two end cells' ``p mu^2`` (each cell's ``p mu^2 = int_cell u^2 phi - p Var``). The variances
+    take the fine-grid expansion's local step, ``sum_k p_k Var_k = (h^2/12 - h^4/144) P(a, b)``;
+    the end cells are exact (:func:`_outer_cell_terms`). ``m4 = int_a^b u^4 phi - (h^2/2)
+    int_a^b u^2 phi`` plus the end cells' ``p mu^4`` (``E[u^4 | cell] - mu^4 ~ c^2 w^2 / 2``).
+    Where the end cells hold nothing (``P(a, b) = 1``) this is the fine expansion; its error is
+    the expansion's own, ``sum_k p_k (w_k^2 - h^2) / 12`` over the finite cells (``w_k`` their
+    widths in sd): a float format's cells are at most its relative step (fp16 ``2^-10``) times
+    their value wide, so ~``2^-20 E[(theta / sigma + u)^2] / 12`` (~1e-7; measured against the
+    sums over every edge: tests/test_table_open_cells.py). Before it such elements took the
+    expansion alone (kappa 1 where the cells give 0.637 at sd 1e8: tb37)."""
+    # both ends as the rows of one [2, c] tensor (half the operations' launches): e = (a, b),
+    # f = (-a, b) the distance into each end cell's side of its edge
+    e = torch.stack([layout.lo_edge * sc - th, layout.hi_edge * sc - th]).div_(sg)
+    f = torch.cat([e[:1].neg(), e[1:]])
+    pdf, q = _pdf(e), _tails(e)
+    a, b, qa, qb = e[0], e[1], q[0], q[1]
+    prob = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min_(0.0)
+    # the end cells (P(U < a), P(U > b)): |mu| = phi / P, kept beyond the edge (_outer_cell_terms)
+    p_end = torch.where(f > 0, q, 1.0 - q)
+    live = p_end > _TINY_PROB
+    ratio = torch.where(live, torch.maximum(pdf / torch.where(live, p_end, 1.0), f), 0.0)
+    sq = pdf * ratio  # p mu^2 of each end cell
+    i2 = prob - (f * pdf).sum(0)  # int_a^b u^2 phi
+    kappa = (i2 - (h2 / 12.0 - h2 * h2 / 144.0) * prob + sq.sum(0)).clamp_(0.0, 1.0)
+    if kappa_only:
+        return kappa, None
+    i4 = 3.0 * prob - ((f * f + 3.0) * f * pdf).sum(0)  # int_a^b u^4 phi
+    return kappa, i4 - 0.5 * h2 * i2 + (sq * ratio * ratio).sum(0)
+
+
+def _open_fine_into(kappa: Tensor, m4: Tensor | None, sel: Tensor, th: Tensor, sg: Tensor, sc: Tensor,
+                    h2: Tensor, layout: TableLayout) -> None:
+    """:func:`_open_fine_moments` of the elements ``sel`` (``[c]`` bool) written into ``kappa``
+    and ``m4`` (``None``: kappa alone), in place."""
+    ii = torch.nonzero(sel).squeeze(-1)
+    k, f = _open_fine_moments(th[ii], sg[ii], sc[ii], h2[ii], layout, m4 is None)
+    kappa[ii] = k
+    if m4 is not None and f is not None:
+        m4[ii] = f
 
 
 def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool = False
@@ -1106,7 +1187,9 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only
     most ``FINE_STEP`` sd wide) with a reach ``[x - 8.5 sd, x + 8.5 sd]`` covering ``[-T, T]``
     (``layout.wide``: more than ``_MAX_WINDOW`` edges within reach, so :func:`_sum_prelude`'s
     ``fine``: the fine-grid expansion with the local step; tables with fewer edges, float8:
-    frozen elements only, e.g. the dead units' weights, sd 0). The same operations as
+    frozen elements only, e.g. the dead units' weights, sd 0); where that reach passes the
+    table's finite cells, the expansion with the end cells exact (:func:`_open_fine_moments`,
+    the windowed path's ``spill``). The same operations as
     :func:`_sum_prelude` and :func:`~.kernel.fine_grid_moments` per element (bitwise); the
     others (mask False) hold garbage (not frozen: the expansion). Element-wise
     (:func:`~.kernel.in_blocks`). ``kappa_only``: ``kappa`` and the mask alone."""
@@ -1215,7 +1298,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     mids = layout.mids
     # the element-wise start on cache-sized blocks (integer and float arithmetic only: equal
     # bit for bit to one pass; 2^18-element chunks of temporaries cost 2-3x in memory traffic)
-    cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine = in_blocks(
+    cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine, spill = in_blocks(
         _sum_prelude, (th, sg, sc), (layout,))
 
     kappa = torch.zeros(c, dtype=torch.float64, device=dev)
@@ -1224,6 +1307,20 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+    if bool(spill.any()):
+        # as _settled computes them: in its blocks, each block's elements gathered (the same
+        # numbers whichever path an element takes)
+        h2 = h_local**2
+        mean_abs[spill] = SQRT_2_OVER_PI - 0.05 * h2[spill]
+        block = _kernel.EAGER_BLOCK
+        for s in range(0, c, block) if c > block else (0,):
+            sl = slice(s, s + block) if c > block else slice(None)
+            if bool(spill[sl].any()):
+                _open_fine_into(kappa[sl], None if kappa_only else m4[sl], spill[sl], th[sl], sg[sl], sc[sl],
+                                h2[sl], layout)
+        if kappa_only:
+            m4[spill] = math.nan
+        fine = fine | spill
     rest = ~(frozen | fine)
     # runs of equal fine cells in closed form (well-determined weights: few binades within
     # reach, hundreds of cells), then the closed-form core (sds spanning the table's fine core).

@@ -12,14 +12,20 @@ The quantized copy keeps its parameters in their original dtype (float32) holdin
 values (every bf16/fp16 value is exactly a float32 value), so it runs on float32 inputs
 unchanged; the grid's ``dequantized`` is the same float32 tensor.
 
-float16 overflow: finite weights beyond the largest finite float16 (65504) are cast to
-``+-inf`` by torch (from ``|w| >= 65520``); the value table has no infinities, so the grid's
-outer cells clamp to ``+-65504`` there while the backend released ``inf``. ``apply`` adds a
-note naming the parameters where that happened.
+Overflow: torch casts finite weights from the midpoint between the largest finite value and
+the next power of two on (float16: ``|w| >= 65520``; bfloat16: ``>= 3.3961775e38``) to
+``+-inf``, so the largest value's cell ends there and an unbounded cell of ``inf`` lies beyond.
+The grid's table (:func:`cast_cell_values`) holds that power of two (65536; ``2^128``) at each
+end as the ``inf`` cell's value: its cells are the cast's (tests/test_cast_cells.py; before
+fh38 the largest value's cell ran on to infinity, kappa up to 7e-5 low at sds of 3e4-1e6 around
+0, 0.2 at 65504), and the grid's ``release_dtype`` turns it into ``inf`` where a released value is
+asked for (:meth:`~mis_lightning.quantization.ParamGrid.cell_value`). ``apply`` adds a note
+naming the parameters where a weight overflowed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,6 +57,24 @@ def representable_values(dtype: torch.dtype) -> Tensor:
         vals = torch.unique(vals[torch.isfinite(vals)])  # sorted; -0.0 == 0.0 merged
         _VALUE_TABLES[dtype] = vals
     return _VALUE_TABLES[dtype]
+
+
+_CELL_TABLES: dict[torch.dtype, Tensor] = {}
+
+
+def cast_cell_values(dtype: torch.dtype) -> Tensor:
+    """The value table of a cast to ``torch.bfloat16`` / ``torch.float16`` as cells: every finite
+    value (:func:`representable_values`) and, at each end, ``+-2^(emax + 1)``, the value the
+    format would have after its largest one, standing for ``+-inf``: the midpoint between them is
+    where torch's cast overflows (round half to even sends the midpoint itself to ``inf``, as the
+    table's cells do), float64, sorted. Cached per dtype (shared: do not modify it)."""
+    if dtype not in _CELL_TABLES:
+        finite = representable_values(dtype)
+        # the power of two above the largest finite value: float16 65536, bfloat16 2^128
+        top = 2.0 ** math.ceil(math.log2(float(torch.finfo(dtype).max)))
+        end = torch.tensor([top], dtype=torch.float64)
+        _CELL_TABLES[dtype] = torch.cat([-end, finite, end])
+    return _CELL_TABLES[dtype]
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
@@ -93,7 +117,7 @@ class DtypeCast(SchemeConfig):
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module) -> tuple[dict[str, ParamGrid], list[str]]:
         names = _param_names(model)
-        values = representable_values(self.dtype)
+        values = cast_cell_values(self.dtype)  # the overflow cells too
         bits = float(torch.finfo(self.dtype).bits)
         grids: dict[str, ParamGrid] = {}
         overflow: list[str] = []
@@ -124,6 +148,7 @@ class DtypeCast(SchemeConfig):
                     zero_count=None if kept else cast.numel() - int(torch.count_nonzero(cast)),
                     bits_per_weight=bits, scale=torch.ones([1] * len(shape), dtype=torch.float32),
                     block_size=shape, values=values,
+                    release_dtype=self.dtype,  # the table's end values are inf in the release
                 )
             for _bname, b in module.named_buffers(recurse=False):
                 if b is not None and b.is_floating_point() and id(b) not in done:
