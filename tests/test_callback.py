@@ -27,8 +27,10 @@ SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
 # These tests are about the callback (training untouched, failures, loggers, state), not about
 # the correlated headline, which tests/test_correlated.py checks: the independent-coordinate
 # form skips the exact box-mean Monte Carlo (GHK, up to 6e6 truncated draws per scheme and
-# assessment: 62% of a fit with the callback here, measured with cProfile).
-FAST = {"covariance": "independent"}
+# assessment: 62% of a fit with the callback here, measured with cProfile), and the fewest Monte Carlo draws (1,024; the budget gave these 37 weights and 120 records
+# 32,768, three times per scheme and assessment: 10 of test_callback.py's 38 CPU s): what these
+# tests compare are two runs of the same options (the same draws) or the training itself
+FAST = {"covariance": "independent", "mc_draws": 1024}
 
 
 def mse(o, t):

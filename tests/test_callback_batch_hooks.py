@@ -18,7 +18,9 @@ torch.set_num_threads(1)
 # the report figures no test here reads: laid out, not rasterized (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8", "rtn_int2"]
-FAST = {"covariance": "independent", "uncertainty_draws": 0}
+# the independent form at the fewest Monte Carlo draws (1,024; the budget gave 32,768): these
+# tests compare two runs of the same options (the same draws) or the training itself
+FAST = {"covariance": "independent", "uncertainty_draws": 0, "mc_draws": 1024}
 
 
 def mse(o, t):

@@ -318,7 +318,12 @@ def test_non_nearest_elements_score_the_larger_of_codes_only_and_released_grid_k
     assert quantized == pytest.approx(scored, rel=1e-3)
 
 
-def test_assess_scores_calibrated_schemes_and_warns_about_the_factors():
+def test_assess_scores_calibrated_schemes_and_warns_about_the_factors(monkeypatch):
+    from mis_lightning.quantization import requantize
+
+    # the rows' errors, notes, bounds, warnings and table are checked, not the values' precision:
+    # the fewest joint re-quantization draws (2 x 8 groups), as in the plan's test below
+    monkeypatch.setattr(requantize, "REQUANT_DRAWS", 16)
     m, loader = _regression()
     rep = assess(m, ["awq_int8_weight_only", "smooth_quant_int8_dynamic_activation_int8_weight",
                      "intx_weight_only_int4_hqq", "gptq_int8_weight_only"], loader, _mse, val_dataloader=loader,
@@ -369,9 +374,11 @@ def test_plan_with_a_calibrated_candidate_warns_once_about_its_factor(monkeypatc
     assert len(factor) == len(set(factor)) == 2 and len(set(res.warnings)) == len(res.warnings)
 
 
-def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_one():
+def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_one(monkeypatch):
     from mis_lightning import MISIndicator
+    from mis_lightning.quantization import requantize
 
+    monkeypatch.setattr(requantize, "REQUANT_DRAWS", 16)  # errors and warnings are checked, not values
     m, loader = _regression()
     awq = get_scheme("awq_int8_weight_only").calibrate(m, loader)
     # said when the Metric is built, not only after the whole pass (fu17)
@@ -399,10 +406,13 @@ def test_metric_takes_a_calibrated_scheme_and_names_the_fix_for_an_uncalibrated_
         met.report.schemes["smooth_quant_int8_weight_only"].error
 
 
-def test_callback_calibrates_on_the_training_loader(tmp_path):
+def test_callback_calibrates_on_the_training_loader(tmp_path, monkeypatch):
     import pytorch_lightning as pl
 
     from mis_lightning import MISCallback
+    from mis_lightning.quantization import requantize
+
+    monkeypatch.setattr(requantize, "REQUANT_DRAWS", 16)  # the calibration and its notes are checked, not values
 
     class Reg(pl.LightningModule):
         weight_decay = 2e-2

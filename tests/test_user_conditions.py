@@ -19,6 +19,15 @@ def _mse(out, t):
     return (out.squeeze(-1) - t) ** 2
 
 
+# For tests that compare the figures of two assessments of one problem (a model and its
+# rewrapping, two units, two losses, assess and the Metric): the independent form at the fewest
+# Monte Carlo draws (1,024; the budget gave 16,384-32,768 here) instead of the correlated
+# headline's box-mean Monte Carlo (tests/test_correlated.py checks that form). Two runs of the
+# same options share their draws, so equal estimates still give equal figures, and the defects
+# these tests were written for move the estimate itself (sigma, the influences, the leverages).
+SAME_DRAWS = dict(covariance="independent", mc_draws=1024)
+
+
 class _RNNNet(nn.Module):
     def __init__(self, kind: str):
         super().__init__()
@@ -442,7 +451,7 @@ def test_tuple_and_dict_outputs_keep_the_leverage_correction():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
     loader = DataLoader(TensorDataset(X, Y), batch_size=100)
-    kw = dict(estimation="exact", uncertainty_draws=0, num_records=300)
+    kw = dict(estimation="exact", uncertainty_draws=0, num_records=300, **SAME_DRAWS)
     plain = ml.assess(net, ["none", "rtn_int2"], loader, _mse, **kw)
     assert plain.estimation["leverage_correction"]
     pick = {"tuple": lambda o: o[0], "dict": lambda o: o["pred"], "int": lambda o: o[0]}
@@ -612,7 +621,7 @@ def test_a_loss_holding_float32_class_weights_runs_on_the_float64_estimation(mod
     def in_f64(o, t):
         return F.cross_entropy(o, t, weight=w.to(o.dtype), reduction="none")
 
-    kw = dict(weight_decay=1e-2, estimation=mode, uncertainty_draws=0)
+    kw = dict(weight_decay=1e-2, estimation=mode, uncertainty_draws=0, **SAME_DRAWS)
     ref = ml.assess(model, ["none", "rtn_int4"], loader, in_f64, **kw)
     module_loss = nn.CrossEntropyLoss(weight=w, reduction="none")
     with warnings.catch_warnings():
@@ -999,7 +1008,7 @@ def test_the_metric_says_when_the_records_seen_would_choose_another_estimator():
     torch.manual_seed(2)
     net = _ConvNet()
     loader = DataLoader(TensorDataset(X, Y), batch_size=100)
-    kw = dict(uncertainty_draws=0, weight_decay=1e-3)
+    kw = dict(uncertainty_draws=0, weight_decay=1e-3, **SAME_DRAWS)
     rep = ml.assess(net, ["rtn_int4"], loader, _mse, **kw)
     assert rep.estimation["estimator"].startswith("exact")
     for hint, said in ((None, True), (300, False)):
