@@ -261,7 +261,8 @@ def test_model_mpnn_selects_graph_data_unless_data_is_given():
     assert _compose(["experiment=chembl_mpnn_sweep"]).model._target_ == "mis_lightning.models.MPNN"
 
 
-def test_app_model_mpnn_writes_table_and_figure(tmp_path, capsys):
+def test_app_model_mpnn_writes_table_and_figure(tmp_path, capsys, layout_only_figures):
+    # the figure laid out, not rasterized (tests/conftest.py): its file is checked, never read
     from omegaconf import open_dict
 
     from mis_lightning.app.job import run_job

@@ -137,7 +137,9 @@ def test_quick_headline_agreement():
     # here, against 1.7 s). Measured on these targets: the two truths differ by at most 0.6%
     # per grid (-0.59% .. +0.34%), inside their 80% CIs of +-3.6% .. +-4.5%.
     truth = GT.ground_truth(s, grids, Z=16, M=4000, boot=100, oracle_records=2000, covariance="independent")
-    cmp = C.compare(s, grids, truth, draws=4)
+    # draws=0: the assertions read the point values only; the interval's bootstrap draws (4 here)
+    # were 3-4 of the test's CPU s and leave the values bitwise as they are (checked: all 5 equal)
+    cmp = C.compare(s, grids, truth, draws=0)
     rel = np.abs(cmp.rel_err)
     # full run: median |rel. err| ~0.03-0.05 on such grids (docs/validation.md); tolerance 0.10
     assert np.median(rel) < 0.10, (cmp.value, cmp.truth)
