@@ -525,8 +525,8 @@ def exact_tv_ols_1d(s: Setting, grid: StepGrid | None, zx: float, zy: float, K: 
     ks = np.arange(k0, k1 + 1)
     org = float(np.asarray(grid.origin).reshape(-1)[0])
     edges = np.concatenate([[-np.inf], org + (ks[1:] - 0.5 - grid.offset) * h, [np.inf]])
-    P_in = np.diff(stats.norm.cdf((edges[None] - m_in[:, None]) / v_in[:, None]), axis=1).mean(0)
-    P_out = np.diff(stats.norm.cdf((edges[None] - t) / v_out[:, None]), axis=1).mean(0)
+    P_in = np.diff(special.ndtr((edges[None] - m_in[:, None]) / v_in[:, None]), axis=1).mean(0)
+    P_out = np.diff(special.ndtr((edges[None] - t) / v_out[:, None]), axis=1).mean(0)
     return float(0.5 * np.abs(P_in - P_out).sum())
 
 
@@ -537,14 +537,14 @@ def _box_probs_2d(mu: np.ndarray, cov: np.ndarray, e1: np.ndarray, e2: np.ndarra
     ``P(cell of theta_2 | theta_1)`` is smooth inside a cell), coordinate 2 in closed form."""
     x, wq = np.polynomial.legendre.leggauss(nodes)
     s1 = np.sqrt(cov[:, 0, 0])
-    ua = stats.norm.cdf((e1[None, :-1] - mu[:, :1]) / s1[:, None])  # [K, C1]
-    ub = stats.norm.cdf((e1[None, 1:] - mu[:, :1]) / s1[:, None])
+    ua = special.ndtr((e1[None, :-1] - mu[:, :1]) / s1[:, None])  # [K, C1]
+    ub = special.ndtr((e1[None, 1:] - mu[:, :1]) / s1[:, None])
     u = ua[..., None] + (ub - ua)[..., None] * (x + 1) / 2  # [K, C1, Q]
-    t = mu[:, 0, None, None] + s1[:, None, None] * stats.norm.ppf(np.clip(u, 1e-300, 1 - 1e-16))
+    t = mu[:, 0, None, None] + s1[:, None, None] * special.ndtri(np.clip(u, 1e-300, 1 - 1e-16))
     beta = cov[:, 0, 1] / cov[:, 0, 0]
     s2c = np.sqrt(np.maximum(cov[:, 1, 1] - cov[:, 0, 1] * beta, 1e-300))
     m2 = mu[:, 1, None, None] + beta[:, None, None] * (t - mu[:, 0, None, None])
-    cdf = stats.norm.cdf((e2[None, None, None, :] - m2[..., None]) / s2c[:, None, None, None])
+    cdf = special.ndtr((e2[None, None, None, :] - m2[..., None]) / s2c[:, None, None, None])
     cond = np.diff(cdf, axis=-1)  # [K, C1, Q, C2]
     p = ((ub - ua)[..., None] / 2 * np.einsum("q,kcqm->kcm", wq, cond))
     return p.mean(0)
