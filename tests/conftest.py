@@ -7,7 +7,7 @@ that compare thread counts start their own subprocesses with explicit counts).
 Scheduling (``--dist loadfile --no-loadscope-reorder`` in pyproject.toml): each file runs on one
 worker, and xdist hands the files out in collection order as workers become free. A slow file
 handed out last keeps one worker busy while the other idles, so the slowest files are collected
-first, in the order below (every file of 5 s or more, by its CPU seconds in a whole-suite
+first, in the order below (every file of 4 s or more, by its CPU seconds in a whole-suite
 ``-n 2`` run with tests/_cpu_clock.py: the sum over its tests of the process's and its reaped
 children's user + sys time, measured on the shared 2-core machine); the other files follow in
 their usual order.
@@ -22,16 +22,17 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-SLOW_FILES = (  # ts37: ee7bade's whole-suite run (-n 2, load ~12), test_ddp.py after its one-world change
-    "test_callback.py", "test_user_conditions.py", "test_cli.py", "test_fastpath.py", "test_conf.py",
-    "test_validation.py", "test_modelcopy.py", "test_ptq.py", "test_ddp.py", "test_scoring_pass.py",
-    "test_planner.py", "test_sampled_draws.py", "test_interval.py", "test_leakage.py", "test_spread.py",
-    "test_correlated.py", "test_fp8_interp.py", "test_estimation_conditions.py", "test_callback_batch_hooks.py",
-    "test_grids.py", "test_exact_rank.py", "test_loggers.py", "test_assess.py", "test_app_config_checks.py",
-    "test_metric.py", "test_revealed_skipped.py", "test_spread_softmax.py", "test_coverage_averaged.py",
-    "test_kfac_classifier.py", "test_storage_rounding.py", "test_estimation.py", "test_mpnn.py",
-    "test_point_mass.py", "test_beyond_linear.py", "test_models.py", "test_bounds.py", "test_fresh_process.py",
-    "test_kfac_conv.py", "test_shared_grids.py", "test_third_party_scheme.py", "test_ill_posed_fits.py",
+SLOW_FILES = (  # tc38: a whole-suite run of its tree (-n 2, load 5-10), every file of 4 CPU s or more
+    "test_callback.py", "test_cli.py", "test_user_conditions.py", "test_ddp.py", "test_validation.py",
+    "test_modelcopy.py", "test_conf.py", "test_scoring_pass.py", "test_ptq.py", "test_spread.py",
+    "test_planner.py", "test_leakage.py", "test_interval.py", "test_fastpath.py", "test_sampled_draws.py",
+    "test_correlated.py", "test_fp8_interp.py", "test_estimation_conditions.py",
+    "test_callback_batch_hooks.py", "test_loggers.py", "test_app_config_checks.py", "test_exact_rank.py",
+    "test_assess.py", "test_grids.py", "test_metric.py", "test_coverage_averaged.py",
+    "test_kfac_classifier.py", "test_spread_softmax.py", "test_fresh_process.py", "test_mpnn.py",
+    "test_models.py", "test_estimation.py", "test_kfac_conv.py", "test_bounds.py", "test_revealed_skipped.py",
+    "test_shared_grids.py", "test_beyond_linear.py", "test_storage_rounding.py", "test_ill_posed_fits.py",
+    "test_point_mass.py", "test_third_party_scheme.py",
 )
 
 

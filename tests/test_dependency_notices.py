@@ -6,8 +6,6 @@ The user's own warnings and log records are never filtered."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +13,6 @@ from pathlib import Path
 from mis_lightning.quantization.native import quiet_deprecated_quantization
 from mis_lightning.quantization.torchao_backend import _torchao_import_notices_filtered
 
-ROOT = Path(__file__).resolve().parents[1]
 # torch 2.13's words (torch/utils/_pytree.py), logged at torchao's first import
 KERNEL_PREFERENCE = ("%s is an Enum subclass and is now natively supported by torch.compile as an opaque value "
                      "type. Calling register_constant() on Enum subclasses is deprecated and will be an error in a "
@@ -35,28 +32,8 @@ def test_torchaos_enum_registration_notice_is_dropped_during_its_import_only(cap
     assert got == ["another pytree notice", KERNEL_PREFERENCE % "<enum 'UserEnum'>"]
 
 
-FRESH = """
-import warnings
-import torch
-from torch import nn
-from mis_lightning.quantization import get_scheme
-net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
-for name in ("int8_weight_only", "native_int8_dynamic"):  # torchao's first import; torch.ao's qint8 tensors
-    assert get_scheme(name).apply(net).grids
-warnings.warn("the user's own notice")
-"""
-
-
-def test_a_fresh_process_shows_no_dependency_notice_and_the_users_own_warning():
-    """torchao's import and the qint8 notice come once per process: a fresh one shows them (the
-    old code printed both to stderr: "<enum 'KernelPreference'> is an Enum subclass ..." and
-    "UserWarning: torch.quantize_per_tensor, ... are deprecated")."""
-    proc = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "the user's own notice" in proc.stderr
-    assert "KernelPreference" not in proc.stderr and "register_constant" not in proc.stderr
-    assert "quantize_per_tensor" not in proc.stderr
+# test_a_fresh_process_shows_no_dependency_notice_and_the_users_own_warning: in
+# tests/test_fresh_process.py, the last part of its one fresh process (tc38)
 
 
 def test_the_users_own_warnings_pass_through_the_scope():
@@ -75,8 +52,6 @@ def test_the_suites_warning_filters_drop_the_expected_notices_and_keep_the_rest(
     those, the data modules' notices on the fixtures' bad rows and three dependencies' internal
     deprecations; any other warning (a new library warning, a test's deprecated call, torch's
     own notices) still reaches the summary."""
-    import sys
-    from pathlib import Path
 
     import pytest
     from _pytest.config import parse_warning_filter

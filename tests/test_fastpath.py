@@ -2,21 +2,19 @@
 
 The agreement matrix (threads 1 and 2, float32 and float64 inputs, compilation on and off,
 fine / table / two-edge / clamped regimes, int8 and int4 code ranges interleaved in one
-process) runs in one subprocess, away from the test process's torch state: first at 1
-thread, then at 2 with the compiled kernels built again (inductor bakes the thread count into
+process) runs in the test process: first at 1 thread, then at 2 with the compiled kernels
+built again (inductor bakes the thread count into
 its C++ kernels, ``#pragma omp parallel num_threads(N)``; torch 2.13's dynamo also recompiles
-at a new thread count, measured by mm32, but the test does not rely on it). Tolerances: compiled against eager 1e-6 (the same arithmetic: only rounding may
+at a new thread count, measured by mm32, but the test does not rely on it); the caller's thread count is restored after (tc38: it
+was a subprocess, whose start, imports and inductor set-up were ~5 of the test's ~16 CPU s, paid
+again by the in-process compile tests below). Tolerances: compiled against eager 1e-6 (the same arithmetic: only rounding may
 differ; measured 0) and codes exactly; eager fused kernel against exact cell sums within
 ``fastpath.APPROXIMATION`` (the (h, t) table's interpolation error, measured 4.5e-5 in kappa).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -34,15 +32,9 @@ F64 = torch.float64
 ALWAYS, NEVER = G.CompilePolicy("always"), G.CompilePolicy("never")
 ROOT = Path(__file__).resolve().parents[1]
 
-MATRIX_SCRIPT = r"""
-import json, math, sys, warnings
-import torch
-import mis_lightning.functional.grids as G
-from mis_lightning.functional import fastpath
-
-F64 = torch.float64
 def log_uniform(n, lo, hi, gen):
     return torch.exp(torch.empty(n, dtype=F64).uniform_(math.log(lo), math.log(hi), generator=gen))
+
 
 def case(regime, bits, seed, c=40000):
     gen = torch.Generator().manual_seed(seed)
@@ -59,8 +51,10 @@ def case(regime, bits, seed, c=40000):
     theta = torch.empty(c, dtype=F64).uniform_(-spread, spread, generator=gen) * scale
     return theta, sigma, scale, zp, qmin, qmax
 
+
 def run(args, mode):
     return G.affine_cell_moments(*args, compile_policy=G.CompilePolicy.parse(mode))
+
 
 def kernel_codes(args, compiled):
     th, sg, s, zp, qmin, qmax = (a.to(F64) if torch.is_tensor(a) else a for a in args)
@@ -69,46 +63,49 @@ def kernel_codes(args, compiled):
     k = G._FUSED_STATE["compiled_codes"] if compiled else G._fused_affine_codes
     return k(th, sg, s, zp, *b)
 
-out, refs = {}, {}
-with warnings.catch_warnings():
-    warnings.simplefilter("error", RuntimeWarning)  # a self-check failure fails the matrix
-    for threads in map(int, sys.argv[1:]):
-        torch.set_num_threads(threads)
-        # the compiled kernels are built again at this thread count (see the module docstring)
-        torch._dynamo.reset()
-        G._FUSED_STATE.update(compiled=None, compiled_codes=None)
-        seed = 0
-        for regime in ("issue", "fine", "table", "two_edge", "clamped"):
-            for bits in ((8,) if regime == "issue" else (8, 4)):
-                for dtype in (torch.float32, torch.float64):
-                    seed += 1
-                    args = tuple(a.to(dtype) if torch.is_tensor(a) else a for a in case(regime, bits, seed))
-                    eager, comp = run(args, "0"), run(args, "1")
-                    # the exact cell sums of the same inputs at any thread count: computed once,
-                    # on every 4th element (10,000 per case, 16,384 for the issue example: the
-                    # log-uniform h and the positions stay as dense as the interpolation table's
-                    # error varies: per case, the largest kappa error on them is 0.80-1.00 of
-                    # the largest on all; the full 40,000 were 8.7 of the matrix's 17.6 CPU s)
-                    if seed not in refs:
-                        refs[seed] = G.affine_reference_moments(*(a[::4] if torch.is_tensor(a) else a for a in args))
-                    ref = refs[seed]
-                    ke, kc = kernel_codes(args, False), kernel_codes(args, True)
-                    th, sg, s = (a.to(F64) for a in args[:3])
-                    h = s / sg
-                    out[f"threads{threads}/{regime}/int{bits}/{str(dtype)[6:]}"] = {
-                        "threads": torch.get_num_threads(),
-                        "compiled_vs_eager": max(float((getattr(comp, n) - getattr(eager, n)).abs().max())
-                                                 for n in ("kappa", "mean_abs", "m4")),
-                        "codes_off": int((ke[4] != kc[4]).sum()),
-                        "ok_off": int((ke[3] != kc[3]).sum()),
-                        "kernel_vs_eager": max(float((a - b).abs().max()) for a, b in zip(kc[:3], ke[:3])),
-                        "vs_reference": fastpath.compare((eager.kappa[::4], eager.mean_abs[::4], eager.m4[::4]),
-                                                         (ref.kappa, ref.mean_abs, ref.m4), h[::4],
-                                                         fastpath.APPROXIMATION),
-                        "compiled": G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"],
-                    }
-print("RESULT " + json.dumps(out))
-"""
+
+def agreement_matrix(thread_counts):
+    """``{"threads{n}/{regime}/int{bits}/{dtype}": figures}`` for every case at each thread count."""
+    out, refs = {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a self-check failure fails the matrix
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            # the compiled kernels are built again at this thread count (see the module docstring)
+            torch._dynamo.reset()
+            G._FUSED_STATE.update(compiled=None, compiled_codes=None)
+            seed = 0
+            for regime in ("issue", "fine", "table", "two_edge", "clamped"):
+                for bits in ((8,) if regime == "issue" else (8, 4)):
+                    for dtype in (torch.float32, torch.float64):
+                        seed += 1
+                        args = tuple(a.to(dtype) if torch.is_tensor(a) else a for a in case(regime, bits, seed))
+                        eager, comp = run(args, "0"), run(args, "1")
+                        # the exact cell sums of the same inputs at any thread count: computed once,
+                        # on every 4th element (10,000 per case, 16,384 for the issue example: the
+                        # log-uniform h and the positions stay as dense as the interpolation table's
+                        # error varies: per case, the largest kappa error on them is 0.80-1.00 of
+                        # the largest on all; the full 40,000 were 8.7 of the matrix's 17.6 CPU s)
+                        if seed not in refs:
+                            refs[seed] = G.affine_reference_moments(*(a[::4] if torch.is_tensor(a) else a
+                                                                      for a in args))
+                        ref = refs[seed]
+                        ke, kc = kernel_codes(args, False), kernel_codes(args, True)
+                        th, sg, s = (a.to(F64) for a in args[:3])
+                        h = s / sg
+                        out[f"threads{threads}/{regime}/int{bits}/{str(dtype)[6:]}"] = {
+                            "threads": torch.get_num_threads(),
+                            "compiled_vs_eager": max(float((getattr(comp, n) - getattr(eager, n)).abs().max())
+                                                     for n in ("kappa", "mean_abs", "m4")),
+                            "codes_off": int((ke[4] != kc[4]).sum()),
+                            "ok_off": int((ke[3] != kc[3]).sum()),
+                            "kernel_vs_eager": max(float((a - b).abs().max()) for a, b in zip(kc[:3], ke[:3])),
+                            "vs_reference": fastpath.compare(
+                                (eager.kappa[::4], eager.mean_abs[::4], eager.m4[::4]),
+                                (ref.kappa, ref.mean_abs, ref.m4), h[::4], fastpath.APPROXIMATION),
+                            "compiled": G._FUSED_STATE["compiled_codes"] is not None and not G._FUSED_STATE["failed"],
+                        }
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -124,15 +121,18 @@ def fresh_guard(monkeypatch):
     fastpath.GUARD.reset()
 
 
-def test_agreement_matrix_compiled_eager_reference():
-    """Both thread counts in one subprocess (one start and import, the reference sums once per
-    case); each thread count compiles its own kernels."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", MATRIX_SCRIPT, "1", "2"], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    results = json.loads(line[len("RESULT "):])
+def test_agreement_matrix_compiled_eager_reference(monkeypatch):
+    """Both thread counts in this process, one after the other (the reference sums once per
+    case); each thread count compiles its own kernels (dynamo's caches are reset first). The
+    process's state is restored afterwards: the thread count, the kernels' element count (the
+    "auto" policy reads it) and, by the fixture, the compiled kernels and the self-check."""
+    monkeypatch.setitem(G._FUSED_STATE, "elements", G._FUSED_STATE["elements"])
+    before = torch.get_num_threads()
+    try:
+        results = agreement_matrix((1, 2))
+    finally:
+        torch._dynamo.reset()  # no kernel compiled at 2 threads is left to this process's other tests
+        torch.set_num_threads(before)
     # per thread count: issue example x 2 dtypes + 4 regimes x 2 ranges x 2 dtypes
     assert len(results) == 36
     for key, r in results.items():

@@ -1,14 +1,19 @@
-"""What a fresh interpreter imports (and prints) through the library's first calls: three
+"""What a fresh interpreter imports (and prints) through the library's first calls: four
 checks that each need a process that had not run them, in ONE subprocess, in an order where no
 check can pass because of an earlier one (ts36: each was its own subprocess, ~5 CPU s apiece,
-~3 s of it the interpreter's start and the torch and library imports).
+~3 s of it the interpreter's start and the torch and library imports; tc38 moved the fourth here
+from tests/test_dependency_notices.py).
 
 The order: the Gauss-Newton estimations first (torch._dynamo, sympy and the forward-AD
 decompositions must stay unloaded), then an assessment with an rtn scheme (lightning_fabric and
 torchmetrics must stay unloaded), then ``assess`` with a torchao scheme, torchao's first import in
 the process (asserted: not imported before), whose stderr must carry none of torchao's kernel
-notices. Each check asks whether a module is absent or a notice missing: the earlier parts can
-only add modules or lines, so they can make a later check fail, never pass. (Moved here from
+notices, then the dependency notices' part: a scheme built through ``get_scheme`` and the first
+native (torch.ao) quantization of the process, then the user's own warning; the whole stderr must
+carry torchao's import notice (logged at its import in the torchao part) and torch's qint8
+deprecation (native_int8_dynamic's first call: no earlier part quantizes natively) nowhere, and
+the user's warning. Each check asks whether a module is absent or a notice missing: the earlier
+parts can only add modules or lines, so they can make a later check fail, never pass. (Moved here from
 tests/test_loss_rank_hessian.py, tests/test_rng_isolation.py and tests/test_torchao_notices.py.)"""
 
 from __future__ import annotations
@@ -76,22 +81,34 @@ ml.assess(m, ["int8_weight_only"], DataLoader(TensorDataset(X, y), batch_size=32
 print("torchao: done")
 """
 
+_NOTICES = """
+import warnings
+import torch
+from torch import nn
+from mis_lightning.quantization import get_scheme
+net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+for name in ("int8_weight_only", "native_int8_dynamic"):  # torchao's scheme; torch.ao's qint8 tensors
+    assert get_scheme(name).apply(net).grids
+warnings.warn("the user's own notice")
+print("notices: done")
+"""
+
 # each part in its own namespace (the same names are reused), one interpreter
 _SCRIPT = "\n".join(f"exec(compile({part!r}, {name!r}, 'exec'), {{'__name__': '__main__'}})"
                     for name, part in (("estimation", _FRESH_ESTIMATION), ("rng", _NO_FABRIC),
-                                       ("torchao", _TORCHAO_FIRST)))
+                                       ("torchao", _TORCHAO_FIRST), ("notices", _NOTICES)))
 
 
 @pytest.fixture(scope="module")
 def fresh():
-    """The three parts' stdout lines by part (``{"estimation": [...], ...}``) and the process's stderr."""
+    """The four parts' stdout lines by part (``{"estimation": [...], ...}``) and the process's stderr."""
     out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines: dict[str, list[str]] = {}
     for line in out.stdout.splitlines():
         part, sep, rest = line.partition(": ")
-        if sep and part in ("estimation", "rng", "torchao"):
+        if sep and part in ("estimation", "rng", "torchao", "notices"):
             lines.setdefault(part, []).append(rest)
     return lines, out.stderr
 
@@ -132,3 +149,16 @@ def test_first_torchao_import_of_an_assessment_prints_no_kernel_notices(fresh):
     lines, stderr = fresh
     assert lines["torchao"] == ["first import next", "done"]
     assert "Failed to load" not in stderr and "Detected no triton" not in stderr, stderr[-2000:]
+
+
+def test_a_fresh_process_shows_no_dependency_notice_and_the_users_own_warning(fresh):
+    """torchao's import and the qint8 notice come once per process: a fresh one shows them (the
+    old code printed both to stderr: "<enum 'KernelPreference'> is an Enum subclass ..." and
+    "UserWarning: torch.quantize_per_tensor, ... are deprecated"). The last part of the process
+    (its own subprocess before tc38: tests/test_dependency_notices.py): torchao was imported by
+    the part before, whose import notice the whole stderr is checked for."""
+    lines, stderr = fresh
+    assert lines["notices"] == ["done"]
+    assert "the user's own notice" in stderr
+    assert "KernelPreference" not in stderr and "register_constant" not in stderr
+    assert "quantize_per_tensor" not in stderr
