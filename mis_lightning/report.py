@@ -333,6 +333,8 @@ class Report:
             }
             if s.floor_sensitivity is not None:  # only where the floor bites (exact estimator)
                 row["floor_sensitivity"] = s.floor_sensitivity
+            if not s.error and scale_symmetric(self.diagnostics):  # the diagonal estimator's blind spot
+                row["scale_symmetry"] = True
             if name in self.row_notes:  # the planner's role of the row (the table prints it)
                 row["note"] = self.row_notes[name]
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
@@ -835,6 +837,11 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
                      "eigenvalue floor of the Hessian is set 10x higher or lower (a singular or indefinite "
                      "Hessian: the floored directions' variance is set by the floor, not by the data; see "
                      "warnings).")
+    if any(r.get("scale_symmetry") for r in rows if not r.get("error")):
+        lines.append("  ?: uncertain: layers whose weights can be scaled together without changing the model "
+                     "(before a LayerNorm / GroupNorm / InstanceNorm / RMSNorm, or under weight_norm) were read by the "
+                     "diagonal estimator, whose per-weight sigma misses that direction: the figure can be off "
+                     "in either direction (see warnings; estimation='exact' handles it).")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
                      "exceed: the figure is not reliable here (see warnings).")
@@ -891,6 +898,13 @@ def unstable(row: dict[str, Any]) -> bool:
     return fs is not None and math.isfinite(float(fs)) and float(fs) > FLOOR_SENSITIVITY_MAX
 
 
+def scale_symmetric(diagnostics: Mapping[str, Any] | None) -> bool:
+    """Whether the diagonal estimator read layers with a scale symmetry (its diagnostics'
+    ``normalised_layers`` or ``weight_normed_layers``; estimation/symmetries.py): the report's
+    rows are then marked ``?`` in the table and a warning says why."""
+    return bool(diagnostics) and bool(diagnostics.get("normalised_layers") or diagnostics.get("weight_normed_layers"))
+
+
 def above_baseline(row: dict[str, Any]) -> bool:
     """Whether a row's leakage exceeds its unquantized baseline by more than
     :data:`CONSISTENCY_TOLERANCE` (impossible for a real release: the figure is unreliable)."""
@@ -929,7 +943,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         body.append([label, f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk), extra)] if uk else []) + [
             _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else "")
-            + (" ~" if unstable(r) else ""),
+            + (" ~" if unstable(r) else "") + (" ?" if r.get("scale_symmetry") else ""),
             interval, _fmt(r["mis"]),
             _fmt_or_dash(r.get("pool_leakage")),
             _fmt(r["baseline_leakage"]),
