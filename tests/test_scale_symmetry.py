@@ -1,0 +1,113 @@
+"""Scale symmetries the diagonal estimator cannot represent (ln40; method.md section 6): a layer
+whose whole output a LayerNorm / GroupNorm / InstanceNorm / RMSNorm reads (directly or through
+ReLU, pooling, flattening), or a weight under weight_norm, computes the same model when its
+weights are scaled together. The exact estimator projects that flat direction out; the diagonal
+estimator's per-weight sigma read the convolution's weights of Conv1d -> LayerNorm -> Linear
+models at a median 0.2-0.3x the exact estimator's and the quantized figures 0.87-3.9x its
+(docs/benchmarks.md, "ln40"). The report must say so: a warning and a ``?`` mark on its rows."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.estimation.symmetries import normalised_layers, weight_normed
+from mis_lightning.report import legend, scale_symmetric
+
+
+class _Residual(nn.Module):
+    """``LayerNorm(x + Linear(x))``: the residual sum breaks the scale symmetry."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.lin(x))
+
+
+@pytest.mark.parametrize("model, x, want", [
+    (nn.Sequential(nn.Conv1d(2, 3, 3), nn.LayerNorm([3, 4]), nn.Flatten(), nn.Linear(12, 1)),
+     torch.randn(5, 2, 6), {"0": "1"}),
+    # through a flatten (a view) and a ReLU (homogeneous), into a LayerNorm over the flat features
+    (nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.LayerNorm(12), nn.Linear(12, 1)),
+     torch.randn(5, 2, 6), {"0": "3"}),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.Linear(16, 2)),
+     torch.randn(5, 1, 4, 4), {"0": "1"}),
+    (nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.InstanceNorm2d(4), nn.Flatten(), nn.Linear(16, 2)),
+     torch.randn(5, 1, 6, 6), {"0": "2"}),
+    (nn.Sequential(nn.Linear(3, 4), nn.RMSNorm(4), nn.Linear(4, 1)), torch.randn(5, 3), {"0": "1"}),
+    # not symmetric: a tanh between (its output must not be read as the convolution's even where
+    # it reuses the freed memory), a residual sum, no norm at all
+    (nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.LayerNorm([3, 4]), nn.Flatten(), nn.Linear(12, 1)),
+     torch.randn(5, 2, 6), {}),
+    (nn.Sequential(_Residual(), nn.Linear(4, 1)), torch.randn(5, 4), {}),
+    (nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 1)), torch.randn(5, 2, 6), {}),
+])
+def test_the_layers_a_normalisation_reads_whole_are_found(model, x, want):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert normalised_layers(model, x) == want
+    # the user's model is untouched (a private copy is probed) and only the assessed layers count
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    if want:
+        assert normalised_layers(model, x, [n for n, _ in model.named_parameters()
+                                            if not n.startswith(next(iter(want)) + ".")]) == {}
+
+
+def test_weight_norm_layers_are_found():
+    m = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))
+    m[0] = weight_norm(m[0])
+    assert weight_normed(m) == ["0"]
+    assert weight_normed(m, ["2.weight", "2.bias"]) == []
+    assert weight_normed(nn.Linear(3, 1)) == []
+
+
+def _loader(n: int = 64) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, 6, generator=g, dtype=torch.float64)
+    y = x[:, 0, :3].sum(1) + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    return DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def _mse(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (o[:, 0] - t) ** 2
+
+
+def _assess(model: nn.Module, mode: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ml.assess(model, ["rtn_int8", "rtn_int4"], _loader(), _mse, estimation=mode, uncertainty_draws=0)
+
+
+def test_the_diagonal_estimators_report_marks_a_normalised_layer():
+    """Before ln40 nothing in the report said that the diagonal estimator's figures on such a model
+    can be far off: the rows carry ``?``, the legend says what it means, a warning names the layer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 3, 3), nn.LayerNorm([3, 4]), nn.Flatten(), nn.Linear(12, 1)).double().eval()
+    rep = _assess(m, "diagonal")
+    assert rep.diagnostics["normalised_layers"] == {"0": "1"} and scale_symmetric(rep.diagnostics)
+    rows = rep.rows()
+    assert all(r["scale_symmetry"] for r in rows)
+    table = rep.table()
+    assert all(f"{rep.schemes[s].leakage:.4f} ?" in table for s in rep.schemes), table
+    assert "?: uncertain" in legend(rows)
+    warned = [w for w in rep.warnings if w.startswith("uncertain figures (? in the table)")]
+    assert len(warned) == 1 and "0 (into 1)" in warned[0] and "estimation='exact'" in warned[0]
+    # the exact estimator projects the symmetry out: no mark, no warning
+    ex = _assess(m, "exact")
+    assert not scale_symmetric(ex.diagnostics) and not any("scale_symmetry" in r for r in ex.rows())
+    assert " ?" not in ex.table() and not any(w.startswith("uncertain figures") for w in ex.warnings)
+
+
+def test_a_model_without_the_symmetry_is_not_marked():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 1)).double().eval()
+    rep = _assess(m, "diagonal")
+    assert "normalised_layers" not in rep.diagnostics and not scale_symmetric(rep.diagnostics)
+    assert " ?" not in rep.table() and not any(w.startswith("uncertain figures") for w in rep.warnings)
