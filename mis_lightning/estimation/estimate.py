@@ -103,6 +103,12 @@ WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
 # (examples/cnn_callback.py's 1,364-weight CNN: 13 s at 2.2e8, 43 s at 8.6e8 with n = 64 / 256,
 # against 0.2 s for the diagonal sandwich), so this bound keeps the exact pass to a few seconds.
 EXACT_REUSE_MAX_COST = 5e7
+# ... and this much where a layer's weights have a scale symmetry (before a normalisation, or
+# under weight_norm; symmetries.py): the diagonal estimator cannot represent that flat direction
+# and read such models' quantized figures 0.53-3.9x the exact estimator's (ln40: Conv1d ->
+# GroupNorm / LayerNorm -> Linear, n = 3,000-4,000), so the exact pass is worth ~10x its cost there
+# (6-35 s CPU against ~1 s at n = 4,000, d = 169-396).
+SYMMETRY_EXACT_MAX_COST = 10 * EXACT_REUSE_MAX_COST
 # Above it, a model piecewise linear in each module's weights (PIECEWISE_LINEAR_LAYERS) gets the
 # same exact sandwich with its Hessian assembled as Gauss-Newton + residual (hessian="ggn_residual":
 # the residual's columns on all but the largest module, whose own block is zero) while
@@ -583,6 +589,7 @@ def choose_estimator(
     model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
     n: int | None = None, ggn: bool = True, reused: Iterable[str] = (),
     forward_floats: float | None = None, outputs: int | None = None, largest: int | None = None,
+    symmetric: Iterable[str] = (),
 ) -> tuple[str, str, str]:
     """Resolve ``"auto"`` for ``mode`` and ``hessian`` by estimated cost.
 
@@ -604,6 +611,9 @@ def choose_estimator(
             not known, the Gauss-Newton + residual Hessian is not chosen).
         largest: assessed weights of the largest module (:func:`parameter_groups`), whose block of
             the residual term the ``"ggn_residual"`` Hessian does not compute.
+        symmetric: layers whose weights have a scale symmetry (:mod:`.symmetries`: before a
+            normalisation, or under ``weight_norm``), which the diagonal sandwich cannot represent:
+            with weight reuse the exact one is then chosen up to ``SYMMETRY_EXACT_MAX_COST``.
 
     Returns:
         ``(mode, hessian, reason)``: the resolved choice and a sentence saying why.
@@ -632,20 +642,22 @@ def choose_estimator(
     cost = None if forward_floats is None else (n or N_ASSUMED) * d * forward_floats
     recurrent = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))})
     _check_recurrent_estimator(recurrent, mode, hessian, ggn)
+    symmetric = list(symmetric)
+    reuse_max = SYMMETRY_EXACT_MAX_COST if symmetric else EXACT_REUSE_MAX_COST
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
     elif recurrent:  # torch.func cannot batch them: the exact Hessian's vmap over the model fails
         why = f"{'; '.join(recurrent)} layers (torch.func cannot batch them for the exact Hessian)"
-    elif reuse and cost is not None and cost > EXACT_REUSE_MAX_COST:
+    elif reuse and cost is not None and cost > reuse_max:
         why = (f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward, "
-               f"n d x forward floats = {cost:.2g} > {EXACT_REUSE_MAX_COST:.0g})")
+               f"n d x forward floats = {cost:.2g} > {reuse_max:.0g})")
     elif n is not None and n * d * d > EXACT_MAX_COST:
         why = f"n d^2 = {n * d * d:.2g} > {EXACT_MAX_COST:.0g}"
     else:
         why = ""
     cheap_exact = not why
     reason = "requested"
-    reuse_cost_only = bool(reuse) and cost is not None and cost > EXACT_REUSE_MAX_COST and d <= EXACT_MAX_PARAMS \
+    reuse_cost_only = bool(reuse) and cost is not None and cost > reuse_max and d <= EXACT_MAX_PARAMS \
         and not recurrent and not (n is not None and n * d * d > EXACT_MAX_COST)
     # convolutional networks only (measured, gn28): a Linear over atoms or positions keeps its choice
     conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
@@ -665,6 +677,9 @@ def choose_estimator(
         if cheap_exact and reuse:
             reason = (f"auto: d = {d:,} weights; {'; '.join(reuse)} layers, but the exact sandwich is cheap "
                       + (f"(n d x forward floats = {cost:.2g})" if cost is not None else "(checked on the first batch)"))
+            if symmetric and cost is not None and cost > EXACT_REUSE_MAX_COST:
+                reason += (f" for a model whose layers {', '.join(symmetric[:6])} have a scale symmetry, which the "
+                           f"diagonal sandwich cannot represent (allowed up to {SYMMETRY_EXACT_MAX_COST:.0g})")
         else:
             reason = f"auto: d = {d:,} dense weights" if cheap_exact else f"auto: {why}"
     if mode == "exact":
@@ -918,7 +933,8 @@ class MomentAccumulator:
         self._choice_outputs = outputs
         self.mode, self.hessian, self.reason = choose_estimator(
             self.model, self.d, mode, hessian, n=n_hint, ggn=ggn, reused=reused,
-            forward_floats=self._choice_floats, outputs=outputs, largest=self._largest)
+            forward_floats=self._choice_floats, outputs=outputs, largest=self._largest,
+            symmetric=self._symmetric_layers())
         self.estimator = describe_estimator(self.mode, self.hessian)
         self._probe_pending, self._reused, self._forward_floats = False, list(reused), floats
         log.info("estimation: %s (%s)", self.estimator, self.reason)
@@ -1544,7 +1560,7 @@ class MomentAccumulator:
             return None
         m, h, why = choose_estimator(self.model, self.d, mode, hessian, n=n, ggn=ggn, reused=self._reused,
                                      forward_floats=self._choice_floats, outputs=self._choice_outputs,
-                                     largest=self._largest)
+                                     largest=self._largest, symmetric=self._symmetric_layers())
         if (m, h) == (self.mode, self.hessian):
             return None
         return {"estimator": describe_estimator(m, h), "reason": why, "n": n}
@@ -1697,6 +1713,11 @@ class MomentAccumulator:
             _g_mean=_split(g_mean_flat, names, offsets), _v_diag=_split(v_centring, names, offsets),
             factors=factors, **common,
         )
+
+    def _symmetric_layers(self) -> list[str]:
+        """The layers with a scale symmetry known so far (weight_norm from the start, the
+        normalised ones after the first batch's probe): ``choose_estimator``'s ``symmetric``."""
+        return [k or "(model)" for k in self._normalised] + list(self._weight_normed)
 
     def _symmetry_diagnostics(self) -> dict[str, Any]:
         """The diagonal estimator's scale symmetries (symmetries.py): ``normalised_layers``
