@@ -1103,7 +1103,13 @@ class MomentAccumulator:
         if self._normalised_probe:
             self._normalised_probe = False
             if int(st["n"]) == 0:
-                self._normalised = normalised_layers(self.model, self.batch_fn(batch)[0], self.names)
+                own, raw = getattr(program, "model", None), self.batch_fn(batch)[0]
+                # the program's private copy (its weights in the model's dtype): no second copy of a
+                # large model; where that forward fails (tensor attributes cast), a copy of the model
+                found = normalised_layers(own, raw, self.names, owned=True) \
+                    if isinstance(own, nn.Module) and own is not self.model else None
+                self._normalised = found if found is not None else \
+                    normalised_layers(self.model, raw, self.names) or {}
         if self._probe_pending:
             self._probe_pending = False
             first = int(st["n"]) == 0

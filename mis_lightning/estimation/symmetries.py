@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import ModelCopyError, private_copy
+from .per_sample import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def weight_normed(model: nn.Module, param_names: Iterable[str] | None = None) ->
     return out
 
 
-def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | None = None) -> dict[str, str]:
+def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | None = None, *,
+                      owned: bool = False) -> dict[str, str] | None:
     """``{layer: norm}``: the modules holding an assessed parameter (``param_names``; ``None``:
     every parameter) whose whole output goes into a scale-invariant normalisation
     (:data:`SCALE_INVARIANT_NORMS`) directly or through :data:`HOMOGENEOUS_LAYERS`, seen in one
@@ -71,16 +73,21 @@ def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] 
     between (a residual sum, a nonlinearity such as tanh) breaks the chain, so the result may
     miss a symmetry made by functional code, never name one that is absent.
 
-    Models without such a norm are not run (``{}``). A model that cannot be copied, or whose
+    Models without such a norm are not run (``{}``). ``owned``: ``model`` is already the caller's
+    private copy in eval mode (the estimation's program holds one: no second copy of a large
+    model), run as it is with hooks removed afterwards. A model that cannot be copied, or whose
     forward fails here, gives ``{}`` (the estimation reports the failure itself).
     """
     if not any(isinstance(m, SCALE_INVARIANT_NORMS) for m in model.modules()):
         return {}
-    try:
-        copy = private_copy(model, "copying the model to find layers whose output is normalised")
-    except ModelCopyError as err:
-        log.info("estimation: normalisation probe skipped (%s)", err)
-        return {}
+    if owned:
+        copy = model
+    else:
+        try:
+            copy = private_copy(model, "copying the model to find layers whose output is normalised")
+        except ModelCopyError as err:
+            log.info("estimation: normalisation probe skipped (%s)", err)
+            return {}
     wanted = None if param_names is None else set(param_names)
     # output storage -> (assessed layer, its numel, the output itself: held so that its memory is not
     # reused by a later tensor, which would then read as the same output)
@@ -115,10 +122,10 @@ def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] 
         elif own and (wanted is None or wanted & set(own)) and not list(mod.children()):
             handles.append(mod.register_forward_hook(hook(name, "assessed")))
     try:
-        with torch.no_grad():
-            copy.eval()(inputs)
+        with torch.no_grad(), eval_mode(copy):
+            copy(inputs)
     except Exception:  # noqa: BLE001 - the estimation's own forward reports it
-        return {}
+        return None if owned else {}
     finally:
         for h in handles:
             h.remove()
