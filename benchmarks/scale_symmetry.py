@@ -8,15 +8,21 @@ Tanh instead: the control without symmetry), flatten, ``Linear`` to 1 output (sq
 by float64 L-BFGS. Then, with every record kept for nothing but the estimation (``num_records``
 256, ``uncertainty_draws=0``), ``assess(..., estimation=e)`` for ``e`` in exact / diagonal / auto:
 the leakage of ``rtn_int8`` and ``rtn_int4``, ``d_eff``, the exact estimator's flat directions, and
-the estimator ``"auto"`` chose. Runtime: ~1-5 min CPU per case (the exact passes).
+the estimator ``"auto"`` chose. ``--components``: which quantity is off, the diagonal estimate
+scored with the exact estimator's sigma in place of its own (its influences and correlation kept),
+and the diagonal / exact sigma per parameter tensor (median). ``--eps0``: the normalisation's
+``eps`` set to 0 after the fit, so that its scale symmetry is exact and the exact estimator
+projects it out (the figures should not move). Runtime: ~1-5 min CPU per case (the exact passes).
 
     python benchmarks/scale_symmetry.py                                 # gn ln ln0 tanh, n 4000, L 8
     python benchmarks/scale_symmetry.py --cases ln --classes 4 --length 32 --n 3000   # d = 1,548
+    python benchmarks/scale_symmetry.py --cases gn ln0 --components
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -31,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mis_lightning as ml  # noqa: E402
+from mis_lightning.assess import score_schemes  # noqa: E402
+from mis_lightning.estimation.estimate import estimate  # noqa: E402
 
 SCHEMES = ["rtn_int8", "rtn_int4"]
 
@@ -83,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=8)
     ap.add_argument("--classes", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--components", action="store_true", help="the diagonal estimate with the exact sigma")
+    ap.add_argument("--eps0", action="store_true", help="the norm's eps set to 0 after the fit")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     for kind in a.cases:
         m, x, y, loss, grad = fitted(kind, a.n, a.length, a.classes, a.seed)
+        if a.eps0 and hasattr(m[1], "eps"):
+            m[1].eps = 0.0
         dl = DataLoader(TensorDataset(x, y), batch_size=500)
         d = sum(p.numel() for p in m.parameters())
         print(f"{kind}: d = {d}, n = {a.n}, L = {a.length}, classes {a.classes}, max |grad| {grad:.1e}", flush=True)
@@ -103,6 +115,15 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  flat {dg.get('flat_directions', '-')}, normalised {dg.get('normalised_layers', '-')}, "
                   f"marked {any(w.startswith('uncertain figures') for w in r.warnings)}; {r.estimation.get('estimator', r.estimation.get('mode'))}",
                   flush=True)
+        if a.components:
+            ex = estimate(m, dl, loss, mode="exact", num_records=256)
+            dg = estimate(m, dl, loss, mode="diagonal", num_records=256)
+            swapped = dataclasses.replace(dg, sigma={k: ex.sigma[k].to(dg.sigma[k]) for k in dg.names})
+            r = score_schemes(swapped, m, SCHEMES, uncertainty_draws=0)
+            print("  diagonal with the exact sigma: " + " ".join(
+                f"{s} {r.schemes[s].leakage:.4f} ({r.schemes[s].leakage / ref.schemes[s].leakage:.2f}x, "
+                f"d_eff {r.schemes[s].d_eff:.0f})" for s in SCHEMES) + "; sigma diagonal / exact (median): " + ", ".join(
+                f"{k} {float((dg.sigma[k] / ex.sigma[k]).median()):.3g}" for k in dg.names), flush=True)
     return 0
 
 

@@ -2,9 +2,10 @@
 whose whole output a LayerNorm / GroupNorm / InstanceNorm / RMSNorm reads (directly or through
 ReLU, pooling, flattening), or a weight under weight_norm, computes the same model when its
 weights are scaled together. The exact estimator projects that flat direction out; the diagonal
-estimator's per-weight sigma read the convolution's weights of Conv1d -> LayerNorm -> Linear
-models at a median 0.2-0.3x the exact estimator's and the quantized figures 0.87-3.9x its
-(docs/benchmarks.md, "ln40"). The report must say so: a warning and a ``?`` mark on its rows."""
+estimator's per-weight sigma misses it: on Conv1d -> GroupNorm / LayerNorm -> Linear models its
+quantized figures read 0.53-1.11x the exact estimator's, 3.8-3.9x on one with many flat
+directions (docs/benchmarks.md, "ln40"). "auto" keeps the exact sandwich for such models further;
+where the diagonal one runs, the report must say so: a warning and a ``?`` mark on its rows."""
 
 from __future__ import annotations
 
