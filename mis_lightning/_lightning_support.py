@@ -34,8 +34,14 @@ from ._modelcopy import ModelCopyError, private_copy
 from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
-from .estimation.batching import merge_batches
-from .estimation.estimate import check_curvature, top_curvature
+from .estimation.batching import items_are_batches, merge_batches
+from .estimation.estimate import (
+    N_ASSUMED,
+    UNKNOWN_RECORDS_SOURCE,
+    check_curvature,
+    note_unknown_records,
+    top_curvature,
+)
 from .estimation.per_sample import check_record_losses, check_record_outputs
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
@@ -101,11 +107,36 @@ def trainer_loaders(trainer: Any) -> list[Any]:
 
 
 def sized_dataset(dl: Any) -> Any:
-    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset, else None."""
+    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset of records, else
+    None: a stream, or items that are whole batches (``DataLoader(batch_size=None)``,
+    :func:`~mis_lightning.estimation.batching.items_are_batches`), which are read as they come
+    (as a stream: the record count is known only once read)."""
     ds = getattr(dl, "dataset", None)
-    if not isinstance(dl, DataLoader) or ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
+    if not isinstance(dl, DataLoader) or ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__") \
+            or items_are_batches(dl):
         return None
     return ds
+
+
+def first_batch(dl: Any, size: int) -> tuple[bool, Any]:
+    """``(read, batch)``: a batch of the first ``size`` records of ``dl``'s sized map-style dataset
+    (unshuffled, in-process, ``dl``'s generators restored), or its first item through its
+    ``collate_fn`` when items are whole batches; ``batch`` None for an empty dataset. ``(False,
+    None)`` for a stream, which is not read (that could consume it)."""
+    ds = getattr(dl, "dataset", None)
+    if items_are_batches(dl) and not isinstance(ds, IterableDataset) and _finite_len(ds) is not None:
+        if not len(ds):
+            return True, None
+        with isolated_rng(dl):
+            return True, dl.collate_fn(ds[0])
+    ds = sized_dataset(dl)
+    if ds is None:
+        return False, None
+    if len(ds) == 0:
+        return True, None
+    bs = min(len(ds), dl.batch_size or size)
+    with isolated_rng(dl):  # a DataLoader iterator draws its base seed from the global RNG
+        return True, next(iter(reloader(dl, list(range(bs)), bs)))
 
 
 class _FirstBatches:
@@ -605,15 +636,9 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         RuntimeError: the estimation pass fails on the batch (its error as the cause).
     """
     if batch is None:
-        train = single_loader(trainer.train_dataloader, "training")
-        ds = sized_dataset(train)
-        if ds is None:
-            return False
-        if len(ds) == 0:
-            return True
-        bs = min(len(ds), train.batch_size or 8)
-        with isolated_rng(train):  # a DataLoader iterator draws its base seed from the global RNG
-            batch = next(iter(reloader(train, list(range(bs)), bs)))
+        read, batch = first_batch(single_loader(trainer.train_dataloader, "training"), 8)
+        if batch is None:
+            return read
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     # a private copy: what the forward does (attributes it sets, buffers it updates) never
@@ -703,12 +728,9 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
     """
     with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
         val, _ = validation_loaders(_validation_dataloaders(trainer))
-    ds = sized_dataset(val)
-    if ds is None or len(ds) == 0:
+    batch = first_batch(val, 8)[1]
+    if batch is None:
         return
-    bs = min(len(ds), val.batch_size or 8)
-    with isolated_rng(val):
-        batch = next(iter(reloader(val, list(range(bs)), bs)))
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     model = private_copy(pl_module, "copying the model for the validation-batch check")
@@ -882,7 +904,8 @@ def has_validation_source(trainer: Any) -> bool | None:
 def _validation_dataloaders(trainer: Any) -> Any:
     """The Trainer's validation loaders, set up by its validation loop when the fit never ran it
     (a checkpoint resumed after its last epoch, with no sanity check: fu18 U4 warned "no
-    validation dataloader" although one was passed); None when there are none."""
+    validation dataloader" although one was passed), or read from their source when the loop
+    never runs (a module without ``validation_step``); None when there are none."""
     loaders = trainer.val_dataloaders
     if loaders is None and getattr(trainer, "limit_val_batches", 1) != 0:
         try:
@@ -890,6 +913,15 @@ def _validation_dataloaders(trainer: Any) -> Any:
             loaders = trainer.val_dataloaders
         except Exception:  # noqa: BLE001 - no validation source (or another loop layout): none
             loaders = None
+        if loaders is None:
+            # a module without validation_step: Lightning skips its validation loop and builds no
+            # loader from the data it was given, whose utility figures were then silently missing
+            try:
+                source = trainer.fit_loop.epoch_loop.val_loop._data_source
+                if source.is_defined() and source.instance is not None:
+                    loaders = source.dataloader()
+            except Exception:  # noqa: BLE001 - no validation source (or another loop layout): none
+                loaders = None
     return loaders
 
 
@@ -962,6 +994,10 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
                               num_training_records=n_total)
     rank_zero_info(estimation_start_line(metric.mode, metric.accumulator.choice_pending, metric.accumulator.d,
                                          n_total, world))
+    if items_are_batches(train) and "auto" in (estimation_config.mode, estimation_config.hessian):
+        rank_zero_warn(f"MISCallback: the training loader {UNKNOWN_RECORDS_SOURCE}; estimation='auto' assumes "
+                       f"{N_ASSUMED:,} training records to choose its estimator (the report says whether the "
+                       "records read give the same choice)")
     batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
 
     def utility_fn(qmodel: nn.Module) -> dict[str, float]:
@@ -982,6 +1018,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             done += rows or getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
         est = metric.estimate()
+        if items_are_batches(train):  # the report states the count "auto" assumed
+            note_unknown_records(est, metric.accumulator, f"the training loader {UNKNOWN_RECORDS_SOURCE}")
         # metrics= only for their directions (report.utility_modes); utility_fn measures them
         report = score_schemes(est, pl_module, schemes, scoring_config=scoring_config, metrics=metrics,
                                utility_fn=utility_fn, progress=show, calibration_data=loader)

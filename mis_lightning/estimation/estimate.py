@@ -36,7 +36,7 @@ from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
 from . import linear_factors as LF
-from .batching import merge_batches
+from .batching import items_are_batches, merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
     KFAC_MIN_RECORDS,
@@ -78,7 +78,7 @@ from .records import (
 )
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
-           "describe_estimator", "estimate", "estimator_warnings", "record_keys", "reused_layers"]
+           "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys", "reused_layers"]
 
 Mode = Literal["auto", "exact", "diagonal"]
 HessianMode = Literal["auto", "exact", "ggn", "ggn_mc", "hutchinson"]
@@ -129,6 +129,8 @@ FAST_FLOAT64_MAX_PARAMS = 10_000
 # Training records "auto" assumes where a stream does not say how many it will hold (weighs the
 # exact sandwich's cost on weight-reuse models; finalize says when the n seen chooses otherwise).
 N_ASSUMED = 10_000
+# How the report names training data whose length counts batches (batching.items_are_batches)
+UNKNOWN_RECORDS_SOURCE = "yields whole batches (DataLoader(batch_size=None)): its length counts batches, not records"
 # A sampled-label Gauss-Newton diagonal whose median relative standard error (a bound) exceeds
 # this gets a line in the report's warnings: sigma_j moves by as much.
 GGN_MC_WARN_RELATIVE_ERROR = 0.1
@@ -638,14 +640,14 @@ def choose_estimator(
     elif reuse and cost is not None and cost > EXACT_REUSE_MAX_COST:
         why = (f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward, "
                f"n d x forward floats = {cost:.2g} > {EXACT_REUSE_MAX_COST:.0g})")
-    elif n is not None and n * d * d > EXACT_MAX_COST:
-        why = f"n d^2 = {n * d * d:.2g} > {EXACT_MAX_COST:.0g}"
+    elif (n or N_ASSUMED) * d * d > EXACT_MAX_COST:  # an unknown n: the N_ASSUMED the report states
+        why = f"n d^2 = {(n or N_ASSUMED) * d * d:.2g} > {EXACT_MAX_COST:.0g}"
     else:
         why = ""
     cheap_exact = not why
     reason = "requested"
     reuse_cost_only = bool(reuse) and cost is not None and cost > EXACT_REUSE_MAX_COST and d <= EXACT_MAX_PARAMS \
-        and not recurrent and not (n is not None and n * d * d > EXACT_MAX_COST)
+        and not recurrent and not ((n or N_ASSUMED) * d * d > EXACT_MAX_COST)
     # convolutional networks only (measured, gn28): a Linear over atoms or positions keeps its choice
     conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     if mode == "auto" and hessian == "auto" and reuse_cost_only and conv and ggn and outputs is not None \
@@ -2176,14 +2178,35 @@ def _mc_error(h_sum: Tensor, h2_sum: Tensor, samples: int) -> dict[str, Any]:
     return {"ggn_mc_samples": samples, "ggn_mc_median_relative_error": med, "ggn_mc_p90_relative_error": p90}
 
 
+def note_unknown_records(est: Estimate, acc: MomentAccumulator, source: str) -> None:
+    """Mark ``est`` as estimated from training data that could not say how many records it holds
+    before the pass (``source`` names it, e.g. a loader whose items are whole batches,
+    :func:`~mis_lightning.estimation.batching.items_are_batches`: its length counts batches):
+    :func:`estimator_warnings` then states the count ``"auto"`` assumed (:data:`N_ASSUMED`)."""
+    mode, hessian = acc._request[:2]
+    est.diagnostics["records_unknown"] = {"source": source, "auto": "auto" in (mode, hessian), "n": est.n,
+                                          "estimator": acc.estimator}
+
+
 def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     """Report lines about the estimator's own accuracy: another estimator than the one chosen
     without knowing ``n`` for the ``n`` seen (``"estimator_with_n"``, :meth:`MomentAccumulator.finalize`),
-    and the sampled-label Gauss-Newton diagonal's Monte Carlo error when its median relative
-    standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j carries the same relative error)."""
+    the count ``"auto"`` assumed for training data that did not say it (``"records_unknown"``,
+    :func:`note_unknown_records`), and the sampled-label Gauss-Newton diagonal's Monte Carlo error
+    when its median relative standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j
+    carries the same relative error)."""
     out = []
     other = diagnostics.get("estimator_with_n")
-    if other is not None:
+    unknown = diagnostics.get("records_unknown")
+    if unknown is not None and unknown["auto"]:
+        head = (f"{unknown['source']}, so the number of training records is not known before the estimation pass; "
+                f"estimation='auto' chose its estimator ({unknown['estimator']}) assuming {N_ASSUMED:,} records")
+        if other is None:
+            out.append(f"{head}; the n = {unknown['n']:,} records read give the same choice")
+        else:
+            out.append(f"{head}; the n = {other['n']:,} records read would choose the {other['estimator']} "
+                       f"({other['reason']}): pass estimation= and hessian= to choose it yourself")
+    elif other is not None:
         out.append(
             f"estimation='auto' chose its estimator without knowing the number of training records (a stream of "
             f"unknown size: MISIndicator without num_training_records, or an iterable training dataset; it assumes "
@@ -3123,13 +3146,20 @@ def estimate(
         raise TypeError(f"estimate() does not take {sorted(fixed)}: they are MomentAccumulator's own")
     acc = MomentAccumulator(model, loss_fn, selection="hash", pytree_records=True,
                             n_hint=_dataset_size(train_dataloader), **options)
+    if items_are_batches(train_dataloader) and "auto" in acc._request[:2]:
+        log.warning("estimation: train_dataloader %s; estimation='auto' assumes %s training records to choose its "
+                    "estimator",
+                    UNKNOWN_RECORDS_SOURCE, f"{N_ASSUMED:,}")
     log.info("estimation: %s (%s), d = %d", acc.estimator, acc.reason, acc.d)
     n = 0
     for batch, _ in merge_batches(train_dataloader, lambda: acc.records_per_update):
         n += acc.update(batch)
         if progress is not None:
             progress(n)
-    return acc.finalize()
+    est = acc.finalize()
+    if items_are_batches(train_dataloader):
+        note_unknown_records(est, acc, f"train_dataloader {UNKNOWN_RECORDS_SOURCE}")
+    return est
 
 
 def _records_per_update(fac: Any, b: int) -> int:
@@ -3144,7 +3174,10 @@ def _records_per_update(fac: Any, b: int) -> int:
 
 
 def _dataset_size(loader: Any) -> int | None:
-    """``len(loader.dataset)`` when the loader has a sized dataset, else ``None``."""
+    """``len(loader.dataset)`` when the loader has a sized dataset of records, else ``None`` (no
+    length, or items that are whole batches: :func:`~.batching.items_are_batches`)."""
+    if items_are_batches(loader):
+        return None
     try:
         return len(loader.dataset)
     except Exception:
