@@ -42,7 +42,7 @@ from .estimation.estimate import (
     note_unknown_records,
     top_curvature,
 )
-from .estimation.per_sample import check_record_losses, check_record_outputs
+from .estimation.per_sample import check_record_losses, check_record_outputs, loss_shape_hint
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
 from .report import Report
@@ -67,15 +67,24 @@ def single_loader(loaders: Any, what: str) -> Any:
     """The one loader of a Trainer's ``train_dataloader`` / ``val_dataloaders`` (or ``None``).
 
     Raises:
-        ValueError: several loaders.
+        ValueError: several loaders (a list or dict given to ``fit``, a ``CombinedLoader``), or
+            none: names them, why, and what to do instead.
     """
     if loaders is None:
         return None
+    names = ""
     if isinstance(loaders, Mapping):
+        names = f" ({', '.join(repr(k) for k in loaders)})"  # a dict's keys
         loaders = list(loaders.values())
     if isinstance(loaders, (list, tuple)):
         if len(loaders) != 1:
-            raise ValueError(f"MISCallback needs one {what} dataloader, got {len(loaders)}")
+            raise ValueError(
+                f"MISCallback needs one {what} dataloader, got {len(loaders)}{names} (a list or dict of loaders, or a "
+                "CombinedLoader over them): the assessment reads each record the model trained on through one "
+                "loader of (inputs, targets) batches, and the training step's combination of several loaders' "
+                "batches is its own; train on one loader (e.g. over a torch.utils.data.ConcatDataset of the "
+                "datasets), or assess after fit with mis_lightning.assess(model, schemes, <one loader over every "
+                "training record>, loss_fn)")
         loaders = loaders[0]
     return loaders
 
@@ -697,13 +706,12 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
     if shape is None or b is None or shape != (b,):
         got = f"shape {list(shape)}" if shape is not None else type(losses).__name__
-        hint = ""
         if shape == ():
             hint = (" (a scalar: a loss reduced over the batch, use reduction='none'; or one that read the "
                     "batch as a single record, e.g. cross_entropy on outputs [B] without a class dimension"
                     + (f"; here outputs {_shapes(outputs)}, targets {_shapes(targets)}" if not hook else "") + ")")
-        elif shape is not None and b is not None and len(shape) == 2 and shape[0] == b and shape[1] == 1:
-            hint = " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
+        else:  # [B, 1], [B, k]: what to reduce, and how
+            hint = loss_shape_hint(shape, b)
         raise ValueError(
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
