@@ -115,16 +115,21 @@ def trainer_loaders(trainer: Any) -> list[Any]:
     return out
 
 
-def sized_dataset(dl: Any) -> Any:
-    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset of records, else
-    None: a stream, or items that are whole batches (``DataLoader(batch_size=None)``,
-    :func:`~mis_lightning.estimation.batching.items_are_batches`), which are read as they come
-    (as a stream: the record count is known only once read)."""
+def map_items(dl: Any) -> Any:
+    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset (its items
+    records, or whole batches: :func:`~mis_lightning.estimation.batching.items_are_batches`),
+    else None."""
     ds = getattr(dl, "dataset", None)
-    if not isinstance(dl, DataLoader) or ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__") \
-            or items_are_batches(dl):
+    if not isinstance(dl, DataLoader) or ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
         return None
     return ds
+
+
+def sized_dataset(dl: Any) -> Any:
+    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset of records, else
+    None: a stream, or items that are whole batches (``DataLoader(batch_size=None)``: its length
+    counts batches, the records are counted as they are read)."""
+    return None if items_are_batches(dl) else map_items(dl)
 
 
 def first_batch(dl: Any, size: int) -> tuple[bool, Any]:
@@ -160,16 +165,19 @@ class _FirstBatches:
 
 
 def reloader(dl: Any, indices: list[int] | None, batch_size: int | None, limit: Any = None) -> Any:
-    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset; for an iterable
+    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset (``indices``: of its
+    items, whole batches where ``dl`` has no automatic batching); for an iterable
     dataset, a loader over a private copy of it (:func:`~mis_lightning._rng.private_stream`), cut to its first
     ``limit`` batches when ``limit`` is an int (the Trainer's ``num_training_batches``)."""
-    ds = sized_dataset(dl)
+    ds = map_items(dl)
     if ds is None:
         # an iterable dataset: read from a copy, its own pass state stays as training left it
         out = private_stream(dl, warn=lambda m: rank_zero_warn(f"MISCallback: {m}"))
         n = _finite_len(dl)
         return _FirstBatches(out, limit) if isinstance(limit, int) and (n is None or limit < n) else out
     idx = list(range(len(ds))) if indices is None else indices
+    if items_are_batches(dl):  # indices of whole batches, read as they are
+        return DataLoader(ds, batch_size=None, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
     bs = batch_size or dl.batch_size or 64
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
 
@@ -208,10 +216,12 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
     batches of an unshuffled loader; with a shuffled one (different records each epoch) or a
     sampler with replacement (a weighted objective) every record it can draw counts, with a note.
     """
-    ds = sized_dataset(dl)
+    ds = map_items(dl)
     if ds is None:
         return None, None
     total = len(ds)
+    # items that are whole batches (DataLoader(batch_size=None)): the indices are of batches
+    what_n = (lambda k: f"the records of the {k} pre-batched items") if items_are_batches(dl) else str
     sampler, batch_sampler = getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None)
     if batch_sampler is not None and getattr(dl, "batch_size", None) is None:
         # DataLoader(batch_sampler=...): dl.sampler is a placeholder; the batch sampler's own decides
@@ -246,7 +256,7 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
                 why = ("drop_last=True" if getattr(batch_sampler, "drop_last", False) else
                        f"{type(sampler).__name__}(num_samples={_finite_len(sampler)})")
                 notes.append(f"the training loader is shuffled with {why}: each epoch leaves other records out; "
-                             f"n counts every record it can draw ({len(set(drawable))})")
+                             f"n counts every record it can draw ({what_n(len(set(drawable)))})")
                 order, batches_read = drawable, None
         elif sampler is not _UNKNOWN and _finite_len(sampler) is not None:
             order = [int(i) for i in itertools.islice(iter(sampler), _finite_len(sampler))]
@@ -269,7 +279,7 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:
             notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (records "
-                         f"this pass cannot tell); n counts every record it can draw ({len(set(order))})")
+                         f"this pass cannot tell); n counts every record it can draw ({what_n(len(set(order)))})")
         elif batches_read is not None:
             order = [i for b in batches_read[:limit] for i in b]
         else:
@@ -909,6 +919,16 @@ def has_validation_source(trainer: Any) -> bool | None:
         return None
 
 
+def runs_validation(trainer: Any, pl_module: Any) -> bool | None:
+    """Whether the fit will run validation epochs (at ``setup``): validation data
+    (:func:`has_validation_source`) and a ``validation_step`` of the module's own, without which
+    Lightning skips the validation loop; None where the Trainer's layout is not one this reads."""
+    base = next((c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule"), None)
+    if base is not None and getattr(type(pl_module), "validation_step", None) is getattr(base, "validation_step", None):
+        return False
+    return has_validation_source(trainer)
+
+
 def _validation_dataloaders(trainer: Any) -> Any:
     """The Trainer's validation loaders, set up by its validation loop when the fit never ran it
     (a checkpoint resumed after its last epoch, with no sanity check: fu18 U4 warned "no
@@ -977,7 +997,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if train is None:
         raise RuntimeError("the trainer has no training dataloader")
     ds = sized_dataset(train)
-    if ds is None and world > 1:
+    if map_items(train) is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
     records, note = training_records(trainer, train, full_pass, read)
@@ -996,7 +1016,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     val_loader = _Converted(reloader(val, None, None), trainer, next(pl_module.parameters()).device) \
         if val is not None else None
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
-    n_total = len(records) if records is not None else (len(ds) if ds is not None else None)
+    # (None for items that are whole batches: their records are counted as they are read)
+    n_total = None if ds is None else (len(records) if records is not None else len(ds))
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
                               estimation_config=estimation_config, batch_fn=None if hook else batch_fn,
                               num_training_records=n_total)
@@ -1017,7 +1038,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     pb = getattr(trainer, "progress_bar_callback", None)
     shown = pb is not None and trainer.is_global_zero and not getattr(pb, "is_disabled", False)
     device, done = next(pl_module.parameters()).device, 0
-    total = len(shard) if shard is not None else None
+    total = len(shard) if shard is not None and ds is not None else None
     with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
         # consecutive batches merged for the estimation pass (the same sums, fewer per-batch costs)
         batches = (trainer_batch(trainer, batch, device) for batch in loader)

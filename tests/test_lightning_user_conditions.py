@@ -105,24 +105,33 @@ def test_callback_on_pre_batched_data_without_validation_step_measures_the_utili
     callback read the list of a few collated batches as one batch and refused it before training
     ("list of length 4, not (inputs, targets)"); Lightning skips the validation loop of such a
     module, and the callback said "no validation dataloader", dropping the utility figures. Now
-    every record is assessed once and the quantized copies' loss is measured on the data given."""
+    the quantized copies' loss is measured on the data given, and a shuffled loader trained on
+    2 of its 4 items per epoch counts every record it can draw, with a note (read as a stream,
+    the first 2 items of another shuffle were assessed: n = 50, said to be those trained on)."""
     cb = MISCallback(["rtn_int4"], loss_fn=mse, **FAST)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(cb).fit(NoValidationStep(), DataLoader(PreBatched(25), batch_size=None),
-                         DataLoader(PreBatched(40), batch_size=None))
+        _trainer(cb, limit_train_batches=2).fit(NoValidationStep(), DataLoader(PreBatched(25), batch_size=None,
+                                                                               shuffle=True),
+                                                DataLoader(PreBatched(40), batch_size=None))
     assert cb.last_error is None and cb.report.n == len(X)
     assert "loss" in cb.report.schemes["rtn_int4"].utility
     assert not any("no validation dataloader" in w for w in cb.report.warnings)
     assert any(f"assuming {N_ASSUMED:,} records" in w for w in cb.report.warnings)
+    assert any("trained on 2 of 4 batches of a shuffled loader" in w and "4 pre-batched items" in w
+               for w in cb.report.warnings)
 
 
 def test_pre_batched_first_item_is_checked_before_training():
-    """The first pre-batched item goes through the loss before the first step (a scalar loss)."""
-    cb = MISCallback(["rtn_int4"], loss_fn=lambda o, t: mse(o, t).mean(), **FAST)
+    """The first pre-batched item goes through the loss before the first step (a scalar loss);
+    every_n_val_epochs on a module without validation_step (no validation epoch ever ends: the
+    callback silently ran at the end of fit only) is said at setup."""
+    cb = MISCallback(["rtn_int4"], loss_fn=lambda o, t: mse(o, t).mean(), every_n_val_epochs=1, **FAST)
     trainer = _trainer(cb)
-    with pytest.raises(ValueError, match=r"returned shape \[\] for a batch of 25 records"):
-        trainer.fit(NoValidationStep(), DataLoader(PreBatched(25), batch_size=None))
+    with pytest.warns(UserWarning, match=r"every_n_val_epochs=1 .* no validation_step on NoValidationStep"), \
+            pytest.raises(ValueError, match=r"returned shape \[\] for a batch of 25 records"):
+        trainer.fit(NoValidationStep(), DataLoader(PreBatched(25), batch_size=None),
+                    DataLoader(PreBatched(40), batch_size=None))
     assert trainer.global_step == 0
 
 
