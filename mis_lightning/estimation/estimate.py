@@ -54,6 +54,7 @@ from .linear_factors import (
     kfac_inverse_apply,
     kfac_subsample_scale,
     kfac_variance_inflation,
+    per_layer_parameters,
     standardised_influence,
 )
 from .per_sample import (
@@ -927,7 +928,8 @@ class MomentAccumulator:
     def _set_kron_side(self, kind: type = FactoredProgram) -> None:
         """Build (or drop) :attr:`_kron_side` for the current choice: a ``kind`` program
         (:class:`FactoredProgram`, or :class:`LayerProgram` once a first batch has shown several
-        outputs per record: :meth:`_layer_kron_side`)."""
+        outputs per record, or where the estimation runs no per-layer program on a model with
+        convolutions: :meth:`_layer_kron_side`)."""
         if self._kron_side is not None:
             self._kron_side.close()
             self._kron_side = None
@@ -939,20 +941,36 @@ class MomentAccumulator:
             try:
                 self._kron_side = FactoredProgram(self.model, self.loss_fn, self.names, self.fast_dtype)
             except NotImplementedError:
-                self._kron_side = None
+                # no factored program; where no per-layer one runs either (a layer it refuses, or the
+                # exact / Hutchinson Hessian diagonal), a model's convolutions get their own
+                self._kron_side = self._layer_kron_side() if self.factored is None else None
 
     def _layer_kron_side(self) -> LayerProgram | None:
-        """The side program of an all-Linear model with several outputs per record (an MLP classifier,
-        softmax regression) under the exact or Hutchinson Hessian diagonal: the per-layer program,
-        whose Gauss-Newton directions give kf33's partial-trace factors (``None`` where it has no
-        Kronecker block: a norm, an embedding, tied weights). Its Gauss-Newton directions are
-        chosen as the ``"ggn"`` estimator's default (``"auto"``: sampled labels above
+        """The per-layer side program (K-FAC factors only) of
+
+        * an all-Linear model with several outputs per record (an MLP classifier, softmax
+          regression) under the exact or Hutchinson Hessian diagonal: kf33's partial-trace factors;
+        * a model with convolutions whose estimation runs no per-layer program: the Hessian
+          diagonal is exact or Hutchinson's, or another assessed layer is one the per-layer program
+          refuses (``nn.GroupNorm``, ``nn.ConvTranspose*d``, an affine ``nn.InstanceNorm*d``;
+          :func:`~mis_lightning.estimation.linear_factors.per_layer_parameters`). The program is
+          built over the parameters it can take: the convolutions and Linear layers get their KFC
+          factors (kc32) as on a model without the refused layers, which stay uncorrected and are
+          named in ``kfac_uncorrected_layers`` (:meth:`_kfac_factors`). Without this the
+          convolutions' sigma read 0.01-0.5x the exact sandwich's (docs/benchmarks.md, "cv40").
+
+        ``None`` where it has no Kronecker block (an all-Linear model with a norm, an embedding,
+        tied weights, or a refused layer). Its Gauss-Newton directions are chosen as the
+        ``"ggn"`` estimator's default (``"auto"``: sampled labels above
         ``GGN_EXACT_MAX_DIRECTIONS``), from a private generator (the estimator's draws do not move)."""
+        names = per_layer_parameters(self.model, self.names)
+        if not names:
+            return None
         try:
-            prog = LayerProgram(self.model, self.loss_fn, self.names, self.fast_dtype, reference=self.program)
+            prog = LayerProgram(self.model, self.loss_fn, names, self.fast_dtype, reference=self.program)
         except NotImplementedError:
             return None
-        if not prog.kron_blocks() or prog.kron_conv:
+        if not prog.kron_blocks() or not (prog.kron_conv or len(names) == len(self.names)):
             prog.close()
             return None
         prog.num_records, prog.group_budget = self.num_records, self.budget
@@ -1112,6 +1130,8 @@ class MomentAccumulator:
                 self.factored.close()
                 # this model's layout needs the per-layer path, or the generic one
                 self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
+                if self.factored is None:  # the convolutions' K-FAC factors from a side program
+                    self._set_kron_side()
                 return self.update(batch, state)
             else:
                 self._settle_ggn()
@@ -1736,6 +1756,13 @@ class MomentAccumulator:
                 if not isinstance(mods[m], nn.Linear):
                     conv.append(m)
             left_w = sum(prog._numels[k] for m in left for k in prog.slots[m].values())
+            # a side program's refused layers (_layer_kron_side): uncorrected, and said so
+            taken = set(prog.names)
+            for k in self.names:
+                if k not in taken:
+                    if k.rpartition(".")[0] not in left:
+                        left.append(k.rpartition(".")[0])
+                    left_w += self.offsets[k][1] - self.offsets[k][0]
             if prog.kron_conv:
                 diagnostics["kfac_convolutions"] = conv
             else:  # an all-Linear model with several outputs per record (kf33): its own report sentence
