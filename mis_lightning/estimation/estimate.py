@@ -54,6 +54,7 @@ from .linear_factors import (
     kfac_inverse_apply,
     kfac_subsample_scale,
     kfac_variance_inflation,
+    per_layer_parameters,
     standardised_influence,
 )
 from .per_sample import (
@@ -929,7 +930,8 @@ class MomentAccumulator:
     def _set_kron_side(self, kind: type = FactoredProgram) -> None:
         """Build (or drop) :attr:`_kron_side` for the current choice: a ``kind`` program
         (:class:`FactoredProgram`, or :class:`LayerProgram` once a first batch has shown several
-        outputs per record: :meth:`_layer_kron_side`)."""
+        outputs per record, or where the estimation runs no per-layer program on a model with
+        convolutions: :meth:`_layer_kron_side`)."""
         if self._kron_side is not None:
             self._kron_side.close()
             self._kron_side = None
@@ -941,20 +943,36 @@ class MomentAccumulator:
             try:
                 self._kron_side = FactoredProgram(self.model, self.loss_fn, self.names, self.fast_dtype)
             except NotImplementedError:
-                self._kron_side = None
+                # no factored program; where no per-layer one runs either (a layer it refuses, or the
+                # exact / Hutchinson Hessian diagonal), a model's convolutions get their own
+                self._kron_side = self._layer_kron_side() if self.factored is None else None
 
     def _layer_kron_side(self) -> LayerProgram | None:
-        """The side program of an all-Linear model with several outputs per record (an MLP classifier,
-        softmax regression) under the exact or Hutchinson Hessian diagonal: the per-layer program,
-        whose Gauss-Newton directions give kf33's partial-trace factors (``None`` where it has no
-        Kronecker block: a norm, an embedding, tied weights). Its Gauss-Newton directions are
-        chosen as the ``"ggn"`` estimator's default (``"auto"``: sampled labels above
+        """The per-layer side program (K-FAC factors only) of
+
+        * an all-Linear model with several outputs per record (an MLP classifier, softmax
+          regression) under the exact or Hutchinson Hessian diagonal: kf33's partial-trace factors;
+        * a model with convolutions whose estimation runs no per-layer program: the Hessian
+          diagonal is exact or Hutchinson's, or another assessed layer is one the per-layer program
+          refuses (``nn.GroupNorm``, ``nn.ConvTranspose*d``, an affine ``nn.InstanceNorm*d``;
+          :func:`~mis_lightning.estimation.linear_factors.per_layer_parameters`). The program is
+          built over the parameters it can take: the convolutions and Linear layers get their KFC
+          factors (kc32) as on a model without the refused layers, which stay uncorrected and are
+          named in ``kfac_uncorrected_layers`` (:meth:`_kfac_factors`). Without this the
+          convolutions' sigma read 0.01-0.5x the exact sandwich's (docs/benchmarks.md, "cv40").
+
+        ``None`` where it has no Kronecker block (an all-Linear model with a norm, an embedding,
+        tied weights, or a refused layer). Its Gauss-Newton directions are chosen as the
+        ``"ggn"`` estimator's default (``"auto"``: sampled labels above
         ``GGN_EXACT_MAX_DIRECTIONS``), from a private generator (the estimator's draws do not move)."""
+        names = per_layer_parameters(self.model, self.names)
+        if not names:
+            return None
         try:
-            prog = LayerProgram(self.model, self.loss_fn, self.names, self.fast_dtype, reference=self.program)
+            prog = LayerProgram(self.model, self.loss_fn, names, self.fast_dtype, reference=self.program)
         except NotImplementedError:
             return None
-        if not prog.kron_blocks() or prog.kron_conv:
+        if not prog.kron_blocks() or not (prog.kron_conv or len(names) == len(self.names)):
             prog.close()
             return None
         prog.num_records, prog.group_budget = self.num_records, self.budget
@@ -1114,6 +1132,8 @@ class MomentAccumulator:
                 self.factored.close()
                 # this model's layout needs the per-layer path, or the generic one
                 self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
+                if self.factored is None:  # the convolutions' K-FAC factors from a side program
+                    self._set_kron_side()
                 return self.update(batch, state)
             else:
                 self._settle_ggn()
@@ -1654,7 +1674,7 @@ class MomentAccumulator:
             sigma_flat = sigma_flat * grow
             w = None if w is None else w * grow
             v_centring = v_centring * (1.0 - hbar)
-        kfac = self._kfac_factors(st, n, diagnostics)
+        kfac = self._kfac_factors(st, n, diagnostics, v_centring=v_centring)
         for k, f in kfac.items():
             sl = slice(*offsets[k])
             sigma_flat[sl] = sigma_flat[sl] * f
@@ -1690,7 +1710,8 @@ class MomentAccumulator:
         )
 
     def _kfac_factors(self, st: dict[str, Any], n: int, diagnostics: dict[str, Any],
-                      apply: Callable[[str, Tensor], None] | None = None) -> dict[str, Tensor]:
+                      apply: Callable[[str, Tensor], None] | None = None,
+                      v_centring: Tensor | None = None) -> dict[str, Tensor]:
         """``{parameter: [numel] float64}``: ``sqrt(VIF_j)`` from each nn.Linear layer's Kronecker
         factors, the factor that turns the diagonal sandwich's conditional sd ``sqrt(V_jj) / H_jj``
         into the marginal sd ``sqrt((H^-1 V H^-1)_jj)`` where ``V`` is proportional to ``H`` within
@@ -1709,6 +1730,8 @@ class MomentAccumulator:
         ``r0`` at a time, as its layer is done, and nothing of size numel is returned; the VIFs the diagnostics read are kept in float32 (4 bytes per
         corrected weight instead of ~32 in float64 copies; median and maximum are order statistics,
         so they are the float64 ones rounded to float32, the 90th percentile within 2^-24 relative).
+        ``v_centring``: ``[d]`` the influences' variances, ``+inf`` at the coordinates whose
+        gradients are rounding (:func:`_without_rounding_gradients`; :meth:`_kfac_blocks`).
         """
         prog = self._kron_program()
         if prog is None or not any(k.startswith("kfac_A.") for k in st):
@@ -1723,7 +1746,7 @@ class MomentAccumulator:
         block_parts: list[tuple[str, Tensor]] = []
         if isinstance(prog, LayerProgram):
             conv = []
-            for m, blk, parts in self._kfac_blocks(st, n, prog, left):
+            for m, blk, parts in self._kfac_blocks(st, n, prog, left, v_centring):
                 ws, bs = [], []
                 for A, G, k, scale, decay, _ in parts:
                     # the sandwich's factor: V ~ K, not K + decay (dg30's VIF over-reads there)
@@ -1738,6 +1761,13 @@ class MomentAccumulator:
                 if not isinstance(mods[m], nn.Linear):
                     conv.append(m)
             left_w = sum(prog._numels[k] for m in left for k in prog.slots[m].values())
+            # a side program's refused layers (_layer_kron_side): uncorrected, and said so
+            taken = set(prog.names)
+            for k in self.names:
+                if k not in taken:
+                    if k.rpartition(".")[0] not in left:
+                        left.append(k.rpartition(".")[0])
+                    left_w += self.offsets[k][1] - self.offsets[k][0]
             if prog.kron_conv:
                 diagnostics["kfac_convolutions"] = conv
             else:  # an all-Linear model with several outputs per record (kf33): its own report sentence
@@ -1811,8 +1841,8 @@ class MomentAccumulator:
         diagnostics["kfac_uncorrected_weights"] = left_w
         return out
 
-    def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str]
-                     ) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
+    def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str],
+                     v_centring: Tensor | None = None) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
         """The per-layer program's KFC blocks (convolutions and nn.Linear layers of a model with
         convolutions; Grosse & Martens 2016) with factors: ``(module, block, per group (A, G,
         records, VIF subsample scale, decay [p], psi subsample scale))``. ``A`` is rescaled so that
@@ -1824,7 +1854,14 @@ class MomentAccumulator:
         subsample scales count rows as records x positions (``kfac_t``): a smaller correction
         than per record, so the VIF is lowered less. Layers left out (no block, wider than
         :data:`~mis_lightning.estimation.linear_factors.KFAC_MAX_WIDTH`, no factors) are appended
-        to ``left``."""
+        to ``left``.
+
+        A group's bias whose gradients are all rounding (``v_centring`` ``+inf``: a convolution's
+        bias before a GroupNorm / InstanceNorm, whose output gradients sum to zero over the
+        positions) is a zero row and column of ``A``, its exact value: its rounding there, divided
+        by its own tiny diagonal in ``A``'s correlations, read as O(1) correlations with the weights
+        and moved their VIF (cv40: the weights' sigma 0.43x against 4.1x the exact one for the same
+        Conv1d without the bias, benchmarks/kfac_conv.py ``instancenorm``)."""
         f64 = torch.float64
         kron, blocks = prog.kron_layers(), prog.kron_blocks()
         # the estimator's Hessian diagonal (as _finalize's h_flat: Hutchinson's h_sum sums its probes)
@@ -1845,6 +1882,11 @@ class MomentAccumulator:
             parts = []
             for g in range(blk.groups):
                 A, G = sA[g].to("cpu", f64), sG[g].to("cpu", f64)
+                if blk.bias is not None and v_centring is not None:
+                    a = self.offsets[blk.bias][0] + g * blk.out
+                    if not bool(torch.isfinite(v_centring[a: a + blk.out]).any()):  # a cancelled bias
+                        A = A.clone()
+                        A[-1], A[:, -1] = 0.0, 0.0
                 tr = 0.0
                 if blk.weight is not None:
                     a = self.offsets[blk.weight][0] + g * blk.out * blk.fan
@@ -1887,7 +1929,7 @@ class MomentAccumulator:
         R = grads.shape[0]
         done, left = 0, []
         if isinstance(prog, LayerProgram):
-            for m, blk, parts in self._kfac_blocks(st, n, prog, []):
+            for m, blk, parts in self._kfac_blocks(st, n, prog, [], torch.where(live, 1.0, math.inf)):
                 if blk.p + blk.out > KFAC_INFLUENCE_MAX_WIDTH:
                     left.append(m)
                     continue
@@ -2084,7 +2126,7 @@ class MomentAccumulator:
             sv = s_out[a:b].view(-1, *f.shape[1:])[r0: r0 + f.shape[0]]
             sv.copy_(sv.to(f64).mul_(f))
 
-        self._kfac_factors(st, n, diagnostics, apply=corrected)
+        self._kfac_factors(st, n, diagnostics, apply=corrected, v_centring=v_out)
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
         kept = min(sum(batch_size_of(y) for _, y in records), self.num_records)
