@@ -24,6 +24,20 @@ Cases (``--cases``):
 * ``cnn``: a ReLU CNN classifier (examples/cnn_callback.py's layers without BatchNorm: two 3x3
   convolutions, max- and global average pooling, a Linear head; 4 classes, cross-entropy).
 
+Convolutions beside layers the per-layer program refuses (cv40: the side program's KFC factors;
+before it, ``KFAC_CORRECTION = False``'s figures were the code's on these models):
+
+* ``beside_groupnorm`` / ``beside_instancenorm`` / ``beside_convtranspose`` / ``beside_conv3d``: a
+  linear convolution (``Conv2d(2, 3, 3)`` on 6 x 6, ``Conv1d(2, 3, 5)`` on 24 positions, the same,
+  ``Conv3d(1, 2, 3)`` on 4 x 4 x 4) plus a parallel branch of an ``nn.GroupNorm`` / an affine
+  ``nn.InstanceNorm1d`` / an ``nn.ConvTranspose1d`` / an ``nn.GroupNorm`` on other input channels
+  (sums of two linear models: KFC's model is exact for the convolution, the branch stays
+  uncorrected);
+* ``gn_cnn``: ``Conv2d -> GroupNorm -> tanh -> Conv2d`` (a nonlinear stack: the layers' mutual
+  correlations are beyond a per-layer correction);
+* ``instancenorm``: ``Conv1d -> InstanceNorm1d (no affine) -> tanh -> Linear`` (every layer taken by
+  the per-layer program: its first-batch check now passes the cancelled bias).
+
     PYTHONPATH=. python benchmarks/kfac_conv.py                      # docs/validation.md, "kc32"
 
 ``--cost``: the estimation pass (``estimate(mode="diagonal")``, its defaults) on a ReLU CNN of
@@ -131,7 +145,61 @@ def case(name: str, n: int, rho: float, seed: int) -> tuple[nn.Module, object, t
                               nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
         return model, ce, x, y
+    if name.startswith("beside_"):
+        return beside(name[len("beside_"):], n, rho, g)
+    if name == "gn_cnn":
+        x = ar1((n, 2, 6, 6), rho, g, dims=(-1, -2))
+        model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.Tanh(),
+                              nn.Conv2d(4, 2, 3, padding=1)).double()
+        with torch.no_grad():
+            y = model(x) + 0.3 * torch.randn(n, 2, 6, 6, generator=g, dtype=torch.float64)
+        return model, sq_sum, x, y
+    if name == "instancenorm":
+        x = ar1((n, 2, 12), rho, g)
+        model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.InstanceNorm1d(4), nn.Tanh(), nn.Flatten(),
+                              nn.Linear(48, 1)).double()
+        with torch.no_grad():
+            y = model(x) + 0.3 * torch.randn(n, 1, generator=g, dtype=torch.float64)
+        return model, sq_sum, x, y
     raise ValueError(name)
+
+
+class Beside(nn.Module):
+    """``conv(x[:, :k]) + other(x[:, k:])`` (cropped to the convolution's output): a convolution and
+    a layer the per-layer program refuses, side by side."""
+
+    def __init__(self, conv: nn.Module, other: nn.Module, k: int) -> None:
+        super().__init__()
+        self.conv, self.other, self.k = conv, other, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (clone: torch.func's vmap of group_norm refuses the slice, whose .contiguous() is a no-op there)
+        part = x[:, self.k:].clone(memory_format=torch.contiguous_format)
+        a, b = self.conv(x[:, : self.k]), self.other(part)
+        return a + b[(..., *[slice(0, s) for s in a.shape[2:]])]
+
+
+def beside(kind: str, n: int, rho: float, g: torch.Generator) -> tuple[nn.Module, object, torch.Tensor, torch.Tensor]:
+    """A ``Beside`` model with a teacher of the same form plus Gaussian noise (sd 0.5)."""
+    def make() -> nn.Module:
+        if kind == "groupnorm":  # the branch's bias stands in for the convolution's (one intercept)
+            return Beside(nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.GroupNorm(1, 3), 2)
+        if kind == "instancenorm":
+            return Beside(nn.Conv1d(2, 3, 5, padding=2, bias=False), nn.InstanceNorm1d(3, affine=True), 2)
+        if kind == "convtranspose":
+            return Beside(nn.Conv1d(2, 3, 5, padding=2), nn.ConvTranspose1d(1, 3, 3, bias=False), 2)
+        if kind == "conv3d":
+            return Beside(nn.Conv3d(1, 2, 3, padding=1, bias=False), nn.GroupNorm(1, 2), 1)
+        raise ValueError(kind)
+
+    shape = {"groupnorm": (n, 5, 6, 6), "instancenorm": (n, 5, 24), "convtranspose": (n, 3, 24),
+             "conv3d": (n, 3, 4, 4, 4)}[kind]
+    x = ar1(shape, rho, g, dims=tuple(range(-1, 1 - len(shape), -1))).contiguous()
+    teacher, model = make().double(), make().double()
+    with torch.no_grad():
+        out = teacher(x)
+        y = out + 0.5 * torch.randn(out.shape, generator=g, dtype=torch.float64)
+    return model, sq_sum, x, y
 
 
 def compare(name: str, a: argparse.Namespace) -> None:
@@ -212,7 +280,9 @@ def kfac_on_off_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cases", nargs="+", default=["conv1d", "conv2d", "pooled", "cnn"])
+    ap.add_argument("--cases", nargs="+", default=["conv1d", "conv2d", "pooled", "cnn"],
+                    help="also: beside_groupnorm beside_instancenorm beside_convtranspose beside_conv3d "
+                         "gn_cnn instancenorm (cv40)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--rho", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)

@@ -34,9 +34,15 @@ from ._modelcopy import ModelCopyError, private_copy
 from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig
-from .estimation.batching import merge_batches
-from .estimation.estimate import check_curvature, top_curvature
-from .estimation.per_sample import check_record_losses, check_record_outputs
+from .estimation.batching import items_are_batches, merge_batches
+from .estimation.estimate import (
+    N_ASSUMED,
+    UNKNOWN_RECORDS_SOURCE,
+    check_curvature,
+    note_unknown_records,
+    top_curvature,
+)
+from .estimation.per_sample import check_record_losses, check_record_outputs, loss_shape_hint
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
 from .report import Report
@@ -61,15 +67,24 @@ def single_loader(loaders: Any, what: str) -> Any:
     """The one loader of a Trainer's ``train_dataloader`` / ``val_dataloaders`` (or ``None``).
 
     Raises:
-        ValueError: several loaders.
+        ValueError: several loaders (a list or dict given to ``fit``, a ``CombinedLoader``), or
+            none: names them, why, and what to do instead.
     """
     if loaders is None:
         return None
+    names = ""
     if isinstance(loaders, Mapping):
+        names = f" ({', '.join(repr(k) for k in loaders)})"  # a dict's keys
         loaders = list(loaders.values())
     if isinstance(loaders, (list, tuple)):
         if len(loaders) != 1:
-            raise ValueError(f"MISCallback needs one {what} dataloader, got {len(loaders)}")
+            raise ValueError(
+                f"MISCallback needs one {what} dataloader, got {len(loaders)}{names} (a list or dict of loaders, or a "
+                "CombinedLoader over them): the assessment reads each record the model trained on through one "
+                "loader of (inputs, targets) batches, and the training step's combination of several loaders' "
+                "batches is its own; train on one loader (e.g. over a torch.utils.data.ConcatDataset of the "
+                "datasets), or assess after fit with mis_lightning.assess(model, schemes, <one loader over every "
+                "training record>, loss_fn)")
         loaders = loaders[0]
     return loaders
 
@@ -100,12 +115,42 @@ def trainer_loaders(trainer: Any) -> list[Any]:
     return out
 
 
-def sized_dataset(dl: Any) -> Any:
-    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset, else None."""
+def map_items(dl: Any) -> Any:
+    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset (its items
+    records, or whole batches: :func:`~mis_lightning.estimation.batching.items_are_batches`),
+    else None."""
     ds = getattr(dl, "dataset", None)
     if not isinstance(dl, DataLoader) or ds is None or isinstance(ds, IterableDataset) or not hasattr(ds, "__len__"):
         return None
     return ds
+
+
+def sized_dataset(dl: Any) -> Any:
+    """``dl.dataset`` when ``dl`` is a DataLoader over a sized map-style dataset of records, else
+    None: a stream, or items that are whole batches (``DataLoader(batch_size=None)``: its length
+    counts batches, the records are counted as they are read)."""
+    return None if items_are_batches(dl) else map_items(dl)
+
+
+def first_batch(dl: Any, size: int) -> tuple[bool, Any]:
+    """``(read, batch)``: a batch of the first ``size`` records of ``dl``'s sized map-style dataset
+    (unshuffled, in-process, ``dl``'s generators restored), or its first item through its
+    ``collate_fn`` when items are whole batches; ``batch`` None for an empty dataset. ``(False,
+    None)`` for a stream, which is not read (that could consume it)."""
+    ds = getattr(dl, "dataset", None)
+    if items_are_batches(dl) and not isinstance(ds, IterableDataset) and _finite_len(ds) is not None:
+        if not len(ds):
+            return True, None
+        with isolated_rng(dl):
+            return True, dl.collate_fn(ds[0])
+    ds = sized_dataset(dl)
+    if ds is None:
+        return False, None
+    if len(ds) == 0:
+        return True, None
+    bs = min(len(ds), dl.batch_size or size)
+    with isolated_rng(dl):  # a DataLoader iterator draws its base seed from the global RNG
+        return True, next(iter(reloader(dl, list(range(bs)), bs)))
 
 
 class _FirstBatches:
@@ -120,16 +165,19 @@ class _FirstBatches:
 
 
 def reloader(dl: Any, indices: list[int] | None, batch_size: int | None, limit: Any = None) -> Any:
-    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset; for an iterable
+    """An unpadded, unshuffled, single-process loader over ``dl``'s dataset (``indices``: of its
+    items, whole batches where ``dl`` has no automatic batching); for an iterable
     dataset, a loader over a private copy of it (:func:`~mis_lightning._rng.private_stream`), cut to its first
     ``limit`` batches when ``limit`` is an int (the Trainer's ``num_training_batches``)."""
-    ds = sized_dataset(dl)
+    ds = map_items(dl)
     if ds is None:
         # an iterable dataset: read from a copy, its own pass state stays as training left it
         out = private_stream(dl, warn=lambda m: rank_zero_warn(f"MISCallback: {m}"))
         n = _finite_len(dl)
         return _FirstBatches(out, limit) if isinstance(limit, int) and (n is None or limit < n) else out
     idx = list(range(len(ds))) if indices is None else indices
+    if items_are_batches(dl):  # indices of whole batches, read as they are
+        return DataLoader(ds, batch_size=None, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
     bs = batch_size or dl.batch_size or 64
     return DataLoader(ds, batch_size=bs, sampler=idx, collate_fn=dl.collate_fn, num_workers=0)
 
@@ -168,10 +216,12 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
     batches of an unshuffled loader; with a shuffled one (different records each epoch) or a
     sampler with replacement (a weighted objective) every record it can draw counts, with a note.
     """
-    ds = sized_dataset(dl)
+    ds = map_items(dl)
     if ds is None:
         return None, None
     total = len(ds)
+    # items that are whole batches (DataLoader(batch_size=None)): the indices are of batches
+    what_n = (lambda k: f"the records of the {k} pre-batched items") if items_are_batches(dl) else str
     sampler, batch_sampler = getattr(dl, "sampler", None), getattr(dl, "batch_sampler", None)
     if batch_sampler is not None and getattr(dl, "batch_size", None) is None:
         # DataLoader(batch_sampler=...): dl.sampler is a placeholder; the batch sampler's own decides
@@ -206,7 +256,7 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
                 why = ("drop_last=True" if getattr(batch_sampler, "drop_last", False) else
                        f"{type(sampler).__name__}(num_samples={_finite_len(sampler)})")
                 notes.append(f"the training loader is shuffled with {why}: each epoch leaves other records out; "
-                             f"n counts every record it can draw ({len(set(drawable))})")
+                             f"n counts every record it can draw ({what_n(len(set(drawable)))})")
                 order, batches_read = drawable, None
         elif sampler is not _UNKNOWN and _finite_len(sampler) is not None:
             order = [int(i) for i in itertools.islice(iter(sampler), _finite_len(sampler))]
@@ -229,7 +279,7 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
         shuffled = distributed_shuffle or not isinstance(sampler, (SequentialSampler, type(None)))
         if shuffled or replacement:
             notes.append(f"{what}: trained on {limit} of {batches} batches of a shuffled loader (records "
-                         f"this pass cannot tell); n counts every record it can draw ({len(set(order))})")
+                         f"this pass cannot tell); n counts every record it can draw ({what_n(len(set(order)))})")
         elif batches_read is not None:
             order = [i for b in batches_read[:limit] for i in b]
         else:
@@ -605,15 +655,9 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
         RuntimeError: the estimation pass fails on the batch (its error as the cause).
     """
     if batch is None:
-        train = single_loader(trainer.train_dataloader, "training")
-        ds = sized_dataset(train)
-        if ds is None:
-            return False
-        if len(ds) == 0:
-            return True
-        bs = min(len(ds), train.batch_size or 8)
-        with isolated_rng(train):  # a DataLoader iterator draws its base seed from the global RNG
-            batch = next(iter(reloader(train, list(range(bs)), bs)))
+        read, batch = first_batch(single_loader(trainer.train_dataloader, "training"), 8)
+        if batch is None:
+            return read
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     # a private copy: what the forward does (attributes it sets, buffers it updates) never
@@ -672,13 +716,12 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
     shape = tuple(losses.shape) if isinstance(losses, Tensor) else None
     if shape is None or b is None or shape != (b,):
         got = f"shape {list(shape)}" if shape is not None else type(losses).__name__
-        hint = ""
         if shape == ():
             hint = (" (a scalar: a loss reduced over the batch, use reduction='none'; or one that read the "
                     "batch as a single record, e.g. cross_entropy on outputs [B] without a class dimension"
                     + (f"; here outputs {_shapes(outputs)}, targets {_shapes(targets)}" if not hook else "") + ")")
-        elif shape is not None and b is not None and len(shape) == 2 and shape[0] == b and shape[1] == 1:
-            hint = " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
+        else:  # [B, 1], [B, k]: what to reduce, and how
+            hint = loss_shape_hint(shape, b)
         raise ValueError(
             f"MISCallback: {name} returned {got} for a batch of {b} records; it must return "
             f"per-sample losses of shape [{b}]{hint}")
@@ -703,12 +746,9 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
     """
     with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
         val, _ = validation_loaders(_validation_dataloaders(trainer))
-    ds = sized_dataset(val)
-    if ds is None or len(ds) == 0:
+    batch = first_batch(val, 8)[1]
+    if batch is None:
         return
-    bs = min(len(ds), val.batch_size or 8)
-    with isolated_rng(val):
-        batch = next(iter(reloader(val, list(range(bs)), bs)))
     p = next(pl_module.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     model = private_copy(pl_module, "copying the model for the validation-batch check")
@@ -879,10 +919,21 @@ def has_validation_source(trainer: Any) -> bool | None:
         return None
 
 
+def runs_validation(trainer: Any, pl_module: Any) -> bool | None:
+    """Whether the fit will run validation epochs (at ``setup``): validation data
+    (:func:`has_validation_source`) and a ``validation_step`` of the module's own, without which
+    Lightning skips the validation loop; None where the Trainer's layout is not one this reads."""
+    base = next((c for c in type(pl_module).__mro__ if c.__name__ == "LightningModule"), None)
+    if base is not None and getattr(type(pl_module), "validation_step", None) is getattr(base, "validation_step", None):
+        return False
+    return has_validation_source(trainer)
+
+
 def _validation_dataloaders(trainer: Any) -> Any:
     """The Trainer's validation loaders, set up by its validation loop when the fit never ran it
     (a checkpoint resumed after its last epoch, with no sanity check: fu18 U4 warned "no
-    validation dataloader" although one was passed); None when there are none."""
+    validation dataloader" although one was passed), or read from their source when the loop
+    never runs (a module without ``validation_step``); None when there are none."""
     loaders = trainer.val_dataloaders
     if loaders is None and getattr(trainer, "limit_val_batches", 1) != 0:
         try:
@@ -890,6 +941,15 @@ def _validation_dataloaders(trainer: Any) -> Any:
             loaders = trainer.val_dataloaders
         except Exception:  # noqa: BLE001 - no validation source (or another loop layout): none
             loaders = None
+        if loaders is None:
+            # a module without validation_step: Lightning skips its validation loop and builds no
+            # loader from the data it was given, whose utility figures were then silently missing
+            try:
+                source = trainer.fit_loop.epoch_loop.val_loop._data_source
+                if source.is_defined() and source.instance is not None:
+                    loaders = source.dataloader()
+            except Exception:  # noqa: BLE001 - no validation source (or another loop layout): none
+                loaders = None
     return loaders
 
 
@@ -937,7 +997,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     if train is None:
         raise RuntimeError("the trainer has no training dataloader")
     ds = sized_dataset(train)
-    if ds is None and world > 1:
+    if map_items(train) is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "
                        "each process streams its own loader and duplicated records count twice")
     records, note = training_records(trainer, train, full_pass, read)
@@ -956,12 +1016,17 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     val_loader = _Converted(reloader(val, None, None), trainer, next(pl_module.parameters()).device) \
         if val is not None else None
     # the records of every process: "auto" weighs the exact sandwich's cost by it, as assess does
-    n_total = len(records) if records is not None else (len(ds) if ds is not None else None)
+    # (None for items that are whole batches: their records are counted as they are read)
+    n_total = None if ds is None else (len(records) if records is not None else len(ds))
     metric = EstimationMetric(pl_module, None if hook else resolved["loss_fn"], seed=scoring_config.seed,
                               estimation_config=estimation_config, batch_fn=None if hook else batch_fn,
                               num_training_records=n_total)
     rank_zero_info(estimation_start_line(metric.mode, metric.accumulator.choice_pending, metric.accumulator.d,
                                          n_total, world))
+    if items_are_batches(train) and "auto" in (estimation_config.mode, estimation_config.hessian):
+        rank_zero_warn(f"MISCallback: the training loader {UNKNOWN_RECORDS_SOURCE}; estimation='auto' assumes "
+                       f"{N_ASSUMED:,} training records to choose its estimator (the report says whether the "
+                       "records read give the same choice)")
     batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
 
     def utility_fn(qmodel: nn.Module) -> dict[str, float]:
@@ -973,7 +1038,7 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     pb = getattr(trainer, "progress_bar_callback", None)
     shown = pb is not None and trainer.is_global_zero and not getattr(pb, "is_disabled", False)
     device, done = next(pl_module.parameters()).device, 0
-    total = len(shard) if shard is not None else None
+    total = len(shard) if shard is not None and ds is not None else None
     with ProgressDisplay({"estimation": total, "schemes": len(schemes)}, enabled=shown) as show:
         # consecutive batches merged for the estimation pass (the same sums, fewer per-batch costs)
         batches = (trainer_batch(trainer, batch, device) for batch in loader)
@@ -982,6 +1047,8 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             done += rows or getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
         est = metric.estimate()
+        if items_are_batches(train):  # the report states the count "auto" assumed
+            note_unknown_records(est, metric.accumulator, f"the training loader {UNKNOWN_RECORDS_SOURCE}")
         # metrics= only for their directions (report.utility_modes); utility_fn measures them
         report = score_schemes(est, pl_module, schemes, scoring_config=scoring_config, metrics=metrics,
                                utility_fn=utility_fn, progress=show, calibration_data=loader)

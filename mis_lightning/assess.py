@@ -33,6 +33,7 @@ from .config import (  # noqa: F401
     unexpected_options,
 )
 from .estimation import Estimate, estimate
+from .estimation.batching import items_are_batches
 from .estimation.estimate import (
     EXACT_MAX_PARAMS,
     KFAC_INFLUENCE_MAX_WIDTH,
@@ -580,7 +581,9 @@ def assess(
     ds = getattr(train_dataloader, "dataset", None)
     if isinstance(train_dataloader, DataLoader) and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
         # random augmentation in __getitem__ or the collate_fn: each record was assessed at one random draw
-        if aug := random_records_note(ds, range(len(ds)), collate_fn=train_dataloader.collate_fn):
+        # (items that are whole batches: the collate_fn takes one item, not a list of them)
+        collate = None if items_are_batches(train_dataloader) else train_dataloader.collate_fn
+        if aug := random_records_note(ds, range(len(ds)), collate_fn=collate):
             report.warnings.append(aug)
     return report
 

@@ -193,6 +193,12 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 raise ValueError("MISCallback(plan=...) needs validation data (a val_dataloaders= loader, a "
                                  "val_dataloader hook, and limit_val_batches > 0): the planner measures each "
                                  "candidate's utility cost per layer on it")
+        if self.every_n_val_epochs is not None and lt.runs_validation(trainer, pl_module) is False:
+            # on_validation_epoch_end never comes: said now, not found missing after training
+            rank_zero_warn(f"MISCallback: every_n_val_epochs={self.every_n_val_epochs} runs after validation epochs, but "
+                           f"this fit has none (no validation data, limit_val_batches=0, or no validation_step on "
+                           f"{type(pl_module).__name__}: Lightning then skips its validation loop): the callback "
+                           "runs at the end of fit only")
         if self.scoring_config.utility_key is not None and lt.has_validation_source(trainer) is False:
             check_utility_metric(self.scoring_config, self.utility_metrics, validation=False)  # raises
         # a scheme that cannot run here or on this model is an error row at the end (the

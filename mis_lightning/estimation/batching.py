@@ -32,6 +32,15 @@ def batch_rows(batch: Any) -> int | None:
     return rows.pop() if len(rows) == 1 else None
 
 
+def items_are_batches(loader: Any) -> bool:
+    """Whether each item ``loader`` yields from its dataset is already a whole batch: a torch
+    ``DataLoader`` with automatic batching off (``batch_size=None`` and no ``batch_sampler``:
+    pre-batched data, an ``IterableDataset`` yielding batches). Its ``len(dataset)`` then counts
+    batches, not records, so the number of training records is not known before the data is read.
+    """
+    return isinstance(loader, torch.utils.data.DataLoader) and loader.batch_sampler is None
+
+
 def _layout(batch: Any) -> tuple[Any, list[tuple[Any, ...]]]:
     leaves, spec = _tree.tree_flatten(batch)
     return spec, [(t.dtype, t.device, tuple(t.shape[1:]), t.layout) for t in leaves]
@@ -75,4 +84,4 @@ def merge_batches(batches: Iterable[Any], records: Callable[[], int]) -> Iterato
         yield _concatenate(pending), rows
 
 
-__all__ = ["batch_rows", "merge_batches"]
+__all__ = ["batch_rows", "items_are_batches", "merge_batches"]

@@ -36,7 +36,7 @@ from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
 from . import linear_factors as LF
-from .batching import merge_batches
+from .batching import items_are_batches, merge_batches
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
     KFAC_MIN_RECORDS,
@@ -54,6 +54,7 @@ from .linear_factors import (
     kfac_inverse_apply,
     kfac_subsample_scale,
     kfac_variance_inflation,
+    per_layer_parameters,
     standardised_influence,
 )
 from .per_sample import (
@@ -79,7 +80,7 @@ from .records import (
 from .symmetries import normalised_layers, weight_normed
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
-           "describe_estimator", "estimate", "estimator_warnings", "record_keys", "reused_layers"]
+           "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys", "reused_layers"]
 
 Mode = Literal["auto", "exact", "diagonal"]
 HessianMode = Literal["auto", "exact", "ggn", "ggn_mc", "hutchinson"]
@@ -136,6 +137,8 @@ FAST_FLOAT64_MAX_PARAMS = 10_000
 # Training records "auto" assumes where a stream does not say how many it will hold (weighs the
 # exact sandwich's cost on weight-reuse models; finalize says when the n seen chooses otherwise).
 N_ASSUMED = 10_000
+# How the report names training data whose length counts batches (batching.items_are_batches)
+UNKNOWN_RECORDS_SOURCE = "yields whole batches (DataLoader(batch_size=None)): its length counts batches, not records"
 # A sampled-label Gauss-Newton diagonal whose median relative standard error (a bound) exceeds
 # this gets a line in the report's warnings: sigma_j moves by as much.
 GGN_MC_WARN_RELATIVE_ERROR = 0.1
@@ -651,14 +654,14 @@ def choose_estimator(
     elif reuse and cost is not None and cost > reuse_max:
         why = (f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward, "
                f"n d x forward floats = {cost:.2g} > {reuse_max:.0g})")
-    elif n is not None and n * d * d > EXACT_MAX_COST:
-        why = f"n d^2 = {n * d * d:.2g} > {EXACT_MAX_COST:.0g}"
+    elif (n or N_ASSUMED) * d * d > EXACT_MAX_COST:  # an unknown n: the N_ASSUMED the report states
+        why = f"n d^2 = {(n or N_ASSUMED) * d * d:.2g} > {EXACT_MAX_COST:.0g}"
     else:
         why = ""
     cheap_exact = not why
     reason = "requested"
     reuse_cost_only = bool(reuse) and cost is not None and cost > reuse_max and d <= EXACT_MAX_PARAMS \
-        and not recurrent and not (n is not None and n * d * d > EXACT_MAX_COST)
+        and not recurrent and not ((n or N_ASSUMED) * d * d > EXACT_MAX_COST)
     # convolutional networks only (measured, gn28): a Linear over atoms or positions keeps its choice
     conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     if mode == "auto" and hessian == "auto" and reuse_cost_only and conv and ggn and outputs is not None \
@@ -949,7 +952,8 @@ class MomentAccumulator:
     def _set_kron_side(self, kind: type = FactoredProgram) -> None:
         """Build (or drop) :attr:`_kron_side` for the current choice: a ``kind`` program
         (:class:`FactoredProgram`, or :class:`LayerProgram` once a first batch has shown several
-        outputs per record: :meth:`_layer_kron_side`)."""
+        outputs per record, or where the estimation runs no per-layer program on a model with
+        convolutions: :meth:`_layer_kron_side`)."""
         if self._kron_side is not None:
             self._kron_side.close()
             self._kron_side = None
@@ -961,20 +965,36 @@ class MomentAccumulator:
             try:
                 self._kron_side = FactoredProgram(self.model, self.loss_fn, self.names, self.fast_dtype)
             except NotImplementedError:
-                self._kron_side = None
+                # no factored program; where no per-layer one runs either (a layer it refuses, or the
+                # exact / Hutchinson Hessian diagonal), a model's convolutions get their own
+                self._kron_side = self._layer_kron_side() if self.factored is None else None
 
     def _layer_kron_side(self) -> LayerProgram | None:
-        """The side program of an all-Linear model with several outputs per record (an MLP classifier,
-        softmax regression) under the exact or Hutchinson Hessian diagonal: the per-layer program,
-        whose Gauss-Newton directions give kf33's partial-trace factors (``None`` where it has no
-        Kronecker block: a norm, an embedding, tied weights). Its Gauss-Newton directions are
-        chosen as the ``"ggn"`` estimator's default (``"auto"``: sampled labels above
+        """The per-layer side program (K-FAC factors only) of
+
+        * an all-Linear model with several outputs per record (an MLP classifier, softmax
+          regression) under the exact or Hutchinson Hessian diagonal: kf33's partial-trace factors;
+        * a model with convolutions whose estimation runs no per-layer program: the Hessian
+          diagonal is exact or Hutchinson's, or another assessed layer is one the per-layer program
+          refuses (``nn.GroupNorm``, ``nn.ConvTranspose*d``, an affine ``nn.InstanceNorm*d``;
+          :func:`~mis_lightning.estimation.linear_factors.per_layer_parameters`). The program is
+          built over the parameters it can take: the convolutions and Linear layers get their KFC
+          factors (kc32) as on a model without the refused layers, which stay uncorrected and are
+          named in ``kfac_uncorrected_layers`` (:meth:`_kfac_factors`). Without this the
+          convolutions' sigma read 0.01-0.5x the exact sandwich's (docs/benchmarks.md, "cv40").
+
+        ``None`` where it has no Kronecker block (an all-Linear model with a norm, an embedding,
+        tied weights, or a refused layer). Its Gauss-Newton directions are chosen as the
+        ``"ggn"`` estimator's default (``"auto"``: sampled labels above
         ``GGN_EXACT_MAX_DIRECTIONS``), from a private generator (the estimator's draws do not move)."""
+        names = per_layer_parameters(self.model, self.names)
+        if not names:
+            return None
         try:
-            prog = LayerProgram(self.model, self.loss_fn, self.names, self.fast_dtype, reference=self.program)
+            prog = LayerProgram(self.model, self.loss_fn, names, self.fast_dtype, reference=self.program)
         except NotImplementedError:
             return None
-        if not prog.kron_blocks() or prog.kron_conv:
+        if not prog.kron_blocks() or not (prog.kron_conv or len(names) == len(self.names)):
             prog.close()
             return None
         prog.num_records, prog.group_budget = self.num_records, self.budget
@@ -1144,6 +1164,8 @@ class MomentAccumulator:
                 self.factored.close()
                 # this model's layout needs the per-layer path, or the generic one
                 self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
+                if self.factored is None:  # the convolutions' K-FAC factors from a side program
+                    self._set_kron_side()
                 return self.update(batch, state)
             else:
                 self._settle_ggn()
@@ -1685,7 +1707,7 @@ class MomentAccumulator:
             sigma_flat = sigma_flat * grow
             w = None if w is None else w * grow
             v_centring = v_centring * (1.0 - hbar)
-        kfac = self._kfac_factors(st, n, diagnostics)
+        kfac = self._kfac_factors(st, n, diagnostics, v_centring=v_centring)
         for k, f in kfac.items():
             sl = slice(*offsets[k])
             sigma_flat[sl] = sigma_flat[sl] * f
@@ -1738,7 +1760,8 @@ class MomentAccumulator:
         return out
 
     def _kfac_factors(self, st: dict[str, Any], n: int, diagnostics: dict[str, Any],
-                      apply: Callable[[str, Tensor], None] | None = None) -> dict[str, Tensor]:
+                      apply: Callable[[str, Tensor], None] | None = None,
+                      v_centring: Tensor | None = None) -> dict[str, Tensor]:
         """``{parameter: [numel] float64}``: ``sqrt(VIF_j)`` from each nn.Linear layer's Kronecker
         factors, the factor that turns the diagonal sandwich's conditional sd ``sqrt(V_jj) / H_jj``
         into the marginal sd ``sqrt((H^-1 V H^-1)_jj)`` where ``V`` is proportional to ``H`` within
@@ -1757,6 +1780,8 @@ class MomentAccumulator:
         ``r0`` at a time, as its layer is done, and nothing of size numel is returned; the VIFs the diagnostics read are kept in float32 (4 bytes per
         corrected weight instead of ~32 in float64 copies; median and maximum are order statistics,
         so they are the float64 ones rounded to float32, the 90th percentile within 2^-24 relative).
+        ``v_centring``: ``[d]`` the influences' variances, ``+inf`` at the coordinates whose
+        gradients are rounding (:func:`_without_rounding_gradients`; :meth:`_kfac_blocks`).
         """
         prog = self._kron_program()
         if prog is None or not any(k.startswith("kfac_A.") for k in st):
@@ -1771,7 +1796,7 @@ class MomentAccumulator:
         block_parts: list[tuple[str, Tensor]] = []
         if isinstance(prog, LayerProgram):
             conv = []
-            for m, blk, parts in self._kfac_blocks(st, n, prog, left):
+            for m, blk, parts in self._kfac_blocks(st, n, prog, left, v_centring):
                 ws, bs = [], []
                 for A, G, k, scale, decay, _ in parts:
                     # the sandwich's factor: V ~ K, not K + decay (dg30's VIF over-reads there)
@@ -1786,6 +1811,13 @@ class MomentAccumulator:
                 if not isinstance(mods[m], nn.Linear):
                     conv.append(m)
             left_w = sum(prog._numels[k] for m in left for k in prog.slots[m].values())
+            # a side program's refused layers (_layer_kron_side): uncorrected, and said so
+            taken = set(prog.names)
+            for k in self.names:
+                if k not in taken:
+                    if k.rpartition(".")[0] not in left:
+                        left.append(k.rpartition(".")[0])
+                    left_w += self.offsets[k][1] - self.offsets[k][0]
             if prog.kron_conv:
                 diagnostics["kfac_convolutions"] = conv
             else:  # an all-Linear model with several outputs per record (kf33): its own report sentence
@@ -1859,8 +1891,8 @@ class MomentAccumulator:
         diagnostics["kfac_uncorrected_weights"] = left_w
         return out
 
-    def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str]
-                     ) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
+    def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str],
+                     v_centring: Tensor | None = None) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
         """The per-layer program's KFC blocks (convolutions and nn.Linear layers of a model with
         convolutions; Grosse & Martens 2016) with factors: ``(module, block, per group (A, G,
         records, VIF subsample scale, decay [p], psi subsample scale))``. ``A`` is rescaled so that
@@ -1872,7 +1904,14 @@ class MomentAccumulator:
         subsample scales count rows as records x positions (``kfac_t``): a smaller correction
         than per record, so the VIF is lowered less. Layers left out (no block, wider than
         :data:`~mis_lightning.estimation.linear_factors.KFAC_MAX_WIDTH`, no factors) are appended
-        to ``left``."""
+        to ``left``.
+
+        A group's bias whose gradients are all rounding (``v_centring`` ``+inf``: a convolution's
+        bias before a GroupNorm / InstanceNorm, whose output gradients sum to zero over the
+        positions) is a zero row and column of ``A``, its exact value: its rounding there, divided
+        by its own tiny diagonal in ``A``'s correlations, read as O(1) correlations with the weights
+        and moved their VIF (cv40: the weights' sigma 0.43x against 4.1x the exact one for the same
+        Conv1d without the bias, benchmarks/kfac_conv.py ``instancenorm``)."""
         f64 = torch.float64
         kron, blocks = prog.kron_layers(), prog.kron_blocks()
         # the estimator's Hessian diagonal (as _finalize's h_flat: Hutchinson's h_sum sums its probes)
@@ -1893,6 +1932,11 @@ class MomentAccumulator:
             parts = []
             for g in range(blk.groups):
                 A, G = sA[g].to("cpu", f64), sG[g].to("cpu", f64)
+                if blk.bias is not None and v_centring is not None:
+                    a = self.offsets[blk.bias][0] + g * blk.out
+                    if not bool(torch.isfinite(v_centring[a: a + blk.out]).any()):  # a cancelled bias
+                        A = A.clone()
+                        A[-1], A[:, -1] = 0.0, 0.0
                 tr = 0.0
                 if blk.weight is not None:
                     a = self.offsets[blk.weight][0] + g * blk.out * blk.fan
@@ -1935,7 +1979,7 @@ class MomentAccumulator:
         R = grads.shape[0]
         done, left = 0, []
         if isinstance(prog, LayerProgram):
-            for m, blk, parts in self._kfac_blocks(st, n, prog, []):
+            for m, blk, parts in self._kfac_blocks(st, n, prog, [], torch.where(live, 1.0, math.inf)):
                 if blk.p + blk.out > KFAC_INFLUENCE_MAX_WIDTH:
                     left.append(m)
                     continue
@@ -2133,7 +2177,7 @@ class MomentAccumulator:
             sv = s_out[a:b].view(-1, *f.shape[1:])[r0: r0 + f.shape[0]]
             sv.copy_(sv.to(f64).mul_(f))
 
-        self._kfac_factors(st, n, diagnostics, apply=corrected)
+        self._kfac_factors(st, n, diagnostics, apply=corrected, v_centring=v_out)
         xs, ys = st["rec_x"], st["rec_y"]
         records = ([(xs, ys)] if xs.shape[0] else []) if isinstance(xs, Tensor) else list(zip(xs, ys))
         kept = min(sum(batch_size_of(y) for _, y in records), self.num_records)
@@ -2227,6 +2271,16 @@ def _mc_error(h_sum: Tensor, h2_sum: Tensor, samples: int) -> dict[str, Any]:
     return {"ggn_mc_samples": samples, "ggn_mc_median_relative_error": med, "ggn_mc_p90_relative_error": p90}
 
 
+def note_unknown_records(est: Estimate, acc: MomentAccumulator, source: str) -> None:
+    """Mark ``est`` as estimated from training data that could not say how many records it holds
+    before the pass (``source`` names it, e.g. a loader whose items are whole batches,
+    :func:`~mis_lightning.estimation.batching.items_are_batches`: its length counts batches):
+    :func:`estimator_warnings` then states the count ``"auto"`` assumed (:data:`N_ASSUMED`)."""
+    mode, hessian = acc._request[:2]
+    est.diagnostics["records_unknown"] = {"source": source, "auto": "auto" in (mode, hessian), "n": est.n,
+                                          "estimator": acc.estimator}
+
+
 # the measured figures the scale-symmetry warning quotes (ln40; docs/benchmarks.md, "ln40")
 SCALE_SYMMETRY_FIGURES = (
     "on Conv1d(4, 8, 3) -> GroupNorm / LayerNorm -> Linear models fitted to their minimum (n = 3,000-4,000) its "
@@ -2260,11 +2314,22 @@ def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
 def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     """Report lines about the estimator's own accuracy: another estimator than the one chosen
     without knowing ``n`` for the ``n`` seen (``"estimator_with_n"``, :meth:`MomentAccumulator.finalize`),
-    and the sampled-label Gauss-Newton diagonal's Monte Carlo error when its median relative
-    standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j carries the same relative error)."""
+    the count ``"auto"`` assumed for training data that did not say it (``"records_unknown"``,
+    :func:`note_unknown_records`), and the sampled-label Gauss-Newton diagonal's Monte Carlo error
+    when its median relative standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j
+    carries the same relative error)."""
     out = []
     other = diagnostics.get("estimator_with_n")
-    if other is not None:
+    unknown = diagnostics.get("records_unknown")
+    if unknown is not None and unknown["auto"]:
+        head = (f"{unknown['source']}, so the number of training records is not known before the estimation pass; "
+                f"estimation='auto' chose its estimator ({unknown['estimator']}) assuming {N_ASSUMED:,} records")
+        if other is None:
+            out.append(f"{head}; the n = {unknown['n']:,} records read give the same choice")
+        else:
+            out.append(f"{head}; the n = {other['n']:,} records read would choose the {other['estimator']} "
+                       f"({other['reason']}): pass estimation= and hessian= to choose it yourself")
+    elif other is not None:
         out.append(
             f"estimation='auto' chose its estimator without knowing the number of training records (a stream of "
             f"unknown size: MISIndicator without num_training_records, or an iterable training dataset; it assumes "
@@ -3207,13 +3272,20 @@ def estimate(
         raise TypeError(f"estimate() does not take {sorted(fixed)}: they are MomentAccumulator's own")
     acc = MomentAccumulator(model, loss_fn, selection="hash", pytree_records=True,
                             n_hint=_dataset_size(train_dataloader), **options)
+    if items_are_batches(train_dataloader) and "auto" in acc._request[:2]:
+        log.warning("estimation: train_dataloader %s; estimation='auto' assumes %s training records to choose its "
+                    "estimator",
+                    UNKNOWN_RECORDS_SOURCE, f"{N_ASSUMED:,}")
     log.info("estimation: %s (%s), d = %d", acc.estimator, acc.reason, acc.d)
     n = 0
     for batch, _ in merge_batches(train_dataloader, lambda: acc.records_per_update):
         n += acc.update(batch)
         if progress is not None:
             progress(n)
-    return acc.finalize()
+    est = acc.finalize()
+    if items_are_batches(train_dataloader):
+        note_unknown_records(est, acc, f"train_dataloader {UNKNOWN_RECORDS_SOURCE}")
+    return est
 
 
 def _records_per_update(fac: Any, b: int) -> int:
@@ -3228,7 +3300,10 @@ def _records_per_update(fac: Any, b: int) -> int:
 
 
 def _dataset_size(loader: Any) -> int | None:
-    """``len(loader.dataset)`` when the loader has a sized dataset, else ``None``."""
+    """``len(loader.dataset)`` when the loader has a sized dataset of records, else ``None`` (no
+    length, or items that are whole batches: :func:`~.batching.items_are_batches`)."""
+    if items_are_batches(loader):
+        return None
     try:
         return len(loader.dataset)
     except Exception:

@@ -221,6 +221,26 @@ def _batch_size(tree: Any) -> int:
     return int(leaves[0].shape[0])
 
 
+def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None) -> str:
+    """What to return instead of per-sample losses of ``shape`` for a batch of ``b`` records (a
+    parenthesised clause, ``""`` when there is none to give). Each record's loss must be its own
+    term of the training objective ``mean_i loss_i + weight_decay / 2 |theta|^2`` (method.md
+    section 2): a loss per output averaged over every entry of ``[B, k]`` is ``.mean(dim=-1)``
+    per record; ``.sum`` changes the balance with the weight decay, hence sigma."""
+    if shape is None or b is None:
+        return ""
+    if shape == ():
+        return " (a scalar: a loss reduced over the batch; use reduction='none')"
+    if len(shape) == 2 and shape == (b, 1):
+        return " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
+    if len(shape) >= 2 and shape[0] == b:
+        dims = -1 if len(shape) == 2 else tuple(range(1, len(shape)))
+        return (f" (a loss per record and per output, {' x '.join(str(k) for k in shape[1:])} of them: reduce "
+                f"each record's entries to its own term of the training loss, e.g. .mean(dim={dims}) when "
+                "training averages over every entry, .sum(dim=...) when it sums over the outputs)")
+    return ""
+
+
 def _record_tolerances(dtype: torch.dtype, scale: float) -> tuple[float, float]:
     """``(rtol, atol)`` for a record computed alone against its row in the batch: the two round
     differently (bf16/fp16, e.g. a "bf16-true" training, by up to a few eps), which a mixing of
@@ -602,9 +622,10 @@ class LossProgram:
                     f"targets {_describe(targets)})")
             if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
                 shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                hint = loss_shape_hint(tuple(losses.shape) if isinstance(losses, Tensor) else None, b)
                 raise ValueError(
-                    f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}; "
-                    "use reduction='none' and sum over output dimensions"
+                    f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}"
+                    + (hint or "; use reduction='none' and reduce each record's entries to one loss")
                 )
             check_record_losses(self.loss_fn, out, targets, losses, what, records)
             check_loss_batches(self.loss_fn, out, targets, what)

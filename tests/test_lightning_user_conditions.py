@@ -1,0 +1,158 @@
+"""A researcher adds MISCallback / assess to their own training (session 40, ua40): pre-batched
+data (``DataLoader(batch_size=None)``), a module without ``validation_step``, per-output losses,
+several training loaders. Each used to fail late, miscount or drop a figure silently."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning import MISCallback
+from mis_lightning.estimation.batching import items_are_batches
+from mis_lightning.estimation.estimate import N_ASSUMED
+
+torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("layout_only_figures")
+# the callback's mechanics are under test, not the headline's Monte Carlo (tests/test_callback.py's FAST)
+FAST = {"covariance": "independent", "mc_draws": 1024, "uncertainty_draws": 0}
+
+_g = torch.Generator().manual_seed(0)
+X = torch.randn(96, 3, generator=_g)
+Y = X @ torch.tensor([1.0, -1.0, 0.5]) + 0.1 * torch.randn(96, generator=_g)
+
+
+def mse(o, t):
+    return (o.squeeze(-1) - t) ** 2
+
+
+def mse_per_output(o, t):
+    return (o - t[:, None]) ** 2  # [B, k]: one loss per output
+
+
+class PreBatched(Dataset):
+    """Each item is already a batch of ``size`` records (the last one shorter)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self):
+        return -(-len(X) // self.size)
+
+    def __getitem__(self, i):
+        return X[i * self.size:(i + 1) * self.size], Y[i * self.size:(i + 1) * self.size]
+
+
+class NoValidationStep(pl.LightningModule):
+    def __init__(self, outputs: int = 1):
+        super().__init__()
+        self.net = nn.Linear(3, outputs)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        if isinstance(batch, dict):
+            batch = next(iter(batch.values()))
+        return mse_per_output(self(batch[0]), batch[1]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(cb, **kw):
+    return pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
+
+
+def test_items_are_batches_only_without_automatic_batching():
+    ds = TensorDataset(X, Y)
+    assert items_are_batches(DataLoader(ds, batch_size=None))
+    assert not items_are_batches(DataLoader(ds, batch_size=8))
+    assert not items_are_batches(DataLoader(ds, batch_sampler=[[0, 1], [2, 3]]))  # batches of records
+    assert not items_are_batches([(X, Y)])
+
+
+def test_assess_on_pre_batched_data_counts_records_and_states_the_assumed_count(caplog):
+    """len(dataset) of DataLoader(batch_size=None) counts batches (4 here): "auto" took it as the
+    record count. Now the count is unknown before the pass, N_ASSUMED is assumed and said; the
+    figures are those of the same records in ordinary batches (the sums are over records:
+    equal up to float64 rounding, 1e-12 relative)."""
+    model = nn.Linear(3, 1)
+    kw = dict(weight_decay=1e-3, **FAST)
+    ref = ml.assess(model, ["rtn_int4"], DataLoader(TensorDataset(X, Y), batch_size=32), mse,
+                    val_dataloader=DataLoader(TensorDataset(X, Y), batch_size=32), **kw)
+    with caplog.at_level(logging.WARNING, logger="mis_lightning"):
+        rep = ml.assess(model, ["rtn_int4"], DataLoader(PreBatched(25), batch_size=None), mse,
+                        val_dataloader=DataLoader(PreBatched(40), batch_size=None), **kw)
+    assert rep.n == ref.n == len(X)
+    assert rep.schemes["rtn_int4"].leakage == pytest.approx(ref.schemes["rtn_int4"].leakage, rel=1e-12)
+    assert rep.schemes["rtn_int4"].utility["loss"] == pytest.approx(ref.schemes["rtn_int4"].utility["loss"], rel=1e-12)
+    said = [w for w in rep.warnings if "whole batches" in w]
+    assert len(said) == 1 and f"assuming {N_ASSUMED:,} records" in said[0] and "same choice" in said[0]
+    assert any("whole batches" in r.getMessage() for r in caplog.records)  # before the pass, too
+    assert not any("whole batches" in w for w in ref.warnings)
+
+
+def test_callback_on_pre_batched_data_without_validation_step_measures_the_utility():
+    """Pre-batched training and validation loaders on a module without validation_step: the
+    callback read the list of a few collated batches as one batch and refused it before training
+    ("list of length 4, not (inputs, targets)"); Lightning skips the validation loop of such a
+    module, and the callback said "no validation dataloader", dropping the utility figures. Now
+    the quantized copies' loss is measured on the data given, and a shuffled loader trained on
+    2 of its 4 items per epoch counts every record it can draw, with a note (read as a stream,
+    the first 2 items of another shuffle were assessed: n = 50, said to be those trained on)."""
+    cb = MISCallback(["rtn_int4"], loss_fn=mse, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(cb, limit_train_batches=2).fit(NoValidationStep(), DataLoader(PreBatched(25), batch_size=None,
+                                                                               shuffle=True),
+                                                DataLoader(PreBatched(40), batch_size=None))
+    assert cb.last_error is None and cb.report.n == len(X)
+    assert "loss" in cb.report.schemes["rtn_int4"].utility
+    assert not any("no validation dataloader" in w for w in cb.report.warnings)
+    assert any(f"assuming {N_ASSUMED:,} records" in w for w in cb.report.warnings)
+    assert any("trained on 2 of 4 batches of a shuffled loader" in w and "4 pre-batched items" in w
+               for w in cb.report.warnings)
+
+
+def test_pre_batched_first_item_is_checked_before_training():
+    """The first pre-batched item goes through the loss before the first step (a scalar loss);
+    every_n_val_epochs on a module without validation_step (no validation epoch ever ends: the
+    callback silently ran at the end of fit only) is said at setup."""
+    cb = MISCallback(["rtn_int4"], loss_fn=lambda o, t: mse(o, t).mean(), every_n_val_epochs=1, **FAST)
+    trainer = _trainer(cb)
+    with pytest.warns(UserWarning, match=r"every_n_val_epochs=1 .* no validation_step on NoValidationStep"), \
+            pytest.raises(ValueError, match=r"returned shape \[\] for a batch of 25 records"):
+        trainer.fit(NoValidationStep(), DataLoader(PreBatched(25), batch_size=None),
+                    DataLoader(PreBatched(40), batch_size=None))
+    assert trainer.global_step == 0
+
+
+def test_a_loss_per_output_is_refused_before_training_saying_how_to_reduce_it():
+    """[B, k] losses: named with the reduction matching a training loss averaged over every entry
+    (assess advised summing, which changes the balance with weight decay)."""
+    cb = MISCallback(["rtn_int4"], loss_fn=mse_per_output, **FAST)
+    trainer = _trainer(cb)
+    with pytest.raises(ValueError, match=r"returned shape \[16, 3\] .*\(a loss per record and per output, 3 of "
+                                         r"them.*\.mean\(dim=-1\) when training averages over every entry"):
+        trainer.fit(NoValidationStep(3), DataLoader(TensorDataset(X, Y), batch_size=16))
+    assert trainer.global_step == 0
+    with pytest.raises(ValueError, match=r"got \[16, 3\] \(a loss per record and per output.*\.mean\(dim=-1\)"):
+        ml.assess(nn.Linear(3, 3), ["rtn_int4"], DataLoader(TensorDataset(X, Y), batch_size=16), mse_per_output)
+
+
+def test_several_training_loaders_are_refused_before_training_naming_them():
+    cb = MISCallback(["rtn_int4"], loss_fn=mse, **FAST)
+    trainer = _trainer(cb)
+    loaders = {"labelled": DataLoader(TensorDataset(X, Y), batch_size=16),
+               "extra": DataLoader(TensorDataset(X, Y), batch_size=16)}
+    with pytest.raises(ValueError, match=r"one training dataloader, got 2 \('labelled', 'extra'\).*ConcatDataset"):
+        trainer.fit(NoValidationStep(), loaders)
+    assert trainer.global_step == 0
