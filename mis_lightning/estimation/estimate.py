@@ -106,7 +106,7 @@ WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
 EXACT_REUSE_MAX_COST = 5e7
 # ... and this much where a layer's weights have a scale symmetry (before a normalisation, or
 # under weight_norm; symmetries.py): the diagonal estimator cannot represent that flat direction
-# and read such models' quantized figures 0.53-3.9x the exact estimator's (ln40: Conv1d ->
+# and read such models' quantized figures 0.78-3.9x the exact estimator's (ln40: Conv1d ->
 # GroupNorm / LayerNorm -> Linear, n = 3,000-4,000), so the exact pass is worth ~10x its cost there
 # (6-35 s CPU against ~1 s at n = 4,000, d = 169-396).
 SYMMETRY_EXACT_MAX_COST = 10 * EXACT_REUSE_MAX_COST
@@ -2284,10 +2284,10 @@ def note_unknown_records(est: Estimate, acc: MomentAccumulator, source: str) -> 
 # the measured figures the scale-symmetry warning quotes (ln40; docs/benchmarks.md, "ln40")
 SCALE_SYMMETRY_FIGURES = (
     "on Conv1d(4, 8, 3) -> GroupNorm / LayerNorm -> Linear models fitted to their minimum (n = 3,000-4,000) its "
-    "quantized figures (rtn_int8, rtn_int4) read 0.53-0.59x the exact estimator's after a GroupNorm, 0.87-1.11x "
+    "quantized figures (rtn_int8, rtn_int4) read 0.78-0.85x the exact estimator's after a GroupNorm, 0.87-1.11x "
     "after a LayerNorm, and 3.8-3.9x on a 4-class head whose Linear sees fewer independent features than it has "
     "inputs (1,077 of its 1,548 directions flat, which the exact estimator projects out); the per-weight sigma "
-    "is what is off: scored with the exact estimator's sigma, the diagonal estimate read 0.95-1.13x")
+    "is what is off: scored with the exact estimator's sigma, the diagonal estimate read 0.95-1.09x")
 
 
 def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
