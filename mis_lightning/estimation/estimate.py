@@ -1122,7 +1122,7 @@ class MomentAccumulator:
         inputs, targets, b = program.prepare(batch)
         if self._normalised_probe:
             self._normalised_probe = False
-            if int(st["n"]) == 0:
+            if int(st["n"]) == 0 and self._request[0] != "exact":  # the exact sandwich projects them out
                 own, raw = getattr(program, "model", None), self.batch_fn(batch)[0]
                 # the program's private copy (its weights in the model's dtype): no second copy of a
                 # large model; where that forward fails (tensor attributes cast), a copy of the model
