@@ -56,6 +56,8 @@ from ..functional.quotient import (
 )
 from ..functional.storage import (
     STORAGE_DTYPES,
+    as_stored,
+    overflow_threshold,
     storage_cell_moments,
     storage_ulp,
     storage_values,
@@ -1867,11 +1869,39 @@ class ParamGrid:
         if bounds is not None:
             # a bound within reach cuts a cell at the stored midpoint: first order at any sd
             exact = exact | bounds_in_reach(th, sg, bounds[0].to(torch.float64), bounds[1].to(torch.float64))
+        exact = exact | self._overflow_in_reach(th, reach, scale, zp)
         center = self._center(th, scale, zp, code)
         k_lo = self._stored_key(stored(th - reach, D), scale, zp)
         k_hi = self._stored_key(stored(th + reach, D), scale, zp)
         need = torch.maximum(center - k_lo, k_hi - center) + 1
         return exact, center, need
+
+    def _overflow_in_reach(self, th: Tensor, reach: Tensor, scale: Tensor, zp: Tensor) -> Tensor:
+        """``[c]`` bool: the elements whose reach (``th +- reach``, parameter units) passes the
+        storage dtype's overflow threshold (fp16 ``+-65520``) on a side where the grid keys ``+-inf``
+        apart from the largest finite value (a ``bf16`` cast of fp16 weights: 65504 goes to bf16's
+        65536, ``inf`` stays ``inf``). There the stored cells end at the threshold and an unbounded
+        cell lies beyond, while the grid's own cells run on: read on them, kappa was up to 0.18
+        high (fp16 65504, sd 3e3-3e4; tests/test_stored_overflow.py), so such elements take the
+        stored cells' exact sums at any sd."""
+        D = self.storage_dtype
+        assert D is not None
+        thr = overflow_threshold(D)
+        up, down = th + reach >= thr, th - reach <= -thr
+        out = up | down
+        if not bool(out.any()):
+            return out
+        ii = torch.nonzero(out).squeeze(-1)
+        s, z = scale[ii], zp[ii]
+        top = float(torch.finfo(D).max)
+
+        def key(v: float) -> Tensor:
+            return self._stored_key(torch.full((ii.numel(),), v, dtype=torch.float64, device=th.device), s, z)
+
+        apart = (up[ii] & (key(math.inf) != key(top))) | (down[ii] & (key(-math.inf) != key(-top)))
+        out = torch.zeros_like(out)
+        out[ii] = apart
+        return out
 
     def _storage_cells(self, theta: Tensor, sigma: Tensor, scale: Tensor, zp: Tensor,
                        bounds: tuple[Tensor, Tensor] | None) -> Tensor | None:
@@ -1912,7 +1942,8 @@ class ParamGrid:
         for r, i0 in enumerate(first.tolist()):
             key = (float(s64[i0]), float(z64[i0]), vals.device)
             if key not in cache:
-                k = self._stored_key(vals, s64[i0].expand(V), z64[i0].expand(V))
+                # the outermost values stand for +-inf (the overflow cells): key inf itself
+                k = self._stored_key(as_stored(vals, D), s64[i0].expand(V), z64[i0].expand(V))
                 # runs of D values sharing a key: one stored cell each, between the storage
                 # midpoints around the run (the outermost cells: to the last D value)
                 starts = torch.cat([k.new_ones(1, dtype=torch.bool), k[1:] != k[:-1]])
