@@ -1179,25 +1179,24 @@ class ParamGrid:
         or the grid's own edges, as :meth:`_storage_exact` decides."""
         exact, center, need, wide = self._storage_exact(theta, sigma, scale, zero_point, code, bounds)
         own = replace(self, storage_dtype=None)
-        if wide is not None:
-            rest = torch.nonzero(~wide).squeeze(-1)
-            return _merge_moments(theta.shape[0], theta.device, [
-                (torch.nonzero(wide).squeeze(-1),
-                 lambda ii: self._overflow_open_moments(theta[ii], sigma[ii], scale[ii], kappa_only)),
-                (rest, lambda ii: self._stored_paths(theta[ii], sigma[ii], scale[ii], zero_point[ii], _pick(code, ii),
-                                                     _pick(bounds, ii), compile_policy, kappa_only))])
-        if bool(exact.all()):
-            return self._storage_moments(theta, sigma, scale, zero_point, center, need, bounds,
-                                         compile_policy, kappa_only)
-        if not bool(exact.any()):
-            return own.element_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
-        return _merge_moments(theta.shape[0], theta.device, [
+        if wide is None:
+            if bool(exact.all()):
+                return self._storage_moments(theta, sigma, scale, zero_point, center, need, bounds,
+                                             compile_policy, kappa_only)
+            if not bool(exact.any()):
+                return own.element_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+        # (wide elements are never exact: the three groups are disjoint)
+        groups = [
             (torch.nonzero(exact).squeeze(-1),
              lambda ii: self._storage_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], center[ii],
                                               need[ii], _pick(bounds, ii), compile_policy, kappa_only)),
-            (torch.nonzero(~exact).squeeze(-1),
+            (torch.nonzero(~exact if wide is None else ~exact & ~wide).squeeze(-1),
              lambda ii: own.element_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], _pick(code, ii),
-                                            _pick(bounds, ii), compile_policy, kappa_only))])
+                                            _pick(bounds, ii), compile_policy, kappa_only))]
+        if wide is not None:
+            groups.append((torch.nonzero(wide).squeeze(-1),
+                           lambda ii: self._overflow_open_moments(theta[ii], sigma[ii], scale[ii], kappa_only)))
+        return _merge_moments(theta.shape[0], theta.device, [(ii, f) for ii, f in groups if ii.numel()])
 
     def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
