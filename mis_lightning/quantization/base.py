@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields, replace
+from types import SimpleNamespace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -56,6 +57,8 @@ from ..functional.quotient import (
 )
 from ..functional.storage import (
     STORAGE_DTYPES,
+    as_stored,
+    overflow_threshold,
     storage_cell_moments,
     storage_ulp,
     storage_values,
@@ -63,7 +66,7 @@ from ..functional.storage import (
     stored_bounds,
     stored_edges,
 )
-from ..functional.table import table_layout
+from ..functional.table import _open_fine_moments, table_layout
 from ..functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TABLE_MAX_VALUES,
@@ -104,6 +107,12 @@ STORAGE_FINE_CELLS = 2.0
 _STORAGE_WINDOWS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 17, 20, 24, 29, 35, 42, 50, 60, 72, 86, 103, 124, 149,
                     179, 215, 258, 310, 372, 446, _MAX_WINDOW, 724, 1024, 1448, 2048, 2896, 4096, 5793, 8192,
                     11585, 16384, 23170, 32768, 46341, 65536)
+# keys each side up to which an element whose reach passes a storage overflow threshold (fp16
+# +-65520) that the grid keys apart from the largest value takes the stored cells' sums at any sd
+# (ParamGrid._overflow_in_reach; fs40): beyond, the grid's own cells, which run on past the
+# threshold (kappa high: conservative, up to 0.18 at fp16's 65504 with sd 3e3 under bf16): exact
+# sums over the ~38k bf16 keys of fp16's range cost ~4 ms an element (fp16 1e6 scoring 10 -> 96 s)
+STORAGE_OVERFLOW_MAX_WINDOW = _MAX_WINDOW
 # runs of equal (scale, zero point) per chunk up to which a grid with more keys than 2 * _MAX_WINDOW
 # is checked for storage cells (:meth:`ParamGrid._storage_cells`: one key per D value, 65k, per run)
 _STORAGE_CELL_RUNS = 4
@@ -1168,20 +1177,26 @@ class ParamGrid:
                       compile_policy: CompilePolicy | None, kappa_only: bool) -> CellMoments:
         """:meth:`_stored_grid_moments` without the wide-sd closed form: the exact stored-cell sums
         or the grid's own edges, as :meth:`_storage_exact` decides."""
-        exact, center, need = self._storage_exact(theta, sigma, scale, zero_point, code, bounds)
+        exact, center, need, wide = self._storage_exact(theta, sigma, scale, zero_point, code, bounds)
         own = replace(self, storage_dtype=None)
-        if bool(exact.all()):
-            return self._storage_moments(theta, sigma, scale, zero_point, center, need, bounds,
-                                         compile_policy, kappa_only)
-        if not bool(exact.any()):
-            return own.element_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
-        return _merge_moments(theta.shape[0], theta.device, [
+        if wide is None:
+            if bool(exact.all()):
+                return self._storage_moments(theta, sigma, scale, zero_point, center, need, bounds,
+                                             compile_policy, kappa_only)
+            if not bool(exact.any()):
+                return own.element_moments(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only)
+        # (wide elements are never exact: the three groups are disjoint)
+        groups = [
             (torch.nonzero(exact).squeeze(-1),
              lambda ii: self._storage_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], center[ii],
                                               need[ii], _pick(bounds, ii), compile_policy, kappa_only)),
-            (torch.nonzero(~exact).squeeze(-1),
+            (torch.nonzero(~exact if wide is None else ~exact & ~wide).squeeze(-1),
              lambda ii: own.element_moments(theta[ii], sigma[ii], scale[ii], zero_point[ii], _pick(code, ii),
-                                            _pick(bounds, ii), compile_policy, kappa_only))])
+                                            _pick(bounds, ii), compile_policy, kappa_only))]
+        if wide is not None:
+            groups.append((torch.nonzero(wide).squeeze(-1),
+                           lambda ii: self._overflow_open_moments(theta[ii], sigma[ii], scale[ii], kappa_only)))
+        return _merge_moments(theta.shape[0], theta.device, [(ii, f) for ii, f in groups if ii.numel()])
 
     def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                      code: Tensor | None, bounds: tuple[Tensor, Tensor] | None,
@@ -1846,13 +1861,16 @@ class ParamGrid:
         return torch.cat([raw[:, :1], inner, raw[:, -1:]], dim=-1)
 
     def _storage_exact(self, theta: Tensor, sigma: Tensor, scale: Tensor, zp: Tensor,
-                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
-        """``(exact [c] bool, center [c], need [c])``: the elements scored on the stored cells (sd
+                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(exact [c] bool, center [c], need [c], wide [c] bool or None)``: the elements scored on the stored cells (sd
         within ``STORAGE_EXACT_MAX_ULPS`` storage ulps at the edges within reach, or within
         ``STORAGE_FINE_CELLS`` of the grid's cells, or a bound within reach), their cell keys and
         the grid's keys each side they need (any number: the windows go up to the whole table;
         before st31 an element needing more than ``_MAX_WINDOW`` was scored on the grid's own
-        cells, 8x too fine for fp16 on a bf16 model: kappa up to 4.5e-3 too high)."""
+        cells, 8x too fine for fp16 on a bf16 model: kappa up to 4.5e-3 too high). ``wide``: the
+        elements not exact whose reach passes an overflow threshold the grid keys apart, with a
+        window wider than ``STORAGE_OVERFLOW_MAX_WINDOW`` (:meth:`_overflow_open_moments`)."""
         D = self.storage_dtype
         assert D is not None
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
@@ -1870,8 +1888,99 @@ class ParamGrid:
         center = self._center(th, scale, zp, code)
         k_lo = self._stored_key(stored(th - reach, D), scale, zp)
         k_hi = self._stored_key(stored(th + reach, D), scale, zp)
+        over = self._overflow_in_reach(th, reach, scale, zp, k_lo, k_hi)
         need = torch.maximum(center - k_lo, k_hi - center) + 1
-        return exact, center, need
+        wide = None
+        if over is not None:
+            # where the grid keys +-inf apart from the largest value, its own cells run on past the
+            # overflow threshold where the stored ones end (kappa up to 0.18 high): the stored
+            # cells' sums, where their window is not wider than STORAGE_OVERFLOW_MAX_WINDOW keys;
+            # the others (fine: sd above 2 of the grid's cells) the open cells' closed form
+            narrow = need <= STORAGE_OVERFLOW_MAX_WINDOW
+            wide = over & ~narrow & ~exact
+            exact = exact | (over & narrow)
+            wide = wide if bool(wide.any()) else None
+        return exact, center, need, wide
+
+    def _overflow_in_reach(self, th: Tensor, reach: Tensor, scale: Tensor, zp: Tensor, k_lo: Tensor,
+                           k_hi: Tensor) -> Tensor | None:
+        """The elements whose reach (``th +- reach``, parameter units) passes the storage dtype's
+        overflow threshold (fp16 ``+-65520``) on a side where the grid keys ``+-inf`` apart from the
+        largest finite value (a ``bf16`` cast of fp16 weights: 65504 goes to bf16's 65536, ``inf``
+        stays ``inf``): ``[c]`` bool, ``None`` where none. There the stored cells end at the
+        threshold, an unbounded cell beyond, while the grid's own cells run on. ``k_lo`` / ``k_hi``
+        (the keys of the reach's ends, ``[c]``) are clamped in place to one key past the largest
+        value's: the keys between it and ``inf``'s hold no stored value (their edges all lie at
+        the threshold), so the stored cells' window need not hold them (bf16's keys from 65536 to
+        ``inf``: 16k each side)."""
+        D = self.storage_dtype
+        assert D is not None
+        thr = overflow_threshold(D)
+        up, down = th + reach >= thr, th - reach <= -thr
+        out = up | down
+        if not bool(out.any()):
+            return None
+        ii = torch.nonzero(out).squeeze(-1)
+        s, z = scale[ii], zp[ii]
+        top = float(torch.finfo(D).max)
+
+        def key(v: float) -> Tensor:
+            return self._stored_key(torch.full((ii.numel(),), v, dtype=torch.float64, device=th.device), s, z)
+
+        k_top, k_bot = key(top), key(-top)
+        k_hi[ii] = torch.minimum(k_hi[ii], k_top + 1)
+        k_lo[ii] = torch.maximum(k_lo[ii], k_bot - 1)
+        out = torch.zeros_like(out)
+        out[ii] = (up[ii] & (key(math.inf) != k_top)) | (down[ii] & (key(-math.inf) != k_bot))
+        return out
+
+    def _overflow_open_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, kappa_only: bool) -> CellMoments:
+        """Cell moments ``[c]`` of elements whose reach passes the storage overflow threshold ``+-T``
+        (fp16 65520) where the grid keys ``+-inf`` apart, with sd above 2 of the grid's cells
+        (:meth:`_storage_exact`'s ``wide``): the finite stored cells, within ``(-T, T)``, in the
+        fine-grid expansion, the two unbounded overflow cells beyond exact
+        (:func:`~mis_lightning.functional.table._open_fine_moments`, the fp16 cast's open cells'
+        form, with ``T`` for the table's ends): ``kappa = int_a^b u^2 phi - (h^2/12 - h^4/144)
+        P(a, b)`` plus the end cells' ``p mu^2``, ``h`` the narrowest of the grid's cells within
+        reach in sd (0 where the reach holds 0: a float table's cells shrink towards it), so the
+        finite cells' variance is never over-counted (kappa high by at most their
+        ``sum p_k (w_k^2 - h^2) / 12``; at sd above 2 cells, ``w_k <= sd / 2``). The stored edges
+        are read at the grid's own, as the fine-sd switch reads them (second order). ``E|m|``:
+        ``2 phi(median(a, 0, b)) - 0.05 h^2 P(a, b)`` (the fine cells' ``int |u| phi`` and the end
+        cells' ``p |mu|``). Before fs40 these read the grid's own cells running on past ``T``:
+        kappa 0.18 high at fp16's 65504 under ``bf16`` with sd 1e4."""
+        D = self.storage_dtype
+        assert D is not None
+        th, sg = theta.to(torch.float64), sigma.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+        thr = overflow_threshold(D)
+        reach = CUTOFF_SIGMAS * sg
+        near = torch.where((th - reach <= 0) & (th + reach >= 0), torch.zeros_like(th),
+                           torch.minimum((th - reach).abs(), (th + reach).abs()))
+        if self.kind == "affine":
+            h = scale.to(torch.float64)
+        elif self.kind == "table":
+            assert self.values is not None
+            mids = table_layout(self.values, th.device).mids
+            s = scale.to(torch.float64)
+            safe = torch.where(s > 0, s, torch.ones_like(s))
+            k = torch.searchsorted(mids, near / safe).clamp(1, mids.numel() - 1)
+            k2 = torch.searchsorted(mids, -near / safe).clamp(1, mids.numel() - 1)
+            h = torch.minimum(mids[k] - mids[k - 1], mids[k2] - mids[k2 - 1]) * safe
+        else:  # quotient: its cells' widths vary around the step; none counted (conservative)
+            h = torch.zeros_like(th)
+        h2 = (h / sg) ** 2
+        ends = SimpleNamespace(lo_edge=-thr, hi_edge=thr)
+        one = torch.ones_like(th)
+        kappa, m4 = _open_fine_moments(th, sg, one, h2, ends, kappa_only)  # type: ignore[arg-type]
+        if kappa_only:
+            nan = torch.full_like(kappa, math.nan)
+            return CellMoments(kappa=kappa, mean_abs=nan, m4=nan.clone(), coverage=one)
+        a, b = (-thr - th) / sg, (thr - th) / sg
+        prob = (torch.special.ndtr(b) - torch.special.ndtr(a)).clamp_min(0.0)
+        mid = torch.minimum(torch.maximum(torch.zeros_like(a), a), b)
+        mean_abs = (2.0 * torch.exp(-0.5 * mid * mid) / math.sqrt(2.0 * math.pi) - 0.05 * h2 * prob).clamp(0.0, SQRT_2_OVER_PI)
+        assert m4 is not None
+        return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=one)
 
     def _storage_cells(self, theta: Tensor, sigma: Tensor, scale: Tensor, zp: Tensor,
                        bounds: tuple[Tensor, Tensor] | None) -> Tensor | None:
@@ -1912,7 +2021,8 @@ class ParamGrid:
         for r, i0 in enumerate(first.tolist()):
             key = (float(s64[i0]), float(z64[i0]), vals.device)
             if key not in cache:
-                k = self._stored_key(vals, s64[i0].expand(V), z64[i0].expand(V))
+                # the outermost values stand for +-inf (the overflow cells): key inf itself
+                k = self._stored_key(as_stored(vals, D), s64[i0].expand(V), z64[i0].expand(V))
                 # runs of D values sharing a key: one stored cell each, between the storage
                 # midpoints around the run (the outermost cells: to the last D value)
                 starts = torch.cat([k.new_ones(1, dtype=torch.bool), k[1:] != k[:-1]])

@@ -25,8 +25,10 @@ STORAGE_METHOD = "stored"
 
 def storage_grid(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> ParamGrid:
     """The storage grid of a parameter ``name`` of ``shape`` stored in ``dtype`` (bfloat16 /
-    float16): kind ``"table"`` over every finite ``dtype`` value, scale 1, one block, no storage
-    rounding of its own (``storage_dtype=None``: its cells are the storage cells).
+    float16): kind ``"table"`` over every finite ``dtype`` value and the overflow cells beyond
+    (:func:`~mis_lightning.functional.storage.storage_values`: ``+-inf`` stood for by the next power
+    of two, released as ``inf``: ``release_dtype``), scale 1, one block, no storage rounding of its
+    own (``storage_dtype=None``: its cells are the storage cells).
 
     Raises:
         ValueError: ``dtype`` is not bfloat16 / float16.
@@ -36,7 +38,7 @@ def storage_grid(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Param
     return ParamGrid(name=name, shape=shape, kind="table", dequantized=torch.empty(0),
                      bits_per_weight=float(torch.finfo(dtype).bits),
                      scale=torch.ones([1] * len(shape), dtype=torch.float32), block_size=shape,
-                     values=storage_values(dtype), method=STORAGE_METHOD)
+                     values=storage_values(dtype), method=STORAGE_METHOD, release_dtype=dtype)
 
 
 def storage_grids(model: nn.Module, names: Sequence[str]) -> dict[str, ParamGrid]:
