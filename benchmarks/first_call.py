@@ -115,9 +115,11 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
 
     saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path, dtype)
     epoch = float(saved["epoch"])
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0 = time.process_time()
     est = run_estimation(model, loader, loss_fn, est_cfg)
     e = time.process_time() - c0
+    f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     dynamo = "torch._dynamo" in sys.modules
     pr = cProfile.Profile()
     c0 = time.process_time()
@@ -127,9 +129,11 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
     if prof:
         pr.disable()
     s = time.process_time() - c0
+    f2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     line = (f"size {saved['size']} epoch {epoch:.3f} s; estimation {e:.2f} s = {e / epoch:.2f} ep; scoring {s:.2f} s"
             f" = {s / epoch:.2f} ep; total {(e + s) / epoch:.2f} ep; torch._dynamo after estimation: {dynamo};"
-            f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; load {os.getloadavg()[0]:.1f}")
+            f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB;"
+            f" minor faults estimation {f1 - f0:,}, scoring {f2 - f1:,}; load {os.getloadavg()[0]:.1f}")
     print(line)
     if json_path:
         Path(json_path).write_text(rep.to_json())
