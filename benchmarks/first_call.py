@@ -18,6 +18,13 @@ checkouts; ``--prof`` writes a cProfile of the scoring call (``PREFIX.prof``, ``
 ``--off MODULE.FLAG`` (repeatable) sets a module-level switch of ``mis_lightning`` False before
 the calls, e.g. ``--off quantization.base.POINT_MASS_CLOSED_FORM`` (an A/B in one checkout).
 
+``ab`` (pf40) scores the saved model repeatedly in one process after one estimation: a warm-up
+call, then pairs with boolean switches on and off (alternating which goes first), CPU seconds of
+each call and whether every report is the warm-up's (a pure-speed switch: bitwise the same):
+
+    python benchmarks/first_call.py ab /tmp/m1e7.pt --rounds 4 --flag assess.MAIN_KAPPA_ONLY \
+        --flag quantization.base.CUBE_KEPT_KAPPA_ONLY
+
 To compare two checkouts, run ``assess`` alternately from each (``cd CHECKOUT &&
 PYTHONPATH=$PWD python PATH/TO/first_call.py assess ...``) on the same saved model, one thread,
 ``OMP_WAIT_POLICY=PASSIVE``: old/new ratios within a pair, never absolute times across runs.
@@ -108,9 +115,11 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
 
     saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path, dtype)
     epoch = float(saved["epoch"])
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0 = time.process_time()
     est = run_estimation(model, loader, loss_fn, est_cfg)
     e = time.process_time() - c0
+    f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     dynamo = "torch._dynamo" in sys.modules
     pr = cProfile.Profile()
     c0 = time.process_time()
@@ -120,9 +129,11 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
     if prof:
         pr.disable()
     s = time.process_time() - c0
+    f2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     line = (f"size {saved['size']} epoch {epoch:.3f} s; estimation {e:.2f} s = {e / epoch:.2f} ep; scoring {s:.2f} s"
             f" = {s / epoch:.2f} ep; total {(e + s) / epoch:.2f} ep; torch._dynamo after estimation: {dynamo};"
-            f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; load {os.getloadavg()[0]:.1f}")
+            f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB;"
+            f" minor faults estimation {f1 - f0:,}, scoring {f2 - f1:,}; load {os.getloadavg()[0]:.1f}")
     print(line)
     if json_path:
         Path(json_path).write_text(rep.to_json())
@@ -131,6 +142,50 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
         st = io.StringIO()
         pstats.Stats(pr, stream=st).sort_stats("cumulative").print_stats(60)
         Path(prof + ".txt").write_text(line + "\n" + st.getvalue())
+
+
+def _switches_ab(path: str, flags: list[str], rounds: int, schemes: list[str] | None, dtype: str | None) -> None:
+    """One estimation, one warm-up scoring call, then ``rounds`` pairs of scoring calls with the
+    switches ``flags`` (``MODULE.FLAG`` of ``mis_lightning``) on and off, alternating which goes
+    first; CPU seconds of each call and whether every report equals the first one (JSON)."""
+    import importlib
+
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.assess import run_estimation, score_schemes
+
+    mods = []
+    for flag in flags:
+        owner, _, attr = flag.rpartition(".")
+        m = importlib.import_module("mis_lightning." + owner)
+        if not isinstance(getattr(m, attr), bool):
+            raise SystemExit(f"--flag {flag}: not a boolean switch")
+        mods.append((m, attr))
+    saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path, dtype)
+    est = run_estimation(model, loader, loss_fn, est_cfg)
+
+    def call(on: bool) -> tuple[float, str]:
+        for m, attr in mods:
+            setattr(m, attr, on)
+        c0 = time.process_time()
+        rep = score_schemes(est, model, schemes or COMMON_SCHEMES, scoring_config=sc_cfg)
+        return time.process_time() - c0, rep.to_json()
+
+    _, first = call(True)  # (the first call's one-time costs out of the pairs)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    same = True
+    for r in range(rounds):
+        for on in ((False, True) if r % 2 == 0 else (True, False)):
+            t, js = call(on)
+            times[on].append(t)
+            same &= js == first
+    epoch = float(saved["epoch"])
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"size {saved['size']}; switches {' '.join(flags)}; every report equal: {same}")
+    for on in (False, True):
+        print(f"{'on ' if on else 'off'} median {med[on]:.2f} s = {med[on] / epoch:.2f} ep |",
+              " ".join(f"{x:.2f}" for x in times[on]))
+    print(f"on / off per pair: {' '.join(f'{a / b:.3f}' for a, b in zip(times[True], times[False]))}; "
+          f"load {os.getloadavg()[0]:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +203,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="set mis_lightning.MODULE.FLAG False (repeatable)")
     a.add_argument("--dtype", choices=["bfloat16", "float16"], default=None,
                    help="cast the model and inputs to this storage format (default: float32 as saved)")
+    b = sub.add_parser("ab", help="switches on / off in one process, alternating (see _switches_ab)")
+    b.add_argument("path")
+    b.add_argument("--flag", action="append", required=True, metavar="MODULE.FLAG")
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--schemes", nargs="+", default=None)
+    b.add_argument("--dtype", choices=["bfloat16", "float16"], default=None)
     args = ap.parse_args(argv)
     if args.cmd == "train":
         _train(args.size, args.path)
+    elif args.cmd == "ab":
+        _switches_ab(args.path, args.flag, args.rounds, args.schemes, args.dtype)
     else:
         _assess(args.path, args.json, args.prof, args.schemes, args.off, args.dtype)
     return 0

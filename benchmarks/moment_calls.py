@@ -18,11 +18,16 @@ ABBA order, ``PYTHONPATH=$PWD``). ``capture`` runs ``first_call.py assess``'s es
 ``ParamGrid.moments`` call (grid, weights, sd, range, ``kappa_only``). ``ab`` replays them under
 ``CompilePolicy("never")`` (the eager paths the 1e7 pass takes before its compile threshold),
 ``--rounds`` times with the switches on, then off, and prints the CPU seconds
-(``time.process_time``, one thread) of each round and whether every call's four fields summed
-to the same values both ways (``kappa`` alone in ``kappa_only`` calls: the others are unread). ``--flag`` names boolean switches of
+(``time.process_time``, one thread) of each round and in how many calls the SHA-1 of the read
+fields differs between the two ways (``kappa`` alone in ``kappa_only`` calls: the others are unread). ``--flag`` names boolean switches of
 ``mis_lightning.quantization.base`` to turn off (default: cm35's ``SHARE_EXPANSIONS`` and
 ``REVEALED_IN_PLACE``, plus the wide-sd form's C3 kept for the pool call, which ``--flag cube``
-names: the replay then never finds a kept C3). ``versus`` replays the calls with this checkout's
+names: the replay then never finds a kept C3); ``--flag main`` replays the joint pass's main
+calls (marked at capture) with every field, as before ``assess.MAIN_KAPPA_ONLY`` (pf40):
+
+    python benchmarks/moment_calls.py ab CALLS.pt --rounds 5 --flag main --flag CUBE_KEPT_KAPPA_ONLY
+
+``versus`` replays the calls with this checkout's
 ``ParamGrid`` and with another checkout's (``--root``: its ``mis_lightning`` copied into a temporary
 folder as ``mis_lightning_old``, each grid rebuilt from its fields there), rounds interleaved in
 one process (alternating which goes first), for changes without a switch (cm36); it also says
@@ -59,8 +64,13 @@ def _capture(model_path: str, out: str) -> None:
     real = base.ParamGrid.moments
 
     def record(self, theta, sigma, start, end, use_codes=True, compile_policy=None, kappa_only=False):
+        # the joint pass's main call of a scheme (its sd is the chunk's own, its grid not the
+        # storage baseline's): what `ab --flag main` replays with kappa_only False
+        f = sys._getframe(1)
+        main = f.f_code.co_name == "_joint_sums" and sigma is f.f_locals.get("sg_c") \
+            and self is not f.f_locals.get("sgrid")
         calls.append({"grid": self, "theta": theta, "sigma": sigma, "start": start, "end": end,
-                      "use_codes": use_codes, "kappa_only": kappa_only})
+                      "use_codes": use_codes, "kappa_only": kappa_only, "main": main})
         return real(self, theta, sigma, start, end, use_codes, compile_policy, kappa_only)
 
     base.ParamGrid.moments = record
@@ -125,6 +135,8 @@ def _load_calls(path: str, param: str | None, share_pool_sd: bool) -> list[dict]
 
 
 def _ab(path: str, rounds: int, param: str | None, flags: list[str], share_pool_sd: bool = False) -> None:
+    import hashlib
+
     import torch
 
     import mis_lightning.quantization.base as qb
@@ -134,7 +146,7 @@ def _ab(path: str, rounds: int, param: str | None, flags: list[str], share_pool_
     calls = _load_calls(path, param, share_pool_sd)
     policy = CompilePolicy("never")
     get, put = qb._fact_get, qb._fact_put
-    switches = [f for f in flags if f != "cube"]
+    switches = [f for f in flags if f not in ("cube", "main")]
     for f in switches:
         if not isinstance(getattr(qb, f), bool):
             raise SystemExit(f"--flag {f}: not a boolean switch of quantization.base")
@@ -147,7 +159,7 @@ def _ab(path: str, rounds: int, param: str | None, flags: list[str], share_pool_
             put(kind, *a)
 
     times: dict[bool, list[float]] = {True: [], False: []}
-    sums: dict[bool, list[tuple[float, ...]]] = {}
+    sums: dict[bool, list[str]] = {}
     for r in range(rounds):
         for on in (True, False):
             if "cube" in flags:
@@ -158,16 +170,19 @@ def _ab(path: str, rounds: int, param: str | None, flags: list[str], share_pool_
             t0 = time.process_time()
             got = []
             for c in calls:
-                mm = c["grid"].moments(c["theta"], c["sigma"], c["start"], c["end"], c["use_codes"], policy,
-                                       c["kappa_only"])
-                if r == 0:
-                    fields = ("kappa",) if c["kappa_only"] else FIELDS  # the others unread there
-                    got.append(tuple(float(getattr(mm, f).nan_to_num(nan=-7.0).sum()) for f in fields))
+                # "main" off: the joint pass's main calls with every field (before assess.MAIN_KAPPA_ONLY)
+                ko = c["kappa_only"] and (on or "main" not in flags or not c.get("main", False))
+                mm = c["grid"].moments(c["theta"], c["sigma"], c["start"], c["end"], c["use_codes"], policy, ko)
+                if r == 0:  # the fields read (kappa alone in kappa_only calls), bytes
+                    fields = ("kappa",) if c["kappa_only"] else FIELDS
+                    got.append(hashlib.sha1(b"".join(getattr(mm, f).contiguous().numpy().tobytes()
+                                                     for f in fields)).hexdigest())
             times[on].append(time.process_time() - t0)
             if r == 0:
                 sums[on] = got
     qb._fact_get, qb._fact_put = get, put
-    print(f"{len(calls)} calls; off: {' '.join(flags)}; field sums equal: {sums[True] == sums[False]}")
+    differ = sum(x != y for x, y in zip(sums[True], sums[False]))
+    print(f"{len(calls)} calls; off: {' '.join(flags)}; SHA-1 of the read fields differ in {differ} calls")
     for on in (True, False):
         t = sorted(times[on])
         print(f"{'on ' if on else 'off'} min {t[0]:.3f} s, median {t[len(t) // 2]:.3f} s |",
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--rounds", type=int, default=5)
     a.add_argument("--param", default=None, help="one parameter's calls (e.g. 2.weight)")
     a.add_argument("--flag", action="append", default=None,
-                   help="a switch of quantization.base to turn off, or 'cube' (repeatable)")
+                   help="a switch of quantization.base to turn off, 'cube' or 'main' (repeatable)")
     v = sub.add_parser("versus")
     v.add_argument("calls")
     v.add_argument("--root", required=True, help="the other checkout (e.g. a git worktree of the old commit)")

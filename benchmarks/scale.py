@@ -2,14 +2,23 @@
 
 Per model size, in a fresh subprocess (so that its peak RSS is its own):
 
-* one Adam epoch over the same records and batches (n = 4096, batch 256; best of epochs 2-3),
-  the unit every other figure is given in;
+* one Adam epoch over the same records and batches (n = 4096, batch 256; best of epochs 2-K of
+  ``--epochs K`` epochs, default 3: the first warms up), the unit every other figure is given in;
 * the estimation pass (``run_estimation`` with the default options) and the scoring of the
   schemes (``score_schemes`` with the default options: 16 bootstrap draws, auto method),
   in seconds and in Adam epochs, measured in the SAME process, back to back;
 * the peak RSS of the process (``ru_maxrss``, MiB) and bytes per weight;
 * the same times as process CPU time (``*_cpu_*``; on a shared machine wall times move 2-5x
-  with the load, CPU times far less).
+  with the load, CPU times far less), and the minor page faults of the estimation and of the
+  scoring (``*_minflt``: fresh pages mapped and zeroed by the kernel; pf40).
+
+``--epochs K`` runs K Adam epochs in the same process before the estimation (``epochs_cpu_s``
+lists each one's CPU time; the unit is the least of epochs 2-K, their median is
+``epoch_adam_cpu_median_s``): more epochs make the unit steadier on a loaded machine.
+``--off MODULE.FLAG`` (repeatable) sets a boolean switch ``mis_lightning.MODULE.FLAG`` False in
+the child before anything runs (an A/B in one checkout, fresh processes):
+
+    python benchmarks/scale.py --sizes 1e5 --off _heap.RAISE_MMAP_THRESHOLD
 
     python benchmarks/scale.py --sizes 1e5 1e6 1e7                # 8 common schemes
     python benchmarks/scale.py --sizes 1e7 3e7 --memory-only --schemes int8_weight_only \\
@@ -167,12 +176,21 @@ def _instrument(mem: StageMemory) -> None:
 
 def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, memory_only: bool,
             stages: bool = False, preimport_torchao: bool = False, calls: int = 1,
-            profile: str | None = None, report: str | None = None, plain: bool = False) -> dict:
+            profile: str | None = None, report: str | None = None, plain: bool = False,
+            num_epochs: int = 3, off: list[str] | None = None) -> dict:
     import cProfile
+    import importlib
     import io
     import pstats
 
     import torch
+
+    for flag in off or []:
+        owner, _, attr = flag.rpartition(".")
+        m = importlib.import_module("mis_lightning." + owner)
+        if not isinstance(getattr(m, attr), bool):
+            raise SystemExit(f"--off {flag}: not a boolean switch")
+        setattr(m, attr, False)
 
     mem = StageMemory() if stages else None
     if mem is not None:
@@ -213,7 +231,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
 
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     epochs, epochs_cpu = [], []
-    for _ in range(1 if memory_only else 3):
+    for _ in range(1 if memory_only else max(1, num_epochs)):
         c0 = time.process_time()
         t0 = time.perf_counter()
         for xb, yb in loader:
@@ -227,19 +245,23 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
     del opt
     epoch = min(epochs[1:]) if len(epochs) > 1 else epochs[0]
     epoch_cpu = min(epochs_cpu[1:]) if len(epochs_cpu) > 1 else epochs_cpu[0]
+    timed_cpu = sorted(epochs_cpu[1:] or epochs_cpu)
     est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False})
     if mem is not None:
         mem.mark("build + warm-up epoch")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0 = time.process_time()
     t0 = time.perf_counter()
     est = run_estimation(model, loader, loss_fn, est_cfg)
     est_s = time.perf_counter() - t0
     est_cpu = time.process_time() - c0
+    est_flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
     if mem is not None:
         mem.mark("run_estimation")
     rss_est = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     times = []  # (wall, CPU) per call
+    flts = []  # minor page faults per call
     compile_seen: list[tuple[int, float]] = []
 
     def compile_progress(stage: str, completed: int) -> None:
@@ -253,6 +275,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
 
     for call in range(1, calls + 1):
         prof = cProfile.Profile(time.process_time) if profile else None
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0 = time.process_time()
         t0 = time.perf_counter()
         if prof is not None:
@@ -261,6 +284,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         if prof is not None:
             prof.disable()
         times.append((time.perf_counter() - t0, time.process_time() - c0))
+        flts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         if prof is not None:
             out = f"{profile}_{size}_call{call}"
             prof.dump_stats(out + ".prof")
@@ -286,7 +310,9 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "epoch_adam_cpu_s": epoch_cpu, "estimation_cpu_s": est_cpu, "scoring_cpu_s": score_cpu,
         "estimation_cpu_epochs": est_cpu / epoch_cpu, "scoring_cpu_epochs": score_cpu / epoch_cpu,
         "total_cpu_epochs": (est_cpu + score_cpu) / epoch_cpu,
-        "plain": plain, "lightning_loaded": "lightning_fabric" in sys.modules,
+        "epochs_cpu_s": epochs_cpu, "epoch_adam_cpu_median_s": timed_cpu[len(timed_cpu) // 2],
+        "estimation_minflt": est_flt, "scoring_minflt": flts[0], "later_calls_minflt": flts[1:],
+        "plain": plain, "off": off or [], "lightning_loaded": "lightning_fabric" in sys.modules,
         "torchao_import_cpu_s": torchao_cpu, "later_calls_cpu_s": [c for _, c in times[1:]],
         "peak_rss_mib": peak, "rss_before_estimation_mib": rss0, "rss_after_estimation_mib": rss_est,
         "bytes_per_weight": peak * 2**20 / d, "estimator": est.estimator,
@@ -312,6 +338,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--schemes", nargs="+", default=COMMON_SCHEMES)
     ap.add_argument("--memory-only", action="store_true", help="one warm-up epoch only (large sizes)")
+    ap.add_argument("--epochs", type=int, default=3, metavar="K",
+                    help="Adam epochs before the estimation; the unit: the least of epochs 2-K (see above)")
+    ap.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
+                    help="set the switch mis_lightning.MODULE.FLAG False in the child (repeatable)")
     ap.add_argument("--stages", action="store_true", help="peak RSS per stage (see above)")
     ap.add_argument("--preimport-torchao", action="store_true",
                     help="import torchao before the epochs (its CPU time apart; see above)")
@@ -328,7 +358,8 @@ def main(argv=None) -> int:
         if args.root is not None:  # ahead of this checkout (inserted at import) and of PYTHONPATH
             sys.path.insert(0, str(args.root))
         r = run_one(args.one, args.n, args.batch, args.schemes, args.threads, args.memory_only, args.stages,
-                    args.preimport_torchao, args.calls, args.profile, args.report, args.plain)
+                    args.preimport_torchao, args.calls, args.profile, args.report, args.plain, args.epochs,
+                    args.off)
         print(json.dumps(r))
         return 0
     rows = []
@@ -341,7 +372,9 @@ def main(argv=None) -> int:
             cmd.append("--stages")
         if args.preimport_torchao:
             cmd.append("--preimport-torchao")
-        cmd += ["--calls", str(args.calls)]
+        cmd += ["--calls", str(args.calls), "--epochs", str(args.epochs)]
+        for flag in args.off or []:
+            cmd += ["--off", flag]
         if args.plain:
             cmd.append("--plain")
         if args.root is not None:
@@ -369,6 +402,9 @@ def main(argv=None) -> int:
               flush=True)
         print(f"    CPU time: epoch {r['epoch_adam_cpu_s']:.3f}s | estimation {r['estimation_cpu_epochs']:.1f} ep | "
               f"scoring {r['scoring_cpu_s']:.1f}s = {r['scoring_cpu_epochs']:.1f} ep | total {r['total_cpu_epochs']:.1f} ep"
+              f" ({r['estimation_cpu_s'] + r['scoring_cpu_s']:.2f}s; epoch median "
+              f"{r['epoch_adam_cpu_median_s']:.3f}s) | minor faults: estimation {r['estimation_minflt']:,}, "
+              f"scoring {r['scoring_minflt']:,}"
               + ("" if r["torchao_import_cpu_s"] is None else
                  f" | torchao import (before, apart) {r['torchao_import_cpu_s']:.2f}s")
               + "".join(f" | call {i} {c:.2f}s" for i, c in enumerate(r["later_calls_cpu_s"], 2)), flush=True)

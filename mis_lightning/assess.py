@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
 from ._augmentation import random_records_note
+from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
 from .config import (  # noqa: F401
@@ -925,6 +926,7 @@ def score_schemes(
         check_finite(f"sigma of {k!r}", est.sigma[k])
     _check_some_gradient(est)
     _check_model_matches_estimate(est, model)
+    raise_mmap_threshold()  # before the scoring's first temporaries (a process that skipped the estimation here)
     R = est.num_records
     estimation_info = {"mode": est.mode, "hessian": est.hessian, "num_records": R,
                        "estimator": est.estimator, "reason": est.reason,
@@ -1639,6 +1641,16 @@ class _Prepared:
 
 # Floats of cell moments held per parameter for the joint pass (bootstrap draws are cut to fit).
 KAPPA_BUDGET = 1 << 27
+# The joint pass's main call of a scheme's cell moments at theta-hat asks for kappa alone
+# (``kappa_only``: the fine-grid forms' mean_abs and m4 terms, the own-cell edges of the wide-sd
+# form, the point masses' zero fields are skipped) where nothing reads its m4 or mean_abs: a
+# streamed parameter whose fourth-power sums the baseline's bound replaces
+# (BOUND_FOURTH_POWER_SUMS) and whose fourth-power columns are not kept (FOURTH_KEEP_BYTES), of a
+# model with more than one coordinate, whose moments are not kept whole (the Monte Carlo form).
+# kappa is bitwise the same (the kappa_only contract of ParamGrid.moments); where a bound fails,
+# _exact_fourth_sums computes m4 in its own pass, as before. False: every main call computes the
+# four fields (tests, A/B; pf40: the 1e7 scoring's main calls)
+MAIN_KAPPA_ONLY = True
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
@@ -2596,6 +2608,12 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         # are kept (small models), times B = sum_j w^4: the sharper bounds, read off the kept
         # columns (no pass of their own over a large model's moments, whose scheme-free bounds usually hold)
         sharp = [SHARP_FOURTH_BOUND and kp for kp in keep4]
+        lead = _equal_grid_leads(active, name)
+        # the main call reads kappa alone where no scheme sharing its moments (equal grids) reads
+        # m4 (exact or kept fourth-power columns) or mean_abs (kept moments, one coordinate)
+        reads_all = [keep or est.d == 1 or not bd or kp for bd, kp in zip(bounded, keep4)]
+        main_kappa_only = [MAIN_KAPPA_ONLY and not any(reads_all[i] for i in range(len(active)) if lead[i] == lead[j])
+                           for j in range(len(active))]
         peaks = [[0.0, 0.0] for _ in active]
         for j in range(len(active)):
             if keep4[j]:
@@ -2606,7 +2624,6 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         ksum = [0.0] * len(active)
         held: list[tuple[dict[int, Tensor], list[Tensor]]] = []
         frz = [0] * len(active)
-        lead = _equal_grid_leads(active, name)
         for a in range(0, numel, step):
             b = min(a + step, numel)
             c = b - a
@@ -2658,8 +2675,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             k_f, m4_f, lam_f = prep.requant_moments[name]
                             k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
                         else:
-                            mm = g.moments(th_c, sg_c, a, b, compile_policy=policy)
-                            k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs
+                            mm = g.moments(th_c, sg_c, a, b, compile_policy=policy,
+                                           kappa_only=main_kappa_only[j])
+                            k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs  # (m4, lam unread if kappa_only)
                             if keep4[j]:
                                 state[j] = _moments_state(policy)
                         # the pool protocol reads kappa alone (and lam for one coordinate)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import restores_rng
 from ..config import DEFAULT_LEVERAGE_CORRECTION
@@ -803,6 +804,8 @@ class MomentAccumulator:
             raise ValueError(f"ggn_mc_samples must be an int >= 1, got {ggn_mc_samples!r}")
         if selection not in ("first", "hash"):
             raise ValueError(f"selection must be 'first' or 'hash', got {selection!r}")
+        # before the pass's first temporaries (estimate(), the callback's and the metric's passes)
+        raise_mmap_threshold()
         named = dict(model.named_parameters())
         if param_names is None:
             param_names = [n for n, p in named.items() if p.requires_grad]

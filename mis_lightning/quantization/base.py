@@ -225,6 +225,13 @@ POINT_MASS_BLOCKS = True
 # same values; the expansion is a copy). Where the chunk's tensors are ParamGrid._chunk_grid's
 # (the range known); False, or other tensors: per element, as before (wd38)
 WIDE_CUBE_BLOCKS = True
+# A kappa_only call of the wide-sd closed form on a whole chunk whose tensors are the chunk's grid
+# (ParamGrid._chunk_grid's: its C3 computed per block, WIDE_CUBE_BLOCKS) keeps that C3 for the next
+# call on it too, as a full call does: the joint pass's main call is kappa_only where nothing reads
+# its m4 (assess.MAIN_KAPPA_ONLY), and the pool call after it then reads its C3 instead of
+# computing it again (bitwise the same: C3 depends on the chunk's grid and bounds alone). False:
+# only full calls keep it (pf40, A/B)
+CUBE_KEPT_KAPPA_ONLY = True
 _FACT_SLOTS = 4
 _FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": []}
 
@@ -1358,7 +1365,9 @@ class ParamGrid:
             if kept is None and not kappa_only:
                 keep = torch.empty(c, dtype=torch.float64, device=theta.device)
         blocks = self._chunk_cube(scale, zero_point, bounds) if ii is None and kept is None else None
-        if blocks is not None and keep is not None:
+        if blocks is not None and (keep is not None or CUBE_KEPT_KAPPA_ONLY and REUSE_CHUNK_FACTS):
+            # (kappa_only: kept only where the tensors are the chunk's grid, as the main and pool
+            # calls read it, not the draws' other tensors; held, not copied)
             keep = blocks
         # in cache-sized blocks: ~60 element-wise operations (kernel.EAGER_BLOCK)
         for a in range(0, m, EAGER_BLOCK):

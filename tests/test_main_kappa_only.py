@@ -1,0 +1,125 @@
+"""pf40: the joint pass's main cell-moment calls ask for kappa alone where nothing reads their
+``m4`` or ``mean_abs`` (``assess.MAIN_KAPPA_ONLY``), and a kappa-only whole-chunk call of the
+wide-sd closed form keeps its ``C3`` for the pool call (``base.CUBE_KEPT_KAPPA_ONLY``). Pure
+speed: the reports are bitwise those with the switches off (no tolerance: the same kappa, the
+same operations after it), and the tests check that the switches took effect (kappa-only main
+calls made, the kept ``C3`` read), so that they fail if either stopped working or changed a number."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mis_lightning.config import stage_configs
+from mis_lightning.quantization import base as qb
+from mis_lightning.quantization.base import ParamGrid
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_scoring_pass import SCHEMES, _estimate  # noqa: E402  (its cached small estimates)
+
+A = importlib.import_module("mis_lightning.assess")
+F64 = torch.float64
+
+
+def _score(monkeypatch, main: bool, cube: bool, fourth_keep: int) -> tuple[str, list[bool]]:
+    """The report (JSON) of the factored small MLP's scoring and the kappa_only flag of each
+    main call (the joint pass's calls at the chunk's own sd on a scheme's grid)."""
+    monkeypatch.setattr(A, "MAIN_KAPPA_ONLY", main)
+    monkeypatch.setattr(qb, "CUBE_KEPT_KAPPA_ONLY", cube)
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", fourth_keep)
+    flags: list[bool] = []
+    real = ParamGrid.moments
+
+    def spy(self, theta, sigma, start, end, use_codes=True, compile_policy=None, kappa_only=False):
+        f = sys._getframe(1)
+        if f.f_code.co_name == "_joint_sums" and sigma is f.f_locals.get("sg_c") and self is not f.f_locals.get("sgrid"):
+            flags.append(kappa_only)
+        return real(self, theta, sigma, start, end, use_codes, compile_policy, kappa_only)
+
+    monkeypatch.setattr(ParamGrid, "moments", spy)
+    model, est = _estimate("factored")
+    _, sc, _ = stage_configs("assess", None, None, {})
+    return A.score_schemes(est, model, SCHEMES, scoring_config=sc).to_json(), flags
+
+
+@pytest.mark.parametrize("fourth_keep", [0, 1 << 25])
+def test_reports_are_bitwise_those_with_the_switches_off(monkeypatch, fourth_keep):
+    """Streamed (factored) influences. ``FOURTH_KEEP_BYTES = 0``: no scheme's fourth-power columns
+    are kept, every main call is kappa-only (the bounds that fail on this MLP: rtn_int4, rtn_int2,
+    g32, are summed exactly in the second pass, which computes m4 itself). Default: the columns
+    are kept (small model), so the main calls compute every field, as before."""
+    new, flags_new = _score(monkeypatch, True, True, fourth_keep)
+    old, flags_old = _score(monkeypatch, False, False, fourth_keep)
+    assert new == old
+    assert flags_new and not any(flags_old)
+    assert all(flags_new) if fourth_keep == 0 else not any(flags_new)
+
+
+def test_stored_influences_keep_every_field(monkeypatch):
+    """Stored influences (the moments kept whole for the Monte Carlo form): every main call
+    computes the four fields, whatever the switch."""
+    monkeypatch.setattr(A, "MAIN_KAPPA_ONLY", True)
+    model, est = _estimate("stored")
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)
+    seen: list[bool] = []
+    real = ParamGrid.moments
+
+    def spy(self, theta, sigma, start, end, use_codes=True, compile_policy=None, kappa_only=False):
+        f = sys._getframe(1)
+        if f.f_code.co_name == "_joint_sums" and sigma is f.f_locals.get("sg_c"):
+            seen.append(kappa_only)
+        return real(self, theta, sigma, start, end, use_codes, compile_policy, kappa_only)
+
+    monkeypatch.setattr(ParamGrid, "moments", spy)
+    _, sc, _ = stage_configs("assess", None, None, {})
+    A.score_schemes(est, model, SCHEMES[:2], scoring_config=sc)
+    assert seen and not any(seen)
+
+
+def _wide_grid(rows: int = 8, cols: int = 512) -> tuple[ParamGrid, torch.Tensor, torch.Tensor]:
+    """A per-row symmetric int4 absmax grid with its bounds and weights whose sd is 20-60 times
+    their row's bounded window: every element in the wide-sd closed form's regime."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(rows, cols, generator=gen, dtype=F64)
+    absmax = w.abs().amax(1, keepdim=True)
+    g = ParamGrid(name="w", shape=(rows, cols), kind="affine", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=4.0, scale=absmax / 7, block_size=(1, cols),
+                  zero_point=torch.zeros(rows, 1, dtype=F64), qmin=-8, qmax=7)
+    g.support = (-absmax, absmax)
+    sd = (2 * absmax * torch.empty(rows, cols, dtype=F64).uniform_(20, 60, generator=gen)).reshape(-1)
+    return g, w.reshape(-1), sd
+
+
+@pytest.mark.parametrize("cube", [True, False])
+def test_the_pool_call_reads_a_kappa_only_main_calls_cube(monkeypatch, cube):
+    """A kappa-only main call on a whole chunk keeps its C3 (switch on), and the pool call on the
+    same chunk reads it: both calls' kappa bitwise those of full calls with nothing kept."""
+    monkeypatch.setattr(qb, "CUBE_KEPT_KAPPA_ONLY", cube)
+    g, th, sd = _wide_grid()
+    c = th.numel()
+    hits: list[bool] = []
+    real_get = qb._fact_get
+
+    def get(kind, *a):
+        out = real_get(kind, *a)
+        if kind == "cube":
+            hits.append(out is not None)
+        return out
+
+    qb.release_chunk_facts()
+    monkeypatch.setattr(qb, "_fact_get", get)
+    main = g.moments(th, sd, 0, c, kappa_only=True).kappa.clone()
+    pool = g.moments(th, sd / math.sqrt(2), 0, c, kappa_only=True).kappa.clone()
+    qb.release_chunk_facts()
+    monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", False)  # the reference: every C3 computed in its call
+    ref_main = g.moments(th, sd, 0, c).kappa
+    ref_pool = g.moments(th, sd / math.sqrt(2), 0, c).kappa
+    assert hits == [False, cube]
+    assert (ref_main < 1).all() and (ref_main > 0.5).all()  # (the closed form's regime: kappa near 1)
+    assert torch.equal(main, ref_main) and torch.equal(pool, ref_pool)
+    qb.release_chunk_facts()
