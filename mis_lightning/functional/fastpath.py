@@ -82,6 +82,23 @@ def sample_indices(c: int, k: int, strata: list[Tensor] | None = None) -> Tensor
     return torch.unique(torch.cat(parts))
 
 
+MOMENTS = ("kappa", "lam", "m4")
+
+
+def allowed(name: str, ref: Tensor, h: Tensor, tol: Tolerance) -> Tensor:
+    """``[k]`` float64: the largest ``|fast - reference|`` ``tol`` allows for the moment ``name``
+    (one of :data:`MOMENTS`) of elements with reference values ``ref`` and grid steps ``h``
+    (sd units; the fine term only where ``h <= 0.5``, none where ``h`` is not finite)."""
+    fine = (h <= 0.5).to(torch.float64) * h.to(torch.float64).square()
+    fine = torch.where(torch.isfinite(fine), fine, torch.zeros_like(fine))
+    i = MOMENTS.index(name)
+    base = (tol.kappa, tol.lam, tol.m4)[i]
+    fc = (tol.kappa_fine, tol.lam_fine, tol.m4_fine)[i]
+    r64 = ref.to(torch.float64)
+    scale = (1.0 + r64.abs()) if name == "m4" else torch.ones_like(r64)
+    return (base + fc * fine) * scale
+
+
 def compare(
     fast: tuple[Tensor, Tensor, Tensor],
     ref: tuple[Tensor, Tensor, Tensor],
@@ -93,15 +110,9 @@ def compare(
     """``None`` when ``fast`` (kappa, lam, m4) agrees with ``ref`` within ``tol`` on every
     element (and the codes are equal), else a description of the worst disagreement.
     ``equal_nan``: NaN in both counts as agreement (raw kernel outputs the caller recomputes)."""
-    fine = (h <= 0.5).to(torch.float64) * h.to(torch.float64).square()
-    fine = torch.where(torch.isfinite(fine), fine, torch.zeros_like(fine))
-    names = ("kappa", "lam", "m4")
-    bases = (tol.kappa, tol.lam, tol.m4)
-    fines = (tol.kappa_fine, tol.lam_fine, tol.m4_fine)
-    for name, f, r, base, fc in zip(names, fast, ref, bases, fines):
+    for name, f, r in zip(MOMENTS, fast, ref):
         f64, r64 = f.to(torch.float64), r.to(torch.float64)
-        scale = (1.0 + r64.abs()) if name == "m4" else torch.ones_like(r64)
-        bound = (base + fc * fine) * scale
+        bound = allowed(name, r64, h, tol)
         err = (f64 - r64).abs()
         bad = ~(err <= bound) & (f64 != r64)  # NaN counts as a disagreement (equal infinities agree)...
         if equal_nan:  # ...unless both are NaN and the caller allows it
