@@ -257,7 +257,7 @@ def affine_cell_moments(
     end-cell form: large models, whose sd spans the whole code range, stay in the kernel).
 
     Every optimised path is checked against its reference on a sample of its output (at first
-    use per thread count, per new chunk size for compiled code, then every few calls;
+    use per thread count, per new chunk size and code range for compiled code, then every few calls;
     :mod:`~mis_lightning.functional.fastpath`): a path that disagrees is disabled for the
     process with a ``RuntimeWarning`` and the call is recomputed by the next path down.
 
