@@ -56,12 +56,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _LAST["margin"] = _margin(fast, ref, h, tol)
         return compare(fast, ref, h, tol, *args, **kwargs)
 
-    def passed_noting(self, path, c):
+    def passed_noting(self, path, c, *args, **kwargs):
         m, _LAST["margin"] = _LAST["margin"], None
         key = (path, _NODE["id"])
         if m is not None and m[0] >= _MARGINS.get(key, (-1.0, ""))[0]:
             _MARGINS[key] = m
-        return passed(self, path, c)
+        return passed(self, path, c, *args, **kwargs)
 
     def fail_noting(self, path, problem, fallback):
         _FAILS.append((_NODE["id"], path, problem))
