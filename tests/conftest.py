@@ -14,6 +14,7 @@ their usual order.
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
 
     items.sort(key=rank)
+
+
+def release_disabled_paths() -> list[str]:
+    """The warnings of the optimised cell-moment paths the self-checks have disabled for the
+    process (``fastpath.GUARD.disabled``), after re-enabling every path; ``[]`` when none is."""
+    fastpath = sys.modules.get("mis_lightning.functional.fastpath")
+    if fastpath is None or not fastpath.GUARD.disabled:  # not imported: nothing to disable
+        return []
+    left = list(fastpath.GUARD.disabled.values())
+    fastpath.GUARD.reset()
+    return left
+
+
+@pytest.fixture(autouse=True)
+def no_guarded_path_left_disabled():
+    """Fails a test after which an optimised cell-moment path is left disabled for the process,
+    then re-enables it. Either the test disabled it on purpose and did not restore the guard
+    (use ``one_thread_fresh_guard``), or a self-check failed on a real input (a kernel wrong there
+    or a check too tight: a user's numbers would silently come from the slow path). Unchecked,
+    the later files of that xdist worker silently ran the fallback paths. (A failed compilation,
+    ``kernel._FUSED_STATE["failed"]``, is the machine's and warned: not checked here.)"""
+    yield
+    left = release_disabled_paths()
+    if left:
+        pytest.fail("left disabled for the process: " + "; ".join(left), pytrace=False)
 
 
 @pytest.fixture

@@ -204,6 +204,29 @@ def test_self_check_catches_a_wrong_compiled_kernel_and_falls_back(monkeypatch):
         assert torch.equal(getattr(got, n), getattr(want, n)), n
 
 
+def test_compiled_kernel_is_checked_again_for_a_new_code_range_at_the_same_size(monkeypatch):
+    """The compiled kernel's bug as it happened: right for the first call's code range (int8),
+    whose bounds it then kept for an int4 call of the same chunk size. That call was not checked
+    (the compiled path's per-size check had seen the size, the fused path's sampled check comes
+    every RECHECK_EVERY calls): codes and kappa silently wrong. Now each new code range (and
+    kernel, device) at a size is checked: a warning, and the eager kernel's numbers."""
+    first: dict[str, tuple] = {}
+
+    def folding(th, sg, s, zp, qmin, qmax, *rest):  # keeps the bounds of its first call
+        return G._fused_affine_codes(th, sg, s, zp, *first.setdefault("range", (qmin, qmax)), *rest)
+
+    monkeypatch.setitem(G._FUSED_STATE, "compiled_codes", folding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        G.affine_cell_moments(*_chunk(8, seed=3), compile_policy=ALWAYS)  # right: passes its check
+    args = _chunk(4, seed=3)
+    with pytest.warns(RuntimeWarning, match=r"torch.compile'd cell-moment kernel disagrees"):
+        got = G.affine_cell_moments(*args, compile_policy=ALWAYS)
+    want = G.affine_cell_moments(*args, compile_policy=NEVER)
+    for n in ("kappa", "mean_abs", "m4"):
+        assert torch.equal(getattr(got, n), getattr(want, n)), n
+
+
 def test_self_check_records_the_compiled_kernels_agreement_for_benchmarks(monkeypatch):
     """What benchmarks/scale.py prints as the compiled kernels' agreement with eager: the largest
     |compiled - eager| the self-check saw, per path and thread count. A compiled kernel that is

@@ -257,7 +257,7 @@ def affine_cell_moments(
     end-cell form: large models, whose sd spans the whole code range, stay in the kernel).
 
     Every optimised path is checked against its reference on a sample of its output (at first
-    use per thread count, per new chunk size for compiled code, then every few calls;
+    use per thread count, per new chunk size and code range for compiled code, then every few calls;
     :mod:`~mis_lightning.functional.fastpath`): a path that disagrees is disabled for the
     process with a ``RuntimeWarning`` and the call is recomputed by the next path down.
 
@@ -332,7 +332,9 @@ def affine_cell_moments(
         return h, [h <= FINE_STEP, (h > FINE_STEP) & (h < TABLE_H_MAX), h >= TABLE_H_MAX]
 
     if compiled:
-        k = GUARD.sample_size(COMPILED_PATH, c, per_size=True)
+        # what the compiled code may specialise on besides the size: checked once each
+        variant = (qmin, qmax, q_given is not None, str(th.device))
+        k = GUARD.sample_size(COMPILED_PATH, c, per_size=True, variant=variant)
         if k:
             h, strata = steps()
             idx = sample_indices(c, k, [*strata, ~ok])
@@ -345,7 +347,7 @@ def affine_cell_moments(
                 GUARD.fail(COMPILED_PATH, problem, "the eager kernel")
                 kappa, mean_abs, m4, ok, q0 = run(eager, blocks=True)
             else:
-                GUARD.passed(COMPILED_PATH, c)
+                GUARD.passed(COMPILED_PATH, c, variant)
     coverage = torch.ones_like(kappa)
     bad = ~ok
     if bool(bad.any()):

@@ -300,7 +300,8 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
         _SPLIT_STATE["failed"], compiled = True, False
         res = _split_chunk(out.kappa, out.mean_abs, out.m4, *args)
     if compiled:
-        k = GUARD.sample_size(SPLIT_COMPILED_PATH, c, per_size=True)
+        variant = (top, str(theta.device))  # what compiled code may specialise on besides the size
+        k = GUARD.sample_size(SPLIT_COMPILED_PATH, c, per_size=True, variant=variant)
         if k:
             idx = sample_indices(c, k, [mask])
             ref = _split_chunk(out.kappa[idx], out.mean_abs[idx], out.m4[idx], *(a[idx] for a in args[:-1]), args[-1])
@@ -318,7 +319,7 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
                 GUARD.fail(SPLIT_COMPILED_PATH, problem, "the eager arithmetic")
                 res = _split_chunk(out.kappa, out.mean_abs, out.m4, *args)
             else:
-                GUARD.passed(SPLIT_COMPILED_PATH, c)
+                GUARD.passed(SPLIT_COMPILED_PATH, c, variant)
     return CellMoments(kappa=res[0], mean_abs=res[1], m4=res[2], coverage=out.coverage)
 
 
