@@ -99,7 +99,7 @@ def test_finalize_keeps_its_float64_temporaries_to_two_block_buffers(monkeypatch
 
     monkeypatch.setattr(E.MomentAccumulator, "_finalize_lean", measured)
     monkeypatch.setattr(E.MomentAccumulator, "_kfac_factors",
-                        lambda self, st, n, diagnostics, apply=None: kfac(self, st, n, diagnostics, apply=apply)
+                        lambda self, st, n, diagnostics, apply=None, **kw: kfac(self, st, n, diagnostics, apply=apply, **kw)
                         if apply is None else (diagnostics.update(kfac_correction=True) or {}))
     monkeypatch.setattr(E.MomentAccumulator, "_record_factors", lambda self, records: None)
     est = _lean_estimate(monkeypatch, model, loader)
