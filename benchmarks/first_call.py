@@ -46,6 +46,19 @@ sys.path.insert(0, os.getcwd())  # the checkout under test first (PYTHONPATH=$PW
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
+def switch_off(flags: list[str] | None) -> None:
+    """Set each ``MODULE.FLAG`` (a module of mis_lightning, a boolean switch) to False (``--off``;
+    A/B runs of one change in one checkout). Raises SystemExit on a flag that is not a boolean."""
+    import importlib
+
+    for flag in flags or []:
+        mod, _, attr = flag.rpartition(".")
+        m = importlib.import_module("mis_lightning." + mod)
+        if not isinstance(getattr(m, attr), bool):
+            raise SystemExit(f"--off {flag}: not a boolean switch")
+        setattr(m, attr, False)
+
+
 def _train(size: str, path: str) -> None:
     import torch
 
@@ -100,15 +113,9 @@ def load_saved(path: str, dtype: str | None = None) -> tuple:
 
 def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None,
             off: list[str] | None = None, dtype: str | None = None) -> None:
-    import importlib
 
 
-    for flag in off or []:
-        mod, _, attr = flag.rpartition(".")
-        m = importlib.import_module("mis_lightning." + mod)
-        if not isinstance(getattr(m, attr), bool):
-            raise SystemExit(f"--off {flag}: not a boolean switch")
-        setattr(m, attr, False)
+    switch_off(off)
 
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.assess import run_estimation, score_schemes

@@ -179,18 +179,14 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
             profile: str | None = None, report: str | None = None, plain: bool = False,
             num_epochs: int = 3, off: list[str] | None = None) -> dict:
     import cProfile
-    import importlib
     import io
     import pstats
 
     import torch
 
-    for flag in off or []:
-        owner, _, attr = flag.rpartition(".")
-        m = importlib.import_module("mis_lightning." + owner)
-        if not isinstance(getattr(m, attr), bool):
-            raise SystemExit(f"--off {flag}: not a boolean switch")
-        setattr(m, attr, False)
+    from benchmarks.first_call import switch_off
+
+    switch_off(off)
 
     mem = StageMemory() if stages else None
     if mem is not None:
