@@ -24,9 +24,11 @@ def _eager_kernel(monkeypatch):
     """The fused kernel eager, whatever ran earlier in this process: compilation starts once a
     process has scored COMPILE_AFTER elements in all (kernel._FUSED_STATE), so in a long xdist
     worker these small calls could take the compiled kernel, whose arithmetic differs from the
-    eager one's by an ulp (and was seen once to fail its self-check on this file's weights placed
-    exactly on cell edges: docs in the session-40 note); these tests compare kept and fresh facts
-    bitwise, which needs one arithmetic."""
+    eager one's by an ulp; these tests compare kept and fresh facts bitwise, which needs one
+    arithmetic. (The CI failures of this file in sessions 40-41 were another fault: after
+    ``g.scale.mul_(1.5)`` the weights lie outside their codes' cells, which the fused kernel's
+    table read wrongly; only the periodic self-check, due every RECHECK_EVERY calls of a
+    process, caught it. Fixed in the kernel: tests/test_off_cell_codes.py.)"""
     monkeypatch.setitem(K._FUSED_STATE, "elements", 0)
 
 

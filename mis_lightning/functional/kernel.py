@@ -150,6 +150,14 @@ def in_blocks(kernel: Callable[..., tuple[Tensor, ...]], per_element: tuple[Tens
 # exact cell sums and read with bilinear interpolation, replaces ~2 h^-1 * 8.5 erfc/exp
 # evaluations per element by four table reads.
 TABLE_H_MAX = 19.0  # above: only the two own edges are within 8.5 sd
+# How far (in cells) a weight may sit outside the cell of its given code and still be read
+# from the table / two-edge form, which assume it inside (positions clamped to the cell):
+# float32 rounding in the backends puts weights up to ~1e-5 cells outside (int8, |code| ~127);
+# at 1e-4 cells the forms' extra error is <= 1.5e-6 (mean_abs; kappa and m4 unchanged) against
+# exact cell sums, at 1e-3 it reaches 1.4e-4. Further out (bf16 arithmetic in HQQ: up to 0.19
+# cells; a grid changed after its codes were taken; codes that are not the nearest) the element
+# is recomputed exactly by the caller (``ok`` False): the table read 0.48 off at 0.1 cells.
+OWN_CELL_SLACK = 1e-4
 _TABLE_NH, _TABLE_NU = 256, 513
 _TABLE: tuple[float, float, float, Tensor] | None = None
 
@@ -265,7 +273,8 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
 
     Frozen elements get 0, fine steps the expansion (with the end cells of the code range
     exact where the weight's sd reaches them: :func:`_near_ends`, the per-regime path's
-    form), steps in (0.5, 19) the table, larger steps the two-edge closed form. Under
+    form), steps in (0.5, 19) the table, larger steps the two-edge closed form (for weights inside the cell of their code ``q0``, up to
+    ``OWN_CELL_SLACK`` cells: a weight further out is ``ok`` False unless its step is fine). Under
     ``torch.compile`` every form is computed for every element and selected with
     ``torch.where`` (branch-free: the whole function fuses into one loop); in eager mode each
     form runs only on its own elements (the same formulas per element: the self-check compares
@@ -306,7 +315,7 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
                 got = _near_ends_kappa(sel(h2), sel(to_min), sel(to_max))
             kappa.index_copy_(0, idx, got)
         nan = torch.full_like(h, math.nan)
-        return torch.where(frozen, zero, kappa), nan, nan, frozen | interior | near
+        return torch.where(frozen, zero, kappa), nan, nan, _ok(h, lower, upper, fine, frozen, interior, near)
     if torch.compiler.is_compiling():
         v = _table_read(h, lower, upper, lo, dlog, du, table)
         k2, l2, m2 = _two_edges(lower, upper)
@@ -331,7 +340,18 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
             for out, val in zip((kappa, mean_abs, m4), got):
                 out[idx] = val
     kappa, mean_abs, m4 = (torch.where(frozen, zero, t) for t in (kappa, mean_abs, m4))
-    return kappa, mean_abs, m4, frozen | interior | near
+    return kappa, mean_abs, m4, _ok(h, lower, upper, fine, frozen, interior, near)
+
+
+def _ok(h: Tensor, lower: Tensor, upper: Tensor, fine: Tensor, frozen: Tensor, interior: Tensor,
+        near: Tensor) -> Tensor:
+    """The elements :func:`_fused_affine` computed: frozen ones, fine steps near the clamped ends,
+    and interior ones whose step is fine (the expansion does not depend on the position) or
+    whose weight lies in its own cell up to ``OWN_CELL_SLACK`` cells (the table and the
+    two-edge form read the position clamped to the cell)."""
+    slack = OWN_CELL_SLACK * h
+    own = (lower >= -slack) & (upper >= -slack)
+    return frozen | near | (interior & (fine | own))
 
 
 def _fused_affine_codes(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Tensor, qmax: Tensor,
