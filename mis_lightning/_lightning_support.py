@@ -1100,14 +1100,14 @@ def report_dir(trainer: Any, dirpath: str | Path | None) -> Path:
 
 def check_callback_args(every_n_val_epochs: Any, loss_fn: Any, *, estimation_batch_size: Any = None,
                         utility_metrics: Mapping[str, Any] | None = None, dirpath: Any = None,
-                        prefix: Any = "mis") -> None:
+                        prefix: Any = "mis", batch_fn: Any = None, output_transform: Any = None) -> None:
     """The callback's own arguments (the stage options are checked by their configs), at
     construction: a mistake here would otherwise surface only after the whole training.
 
     Raises:
         ValueError: ``every_n_val_epochs`` or ``estimation_batch_size`` is neither None nor an
             integer >= 1; ``dirpath`` is an existing file.
-        TypeError: ``loss_fn`` is not callable, a ``utility_metrics`` value is not a
+        TypeError: ``loss_fn``, ``batch_fn`` or ``output_transform`` is not callable, a ``utility_metrics`` value is not a
             torchmetrics ``Metric`` / ``MetricCollection`` (names the key), ``prefix`` is not a string.
     """
     from torchmetrics import Metric, MetricCollection
@@ -1117,6 +1117,11 @@ def check_callback_args(every_n_val_epochs: Any, loss_fn: Any, *, estimation_bat
             raise ValueError(f"{name} must be None or an integer >= 1, got {n!r}")
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses [B]")
+    # else they fail only at the first batch, as "'int' object is not callable" without their name
+    for name, fn, sig in (("batch_fn", batch_fn, "batch_fn(batch) -> (inputs, targets)"),
+                          ("output_transform", output_transform, "output_transform(outputs) -> outputs")):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable: {sig}, got {type(fn).__name__}")
     if utility_metrics is not None and not isinstance(utility_metrics, Mapping):
         raise TypeError(f"utility_metrics must be a mapping {{name: torchmetrics Metric}} (e.g. "
                         f"{{'mae': torchmetrics.MeanAbsoluteError()}}), got {type(utility_metrics).__name__}")

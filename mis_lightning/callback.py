@@ -130,7 +130,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         ValueError: an invalid option (named), no scheme, ``every_n_val_epochs`` or
             ``estimation_batch_size`` not an int >= 1, ``dirpath`` an existing file.
         KeyError: an unknown scheme name (with the close registered names).
-        TypeError: an unknown keyword argument, a ``loss_fn`` that is not callable, a
+        TypeError: an unknown keyword argument, a ``loss_fn``, ``batch_fn`` or ``output_transform``
+            that is not callable, a
             ``utility_metrics`` value that is not a torchmetrics Metric, a ``prefix`` not a string.
     """
 
@@ -150,7 +151,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if rest:
             raise unexpected_options("MISCallback", rest, known=inspect.signature(type(self).__init__).parameters)
         lt.check_callback_args(every_n_val_epochs, loss_fn, estimation_batch_size=estimation_batch_size,
-                               utility_metrics=utility_metrics, dirpath=dirpath, prefix=prefix)
+                               utility_metrics=utility_metrics, dirpath=dirpath, prefix=prefix,
+                               batch_fn=batch_fn, output_transform=output_transform)
         resolve_schemes(self.schemes)  # typos raise now; an unavailable scheme is an error row later
         self.loss_fn, self.batch_fn, self.output_transform = loss_fn, batch_fn, output_transform
         self.utility_metrics, self.every_n_val_epochs = dict(utility_metrics or {}), every_n_val_epochs

@@ -59,6 +59,13 @@ def _check_int(name: str, value: Any, low: int, allow_none: bool = False) -> Non
         raise ValueError(f"{name} must be {none}an integer >= {low}, got {value!r}")
 
 
+def _check_bool(name: str, value: Any) -> bool:
+    # bool(value) would read strict="no" as True: a string or None is refused, not coerced
+    if isinstance(value, str) or value not in (True, False):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be {_or_list(choices)}, got {value!r}")
@@ -190,7 +197,7 @@ class EstimationConfig:
         _check_int("budget", self.budget, 1, allow_none=True)
         _check_int("hutchinson_probes", self.hutchinson_probes, 1)
         _check_int("ggn_mc_samples", self.ggn_mc_samples, 1)
-        object.__setattr__(self, "use_factors", bool(self.use_factors))
+        object.__setattr__(self, "use_factors", _check_bool("use_factors", self.use_factors))
         p = self.params
         if p is not None and not callable(p):
             if isinstance(p, str) or not hasattr(p, "__iter__"):
@@ -281,7 +288,7 @@ class ScoringConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         _check_int("chunk_size", self.chunk_size, 1)
         _check_choice("compile", self.compile, COMPILE_POLICIES)
-        object.__setattr__(self, "strict", bool(self.strict))
+        object.__setattr__(self, "strict", _check_bool("strict", self.strict))
         if self.utility_key is not None and (not isinstance(self.utility_key, str) or not self.utility_key):
             raise ValueError(f"utility_key must be None or a metric name, got {self.utility_key!r}")
         if self.utility_mode is not None:

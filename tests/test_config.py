@@ -50,6 +50,10 @@ def _problem():
     (ScoringConfig, {"mc_draws": 0}, "mc_draws must be None or an integer >= 1, got 0"),
     (ScoringConfig, {"chunk_size": 0}, "chunk_size must be an integer >= 1, got 0"),
     (ScoringConfig, {"compile": "sometimes"}, "compile must be 'auto', 'always' or 'never', got 'sometimes'"),
+    # nu41: bool() coercion read strict="no" as True (a raising run the user had turned off)
+    (ScoringConfig, {"strict": "no"}, "strict must be True or False, got 'no'"),
+    (ScoringConfig, {"strict": None}, "strict must be True or False, got None"),
+    (EstimationConfig, {"use_factors": "false"}, "use_factors must be True or False, got 'false'"),
 ])
 def test_invalid_options_name_the_option(cls, kw, msg):
     with pytest.raises(ValueError) as info:
@@ -153,3 +157,13 @@ def test_callback_takes_the_configs_and_keeps_its_defaults():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ml.MISCallback(["rtn_int8"], scoring_config=ScoringConfig(method="clt"))
+
+
+def test_callback_refuses_uncallable_hooks_when_built_naming_them():
+    """nu41: batch_fn=3 was accepted and failed at the first batch as "'int' object is not
+    callable", without naming the argument; now the constructor names it (and output_transform)."""
+    with pytest.raises(TypeError, match=r"^batch_fn must be callable: batch_fn\(batch\) -> \(inputs, targets\), got int$"):
+        ml.MISCallback(["rtn_int8"], loss_fn=mse, batch_fn=3)
+    with pytest.raises(TypeError, match=r"^output_transform must be callable: .*, got str$"):
+        ml.MISCallback(["rtn_int8"], loss_fn=mse, output_transform="argmax")
+    assert ml.MISCallback(["rtn_int8"], strict=True).scoring_config.strict is True
