@@ -130,7 +130,7 @@ class MISIndicator(EstimationMetric):
             ``sync_on_compute``, ...).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``; ``loss_fn`` or ``batch_fn`` is not callable.
         TypeError: an option that is neither a config field nor a torchmetrics option (named,
             with the closest known names).
         ValueError: an invalid option (named), no usable loss, an empty scheme list.

@@ -252,8 +252,8 @@ class EstimationMetric(Metric):
         kwargs: torchmetrics ``Metric`` options (``process_group``, ``sync_on_compute``, ...).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or an unknown option (named, with the
-            closest known names).
+        TypeError: ``model`` is not an ``nn.Module``, ``loss_fn`` or ``batch_fn`` is not
+            callable, or an unknown option (named, with the closest known names).
         ValueError: no usable loss, ``hessian="ggn"`` with the loss hook, or a bad selection
             (see :func:`~mis_lightning.assess.select_params`).
         KeyError: an unknown parameter name.
@@ -283,6 +283,11 @@ class EstimationMetric(Metric):
                                      "and torchmetrics' Metric options", known=TORCHMETRICS_OPTIONS) from err
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        # else the first update fails as "'int' object is not callable", without the argument's name
+        for name, fn, sig in (("loss_fn", loss_fn, "loss_fn(outputs, targets) -> per-sample losses [B]"),
+                              ("batch_fn", batch_fn, "batch_fn(batch) -> (inputs, targets)")):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable: {sig}, got {type(fn).__name__}")
         cfg = estimation_config
         program_cls: type[LossProgram] = LossProgram
         self.uses_hook = False

@@ -167,3 +167,12 @@ def test_callback_refuses_uncallable_hooks_when_built_naming_them():
     with pytest.raises(TypeError, match=r"^output_transform must be callable: .*, got str$"):
         ml.MISCallback(["rtn_int8"], loss_fn=mse, output_transform="argmax")
     assert ml.MISCallback(["rtn_int8"], strict=True).scoring_config.strict is True
+
+
+def test_metric_refuses_uncallable_loss_and_batch_fn_when_built():
+    """nu41: MISIndicator(..., batch_fn=3) was accepted and failed at the first update."""
+    m = nn.Linear(3, 1)
+    with pytest.raises(TypeError, match=r"^batch_fn must be callable: .*, got int$"):
+        ml.MISIndicator(m, mse, ["rtn_int8"], batch_fn=3)
+    with pytest.raises(TypeError, match=r"^loss_fn must be callable: .*, got str$"):
+        ml.MISIndicator(m, "mse", ["rtn_int8"])
