@@ -166,6 +166,44 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
     assert all(s.error is None and "loss" in s.utility for s in cb.report.schemes.values())
 
 
+def _same_tree(a, b, paths=("", "")):
+    """Nested checkpoint contents equal (tensors bitwise); ``paths``: (a's folder, b's folder),
+    swapped in strings (ModelCheckpoint keeps absolute file paths)."""
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(_same_tree(a[k], b[k], paths) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (type(a) is type(b) and len(a) == len(b)
+                and all(_same_tree(x, y, paths) for x, y in zip(a, b)))
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, str) and isinstance(b, str):
+        return a.replace(*paths) == b
+    return a == b
+
+
+def test_saved_checkpoints_differ_only_by_the_callbacks_own_state(tmp_path):
+    """README: the checkpoints' weights, optimizer and loop states are as without the callback;
+    Lightning adds the callback's state under ``callbacks`` (nu41: the README said the
+    checkpoints were left exactly as they would be, which that entry contradicts)."""
+    def run(sub, extra):
+        ck = ModelCheckpoint(dirpath=str(tmp_path / sub), save_last=True)
+        fit(tmp_path / sub, lambda: Regressor(dropout=0.2), [ck, *extra], max_epochs=2)
+        return torch.load(tmp_path / sub / "last.ckpt", weights_only=False)
+
+    without = run("a", [])
+    cb = MISCallback(SCHEMES, loss_fn=mse, uncertainty_draws=2, **FAST)
+    with_cb = run("b", [cb])
+    assert with_cb.keys() == without.keys()
+    for key in without:
+        if key != "callbacks":
+            assert _same_tree(with_cb[key], without[key]), key
+    added = with_cb["callbacks"].keys() - without["callbacks"].keys()
+    assert [k.split("{")[0] for k in added] == ["MISCallback"]
+    assert _same_tree(without["callbacks"], {k: v for k, v in with_cb["callbacks"].items() if k not in added},
+                      (str(tmp_path / "a"), str(tmp_path / "b")))
+
+
 def test_a_loader_with_its_own_generator_trains_identically_and_keeps_its_state(tmp_path):
     # DataLoader(shuffle=True, generator=g) shuffles from g, not from the global stream: the
     # callback's reads of the sampler (every_n_val_epochs) drew from g and changed the next
