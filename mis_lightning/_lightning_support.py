@@ -995,7 +995,13 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
     hook, world, rank = resolved["hook"], int(trainer.world_size), int(trainer.global_rank)
     train = single_loader(trainer.train_dataloader, "training")
     if train is None:
-        raise RuntimeError("the trainer has no training dataloader")
+        # limit_train_batches=0: Lightning builds no loader and trains nothing; say so (nu41: the
+        # bare "no training dataloader" read as a missing loader that had been given)
+        why = (" (limit_train_batches=0: Lightning built none and ran no training step)"
+               if getattr(trainer, "limit_train_batches", None) == 0 else "")
+        raise RuntimeError(f"the trainer has no training dataloader{why}: there are no training records "
+                           "to assess; to assess a model without training it, call "
+                           "mis_lightning.assess(model, schemes, train_loader, loss_fn)")
     ds = sized_dataset(train)
     if map_items(train) is None and world > 1:
         rank_zero_warn("MISCallback: the training data is not a sized map-style dataset; under DDP "

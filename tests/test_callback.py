@@ -353,6 +353,15 @@ def test_failing_assessment_is_recorded_and_training_kept(tmp_path, monkeypatch)
         fit(tmp_path / "c", Regressor, [MISCallback(SCHEMES, loss_fn=mse, strict=True)], max_epochs=1)
 
 
+def test_a_fit_without_training_batches_says_why_nothing_is_assessed(tmp_path):
+    """limit_train_batches=0: no loader, no step; the failure names the setting and the way out
+    (nu41: it said only "the trainer has no training dataloader")."""
+    cb = MISCallback(SCHEMES, loss_fn=mse)
+    with pytest.warns(UserWarning, match=r"limit_train_batches=0: Lightning built none .*mis_lightning\.assess"):
+        trainer, _ = fit(tmp_path, Regressor, [cb], max_epochs=1, limit_train_batches=0)
+    assert trainer.global_step == 0 and cb.report is None
+
+
 def test_missing_loss_is_a_setup_error(tmp_path):
     with pytest.raises(ValueError, match="loss_fn"):
         fit(tmp_path, Regressor, [MISCallback(SCHEMES)], max_epochs=1)
