@@ -33,7 +33,7 @@ from ._lightning_compat import trainer_package
 from ._modelcopy import ModelCopyError, private_copy
 from ._rng import isolated_rng, private_stream
 from .assess import score_schemes
-from .config import EstimationConfig, ScoringConfig
+from .config import EstimationConfig, ScoringConfig, check_user_functions
 from .estimation.batching import items_are_batches, merge_batches
 from .estimation.estimate import (
     N_ASSUMED,
@@ -1121,13 +1121,7 @@ def check_callback_args(every_n_val_epochs: Any, loss_fn: Any, *, estimation_bat
     for name, n in (("every_n_val_epochs", every_n_val_epochs), ("estimation_batch_size", estimation_batch_size)):
         if n is not None and (isinstance(n, bool) or not isinstance(n, (int, float)) or int(n) != n or n < 1):
             raise ValueError(f"{name} must be None or an integer >= 1, got {n!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError("loss_fn must be callable: loss_fn(outputs, targets) -> per-sample losses [B]")
-    # else they fail only at the first batch, as "'int' object is not callable" without their name
-    for name, fn, sig in (("batch_fn", batch_fn, "batch_fn(batch) -> (inputs, targets)"),
-                          ("output_transform", output_transform, "output_transform(outputs) -> outputs")):
-        if fn is not None and not callable(fn):
-            raise TypeError(f"{name} must be callable: {sig}, got {type(fn).__name__}")
+    check_user_functions(loss_fn=loss_fn, batch_fn=batch_fn, output_transform=output_transform)
     if utility_metrics is not None and not isinstance(utility_metrics, Mapping):
         raise TypeError(f"utility_metrics must be a mapping {{name: torchmetrics Metric}} (e.g. "
                         f"{{'mae': torchmetrics.MeanAbsoluteError()}}), got {type(utility_metrics).__name__}")

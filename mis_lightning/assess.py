@@ -29,6 +29,7 @@ from .config import (  # noqa: F401
     DEFAULT_CHUNK,
     EstimationConfig,
     ScoringConfig,
+    check_user_functions,
     scoring_only,
     stage_configs,
     unexpected_options,
@@ -535,7 +536,8 @@ def assess(
         :class:`~mis_lightning.report.Report`.
 
     Raises:
-        TypeError: an unknown keyword argument.
+        TypeError: an unknown keyword argument; ``loss_fn``, ``batch_fn`` or ``output_transform``
+            not callable (named).
         ValueError: an invalid option (named), an empty or duplicated scheme list, an already
             quantized model, NaN/inf weights, or fewer than 4 training records.
         KeyError: an unknown scheme or parameter name.
@@ -563,6 +565,7 @@ def assess(
     est_cfg, sc_cfg, rest = stage_configs("assess", estimation_config, scoring_config, options)
     if rest:
         raise unexpected_options("assess", rest)
+    check_user_functions(loss_fn=loss_fn, batch_fn=batch_fn, output_transform=output_transform)
     scheme_objs = resolve_schemes(schemes)
     # before the estimation pass: schemes that cannot run, or quantize nothing (all of them: refused)
     for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict,

@@ -66,6 +66,29 @@ def _check_bool(name: str, value: Any) -> bool:
     return bool(value)
 
 
+# what each user function is called with: named in the error when one is not callable
+USER_FUNCTIONS = {
+    "loss_fn": "loss_fn(outputs, targets) -> per-sample losses [B]",
+    "batch_fn": "batch_fn(batch) -> (inputs, targets)",
+    "output_transform": "output_transform(outputs) -> outputs",
+}
+
+
+def check_user_functions(**fns: Any) -> None:
+    """Refuse a user function that is not callable, naming it, before any record is read
+    (otherwise the first batch fails as "'int' object is not callable", without its name).
+
+    Args:
+        fns: ``loss_fn=``, ``batch_fn=``, ``output_transform=``; ``None`` values are skipped.
+
+    Raises:
+        TypeError: a value that is neither ``None`` nor callable (names the argument).
+    """
+    for name, fn in fns.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable: {USER_FUNCTIONS[name]}, got {type(fn).__name__}")
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be {_or_list(choices)}, got {value!r}")

@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torchmetrics import Metric
 
 from .assess import select_params
-from .config import EstimationConfig, unexpected_options
+from .config import EstimationConfig, check_user_functions, unexpected_options
 from .estimation import Estimate
 from .estimation.estimate import MomentAccumulator
 from .estimation.linear_factors import LayerProgram
@@ -283,11 +283,7 @@ class EstimationMetric(Metric):
                                      "and torchmetrics' Metric options", known=TORCHMETRICS_OPTIONS) from err
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        # else the first update fails as "'int' object is not callable", without the argument's name
-        for name, fn, sig in (("loss_fn", loss_fn, "loss_fn(outputs, targets) -> per-sample losses [B]"),
-                              ("batch_fn", batch_fn, "batch_fn(batch) -> (inputs, targets)")):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{name} must be callable: {sig}, got {type(fn).__name__}")
+        check_user_functions(loss_fn=loss_fn, batch_fn=batch_fn)
         cfg = estimation_config
         program_cls: type[LossProgram] = LossProgram
         self.uses_hook = False

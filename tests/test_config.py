@@ -176,3 +176,15 @@ def test_metric_refuses_uncallable_loss_and_batch_fn_when_built():
         ml.MISIndicator(m, mse, ["rtn_int8"], batch_fn=3)
     with pytest.raises(TypeError, match=r"^loss_fn must be callable: .*, got str$"):
         ml.MISIndicator(m, "mse", ["rtn_int8"])
+
+
+def test_assess_refuses_uncallable_user_functions_naming_them():
+    """nu41: assess(..., batch_fn=3) / a loss given as a string failed in the estimation pass as
+    "'int' object is not callable"."""
+    m, loader, _, _ = _problem()
+    with pytest.raises(TypeError, match=r"^batch_fn must be callable: .*, got int$"):
+        ml.assess(m, ["rtn_int8"], loader, mse, batch_fn=3)
+    with pytest.raises(TypeError, match=r"^loss_fn must be callable: .*, got str$"):
+        ml.assess(m, ["rtn_int8"], loader, "mse")
+    with pytest.raises(TypeError, match=r"^output_transform must be callable: .*, got int$"):
+        ml.assess(m, ["rtn_int8"], loader, mse, val_dataloader=loader, output_transform=1)
