@@ -188,3 +188,17 @@ def test_assess_refuses_uncallable_user_functions_naming_them():
         ml.assess(m, ["rtn_int8"], loader, "mse")
     with pytest.raises(TypeError, match=r"^output_transform must be callable: .*, got int$"):
         ml.assess(m, ["rtn_int8"], loader, mse, val_dataloader=loader, output_transform=1)
+
+
+def test_the_documented_default_schemes_are_the_defaults():
+    """docs/lightning.md's ``schemes`` row names the defaults (nu41: it said
+    ``int*_weight_only``, while the int4 / int2 defaults are the group-32 variants that leave
+    narrow layers in float)."""
+    from pathlib import Path
+
+    from mis_lightning.streaming import default_schemes
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "lightning.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith("| `schemes` |"))
+    default_cell = row.split(" | ")[1]
+    assert all(f"`{name}`" in default_cell for name in default_schemes()), (default_schemes(), default_cell)
