@@ -73,6 +73,7 @@ from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
 from .report import (
     CONSISTENCY_TOLERANCE,
+    D_EFF_OVER_N_MAX,
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
     LayerResult,
@@ -94,8 +95,6 @@ SchemeSpec = str | QuantizationScheme
 # Median variance inflation factor of the weights above which the report warns that the diagonal
 # estimator's sigma is well below the marginal sd (sqrt(2) = 1.41x: a 4-bit grid's kappa moves a lot).
 VARIANCE_INFLATION_WARN = 2.0
-# Above this d_eff / n the report warns that the asymptotic regime (d_eff << n) is not met.
-D_EFF_OVER_N_MAX = 0.1
 # d / n above which a finite-sample (leverage) correction that could not run is said: the
 # first-order figures then read low by a few percent or more (measured: 7% at d / n = 0.07 on an
 # MLP, 27% at 0.083 on an embedding + Conv1d model, against the 5% accuracy target).

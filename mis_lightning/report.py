@@ -335,6 +335,9 @@ class Report:
                 row["floor_sensitivity"] = s.floor_sensitivity
             if not s.error and scale_symmetric(self.diagnostics):  # the diagonal estimator's blind spot
                 row["scale_symmetry"] = True
+            failed = [] if s.error else regime_failures(self.diagnostics, self.n, self.d, s.d_eff)
+            if failed:  # outside the analysis's assumptions: "*" in the table, named in the verdict
+                row["indicative"] = "; ".join(failed)
             if name in self.row_notes:  # the planner's role of the row (the table prints it)
                 row["note"] = self.row_notes[name]
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
@@ -730,7 +733,14 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
     if not ranked:
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {', '.join(bounded)}"
     extra = utility_digits(ranked, utility_key, utility_tolerance, modes)
-    return _ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes) + note
+    text = _ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes) + note
+    marked = [str(r["scheme"]) for r in ranked if r.get("indicative")]
+    if marked and len(marked) == len(ranked):
+        # every figure outside the analysis's assumptions: an order, not a measured ranking
+        return text + "; indicative only (*): every figure is outside the analysis's assumptions (see warnings)"
+    if marked:
+        text += f"; indicative only (*): {', '.join(marked)}"
+    return text
 
 
 def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_tolerance: float,
@@ -842,6 +852,12 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
                      "(before a LayerNorm / GroupNorm / InstanceNorm / RMSNorm, or under weight_norm) were read by the "
                      "diagonal estimator, whose per-weight sigma misses that direction: the figure can be off "
                      "in either direction (see warnings; estimation='exact' handles it).")
+    failed = sorted({p for r in rows if not r.get("error") and r.get("indicative")
+                     for p in str(r["indicative"]).split("; ")})
+    if failed:
+        lines.append(f"  *: indicative only: an assumption of the analysis fails for this figure ({', '.join(failed)}; "
+                     "see warnings): it can read above or below what real attacks achieve, and the verdict "
+                     "does not rank it as a measurement.")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
                      "exceed: the figure is not reliable here (see warnings).")
@@ -879,6 +895,32 @@ def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
 # must not exceed it is flagged (``!`` in the table, a warning; the Monte Carlo forms' own
 # error is ~1%).
 CONSISTENCY_TOLERANCE = 0.02
+
+
+#: d / n, or a scheme's d_eff / n, above which the asymptotic regime (d_eff << n, docs/method.md
+#: section 2) is not met: the figure is indicative only (a warning; ``*`` in the table)
+D_EFF_OVER_N_MAX = 0.1
+
+
+def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff: float | None) -> list[str]:
+    """The assumptions of the analysis (docs/method.md sections 2 and 6) that fail for a figure
+    of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
+    report's ``diagnostics``: ``d / n`` or ``d_eff / n`` above :data:`D_EFF_OVER_N_MAX`, weights
+    not at a minimum, a Hessian with negative curvature, a model interpolating its data. Each
+    is a short phrase; empty when none fails. The warnings say each in full."""
+    diagnostics = diagnostics or {}
+    out = []
+    if n > 0 and d / n > D_EFF_OVER_N_MAX:
+        out.append(f"d / n = {d / n:.2g}")
+    elif n > 0 and d_eff is not None and math.isfinite(float(d_eff)) and float(d_eff) / n > D_EFF_OVER_N_MAX:
+        out.append(f"d_eff / n = {float(d_eff) / n:.2g}")
+    if diagnostics.get("not_at_minimum"):
+        out.append("not at a minimum")
+    if diagnostics.get("negative_curvature"):
+        out.append("negative curvature")
+    if diagnostics.get("interpolating"):
+        out.append("interpolating")
+    return out
 
 
 #: the d / n warning's sentence naming the schemes whose own d_eff / n is not small either
@@ -943,7 +985,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         body.append([label, f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk), extra)] if uk else []) + [
             _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else "")
-            + (" ~" if unstable(r) else "") + (" ?" if r.get("scale_symmetry") else ""),
+            + (" ~" if unstable(r) else "") + (" ?" if r.get("scale_symmetry") else "")
+            + (" *" if r.get("indicative") else ""),
             interval, _fmt(r["mis"]),
             _fmt_or_dash(r.get("pool_leakage")),
             _fmt(r["baseline_leakage"]),
