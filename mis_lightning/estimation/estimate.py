@@ -1804,10 +1804,10 @@ class MomentAccumulator:
                 for A, G, k, scale, decay, _ in parts:
                     # the sandwich's factor: V ~ K, not K + decay (dg30's VIF over-reads there)
                     vif = (kfac_variance_inflation(A, G, k, decay, sandwich=True) * scale).clamp_min(1.0)
-                    ws.append(vif[:, : blk.fan].reshape(-1))
+                    ws.append(vif[:, : blk.fan])
                     bs.append(vif[:, -1])
-                if blk.weight is not None:
-                    block_parts.append((blk.weight, torch.cat(ws)))
+                if blk.weight is not None:  # [groups, out, fan] in the weight's order (a transposed conv's)
+                    block_parts.append((blk.weight, blk.to_param(torch.stack(ws))))
                 if blk.bias is not None:
                     block_parts.append((blk.bias, torch.cat(bs)))
                 records.append(int(st[f"kfac_n.{m}"]))
@@ -1987,8 +1987,8 @@ class MomentAccumulator:
                     left.append(m)
                     continue
                 # [R, C_out, fan] and [R, C_out]: a group's rows are its out channels
-                W = (((grads[:, slice(*self.offsets[blk.weight])] - g_mean[slice(*self.offsets[blk.weight])])
-                      * live[slice(*self.offsets[blk.weight])]).reshape(R, blk.groups, blk.out, blk.fan)
+                W = (blk.to_block((grads[:, slice(*self.offsets[blk.weight])] - g_mean[slice(*self.offsets[blk.weight])])
+                                  * live[slice(*self.offsets[blk.weight])])
                      if blk.weight is not None else None)
                 B = (((grads[:, slice(*self.offsets[blk.bias])] - g_mean[slice(*self.offsets[blk.bias])])
                       * live[slice(*self.offsets[blk.bias])]).reshape(R, blk.groups, blk.out, 1)
@@ -1996,7 +1996,7 @@ class MomentAccumulator:
                 Y = torch.cat([y for y in (W, B) if y is not None], 3)  # [R, groups, out, p]
                 psi = torch.stack([-kfac_inverse_apply(A, G, k, Y[:, g], decay) * iscale
                                    for g, (A, G, k, _, decay, iscale) in enumerate(parts)], 1)
-                cols = [(blk.weight, psi[..., : blk.fan] if blk.weight is not None else None),
+                cols = [(blk.weight, blk.to_param(psi[..., : blk.fan]) if blk.weight is not None else None),
                         (blk.bias, psi[..., -1] if blk.bias is not None else None)]
                 for name, x in cols:
                     if name is None or x is None:

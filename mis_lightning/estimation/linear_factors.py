@@ -1375,6 +1375,48 @@ def _patches(mod: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(b, mod.groups, -1, math.prod(out))
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _transposed_patches(mod: nn.Module, x: Tensor) -> Tensor:
+    """A transposed convolution's input as the patches of its equivalent convolution
+    ``[B, groups, C_in/groups * prod(kernel), output positions]``: the transposed convolution is
+    a stride-1 convolution (dilation kept) of its input with ``stride - 1`` zeros between entries,
+    padded by ``dilation (kernel - 1) - padding`` (plus ``output_padding`` at the end), with the
+    kernel flipped. Entry ``(c, k)`` of output position ``o`` is the input that weight
+    ``W[c, :, k]`` multiplies there, ``x[c, (o + padding - dilation k) / stride]`` (zero where not
+    an integer in range), so the layer is a Linear over these patches whose weight is ``W``'s
+    ``[groups, C_out/groups, C_in/groups * prod(kernel)]`` transpose (:meth:`KronBlock.to_param`;
+    the K-FAC input factor of Grosse & Martens 2016 for the equivalent convolution)."""
+    nd = x.dim() - 2
+    b, c = x.shape[:2]
+    if any(s > 1 for s in mod.stride):
+        xs = x.new_zeros(b, c, *[(n - 1) * s + 1 for n, s in zip(x.shape[2:], mod.stride)])
+        xs[(slice(None), slice(None), *[slice(None, None, s) for s in mod.stride])] = x
+        x = xs
+    pads = [(d * (k - 1) - p, d * (k - 1) - p + op)  # negative: cropped (padding beyond the kernel's reach)
+            for k, d, p, op in zip(mod.kernel_size, mod.dilation, mod.padding, mod.output_padding)]
+    x = torch.nn.functional.pad(x, [q for lr in reversed(pads) for q in lr])
+    for i, (k, d) in enumerate(zip(mod.kernel_size, mod.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, 1)[..., ::d]
+    x = x.flip(tuple(range(2 + nd, 2 + 2 * nd)))  # the window's offset k' is kernel index k - 1 - k'
+    out = x.shape[2: 2 + nd]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return x.reshape(b, mod.groups, -1, math.prod(out))
+
+
+def _conv_patches(mod: nn.Module, x: Tensor) -> Tensor:
+    """:func:`_patches` of a convolution, :func:`_transposed_patches` of a transposed one."""
+    return _transposed_patches(mod, x) if isinstance(mod, _TRANSPOSED) else _patches(mod, x)
+
+
+def _transposed_output_shape(mod: nn.Module, x: Tensor) -> tuple[int, ...]:
+    """The spatial output shape of a transposed convolution called without ``output_size``."""
+    return tuple((n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op in
+                 zip(x.shape[2:], mod.stride, mod.padding, mod.dilation, mod.kernel_size, mod.output_padding))
+
+
 def _same_tensor(xs: Any) -> bool:
     """Whether the tensors of ``xs`` are one tensor (the same storage, offset, shape and
     strides: views of it, e.g. self-attention's query, key and value)."""
@@ -1397,6 +1439,17 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
             out[wn] = torch.bmm(gf.transpose(1, 2), xf).reshape(b, -1)
         if bn:
             out[bn] = gf.sum(1)
+    elif isinstance(mod, _TRANSPOSED):
+        if wn:
+            if "u" not in cache:
+                cache["u"] = _transposed_patches(mod, x)
+            u = cache["u"]  # [B, G, C_in/G * K, P]
+            g, cin, cout = mod.groups, mod.in_channels // mod.groups, mod.out_channels // mod.groups
+            gw = go.reshape(b, g, cout, u.shape[-1]) @ u.transpose(-1, -2)  # [B, G, C_out/G, C_in/G * K]
+            # the weight's layout [C_in, C_out/G, k...]: its two channel axes swapped
+            out[wn] = gw.reshape(b, g, cout, cin, -1).transpose(2, 3).reshape(b, -1)
+        if bn:
+            out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if wn:
             if "u" not in cache:
@@ -1455,7 +1508,7 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
 
 def _supported(mod: nn.Module) -> str | None:
     """Why the fast path cannot take this layer, or ``None``."""
-    if isinstance(mod, nn.Linear) or isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(mod, (nn.Linear, *_CONVS, *_TRANSPOSED)):
         return None
     if isinstance(mod, nn.Embedding):
         # sparse=True lays out the weight's gradient only, scale_grad_by_freq rescales it for
@@ -1480,7 +1533,7 @@ def _supported(mod: nn.Module) -> str | None:
 def per_layer_parameters(model: nn.Module, names: list[str]) -> list[str]:
     """The assessed parameters ``names`` that :class:`LayerProgram` can take, in their order: the
     weight or bias of a supported layer (:func:`_supported`) held by no other module slot. The
-    rest (a GroupNorm's, a transposed convolution's, a tied weight's) keep the generic path; the
+    rest (a GroupNorm's, an affine InstanceNorm's, a tied weight's) keep the generic path; the
     per-layer program built over this subset still forms the K-FAC factors of the convolutions
     beside them (the refused layers are only part of its forward and backward)."""
     shared = shared_parameters(model, names)
@@ -1606,10 +1659,10 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
     """What a layer's per-sample gradients need from its input alone, for the whole batch
     (patches, normalised inputs; every entry has the batch in dim 0)."""
     cache: dict[str, Tensor] = {}
-    if "weight" in names and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
+    if "weight" in names and isinstance(mod, (*_CONVS, *_TRANSPOSED, nn.LayerNorm,
                                               nn.modules.batchnorm._BatchNorm)):
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            cache["u"] = _patches(mod, x)  # [B, G, K, P], read transposed by _layer_grads
+        if isinstance(mod, (*_CONVS, *_TRANSPOSED)):
+            cache["u"] = _conv_patches(mod, x)  # [B, G, K, P], read transposed by _layer_grads
         elif isinstance(mod, nn.LayerNorm):
             cache["xhat"] = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
         else:
@@ -1634,6 +1687,25 @@ class KronBlock:
     groups: int
     fan: int
     out: int
+    # a transposed convolution's kernel size prod(kernel) (0: not one): its weight
+    # [C_in, C_out/groups, k...] is the block's [groups, out, fan] with the channel axes swapped
+    transposed: int = 0
+
+    def to_block(self, t: Tensor) -> Tensor:
+        """The weight's values in its own flat order ``[..., numel]`` as ``[..., groups, out, fan]``."""
+        lead = t.shape[:-1]
+        if not self.transposed:
+            return t.reshape(*lead, self.groups, self.out, self.fan)
+        t = t.reshape(*lead, self.groups, self.fan // self.transposed, self.out, self.transposed)
+        return t.transpose(-3, -2).reshape(*lead, self.groups, self.out, self.fan)
+
+    def to_param(self, t: Tensor) -> Tensor:
+        """``[..., groups, out, fan]`` in the weight's own flat order ``[..., numel]``."""
+        lead = t.shape[:-3]
+        if not self.transposed:
+            return t.reshape(*lead, -1)
+        t = t.reshape(*lead, self.groups, self.out, self.fan // self.transposed, self.transposed)
+        return t.transpose(-3, -2).reshape(*lead, -1)
 
     @property
     def p(self) -> int:
@@ -1779,6 +1851,11 @@ class LayerProgram:
                 if self._calls.get(m, 0) != 1:
                     raise NotImplementedError(f"layer {m!r} is not called once per forward")
                 x = self._inputs[m]
+                if isinstance(mod, _TRANSPOSED) and (
+                        tuple(self._outputs[m].shape[2:]) != _transposed_output_shape(mod, x) or x.dim() != mod.weight.dim()):
+                    # an output_size argument (another output padding than the layer's), or unbatched input
+                    raise NotImplementedError(f"layer {m!r}: a transposed convolution whose output shape is not "
+                                              "its output_padding's")
                 taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
         self._inputs.clear(), self._outputs.clear()
         if out.shape[0] != b:
@@ -2126,7 +2203,7 @@ class LayerProgram:
         outputs per record, e.g. an MLP classifier; a single-output MLP keeps the FactoredProgram's
         factors, which the accumulator prefers). Other models without convolutions (norms,
         embeddings, attention) get none, as before. :attr:`kron_conv` says which case."""
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        conv = (*_CONVS, *_TRANSPOSED)
         self.kron_conv = any(isinstance(mod, conv) for mod in self._mods.values())
         if not self.kron_conv and (self._tied or KFAC_CONV_FACTORS != "trace"
                                    or not all(type(mod) is nn.Linear for mod in self._mods.values())):
@@ -2141,7 +2218,8 @@ class LayerProgram:
             else:
                 groups = mod.groups
                 fan, q = mod.in_channels // groups * math.prod(mod.kernel_size), mod.out_channels // groups
-            out[m] = KronBlock(m, slot.get("weight"), slot.get("bias"), groups, fan, q)
+            tr = math.prod(mod.kernel_size) if isinstance(mod, _TRANSPOSED) else 0
+            out[m] = KronBlock(m, slot.get("weight"), slot.get("bias"), groups, fan, q, tr)
         return out
 
     def kron_blocks(self) -> dict[str, KronBlock]:
@@ -2231,14 +2309,14 @@ class LayerProgram:
         if blk.weight is None:
             x = taps.x[m]
             pos = (math.prod(x.shape[1:-1]) if isinstance(mod, nn.Linear)
-                   else math.prod(_patches(mod, x[a:a + 1]).shape[3:]))
+                   else math.prod(_conv_patches(mod, x[a:a + 1]).shape[3:]))
             return torch.ones(r, 1, 1, pos, dtype=self.dtype)
         if isinstance(mod, nn.Linear):
             x = taps.x[m][a:c]
             u = x.reshape(r, -1, blk.fan).transpose(1, 2).unsqueeze(1)
         else:
             cache = taps.cache.get(m) or {}
-            u = cache["u"][a:c] if "u" in cache else _patches(mod, taps.x[m][a:c])
+            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, taps.x[m][a:c])
         if blk.bias is not None:
             u = torch.cat([u, torch.ones(r, blk.groups, 1, u.shape[-1], dtype=u.dtype)], 2)
         return u
