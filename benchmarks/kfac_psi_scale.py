@@ -13,7 +13,9 @@ tests/test_user_conditions.py's cancelled-bias test (n = 300, float32, L-BFGS 10
   one factor for the layer to the gradients' total mean square, and ``psi`` rescaled per weight to
   the gradients' mean square (kfd34's "rms" form, docs/validation.md).
 
-    PYTHONPATH=. python benchmarks/kfac_psi_scale.py
+    PYTHONPATH=. python benchmarks/kfac_psi_scale.py [--no-norm]
+
+``--no-norm``: the same without the InstanceNorm1d (Conv1d -> tanh -> Linear).
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ def mse(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 class Net(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, norm: bool = True) -> None:
         super().__init__()
         self.c = nn.Conv1d(2, 4, 3)
-        self.norm = nn.InstanceNorm1d(4, affine=True)
+        self.norm = nn.InstanceNorm1d(4, affine=True) if norm else nn.Identity()
         self.head = nn.Linear(12, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def main() -> None:
     X = torch.randn(300, 2, 5, generator=g)
     Y = torch.tanh(X.flatten(1)[:, :3].sum(1)) + 0.3 * torch.randn(300, generator=g)
     torch.manual_seed(0)
-    m = Net()
+    m = Net("--no-norm" not in sys.argv)
     opt = torch.optim.LBFGS(m.parameters(), max_iter=100, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
