@@ -63,15 +63,21 @@ def test_per_sample_gradients_match_torch_func(kind):
         assert torch.allclose(got[n], want[n].reshape(5, -1), rtol=0, atol=1e-12), n
 
 
-def test_the_block_layout_round_trips_and_swaps_the_channel_axes():
+def test_the_block_layout_round_trips_swaps_the_channel_axes_and_flips_the_kernel():
     """``KronBlock.to_block``: a transposed convolution's weight ``[C_in, C_out/G, k]`` as
-    ``[G, C_out/G, C_in/G * k]`` (entry ``[g, o, c k]`` is ``W[g C_in/G + c, o, k]``); ``to_param`` its inverse."""
+    ``[G, C_out/G, C_in/G * k]``, entry ``[g, o, c k + j]`` being ``W[g C_in/G + c, o, k - 1 - j]``
+    (the patches' window offsets, :func:`_transposed_patches`); ``to_param`` its inverse."""
     w = torch.arange(4 * 3 * 2, dtype=torch.float64).reshape(4, 3, 2)  # C_in 4, groups 2, C_out/G 3, k 2
-    blk = KronBlock("m", "m.weight", None, groups=2, fan=2 * 2, out=3, transposed=2)
+    blk = KronBlock("m", "m.weight", None, groups=2, fan=2 * 2, out=3, transposed=(2,))
     b = blk.to_block(w.reshape(1, -1))[0]
     assert b.shape == (2, 3, 4)
-    assert float(b[1, 2, 1 * 2 + 0]) == float(w[2 + 1, 2, 0])
+    assert float(b[1, 2, 1 * 2 + 0]) == float(w[2 + 1, 2, 1])
     assert torch.equal(blk.to_param(b.unsqueeze(0))[0], w.reshape(-1))
+    w2 = torch.randn(2, 3, 2, 3, dtype=torch.float64)  # 2-d kernel, one group
+    blk2 = KronBlock("m", "m.weight", None, groups=1, fan=2 * 6, out=3, transposed=(2, 3))
+    b2 = blk2.to_block(w2.reshape(1, -1))[0, 0]
+    assert float(b2[1, 1 * 6 + 0 * 3 + 2]) == float(w2[1, 1, 1, 0])
+    assert torch.equal(blk2.to_param(blk2.to_block(w2.reshape(1, -1))), w2.reshape(1, -1))
 
 
 def _fitted(make, shape, n=200):
