@@ -38,6 +38,16 @@ before it, ``KFAC_CORRECTION = False``'s figures were the code's on these models
 * ``instancenorm``: ``Conv1d -> InstanceNorm1d (no affine) -> tanh -> Linear`` (every layer taken by
   the per-layer program: its first-batch check now passes the cancelled bias).
 
+Transposed convolutions (ct41: the per-layer program takes them, their KFC factors those of the
+equivalent convolution; before, torch.func's path and no correction, so ``KFAC_CORRECTION = False``'s
+figures are the code's before ct41 for these layers):
+
+* ``convtranspose1d`` / ``convtranspose2d``: a linear ``ConvTranspose1d(2, 3, 3, stride=2,
+  padding=1)`` on 12 positions / ``ConvTranspose2d(2, 3, 3, stride=2, padding=1,
+  output_padding=1)`` on 4 x 4 images (KFC's model exact, as ``conv1d``);
+* ``decoder``: ``Linear(6, 12) -> tanh -> ConvTranspose1d(2, 2, 4, stride=2, padding=1)``;
+* ``beside_convtranspose`` (above): its ``ConvTranspose1d`` is now corrected too.
+
     PYTHONPATH=. python benchmarks/kfac_conv.py                      # docs/validation.md, "kc32"
 
 ``--cost``: the estimation pass (``estimate(mode="diagonal")``, its defaults) on a ReLU CNN of
@@ -70,6 +80,9 @@ from mis_lightning.estimation.estimate import estimate  # noqa: E402
 E = importlib.import_module("mis_lightning.estimation.estimate")
 LF = importlib.import_module("mis_lightning.estimation.linear_factors")
 SCHEMES = ["rtn_int8", "rtn_int6", "rtn_int4"]
+# the rtn schemes leave a transposed convolution's weights at their stored precision (beyond_linear's
+# layer kinds): a model of one takes the float casts
+CAST_SCHEMES = ["bf16", "fp16"]
 
 
 def sq_sum(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,6 +158,28 @@ def case(name: str, n: int, rho: float, seed: int) -> tuple[nn.Module, object, t
                               nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
         return model, ce, x, y
+    if name in ("convtranspose1d", "convtranspose2d"):
+        # ct41: a linear transposed convolution (stride 2: the zero-stuffed equivalent convolution)
+        if name == "convtranspose1d":
+            x = ar1((n, 2, 12), rho, g)
+            make = lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1)  # noqa: E731
+        else:
+            x = ar1((n, 2, 4, 4), rho, g, dims=(-1, -2))
+            make = lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1)  # noqa: E731
+        teacher, model = make().double(), make().double()
+        with torch.no_grad():
+            out = teacher(x)
+            y = out + 0.5 * torch.randn(out.shape, generator=g, dtype=torch.float64)
+        return model, sq_sum, x, y
+    if name == "decoder":
+        # ct41: Linear -> tanh -> ConvTranspose1d (a small nonlinear decoder)
+        x = ar1((n, 6), rho, g)
+        model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Unflatten(1, (2, 6)),
+                              nn.ConvTranspose1d(2, 2, 4, stride=2, padding=1)).double()
+        with torch.no_grad():
+            out = model(x)
+            y = out + 0.3 * torch.randn(out.shape, generator=g, dtype=torch.float64)
+        return model, sq_sum, x, y
     if name.startswith("beside_"):
         return beside(name[len("beside_"):], n, rho, g)
     if name == "gn_cnn":
@@ -210,12 +245,13 @@ def compare(name: str, a: argparse.Namespace) -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=250)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kw = dict(weight_decay=a.weight_decay)
+    schemes = CAST_SCHEMES if name.startswith("convtranspose") else SCHEMES
     exact = estimate(model, loader, loss, mode="exact", **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = ml.assess(model, SCHEMES, loader, loss, estimation="exact", uncertainty_draws=0, **kw)
+        ref = ml.assess(model, schemes, loader, loss, estimation="exact", uncertainty_draws=0, **kw)
     print(f"{name}: d = {d}, n = {a.n}, rho {a.rho:g}, max |grad| {grad:.1e}; exact baseline "
-          f"{ref.baseline_leakage:.4f} " + " ".join(f"{s} {ref.schemes[s].leakage:.4f}" for s in SCHEMES), flush=True)
+          f"{ref.baseline_leakage:.4f} " + " ".join(f"{s} {ref.schemes[s].leakage:.4f}" for s in schemes), flush=True)
     for on in [False] + a.factors:
         E.KFAC_CORRECTION = bool(on)
         if on:
@@ -224,7 +260,7 @@ def compare(name: str, a: argparse.Namespace) -> None:
             diag = estimate(model, loader, loss, mode="diagonal", hessian="ggn", **kw)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                rep = ml.assess(model, SCHEMES, loader, loss, estimation="diagonal", hessian="ggn",
+                rep = ml.assess(model, schemes, loader, loss, estimation="diagonal", hessian="ggn",
                                 uncertainty_draws=0, **kw)
         finally:
             E.KFAC_CORRECTION, LF.KFAC_CONV_FACTORS = True, "trace"
@@ -237,7 +273,7 @@ def compare(name: str, a: argparse.Namespace) -> None:
             print(f"    sigma diagonal / exact {k:10s} median {float(r.median()):.3f} min {float(r.min()):.3f} "
                   f"max {float(r.max()):.3f}", flush=True)
         print(f"    headline diagonal / exact: baseline {rep.baseline_leakage / ref.baseline_leakage:.3f} " + " ".join(
-            f"{s} {rep.schemes[s].leakage / ref.schemes[s].leakage:.3f}" for s in SCHEMES
+            f"{s} {rep.schemes[s].leakage / ref.schemes[s].leakage:.3f}" for s in schemes
             if ref.schemes[s].leakage > 0), flush=True)
     print(f"  ({time.process_time() - t0:.0f} s CPU)", flush=True)
 
@@ -282,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="+", default=["conv1d", "conv2d", "pooled", "cnn"],
                     help="also: beside_groupnorm beside_instancenorm beside_convtranspose beside_conv3d "
-                         "gn_cnn instancenorm (cv40)")
+                         "gn_cnn instancenorm (cv40); convtranspose1d convtranspose2d decoder (ct41)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--rho", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)

@@ -1543,7 +1543,10 @@ def _kfac_sentence(diag: Mapping[str, Any]) -> str | None:
                "0.97-1.03x the closed-form reference)" if conv is None else
                KFAC_CONV_FIGURES))
     if left and conv is not None:
-        text += (f"; left uncorrected (not a convolution or nn.Linear, a tied weight, or wider than "
+        # (a transposed convolution is a convolution here: ct41; it is left out only where the
+        # per-layer program refuses it, e.g. called with output_size)
+        text += (f"; left uncorrected (a layer without Kronecker factors here: a normalisation, embedding or "
+                 f"attention layer, one the per-layer estimation refuses, a tied weight, or wider than "
                  f"{KFAC_MAX_WIDTH:,} inputs or outputs per group): "
                  f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
                  f"({diag.get('kfac_uncorrected_weights', 0):,} weights), whose sigma can be several times below "

@@ -163,7 +163,8 @@ def test_the_report_names_the_convolutions_and_the_layers_left_out():
     assert dg["kfac_uncorrected_layers"] == ["1"] and dg["kfac_uncorrected_weights"] == 6
     assert dg["kfac_corrected_weights"] == sum(p.numel() for p in m.parameters()) - 6
     text = _kfac_sentence(dg)
-    assert "convolution or nn.Linear layer's" in text and "left uncorrected (not a convolution" in text
+    assert "convolution or nn.Linear layer's" in text and "left uncorrected (a layer without Kronecker" in text
+    assert "not a convolution" not in text  # ct41: nor is a transposed convolution left out as "not a convolution"
     assert "1 (6 weights)" in text
 
 

@@ -1375,6 +1375,68 @@ def _patches(mod: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(b, mod.groups, -1, math.prod(out))
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _transposed_patches(mod: nn.Module, x: Tensor) -> Tensor:
+    """A transposed convolution's input as the patches of its equivalent convolution
+    ``[B, groups, C_in/groups * prod(kernel), output positions]``: the transposed convolution is
+    a stride-1 convolution (dilation kept) of its input with ``stride - 1`` zeros between entries,
+    padded by ``dilation (kernel - 1) - padding`` (plus ``output_padding`` at the end), with the
+    kernel flipped. Entry ``(c, j)`` of output position ``o`` (window offset ``j``, per spatial dim)
+    is the input that weight ``W[c, :, kernel - 1 - j]`` multiplies there,
+    ``x[c, (o + padding - dilation (kernel - 1 - j)) / stride]`` (zero where not an integer in
+    range), so the layer is a Linear over these patches whose weight is ``W``'s
+    ``[groups, C_out/groups, C_in/groups * prod(kernel)]`` transpose with the kernel flipped
+    (:meth:`KronBlock.to_param`: flipping the weight-sized tensors, not the patches, ~25% of the
+    estimation's time on a small decoder; the K-FAC input factor of Grosse & Martens 2016 for the
+    equivalent convolution)."""
+    nd = x.dim() - 2
+    b, c = x.shape[:2]
+    if any(s > 1 for s in mod.stride):
+        xs = x.new_zeros(b, c, *[(n - 1) * s + 1 for n, s in zip(x.shape[2:], mod.stride)])
+        xs[(slice(None), slice(None), *[slice(None, None, s) for s in mod.stride])] = x
+        x = xs
+    pads = [(d * (k - 1) - p, d * (k - 1) - p + op)  # negative: cropped (padding beyond the kernel's reach)
+            for k, d, p, op in zip(mod.kernel_size, mod.dilation, mod.padding, mod.output_padding)]
+    x = torch.nn.functional.pad(x, [q for lr in reversed(pads) for q in lr])
+    for i, (k, d) in enumerate(zip(mod.kernel_size, mod.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, 1)[..., ::d]
+    out = x.shape[2: 2 + nd]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return x.reshape(b, mod.groups, -1, math.prod(out))
+
+
+def _transposed_grad_patches(mod: nn.Module, go: Tensor) -> Tensor:
+    """The loss gradient at a transposed convolution's output as patches ``[B, groups,
+    C_out/groups * prod(kernel), input positions]``: entry ``(o, k)`` at input position ``t`` is
+    ``go[o, t stride + k dilation - padding]`` (zero outside), what weight ``W[:, o, k]`` meets there,
+    so ``dW[c, o, k] = sum_t x[c, t] patches[o k, t]`` (the transposed convolution's weight gradient
+    is a convolution's, input and output exchanged): ``stride^dims`` fewer positions than
+    :func:`_transposed_patches`' and no zeros."""
+    nd = go.dim() - 2
+    pads = [(p, p - op) for p, op in zip(mod.padding, mod.output_padding)]  # the uncropped output
+    go = torch.nn.functional.pad(go, [q for lr in reversed(pads) for q in lr])
+    for i, (k, s, d) in enumerate(zip(mod.kernel_size, mod.stride, mod.dilation)):
+        go = go.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
+    b, c = go.shape[:2]
+    pos = go.shape[2: 2 + nd]
+    go = go.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+    return go.reshape(b, mod.groups, -1, math.prod(pos))
+
+
+def _conv_patches(mod: nn.Module, x: Tensor) -> Tensor:
+    """:func:`_patches` of a convolution, :func:`_transposed_patches` of a transposed one."""
+    return _transposed_patches(mod, x) if isinstance(mod, _TRANSPOSED) else _patches(mod, x)
+
+
+def _transposed_output_shape(mod: nn.Module, x: Tensor) -> tuple[int, ...]:
+    """The spatial output shape of a transposed convolution called without ``output_size``."""
+    return tuple((n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op in
+                 zip(x.shape[2:], mod.stride, mod.padding, mod.dilation, mod.kernel_size, mod.output_padding))
+
+
 def _same_tensor(xs: Any) -> bool:
     """Whether the tensors of ``xs`` are one tensor (the same storage, offset, shape and
     strides: views of it, e.g. self-attention's query, key and value)."""
@@ -1397,6 +1459,15 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
             out[wn] = torch.bmm(gf.transpose(1, 2), xf).reshape(b, -1)
         if bn:
             out[bn] = gf.sum(1)
+    elif isinstance(mod, _TRANSPOSED):
+        if wn:
+            # the weight gradient from the output gradient's patches over the input positions (4x
+            # fewer than the output's at stride 2 in 2-d, no zero-stuffing): [B, G, C_in/G, C_out/G * K],
+            # the weight's own layout [C_in, C_out/G, k...]
+            pg = _transposed_grad_patches(mod, go)
+            out[wn] = (x.reshape(b, mod.groups, -1, pg.shape[-1]) @ pg.transpose(-1, -2)).reshape(b, -1)
+        if bn:
+            out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
     elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         if wn:
             if "u" not in cache:
@@ -1455,7 +1526,7 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
 
 def _supported(mod: nn.Module) -> str | None:
     """Why the fast path cannot take this layer, or ``None``."""
-    if isinstance(mod, nn.Linear) or isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(mod, (nn.Linear, *_CONVS, *_TRANSPOSED)):
         return None
     if isinstance(mod, nn.Embedding):
         # sparse=True lays out the weight's gradient only, scale_grad_by_freq rescales it for
@@ -1480,7 +1551,7 @@ def _supported(mod: nn.Module) -> str | None:
 def per_layer_parameters(model: nn.Module, names: list[str]) -> list[str]:
     """The assessed parameters ``names`` that :class:`LayerProgram` can take, in their order: the
     weight or bias of a supported layer (:func:`_supported`) held by no other module slot. The
-    rest (a GroupNorm's, a transposed convolution's, a tied weight's) keep the generic path; the
+    rest (a GroupNorm's, an affine InstanceNorm's, a tied weight's) keep the generic path; the
     per-layer program built over this subset still forms the K-FAC factors of the convolutions
     beside them (the refused layers are only part of its forward and backward)."""
     shared = shared_parameters(model, names)
@@ -1606,9 +1677,10 @@ def _prepare(mod: nn.Module, x: Any, names: dict[str, str]) -> dict[str, Tensor]
     """What a layer's per-sample gradients need from its input alone, for the whole batch
     (patches, normalised inputs; every entry has the batch in dim 0)."""
     cache: dict[str, Tensor] = {}
-    if "weight" in names and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm,
-                                              nn.modules.batchnorm._BatchNorm)):
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    # (a transposed convolution's gradients read its output gradient's patches: nothing here; its
+    # K-FAC factors form the input's patches for their records, LayerProgram._kron_in)
+    if "weight" in names and isinstance(mod, (*_CONVS, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+        if isinstance(mod, _CONVS):
             cache["u"] = _patches(mod, x)  # [B, G, K, P], read transposed by _layer_grads
         elif isinstance(mod, nn.LayerNorm):
             cache["xhat"] = torch.nn.functional.layer_norm(x, mod.normalized_shape, eps=mod.eps)
@@ -1634,6 +1706,30 @@ class KronBlock:
     groups: int
     fan: int
     out: int
+    # a transposed convolution's kernel size (empty: not one): its weight [C_in, C_out/groups, k...]
+    # is the block's [groups, out, fan] with the channel axes swapped and the kernel flipped
+    # (:func:`_transposed_patches`)
+    transposed: tuple[int, ...] = ()
+
+    def _swap(self, t: Tensor, first: int, second: int) -> Tensor:
+        """``[..., groups, first, second, k...]`` (flat in the last dim) -> ``[..., groups, second,
+        first, k...]`` with the kernel flipped, flat again in its last dim."""
+        lead, nd = t.shape[:-1], len(self.transposed)
+        t = t.reshape(*lead, self.groups, first, second, *self.transposed)
+        t = t.flip(tuple(range(t.dim() - nd, t.dim()))).transpose(len(lead) + 1, len(lead) + 2)
+        return t.reshape(*lead, -1)
+
+    def to_block(self, t: Tensor) -> Tensor:
+        """The weight's values in its own flat order ``[..., numel]`` as ``[..., groups, out, fan]``."""
+        lead = t.shape[:-1]
+        if self.transposed:
+            t = self._swap(t, self.fan // math.prod(self.transposed), self.out)
+        return t.reshape(*lead, self.groups, self.out, self.fan)
+
+    def to_param(self, t: Tensor) -> Tensor:
+        """``[..., groups, out, fan]`` in the weight's own flat order ``[..., numel]``."""
+        t = t.reshape(*t.shape[:-3], -1)
+        return self._swap(t, self.out, self.fan // math.prod(self.transposed)) if self.transposed else t
 
     @property
     def p(self) -> int:
@@ -1779,6 +1875,11 @@ class LayerProgram:
                 if self._calls.get(m, 0) != 1:
                     raise NotImplementedError(f"layer {m!r} is not called once per forward")
                 x = self._inputs[m]
+                if isinstance(mod, _TRANSPOSED) and (
+                        tuple(self._outputs[m].shape[2:]) != _transposed_output_shape(mod, x) or x.dim() != mod.weight.dim()):
+                    # an output_size argument (another output padding than the layer's), or unbatched input
+                    raise NotImplementedError(f"layer {m!r}: a transposed convolution whose output shape is not "
+                                              "its output_padding's")
                 taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
         self._inputs.clear(), self._outputs.clear()
         if out.shape[0] != b:
@@ -2126,7 +2227,7 @@ class LayerProgram:
         outputs per record, e.g. an MLP classifier; a single-output MLP keeps the FactoredProgram's
         factors, which the accumulator prefers). Other models without convolutions (norms,
         embeddings, attention) get none, as before. :attr:`kron_conv` says which case."""
-        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        conv = (*_CONVS, *_TRANSPOSED)
         self.kron_conv = any(isinstance(mod, conv) for mod in self._mods.values())
         if not self.kron_conv and (self._tied or KFAC_CONV_FACTORS != "trace"
                                    or not all(type(mod) is nn.Linear for mod in self._mods.values())):
@@ -2141,7 +2242,8 @@ class LayerProgram:
             else:
                 groups = mod.groups
                 fan, q = mod.in_channels // groups * math.prod(mod.kernel_size), mod.out_channels // groups
-            out[m] = KronBlock(m, slot.get("weight"), slot.get("bias"), groups, fan, q)
+            tr = tuple(mod.kernel_size) if isinstance(mod, _TRANSPOSED) else ()
+            out[m] = KronBlock(m, slot.get("weight"), slot.get("bias"), groups, fan, q, tr)
         return out
 
     def kron_blocks(self) -> dict[str, KronBlock]:
@@ -2209,19 +2311,40 @@ class LayerProgram:
             a, step = 0, 1
             while a < r:
                 c = min(r, a + step)
-                U = self._kron_in(m, taps, a, c)  # [c - a, groups, p, positions]
-                Z = self._kron_out(m, go[m], a, c)
-                # the per-sample gradients [c - a, groups, out, p]; their outer products in float64:
-                # a float32 GEMM's rounding (~1e-7 of the entries) lifts a factor's exact null
-                # directions above KFAC_RCOND, and their pseudo-inverse then read sigma up to ~900x
-                # the float64 pass's (tests/test_ggn_mc.py's float32 / float64 check)
-                g = torch.einsum("rgot,rgkt->rgok", Z, U).to(torch.float64)
+                if blk.transposed:  # from the output gradient's patches (no zero-stuffed input patches)
+                    g, positions = self._transposed_kron_grads(m, taps, go[m], a, c), 1
+                else:
+                    U = self._kron_in(m, taps, a, c)  # [c - a, groups, p, positions]
+                    Z = self._kron_out(m, go[m], a, c)
+                    # the per-sample gradients [c - a, groups, out, p]; their outer products in float64:
+                    # a float32 GEMM's rounding (~1e-7 of the entries) lifts a factor's exact null
+                    # directions above KFAC_RCOND, and their pseudo-inverse then read sigma up to ~900x
+                    # the float64 pass's (tests/test_ggn_mc.py's float32 / float64 check)
+                    g, positions = torch.einsum("rgot,rgkt->rgok", Z, U), U.shape[-1]
+                g = g.to(torch.float64)
                 gw = g * w[a:c].to(g.dtype).reshape(-1, 1, 1, 1)
                 acc[0] += torch.einsum("rgok,rgol->gkl", gw, g).to(torch.float64)
                 acc[1] += torch.einsum("rgok,rgqk->goq", gw, g).to(torch.float64)
                 a = c
-                step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * max(blk.p * U.shape[-1], blk.out * blk.p), 1))
+                step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * max(blk.p * positions, blk.out * blk.p), 1))
             acc[2] = r
+
+    def _transposed_kron_grads(self, m: str, taps: _BatchTaps, go: Tensor, a: int, c: int) -> Tensor:
+        """A transposed convolution's per-sample gradients of records ``a:c`` in its block's layout
+        ``[c - a, groups, out, p]`` (bias column last), as :meth:`_kron_add`'s product of
+        :meth:`_kron_in` and :meth:`_kron_out` would give them, from :func:`_transposed_grad_patches`
+        (the input's patches have ``stride^dims`` times the positions, mostly zeros: the factors took
+        ~70% of a small decoder's estimation through them)."""
+        blk, mod = self._kron_blocks[m], self._mods[m]
+        r, gor = c - a, go[a:c]
+        parts = []
+        if blk.weight is not None:
+            pg = _transposed_grad_patches(mod, gor)
+            gw = taps.x[m][a:c].reshape(r, blk.groups, -1, pg.shape[-1]) @ pg.transpose(-1, -2)
+            parts.append(blk.to_block(gw.reshape(r, -1)))
+        if blk.bias is not None:
+            parts.append(gor.reshape(r, blk.groups, blk.out, -1).sum(-1, keepdim=True))
+        return torch.cat(parts, -1)
 
     def _kron_in(self, m: str, taps: _BatchTaps, a: int, c: int) -> Tensor:
         """A layer's inputs of records ``a:c`` as ``[c - a, groups, p, positions]`` (the patches
@@ -2231,14 +2354,14 @@ class LayerProgram:
         if blk.weight is None:
             x = taps.x[m]
             pos = (math.prod(x.shape[1:-1]) if isinstance(mod, nn.Linear)
-                   else math.prod(_patches(mod, x[a:a + 1]).shape[3:]))
+                   else math.prod(_conv_patches(mod, x[a:a + 1]).shape[3:]))
             return torch.ones(r, 1, 1, pos, dtype=self.dtype)
         if isinstance(mod, nn.Linear):
             x = taps.x[m][a:c]
             u = x.reshape(r, -1, blk.fan).transpose(1, 2).unsqueeze(1)
         else:
             cache = taps.cache.get(m) or {}
-            u = cache["u"][a:c] if "u" in cache else _patches(mod, taps.x[m][a:c])
+            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, taps.x[m][a:c])
         if blk.bias is not None:
             u = torch.cat([u, torch.ones(r, blk.groups, 1, u.shape[-1], dtype=u.dtype)], 2)
         return u
