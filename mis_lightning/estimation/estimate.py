@@ -78,7 +78,7 @@ from .records import (
     storable_rows,
     store_records,
 )
-from .symmetries import normalised_layers, weight_normed
+from .symmetries import SCALE_INVARIANT_NORMS, normalised_layers, weight_normed
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
            "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys", "reused_layers"]
@@ -1129,10 +1129,12 @@ class MomentAccumulator:
                 own, raw = getattr(program, "model", None), self.batch_fn(batch)[0]
                 # the program's private copy (its weights in the model's dtype): no second copy of a
                 # large model; where that forward fails (tensor attributes cast), a copy of the model
+                # if it holds a norm module (a norm function alone is missed there: not worth a copy)
                 found = normalised_layers(own, raw, self.names, owned=True) \
                     if isinstance(own, nn.Module) and own is not self.model else None
+                moduled = any(isinstance(m, SCALE_INVARIANT_NORMS) for m in self.model.modules())
                 self._normalised = found if found is not None else \
-                    normalised_layers(self.model, raw, self.names) or {}
+                    (normalised_layers(self.model, raw, self.names) if moduled else None) or {}
         if self._probe_pending:
             self._probe_pending = False
             first = int(st["n"]) == 0
