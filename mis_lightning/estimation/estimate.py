@@ -2295,7 +2295,8 @@ SCALE_SYMMETRY_FIGURES = (
     "quantized figures (rtn_int8, rtn_int4) read 0.78-0.85x the exact estimator's after a GroupNorm, 0.87-1.11x "
     "after a LayerNorm, and 3.8-3.9x on a 4-class head whose Linear sees fewer independent features than it has "
     "inputs (1,077 of its 1,548 directions flat, which the exact estimator projects out); the per-weight sigma "
-    "is what is off: scored with the exact estimator's sigma, the diagonal estimate read 0.95-1.09x")
+    "is what is off: scored with the exact estimator's sigma, the diagonal estimate read 0.95-1.09x; on "
+    "Linear -> LayerNorm -> ReLU -> Linear MLPs (n = 400-1,000) 0.62-0.97x (rtn_int8) and 0.39-0.83x (rtn_int4)")
 
 
 def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
