@@ -8,7 +8,9 @@ Tanh instead: the control without symmetry), flatten, ``Linear`` to 1 output (sq
 by float64 L-BFGS. Then, with every record kept for nothing but the estimation (``num_records``
 256, ``uncertainty_draws=0``), ``assess(..., estimation=e)`` for ``e`` in exact / diagonal / auto:
 the leakage of ``rtn_int8`` and ``rtn_int4``, ``d_eff``, the exact estimator's flat directions, and
-the estimator ``"auto"`` chose. ``--components``: which quantity is off, the diagonal estimate
+the estimator ``"auto"`` chose. ``mlp_ln`` / ``mlp_ln0`` / ``mlp_tanh`` (ln41): ``Flatten``,
+``Linear(4 L, 16)``, LayerNorm(16) (``mlp_ln0``: no affine; ``mlp_tanh``: a Tanh instead), ReLU,
+``Linear(16, C)``. ``--components``: which quantity is off, the diagonal estimate
 scored with the exact estimator's sigma in place of its own (its influences and correlation kept),
 and the diagonal / exact sigma per parameter tensor (median). ``--eps0``: the normalisation's
 ``eps`` set to 0 after the fit, so that its scale symmetry is exact and the exact estimator
@@ -17,6 +19,7 @@ projects it out (the figures should not move). Runtime: ~1-5 min CPU per case (t
     python benchmarks/scale_symmetry.py                                 # gn ln ln0 tanh, n 4000, L 8
     python benchmarks/scale_symmetry.py --cases ln --classes 4 --length 32 --n 3000   # d = 1,548
     python benchmarks/scale_symmetry.py --cases gn ln0 --components
+    python benchmarks/scale_symmetry.py --cases mlp_ln mlp_ln0 mlp_tanh --length 2 --n 1000 --components
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ SCHEMES = ["rtn_int8", "rtn_int4"]
 
 
 def build(kind: str, length: int, classes: int) -> nn.Module:
+    if kind.startswith("mlp_"):  # ln41: Flatten, Linear(4 L, 16), the norm, ReLU, Linear(16, C)
+        norm = {"mlp_ln": [nn.LayerNorm(16)], "mlp_ln0": [nn.LayerNorm(16, elementwise_affine=False)],
+                "mlp_tanh": [nn.Tanh()]}[kind]
+        return nn.Sequential(nn.Flatten(), nn.Linear(4 * length, 16), *norm, nn.ReLU(), nn.Linear(16, classes)).double()
     pos = length - 2
     layers: list[nn.Module] = [nn.Conv1d(4, 8, 3)]
     layers += {"gn": [nn.GroupNorm(2, 8)], "ln": [nn.LayerNorm([8, pos])],
@@ -98,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     for kind in a.cases:
         m, x, y, loss, grad = fitted(kind, a.n, a.length, a.classes, a.seed)
-        if a.eps0 and hasattr(m[1], "eps"):
-            m[1].eps = 0.0
+        for mod in m.modules() if a.eps0 else ():
+            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+                mod.eps = 0.0
         dl = DataLoader(TensorDataset(x, y), batch_size=500)
         d = sum(p.numel() for p in m.parameters())
         print(f"{kind}: d = {d}, n = {a.n}, L = {a.length}, classes {a.classes}, max |grad| {grad:.1e}", flush=True)
@@ -113,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                   + " ".join(f"{s} {r.schemes[s].leakage:.4f} ({r.schemes[s].leakage / ref.schemes[s].leakage:.2f}x, "
                              f"d_eff {r.schemes[s].d_eff:.0f})" for s in SCHEMES)
                   + f"  flat {dg.get('flat_directions', '-')}, normalised {dg.get('normalised_layers', '-')}, "
-                  f"marked {any(w.startswith('uncertain figures') for w in r.warnings)}; {r.estimation.get('estimator', r.estimation.get('mode'))}",
+                  f"marked {any(w.startswith('uncertain figures') for w in r.warnings)}; {r.estimation.get('estimator', r.estimation.get('mode'))}"
+                  + f"; off-minimum {dg.get('not_at_minimum')} ({dg.get('minimum_offset_sd', float('nan')):.2g} sd), "
+                  f"negative curvature {dg.get('negative_curvature')}",
                   flush=True)
         if a.components:
             ex = estimate(m, dl, loss, mode="exact", num_records=256)

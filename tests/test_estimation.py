@@ -118,6 +118,34 @@ def test_exact_mode_measures_the_newton_step_in_each_weights_own_sd(direction):
     assert abs(dg.diagnostics["minimum_offset_sd"] / expected - 1) > 0.5
 
 
+@pytest.mark.parametrize("c", [1e-4, 3e-5])
+@pytest.mark.parametrize("t", [0.5, 3.0])
+def test_the_newton_step_along_a_direction_under_the_eigenvalue_floor_reads_its_own_sd(c, t):
+    # Two features collinear to c: H's weak eigenvalue 2.6e-9 / 2.3e-10 of the largest, under the
+    # sandwich's floor (damping 1e-8), which shrinks sigma along it by |e| / floor. The step must
+    # go through that same inverse: with the plain pseudo-inverse (before ln41) the fit moved t
+    # true sd along the weak direction read t * floor / |e| (3 sd: 11.5 / 128; 0.5 sd: flagged),
+    # as the near-flat scale direction of a LayerNorm's input layer read a converged fit 9.9 sd
+    # off. Least squares, so the step is the move; tolerance: V at the moved weights, O(t^2 / n).
+    n = 4000
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    X = torch.stack([z[:, 0], math.sqrt(1 - c * c) * z[:, 0] + c * z[:, 1]], 1)
+    y = X @ torch.tensor([1.0, -0.5], dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    beta = torch.linalg.solve(X.T @ X, X.T @ y)
+    r = y - X @ beta
+    Ai = torch.linalg.inv(X.T @ X / n)
+    B = (X * r[:, None]).T @ (X * r[:, None]) / n
+    lam, U = torch.linalg.eigh(0.5 * (Ai @ B @ Ai + (Ai @ B @ Ai).T))
+    delta = t * math.sqrt(float(lam[1]) / n) * U[:, 1]  # Sigma's largest: H's weakest direction
+    m = nn.Linear(2, 1, bias=False).double()
+    m.weight.data = (beta + delta)[None, :]
+    ex = estimate(m, DataLoader(TensorDataset(X, y), batch_size=500), mse, mode="exact").diagnostics
+    assert ex["eigenvalues_floored"] == 1
+    assert ex["minimum_offset_sd"] == pytest.approx(t, rel=2e-2)
+    assert ex["not_at_minimum"] is (t > 1)
+
+
 def test_diagonal_agrees_with_exact_on_orthogonal_design():
     # Orthogonal design: X^T X = n I, so H is diagonal and the diagonal mode is exact.
     n, d = 256, 4

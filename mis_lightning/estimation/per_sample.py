@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
+from .norm_derivatives import WrittenOutLayerNorm, has_affine_layer_norm
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -532,6 +533,7 @@ class LossProgram:
             plain_embedding_gradients(self.model)
         named = dict(self.model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
+        self._affine_layer_norm = has_affine_layer_norm(self.model)
 
         def private(t: Tensor) -> Tensor:
             t = t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
@@ -548,7 +550,9 @@ class LossProgram:
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        with eval_mode(self.model), default_dtype(self.dtype), mha_fastpath_off():
+        # an affine LayerNorm written out: torch.func's second derivatives of F.layer_norm are wrong
+        written = WrittenOutLayerNorm() if self._affine_layer_norm else nullcontext()
+        with eval_mode(self.model), default_dtype(self.dtype), mha_fastpath_off(), written:
             return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     def _one_loss(self, params: dict[str, Tensor], x: Any, y: Any) -> Tensor:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from .._modelcopy import ModelCopyError, private_copy
 from .per_sample import eval_mode
@@ -63,23 +65,88 @@ def weight_normed(model: nn.Module, param_names: Iterable[str] | None = None) ->
     return out
 
 
+def _named(*names: str, on: Any = F) -> frozenset:
+    """The callables ``on.<name>`` that exist in this torch (``F.rms_norm`` came in 2.4)."""
+    return frozenset(getattr(on, k) for k in names if hasattr(on, k))
+
+
+#: functions normalising each record by its input's own statistics: ``{function: its name}``;
+#: instance_norm only on its input's statistics (``use_input_stats``: not in eval mode with
+#: running statistics, which are constants)
+NORM_FUNCTIONS: dict[Any, str] = {f: f.__name__ for f in (
+    _named("layer_norm", "group_norm", "rms_norm", "instance_norm")
+    | _named("layer_norm", "group_norm", "rms_norm", "instance_norm", on=torch))}
+
+#: functions ``f`` with ``f(c x) = c f(x)`` for ``c > 0`` in their first argument (the functional
+#: forms of :data:`HOMOGENEOUS_LAYERS`, and reshapes that may copy)
+HOMOGENEOUS_FUNCTIONS: frozenset = (
+    _named("relu", "relu_", "leaky_relu", "leaky_relu_", "prelu", "dropout", "dropout1d", "dropout2d",
+           "dropout3d", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+           "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
+           "adaptive_max_pool2d", "adaptive_max_pool3d")
+    | _named("relu", "relu_", "flatten", "reshape", "clone", on=torch)
+    | _named("relu", "relu_", "flatten", "reshape", "view", "contiguous", "clone", on=Tensor))
+
+
+def _uses_input_stats(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether an instance_norm call normalises by its input's statistics (``F.instance_norm``'s
+    ``use_input_stats``, 6th; ``torch.instance_norm``'s, 6th too); other norms always do."""
+    if NORM_FUNCTIONS.get(func) != "instance_norm":
+        return True
+    return bool(kwargs.get("use_input_stats", args[5] if len(args) > 5 else True))
+
+
+class _Tracer(TorchFunctionMode):
+    """Follows the assessed layers' outputs through :data:`HOMOGENEOUS_FUNCTIONS` into
+    :data:`NORM_FUNCTIONS` calls (``__torch_function__`` sees both a norm module's own call and
+    one in user code; torch runs it with the mode off, so only the outermost call is seen)."""
+
+    def __init__(self, source: dict[int, tuple[str, int, Tensor]], found: dict[str, str],
+                 running: list[str], norm_modules: set[str]) -> None:
+        super().__init__()
+        self.source, self.found, self.running, self.norm_modules = source, found, running, norm_modules
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        norm = func in NORM_FUNCTIONS
+        if not (norm or func in HOMOGENEOUS_FUNCTIONS) or not args:
+            return out
+        key = _storage(args[0])
+        src = self.source.get(key) if key is not None else None
+        if src is None or args[0].numel() != src[1]:
+            return out
+        if norm:
+            if _uses_input_stats(func, args, kwargs):
+                owner = self.running[-1] if self.running else ""
+                # a norm module is named as before; a call in user code by the module and function
+                self.found.setdefault(src[0], owner if owner in self.norm_modules
+                                      else f"{owner + '.' if owner else ''}{NORM_FUNCTIONS[func]}()")
+        elif _storage(out) is not None:  # homogeneous: the scale passes through
+            self.source[_storage(out)] = (src[0], out.numel(), out)
+        return out
+
+
 def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | None = None, *,
                       owned: bool = False) -> dict[str, str] | None:
     """``{layer: norm}``: the modules holding an assessed parameter (``param_names``; ``None``:
-    every parameter) whose whole output goes into a scale-invariant normalisation
-    (:data:`SCALE_INVARIANT_NORMS`) directly or through :data:`HOMOGENEOUS_LAYERS`, seen in one
-    forward pass of ``inputs`` (a batch) on a private copy in eval mode without gradients. Views
-    (flatten, transpose) count as the same output (shared storage and size); any other op in
-    between (a residual sum, a nonlinearity such as tanh) breaks the chain, so the result may
-    miss a symmetry made by functional code, never name one that is absent.
+    every parameter) whose whole output goes into a scale-invariant normalisation directly or
+    through :data:`HOMOGENEOUS_LAYERS` / :data:`HOMOGENEOUS_FUNCTIONS`, seen in one forward pass
+    of ``inputs`` (a batch) on a private copy in eval mode without gradients. The norm is any
+    call of :data:`NORM_FUNCTIONS` (a ``torch.overrides.TorchFunctionMode`` sees it), named by
+    its module (``"1"``: an ``nn.LayerNorm``) or, called in a ``forward`` of the user's, by that
+    module and the function (``"block.layer_norm()"``, ``"layer_norm()"`` in the model's own).
+    Views (flatten, transpose) count as the same output (shared storage and size); any other op
+    in between (a residual sum, a nonlinearity such as tanh) breaks the chain, so the result may
+    miss a symmetry (e.g. a scale by a constant), never name one that is absent. A forward that
+    fails under the mode (a compiled model, say) is run again with module hooks alone (norm
+    modules only, as before ln41).
 
-    Models without such a norm are not run (``{}``). ``owned``: ``model`` is already the caller's
-    private copy in eval mode (the estimation's program holds one: no second copy of a large
-    model), run as it is with hooks removed afterwards. A model that cannot be copied, or whose
-    forward fails here, gives ``{}`` (the estimation reports the failure itself).
+    ``owned``: ``model`` is already the caller's private copy in eval mode (the estimation's
+    program holds one: no second copy of a large model), run as it is with hooks removed
+    afterwards. A model that cannot be copied, or whose forward fails here, gives ``{}`` (the
+    estimation reports the failure itself); ``owned``: ``None`` where the forward failed.
     """
-    if not any(isinstance(m, SCALE_INVARIANT_NORMS) for m in model.modules()):
-        return {}
     if owned:
         copy = model
     else:
@@ -89,10 +156,23 @@ def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] 
             log.info("estimation: normalisation probe skipped (%s)", err)
             return {}
     wanted = None if param_names is None else set(param_names)
+    for traced in (True, False):
+        try:
+            return _probe(copy, inputs, wanted, traced)
+        except Exception as err:  # noqa: BLE001 - the estimation's own forward reports it
+            log.info("estimation: normalisation probe%s failed (%s)", " under the function mode" if traced else "", err)
+    return None if owned else {}
+
+
+def _probe(copy: nn.Module, inputs: Any, wanted: set[str] | None, traced: bool) -> dict[str, str]:
+    """One forward of :func:`normalised_layers`; ``traced``: under :class:`_Tracer` (else norm
+    modules' forward hooks alone). Raises what the forward raises."""
     # output storage -> (assessed layer, its numel, the output itself: held so that its memory is not
     # reused by a later tensor, which would then read as the same output)
     source: dict[int, tuple[str, int, Tensor]] = {}
     found: dict[str, str] = {}
+    running: list[str] = []
+    norm_modules = {name for name, mod in copy.named_modules() if isinstance(mod, SCALE_INVARIANT_NORMS)}
     handles = []
 
     def hook(name: str, kind: str) -> Callable:
@@ -108,24 +188,39 @@ def normalised_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] 
             if src is None or arg.numel() != src[1]:
                 return
             if kind == "norm":
-                found.setdefault(src[0], name)
+                if not (isinstance(mod, nn.modules.instancenorm._InstanceNorm)
+                        and mod.track_running_stats and not mod.training):  # constants, not the input's
+                    found.setdefault(src[0], name)
             else:  # homogeneous: the scale passes through
                 source[key] = (src[0], out.numel(), out)
         return post
 
+    def enter(name: str) -> Callable:
+        return lambda mod, args: running.append(name)
+
+    def leave(mod: nn.Module, args: tuple, out: Any) -> None:
+        running.pop()
+
     for name, mod in copy.named_modules():
         own = [f"{name}.{k}" if name else k for k, p in mod._parameters.items() if p is not None]
+        if traced:  # the innermost module running names a norm function's call
+            handles.append(mod.register_forward_pre_hook(enter(name)))
         if isinstance(mod, SCALE_INVARIANT_NORMS):
-            handles.append(mod.register_forward_hook(hook(name, "norm")))
+            if not traced:
+                handles.append(mod.register_forward_hook(hook(name, "norm")))
         elif isinstance(mod, HOMOGENEOUS_LAYERS):
             handles.append(mod.register_forward_hook(hook(name, "homogeneous")))
         elif own and (wanted is None or wanted & set(own)) and not list(mod.children()):
             handles.append(mod.register_forward_hook(hook(name, "assessed")))
+        if traced:  # after the others: they run before it pops
+            handles.append(mod.register_forward_hook(leave))
     try:
         with torch.no_grad(), eval_mode(copy):
-            copy(inputs)
-    except Exception:  # noqa: BLE001 - the estimation's own forward reports it
-        return None if owned else {}
+            if traced:
+                with _Tracer(source, found, running, norm_modules):
+                    copy(inputs)
+            else:
+                copy(inputs)
     finally:
         for h in handles:
             h.remove()
