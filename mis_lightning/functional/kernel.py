@@ -454,6 +454,7 @@ def windowed_moments(
     theta: Tensor,
     sigma: Tensor,
     kernel: Callable[[Tensor], CellMoments] = moments_from_alpha,
+    sums: Callable[[Tensor, int], CellMoments | None] | None = None,
 ) -> None:
     """Exact cell sums of the elements ``idx``, grouped by the window they need (in place).
 
@@ -466,6 +467,10 @@ def windowed_moments(
         theta, sigma: ``[c]`` float64 weights and standard deviations (parameter units).
         kernel: the cell sums of standardised edges ``[r, 2m + 2]`` (default
             :func:`~mis_lightning.functional.cells.moments_from_alpha`).
+        sums: ``sums(ii, m)``: the moments of elements ``ii`` on their ``m`` window computed by
+            the caller without ``edges`` (the stored cells' distinct edges,
+            :func:`~mis_lightning.functional.distinct.table_window_moments`), or ``None``: the
+            ``edges`` and ``kernel`` path for these rows.
     """
     lo_bound = 0
     for m in windows:
@@ -477,7 +482,9 @@ def windowed_moments(
         step = max(1, rows_budget // (2 * m + 2))
         for a in range(0, group.numel(), step):
             ii = group[a : a + step]
-            alpha = (edges(ii, m) - theta[ii].unsqueeze(-1)) / sigma[ii].unsqueeze(-1)
-            mm = kernel(alpha)
+            mm = None if sums is None else sums(ii, m)
+            if mm is None:
+                alpha = (edges(ii, m) - theta[ii].unsqueeze(-1)) / sigma[ii].unsqueeze(-1)
+                mm = kernel(alpha)
             for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
                 t[ii] = v

@@ -46,7 +46,7 @@ from ..functional.bounds import (
     reveal_beyond_bounds,
 )
 from ..functional.cells import SQRT_2_OVER_PI
-from ..functional.distinct import distinct_edge_moments
+from ..functional.distinct import distinct_edge_moments, run_starts, table_window_moments
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
 from ..functional.masks import any_set
 from ..functional.quotient import (
@@ -2132,6 +2132,13 @@ class ParamGrid:
                     return e
             else:
                 lo = hi = None
+        sums = None
+        if table is not None and lo is None:
+            # (bounds clip a window's edges: those windows are built and deduplicated as edges)
+            starts = run_starts(flat)
+
+            def sums(ii: Tensor, m: int) -> CellMoments | None:
+                return table_window_moments(flat, starts, row[ii], rel[ii], last, m, th[ii], sgt[ii], kappa_only)
         own = edges(torch.arange(c, device=th.device), 1)[:, 1:3]
         frozen = ((th - own[:, 0]) / sgt > CUTOFF_SIGMAS) & ((own[:, 1] - th) / sgt > CUTOFF_SIGMAS)
         if lo is not None:
@@ -2140,7 +2147,7 @@ class ParamGrid:
         if rest.numel():
             windowed_moments((kappa, mean_abs, m4, coverage), rest, need[rest], _STORAGE_WINDOWS,
                              _STORAGE_ROWS_BUDGET, window, th, sgt,
-                             kernel=lambda a: distinct_edge_moments(a, kappa_only=kappa_only))
+                             kernel=lambda a: distinct_edge_moments(a, kappa_only=kappa_only), sums=sums)
         mm = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         if lo is not None and hi is not None:
             reveal_beyond_bounds(mm, torch.nonzero(reach).squeeze(-1), th, sg, lo, hi)
