@@ -1,5 +1,7 @@
 """The stored-cell sums over the distinct edges of each window (functional/distinct.py, bf41)
-against the plain kernel that evaluates every edge (``DISTINCT_EDGES`` off).
+against the plain kernel that evaluates every edge (``DISTINCT_EDGES`` off), both ways: windows
+built then deduplicated (``distinct_edge_moments``) and table windows summed from the table's
+distinct edges (``table_window_moments``).
 
 Exact equality (``torch.equal``), no tolerance: the dedup evaluates the same element-wise IEEE
 operations on the same edge pairs (torch's ``exp`` / ``erfc`` on CPU run one vectorised code for
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 import mis_lightning.functional.fastpath as fastpath
+import mis_lightning.quantization.base as base
 from mis_lightning.functional import distinct
 from mis_lightning.functional.cells import moments_from_alpha_erfc
 from mis_lightning.quantization import get_scheme
@@ -109,10 +112,50 @@ def test_fp16_scheme_on_bf16_weights_bitwise(monkeypatch, kappa_only, use_codes)
     sd = ulp * mult
     pos = th + sd * torch.randn(c, dtype=F64, generator=torch.Generator().manual_seed(5))
     theta = th if use_codes else pos
+    tables = [0]
+    plain_table = base.table_window_moments
+
+    def counting(*a):
+        out = plain_table(*a)
+        tables[0] += out is not None
+        return out
+
+    monkeypatch.setattr(base, "table_window_moments", counting)
     seen = _counted(monkeypatch)
     new = grid.moments(theta, sd, 0, c, use_codes=use_codes, kappa_only=kappa_only)
-    assert seen[0] > 0  # the windows of the wide sds took the dedup
+    assert tables[0] > 0  # windows summed from the table's distinct edges
+    monkeypatch.setattr(distinct, "DISTINCT_TABLE_WINDOWS", False)
+    built = seen[0]
+    windows = grid.moments(theta, sd, 0, c, use_codes=use_codes, kappa_only=kappa_only)
+    assert seen[0] > built  # windows built, then deduplicated
     monkeypatch.setattr(distinct, "DISTINCT_EDGES", False)
     old = grid.moments(theta, sd, 0, c, use_codes=use_codes, kappa_only=kappa_only)
-    assert _equal(new, old)
+    assert _equal(new, old) and _equal(windows, old)
     assert bool((new.kappa > 0).any()) and bool((new.kappa < 1).any())
+
+
+@pytest.mark.parametrize("kappa_only", [False, True])
+def test_table_windows_bitwise(kappa_only):
+    """Windows of a two-row table (runs of equal edges, -inf / +inf at columns 0 and ``last``) at
+    every column, the clamped ends included, sds spanning the window (every cell, the window's
+    ends too, weighs in kappa), against the windows built as ``_storage_moments`` builds them."""
+    g = torch.Generator().manual_seed(6)
+    last, m = 99, 40
+    rows = []
+    for _ in range(2):
+        inner = torch.repeat_interleave(torch.sort(torch.randn(60, generator=g, dtype=F64)).values,
+                                        torch.randint(1, 4, (60,), generator=g))[: last - 1]
+        inner = torch.cat([inner, inner[-1:].expand(last - 1 - inner.numel())])
+        rows.append(torch.cat([torch.tensor([-torch.inf], dtype=F64), inner, torch.tensor([torch.inf], dtype=F64)]))
+    flat = torch.cat(rows)
+    rel = torch.arange(1, last).repeat(2)
+    row = torch.arange(2).repeat_interleave(last - 1) * (last + 1)
+    theta = flat.take(row + rel) + 0.01 * torch.randn(rel.numel(), generator=g, dtype=F64)
+    sigma = torch.full_like(theta, 2.0)
+    new = distinct.table_window_moments(flat, distinct.run_starts(flat), row, rel, last, m, theta, sigma, kappa_only)
+    assert new is not None
+    j = (rel - m).unsqueeze(-1) + torch.arange(2 * m + 2)
+    e = flat.take(j.clamp(0, last) + row.unsqueeze(-1))
+    e[:, 0], e[:, -1] = -torch.inf, torch.inf
+    alpha = (e - theta.unsqueeze(-1)) / sigma.unsqueeze(-1)
+    assert _equal(new, moments_from_alpha_erfc(alpha, kappa_only))
