@@ -9,11 +9,14 @@ fp16's whole range sums 131,074 edges of which 8,706 are distinct. An empty cell
 (``erfc``, ``exp`` and ~25 other element-wise operations per edge) are computed once per distinct
 edge, and only the row sums run over the full window: each non-empty cell's term is copied to its
 place among ``+0`` at the empty ones, and summed in the same order as
-:func:`~mis_lightning.functional.cells.moments_from_alpha_erfc` sums them. The result is bitwise
-that function's wherever ``erfc`` and ``exp`` give an edge the same value in both layouts (torch's
-CPU kernels take the last < 16 elements of a tensor through the scalar C library instead of
-the vectorised SLEEF code: where the two round differently, one cell's term differs by an ulp,
-kappa by < 1e-16 relative).
+:func:`~mis_lightning.functional.cells.moments_from_alpha_erfc` sums them. The result is that
+function's bit for bit: every term is the same IEEE operations on the same two edges (torch's CPU
+``exp`` and ``erfc`` run one vectorised code for every element of a tensor, its tail included:
+an edge's value does not depend on its place; checked on 20,000 values, where the C library's
+``erfc`` differs from torch's in 19% of them), the empty cells are ``+0`` in both, and the sums
+run over the same ``[c, K]`` layout. :func:`table_window_moments` goes one step further for the
+windows gathered from a table of stored edges: it finds a window's distinct edges from the
+table's runs (a binary search per window) and never builds the window.
 """
 
 from __future__ import annotations

@@ -2090,7 +2090,11 @@ class ParamGrid:
         within its reach, is gathered from its block's row (else, where the table would hold more
         edges than the windows, computed for the element as before: the same edges). A weight with a bound within reach sums its window clipped at the bounds,
         the region beyond a bound read as revealed (as :func:`bounded_moments` reads inner
-        bounds). ``kappa_only``: ``mean_abs`` and ``m4`` are NaN (``kappa`` bitwise the same)."""
+        bounds). ``kappa_only``: ``mean_abs`` and ``m4`` are NaN (``kappa`` bitwise the same).
+        A window's runs of equal edges (empty cells: the fp16 scheme's codes between two bf16
+        values, edges clipped at a bound) are evaluated once (:mod:`~mis_lightning.functional.distinct`:
+        the table windows from the table's distinct edges, other windows deduplicated once built),
+        the sums bitwise those over every edge."""
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
         c = th.shape[0]
         sgt = sg.clamp_min(torch.finfo(torch.float64).tiny)
