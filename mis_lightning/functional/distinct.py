@@ -33,6 +33,9 @@ DISTINCT_EDGES = True
 #: the table windows of the stored cells (:func:`table_window_moments`) from the table's distinct
 #: edges without building the windows (False: windows built, then deduplicated; A/B)
 DISTINCT_TABLE_WINDOWS = True
+#: window edges per :func:`table_window_moments` call (its row sums hold one float per edge):
+#: the widest windows (92k-131k edges, ~2 ms of fixed costs a call) then share a call 8-11 at a time
+DISTINCT_ROWS_BUDGET = 1 << 20
 #: windows of fewer edges than this take the plain path (the dedup's ~6 passes over the window
 #: outweigh the saving on the few-edge windows of the common case)
 DISTINCT_MIN_EDGES = 64

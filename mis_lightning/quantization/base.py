@@ -46,7 +46,12 @@ from ..functional.bounds import (
     reveal_beyond_bounds,
 )
 from ..functional.cells import SQRT_2_OVER_PI
-from ..functional.distinct import distinct_edge_moments, run_starts, table_window_moments
+from ..functional.distinct import (
+    DISTINCT_ROWS_BUDGET,
+    distinct_edge_moments,
+    run_starts,
+    table_window_moments,
+)
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
 from ..functional.masks import any_set
 from ..functional.quotient import (
@@ -2151,7 +2156,8 @@ class ParamGrid:
         if rest.numel():
             windowed_moments((kappa, mean_abs, m4, coverage), rest, need[rest], _STORAGE_WINDOWS,
                              _STORAGE_ROWS_BUDGET, window, th, sgt,
-                             kernel=lambda a: distinct_edge_moments(a, kappa_only=kappa_only), sums=sums)
+                             kernel=lambda a: distinct_edge_moments(a, kappa_only=kappa_only), sums=sums,
+                             sums_budget=DISTINCT_ROWS_BUDGET)
         mm = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         if lo is not None and hi is not None:
             reveal_beyond_bounds(mm, torch.nonzero(reach).squeeze(-1), th, sg, lo, hi)
