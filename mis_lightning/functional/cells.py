@@ -265,7 +265,25 @@ def moments_from_alpha_erfc(alpha: Tensor, kappa_only: bool = False) -> CellMome
     edge instead of ~40. The stored cells of bf16 / fp16 models use it
     (:meth:`~mis_lightning.quantization.ParamGrid.element_moments`, ``storage_dtype``); the
     float32 paths keep :func:`moments_from_alpha` (their reports stay bitwise unchanged).
-    ``kappa_only``: ``mean_abs`` and ``m4`` are not computed (NaN); ``kappa`` bitwise the same."""
+    ``kappa_only``: ``mean_abs`` and ``m4`` are not computed (NaN); ``kappa`` bitwise the same.
+    (:func:`~mis_lightning.functional.distinct.distinct_edge_moments`: the same sums with each
+    run of equal edges evaluated once.)"""
+    prob, diff, ratio, sq = erfc_cell_terms(alpha)
+    kappa = sq.sum(-1).clamp(0.0, 1.0)
+    if kappa_only:
+        nan = torch.full_like(kappa, math.nan)
+        return CellMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=prob.sum(-1))
+    mean_abs = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
+    m4 = (sq * ratio * ratio).sum(-1)
+    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=prob.sum(-1))
+
+
+def erfc_cell_terms(alpha: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The per-cell terms of :func:`moments_from_alpha_erfc`: ``(prob, diff, ratio, sq)``, each
+    ``[c, K]`` float64 for standardised edges ``alpha [c, K+1]`` (non-decreasing along a row):
+    the cell's probability, ``phi(lo) - phi(hi)``, its conditional mean (0 for a cell below
+    ``1e-300``) and ``diff * ratio`` (the cell's share of kappa). Element-wise in the cell's two
+    edges: an empty cell (equal edges) gives exactly ``+0`` in every term."""
     pdf = _pdf(alpha)
     lo, hi = alpha[:, :-1], alpha[:, 1:]
     # Phi(alpha) - [alpha > 0] = -q above 0, q below: a cell's probability is the difference of
@@ -280,11 +298,4 @@ def moments_from_alpha_erfc(alpha: Tensor, kappa_only: bool = False) -> CellMome
     ratio = torch.maximum(torch.minimum(diff / prob.clamp_min(_TINY_PROB), hi), lo)
     # an empty cell (a window's +-inf padding, a zero-width cell at a bound) adds nothing: no 0 * inf
     ratio = torch.where(prob > _TINY_PROB, ratio, 0.0)
-    sq = diff * ratio
-    kappa = sq.sum(-1).clamp(0.0, 1.0)
-    if kappa_only:
-        nan = torch.full_like(kappa, math.nan)
-        return CellMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=prob.sum(-1))
-    mean_abs = diff.abs().sum(-1).clamp(0.0, SQRT_2_OVER_PI)
-    m4 = (sq * ratio * ratio).sum(-1)
-    return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=prob.sum(-1))
+    return prob, diff, ratio, diff * ratio

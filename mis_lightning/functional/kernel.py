@@ -454,6 +454,8 @@ def windowed_moments(
     theta: Tensor,
     sigma: Tensor,
     kernel: Callable[[Tensor], CellMoments] = moments_from_alpha,
+    sums: Callable[[Tensor, int], CellMoments | None] | None = None,
+    sums_budget: int = 0,
 ) -> None:
     """Exact cell sums of the elements ``idx``, grouped by the window they need (in place).
 
@@ -466,6 +468,12 @@ def windowed_moments(
         theta, sigma: ``[c]`` float64 weights and standard deviations (parameter units).
         kernel: the cell sums of standardised edges ``[r, 2m + 2]`` (default
             :func:`~mis_lightning.functional.cells.moments_from_alpha`).
+        sums: ``sums(ii, m)``: the moments of elements ``ii`` on their ``m`` window computed by
+            the caller without ``edges`` (the stored cells' distinct edges,
+            :func:`~mis_lightning.functional.distinct.table_window_moments`), or ``None``: the
+            ``edges`` and ``kernel`` path for these rows.
+        sums_budget: window edges per ``sums`` call (at least ``rows_budget``'s rows: its
+            working tensors hold a window's distinct edges and one float per edge).
     """
     lo_bound = 0
     for m in windows:
@@ -475,9 +483,18 @@ def windowed_moments(
             continue
         group = idx[sel]
         step = max(1, rows_budget // (2 * m + 2))
-        for a in range(0, group.numel(), step):
-            ii = group[a : a + step]
-            alpha = (edges(ii, m) - theta[ii].unsqueeze(-1)) / sigma[ii].unsqueeze(-1)
-            mm = kernel(alpha)
-            for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
-                t[ii] = v
+        # (the caller's sums take more rows a call: a wide window's fixed costs shared)
+        big = step if sums is None else max(step, sums_budget // (2 * m + 2))
+        for a in range(0, group.numel(), big):
+            jj = group[a : a + big]
+            mm = None if sums is None else sums(jj, m)
+            if mm is not None:
+                for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
+                    t[jj] = v
+                continue
+            for b in range(0, jj.numel(), step):
+                ii = jj[b : b + step]
+                alpha = (edges(ii, m) - theta[ii].unsqueeze(-1)) / sigma[ii].unsqueeze(-1)
+                mm = kernel(alpha)
+                for t, v in zip(out, (mm.kappa, mm.mean_abs, mm.m4, mm.coverage)):
+                    t[ii] = v

@@ -45,7 +45,13 @@ from ..functional.bounds import (
     clip_boundaries,
     reveal_beyond_bounds,
 )
-from ..functional.cells import SQRT_2_OVER_PI, moments_from_alpha_erfc
+from ..functional.cells import SQRT_2_OVER_PI
+from ..functional.distinct import (
+    DISTINCT_ROWS_BUDGET,
+    distinct_edge_moments,
+    run_starts,
+    table_window_moments,
+)
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
 from ..functional.masks import any_set
 from ..functional.quotient import (
@@ -2089,7 +2095,11 @@ class ParamGrid:
         within its reach, is gathered from its block's row (else, where the table would hold more
         edges than the windows, computed for the element as before: the same edges). A weight with a bound within reach sums its window clipped at the bounds,
         the region beyond a bound read as revealed (as :func:`bounded_moments` reads inner
-        bounds). ``kappa_only``: ``mean_abs`` and ``m4`` are NaN (``kappa`` bitwise the same)."""
+        bounds). ``kappa_only``: ``mean_abs`` and ``m4`` are NaN (``kappa`` bitwise the same).
+        A window's runs of equal edges (empty cells: the fp16 scheme's codes between two bf16
+        values, edges clipped at a bound) are evaluated once (:mod:`~mis_lightning.functional.distinct`:
+        the table windows from the table's distinct edges, other windows deduplicated once built),
+        the sums bitwise those over every edge."""
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
         c = th.shape[0]
         sgt = sg.clamp_min(torch.finfo(torch.float64).tiny)
@@ -2131,6 +2141,13 @@ class ParamGrid:
                     return e
             else:
                 lo = hi = None
+        sums = None
+        if table is not None and lo is None:
+            # (bounds clip a window's edges: those windows are built and deduplicated as edges)
+            starts = run_starts(flat)
+
+            def sums(ii: Tensor, m: int) -> CellMoments | None:
+                return table_window_moments(flat, starts, row[ii], rel[ii], last, m, th[ii], sgt[ii], kappa_only)
         own = edges(torch.arange(c, device=th.device), 1)[:, 1:3]
         frozen = ((th - own[:, 0]) / sgt > CUTOFF_SIGMAS) & ((own[:, 1] - th) / sgt > CUTOFF_SIGMAS)
         if lo is not None:
@@ -2139,7 +2156,8 @@ class ParamGrid:
         if rest.numel():
             windowed_moments((kappa, mean_abs, m4, coverage), rest, need[rest], _STORAGE_WINDOWS,
                              _STORAGE_ROWS_BUDGET, window, th, sgt,
-                             kernel=lambda a: moments_from_alpha_erfc(a, kappa_only=kappa_only))
+                             kernel=lambda a: distinct_edge_moments(a, kappa_only=kappa_only), sums=sums,
+                             sums_budget=DISTINCT_ROWS_BUDGET)
         mm = CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
         if lo is not None and hi is not None:
             reveal_beyond_bounds(mm, torch.nonzero(reach).squeeze(-1), th, sg, lo, hi)
