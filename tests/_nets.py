@@ -87,3 +87,22 @@ def fit_lbfgs_ce(model: nn.Module, x, y, decay: float, rounds: int) -> nn.Module
     for _ in range(rounds):
         opt.step(closure)
     return model.eval()
+
+
+def fit_lbfgs(model: nn.Module, objective, max_iter: int = 100, rounds: int = 1, **options) -> nn.Module:
+    """``model`` fitted in place by full-batch strong-Wolfe L-BFGS on ``objective()`` (a closure
+    returning the scalar to minimise; ``rounds`` calls of up to ``max_iter`` iterations; other
+    ``torch.optim.LBFGS`` options, e.g. ``tolerance_grad``, passed on); returns it in eval mode."""
+    import torch
+
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=max_iter, line_search_fn="strong_wolfe", **options)
+
+    def closure():
+        opt.zero_grad()
+        obj = objective()
+        obj.backward()
+        return obj
+
+    for _ in range(rounds):
+        opt.step(closure)
+    return model.eval()

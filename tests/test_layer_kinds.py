@@ -11,6 +11,7 @@ import importlib
 
 import pytest
 import torch
+from _nets import fit_lbfgs  # tests/_nets.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -64,16 +65,8 @@ def _fitted(kind: str, n: int = 200):
     with torch.no_grad():
         out = teacher(x)
         y = out + 0.5 * torch.randn(out.shape, generator=g, dtype=torch.float64)
-    opt = torch.optim.LBFGS(m.parameters(), max_iter=100, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = _sq(m(x), y).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return m.eval(), DataLoader(TensorDataset(x, y), batch_size=n)
+    fit_lbfgs(m, lambda: _sq(m(x), y).mean(), max_iter=100, tolerance_grad=1e-10)
+    return m, DataLoader(TensorDataset(x, y), batch_size=n)
 
 
 @pytest.mark.parametrize("kind", ["groupnorm", "instancenorm"])
