@@ -838,32 +838,49 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
     notes = [n for n in ROW_NOTES if any(r.get("note") == n for r in rows)]
     if notes:
         lines.append("  " + "; ".join(f"({n}): {ROW_NOTES[n]}" for n in notes) + ".")
-    if any(r.get("unscored") for r in rows if not r.get("error")):
-        lines.append("  +: a lower bound: the release also carries a part this figure does not score "
-                     "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
-                     "records; see warnings); not ranked by the verdict.")
-    if any(unstable(r) for r in rows if not r.get("error")):
-        lines.append(f"  ~: unstable: the figure moves by more than {100 * FLOOR_SENSITIVITY_MAX:.0f}% when the "
-                     "eigenvalue floor of the Hessian is set 10x higher or lower (a singular or indefinite "
-                     "Hessian: the floored directions' variance is set by the floor, not by the data; see "
-                     "warnings).")
-    if any(r.get("scale_symmetry") for r in rows if not r.get("error")):
-        lines.append("  ?: uncertain: layers whose weights can be scaled together without changing the model "
-                     "(before a LayerNorm / GroupNorm / InstanceNorm / RMSNorm, or under weight_norm) were read by the "
-                     "diagonal estimator, whose per-weight sigma misses that direction: the figure can be off "
-                     "in either direction (see warnings; estimation='exact' handles it).")
-    failed = sorted({p for r in rows if not r.get("error") and r.get("indicative")
-                     for p in str(r["indicative"]).split("; ")})
-    if failed:
-        lines.append(f"  *: indicative only: an assumption of the analysis fails for this figure ({', '.join(failed)}; "
-                     "see warnings): it can read above or below what real attacks achieve, and the verdict "
-                     "does not rank it as a measurement.")
-    if any(above_baseline(r) for r in rows if not r.get("error")):
-        lines.append("  !: leakage above the unquantized baseline, which no quantized release can "
-                     "exceed: the figure is not reliable here (see warnings).")
+    lines += marks_legend(rows)
     # terminal width: each entry wrapped at 100 characters, continuation lines indented
     return "\n".join(textwrap.fill(ln, 100, subsequent_indent="    ", break_on_hyphens=False)
                      for ln in lines)
+
+
+def leakage_marks(row: dict[str, Any]) -> str:
+    """The marks after a row's leakage in every table (the report's, a sweep's aggregate):
+    ``!`` above the baseline, ``+`` a lower bound, ``~`` unstable, ``?`` the diagonal
+    estimator's scale-symmetry blind spot, ``*`` outside the analysis's assumptions; each
+    explained by :func:`marks_legend`."""
+    return ((" !" if above_baseline(row) else "") + (" +" if row.get("unscored") else "")
+            + (" ~" if unstable(row) else "") + (" ?" if row.get("scale_symmetry") else "")
+            + (" *" if row.get("indicative") else ""))
+
+
+def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
+    """The legend entries (one line each, indented two spaces) of the marks
+    (:func:`leakage_marks`) that ``rows`` carry."""
+    out: list[str] = []
+    if any(r.get("unscored") for r in rows if not r.get("error")):
+        out.append("  +: a lower bound: the release also carries a part this figure does not score "
+                   "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
+                   "records; see warnings); not ranked by the verdict.")
+    if any(unstable(r) for r in rows if not r.get("error")):
+        out.append(f"  ~: unstable: the figure moves by more than {100 * FLOOR_SENSITIVITY_MAX:.0f}% when the "
+                   "eigenvalue floor of the Hessian is set 10x higher or lower (a singular or indefinite "
+                   "Hessian: the floored directions' variance is set by the floor, not by the data; see "
+                   "warnings).")
+    if any(r.get("scale_symmetry") for r in rows if not r.get("error")):
+        out.append("  ?: uncertain: layers whose weights can be scaled together without changing the model "
+                   "(before a LayerNorm / GroupNorm / InstanceNorm / RMSNorm, or under weight_norm) were read by the "
+                   "diagonal estimator, whose per-weight sigma misses that direction: the figure can be off "
+                   "in either direction (see warnings; estimation='exact' handles it).")
+    failed = sorted({p for r in rows if not r.get("error") and r.get("indicative")
+                     for p in str(r["indicative"]).split("; ")})
+    if failed:
+        out.append(f"  *: indicative only: an assumption of the analysis fails for this figure ({', '.join(failed)}; "
+                   "see warnings): it can read above or below what real attacks achieve; the verdict says so.")
+    if any(above_baseline(r) for r in rows if not r.get("error")):
+        out.append("  !: leakage above the unquantized baseline, which no quantized release can "
+                   "exceed: the figure is not reliable here (see warnings).")
+    return out
 
 
 #: the planner's notes after a row's name (:attr:`Report.row_notes`) and what the legend says of them
@@ -984,9 +1001,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([label, f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk), extra)] if uk else []) + [
-            _fmt(r["leakage"]) + (" !" if above_baseline(r) else "") + (" +" if r.get("unscored") else "")
-            + (" ~" if unstable(r) else "") + (" ?" if r.get("scale_symmetry") else "")
-            + (" *" if r.get("indicative") else ""),
+            _fmt(r["leakage"]) + leakage_marks(r),
             interval, _fmt(r["mis"]),
             _fmt_or_dash(r.get("pool_leakage")),
             _fmt(r["baseline_leakage"]),

@@ -48,6 +48,8 @@ from mis_lightning.report import (
     D_EFF_SCHEMES_MARK,
     NOT_RANKED,
     higher_is_better,
+    leakage_marks,
+    marks_legend,
     merge_identical,
     no_points_note,
     pick_utility_key,
@@ -268,10 +270,13 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
                      "-" if bits is None else f"{bits:.2f}"] + [
                 _fmt(_float(r.get(uk))) for uk in uks] + [
-                _fmt(r.get("leakage")), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
+                _fmt(r.get("leakage")) + leakage_marks(r), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
                 _fmt(r.get("baseline_leakage")),
                 _fmt(r.get("d_eff"))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    marks = marks_legend([r for r in rows if not r.get("error")])
+    if marks:  # what the leakage column's marks mean, as under a job's own table
+        lines += [""] + [m.strip() for m in marks]
     verdicts = aggregate_verdicts(rows, utility_key)
     if verdicts:  # the jobs' one-scheme tables point here for the comparison (fu32)
         lines += [""] + verdicts
