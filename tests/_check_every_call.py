@@ -5,7 +5,7 @@ it: the conftest's guard fixture fails a test that leaves a path disabled.
 
     PYTHONPATH=tests python -m pytest -p _check_every_call -n 2 tests
 
-Not part of the suite (about 4x its time). Session 41 (d0d16bb): everything passes except
+Not part of the suite (about 4x its time). Session 41 (on 8b89fc0): everything passes except
 tests/test_fastpath.py::test_checks_are_quiet_and_cheap_on_correct_paths, which counts the
 checks and so expects the default cadence.
 """
