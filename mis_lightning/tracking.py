@@ -2,7 +2,8 @@
 
 Keys: ``mis/<scheme>/leakage``, ``mis/<scheme>/mis``, ``mis/<scheme>/leakage_p10``,
 ``mis/<scheme>/leakage_p90``, ``mis/<scheme>/d_eff``, ``mis/<scheme>/zero_fraction``,
-``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/pinned_fraction``,
+``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/pinned_fraction``, ``mis/<scheme>/float_fraction``,
+``mis/<scheme>/indicative`` (1: the table's ``*``), ``mis/<scheme>/failed``,
 ``mis/<scheme>/utility/<metric>``, ``mis/baseline/leakage``, ``mis/baseline/mis``.
 Loggers are used through their public ``log_metrics`` (rank-zero only in Lightning), and
 figures and report files through the experiment object where the logger keeps them (MLflow:
@@ -34,6 +35,11 @@ def _head(prefix: str) -> str:
 #: The per-scheme figures logged as ``<prefix>/<scheme>/<figure>`` (SchemeResult attributes),
 #: besides ``failed``, ``leakage_p10`` / ``leakage_p90`` (with an interval) and ``utility/<metric>``.
 SCHEME_FIGURES = ("leakage", "mis", "pool_leakage", "d_eff", "zero_fraction", "bits_per_weight", "pinned_fraction")
+#: Figures of the table's row (:meth:`Report.rows`) that qualify the others: ``float_fraction``
+#: (share of the assessed weights left in float, the table's ``float``) and ``indicative`` (1 where
+#: the table marks the leakage ``*``: outside the analysis's assumptions), so that a tracker's
+#: plain numbers say what the table's columns and marks say (nu41b: they did not).
+ROW_FIGURES = ("float_fraction", "indicative")
 
 
 def metric_keys(schemes: Iterable[str], utility: Iterable[str], prefix: str = "mis", interval: bool = True
@@ -43,7 +49,7 @@ def metric_keys(schemes: Iterable[str], utility: Iterable[str], prefix: str = "m
     ``leakage_p90`` only with an ``interval`` (``uncertainty_draws > 0``)."""
     head = _head(prefix)
     keys = [f"{head}baseline/{k}" for k in ("leakage", "mis", "pool_leakage")]
-    figures = [*SCHEME_FIGURES, "failed", *(("leakage_p10", "leakage_p90") if interval else ()),
+    figures = [*SCHEME_FIGURES, *ROW_FIGURES, "failed", *(("leakage_p10", "leakage_p90") if interval else ()),
                *(f"utility/{u}" for u in ("loss", *utility))]
     return keys + [f"{head}{s}/{k}" for s in schemes for k in figures]
 
@@ -60,9 +66,12 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
     }
     if math.isfinite(report.baseline_pool_leakage):
         out[f"{_head(prefix)}baseline/pool_leakage"] = report.baseline_pool_leakage
+    rows = {r["scheme"]: r for r in report.rows()}
     for name, s in report.schemes.items():
         base = f"{_head(prefix)}{name}"
         vals: dict[str, Any] = {k: getattr(s, k) for k in SCHEME_FIGURES}
+        vals["float_fraction"] = rows[name]["float_fraction"]  # NaN (not logged) for a failed scheme
+        vals["indicative"] = 1.0 if rows[name].get("indicative") else 0.0
         vals["failed"] = 1.0 if s.error else 0.0
         if s.interval is not None:
             vals["leakage_p10"], vals["leakage_p90"] = s.interval

@@ -113,3 +113,17 @@ def test_the_sweep_aggregate_carries_the_marks(small_n, large_n, tmp_path):
     lines = [ln for ln in md.splitlines() if ln.startswith("| 0 ") or ln.startswith("| 1 ")]
     assert lines and all((" *" in ln) == ln.startswith("| 0 ") for ln in lines), lines
     assert "*: indicative only: an assumption of the analysis fails for this figure (d / n = 0.13" in md
+
+
+def test_trackers_get_the_mark_and_the_float_share(small_n, large_n):
+    """The loggers' keys carry the ``*`` (``indicative``) and the ``float`` column
+    (``float_fraction``): a dashboard's plain leakage no longer hides either (nu41b). rtn_int*
+    leave the bias (1 of d = 20) in float: 0.05, exactly."""
+    from mis_lightning.tracking import metric_keys, report_metrics
+
+    for rep, flag in ((small_n, 1.0), (large_n, 0.0)):
+        m = report_metrics(rep)
+        for scheme in ("rtn_int8", "rtn_int2"):
+            assert m[f"mis/{scheme}/indicative"] == flag
+            assert m[f"mis/{scheme}/float_fraction"] == pytest.approx(1 / 20, abs=1e-12)
+        assert set(m) <= set(metric_keys(["rtn_int8", "rtn_int2"], [], "mis")) | {"mis/baseline/pool_leakage"}

@@ -205,8 +205,15 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
 
 
 _NUMERIC = {"bits_per_weight", "leakage", "mis", "leakage_p10", "leakage_p90", "baseline_leakage",
-            "d_eff", "d", "zero_fraction", "pinned_fraction",
+            "d_eff", "d", "zero_fraction", "pinned_fraction", "float_fraction",
             "sparsity", "frozen_fraction"}  # the last two: result.json of older versions
+
+
+# Legend lines of the columns a job's table explains in its own legend (report.Report.table).
+FLOAT_LEGEND = ("float: share of the assessed weights the scheme left in float (they leak like the "
+                "baseline; the job's warnings name the layers and why).")
+POSITION_LEGEND = ("pos. after [p10, p90]: a position-dominated interval, set by where few coarse weights "
+                   "sit in their cells, not a bootstrap spread.")
 
 
 def _is_numeric_key(k: str) -> bool:
@@ -254,28 +261,35 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     """A Markdown table of the aggregated rows: one utility column per key of
     :func:`utility_keys` (each row shows its own utility)."""
     uks = utility_keys(rows, utility_key)
-    head = ["job", "scheme", "swept overrides", "bits/w"] + [k.removeprefix("utility_") for k in uks] + [
+    head = ["job", "scheme", "swept overrides", "bits/w", "float"] + [k.removeprefix("utility_") for k in uks] + [
         "leakage", "[p10, p90]", "MIS", "pool", "baseline", "d_eff"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     errors = []
     for r in rows:
         if r.get("error"):
             errors.append(r)
-            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-"] + [
+            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-", "-"] + [
                 "-"] * len(uks) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
             interval = "-" if p10 is None else f"[{_fmt(p10)}, {_fmt(p90)}]"
-            bits = r.get("bits_per_weight")
+            if interval != "-" and r.get("interval_regime") == "position-dominated":
+                interval += " pos."  # as in the job's own table: the interval is of another kind
+            bits, ff = r.get("bits_per_weight"), _float(r.get("float_fraction"))
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
-                     "-" if bits is None else f"{bits:.2f}"] + [
+                     "-" if bits is None else f"{bits:.2f}",
+                     "-" if ff is None or math.isnan(ff) else f"{100 * ff:.1f}%"] + [
                 _fmt(_float(r.get(uk))) for uk in uks] + [
                 _fmt(r.get("leakage")) + leakage_marks(r), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
                 _fmt(r.get("baseline_leakage")),
                 _fmt(r.get("d_eff"))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     marks = marks_legend([r for r in rows if not r.get("error")])
-    if marks:  # what the leakage column's marks mean, as under a job's own table
+    if any(r.get("interval_regime") == "position-dominated" for r in rows if not r.get("error")):
+        marks = [POSITION_LEGEND] + marks
+    if any(_float(r.get("float_fraction")) for r in rows if not r.get("error")):
+        marks = [FLOAT_LEGEND] + marks
+    if marks:  # what the marks and the less obvious columns mean, as under a job's own table
         lines += [""] + [m.strip() for m in marks]
     verdicts = aggregate_verdicts(rows, utility_key)
     if verdicts:  # the jobs' one-scheme tables point here for the comparison (fu32)

@@ -1,0 +1,46 @@
+"""A sweep's aggregate.md carries what each job's own table shows beside the leakage marks:
+the share of weights left in float (``float`` column) and the ``pos.`` mark of a
+position-dominated interval, each with its legend line. Until nu41b both were dropped: the
+README sweep's jobs printed ``[0.0934, 0.1069] pos.`` and ``8.8%`` in float, aggregate.md
+neither. Rows are written by hand (no estimation: the test checks the rendering only)."""
+from __future__ import annotations
+
+import json
+
+from mis_lightning.app import aggregate as agg
+
+
+def _row(scheme: str, regime: str, float_fraction: float) -> dict:
+    return {"scheme": scheme, "bits_per_weight": 12.35, "leakage": 0.1001, "mis": 0.8999,
+            "leakage_p10": 0.0934, "leakage_p90": 0.1069, "interval_regime": regime,
+            "pool_leakage": 0.1316, "baseline_leakage": 0.1002, "d_eff": 56.99, "d": 57,
+            "float_fraction": float_fraction, "error": "", "unscored": False, "utility_loss": 0.2192}
+
+
+def _write_jobs(tmp_path, rows):
+    for num, row in enumerate(rows):
+        job = tmp_path / f"{num}_{row['scheme']}"
+        job.mkdir()
+        (job / "result.json").write_text(json.dumps({
+            "job": {"num": num, "overrides": [f"quantizer={row['scheme']}"]}, "status": "ok",
+            "rows": [row], "warnings": []}))
+
+
+def test_pos_mark_and_float_share_reach_the_aggregate(tmp_path):
+    _write_jobs(tmp_path, [_row("int8_weight_only", "position-dominated", 0.0877),
+                           _row("bf16", "bootstrap", 0.0)])
+    agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    lines = {ln.split(" | ")[1]: ln for ln in md.splitlines() if ln.startswith("| 0 ") or ln.startswith("| 1 ")}
+    assert any(ln.startswith("| job | scheme | swept overrides | bits/w | float |") for ln in md.splitlines())
+    assert "[0.0934, 0.1069] pos. |" in lines["int8_weight_only"]
+    assert "| 8.8% |" in lines["int8_weight_only"]
+    assert "pos." not in lines["bf16"] and "| 0.0% |" in lines["bf16"]
+    assert agg.POSITION_LEGEND in md and agg.FLOAT_LEGEND in md
+
+
+def test_no_legend_lines_when_nothing_needs_them(tmp_path):
+    _write_jobs(tmp_path, [_row("bf16", "bootstrap", 0.0)])
+    agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    assert agg.POSITION_LEGEND not in md and agg.FLOAT_LEGEND not in md
