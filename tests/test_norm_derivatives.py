@@ -158,3 +158,30 @@ def test_the_written_out_norm_is_torchs_and_other_calls_pass():
                                    rtol=0, atol=0)
         half = F.layer_norm(x.half(), (4,), w[0].half())  # torch's kernel: half precision not written out
     assert half.dtype == torch.float16
+
+
+class _Hooked(_FunctionalNorm):
+    def mis_per_sample_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return _mse(self(x), y)
+
+
+def test_a_hook_programs_exact_hessian_writes_the_norm_out_and_is_autograds(monkeypatch):
+    from mis_lightning.streaming import hook_program
+
+    torch.manual_seed(0)
+    m = _Hooked("F.layer_norm").double()
+    x, y = torch.randn(40, 3, dtype=torch.float64), 3 * torch.randn(40, dtype=torch.float64)
+    loss_fn, batch_fn, program_cls = hook_program(m)
+    prog = program_cls(m, loss_fn, [k for k, _ in m.named_parameters()], dtype=torch.float64)
+    offsets, o = {}, 0
+    for k in prog.params:
+        offsets[k], o = (o, o + prog.params[k].numel()), o + prog.params[k].numel()
+    calls = []
+    real = norm_derivatives.layer_norm_written_out
+    monkeypatch.setattr(norm_derivatives, "layer_norm_written_out", lambda *a, **k: calls.append(1) or real(*a, **k))
+    batch, dummy = batch_fn((x, y))
+    got = est._batch_hessian(prog, batch, dummy, list(offsets), offsets, o)
+    assert calls  # the hook's forward runs under the write-out too
+    want = _autograd_hessian(m, x, y, offsets)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
