@@ -2,7 +2,8 @@
 evaluates it. Since lf41 only the second-derivative passes (``LossProgram.second_derivatives()``)
 write it out; before (ln41) every pass of a model holding an affine ``nn.LayerNorm`` did.
 
-In one process, alternating (1 thread), median ms of ``--reps`` calls per round:
+In one process, interleaved (1 thread): ``--rounds`` rounds, each case once per round; the median
+ms and the median ratio to the first case of its group, paired by round:
   * per-sample gradients (``vmap(grad)``) of ``--depth`` x (Linear(w, w), LayerNorm(w), ReLU) ->
     Linear(w, 1), batch ``--batch``: torch's kernel (now) against written out (ln41's first-order
     passes; the same code under ``second_derivatives()``);
@@ -11,7 +12,7 @@ In one process, alternating (1 thread), median ms of ``--reps`` calls per round:
     against a pass-through (no mode), and the old inner ``jacrev`` (``torch.func.hessian``) against
     the new inner ``grad`` (``jacfwd(grad)``).
 
-    python benchmarks/norm_write_out_cost.py [--rounds 4]
+    python benchmarks/norm_write_out_cost.py [--rounds 40]
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ def _program(model: nn.Module, dtype: torch.dtype) -> LossProgram:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--batch", type=int, default=256)
@@ -86,24 +86,28 @@ def main(argv: list[str] | None = None) -> int:
             (torch.func.jacfwd(torch.func.grad(f)) if inner_grad else torch.func.hessian(f))(flat0)
 
     cases = {
-        "per-sample grads, torch's kernel (new)": lambda: grads(False),
-        "per-sample grads, written out (ln41)": lambda: grads(True),
+        "per-sample grads: torch's kernel (new)": lambda: grads(False),
+        "per-sample grads: written out (ln41)": lambda: grads(True),
     }
     for kind in small:
         d = sum(t.numel() for t in progs[kind].params.values())
-        cases[f"exact H {kind} d={d}: mode, inner grad (new)"] = lambda k=kind: hessian(k, True, True)
+        cases[f"exact H {kind} d={d}: new (mode, inner grad)"] = lambda k=kind: hessian(k, True, True)
         cases[f"exact H {kind} d={d}: no mode, inner grad"] = lambda k=kind: hessian(k, False, True)
         # the old code: torch.func.hessian, written out only for a model holding an affine nn.LayerNorm
         cases[f"exact H {kind} d={d}: old (hessian{', mode' if kind == 'LayerNorm' else ''})"] = (
             lambda k=kind: hessian(k, k == "LayerNorm", False))
     for fn in cases.values():  # warm-up (first forward-AD use, imports)
         fn()
+    # interleaved: each round runs every case once, in turn (the machine's load moves between rounds)
     got: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(a.rounds):
         for k, fn in cases.items():
-            got[k].append(_ms(fn, a.reps if k.startswith("per-sample") else max(2, a.reps // 3)))
+            got[k].append(_ms(fn, 1))
+    base = {k: next(b for b in cases if b.split(":")[0] == k.split(":")[0]) for k in cases}
+    print(f"{'case':58s} median ms   median ratio to the group's first row (paired by round)")
     for k, v in got.items():
-        print(f"{k:58s} " + " / ".join(f"{t:7.1f}" for t in v) + " ms")
+        ratio = statistics.median(t / r for t, r in zip(v, got[base[k]]))
+        print(f"{k:58s} {statistics.median(v):8.1f}   {ratio:.2f}")
     return 0
 
 
