@@ -115,7 +115,7 @@ class _HookProgram(LossProgram):
         self._factors_checked = False
 
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        with eval_mode(self.model, self._shell), default_dtype(self.dtype):  # the hook runs on the original model
+        with eval_mode(self.model, self._shell), default_dtype(self.dtype), self._norms():  # the hook runs on the original model
             return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     # -- the model's own output inside the hook (Gauss-Newton factors for the leverages) -----

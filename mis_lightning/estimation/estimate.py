@@ -3389,11 +3389,12 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
         params = {k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names}
         return program.loss_fn(program.outputs(params, inputs), targets).sum()
 
-    chunk = hessian_chunk(f, flat0)
-
+    # The inner derivative is torch.func.grad, not jacrev (torch.func.hessian is jacfwd(jacrev)):
+    # torch 2.13's second derivatives of F.layer_norm with a weight are wrong when the inner one is
+    # a vmapped vjp (jacrev) and right through grad (norm_derivatives' docstring; lf41)
     def forward_over_reverse() -> Tensor:
         if chunk >= d:
-            return torch.func.hessian(f)(flat0)
+            return torch.func.jacfwd(torch.func.grad(f))(flat0)
         grad_f = torch.func.grad(f)
         eye = torch.eye(d, dtype=flat0.dtype, device=flat0.device)
 
@@ -3408,20 +3409,22 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
     # embedding ignores padding_idx, which made the Hessian asymmetric (and a padding row read as
     # negative curvature), so an asymmetric result is recomputed
     H = None
-    try:
-        H = forward_over_reverse() if HESSIAN_FORWARD_AD else None
-    except (NotImplementedError, RuntimeError) as exc:
-        if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
-            raise
-    if H is not None:
-        scale = float(H.abs().max()) if H.numel() else 0.0
-        tol = (1e-8 if H.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
-        if bool(((H - H.T).abs() > tol).any()):
-            H = None
-    if H is None:
-        with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            H = torch.func.jacrev(torch.func.jacrev(f), chunk_size=chunk if chunk < d else None)(flat0)
+    with program.second_derivatives():  # the forward as these passes evaluate it, chunk included
+        chunk = hessian_chunk(f, flat0)
+        try:
+            H = forward_over_reverse() if HESSIAN_FORWARD_AD else None
+        except (NotImplementedError, RuntimeError) as exc:
+            if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
+                raise
+        if H is not None:
+            scale = float(H.abs().max()) if H.numel() else 0.0
+            tol = (1e-8 if H.dtype == torch.float64 else 1e-4) * max(scale, 1e-30)
+            if bool(((H - H.T).abs() > tol).any()):
+                H = None
+        if H is None:
+            with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                H = torch.func.jacrev(torch.func.grad(f), chunk_size=chunk if chunk < d else None)(flat0)
     return H.to(torch.float64).reshape(d, d)
 
 
@@ -3560,14 +3563,15 @@ def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: li
         return (e * outputs({k: flat[slice(*offsets[k])].reshape(shapes[k]) for k in names})).sum()
 
     grad_phi = torch.func.grad(phi)
-    chunk = hessian_chunk(phi, flat0)
     t = tangents.to(flat0.device, flat0.dtype)
 
     def column(v: Tensor) -> Tensor:
         return torch.func.jvp(grad_phi, (flat0,), (v,))[1]
 
-    return torch.cat([torch.func.vmap(column)(t[a: a + chunk]) for a in range(0, t.shape[0], chunk)]
-                     ).to(torch.float64)
+    with program.second_derivatives():
+        chunk = hessian_chunk(phi, flat0)
+        return torch.cat([torch.func.vmap(column)(t[a: a + chunk]) for a in range(0, t.shape[0], chunk)]
+                         ).to(torch.float64)
 
 
 def residual_block_check(program: LossProgram, inputs: Any, targets: Any, names: list[str],
@@ -3674,7 +3678,8 @@ def batch_residual(program: LossProgram, inputs: Any, targets: Any, names: list[
             continue  # a last module with a zero block of its own: its column is known by symmetry
         rows = [k for k in names if k in later]  # the rows not yet known, in names order
         r_idx, c_idx = span(rows), span(group)
-        cols = _residual_module_rows(outputs, e, params0, group, rows, chunk)  # [m, |rows|] = R[M, rows]
+        with program.second_derivatives():
+            cols = _residual_module_rows(outputs, e, params0, group, rows, chunk)  # [m, |rows|] = R[M, rows]
         R[c_idx.unsqueeze(1), r_idx.unsqueeze(0)] = cols
         R[r_idx.unsqueeze(1), c_idx.unsqueeze(0)] = cols.T
     computed = span([k for k in names if k not in set(skipped)])
@@ -3697,6 +3702,7 @@ def _hutchinson_probe(program: LossProgram, inputs: Any, targets: Any,
 
     # H v by reverse-over-reverse (the vjp of the gradient; H is symmetric): forward AD is missing
     # for some layers (EmbeddingBag) and wrong for others (an embedding's padding_idx)
-    _, vjp_fn = torch.func.vjp(torch.func.grad(total), params)
-    (hv,) = vjp_fn(v)
+    with program.second_derivatives():
+        _, vjp_fn = torch.func.vjp(torch.func.grad(total), params)
+        (hv,) = vjp_fn(v)
     return {k: v[k] * hv[k] for k in params}

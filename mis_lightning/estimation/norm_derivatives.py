@@ -1,15 +1,19 @@
-"""Second derivatives through ``F.layer_norm`` (ln41; method.md section 4, the exact Hessian).
+"""Second derivatives through ``F.layer_norm`` (ln41, lf41; method.md section 4, the exact Hessian).
 
-torch.func's second derivatives of ``F.layer_norm`` with an affine weight are wrong in torch 2.13
-(CPU): ``d grad_gamma / d (the weights before the norm)`` reads ~0.35 off on a small example,
-whether forward-over-reverse (``torch.func.hessian``, ``jvp`` of ``grad``) or reverse-over-reverse
-(``jacrev(jacrev)``); autograd's double backward and the norm written out in mean / variance agree
-with finite differences to 4e-10 (``python benchmarks/layer_norm_hessian.py``). The estimation's
-exact Hessian is built with torch.func: on a Conv1d -> LayerNorm([8, 6]) -> Linear fit it was off
-by 2.2e-4 (relative, Frobenius), asymmetric by 3.1e-4, and read 36 negative eigenvalues. The
-estimation's per-sample program therefore evaluates ``F.layer_norm`` written out
-(:class:`WrittenOutLayerNorm`) for models holding an affine ``nn.LayerNorm``: the same function
-(forward within 4.4e-16 in float64), other derivatives.
+torch.func's second derivatives of ``F.layer_norm`` (and ``F.instance_norm``) with a weight are
+wrong in torch 2.13 (CPU) when the inner derivative is a vmapped vjp -- ``jacrev``, so
+``torch.func.hessian`` (``jacfwd(jacrev)``) and ``jacrev(jacrev)``: ``d grad_gamma / d (the weights
+before the norm)`` reads 0.25-0.47 off (layer_norm, five shapes) and 0.94 (instance_norm) on small
+examples; with ``grad`` inside (``jacfwd(grad)``, ``jvp`` / ``vjp`` of ``grad``, as the records'
+curvature and the residual passes take them) they agree with autograd's double backward to 1e-15,
+as do group_norm, rms_norm and batch_norm (eval) either way (``python benchmarks/layer_norm_hessian.py``;
+docs/benchmarks.md, lf41). The exact Hessian of a Conv1d -> LayerNorm([8, 6]) -> Linear fit was off
+by 2.2e-4 (relative, Frobenius) and read 36 negative eigenvalues. Two guards, each right alone:
+the estimation's Hessian passes take the inner derivative with ``grad``, and every pass that
+differentiates the forward twice (``LossProgram.second_derivatives()``) evaluates ``layer_norm``
+with a weight written out (:class:`WrittenOutLayerNorm`, whatever calls it: a module or the
+user's forward), the same function (forward within 4.4e-16 in float64) with autograd-built
+derivatives. First-order passes keep torch's kernel (its first derivatives are right).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
@@ -53,8 +57,3 @@ class WrittenOutLayerNorm(TorchFunctionMode):
                                               bound.get("eps", 1e-5))
         return func(*args, **kwargs)
 
-
-def has_affine_layer_norm(model: nn.Module) -> bool:
-    """Whether ``model`` holds an ``nn.LayerNorm`` with a weight (the programs that need
-    :class:`WrittenOutLayerNorm`; the others run without its per-call overhead)."""
-    return any(isinstance(m, nn.LayerNorm) and m.weight is not None for m in model.modules())

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
-from .norm_derivatives import WrittenOutLayerNorm, has_affine_layer_norm
+from .norm_derivatives import WrittenOutLayerNorm
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -533,7 +533,7 @@ class LossProgram:
             plain_embedding_gradients(self.model)
         named = dict(self.model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
-        self._affine_layer_norm = has_affine_layer_norm(self.model)
+        self._second_order = 0  # depth of second_derivatives() (norms written out)
 
         def private(t: Tensor) -> Tensor:
             t = t.detach().to(self.dtype) if t.is_floating_point() else t.detach()
@@ -548,11 +548,26 @@ class LossProgram:
         # substitution (a closure, container or view holding the tensor would not: SwapCheck)
         self._swap_check: SwapCheck | None = SwapCheck(original, self.model, self.param_names)
 
+    @contextmanager
+    def second_derivatives(self) -> Iterator[None]:
+        """Within it, the forward (:meth:`outputs`) evaluates every ``F.layer_norm`` /
+        ``torch.layer_norm`` call with a weight written out in mean / variance
+        (:class:`~.norm_derivatives.WrittenOutLayerNorm`; a module's and a functional call's
+        alike), for passes that differentiate the forward twice: torch.func's second derivatives
+        through torch's kernel can be wrong (norm_derivatives' docstring). First-order passes run
+        outside it, on torch's kernel (its first derivatives are right, and cheaper)."""
+        self._second_order += 1
+        try:
+            yield
+        finally:
+            self._second_order -= 1
+
+    def _norms(self) -> Any:
+        return WrittenOutLayerNorm() if self._second_order else nullcontext()
+
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
-        # an affine LayerNorm written out: torch.func's second derivatives of F.layer_norm are wrong
-        written = WrittenOutLayerNorm() if self._affine_layer_norm else nullcontext()
-        with eval_mode(self.model), default_dtype(self.dtype), mha_fastpath_off(), written:
+        with eval_mode(self.model), default_dtype(self.dtype), mha_fastpath_off(), self._norms():
             return functional_call(self.model, ({**self.fixed, **params}, self.buffers), (inputs,))
 
     def _one_loss(self, params: dict[str, Tensor], x: Any, y: Any) -> Tensor:
@@ -738,7 +753,8 @@ class LossProgram:
                 return fn(v)[0]
             return torch.func.jvp(lambda p: per_record_grad(p, x, y), (params,), (v,))[1]
 
-        return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))(inputs, targets, directions)
+        with self.second_derivatives():
+            return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))(inputs, targets, directions)
 
     def output_shape(self, inputs: Any) -> OutputShape:
         """Per-record shape of the model's output: a tensor's shape without the batch dim, or an
