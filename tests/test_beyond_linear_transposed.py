@@ -1,0 +1,94 @@
+"""Transposed convolutions in the quantization beyond nn.Linear (cq41): ``ConvTranspose*d`` weights
+``[C_in, C_out/groups, *kernel]`` scaled per OUTPUT channel (before: left in float, scored as
+unprotected), and a transposed convolution called with ``output_size`` in the per-layer estimation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.quantization import get_scheme
+
+
+def _decoder() -> nn.Module:
+    torch.manual_seed(0)
+    # ConvTranspose2d(4 -> 6, groups 2): weight [4, 3, 3, 3], output channel j of group g is weight[2g:2g+2, j]
+    return nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, groups=2), nn.Flatten(), nn.Linear(6 * 9 * 9, 3)).eval()
+
+
+def _independent_scale(w: torch.Tensor, groups: int, denom: float) -> torch.Tensor:
+    """Per element of ``w`` [C_in, C_out/G, *k]: max |w| over its output channel's weights / denom,
+    formed channel by channel (no shared code with the library)."""
+    per_in = w.shape[0] // groups
+    out = torch.empty_like(w, dtype=torch.float64)
+    for g in range(groups):
+        for j in range(w.shape[1]):
+            rows = slice(g * per_in, (g + 1) * per_in)
+            out[rows, j] = float(w[rows, j].abs().max()) / denom
+    return out
+
+
+@pytest.mark.parametrize("scheme,denom,rtol", [("rtn_int8", 127.0, 1e-12), ("int8_weight_only", 127.5, 1e-6),
+                                               ("rtn_int4", 7.0, 1e-12)])
+def test_grid_scale_is_the_output_channels_absmax_over_qmax(scheme, denom, rtol):
+    """The grid's per-element scale (what the cell moments read, ``element_grid``) equals each output
+    channel's max|w| / qmax (torchao's symmetric rule: / 127.5) computed independently; rtol 1e-12 for
+    the float64 rtn_* rule, 1e-6 for torchao's float32 scale. A scale along dim 0 (per input channel,
+    the layout error) differs by -4% to +6% on this weight: fails. The copy's forward is the
+    dequantized weights' forward, bit for bit (it holds them)."""
+    m = _decoder()
+    res = get_scheme(scheme).apply(m)
+    g = res.grids["0.weight"]
+    w = m[0].weight.detach()
+    scale, _, code = g.element_grid(0, g.numel)
+    torch.testing.assert_close(scale.reshape(w.shape), _independent_scale(w, 2, denom), rtol=rtol, atol=0)
+    deq = g.dequantized.reshape(w.shape)
+    torch.testing.assert_close(deq.double(), (code * scale).reshape(w.shape), rtol=1e-6, atol=0)
+    assert float((deq - w).abs().max()) <= float(scale.max()) / 2 * (1 + 1e-6)  # round to nearest
+    x = torch.randn(5, 4, 4, 4)
+    ref = res.model[2](F.conv_transpose2d(x, deq, m[0].bias, stride=2, groups=2).flatten(1))
+    assert torch.equal(res.model(x), ref)
+    assert g.method.startswith("ConvTranspose2d: per-channel int")
+    assert "0.weight" not in res.unquantized and torch.equal(m[0].weight, w)  # the user's model untouched
+
+
+def test_group_sizes_take_boxes_of_the_transposed_layout_or_say_why_not():
+    """``per_group``: whole kernels of ``g / prod(k)`` input channels (a box), a part of one kernel
+    (the ``[C_in, C_out/G, prod(k)]`` view), or left in float with the reason (a group across two
+    input channels' kernels is not contiguous in the transposed weight)."""
+    sc = get_scheme("intx_weight_only_int4_g32")
+    whole = nn.Sequential(nn.ConvTranspose2d(16, 2, 2), nn.Flatten(), nn.Linear(2 * 5 * 5, 2))  # 8 kernels of 4
+    g = sc.apply(whole).grids["0.weight"]
+    assert g.block_size == (8, 1, 2, 2)
+    w = whole[0].weight.detach()
+    s, _, _ = g.element_grid(0, g.numel)
+    want = w.reshape(2, 8, 2, 4).abs().amax((1, 3)) / 7.5  # [group of 8 input channels, output channel]
+    torch.testing.assert_close(s.reshape(w.shape)[::8, :, 0, 0], want.double(), rtol=1e-6, atol=0)
+    part = nn.Sequential(nn.ConvTranspose1d(1, 2, 64), nn.Flatten(), nn.Linear(2 * 67, 2))  # kernel 64 = 2 groups
+    g = sc.apply(part).grids["0.weight"]
+    assert g.shape == (1, 2, 64) and g.block_size == (1, 1, 32)
+    straddle = nn.Sequential(nn.ConvTranspose2d(32, 2, 3), nn.Flatten(), nn.Linear(2 * 6 * 6, 2))  # 288 = 9 x 32
+    why = sc.apply(straddle).unquantized["0.weight"]
+    assert "span the kernels (9 weights) of two input channels" in why
+
+
+def test_assess_no_longer_lists_the_transposed_weights_as_float():
+    """The report's quantized share counts the decoder's ConvTranspose1d weight (before cq41: float,
+    its 12 weights in the float share and the warning), and no float warning names it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Unflatten(1, (2, 4)), nn.ConvTranspose1d(2, 2, 3, stride=2),
+                      nn.Flatten(), nn.Linear(18, 3)).eval()
+    g = torch.Generator().manual_seed(0)
+    dl = DataLoader(TensorDataset(torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)),
+                    batch_size=20)
+    rep = ml.assess(m, ["rtn_int8"], dl, lambda o, y: F.cross_entropy(o, y, reduction="none"),
+                    num_records=8, uncertainty_draws=0, estimation="diagonal", covariance="independent")
+    s = rep.schemes["rtn_int8"]
+    weights = 32 + 12 + 54  # the Linear, ConvTranspose1d and head weights; 8 + 2 + 3 biases stay float
+    assert s.quantized_fraction == pytest.approx(weights / (weights + 13))
+    assert s.layers["2.weight"].quantized_by.startswith("ConvTranspose1d: per-channel int8")
+    assert not any("2.weight" in w for w in rep.warnings if "float" in w and "quantizes beyond" not in w)
