@@ -92,3 +92,37 @@ def test_assess_no_longer_lists_the_transposed_weights_as_float():
     assert s.quantized_fraction == pytest.approx(weights / (weights + 13))
     assert s.layers["2.weight"].quantized_by.startswith("ConvTranspose1d: per-channel int8")
     assert not any("2.weight" in w for w in rep.warnings if "float" in w and "quantizes beyond" not in w)
+
+
+def test_cell_moments_read_the_output_channels_scale_with_the_self_checks_off(monkeypatch):
+    """The grid's cell moments (the fused kernel: 65,536 weights, above ``TABLE_MIN_ELEMENTS``) with the
+    sampled self-checks off equal the exact cell sums (every fast path disabled), within the self-check's
+    own stated error (``fastpath.APPROXIMATION``), at a per-element scale that is each output channel's
+    max|w| / 127 formed independently (rtol 1e-12, float64 rule); the weights the released scale gives
+    away (one absmax per output channel) score as float (kappa 1)."""
+    import mis_lightning.functional.affine as A
+    import mis_lightning.functional.fastpath as fp
+    import mis_lightning.quantization.base as qb
+
+    monkeypatch.setattr(fp.GUARD, "sample_size", lambda *a, **k: 0)
+    monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", False)
+    torch.manual_seed(0)
+    ct = nn.ConvTranspose2d(128, 64, 4, groups=2)
+    g = get_scheme("rtn_int8").apply(nn.Sequential(ct)).grids["0.weight"]
+    w = ct.weight.detach()
+    assert g.numel >= A.TABLE_MIN_ELEMENTS
+    s, _, _ = g.element_grid(0, g.numel)
+    torch.testing.assert_close(s, _independent_scale(w, 2, 127.0).reshape(-1), rtol=1e-12, atol=0)
+    theta = w.reshape(-1).double()
+    gen = torch.Generator().manual_seed(1)
+    h = torch.exp(torch.empty(g.numel, dtype=torch.float64).uniform_(-1.0, 3.0, generator=gen))  # steps 0.4-20 sd
+    sigma = s / h
+    fast = g.moments(theta, sigma, 0, g.numel)
+    monkeypatch.setattr(fp.GUARD, "disabled", {A.FUSED_PATH: "test", A.SPARSE_PATH: "test"})
+    ref = g.moments(theta, sigma, 0, g.numel)
+    rev = g.revealed.reshape(-1)
+    assert int(rev.sum()) == 64 and bool((fast.kappa[rev] == 1).all())
+    for name, field in zip(fp.MOMENTS, ("kappa", "mean_abs", "m4")):
+        f, r = getattr(fast, field), getattr(ref, field)
+        bound = fp.allowed(name, r, h, fp.APPROXIMATION)
+        assert bool(((f - r).abs() <= bound).all()), (name, float((f - r).abs().max()))
