@@ -11,6 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
+import mis_lightning.estimation.linear_factors as lf
+from mis_lightning.estimation.estimate import estimate
+from mis_lightning.estimation.linear_factors import LayerProgram
 from mis_lightning.quantization import get_scheme
 
 
@@ -126,3 +129,64 @@ def test_cell_moments_read_the_output_channels_scale_with_the_self_checks_off(mo
         f, r = getattr(fast, field), getattr(ref, field)
         bound = fp.allowed(name, r, h, fp.APPROXIMATION)
         assert bool(((f - r).abs() <= bound).all()), (name, float((f - r).abs().max()))
+
+
+# --------------------------------------------------------------------------- estimation: output_size
+_OUT = {  # (layer, input spatial shape, output_size): the call's output padding another than the layer's (0)
+    "1d": (lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1), (5,), (10,)),
+    "1d_dilated_groups": (lambda: nn.ConvTranspose1d(4, 2, 3, stride=2, dilation=3, groups=2), (4,), (14,)),
+    "2d": (lambda: nn.ConvTranspose2d(2, 2, (3, 2), stride=(2, 3), padding=(1, 0)), (3, 2), (6, 7)),
+}
+
+
+class _Sized(nn.Module):
+    """A Conv1d/2d, then the transposed convolution called with ``output_size`` (a U-Net decoder's
+    ``up(x, output_size=skip.shape)``), then a Linear head."""
+
+    def __init__(self, kind: str, output_size: bool = True) -> None:
+        super().__init__()
+        make, shape, self.size = _OUT[kind]
+        torch.manual_seed(0)
+        self.ct = make()
+        conv = nn.Conv1d if len(shape) == 1 else nn.Conv2d
+        self.c = conv(2, self.ct.in_channels, 3, padding=1)
+        self.head = nn.Linear(self.ct.out_channels * int(torch.tensor(self.size).prod()), 3)
+        if not output_size:  # the same function with the output padding set on the layer
+            mins = [(n - 1) * s - 2 * p + d * (k - 1) + 1 for n, s, p, d, k in
+                    zip(shape, self.ct.stride, self.ct.padding, self.ct.dilation, self.ct.kernel_size)]
+            self.ct.output_padding = tuple(o - m for o, m in zip(self.size, mins))
+        self.output_size = output_size
+
+    def forward(self, x):
+        h = self.ct(self.c(x), output_size=list(self.size)) if self.output_size else self.ct(self.c(x))
+        return self.head(h.flatten(1))
+
+
+@pytest.mark.parametrize("factors", ["trace", "kfc"])
+@pytest.mark.parametrize("kind", list(_OUT))
+def test_output_size_is_taken_by_the_per_layer_program_with_the_kfac_correction(kind, factors, monkeypatch):
+    """ct41: a transposed convolution called with ``output_size`` sent the estimation to torch.func and
+    cost every convolution its K-FAC correction, silently (no kfac diagnostics, no warning). Now the
+    call's output padding is read from its shapes: the estimate equals, to 1e-9 relative (float64; the
+    same products in another order at most), that of the same function with the output padding set on
+    the layer (called without ``output_size``), the per-layer program ran (its first-batch check against
+    torch.func's per-sample gradients passed) and both convolutions are K-FAC corrected. Both factor
+    forms: the partial traces (from the output gradient's patches) and KFC's (the input's patches)."""
+    monkeypatch.setattr(lf, "KFAC_CONV_FACTORS", factors)
+    _, shape, size = _OUT[kind]
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 2, *shape, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, 3, (24,), generator=g)
+    dl = DataLoader(TensorDataset(X, Y), batch_size=12)
+    ests = []
+    for sized in (True, False):
+        m = _Sized(kind, sized).double().eval()
+        assert m(X).shape == (24, 3) and m.ct(m.c(X), output_size=list(size)).shape[2:] == size
+        ests.append(estimate(m, dl, lambda o, y: F.cross_entropy(o, y, reduction="none"),
+                                mode="diagonal", hessian="ggn"))
+    a, b = ests
+    assert isinstance(a._program, LayerProgram)
+    assert a.diagnostics["kfac_correction"] is True and sorted(a.diagnostics["kfac_convolutions"]) == ["c", "ct"]
+    assert a.diagnostics["kfac_uncorrected_layers"] == []
+    for n in b.sigma:
+        torch.testing.assert_close(a.sigma[n], b.sigma[n], rtol=1e-9, atol=0)

@@ -979,8 +979,7 @@ class MomentAccumulator:
           regression) under the exact or Hutchinson Hessian diagonal: kf33's partial-trace factors;
         * a model with convolutions whose estimation runs no per-layer program: the Hessian
           diagonal is exact or Hutchinson's, or another assessed layer is one the per-layer program
-          refuses (``nn.GroupNorm``, an affine ``nn.InstanceNorm*d``, a transposed convolution
-          called with ``output_size``;
+          refuses (``nn.GroupNorm``, an affine ``nn.InstanceNorm*d``;
           :func:`~mis_lightning.estimation.linear_factors.per_layer_parameters`). The program is
           built over the parameters it can take: the convolutions and Linear layers get their KFC
           factors (kc32) as on a model without the refused layers, which stay uncorrected and are
