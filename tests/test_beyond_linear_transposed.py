@@ -4,6 +4,8 @@ unprotected), and a transposed convolution called with ``output_size`` in the pe
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -190,3 +192,41 @@ def test_output_size_is_taken_by_the_per_layer_program_with_the_kfac_correction(
     assert a.diagnostics["kfac_uncorrected_layers"] == []
     for n in b.sigma:
         torch.testing.assert_close(a.sigma[n], b.sigma[n], rtol=1e-9, atol=0)
+
+
+class _Twice(nn.Module):
+    """A convolution called twice per forward: no per-layer program takes it (nor its neighbours)."""
+
+    def __init__(self, conv: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 2, 3, padding=1) if conv else nn.Linear(5, 5)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        return self.head(self.conv(torch.tanh(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("case", ["conv", "linear", "switched_off"])
+def test_a_refused_model_says_its_convolutions_lost_the_kfac_correction(case, monkeypatch):
+    """Where the per-layer program refuses the model at its first batch (here a layer called twice),
+    the convolutions lose their K-FAC correction: until cq41 silently (no kfac diagnostics at all);
+    now ``kfac_lost`` gives the cause naming the layer, ``kfac_uncorrected_layers`` the convolutions,
+    and :func:`estimator_warnings` a report line. No line for a model without convolutions (no
+    correction was due) or with the correction switched off (``KFAC_CORRECTION``)."""
+    E = importlib.import_module("mis_lightning.estimation.estimate")  # (the package exports the function)
+    if case == "switched_off":
+        monkeypatch.setattr(E, "KFAC_CORRECTION", False)
+    m = _Twice(case != "linear").double().eval()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 2, 5, generator=g, dtype=torch.float64)
+    dl = DataLoader(TensorDataset(X, torch.randint(0, 3, (24,), generator=g)), batch_size=12)
+    est = estimate(m, dl, lambda o, y: F.cross_entropy(o, y, reduction="none"), mode="diagonal", hessian="ggn")
+    lines = [w for w in E.estimator_warnings(est.diagnostics) if "K-FAC correction" in w]
+    if case != "conv":
+        assert "kfac_lost" not in est.diagnostics and lines == []
+        return
+    dg = est.diagnostics
+    assert dg["kfac_correction"] is False and dg["kfac_lost"] == "layer 'conv' is not called once per forward"
+    assert dg["kfac_uncorrected_layers"] == ["conv"] and dg["kfac_uncorrected_weights"] == 14
+    assert len(lines) == 1 and "('conv')" in lines[0] and "not called once per forward" in lines[0]
