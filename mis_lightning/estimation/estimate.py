@@ -2362,7 +2362,8 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     the count ``"auto"`` assumed for training data that did not say it (``"records_unknown"``,
     :func:`note_unknown_records`), and the sampled-label Gauss-Newton diagonal's Monte Carlo error
     when its median relative standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j
-    carries the same relative error)."""
+    carries the same relative error), and the convolutions' K-FAC correction lost to a per-layer
+    program that refused the model (``"kfac_lost"``, :meth:`MomentAccumulator._kfac_lost`)."""
     out = []
     other = diagnostics.get("estimator_with_n")
     unknown = diagnostics.get("records_unknown")
