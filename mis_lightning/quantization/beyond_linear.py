@@ -362,7 +362,8 @@ def quantize_beyond_linear(scheme: Any, model: nn.Module, spec: FlatSpec, grids:
                 continue
             grid = got
             p.data.copy_(grid.dequantized.reshape(p.shape).to(p.dtype))  # the release's values
-            how = ("over flattened kernels" if isinstance(module, _CONVS) else
+            how = ("over flattened kernels" if isinstance(module, _CONVS) or
+                   (isinstance(module, _TRANSPOSED) and spec.granularity == "per_tensor") else
                    "over flattened kernels (output channels on weight dim 1)" if isinstance(module, _TRANSPOSED)
                    else "over rows")
             grid.method = f"{kind}: {spec.words()} {how} (library RTN)"
