@@ -47,6 +47,12 @@ figures are the code's before ct41 for these layers):
   output_padding=1)`` on 4 x 4 images (KFC's model exact, as ``conv1d``);
 * ``decoder``: ``Linear(6, 12) -> tanh -> ConvTranspose1d(2, 2, 4, stride=2, padding=1)``;
 * ``beside_convtranspose`` (above): its ``ConvTranspose1d`` is now corrected too.
+* ``convtranspose1d_sized`` (cq41): ``convtranspose1d``'s layer called with ``output_size`` (24
+  positions: an output padding of 1 the layer does not hold). Before cq41 the per-layer program refused
+  it (torch.func, no correction: the ``KFAC_CORRECTION = False`` row); now it is taken.
+
+Since cq41 the rtn schemes quantize the transposed convolutions too (per output channel,
+``quantization/beyond_linear.py``); the float share of each scheme is printed with its leakage.
 
     PYTHONPATH=. python benchmarks/kfac_conv.py                      # docs/validation.md, "kc32"
 
@@ -80,8 +86,8 @@ from mis_lightning.estimation.estimate import estimate  # noqa: E402
 E = importlib.import_module("mis_lightning.estimation.estimate")
 LF = importlib.import_module("mis_lightning.estimation.linear_factors")
 SCHEMES = ["rtn_int8", "rtn_int6", "rtn_int4"]
-# the rtn schemes leave a transposed convolution's weights at their stored precision (beyond_linear's
-# layer kinds): a model of one takes the float casts
+# (before cq41 the rtn schemes left a transposed convolution's weights in float: ct41's figures of the
+# pure ConvTranspose cases took the float casts, ``--casts``)
 CAST_SCHEMES = ["bf16", "fp16"]
 
 
@@ -158,9 +164,12 @@ def case(name: str, n: int, rho: float, seed: int) -> tuple[nn.Module, object, t
                               nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
                               nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).double()
         return model, ce, x, y
-    if name in ("convtranspose1d", "convtranspose2d"):
+    if name in ("convtranspose1d", "convtranspose2d", "convtranspose1d_sized"):
         # ct41: a linear transposed convolution (stride 2: the zero-stuffed equivalent convolution)
-        if name == "convtranspose1d":
+        if name == "convtranspose1d_sized":  # cq41: called with output_size (output padding 1)
+            x = ar1((n, 2, 12), rho, g)
+            make = lambda: Sized(nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1), [24])  # noqa: E731
+        elif name == "convtranspose1d":
             x = ar1((n, 2, 12), rho, g)
             make = lambda: nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1)  # noqa: E731
         else:
@@ -197,6 +206,17 @@ def case(name: str, n: int, rho: float, seed: int) -> tuple[nn.Module, object, t
             y = model(x) + 0.3 * torch.randn(n, 1, generator=g, dtype=torch.float64)
         return model, sq_sum, x, y
     raise ValueError(name)
+
+
+class Sized(nn.Module):
+    """``layer(x, output_size=size)``, flattened: a transposed convolution called with ``output_size``."""
+
+    def __init__(self, layer: nn.Module, size: list[int]) -> None:
+        super().__init__()
+        self.layer, self.size = layer, size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, output_size=self.size)
 
 
 class Beside(nn.Module):
@@ -245,13 +265,15 @@ def compare(name: str, a: argparse.Namespace) -> None:
     loader = DataLoader(TensorDataset(x, y), batch_size=250)
     d = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kw = dict(weight_decay=a.weight_decay)
-    schemes = CAST_SCHEMES if name.startswith("convtranspose") else SCHEMES
+    schemes = CAST_SCHEMES if name.startswith("convtranspose") and a.casts else SCHEMES
     exact = estimate(model, loader, loss, mode="exact", **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = ml.assess(model, schemes, loader, loss, estimation="exact", uncertainty_draws=0, **kw)
     print(f"{name}: d = {d}, n = {a.n}, rho {a.rho:g}, max |grad| {grad:.1e}; exact baseline "
-          f"{ref.baseline_leakage:.4f} " + " ".join(f"{s} {ref.schemes[s].leakage:.4f}" for s in schemes), flush=True)
+          f"{ref.baseline_leakage:.4f} " + " ".join(f"{s} {ref.schemes[s].leakage:.4f} (float share "
+                                                    f"{1 - ref.schemes[s].quantized_fraction:.3f})"
+                                                    for s in schemes), flush=True)
     for on in [False] + a.factors:
         E.KFAC_CORRECTION = bool(on)
         if on:
@@ -318,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="+", default=["conv1d", "conv2d", "pooled", "cnn"],
                     help="also: beside_groupnorm beside_instancenorm beside_convtranspose beside_conv3d "
-                         "gn_cnn instancenorm (cv40); convtranspose1d convtranspose2d decoder (ct41)")
+                         "gn_cnn instancenorm (cv40); convtranspose1d convtranspose2d decoder (ct41); convtranspose1d_sized (cq41)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--rho", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
@@ -326,6 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--factors", nargs="+", default=["trace"], choices=["trace", "kfc"],
                     help="the convolutions' Kronecker factors (linear_factors.KFAC_CONV_FACTORS) to compare")
     ap.add_argument("--cost", action="store_true")
+    ap.add_argument("--casts", action="store_true", help="the transposed cases with the float casts (ct41's figures)")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args(argv)
     print(f"mis_lightning from {Path(ml.__file__).parent}", flush=True)

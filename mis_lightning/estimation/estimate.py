@@ -83,6 +83,9 @@ from .symmetries import SCALE_INVARIANT_NORMS, normalised_layers, weight_normed
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
            "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys", "reused_layers"]
 
+# the layers whose sigma the K-FAC (KFC) correction serves where a per-layer program runs (_kfac_lost)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
 Mode = Literal["auto", "exact", "diagonal"]
 HessianMode = Literal["auto", "exact", "ggn", "ggn_mc", "hutchinson"]
 
@@ -886,6 +889,10 @@ class MomentAccumulator:
         # outputs per record (an MLP classifier, found on the first batch), through the per-layer
         # program's partial traces (kfd34: _update_kron_side)
         self._kron_side: FactoredProgram | LayerProgram | None = None
+        # why a per-layer program (the estimation's or the side one) refused the model at its first
+        # batch (the NotImplementedError's message): where no program then gives the convolutions their
+        # K-FAC correction, the diagnostics' "kfac_lost" and a report warning say so (_kfac_factors)
+        self._kfac_refused: str | None = None
         self._set_kron_side()
         if not (isinstance(leverage_correction, bool) or leverage_correction == "auto"):
             raise ValueError(f"leverage_correction must be True, False or 'auto', got {leverage_correction!r}")
@@ -979,8 +986,7 @@ class MomentAccumulator:
           regression) under the exact or Hutchinson Hessian diagonal: kf33's partial-trace factors;
         * a model with convolutions whose estimation runs no per-layer program: the Hessian
           diagonal is exact or Hutchinson's, or another assessed layer is one the per-layer program
-          refuses (``nn.GroupNorm``, an affine ``nn.InstanceNorm*d``, a transposed convolution
-          called with ``output_size``;
+          refuses (``nn.GroupNorm``, an affine ``nn.InstanceNorm*d``;
           :func:`~mis_lightning.estimation.linear_factors.per_layer_parameters`). The program is
           built over the parameters it can take: the convolutions and Linear layers get their KFC
           factors (kc32) as on a model without the refused layers, which stay uncorrected and are
@@ -1163,10 +1169,12 @@ class MomentAccumulator:
                                            if self._kron_program() is self.factored else None)
             try:
                 fac = self.factored.batch(inputs, targets, b)
-            except NotImplementedError:
+            except NotImplementedError as exc:
                 if int(st["n"]) > 0:
                     raise
                 kind = type(self.factored)
+                if kind is LayerProgram:
+                    self._kfac_refused = str(exc)
                 self.factored.close()
                 # this model's layout needs the per-layer path, or the generic one
                 self.factored = self._fast_program(LayerProgram) if kind is FactoredProgram else None
@@ -1544,10 +1552,11 @@ class MomentAccumulator:
                 fac = side.batch(inputs, targets, b, squares=False)
             else:
                 fac = side.batch(inputs, targets, b)
-        except NotImplementedError:  # (a layer not called once per forward: neither program takes it)
+        except NotImplementedError as exc:  # (a layer not called once per forward: neither program takes it)
             if int(st["n"]) > 0:
                 raise
             if layer:
+                self._kfac_refused = str(exc)
                 self._kron_side = None
                 side.close()
                 return
@@ -1794,6 +1803,7 @@ class MomentAccumulator:
         """
         prog = self._kron_program()
         if prog is None or not any(k.startswith("kfac_A.") for k in st):
+            self._kfac_lost(diagnostics, prog)
             return {}
         out: dict[str, Tensor] = {}
         kron = prog.kron_layers()
@@ -1899,6 +1909,28 @@ class MomentAccumulator:
         diagnostics["kfac_uncorrected_layers"] = left
         diagnostics["kfac_uncorrected_weights"] = left_w
         return out
+
+    def _kfac_lost(self, diagnostics: dict[str, Any], prog: Any) -> None:
+        """Where the model's assessed convolutions get no K-FAC correction because a per-layer program
+        refused the model at its first batch (a layer called twice per forward, a transposed
+        convolution on unbatched input, a weight also used outside its layer): ``kfac_correction``
+        False, ``kfac_lost`` (the cause, naming the layer), ``kfac_uncorrected_layers`` (the
+        convolutions) and ``kfac_uncorrected_weights``; :func:`estimator_warnings` puts it in the
+        report. Nothing where the correction is switched off (``KFAC_CORRECTION``) or was never due."""
+        if self._kfac_refused is None or prog is not None or not KFAC_CORRECTION or self.mode != "diagonal":
+            return
+        mods = dict(self.model.named_modules())
+        convs: list[str] = []
+        weights = 0
+        for k in self.names:
+            m = k.rpartition(".")[0]
+            if isinstance(mods.get(m), _CONV_TYPES):
+                if m not in convs:
+                    convs.append(m)
+                weights += self.offsets[k][1] - self.offsets[k][0]
+        if convs:
+            diagnostics.update(kfac_correction=False, kfac_lost=self._kfac_refused,
+                               kfac_uncorrected_layers=convs, kfac_uncorrected_weights=weights)
 
     def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str],
                      v_centring: Tensor | None = None) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
@@ -2330,7 +2362,8 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     the count ``"auto"`` assumed for training data that did not say it (``"records_unknown"``,
     :func:`note_unknown_records`), and the sampled-label Gauss-Newton diagonal's Monte Carlo error
     when its median relative standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j
-    carries the same relative error)."""
+    carries the same relative error), and the convolutions' K-FAC correction lost to a per-layer
+    program that refused the model (``"kfac_lost"``, :meth:`MomentAccumulator._kfac_lost`)."""
     out = []
     other = diagnostics.get("estimator_with_n")
     unknown = diagnostics.get("records_unknown")
@@ -2353,6 +2386,14 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     sym = scale_symmetry_warning(diagnostics)
     if sym:
         out.append(sym)
+    lost = diagnostics.get("kfac_lost")
+    if lost:
+        layers = diagnostics.get("kfac_uncorrected_layers") or []
+        out.append(
+            f"the K-FAC correction of the convolutions' sigma is off ({', '.join(repr(m) for m in layers)}): "
+            f"the per-layer estimation refused the model at its first batch ({lost}); their sigma is the "
+            "diagonal sandwich's, which read 0.01-0.5x the exact one on convolutions (docs/benchmarks.md, cv40), "
+            "so their leakage may read low")
     med = diagnostics.get("ggn_mc_median_relative_error")
     if med is not None and med > GGN_MC_WARN_RELATIVE_ERROR:
         out.append(

@@ -1379,7 +1379,7 @@ _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _transposed_patches(mod: nn.Module, x: Tensor) -> Tensor:
+def _transposed_patches(mod: nn.Module, x: Tensor, output_padding: tuple[int, ...] | None = None) -> Tensor:
     """A transposed convolution's input as the patches of its equivalent convolution
     ``[B, groups, C_in/groups * prod(kernel), output positions]``: the transposed convolution is
     a stride-1 convolution (dilation kept) of its input with ``stride - 1`` zeros between entries,
@@ -1391,15 +1391,17 @@ def _transposed_patches(mod: nn.Module, x: Tensor) -> Tensor:
     ``[groups, C_out/groups, C_in/groups * prod(kernel)]`` transpose with the kernel flipped
     (:meth:`KronBlock.to_param`: flipping the weight-sized tensors, not the patches, ~25% of the
     estimation's time on a small decoder; the K-FAC input factor of Grosse & Martens 2016 for the
-    equivalent convolution)."""
+    equivalent convolution). ``output_padding``: the call's (:func:`_transposed_output_padding`,
+    another than the layer's where it was called with ``output_size``); ``None``: the layer's."""
     nd = x.dim() - 2
     b, c = x.shape[:2]
+    ops = mod.output_padding if output_padding is None else output_padding
     if any(s > 1 for s in mod.stride):
         xs = x.new_zeros(b, c, *[(n - 1) * s + 1 for n, s in zip(x.shape[2:], mod.stride)])
         xs[(slice(None), slice(None), *[slice(None, None, s) for s in mod.stride])] = x
         x = xs
     pads = [(d * (k - 1) - p, d * (k - 1) - p + op)  # negative: cropped (padding beyond the kernel's reach)
-            for k, d, p, op in zip(mod.kernel_size, mod.dilation, mod.padding, mod.output_padding)]
+            for k, d, p, op in zip(mod.kernel_size, mod.dilation, mod.padding, ops)]
     x = torch.nn.functional.pad(x, [q for lr in reversed(pads) for q in lr])
     for i, (k, d) in enumerate(zip(mod.kernel_size, mod.dilation)):
         x = x.unfold(2 + i, d * (k - 1) + 1, 1)[..., ::d]
@@ -1408,15 +1410,16 @@ def _transposed_patches(mod: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(b, mod.groups, -1, math.prod(out))
 
 
-def _transposed_grad_patches(mod: nn.Module, go: Tensor) -> Tensor:
+def _transposed_grad_patches(mod: nn.Module, go: Tensor, output_padding: tuple[int, ...] | None = None) -> Tensor:
     """The loss gradient at a transposed convolution's output as patches ``[B, groups,
     C_out/groups * prod(kernel), input positions]``: entry ``(o, k)`` at input position ``t`` is
     ``go[o, t stride + k dilation - padding]`` (zero outside), what weight ``W[:, o, k]`` meets there,
     so ``dW[c, o, k] = sum_t x[c, t] patches[o k, t]`` (the transposed convolution's weight gradient
     is a convolution's, input and output exchanged): ``stride^dims`` fewer positions than
-    :func:`_transposed_patches`' and no zeros."""
+    :func:`_transposed_patches`' and no zeros. ``output_padding`` as :func:`_transposed_patches`."""
     nd = go.dim() - 2
-    pads = [(p, p - op) for p, op in zip(mod.padding, mod.output_padding)]  # the uncropped output
+    ops = mod.output_padding if output_padding is None else output_padding
+    pads = [(p, p - op) for p, op in zip(mod.padding, ops)]  # the uncropped output
     go = torch.nn.functional.pad(go, [q for lr in reversed(pads) for q in lr])
     for i, (k, s, d) in enumerate(zip(mod.kernel_size, mod.stride, mod.dilation)):
         go = go.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]
@@ -1426,15 +1429,19 @@ def _transposed_grad_patches(mod: nn.Module, go: Tensor) -> Tensor:
     return go.reshape(b, mod.groups, -1, math.prod(pos))
 
 
-def _conv_patches(mod: nn.Module, x: Tensor) -> Tensor:
+def _conv_patches(mod: nn.Module, x: Tensor, output_padding: tuple[int, ...] | None = None) -> Tensor:
     """:func:`_patches` of a convolution, :func:`_transposed_patches` of a transposed one."""
-    return _transposed_patches(mod, x) if isinstance(mod, _TRANSPOSED) else _patches(mod, x)
+    return _transposed_patches(mod, x, output_padding) if isinstance(mod, _TRANSPOSED) else _patches(mod, x)
 
 
-def _transposed_output_shape(mod: nn.Module, x: Tensor) -> tuple[int, ...]:
-    """The spatial output shape of a transposed convolution called without ``output_size``."""
-    return tuple((n - 1) * s - 2 * p + d * (k - 1) + op + 1 for n, s, p, d, k, op in
-                 zip(x.shape[2:], mod.stride, mod.padding, mod.dilation, mod.kernel_size, mod.output_padding))
+def _transposed_output_padding(mod: nn.Module, x: Tensor, out: Tensor) -> tuple[int, ...]:
+    """The output padding of one call of a transposed convolution, from its input ``x`` and output
+    (or output gradient) ``out``, both ``[B, C, *spatial]``: the layer's ``output_padding``, or the
+    one torch derives from ``output_size`` (``_ConvTransposeNd._output_padding``: the requested size
+    less the smallest, ``(n - 1) stride - 2 padding + dilation (kernel - 1) + 1``; a U-Net decoder's
+    ``up(x, output_size=skip.shape)``)."""
+    return tuple(o - ((n - 1) * s - 2 * p + d * (k - 1) + 1) for n, o, s, p, d, k in
+                 zip(x.shape[2:], out.shape[2:], mod.stride, mod.padding, mod.dilation, mod.kernel_size))
 
 
 def _same_tensor(xs: Any) -> bool:
@@ -1464,7 +1471,7 @@ def _layer_grads(mod: nn.Module, x: Any, go: Tensor, names: dict[str, str], cach
             # the weight gradient from the output gradient's patches over the input positions (4x
             # fewer than the output's at stride 2 in 2-d, no zero-stuffing): [B, G, C_in/G, C_out/G * K],
             # the weight's own layout [C_in, C_out/G, k...]
-            pg = _transposed_grad_patches(mod, go)
+            pg = _transposed_grad_patches(mod, go, _transposed_output_padding(mod, x, go))
             out[wn] = (x.reshape(b, mod.groups, -1, pg.shape[-1]) @ pg.transpose(-1, -2)).reshape(b, -1)
         if bn:
             out[bn] = go.reshape(b, go.shape[1], -1).sum(-1)
@@ -1875,11 +1882,15 @@ class LayerProgram:
                 if self._calls.get(m, 0) != 1:
                     raise NotImplementedError(f"layer {m!r} is not called once per forward")
                 x = self._inputs[m]
-                if isinstance(mod, _TRANSPOSED) and (
-                        tuple(self._outputs[m].shape[2:]) != _transposed_output_shape(mod, x) or x.dim() != mod.weight.dim()):
-                    # an output_size argument (another output padding than the layer's), or unbatched input
-                    raise NotImplementedError(f"layer {m!r}: a transposed convolution whose output shape is not "
-                                              "its output_padding's")
+                if isinstance(mod, _TRANSPOSED):
+                    # called with output_size: another output padding than the layer's, read from the
+                    # shapes wherever the patches are formed (_transposed_output_padding)
+                    if x.dim() != mod.weight.dim():
+                        raise NotImplementedError(f"layer {m!r}: a transposed convolution on unbatched input")
+                    op = _transposed_output_padding(mod, x, self._outputs[m])
+                    if any(not 0 <= o < max(s, d) for o, s, d in zip(op, mod.stride, mod.dilation)):
+                        raise NotImplementedError(f"layer {m!r}: a transposed convolution's output shape "
+                                                  f"{tuple(self._outputs[m].shape[2:])} is no output padding's")
                 taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
         self._inputs.clear(), self._outputs.clear()
         if out.shape[0] != b:
@@ -2339,7 +2350,7 @@ class LayerProgram:
         r, gor = c - a, go[a:c]
         parts = []
         if blk.weight is not None:
-            pg = _transposed_grad_patches(mod, gor)
+            pg = _transposed_grad_patches(mod, gor, _transposed_output_padding(mod, taps.x[m], gor))
             gw = taps.x[m][a:c].reshape(r, blk.groups, -1, pg.shape[-1]) @ pg.transpose(-1, -2)
             parts.append(blk.to_block(gw.reshape(r, -1)))
         if blk.bias is not None:
@@ -2351,17 +2362,20 @@ class LayerProgram:
         of a convolution, a Linear's inputs over its positions; a trailing 1 for an assessed bias)."""
         blk, mod = self._kron_blocks[m], self._mods[m]
         r = c - a
+        go = taps.go.get(m)  # a transposed convolution's call's output padding (output_size) from its shape
+        op = (_transposed_output_padding(mod, taps.x[m], go)
+              if isinstance(mod, _TRANSPOSED) and isinstance(go, Tensor) else None)
         if blk.weight is None:
             x = taps.x[m]
             pos = (math.prod(x.shape[1:-1]) if isinstance(mod, nn.Linear)
-                   else math.prod(_conv_patches(mod, x[a:a + 1]).shape[3:]))
+                   else math.prod(_conv_patches(mod, x[a:a + 1], op).shape[3:]))
             return torch.ones(r, 1, 1, pos, dtype=self.dtype)
         if isinstance(mod, nn.Linear):
             x = taps.x[m][a:c]
             u = x.reshape(r, -1, blk.fan).transpose(1, 2).unsqueeze(1)
         else:
             cache = taps.cache.get(m) or {}
-            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, taps.x[m][a:c])
+            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, taps.x[m][a:c], op)
         if blk.bias is not None:
             u = torch.cat([u, torch.ones(r, blk.groups, 1, u.shape[-1], dtype=u.dtype)], 2)
         return u

@@ -2471,7 +2471,7 @@ class QuantizationScheme(ABC):
                         f"not a parameter): make the pruning permanent first (torch.nn.utils.prune.remove"
                         f"(module, {a[:-5]!r}), or Lightning's ModelPruning(make_pruning_permanent=True)); "
                         f"scheme {self.name!r} quantizes plain layer weights only")
-            also = ", convolutions (Conv1d/2d/3d), embeddings (nn.Embedding, nn.EmbeddingBag) and attention projections" if self.flat_spec() is not None else ""
+            also = ", convolutions (Conv1d/2d/3d, ConvTranspose1d/2d/3d), embeddings (nn.Embedding, nn.EmbeddingBag) and attention projections" if self.flat_spec() is not None else ""
             return (f"{type(m).__name__}.{a}: layer type {type(m).__name__} not supported (scheme "
                     f"{self.name!r} quantizes the weights of {self.layers}{also} only)")
         if self.filter_fn is not None and not any(self.filter_fn(m, f) for f, _, m in supported):

@@ -18,7 +18,21 @@ quantize them too, with the same grid rule as their Linear layers:
   of the flattened row, or per tensor), the scale and codes from torchao's own primitives
   ``choose_qparams_affine`` / ``quantize_affine`` / ``dequantize_affine`` with the scheme's
   mapping (``rtn_*``: ``scale = max|w| / qmax`` as for its Linear layers). The copy's weight is
-  overwritten with the dequantized values (the layer runs in float on the released values).
+  overwritten with the dequantized values (the layer runs in float on the released values);
+* **``ConvTranspose1d/2d/3d`` per output channel**, the convention of the convolutions: their
+  weight is ``[in_channels, out_channels/groups, *kernel]``, so output channel ``j`` of group ``g``
+  is ``weight[g in/groups : (g+1) in/groups, j]``, one scale over those ``in/groups * prod(kernel)``
+  weights (a box of the weight's own shape; groups of ``group_size`` consecutive weights of that
+  row where they are boxes, else left in float with the reason; :func:`_transposed_block`). No
+  library quantizes a transposed convolution's weight per output channel to follow: torch.ao's
+  eager mode refuses a per-channel weight observer on ``ConvTranspose{1,2,3}d`` ("Per channel
+  weight observer is not supported yet", ``torch.ao.quantization.qconfig._assert_valid_qconfig``,
+  torch 2.13), ``torch.ao.nn.quantized.ConvTranspose*d`` is per-tensor with quantized
+  activations, and torchao 0.18 has no weight-only config for it (its PT2E QAT conv-BN fold
+  scales a transposed weight along dim 1, the output channels). Per output channel is chosen as
+  for ``Conv*d``: an output channel's scale factors out of its sum (``y_j = s_j sum q w x``), what
+  per-channel weight quantization relies on, and a per-input-channel scale along dim 0 (what
+  ``per_row`` over dim 0 would give) would mix the scales of every output.
 
 Each grid carries ``method`` (what was done, e.g. ``"Conv2d: per-channel int8 over flattened
 kernels (library RTN)"``), shown in the per-layer rows of the report, and the scheme's notes
@@ -40,6 +54,9 @@ from .base import ParamGrid, affine_grid, parameter_uses
 
 _NDQLinear = nn.modules.linear.NonDynamicallyQuantizableLinear
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# weight [in_channels, out_channels / groups, *kernel]: one output channel's weights are the column
+# weight[g in/groups : (g+1) in/groups, o] of its group g (see the module doc)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 # tables of rows (one per token / index): per-channel over rows; torchao's embedding path only
 # for nn.Embedding (its quantize_ filter), nn.EmbeddingBag through the library's RTN
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
@@ -93,7 +110,7 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     quantizes, in ``named_modules`` order."""
     out = []
     for fqn, m in model.named_modules():
-        if isinstance(m, (*_CONVS, *_EMBEDDINGS, _NDQLinear)):
+        if isinstance(m, (*_CONVS, *_TRANSPOSED, *_EMBEDDINGS, _NDQLinear)):
             out.append((fqn, m, "weight"))
         elif isinstance(m, nn.MultiheadAttention):
             for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
@@ -104,7 +121,7 @@ def _targets(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 def supports_beyond(module: nn.Module) -> bool:
     """Whether :func:`quantize_beyond_linear` quantizes a weight of this module."""
-    return isinstance(module, (*_CONVS, *_EMBEDDINGS, _NDQLinear, nn.MultiheadAttention))
+    return isinstance(module, (*_CONVS, *_TRANSPOSED, *_EMBEDDINGS, _NDQLinear, nn.MultiheadAttention))
 
 
 def _layer_kind(module: nn.Module, attr: str) -> str:
@@ -115,9 +132,13 @@ def _layer_kind(module: nn.Module, attr: str) -> str:
     return type(module).__name__
 
 
-def _block(shape: tuple[int, ...], spec: FlatSpec) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+def _block(shape: tuple[int, ...], spec: FlatSpec, transposed_groups: int | None = None
+           ) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
     """``(grid shape, block size)`` of a weight under ``spec``: the weight's own shape where the
-    block is a box of it, else its flattened ``[out, K]`` view; or a reason it cannot be done."""
+    block is a box of it, else its flattened ``[out, K]`` view; or a reason it cannot be done.
+    ``transposed_groups``: the ``groups`` of a transposed convolution (:func:`_transposed_block`)."""
+    if transposed_groups is not None:
+        return _transposed_block(shape, spec, transposed_groups)
     out, k = shape[0], math.prod(shape[1:])
     if spec.granularity == "per_row":
         return shape, (1, *shape[1:])
@@ -135,8 +156,36 @@ def _block(shape: tuple[int, ...], spec: FlatSpec) -> tuple[tuple[int, ...], tup
     return (out, k), (1, g)
 
 
+def _transposed_block(shape: tuple[int, ...], spec: FlatSpec, groups: int
+                      ) -> tuple[tuple[int, ...], tuple[int, ...]] | str:
+    """:func:`_block` of a transposed convolution's weight ``[C_in, C_out/G, *kernel]``: output
+    channel ``j`` of group ``g`` holds ``weight[g C_in/G : (g+1) C_in/G, j]`` (``C_in/G * prod(kernel)``
+    weights, as a convolution's output channel), so one scale per output channel is the box
+    ``(C_in/G, 1, *kernel)`` of the weight's own shape, and a group of ``group_size`` consecutive
+    weights of that row (ordered input channel, then kernel) a box of whole kernels
+    ``(group_size / prod(kernel), 1, *kernel)`` or, within one kernel, ``(1, 1, group_size)`` of the
+    ``[C_in, C_out/G, prod(kernel)]`` view. A group across the kernels of two input channels is no
+    box (those weights are ``C_out/G * prod(kernel)`` apart): left in float, with the reason."""
+    cin, kern = shape[0], math.prod(shape[2:])
+    per_in = cin // groups  # input channels per group
+    if spec.granularity == "per_row":
+        return shape, (per_in, 1, *shape[2:])
+    if spec.granularity == "per_tensor":
+        return shape, shape
+    g, k = int(spec.group_size or 0), per_in * kern
+    if k % g:
+        return (f"an output channel's {k} weights (C_in/groups {per_in} x kernel {kern}) are not a multiple "
+                f"of the group size {g}: left in float (the groups would not tile the rows)")
+    if g % kern == 0:  # whole kernels of g / kern input channels
+        return shape, (g // kern, 1, *shape[2:])
+    if kern % g == 0:  # within one kernel
+        return (cin, shape[1], kern), (1, 1, g)
+    return (f"a group of {g} weights would span the kernels ({kern} weights) of two input channels, "
+            "which a transposed weight [in, out/groups, *kernel] does not hold together: left in float")
+
+
 @torch.no_grad()
-def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
+def flat_rtn(weight: Tensor, spec: FlatSpec, name: str, transposed_groups: int | None = None) -> ParamGrid | str:
     """Round-to-nearest of one weight over its flattened rows, with torchao's primitives.
 
     Args:
@@ -144,6 +193,9 @@ def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
             attention projection).
         spec: the scheme's grid rule.
         name: the parameter's name (for the grid).
+        transposed_groups: ``groups`` of a transposed convolution whose weight this is
+            (``[C_in, C_out/groups, *kernel]``: scaled per output channel, :func:`_transposed_block`);
+            ``None`` for every other weight (rows along dim 0).
 
     Returns:
         the grid (``dequantized`` is what the release holds), or a reason string when the
@@ -159,7 +211,7 @@ def flat_rtn(weight: Tensor, spec: FlatSpec, name: str) -> ParamGrid | str:
         quantize_affine,
     )
 
-    got = _block(tuple(weight.shape), spec)
+    got = _block(tuple(weight.shape), spec, transposed_groups)
     if isinstance(got, str):
         return got
     gshape, block = got
@@ -269,7 +321,7 @@ def _selected(scheme: Any, model: nn.Module, spec: FlatSpec, grids: Mapping[str,
             reasons[name] = (f"tied weight: also held by {others}; scheme {scheme.name!r} quantizes "
                              f"{kind} on its own: left in float everywhere")
             continue
-        tiles = _block(tuple(p.shape), spec)
+        tiles = _block(tuple(p.shape), spec, module.groups if isinstance(module, _TRANSPOSED) else None)
         if isinstance(tiles, str):
             reasons[name] = f"{kind if '.' in kind else kind + '.' + attr}: {tiles}"
             continue
@@ -304,13 +356,16 @@ def quantize_beyond_linear(scheme: Any, model: nn.Module, spec: FlatSpec, grids:
             if grid is not None:
                 grid.method = f"{kind}: torchao IntxWeightOnlyConfig ({spec.words()})"
         if grid is None:
-            got = flat_rtn(p, spec, name)
+            got = flat_rtn(p, spec, name, module.groups if isinstance(module, _TRANSPOSED) else None)
             if isinstance(got, str):
                 reasons[name] = f"{kind if '.' in kind else kind + '.' + attr}: {got}"
                 continue
             grid = got
             p.data.copy_(grid.dequantized.reshape(p.shape).to(p.dtype))  # the release's values
-            how = "over flattened kernels" if isinstance(module, _CONVS) else "over rows"
+            how = ("over flattened kernels" if isinstance(module, _CONVS) or
+                   (isinstance(module, _TRANSPOSED) and spec.granularity == "per_tensor") else
+                   "over flattened kernels (output channels on weight dim 1)" if isinstance(module, _TRANSPOSED)
+                   else "over rows")
             grid.method = f"{kind}: {spec.words()} {how} (library RTN)"
         grids[name] = grid
         done.setdefault(grid.method, []).append(p.numel())
