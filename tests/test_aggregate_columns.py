@@ -44,3 +44,23 @@ def test_no_legend_lines_when_nothing_needs_them(tmp_path):
     agg.aggregate(tmp_path, verbose=False)
     md = (tmp_path / "aggregate.md").read_text()
     assert agg.POSITION_LEGEND not in md and agg.FLOAT_LEGEND not in md
+
+
+def test_ties_pair_only_rows_of_one_training_setup(tmp_path):
+    """Jobs that differ in their seed assessed other trained models: the "not ranked beyond their
+    intervals" line never pairs their rows (nu41b saw seed 1's int8 beside seed 2's); jobs that
+    differ in their scheme alone are paired, each setup on its own line."""
+    jobs = [("int8_weight_only", "seed=1"), ("bf16", "seed=1"), ("int8_weight_only", "seed=2")]
+    for num, (scheme, seed) in enumerate(jobs):
+        job = tmp_path / f"{num}_{scheme}"
+        job.mkdir()
+        row = {**_row(scheme, "bootstrap", 0.0), "leakage": 0.1001 + 1e-3 * num}  # overlapping intervals
+        (job / "result.json").write_text(json.dumps({
+            "job": {"num": num, "overrides": [f"quantizer={scheme}", seed]}, "status": "ok",
+            "rows": [row], "warnings": []}))
+    agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    ties = [ln for ln in md.splitlines() if "not ranked beyond their intervals" in ln]
+    assert len(ties) == 1, ties
+    assert ties[0].startswith("(seed=1) ") and "0: int8_weight_only" in ties[0] and "1: bf16" in ties[0]
+    assert "2: int8_weight_only" not in ties[0]

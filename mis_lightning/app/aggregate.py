@@ -313,22 +313,36 @@ def _labelled(r: dict[str, Any]) -> dict[str, Any]:
 
 def aggregate_ties(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> list[str]:
     """The sweep's rows whose order by leakage the figures do not resolve
-    (:func:`~mis_lightning.report.ties_line`, rows named ``"<job>: <scheme>"``), one line per
-    utility the rows are judged by (the figure's panels; one line when there is one)."""
-    uks = utility_keys(rows, utility_key) or [None]
-    ok = [_labelled(r) for r in rows if not r.get("error") and _float(r.get("leakage")) is not None]
+    (:func:`~mis_lightning.report.ties_line`, rows named ``"<job>: <scheme>"``), among the rows of
+    one training setup only (:func:`training_key`: jobs that differ in more than their schemes,
+    e.g. another seed, assessed other trained models, whose rows are no comparison; nu41b), one
+    line per utility the rows are judged by (the figure's panels; one line when there is one),
+    prefixed with the setup's overrides when the sweep has several."""
+    ok = [r for r in rows if not r.get("error") and _float(r.get("leakage")) is not None]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in ok:
+        groups.setdefault(training_key(r), []).append(_labelled(r))
     out = []
-    for uk in uks:
-        group = ok if len(uks) == 1 else [r for r in ok if own_utility_key(r) == uk]
-        line = ties_line(group)
-        if line:
-            out.append(line if len(uks) == 1 else f"{uk.removeprefix('utility_')} rows: {line}")  # type: ignore[union-attr]
+    for key, group in groups.items():
+        where = f"({key}) " if len(groups) > 1 and key else ""
+        uks = utility_keys(group, utility_key) or [None]
+        for uk in uks:
+            part = group if len(uks) == 1 else [r for r in group if own_utility_key(r) == uk]
+            line = ties_line(part)
+            if line:
+                out.append(where + (line if len(uks) == 1 else f"{uk.removeprefix('utility_')} rows: {line}"))  # type: ignore[union-attr]
     return out
 
 
 #: the overrides that choose the schemes a job assesses: jobs that differ in these alone train
 #: the same model, so their rows are one comparison (:func:`aggregate_verdicts`)
 SCHEME_OVERRIDES = ("quantizer=", "schemes=", "+schemes=", "++schemes=")
+
+
+def training_key(row: dict[str, Any]) -> str:
+    """A row's job overrides other than those choosing its schemes (:data:`SCHEME_OVERRIDES`):
+    rows with the same key come from the same data, model, training and estimation options."""
+    return " ".join(o for o in str(row.get("overrides") or "").split() if not o.startswith(SCHEME_OVERRIDES))
 
 
 def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None = None) -> list[str]:
@@ -343,13 +357,10 @@ def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None =
     when the sweep has several groups. A group whose baselines differ gets a line saying why it
     has no verdict; a utility whose direction is unknown gives none (no guessed ranking);
     plan-mode rows (a planner's ``note``) are left to ``plan.md``."""
-    def others(r: dict[str, Any]) -> str:
-        return " ".join(o for o in str(r.get("overrides") or "").split() if not o.startswith(SCHEME_OVERRIDES))
-
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if not r.get("error") and _float(r.get("leakage")) is not None and not r.get("note"):
-            groups.setdefault(others(r), []).append(r)
+            groups.setdefault(training_key(r), []).append(r)
     out = []
     for key, group in groups.items():
         if len({r.get("job") for r in group}) < 2:
