@@ -106,3 +106,21 @@ def fit_lbfgs(model: nn.Module, objective, max_iter: int = 100, rounds: int = 1,
     for _ in range(rounds):
         opt.step(closure)
     return model.eval()
+
+
+def ridge_linear(n: int, features: int = 19, decay: float = 1e-2, seed: int = 0):
+    """``(model, loader)``: ``nn.Linear(features, 1)`` set to the exact minimiser of the mean of
+    ``0.5 * (out - y)^2`` plus ``decay / 2 |theta|^2`` (a true minimum: nothing but the condition a
+    test sets fails) on ``n`` Gaussian records (one batch)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = x @ (torch.randn(features, generator=g) / features**0.5) + torch.randn(n, generator=g)
+    X = torch.cat([x, torch.ones(n, 1)], 1)
+    theta = torch.linalg.solve(X.T @ X / n + decay * torch.eye(features + 1), X.T @ y / n)
+    model = nn.Linear(features, 1)
+    with torch.no_grad():
+        model.weight.copy_(theta[:features][None])
+        model.bias.copy_(theta[features:])
+    return model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=n)

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from _nets import ridge_linear  # tests/_nets.py
 
 from mis_lightning import Report, assess
 from mis_lightning.app import aggregate as agg
@@ -30,16 +30,7 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _ridge_report(n: int) -> Report:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, F, generator=g)
-    y = x @ (torch.randn(F, generator=g) / F**0.5) + torch.randn(n, generator=g)
-    X = torch.cat([x, torch.ones(n, 1)], 1)
-    theta = torch.linalg.solve(X.T @ X / n + 1e-2 * torch.eye(F + 1), X.T @ y / n)
-    model = nn.Linear(F, 1)
-    with torch.no_grad():
-        model.weight.copy_(theta[:F][None])
-        model.bias.copy_(theta[F:])
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=n)
+    model, loader = ridge_linear(n, F)
     return assess(model, ["rtn_int8", "rtn_int2"], loader, _mse, weight_decay=1e-2, uncertainty_draws=2,
                   covariance="independent")
 
