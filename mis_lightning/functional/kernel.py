@@ -273,8 +273,9 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
 
     Frozen elements get 0, fine steps the expansion (with the end cells of the code range
     exact where the weight's sd reaches them: :func:`_near_ends`, the per-regime path's
-    form), steps in (0.5, 19) the table, larger steps the two-edge closed form (for weights inside the cell of their code ``q0``, up to
-    ``OWN_CELL_SLACK`` cells: a weight further out is ``ok`` False unless its step is fine). Under
+    form), steps in (0.5, 19) the table, larger steps the two-edge closed form (for weights
+    inside the cell of their code ``q0``, up to ``OWN_CELL_SLACK`` cells: a weight further out
+    is ``ok`` False unless its step is fine). Under
     ``torch.compile`` every form is computed for every element and selected with
     ``torch.where`` (branch-free: the whole function fuses into one loop); in eager mode each
     form runs only on its own elements (the same formulas per element: the self-check compares
@@ -349,8 +350,7 @@ def _ok(h: Tensor, lower: Tensor, upper: Tensor, fine: Tensor, frozen: Tensor, i
     and interior ones whose step is fine (the expansion does not depend on the position) or
     whose weight lies in its own cell up to ``OWN_CELL_SLACK`` cells (the table and the
     two-edge form read the position clamped to the cell)."""
-    slack = OWN_CELL_SLACK * h
-    own = (lower >= -slack) & (upper >= -slack)
+    own = torch.minimum(lower, upper) >= -OWN_CELL_SLACK * h
     return frozen | near | (interior & (fine | own))
 
 
