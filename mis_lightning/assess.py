@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
 import logging
 import math
 import warnings
@@ -3259,9 +3260,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         leak = _correlated_leakage(est, prep, rc, kvec, chosen, draws_used, gen, 1.0, n)
         for name in est.names:  # per layer: the Gaussian form on the layer's block
             sl = slice(*est.offsets[name])
-            rcl, wl = rc.restrict(sl), est.influence[:, sl]
             k_l = kvec[sl] if name in prep.kappa else None
-            layers[name].leakage = float(F.saturate(rcl.gaussian_mean_abs(wl, k_l) / (2 * math.sqrt(n))).mean())
+            layers[name].leakage = float(F.saturate(_layer_mean_abs(est, rc, name, k_l) / (2 * math.sqrt(n))).mean())
             layers[name].mis = 1.0 - layers[name].leakage
             layers[name].baseline_leakage = _layer_baseline(est, rc, name, base_kvec)
         fitted = {"in_sample": " (the stored records' sample correlation)",
@@ -3381,10 +3381,29 @@ def _layer_baseline(est: Estimate, rc: F.correlated.RecordCorrelation, name: str
     stored = base_kvec is not None and not bool((base_kvec[sl] == 1.0).all())
     key = (name, "stored") if stored else name
     if key not in cache:
-        assert est.influence is not None
-        rcl, wl = rc.restrict(sl), est.influence[:, sl]
-        mean_abs = rcl.gaussian_mean_abs(wl, None if base_kvec is None or not stored else base_kvec[sl])
+        mean_abs = _layer_mean_abs(est, rc, name, None if base_kvec is None or not stored else base_kvec[sl])
         cache[key] = float(F.saturate(mean_abs / (2 * math.sqrt(est.n))).mean())
+    return cache[key]
+
+
+def _layer_mean_abs(est: Estimate, rc: F.correlated.RecordCorrelation, name: str,
+                    kappa: Tensor | None) -> Tensor:
+    """``[R]`` the Gaussian form of a layer's block of the correlation at the layer's ``kappa``
+    (``[d_layer]``; ``None``: unquantized), cached per estimate under the layer and the bytes of
+    its kappa: a layer left in float, or on the same grid, gives the same kappa in every scheme and
+    in the baseline (65 distinct of 119 factor-model forms, 1.7 of 7.8 s, on a 2,610-weight
+    Transformer with 5 schemes; docs/benchmarks.md, "wf41"). Keyed by the values, not the
+    scheme, so a layer on another grid is computed afresh; the result is the same tensor bit for
+    bit (``kappa = None`` and all-ones kappa take the same path)."""
+    assert est.influence is not None
+    k = None if kappa is None else kappa.to(torch.float64).clamp(0.0, 1.0)
+    if k is not None and bool((k == 1.0).all()):
+        k = None
+    key = (name, None if k is None else hashlib.sha256(k.contiguous().numpy().tobytes()).hexdigest())
+    cache = rc.cache.setdefault("layer_mean_abs", {})
+    if key not in cache:
+        sl = slice(*est.offsets[name])
+        cache[key] = rc.restrict(sl).gaussian_mean_abs(est.influence[:, sl], k)
     return cache[key]
 
 

@@ -515,9 +515,17 @@ def test_factor_quadratic_skips_the_refined_solve_where_woodbury_is_exact(monkey
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
         if corr is cross:  # cross-fitted records: no refined solve at all
             assert sum(solved_rows) == 0, solved_rows
+    # rows in the span of a 1e-6 remainder: the refined solve (a block wider than the rank: the
+    # in-sample model above, d = rank = 40, takes the d x d form, Correlation._narrow_quadratic)
+    basis = torch.randn(5, 40, dtype=torch.float64, generator=g)
+    span = Correlation(factor=basis.T / 3.0, residual=torch.full((40,), 1e-6, dtype=torch.float64))
+    rows = torch.randn(16, 5, dtype=torch.float64, generator=g) @ basis
     solved_rows.clear()
-    inside.quadratic(low)  # rows in the span of a 1e-6 remainder: the refined solve
-    assert sum(solved_rows) == low.shape[0], solved_rows
+    got = span.quadratic(rows)
+    assert sum(solved_rows) == rows.shape[0], solved_rows
+    monkeypatch.setattr(Correlation, "_solve", real_solve)
+    torch.testing.assert_close(got, (rows * span._solve(rows, torch.ones(40, dtype=torch.float64))).sum(-1),
+                               rtol=1e-12, atol=0)
 
 
 def test_exact_box_form_simulates_fewer_quasi_random_draws_per_box(monkeypatch):
