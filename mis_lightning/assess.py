@@ -3399,7 +3399,7 @@ def _layer_mean_abs(est: Estimate, rc: F.correlated.RecordCorrelation, name: str
     k = None if kappa is None else kappa.to(torch.float64).clamp(0.0, 1.0)
     if k is not None and bool((k == 1.0).all()):
         k = None
-    key = (name, None if k is None else hashlib.sha256(k.contiguous().numpy().tobytes()).hexdigest())
+    key = (name, None if k is None else hashlib.sha256(k.detach().cpu().contiguous().numpy().tobytes()).hexdigest())
     cache = rc.cache.setdefault("layer_mean_abs", {})
     if key not in cache:
         sl = slice(*est.offsets[name])
