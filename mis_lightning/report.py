@@ -803,6 +803,14 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
     return text + tail
 
 
+# Legend entries of columns shown both by a job's table and by a sweep's aggregate.md
+# (app/aggregate.py), declared once.
+FLOAT_ENTRY = "float: share of assessed weights left in float (they leak like the baseline)."
+ZEROS_ENTRY = "zeros: share of quantized weights released as exactly 0."
+POSITION_ENTRY = ("pos. after [p10, p90]: a position-dominated interval, set by where few coarse weights "
+                  "sit in their cells, not a bootstrap spread.")
+
+
 def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None,
            modes: Mapping[str, str] | None = None) -> str:
     """What the table's columns mean (printed below it by :meth:`Report.table`).
@@ -823,10 +831,8 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
         "weights sit in their cells); overlapping intervals = not clearly different.",
         "  bits/w: storage per assessed weight incl. scales; weights left in float count at their "
         "width (32), so a partly quantized model shows e.g. 12.91.",
-        "  float: share of assessed weights left in float (they leak like the baseline). "
-        "baseline: leakage of the unquantized model.",
-        "  d_eff: how many weights still leak (sum of the surviving information fractions); "
-        "zeros: share of quantized weights released as exactly 0.",
+        f"  {FLOAT_ENTRY} baseline: leakage of the unquantized model.",
+        f"  d_eff: how many weights still leak (sum of the surviving information fractions); {ZEROS_ENTRY}",
     ]
     if uk:
         better = "higher" if higher_is_better(uk, modes) else "lower"

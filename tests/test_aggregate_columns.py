@@ -64,3 +64,19 @@ def test_ties_pair_only_rows_of_one_training_setup(tmp_path):
     assert len(ties) == 1, ties
     assert ties[0].startswith("(seed=1) ") and "0: int8_weight_only" in ties[0] and "1: bf16" in ties[0]
     assert "2: int8_weight_only" not in ties[0]
+
+
+def test_zeros_column_and_its_legend_reach_the_aggregate(tmp_path):
+    """Each job's table has a ``zeros`` column (share of quantized weights released as exactly 0);
+    until session 42 aggregate.md dropped it. Its legend entry is the job table's, word for word."""
+    from mis_lightning.report import ZEROS_ENTRY, legend
+
+    _write_jobs(tmp_path, [{**_row("intx_weight_only_int2", "bootstrap", 0.0), "zero_fraction": 0.4125},
+                           {**_row("bf16", "bootstrap", 0.0), "zero_fraction": 0.0}])
+    agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    assert any(ln.startswith("| job |") and ln.rstrip().endswith("| d_eff | zeros |") for ln in md.splitlines())
+    lines = {ln.split(" | ")[1]: ln for ln in md.splitlines() if ln.startswith("| 0 ") or ln.startswith("| 1 ")}
+    assert lines["intx_weight_only_int2"].rstrip().endswith("| 0.4125 |")
+    assert lines["bf16"].rstrip().endswith("| 0.0000 |")
+    assert ZEROS_ENTRY in md and ZEROS_ENTRY in " ".join(legend([]).split())

@@ -46,7 +46,10 @@ from omegaconf import DictConfig
 
 from mis_lightning.report import (
     D_EFF_SCHEMES_MARK,
+    FLOAT_ENTRY,
     NOT_RANKED,
+    POSITION_ENTRY,
+    ZEROS_ENTRY,
     higher_is_better,
     leakage_marks,
     marks_legend,
@@ -209,11 +212,10 @@ _NUMERIC = {"bits_per_weight", "leakage", "mis", "leakage_p10", "leakage_p90", "
             "sparsity", "frozen_fraction"}  # the last two: result.json of older versions
 
 
-# Legend lines of the columns a job's table explains in its own legend (report.Report.table).
-FLOAT_LEGEND = ("float: share of the assessed weights the scheme left in float (they leak like the "
-                "baseline; the job's warnings name the layers and why).")
-POSITION_LEGEND = ("pos. after [p10, p90]: a position-dominated interval, set by where few coarse weights "
-                   "sit in their cells, not a bootstrap spread.")
+# Legend lines of the columns a job's table explains in its own legend (report.legend), in the
+# same words; the float entry adds where the layers are named.
+FLOAT_LEGEND = FLOAT_ENTRY.removesuffix(".") + "; the job's warnings name the layers and why."
+POSITION_LEGEND = POSITION_ENTRY
 
 
 def _is_numeric_key(k: str) -> bool:
@@ -262,14 +264,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     :func:`utility_keys` (each row shows its own utility)."""
     uks = utility_keys(rows, utility_key)
     head = ["job", "scheme", "swept overrides", "bits/w", "float"] + [k.removeprefix("utility_") for k in uks] + [
-        "leakage", "[p10, p90]", "MIS", "pool", "baseline", "d_eff"]
+        "leakage", "[p10, p90]", "MIS", "pool", "baseline", "d_eff", "zeros"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     errors = []
     for r in rows:
         if r.get("error"):
             errors.append(r)
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-", "-"] + [
-                "-"] * len(uks) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-"]
+                "-"] * len(uks) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
             interval = "-" if p10 is None else f"[{_fmt(p10)}, {_fmt(p90)}]"
@@ -282,13 +284,15 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                 _fmt(_float(r.get(uk))) for uk in uks] + [
                 _fmt(r.get("leakage")) + leakage_marks(r), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
                 _fmt(r.get("baseline_leakage")),
-                _fmt(r.get("d_eff"))]
+                _fmt(r.get("d_eff")), _fmt(_float(r.get("zero_fraction", r.get("sparsity"))))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     marks = marks_legend([r for r in rows if not r.get("error")])
     if any(r.get("interval_regime") == "position-dominated" for r in rows if not r.get("error")):
         marks = [POSITION_LEGEND] + marks
     if any(_float(r.get("float_fraction")) for r in rows if not r.get("error")):
         marks = [FLOAT_LEGEND] + marks
+    if any(_float(r.get("zero_fraction", r.get("sparsity"))) for r in rows if not r.get("error")):
+        marks = [ZEROS_ENTRY] + marks
     if marks:  # what the marks and the less obvious columns mean, as under a job's own table
         lines += [""] + [m.strip() for m in marks]
     verdicts = aggregate_verdicts(rows, utility_key)
