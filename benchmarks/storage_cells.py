@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_storage_rounding import _truth_kappa, _values  # the tests' reference: one truth
+    from _lowp import dtype_values as _values  # the tests' value sweep (moved to tests/_lowp.py)
+    from test_storage_rounding import _truth_kappa  # the tests' reference: one truth
 
     sys.path.insert(0, str(args.root.resolve()))
     for name in args.dtypes:

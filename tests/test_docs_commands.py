@@ -8,6 +8,7 @@ whose file was renamed or removed fails the same way. Both are text checks (< 0.
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -54,3 +55,36 @@ def test_every_benchmark_the_docs_name_exists():
         if not (ROOT / "benchmarks" / m.group(1)).is_file()
     })
     assert not missing, "benchmarks named in the docs that the checkout lacks:\n" + "\n".join(missing)
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module defines or imports at its top level (what ``from module import name`` finds)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_benchmarks_import_only_what_the_test_helpers_define():
+    """A benchmark that reuses a test's reference (``from test_x import helper``, imported inside
+    its ``main``, so ``--help`` still runs) breaks silently when the helper moves: acc42 found
+    ``storage_cells.py`` (the bf29 truth table docs/validation.md cites) failing at
+    ``from test_storage_rounding import _values`` after the helper moved to tests/_lowp.py."""
+    broken = []
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+                continue
+            helper = ROOT / "tests" / f"{node.module}.py"
+            if not helper.is_file():
+                continue
+            defined = _top_level_names(helper)
+            broken += [f"{path.name}:{node.lineno}: {node.module}.{a.name}" for a in node.names if a.name not in defined]
+    assert not broken, "benchmarks import names the tests' modules lack:\n" + "\n".join(broken)
