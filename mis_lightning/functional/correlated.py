@@ -430,9 +430,11 @@ class Correlation:
         ``d <= k``) by Cholesky with one refinement step; ``None`` where ``M`` is not numerically
         positive definite (the caller's Woodbury path then). Woodbury would factor the ``k x k``
         core and then, its difference cancelling ``s / q`` digits (``s / q`` ~1e5 on the in-sample
-        form's 1e-6 remainder), redo every row by the refined ``[R, d]`` solve: on a 2,610-weight
-        Transformer (rank 387, 20 blocks of 2-768 weights, 5 schemes) the forms took 6.4 s that way,
-        4.5 s with this one, the report's fields within 1.3e-12 relative (docs/benchmarks.md, "wf41")."""
+        form's 1e-6 remainder), redo every row by the refined ``[R, d]`` solve (before wf42; now
+        :meth:`_corrected_quadratic`): on a 2,610-weight Transformer (rank 387, 20 blocks of 2-768
+        weights, 5 schemes) the forms took 6.4 s that way, 4.5 s with this one, the report's fields
+        within 1.3e-12 relative (docs/benchmarks.md, "wf41"); a small block costs far less than the
+        core's factorization, and at ``d = k`` the two cost about the same."""
         kh = kappa.sqrt()
         u = w * kh
         A = kh.unsqueeze(-1) * L
