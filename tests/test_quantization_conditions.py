@@ -139,6 +139,20 @@ def test_weight_tied_to_an_unsupported_layer_stays_float_everywhere(name):
     assert torch.equal(res.model.emb.weight, m.emb.weight)
 
 
+def test_check_model_names_the_tie_of_a_linear_to_an_embedding_by_both_holders():
+    """The up-front SchemeError for a model whose only weight is tied (a language model's
+    embedding and output Linear) gave the beyond-Linear pass's reason, "scheme
+    'int8_weight_only' quantizes Embedding on its own" (nu42a), which names neither the Linear
+    nor why; the Linear pass's reason, naming both holders, comes first now."""
+    from mis_lightning.quantization.base import SchemeError
+
+    with pytest.raises(SchemeError) as e:
+        get_scheme("int8_weight_only").check_model(TiedLM())
+    msg = str(e.value)
+    assert "emb.weight: tied weight: Linear 'head'.weight is also held by Embedding 'emb'.weight" in msg, msg
+    assert "on its own" not in msg
+
+
 def test_in_place_scheme_quantizes_a_weight_tied_to_an_embedding_in_every_use():
     m = TiedLM()
     res = get_scheme("rtn_int8").apply(m)
