@@ -11,6 +11,7 @@ optimizer state, RNG, the tie) and prints the table.
     python benchmarks/nu42a_sequence_trial.py --rnn bag
     python benchmarks/nu42a_sequence_trial.py --reference              # + independent references (below)
     python benchmarks/nu42a_sequence_trial.py --rnn bag --params all --reference
+    python benchmarks/nu42a_sequence_trial.py --batch-check   # + assess at batch 16 and 128, num_records=64
 
 ``--reference`` compares the assessment with references computed here by plain autograd, one
 record at a time in float64: the per-record gradient variances of the assessed weights (the tied
@@ -221,6 +222,24 @@ def reference(model: RecurrentLM, params: list[str] | None, weight_decay: float 
                   f"reference), rtn_int4 {rep.schemes['rtn_int4'].leakage:.4f}")
 
 
+def batch_check(model: RecurrentLM) -> None:
+    """``assess`` of the same weights over the training records batched by 16 and by 128 (labels
+    padded with -100 to each batch's longest), 64 of the 384 records sampled: the figures should
+    not depend on the batching."""
+    bf = cls_batch if model.kind == "bag" else lm_batch
+    head = ["head.weight", "head.bias"] if model.kind == "bag" else ["decoder.weight", "decoder.bias"]
+    got = {}
+    for bs in (16, 128):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = ml.assess(model, ["rtn_int4"], DataLoader(Sequences(384, 1), batch_size=bs, collate_fn=collate),
+                            per_sample_loss, batch_fn=bf, params=head, weight_decay=1e-3, num_records=64,
+                            uncertainty_draws=0)
+        got[bs] = (rep.baseline_leakage, rep.schemes["rtn_int4"].leakage)
+        print(f"batch {bs}: float leakage {got[bs][0]:.5f}, rtn_int4 {got[bs][1]:.5f}")
+    print(f"batch 128 / batch 16: float {got[128][0] / got[16][0]:.4f}, rtn_int4 {got[128][1] / got[16][1]:.4f}")
+
+
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rnn", default="lstm", choices=["lstm", "gru", "rnn", "bag"])
@@ -230,6 +249,7 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--estimation", default="auto")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--reference", action="store_true", help="also the independent references (module doc)")
+    ap.add_argument("--batch-check", action="store_true", help="also assess at two batch sizes (64 records)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = tempfile.mkdtemp(prefix="nu42a_")
@@ -248,6 +268,8 @@ def main(argv: list[str] | None = None):
     if a.reference:
         head = ["head.weight", "head.bias"] if a.rnn == "bag" else ["decoder.weight", "decoder.bias"]
         reference(model, head if a.params == "head" else None)
+    if a.batch_check:
+        batch_check(model)
     return cb
 
 
