@@ -12,6 +12,7 @@ optimizer state, RNG, the tie) and prints the table.
     python benchmarks/nu42a_sequence_trial.py --reference              # + independent references (below)
     python benchmarks/nu42a_sequence_trial.py --rnn bag --params all --reference
     python benchmarks/nu42a_sequence_trial.py --batch-check   # + assess at batch 16 and 128, num_records=64
+    python benchmarks/nu42a_sequence_trial.py --misconfig     # only: each mistake refused before training
 
 ``--reference`` compares the assessment with references computed here by plain autograd, one
 record at a time in float64: the per-record gradient variances of the assessed weights (the tied
@@ -240,6 +241,34 @@ def batch_check(model: RecurrentLM) -> None:
     print(f"batch 128 / batch 16: float {got[128][0] / got[16][0]:.4f}, rtn_int4 {got[128][1] / got[16][1]:.4f}")
 
 
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")  # [B, T]
+
+
+def _batch_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return per_sample_loss(logits, labels).mean()  # reduced over the batch
+
+
+def misconfig() -> None:
+    """Each mistake a user can make with this model, and the optimizer steps taken before the error."""
+    head = ["decoder.weight", "decoder.bias"]
+    cases = {"no loss_fn": dict(batch_fn=lm_batch, params=head),
+             "dict batches, no batch_fn": dict(loss_fn=per_sample_loss, params=head),
+             "loss reduced over the batch": dict(loss_fn=_batch_mean, batch_fn=lm_batch, params=head),
+             "per-token loss [B, T]": dict(loss_fn=_token_losses, batch_fn=lm_batch, params=head),
+             "LSTM weights assessed": dict(loss_fn=per_sample_loss, batch_fn=lm_batch)}
+    for what, kw in cases.items():
+        trainer = pl.Trainer(max_epochs=1, callbacks=[MISCallback(["rtn_int4"], **kw)], logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer.fit(RecurrentLM(), DataLoader(Sequences(64, 1), batch_size=32, collate_fn=collate))
+            print(f"[{what}] not refused")
+        except (ValueError, TypeError) as exc:
+            print(f"[{what}] {type(exc).__name__} after {trainer.global_step} steps: {str(exc)[:300]}")
+
+
 def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rnn", default="lstm", choices=["lstm", "gru", "rnn", "bag"])
@@ -250,8 +279,11 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--reference", action="store_true", help="also the independent references (module doc)")
     ap.add_argument("--batch-check", action="store_true", help="also assess at two batch sizes (64 records)")
+    ap.add_argument("--misconfig", action="store_true", help="only the misconfiguration checks")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if a.misconfig:
+        return misconfig()
     out = tempfile.mkdtemp(prefix="nu42a_")
     ref_model, ref_opt, ref_rng, _ = fit(a, False, out)
     t0 = time.perf_counter()
