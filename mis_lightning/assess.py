@@ -477,12 +477,22 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
     if not out or not chosen:
         return None
     shown = ", ".join(out[:5]) + (f" and {len(out) - 5} more" if len(out) > 5 else "")
+    # recurrent layers cannot be assessed at all (select_params refuses them): say that their
+    # weights are released in float by every scheme here, so their own leakage is in no figure (nu42a)
+    left = {id(named[k]) for k in out}
+    rnns = [f"{type(m).__name__} {f!r}" for f, m in model.named_modules()
+            if isinstance(m, (nn.RNNBase, nn.RNNCellBase)) and any(id(p) in left for p in m.parameters(recurse=False))]
+    rnn_note = (f"; the recurrent layer(s) among them ({', '.join(rnns[:3])}) cannot be assessed (no per-sample "
+                "gradients under torch.func) and stay in float in every scheme's copy (torchao's quantize_ "
+                "takes nn.Linear; torch's quantize_dynamic with its default mapping would make them int8): "
+                "their own leakage is in no figure of this report") if rnns else ""
     return (f"params= leaves out {len(out)} trainable parameter(s) ({shown}, "
             f"{sum(named[k].numel() for k in out):,} weights): they are held fixed, so the assessed weights' "
             "figures are conditional on them; if they were trained jointly with the assessed ones (not a frozen "
-            "encoder), the release leaks more than reported (they are released too, and the assessed weights "
-            "spread more than their conditional law says): assess every trained parameter, or freeze the others "
-            "(requires_grad=False) if they were not fitted to these records")
+            "encoder), the release leaks more than reported (they are released too, in float in every scheme's "
+            "copy, which follows params=, and the assessed weights spread more than their conditional law says): "
+            "assess every trained parameter, or freeze the others (requires_grad=False) if they were not fitted "
+            f"to these records{rnn_note}")
 
 
 @restores_rng("train_dataloader", "val_dataloader")
