@@ -66,6 +66,7 @@ from .per_sample import (
     OutputShape,
     default_batch_fn,
     output_numel,
+    vmap_fallback_quiet,
 )
 from .records import (
     batch_size_of,
@@ -1109,7 +1110,8 @@ class MomentAccumulator:
             RuntimeError: the forward uses activation checkpointing (says what to change).
         """
         try:
-            return self._update(batch, state)
+            with vmap_fallback_quiet():  # torch's notice about the library's own vmap, not the user's
+                return self._update(batch, state)
         except RuntimeError as exc:
             if "saved tensor hooks" in str(exc):
                 raise RuntimeError(
@@ -1668,12 +1670,13 @@ class MomentAccumulator:
             records: dict[str, Tensor] = {}
             # symmetries: no information, no curvature (method.md section 6); H's precision: the
             # stored weights' rounding or the distance to the stationary point
-            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d),
-                                   max(self._stored_eps(), diagnostics["gradient_norm_ratio"]))
+            precision = max(self._stored_eps(), diagnostics["gradient_norm_ratio"])
+            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision)
             variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
                                                           records=records, floor_variants=variants, flat=flat,
+                                                          precision=precision,
                                                           newton_gradient=_penalised_gradient(
                                                               g_mean_flat, theta, names, self._decay_slice(0, self.d)))
             # the step through the curvature sigma was built from (floored, |eigenvalues|): ln41
@@ -2544,6 +2547,18 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
 # direction (the one separating two identical hidden units at a saddle) is of the residuals' order.
 FLAT_CURVATURE_MAX = 1e-5
 
+# The largest relative precision (of the largest eigenvalue) granted to H when reading its negative
+# eigenvalues as "negative curvature" (_sandwich_scaled): below ``min(p, this)`` of the largest, ``p``
+# H's precision (the stored weights' eps or the gradient norm ratio, as flat_directions takes it), a
+# negative eigenvalue is within the Hessian's own error and its sign is not known. Off the
+# stationary point H holds terms linear in the mean gradient (method.md section 6), measured
+# (ln42): Linear -> LayerNorm -> ReLU MLPs read -0.9e-5 .. -3.4e-5 at gradient norm ratios 1.4e-3 ..
+# 4.3e-3 (0.004-0.012 of the ratio), -2e-9 at 2.4e-5; weight_norm's wrong double backward 3e-9 at
+# 4e-8 (0.075 of it). Capped so that an eigenvalue below -1e-4 of the largest (a saddle's curvature
+# is of the residuals' order: -0.65 on an unconverged tanh MLP) is negative curvature whatever the
+# gradient; a fit with a gradient norm ratio above 0.1 reads "not at a minimum" anyway.
+NEGATIVE_CURVATURE_PRECISION_MAX = 1e-4
+
 
 def _project_out(H: Tensor, flat: Tensor) -> Tensor:
     """``P H P`` with ``P = I - F F'`` (``flat`` = F ``[d, k]`` orthonormal): the Hessian of the
@@ -2616,7 +2631,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      records: dict[str, Tensor] | None = None,
                      floor_variants: dict[float, dict[str, Tensor | None]] | None = None,
                      flat: Tensor | None = None, newton_gradient: Tensor | None = None,
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     precision: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``
     (:func:`_sandwich_scaled`, whose arguments and returns these are), on the identifiable
     part: the exact flat directions ``flat`` (``[d, k]``; ``None``: :func:`flat_directions`)
@@ -2656,7 +2671,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     rec1: dict[str, Tensor] = {}
     out = _sandwich_scaled(gg_mean, H, g_mean, G, n, damping, first, jacobians=jacobians,
                            loss_hessians=loss_hessians, correct_leverage=correct_leverage, records=rec1,
-                           newton_gradient=newton_gradient)
+                           newton_gradient=newton_gradient, precision=precision)
     if first.get("eigenvalues_floored", 0) > 0:
         hd = torch.diagonal(H).abs()
         top = float(hd.max())
@@ -2669,7 +2684,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             gg_mean * ss, H * ss, g_mean * s, G * s, n, damping, second,
             jacobians=None if jacobians is None else jacobians * s, loss_hessians=loss_hessians,
             correct_leverage=correct_leverage, records=rec2,
-            newton_gradient=None if newton_gradient is None else newton_gradient * s)
+            newton_gradient=None if newton_gradient is None else newton_gradient * s, precision=precision)
         if second["eigenvalues_floored"] < first["eigenvalues_floored"]:
             diagnostics.update(second, hessian_scaling="jacobi")
             if "newton_step" in rec2:  # D (D H D)^+ D g: back to parameter units
@@ -2717,7 +2732,7 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
                      records: dict[str, Tensor] | None = None, newton_gradient: Tensor | None = None,
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     precision: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}`` in the given units.
 
     Args:
@@ -2748,6 +2763,19 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             shared ones.
         newton_gradient: ``[d]`` (the given units); ``records`` then gets ``"newton_step"``,
             ``H^+ g`` through the inverse of ``Sigma`` (floored, null directions dropped).
+        precision: H's relative precision ``p`` (the stored weights' eps or the gradient norm ratio;
+            0: float64 rounding alone). ``diagnostics["negative_curvature"]`` (and the count
+            ``negative_eigenvalues_flipped``) reads the eigenvalues below ``-tol * lambda_max``,
+            ``tol = max(100 d eps, min(p, NEGATIVE_CURVATURE_PRECISION_MAX))``
+            (``negative_curvature_tolerance``; method.md section 4, exact sandwich): ``100 d eps``
+            is eigh's backward error (``~d eps |H|``), above the float64 rounding of the n-record
+            sum H is (``~eps log2 n`` of the summed magnitudes, pairwise) unless the records'
+            Hessians cancel by more than ``100 d / log2 n``; H sums every record, so it has no
+            sampling error of its own as the objective's Hessian; ``p`` bounds the terms linear
+            in the mean gradient that H holds off the stationary point (a negative eigenvalue of
+            their size is no evidence of a saddle; measured 0.004-0.08 of ``p``). Every negative
+            eigenvalue is used as ``|lambda|`` (floored) either way: the figures do not depend on
+            the flag.
 
     Returns:
         ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
@@ -2763,7 +2791,9 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     # eigh's own rounding (~d eps |max|): a singular PSD Hessian (a Gauss-Newton one with d > n)
     # reads -1e-16 eigenvalues, which are zeros (floored), not negative curvature
     rounding = 100 * H.shape[0] * torch.finfo(torch.float64).eps * max(abs(hi), 1e-300)
-    flipped = int((evals < -rounding).sum())
+    # negative curvature: below H's own precision too (the terms off the stationary point)
+    tol = max(rounding, min(precision, NEGATIVE_CURVATURE_PRECISION_MAX) * max(abs(hi), 1e-300))
+    flipped = int((evals < -tol).sum())
     floored = int((evals.abs() < floor).sum())
     # Indefinite or singular H (a model near a saddle, or a flat direction): shifting the
     # whole spectrum up to the floor would leave a near-zero eigenvalue and an unbounded
@@ -2789,7 +2819,8 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     diagnostics.update(
         hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
         hessian_condition=(hi / lo) if lo > 0 else math.inf,
-        negative_curvature=lo < -rounding, negative_eigenvalues_flipped=flipped,
+        negative_curvature=lo < -tol, negative_eigenvalues_flipped=flipped,
+        negative_curvature_tolerance=tol / max(abs(hi), 1e-300),
         eigenvalues_floored=floored,
     )
     Hinv = (evecs * inv) @ evecs.T
