@@ -2553,8 +2553,8 @@ FLAT_CURVATURE_MAX = 1e-5
 # negative eigenvalue is within the Hessian's own error and its sign is not known. Off the
 # stationary point H holds terms linear in the mean gradient (method.md section 6), measured
 # (ln42): Linear -> LayerNorm -> ReLU MLPs read -0.9e-5 .. -3.4e-5 at gradient norm ratios 1.4e-3 ..
-# 4.3e-3 (0.004-0.012 of the ratio), -2e-9 at 2.4e-5; weight_norm's wrong double backward 3e-9 at
-# 4e-8 (0.075 of it). Capped so that an eigenvalue below -1e-4 of the largest (a saddle's curvature
+# 4.3e-3 (0.004-0.012 of the ratio), -2e-9 at 2.4e-5; Conv1d -> LayerNorm([8, 6]) -> Linear (n 4,000)
+# -7.2e-8 at 5.9e-7 (0.12); weight_norm's wrong double backward 3e-9 at 4e-8 (0.075). Capped so that an eigenvalue below -1e-4 of the largest (a saddle's curvature
 # is of the residuals' order: -0.65 on an unconverged tanh MLP) is negative curvature whatever the
 # gradient; a fit with a gradient norm ratio above 0.1 reads "not at a minimum" anyway.
 NEGATIVE_CURVATURE_PRECISION_MAX = 1e-4
@@ -2773,7 +2773,7 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             Hessians cancel by more than ``100 d / log2 n``; H sums every record, so it has no
             sampling error of its own as the objective's Hessian; ``p`` bounds the terms linear
             in the mean gradient that H holds off the stationary point (a negative eigenvalue of
-            their size is no evidence of a saddle; measured 0.004-0.08 of ``p``). Every negative
+            their size is no evidence of a saddle; measured 0.004-0.12 of ``p``). Every negative
             eigenvalue is used as ``|lambda|`` (floored) either way: the figures do not depend on
             the flag.
 
