@@ -24,6 +24,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Literal
 
 import torch
@@ -1707,8 +1708,10 @@ class MomentAccumulator:
             rel = st["h2_sum"].to(cpu, torch.float64).sqrt() / total.abs().clamp_min(1e-300)
             diagnostics["hutchinson_probes"] = int(st["probes"])
             diagnostics["hutchinson_median_relative_error"] = float(rel.median())
+            # h_flat's own standard error (0 with one probe a batch: no spread measured)
+            h_error = st["h2_sum"].to(cpu, torch.float64).sqrt() / n
         else:
-            h_flat = h_sum / n
+            h_flat, h_error = h_sum / n, None
         if self.hessian == "ggn_mc":
             diagnostics.update(_mc_error(h_sum, st["h2_sum"].to(cpu, torch.float64), self.ggn_mc_samples))
         # coordinates the loss does not depend on: their gradients are rounding (w = 0 below)
@@ -1717,7 +1720,7 @@ class MomentAccumulator:
         if self.d:
             check_curvature(float((h_flat + self._decay_slice(0, self.d)).max()), bool((v_flat > 0).any()))
         sigma_flat, w = diagonal_compute(h_flat + self._decay_slice(0, self.d), v_flat, g_mean_flat, G, n, self.damping,
-                                         diagnostics, v_centring)
+                                         diagnostics, v_centring, h_error=h_error)
         # the finite-sample (leverage) correction with the mean leverage per loss direction
         # (method.md section 4): V / (1 - h), so sigma and the standardised leave-one-out
         # influences (psi / (1 - h) over sigma / sqrt(1 - h)) both grow by 1 / sqrt(1 - h)
@@ -2125,6 +2128,8 @@ class MomentAccumulator:
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
         grad_sq, zero_var, h_min, h_max, neg, h_abs = 0.0, 0, math.inf, -math.inf, 0, 0.0
+        # Hutchinson: the lowest entry below -z of its own standard error (diagonal_compute's test)
+        z, h_min_sampled = _sampling_z(d), math.inf
         def theta_slice(a: int, b: int) -> Tensor:
             return torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
                               ((k, offsets[k]) for k in names) if s0 < b and e0 > a]).to(f64)
@@ -2148,6 +2153,10 @@ class MomentAccumulator:
                 zero_var += int((v <= 0).sum())
                 ext[i, 0], ext[i, 1], ext[i, 2], ext[i, 3] = v.max(), h.min(), h.max(), h.abs().max()
                 neg += int((h <= 0).sum())
+                if hutch:
+                    out = h < -z * st["h2_sum"][s:e].to(cpu, f64).sqrt() / n
+                    if bool(out.any()):
+                        h_min_sampled = min(h_min_sampled, float(h[out].min()))
                 s_out[s:e] = _curvature_ratios(h, v)  # the floor's scale, before sigma overwrites it
                 g_out[s:e], v_out[s:e] = g, v
             grad_sq += float(terms[: b - a].sum())
@@ -2212,7 +2221,7 @@ class MomentAccumulator:
         if self.hessian == "ggn_mc":
             diagnostics.update(_mc_error(h_sum.to(cpu, f64), st["h2_sum"].to(cpu, f64), self.ggn_mc_samples))
         diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max,
-                           negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
+                           negative_curvature=(h_min_sampled if hutch else h_min) < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
         diagnostics.update(lev)
         def corrected(k: str, f: Tensor, r0: int) -> None:
@@ -3110,6 +3119,15 @@ def _kth_smallest(x: Tensor, k: int) -> float:
 
 # Hessian-diagonal entries within this fraction of the largest below 0 are rounding of 0
 _DIAGONAL_ROUNDING = 1e-12
+# A Hutchinson Hessian diagonal is an estimate from random probes: an entry reads negative
+# curvature only below -z of its own standard error, z the normal quantile at this family-wise
+# false-alarm rate over the d entries (Bonferroni; _sampling_z).
+HUTCHINSON_FALSE_ALARM = 0.01
+
+
+def _sampling_z(d: int) -> float:
+    """``z`` with ``P(N(0, 1) < -z) = HUTCHINSON_FALSE_ALARM / d``: 3.7 for 100 entries, 5.6 for 10^6."""
+    return NormalDist().inv_cdf(1.0 - HUTCHINSON_FALSE_ALARM / max(d, 1))
 
 
 def _curvature_ratios(h: Tensor, v: Tensor) -> Tensor:
@@ -3280,7 +3298,8 @@ def _uniform_leverage(hbar: float, records: int) -> Tensor | None:
 
 
 def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,
-                     diagnostics: dict[str, Any], v_centring: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                     diagnostics: dict[str, Any], v_centring: Tensor | None = None,
+                     h_error: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The diagonal sandwich (method.md section 4): ``sigma_j^2 = V_jj / (n H_jj^2)``.
 
     Args:
@@ -3291,6 +3310,9 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
             (:func:`_curvature_ratio_reference`).
         diagnostics: updated in place with the diagonal's range.
         v_centring: ``V_jj`` standardising ``w`` (default ``v``; ``+inf`` gives ``w_j = 0``).
+        h_error: ``[d]`` the standard error of each ``h_j`` where ``h`` is estimated (Hutchinson's
+            probes; ``None``: exact to rounding). ``negative_curvature`` then reads only entries
+            below ``-z h_error_j`` too (:func:`_sampling_z`: a probe's noise is no curvature).
 
     Returns:
         ``sigma [d]`` (parameter units) and ``w = -(g - g_bar) / sqrt(V_jj)`` ``[R, d]`` (the
@@ -3298,9 +3320,12 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
     """
     neg = int((h <= 0).sum())
     # a zero diagonal (an unused embedding row, a dead unit) is flat, not negative curvature
+    below = h < -_DIAGONAL_ROUNDING * float(h.abs().max()) if h.numel() else h.new_zeros(0, dtype=torch.bool)
+    if h_error is not None:
+        below &= h < -_sampling_z(h.numel()) * h_error.to(h)
     diagnostics.update(
         hessian_min_diagonal=float(h.min()), hessian_max_diagonal=float(h.max()),
-        negative_curvature=bool((h < -_DIAGONAL_ROUNDING * float(h.abs().max())).any()) if h.numel() else False,
+        negative_curvature=bool(below.any()),
         nonpositive_hessian_diagonal=neg,
     )
     # float32 ratios, as the chunked finalize keeps them: the same median, bit for bit
