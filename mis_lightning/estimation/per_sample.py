@@ -489,6 +489,26 @@ def mha_fastpath_off() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(old)
 
 
+#: torch's notice that vmap falls back to a loop over an operator without a batching rule
+#: ("There is a performance drop because we have not yet implemented the batching rule for
+#: aten::_scaled_dot_product_flash_attention_for_cpu. Please file us an issue ...", and its
+#: ``_backward``: every CPU ``nn.MultiheadAttention`` / ``F.scaled_dot_product_attention`` model,
+#: nu41b). A regex matched at the message's start (``warnings.filterwarnings``).
+VMAP_FALLBACK_WARNING = r"There is a performance drop because we have not yet implemented the batching rule for"
+
+
+@contextmanager
+def vmap_fallback_quiet() -> Iterator[None]:
+    """Within it, torch's :data:`VMAP_FALLBACK_WARNING` (a ``UserWarning``) is not shown: the
+    estimation's own ``vmap`` passes raise it, not the user's code, and the user can do nothing
+    about it (the result is right, only slower). Every other warning passes as the user's filters
+    say; those filters are restored on exit (``warnings.catch_warnings``: process-wide, so not
+    thread-safe, as any warnings filter)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=VMAP_FALLBACK_WARNING, category=UserWarning)
+        yield
+
+
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating tensors a (private) model copy holds as plain attributes to ``dtype``.
 
