@@ -105,3 +105,22 @@ def test_seeds_whose_verdicts_disagree_are_named(tmp_path):
     (tmp_path / "one").mkdir()  # one seed alone: no section
     assert "## Across seeds" not in _seed_sweep(tmp_path / "one", {("int8_weight_only", 0): (0.10, 0.5),
                                                                    ("bf16", 0): (0.11, 0.5)})
+
+
+def test_tracker_runs_of_a_sweep_over_seeds_have_their_own_names(monkeypatch):
+    """nu42c: MLflow / W&B runs were named ``<job>-<scheme>``: the runs of one scheme in a sweep over
+    seeds shared a name, and a single run without ``quantizer=`` was named ``cli-None``."""
+    import types
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app.resolvers import run_name
+
+    assert run_name("cli", "int8_weight_only", "") == "cli-int8_weight_only" and run_name("cli", None, "") == "cli"
+    hc = types.SimpleNamespace(mode=RunMode.MULTIRUN, job=OmegaConf.create({"num": 3}))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
+    assert run_name("cli", "int8_weight_only", "quantizer=int8_weight_only,seed=1") == "cli-3_int8_weight_only"
+    assert run_name("cli", None, "seed=1") == "cli-3_seed=1"
