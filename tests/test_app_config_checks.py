@@ -482,3 +482,16 @@ def test_the_assessment_loader_batches_as_the_datamodules_own_loader():
     batches = list(assessment_loader(dm))
     assert marker == [16, 16, 16, 16] and len(batches) == 4
     assert bool((batches[0][0] == dm.train_dataset[:16][0]).all())  # in order, unshuffled
+
+
+def test_the_mis_every_epoch_callback_reads_the_jobs_batch_fn(tmp_path):
+    """``callbacks=mis_every_epoch`` built its ``MISCallback`` without the config's ``batch_fn``: on
+    dict batches it refused the fit that the job's own assessment could read."""
+    from mis_lightning.app.batches import batch_fn_of
+    from mis_lightning.app.job import _build_callbacks
+
+    cfg = _compose([*TINY, *USER, "callbacks=mis_every_epoch", f"batch_fn={__name__}.xy"], tmp_path)
+    (cb,) = _build_callbacks(cfg, batch_fn_of(cfg))
+    assert cb.batch_fn is xy
+    (cb,) = _build_callbacks(_compose([*TINY, "callbacks=mis_every_epoch"], tmp_path), None)
+    assert cb.batch_fn is None

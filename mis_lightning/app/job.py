@@ -399,13 +399,21 @@ def _load_weights(model: torch.nn.Module, ckpt: dict[str, Any], cfg: DictConfig)
             f"options of the run that trained it ({' '.join(str(exc).split())})") from exc
 
 
-def _build_callbacks(cfg: DictConfig) -> list[Any]:
+def _build_callbacks(cfg: DictConfig, batch_fn: Callable | None = None) -> list[Any]:
     """The Trainer callbacks of the ``callbacks`` group (``{name: {_target_: ...}}``, as the
-    Lightning+Hydra templates compose them; e.g. ``callbacks=mis_every_epoch``)."""
+    Lightning+Hydra templates compose them; e.g. ``callbacks=mis_every_epoch``). A ``MISCallback``
+    node without a ``batch_fn`` of its own gets the job's (the config's ``batch_fn``): it reads the
+    same batches."""
     from hydra.utils import instantiate
 
     nodes = cfg.get("callbacks") or {}
-    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+    out = []
+    for node in nodes.values():
+        if node is None or "_target_" not in node:
+            continue
+        mine = str(node.get("_target_")).rsplit(".", 1)[-1] == "MISCallback" and node.get("batch_fn") is None
+        out.append(instantiate(node, **({"batch_fn": batch_fn} if mine and batch_fn is not None else {})))
+    return out
 
 
 def _build_loggers(cfg: DictConfig) -> list[Any]:
@@ -879,7 +887,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                      total=cfg.trainer.get("max_epochs"))
             with lightning_notices_quieted():  # Lightning's notices about its own code (the app's Trainer)
                 trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
-                                      callbacks=[EpochProgress(progress), *_build_callbacks(cfg)])
+                                      callbacks=[EpochProgress(progress), *_build_callbacks(cfg, batch_fn)])
         if trainer is not None and trainer.num_devices * trainer.num_nodes > 1 and \
                 getattr(model, "optimizer_name", "") == "lbfgs":
             raise ValueError(
