@@ -452,22 +452,37 @@ class EstimationMetric(Metric):
         super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
 
     def _shape_empty_cat_states(self, group: Any) -> None:
+        """Align the states over processes with one ``all_gather_object``: a state another process
+        registered at its first batch (:meth:`_register_new_states`) and this one lacks (it saw no
+        record, so "auto" never chose) is added here, zero, in that process's order, so every
+        process syncs the same states in the same order; and each empty ``"cat"`` list gets the
+        trailing shape and dtype of the others' records."""
         dist = torch.distributed
-        names = [a for a in self._state_names.values() if isinstance(getattr(self, a), list)]
-        if not names:
-            return
-        local: dict[str, tuple[tuple[int, ...], torch.dtype] | None] = {}
-        for a in names:
-            v = [t for t in getattr(self, a) if isinstance(t, Tensor)]
-            local[a] = (tuple(v[0].shape[1:]), v[0].dtype) if v else None
+        local: dict[str, tuple[tuple[int, ...], torch.dtype, str] | None] = {}
+        for a in self._state_names.values():
+            val = getattr(self, a)
+            if isinstance(val, list):
+                v = [t for t in val if isinstance(t, Tensor)]
+                local[a] = (tuple(v[0].shape[1:]), v[0].dtype, "cat") if v else None
+            else:
+                local[a] = (tuple(val.shape), val.dtype, "sum")
         metas: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(metas, local, group=group)
-        for a in names:
-            if getattr(self, a):
+        held = set(self._state_names.values())
+        for m in metas:
+            for a, meta in (m or {}).items():
+                if a not in held:  # (a state registered after construction: "s_" + its key)
+                    held.add(a)
+                    shape, dtype, kind = meta if meta is not None else ((), torch.float64, "cat")
+                    self._add_aligned_state(a, [] if kind == "cat" else
+                                            torch.zeros(shape, dtype=dtype, device=self.device))
+                    self._state_names[a[2:]] = a
+        for a in held:
+            if not isinstance(getattr(self, a), list) or getattr(self, a):
                 continue
             known = [m[a] for m in metas if m is not None and m.get(a) is not None]
             if known:
-                tail, dtype = known[0]
+                tail, dtype, _ = known[0]
                 setattr(self, a, [torch.empty((0, *tail), dtype=dtype, device=self.device)])
 
     # -- torchmetrics API -----------------------------------------------------------------
@@ -484,7 +499,25 @@ class EstimationMetric(Metric):
             if self._fresh:
                 acc.reset_program()
                 self._fresh = False
-            acc.update(batch, self._states())
+            states = self._states()
+            acc.update(batch, states)
+            self._register_new_states(states)
+
+    def _register_new_states(self, states: dict[str, Any]) -> None:
+        """Register the states the accumulator added to ``states`` at its first batch ("auto"'s
+        choice: the K-FAC factors of the diagonal sandwich's correction) with their sums so far,
+        in the accumulator's order (every process adds the same ones in the same order: torchmetrics
+        syncs states in registration order). Their reduction is the accumulator's convention:
+        ``"sum"`` for tensors, ``"cat"`` for lists (``MomentAccumulator.state_spec``)."""
+        for k, v in states.items():
+            if k not in self._state_names:
+                self._add_aligned_state(f"s_{k}", v)
+                self._state_names[k] = f"s_{k}"
+
+    def _add_aligned_state(self, attr: str, value: Any) -> None:
+        is_list = isinstance(value, list)
+        self.add_state(attr, default=[] if is_list else torch.zeros_like(value), dist_reduce_fx="cat" if is_list else "sum")
+        setattr(self, attr, value)
 
     def estimate(self) -> Estimate:
         """The :class:`~mis_lightning.estimation.Estimate` of the records seen by every process
