@@ -456,7 +456,9 @@ class EstimationMetric(Metric):
         registered at its first batch (:meth:`_register_new_states`) and this one lacks (it saw no
         record, so "auto" never chose) is added here, zero, in that process's order, so every
         process syncs the same states in the same order; and each empty ``"cat"`` list gets the
-        trailing shape and dtype of the others' records."""
+        trailing shape and dtype of the others' records. A process that saw no record takes the
+        first-batch decisions of one that did ("auto"'s estimator, the loss directions), so its
+        figures are theirs (its callback's metrics, read by a monitor on that rank)."""
         dist = torch.distributed
         local: dict[str, tuple[tuple[int, ...], torch.dtype, str] | None] = {}
         for a in self._state_names.values():
@@ -466,8 +468,27 @@ class EstimationMetric(Metric):
                 local[a] = (tuple(v[0].shape[1:]), v[0].dtype, "cat") if v else None
             else:
                 local[a] = (tuple(val.shape), val.dtype, "sum")
-        metas: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(metas, local, group=group)
+        acc = self.accumulator
+        # what a process's first batch decided ("auto"'s choice and the facts it measured), for a
+        # process that saw no record (its figures are then those of the others: the same sums)
+        empty = int(self._states()["n"]) == 0
+        first = None if empty else {
+            "resolved": not acc._probe_pending and (bool(acc._reused) or acc._forward_floats is not None),
+            "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
+            "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc._loss_directions,
+            "normalised": None if acc._normalised_probe else acc._normalised}
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (local, first), group=group)
+        metas = [g[0] if g is not None else None for g in gathered]
+        seen = next((g[1] for g in gathered if g is not None and g[1] is not None), None)
+        if empty and seen is not None:
+            if seen["resolved"] and acc._probe_pending:
+                acc.resolve(*seen["choice"])
+                acc._residual_skip, acc._residual_info = seen["residual"]
+            acc._probe_pending = False
+            acc._loss_directions = acc._loss_directions or seen["loss_directions"]
+            if seen["normalised"] is not None:
+                acc._normalised, acc._normalised_probe = seen["normalised"], False
         held = set(self._state_names.values())
         for m in metas:
             for a, meta in (m or {}).items():
