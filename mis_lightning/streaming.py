@@ -559,8 +559,15 @@ class EstimationMetric(Metric):
         return self.estimate()
 
     def reset(self) -> None:
+        """Clear the states; the next ``update`` reads the model's weights again. The sampling
+        generator (sampled Gauss-Newton labels, Hutchinson probes) is reseeded with ``seed``, so
+        the figures after ``reset()`` are those of a new Metric on the same weights (until nu42b
+        they moved with the epoch: 0.08975 fresh, 0.08849 after a reset, tests/test_kfac_conv.py)."""
         super().reset()
         self._fresh = True
+        gen = self.accumulator.generator
+        if gen is not None:
+            gen.manual_seed(self.seed)
 
     def forward(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Update only, and return ``None`` (unlike torchmetrics' ``forward``, no value for the
