@@ -831,15 +831,21 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
     return out
 
 
-def _running_statistics_note(model: nn.Module) -> str | None:
-    """The warning for normalisation layers whose running statistics were updated (BatchNorm or
-    InstanceNorm with ``track_running_stats`` that ran in train mode): float buffers computed from
-    the training batches, released with the weights and not scored; ``None`` where there is none."""
+def _running_statistics_layers(model: nn.Module) -> list[str]:
+    """Normalisation layers whose running statistics were updated (BatchNorm or InstanceNorm with
+    ``track_running_stats`` that ran in train mode): float buffers computed from the training
+    batches, released with the weights and not scored (the report's
+    ``diagnostics["running_statistics_layers"]``, a line of the table)."""
     from torch.nn.modules.batchnorm import _NormBase
 
-    names = [name or type(m).__name__ for name, m in model.named_modules()
-             if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
-             and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)]
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
+            and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)]
+
+
+def _running_statistics_note(model: nn.Module) -> str | None:
+    """The warning for :func:`_running_statistics_layers`; ``None`` where there is none."""
+    names = _running_statistics_layers(model)
     if not names:
         return None
     shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
@@ -1177,6 +1183,7 @@ def score_schemes(
     stats = _running_statistics_note(model)
     if stats:
         report.warnings.append(stats)
+        report.diagnostics["running_statistics_layers"] = _running_statistics_layers(model)
     lev = _leverage_note(est.diagnostics)
     rank_note = _exact_rank_note(est.mode, est.d, n, est.diagnostics)
     if rank_note:
