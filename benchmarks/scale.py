@@ -326,6 +326,19 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
     }
 
 
+def use_root(root: Path | None) -> None:
+    """Put ``root``'s ``mis_lightning`` first on ``sys.path`` (the child of ``--root``), ahead of
+    this checkout (inserted at import), of PYTHONPATH and of the working directory that
+    ``benchmarks.first_call`` puts first when it is imported: it is imported here, before, so that
+    its insertion cannot come after this one (sm42: from e45338b to sm42 run_one imported it after
+    the root was inserted, and every ``--root`` child measured the working directory's checkout;
+    the JSON's ``mis_lightning`` field shows which one ran)."""
+    import benchmarks.first_call  # noqa: F401 - its sys.path insertion first
+
+    if root is not None:
+        sys.path.insert(0, str(root))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["1e5", "1e6", "1e7"], choices=list(ARCH))
@@ -351,8 +364,7 @@ def main(argv=None) -> int:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        if args.root is not None:  # ahead of this checkout (inserted at import) and of PYTHONPATH
-            sys.path.insert(0, str(args.root))
+        use_root(args.root)
         r = run_one(args.one, args.n, args.batch, args.schemes, args.threads, args.memory_only, args.stages,
                     args.preimport_torchao, args.calls, args.profile, args.report, args.plain, args.epochs,
                     args.off)

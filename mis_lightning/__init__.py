@@ -9,6 +9,8 @@ cannot quantize a layer), :class:`ModelCopyError` (a model the assessment cannot
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
 from . import functional, quantization
@@ -57,4 +59,12 @@ def __getattr__(name: str) -> Any:
         from .metric import MISIndicator
 
         return MISIndicator
+    # Submodules as attributes (``mis_lightning.utility.evaluate_utility`` after a plain
+    # ``import mis_lightning``), imported on first use like the front ends (PEP 562): an
+    # attribute error would otherwise depend on which submodules something imported earlier.
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mis_lightning' has no attribute {name!r}")
+
+
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__))

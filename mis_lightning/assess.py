@@ -477,12 +477,22 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
     if not out or not chosen:
         return None
     shown = ", ".join(out[:5]) + (f" and {len(out) - 5} more" if len(out) > 5 else "")
+    # recurrent layers cannot be assessed at all (select_params refuses them): say that their
+    # weights are released in float by every scheme here, so their own leakage is in no figure (nu42a)
+    left = {id(named[k]) for k in out}
+    rnns = [f"{type(m).__name__} {f!r}" for f, m in model.named_modules()
+            if isinstance(m, (nn.RNNBase, nn.RNNCellBase)) and any(id(p) in left for p in m.parameters(recurse=False))]
+    rnn_note = (f"; the recurrent layer(s) among them ({', '.join(rnns[:3])}) cannot be assessed (no per-sample "
+                "gradients under torch.func) and stay in float in every scheme's copy (torchao's quantize_ "
+                "takes nn.Linear; torch's quantize_dynamic with its default mapping would make them int8): "
+                "their own leakage is in no figure of this report") if rnns else ""
     return (f"params= leaves out {len(out)} trainable parameter(s) ({shown}, "
             f"{sum(named[k].numel() for k in out):,} weights): they are held fixed, so the assessed weights' "
             "figures are conditional on them; if they were trained jointly with the assessed ones (not a frozen "
-            "encoder), the release leaks more than reported (they are released too, and the assessed weights "
-            "spread more than their conditional law says): assess every trained parameter, or freeze the others "
-            "(requires_grad=False) if they were not fitted to these records")
+            "encoder), the release leaks more than reported (they are released too, in float in every scheme's "
+            "copy, which follows params=, and the assessed weights spread more than their conditional law says): "
+            "assess every trained parameter, or freeze the others (requires_grad=False) if they were not fitted "
+            f"to these records{rnn_note}")
 
 
 @restores_rng("train_dataloader", "val_dataloader")
@@ -711,13 +721,16 @@ FAILED_ROW = "(it will be reported as a failed scheme)"
 
 
 def assessed_weights_quantized(scheme: QuantizationScheme, model: nn.Module,
-                               params: Sequence[str] | None = None) -> list[str] | None:
+                               params: Sequence[str] | None = None,
+                               reasons: dict[str, str] | None = None) -> list[str] | None:
     """The assessed parameters (``params``; ``None``: every parameter) that ``scheme`` would
     quantize on ``model``, decided from its layers without copying or quantizing anything: the
     layer-selection of the built-in backends (:meth:`~mis_lightning.quantization.QuantizationScheme.select_weights`
     with the backend's own skips, and the weights beyond ``nn.Linear`` its ``flat_spec`` takes), or
     every floating parameter for a dtype cast. ``None`` where it cannot be told without running the
-    scheme (a third-party or mixed-precision scheme): such a scheme is not judged here."""
+    scheme (a third-party or mixed-precision scheme): such a scheme is not judged here.
+    ``reasons``, when given, receives why the backend's layer selection leaves assessed weights of its
+    layers in float (a tie to a layer it does not quantize, a group size), by parameter name."""
     from .quantization.base import SchemeConfig
     from .quantization.beyond_linear import beyond_linear_weights
     from .quantization.casts import DtypeCast
@@ -733,11 +746,13 @@ def assessed_weights_quantized(scheme: QuantizationScheme, model: nn.Module,
     # the selection ``apply(params=...)`` sets for one call (object.__setattr__: frozen dataclasses)
     object.__setattr__(scheme, "_only", ids)
     try:
-        chosen, _, _ = scheme.select_weights(model, skip_reason=getattr(scheme, "_skip_reason", None))
+        chosen, why, _ = scheme.select_weights(model, skip_reason=getattr(scheme, "_skip_reason", None))
         spec = scheme.flat_spec()
         beyond = beyond_linear_weights(scheme, model, spec)[0] if spec is not None else []
     finally:
         object.__setattr__(scheme, "_only", None)
+    if reasons is not None:
+        reasons.update({n: r for n, r in why.items() if n in wanted})
     return [name for _, name, _ in chosen.values()] + [n for n in beyond if n in wanted]
 
 
@@ -773,16 +788,20 @@ def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, st
             continue
         if isinstance(scheme, NoQuantization):  # the float release asked for: a reference, not a scheme
             continue
-        quantized = assessed_weights_quantized(scheme, model, params)
+        why: dict[str, str] = {}
+        quantized = assessed_weights_quantized(scheme, model, params, why)
         if quantized is not None and not quantized:
             layers = getattr(scheme, "layers", "its layers")
             beyond = " (and convolutions, embeddings, attention projections)" if (
                 hasattr(scheme, "flat_spec") and scheme.flat_spec() is not None) else ""
-            # the message of the scoring's own refusal (_prepare_scheme), said before training
+            # the message of the scoring's own refusal (_prepare_scheme), said before training; where
+            # an assessed weight is held by such a layer but left in float (a tie, a group size), why
+            held = ("; ".join(f"{k}: {v}" for k, v in list(why.items())[:3]) if why
+                    else "no assessed parameter is held by such a layer")
+            tied = " (rtn_*, native_int8_per_row quantize a tied weight in every holder)" if "tied weight" in held else ""
             problems.append(f"scheme {scheme.name!r} applies to no assessed parameter of this model: it "
-                            f"quantizes the weights of {layers}{beyond}, and no assessed parameter is held by "
-                            "such a layer, so it would be scored as no protection at all; choose a scheme that "
-                            "applies (e.g. bf16 casts any parameter)")
+                            f"quantizes the weights of {layers}{beyond}, and {held}, so it would be scored as no "
+                            f"protection at all; choose a scheme that applies{tied} (e.g. bf16 casts any parameter)")
             continue
         usable += 1
     if problems and usable == 0 and any(not isinstance(s, NoQuantization) for s in schemes):
@@ -812,15 +831,21 @@ def resolve_schemes(schemes: SchemeSpec | Sequence[SchemeSpec]) -> list[Quantiza
     return out
 
 
-def _running_statistics_note(model: nn.Module) -> str | None:
-    """The warning for normalisation layers whose running statistics were updated (BatchNorm or
-    InstanceNorm with ``track_running_stats`` that ran in train mode): float buffers computed from
-    the training batches, released with the weights and not scored; ``None`` where there is none."""
+def _running_statistics_layers(model: nn.Module) -> list[str]:
+    """Normalisation layers whose running statistics were updated (BatchNorm or InstanceNorm with
+    ``track_running_stats`` that ran in train mode): float buffers computed from the training
+    batches, released with the weights and not scored (the report's
+    ``diagnostics["running_statistics_layers"]``, a line of the table)."""
     from torch.nn.modules.batchnorm import _NormBase
 
-    names = [name or type(m).__name__ for name, m in model.named_modules()
-             if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
-             and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)]
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, _NormBase) and m.track_running_stats and m.running_mean is not None
+            and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)]
+
+
+def _running_statistics_note(model: nn.Module) -> str | None:
+    """The warning for :func:`_running_statistics_layers`; ``None`` where there is none."""
+    names = _running_statistics_layers(model)
     if not names:
         return None
     shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
@@ -1158,6 +1183,7 @@ def score_schemes(
     stats = _running_statistics_note(model)
     if stats:
         report.warnings.append(stats)
+        report.diagnostics["running_statistics_layers"] = _running_statistics_layers(model)
     lev = _leverage_note(est.diagnostics)
     rank_note = _exact_rank_note(est.mode, est.d, n, est.diagnostics)
     if rank_note:

@@ -54,9 +54,14 @@ def main(cfg: DictConfig) -> Any:
         exc = user_error(raised)  # Hydra's InstantiationException: the config class's own error
         infeasible = isinstance(exc, PlanInfeasibleError)
         if not infeasible and (getattr(raised, "mis_lightning_stage", None) != "configuration" or not isinstance(
-                exc, (KeyError, ValueError, TypeError, FileNotFoundError, SchemeError, MisconfigurationException))):
+                exc, (KeyError, ValueError, TypeError, FileNotFoundError, ImportError, SchemeError,
+                      MisconfigurationException))):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        if isinstance(exc, ImportError) and exc is not raised:
+            # a `_target_` that does not import: Hydra's own line names the option (full_key: model),
+            # its cause says why (No module named ...); with HYDRA_FULL_ERROR unset it showed only the first
+            msg = f"{' '.join(str(raised).replace(', set env var HYDRA_FULL_ERROR=1 to see chained exception', '').split())}: {' '.join(msg.split())}"
         what = "plan budget" if infeasible else "configuration error"
         done = "no plan was released" if infeasible else "nothing was trained"
         print(f"mis-lightning: {what} ({type(exc).__name__}): {msg}\n"

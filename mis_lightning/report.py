@@ -391,6 +391,13 @@ class Report:
             if est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
                 text += (f"; influences of all {est['num_records']} records stored (num_records="
                          f"{est['num_records_requested']} asked for more than there are)")
+        if stats := (self.diagnostics or {}).get("running_statistics_layers"):
+            # the same for every row, so no row mark (the verdict's order stands), but next to the
+            # figures: every one, the baseline's too, leaves out a released channel (nu42b)
+            shown = ", ".join(repr(k) for k in stats[:3]) + (f" and {len(stats) - 3} more" if len(stats) > 3 else "")
+            text += (f"\nnot scored: the running statistics of {len(stats)} normalisation layer(s) ({shown}), "
+                     "released in float with every scheme: each leakage is a lower bound for the release "
+                     "(see warnings)")
         verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
             text += "\n" + (verdict(rows, utility_key, utility_tolerance, modes=modes)

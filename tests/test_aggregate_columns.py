@@ -80,3 +80,62 @@ def test_zeros_column_and_its_legend_reach_the_aggregate(tmp_path):
     assert lines["intx_weight_only_int2"].rstrip().endswith("| 0.4125 |")
     assert lines["bf16"].rstrip().endswith("| 0.0000 |")
     assert ZEROS_ENTRY in md and ZEROS_ENTRY in " ".join(legend([]).split())
+
+def _seed_sweep(tmp_path, figures: dict[tuple[str, int], tuple[float, float]]) -> str:
+    """A sweep over schemes and seeds, ``{(scheme, seed): (leakage, rmse)}``, one job each (the
+    seed's jobs share their baseline: one trained model per seed); returns aggregate.md."""
+    for num, ((scheme, seed), (leak, rmse)) in enumerate(figures.items()):
+        job = tmp_path / f"{num}_{scheme}"
+        job.mkdir()
+        row = {**_row(scheme, "bootstrap", 0.0), "leakage": leak, "leakage_p10": leak - 0.002,
+               "leakage_p90": leak + 0.002, "utility_rmse": rmse, "baseline_leakage": 0.2 + seed / 100}
+        (job / "result.json").write_text(json.dumps({
+            "job": {"num": num, "overrides": ["data=mine", f"quantizer={scheme}", f"seed={seed}"]},
+            "status": "ok", "rows": [row], "warnings": []}))
+    agg.aggregate(tmp_path, verbose=False)
+    return (tmp_path / "aggregate.md").read_text()
+
+
+def test_a_sweep_over_seeds_summarises_each_scheme_across_them(tmp_path):
+    """nu42c: `-m quantizer=a,b seed=0,1` gave one verdict per seed, each labelled with every
+    override the jobs share, and nothing over the seeds; aggregate.md now has an "Across seeds"
+    table (mean and range of each scheme's leakage and utility, in how many seeds the verdict chose
+    it) and says whether one scheme is chosen in every seed. Means to 4 decimals, as printed."""
+    md = _seed_sweep(tmp_path, {("int8_weight_only", 0): (0.10, 0.500), ("intx_weight_only_int2", 0): (0.06, 0.700),
+                                ("int8_weight_only", 1): (0.12, 0.520), ("intx_weight_only_int2", 1): (0.07, 0.650)})
+    verdicts = [ln for ln in md.splitlines() if ln.startswith("verdict across")]
+    assert [v.split(" (the same")[0] for v in verdicts] == ["verdict across jobs 0, 1 (seed=0)",
+                                                              "verdict across jobs 2, 3 (seed=1)"]
+    rows = {ln.split(" | ")[0].lstrip("| "): ln.split(" | ") for ln in md.split("## Across seeds")[1].splitlines()
+            if ln.startswith("| int")}
+    assert rows["intx_weight_only_int2"][1:6] == ["2", "0.0650", "0.0600 to 0.0700", "0.6750", "0.6500 to 0.7000"]
+    assert rows["int8_weight_only"][2] == "0.1100" and rows["int8_weight_only"][-1] == "2 of 2 |"
+    assert "chosen in every seed: int8_weight_only" in md
+
+
+def test_seeds_whose_verdicts_disagree_are_named(tmp_path):
+    md = _seed_sweep(tmp_path, {("int8_weight_only", 0): (0.10, 0.500), ("bf16", 0): (0.11, 0.501),
+                                ("int8_weight_only", 1): (0.12, 0.500), ("bf16", 1): (0.09, 0.501)})
+    assert "no scheme is chosen in every seed: seed=0: int8_weight_only; seed=1: bf16" in md
+    (tmp_path / "one").mkdir()  # one seed alone: no section
+    assert "## Across seeds" not in _seed_sweep(tmp_path / "one", {("int8_weight_only", 0): (0.10, 0.5),
+                                                                   ("bf16", 0): (0.11, 0.5)})
+
+
+def test_tracker_runs_of_a_sweep_over_seeds_have_their_own_names(monkeypatch):
+    """nu42c: MLflow / W&B runs were named ``<job>-<scheme>``: the runs of one scheme in a sweep over
+    seeds shared a name, and a single run without ``quantizer=`` was named ``cli-None``."""
+    import types
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app.resolvers import run_name
+
+    assert run_name("cli", "int8_weight_only", "") == "cli-int8_weight_only" and run_name("cli", None, "") == "cli"
+    hc = types.SimpleNamespace(mode=RunMode.MULTIRUN, job=OmegaConf.create({"num": 3}))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
+    assert run_name("cli", "int8_weight_only", "quantizer=int8_weight_only,seed=1") == "cli-3_int8_weight_only"
+    assert run_name("cli", None, "seed=1") == "cli-3_seed=1"

@@ -340,3 +340,158 @@ def test_verdict_utility_key_not_measured_fails_before_training(tmp_path, monkey
     assert ("configuration error (ValueError): mis.scoring.utility_key='top1' is not a measured utility metric: "
             "the measured ones are ['loss', 'mae', 'r2', 'rmse']") in err and "Traceback" not in err
     _nothing_trained(run)
+
+
+# -- a researcher's own model and data (nu42c) ------------------------------------------------------
+
+
+class DictDM(TinyDM):
+    """:class:`TinyDM` whose batches are dicts ``{"x": [B, 3], "y": [B]}`` (a user's layout)."""
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.train_dataset, self.val_dataset = _DictSet(self.train_dataset), _DictSet(self.val_dataset)
+
+
+class _DictSet:
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        x, y = self.ds[i]
+        return {"x": x, "y": y}
+
+
+def xy(batch: dict) -> tuple:
+    """The ``batch_fn`` of :class:`DictDM`'s batches."""
+    return batch["x"], batch["y"]
+
+
+class UserRidge(pl.LightningModule):
+    """A plain LightningModule of the user's (no mis_lightning base class): ``per_sample_loss``
+    returns ``[B, 1]`` with ``keepdim=True``, none with ``loss=False``; the other options of
+    ``model=linear`` (``lr``, ``optimizer``, ...) are taken and ignored."""
+
+    def __init__(self, num_features: int, keepdim: bool = False, loss: bool = True, weight_decay: float = 1e-3,
+                 **_: object) -> None:
+        super().__init__()
+        import torch
+
+        self.lin, self.keepdim, self.weight_decay = torch.nn.Linear(num_features, 1), keepdim, weight_decay
+        if loss:
+            self.per_sample_loss = self._loss
+
+    def forward(self, x):
+        return self.lin(x).squeeze(-1)
+
+    def _loss(self, out, y):
+        sq = 0.5 * (out - y) ** 2
+        return sq.unsqueeze(-1) if self.keepdim else sq
+
+    def training_step(self, batch, i):
+        x, y = xy(batch) if isinstance(batch, dict) else batch
+        return self._loss(self(x), y).mean()
+
+    def configure_optimizers(self):
+        import torch
+
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+USER = [f"data._target_={__name__}.DictDM", f"model._target_={__name__}.UserRidge"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # a dict batch without batch_fn trained, then failed in the assessment ("pass batch_fn=", which
+    # the app had no option for)
+    ([], "configuration error (TypeError): data DictDM yields dict with keys ['x', 'y'] batches (validation), "
+         "not (inputs, targets) pairs: set batch_fn=<dotted path"),
+    ([f"batch_fn={__name__}.nope"], f"configuration error (ValueError): batch_fn={__name__}.nope does not import"),
+    # a loss of [B, 1] failed after training too
+    ([f"batch_fn={__name__}.xy", "+model.keepdim=true"],
+     "configuration error (ValueError): UserRidge.per_sample_loss returned shape [16, 1] for a batch of 16 "
+     "records (outputs [16], targets [16]); it must return per-sample losses of shape [16] (a trailing"),
+    # no per_sample_loss: AttributeError after training
+    ([f"batch_fn={__name__}.xy", "+model.loss=false"],
+     "configuration error (TypeError): model UserRidge has no per_sample_loss method"),
+    # a _target_ that does not import: Hydra's one line without the cause, exit 1
+    (["model._target_=nosuchpkg.Model"], "configuration error (ImportError): Error locating target "
+     "'nosuchpkg.Model'. full_key: model: Error loading 'nosuchpkg.Model': ModuleNotFoundError(\"No module named "
+     "'nosuchpkg'\")"),
+])
+def test_a_users_model_and_data_are_checked_before_training(tmp_path, monkeypatch, capsys, overrides, message):
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*TINY, *USER, *overrides, f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert message in " ".join(err.split()) and "Traceback" not in err, err
+    _nothing_trained(run)
+
+
+def test_dict_batches_with_batch_fn_are_assessed(tmp_path, capsys):
+    """The config's ``batch_fn`` reaches the assessment (estimation and utility): the job on dict
+    batches gives the same figures as on the same records in pairs (the float64 estimation of one
+    model on identical records: equal to 1e-12 relative, as both read the same tensors)."""
+    from mis_lightning.app.job import run_job
+
+    figures = []
+    for extra in ([USER[1]], [*USER, f"batch_fn={__name__}.xy"]):
+        out = tmp_path / str(len(figures))
+        run_job(_compose([*TINY, *extra, "schemes=[rtn_int8,rtn_int2]", f"trainer.default_root_dir={out}"], out))
+        res = json.loads((out / "result.json").read_text())
+        figures.append([v for r in res["rows"] for v in (r["leakage"], r["utility_rmse"])])
+    assert figures[0] == pytest.approx(figures[1], rel=1e-12)
+    assert "no numeric weight_decay" not in capsys.readouterr().err  # UserRidge has one
+
+
+def test_a_model_without_weight_decay_is_said_to_be_assessed_unpenalised():
+    """A user's model without a ``weight_decay`` attribute is assessed as trained without an L2
+    term; said (the job prints it and keeps it in the report's warnings) unless
+    ``mis.estimation.weight_decay`` is set."""
+    import torch
+
+    from mis_lightning.app.job import weight_decay_note
+    from mis_lightning.config import EstimationConfig
+
+    m = torch.nn.Linear(2, 1)
+    assert "Linear has no numeric weight_decay attribute" in weight_decay_note(m, EstimationConfig(weight_decay=None))
+    assert weight_decay_note(m, EstimationConfig(weight_decay=0.0)) is None
+    m.weight_decay = 1e-3
+    assert weight_decay_note(m, EstimationConfig(weight_decay=None)) is None
+
+
+def test_the_assessment_loader_batches_as_the_datamodules_own_loader():
+    """The assessment read ``train_dataset`` through ``default_collate``: a datamodule whose loader
+    pads or builds its batches in a ``collate_fn`` was assessed on other batches than it trains on."""
+    from mis_lightning.app.batches import assessment_loader
+
+    dm = TinyDM()
+    dm.setup()
+    marker = []
+
+    def collate(items):
+        marker.append(len(items))
+        from torch.utils.data import default_collate
+
+        return default_collate(items)
+
+    dm.train_dataloader = lambda: __import__("torch").utils.data.DataLoader(dm.train_dataset, batch_size=16,
+                                                                           collate_fn=collate)
+    batches = list(assessment_loader(dm))
+    assert marker == [16, 16, 16, 16] and len(batches) == 4
+    assert bool((batches[0][0] == dm.train_dataset[:16][0]).all())  # in order, unshuffled
+
+
+def test_the_mis_every_epoch_callback_reads_the_jobs_batch_fn(tmp_path):
+    """``callbacks=mis_every_epoch`` built its ``MISCallback`` without the config's ``batch_fn``: on
+    dict batches it refused the fit that the job's own assessment could read."""
+    from mis_lightning.app.batches import batch_fn_of
+    from mis_lightning.app.job import _build_callbacks
+
+    cfg = _compose([*TINY, *USER, "callbacks=mis_every_epoch", f"batch_fn={__name__}.xy"], tmp_path)
+    (cb,) = _build_callbacks(cfg, batch_fn_of(cfg))
+    assert cb.batch_fn is xy
+    (cb,) = _build_callbacks(_compose([*TINY, "callbacks=mis_every_epoch"], tmp_path), None)
+    assert cb.batch_fn is None

@@ -151,3 +151,31 @@ def test_record_keys_do_not_depend_on_per_batch_zero_padding():
     other["tokens"][0, 0] += 1
     changed = record_keys(other, None, len(seqs))
     assert changed[0] != k8[0] and torch.equal(changed[1:], k8[1:])
+
+
+def test_record_keys_do_not_depend_on_ignore_index_label_padding():
+    """Labels padded with -100 (``F.cross_entropy``'s ``ignore_index``, what language-model
+    collators pad labels with) to each batch's longest keep their keys, as zero padding does
+    (nu42a: they changed with the batch's longest sequence); an ignore index inside a record
+    and a trailing non-negative value still count."""
+    from mis_lightning.estimation.records import record_keys
+
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(1, 50, (int(n),), generator=g) for n in torch.randint(2, 9, (6,), generator=g)]
+
+    def padded(width):
+        tok = torch.zeros(len(seqs), width, dtype=torch.long)
+        lab = torch.full((len(seqs), width), -100)
+        for r, s in enumerate(seqs):
+            tok[r, : len(s)], lab[r, : len(s) - 1] = s, s[1:]
+        return {"input_ids": tok, "labels": lab}
+
+    k8, k11 = (record_keys(padded(w), None, len(seqs)) for w in (8, 11))
+    assert torch.equal(k8, k11) and k8.unique().numel() == len(seqs)
+    inner = padded(8)
+    inner["labels"][0, 0] = -100  # an ignored token inside the record: other content
+    last = padded(8)
+    last["labels"][1, -1] = 7  # a record without padding: its last label is content
+    ki, kl = record_keys(inner, None, len(seqs)), record_keys(last, None, len(seqs))
+    assert ki[0] != k8[0] and torch.equal(ki[1:], k8[1:])
+    assert kl[1] != k8[1] and torch.equal(kl[2:], k8[2:])

@@ -483,8 +483,10 @@ def test_factor_quadratic_skips_the_refined_solve_where_woodbury_is_exact(monkey
     85% of scoring a 9.4k-weight MLP, 8 schemes, in refined ``[R, d]`` solves) come from the
     Woodbury difference ``u'D^-1 u - y'C^-1 y``; only rows whose cancellation bound
     ``eps sqrt(d) u'D^-1 u / q`` exceeds ``QUADRATIC_TOLERANCE`` (records in the span of the
-    factors with a tiny remainder: the in-sample form) take the refined solve. Both kinds of
-    rows must read the refined solve's value to 1e-12."""
+    factors with a tiny remainder: the in-sample form) take the corrected form
+    (``Correlation._corrected_quadratic``, continued from the difference's own first pass; wf42).
+    Both kinds of rows must read the refined solve's value to 1e-12 (the refined solve itself
+    sits ~1e-12 from two refinement steps on such rows: the float64 floor of the sum)."""
     g = torch.Generator().manual_seed(4)
     m, d = 256, 300
     W = torch.randn(m, d, dtype=torch.float64, generator=g) * torch.rand(m, 1, dtype=torch.float64, generator=g).add(0.2)
@@ -501,31 +503,53 @@ def test_factor_quadratic_skips_the_refined_solve_where_woodbury_is_exact(monkey
         kk = torch.ones(w.shape[1], dtype=torch.float64) if k is None else k
         u = w * kk.sqrt()
         refined.append((u * corr._solve(u, kk)).sum(-1))
-    solved_rows = []
-    real_solve = Correlation._solve
+    corrected_rows = []
+    real_corrected = Correlation._corrected_quadratic
 
-    def counting_solve(self, u, k):
-        solved_rows.append(u.shape[0])
-        return real_solve(self, u, k)
+    def counting(u, *rest):
+        corrected_rows.append(u.shape[0])
+        return real_corrected(u, *rest)
 
-    monkeypatch.setattr(Correlation, "_solve", counting_solve)
+    monkeypatch.setattr(Correlation, "_corrected_quadratic", staticmethod(counting))
     for (corr, w, k), ref in zip(cases, refined):
-        solved_rows.clear()
+        corrected_rows.clear()
         got = corr.quadratic(w, k)
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
-        if corr is cross:  # cross-fitted records: no refined solve at all
-            assert sum(solved_rows) == 0, solved_rows
-    # rows in the span of a 1e-6 remainder: the refined solve (a block wider than the rank: the
-    # in-sample model above, d = rank = 40, takes the d x d form, Correlation._narrow_quadratic)
+        if corr is cross:  # cross-fitted records: the Woodbury difference alone
+            assert sum(corrected_rows) == 0, corrected_rows
+    # rows in the span of a 1e-6 remainder: the corrected form (a block wider than the rank: the
+    # in-sample model above, d = rank = 40, takes the d x d form, Correlation._narrow_quadratic),
+    # mixed with generic rows, which the bound accepts: exactly the in-span rows are corrected
     basis = torch.randn(5, 40, dtype=torch.float64, generator=g)
     span = Correlation(factor=basis.T / 3.0, residual=torch.full((40,), 1e-6, dtype=torch.float64))
     rows = torch.randn(16, 5, dtype=torch.float64, generator=g) @ basis
-    solved_rows.clear()
+    rows[::2] = torch.randn(8, 40, dtype=torch.float64, generator=g)
+    corrected_rows.clear()
     got = span.quadratic(rows)
-    assert sum(solved_rows) == rows.shape[0], solved_rows
-    monkeypatch.setattr(Correlation, "_solve", real_solve)
+    assert corrected_rows == [8], corrected_rows
+    monkeypatch.setattr(Correlation, "_corrected_quadratic", real_corrected)
     torch.testing.assert_close(got, (rows * span._solve(rows, torch.ones(40, dtype=torch.float64))).sum(-1),
                                rtol=1e-12, atol=0)
+
+
+def test_corrected_factor_form_against_a_known_quadratic_form():
+    """``Correlation._factor_quadratic`` on rows ``u = M x0`` of a 1e-6 remainder, whose form
+    ``u'M^-1 u = x0'M x0 = x0'D x0 + |A'x0|^2`` is known without cancellation: every row (all
+    corrected: ``s / q`` 7e7-1e8 unquantized, 3e2-6e2 quantized; wider than the rank) within
+    1e-12 relative of it (measured 5e-15, the refined solve 2.5e-15), where the Woodbury
+    difference alone misses by 7e-8 unquantized (the test fails with the correction left out)."""
+    g = torch.Generator().manual_seed(42)
+    d, k, R = 300, 20, 24
+    L = torch.randn(d, k, dtype=torch.float64, generator=g) / 2.0
+    corr = Correlation(factor=L, residual=torch.full((d,), 1e-6, dtype=torch.float64))
+    for kappa in (torch.ones(d, dtype=torch.float64), torch.rand(d, dtype=torch.float64, generator=g).clamp_min(0.05)):
+        D = 1.0 - kappa + kappa * 1e-6
+        A = kappa.sqrt().unsqueeze(-1) * L
+        x0 = torch.randn(R, k, dtype=torch.float64, generator=g) @ A.T  # solutions in the factors' span
+        u = x0 * D + (x0 @ A) @ A.T
+        truth = (x0 * D * x0).sum(-1) + (x0 @ A).square().sum(-1)
+        got = corr._factor_quadratic(u / kappa.sqrt(), kappa)
+        torch.testing.assert_close(got, truth, rtol=1e-12, atol=0)
 
 
 def test_exact_box_form_simulates_fewer_quasi_random_draws_per_box(monkeypatch):

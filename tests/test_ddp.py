@@ -8,6 +8,7 @@ floating-point summation, hence a 1e-9 relative tolerance in float64.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -71,6 +72,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         res[name] = [float(met.compute()["rtn_int4"]["leakage"]), met.report.n]
     with open(os.path.join(out_dir, f"empty_rank{rank}.json"), "w") as fh:
         json.dump(res, fh)
+    with open(os.path.join(out_dir, f"auto_rank{rank}.json"), "w") as fh:
+        json.dump(auto_workloads(rank), fh)
 
 
 EMPTY_CASES = {
@@ -173,6 +176,20 @@ def test_metric_with_a_rank_that_saw_no_record(world):
             assert r[k][name][0] == pytest.approx(single, rel=1e-9), (name, k)
 
 
+def test_metric_whose_auto_choice_adds_states_at_the_first_batch(world):
+    """The K-FAC states "auto" adds at the first batch (nu42b) are synced like the others: two
+    ranks on uneven shards equal one process, and a rank that saw no record takes the others'
+    choice and states (before, such a rank held none of them: the gathers' order differed). 1e-9:
+    float64 summation order."""
+    single = auto_workloads(None)
+    assert single["split"][2:] == ["diagonal", True]
+    for k in range(2):
+        r = json.loads((world.path / "metric" / f"auto_rank{k}.json").read_text())
+        for name in AUTO_SHARDS:
+            assert r[name][1:] == [300, "diagonal", True], (name, k)
+            assert r[name][0] == pytest.approx(single[name][0], rel=1e-9), (name, k)
+
+
 def test_a_metric_assessing_its_owner_crosses_spawn(world, owner_and_data):
     """Through torch.multiprocessing.spawn (ddp_spawn) a Metric assessing its owner module died
     in the child with "unable to resize file" (a generator-state tensor made in __getstate__ was
@@ -195,6 +212,43 @@ def test_a_metric_assessing_its_owner_crosses_spawn(world, owner_and_data):
     assert int(owner.mis.s_n) == 0  # the parent's states untouched by the children
     owner.mis.update(X, y)
     assert int(owner.mis.s_n) == 200
+
+
+AUTO_SHARDS = {"split": ((0, 130), (130, 300)), "empty_rank1": ((0, 300), (0, 0))}
+
+
+def auto_workloads(rank: int | None) -> dict:
+    """``"auto"`` moving from the exact to the diagonal sandwich at the first batch (a
+    convolution's measured cost, its bounds set to 0 here): the Metric registers the K-FAC
+    factors' states then, on the processes that saw records (nu42b). One output per record, so
+    the Gauss-Newton directions are exact, not sampled per batch (with sampled ones the factors
+    depend on the split, as Hutchinson's probes do). Each case of ``AUTO_SHARDS``: this rank's
+    records (``rank=None``: every record, one process) -> ``[leakage, n, estimator mode,
+    kfac_correction]``."""
+    E = importlib.import_module("mis_lightning.estimation.estimate")  # (the package's `estimate` is the function)
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 2, 16, generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(48, 1))
+    with torch.no_grad():
+        y = model(X).squeeze(-1) + 0.3 * torch.randn(300, generator=g)
+    saved = E.EXACT_REUSE_MAX_COST, E.RESIDUAL_MAX_COST
+    E.EXACT_REUSE_MAX_COST = E.RESIDUAL_MAX_COST = 0.0
+    try:
+        res = {}
+        for name, shards in AUTO_SHARDS.items():
+            lo, hi = (0, 300) if rank is None else shards[rank]
+            met = MISIndicator(model, mse, ["rtn_int4"], num_records=64, uncertainty_draws=0,
+                               num_training_records=300)
+            for a in range(lo, hi, 50):
+                met.update(X[a:min(a + 50, hi)], y[a:min(a + 50, hi)])
+            out = met.compute()
+            res[name] = [float(out["rtn_int4"]["leakage"]), met.report.n, met.accumulator.mode,
+                         met.report.diagnostics.get("kfac_correction")]
+        return res
+    finally:
+        E.EXACT_REUSE_MAX_COST, E.RESIDUAL_MAX_COST = saved
 
 
 # -- Lightning ddp_spawn with the callback -------------------------------------------------------

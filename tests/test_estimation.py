@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -12,6 +13,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mis_lightning.estimation import estimate
 from mis_lightning.estimation.estimate import record_keys
+
+E = importlib.import_module("mis_lightning.estimation.estimate")  # the module, not estimate()
 
 
 def mse(o, t):
@@ -207,6 +210,54 @@ def test_hutchinson_error_estimate_is_calibrated():
     est = hu.finalize()
     assert 0 < est.diagnostics["hutchinson_median_relative_error"]
     assert est.diagnostics["hutchinson_probes"] == P * len(dl)
+
+
+class _CosAtMaximum(nn.Module):
+    """``o = cos(a x_0) + c x_1`` at ``a = 0``: targets near -1 put a local maximum of the loss
+    along ``a`` (``H_aa`` ~ -2 under the tests' half squared error, gradient 0, ``H_ac = 0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Parameter(torch.zeros(1, dtype=torch.float64)), nn.Parameter(torch.zeros(1, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cos(self.a * x[:, :1]) + self.c * x[:, 1:]
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["whole", "lean"])
+def test_hutchinson_probe_noise_is_no_negative_curvature_and_a_maximum_still_is(lean, monkeypatch):
+    """ln42: a Hutchinson diagonal entry reads negative curvature only below -z of its own
+    standard error (z = 3.6 for 3 entries: family-wise 1%). OLS on two correlated features of
+    scales 10 and 0.01 (H PD, H_22 = 1e-4 against H_12 = 0.1): probe noise puts h_2 below 0
+    (seeds 0 / 2), flagged before."""
+    g = torch.Generator().manual_seed(0)
+    n = 256
+    x1 = torch.randn(n, 1, dtype=torch.float64, generator=g)
+    X = torch.cat([10 * x1, 0.01 * (x1 + 0.1 * torch.randn(n, 1, dtype=torch.float64, generator=g))], 1)
+    y = X @ torch.tensor([0.1, 5.0], dtype=torch.float64) + 0.3 * torch.randn(n, dtype=torch.float64, generator=g)
+    m = nn.Linear(2, 1).double()
+    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1), y[:, None]).solution[:, 0]
+    with torch.no_grad():
+        m.weight.copy_(sol[:2][None])
+        m.bias.copy_(sol[2:])
+    dl = DataLoader(TensorDataset(X, y), batch_size=64)
+    kw = {"mode": "diagonal", "hutchinson_probes": 4}
+    if lean:  # the large-model finalize (float32 state, chunked): no influences stored
+        monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", 0)
+        kw["budget"] = 1
+    for seed in (0, 2):
+        d = estimate(m, dl, mse, hessian="hutchinson", generator=torch.Generator().manual_seed(seed), **kw).diagnostics
+        assert (d.get("state_dtype") == "float32") is lean
+        assert d["hessian_min_diagonal"] < 0 and not d["negative_curvature"], d["hessian_min_diagonal"]
+    xc = torch.randn(n, 2, dtype=torch.float64, generator=g)
+    yc = -1.0 + 0.5 * xc[:, 1] + 0.3 * torch.randn(n, dtype=torch.float64, generator=g)
+    mc = _CosAtMaximum()
+    with torch.no_grad():  # c at its least-squares value given a = 0: the gradient is 0
+        mc.c.fill_(float(((yc - 1) * xc[:, 1]).sum() / xc[:, 1].square().sum()))
+    for hessian in ("hutchinson", "exact"):
+        d = estimate(mc, DataLoader(TensorDataset(xc, yc), batch_size=64), mse, hessian=hessian,
+                     generator=torch.Generator().manual_seed(0), **kw).diagnostics
+        assert d["negative_curvature"] and d["hessian_min_diagonal"] < -1.5, (hessian, d["hessian_min_diagonal"])
 
 
 def test_loss_that_is_not_per_sample_is_rejected():

@@ -171,3 +171,46 @@ def test_a_saddle_beside_an_exact_flat_direction_still_reads_negative_curvature(
     # before: 2 flipped (the coupling put the flat direction's eigenvalue at -1e-4)
     assert diag["negative_curvature"] and diag["negative_eigenvalues_flipped"] == 1
     assert diag["flat_directions"] == 1
+
+
+def _spectrum_hessian(lam: list[float], n: int = 400, d: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(H, G)``: H with eigenvalues ``lam`` (random eigenvectors), G ``[n, d]`` full-rank gradients
+    (no flat direction)."""
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    return (Q * torch.tensor(lam, dtype=torch.float64)) @ Q.T, torch.randn(n, d, dtype=torch.float64, generator=g)
+
+
+@pytest.mark.parametrize("lowest, precision, warned", [
+    (-2e-9, 2.4e-5, False),  # a LayerNorm fit's gradient-level eigenvalue (ln42: -2e-9 at ratio 2.4e-5)
+    (-2e-9, 0.0, True),      # the same with H exact (a stationary point): it is below float64 rounding
+    (-1e-3, 2.4e-5, True),   # a saddle at the same gradient
+    (-1e-3, 1e-2, True),     # ... and at any gradient: H's precision is capped at 1e-4
+    (-3e-5, 1e-2, False),    # a ReLU / LayerNorm fit's at gradient norm ratio 2.8e-3 (ln42)
+])
+def test_negative_curvature_reads_eigenvalues_beyond_the_hessians_precision(lowest, precision, warned):
+    # largest eigenvalue 1: ``lowest`` is relative; the tolerance is max(100 d eps, min(p, 1e-4))
+    H, G = _spectrum_hessian([lowest, 1e-3, 0.1, 0.3, 0.6, 1.0])
+    diag: dict = {}
+    sandwich_compute(G.T @ G / len(G), H, G.mean(0), G[:32], len(G), 1e-8, diag, precision=precision)
+    assert diag["negative_curvature"] is warned and diag["negative_eigenvalues_flipped"] == int(warned)
+    assert diag["negative_curvature_tolerance"] == pytest.approx(max(100 * 6 * 2.0 ** -52, min(precision, 1e-4)))
+
+
+def test_a_model_stopped_at_a_saddle_reads_negative_curvature():
+    """Every weight of a 2-2-1 tanh MLP 0 but the output bias (the targets' mean): the gradient is 0
+    exactly (ratio 8e-18), H has eigenvalues +-2.2 on the input-to-output paths: a saddle."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 2, dtype=torch.float64, generator=g)
+    y = x @ torch.tensor([1.0, -0.5], dtype=torch.float64) + 0.3 * torch.randn(200, dtype=torch.float64, generator=g)
+    m = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        m[2].bias.fill_(float(y.mean()))
+    rep = ml.assess(m, ["rtn_int8"], DataLoader(TensorDataset(x, y), batch_size=100), mse, estimation="exact",
+                    uncertainty_draws=0)
+    dg = rep.diagnostics
+    assert dg["gradient_norm_ratio"] < 1e-12 and dg["negative_curvature"] and dg["negative_eigenvalues_flipped"] == 2
+    assert any(w.startswith("the Hessian has negative curvature (2 of 9") for w in rep.warnings)
+    assert "negative curvature" in rep.rows()[0].get("indicative", "")  # the row's "*"

@@ -86,7 +86,10 @@ def test_floor_dependent_figures_are_flagged_unstable():
 
     m, dl, loss = _class_weighted_fit()
     rep = ml.assess(m, ["rtn_int2"], dl, loss, estimation="exact", uncertainty_draws=0)
-    assert rep.diagnostics["eigenvalues_floored"] > 0 and rep.diagnostics["negative_curvature"]
+    assert rep.diagnostics["eigenvalues_floored"] > 0
+    # its lowest eigenvalue, -1.9e-9 of the largest at gradient norm ratio 6.2e-8, is within H's
+    # precision (ln42; "negative curvature" before) and under the floor: the floor check speaks
+    assert not rep.diagnostics["negative_curvature"]
     res = rep.schemes["rtn_int2"]
     # the headline follows the arbitrary floor (measured 8.5% at s = 1)
     assert res.floor_sensitivity is not None and res.floor_sensitivity > FLOOR_SENSITIVITY_MAX

@@ -226,3 +226,35 @@ def test_the_conv_sentence_says_the_relu_cnn_figures_read_high_against_attacks()
     est = estimate(m, DataLoader(TensorDataset(x, y), batch_size=24),
                    lambda o, t: F.cross_entropy(o, t, reduction="none"), mode="diagonal", hessian="ggn")
     assert KFAC_CONV_FIGURES in _kfac_sentence(est.diagnostics)
+
+
+def test_the_metrics_auto_choice_keeps_the_convolutions_correction(monkeypatch):
+    """``MISIndicator`` / ``MISCallback`` (``EstimationMetric``) register their states when built,
+    before ``"auto"``'s choice at the first batch: where that choice moved from the exact to the
+    diagonal sandwich (a convolution's measured cost), the K-FAC factors of the diagonal's sigma
+    correction were not among them, and the Metric read the uncorrected sigma where ``assess``
+    corrects it (nu42b: a small ResNet's callback 0.6996 against assess's 0.6778, under DDP and in
+    one process). Now the Metric registers them at the first batch: the same float64 sums over the
+    same batches as ``assess``, so equal to 1e-12."""
+    monkeypatch.setattr(E, "EXACT_REUSE_MAX_COST", 0.0)  # the first batch's cost sends "auto" to the diagonal
+    monkeypatch.setattr(E, "RESIDUAL_MAX_COST", 0.0)  # (not the Gauss-Newton + residual exact sandwich)
+    m, dl = _dense_conv()
+    ref = ml.assess(m, ["rtn_int4"], dl, _sq, num_records=64, uncertainty_draws=0)
+    assert ref.diagnostics["kfac_correction"] is True
+    met = ml.MISIndicator(m, _sq, ["rtn_int4"], num_records=64, uncertainty_draws=0, num_training_records=300)
+    assert met.accumulator.mode == "exact"  # the provisional choice, before the first batch
+    for x, y in dl:
+        met.update(x, y)
+    out = met.compute()
+    assert met.accumulator.mode == "diagonal" and met.report.diagnostics["kfac_correction"] is True
+    for f in ("leakage", "baseline_leakage"):
+        assert float(out["rtn_int4"][f]) == pytest.approx(getattr(ref.schemes["rtn_int4"], f), rel=1e-12), f
+    # reset (the next epoch's weights): the registered factors are zeroed and summed again, and the
+    # sampled Gauss-Newton labels drawn anew from the seed: a new Metric's figure (0.08849 before
+    # the reseed, against 0.08975)
+    met.reset()
+    for x, y in dl:
+        met.update(x, y)
+    out = met.compute()
+    assert met.report.diagnostics["kfac_correction"] is True and met.report.n == 300
+    assert float(out["rtn_int4"]["leakage"]) == pytest.approx(ref.schemes["rtn_int4"].leakage, rel=1e-12)

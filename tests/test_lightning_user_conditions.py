@@ -10,6 +10,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as tF
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -132,6 +133,49 @@ def test_pre_batched_first_item_is_checked_before_training():
             pytest.raises(ValueError, match=r"returned shape \[\] for a batch of 25 records"):
         trainer.fit(NoValidationStep(), DataLoader(PreBatched(25), batch_size=None),
                     DataLoader(PreBatched(40), batch_size=None))
+    assert trainer.global_step == 0
+
+
+def _token_losses(logits, labels):
+    """Cross-entropy per token [B, T] (reduction='none'): not yet one loss per record."""
+    return tF.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+
+
+class _TokenLM(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(6, 4, padding_idx=0), nn.Linear(4, 6)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+    def training_step(self, batch, batch_idx):
+        return tF.cross_entropy(self(batch[0]).flatten(0, 1), batch[1].flatten(), ignore_index=-100)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_per_token_loss_with_ignored_padding_is_told_the_masked_mean():
+    """[B, T] per-token losses of padded sequences (labels -100 where padded): the advice was
+    ``.mean(dim=-1)``, which counts the padded tokens' zero losses, so a record's loss moved with
+    its batch's longest record (nu42a). The hint now names the ignore index and the masked mean,
+    in assess and before the callback's first training step."""
+    from mis_lightning.estimation.per_sample import loss_shape_hint
+
+    labels = torch.tensor([[1, 2, -100], [3, 4, 5]])
+    hint = loss_shape_hint((2, 3), 2, labels)
+    assert "the targets hold -100, an ignore_index" in hint and "losses.sum(-1) / (targets != -100).sum(-1)" in hint
+    assert ".mean(dim=-1) when training" not in hint
+    assert ".mean(dim=-1) when training" in loss_shape_hint((2, 3), 2, labels.clamp(min=0))  # no padding: as before
+    ids = torch.tensor([[1, 2, 0], [3, 4, 5]] * 8)
+    loader = DataLoader(TensorDataset(ids, torch.where(ids == 0, -100, ids)), batch_size=16)
+    with pytest.raises(ValueError, match=r"got \[16, 3\] \(a loss per record and per token.*-100, an ignore_index"):
+        ml.assess(_TokenLM(), ["rtn_int4"], loader, _token_losses)
+    cb = MISCallback(["rtn_int4"], loss_fn=_token_losses, **FAST)
+    trainer = _trainer(cb)
+    with pytest.raises(ValueError, match=r"returned shape \[16, 3\] .*-100, an ignore_index.*\(targets != -100\)"):
+        trainer.fit(_TokenLM(), loader)
     assert trainer.global_step == 0
 
 

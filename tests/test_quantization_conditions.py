@@ -139,6 +139,36 @@ def test_weight_tied_to_an_unsupported_layer_stays_float_everywhere(name):
     assert torch.equal(res.model.emb.weight, m.emb.weight)
 
 
+def test_check_model_names_the_tie_of_a_linear_to_an_embedding_by_both_holders():
+    """The up-front SchemeError for a model whose only weight is tied (a language model's
+    embedding and output Linear) gave the beyond-Linear pass's reason, "scheme
+    'int8_weight_only' quantizes Embedding on its own" (nu42a), which names neither the Linear
+    nor why; the Linear pass's reason, naming both holders, comes first now."""
+    from mis_lightning.quantization.base import SchemeError
+
+    with pytest.raises(SchemeError) as e:
+        get_scheme("int8_weight_only").check_model(TiedLM())
+    msg = str(e.value)
+    assert "emb.weight: tied weight: Linear 'head'.weight is also held by Embedding 'emb'.weight" in msg, msg
+    assert "on its own" not in msg
+
+
+def test_up_front_check_knows_in_place_schemes_quantize_a_tied_weight():
+    """The checks before training read every scheme as replacing the weight: on a language model
+    whose only assessed weight is the embedding tied to the output Linear, ``native_int8_per_row``
+    (which quantizes it in every holder) was said to apply to no assessed parameter and, alone,
+    refused the fit (nu42a). A replacing scheme's message names the tie, not "no assessed
+    parameter is held by such a layer"."""
+    from mis_lightning.assess import check_schemes, resolve_schemes
+
+    m = TiedLM()
+    assert check_schemes(m, resolve_schemes(["native_int8_per_row", "rtn_int4"]), strict=False) == []
+    assert "emb.weight" in get_scheme("native_int8_per_row").apply(m).grids  # what the check now agrees with
+    (msg,) = check_schemes(m, resolve_schemes(["native_int8_dynamic", "rtn_int4"]), strict=False)
+    assert "emb.weight: tied weight: Linear 'head'.weight is also held by Embedding 'emb'.weight" in msg, msg
+    assert "no assessed parameter is held" not in msg and "native_int8_per_row quantize a tied weight" in msg
+
+
 def test_in_place_scheme_quantizes_a_weight_tied_to_an_embedding_in_every_use():
     m = TiedLM()
     res = get_scheme("rtn_int8").apply(m)

@@ -323,3 +323,45 @@ def test_whole_table_sums_in_cache_sized_blocks_equal_one_block(dtype, monkeypat
     for x, y in zip(got, want):
         assert torch.equal(x, y)
     assert bool((got[0][~sel] == -1).all()) and bool((got[0][sel] > 0).all())
+
+
+def _tables() -> list[torch.Tensor]:
+    """The 8- / 16-bit value tables, the casts' cell tables and synthetic sorted edge sets: one whose
+    span never reaches 2 * _MAX_WINDOW edges, one reaching it on its last positive edge, duplicates,
+    one all negative (no positive edge)."""
+    from mis_lightning.quantization.casts import cast_cell_values
+
+    gen = torch.Generator().manual_seed(3)
+    out = [representable_values(d) for d in (torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2)]
+    out += [cast_cell_values(d) for d in (torch.bfloat16, torch.float16)]
+    n = 2 * K._MAX_WINDOW
+    out.append(torch.sort(torch.randn(n + 40, dtype=F64, generator=gen)).values)
+    out.append(torch.cat([-torch.rand(n // 2 + 7, dtype=F64, generator=gen) - 1.0,
+                          torch.linspace(1e-3, 1.0, n // 2 - 7, dtype=F64)]).sort().values)
+    out.append(torch.sort(torch.randn(3 * n, dtype=F64, generator=gen).round(decimals=2)).values)
+    out.append(-torch.rand(3 * n, dtype=F64, generator=gen).sort().values.flip(0) - 0.5)
+    out.append(torch.linspace(-5.0, 5.0, 4 * n + 1, dtype=F64))
+    return out
+
+
+def test_layout_searches_equal_the_full_scans(monkeypatch):
+    """sm42: ``_wide_span`` by bisection and ``_bit_guide`` past the shifts with fewer rows than
+    edges return exactly what the full scans return (the span never falls as ``T`` grows; two
+    edges in one row fail the guide's test), on every float table and edge sets chosen to hit
+    each branch (no answer, the answer on the last edge, duplicates, no positive edge)."""
+    wides = []
+    for vals in _tables():
+        mids = 0.5 * (vals[1:] + vals[:-1])
+        got = {}
+        for flag in (False, True):
+            monkeypatch.setattr(T, "WIDE_SPAN_BISECT", flag)
+            monkeypatch.setattr(T, "GUIDE_SKIP_FEW_ROWS", flag)
+            got[flag] = (T._wide_span(mids), T._bit_guide(mids.numpy()))
+        (w0, g0), (w1, g1) = got[False], got[True]
+        assert w0 == w1
+        wides.append(w0)
+        assert (g0 is None) == (g1 is None)
+        if g0 is not None:
+            assert all(bool((a == b).all()) if hasattr(a, "shape") else a == b for a, b in zip(g0, g1))
+    # the cases are not vacuous: some tables have a wide span, some none, some a guide
+    assert any(w is None for w in wides) and sum(w is not None for w in wides) >= 4

@@ -12,6 +12,8 @@ The report now says so (warnings and diagnostics); the figures are unchanged."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -123,9 +125,13 @@ def test_batchnorm_running_statistics_are_said_to_be_released_and_not_scored():
     report = ml.assess(m, ["rtn_int4"], loader, mse, uncertainty_draws=0)
     (w,) = [w for w in report.warnings if "running statistics" in w]
     assert "0.weight" not in w and "'0'" in w and "not scored" in w
+    # and a line of the table, next to the figures (nu42b: only in the warnings before), kept by the JSON
+    line = "not scored: the running statistics of 1 normalisation layer(s) ('0')"
+    assert line in report.table() and report.diagnostics["running_statistics_layers"] == ["0"]
+    assert line in ml.Report.from_dict(json.loads(report.to_json())).table()
     plain = nn.Sequential(nn.Linear(4, 1))
     with torch.no_grad():
         plain[0].weight.copy_(m[1].weight)
         plain[0].bias.copy_(m[1].bias)
     report = ml.assess(plain, ["rtn_int4"], loader, mse, uncertainty_draws=0)
-    assert not [w for w in report.warnings if "running statistics" in w]
+    assert not [w for w in report.warnings if "running statistics" in w] and "not scored:" not in report.table()

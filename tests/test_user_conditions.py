@@ -404,6 +404,25 @@ def test_params_leaving_out_trained_parameters_is_warned():
     assert not any("trainable parameter" in w for w in r.warnings)
 
 
+def test_params_leaving_out_a_recurrent_layer_says_its_weights_stay_float_unscored():
+    """A head over a trained LSTM (recurrent weights cannot be assessed): the warning said the
+    left-out weights are "held fixed" and "released too", not that every scheme's copy keeps the
+    LSTM in float and that its leakage is in no figure (nu42a)."""
+    from mis_lightning.assess import _trained_left_out_note
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.head = nn.Embedding(5, 4), nn.LSTM(4, 4, batch_first=True), nn.Linear(4, 5)
+
+    note = _trained_left_out_note(Net(), ["head.weight", "head.bias", "emb.weight"])
+    assert note.startswith("params= leaves out 4 trainable parameter(s) (rnn.weight_ih_l0")
+    assert "recurrent layer(s) among them (LSTM 'rnn') cannot be assessed" in note
+    assert "their own leakage is in no figure" in note
+    assert "recurrent" not in _trained_left_out_note(Net(), ["head.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0",
+                                                              "rnn.bias_ih_l0", "rnn.bias_hh_l0"])
+
+
 def _lbfgs_fit(model: nn.Module, X: torch.Tensor, y: torch.Tensor, iters: int, loss_fn=None,
                weight_decay: float = 0.0, **lbfgs) -> nn.Module:
     """``model`` fitted to the mean of ``loss_fn`` (default the squared error) plus

@@ -44,6 +44,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from mis_lightning.app.replicates import across_seeds_section
 from mis_lightning.report import (
     D_EFF_SCHEMES_MARK,
     FLOAT_ENTRY,
@@ -301,6 +302,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     ties = aggregate_ties(rows, utility_key)
     if ties:  # the rows' order by leakage that the figures do not resolve (same wording as the table)
         lines += [""] + ties
+    seeds = across_seeds_section(rows, training_key, lambda g: (utility_keys(g, utility_key) or [None])[0],
+                                 distinct_overrides)
+    if seeds:  # a sweep over schemes and seeds: each scheme over the seeds, and the seeds' choices (nu42c)
+        lines += ["", seeds]
     if errors:  # full messages below the table (the table shows them cut)
         lines += ["", "## Failures", ""] + [
             f"- job {_fmt(r.get('job'))} ({r.get('swept') or r.get('overrides') or '-'}), "
@@ -328,7 +333,7 @@ def aggregate_ties(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
         groups.setdefault(training_key(r), []).append(_labelled(r))
     out = []
     for key, group in groups.items():
-        where = f"({key}) " if len(groups) > 1 and key else ""
+        where = f"({distinct_overrides(key, list(groups))}) " if len(groups) > 1 and key else ""
         uks = utility_keys(group, utility_key) or [None]
         for uk in uks:
             part = group if len(uks) == 1 else [r for r in group if own_utility_key(r) == uk]
@@ -341,6 +346,15 @@ def aggregate_ties(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
 #: the overrides that choose the schemes a job assesses: jobs that differ in these alone train
 #: the same model, so their rows are one comparison (:func:`aggregate_verdicts`)
 SCHEME_OVERRIDES = ("quantizer=", "schemes=", "+schemes=", "++schemes=")
+
+
+def distinct_overrides(key: str, keys: Sequence[str]) -> str:
+    """The overrides of ``key`` (a :func:`training_key`) that not every key of ``keys`` has: what
+    tells its jobs from the sweep's other setups (``seed=1``; the verdict lines repeated every
+    override the sweep's jobs share, ``data=... model=... trainer.max_epochs=...``); ``key`` itself
+    when it has no such override."""
+    common = set.intersection(*(set(k.split()) for k in keys)) if keys else set()
+    return " ".join(o for o in key.split() if o not in common) or key
 
 
 def training_key(row: dict[str, Any]) -> str:
@@ -369,7 +383,7 @@ def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None =
     for key, group in groups.items():
         if len({r.get("job") for r in group}) < 2:
             continue  # one job: its own table has the verdict
-        where = f" ({key})" if len(groups) > 1 and key else ""
+        where = f" ({distinct_overrides(key, list(groups))})" if len(groups) > 1 and key else ""
         base = [b for r in group if (b := _float(r.get("baseline_leakage"))) is not None]
         jobs = ", ".join(sorted({_fmt(r.get("job")) for r in group}, key=lambda j: (len(j), j)))
         if base and max(base) - min(base) > 1e-9 * max(abs(max(base)), 1e-12):

@@ -43,6 +43,12 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mis_lightning.app.batches import (
+    assessment_loader,
+    batch_fn_of,
+    check_first_batches,
+    check_model_api,
+)
 from mis_lightning.app.factories import resolve_schemes
 from mis_lightning.assess import assess, check_schemes, check_utility_metric, select_params
 from mis_lightning.config import EstimationConfig, ScoringConfig
@@ -393,13 +399,21 @@ def _load_weights(model: torch.nn.Module, ckpt: dict[str, Any], cfg: DictConfig)
             f"options of the run that trained it ({' '.join(str(exc).split())})") from exc
 
 
-def _build_callbacks(cfg: DictConfig) -> list[Any]:
+def _build_callbacks(cfg: DictConfig, batch_fn: Callable | None = None) -> list[Any]:
     """The Trainer callbacks of the ``callbacks`` group (``{name: {_target_: ...}}``, as the
-    Lightning+Hydra templates compose them; e.g. ``callbacks=mis_every_epoch``)."""
+    Lightning+Hydra templates compose them; e.g. ``callbacks=mis_every_epoch``). A ``MISCallback``
+    node without a ``batch_fn`` of its own gets the job's (the config's ``batch_fn``): it reads the
+    same batches."""
     from hydra.utils import instantiate
 
     nodes = cfg.get("callbacks") or {}
-    return [instantiate(node) for node in nodes.values() if node is not None and "_target_" in node]
+    out = []
+    for node in nodes.values():
+        if node is None or "_target_" not in node:
+            continue
+        mine = str(node.get("_target_")).rsplit(".", 1)[-1] == "MISCallback" and node.get("batch_fn") is None
+        out.append(instantiate(node, **({"batch_fn": batch_fn} if mine and batch_fn is not None else {})))
+    return out
 
 
 def _build_loggers(cfg: DictConfig) -> list[Any]:
@@ -416,11 +430,26 @@ def _build_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def _assessment_loader(dm: Any) -> Any:
-    """A non-shuffled loader over the training set (each record once; :func:`check_datamodule`
-    has checked that ``dm.train_dataset`` exists)."""
-    from torch.utils.data import DataLoader
+    """A non-shuffled loader over the training set: :func:`mis_lightning.app.batches.assessment_loader`."""
+    return assessment_loader(dm)
 
-    return DataLoader(dm.train_dataset, batch_size=getattr(dm, "batch_size", 256), shuffle=False)
+
+def weight_decay_note(model: Any, est_cfg: EstimationConfig) -> str | None:
+    """The line said (and kept in the report's warnings) when the assessment takes the model's
+    training objective to have no L2 term because nothing tells it one: ``mis.estimation.weight_decay``
+    is null and the model has no numeric ``weight_decay`` attribute (a model of the user's whose
+    optimizer decays the weights, or whose loss adds a penalty, would be assessed as unpenalised,
+    and its report would only say "not at a minimum"); ``None`` otherwise."""
+    if est_cfg.weight_decay is not None:
+        return None
+    attr = getattr(model, "weight_decay", None)
+    if isinstance(attr, (int, float)) and not isinstance(attr, bool):
+        return None
+    return (f"model {type(model).__name__} has no numeric weight_decay attribute and mis.estimation.weight_decay "
+            "is null, so its training objective is taken to have no L2 term (weight_decay 0); if training "
+            "penalised the weights (a weight_decay= of the optimizer, a penalty in the loss), set "
+            "mis.estimation.weight_decay=<its coefficient lambda of lambda/2 |theta|^2> or a weight_decay "
+            "attribute on the model")
 
 
 def check_datamodule(dm: Any) -> str:
@@ -794,6 +823,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     pl.seed_everything(_integer_option("seed", cfg.seed, "an integer"), workers=True, verbose=False)
     check_output_names(cfg)  # a file the job could only fail to write after the assessment
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
+    batch_fn = batch_fn_of(cfg)  # a batch_fn path that does not import: before the data is read
     # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
     # `~schemes` there said "no scheme selected")
     schemes = resolve_schemes(plan_cfg.candidates) if plan_cfg is not None else selected_schemes(cfg)
@@ -834,6 +864,13 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             cfg.model, ckpt.get("hyper_parameters"), "model"))
         if ckpt is not None:
             _load_weights(model, ckpt, cfg)
+        check_model_api(model)  # per_sample_loss, which the assessment calls
+        # the batches as the assessment will read them (batch_fn, the forward, per-sample losses,
+        # the utility metrics): a dict batch without batch_fn failed after the whole training
+        check_first_batches(model, dm, batch_fn, task)
+        wd_note = weight_decay_note(model, est_cfg)
+        if wd_note:
+            print(f"note: {wd_note}", file=sys.stderr)
         check_params(model, est_cfg.params)  # a misspelled mis.estimation.params name: before training
         # the library's checks of every front end, before training: schemes that cannot take this
         # model or quantize none of its assessed weights (all of them: refused), and the verdict's
@@ -850,7 +887,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                      total=cfg.trainer.get("max_epochs"))
             with lightning_notices_quieted():  # Lightning's notices about its own code (the app's Trainer)
                 trainer = instantiate(cfg.trainer, logger=loggers if loggers else False,
-                                      callbacks=[EpochProgress(progress), *_build_callbacks(cfg)])
+                                      callbacks=[EpochProgress(progress), *_build_callbacks(cfg, batch_fn)])
         if trainer is not None and trainer.num_devices * trainer.num_nodes > 1 and \
                 getattr(model, "optimizer_name", "") == "lbfgs":
             raise ValueError(
@@ -882,7 +919,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
                 model, train_dataloader=_assessment_loader(dm), loss_fn=model.per_sample_loss,
                 estimation_config=dataclasses.replace(
                     est_cfg, num_records=min(est_cfg.num_records, dm.n_train)),
-                scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(),
+                scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(), batch_fn=batch_fn,
                 metrics=utility_metrics(task),
                 output_transform=functools.partial(metric_inputs, task=task), progress=progress,
             )
@@ -890,6 +927,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             if est_cfg.num_records > dm.n_train:  # capped above (as every front end states it, fu31)
                 report.estimation["num_records_requested"] = int(est_cfg.num_records)
             times["assess" if plan_cfg is None else "plan"] = round(time.perf_counter() - t0, 3)
+            if wd_note:  # kept with the figures it concerns
+                report.warnings.append(wd_note)
             skipped = list(getattr(dm, "skipped", None) or [])
             if skipped:  # the data behind n: the rows the data module could not use (stderr alone lost them)
                 first = skipped[0]

@@ -1,7 +1,8 @@
 """OmegaConf resolvers of the app (strings only: never return torch objects from a resolver).
 
 ``${mis_job_subdir:${hydra.job.num},${hydra.runtime.choices.quantizer},${hydra.job.override_dirname}}``
-names a multirun job's folder: ``<num>_<scheme>`` when the sweep selects a ``quantizer``,
+names a multirun job's folder (and ``${mis_run_name:...}``, the same arguments after the job's
+name, its tracker run: :func:`run_name`): ``<num>_<scheme>`` when the sweep selects a ``quantizer``,
 else ``<num>_<overrides>`` (``/`` replaced), else ``<num>``. A label longer than
 :data:`MAX_LABEL` characters is cut after a whole override and marked ``+<k>more_<hash>``
 (``k`` overrides left out; ``hash``: 8 hex digits of the full label), so that no value is
@@ -16,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["MAX_LABEL", "job_subdir", "register_resolvers"]
+__all__ = ["MAX_LABEL", "job_subdir", "register_resolvers", "run_name"]
 
 #: the longest label of a job folder (file systems allow 255 bytes per path component)
 MAX_LABEL = 120
@@ -68,6 +69,22 @@ def job_subdir(num: Any, scheme: Any = None, overrides: Any = None) -> str:
     return f"{num}_{label}" if label else str(num)
 
 
+def run_name(name: Any, scheme: Any = None, overrides: Any = None) -> str:
+    """A tracker run's name (``conf/logger/mlflow.yaml``, ``wandb.yaml``): in a multirun,
+    ``<job name>-<job folder>`` (``cli-0_int8_weight_only``, ``cli-3_seed=1``: each job's own, as
+    :func:`job_subdir` names its folder); in a single run ``<job name>-<scheme>`` or the job name.
+    Until nu42c it was ``<job name>-<scheme>``: a sweep over seeds gave its runs of one scheme one
+    name, and a single run without ``quantizer=`` was named ``cli-None``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    if hc is not None and hc.mode == RunMode.MULTIRUN and hc.job.get("num") is not None:
+        return f"{name}-{job_subdir(hc.job.num, scheme, overrides)}"
+    return f"{name}-{scheme}" if scheme not in (None, "", "None", "null") else str(name)
+
+
 def register_resolvers() -> None:
     """Register the app's resolvers (idempotent)."""
     OmegaConf.register_new_resolver("mis_job_subdir", job_subdir, replace=True)
+    OmegaConf.register_new_resolver("mis_run_name", run_name, replace=True)

@@ -24,6 +24,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Literal
 
 import torch
@@ -66,6 +67,7 @@ from .per_sample import (
     OutputShape,
     default_batch_fn,
     output_numel,
+    vmap_fallback_quiet,
 )
 from .records import (
     batch_size_of,
@@ -939,7 +941,8 @@ class MomentAccumulator:
         """Re-run the ``"auto"`` choice knowing the layers that reuse their weights and the
         floats of one record's forward pass (before any record is accumulated): the fast
         program and a fresh ``state`` follow the new choice (a caller's own state keeps the
-        exact mode's ``[d, d]`` sums, unused). Without a measured forward a weight-reuse model
+        exact mode's ``[d, d]`` sums, unused, and gets the new choice's missing entries at
+        :meth:`update`). Without a measured forward a weight-reuse model
         takes the diagonal sandwich."""
         mode, hessian, n_hint, ggn = self._request
         self._choice_floats = math.inf if floats is None else floats
@@ -1109,7 +1112,8 @@ class MomentAccumulator:
             RuntimeError: the forward uses activation checkpointing (says what to change).
         """
         try:
-            return self._update(batch, state)
+            with vmap_fallback_quiet():  # torch's notice about the library's own vmap, not the user's
+                return self._update(batch, state)
         except RuntimeError as exc:
             if "saved tensor hooks" in str(exc):
                 raise RuntimeError(
@@ -1157,6 +1161,14 @@ class MomentAccumulator:
                     self.resolve(reused, floats, None)
                 if state is None:
                     st = self.state
+                else:
+                    # a caller's state (EstimationMetric's, registered before this choice) lacks what the
+                    # new choice sums, the K-FAC factors of the diagonal sandwich's correction: added, zero,
+                    # for the caller to register (without them MISCallback and MISIndicator read the
+                    # uncorrected sigma where assess corrects it: nu42b, 3% on a small ResNet)
+                    for k, v in self.state.items():
+                        if k not in st:
+                            st[k] = v.clone() if isinstance(v, Tensor) else []
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
         # loader's order and whether batch_fn or a loss hook splits the batch.
         keys = record_keys(batch, None, b) if self.selection == "hash" else None
@@ -1668,12 +1680,13 @@ class MomentAccumulator:
             records: dict[str, Tensor] = {}
             # symmetries: no information, no curvature (method.md section 6); H's precision: the
             # stored weights' rounding or the distance to the stationary point
-            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d),
-                                   max(self._stored_eps(), diagnostics["gradient_norm_ratio"]))
+            precision = max(self._stored_eps(), diagnostics["gradient_norm_ratio"])
+            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision)
             variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
                                                           records=records, floor_variants=variants, flat=flat,
+                                                          precision=precision,
                                                           newton_gradient=_penalised_gradient(
                                                               g_mean_flat, theta, names, self._decay_slice(0, self.d)))
             # the step through the curvature sigma was built from (floored, |eigenvalues|): ln41
@@ -1704,8 +1717,10 @@ class MomentAccumulator:
             rel = st["h2_sum"].to(cpu, torch.float64).sqrt() / total.abs().clamp_min(1e-300)
             diagnostics["hutchinson_probes"] = int(st["probes"])
             diagnostics["hutchinson_median_relative_error"] = float(rel.median())
+            # h_flat's own standard error (0 with one probe a batch: no spread measured)
+            h_error = st["h2_sum"].to(cpu, torch.float64).sqrt() / n
         else:
-            h_flat = h_sum / n
+            h_flat, h_error = h_sum / n, None
         if self.hessian == "ggn_mc":
             diagnostics.update(_mc_error(h_sum, st["h2_sum"].to(cpu, torch.float64), self.ggn_mc_samples))
         # coordinates the loss does not depend on: their gradients are rounding (w = 0 below)
@@ -1714,7 +1729,7 @@ class MomentAccumulator:
         if self.d:
             check_curvature(float((h_flat + self._decay_slice(0, self.d)).max()), bool((v_flat > 0).any()))
         sigma_flat, w = diagonal_compute(h_flat + self._decay_slice(0, self.d), v_flat, g_mean_flat, G, n, self.damping,
-                                         diagnostics, v_centring)
+                                         diagnostics, v_centring, h_error=h_error)
         # the finite-sample (leverage) correction with the mean leverage per loss direction
         # (method.md section 4): V / (1 - h), so sigma and the standardised leave-one-out
         # influences (psi / (1 - h) over sigma / sqrt(1 - h)) both grow by 1 / sqrt(1 - h)
@@ -2122,6 +2137,8 @@ class MomentAccumulator:
 
         g_out, v_out, s_out = (torch.empty(d, dtype=f32) for _ in range(3))
         grad_sq, zero_var, h_min, h_max, neg, h_abs = 0.0, 0, math.inf, -math.inf, 0, 0.0
+        # Hutchinson: the lowest entry below -z of its own standard error (diagonal_compute's test)
+        z, h_min_sampled = _sampling_z(d), math.inf
         def theta_slice(a: int, b: int) -> Tensor:
             return torch.cat([theta[k][max(s0, a) - s0:min(e0, b) - s0] for k, (s0, e0) in
                               ((k, offsets[k]) for k in names) if s0 < b and e0 > a]).to(f64)
@@ -2145,6 +2162,10 @@ class MomentAccumulator:
                 zero_var += int((v <= 0).sum())
                 ext[i, 0], ext[i, 1], ext[i, 2], ext[i, 3] = v.max(), h.min(), h.max(), h.abs().max()
                 neg += int((h <= 0).sum())
+                if hutch:
+                    out = h < -z * st["h2_sum"][s:e].to(cpu, f64).sqrt() / n
+                    if bool(out.any()):
+                        h_min_sampled = min(h_min_sampled, float(h[out].min()))
                 s_out[s:e] = _curvature_ratios(h, v)  # the floor's scale, before sigma overwrites it
                 g_out[s:e], v_out[s:e] = g, v
             grad_sq += float(terms[: b - a].sum())
@@ -2209,7 +2230,7 @@ class MomentAccumulator:
         if self.hessian == "ggn_mc":
             diagnostics.update(_mc_error(h_sum.to(cpu, f64), st["h2_sum"].to(cpu, f64), self.ggn_mc_samples))
         diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max,
-                           negative_curvature=h_min < -_DIAGONAL_ROUNDING * h_abs,
+                           negative_curvature=(h_min_sampled if hutch else h_min) < -_DIAGONAL_ROUNDING * h_abs,
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
         diagnostics.update(lev)
         def corrected(k: str, f: Tensor, r0: int) -> None:
@@ -2544,6 +2565,18 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
 # direction (the one separating two identical hidden units at a saddle) is of the residuals' order.
 FLAT_CURVATURE_MAX = 1e-5
 
+# The largest relative precision (of the largest eigenvalue) granted to H when reading its negative
+# eigenvalues as "negative curvature" (_sandwich_scaled): below ``min(p, this)`` of the largest, ``p``
+# H's precision (the stored weights' eps or the gradient norm ratio, as flat_directions takes it), a
+# negative eigenvalue is within the Hessian's own error and its sign is not known. Off the
+# stationary point H holds terms linear in the mean gradient (method.md section 6), measured
+# (ln42): Linear -> LayerNorm -> ReLU MLPs read -0.9e-5 .. -3.4e-5 at gradient norm ratios 1.4e-3 ..
+# 4.3e-3 (0.004-0.012 of the ratio), -2e-9 at 2.4e-5; Conv1d -> LayerNorm([8, 6]) -> Linear (n 4,000)
+# -7.2e-8 at 5.9e-7 (0.12); weight_norm's wrong double backward 3e-9 at 4e-8 (0.075). Capped so that an eigenvalue below -1e-4 of the largest (a saddle's curvature
+# is of the residuals' order: -0.65 on an unconverged tanh MLP) is negative curvature whatever the
+# gradient; a fit with a gradient norm ratio above 0.1 reads "not at a minimum" anyway.
+NEGATIVE_CURVATURE_PRECISION_MAX = 1e-4
+
 
 def _project_out(H: Tensor, flat: Tensor) -> Tensor:
     """``P H P`` with ``P = I - F F'`` (``flat`` = F ``[d, k]`` orthonormal): the Hessian of the
@@ -2616,7 +2649,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      records: dict[str, Tensor] | None = None,
                      floor_variants: dict[float, dict[str, Tensor | None]] | None = None,
                      flat: Tensor | None = None, newton_gradient: Tensor | None = None,
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     precision: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}``
     (:func:`_sandwich_scaled`, whose arguments and returns these are), on the identifiable
     part: the exact flat directions ``flat`` (``[d, k]``; ``None``: :func:`flat_directions`)
@@ -2656,7 +2689,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     rec1: dict[str, Tensor] = {}
     out = _sandwich_scaled(gg_mean, H, g_mean, G, n, damping, first, jacobians=jacobians,
                            loss_hessians=loss_hessians, correct_leverage=correct_leverage, records=rec1,
-                           newton_gradient=newton_gradient)
+                           newton_gradient=newton_gradient, precision=precision)
     if first.get("eigenvalues_floored", 0) > 0:
         hd = torch.diagonal(H).abs()
         top = float(hd.max())
@@ -2669,7 +2702,7 @@ def sandwich_compute(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             gg_mean * ss, H * ss, g_mean * s, G * s, n, damping, second,
             jacobians=None if jacobians is None else jacobians * s, loss_hessians=loss_hessians,
             correct_leverage=correct_leverage, records=rec2,
-            newton_gradient=None if newton_gradient is None else newton_gradient * s)
+            newton_gradient=None if newton_gradient is None else newton_gradient * s, precision=precision)
         if second["eigenvalues_floored"] < first["eigenvalues_floored"]:
             diagnostics.update(second, hessian_scaling="jacobi")
             if "newton_step" in rec2:  # D (D H D)^+ D g: back to parameter units
@@ -2717,7 +2750,7 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
                      diagnostics: dict[str, Any], *, jacobians: Tensor | None = None,
                      loss_hessians: Tensor | None = None, correct_leverage: bool = False,
                      records: dict[str, Tensor] | None = None, newton_gradient: Tensor | None = None,
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     precision: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The exact sandwich (method.md section 4): ``Sigma = H^{-1} V H^{-1}`` in the given units.
 
     Args:
@@ -2748,6 +2781,19 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
             shared ones.
         newton_gradient: ``[d]`` (the given units); ``records`` then gets ``"newton_step"``,
             ``H^+ g`` through the inverse of ``Sigma`` (floored, null directions dropped).
+        precision: H's relative precision ``p`` (the stored weights' eps or the gradient norm ratio;
+            0: float64 rounding alone). ``diagnostics["negative_curvature"]`` (and the count
+            ``negative_eigenvalues_flipped``) reads the eigenvalues below ``-tol * lambda_max``,
+            ``tol = max(100 d eps, min(p, NEGATIVE_CURVATURE_PRECISION_MAX))``
+            (``negative_curvature_tolerance``; method.md section 4, exact sandwich): ``100 d eps``
+            is eigh's backward error (``~d eps |H|``), above the float64 rounding of the n-record
+            sum H is (``~eps log2 n`` of the summed magnitudes, pairwise) unless the records'
+            Hessians cancel by more than ``100 d / log2 n``; H sums every record, so it has no
+            sampling error of its own as the objective's Hessian; ``p`` bounds the terms linear
+            in the mean gradient that H holds off the stationary point (a negative eigenvalue of
+            their size is no evidence of a saddle; measured 0.004-0.12 of ``p``). Every negative
+            eigenvalue is used as ``|lambda|`` (floored) either way: the figures do not depend on
+            the flag.
 
     Returns:
         ``sigma [d]`` (std of theta-hat, ``sqrt(Sigma_jj / n)``; parameter units), the
@@ -2763,7 +2809,9 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     # eigh's own rounding (~d eps |max|): a singular PSD Hessian (a Gauss-Newton one with d > n)
     # reads -1e-16 eigenvalues, which are zeros (floored), not negative curvature
     rounding = 100 * H.shape[0] * torch.finfo(torch.float64).eps * max(abs(hi), 1e-300)
-    flipped = int((evals < -rounding).sum())
+    # negative curvature: below H's own precision too (the terms off the stationary point)
+    tol = max(rounding, min(precision, NEGATIVE_CURVATURE_PRECISION_MAX) * max(abs(hi), 1e-300))
+    flipped = int((evals < -tol).sum())
     floored = int((evals.abs() < floor).sum())
     # Indefinite or singular H (a model near a saddle, or a flat direction): shifting the
     # whole spectrum up to the floor would leave a near-zero eigenvalue and an unbounded
@@ -2789,7 +2837,8 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     diagnostics.update(
         hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
         hessian_condition=(hi / lo) if lo > 0 else math.inf,
-        negative_curvature=lo < -rounding, negative_eigenvalues_flipped=flipped,
+        negative_curvature=lo < -tol, negative_eigenvalues_flipped=flipped,
+        negative_curvature_tolerance=tol / max(abs(hi), 1e-300),
         eigenvalues_floored=floored,
     )
     Hinv = (evecs * inv) @ evecs.T
@@ -3079,6 +3128,15 @@ def _kth_smallest(x: Tensor, k: int) -> float:
 
 # Hessian-diagonal entries within this fraction of the largest below 0 are rounding of 0
 _DIAGONAL_ROUNDING = 1e-12
+# A Hutchinson Hessian diagonal is an estimate from random probes: an entry reads negative
+# curvature only below -z of its own standard error, z the normal quantile at this family-wise
+# false-alarm rate over the d entries (Bonferroni; _sampling_z).
+HUTCHINSON_FALSE_ALARM = 0.01
+
+
+def _sampling_z(d: int) -> float:
+    """``z`` with ``P(N(0, 1) < -z) = HUTCHINSON_FALSE_ALARM / d``: 3.7 for 100 entries, 5.6 for 10^6."""
+    return NormalDist().inv_cdf(1.0 - HUTCHINSON_FALSE_ALARM / max(d, 1))
 
 
 def _curvature_ratios(h: Tensor, v: Tensor) -> Tensor:
@@ -3249,7 +3307,8 @@ def _uniform_leverage(hbar: float, records: int) -> Tensor | None:
 
 
 def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,
-                     diagnostics: dict[str, Any], v_centring: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                     diagnostics: dict[str, Any], v_centring: Tensor | None = None,
+                     h_error: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """The diagonal sandwich (method.md section 4): ``sigma_j^2 = V_jj / (n H_jj^2)``.
 
     Args:
@@ -3260,6 +3319,9 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
             (:func:`_curvature_ratio_reference`).
         diagnostics: updated in place with the diagonal's range.
         v_centring: ``V_jj`` standardising ``w`` (default ``v``; ``+inf`` gives ``w_j = 0``).
+        h_error: ``[d]`` the standard error of each ``h_j`` where ``h`` is estimated (Hutchinson's
+            probes; ``None``: exact to rounding). ``negative_curvature`` then reads only entries
+            below ``-z h_error_j`` too (:func:`_sampling_z`: a probe's noise is no curvature).
 
     Returns:
         ``sigma [d]`` (parameter units) and ``w = -(g - g_bar) / sqrt(V_jj)`` ``[R, d]`` (the
@@ -3267,9 +3329,12 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
     """
     neg = int((h <= 0).sum())
     # a zero diagonal (an unused embedding row, a dead unit) is flat, not negative curvature
+    below = h < -_DIAGONAL_ROUNDING * float(h.abs().max()) if h.numel() else h.new_zeros(0, dtype=torch.bool)
+    if h_error is not None:
+        below &= h < -_sampling_z(h.numel()) * h_error.to(h)
     diagnostics.update(
         hessian_min_diagonal=float(h.min()), hessian_max_diagonal=float(h.max()),
-        negative_curvature=bool((h < -_DIAGONAL_ROUNDING * float(h.abs().max())).any()) if h.numel() else False,
+        negative_curvature=bool(below.any()),
         nonpositive_hessian_diagonal=neg,
     )
     # float32 ratios, as the chunked finalize keeps them: the same median, bit for bit

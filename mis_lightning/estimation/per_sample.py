@@ -222,18 +222,30 @@ def _batch_size(tree: Any) -> int:
     return int(leaves[0].shape[0])
 
 
-def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None) -> str:
+def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None, targets: Any = None) -> str:
     """What to return instead of per-sample losses of ``shape`` for a batch of ``b`` records (a
     parenthesised clause, ``""`` when there is none to give). Each record's loss must be its own
     term of the training objective ``mean_i loss_i + weight_decay / 2 |theta|^2`` (method.md
     section 2): a loss per output averaged over every entry of ``[B, k]`` is ``.mean(dim=-1)``
-    per record; ``.sum`` changes the balance with the weight decay, hence sigma."""
+    per record; ``.sum`` changes the balance with the weight decay, hence sigma. Integer
+    ``targets`` of the losses' shape holding a negative value (an ``ignore_index``, -100 by
+    default: padded tokens, whose losses are 0) get the masked mean instead: ``.mean(dim=-1)``
+    would count the padding, so a record's loss would depend on its batch's longest record."""
     if shape is None or b is None:
         return ""
     if shape == ():
         return " (a scalar: a loss reduced over the batch; use reduction='none')"
     if len(shape) == 2 and shape == (b, 1):
         return " (a trailing dimension of 1: compare outputs.squeeze(-1) with the targets)"
+    if (len(shape) == 2 and shape[0] == b and isinstance(targets, Tensor) and tuple(targets.shape) == shape
+            and not targets.is_floating_point() and bool((targets < 0).any())):
+        ignore = int(targets[targets < 0][0])
+        return (f" (a loss per record and per token, {shape[1]} of them; the targets hold {ignore}, an ignore_index "
+                f"(padding), whose entries are 0: .mean(dim=-1) would count them, so a record's loss would change "
+                f"with its batch's longest record. Reduce each record to its own term of the training loss: "
+                f"losses.sum(-1) / (targets != {ignore}).sum(-1) when training averages each record's tokens; "
+                f"when it averages every kept token of the batch (cross_entropy over the flattened batch), "
+                f"losses.sum(-1) divided by the mean count of kept tokens per record over the training set)")
     if len(shape) >= 2 and shape[0] == b:
         dims = -1 if len(shape) == 2 else tuple(range(1, len(shape)))
         return (f" (a loss per record and per output, {' x '.join(str(k) for k in shape[1:])} of them: reduce "
@@ -477,6 +489,26 @@ def mha_fastpath_off() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(old)
 
 
+#: torch's notice that vmap falls back to a loop over an operator without a batching rule
+#: ("There is a performance drop because we have not yet implemented the batching rule for
+#: aten::_scaled_dot_product_flash_attention_for_cpu. Please file us an issue ...", and its
+#: ``_backward``: every CPU ``nn.MultiheadAttention`` / ``F.scaled_dot_product_attention`` model,
+#: nu41b). A regex matched at the message's start (``warnings.filterwarnings``).
+VMAP_FALLBACK_WARNING = r"There is a performance drop because we have not yet implemented the batching rule for"
+
+
+@contextmanager
+def vmap_fallback_quiet() -> Iterator[None]:
+    """Within it, torch's :data:`VMAP_FALLBACK_WARNING` (a ``UserWarning``) is not shown: the
+    estimation's own ``vmap`` passes raise it, not the user's code, and the user can do nothing
+    about it (the result is right, only slower). Every other warning passes as the user's filters
+    say; those filters are restored on exit (``warnings.catch_warnings``: process-wide, so not
+    thread-safe, as any warnings filter)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=VMAP_FALLBACK_WARNING, category=UserWarning)
+        yield
+
+
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating tensors a (private) model copy holds as plain attributes to ``dtype``.
 
@@ -641,7 +673,7 @@ class LossProgram:
                     f"targets {_describe(targets)})")
             if not isinstance(losses, Tensor) or tuple(losses.shape) != (b,):
                 shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                hint = loss_shape_hint(tuple(losses.shape) if isinstance(losses, Tensor) else None, b)
+                hint = loss_shape_hint(tuple(losses.shape) if isinstance(losses, Tensor) else None, b, targets)
                 raise ValueError(
                     f"{what} must return per-sample losses of shape [B] = [{b}], got {shape}"
                     + (hint or "; use reduction='none' and reduce each record's entries to one loss")

@@ -53,6 +53,9 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
     row length, the same records padded by batches of 4 and of 64 drew other samples and moved
     the figures by up to 2.4%. (Padding with another value, or along a record's last dimension
     of several, still changes the bytes: pad at the end with 0 for batch-independent figures.)
+    An integer record's trailing run of one negative value -- an ignore index, -100 for
+    ``F.cross_entropy``, which sequence labels are padded with -- is hashed as zeros, for the same
+    reason (nu42a: labels padded with -100 to each batch's longest changed the keys with the batch).
     """
     h = torch.zeros(b, dtype=torch.int64)
     leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets))
@@ -67,7 +70,7 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
         elif raw.is_floating_point():
             raw = raw.to(torch.float64)
         elif not raw.is_complex():
-            raw = raw.to(torch.int64)
+            raw = _trailing_negative_as_zero(raw.to(torch.int64))
         raw = raw.contiguous()
         u8 = raw.view(torch.uint8)  # [b, bytes]
         L = u8.shape[1]
@@ -90,6 +93,16 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
             s = (s + hl[:, 0] * 65536 + hl[:, 1]) % _P31
         h = (h * 1_000_003 + s) % _P31
     return h
+
+
+def _trailing_negative_as_zero(raw: Tensor) -> Tensor:
+    """``raw`` ``[b, L]`` int64 with each row's trailing run of its last value set to 0 where that
+    value is negative (class indices are not: it marks padding, e.g. ``ignore_index=-100``), so
+    that the row's key does not depend on how far a batch padded it."""
+    if raw.shape[1] < 2 or not bool((raw[:, -1] < 0).any()):
+        return raw
+    run = (raw == raw[:, -1:]).flip(1).to(torch.int64).cumprod(1).flip(1).bool()  # the trailing run
+    return raw.masked_fill(run & (raw[:, -1:] < 0), 0)
 
 
 def cat_state(x: Any) -> Any:

@@ -82,7 +82,7 @@ IN_SAMPLE_MAX_RANK_SHARE = 0.9
 MC_BLOCK = 512
 MC_BLOCK_ELEMENTS = 1 << 22
 # Relative round-off the factor model's quadratic form accepts from the direct Woodbury difference
-# (Correlation._factor_quadratic); rows whose bound exceeds it get the refined solve
+# (Correlation._factor_quadratic); rows whose bound exceeds it get the corrected form
 QUADRATIC_TOLERANCE = 1e-12
 
 
@@ -232,25 +232,35 @@ class Correlation:
         if self.full is not None:
             M = torch.diag(1.0 - kappa) + kh.unsqueeze(-1) * self.full * kh.unsqueeze(0)
             return _pinv_apply(M, u.T).T
-        assert self.factor is not None and self.residual is not None
-        # M = diag(D) + A A', A = K^1/2 L: Woodbury (k x k), with D floored at RCOND.
-        D = (1.0 - kappa + kappa * self.residual).clamp_min(RCOND)
-        A = kh.unsqueeze(-1) * self.factor
-        Dinv_A = A / D.unsqueeze(-1)
-        core = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A
-        chol, info = torch.linalg.cholesky_ex(core)
+        D, A, Dinv_A, solve_core = self._woodbury(kappa)
 
         def woodbury(r: Tensor) -> Tensor:
             Dinv_r = r / D
-            y = Dinv_r @ A                                    # [R, k]
-            z = (torch.cholesky_solve(y.T, chol) if int(info) == 0 else torch.linalg.solve(core, y.T)).T
-            return Dinv_r - z @ Dinv_A.T
+            return Dinv_r - solve_core(Dinv_r @ A) @ Dinv_A.T
 
         x = woodbury(u)
         # One step of iterative refinement: with a small remainder D (the in-sample form's
         # shrinkage 1e-6) the Woodbury difference cancels ~1/D of its digits; the residual's
         # correction restores them (the same records in two DDP worlds read 2e-8 apart before).
         return x + woodbury(u - (x * D + (x @ A) @ A.T))
+
+    def _woodbury(self, kappa: Tensor) -> tuple[Tensor, Tensor, Tensor, Callable[[Tensor], Tensor]]:
+        """The factor model's channel matrix ``M = diag(D) + A A'`` at ``kappa [d]`` for Woodbury
+        solves: ``D [d]`` (floored at ``RCOND``), ``A = K^1/2 L [d, k]``, ``D^-1 A [d, k]`` and
+        ``y [R, k] -> (C^-1 y')'`` with the core ``C = I + A' D^-1 A`` factored once
+        (``M^-1 r = D^-1 r - D^-1 A C^-1 A' D^-1 r``)."""
+        assert self.factor is not None and self.residual is not None
+        kh = kappa.sqrt()
+        D = (1.0 - kappa + kappa * self.residual).clamp_min(RCOND)
+        A = kh.unsqueeze(-1) * self.factor.to(torch.float64)
+        Dinv_A = A / D.unsqueeze(-1)
+        core = torch.eye(A.shape[1], dtype=A.dtype) + A.T @ Dinv_A
+        chol, info = torch.linalg.cholesky_ex(core)
+
+        def solve_core(y: Tensor) -> Tensor:
+            return (torch.cholesky_solve(y.T, chol) if int(info) == 0 else torch.linalg.solve(core, y.T)).T
+
+        return D, A, Dinv_A, solve_core
 
     def quadratic(self, influence: Tensor, kappa: Tensor | None = None) -> Tensor:
         """``[R]`` ``s2 = u' M^+ u`` (``kappa [d]``; ``None``: unquantized, ``w' R^+ w``).
@@ -363,16 +373,18 @@ class Correlation:
         return torch.where(q0 > 0, (q / q0.clamp_min(1e-300)).sqrt(), torch.ones_like(q0))
 
     def _factor_quadratic(self, w: Tensor, kappa: Tensor) -> Tensor:
-        """``[R]`` ``u' M^-1 u`` (``u = K^1/2 w``) of the factor model without the ``[R, d]``
-        solution: Woodbury's ``s - y' C^-1 y`` (``s = u' D^-1 u``, ``y = A' D^-1 u``,
-        ``C = I + A' D^-1 A``), three passes over ``w`` where :meth:`_solve` with its refinement
-        step makes about sixteen.
+        """``[R]`` ``u' M^-1 u`` (``u = K^1/2 w``) of the factor model without the refined ``[R, d]``
+        solve: Woodbury's ``s - y' C^-1 y`` (``s = u' D^-1 u``, ``y = A' D^-1 u``,
+        ``C = I + A' D^-1 A``), one ``[R, d] x [d, k]`` product where :meth:`_solve` with its
+        refinement step makes six.
 
         The difference cancels ``s / q`` (>= 1) of its digits: measured against the refined solve
         its relative error stayed below ``eps sqrt(d) s / q`` (``eps`` float64's; d = 64-9,377,
         ``s / q`` 1-3e8), so rows where that bound exceeds ``QUADRATIC_TOLERANCE`` (records in
         the span of the factors with a small remainder: the in-sample form's 1e-6 gives
-        ``s / q`` up to ~1e8) are recomputed by the refined solve. The cross-fitted models'
+        ``s / q`` up to ~1e8; on the nu41b Transformer every row) take
+        :meth:`_corrected_quadratic`, which continues from the difference's own ``D^-1 u`` and
+        ``C^-1 y`` (nothing computed is thrown away; two more products). The cross-fitted models'
         records read ``s / q`` ~2 (up to ~100).
 
         A block no wider than the rank (``d <= k``: a layer's block of the in-sample model, whose
@@ -384,20 +396,33 @@ class Correlation:
             q = self._narrow_quadratic(w, kappa, D, L)
             if q is not None:
                 return q
-        KDinv = kappa / D                                   # u' D^-1 u = w' (K D^-1) w
-        core = torch.eye(L.shape[1], dtype=L.dtype) + L.T @ (L * KDinv.unsqueeze(-1))
-        chol, info = torch.linalg.cholesky_ex(core)
-        t = w * KDinv
-        s = torch.linalg.vecdot(t, w)                       # [R]
-        y = t @ L                                           # [R, k] = A' D^-1 u
-        z = (torch.cholesky_solve(y.T, chol) if int(info) == 0 else torch.linalg.solve(core, y.T)).T
+        D, A, Dinv_A, solve_core = self._woodbury(kappa)
+        u = w * kappa.sqrt()
+        Dinv_u = u / D
+        y = Dinv_u @ A                                      # [R, k] = A' D^-1 u
+        z = solve_core(y)
+        s = torch.linalg.vecdot(u, Dinv_u)                  # [R] u' D^-1 u
         q = s - torch.linalg.vecdot(y, z)
         bound = torch.finfo(torch.float64).eps * math.sqrt(w.shape[1])
         bad = ~(q * QUADRATIC_TOLERANCE >= s * bound)       # NaN included
+        if bool(bad.all()):
+            return self._corrected_quadratic(u, Dinv_u, z, D, A, Dinv_A)
         if bool(bad.any()):
-            ub = w[bad] * kappa.sqrt()
-            q[bad] = (ub * self._solve(ub, kappa)).sum(-1)
+            q[bad] = self._corrected_quadratic(u[bad], Dinv_u[bad], z[bad], D, A, Dinv_A)
         return q
+
+    @staticmethod
+    def _corrected_quadratic(u: Tensor, Dinv_u: Tensor, z: Tensor, D: Tensor, A: Tensor, Dinv_A: Tensor) -> Tensor:
+        """``[R]`` ``u' M^-1 u`` for rows whose Woodbury difference cancels (:meth:`_factor_quadratic`),
+        from that difference's own first pass (``Dinv_u = D^-1 u``, ``z = C^-1 A' D^-1 u``, both
+        ``[R, .]``): the solution ``x = D^-1 u - D^-1 A z`` (``[R, d]``, wrong in ``~eps s / q``
+        of its size) and the stationary form ``2 u'x - x'M x = u'M^-1 u - e'M e`` (``e`` the
+        error of ``x``), whose error is second order in ``e``: what one step of iterative
+        refinement of ``x`` then ``u'x`` gives (the old path, :meth:`_solve`), without the
+        refinement's second Woodbury pass. On the nu41b Transformer's 26 in-sample forms both
+        read within 1.7e-12 relative of two refinement steps (docs/benchmarks.md, "wf42")."""
+        x = Dinv_u - z @ Dinv_A.T
+        return 2.0 * torch.linalg.vecdot(u, x) - torch.linalg.vecdot(x, x * D) - (x @ A).square().sum(-1)
 
     @staticmethod
     def _narrow_quadratic(w: Tensor, kappa: Tensor, D: Tensor, L: Tensor) -> Tensor | None:
@@ -405,9 +430,11 @@ class Correlation:
         ``d <= k``) by Cholesky with one refinement step; ``None`` where ``M`` is not numerically
         positive definite (the caller's Woodbury path then). Woodbury would factor the ``k x k``
         core and then, its difference cancelling ``s / q`` digits (``s / q`` ~1e5 on the in-sample
-        form's 1e-6 remainder), redo every row by the refined ``[R, d]`` solve: on a 2,610-weight
-        Transformer (rank 387, 20 blocks of 2-768 weights, 5 schemes) the forms took 6.4 s that way,
-        4.5 s with this one, the report's fields within 1.3e-12 relative (docs/benchmarks.md, "wf41")."""
+        form's 1e-6 remainder), redo every row by the refined ``[R, d]`` solve (before wf42; now
+        :meth:`_corrected_quadratic`): on a 2,610-weight Transformer (rank 387, 20 blocks of 2-768
+        weights, 5 schemes) the forms took 6.4 s that way, 4.5 s with this one, the report's fields
+        within 1.3e-12 relative (docs/benchmarks.md, "wf41"); a small block costs far less than the
+        core's factorization, and at ``d = k`` the two cost about the same."""
         kh = kappa.sqrt()
         u = w * kh
         A = kh.unsqueeze(-1) * L

@@ -2324,6 +2324,11 @@ class QuantizationScheme(ABC):
     rounding: str = "nearest"
     #: ``filter_fn(module, fqn) -> bool`` narrowing the layers (``None``: every supported one)
     filter_fn: FilterFn | None = None
+    #: whether the backend overwrites the copy's weight tensors in place, so a tied weight reaches
+    #: every holder (``rtn_*``, ``native_*_per_row``): :meth:`select_weights`' default ``in_place``,
+    #: which the up-front checks read too (nu42a: they took every scheme as replacing the weight and
+    #: said ``native_int8_per_row`` quantized no weight of a tied language model it quantizes)
+    weights_in_place: ClassVar[bool] = False
 
     def __init__(self, filter_fn: FilterFn | None = None) -> None:
         self.filter_fn = filter_fn
@@ -2380,7 +2385,7 @@ class QuantizationScheme(ABC):
         return only is None or id(p) in only
 
     def select_weights(self, model: nn.Module, skip_reason: Callable[[nn.Module], str | None] | None = None,
-                       in_place: bool = False,
+                       in_place: bool | None = None,
                        ) -> tuple[dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]], dict[str, str], list[str]]:
         """Which layers' ``weight`` to quantize (the layer-selection helper of every backend:
         :meth:`supports`, ``filter_fn``, ``apply(params=...)`` and tied weights).
@@ -2390,12 +2395,14 @@ class QuantizationScheme(ABC):
         holding the same weight])``; ``reasons`` maps weights left in float to why.
 
         A weight held by several modules (tied) is quantized once and must reach every
-        holder. ``in_place`` backends (the copy's tensor is overwritten with its quantized
+        holder. ``in_place`` backends (``None``: the class's :attr:`weights_in_place`; the copy's tensor is overwritten with its quantized
         values) do that by construction. Backends that *replace* the weight (torchao, torch's
         quantized modules) can do it only if every holder is a layer they quantize under the
         same config; otherwise the weight stays in float everywhere (the release would hold a
         float copy of it), with the reason.
         """
+        if in_place is None:
+            in_place = self.weights_in_place
         names = {id(p): n for n, p in model.named_parameters()}
         uses = parameter_uses(model)
         chosen: dict[str, tuple[nn.Module, str, list[tuple[str, nn.Module]]]] = {}

@@ -318,8 +318,10 @@ def _selected(scheme: Any, model: nn.Module, spec: FlatSpec, grids: Mapping[str,
         if len(holders) > 1 and not spec.in_place:
             others = ", ".join(f"{type(m).__name__} {f or '<root>'!r}.{a}" for f, a, m in holders
                                if not (m is module and a == attr))
-            reasons[name] = (f"tied weight: also held by {others}; scheme {scheme.name!r} quantizes "
-                             f"{kind} on its own: left in float everywhere")
+            reasons[name] = (f"tied weight: also held by {others}; scheme {scheme.name!r} would quantize "
+                             f"this {kind} in a pass apart from the other holders (a tied weight is not quantized "
+                             "by two passes, and quantizing only some of its uses would release it in float "
+                             "anyway): left in float everywhere")
             continue
         tiles = _block(tuple(p.shape), spec, module.groups if isinstance(module, _TRANSPOSED) else None)
         if isinstance(tiles, str):

@@ -210,6 +210,7 @@ class _NativePerRow(_NativeScheme):
     qmin: ClassVar[int]
     qmax: ClassVar[int]
     granularity: ClassVar[str] = "per_row"
+    weights_in_place: ClassVar[bool] = True
 
     @torch.no_grad()
     def _quantize_copy(self, model: nn.Module):

@@ -40,6 +40,7 @@ class RoundToNearestInt(SchemeConfig):
     scale_rule: ClassVar[str] = "absmax"
     backend: ClassVar[str] = "builtin"
     base_name: ClassVar[str] = "rtn"
+    weights_in_place: ClassVar[bool] = True
     granularity: ClassVar[str] = "per_row"
     mapping: ClassVar[str] = "symmetric"
 

@@ -235,7 +235,9 @@ class TorchAOScheme(SchemeConfig):
         beyond, more = beyond_linear_weights(self, model, spec) if spec is not None else ([], {})
         if beyond:
             return
-        why = {**reasons, **more} or surgery_reasons(model)
+        # the Linear pass's reason first: for a tie between a Linear and an Embedding it names both
+        # holders and why (the beyond-Linear pass sees only the Embedding's side of it)
+        why = {**more, **reasons} or surgery_reasons(model)
         shown = "; ".join(f"{k}: {v}" for k, v in list(why.items())[:3]) + (
             f"; and {len(why) - 3} more" if len(why) > 3 else "")
         text = " ".join(why.values())
