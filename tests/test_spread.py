@@ -18,12 +18,18 @@ from mis_lightning.assess import run_estimation
 from mis_lightning.config import EstimationConfig
 from mis_lightning.estimation.estimate import LEVERAGE_CAP
 
+_SQRT_2PI = math.sqrt(2 * math.pi)
+
 
 def _tv_quad(delta: float, h: float) -> float:
     """TV of N(delta, 1 - h) against N(0, 1) by adaptive quadrature, split where the densities cross
     (roots from numpy, independent of the library's closed form)."""
     s = math.sqrt(1 - h)
-    f = lambda x: abs(stats.norm.pdf(x, delta, s) - stats.norm.pdf(x))  # noqa: E731
+    # the normal densities written out: quad calls f on one float at a time, where scipy.stats'
+    # pdf (its generic argument machinery) cost 3.7 of the baseline test's 4 CPU s; the 114
+    # records' mean is bitwise the same, the 30 grid values within 1.1e-16 (ts42)
+    f = lambda x: abs(math.exp(-0.5 * ((x - delta) / s) ** 2) / (s * _SQRT_2PI)  # noqa: E731
+                      - math.exp(-0.5 * x * x) / _SQRT_2PI)
     # log f1 - log f0 = 0  <=>  h x^2 - 2 delta x + delta^2 + (1 - h) log(1 - h) = 0
     roots = sorted(r.real for r in np.roots([h, -2 * delta, delta**2 + (1 - h) * math.log(1 - h)]) if abs(r.imag) < 1e-12)
     knots = [-40.0] + [r for r in roots if -40 < r < 40 + delta] + [40.0 + delta]

@@ -128,8 +128,17 @@ def test_correlated_first_order_reduces_to_baseline():
     assert abs(v / base - 1) < 0.03
 
 
-def test_quick_headline_agreement():
+def test_quick_headline_agreement(monkeypatch):
     """Indicator vs truth on linear d=5, n=1000 (the quick mode's core check, reduced)."""
+    from mis_lightning.functional import correlated as FC
+
+    # the correlated headline's box means at 1/8 of their Monte Carlo budgets (tests/_small_mc.py):
+    # they were 3.5 of compare()'s 5-6.5 CPU s (2.0 now). The 5 values move by <= 0.3% relative
+    # (0.0211 0.02052 0.01845 0.01286 0.01918 -> 0.02108 0.02054 0.01849 0.01286 0.01913), the
+    # median |rel. err| 0.0214 -> 0.0189, Spearman 0.9 either way: far inside the tolerance
+    # (0.10) and the truth's 80% CIs (+-3.6-4.5%); box means 15% off still fail it (ts42)
+    monkeypatch.setattr(FC, "EXACT_BUDGET", FC.EXACT_BUDGET // 8)
+    monkeypatch.setattr(FC, "ALL_COARSE_BUDGET", FC.ALL_COARSE_BUDGET // 8)
     s = GT.make_setting("linear", 5, 1000)
     grids = [GT.StepGrid(f"step{c}", s.sd * c) for c in (0.5, 1, 2, 4)] + [GT.StepGrid("fixed", np.full(5, 0.05))]
     # rho = 0: theta-hat's covariance sigma^2 E[(X'X)^-1] is diagonal, so the LR test with the
