@@ -1474,7 +1474,9 @@ class MomentAccumulator:
         assert self.factored is not None
         dev = st["g_sum"].device
         into = None
-        if isinstance(self.factored, FactoredProgram) and st["g_sum"].device.type == "cpu":
+        if (isinstance(self.factored, FactoredProgram) and dev.type == "cpu"
+                and all(t[0].device.type == "cpu" for t in fac.values())):
+            # (a CUDA model's factors with the functional pass's CPU state take the returned sums)
             # the weights' sums added in place over their live rows (linear_factors._add_live_rows):
             # no [d] float64 copies per batch, and no GEMMs over a ReLU layer's dead units
             into = {wn: tuple(st[s][slice(*self.offsets[wn])] for s in ("g_sum", "g2_sum", "h_sum"))
@@ -1533,7 +1535,8 @@ class MomentAccumulator:
         # the factored program adds in place where the state is on the CPU (no zero-filled,
         # widened [p, p] copies: es32); the per-layer program's sums are returned
         into = ({m: (st[f"kfac_A.{m}"], st[f"kfac_G.{m}"]) for m in rows}
-                if dev.type == "cpu" and isinstance(prog, FactoredProgram) else None)
+                if dev.type == "cpu" and isinstance(prog, FactoredProgram)
+                and all(t[0].device.type == "cpu" for t in fac.values()) else None)
         sums = (prog.kron_sums(fac, torch.float64, rows, into=into) if into is not None
                 else prog.kron_sums(fac, torch.float64, rows))
         for m, (A, G, *pos) in sums.items():

@@ -245,7 +245,7 @@ class FactoredProgram:
             x, d, c = fac[m][:3]
             x2, d2 = x.square(), d.square()
             if norm is None:
-                norm = torch.zeros(x.shape[0], dtype=acc)
+                norm = torch.zeros(x.shape[0], dtype=acc, device=x.device)
             if wn is not None and into is not None and wn in into:
                 _add_live_rows(into[wn], x, x2, d, d2, c, self.scratch)
                 norm += (d2.sum(-1) * x2.sum(-1)).to(acc)
@@ -292,9 +292,9 @@ class FactoredProgram:
                 continue
             x, _, _, delta, L = (t[:r] for t in fac[m])
             if wn is None:
-                a = torch.ones(x.shape[0], 1, dtype=x.dtype)
+                a = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
             elif bn is not None:
-                a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+                a = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
             else:
                 a = x
             if into is not None and m in into:
@@ -340,11 +340,14 @@ class Scratch:
     def __init__(self) -> None:
         self._bufs: dict[str, Tensor] = {}
 
-    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    def get(self, key: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device | str = "cpu") -> Tensor:
+        """A ``shape`` view of the buffer kept under ``key`` on ``device`` (the GEMM operands'
+        device: an ``out=`` on another device fails)."""
         numel = math.prod(shape)
         buf = self._bufs.get(key)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = self._bufs[key] = torch.empty(numel, dtype=dtype)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel or buf.device != torch.device(device):
+            buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(shape)
 
     def clear(self) -> None:
@@ -377,7 +380,8 @@ def _add_live_rows(into: tuple[Tensor, Tensor, Tensor], x: Tensor, x2: Tensor, d
     def product(u: Tensor, w: Tensor) -> Tensor:
         if scratch is None:
             return u.T @ w
-        return torch.mm(u.T, w, out=scratch.get("rows", (u.shape[1], w.shape[1]), torch.promote_types(u.dtype, w.dtype)))
+        return torch.mm(u.T, w, out=scratch.get("rows", (u.shape[1], w.shape[1]), torch.promote_types(u.dtype, w.dtype),
+                                                  u.device))
 
     if rows is None or not bool(torch.isfinite(x).all()):
         for tgt, u, w in zip(into, (d, d2, c), (x, x2, x2)):
@@ -411,7 +415,7 @@ def _live_gram(u: Tensor, v: Tensor, into: Tensor | None = None, scratch: Scratc
             ix, iy = idx.unsqueeze(1), idx.unsqueeze(0)
             into[ix, iy] = into[ix, iy] + _gram(u[:, idx], v[:, idx] if v is not u else None, scratch)
         return into
-    out = torch.zeros(k, k, dtype=torch.promote_types(u.dtype, v.dtype))
+    out = torch.zeros(k, k, dtype=torch.promote_types(u.dtype, v.dtype), device=u.device)
     if nl:
         idx = live.nonzero().reshape(-1)
         out[idx.unsqueeze(1), idx.unsqueeze(0)] = _gram(u[:, idx], v[:, idx] if v is not u else None)
@@ -427,7 +431,7 @@ def _add_widened(into: Tensor, t: Tensor, scratch: Scratch | None = None) -> Ten
         return into.add_(t)
     rows = max(1, WIDEN_BLOCK // max(1, t.shape[1]))
     for r0 in range(0, t.shape[0], rows):
-        blk = scratch.get("widen", (min(rows, t.shape[0] - r0), t.shape[1]), into.dtype)
+        blk = scratch.get("widen", (min(rows, t.shape[0] - r0), t.shape[1]), into.dtype, into.device)
         into[r0: r0 + rows].add_(blk.copy_(t[r0: r0 + rows]))
     return into
 
@@ -448,14 +452,15 @@ def _gram(u: Tensor, v: Tensor | None, scratch: Scratch | None = None) -> Tensor
     dt = torch.promote_types(u.dtype, u.dtype if v is None else v.dtype)
 
     def mm(a: Tensor, b: Tensor, key: str) -> Tensor:
-        return a @ b if scratch is None else torch.mm(a, b, out=scratch.get(key, (a.shape[0], b.shape[1]), dt))
+        return a @ b if scratch is None else torch.mm(a, b, out=scratch.get(key, (a.shape[0], b.shape[1]), dt, a.device))
 
     if v is not None and v is not u:
         return mm(u.T, v, "gram")
     k = u.shape[1]
     if k < GRAM_BLOCK_MIN:
         return mm(u.T, u, "gram")
-    out = torch.empty(k, k, dtype=u.dtype) if scratch is None else scratch.get("gram", (k, k), u.dtype)
+    out = (torch.empty(k, k, dtype=u.dtype, device=u.device) if scratch is None
+           else scratch.get("gram", (k, k), u.dtype, u.device))
     e = [k * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)]
     for r0, r1 in zip(e[:-1], e[1:]):
         blk = mm(u[:, r0:r1].T, u[:, r0:], "gram_block")
