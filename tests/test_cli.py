@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mis_lightning.app import aggregate as agg
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError, register_scheme
@@ -152,6 +153,11 @@ def test_single_run_writes_reports_and_prints_table(app_runs):
     rows = list(csv.DictReader(io.StringIO(metrics)))
     trained = max(int(r["epoch"]) for r in rows if r.get("epoch") and not r.get("mis/int8_weight_only/leakage"))
     assert [r["epoch"] for r in rows if r.get("mis/int8_weight_only/leakage")] == [str(trained)]
+    # the tracker's hyperparameters carry the job's seed, schemes and overrides beside the
+    # modules' own (a sweep's runs could be told apart by their names only before session 42)
+    hp = yaml.safe_load((out / "csv" / "hparams.yaml").read_text())
+    assert hp["job/schemes"] == "int8_weight_only,intx_weight_only_int4_g32,bf16" and hp["job/seed"] == 0
+    assert "model=mlp_probe" in hp["job/overrides"] and "task" in hp  # the datamodule's, merged as before
     # no Hydra/Lightning files outside the run dir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
@@ -650,3 +656,16 @@ def test_assess_mode_logs_the_epoch_the_checkpoint_was_trained_in(tmp_path):
         run_job(_compose([*again, f"ckpt_path={path}", f"logger.csv.save_dir={out}"], out))
         rows = list(csv.DictReader(io.StringIO((out / "csv" / "metrics.csv").read_text())))
         assert [r.get("epoch") for r in rows if r.get("mis/rtn_int8/leakage")] == ["1"], name  # max_epochs=2
+
+
+def test_job_params_name_the_job_without_clashing_with_module_hparams():
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app.job import job_params
+
+    cfg = OmegaConf.create({"seed": 3})
+    got = job_params(cfg, ["int8_weight_only", "bf16"], {"overrides": ["seed=3", "quantizer=bf16"], "num": 5})
+    assert got == {"job/seed": 3, "job/schemes": "int8_weight_only,bf16", "job/overrides": "seed=3 quantizer=bf16",
+                   "job/num": 5}
+    assert job_params(cfg, ["bf16"], {"overrides": [], "num": None})["job/overrides"] == "-"
+    assert all(k.startswith("job/") for k in got)  # MLflow refuses a key logged twice with another value

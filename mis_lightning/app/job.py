@@ -429,6 +429,19 @@ def _build_loggers(cfg: DictConfig) -> list[Any]:
     return out
 
 
+def job_params(cfg: DictConfig, scheme_names: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """What a tracker run records of the job besides the model's and the datamodule's
+    hyperparameters (which Lightning logs itself): the seed, the assessed schemes, the job's
+    command-line overrides and its number in a multirun, under ``job/`` keys (no clash with the
+    modules' own names; MLflow refuses a parameter logged twice with another value). Without them
+    a sweep's runs could be told apart only by their names (nu42c)."""
+    out: dict[str, Any] = {"job/seed": cfg.get("seed"), "job/schemes": ",".join(scheme_names),
+                           "job/overrides": " ".join(info.get("overrides") or []) or "-"}
+    if info.get("num") is not None:
+        out["job/num"] = info["num"]
+    return out
+
+
 def _assessment_loader(dm: Any) -> Any:
     """A non-shuffled loader over the training set: :func:`mis_lightning.app.batches.assessment_loader`."""
     return assessment_loader(dm)
@@ -881,6 +894,8 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         if plan_cfg is not None:  # a size budget no plan can meet: before training
             check_size_budget(model, plan_cfg, est_cfg.params)
         loggers = _build_loggers(cfg)
+        for lg in loggers:  # the job's seed, schemes and overrides, filterable in the tracker
+            lg.log_hyperparams(job_params(cfg, [getattr(sc, "name", str(sc)) for sc in schemes], job_info()))
         trainer = None
         if ckpt is None:
             progress("train", 0, description=f"train {type(model).__name__}",
