@@ -941,6 +941,7 @@ def score_schemes(
         KeyError: an unknown scheme name.
     """
     cfg = scoring_only("score_schemes", scoring_config, options)
+    est = est.cpu()  # the scoring's sums are CPU tensors, whatever device the estimation ran on
     method, uncertainty_draws, num_samples = cfg.method, cfg.uncertainty_draws, cfg.mc_draws
     seed, strict, chunk_size = cfg.seed, cfg.strict, cfg.chunk_size
     scheme_objs = resolve_schemes(list(schemes))

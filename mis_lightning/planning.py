@@ -720,6 +720,7 @@ def plan(
     t0 = time.perf_counter()
     est = estimate if estimate is not None else run_estimation(
         model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed, batch_fn=batch_fn, progress=progress)
+    est = est.cpu()  # the planner's sums, as the scoring's, are CPU tensors (Estimate.cpu)
     seconds["estimation"] = time.perf_counter() - t0
 
     # Step 2: per candidate, its real copy's grids -> kappa per weight and bits per parameter.

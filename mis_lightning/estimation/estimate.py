@@ -19,6 +19,7 @@ Every accumulator is a sum over records, so the pass streams over batches.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -287,6 +288,18 @@ class Estimate:
         """Number of assessed weights."""
         return sum(e - s for s, e in self.offsets.values())
 
+    def cpu(self) -> Estimate:
+        """This estimate with every tensor it holds on the CPU (``self`` when all are): the
+        scoring runs on the CPU, whatever device the estimation pass ran on (its buffers and
+        float64 sums are CPU tensors; a CUDA model's stored factors and influences mixed with them
+        failed, session 42). The model and batches (``_program``, ``_records``) stay where they
+        are: what they recompute is moved by :meth:`iter_influence` / :meth:`_layer_blocks`."""
+        keep = ("_program", "_records")
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in keep}
+        if not any(t.device.type != "cpu" for t in _tensors(moved)):
+            return self
+        return dataclasses.replace(self, **{k: _to_cpu(v) for k, v in moved.items()})
+
     @property
     def w(self) -> Tensor | None:
         """Deprecated alias of :attr:`influence`."""
@@ -343,6 +356,11 @@ class Estimate:
         return out
 
     def _layer_blocks(self, names: list[str]) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """:meth:`_program_blocks` on the CPU (a CUDA model's recomputed gradients: see :meth:`cpu`)."""
+        for r0, r1, g in self._program_blocks(names):
+            yield r0, r1, _to_cpu(g)
+
+    def _program_blocks(self, names: list[str]) -> Iterator[tuple[int, int, dict[str, Any]]]:
         """``(r0, r1, {name: per-sample gradients [r1 - r0, numel] or sparse})`` of the stored
         records, by the per-layer program (:class:`LayerProgram`). Each block's layer taps
         (inputs and output gradients: one forward and one backward pass for all parameters)
@@ -483,7 +501,7 @@ class Estimate:
                 b = int(targets.shape[0]) if isinstance(targets, Tensor) else len(targets)
                 step = max(1, self.budget // max(numel, 1))
                 for a, (x, y) in zip(range(0, b, step), split_batch(inputs, targets, b, step)):
-                    g = self._program.per_sample_grads(x, y, [name])[name].reshape(-1, numel).to(torch.float64)
+                    g = self._program.per_sample_grads(x, y, [name])[name].reshape(-1, numel).to("cpu", torch.float64)
                     assert self._g_mean is not None and self._v_diag is not None
                     # psi_j / sqrt(Sigma_jj) = -(g_j - g_bar_j) / sqrt(V_jj) when H_jj > 0.
                     w = standardised_influence(g, *self._centring(name))
@@ -3815,3 +3833,33 @@ def _hutchinson_probe(program: LossProgram, inputs: Any, targets: Any,
         _, vjp_fn = torch.func.vjp(torch.func.grad(total), params)
         (hv,) = vjp_fn(v)
     return {k: v[k] * hv[k] for k in params}
+
+
+def _tensors(x: Any) -> Iterator[Tensor]:
+    """The tensors inside ``x`` (tensors, dataclass instances, mappings, lists and tuples)."""
+    if isinstance(x, Tensor):
+        yield x
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            yield from _tensors(getattr(x, f.name))
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def _to_cpu(x: Any) -> Any:
+    """``x`` with its tensors on the CPU (:func:`_tensors`' containers rebuilt; ``x`` itself
+    when they are all there already, so a CPU run's objects are the same objects)."""
+    if not any(t.device.type != "cpu" for t in _tensors(x)):
+        return x
+    if isinstance(x, Tensor):
+        return x.cpu()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _to_cpu(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init})
+    if isinstance(x, Mapping):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    items = [_to_cpu(v) for v in x]
+    return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)  # a namedtuple takes fields
