@@ -67,8 +67,12 @@ def test_mean_over_seeds_equals_the_exact_gauss_newton_diagonal(loss):
     K = 64
     mc = _acc(model, fn, X, Y, "ggn_mc")
     assert mc.hessian == "ggn_mc"
-    # more draws from the same program: its generator moves on, each call is a fresh draw
-    draws = [mc.factored.batch(X, Y, X.shape[0]) for _ in range(K)]
+    # more draws from the same program, one seed each: a record's draws are a function of its
+    # content and the seed (record_draws), so the same batch again at the same seed draws the same
+    draws = []
+    for k in range(K):
+        mc.factored.mc_seed = 1000 + k
+        draws.append(mc.factored.batch(X, Y, X.shape[0]))
     H = torch.stack([torch.cat([h[n] for n in mc.names]) for _, h, _ in draws])
     se = H.std(0) / K ** 0.5
     live = want.abs() > 1e-12 * float(want.abs().max())

@@ -862,9 +862,9 @@ class MomentAccumulator:
             raise ValueError(f"hessian must be 'auto', 'exact', 'ggn', 'ggn_mc', 'hutchinson' or 'ggn_residual', "
                              f"got {hessian!r}")
         self.ggn_mc_samples = ggn_mc_samples
-        # the Monte Carlo Gauss-Newton's labels: the accumulator's generator, else a private one
-        # with a fixed seed (reproducible; the global RNG is never drawn from)
-        self._mc_generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        # the Monte Carlo Gauss-Newton's draws: a hash of each record's content key and this seed
+        # (record_draws; the generator's seed is read, it is not drawn from, nor is the global RNG)
+        self._mc_seed = int(generator.initial_seed()) if generator is not None else 0
         self.mode, self.hessian = mode, hessian
         self.acc_dtype = torch.float64 if d <= 10_000_000 else torch.float32
         self.names = self.program.param_names
@@ -891,6 +891,7 @@ class MomentAccumulator:
         # outputs per record (an MLP classifier, found on the first batch), through the per-layer
         # program's partial traces (kfd34: _update_kron_side)
         self._kron_side: FactoredProgram | LayerProgram | None = None
+        self._draw_keys: _LazyKeys | None = None  # the batch being added's record keys (update)
         # why a per-layer program (the estimation's or the side one) refused the model at its first
         # batch (the NotImplementedError's message): where no program then gives the convolutions their
         # K-FAC correction, the diagnostics' "kfac_lost" and a report warning say so (_kfac_factors)
@@ -1011,7 +1012,7 @@ class MomentAccumulator:
             prog.close()
             return None
         prog.num_records, prog.group_budget = self.num_records, self.budget
-        prog.ggn_mode, prog.mc_samples, prog.generator = "auto", self.ggn_mc_samples, torch.Generator().manual_seed(0)
+        prog.ggn_mode, prog.mc_samples, prog.mc_seed = "auto", self.ggn_mc_samples, self._mc_seed
         return prog
 
     def _kron_program(self) -> FactoredProgram | LayerProgram | None:
@@ -1040,7 +1041,7 @@ class MomentAccumulator:
             prog = LayerProgram(self.model, self.loss_fn, self.names, self.fast_dtype, reference=self.program)
             prog.num_records, prog.group_budget = self.num_records, self.budget
             prog.ggn_mode = "auto" if self._request[1] == "auto" and self.hessian == "ggn" else self.hessian
-            prog.mc_samples, prog.generator = self.ggn_mc_samples, self._mc_generator
+            prog.mc_samples, prog.mc_seed = self.ggn_mc_samples, self._mc_seed
             return prog
         except NotImplementedError as exc:
             log.info("estimation: torch.func per-sample gradients (%s)", exc)
@@ -1129,6 +1130,8 @@ class MomentAccumulator:
                 "an attribute, e.g. a counter) even in eval mode, which the per-sample gradients "
                 "(torch.func) cannot differentiate through: update it in training mode only "
                 "(if self.training: ...) or outside forward") from exc
+        finally:
+            self._draw_keys = None  # the batch is not held past its update
 
     def _update(self, batch: Any, state: dict[str, Any] | None) -> int:
         st = self.state if state is None else state
@@ -1172,6 +1175,7 @@ class MomentAccumulator:
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
         # loader's order and whether batch_fn or a loss hook splits the batch.
         keys = record_keys(batch, None, b) if self.selection == "hash" else None
+        self._draw_keys = _LazyKeys(batch, b, keys)
         if self._loss_directions is None and self.mode != "exact":
             self._loss_directions = self._measure_loss_rank(inputs, targets, b)
         if self.factored is not None:
@@ -1180,6 +1184,7 @@ class MomentAccumulator:
                 self.factored.kron_rows = (self._kron_rows(st, self.factored, b)
                                            if self._kron_program() is self.factored else None)
             try:
+                self._give_draw_keys(self.factored)
                 fac = self.factored.batch(inputs, targets, b)
             except NotImplementedError as exc:
                 if int(st["n"]) > 0:
@@ -1210,6 +1215,14 @@ class MomentAccumulator:
             self._update_hutchinson(st, inputs, targets)
         st["n"] += b
         return b
+
+    def _give_draw_keys(self, prog: Any) -> None:
+        """Give a per-layer program that may draw Monte Carlo Gauss-Newton directions (the
+        estimation's own, the K-FAC side one) this batch's record keys, those of the raw batch
+        (:func:`record_keys`, as the record sample's), for its next ``batch`` call: each record's
+        draws are then a function of the record, not of the batch size, order or process split."""
+        if self._draw_keys is not None and isinstance(prog, LayerProgram) and prog.ggn_mode in ("ggn_mc", "auto") and prog.ggn_choice != "ggn":
+            prog.draw_keys = self._draw_keys()
 
     def _measure_loss_rank(self, inputs: Any, targets: Any, b: int) -> tuple[float, str]:
         """``(mean rank(L_i), how)`` over the first :data:`LOSS_RANK_RECORDS` records of a batch:
@@ -1564,6 +1577,7 @@ class MomentAccumulator:
                 side.kron_rows = self._kron_rows(st, side, b)
                 if not any(side.kron_rows.values()):  # every layer's factors have their records
                     return
+                self._give_draw_keys(side)
                 fac = side.batch(inputs, targets, b, squares=False)
             else:
                 fac = side.batch(inputs, targets, b)
@@ -2266,6 +2280,19 @@ class MomentAccumulator:
         merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
         R = self.num_records
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
+
+
+class _LazyKeys:
+    """A batch's :func:`record_keys`, hashed on the first call only (none where no program draws)."""
+
+    def __init__(self, batch: Any, b: int, keys: Tensor | None) -> None:
+        self._batch, self._b, self._keys = batch, b, keys
+
+    def __call__(self) -> Tensor:
+        if self._keys is None:
+            self._keys = record_keys(self._batch, None, self._b)
+            self._batch = None  # the keys are all that is kept
+        return self._keys
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
