@@ -19,6 +19,8 @@ same draws: still unbiased, their Monte Carlo errors are no longer independent.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -44,43 +46,56 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 14)
 
 
+def _mix32_int(x: int) -> int:
+    """:func:`_mix32` on one Python int (the per-draw-index constants)."""
+    for sh, c in ((17, 0xED5AD4BB), (11, 0xAC4C1B51), (15, 0x31848BAB)):
+        x = ((x ^ (x >> sh)) * c) & _M32
+    return x ^ (x >> 14)
+
+
+@functools.lru_cache(maxsize=64)
+def _index_words(s: int, words: int) -> tuple[int, ...]:
+    """The draw indices' 32-bit constants ``mix(s + (j + 1) * golden)``, ``j < words``."""
+    return tuple(_mix32_int((s + (j + 1) * 0x9E3779B9) & _M32) for j in range(words))
+
+
 def _fold_seed(seed: int, stream: int) -> int:
     """A 64-bit seed and a stream number as one 32-bit word."""
     s = int(seed) & ((1 << 64) - 1)
-    return ((s & _M32) ^ (s >> 32) ^ ((stream * 0x9E3779B9) & _M32)) & _M32
+    return ((s & _M32) ^ (s >> 32) ^ ((stream * 0x85EBCA6B) & _M32)) & _M32
 
 
-def record_words(keys: Tensor, seed: int, draws: int, stream: int = 0) -> tuple[Tensor, Tensor]:
-    """Two ``[b, draws]`` int64 tensors of uniform 32-bit words (values in ``[0, 2^32)``), word
-    ``j`` of record ``r`` a function of ``(seed, stream, keys[r], j)`` only.
+def record_words(keys: Tensor, seed: int, words: int, stream: int = 0) -> Tensor:
+    """``[b, words]`` int64 uniform 32-bit words (values in ``[0, 2^32)``), word ``j`` of record
+    ``r`` a function of ``(seed, stream, keys[r], j)`` only: ``mix(mix(key ^ s) ^ c_j)`` with
+    ``s`` the folded seed and ``c_j`` a hashed constant per index (two hashes per word, 3 int64
+    passes each over ``[b, words]``: the cost is torch's per-op overhead at these sizes).
 
     Args:
         keys: ``[b]`` int64 record content keys (non-negative, below ``2^31``:
             :func:`~mis_lightning.estimation.records.record_keys`); their device is the output's.
         seed: the scoring seed (any int; folded to 32 bits).
-        draws: words per record (``>= 1``).
+        words: words per record (``>= 1``).
         stream: separates independent uses of the same keys and seed.
 
     Raises:
-        ValueError: ``keys`` not a 1-D integer tensor, or ``draws < 1``.
+        ValueError: ``keys`` not a 1-D integer tensor, or ``words < 1``.
     """
     if keys.dim() != 1 or keys.is_floating_point() or keys.is_complex():
         raise ValueError(f"record keys must be a 1-D integer tensor, got {tuple(keys.shape)} {keys.dtype}")
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
+    if words < 1:
+        raise ValueError(f"words must be >= 1, got {words}")
     s = _fold_seed(seed, stream)
     h = _mix32((keys.to(torch.int64) & _M32) ^ s).unsqueeze(1)  # [b, 1]
-    j = torch.arange(draws, dtype=torch.int64, device=keys.device).unsqueeze(0)  # [1, draws]
-    w1 = _mix32(h ^ _mix32((2 * j + 1) & _M32))
-    w2 = _mix32(w1 ^ _mix32((2 * j + 2) & _M32) ^ s)
-    return w1, w2
+    c = torch.tensor(_index_words(s, words), dtype=torch.int64, device=keys.device)
+    return _mix32(h ^ c)
 
 
 def record_uniforms(keys: Tensor, seed: int, draws: int, stream: int = 0) -> Tensor:
     """``[b, draws]`` float64 uniforms in ``(0, 1)`` with 53 random bits (two words of
     :func:`record_words`), each a function of ``(seed, stream, key, draw index)``."""
-    w1, w2 = record_words(keys, seed, draws, stream)
-    return ((w1 << 21) + (w2 >> 11)).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
+    w = record_words(keys, seed, 2 * draws, stream)
+    return ((w[:, 0::2] << 21) + (w[:, 1::2] >> 11)).to(torch.float64).add_(0.5).mul_(2.0 ** -53)
 
 
 def record_labels(p: Tensor, keys: Tensor, seed: int, samples: int, stream: int = 0) -> Tensor:
@@ -88,12 +103,12 @@ def record_labels(p: Tensor, keys: Tensor, seed: int, samples: int, stream: int 
     ``p[r]`` (``[b, C]``, rows summing to 1) by inverse CDF of :func:`record_uniforms`."""
     u = record_uniforms(keys.to(p.device), seed, samples, stream)  # [b, S]
     cdf = torch.cumsum(p.to(torch.float64), -1)  # [b, C]
-    y = torch.searchsorted(cdf.contiguous(), u.contiguous(), right=True)  # first c with cdf_c > u
-    return y.clamp_(max=p.shape[-1] - 1).T.contiguous()
+    y = torch.searchsorted(cdf, u, right=True)  # the first c with cdf_c > u
+    return y.clamp_(max=p.shape[-1] - 1).T
 
 
 def record_signs(keys: Tensor, seed: int, samples: int, width: int, stream: int = 0) -> Tensor:
     """``[samples, b, width]`` float64 Rademacher signs (``+-1``, each 1/2), entry ``(s, r, k)`` a
-    function of ``(seed, stream, keys[r], s * width + k)`` (one bit of a uniform word)."""
-    w1, _ = record_words(keys, seed, samples * width, stream)
-    return ((w1 & 1).to(torch.float64) * 2 - 1).reshape(-1, samples, width).transpose(0, 1)
+    function of ``(seed, stream, keys[r], s * width + k)`` (the low bit of a uniform word)."""
+    w = record_words(keys, seed, samples * width, stream)
+    return ((w & 1).to(torch.float64) * 2 - 1).reshape(-1, samples, width).transpose(0, 1)
