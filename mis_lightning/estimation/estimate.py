@@ -1000,7 +1000,8 @@ class MomentAccumulator:
         ``None`` where it has no Kronecker block (an all-Linear model with a norm, an embedding,
         tied weights, or a refused layer). Its Gauss-Newton directions are chosen as the
         ``"ggn"`` estimator's default (``"auto"``: sampled labels above
-        ``GGN_EXACT_MAX_DIRECTIONS``), from a private generator (the estimator's draws do not move)."""
+        ``GGN_EXACT_MAX_DIRECTIONS``), each record's a hash of its content key and the seed
+        (:mod:`~mis_lightning.estimation.record_draws`), as the estimator's."""
         names = per_layer_parameters(self.model, self.names)
         if not names:
             return None
@@ -3416,7 +3417,9 @@ def estimate(
         dtype: compute dtype (default float64 up to 10^5 parameters, float32 above; the
             diagonal estimator's per-layer passes: float64 up to 10^4, float32 above, summed
             in float64).
-        generator: random stream of the Hutchinson probes and the sampled labels.
+        generator: random stream of the Hutchinson probes; its seed (read, not drawn from) seeds
+            the sampled labels, each record's a hash of its content key, the seed and the draw
+            index (:mod:`~mis_lightning.estimation.record_draws`).
         use_factors: use the factored path for ``nn.Linear`` layers (same numbers, much
             faster; see ``linear_factors``) where the model allows it.
 
