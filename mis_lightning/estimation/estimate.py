@@ -880,9 +880,9 @@ class MomentAccumulator:
             raise ValueError(f"hessian must be 'auto', 'exact', 'ggn', 'ggn_mc', 'hutchinson' or 'ggn_residual', "
                              f"got {hessian!r}")
         self.ggn_mc_samples = ggn_mc_samples
-        # the Monte Carlo Gauss-Newton's labels: the accumulator's generator, else a private one
-        # with a fixed seed (reproducible; the global RNG is never drawn from)
-        self._mc_generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        # the Monte Carlo Gauss-Newton's draws: a hash of each record's content key and this seed
+        # (record_draws; the generator's seed is read, it is not drawn from, nor is the global RNG)
+        self._mc_seed = int(generator.initial_seed()) if generator is not None else 0
         self.mode, self.hessian = mode, hessian
         self.acc_dtype = torch.float64 if d <= 10_000_000 else torch.float32
         self.names = self.program.param_names
@@ -909,6 +909,7 @@ class MomentAccumulator:
         # outputs per record (an MLP classifier, found on the first batch), through the per-layer
         # program's partial traces (kfd34: _update_kron_side)
         self._kron_side: FactoredProgram | LayerProgram | None = None
+        self._draw_keys: _LazyKeys | None = None  # the batch being added's record keys (update)
         # why a per-layer program (the estimation's or the side one) refused the model at its first
         # batch (the NotImplementedError's message): where no program then gives the convolutions their
         # K-FAC correction, the diagnostics' "kfac_lost" and a report warning say so (_kfac_factors)
@@ -1017,7 +1018,8 @@ class MomentAccumulator:
         ``None`` where it has no Kronecker block (an all-Linear model with a norm, an embedding,
         tied weights, or a refused layer). Its Gauss-Newton directions are chosen as the
         ``"ggn"`` estimator's default (``"auto"``: sampled labels above
-        ``GGN_EXACT_MAX_DIRECTIONS``), from a private generator (the estimator's draws do not move)."""
+        ``GGN_EXACT_MAX_DIRECTIONS``), each record's a hash of its content key and the seed
+        (:mod:`~mis_lightning.estimation.record_draws`), as the estimator's."""
         names = per_layer_parameters(self.model, self.names)
         if not names:
             return None
@@ -1029,7 +1031,7 @@ class MomentAccumulator:
             prog.close()
             return None
         prog.num_records, prog.group_budget = self.num_records, self.budget
-        prog.ggn_mode, prog.mc_samples, prog.generator = "auto", self.ggn_mc_samples, torch.Generator().manual_seed(0)
+        prog.ggn_mode, prog.mc_samples, prog.mc_seed = "auto", self.ggn_mc_samples, self._mc_seed
         return prog
 
     def _kron_program(self) -> FactoredProgram | LayerProgram | None:
@@ -1058,7 +1060,7 @@ class MomentAccumulator:
             prog = LayerProgram(self.model, self.loss_fn, self.names, self.fast_dtype, reference=self.program)
             prog.num_records, prog.group_budget = self.num_records, self.budget
             prog.ggn_mode = "auto" if self._request[1] == "auto" and self.hessian == "ggn" else self.hessian
-            prog.mc_samples, prog.generator = self.ggn_mc_samples, self._mc_generator
+            prog.mc_samples, prog.mc_seed = self.ggn_mc_samples, self._mc_seed
             return prog
         except NotImplementedError as exc:
             log.info("estimation: torch.func per-sample gradients (%s)", exc)
@@ -1147,6 +1149,8 @@ class MomentAccumulator:
                 "an attribute, e.g. a counter) even in eval mode, which the per-sample gradients "
                 "(torch.func) cannot differentiate through: update it in training mode only "
                 "(if self.training: ...) or outside forward") from exc
+        finally:
+            self._draw_keys = None  # the batch is not held past its update
 
     def _update(self, batch: Any, state: dict[str, Any] | None) -> int:
         st = self.state if state is None else state
@@ -1190,6 +1194,7 @@ class MomentAccumulator:
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
         # loader's order and whether batch_fn or a loss hook splits the batch.
         keys = record_keys(batch, None, b) if self.selection == "hash" else None
+        self._draw_keys = _LazyKeys(batch, b, keys)
         if self._loss_directions is None and self.mode != "exact":
             self._loss_directions = self._measure_loss_rank(inputs, targets, b)
         if self.factored is not None:
@@ -1198,6 +1203,7 @@ class MomentAccumulator:
                 self.factored.kron_rows = (self._kron_rows(st, self.factored, b)
                                            if self._kron_program() is self.factored else None)
             try:
+                self._give_draw_keys(self.factored)
                 fac = self.factored.batch(inputs, targets, b)
             except NotImplementedError as exc:
                 if int(st["n"]) > 0:
@@ -1228,6 +1234,14 @@ class MomentAccumulator:
             self._update_hutchinson(st, inputs, targets)
         st["n"] += b
         return b
+
+    def _give_draw_keys(self, prog: Any) -> None:
+        """Give a per-layer program that may draw Monte Carlo Gauss-Newton directions (the
+        estimation's own, the K-FAC side one) this batch's record keys, those of the raw batch
+        (:func:`record_keys`, as the record sample's), for its next ``batch`` call: each record's
+        draws are then a function of the record, not of the batch size, order or process split."""
+        if self._draw_keys is not None and isinstance(prog, LayerProgram) and prog.ggn_mode in ("ggn_mc", "auto") and prog.ggn_choice != "ggn":
+            prog.draw_keys = self._draw_keys()
 
     def _measure_loss_rank(self, inputs: Any, targets: Any, b: int) -> tuple[float, str]:
         """``(mean rank(L_i), how)`` over the first :data:`LOSS_RANK_RECORDS` records of a batch:
@@ -1582,6 +1596,7 @@ class MomentAccumulator:
                 side.kron_rows = self._kron_rows(st, side, b)
                 if not any(side.kron_rows.values()):  # every layer's factors have their records
                     return
+                self._give_draw_keys(side)
                 fac = side.batch(inputs, targets, b, squares=False)
             else:
                 fac = side.batch(inputs, targets, b)
@@ -2284,6 +2299,19 @@ class MomentAccumulator:
         merged = {m: tuple(torch.cat([p[m][i] for p in per_layer]) for i in range(3)) for m in per_layer[0]}
         R = self.num_records
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
+
+
+class _LazyKeys:
+    """A batch's :func:`record_keys`, hashed on the first call only (none where no program draws)."""
+
+    def __init__(self, batch: Any, b: int, keys: Tensor | None) -> None:
+        self._batch, self._b, self._keys = batch, b, keys
+
+    def __call__(self) -> Tensor:
+        if self._keys is None:
+            self._keys = record_keys(self._batch, None, self._b)
+            self._batch = None  # the keys are all that is kept
+        return self._keys
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
@@ -3407,7 +3435,9 @@ def estimate(
         dtype: compute dtype (default float64 up to 10^5 parameters, float32 above; the
             diagonal estimator's per-layer passes: float64 up to 10^4, float32 above, summed
             in float64).
-        generator: random stream of the Hutchinson probes and the sampled labels.
+        generator: random stream of the Hutchinson probes; its seed (read, not drawn from) seeds
+            the sampled labels, each record's a hash of its content key, the seed and the draw
+            index (:mod:`~mis_lightning.estimation.record_draws`).
         use_factors: use the factored path for ``nn.Linear`` layers (same numbers, much
             faster; see ``linear_factors``) where the model allows it.
 

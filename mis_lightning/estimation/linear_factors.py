@@ -36,6 +36,8 @@ from torch import Tensor, nn
 
 from .._modelcopy import private_copy
 from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
+from .record_draws import record_labels, record_signs
+from .records import record_keys
 
 
 @dataclass
@@ -1820,9 +1822,12 @@ class LayerProgram:
         self.names, self.loss_fn, self.dtype = names, loss_fn, dtype
         self.reference = reference  # a LossProgram: the first batch's check
         # the Gauss-Newton diagonal (set by the accumulator): "ggn" (exact, rank(L) directions),
-        # "ggn_mc" (mc_samples Monte Carlo directions per record, drawn from generator) or
-        # "auto"; ggn_choice: what the first batch chose
-        self.ggn_mode, self.mc_samples, self.generator = "ggn", 1, None
+        # "ggn_mc" (mc_samples Monte Carlo directions per record, a function of the record's
+        # content key and mc_seed: record_draws) or "auto"; ggn_choice: what the first batch
+        # chose. draw_keys: the next batch() call's record keys, set by the accumulator (those of
+        # its raw batch, as the record sample's) and used once; None: the keys of the batch given
+        self.ggn_mode, self.mc_samples, self.mc_seed = "ggn", 1, 0
+        self.draw_keys: Tensor | None = None
         self.ggn_choice: str | None = None
         self.ggn_directions = 0
         self._ce_hessian_checked = False  # the loss's Hessian in the outputs matched diag(p) - p p' once
@@ -2063,6 +2068,7 @@ class LayerProgram:
         the directions' Kronecker factors only (:attr:`kron_rows`), the diagonal sums left zero
         (the side program of an estimator whose Hessian diagonal comes from elsewhere, kfd34)."""
         f64 = torch.float64
+        draw_keys, self.draw_keys = self.draw_keys, None  # this batch's only
         h_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
         h2_all = None
         with torch.enable_grad():
@@ -2080,7 +2086,10 @@ class LayerProgram:
                     mc = self.ggn_mode == "ggn_mc" or (self.ggn_mode == "auto" and len(keep) > GGN_EXACT_MAX_DIRECTIONS)
                     self.ggn_choice, self.ggn_directions = ("ggn_mc" if mc else "ggn"), len(keep)
                 if self.ggn_choice == "ggn_mc":
-                    dirs = self._mc_directions(f.detach(), _cast(targets, self.dtype), L, lam, vec)
+                    keys = draw_keys if draw_keys is not None else record_keys(inputs, targets, b)
+                    if keys.shape != (b,):
+                        raise ValueError(f"draw_keys: {tuple(keys.shape)} keys for a batch of {b} records")
+                    dirs = self._mc_directions(f.detach(), _cast(targets, self.dtype), L, lam, vec, keys)
                     h2_all = {k: torch.zeros(self._numels[k], dtype=f64) for k in self.names}
                 else:
                     split = self._ce_directions(f.detach(), _cast(targets, self.dtype), L, rel * float(lam.abs().max()))
@@ -2179,10 +2188,13 @@ class LayerProgram:
                 if float(lam[:, k].max()) > floor]
         return w.to(fd.dtype), dirs
 
-    def _mc_directions(self, fd: Tensor, targets: Any, L: Tensor, lam: Tensor, vec: Tensor
+    def _mc_directions(self, fd: Tensor, targets: Any, L: Tensor, lam: Tensor, vec: Tensor, keys: Tensor
                        ) -> list[tuple[Tensor, Tensor]]:
         """:attr:`mc_samples` directions ``(a [B, C], sign [B])`` per record with
-        ``E[a a'] = L`` (the loss Hessian in the outputs), drawn from :attr:`generator`.
+        ``E[a a'] = L`` (the loss Hessian in the outputs), each record's a function of its
+        content key (``keys [B]``), :attr:`mc_seed` and the draw index only
+        (:mod:`~mis_lightning.estimation.record_draws`): the same whatever the batch size,
+        order or process split.
 
         Softmax cross-entropy on class labels (checked on the batch: ``dl/do = p - onehot(y)``
         and ``L = diag(p) - p p'`` with ``p = softmax(o)``): ``a = dl/do`` at a label drawn
@@ -2190,22 +2202,19 @@ class LayerProgram:
         BackPACK's ``DiagGGNMC``; ``p - onehot(y~)``, as the check allows). Any other loss: ``a = V |Lambda|^{1/2} xi`` with Rademacher
         ``xi`` over the eigen-directions of ``L`` (the same covariance), one direction for the
         positive and (where ``L`` is indefinite) one with sign ``-1`` for the negative part."""
-        gen, S = self.generator, self.mc_samples
+        S = self.mc_samples
         b, c = fd.shape
+        keys = keys.to(fd.device)
         p = self._softmax_ce(fd, targets, L)
         if p is not None:
-            out = []
-            for _ in range(S):
-                y = torch.multinomial(p.to(torch.float64), 1, generator=gen).reshape(b)
-                out.append((p - torch.nn.functional.one_hot(y, c).to(p.dtype), torch.ones(b, dtype=fd.dtype)))
-            return out
+            ys = record_labels(p, keys, self.mc_seed, S)  # [S, B]
+            return [(p - torch.nn.functional.one_hot(y, c).to(p.dtype), torch.ones(b, dtype=fd.dtype)) for y in ys]
         scale = lam.abs().sqrt()
         # eigenvalues within rounding of 0 (e.g. a softmax's constant direction) are 0: no
         # backward pass for a negative part that is only rounding
         tol = 100 * torch.finfo(lam.dtype).eps * max(float(lam.abs().max()), 1e-300)
         out = []
-        for _ in range(S):
-            xi = torch.randint(0, 2, (b, c), generator=gen).to(lam.dtype) * 2 - 1
+        for xi in record_signs(keys, self.mc_seed, S, c, stream=1).to(lam.dtype):  # [B, C] each
             for part, sign in ((lam > tol, 1.0), (lam < -tol, -1.0)):
                 if part.any():
                     a = torch.einsum("bck,bk->bc", vec, scale * xi * part)
