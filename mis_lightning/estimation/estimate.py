@@ -585,33 +585,6 @@ def forward_floats(model: nn.Module, inputs: Any, b: int) -> float | None:
     return counter.total / max(b, 1)
 
 
-def _check_recurrent_estimator(recurrent: list[str], mode: str, hessian: str, ggn: bool) -> None:
-    """Refuse the estimators that vmap the whole forward on a model with recurrent layers
-    (frozen or not; their fused kernels fail as "output with shape [1, H] doesn't match the
-    broadcast shape [B, 1, H]"): the exact sandwich, the exact Hessian diagonal and Hutchinson's
-    Hessian-vector products. The Gauss-Newton diagonal reads the layers around them.
-
-    Raises:
-        ValueError: naming the layers, what was asked and the fix.
-    """
-    if not recurrent:
-        return
-    if mode == "exact":
-        asked = "estimation='exact'"
-    elif hessian in ("exact", "hutchinson"):
-        asked = f"hessian={hessian!r}"
-    else:
-        return
-    fix = ("leave estimation and hessian at 'auto' (the diagonal sandwich with the Gauss-Newton Hessian, "
-           "which reads the layers around the recurrent ones)" if ggn else
-           "the Gauss-Newton Hessian, which reads the layers around them, needs the model's outputs: pass "
-           "loss_fn (outputs, targets) instead of a mis_per_sample_loss hook")
-    raise ValueError(
-        f"{asked} takes torch.func's vmap over the whole forward, which cannot batch the model's "
-        f"{', '.join(recurrent)} layers (frozen or not: 'output with shape [1, H] doesn't match the "
-        f"broadcast shape [B, 1, H]'); {fix}")
-
-
 def choose_estimator(
     model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
     n: int | None = None, ggn: bool = True, reused: Iterable[str] = (),
@@ -667,14 +640,10 @@ def choose_estimator(
     reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
     reuse += list(reused)
     cost = None if forward_floats is None else (n or N_ASSUMED) * d * forward_floats
-    recurrent = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))})
-    _check_recurrent_estimator(recurrent, mode, hessian, ggn)
     symmetric = list(symmetric)
     reuse_max = SYMMETRY_EXACT_MAX_COST if symmetric else EXACT_REUSE_MAX_COST
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
-    elif recurrent:  # torch.func cannot batch them: the exact Hessian's vmap over the model fails
-        why = f"{'; '.join(recurrent)} layers (torch.func cannot batch them for the exact Hessian)"
     elif reuse and cost is not None and cost > reuse_max:
         why = (f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward, "
                f"n d x forward floats = {cost:.2g} > {reuse_max:.0g})")
@@ -685,7 +654,7 @@ def choose_estimator(
     cheap_exact = not why
     reason = "requested"
     reuse_cost_only = bool(reuse) and cost is not None and cost > reuse_max and d <= EXACT_MAX_PARAMS \
-        and not recurrent and not ((n or N_ASSUMED) * d * d > EXACT_MAX_COST)
+        and not ((n or N_ASSUMED) * d * d > EXACT_MAX_COST)
     # convolutional networks only (measured, gn28): a Linear over atoms or positions keeps its choice
     conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     if mode == "auto" and hessian == "auto" and reuse_cost_only and conv and ggn and outputs is not None \
@@ -715,8 +684,6 @@ def choose_estimator(
         raise ValueError("hessian='ggn_residual' is the exact sandwich's Hessian: use it with mode='exact' "
                          "(or leave both at 'auto')")
     if hessian == "auto":
-        if recurrent and not ggn:  # auto would take Hutchinson's probes through the recurrent layers
-            _check_recurrent_estimator(recurrent, mode, "hutchinson", ggn)
         # the diagonal sandwich asked for (or chosen): its exact Hessian diagonal only for dense
         # models; with weight reuse it would cost the d passes the diagonal mode is there to avoid
         if cheap_exact and reuse:
@@ -3535,6 +3502,14 @@ def hessian_chunk(f: Callable[[Tensor], Tensor], flat0: Tensor, budget: int = HE
 HESSIAN_FORWARD_AD = True
 
 
+def _forward_ad_first(program: LossProgram) -> bool:
+    """Whether second derivatives try forward-over-reverse first (:data:`HESSIAN_FORWARD_AD`),
+    except for a model with recurrent layers (``program.looped``): there torch's first forward-AD
+    pass through the recurrent kernel cost ~5 s (a 3-unit LSTM, one core, once per process) and
+    every later one ~2x reverse-over-reverse (docs/benchmarks.md, "rn43")."""
+    return HESSIAN_FORWARD_AD and not getattr(program, "looped", False)
+
+
 def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[str],
                    offsets: dict[str, tuple[int, int]], d: int) -> Tensor:
     """Hessian ``[d, d]`` of the batch's summed loss in the flattened parameters, its tangents
@@ -3569,7 +3544,7 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
     with program.second_derivatives():  # the forward as these passes evaluate it, chunk included
         chunk = hessian_chunk(f, flat0)
         try:
-            H = forward_over_reverse() if HESSIAN_FORWARD_AD else None
+            H = forward_over_reverse() if _forward_ad_first(program) else None
         except (NotImplementedError, RuntimeError) as exc:
             if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
                 raise
@@ -3630,7 +3605,7 @@ def _record_curvature(program: LossProgram, inputs: Any, targets: Any, J: Tensor
     # forward AD is missing or asymmetric (an embedding's padding_idx, as in _batch_hessian)
     S = None
     try:
-        S = curvature(False) if HESSIAN_FORWARD_AD else None
+        S = curvature(False) if _forward_ad_first(program) else None
     except (NotImplementedError, RuntimeError) as exc:
         if "forward ad" not in str(exc).lower() and "forward-mode" not in str(exc).lower():
             raise

@@ -522,6 +522,15 @@ def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
                 object.__setattr__(module, key, value.detach().to(dtype))
 
 
+#: layers whose torch kernels do not batch under a vmap over the records (the recurrent ones)
+RECURRENT_LAYERS: tuple[type[nn.Module], ...] = (nn.RNNBase, nn.RNNCellBase)
+
+
+def has_recurrent_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds a recurrent layer (:data:`RECURRENT_LAYERS`)."""
+    return any(isinstance(m, RECURRENT_LAYERS) for m in model.modules())
+
+
 @dataclass
 class LossProgram:
     """A model, its per-sample loss and the batch layout, as pure functions of the parameters.
@@ -576,6 +585,10 @@ class LossProgram:
                       for n, p in named.items() if n not in self.params}
         self.buffers = {n: private(b) for n, b in self.model.named_buffers()}
         self._checked = False
+        # records one at a time where the forward holds a recurrent layer (frozen or not): torch's
+        # RNN kernels do not batch under a vmap over the records ("output with shape [1, H] doesn't
+        # match the broadcast shape [B, 1, H]"); vmaps over tangents or directions of one record do
+        self.looped = has_recurrent_layers(self.model)
         # the first batch checks that the forward reads every trainable parameter through the
         # substitution (a closure, container or view holding the tensor would not: SwapCheck)
         self._swap_check: SwapCheck | None = SwapCheck(original, self.model, self.param_names)
@@ -698,7 +711,7 @@ class LossProgram:
         def one(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
             return self._one_loss({**fixed_extra, **p}, x, y)
 
-        if not looped:
+        if not (looped or self.looped):
             return vmap(grad(one), in_dims=(None, 0, 0))(params, inputs, targets)
         rows = [grad(one)(params, _rows_of(inputs, i), _rows_of(targets, i)) for i in range(_batch_size(inputs))]
         return {n: torch.stack([r[n] for r in rows]) for n in params}
@@ -711,7 +724,7 @@ class LossProgram:
             o = self._one_output(p, x)
             return o, o.detach()
 
-        if looped:
+        if looped or self.looped:
             rows = [jacrev(f, has_aux=True)(self.params, _rows_of(inputs, i)) for i in range(_batch_size(inputs))]
             return torch.stack([o for _, o in rows]), {n: torch.stack([j[n] for j, _ in rows]) for n in self.params}
         # One forward serves both (has_aux), instead of a second vmapped forward for the outputs.
@@ -740,7 +753,11 @@ class LossProgram:
         the output Jacobians (the diagonal estimator's count of loss directions, ``rank(L_i)``;
         method.md section 4, "Finite-sample (leverage) correction")."""
         with torch.no_grad():
-            out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
+            if self.looped:
+                out = torch.stack([self._one_output(self.params, _rows_of(inputs, i))
+                                   for i in range(_batch_size(inputs))])
+            else:
+                out = vmap(self._one_output, in_dims=(None, 0))(self.params, inputs)
 
         def one(o: Tensor, y: Any) -> Tensor:
             return self.loss_fn(_unflatten_record(o, out_shape), _unsqueeze(y)).reshape(())
@@ -786,7 +803,12 @@ class LossProgram:
             return torch.func.jvp(lambda p: per_record_grad(p, x, y), (params,), (v,))[1]
 
         with self.second_derivatives():
-            return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))(inputs, targets, directions)
+            if not self.looped:
+                return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))(inputs, targets, directions)
+            rows = [vmap(hvp, in_dims=(None, None, 0))(_rows_of(inputs, i), _rows_of(targets, i),
+                                                       {n: v[i] for n, v in directions.items()})
+                    for i in range(_batch_size(inputs))]
+            return {n: torch.stack([r[n] for r in rows]) for n in directions}
 
     def output_shape(self, inputs: Any) -> OutputShape:
         """Per-record shape of the model's output: a tensor's shape without the batch dim, or an
