@@ -33,6 +33,8 @@ from typing import Any
 
 from torch import Tensor
 
+from ._fields import CheckedFields
+
 __all__ = ["DEFAULT_CHUNK", "EstimationConfig", "ScoringConfig", "compile_policy_from_env",
            "scoring_only", "stage_configs"]
 
@@ -137,7 +139,7 @@ def check_weight_decay(wd: Any) -> float | dict[str, float]:
 
 
 @dataclass(frozen=True)
-class EstimationConfig:
+class EstimationConfig(CheckedFields):
     """Options of the estimation pass (``sigma`` and the influences ``w``; method.md section 4).
 
     Args:
@@ -253,7 +255,7 @@ class EstimationConfig:
 
 
 @dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(CheckedFields):
     """Options of the scoring stage (per scheme: cell moments, leakage, interval; method.md
     sections 3, 5 and 7).
 
@@ -325,6 +327,9 @@ class ScoringConfig:
 ALIASES: dict[str, tuple[str, bool]] = {"estimation": ("mode", False), "num_samples": ("mc_draws", True)}
 _EST_FIELDS = frozenset(f.name for f in dataclasses.fields(EstimationConfig))
 _SC_FIELDS = frozenset(f.name for f in dataclasses.fields(ScoringConfig))
+# the same names for the configs built directly: EstimationConfig(estimation=...) names mode=
+EstimationConfig.FIELD_ALIASES = {k: f for k, (f, _) in ALIASES.items() if f in _EST_FIELDS}
+ScoringConfig.FIELD_ALIASES = {k: f for k, (f, _) in ALIASES.items() if f in _SC_FIELDS}
 
 
 def stage_configs(

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._fields import CheckedFields
 from ._modelcopy import private_copy
 from ._rng import restores_rng
 from .assess import (
@@ -113,7 +114,7 @@ HIGHER_IS_BETTER_NAMES = HIGHER_IS_BETTER  # the report's list: verdict, figure 
 
 
 @dataclasses.dataclass
-class PlanConfig:
+class PlanConfig(CheckedFields):
     """The planner's options (one place for every front end: ``plan()``, ``MISCallback(plan=)``,
     the app's ``plan`` config group).
 

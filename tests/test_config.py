@@ -141,6 +141,38 @@ def test_unknown_keywords_raise_and_score_is_a_deprecated_alias():
         ml.assess(seq, ["rtn_int8"], dl, mse, params=["0"])
 
 
+@pytest.mark.parametrize("build, match", [
+    (lambda: EstimationConfig(estimation="exact"),
+     r"EstimationConfig\(\) got unexpected keyword argument\(s\) \['estimation'\] \('estimation': the field is 'mode' "
+     r"\(the front ends' keyword estimation= sets it; here EstimationConfig\(mode=\.\.\.\)\)\): its fields are \["),
+    (lambda: ScoringConfig(num_samples=64), r"'num_samples': the field is 'mc_draws'"),
+    (lambda: ScoringConfig(methd="mc"), r"ScoringConfig\(\) .*\['methd'\] \('methd': did you mean 'method'\?\)"),
+    (lambda: ml.PlanConfig(target_mis_=0.1), r"PlanConfig\(\) .*\['target_mis_'\] \('target_mis_': did you mean 'target_mis'\?\)"),
+    (lambda: ml.quantization.rtn.RoundToNearestInt(bit=4), r"RoundToNearestInt\(\) .*'bit': did you mean 'bits'\?.*\['bits', 'filter_fn'\]"),
+    (lambda: ml.quantization.native.NativeInt8Dynamic(granularty="per_row"), r"NativeInt8Dynamic\(\) .*did you mean 'granularity'"),
+])
+def test_a_misnamed_config_field_names_it_and_the_field_meant(build, match):
+    """Every public option dataclass took a dataclass's bare "__init__() got an unexpected keyword
+    argument 'estimation'" (nu42a), naming neither the field meant nor the others. One check
+    (mis_lightning._fields.CheckedFields) now names the keyword, the field (the front ends' alias
+    estimation= -> mode, num_samples= -> mc_draws) or the closest ones, and every field."""
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_checked_configs_still_copy_pickle_and_replace():
+    import copy
+    import pickle
+
+    e = EstimationConfig(mode="exact", num_records=8)
+    assert copy.deepcopy(e) == e == pickle.loads(pickle.dumps(e))
+    assert dataclasses.replace(e, mode="diagonal").mode == "diagonal"
+    r = ml.quantization.rtn.RoundToNearestInt(4)  # positional fields pass as before
+    assert copy.deepcopy(r) == r == pickle.loads(pickle.dumps(r)) and r.name == "rtn_int4"
+    with pytest.raises(TypeError, match=r"'mod': did you mean 'mode'"):
+        dataclasses.replace(e, mod="x")
+
+
 def test_one_progress_hook_reports_estimation_and_schemes():
     m, dl, _, _ = _problem()
     seen: list[tuple[str, int]] = []

@@ -29,6 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from .._fields import CheckedFields
 from .._modelcopy import private_copy
 from ..functional import (
     CellMoments,
@@ -2573,7 +2574,7 @@ def _plain(v: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class SchemeConfig(QuantizationScheme):
+class SchemeConfig(CheckedFields, QuantizationScheme):
     """Base of schemes written as frozen dataclasses, as torchao writes its ``*Config``s.
 
     A scheme is its fields: two schemes with equal fields are equal (and hash alike), its

@@ -1,0 +1,76 @@
+"""Misnamed options of the public option dataclasses (:class:`~mis_lightning.config.EstimationConfig`,
+:class:`~mis_lightning.config.ScoringConfig`, :class:`~mis_lightning.planning.PlanConfig`, every
+quantization :class:`~mis_lightning.quantization.base.SchemeConfig`, a user's own subclasses
+included): one check, declared here, that names the unknown keyword and the field meant.
+
+A dataclass's generated ``__init__`` raises a bare ``TypeError: __init__() got an unexpected
+keyword argument 'estimation'`` that names neither the field meant nor the other fields (nu42a:
+``EstimationConfig(estimation="exact")``, whose field is ``mode``). ``__new__`` runs before
+``__init__`` with the same arguments, so a base class's ``__new__`` checks the keywords of every
+dataclass below it, without touching their generated ``__init__``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+__all__ = ["CheckedFields", "unknown_fields_error"]
+
+_ACCEPTED: dict[type, frozenset[str] | None] = {}  # per class: its __init__'s keywords (None: any)
+
+
+def _accepted(cls: type) -> frozenset[str] | None:
+    if cls not in _ACCEPTED:
+        try:
+            params = inspect.signature(cls.__init__).parameters.values()
+        except (TypeError, ValueError):  # no signature to read: no check
+            _ACCEPTED[cls] = None
+        else:
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            _ACCEPTED[cls] = None if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) else \
+                frozenset(p.name for p in params if p.kind in kinds and p.name != "self")
+    return _ACCEPTED[cls]
+
+
+def unknown_fields_error(cls: type, bad: list[str], known: frozenset[str],
+                         aliases: Mapping[str, str]) -> TypeError:
+    """The ``TypeError`` for keywords ``bad`` that ``cls`` has no field for: for each, the field
+    it names elsewhere (``aliases``: the front ends' keyword for a field) or the closest fields
+    (:func:`difflib.get_close_matches`), then every field."""
+    hints = []
+    for k in bad:
+        if k in aliases and aliases[k] in known:
+            hints.append(f"{k!r}: the field is {aliases[k]!r} (the front ends' keyword {k}= sets it; "
+                         f"here {cls.__name__}({aliases[k]}=...))")
+            continue
+        close = difflib.get_close_matches(k, sorted(known), n=2, cutoff=0.6)
+        if close:
+            hints.append(f"{k!r}: did you mean {' or '.join(repr(c) for c in close)}?")
+    return TypeError(f"{cls.__name__}() got unexpected keyword argument(s) {bad}"
+                     + (f" ({'; '.join(hints)})" if hints else "") + f": its fields are {sorted(known)}")
+
+
+class CheckedFields:
+    """Base of the public option dataclasses: an unknown keyword raises a ``TypeError`` naming
+    it and the field meant (:func:`unknown_fields_error`) instead of the generated ``__init__``'s
+    bare one. ``FIELD_ALIASES``: ``{keyword the front ends take: field}`` (``estimation`` for
+    ``mode``). Positional arguments and a class whose ``__init__`` takes ``**kwargs`` pass as
+    before.
+
+    Raises:
+        TypeError: from construction, as above.
+    """
+
+    FIELD_ALIASES: ClassVar[Mapping[str, str]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            known = _accepted(cls)
+            if known is not None:
+                bad = [k for k in kwargs if k not in known]
+                if bad:
+                    raise unknown_fields_error(cls, bad, known, cls.FIELD_ALIASES)
+        return super().__new__(cls)
