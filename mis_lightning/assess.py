@@ -182,11 +182,12 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
 
 
 def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:
-    """Refuse selected parameters of recurrent layers, naming the layer: torch.func cannot
-    batch their per-sample gradients (the fused RNN kernels write in place: "output with shape
-    [1, H] doesn't match the broadcast shape [B, 1, H]" deep in the estimation pass, after a
-    whole training under the callback). A head over a recurrent encoder is assessed by
-    selecting the head's parameters (its per-sample gradients need no vmap over the RNN)."""
+    """Refuse selected parameters of recurrent layers, naming the layer: assessing a recurrent
+    layer's own weights is not supported (it crashed deep in the estimation pass, after a whole
+    training under the callback, where torch.func's vmap over the records met the RNN kernel; the
+    loss program now takes such models one record at a time (rn43), but no scheme here but the
+    bf16 / fp16 casts quantizes them and their estimation is unvalidated). A head or embedding
+    around a recurrent encoder is assessed by selecting its parameters (exact sandwich included)."""
     chosen = set(names)
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, (nn.RNNBase, nn.RNNCellBase)):  # the cells' kernels too (LSTMCell loops)
@@ -198,8 +199,8 @@ def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:
             hint = f"params={rest}" if rest and len(rest) <= 8 else "params= without its parameters"
             raise ValueError(
                 f"{type(mod).__name__} {mod_name!r} holds selected parameters ({', '.join(hit[:4])}"
-                f"{', ...' if len(hit) > 4 else ''}): per-sample gradients of recurrent layers are not "
-                f"supported (torch.func cannot batch them); assess the layers around it, e.g. {hint}")
+                f"{', ...' if len(hit) > 4 else ''}): assessing a recurrent layer's own weights is not "
+                f"supported; assess the layers around it, e.g. {hint}")
 
 
 def _check_batch_statistics(model: nn.Module) -> None:
@@ -482,8 +483,8 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
     left = {id(named[k]) for k in out}
     rnns = [f"{type(m).__name__} {f!r}" for f, m in model.named_modules()
             if isinstance(m, (nn.RNNBase, nn.RNNCellBase)) and any(id(p) in left for p in m.parameters(recurse=False))]
-    rnn_note = (f"; the recurrent layer(s) among them ({', '.join(rnns[:3])}) cannot be assessed (no per-sample "
-                "gradients under torch.func) and stay in float in every scheme's copy (torchao's quantize_ "
+    rnn_note = (f"; the recurrent layer(s) among them ({', '.join(rnns[:3])}) cannot be assessed (select_params "
+                "refuses recurrent weights) and stay in float in every scheme's copy (torchao's quantize_ "
                 "takes nn.Linear; torch's quantize_dynamic with its default mapping would make them int8): "
                 "their own leakage is in no figure of this report") if rnns else ""
     return (f"params= leaves out {len(out)} trainable parameter(s) ({shown}, "

@@ -72,3 +72,27 @@ def test_assess_native_int8_dynamic_on_a_transformer():
                     val_dataloader=dl)
     s = rep.schemes["native_int8_dynamic"]
     assert s.error is None and 0.0 <= s.leakage <= 1.0 and "loss" in s.utility
+
+
+def test_native_int8_dynamic_keeps_recurrent_layers_float_and_says_so():
+    """torch's ``quantize_dynamic(model)`` (default mapping) converts an ``nn.LSTM`` to its int8
+    dynamic module; the scheme converts the ``nn.Linear`` layers alone (nu42a), so its copy's
+    LSTM is the float one, bit for bit: its docs claimed "exactly nn.Linear" without saying the
+    release then differs from torch's default, and its notes said nothing (rn43)."""
+    class RNNHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.rnn, self.head = nn.Embedding(V, 4), nn.LSTM(4, 4, batch_first=True), nn.Linear(4, C)
+
+        def forward(self, x):
+            return self.head(self.rnn(self.emb(x))[0][:, -1])
+
+    m = RNNHead()
+    res = get_scheme("native_int8_dynamic").apply(m)
+    assert type(res.model.rnn) is nn.LSTM and list(res.grids) == ["head.weight"]
+    assert all(torch.equal(a, b) for a, b in zip(res.model.rnn.parameters(), m.rnn.parameters()))
+    assert any("LSTM 'rnn' stay in float" in n and "default mapping would make them int8" in n for n in res.notes)
+    with ml.quantization.native.quiet_deprecated_quantization():
+        torch_default = torch.ao.quantization.quantize_dynamic(RNNHead(), dtype=torch.qint8)
+    assert type(torch_default.rnn) is not nn.LSTM  # what the notes contrast it with

@@ -107,7 +107,11 @@ def _grid_from_qtensor(name: str, q: Tensor, bits: int, qmin: int, qmax: int) ->
 
 @dataclass(frozen=True)
 class NativeInt8Dynamic(_NativeScheme):
-    """``torch.ao.quantization.quantize_dynamic`` int8 (per tensor, or per row).
+    """``torch.ao.quantization.quantize_dynamic`` int8 (per tensor, or per row) of the ``nn.Linear``
+    layers alone: its ``qconfig_spec`` names them, so recurrent layers (``nn.LSTM``, ``nn.GRU``, the
+    RNN cells), which torch's default mapping (``quantize_dynamic(model)``) would convert to
+    dynamically quantized int8 modules, stay in float in this scheme's copy; the scheme's notes
+    name them (the released model is then not the one ``quantize_dynamic``'s defaults give).
 
     Args:
         granularity: ``"per_tensor"`` (default: ``default_dynamic_qconfig``) or ``"per_row"``
@@ -152,6 +156,10 @@ class NativeInt8Dynamic(_NativeScheme):
         tq.quantize_dynamic(model, {fqn: qconfig for fqn in fqns}, dtype=torch.qint8, inplace=True)
         grids: dict[str, ParamGrid] = {}
         notes.append("torch.ao.quantization is deprecated (torch warns so); quantize_dynamic still ships")
+        rnns = [f"{type(m).__name__} {f!r}" for f, m in model.named_modules() if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
+        if rnns:  # torch's default mapping would convert them: say the release here differs
+            notes.append(f"{', '.join(rnns[:4])}{' ...' if len(rnns) > 4 else ''} stay in float in this copy (the "
+                         "scheme converts nn.Linear only; quantize_dynamic's default mapping would make them int8)")
         notes += _slow_path_for_converted_transformers(model)
         for fqn, (_, name, others) in chosen.items():
             qmods = [model.get_submodule(f) if f else model for f in [fqn, *(o for o, _ in others)]]
