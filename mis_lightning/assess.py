@@ -1152,6 +1152,9 @@ def score_schemes(
     vif = _diagonal_sigma_warning(est, rc, cfg.factor_rank, diagnostics)
     if vif:
         report.warnings.append(vif)
+    rnn = _recurrent_diagonal_warning(est)
+    if rnn:
+        report.warnings.append(rnn)
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
@@ -1490,19 +1493,50 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
     cure = (f"estimation='exact' computes the marginal sd (d = {est.d:,})" if est.d <= EXACT_MAX_PARAMS else
             f"no exact estimator for d = {est.d:,} here: read them as indicative")
     corrected = _kfac_sentence(est.diagnostics)
+    # over recurrent layers the factor is no bound (measured 0.8-20x off it: RECURRENT_DIAGONAL_FIGURES)
+    below = ("below the marginal sd of each weight that its cells need, by a factor this one does not bound on a "
+             "model with recurrent layers (see the warning on them)" if est.diagnostics.get("diagonal_over_recurrent")
+             else f"about {math.sqrt(med):.2g}x or more below the marginal sd of each weight that its cells need")
     if corrected is not None:
         return (f"the weights are correlated (median variance inflation factor {med:.3g} {where}; the correlation "
                 f"model's shrinkage can only lower it): {corrected}; " + cure)
     return (f"the weights are correlated (median variance inflation factor {med:.3g} {where}; the correlation "
             f"model's shrinkage can only lower it): the diagonal estimator's sigma "
-            f"(sqrt(V_jj) / H_jj) is then about {math.sqrt(med):.2g}x or more below the marginal sd of each weight "
-            "that its cells need, so the quantized schemes' figures can be far off in either direction; "
+            f"(sqrt(V_jj) / H_jj) is then {below}, so the quantized schemes' figures can be far off in either "
+            "direction; "
             # the baseline clause only where the headline reads the cross-fitted model (the in-sample
             # form reads the exact estimator's baseline within 10%: method.md section 3)
             + ("the cross-fitted correlation model (more weights than stored records) is then ill-conditioned "
                "too, and the unquantized baseline read through it uncertain (1.6-2.3x the exact estimator's on an "
                "865-weight MLP on correlated inputs and a 1,364-weight CNN); " if cross_fitted else "")
             + cure)
+
+
+# the measured figures the recurrent-layer warning quotes (rn43; docs/benchmarks.md, "rn43":
+# benchmarks/rn43_recurrent_estimators.py, nu42a's tied LSTM / GRU language models)
+RECURRENT_DIAGONAL_FIGURES = (
+    "on tied LSTM / GRU language models (d = 108 weights, n = 192 records, 12 fits of 4 and 40 epochs) its "
+    "per-weight sigma read a median 2.1-56x below the exact sandwich's (p90 up to 211x) where its variance-inflation "
+    "warning said 2.0-2.8x (5.6x against 2.7x on the one fit at a strict minimum), and 11 of the 12 fits had "
+    "negative curvature, which the diagonal estimator cannot see")
+
+
+def _recurrent_diagonal_warning(est: Estimate) -> str | None:
+    """The diagonal sandwich on a model with recurrent layers (``diagnostics["recurrent_layers"]``):
+    a weight read at every time step is strongly correlated with the others through the recurrence,
+    and the tied or fitted weights' Hessian is often indefinite short of a strict minimum; the
+    diagonal estimator's sigma then has no error bound it can state (measured:
+    :data:`RECURRENT_DIAGONAL_FIGURES`). ``None`` for another estimator or a model without them."""
+    if est.mode != "diagonal" or not est.diagnostics.get("recurrent_layers"):
+        return None
+    layers = est.diagnostics["recurrent_layers"]
+    cure = (f"estimation='exact' computes the marginal sd and checks the curvature (d = {est.d:,}; the records are "
+            "taken one at a time)" if est.d <= EXACT_MAX_PARAMS else
+            f"no exact estimator for d = {est.d:,} here: assess fewer weights with estimation='exact', or read the "
+            "figures as indicative")
+    return (f"the model has recurrent layers ({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}) and the "
+            f"diagonal sandwich estimated it: {RECURRENT_DIAGONAL_FIGURES} (docs/benchmarks.md, \"rn43\"); the "
+            f"quantized schemes' figures can be far off in either direction (* in the table): " + cure)
 
 
 # the measured figures the K-FAC sentence quotes for a model with convolutions (kc32; docs/validation.md,

@@ -937,7 +937,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
     report's ``diagnostics``: ``d / n`` or ``d_eff / n`` above :data:`D_EFF_OVER_N_MAX`, weights
     not at a minimum, a Hessian with negative curvature, a model interpolating its data. Each
-    is a short phrase; empty when none fails. The warnings say each in full."""
+    is a short phrase; empty when none fails. The warnings say each in full. The diagonal
+    sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
+    its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43")."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:
@@ -950,6 +952,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append("negative curvature")
     if diagnostics.get("interpolating"):
         out.append("interpolating")
+    if diagnostics.get("diagonal_over_recurrent"):
+        out.append("diagonal sandwich over recurrent layers")
     return out
 
 

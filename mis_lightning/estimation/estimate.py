@@ -61,6 +61,7 @@ from .linear_factors import (
     standardised_influence,
 )
 from .per_sample import (
+    RECURRENT_LAYERS,
     BatchFn,
     ComputeDtypeLoss,
     LossFn,
@@ -1607,6 +1608,11 @@ class MomentAccumulator:
         if self.num_records > est.n and est.num_records == est.n:  # more asked for than there are: the
             # report says so (fu31); every record's influence is kept, so nothing is approximated
             est.diagnostics["num_records_requested"] = self.num_records
+        rnns = [f"{type(m).__name__} {f!r}" for f, m in self.model.named_modules() if isinstance(m, RECURRENT_LAYERS)]
+        if rnns:  # the diagonal sandwich misreads them (the report's warning, docs/benchmarks.md "rn43")
+            est.diagnostics["recurrent_layers"] = rnns
+            if est.mode == "diagonal":
+                est.diagnostics["diagonal_over_recurrent"] = True
         return est
 
     def choice_with_n(self, n: int) -> dict[str, Any] | None:
