@@ -740,6 +740,31 @@ def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float,
     return _split_sample_tv(log_ratio)
 
 
+def exact_tv_ols_unquantized(s: Setting, zx: np.ndarray, zy: float, K: int = 150, M: int = 4000,
+                             seed: int = 0) -> tuple[float, float]:
+    """``TV_z`` for OLS in any ``d`` with the weights released unquantized, and its standard
+    error: ``E_{T ~ P_in}[(1 - p_out(T) / p_in(T))_+]`` with the exact densities of the two
+    Gaussian mixtures over ``K`` coupled designs, on the releases ``T [M, d]`` that
+    :func:`exact_tv_ols_absmax` draws with the same ``seed`` (the same designs and weights: a
+    paired comparison). Every release is a function of the weights, so by data processing this
+    bounds each quantized truth from above; a fine absmax grid sits just below it (linear
+    ``d = 2``, ``rtn_int8``: -0.04%; docs/benchmarks.md, section cov43)."""
+    if s.model != "linear":
+        raise ValueError(f"exact_tv_ols_unquantized needs a linear setting, got {s.label()}")
+    rng = np.random.default_rng([seed, 2026])  # the stream of exact_tv_ols_absmax
+    mu_in, cov_in, _, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
+
+    def log_mixture(mu: np.ndarray, cov: np.ndarray) -> np.ndarray:  # log p(T) [M]; the 1/K cancels
+        ch = np.linalg.cholesky(cov)
+        r = np.linalg.solve(ch[:, None], (T[None] - mu[:, None])[..., None])[..., 0]  # [K, M, d]
+        lp = -0.5 * (r**2).sum(-1) - np.log(np.diagonal(ch, axis1=1, axis2=2)).sum(-1)[:, None]
+        return special.logsumexp(lp, 0)
+
+    v = -np.expm1(np.minimum(log_mixture(np.broadcast_to(s.theta_star, mu_in.shape), cov_out)
+                             - log_mixture(mu_in, cov_in), 0.0))
+    return float(v.mean()), float(v.std() / math.sqrt(M))
+
+
 # Boxes a release may fall in, at most, for :func:`exact_tv_ols_boxes` (beyond: NaN).
 BOX_SUM_MAX_BOXES = 20_000
 
