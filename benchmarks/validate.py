@@ -150,14 +150,14 @@ def coverage_grids(s: GT.Setting) -> list:
 
 
 # Records behind the control variate's mean E_z c in the coverage truths: at the library's 4,000
-# its Monte Carlo error (1.5%, shared by every grid of a setting, unreported) put setting 1's
-# truths 2% low (seed 0's records: rtn_int8 0.01887 against 0.01922 with this many; section
-# cov43 of docs/benchmarks.md); 64,000 leave 0.4% for ~2 s per grid
+# its Monte Carlo error (sd 1.6%, shared by every grid of a setting, then unreported) put setting
+# 1's truths 2.1-2.8% low (seed 0's records read E c 2.1% low; docs/benchmarks.md, section
+# cov43); 64,000 leave 0.4% for ~2 s per grid
 COVERAGE_ORACLE_RECORDS = 64_000
-# Targets of the absmax truths in d = 2: the per-target TVs spread as much as their mean and the
-# control variate leaves ~3% at 32 targets (80% CI +-4%), of the order of the intervals' half
-# width; in d = 2 the other weight's box given the released one is 1-d, exact by GHK whatever
-# its draws, so 256 targets cost ~0.25 s each
+# Targets of the absmax truths in d = 2: estimates on blocks of 32 targets spread by 4.5% (sd; more
+# than their bootstrap intervals say), of the order of the intervals' half width (~6%); the
+# 32-target rtn_int8 truth read 5.7% low on its targets alone. In d = 2 the other weight's box
+# given the released one is 1-d, exact by GHK whatever its draws: 256 targets, ~0.25 s each
 COVERAGE_ABSMAX_TARGETS_2D = 256
 
 
