@@ -149,6 +149,18 @@ def coverage_grids(s: GT.Setting) -> list:
     return out + [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
 
 
+# Records behind the control variate's mean E_z c in the coverage truths: at the library's 4,000
+# its Monte Carlo error (sd 1.6%, shared by every grid of a setting, then unreported) put setting
+# 1's truths 2.1-2.8% low (seed 0's records read E c 2.1% low; docs/benchmarks.md, section
+# cov43); 64,000 leave 0.4% for ~2 s per grid
+COVERAGE_ORACLE_RECORDS = 64_000
+# Targets of the absmax truths in d = 2: estimates on blocks of 32 targets spread by 4.5% (sd; more
+# than their bootstrap intervals say), of the order of the intervals' half width (~6%); the
+# 32-target rtn_int8 truth read 5.7% low on its targets alone. In d = 2 the other weight's box
+# given the released one is 1-d, exact by GHK whatever its draws: 256 targets, ~0.25 s each
+COVERAGE_ABSMAX_TARGETS_2D = 256
+
+
 def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int) -> float:
     """Exact OLS truth of a step grid or an absmax release: step grids in d = 2 by
     quadrature; otherwise ``exact_truth_ols`` (Gaussian laws given the design, Monte Carlo over
@@ -156,10 +168,14 @@ def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int) -> float:
     absmax releases the scale's given-away weight enters as a density). Until the seventh
     session's fix of the GHK simulator's tail mirroring it converged only on fine grids, and
     coarse grids used the LR test; absmax releases used it until the eighth session
-    (docs/validation.md)."""
+    (docs/validation.md). The control variate's mean over ``COVERAGE_ORACLE_RECORDS`` records;
+    absmax releases in ``d = 2`` on ``COVERAGE_ABSMAX_TARGETS_2D`` targets (4 draws: exact)."""
+    orc = COVERAGE_ORACLE_RECORDS
     if s.d == 2 and isinstance(g, GT.StepGrid):
-        return GT.exact_truth_ols_2d(s, g, Z=Z, K=150)[0]
-    return GT.exact_truth_ols(s, g, Z=32, K=40, M=1500, draws=64)[0]
+        return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)[0]
+    if s.d == 2:
+        return GT.exact_truth_ols(s, g, Z=COVERAGE_ABSMAX_TARGETS_2D, K=40, M=1500, draws=4, oracle_records=orc)[0]
+    return GT.exact_truth_ols(s, g, Z=32, K=40, M=1500, draws=64, oracle_records=orc)[0]
 
 
 def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +218,9 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         grids = coverage_grids(s)
         ts = time.time()
         key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "") + (
-            " absmax-exact" if model == "linear" and d >= 2 else "") + (" coupled" if model == "logistic" else "")
+            " absmax-exact" if model == "linear" and d >= 2 else "") + (" coupled" if model == "logistic" else "") + (
+            f" oracle={COVERAGE_ORACLE_RECORDS}" if model == "linear" else "") + (
+            f" absmaxZ={COVERAGE_ABSMAX_TARGETS_2D}" if model == "linear" and d == 2 else "")
         bracket = None
         if key in cache:
             truth = np.array(cache[key], dtype=np.float64)
@@ -214,10 +232,12 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             truth = np.array([_exact_truth(s, g, Z) for g in grids])
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
-                tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50)
+                tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50,
+                                     oracle_records=COVERAGE_ORACLE_RECORDS)
                 truth[lr] = tr.estimate
         else:
-            tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False)
+            tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False,
+                                 oracle_records=COVERAGE_ORACLE_RECORDS if model == "linear" else 4000)
             truth = tr.estimate
         if truth_cache is not None and key not in cache:
             cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}

@@ -740,6 +740,31 @@ def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float,
     return _split_sample_tv(log_ratio)
 
 
+def exact_tv_ols_unquantized(s: Setting, zx: np.ndarray, zy: float, K: int = 150, M: int = 4000,
+                             seed: int = 0) -> tuple[float, float]:
+    """``TV_z`` for OLS in any ``d`` with the weights released unquantized, and its standard
+    error: ``E_{T ~ P_in}[(1 - p_out(T) / p_in(T))_+]`` with the exact densities of the two
+    Gaussian mixtures over ``K`` coupled designs, on the releases ``T [M, d]`` that
+    :func:`exact_tv_ols_absmax` draws with the same ``seed`` (the same designs and weights: a
+    paired comparison). Every release is a function of the weights, so by data processing this
+    bounds each quantized truth from above; a fine absmax grid sits just below it (linear
+    ``d = 2``, ``rtn_int8``: -0.04%; docs/benchmarks.md, section cov43)."""
+    if s.model != "linear":
+        raise ValueError(f"exact_tv_ols_unquantized needs a linear setting, got {s.label()}")
+    rng = np.random.default_rng([seed, 2026])  # the stream of exact_tv_ols_absmax
+    mu_in, cov_in, _, cov_out, T = _in_mixture_draws(s, zx, zy, K, M, rng)
+
+    def log_mixture(mu: np.ndarray, cov: np.ndarray) -> np.ndarray:  # log p(T) [M]; the 1/K cancels
+        ch = np.linalg.cholesky(cov)
+        r = np.linalg.solve(ch[:, None], (T[None] - mu[:, None])[..., None])[..., 0]  # [K, M, d]
+        lp = -0.5 * (r**2).sum(-1) - np.log(np.diagonal(ch, axis1=1, axis2=2)).sum(-1)[:, None]
+        return special.logsumexp(lp, 0)
+
+    v = -np.expm1(np.minimum(log_mixture(np.broadcast_to(s.theta_star, mu_in.shape), cov_out)
+                             - log_mixture(mu_in, cov_in), 0.0))
+    return float(v.mean()), float(v.std() / math.sqrt(M))
+
+
 # Boxes a release may fall in, at most, for :func:`exact_tv_ols_boxes` (beyond: NaN).
 BOX_SUM_MAX_BOXES = 20_000
 
@@ -839,10 +864,26 @@ def _targets_cv(s: Setting, grid: StepGrid, Z: int, seed: int, oracle_records: i
     zx, zy = draw_records(s, Z, rng)
     tv = np.array([[tv_of(zx[i], zy[i], i)] for i in range(Z)])
     orc = oracle_first_order(s, grid, zx, zy)[:, None]
-    xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
-    orc_mean = np.array([oracle_first_order(s, grid, xb, yb).mean()])
-    est, ci = cv_estimate(tv, orc, orc_mean, boot=300, level=0.8, seed=seed)
+    m, se = oracle_mean(s, [grid], oracle_records, seed)
+    est, ci = cv_estimate(tv, orc, m, boot=300, level=0.8, seed=seed, c_mean_se=se)
     return float(est[0]), (float(ci[0, 0]), float(ci[0, 1]))
+
+
+# Records per call of :func:`oracle_first_order` in :func:`oracle_mean` (its Monte Carlo form
+# holds ``records x num_samples x d`` draws at once)
+ORACLE_CHUNK = 4000
+
+
+def oracle_mean(s: Setting, grids: list[Grid], records: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``E_z`` of the control variate (:func:`oracle_first_order`) per grid, over ``records``
+    records ``z ~ P`` (the ``[seed, 99]`` stream), and its standard error ``[G]``. The per-record
+    values spread about as much as their mean (linear ``d = 2, 5``: sd / mean 1.06 / 0.9), so
+    4,000 records leave a 1.5% error, shared by every target and every grid of one seed; with
+    ``beta ~ 1`` it passes whole into the truth (``docs/benchmarks.md``, section cov43)."""
+    xb, yb = draw_records(s, records, np.random.default_rng([seed, 99]))
+    vals = np.stack([np.concatenate([oracle_first_order(s, g, xb[a:a + ORACLE_CHUNK], yb[a:a + ORACLE_CHUNK])
+                                     for a in range(0, records, ORACLE_CHUNK)]) for g in grids], 1)
+    return vals.mean(0), vals.std(0) / math.sqrt(records)
 
 
 # ---------------------------------------------------------------------------------------
@@ -937,26 +978,32 @@ def ground_truth(s: Setting, grids: list[Grid], Z: int = 30, M: int = 4000, seed
             if exact and s.model == "linear" and s.d == 1 and s.rho == 0:
                 ex[i, g] = exact_tv_ols_1d(s, grid if isinstance(grid, StepGrid) else None, zx[i, 0], zy[i])
     # control variate: the oracle first-order value, with its mean over many z ~ P
-    rng2 = np.random.default_rng([seed, 99])
-    xb, yb = draw_records(s, oracle_records, rng2)
     orc = np.stack([oracle_first_order(s, g, zx, zy) for g in grids], 1)
-    orc_mean = np.array([oracle_first_order(s, g, xb, yb).mean() for g in grids])
+    orc_mean, orc_se = oracle_mean(s, grids, oracle_records, seed)
     res = TruthResult(setting=s.label(), grids=[g.name for g in grids], tv_z=tv, null_z=nl,
                       hist_z=hi, hist_null_z=hn, exact_z=ex, oracle_z=orc, oracle_mean=orc_mean, M=M)
     # the exact value (OLS, d = 1) where available, else the LR-test lower bound
     base = np.where(np.isfinite(ex), ex, tv)
-    res.estimate, res.ci = cv_estimate(base, orc, orc_mean, boot=boot, level=level, seed=seed)
+    res.estimate, res.ci = cv_estimate(base, orc, orc_mean, boot=boot, level=level, seed=seed, c_mean_se=orc_se)
     res.null = nl.mean(0)
     return res
 
 
 def cv_estimate(v: np.ndarray, c: np.ndarray, c_mean: np.ndarray, boot: int = 400,
-                level: float = 0.8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                level: float = 0.8, seed: int = 0, c_mean_se: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Control-variate mean over targets ``mean(v) - beta (mean(c) - E c)`` per column,
     with a bootstrap interval over targets (each target's value already averages its own
-    ``M`` datasets, so resampling targets carries both levels of noise)."""
+    ``M`` datasets, so resampling targets carries both levels of noise).
 
-    def est(vv: np.ndarray, cc: np.ndarray) -> np.ndarray:
+    ``v, c [Z, G]``; ``c_mean [G]``: ``E c``, known only up to its standard error
+    ``c_mean_se [G]`` (a Monte Carlo over records): each bootstrap replicate then also draws
+    ``E c`` from ``N(c_mean, c_mean_se^2)``, so the interval carries that error too (it enters
+    the estimate times ``beta``, the same for every target). Returns ``(estimate [G],
+    interval [G, 2])``."""
+    c_mean = np.asarray(c_mean, dtype=np.float64)
+
+    def est(vv: np.ndarray, cc: np.ndarray, cm: np.ndarray = c_mean) -> np.ndarray:
         out = np.zeros(vv.shape[1])
         for g in range(vv.shape[1]):
             # beta only where the control variate is informative (|corr| >= 0.3)
@@ -966,12 +1013,15 @@ def cv_estimate(v: np.ndarray, c: np.ndarray, c_mean: np.ndarray, boot: int = 40
                 r = np.corrcoef(vv[:, g], cc[:, g])[0, 1]
                 if np.isfinite(r) and r >= 0.3:
                     beta = r * sv / sc
-            out[g] = vv[:, g].mean() - beta * (cc[:, g].mean() - c_mean[g])
+            out[g] = vv[:, g].mean() - beta * (cc[:, g].mean() - cm[g])
         return out
 
     point = est(v, c)
     rng = np.random.default_rng(seed + 5)
     Z = v.shape[0]
-    bs = np.stack([est(v[ii], c[ii]) for ii in (rng.integers(0, Z, Z) for _ in range(boot))])
+    # its own stream: with c_mean_se absent the resampled targets are those of before
+    cms = np.broadcast_to(c_mean, (boot, c_mean.shape[0])) if c_mean_se is None else (
+        c_mean + np.asarray(c_mean_se) * np.random.default_rng([seed, 6]).standard_normal((boot, c_mean.shape[0])))
+    bs = np.stack([est(v[ii], c[ii], cms[b]) for b, ii in enumerate(rng.integers(0, Z, Z) for _ in range(boot))])
     a = (1 - level) / 2
     return point, np.quantile(bs, [a, 1 - a], axis=0).T

@@ -49,6 +49,7 @@ from .ground_truth import (
     draw_records,
     newton_logistic,
     oracle_first_order,
+    oracle_mean,
 )
 
 __all__ = ["LogisticBase", "logistic_base", "add_record", "taylor_error", "cell_keys", "tv_bracket",
@@ -300,10 +301,9 @@ def exact_truth_logistic(s: Setting, grids: list[StepGrid | AbsmaxGrid], Z: int 
         if log is not None:
             log(f"target {i + 1}/{Z}: test {est['test'][i].round(5).tolist()}")
     orc = np.stack([oracle_first_order(s, g, zx, zy) for g in grids], 1)
-    xb, yb = draw_records(s, oracle_records, np.random.default_rng([seed, 99]))
-    orc_mean = np.array([oracle_first_order(s, g, xb, yb).mean() for g in grids])
+    orc_mean, orc_se = oracle_mean(s, grids, oracle_records, seed)
     res: dict[str, np.ndarray] = {"null": null}
     for e in names:
-        res[e], res[e + "_ci"] = cv_estimate(est[e], orc, orc_mean, boot=300, level=0.8, seed=seed)
+        res[e], res[e + "_ci"] = cv_estimate(est[e], orc, orc_mean, boot=300, level=0.8, seed=seed, c_mean_se=orc_se)
         res[e + "_z"] = est[e]
     return res
