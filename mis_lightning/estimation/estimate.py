@@ -779,7 +779,12 @@ class MomentAccumulator:
       per-batch Hessians);
     * stored records (lists): ``rec_grad`` (per-sample gradients ``[k, d]`` when
       ``num_records * d <= budget``) or ``rec_x``/``rec_y`` (the records themselves), and with
-      ``selection="hash"`` their ``rec_key`` (see :func:`record_keys`).
+      ``selection="hash"`` their ``rec_key`` (see :func:`record_keys`);
+    * the diagonal sandwich's K-FAC factors per layer: ``kfac_A.<m>``, ``kfac_G.<m>`` (float64
+      sums) over ``kfac_n.<m>`` records (``kfac_t.<m>``: records x positions). With ``n_hint``
+      (the training records of every process together) they are a sample by record content
+      (:mod:`~mis_lightning.estimation.kron_sample`), the same set however the data is ordered,
+      batched or split; without it, the first records read (the report says so).
 
     ``selection="first"`` keeps the first ``num_records`` records seen;
     ``"hash"`` (``estimate`` and ``MISIndicator``) keeps those with the smallest content hash
@@ -2522,8 +2527,10 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     the count ``"auto"`` assumed for training data that did not say it (``"records_unknown"``,
     :func:`note_unknown_records`), and the sampled-label Gauss-Newton diagonal's Monte Carlo error
     when its median relative standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j
-    carries the same relative error), and the convolutions' K-FAC correction lost to a per-layer
-    program that refused the model (``"kfac_lost"``, :meth:`MomentAccumulator._kfac_lost`)."""
+    carries the same relative error), the convolutions' K-FAC correction lost to a per-layer
+    program that refused the model (``"kfac_lost"``, :meth:`MomentAccumulator._kfac_lost`), and
+    K-FAC factors summed over records chosen by their place in the stream
+    (``"kfac_order_dependent"``, :meth:`MomentAccumulator._kfac_order_note`)."""
     out = []
     other = diagnostics.get("estimator_with_n")
     unknown = diagnostics.get("records_unknown")
