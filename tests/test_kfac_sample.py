@@ -39,10 +39,16 @@ def _mse(o, y):
     return (o.reshape(-1) - y.reshape(-1)).square()
 
 
+def _sq(o, y):
+    return (o - y).square().sum((1, 2))
+
+
 def _case(kind: str):
     """``(model, loss, X, Y, hessian)``: a Linear least-squares layer (the factored program), a
-    Conv1d + Linear 5-class CNN (the per-layer program, sampled labels), a 3-class softmax
-    regression (the per-layer K-FAC side program beside the per-sample pass)."""
+    Conv1d + Linear 5-class CNN (the per-layer program, sampled labels), an MLP over 5 positions
+    (the per-layer program's all-Linear partial traces, whose lower cap is known from the first
+    batch on), a 3-class softmax regression (the per-layer K-FAC side program beside the
+    per-sample pass)."""
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     if kind == "linear":
@@ -52,18 +58,27 @@ def _case(kind: str):
     if kind == "cnn":
         X = torch.randn(N, 2, 6, generator=g, dtype=torch.float64)
         return _CNN(5).double(), _ce, X, torch.randint(0, 5, (N,), generator=g), "ggn_mc"
+    if kind == "positions":
+        X = torch.randn(N, 5, 4, generator=g, dtype=torch.float64)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        return model, _sq, X, torch.randn(N, 5, 3, generator=g, dtype=torch.float64), "ggn"
     X = torch.randn(N, 3, generator=g, dtype=torch.float64)
     return nn.Linear(3, 3).double(), _ce, X, torch.randint(0, 3, (N,), generator=g), "auto"
 
 
-@pytest.mark.parametrize("kind", ["linear", "cnn", "softmax"])
+@pytest.mark.parametrize("kind", ["linear", "cnn", "positions", "softmax"])
 def test_factor_records_follow_their_content_not_the_order_batching_or_split(kind, monkeypatch):
     """The factors (``kfac_A``, ``kfac_G``, ``kfac_n`` of every layer) of the records in order in
     batches of 50 equal those of the records shuffled in batches of 17, and the sum of two
     uneven shards' (70 records in batches of 9, 130 in batches of 33: what the Metric's "sum"
     sync forms under DDP), to 1e-12 relative (float64 sums in another grouping; measured
-    <= 5e-16); the counts exactly. Fails on b6ae638 (the first cap records read: 0.16-1.0 apart)."""
+    <= 5e-16); the counts exactly. Fails on b6ae638 (the first cap records read: 0.16-1.0 apart;
+    ``positions``: a first batch sampled at the higher cap, 0.11 apart by content before the
+    program took the partial traces' cap at its first batch)."""
     monkeypatch.setattr(E, "KFAC_MIN_RECORDS", CAP)
+    if kind == "positions":  # the partial traces' cap (20) below dg30's (40)
+        monkeypatch.setattr(E.LF, "KFAC_TRACE_MIN_RECORDS", CAP // 2)
+        monkeypatch.setattr(E.LF, "KFAC_TRACE_MAX_FLOPS", 1)
     model, loss, X, Y, hessian = _case(kind)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
 
@@ -78,6 +93,8 @@ def test_factor_records_follow_their_content_not_the_order_batching_or_split(kin
     ref = run(torch.arange(N), 50)
     counts = [int(v) for k, v in ref.items() if k.startswith("kfac_n.")]
     assert counts and all(0 < c < N for c in counts), ref.keys()  # the cap is active
+    if kind == "positions":
+        assert all(c < CAP for c in counts), counts  # the partial traces' cap, from the first batch on
     shards = [run(perm[:70], 9), run(perm[70:], 33)]
     for got in (run(perm, 17), {k: shards[0][k] + shards[1][k] for k in ref}):
         for k, v in ref.items():

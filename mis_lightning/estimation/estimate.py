@@ -1214,11 +1214,13 @@ class MomentAccumulator:
             back = None
             if self._kron_program() is self.factored:
                 # the K-FAC sample's records first (kf43: chosen by content, not by their place)
-                order, kron_rows = self._kron_rows(st, self.factored, b)
+                order, kron_rows, alt = self._kron_rows(st, self.factored, b)
                 inputs, targets, keys, back = self._kron_first(order, inputs, targets, keys, b)
             if isinstance(self.factored, LayerProgram):
-                # the records whose KFC factors its backward passes form (_add_kron sums the same)
+                # the records whose KFC factors its backward passes form (_add_kron sums the same:
+                # the dict itself, which the program lowers where a layer runs over positions)
                 self.factored.kron_rows = kron_rows
+                self.factored.kron_rows_positions = alt if kron_rows is not None else None
             try:
                 self._give_draw_keys(self.factored)
                 fac = self.factored.batch(inputs, targets, b)
@@ -1562,9 +1564,11 @@ class MomentAccumulator:
                         None if keys is None else keys[rows])
         st["n"] += b
 
-    def _kron_caps(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram) -> dict[str, int]:
+    def _kron_caps(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram,
+                   positions: bool = False) -> dict[str, int]:
         """Per K-FAC layer the records its factors sum (the cap
-        ``max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, out))``, the partial traces' below)."""
+        ``max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, out))``, the partial traces' below;
+        ``positions``: every layer of an all-Linear model taken as running over positions)."""
         caps: dict[str, int] = {}
         if not any(k.startswith("kfac_A.") for k in st):
             return caps
@@ -1575,31 +1579,42 @@ class MomentAccumulator:
                 # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS); an all-Linear
                 # model's layer on [B, in] inputs forms them from its rank-one gradients at p^2 + out^2 per
                 # record (kf33): dg30's cap, as the factored program's
-                if trace and (prog.kron_conv or m in prog.kron_positions):
+                if trace and (prog.kron_conv or positions or m in prog.kron_positions):
                     per = q * p * (p + q) * prog.kron_blocks()[m].groups
                     cap = min(cap, max(LF.KFAC_TRACE_MIN_RECORDS, int(LF.KFAC_TRACE_MAX_FLOPS // max(per, 1))))
                 caps[m] = cap
         return caps
 
     def _kron_rows(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, b: int
-                   ) -> tuple[Tensor | None, dict[str, int]]:
-        """Which of the batch's records each K-FAC layer's factors sum: ``(order, rows)``, the
+                   ) -> tuple[Tensor | None, dict[str, int], dict[str, int] | None]:
+        """Which of the batch's records each K-FAC layer's factors sum: ``(order, rows, alt)``, the
         layer summing the records ``order[:rows[m]]`` (``order`` ``[s]`` row indices; ``None``: the
-        batch's first rows). With the number of training records known (``n_hint``), a threshold
-        sample by record content (:mod:`~mis_lightning.estimation.kron_sample`: the same records
-        whatever the order, batching and process split), at most ``KFAC_SAMPLE_CEILING`` caps per
-        process; else, as before kf43, the first cap records read (order-dependent, reported)."""
+        batch's first rows); ``alt``: an all-Linear per-layer program's layers not yet known to run
+        over positions, their ``rows`` where they do (the partial traces' lower cap: a prefix of
+        the same order, :attr:`LayerProgram.kron_rows_positions`), else ``None``. With the number
+        of training records known (``n_hint``), a threshold sample by record content
+        (:mod:`~mis_lightning.estimation.kron_sample`: the same records whatever the order,
+        batching and process split), at most ``KFAC_SAMPLE_CEILING`` caps per process; else, as
+        before kf43, the first cap records read (order-dependent, reported)."""
         caps = self._kron_caps(st, prog)
+        alt_caps = ({m: c for m, c in self._kron_caps(st, prog, positions=True).items() if c < caps[m]}
+                    if isinstance(prog, LayerProgram) and not prog.kron_conv else {})
         done = {m: int(st[f"kfac_n.{m}"]) for m in caps}
         n_hint = self._request[2]
         if n_hint is None or n_hint < 1:
-            return None, {m: max(0, min(b, c - done[m])) for m, c in caps.items()}
+            return (None, {m: max(0, min(b, c - done[m])) for m, c in caps.items()},
+                    {m: max(0, min(b, c - done[m])) for m, c in alt_caps.items()} or None)
         room = {m: max(0, KFAC_SAMPLE_CEILING * c - done[m]) for m, c in caps.items()}
         thresholds = sample_thresholds(caps, n_hint)
-        if all(t >= 1 << 32 for t in thresholds.values()):  # every record (n <= cap)
-            return None, {m: min(b, room[m]) for m in caps}
+        if all(t >= 1 << 32 for t in thresholds.values()) and not alt_caps:  # every record (n <= cap)
+            return None, {m: min(b, room[m]) for m in caps}, None
         order, rows = sample_order(record_hashes(self._draw_keys(), self._mc_seed), thresholds)
-        return order, {m: min(r, room[m]) for m, r in rows.items()}
+        alt = None
+        if alt_caps:
+            _, alt = sample_order(record_hashes(self._draw_keys()[order], self._mc_seed),
+                                  sample_thresholds(alt_caps, n_hint))
+            alt = {m: min(r, max(0, KFAC_SAMPLE_CEILING * alt_caps[m] - done[m])) for m, r in alt.items()}
+        return order, {m: min(r, room[m]) for m, r in rows.items()}, alt
 
     def _kron_first(self, order: Tensor | None, inputs: Any, targets: Any, keys: Tensor | None, b: int
                     ) -> tuple[Any, Any, Tensor | None, Tensor | None]:
@@ -1653,7 +1668,7 @@ class MomentAccumulator:
         if side is None:
             return
         layer = isinstance(side, LayerProgram)
-        order, rows = self._kron_rows(st, side, b)
+        order, rows, alt = self._kron_rows(st, side, b)
         if not rows or (not any(rows.values()) and int(st["n"]) > 0):
             # every layer's factors have their records, or none of this batch's is sampled (the
             # first batch still goes through: it finds whether the program takes the model)
@@ -1663,7 +1678,7 @@ class MomentAccumulator:
             xs, ys, bs = slice_rows(inputs, order), slice_rows(targets, order), order.numel()
         try:
             if layer:
-                side.kron_rows = rows
+                side.kron_rows, side.kron_rows_positions = rows, alt  # (rows lowered there, as above)
                 self._give_draw_keys(side, order if bs < b else None)
                 fac = side.batch(xs, ys, bs, squares=False)
             else:

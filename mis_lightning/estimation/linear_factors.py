@@ -1863,6 +1863,10 @@ class LayerProgram:
         # an all-Linear model's blocks seen on inputs with positions ([B, ..., in]): the general
         # partial traces, whose cost takes the convolutions' record cap (MomentAccumulator._kron_rows)
         self.kron_positions: set[str] = set()
+        # per layer the records to sum instead where an all-Linear model's layer turns out, at this
+        # batch (its first), to run over positions: the partial traces' cap's share of the same
+        # sample order (a prefix of kron_rows[m]; kf43: the sample's rate fixed from the first batch on)
+        self.kron_rows_positions: dict[str, int] | None = None
         # per layer the batch's Gauss-Newton directions whose partial traces are not yet added (_kron_flush)
         self._kron_pending: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
@@ -2337,6 +2341,9 @@ class LayerProgram:
                 acc[2] = r
                 continue
             if not self.kron_conv:
+                if m not in self.kron_positions and m in (self.kron_rows_positions or {}):
+                    assert self.kron_rows is not None and self.kron_rows_positions is not None
+                    r = self.kron_rows[m] = min(r, self.kron_rows_positions[m])
                 self.kron_positions.add(m)
             if not blk.transposed:
                 # the directions' outer products in one product per layer and batch (the patches formed
