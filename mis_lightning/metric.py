@@ -124,7 +124,10 @@ class MISIndicator(EstimationMetric):
         num_training_records: the number of training records the stream will hold, when known:
             ``estimation="auto"`` weighs the exact sandwich's cost by it, as ``assess`` does with
             ``len(dataset)`` (``None`` assumes 10,000; the same data then may get another
-            estimator than ``assess`` gives it).
+            estimator than ``assess`` gives it); and the K-FAC correction's factors sum a sample
+            of the records by content (the same figure whatever the order and the DDP split)
+            only when it is given (else the first records read, and the report warns). Under
+            DDP: the records of every process together.
         options: fields of either config by name (``estimation="exact"``, ``num_records=64``,
             ``method="mc"``, ...), then torchmetrics ``Metric`` options (``process_group``,
             ``sync_on_compute``, ...).

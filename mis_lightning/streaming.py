@@ -248,7 +248,10 @@ class EstimationMetric(Metric):
         num_training_records: the number of training records the stream will hold, when known
             (``assess`` reads it from ``len(dataset)``, ``MISCallback`` from the trainer's data):
             ``estimation="auto"`` weighs the exact sandwich's cost by it; ``None`` assumes
-            10,000 (:func:`~mis_lightning.estimation.estimate.choose_estimator`).
+            10,000 (:func:`~mis_lightning.estimation.estimate.choose_estimator`). It also sets
+            the rate of the K-FAC factors' sample by record content
+            (:mod:`~mis_lightning.estimation.kron_sample`); ``None``: the first records read
+            (order-dependent, reported). Under DDP: the records of every process together.
         kwargs: torchmetrics ``Metric`` options (``process_group``, ``sync_on_compute``, ...).
 
     Raises:

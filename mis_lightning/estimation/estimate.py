@@ -40,6 +40,13 @@ from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
 from . import linear_factors as LF
 from .batching import items_are_batches, merge_batches
+from .kron_sample import (
+    KFAC_SAMPLE_CEILING,
+    record_hashes,
+    sample_order,
+    sample_thresholds,
+    sample_truncated,
+)
 from .linear_factors import (
     GGN_EXACT_MAX_DIRECTIONS,
     KFAC_MIN_RECORDS,
@@ -742,7 +749,12 @@ class MomentAccumulator:
       per-batch Hessians);
     * stored records (lists): ``rec_grad`` (per-sample gradients ``[k, d]`` when
       ``num_records * d <= budget``) or ``rec_x``/``rec_y`` (the records themselves), and with
-      ``selection="hash"`` their ``rec_key`` (see :func:`record_keys`).
+      ``selection="hash"`` their ``rec_key`` (see :func:`record_keys`);
+    * the diagonal sandwich's K-FAC factors per layer: ``kfac_A.<m>``, ``kfac_G.<m>`` (float64
+      sums) over ``kfac_n.<m>`` records (``kfac_t.<m>``: records x positions). With ``n_hint``
+      (the training records of every process together) they are a sample by record content
+      (:mod:`~mis_lightning.estimation.kron_sample`), the same set however the data is ordered,
+      batched or split; without it, the first records read (the report says so).
 
     ``selection="first"`` keeps the first ``num_records`` records seen;
     ``"hash"`` (``estimate`` and ``MISIndicator``) keeps those with the smallest content hash
@@ -1168,10 +1180,17 @@ class MomentAccumulator:
         if self._loss_directions is None and self.mode != "exact":
             self._loss_directions = self._measure_loss_rank(inputs, targets, b)
         if self.factored is not None:
+            kron_rows: dict[str, int] | None = None
+            back = None
+            if self._kron_program() is self.factored:
+                # the K-FAC sample's records first (kf43: chosen by content, not by their place)
+                order, kron_rows, alt = self._kron_rows(st, self.factored, b)
+                inputs, targets, keys, back = self._kron_first(order, inputs, targets, keys, b)
             if isinstance(self.factored, LayerProgram):
-                # the records whose KFC factors its backward passes form (_add_kron sums the same)
-                self.factored.kron_rows = (self._kron_rows(st, self.factored, b)
-                                           if self._kron_program() is self.factored else None)
+                # the records whose KFC factors its backward passes form (_add_kron sums the same:
+                # the dict itself, which the program lowers where a layer runs over positions)
+                self.factored.kron_rows = kron_rows
+                self.factored.kron_rows_positions = alt if kron_rows is not None else None
             try:
                 self._give_draw_keys(self.factored)
                 fac = self.factored.batch(inputs, targets, b)
@@ -1191,7 +1210,7 @@ class MomentAccumulator:
                 self._settle_ggn()
                 if not self.records_per_update:
                     self.records_per_update = _records_per_update(fac, b)
-                self._update_factored(st, fac, inputs, targets, b, keys)
+                self._update_factored(st, fac, inputs, targets, b, keys, kron_rows, back)
                 return b
         self._settle_ggn()
         self._update_kron_side(st, inputs, targets, b)
@@ -1205,13 +1224,15 @@ class MomentAccumulator:
         st["n"] += b
         return b
 
-    def _give_draw_keys(self, prog: Any) -> None:
+    def _give_draw_keys(self, prog: Any, rows: Tensor | None = None) -> None:
         """Give a per-layer program that may draw Monte Carlo Gauss-Newton directions (the
         estimation's own, the K-FAC side one) this batch's record keys, those of the raw batch
-        (:func:`record_keys`, as the record sample's), for its next ``batch`` call: each record's
-        draws are then a function of the record, not of the batch size, order or process split."""
+        (:func:`record_keys`, as the record sample's; of its ``rows`` only where it gets those),
+        for its next ``batch`` call: each record's draws are then a function of the record, not
+        of the batch size, order or process split."""
         if self._draw_keys is not None and isinstance(prog, LayerProgram) and prog.ggn_mode in ("ggn_mc", "auto") and prog.ggn_choice != "ggn":
-            prog.draw_keys = self._draw_keys()
+            keys = self._draw_keys()
+            prog.draw_keys = keys if rows is None else keys[rows]
 
     def _measure_loss_rank(self, inputs: Any, targets: Any, b: int) -> tuple[float, str]:
         """``(mean rank(L_i), how)`` over the first :data:`LOSS_RANK_RECORDS` records of a batch:
@@ -1471,8 +1492,11 @@ class MomentAccumulator:
         st["probes"] += P
 
     def _update_factored(self, st: dict[str, Any], fac: dict, inputs: Any, targets: Any, b: int,
-                         keys: Tensor | None) -> None:
-        """Linear layers: gradient sums and the Gauss-Newton diagonal from layer factors."""
+                         keys: Tensor | None, kron_rows: dict[str, int] | None = None,
+                         back: Tensor | None = None) -> None:
+        """Linear layers: gradient sums and the Gauss-Newton diagonal from layer factors; the
+        K-FAC factors over ``kron_rows`` (:meth:`_kron_rows`) where the program is the K-FAC one.
+        ``back``: each original row's place in the batch as passed (:meth:`_kron_first`)."""
         assert self.factored is not None
         dev = st["g_sum"].device
         into = None
@@ -1495,11 +1519,12 @@ class MomentAccumulator:
             if h2 and h2[0] is not None:  # the Monte Carlo Gauss-Newton's variance bound
                 st["h2_sum"][sl] += h2[0].to(dev)
         st["grad_norm_sq"] += norm.to(dev, torch.float64).sum()
-        if isinstance(self.factored, FactoredProgram) or (
-                self.factored is not None and self._kron_program() is self.factored):
-            self._add_kron(st, self.factored, fac, b)
+        if kron_rows is not None:
+            self._add_kron(st, self.factored, fac, kron_rows)
         # Only the rows that can still be stored are materialised (a [rows, d] tensor).
         rows = storable_rows(st, keys, b, self.num_records, self.keep_w)
+        if keys is None and back is not None:  # the first records read, wherever the K-FAC order put them
+            rows = back[rows]
         if rows.numel():
             # the rows' taps only where their gradients are stored (slicing a convolution's
             # patches copies them)
@@ -1509,12 +1534,14 @@ class MomentAccumulator:
                         None if keys is None else keys[rows])
         st["n"] += b
 
-    def _kron_rows(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, b: int) -> dict[str, int]:
-        """Per K-FAC layer the batch's first records whose factors are summed (the cap
-        ``max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, out))`` records per layer)."""
-        rows = {}
+    def _kron_caps(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram,
+                   positions: bool = False) -> dict[str, int]:
+        """Per K-FAC layer the records its factors sum (the cap
+        ``max(KFAC_MIN_RECORDS, KFAC_RECORDS_PER_WIDTH * max(p, out))``, the partial traces' below;
+        ``positions``: every layer of an all-Linear model taken as running over positions)."""
+        caps: dict[str, int] = {}
         if not any(k.startswith("kfac_A.") for k in st):
-            return rows
+            return caps
         trace = isinstance(prog, LayerProgram) and LF.KFAC_CONV_FACTORS == "trace"
         for m, (p, q) in prog.kron_layers().items():
             if f"kfac_n.{m}" in st:  # a state built before the program changed has none
@@ -1522,18 +1549,68 @@ class MomentAccumulator:
                 # the partial traces' outer products: a fixed cost (KFAC_TRACE_MAX_FLOPS); an all-Linear
                 # model's layer on [B, in] inputs forms them from its rank-one gradients at p^2 + out^2 per
                 # record (kf33): dg30's cap, as the factored program's
-                if trace and (prog.kron_conv or m in prog.kron_positions):
+                if trace and (prog.kron_conv or positions or m in prog.kron_positions):
                     per = q * p * (p + q) * prog.kron_blocks()[m].groups
                     cap = min(cap, max(LF.KFAC_TRACE_MIN_RECORDS, int(LF.KFAC_TRACE_MAX_FLOPS // max(per, 1))))
-                rows[m] = max(0, min(b, cap - int(st[f"kfac_n.{m}"])))
-        return rows
+                caps[m] = cap
+        return caps
 
-    def _add_kron(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, fac: Any, b: int) -> None:
-        """Add a batch's Kronecker factors (``kfac_A.<layer>``, ``kfac_G.<layer>``) to ``st``."""
+    def _kron_rows(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, b: int
+                   ) -> tuple[Tensor | None, dict[str, int], dict[str, int] | None]:
+        """Which of the batch's records each K-FAC layer's factors sum: ``(order, rows, alt)``, the
+        layer summing the records ``order[:rows[m]]`` (``order`` ``[s]`` row indices; ``None``: the
+        batch's first rows); ``alt``: an all-Linear per-layer program's layers not yet known to run
+        over positions, their ``rows`` where they do (the partial traces' lower cap: a prefix of
+        the same order, :attr:`LayerProgram.kron_rows_positions`), else ``None``. With the number
+        of training records known (``n_hint``), a threshold sample by record content
+        (:mod:`~mis_lightning.estimation.kron_sample`: the same records whatever the order,
+        batching and process split), at most ``KFAC_SAMPLE_CEILING`` caps per process; else, as
+        before kf43, the first cap records read (order-dependent, reported)."""
+        caps = self._kron_caps(st, prog)
+        alt_caps = ({m: c for m, c in self._kron_caps(st, prog, positions=True).items() if c < caps[m]}
+                    if isinstance(prog, LayerProgram) and not prog.kron_conv else {})
+        done = {m: int(st[f"kfac_n.{m}"]) for m in caps}
+        n_hint = self._request[2]
+        if n_hint is None or n_hint < 1:
+            return (None, {m: max(0, min(b, c - done[m])) for m, c in caps.items()},
+                    {m: max(0, min(b, c - done[m])) for m, c in alt_caps.items()} or None)
+        room = {m: max(0, KFAC_SAMPLE_CEILING * c - done[m]) for m, c in caps.items()}
+        thresholds = sample_thresholds(caps, n_hint)
+        if all(t >= 1 << 32 for t in thresholds.values()) and not alt_caps:  # every record (n <= cap)
+            return None, {m: min(b, room[m]) for m in caps}, None
+        order, rows = sample_order(record_hashes(self._draw_keys(), self._mc_seed), thresholds)
+        alt = None
+        if alt_caps:
+            _, alt = sample_order(record_hashes(self._draw_keys()[order], self._mc_seed),
+                                  sample_thresholds(alt_caps, n_hint))
+            alt = {m: min(r, max(0, KFAC_SAMPLE_CEILING * alt_caps[m] - done[m])) for m, r in alt.items()}
+        return order, {m: min(r, room[m]) for m, r in rows.items()}, alt
+
+    def _kron_first(self, order: Tensor | None, inputs: Any, targets: Any, keys: Tensor | None, b: int
+                    ) -> tuple[Any, Any, Tensor | None, Tensor | None]:
+        """The batch with the K-FAC sample's records first (``order``, then the others in batch
+        order): ``(inputs, targets, keys, back)``, ``back [b]`` each original row's new place (the
+        other sums are the same up to float summation order; the record sample keeps its records,
+        its ``"first"`` rows through ``back``). Unchanged (``back`` None) where ``order`` is the
+        batch's own first rows."""
+        if order is None or bool((order == torch.arange(order.numel())).all()):
+            return inputs, targets, keys, None
+        rest = torch.ones(b, dtype=torch.bool)
+        rest[order] = False
+        full = torch.cat([order, torch.nonzero(rest).squeeze(-1)])
+        back = torch.empty_like(full)
+        back[full] = torch.arange(b)
+        self._draw_keys = _LazyKeys(None, b, self._draw_keys()[full])
+        return (slice_rows(inputs, full), slice_rows(targets, full),
+                None if keys is None else keys[full], back)
+
+    def _add_kron(self, st: dict[str, Any], prog: FactoredProgram | LayerProgram, fac: Any,
+                  rows: dict[str, int]) -> None:
+        """Add a batch's Kronecker factors (``kfac_A.<layer>``, ``kfac_G.<layer>``) over its first
+        ``rows[m]`` records (:meth:`_kron_rows`, the batch put in its order) to ``st``."""
         if not any(k.startswith("kfac_A.") for k in st):
             return
         dev = st["g_sum"].device
-        rows = self._kron_rows(st, prog, b)
         # the factored program adds in place where the state is on the CPU (no zero-filled,
         # widened [p, p] copies: es32); the per-layer program's sums are returned
         into = ({m: (st[f"kfac_A.{m}"], st[f"kfac_G.{m}"]) for m in rows}
@@ -1561,15 +1638,21 @@ class MomentAccumulator:
         if side is None:
             return
         layer = isinstance(side, LayerProgram)
+        order, rows, alt = self._kron_rows(st, side, b)
+        if not rows or (not any(rows.values()) and int(st["n"]) > 0):
+            # every layer's factors have their records, or none of this batch's is sampled (the
+            # first batch still goes through: it finds whether the program takes the model)
+            return
+        xs, ys, bs = inputs, targets, b
+        if order is not None and order.numel():  # only the sampled records through its passes (kf43)
+            xs, ys, bs = slice_rows(inputs, order), slice_rows(targets, order), order.numel()
         try:
             if layer:
-                side.kron_rows = self._kron_rows(st, side, b)
-                if not any(side.kron_rows.values()):  # every layer's factors have their records
-                    return
-                self._give_draw_keys(side)
-                fac = side.batch(inputs, targets, b, squares=False)
+                side.kron_rows, side.kron_rows_positions = rows, alt  # (rows lowered there, as above)
+                self._give_draw_keys(side, order if bs < b else None)
+                fac = side.batch(xs, ys, bs, squares=False)
             else:
-                fac = side.batch(inputs, targets, b)
+                fac = side.batch(xs, ys, bs)
         except NotImplementedError as exc:  # (a layer not called once per forward: neither program takes it)
             if int(st["n"]) > 0:
                 raise
@@ -1581,7 +1664,7 @@ class MomentAccumulator:
             self._set_kron_side(LayerProgram)
             self._update_kron_side(st, inputs, targets, b)
             return
-        self._add_kron(st, side, fac, b)
+        self._add_kron(st, side, fac, rows)
 
     def _store(self, st: dict[str, Any], flat: Tensor, x: Any, y: Any, keys: Tensor | None) -> None:
         store_records(st, flat, x, y, keys, num_records=self.num_records, keep_grad=self.keep_w,
@@ -1831,6 +1914,7 @@ class MomentAccumulator:
         if prog is None or not any(k.startswith("kfac_A.") for k in st):
             self._kfac_lost(diagnostics, prog)
             return {}
+        self._kfac_order_note(st, n, prog, diagnostics)
         out: dict[str, Tensor] = {}
         kron = prog.kron_layers()
         mods = dict(prog.model.named_modules())
@@ -1935,6 +2019,32 @@ class MomentAccumulator:
         diagnostics["kfac_uncorrected_layers"] = left
         diagnostics["kfac_uncorrected_weights"] = left_w
         return out
+
+    def _kfac_order_note(self, st: dict[str, Any], n: int, prog: FactoredProgram | LayerProgram,
+                         diagnostics: dict[str, Any]) -> None:
+        """``kfac_order_dependent``: ``{"layers": [...], "cause": str}`` where some layer's factors
+        summed records chosen by their place in the stream rather than by their content
+        (:meth:`_kron_rows`): the number of training records was not given (the first cap records
+        read), or the stream held more than it said (the per-process ceiling cut the sample short:
+        :func:`~mis_lightning.estimation.kron_sample.sample_truncated`). Its sigma correction, so
+        the leakage, then depends on the reading order and the split over processes (to the
+        subsample's noise: ~``sqrt(2 / (k - p))`` relative on the VIF); :func:`estimator_warnings`
+        says so."""
+        n_hint = self._request[2]
+        layers = []
+        for m, cap in self._kron_caps(st, prog).items():
+            k = int(st[f"kfac_n.{m}"])
+            if k == 0:
+                continue
+            if (k < n) if n_hint is None or n_hint < 1 else sample_truncated(k, cap, n, n_hint):
+                layers.append(m)
+        if layers:
+            cause = ("the number of training records was not given (MISIndicator without num_training_records, "
+                     "or training data of unknown size), so they summed the first records read"
+                     if n_hint is None or n_hint < 1 else
+                     f"the stream held more records (n = {n:,}) than the {n_hint:,} stated, and the records past "
+                     f"{KFAC_SAMPLE_CEILING}x the sample's size per process were the first ones read")
+            diagnostics["kfac_order_dependent"] = {"layers": layers, "cause": cause}
 
     def _kfac_lost(self, diagnostics: dict[str, Any], prog: Any) -> None:
         """Where the model's assessed convolutions get no K-FAC correction because a per-layer program
@@ -2407,8 +2517,10 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     the count ``"auto"`` assumed for training data that did not say it (``"records_unknown"``,
     :func:`note_unknown_records`), and the sampled-label Gauss-Newton diagonal's Monte Carlo error
     when its median relative standard error exceeds :data:`GGN_MC_WARN_RELATIVE_ERROR` (sigma_j
-    carries the same relative error), and the convolutions' K-FAC correction lost to a per-layer
-    program that refused the model (``"kfac_lost"``, :meth:`MomentAccumulator._kfac_lost`)."""
+    carries the same relative error), the convolutions' K-FAC correction lost to a per-layer
+    program that refused the model (``"kfac_lost"``, :meth:`MomentAccumulator._kfac_lost`), and
+    K-FAC factors summed over records chosen by their place in the stream
+    (``"kfac_order_dependent"``, :meth:`MomentAccumulator._kfac_order_note`)."""
     out = []
     other = diagnostics.get("estimator_with_n")
     unknown = diagnostics.get("records_unknown")
@@ -2439,6 +2551,13 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
             f"the per-layer estimation refused the model at its first batch ({lost}); their sigma is the "
             "diagonal sandwich's, which read 0.01-0.5x the exact one on convolutions (docs/benchmarks.md, cv40), "
             "so their leakage may read low")
+    order = diagnostics.get("kfac_order_dependent")
+    if order:
+        out.append(
+            f"the K-FAC correction of sigma sums a sample of the records ({', '.join(repr(m) for m in order['layers'])}) "
+            f"chosen by their place in the stream, not by their content: {order['cause']}; the corrected sigma, so "
+            "the leakage, depends on the records' order and their split over processes (by the sample's noise, "
+            "a few percent); pass the number of training records (num_training_records) for a figure that does not")
     med = diagnostics.get("ggn_mc_median_relative_error")
     if med is not None and med > GGN_MC_WARN_RELATIVE_ERROR:
         out.append(

@@ -1863,6 +1863,12 @@ class LayerProgram:
         # an all-Linear model's blocks seen on inputs with positions ([B, ..., in]): the general
         # partial traces, whose cost takes the convolutions' record cap (MomentAccumulator._kron_rows)
         self.kron_positions: set[str] = set()
+        # per layer the records to sum instead where an all-Linear model's layer turns out, at this
+        # batch (its first), to run over positions: the partial traces' cap's share of the same
+        # sample order (a prefix of kron_rows[m]; kf43: the sample's rate fixed from the first batch on)
+        self.kron_rows_positions: dict[str, int] | None = None
+        # per layer the batch's Gauss-Newton directions whose partial traces are not yet added (_kron_flush)
+        self._kron_pending: dict[str, list[tuple[Tensor, Tensor]]] = {}
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
@@ -2114,6 +2120,8 @@ class LayerProgram:
                         # 3-class CNN at 256 records: tests/test_ggn_mc.py's float32 / float64 check)
                         self._kron_add(kron, taps, go, sgn if h2_all is None else sgn / self.mc_samples)
                 if kron:
+                    for m in list(self._kron_pending):
+                        self._kron_flush(kron, taps, m)
                     rows = self.kron_rows or {}
                     taps.kron = {m: (A, G, rows[m], pos) for m, (A, G, pos) in kron.items()}
         self._forward_taps = {}
@@ -2289,6 +2297,7 @@ class LayerProgram:
         ``"kfc"``, whose ``A`` :meth:`kron_sums` forms from the inputs alone)."""
         rows = self.kron_rows or {}
         f64 = torch.float64
+        self._kron_pending = {}
         return {m: [torch.zeros(self._kron_blocks[m].groups, p, p, dtype=f64) if KFAC_CONV_FACTORS == "trace" else None,
                     torch.zeros(self._kron_blocks[m].groups, q, q, dtype=f64), 0]
                 for m, (p, q) in self.kron_layers().items() if rows.get(m, 0) > 0}
@@ -2332,7 +2341,18 @@ class LayerProgram:
                 acc[2] = r
                 continue
             if not self.kron_conv:
+                if m not in self.kron_positions and m in (self.kron_rows_positions or {}):
+                    assert self.kron_rows is not None and self.kron_rows_positions is not None
+                    r = self.kron_rows[m] = min(r, self.kron_rows_positions[m])
                 self.kron_positions.add(m)
+            if not blk.transposed:
+                # the directions' outer products in one product per layer and batch (the patches formed
+                # once: kf43's sample brings K-FAC rows into every batch, the per-call cost counts)
+                pend = self._kron_pending.setdefault(m, [])
+                pend.append((go[m], w))
+                if sum(t.numel() for t, _ in pend) >= CHUNK_FLOATS * 4:
+                    self._kron_flush(kron, taps, m)
+                continue
             a, step = 0, 1
             while a < r:
                 c = min(r, a + step)
@@ -2353,6 +2373,31 @@ class LayerProgram:
                 a = c
                 step = max(1, CHUNK_FLOATS * 4 // max(blk.groups * max(blk.p * positions, blk.out * blk.p), 1))
             acc[2] = r
+
+    def _kron_flush(self, kron: dict[str, list], taps: _BatchTaps, m: str) -> None:
+        """Add layer ``m``'s pending directions (:meth:`_kron_add`: ``D`` output gradients and
+        weights) to its partial traces over its first :attr:`kron_rows` records: per chunk of
+        records the patches ``U`` once and ``g = Z U^T`` of every direction at once, ``A +=
+        sum_dr w_dr g_dr^T g_dr``, ``G += sum_dr w_dr g_dr g_dr^T`` (float64, as per direction)."""
+        pend = self._kron_pending.pop(m, None)
+        if not pend:
+            return
+        acc, r, blk = kron[m], (self.kron_rows or {})[m], self._kron_blocks[m]
+        positions = pend[0][0][:1].numel() // max(blk.groups * blk.out, 1)
+        a, step = 0, max(1, CHUNK_FLOATS * 4 // max(len(pend) * blk.groups * max(blk.p * positions, blk.out * blk.p), 1))
+        while a < r:
+            c = min(r, a + step)
+            U = self._kron_in(m, taps, a, c)  # [c - a, groups, p, positions]
+            Z = torch.stack([self._kron_out(m, go, a, c) for go, _ in pend])  # [D, c - a, groups, out, positions]
+            # float64 outer products: see the transposed path below (float32 lifts null directions)
+            g = torch.einsum("drgot,rgkt->drgok", Z, U).to(torch.float64)
+            W = torch.stack([w[a:c].to(torch.float64) for _, w in pend])
+            gw = g * W.reshape(*W.shape, 1, 1, 1)
+            acc[0] += torch.einsum("drgok,drgol->gkl", gw, g)
+            acc[1] += torch.einsum("drgok,drgqk->goq", gw, g)
+            a = c
+            step = max(1, CHUNK_FLOATS * 4 // max(len(pend) * blk.groups * max(blk.p * U.shape[-1], blk.out * blk.p), 1))
+        acc[2] = r
 
     def _transposed_kron_grads(self, m: str, taps: _BatchTaps, go: Tensor, a: int, c: int) -> Tensor:
         """A transposed convolution's per-sample gradients of records ``a:c`` in its block's layout
