@@ -8,6 +8,7 @@ the model: parameters are read once (detached copies) and every call goes throug
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -502,11 +503,24 @@ def vmap_fallback_quiet() -> Iterator[None]:
     """Within it, torch's :data:`VMAP_FALLBACK_WARNING` (a ``UserWarning``) is not shown: the
     estimation's own ``vmap`` passes raise it, not the user's code, and the user can do nothing
     about it (the result is right, only slower). Every other warning passes as the user's filters
-    say; those filters are restored on exit (``warnings.catch_warnings``: process-wide, so not
-    thread-safe, as any warnings filter)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=VMAP_FALLBACK_WARNING, category=UserWarning)
+    say.
+
+    One ``"ignore"`` filter is put first in the active filter list and that very entry (by
+    identity) is taken out on exit: filters that code run inside adds (a module imported during
+    the first pass, sympy's ``"once"``) stay, and Python's shown-once registries are not reset
+    (no ``warnings._filters_mutated()``; ``warnings.catch_warnings`` did both, ln43). An ignored
+    warning is not recorded in a registry, so nothing of the block outlives it. Process-wide, as
+    any warnings filter (not thread-isolated)."""
+    item = ("ignore", re.compile(VMAP_FALLBACK_WARNING, re.I), UserWarning, None, 0)
+    # Python 3.14's context-aware warnings keep the active list per context (_get_filters)
+    filters = getattr(warnings, "_get_filters", lambda: warnings.filters)()
+    filters.insert(0, item)
+    try:
         yield
+    finally:
+        at = next((i for i, f in enumerate(filters) if f is item), None)
+        if at is not None:
+            del filters[at]
 
 
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
