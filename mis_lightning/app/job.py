@@ -50,7 +50,13 @@ from mis_lightning.app.batches import (
     check_model_api,
 )
 from mis_lightning.app.factories import resolve_schemes
-from mis_lightning.assess import assess, check_schemes, check_utility_metric, select_params
+from mis_lightning.assess import (
+    assess,
+    check_schemes,
+    check_utility_metric,
+    refusals_shown,
+    select_params,
+)
 from mis_lightning.config import EstimationConfig, ScoringConfig
 from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, plan
 from mis_lightning.progress import ProgressDisplay, ProgressFn
@@ -888,7 +894,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         # the library's checks of every front end, before training: schemes that cannot take this
         # model or quantize none of its assessed weights (all of them: refused), and the verdict's
         # utility metric (mis.scoring.utility_key: measured here, its direction known)
-        for w in check_schemes(model, schemes, strict=sc_cfg.strict, params=select_params(model, est_cfg.params)):
+        refused: list[str] = []  # said here once: the assessment does not log them again
+        for w in check_schemes(model, schemes, strict=sc_cfg.strict, params=select_params(model, est_cfg.params),
+                               refused=refused):
             print(f"warning: {w}", file=sys.stderr)
         check_utility_metric(sc_cfg, utility_metrics(task), where="mis.scoring.utility_key", metrics_option=None)
         if plan_cfg is not None:  # a size budget no plan can meet: before training
@@ -930,14 +938,15 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # the planner (one estimation, the candidates per layer, the plans re-assessed)
             run = functools.partial(assess, schemes=schemes) if plan_cfg is None else functools.partial(
                 plan, candidates=schemes, config=plan_cfg)
-            planned = run(
-                model, train_dataloader=_assessment_loader(dm), loss_fn=model.per_sample_loss,
-                estimation_config=dataclasses.replace(
-                    est_cfg, num_records=min(est_cfg.num_records, dm.n_train)),
-                scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(), batch_fn=batch_fn,
-                metrics=utility_metrics(task),
-                output_transform=functools.partial(metric_inputs, task=task), progress=progress,
-            )
+            with refusals_shown(refused):
+                planned = run(
+                    model, train_dataloader=_assessment_loader(dm), loss_fn=model.per_sample_loss,
+                    estimation_config=dataclasses.replace(
+                        est_cfg, num_records=min(est_cfg.num_records, dm.n_train)),
+                    scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(), batch_fn=batch_fn,
+                    metrics=utility_metrics(task),
+                    output_transform=functools.partial(metric_inputs, task=task), progress=progress,
+                )
             report = planned if plan_cfg is None else planned.report
             if est_cfg.num_records > dm.n_train:  # capped above (as every front end states it, fu31)
                 report.estimation["num_records_requested"] = int(est_cfg.num_records)
