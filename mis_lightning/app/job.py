@@ -50,6 +50,7 @@ from mis_lightning.app.batches import (
     check_model_api,
 )
 from mis_lightning.app.factories import resolve_schemes
+from mis_lightning.app.launchers import check_main_module_paths
 from mis_lightning.assess import (
     assess,
     check_schemes,
@@ -841,6 +842,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     threads = set_threads(cfg.get("num_threads"))
     pl.seed_everything(_integer_option("seed", cfg.seed, "an integer"), workers=True, verbose=False)
     check_output_names(cfg)  # a file the job could only fail to write after the assessment
+    hc = _hydra_config()
+    if hc is not None:  # a `__main__.X` target under a launcher with processes of its own (nu42c)
+        check_main_module_paths(cfg, hc.get("launcher"))
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
     batch_fn = batch_fn_of(cfg)  # a batch_fn path that does not import: before the data is read
     # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
