@@ -1325,7 +1325,7 @@ def score_schemes(
     cause = _large_weights_sentence(report, model, est.theta, diagnostics)
     if cause:  # inside the curvature warning it explains (one cause, not one more warning)
         at = next(i for i, w in enumerate(report.warnings)
-                  if w.startswith(("the Hessian has negative curvature", "unstable figures")))
+                  if w.startswith(("the Hessian has negative curvature", "saddle not excluded", "unstable figures")))
         report.warnings[at] += ". " + cause
     report.utility_modes = utility_modes(report, metrics, cfg)
     report.utility_key = cfg.utility_key
@@ -1408,7 +1408,7 @@ def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str
     square 12.6 on 8 inputs; int4 / int2 lost all utility, loss 41x and 1,180x int8's).
 
     Fires when all hold: no weight decay in the objective assessed (``diagnostics``); the
-    negative-curvature or the unstable-figures warning is in ``report`` (the Hessian signal of
+    negative-curvature (or saddle-not-excluded) or the unstable-figures warning is in ``report`` (the Hessian signal of
     method.md section 6); a lower-is-better utility whose largest value over the schemes is at
     least :data:`LOSS_EXPLOSION_RATIO` times the smallest (positive) one; and a weight matrix
     (of ``theta``, the assessed weights by name) with ``rms(W) sqrt(fan_in)`` -- the sd of a
@@ -1418,7 +1418,7 @@ def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str
     proportional to the tensor's largest weight moves it across its steep part, which large
     downstream weights amplify into the loss."""
     if diagnostics.get("weight_decay") or not any(
-            w.startswith(("the Hessian has negative curvature", "unstable figures")) for w in report.warnings):
+            w.startswith(("the Hessian has negative curvature", "saddle not excluded", "unstable figures")) for w in report.warnings):
         return None
     rows = [r for r in report.rows() if not r.get("error")]
     uk = pick_utility_key(rows)
