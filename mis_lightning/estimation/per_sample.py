@@ -498,6 +498,9 @@ def mha_fastpath_off() -> Iterator[None]:
 VMAP_FALLBACK_WARNING = r"There is a performance drop because we have not yet implemented the batching rule for"
 
 
+_VMAP_FALLBACK_RE = re.compile(VMAP_FALLBACK_WARNING, re.I)  # as warnings.filterwarnings compiles it
+
+
 @contextmanager
 def vmap_fallback_quiet() -> Iterator[None]:
     """Within it, torch's :data:`VMAP_FALLBACK_WARNING` (a ``UserWarning``) is not shown: the
@@ -511,7 +514,7 @@ def vmap_fallback_quiet() -> Iterator[None]:
     (no ``warnings._filters_mutated()``; ``warnings.catch_warnings`` did both, ln43). An ignored
     warning is not recorded in a registry, so nothing of the block outlives it. Process-wide, as
     any warnings filter (not thread-isolated)."""
-    item = ("ignore", re.compile(VMAP_FALLBACK_WARNING, re.I), UserWarning, None, 0)
+    item = ("ignore", _VMAP_FALLBACK_RE, UserWarning, None, 0)  # a new tuple: removed by identity
     # Python 3.14's context-aware warnings keep the active list per context (_get_filters)
     filters = getattr(warnings, "_get_filters", lambda: warnings.filters)()
     filters.insert(0, item)
