@@ -1316,11 +1316,11 @@ def score_schemes(
         rel = f"{float(lowest) / abs(float(top)):.2g} of the largest" if lowest is not None and top else "negative"
         report.warnings.append(
             f"saddle not excluded: the Hessian's lowest {'eigenvalue' if est.mode == 'exact' else 'diagonal entry'} "
-            f"reads {rel}, within its precision at this gradient (tolerance "
-            f"{diagnostics.get('negative_curvature_tolerance', float('nan')):.2g} of the largest, the gradient norm "
-            f"ratio {diagnostics.get('gradient_norm_ratio', float('nan')):.3g}; at a minimum it would be >= 0 to "
-            "within it): the weights may be at a saddle, not a minimum, and the gradient is too large to tell; "
-            "the figures use its magnitude either way: train further (a smaller gradient) to resolve it"
+            f"reads {rel}, within the precision this gradient allows "
+            f"({diagnostics.get('negative_curvature_tolerance', float('nan')):.2g} of the largest: gradient norm ratio "
+            f"{diagnostics.get('gradient_norm_ratio', float('nan')):.3g}), so whether the weights are at a minimum "
+            "or near a saddle is not resolved; the figures use its magnitude either way; "
+            "train further (a smaller gradient) to resolve it"
         )
     cause = _large_weights_sentence(report, model, est.theta, diagnostics)
     if cause:  # inside the curvature warning it explains (one cause, not one more warning)

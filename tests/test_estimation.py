@@ -471,8 +471,22 @@ def test_the_diagonal_reads_curvature_within_the_hessians_precision_as_the_exact
 
 
 def test_a_saddle_not_excluded_is_warned_and_marked():
+    import mis_lightning as ml
     from mis_lightning.report import regime_failures
 
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, dtype=torch.float64, generator=g)
+    y = 0.7 * x + 1.0 + 0.3 * torch.randn(256, dtype=torch.float64, generator=g)
+    sol = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0]
+    m = _CosFlat()
+    with torch.no_grad():  # the exact sandwich's lowest eigenvalue -9.2e-4 of the largest at p = 2.4e-3
+        m.a.fill_(float(sol[0]))
+        m.c.fill_(float(sol[1]) + 1e-3)
+    rep = ml.assess(m, ["bf16"], DataLoader(TensorDataset(x, y), batch_size=256), mse, estimation="exact",
+                    uncertainty_draws=0)
+    assert not rep.diagnostics["negative_curvature"]  # ln42's cap: "negative curvature" (-9.2e-4 < -1e-4)
+    assert any(w.startswith("saddle not excluded: the Hessian's lowest eigenvalue reads -0.00092") for w in rep.warnings)
+    assert "saddle not excluded" in rep.rows()[0].get("indicative", "")  # the row's "*"
     assert regime_failures({"curvature_unresolved": True}, 100, 1, None) == ["saddle not excluded"]
     assert regime_failures({"curvature_unresolved": True, "negative_curvature": True}, 100, 1, None) == \
         ["negative curvature"]
