@@ -61,21 +61,33 @@ def _warn_here() -> None:
     warnings.warn("shown once per location under 'default'", UserWarning, stacklevel=1)
 
 
-def test_silencing_keeps_filters_added_inside_and_the_shown_once_registries():
+def _quieting(name: str):
+    """The library's quieting block ``name`` (imported here: a first import adds filters of its own)."""
+    if name == "vmap":
+        from mis_lightning.estimation.per_sample import vmap_fallback_quiet
+        return vmap_fallback_quiet
+    if name == "lightning":
+        from mis_lightning.app.job import lightning_notices_quieted
+        return lightning_notices_quieted
+    from mis_lightning.quantization.native import quiet_deprecated_quantization
+    return quiet_deprecated_quantization
+
+
+@pytest.mark.parametrize("name", ["vmap", "lightning", "quantization"])
+def test_silencing_keeps_filters_added_inside_and_the_shown_once_registries(name):
     # ln43: warnings.catch_warnings dropped a filter a module imported during the first update adds
     # (sympy's "once") and, on exit, reset every module's shown-once registry (a "default" warning
-    # already shown was shown again)
-    from mis_lightning.estimation.per_sample import vmap_fallback_quiet
-
+    # already shown was shown again); the library's other quieting blocks did the same
+    quieting = _quieting(name)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("default")
         _warn_here()
         theirs = ("once", None, DeprecationWarning, None, 0)
-        with vmap_fallback_quiet():
-            warnings.warn(VMAP_FALLBACK_WARNING + " aten::x", UserWarning, stacklevel=1)  # silenced
+        before = list(warnings.filters)
+        with quieting():
+            if name == "vmap":
+                warnings.warn(VMAP_FALLBACK_WARNING + " aten::x", UserWarning, stacklevel=1)  # silenced
             warnings.filters.insert(0, theirs)  # as a module imported here would add it
-        assert theirs in warnings.filters and warnings.filters[0] is theirs
-        assert not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == VMAP_FALLBACK_WARNING
-                       for f in warnings.filters)  # ours is gone
+        assert warnings.filters == [theirs, *before]  # ours are gone, theirs stays
         _warn_here()  # the same location: the registry still says it was shown
     assert [str(w.message) for w in record] == ["shown once per location under 'default'"]

@@ -43,6 +43,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mis_lightning._warning_filters import ignoring
 from mis_lightning.app.batches import (
     assessment_loader,
     batch_fn_of,
@@ -319,7 +320,6 @@ def assess_schemes(model: torch.nn.Module, schemes: Sequence[QuantizationScheme 
     Raises:
         As :func:`mis_lightning.assess`.
     """
-    import warnings
 
     from mis_lightning.assess import assess
 
@@ -507,12 +507,10 @@ def check_params(model: torch.nn.Module, params: Any) -> None:
         ValueError: as :func:`mis_lightning.assess.select_params` (an empty selection, a
             recurrent layer among the selected parameters, ...).
     """
-    import warnings
 
     from mis_lightning.assess import select_params
 
-    with warnings.catch_warnings():  # its warnings are the assessment's to give, once
-        warnings.simplefilter("ignore")
+    with ignoring(("", Warning)):  # its warnings are the assessment's to give, once
         select_params(model, params)
 
 
@@ -646,9 +644,8 @@ def lightning_notices_quieted() -> Iterator[None]:
     dropped outside the block. Not used by :class:`~mis_lightning.MISCallback`: there the Trainer
     is the user's."""
     tips, loggers = _DropTips(), [logging.getLogger(n) for n in LIGHTNING_RANK_ZERO_LOGGERS]
-    with warnings.catch_warnings():
-        for msg in LIGHTNING_NOTICE_WARNINGS:
-            warnings.filterwarnings("ignore", message=msg, category=FutureWarning)
+    # filters the user's modules add during fit stay; shown-once registries are not reset (ln43)
+    with ignoring(*((msg, FutureWarning) for msg in LIGHTNING_NOTICE_WARNINGS)):
         for lg in loggers:
             lg.addFilter(tips)
         try:

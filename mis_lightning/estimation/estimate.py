@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import restores_rng
+from .._warning_filters import ignoring
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
@@ -3611,8 +3612,7 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
             if bool(((H - H.T).abs() > tol).any()):
                 H = None
         if H is None:
-            with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
-                warnings.filterwarnings("ignore", message="There is a performance drop")
+            with ignoring(("There is a performance drop", Warning)):  # functorch's "no batching rule" notes
                 H = torch.func.jacrev(torch.func.grad(f), chunk_size=chunk if chunk < d else None)(flat0)
     return H.to(torch.float64).reshape(d, d)
 
@@ -3680,8 +3680,7 @@ def _batch_gauss_newton(program: LossProgram, inputs: Any, targets: Any, names: 
     """Gauss-Newton Hessian ``[d, d]`` of the batch's summed loss, ``sum_r J_r' L_r J_r``, from the
     per-record output Jacobians (first derivatives of the model only)."""
     out_shape = program.output_shape(inputs)
-    with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
-        warnings.filterwarnings("ignore", message="There is a performance drop")
+    with ignoring(("There is a performance drop", Warning)):  # functorch's "no batching rule" notes
         out, jac = program.output_jacobians(inputs)
     e, L = program.loss_output_derivatives(out, targets, out_shape or ())
     b, c = out.shape[0], out.reshape(out.shape[0], -1).shape[1]

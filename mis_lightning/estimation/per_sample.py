@@ -8,10 +8,9 @@ the model: parameters are read once (detached copies) and every call goes throug
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
+from .._warning_filters import ignoring
 from .norm_derivatives import WrittenOutLayerNorm
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -498,32 +498,13 @@ def mha_fastpath_off() -> Iterator[None]:
 VMAP_FALLBACK_WARNING = r"There is a performance drop because we have not yet implemented the batching rule for"
 
 
-_VMAP_FALLBACK_RE = re.compile(VMAP_FALLBACK_WARNING, re.I)  # as warnings.filterwarnings compiles it
-
-
-@contextmanager
-def vmap_fallback_quiet() -> Iterator[None]:
+def vmap_fallback_quiet() -> AbstractContextManager[None]:
     """Within it, torch's :data:`VMAP_FALLBACK_WARNING` (a ``UserWarning``) is not shown: the
     estimation's own ``vmap`` passes raise it, not the user's code, and the user can do nothing
     about it (the result is right, only slower). Every other warning passes as the user's filters
-    say.
-
-    One ``"ignore"`` filter is put first in the active filter list and that very entry (by
-    identity) is taken out on exit: filters that code run inside adds (a module imported during
-    the first pass, sympy's ``"once"``) stay, and Python's shown-once registries are not reset
-    (no ``warnings._filters_mutated()``; ``warnings.catch_warnings`` did both, ln43). An ignored
-    warning is not recorded in a registry, so nothing of the block outlives it. Process-wide, as
-    any warnings filter (not thread-isolated)."""
-    item = ("ignore", _VMAP_FALLBACK_RE, UserWarning, None, 0)  # a new tuple: removed by identity
-    # Python 3.14's context-aware warnings keep the active list per context (_get_filters)
-    filters = getattr(warnings, "_get_filters", lambda: warnings.filters)()
-    filters.insert(0, item)
-    try:
-        yield
-    finally:
-        at = next((i for i, f in enumerate(filters) if f is item), None)
-        if at is not None:
-            del filters[at]
+    say, and the user's warnings state is left as it was (:func:`~mis_lightning._warning_filters.
+    ignoring`: filters added inside stay, shown-once registries are not reset; ln43)."""
+    return ignoring((VMAP_FALLBACK_WARNING, UserWarning))
 
 
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
