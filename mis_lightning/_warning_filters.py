@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 
-@contextmanager
-def ignoring(*rules: tuple[str, type[Warning]]) -> Iterator[None]:
+class ignoring:  # noqa: N801 - a context manager used as a function (a class: no generator per call)
     """Within it, the warnings matching a rule ``(message, category)`` are not shown (``message``:
     a regex matched at the message's start, case-insensitive, as ``warnings.filterwarnings``);
     every other warning passes as the filters say.
@@ -23,14 +20,22 @@ def ignoring(*rules: tuple[str, type[Warning]]) -> Iterator[None]:
     not reset (no ``warnings._filters_mutated()``). An ignored warning is not recorded in a
     registry, so nothing of the block outlives it. Process-wide, as any warnings filter.
     """
-    items = [("ignore", re.compile(message, re.I), category, None, 0) for message, category in rules]
-    # Python 3.14's context-aware warnings keep the active list per context (_get_filters)
-    filters = getattr(warnings, "_get_filters", lambda: warnings.filters)()
-    filters[:0] = items
-    try:
-        yield
-    finally:
-        for item in items:
-            at = next((i for i, f in enumerate(filters) if f is item), None)
-            if at is not None:
-                del filters[at]
+
+    __slots__ = ("_items", "_filters")
+
+    def __init__(self, *rules: tuple[str, type[Warning]]) -> None:
+        self._items = [("ignore", re.compile(message, re.I), category, None, 0) for message, category in rules]
+
+    def __enter__(self) -> None:
+        # Python 3.14's context-aware warnings keep the active list per context (_get_filters)
+        get = getattr(warnings, "_get_filters", None)
+        self._filters = warnings.filters if get is None else get()
+        self._filters[:0] = self._items
+
+    def __exit__(self, *exc: object) -> None:
+        filters = self._filters
+        for item in self._items:
+            for i, f in enumerate(filters):
+                if f is item:
+                    del filters[i]
+                    break

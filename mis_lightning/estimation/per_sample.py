@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -498,7 +498,7 @@ def mha_fastpath_off() -> Iterator[None]:
 VMAP_FALLBACK_WARNING = r"There is a performance drop because we have not yet implemented the batching rule for"
 
 
-def vmap_fallback_quiet() -> AbstractContextManager[None]:
+def vmap_fallback_quiet() -> ignoring:
     """Within it, torch's :data:`VMAP_FALLBACK_WARNING` (a ``UserWarning``) is not shown: the
     estimation's own ``vmap`` passes raise it, not the user's code, and the user can do nothing
     about it (the result is right, only slower). Every other warning passes as the user's filters
