@@ -268,6 +268,26 @@ def test_a_main_module_target_under_a_launcher_with_processes_of_its_own_stops_b
                                               "batch_fn": "my_pkg.models.xy"}), joblib)
 
 
+def test_each_job_checks_its_main_module_paths_in_a_multirun_only(monkeypatch):
+    """The job's own check (a sweep without AggregateSweep): a multirun under joblib refuses; a
+    single run with the same launcher configured runs in this process and passes."""
+    import pytest
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app import job
+
+    cfg = OmegaConf.create({"model": {"_target_": "__main__.TinyMLP"}})
+    for mode, refused in ((RunMode.MULTIRUN, True), (RunMode.RUN, False)):
+        hc = OmegaConf.create({"mode": mode, "launcher": {"_target_": JOBLIB, "n_jobs": 2}})
+        monkeypatch.setattr(job, "_hydra_config", lambda hc=hc: hc)
+        if refused:
+            with pytest.raises(ValueError, match="the joblib launcher runs each job"):
+                job.check_launched_paths(cfg)
+        else:
+            job.check_launched_paths(cfg)
+
+
 def test_a_joblib_sweep_with_a_main_module_target_exits_before_any_job(tmp_path, monkeypatch, capsys):
     """The console script end to end (where hydra-joblib-launcher is installed): exit status 2,
     nothing launched."""

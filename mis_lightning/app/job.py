@@ -680,6 +680,22 @@ def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_ver
                         legend_columns=f"legend: the columns as under job 0's table{where}.")
 
 
+def check_launched_paths(cfg: DictConfig) -> None:
+    """In a multirun, :func:`~mis_lightning.app.launchers.check_main_module_paths` with Hydra's
+    launcher (a single run is never launched elsewhere, whatever ``hydra/launcher`` says).
+
+    Raises:
+        ValueError: a dotted path into ``__main__`` under a launcher with processes of its own.
+    """
+    hc = _hydra_config()
+    if hc is None:
+        return
+    from hydra.types import RunMode
+
+    if hc.get("mode") == RunMode.MULTIRUN:
+        check_main_module_paths(cfg, hc.get("launcher"))
+
+
 def _aggregated_multirun() -> bool:
     """A multirun whose sweep is aggregated by :class:`AggregateSweep` (a failed job then
     records its error and returns, so that the sweep goes on and is aggregated)."""
@@ -839,9 +855,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     threads = set_threads(cfg.get("num_threads"))
     pl.seed_everything(_integer_option("seed", cfg.seed, "an integer"), workers=True, verbose=False)
     check_output_names(cfg)  # a file the job could only fail to write after the assessment
-    hc = _hydra_config()
-    if hc is not None:  # a `__main__.X` target under a launcher with processes of its own (nu42c)
-        check_main_module_paths(cfg, hc.get("launcher"))
+    check_launched_paths(cfg)  # `__main__.X` under a launcher with processes of its own (nu42c)
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
     batch_fn = batch_fn_of(cfg)  # a batch_fn path that does not import: before the data is read
     # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
