@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                   + f"  flat {dg.get('flat_directions', '-')}, normalised {dg.get('normalised_layers', '-')}, "
                   f"marked {any(w.startswith('uncertain figures') for w in r.warnings)}; {r.estimation.get('estimator', r.estimation.get('mode'))}"
                   + f"; off-minimum {dg.get('not_at_minimum')} ({dg.get('minimum_offset_sd', float('nan')):.2g} sd), "
-                  f"negative curvature {dg.get('negative_curvature')}",
+                  f"negative curvature {dg.get('negative_curvature')}, saddle not excluded "
+                  f"{dg.get('curvature_unresolved')} (gradient norm ratio {dg.get('gradient_norm_ratio', float('nan')):.2g})",
                   flush=True)
         if a.components:
             ex = estimate(m, dl, loss, mode="exact", num_records=256)

@@ -91,7 +91,7 @@ def main(max_epochs: int = 4) -> MISCallback:
     print(mis.report.table())
 
     # the warning printed with the table, explained (this example trains with Adam, see the docstring)
-    if any("not at a minimum" in w or "negative curvature" in w for w in mis.report.warnings):
+    if any(k in w for k in ("not at a minimum", "negative curvature", "saddle not excluded") for w in mis.report.warnings):
         print("\nnote: the 'not at a minimum' warning is expected here: a few epochs of Adam stop near a "
               "minimum, not at it, so the figures are indicative; examples/callback_example.py trains to "
               "the minimum (full-batch L-BFGS) and passes the report's checks.")

@@ -14,7 +14,9 @@ import hashlib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -91,6 +93,25 @@ from .report import (
 from .threads import scoring_threads
 
 log = logging.getLogger(__name__)
+
+# The schemes whose refusal (check_schemes) a front end has already shown (the app prints them
+# before training): assess and score_schemes do not log them again (nu42c read the app's line,
+# assess's and the scoring's "scheme ... failed", the same refusal three times). The report's
+# errors and warnings still hold it.
+_REFUSALS_SHOWN: ContextVar[frozenset[str]] = ContextVar("mis_lightning_refusals_shown", default=frozenset())
+
+
+@contextmanager
+def refusals_shown(names: Iterable[str]) -> Iterator[None]:
+    """Within it, the schemes ``names`` (refused by :func:`check_schemes`, already shown to the
+    user) are not logged again by :func:`assess` / :func:`score_schemes` (nor the planner's
+    scoring); their failed rows and the report's warnings are unchanged."""
+    token = _REFUSALS_SHOWN.set(_REFUSALS_SHOWN.get() | frozenset(names))
+    try:
+        yield
+    finally:
+        _REFUSALS_SHOWN.reset(token)
+
 
 SchemeSpec = str | QuantizationScheme
 # Median variance inflation factor of the weights above which the report warns that the diagonal
@@ -579,19 +600,24 @@ def assess(
     check_user_functions(loss_fn=loss_fn, batch_fn=batch_fn, output_transform=output_transform)
     scheme_objs = resolve_schemes(schemes)
     # before the estimation pass: schemes that cannot run, or quantize nothing (all of them: refused)
-    for msg in check_schemes(model, scheme_objs, strict=sc_cfg.strict,
-                             params=select_params(model, est_cfg.params)):
-        log.warning("%s", msg)
+    refused: list[str] = []
+    shown = _REFUSALS_SHOWN.get()
+    problems = check_schemes(model, scheme_objs, strict=sc_cfg.strict, params=select_params(model, est_cfg.params),
+                             refused=refused)
+    for name, msg in zip(refused, problems):
+        if name not in shown:
+            log.warning("%s", msg)
     check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
     if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
         check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
-    report = score_schemes(
-        est, model, scheme_objs, scoring_config=sc_cfg, val_dataloader=val_dataloader,
-        loss_fn=loss_fn, metrics=metrics, output_transform=output_transform, batch_fn=batch_fn,
-        progress=progress, calibration_data=train_dataloader,
-    )
+    with refusals_shown(refused):  # said above: the scoring's failed rows need no second line
+        report = score_schemes(
+            est, model, scheme_objs, scoring_config=sc_cfg, val_dataloader=val_dataloader,
+            loss_fn=loss_fn, metrics=metrics, output_transform=output_transform, batch_fn=batch_fn,
+            progress=progress, calibration_data=train_dataloader,
+        )
     report.warnings += _sampling_notes(train_dataloader)
     ds = getattr(train_dataloader, "dataset", None)
     if isinstance(train_dataloader, DataLoader) and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
@@ -758,7 +784,8 @@ def assessed_weights_quantized(scheme: QuantizationScheme, model: nn.Module,
 
 
 def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, strict: bool,
-                  availability: bool = False, params: Sequence[str] | None = None) -> list[str]:
+                  availability: bool = False, params: Sequence[str] | None = None,
+                  refused: list[str] | None = None) -> list[str]:
     """Check each scheme against ``model`` before anything is estimated or trained (the one
     check every front end runs: ``assess``, the Metric, the callback, the app): its
     :meth:`~mis_lightning.quantization.QuantizationScheme.check_model` (and, with
@@ -768,7 +795,8 @@ def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, st
 
     Returns:
         One message per scheme that cannot run or would quantize no assessed weight (each a failed
-        row, :data:`FAILED_ROW`), naming it and why, for the caller to show.
+        row, :data:`FAILED_ROW`), naming it and why, for the caller to show; ``refused`` (when
+        given) gets their scheme names, in the same order (:func:`refusals_shown`).
 
     Raises:
         SchemeError: (``strict``) the first scheme that cannot run; and, whatever ``strict``,
@@ -776,6 +804,7 @@ def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, st
             assessment could only report the float model (the message names every scheme and why).
     """
     problems: list[str] = []
+    names: list[str] = []  # the schemes of ``problems``
     usable = 0
     for scheme in schemes:
         try:
@@ -786,6 +815,7 @@ def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, st
             if strict:
                 raise
             problems.append(str(exc))
+            names.append(scheme.name)
             continue
         if isinstance(scheme, NoQuantization):  # the float release asked for: a reference, not a scheme
             continue
@@ -800,6 +830,7 @@ def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, st
             held = ("; ".join(f"{k}: {v}" for k, v in list(why.items())[:3]) if why
                     else "no assessed parameter is held by such a layer")
             tied = " (rtn_*, native_int8_per_row quantize a tied weight in every holder)" if "tied weight" in held else ""
+            names.append(scheme.name)
             problems.append(f"scheme {scheme.name!r} applies to no assessed parameter of this model: it "
                             f"quantizes the weights of {layers}{beyond}, and {held}, so it would be scored as no "
                             f"protection at all; choose a scheme that applies{tied} (e.g. bf16 casts any parameter)")
@@ -808,6 +839,8 @@ def check_schemes(model: nn.Module, schemes: Sequence[QuantizationScheme], *, st
     if problems and usable == 0 and any(not isinstance(s, NoQuantization) for s in schemes):
         raise SchemeError("no requested scheme can quantize this model's assessed weights, so nothing was "
                           "trained or estimated: " + "; ".join(problems))
+    if refused is not None:
+        refused.extend(names)
     return [f"{p} {FAILED_ROW}" for p in problems]
 
 
@@ -997,7 +1030,8 @@ def score_schemes(
         except Exception as exc:
             if strict:
                 raise
-            log.warning("scheme %s failed: %s", scheme.name, exc)
+            if scheme.name not in _REFUSALS_SHOWN.get():
+                log.warning("scheme %s failed: %s", scheme.name, exc)
             failures[scheme.name] = f"{type(exc).__name__}: {exc}"
             if progress is not None:
                 progress("schemes", len(prepared) + len(failures))
@@ -1280,10 +1314,22 @@ def score_schemes(
             "the figures rest on a modified curvature: train to convergence (or add weight decay), with the "
             "objective you pass here, before reading them (see diagnostics)"
         )
+    elif diagnostics.get("curvature_unresolved"):
+        lowest = diagnostics.get("hessian_min_eigenvalue", diagnostics.get("hessian_min_diagonal"))
+        top = diagnostics.get("hessian_max_eigenvalue", diagnostics.get("hessian_max_diagonal"))
+        rel = f"{float(lowest) / abs(float(top)):.2g} of the largest" if lowest is not None and top else "negative"
+        report.warnings.append(
+            f"saddle not excluded: the Hessian's lowest {'eigenvalue' if est.mode == 'exact' else 'diagonal entry'} "
+            f"reads {rel}, within the precision this gradient allows "
+            f"({diagnostics.get('negative_curvature_tolerance', float('nan')):.2g} of the largest: gradient norm ratio "
+            f"{diagnostics.get('gradient_norm_ratio', float('nan')):.3g}), so whether the weights are at a minimum "
+            "or near a saddle is not resolved; the figures use its magnitude either way; "
+            "train further (a smaller gradient) to resolve it"
+        )
     cause = _large_weights_sentence(report, model, est.theta, diagnostics)
     if cause:  # inside the curvature warning it explains (one cause, not one more warning)
         at = next(i for i, w in enumerate(report.warnings)
-                  if w.startswith(("the Hessian has negative curvature", "unstable figures")))
+                  if w.startswith(("the Hessian has negative curvature", "saddle not excluded", "unstable figures")))
         report.warnings[at] += ". " + cause
     report.utility_modes = utility_modes(report, metrics, cfg)
     report.utility_key = cfg.utility_key
@@ -1366,7 +1412,7 @@ def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str
     square 12.6 on 8 inputs; int4 / int2 lost all utility, loss 41x and 1,180x int8's).
 
     Fires when all hold: no weight decay in the objective assessed (``diagnostics``); the
-    negative-curvature or the unstable-figures warning is in ``report`` (the Hessian signal of
+    negative-curvature (or saddle-not-excluded) or the unstable-figures warning is in ``report`` (the Hessian signal of
     method.md section 6); a lower-is-better utility whose largest value over the schemes is at
     least :data:`LOSS_EXPLOSION_RATIO` times the smallest (positive) one; and a weight matrix
     (of ``theta``, the assessed weights by name) with ``rms(W) sqrt(fan_in)`` -- the sd of a
@@ -1376,7 +1422,7 @@ def _large_weights_sentence(report: Report, model: nn.Module, theta: Mapping[str
     proportional to the tensor's largest weight moves it across its steep part, which large
     downstream weights amplify into the loss."""
     if diagnostics.get("weight_decay") or not any(
-            w.startswith(("the Hessian has negative curvature", "unstable figures")) for w in report.warnings):
+            w.startswith(("the Hessian has negative curvature", "saddle not excluded", "unstable figures")) for w in report.warnings):
         return None
     rows = [r for r in report.rows() if not r.get("error")]
     uk = pick_utility_key(rows)

@@ -936,7 +936,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     """The assumptions of the analysis (docs/method.md sections 2 and 6) that fail for a figure
     of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
     report's ``diagnostics``: ``d / n`` or ``d_eff / n`` above :data:`D_EFF_OVER_N_MAX`, weights
-    not at a minimum, a Hessian with negative curvature, a model interpolating its data. Each
+    not at a minimum, a Hessian with negative curvature (or a negative reading within its precision
+    at a gradient too large to exclude a saddle), a model interpolating its data. Each
     is a short phrase; empty when none fails. The warnings say each in full. The diagonal
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43")."""
@@ -950,6 +951,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append("not at a minimum")
     if diagnostics.get("negative_curvature"):
         out.append("negative curvature")
+    elif diagnostics.get("curvature_unresolved"):
+        out.append("saddle not excluded")
     if diagnostics.get("interpolating"):
         out.append("interpolating")
     if diagnostics.get("diagonal_over_recurrent"):

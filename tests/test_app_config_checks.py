@@ -495,3 +495,50 @@ def test_the_mis_every_epoch_callback_reads_the_jobs_batch_fn(tmp_path):
     assert cb.batch_fn is xy
     (cb,) = _build_callbacks(_compose([*TINY, "callbacks=mis_every_epoch"], tmp_path), None)
     assert cb.batch_fn is None
+
+
+def test_a_scheme_that_quantizes_no_assessed_weight_is_said_once(tmp_path, capsys, caplog):
+    """nu42c: the job printed a scheme's refusal ("applies to no assessed parameter") before
+    training, then assess logged it again and the scoring a third time ("scheme ... failed"); now
+    the line before training alone (the report's failed row and warnings keep it)."""
+    import logging
+
+    from mis_lightning.app.job import run_job
+
+    out = tmp_path / "r"
+    with caplog.at_level(logging.WARNING, logger="mis_lightning"):
+        run_job(_compose([*FAST, "schemes=[rtn_int8,bf16]", "mis.estimation.params=[linear.bias]",
+                          f"trainer.default_root_dir={out}"], out))
+    said = capsys.readouterr().err + "\n".join(r.getMessage() for r in caplog.records)
+    assert said.count("'rtn_int8' applies to no assessed parameter") == 1, said
+    assert "scheme rtn_int8 failed" not in said
+    res = json.loads((out / "result.json").read_text())
+    assert [r["scheme"] for r in res["rows"] if r.get("error")] == ["rtn_int8"]  # the row still says it
+
+
+def test_assess_logs_a_refused_scheme_once_unless_already_shown(caplog):
+    import logging
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from mis_lightning import EstimationConfig, ScoringConfig, assess
+    from mis_lightning.assess import refusals_shown
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    model = nn.Sequential(nn.Linear(3, 1))
+    dl = DataLoader(TensorDataset(x, x[:, :1]), batch_size=64)
+
+    def loss(o, t):
+        return (o - t).square().sum(1)
+
+    kw = dict(estimation_config=EstimationConfig(params=["0.bias"]), scoring_config=ScoringConfig(uncertainty_draws=2, strict=False))
+    for shown, times in (((), 1), (("rtn_int8",), 0)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mis_lightning"), refusals_shown(shown):
+            rep = assess(model, ["rtn_int8", "bf16"], dl, loss, **kw)
+        said = [r.getMessage() for r in caplog.records if "rtn_int8" in r.getMessage()]
+        assert len(said) == times, said  # old: the up-front refusal and "scheme rtn_int8 failed"
+        assert rep.schemes["rtn_int8"].error

@@ -228,3 +228,81 @@ def test_a_sweep_job_that_assessed_one_scheme_points_to_the_aggregate_instead_of
         text = sweep_table(one, one.table(verdict_note=note), info, table_file="report.md")
         assert "verdict: safest" not in text and note in text
     assert "verdict: safest" in one.table() and "verdict: safest" in two.table(verdict_note=None)
+
+
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+
+
+def test_a_main_module_target_under_a_launcher_with_processes_of_its_own_stops_before_launching(
+        tmp_path, monkeypatch, capsys):
+    """nu42c: under the joblib (or Ray, SLURM) launcher a `_target_` into `__main__` (a class of the
+    script that starts the sweep) failed in every job with Hydra's "Error locating target"; the
+    sweep now stops before launching, naming the key and the fix. In-process launchers pass. The
+    launcher node is written out (as Hydra composes it): no plugin needed."""
+    import pytest
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app.launchers import check_main_module_paths, separate_process_launcher
+
+    job = {"model": {"_target_": "__main__.TinyMLP", "num_features": "???"}, "batch_fn": "__main__.xy",
+           "data": {"_target_": "my_pkg.data.Toy"}, "callbacks": {"a": {"_target_": "pkg.Cb"}}}
+    joblib = {"_target_": JOBLIB, "n_jobs": 2, "backend": None, "prefer": "processes", "require": None}
+    cfg = OmegaConf.create({**job, "hydra": {"launcher": joblib, "sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(SystemExit) as info:
+        agg.AggregateSweep(verbose=False).on_multirun_start(cfg)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "model._target_=__main__.TinyMLP, batch_fn=__main__.xy: the joblib launcher runs each job" in err
+    assert "set model._target_=my_pkg.models.TinyMLP" in err and "nothing was launched" in err
+    # the same check in each job's own configuration checks (a sweep without AggregateSweep)
+    with pytest.raises(ValueError, match=r"model._target_=__main__.TinyMLP"):
+        check_main_module_paths(OmegaConf.create(job), joblib)
+    ray = {"_target_": "hydra_plugins.hydra_ray_launcher.ray_launcher.RayLauncher"}
+    slurm = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}
+    assert [separate_process_launcher(x) for x in (ray, slurm)] == ["Ray", "submitit"]
+    # in one process: the basic launcher, joblib on threads or with one job; no __main__ path
+    for launcher in ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"},
+                     {**joblib, "backend": "threading"}, {**joblib, "prefer": "threads"}, {**joblib, "n_jobs": 1}, None):
+        check_main_module_paths(OmegaConf.create(job), launcher)
+    check_main_module_paths(OmegaConf.create({**job, "model": {"_target_": "my_pkg.models.TinyMLP"},
+                                              "batch_fn": "my_pkg.models.xy"}), joblib)
+
+
+def test_each_job_checks_its_main_module_paths_in_a_multirun_only(monkeypatch):
+    """The job's own check (a sweep without AggregateSweep): a multirun under joblib refuses; a
+    single run with the same launcher configured runs in this process and passes."""
+    import pytest
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from mis_lightning.app import job
+
+    cfg = OmegaConf.create({"model": {"_target_": "__main__.TinyMLP"}})
+    for mode, refused in ((RunMode.MULTIRUN, True), (RunMode.RUN, False)):
+        hc = OmegaConf.create({"mode": mode, "launcher": {"_target_": JOBLIB, "n_jobs": 2}})
+        monkeypatch.setattr(job, "_hydra_config", lambda hc=hc: hc)
+        if refused:
+            with pytest.raises(ValueError, match="the joblib launcher runs each job"):
+                job.check_launched_paths(cfg)
+        else:
+            job.check_launched_paths(cfg)
+
+
+def test_a_joblib_sweep_with_a_main_module_target_exits_before_any_job(tmp_path, monkeypatch, capsys):
+    """The console script end to end (where hydra-joblib-launcher is installed): exit status 2,
+    nothing launched."""
+    import sys
+
+    import pytest
+
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    from mis_lightning import cli
+
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", "-m", "hydra/launcher=parallel", "model=linear",
+                                      "data=synthetic_linear", "model._target_=__main__.TinyMLP", "seed=0,1",
+                                      f"hydra.sweep.dir={tmp_path / 's'}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    assert "model._target_=__main__.TinyMLP: the joblib launcher" in capsys.readouterr().err
+    assert not any((tmp_path / "s").glob("*/result.json"))

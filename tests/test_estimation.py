@@ -423,3 +423,70 @@ def test_forward_cost_probe_does_not_depend_on_the_attention_layout():
     torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=1e-5, atol=1e-6)
     fa, fb = forward_floats(a, x, 16), forward_floats(b, x, 16)
     assert fa is not None and fb is not None and 0.5 <= fa / fb <= 2.0, (fa, fb)
+
+
+class _CosFlat(nn.Module):
+    """``f(x) = a x + c cos(t)``: ``t`` is flat at the minimum (``t = 0``; ``H_tt = c mean(r) cos t``
+    with ``r`` the residual, 0 there) and off it reads ``-c g_c``, a gradient-level term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.t = (nn.Parameter(torch.zeros((), dtype=torch.float64)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a * x + self.c * torch.cos(self.t))[:, None]
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["whole", "lean"])
+def test_the_diagonal_reads_curvature_within_the_hessians_precision_as_the_exact_sandwich(lean, monkeypatch):
+    """ln43: the exact Hessian diagonal read negative curvature below -1e-12 of its largest entry
+    (rounding alone), while the exact sandwich reads H's precision p (the gradient norm ratio):
+    a flat weight off the minimum read "negative curvature" at p = 1.2e-5 (H_tt -4.9e-6 of the largest),
+    flagged before. Beyond the resolution (p > 1e-4) such a reading is "saddle not excluded"
+    (reported, not called a saddle); a real maximum is negative curvature at any p."""
+    g = torch.Generator().manual_seed(0)
+    n = 256
+    x = torch.randn(n, dtype=torch.float64, generator=g)
+    y = 0.7 * x + 1.0 + 0.3 * torch.randn(n, dtype=torch.float64, generator=g)
+    sol = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0]
+    kw = {"mode": "diagonal", "hessian": "exact"}
+    if lean:
+        monkeypatch.setattr(E, "FLOAT32_STATE_MIN_PARAMS", 0)
+        kw["budget"] = 1
+    dl = DataLoader(TensorDataset(x, y), batch_size=64)
+    seen = []
+    for shift in (5e-6, 1e-3):  # c above its least-squares value: mean residual -shift
+        m = _CosFlat()
+        with torch.no_grad():
+            m.a.fill_(float(sol[0]))
+            m.c.fill_(float(sol[1]) + shift)
+        d = estimate(m, dl, mse, **kw).diagnostics
+        assert (d.get("state_dtype") == "float32") is lean
+        assert d["hessian_min_diagonal"] < 0  # H_tt = -c shift
+        seen.append((d["gradient_norm_ratio"], d["negative_curvature"], d["curvature_unresolved"]))
+    (p0, neg0, unres0), (p1, neg1, unres1) = seen
+    assert p0 < 1e-4 and not neg0 and not unres0, seen  # within precision, converged: no false alarm
+    assert p1 > 1e-4 and not neg1 and unres1, seen  # within precision, large gradient: said, not a saddle
+    assert E.curvature_sign(-5e-3, 1.0, 1e-12, 1e-3)["negative_curvature"]  # beyond p: a saddle
+
+
+def test_a_saddle_not_excluded_is_warned_and_marked():
+    import mis_lightning as ml
+    from mis_lightning.report import regime_failures
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, dtype=torch.float64, generator=g)
+    y = 0.7 * x + 1.0 + 0.3 * torch.randn(256, dtype=torch.float64, generator=g)
+    sol = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), y[:, None]).solution[:, 0]
+    m = _CosFlat()
+    with torch.no_grad():  # the exact sandwich's lowest eigenvalue -9.2e-4 of the largest at p = 2.4e-3
+        m.a.fill_(float(sol[0]))
+        m.c.fill_(float(sol[1]) + 1e-3)
+    rep = ml.assess(m, ["bf16"], DataLoader(TensorDataset(x, y), batch_size=256), mse, estimation="exact",
+                    uncertainty_draws=0)
+    assert not rep.diagnostics["negative_curvature"]  # ln42's cap: "negative curvature" (-9.2e-4 < -1e-4)
+    assert any(w.startswith("saddle not excluded: the Hessian's lowest eigenvalue reads -0.00092") for w in rep.warnings)
+    assert "saddle not excluded" in rep.rows()[0].get("indicative", "")  # the row's "*"
+    assert regime_failures({"curvature_unresolved": True}, 100, 1, None) == ["saddle not excluded"]
+    assert regime_failures({"curvature_unresolved": True, "negative_curvature": True}, 100, 1, None) == \
+        ["negative curvature"]

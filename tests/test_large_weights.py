@@ -76,3 +76,11 @@ def test_no_cause_is_named_when_one_signal_is_missing(case):
         losses = {"intx_weight_only_int2": 151.27}
     net, theta = _model(rms)
     assert _large_weights_sentence(_report(losses, warned, key), net, theta, diag) is None
+
+
+def test_the_cause_is_named_after_a_saddle_not_excluded_too():
+    """ln43: a negative eigenvalue within the gradient's precision (p > 1e-4) is "saddle not excluded",
+    no longer "negative curvature": the same Hessian signal for this sentence."""
+    net, theta = _model(12.59)
+    warned = ["saddle not excluded: the Hessian's lowest eigenvalue reads -0.001 of the largest"]
+    assert _large_weights_sentence(_report(LBFGS_LOSS, warned), net, theta, {"weight_decay": 0.0}) is not None

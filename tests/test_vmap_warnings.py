@@ -55,3 +55,39 @@ def test_the_estimations_vmap_fallback_notice_is_not_shown_and_the_users_filters
         assert warnings.filters == before  # the user's filters, as they were
     assert not _fallback_notices(record), _fallback_notices(record)[:1]  # 4 before (2 batches x forward, backward)
     assert any(str(w.message) == "the user's own warning" for w in record)  # theirs still reach them
+
+
+def _warn_here() -> None:
+    warnings.warn("shown once per location under 'default'", UserWarning, stacklevel=1)
+
+
+def _quieting(name: str):
+    """The library's quieting block ``name`` (imported here: a first import adds filters of its own)."""
+    if name == "vmap":
+        from mis_lightning.estimation.per_sample import vmap_fallback_quiet
+        return vmap_fallback_quiet
+    if name == "lightning":
+        from mis_lightning.app.job import lightning_notices_quieted
+        return lightning_notices_quieted
+    from mis_lightning.quantization.native import quiet_deprecated_quantization
+    return quiet_deprecated_quantization
+
+
+@pytest.mark.parametrize("name", ["vmap", "lightning", "quantization"])
+def test_silencing_keeps_filters_added_inside_and_the_shown_once_registries(name):
+    # ln43: warnings.catch_warnings dropped a filter a module imported during the first update adds
+    # (sympy's "once") and, on exit, reset every module's shown-once registry (a "default" warning
+    # already shown was shown again); the library's other quieting blocks did the same
+    quieting = _quieting(name)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        _warn_here()
+        theirs = ("once", None, DeprecationWarning, None, 0)
+        before = list(warnings.filters)
+        with quieting():
+            if name == "vmap":
+                warnings.warn(VMAP_FALLBACK_WARNING + " aten::x", UserWarning, stacklevel=1)  # silenced
+            warnings.filters.insert(0, theirs)  # as a module imported here would add it
+        assert warnings.filters == [theirs, *before]  # ours are gone, theirs stays
+        _warn_here()  # the same location: the registry still says it was shown
+    assert [str(w.message) for w in record] == ["shown once per location under 'default'"]

@@ -667,7 +667,17 @@ class AggregateSweep(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Give the sweep an id, passed to its jobs in the environment (``SWEEP_ID_ENV``): each
         records it in its ``result.json``, so that the aggregate leaves out stale jobs of an
-        earlier sweep into the same dir."""
+        earlier sweep into the same dir. First, a sweep whose launcher runs each job in another
+        process and whose config names ``__main__`` (:func:`~mis_lightning.app.launchers.
+        check_main_module_paths`) stops here, before any job: its message, exit status 2."""
+        from mis_lightning.app.launchers import check_main_module_paths
+
+        try:
+            check_main_module_paths(config, (config.get("hydra") or {}).get("launcher"))
+        except ValueError as exc:
+            print(f"mis-lightning: configuration error (ValueError): {exc}\n  nothing was launched or trained",
+                  file=sys.stderr)
+            raise SystemExit(2) from None
         self.sweep_id, self.started = uuid.uuid4().hex[:12], time.time()
         os.environ[SWEEP_ID_ENV] = self.sweep_id
 

@@ -43,6 +43,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mis_lightning._warning_filters import ignoring
 from mis_lightning.app.batches import (
     assessment_loader,
     batch_fn_of,
@@ -50,7 +51,14 @@ from mis_lightning.app.batches import (
     check_model_api,
 )
 from mis_lightning.app.factories import resolve_schemes
-from mis_lightning.assess import assess, check_schemes, check_utility_metric, select_params
+from mis_lightning.app.launchers import check_main_module_paths
+from mis_lightning.assess import (
+    assess,
+    check_schemes,
+    check_utility_metric,
+    refusals_shown,
+    select_params,
+)
 from mis_lightning.config import EstimationConfig, ScoringConfig
 from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, plan
 from mis_lightning.progress import ProgressDisplay, ProgressFn
@@ -312,7 +320,6 @@ def assess_schemes(model: torch.nn.Module, schemes: Sequence[QuantizationScheme 
     Raises:
         As :func:`mis_lightning.assess`.
     """
-    import warnings
 
     from mis_lightning.assess import assess
 
@@ -500,12 +507,10 @@ def check_params(model: torch.nn.Module, params: Any) -> None:
         ValueError: as :func:`mis_lightning.assess.select_params` (an empty selection, a
             recurrent layer among the selected parameters, ...).
     """
-    import warnings
 
     from mis_lightning.assess import select_params
 
-    with warnings.catch_warnings():  # its warnings are the assessment's to give, once
-        warnings.simplefilter("ignore")
+    with ignoring(("", Warning)):  # its warnings are the assessment's to give, once
         select_params(model, params)
 
 
@@ -639,9 +644,8 @@ def lightning_notices_quieted() -> Iterator[None]:
     dropped outside the block. Not used by :class:`~mis_lightning.MISCallback`: there the Trainer
     is the user's."""
     tips, loggers = _DropTips(), [logging.getLogger(n) for n in LIGHTNING_RANK_ZERO_LOGGERS]
-    with warnings.catch_warnings():
-        for msg in LIGHTNING_NOTICE_WARNINGS:
-            warnings.filterwarnings("ignore", message=msg, category=FutureWarning)
+    # filters the user's modules add during fit stay; shown-once registries are not reset (ln43)
+    with ignoring(*((msg, FutureWarning) for msg in LIGHTNING_NOTICE_WARNINGS)):
         for lg in loggers:
             lg.addFilter(tips)
         try:
@@ -674,6 +678,22 @@ def sweep_table(report: Report, table: str, info: Mapping[str, Any], *, with_ver
     where = f"; in full in each job's {table_file}" if table_file else ""
     return report.table(with_verdict=with_verdict, verdict_note=sweep_verdict_note(report, info),
                         legend_columns=f"legend: the columns as under job 0's table{where}.")
+
+
+def check_launched_paths(cfg: DictConfig) -> None:
+    """In a multirun, :func:`~mis_lightning.app.launchers.check_main_module_paths` with Hydra's
+    launcher (a single run is never launched elsewhere, whatever ``hydra/launcher`` says).
+
+    Raises:
+        ValueError: a dotted path into ``__main__`` under a launcher with processes of its own.
+    """
+    hc = _hydra_config()
+    if hc is None:
+        return
+    from hydra.types import RunMode
+
+    if hc.get("mode") == RunMode.MULTIRUN:
+        check_main_module_paths(cfg, hc.get("launcher"))
 
 
 def _aggregated_multirun() -> bool:
@@ -835,6 +855,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     threads = set_threads(cfg.get("num_threads"))
     pl.seed_everything(_integer_option("seed", cfg.seed, "an integer"), workers=True, verbose=False)
     check_output_names(cfg)  # a file the job could only fail to write after the assessment
+    check_launched_paths(cfg)  # `__main__.X` under a launcher with processes of its own (nu42c)
     plan_cfg = plan_config_of(cfg)  # mode=plan: its options and candidates, checked before training
     batch_fn = batch_fn_of(cfg)  # a batch_fn path that does not import: before the data is read
     # fail fast on a bad scheme name, before training (mode=plan scores its candidates only: a
@@ -888,7 +909,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         # the library's checks of every front end, before training: schemes that cannot take this
         # model or quantize none of its assessed weights (all of them: refused), and the verdict's
         # utility metric (mis.scoring.utility_key: measured here, its direction known)
-        for w in check_schemes(model, schemes, strict=sc_cfg.strict, params=select_params(model, est_cfg.params)):
+        refused: list[str] = []  # said here once: the assessment does not log them again
+        for w in check_schemes(model, schemes, strict=sc_cfg.strict, params=select_params(model, est_cfg.params),
+                               refused=refused):
             print(f"warning: {w}", file=sys.stderr)
         check_utility_metric(sc_cfg, utility_metrics(task), where="mis.scoring.utility_key", metrics_option=None)
         if plan_cfg is not None:  # a size budget no plan can meet: before training
@@ -930,14 +953,15 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
             # the planner (one estimation, the candidates per layer, the plans re-assessed)
             run = functools.partial(assess, schemes=schemes) if plan_cfg is None else functools.partial(
                 plan, candidates=schemes, config=plan_cfg)
-            planned = run(
-                model, train_dataloader=_assessment_loader(dm), loss_fn=model.per_sample_loss,
-                estimation_config=dataclasses.replace(
-                    est_cfg, num_records=min(est_cfg.num_records, dm.n_train)),
-                scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(), batch_fn=batch_fn,
-                metrics=utility_metrics(task),
-                output_transform=functools.partial(metric_inputs, task=task), progress=progress,
-            )
+            with refusals_shown(refused):
+                planned = run(
+                    model, train_dataloader=_assessment_loader(dm), loss_fn=model.per_sample_loss,
+                    estimation_config=dataclasses.replace(
+                        est_cfg, num_records=min(est_cfg.num_records, dm.n_train)),
+                    scoring_config=sc_cfg, val_dataloader=dm.val_dataloader(), batch_fn=batch_fn,
+                    metrics=utility_metrics(task),
+                    output_transform=functools.partial(metric_inputs, task=task), progress=progress,
+                )
             report = planned if plan_cfg is None else planned.report
             if est_cfg.num_records > dm.n_train:  # capped above (as every front end states it, fu31)
                 report.estimation["num_records_requested"] = int(est_cfg.num_records)

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from mis_lightning._warning_filters import ignoring
 from mis_lightning.data.base import TASKS, TensorDataModule, as_dataset, split_indices
 
 log = logging.getLogger(__name__)
@@ -235,8 +236,7 @@ def featurize_smiles(
         else:
             funcs = [fn for _, fn in Descriptors.descList]
         raw = np.full((len(mols), len(funcs)), np.nan, dtype=np.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a few descriptors warn on exotic molecules
+        with ignoring(("", Warning)):  # a few descriptors warn on exotic molecules
             for k, mol in enumerate(mols):
                 for j, fn in enumerate(funcs):
                     try:

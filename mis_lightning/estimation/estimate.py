@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import restores_rng
+from .._warning_filters import ignoring
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
@@ -1823,7 +1824,8 @@ class MomentAccumulator:
         if self.d:
             check_curvature(float((h_flat + self._decay_slice(0, self.d)).max()), bool((v_flat > 0).any()))
         sigma_flat, w = diagonal_compute(h_flat + self._decay_slice(0, self.d), v_flat, g_mean_flat, G, n, self.damping,
-                                         diagnostics, v_centring, h_error=h_error)
+                                         diagnostics, v_centring, h_error=h_error,
+                                         precision=max(self._stored_eps(), diagnostics["gradient_norm_ratio"]))
         # the finite-sample (leverage) correction with the mean leverage per loss direction
         # (method.md section 4): V / (1 - h), so sigma and the standardised leave-one-out
         # influences (psi / (1 - h) over sigma / sqrt(1 - h)) both grow by 1 / sqrt(1 - h)
@@ -2351,7 +2353,8 @@ class MomentAccumulator:
         if self.hessian == "ggn_mc":
             diagnostics.update(_mc_error(h_sum.to(cpu, f64), st["h2_sum"].to(cpu, f64), self.ggn_mc_samples))
         diagnostics.update(hessian_min_diagonal=h_min, hessian_max_diagonal=h_max,
-                           negative_curvature=(h_min_sampled if hutch else h_min) < -_DIAGONAL_ROUNDING * h_abs,
+                           **curvature_sign(h_min_sampled if hutch else h_min, h_abs, _DIAGONAL_ROUNDING,
+                                            max(self._stored_eps(), diagnostics["gradient_norm_ratio"])),
                            nonpositive_hessian_diagonal=neg, state_dtype="float32", **rounding)
         diagnostics.update(lev)
         def corrected(k: str, f: Tensor, r0: int) -> None:
@@ -2708,17 +2711,43 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
 # direction (the one separating two identical hidden units at a saddle) is of the residuals' order.
 FLAT_CURVATURE_MAX = 1e-5
 
-# The largest relative precision (of the largest eigenvalue) granted to H when reading its negative
-# eigenvalues as "negative curvature" (_sandwich_scaled): below ``min(p, this)`` of the largest, ``p``
-# H's precision (the stored weights' eps or the gradient norm ratio, as flat_directions takes it), a
-# negative eigenvalue is within the Hessian's own error and its sign is not known. Off the
-# stationary point H holds terms linear in the mean gradient (method.md section 6), measured
-# (ln42): Linear -> LayerNorm -> ReLU MLPs read -0.9e-5 .. -3.4e-5 at gradient norm ratios 1.4e-3 ..
-# 4.3e-3 (0.004-0.012 of the ratio), -2e-9 at 2.4e-5; Conv1d -> LayerNorm([8, 6]) -> Linear (n 4,000)
-# -7.2e-8 at 5.9e-7 (0.12); weight_norm's wrong double backward 3e-9 at 4e-8 (0.075). Capped so that an eigenvalue below -1e-4 of the largest (a saddle's curvature
-# is of the residuals' order: -0.65 on an unconverged tanh MLP) is negative curvature whatever the
-# gradient; a fit with a gradient norm ratio above 0.1 reads "not at a minimum" anyway.
+# The curvature's resolution (relative to the largest eigenvalue / diagonal entry): a negative
+# reading of H within its precision ``p`` (the stored weights' eps or the gradient norm ratio, as
+# flat_directions takes it) has an unknown sign: off the stationary point H holds terms linear in the
+# mean gradient (method.md section 6), measured (ln42): Linear -> LayerNorm -> ReLU MLPs read
+# -0.9e-5 .. -3.4e-5 at gradient norm ratios 1.4e-3 .. 4.3e-3 (0.004-0.012 of the ratio), -2e-9 at
+# 2.4e-5; Conv1d -> LayerNorm([8, 6]) -> Linear (n 4,000) -7.2e-8 at 5.9e-7 (0.12); weight_norm's
+# wrong double backward 3e-9 at 4e-8 (0.075). "Negative curvature" reads only below ``-p`` (a
+# saddle resolved); a reading in ``(-p, 0)`` is reported as "saddle not excluded"
+# (``curvature_unresolved``) where ``p`` exceeds this resolution, so that every negative reading
+# below ``-min(p, this)`` is said (ln43: capping ``p`` here instead, ln42, called LayerNorm
+# gradient-level readings of up to 0.12 p "negative curvature" at p > 8e-4, and said nothing of a
+# real one in (-1e-4, 0) at any p > 1e-4). Below it (a converged fit) a reading in (-p, 0) is
+# curvature under 1e-4 of the largest, flat at the analysis's resolution (the figures use
+# ``|lambda|`` floored at 1e-8 either way).
 NEGATIVE_CURVATURE_PRECISION_MAX = 1e-4
+
+
+def curvature_sign(lowest: float, top: float, rounding: float, precision: float) -> dict[str, Any]:
+    """The Hessian's sign flags (method.md section 4, "Negative curvature") from its lowest
+    reading ``lowest`` (eigenvalue, or diagonal entry beyond its sampling error; ``inf``: none)
+    relative to ``|top|`` (the largest eigenvalue / entry magnitude), at relative rounding
+    ``rounding`` and precision ``precision`` (``p``: the stored weights' eps or the gradient norm
+    ratio; 0: rounding alone).
+
+    Returns:
+        ``negative_curvature``: below ``-max(rounding, p) |top|`` (a saddle or maximum beyond H's
+        precision); ``curvature_unresolved``: not that, but below ``-rounding |top|`` while ``p``
+        exceeds :data:`NEGATIVE_CURVATURE_PRECISION_MAX` (the gradient is too large to tell a
+        minimum from a saddle: "saddle not excluded"); ``negative_curvature_tolerance``:
+        ``max(rounding, p)``.
+    """
+    scale = max(abs(top), 1e-300)
+    tol = max(rounding, precision)
+    negative = lowest < -tol * scale
+    unresolved = not negative and precision > NEGATIVE_CURVATURE_PRECISION_MAX and lowest < -rounding * scale
+    return {"negative_curvature": bool(negative), "curvature_unresolved": bool(unresolved),
+            "negative_curvature_tolerance": tol}
 
 
 def _project_out(H: Tensor, flat: Tensor) -> Tensor:
@@ -2927,8 +2956,9 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
         precision: H's relative precision ``p`` (the stored weights' eps or the gradient norm ratio;
             0: float64 rounding alone). ``diagnostics["negative_curvature"]`` (and the count
             ``negative_eigenvalues_flipped``) reads the eigenvalues below ``-tol * lambda_max``,
-            ``tol = max(100 d eps, min(p, NEGATIVE_CURVATURE_PRECISION_MAX))``
-            (``negative_curvature_tolerance``; method.md section 4, exact sandwich): ``100 d eps``
+            ``tol = max(100 d eps, p)`` (``negative_curvature_tolerance``; method.md section 4,
+            exact sandwich), ``curvature_unresolved`` a lowest eigenvalue in ``[-tol, -100 d eps)``
+            at ``p`` above :data:`NEGATIVE_CURVATURE_PRECISION_MAX` (:func:`curvature_sign`): ``100 d eps``
             is eigh's backward error (``~d eps |H|``), above the float64 rounding of the n-record
             sum H is (``~eps log2 n`` of the summed magnitudes, pairwise) unless the records'
             Hessians cancel by more than ``100 d / log2 n``; H sums every record, so it has no
@@ -2953,8 +2983,8 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     # reads -1e-16 eigenvalues, which are zeros (floored), not negative curvature
     rounding = 100 * H.shape[0] * torch.finfo(torch.float64).eps * max(abs(hi), 1e-300)
     # negative curvature: below H's own precision too (the terms off the stationary point)
-    tol = max(rounding, min(precision, NEGATIVE_CURVATURE_PRECISION_MAX) * max(abs(hi), 1e-300))
-    flipped = int((evals < -tol).sum())
+    sign = curvature_sign(lo, hi, rounding / max(abs(hi), 1e-300), precision)
+    flipped = int((evals < -sign["negative_curvature_tolerance"] * max(abs(hi), 1e-300)).sum())
     floored = int((evals.abs() < floor).sum())
     # Indefinite or singular H (a model near a saddle, or a flat direction): shifting the
     # whole spectrum up to the floor would leave a near-zero eigenvalue and an unbounded
@@ -2980,9 +3010,7 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     diagnostics.update(
         hessian_min_eigenvalue=lo, hessian_max_eigenvalue=hi,
         hessian_condition=(hi / lo) if lo > 0 else math.inf,
-        negative_curvature=lo < -tol, negative_eigenvalues_flipped=flipped,
-        negative_curvature_tolerance=tol / max(abs(hi), 1e-300),
-        eigenvalues_floored=floored,
+        **sign, negative_eigenvalues_flipped=flipped, eigenvalues_floored=floored,
     )
     Hinv = (evecs * inv) @ evecs.T
     if records is not None and newton_gradient is not None:
@@ -3451,7 +3479,7 @@ def _uniform_leverage(hbar: float, records: int) -> Tensor | None:
 
 def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: int, damping: float,
                      diagnostics: dict[str, Any], v_centring: Tensor | None = None,
-                     h_error: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+                     h_error: Tensor | None = None, precision: float = 0.0) -> tuple[Tensor, Tensor | None]:
     """The diagonal sandwich (method.md section 4): ``sigma_j^2 = V_jj / (n H_jj^2)``.
 
     Args:
@@ -3465,19 +3493,24 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
         h_error: ``[d]`` the standard error of each ``h_j`` where ``h`` is estimated (Hutchinson's
             probes; ``None``: exact to rounding). ``negative_curvature`` then reads only entries
             below ``-z h_error_j`` too (:func:`_sampling_z`: a probe's noise is no curvature).
+        precision: H's relative precision ``p`` (the stored weights' eps or the gradient norm
+            ratio): ``negative_curvature`` reads entries below ``-max(1e-12, p) max|h|``,
+            ``curvature_unresolved`` the rest below ``-1e-12 max|h|`` at ``p`` above
+            :data:`NEGATIVE_CURVATURE_PRECISION_MAX` (:func:`curvature_sign`, as the exact sandwich).
 
     Returns:
         ``sigma [d]`` (parameter units) and ``w = -(g - g_bar) / sqrt(V_jj)`` ``[R, d]`` (the
         sign of ``psi = -H^{-1} g``), or ``None`` without ``G``.
     """
     neg = int((h <= 0).sum())
-    # a zero diagonal (an unused embedding row, a dead unit) is flat, not negative curvature
-    below = h < -_DIAGONAL_ROUNDING * float(h.abs().max()) if h.numel() else h.new_zeros(0, dtype=torch.bool)
-    if h_error is not None:
-        below &= h < -_sampling_z(h.numel()) * h_error.to(h)
+    # a zero diagonal (an unused embedding row, a dead unit) is flat, not negative curvature; an
+    # entry off the stationary point within H's precision is no evidence of a saddle (ln43: the
+    # diagonal read 1e-12 alone, where the exact sandwich reads p)
+    seen = h if h_error is None else h[h < -_sampling_z(h.numel()) * h_error.to(h)]
     diagnostics.update(
         hessian_min_diagonal=float(h.min()), hessian_max_diagonal=float(h.max()),
-        negative_curvature=bool(below.any()),
+        **curvature_sign(float(seen.min()) if seen.numel() else math.inf, float(h.abs().max()) if h.numel() else 0.0,
+                         _DIAGONAL_ROUNDING, precision),
         nonpositive_hessian_diagonal=neg,
     )
     # float32 ratios, as the chunked finalize keeps them: the same median, bit for bit
@@ -3681,8 +3714,7 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
             if bool(((H - H.T).abs() > tol).any()):
                 H = None
         if H is None:
-            with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
-                warnings.filterwarnings("ignore", message="There is a performance drop")
+            with ignoring(("There is a performance drop", Warning)):  # functorch's "no batching rule" notes
                 H = torch.func.jacrev(torch.func.grad(f), chunk_size=chunk if chunk < d else None)(flat0)
     return H.to(torch.float64).reshape(d, d)
 
@@ -3750,8 +3782,7 @@ def _batch_gauss_newton(program: LossProgram, inputs: Any, targets: Any, names: 
     """Gauss-Newton Hessian ``[d, d]`` of the batch's summed loss, ``sum_r J_r' L_r J_r``, from the
     per-record output Jacobians (first derivatives of the model only)."""
     out_shape = program.output_shape(inputs)
-    with warnings.catch_warnings():  # functorch's "no batching rule, performance drop" notes
-        warnings.filterwarnings("ignore", message="There is a performance drop")
+    with ignoring(("There is a performance drop", Warning)):  # functorch's "no batching rule" notes
         out, jac = program.output_jacobians(inputs)
     e, L = program.loss_output_derivatives(out, targets, out_shape or ())
     b, c = out.shape[0], out.reshape(out.shape[0], -1).shape[1]

@@ -26,7 +26,6 @@ weight also used outside its layer (e.g. ``F.linear(x, self.a.weight)`` in ``for
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import private_copy
+from .._warning_filters import ignoring
 from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 from .record_draws import record_labels, record_signs
 from .records import record_keys
@@ -2501,8 +2501,7 @@ class LayerProgram:
         take = min(2, _first_dim(targets))
         x2 = torch.utils._pytree.tree_map(lambda t: t[:take] if isinstance(t, Tensor) else t, inputs)
         y2 = torch.utils._pytree.tree_map(lambda t: t[:take] if isinstance(t, Tensor) else t, targets)
-        with warnings.catch_warnings():  # torch.func on attention: "performance drop" notices
-            warnings.filterwarnings("ignore", message="There is a performance drop")
+        with ignoring(("There is a performance drop", Warning)):  # torch.func on attention's notices
             try:
                 ref = self.reference.per_sample_grads(x2, y2)
             except RuntimeError:  # a forward vmap cannot batch (a frozen LSTM encoder): per record

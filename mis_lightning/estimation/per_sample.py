@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
+from .._warning_filters import ignoring
 from .norm_derivatives import WrittenOutLayerNorm
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -497,16 +498,13 @@ def mha_fastpath_off() -> Iterator[None]:
 VMAP_FALLBACK_WARNING = r"There is a performance drop because we have not yet implemented the batching rule for"
 
 
-@contextmanager
-def vmap_fallback_quiet() -> Iterator[None]:
+def vmap_fallback_quiet() -> ignoring:
     """Within it, torch's :data:`VMAP_FALLBACK_WARNING` (a ``UserWarning``) is not shown: the
     estimation's own ``vmap`` passes raise it, not the user's code, and the user can do nothing
     about it (the result is right, only slower). Every other warning passes as the user's filters
-    say; those filters are restored on exit (``warnings.catch_warnings``: process-wide, so not
-    thread-safe, as any warnings filter)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=VMAP_FALLBACK_WARNING, category=UserWarning)
-        yield
+    say, and the user's warnings state is left as it was (:func:`~mis_lightning._warning_filters.
+    ignoring`: filters added inside stay, shown-once registries are not reset; ln43)."""
+    return ignoring((VMAP_FALLBACK_WARNING, UserWarning))
 
 
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:

@@ -33,7 +33,6 @@ channel, axis 0); the ``*_per_channel`` names of earlier releases are deprecated
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._warning_filters import ignoring
 from .base import ParamGrid, SchemeConfig, SchemeError, affine_grid
 from .registry import register_alias, register_scheme
 
@@ -77,9 +77,7 @@ def quiet_deprecated_quantization() -> Iterator[None]:
     that once was used up by the library's call then too. (``torch.set_warn_always(True)`` in the
     block, to keep it, sends the calls inside ``quantize_dynamic`` to torch's C++ stderr printer,
     which no Python filter reaches.)"""
-    with warnings.catch_warnings():
-        for category, message in _DEPRECATED_QUANTIZATION:
-            warnings.filterwarnings("ignore", message=message, category=category)
+    with ignoring(*((message, category) for category, message in _DEPRECATED_QUANTIZATION)):
         yield
 
 
