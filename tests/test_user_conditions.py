@@ -885,12 +885,14 @@ def test_the_exact_estimator_runs_through_a_recurrent_layer_and_sees_negative_cu
     assert (acc.state["gg_sum"] - G.T @ G).abs().max() <= 1e-9 * (G.T @ G).abs().max()
     assert torch.linalg.eigvalsh(H / len(X)).min() < -1e-4  # the reference: indefinite
     est = acc.finalize()
-    assert est.diagnostics["negative_curvature"]
+    # the report says it: "negative curvature" beyond the gradient-level band, else (this fit is
+    # stopped short, gradient ratio above 1e-4) "saddle not excluded" (ln43's rule, method.md section 4)
+    assert est.diagnostics["negative_curvature"] or est.diagnostics["curvature_unresolved"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = ml.assess(model, ["rtn_int4"], DataLoader(TensorDataset(X, Y), batch_size=12), _token_loss,
                         params=names, estimation="exact", weight_decay=1e-3, uncertainty_draws=0)
-    assert any("negative curvature" in w for w in rep.warnings)
+    assert any(w.startswith(("the Hessian has negative curvature", "saddle not excluded")) for w in rep.warnings)
     assert not any("diagonal sandwich estimated it" in w for w in rep.warnings)
     # the diagonal sandwich's sigma has no bound it can state over recurrent layers (measured 2.1-29x low,
     # its variance-inflation warning said ~2.2x): said, with the cure, and every figure marked *
