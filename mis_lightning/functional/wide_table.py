@@ -25,6 +25,7 @@ All sums float64; ``kappa`` reads at least the exact cell sums' value, by at mos
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -60,6 +61,36 @@ class SeriesTable:
 
 
 _SERIES_TABLES: dict = {}
+
+
+@lru_cache(maxsize=32)
+def _cell_plan(N: int, kinds: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(p, e, coef)`` ``[kinds, N, N]``: ``int_{|t| <= v/2} m^b t^a (m + t)^n dt = sum_i coef
+    m^p v^(e + 1)`` over ``i`` (``binom(n, i) m^(b + n - i) int t^(a + i)``; odd powers of ``t``
+    integrate to 0, so the terms of one ``n`` share a sign)."""
+    P = N + 2
+    n = torch.arange(N).unsqueeze(-1)
+    i = torch.arange(N).unsqueeze(0)
+    B = torch.tensor([[float(math.comb(a, b)) if b <= a else 0.0 for b in range(N)] for a in range(N)],
+                     dtype=torch.float64)
+    ps, es, cs = [], [], []
+    for b, a in _KINDS[:kinds]:
+        e = a + i
+        ps.append((b + n - i).clamp(0, P).expand(N, N))
+        es.append(e.expand(N, N))
+        cs.append(B * (e % 2 == 0) / (2.0 ** e.to(torch.float64) * (e + 1)))
+    return torch.stack(ps), torch.stack(es), torch.stack(cs)
+
+
+def _cell_sums(lo: Tensor, hi: Tensor, N: int, kinds: int) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`~mis_lightning.functional.wide_series.series_coefficients` of one cell ``[lo, hi]``
+    per row (``[r]`` each, window units): ``([r, kinds, N], sum v^3 [r], sum v^5 [r])``."""
+    m, v = 0.5 * (lo + hi), hi - lo
+    p, e, coef = _cell_plan(N, kinds)
+    mp = torch.cat([torch.ones_like(m).unsqueeze(-1), m.unsqueeze(-1).expand(-1, N + 2).cumprod(-1)], -1)
+    vp = v.unsqueeze(-1).expand(-1, N + 4).cumprod(-1)  # v^(e + 1), e = 0 .. N + 3
+    Q = (mp[:, p] * vp[:, e] * coef).sum(-1)
+    return Q, vp[:, 2], vp[:, 4]
 
 
 def series_table(values: Tensor, device: torch.device) -> SeriesTable:
@@ -116,9 +147,9 @@ def table_window_coefficients(st: SeriesTable, lower: Tensor, upper: Tensor, lam
     a1 = torch.where(keep, st.prefix_abs.index_select(0, j1)[:, :kinds, :N]
                      + st.prefix_abs.index_select(0, j0)[:, :kinds, :N], 0.0) * pw
     R = lower.shape[0]
-    ends = torch.stack([torch.stack([lower, a], -1), torch.stack([b, upper], -1)]).reshape(2 * R, 2)
-    Qe, c3e, c5e = series_coefficients(ends * lam.repeat(2).unsqueeze(-1), N)
-    Q = whole + Qe[:R, :kinds] + Qe[R:, :kinds]
+    lam2 = lam.repeat(2)
+    Qe, c3e, c5e = _cell_sums(torch.cat([lower, b]) * lam2, torch.cat([a, upper]) * lam2, N, kinds)
+    Q = whole + Qe[:R] + Qe[R:]
     # the prefix differences' rounding: 2^-50 (V + N) of the magnitudes summed into them
     dq = (2.0**-50 * (st.mids.numel() + N)) * a1 + 2.0**-50 * Q.abs()
     if kappa_only:
