@@ -70,6 +70,10 @@ def test_series_within_its_bound_of_the_exact_partition(grid, cut, width, draws)
     # the windows past the simple closed form are the series' (measured: all at 0.15 sd, 87-100% at
     # 0.3, 18-94% at 0.45: the cell-mean bound grows as C5 and the draws' weights reach further)
     assert idx.numel() >= {0.15: 0.95, 0.3: 0.8, 0.45: 0.1}[width] * theta.numel(), idx.numel()
+    if not draws:  # a kappa_only call: the same terms, so the same kappa bit for bit
+        ko = g._table_series(theta, sigma, scale, zp, None, bounds, kappa_only=True)
+        assert ko is not None and bool(torch.isin(idx, ko[0]).all())  # (m4's bound may drop some of a full call)
+        assert torch.equal(ko[1][torch.isin(ko[0], idx)], kappa)
     lo, hi = bounds
     for j in range(0, idx.numel(), max(1, idx.numel() // 25)):
         i = int(idx[j])
