@@ -91,6 +91,13 @@ from ..functional.wide_series import (
     series_moments,
     series_terms,
 )
+from ..functional.wide_table import (
+    series_table,
+    table_series_moments,
+    table_series_terms,
+    table_window_coefficients,
+    table_window_cubes,
+)
 
 FilterFn = Callable[[nn.Module, str], bool]
 # sd / step above which a quotient grid (torchao intx on bf16 / fp16 weights) is scored on its
@@ -183,6 +190,16 @@ WIDE_SD_CLOSED_FORM = True
 STORED_WIDE_CLOSED_FORM = True
 # gathered per-window sums per block of that form's per-element step (float64: 2 MiB)
 _SERIES_BLOCK = 1 << 18
+# Weights of a value-table grid of at most functional.wide.WIDE_TABLE_MAX_VALUES values (float8,
+# float4, nf4) whose bounded window (taken about the table's 0: half-width max(|lower|, |upper|))
+# is at most SERIES_MAX_WINDOW sd wide and which the wide-sd closed form left (a window past its
+# WIDE_MAX_WINDOW, or its error bound above WIDE_TOL) take the series of functional.wide_series on
+# the grid's own cells (ParamGrid._table_series: per window, the table's prefix sums of the
+# per-cell series plus the two cut end cells) where its derived error bound on kappa (and on m4, in
+# a full call) is at most WIDE_TOL: kappa on the conservative side, within 1e-11 of the exact cell
+# sums (p43b; before, the exact window sums over every cell of the table: sm42's float8 1e5 MLP,
+# 84% of the elements). False: those elements on the paths
+TABLE_WIDE_SERIES = True
 
 # The scoring pass reads each chunk of a parameter several times per grid: its cell moments at sd
 # and at sd / sqrt(2) (the pool protocol), with the same weights, grid and bounds. What does not
@@ -1505,7 +1522,72 @@ class ParamGrid:
         jj = torch.nonzero(rest).squeeze(-1)
         # (a chunk's live elements alone, path_elements given: the rest take the paths of the
         # padded call's rest, as when the padding came along)
-        # (not the closed form again: those it took are out, and it holds for none of the rest)
+        # (not the closed form again: those it took are out, and it holds for none of the rest;
+        # a value table's series next, TABLE_WIDE_SERIES)
+        sub = self._series_sd(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj), _pick(bounds, jj),
+                              compile_policy, kappa_only, size)
+        if sub is None:
+            sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
+                                     _pick(bounds, jj), compile_policy, kappa_only, size, wide=False)
+        for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
+            o[jj] = getattr(sub, f).to(torch.float64)
+            if standin:
+                break
+        return out
+
+    def _series_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                   bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None, kappa_only: bool,
+                   path_elements: int | None = None, known: Tensor | None = None) -> CellMoments | None:
+        """The moments of every element when some take :meth:`_table_series` (the others, but for
+        ``known``, on :meth:`_path_moments` without the closed forms), or ``None`` when none does
+        or the grid takes no series (:data:`TABLE_WIDE_SERIES`). Arguments as :meth:`_wide_sd`."""
+        if not TABLE_WIDE_SERIES or self.kind != "table" or self.values is None \
+                or self.values.numel() > WIDE_TABLE_MAX_VALUES or self.storage_dtype is not None:
+            return None
+        c = theta.shape[0]
+        if known is not None:
+            free = torch.nonzero(~known).squeeze(-1)
+            if free.numel() == 0:
+                return None
+            sel = lambda t: t.index_select(0, free)  # noqa: E731
+            got = self._table_series(sel(theta), sel(sigma), sel(scale), sel(zero_point), _pick(code, free),
+                                     (sel(bounds[0]), sel(bounds[1])), kappa_only)
+            if got is None:
+                return None
+            got = (free.index_select(0, got[0]),) + got[1:]
+        else:
+            got = self._table_series(theta, sigma, scale, zero_point, code, bounds, kappa_only)
+            if got is None:
+                return None
+        idx, kappa_s, mean_abs_s, m4_s = got
+        nt = idx.numel()
+        kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
+        kappa.index_copy_(0, idx, kappa_s)
+        standin = kappa_only and KAPPA_ONLY_STANDINS
+        if standin:
+            nan = torch.full((1,), math.nan, dtype=torch.float64, device=theta.device).expand(c)
+            out: CellMoments = _KappaOnlyMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=nan)
+        else:
+            mean_abs = torch.full_like(kappa, math.nan)
+            m4 = torch.full_like(kappa, math.nan)
+            if mean_abs_s is not None:
+                mean_abs.index_copy_(0, idx, mean_abs_s)
+            if m4_s is not None:
+                m4.index_copy_(0, idx, m4_s)
+            out = _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(kappa))
+        if nt == c:
+            return out
+        rest = torch.ones(c, dtype=torch.bool, device=theta.device)
+        rest[idx] = False
+        size = None if path_elements is None else path_elements - nt
+        if known is not None:
+            rest &= ~known
+            left = int(rest.sum())
+            if left == 0:
+                return out
+            if size is None and left < c - nt:  # (the path of the whole rest's call)
+                size = c - nt
+        jj = torch.nonzero(rest).squeeze(-1)
         sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
                                  _pick(bounds, jj), compile_policy, kappa_only, size, wide=False)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
@@ -1513,6 +1595,87 @@ class ParamGrid:
             if standin:
                 break
         return out
+
+    def _table_series(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
+                      bounds: tuple[Tensor, Tensor], kappa_only: bool
+                      ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None] | None:
+        """Value tables of at most ``WIDE_TABLE_MAX_VALUES`` values: the weights whose sd spans
+        their bounded window, on the grid's own cells clipped to the bounds, by the series of
+        :mod:`~mis_lightning.functional.wide_series` (docs/method.md section 5, "wc37", "p43b"):
+        ``(ii, kappa, mean_abs, m4)``, ``ii`` ``[m]`` the elements it holds for, their float64
+        moments (``mean_abs`` exact on the own cell, :func:`~mis_lightning.functional.wide.own_cell_mean_abs`;
+        ``mean_abs`` and ``m4`` ``None`` when ``kappa_only``; coverage 1 is the caller's), or
+        ``None`` when none does.
+
+        The series is taken about the table's 0 (the window ``[-H, H]``, ``H = max(|lower|,
+        |upper|)``, holds the bounded one; the cells beyond the bounds are revealed: none), so
+        that each window's sums are the table's per-cell prefix sums scaled by one unit per
+        window plus its two cut end cells (:func:`~mis_lightning.functional.wide_series.table_window_coefficients`).
+        It holds for: ``2 H`` at most ``SERIES_MAX_WINDOW`` sd, ``H |theta|`` at most
+        ``SERIES_MAX_SHIFT`` sd^2 (a bootstrap draw may lie beyond a bound), kappa's error bound
+        at most ``WIDE_TOL`` (``kappa`` reads at least the exact cell sums' value and at most
+        ``WIDE_TOL`` above it) and, in a full call, ``m4``'s too. ``[c]`` tensors as
+        :meth:`element_moments`, ``scale > 0``."""
+        assert self.values is not None
+        th, sg = theta.to(torch.float64), sigma.to(torch.float64)
+        lo, hi = bounds[0].to(torch.float64), bounds[1].to(torch.float64)
+        H = torch.maximum(lo.abs(), hi.abs())
+        # (sd 0, NaN and infinite bounds fail)
+        cand = (2.0 * H <= SERIES_MAX_WINDOW * sg) & (hi > lo) & (H * th.abs() <= SERIES_MAX_SHIFT * sg * sg)
+        n = int(cand.sum())
+        if n == 0:
+            return None
+        st = series_table(self.values, th.device)
+        if st.vmax <= 0:
+            return None
+        ii = torch.nonzero(cand).squeeze(-1) if n < cand.numel() else None
+
+        def pick(t: Tensor) -> Tensor:
+            return t if ii is None else t.index_select(0, ii)
+
+        th, sg, lo, hi, H = pick(th), pick(sg), pick(lo), pick(hi), pick(H)
+        s64 = pick(scale.to(torch.float64))
+        # one window per run of equal scale and bounds (a block)
+        new = (s64[1:] != s64[:-1]) | (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+        gid, first = _runs(new)
+        unit = s64.index_select(0, first) * st.vmax
+        lw, uw, lam = lo.index_select(0, first) / unit, hi.index_select(0, first) / unit, unit / H.index_select(0, first)
+        u0, rho = -th / sg, H / sg
+        # the fewest terms whose truncation bound at the largest rho and window C3 (Es2 of
+        # wide_series at umin = 0: at least every element's) is at most a 16th of the tolerance
+        # (a kappa_only call takes the same terms, so the same kappa)
+        N = table_series_terms(float(rho.max()), float(table_window_cubes(st, lw, uw, lam).max()), WIDE_TOL / 16.0)
+        K, qb, q3, q5 = table_window_coefficients(st, lw, uw, lam, N, kappa_only)
+        m = th.shape[0]
+        kappa, err = torch.empty_like(th), torch.empty_like(th)
+        m4 = None if kappa_only else torch.empty_like(th)
+        err4 = None if kappa_only else torch.empty_like(th)
+        # per element in blocks of about _SERIES_BLOCK gathered sums
+        block = max(1024, _SERIES_BLOCK // (K.shape[0] * N))
+        for a in range(0, m, block):
+            sl = slice(a, a + block)
+            k, eb, m4b, e4b = table_series_moments(u0[sl], rho[sl], gid[sl], K, qb, q3, q5)
+            kappa[sl], err[sl] = k, eb
+            if m4 is not None and err4 is not None and m4b is not None and e4b is not None:
+                m4[sl], err4[sl] = m4b, e4b
+        ok = err <= WIDE_TOL
+        if err4 is not None:
+            ok &= err4 <= WIDE_TOL
+        if not bool(ok.any()):
+            return None
+        keep = torch.nonzero(ok).squeeze(-1) if not bool(ok.all()) else None
+
+        def kept(t: Tensor) -> Tensor:
+            return t if keep is None else t.index_select(0, keep)
+
+        idx = torch.arange(m, device=th.device) if keep is None else keep
+        idx = idx if ii is None else ii.index_select(0, idx)
+        if m4 is None:
+            return idx, kept(kappa), None, None
+        th, sg, lo, hi = kept(th), kept(sg), kept(lo), kept(hi)
+        cd = None if code is None else kept(pick(code))
+        own_lo, own_hi = self._own_edges(th, kept(s64), kept(pick(zero_point.to(torch.float64))), cd)
+        return idx, kept(kappa), own_cell_mean_abs(th, sg, lo, hi, own_lo, own_hi, own_fresh=True), kept(m4)
 
     def _point_masses(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
                       code: Tensor | None, bounds: tuple[Tensor, Tensor] | None) -> Tensor | None:
@@ -1625,6 +1788,9 @@ class ParamGrid:
         if wide and WIDE_SD_CLOSED_FORM and bounds is not None:
             closed = self._wide_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy, kappa_only,
                                    path_elements, known)
+            if closed is None:  # (none took the closed form: a value table's series, TABLE_WIDE_SERIES)
+                closed = self._series_sd(theta, sigma, scale, zero_point, code, bounds, compile_policy,
+                                         kappa_only, path_elements, known)
             if closed is not None:
                 return closed
         if self.kind == "quotient":
