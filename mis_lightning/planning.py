@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._autocast import without_autocast
 from ._modelcopy import private_copy
 from ._rng import restores_rng
 from .assess import (
@@ -630,6 +631,7 @@ def _pareto(points: list[tuple[float, float, float]]) -> list[int]:
 
 
 @restores_rng("train_dataloader", "val_dataloader")
+@without_autocast
 def plan(
     model: nn.Module,
     candidates: SchemeSpec | Sequence[SchemeSpec] | None,
