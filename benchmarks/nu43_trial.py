@@ -209,6 +209,9 @@ def precision(args) -> None:
             compare(f"precision={prec}", Net, precision=prec)
         except Exception as exc:  # noqa: BLE001 - the trial reports what the user meets
             print(f"[precision={prec}] {type(exc).__name__}: {str(exc)[:300]}")
+    # above 10,000 weights (float32 per-sample passes), assessed in on_validation_epoch_end
+    compare("precision=bf16-mixed, 11,619 weights, every_n_val_epochs=1", lambda: Net(hidden=96),
+            precision="bf16-mixed", max_epochs=1, cb_kw={"every_n_val_epochs": 1})
     # the documented MISIndicator idiom in validation_step, where "bf16-mixed" autocasts: a model
     # above 10,000 weights (the float32 per-sample passes)
     for prec in ("32-true", "bf16-mixed"):
