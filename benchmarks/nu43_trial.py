@@ -298,7 +298,17 @@ def loops(args) -> None:
 
 # -- (5) unused parameters, dict loss --------------------------------------------------------------
 def unused(args) -> None:
-    compare("an auxiliary head never used in forward", lambda: Net(aux=True))
+    cb, m, ref = compare("an auxiliary head never used in forward", lambda: Net(aux=True))
+    # the same weights assessed without the unused head: its weights carry no leakage
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        without = ml.assess(m, SCHEMES, DataLoader(TRAIN, batch_size=64), per_sample_loss, weight_decay=WD,
+                            num_records=NREC, val_dataloader=loaders()[1],
+                            params=[n for n, _ in m.named_parameters() if not n.startswith("aux.")])
+    for s in SCHEMES:
+        a, b = cb.report.schemes[s], without.schemes[s]
+        print(f"   {s:18s} with the unused head: leakage {a.leakage:.6f} d_eff {a.d_eff:.3f} | params= without it: "
+              f"leakage {b.leakage:.6f} d_eff {b.d_eff:.3f}")
     compare("training_step returns {'loss': ..., 'n': ...}", lambda: Net(dict_loss=True))
 
 
