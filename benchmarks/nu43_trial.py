@@ -227,6 +227,12 @@ def precision(args) -> None:
                 tr.fit(model, train, [val, DataLoader(TRAIN, batch_size=64)])
                 ref = ml.assess(model, SCHEMES, DataLoader(TRAIN, batch_size=64), per_sample_loss, weight_decay=WD,
                                 num_records=NREC)
+                with torch.autocast("cpu", dtype=torch.bfloat16):  # a user's autocast region around assess
+                    inside = ml.assess(model, SCHEMES, DataLoader(TRAIN, batch_size=64), per_sample_loss,
+                                       weight_decay=WD, num_records=NREC)
+            print(f"[assess inside torch.autocast('cpu', bfloat16), precision={prec}, d={ref.d}]: "
+                  + "; ".join(f"{s} inside {inside.schemes[s].leakage:.6f} outside {ref.schemes[s].leakage:.6f}"
+                              for s in SCHEMES))
             got = model.mis_out[-1]
             print(f"[MISIndicator in validation_step, precision={prec}, d={ref.d}] {time.perf_counter() - t0:.1f} s: "
                   + "; ".join(f"{s} metric {got[s]:.6f} assess {ref.schemes[s].leakage:.6f} "
