@@ -233,3 +233,22 @@ def test_layers_built_in_configure_model_are_assessed_and_checked_before_trainin
         _trainer(MISCallback(["rtn_int4"], loss_fn=mse, params=["net.weigth"], **FAST)).fit(
             model, DataLoader(TensorDataset(X, Y), batch_size=32))
     assert model.steps == 0
+
+
+def test_names_of_a_compiled_submodule_are_suggested_for_params_and_weight_decay():
+    """A submodule compiled in configure_model names its parameters with '_orig_mod.' (as its
+    state_dict does); a params= or weight_decay= name without it raises naming the right one
+    (nu43: weight_decay= listed the parameters without a suggestion). The names of
+    ``torch.compile(nn.Linear(3, 2))`` held as ``backbone``, without importing dynamo (seconds)."""
+    from mis_lightning.assess import select_params
+    from mis_lightning.estimation.estimate import check_decay_names
+
+    model = nn.Module()
+    model.backbone = nn.Module()
+    model.backbone._orig_mod = nn.Linear(3, 2)  # what OptimizedModule holds
+    model.head = nn.Linear(2, 1)
+    with pytest.raises(KeyError, match=r"'backbone.weight': did you mean 'backbone._orig_mod.weight'"):
+        select_params(model, ["backbone.weight"])
+    with pytest.raises(KeyError, match=r"'backbone.weight': did you mean 'backbone._orig_mod.weight'"):
+        check_decay_names({"backbone.weight": 1e-2}, model)
+    check_decay_names({"backbone._orig_mod.weight": 1e-2, "head.bias": 0.0}, model)  # the right names pass

@@ -2492,10 +2492,17 @@ def check_decay_names(decay: Mapping[str, float], model: nn.Module) -> None:
     Raises:
         KeyError: names the unknown entries and the model's parameters.
     """
+    import difflib
+
     named = [n for n, _ in model.named_parameters()]
     unknown = sorted(set(decay) - set(named))
     if unknown:
-        raise KeyError(f"weight_decay names parameters the model does not have: {unknown}; its parameters: "
+        # the closest names: e.g. a submodule compiled in configure_model names its parameters
+        # with an '_orig_mod.' segment ('backbone._orig_mod.0.weight'), as its state_dict does
+        hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
+                 for n in unknown if (close := difflib.get_close_matches(n, named, n=2, cutoff=0.6))]
+        raise KeyError(f"weight_decay names parameters the model does not have: {unknown}"
+                       + (f" ({'; '.join(hints)})" if hints else "") + f"; its parameters: "
                        f"{named[:12]}{' ...' if len(named) > 12 else ''}")
 
 
