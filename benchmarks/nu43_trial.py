@@ -14,7 +14,7 @@ checkpoint weights/optimizer/loops), and compares the callback's leakage with
     python benchmarks/nu43_trial.py unused      # an auxiliary head the forward never uses; training_step -> {"loss": ...}
     python benchmarks/nu43_trial.py all
 
-Runtime (1 thread): a few CPU minutes for ``all`` (``compile`` uses the ``aot_eager`` backend by
+Runtime (1 thread): about 100 CPU s (190 s wall at load 4) for ``all`` (``compile`` uses the ``aot_eager`` backend by
 default, ``--backend inductor`` compiles C++ too).
 """
 
