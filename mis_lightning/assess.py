@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
 from ._augmentation import random_records_note
+from ._autocast import without_autocast
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
@@ -518,6 +519,7 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
 
 
 @restores_rng("train_dataloader", "val_dataloader")
+@without_autocast
 def assess(
     model: nn.Module,
     schemes: SchemeSpec | Sequence[SchemeSpec],
@@ -938,6 +940,7 @@ def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
 
 
 @restores_rng("val_dataloader", "calibration_data")
+@without_autocast
 def score_schemes(
     est: Estimate,
     model: nn.Module,

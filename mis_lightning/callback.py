@@ -185,12 +185,14 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._stage = stage  # a checkpoint restored for validate/test/predict does not rewind the runs
         if stage != "fit":
             return
-        check_float_model(pl_module)  # a torchao-quantized model: refuse before training
-        select_params(pl_module, self.estimation_config.params)  # a misspelled params= name, too
-        if isinstance(self.estimation_config.weight_decay, Mapping):  # and a weight_decay={name: ...} one
-            check_decay_names(self.estimation_config.weight_decay, pl_module)
-        if self.plan_config is not None:  # a size budget no plan can meet: before training
-            check_size_budget(pl_module, self.plan_config, self.estimation_config.params)
+        # A module that builds its layers in ``configure_model`` (Lightning's pattern for large
+        # models; Lightning calls it after this hook) has no parameter yet: its checks wait for
+        # on_train_start, still before the first step (nu43: refused here, "no parameter selected")
+        self._model_checks_due = next(iter(pl_module.parameters()), None) is None
+        self._scheme_problems = []
+        if not self._model_checks_due:
+            self._check_model(pl_module)
+        if self.plan_config is not None:
             if lt.has_validation_source(trainer) is False:
                 raise ValueError("MISCallback(plan=...) needs validation data (a val_dataloaders= loader, a "
                                  "val_dataloader hook, and limit_val_batches > 0): the planner measures each "
@@ -203,14 +205,6 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                            "runs at the end of fit only")
         if self.scoring_config.utility_key is not None and lt.has_validation_source(trainer) is False:
             check_utility_metric(self.scoring_config, self.utility_metrics, validation=False)  # raises
-        # a scheme that cannot run here or on this model is an error row at the end (the
-        # others are still scored): say so now, before the training it would follow
-        # (every scheme such: refused now, SchemeError)
-        self._scheme_problems = check_schemes(pl_module, resolve_schemes(self.schemes), strict=False,
-                                              availability=True,
-                                              params=select_params(pl_module, self.estimation_config.params))
-        for msg in self._scheme_problems:
-            rank_zero_warn(f"MISCallback: {msg}")
         # an EarlyStopping / ModelCheckpoint on a mis/ key it cannot read when it looks
         keys = metric_keys([s.name for s in resolve_schemes(self.schemes)], self.utility_metrics, self.prefix,
                            interval=self.scoring_config.uncertainty_draws > 0)
@@ -224,9 +218,31 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._full_pass, self._pass_read, self._most_read, self._resumed = False, 0, 0, False
         self._loss(trainer, pl_module)
 
+    def _check_model(self, pl_module: Any) -> None:
+        """The checks on the module's parameters, before training: a quantized model, a misspelled
+        ``params=`` or ``weight_decay={name: ...}`` name, a size budget no plan can meet, schemes
+        that cannot run on it (warned; every scheme such: ``SchemeError``)."""
+        check_float_model(pl_module)  # a torchao-quantized model: refuse before training
+        select_params(pl_module, self.estimation_config.params)  # a misspelled params= name, too
+        if isinstance(self.estimation_config.weight_decay, Mapping):  # and a weight_decay={name: ...} one
+            check_decay_names(self.estimation_config.weight_decay, pl_module)
+        if self.plan_config is not None:  # a size budget no plan can meet: before training
+            check_size_budget(pl_module, self.plan_config, self.estimation_config.params)
+        # a scheme that cannot run here or on this model is an error row at the end (the
+        # others are still scored): say so now, before the training it would follow
+        # (every scheme such: refused now, SchemeError)
+        self._scheme_problems = check_schemes(pl_module, resolve_schemes(self.schemes), strict=False,
+                                              availability=True,
+                                              params=select_params(pl_module, self.estimation_config.params))
+        for msg in self._scheme_problems:
+            rank_zero_warn(f"MISCallback: {msg}")
+
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # the train loader exists now, before the first step: configuration errors surface here
         self._state_loaded = False
+        if getattr(self, "_model_checks_due", False):  # layers built in configure_model
+            self._model_checks_due = False
+            self._check_model(pl_module)
         # Batches read per pass, counted here: the Trainer's counter counts the first batches
         # twice after a resume within a pass (a loader without state_dict starts its pass
         # again). A checkpoint taken after an epoch's end: a pass has ended. ("ready": a

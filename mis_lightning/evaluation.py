@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._autocast import without_autocast
 from ._rng import restores_rng
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 
@@ -40,6 +41,7 @@ def named_error(exc: BaseException, msg: str) -> BaseException:
 
 
 @restores_rng("dataloader")
+@without_autocast
 def evaluate_utility(
     model: nn.Module,
     dataloader: Iterable,

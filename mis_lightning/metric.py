@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities import rank_zero_warn
 
+from ._autocast import without_autocast
 from .assess import (
     SchemeSpec,
     check_schemes,
@@ -210,6 +211,7 @@ class MISIndicator(EstimationMetric):
         self.scoring_config, self.utility_fn, self.progress = sc_cfg, utility_fn, progress
         self.report: Report | None = None
 
+    @without_autocast
     def compute(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
         """Score every scheme from the synced estimate; ``{scheme: {figure: 0-d tensor}}``.
 

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._autocast import without_autocast
 from ._fields import CheckedFields
 from ._modelcopy import private_copy
 from ._rng import restores_rng
@@ -631,6 +632,7 @@ def _pareto(points: list[tuple[float, float, float]]) -> list[int]:
 
 
 @restores_rng("train_dataloader", "val_dataloader")
+@without_autocast
 def plan(
     model: nn.Module,
     candidates: SchemeSpec | Sequence[SchemeSpec] | None,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torchmetrics import Metric
 
+from ._autocast import without_autocast
 from .assess import select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
 from .estimation import Estimate
@@ -510,6 +511,7 @@ class EstimationMetric(Metric):
                 setattr(self, a, [torch.empty((0, *tail), dtype=dtype, device=self.device)])
 
     # -- torchmetrics API -----------------------------------------------------------------
+    @without_autocast
     def update(self, inputs: Any, targets: Any = None) -> None:  # type: ignore[override]
         """Add a batch: ``update(inputs, targets)``, or ``update(batch)`` (split by ``batch_fn``
         or passed whole to ``mis_per_sample_loss``)."""
@@ -543,6 +545,7 @@ class EstimationMetric(Metric):
         self.add_state(attr, default=[] if is_list else torch.zeros_like(value), dist_reduce_fx="cat" if is_list else "sum")
         setattr(self, attr, value)
 
+    @without_autocast
     def estimate(self) -> Estimate:
         """The :class:`~mis_lightning.estimation.Estimate` of the records seen by every process
         (the states synced over processes first, as ``compute`` does).
@@ -557,6 +560,7 @@ class EstimationMetric(Metric):
                                    should_unsync=self._should_unsync):
                 return self.accumulator.finalize(self._states())
 
+    @without_autocast
     def compute(self) -> Any:  # type: ignore[override]
         """The estimate (see :meth:`estimate`)."""
         return self.estimate()

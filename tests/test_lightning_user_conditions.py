@@ -200,3 +200,55 @@ def test_several_training_loaders_are_refused_before_training_naming_them():
     with pytest.raises(ValueError, match=r"one training dataloader, got 2 \('labelled', 'extra'\).*ConcatDataset"):
         trainer.fit(NoValidationStep(), loaders)
     assert trainer.global_step == 0
+
+
+class LayersInConfigureModel(NoValidationStep):
+    """Builds its layer in ``configure_model`` (Lightning's pattern for large models), which
+    Lightning calls after the callbacks' ``setup``; counts its optimizer steps."""
+
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        self.net, self.steps = None, 0
+
+    def configure_model(self):
+        if self.net is None:
+            self.net = nn.Linear(3, 1)
+
+    def on_before_optimizer_step(self, optimizer):
+        self.steps += 1
+
+
+def test_layers_built_in_configure_model_are_assessed_and_checked_before_training():
+    """nu43: the callback's setup checks found no parameter (``configure_model`` had not run) and
+    refused the fit ("no parameter selected for assessment"). Now they run in on_train_start,
+    still before the first optimizer step: the fit is assessed, and a misspelled ``params=`` still
+    raises before any step."""
+    cb = MISCallback(["rtn_int4"], loss_fn=mse, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(cb).fit(LayersInConfigureModel(), DataLoader(TensorDataset(X, Y), batch_size=32))
+    assert cb.last_error is None and cb.report.n == len(X) and cb.report.d == 4
+    model = LayersInConfigureModel()
+    with pytest.raises(KeyError, match=r"params not in the model: \['net.weigth'\]"):
+        _trainer(MISCallback(["rtn_int4"], loss_fn=mse, params=["net.weigth"], **FAST)).fit(
+            model, DataLoader(TensorDataset(X, Y), batch_size=32))
+    assert model.steps == 0
+
+
+def test_names_of_a_compiled_submodule_are_suggested_for_params_and_weight_decay():
+    """A submodule compiled in configure_model names its parameters with '_orig_mod.' (as its
+    state_dict does); a params= or weight_decay= name without it raises naming the right one
+    (nu43: weight_decay= listed the parameters without a suggestion). The names of
+    ``torch.compile(nn.Linear(3, 2))`` held as ``backbone``, without importing dynamo (seconds)."""
+    from mis_lightning.assess import select_params
+    from mis_lightning.estimation.estimate import check_decay_names
+
+    model = nn.Module()
+    model.backbone = nn.Module()
+    model.backbone._orig_mod = nn.Linear(3, 2)  # what OptimizedModule holds
+    model.head = nn.Linear(2, 1)
+    with pytest.raises(KeyError, match=r"'backbone.weight': did you mean 'backbone._orig_mod.weight'"):
+        select_params(model, ["backbone.weight"])
+    with pytest.raises(KeyError, match=r"'backbone.weight': did you mean 'backbone._orig_mod.weight'"):
+        check_decay_names({"backbone.weight": 1e-2}, model)
+    check_decay_names({"backbone._orig_mod.weight": 1e-2, "head.bias": 0.0}, model)  # the right names pass

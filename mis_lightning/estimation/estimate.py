@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .._autocast import without_autocast
 from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import restores_rng
@@ -1102,6 +1103,7 @@ class MomentAccumulator:
         return {k: (v if isinstance(v, Tensor) else []) for k, (v, _) in self.state_spec().items()}
 
     # -- accumulation -------------------------------------------------------------------------
+    @without_autocast
     def update(self, batch: Any, state: dict[str, Any] | None = None) -> int:
         """Add one batch to ``state`` (default ``self.state``, updated in place); returns its size.
 
@@ -1672,6 +1674,7 @@ class MomentAccumulator:
                       pytree_records=self.pytree_records)
 
     # -- finalisation -------------------------------------------------------------------------
+    @without_autocast
     def finalize(self, state: dict[str, Any] | None = None) -> Estimate:
         """The :class:`Estimate` of the accumulated (possibly summed over processes) state.
 
@@ -2586,10 +2589,17 @@ def check_decay_names(decay: Mapping[str, float], model: nn.Module) -> None:
     Raises:
         KeyError: names the unknown entries and the model's parameters.
     """
+    import difflib
+
     named = [n for n, _ in model.named_parameters()]
     unknown = sorted(set(decay) - set(named))
     if unknown:
-        raise KeyError(f"weight_decay names parameters the model does not have: {unknown}; its parameters: "
+        # the closest names: e.g. a submodule compiled in configure_model names its parameters
+        # with an '_orig_mod.' segment ('backbone._orig_mod.0.weight'), as its state_dict does
+        hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
+                 for n in unknown if (close := difflib.get_close_matches(n, named, n=2, cutoff=0.6))]
+        raise KeyError(f"weight_decay names parameters the model does not have: {unknown}"
+                       + (f" ({'; '.join(hints)})" if hints else "") + f"; its parameters: "
                        f"{named[:12]}{' ...' if len(named) > 12 else ''}")
 
 
@@ -3521,6 +3531,7 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
 
 
 @restores_rng("train_dataloader")
+@without_autocast
 def estimate(
     model: nn.Module,
     train_dataloader: Iterable,
