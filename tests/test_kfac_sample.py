@@ -192,7 +192,7 @@ def test_a_list_of_batches_is_counted_up_front_and_sampled_by_content(monkeypatc
     the records in order in batches of 50 equals that of a shuffled tuple in batches of 23 and of
     a DataLoader over the same records, to 1e-12 relative (float64 sums in another grouping;
     measured ~1e-15), with no ``kfac_order_dependent``. Fails on 5baf9ae (a list read the first cap
-    records read: SIGMA_OLD apart, and the warning)."""
+    records read: sigma up to 0.5-0.6 relative apart, and the warning)."""
     monkeypatch.setattr(E, "KFAC_MIN_RECORDS", CAP)
     model, loss, X, Y, _ = _case("cnn")
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
