@@ -753,11 +753,25 @@ def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_train
         assert sum("applies weight decay (0.1)" in w for w in saved["warnings"]) == expect, saved["warnings"]
 
 
-def test_records_counted_are_those_the_training_draws_from(tmp_path):
+def test_records_counted_are_those_the_training_draws_from(tmp_path, monkeypatch):
     """A sampler over part of the dataset (a train split by index) and ``limit_train_batches``
     on an unshuffled loader: n is the records the training used, not the dataset's length (the
-    callback counted non-members as members); a shuffled, limited loader is said in the report."""
+    callback counted non-members as members); a shuffled, limited loader is said in the report.
+    The count the estimation is told before its pass (``num_training_records``: the K-FAC factors'
+    content sample and "auto" read it) is the n it then reads, also under ``limit_train_batches``
+    (fu43); a stream's is not known (None: its first records read, said)."""
     from torch.utils.data import SubsetRandomSampler
+
+    import mis_lightning._lightning_support as LS
+
+    told = []
+
+    class _Told(LS.EstimationMetric):
+        def __init__(self, *a, num_training_records=None, **k):
+            told.append(num_training_records)
+            super().__init__(*a, num_training_records=num_training_records, **k)
+
+    monkeypatch.setattr(LS, "EstimationMetric", _Told)
 
     train, val = loaders(n_train=120)
     ds = train.dataset
@@ -768,11 +782,11 @@ def test_records_counted_are_those_the_training_draws_from(tmp_path):
     cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path / "b", Regressor, [cb], max_epochs=1, data=(DataLoader(ds, batch_size=16), val),
         limit_train_batches=3)
-    assert cb.report.n == 48 and not any("limit_train_batches" in w for w in cb.report.warnings)
+    assert cb.report.n == 48 == told[-1] and not any("limit_train_batches" in w for w in cb.report.warnings)
     cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path / "c", Regressor, [cb], max_epochs=1, data=(DataLoader(ds, batch_size=16, shuffle=True), val),
         limit_train_batches=3)
-    assert cb.report.n == 120
+    assert cb.report.n == 120 == told[-1]  # every record it can draw: all of them are read
     assert any("limit_train_batches: trained on 3 of 8 batches of a shuffled loader" in w for w in cb.report.warnings)
     # max_steps within the first epoch (fu18/vf18: n counted all 120 records, silently): the
     # batches read, of an unshuffled loader; of a shuffled one, said
@@ -784,7 +798,7 @@ def test_records_counted_are_those_the_training_draws_from(tmp_path):
     assert cb.report.n == 120 and any(w.startswith("training read 2 batches in all (max_steps") for w in cb.report.warnings)
     cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
     fit(tmp_path / "f", Regressor, [cb], max_steps=3, data=(DataLoader(_Stream(), batch_size=16), val))
-    assert cb.report.n == 48
+    assert cb.report.n == 48 and told[-1] is None
     # a stream read to its end (its length is known only then; vf18b: "training read 18 batches in
     # all ... within the first epoch" after 3 full passes), and past it by max_steps: every record
     for kw in (dict(max_epochs=3), dict(max_steps=8)):

@@ -5,6 +5,7 @@ assessment; now a clear error before any work, or a report with its warnings."""
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -904,6 +905,33 @@ def test_the_exact_estimator_runs_through_a_recurrent_layer_and_sees_negative_cu
     assert len(said) == 1 and "estimation='exact' computes the marginal sd and checks the curvature" in said[0]
     assert all("diagonal sandwich over recurrent layers" in r["indicative"] for r in diag.rows())
     assert not any("about" in w and "x or more below the marginal sd" in w for w in diag.warnings)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_auto_weighs_the_exact_sandwich_through_recurrent_layers_by_their_measured_cost(kind, monkeypatch):
+    """fu43: through recurrent layers the exact sandwich takes the records one at a time, an LSTM's
+    CPU seconds per unit of ``n d F`` ~5x the vmapped convolutions' that ``EXACT_REUSE_MAX_COST``
+    was set by (GRU 1.0x, RNN 1.8x: ``RECURRENT_COST_FACTORS``), so nu42a's LSTM (``n d F`` =
+    4.1e7, 10.5 CPU s exact against 0.4 s diagonal) got the exact one. Now ``"auto"`` weighs the
+    cost by the factor: at nu42a's figures the LSTM gets the diagonal sandwich, saying why, and
+    a GRU (factor 1) the exact one. End to end on the tied model's first batch, with the bound set
+    between the unweighted cost and the LSTM's (2x the unweighted: the RNN's 2 reaches it, not
+    beyond), the accumulator resolves the same way. LSTM and RNN fail on 5baf9ae (exact; GRU: the control)."""
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    model = _TiedRecurrentLM(kind)
+    nu42a = dict(n=384, forward_floats=4.07e7 / (384 * 108))
+    mode, _, why = E.choose_estimator(model, 108, **nu42a)
+    assert mode == ("exact" if kind == "GRU" else "diagonal"), why
+    if kind != "GRU":
+        assert f"x {E.RECURRENT_COST_FACTORS[getattr(nn, kind)]:g} (recurrent layers: records one at a time)" in why
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(1, 6, (24, 3), generator=g)
+    names = ["emb.weight", "dec.bias"]
+    f = E.forward_floats(model, X[:12], 12)
+    monkeypatch.setattr(E, "EXACT_REUSE_MAX_COST", 2 * 24 * 24 * f)  # d = 18 + 6
+    acc = E.MomentAccumulator(model, _token_loss, param_names=names, mode="auto", n_hint=24, num_records=24)
+    acc.update((X[:12], torch.roll(X, -1, 1)[:12]))
+    assert acc.mode == ("diagonal" if kind == "LSTM" else "exact"), acc.reason
 
 
 def test_assess_notes_a_loader_that_does_not_read_each_record_once():

@@ -94,7 +94,8 @@ from .records import (
 from .symmetries import SCALE_INVARIANT_NORMS, normalised_layers, weight_normed
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
-           "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys", "reused_layers"]
+           "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys",
+           "recurrent_cost_factor", "reused_layers"]
 
 # the layers whose sigma the K-FAC (KFC) correction serves where a per-layer program runs (_kfac_lost)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -121,6 +122,14 @@ WEIGHT_REUSE_LAYERS: tuple[type[nn.Module], ...] = (
 # (examples/cnn_callback.py's 1,364-weight CNN: 13 s at 2.2e8, 43 s at 8.6e8 with n = 64 / 256,
 # against 0.2 s for the diagonal sandwich), so this bound keeps the exact pass to a few seconds.
 EXACT_REUSE_MAX_COST = 5e7
+# ... with n d F weighted by this per recurrent layer type (the largest of the model's): the loss
+# program takes their records one at a time (rn43; torch.func's vmap over records fails on torch's
+# RNN kernels), so a unit costs more than the vmapped ~5e-8 s above. Measured (fu43, one core,
+# benchmarks/fu43_recurrent_cost.py: nu42a's tied language models, d = 108, exact Hessian):
+# LSTM 2.2e-7 / 2.4e-7 / 2.7e-7 s per unit at n = 96 / 192 / 384 (4.5-5.3x), GRU 5.1e-8 (1.0x),
+# RNN 9.0e-8 (1.8x) at n = 192. Cells (nn.LSTMCell ...: a Python loop over steps) were not
+# measured: the LSTM's factor, the largest.
+RECURRENT_COST_FACTORS: dict[type[nn.Module], float] = {nn.LSTM: 5.0, nn.GRU: 1.0, nn.RNN: 2.0}
 # ... and this much where a layer's weights have a scale symmetry (before a normalisation, or
 # under weight_norm; symmetries.py): the diagonal estimator cannot represent that flat direction
 # and read such models' quantized figures 0.78-3.9x the exact estimator's (ln40: Conv1d ->
@@ -595,6 +604,16 @@ def forward_floats(model: nn.Module, inputs: Any, b: int) -> float | None:
     return counter.total / max(b, 1)
 
 
+def recurrent_cost_factor(model: nn.Module) -> float:
+    """The weight of ``model``'s ``n d F`` in ``"auto"``'s exact-sandwich cost: the largest
+    :data:`RECURRENT_COST_FACTORS` entry of its recurrent layers (:data:`RECURRENT_LAYERS`; a type
+    not listed, e.g. a cell, takes the largest entry), 1 without any."""
+    found = [next((f for t, f in RECURRENT_COST_FACTORS.items() if isinstance(m, t)),
+                  max(RECURRENT_COST_FACTORS.values()))
+             for m in model.modules() if isinstance(m, RECURRENT_LAYERS)]
+    return max(found, default=1.0)
+
+
 def choose_estimator(
     model: nn.Module, d: int, mode: str = "auto", hessian: str = "auto", *,
     n: int | None = None, ggn: bool = True, reused: Iterable[str] = (),
@@ -614,7 +633,8 @@ def choose_estimator(
             a Linear over atoms or positions), which the layer types alone do not show.
         forward_floats: floats one record's forward pass produces (:func:`forward_floats`,
             measured on the first batch); with weight reuse the exact sandwich is still chosen
-            when ``n d forward_floats <= EXACT_REUSE_MAX_COST`` (``None``: not measured yet, the
+            when ``n d forward_floats`` times :func:`recurrent_cost_factor` is at most
+            ``EXACT_REUSE_MAX_COST`` (``None``: not measured yet, the
             exact one is chosen provisionally for ``d <= EXACT_MAX_PARAMS`` and the first batch
             decides).
         outputs: floats per record of the model's output (measured on the first batch; ``None``:
@@ -631,7 +651,8 @@ def choose_estimator(
     The exact sandwich costs about ``n d^2`` for a dense model, and ``n d F`` where a forward
     pass costs ``F >> d`` (layers in :data:`WEIGHT_REUSE_LAYERS`; recurrent ones included, whose
     records the loss program takes one at a time: 2.6e-7 CPU s per unit against ~5e-8 vmapped, 10.5 s at
-    nu42a's ``n d F = 4.1e7``, docs/benchmarks.md "rn43"); it is chosen only for
+    nu42a's ``n d F = 4.1e7``, docs/benchmarks.md "rn43"; ``n d F`` is weighted by
+    :func:`recurrent_cost_factor`, 5 for an LSTM, fu43); it is chosen only for
     dense models with ``d <= EXACT_MAX_PARAMS`` and ``n d^2 <= EXACT_MAX_COST``. The diagonal
     mode's Hessian is then exact for the same small dense models, else Gauss-Newton (or
     Hutchinson without model outputs). ``mode="exact", hessian="ggn"`` (asked for, never
@@ -651,14 +672,16 @@ def choose_estimator(
     """
     reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
     reuse += list(reused)
-    cost = None if forward_floats is None else (n or N_ASSUMED) * d * forward_floats
+    slow = recurrent_cost_factor(model)
+    cost = None if forward_floats is None else (n or N_ASSUMED) * d * forward_floats * slow
+    units = "n d x forward floats" + (f" x {slow:g} (recurrent layers: records one at a time)" if slow != 1 else "")
     symmetric = list(symmetric)
     reuse_max = SYMMETRY_EXACT_MAX_COST if symmetric else EXACT_REUSE_MAX_COST
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
     elif reuse and cost is not None and cost > reuse_max:
         why = (f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward, "
-               f"n d x forward floats = {cost:.2g} > {reuse_max:.0g})")
+               f"{units} = {cost:.2g} > {reuse_max:.0g})")
     elif (n or N_ASSUMED) * d * d > EXACT_MAX_COST:  # an unknown n: the N_ASSUMED the report states
         why = f"n d^2 = {(n or N_ASSUMED) * d * d:.2g} > {EXACT_MAX_COST:.0g}"
     else:
@@ -684,7 +707,7 @@ def choose_estimator(
         mode = "exact" if cheap_exact else "diagonal"
         if cheap_exact and reuse:
             reason = (f"auto: d = {d:,} weights; {'; '.join(reuse)} layers, but the exact sandwich is cheap "
-                      + (f"(n d x forward floats = {cost:.2g})" if cost is not None else "(checked on the first batch)"))
+                      + (f"({units} = {cost:.2g})" if cost is not None else "(checked on the first batch)"))
             if symmetric and cost is not None and cost > EXACT_REUSE_MAX_COST:
                 reason += (f" for a model whose layers {', '.join(symmetric[:6])} have a scale symmetry, which the "
                            f"diagonal sandwich cannot represent (allowed up to {SYMMETRY_EXACT_MAX_COST:.0g})")
@@ -2045,7 +2068,8 @@ class MomentAccumulator:
                 layers.append(m)
         if layers:
             cause = ("the number of training records was not given (MISIndicator without num_training_records, "
-                     "or training data of unknown size), so they summed the first records read"
+                     "or training data of unknown size: an iterable, a loader of whole batches), so they summed the first "
+                     "records read"
                      if n_hint is None or n_hint < 1 else
                      f"the stream held more records (n = {n:,}) than the {n_hint:,} stated, and the records past "
                      f"{KFAC_SAMPLE_CEILING}x the sample's size per process were the first ones read")
@@ -3616,14 +3640,35 @@ def _records_per_update(fac: Any, b: int) -> int:
 
 
 def _dataset_size(loader: Any) -> int | None:
-    """``len(loader.dataset)`` when the loader has a sized dataset of records, else ``None`` (no
-    length, or items that are whole batches: :func:`~.batching.items_are_batches`)."""
+    """The training records ``loader`` holds, when known before the pass: ``len(loader.dataset)``
+    for a loader of a sized dataset of records; for a list or tuple of batches (held in memory) the
+    sum of their record counts (:func:`_listed_records`); else ``None`` (no length, an iterable,
+    or items that are whole batches: :func:`~.batching.items_are_batches`)."""
+    if isinstance(loader, (list, tuple)):
+        return _listed_records(loader)
     if items_are_batches(loader):
         return None
     try:
         return len(loader.dataset)
     except Exception:
         return None
+
+
+def _listed_records(batches: list | tuple) -> int | None:
+    """Records of a list of batches: each batch's leading dimension as the estimation pass reads it
+    (:func:`~.records.batch_size_of`: its first tensor leaf's rows), summed; ``None`` when a batch
+    holds no tensor with a leading dimension (the pass then counts the records as it reads them).
+    It sets the K-FAC sample's rate and ``"auto"``'s cost, as ``len(dataset)`` does for a
+    DataLoader. A count off from the records read (a ``batch_fn`` that changes the rows) samples
+    more or fewer records than the cap, still by content; past the per-process ceiling the report
+    says the figure depends on the order (``kron_sample.sample_truncated``, ``kfac_order_dependent``)."""
+    total = 0
+    for batch in batches:
+        leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
+        if not leaves or leaves[0].dim() == 0:
+            return None
+        total += batch_size_of(batch)
+    return total or None
 
 
 # Floats of the batched intermediates one exact-Hessian chunk may hold: the d tangents of the
