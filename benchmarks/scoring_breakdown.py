@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("path", help="a model saved by first_call.py train")
     ap.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
     ap.add_argument("--calls", type=int, default=2, help="steady calls timed (after one warm-up call)")
+    ap.add_argument("--plain", type=int, default=0, metavar="N",
+                    help="first N calls without the wrappers (their cost and the load's, apart)")
     ap.add_argument("--by-layer", action="store_true", help="the cell moments' rows by scheme and parameter")
     ap.add_argument("--ops", type=int, default=0, metavar="N",
                     help="then one more call under torch.profiler: its N largest aten operators (self CPU)")
@@ -181,7 +183,16 @@ def main(argv: list[str] | None = None) -> int:
     epoch = float(saved["epoch"])
     est = A.run_estimation(model, loader, loss_fn, est_cfg)
     schemes = args.schemes or COMMON_SCHEMES
+    c0 = time.process_time()
     A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # warm-up
+    plain = [time.process_time() - c0]
+    for _ in range(args.plain):
+        c0 = time.process_time()
+        A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        plain.append(time.process_time() - c0)
+    ep = float(saved["epoch"])
+    print(f"unwrapped calls (the first: warm-up) {' '.join(f'{t:.2f}' for t in plain)} s = "
+          f"{' '.join(f'{t / ep:.2f}' for t in plain)} ep; load {os.getloadavg()[0]:.1f}")
     fl = floors()
     T.on = True
     totals = []
