@@ -160,13 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     for n in ("_requantized_moments", "_joint_exact_fourth", "_record_correlation", "_floor_sensitivity"):
         setattr(A, n, T.wrap(getattr(A, n), n))
     A._finish_scheme = T.wrap(A._finish_scheme, lambda est, prep, *a, **k: f"{prep.scheme.name}: finish")
-    A._distinct_list_sums = T.wrap(A._distinct_list_sums, "power sums main/pool: _distinct_list_sums (rest)")
-    A._joint_draw_sums = T.wrap(A._joint_draw_sums, "power sums draws: _joint_draw_sums (rest)")
-    A._draw_sums = T.wrap(A._draw_sums, "power sums draws: _draw_sums")
-    lf.factored_power_sums = T.wrap(lf.factored_power_sums, lambda *a, **k: "power sums: factored_power_sums")
+    def by_reader(n: str) -> Callable[..., str]:  # --by-layer: "power sums [parameter]: ..."
+        return lambda reader, *a, **k: f"power sums [{reader.name}]: {n}" if args.by_layer else f"power sums: {n}"
+
+    def by_factors(n: str) -> Callable[..., str]:  # the layer by its input width (the factors')
+        return lambda fac, *a, **k: (f"power sums [in {fac.x.shape[1]}]: {n}" if args.by_layer
+                                     else f"power sums: {n}")
+
+    A._distinct_list_sums = T.wrap(A._distinct_list_sums, by_reader("_distinct_list_sums (rest)"))
+    A._joint_draw_sums = T.wrap(A._joint_draw_sums, by_reader("_joint_draw_sums (rest)"))
+    A._draw_sums = T.wrap(A._draw_sums, by_reader("_draw_sums"))
+    lf.factored_power_sums = T.wrap(lf.factored_power_sums, by_factors("factored_power_sums"))
     for n in ("_even_power_sums_f32", "_binomial_sums_f64", "_even_sums_on_rows"):
         if hasattr(lf, n):
-            setattr(lf, n, T.wrap(getattr(lf, n), f"power sums: {n}"))
+            setattr(lf, n, T.wrap(getattr(lf, n), by_factors(n)))
     if args.inner:
         def part(n: str) -> Callable[..., str]:  # the enclosing phase's label / the part
             return lambda *a, **k: (T.labels[-1].split(" / ")[0] if T.labels else "?") + " / " + n
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.by_layer:
         lay: dict[str, float] = collections.defaultdict(float)
         for name, v in T.stats.items():
-            if " [" in name:
+            if " [" in name and ": " in name.split(" [", 1)[1]:
                 head, rest = name.split(" [", 1)
                 layer, role = rest.split("]: ", 1)
                 lay[f"[{layer}] {role}"] += v[1] / k
