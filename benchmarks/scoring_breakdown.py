@@ -93,6 +93,15 @@ class Timer:
         return g
 
 
+def _phases(stats: dict[str, list[float]], calls: int) -> dict[str, float]:
+    """Seconds per call by phase, all schemes (the label's part after ``scheme: ``)."""
+    groups: dict[str, float] = collections.defaultdict(float)
+    for name, v in stats.items():
+        g = name.split(": ", 1)[1] if ": " in name else name
+        groups[g.split(" (")[0].split(" / ")[0]] += v[1] / calls
+    return groups
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="a model saved by first_call.py train")
@@ -100,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2, help="steady calls timed (after one warm-up call)")
     ap.add_argument("--plain", type=int, default=0, metavar="N",
                     help="first N calls without the wrappers (their cost and the load's, apart)")
+    ap.add_argument("--first", action="store_true", help="also the warm-up (first) call's phases")
     ap.add_argument("--by-layer", action="store_true", help="the cell moments' rows by scheme and parameter")
     ap.add_argument("--ops", type=int, default=0, metavar="N",
                     help="then one more call under torch.profiler: its N largest aten operators (self CPU)")
@@ -190,9 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     epoch = float(saved["epoch"])
     est = A.run_estimation(model, loader, loss_fn, est_cfg)
     schemes = args.schemes or COMMON_SCHEMES
+    T.on = args.first
     c0 = time.process_time()
     A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # warm-up
     plain = [time.process_time() - c0]
+    T.on = False
+    if args.first:  # the process's first call (torchao's import, one-time tables), by phase
+        print(f"first call {plain[0]:.2f} s = {plain[0] / epoch:.2f} ep, by phase:")
+        for g, v in sorted(_phases(T.stats, 1).items(), key=lambda kv: -kv[1])[:14]:
+            print(f"  {g:56s} {v:7.3f} s {v / epoch:7.3f} ep")
+        T.stats.clear()
+        seen.clear()
     for _ in range(args.plain):
         c0 = time.process_time()
         A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
@@ -223,11 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         acc += v[1] / k
         print(f"{name:58s} {v[0] / k:6.0f} {v[1] / k:7.3f} {v[1] / k / epoch:7.3f}")
     print(f"{'sum of the rows':58s} {'':6s} {acc:7.3f} {acc / epoch:7.3f}")
-    groups: dict[str, float] = collections.defaultdict(float)
-    for name, v in T.stats.items():
-        g = name.split(": ", 1)[1] if ": " in name else name
-        g = g.split(" (")[0].split(" / ")[0]
-        groups[g] += v[1] / k
+    groups = _phases(T.stats, k)
     if args.by_layer:
         lay: dict[str, float] = collections.defaultdict(float)
         for name, v in T.stats.items():
