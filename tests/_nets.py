@@ -18,6 +18,21 @@ class CNN(nn.Module):
         return self.head(self.f(x).flatten(1))
 
 
+class Conv1dHead(nn.Module):
+    """``Conv1d(2, 4, 3) -> ReLU -> Linear(24, c)`` on ``[B, 2, 6]`` inputs: a convolution beside a
+    Linear head (the sampled-label Gauss-Newton and K-FAC sample tests)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 6, c)
+
+    def forward(self, x):
+        import torch
+
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
 def trained_relu_mlp(inputs: int = 64, hidden: int = 24, steps: int = 100):
     """An ``inputs -> hidden -> 1`` ReLU MLP (default 64 -> 24 -> 1) trained (Adam, ``steps``
     full-batch steps) on 512 regression records ``y = x_0 + 0.3 noise``; returns

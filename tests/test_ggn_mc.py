@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import Conv1dHead
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -153,14 +154,7 @@ def test_keyed_draws_have_the_law_and_follow_the_keys():
     assert float((record_labels(p, keys, seed=8, samples=2) != y).double().mean()) > 0.5
 
 
-class _SmallCNN(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(2, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 6, c)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).flatten(1))
+_SmallCNN = Conv1dHead
 
 
 @pytest.mark.parametrize("c, want", [(4, "ggn"), (5, "ggn_mc")])

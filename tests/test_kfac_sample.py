@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import Conv1dHead
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -21,14 +22,7 @@ N = 200
 CAP = 40
 
 
-class _CNN(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(2, 4, 3, padding=1)
-        self.head = nn.Linear(4 * 6, c)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).flatten(1))
+_CNN = Conv1dHead
 
 
 def _ce(o, y):

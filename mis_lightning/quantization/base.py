@@ -1510,30 +1510,10 @@ class ParamGrid:
             return out
         # the rest (a block's absmax itself, weights nearer their bounds' reach, ...) on the paths,
         # but for the known ones (a revealed absmax: overwritten by the caller)
-        rest = ~take
-        size = None if path_elements is None else path_elements - nt
-        if known is not None:
-            rest &= ~known
-            left = int(rest.sum())
-            if left == 0:
-                return out
-            if size is None and left < c - nt:  # (the path of the whole rest's call)
-                size = c - nt
-        jj = torch.nonzero(rest).squeeze(-1)
-        # (a chunk's live elements alone, path_elements given: the rest take the paths of the
-        # padded call's rest, as when the padding came along)
         # (not the closed form again: those it took are out, and it holds for none of the rest;
         # a value table's series next, TABLE_WIDE_SERIES)
-        sub = self._series_sd(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj), _pick(bounds, jj),
-                              compile_policy, kappa_only, size)
-        if sub is None:
-            sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
-                                     _pick(bounds, jj), compile_policy, kappa_only, size, wide=False)
-        for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
-            o[jj] = getattr(sub, f).to(torch.float64)
-            if standin:
-                break
-        return out
+        return self._rest_on_paths(out, ~take, nt, known, path_elements, theta, sigma, scale, zero_point, code,
+                                   bounds, compile_policy, kappa_only, series=True)
 
     def _series_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                    bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None, kappa_only: bool,
@@ -1579,20 +1559,35 @@ class ParamGrid:
             return out
         rest = torch.ones(c, dtype=torch.bool, device=theta.device)
         rest[idx] = False
+        return self._rest_on_paths(out, rest, nt, known, path_elements, theta, sigma, scale, zero_point, code,
+                                   bounds, compile_policy, kappa_only, series=False)
+
+    def _rest_on_paths(self, out: CellMoments, rest: Tensor, nt: int, known: Tensor | None,
+                       path_elements: int | None, theta: Tensor, sigma: Tensor, scale: Tensor,
+                       zero_point: Tensor, code: Tensor | None, bounds: tuple[Tensor, Tensor],
+                       compile_policy: CompilePolicy | None, kappa_only: bool, series: bool) -> CellMoments:
+        """``out`` (a closed form's or series' moments of ``nt`` of the ``c`` elements) with the
+        elements of the mask ``rest`` (but for ``known``: overwritten by the caller) filled from
+        :meth:`_path_moments` (after :meth:`_series_sd` when ``series``). A chunk's live elements
+        alone (``path_elements`` given) take the paths of the padded call's rest, as when the
+        padding came along."""
+        c = theta.shape[0]
         size = None if path_elements is None else path_elements - nt
         if known is not None:
-            rest &= ~known
+            rest = rest & ~known
             left = int(rest.sum())
             if left == 0:
                 return out
             if size is None and left < c - nt:  # (the path of the whole rest's call)
                 size = c - nt
         jj = torch.nonzero(rest).squeeze(-1)
-        sub = self._path_moments(theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj),
-                                 _pick(bounds, jj), compile_policy, kappa_only, size, wide=False)
+        args = (theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj), _pick(bounds, jj))
+        sub = self._series_sd(*args, compile_policy, kappa_only, size) if series else None
+        if sub is None:
+            sub = self._path_moments(*args, compile_policy, kappa_only, size, wide=False)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
             o[jj] = getattr(sub, f).to(torch.float64)
-            if standin:
+            if isinstance(out, _KappaOnlyMoments):  # (the other three are stand-ins, stride 0)
                 break
         return out
 
