@@ -50,10 +50,12 @@ def ce(o, y):
     return F.cross_entropy(o, y, reduction="none")
 
 
-def setup():
+def setup(n: int = N):
+    """The 10-class Conv1d + Linear model trained (30 full-batch SGD steps) on ``n`` records:
+    ``(model, X [n, 2, 16], Y [n])`` (seeded; also benchmarks/kfac_record_sample.py's)."""
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(N, 2, 16, generator=g)
-    Y = (X[:, 0, :C].argmax(1) + torch.randint(0, 2, (N,), generator=g)) % C
+    X = torch.randn(n, 2, 16, generator=g)
+    Y = (X[:, 0, :C].argmax(1) + torch.randint(0, 2, (n,), generator=g)) % C
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -34,44 +34,16 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mis_lightning as ml  # noqa: E402
+from benchmarks.ggn_mc_record_draws import ce  # noqa: E402
+from benchmarks.ggn_mc_record_draws import setup as _setup
 
 E = importlib.import_module("mis_lightning.estimation.estimate")
 C, N = 10, 6000
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(2, 8, 3, padding=1)
-        self.head = nn.Linear(8 * 16, C)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.conv(x)).flatten(1))
-
-
-def ce(o, y):
-    return F.cross_entropy(o, y, reduction="none")
-
-
-def setup():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(N, 2, 16, generator=g)
-    Y = (X[:, 0, :C].argmax(1) + torch.randint(0, 2, (N,), generator=g)) % C
-    torch.manual_seed(0)
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(30):
-        opt.zero_grad()
-        ce(model(X), Y).mean().backward()
-        opt.step()
-    return model.eval(), X, Y
 
 
 def data(X, Y, bs, known):
@@ -114,7 +86,7 @@ def median_s(fn, reps=20):
 
 def main() -> None:
     torch.set_num_threads(1)
-    model, X, Y = setup()
+    model, X, Y = _setup(N)
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
     for known, rule in ((False, "first-read"), (True, "by-content")):
         a = leakage(model, X, Y, 32, known)
