@@ -134,6 +134,10 @@ class SchemeResult:
     # 10x higher or lower (computed only where the floor bites; ``None``: it does not, or not
     # checked); above :data:`FLOOR_SENSITIVITY_MAX` the figure is unstable (``~`` in the table)
     floor_sensitivity: float | None = None
+    # position-dominated intervals only: how far the upper end reaches above ``leakage`` (relative)
+    # beyond the record average's widening, i.e. what the unknown position of the population
+    # weights in their cells adds; above ``assess.POSITION_GAP_WARN`` a warning names the scheme
+    position_gap: float | None = None
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
