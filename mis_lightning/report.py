@@ -819,7 +819,8 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
 FLOAT_ENTRY = "float: share of assessed weights left in float (they leak like the baseline)."
 ZEROS_ENTRY = "zeros: share of quantized weights released as exactly 0."
 POSITION_ENTRY = ("pos. after [p10, p90]: a position-dominated interval, set by where few coarse weights "
-                  "sit in their cells, not a bootstrap spread.")
+                  "sit in their cells, not a bootstrap spread; the figure can then read below the truth: "
+                  "hold p90 as the bound (warnings).")
 
 
 def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None,
