@@ -89,6 +89,10 @@ from mis_lightning.quantization import get_scheme
 net = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
 for name in ("int8_weight_only", "native_int8_dynamic"):  # torchao's scheme; torch.ao's qint8 tensors
     assert get_scheme(name).apply(net).grids
+try:  # imports torchao.prototype.gptq (its Enum registration's notice), then needs CUDA
+    get_scheme("gptq_int8_weight_only").check_available()
+except Exception:
+    pass
 warnings.warn("the user's own notice")
 print("notices: done")
 """
@@ -154,11 +158,14 @@ def test_first_torchao_import_of_an_assessment_prints_no_kernel_notices(fresh):
 def test_a_fresh_process_shows_no_dependency_notice_and_the_users_own_warning(fresh):
     """torchao's import and the qint8 notice come once per process: a fresh one shows them (the
     old code printed both to stderr: "<enum 'KernelPreference'> is an Enum subclass ..." and
-    "UserWarning: torch.quantize_per_tensor, ... are deprecated"). The last part of the process
+    "UserWarning: torch.quantize_per_tensor, ... are deprecated"; nux43: torchao.prototype.gptq's
+    "<enum 'ScaleCalculationMode'> ..." at a GPTQ scheme's availability check, as in
+    examples/all_schemes.py). The last part of the process
     (its own subprocess before tc38: tests/test_dependency_notices.py): torchao was imported by
     the part before, whose import notice the whole stderr is checked for."""
     lines, stderr = fresh
     assert lines["notices"] == ["done"]
     assert "the user's own notice" in stderr
     assert "KernelPreference" not in stderr and "register_constant" not in stderr
+    assert "ScaleCalculationMode" not in stderr  # nux43: torchao.prototype.gptq's, at a GPTQ scheme's check
     assert "quantize_per_tensor" not in stderr

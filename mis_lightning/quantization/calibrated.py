@@ -156,10 +156,13 @@ class CalibratedScheme(TorchAOScheme):
     def _import_wrapper(self) -> Any:
         import importlib
 
-        from .torchao_backend import _import_torchao_quantization
+        from .torchao_backend import _import_torchao_quantization, _torchao_import_notices_filtered
 
         _import_torchao_quantization()
-        mod = importlib.import_module(self.wrapper[0])
+        # the prototype module's first import registers torchao's own Enums (torchao.prototype.gptq:
+        # "<enum 'ScaleCalculationMode'> is an Enum subclass ..."): torchao's notice, not the user's
+        with _torchao_import_notices_filtered():
+            mod = importlib.import_module(self.wrapper[0])
         return getattr(mod, self.wrapper[1])
 
     def check_available(self) -> None:
