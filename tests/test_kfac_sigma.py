@@ -84,7 +84,7 @@ def test_kfac_variance_inflation_is_that_of_the_kronecker_factored_hessian() -> 
 
 
 def test_factors_from_a_subsample_read_the_full_samples_sigma(monkeypatch) -> None:
-    """The factors sum a layer's first max(KFAC_MIN_RECORDS, 2 max(p, out)) records (cost), the VIF
+    """The factors sum a sample of about max(KFAC_MIN_RECORDS, 2 max(p, out)) records (cost), the VIF
     rescaled by the Wishart mean of an inverse (kfac_subsample_scale). AR(1) rho = 0.9, d = 16 + bias,
     n = 2,000, factors from 300 records: sigma against the exact estimator's (all records) within 5%
     at the median and 15% for every weight (the subsample's noise: relative sd ~ sqrt(2 / (m - p)) ~
@@ -97,7 +97,9 @@ def test_factors_from_a_subsample_read_the_full_samples_sigma(monkeypatch) -> No
     monkeypatch.setattr(E, "KFAC_MIN_RECORDS", 300)
     model, loader = _ols(0.9, True)
     est = estimate(model, loader, _mse, mode="diagonal", hessian="ggn", num_records=64)
-    assert est.diagnostics["kfac_records_min"] == 300
+    # a content sample at rate 300 / 2,000 (kf43; a list's records counted up front, fu43): its
+    # count is Binomial(2000, 0.15), 300 +- 16 (sd); 5 sd either way, and well below the 2,000 records
+    assert abs(est.diagnostics["kfac_records_min"] - 300) <= 80
     r = _sigma_ratio(model, loader)
     assert abs(float(r.median()) - 1.0) < 0.05 and float((r - 1).abs().max()) < 0.15, r
 

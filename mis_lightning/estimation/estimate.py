@@ -902,8 +902,6 @@ class MomentAccumulator:
         self.generator, self.selection, self.pytree_records = generator, selection, pytree_records
         self.keep_w = num_records * d <= budget
         self._out_shape: OutputShape | None = None
-        # output Jacobians one record at a time (a forward vmap cannot batch: recurrent layers)
-        self._looped_jacobians = False
         self.factored: FactoredProgram | LayerProgram | None = None
         self.use_factors = use_factors
         if use_factors and mode == "diagonal" and hessian in ("ggn", "ggn_mc") and program_cls is LossProgram:
@@ -1347,17 +1345,8 @@ class MomentAccumulator:
         for x, y in split_batch(inputs, targets, b, step):
             bb = batch_size_of(y)
             if ggn:
-                looped = self._looped_jacobians
-                try:
-                    out, jac = program.output_jacobians(x, looped=looped)  # out [b, C], jac {n: [b, C, *shape]}
-                except RuntimeError:
-                    if looped or not any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in self.model.modules()):
-                        raise
-                    # recurrent layers (frozen: only the head is assessed): their fused kernels do
-                    # not batch under vmap ("output with shape [1, H] doesn't match the broadcast
-                    # shape [B, 1, H]"); the same Jacobians one record at a time, for every later batch too
-                    self._looped_jacobians = True
-                    out, jac = program.output_jacobians(x, looped=True)
+                # (recurrent layers: the program takes their records one at a time, per_sample.RECURRENT_LAYERS)
+                out, jac = program.output_jacobians(x)  # out [b, C], jac {n: [b, C, *shape]}
                 e, L = program.loss_output_derivatives(out, y, out_shape or ())
                 if self.mode == "exact":  # the Gauss-Newton Hessian sum_i J_i' L_i J_i, whole (d x d)
                     Jf = torch.cat([jac[k].reshape(bb, c_out, -1) for k in names], 2).to(torch.float64)
