@@ -149,12 +149,22 @@ def series_moments(u0: Tensor, rho: Tensor, Q: Tensor, c3: Tensor, c5: Tensor, k
     t4 = G.unsqueeze(1) * Q * w.unsqueeze(-1)
     A4 = phi * t4.sum((-1, -2))
     Er4 = rnd * phi * t4.abs().sum((-1, -2))
-    d1 = M * grow / 12.0
-    Es4 = Es2 * (6.0 * M2 + 2.0 * M * W + 0.25 * W * W)
-    Ec4 = phimax * C5 * d1 * d1 * (6.0 * M2 + 4.0 * M * d1 * W * W + d1 * d1 * W**4)
+    Es4, Ec4 = fourth_moment_error_terms(M, M2, W, grow, phimax, C5, Es2)
     m4 = 3.0 - A4 + 0.5 * Ec4
     return kappa, err, m4, Es4 + 0.5 * Ec4 + Er4
 
 
-__all__ = ["SERIES_MAX_SHIFT", "SERIES_MAX_WINDOW", "SERIES_TERMS", "series_coefficients", "series_moments",
-           "series_terms"]
+
+def fourth_moment_error_terms(M: Tensor, M2: Tensor, W: Tensor, grow: Tensor | float, phimax: Tensor | float,
+                              C5: float, Es2: Tensor) -> tuple[Tensor, Tensor]:
+    """The fourth moment's truncation and curvature error terms ``(Es4, Ec4)`` of the series
+    (docs/method.md section 5, "wc37"), from kappa's ``Es2`` and the window's ``M``, ``M^2``,
+    ``W``, growth ``grow``, density bound ``phimax`` and ``C5``: shared by the stored grids' series
+    and the value tables' (:mod:`~mis_lightning.functional.wide_table`)."""
+    d1 = M * grow / 12.0
+    Es4 = Es2 * (6.0 * M2 + 2.0 * M * W + 0.25 * W * W)
+    Ec4 = phimax * C5 * d1 * d1 * (6.0 * M2 + 4.0 * M * d1 * W * W + d1 * d1 * W**4)
+    return Es4, Ec4
+
+__all__ = ["SERIES_MAX_SHIFT", "SERIES_MAX_WINDOW", "SERIES_TERMS", "fourth_moment_error_terms", "series_coefficients",
+           "series_moments", "series_terms"]

@@ -32,7 +32,13 @@ from torch import Tensor
 
 from .cells import _INV_SQRT_2PI
 from .runs import per_table
-from .wide_series import _CRAMER, _KINDS, SERIES_TERMS, series_coefficients
+from .wide_series import (
+    _CRAMER,
+    _KINDS,
+    SERIES_TERMS,
+    fourth_moment_error_terms,
+    series_coefficients,
+)
 
 # sum_n phi(u0) |g_n| <= _GSUM exp(rho^2 - u0^2 / 4) (module doc)
 _GSUM = _CRAMER * _INV_SQRT_2PI * math.sqrt(2.0)
@@ -253,9 +259,7 @@ def table_series_moments(u0: Tensor, rho: Tensor, gid: Tensor, K: Tensor, qb: Te
     w0, w1, w2 = 6.0 * r3 * u2, 4.0 * r4 * u0, r5
     A4 = phi * (w0 * S[0] + w1 * S[1] + w2 * S[2])
     Er4 = gs * (w0 * at(qb[0]) + w1.abs() * at(qb[1]) + w2 * at(qb[2]))
-    d1 = M * grow / 12.0
-    Es4 = Es2 * (6.0 * M2 + 2.0 * M * W + 0.25 * W * W)
-    Ec4 = phimax * C5 * d1 * d1 * (6.0 * M2 + 4.0 * M * d1 * W * W + d1 * d1 * W**4)
+    Es4, Ec4 = fourth_moment_error_terms(M, M2, W, grow, phimax, C5, Es2)
     m4 = 3.0 - A4 + 0.5 * Ec4
     return kappa, err, m4, Es4 + 0.5 * Ec4 + Er4
 
