@@ -513,8 +513,9 @@ def _frozen_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
     shown = ", ".join(out[:5]) + (f" and {len(out) - 5} more" if len(out) > 5 else "")
     return (f"assessed only the {sum(named[k].numel() for k in chosen if k in named):,} trained weights: "
             f"{numel:,} frozen weights (requires_grad=False: {shown}) were not fitted by this training and "
-            "are not assessed (nor quantized in the scored copies); if they were fitted to these records "
-            "earlier (pretraining on the same data), their leakage is not counted")
+            "are not assessed, but each scheme quantizes them in its copy as the rest of the model (the "
+            "utility and model b/w are those of the whole quantized model); if they were fitted to these "
+            "records earlier (pretraining on the same data), their leakage is not counted")
 
 
 def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None:
@@ -541,8 +542,8 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
     return (f"params= leaves out {len(out)} trainable parameter(s) ({shown}, "
             f"{sum(named[k].numel() for k in out):,} weights): they are held fixed, so the assessed weights' "
             "figures are conditional on them; if they were trained jointly with the assessed ones (not a frozen "
-            "encoder), the release leaks more than reported (they are released too, in float in every scheme's "
-            "copy, which follows params=, and the assessed weights spread more than their conditional law says): "
+            "encoder), the release leaks more than reported (they are released too, quantized in each scheme's "
+            "copy as the rest of the model, and the assessed weights spread more than their conditional law says): "
             "assess every trained parameter, or freeze the others (requires_grad=False) if they were not fitted "
             f"to these records{rnn_note}")
 
@@ -1298,6 +1299,10 @@ def score_schemes(
     report.warnings += merge_scheme_warnings(
         [(sc.name, w) for sc in scheme_objs if not isinstance(sc, NoQuantization)
          for w in [report.schemes[sc.name].float_warning()] if w])
+    # Weights outside the assessment a scheme left in float in its copy (a frozen layer narrower than
+    # the group size): its utility and model b/w are those of that partly quantized release (fz44).
+    report.warnings += merge_scheme_warnings(
+        [(k, w) for k, s in report.schemes.items() for w in [s.unassessed_float_warning()] if w])
     # Weights quantized by another method than the scheme's backend (quantization/beyond_linear).
     report.warnings += merge_scheme_warnings([(k, w) for k, s in report.schemes.items() for w in [s.methods_line()] if w])
     stored = _low_precision_note(model, est.names)
@@ -1771,6 +1776,10 @@ class _Prepared:
         self.utility: dict[str, float] = {}
         self.notes: list[str] = []
         self.float_params: dict[str, str] = {}  # assessed parameter -> why it stayed in float
+        # parameter outside the assessment -> why the scheme left it in float in the copy
+        self.float_unassessed: dict[str, str] = {}
+        self.model_bits = 0.0  # bits of every parameter of the quantized copy (incl. scales)
+        self.model_d = 0  # parameters of the whole model
         # assessed parameters stored in bf16 / fp16 -> their storage grid (the unquantized release)
         self.storage: dict[str, ParamGrid] = {}
         self.requant: Any = None  # JointRequant of the non-nearest grids (computed once)
@@ -1812,27 +1821,32 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     method.md section 5), as a grid of the scheme that counts as unquantized in the report.
     ``shared_facts``: a list kept across a call's schemes, whose grids then share the scale facts
     they reveal alike (:func:`~mis_lightning.quantization.base.scale_facts_shared`)."""
-    # Quantization follows the selection: the copy whose utility is measured is the release
-    # whose leakage is scored (parameters outside ``params`` stay float in it).
+    # The scheme quantizes the whole model, as the user's release (torchao's quantize_) would: a
+    # frozen backbone or any parameter outside params= too, so that the copy's utility and size are
+    # those of the model shipped (fz44: a head-only copy read rtn_int4's loss 0.266 for the
+    # whole model's 0.330). Only the assessed parameters' grids are scored: the others were not
+    # fitted to the records (requires_grad=False) or are left out by params= (warned).
     with zero_counts_only(), scale_facts_shared([] if shared_facts is None else shared_facts):
-        qres = scheme.apply(model, params=est.names)  # of each release only its zeros are read below
+        qres = scheme.apply(model)  # of each release only its zeros are read below
     prep = _Prepared(scheme)
     prep.source = model  # the float model: non-nearest grids re-run the scheme on it
     prep.qmodel = qres.model
     prep.notes = list(qres.notes)
     prep.grids = {k: g for k, g in qres.grids.items() if k in est.theta}
     prep.float_params = {k: qres.unquantized[k] for k in est.names if k in qres.unquantized}
+    if not isinstance(scheme, NoQuantization):
+        prep.float_unassessed = {k: r for k, r in qres.unquantized.items() if k not in est.theta}
     prep.storage = dict(storage_grids(model, est.names) if storage is None else storage)
-    outside = [k for k in qres.unquantized if k not in est.theta]
-    if outside and not isinstance(scheme, NoQuantization):
-        prep.notes.append(f"quantization follows params=: {len(outside)} parameter(s) outside the "
-                          "selection stay in float in the quantized copy (its utility is that copy's)")
     if not prep.grids and not isinstance(scheme, NoQuantization):
         raise SchemeError(
             f"scheme {scheme.name!r} applies to no assessed parameter of this model "
             f"(assessed: {est.names}); it would be scored as no protection at all"
         )
     params = dict(model.named_parameters())
+    # the whole release's storage (every parameter, assessed or not, as the scheme left it)
+    prep.model_d = sum(p.numel() for p in params.values())
+    prep.model_bits = sum(p.numel() * (qres.grids[k].bits_per_weight if k in qres.grids else _dtype_bits(p))
+                          for k, p in params.items())
     # the unquantized stored parameters: their storage grid (after the footprint and zero counts
     # below, which are those of the float parameter; their d_eff and pinned count come from the pass)
     stored = {k: prep.storage[k] for k in est.names if k not in prep.grids and k in prep.storage}
@@ -3457,6 +3471,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
         pool_leakage=pool, covariance="independent" if rc is None else rc.kind,
         leakage_independent=None if rc is None else independent_shown, position_gap=position_gap,
+        model_bits_per_weight=prep.model_bits / max(prep.model_d, 1), model_d=prep.model_d,
+        float_unassessed=dict(prep.float_unassessed),
     )
 
 

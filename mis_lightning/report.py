@@ -138,9 +138,35 @@ class SchemeResult:
     # beyond the record average's widening, i.e. what the unknown position of the population
     # weights in their cells adds; above ``assess.POSITION_GAP_WARN`` a warning names the scheme
     position_gap: float | None = None
+    # the whole quantized copy (the release: the scheme applied to every parameter, assessed or
+    # not, as torchao's quantize_ does), whose ``utility`` is reported: its storage per weight
+    # incl. scales (float parameters at their dtype's width) and its number of weights; ``None``:
+    # a report saved before fz44
+    model_bits_per_weight: float | None = None
+    model_d: int | None = None
+    # parameters outside the assessment (frozen, or left out by params=) the scheme left in float
+    # in that copy -> why (a group size, a layer type): they count in its utility and size as such
+    float_unassessed: dict[str, str] = field(default_factory=dict)
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
+
+    def unassessed_float_warning(self) -> str | None:
+        """A warning naming the weights outside the assessment that the scheme left in float in
+        its quantized copy (a frozen layer too narrow for the group size, a layer type it does not
+        take), or ``None`` when only biases or nothing stayed float: the copy's utility and
+        ``model_bits_per_weight`` are those of that partly quantized release."""
+        if self.error or all(r.startswith("bias:") for r in self.float_unassessed.values()):
+            return None
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.float_unassessed.items():
+            if not reason.startswith("bias:"):
+                by_reason.setdefault(reason, []).append(name)
+        parts = [f"{', '.join(v[:4])}{f' and {len(v) - 4} more' if len(v) > 4 else ''} ({r})"
+                 for r, v in by_reason.items()]
+        return (f"scheme {self.name!r} leaves {sum(len(v) for v in by_reason.values())} weight tensor(s) outside "
+                "the assessment in float in its quantized copy (not scored: they are not assessed; its utility "
+                "and model b/w are those of this partly quantized release): " + "; ".join(parts))
 
     def float_warning(self) -> str | None:
         """A warning naming the share of assessed weights left in float and why, or ``None``
@@ -344,6 +370,10 @@ class Report:
                 row["indicative"] = "; ".join(failed)
             if name in self.row_notes:  # the planner's role of the row (the table prints it)
                 row["note"] = self.row_notes[name]
+            if s.model_bits_per_weight is not None and s.model_d is not None:
+                # the whole quantized model (assessed weights and the others): its size
+                row["model_bits_per_weight"] = s.model_bits_per_weight
+                row["model_d"] = s.model_d
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
             out.append(row)
         return out
@@ -390,8 +420,12 @@ class Report:
         est = self.estimation or {}
         if est.get("estimator"):  # which estimator ran, in every front end's printed table (fu25)
             cov = f"; covariance of the weights: {est['covariance']}" if est.get("covariance") else ""
+            total = max((int(r["model_d"]) for r in rows if r.get("model_d") is not None), default=self.d)
+            # which weights are assessed and which quantized (fz44: a frozen backbone is quantized, not assessed)
+            whole = (f" of the model's {total}; every scheme quantizes the whole model (the utility and "
+                     "model b/w are its), the leakage is that of the assessed weights" if total > self.d else "")
             text += (f"\nestimated by: {est['estimator']}{cov}; n = {self.n} training records, "
-                     f"d = {self.d} assessed weights")
+                     f"d = {self.d} assessed weights{whole}")
             if est.get("num_records_requested"):  # num_records above n: every record was used (fu31)
                 text += (f"; influences of all {est['num_records']} records stored (num_records="
                          f"{est['num_records_requested']} asked for more than there are)")
@@ -846,6 +880,9 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
         f"  {FLOAT_ENTRY} baseline: leakage of the unquantized model.",
         f"  d_eff: how many weights still leak (sum of the surviving information fractions); {ZEROS_ENTRY}",
     ]
+    if whole_model_column(rows):  # row-dependent: kept when ``columns`` replaces the fixed entries
+        lines.append("  model b/w: storage per weight of the whole model as the scheme quantizes it (the weights "
+                     "not assessed too, e.g. a frozen backbone); the utility is that whole quantized model's.")
     if uk:
         better = "higher" if higher_is_better(uk, modes) else "lower"
         lines.append(f"  {uk.removeprefix('utility_')}: utility of the quantized copy on the "
@@ -999,6 +1036,18 @@ def above_baseline(row: dict[str, Any]) -> bool:
     return math.isfinite(lk) and math.isfinite(base) and lk > base * (1 + CONSISTENCY_TOLERANCE)
 
 
+def whole_model_column(rows: list[dict[str, Any]]) -> bool:
+    """Whether the table shows ``model b/w``: some row's model has weights outside the
+    assessment (a frozen backbone, ``params=``), so the assessed weights' ``bits/w`` is not the
+    size of the model each scheme releases (``SchemeResult.model_bits_per_weight``)."""
+    return any(r.get("model_d") is not None and r.get("d") is not None and int(r["model_d"]) > int(r["d"])
+               for r in rows if not r.get("error"))
+
+
+def _fmt_bits(v: Any) -> str:
+    return "-" if v is None or not math.isfinite(float(v)) else f"{float(v):.2f}"
+
+
 def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
                  utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> str:
     """Plain-text table of :meth:`Report.rows`.
@@ -1012,7 +1061,9 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     """
     uk = pick_utility_key(rows, utility_key, modes)
     extra = utility_digits(rows, utility_key, utility_tolerance, modes)
-    head = ["scheme", "bits/w", "float"] + ([uk.removeprefix("utility_")] if uk else []) + [
+    whole = whole_model_column(rows)
+    head = ["scheme", "bits/w", "float"] + (["model b/w"] if whole else []) + (
+        [uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     for r in rows:
@@ -1025,7 +1076,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
             interval += " pos."  # the range over where few coarse weights' true values sit
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         body.append([label, f"{r['bits_per_weight']:.2f}",
-                     "-" if ff is None else f"{100 * ff:.1f}%"] + ([_fmt(r.get(uk), extra)] if uk else []) + [
+                     "-" if ff is None else f"{100 * ff:.1f}%"] + (
+            [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + ([_fmt(r.get(uk), extra)] if uk else []) + [
             _fmt(r["leakage"]) + leakage_marks(r),
             interval, _fmt(r["mis"]),
             _fmt_or_dash(r.get("pool_leakage")),
