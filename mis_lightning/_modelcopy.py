@@ -438,9 +438,10 @@ class SwapCheck:
     logging a norm) does not reach the output and passes. Frozen parameters are watched where
     the estimation differentiates them (``assessed``: selected by ``params=``; quantization
     follows that selection, so their quantized copies would run the float weight), swapped for
-    a leaf that requires grad as they reach a torch function; the others are neither
-    differentiated nor quantized, and a path past the substitution reads their values as they
-    are.
+    a leaf that requires grad as they reach a torch function; the others are not differentiated
+    and a path past the substitution reads their values as they are (the schemes quantize them
+    in the copies too, fz44, so such a path runs their float values there: a utility-only
+    effect, their leakage is not assessed).
 
     Args:
         original: the user's model.

@@ -851,6 +851,8 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
 # Legend entries of columns shown both by a job's table and by a sweep's aggregate.md
 # (app/aggregate.py), declared once.
 FLOAT_ENTRY = "float: share of assessed weights left in float (they leak like the baseline)."
+MODEL_BITS_ENTRY = ("model b/w: storage per weight of the whole model as the scheme quantizes it (the weights "
+                    "not assessed too, e.g. a frozen backbone); the utility is that whole quantized model's.")
 ZEROS_ENTRY = "zeros: share of quantized weights released as exactly 0."
 POSITION_ENTRY = ("pos. after [p10, p90]: a position-dominated interval, set by where few coarse weights "
                   "sit in their cells, not a bootstrap spread; the figure can then read below the truth: "
@@ -881,8 +883,7 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
         f"  d_eff: how many weights still leak (sum of the surviving information fractions); {ZEROS_ENTRY}",
     ]
     if whole_model_column(rows):  # row-dependent: kept when ``columns`` replaces the fixed entries
-        lines.append("  model b/w: storage per weight of the whole model as the scheme quantizes it (the weights "
-                     "not assessed too, e.g. a frozen backbone); the utility is that whole quantized model's.")
+        lines.append("  " + MODEL_BITS_ENTRY)
     if uk:
         better = "higher" if higher_is_better(uk, modes) else "lower"
         lines.append(f"  {uk.removeprefix('utility_')}: utility of the quantized copy on the "
@@ -1040,8 +1041,13 @@ def whole_model_column(rows: list[dict[str, Any]]) -> bool:
     """Whether the table shows ``model b/w``: some row's model has weights outside the
     assessment (a frozen backbone, ``params=``), so the assessed weights' ``bits/w`` is not the
     size of the model each scheme releases (``SchemeResult.model_bits_per_weight``)."""
-    return any(r.get("model_d") is not None and r.get("d") is not None and int(r["model_d"]) > int(r["d"])
-               for r in rows if not r.get("error"))
+    for r in rows:
+        try:
+            if not r.get("error") and float(r["model_d"]) > float(r["d"]):  # NaN: a row without it
+                return True
+        except (KeyError, TypeError, ValueError):
+            continue
+    return False
 
 
 def _fmt_bits(v: Any) -> str:

@@ -1301,6 +1301,15 @@ def test_parameters_no_optimizer_holds_are_not_assessed(tmp_path):
     rep = ml.assess(module, ["rtn_int8"], DataLoader(train.dataset, batch_size=32), mse, val_dataloader=val,
                     params=["net.3.weight", "net.3.bias"], uncertainty_draws=0, **FAST)
     assert cb.report.schemes["rtn_int8"].leakage == pytest.approx(rep.schemes["rtn_int8"].leakage, rel=1e-8)
+    # the utility is the whole model's quantized by the scheme (its body too, not assessed: fz44), as
+    # assess measures it (before, both quantized the head alone); 1e-12: the same copy, batching aside
+    from mis_lightning.evaluation import evaluate_utility
+    from mis_lightning.quantization import get_scheme
+
+    whole = evaluate_utility(get_scheme("rtn_int8").apply(module).model, val, mse)["loss"]
+    assert cb.report.schemes["rtn_int8"].utility["loss"] == pytest.approx(whole, rel=1e-12)
+    assert rep.schemes["rtn_int8"].utility["loss"] == pytest.approx(whole, rel=1e-12)
+    assert cb.report.schemes["rtn_int8"].model_d == 37
 
     class Unfreeze(pl.Callback):  # as BackboneFinetuning does: the body joins the optimizer later
         def on_train_epoch_start(self, trainer, pl_module):

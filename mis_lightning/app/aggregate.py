@@ -48,6 +48,7 @@ from mis_lightning.app.replicates import across_seeds_section
 from mis_lightning.report import (
     D_EFF_SCHEMES_MARK,
     FLOAT_ENTRY,
+    MODEL_BITS_ENTRY,
     NOT_RANKED,
     POSITION_ENTRY,
     ZEROS_ENTRY,
@@ -61,6 +62,7 @@ from mis_lightning.report import (
     ties_line,
     unranked_groups,
     verdict,
+    whole_model_column,
 )
 
 __all__ = ["AggregateSweep", "aggregate", "collect", "failed_jobs", "frontier_figure", "main",
@@ -210,7 +212,8 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
 
 _NUMERIC = {"bits_per_weight", "leakage", "mis", "leakage_p10", "leakage_p90", "baseline_leakage",
             "d_eff", "d", "zero_fraction", "pinned_fraction", "float_fraction",
-            "sparsity", "frozen_fraction"}  # the last two: result.json of older versions
+            "sparsity", "frozen_fraction",  # these two: result.json of older versions
+            "model_bits_per_weight", "model_d"}
 
 
 # Legend lines of the columns a job's table explains in its own legend (report.legend), in the
@@ -233,6 +236,11 @@ def _fmt(v: Any) -> str:
             return f"{v:.3e}"
         return f"{v:.4f}"
     return str(v)
+
+
+def _fmt_bits(v: float | None) -> str:
+    """A bits-per-weight cell (``-`` where a row has none: a report before fz44)."""
+    return "-" if v is None or math.isnan(v) else f"{v:.2f}"
 
 
 def _fmt_pool(v: float | None) -> str:
@@ -264,14 +272,16 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
     """A Markdown table of the aggregated rows: one utility column per key of
     :func:`utility_keys` (each row shows its own utility)."""
     uks = utility_keys(rows, utility_key)
-    head = ["job", "scheme", "swept overrides", "bits/w", "float"] + [k.removeprefix("utility_") for k in uks] + [
+    whole = whole_model_column(list(rows))  # the whole quantized model's size, where not all is assessed
+    head = ["job", "scheme", "swept overrides", "bits/w", "float"] + (["model b/w"] if whole else []) + [
+        k.removeprefix("utility_") for k in uks] + [
         "leakage", "[p10, p90]", "MIS", "pool", "baseline", "d_eff", "zeros"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     errors = []
     for r in rows:
         if r.get("error"):
             errors.append(r)
-            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-", "-"] + [
+            cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-", "-", "-"] + ["-"] * whole + [
                 "-"] * len(uks) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
@@ -281,7 +291,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
             bits, ff = r.get("bits_per_weight"), _float(r.get("float_fraction"))
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
                      "-" if bits is None else f"{bits:.2f}",
-                     "-" if ff is None or math.isnan(ff) else f"{100 * ff:.1f}%"] + [
+                     "-" if ff is None or math.isnan(ff) else f"{100 * ff:.1f}%"] + (
+                [_fmt_bits(_float(r.get("model_bits_per_weight")))] if whole else []) + [
                 _fmt(_float(r.get(uk))) for uk in uks] + [
                 _fmt(r.get("leakage")) + leakage_marks(r), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
                 _fmt(r.get("baseline_leakage")),
@@ -294,6 +305,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
         marks = [FLOAT_LEGEND] + marks
     if any(_float(r.get("zero_fraction", r.get("sparsity"))) for r in rows if not r.get("error")):
         marks = [ZEROS_ENTRY] + marks
+    if whole:
+        marks = [MODEL_BITS_ENTRY] + marks
     if marks:  # what the marks and the less obvious columns mean, as under a job's own table
         lines += [""] + [m.strip() for m in marks]
     verdicts = aggregate_verdicts(rows, utility_key)

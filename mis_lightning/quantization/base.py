@@ -2619,8 +2619,7 @@ class QuantizationScheme(ABC):
         """Why a parameter without a grid stayed in float (when the backend gave no reason);
         ``holders``: its :func:`parameter_uses` in the original model."""
         if not selected:
-            return ("not assessed (outside params=): not quantized, so that the released copy "
-                    "matches what is scored")
+            return "outside apply(params=): left in float in this copy"
         if holders and all(a.endswith("bias") for _, a, _ in holders):
             return f"bias: scheme {self.name!r} quantizes layer weights only"
         if not p.is_floating_point():
@@ -2663,9 +2662,10 @@ class QuantizationScheme(ABC):
         Args:
             model: the float model.
             params: parameter names (as in ``model.named_parameters()``) to quantize; the
-                layers holding other parameters stay in float in the copy (so that the copy
-                whose utility is measured is the one whose leakage is scored). ``None``: every
-                parameter the scheme quantizes.
+                layers holding other parameters stay in float in the copy. ``None``: every
+                parameter the scheme quantizes (what the assessment scores: the whole model
+                quantized, as ``torchao.quantization.quantize_`` would release it, whose
+                utility is measured; the leakage is that of the assessed parameters).
 
         Raises:
             KeyError: a name in ``params`` is not a parameter of ``model``.
