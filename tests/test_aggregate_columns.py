@@ -39,6 +39,23 @@ def test_pos_mark_and_float_share_reach_the_aggregate(tmp_path):
     assert agg.POSITION_LEGEND in md and agg.FLOAT_LEGEND in md
 
 
+def test_model_size_column_reaches_the_aggregate_where_weights_are_not_assessed(tmp_path):
+    """A head on a frozen backbone (fz44): each job's table shows ``model b/w`` (the whole
+    quantized model's bits per weight); aggregate.md too, with its legend line; a job whose
+    every weight is assessed (model_d = d) or saved before fz44 (no model_d) shows no column."""
+    whole = [{**_row("int8_weight_only", "bootstrap", 0.0), "model_bits_per_weight": 9.29, "model_d": 5699},
+             _row("bf16", "bootstrap", 0.0)]
+    _write_jobs(tmp_path, whole)
+    agg.aggregate(tmp_path, verbose=False)
+    md = (tmp_path / "aggregate.md").read_text()
+    assert any(ln.startswith("| job | scheme | swept overrides | bits/w | float | model b/w |") for ln in md.splitlines())
+    assert "| 0.0% | 9.29 |" in md and agg.MODEL_BITS_ENTRY in md
+    (tmp_path / "b").mkdir()
+    _write_jobs(tmp_path / "b", [{**_row("bf16", "bootstrap", 0.0), "model_bits_per_weight": 16.0, "model_d": 57}])
+    agg.aggregate(tmp_path / "b", verbose=False)
+    assert "model b/w" not in (tmp_path / "b" / "aggregate.md").read_text()
+
+
 def test_no_legend_lines_when_nothing_needs_them(tmp_path):
     _write_jobs(tmp_path, [_row("bf16", "bootstrap", 0.0)])
     agg.aggregate(tmp_path, verbose=False)
