@@ -13,6 +13,7 @@ also runs ``MISIndicator`` and ``MISCallback`` on the same weights and records.
 
     python benchmarks/fz44_frozen_backbone.py            # assess: figures and warnings
     python benchmarks/fz44_frozen_backbone.py --fronts   # ... and MISIndicator / MISCallback vs assess
+    python benchmarks/fz44_frozen_backbone.py --cost 1024   # one copy's CPU s: head alone vs whole model
 
 Runtime (1 thread): about 11 CPU s with ``--fronts`` (97 s wall at load 18 on 2 shared cores).
 """
@@ -85,8 +86,14 @@ def accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fronts", action="store_true")
+    ap.add_argument("--cost", type=int, default=0, metavar="WIDTH",
+                    help="only time one scheme's quantized copy, head alone vs whole model, on a frozen "
+                         "WIDTH x WIDTH two-layer backbone")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.cost:
+        cost(args.cost)
+        return
     model, train, val = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
@@ -123,6 +130,30 @@ def main() -> None:
     print("\n".join(ln for ln in table.splitlines() if ln.startswith(("verdict", "estimated by"))))
     if args.fronts:
         fronts(model, train, val, rep)
+
+
+def cost(width: int, repeats: int = 3) -> None:
+    """CPU seconds of ``apply`` as the scoring calls it (zero counts only, shared scale facts) for
+    the head alone (before fz44) and the whole model (after), per scheme: the added cost of
+    quantizing a frozen backbone; the median of ``repeats``, alternated."""
+    from mis_lightning.quantization.base import scale_facts_shared, zero_counts_only
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                          nn.Linear(width, 10)).eval()
+    model[:4].requires_grad_(False)
+    head = ["4.weight", "4.bias"]
+    print(f"cost: frozen backbone {2 * width * (width + 1):,} weights, head {10 * (width + 1):,}")
+    for s in SCHEMES[1:]:
+        times: dict[str, list[float]] = {"head": [], "whole": []}
+        for _ in range(repeats):
+            for k, params in (("head", head), ("whole", None)):
+                t0 = time.process_time()
+                with zero_counts_only(), scale_facts_shared([]):
+                    get_scheme(s).apply(model, params=params)
+                times[k].append(time.process_time() - t0)
+        h, w = (sorted(v)[len(v) // 2] for v in times.values())
+        print(f"  {s:28s} head alone {h:.3f} CPU s, whole model {w:.3f} CPU s (+{w - h:.3f})")
 
 
 def fronts(model: Net, train: TensorDataset, val: TensorDataset, ref) -> None:
