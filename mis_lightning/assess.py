@@ -1823,8 +1823,8 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
     they reveal alike (:func:`~mis_lightning.quantization.base.scale_facts_shared`)."""
     # The scheme quantizes the whole model, as the user's release (torchao's quantize_) would: a
     # frozen backbone or any parameter outside params= too, so that the copy's utility and size are
-    # those of the model shipped (fz44: a head-only copy read rtn_int4's loss 0.266 for the
-    # whole model's 0.330). Only the assessed parameters' grids are scored: the others were not
+    # those of the model shipped (fz44: a head-only copy read rtn_int4's loss 0.244 for the
+    # whole model's 0.306). Only the assessed parameters' grids are scored: the others were not
     # fitted to the records (requires_grad=False) or are left out by params= (warned).
     with zero_counts_only(), scale_facts_shared([] if shared_facts is None else shared_facts):
         qres = scheme.apply(model)  # of each release only its zeros are read below

@@ -299,8 +299,8 @@ def _whole_model_bits(res) -> float:
 def test_scored_copy_is_the_whole_model_quantized_leakage_the_trained_weights():
     """A head fine-tuned on a frozen backbone: the copy whose utility (and model b/w) is reported
     is the whole model quantized by the scheme (frozen layers too, as torchao's quantize_ would
-    ship it), not a copy whose frozen part stays float (fz44: before, rtn_int4's loss read 0.266
-    for the whole model's 0.330); the leakage is still the trained head's (d = 165); the user's
+    ship it), not a copy whose frozen part stays float (fz44: before, rtn_int4's loss read 0.244
+    for the whole model's 0.306); the leakage is still the trained head's (d = 165); the user's
     model, its requires_grad flags included, is untouched. Exact equalities: the same scheme on
     the same weights gives the same copy."""
     m, dl = Frozen().eval(), _frozen_data()
