@@ -13,7 +13,9 @@ by scheme (the grid's owner) and role: ``main`` (at theta-hat), ``pool`` (at ``s
 ``draws`` (the bootstrap draws' parts); ``--by-layer`` splits them by parameter, ``--inner`` times the
 cell moments' parts (``ParamGrid._own_edges``, ``_inside``, ``_wide_closed``, ``table_cell_moments``,
 ...) under their phase's label, ``--ops N`` profiles one more call's aten operators. The wrappers
-cost ~2 us a call (a few thousand calls).
+cost ~2 us a call (a few thousand calls). Each row also counts its minor page faults (exclusive,
+as the time): ``--first`` shows where a process's first call grows the heap (p44a: ~26k faults at
+1e5 weights, in the power sums and the first layer's cell moments; a steady call ~2k).
 
 The floors: ``bandwidth`` a 64 MiB float64 copy's bytes per second (read + write), ``sgemm`` /
 ``dgemm`` the rate of a ``[512, 1024] x [1024, 3328]`` product (the first layer's power-sum GEMM
@@ -27,6 +29,7 @@ import collections
 import functools
 import importlib
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -62,10 +65,11 @@ def floors() -> dict[str, float]:
 
 
 class Timer:
-    """Exclusive CPU time per label of wrapped functions (a stack of the open calls' child time)."""
+    """Exclusive CPU time and minor page faults per label of wrapped functions (a stack of the
+    open calls' child time and faults)."""
 
     def __init__(self) -> None:
-        self.stats: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+        self.stats: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0])
         self.stack: list[list[float]] = []
         self.labels: list[str] = []
         self.on = False
@@ -76,29 +80,37 @@ class Timer:
             if not self.on:
                 return f(*a, **k)
             name = label if isinstance(label, str) else label(*a, **k)
-            s = time.process_time()
-            self.stack.append([0.0])
+            s, f0 = time.process_time(), _minflt()
+            self.stack.append([0.0, 0])
             self.labels.append(name)
             try:
                 return f(*a, **k)
             finally:
-                tot = time.process_time() - s
-                child = self.stack.pop()[0]
+                tot, faults = time.process_time() - s, _minflt() - f0
+                child = self.stack.pop()
                 self.labels.pop()
                 st = self.stats[name]
                 st[0] += 1
-                st[1] += tot - child
+                st[1] += tot - child[0]
+                st[2] += faults - child[1]
                 if self.stack:
                     self.stack[-1][0] += tot
+                    self.stack[-1][1] += faults
         return g
 
 
-def _phases(stats: dict[str, list[float]], calls: int) -> dict[str, float]:
-    """Seconds per call by phase, all schemes (the label's part after ``scheme: ``)."""
+def _minflt() -> int:
+    """The process's minor page faults so far (fresh pages the kernel maps and zeroes; pf40)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _phases(stats: dict[str, list[float]], calls: int, field: int = 1) -> dict[str, float]:
+    """Seconds (``field`` 1; 2: minor page faults) per call by phase, all schemes (the label's
+    part after ``scheme: ``)."""
     groups: dict[str, float] = collections.defaultdict(float)
     for name, v in stats.items():
         g = name.split(": ", 1)[1] if ": " in name else name
-        groups[g.split(" (")[0].split(" / ")[0]] += v[1] / calls
+        groups[g.split(" (")[0].split(" / ")[0]] += v[field] / calls
     return groups
 
 
@@ -206,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     plain = [time.process_time() - c0]
     T.on = False
     if args.first:  # the process's first call (torchao's import, one-time tables), by phase
-        print(f"first call {plain[0]:.2f} s = {plain[0] / epoch:.2f} ep, by phase:")
+        print(f"first call {plain[0]:.2f} s = {plain[0] / epoch:.2f} ep, by phase (minor page faults):")
+        faults = _phases(T.stats, 1, field=2)
         for g, v in sorted(_phases(T.stats, 1).items(), key=lambda kv: -kv[1])[:14]:
-            print(f"  {g:56s} {v:7.3f} s {v / epoch:7.3f} ep")
+            print(f"  {g:56s} {v:7.3f} s {v / epoch:7.3f} ep {faults[g]:8,.0f}")
         T.stats.clear()
         seen.clear()
     for _ in range(args.plain):
@@ -235,11 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     print("floors (before / after): copy bandwidth {:.1f} / {:.1f} GB/s, sgemm {:.1f} / {:.1f}, dgemm {:.1f} / {:.1f} "
           "G multiply-adds/s".format(fl["bandwidth"] / 1e9, fl2["bandwidth"] / 1e9, fl["sgemm"] / 1e9,
                                      fl2["sgemm"] / 1e9, fl["dgemm"] / 1e9, fl2["dgemm"] / 1e9))
-    print(f"{'exclusive of the wrapped callees, per call':58s} {'calls':>6s} {'CPU s':>7s} {'epochs':>7s}")
+    print(f"{'exclusive of the wrapped callees, per call':58s} {'calls':>6s} {'CPU s':>7s} {'epochs':>7s} {'faults':>7s}")
     acc = 0.0
     for name, v in sorted(T.stats.items(), key=lambda kv: -kv[1][1]):
         acc += v[1] / k
-        print(f"{name:58s} {v[0] / k:6.0f} {v[1] / k:7.3f} {v[1] / k / epoch:7.3f}")
+        print(f"{name:58s} {v[0] / k:6.0f} {v[1] / k:7.3f} {v[1] / k / epoch:7.3f} {v[2] / k:7,.0f}")
     print(f"{'sum of the rows':58s} {'':6s} {acc:7.3f} {acc / epoch:7.3f}")
     groups = _phases(T.stats, k)
     if args.by_layer:
