@@ -13,13 +13,17 @@ validation loop.
     python benchmarks/nu44a_transformer_trial.py untouched        # weights, optimizer, RNG, ckpt
     python benchmarks/nu44a_transformer_trial.py misconfig        # errors before training
     python benchmarks/nu44a_transformer_trial.py ddp              # ddp_spawn, 2 CPU processes (gloo)
+    python benchmarks/nu44a_transformer_trial.py records          # records kept as records (budget=)
+    python benchmarks/nu44a_transformer_trial.py check            # the head's exact sandwich by hand
 
-Runtime: ~1-2 min on one CPU thread.
+Runtime: ~4 min on one CPU thread (each case 20-90 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import os
 import random
 import tempfile
@@ -289,9 +293,92 @@ def ddp(out: str) -> None:
     print("assess:      ", headline(direct))
 
 
+class IdsOnly(TextClassifier):
+    """The same network called on the token ids alone (the mask is ``ids != 0``)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return super().forward({"input_ids": ids, "attention_mask": (ids != 0).long()})
+
+
+def ids_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch["input_ids"], batch["labels"]
+
+
+def records(out: str) -> None:
+    """num_records * d above ``budget``: the records are kept, not their gradients; batches of 7
+    pad to several lengths (until nu44a: RuntimeError "Sizes of tensors must match" at the end)."""
+    torch.manual_seed(0)
+    model = IdsOnly()
+    train, val, train_set = loaders(0)
+    d = sum(p.numel() for p in model.parameters())
+    kw = dict(weight_decay=1e-2, num_records=64, budget=64 * d - 1, estimation="diagonal")
+    for bs in (32, 7):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = ml.assess(model, SCHEMES[1:4], DataLoader(train_set, batch_size=bs, collate_fn=collate),
+                            per_sample_loss, batch_fn=ids_batch, **kw)
+        print(f"records path, batches of {bs}: {headline(rep)}; {time.perf_counter() - t0:.1f} s")
+    cb = MISCallback(SCHEMES[1:4], loss_fn=per_sample_loss, batch_fn=ids_batch, strict=True, **kw)
+    pl.seed_everything(0, verbose=False)
+    train, val, train_set = loaders(0, batch_size=7)
+    t = trainer(os.path.join(out, "rec"), 2, [cb])
+    t.fit(IdsOnly(epochs=2), train, val)
+    print(f"records path, callback (batches of 7, 2 epochs): {headline(cb.report)}")
+
+
+def check(out: str) -> None:
+    """The head alone (d = 27) by the exact sandwich against one computed here from the pooled
+    features: sigma_j = sqrt(diag(H^-1 V H^-1) / n) and the first-order baseline
+    E|Sigma^-1/2 psi| / sqrt(2 pi n) (method.md section 4)."""
+    model, _, _ = fit(os.path.join(out, "chk"), None)
+    model.eval()
+    _, _, train_set = loaders(0)
+    loader = DataLoader(train_set, batch_size=32, collate_fn=collate)
+    wd, heads = 1e-2, ["head.weight", "head.bias"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from mis_lightning.assess import run_estimation
+        from mis_lightning.config import EstimationConfig
+        est = run_estimation(model, loader, per_sample_loss, EstimationConfig(params=heads, mode="exact", weight_decay=wd),
+                             batch_fn=batch_fn)
+        rep = ml.assess(model, ["none", "rtn_int8", "rtn_int2"], loader, per_sample_loss, batch_fn=batch_fn,
+                        weight_decay=wd, params=heads, estimation="exact")
+    m64 = copy.deepcopy(model).double()
+    feats, ys = [], []
+    with torch.no_grad():
+        for b in loader:
+            x, y = batch_fn(b)
+            ids, mask = x["input_ids"], x["attention_mask"]
+            h = m64.encoder(m64.emb(ids) + m64.pos(torch.arange(ids.shape[1])), src_key_padding_mask=mask == 0)
+            mm = mask.unsqueeze(-1).double()
+            feats.append((m64.norm(h) * mm).sum(1) / mm.sum(1))
+            ys.append(y)
+    a = torch.cat([torch.cat(feats), torch.ones(len(train_set), 1, dtype=torch.float64)], 1)  # [n, D + 1]
+    y = torch.cat(ys)
+    n, c, k = a.shape[0], CLASSES, a.shape[1]
+    p = torch.softmax(a[:, :-1] @ m64.head.weight.T + m64.head.bias, -1)
+    r = p - F.one_hot(y, c).double()
+    g_full = torch.einsum("nc,nk->nck", r, a)  # per-record gradient of [W | b], row by row
+    g = torch.cat([g_full[:, :, :-1].reshape(n, -1), g_full[:, :, -1]], 1)  # the order weight, bias
+    idx = [i * k + j for i in range(c) for j in range(k - 1)] + [i * k + k - 1 for i in range(c)]
+    h_full = torch.einsum("ncd,nk,nl->ckdl", torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1), a, a) / n
+    hess = h_full.reshape(c * k, c * k)[idx][:, idx] + wd * torch.eye(c * k, dtype=torch.float64)
+    hi = torch.linalg.inv(hess)
+    sig = hi @ torch.cov(g.T, correction=0) @ hi
+    ratio = torch.cat([est.sigma[q].reshape(-1) for q in heads]).double() / (sig.diagonal() / n).sqrt()
+    psi = -(g - g.mean(0)) @ hi.T
+    ev, u = torch.linalg.eigh(sig)
+    keep = ev > 1e-9 * ev.max()  # the softmax's redundant directions (p - onehot sums to 0)
+    first = float(((psi @ u[:, keep]) / ev[keep].sqrt()).norm(dim=1).mean()) / math.sqrt(2 * math.pi * n)
+    print(f"\nhead only (d = {len(idx)}, n = {n}): sigma library / by hand median {float(ratio.median()):.4f} "
+          f"[{float(ratio.min()):.4f}, {float(ratio.max()):.4f}] (the library's leverage correction); baseline "
+          f"library {rep.baseline_leakage:.4f}, first order by hand {first:.4f}; {headline(rep)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("case", nargs="?", default="all", choices=["all", "fronts", "untouched", "misconfig", "ddp"])
+    p.add_argument("case", nargs="?", default="all", choices=["all", "fronts", "untouched", "misconfig", "ddp", "records", "check"])
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
@@ -303,6 +390,10 @@ def main(argv: list[str] | None = None) -> None:
             untouched(out)
         if args.case in ("all", "misconfig"):
             misconfig(out)
+        if args.case in ("all", "records"):
+            records(out)
+        if args.case in ("all", "check"):
+            check(out)
         if args.case in ("all", "ddp"):
             ddp(out)
 

@@ -283,8 +283,8 @@ def prune_bottom_k(st: dict[str, Any], k: int) -> None:
         return
     order = torch.sort(keys.cpu(), stable=True).indices[:k]
     fields = ["rec_grad"] if "rec_grad" in st else ["rec_x", "rec_y"]
-    if all(isinstance(st[f], list) for f in fields) and len(
-            {sum((_row_shapes(c) for c in chunk), ()) for chunk in zip(*(st[f] for f in fields))}) > 1:
+    if any(isinstance(st[f], list) and len({_row_shapes(c) for c in st[f]}) > 1 for f in fields):
+        _align_chunks(st, fields)
         order = _prune_ragged(st, fields, order)
     else:
         for f in fields:
@@ -301,6 +301,28 @@ def prune_bottom_k(st: dict[str, Any], k: int) -> None:
         st["rec_key"][:] = [sel_keys]
     else:
         st["rec_key"] = sel_keys
+
+
+def _align_chunks(st: dict[str, Any], fields: list[str]) -> None:
+    """The stored fields as lists of chunks with the same row boundaries (in place): a field held
+    as one tensor (torchmetrics' sync concatenates the targets) or chunked otherwise is cut at the
+    union of every field's chunk boundaries, so ``zip`` pairs each chunk's inputs with its targets."""
+    def sizes(v: Any) -> list[int]:
+        return [batch_size_of(c) for c in v] if isinstance(v, list) else [batch_size_of(v)]
+
+    bounds = sorted({int(b) for f in fields for b in torch.tensor(sizes(st[f])).cumsum(0).tolist()})
+    for f in fields:
+        v = st[f] if isinstance(st[f], list) else [st[f]]
+        out, r0 = [], 0
+        for c in v:
+            r1 = r0 + batch_size_of(c)
+            cuts = [r0] + [b for b in bounds if r0 < b < r1] + [r1]
+            out += [slice_tree(c, a - r0, b - r0) for a, b in zip(cuts, cuts[1:])]
+            r0 = r1
+        if isinstance(st[f], list):
+            st[f][:] = out  # in place: the list may be a Metric's state
+        else:
+            st[f] = out
 
 
 def _prune_ragged(st: dict[str, Any], fields: list[str], order: Tensor) -> Tensor:
