@@ -296,7 +296,8 @@ def ddp(out: str) -> None:
 class IdsOnly(TextClassifier):
     """The same network called on the token ids alone (the mask is ``ids != 0``)."""
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | dict) -> torch.Tensor:
+        ids = ids["input_ids"] if isinstance(ids, dict) else ids  # (training_step passes the dict)
         return super().forward({"input_ids": ids, "attention_mask": (ids != 0).long()})
 
 
