@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -617,13 +617,14 @@ class LossProgram:
         finally:
             self._second_order -= 1
 
-    def _norms(self) -> Any:
+    @contextmanager
+    def _norms(self) -> Iterator[None]:
+        """Within :meth:`second_derivatives`: layer norms written out, attention on the math backend."""
         if not self._second_order:
-            return nullcontext()
-        stack = ExitStack()
-        stack.enter_context(WrittenOutLayerNorm())
-        stack.enter_context(attention_twice_differentiable())
-        return stack
+            yield
+            return
+        with WrittenOutLayerNorm(), attention_twice_differentiable():
+            yield
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
