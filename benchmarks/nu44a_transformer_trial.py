@@ -17,7 +17,7 @@ validation loop.
     python benchmarks/nu44a_transformer_trial.py check            # the head's exact sandwich by hand
     python benchmarks/nu44a_transformer_trial.py hook             # forward(input_ids, attention_mask)
 
-Runtime: ~4 min on one CPU thread (each case 20-90 s).
+Runtime: 145 s on one CPU thread at load 11 (each case 10-50 s).
 """
 
 from __future__ import annotations
