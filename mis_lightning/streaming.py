@@ -24,9 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from ._autocast import without_autocast
 from .assess import select_params
@@ -450,26 +452,44 @@ class EstimationMetric(Metric):
         one becomes an empty ``[0, *shape]`` tensor of that dtype, so the result equals the one
         without the empty process.
         """
+        ragged: dict[str, tuple[list[Tensor], list[list[tuple[int, tuple[int, ...]]]]]] = {}
         if should_sync and not self._is_synced and torch.distributed.is_available() \
                 and torch.distributed.is_initialized():
-            self._shape_empty_cat_states(process_group or self.process_group)
+            ragged = self._shape_empty_cat_states(process_group or self.process_group)
         super().sync(dist_sync_fn, process_group, should_sync, distributed_available)
+        for a, (local, layouts) in ragged.items():
+            # each process's chunks back at their own shapes, in process order (the keys' order)
+            full, out, r0 = dim_zero_cat(getattr(self, a)), [], 0
+            for rows, shape in (c for lay in layouts for c in lay):
+                out.append(full[r0: r0 + rows][(slice(None), *(slice(0, w) for w in shape))].clone())
+                r0 += rows
+            setattr(self, a, out)
+            if getattr(self, "_cache", None) is not None and a in self._cache:
+                self._cache[a] = local  # unsync restores this process's records as they were
 
-    def _shape_empty_cat_states(self, group: Any) -> None:
+    def _shape_empty_cat_states(self, group: Any) -> dict[str, tuple[list[Tensor], list[list[tuple[int, tuple[int, ...]]]]]]:
         """Align the states over processes with one ``all_gather_object``: a state another process
         registered at its first batch (:meth:`_register_new_states`) and this one lacks (it saw no
         record, so "auto" never chose) is added here, zero, in that process's order, so every
         process syncs the same states in the same order; and each empty ``"cat"`` list gets the
         trailing shape and dtype of the others' records. A process that saw no record takes the
         first-batch decisions of one that did ("auto"'s estimator, the loss directions), so its
-        figures are theirs (its callback's metrics, read by a monitor on that rank)."""
+        figures are theirs (its callback's metrics, read by a monitor on that rank).
+
+        Records of several row shapes (sequences padded per batch, in the stored-records path:
+        ``estimation.records.prune_bottom_k``) cannot be gathered as one tensor: such a state is
+        zero-padded to the largest shape for the gather and its layout (rows and shape of every
+        process's chunks) returned, ``{state: (this process's chunks, layouts)}``, for
+        :meth:`sync` to cut each chunk back to its own shape (nu44a: ``torch.cat`` raised)."""
         dist = torch.distributed
         local: dict[str, tuple[tuple[int, ...], torch.dtype, str] | None] = {}
+        layout: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
         for a in self._state_names.values():
             val = getattr(self, a)
             if isinstance(val, list):
                 v = [t for t in val if isinstance(t, Tensor)]
                 local[a] = (tuple(v[0].shape[1:]), v[0].dtype, "cat") if v else None
+                layout[a] = [(int(t.shape[0]), tuple(t.shape[1:])) for t in v if t.shape[0]]
             else:
                 local[a] = (tuple(val.shape), val.dtype, "sum")
         acc = self.accumulator
@@ -482,8 +502,22 @@ class EstimationMetric(Metric):
             "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc._loss_directions,
             "normalised": None if acc._normalised_probe else acc._normalised}
         gathered: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (local, first), group=group)
+        dist.all_gather_object(gathered, (local, first, layout), group=group)
         metas = [g[0] if g is not None else None for g in gathered]
+        ragged: dict[str, tuple[list[Tensor], list[list[tuple[int, tuple[int, ...]]]]]] = {}
+        for a in layout:
+            layouts = [g[2].get(a, []) if g is not None else [] for g in gathered]
+            shapes = {sh for lay in layouts for _, sh in lay}
+            if len(shapes) < 2 or len({len(sh) for sh in shapes}) > 1:
+                continue
+            widest = tuple(max(sh[i] for sh in shapes) for i in range(len(next(iter(shapes)))))
+            mine = [t for t in getattr(self, a) if isinstance(t, Tensor) and t.shape[0]]
+            padded = [F.pad(t, [p for i in reversed(range(len(widest))) for p in (0, widest[i] - t.shape[i + 1])])
+                      for t in mine]
+            dtype = next(m[a][1] for m in metas if m is not None and m.get(a) is not None)
+            setattr(self, a, [torch.cat(padded) if padded else
+                              torch.empty((0, *widest), dtype=dtype, device=self.device)])
+            ragged[a] = (mine, layouts)
         seen = next((g[1] for g in gathered if g is not None and g[1] is not None), None)
         if empty and seen is not None:
             if seen["resolved"] and acc._probe_pending:
@@ -509,6 +543,7 @@ class EstimationMetric(Metric):
             if known:
                 tail, dtype, _ = known[0]
                 setattr(self, a, [torch.empty((0, *tail), dtype=dtype, device=self.device)])
+        return ragged
 
     # -- torchmetrics API -----------------------------------------------------------------
     @without_autocast

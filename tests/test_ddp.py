@@ -74,6 +74,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         json.dump(res, fh)
     with open(os.path.join(out_dir, f"auto_rank{rank}.json"), "w") as fh:
         json.dump(auto_workloads(rank), fh)
+    with open(os.path.join(out_dir, f"padded_rank{rank}.json"), "w") as fh:
+        json.dump(padded_workload(rank), fh)
 
 
 EMPTY_CASES = {
@@ -249,6 +251,42 @@ def auto_workloads(rank: int | None) -> dict:
         return res
     finally:
         E.EXACT_REUSE_MAX_COST, E.RESIDUAL_MAX_COST = saved
+
+
+def padded_workload(rank: int | None) -> list:
+    """Sequences padded per batch (test_batching's ``_PaddedBag`` on token ids padded with 0 to each
+    batch's longest) stored as records (``num_records * d > budget``): rank 0 reads records 0-29
+    in batches of 7 (several widths), rank 1 records 30-59 in one batch (another width);
+    ``rank=None``: all 60 in one batch. ``[leakage, n, stored chunk shapes after compute]``."""
+    from test_batching import _ce, _padded_chunk, _PaddedBag
+
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 12, (int(k),), generator=g) for k in torch.randint(2, 9, (60,), generator=g)]
+    y = torch.tensor([int(q[0] % 2) for q in seqs])
+    torch.manual_seed(0)
+    model = _PaddedBag()
+    d = sum(p.numel() for p in model.parameters())
+    met = MISIndicator(model, _ce, ["rtn_int4"], estimation="diagonal", num_records=40, budget=40 * d - 1,
+                       weight_decay=1e-2, uncertainty_draws=0)
+    lo, hi, bs = {None: (0, 60, 60), 0: (0, 30, 7), 1: (30, 60, 30)}[rank]
+    for a in range(lo, hi, bs):
+        b = min(a + bs, hi)
+        met.update(_padded_chunk(seqs[a:b], max(len(q) for q in seqs[a:b])), y[a:b])
+    out = met.compute()
+    return [float(out["rtn_int4"]["leakage"]), met.report.n, [list(t.shape) for t in met.s_rec_x]]
+
+
+def test_metric_on_records_padded_to_several_lengths(world):
+    """Records padded per batch to other lengths on each rank, kept as records (the budget): the
+    gather cannot take them as one tensor (nu44a: ``torch.cat`` raised "Sizes of tensors must
+    match"); each is gathered zero-padded and cut back to its own shape, so two ranks equal one
+    process (1e-9: float64 summation order), and each rank's own records stay as they were."""
+    single = padded_workload(None)
+    for k in range(2):
+        r = json.loads((world.path / "metric" / f"padded_rank{k}.json").read_text())
+        assert r[1] == 60 and r[0] == pytest.approx(single[0], rel=1e-9), k
+        widths = {shape[1] for shape in r[2]}
+        assert len(widths) >= (2 if k == 0 else 1) and all(shape[0] > 0 for shape in r[2])
 
 
 # -- Lightning ddp_spawn with the callback -------------------------------------------------------

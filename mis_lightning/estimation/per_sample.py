@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -490,6 +490,18 @@ def mha_fastpath_off() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(old)
 
 
+def attention_twice_differentiable() -> Any:
+    """Within it, ``F.scaled_dot_product_attention`` (which ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` call) runs torch's math backend, for passes that differentiate
+    the forward twice: the fused CPU kernel's backward has no derivative ("derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented": nu44a, every
+    Hutchinson pass and every ``mis_per_sample_loss`` hook's Hessian diagonal through attention
+    failed). The math backend is the same function written in differentiable operations."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 #: torch's notice that vmap falls back to a loop over an operator without a batching rule
 #: ("There is a performance drop because we have not yet implemented the batching rule for
 #: aten::_scaled_dot_product_flash_attention_for_cpu. Please file us an issue ...", and its
@@ -605,8 +617,14 @@ class LossProgram:
         finally:
             self._second_order -= 1
 
-    def _norms(self) -> Any:
-        return WrittenOutLayerNorm() if self._second_order else nullcontext()
+    @contextmanager
+    def _norms(self) -> Iterator[None]:
+        """Within :meth:`second_derivatives`: layer norms written out, attention on the math backend."""
+        if not self._second_order:
+            yield
+            return
+        with WrittenOutLayerNorm(), attention_twice_differentiable():
+            yield
 
     # -- pure functions ---------------------------------------------------------------
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:

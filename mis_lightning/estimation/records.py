@@ -219,6 +219,13 @@ def repeated_records(st: dict[str, Any]) -> int | None:
         after a prune); ``None`` for nothing stored or pytree records."""
         if isinstance(items, list) and len(items) == 1 and isinstance(items[0], Tensor):
             items = items[0]
+        if isinstance(items, list) and items and all(isinstance(t, Tensor) for t in items) \
+                and len({t.shape[1:] for t in items}) > 1 and len({t.dim() for t in items}) == 1:
+            # records of batches padded to several lengths (prune_bottom_k) compared as their
+            # keys read them: zeros at the end of each dimension add nothing
+            width = [max(t.shape[i] for t in items) for i in range(1, items[0].dim())]
+            items = [torch.nn.functional.pad(t, [p for i in reversed(range(1, t.dim()))
+                                                 for p in (0, width[i - 1] - t.shape[i])]) for t in items]
         t = cat_state(items) if isinstance(items, (Tensor, list)) else None
         return t if isinstance(t, Tensor) else None
 
@@ -247,31 +254,100 @@ def repeated_records(st: dict[str, Any]) -> int | None:
     return int(equal.sum())
 
 
+def _row_shapes(chunk: Any) -> tuple[tuple[int, ...], ...]:
+    """The trailing shapes (all but the rows) of a stored chunk's tensor leaves."""
+    return tuple(tuple(t.shape[1:]) for t in torch.utils._pytree.tree_leaves(chunk) if isinstance(t, Tensor))
+
+
+def _cat_chunks(chunks: list[Any]) -> Any:
+    """Stored chunks (tensors or pytrees of tensors) of one row shape as one, leaf by leaf."""
+    if isinstance(chunks[0], Tensor):
+        return cat_state(chunks)
+    return torch.utils._pytree.tree_map(
+        lambda *ts: torch.cat(ts) if isinstance(ts[0], Tensor) else ts[0], chunks[0], *chunks[1:])
+
+
 def prune_bottom_k(st: dict[str, Any], k: int) -> None:
-    """Keep the ``k`` stored records with the smallest keys, sorted by key (in place)."""
+    """Keep the ``k`` stored records with the smallest keys, sorted by key (in place).
+
+    Stored records (``rec_x``/``rec_y``) of batches padded to different lengths (per-batch
+    padding of sequences: token ids ``[32, 10]`` and ``[32, 12]``) cannot be one tensor: each
+    record is kept as its batch padded it (the model read it so in training; a pad value cannot
+    be guessed: 0 for token ids, -100 for ignored labels), one chunk per row shape, each in key
+    order, and ``rec_key`` in the same order (the next prune reads the keys against the rows).
+    The figures do not depend on that order (nu44a: batches of 5, 7 and 32 gave equal figures
+    and intervals to 1e-15); until nu44a ``torch.cat`` raised "Sizes of tensors must match" at
+    the end of training once ``num_records * d`` exceeded ``budget``."""
     keys = cat_state(st["rec_key"])
     if keys is None:
         return
     order = torch.sort(keys.cpu(), stable=True).indices[:k]
     fields = ["rec_grad"] if "rec_grad" in st else ["rec_x", "rec_y"]
-    for f in fields:
-        items = st[f]
-        if isinstance(items, list) and items and not isinstance(items[0], Tensor):
-            # pytree records (estimate only): concatenate and select leaf by leaf
-            full = torch.utils._pytree.tree_map(
-                lambda *ts: torch.cat(ts) if isinstance(ts[0], Tensor) else ts[0], items[0], *items[1:])
-            items[:] = [torch.utils._pytree.tree_map(
-                lambda t: t[order.to(t.device)] if isinstance(t, Tensor) else t, full)]
-            continue
-        full = cat_state(items)
-        sel = full[order.to(full.device)]
-        if isinstance(items, list):
-            items[:] = [sel]
-        else:
-            st[f] = sel
+    if any(isinstance(st[f], list) and len({_row_shapes(c) for c in st[f]}) > 1 for f in fields):
+        _align_chunks(st, fields)
+        order = _prune_ragged(st, fields, order)
+    else:
+        for f in fields:
+            items = st[f]
+            full = _cat_chunks(items) if isinstance(items, list) else items
+            sel = torch.utils._pytree.tree_map(
+                lambda t: t[order.to(t.device)] if isinstance(t, Tensor) else t, full)
+            if isinstance(items, list):
+                items[:] = [sel]
+            else:
+                st[f] = sel
     sel_keys = keys[order.to(keys.device)]
     if isinstance(st["rec_key"], list):
         st["rec_key"][:] = [sel_keys]
     else:
         st["rec_key"] = sel_keys
 
+
+def _align_chunks(st: dict[str, Any], fields: list[str]) -> None:
+    """The stored fields as lists of chunks with the same row boundaries (in place): a field held
+    as one tensor (torchmetrics' sync concatenates the targets) or chunked otherwise is cut at the
+    union of every field's chunk boundaries, so ``zip`` pairs each chunk's inputs with its targets."""
+    def sizes(v: Any) -> list[int]:
+        return [batch_size_of(c) for c in v] if isinstance(v, list) else [batch_size_of(v)]
+
+    bounds = sorted({int(b) for f in fields for b in torch.tensor(sizes(st[f])).cumsum(0).tolist()})
+    for f in fields:
+        v = st[f] if isinstance(st[f], list) else [st[f]]
+        out, r0 = [], 0
+        for c in v:
+            r1 = r0 + batch_size_of(c)
+            cuts = [r0] + [b for b in bounds if r0 < b < r1] + [r1]
+            out += [slice_tree(c, a - r0, b - r0) for a, b in zip(cuts, cuts[1:])]
+            r0 = r1
+        if isinstance(st[f], list):
+            st[f][:] = out  # in place: the list may be a Metric's state
+        else:
+            st[f] = out
+
+
+def _prune_ragged(st: dict[str, Any], fields: list[str], order: Tensor) -> Tensor:
+    """:func:`prune_bottom_k` for stored chunks of several row shapes (joint over the fields of a
+    chunk: its inputs and targets): the records ``order`` (row indices over the chunks, in key
+    order) as one chunk per row shape; returns the row indices in the order stored."""
+    chunks = list(zip(*(st[f] for f in fields)))  # per stored chunk, one item per field
+    shape_of = [sum((_row_shapes(c) for c in ch), ()) for ch in chunks]
+    sizes = torch.tensor([batch_size_of(ch[0]) for ch in chunks])
+    chunk_of = torch.repeat_interleave(torch.arange(len(chunks)), sizes)
+    start = torch.cumsum(sizes, 0) - sizes
+    shapes = sorted(set(shape_of))
+    group = torch.tensor([shapes.index(shape_of[int(c)]) for c in chunk_of[order]], dtype=torch.long)
+    order = order[torch.sort(group, stable=True).indices]  # by row shape, in key order within
+    for j, f in enumerate(fields):
+        out = []
+        for sh in shapes:
+            members = [i for i, s in enumerate(shape_of) if s == sh]
+            rows = order[torch.isin(chunk_of[order], torch.tensor(members))]
+            if not rows.numel():
+                continue
+            # a record's row in its shape's chunks concatenated
+            offsets = torch.zeros(len(chunks), dtype=torch.long)
+            offsets[members] = torch.cumsum(sizes[members], 0) - sizes[members]
+            local = rows - start[chunk_of[rows]] + offsets[chunk_of[rows]]
+            out.append(slice_rows(_cat_chunks([chunks[i][j] for i in members]), local))
+        st[f][:] = out
+    return order
