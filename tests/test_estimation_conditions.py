@@ -683,3 +683,77 @@ def test_a_metric_keeps_the_residual_hessian_through_pickling():
     assert a.diagnostics["residual_columns"] == b.diagnostics["residual_columns"] == 100
     for k in a.names:
         torch.testing.assert_close(a.sigma[k], b.sigma[k], rtol=1e-12, atol=0)
+
+
+# -- nu44b: batches whose tensors have no common record dimension --------------------------------
+class _ConcatGraphNet(nn.Module):
+    """Sum over the atoms of each molecule (``index_add_`` on a PyG-style ``batch`` index), then a
+    linear head: a model of concatenated graph batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, g):
+        h = torch.tanh(self.embed(g["x"]))
+        pooled = h.new_zeros(int(g["batch"].max()) + 1, h.shape[1]).index_add_(0, g["batch"], h)
+        return self.head(pooled).squeeze(-1)
+
+
+def _concat_graph_loader():
+    """40 molecules of 2-4 atoms, batched 8 at a time as PyG would: atoms stacked, ``batch`` index."""
+    g = torch.Generator().manual_seed(0)
+    mols = [(torch.randn(int(k), 3, generator=g), torch.randn((), generator=g))
+            for k in torch.randint(2, 5, (40,), generator=g)]
+
+    def collate(items):
+        batch = torch.cat([torch.full((x.shape[0],), i) for i, (x, _) in enumerate(items)])
+        return {"x": torch.cat([x for x, _ in items]), "batch": batch}, torch.stack([y for _, y in items])
+
+    return DataLoader(mols, batch_size=8, collate_fn=collate)
+
+
+def mse_concat(o, t):
+    return 0.5 * (o - t) ** 2
+
+
+def test_a_batch_without_a_common_record_dimension_is_named_before_anything_runs(tmp_path):
+    # nu44b: concatenated (PyG-style) graph batches hold no record dimension (x [atoms, F], batch
+    # [atoms], targets [B]); assess blamed the loss ("must return per-sample losses of shape [B] =
+    # [25], got [8]"), the callback failed inside the user's forward. Each front end now names the
+    # layout with every tensor's shape, before the estimation (or training) starts.
+    import pytorch_lightning as pl
+
+    from mis_lightning import MISCallback
+
+    model, loader = _ConcatGraphNet(), _concat_graph_loader()
+    msg = (r"the batch's tensors do not share a first \(record\) dimension: inputs\['x'\] \[\d+, 3\], "
+           r"inputs\['batch'\] \[\d+\], targets \[8\]\. Record i must be row i of every tensor")
+    for estimation in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=r"_ConcatGraphNet's training batches: " + msg):
+            ml.assess(model, ["rtn_int8"], loader, mse_concat, estimation=estimation, uncertainty_draws=0)
+    inputs, targets = next(iter(loader))
+    with pytest.raises(ValueError, match=msg):
+        ml.MISIndicator(model, mse_concat, ["rtn_int8"]).update(inputs, targets)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _ConcatGraphNet()
+
+        def forward(self, g):
+            return self.net(g)
+
+        def training_step(self, batch, batch_idx):
+            return mse_concat(self(batch[0]), batch[1]).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=str(tmp_path),
+                         callbacks=[MISCallback(["rtn_int8"], loss_fn=mse_concat, uncertainty_draws=0)])
+    with pytest.raises(ValueError, match=r"MISCallback: the first training batch: " + msg):
+        trainer.fit(Module(), loader)
+    assert trainer.global_step == 0  # before the first optimizer step

@@ -255,6 +255,41 @@ def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None, targets: Any =
     return ""
 
 
+def check_record_dimension(inputs: Any, targets: Any, what: str) -> int | None:
+    """The number of records ``B`` of a batch, checked: every tensor leaf of ``inputs`` and
+    ``targets`` with a dimension must have ``B`` rows, since record ``i`` is row ``i`` of each
+    (per-sample gradients by ``vmap`` over the first dimension, per-record slicing and hashes).
+    A concatenated layout -- graphs batched as PyG does, every molecule's atoms stacked with a
+    ``batch`` index and edges ``[2, E]`` -- has no such dimension: its per-record gradients
+    would be taken over atoms (nu44b: the loss was then blamed for "shape [32], not [B] =
+    [1024]", or the forward failed on an edge list cut to one row).
+
+    Returns:
+        ``B``, the rows of the first tensor leaf of ``inputs`` (``targets`` when it has none);
+        ``None`` when no leaf has a dimension (left to the callers' own checks).
+
+    Raises:
+        ValueError: tensors of different first dimensions; names ``what``, each tensor's path
+            and shape, and the padded layout to use instead.
+    """
+    pytree = torch.utils._pytree
+    sized = [(f"{side}{pytree.keystr(path)}", t) for side, tree in (("inputs", inputs), ("targets", targets))
+             for path, t in pytree.tree_flatten_with_path(tree)[0] if isinstance(t, Tensor) and t.dim() > 0]
+    if not sized:
+        return None
+    b = int(sized[0][1].shape[0])
+    if any(int(t.shape[0]) != b for _, t in sized):
+        shapes = ", ".join(f"{p} {list(t.shape)}" for p, t in sized)
+        raise ValueError(
+            f"{what}: the batch's tensors do not share a first (record) dimension: {shapes}. Record i must be "
+            "row i of every tensor of the batch (the per-sample gradients map over the first dimension); a "
+            "concatenated layout (graphs batched as PyG does: the atoms of every molecule stacked, with a "
+            "batch index, and edges [2, E]) cannot be split into records. Collate each record padded to the "
+            "batch's largest instead (atoms [B, N, F] with a node mask, edges [B, 2, E] with an edge mask, "
+            "padding with 0 at the end), or use mis_lightning.data.graphs' padded graphs")
+    return b
+
+
 def _record_tolerances(dtype: torch.dtype, scale: float) -> tuple[float, float]:
     """``(rtol, atol)`` for a record computed alone against its row in the batch: the two round
     differently (bf16/fp16, e.g. a "bf16-true" training, by up to a few eps), which a mixing of
@@ -627,6 +662,7 @@ class LossProgram:
         targets = _to(targets, self.device, self.dtype)
         b = _batch_size(inputs)
         if not self._checked:
+            check_record_dimension(inputs, targets, f"{type(self.model).__name__}'s training batches")
             self.check_swap(inputs)
             self.check_per_sample(inputs, targets, b)
             self._checked = True
