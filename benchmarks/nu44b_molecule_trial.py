@@ -25,9 +25,7 @@ Run:  OMP_NUM_THREADS=1 python benchmarks/nu44b_molecule_trial.py [--part multit
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import math
 import os
 import tempfile
 import time

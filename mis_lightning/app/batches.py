@@ -136,7 +136,11 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
     from mis_lightning._modelcopy import private_copy
     from mis_lightning._rng import isolated_rng
     from mis_lightning.assess import check_validation_batch
-    from mis_lightning.estimation.per_sample import check_record_dimension, check_record_losses, loss_shape_hint
+    from mis_lightning.estimation.per_sample import (
+        check_record_dimension,
+        check_record_losses,
+        loss_shape_hint,
+    )
     from mis_lightning.models import metric_inputs, utility_metrics
 
     data, name = type(dm).__name__, type(model).__name__
