@@ -496,6 +496,112 @@ def part_graph(root: Path) -> None:
                                            root, "graph_cat", batch_fn=xy_graph, max_epochs=1), "record"))
 
 
+# ---------------------------------------------------------------------------------------------
+# 4. the Hydra app on the user's own model and data (ConfigStore, as examples/hydra_own_model.py)
+# ---------------------------------------------------------------------------------------------
+class MolData(pl.LightningDataModule):
+    """ChEMBL2321810 (RDKit) as the user's datamodule: 12 descriptors; ``labels="pic50"`` (regression,
+    centred) or ``"multitask"`` (binary, 3 labels with NaN for the missing ones)."""
+
+    def __init__(self, labels: str = "pic50", seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.task = "regression" if labels == "pic50" else "binary"
+        self.num_features, self.batch_size = 12, 1024
+
+    def setup(self, stage: str | None = None) -> None:
+        d = chembl_records(self.hparams.seed)
+        x = torch.as_tensor(d["x"])
+        if self.hparams.labels == "pic50":
+            y = torch.as_tensor(d["pic50"])
+            y = y - y[d["train"]].mean()
+        else:
+            y = torch.as_tensor(multitask_labels(d["pic50"], seed=self.hparams.seed))
+        tr, va = torch.as_tensor(d["train"]), torch.as_tensor(d["val"])
+        self.train_dataset = torch.utils.data.TensorDataset(x[tr], y[tr])
+        self.val_dataset = torch.utils.data.TensorDataset(x[va], y[va])
+        self.n_train = len(tr)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_dataset, batch_size=self.batch_size)
+
+
+class HuberMLP(Regressor):
+    def __init__(self, num_features: int, hidden: int = 4, weight_decay: float = 1e-2) -> None:
+        super().__init__(num_features, hidden, weight_decay)
+        self.save_hyperparameters()
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)  # [B]
+
+    def per_sample_loss(self, outputs, targets):
+        return F.huber_loss(outputs, targets, reduction="none", delta=1.0)
+
+
+class AppMultiTask(MultiTaskMLP):
+    def __init__(self, num_features: int, hidden: int = 4, weight_decay: float = 1e-2) -> None:
+        super().__init__(num_features, len(THRESHOLDS), torch.tensor([0.54, 1.97, 7.21]), hidden, weight_decay)
+        self.save_hyperparameters()
+
+
+def app(*overrides: str) -> int:
+    import sys
+
+    from mis_lightning.cli import main
+
+    argv, sys.argv = sys.argv, ["mis-lightning", *overrides]
+    try:
+        main()
+        return 0
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = argv
+
+
+def part_app(root: Path) -> None:
+    import json
+
+    from hydra.core.config_store import ConfigStore
+
+    module = __name__
+    cs = ConfigStore.instance()
+    cs.store(group="data", name="mol_pic50", node={"_target_": f"{module}.MolData", "labels": "pic50", "seed": "${seed}"})
+    cs.store(group="data", name="mol_multitask", node={"_target_": f"{module}.MolData", "labels": "multitask",
+                                                        "seed": "${seed}"})
+    cs.store(group="model", name="huber_mlp", node={"_target_": f"{module}.HuberMLP", "num_features": "???",
+                                                     "hidden": 4, "weight_decay": 1e-2})
+    cs.store(group="model", name="multitask_mlp", node={"_target_": f"{module}.AppMultiTask", "num_features": "???",
+                                                         "hidden": 4, "weight_decay": 1e-2})
+    common = ["trainer.max_epochs=30", "progress=false", "logger=many_loggers", "mis.scoring.uncertainty_draws=2",
+              "num_threads=1"]
+    t0 = time.perf_counter()
+    code = app("-m", "data=mol_pic50", "model=huber_mlp", *common,
+               "quantizer=int8_weight_only,intx_weight_only_int4,intx_weight_only_int2",
+               f"hydra.sweep.dir={root / 'sweep'}")
+    print(f"  sweep exit {code} in {time.perf_counter() - t0:.1f} s")
+    with open(root / "sweep" / "aggregate.csv") as fh:
+        agg = {r["scheme"]: r for r in csv.DictReader(fh)}
+    t0 = time.perf_counter()
+    code = app("data=mol_pic50", "model=huber_mlp", *common,
+               "schemes=[int8_weight_only,intx_weight_only_int4,intx_weight_only_int2]", f"hydra.run.dir={root / 'single'}")
+    print(f"  single run exit {code} in {time.perf_counter() - t0:.1f} s")
+    single = json.loads((root / "single" / "report.json").read_text())
+    for name, row in agg.items():
+        s = single["schemes"][name]
+        print(f"  {name}: aggregate leakage {float(row['leakage']):.6f}  single run {s['leakage']:.6f}  "
+              f"utility rmse {row.get('utility_rmse', row.get('rmse'))} vs {s['utility'].get('rmse')}")
+    result = json.loads((root / "single" / "result.json").read_text())
+    print(f"  result.json keys: {sorted(result)}")
+    t0 = time.perf_counter()
+    code = app("data=mol_multitask", "model=multitask_mlp", *common, "schemes=[int8_weight_only]",
+               f"hydra.run.dir={root / 'multitask'}")
+    print(f"  multitask app run exit {code} in {time.perf_counter() - t0:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--part", default="all")
@@ -504,7 +610,7 @@ def main() -> None:
     torch.set_num_threads(1)
     root = Path(args.out or tempfile.mkdtemp(prefix="nu44b_"))
     print(f"outputs under {root}")
-    parts = {"multitask": part_multitask, "regression": part_regression, "graph": part_graph}
+    parts = {"multitask": part_multitask, "regression": part_regression, "graph": part_graph, "app": part_app}
     for name, fn in parts.items():
         if args.part in (name, "all"):
             t0 = time.perf_counter()

@@ -174,5 +174,9 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
                     f"{_shapes(targets)}); it must return per-sample losses of shape [{b}]"
                     + (loss_shape_hint(shape, b) or ""))
             check_record_losses(loss, outputs, targets, losses, what)
+            try:  # the utility metrics read the outputs: refused here, not in every quantized copy's pass
+                metric_inputs(outputs, targets, task)
+            except ValueError as exc:
+                raise ValueError(f"{name}'s outputs on the first training batch of data {data}: {exc}") from None
     check_validation_batch(model, val, loss, utility_metrics(task), batch_fn,
                            functools.partial(metric_inputs, task=task))
