@@ -281,6 +281,33 @@ def part_multitask(root: Path) -> None:
     def unmasked(o, t):  # NaN labels straight into the loss
         return F.binary_cross_entropy_with_logits(o, t, pos_weight=pos_weight, reduction="none").mean(-1)
 
+    # the same trained weights through assess with the loss written three ways: the figures must agree
+    # (pos_weight in effect: a loss without it must differ)
+    import mis_lightning as ml
+
+    pw64 = pos_weight.double()
+
+    def by_function(o, t):
+        m = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), pos_weight=pw64.to(o.dtype), reduction="none")
+        return torch.where(m, loss, 0.0).sum(-1) / m.sum(-1).clamp_min(1)
+
+    def no_pos_weight(o, t):
+        m = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+        return torch.where(m, loss, 0.0).sum(-1) / m.sum(-1).clamp_min(1)
+
+    ordered = DataLoader(train_set, batch_size=256)
+    forms = {"bound method": model.per_sample_loss, "module": MaskedBCE(pos_weight), "function": by_function,
+             "without pos_weight": no_pos_weight}
+    for label, fn in forms.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = ml.assess(model, ["intx_weight_only_int2"], ordered, fn, weight_decay=model.weight_decay,
+                            uncertainty_draws=0)
+        print(f"  assess, loss as {label}: baseline {rep.baseline_leakage:.6f}, int2 "
+              f"{rep.schemes['intx_weight_only_int2'].leakage:.6f}")
+    print(f"  pos_weight still float32 on the user's loss: {model.loss.bce.pos_weight.dtype}")
     print(" ", expect_refusal(bad(per_label, "bad_per_label"), "per_label"))
     print(" ", expect_refusal(bad(batch_normalised, "bad_batchnorm"), "batch_normalised"))
     print(" ", expect_refusal(bad(unmasked, "bad_unmasked"), "unmasked"))

@@ -757,3 +757,30 @@ def test_a_batch_without_a_common_record_dimension_is_named_before_anything_runs
     with pytest.raises(ValueError, match=r"MISCallback: the first training batch: " + msg):
         trainer.fit(Module(), loader)
     assert trainer.global_step == 0  # before the first optimizer step
+
+
+def test_a_loss_normalised_over_the_batch_is_refused_with_the_per_record_cure():
+    # nu44b: a multi-task loss masked for missing labels and divided by the batch's count of
+    # observed labels (the usual training loss) mixes the records; the refusal named only the
+    # broadcasting cause. It now names this one and the per-record form.
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[torch.rand(60, 3) < 0.3] = float("nan")
+    dl = DataLoader(TensorDataset(X, y), batch_size=30)
+
+    def over_the_batch(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) * len(t) / seen.sum()
+
+    def per_record(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+    with pytest.raises(ValueError, match=r"over_the_batch' .* is not per-sample: .* Or by a normalisation over the "
+                                         r"batch \(dividing by the batch's count of observed labels"):
+        ml.assess(m, ["rtn_int8"], dl, over_the_batch, uncertainty_draws=0)
+    ml.assess(m, ["rtn_int8"], dl, per_record, uncertainty_draws=0, weight_decay=1e-2)

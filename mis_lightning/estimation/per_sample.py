@@ -332,7 +332,11 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
                 f"but entry {i} of the batch's losses is {float(losses[i]):.6g}. The losses "
                 "mix records, typically by broadcasting outputs [B, 1] against targets [B] "
                 "(or [B] against [B, 1]) to [B, B] and reducing back to [B]; give outputs "
-                "and targets the same shape (e.g. outputs.squeeze(-1) or targets.reshape(-1))"
+                "and targets the same shape (e.g. outputs.squeeze(-1) or targets.reshape(-1)). "
+                "Or by a normalisation over the batch (dividing by the batch's count of observed "
+                "labels or kept tokens, mask.sum() over the batch, a batch mean): divide each record's "
+                "sum by its own count (mask.sum(-1)), or by a constant of the training set (the mean "
+                "count per record) if that is the objective trained"
             )
 
 
