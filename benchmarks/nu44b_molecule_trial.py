@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MultilabelAUROC
 
 from mis_lightning import MISCallback
 from mis_lightning.data.molecules import ChEMBLDataModule, featurize_smiles
@@ -104,6 +105,12 @@ class MaskedBCE(nn.Module):
         per_label = self.bce(logits, torch.where(observed, y, torch.zeros_like(y)))  # [B, T]
         per_label = torch.where(observed, per_label, torch.zeros_like(per_label))
         return per_label.sum(-1) / observed.sum(-1).clamp_min(1)  # [B]
+
+
+def auroc_inputs(outputs: torch.Tensor, targets: torch.Tensor):
+    """``output_transform`` for ``MultilabelAUROC(ignore_index=-1)``: probabilities, labels with -1
+    where missing (module level: picklable)."""
+    return torch.sigmoid(outputs), torch.where(targets.isnan(), -1, targets).long()
 
 
 class MultiTaskMLP(pl.LightningModule):
@@ -248,7 +255,9 @@ def part_multitask(root: Path) -> None:
     before = snapshot(pos_weight, train_set.y, val_set.y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        callback, loggers, seconds = fit(model, train, val, root, "multitask")
+        callback, loggers, seconds = fit(model, train, val, root, "multitask",
+                                         utility_metrics={"auroc": MultilabelAUROC(len(THRESHOLDS), ignore_index=-1)},
+                                         output_transform=auroc_inputs, utility_key="auroc")
     report = callback.report
     print(report.table())
     # the user's own validation loss of the float model
@@ -256,6 +265,12 @@ def part_multitask(root: Path) -> None:
         mine = torch.cat([model.per_sample_loss(model(xb), yb) for xb, yb in val]).double().mean().item()
     lib = report.schemes["none"].utility["loss"]
     print(f"  utility loss (none): library {lib:.6f}  user {mine:.6f}  rel diff {abs(lib - mine) / mine:.2e}")
+    metric = MultilabelAUROC(len(THRESHOLDS), ignore_index=-1)
+    with torch.no_grad():
+        for xb, yb in val:
+            metric.update(*auroc_inputs(model(xb), yb))
+    print(f"  utility auroc (none): library {report.schemes['none'].utility['auroc']:.6f}  user "
+          f"{float(metric.compute()):.6f}")
     print(f"  logged vs report: {compare_logged(report, loggers) or 'identical'}")
     print(f"  user objects unchanged: {unchanged(before, [pos_weight, train_set.y, val_set.y])}")
     print(f"  fit with assessment: {seconds:.1f} s; warnings: {len(caught)} "
@@ -574,6 +589,37 @@ class AppMultiTask(MultiTaskMLP):
         self.save_hyperparameters()
 
 
+class GraphData(pl.LightningDataModule):
+    """ChEMBL2321810 molecules as the user's graph datamodule (batches of :func:`collate_padded`)."""
+
+    def __init__(self, seed: int = 0, batch_size: int = 64) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.task, self.batch_size = "regression", batch_size
+
+    def setup(self, stage: str | None = None) -> None:
+        d = chembl_records(self.hparams.seed)
+        graphs = [mol_graph(s) for s in d["smiles"]]
+        y = torch.as_tensor(d["pic50"])
+        y = (y - y[d["train"]].mean()) / y[d["train"]].std()
+        self.num_features = graphs[0][0].shape[1]
+        self.train_dataset = GraphSet([graphs[i] for i in d["train"]], y[d["train"]])
+        self.val_dataset = GraphSet([graphs[i] for i in d["val"]], y[d["val"]])
+        self.n_train = len(self.train_dataset)
+
+    def train_dataloader(self):
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, shuffle=True, collate_fn=collate_padded)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_dataset, batch_size=self.batch_size, collate_fn=collate_padded)
+
+
+class AppMPNN(IndexAddMPNN):
+    def __init__(self, num_features: int, hidden: int = 8, steps: int = 2, weight_decay: float = 1e-3) -> None:
+        super().__init__(num_features, hidden, steps, weight_decay)
+        self.save_hyperparameters()
+
+
 def app(*overrides: str) -> int:
     import sys
 
@@ -622,7 +668,45 @@ def part_app(root: Path) -> None:
         print(f"  {name}: aggregate leakage {float(row['leakage']):.6f}  single run {s['leakage']:.6f}  "
               f"utility rmse {row.get('utility_rmse', row.get('rmse'))} vs {s['utility'].get('rmse')}")
     result = json.loads((root / "single" / "result.json").read_text())
-    print(f"  result.json keys: {sorted(result)}")
+    print(f"  result.json times_s: {result['times_s']}")
+    from mis_lightning.report import Report
+
+    want = report_metrics(Report.from_json(root / "single" / "report.json"))
+    got: dict[str, float] = {}
+    for path in (root / "single").rglob("metrics.csv"):
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                got.update({k: float(v) for k, v in row.items() if k.startswith("mis/") and v != ""})
+    bad = [k for k in want if k not in got or abs(want[k] - got[k]) > 1e-12 * max(1.0, abs(want[k]))]
+    print(f"  app's CSV log vs its report.json: {len(want)} keys, differing or missing: {bad[:5] or 'none'}")
+    from mis_lightning.app.aggregate import main as aggregate
+
+    aggregate([str(root / "sweep"), "--out", str(root / "reaggregated"), "--quiet"])
+    again = (root / "reaggregated" / "aggregate.csv").read_text()
+    print(f"  mis-lightning-aggregate redone: aggregate.csv identical: {again == (root / 'sweep' / 'aggregate.csv').read_text()}")
+    os.environ.update(MLFLOW_ALLOW_FILE_STORE="true", MLFLOW_TRACKING_URI=f"file://{root / 'app_mlruns'}")
+    code = app("data=mol_pic50", "model=huber_mlp", *common[:-3], "logger=[csv,mlflow]", *common[-2:],
+               "schemes=[int8_weight_only]", f"hydra.run.dir={root / 'single_mlflow'}")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"file://{root / 'app_mlruns'}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    logged = {k: v for k, v in runs[0].data.metrics.items() if k.startswith("mis/")}
+    want = report_metrics(Report.from_json(root / "single_mlflow" / "report.json"))
+    bad = [k for k in want if k not in logged or abs(want[k] - logged[k]) > 1e-12 * max(1.0, abs(want[k]))]
+    print(f"  app with logger=[csv,mlflow] (file store): exit {code}, {len(runs)} run(s), status "
+          f"{runs[0].info.status}, {len(want)} keys, differing or missing: {bad[:5] or 'none'}; artifacts "
+          f"{sorted(a.path for a in client.list_artifacts(runs[0].info.run_id))}")
+    cs.store(group="data", name="mol_graph", node={"_target_": f"{module}.GraphData", "seed": "${seed}"})
+    cs.store(group="model", name="index_add_mpnn", node={"_target_": f"{module}.AppMPNN", "num_features": "???"})
+    t0 = time.perf_counter()
+    code = app("-m", "data=mol_graph", "model=index_add_mpnn", f"batch_fn={module}.xy_graph", "trainer.max_epochs=15",
+               "progress=false", "logger=csv", "mis.scoring.uncertainty_draws=2", "num_threads=1",
+               "mis.estimation.mode=diagonal", "mis.estimation.hessian=ggn",
+               "quantizer=int8_weight_only,intx_weight_only_int2", f"hydra.sweep.dir={root / 'graph_sweep'}")
+    with open(root / "graph_sweep" / "aggregate.csv") as fh:
+        rows = {r["scheme"]: float(r["leakage"]) for r in csv.DictReader(fh)}
+    print(f"  graph sweep through the app: exit {code} in {time.perf_counter() - t0:.1f} s; leakage {rows}")
     t0 = time.perf_counter()
     code = app("data=mol_multitask", "model=multitask_mlp", *common, "schemes=[int8_weight_only]",
                f"hydra.run.dir={root / 'multitask'}")
