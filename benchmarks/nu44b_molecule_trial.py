@@ -323,6 +323,12 @@ def part_multitask(root: Path) -> None:
         print(f"  assess, loss as {label}: baseline {rep.baseline_leakage:.6f}, int2 "
               f"{rep.schemes['intx_weight_only_int2'].leakage:.6f}")
     print(f"  pos_weight still float32 on the user's loss: {model.loss.bce.pos_weight.dtype}")
+    def masked_after(o, t):  # NaN labels into the loss, masked after: finite values, NaN gradients
+        m = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t, pos_weight=pos_weight, reduction="none")
+        return torch.where(m, loss, 0.0).sum(-1) / m.sum(-1).clamp_min(1)
+
+    print(" ", expect_refusal(bad(masked_after, "bad_masked_after"), "masked_after"))
     print(" ", expect_refusal(bad(per_label, "bad_per_label"), "per_label"))
     print(" ", expect_refusal(bad(batch_normalised, "bad_batchnorm"), "batch_normalised"))
     print(" ", expect_refusal(bad(unmasked, "bad_unmasked"), "unmasked"))

@@ -784,3 +784,35 @@ def test_a_loss_normalised_over_the_batch_is_refused_with_the_per_record_cure():
                                          r"batch \(dividing by the batch's count of observed labels"):
         ml.assess(m, ["rtn_int8"], dl, over_the_batch, uncertainty_draws=0)
     ml.assess(m, ["rtn_int8"], dl, per_record, uncertainty_draws=0, weight_decay=1e-2)
+
+
+def test_a_loss_with_finite_values_but_nan_gradients_is_named_on_the_first_batch():
+    # nu44b: missing labels (NaN) masked after the loss, torch.where(seen, bce(o, t), 0): finite
+    # losses, NaN gradients (0 x NaN). The exact sandwich failed in linalg.eigh ("ill-conditioned"),
+    # the diagonal one said no record's gradient differs from the others'; the callback trained
+    # first. Now every front end names the loss and the cure on the first batch.
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[torch.rand(60, 3) < 0.3] = float("nan")
+    dl = DataLoader(TensorDataset(X, y), batch_size=30)
+
+    def masked_after(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t, reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+    def masked_before(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+    msg = (r"loss_fn '.*masked_after' \(model outputs \[30, 3\], targets \[30, 3\]\) gives finite losses but "
+           r"non-finite gradients \(NaN or inf\) in weight, bias \(first: record \d+\).*replace the missing targets")
+    for estimation in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=msg):
+            ml.assess(m, ["rtn_int8"], dl, masked_after, estimation=estimation, uncertainty_draws=0, weight_decay=1e-2)
+    with pytest.raises(ValueError, match=msg):
+        ml.MISIndicator(m, masked_after, ["rtn_int8"]).update(X[:30], y[:30])
+    ml.assess(m, ["rtn_int8"], dl, masked_before, uncertainty_draws=0, weight_decay=1e-2)

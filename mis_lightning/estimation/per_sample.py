@@ -733,6 +733,44 @@ class LossProgram:
             check_loss_batches(self.loss_fn, out, targets, what)
             check_record_outputs(lambda x: self.outputs(self.params, x), inputs, out,
                                  f"model {type(self.model).__name__}")
+        self.check_finite_gradients(inputs, targets, b, what, records)
+
+    def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
+        """Check that the first ``records`` records' losses have finite gradients in the assessed
+        parameters (their losses are finite: :func:`check_record_losses`). A loss that masks
+        missing targets after computing on them, ``torch.where(mask, bce(outputs, targets), 0)``
+        with NaN targets, has finite values but gradients ``0 x NaN = NaN``; the exact sandwich
+        then failed in ``linalg.eigh`` and the diagonal one said that no record's gradient
+        differs from the others' (nu44b), after the whole training.
+
+        Raises:
+            ValueError: naming ``what``, the parameters and the first record concerned, and the cure.
+        """
+        k = min(int(b), records)
+
+        def total(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+            return self.loss_fn(self.outputs(p, x), y).sum()
+
+        def finite(x: Any, y: Any) -> list[str]:
+            grads = grad(total)(self.params, x, y)
+            return [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+
+        first = torch.utils._pytree.tree_map(lambda t: t[:k] if isinstance(t, Tensor) and t.dim() else t,
+                                             (inputs, targets))
+        try:
+            bad = finite(*first)
+        except Exception:  # noqa: BLE001 - not this check's concern: the estimation reports its own errors
+            return
+        if not bad:
+            return
+        record = next((i for i in range(k) if finite(_rows(inputs, i), _rows(targets, i))), 0)
+        raise ValueError(
+            f"{what} gives finite losses but non-finite gradients (NaN or inf) in {', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''} (first: record {record}), so every per-record gradient the "
+            "assessment needs would be NaN. Typically a loss masking missing targets after computing on them: "
+            "torch.where(mask, loss(outputs, targets), 0) with NaN targets drops their values but not their "
+            "gradients (0 x NaN = NaN); replace the missing targets before the loss (targets.nan_to_num(), or "
+            "torch.where(mask, targets, 0)) and mask the losses after")
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():
