@@ -214,3 +214,8 @@ def test_record_keys_do_not_depend_on_padding_along_any_dimension(fill):
     other["edge_index"][3, 1, 0] += 1  # content: the key of that record only
     changed = record_keys(other, None, 8)
     assert changed[3] != k[3] and torch.equal(changed[:3], k[:3]) and torch.equal(changed[4:], k[4:])
+    # a batch without any edge (single atoms): edge lists [B, 2, 0] hash as their zero padding
+    # (they raised "torch.cat(): expected a non-empty list of Tensors")
+    bare = dict(_padded_graphs(7, 9, fill), edge_index=torch.zeros(8, 2, 0, dtype=torch.long))
+    padded = dict(bare, edge_index=torch.full((8, 2, 5), fill, dtype=torch.long))
+    assert torch.equal(record_keys(bare, None, 8), record_keys(padded, None, 8))

@@ -91,6 +91,9 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
     leaves = [t for t in torch.utils._pytree.tree_leaves((inputs, targets))
               if isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == b]
     for i, t in enumerate(leaves):
+        if math.prod(t.shape[1:]) == 0:  # no bytes (a batch of molecules without bonds: edges [B, 2, 0])
+            h = (h * 1_000_003) % _P31  # as zero padding: the key of the same records padded to any size
+            continue
         several = t.dim() > 2  # records of several dimensions: weights by multi-index
         raw = t.detach().cpu().reshape(b * (math.prod(t.shape[1:-1]) if several else 1), -1)
         # by value, not by storage: float16/bfloat16/float32 records cast exactly to float64 and
