@@ -100,7 +100,7 @@ class TinyDM(pl.LightningDataModule):
     ``train_dataset=False`` keeps the training set under another name (``train_set``) and
     draws it through a shuffled ``drop_last`` loader, as in fu19's p36."""
 
-    def __init__(self, task: str = "regression", train_dataset: bool = True, seed: int = 0, missing: bool = False,
+    def __init__(self, task: str = "regression", train_dataset: bool = True, seed: int = 0, missing: bool | str = False,
                  **_: object) -> None:
         super().__init__()
         self.task, self.keep, self.seed, self.missing = task, train_dataset, seed, missing
@@ -113,8 +113,8 @@ class TinyDM(pl.LightningDataModule):
         g = torch.Generator().manual_seed(self.seed)
         x = torch.randn(96, 3, generator=g)
         y = x[:, 0].clone()
-        if self.missing:  # missing labels as NaN (nu44b), masked by UserRidge(masked=True)
-            y[::5] = float("nan")
+        if self.missing:  # missing labels as NaN (nu44b), masked by UserRidge(masked=True); "val": there only
+            y[64 if self.missing == "val" else 0:][::5] = float("nan")
         ds = TensorDataset(x[:64], y[:64])
         self.val_dataset = TensorDataset(x[64:], y[64:])
         if self.keep:
@@ -434,6 +434,9 @@ USER = [f"data._target_={__name__}.DictDM", f"model._target_={__name__}.UserRidg
     ([f"batch_fn={__name__}.xy", "+data.missing=true", "+model.masked=true"],
      "configuration error (ValueError): UserRidge's outputs on the first training batch of data DictDM: the "
      "regression utility metrics (rmse, mae, r2) cannot skip missing targets: 4 of the 16 targets are NaN"),
+    ([f"batch_fn={__name__}.xy", "+data.missing=val", "+model.masked=true"],
+     "configuration error (ValueError): UserRidge's outputs on the first validation batch of data DictDM: the "
+     "regression utility metrics (rmse, mae, r2) cannot skip missing targets:"),
     # no per_sample_loss: AttributeError after training
     ([f"batch_fn={__name__}.xy", "+model.loss=false"],
      "configuration error (TypeError): model UserRidge has no per_sample_loss method"),

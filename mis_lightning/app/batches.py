@@ -174,9 +174,17 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
                     f"{_shapes(targets)}); it must return per-sample losses of shape [{b}]"
                     + (loss_shape_hint(shape, b) or ""))
             check_record_losses(loss, outputs, targets, losses, what)
-            try:  # the utility metrics read the outputs: refused here, not in every quantized copy's pass
-                metric_inputs(outputs, targets, task)
-            except ValueError as exc:
-                raise ValueError(f"{name}'s outputs on the first training batch of data {data}: {exc}") from None
+            checked = [("training", outputs, targets)]
+            if vb is not None:  # validation labels may be missing where the training ones are not
+                v_inputs, v_targets = _split(vb, batch_fn, data, "validation")
+                try:
+                    checked.append(("validation", copy_(v_inputs), v_targets))
+                except Exception:  # noqa: BLE001 - check_validation_batch names what fails there
+                    pass
+            for which, out, tgt in checked:
+                try:  # the utility metrics read the outputs: refused here, not in every quantized copy's pass
+                    metric_inputs(out, tgt, task)
+                except ValueError as exc:
+                    raise ValueError(f"{name}'s outputs on the first {which} batch of data {data}: {exc}") from None
     check_validation_batch(model, val, loss, utility_metrics(task), batch_fn,
                            functools.partial(metric_inputs, task=task))
