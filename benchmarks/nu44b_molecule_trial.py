@@ -703,6 +703,25 @@ def part_app(root: Path) -> None:
     print(f"  app with logger=[csv,mlflow] (file store): exit {code}, {len(runs)} run(s), status "
           f"{runs[0].info.status}, {len(want)} keys, differing or missing: {bad[:5] or 'none'}; artifacts "
           f"{sorted(a.path for a in client.list_artifacts(runs[0].info.run_id))}")
+    # the same from a YAML config dir (hydra.searchpath), two seeds, then mode=assess on seed 1's checkpoint
+    conf = root / "my_conf"
+    (conf / "data").mkdir(parents=True, exist_ok=True)
+    (conf / "model").mkdir(parents=True, exist_ok=True)
+    (conf / "data" / "mol.yaml").write_text(f"_target_: {module}.MolData\nlabels: pic50\nseed: ${{seed}}\n")
+    (conf / "model" / "huber.yaml").write_text(f"_target_: {module}.HuberMLP\nnum_features: ???\nhidden: 4\n"
+                                               "weight_decay: 1.0e-2\n")
+    yaml = [f"hydra.searchpath=[file://{conf}]", "data=mol", "model=huber", *common[:2], *common[3:]]
+    code = app("-m", *yaml, "logger=csv", "quantizer=int8_weight_only,intx_weight_only_int2", "seed=0,1",
+               f"hydra.sweep.dir={root / 'yaml_sweep'}")
+    md = (root / "yaml_sweep" / "aggregate.md").read_text()
+    chosen = [line for line in md.splitlines() if line.startswith("chosen in")]
+    code2 = app(*yaml, "logger=csv", "mode=assess", f"ckpt_path={root / 'yaml_sweep' / '1_int8_weight_only' / 'model.ckpt'}",
+                "schemes=[int8_weight_only,intx_weight_only_int4]", f"hydra.run.dir={root / 'yaml_assess'}")
+    job = json.loads((root / "yaml_sweep" / "1_int8_weight_only" / "report.json").read_text())["schemes"]["int8_weight_only"]
+    again = json.loads((root / "yaml_assess" / "report.json").read_text())["schemes"]["int8_weight_only"]
+    print(f"  YAML config dir, seeds 0,1: exit {code}; {chosen}; mode=assess on seed 1's checkpoint: exit {code2}, "
+          f"int8 leakage {again['leakage']:.6f} (job {job['leakage']:.6f}), rmse {again['utility']['rmse']:.6f} "
+          f"(job {job['utility']['rmse']:.6f})")
     cs.store(group="data", name="mol_graph", node={"_target_": f"{module}.GraphData", "seed": "${seed}"})
     cs.store(group="model", name="index_add_mpnn", node={"_target_": f"{module}.AppMPNN", "num_features": "???"})
     t0 = time.perf_counter()
