@@ -42,7 +42,12 @@ from .estimation.estimate import (
     note_unknown_records,
     top_curvature,
 )
-from .estimation.per_sample import check_record_losses, check_record_outputs, loss_shape_hint
+from .estimation.per_sample import (
+    check_record_dimension,
+    check_record_losses,
+    check_record_outputs,
+    loss_shape_hint,
+)
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
 from .report import Report
@@ -669,6 +674,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
             name = f"{type(pl_module).__name__}.{HOOK_NAME}"
             leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, Tensor)]
             b = int(leaves[0].shape[0]) if leaves and leaves[0].dim() > 0 else None
+            check_record_dimension(batch, None, "MISCallback: the first training batch")
             losses = getattr(model, HOOK_NAME)(batch)
         else:
             name = ("loss_fn " + callable_name(loss_fn)) if user_loss \
@@ -686,6 +692,7 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
                 inputs, targets = batch
             else:
                 inputs, targets = batch_fn(batch)
+            check_record_dimension(inputs, targets, "MISCallback: the first training batch")
             tl = [t for t in torch.utils._pytree.tree_leaves(targets) if isinstance(t, Tensor)]
             b = int(tl[0].shape[0]) if tl and tl[0].dim() > 0 else None
             try:

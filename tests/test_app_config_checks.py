@@ -100,9 +100,10 @@ class TinyDM(pl.LightningDataModule):
     ``train_dataset=False`` keeps the training set under another name (``train_set``) and
     draws it through a shuffled ``drop_last`` loader, as in fu19's p36."""
 
-    def __init__(self, task: str = "regression", train_dataset: bool = True, seed: int = 0, **_: object) -> None:
+    def __init__(self, task: str = "regression", train_dataset: bool = True, seed: int = 0, missing: bool | str = False,
+                 **_: object) -> None:
         super().__init__()
-        self.task, self.keep, self.seed = task, train_dataset, seed
+        self.task, self.keep, self.seed, self.missing = task, train_dataset, seed, missing
         self.n_train, self.num_features, self.batch_size = 64, 3, 16
 
     def setup(self, stage: str | None = None) -> None:
@@ -111,8 +112,11 @@ class TinyDM(pl.LightningDataModule):
 
         g = torch.Generator().manual_seed(self.seed)
         x = torch.randn(96, 3, generator=g)
-        ds = TensorDataset(x[:64], x[:64, 0].clone())
-        self.val_dataset = TensorDataset(x[64:], x[64:, 0].clone())
+        y = x[:, 0].clone()
+        if self.missing:  # missing labels as NaN (nu44b), masked by UserRidge(masked=True); "val": there only
+            y[64 if self.missing == "val" else 0:][::5] = float("nan")
+        ds = TensorDataset(x[:64], y[:64])
+        self.val_dataset = TensorDataset(x[64:], y[64:])
         if self.keep:
             self.train_dataset = ds
         else:
@@ -376,11 +380,12 @@ class UserRidge(pl.LightningModule):
     ``model=linear`` (``lr``, ``optimizer``, ...) are taken and ignored."""
 
     def __init__(self, num_features: int, keepdim: bool = False, loss: bool = True, weight_decay: float = 1e-3,
-                 **_: object) -> None:
+                 outputs: int = 1, masked: bool = False, **_: object) -> None:
         super().__init__()
         import torch
 
-        self.lin, self.keepdim, self.weight_decay = torch.nn.Linear(num_features, 1), keepdim, weight_decay
+        self.lin, self.keepdim, self.weight_decay = torch.nn.Linear(num_features, outputs), keepdim, weight_decay
+        self.masked = masked
         if loss:
             self.per_sample_loss = self._loss
 
@@ -388,6 +393,12 @@ class UserRidge(pl.LightningModule):
         return self.lin(x).squeeze(-1)
 
     def _loss(self, out, y):
+        import torch
+
+        if out.dim() == 2:  # several outputs per record (outputs=k): each record's mean over them
+            return 0.5 * ((out - y.unsqueeze(-1)) ** 2).mean(-1)
+        if self.masked:  # missing targets (NaN) count 0
+            return torch.where(y.isnan(), 0.0, 0.5 * (out - y.nan_to_num()) ** 2)
         sq = 0.5 * (out - y) ** 2
         return sq.unsqueeze(-1) if self.keepdim else sq
 
@@ -414,6 +425,18 @@ USER = [f"data._target_={__name__}.DictDM", f"model._target_={__name__}.UserRidg
     ([f"batch_fn={__name__}.xy", "+model.keepdim=true"],
      "configuration error (ValueError): UserRidge.per_sample_loss returned shape [16, 1] for a batch of 16 "
      "records (outputs [16], targets [16]); it must return per-sample losses of shape [16] (a trailing"),
+    # nu44b: outputs [B, k] (a multi-task model) were flattened into the utility metrics as B k
+    # records; missing targets (NaN, masked by the loss) read rmse = NaN (binary: a failure after training)
+    ([f"batch_fn={__name__}.xy", "+model.outputs=2"],
+     "configuration error (ValueError): UserRidge's outputs on the first training batch of data DictDM: the "
+     "regression utility metrics (rmse, mae, r2) read one output per record, outputs [B] (a prediction) against "
+     "targets [B]; got outputs [16, 2] and targets [16]"),
+    ([f"batch_fn={__name__}.xy", "+data.missing=true", "+model.masked=true"],
+     "configuration error (ValueError): UserRidge's outputs on the first training batch of data DictDM: the "
+     "regression utility metrics (rmse, mae, r2) cannot skip missing targets: 4 of the 16 targets are NaN"),
+    ([f"batch_fn={__name__}.xy", "+data.missing=val", "+model.masked=true"],
+     "configuration error (ValueError): UserRidge's outputs on the first validation batch of data DictDM: the "
+     "regression utility metrics (rmse, mae, r2) cannot skip missing targets:"),
     # no per_sample_loss: AttributeError after training
     ([f"batch_fn={__name__}.xy", "+model.loss=false"],
      "configuration error (TypeError): model UserRidge has no per_sample_loss method"),

@@ -268,3 +268,43 @@ def test_assess_on_records_padded_per_batch_within_a_small_budget():
         rep = assess(model, ["rtn_int4"], DataLoader(data, batch_size=bs, collate_fn=collate), _ce, **kw)
         assert rep.schemes["rtn_int4"].leakage == pytest.approx(ref.schemes["rtn_int4"].leakage, rel=1e-9)
         assert rep.baseline_leakage == pytest.approx(ref.baseline_leakage, rel=1e-9)
+
+
+def _padded_graphs(width_atoms, width_edges, fill=0):
+    """8 small graphs padded per batch: atoms ``[B, N, 3]``, edge lists ``[B, 2, E]`` (padding edges
+    ``fill``), adjacencies ``[B, N, N]``."""
+    g = torch.Generator().manual_seed(2)
+    graphs = []
+    for _ in range(8):
+        n, e = int(torch.randint(2, 7, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        graphs.append((torch.randn(n, 3, generator=g), torch.randint(0, n, (2, e), generator=g)))
+    x = torch.zeros(8, width_atoms, 3)
+    ei = torch.full((8, 2, width_edges), fill, dtype=torch.long)
+    adj = torch.zeros(8, width_atoms, width_atoms)
+    for r, (a, b) in enumerate(graphs):
+        x[r, : a.shape[0]], ei[r, :, : b.shape[1]] = a, b
+        adj[r, b[0], b[1]] = 1.0
+    return {"x": x, "edge_index": ei, "adj": adj}
+
+
+@pytest.mark.parametrize("fill", [0, -1])
+def test_record_keys_do_not_depend_on_padding_along_any_dimension(fill):
+    """nu44b: records of several dimensions padded per batch at the end of a dimension other than
+    the first (edge lists ``[2, E]``, adjacencies ``[N, N]``) kept their bytes' flat positions, so
+    their keys, the bottom-k sample and the figures moved with the batch composition (711 graphs
+    batched by 16 and by 128: 1.8% apart). Their bytes are now weighed by their index in every
+    dimension; an edge list padded with -1 (a trailing negative run per row) counts as zeros."""
+    from mis_lightning.estimation.records import record_keys
+
+    k = record_keys(_padded_graphs(7, 9, fill), None, 8)
+    assert torch.equal(k, record_keys(_padded_graphs(12, 30, fill), None, 8))
+    assert k.unique().numel() == 8
+    other = _padded_graphs(7, 9, fill)
+    other["edge_index"][3, 1, 0] += 1  # content: the key of that record only
+    changed = record_keys(other, None, 8)
+    assert changed[3] != k[3] and torch.equal(changed[:3], k[:3]) and torch.equal(changed[4:], k[4:])
+    # a batch without any edge (single atoms): edge lists [B, 2, 0] hash as their zero padding
+    # (they raised "torch.cat(): expected a non-empty list of Tensors")
+    bare = dict(_padded_graphs(7, 9, fill), edge_index=torch.zeros(8, 2, 0, dtype=torch.long))
+    padded = dict(bare, edge_index=torch.full((8, 2, 5), fill, dtype=torch.long))
+    assert torch.equal(record_keys(bare, None, 8), record_keys(padded, None, 8))

@@ -683,3 +683,136 @@ def test_a_metric_keeps_the_residual_hessian_through_pickling():
     assert a.diagnostics["residual_columns"] == b.diagnostics["residual_columns"] == 100
     for k in a.names:
         torch.testing.assert_close(a.sigma[k], b.sigma[k], rtol=1e-12, atol=0)
+
+
+# -- nu44b: batches whose tensors have no common record dimension --------------------------------
+class _ConcatGraphNet(nn.Module):
+    """Sum over the atoms of each molecule (``index_add_`` on a PyG-style ``batch`` index), then a
+    linear head: a model of concatenated graph batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, g):
+        h = torch.tanh(self.embed(g["x"]))
+        pooled = h.new_zeros(int(g["batch"].max()) + 1, h.shape[1]).index_add_(0, g["batch"], h)
+        return self.head(pooled).squeeze(-1)
+
+
+def _concat_graph_loader():
+    """40 molecules of 2-4 atoms, batched 8 at a time as PyG would: atoms stacked, ``batch`` index."""
+    g = torch.Generator().manual_seed(0)
+    mols = [(torch.randn(int(k), 3, generator=g), torch.randn((), generator=g))
+            for k in torch.randint(2, 5, (40,), generator=g)]
+
+    def collate(items):
+        batch = torch.cat([torch.full((x.shape[0],), i) for i, (x, _) in enumerate(items)])
+        return {"x": torch.cat([x for x, _ in items]), "batch": batch}, torch.stack([y for _, y in items])
+
+    return DataLoader(mols, batch_size=8, collate_fn=collate)
+
+
+def mse_concat(o, t):
+    return 0.5 * (o - t) ** 2
+
+
+def test_a_batch_without_a_common_record_dimension_is_named_before_anything_runs(tmp_path):
+    # nu44b: concatenated (PyG-style) graph batches hold no record dimension (x [atoms, F], batch
+    # [atoms], targets [B]); assess blamed the loss ("must return per-sample losses of shape [B] =
+    # [25], got [8]"), the callback failed inside the user's forward. Each front end now names the
+    # layout with every tensor's shape, before the estimation (or training) starts.
+    import pytorch_lightning as pl
+
+    from mis_lightning import MISCallback
+
+    model, loader = _ConcatGraphNet(), _concat_graph_loader()
+    msg = (r"the batch's tensors do not share a first \(record\) dimension: inputs\['x'\] \[\d+, 3\], "
+           r"inputs\['batch'\] \[\d+\], targets \[8\]\. Record i must be row i of every tensor")
+    for estimation in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=r"_ConcatGraphNet's training batches: " + msg):
+            ml.assess(model, ["rtn_int8"], loader, mse_concat, estimation=estimation, uncertainty_draws=0)
+    inputs, targets = next(iter(loader))
+    with pytest.raises(ValueError, match=msg):
+        ml.MISIndicator(model, mse_concat, ["rtn_int8"]).update(inputs, targets)
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _ConcatGraphNet()
+
+        def forward(self, g):
+            return self.net(g)
+
+        def training_step(self, batch, batch_idx):
+            return mse_concat(self(batch[0]), batch[1]).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, default_root_dir=str(tmp_path),
+                         callbacks=[MISCallback(["rtn_int8"], loss_fn=mse_concat, uncertainty_draws=0)])
+    with pytest.raises(ValueError, match=r"MISCallback: the first training batch: " + msg):
+        trainer.fit(Module(), loader)
+    assert trainer.global_step == 0  # before the first optimizer step
+
+
+def test_a_loss_normalised_over_the_batch_is_refused_with_the_per_record_cure():
+    # nu44b: a multi-task loss masked for missing labels and divided by the batch's count of
+    # observed labels (the usual training loss) mixes the records; the refusal named only the
+    # broadcasting cause. It now names this one and the per-record form.
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[torch.rand(60, 3) < 0.3] = float("nan")
+    dl = DataLoader(TensorDataset(X, y), batch_size=30)
+
+    def over_the_batch(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) * len(t) / seen.sum()
+
+    def per_record(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+    with pytest.raises(ValueError, match=r"over_the_batch' .* is not per-sample: .* Or by a normalisation over the "
+                                         r"batch \(dividing by the batch's count of observed labels"):
+        ml.assess(m, ["rtn_int8"], dl, over_the_batch, uncertainty_draws=0)
+    ml.assess(m, ["rtn_int8"], dl, per_record, uncertainty_draws=0, weight_decay=1e-2)
+
+
+def test_a_loss_with_finite_values_but_nan_gradients_is_named_on_the_first_batch():
+    # nu44b: missing labels (NaN) masked after the loss, torch.where(seen, bce(o, t), 0): finite
+    # losses, NaN gradients (0 x NaN). The exact sandwich failed in linalg.eigh ("ill-conditioned"),
+    # the diagonal one said no record's gradient differs from the others'; the callback trained
+    # first. Now every front end names the loss and the cure on the first batch.
+    torch.manual_seed(0)
+    m = nn.Linear(4, 3)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[torch.rand(60, 3) < 0.3] = float("nan")
+    dl = DataLoader(TensorDataset(X, y), batch_size=30)
+
+    def masked_after(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t, reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+    def masked_before(o, t):
+        seen = ~t.isnan()
+        loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+    msg = (r"loss_fn '.*masked_after' \(model outputs \[30, 3\], targets \[30, 3\]\) gives finite losses but "
+           r"non-finite gradients \(NaN or inf\) in weight, bias \(first: record \d+\).*replace the missing targets")
+    for estimation in ("exact", "diagonal"):
+        with pytest.raises(ValueError, match=msg):
+            ml.assess(m, ["rtn_int8"], dl, masked_after, estimation=estimation, uncertainty_draws=0, weight_decay=1e-2)
+    with pytest.raises(ValueError, match=msg):
+        ml.MISIndicator(m, masked_after, ["rtn_int8"]).update(X[:30], y[:30])
+    ml.assess(m, ["rtn_int8"], dl, masked_before, uncertainty_draws=0, weight_decay=1e-2)

@@ -11,7 +11,7 @@ from torch import nn
 
 import mis_lightning.estimation.records as records
 from mis_lightning.estimation.linear_factors import _patches
-from mis_lightning.estimation.records import _P31, _hash_weights, record_keys
+from mis_lightning.estimation.records import _P31, _hash_weights, _index_weights, record_keys
 
 CONVS = [
     (nn.Conv1d(4, 6, 3, padding=1), (5, 4, 11)),
@@ -49,10 +49,13 @@ def test_patches_are_the_im2col_windows_and_give_the_layer(mod, shape):
 
 def _reference_keys(leaves, b):
     """record_keys' definition: every byte's product reduced modulo 2^31 - 1, then summed; an
-    integer row's trailing run of a negative value (padding: an ignore_index) read as zeros."""
+    integer row's trailing run of a negative value (padding: an ignore_index) read as zeros. A
+    record of several dimensions weighs its bytes by their multi-index (``_index_weights``) and
+    reads each last-dimension row's trailing negative run as zeros (nu44b)."""
     h = torch.zeros(b, dtype=torch.int64)
     for i, t in enumerate(leaves):
-        raw = t.reshape(b, -1)
+        several = t.dim() > 2
+        raw = t.reshape(-1, t.shape[-1]) if several else t.reshape(b, -1)
         raw = raw.to(torch.float64) if raw.is_floating_point() else raw.to(torch.int64).clone()
         if not raw.is_floating_point():
             for row in raw:
@@ -61,8 +64,8 @@ def _reference_keys(leaves, b):
                     j -= 1
                 if last < 0 and row.numel() > 1:
                     row[j:] = 0
-        by = raw.contiguous().view(torch.uint8).to(torch.int64)
-        w = _hash_weights(i, by.shape[1])
+        by = raw.contiguous().reshape(b, -1).view(torch.uint8).to(torch.int64)
+        w = _index_weights(i, (*t.shape[1:], 8)) if several else _hash_weights(i, by.shape[1])
         h = (h * 1_000_003 + (by * w % _P31).sum(1)) % _P31
     return h
 
@@ -77,9 +80,11 @@ def test_record_keys_equal_the_per_byte_reduction_over_any_block_of_exact_sums(m
     x = torch.randn(9, 3, 5, 5, generator=g) * 1e30  # large exponents: all byte values
     ids = torch.randint(-2 ** 62, 2 ** 62, (9, 17), generator=g)
     ids[:4, -3:] = -100  # padded with an ignore index: hashed as zeros
+    edges = torch.randint(0, 40, (9, 2, 6), generator=g)
+    edges[:3, :, -2:] = -1  # an edge list padded with -1: each row's trailing run hashed as zeros
     y = torch.randint(0, 10, (9,), generator=g)
-    got = record_keys((x, ids, y), None, 9)
-    assert torch.equal(got, _reference_keys([x, ids, y], 9))
+    got = record_keys((x, ids, edges, y), None, 9)
+    assert torch.equal(got, _reference_keys([x, ids, edges, y], 9))
     assert int(got.min()) >= 0 and int(got.max()) < _P31
 
 

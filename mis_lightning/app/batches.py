@@ -136,7 +136,11 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
     from mis_lightning._modelcopy import private_copy
     from mis_lightning._rng import isolated_rng
     from mis_lightning.assess import check_validation_batch
-    from mis_lightning.estimation.per_sample import check_record_losses, loss_shape_hint
+    from mis_lightning.estimation.per_sample import (
+        check_record_dimension,
+        check_record_losses,
+        loss_shape_hint,
+    )
     from mis_lightning.models import metric_inputs, utility_metrics
 
     data, name = type(dm).__name__, type(model).__name__
@@ -151,6 +155,7 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
         copy_ = private_copy(model, "copying the model for the first-batch check").eval()
         with isolated_rng(), torch.no_grad():
             inputs, targets = _split(batch, batch_fn, data, "training")
+            check_record_dimension(inputs, targets, f"the first training batch of data {data}")
             try:
                 outputs = copy_(inputs)
             except TypeError as exc:  # forward(self, x1, x2): the assessment calls model(inputs)
@@ -169,5 +174,17 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
                     f"{_shapes(targets)}); it must return per-sample losses of shape [{b}]"
                     + (loss_shape_hint(shape, b) or ""))
             check_record_losses(loss, outputs, targets, losses, what)
+            checked = [("training", outputs, targets)]
+            if vb is not None:  # validation labels may be missing where the training ones are not
+                v_inputs, v_targets = _split(vb, batch_fn, data, "validation")
+                try:
+                    checked.append(("validation", copy_(v_inputs), v_targets))
+                except Exception:  # noqa: BLE001 - check_validation_batch names what fails there
+                    pass
+            for which, out, tgt in checked:
+                try:  # the utility metrics read the outputs: refused here, not in every quantized copy's pass
+                    metric_inputs(out, tgt, task)
+                except ValueError as exc:
+                    raise ValueError(f"{name}'s outputs on the first {which} batch of data {data}: {exc}") from None
     check_validation_batch(model, val, loss, utility_metrics(task), batch_fn,
                            functools.partial(metric_inputs, task=task))

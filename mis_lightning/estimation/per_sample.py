@@ -255,6 +255,41 @@ def loss_shape_hint(shape: tuple[int, ...] | None, b: int | None, targets: Any =
     return ""
 
 
+def check_record_dimension(inputs: Any, targets: Any, what: str) -> int | None:
+    """The number of records ``B`` of a batch, checked: every tensor leaf of ``inputs`` and
+    ``targets`` with a dimension must have ``B`` rows, since record ``i`` is row ``i`` of each
+    (per-sample gradients by ``vmap`` over the first dimension, per-record slicing and hashes).
+    A concatenated layout -- graphs batched as PyG does, every molecule's atoms stacked with a
+    ``batch`` index and edges ``[2, E]`` -- has no such dimension: its per-record gradients
+    would be taken over atoms (nu44b: the loss was then blamed for "shape [32], not [B] =
+    [1024]", or the forward failed on an edge list cut to one row).
+
+    Returns:
+        ``B``, the rows of the first tensor leaf of ``inputs`` (``targets`` when it has none);
+        ``None`` when no leaf has a dimension (left to the callers' own checks).
+
+    Raises:
+        ValueError: tensors of different first dimensions; names ``what``, each tensor's path
+            and shape, and the padded layout to use instead.
+    """
+    pytree = torch.utils._pytree
+    sized = [(f"{side}{pytree.keystr(path)}", t) for side, tree in (("inputs", inputs), ("targets", targets))
+             for path, t in pytree.tree_flatten_with_path(tree)[0] if isinstance(t, Tensor) and t.dim() > 0]
+    if not sized:
+        return None
+    b = int(sized[0][1].shape[0])
+    if any(int(t.shape[0]) != b for _, t in sized):
+        shapes = ", ".join(f"{p} {list(t.shape)}" for p, t in sized)
+        raise ValueError(
+            f"{what}: the batch's tensors do not share a first (record) dimension: {shapes}. Record i must be "
+            "row i of every tensor of the batch (the per-sample gradients map over the first dimension); a "
+            "concatenated layout (graphs batched as PyG does: the atoms of every molecule stacked, with a "
+            "batch index, and edges [2, E]) cannot be split into records. Collate each record padded to the "
+            "batch's largest instead (atoms [B, N, F] with a node mask, edges [B, 2, E] with an edge mask, "
+            "padding with 0 at the end), or use mis_lightning.data.graphs' padded graphs")
+    return b
+
+
 def _record_tolerances(dtype: torch.dtype, scale: float) -> tuple[float, float]:
     """``(rtol, atol)`` for a record computed alone against its row in the batch: the two round
     differently (bf16/fp16, e.g. a "bf16-true" training, by up to a few eps), which a mixing of
@@ -297,7 +332,11 @@ def check_record_losses(loss_fn: Any, outputs: Any, targets: Any, losses: Tensor
                 f"but entry {i} of the batch's losses is {float(losses[i]):.6g}. The losses "
                 "mix records, typically by broadcasting outputs [B, 1] against targets [B] "
                 "(or [B] against [B, 1]) to [B, B] and reducing back to [B]; give outputs "
-                "and targets the same shape (e.g. outputs.squeeze(-1) or targets.reshape(-1))"
+                "and targets the same shape (e.g. outputs.squeeze(-1) or targets.reshape(-1)). "
+                "Or by a normalisation over the batch (dividing by the batch's count of observed "
+                "labels or kept tokens, mask.sum() over the batch, a batch mean): divide each record's "
+                "sum by its own count (mask.sum(-1)), or by a constant of the training set (the mean "
+                "count per record) if that is the objective trained"
             )
 
 
@@ -645,6 +684,7 @@ class LossProgram:
         targets = _to(targets, self.device, self.dtype)
         b = _batch_size(inputs)
         if not self._checked:
+            check_record_dimension(inputs, targets, f"{type(self.model).__name__}'s training batches")
             self.check_swap(inputs)
             self.check_per_sample(inputs, targets, b)
             self._checked = True
@@ -711,6 +751,44 @@ class LossProgram:
             check_loss_batches(self.loss_fn, out, targets, what)
             check_record_outputs(lambda x: self.outputs(self.params, x), inputs, out,
                                  f"model {type(self.model).__name__}")
+        self.check_finite_gradients(inputs, targets, b, what, records)
+
+    def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
+        """Check that the first ``records`` records' losses have finite gradients in the assessed
+        parameters (their losses are finite: :func:`check_record_losses`). A loss that masks
+        missing targets after computing on them, ``torch.where(mask, bce(outputs, targets), 0)``
+        with NaN targets, has finite values but gradients ``0 x NaN = NaN``; the exact sandwich
+        then failed in ``linalg.eigh`` and the diagonal one said that no record's gradient
+        differs from the others' (nu44b), after the whole training.
+
+        Raises:
+            ValueError: naming ``what``, the parameters and the first record concerned, and the cure.
+        """
+        k = min(int(b), records)
+
+        def total(p: dict[str, Tensor], x: Any, y: Any) -> Tensor:
+            return self.loss_fn(self.outputs(p, x), y).sum()
+
+        def finite(x: Any, y: Any) -> list[str]:
+            grads = grad(total)(self.params, x, y)
+            return [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+
+        first = torch.utils._pytree.tree_map(lambda t: t[:k] if isinstance(t, Tensor) and t.dim() else t,
+                                             (inputs, targets))
+        try:
+            bad = finite(*first)
+        except Exception:  # noqa: BLE001 - not this check's concern: the estimation reports its own errors
+            return
+        if not bad:
+            return
+        record = next((i for i in range(k) if finite(_rows(inputs, i), _rows(targets, i))), 0)
+        raise ValueError(
+            f"{what} gives finite losses but non-finite gradients (NaN or inf) in {', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''} (first: record {record}), so every per-record gradient the "
+            "assessment needs would be NaN. Typically a loss masking missing targets after computing on them: "
+            "torch.where(mask, loss(outputs, targets), 0) with NaN targets drops their values but not their "
+            "gradients (0 x NaN = NaN); replace the missing targets before the loss (targets.nan_to_num(), or "
+            "torch.where(mask, targets, 0)) and mask the losses after")
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():

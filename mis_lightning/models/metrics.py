@@ -48,8 +48,27 @@ def metric_inputs(
 
     Regression: ``(outputs, targets)`` unchanged (flattened). Binary: ``(sigmoid(logits),
     targets.long())`` so that no metric has to guess whether it received logits.
+
+    Raises:
+        ValueError: outputs that are not one value per record (``[B]`` or ``[B, 1]``: a multi-task
+            ``[B, k]`` was flattened and scored as ``B k`` records, nu44b), targets of another size,
+            or non-finite targets (missing labels as NaN: the regression metrics read NaN, the
+            binary ones an integer cast of it); the message gives the shapes.
     """
     check_task(task)
+    b = int(outputs.shape[0]) if outputs.dim() else 1
+    if outputs.numel() != b or targets.numel() != b:
+        raise ValueError(
+            f"the {task} utility metrics ({', '.join(utility_metrics(task))}) read one output per record, outputs "
+            f"[B] ({'a logit' if task == 'binary' else 'a prediction'}) against targets [B]; got outputs "
+            f"{list(outputs.shape)} and targets {list(targets.shape)} (several outputs per record, e.g. a multi-task "
+            "model: assess it with mis_lightning.assess or MISCallback and utility_metrics= of your own)")
+    if not bool(torch.isfinite(targets).all()):
+        raise ValueError(
+            f"the {task} utility metrics ({', '.join(utility_metrics(task))}) cannot skip missing targets: "
+            f"{int((~torch.isfinite(targets)).sum())} of the {b} targets are NaN or infinite (they would score as "
+            "NaN, or as a class cast from NaN); drop those records from the validation data, or assess with "
+            "mis_lightning.assess or MISCallback and utility_metrics= that mask them")
     outputs = outputs.detach().reshape(-1)
     targets = targets.detach().reshape(-1)
     if task == "binary":
