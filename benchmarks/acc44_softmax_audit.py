@@ -172,6 +172,24 @@ def release(th: torch.Tensor, scheme: str) -> torch.Tensor:
     raise KeyError(scheme)
 
 
+def steps(th: torch.Tensor, scheme: str) -> torch.Tensor:
+    """The grid's local step at each weight of ``th [K, p+1]`` (``[K, p]``; float8: the spacing of
+    e4m3 values at the weight)."""
+    W = th[:, :-1]
+    amax_row = W.abs().amax(-1, keepdim=True)
+    if scheme.startswith("rtn_int"):
+        return (amax_row / (2 ** (int(scheme[7:]) - 1) - 1)).expand_as(W)
+    if scheme == "int8_weight_only":
+        return (amax_row / 127.5).expand_as(W)
+    if scheme == "int8_weight_only_per_tensor":
+        return (W.abs().amax() / 127.5).expand_as(W)
+    if scheme == "float8_weight_only":
+        sc = amax_row / 448.0
+        e = torch.floor(torch.log2((W / sc).abs().clamp_min(2.0 ** -6)))
+        return 2.0 ** (e - 3) * sc
+    return torch.zeros_like(W)
+
+
 def codes(rel: torch.Tensor) -> np.ndarray:
     """Hashable keys of the weights' release (dequantized weights, exact floats): ``[M]`` int64."""
     W = rel[..., :-1].reshape(rel.shape[0], -1).numpy()
@@ -203,6 +221,7 @@ def check_release(th: torch.Tensor, scheme: str) -> float:
 
 # ----------------------------------------------------------------------------- attacks
 def _lda_fit(ri: np.ndarray, ro: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Linear discriminant of the in / out releases (rows already in the attacker's basis)."""
     shift = (ri - ro).mean(0)
     mo = ro.mean(0)
     C = 0.5 * (np.cov(ri.T) + np.cov(ro.T))
@@ -221,13 +240,15 @@ def _count_fit(ki: np.ndarray, ko: np.ndarray) -> set:
     return set(u[ci > co].tolist())
 
 
-def attack_advantage(ri: np.ndarray, ro: np.ndarray, ki: np.ndarray | None = None, ko: np.ndarray | None = None
-                     ) -> float:
+def attack_advantage(ri: np.ndarray, ro: np.ndarray, ki: np.ndarray | None = None, ko: np.ndarray | None = None,
+                     basis: np.ndarray | None = None) -> float:
     """Cross-fitted (2 folds) advantage of the LDA test on the release vector, or with keys
     ``ki, ko [M]`` of the code-counting test; ``ri, ro [M, D]`` coupled pairs. Unbiased for the
     advantage of a test fitted on ``M / 2`` pairs: a lower bound of the TV in expectation."""
     M = ri.shape[0]
     half = M // 2
+    if basis is not None:
+        ri, ro = ri @ basis, ro @ basis
     out = []
     for a, b in ((slice(0, half), slice(half, 2 * half)), (slice(half, 2 * half), slice(0, half))):
         if ki is None:
@@ -248,7 +269,8 @@ def attack_truth(pop: Pop, n: int, lam: float, schemes: list[str], Z: int, M: in
     pen = n * lam
     th_b, Hb = fit_base(xa, y, pen, th0)
     per = {s: [] for s in schemes}
-    gauss = []
+    gauss, cvs = [], []
+    ref = population_reference(pop, n, lam)
     for _ in range(Z):
         zx, zy = pop.draw((1,), g)
         fx, fy = pop.draw((M,), g)
@@ -256,20 +278,85 @@ def attack_truth(pop: Pop, n: int, lam: float, schemes: list[str], Z: int, M: in
         th_out = add_record(th_b, Hb, xa, y, pen, _aug(fx), fy)
         dlt = (th_in - th_out).reshape(M, -1).numpy()
         C = np.cov(th_out.reshape(M, -1).numpy().T)
+        # the attacker's basis: the range of the unquantized release's covariance (the L2 minimiser
+        # has sum_k theta_k = 0 exactly; along that direction a quantized release carries only
+        # rounding noise, which an unprojected discriminant would weight as signal)
+        ev, U = np.linalg.eigh(C)
+        basis = U[:, ev > 1e-9 * ev.max()]
+        sd_w = torch.from_numpy(np.sqrt(np.diag(C))).reshape(th_b.shape[1:])[:, :-1]
+        cvs.append(ref.first_order(zx, zy))
         sh = dlt.mean(0)
         # pseudo-inverse: the L2 minimiser has sum_k theta_k = 0 exactly (a null direction of C)
         gauss.append(float(2 * _Phi(math.sqrt(max(sh @ np.linalg.lstsq(C, sh, rcond=1e-9)[0], 0.0)) / 2) - 1))
         for s in schemes:
             ri, ro = release(th_in, s), release(th_out, s)
-            per[s].append(attack_advantage(ri.reshape(M, -1).numpy(), ro.reshape(M, -1).numpy()))
+            per[s].append(attack_advantage(ri.reshape(M, -1).numpy(), ro.reshape(M, -1).numpy(), basis=basis))
             if s in count_schemes:
                 per.setdefault(s + ":count", []).append(
                     attack_advantage(ri.reshape(M, -1).numpy(), ro.reshape(M, -1).numpy(), codes(ri), codes(ro)))
     per["gauss"] = gauss
+    per["cv"] = cvs
     for s in schemes:  # the better attack's mean (max of two unbiased means: biased up by < 1 s.e.)
         if s + ":count" in per and np.mean(per[s + ":count"]) > np.mean(per[s]):
             per[s + ":lda"], per[s] = per[s], per[s + ":count"]
-    return {s: (float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v)))) for s, v in per.items()}
+    out = {s: (float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v)))) for s, v in per.items()}
+    out["per_target"] = {s: list(map(float, v)) for s, v in per.items()}
+    c = np.array(cvs)
+    out["Ec"] = ref.mean_first_order
+    out["step_sd"] = {s: float((steps(th_b.mean(0), s) / sd_w).median()) for s in schemes}
+    for s in [*schemes, "gauss"]:
+        out[s + ":cv"] = cv_mean(np.array(per[s]), c, ref.mean_first_order)
+    return out
+
+
+def cv_mean(v: np.ndarray, c: np.ndarray, c_mean: float) -> tuple[float, float]:
+    """Control-variate mean of ``v`` over targets with ``c`` (known mean ``c_mean``): ``(mean, s.e.)``."""
+    cc = c - c.mean()
+    beta = float((cc * (v - v.mean())).sum() / max((cc * cc).sum(), 1e-300))
+    r = v - beta * (c - c_mean)
+    return float(r.mean()), float(r.std(ddof=2) / math.sqrt(len(r)))
+
+
+class PopulationReference:
+    """The first-order TV of the unquantized release at a record with the population's moments
+    (``theta_lam`` = the penalised population minimiser; ``psi = -H^{-1}(g - E g)``, ``Sigma =
+    H^{-1} V H^{-1}``): ``2 Phi(|Sigma^{-1/2} psi| / (2 sqrt n)) - 1``, the control variate."""
+
+    def __init__(self, pop: Pop, n: int, lam: float, records: int = 200_000, seed: int = 4242) -> None:
+        g = torch.Generator().manual_seed(seed)
+        x, y = pop.draw((1, records), g)
+        xa = _aug(x)
+        th0 = torch.cat([pop.W, pop.b[:, None]], -1)[None]
+        th, H = fit_base(xa, y, records * lam, th0)
+        self.th, self.n = th, n
+        H = H[0] / records
+        G = self._grads(x[0], y[0])
+        self.gbar = G.mean(0)
+        V = torch.cov((G - self.gbar).T)
+        Hi = torch.linalg.inv(H)
+        Sig = Hi @ V @ Hi
+        ev, U = torch.linalg.eigh(Sig)
+        keep = ev > 1e-9 * ev.max()
+        self.whiten = U[:, keep] / ev[keep].sqrt()  # Sigma^{-1/2} on its range
+        self.Hi = Hi
+        self.mean_first_order = float(self._tv(x[0, :50_000], y[0, :50_000]).mean())
+
+    def _grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pr = torch.softmax(_aug(x) @ self.th[0].T, -1)
+        pr[torch.arange(len(y)), y] -= 1
+        return (pr.unsqueeze(-1) * _aug(x).unsqueeze(-2)).reshape(len(y), -1)
+
+    def _tv(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        psi = (self._grads(x, y) - self.gbar) @ self.Hi.T
+        dist = (psi @ self.whiten).norm(dim=-1) / math.sqrt(self.n)
+        return torch.erf(dist / 2 / math.sqrt(2))
+
+    def first_order(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(self._tv(x.reshape(-1, x.shape[-1]), y.reshape(-1)).mean())
+
+
+def population_reference(pop: Pop, n: int, lam: float) -> PopulationReference:
+    return PopulationReference(pop, n, lam)
 
 
 def _Phi(t: float) -> float:
@@ -331,22 +418,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     print(f"p={a.p} K={a.K} d={d} n={a.n} n/d={a.n / d:.0f} lam={a.lam} prior={a.prior} "
           f"attack {t1 - t0:.0f}s indicator {t2 - t1:.0f}s")
-    print("| scheme | attack adv (s.e.) | headline mean (sd) | ratio | below adv | p90 >= adv |")
+    print(f"control variate: E c = {adv['Ec']:.4f}; targets' mean c = {np.mean(adv['per_target']['cv']):.4f}")
+    print("| scheme | attack adv (s.e.) | attack adv, control variate (s.e.) | headline mean (sd) | ratio (cv) |"
+          " below adv | p90 >= adv | step / sd (median) |")
     for s in a.schemes:
         v = np.array([r["res"][s][0] for r in inds])
         iv = [r["res"][s][1] for r in inds]
-        hi_ok = sum(1 for i in iv if i is not None and i[1] >= adv[s][0])
-        below = int((v < adv[s][0]).sum())
-        rows.append({"scheme": s, "adv": adv[s], "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
+        hi_ok = sum(1 for i in iv if i is not None and i[1] >= adv[s + ":cv"][0])
+        below = int((v < adv[s + ":cv"][0]).sum())
+        rows.append({"scheme": s, "adv": adv[s], "adv_cv": adv[s + ":cv"], "mean": float(v.mean()), "sd": float(v.std(ddof=1)),
                      "values": v.tolist(), "intervals": [list(i) if i is not None else None for i in iv]})
-        print(f"| {s} | {adv[s][0]:.4f} ({adv[s][1]:.4f}) | {v.mean():.4f} ({v.std(ddof=1):.4f}) | "
-              f"{v.mean() / max(adv[s][0], 1e-12):.2f} | {below}/{len(v)} | {hi_ok}/{len(v)} |")
+        cvm = adv[s + ":cv"]
+        print(f"| {s} | {adv[s][0]:.4f} ({adv[s][1]:.4f}) | {cvm[0]:.4f} ({cvm[1]:.4f}) | {v.mean():.4f} "
+              f"({v.std(ddof=1):.4f}) | {v.mean() / max(cvm[0], 1e-12):.3f} | {below}/{len(v)} | {hi_ok}/{len(v)} | {adv['step_sd'][s]:.2g} |")
     print(f"Gaussian TV of the simulated unquantized release (moments from the M pairs, not a bound): "
-          f"{adv['gauss'][0]:.4f} ({adv['gauss'][1]:.4f})")
+          f"{adv['gauss'][0]:.4f} ({adv['gauss'][1]:.4f}), control variate {adv['gauss:cv'][0]:.4f} "
+          f"({adv['gauss:cv'][1]:.4f})")
     wset = sorted({w[:160] for r in inds for w in r["warnings"]})
     print("warnings:", *wset, sep="\n  ")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows, "gauss": adv["gauss"], "warnings": wset}, indent=1))
+        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows, "gauss": adv["gauss"], "gauss_cv": adv["gauss:cv"], "Ec": adv["Ec"], "step_sd": adv["step_sd"], "per_target": adv["per_target"], "warnings": wset}, indent=1))
 
 
 if __name__ == "__main__":
