@@ -190,10 +190,24 @@ def steps(th: torch.Tensor, scheme: str) -> torch.Tensor:
     return torch.zeros_like(W)
 
 
-def codes(rel: torch.Tensor) -> np.ndarray:
-    """Hashable keys of the weights' release (dequantized weights, exact floats): ``[M]`` int64."""
-    W = rel[..., :-1].reshape(rel.shape[0], -1).numpy()
+def codes(rel: torch.Tensor, scheme: str | None = None) -> np.ndarray:
+    """Hashable keys of the weights' release: ``[M]`` int64 of the dequantized weights (exact
+    floats), or with an ``rtn_int*`` ``scheme`` of their integer codes alone (the row scales are
+    continuous: every key would differ)."""
+    W = rel[..., :-1]
+    if scheme is not None:
+        W = rtn_codes(rel, scheme)[0]
+    W = W.reshape(rel.shape[0], -1).numpy()
     return np.array([hash(r.tobytes()) for r in W], dtype=np.int64)
+
+
+def rtn_codes(rel: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes ``q [M, K, p]`` and row scales ``[M, K, 1]`` read back from an ``rtn_int*``
+    release (the row's largest weight has code +-qmax exactly)."""
+    qmax = 2 ** (int(scheme[7:]) - 1) - 1
+    W = rel[..., :-1]
+    sc = W.abs().amax(-1, keepdim=True) / qmax
+    return torch.round(W / sc), sc
 
 
 class Softmax(nn.Module):
@@ -286,7 +300,7 @@ def gaussian_tv_1d(mi: float, vi: float, mo: float, vo: float, nodes: int = 4001
 
 
 def attack_truth(pop: Pop, n: int, lam: float, schemes: list[str], Z: int, M: int, seed: int,
-                 count_schemes: set[str]) -> dict[str, tuple[float, float]]:
+                 count_schemes: set[str], code_attacks: bool = False) -> dict[str, tuple[float, float]]:
     g = torch.Generator().manual_seed(10_000 + seed)
     x, y = pop.draw((M, n - 1), g)
     xa = _aug(x)
@@ -321,12 +335,20 @@ def attack_truth(pop: Pop, n: int, lam: float, schemes: list[str], Z: int, M: in
             per[s].append(quad)
             per.setdefault(s + ":lda", []).append(lin)
             if s in count_schemes:
+                cs = s if code_attacks else None
                 per.setdefault(s + ":count", []).append(
-                    attack_advantage(ri.reshape(M, -1).numpy(), ro.reshape(M, -1).numpy(), codes(ri), codes(ro))[0])
+                    attack_advantage(ri.reshape(M, -1).numpy(), ro.reshape(M, -1).numpy(), codes(ri, cs), codes(ro, cs))[0])
+            if code_attacks and s.startswith("rtn_int"):
+                # the discriminant on the release with its codes and row scales beside it
+                fi = [ri.reshape(M, -1).numpy() @ basis, *(t.reshape(M, -1).numpy() for t in rtn_codes(ri, s))]
+                fo = [ro.reshape(M, -1).numpy() @ basis, *(t.reshape(M, -1).numpy() for t in rtn_codes(ro, s))]
+                lin, quad = attack_advantage(np.concatenate(fi, 1), np.concatenate(fo, 1))
+                per.setdefault(s + ":codes_lda", []).append(lin)
+                per.setdefault(s + ":codes_quad", []).append(quad)
     per["gauss"] = gauss
     per["cv"] = cvs
     for s in schemes:  # the better attack's mean (max of unbiased means: biased up by < 1 s.e.)
-        for alt in (":lda", ":count"):
+        for alt in (":lda", ":count", ":codes_lda", ":codes_quad"):
             if s + alt in per and np.mean(per[s + alt]) > np.mean(per[s]):
                 per[s + ":quad"], per[s] = per[s], list(per[s + alt])
     out = {s: (float(np.mean(v)), float(np.std(v, ddof=1) / math.sqrt(len(v)))) for s, v in per.items()}
@@ -429,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trainings", type=int, default=8)
     ap.add_argument("--draws", type=int, default=32)
     ap.add_argument("--no-wd-told", action="store_true")
+    ap.add_argument("--code-attacks", action="store_true",
+                    help="rtn_int*: count the integer codes alone, and a discriminant with codes and scales")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -441,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         err = check_release(th0 + 0.01 * torch.randn(th0.shape, dtype=DT), s)
         assert err < 1e-6, (s, err)
     count = {s for s in a.schemes if s in ("rtn_int2", "rtn_int3", "rtn_int4")}
-    adv = attack_truth(pop, a.n, a.lam, a.schemes, a.targets, a.M, a.seed, count)
+    adv = attack_truth(pop, a.n, a.lam, a.schemes, a.targets, a.M, a.seed, count, a.code_attacks)
     t1 = time.time()
     inds = [indicator(pop, a.n, a.lam, a.schemes, k, not a.no_wd_told, a.draws) for k in range(a.trainings)]
     t2 = time.time()
