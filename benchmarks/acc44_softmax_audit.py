@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--w-sd", type=float, default=1.0)
     ap.add_argument("--schemes", nargs="+", default=["none", "int8_weight_only", "int8_weight_only_per_tensor",
                                                      "float8_weight_only", "rtn_int4", "rtn_int2"])
-    ap.add_argument("--targets", type=int, default=24)
+    ap.add_argument("--targets", type=int, default=32)
     ap.add_argument("--M", type=int, default=2000)
     ap.add_argument("--trainings", type=int, default=8)
     ap.add_argument("--draws", type=int, default=32)
