@@ -300,7 +300,8 @@ def gaussian_tv_1d(mi: float, vi: float, mo: float, vo: float, nodes: int = 4001
 
 
 def attack_truth(pop: Pop, n: int, lam: float, schemes: list[str], Z: int, M: int, seed: int,
-                 count_schemes: set[str], code_attacks: bool = False) -> dict[str, tuple[float, float]]:
+                 count_schemes: set[str], code_attacks: bool = False, stratify: bool = False
+                 ) -> dict[str, tuple[float, float]]:
     g = torch.Generator().manual_seed(10_000 + seed)
     x, y = pop.draw((M, n - 1), g)
     xa = _aug(x)
@@ -310,8 +311,13 @@ def attack_truth(pop: Pop, n: int, lam: float, schemes: list[str], Z: int, M: in
     per = {s: [] for s in schemes}
     gauss, cvs = [], []
     ref = population_reference(pop, n, lam)
-    for _ in range(Z):
+    labels = []
+    for t in range(Z):
         zx, zy = pop.draw((1,), g)
+        if stratify:  # Z / K targets of each class (a rare class's records would be missed otherwise)
+            while int(zy) != t % pop.K:
+                zx, zy = pop.draw((1,), g)
+        labels.append(int(zy))
         fx, fy = pop.draw((M,), g)
         th_in = add_record(th_b, Hb, xa, y, pen, _aug(zx).expand(M, -1), zy.expand(M))
         th_out = add_record(th_b, Hb, xa, y, pen, _aug(fx), fy)
@@ -356,8 +362,14 @@ def attack_truth(pop: Pop, n: int, lam: float, schemes: list[str], Z: int, M: in
     c = np.array(cvs)
     out["Ec"] = ref.mean_first_order
     out["step_sd"] = {s: float((steps(th_b.mean(0), s) / sd_w).median()) for s in schemes}
+    lab = np.array(labels)
     for s in [*schemes, "gauss", *[k for k in per if ":" in k]]:
-        out[s + ":cv"] = cv_mean(np.array(per[s]), c, ref.mean_first_order)
+        if stratify:  # per class, with the class's own mean of c, weighted by the class frequencies
+            parts = [cv_mean(np.array(per[s])[lab == k], c[lab == k], ref.class_mean[k]) for k in range(pop.K)]
+            out[s + ":cv"] = (float(sum(ref.class_freq[k] * m for k, (m, _) in enumerate(parts))),
+                              float(math.sqrt(sum((ref.class_freq[k] * e) ** 2 for k, (_, e) in enumerate(parts)))))
+        else:
+            out[s + ":cv"] = cv_mean(np.array(per[s]), c, ref.mean_first_order)
     return out
 
 
@@ -391,7 +403,11 @@ class PopulationReference:
         keep = ev > 1e-9 * ev.max()
         self.whiten = U[:, keep] / ev[keep].sqrt()  # Sigma^{-1/2} on its range
         self.Hi = Hi
-        self.mean_first_order = float(self._tv(x[0, :50_000], y[0, :50_000]).mean())
+        tv = self._tv(x[0, :50_000], y[0, :50_000])
+        yy = y[0, :50_000]
+        self.mean_first_order = float(tv.mean())
+        self.class_freq = [float((yy == k).double().mean()) for k in range(pop.K)]
+        self.class_mean = [float(tv[yy == k].mean()) for k in range(pop.K)]
 
     def _grads(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pr = torch.softmax(_aug(x) @ self.th[0].T, -1)
@@ -451,6 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trainings", type=int, default=8)
     ap.add_argument("--draws", type=int, default=32)
     ap.add_argument("--no-wd-told", action="store_true")
+    ap.add_argument("--stratify", action="store_true",
+                    help="targets drawn class by class, combined with the class frequencies (rare classes)")
     ap.add_argument("--code-attacks", action="store_true",
                     help="rtn_int*: count the integer codes alone, and a discriminant with codes and scales")
     ap.add_argument("--seed", type=int, default=0)
@@ -465,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
         err = check_release(th0 + 0.01 * torch.randn(th0.shape, dtype=DT), s)
         assert err < 1e-6, (s, err)
     count = {s for s in a.schemes if s in ("rtn_int2", "rtn_int3", "rtn_int4")}
-    adv = attack_truth(pop, a.n, a.lam, a.schemes, a.targets, a.M, a.seed, count, a.code_attacks)
+    adv = attack_truth(pop, a.n, a.lam, a.schemes, a.targets, a.M, a.seed, count, a.code_attacks, a.stratify)
     t1 = time.time()
     inds = [indicator(pop, a.n, a.lam, a.schemes, k, not a.no_wd_told, a.draws) for k in range(a.trainings)]
     t2 = time.time()
