@@ -56,10 +56,12 @@ DT = torch.float64
 
 # ----------------------------------------------------------------------------- data and fits
 class Pop:
-    def __init__(self, p: int, K: int, prior: list[float] | None, w_sd: float, seed: int) -> None:
+    def __init__(self, p: int, K: int, prior: list[float] | None, w_sd: float, seed: int, row_scale: float = 1.0
+                 ) -> None:
         g = torch.Generator().manual_seed(seed)
         self.p, self.K = p, K
         self.W = torch.randn(K, p, generator=g, dtype=DT) * w_sd
+        self.W[0] *= row_scale  # one class's weights larger: a per-tensor scale is coarse for the others
         pr = torch.tensor(prior if prior else [1.0 / K] * K, dtype=DT)
         self.b = torch.log(pr / pr.sum())
 
@@ -460,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lam", type=float, default=1e-2)
     ap.add_argument("--prior", type=float, nargs="*", default=None)
     ap.add_argument("--w-sd", type=float, default=1.0)
+    ap.add_argument("--row-scale", type=float, default=1.0, help="factor on the teacher's first row")
     ap.add_argument("--schemes", nargs="+", default=["none", "int8_weight_only", "int8_weight_only_per_tensor",
                                                      "float8_weight_only", "rtn_int4", "rtn_int2"])
     ap.add_argument("--targets", type=int, default=32)
@@ -475,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    pop = Pop(a.p, a.K, a.prior, a.w_sd, a.seed)
+    pop = Pop(a.p, a.K, a.prior, a.w_sd, a.seed, a.row_scale)
     d = a.K * (a.p + 1)
     t0 = time.time()
     th0 = torch.cat([pop.W, pop.b[:, None]], -1)
