@@ -123,7 +123,11 @@ class PlanConfig(CheckedFields):
         candidates: registry names (or scheme objects) to choose from per parameter.
         max_utility_loss: largest allowed relative utility loss versus the float model
             (``0.05``: the metric at most 5% worse); ``None``: no utility budget.
-        max_bits: largest mean bits per assessed weight (the report's ``bits_per_weight``).
+        max_bits: largest mean bits per weight of the whole quantized model, scales and float
+            parameters included (the report's ``model b/w``; its ``bits/w`` when every parameter
+            is assessed). A frozen backbone is quantized in the release and in every scored copy,
+            so the plan assigns it a candidate too (its size and utility count; its leakage is
+            not assessed).
         target_mis: with it, the plan minimises the size subject to ``MIS >= target_mis``
             (and the other budgets); without it, the plan minimises the leakage.
         utility_metric: the validation figure the budget applies to (``"loss"``: the mean
@@ -200,12 +204,16 @@ class PlanPoint:
     result: SchemeResult | None = None
 
     def reassessed(self, metric: str) -> dict[str, float] | None:
-        """The pipeline's ``{"leakage", "mis", "utility", "bits_per_weight"}``, or ``None``."""
+        """The pipeline's ``{"leakage", "mis", "utility", "bits_per_weight", "interval"}``, or
+        ``None``; ``bits_per_weight`` is the whole quantized model's (the report's ``model b/w``,
+        its assessed weights' ``bits/w`` when every parameter is assessed): the release's size,
+        which the plans' and ``max_bits`` are (pl44)."""
         r = self.result
         if r is None:
             return None
+        bits = r.model_bits_per_weight if r.model_bits_per_weight is not None else r.bits_per_weight
         return {"leakage": r.leakage, "mis": r.mis, "utility": r.utility.get(metric, math.nan),
-                "bits_per_weight": r.bits_per_weight, "interval": r.interval}
+                "bits_per_weight": bits, "interval": r.interval}
 
 
 class PlanInfeasibleError(ValueError):
@@ -747,13 +755,15 @@ def plan(
     params = dict(model.named_parameters())
     done = 0
     for c in calibrated:
-        qres = c.apply(model, params=est.names)
+        # the whole model, as the pipeline's scored copies (fz44) and the release: a frozen backbone
+        # (or a parameter params= leaves out) is quantized too, so it is planned too (pl44)
+        qres = c.apply(model)
         ks, ms, bs = {}, {}, {}
         for name, g in qres.grids.items():
+            bs[name] = g.bits_per_weight * params[name].numel()
             if name not in est.theta:
-                continue
+                continue  # not assessed: its size and utility count, its leakage is not scored
             ks[name], ms[name], _ = _grid_moments(g, est.theta[name], est.sigma[name], DEFAULT_CHUNK)
-            bs[name] = g.bits_per_weight * est.theta[name].numel()
         kappas.append(ks)
         m4s.append(ms)
         bits.append(bs)
@@ -763,21 +773,24 @@ def plan(
         done += 1
         if progress is not None:
             progress("plan", done)
-    for name in est.names:
-        p = params[name]
+    for name, p in params.items():
         float_bits[name] = _dtype_bits(p) * p.numel()
+    # The groups: the assessed parameters some candidate quantizes (their choice moves the leakage),
+    # then the others some candidate quantizes (a frozen backbone: only the utility and the size).
     groups = [n for n in est.names if any(n in k for k in kappas)]
     if not groups:
         raise ValueError(f"no candidate ({[c.name for c in cands]}) quantizes any assessed parameter "
                          f"({est.names}): nothing to plan")
+    n_assessed = len(groups)
+    groups += [n for n in params if n not in est.theta and any(n in b for b in bits)]
     C = len(cands)
     # Measured utility change of each (group, candidate): only that parameter quantized.
     du = torch.zeros(len(groups), C, dtype=torch.float64)
     for gi, g in enumerate(groups):
         for ci, c in enumerate(calibrated):
-            if g not in kappas[ci]:
+            if g not in bits[ci]:
                 continue  # the candidate leaves it in float: no change
-            qm = MixedPrecisionScheme({g: c}, name=f"probe:{g}={c.name}").apply(model, params=est.names).model
+            qm = MixedPrecisionScheme({g: c}, name=f"probe:{g}={c.name}").apply(model).model
             du[gi, ci] = measure(qm)[metric] - float_u[metric]
             del qm
             done += 1
@@ -785,12 +798,13 @@ def plan(
                 progress("plan", done)
     gbits = torch.tensor([[bits[ci].get(g, float_bits[g]) for ci in range(C)] for g in groups], dtype=torch.float64)
     other_bits = sum(v for k, v in float_bits.items() if k not in groups)
-    d = est.d
+    d = sum(p.numel() for p in params.values())  # bits per weight of the whole model (the release)
     seconds["candidates"] = time.perf_counter() - t0
 
     # Step 3: search with the proxy.
     t0 = time.perf_counter()
-    proxy = _Proxy(est, kappas, groups, sc_cfg, m4s=m4s, grids=grids if keep_grids else None)
+    # the proxy reads the assessed groups' choices only (the first n_assessed of a plan's key)
+    proxy = _Proxy(est, kappas, groups[:n_assessed], sc_cfg, m4s=m4s, grids=grids if keep_grids else None)
     cheap: dict[tuple[int, ...], tuple[float, float, float]] = {}
 
     def uloss(u: float) -> float:
@@ -800,7 +814,7 @@ def plan(
         if choice not in cheap:
             u = float_u[metric] + float(du[torch.arange(len(groups)), list(choice)].sum())
             b = (other_bits + float(gbits[torch.arange(len(groups)), list(choice)].sum())) / d
-            cheap[choice] = (proxy.independent(choice), u, b)
+            cheap[choice] = (proxy.independent(choice[:n_assessed]), u, b)
         return cheap[choice]
 
     # Stage 1 with the independent form (additive over parameters: every plan or a greedy path).
@@ -809,7 +823,7 @@ def plan(
         for choice in itertools.product(range(C), repeat=len(groups)):
             evaluate(choice)
     else:
-        _greedy(evaluate, len(groups), C, du, lower)
+        _greedy(evaluate, len(groups), C, du, lower, n_assessed)
     for ci in range(C):  # the uniform plans always enter the comparison
         evaluate(tuple([ci] * len(groups)))
     # Stage 2: the pipeline's own form (correlated: a d x d or factor solve per plan) on the
@@ -822,7 +836,7 @@ def plan(
         if len(front1) > MAX_EXACT:
             front1 = [front1[round(i * (len(front1) - 1) / (MAX_EXACT - 1))] for i in range(MAX_EXACT)]
         keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
-        seen = {k: (proxy(k, SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
+        seen = {k: (proxy(k[:n_assessed], SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
     keys = list(seen)
     pts = [(seen[k][0], uloss(seen[k][1]), seen[k][2]) for k in keys]
     front_idx = _pareto(pts)
@@ -871,7 +885,7 @@ def plan(
     near = _near_budget(cfg, keys, pts, seen, groups, du, uniform_keys, to_assess, chosen,
                         lambda k: measure(MixedPrecisionScheme(
                             {g: calibrated[c] for g, c in zip(groups, k)}, name="near-budget check").apply(
-                                model, params=est.names).model)[metric],
+                                model).model)[metric],
                         uloss, float_u[metric], cands)
     if near["factor"] is not None:  # utilities measured (docs/planner.md "Cost")
         seconds["near_budget"] = time.perf_counter() - t0
@@ -1014,9 +1028,10 @@ def plan(
 
 def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) -> None:
     """Raise before any training or estimation when ``config.max_bits`` is below the fewest
-    bits per weight any plan over the candidates reaches: each assessed parameter at its
-    smallest candidate (bits per weight depend on the shapes and the schemes, not on the
-    trained values). A no-op without ``max_bits``.
+    bits per weight any plan over the candidates reaches: each parameter of the whole model
+    (assessed or not: a frozen backbone is quantized in the release too) at its smallest
+    candidate (bits per weight depend on the shapes and the schemes, not on the trained values).
+    A no-op without ``max_bits``.
 
     Raises:
         PlanInfeasibleError: naming the budget and the fewest reachable bits per weight.
@@ -1024,12 +1039,13 @@ def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) 
     """
     if config.max_bits is None:
         return
-    names = select_params(model, params)
+    select_params(model, params)  # an unknown name in params= fails here, as in assess
     named = dict(model.named_parameters())
+    names = list(named)  # the whole release (pl44), whatever params= assesses
     fewest = {n: float(_dtype_bits(named[n])) for n in names}  # bits per weight at its smallest candidate
     for scheme in resolve_schemes(config.candidates):
         try:
-            grids = scheme.apply(model, params=names).grids
+            grids = scheme.apply(model).grids
         except Exception:  # noqa: BLE001 - a candidate that cannot run here is the planner's error row
             continue
         for n, g in grids.items():
@@ -1042,8 +1058,8 @@ def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) 
         raise PlanInfeasibleError(
             f"no plan over the candidates {cands} meets the budget (max_utility_loss={config.max_utility_loss}, "
             f"max_bits={config.max_bits}, target_mis={config.target_mis}): max_bits={config.max_bits} is below the "
-            f"fewest reachable bits per weight {best:.4g} (every assessed parameter at its smallest candidate, "
-            "scales included); loosen it or add candidates")
+            f"fewest reachable bits per weight {best:.4g} of the whole model (every parameter at its smallest "
+            "candidate, scales included); loosen it or add candidates")
 
 
 def _requantized(result: SchemeResult | None) -> str:
@@ -1192,16 +1208,21 @@ def _infeasible_message(pts: list[tuple[float, float, float]], cfg: PlanConfig) 
 
 
 def _greedy(evaluate: Callable[[tuple[int, ...]], tuple[float, float, float]], G: int, C: int,
-            du: Tensor, lower: bool) -> None:
+            du: Tensor, lower: bool, n_assessed: int | None = None) -> None:
     """A greedy path: from each parameter's candidate of least utility cost, repeatedly take the
-    single-parameter change with the largest leakage drop per unit of added utility cost (free
-    drops first); every plan evaluated on the way enters the pool."""
+    single-parameter change among the first ``n_assessed`` groups (the assessed ones; default all)
+    with the largest leakage drop per unit of added utility cost (free drops first); every plan
+    evaluated on the way enters the pool. The other groups (not assessed: a frozen backbone) move
+    no leakage: each plan of the path also enters with all of them at each candidate in turn (their
+    size and utility trade, e.g. for a ``max_bits`` budget)."""
+    na = G if n_assessed is None else n_assessed
     cost = du if lower else -du
     cur = tuple(int(cost[g].argmin()) for g in range(G))
+    path = [cur]
     lk, _, _ = evaluate(cur)
-    for _ in range(G * C):
+    for _ in range(na * C):
         best, best_rate = None, -math.inf
-        for g in range(G):
+        for g in range(na):
             for c in range(C):
                 if c == cur[g]:
                     continue
@@ -1215,6 +1236,11 @@ def _greedy(evaluate: Callable[[tuple[int, ...]], tuple[float, float, float]], G
                 if rate > best_rate:
                     best, best_rate = nxt, rate
         if best is None:
-            return
+            break
         cur = best
+        path.append(cur)
         lk = evaluate(cur)[0]
+    if na < G:
+        for k in path:
+            for c in range(C):
+                evaluate(k[:na] + (c,) * (G - na))

@@ -669,3 +669,47 @@ def test_a_plan_swap_or_choice_inside_the_intervals_is_said_to_be_no_ranking(set
     line = next(ln for ln in res.table().splitlines() if ln.startswith(f"{NOT_RANKED}: {res.chosen.name} and "))
     assert all(f"{k} (leakage" in line for k in res.not_ranked_against)
     assert res.to_dict()["not_ranked_against"] == res.not_ranked_against
+
+
+def test_a_frozen_layer_is_planned_as_the_release_quantizes_it(setup):
+    """pl44: every scheme quantizes the whole model in its scored copy (fz44), a frozen layer
+    too; the plans left it in float (a uniform choice's row quantized it while ``res.scheme``,
+    the release to apply, did not: the reported utility and size were not those of the model
+    shipped). Now each plan assigns the frozen layer a candidate (its size and utility count, not
+    its leakage), ``res.scheme`` applied gives the reported utility exactly, and ``bits_per_weight``
+    / ``max_bits`` are the whole model's (the report's model b/w)."""
+    import copy
+
+    from mis_lightning.planning import PlanInfeasibleError, check_size_budget
+
+    model0, tr, va, _, _ = setup
+    model = copy.deepcopy(model0)
+    model[0].requires_grad_(False)  # a frozen first layer (72 of the 241 weights)
+    est = run_estimation(model, tr, loss, EstimationConfig(weight_decay=WD))
+    assert "0.weight" not in est.names
+    res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_utility_loss=0.05,
+               weight_decay=WD, uncertainty_draws=0, reassess=1, method="clt")
+    assert res.scheme.scheme_for("0.weight") is not None and "0.weight" in res.chosen.choices
+    shipped = res.scheme.apply(model)
+    assert "0.weight" in shipped.grids
+    with torch.no_grad():
+        per = torch.cat([loss(shipped.model(x), y) for x, y in va])
+    assert res.utility == pytest.approx(float(per.mean()), rel=1e-6)  # the model shipped
+    whole = sum(p.numel() * (shipped.grids[k].bits_per_weight if k in shipped.grids else 32)
+                for k, p in model.named_parameters()) / sum(p.numel() for p in model.parameters())
+    assert res.bits_per_weight == pytest.approx(whole, rel=1e-9)
+    for row in res.rows():  # every row's size is the whole model's, as the report's model b/w
+        assert row["bits_per_weight"] == pytest.approx(res.report.schemes[row["name"]].model_bits_per_weight, rel=1e-9)
+    # max_bits reads the whole model: int2 everywhere (the fewest bits of these candidates) is the
+    # whole model's least size, above the assessed weights' least here (the frozen layer's 12
+    # float biases and per-row scales over 6 inputs): a budget between the two is refused before
+    # the estimation pass (the assessed weights alone would meet it), one above both is met
+    g2 = get_scheme("rtn_int2").apply(model).grids
+    size = lambda names: sum(p.numel() * (g2[k].bits_per_weight if k in g2 else 32)  # noqa: E731
+                             for k, p in model.named_parameters() if k in names) / sum(
+        p.numel() for k, p in model.named_parameters() if k in names)
+    fewest_whole, fewest_assessed = size(dict(model.named_parameters())), size(est.names)
+    assert fewest_whole > fewest_assessed + 0.5  # 8.61 against 6.94
+    check_size_budget(model, PlanConfig(candidates=CANDS, max_bits=fewest_whole + 0.1))  # reachable
+    with pytest.raises(PlanInfeasibleError, match="of the whole model"):
+        check_size_budget(model, PlanConfig(candidates=CANDS, max_bits=(fewest_whole + fewest_assessed) / 2))
