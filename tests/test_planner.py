@@ -273,6 +273,8 @@ def test_callback_plans_at_fit_end(tmp_path):
     pj = json.loads((tmp_path / "mis_plan.json").read_text())
     assert pj["leakage"] == pytest.approx(cb.plan_result.report.schemes[cb.plan_result.chosen.name].leakage)
     assert (tmp_path / "mis_plan.png").is_file()
+    # pl44: the table too (a plan over its budget is marked and warned there, not only in the JSON)
+    assert (tmp_path / "mis_plan.md").read_text() == cb.plan_result.table() + "\n"
     with pytest.raises(KeyError):
         MISCallback(["rtn_int8"], plan={"candidates": ["rtn_int9"]})
 
@@ -533,6 +535,7 @@ def test_a_failed_plan_keeps_the_callbacks_report_and_plan_mistakes_fail_before_
     assert "rtn_int8" in json.loads((tmp_path / "mis_report.json").read_text())["schemes"]
     assert json.loads((tmp_path / "mis_plan.json").read_text())["error"].startswith("PlanInfeasibleError")
     assert cb.plan_error.startswith("PlanInfeasibleError") and not (tmp_path / "mis_plan.png").exists()
+    assert "target_mis=0.99999 is above the highest reachable MIS" in (tmp_path / "mis_plan.md").read_text()
     with pytest.raises(ValueError, match=r"utility_metric 'rmse' is not measured: the callback measures \['loss'\]"):
         MISCallback(["rtn_int8"], plan={"utility_metric": "rmse"})
     steps = []
