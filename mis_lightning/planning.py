@@ -191,7 +191,8 @@ class PlanPoint:
         leakage: the proxy's leakage (dimensionless, ``1 - MIS``).
         utility: predicted value of the utility metric.
         utility_loss: predicted relative utility loss versus the float model.
-        bits_per_weight: mean bits per assessed weight (exact: the grids' accounting).
+        bits_per_weight: mean bits per weight of the whole quantized model (exact: the grids' accounting;
+            a frozen layer counts at its candidate, pl44).
         name: the scheme's name when re-assessed; ``result``: its pipeline result then.
     """
 
