@@ -652,6 +652,31 @@ def test_a_choice_measured_over_the_budget_gives_way_before_reassessment(setup):
     assert "measured over max_utility_loss before re-assessment" in res.table()
 
 
+def test_the_pipeline_form_scores_every_plan_when_they_fit_its_budget(setup, monkeypatch):
+    """pl44's brute force: the correlated form ranked int2|int2|int8 (0.0990) below int2|int2|int3
+    (0.1000) while the independent form put it above, off its frontier: it was never scored by the
+    pipeline's form and a plan 1% leakier was chosen. The stage's budget (MAX_EXACT plans) is now
+    filled with the next plans by the independent form: here all 27 plans are scored by it (the
+    old code scored the independent form's frontier and the uniform plans only)."""
+    from mis_lightning import planning
+
+    model, tr, va, est, _ = setup
+    scored = set()
+    real = planning._Proxy.__call__
+
+    def spy(self, choice, draw_fraction=1.0):
+        scored.add(tuple(choice))
+        return real(self, choice, draw_fraction)
+
+    monkeypatch.setattr(planning._Proxy, "__call__", spy)
+    res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, weight_decay=WD, uncertainty_draws=0,
+               reassess=1, max_bits=12.0)
+    if not planning._Proxy(est, [{}], [], planning.ScoringConfig()).pipeline_form:
+        pytest.skip("the fixture's scoring has no correlation model or Monte Carlo form here")
+    assert len(scored) == 3 ** 3 <= planning.MAX_EXACT
+    assert res.within_budget
+
+
 def test_plan_table_says_which_utility_the_budget_reads_when_the_report_shows_another(setup):
     """fu25: the app's planner run printed the MIS table with rmse and the plan table and budget
     with loss (rmse^2 / 2), saying nothing; the plan table names the budget's metric then."""
