@@ -852,8 +852,10 @@ def plan(
             # brute force: int2|int2|int8 reads 0.0990 correlated, below int2|int2|int3's 0.1000,
             # while the independent form puts it above and off its frontier, so it was never
             # scored); the stage's budget of MAX_EXACT plans is filled with the next plans by the
-            # independent form's leakage
-            rest = sorted((k for k in ck if k not in set(front1)), key=lambda k: cheap[k][0])
+            # independent form's leakage, those meeting the budgets by the prediction first (by
+            # leakage alone the int2-heavy plans far over a utility budget took every place)
+            rest = sorted((k for k in ck if k not in set(front1)), key=lambda k: (
+                not _meets((cheap[k][0], uloss(cheap[k][1]), cheap[k][2]), cfg), cheap[k][0]))
             front1 += rest[: MAX_EXACT - len(front1)]
         keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
         seen = {k: (proxy(k[:n_assessed], SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
