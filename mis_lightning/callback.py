@@ -76,12 +76,15 @@ def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[s
 
 
 def lt_write_plan_failure(out: Path, exc: BaseException) -> Path:
-    """``<out>/mis_plan.json`` holding the planner's error (``error``, ``traceback``)."""
+    """``<out>/mis_plan.json`` holding the planner's error (``error``, ``traceback``), and the error
+    in ``mis_plan.md``."""
     import json
     import traceback
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "mis_plan.png").unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
+    # an earlier fit's table is not this one's: the error instead (it names the budget no plan meets)
+    (out / "mis_plan.md").write_text(f"planning failed: {type(exc).__name__}: {exc}\n")
     path = out / "mis_plan.json"
     path.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}",
                                 "traceback": "".join(traceback.format_exception(exc))}, indent=2))
@@ -89,7 +92,9 @@ def lt_write_plan_failure(out: Path, exc: BaseException) -> Path:
 
 
 def lt_write_plan(out: Path, result: PlanResult) -> Path:
-    """``<out>/mis_plan.json`` (:meth:`PlanResult.to_dict`) and ``mis_plan.png`` (the frontier)."""
+    """``<out>/mis_plan.json`` (:meth:`PlanResult.to_dict`), ``mis_plan.md`` (:meth:`PlanResult.table`:
+    the rows' roles, a plan over its budget marked and warned under it, as the app's ``plan.md``) and
+    ``mis_plan.png`` (the frontier)."""
     import json
 
     import matplotlib.pyplot as plt
@@ -100,6 +105,7 @@ def lt_write_plan(out: Path, result: PlanResult) -> Path:
     (out / "mis_plan.png").unlink(missing_ok=True)  # an earlier fit's frontier is not this one's
     path = out / "mis_plan.json"
     path.write_text(json.dumps(to_plain(result.to_dict()), indent=2))
+    (out / "mis_plan.md").write_text(result.table() + "\n")  # pl44: not only JSON
     plt.close(result.figure(str(out / "mis_plan.png")))
     return path
 
@@ -483,8 +489,11 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                         if w not in report.warnings:
                             rank_zero_warn(f"MISCallback: plan: {w}")
                     self.plan_path = lt_write_plan(out, self.plan_result)
-                    rank_zero_info(f"MISCallback: plan {self.plan_result.scheme.describe()['assignment']} "
-                                   f"(leakage {self.plan_result.leakage:.4g}); {self.plan_path}")
+                    pr = self.plan_result
+                    line = (f"MISCallback: plan {pr.scheme.describe()['assignment']} (leakage {pr.leakage:.4g}"
+                            + ("" if pr.within_budget else f", OUTSIDE the budget {pr.budget_text()} once "
+                               "re-assessed: see the warnings") + f"); {self.plan_path}, table in mis_plan.md")
+                    (rank_zero_info if pr.within_budget else rank_zero_warn)(line)
         except Exception as exc:
             if self.scoring_config.strict:
                 raise

@@ -123,7 +123,11 @@ class PlanConfig(CheckedFields):
         candidates: registry names (or scheme objects) to choose from per parameter.
         max_utility_loss: largest allowed relative utility loss versus the float model
             (``0.05``: the metric at most 5% worse); ``None``: no utility budget.
-        max_bits: largest mean bits per assessed weight (the report's ``bits_per_weight``).
+        max_bits: largest mean bits per weight of the whole quantized model, scales and float
+            parameters included (the report's ``model b/w``; its ``bits/w`` when every parameter
+            is assessed). A frozen backbone is quantized in the release and in every scored copy,
+            so the plan assigns it a candidate too (its size and utility count; its leakage is
+            not assessed).
         target_mis: with it, the plan minimises the size subject to ``MIS >= target_mis``
             (and the other budgets); without it, the plan minimises the leakage.
         utility_metric: the validation figure the budget applies to (``"loss"``: the mean
@@ -187,7 +191,8 @@ class PlanPoint:
         leakage: the proxy's leakage (dimensionless, ``1 - MIS``).
         utility: predicted value of the utility metric.
         utility_loss: predicted relative utility loss versus the float model.
-        bits_per_weight: mean bits per assessed weight (exact: the grids' accounting).
+        bits_per_weight: mean bits per weight of the whole quantized model (exact: the grids' accounting;
+            a frozen layer counts at its candidate, pl44).
         name: the scheme's name when re-assessed; ``result``: its pipeline result then.
     """
 
@@ -200,12 +205,16 @@ class PlanPoint:
     result: SchemeResult | None = None
 
     def reassessed(self, metric: str) -> dict[str, float] | None:
-        """The pipeline's ``{"leakage", "mis", "utility", "bits_per_weight"}``, or ``None``."""
+        """The pipeline's ``{"leakage", "mis", "utility", "bits_per_weight", "interval"}``, or
+        ``None``; ``bits_per_weight`` is the whole quantized model's (the report's ``model b/w``,
+        its assessed weights' ``bits/w`` when every parameter is assessed): the release's size,
+        which the plans' and ``max_bits`` are (pl44)."""
         r = self.result
         if r is None:
             return None
+        bits = r.model_bits_per_weight if r.model_bits_per_weight is not None else r.bits_per_weight
         return {"leakage": r.leakage, "mis": r.mis, "utility": r.utility.get(metric, math.nan),
-                "bits_per_weight": r.bits_per_weight, "interval": r.interval}
+                "bits_per_weight": bits, "interval": r.interval}
 
 
 class PlanInfeasibleError(ValueError):
@@ -234,7 +243,11 @@ class PlanResult:
             less than its error and that were measured: ``{"factor", "qualified", "checked":
             [{"choices", "predicted_utility", "predicted_utility_loss", "margin",
             "measured_utility", "measured_utility_loss", "reassessed", "name"}]}`` (``name``:
-            the report row of one re-assessed, else ``None``; docs/planner.md step 5).
+            the report row of one re-assessed, else ``None``; docs/planner.md step 5), and
+            ``"measured_over"``: the plans predicted within ``max_utility_loss`` that the search
+            preferred and whose real copy measured over it before any re-assessment (``[{"choices",
+            "predicted_utility", "predicted_utility_loss", "measured_utility",
+            "measured_utility_loss"}]``; pl44: passed over for the next plans by the objective).
         not_ranked_against: the re-assessed plans within the budget (report rows) whose
             leakage the chosen plan's is not ranked beyond their 80% intervals
             (:func:`~mis_lightning.report.unranked_groups`' rule): as safe within the figures'
@@ -365,6 +378,13 @@ class PlanResult:
             lines.append(f"\nnear the budget (predicted utility loss over max_utility_loss by less than the "
                          f"additive prediction's error, {self.near_budget['factor']:.3g} x the summed per-layer "
                          f"changes): {what}")
+        over = (self.near_budget or {}).get("measured_over") or []
+        if over:  # plans the search preferred, measured over the budget before any re-assessment (pl44)
+            what = "; ".join(f"{', '.join(f'{k}={v}' for k, v in c['choices'].items())}: predicted "
+                             f"{c['predicted_utility_loss']:+.3%}, measured {c['measured_utility_loss']:+.3%}"
+                             for c in over)
+            lines.append(f"\nmeasured over max_utility_loss before re-assessment (predicted within it; passed "
+                         f"over for the next plans by the objective): {what}")
         lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
                      f"budget: {budget}. \"predicted\": the search's proxy; the other columns: the "
                      "pipeline's re-assessment of the real quantized copy.")
@@ -747,13 +767,15 @@ def plan(
     params = dict(model.named_parameters())
     done = 0
     for c in calibrated:
-        qres = c.apply(model, params=est.names)
+        # the whole model, as the pipeline's scored copies (fz44) and the release: a frozen backbone
+        # (or a parameter params= leaves out) is quantized too, so it is planned too (pl44)
+        qres = c.apply(model)
         ks, ms, bs = {}, {}, {}
         for name, g in qres.grids.items():
+            bs[name] = g.bits_per_weight * params[name].numel()
             if name not in est.theta:
-                continue
+                continue  # not assessed: its size and utility count, its leakage is not scored
             ks[name], ms[name], _ = _grid_moments(g, est.theta[name], est.sigma[name], DEFAULT_CHUNK)
-            bs[name] = g.bits_per_weight * est.theta[name].numel()
         kappas.append(ks)
         m4s.append(ms)
         bits.append(bs)
@@ -763,21 +785,24 @@ def plan(
         done += 1
         if progress is not None:
             progress("plan", done)
-    for name in est.names:
-        p = params[name]
+    for name, p in params.items():
         float_bits[name] = _dtype_bits(p) * p.numel()
+    # The groups: the assessed parameters some candidate quantizes (their choice moves the leakage),
+    # then the others some candidate quantizes (a frozen backbone: only the utility and the size).
     groups = [n for n in est.names if any(n in k for k in kappas)]
     if not groups:
         raise ValueError(f"no candidate ({[c.name for c in cands]}) quantizes any assessed parameter "
                          f"({est.names}): nothing to plan")
+    n_assessed = len(groups)
+    groups += [n for n in params if n not in est.theta and any(n in b for b in bits)]
     C = len(cands)
     # Measured utility change of each (group, candidate): only that parameter quantized.
     du = torch.zeros(len(groups), C, dtype=torch.float64)
     for gi, g in enumerate(groups):
         for ci, c in enumerate(calibrated):
-            if g not in kappas[ci]:
+            if g not in bits[ci]:
                 continue  # the candidate leaves it in float: no change
-            qm = MixedPrecisionScheme({g: c}, name=f"probe:{g}={c.name}").apply(model, params=est.names).model
+            qm = MixedPrecisionScheme({g: c}, name=f"probe:{g}={c.name}").apply(model).model
             du[gi, ci] = measure(qm)[metric] - float_u[metric]
             del qm
             done += 1
@@ -785,12 +810,13 @@ def plan(
                 progress("plan", done)
     gbits = torch.tensor([[bits[ci].get(g, float_bits[g]) for ci in range(C)] for g in groups], dtype=torch.float64)
     other_bits = sum(v for k, v in float_bits.items() if k not in groups)
-    d = est.d
+    d = sum(p.numel() for p in params.values())  # bits per weight of the whole model (the release)
     seconds["candidates"] = time.perf_counter() - t0
 
     # Step 3: search with the proxy.
     t0 = time.perf_counter()
-    proxy = _Proxy(est, kappas, groups, sc_cfg, m4s=m4s, grids=grids if keep_grids else None)
+    # the proxy reads the assessed groups' choices only (the first n_assessed of a plan's key)
+    proxy = _Proxy(est, kappas, groups[:n_assessed], sc_cfg, m4s=m4s, grids=grids if keep_grids else None)
     cheap: dict[tuple[int, ...], tuple[float, float, float]] = {}
 
     def uloss(u: float) -> float:
@@ -800,7 +826,7 @@ def plan(
         if choice not in cheap:
             u = float_u[metric] + float(du[torch.arange(len(groups)), list(choice)].sum())
             b = (other_bits + float(gbits[torch.arange(len(groups)), list(choice)].sum())) / d
-            cheap[choice] = (proxy.independent(choice), u, b)
+            cheap[choice] = (proxy.independent(choice[:n_assessed]), u, b)
         return cheap[choice]
 
     # Stage 1 with the independent form (additive over parameters: every plan or a greedy path).
@@ -809,7 +835,7 @@ def plan(
         for choice in itertools.product(range(C), repeat=len(groups)):
             evaluate(choice)
     else:
-        _greedy(evaluate, len(groups), C, du, lower)
+        _greedy(evaluate, len(groups), C, du, lower, n_assessed)
     for ci in range(C):  # the uniform plans always enter the comparison
         evaluate(tuple([ci] * len(groups)))
     # Stage 2: the pipeline's own form (correlated: a d x d or factor solve per plan) on the
@@ -821,8 +847,18 @@ def plan(
         front1 = [ck[i] for i in _pareto([(cheap[k][0], uloss(cheap[k][1]), cheap[k][2]) for k in ck])]
         if len(front1) > MAX_EXACT:
             front1 = [front1[round(i * (len(front1) - 1) / (MAX_EXACT - 1))] for i in range(MAX_EXACT)]
+        else:
+            # pl44: the correlated form can order plans otherwise than the independent one (a
+            # brute force: int2|int2|int8 reads 0.0990 correlated, below int2|int2|int3's 0.1000,
+            # while the independent form puts it above and off its frontier, so it was never
+            # scored); the stage's budget of MAX_EXACT plans is filled with the next plans by the
+            # independent form's leakage, those meeting the budgets by the prediction first (by
+            # leakage alone the int2-heavy plans far over a utility budget took every place)
+            rest = sorted((k for k in ck if k not in set(front1)), key=lambda k: (
+                not _meets((cheap[k][0], uloss(cheap[k][1]), cheap[k][2]), cfg), cheap[k][0]))
+            front1 += rest[: MAX_EXACT - len(front1)]
         keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
-        seen = {k: (proxy(k, SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
+        seen = {k: (proxy(k[:n_assessed], SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
     keys = list(seen)
     pts = [(seen[k][0], uloss(seen[k][1]), seen[k][2]) for k in keys]
     front_idx = _pareto(pts)
@@ -837,6 +873,37 @@ def plan(
         raise PlanInfeasibleError(_infeasible_message(pts, cfg))
     pts_f = [pts[i] for i in feasible]
     best = feasible[_best(pts_f, cfg)]
+    measured: dict[tuple[int, ...], float] = {}  # plan -> its real copy's utility (one pass each)
+
+    def measure_key(k: tuple[int, ...]) -> float:
+        if k not in measured:
+            measured[k] = measure(MixedPrecisionScheme(
+                {g: calibrated[c] for g, c in zip(groups, k)}, name="budget check").apply(model).model)[metric]
+        return measured[k]
+
+    # pl44: the predicted utility adds per-layer changes and misses the real copy's by a lot where
+    # layers interact (a brute force over every plan: +228% predicted, +252% measured against a
+    # 251% budget); a choice and runner-ups re-assessed over the budget left the release to a
+    # uniform candidate 5-19% leakier than the best plan. So the plans predicted within the budget
+    # are measured (one validation pass each) in the objective's order before any is re-assessed:
+    # the first `reassess` measured within it are the search's choice and runner-ups, at most
+    # NEAR_BUDGET_CHECKS x reassess measurements (none within: the search's choice as before).
+    ranked = sorted(range(len(pts_f)), key=lambda i: _objective(pts_f[i], cfg))
+    found: list[int] = []
+    measured_over: list[dict[str, Any]] = []
+    if cfg.max_utility_loss is not None:
+        for i in [best, *(feasible[j] for j in ranked if feasible[j] != best)][: NEAR_BUDGET_CHECKS * cfg.reassess]:
+            u = measure_key(keys[i])
+            if uloss(u) <= cfg.max_utility_loss:
+                found.append(i)
+                if len(found) >= cfg.reassess:
+                    break
+            else:
+                measured_over.append({"choices": {g: cands[c].name for g, c in zip(groups, keys[i])},
+                                      "predicted_utility": seen[keys[i]][1], "predicted_utility_loss": pts[i][1],
+                                      "measured_utility": u, "measured_utility_loss": uloss(u)})
+        if found:
+            best = found[0]
     frontier_keys = sorted({keys[i] for i in front_idx} | {keys[best]}, key=lambda k: seen[k][0])
     # A uniform plan is the uniform candidate itself (scored below anyway): one PlanPoint, never
     # re-assessed twice, also when it is the chosen plan.
@@ -856,9 +923,11 @@ def plan(
     # plan the proxy has dominated by a hair can be the better one (fu19/vf19 D2: int3 + int3 HQQ,
     # better on all three figures than uniform int3 HQQ once re-assessed); the re-assessed ones
     # join PlanResult.frontier.
-    ranked = sorted(range(len(pts_f)), key=lambda i: _objective(pts_f[i], cfg))
-    runner_keys = [keys[feasible[i]] for i in ranked
-                   if keys[feasible[i]] not in uniform_keys and keys[feasible[i]] != keys[best]][: cfg.reassess - 1]
+    if found:  # measured within the budget (above)
+        runner_keys = [keys[i] for i in found if keys[i] not in uniform_keys and i != best][: cfg.reassess - 1]
+    else:
+        runner_keys = [keys[feasible[i]] for i in ranked
+                       if keys[feasible[i]] not in uniform_keys and keys[feasible[i]] != keys[best]][: cfg.reassess - 1]
     pick = [points.setdefault(k, point(k)) for k in runner_keys]
     if any(k not in frontier_keys for k in runner_keys):
         frontier_keys = sorted(set(frontier_keys) | set(runner_keys), key=lambda k: seen[k][0])
@@ -868,11 +937,9 @@ def plan(
     # (vf19: a plan predicted at +1.34% against a 1% budget measured +0.64% and was the best
     # one; it was never re-assessed): measured, and re-assessed when within the budget.
     t0 = time.perf_counter()
-    near = _near_budget(cfg, keys, pts, seen, groups, du, uniform_keys, to_assess, chosen,
-                        lambda k: measure(MixedPrecisionScheme(
-                            {g: calibrated[c] for g, c in zip(groups, k)}, name="near-budget check").apply(
-                                model, params=est.names).model)[metric],
+    near = _near_budget(cfg, keys, pts, seen, groups, du, uniform_keys, to_assess, chosen, measure_key,
                         uloss, float_u[metric], cands)
+    near["measured_over"] = measured_over
     if near["factor"] is not None:  # utilities measured (docs/planner.md "Cost")
         seconds["near_budget"] = time.perf_counter() - t0
     extra_keys = [tuple(c["key"]) for c in near["checked"] if c["reassessed"]]
@@ -1014,9 +1081,10 @@ def plan(
 
 def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) -> None:
     """Raise before any training or estimation when ``config.max_bits`` is below the fewest
-    bits per weight any plan over the candidates reaches: each assessed parameter at its
-    smallest candidate (bits per weight depend on the shapes and the schemes, not on the
-    trained values). A no-op without ``max_bits``.
+    bits per weight any plan over the candidates reaches: each parameter of the whole model
+    (assessed or not: a frozen backbone is quantized in the release too) at its smallest
+    candidate (bits per weight depend on the shapes and the schemes, not on the trained values).
+    A no-op without ``max_bits``.
 
     Raises:
         PlanInfeasibleError: naming the budget and the fewest reachable bits per weight.
@@ -1024,12 +1092,13 @@ def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) 
     """
     if config.max_bits is None:
         return
-    names = select_params(model, params)
+    select_params(model, params)  # an unknown name in params= fails here, as in assess
     named = dict(model.named_parameters())
+    names = list(named)  # the whole release (pl44), whatever params= assesses
     fewest = {n: float(_dtype_bits(named[n])) for n in names}  # bits per weight at its smallest candidate
     for scheme in resolve_schemes(config.candidates):
         try:
-            grids = scheme.apply(model, params=names).grids
+            grids = scheme.apply(model).grids
         except Exception:  # noqa: BLE001 - a candidate that cannot run here is the planner's error row
             continue
         for n, g in grids.items():
@@ -1042,8 +1111,8 @@ def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) 
         raise PlanInfeasibleError(
             f"no plan over the candidates {cands} meets the budget (max_utility_loss={config.max_utility_loss}, "
             f"max_bits={config.max_bits}, target_mis={config.target_mis}): max_bits={config.max_bits} is below the "
-            f"fewest reachable bits per weight {best:.4g} (every assessed parameter at its smallest candidate, "
-            "scales included); loosen it or add candidates")
+            f"fewest reachable bits per weight {best:.4g} of the whole model (every parameter at its smallest "
+            "candidate, scales included); loosen it or add candidates")
 
 
 def _requantized(result: SchemeResult | None) -> str:
@@ -1192,16 +1261,21 @@ def _infeasible_message(pts: list[tuple[float, float, float]], cfg: PlanConfig) 
 
 
 def _greedy(evaluate: Callable[[tuple[int, ...]], tuple[float, float, float]], G: int, C: int,
-            du: Tensor, lower: bool) -> None:
+            du: Tensor, lower: bool, n_assessed: int | None = None) -> None:
     """A greedy path: from each parameter's candidate of least utility cost, repeatedly take the
-    single-parameter change with the largest leakage drop per unit of added utility cost (free
-    drops first); every plan evaluated on the way enters the pool."""
+    single-parameter change among the first ``n_assessed`` groups (the assessed ones; default all)
+    with the largest leakage drop per unit of added utility cost (free drops first); every plan
+    evaluated on the way enters the pool. The other groups (not assessed: a frozen backbone) move
+    no leakage: each plan of the path also enters with all of them at each candidate in turn (their
+    size and utility trade, e.g. for a ``max_bits`` budget)."""
+    na = G if n_assessed is None else n_assessed
     cost = du if lower else -du
     cur = tuple(int(cost[g].argmin()) for g in range(G))
+    path = [cur]
     lk, _, _ = evaluate(cur)
-    for _ in range(G * C):
+    for _ in range(na * C):
         best, best_rate = None, -math.inf
-        for g in range(G):
+        for g in range(na):
             for c in range(C):
                 if c == cur[g]:
                     continue
@@ -1215,6 +1289,11 @@ def _greedy(evaluate: Callable[[tuple[int, ...]], tuple[float, float, float]], G
                 if rate > best_rate:
                     best, best_rate = nxt, rate
         if best is None:
-            return
+            break
         cur = best
+        path.append(cur)
         lk = evaluate(cur)[0]
+    if na < G:
+        for k in path:
+            for c in range(C):
+                evaluate(k[:na] + (c,) * (G - na))
