@@ -770,8 +770,12 @@ class LossProgram:
             return self.loss_fn(self.outputs(p, x), y).sum()
 
         def finite(x: Any, y: Any) -> list[str]:
-            grads = grad(total)(self.params, x, y)
-            return [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
+            # plain autograd, not torch.func.grad: its first use imports torch._dynamo (~1 s CPU,
+            # pf30) in an estimation that otherwise never needs it
+            p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+            with torch.enable_grad():
+                grads = torch.autograd.grad(total(p, x, y), list(p.values()), allow_unused=True)
+            return [n for n, g in zip(p, grads) if g is not None and not bool(torch.isfinite(g).all())]
 
         first = torch.utils._pytree.tree_map(lambda t: t[:k] if isinstance(t, Tensor) and t.dim() else t,
                                              (inputs, targets))
