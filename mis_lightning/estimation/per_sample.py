@@ -770,7 +770,15 @@ class LossProgram:
             return self.loss_fn(self.outputs(p, x), y).sum()
 
         def finite(x: Any, y: Any) -> list[str]:
-            grads = grad(total)(self.params, x, y)
+            # plain autograd first: torch.func's grad imports torch._dynamo on its first call in a
+            # process (~1 s CPU where no optimizer ran; pf30, tests/test_fresh_process.py)
+            try:
+                with torch.enable_grad():
+                    leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+                    got = torch.autograd.grad(total(leaves, x, y), list(leaves.values()), allow_unused=True)
+                grads = {n: g for n, g in zip(leaves, got) if g is not None}
+            except RuntimeError:  # e.g. inference tensors under a validation loop's inference mode
+                grads = grad(total)(self.params, x, y)
             return [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
 
         first = torch.utils._pytree.tree_map(lambda t: t[:k] if isinstance(t, Tensor) and t.dim() else t,
