@@ -770,12 +770,16 @@ class LossProgram:
             return self.loss_fn(self.outputs(p, x), y).sum()
 
         def finite(x: Any, y: Any) -> list[str]:
-            # plain autograd, not torch.func.grad: its first use imports torch._dynamo (~1 s CPU,
-            # pf30) in an estimation that otherwise never needs it
-            p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
-            with torch.enable_grad():
-                grads = torch.autograd.grad(total(p, x, y), list(p.values()), allow_unused=True)
-            return [n for n, g in zip(p, grads) if g is not None and not bool(torch.isfinite(g).all())]
+            # plain autograd first: torch.func's grad imports torch._dynamo on its first call in a
+            # process (~1 s CPU where no optimizer ran; pf30, tests/test_fresh_process.py)
+            try:
+                with torch.enable_grad():
+                    leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+                    got = torch.autograd.grad(total(leaves, x, y), list(leaves.values()), allow_unused=True)
+                grads = {n: g for n, g in zip(leaves, got) if g is not None}
+            except RuntimeError:  # e.g. inference tensors under a validation loop's inference mode
+                grads = grad(total)(self.params, x, y)
+            return [n for n, g in grads.items() if not bool(torch.isfinite(g).all())]
 
         first = torch.utils._pytree.tree_map(lambda t: t[:k] if isinstance(t, Tensor) and t.dim() else t,
                                              (inputs, targets))
