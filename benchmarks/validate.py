@@ -153,7 +153,7 @@ def coverage_grids(s: GT.Setting) -> list:
 # its Monte Carlo error (sd 1.6%, shared by every grid of a setting, then unreported) put setting
 # 1's truths 2.1-2.8% low (seed 0's records read E c 2.1% low; docs/benchmarks.md, section
 # cov43); 64,000 leave 0.4% for ~2 s per grid
-COVERAGE_ORACLE_RECORDS = 64_000
+ORACLE_RECORDS = 64_000
 # Targets of the absmax truths in d = 2: estimates on blocks of 32 targets spread by 4.5% (sd; more
 # than their bootstrap intervals say), of the order of the intervals' half width (~6%); the
 # 32-target rtn_int8 truth read 5.7% low on its targets alone. In d = 2 the other weight's box
@@ -168,9 +168,9 @@ def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int) -> float:
     absmax releases the scale's given-away weight enters as a density). Until the seventh
     session's fix of the GHK simulator's tail mirroring it converged only on fine grids, and
     coarse grids used the LR test; absmax releases used it until the eighth session
-    (docs/validation.md). The control variate's mean over ``COVERAGE_ORACLE_RECORDS`` records;
+    (docs/validation.md). The control variate's mean over ``ORACLE_RECORDS`` records;
     absmax releases in ``d = 2`` on ``COVERAGE_ABSMAX_TARGETS_2D`` targets (4 draws: exact)."""
-    orc = COVERAGE_ORACLE_RECORDS
+    orc = ORACLE_RECORDS
     if s.d == 2 and isinstance(g, GT.StepGrid):
         return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)[0]
     if s.d == 2:
@@ -185,7 +185,10 @@ def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndar
     bracket's midpoint. About 10 min for the base fits at M = 10^6 on one core, 30 s per target."""
     from mis_lightning.groundtruth import logistic as LG
 
-    r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD)
+    r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD, oracle_records=ORACLE_RECORDS)
+    for g, grid in enumerate(grids):  # the truth's own 80% intervals over targets, for the record
+        print(f"    {grid.name}: " + ", ".join(f"{e} {r[e][g]:.5f} [{r[e + '_ci'][g, 0]:.5f}, {r[e + '_ci'][g, 1]:.5f}]"
+                                         for e in ("split", "test", "plug")), flush=True)
     return logistic_truth_from(r["split"], r["test"], r["plug"])
 
 
@@ -219,7 +222,7 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         ts = time.time()
         key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "") + (
             " absmax-exact" if model == "linear" and d >= 2 else "") + (" coupled" if model == "logistic" else "") + (
-            f" oracle={COVERAGE_ORACLE_RECORDS}" if model == "linear" else "") + (
+            f" oracle={ORACLE_RECORDS}") + (
             f" absmaxZ={COVERAGE_ABSMAX_TARGETS_2D}" if model == "linear" and d == 2 else "")
         bracket = None
         if key in cache:
@@ -233,11 +236,11 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
                 tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50,
-                                     oracle_records=COVERAGE_ORACLE_RECORDS)
+                                     oracle_records=ORACLE_RECORDS)
                 truth[lr] = tr.estimate
         else:
             tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False,
-                                 oracle_records=COVERAGE_ORACLE_RECORDS if model == "linear" else 4000)
+                                 oracle_records=ORACLE_RECORDS)
             truth = tr.estimate
         if truth_cache is not None and key not in cache:
             cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
