@@ -123,13 +123,32 @@ def curves(ns, seed=0):
     return out
 
 
+# Records behind the control variate's mean E_z c of every truth here (quick, full and coverage
+# runs): at the library's 4,000 its Monte Carlo error (sd 1.6%, shared by every grid of a setting,
+# then unreported) put setting 1's truths 2.1-2.8% low (seed 0's records read E c 2.1% low;
+# docs/benchmarks.md, section cov43); 64,000 leave 0.4% for ~0.4-2 s per grid
+ORACLE_RECORDS = 64_000
+# Targets of the exact truths in d = 2 (step grids and absmax releases): estimates on blocks of 32
+# targets spread by 4.5% (sd; more than their bootstrap intervals say), of the order of the
+# intervals' half width (~6%); 40 targets left the step truths' shared error at ~4% (cov43).
+# Exact whatever the draws (quadrature; the absmax's other box is 1-d): ~0.3 s per target and grid
+TRUTH_TARGETS_2D = 256
+# Targets and releases per target of the exact truths in d > 2 (exact_tv_ols, K = 40 designs, 64 GHK
+# draws): 32 targets of 1,500 releases left +-5%, as wide as the fine grids' intervals (cv5). The
+# release noise per target (~3% at 1,500, ~6% at 500) is small beside the spread over targets
+# (~25% per target after the control variate), so 4x the targets at a third of the releases cut
+# the error ~2x for ~1.3x the cost: ~1 CPU s per target and grid (docs/benchmarks.md, cov44)
+TRUTH_TARGETS_EXACT = 128
+TRUTH_RELEASES_EXACT = 500
+
+
 COVERAGE_PLAN = [
-    # model, d, n, rho, targets Z, datasets M (LR-test truth; exact truth for OLS step grids:
-    # ground_truth.exact_tv_ols_1d / _2d, and exact_tv_ols for d > 2 (Monte Carlo over releases))
-    # (the full plan takes ~20 min on 2 shared cores; --settings 0,1 ~7 min)
+    # model, d, n, rho, targets Z, releases M: the exact OLS truths (ground_truth.exact_tv_ols_1d /
+    # _2d in d = 1, 2: no Monte Carlo over releases, M unused; exact_tv_ols / _absmax in d > 2:
+    # M releases per target) and, logistic, M datasets; Z and M of d >= 2: TRUTH_TARGETS_* above
     ("linear", 1, 1000, 0.0, 30, 0),
-    ("linear", 2, 400, 0.5, 40, 0),
-    ("linear", 5, 1000, 0.5, 16, 3000),
+    ("linear", 2, 400, 0.5, TRUTH_TARGETS_2D, 0),
+    ("linear", 5, 1000, 0.5, TRUTH_TARGETS_EXACT, TRUTH_RELEASES_EXACT),
     # logistic: the coupled-arm truth (groundtruth/logistic.py: M = 10^6 datasets fitted once,
     # each target added by a Taylor solve); it replaced the LR-test lower bound of M = 12,000
     # independent datasets per target, whose noise (+-0.001) decided the fine grids' coverage
@@ -149,33 +168,29 @@ def coverage_grids(s: GT.Setting) -> list:
     return out + [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
 
 
-# Records behind the control variate's mean E_z c in the coverage truths: at the library's 4,000
-# its Monte Carlo error (sd 1.6%, shared by every grid of a setting, then unreported) put setting
-# 1's truths 2.1-2.8% low (seed 0's records read E c 2.1% low; docs/benchmarks.md, section
-# cov43); 64,000 leave 0.4% for ~2 s per grid
-ORACLE_RECORDS = 64_000
-# Targets of the absmax truths in d = 2: estimates on blocks of 32 targets spread by 4.5% (sd; more
-# than their bootstrap intervals say), of the order of the intervals' half width (~6%); the
-# 32-target rtn_int8 truth read 5.7% low on its targets alone. In d = 2 the other weight's box
-# given the released one is 1-d, exact by GHK whatever its draws: 256 targets, ~0.25 s each
-COVERAGE_ABSMAX_TARGETS_2D = 256
-
-
-def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int) -> float:
-    """Exact OLS truth of a step grid or an absmax release: step grids in d = 2 by
-    quadrature; otherwise ``exact_truth_ols`` (Gaussian laws given the design, Monte Carlo over
-    releases; 32 targets, K = 40, M = 1,500, 64 GHK draws: 80-105 s per grid on one core; for
-    absmax releases the scale's given-away weight enters as a density). Until the seventh
-    session's fix of the GHK simulator's tail mirroring it converged only on fine grids, and
-    coarse grids used the LR test; absmax releases used it until the eighth session
-    (docs/validation.md). The control variate's mean over ``ORACLE_RECORDS`` records;
-    absmax releases in ``d = 2`` on ``COVERAGE_ABSMAX_TARGETS_2D`` targets (4 draws: exact)."""
+def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int) -> tuple[float, tuple[float, float]]:
+    """Exact OLS truth of a step grid or an absmax release on ``Z`` targets, and its 80% interval
+    over targets: step grids in d = 2 by quadrature (K = 150 designs); otherwise
+    ``exact_truth_ols`` (Gaussian laws given the design, Monte Carlo over ``M`` releases per
+    target, K = 40, 64 GHK draws; 4 in d = 2, where the absmax release's other box is 1-d and GHK
+    exact; for absmax releases the scale's given-away weight enters as a density). Until the
+    seventh session's fix of the GHK simulator's tail mirroring it converged only on fine grids,
+    and coarse grids used the LR test; absmax releases used it until the eighth session
+    (docs/validation.md). The control variate's mean over ``ORACLE_RECORDS`` records."""
     orc = ORACLE_RECORDS
     if s.d == 2 and isinstance(g, GT.StepGrid):
-        return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)[0]
+        return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)
     if s.d == 2:
-        return GT.exact_truth_ols(s, g, Z=COVERAGE_ABSMAX_TARGETS_2D, K=40, M=1500, draws=4, oracle_records=orc)[0]
-    return GT.exact_truth_ols(s, g, Z=32, K=40, M=1500, draws=64, oracle_records=orc)[0]
+        return GT.exact_truth_ols(s, g, Z=Z, K=40, M=1500, draws=4, oracle_records=orc)
+    return GT.exact_truth_ols(s, g, Z=Z, K=40, M=M, draws=64, oracle_records=orc)
+
+
+def coverage_key(s: GT.Setting, Z: int, M: int) -> str:
+    """The truth cache's key of a coverage setting: what the truth depends on (its method,
+    targets, releases and the control variate's records), so that no other truth is reused."""
+    exact = " exact" if s.model == "linear" and s.d > 2 else ""
+    kind = " absmax-exact" if s.model == "linear" and s.d >= 2 else (" coupled" if s.model == "logistic" else "")
+    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={ORACLE_RECORDS}"
 
 
 def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,11 +235,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         s = GT.make_setting(model, d, n, rho=rho)
         grids = coverage_grids(s)
         ts = time.time()
-        key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "") + (
-            " absmax-exact" if model == "linear" and d >= 2 else "") + (" coupled" if model == "logistic" else "") + (
-            f" oracle={ORACLE_RECORDS}") + (
-            f" absmaxZ={COVERAGE_ABSMAX_TARGETS_2D}" if model == "linear" and d == 2 else "")
-        bracket = None
+        key = coverage_key(s, Z, M)
+        bracket = ci = None
         if key in cache:
             truth = np.array(cache[key], dtype=np.float64)
             if key + " bracket" in cache:
@@ -232,7 +244,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         elif model == "logistic":
             truth, bracket = _logistic_truth(s, grids, Z, M)
         elif model == "linear" and d >= 2:  # exact given the design (step grids and absmax releases)
-            truth = np.array([_exact_truth(s, g, Z) for g in grids])
+            res = [_exact_truth(s, g, Z, M) for g in grids]
+            truth, ci = np.array([r[0] for r in res]), np.array([r[1] for r in res])
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
                 tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50,
@@ -247,6 +260,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             cache[key] = truth.tolist()
             if bracket is not None:
                 cache[key + " bracket"] = bracket.tolist()
+            if ci is not None:
+                cache[key + " ci"] = ci.tolist()
             truth_cache.write_text(json.dumps(cache, indent=1))
         tt = time.time() - ts
         rng = np.random.default_rng([7, d, n])
