@@ -32,6 +32,26 @@ from mis_lightning.groundtruth import ground_truth as GT
 QUICK_MEDIAN_REL_ERR = 0.10
 QUICK_MIN_SPEARMAN = 0.6
 
+# The truths' sample sizes, declared once.
+# Records behind the control variate's mean E_z c of every truth here (quick, full and coverage
+# runs, the correlated designs): at the library's 4,000 its Monte Carlo error (sd 1.6%, shared
+# by every grid of a setting, then unreported) put setting 1's truths 2.1-2.8% low (seed 0's
+# records read E c 2.1% low; docs/benchmarks.md, section cov43); 64,000 leave 0.4% for ~0.4-2 s
+# per grid
+ORACLE_RECORDS = 64_000
+# Targets of the exact truths in d = 2 (step grids and absmax releases): estimates on blocks of 32
+# targets spread by 4.5% (sd; more than their bootstrap intervals say), of the order of the
+# intervals' half width (~6%); 40 targets left the step truths' shared error at ~4% (cov43).
+# Exact whatever the draws (quadrature; the absmax's other box is 1-d): ~0.3 s per target and grid
+TRUTH_TARGETS_2D = 256
+# Targets and releases per target of the exact truths in d > 2 (exact_tv_ols, K = 40 designs, 64 GHK
+# draws): 32 targets of 1,500 releases left +-5%, as wide as the fine grids' intervals (cv5). The
+# release noise per target (~3% at 1,500, ~8% at 300) is small beside the spread over targets
+# (~22% per target after the control variate), so 4x the targets at a fifth of the releases
+# halve the error for 0.8x the cost: ~0.6 CPU s per target and grid (docs/benchmarks.md, cov44)
+TRUTH_TARGETS_EXACT = 128
+TRUTH_RELEASES_EXACT = 300
+
 
 def grids_for(s: GT.Setting, positions: bool) -> list:
     sd = s.sd
@@ -56,7 +76,7 @@ def headline_mask(names: list[str], truth: np.ndarray, base: float) -> np.ndarra
 def run_setting(s, positions, Z, M, n_models, draws, seed=0, log=print):
     t0 = time.time()
     grids = grids_for(s, positions)
-    truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=seed, boot=300)
+    truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=seed, boot=300, oracle_records=ORACLE_RECORDS)
     t1 = time.time()
     cmp = C.compare(s, grids, truth, seed=seed, draws=draws, n_models=n_models)
     # unquantized baseline (oracle, large sample): relative-error floor
@@ -80,7 +100,7 @@ def correlated_block(n, Z, M, rhos, ds, log=print):
         for rho in rhos:
             s = GT.make_setting("linear", d, n, rho=rho, seed=3)
             grids = [GT.StepGrid(f"step{c:g}sd", s.sd * c) for c in (1, 2, 4)]
-            truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=1, boot=200)
+            truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=1, boot=200, oracle_records=ORACLE_RECORDS)
             rng = np.random.default_rng([9, d, int(10 * rho)])
             x, y = GT.draw_records(s, n, rng)
             th = C.fit(s, x, y)
@@ -121,25 +141,6 @@ def curves(ns, seed=0):
         out["step2sd"].append(float(v[1]))
         out["none"].append(float(base[0]))
     return out
-
-
-# Records behind the control variate's mean E_z c of every truth here (quick, full and coverage
-# runs): at the library's 4,000 its Monte Carlo error (sd 1.6%, shared by every grid of a setting,
-# then unreported) put setting 1's truths 2.1-2.8% low (seed 0's records read E c 2.1% low;
-# docs/benchmarks.md, section cov43); 64,000 leave 0.4% for ~0.4-2 s per grid
-ORACLE_RECORDS = 64_000
-# Targets of the exact truths in d = 2 (step grids and absmax releases): estimates on blocks of 32
-# targets spread by 4.5% (sd; more than their bootstrap intervals say), of the order of the
-# intervals' half width (~6%); 40 targets left the step truths' shared error at ~4% (cov43).
-# Exact whatever the draws (quadrature; the absmax's other box is 1-d): ~0.3 s per target and grid
-TRUTH_TARGETS_2D = 256
-# Targets and releases per target of the exact truths in d > 2 (exact_tv_ols, K = 40 designs, 64 GHK
-# draws): 32 targets of 1,500 releases left +-5%, as wide as the fine grids' intervals (cv5). The
-# release noise per target (~3% at 1,500, ~6% at 500) is small beside the spread over targets
-# (~25% per target after the control variate), so 4x the targets at a third of the releases cut
-# the error ~2x for ~1.3x the cost: ~1 CPU s per target and grid (docs/benchmarks.md, cov44)
-TRUTH_TARGETS_EXACT = 128
-TRUTH_RELEASES_EXACT = 500
 
 
 COVERAGE_PLAN = [
