@@ -242,6 +242,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             truth = np.array(cache[key], dtype=np.float64)
             if key + " bracket" in cache:
                 bracket = np.array(cache[key + " bracket"], dtype=np.float64)
+            if key + " ci" in cache:
+                ci = np.array(cache[key + " ci"], dtype=np.float64)
         elif model == "logistic":
             truth, bracket = _logistic_truth(s, grids, Z, M)
         elif model == "linear" and d >= 2:  # exact given the design (step grids and absmax releases)
@@ -251,11 +253,11 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             if lr:
                 tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50,
                                      oracle_records=ORACLE_RECORDS)
-                truth[lr] = tr.estimate
+                truth[lr], ci[lr] = tr.estimate, tr.ci
         else:
             tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False,
                                  oracle_records=ORACLE_RECORDS)
-            truth = tr.estimate
+            truth, ci = tr.estimate, tr.ci
         if truth_cache is not None and key not in cache:
             cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
             cache[key] = truth.tolist()
@@ -283,6 +285,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
                 rows_extra = {"truth_bracket": bracket[g].tolist(), "coverage_of_bracket_ends": ends}
             else:
                 rows_extra = {}
+            if ci is not None:  # the truth's own 80% interval over its targets
+                rows_extra["truth_ci"] = ci[g].tolist()
             rows.append({**rows_extra, "setting": s.label(), "grid": grid.name, "truth": float(truth[g]),
                          "coverage": float(cov[g]),
                          "regime": max(set(r[g] for r in regimes), key=[r[g] for r in regimes].count),
