@@ -534,7 +534,7 @@ def write_docs(out: Path, results, summary, corr_rows, curve, quick: bool) -> No
                         kd_med=f"{np.median(summary['kendall']):.2f}", kd_min=f"{np.min(summary['kendall']):.2f}",
                         sps_med=f"{np.median(summary['spearman_step']):.2f}", sps_min=f"{np.min(summary['spearman_step']):.2f}",
                         kds_med=f"{np.median(summary['kendall_step']):.2f}",
-                        nset=len(results), mode="quick" if quick else "full")]
+                        nset=len(results), mode="quick" if quick else "full", oracle_records=ORACLE_RECORDS)]
     md += coverage_section(results)
     md.append("## Per-setting tables\n")
     for r in results:
@@ -739,7 +739,7 @@ value:
   ~`sqrt(#codes/M)`; its bias is measured by the null arm and shown in the correlated table.
 * Averaging over `z`: the per-target values are combined with a control variate (the
   indicator's formula evaluated with the TRUE `theta*`, `Sigma`, `psi(z)`, whose mean over
-  `z ~ P` is computed on 4,000 fresh records), which removes most of the spread due to the
+  `z ~ P` is computed on {oracle_records:,} fresh records), which removes most of the spread due to the
   few targets; the interval is a bootstrap over targets (each target's value already averages
   its own `M` datasets, so both levels of noise are carried), 10%-90%.
 * Bias of the LR-test estimator, measured where the exact value exists (OLS `d = 1`, columns
