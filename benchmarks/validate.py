@@ -39,11 +39,14 @@ QUICK_MIN_SPEARMAN = 0.6
 # records read E c 2.1% low; docs/benchmarks.md, section cov43); 64,000 leave 0.4% for ~0.4-2 s
 # per grid
 ORACLE_RECORDS = 64_000
-# Targets of the exact truths in d = 2 (step grids and absmax releases): estimates on blocks of 32
-# targets spread by 4.5% (sd; more than their bootstrap intervals say), of the order of the
-# intervals' half width (~6%); 40 targets left the step truths' shared error at ~4% (cov43).
-# Exact whatever the draws (quadrature; the absmax's other box is 1-d): ~0.3 s per target and grid
-TRUTH_TARGETS_2D = 256
+# Targets of the exact truths in d = 2. Absmax releases: estimates on blocks of 32 targets spread
+# by 4.5% (sd; more than their bootstrap intervals say), of the order of the intervals' half width
+# (~6%; cov43); exact whatever the draws (the other weight's box is 1-d): 256 targets, ~0.25 s
+# each. Step grids (quadrature, K = 150, ~0.3 s per target and grid): 40; 640 fresh targets moved
+# the 1-, 4- and 8-sd boundary truths by < 0.3% and the 4-sd centre / quarter by +4% / -0.5%
+# (acc43); 256 would take ~1,150 CPU s (docs/benchmarks.md, cov44)
+TRUTH_TARGETS_2D_STEP = 40
+TRUTH_TARGETS_2D_ABSMAX = 256
 # Targets and releases per target of the exact truths in d > 2 (exact_tv_ols, K = 40 designs, 64 GHK
 # draws): 32 targets of 1,500 releases left +-5%, as wide as the fine grids' intervals (cv5). The
 # release noise per target (~3% at 1,500, ~8% at 300) is small beside the spread over targets
@@ -148,7 +151,7 @@ COVERAGE_PLAN = [
     # _2d in d = 1, 2: no Monte Carlo over releases, M unused; exact_tv_ols / _absmax in d > 2:
     # M releases per target) and, logistic, M datasets; Z and M of d >= 2: TRUTH_TARGETS_* above
     ("linear", 1, 1000, 0.0, 30, 0),
-    ("linear", 2, 400, 0.5, TRUTH_TARGETS_2D, 0),
+    ("linear", 2, 400, 0.5, TRUTH_TARGETS_2D_STEP, 0),
     ("linear", 5, 1000, 0.5, TRUTH_TARGETS_EXACT, TRUTH_RELEASES_EXACT),
     # logistic: the coupled-arm truth (groundtruth/logistic.py: M = 10^6 datasets fitted once,
     # each target added by a Taylor solve); it replaced the LR-test lower bound of M = 12,000
@@ -170,7 +173,8 @@ def coverage_grids(s: GT.Setting) -> list:
 
 
 def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int) -> tuple[float, tuple[float, float]]:
-    """Exact OLS truth of a step grid or an absmax release on ``Z`` targets, and its 80% interval
+    """Exact OLS truth of a step grid or an absmax release on ``Z`` targets (absmax releases in
+    d = 2: ``TRUTH_TARGETS_2D_ABSMAX``), and its 80% interval
     over targets: step grids in d = 2 by quadrature (K = 150 designs); otherwise
     ``exact_truth_ols`` (Gaussian laws given the design, Monte Carlo over ``M`` releases per
     target, K = 40, 64 GHK draws; 4 in d = 2, where the absmax release's other box is 1-d and GHK
@@ -182,7 +186,7 @@ def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int) -> tuple[float, tupl
     if s.d == 2 and isinstance(g, GT.StepGrid):
         return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)
     if s.d == 2:
-        return GT.exact_truth_ols(s, g, Z=Z, K=40, M=1500, draws=4, oracle_records=orc)
+        return GT.exact_truth_ols(s, g, Z=TRUTH_TARGETS_2D_ABSMAX, K=40, M=1500, draws=4, oracle_records=orc)
     return GT.exact_truth_ols(s, g, Z=Z, K=40, M=M, draws=64, oracle_records=orc)
 
 
@@ -191,7 +195,8 @@ def coverage_key(s: GT.Setting, Z: int, M: int) -> str:
     targets, releases and the control variate's records), so that no other truth is reused."""
     exact = " exact" if s.model == "linear" and s.d > 2 else ""
     kind = " absmax-exact" if s.model == "linear" and s.d >= 2 else (" coupled" if s.model == "logistic" else "")
-    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={ORACLE_RECORDS}"
+    absmax = f" absmaxZ={TRUTH_TARGETS_2D_ABSMAX}" if s.model == "linear" and s.d == 2 else ""
+    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={ORACLE_RECORDS}{absmax}"
 
 
 def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndarray, np.ndarray]:

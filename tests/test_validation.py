@@ -100,7 +100,7 @@ def test_exact_tv_absmax_matches_a_quadrature(bits):
 def test_absmax_truth_in_2d_does_not_depend_on_its_draws():
     """In ``d = 2`` the other weight's box given the released one is 1-d, whose GHK probability
     is exact (no uniform enters): the coverage study's absmax truths run at 4 draws
-    (benchmarks/validate.py, ``COVERAGE_ABSMAX_TARGETS_2D``) and must equal those at 64."""
+    (benchmarks/validate.py, ``TRUTH_TARGETS_2D_ABSMAX``) and must equal those at 64."""
     s = GT.make_setting("linear", 2, 400, rho=0.5)
     zx, zy = GT.draw_records(s, 1, np.random.default_rng(5))
     g = GT.AbsmaxGrid("rtn_int4", 4)
@@ -286,7 +286,7 @@ def test_coverage_truth_caches_hold_the_plan_s_truths():
     from pathlib import Path
 
     V = _validate_script()
-    assert V.ORACLE_RECORDS >= 64_000 and V.TRUTH_TARGETS_EXACT >= 100 and V.TRUTH_TARGETS_2D >= 256
+    assert V.ORACLE_RECORDS >= 64_000 and V.TRUTH_TARGETS_EXACT >= 100 and V.TRUTH_TARGETS_2D_ABSMAX >= 256
     figs = Path(__file__).resolve().parents[1] / "docs" / "figures"
     cache = {**json.loads((figs / "truth_linear_exact.json").read_text()),
              **json.loads((figs / "truth_logistic_coupled.json").read_text())}
