@@ -190,6 +190,24 @@ def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int) -> tuple[float, tupl
     return GT.exact_truth_ols(s, g, Z=Z, K=40, M=M, draws=64, oracle_records=orc)
 
 
+def _grid_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int, key: str, truth_cache: Path | None
+                ) -> tuple[float, tuple[float, float]]:
+    """``_exact_truth`` of one grid, read from / written to ``truth_cache`` under
+    ``"<key> | <grid>"`` (``[truth, lo, hi]``): a run that stops keeps the grids it finished, and
+    processes given the same cache can share a setting's grids (re-read before each grid)."""
+    gkey = f"{key} | {g.name}"
+    cache = json.loads(truth_cache.read_text()) if truth_cache is not None and truth_cache.exists() else {}
+    if gkey in cache:
+        v = cache[gkey]
+        return v[0], (v[1], v[2])
+    est, ci = _exact_truth(s, g, Z, M)
+    if truth_cache is not None:
+        cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
+        cache[gkey] = [est, ci[0], ci[1]]
+        truth_cache.write_text(json.dumps(cache, indent=1))
+    return est, ci
+
+
 def coverage_key(s: GT.Setting, Z: int, M: int) -> str:
     """The truth cache's key of a coverage setting: what the truth depends on (its method,
     targets, releases and the control variate's records), so that no other truth is reused."""
@@ -252,7 +270,7 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         elif model == "logistic":
             truth, bracket = _logistic_truth(s, grids, Z, M)
         elif model == "linear" and d >= 2:  # exact given the design (step grids and absmax releases)
-            res = [_exact_truth(s, g, Z, M) for g in grids]
+            res = [_grid_truth(s, g, Z, M, key, truth_cache) for g in grids]
             truth, ci = np.array([r[0] for r in res]), np.array([r[1] for r in res])
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
