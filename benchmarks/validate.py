@@ -1,7 +1,8 @@
 """Validate the MIS indicator against a simulated ground truth; regenerate docs/validation.md.
 
     python benchmarks/validate.py            # full run (< 30 min on 2 cores): docs + figures
-    python benchmarks/validate.py --quick    # reduced run (~4 min: 213 s, 169 CPU s, one thread, s42) with the headline check
+    python benchmarks/validate.py --quick    # reduced run (~4 min: 213 s, 169 CPU s, one thread, s42; the
+                                             # 64,000-record control variate since adds ~0.4 CPU s a grid) with the headline check
     python benchmarks/validate.py --coverage # coverage of the report's interval (~10 min)
 
 The quick mode writes nothing under docs/ unless ``--out`` is given; it exits non-zero if the
