@@ -822,9 +822,10 @@ OFF_TEXT = """## Where the indicator is off, and why
    the logistic model, where the bootstrap spread is nearly zero and the plug-in reads 1-2%
    below the truth (the first-order theory's error for the logistic MLE at n = 1000 and the
    plug-in `sigma`, `w`; neither is in the interval): 0.5-sd quarter 75%, `rtn_int4` 67%, every
-   miss below by 0.05-1.4%, as large as the 32-target truth's own unresolved error (~2-4%);
-   (b) coarse grids (4-8 sd) with theta* at a cell boundary (read ~0.7x, the report warns) or
-   centre (item 2): the interval is centred on the plug-in, which is biased for that one position. It is still not a full
+   miss below by 0.05-1.4%, of the order of the 32-target truth's own error (~1-2%); (b) coarse
+   grids (4-8 sd) with theta* at a cell boundary (read ~0.7x, the report warns) or centre
+   (item 2): the interval is centred on the plug-in, which is biased for that one position. It
+   is still not a full
    confidence interval: it does not carry the sampling error of `sigma` and `w`.
 4. **Small n / large d / logistic.** `d/n = 0.2` (d = 20, n = 100) is outside the asymptotic regime
    (the report flags `d_eff/n`); logistic MLE has an `O(1/n)` bias and non-Gaussian tails at
