@@ -1,7 +1,8 @@
 """Validate the MIS indicator against a simulated ground truth; regenerate docs/validation.md.
 
     python benchmarks/validate.py            # full run (< 30 min on 2 cores): docs + figures
-    python benchmarks/validate.py --quick    # reduced run (~4 min: 213 s, 169 CPU s, one thread, s42) with the headline check
+    python benchmarks/validate.py --quick    # reduced run (~4 min: 213 s, 169 CPU s, one thread, s42; the
+                                             # 64,000-record control variate since adds ~0.4 CPU s a grid) with the headline check
     python benchmarks/validate.py --coverage # coverage of the report's interval (~10 min)
 
 The quick mode writes nothing under docs/ unless ``--out`` is given; it exits non-zero if the
@@ -32,6 +33,29 @@ from mis_lightning.groundtruth import ground_truth as GT
 QUICK_MEDIAN_REL_ERR = 0.10
 QUICK_MIN_SPEARMAN = 0.6
 
+# The truths' sample sizes, declared once.
+# Records behind the control variate's mean E_z c of every truth here (quick, full and coverage
+# runs, the correlated designs): at the library's 4,000 its Monte Carlo error (sd 1.6%, shared
+# by every grid of a setting, then unreported) put setting 1's truths 2.1-2.8% low (seed 0's
+# records read E c 2.1% low; docs/benchmarks.md, section cov43); 64,000 leave 0.4% for ~0.4-2 s
+# per grid
+ORACLE_RECORDS = 64_000
+# Targets of the exact truths in d = 2. Absmax releases: estimates on blocks of 32 targets spread
+# by 4.5% (sd; more than their bootstrap intervals say), of the order of the intervals' half width
+# (~6%; cov43); exact whatever the draws (the other weight's box is 1-d): 256 targets, ~0.25 s
+# each. Step grids (quadrature, K = 150, ~0.3 s per target and grid): 40; 640 fresh targets moved
+# the 1-, 4- and 8-sd boundary truths by < 0.3% and the 4-sd centre / quarter by +4% / -0.5%
+# (acc43); 256 would take ~1,150 CPU s (docs/benchmarks.md, cov44)
+TRUTH_TARGETS_2D_STEP = 40
+TRUTH_TARGETS_2D_ABSMAX = 256
+# Targets and releases per target of the exact truths in d > 2 (exact_tv_ols, K = 40 designs, 64 GHK
+# draws): 32 targets of 1,500 releases left +-5%, as wide as the fine grids' intervals (cv5). The
+# release noise per target (~3% at 1,500, ~8% at 300) is small beside the spread over targets
+# (~22% per target after the control variate), so 4x the targets at a fifth of the releases
+# halve the error for 0.8x the cost: ~0.6 CPU s per target and grid (docs/benchmarks.md, cov44)
+TRUTH_TARGETS_EXACT = 128
+TRUTH_RELEASES_EXACT = 300
+
 
 def grids_for(s: GT.Setting, positions: bool) -> list:
     sd = s.sd
@@ -56,7 +80,7 @@ def headline_mask(names: list[str], truth: np.ndarray, base: float) -> np.ndarra
 def run_setting(s, positions, Z, M, n_models, draws, seed=0, log=print):
     t0 = time.time()
     grids = grids_for(s, positions)
-    truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=seed, boot=300)
+    truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=seed, boot=300, oracle_records=ORACLE_RECORDS)
     t1 = time.time()
     cmp = C.compare(s, grids, truth, seed=seed, draws=draws, n_models=n_models)
     # unquantized baseline (oracle, large sample): relative-error floor
@@ -80,7 +104,7 @@ def correlated_block(n, Z, M, rhos, ds, log=print):
         for rho in rhos:
             s = GT.make_setting("linear", d, n, rho=rho, seed=3)
             grids = [GT.StepGrid(f"step{c:g}sd", s.sd * c) for c in (1, 2, 4)]
-            truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=1, boot=200)
+            truth = GT.ground_truth(s, grids, Z=Z, M=M, seed=1, boot=200, oracle_records=ORACLE_RECORDS)
             rng = np.random.default_rng([9, d, int(10 * rho)])
             x, y = GT.draw_records(s, n, rng)
             th = C.fit(s, x, y)
@@ -124,12 +148,12 @@ def curves(ns, seed=0):
 
 
 COVERAGE_PLAN = [
-    # model, d, n, rho, targets Z, datasets M (LR-test truth; exact truth for OLS step grids:
-    # ground_truth.exact_tv_ols_1d / _2d, and exact_tv_ols for d > 2 (Monte Carlo over releases))
-    # (the full plan takes ~20 min on 2 shared cores; --settings 0,1 ~7 min)
+    # model, d, n, rho, targets Z, releases M: the exact OLS truths (ground_truth.exact_tv_ols_1d /
+    # _2d in d = 1, 2: no Monte Carlo over releases, M unused; exact_tv_ols / _absmax in d > 2:
+    # M releases per target) and, logistic, M datasets; Z and M of d >= 2: TRUTH_TARGETS_* above
     ("linear", 1, 1000, 0.0, 30, 0),
-    ("linear", 2, 400, 0.5, 40, 0),
-    ("linear", 5, 1000, 0.5, 16, 3000),
+    ("linear", 2, 400, 0.5, TRUTH_TARGETS_2D_STEP, 0),
+    ("linear", 5, 1000, 0.5, TRUTH_TARGETS_EXACT, TRUTH_RELEASES_EXACT),
     # logistic: the coupled-arm truth (groundtruth/logistic.py: M = 10^6 datasets fitted once,
     # each target added by a Taylor solve); it replaced the LR-test lower bound of M = 12,000
     # independent datasets per target, whose noise (+-0.001) decided the fine grids' coverage
@@ -149,33 +173,49 @@ def coverage_grids(s: GT.Setting) -> list:
     return out + [GT.AbsmaxGrid(f"rtn_int{b}", b) for b in (8, 4, 2)]
 
 
-# Records behind the control variate's mean E_z c in the coverage truths: at the library's 4,000
-# its Monte Carlo error (sd 1.6%, shared by every grid of a setting, then unreported) put setting
-# 1's truths 2.1-2.8% low (seed 0's records read E c 2.1% low; docs/benchmarks.md, section
-# cov43); 64,000 leave 0.4% for ~2 s per grid
-COVERAGE_ORACLE_RECORDS = 64_000
-# Targets of the absmax truths in d = 2: estimates on blocks of 32 targets spread by 4.5% (sd; more
-# than their bootstrap intervals say), of the order of the intervals' half width (~6%); the
-# 32-target rtn_int8 truth read 5.7% low on its targets alone. In d = 2 the other weight's box
-# given the released one is 1-d, exact by GHK whatever its draws: 256 targets, ~0.25 s each
-COVERAGE_ABSMAX_TARGETS_2D = 256
-
-
-def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int) -> float:
-    """Exact OLS truth of a step grid or an absmax release: step grids in d = 2 by
-    quadrature; otherwise ``exact_truth_ols`` (Gaussian laws given the design, Monte Carlo over
-    releases; 32 targets, K = 40, M = 1,500, 64 GHK draws: 80-105 s per grid on one core; for
-    absmax releases the scale's given-away weight enters as a density). Until the seventh
-    session's fix of the GHK simulator's tail mirroring it converged only on fine grids, and
-    coarse grids used the LR test; absmax releases used it until the eighth session
-    (docs/validation.md). The control variate's mean over ``COVERAGE_ORACLE_RECORDS`` records;
-    absmax releases in ``d = 2`` on ``COVERAGE_ABSMAX_TARGETS_2D`` targets (4 draws: exact)."""
-    orc = COVERAGE_ORACLE_RECORDS
+def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int) -> tuple[float, tuple[float, float]]:
+    """Exact OLS truth of a step grid or an absmax release on ``Z`` targets (absmax releases in
+    d = 2: ``TRUTH_TARGETS_2D_ABSMAX``), and its 80% interval
+    over targets: step grids in d = 2 by quadrature (K = 150 designs); otherwise
+    ``exact_truth_ols`` (Gaussian laws given the design, Monte Carlo over ``M`` releases per
+    target, K = 40, 64 GHK draws; 4 in d = 2, where the absmax release's other box is 1-d and GHK
+    exact; for absmax releases the scale's given-away weight enters as a density). Until the
+    seventh session's fix of the GHK simulator's tail mirroring it converged only on fine grids,
+    and coarse grids used the LR test; absmax releases used it until the eighth session
+    (docs/validation.md). The control variate's mean over ``ORACLE_RECORDS`` records."""
+    orc = ORACLE_RECORDS
     if s.d == 2 and isinstance(g, GT.StepGrid):
-        return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)[0]
+        return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)
     if s.d == 2:
-        return GT.exact_truth_ols(s, g, Z=COVERAGE_ABSMAX_TARGETS_2D, K=40, M=1500, draws=4, oracle_records=orc)[0]
-    return GT.exact_truth_ols(s, g, Z=32, K=40, M=1500, draws=64, oracle_records=orc)[0]
+        return GT.exact_truth_ols(s, g, Z=TRUTH_TARGETS_2D_ABSMAX, K=40, M=1500, draws=4, oracle_records=orc)
+    return GT.exact_truth_ols(s, g, Z=Z, K=40, M=M, draws=64, oracle_records=orc)
+
+
+def _grid_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int, key: str, truth_cache: Path | None
+                ) -> tuple[float, tuple[float, float]]:
+    """``_exact_truth`` of one grid, read from / written to ``truth_cache`` under
+    ``"<key> | <grid>"`` (``[truth, lo, hi]``): a run that stops keeps the grids it finished, and
+    processes given the same cache can share a setting's grids (re-read before each grid)."""
+    gkey = f"{key} | {g.name}"
+    cache = json.loads(truth_cache.read_text()) if truth_cache is not None and truth_cache.exists() else {}
+    if gkey in cache:
+        v = cache[gkey]
+        return v[0], (v[1], v[2])
+    est, ci = _exact_truth(s, g, Z, M)
+    if truth_cache is not None:
+        cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
+        cache[gkey] = [est, ci[0], ci[1]]
+        truth_cache.write_text(json.dumps(cache, indent=1))
+    return est, ci
+
+
+def coverage_key(s: GT.Setting, Z: int, M: int) -> str:
+    """The truth cache's key of a coverage setting: what the truth depends on (its method,
+    targets, releases and the control variate's records), so that no other truth is reused."""
+    exact = " exact" if s.model == "linear" and s.d > 2 else ""
+    kind = " absmax-exact" if s.model == "linear" and s.d >= 2 else (" coupled" if s.model == "logistic" else "")
+    absmax = f" absmaxZ={TRUTH_TARGETS_2D_ABSMAX}" if s.model == "linear" and s.d == 2 else ""
+    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={ORACLE_RECORDS}{absmax}"
 
 
 def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +225,10 @@ def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndar
     bracket's midpoint. About 10 min for the base fits at M = 10^6 on one core, 30 s per target."""
     from mis_lightning.groundtruth import logistic as LG
 
-    r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD)
+    r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD, oracle_records=ORACLE_RECORDS)
+    for g, grid in enumerate(grids):  # the truth's own 80% intervals over targets, for the record
+        print(f"    {grid.name}: " + ", ".join(f"{e} {r[e][g]:.5f} [{r[e + '_ci'][g, 0]:.5f}, {r[e + '_ci'][g, 1]:.5f}]"
+                                         for e in ("split", "test", "plug")), flush=True)
     return logistic_truth_from(r["split"], r["test"], r["plug"])
 
 
@@ -217,33 +260,35 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
         s = GT.make_setting(model, d, n, rho=rho)
         grids = coverage_grids(s)
         ts = time.time()
-        key = f"{s.label()} Z={Z} M={M}" + (" exact" if model == "linear" and d > 2 else "") + (
-            " absmax-exact" if model == "linear" and d >= 2 else "") + (" coupled" if model == "logistic" else "") + (
-            f" oracle={COVERAGE_ORACLE_RECORDS}" if model == "linear" else "") + (
-            f" absmaxZ={COVERAGE_ABSMAX_TARGETS_2D}" if model == "linear" and d == 2 else "")
-        bracket = None
+        key = coverage_key(s, Z, M)
+        bracket = ci = None
         if key in cache:
             truth = np.array(cache[key], dtype=np.float64)
             if key + " bracket" in cache:
                 bracket = np.array(cache[key + " bracket"], dtype=np.float64)
+            if key + " ci" in cache:
+                ci = np.array(cache[key + " ci"], dtype=np.float64)
         elif model == "logistic":
             truth, bracket = _logistic_truth(s, grids, Z, M)
         elif model == "linear" and d >= 2:  # exact given the design (step grids and absmax releases)
-            truth = np.array([_exact_truth(s, g, Z) for g in grids])
+            res = [_grid_truth(s, g, Z, M, key, truth_cache) for g in grids]
+            truth, ci = np.array([r[0] for r in res]), np.array([r[1] for r in res])
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
                 tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50,
-                                     oracle_records=COVERAGE_ORACLE_RECORDS)
-                truth[lr] = tr.estimate
+                                     oracle_records=ORACLE_RECORDS)
+                truth[lr], ci[lr] = tr.estimate, tr.ci
         else:
             tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False,
-                                 oracle_records=COVERAGE_ORACLE_RECORDS if model == "linear" else 4000)
-            truth = tr.estimate
+                                 oracle_records=ORACLE_RECORDS)
+            truth, ci = tr.estimate, tr.ci
         if truth_cache is not None and key not in cache:
             cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
             cache[key] = truth.tolist()
             if bracket is not None:
                 cache[key + " bracket"] = bracket.tolist()
+            if ci is not None:
+                cache[key + " ci"] = ci.tolist()
             truth_cache.write_text(json.dumps(cache, indent=1))
         tt = time.time() - ts
         rng = np.random.default_rng([7, d, n])
@@ -264,6 +309,8 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
                 rows_extra = {"truth_bracket": bracket[g].tolist(), "coverage_of_bracket_ends": ends}
             else:
                 rows_extra = {}
+            if ci is not None:  # the truth's own 80% interval over its targets
+                rows_extra["truth_ci"] = ci[g].tolist()
             rows.append({**rows_extra, "setting": s.label(), "grid": grid.name, "truth": float(truth[g]),
                          "coverage": float(cov[g]),
                          "regime": max(set(r[g] for r in regimes), key=[r[g] for r in regimes].count),
@@ -511,7 +558,7 @@ def write_docs(out: Path, results, summary, corr_rows, curve, quick: bool) -> No
                         kd_med=f"{np.median(summary['kendall']):.2f}", kd_min=f"{np.min(summary['kendall']):.2f}",
                         sps_med=f"{np.median(summary['spearman_step']):.2f}", sps_min=f"{np.min(summary['spearman_step']):.2f}",
                         kds_med=f"{np.median(summary['kendall_step']):.2f}",
-                        nset=len(results), mode="quick" if quick else "full")]
+                        nset=len(results), mode="quick" if quick else "full", oracle_records=ORACLE_RECORDS)]
     md += coverage_section(results)
     md.append("## Per-setting tables\n")
     for r in results:
@@ -716,7 +763,7 @@ value:
   ~`sqrt(#codes/M)`; its bias is measured by the null arm and shown in the correlated table.
 * Averaging over `z`: the per-target values are combined with a control variate (the
   indicator's formula evaluated with the TRUE `theta*`, `Sigma`, `psi(z)`, whose mean over
-  `z ~ P` is computed on 4,000 fresh records), which removes most of the spread due to the
+  `z ~ P` is computed on {oracle_records:,} fresh records), which removes most of the spread due to the
   few targets; the interval is a bootstrap over targets (each target's value already averages
   its own `M` datasets, so both levels of noise are carried), 10%-90%.
 * Bias of the LR-test estimator, measured where the exact value exists (OLS `d = 1`, columns
@@ -769,14 +816,16 @@ OFF_TEXT = """## Where the indicator is off, and why
    over positions (many weights) the bias cancels; the interval is what to read there.
 3. **The interval.** The report's interval is the bootstrap p10-p90 over where theta-hat
    falls in its cells, widened to contain the plug-in and by 1.28 standard errors of the
-   record average. Measured coverage (table "Coverage"): 80% and 76% for the linear settings
-   (nominal 80%), 39% for `logistic d=2 n=1000`. Where it falls short: (a) fine grids of the
-   logistic model, where the bootstrap spread is nearly zero and the plug-in of the
-   unquantized leakage is off by 2-5% (the logistic MLE's O(1/n) bias and the plug-in
-   `sigma`, `w`; neither is in the interval); there the truth's own 80% CI (~+-5% with 16
-   targets) is as wide as the gap, so part of the miss is the truth's noise, not the
-   interval's; (b) coarse grids with theta* at a cell centre (item 2): the interval is
-   centred on the plug-in, which is biased for that one position. It is still not a full
+   record average. Measured coverage (exact truths, 12 trainings per setting; section
+   "Coverage of the report's interval", cov44): 83-100% per grid for OLS `d = 1, 2, 5`
+   (nominal 80%), 67-100% for `logistic d=2 n=1000`. Where it falls short: (a) fine grids of
+   the logistic model, where the bootstrap spread is nearly zero and the plug-in reads 1-2%
+   below the truth (the first-order theory's error for the logistic MLE at n = 1000 and the
+   plug-in `sigma`, `w`; neither is in the interval): 0.5-sd quarter 75%, `rtn_int4` 67%, every
+   miss below by 0.05-1.4%, of the order of the 32-target truth's own error (~1-2%); (b) coarse
+   grids (4-8 sd) with theta* at a cell boundary (read ~0.7x, the report warns) or centre
+   (item 2): the interval is centred on the plug-in, which is biased for that one position. It
+   is still not a full
    confidence interval: it does not carry the sampling error of `sigma` and `w`.
 4. **Small n / large d / logistic.** `d/n = 0.2` (d = 20, n = 100) is outside the asymptotic regime
    (the report flags `d_eff/n`); logistic MLE has an `O(1/n)` bias and non-Gaussian tails at

@@ -100,7 +100,7 @@ def test_exact_tv_absmax_matches_a_quadrature(bits):
 def test_absmax_truth_in_2d_does_not_depend_on_its_draws():
     """In ``d = 2`` the other weight's box given the released one is 1-d, whose GHK probability
     is exact (no uniform enters): the coverage study's absmax truths run at 4 draws
-    (benchmarks/validate.py, ``COVERAGE_ABSMAX_TARGETS_2D``) and must equal those at 64."""
+    (benchmarks/validate.py, ``TRUTH_TARGETS_2D_ABSMAX``) and must equal those at 64."""
     s = GT.make_setting("linear", 2, 400, rho=0.5)
     zx, zy = GT.draw_records(s, 1, np.random.default_rng(5))
     g = GT.AbsmaxGrid("rtn_int4", 4)
@@ -261,3 +261,43 @@ def test_torchao_symmetric_grid_is_what_the_intx_scheme_releases(bits):
     assert np.array_equal(grid.codes.numpy().astype(np.float64), q)
     assert float(grid.scale.reshape(-1)[0]) == pytest.approx(float(scale[0, 0]), rel=1e-6)
     assert float(grid.support[1].reshape(-1)[0]) == pytest.approx(1.6, rel=1e-6)
+
+
+def _validate_script():
+    """``benchmarks/validate.py`` as a module (a script, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "validate.py"
+    spec = importlib.util.spec_from_file_location("_validate_script", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_coverage_truth_caches_hold_the_plan_s_truths():
+    """The coverage commands docs/validation.md cites rerun only the trainings: every setting of
+    ``COVERAGE_PLAN`` must find its truth, under the key of its current sample sizes (targets,
+    releases, the control variate's ``ORACLE_RECORDS``), in the cached files, one finite value
+    and an 80% interval holding it per grid. A changed sample size with no recomputed truth fails
+    (the key changes), as does a truth whose control-variate mean came from 4,000 records (no
+    ``oracle=64000`` in its key). Reads JSON only: no truth is recomputed."""
+    import json
+    from pathlib import Path
+
+    V = _validate_script()
+    assert V.ORACLE_RECORDS >= 64_000 and V.TRUTH_TARGETS_EXACT >= 100 and V.TRUTH_TARGETS_2D_ABSMAX >= 256
+    figs = Path(__file__).resolve().parents[1] / "docs" / "figures"
+    cache = {**json.loads((figs / "truth_linear_exact.json").read_text()),
+             **json.loads((figs / "truth_logistic_coupled.json").read_text())}
+    for model, d, n, rho, Z, M in V.COVERAGE_PLAN:
+        s = GT.make_setting(model, d, n, rho=rho)
+        key = V.coverage_key(s, Z, M)
+        assert f"oracle={V.ORACLE_RECORDS}" in key
+        assert key in cache, key
+        truth = np.asarray(cache[key])
+        assert truth.shape == (len(V.coverage_grids(s)),) and np.isfinite(truth).all(), key
+        for extra in (" ci", " bracket"):  # the truth's own 80% interval, or the logistic bracket
+            if key + extra in cache:
+                lo, hi = np.asarray(cache[key + extra]).T
+                assert np.all(lo <= truth) and np.all(truth <= hi), (key, extra)
