@@ -759,16 +759,21 @@ def test_a_batch_without_a_common_record_dimension_is_named_before_anything_runs
     assert trainer.global_step == 0  # before the first optimizer step
 
 
-def test_a_loss_normalised_over_the_batch_is_refused_with_the_per_record_cure():
-    # nu44b: a multi-task loss masked for missing labels and divided by the batch's count of
-    # observed labels (the usual training loss) mixes the records; the refusal named only the
-    # broadcasting cause. It now names this one and the per-record form.
+def _multitask_with_missing_labels():
+    """A 3-task logistic model and 60 records, 30% of their labels missing (NaN)."""
     torch.manual_seed(0)
     m = nn.Linear(4, 3)
     X = torch.randn(60, 4)
     y = (torch.rand(60, 3) < 0.4).float()
     y[torch.rand(60, 3) < 0.3] = float("nan")
-    dl = DataLoader(TensorDataset(X, y), batch_size=30)
+    return m, DataLoader(TensorDataset(X, y), batch_size=30)
+
+
+def test_a_loss_normalised_over_the_batch_is_refused_with_the_per_record_cure():
+    # nu44b: a multi-task loss masked for missing labels and divided by the batch's count of
+    # observed labels (the usual training loss) mixes the records; the refusal named only the
+    # broadcasting cause. It now names this one and the per-record form.
+    m, dl = _multitask_with_missing_labels()
 
     def over_the_batch(o, t):
         seen = ~t.isnan()
@@ -791,12 +796,7 @@ def test_a_loss_with_finite_values_but_nan_gradients_is_named_on_the_first_batch
     # losses, NaN gradients (0 x NaN). The exact sandwich failed in linalg.eigh ("ill-conditioned"),
     # the diagonal one said no record's gradient differs from the others'; the callback trained
     # first. Now every front end names the loss and the cure on the first batch.
-    torch.manual_seed(0)
-    m = nn.Linear(4, 3)
-    X = torch.randn(60, 4)
-    y = (torch.rand(60, 3) < 0.4).float()
-    y[torch.rand(60, 3) < 0.3] = float("nan")
-    dl = DataLoader(TensorDataset(X, y), batch_size=30)
+    m, dl = _multitask_with_missing_labels()
 
     def masked_after(o, t):
         seen = ~t.isnan()
@@ -814,5 +814,5 @@ def test_a_loss_with_finite_values_but_nan_gradients_is_named_on_the_first_batch
         with pytest.raises(ValueError, match=msg):
             ml.assess(m, ["rtn_int8"], dl, masked_after, estimation=estimation, uncertainty_draws=0, weight_decay=1e-2)
     with pytest.raises(ValueError, match=msg):
-        ml.MISIndicator(m, masked_after, ["rtn_int8"]).update(X[:30], y[:30])
+        ml.MISIndicator(m, masked_after, ["rtn_int8"]).update(*next(iter(dl)))
     ml.assess(m, ["rtn_int8"], dl, masked_before, uncertainty_draws=0, weight_decay=1e-2)
