@@ -67,6 +67,13 @@ class NoValidationStep(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    # the callback writes mis_report.json / mis_privacy_utility.png to the Trainer's default_root_dir,
+    # the working directory here: not the checkout's
+    monkeypatch.chdir(tmp_path)
+
+
 def _trainer(cb, **kw):
     return pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kw)
