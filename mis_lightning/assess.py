@@ -77,6 +77,8 @@ from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
 from .report import (
     CONSISTENCY_TOLERANCE,
+    CUTOFF_CHECK_FACTOR,
+    CUTOFF_SENSITIVITY_MAX,
     D_EFF_OVER_N_MAX,
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
@@ -1321,6 +1323,9 @@ def score_schemes(
     unstable = _floor_sensitivity(est, model, scheme_objs, cfg, report)
     if unstable:
         report.warnings.append(unstable)
+    cutoff_set = _cutoff_warning(report)
+    if cutoff_set:
+        report.warnings.append(cutoff_set)
     if diagnostics.get("interpolating"):
         report.warnings.append(
             "the model interpolates its training data (training loss ~0: the per-sample gradients are rounding, "
@@ -3430,6 +3435,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
                                    else F.with_spread(leak_independent, ref_t, est.leverage)).mean())
         notes.append(f"covariance: {rc.kind} correlation of the weights{fitted} "
                      f"(independent-coordinate value {independent_shown:.4g})")
+    cutoff = None if rc is None else _cutoff_check(est, rc, _kappa_vector(est, prep.kappa), n)
     leakage = float(leak.mean())  # first order (the interval is built around it)
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
@@ -3471,9 +3477,56 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
         pool_leakage=pool, covariance="independent" if rc is None else rc.kind,
         leakage_independent=None if rc is None else independent_shown, position_gap=position_gap,
+        cutoff_sensitivity=cutoff,
         model_bits_per_weight=prep.model_bits / max(prep.model_d, 1), model_d=prep.model_d,
         float_unassessed=dict(prep.float_unassessed),
     )
+
+
+# The full correlation's channel form reads M^+ with the relative eigenvalue cutoff
+# correlated.RCOND. On a near-singular weight correlation with a continuous spectrum (pl44's MLP,
+# n = 300, d = 197) the quantized figures move with that cutoff (6-22% low against a cut-free form,
+# mono44): each scheme's Gaussian form is re-read at RCOND / CUTOFF_CHECK_FACTOR, and a move beyond
+# CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (both in report.py; rc44).
+# Above this many weights the check is skipped (an extra [d, d] eigh per scheme; see rc44 in
+# docs/benchmarks.md for its cost against the scoring's).
+CUTOFF_CHECK_MAX_D = 4096
+
+
+def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor, n: float) -> dict[str, float] | None:
+    """The scheme's Gaussian-form first-order leakage at the full form's cutoff and at
+    ``RCOND / CUTOFF_CHECK_FACTOR`` (``{"leakage", "leakage_fine_cutoff", "move"}``, ``move``
+    relative to the first), or ``None`` where not checked: no full correlation, nothing
+    quantized, or ``d > CUTOFF_CHECK_MAX_D``. Each capped by the unquantized value as scored."""
+    if rc.kind != "full" or est.influence is None or bool((kvec == 1.0).all()) or est.d > CUTOFF_CHECK_MAX_D:
+        return None
+    W, cap = est.influence, _unquantized_mean_abs(est, rc)
+    base_rcond = rc.parts[0][1].rcond
+
+    def first_order(r: F.correlated.RecordCorrelation) -> float:
+        return float(F.saturate(torch.minimum(r.gaussian_mean_abs(W, kvec), cap) / (2 * math.sqrt(n))).mean())
+
+    at = first_order(rc)
+    fine = first_order(rc.with_rcond(base_rcond / CUTOFF_CHECK_FACTOR))
+    move = abs(fine - at) / at if at > 0 else (0.0 if fine == 0 else math.inf)
+    return {"leakage": at, "leakage_fine_cutoff": fine, "move": move}
+
+
+def _cutoff_warning(report: Report) -> str | None:
+    """One warning naming the schemes whose full-correlation figure moves by more than
+    :data:`CUTOFF_SENSITIVITY_MAX` when the pseudo-inverse cutoff is set
+    :data:`CUTOFF_CHECK_FACTOR` x finer (``SchemeResult.cutoff_sensitivity``), or ``None``."""
+    over = {k: s.cutoff_sensitivity for k, s in report.schemes.items()
+            if not s.error and s.cutoff_sensitivity is not None and s.cutoff_sensitivity["move"] > CUTOFF_SENSITIVITY_MAX}
+    if not over:
+        return None
+    named = ", ".join(f"{k} ({c['leakage']:.4g} at the cutoff, {c['leakage_fine_cutoff']:.4g} at "
+                      f"{CUTOFF_CHECK_FACTOR:.0f}x finer)" for k, c in over.items())
+    return (f"cutoff-set figures (~ in the table): the Gaussian-form leakage of {named} moves by more than "
+            f"{100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the pseudo-inverse cutoff on the full correlation of the weights "
+            "is set finer: that correlation is near-singular with a continuous spectrum, so the figure is set by the "
+            "cutoff, not by the data; it is indicative and may read low (the unquantized figure, the estimator's "
+            "Mahalanobis norm, does not use this cutoff)")
 
 
 # theta-hat's spread in the pool protocol is sigma / sqrt(2) (method.md section 3, "Pool protocol").

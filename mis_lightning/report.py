@@ -138,6 +138,10 @@ class SchemeResult:
     # beyond the record average's widening, i.e. what the unknown position of the population
     # weights in their cells adds; above ``assess.POSITION_GAP_WARN`` a warning names the scheme
     position_gap: float | None = None
+    # the full correlation's Gaussian-form first-order leakage at the pseudo-inverse cutoff and at a
+    # 100x finer one, and the relative move (``{"leakage", "leakage_fine_cutoff", "move"}``; ``None``:
+    # not checked); above ``assess.CUTOFF_SENSITIVITY_MAX`` the figure is set by the cutoff (``~``)
+    cutoff_sensitivity: dict[str, float] | None = None
     # the whole quantized copy (the release: the scheme applied to every parameter, assessed or
     # not, as torchao's quantize_ does), whose ``utility`` is reported: its storage per weight
     # incl. scales (float parameters at their dtype's width) and its number of weights; ``None``:
@@ -363,6 +367,8 @@ class Report:
             }
             if s.floor_sensitivity is not None:  # only where the floor bites (exact estimator)
                 row["floor_sensitivity"] = s.floor_sensitivity
+            if s.cutoff_sensitivity is not None:  # only with the full correlation, quantized
+                row["cutoff_sensitivity"] = s.cutoff_sensitivity["move"]
             if not s.error and scale_symmetric(self.diagnostics):  # the diagonal estimator's blind spot
                 row["scale_symmetry"] = True
             failed = [] if s.error else regime_failures(self.diagnostics, self.n, self.d, s.d_eff)
@@ -920,9 +926,9 @@ def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
                    "records; see warnings); not ranked by the verdict.")
     if any(unstable(r) for r in rows if not r.get("error")):
         out.append(f"  ~: unstable: the figure moves by more than {100 * FLOOR_SENSITIVITY_MAX:.0f}% when the "
-                   "eigenvalue floor of the Hessian is set 10x higher or lower (a singular or indefinite "
-                   "Hessian: the floored directions' variance is set by the floor, not by the data; see "
-                   "warnings).")
+                   "eigenvalue floor of the Hessian is set 10x higher or lower, or the pseudo-inverse cutoff "
+                   f"on the weights' correlation {CUTOFF_CHECK_FACTOR:.0f}x finer (a near-singular Hessian or correlation: the "
+                   "figure is set by the floor or cutoff, not by the data; see warnings).")
     if any(r.get("scale_symmetry") for r in rows if not r.get("error")):
         out.append("  ?: uncertain: layers whose weights can be scaled together without changing the model "
                    "(before a LayerNorm / GroupNorm / InstanceNorm / RMSNorm, or under weight_norm) were read by the "
@@ -1011,13 +1017,21 @@ D_EFF_SCHEMES_MARK = "Quantization leaves d_eff / n"
 # Relative move of a leakage under the eigenvalue floor x10 or /10 beyond which the figure is
 # flagged unstable (``~`` in the table, a warning; SchemeResult.floor_sensitivity).
 FLOOR_SENSITIVITY_MAX = 0.05
+# The full correlation's pseudo-inverse cutoff is re-read this many times finer, and a relative
+# move of the leakage beyond CUTOFF_SENSITIVITY_MAX flags it (``~``, a warning;
+# SchemeResult.cutoff_sensitivity; rc44): the figures' accuracy target (validation.md: within 5%)
+CUTOFF_CHECK_FACTOR = 100.0
+CUTOFF_SENSITIVITY_MAX = 0.05
 
 
 def unstable(row: dict[str, Any]) -> bool:
     """Whether a row's leakage moves by more than :data:`FLOOR_SENSITIVITY_MAX` (relative) when
-    the exact sandwich's eigenvalue floor is set 10x higher or lower."""
-    fs = row.get("floor_sensitivity")
-    return fs is not None and math.isfinite(float(fs)) and float(fs) > FLOOR_SENSITIVITY_MAX
+    the exact sandwich's eigenvalue floor is set 10x higher or lower, or when the full
+    correlation's pseudo-inverse cutoff is set :data:`CUTOFF_CHECK_FACTOR` x finer
+    (``cutoff_sensitivity`` above :data:`CUTOFF_SENSITIVITY_MAX`; rc44)."""
+    return any(v is not None and math.isfinite(float(v)) and float(v) > cap
+               for v, cap in ((row.get("floor_sensitivity"), FLOOR_SENSITIVITY_MAX),
+                              (row.get("cutoff_sensitivity"), CUTOFF_SENSITIVITY_MAX)))
 
 
 def scale_symmetric(diagnostics: Mapping[str, Any] | None) -> bool:

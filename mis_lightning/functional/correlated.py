@@ -135,6 +135,9 @@ class Correlation:
     self_term: Tensor | None = None
     self_weight: Tensor | None = None
     self_mean: bool = False
+    # relative eigenvalue cutoff of the full form's pseudo-inverse (``_pinv_apply``); the scoring
+    # re-reads quantized figures at a finer one to flag figures the cutoff sets (rc44)
+    rcond: float = RCOND
     _root: Tensor | None = field(default=None, repr=False)
     _loo_cache: dict = field(default_factory=dict, repr=False)
 
@@ -218,8 +221,10 @@ class Correlation:
         if self.full is not None:
             x = None if self.self_term is None else self.self_term[:, index]
             if isinstance(index, slice):
-                return Correlation(full=self.full[index, index], self_term=x, self_weight=self.self_weight)
-            return Correlation(full=self.full[index][:, index], self_term=x, self_weight=self.self_weight)
+                return Correlation(full=self.full[index, index], self_term=x, self_weight=self.self_weight,
+                                   rcond=self.rcond)
+            return Correlation(full=self.full[index][:, index], self_term=x, self_weight=self.self_weight,
+                               rcond=self.rcond)
         assert self.factor is not None and self.residual is not None
         x = None if self.self_term is None else self.self_term[:, index]
         return Correlation(factor=self.factor[index], residual=self.residual[index], self_term=x,
@@ -231,7 +236,7 @@ class Correlation:
         kh = kappa.sqrt()
         if self.full is not None:
             M = torch.diag(1.0 - kappa) + kh.unsqueeze(-1) * self.full * kh.unsqueeze(0)
-            return _pinv_apply(M, u.T).T
+            return _pinv_apply(M, u.T, self.rcond).T
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
 
         def woodbury(r: Tensor) -> Tensor:
@@ -729,6 +734,14 @@ class RecordCorrelation:
         """``[d]`` variance inflation factors (:meth:`Correlation.inverse_diagonal`), averaged
         over the cross-fitted parts."""
         return torch.stack([c.inverse_diagonal() for _, c in self.parts]).mean(0)
+
+    def with_rcond(self, rcond: float) -> RecordCorrelation:
+        """The same correlations with the full form's pseudo-inverse cutoff ``rcond`` (relative;
+        :data:`RCOND` by default) and empty caches: the scoring's cutoff check (rc44)."""
+        parts = [(i, Correlation(full=c.full, factor=c.factor, residual=c.residual, self_term=c.self_term,
+                                 self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond))
+                 for i, c in self.parts]
+        return RecordCorrelation(parts, self.kind, fit=self.fit)
 
     def gaussian_mean_abs(self, influence: Tensor, kappa: Tensor | None = None) -> Tensor:
         """``[R]`` Gaussian form ``sqrt(2/pi) sqrt(u' M^+ u)`` (``kappa None``: unquantized)."""
