@@ -3435,7 +3435,9 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
                                    else F.with_spread(leak_independent, ref_t, est.leverage)).mean())
         notes.append(f"covariance: {rc.kind} correlation of the weights{fitted} "
                      f"(independent-coordinate value {independent_shown:.4g})")
-    cutoff = None if rc is None else _cutoff_check(est, rc, _kappa_vector(est, prep.kappa), n)
+    # the Gaussian form at the cutoff is the scored first-order value unless Monte Carlo scored it
+    cutoff = None if rc is None else _cutoff_check(est, rc, _kappa_vector(est, prep.kappa), n,
+                                                   None if chosen == "mc" else float(leak.mean()))
     leakage = float(leak.mean())  # first order (the interval is built around it)
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
@@ -3493,11 +3495,13 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
 CUTOFF_CHECK_MAX_D = 4096
 
 
-def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor, n: float) -> dict[str, float] | None:
-    """The scheme's Gaussian-form first-order leakage at the full form's cutoff and at
-    ``RCOND / CUTOFF_CHECK_FACTOR`` (``{"leakage", "leakage_fine_cutoff", "move"}``, ``move``
-    relative to the first), or ``None`` where not checked: no full correlation, nothing
-    quantized, or ``d > CUTOFF_CHECK_MAX_D``. Each capped by the unquantized value as scored."""
+def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor, n: float,
+                  at_cutoff: float | None = None) -> dict[str, float] | None:
+    """The scheme's Gaussian-form first-order leakage at the full form's cutoff (``at_cutoff``
+    when the scoring already has it, else computed) and at ``RCOND / CUTOFF_CHECK_FACTOR``
+    (``{"leakage", "leakage_fine_cutoff", "move"}``, ``move`` relative to the first), or ``None``
+    where not checked: no full correlation, nothing quantized, or ``d > CUTOFF_CHECK_MAX_D``.
+    Each capped by the unquantized value as scored (``_correlated_leakage``)."""
     if rc.kind != "full" or est.influence is None or bool((kvec == 1.0).all()) or est.d > CUTOFF_CHECK_MAX_D:
         return None
     W, cap = est.influence, _unquantized_mean_abs(est, rc)
@@ -3506,7 +3510,7 @@ def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tenso
     def first_order(r: F.correlated.RecordCorrelation) -> float:
         return float(F.saturate(torch.minimum(r.gaussian_mean_abs(W, kvec), cap) / (2 * math.sqrt(n))).mean())
 
-    at = first_order(rc)
+    at = first_order(rc) if at_cutoff is None else at_cutoff
     fine = first_order(rc.with_rcond(base_rcond / CUTOFF_CHECK_FACTOR))
     move = abs(fine - at) / at if at > 0 else (0.0 if fine == 0 else math.inf)
     return {"leakage": at, "leakage_fine_cutoff": fine, "move": move}

@@ -4,6 +4,8 @@ model and the pool protocol."""
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
 
 import pytest
@@ -831,3 +833,59 @@ def test_in_sample_own_row_term_only_where_the_rank_is_a_small_share_of_the_reco
         a = RecordCorrelation.in_sample(W).gaussian_mean_abs(W, kappa)
         b = RecordCorrelation.in_sample(W, loo=False).gaussian_mean_abs(W, kappa)
         assert torch.equal(a, b) is not new, m
+
+
+def _spectrum_correlation(d: int, low: float, seed: int = 0) -> torch.Tensor:
+    """A ``[d, d]`` correlation with eigenvalues log-spaced from 1 down to ``low`` (a continuous
+    spectrum, no gap), random eigenvectors, rescaled to a unit diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    S = Q @ torch.diag(torch.logspace(0, math.log10(low), d, dtype=torch.float64)) @ Q.T
+    return F.correlated.correlation_from_covariance(S)
+
+
+def _cutoff_case(low: float):
+    d, R = 60, 200
+    Rm = _spectrum_correlation(d, low)
+    g = torch.Generator().manual_seed(1)
+    # influences drawn from the correlation itself: they reach into its small directions
+    Z = torch.randn(R, d, generator=g, dtype=torch.float64)
+    W = Z @ torch.linalg.cholesky(Rm + 1e-14 * torch.eye(d, dtype=torch.float64)).T
+    # the estimator's cut-free Mahalanobis norms (the cap of every quantized form): |Z|
+    est = type("Est", (), {"influence": W, "d": d, "mahalanobis": Z.norm(dim=1)})()
+    # most weights left in float (kappa 1: M keeps R's small directions there), a few coarse
+    k = torch.ones(d, dtype=torch.float64)
+    k[-2:] = 0.5
+    return est, RecordCorrelation.full(Rm), k
+
+
+def test_cutoff_check_flags_a_figure_set_by_the_pseudo_inverse_cutoff():
+    # rc44: a correlation whose spectrum runs smoothly down to 1e-12 has directions between
+    # RCOND and RCOND / 100 that the quantized channel form keeps or drops with the cutoff; a
+    # well-conditioned one (spectrum down to 1e-2) has none. The move measured: 0.104 here vs
+    # 0 there (two coarse weights, the rest in float), on either side of CUTOFF_SENSITIVITY_MAX = 5%;
+    # with the check made a no-op (CUTOFF_CHECK_FACTOR = 1) the first assertion below fails.
+    from mis_lightning.report import CUTOFF_SENSITIVITY_MAX, Report, SchemeResult, leakage_marks
+    A = importlib.import_module("mis_lightning.assess")  # (the package exports the function)
+    est, rc, k = _cutoff_case(1e-12)
+    assert rc.parts[0][1].rcond == F.correlated.RCOND and rc.with_rcond(1e-11).parts[0][1].rcond == 1e-11
+    bad = A._cutoff_check(est, rc, k, 300.0)
+    assert bad is not None and bad["move"] > CUTOFF_SENSITIVITY_MAX
+    assert bad["leakage_fine_cutoff"] > bad["leakage"]  # the cutoff reads low
+    est_ok, rc_ok, k_ok = _cutoff_case(1e-2)
+    ok = A._cutoff_check(est_ok, rc_ok, k_ok, 300.0)
+    assert ok is not None and ok["move"] < 1e-6
+    assert A._cutoff_check(est, rc, torch.ones_like(k), 300.0) is None  # nothing quantized: no cutoff in play
+    # the report: one merged warning naming the flagged scheme with both values, "~" on its row,
+    # the field through JSON
+    schemes = {name: SchemeResult(name=name, leakage=c["leakage"], mis=1 - c["leakage"], baseline_leakage=0.2,
+                                  d_eff=1.0, d=60, zero_fraction=0.0, pinned_fraction=0.0, bits_per_weight=4.0,
+                                  method="clt", cutoff_sensitivity=c) for name, c in (("bad", bad), ("ok", ok))}
+    rep = Report(n=300, d=60, estimation={}, diagnostics={}, schemes=schemes, baseline_leakage=0.2, baseline_mis=0.8)
+    w = A._cutoff_warning(rep)
+    assert w is not None and "bad (" in w and "ok (" not in w and f"{bad['leakage_fine_cutoff']:.4g}" in w
+    rows = {r["scheme"]: r for r in rep.rows()}
+    assert "~" in leakage_marks(rows["bad"]) and "~" not in leakage_marks(rows["ok"])
+    back = Report.from_dict(json.loads(rep.to_json()))
+    assert back.schemes["bad"].cutoff_sensitivity == bad
+
