@@ -90,6 +90,11 @@ def _pinv_apply(M: Tensor, rhs: Tensor, rcond: float = RCOND) -> Tensor:
     """``M^+ rhs`` for a symmetric PSD ``M [d, d]`` and ``rhs [d, R]`` (eigendecomposition,
     eigenvalues below ``rcond * max`` dropped)."""
     evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
+    return _pinv_from_eigh(evals, evecs, rhs, rcond)
+
+
+def _pinv_from_eigh(evals: Tensor, evecs: Tensor, rhs: Tensor, rcond: float = RCOND) -> Tensor:
+    """:func:`_pinv_apply` from ``M``'s eigendecomposition (ascending ``evals [d]``, ``evecs [d, d]``)."""
     keep = evals > rcond * max(float(evals[-1]), 1e-300) if evals.numel() else evals > 0
     inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
     return evecs @ (inv.unsqueeze(-1) * (evecs.T @ rhs))
@@ -139,6 +144,10 @@ class Correlation:
     # re-reads quantized figures at a finer one to flag figures the cutoff sets (rc44)
     rcond: float = RCOND
     _root: Tensor | None = field(default=None, repr=False)
+    # the last channel matrix's eigendecomposition (full form; keyed by ``full`` and kappa), shared
+    # by :meth:`RecordCorrelation.with_rcond`'s copies: the cutoff check re-reads a scheme's form
+    # at a finer cutoff without a second ``[d, d]`` eigh
+    _eigh: dict = field(default_factory=dict, repr=False)
     _loo_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -235,8 +244,13 @@ class Correlation:
         """``M^+ u'`` as ``[R, d]`` for ``u [R, d]``, ``M = I - K + K^1/2 R K^1/2``."""
         kh = kappa.sqrt()
         if self.full is not None:
-            M = torch.diag(1.0 - kappa) + kh.unsqueeze(-1) * self.full * kh.unsqueeze(0)
-            return _pinv_apply(M, u.T, self.rcond).T
+            key = kappa.detach().cpu().numpy().tobytes()
+            if self._eigh.get("full") is not self.full or self._eigh.get("kappa") != key:
+                M = torch.diag(1.0 - kappa) + kh.unsqueeze(-1) * self.full * kh.unsqueeze(0)
+                self._eigh.clear()  # one matrix kept: d^2 floats
+                self._eigh.update(full=self.full, kappa=key, eigh=torch.linalg.eigh(0.5 * (M + M.T)))
+            evals, evecs = self._eigh["eigh"]
+            return _pinv_from_eigh(evals, evecs, u.T, self.rcond).T
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
 
         def woodbury(r: Tensor) -> Tensor:
@@ -739,7 +753,7 @@ class RecordCorrelation:
         """The same correlations with the full form's pseudo-inverse cutoff ``rcond`` (relative;
         :data:`RCOND` by default) and empty caches: the scoring's cutoff check (rc44)."""
         parts = [(i, Correlation(full=c.full, factor=c.factor, residual=c.residual, self_term=c.self_term,
-                                 self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond))
+                                 self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond, _eigh=c._eigh))
                  for i, c in self.parts]
         return RecordCorrelation(parts, self.kind, fit=self.fit)
 
