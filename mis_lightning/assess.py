@@ -3490,9 +3490,10 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
 # n = 300, d = 197) the quantized figures move with that cutoff (6-22% low against a cut-free form,
 # mono44): each scheme's Gaussian form is re-read at RCOND / CUTOFF_CHECK_FACTOR, and a move beyond
 # CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (both in report.py; rc44).
-# Above this many weights the check is skipped (an extra [d, d] eigh per scheme; see rc44 in
-# docs/benchmarks.md for its cost against the scoring's).
-CUTOFF_CHECK_MAX_D = 4096
+# Above this many weights the check is skipped. It reuses the scheme's eigendecomposition (one
+# more [d, d] x [d, 2R] apply per scheme): +4.8% scoring CPU at d = 197 (pl44's MLP), +12% at
+# d = 1,289 (R = 512; under load); 2048 covers the exact estimator's auto range (2000 parameters).
+CUTOFF_CHECK_MAX_D = 2048
 
 
 def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor, n: float,
