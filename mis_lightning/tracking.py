@@ -2,7 +2,9 @@
 
 Keys: ``mis/<scheme>/leakage``, ``mis/<scheme>/mis``, ``mis/<scheme>/leakage_p10``,
 ``mis/<scheme>/leakage_p90``, ``mis/<scheme>/d_eff``, ``mis/<scheme>/zero_fraction``,
-``mis/<scheme>/bits_per_weight``, ``mis/<scheme>/pinned_fraction``, ``mis/<scheme>/float_fraction``,
+``mis/<scheme>/bits_per_weight`` (the assessed weights'), ``mis/<scheme>/model_bits_per_weight`` (the whole
+quantized model's, scales included: the table's ``model b/w``), ``mis/<scheme>/pinned_fraction``,
+``mis/<scheme>/float_fraction``,
 ``mis/<scheme>/indicative`` (1: the table's ``*``), ``mis/<scheme>/failed``,
 ``mis/<scheme>/utility/<metric>``, ``mis/baseline/leakage``, ``mis/baseline/mis``.
 Loggers are used through their public ``log_metrics`` (rank-zero only in Lightning), and
@@ -34,7 +36,11 @@ def _head(prefix: str) -> str:
 
 #: The per-scheme figures logged as ``<prefix>/<scheme>/<figure>`` (SchemeResult attributes),
 #: besides ``failed``, ``leakage_p10`` / ``leakage_p90`` (with an interval) and ``utility/<metric>``.
-SCHEME_FIGURES = ("leakage", "mis", "pool_leakage", "d_eff", "zero_fraction", "bits_per_weight", "pinned_fraction")
+#: ``model_bits_per_weight`` (the whole quantized model's size, the table's ``model b/w``; fz44) is
+#: logged beside ``bits_per_weight`` (the assessed weights') under the field's name, as in the JSON,
+#: the CSV and ``aggregate.csv`` (until sm45 no tracker got it); absent from reports saved before fz44.
+SCHEME_FIGURES = ("leakage", "mis", "pool_leakage", "d_eff", "zero_fraction", "bits_per_weight",
+                  "model_bits_per_weight", "pinned_fraction")
 #: Figures of the table's row (:meth:`Report.rows`) that qualify the others: ``float_fraction``
 #: (share of the assessed weights left in float, the table's ``float``) and ``indicative`` (1 where
 #: the table marks the leakage ``*``: outside the analysis's assumptions), so that a tracker's

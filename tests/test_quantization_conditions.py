@@ -332,6 +332,21 @@ def test_scored_copy_is_the_whole_model_quantized_leakage_the_trained_weights():
     for v in old["schemes"].values():
         del v["model_bits_per_weight"], v["model_d"], v["float_unassessed"]
     assert "model b/w" not in Report.from_dict(old).table().splitlines()[0]
+    # the trackers get it too, under the field's name (callback, Metric via report_metrics, app via
+    # log_report; until sm45 none did), and a monitor on it is a known key; not logged when absent
+    from mis_lightning.tracking import log_report, metric_keys, report_metrics
+
+    class _Logger:
+        def log_metrics(self, metrics, step):
+            self.metrics = metrics
+
+    lg = _Logger()
+    log_report([lg], rep)
+    for name in ("int8_weight_only", "rtn_int4"):
+        assert lg.metrics[f"mis/{name}/model_bits_per_weight"] == rep.schemes[name].model_bits_per_weight
+        assert lg.metrics[f"mis/{name}/bits_per_weight"] == rep.schemes[name].bits_per_weight
+    assert set(lg.metrics) <= set(metric_keys(list(rep.schemes), [], "mis")) | {"mis/baseline/pool_leakage"}
+    assert not any(k.endswith("/model_bits_per_weight") for k in report_metrics(Report.from_dict(old)))
     # params= leaving out trainable weights: the copy is the whole model too (the note says so)
     torch.manual_seed(0)
     cnn = CNN().eval()
