@@ -1326,6 +1326,9 @@ def score_schemes(
     cutoff_set = _cutoff_warning(report)
     if cutoff_set:
         report.warnings.append(cutoff_set)
+    cutoff_skipped = _cutoff_skipped_note(report)
+    if cutoff_skipped:
+        report.warnings.append(cutoff_skipped)
     if diagnostics.get("interpolating"):
         report.warnings.append(
             "the model interpolates its training data (training loss ~0: the per-sample gradients are rounding, "
@@ -3436,8 +3439,11 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         notes.append(f"covariance: {rc.kind} correlation of the weights{fitted} "
                      f"(independent-coordinate value {independent_shown:.4g})")
     # the Gaussian form at the cutoff is the scored first-order value unless Monte Carlo scored it
-    cutoff = None if rc is None else _cutoff_check(est, rc, _kappa_vector(est, prep.kappa), n,
+    cutoff_kvec = None if rc is None else _kappa_vector(est, prep.kappa)
+    cutoff = None if rc is None else _cutoff_check(est, rc, cutoff_kvec, n,
                                                    None if chosen == "mc" else float(leak.mean()))
+    # a check that applies but was skipped for its cost: the report says so (_cutoff_skipped_note)
+    cutoff_skipped = rc is not None and est.d > CUTOFF_CHECK_MAX_D and _cutoff_applies(est, rc, cutoff_kvec)
     leakage = float(leak.mean())  # first order (the interval is built around it)
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
@@ -3479,7 +3485,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
         pool_leakage=pool, covariance="independent" if rc is None else rc.kind,
         leakage_independent=None if rc is None else independent_shown, position_gap=position_gap,
-        cutoff_sensitivity=cutoff,
+        cutoff_sensitivity=cutoff, cutoff_check_skipped=cutoff_skipped,
         model_bits_per_weight=prep.model_bits / max(prep.model_d, 1), model_d=prep.model_d,
         float_unassessed=dict(prep.float_unassessed),
     )
@@ -3501,9 +3507,9 @@ def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tenso
     """The scheme's Gaussian-form first-order leakage at the full form's cutoff (``at_cutoff``
     when the scoring already has it, else computed) and at ``RCOND / CUTOFF_CHECK_FACTOR``
     (``{"leakage", "leakage_fine_cutoff", "move"}``, ``move`` relative to the first), or ``None``
-    where not checked: no full correlation, nothing quantized, or ``d > CUTOFF_CHECK_MAX_D``.
-    Each capped by the unquantized value as scored (``_correlated_leakage``)."""
-    if rc.kind != "full" or est.influence is None or bool((kvec == 1.0).all()) or est.d > CUTOFF_CHECK_MAX_D:
+    where not checked: no full correlation, nothing quantized (:func:`_cutoff_applies`), or
+    ``d > CUTOFF_CHECK_MAX_D``. Each capped by the unquantized value as scored (``_correlated_leakage``)."""
+    if not _cutoff_applies(est, rc, kvec) or est.d > CUTOFF_CHECK_MAX_D:
         return None
     W, cap = est.influence, _unquantized_mean_abs(est, rc)
     base_rcond = rc.parts[0][1].rcond
@@ -3515,6 +3521,25 @@ def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tenso
     fine = first_order(rc.with_rcond(base_rcond / CUTOFF_CHECK_FACTOR))
     move = abs(fine - at) / at if at > 0 else (0.0 if fine == 0 else math.inf)
     return {"leakage": at, "leakage_fine_cutoff": fine, "move": move}
+
+
+def _cutoff_applies(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor) -> bool:
+    """Whether the pseudo-inverse cutoff is in play for a scheme, whatever ``d``: the full
+    correlation, stored influences, and some weight with ``kappa < 1`` (quantized)."""
+    return rc.kind == "full" and est.influence is not None and not bool((kvec == 1.0).all())
+
+
+def _cutoff_skipped_note(report: Report) -> str | None:
+    """One note naming the schemes whose cutoff check applies but was not run (``d`` above
+    :data:`CUTOFF_CHECK_MAX_D`: ``SchemeResult.cutoff_check_skipped``), or ``None``: without it
+    a figure set by the cutoff would go unmarked with nothing saying it was not looked for."""
+    skipped = [k for k, s in report.schemes.items() if not s.error and s.cutoff_check_skipped]
+    if not skipped:
+        return None
+    return (f"cutoff check not run for {', '.join(skipped)}: with d = {report.d} weights, above "
+            f"assess.CUTOFF_CHECK_MAX_D = {CUTOFF_CHECK_MAX_D} (its cost: one more [d, d] apply per scheme), the full "
+            f"correlation's figures were not re-read at a {CUTOFF_CHECK_FACTOR:.0f}x finer pseudo-inverse cutoff, so a "
+            "figure set by that cutoff (near-singular correlation; it may read low) would not be marked ~ here")
 
 
 def _cutoff_warning(report: Report) -> str | None:

@@ -142,6 +142,9 @@ class SchemeResult:
     # 100x finer one, and the relative move (``{"leakage", "leakage_fine_cutoff", "move"}``; ``None``:
     # not checked); above ``assess.CUTOFF_SENSITIVITY_MAX`` the figure is set by the cutoff (``~``)
     cutoff_sensitivity: dict[str, float] | None = None
+    # the cutoff check applies (full correlation, quantized) but was skipped for its cost (``d``
+    # above ``assess.CUTOFF_CHECK_MAX_D``): one merged warning says so (sm45)
+    cutoff_check_skipped: bool = False
     # the whole quantized copy (the release: the scheme applied to every parameter, assessed or
     # not, as torchao's quantize_ does), whose ``utility`` is reported: its storage per weight
     # incl. scales (float parameters at their dtype's width) and its number of weights; ``None``:
