@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from . import _lightning_support as lt
 from ._augmentation import random_records_note
+from ._callback_errors import callback_error, names_callback
 from ._lightning_compat import lightning_callback_base
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
@@ -48,6 +49,9 @@ from .tracking import (  # noqa: F401
 )
 
 __all__ = ["MISCallback", "lightning_callback"]  # LightningMISCallback: lazy, needs `lightning`
+
+# a run's stage as the strict mode's error says it ("MISCallback: the assessment at the end of fit ...")
+_WHEN = {"fit_end": "at the end of fit", "validation": "after a validation epoch"}
 
 
 def _plan_config(plan: PlanConfig | Mapping[str, Any] | None, metrics: Mapping[str, Any],
@@ -186,6 +190,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         return lightning_callback(*args, **kwargs)
 
     # -- when ---------------------------------------------------------------------------------
+    @names_callback
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         lt.check_trainer_package(type(self)._lightning_package, trainer)
         self._stage = stage  # a checkpoint restored for validate/test/predict does not rewind the runs
@@ -243,6 +248,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         for msg in self._scheme_problems:
             rank_zero_warn(f"MISCallback: {msg}")
 
+    @names_callback
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # the train loader exists now, before the first step: configuration errors surface here
         self._state_loaded = False
@@ -296,6 +302,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             rank_zero_warn(f"MISCallback: {aug}")
         self._sets = TrainingSets()  # this fit's loaders only
 
+    @names_callback
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         if self._resumed:  # a resumable loader goes on with the pass it was in
             self._resumed = False
@@ -305,6 +312,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if (sets := getattr(self, "_sets", None)) is not None:
             sets.see(trainer, lt.single_loader(trainer.train_dataloader, "training"))
 
+    @names_callback
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._pass_read += 1
         self._most_read = max(self._most_read, self._pass_read)
@@ -317,6 +325,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                      or not math.isfinite(total)):
             self._full_pass = True
 
+    @names_callback
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._batch_unchecked:
             self._batch_unchecked = False
@@ -328,6 +337,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                                                                     or names),
                                  curvature=getattr(self, "_curvature_check", False))
 
+    @names_callback
     def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.every_n_val_epochs is None or trainer.sanity_checking or trainer.state.fn != "fit":
             return
@@ -335,11 +345,13 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if self._val_epochs % self.every_n_val_epochs == 0:
             self._run(trainer, pl_module, stage="validation")
 
+    @names_callback
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # a state restored from a checkpoint belongs to that run: the next fit (a finished
         # checkpoint resumed skips on_train_start) starts clean
         self._stage, self._state_loaded = None, False
 
+    @names_callback
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # (the planner needs the estimate, which a validation run does not keep: it runs again)
         if self.plan_config is None and self._last_step is not None and self._last_step == trainer.global_step \
@@ -450,7 +462,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                         self.plan_result = self._plan(trainer, pl_module)
                     except Exception as exc:
                         if self.scoring_config.strict:
-                            raise
+                            raise callback_error(exc, "planning at the end of fit failed: ") from exc
                         plan_exc, self.plan_error = exc, f"{type(exc).__name__}: {exc}"
             self.report, self.last_error = report, None
             self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": history_summary(report)})
@@ -496,7 +508,12 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     (rank_zero_info if pr.within_budget else rank_zero_warn)(line)
         except Exception as exc:
             if self.scoring_config.strict:
-                raise
+                # named as the callback's, with the run that failed (the original chained)
+                named = callback_error(exc, f"the assessment {_WHEN.get(stage, stage)} (epoch {epoch}, step {step}) "
+                                            "failed: ")
+                if named is exc:
+                    raise
+                raise named from exc
             self.last_error = f"{type(exc).__name__}: {exc}"
             self.history.append({"stage": stage, "epoch": epoch, "step": step, "summary": None, "error": self.last_error})
             if zero:

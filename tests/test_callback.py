@@ -320,8 +320,13 @@ def test_failing_scheme_is_reported_and_training_kept(tmp_path):
     assert "always fails" in rep["schemes"]["broken"]["error"]
     assert rep["schemes"]["rtn_int8"]["error"] is None
     assert list(cb.report_path.parent.glob("*.ckpt"))  # checkpoints kept
-    with pytest.raises(RuntimeError, match="always fails"):
+    # strict: the same type, named as the callback's with the run that failed, the original chained (sm45)
+    from mis_lightning.quantization import SchemeError
+
+    with pytest.raises(SchemeError, match=r"^MISCallback: the assessment at the end of fit \(epoch 0, step 4\) "
+                                          r"failed: scheme 'broken' failed in its backend: .*always fails") as info:
         fit(tmp_path / "c", Regressor, [MISCallback([Broken()], loss_fn=mse, strict=True)], max_epochs=1)
+    assert isinstance(info.value.__cause__, SchemeError) and str(info.value.__cause__).startswith("scheme 'broken'")
 
 
 def test_model_without_linear_layers_and_total_failure(tmp_path):
@@ -349,8 +354,35 @@ def test_failing_assessment_is_recorded_and_training_kept(tmp_path, monkeypatch)
     assert trainer.state.finished
     rep = json.loads(bad.report_path.read_text())
     assert rep["error"] == "RuntimeError: the estimation pass broke" == bad.last_error
-    with pytest.raises(RuntimeError, match="the estimation pass broke"):
+    with pytest.raises(RuntimeError, match=r"^MISCallback: the assessment at the end of fit \(epoch 0, step 4\) "
+                                           r"failed: the estimation pass broke$") as info:
         fit(tmp_path / "c", Regressor, [MISCallback(SCHEMES, loss_fn=mse, strict=True)], max_epochs=1)
+    assert str(info.value.__cause__) == "the estimation pass broke"  # the original, chained
+
+
+def test_hook_errors_are_named_as_the_callbacks_and_chained():
+    """Every hook's error: the same type, "MISCallback: " before its message, the original as
+    ``__cause__``; one already naming the callback is left as it is, a type that cannot be
+    rebuilt from a message keeps its type and gets a note (sm45)."""
+    from mis_lightning._callback_errors import callback_error, names_callback
+
+    class Odd(Exception):
+        def __init__(self, code, text):
+            super().__init__(code, text)
+
+    @names_callback
+    def hook(exc):
+        raise exc
+
+    for exc, kind, text in ((KeyError("params not in the model: ['x']"), KeyError, "MISCallback: params not in"),
+                            (ValueError("MISCallback: loss_fn f returned"), ValueError, "MISCallback: loss_fn f"),
+                            (Odd(3, "odd"), Odd, "(3, 'odd')")):
+        with pytest.raises(kind) as info:
+            hook(exc)
+        got = info.value.args[0] if isinstance(info.value, KeyError) else str(info.value)
+        assert got.startswith(text) and not got.startswith("MISCallback: MISCallback")
+        assert (info.value.__cause__ is exc) == (kind is KeyError)  # a new error only where renamed
+    assert "(raised in MISCallback)" in getattr(callback_error(Odd(1, "a")), "__notes__", ["(raised in MISCallback)"])
 
 
 def test_a_fit_without_training_batches_says_why_nothing_is_assessed(tmp_path):
@@ -571,7 +603,8 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
          r"it must return per-sample losses of shape \[32\] \(a trailing dimension of 1"),
         (dict(loss_fn=mixing_loss), ValueError,
          r"MISCallback: loss_fn mixing_loss is not per-sample: the loss of record 0 computed alone is"),
-        (dict(loss_fn=mse, params=["net.0.wieght"]), KeyError, r"params not in the model: \['net.0.wieght'\]"),
+        # raised by a check the callback shares with assess: named as the callback's (sm45)
+        (dict(loss_fn=mse, params=["net.0.wieght"]), KeyError, r"MISCallback: params not in the model: \['net.0.wieght'\]"),
         (dict(loss_fn=int_loss), ValueError, r"MISCallback: loss_fn int_loss returned int64 losses: per-sample "
                                              r"losses must be floating point"),
         (dict(loss_fn=nan_loss), ValueError, r"MISCallback: loss_fn nan_loss returned non-finite losses \(NaN or "
