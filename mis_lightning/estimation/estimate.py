@@ -897,6 +897,7 @@ class MomentAccumulator:
         if decay is not None:
             check_decay_names(decay, model)
         self.decay = {k: float(decay.get(k, 0.0)) if decay is not None else float(weight_decay) for k in self.names}
+        self._decay_told = dict(self.decay)  # finalize scales it by the records without loss (sm45)
         self.num_records = int(num_records)
         self.hutchinson_probes, self.damping, self.budget = hutchinson_probes, damping, budget
         self.generator, self.selection, self.pytree_records = generator, selection, pytree_records
@@ -1087,6 +1088,8 @@ class MomentAccumulator:
         d, ad = self.d, self.acc_dtype
         spec: dict[str, tuple[Any, str]] = {
             "n": (torch.zeros((), dtype=torch.int64), "sum"),
+            # records read whose loss does not depend on the weights (LossProgram.void_rows)
+            "n_void": (torch.zeros((), dtype=torch.int64), "sum"),
             "g_sum": (_zeros((d,), ad), "sum"),
             "g2_sum": (_zeros((d,), ad), "sum"),
             "h_sum": (_zeros((d,), ad), "sum"),
@@ -1200,6 +1203,18 @@ class MomentAccumulator:
         # Keys of the raw batch (before batch_fn and the dtype cast): the same whatever the
         # loader's order and whether batch_fn or a loss hook splits the batch.
         keys = record_keys(batch, None, b) if self.selection == "hash" else None
+        # records whose loss does not depend on the weights (every label missing): not members,
+        # left out of n, the sums (which they would not change) and the record sample; counted in
+        # n_void, by which finalize rescales the weight decay (the same objective; sm45)
+        void = self.program.void_rows(inputs, targets, b) if hasattr(self.program, "void_rows") else None
+        n_void = 0 if void is None else int(void.sum())
+        if n_void:
+            if n_void == b:
+                _add_void(st, n_void)
+                return b
+            keep = (~void).nonzero().squeeze(1)
+            keys = (record_keys(batch, None, b) if keys is None else keys)[keep]
+            inputs, targets, b = slice_rows(inputs, keep), slice_rows(targets, keep), int(keep.numel())
         self._draw_keys = _LazyKeys(batch, b, keys)
         if self._loss_directions is None and self.mode != "exact":
             self._loss_directions = self._measure_loss_rank(inputs, targets, b)
@@ -1235,7 +1250,9 @@ class MomentAccumulator:
                 if not self.records_per_update:
                     self.records_per_update = _records_per_update(fac, b)
                 self._update_factored(st, fac, inputs, targets, b, keys, kron_rows, back)
-                return b
+                if n_void:
+                    _add_void(st, n_void)
+                return b + n_void
         self._settle_ggn()
         self._update_kron_side(st, inputs, targets, b)
         self._update_gradients(st, inputs, targets, b, keys)
@@ -1246,7 +1263,9 @@ class MomentAccumulator:
         elif self.hessian == "hutchinson":
             self._update_hutchinson(st, inputs, targets)
         st["n"] += b
-        return b
+        if n_void:
+            _add_void(st, n_void)
+        return b + n_void
 
     def _give_draw_keys(self, prog: Any, rows: Tensor | None = None) -> None:
         """Give a per-layer program that may draw Monte Carlo Gauss-Newton directions (the
@@ -1699,6 +1718,11 @@ class MomentAccumulator:
             ValueError: fewer than 2 records were seen; exact mode without stored gradients.
         """
         est = self._finalize(state)
+        n_void = int((self.state if state is None else state).get("n_void", 0))
+        if n_void:
+            # the decay as told (finalize used it scaled by (n + n_void) / n), and the records left out
+            est.diagnostics.update(_decay_diagnostics(self._decay_told))
+            est.diagnostics["records_without_loss"] = {"count": n_void, "read": est.n + n_void}
         if self._repeated:
             # copies of a record scored as independent members (fu27): said in the report's warnings
             est.diagnostics["duplicate_records"] = self._repeated[0]
@@ -1736,9 +1760,18 @@ class MomentAccumulator:
         st = self.state if state is None else dict(state)
         names, offsets = self.names, self.offsets
         n = int(st["n"])
+        n_void = int(st.get("n_void", 0))
+        # The training objective (1/N) sum_i loss_i + lam/2 |theta|^2 over the N = n + n_void records
+        # read is (N/n) x [(1/n) sum over the n members + (lam N/n)/2 |theta|^2]: the same minimum,
+        # Hessian and gradient covariance up to that factor, so each member's figures and sigma are
+        # unchanged, and the records without loss leave the record average and d / n only (sm45)
+        self.decay = {k: v * (n + n_void) / n if n else v for k, v in self._decay_told.items()}
         if n < 2:
             why = (": no record was seen (an empty dataloader, or a Metric's compute() with no update() since "
                    "reset())") if n == 0 else ""
+            if n_void:
+                why += (f"; {n_void} record(s) read have every target missing (NaN) and a loss that does not "
+                        "depend on the weights: they are not counted")
             raise ValueError(f"n (number of training records) must be >= 2 (>= 4 to score schemes), got {n}{why}")
         self._repeated = None
         if self.selection == "hash":
@@ -2405,6 +2438,15 @@ class MomentAccumulator:
         return [type(f)(f.module, f.weight, f.bias, f.x[:R], f.d[:R]) for f in self.factored.factors(merged)]
 
 
+def _add_void(st: dict[str, Any], count: int) -> None:
+    """``st["n_void"] += count`` in place (a Metric's registered state tensor), or set where a
+    state saved before sm45 lacks it."""
+    if isinstance(st.get("n_void"), Tensor):
+        st["n_void"] += count
+    else:
+        st["n_void"] = torch.tensor(count, dtype=torch.int64)
+
+
 class _LazyKeys:
     """A batch's :func:`record_keys`, hashed on the first call only (none where no program draws)."""
 
@@ -2542,6 +2584,15 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     (``"kfac_order_dependent"``, :meth:`MomentAccumulator._kfac_order_note`), and Hutchinson's
     Hessian diagonal when its median relative standard error exceeds the same bound."""
     out = []
+    void = diagnostics.get("records_without_loss")
+    if void:  # MomentAccumulator._update / LossProgram.void_rows (sm45)
+        members = void["read"] - void["count"]
+        out.append(
+            f"{void['count']:,} of the {void['read']:,} training records read have every target missing (NaN) and a "
+            "loss of 0 that does not depend on the weights: training did not see them, so they are not members in "
+            f"the sense of the loss and are not counted: n = {members:,} (the weight decay scaled by "
+            f"{void['read']:,} / {members:,}: the same objective); counted, their zero leakage would have lowered "
+            "the average")
     other = diagnostics.get("estimator_with_n")
     unknown = diagnostics.get("records_unknown")
     if unknown is not None and unknown["auto"]:

@@ -798,6 +798,44 @@ class LossProgram:
             "gradients (0 x NaN = NaN); replace the missing targets before the loss (targets.nan_to_num(), or "
             "torch.where(mask, targets, 0)) and mask the losses after")
 
+    def void_rows(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
+        """``[b]`` bool: the records whose every target is missing (NaN) and whose loss is exactly
+        0 with an exactly zero gradient in the assessed parameters (a multi-task loss that masks
+        missing labels, on a record with none observed), or ``None`` when there is no such record.
+        Their loss does not depend on the weights: the fit does not see them, so they carry no
+        information about the weights and are not members in the sense of the loss (sm45; nu44b's
+        molecules). Only tensor targets are read (a ``mis_per_sample_loss`` hook's batches are
+        not); where the candidates' gradients do not all vanish, none is taken (counted as before).
+
+        Raises:
+            Nothing beyond the loss's and the forward's own errors on those records.
+        """
+        if (not isinstance(targets, Tensor) or not targets.is_floating_point() or targets.dim() == 0
+                or targets.shape[0] != b or targets[0].numel() == 0):
+            return None
+        void = torch.isnan(targets.reshape(b, -1)).all(1)
+        if not bool(void.any()):
+            return None
+        idx = void.nonzero().squeeze(1)
+        x = torch.utils._pytree.tree_map(lambda t: t[idx] if isinstance(t, Tensor) and t.dim() else t, inputs)
+        y = targets[idx]
+
+        def total(p: dict[str, Tensor], xx: Any, yy: Any) -> Tensor:
+            return self.loss_fn(self.outputs(p, xx), yy).sum()
+
+        with torch.no_grad():
+            losses = self.loss_fn(self.outputs(self.params, x), y)
+        if not isinstance(losses, Tensor) or not bool((losses == 0).all()):
+            return None
+        try:  # plain autograd first (as check_finite_gradients: torch.func imports dynamo on first use)
+            with torch.enable_grad():
+                leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
+                got = [g for g in torch.autograd.grad(total(leaves, x, y), list(leaves.values()), allow_unused=True)
+                       if g is not None]
+        except RuntimeError:  # e.g. inference tensors under a validation loop's inference mode
+            got = list(grad(total)(self.params, x, y).values())
+        return void if all(not bool(g.any()) for g in got) else None
+
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():
             return self.loss_fn(self.outputs(self.params, inputs), targets)
