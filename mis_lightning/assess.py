@@ -3439,11 +3439,11 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         notes.append(f"covariance: {rc.kind} correlation of the weights{fitted} "
                      f"(independent-coordinate value {independent_shown:.4g})")
     # the Gaussian form at the cutoff is the scored first-order value unless Monte Carlo scored it
-    cutoff_kvec = None if rc is None else _kappa_vector(est, prep.kappa)
-    cutoff = None if rc is None else _cutoff_check(est, rc, cutoff_kvec, n,
+    cutoff = None if rc is None else _cutoff_check(est, rc, _kappa_vector(est, prep.kappa), n,
                                                    None if chosen == "mc" else float(leak.mean()))
     # a check that applies but was skipped for its cost: the report says so (_cutoff_skipped_note)
-    cutoff_skipped = rc is not None and est.d > CUTOFF_CHECK_MAX_D and _cutoff_applies(est, rc, cutoff_kvec)
+    cutoff_skipped = rc is not None and est.d > CUTOFF_CHECK_MAX_D and _cutoff_applies(
+        est, rc, _kappa_vector(est, prep.kappa))
     leakage = float(leak.mean())  # first order (the interval is built around it)
     # Standard error of the mean over the R records (the truth averages over all z).
     record_se = F.record_standard_error(leak)
@@ -3507,9 +3507,9 @@ def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tenso
     """The scheme's Gaussian-form first-order leakage at the full form's cutoff (``at_cutoff``
     when the scoring already has it, else computed) and at ``RCOND / CUTOFF_CHECK_FACTOR``
     (``{"leakage", "leakage_fine_cutoff", "move"}``, ``move`` relative to the first), or ``None``
-    where not checked: no full correlation, nothing quantized (:func:`_cutoff_applies`), or
-    ``d > CUTOFF_CHECK_MAX_D``. Each capped by the unquantized value as scored (``_correlated_leakage``)."""
-    if not _cutoff_applies(est, rc, kvec) or est.d > CUTOFF_CHECK_MAX_D:
+    where not checked: no full correlation, nothing quantized, or ``d > CUTOFF_CHECK_MAX_D``.
+    Each capped by the unquantized value as scored (``_correlated_leakage``)."""
+    if rc.kind != "full" or est.influence is None or bool((kvec == 1.0).all()) or est.d > CUTOFF_CHECK_MAX_D:
         return None
     W, cap = est.influence, _unquantized_mean_abs(est, rc)
     base_rcond = rc.parts[0][1].rcond
@@ -3525,7 +3525,8 @@ def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tenso
 
 def _cutoff_applies(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor) -> bool:
     """Whether the pseudo-inverse cutoff is in play for a scheme, whatever ``d``: the full
-    correlation, stored influences, and some weight with ``kappa < 1`` (quantized)."""
+    correlation, stored influences, and some weight with ``kappa < 1`` (quantized); the
+    conditions of :func:`_cutoff_check` but its size bound."""
     return rc.kind == "full" and est.influence is not None and not bool((kvec == 1.0).all())
 
 
