@@ -121,15 +121,18 @@ def record_keys(inputs: Any, targets: Any, b: int) -> Tensor:
         # so the keys are the int64 products' (which cost ~4x more: pf28). The bytes are widened
         # to float64 a few rows at a time (es33: the whole [b, bytes] float64 copy was 8x the
         # batch, ~30 MB of fresh memory per 455-record batch of 1,024 floats); each row's sum is
-        # the same exact integer
-        halves = torch.stack([w >> 16, w & 0xFFFF], 1).to(torch.float64)  # [L, 2]
+        # the same exact integer. The product is taken as [2, bytes] @ [bytes, rows] (the
+        # halves' rows against the block's transposed view): the same exact sums, ~4x faster
+        # than [rows, bytes] @ [bytes, 2], whose two-column GEMM ran at ~1 G multiply-adds/s
+        # (p45b: 0.79 -> 0.29 ms a 256-record batch of 256 float32 features, 1 thread)
+        halves = torch.stack([w >> 16, w & 0xFFFF]).to(torch.float64)  # [2, L]
         s = torch.zeros(b, dtype=torch.int64)
         for a in range(0, L, _SUM_BLOCK):
             e = min(a + _SUM_BLOCK, L)
             rows = max(1, _KEY_ROW_BYTES // max(1, e - a))
-            hl = torch.cat([u8[r: r + rows, a:e].to(torch.float64) @ halves[a:e]
-                            for r in range(0, b, rows)]).to(torch.int64)
-            s = (s + hl[:, 0] * 65536 + hl[:, 1]) % _P31
+            hl = torch.cat([halves[:, a:e] @ u8[r: r + rows, a:e].to(torch.float64).T
+                            for r in range(0, b, rows)], 1).to(torch.int64)  # [2, b]
+            s = (s + hl[0] * 65536 + hl[1]) % _P31
         h = (h * 1_000_003 + s) % _P31
     return h
 
