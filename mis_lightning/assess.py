@@ -925,6 +925,20 @@ def _running_statistics_note(model: nn.Module) -> str | None:
             "channel (statistics computed from other data, a frozen pretrained encoder's, do not leak)")
 
 
+def _data_buffers_note(names: Sequence[str]) -> str:
+    """The warning for buffers of the user's own modules that a forward sets from the records
+    (:func:`~mis_lightning.estimation.data_buffers.data_dependent_buffers`): like running
+    statistics, released in float and not scored (nu45)."""
+    shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (f"the release holds {len(names)} buffer(s) that the forward sets from the records it sees in train "
+            f"mode ({shown}: two halves of a training batch leave them at different values): if they were "
+            "updated while training, as an input standardiser's running mean or an exponential average is, they "
+            "are computed from the training records, released in float with every scheme and not scored, so "
+            "every figure here is a lower bound for the release. Recompute them on data that is not private "
+            "before release (or leave them out of the state dict: register_buffer(..., persistent=False)) to "
+            "close this channel; buffers set once from public data do not leak")
+
+
 # elements per float64 block of the whole-tensor checks below: a 8192 x 8192 weight in float64
 # with its difference and absolute value was 2 GiB at once (the 1e8 benchmark's scoring, mm32)
 _CHECK_BLOCK = 1 << 20
@@ -1258,6 +1272,10 @@ def score_schemes(
     if stats:
         report.warnings.append(stats)
         report.diagnostics["running_statistics_layers"] = _running_statistics_layers(model)
+    moved = est.diagnostics.get("data_dependent_buffers")
+    if moved:
+        report.warnings.append(_data_buffers_note(moved))
+        report.diagnostics["data_dependent_buffers"] = list(moved)
     lev = _leverage_note(est.diagnostics)
     rank_note = _exact_rank_note(est.mode, est.d, n, est.diagnostics)
     if rank_note:

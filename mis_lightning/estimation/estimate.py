@@ -880,6 +880,9 @@ class MomentAccumulator:
         # the first batch's forward finds the former; the diagonal estimator's report names them
         self._normalised: dict[str, str] = {}
         self._normalised_probe = True
+        # persistent buffers a train-mode forward sets from the records (data_buffers.py), told
+        # by the first batch; None until then
+        self._data_buffers: list[str] | None = None
         self._weight_normed = weight_normed(model, self.param_names)
         self._choice_floats: float | None = None  # the forward cost the last choice weighed
         self.estimator = describe_estimator(mode, hessian)
@@ -1162,6 +1165,8 @@ class MomentAccumulator:
         st = self.state if state is None else state
         program = self.program
         inputs, targets, b = program.prepare(batch)
+        if self._data_buffers is None:
+            self._data_buffers = program.data_dependent_buffers(inputs, b)
         if self._normalised_probe:
             self._normalised_probe = False
             if int(st["n"]) == 0 and self._request[0] != "exact":  # the exact sandwich projects them out
@@ -1706,6 +1711,8 @@ class MomentAccumulator:
         other = self.choice_with_n(est.n)
         if other is not None:
             est.diagnostics["estimator_with_n"] = other
+        if self._data_buffers:  # released with the weights, not scored: the report's warning (nu45)
+            est.diagnostics["data_dependent_buffers"] = list(self._data_buffers)
         if self.num_records > est.n and est.num_records == est.n:  # more asked for than there are: the
             # report says so (fu31); every record's influence is kept, so nothing is approximated
             est.diagnostics["num_records_requested"] = self.num_records
