@@ -6,7 +6,6 @@ such a model's figures were lower bounds without a word."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as tF
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
