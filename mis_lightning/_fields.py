@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-__all__ = ["CheckedFields", "unknown_fields_error"]
+__all__ = ["CheckedFields", "close_param_names", "unknown_fields_error"]
 
 _ACCEPTED: dict[type, frozenset[str] | None] = {}  # per class: its __init__'s keywords (None: any)
 
@@ -74,3 +74,20 @@ class CheckedFields:
                 if bad:
                     raise unknown_fields_error(cls, bad, known, cls.FIELD_ALIASES)
         return super().__new__(cls)
+
+
+def close_param_names(name: str, named: Iterable[str]) -> list[str]:
+    """Parameter names a misspelled ``name`` may mean: a module's own parameters when ``name``
+    is a module path (``"fc1"`` -> ``"fc1.weight"``, ``"fc1.bias"``), the tensors a reparametrized
+    weight is computed from (``"fc1.weight"`` -> ``"fc1.parametrizations.weight.original0"``, ...,
+    or the hook-based ``"fc1.weight_g"``, ``"fc1.weight_v"``, ``"fc1.weight_orig"``: the closest
+    spelling was another layer's weight, nu45), else the closest spellings."""
+    named = list(named)
+    under = [n for n in named if n.startswith(name + ".")]
+    if under:
+        return under[:4]
+    owner, _, attr = name.rpartition(".")
+    computed = [n for n in named if n.startswith(f"{owner}.parametrizations.{attr}.original" if owner
+                                                 else f"parametrizations.{attr}.original")
+                or n in (f"{name}_g", f"{name}_v", f"{name}_orig")]
+    return computed[:4] if computed else difflib.get_close_matches(name, named, n=2, cutoff=0.6)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from . import functional as F
 from ._augmentation import random_records_note
 from ._autocast import without_autocast
+from ._fields import close_param_names
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
@@ -149,13 +150,6 @@ def _dtype_bits(t: Tensor) -> int:
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 
-def _close_param_names(name: str, named: Mapping[str, Any]) -> list[str]:
-    """Parameter names a misspelled ``name`` may mean: a module's own parameters when ``name``
-    is a module path (``"fc1"`` -> ``"fc1.weight"``, ``"fc1.bias"``), else the closest spellings."""
-    under = [n for n in named if n.startswith(name + ".")]
-    return under[:4] if under else difflib.get_close_matches(name, list(named), n=2, cutoff=0.6)
-
-
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
     ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). A tied weight may be
@@ -187,7 +181,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         unknown = [n for n in names if n not in named]
         if unknown:
             hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
-                     for n in unknown if (close := _close_param_names(n, named))]
+                     for n in unknown if (close := close_param_names(n, named))]
             raise KeyError(f"params not in the model: {unknown}"
                            + (f" ({'; '.join(hints)})" if hints else "") + f"; the model has {list(named)}")
     if not names:

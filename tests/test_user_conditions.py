@@ -301,6 +301,23 @@ def test_hook_based_reparametrization_left_in_float_says_why_and_how(kind):
         get_scheme("int8_weight_only").check_model(nn.Sequential(layer))
 
 
+def test_a_reparametrized_weight_named_in_params_or_weight_decay_suggests_its_tensors():
+    """``params=['0.weight']`` for a weight_norm layer suggested another layer's weight ('2.weight',
+    the closest spelling: nu45); it now names the tensors training moved."""
+    from mis_lightning.assess import select_params
+    from mis_lightning.estimation.estimate import check_decay_names
+
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                          nn.utils.spectral_norm(nn.Linear(4, 1)))
+    with pytest.raises(KeyError, match=r"'0.weight': did you mean '0.parametrizations.weight.original0' or "
+                                       r"'0.parametrizations.weight.original1'\?"):
+        select_params(model, ["0.weight"])
+    with pytest.raises(KeyError, match=r"'2.weight': did you mean '2.weight_orig'\?"):
+        check_decay_names({"2.weight": 1e-3}, model)
+    with pytest.raises(KeyError, match=r"'0.bais': did you mean '0.bias'"):  # spellings as before
+        select_params(model, ["0.bais"])
+
+
 @pytest.mark.parametrize("padding_idx", [None, 0])
 def test_exact_hessian_is_taken_in_chunks_of_tangents(padding_idx, monkeypatch):
     """The exact Hessian's d tangents were pushed through the model all at once: d copies of

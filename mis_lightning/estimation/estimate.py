@@ -1165,7 +1165,7 @@ class MomentAccumulator:
         st = self.state if state is None else state
         program = self.program
         inputs, targets, b = program.prepare(batch)
-        if self._data_buffers is None:
+        if self._data_buffers is None and b >= 2:  # (one record cannot be split: the next batch tells)
             self._data_buffers = program.data_dependent_buffers(inputs, b)
         if self._normalised_probe:
             self._normalised_probe = False
@@ -2620,7 +2620,7 @@ def check_decay_names(decay: Mapping[str, float], model: nn.Module) -> None:
     Raises:
         KeyError: names the unknown entries and the model's parameters.
     """
-    import difflib
+    from .._fields import close_param_names
 
     named = [n for n, _ in model.named_parameters()]
     unknown = sorted(set(decay) - set(named))
@@ -2628,7 +2628,7 @@ def check_decay_names(decay: Mapping[str, float], model: nn.Module) -> None:
         # the closest names: e.g. a submodule compiled in configure_model names its parameters
         # with an '_orig_mod.' segment ('backbone._orig_mod.0.weight'), as its state_dict does
         hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
-                 for n in unknown if (close := difflib.get_close_matches(n, named, n=2, cutoff=0.6))]
+                 for n in unknown if (close := close_param_names(n, named))]
         raise KeyError(f"weight_decay names parameters the model does not have: {unknown}"
                        + (f" ({'; '.join(hints)})" if hints else "") + f"; its parameters: "
                        f"{named[:12]}{' ...' if len(named) > 12 else ''}")
