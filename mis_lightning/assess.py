@@ -924,13 +924,14 @@ def _data_buffers_note(names: Sequence[str]) -> str:
     (:func:`~mis_lightning.estimation.data_buffers.data_dependent_buffers`): like running
     statistics, released in float and not scored (nu45)."""
     shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-    return (f"the release holds {len(names)} buffer(s) that the forward sets from the records it sees in train "
-            f"mode ({shown}: two halves of a training batch leave them at different values): if they were "
+    return (f"the release holds {len(names)} buffer(s) or frozen parameter(s) that the forward sets from the "
+            f"records it sees in train mode ({shown}: two halves of a training batch leave them at different "
+            "values): if they were "
             "updated while training, as an input standardiser's running mean or an exponential average is, they "
             "are computed from the training records, released in float with every scheme and not scored, so "
             "every figure here is a lower bound for the release. Recompute them on data that is not private "
             "before release (or leave them out of the state dict: register_buffer(..., persistent=False)) to "
-            "close this channel; buffers set once from public data do not leak")
+            "close this channel; values set once from public data do not leak")
 
 
 # elements per float64 block of the whole-tensor checks below: a 8192 x 8192 weight in float64

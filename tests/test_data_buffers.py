@@ -78,13 +78,33 @@ def test_only_the_buffers_set_from_the_records_are_named_and_the_model_is_left_a
     assert data_dependent_buffers(m, X[:1], 1) == []  # one record cannot be split: nothing told
 
 
+def test_a_running_statistic_kept_as_a_frozen_parameter_is_named_too():
+    """``nn.Parameter(..., requires_grad=False)`` updated in forward is released as a buffer is (the
+    frozen-weights note said "not fitted by this training"); a frozen layer's weights are not named."""
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mu = nn.Parameter(torch.zeros(4), requires_grad=False)
+            self.body = nn.Linear(4, 4).requires_grad_(False)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, z):
+            if self.training:
+                with torch.no_grad():
+                    self.mu.lerp_(z.mean(0), 0.1)
+            return self.head(self.body(z - self.mu))
+
+    assert data_dependent_buffers(Frozen(), X[:32], 32) == ["mu"]
+
+
 def test_assess_and_the_metric_name_them_in_the_warnings_and_the_table():
     m = _trained()
     loader = DataLoader(TensorDataset(X, Y), batch_size=32)
     report = ml.assess(m, ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
     assert report.diagnostics["data_dependent_buffers"] == ["norm.mean", "norm.var"]
     assert any("'norm.mean', 'norm.var'" in w and "lower bound" in w for w in report.warnings)
-    assert "not scored: 2 buffer(s) the forward sets from the records" in report.table()
+    assert "not scored: 2 buffer(s) / frozen parameter(s) the forward sets from the records" in report.table()
     metric = MISIndicator(m, mse, ["rtn_int4"], estimation="diagonal", num_training_records=96, **FAST)
     for i in range(0, 96, 32):
         metric.update(X[i:i + 32], Y[i:i + 32])

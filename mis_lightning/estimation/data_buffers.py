@@ -30,14 +30,18 @@ __all__ = ["data_dependent_buffers", "persistent_float_buffers"]
 
 
 def persistent_float_buffers(model: nn.Module) -> list[str]:
-    """Names (as in ``model.named_buffers()``) of the floating buffers the state dict saves,
-    outside normalisation layers (whose running statistics are reported by type)."""
+    """Names of the floating tensors the state dict saves that training does not fit by
+    gradient, outside normalisation layers (whose running statistics are reported by type):
+    persistent buffers (as ``model.named_buffers()`` names them) and frozen parameters
+    (``requires_grad=False``, as ``named_parameters`` names them: running statistics kept as
+    ``nn.Parameter(..., requires_grad=False)`` are released the same way)."""
     out: list[str] = []
     seen: set[int] = set()
     for fqn, module in model.named_modules():
         if isinstance(module, _NormBase):
             continue
-        for name, b in module._buffers.items():
+        frozen = {k: p for k, p in module._parameters.items() if p is not None and not p.requires_grad}
+        for name, b in [*module._buffers.items(), *frozen.items()]:
             if b is None or not b.is_floating_point() or name in module._non_persistent_buffers_set \
                     or id(b) in seen:
                 continue
@@ -53,8 +57,9 @@ def _rows(inputs: Any, a: int, b: int) -> Any:
 def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
                            call: Callable[[nn.Module, Any], Any] | None = None,
                            dtype: torch.dtype | None = None) -> list[str]:
-    """The persistent floating buffers of ``model`` (outside normalisation layers) that one
-    train-mode forward sets from the records: they differ after a forward on the first half of
+    """The persistent floating buffers and frozen parameters of ``model`` (outside
+    normalisation layers, :func:`persistent_float_buffers`) that one train-mode forward sets from
+    the records: they differ after a forward on the first half of
     ``inputs`` and one on the second half, each on a private copy from the same random state.
 
     Args:
@@ -67,7 +72,7 @@ def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
             ``inputs``: a program's private model keeps the user's, its inputs are cast).
 
     Returns:
-        The buffers' names, in ``named_buffers`` order; ``[]`` where there is no candidate
+        Their names, in module order; ``[]`` where there is no candidate
         buffer, the batch cannot be split, or the model cannot be copied or run on a half
         batch in train mode (nothing can be told then; the assessment goes on).
     """
@@ -94,7 +99,7 @@ def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
                 copy_(part) if call is None else call(copy_, part)
             except Exception:  # noqa: BLE001 - a forward that needs the whole batch: not told
                 return []
-        bufs = dict(copy_.named_buffers())
+        bufs = {**dict(copy_.named_parameters()), **dict(copy_.named_buffers())}
         after.append({n: bufs[n] for n in names if n in bufs})
     return [n for n in names if n in after[0] and n in after[1]
             and not (after[0][n].shape == after[1][n].shape and torch.equal(after[0][n], after[1][n]))]
