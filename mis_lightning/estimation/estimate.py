@@ -91,7 +91,12 @@ from .records import (
     storable_rows,
     store_records,
 )
-from .symmetries import SCALE_INVARIANT_NORMS, normalised_layers, weight_normed
+from .symmetries import (
+    SCALE_INVARIANT_NORMS,
+    normalised_layers,
+    scale_free_reparametrizations,
+    weight_normed,
+)
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
            "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys",
@@ -884,6 +889,8 @@ class MomentAccumulator:
         # by the first batch; None until then
         self._data_buffers: list[str] | None = None
         self._weight_normed = weight_normed(model, self.param_names)
+        # which reparametrization makes each one's scale flat (the warning names it)
+        self._weight_norm_kinds = scale_free_reparametrizations(model, self.param_names)
         self._choice_floats: float | None = None  # the forward cost the last choice weighed
         self.estimator = describe_estimator(mode, hessian)
         if hessian not in ("exact", "ggn", "ggn_mc", "hutchinson", "ggn_residual"):
@@ -1908,6 +1915,9 @@ class MomentAccumulator:
             out["normalised_layers"] = dict(self._normalised)
         if self._weight_normed:
             out["weight_normed_layers"] = list(self._weight_normed)
+            other = {k: v for k, v in self._weight_norm_kinds.items() if v != "weight_norm"}
+            if other:  # spectral_norm's (nu45); weight_norm's need no entry (the older reports')
+                out["weight_normed_kinds"] = other
         return out
 
     def _kfac_factors(self, st: dict[str, Any], n: int, diagnostics: dict[str, Any],
@@ -2526,7 +2536,9 @@ def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
     wn = list(diagnostics.get("weight_normed_layers") or [])
     if not norm and not wn:
         return None
-    named = [f"{k or 'the model'} (into {v})" for k, v in norm.items()] + [f"{k} (weight_norm)" for k in wn]
+    kinds = diagnostics.get("weight_normed_kinds") or {}
+    named = [f"{k or 'the model'} (into {v})" for k, v in norm.items()] + [
+        f"{k} ({kinds.get(k, 'weight_norm')})" for k in wn]
     return (
         f"uncertain figures (? in the table): the diagonal estimator read layers whose weights the model lets "
         f"scale together without changing its output: {', '.join(named[:6])}{' ...' if len(named) > 6 else ''}. "
