@@ -13,6 +13,7 @@ what stayed in float or is not scored. The user's state dict is compared before 
     python benchmarks/nu45_trial.py lora            # LoRA adapters: peft-style Linear pairs, loralib raw A / B, raw base
     python benchmarks/nu45_trial.py layers          # Bilinear, Embedding(padding_idx), grouped Conv2d / ConvTranspose2d + BN
     python benchmarks/nu45_trial.py buffers         # an input standardiser's running buffers
+    python benchmarks/nu45_trial.py symmetry        # spectral_norm's flat scale: exact vs diagonal estimator
 """
 
 from __future__ import annotations
@@ -261,8 +262,43 @@ def buffers() -> None:
         ["none", "int8_weight_only", "rtn_int4"])
 
 
+def _to_minimum(m: nn.Module, x: torch.Tensor, y: torch.Tensor, wd: float) -> nn.Module:
+    """Full-batch L-BFGS on ``mean CE + wd / 2 |theta|^2`` (train mode), returned in eval mode."""
+    opt = torch.optim.LBFGS(m.parameters(), lr=1, max_iter=500, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-14)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = ce(m(x), y).mean() + wd / 2 * sum((p ** 2).sum() for p in m.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    return m.eval()
+
+
+def symmetry() -> None:
+    """spectral_norm's flat scale under the exact and the diagonal estimator (an 8-8-2 tanh MLP,
+    n = 1,024, full-batch L-BFGS on the objective with L2 5e-3: at its minimum)."""
+    for name, wrap in (("parametrizations.spectral_norm", P.spectral_norm), ("torch.nn.utils.spectral_norm",
+                                                                          nn.utils.spectral_norm)):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1024, 8, generator=g)
+        y = (x[:, 0] + x[:, 1] > 0).long()
+        m = _to_minimum(nn.Sequential(wrap(nn.Linear(8, 8)), nn.Tanh(), nn.Linear(8, 2)), x, y, 5e-3)
+        for est in ("exact", "diagonal"):
+            rep = ml.assess(m, ["none", "rtn_int4", "bf16"], DataLoader(TensorDataset(x, y), batch_size=256), ce,
+                            weight_decay=5e-3, estimation=est)
+            rows = [ln for ln in rep.table().splitlines() if ln.startswith(("none ", "rtn_int4", "bf16"))]
+            sym = [w[:160] for w in rep.warnings if w.startswith("uncertain figures")]
+            print(f"== {name}, {est}: " + ", ".join(f"{k} {r.leakage:.4f}" for k, r in rep.schemes.items()))
+            print("   " + "\n   ".join(rows) + ("\n   W: " + sym[0] if sym else ""))
+
+
 CASES = {"parametrize": parametrize, "compile": compile_, "mha": mha, "lora": lora, "layers": layers,
-         "buffers": buffers}
+         "buffers": buffers, "symmetry": symmetry}
 
 if __name__ == "__main__":
     for case in sys.argv[1:] or list(CASES):
