@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from . import functional as F
 from ._augmentation import random_records_note
 from ._autocast import without_autocast
-from ._fields import close_param_names
+from ._fields import close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
@@ -155,7 +155,8 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). A tied weight may be
     named by any of its holders (``'head.weight'`` for an output layer tied to ``'emb.weight'``,
     as ``state_dict`` names it); the name returned is ``named_parameters``' (its first holder's),
-    which the report uses. Unknown names, an
+    which the report uses; so may a compiled submodule's without its ``_orig_mod.`` segment
+    (:func:`~mis_lightning._fields.parameter_aliases`). Unknown names, an
     empty selection and NaN/inf weights raise errors that name the culprit; selected
     parameters that do not require grad (frozen: not trained on the records) get a warning.
 
@@ -174,9 +175,9 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         names = [n for n, p in named.items() if params(n, p)]
     else:
         # A tied weight has one name in named_parameters (its first holder's: 'emb.weight') but
-        # one per holder in state_dict ('head.weight' too): any of them means that parameter.
-        first = {id(p): n for n, p in named.items()}
-        alias = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        # one per holder in state_dict ('head.weight' too), and a compiled submodule's parameters
+        # are also known without their '_orig_mod.' segment: any of them means that parameter.
+        alias = parameter_aliases(model)
         names = list(dict.fromkeys(alias.get(n, n) for n in params))
         unknown = [n for n in names if n not in named]
         if unknown:

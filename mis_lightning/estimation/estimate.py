@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._autocast import without_autocast
+from .._fields import canonical_decay, close_param_names, parameter_aliases
 from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import restores_rng
@@ -906,6 +907,7 @@ class MomentAccumulator:
         # the L2 coefficient per assessed parameter (a mapping: those it names, others 0)
         if decay is not None:
             check_decay_names(decay, model)
+            decay = canonical_decay(decay, model)  # a tied holder's or an '_orig_mod.'-less name
         self.decay = {k: float(decay.get(k, 0.0)) if decay is not None else float(weight_decay) for k in self.names}
         self.num_records = int(num_records)
         self.hutchinson_probes, self.damping, self.budget = hutchinson_probes, damping, budget
@@ -2627,15 +2629,14 @@ def _split(flat: Tensor, names: list[str], offsets: dict[str, tuple[int, int]]) 
 
 
 def check_decay_names(decay: Mapping[str, float], model: nn.Module) -> None:
-    """A per-parameter ``weight_decay`` mapping names parameters of ``model`` only.
+    """A per-parameter ``weight_decay`` mapping names parameters of ``model`` only (by a name of
+    ``named_parameters`` or an alias: :func:`~mis_lightning._fields.parameter_aliases`).
 
     Raises:
         KeyError: names the unknown entries and the model's parameters.
     """
-    from .._fields import close_param_names
-
     named = [n for n, _ in model.named_parameters()]
-    unknown = sorted(set(decay) - set(named))
+    unknown = sorted(set(decay) - set(named) - set(parameter_aliases(model)))
     if unknown:
         # the closest names: e.g. a submodule compiled in configure_model names its parameters
         # with an '_orig_mod.' segment ('backbone._orig_mod.0.weight'), as its state_dict does
