@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-__all__ = ["CheckedFields", "unknown_fields_error"]
+__all__ = ["CheckedFields", "canonical_decay", "close_param_names", "parameter_aliases", "unknown_fields_error"]
 
 _ACCEPTED: dict[type, frozenset[str] | None] = {}  # per class: its __init__'s keywords (None: any)
 
@@ -74,3 +74,56 @@ class CheckedFields:
                 if bad:
                     raise unknown_fields_error(cls, bad, known, cls.FIELD_ALIASES)
         return super().__new__(cls)
+
+
+def close_param_names(name: str, named: Iterable[str]) -> list[str]:
+    """Parameter names a misspelled ``name`` may mean: a module's own parameters when ``name``
+    is a module path (``"fc1"`` -> ``"fc1.weight"``, ``"fc1.bias"``), the tensors a reparametrized
+    weight is computed from (``"fc1.weight"`` -> ``"fc1.parametrizations.weight.original0"``, ...,
+    or the hook-based ``"fc1.weight_g"``, ``"fc1.weight_v"``, ``"fc1.weight_orig"``: the closest
+    spelling was another layer's weight, nu45), else the closest spellings."""
+    named = list(named)
+    under = [n for n in named if n.startswith(name + ".")]
+    if under:
+        return under[:4]
+    owner, _, attr = name.rpartition(".")
+    computed = [n for n in named if n.startswith(f"{owner}.parametrizations.{attr}.original" if owner
+                                                 else f"parametrizations.{attr}.original")
+                or n in (f"{name}_g", f"{name}_v", f"{name}_orig")]
+    return computed[:4] if computed else difflib.get_close_matches(name, named, n=2, cutoff=0.6)
+
+
+def parameter_aliases(model: Any) -> dict[str, str]:
+    """``{other name: its named_parameters name}``: the names besides ``named_parameters``' under
+    which a parameter of ``model`` may be given (``params=``, ``weight_decay={...}``): a tied
+    parameter's other holders (``'head.weight'`` for an output layer tied to ``'emb.weight'``, as
+    ``state_dict`` names it), and a compiled submodule's names without its ``_orig_mod.`` segment
+    (``'backbone.0.weight'`` for ``'backbone._orig_mod.0.weight'``: the names of the module before
+    ``torch.compile``; nu43 left them refused with a suggestion, nu45). A short name that is itself
+    another parameter's name is not an alias."""
+    named = dict(model.named_parameters())
+    first = {id(p): n for n, p in named.items()}
+    out = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if n not in named}
+    for n in [*named, *out]:
+        short = ".".join(part for part in n.split(".") if part != "_orig_mod")
+        if short != n and short not in named and short not in out:
+            out[short] = out.get(n, n)
+    return out
+
+
+def canonical_decay(decay: Mapping[str, float], model: Any) -> dict[str, float]:
+    """A per-parameter ``weight_decay`` mapping with each alias (:func:`parameter_aliases`)
+    replaced by its ``named_parameters`` name.
+
+    Raises:
+        ValueError: two names of one parameter with different coefficients (both named)."""
+    aliases = parameter_aliases(model)
+    out: dict[str, float] = {}
+    given: dict[str, str] = {}
+    for k, v in decay.items():
+        name = aliases.get(k, k)
+        if name in out and float(out[name]) != float(v):
+            raise ValueError(f"weight_decay gives parameter {name!r} two coefficients: {given[name]!r}: "
+                             f"{out[name]:g} and {k!r}: {float(v):g} (names of one parameter)")
+        out[name], given[name] = v, k
+    return out

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 from . import functional as F
 from ._augmentation import random_records_note
 from ._autocast import without_autocast
+from ._fields import close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
@@ -149,19 +150,13 @@ def _dtype_bits(t: Tensor) -> int:
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 
-def _close_param_names(name: str, named: Mapping[str, Any]) -> list[str]:
-    """Parameter names a misspelled ``name`` may mean: a module's own parameters when ``name``
-    is a module path (``"fc1"`` -> ``"fc1.weight"``, ``"fc1.bias"``), else the closest spellings."""
-    under = [n for n in named if n.startswith(name + ".")]
-    return under[:4] if under else difflib.get_close_matches(name, list(named), n=2, cutoff=0.6)
-
-
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
     ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). A tied weight may be
     named by any of its holders (``'head.weight'`` for an output layer tied to ``'emb.weight'``,
     as ``state_dict`` names it); the name returned is ``named_parameters``' (its first holder's),
-    which the report uses. Unknown names, an
+    which the report uses; so may a compiled submodule's without its ``_orig_mod.`` segment
+    (:func:`~mis_lightning._fields.parameter_aliases`). Unknown names, an
     empty selection and NaN/inf weights raise errors that name the culprit; selected
     parameters that do not require grad (frozen: not trained on the records) get a warning.
 
@@ -180,14 +175,14 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         names = [n for n, p in named.items() if params(n, p)]
     else:
         # A tied weight has one name in named_parameters (its first holder's: 'emb.weight') but
-        # one per holder in state_dict ('head.weight' too): any of them means that parameter.
-        first = {id(p): n for n, p in named.items()}
-        alias = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+        # one per holder in state_dict ('head.weight' too), and a compiled submodule's parameters
+        # are also known without their '_orig_mod.' segment: any of them means that parameter.
+        alias = parameter_aliases(model)
         names = list(dict.fromkeys(alias.get(n, n) for n in params))
         unknown = [n for n in names if n not in named]
         if unknown:
             hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
-                     for n in unknown if (close := _close_param_names(n, named))]
+                     for n in unknown if (close := close_param_names(n, named))]
             raise KeyError(f"params not in the model: {unknown}"
                            + (f" ({'; '.join(hints)})" if hints else "") + f"; the model has {list(named)}")
     if not names:
@@ -925,6 +920,21 @@ def _running_statistics_note(model: nn.Module) -> str | None:
             "channel (statistics computed from other data, a frozen pretrained encoder's, do not leak)")
 
 
+def _data_buffers_note(names: Sequence[str]) -> str:
+    """The warning for buffers of the user's own modules that a forward sets from the records
+    (:func:`~mis_lightning.estimation.data_buffers.data_dependent_buffers`): like running
+    statistics, released in float and not scored (nu45)."""
+    shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (f"the release holds {len(names)} buffer(s) or frozen parameter(s) that the forward sets from the "
+            f"records it sees in train mode ({shown}: two halves of a training batch leave them at different "
+            "values): if they were "
+            "updated while training, as an input standardiser's running mean or an exponential average is, they "
+            "are computed from the training records, released in float with every scheme and not scored, so "
+            "every figure here is a lower bound for the release. Recompute them on data that is not private "
+            "before release (or leave them out of the state dict: register_buffer(..., persistent=False)) to "
+            "close this channel; values set once from public data do not leak")
+
+
 # elements per float64 block of the whole-tensor checks below: a 8192 x 8192 weight in float64
 # with its difference and absolute value was 2 GiB at once (the 1e8 benchmark's scoring, mm32)
 _CHECK_BLOCK = 1 << 20
@@ -1258,6 +1268,10 @@ def score_schemes(
     if stats:
         report.warnings.append(stats)
         report.diagnostics["running_statistics_layers"] = _running_statistics_layers(model)
+    moved = est.diagnostics.get("data_dependent_buffers")
+    if moved:
+        report.warnings.append(_data_buffers_note(moved))
+        report.diagnostics["data_dependent_buffers"] = list(moved)
     lev = _leverage_note(est.diagnostics)
     rank_note = _exact_rank_note(est.mode, est.d, n, est.diagnostics)
     if rank_note:

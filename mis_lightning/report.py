@@ -445,6 +445,11 @@ class Report:
             text += (f"\nnot scored: the running statistics of {len(stats)} normalisation layer(s) ({shown}), "
                      "released in float with every scheme: each leakage is a lower bound for the release "
                      "(see warnings)")
+        if moved := (self.diagnostics or {}).get("data_dependent_buffers"):
+            shown = ", ".join(repr(k) for k in moved[:3]) + (f" and {len(moved) - 3} more" if len(moved) > 3 else "")
+            text += (f"\nnot scored: {len(moved)} buffer(s) / frozen parameter(s) the forward sets from the records ({shown}), "
+                     "released in float with every scheme: each leakage is a lower bound for the release "
+                     "(see warnings)")
         verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
             text += "\n" + (verdict(rows, utility_key, utility_tolerance, modes=modes)

@@ -242,11 +242,13 @@ def test_layers_built_in_configure_model_are_assessed_and_checked_before_trainin
     assert model.steps == 0
 
 
-def test_names_of_a_compiled_submodule_are_suggested_for_params_and_weight_decay():
+def test_names_of_a_compiled_submodule_are_taken_with_or_without_orig_mod():
     """A submodule compiled in configure_model names its parameters with '_orig_mod.' (as its
-    state_dict does); a params= or weight_decay= name without it raises naming the right one
-    (nu43: weight_decay= listed the parameters without a suggestion). The names of
-    ``torch.compile(nn.Linear(3, 2))`` held as ``backbone``, without importing dynamo (seconds)."""
+    state_dict does). nu43 refused a params= or weight_decay= name without it, suggesting the right
+    one; nu45 takes it as an alias of that parameter (the name before ``torch.compile``), for
+    params= and weight_decay= alike; a misspelled name still raises with the suggestion. The names
+    of ``torch.compile(nn.Linear(3, 2))`` held as ``backbone``, without importing dynamo (seconds)."""
+    from mis_lightning._fields import canonical_decay
     from mis_lightning.assess import select_params
     from mis_lightning.estimation.estimate import check_decay_names
 
@@ -254,8 +256,14 @@ def test_names_of_a_compiled_submodule_are_suggested_for_params_and_weight_decay
     model.backbone = nn.Module()
     model.backbone._orig_mod = nn.Linear(3, 2)  # what OptimizedModule holds
     model.head = nn.Linear(2, 1)
-    with pytest.raises(KeyError, match=r"'backbone.weight': did you mean 'backbone._orig_mod.weight'"):
-        select_params(model, ["backbone.weight"])
-    with pytest.raises(KeyError, match=r"'backbone.weight': did you mean 'backbone._orig_mod.weight'"):
-        check_decay_names({"backbone.weight": 1e-2}, model)
-    check_decay_names({"backbone._orig_mod.weight": 1e-2, "head.bias": 0.0}, model)  # the right names pass
+    assert select_params(model, ["backbone.weight", "backbone._orig_mod.weight", "head.bias"]) == [
+        "backbone._orig_mod.weight", "head.bias"]
+    check_decay_names({"backbone.weight": 1e-2, "head.bias": 0.0}, model)
+    assert canonical_decay({"backbone.weight": 1e-2, "head.bias": 0.0}, model) == {
+        "backbone._orig_mod.weight": 1e-2, "head.bias": 0.0}
+    with pytest.raises(ValueError, match="two coefficients"):
+        canonical_decay({"backbone.weight": 1e-2, "backbone._orig_mod.weight": 0.0}, model)
+    with pytest.raises(KeyError, match=r"'backbone.wieght': did you mean 'backbone._orig_mod.weight'"):
+        select_params(model, ["backbone.wieght"])
+    with pytest.raises(KeyError, match=r"'backbone.wieght': did you mean 'backbone._orig_mod.weight'"):
+        check_decay_names({"backbone.wieght": 1e-2}, model)

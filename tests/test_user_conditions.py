@@ -271,6 +271,51 @@ def test_parametrized_weight_left_in_float_names_the_layer():
                     uncertainty_draws=0)
     why = rep.schemes["rtn_int8"].float_params["0.parametrizations.weight.original"]
     assert why.startswith("parametrized weight of '0' (_SpectralNorm)")
+    assert "remove_parametrizations(module, 'weight')" in why  # the way to quantize it (nu45)
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm"])
+def test_hook_based_reparametrization_left_in_float_says_why_and_how(kind):
+    """The deprecated hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` recompute a
+    Linear's ``weight`` (a plain tensor attribute) before every forward: the float reason read
+    "Linear.weight_g: layer type Linear not supported ... quantize the weights of nn.Linear" (nu45),
+    contradicting itself. It now names the hook and its removal, for every scheme family, and the
+    scheme that finds no other weight says the same."""
+    from mis_lightning.quantization import SchemeError, get_scheme
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation
+        layer = getattr(nn.utils, kind)(nn.Linear(3, 4))
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 1))
+    names = ["0.weight_g", "0.weight_v"] if kind == "weight_norm" else ["0.weight_orig"]
+    removal = "remove_weight_norm" if kind == "weight_norm" else "remove_spectral_norm"
+    for scheme in ("rtn_int8", "int8_weight_only", "native_int8_dynamic"):
+        out = get_scheme(scheme).apply(model)
+        assert "0.weight" not in out.grids and "2.weight" in out.grids
+        for n in names:
+            why = out.unquantized[n]
+            assert f"torch.nn.utils.{kind}" in why and f"torch.nn.utils.{removal}(module, 'weight')" in why, why
+            assert "not supported" not in why, why
+    with pytest.raises(SchemeError, match=removal):
+        get_scheme("int8_weight_only").check_model(nn.Sequential(layer))
+
+
+def test_a_reparametrized_weight_named_in_params_or_weight_decay_suggests_its_tensors():
+    """``params=['0.weight']`` for a weight_norm layer suggested another layer's weight ('2.weight',
+    the closest spelling: nu45); it now names the tensors training moved."""
+    from mis_lightning.assess import select_params
+    from mis_lightning.estimation.estimate import check_decay_names
+
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                          nn.utils.spectral_norm(nn.Linear(4, 1)))
+    with pytest.raises(KeyError, match=r"'0.weight': did you mean '0.parametrizations.weight.original0' or "
+                                       r"'0.parametrizations.weight.original1'\?"):
+        select_params(model, ["0.weight"])
+    with pytest.raises(KeyError, match=r"'2.weight': did you mean '2.weight_orig'\?"):
+        check_decay_names({"2.weight": 1e-3}, model)
+    with pytest.raises(KeyError, match=r"'0.bais': did you mean '0.bias'"):  # spellings as before
+        select_params(model, ["0.bais"])
 
 
 @pytest.mark.parametrize("padding_idx", [None, 0])

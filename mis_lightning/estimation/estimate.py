@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._autocast import without_autocast
+from .._fields import canonical_decay, close_param_names, parameter_aliases
 from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import restores_rng
@@ -91,7 +92,12 @@ from .records import (
     storable_rows,
     store_records,
 )
-from .symmetries import SCALE_INVARIANT_NORMS, normalised_layers, weight_normed
+from .symmetries import (
+    SCALE_INVARIANT_NORMS,
+    normalised_layers,
+    scale_free_reparametrizations,
+    weight_normed,
+)
 
 __all__ = ["DEFAULT_BUDGET", "EXACT_MAX_PARAMS", "Estimate", "MomentAccumulator", "choose_estimator",
            "describe_estimator", "estimate", "estimator_warnings", "note_unknown_records", "record_keys",
@@ -880,7 +886,12 @@ class MomentAccumulator:
         # the first batch's forward finds the former; the diagonal estimator's report names them
         self._normalised: dict[str, str] = {}
         self._normalised_probe = True
+        # persistent buffers a train-mode forward sets from the records (data_buffers.py), told
+        # by the first batch; None until then
+        self._data_buffers: list[str] | None = None
         self._weight_normed = weight_normed(model, self.param_names)
+        # which reparametrization makes each one's scale flat (the warning names it)
+        self._weight_norm_kinds = scale_free_reparametrizations(model, self.param_names)
         self._choice_floats: float | None = None  # the forward cost the last choice weighed
         self.estimator = describe_estimator(mode, hessian)
         if hessian not in ("exact", "ggn", "ggn_mc", "hutchinson", "ggn_residual"):
@@ -896,6 +907,7 @@ class MomentAccumulator:
         # the L2 coefficient per assessed parameter (a mapping: those it names, others 0)
         if decay is not None:
             check_decay_names(decay, model)
+            decay = canonical_decay(decay, model)  # a tied holder's or an '_orig_mod.'-less name
         self.decay = {k: float(decay.get(k, 0.0)) if decay is not None else float(weight_decay) for k in self.names}
         self._decay_told = dict(self.decay)  # finalize scales it by the records without loss (sm45)
         self.num_records = int(num_records)
@@ -1165,6 +1177,8 @@ class MomentAccumulator:
         st = self.state if state is None else state
         program = self.program
         inputs, targets, b = program.prepare(batch)
+        if self._data_buffers is None and b >= 2:  # (one record cannot be split: the next batch tells)
+            self._data_buffers = program.data_dependent_buffers(inputs, b)
         if self._normalised_probe:
             self._normalised_probe = False
             if int(st["n"]) == 0 and self._request[0] != "exact":  # the exact sandwich projects them out
@@ -1730,6 +1744,8 @@ class MomentAccumulator:
         other = self.choice_with_n(est.n)
         if other is not None:
             est.diagnostics["estimator_with_n"] = other
+        if self._data_buffers:  # released with the weights, not scored: the report's warning (nu45)
+            est.diagnostics["data_dependent_buffers"] = list(self._data_buffers)
         if self.num_records > est.n and est.num_records == est.n:  # more asked for than there are: the
             # report says so (fu31); every record's influence is kept, so nothing is approximated
             est.diagnostics["num_records_requested"] = self.num_records
@@ -1934,6 +1950,9 @@ class MomentAccumulator:
             out["normalised_layers"] = dict(self._normalised)
         if self._weight_normed:
             out["weight_normed_layers"] = list(self._weight_normed)
+            other = {k: v for k, v in self._weight_norm_kinds.items() if v != "weight_norm"}
+            if other:  # spectral_norm's (nu45); weight_norm's need no entry (the older reports')
+                out["weight_normed_kinds"] = other
         return out
 
     def _kfac_factors(self, st: dict[str, Any], n: int, diagnostics: dict[str, Any],
@@ -2561,7 +2580,9 @@ def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
     wn = list(diagnostics.get("weight_normed_layers") or [])
     if not norm and not wn:
         return None
-    named = [f"{k or 'the model'} (into {v})" for k, v in norm.items()] + [f"{k} (weight_norm)" for k in wn]
+    kinds = diagnostics.get("weight_normed_kinds") or {}
+    named = [f"{k or 'the model'} (into {v})" for k, v in norm.items()] + [
+        f"{k} ({kinds.get(k, 'weight_norm')})" for k in wn]
     return (
         f"uncertain figures (? in the table): the diagonal estimator read layers whose weights the model lets "
         f"scale together without changing its output: {', '.join(named[:6])}{' ...' if len(named) > 6 else ''}. "
@@ -2659,20 +2680,19 @@ def _split(flat: Tensor, names: list[str], offsets: dict[str, tuple[int, int]]) 
 
 
 def check_decay_names(decay: Mapping[str, float], model: nn.Module) -> None:
-    """A per-parameter ``weight_decay`` mapping names parameters of ``model`` only.
+    """A per-parameter ``weight_decay`` mapping names parameters of ``model`` only (by a name of
+    ``named_parameters`` or an alias: :func:`~mis_lightning._fields.parameter_aliases`).
 
     Raises:
         KeyError: names the unknown entries and the model's parameters.
     """
-    import difflib
-
     named = [n for n, _ in model.named_parameters()]
-    unknown = sorted(set(decay) - set(named))
+    unknown = sorted(set(decay) - set(named) - set(parameter_aliases(model)))
     if unknown:
         # the closest names: e.g. a submodule compiled in configure_model names its parameters
         # with an '_orig_mod.' segment ('backbone._orig_mod.0.weight'), as its state_dict does
         hints = [f"{n!r}: did you mean {' or '.join(repr(c) for c in close)}?"
-                 for n in unknown if (close := difflib.get_close_matches(n, named, n=2, cutoff=0.6))]
+                 for n in unknown if (close := close_param_names(n, named))]
         raise KeyError(f"weight_decay names parameters the model does not have: {unknown}"
                        + (f" ({'; '.join(hints)})" if hints else "") + f"; its parameters: "
                        f"{named[:12]}{' ...' if len(named) > 12 else ''}")

@@ -49,20 +49,48 @@ def _storage(t: Any) -> int | None:
         return None
 
 
-def weight_normed(model: nn.Module, param_names: Iterable[str] | None = None) -> list[str]:
-    """Modules of ``model`` holding an assessed parameter (``param_names``; ``None``: every one)
-    under ``weight_norm`` (``torch.nn.utils.parametrizations.weight_norm``'s ``original1`` or the
-    older ``weight_v``): their ``v``'s scale is flat. Names in ``named_modules`` order."""
+def scale_free_reparametrizations(model: nn.Module, param_names: Iterable[str] | None = None) -> dict[str, str]:
+    """``{module name: "weight_norm" or "spectral_norm"}`` for the modules of ``model`` whose
+    weight is computed, by one of those reparametrizations, from an assessed tensor
+    (``param_names``; ``None``: every one) whose scale it does not see: ``weight_norm``'s ``v``
+    (``parametrizations.weight.original1``, or the hook-based ``weight_v``) and
+    ``spectral_norm``'s ``original`` (or ``weight_orig``: ``W = W_orig / (u' W_orig v)`` with
+    the power iteration's ``u``, ``v`` fixed in eval mode, so any ``c W_orig`` gives the same
+    ``W``; nu45: it was not named, and the diagonal estimator read across it unmarked). Found by
+    the parametrization or hook object, not by name (``torch.nn.utils.prune`` names its tensor
+    ``weight_orig`` too, without a symmetry). A parametrization chained with another is not
+    named (the chain may see the scale). In ``named_modules`` order."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
     wanted = None if param_names is None else set(param_names)
-    out = []
-    for name, _ in model.named_parameters():
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        hit = name.endswith("weight_v") or name.endswith("parametrizations.weight.original1")
-        if hit and (wanted is None or name in wanted):
-            layer = owner.removesuffix(".parametrizations.weight").removesuffix("parametrizations.weight")
-            if layer not in out:
-                out.append(layer)
+    kinds = {"_WeightNorm": ("weight_norm", "original1"), "_SpectralNorm": ("spectral_norm", "original")}
+    out: dict[str, str] = {}
+    for fqn, m in model.named_modules():
+        prefix = f"{fqn}." if fqn else ""
+        found: list[tuple[str, str]] = []
+        plists = getattr(m, "parametrizations", None)
+        if isinstance(plists, nn.ModuleDict):
+            for attr, plist in plists.items():
+                kind = kinds.get(type(plist[0]).__name__) if len(plist) == 1 else None
+                if kind is not None:
+                    found.append((kind[0], f"{prefix}parametrizations.{attr}.{kind[1]}"))
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                found.append(("weight_norm", f"{prefix}{hook.name}_v"))
+            elif isinstance(hook, SpectralNorm):
+                found.append(("spectral_norm", f"{prefix}{hook.name}_orig"))
+        for kind, pname in found:
+            if wanted is None or pname in wanted:
+                out.setdefault(fqn, kind)
     return out
+
+
+def weight_normed(model: nn.Module, param_names: Iterable[str] | None = None) -> list[str]:
+    """Modules of ``model`` holding an assessed tensor whose scale the model does not see, under
+    ``weight_norm`` or ``spectral_norm`` (:func:`scale_free_reparametrizations`): their names, in
+    ``named_modules`` order."""
+    return list(scale_free_reparametrizations(model, param_names))
 
 
 def _named(*names: str, on: Any = F) -> frozenset:

@@ -2387,6 +2387,31 @@ class ParamGrid:
         return True
 
 
+def hook_reparametrization(module: nn.Module) -> tuple[str, str, str] | None:
+    """``(parameter attribute, torch function, its removal)`` where ``module``'s ``weight`` is
+    recomputed before every forward by the hook-based ``torch.nn.utils.weight_norm`` (from
+    ``weight_g``, ``weight_v``) or ``torch.nn.utils.spectral_norm`` (from ``weight_orig``): the
+    deprecated forms of the parametrizations, whose ``weight`` is a plain tensor attribute, not
+    a parameter a scheme can quantize. ``None`` for any other module."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm):
+            return (f"{hook.name}_g, {hook.name}_v", "torch.nn.utils.weight_norm",
+                    f"torch.nn.utils.remove_weight_norm(module, {hook.name!r})")
+        if isinstance(hook, SpectralNorm):
+            return (f"{hook.name}_orig", "torch.nn.utils.spectral_norm",
+                    f"torch.nn.utils.remove_spectral_norm(module, {hook.name!r})")
+    return None
+
+
+# what makes a parametrized weight quantizable (its value is what the release then holds)
+_REMOVE_PARAMETRIZATION = ("torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') before "
+                           "quantizing and assessing keeps the computed weight as a plain parameter, which "
+                           "the schemes quantize")
+
+
 def surgery_reasons(model: nn.Module) -> dict[str, str]:
     """``{module name: reason}`` for layer weights that are no parameter because of model
     surgery a scheme does not see through: ``torch.nn.utils.prune`` (``weight = weight_orig *
@@ -2403,7 +2428,12 @@ def surgery_reasons(model: nn.Module) -> dict[str, str]:
                 "or Lightning's ModelPruning(make_pruning_permanent=True))")
         elif torch.nn.utils.parametrize.is_parametrized(m, "weight"):
             out[fqn or "model"] = (f"{type(m).__name__}.weight is parametrized (torch.nn.utils.parametrize): "
-                                   "computed from its parametrization's parameters, not a plain weight")
+                                   "computed from its parametrization's parameters, not a plain weight; "
+                                   + _REMOVE_PARAMETRIZATION)
+        elif (hooked := hook_reparametrization(m)) is not None:
+            out[fqn or "model"] = (f"{type(m).__name__}.weight is recomputed from {hooked[0]} before every forward "
+                                   f"({hooked[1]}), not a parameter: {hooked[2]} keeps it as a plain parameter, "
+                                   "which the schemes quantize")
     return out
 
 
@@ -2631,7 +2661,15 @@ class QuantizationScheme(ABC):
                 layer = name.split(".parametrizations.")[0]
                 how = ", ".join(type(q).__name__ for q in m) if isinstance(m, nn.ModuleList) else "a parametrization"
                 return (f"parametrized weight of {layer!r} ({how}): the layer's weight is computed from it, "
-                        f"and scheme {self.name!r} quantizes plain layer weights only")
+                        f"and scheme {self.name!r} quantizes plain layer weights only; {_REMOVE_PARAMETRIZATION}")
+            hooked = hook_reparametrization(m)
+            if hooked is not None and a in [x.strip() for x in hooked[0].split(",")]:
+                # the deprecated hook-based weight_norm / spectral_norm: a Linear's own name would
+                # read "layer type Linear not supported" (nu45), which it is, as a plain layer
+                return (f"{a} of {f!r} ({hooked[1]}: its forward pre-hook recomputes the layer's weight from "
+                        f"{hooked[0]} before every forward, so that weight is no parameter): scheme {self.name!r} "
+                        f"quantizes plain layer weights only; {hooked[2]} keeps the computed weight as a plain "
+                        "parameter, which the schemes quantize")
             if a.endswith("_orig") and isinstance(getattr(m, a[:-5] + "_mask", None), Tensor):
                 # torch.nn.utils.prune: the layer's weight is a plain tensor, orig * mask, recomputed
                 # before every forward; the parameter is its unpruned original

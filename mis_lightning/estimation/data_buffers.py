@@ -1,0 +1,105 @@
+"""Buffers a forward sets from the records it sees: released with the weights, not scored.
+
+A normalisation layer's running statistics are one such channel (found by type:
+``assess._running_statistics_layers``). Others are buffers of the user's own modules: an input
+standardiser keeping a running mean and variance (as reinforcement-learning and tabular
+normalisers do), an exponential average of activations, a cache of the last batch. They are
+computed from the training records, saved in the state dict, and leak membership as the running
+statistics do (docs/method.md section 6), but nothing in a module's type says so. This module
+tells them by what they do: two private copies of the model run one train-mode forward each, on
+two disjoint halves of a training batch, from the same random state; a persistent floating
+buffer whose values then differ was set from the records (a constant table, a positional
+encoding, a step counter or ``spectral_norm``'s power-iteration vectors, which depend on the
+weights only, come out equal and are not named).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.utils._pytree import tree_leaves, tree_map
+
+from .._modelcopy import ModelCopyError, private_copy
+from .._rng import isolated_rng
+
+__all__ = ["data_dependent_buffers", "persistent_float_buffers"]
+
+
+def persistent_float_buffers(model: nn.Module) -> list[str]:
+    """Names of the floating tensors the state dict saves that training does not fit by
+    gradient, outside normalisation layers (whose running statistics are reported by type):
+    persistent buffers (as ``model.named_buffers()`` names them) and frozen parameters
+    (``requires_grad=False``, as ``named_parameters`` names them: running statistics kept as
+    ``nn.Parameter(..., requires_grad=False)`` are released the same way)."""
+    out: list[str] = []
+    seen: set[int] = set()
+    for fqn, module in model.named_modules():
+        if isinstance(module, _NormBase):
+            continue
+        frozen = {k: p for k, p in module._parameters.items() if p is not None and not p.requires_grad}
+        for name, b in [*module._buffers.items(), *frozen.items()]:
+            if b is None or not b.is_floating_point() or name in module._non_persistent_buffers_set \
+                    or id(b) in seen:
+                continue
+            seen.add(id(b))
+            out.append(f"{fqn}.{name}" if fqn else name)
+    return out
+
+
+def _rows(inputs: Any, a: int, b: int) -> Any:
+    return tree_map(lambda t: t[a:b] if isinstance(t, Tensor) and t.dim() else t, inputs)
+
+
+def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
+                           call: Callable[[nn.Module, Any], Any] | None = None,
+                           dtype: torch.dtype | None = None) -> list[str]:
+    """The persistent floating buffers and frozen parameters of ``model`` (outside
+    normalisation layers, :func:`persistent_float_buffers`) that one train-mode forward sets from
+    the records: they differ after a forward on the first half of
+    ``inputs`` and one on the second half, each on a private copy from the same random state.
+
+    Args:
+        model: the model (never modified: its copies run).
+        inputs: one batch of model inputs, records along the first dimension of every tensor.
+        batch_size: the number of records in ``inputs`` (at least 2 to split; fewer: ``[]``).
+        call: ``call(copy, half_batch)`` runs one forward (default ``copy(half_batch)``; a
+            ``mis_per_sample_loss`` hook takes the batch itself).
+        dtype: cast the copies' floating parameters and buffers to it first (the dtype of
+            ``inputs``: a program's private model keeps the user's, its inputs are cast).
+
+    Returns:
+        Their names, in module order; ``[]`` where there is no candidate
+        buffer, the batch cannot be split, or the model cannot be copied or run on a half
+        batch in train mode (nothing can be told then; the assessment goes on).
+    """
+    names = persistent_float_buffers(model)
+    if not names or batch_size < 2:
+        return []
+    half = batch_size // 2
+    after: list[dict[str, Tensor]] = []
+    for a, b in ((0, half), (half, 2 * half)):
+        try:
+            copy_ = private_copy(model, "checking which buffers the forward sets from the records")
+        except ModelCopyError:
+            return []
+        copy_.train()
+        if dtype is not None:
+            copy_.to(dtype)
+        part = _rows(inputs, a, b)
+        if not any(isinstance(t, Tensor) for t in tree_leaves(part)):
+            return []
+        # the same random state for both halves: a buffer that differs is set from the records,
+        # not from a dropout draw
+        with isolated_rng(seed=0), torch.no_grad():
+            try:
+                copy_(part) if call is None else call(copy_, part)
+            except Exception:  # noqa: BLE001 - a forward that needs the whole batch: not told
+                return []
+        bufs = {**dict(copy_.named_parameters()), **dict(copy_.named_buffers())}
+        after.append({n: bufs[n] for n in names if n in bufs})
+    return [n for n in names if n in after[0] and n in after[1]
+            and not (after[0][n].shape == after[1][n].shape and torch.equal(after[0][n], after[1][n]))]

@@ -1,0 +1,118 @@
+"""Buffers of the user's own modules that a train-mode forward sets from the records (an input
+standardiser's running mean and variance) are released with the weights and not scored: every
+front end names them (nu45). Before, only normalisation layers' running statistics were named and
+such a model's figures were lower bounds without a word."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning import MISIndicator
+from mis_lightning.estimation.data_buffers import data_dependent_buffers, persistent_float_buffers
+
+torch.set_num_threads(1)
+FAST = {"covariance": "independent", "mc_draws": 1024, "uncertainty_draws": 0, "num_records": 32}
+
+_g = torch.Generator().manual_seed(0)
+X = 3 * torch.randn(96, 4, generator=_g) + 1
+Y = X @ torch.tensor([1.0, -1.0, 0.5, 0.0]) + 0.1 * torch.randn(96, generator=_g)
+
+
+def mse(o, t):
+    return (o.squeeze(-1) - t) ** 2
+
+
+class Standardise(nn.Module):
+    """Running input statistics updated in train mode (as RL / tabular normalisers keep them)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("var", torch.ones(d))
+        self.register_buffer("seen", torch.zeros(()))  # counts batches: the same for any records
+        self.register_buffer("last", torch.zeros(d), persistent=False)  # not in the state dict: not released
+
+    def forward(self, z):
+        if self.training:
+            with torch.no_grad():
+                self.mean.lerp_(z.mean(0), 0.1)
+                self.var.lerp_(z.var(0), 0.1)
+                self.seen += 1
+                self.last.copy_(z[0])
+        return (z - self.mean) / (self.var + 1e-5).sqrt()
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = Standardise(4)
+        self.sn = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4))  # its _u, _v: weights only
+        self.bn = nn.BatchNorm1d(4)  # named by type, not here
+        self.head = nn.Linear(4, 1)
+        self.register_buffer("pe", torch.arange(4.0))  # a constant table
+
+    def forward(self, z):
+        return self.head(torch.tanh(self.bn(self.sn(self.norm(z)))) + 0 * self.pe)
+
+
+def _trained(seed: int = 0) -> Net:
+    torch.manual_seed(seed)
+    m = Net()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for i in range(0, 96, 16):
+        opt.zero_grad()
+        mse(m(X[i:i + 16]), Y[i:i + 16]).mean().backward()
+        opt.step()
+    return m.eval()
+
+
+def test_only_the_buffers_set_from_the_records_are_named_and_the_model_is_left_alone():
+    m = _trained()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert "norm.last" not in persistent_float_buffers(m) and "bn.running_mean" not in persistent_float_buffers(m)
+    assert data_dependent_buffers(m, X[:32], 32) == ["norm.mean", "norm.var"]
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()) and not m.training
+    assert data_dependent_buffers(m, X[:1], 1) == []  # one record cannot be split: nothing told
+
+
+def test_a_running_statistic_kept_as_a_frozen_parameter_is_named_too():
+    """``nn.Parameter(..., requires_grad=False)`` updated in forward is released as a buffer is (the
+    frozen-weights note said "not fitted by this training"); a frozen layer's weights are not named."""
+
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mu = nn.Parameter(torch.zeros(4), requires_grad=False)
+            self.body = nn.Linear(4, 4).requires_grad_(False)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, z):
+            if self.training:
+                with torch.no_grad():
+                    self.mu.lerp_(z.mean(0), 0.1)
+            return self.head(self.body(z - self.mu))
+
+    assert data_dependent_buffers(Frozen(), X[:32], 32) == ["mu"]
+
+
+def test_assess_and_the_metric_name_them_in_the_warnings_and_the_table():
+    m = _trained()
+    loader = DataLoader(TensorDataset(X, Y), batch_size=32)
+    report = ml.assess(m, ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
+    assert report.diagnostics["data_dependent_buffers"] == ["norm.mean", "norm.var"]
+    assert any("'norm.mean', 'norm.var'" in w and "lower bound" in w for w in report.warnings)
+    assert "not scored: 2 buffer(s) / frozen parameter(s) the forward sets from the records" in report.table()
+    metric = MISIndicator(m, mse, ["rtn_int4"], estimation="diagonal", num_training_records=96, **FAST)
+    for i in range(0, 96, 32):
+        metric.update(X[i:i + 32], Y[i:i + 32])
+    metric.compute()
+    assert metric.report.diagnostics["data_dependent_buffers"] == ["norm.mean", "norm.var"]
+    # the same model without the standardiser's updates: nothing named
+    plain = _trained()
+    plain.norm.forward = lambda z: (z - plain.norm.mean) / (plain.norm.var + 1e-5).sqrt()
+    report = ml.assess(plain, ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
+    assert "data_dependent_buffers" not in report.diagnostics
+    assert not any("sets from the records" in w for w in report.warnings)
