@@ -88,13 +88,8 @@ QUADRATIC_TOLERANCE = 1e-12
 
 def _pinv_apply(M: Tensor, rhs: Tensor, rcond: float = RCOND) -> Tensor:
     """``M^+ rhs`` for a symmetric PSD ``M [d, d]`` and ``rhs [d, R]`` (eigendecomposition,
-    eigenvalues below ``rcond * max`` dropped)."""
+    eigenvalues below ``rcond * max`` dropped; the exact box-mean form's observation blocks)."""
     evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
-    return _pinv_from_eigh(evals, evecs, rhs, rcond)
-
-
-def _pinv_from_eigh(evals: Tensor, evecs: Tensor, rhs: Tensor, rcond: float = RCOND) -> Tensor:
-    """:func:`_pinv_apply` from ``M``'s eigendecomposition (ascending ``evals [d]``, ``evecs [d, d]``)."""
     keep = evals > rcond * max(float(evals[-1]), 1e-300) if evals.numel() else evals > 0
     inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
     return evecs @ (inv.unsqueeze(-1) * (evecs.T @ rhs))
@@ -240,17 +235,81 @@ class Correlation:
                            self_weight=self.self_weight, self_mean=self.self_mean)
 
     # -- the information-matched channel --------------------------------------------------
-    def _solve(self, u: Tensor, kappa: Tensor) -> Tensor:
-        """``M^+ u'`` as ``[R, d]`` for ``u [R, d]``, ``M = I - K + K^1/2 R K^1/2``."""
-        kh = kappa.sqrt()
-        if self.full is not None:
-            key = kappa.detach().cpu().numpy().tobytes()
-            if self._eigh.get("full") is not self.full or self._eigh.get("kappa") != key:
-                M = torch.diag(1.0 - kappa) + kh.unsqueeze(-1) * self.full * kh.unsqueeze(0)
-                self._eigh.clear()  # one matrix kept: d^2 floats
-                self._eigh.update(full=self.full, kappa=key, eigh=torch.linalg.eigh(0.5 * (M + M.T)))
+    def _basis(self) -> tuple[Tensor, Tensor, float]:
+        """The full ``R``'s kept eigenspace (module docstring, "Rank-deficient R"): ``B [d, r] =
+        Q Lambda^1/2`` (``R ~ B B'``), ``Q Lambda^-1/2 [d, r]`` (``w -> g = Lambda^-1/2 Q' w``, so
+        ``|g|^2 = w' R^+ w``) and ``lambda_max``. The one rank rule for ``R``: eigenvalues above
+        ``max(rcond, d eps) * lambda_max`` kept (:data:`RCOND`). ``R``'s eigendecomposition is
+        computed once and shared by :meth:`RecordCorrelation.with_rcond`'s copies."""
+        assert self.full is not None
+        if self._eigh.get("full") is not self.full:
+            self._eigh.clear()
+            R = self.full.to(torch.float64)
+            self._eigh.update(full=self.full, eigh=torch.linalg.eigh(0.5 * (R + R.T)))
+        key = ("basis", self.rcond)
+        if key not in self._eigh:
             evals, evecs = self._eigh["eigh"]
-            return _pinv_from_eigh(evals, evecs, u.T, self.rcond).T
+            top = max(float(evals[-1]), 0.0) if evals.numel() else 0.0
+            tol = max(self.rcond, evals.numel() * torch.finfo(torch.float64).eps) * top
+            keep = evals > tol if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+            lam, Q = evals[keep], evecs[:, keep]
+            self._eigh[key] = (Q * lam.sqrt(), Q * lam.rsqrt(), top)
+        return self._eigh[key]
+
+    def _channel(self, kappa: Tensor) -> dict:
+        """The full form's channel at ``kappa [d]`` in ``R``'s kept eigenspace (method.md section
+        3, "Correlated coordinates"; module docstring): ``U = B z``, ``z ~ N(0, I_r)``; coordinates
+        with ``kappa = 1`` (set ``E``) observe ``B_E z`` exactly, so ``z`` is known along the row
+        space of ``B_E`` (orthonormal ``VE [r, k]``, from the SVD of ``B_E``, its rank by float64
+        round-off: singular values above ``max(|E|, r) eps sqrt(lambda_max)``); the rest
+        (``0 < kappa < 1``, set ``N``) add the information ``F = C' W C`` on the complement
+        ``Vp [r, r - k]`` (``C = B_N Vp``, ``W = kappa / (1 - kappa)``). Kept for one ``kappa``
+        at a time (the scoring runs one scheme's forms together)."""
+        key = (self.rcond, kappa.detach().cpu().numpy().tobytes())
+        if self._eigh.get("channel_key") == key:
+            return self._eigh["channel"]
+        B, _, top = self._basis()
+        r = B.shape[1]
+        exact = kappa >= 1.0
+        noisy = (kappa > 0) & ~exact
+        BE = B[exact]
+        if BE.shape[0] and r:
+            Us, S, Vh = torch.linalg.svd(BE, full_matrices=True)
+            tol = max(BE.shape[0], r) * torch.finfo(torch.float64).eps * math.sqrt(max(top, 0.0))
+            k = int((S > tol).sum())
+            VE, Vp = Vh[:k].T, Vh[k:].T
+            # V_E' z from Y_E = B_E z: S^-1 U' Y_E over the kept singular directions
+            from_exact = Us[:, :k] / S[:k]
+        else:
+            VE, Vp = B.new_zeros(r, 0), torch.eye(r, dtype=B.dtype)
+            from_exact = B.new_zeros(BE.shape[0], 0)
+        kn = kappa[noisy]
+        C = B[noisy] @ Vp                                            # [|N|, r - k]
+        W = kn / (1.0 - kn)
+        P = torch.eye(Vp.shape[1], dtype=B.dtype) + C.T @ (W.unsqueeze(-1) * C)  # I + F >= I
+        chol = torch.linalg.cholesky(0.5 * (P + P.T))
+        ch = dict(exact=exact, noisy=noisy, VE=VE, Vp=Vp, C=C, W=W, chol=chol, from_exact=from_exact,
+                  B_N=B[noisy])
+        self._eigh.update(channel_key=key, channel=ch)
+        return ch
+
+    def _terms(self, w: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
+        """``(left, right)``, both ``[R, r]``, with the full form's bilinear form of two rows
+        ``q(w_i, x_j) = left_i . right_j`` (symmetric; ``q(w, w) = s2``): ``left = [V_E'g, Vp'g]``,
+        ``right = [V_E'g, (I + F)^-1 F Vp'g]`` for ``g = Lambda^-1/2 Q' w`` (:meth:`_channel`):
+        ``s2 = |g_E|^2 + h'(I + F)^-1 F h``, no cutoff on the channel matrix."""
+        _, Winv, _ = self._basis()
+        ch = self._channel(kappa)
+        g = w @ Winv
+        gE, h = g @ ch["VE"], g @ ch["Vp"]
+        Fh = ((h @ ch["C"].T) * ch["W"]) @ ch["C"]                     # [R, r - k] = F h
+        y = torch.cholesky_solve(Fh.T, ch["chol"]).T                  # (I + F)^-1 F h: no cancellation
+        return torch.cat([gE, h], -1), torch.cat([gE, y], -1)
+
+    def _solve(self, u: Tensor, kappa: Tensor) -> Tensor:
+        """``M^-1 u'`` as ``[R, d]`` for ``u [R, d]`` of the factor model, ``M = I - K + K^1/2 R K^1/2``
+        (the full form goes through :meth:`_terms`)."""
+        assert self.factor is not None
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
 
         def woodbury(r: Tensor) -> Tensor:
@@ -292,8 +351,8 @@ class Correlation:
             return self._self_quadratic(w, k)[1]
         if self.factor is not None:
             return self._factor_quadratic(w, k).clamp_min(0.0)
-        u = w * k.sqrt()
-        return (u * self._solve(u, k)).sum(-1).clamp_min(0.0)
+        left, right = self._terms(w, k)
+        return (left * right).sum(-1).clamp_min(0.0)
 
     def _self_quadratic(self, w: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
         """``([R], [R])``: ``u' M^+ u`` with the shared ``full`` and with each record's own
@@ -307,13 +366,10 @@ class Correlation:
         b = self.self_weight.to(torch.float64)
         if self.self_mean:
             return self._in_sample_loo_quadratic(w, x, b, kappa)
-        kh = kappa.sqrt()
-        u, v = w * kh, x * kh
-        R = u.shape[0]
-        sol = self._solve(torch.cat([u, v]), kappa)
-        su, sv = sol[:R], sol[R:]
-        q0 = (u * su).sum(-1).clamp_min(0.0)
-        uv, vv = (u * sv).sum(-1), (v * sv).sum(-1)
+        R = w.shape[0]
+        left, right = self._terms(torch.cat([w, x]), kappa)
+        q0 = (left[:R] * right[:R]).sum(-1).clamp_min(0.0)
+        uv, vv = (left[:R] * right[R:]).sum(-1), (left[R:] * right[R:]).sum(-1)
         # 1 - b v'M^+v > 0 while the record's own matrix stays positive definite along v (a
         # downdate b > 0 of a record whose term is in the shared one); floored against rounding
         q = q0 + b * uv.square() / (1.0 - b * vv).clamp_min(1e-12)
@@ -473,7 +529,7 @@ class Correlation:
         the variance inflation factors ``1 / (1 - R^2_j)`` of the coordinates, i.e. how far the
         variance of coordinate ``j`` given the others sits below its marginal variance."""
         if self.full is not None:
-            return torch.linalg.pinv(self.full.to(torch.float64), hermitian=True, rtol=RCOND).diagonal()
+            return self._basis()[1].square().sum(-1)  # R's kept eigenspace, its one rank rule
         assert self.factor is not None and self.residual is not None
         L = self.factor.to(torch.float64)
         D = self.residual.to(torch.float64).clamp_min(RCOND)
@@ -486,9 +542,28 @@ class Correlation:
         (0 for coordinates with ``kappa = 0``)."""
         w = influence.to(torch.float64)
         k = kappa.to(torch.float64).clamp(0.0, 1.0)
+        if self.full is not None:
+            return self._full_coefficients(w, k)
         kh = k.sqrt()
         sol = self._solve(w * kh, k)
         return torch.where(kh > 0, sol / kh.clamp_min(1e-300), torch.zeros_like(sol))
+
+    def _full_coefficients(self, w: Tensor, k: Tensor) -> Tensor:
+        """:meth:`coefficients` of the full form in ``R``'s kept eigenspace (:meth:`_channel`):
+        ``E[g'z | Y] = beta'Y`` with ``beta_N = W (C (I + F)^-1 h)`` on the noisy coordinates and,
+        on the exact ones, ``V_E'z = S^-1 U'Y_E`` weighted by ``g_E - V_E' B_N' beta_N``;
+        ``c = beta / kappa`` (the cell mean of a fine coordinate is ``~kappa Y``)."""
+        _, Winv, _ = self._basis()
+        ch = self._channel(k)
+        g = w @ Winv
+        gE, h = g @ ch["VE"], g @ ch["Vp"]
+        t = torch.cholesky_solve(h.T, ch["chol"]).T                   # [R, r - k] (I + F)^-1 h
+        beta_N = (t @ ch["C"].T) * ch["W"]                            # [R, |N|]
+        gamma = gE - (beta_N @ ch["B_N"]) @ ch["VE"]                  # [R, k]
+        c = torch.zeros_like(w)
+        c[:, ch["noisy"]] = beta_N / k[ch["noisy"]]
+        c[:, ch["exact"]] = gamma @ ch["from_exact"].T
+        return c
 
     def sample(self, num: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float64) -> Tensor:
@@ -1023,7 +1098,8 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
     # fine coordinates seen through the channel; pinned ones (kappa ~ 0) carry nothing
     fine_index = torch.nonzero(~is_c & (k > 1e-12)).squeeze(-1)
     v = (1.0 - k[fine_index]) / k[fine_index]
-    a = _pinv_apply(R_, w.T).T                                     # [R, d] = R^+ w
+    Winv = corr._basis()[1]  # R's kept eigenspace: the rank rule of every full form
+    a = (w @ Winv) @ Winv.T                                        # [R, d] = R^+ w
     # joint covariance of Z = (U_C, Y_F)
     Rcc = R_[coarse_index][:, coarse_index]
     Rcf = R_[coarse_index][:, fine_index]
