@@ -13,7 +13,14 @@ A Gaussian channel ``Y_j = U_j + e_j`` keeps exactly that fraction when
 
     s2(w) = u' M^+ u,   u = K^1/2 w,   M = I - K + K^1/2 R K^1/2,   K = diag(kappa)
 
-and the Gaussian form is ``E|S| = sqrt(2/pi) sqrt(s2)``. Properties: ``kappa = 1`` gives the
+and the Gaussian form is ``E|S| = sqrt(2/pi) sqrt(s2)``. The full ``R`` is evaluated without
+forming ``M`` (cf45): in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2 [d, r]``,
+``z ~ N(0, I_r)``, ``g = Lambda^-1/2 Q' w`` so that ``|g|^2 = w'R^+w``); the coordinates with
+``kappa = 1`` fix ``z`` along the row space of ``B_E`` (``g_E`` its part of ``g``, ``h`` the
+rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` there
+(``C = B_N V_perp``), and ``s2 = |g|^2 - h'(I + F)^-1 h = |g_E|^2 + h'(I + F)^-1 F h`` with
+``I + F >= I``: no cutoff on ``M``, and exactly monotone in every ``kappa``
+(:meth:`Correlation._channel`; method.md section 3). Properties: ``kappa = 1`` gives the
 unquantized ``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order
 once rescaled, so the value never exceeds the unquantized one; a diagonal ``R`` gives the
 independent-coordinate form ``sum_j w_j^2 kappa_j`` exactly.
@@ -27,9 +34,17 @@ With the full ``R`` and at most ``EXACT_MAX_COARSE`` coarse weights, their joint
 treated exactly instead (:func:`exact_box_mean_abs`, GHK). Measured errors against exact
 box-conditional means: docs/method.md.
 
-Rank-deficient ``R`` (collinear features, duplicated columns): pseudo-inverses by an
-eigendecomposition with the relative cutoff ``RCOND`` (never ``lstsq``'s default driver, whose
-answer on a singular system depends on the run).
+Rank-deficient ``R`` (collinear features, duplicated columns): one rank rule, on ``R`` itself,
+for every full form (Gaussian, the Monte Carlo and box forms' coefficients, the self term, the
+variance inflation factors): eigenvalues above ``max(RCOND, d eps) lambda_max`` kept, the rule of
+the estimator's unquantized Mahalanobis norm (never ``lstsq``'s default driver, whose answer on a
+singular system depends on the run). Why not ``d eps`` alone: ``R`` comes through
+``H^-1 V H^-1``, whose round-off reaches far above float64's ``d eps``; on pl44's MLP
+(d = 197, n = 300) R's most negative computed eigenvalue is -4.9e-13 of the largest, and the
+mean ``w'R^+w`` reads 48.2 / 52.6 / 77.9 / 108 with the rule at 1e-8 / 1e-9 / 1e-12 / 1e-14
+against 48.2 from the gradient covariance (which the Hessian cancels out of; docs/benchmarks.md,
+"cf45"). The exact box-mean form still takes pseudo-inverses of its observation blocks with
+``RCOND`` (:func:`_pinv_apply`).
 """
 
 from __future__ import annotations
@@ -44,9 +59,10 @@ from torch import Tensor
 from .cells import SQRT_2_OVER_PI, CellStatistics
 from .leakage import MC_DTYPE
 
-# Relative cutoff of the eigenvalues kept by the pseudo-inverses (float64 round-off of a
-# singular correlation matrix sits near 1e-15; genuine directions of the models we serve
-# lie far above 1e-9).
+# Relative cutoff of the eigenvalues kept by the pseudo-inverses: the rank rule of the full
+# correlation R (module docstring; floored at d eps). float64 round-off of a singular correlation
+# matrix sits near 1e-15, but R built through H^-1 carries round-off up to ~1e-12 of its largest
+# eigenvalue (pl44's MLP: -4.9e-13), so finer rules count rounding as directions.
 RCOND = 1e-9
 # Weight of the identity in the factor model's correlation (shrinkage towards independent
 # coordinates; keeps the remainder >= this and the solve well conditioned).
@@ -135,13 +151,13 @@ class Correlation:
     self_term: Tensor | None = None
     self_weight: Tensor | None = None
     self_mean: bool = False
-    # relative eigenvalue cutoff of the full form's pseudo-inverse (``_pinv_apply``); the scoring
-    # re-reads quantized figures at a finer one to flag figures the cutoff sets (rc44)
+    # the full R's rank rule (relative eigenvalue cutoff, :meth:`_basis`); the scoring re-reads
+    # quantized figures at a finer one to flag figures the rule sets (rc44, cf45)
     rcond: float = RCOND
     _root: Tensor | None = field(default=None, repr=False)
-    # the last channel matrix's eigendecomposition (full form; keyed by ``full`` and kappa), shared
-    # by :meth:`RecordCorrelation.with_rcond`'s copies: the cutoff check re-reads a scheme's form
-    # at a finer cutoff without a second ``[d, d]`` eigh
+    # R's eigendecomposition, its kept eigenspace per rule and the last kappa's channel (full form;
+    # keyed by ``full``), shared by :meth:`RecordCorrelation.with_rcond`'s copies: the check
+    # re-reads a scheme's form at a finer rule without a second ``[d, d]`` eigh
     _eigh: dict = field(default_factory=dict, repr=False)
     _loo_cache: dict = field(default_factory=dict, repr=False)
 
@@ -525,7 +541,7 @@ class Correlation:
         return torch.linalg.vecdot(u, x)
 
     def inverse_diagonal(self) -> Tensor:
-        """``[d]`` the diagonal of ``R^+`` (full) or of the factor model's inverse (Woodbury):
+        """``[d]`` the diagonal of ``R^+`` (full, within its rank rule) or of the factor model's inverse (Woodbury):
         the variance inflation factors ``1 / (1 - R^2_j)`` of the coordinates, i.e. how far the
         variance of coordinate ``j`` given the others sits below its marginal variance."""
         if self.full is not None:
@@ -825,8 +841,9 @@ class RecordCorrelation:
         return torch.stack([c.inverse_diagonal() for _, c in self.parts]).mean(0)
 
     def with_rcond(self, rcond: float) -> RecordCorrelation:
-        """The same correlations with the full form's pseudo-inverse cutoff ``rcond`` (relative;
-        :data:`RCOND` by default) and empty caches: the scoring's cutoff check (rc44)."""
+        """The same correlations with the full ``R``'s rank rule ``rcond`` (relative eigenvalue
+        cutoff; :data:`RCOND` by default), sharing ``R``'s eigendecomposition: the scoring's
+        cutoff check (rc44; since cf45 the only cutoff of the full form is this rule on ``R``)."""
         parts = [(i, Correlation(full=c.full, factor=c.factor, residual=c.residual, self_term=c.self_term,
                                  self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond, _eigh=c._eigh))
                  for i, c in self.parts]
