@@ -276,8 +276,8 @@ class Correlation:
         """The full form's channel at ``kappa [d]`` in ``R``'s kept eigenspace (method.md section
         3, "Correlated coordinates"; module docstring): ``U = B z``, ``z ~ N(0, I_r)``; coordinates
         with ``kappa = 1`` (set ``E``) observe ``B_E z`` exactly, so ``z`` is known along the row
-        space of ``B_E`` (orthonormal ``VE [r, k]``, from the SVD of ``B_E``, its rank by float64
-        round-off: singular values above ``max(|E|, r) eps sqrt(lambda_max)``); the rest
+        space of ``B_E`` (orthonormal ``VE [r, k]``, from the SVD of ``B_E``, its rank by ``R``'s rule:
+        squared singular values above ``max(rcond, d eps) lambda_max``); the rest
         (``0 < kappa < 1``, set ``N``) add the information ``F = C' W C`` on the complement
         ``Vp [r, r - k]`` (``C = B_N Vp``, ``W = kappa / (1 - kappa)``). Kept for one ``kappa``
         at a time (the scoring runs one scheme's forms together)."""
@@ -286,12 +286,17 @@ class Correlation:
             return self._eigh["channel"]
         B, _, top = self._basis()
         r = B.shape[1]
+        d_eps = B.shape[0] * torch.finfo(torch.float64).eps
         exact = kappa >= 1.0
         noisy = (kappa > 0) & ~exact
         BE = B[exact]
         if BE.shape[0] and r:
             Us, S, Vh = torch.linalg.svd(BE, full_matrices=True)
-            tol = max(BE.shape[0], r) * torch.finfo(torch.float64).eps * math.sqrt(max(top, 0.0))
+            # R's rank rule on the exactly observed block: a combination of them whose variance
+            # (s^2) is below rcond * lambda_max is round-off of R, as R's own dropped directions
+            # (a softmax's bias sum, identically 0, read s ~1e-7 through H^-1: counted, it moved
+            # the figure 7e-6 between two parametrizations of one model)
+            tol = math.sqrt(max(self.rcond, d_eps) * max(top, 0.0))
             k = int((S > tol).sum())
             VE, Vp = Vh[:k].T, Vh[k:].T
             # V_E' z from Y_E = B_E z: S^-1 U' Y_E over the kept singular directions
