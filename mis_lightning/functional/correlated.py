@@ -19,7 +19,7 @@ forming ``M`` (cf45): in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2
 ``kappa = 1`` fix ``z`` along the row space of ``B_E`` (``g_E`` its part of ``g``, ``h`` the
 rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` there
 (``C = B_N V_perp``), and ``s2 = |g|^2 - h'(I + F)^-1 h = |g_E|^2 + h'(I + F)^-1 F h`` with
-``I + F >= I``: no cutoff on ``M``, and exactly monotone in every ``kappa``
+``I + F >= I``: no cutoff on ``M``, and exactly monotone in every ``kappa < 1``
 (:meth:`Correlation._channel`; method.md section 3). Properties: ``kappa = 1`` gives the
 unquantized ``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order
 once rescaled, so the value never exceeds the unquantized one; a diagonal ``R`` gives the
