@@ -28,12 +28,20 @@ from mis_lightning.config import EstimationConfig  # noqa: E402
 from mis_lightning.functional import correlated as C  # noqa: E402
 
 
+def _pinv_cut(M: torch.Tensor, rhs: torch.Tensor, rcond: float) -> torch.Tensor:
+    """``M^+ rhs`` with eigenvalues of ``M`` below ``rcond`` of the largest dropped (the library's
+    pseudo-inverse before cf45)."""
+    ev, Q = torch.linalg.eigh(0.5 * (M + M.T))
+    inv = torch.where(ev > rcond * ev[-1], 1.0 / ev.clamp_min(1e-300), torch.zeros_like(ev))
+    return Q @ (inv.unsqueeze(-1) * (Q.T @ rhs))
+
+
 def old_form(Rm: torch.Tensor, w: torch.Tensor, x: torch.Tensor, b: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """``[R]`` the form before cf45: ``u'M^+u`` with the cutoff RCOND on M, Sherman-Morrison self term."""
     kh = k.sqrt()
     M = torch.diag(1 - k) + kh[:, None] * Rm * kh[None]
     u, v = w * kh, x * kh
-    sol = C._pinv_apply(M, torch.cat([u, v]).T, C.RCOND).T
+    sol = _pinv_cut(M, torch.cat([u, v]).T, C.RCOND).T
     n = w.shape[0]
     q0 = (u * sol[:n]).sum(-1)
     uv, vv = (u * sol[n:]).sum(-1), (v * sol[n:]).sum(-1)

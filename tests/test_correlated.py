@@ -893,12 +893,20 @@ def test_cutoff_check_flags_a_figure_set_by_the_pseudo_inverse_cutoff():
 
 # -- cf45: the full form in R's kept eigenspace, no cutoff on the channel matrix ------------------
 
+def _pinv_cut(M: torch.Tensor, rhs: torch.Tensor, rcond: float) -> torch.Tensor:
+    """``M^+ rhs`` with eigenvalues of ``M`` below ``rcond`` of the largest dropped (the library's
+    pseudo-inverse before cf45)."""
+    ev, Q = torch.linalg.eigh(0.5 * (M + M.T))
+    inv = torch.where(ev > rcond * ev[-1], 1.0 / ev.clamp_min(1e-300), torch.zeros_like(ev))
+    return Q @ (inv.unsqueeze(-1) * (Q.T @ rhs))
+
+
 def _old_channel_quadratic(Rm: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rcond: float) -> torch.Tensor:
     """The form before cf45: ``u'M^+u`` with the pseudo-inverse cutoff ``rcond`` on ``M``."""
     kh = k.sqrt()
     M = torch.diag(1.0 - k) + kh.unsqueeze(-1) * Rm * kh.unsqueeze(0)
     u = w * kh
-    return (u * F.correlated._pinv_apply(M, u.T, rcond).T).sum(-1)
+    return (u * _pinv_cut(M, u.T, rcond).T).sum(-1)
 
 
 def test_full_form_equals_the_channel_matrix_form_on_a_well_conditioned_correlation():

@@ -43,8 +43,8 @@ singular system depends on the run). Why not ``d eps`` alone: ``R`` comes throug
 (d = 197, n = 300) R's most negative computed eigenvalue is -4.9e-13 of the largest, and the
 mean ``w'R^+w`` reads 48.2 / 52.6 / 77.9 / 108 with the rule at 1e-8 / 1e-9 / 1e-12 / 1e-14
 against 48.2 from the gradient covariance (which the Hessian cancels out of; docs/benchmarks.md,
-"cf45"). The exact box-mean form still takes pseudo-inverses of its observation blocks with
-``RCOND`` (:func:`_pinv_apply`).
+"cf45"). The exact box-mean form's regressions go through the same channel
+(:meth:`Correlation._regression`).
 """
 
 from __future__ import annotations
@@ -100,15 +100,6 @@ MC_BLOCK_ELEMENTS = 1 << 22
 # Relative round-off the factor model's quadratic form accepts from the direct Woodbury difference
 # (Correlation._factor_quadratic); rows whose bound exceeds it get the corrected form
 QUADRATIC_TOLERANCE = 1e-12
-
-
-def _pinv_apply(M: Tensor, rhs: Tensor, rcond: float = RCOND) -> Tensor:
-    """``M^+ rhs`` for a symmetric PSD ``M [d, d]`` and ``rhs [d, R]`` (eigendecomposition,
-    eigenvalues below ``rcond * max`` dropped; the exact box-mean form's observation blocks)."""
-    evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
-    keep = evals > rcond * max(float(evals[-1]), 1e-300) if evals.numel() else evals > 0
-    inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
-    return evecs @ (inv.unsqueeze(-1) * (evecs.T @ rhs))
 
 
 def correlation_from_covariance(Sigma: Tensor) -> Tensor:
@@ -568,6 +559,13 @@ class Correlation:
         kh = k.sqrt()
         sol = self._solve(w * kh, k)
         return torch.where(kh > 0, sol / kh.clamp_min(1e-300), torch.zeros_like(sol))
+
+    def _regression(self, w: Tensor, kappa: Tensor) -> Tensor:
+        """``[R, d]`` ``beta`` with ``E[w'R^+U | Y] = beta'Y`` for the channel at ``kappa [d]`` (full
+        form; ``kappa = 1``: ``Y_j = U_j``; 0: not observed): the regression of the statistic on the
+        observation, in ``R``'s kept eigenspace without a cutoff (:meth:`_full_coefficients`)."""
+        k = kappa.to(torch.float64).clamp(0.0, 1.0)
+        return self._full_coefficients(w.to(torch.float64), k) * k
 
     def _full_coefficients(self, w: Tensor, k: Tensor) -> Tensor:
         """:meth:`coefficients` of the full form in ``R``'s kept eigenspace (:meth:`_channel`):
@@ -1111,7 +1109,11 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
     all_coarse_draws = int(max(256, min(box_draws, EXACT_BUDGET // max(outer_draws * c, 1))))
     if c > EXACT_MAX_COARSE:
         raise ValueError(f"the exact box-mean form takes at most {EXACT_MAX_COARSE} coarse coordinates, got {c}")
-    R_ = corr.full.to(torch.float64)
+    # R's kept eigenspace (its one rank rule, :meth:`Correlation._basis`) for every covariance below,
+    # and the regressions by the cut-free channel (:meth:`Correlation._regression`): no cutoff on
+    # the observation's covariance (cf45)
+    Bk = corr._basis()[0]
+    R_ = Bk @ Bk.T
     d = R_.shape[0]
     w = influence.to(torch.float64)
     k = kappa.to(torch.float64).clamp(0.0, 1.0)
@@ -1120,19 +1122,19 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
     # fine coordinates seen through the channel; pinned ones (kappa ~ 0) carry nothing
     fine_index = torch.nonzero(~is_c & (k > 1e-12)).squeeze(-1)
     v = (1.0 - k[fine_index]) / k[fine_index]
-    Winv = corr._basis()[1]  # R's kept eigenspace: the rank rule of every full form
-    a = (w @ Winv) @ Winv.T                                        # [R, d] = R^+ w
-    # joint covariance of Z = (U_C, Y_F)
+    k_fine = torch.zeros(d, dtype=torch.float64)
+    k_fine[fine_index] = k[fine_index]
+    # the regression of a'U (a = R^+ w) on Z = (U_C, Y_F): the channel with the coarse ones exact
+    coef = corr._regression(w, k_fine.index_fill(0, coarse_index, 1.0))   # [R, d]
+    b, h = coef[:, coarse_index], coef[:, fine_index]
+    # joint covariance of Z = (U_C, Y_F) (the outer draws)
     Rcc = R_[coarse_index][:, coarse_index]
     Rcf = R_[coarse_index][:, fine_index]
     Rff = R_[fine_index][:, fine_index] + torch.diag(v)
     cov_z = torch.cat([torch.cat([Rcc, Rcf], 1), torch.cat([Rcf.T, Rff], 1)], 0)
-    cross = torch.cat([R_[:, coarse_index], R_[:, fine_index]], 1)  # Cov(U, Z) [d, c + f]
-    coef = _pinv_apply(cov_z, (a @ cross).T).T                     # [R, c + f]: (b, h)
-    b, h = coef[:, :c], coef[:, c:]
-    # U_C | Y_F ~ N(G Y_F, S)
+    # U_C | Y_F ~ N(G Y_F, S): the regression of each U_j (j coarse; U_j = (R e_j)'R^+U) on Y_F
     if fine_index.numel():
-        G = _pinv_apply(Rff, Rcf.T).T                              # [c, f]
+        G = corr._regression(R_[coarse_index], k_fine)[:, fine_index]  # [c, f]
         S = Rcc - G @ Rcf.T
     else:
         G = torch.zeros(c, 0, dtype=torch.float64)
@@ -1185,13 +1187,13 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
         Yc = (Uc[:, on] + torch.randn(outer_draws, int(on.sum()), dtype=torch.float64, generator=generator) * vc.sqrt()
               if bool(on.any()) else Uc[:, on])
         obs = torch.cat([Yc, Yf], 1)
-        Rco = Rcc[on][:, on] + torch.diag(vc)
-        Rcf_on = Rcf[on]
-        cov_obs = torch.cat([torch.cat([Rco, Rcf_on], 1), torch.cat([Rcf_on.T, Rff], 1)], 0)
-        cross_obs = torch.cat([R_[:, coarse_index[on]], R_[:, fine_index]], 1)  # Cov(U, obs) [d, o]
-        t = (a @ cross_obs).T                                      # [o, R] Cov(obs, a'U)
-        coef_cv = _pinv_apply(cov_obs, t)                          # [o, R]
-        sd = (t * coef_cv).sum(0).clamp_min(0.0).sqrt()            # [R] sd of E[a'U | obs]
+        # the regression of a'U on the observation (the channel with the coarse ones through it)
+        k_obs = k_fine.clone()
+        k_obs[coarse_index[on]] = kc[on]
+        coef_cv = corr._regression(w, k_obs)                       # [R, d]
+        coef_cv = torch.cat([coef_cv[:, coarse_index[on]], coef_cv[:, fine_index]], 1).T  # [o, R]
+        left, right = corr._terms(w, k_obs)
+        sd = (left * right).sum(-1).clamp_min(0.0).sqrt()          # [R] sd of E[a'U | obs]
         surr = (obs @ coef_cv).abs()                               # [S, R]
         sc, su = score - score.mean(0), surr - surr.mean(0)
         beta = (sc * su).sum(0) / su.square().sum(0).clamp_min(1e-300)
