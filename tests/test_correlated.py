@@ -861,9 +861,10 @@ def _cutoff_case(low: float):
 
 def test_cutoff_check_flags_a_figure_set_by_the_pseudo_inverse_cutoff():
     # rc44: a correlation whose spectrum runs smoothly down to 1e-12 has directions between
-    # RCOND and RCOND / 100 that the quantized channel form keeps or drops with the cutoff; a
-    # well-conditioned one (spectrum down to 1e-2) has none. The move measured: 0.104 here vs
-    # 0 there (two coarse weights, the rest in float), on either side of CUTOFF_SENSITIVITY_MAX = 5%;
+    # RCOND and RCOND / 100 that R's rank rule keeps or drops (cf45: the full form's only cutoff,
+    # on R and on its exactly observed block); a well-conditioned one (spectrum down to 1e-2) has
+    # none. The move measured: 0.104 here vs 0 there (two coarse weights, the rest in float; the
+    # same with the cutoff on M before cf45), on either side of CUTOFF_SENSITIVITY_MAX = 5%;
     # with the check made a no-op (CUTOFF_CHECK_FACTOR = 1) the first assertion below fails.
     from mis_lightning.report import CUTOFF_SENSITIVITY_MAX, Report, SchemeResult, leakage_marks
     A = importlib.import_module("mis_lightning.assess")  # (the package exports the function)
