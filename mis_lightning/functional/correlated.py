@@ -64,6 +64,10 @@ from .leakage import MC_DTYPE
 # matrix sits near 1e-15, but R built through H^-1 carries round-off up to ~1e-12 of its largest
 # eigenvalue (pl44's MLP: -4.9e-13), so finer rules count rounding as directions.
 RCOND = 1e-9
+# Margin over float64 round-off (max(|E|, r) eps sqrt(lambda_max)) of the singular values of the
+# exactly observed weights' block of R's factor B that count (Correlation._channel): a softmax's
+# bias sum, identically 0, read 2.2x the bare rule through H^-1 (cf45)
+EXACT_BLOCK_RTOL = 100.0
 # Weight of the identity in the factor model's correlation (shrinkage towards independent
 # coordinates; keeps the remainder >= this and the solve well conditioned).
 FACTOR_SHRINKAGE = 0.001
@@ -267,8 +271,8 @@ class Correlation:
         """The full form's channel at ``kappa [d]`` in ``R``'s kept eigenspace (method.md section
         3, "Correlated coordinates"; module docstring): ``U = B z``, ``z ~ N(0, I_r)``; coordinates
         with ``kappa = 1`` (set ``E``) observe ``B_E z`` exactly, so ``z`` is known along the row
-        space of ``B_E`` (orthonormal ``VE [r, k]``, from the SVD of ``B_E``, its rank by ``R``'s rule:
-        squared singular values above ``max(rcond, d eps) lambda_max``); the rest
+        space of ``B_E`` (orthonormal ``VE [r, k]``, from the SVD of ``B_E``; its numerical rank by
+        float64 round-off, singular values above ``EXACT_BLOCK_RTOL max(|E|, r) eps sqrt(lambda_max)``); the rest
         (``0 < kappa < 1``, set ``N``) add the information ``F = C' W C`` on the complement
         ``Vp [r, r - k]`` (``C = B_N Vp``, ``W = kappa / (1 - kappa)``). Kept for one ``kappa``
         at a time (the scoring runs one scheme's forms together)."""
@@ -277,17 +281,20 @@ class Correlation:
             return self._eigh["channel"]
         B, _, top = self._basis()
         r = B.shape[1]
-        d_eps = B.shape[0] * torch.finfo(torch.float64).eps
         exact = kappa >= 1.0
         noisy = (kappa > 0) & ~exact
         BE = B[exact]
         if BE.shape[0] and r:
             Us, S, Vh = torch.linalg.svd(BE, full_matrices=True)
-            # R's rank rule on the exactly observed block: a combination of them whose variance
-            # (s^2) is below rcond * lambda_max is round-off of R, as R's own dropped directions
-            # (a softmax's bias sum, identically 0, read s ~1e-7 through H^-1: counted, it moved
-            # the figure 7e-6 between two parametrizations of one model)
-            tol = math.sqrt(max(self.rcond, d_eps) * max(top, 0.0))
+            # The exactly observed block's numerical rank, by float64 round-off of B: singular
+            # values above EXACT_BLOCK_RTOL x max(|E|, r) eps sqrt(lambda_max). Every combination
+            # above it counts, however small its variance, as the model R ~ B B' says (the
+            # channel reference in 50 digits agreed on pl44's MLP; a rule at R's own rank rule
+            # or round-off dropped exact information, read 16-34% below it and fell when a
+            # weight's kappa reached 1; cf45). Below it: a softmax's bias sum, identically 0,
+            # read s = 6.8e-15 sqrt(lambda_max) through H^-1 (2.2x the bare rule); counted, it
+            # moved one model's figure 7e-6 between two parametrizations of its output.
+            tol = EXACT_BLOCK_RTOL * max(BE.shape[0], r) * torch.finfo(torch.float64).eps * math.sqrt(max(top, 0.0))
             k = int((S > tol).sum())
             VE, Vp = Vh[:k].T, Vh[k:].T
             # V_E' z from Y_E = B_E z: S^-1 U' Y_E over the kept singular directions
