@@ -989,13 +989,13 @@ def test_full_form_unquantized_is_the_mahalanobis_norm_within_the_rank_rule():
     assert 0 < int(keep.sum()) < d  # the rule is in play
 
 
-@pytest.mark.parametrize("case", ["singular", "near_singular"])
+@pytest.mark.parametrize("case", ["singular", "near_singular", "nearly_dependent_exact"])
 def test_full_form_matches_the_channel_reference_on_singular_correlations(case):
     # Ground truth: groundtruth.correlated_reference.channel_quadratic, w'(R + V)^-1 w in 80-digit
     # arithmetic from the exact factor (exact observations as the limit Var e -> 1e-40; no
     # eigendecomposition). singular: rank 8 of 14 with two duplicated coordinates, both observed
     # exactly; near_singular: full rank, spectrum down to 1e-7 (above the rank rule, every
-    # direction counts). Tolerance 1e-7 relative: R is rounded to float64 before the library sees
+    # direction counts); nearly_dependent_exact: below. Tolerance 1e-7 relative: R is rounded to float64 before the library sees
     # it, which moves an eigenvalue of 1e-7 by ~1e-16 / 1e-7 of itself, and the nearly exact
     # weight (W = kappa / (1 - kappa) = 1e9) costs ~eps W in the solve (measured 1e-8 and 2e-11).
     from mis_lightning.groundtruth.correlated_reference import channel_quadratic
@@ -1005,6 +1005,12 @@ def test_full_form_matches_the_channel_reference_on_singular_correlations(case):
         root = torch.randn(d, 8, generator=g, dtype=torch.float64)
         root[1] = root[0]  # a duplicated column of the inputs: identical rows of R
         root[3] = root[2]
+    elif case == "nearly_dependent_exact":
+        # two exact weights whose difference has variance ~1e-14 (far under R's rank rule): the
+        # model says their exact observation reveals it (a rank rule on this block at RCOND read
+        # pl44's MLP 16-34% below the 50-digit reference, cf45)
+        root = torch.randn(d, 8, generator=g, dtype=torch.float64)
+        root[1] = root[0] + 1e-7 * torch.randn(8, generator=g, dtype=torch.float64)
     else:
         Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
         root = Q * torch.logspace(0, -3.5, d, dtype=torch.float64)  # eigenvalues 1 .. 1e-7
@@ -1019,7 +1025,38 @@ def test_full_form_matches_the_channel_reference_on_singular_correlations(case):
     truth = channel_quadratic(root, coef, k)
     c = Correlation(full=Rm)
     torch.testing.assert_close(c.quadratic(w, k), truth, rtol=1e-7, atol=0)
-    # the Monte Carlo forms' coefficients are the same estimator: Var(beta'Y) = s2 (beta = kappa c)
+    # the Monte Carlo form's coefficients are the same estimator: Var(beta'Y) = s2 (beta = kappa c),
+    # with the exact weights' share a'z (Correlation.exact_part; their own beta reach 1 / s, 1e7 in
+    # the nearly dependent case, which beta'R beta cancels to 1e-3): U = B z, Y_N = U_N + e
     beta = c.coefficients(w, k) * k
     V = torch.where(k > 0, (1.0 - k) / k.clamp_min(1e-300), 0.0)
-    torch.testing.assert_close(((beta @ Rm) * beta).sum(-1) + (beta.square() * V).sum(-1), truth, rtol=1e-6, atol=0)
+    B = c._basis()[0]
+    noisy = (k > 0) & (k < 1)
+    along_z = c.exact_part(w, k) + beta[:, noisy] @ B[noisy]
+    var = along_z.square().sum(-1) + (beta.square() * V).sum(-1)
+    torch.testing.assert_close(var, truth, rtol=1e-6, atol=0)
+
+
+def test_copula_monte_carlo_with_nearly_dependent_exact_weights():
+    # Two unquantized weights whose difference has variance ~1e-14: the channel's estimator weights
+    # them by ~1e7, and float32 draws of U cancel that to noise; the form adds their share through
+    # R's kept eigenspace (Correlation.exact_part). Coarse weights on a fine grid (0.05 sd), so the
+    # Monte Carlo value is the Gaussian form's: measured within 0.1%; tolerance 2% (its standard
+    # error ~0.1%). Summing beta_E'U_E in the float32 draws instead read 1.001-1.004 of it (the
+    # control variate shares, and so absorbs, most of that round-off; cf45).
+    g = torch.Generator().manual_seed(11)
+    d = 12
+    root = torch.randn(d, 8, generator=g, dtype=torch.float64)
+    root[1] = root[0] + 1e-7 * torch.randn(8, generator=g, dtype=torch.float64)
+    root = root / root.norm(dim=1, keepdim=True)
+    Rm = root @ root.T
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64) @ root.T
+    idx = torch.tensor([4, 5, 6])
+    stats = _grid_stats(torch.full((3,), 0.05, dtype=torch.float64), torch.full((3,), 0.3, dtype=torch.float64), half=200)
+    k = torch.full((d,), 0.5, dtype=torch.float64)
+    k[:4] = 1.0
+    k[idx] = stats.kappa.to(torch.float64)
+    corr = Correlation(full=Rm)
+    mc, se = correlated_mc_mean_abs(corr, w, k, idx, stats, 20000, torch.Generator().manual_seed(2))
+    gauss = F.correlated.gaussian_mean_abs(corr, w, k)
+    torch.testing.assert_close(mc, gauss, rtol=0.02, atol=0)

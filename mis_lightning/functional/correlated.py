@@ -255,6 +255,7 @@ class Correlation:
         assert self.full is not None
         if self._eigh.get("full") is not self.full:
             self._eigh.clear()
+            self._root = None
             R = self.full.to(torch.float64)
             self._eigh.update(full=self.full, eigh=torch.linalg.eigh(0.5 * (R + R.T)))
         key = ("basis", self.rcond)
@@ -589,17 +590,39 @@ class Correlation:
         c = torch.zeros_like(w)
         c[:, ch["noisy"]] = beta_N / k[ch["noisy"]]
         c[:, ch["exact"]] = gamma @ ch["from_exact"].T
+        self._eigh["exact_part"] = gamma @ ch["VE"].T                 # [R, r] B_E' beta_E = V_E gamma
         return c
+
+    def exact_part(self, influence: Tensor, kappa: Tensor) -> Tensor:
+        """``[R, r]`` the exactly observed coordinates' share of the full form's statistic in ``R``'s
+        kept eigenspace: ``sum_{j in E} beta_j U_j = a' z`` with ``a = B_E' beta_E = V_E gamma``
+        (:meth:`_full_coefficients`). Their coefficients ``beta_E`` reach ``1 / s`` for exact
+        weights whose combination has a small variance ``s^2``; ``a`` stays of the size of ``g``,
+        so the Monte Carlo form adds this share through ``z`` (in float32 draws of ``U``,
+        ``beta_E' U_E`` of two exact weights correlated 1 - 1e-14 loses its digits; summed so, the
+        form read 1.001-1.004 of the Gaussian form where this reads within 0.1%)."""
+        self._full_coefficients(influence.to(torch.float64), kappa.to(torch.float64).clamp(0.0, 1.0))
+        return self._eigh.pop("exact_part")
+
+    def _sample_full(self, num: int, generator: torch.Generator | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``([num, d], [num, r])``: draws of ``U ~ N(0, R)`` and their coordinates ``z`` in ``R``'s
+        kept eigenspace (``U = B z`` plus the dropped directions' part; :meth:`_basis`), one root
+        for both: the Monte Carlo form adds the exact coordinates' part through ``z``."""
+        self._basis()
+        if self._root is None:  # R's square root from the shared eigendecomposition, computed once
+            evals, evecs = self._eigh["eigh"]
+            self._root = evecs * evals.clamp_min(0.0).sqrt()
+            top = max(float(evals[-1]), 0.0) if evals.numel() else 0.0
+            tol = max(self.rcond, evals.numel() * torch.finfo(torch.float64).eps) * top
+            self._eigh["root_keep"] = evals > tol if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+        n = torch.randn(num, self._root.shape[1], dtype=dtype, generator=generator)
+        return n @ self._root.to(dtype).T, n[:, self._eigh["root_keep"]]
 
     def sample(self, num: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float64) -> Tensor:
         """``[num, d]`` draws of ``U ~ N(0, R)`` (a singular ``R`` is fine), in ``dtype``."""
         if self.full is not None:
-            if self._root is None:  # symmetric square root, computed once
-                evals, evecs = torch.linalg.eigh(self.full)
-                self._root = evecs * evals.clamp_min(0.0).sqrt()
-            B = self._root.to(dtype)
-            return torch.randn(num, B.shape[1], dtype=dtype, generator=generator) @ B.T
+            return self._sample_full(num, generator, dtype)[0]
         assert self.factor is not None and self.residual is not None
         L = self.factor.to(dtype)
         z = torch.randn(num, L.shape[1], dtype=dtype, generator=generator)
@@ -646,7 +669,11 @@ def _correlated_mc_shared(corr: Correlation, influence: Tensor, kappa: Tensor, c
     c = corr.coefficients(influence, k)                               # [R, d]
     fine = torch.ones(d, dtype=torch.bool)
     fine[coarse_index] = False
-    c_fine = c * fine
+    full = corr.full is not None
+    exact = fine & (k >= 1.0) if full else torch.zeros(d, dtype=torch.bool)
+    # full form: the exact coordinates' share through R's kept eigenspace (Correlation.exact_part)
+    a_exact = corr.exact_part(influence, k) if full and bool(exact.any()) else None
+    c_fine = c * (fine & ~exact)
     noise_sd = ((c_fine.square() * (k * (1.0 - k))).sum(-1)).sqrt()  # [R]
     c_coarse = c[:, coarse_index]
     cdf = coarse_stats.prob.to(torch.float64).cumsum(-1)
@@ -659,12 +686,18 @@ def _correlated_mc_shared(corr: Correlation, influence: Tensor, kappa: Tensor, c
     # records otherwise keeps a ~1/sqrt(mc_draws) relative error).
     kc = k[coarse_index]
     chan_sd = (kc * (1.0 - kc)).clamp_min(0.0).sqrt()
-    ck = c * k
-    surr_sd = (_quadratic_form(corr, ck) + (c.square() * (k * (1.0 - k))).sum(-1)).clamp_min(0.0).sqrt()
+    if full:
+        # the surrogate is the channel's own statistic beta'Y: its variance is the shared s2
+        left, right = corr._terms(influence.to(torch.float64), k)
+        surr_sd = (left * right).sum(-1).clamp_min(0.0).sqrt()
+    else:
+        ck = c * k
+        surr_sd = (_quadratic_form(corr, ck) + (c.square() * (k * (1.0 - k))).sum(-1)).clamp_min(0.0).sqrt()
     # The draws in MC_DTYPE: [S, R] projections by one matmul each (the coarse cells' term and
     # the surrogate's Gaussian channel share c_coarse), moments accumulated in float64.
     dt = MC_DTYPE
     k_dt, c_fine_t = k.to(dt), c_fine.T.to(dt).contiguous()          # [d, R]
+    a_exact_t = None if a_exact is None else a_exact.T.to(dt).contiguous()  # [r, R]
     c_coarse_t = c_coarse.T.to(dt).contiguous()                     # [c, R]
     kc_dt, chan_dt, noise_dt = kc.to(dt), chan_sd.to(dt), noise_sd.to(dt)
     means_dt = means.to(dt)
@@ -673,8 +706,12 @@ def _correlated_mc_shared(corr: Correlation, influence: Tensor, kappa: Tensor, c
     noisy = bool((noise_sd > 0).any())
     for a in range(0, mc_draws, block):
         S = min(block, mc_draws - a)
-        U = corr.sample(S, generator, dtype=dt)                         # [S, d]
-        proj = (U * k_dt) @ c_fine_t                                   # [S, R]
+        if a_exact is not None:
+            U, z = corr._sample_full(S, generator, dt)                  # [S, d], [S, r]
+            proj = (U * k_dt) @ c_fine_t + z @ a_exact_t                # [S, R]
+        else:
+            U = corr.sample(S, generator, dtype=dt)                     # [S, d]
+            proj = (U * k_dt) @ c_fine_t                               # [S, R]
         if noisy:
             proj += noise_dt * torch.randn(S, R, dtype=dt, generator=generator)
         surr = proj.clone()
@@ -1165,8 +1202,12 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
         summed = _all_coarse_mean_abs(root, alpha, pad, b, outer_draws, all_coarse_draws, generator)
         if summed is not None:
             return summed
-    Z = torch.randn(outer_draws, root.shape[1], dtype=torch.float64, generator=generator) @ root.T
-    Uc, Yf = Z[:, :c], Z[:, c:]
+    # the outer draws through R's kept eigenspace (U = B z): exact, so that exact fine weights'
+    # large regression coefficients (nearly dependent ones) see their combinations exactly
+    zz = torch.randn(outer_draws, Bk.shape[1], dtype=torch.float64, generator=generator)
+    Uc = zz @ Bk[coarse_index].T
+    Yf = zz @ Bk[fine_index].T + torch.randn(outer_draws, fine_index.numel(), dtype=torch.float64,
+                                             generator=generator) * v.sqrt()
     cell = torch.stack([torch.searchsorted(alpha[j].contiguous(), Uc[:, j].contiguous()) for j in range(c)], 1)
     lo = torch.gather(pad, 1, cell.T).T                            # [S, c]
     hi = torch.gather(pad, 1, (cell + 1).T).T
