@@ -3,13 +3,15 @@
 
 Prints: R's spectrum (its most negative computed eigenvalue: R's round-off), the mean ``w'R^+w``
 with the rule at 1e-8 ... 1e-14 against the gradient covariance's (the estimator's Mahalanobis
-norm, which the Hessian cancels out of); and the per-scheme CPU of the form, the cutoff on ``M`` (``u'M^+u``, one ``[d, d]`` eigh per
+norm, which the Hessian cancels out of); the int2 scheme's form against the 50-digit channel
+reference (``groundtruth.correlated_reference.channel_quadratic``) on the same model for one
+record, and its monotonicity as each kappa is raised to 1; and the per-scheme CPU of the form, the cutoff on ``M`` (``u'M^+u``, one ``[d, d]`` eigh per
 scheme, the form before cf45, inlined) against the kept eigenspace, alternated, 1 thread, at
 d = 197 (pl44) and d = 1,289 (a synthetic spectrum down to 1e-12, R = 512 records).
 
     python benchmarks/cf45_rank_rule.py
 
-Runtime (1 thread): about 30 CPU s.
+Runtime (1 thread): about 90 CPU s.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pl44_planner_bruteforce as B  # noqa: E402
 
-from mis_lightning.assess import run_estimation  # noqa: E402
+from mis_lightning.assess import run_estimation, score_schemes  # noqa: E402
 from mis_lightning.config import EstimationConfig  # noqa: E402
 from mis_lightning.functional import correlated as C  # noqa: E402
+from mis_lightning.groundtruth.correlated_reference import channel_quadratic  # noqa: E402
+from mis_lightning.quantization.mixed import MixedPrecisionScheme  # noqa: E402
 
 
 def _pinv_cut(M: torch.Tensor, rhs: torch.Tensor, rcond: float) -> torch.Tensor:
@@ -83,6 +87,26 @@ def main() -> None:
     for tau in (1e-8, 1e-9, 1e-10, 1e-11, 1e-12, 1e-13, 1e-14):
         keep = ev > tau * ev[-1]
         print(f"  rule {tau:.0e}: {int(keep.sum())} directions, mean w'R^+w {float(proj[:, keep].sum(-1).mean()):.4g}")
+    # the int2 scheme's kappa (42 weights exact): the form against the 50-digit channel reference on
+    # the same model R ~ B B' for one record, and no record lower after raising any kappa to 1
+    seen: list[torch.Tensor] = []
+    channel = C.Correlation._channel
+    C.Correlation._channel = lambda self, k: (seen.append(k.clone()), channel(self, k))[1]
+    score_schemes(est, model, [MixedPrecisionScheme(dict.fromkeys(("0.weight", "2.weight", "4.weight"), "rtn_int2"),
+                                                    name="222")], val_dataloader=va, loss_fn=lossf, uncertainty_draws=0)
+    C.Correlation._channel = channel
+    k = next(t for t in seen if t.numel() == est.d and bool((t < 1).any()))
+    corr = C.Correlation(full=Rm)
+    q = corr.quadratic(w, k)
+    Bm, Winv, _ = corr._basis()
+    ref = channel_quadratic(Bm, w[:1] @ Winv, k, digits=50)
+    print(f"int2 ({int((k == 1).sum())} weights exact): record 0 s2 {float(q[0]):.12g}, 50-digit reference {float(ref[0]):.12g}")
+    worst = 0.0
+    for j in torch.nonzero(k < 1).squeeze(-1).tolist():
+        k2 = k.clone()
+        k2[j] = 1.0
+        worst = max(worst, float(((q - corr.quadratic(w, k2)) / q).max()))
+    print(f"  largest fall of a record's s2 when one kappa is raised to 1: {worst:.2g}")
     x = est.self_term.double() if est.self_term is not None else w
     b = est.self_weight.double() if est.self_weight is not None else torch.zeros(w.shape[0], dtype=torch.float64)
     cost("pl44 mlp", Rm, w, x, b, schemes=4, reps=3)
