@@ -19,7 +19,7 @@ forming ``M`` (cf45): in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2
 ``kappa = 1`` fix ``z`` along the row space of ``B_E`` (``g_E`` its part of ``g``, ``h`` the
 rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` there
 (``C = B_N V_perp``), and ``s2 = |g|^2 - h'(I + F)^-1 h = |g_E|^2 + h'(I + F)^-1 F h`` with
-``I + F >= I``: no cutoff on ``M``, and exactly monotone in every ``kappa < 1``
+``I + F >= I``: no cutoff on ``M``, and monotone in every ``kappa`` whatever R's spectrum
 (:meth:`Correlation._channel`; method.md section 3). Properties: ``kappa = 1`` gives the
 unquantized ``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order
 once rescaled, so the value never exceeds the unquantized one; a diagonal ``R`` gives the
@@ -42,8 +42,9 @@ singular system depends on the run). Why not ``d eps`` alone: ``R`` comes throug
 ``H^-1 V H^-1``, whose round-off reaches far above float64's ``d eps``; on pl44's MLP
 (d = 197, n = 300) R's most negative computed eigenvalue is -4.9e-13 of the largest, and the
 mean ``w'R^+w`` reads 48.2 / 52.6 / 77.9 / 108 with the rule at 1e-8 / 1e-9 / 1e-12 / 1e-14
-against 48.2 from the gradient covariance (which the Hessian cancels out of; docs/benchmarks.md,
-"cf45"). The exact box-mean form's regressions go through the same channel
+against 48.2 from the gradient covariance (which the Hessian cancels out of; its own rule at
+1e-9; docs/benchmarks.md, "cf45"). The exactly observed block's rank is by float64 round-off only
+(:data:`EXACT_BLOCK_RTOL`). The exact box-mean form's regressions go through the same channel
 (:meth:`Correlation._regression`).
 """
 
@@ -1202,12 +1203,17 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
         summed = _all_coarse_mean_abs(root, alpha, pad, b, outer_draws, all_coarse_draws, generator)
         if summed is not None:
             return summed
-    # the outer draws through R's kept eigenspace (U = B z): exact, so that exact fine weights'
-    # large regression coefficients (nearly dependent ones) see their combinations exactly
-    zz = torch.randn(outer_draws, Bk.shape[1], dtype=torch.float64, generator=generator)
-    Uc = zz @ Bk[coarse_index].T
-    Yf = zz @ Bk[fine_index].T + torch.randn(outer_draws, fine_index.numel(), dtype=torch.float64,
-                                             generator=generator) * v.sqrt()
+    if float(ev_z[0]) > floor_z:  # the floor not in play: Z's own factor (the draws as before cf45)
+        Z = torch.randn(outer_draws, root.shape[1], dtype=torch.float64, generator=generator) @ root.T
+        Uc, Yf = Z[:, :c], Z[:, c:]
+    else:
+        # a floored (near-)singular observation: draws through R's kept eigenspace (U = B z),
+        # exact, so that the large regression coefficients of nearly dependent exact fine weights
+        # see their combinations as the model has them, not as the floor moved them
+        zz = torch.randn(outer_draws, Bk.shape[1], dtype=torch.float64, generator=generator)
+        Uc = zz @ Bk[coarse_index].T
+        Yf = zz @ Bk[fine_index].T + torch.randn(outer_draws, fine_index.numel(), dtype=torch.float64,
+                                                 generator=generator) * v.sqrt()
     cell = torch.stack([torch.searchsorted(alpha[j].contiguous(), Uc[:, j].contiguous()) for j in range(c)], 1)
     lo = torch.gather(pad, 1, cell.T).T                            # [S, c]
     hi = torch.gather(pad, 1, (cell + 1).T).T
