@@ -3486,11 +3486,11 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
 
 
 # The full correlation's forms keep R's eigenvalues above correlated.RCOND of the largest (its one
-# rank rule; cf45: no cutoff on the channel matrix M any more, which made the figures 6-22% low and
-# non-monotone in the grid on pl44's MLP, mono44). Where R's spectrum runs smoothly through that
-# rule (n = 300, d = 197 there) the quantized figures still depend on it: each scheme's Gaussian
-# form is re-read with the rule at RCOND / CUTOFF_CHECK_FACTOR, and a move beyond
-# CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (both in report.py; rc44).
+# rank rule; cf45: no cutoff on the channel matrix M any more, which read pl44's MLP 2-21% low and
+# non-monotone in the grid, mono44). Where R's spectrum runs smoothly through that rule the
+# quantized figures may depend on it (a synthetic spectrum to 1e-12: 10.4%; pl44's MLP now
+# 0.0-1.9%): each scheme's Gaussian form is re-read with the rule at RCOND / CUTOFF_CHECK_FACTOR,
+# and a move beyond CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (report.py; rc44).
 # Above this many weights the check is skipped. It reuses R's eigendecomposition (one more kept
 # eigenspace and channel per scheme): +4.8% scoring CPU at d = 197 (pl44's MLP), +12% at
 # d = 1,289 (R = 512; under load; rc44, before cf45); 2048 covers the exact estimator's auto range
