@@ -610,14 +610,18 @@ class Correlation:
         kept eigenspace (``U = B z`` plus the dropped directions' part; :meth:`_basis`), one root
         for both: the Monte Carlo form adds the exact coordinates' part through ``z``."""
         self._basis()
+        evals, evecs = self._eigh["eigh"]
         if self._root is None:  # R's square root from the shared eigendecomposition, computed once
-            evals, evecs = self._eigh["eigh"]
             self._root = evecs * evals.clamp_min(0.0).sqrt()
+        # the kept columns of the root are B's (the same rule as :meth:`_basis`, per rule: the
+        # eigendecomposition is shared with other rules' copies)
+        key = ("root_keep", self.rcond)
+        if key not in self._eigh:
             top = max(float(evals[-1]), 0.0) if evals.numel() else 0.0
             tol = max(self.rcond, evals.numel() * torch.finfo(torch.float64).eps) * top
-            self._eigh["root_keep"] = evals > tol if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+            self._eigh[key] = evals > tol if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
         n = torch.randn(num, self._root.shape[1], dtype=dtype, generator=generator)
-        return n @ self._root.to(dtype).T, n[:, self._eigh["root_keep"]]
+        return n @ self._root.to(dtype).T, n[:, self._eigh[key]]
 
     def sample(self, num: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float64) -> Tensor:
