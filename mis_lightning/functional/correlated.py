@@ -286,7 +286,12 @@ class Correlation:
         exact = kappa >= 1.0
         noisy = (kappa > 0) & ~exact
         BE = B[exact]
-        if BE.shape[0] and r:
+        if bool(exact.all()) and r:
+            # every weight exact (the unquantized form): B's SVD is Q Lambda^1/2 itself, every
+            # singular value sqrt(lambda) far above round-off (R's rule)
+            VE, Vp = torch.eye(r, dtype=B.dtype), B.new_zeros(r, 0)
+            from_exact = self._basis()[1]                            # Q Lambda^-1/2
+        elif BE.shape[0] and r:
             Us, S, Vh = torch.linalg.svd(BE, full_matrices=True)
             # The exactly observed block's numerical rank, by float64 round-off of B: singular
             # values above EXACT_BLOCK_RTOL x max(|E|, r) eps sqrt(lambda_max). Every combination
