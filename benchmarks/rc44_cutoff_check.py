@@ -1,6 +1,7 @@
-"""The full correlation's pseudo-inverse cutoff check on pl44's MLP (rc44; docs/benchmarks.md, "rc44").
+"""The full correlation's cutoff check on pl44's MLP (rc44; docs/benchmarks.md, "rc44", "cf45").
 
-Each scheme's Gaussian-form first-order leakage at ``correlated.RCOND`` and 100x finer
+Each scheme's Gaussian-form first-order leakage with the full R's rank rule at ``correlated.RCOND``
+and 100x finer (since cf45 the form's only cutoff)
 (``SchemeResult.cutoff_sensitivity``), and the scoring's CPU time with the check on and off
 (alternated, 1 thread).
 

@@ -3505,21 +3505,23 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     )
 
 
-# The full correlation's channel form reads M^+ with the relative eigenvalue cutoff
-# correlated.RCOND. On a near-singular weight correlation with a continuous spectrum (pl44's MLP,
-# n = 300, d = 197) the quantized figures move with that cutoff (6-22% low against a cut-free form,
-# mono44): each scheme's Gaussian form is re-read at RCOND / CUTOFF_CHECK_FACTOR, and a move beyond
-# CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (both in report.py; rc44).
-# Above this many weights the check is skipped. It reuses the scheme's eigendecomposition (one
-# more [d, d] x [d, 2R] apply per scheme): +4.8% scoring CPU at d = 197 (pl44's MLP), +12% at
-# d = 1,289 (R = 512; under load); 2048 covers the exact estimator's auto range (2000 parameters).
+# The full correlation's forms keep R's eigenvalues above correlated.RCOND of the largest (its one
+# rank rule; cf45: no cutoff on the channel matrix M any more, which read pl44's MLP 2-21% low and
+# non-monotone in the grid, mono44). Where R's spectrum runs smoothly through that rule the
+# quantized figures may depend on it (a synthetic spectrum to 1e-12: 10.4%; pl44's MLP now
+# 0.0-1.9%): each scheme's Gaussian form is re-read with the rule at RCOND / CUTOFF_CHECK_FACTOR,
+# and a move beyond CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (report.py; rc44).
+# Above this many weights the check is skipped. It reuses R's eigendecomposition (one more kept
+# eigenspace and channel per scheme): +4.8% scoring CPU at d = 197 (pl44's MLP), +12% at
+# d = 1,289 (R = 512; under load; rc44, before cf45); 2048 covers the exact estimator's auto range
+# (2000 parameters).
 CUTOFF_CHECK_MAX_D = 2048
 
 
 def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor, n: float,
                   at_cutoff: float | None = None) -> dict[str, float] | None:
-    """The scheme's Gaussian-form first-order leakage at the full form's cutoff (``at_cutoff``
-    when the scoring already has it, else computed) and at ``RCOND / CUTOFF_CHECK_FACTOR``
+    """The scheme's Gaussian-form first-order leakage with the full ``R``'s rank rule (``at_cutoff``
+    when the scoring already has it, else computed) and with the rule at ``RCOND / CUTOFF_CHECK_FACTOR``
     (``{"leakage", "leakage_fine_cutoff", "move"}``, ``move`` relative to the first), or ``None``
     where not checked: no full correlation, nothing quantized, or ``d > CUTOFF_CHECK_MAX_D``.
     Each capped by the unquantized value as scored (``_correlated_leakage``)."""
@@ -3559,7 +3561,7 @@ def _cutoff_skipped_note(report: Report) -> str | None:
 
 def _cutoff_warning(report: Report) -> str | None:
     """One warning naming the schemes whose full-correlation figure moves by more than
-    :data:`CUTOFF_SENSITIVITY_MAX` when the pseudo-inverse cutoff is set
+    :data:`CUTOFF_SENSITIVITY_MAX` when the full correlation's rank rule is set
     :data:`CUTOFF_CHECK_FACTOR` x finer (``SchemeResult.cutoff_sensitivity``), or ``None``."""
     over = {k: s.cutoff_sensitivity for k, s in report.schemes.items()
             if not s.error and s.cutoff_sensitivity is not None and s.cutoff_sensitivity["move"] > CUTOFF_SENSITIVITY_MAX}
@@ -3568,10 +3570,10 @@ def _cutoff_warning(report: Report) -> str | None:
     named = ", ".join(f"{k} ({c['leakage']:.4g} at the cutoff, {c['leakage_fine_cutoff']:.4g} at "
                       f"{CUTOFF_CHECK_FACTOR:.0f}x finer)" for k, c in over.items())
     return (f"cutoff-set figures (~ in the table): the Gaussian-form leakage of {named} moves by more than "
-            f"{100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the pseudo-inverse cutoff on the full correlation of the weights "
-            "is set finer: that correlation is near-singular with a continuous spectrum, so the figure is set by the "
-            "cutoff, not by the data; it is indicative and may read low (the unquantized figure, the estimator's "
-            "Mahalanobis norm, does not use this cutoff)")
+            f"{100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the eigenvalue cutoff (rank rule) on the full correlation of the "
+            "weights is set finer: that correlation is near-singular with a continuous spectrum, so the figure depends on "
+            "how many of its smallest directions count, which the data do not fix; it is indicative (the unquantized "
+            "figure, the estimator's Mahalanobis norm, is computed from the gradient covariance and caps it)")
 
 
 # theta-hat's spread in the pool protocol is sigma / sqrt(2) (method.md section 3, "Pool protocol").

@@ -138,8 +138,8 @@ class SchemeResult:
     # beyond the record average's widening, i.e. what the unknown position of the population
     # weights in their cells adds; above ``assess.POSITION_GAP_WARN`` a warning names the scheme
     position_gap: float | None = None
-    # the full correlation's Gaussian-form first-order leakage at the pseudo-inverse cutoff and at a
-    # 100x finer one, and the relative move (``{"leakage", "leakage_fine_cutoff", "move"}``; ``None``:
+    # the full correlation's Gaussian-form first-order leakage with its rank rule (eigenvalue cutoff)
+    # and with a 100x finer one, and the relative move (``{"leakage", "leakage_fine_cutoff", "move"}``; ``None``:
     # not checked); above ``assess.CUTOFF_SENSITIVITY_MAX`` the figure is set by the cutoff (``~``)
     cutoff_sensitivity: dict[str, float] | None = None
     # the cutoff check applies (full correlation, quantized) but was skipped for its cost (``d``
@@ -1025,9 +1025,10 @@ D_EFF_SCHEMES_MARK = "Quantization leaves d_eff / n"
 # Relative move of a leakage under the eigenvalue floor x10 or /10 beyond which the figure is
 # flagged unstable (``~`` in the table, a warning; SchemeResult.floor_sensitivity).
 FLOOR_SENSITIVITY_MAX = 0.05
-# The full correlation's pseudo-inverse cutoff is re-read this many times finer, and a relative
-# move of the leakage beyond CUTOFF_SENSITIVITY_MAX flags it (``~``, a warning;
-# SchemeResult.cutoff_sensitivity; rc44): the figures' accuracy target (validation.md: within 5%)
+# The full correlation's rank rule (its eigenvalue cutoff, correlated.RCOND) is re-read this many
+# times finer, and a relative move of the leakage beyond CUTOFF_SENSITIVITY_MAX flags it (``~``, a
+# warning; SchemeResult.cutoff_sensitivity; rc44, cf45): the figures' accuracy target
+# (validation.md: within 5%)
 CUTOFF_CHECK_FACTOR = 100.0
 CUTOFF_SENSITIVITY_MAX = 0.05
 
@@ -1035,7 +1036,7 @@ CUTOFF_SENSITIVITY_MAX = 0.05
 def unstable(row: dict[str, Any]) -> bool:
     """Whether a row's leakage moves by more than :data:`FLOOR_SENSITIVITY_MAX` (relative) when
     the exact sandwich's eigenvalue floor is set 10x higher or lower, or when the full
-    correlation's pseudo-inverse cutoff is set :data:`CUTOFF_CHECK_FACTOR` x finer
+    correlation's rank rule (eigenvalue cutoff) is set :data:`CUTOFF_CHECK_FACTOR` x finer
     (``cutoff_sensitivity`` above :data:`CUTOFF_SENSITIVITY_MAX`; rc44)."""
     return any(v is not None and math.isfinite(float(v)) and float(v) > cap
                for v, cap in ((row.get("floor_sensitivity"), FLOOR_SENSITIVITY_MAX),

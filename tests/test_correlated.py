@@ -861,9 +861,10 @@ def _cutoff_case(low: float):
 
 def test_cutoff_check_flags_a_figure_set_by_the_pseudo_inverse_cutoff():
     # rc44: a correlation whose spectrum runs smoothly down to 1e-12 has directions between
-    # RCOND and RCOND / 100 that the quantized channel form keeps or drops with the cutoff; a
-    # well-conditioned one (spectrum down to 1e-2) has none. The move measured: 0.104 here vs
-    # 0 there (two coarse weights, the rest in float), on either side of CUTOFF_SENSITIVITY_MAX = 5%;
+    # RCOND and RCOND / 100 that R's rank rule keeps or drops (cf45: the full form's only cutoff,
+    # on R and on its exactly observed block); a well-conditioned one (spectrum down to 1e-2) has
+    # none. The move measured: 0.104 here vs 0 there (two coarse weights, the rest in float; the
+    # same with the cutoff on M before cf45), on either side of CUTOFF_SENSITIVITY_MAX = 5%;
     # with the check made a no-op (CUTOFF_CHECK_FACTOR = 1) the first assertion below fails.
     from mis_lightning.report import CUTOFF_SENSITIVITY_MAX, Report, SchemeResult, leakage_marks
     A = importlib.import_module("mis_lightning.assess")  # (the package exports the function)
@@ -889,3 +890,179 @@ def test_cutoff_check_flags_a_figure_set_by_the_pseudo_inverse_cutoff():
     back = Report.from_dict(json.loads(rep.to_json()))
     assert back.schemes["bad"].cutoff_sensitivity == bad
 
+
+
+# -- cf45: the full form in R's kept eigenspace, no cutoff on the channel matrix ------------------
+
+def _pinv_cut(M: torch.Tensor, rhs: torch.Tensor, rcond: float) -> torch.Tensor:
+    """``M^+ rhs`` with eigenvalues of ``M`` below ``rcond`` of the largest dropped (the library's
+    pseudo-inverse before cf45)."""
+    ev, Q = torch.linalg.eigh(0.5 * (M + M.T))
+    inv = torch.where(ev > rcond * ev[-1], 1.0 / ev.clamp_min(1e-300), torch.zeros_like(ev))
+    return Q @ (inv.unsqueeze(-1) * (Q.T @ rhs))
+
+
+def _old_channel_quadratic(Rm: torch.Tensor, w: torch.Tensor, k: torch.Tensor, rcond: float) -> torch.Tensor:
+    """The form before cf45: ``u'M^+u`` with the pseudo-inverse cutoff ``rcond`` on ``M``."""
+    kh = k.sqrt()
+    M = torch.diag(1.0 - k) + kh.unsqueeze(-1) * Rm * kh.unsqueeze(0)
+    u = w * kh
+    return (u * _pinv_cut(M, u.T, rcond).T).sum(-1)
+
+
+def test_full_form_equals_the_channel_matrix_form_on_a_well_conditioned_correlation():
+    # Where M is well conditioned the cut-free form is the old one: measured 8e-16 (quadratic),
+    # 2e-15 (coefficients), 1e-15 (self term); tolerance 1e-12, a few hundred times the round-off
+    # of d = 30 solves of condition ~10
+    g = torch.Generator().manual_seed(3)
+    d = 30
+    A = torch.randn(d, d, generator=g, dtype=torch.float64)
+    Rm = F.correlated.correlation_from_covariance(A @ A.T + d * torch.eye(d, dtype=torch.float64))
+    w = torch.randn(6, d, generator=g, dtype=torch.float64)
+    x = torch.randn(6, d, generator=g, dtype=torch.float64)
+    k = torch.rand(d, generator=g, dtype=torch.float64)
+    k[:5], k[5:8] = 1.0, 0.0
+    kh = k.sqrt()
+    M = torch.diag(1.0 - k) + kh.unsqueeze(-1) * Rm * kh.unsqueeze(0)
+    Minv_u = torch.linalg.solve(M, (w * kh).T).T
+    c = Correlation(full=Rm)
+    torch.testing.assert_close(c.quadratic(w, k), ((w * kh) * Minv_u).sum(-1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(c.coefficients(w, k), torch.where(kh > 0, Minv_u / kh.clamp_min(1e-300), 0.0),
+                               rtol=0, atol=1e-12 * float(Minv_u.abs().max()))
+    # the self term: each record through its own R - b x x' (Sherman-Morrison in the new basis)
+    b = torch.full((6,), 0.01, dtype=torch.float64)
+    own = Correlation(full=Rm, self_term=x, self_weight=b).quadratic(w, k)
+    direct = torch.stack([((w[i] * kh) @ torch.linalg.solve(
+        torch.diag(1.0 - k) + kh.unsqueeze(-1) * (Rm - b[i] * torch.outer(x[i], x[i])) * kh.unsqueeze(0), w[i] * kh))
+        for i in range(6)])
+    torch.testing.assert_close(own, direct, rtol=1e-12, atol=0)
+
+
+def test_full_form_is_monotone_in_kappa_on_a_spectrum_down_to_1e_12():
+    # mono44: with the cutoff on M, raising a coordinate's kappa moved an eigenvalue of M under the
+    # cutoff and LOWERED s2 (a finer grid read less leakage). The information-matched channel's
+    # s2 can only rise with kappa (more information about U), and the cut-free form is exactly
+    # monotone (measured: no record lower, to the last bit); tolerance 1e-10 relative. R: a
+    # spectrum running smoothly to 1e-12 (38 coordinates) and a pair correlated 1 - 5e-10 (its
+    # small eigenvalue under the rank rule). The old form is checked to break monotonicity on
+    # the same steps (there: the pair's second weight from kappa 1 - 1e-6 to 1), so this test can fail.
+    d = 40
+    Rm = torch.zeros(d, d, dtype=torch.float64)
+    Rm[:38, :38] = _spectrum_correlation(38, 1e-12, seed=2)
+    rho = 1.0 - 5e-10
+    Rm[38:, 38:] = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(50, d, generator=g, dtype=torch.float64)
+    c = Correlation(full=Rm)
+    k = torch.rand(d, generator=g, dtype=torch.float64) * 0.9
+    k[:19] = 1.0  # most weights unquantized: M keeps R's small directions there
+    k[38:] = torch.tensor([1.0, 1.0 - 1e-6], dtype=torch.float64)
+    worst_new, worst_old = 0.0, 0.0
+    for j in range(19, d):
+        for up in (0.5, 0.9, 0.999, 1.0):
+            if up <= float(k[j]):
+                continue
+            k2 = k.clone()
+            k2[j] = up
+            new1, new2 = c.quadratic(w, k), c.quadratic(w, k2)
+            old1, old2 = (_old_channel_quadratic(Rm, w, kk, F.correlated.RCOND) for kk in (k, k2))
+            worst_new = max(worst_new, float(((new1 - new2) / new1).max()))
+            worst_old = max(worst_old, float(((old1 - old2) / old1).max()))
+    assert worst_new <= 1e-10, worst_new
+    assert worst_old > 1e-2, worst_old  # the cutoff on M was not monotone here
+
+
+def test_full_form_unquantized_is_the_mahalanobis_norm_within_the_rank_rule():
+    # kappa = 1 everywhere (None, or given) gives w'R^+w over R's kept eigenspace (eigenvalues above
+    # RCOND of the largest): the exact-observation branch with every coordinate exact. Tolerance
+    # 1e-9 relative: the kept directions reach 1e-9, so their 1 / lambda carries ~1e-16 / 1e-9.
+    d = 40
+    Rm = _spectrum_correlation(d, 1e-12, seed=4)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(20, d, generator=g, dtype=torch.float64)
+    ev, Q = torch.linalg.eigh(Rm)
+    keep = ev > F.correlated.RCOND * ev[-1]
+    want = ((w @ Q[:, keep]).square() / ev[keep]).sum(-1)
+    c = Correlation(full=Rm)
+    torch.testing.assert_close(c.quadratic(w), want, rtol=1e-9, atol=0)
+    torch.testing.assert_close(c.quadratic(w, torch.ones(d, dtype=torch.float64)), want, rtol=1e-9, atol=0)
+    assert 0 < int(keep.sum()) < d  # the rule is in play
+
+
+@pytest.mark.parametrize("case", ["singular", "near_singular", "nearly_dependent_exact"])
+def test_full_form_matches_the_channel_reference_on_singular_correlations(case):
+    # Ground truth: groundtruth.correlated_reference.channel_quadratic, w'(R + V)^-1 w in 80-digit
+    # arithmetic from the exact factor (exact observations as the limit Var e -> 1e-40; no
+    # eigendecomposition). singular: rank 8 of 14 with two duplicated coordinates, both observed
+    # exactly; near_singular: full rank, spectrum down to 1e-7 (above the rank rule, every
+    # direction counts); nearly_dependent_exact: below. Tolerance 1e-7 relative: R is rounded to float64 before the library sees
+    # it, which moves an eigenvalue of 1e-7 by ~1e-16 / 1e-7 of itself, and the nearly exact
+    # weight (W = kappa / (1 - kappa) = 1e9) costs ~eps W in the solve (measured 1e-8 and 2e-11).
+    from mis_lightning.groundtruth.correlated_reference import channel_quadratic
+    g = torch.Generator().manual_seed(7 if case == "singular" else 8)
+    d = 14
+    if case == "singular":
+        root = torch.randn(d, 8, generator=g, dtype=torch.float64)
+        root[1] = root[0]  # a duplicated column of the inputs: identical rows of R
+        root[3] = root[2]
+    elif case == "nearly_dependent_exact":
+        # two exact weights whose difference has variance ~1e-14 (far under R's rank rule): the
+        # model says their exact observation reveals it (a rank rule on this block at RCOND read
+        # pl44's MLP 16-34% below the 50-digit reference, cf45)
+        root = torch.randn(d, 8, generator=g, dtype=torch.float64)
+        root[1] = root[0] + 1e-7 * torch.randn(8, generator=g, dtype=torch.float64)
+    else:
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        root = Q * torch.logspace(0, -3.5, d, dtype=torch.float64)  # eigenvalues 1 .. 1e-7
+    root = root / root.norm(dim=1, keepdim=True)  # unit diagonal
+    Rm = root @ root.T
+    coef = torch.randn(5, root.shape[1], generator=g, dtype=torch.float64)
+    w = coef @ root.T
+    k = torch.rand(d, generator=g, dtype=torch.float64)
+    k[:4] = 1.0  # the duplicated pairs (singular case) observed exactly
+    k[4:6] = torch.tensor([0.0, 1.0 - 1e-9], dtype=torch.float64)  # nothing / nearly exact
+    k[6:8] = 1.0
+    truth = channel_quadratic(root, coef, k)
+    c = Correlation(full=Rm)
+    torch.testing.assert_close(c.quadratic(w, k), truth, rtol=1e-7, atol=0)
+    # the Monte Carlo form's coefficients are the same estimator: Var(beta'Y) = s2 (beta = kappa c),
+    # with the exact weights' share a'z (Correlation.exact_part; their own beta reach 1 / s, 1e7 in
+    # the nearly dependent case, which beta'R beta cancels to 1e-3): U = B z, Y_N = U_N + e
+    beta = c.coefficients(w, k) * k
+    V = torch.where(k > 0, (1.0 - k) / k.clamp_min(1e-300), 0.0)
+    B = c._basis()[0]
+    noisy = (k > 0) & (k < 1)
+    along_z = c.exact_part(w, k) + beta[:, noisy] @ B[noisy]
+    var = along_z.square().sum(-1) + (beta.square() * V).sum(-1)
+    torch.testing.assert_close(var, truth, rtol=1e-6, atol=0)
+
+
+def test_copula_monte_carlo_with_nearly_dependent_exact_weights():
+    # Two unquantized weights whose difference has variance ~1e-14: the channel's estimator weights
+    # them by ~1e7, and float32 draws of U cancel that to noise; the form adds their share through
+    # R's kept eigenspace (Correlation.exact_part). Coarse weights on a fine grid (0.05 sd), so the
+    # Monte Carlo value is the Gaussian form's: measured within 0.1%; tolerance 2% (its standard
+    # error ~0.1%). Summing beta_E'U_E in the float32 draws instead read 1.001-1.004 of it (the
+    # control variate shares, and so absorbs, most of that round-off; cf45).
+    g = torch.Generator().manual_seed(11)
+    d = 12
+    root = torch.randn(d, 8, generator=g, dtype=torch.float64)
+    root[1] = root[0] + 1e-7 * torch.randn(8, generator=g, dtype=torch.float64)
+    root = root / root.norm(dim=1, keepdim=True)
+    Rm = root @ root.T
+    w = torch.randn(4, 8, generator=g, dtype=torch.float64) @ root.T
+    idx = torch.tensor([4, 5, 6])
+    stats = _grid_stats(torch.full((3,), 0.05, dtype=torch.float64), torch.full((3,), 0.3, dtype=torch.float64), half=200)
+    k = torch.full((d,), 0.5, dtype=torch.float64)
+    k[:4] = 1.0
+    k[idx] = stats.kappa.to(torch.float64)
+    corr = Correlation(full=Rm)
+    mc, se = correlated_mc_mean_abs(corr, w, k, idx, stats, 20000, torch.Generator().manual_seed(2))
+    gauss = F.correlated.gaussian_mean_abs(corr, w, k)
+    torch.testing.assert_close(mc, gauss, rtol=0.02, atol=0)
+    # the box-mean form: its observation's covariance is floored there, so its outer draws go
+    # through U = B z (measured 1.003-1.008, standard errors 0.3-0.6%; tolerance 3%)
+    kk = torch.arange(-200, 201, dtype=torch.float64)
+    alpha = (kk.unsqueeze(0) + 0.3) * 0.05 * torch.ones(3, 1, dtype=torch.float64)  # _grid_stats' edges
+    box, bse = F.correlated.exact_box_mean_abs(corr, w, k, idx, alpha, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(box, gauss, rtol=0.03, atol=0)

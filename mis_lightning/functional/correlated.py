@@ -13,7 +13,14 @@ A Gaussian channel ``Y_j = U_j + e_j`` keeps exactly that fraction when
 
     s2(w) = u' M^+ u,   u = K^1/2 w,   M = I - K + K^1/2 R K^1/2,   K = diag(kappa)
 
-and the Gaussian form is ``E|S| = sqrt(2/pi) sqrt(s2)``. Properties: ``kappa = 1`` gives the
+and the Gaussian form is ``E|S| = sqrt(2/pi) sqrt(s2)``. The full ``R`` is evaluated without
+forming ``M`` (cf45): in ``R``'s kept eigenspace ``U = B z`` (``B = Q Lambda^1/2 [d, r]``,
+``z ~ N(0, I_r)``, ``g = Lambda^-1/2 Q' w`` so that ``|g|^2 = w'R^+w``); the coordinates with
+``kappa = 1`` fix ``z`` along the row space of ``B_E`` (``g_E`` its part of ``g``, ``h`` the
+rest), the others add the information ``F = C' diag(kappa / (1 - kappa)) C`` there
+(``C = B_N V_perp``), and ``s2 = |g|^2 - h'(I + F)^-1 h = |g_E|^2 + h'(I + F)^-1 F h`` with
+``I + F >= I``: no cutoff on ``M``, and monotone in every ``kappa`` whatever R's spectrum
+(:meth:`Correlation._channel`; method.md section 3). Properties: ``kappa = 1`` gives the
 unquantized ``w' R^+ w`` (Mahalanobis); ``kappa -> 0`` gives 0; ``M >= R`` in the Loewner order
 once rescaled, so the value never exceeds the unquantized one; a diagonal ``R`` gives the
 independent-coordinate form ``sum_j w_j^2 kappa_j`` exactly.
@@ -27,9 +34,18 @@ With the full ``R`` and at most ``EXACT_MAX_COARSE`` coarse weights, their joint
 treated exactly instead (:func:`exact_box_mean_abs`, GHK). Measured errors against exact
 box-conditional means: docs/method.md.
 
-Rank-deficient ``R`` (collinear features, duplicated columns): pseudo-inverses by an
-eigendecomposition with the relative cutoff ``RCOND`` (never ``lstsq``'s default driver, whose
-answer on a singular system depends on the run).
+Rank-deficient ``R`` (collinear features, duplicated columns): one rank rule, on ``R`` itself,
+for every full form (Gaussian, the Monte Carlo and box forms' coefficients, the self term, the
+variance inflation factors): eigenvalues above ``max(RCOND, d eps) lambda_max`` kept, the rule of
+the estimator's unquantized Mahalanobis norm (never ``lstsq``'s default driver, whose answer on a
+singular system depends on the run). Why not ``d eps`` alone: ``R`` comes through
+``H^-1 V H^-1``, whose round-off reaches far above float64's ``d eps``; on pl44's MLP
+(d = 197, n = 300) R's most negative computed eigenvalue is -4.9e-13 of the largest, and the
+mean ``w'R^+w`` reads 48.2 / 52.6 / 77.9 / 108 with the rule at 1e-8 / 1e-9 / 1e-12 / 1e-14
+against 48.2 from the gradient covariance (which the Hessian cancels out of; its own rule at
+1e-9; docs/benchmarks.md, "cf45"). The exactly observed block's rank is by float64 round-off only
+(:data:`EXACT_BLOCK_RTOL`). The exact box-mean form's regressions go through the same channel
+(:meth:`Correlation._regression`).
 """
 
 from __future__ import annotations
@@ -44,10 +60,15 @@ from torch import Tensor
 from .cells import SQRT_2_OVER_PI, CellStatistics
 from .leakage import MC_DTYPE
 
-# Relative cutoff of the eigenvalues kept by the pseudo-inverses (float64 round-off of a
-# singular correlation matrix sits near 1e-15; genuine directions of the models we serve
-# lie far above 1e-9).
+# Relative cutoff of the eigenvalues kept by the pseudo-inverses: the rank rule of the full
+# correlation R (module docstring; floored at d eps). float64 round-off of a singular correlation
+# matrix sits near 1e-15, but R built through H^-1 carries round-off up to ~1e-12 of its largest
+# eigenvalue (pl44's MLP: -4.9e-13), so finer rules count rounding as directions.
 RCOND = 1e-9
+# Margin over float64 round-off (max(|E|, r) eps sqrt(lambda_max)) of the singular values of the
+# exactly observed weights' block of R's factor B that count (Correlation._channel): a softmax's
+# bias sum, identically 0, read 2.2x the bare rule through H^-1 (cf45)
+EXACT_BLOCK_RTOL = 100.0
 # Weight of the identity in the factor model's correlation (shrinkage towards independent
 # coordinates; keeps the remainder >= this and the solve well conditioned).
 FACTOR_SHRINKAGE = 0.001
@@ -84,20 +105,6 @@ MC_BLOCK_ELEMENTS = 1 << 22
 # Relative round-off the factor model's quadratic form accepts from the direct Woodbury difference
 # (Correlation._factor_quadratic); rows whose bound exceeds it get the corrected form
 QUADRATIC_TOLERANCE = 1e-12
-
-
-def _pinv_apply(M: Tensor, rhs: Tensor, rcond: float = RCOND) -> Tensor:
-    """``M^+ rhs`` for a symmetric PSD ``M [d, d]`` and ``rhs [d, R]`` (eigendecomposition,
-    eigenvalues below ``rcond * max`` dropped)."""
-    evals, evecs = torch.linalg.eigh(0.5 * (M + M.T))
-    return _pinv_from_eigh(evals, evecs, rhs, rcond)
-
-
-def _pinv_from_eigh(evals: Tensor, evecs: Tensor, rhs: Tensor, rcond: float = RCOND) -> Tensor:
-    """:func:`_pinv_apply` from ``M``'s eigendecomposition (ascending ``evals [d]``, ``evecs [d, d]``)."""
-    keep = evals > rcond * max(float(evals[-1]), 1e-300) if evals.numel() else evals > 0
-    inv = torch.where(keep, 1.0 / evals.clamp_min(1e-300), torch.zeros_like(evals))
-    return evecs @ (inv.unsqueeze(-1) * (evecs.T @ rhs))
 
 
 def correlation_from_covariance(Sigma: Tensor) -> Tensor:
@@ -140,13 +147,13 @@ class Correlation:
     self_term: Tensor | None = None
     self_weight: Tensor | None = None
     self_mean: bool = False
-    # relative eigenvalue cutoff of the full form's pseudo-inverse (``_pinv_apply``); the scoring
-    # re-reads quantized figures at a finer one to flag figures the cutoff sets (rc44)
+    # the full R's rank rule (relative eigenvalue cutoff, :meth:`_basis`); the scoring re-reads
+    # quantized figures at a finer one to flag figures the rule sets (rc44, cf45)
     rcond: float = RCOND
     _root: Tensor | None = field(default=None, repr=False)
-    # the last channel matrix's eigendecomposition (full form; keyed by ``full`` and kappa), shared
-    # by :meth:`RecordCorrelation.with_rcond`'s copies: the cutoff check re-reads a scheme's form
-    # at a finer cutoff without a second ``[d, d]`` eigh
+    # R's eigendecomposition, its kept eigenspace per rule and the last kappa's channel (full form;
+    # keyed by ``full``), shared by :meth:`RecordCorrelation.with_rcond`'s copies: the check
+    # re-reads a scheme's form at a finer rule without a second ``[d, d]`` eigh
     _eigh: dict = field(default_factory=dict, repr=False)
     _loo_cache: dict = field(default_factory=dict, repr=False)
 
@@ -240,17 +247,95 @@ class Correlation:
                            self_weight=self.self_weight, self_mean=self.self_mean)
 
     # -- the information-matched channel --------------------------------------------------
-    def _solve(self, u: Tensor, kappa: Tensor) -> Tensor:
-        """``M^+ u'`` as ``[R, d]`` for ``u [R, d]``, ``M = I - K + K^1/2 R K^1/2``."""
-        kh = kappa.sqrt()
-        if self.full is not None:
-            key = kappa.detach().cpu().numpy().tobytes()
-            if self._eigh.get("full") is not self.full or self._eigh.get("kappa") != key:
-                M = torch.diag(1.0 - kappa) + kh.unsqueeze(-1) * self.full * kh.unsqueeze(0)
-                self._eigh.clear()  # one matrix kept: d^2 floats
-                self._eigh.update(full=self.full, kappa=key, eigh=torch.linalg.eigh(0.5 * (M + M.T)))
+    def _basis(self) -> tuple[Tensor, Tensor, float]:
+        """The full ``R``'s kept eigenspace (module docstring, "Rank-deficient R"): ``B [d, r] =
+        Q Lambda^1/2`` (``R ~ B B'``), ``Q Lambda^-1/2 [d, r]`` (``w -> g = Lambda^-1/2 Q' w``, so
+        ``|g|^2 = w' R^+ w``) and ``lambda_max``. The one rank rule for ``R``: eigenvalues above
+        ``max(rcond, d eps) * lambda_max`` kept (:data:`RCOND`). ``R``'s eigendecomposition is
+        computed once and shared by :meth:`RecordCorrelation.with_rcond`'s copies."""
+        assert self.full is not None
+        if self._eigh.get("full") is not self.full:
+            self._eigh.clear()
+            self._root = None
+            R = self.full.to(torch.float64)
+            self._eigh.update(full=self.full, eigh=torch.linalg.eigh(0.5 * (R + R.T)))
+        key = ("basis", self.rcond)
+        if key not in self._eigh:
             evals, evecs = self._eigh["eigh"]
-            return _pinv_from_eigh(evals, evecs, u.T, self.rcond).T
+            top = max(float(evals[-1]), 0.0) if evals.numel() else 0.0
+            tol = max(self.rcond, evals.numel() * torch.finfo(torch.float64).eps) * top
+            keep = evals > tol if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+            lam, Q = evals[keep], evecs[:, keep]
+            self._eigh[key] = (Q * lam.sqrt(), Q * lam.rsqrt(), top)
+        return self._eigh[key]
+
+    def _channel(self, kappa: Tensor) -> dict:
+        """The full form's channel at ``kappa [d]`` in ``R``'s kept eigenspace (method.md section
+        3, "Correlated coordinates"; module docstring): ``U = B z``, ``z ~ N(0, I_r)``; coordinates
+        with ``kappa = 1`` (set ``E``) observe ``B_E z`` exactly, so ``z`` is known along the row
+        space of ``B_E`` (orthonormal ``VE [r, k]``, from the SVD of ``B_E``; its numerical rank by
+        float64 round-off, singular values above ``EXACT_BLOCK_RTOL max(|E|, r) eps sqrt(lambda_max)``); the rest
+        (``0 < kappa < 1``, set ``N``) add the information ``F = C' W C`` on the complement
+        ``Vp [r, r - k]`` (``C = B_N Vp``, ``W = kappa / (1 - kappa)``). Kept for one ``kappa``
+        at a time (the scoring runs one scheme's forms together)."""
+        key = (self.rcond, kappa.detach().cpu().numpy().tobytes())
+        if self._eigh.get("channel_key") == key:
+            return self._eigh["channel"]
+        B, _, top = self._basis()
+        r = B.shape[1]
+        exact = kappa >= 1.0
+        noisy = (kappa > 0) & ~exact
+        BE = B[exact]
+        if bool(exact.all()) and r:
+            # every weight exact (the unquantized form): B's SVD is Q Lambda^1/2 itself, every
+            # singular value sqrt(lambda) far above round-off (R's rule)
+            VE, Vp = torch.eye(r, dtype=B.dtype), B.new_zeros(r, 0)
+            from_exact = self._basis()[1]                            # Q Lambda^-1/2
+        elif BE.shape[0] and r:
+            Us, S, Vh = torch.linalg.svd(BE, full_matrices=True)
+            # The exactly observed block's numerical rank, by float64 round-off of B: singular
+            # values above EXACT_BLOCK_RTOL x max(|E|, r) eps sqrt(lambda_max). Every combination
+            # above it counts, however small its variance, as the model R ~ B B' says (the
+            # channel reference in 50 digits agreed on pl44's MLP; a rule at R's own rank rule
+            # or round-off dropped exact information, read 16-34% below it and fell when a
+            # weight's kappa reached 1; cf45). Below it: a softmax's bias sum, identically 0,
+            # read s = 6.8e-15 sqrt(lambda_max) through H^-1 (2.2x the bare rule); counted, it
+            # moved one model's figure 7e-6 between two parametrizations of its output.
+            tol = EXACT_BLOCK_RTOL * max(BE.shape[0], r) * torch.finfo(torch.float64).eps * math.sqrt(max(top, 0.0))
+            k = int((S > tol).sum())
+            VE, Vp = Vh[:k].T, Vh[k:].T
+            # V_E' z from Y_E = B_E z: S^-1 U' Y_E over the kept singular directions
+            from_exact = Us[:, :k] / S[:k]
+        else:
+            VE, Vp = B.new_zeros(r, 0), torch.eye(r, dtype=B.dtype)
+            from_exact = B.new_zeros(BE.shape[0], 0)
+        kn = kappa[noisy]
+        C = B[noisy] @ Vp                                            # [|N|, r - k]
+        W = kn / (1.0 - kn)
+        P = torch.eye(Vp.shape[1], dtype=B.dtype) + C.T @ (W.unsqueeze(-1) * C)  # I + F >= I
+        chol = torch.linalg.cholesky(0.5 * (P + P.T))
+        ch = dict(exact=exact, noisy=noisy, VE=VE, Vp=Vp, C=C, W=W, chol=chol, from_exact=from_exact,
+                  B_N=B[noisy])
+        self._eigh.update(channel_key=key, channel=ch)
+        return ch
+
+    def _terms(self, w: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
+        """``(left, right)``, both ``[R, r]``, with the full form's bilinear form of two rows
+        ``q(w_i, x_j) = left_i . right_j`` (symmetric; ``q(w, w) = s2``): ``left = [V_E'g, Vp'g]``,
+        ``right = [V_E'g, (I + F)^-1 F Vp'g]`` for ``g = Lambda^-1/2 Q' w`` (:meth:`_channel`):
+        ``s2 = |g_E|^2 + h'(I + F)^-1 F h``, no cutoff on the channel matrix."""
+        _, Winv, _ = self._basis()
+        ch = self._channel(kappa)
+        g = w @ Winv
+        gE, h = g @ ch["VE"], g @ ch["Vp"]
+        Fh = ((h @ ch["C"].T) * ch["W"]) @ ch["C"]                     # [R, r - k] = F h
+        y = torch.cholesky_solve(Fh.T, ch["chol"]).T                  # (I + F)^-1 F h: no cancellation
+        return torch.cat([gE, h], -1), torch.cat([gE, y], -1)
+
+    def _solve(self, u: Tensor, kappa: Tensor) -> Tensor:
+        """``M^-1 u'`` as ``[R, d]`` for ``u [R, d]`` of the factor model, ``M = I - K + K^1/2 R K^1/2``
+        (the full form goes through :meth:`_terms`)."""
+        assert self.factor is not None
         D, A, Dinv_A, solve_core = self._woodbury(kappa)
 
         def woodbury(r: Tensor) -> Tensor:
@@ -292,8 +377,8 @@ class Correlation:
             return self._self_quadratic(w, k)[1]
         if self.factor is not None:
             return self._factor_quadratic(w, k).clamp_min(0.0)
-        u = w * k.sqrt()
-        return (u * self._solve(u, k)).sum(-1).clamp_min(0.0)
+        left, right = self._terms(w, k)
+        return (left * right).sum(-1).clamp_min(0.0)
 
     def _self_quadratic(self, w: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
         """``([R], [R])``: ``u' M^+ u`` with the shared ``full`` and with each record's own
@@ -307,13 +392,10 @@ class Correlation:
         b = self.self_weight.to(torch.float64)
         if self.self_mean:
             return self._in_sample_loo_quadratic(w, x, b, kappa)
-        kh = kappa.sqrt()
-        u, v = w * kh, x * kh
-        R = u.shape[0]
-        sol = self._solve(torch.cat([u, v]), kappa)
-        su, sv = sol[:R], sol[R:]
-        q0 = (u * su).sum(-1).clamp_min(0.0)
-        uv, vv = (u * sv).sum(-1), (v * sv).sum(-1)
+        R = w.shape[0]
+        left, right = self._terms(torch.cat([w, x]), kappa)
+        q0 = (left[:R] * right[:R]).sum(-1).clamp_min(0.0)
+        uv, vv = (left[:R] * right[R:]).sum(-1), (left[R:] * right[R:]).sum(-1)
         # 1 - b v'M^+v > 0 while the record's own matrix stays positive definite along v (a
         # downdate b > 0 of a record whose term is in the shared one); floored against rounding
         q = q0 + b * uv.square() / (1.0 - b * vv).clamp_min(1e-12)
@@ -469,11 +551,11 @@ class Correlation:
         return torch.linalg.vecdot(u, x)
 
     def inverse_diagonal(self) -> Tensor:
-        """``[d]`` the diagonal of ``R^+`` (full) or of the factor model's inverse (Woodbury):
+        """``[d]`` the diagonal of ``R^+`` (full, within its rank rule) or of the factor model's inverse (Woodbury):
         the variance inflation factors ``1 / (1 - R^2_j)`` of the coordinates, i.e. how far the
         variance of coordinate ``j`` given the others sits below its marginal variance."""
         if self.full is not None:
-            return torch.linalg.pinv(self.full.to(torch.float64), hermitian=True, rtol=RCOND).diagonal()
+            return self._basis()[1].square().sum(-1)  # R's kept eigenspace, its one rank rule
         assert self.factor is not None and self.residual is not None
         L = self.factor.to(torch.float64)
         D = self.residual.to(torch.float64).clamp_min(RCOND)
@@ -486,19 +568,71 @@ class Correlation:
         (0 for coordinates with ``kappa = 0``)."""
         w = influence.to(torch.float64)
         k = kappa.to(torch.float64).clamp(0.0, 1.0)
+        if self.full is not None:
+            return self._full_coefficients(w, k)
         kh = k.sqrt()
         sol = self._solve(w * kh, k)
         return torch.where(kh > 0, sol / kh.clamp_min(1e-300), torch.zeros_like(sol))
+
+    def _regression(self, w: Tensor, kappa: Tensor) -> Tensor:
+        """``[R, d]`` ``beta`` with ``E[w'R^+U | Y] = beta'Y`` for the channel at ``kappa [d]`` (full
+        form; ``kappa = 1``: ``Y_j = U_j``; 0: not observed): the regression of the statistic on the
+        observation, in ``R``'s kept eigenspace without a cutoff (:meth:`_full_coefficients`)."""
+        k = kappa.to(torch.float64).clamp(0.0, 1.0)
+        return self._full_coefficients(w.to(torch.float64), k) * k
+
+    def _full_coefficients(self, w: Tensor, k: Tensor) -> Tensor:
+        """:meth:`coefficients` of the full form in ``R``'s kept eigenspace (:meth:`_channel`):
+        ``E[g'z | Y] = beta'Y`` with ``beta_N = W (C (I + F)^-1 h)`` on the noisy coordinates and,
+        on the exact ones, ``V_E'z = S^-1 U'Y_E`` weighted by ``g_E - V_E' B_N' beta_N``;
+        ``c = beta / kappa`` (the cell mean of a fine coordinate is ``~kappa Y``)."""
+        _, Winv, _ = self._basis()
+        ch = self._channel(k)
+        g = w @ Winv
+        gE, h = g @ ch["VE"], g @ ch["Vp"]
+        t = torch.cholesky_solve(h.T, ch["chol"]).T                   # [R, r - k] (I + F)^-1 h
+        beta_N = (t @ ch["C"].T) * ch["W"]                            # [R, |N|]
+        gamma = gE - (beta_N @ ch["B_N"]) @ ch["VE"]                  # [R, k]
+        c = torch.zeros_like(w)
+        c[:, ch["noisy"]] = beta_N / k[ch["noisy"]]
+        c[:, ch["exact"]] = gamma @ ch["from_exact"].T
+        self._eigh["exact_part"] = gamma @ ch["VE"].T                 # [R, r] B_E' beta_E = V_E gamma
+        return c
+
+    def exact_part(self, influence: Tensor, kappa: Tensor) -> Tensor:
+        """``[R, r]`` the exactly observed coordinates' share of the full form's statistic in ``R``'s
+        kept eigenspace: ``sum_{j in E} beta_j U_j = a' z`` with ``a = B_E' beta_E = V_E gamma``
+        (:meth:`_full_coefficients`). Their coefficients ``beta_E`` reach ``1 / s`` for exact
+        weights whose combination has a small variance ``s^2``; ``a`` stays of the size of ``g``,
+        so the Monte Carlo form adds this share through ``z`` (in float32 draws of ``U``,
+        ``beta_E' U_E`` of two exact weights correlated 1 - 1e-14 loses its digits; summed so, the
+        form read 1.001-1.004 of the Gaussian form where this reads within 0.1%)."""
+        self._full_coefficients(influence.to(torch.float64), kappa.to(torch.float64).clamp(0.0, 1.0))
+        return self._eigh.pop("exact_part")
+
+    def _sample_full(self, num: int, generator: torch.Generator | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``([num, d], [num, r])``: draws of ``U ~ N(0, R)`` and their coordinates ``z`` in ``R``'s
+        kept eigenspace (``U = B z`` plus the dropped directions' part; :meth:`_basis`), one root
+        for both: the Monte Carlo form adds the exact coordinates' part through ``z``."""
+        self._basis()
+        evals, evecs = self._eigh["eigh"]
+        if self._root is None:  # R's square root from the shared eigendecomposition, computed once
+            self._root = evecs * evals.clamp_min(0.0).sqrt()
+        # the kept columns of the root are B's (the same rule as :meth:`_basis`, per rule: the
+        # eigendecomposition is shared with other rules' copies)
+        key = ("root_keep", self.rcond)
+        if key not in self._eigh:
+            top = max(float(evals[-1]), 0.0) if evals.numel() else 0.0
+            tol = max(self.rcond, evals.numel() * torch.finfo(torch.float64).eps) * top
+            self._eigh[key] = evals > tol if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+        n = torch.randn(num, self._root.shape[1], dtype=dtype, generator=generator)
+        return n @ self._root.to(dtype).T, n[:, self._eigh[key]]
 
     def sample(self, num: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float64) -> Tensor:
         """``[num, d]`` draws of ``U ~ N(0, R)`` (a singular ``R`` is fine), in ``dtype``."""
         if self.full is not None:
-            if self._root is None:  # symmetric square root, computed once
-                evals, evecs = torch.linalg.eigh(self.full)
-                self._root = evecs * evals.clamp_min(0.0).sqrt()
-            B = self._root.to(dtype)
-            return torch.randn(num, B.shape[1], dtype=dtype, generator=generator) @ B.T
+            return self._sample_full(num, generator, dtype)[0]
         assert self.factor is not None and self.residual is not None
         L = self.factor.to(dtype)
         z = torch.randn(num, L.shape[1], dtype=dtype, generator=generator)
@@ -545,7 +679,11 @@ def _correlated_mc_shared(corr: Correlation, influence: Tensor, kappa: Tensor, c
     c = corr.coefficients(influence, k)                               # [R, d]
     fine = torch.ones(d, dtype=torch.bool)
     fine[coarse_index] = False
-    c_fine = c * fine
+    full = corr.full is not None
+    exact = fine & (k >= 1.0) if full else torch.zeros(d, dtype=torch.bool)
+    # full form: the exact coordinates' share through R's kept eigenspace (Correlation.exact_part)
+    a_exact = corr.exact_part(influence, k) if full and bool(exact.any()) else None
+    c_fine = c * (fine & ~exact)
     noise_sd = ((c_fine.square() * (k * (1.0 - k))).sum(-1)).sqrt()  # [R]
     c_coarse = c[:, coarse_index]
     cdf = coarse_stats.prob.to(torch.float64).cumsum(-1)
@@ -558,12 +696,18 @@ def _correlated_mc_shared(corr: Correlation, influence: Tensor, kappa: Tensor, c
     # records otherwise keeps a ~1/sqrt(mc_draws) relative error).
     kc = k[coarse_index]
     chan_sd = (kc * (1.0 - kc)).clamp_min(0.0).sqrt()
-    ck = c * k
-    surr_sd = (_quadratic_form(corr, ck) + (c.square() * (k * (1.0 - k))).sum(-1)).clamp_min(0.0).sqrt()
+    if full:
+        # the surrogate is the channel's own statistic beta'Y: its variance is the shared s2
+        left, right = corr._terms(influence.to(torch.float64), k)
+        surr_sd = (left * right).sum(-1).clamp_min(0.0).sqrt()
+    else:
+        ck = c * k
+        surr_sd = (_quadratic_form(corr, ck) + (c.square() * (k * (1.0 - k))).sum(-1)).clamp_min(0.0).sqrt()
     # The draws in MC_DTYPE: [S, R] projections by one matmul each (the coarse cells' term and
     # the surrogate's Gaussian channel share c_coarse), moments accumulated in float64.
     dt = MC_DTYPE
     k_dt, c_fine_t = k.to(dt), c_fine.T.to(dt).contiguous()          # [d, R]
+    a_exact_t = None if a_exact is None else a_exact.T.to(dt).contiguous()  # [r, R]
     c_coarse_t = c_coarse.T.to(dt).contiguous()                     # [c, R]
     kc_dt, chan_dt, noise_dt = kc.to(dt), chan_sd.to(dt), noise_sd.to(dt)
     means_dt = means.to(dt)
@@ -572,8 +716,12 @@ def _correlated_mc_shared(corr: Correlation, influence: Tensor, kappa: Tensor, c
     noisy = bool((noise_sd > 0).any())
     for a in range(0, mc_draws, block):
         S = min(block, mc_draws - a)
-        U = corr.sample(S, generator, dtype=dt)                         # [S, d]
-        proj = (U * k_dt) @ c_fine_t                                   # [S, R]
+        if a_exact is not None:
+            U, z = corr._sample_full(S, generator, dt)                  # [S, d], [S, r]
+            proj = (U * k_dt) @ c_fine_t + z @ a_exact_t                # [S, R]
+        else:
+            U = corr.sample(S, generator, dtype=dt)                     # [S, d]
+            proj = (U * k_dt) @ c_fine_t                               # [S, R]
         if noisy:
             proj += noise_dt * torch.randn(S, R, dtype=dt, generator=generator)
         surr = proj.clone()
@@ -750,8 +898,9 @@ class RecordCorrelation:
         return torch.stack([c.inverse_diagonal() for _, c in self.parts]).mean(0)
 
     def with_rcond(self, rcond: float) -> RecordCorrelation:
-        """The same correlations with the full form's pseudo-inverse cutoff ``rcond`` (relative;
-        :data:`RCOND` by default) and empty caches: the scoring's cutoff check (rc44)."""
+        """The same correlations with the full ``R``'s rank rule ``rcond`` (relative eigenvalue
+        cutoff; :data:`RCOND` by default), sharing ``R``'s eigendecomposition: the scoring's
+        cutoff check (rc44; since cf45 the only cutoff of the full form is this rule on ``R``)."""
         parts = [(i, Correlation(full=c.full, factor=c.factor, residual=c.residual, self_term=c.self_term,
                                  self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond, _eigh=c._eigh))
                  for i, c in self.parts]
@@ -1014,7 +1163,11 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
     all_coarse_draws = int(max(256, min(box_draws, EXACT_BUDGET // max(outer_draws * c, 1))))
     if c > EXACT_MAX_COARSE:
         raise ValueError(f"the exact box-mean form takes at most {EXACT_MAX_COARSE} coarse coordinates, got {c}")
-    R_ = corr.full.to(torch.float64)
+    # R's kept eigenspace (its one rank rule, :meth:`Correlation._basis`) for every covariance below,
+    # and the regressions by the cut-free channel (:meth:`Correlation._regression`): no cutoff on
+    # the observation's covariance (cf45)
+    Bk = corr._basis()[0]
+    R_ = Bk @ Bk.T
     d = R_.shape[0]
     w = influence.to(torch.float64)
     k = kappa.to(torch.float64).clamp(0.0, 1.0)
@@ -1023,18 +1176,19 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
     # fine coordinates seen through the channel; pinned ones (kappa ~ 0) carry nothing
     fine_index = torch.nonzero(~is_c & (k > 1e-12)).squeeze(-1)
     v = (1.0 - k[fine_index]) / k[fine_index]
-    a = _pinv_apply(R_, w.T).T                                     # [R, d] = R^+ w
-    # joint covariance of Z = (U_C, Y_F)
+    k_fine = torch.zeros(d, dtype=torch.float64)
+    k_fine[fine_index] = k[fine_index]
+    # the regression of a'U (a = R^+ w) on Z = (U_C, Y_F): the channel with the coarse ones exact
+    coef = corr._regression(w, k_fine.index_fill(0, coarse_index, 1.0))   # [R, d]
+    b, h = coef[:, coarse_index], coef[:, fine_index]
+    # joint covariance of Z = (U_C, Y_F) (the outer draws)
     Rcc = R_[coarse_index][:, coarse_index]
     Rcf = R_[coarse_index][:, fine_index]
     Rff = R_[fine_index][:, fine_index] + torch.diag(v)
     cov_z = torch.cat([torch.cat([Rcc, Rcf], 1), torch.cat([Rcf.T, Rff], 1)], 0)
-    cross = torch.cat([R_[:, coarse_index], R_[:, fine_index]], 1)  # Cov(U, Z) [d, c + f]
-    coef = _pinv_apply(cov_z, (a @ cross).T).T                     # [R, c + f]: (b, h)
-    b, h = coef[:, :c], coef[:, c:]
-    # U_C | Y_F ~ N(G Y_F, S)
+    # U_C | Y_F ~ N(G Y_F, S): the regression of each U_j (j coarse; U_j = (R e_j)'R^+U) on Y_F
     if fine_index.numel():
-        G = _pinv_apply(Rff, Rcf.T).T                              # [c, f]
+        G = corr._regression(R_[coarse_index], k_fine)[:, fine_index]  # [c, f]
         S = Rcc - G @ Rcf.T
     else:
         G = torch.zeros(c, 0, dtype=torch.float64)
@@ -1058,8 +1212,17 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
         summed = _all_coarse_mean_abs(root, alpha, pad, b, outer_draws, all_coarse_draws, generator)
         if summed is not None:
             return summed
-    Z = torch.randn(outer_draws, root.shape[1], dtype=torch.float64, generator=generator) @ root.T
-    Uc, Yf = Z[:, :c], Z[:, c:]
+    if float(ev_z[0]) > floor_z:  # the floor not in play: Z's own factor (the draws as before cf45)
+        Z = torch.randn(outer_draws, root.shape[1], dtype=torch.float64, generator=generator) @ root.T
+        Uc, Yf = Z[:, :c], Z[:, c:]
+    else:
+        # a floored (near-)singular observation: draws through R's kept eigenspace (U = B z),
+        # exact, so that the large regression coefficients of nearly dependent exact fine weights
+        # see their combinations as the model has them, not as the floor moved them
+        zz = torch.randn(outer_draws, Bk.shape[1], dtype=torch.float64, generator=generator)
+        Uc = zz @ Bk[coarse_index].T
+        Yf = zz @ Bk[fine_index].T + torch.randn(outer_draws, fine_index.numel(), dtype=torch.float64,
+                                                 generator=generator) * v.sqrt()
     cell = torch.stack([torch.searchsorted(alpha[j].contiguous(), Uc[:, j].contiguous()) for j in range(c)], 1)
     lo = torch.gather(pad, 1, cell.T).T                            # [S, c]
     hi = torch.gather(pad, 1, (cell + 1).T).T
@@ -1087,13 +1250,13 @@ def _exact_box_shared(corr: Correlation, influence: Tensor, kappa: Tensor, coars
         Yc = (Uc[:, on] + torch.randn(outer_draws, int(on.sum()), dtype=torch.float64, generator=generator) * vc.sqrt()
               if bool(on.any()) else Uc[:, on])
         obs = torch.cat([Yc, Yf], 1)
-        Rco = Rcc[on][:, on] + torch.diag(vc)
-        Rcf_on = Rcf[on]
-        cov_obs = torch.cat([torch.cat([Rco, Rcf_on], 1), torch.cat([Rcf_on.T, Rff], 1)], 0)
-        cross_obs = torch.cat([R_[:, coarse_index[on]], R_[:, fine_index]], 1)  # Cov(U, obs) [d, o]
-        t = (a @ cross_obs).T                                      # [o, R] Cov(obs, a'U)
-        coef_cv = _pinv_apply(cov_obs, t)                          # [o, R]
-        sd = (t * coef_cv).sum(0).clamp_min(0.0).sqrt()            # [R] sd of E[a'U | obs]
+        # the regression of a'U on the observation (the channel with the coarse ones through it)
+        k_obs = k_fine.clone()
+        k_obs[coarse_index[on]] = kc[on]
+        coef_cv = corr._regression(w, k_obs)                       # [R, d]
+        coef_cv = torch.cat([coef_cv[:, coarse_index[on]], coef_cv[:, fine_index]], 1).T  # [o, R]
+        left, right = corr._terms(w, k_obs)
+        sd = (left * right).sum(-1).clamp_min(0.0).sqrt()          # [R] sd of E[a'U | obs]
         surr = (obs @ coef_cv).abs()                               # [S, R]
         sc, su = score - score.mean(0), surr - surr.mean(0)
         beta = (sc * su).sum(0) / su.square().sum(0).clamp_min(1e-300)

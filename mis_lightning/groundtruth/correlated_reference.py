@@ -112,3 +112,43 @@ def bivariate_exact_mean_abs(rho: float, influence: Tensor, step: Tensor, offset
     R = torch.tensor([[1.0, rho], [rho, 1.0]], dtype=torch.float64)
     a = torch.linalg.solve(R, influence.to(torch.float64).T).T
     return (P[keep].unsqueeze(1) * (m @ a.T).abs()).sum(0) / P[keep].sum()
+
+
+def channel_quadratic(root: Tensor, coef: Tensor, kappa: Tensor, digits: int = 80) -> Tensor:
+    """The Gaussian channel's ``s2 = Var E[w'R^+U | Y]`` per record ``[R]``, in ``digits``-digit
+    arithmetic (mpmath), for a correlation given by a factor: the reference of the full form
+    ``Correlation.quadratic`` on singular and near-singular ``R`` (method.md section 3,
+    "Correlated coordinates").
+
+    ``R = root root'`` (``root [d, r]`` of full column rank ``r <= d``; unit rows for a correlation) and ``w = root
+    coef'`` (``coef [R, r]``), both formed exactly from the float64 entries, so ``w`` lies in
+    ``R``'s range with no rank decision. ``Y_j = U_j + e_j``, ``Var e_j = (1 - kappa_j) / kappa_j``:
+    coordinates with ``kappa = 0`` are left out, those with ``kappa = 1`` get ``Var e =
+    10^-(digits / 2)`` (the exact observation as a limit: ``s2`` is continuous there), and
+    ``s2 = w'(R + V)^-1 w`` by a direct solve (no eigendecomposition, no channel matrix, no
+    cutoff: a construction independent of the library's).
+
+    Raises:
+        ValueError: ``kappa`` outside ``[0, 1]`` or shapes that do not match.
+    """
+    import mpmath
+
+    d, r = root.shape
+    if coef.shape[-1] != r or kappa.shape != (d,):
+        raise ValueError(f"root {tuple(root.shape)}, coef {tuple(coef.shape)} and kappa {tuple(kappa.shape)} do not match")
+    if bool(((kappa < 0) | (kappa > 1)).any()):
+        raise ValueError("kappa must lie in [0, 1]")
+    with mpmath.workdps(digits):
+        tiny = mpmath.mpf(10) ** (-(digits // 2))
+        on = [j for j in range(d) if float(kappa[j]) > 0]
+        B = mpmath.matrix([[mpmath.mpf(float(root[j, i])) for i in range(r)] for j in on])
+        V = [tiny if float(kappa[j]) == 1.0 else (1 - mpmath.mpf(float(kappa[j]))) / mpmath.mpf(float(kappa[j]))
+             for j in on]
+        A = B * B.T
+        for i in range(len(on)):
+            A[i, i] += V[i]
+        out = []
+        for row in coef.to(torch.float64).tolist():
+            w = B * mpmath.matrix([mpmath.mpf(x) for x in row])
+            out.append(float((w.T * mpmath.lu_solve(A, w))[0]))
+    return torch.tensor(out, dtype=torch.float64)
