@@ -3540,7 +3540,7 @@ def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tenso
 
 
 def _cutoff_applies(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor) -> bool:
-    """Whether the pseudo-inverse cutoff is in play for a scheme, whatever ``d``: the full
+    """Whether the full correlation's rank rule (its eigenvalue cutoff) is in play for a scheme, whatever ``d``: the full
     correlation, stored influences, and some weight with ``kappa < 1`` (quantized); the
     conditions of :func:`_cutoff_check` but its size bound."""
     return rc.kind == "full" and est.influence is not None and not bool((kvec == 1.0).all())
@@ -3555,8 +3555,8 @@ def _cutoff_skipped_note(report: Report) -> str | None:
         return None
     return (f"cutoff check not run for {', '.join(skipped)}: with d = {report.d} weights, above "
             f"assess.CUTOFF_CHECK_MAX_D = {CUTOFF_CHECK_MAX_D} (its cost: one more [d, d] apply per scheme), the full "
-            f"correlation's figures were not re-read at a {CUTOFF_CHECK_FACTOR:.0f}x finer pseudo-inverse cutoff, so a "
-            "figure set by that cutoff (near-singular correlation; it may read low) would not be marked ~ here")
+            f"correlation's figures were not re-read with its eigenvalue cutoff (rank rule) {CUTOFF_CHECK_FACTOR:.0f}x finer, so "
+            "a figure set by that cutoff (near-singular correlation with a continuous spectrum) would not be marked ~ here")
 
 
 def _cutoff_warning(report: Report) -> str | None:
