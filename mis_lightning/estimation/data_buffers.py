@@ -80,7 +80,11 @@ def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
     if not names or batch_size < 2:
         return []
     half = batch_size // 2
-    after: list[dict[str, Tensor]] = []
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    # Only tensors a forward changed are kept from a copy (a frozen backbone's parameters are
+    # candidates too: keeping the first copy whole would hold a second model in memory).
+    present: list[set[str]] = []
+    changed: list[dict[str, Tensor]] = []
     for a, b in ((0, half), (half, 2 * half)):
         try:
             copy_ = private_copy(model, "checking which buffers the forward sets from the records")
@@ -100,6 +104,14 @@ def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
             except Exception:  # noqa: BLE001 - a forward that needs the whole batch: not told
                 return []
         bufs = {**dict(copy_.named_parameters()), **dict(copy_.named_buffers())}
-        after.append({n: bufs[n] for n in names if n in bufs})
-    return [n for n in names if n in after[0] and n in after[1]
-            and not (after[0][n].shape == after[1][n].shape and torch.equal(after[0][n], after[1][n]))]
+        present.append({n for n in names if n in bufs})
+        changed.append({n: bufs[n] for n in present[-1] if not _same(bufs[n], own.get(n))})
+        del copy_, bufs
+    return [n for n in names if n in present[0] and n in present[1]
+            and (n in changed[0] or n in changed[1])
+            and not (n in changed[0] and n in changed[1] and _same(changed[0][n], changed[1][n]))]
+
+
+def _same(t: Tensor, ref: Tensor | None) -> bool:
+    """Equal shape and values (``ref`` cast to ``t``'s dtype: the copies may be cast)."""
+    return ref is not None and t.shape == ref.shape and torch.equal(t, ref.to(t.dtype))
