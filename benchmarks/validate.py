@@ -55,6 +55,10 @@ TRUTH_TARGETS_2D_ABSMAX = 256
 # halve the error for 0.8x the cost: ~0.6 CPU s per target and grid (docs/benchmarks.md, cov44)
 TRUTH_TARGETS_EXACT = 128
 TRUTH_RELEASES_EXACT = 300
+# Targets of the logistic coupled truth (M = 10^6 datasets fitted once): 32 left +-0.7-1.2% (80%
+# bootstrap over targets) on the fine grids, where the interval's coverage was decided (cov44);
+# the out arm's cells counted once per grid put a target at ~4.5 CPU s for 19 grids (was ~30 s)
+TRUTH_TARGETS_LOGISTIC = 128
 
 
 def grids_for(s: GT.Setting, positions: bool) -> list:
@@ -157,7 +161,7 @@ COVERAGE_PLAN = [
     # logistic: the coupled-arm truth (groundtruth/logistic.py: M = 10^6 datasets fitted once,
     # each target added by a Taylor solve); it replaced the LR-test lower bound of M = 12,000
     # independent datasets per target, whose noise (+-0.001) decided the fine grids' coverage
-    ("logistic", 2, 1000, 0.0, 32, 1_000_000),
+    ("logistic", 2, 1000, 0.0, TRUTH_TARGETS_LOGISTIC, 1_000_000),
 ]
 # Bins of the released absmax in the logistic truth's keys, in units of the largest weight sd:
 # 0.1 and 0.05 gave the same Gaussian-test values (to 0.2%), 0.05 twice the plug-in's noise
@@ -222,7 +226,7 @@ def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndar
     """Truth of every grid of a logistic setting and its bracket ``[G, 2]``: the coupled-arm
     estimates of ``groundtruth.logistic.exact_truth_logistic`` (the larger of the split-sample
     and Gaussian-test values below, the plug-in above, both in expectation); the truth is the
-    bracket's midpoint. About 10 min for the base fits at M = 10^6 on one core, 30 s per target."""
+    bracket's midpoint. About 260 CPU s for the base fits at M = 10^6, 4.5 CPU s per target."""
     from mis_lightning.groundtruth import logistic as LG
 
     r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD, oracle_records=ORACLE_RECORDS)
