@@ -10,8 +10,8 @@ The report's intervals do not depend on the truth, so the 12 seeded trainings of
 truths, the new bracket and its estimates' own 80% intervals over targets, coverage of the truth
 and of the bracket's ends, the misses (how far below / above the interval the truth lay), the
 plug-ins' mean and the first-order value with the true parameters (``E c``, the control variate's
-mean over ``validate.ORACLE_RECORDS`` records) relative to the truth: the first-order shortfall.
-``--write`` stores the new truth, coverage and bracket in the rows. ~10 CPU s (``E c``).
+mean over ``validate.ORACLE_RECORDS_LOGISTIC`` records) relative to the truth: the first-order
+shortfall. ``--write`` stores the new truth, coverage and bracket in the rows. ~2 CPU min (``E c``).
 """
 
 from __future__ import annotations
@@ -37,24 +37,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / "docs" / "figures" / "truth_logistic_coupled.json")
     ap.add_argument("--rows", type=Path, default=ROOT / "docs" / "figures" / "coverage_rows.json")
     ap.add_argument("--old-targets", type=int, default=32, help="targets of the truth to compare with")
+    ap.add_argument("--old-oracle", type=int, default=64_000, help="records behind that truth's E c")
     ap.add_argument("--write", action="store_true", help="store the new truth and coverage in the rows")
     a = ap.parse_args(argv)
     model, d, n, rho, Z, M = V.COVERAGE_PLAN[3]
     s = GT.make_setting(model, d, n, rho=rho)
     grids = V.coverage_grids(s)
     cache = json.loads(a.cache.read_text())
-    key, old_key = V.coverage_key(s, Z, M), V.coverage_key(s, a.old_targets, M)
+    key = V.coverage_key(s, Z, M)
+    old_key = key.replace(f"Z={Z} ", f"Z={a.old_targets} ").replace(f"oracle={V.ORACLE_RECORDS_LOGISTIC}",
+                                                                    f"oracle={a.old_oracle}")
     for k in (key, old_key):
         if k not in cache:
             raise SystemExit(f"{a.cache} holds no {k!r} (run validate.py --coverage --settings 3 --truth-cache ...)")
     truth, bracket = np.asarray(cache[key]), np.asarray(cache[key + " bracket"])
     old = np.asarray(cache[old_key])
     est_ci = cache.get(key + " estimates_ci")
-    ec, ec_se = GT.oracle_mean(s, grids, V.ORACLE_RECORDS, 0)
+    if key + " E c" in cache:  # stored with the truth
+        ec, ec_se = (np.asarray(v) for v in cache[key + " E c"])
+    else:
+        ec, ec_se = GT.oracle_mean(s, grids, V.ORACLE_RECORDS_LOGISTIC, 0)
     saved = json.loads(a.rows.read_text())
     rows = {r["grid"]: r for r in saved["rows"] if r["setting"] == s.label()}
     print(f"{s.label()}: {key!r} against {old_key!r}; {len(next(iter(rows.values()))['intervals'])} trainings")
-    print("| grid | truth 32 | truth 128 [bracket] | test / plug 80% over targets | coverage 32 -> 128 | "
+    print(f"| grid | truth {a.old_targets} | truth {Z} [bracket] | test / plug 80% over targets | coverage 32 -> 128 | "
           "bracket ends | misses (truth vs interval, % of truth) | plug-ins / truth | E c / truth |")
     print("|---|---|---|---|---|---|---|---|---|")
     for g, grid in enumerate(grids):

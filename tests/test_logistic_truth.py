@@ -124,11 +124,13 @@ def _tv_bracket_reference(keys_in, keys_out, llr_of):
 def test_out_cells_counted_once_give_the_reference_bracket_exactly(M):
     """The out arm's cells counted once (OutCells) and each target's keys placed among them give
     the reference's three estimates to the last bit (same cells in the same order, same sums),
-    with cells only the in arm reaches (keys 50-52, and below / above every out key) and a test
-    that depends on which release is each cell's first (as the absmax keys' llr does)."""
+    with cells only the in arm reaches (3k + 1, and below / above every out key), cells only the
+    out arm reaches, and a test that depends on which release is each cell's first (as the absmax
+    keys' llr does). Fails if an out-only cell's first index misses the in arm's offset M."""
     rng = np.random.default_rng(1)
     keys_out = rng.integers(0, 40, (M, 2)) * 3
-    keys_in = rng.integers(0, 40, M) * 3 + (rng.random(M) < 0.05)  # some in-only cells (3k + 1)
+    # in-only cells (3k + 1), out-only cells (k >= 30)
+    keys_in = rng.integers(0, 30, M) * 3 + (rng.random(M) < 0.05)
     keys_in[:3] = [-7, 500, 500]
     vals = rng.standard_normal(M * 3)
 
@@ -136,7 +138,7 @@ def test_out_cells_counted_once_give_the_reference_bracket_exactly(M):
         return vals[first] + 0.1 * half
 
     out = LG.OutCells(keys_out)
-    for k_in in (keys_in, keys_out[:, 0].copy()):  # with and without in-only cells
+    for k_in in (keys_in, np.minimum(keys_out[:, 0], 87)):  # with and without in-only cells
         want = _tv_bracket_reference(k_in, keys_out, llr_of)
         assert LG.tv_bracket(k_in, out, llr_of) == want
         assert LG.tv_bracket(k_in, keys_out, llr_of) == want
