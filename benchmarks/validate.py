@@ -59,6 +59,11 @@ TRUTH_RELEASES_EXACT = 300
 # bootstrap over targets) on the fine grids, where the interval's coverage was decided (cov44);
 # the out arm's cells counted once per grid put a target at ~4.5 CPU s for 19 grids (was ~30 s)
 TRUTH_TARGETS_LOGISTIC = 128
+# Records behind its control variate's mean: 64,000 of seed 0 read the unquantized first-order
+# value 0.65% low (0.015157 against 0.015256 +- 0.00005 on 4 million records: 2.7 of their se),
+# and that error passes whole into the truth (beta ~ 1); 1,024,000 leave 0.06% for ~2 CPU min
+# (19 grids; docs/benchmarks.md, cov45)
+ORACLE_RECORDS_LOGISTIC = 1_024_000
 
 
 def grids_for(s: GT.Setting, positions: bool) -> list:
@@ -219,7 +224,12 @@ def coverage_key(s: GT.Setting, Z: int, M: int) -> str:
     exact = " exact" if s.model == "linear" and s.d > 2 else ""
     kind = " absmax-exact" if s.model == "linear" and s.d >= 2 else (" coupled" if s.model == "logistic" else "")
     absmax = f" absmaxZ={TRUTH_TARGETS_2D_ABSMAX}" if s.model == "linear" and s.d == 2 else ""
-    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={ORACLE_RECORDS}{absmax}"
+    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={_oracle_records(s)}{absmax}"
+
+
+def _oracle_records(s: GT.Setting) -> int:
+    """Records behind the control variate's mean of a coverage truth."""
+    return ORACLE_RECORDS_LOGISTIC if s.model == "logistic" else ORACLE_RECORDS
 
 
 def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +239,8 @@ def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndar
     bracket's midpoint. About 260 CPU s for the base fits at M = 10^6, 4.5 CPU s per target."""
     from mis_lightning.groundtruth import logistic as LG
 
-    r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD, oracle_records=ORACLE_RECORDS)
+    r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD,
+                                oracle_records=ORACLE_RECORDS_LOGISTIC)
     for g, grid in enumerate(grids):  # the truth's own 80% intervals over targets, for the record
         print(f"    {grid.name}: " + ", ".join(f"{e} {r[e][g]:.5f} [{r[e + '_ci'][g, 0]:.5f}, {r[e + '_ci'][g, 1]:.5f}]"
                                          for e in ("split", "test", "plug")), flush=True)
