@@ -34,6 +34,7 @@ from mis_lightning.groundtruth import ground_truth as GT  # noqa: E402
 from mis_lightning.groundtruth import logistic as LG  # noqa: E402
 
 OLD_ORACLE_RECORDS = 4000  # exact_truth_logistic's default, what the cached truth used
+OLD_TARGETS = 32  # the cached truth's targets (COVERAGE_PLAN's until cov45's 128)
 
 
 def slope(v: np.ndarray, c: np.ndarray) -> float:
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", type=Path, default=ROOT / "docs" / "figures" / "truth_logistic_coupled.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model, d, n, rho, Z, M = V.COVERAGE_PLAN[3]
+    model, d, n, rho, _, M = V.COVERAGE_PLAN[3]
+    Z = OLD_TARGETS
     s = GT.make_setting(model, d, n, rho=rho)
     grids = V.coverage_grids(s)
     cache = json.loads(a.cache.read_text())

@@ -99,3 +99,48 @@ def test_exact_truth_logistic_small_run_orders_its_estimates():
     assert np.isfinite([r["split"][0], r["test"][0], r["plug"][0]]).all()
     assert (r["split_z"] <= r["plug_z"] + 1e-12).all()
     assert r["test"][0] <= r["plug"][0] + r["null"][0]
+
+
+def _tv_bracket_reference(keys_in, keys_out, llr_of):
+    """tv_bracket as first written (one np.unique over both arms per call), the reference of
+    the counted-once out arm (OutCells)."""
+    M, R = keys_out.shape
+    uniq, first, inv = np.unique(np.concatenate([keys_in, keys_out.reshape(-1)]), return_index=True,
+                                 return_inverse=True)
+    i_in, i_out = inv[:M], inv[M:].reshape(M, R)
+    half = np.arange(M) % 2 == 0
+
+    def mu(sel):
+        return (np.bincount(i_in[sel], minlength=uniq.size) - np.bincount(i_out[sel].reshape(-1), minlength=uniq.size) / R
+                ) / int(sel.sum())
+
+    mu_all, mu_a, mu_b = mu(np.ones(M, dtype=bool)), mu(half), mu(~half)
+    return {"plug": 0.5 * float(np.abs(mu_all).sum()),
+            "split": 0.5 * float((mu_b * (mu_a > 0)).sum() + (mu_a * (mu_b > 0)).sum()),
+            "test": 0.5 * float((mu_b * (llr_of(first, 0) > 0)).sum() + (mu_a * (llr_of(first, 1) > 0)).sum())}
+
+
+@pytest.mark.parametrize("M", [999, 1000])
+def test_out_cells_counted_once_give_the_reference_bracket_exactly(M):
+    """The out arm's cells counted once (OutCells) and each target's keys placed among them give
+    the reference's three estimates to the last bit (same cells in the same order, same sums),
+    with cells only the in arm reaches (3k + 1, and below / above every out key), cells only the
+    out arm reaches, and a test that depends on which release is each cell's first (as the absmax
+    keys' llr does). Fails if an out-only cell's first index misses the in arm's offset M."""
+    rng = np.random.default_rng(1)
+    keys_out = rng.integers(0, 40, (M, 2)) * 3
+    # in-only cells (3k + 1), out-only cells (k >= 30)
+    keys_in = rng.integers(0, 30, M) * 3 + (rng.random(M) < 0.05)
+    keys_in[:3] = [-7, 500, 500]
+    vals = rng.standard_normal(M * 3)
+
+    def llr_of(first, half):
+        return vals[first] + 0.1 * half
+
+    out = LG.OutCells(keys_out)
+    for k_in in (keys_in, np.minimum(keys_out[:, 0], 87)):  # with and without in-only cells
+        want = _tv_bracket_reference(k_in, keys_out, llr_of)
+        assert LG.tv_bracket(k_in, out, llr_of) == want
+        assert LG.tv_bracket(k_in, keys_out, llr_of) == want
+    with pytest.raises(ValueError, match="keys_in"):
+        LG.tv_bracket(keys_in[:-1], out)
