@@ -968,6 +968,15 @@ def test_full_form_with_kappas_within_round_off_of_one(gap):
     torch.testing.assert_close(own, direct, rtol=1e-10, atol=0)
 
 
+def test_full_form_refuses_a_non_finite_kappa():
+    # rv45: a NaN kappa is neither exact (>= 1) nor noisy (> 0) in the channel: it read as 0, the form
+    # silently lower (the form before cf45 gave NaN). Now a ValueError naming the coordinate.
+    k = torch.full((4,), 0.5, dtype=torch.float64)
+    k[2] = math.nan
+    with pytest.raises(ValueError, match=r"kappa is not finite at coordinate\(s\) \[2\] of 4"):
+        Correlation(full=_equicorrelated(4, 0.3)).quadratic(torch.ones(2, 4, dtype=torch.float64), k)
+
+
 def test_full_form_is_monotone_in_kappa_on_a_spectrum_down_to_1e_12():
     # mono44: with the cutoff on M, raising a coordinate's kappa moved an eigenvalue of M under the
     # cutoff and LOWERED s2 (a finer grid read less leakage). The information-matched channel's

@@ -285,6 +285,11 @@ class Correlation:
         key = (self.rcond, kappa.detach().cpu().numpy().tobytes())
         if self._eigh.get("channel_key") == key:
             return self._eigh["channel"]
+        bad = (~torch.isfinite(kappa)).nonzero().flatten()
+        if bad.numel():  # a NaN is neither exact nor noisy: it would read as kappa = 0, silently low (rv45)
+            raise ValueError(f"kappa is not finite at coordinate(s) {bad[:8].tolist()}"
+                             f"{' ...' if bad.numel() > 8 else ''} of {kappa.numel()}: the full correlated form "
+                             "needs every weight's surviving information in [0, 1]")
         B, _, top = self._basis()
         r = B.shape[1]
         exact = kappa >= 1.0
