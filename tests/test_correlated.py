@@ -938,6 +938,45 @@ def test_full_form_equals_the_channel_matrix_form_on_a_well_conditioned_correlat
     torch.testing.assert_close(own, direct, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("gap", [1e-13, 2.0 ** -52])
+def test_full_form_with_kappas_within_round_off_of_one(gap):
+    # bf16 / fp16 casts of weights near 0 have kappa within 1e-12 of 1 (down to 1 - 4e-16 at sd 0.1;
+    # rv45): W = kappa / (1 - kappa) ~ 1e13-4.5e15. The channel's I + F formed as I + C'WC rounded its
+    # unit part by eps W, the form and its coefficients read 1e-4 to 10% off (either way) on this
+    # well-conditioned R; the QR of [W^1/2 C; I] read within 4e-15. Against the channel matrix
+    # M = I - K + K^1/2 R K^1/2 solved directly (well conditioned here: the old form, exact to
+    # ~1e-15); tolerance 1e-10.
+    g = torch.Generator().manual_seed(5)
+    d = 16
+    A = torch.randn(d, d + 4, generator=g, dtype=torch.float64)
+    Rm = F.correlated.correlation_from_covariance(A @ A.T)
+    w = torch.randn(6, d, generator=g, dtype=torch.float64)
+    x = torch.randn(6, d, generator=g, dtype=torch.float64)
+    k = 0.05 + 0.9 * torch.rand(d, generator=g, dtype=torch.float64)
+    k[:8], k[8] = 1.0 - gap, 1.0
+    kh = k.sqrt()
+    M = torch.diag(1.0 - k) + kh.unsqueeze(-1) * Rm * kh.unsqueeze(0)
+    Minv_u = torch.linalg.solve(M, (w * kh).T).T
+    c = Correlation(full=Rm)
+    torch.testing.assert_close(c.quadratic(w, k), ((w * kh) * Minv_u).sum(-1), rtol=1e-10, atol=0)
+    torch.testing.assert_close(c.coefficients(w, k), Minv_u / kh, rtol=0, atol=1e-10 * float(Minv_u.abs().max()))
+    b = torch.full((6,), 0.01, dtype=torch.float64)
+    own = Correlation(full=Rm, self_term=x, self_weight=b).quadratic(w, k)
+    direct = torch.stack([((w[i] * kh) @ torch.linalg.solve(
+        torch.diag(1.0 - k) + kh.unsqueeze(-1) * (Rm - b[i] * torch.outer(x[i], x[i])) * kh.unsqueeze(0), w[i] * kh))
+        for i in range(6)])
+    torch.testing.assert_close(own, direct, rtol=1e-10, atol=0)
+
+
+def test_full_form_refuses_a_non_finite_kappa():
+    # rv45: a NaN kappa is neither exact (>= 1) nor noisy (> 0) in the channel: it read as 0, the form
+    # silently lower (the form before cf45 gave NaN). Now a ValueError naming the coordinate.
+    k = torch.full((4,), 0.5, dtype=torch.float64)
+    k[2] = math.nan
+    with pytest.raises(ValueError, match=r"kappa is not finite at coordinate\(s\) \[2\] of 4"):
+        Correlation(full=_equicorrelated(4, 0.3)).quadratic(torch.ones(2, 4, dtype=torch.float64), k)
+
+
 def test_full_form_is_monotone_in_kappa_on_a_spectrum_down_to_1e_12():
     # mono44: with the cutoff on M, raising a coordinate's kappa moved an eigenvalue of M under the
     # cutoff and LOWERED s2 (a finer grid read less leakage). The information-matched channel's

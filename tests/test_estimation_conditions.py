@@ -868,3 +868,35 @@ def test_records_with_every_label_missing_are_not_members():
                          lambda o, t: F.binary_cross_entropy_with_logits(o, t.nan_to_num(0.5), reduction="none").mean(-1),
                          weight_decay=lam, **kw)
     assert imputing.n == N and not any("every target missing" in w for w in imputing.warnings)
+
+
+def test_records_without_labels_under_an_imputing_loss_flat_at_zero_stay_members():
+    # rv45: sm45's rule read a record with every target NaN, loss exactly 0 and a zero gradient as
+    # one the loss masks; a loss that imputes the missing labels is also exactly 0 and flat there
+    # when the record sits past a hinge's margin, yet training sees it (a member). Now the loss must
+    # also be 0 at outputs far from the model's. Fails on sm45's rule (n = 59, 5 records "without
+    # loss"); the masking loss on the same records still leaves them out (n = 59).
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    torch.manual_seed(0)
+    X = torch.randn(64, 3, dtype=torch.float64)
+    y = torch.sign(X[:, :1])
+    m = nn.Linear(3, 1).double()
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[5.0, 0.0, 0.0]], dtype=torch.float64))
+        m.bias.zero_()
+    past = ((m(X) * y).squeeze(1) >= 1) & (y[:, 0] > 0)
+    y[past.nonzero().squeeze(1)[:5]] = float("nan")   # imputed +1: hinge 0 and flat there
+
+    def imputing(o, t):
+        return F.relu(1 - o * torch.where(t.isnan(), torch.ones_like(t), t)).sum(-1)
+
+    def masking(o, t):
+        return torch.where(t.isnan(), 0.0, F.relu(1 - o * t.nan_to_num())).sum(-1)
+
+    dl = DataLoader(TensorDataset(X, y), batch_size=16)
+    est = run_estimation(m, dl, imputing, EstimationConfig(weight_decay=1e-2, mode="exact"))
+    assert est.n == 64 and "records_without_loss" not in est.diagnostics
+    est = run_estimation(m, dl, masking, EstimationConfig(weight_decay=1e-2, mode="exact"))
+    assert est.n == 59 and est.diagnostics["records_without_loss"]["count"] == 5

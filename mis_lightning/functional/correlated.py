@@ -69,6 +69,10 @@ RCOND = 1e-9
 # exactly observed weights' block of R's factor B that count (Correlation._channel): a softmax's
 # bias sum, identically 0, read 2.2x the bare rule through H^-1 (cf45)
 EXACT_BLOCK_RTOL = 100.0
+# Largest kappa / (1 - kappa) of the channel's noisy weights for which I + F is factored by Cholesky of
+# the formed I + C'WC (Correlation._channel): its round-off is ~eps W relative in F's small directions
+# (2e-10 here); above it, QR of [W^1/2 C; I] (~eps W^1/2; about 4x the flops). rv45
+CHANNEL_CHOLESKY_MAX_W = 1e6
 # Weight of the identity in the factor model's correlation (shrinkage towards independent
 # coordinates; keeps the remainder >= this and the solve well conditioned).
 FACTOR_SHRINKAGE = 0.001
@@ -281,6 +285,11 @@ class Correlation:
         key = (self.rcond, kappa.detach().cpu().numpy().tobytes())
         if self._eigh.get("channel_key") == key:
             return self._eigh["channel"]
+        bad = (~torch.isfinite(kappa)).nonzero().flatten()
+        if bad.numel():  # a NaN is neither exact nor noisy: it would read as kappa = 0, silently low (rv45)
+            raise ValueError(f"kappa is not finite at coordinate(s) {bad[:8].tolist()}"
+                             f"{' ...' if bad.numel() > 8 else ''} of {kappa.numel()}: the full correlated form "
+                             "needs every weight's surviving information in [0, 1]")
         B, _, top = self._basis()
         r = B.shape[1]
         exact = kappa >= 1.0
@@ -312,10 +321,21 @@ class Correlation:
         kn = kappa[noisy]
         C = B[noisy] @ Vp                                            # [|N|, r - k]
         W = kn / (1.0 - kn)
-        P = torch.eye(Vp.shape[1], dtype=B.dtype) + C.T @ (W.unsqueeze(-1) * C)  # I + F >= I
-        chol = torch.linalg.cholesky(0.5 * (P + P.T))
-        ch = dict(exact=exact, noisy=noisy, VE=VE, Vp=Vp, C=C, W=W, chol=chol, from_exact=from_exact,
-                  B_N=B[noisy])
+        n = Vp.shape[1]
+        if W.numel() and float(W.max()) > CHANNEL_CHOLESKY_MAX_W:
+            # I + F = A'A, A = [A1; I] = [Q1; Q2] R (QR, A1 = W^1/2 C): Q2 = R^-1, (I + F)^-1 = Q2 Q2',
+            # Q1 = A1 R^-1; the form's F part (Q2'h)'(Q1'A1 h) and beta_N = W^1/2 Q1 Q2'h, each to
+            # ~eps W^1/2 (_terms, _full_coefficients).
+            # Forming C'WC rounds the unit part of F's small directions by eps W: with a kappa
+            # within 1e-12 of 1 (bf16 / fp16 casts of weights near 0 reach 1 - 4e-16) s2 read
+            # 1e-4 to 10% off either way against an 80-digit reference (rv45)
+            Q = torch.linalg.qr(torch.cat([W.sqrt().unsqueeze(-1) * C, torch.eye(n, dtype=B.dtype)]))[0]
+            solver = dict(Q1=Q[: C.shape[0]], Q2=Q[C.shape[0]:])
+        else:
+            P = torch.eye(n, dtype=B.dtype) + C.T @ (W.unsqueeze(-1) * C)  # I + F >= I
+            solver = dict(chol=torch.linalg.cholesky(0.5 * (P + P.T)))
+        ch = dict(exact=exact, noisy=noisy, VE=VE, Vp=Vp, C=C, W=W, from_exact=from_exact,
+                  B_N=B[noisy], **solver)
         self._eigh.update(channel_key=key, channel=ch)
         return ch
 
@@ -328,6 +348,9 @@ class Correlation:
         ch = self._channel(kappa)
         g = w @ Winv
         gE, h = g @ ch["VE"], g @ ch["Vp"]
+        if "Q1" in ch:    # h'(I + F)^-1 F h = (R^-T h)'(R^-T A1'A1 h) = (Q2'h)'(Q1'A1 h), A1 = W^1/2 C
+            a1h = (h @ ch["C"].T) * ch["W"].sqrt()
+            return torch.cat([gE, h @ ch["Q2"]], -1), torch.cat([gE, a1h @ ch["Q1"]], -1)
         Fh = ((h @ ch["C"].T) * ch["W"]) @ ch["C"]                     # [R, r - k] = F h
         y = torch.cholesky_solve(Fh.T, ch["chol"]).T                  # (I + F)^-1 F h: no cancellation
         return torch.cat([gE, h], -1), torch.cat([gE, y], -1)
@@ -590,8 +613,12 @@ class Correlation:
         ch = self._channel(k)
         g = w @ Winv
         gE, h = g @ ch["VE"], g @ ch["Vp"]
-        t = torch.cholesky_solve(h.T, ch["chol"]).T                   # [R, r - k] (I + F)^-1 h
-        beta_N = (t @ ch["C"].T) * ch["W"]                            # [R, |N|]
+        if "Q1" in ch:                                                 # (I + F)^-1 = Q2 Q2'
+            t2 = h @ ch["Q2"]
+            beta_N = (t2 @ ch["Q1"].T) * ch["W"].sqrt()               # [R, |N|] W^1/2 Q1 Q2'h
+        else:
+            t = torch.cholesky_solve(h.T, ch["chol"]).T               # [R, r - k] (I + F)^-1 h
+            beta_N = (t @ ch["C"].T) * ch["W"]                        # [R, |N|]
         gamma = gE - (beta_N @ ch["B_N"]) @ ch["VE"]                  # [R, k]
         c = torch.zeros_like(w)
         c[:, ch["noisy"]] = beta_N / k[ch["noisy"]]
