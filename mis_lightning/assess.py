@@ -1814,6 +1814,16 @@ KAPPA_BUDGET = 1 << 27
 # _exact_fourth_sums computes m4 in its own pass, as before. False: every main call computes the
 # four fields (tests, A/B; pf40: the 1e7 scoring's main calls)
 MAIN_KAPPA_ONLY = True
+# A chunk of a parameter whose every weight has sd > 0 takes kappa = 1 (and m4 = 3) at theta-hat and
+# in the pool protocol, without a cell-moment call, on a grid whose per-block deficit bound at the
+# chunk's least pool sd (ParamGrid.chunk_deficit_bound: 1 - kappa <= S = phi(0) C3 / (12 sigma^3) at
+# every position, |3 - m4| <= 6 M^2 S) is at most UNIT_KAPPA_TOL: the wide-sd closed form's own
+# accepted error (functional.wide.WIDE_TOL), so each kappa moves by at most that from the exact cell
+# sums and every power sum, a sum of non-negative terms in kappa, by at most that relative. Its
+# columns are then the baseline's own tensors, which the power sums sum once (SHARE_EQUAL_COLUMNS;
+# the 1e7 MLP's first layer, sd 1e3-1e4 steps). False: every chunk's cells evaluated (A/B)
+UNIT_KAPPA = True
+UNIT_KAPPA_TOL = F.wide.WIDE_TOL
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
@@ -2827,6 +2837,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     base_k[a:b], base_kp[a:b] = K[0], P0[0]
             # per scheme: (k, m4, pool k, draws' parts, chunk sums) of schemes that computed this chunk
             done: dict[int, tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None] | None, float, int]] = {}
+            # the unit-kappa chunks (UNIT_KAPPA): every sd > 0 (sd-0 weights need the point-mass
+            # test), one coordinate's mean_abs unread, the baseline's kappa = 1 (no storage grid)
+            unit_ok = UNIT_KAPPA and est.d != 1 and sgrid is None and c > 0 and bool((sg_c > 0).all())
+            unit_facts: tuple[float, float] | None = None
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -2839,19 +2853,27 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 elif prep.failed is None:
                     try:
                         g = prep.grids[name]
+                        unit = False
                         if g.rounding != "nearest":
                             k_f, m4_f, lam_f = prep.requant_moments[name]
                             k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
+                        elif unit_ok and not keep4[j]:
+                            if unit_facts is None:  # (once per chunk: the least pool sd, the largest |theta|)
+                                unit_facts = (float(sg_pool.min()), float(th_c.abs().max()))
+                            unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
+                        if unit:  # kappa = 1, m4 = 3 within UNIT_KAPPA_TOL: the baseline's columns
+                            k_c, m4_c, lam_c, kp_c = ones, M4[0], None, ones
                         else:
-                            mm = g.moments(th_c, sg_c, a, b, compile_policy=policy,
-                                           kappa_only=main_kappa_only[j])
-                            k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs  # (m4, lam unread if kappa_only)
-                            if keep4[j]:
-                                state[j] = _moments_state(policy)
-                        # the pool protocol reads kappa alone (and lam for one coordinate)
-                        pm = g.moments(th_c, sg_pool, a, b, compile_policy=policy,
-                                       kappa_only=est.d != 1)
-                        kp_c = pm.kappa
+                            if g.rounding == "nearest":
+                                mm = g.moments(th_c, sg_c, a, b, compile_policy=policy,
+                                               kappa_only=main_kappa_only[j])
+                                k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs  # (m4, lam unread if kappa_only)
+                                if keep4[j]:
+                                    state[j] = _moments_state(policy)
+                            # the pool protocol reads kappa alone (and lam for one coordinate)
+                            pm = g.moments(th_c, sg_pool, a, b, compile_policy=policy,
+                                           kappa_only=est.d != 1)
+                            kp_c = pm.kappa
                         if prep.num_draws:
                             rows = _draw_noise_rows(prep.num_draws, est.d == 1)
                             x = xi_on_sample[:rows] if xi is None else xi[:rows]
