@@ -123,3 +123,62 @@ def test_the_pool_call_reads_a_kappa_only_main_calls_cube(monkeypatch, cube):
     assert (ref_main < 1).all() and (ref_main > 0.5).all()  # (the closed form's regime: kappa near 1)
     assert torch.equal(main, ref_main) and torch.equal(pool, ref_pool)
     qb.release_chunk_facts()
+
+
+def _joint(monkeypatch, unit: bool, scale: float, zero_sd: bool = False):
+    """The factored small MLP's joint-pass sums with every sd times ``scale`` (``zero_sd``: the
+    first weight's sd 0), and the number of cell-moment calls of the schemes' grids at the chunks'
+    own sd (the main calls)."""
+    from test_scoring_pass import _prepared
+
+    monkeypatch.setattr(A, "UNIT_KAPPA", unit)
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (kept fourth-power columns: every field computed)
+    model, est = _estimate("factored")
+    for name in est.names:
+        est.sigma[name] = est.sigma[name] * scale
+    if zero_sd:
+        est.sigma[est.names[0]].view(-1)[0] = 0.0
+    calls = [0]
+    real = ParamGrid.moments
+
+    def spy(self, theta, sigma, start, end, use_codes=True, compile_policy=None, kappa_only=False):
+        f = sys._getframe(1)
+        if f.f_code.co_name == "_joint_sums" and sigma is f.f_locals.get("sg_c"):
+            calls[0] += 1
+        return real(self, theta, sigma, start, end, use_codes, compile_policy, kappa_only)
+
+    monkeypatch.setattr(ParamGrid, "moments", spy)
+    return A._joint_sums(est, _prepared(est, model), 1 << 18, 0, keep_moments=False), est.names, calls[0]
+
+
+def test_unit_kappa_chunks_take_the_baseline_columns(monkeypatch):
+    """``UNIT_KAPPA``: with every sd 1e3 and 1e6 times the estimate's (1e6: the 1e7 MLP's first-layer
+    regime, sd 1e3-1e4 steps) every sum is within ``UNIT_KAPPA_TOL`` relative of the evaluated
+    kappas' (plus 1e-12: the other columns' rounding; float64 sums here), so no kappa left 1 by more
+    (fails with a bound 1e-9 times too small: at 1e3 the deficits exceed the tolerance); at 1e6
+    the bounded grids' chunks take kappa = 1 without a main call and their main columns' sums are
+    the baseline's bitwise (fails if the chunks were still evaluated). With one sd-0 weight in the
+    chunk (the point-mass test is the paths') that chunk is evaluated: its sums bitwise as before."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())  # float64: only the kappas move
+    for scale in (1e3, 1e6):
+        new, names, n_new = _joint(monkeypatch, True, scale)
+        old, _, n_old = _joint(monkeypatch, False, scale)
+        moved = 0
+        for name in names:
+            for got, ref in zip(new[name], old[name]):
+                for f in ("s2", "s22"):
+                    if getattr(ref, f) is not None:
+                        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=A.UNIT_KAPPA_TOL + 1e-12,
+                                                   atol=1e-300)
+            # the unit chunks' main columns: bitwise the baseline's
+            moved += sum(torch.equal(new[name][m].s2, new[name][0].s2)
+                         and not torch.equal(old[name][m].s2, old[name][0].s2) for m in range(1, len(new[name])))
+        if scale == 1e6:
+            assert n_new < n_old and moved > 0
+    a, _, n_a = _joint(monkeypatch, True, 1e6, zero_sd=True)
+    b, _, n_b = _joint(monkeypatch, False, 1e6, zero_sd=True)
+    assert n_a < n_b  # (the other parameters' chunks)
+    for x, y in zip(a[names[0]], b[names[0]]):
+        assert torch.equal(x.s2, y.s2) and (x.s22 is y.s22 is None or torch.equal(x.s22, y.s22))
