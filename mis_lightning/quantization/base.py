@@ -1462,10 +1462,10 @@ class ParamGrid:
         return _rows_to_elements(cube.reshape(shape_rows), self.block_size, self.shape, start, end)
 
     def chunk_deficit_bound(self, start: int, end: int, sd_min: float, theta_max: float) -> float:
-        """An upper bound on ``max(1 - kappa, |3 - m4|)`` over elements ``start:end`` at any position
-        of each weight, given that every element's sd is at least ``sd_min > 0`` and every weight's
-        magnitude at most ``theta_max`` (parameter units), from the grid's per-block values alone
-        (no pass over the elements); ``inf`` where no such bound is known.
+        """An upper bound on ``1 - kappa`` at any position of each weight and on ``|3 - m4|`` at any
+        weight of magnitude at most ``theta_max`` (parameter units), over elements ``start:end``
+        whose sd is at least ``sd_min > 0``, from the grid's per-block values alone (no pass over
+        the elements); ``inf`` where no such bound is known.
 
         On a grid whose release bounds each block (:attr:`support`, finite) and whose cells within
         the bounds are finite (affine grids, value tables of at most ``WIDE_TABLE_MAX_VALUES``
