@@ -1952,6 +1952,30 @@ TABLE_WIDE_POSITION_FREE = True
 DRAWS_KEEP_STILL = True
 
 
+_TINY64 = torch.finfo(torch.float64).tiny
+
+
+def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, ones: Tensor, threes: Tensor,
+                  seen: list[tuple[Tensor | None, Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
+    """A unit-kappa chunk's ``(kappa, m4)`` columns ``[c]`` on grid ``g`` (:data:`UNIT_KAPPA`): 1 and
+    3 but for the point masses (sd 0 inside their cell and bounds: 0 and 0), ``ones`` / ``threes``
+    themselves where there are none; ``None`` where some sd-0 element is neither a point mass nor
+    revealed (the paths then evaluate it). ``seen``: the chunk's columns so far, reused where the
+    point masses are the same (the same tensors: the power sums sum them once)."""
+    if not bool((sg <= _TINY64).any()):
+        return ones, threes
+    point = g.point_masses_at(th, sg, a, b)
+    if point is None:
+        return None
+    for p, k, m4 in seen:
+        if p is not None and torch.equal(p, point):
+            return k, m4
+    k = (~point).to(torch.float64)
+    m4 = k * 3.0
+    seen.append((point, k, m4))
+    return k, m4
+
+
 def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
     """``[D, c]`` mask of the elements whose kappa at ``theta + sigma * xi_b`` equals their kappa
     at theta-hat, or ``None`` (no such shortcut for this grid): on an affine grid, a step
@@ -2837,10 +2861,12 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     base_k[a:b], base_kp[a:b] = K[0], P0[0]
             # per scheme: (k, m4, pool k, draws' parts, chunk sums) of schemes that computed this chunk
             done: dict[int, tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None] | None, float, int]] = {}
-            # the unit-kappa chunks (UNIT_KAPPA): every sd > 0 (sd-0 weights need the point-mass
-            # test), one coordinate's mean_abs unread, the baseline's kappa = 1 (no storage grid)
-            unit_ok = UNIT_KAPPA and est.d != 1 and sgrid is None and c > 0 and bool((sg_c > 0).all())
+            # the unit-kappa chunks (UNIT_KAPPA): one coordinate's mean_abs unread, the baseline's
+            # kappa = 1 (no storage grid); sd-0 weights (at most float64's tiny, as the paths floor
+            # sd) are point masses (kappa 0) or revealed (1) in every unit column, else evaluated
+            unit_ok = UNIT_KAPPA and est.d != 1 and sgrid is None and c > 0
             unit_facts: tuple[float, float] | None = None
+            unit_cols: list[tuple[Tensor | None, Tensor, Tensor]] = []  # (point masses, kappa, m4) columns
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -2853,16 +2879,23 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 elif prep.failed is None:
                     try:
                         g = prep.grids[name]
-                        unit = False
+                        unit, ucols = False, None
                         if g.rounding != "nearest":
                             k_f, m4_f, lam_f = prep.requant_moments[name]
                             k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
                         elif unit_ok and not keep4[j]:
-                            if unit_facts is None:  # (once per chunk: the least pool sd, the largest |theta|)
-                                unit_facts = (float(sg_pool.min()), float(th_c.abs().max()))
+                            if unit_facts is None:  # (once per chunk: the least live pool sd, the largest |theta|)
+                                live_sd = sg_pool[sg_c > _TINY64]
+                                unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
+                                              float(th_c.abs().max()))
                             unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
-                        if unit:  # kappa = 1, m4 = 3 within UNIT_KAPPA_TOL: the baseline's columns
-                            k_c, m4_c, lam_c, kp_c = ones, M4[0], None, ones
+                            if unit:
+                                ucols = _unit_columns(g, th_c, sg_c, a, b, ones, M4[0], unit_cols)
+                                unit = ucols is not None
+                        if unit:  # kappa = 1, m4 = 3 within UNIT_KAPPA_TOL, point masses 0
+                            assert ucols is not None
+                            k_c, m4_c = ucols
+                            lam_c, kp_c = None, k_c
                         else:
                             if g.rounding == "nearest":
                                 mm = g.moments(th_c, sg_c, a, b, compile_policy=policy,

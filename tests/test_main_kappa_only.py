@@ -125,10 +125,10 @@ def test_the_pool_call_reads_a_kappa_only_main_calls_cube(monkeypatch, cube):
     qb.release_chunk_facts()
 
 
-def _joint(monkeypatch, unit: bool, scale: float, zero_sd: bool = False):
+def _joint(monkeypatch, unit: bool, scale: float, zero_sd: int = 0):
     """The factored small MLP's joint-pass sums with every sd times ``scale`` (``zero_sd``: the
-    first weight's sd 0), and the number of cell-moment calls of the schemes' grids at the chunks'
-    own sd (the main calls)."""
+    first parameter's first that many weights at sd 0), and the number of cell-moment calls of
+    the schemes' grids at the chunks' own sd (the main calls)."""
     from test_scoring_pass import _prepared
 
     monkeypatch.setattr(A, "UNIT_KAPPA", unit)
@@ -137,7 +137,7 @@ def _joint(monkeypatch, unit: bool, scale: float, zero_sd: bool = False):
     for name in est.names:
         est.sigma[name] = est.sigma[name] * scale
     if zero_sd:
-        est.sigma[est.names[0]].view(-1)[0] = 0.0
+        est.sigma[est.names[0]].view(-1)[:zero_sd] = 0.0
     calls = [0]
     real = ParamGrid.moments
 
@@ -158,7 +158,9 @@ def test_unit_kappa_chunks_take_the_baseline_columns(monkeypatch):
     (fails with a bound 1e-9 times too small: at 1e3 the deficits exceed the tolerance); at 1e6
     the bounded grids' chunks take kappa = 1 without a main call and their main columns' sums are
     the baseline's bitwise (fails if the chunks were still evaluated). With one sd-0 weight in the
-    chunk (the point-mass test is the paths') that chunk is evaluated: its sums bitwise as before."""
+    chunk (too few for the point-mass test) that chunk is evaluated: its sums bitwise as before;
+    with half its weights at sd 0 (point masses) it is not, and its sums are again within the
+    tolerance (fails if the point masses read kappa 1)."""
     import mis_lightning.estimation.linear_factors as lf
 
     monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())  # float64: only the kappas move
@@ -177,8 +179,17 @@ def test_unit_kappa_chunks_take_the_baseline_columns(monkeypatch):
                          and not torch.equal(old[name][m].s2, old[name][0].s2) for m in range(1, len(new[name])))
         if scale == 1e6:
             assert n_new < n_old and moved > 0
-    a, _, n_a = _joint(monkeypatch, True, 1e6, zero_sd=True)
-    b, _, n_b = _joint(monkeypatch, False, 1e6, zero_sd=True)
+    # one sd-0 weight: too few to test for point masses (POINT_MASS_MIN_FRACTION), so the paths
+    # evaluate that chunk; half of them: point masses (kappa 0) in the unit columns
+    a, _, n_a = _joint(monkeypatch, True, 1e6, zero_sd=1)
+    b, _, n_b = _joint(monkeypatch, False, 1e6, zero_sd=1)
     assert n_a < n_b  # (the other parameters' chunks)
     for x, y in zip(a[names[0]], b[names[0]]):
         assert torch.equal(x.s2, y.s2) and (x.s22 is y.s22 is None or torch.equal(x.s22, y.s22))
+    half = 768  # (of the first layer's 1,536 weights)
+    a, _, n_a = _joint(monkeypatch, True, 1e6, zero_sd=half)
+    b, _, n_b = _joint(monkeypatch, False, 1e6, zero_sd=half)
+    assert n_a + len(names) <= n_b  # (every parameter's chunk: one)
+    for x, y in zip(a[names[0]], b[names[0]]):
+        torch.testing.assert_close(x.s2, y.s2, rtol=A.UNIT_KAPPA_TOL + 1e-12, atol=1e-300)
+    assert not torch.equal(a[names[0]][1].s2, a[names[0]][0].s2)  # (point masses: kappa 0, not 1)

@@ -1507,6 +1507,30 @@ class ParamGrid:
         s = (_INV_SQRT_2PI / 12.0) * c3 / sd_min ** 3
         return s * max(1.0, 6.0 * (reach / sd_min) ** 2)
 
+    def point_masses_at(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> Tensor | None:
+        """``[c]`` bool: the elements ``start:end`` whose moments are a point mass's (sd 0, strictly
+        inside their own cell and bounds: :meth:`_point_masses`, ``(0, 0, 0, 1)``) when every other
+        sd-0 element is revealed (:attr:`revealed`: moments ``(1, sqrt(2/pi), 3, 1)``), else
+        ``None`` (some sd-0 element is left to the paths, or too few are point masses to test:
+        ``POINT_MASS_MIN_FRACTION``). The inside test is kept for :meth:`moments`' calls on the same
+        range (``REUSE_CHUNK_FACTS``). ``theta``, ``sigma``: ``[c]`` (parameter units)."""
+        if not POINT_MASS_CLOSED_FORM or self.storage_dtype is not None or self.kind == "quotient":
+            return None
+        scale, zp, code, dead, bounds = self._chunk_grid(start, end)
+        if dead is not None:
+            return None
+        found = self._point_split(theta, sigma, scale, zp, code, bounds)
+        if found is None:
+            return None
+        point, n_point, _ = found
+        zf = _sd_zero(sigma)
+        if n_point < zf.count:
+            left = zf.mask & ~point
+            rev, _ = self._revealed_at(start, end, theta.device)
+            if rev is None or any_set(left & ~rev):
+                return None
+        return point
+
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
                  kappa_only: bool, path_elements: int | None = None,
