@@ -1821,7 +1821,8 @@ MAIN_KAPPA_ONLY = True
 # accepted error (functional.wide.WIDE_TOL), so each kappa moves by at most that from the exact cell
 # sums and every power sum, a sum of non-negative terms in kappa, by at most that relative. Its
 # columns are then the baseline's own tensors, which the power sums sum once (SHARE_EQUAL_COLUMNS;
-# the 1e7 MLP's first layer, sd 1e3-1e4 steps). False: every chunk's cells evaluated (A/B)
+# the 1e7 MLP's first layer, sd 1e3-1e4 steps). Off with the wide-sd closed form
+# (quantization.base.WIDE_SD_CLOSED_FORM: its derivation). False: every chunk's cells evaluated (A/B)
 UNIT_KAPPA = True
 UNIT_KAPPA_TOL = F.wide.WIDE_TOL
 
@@ -2864,7 +2865,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             # the unit-kappa chunks (UNIT_KAPPA): one coordinate's mean_abs unread, the baseline's
             # kappa = 1 (no storage grid); sd-0 weights (at most float64's tiny, as the paths floor
             # sd) are point masses (kappa 0) or revealed (1) in every unit column, else evaluated
-            unit_ok = UNIT_KAPPA and est.d != 1 and sgrid is None and c > 0
+            unit_ok = UNIT_KAPPA and _qbase.WIDE_SD_CLOSED_FORM and est.d != 1 and sgrid is None and c > 0
             unit_facts: tuple[float, float] | None = None
             unit_cols: list[tuple[Tensor | None, Tensor, Tensor]] = []  # (point masses, kappa, m4) columns
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
