@@ -1956,20 +1956,18 @@ DRAWS_KEEP_STILL = True
 _TINY64 = torch.finfo(torch.float64).tiny
 
 
-def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, ones: Tensor, threes: Tensor,
-                  seen: list[tuple[Tensor | None, Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
-    """A unit-kappa chunk's ``(kappa, m4)`` columns ``[c]`` on grid ``g`` (:data:`UNIT_KAPPA`): 1 and
-    3 but for the point masses (sd 0 inside their cell and bounds: 0 and 0), ``ones`` / ``threes``
-    themselves where there are none; ``None`` where some sd-0 element is neither a point mass nor
-    revealed (the paths then evaluate it). ``seen``: the chunk's columns so far, reused where the
+def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
+                  seen: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
+    """A unit-kappa chunk's ``(kappa, m4)`` columns ``[c]`` on grid ``g`` (:data:`UNIT_KAPPA`) where
+    some element has sd 0: 1 and 3 but for the point masses (sd 0 inside their cell and bounds: 0
+    and 0); ``None`` where some sd-0 element is neither a point mass nor revealed (the paths then
+    evaluate it). ``seen``: the chunk's columns so far, reused where the
     point masses are the same (the same tensors: the power sums sum them once)."""
-    if not bool((sg <= _TINY64).any()):
-        return ones, threes
     point = g.point_masses_at(th, sg, a, b)
     if point is None:
         return None
     for p, k, m4 in seen:
-        if p is not None and torch.equal(p, point):
+        if torch.equal(p, point):
             return k, m4
     k = (~point).to(torch.float64)
     m4 = k * 3.0
@@ -2867,7 +2865,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             # sd) are point masses (kappa 0) or revealed (1) in every unit column, else evaluated
             unit_ok = UNIT_KAPPA and _qbase.WIDE_SD_CLOSED_FORM and est.d != 1 and sgrid is None and c > 0
             unit_facts: tuple[float, float] | None = None
-            unit_cols: list[tuple[Tensor | None, Tensor, Tensor]] = []  # (point masses, kappa, m4) columns
+            unit_zero = False  # (some sd-0 element in the chunk)
+            unit_cols: list[tuple[Tensor, Tensor, Tensor]] = []  # (point masses, kappa, m4) columns
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -2886,12 +2885,15 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
                         elif unit_ok and not keep4[j]:
                             if unit_facts is None:  # (once per chunk: the least live pool sd, the largest |theta|)
-                                live_sd = sg_pool[sg_c > _TINY64]
+                                live = sg_c > _TINY64
+                                live_sd = sg_pool[live]
                                 unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
                                               float(th_c.abs().max()))
+                                unit_zero = live_sd.numel() < c
                             unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
                             if unit:
-                                ucols = _unit_columns(g, th_c, sg_c, a, b, ones, M4[0], unit_cols)
+                                ucols = _unit_columns(g, th_c, sg_c, a, b, unit_cols) if unit_zero \
+                                    else (ones, M4[0])
                                 unit = ucols is not None
                         if unit:  # kappa = 1, m4 = 3 within UNIT_KAPPA_TOL, point masses 0
                             assert ucols is not None
