@@ -1814,14 +1814,17 @@ KAPPA_BUDGET = 1 << 27
 # _exact_fourth_sums computes m4 in its own pass, as before. False: every main call computes the
 # four fields (tests, A/B; pf40: the 1e7 scoring's main calls)
 MAIN_KAPPA_ONLY = True
-# A chunk of a parameter whose every weight has sd > 0 takes kappa = 1 (and m4 = 3) at theta-hat and
-# in the pool protocol, without a cell-moment call, on a grid whose per-block deficit bound at the
+# A chunk of a parameter takes kappa = 1 (and m4 = 3) at theta-hat and in the pool protocol for its
+# weights of sd > 0, without a cell-moment call (sd-0 weights: point masses, kappa 0, or revealed,
+# 1; any other sd-0 weight: the chunk is evaluated), on a grid whose per-block deficit bound at the
 # chunk's least pool sd (ParamGrid.chunk_deficit_bound: 1 - kappa <= S = phi(0) C3 / (12 sigma^3) at
 # every position, |3 - m4| <= 6 M^2 S) is at most UNIT_KAPPA_TOL: the wide-sd closed form's own
 # accepted error (functional.wide.WIDE_TOL), so each kappa moves by at most that from the exact cell
 # sums and every power sum, a sum of non-negative terms in kappa, by at most that relative. Its
-# columns are then the baseline's own tensors, which the power sums sum once (SHARE_EQUAL_COLUMNS;
-# the 1e7 MLP's first layer, sd 1e3-1e4 steps). Off with the wide-sd closed form
+# columns are then the baseline's own tensors (or one point-mass column shared by the grids with the
+# same point masses), which the power sums sum once (SHARE_EQUAL_COLUMNS;
+# the 1e7 MLP's first layer, sd 1e3-1e4 steps; method.md section 5, "Unit-kappa chunks";
+# docs/benchmarks.md, "p45a"). Off with the wide-sd closed form
 # (quantization.base.WIDE_SD_CLOSED_FORM: its derivation). False: every chunk's cells evaluated (A/B)
 UNIT_KAPPA = True
 UNIT_KAPPA_TOL = F.wide.WIDE_TOL
