@@ -1828,6 +1828,11 @@ MAIN_KAPPA_ONLY = True
 # (quantization.base.WIDE_SD_CLOSED_FORM: its derivation). False: every chunk's cells evaluated (A/B)
 UNIT_KAPPA = True
 UNIT_KAPPA_TOL = F.wide.WIDE_TOL
+# ... and their bootstrap draws keep that kappa without evaluating a position: the bound holds at
+# every position (sd-0 weights: theta-hat itself), so a draw's kappa is within UNIT_KAPPA_TOL of 1
+# too (where the draws' own shortcuts, _position_free, find every element fixed: bitwise the same
+# sums). False: the draws' parts as for any chunk (A/B)
+UNIT_KAPPA_DRAWS = True
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
@@ -2918,6 +2923,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             x = xi_on_sample[:rows] if xi is None else xi[:rows]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
+                            elif unit and UNIT_KAPPA_DRAWS:  # the bound holds at every position: no move
+                                kd = k_c.expand(prep.num_draws, c)
                             elif sample is not None and prep.num_draws >= BUILT_DRAWS_MIN:
                                 basis, mix, grp = _sampled_draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws,
                                                                       policy, sample, xi_on_sample=xi is None)
