@@ -1831,6 +1831,25 @@ KAPPA_BUDGET = 1 << 27
 # _exact_fourth_sums computes m4 in its own pass, as before. False: every main call computes the
 # four fields (tests, A/B; pf40: the 1e7 scoring's main calls)
 MAIN_KAPPA_ONLY = True
+# A chunk of a parameter takes kappa = 1 (and m4 = 3) at theta-hat and in the pool protocol for its
+# weights of sd > 0, without a cell-moment call (sd-0 weights: point masses, kappa 0, or revealed,
+# 1; any other sd-0 weight: the chunk is evaluated), on a grid whose per-block deficit bound at the
+# chunk's least pool sd (ParamGrid.chunk_deficit_bound: 1 - kappa <= S = phi(0) C3 / (12 sigma^3) at
+# every position, |3 - m4| <= 6 M^2 S) is at most UNIT_KAPPA_TOL: the wide-sd closed form's own
+# accepted error (functional.wide.WIDE_TOL), so each kappa moves by at most that from the exact cell
+# sums and every power sum, a sum of non-negative terms in kappa, by at most that relative. Its
+# columns are then the baseline's own tensors (or one point-mass column shared by the grids with the
+# same point masses), which the power sums sum once (SHARE_EQUAL_COLUMNS;
+# the 1e7 MLP's first layer, sd 1e3-1e4 steps; method.md section 5, "Unit-kappa chunks";
+# docs/benchmarks.md, "p45a"). Off with the wide-sd closed form
+# (quantization.base.WIDE_SD_CLOSED_FORM: its derivation). False: every chunk's cells evaluated (A/B)
+UNIT_KAPPA = True
+UNIT_KAPPA_TOL = F.wide.WIDE_TOL
+# ... and their bootstrap draws keep that kappa without evaluating a position: the bound holds at
+# every position (sd-0 weights: theta-hat itself), so a draw's kappa is within UNIT_KAPPA_TOL of 1
+# too (where the draws' own shortcuts, _position_free, find every element fixed: bitwise the same
+# sums). False: the draws' parts as for any chunk (A/B)
+UNIT_KAPPA_DRAWS = True
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
@@ -1957,6 +1976,28 @@ TABLE_WIDE_POSITION_FREE = True
 # kappa, and a sample or a chunk where no element moves evaluates nothing (_draw_freedom,
 # _sampled_draw_parts, _table_draws_at_once); False: they are evaluated as before tb35
 DRAWS_KEEP_STILL = True
+
+
+_TINY64 = torch.finfo(torch.float64).tiny
+
+
+def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
+                  seen: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
+    """A unit-kappa chunk's ``(kappa, m4)`` columns ``[c]`` on grid ``g`` (:data:`UNIT_KAPPA`) where
+    some element has sd 0: 1 and 3 but for the point masses (sd 0 inside their cell and bounds: 0
+    and 0); ``None`` where some sd-0 element is neither a point mass nor revealed (the paths then
+    evaluate it). ``seen``: the chunk's columns so far, reused where the
+    point masses are the same (the same tensors: the power sums sum them once)."""
+    point = g.point_masses_at(th, sg, a, b)
+    if point is None:
+        return None
+    for p, k, m4 in seen:
+        if torch.equal(p, point):
+            return k, m4
+    k = (~point).to(torch.float64)
+    m4 = k * 3.0
+    seen.append((point, k, m4))
+    return k, m4
 
 
 def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
@@ -2844,6 +2885,13 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                     base_k[a:b], base_kp[a:b] = K[0], P0[0]
             # per scheme: (k, m4, pool k, draws' parts, chunk sums) of schemes that computed this chunk
             done: dict[int, tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor | None] | None, float, int]] = {}
+            # the unit-kappa chunks (UNIT_KAPPA): one coordinate's mean_abs unread, the baseline's
+            # kappa = 1 (no storage grid); sd-0 weights (at most float64's tiny, as the paths floor
+            # sd) are point masses (kappa 0) or revealed (1) in every unit column, else evaluated
+            unit_ok = UNIT_KAPPA and _qbase.WIDE_SD_CLOSED_FORM and est.d != 1 and sgrid is None and c > 0
+            unit_facts: tuple[float, float] | None = None
+            unit_zero = False  # (some sd-0 element in the chunk)
+            unit_cols: list[tuple[Tensor, Tensor, Tensor]] = []  # (point masses, kappa, m4) columns
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -2856,24 +2904,44 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 elif prep.failed is None:
                     try:
                         g = prep.grids[name]
+                        unit, ucols = False, None
                         if g.rounding != "nearest":
                             k_f, m4_f, lam_f = prep.requant_moments[name]
                             k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
+                        elif unit_ok and not keep4[j]:
+                            if unit_facts is None:  # (once per chunk: the least live pool sd, the largest |theta|)
+                                live = sg_c > _TINY64
+                                live_sd = sg_pool[live]
+                                unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
+                                              float(th_c.abs().max()))
+                                unit_zero = live_sd.numel() < c
+                            unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
+                            if unit:
+                                ucols = _unit_columns(g, th_c, sg_c, a, b, unit_cols) if unit_zero \
+                                    else (ones, M4[0])
+                                unit = ucols is not None
+                        if unit:  # kappa = 1, m4 = 3 within UNIT_KAPPA_TOL, point masses 0
+                            assert ucols is not None
+                            k_c, m4_c = ucols
+                            lam_c, kp_c = None, k_c
                         else:
-                            mm = g.moments(th_c, sg_c, a, b, compile_policy=policy,
-                                           kappa_only=main_kappa_only[j])
-                            k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs  # (m4, lam unread if kappa_only)
-                            if keep4[j]:
-                                state[j] = _moments_state(policy)
-                        # the pool protocol reads kappa alone (and lam for one coordinate)
-                        pm = g.moments(th_c, sg_pool, a, b, compile_policy=policy,
-                                       kappa_only=est.d != 1)
-                        kp_c = pm.kappa
+                            if g.rounding == "nearest":
+                                mm = g.moments(th_c, sg_c, a, b, compile_policy=policy,
+                                               kappa_only=main_kappa_only[j])
+                                k_c, m4_c, lam_c = mm.kappa, mm.m4, mm.mean_abs  # (m4, lam unread if kappa_only)
+                                if keep4[j]:
+                                    state[j] = _moments_state(policy)
+                            # the pool protocol reads kappa alone (and lam for one coordinate)
+                            pm = g.moments(th_c, sg_pool, a, b, compile_policy=policy,
+                                           kappa_only=est.d != 1)
+                            kp_c = pm.kappa
                         if prep.num_draws:
                             rows = _draw_noise_rows(prep.num_draws, est.d == 1)
                             x = xi_on_sample[:rows] if xi is None else xi[:rows]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
+                            elif unit and UNIT_KAPPA_DRAWS:  # the bound holds at every position: no move
+                                kd = k_c.expand(prep.num_draws, c)
                             elif sample is not None and prep.num_draws >= BUILT_DRAWS_MIN:
                                 basis, mix, grp = _sampled_draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws,
                                                                       policy, sample, xi_on_sample=xi is None)

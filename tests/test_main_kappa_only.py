@@ -123,3 +123,83 @@ def test_the_pool_call_reads_a_kappa_only_main_calls_cube(monkeypatch, cube):
     assert (ref_main < 1).all() and (ref_main > 0.5).all()  # (the closed form's regime: kappa near 1)
     assert torch.equal(main, ref_main) and torch.equal(pool, ref_pool)
     qb.release_chunk_facts()
+
+
+_DRAW_PARTS = {fn: getattr(A, fn) for fn in ("_draw_parts", "_sampled_draw_parts")}
+
+
+def _joint(monkeypatch, unit: bool, scale: float, zero_sd: int = 0):
+    """The factored small MLP's joint-pass sums with every sd times ``scale`` (``zero_sd``: the
+    first parameter's first that many weights at sd 0), and the number of cell-moment calls of
+    the schemes' grids at the chunks' own sd (the main calls) and of the draws' evaluations."""
+    from test_scoring_pass import _prepared
+
+    monkeypatch.setattr(A, "UNIT_KAPPA", unit)
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (kept fourth-power columns: every field computed)
+    model, est = _estimate("factored")
+    for name in est.names:
+        est.sigma[name] = est.sigma[name] * scale
+    if zero_sd:
+        est.sigma[est.names[0]].view(-1)[:zero_sd] = 0.0
+    calls = [0, 0]
+    real = ParamGrid.moments
+
+    def spy(self, theta, sigma, start, end, use_codes=True, compile_policy=None, kappa_only=False):
+        f = sys._getframe(1)
+        if f.f_code.co_name == "_joint_sums" and sigma is f.f_locals.get("sg_c"):
+            calls[0] += 1
+        return real(self, theta, sigma, start, end, use_codes, compile_policy, kappa_only)
+
+    monkeypatch.setattr(ParamGrid, "moments", spy)
+    for fn in _DRAW_PARTS:  # the draws' evaluations (the real functions: no chain of earlier spies)
+
+        def counted(*a, _real=_DRAW_PARTS[fn], **k):
+            calls[1] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(A, fn, counted)
+    return A._joint_sums(est, _prepared(est, model), 1 << 18, 0, keep_moments=False), est.names, calls
+
+
+def test_unit_kappa_chunks_take_the_baseline_columns(monkeypatch):
+    """``UNIT_KAPPA``: with every sd 1e3 and 1e6 times the estimate's (1e6: the 1e7 MLP's first-layer
+    regime, sd 1e3-1e4 steps) every sum is within ``UNIT_KAPPA_TOL`` relative of the evaluated
+    kappas' (plus 1e-12: the other columns' rounding; float64 sums here), so no kappa left 1 by more
+    (fails with a bound 1e-9 times too small: at 1e3 the deficits exceed the tolerance); at 1e6
+    the bounded grids' chunks take kappa = 1 without a main call and their main columns' sums are
+    the baseline's bitwise (fails if the chunks or their draws were still evaluated). With one sd-0 weight in the
+    chunk (too few for the point-mass test) that chunk is evaluated: its sums bitwise as before;
+    with half its weights at sd 0 (point masses) it is not, and its sums are again within the
+    tolerance (fails if the point masses read kappa 1)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())  # float64: only the kappas move
+    for scale in (1e3, 1e6):
+        new, names, n_new = _joint(monkeypatch, True, scale)
+        old, _, n_old = _joint(monkeypatch, False, scale)
+        moved = 0
+        for name in names:
+            for got, ref in zip(new[name], old[name]):
+                for f in ("s2", "s22"):
+                    if getattr(ref, f) is not None:
+                        torch.testing.assert_close(getattr(got, f), getattr(ref, f), rtol=A.UNIT_KAPPA_TOL + 1e-12,
+                                                   atol=1e-300)
+            # the unit chunks' main columns: bitwise the baseline's
+            moved += sum(torch.equal(new[name][m].s2, new[name][0].s2)
+                         and not torch.equal(old[name][m].s2, old[name][0].s2) for m in range(1, len(new[name])))
+        if scale == 1e6:
+            assert n_new[0] < n_old[0] and n_new[1] < n_old[1] and moved > 0
+    # one sd-0 weight: too few to test for point masses (POINT_MASS_MIN_FRACTION), so the paths
+    # evaluate that chunk; half of them: point masses (kappa 0) in the unit columns
+    a, _, n_a = _joint(monkeypatch, True, 1e6, zero_sd=1)
+    b, _, n_b = _joint(monkeypatch, False, 1e6, zero_sd=1)
+    assert n_a[0] < n_b[0]  # (the other parameters' chunks)
+    for x, y in zip(a[names[0]], b[names[0]]):
+        assert torch.equal(x.s2, y.s2) and (x.s22 is y.s22 is None or torch.equal(x.s22, y.s22))
+    half = 768  # (of the first layer's 1,536 weights)
+    a, _, n_a = _joint(monkeypatch, True, 1e6, zero_sd=half)
+    b, _, n_b = _joint(monkeypatch, False, 1e6, zero_sd=half)
+    assert n_a[0] + len(names) <= n_b[0]  # (every parameter's chunk: one)
+    for x, y in zip(a[names[0]], b[names[0]]):
+        torch.testing.assert_close(x.s2, y.s2, rtol=A.UNIT_KAPPA_TOL + 1e-12, atol=1e-300)
+    assert not torch.equal(a[names[0]][1].s2, a[names[0]][0].s2)  # (point masses: kappa 0, not 1)

@@ -249,3 +249,40 @@ def test_draws_keep_kappa_where_it_cannot_leave_one_minus_S(scheme):
         for xi in (-3.0, -0.7, 0.0, 0.4, 2.5):  # the draw's position, in sd units from theta-hat
             dk, _, _ = exact_deficits(float(theta[i]) + xi * float(sigma[i]), float(sigma[i]), edges)
             assert 0.0 <= dk <= float(S[i]) * (1 + 1e-12), (i, xi, dk, float(S[i]))
+
+
+@pytest.mark.parametrize("scheme", ["rtn_int4", "intx_weight_only_int4_g32_asym", "float8_weight_only"])
+def test_chunk_deficit_bound_holds_at_every_position(scheme):
+    """``ParamGrid.chunk_deficit_bound`` (the joint pass's unit-kappa chunks, ``assess.UNIT_KAPPA``)
+    from the blocks' values alone: at one sd for the whole chunk (10 bounded windows: the bound is then
+    within ~M^2 / 2 < 1% of the largest block's exact deficit, so a bound 10% too small fails) the
+    exact ``1 - kappa`` (tests/_wide_reference.py's partition sums) of weights at theta-hat and at
+    draws up to 3 sd away, and ``3 - m4`` at theta-hat, are at most the bound (1e-12 relative: the reference's
+    rounding); a smaller least sd only raises it, sd 0 or a NaN weight give ``inf``, as does a grid
+    of 16-bit floats (no finite bounded cells: bf16)."""
+    if scheme != "rtn_int4":
+        pytest.importorskip("torchao")
+    g, theta = _grid(scheme)
+    c = theta.numel()
+    scale, zp, _, _, bounds = g._chunk_grid(0, c)
+    lo, hi = bounds[0].to(F64), bounds[1].to(F64)
+    sd = 10.0 * float((hi - lo).max())  # (M <= 0.1: lambda > 0.99)
+    tmax = float(theta.abs().max())
+    bound = g.chunk_deficit_bound(0, c, sd, tmax)
+    assert 0.0 < bound < 1e-3
+    cube = _cube(g, lo, hi, scale, zp)
+    worst = int(cube.argmax())
+    edges_w = partition_edges(g, worst, float(lo[worst]), float(hi[worst]), float(scale[worst]), float(zp[worst]))
+    dk_w, _, _ = exact_deficits(float(theta[worst]), sd, edges_w)
+    assert dk_w > 0.9 * bound / max(1.0, 6.0 * ((tmax + float(torch.maximum(lo.abs(), hi.abs()).max())) / sd) ** 2)
+    for i in list(range(0, c, 37)) + [worst]:
+        edges = partition_edges(g, i, float(lo[i]), float(hi[i]), float(scale[i]), float(zp[i]))
+        for xi in (-3.0, -0.4, 0.0, 1.1):
+            dk, _, d4 = exact_deficits(float(theta[i]) + xi * sd, sd, edges)
+            assert 0.0 <= dk <= bound * (1 + 1e-12), (i, xi, dk, bound)
+            assert xi != 0.0 or 0.0 <= d4 <= bound * (1 + 1e-12), (i, d4, bound)  # (m4: at theta-hat)
+    assert g.chunk_deficit_bound(0, c, sd / 2, tmax) > bound
+    assert g.chunk_deficit_bound(0, c, 0.0, tmax) == math.inf
+    assert g.chunk_deficit_bound(0, c, sd, math.nan) == math.inf
+    bf = get_scheme("bf16").apply(torch.nn.Sequential(torch.nn.Linear(64, 8))).grids["0.weight"]
+    assert bf.chunk_deficit_bound(0, 512, sd, tmax) == math.inf

@@ -46,7 +46,7 @@ from ..functional.bounds import (
     clip_boundaries,
     reveal_beyond_bounds,
 )
-from ..functional.cells import SQRT_2_OVER_PI
+from ..functional.cells import _INV_SQRT_2PI, SQRT_2_OVER_PI
 from ..functional.distinct import (
     DISTINCT_ROWS_BUDGET,
     distinct_edge_moments,
@@ -1460,6 +1460,76 @@ class ParamGrid:
             assert self.values is not None
             cube = table_cube_sum(flat[0], flat[1], flat[2], self.values)
         return _rows_to_elements(cube.reshape(shape_rows), self.block_size, self.shape, start, end)
+
+    def chunk_deficit_bound(self, start: int, end: int, sd_min: float, theta_max: float) -> float:
+        """An upper bound on ``1 - kappa`` at any position of each weight and on ``|3 - m4|`` at any
+        weight of magnitude at most ``theta_max`` (parameter units), over elements ``start:end``
+        whose sd is at least ``sd_min > 0``, from the grid's per-block values alone (no pass over
+        the elements); ``inf`` where no such bound is known.
+
+        On a grid whose release bounds each block (:attr:`support`, finite) and whose cells within
+        the bounds are finite (affine grids, value tables of at most ``WIDE_TABLE_MAX_VALUES``
+        values), without storage rounding, dead blocks or another rounding than nearest:
+        ``0 <= 1 - kappa <= S = phi(0) C3 / (12 sigma^3)`` at every position
+        (:func:`~mis_lightning.functional.wide.wide_deficit_bound`) and
+        ``0 <= 3 - m4 <= 6 M^2 (1 - kappa)`` with ``M`` the farther bound's distance in sd
+        (method.md section 5, "Weights whose sd spans the bounded window"), ``M <= (theta_max +
+        max(|lower|, |upper|)) / sigma``. Returned: ``S_max max(1, 6 M_max^2)`` with the blocks'
+        largest ``C3`` and the least sd (the joint pass's unit-kappa chunks, ``assess.UNIT_KAPPA_TOL``)."""
+        if self.storage_dtype is not None or self.support is None or not self.shape or self.kind == "quotient" \
+                or self.rounding != "nearest" or not sd_min > 0.0 or not math.isfinite(theta_max) \
+                or (self.kind == "table" and (self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES
+                                              or not bool(torch.isfinite(self.values).all()))):
+            return math.inf
+
+        def rows(t: Tensor | None) -> Tensor:
+            if t is None:  # (a zero point of None: zeros, as _elem expands it)
+                return torch.zeros(lo.shape, dtype=torch.float64)
+            return _block_rows(t.to(torch.float64), self.block_size, self.shape, start, end)
+
+        lo = _block_rows(self.support[0].to(torch.float64), self.block_size, self.shape, start, end)
+        hi, sc, zp = rows(self.support[1]), rows(self.scale), rows(self.zero_point)
+        if not bool((sc > 0).all()) or not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()) \
+                or not bool((lo < hi).all()):
+            return math.inf  # dead blocks (kappa 0), infinite or empty bounds: the paths
+        flat = [t.reshape(-1) for t in (lo, hi, sc, zp)]
+        if self.kind == "affine":
+            low_edge, high_edge, step = self._outer_edges(flat[2], flat[3])
+            assert step is not None
+            cube = affine_cube_sum(flat[0], flat[1], low_edge, high_edge, step)
+        else:
+            assert self.values is not None
+            cube = table_cube_sum(flat[0], flat[1], flat[2], self.values)
+        c3 = float(cube.max())
+        reach = theta_max + float(torch.maximum(lo.abs(), hi.abs()).max())
+        if not (math.isfinite(c3) and math.isfinite(reach)):
+            return math.inf
+        s = (_INV_SQRT_2PI / 12.0) * c3 / sd_min ** 3
+        return s * max(1.0, 6.0 * (reach / sd_min) ** 2)
+
+    def point_masses_at(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> Tensor | None:
+        """``[c]`` bool: the elements ``start:end`` whose moments are a point mass's (sd 0, strictly
+        inside their own cell and bounds: :meth:`_point_masses`, ``(0, 0, 0, 1)``) when every other
+        sd-0 element is revealed (:attr:`revealed`: moments ``(1, sqrt(2/pi), 3, 1)``), else
+        ``None`` (some sd-0 element is left to the paths, or too few are point masses to test:
+        ``POINT_MASS_MIN_FRACTION``). The inside test is kept for :meth:`moments`' calls on the same
+        range (``REUSE_CHUNK_FACTS``). ``theta``, ``sigma``: ``[c]`` (parameter units)."""
+        if not POINT_MASS_CLOSED_FORM or self.storage_dtype is not None or self.kind == "quotient":
+            return None
+        scale, zp, code, dead, bounds = self._chunk_grid(start, end)
+        if dead is not None:
+            return None
+        found = self._point_split(theta, sigma, scale, zp, code, bounds)
+        if found is None:
+            return None
+        point, n_point, _ = found
+        zf = _sd_zero(sigma)
+        if n_point < zf.count:
+            left = zf.mask & ~point
+            rev, _ = self._revealed_at(start, end, theta.device)
+            if rev is None or any_set(left & ~rev):
+                return None
+        return point
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
