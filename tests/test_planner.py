@@ -600,7 +600,7 @@ def test_plan_predicted_over_the_budget_by_less_than_its_error_is_reassessed(set
     # reassess_near_budget=0: the old behaviour (int8 on every layer, nothing measured)
     old = plan(model, CANDS, tr, loss, reassess_near_budget=0, **kw)
     assert old.chosen.name == "rtn_int8" and old.near_budget["checked"] == []
-    assert old.leakage > res.leakage * 1.05
+    assert old.leakage > res.leakage  # (5% lower before cf45's correlated form capped both near the unquantized value)
 
 
 def test_near_budget_plan_measured_over_the_budget_is_never_chosen(setup):
@@ -714,8 +714,9 @@ def test_a_plan_swap_or_choice_inside_the_intervals_is_said_to_be_no_ranking(set
 
     assert _unresolved(row(old), row(new)) and old["leakage"] > new["leakage"]
     assert f"The two are {NOT_RANKED}" in swap[0] and "is beaten" not in swap[0]
-    assert f"{_search_choice(res).name!r} is as safe within the figures' uncertainty and has the better loss" \
-        in swap[0]
+    # which of the two has the better loss is the fixture's (it changed with cf45's correlated
+    # form); the statement that the replaced plan is as safe is the point
+    assert f"{_search_choice(res).name!r} is as safe within the figures' uncertainty" in swap[0]
     # the chosen plan's own line names every re-assessed plan within the budget it is not ranked against
     assert _search_choice(res).name in res.not_ranked_against
     for k in res.not_ranked_against:
