@@ -1451,15 +1451,19 @@ class ParamGrid:
         shape_rows = lo.shape
         hi, sc, zp = rows(self.support[1]), rows(self.scale), rows(self.zero_point)
         sc = torch.where(sc <= 0, torch.ones_like(sc), sc)  # dead blocks at scale 1, as _chunk_grid
+        cube = self._cube_sums(lo, hi, sc, zp)
+        return _rows_to_elements(cube.reshape(shape_rows), self.block_size, self.shape, start, end)
+
+    def _cube_sums(self, lo: Tensor, hi: Tensor, sc: Tensor, zp: Tensor) -> Tensor:
+        """Each block's ``C3`` (the cells' cubed widths summed within its bounds ``lo``, ``hi``;
+        float64, flat over the blocks) for an affine grid or a value table."""
         flat = [t.reshape(-1) for t in (lo, hi, sc, zp)]
         if self.kind == "affine":
             low_edge, high_edge, step = self._outer_edges(flat[2], flat[3])
             assert step is not None
-            cube = affine_cube_sum(flat[0], flat[1], low_edge, high_edge, step)
-        else:
-            assert self.values is not None
-            cube = table_cube_sum(flat[0], flat[1], flat[2], self.values)
-        return _rows_to_elements(cube.reshape(shape_rows), self.block_size, self.shape, start, end)
+            return affine_cube_sum(flat[0], flat[1], low_edge, high_edge, step)
+        assert self.values is not None
+        return table_cube_sum(flat[0], flat[1], flat[2], self.values)
 
     def chunk_deficit_bound(self, start: int, end: int, sd_min: float, theta_max: float) -> float:
         """An upper bound on ``1 - kappa`` at any position of each weight and on ``|3 - m4|`` at any
@@ -1492,14 +1496,7 @@ class ParamGrid:
         if not bool((sc > 0).all()) or not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()) \
                 or not bool((lo < hi).all()):
             return math.inf  # dead blocks (kappa 0), infinite or empty bounds: the paths
-        flat = [t.reshape(-1) for t in (lo, hi, sc, zp)]
-        if self.kind == "affine":
-            low_edge, high_edge, step = self._outer_edges(flat[2], flat[3])
-            assert step is not None
-            cube = affine_cube_sum(flat[0], flat[1], low_edge, high_edge, step)
-        else:
-            assert self.values is not None
-            cube = table_cube_sum(flat[0], flat[1], flat[2], self.values)
+        cube = self._cube_sums(lo, hi, sc, zp)
         c3 = float(cube.max())
         reach = theta_max + float(torch.maximum(lo.abs(), hi.abs()).max())
         if not (math.isfinite(c3) and math.isfinite(reach)):
