@@ -66,6 +66,11 @@ def _t(x: float) -> Tensor:
     return torch.tensor(float(x), dtype=torch.float64)
 
 
+#: a report warning is raised again by a later ``compute`` only if its opening (this many
+#: characters, before the figures it quotes) differs from every one raised before
+WARNING_KEY_CHARS = 60
+
+
 def report_summary(report: Report) -> dict[str, dict[str, Any]]:
     """``{scheme: {leakage, mis, baseline_leakage, d_eff, d, [leakage_p10, leakage_p90], layers,
     [error]}}`` with 0-d float64 tensors (NaN for a failed scheme).
@@ -210,10 +215,15 @@ class MISIndicator(EstimationMetric):
                                "(it will be reported as a failed scheme)")
         self.scoring_config, self.utility_fn, self.progress = sc_cfg, utility_fn, progress
         self.report: Report | None = None
+        # the report's warnings already raised (by their opening): a validation loop computing every
+        # epoch says each caveat once, not once an epoch
+        self._warned: set[str] = set()
 
     @without_autocast
     def compute(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
         """Score every scheme from the synced estimate; ``{scheme: {figure: 0-d tensor}}``.
+        The report's warnings (``self.report.warnings``) are raised as ``UserWarning``s prefixed
+        ``MISIndicator:`` on rank zero, each caveat once per Metric (:data:`WARNING_KEY_CHARS`).
 
         Raises:
             ValueError: fewer than 4 records, or (``strict``) a failing scheme's error.
@@ -223,6 +233,12 @@ class MISIndicator(EstimationMetric):
                 self.estimate(), self.model, self.schemes, scoring_config=self.scoring_config,
                 utility_fn=self.utility_fn, progress=self.progress,
             )
+        # the figures' caveats (not at a minimum, d / n not small, weights left in float, ...) are
+        # raised as warnings, as the callback prints them: the returned tensors carry none of them
+        for msg in self.report.warnings:
+            if msg[:WARNING_KEY_CHARS] not in self._warned:
+                self._warned.add(msg[:WARNING_KEY_CHARS])
+                rank_zero_warn(f"MISIndicator: {msg}")
         return report_summary(self.report)
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:

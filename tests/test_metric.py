@@ -373,3 +373,27 @@ def test_a_deep_copied_owner_gets_a_metric_assessing_the_copy():
     owner.mis.update(X[100:], y[100:])
     assert float(twin.mis.compute()["rtn_int4"]["leakage"]) == pytest.approx(
         float(owner.mis.compute()["rtn_int4"]["leakage"]), rel=1e-12)
+
+
+def test_compute_raises_the_report_s_caveats_once():
+    """nux45: the figures' caveats lived in ``metric.report.warnings`` only, so a validation loop
+    logging ``compute()`` showed clean numbers. A model far from its minimum (its initial weights)
+    must warn from ``compute`` with the Metric's name, and a second compute must not repeat it."""
+    import warnings
+
+    X, y = _data()
+    torch.manual_seed(0)
+    m = nn.Linear(X.shape[1], 1)  # not fitted: not at a minimum of the loss
+    met = MISIndicator(m, mse, ["rtn_int8"], estimation="exact", method="clt", uncertainty_draws=0)
+    _feed(met, X, y, 60)
+    with warnings.catch_warnings(record=True) as first:
+        warnings.simplefilter("always")
+        met.compute()
+    ours = [str(w.message) for w in first if str(w.message).startswith("MISIndicator: ")]
+    assert met.report is not None and met.report.warnings
+    assert any("not at a minimum" in w for w in ours), ours
+    assert {w[len("MISIndicator: "):] for w in ours} >= set(met.report.warnings)
+    with warnings.catch_warnings(record=True) as second:
+        warnings.simplefilter("always")
+        met.compute()
+    assert not [w for w in second if str(w.message).startswith("MISIndicator: ")]
