@@ -339,7 +339,14 @@ def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
         parts.append(f"{flipped} negative eigenvalue(s) replaced by their magnitudes")
     if not parts:
         return "the weights' covariance is poorly determined in some directions"
-    return (f"the Hessian is singular or indefinite ({', '.join(parts)}): flat directions (symmetries "
+    if flipped:
+        # negative curvature: a saddle or a slope, not a symmetry (nux45: a tanh MLP trained by Adam
+        # read "condition inf ... e.g. an embedding", which named the wrong cause); the condition
+        # number of an indefinite matrix says nothing more
+        return (f"the Hessian is indefinite ({parts[-1]}): the weights are not at a minimum of the "
+                "training objective along those directions (a saddle or a slope), where the weights' "
+                "covariance is undetermined")
+    return (f"the Hessian is singular ({', '.join(parts)}): flat directions (symmetries "
             "of the model, e.g. an embedding followed by a linear layer) leave the weights' covariance "
             "undetermined there")
 

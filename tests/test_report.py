@@ -499,3 +499,17 @@ def test_a_saved_report_loads_back_with_every_field_and_renders_the_same_table(t
     (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "rows": []}))
     with pytest.raises(ValueError, match="not a saved report"):
         Report.from_json(tmp_path / "result.json")
+
+
+def test_the_covariance_warning_names_negative_curvature_as_such():
+    """nux45: a tanh MLP trained by Adam (negative Hessian eigenvalues, condition inf) was told its
+    covariance was undetermined by "flat directions (symmetries of the model, e.g. an embedding
+    ...)": negative curvature is not being at a minimum, not a symmetry."""
+    from mis_lightning.assess import _covariance_cause
+
+    neg = _covariance_cause({"hessian_condition": float("inf"), "negative_eigenvalues_flipped": 3})
+    assert "indefinite" in neg and "not at a minimum" in neg and "3 negative eigenvalue" in neg
+    assert "embedding" not in neg and "condition inf" not in neg
+    flat = _covariance_cause({"hessian_condition": float("inf"), "negative_eigenvalues_flipped": 0})
+    assert "singular (condition inf)" in flat and "symmetries" in flat and "indefinite" not in flat
+    assert "poorly determined" in _covariance_cause({"hessian_condition": 10.0})
