@@ -9,7 +9,7 @@ records (64,000, what the cached truth used) to ``ORACLE_RECORDS_COVERAGE`` move
 ``beta (E c(new) - E c(old))``, the same for every target. ``beta`` (the slope of the per-target
 values on the control variate) is not cached; ``--beta`` states it. Measured where the truths were
 recomputed (cov45b): OLS ``d = 1`` 1.00-1.07 on the grids whose truth is above 10^-3, ``d = 2``
-0.92-1.07 (4-sd centre 0.76, 8-sd quarter 0.83); so ``beta = 1`` errs by <= 0.1 of a shift of
+0.91-1.07 (4-sd centre 0.76, 8-sd quarter 0.83); so ``beta = 1`` errs by <= 0.1 of a shift of
 0.1-0.4% in ``d = 5``. The truth's 80% interval moves with it (it kept the old ``E c``'s larger
 standard error: slightly wide). ``--write`` stores the result under ``validate.coverage_key`` with
 a ``" note"`` saying how it was obtained, and ``" E c"``. ~2 CPU min (the two ``E c``, 19 grids).
