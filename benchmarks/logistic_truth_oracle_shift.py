@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     lo = br[:, 0] + beta["test"] * (ec_new - ec_old)
     hi = br[:, 1] + beta["plug"] * (ec_new - ec_old)
     truth, bracket = V.logistic_truth_from(lo, lo, hi)
-    key = V.coverage_key(s, Z, M)
+    # the key of a 64,000-record E c (coverage_key now names ORACLE_RECORDS_COVERAGE's 1,024,000)
+    key = V.coverage_key(s, Z, M).replace(f"oracle={V.ORACLE_RECORDS_COVERAGE}", f"oracle={V.ORACLE_RECORDS}")
     cache[key], cache[key + " bracket"] = truth.tolist(), bracket.tolist()
     cache[key + " note"] = (
         f"{old!r} moved to E c over {V.ORACLE_RECORDS} records: each bracket end + beta (E c({V.ORACLE_RECORDS}) - "

@@ -34,8 +34,8 @@ QUICK_MEDIAN_REL_ERR = 0.10
 QUICK_MIN_SPEARMAN = 0.6
 
 # The truths' sample sizes, declared once.
-# Records behind the control variate's mean E_z c of every truth here (quick, full and coverage
-# runs, the correlated designs): at the library's 4,000 its Monte Carlo error (sd 1.6%, shared
+# Records behind the control variate's mean E_z c of the quick and full runs' truths and the
+# correlated designs' (the coverage truths': ORACLE_RECORDS_COVERAGE below): at the library's 4,000 its Monte Carlo error (sd 1.6%, shared
 # by every grid of a setting, then unreported) put setting 1's truths 2.1-2.8% low (seed 0's
 # records read E c 2.1% low; docs/benchmarks.md, section cov43); 64,000 leave 0.4% for ~0.4-2 s
 # per grid
@@ -59,11 +59,12 @@ TRUTH_RELEASES_EXACT = 300
 # bootstrap over targets) on the fine grids, where the interval's coverage was decided (cov44);
 # the out arm's cells counted once per grid put a target at ~4.5 CPU s for 19 grids (was ~30 s)
 TRUTH_TARGETS_LOGISTIC = 128
-# Records behind its control variate's mean: 64,000 of seed 0 read the unquantized first-order
-# value 0.65% low (0.015157 against 0.015256 +- 0.00005 on 4 million records: 2.7 of their se),
-# and that error passes whole into the truth (beta ~ 1); 1,024,000 leave 0.06% for ~2 CPU min
-# (19 grids; docs/benchmarks.md, cov45)
-ORACLE_RECORDS_LOGISTIC = 1_024_000
+# Records behind the control variate's mean E c of every coverage truth (COVERAGE_PLAN; in
+# coverage_key). 64,000 of seed 0 read the unquantized first-order value 0.65% low in the logistic
+# setting (2.7 of their se) and 1.33% low in linear d = 1 (2.8 se); that error passes whole into
+# the truth (beta ~ 1: the d = 1 truths were 1.40% low). 1,024,000 leave 0.06-0.12% for ~2 CPU min
+# a setting (19 grids; docs/benchmarks.md, cov45 and cov45b)
+ORACLE_RECORDS_COVERAGE = 1_024_000
 
 
 def grids_for(s: GT.Setting, positions: bool) -> list:
@@ -191,8 +192,8 @@ def _exact_truth(s: GT.Setting, g: GT.Grid, Z: int, M: int) -> tuple[float, tupl
     exact; for absmax releases the scale's given-away weight enters as a density). Until the
     seventh session's fix of the GHK simulator's tail mirroring it converged only on fine grids,
     and coarse grids used the LR test; absmax releases used it until the eighth session
-    (docs/validation.md). The control variate's mean over ``ORACLE_RECORDS`` records."""
-    orc = ORACLE_RECORDS
+    (docs/validation.md). The control variate's mean over ``ORACLE_RECORDS_COVERAGE`` records."""
+    orc = ORACLE_RECORDS_COVERAGE
     if s.d == 2 and isinstance(g, GT.StepGrid):
         return GT.exact_truth_ols_2d(s, g, Z=Z, K=150, oracle_records=orc)
     if s.d == 2:
@@ -224,12 +225,7 @@ def coverage_key(s: GT.Setting, Z: int, M: int) -> str:
     exact = " exact" if s.model == "linear" and s.d > 2 else ""
     kind = " absmax-exact" if s.model == "linear" and s.d >= 2 else (" coupled" if s.model == "logistic" else "")
     absmax = f" absmaxZ={TRUTH_TARGETS_2D_ABSMAX}" if s.model == "linear" and s.d == 2 else ""
-    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={_oracle_records(s)}{absmax}"
-
-
-def _oracle_records(s: GT.Setting) -> int:
-    """Records behind the control variate's mean of a coverage truth."""
-    return ORACLE_RECORDS_LOGISTIC if s.model == "logistic" else ORACLE_RECORDS
+    return f"{s.label()} Z={Z} M={M}{exact}{kind} oracle={ORACLE_RECORDS_COVERAGE}{absmax}"
 
 
 def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,7 +236,7 @@ def _logistic_truth(s: GT.Setting, grids: list, Z: int, M: int) -> tuple[np.ndar
     from mis_lightning.groundtruth import logistic as LG
 
     r = LG.exact_truth_logistic(s, grids, Z=Z, M=M, bin_sd=LOGISTIC_ABSMAX_BIN_SD,
-                                oracle_records=ORACLE_RECORDS_LOGISTIC)
+                                oracle_records=ORACLE_RECORDS_COVERAGE)
     for g, grid in enumerate(grids):  # the truth's own 80% intervals over targets, for the record
         print(f"    {grid.name}: " + ", ".join(f"{e} {r[e][g]:.5f} [{r[e + '_ci'][g, 0]:.5f}, {r[e + '_ci'][g, 1]:.5f}]"
                                          for e in ("split", "test", "plug")), flush=True)
@@ -291,11 +287,11 @@ def coverage_study(trainings: int, dump: Path | None = None, log=print, pick: li
             lr = [i for i, g in enumerate(grids) if not np.isfinite(truth[i])]
             if lr:
                 tr = GT.ground_truth(s, [grids[i] for i in lr], Z=16, M=3000, boot=50,
-                                     oracle_records=ORACLE_RECORDS)
+                                     oracle_records=ORACLE_RECORDS_COVERAGE)
                 truth[lr], ci[lr] = tr.estimate, tr.ci
         else:
             tr = GT.ground_truth(s, grids, Z=Z, M=M or 2000, boot=50, histogram=False,
-                                 oracle_records=ORACLE_RECORDS)
+                                 oracle_records=ORACLE_RECORDS_COVERAGE)
             truth, ci = tr.estimate, tr.ci
         if truth_cache is not None and key not in cache:
             cache = json.loads(truth_cache.read_text()) if truth_cache.exists() else {}
@@ -831,9 +827,9 @@ OFF_TEXT = """## Where the indicator is off, and why
    over positions (many weights) the bias cancels; the interval is what to read there.
 3. **The interval.** The report's interval is the bootstrap p10-p90 over where theta-hat
    falls in its cells, widened to contain the plug-in and by 1.28 standard errors of the
-   record average. Measured coverage (exact truths, 12 trainings per setting; section
-   "Coverage of the report's interval", cov44, cov45): 83-100% per grid for OLS `d = 1, 2, 5`
-   (nominal 80%), 67-100% for `logistic d=2 n=1000` (128-target truth). Where it falls short:
+   record average. Measured coverage (exact truths, `E c` over 1,024,000 records, 12 trainings
+   per setting; section "Coverage of the report's interval", cov44, cov45, cov45b): 83-100% per
+   grid for OLS `d = 1, 2, 5` (nominal 80%), 67-100% for `logistic d=2 n=1000` (128-target truth). Where it falls short:
    (a) fine grids of the logistic model, where the bootstrap spread is nearly zero: 0.5-sd
    quarter 83%, `rtn_int4` 67%, every miss below by 0.004-1.3%. The 12 training sets' records
    read 1.1-1.5% below expectation (docs/benchmarks.md, cov45); over 300 fresh sets the
