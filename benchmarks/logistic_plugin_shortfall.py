@@ -1,8 +1,9 @@
-"""Why the logistic coverage trainings' plug-ins read below the truth: records, position, estimation.
+"""Why the coverage trainings' plug-ins read below the truth: records, position, estimation.
 
-    python benchmarks/logistic_plugin_shortfall.py [--trainings 300]
+    python benchmarks/logistic_plugin_shortfall.py [--trainings 300] [--settings 3]
 
-For ``logistic d=2 n=1000`` (``validate.COVERAGE_PLAN[3]``) and the grids where the interval
+For a coverage setting (``validate.COVERAGE_PLAN[N]``, ``--settings N``: 3 ``logistic d=2 n=1000``,
+the default; 0 ``linear d=1 n=1000``, whose misses cov45b found) and the grids where the interval
 missed, the first-order value (``ground_truth.oracle_first_order``: true ``Sigma`` and influence
 ``psi``) averaged over one training set's own records, at ``theta*`` (what the records' draw
 alone gives) and at the fitted ``theta_hat`` (plus the grid's position about the fitted weights,
@@ -33,7 +34,10 @@ import validate as V  # noqa: E402
 from mis_lightning.groundtruth import compare as C  # noqa: E402
 from mis_lightning.groundtruth import ground_truth as GT  # noqa: E402
 
-GRIDS = ("step0.5sd/centre", "step0.5sd/quarter", "step0.5sd/boundary", "fixed0.05", "rtn_int8", "rtn_int4")
+GRIDS = ("step0.5sd/centre", "step0.5sd/quarter", "step0.5sd/boundary", "step1sd/boundary", "fixed0.05",
+         "rtn_int8", "rtn_int4")
+#: each model's cached coverage truths (validate.py --truth-cache)
+TRUTH_CACHE = {"logistic": "truth_logistic_coupled.json", "linear": "truth_linear_exact.json"}
 
 
 def unquantized(s: GT.Setting, w: np.ndarray) -> float:
@@ -42,9 +46,12 @@ def unquantized(s: GT.Setting, w: np.ndarray) -> float:
 
 
 def fitted_w(s: GT.Setting, x: np.ndarray, y: np.ndarray, th: np.ndarray) -> np.ndarray:
-    """Standardized influences of the fitted model: ``psi_i = H^-1 x_i (y_i - p_i)``, sandwich ``Sigma``."""
-    p = expit(x @ th)
-    H = (x * (p * (1 - p))[:, None]).T @ x / s.n
+    """Standardized influences of the fitted model: ``psi_i = H^-1 x_i (y_i - p_i)``, sandwich ``Sigma``
+    (``p`` the fitted mean: ``expit(x theta)`` for the logistic model, ``x theta`` for least squares)."""
+    eta = x @ th
+    p, curv = (expit(eta), None) if s.model == "logistic" else (eta, np.ones_like(eta))
+    curv = p * (1 - p) if curv is None else curv
+    H = (x * curv[:, None]).T @ x / s.n
     psi = (x * (y - p)[:, None]) @ np.linalg.inv(H)
     return psi / np.sqrt(np.diag(psi.T @ psi / s.n))
 
@@ -64,11 +71,12 @@ def sample(s: GT.Setting, grids: list, rng: np.random.Generator, k: int) -> dict
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trainings", type=int, default=300)
+    ap.add_argument("--settings", type=int, default=3, help="index into validate.COVERAGE_PLAN")
     a = ap.parse_args(argv)
-    model, d, n, rho, Z, M = V.COVERAGE_PLAN[3]
+    model, d, n, rho, Z, M = V.COVERAGE_PLAN[a.settings]
     s = GT.make_setting(model, d, n, rho=rho)
     grids = [g for g in V.coverage_grids(s) if g.name in GRIDS]
-    cache = json.loads((ROOT / "docs" / "figures" / "truth_logistic_coupled.json").read_text())
+    cache = json.loads((ROOT / "docs" / "figures" / TRUTH_CACHE[model]).read_text())
     key = V.coverage_key(s, Z, M)
     names = [g.name for g in V.coverage_grids(s)]
     truth = np.array([cache[key][names.index(g.name)] for g in grids])
