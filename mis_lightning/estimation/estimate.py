@@ -1786,7 +1786,7 @@ class MomentAccumulator:
             why = (": no record was seen (an empty dataloader, or a Metric's compute() with no update() since "
                    "reset())") if n == 0 else ""
             if n_void:
-                why += (f"; {n_void} record(s) read have every target missing (NaN) and a loss that does not "
+                why += (f"; {n_void} record(s) read have every target missing (NaN, an ignore index, a zero weight) and a loss that does not "
                         "depend on the weights: they are not counted")
             raise ValueError(f"n (number of training records) must be >= 2 (>= 4 to score schemes), got {n}{why}")
         self._repeated = None
@@ -2609,8 +2609,8 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     if void:  # MomentAccumulator._update / LossProgram.void_rows (sm45)
         members = void["read"] - void["count"]
         out.append(
-            f"{void['count']:,} of the {void['read']:,} training records read have every target missing (NaN) and a "
-            "loss of 0 that does not depend on the weights: training did not see them, so they are not members in "
+            f"{void['count']:,} of the {void['read']:,} training records read have every target missing (NaN, an ignore index, a zero "
+            "weight) and a loss of 0 that does not depend on the weights: training did not see them, so they are not members in "
             f"the sense of the loss and are not counted: n = {members:,} (the weight decay scaled by "
             f"{void['read']:,} / {members:,}: the same objective); counted, their zero leakage would have lowered "
             "the average")
