@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
 from .._warning_filters import ignoring
-from .data_buffers import data_dependent_buffers
+from .data_buffers import probe_data_buffers
 from .norm_derivatives import WrittenOutLayerNorm
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -691,11 +691,12 @@ class LossProgram:
             self._checked = True
         return inputs, targets, b
 
-    def data_dependent_buffers(self, inputs: Any, b: int) -> list[str]:
-        """The persistent floating buffers one train-mode forward sets from the records
-        (:func:`~mis_lightning.estimation.data_buffers.data_dependent_buffers`, on copies of the
+    def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
+        """The persistent floating buffers one train-mode forward sets from the records, and the
+        candidates that could not be checked with why
+        (:func:`~mis_lightning.estimation.data_buffers.probe_data_buffers`, on copies of the
         program's private model; ``inputs`` as :meth:`prepare` returns them)."""
-        return data_dependent_buffers(self.model, inputs, b, dtype=self.dtype)
+        return probe_data_buffers(self.model, inputs, b, dtype=self.dtype)
 
     def check_swap(self, inputs: Any) -> None:
         """Once: the outputs of the first batch (its first ``SWAP_CHECK_RECORDS`` records) must not
