@@ -942,6 +942,18 @@ def _data_buffers_note(names: Sequence[str]) -> str:
             "close this channel; values set once from public data do not leak")
 
 
+def _data_buffers_unchecked_note(names: Sequence[str], why: str) -> str:
+    """The warning where the probe for buffers a forward sets from the records could not run
+    (:func:`~mis_lightning.estimation.data_buffers.probe_data_buffers`): the candidates are
+    named, as unknown rather than clean (vb45)."""
+    shown = ", ".join(repr(k) for k in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (f"could not check whether the forward sets {len(names)} buffer(s) or frozen parameter(s) from the "
+            f"records ({shown}): {why}. If any was updated from the training records while training (an input "
+            "standardiser's running mean, an exponential average), it is released in float with every scheme and "
+            "not scored, and every figure here is a lower bound for the release; values set once from public "
+            "data, constant tables and step counters do not leak")
+
+
 # elements per float64 block of the whole-tensor checks below: a 8192 x 8192 weight in float64
 # with its difference and absolute value was 2 GiB at once (the 1e8 benchmark's scoring, mm32)
 _CHECK_BLOCK = 1 << 20
@@ -1279,6 +1291,10 @@ def score_schemes(
     if moved:
         report.warnings.append(_data_buffers_note(moved))
         report.diagnostics["data_dependent_buffers"] = list(moved)
+    unchecked = est.diagnostics.get("data_buffers_unchecked")
+    if unchecked:
+        report.warnings.append(_data_buffers_unchecked_note(unchecked["buffers"], unchecked["why"]))
+        report.diagnostics["data_buffers_unchecked"] = dict(unchecked)
     lev = _leverage_note(est.diagnostics)
     rank_note = _exact_rank_note(est.mode, est.d, n, est.diagnostics)
     if rank_note:

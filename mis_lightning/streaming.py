@@ -34,7 +34,7 @@ from ._autocast import without_autocast
 from .assess import select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
 from .estimation import Estimate
-from .estimation.data_buffers import data_dependent_buffers
+from .estimation.data_buffers import probe_data_buffers
 from .estimation.estimate import MomentAccumulator
 from .estimation.linear_factors import LayerProgram
 from .estimation.per_sample import (
@@ -118,10 +118,10 @@ class _HookProgram(LossProgram):
         self._shell = shell
         self._factors_checked = False
 
-    def data_dependent_buffers(self, inputs: Any, b: int) -> list[str]:
+    def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
         """As :meth:`LossProgram.data_dependent_buffers`, each copy run through its hook (the
         batch is the hook's, not the forward's, argument)."""
-        return data_dependent_buffers(self.model, inputs, b, call=lambda m, x: getattr(m, HOOK_NAME)(x),
+        return probe_data_buffers(self.model, inputs, b, call=lambda m, x: getattr(m, HOOK_NAME)(x),
                                       dtype=self.dtype)
 
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
@@ -508,7 +508,7 @@ class EstimationMetric(Metric):
             "choice": (list(acc._reused), acc._forward_floats, acc._choice_outputs),
             "residual": (acc._residual_skip, acc._residual_info), "loss_directions": acc._loss_directions,
             "normalised": None if acc._normalised_probe else acc._normalised,
-            "data_buffers": acc._data_buffers}
+            "data_buffers": acc._data_buffers, "data_buffers_unchecked": acc._data_buffers_unchecked}
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (local, first, layout), group=group)
         metas = [g[0] if g is not None else None for g in gathered]
@@ -537,6 +537,7 @@ class EstimationMetric(Metric):
                 acc._normalised, acc._normalised_probe = seen["normalised"], False
             if acc._data_buffers is None:
                 acc._data_buffers = seen["data_buffers"]
+                acc._data_buffers_unchecked = seen["data_buffers_unchecked"]
         held = set(self._state_names.values())
         for m in metas:
             for a, meta in (m or {}).items():

@@ -11,7 +11,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
 from mis_lightning import MISIndicator
-from mis_lightning.estimation.data_buffers import data_dependent_buffers, persistent_float_buffers
+from mis_lightning.estimation.data_buffers import (
+    data_dependent_buffers,
+    persistent_float_buffers,
+    probe_data_buffers,
+)
 
 torch.set_num_threads(1)
 FAST = {"covariance": "independent", "mc_draws": 1024, "uncertainty_draws": 0, "num_records": 32}
@@ -116,3 +120,34 @@ def test_assess_and_the_metric_name_them_in_the_warnings_and_the_table():
     report = ml.assess(plain, ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
     assert "data_dependent_buffers" not in report.diagnostics
     assert not any("sets from the records" in w for w in report.warnings)
+
+
+def test_candidates_the_probe_cannot_check_are_named_as_unchecked():
+    # vb45: a forward that fails on half a batch (it asserts the batch size) left the probe with
+    # nothing to tell, and the report said nothing, as for a model with no such buffer; now one
+    # warning names the candidates and why, in assess and the Metric. Fails before (no warning).
+    m = _trained()
+    whole = Net.forward
+
+    def fixed_batch(self, z):  # trained on batches of 32 only (the probe runs in train mode)
+        assert not self.training or len(z) == 32, f"batch of {len(z)} records, 32 expected"
+        return whole(self, z)
+
+    m.forward = fixed_batch.__get__(m)
+    found, unchecked = probe_data_buffers(m, X[:32], 32)
+    assert found == [] and "norm.mean" in unchecked["buffers"] and "AssertionError" in unchecked["why"]
+    assert probe_data_buffers(m, X[:1], 1)[1]["why"].startswith("the batch probed holds 1 record")
+    loader = DataLoader(TensorDataset(X, Y), batch_size=32)
+    report = ml.assess(m, ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
+    notes = [w for w in report.warnings if w.startswith("could not check whether the forward sets")]
+    assert len(notes) == 1 and "'norm.mean', 'norm.var'" in notes[0] and "16 of 32 records" in notes[0], report.warnings
+    assert report.diagnostics["data_buffers_unchecked"]["buffers"] == unchecked["buffers"]
+    assert "data_dependent_buffers" not in report.diagnostics
+    metric = MISIndicator(m, mse, ["rtn_int4"], estimation="diagonal", num_training_records=96, **FAST)
+    for i in range(0, 96, 32):
+        metric.update(X[i:i + 32], Y[i:i + 32])
+    metric.compute()
+    assert sum(w.startswith("could not check whether") for w in metric.report.warnings) == 1
+    # where the probe runs, no such warning (test_assess_and_the_metric_name_them... names them)
+    report = ml.assess(_trained(), ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
+    assert "data_buffers_unchecked" not in report.diagnostics

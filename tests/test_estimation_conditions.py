@@ -900,3 +900,63 @@ def test_records_without_labels_under_an_imputing_loss_flat_at_zero_stay_members
     assert est.n == 64 and "records_without_loss" not in est.diagnostics
     est = run_estimation(m, dl, masking, EstimationConfig(weight_decay=1e-2, mode="exact"))
     assert est.n == 59 and est.diagnostics["records_without_loss"]["count"] == 5
+
+
+def test_records_whose_every_label_is_an_ignore_index_are_left_out_as_the_nan_ones():
+    # vb45: labels marked missing by cross_entropy's ignore_index (-100) on integer targets give a
+    # loss of 0 at every output and a zero gradient, as the NaN case: the records are left out of n
+    # with the decay scaled by N / n, and every figure equals that of the kept records alone
+    # (tolerance 1e-9 relative: float64 sums in another order). A record with one of its two
+    # positions labelled stays. Fails before (n = 60, integer targets never read).
+    torch.manual_seed(0)
+    m = nn.Linear(4, 6)  # 3 classes at 2 positions: outputs [B, 3, 2]
+    X = torch.randn(60, 4)
+    y = torch.randint(0, 3, (60, 2))
+    y[::4] = -100          # 15 records: every label ignored
+    y[1::8, 0] = -100      # partly ignored: members
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = m
+
+        def forward(self, x):
+            return self.l(x).reshape(-1, 3, 2)
+
+    net = Net()
+
+    def ce(o, t):
+        return F.cross_entropy(o, t, ignore_index=-100, reduction="none").sum(-1)
+
+    void = (y == -100).all(1)
+    lam, N, n = 1e-2, len(y), int((~void).sum())
+    kw = dict(uncertainty_draws=0, num_records=64)
+    for estimation in ("exact", "diagonal"):
+        full = ml.assess(net, ["none", "rtn_int4"], DataLoader(TensorDataset(X, y), batch_size=N), ce,
+                         weight_decay=lam, estimation=estimation, **kw)
+        ref = ml.assess(net, ["none", "rtn_int4"], DataLoader(TensorDataset(X[~void], y[~void]), batch_size=N),
+                        ce, weight_decay=lam * N / n, estimation=estimation, **kw)
+        assert full.n == ref.n == n == 45
+        for k in ("none", "rtn_int4"):
+            assert full.schemes[k].leakage == pytest.approx(ref.schemes[k].leakage, rel=1e-9)
+            assert full.schemes[k].d_eff == pytest.approx(ref.schemes[k].d_eff, rel=1e-9)
+        note = [w for w in full.warnings if "have every target missing" in w]
+        assert len(note) == 1 and note[0].startswith(f"{N - n} of the {N} training records read"), full.warnings
+    # a multi-class hinge that imputes class 0 for an ignored label, every record far past its
+    # margin: loss 0 and flat at theta-hat, yet trained on (members); one far output breaks the
+    # margin o_0 - o_j (the probes sum to -6 o). Fails without the far outputs (n = 0).
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    def imputing(o, t):  # multi_margin_loss written out (its backward has no derivative)
+        own = o.gather(1, t.clamp_min(0).unsqueeze(1))
+        return (F.relu(1 - own + o).sum(1) - 1).sum(-1)  # the own class's term is relu(1) = 1
+
+    with torch.no_grad():
+        m.bias.zero_()
+        m.bias[:2] = 100.0  # class 0 at both positions
+    y_ign = torch.full_like(y, -100)
+    assert bool((imputing(net(X), y_ign) == 0).all())
+    est = run_estimation(net, DataLoader(TensorDataset(X, y_ign), batch_size=30), imputing,
+                         EstimationConfig(weight_decay=1e-2, mode="exact"))
+    assert est.n == 60 and "records_without_loss" not in est.diagnostics

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import isolated_rng
 
-__all__ = ["data_dependent_buffers", "persistent_float_buffers"]
+__all__ = ["data_dependent_buffers", "persistent_float_buffers", "probe_data_buffers"]
 
 
 def persistent_float_buffers(model: nn.Module) -> list[str]:
@@ -57,6 +57,13 @@ def _rows(inputs: Any, a: int, b: int) -> Any:
 def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
                            call: Callable[[nn.Module, Any], Any] | None = None,
                            dtype: torch.dtype | None = None) -> list[str]:
+    """The names :func:`probe_data_buffers` finds (``[]`` also where it could not run)."""
+    return probe_data_buffers(model, inputs, batch_size, call, dtype)[0]
+
+
+def probe_data_buffers(model: nn.Module, inputs: Any, batch_size: int,
+                       call: Callable[[nn.Module, Any], Any] | None = None,
+                       dtype: torch.dtype | None = None) -> tuple[list[str], dict[str, Any] | None]:
     """The persistent floating buffers and frozen parameters of ``model`` (outside
     normalisation layers, :func:`persistent_float_buffers`) that one train-mode forward sets from
     the records: they differ after a forward on the first half of
@@ -72,13 +79,21 @@ def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
             ``inputs``: a program's private model keeps the user's, its inputs are cast).
 
     Returns:
-        Their names, in module order; ``[]`` where there is no candidate
-        buffer, the batch cannot be split, or the model cannot be copied or run on a half
-        batch in train mode (nothing can be told then; the assessment goes on).
+        ``(found, unchecked)``: the names found, in module order, and ``None``; or, where there
+        are candidates but the batch cannot be split or the model cannot be copied or run on a
+        half batch in train mode (nothing can be told then; the assessment goes on), ``[]`` and
+        ``{"buffers": candidates, "why": reason}`` for the report to say so (vb45). ``([], None)``
+        where there is no candidate.
     """
     names = persistent_float_buffers(model)
-    if not names or batch_size < 2:
-        return []
+    if not names:
+        return [], None
+
+    def unchecked(why: str) -> tuple[list[str], dict[str, Any]]:
+        return [], {"buffers": names, "why": why}
+
+    if batch_size < 2:
+        return unchecked(f"the batch probed holds {batch_size} record(s), fewer than the 2 needed to split it")
     half = batch_size // 2
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     # Only tensors a forward changed are kept from a copy (a frozen backbone's parameters are
@@ -88,28 +103,29 @@ def data_dependent_buffers(model: nn.Module, inputs: Any, batch_size: int,
     for a, b in ((0, half), (half, 2 * half)):
         try:
             copy_ = private_copy(model, "checking which buffers the forward sets from the records")
-        except ModelCopyError:
-            return []
+        except ModelCopyError as exc:
+            return unchecked(f"the model cannot be copied ({str(exc)[:200]})")
         copy_.train()
         if dtype is not None:
             copy_.to(dtype)
         part = _rows(inputs, a, b)
         if not any(isinstance(t, Tensor) for t in tree_leaves(part)):
-            return []
+            return unchecked("the batch's inputs hold no tensor to split")
         # the same random state for both halves: a buffer that differs is set from the records,
         # not from a dropout draw
         with isolated_rng(seed=0), torch.no_grad():
             try:
                 copy_(part) if call is None else call(copy_, part)
-            except Exception:  # noqa: BLE001 - a forward that needs the whole batch: not told
-                return []
+            except Exception as exc:  # noqa: BLE001 - a forward that needs the whole batch: not told
+                return unchecked(f"a train-mode forward on half a batch ({b - a} of {batch_size} records) failed: "
+                                 f"{type(exc).__name__}: {str(exc)[:200]}")
         bufs = {**dict(copy_.named_parameters()), **dict(copy_.named_buffers())}
         present.append({n for n in names if n in bufs})
         changed.append({n: bufs[n] for n in present[-1] if not _same(bufs[n], own.get(n))})
         del copy_, bufs
     return [n for n in names if n in present[0] and n in present[1]
             and (n in changed[0] or n in changed[1])
-            and not (n in changed[0] and n in changed[1] and _same(changed[0][n], changed[1][n]))]
+            and not (n in changed[0] and n in changed[1] and _same(changed[0][n], changed[1][n]))], None
 
 
 def _same(t: Tensor, ref: Tensor | None) -> bool:

@@ -43,6 +43,7 @@ from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
 from . import linear_factors as LF
 from .batching import items_are_batches, merge_batches
+from .data_buffers import persistent_float_buffers
 from .kron_sample import (
     KFAC_SAMPLE_CEILING,
     record_hashes,
@@ -889,6 +890,8 @@ class MomentAccumulator:
         # persistent buffers a train-mode forward sets from the records (data_buffers.py), told
         # by the first batch; None until then
         self._data_buffers: list[str] | None = None
+        # the candidates the probe could not check, and why (said in the report; vb45)
+        self._data_buffers_unchecked: dict[str, Any] | None = None
         self._weight_normed = weight_normed(model, self.param_names)
         # which reparametrization makes each one's scale flat (the warning names it)
         self._weight_norm_kinds = scale_free_reparametrizations(model, self.param_names)
@@ -1178,7 +1181,7 @@ class MomentAccumulator:
         program = self.program
         inputs, targets, b = program.prepare(batch)
         if self._data_buffers is None and b >= 2:  # (one record cannot be split: the next batch tells)
-            self._data_buffers = program.data_dependent_buffers(inputs, b)
+            self._data_buffers, self._data_buffers_unchecked = program.data_dependent_buffers(inputs, b)
         if self._normalised_probe:
             self._normalised_probe = False
             if int(st["n"]) == 0 and self._request[0] != "exact":  # the exact sandwich projects them out
@@ -1746,6 +1749,13 @@ class MomentAccumulator:
             est.diagnostics["estimator_with_n"] = other
         if self._data_buffers:  # released with the weights, not scored: the report's warning (nu45)
             est.diagnostics["data_dependent_buffers"] = list(self._data_buffers)
+        unchecked = self._data_buffers_unchecked
+        if self._data_buffers is None and unchecked is None:  # no batch held 2 records to split
+            names = persistent_float_buffers(self.model)
+            if names:
+                unchecked = {"buffers": names, "why": "no batch read held the 2 records needed to split it"}
+        if unchecked:
+            est.diagnostics["data_buffers_unchecked"] = {"buffers": list(unchecked["buffers"]), "why": unchecked["why"]}
         if self.num_records > est.n and est.num_records == est.n:  # more asked for than there are: the
             # report says so (fu31); every record's influence is kept, so nothing is approximated
             est.diagnostics["num_records_requested"] = self.num_records
@@ -1786,7 +1796,7 @@ class MomentAccumulator:
             why = (": no record was seen (an empty dataloader, or a Metric's compute() with no update() since "
                    "reset())") if n == 0 else ""
             if n_void:
-                why += (f"; {n_void} record(s) read have every target missing (NaN) and a loss that does not "
+                why += (f"; {n_void} record(s) read have every target missing (NaN, an ignore index, a zero weight) and a loss that does not "
                         "depend on the weights: they are not counted")
             raise ValueError(f"n (number of training records) must be >= 2 (>= 4 to score schemes), got {n}{why}")
         self._repeated = None
@@ -2609,8 +2619,8 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     if void:  # MomentAccumulator._update / LossProgram.void_rows (sm45)
         members = void["read"] - void["count"]
         out.append(
-            f"{void['count']:,} of the {void['read']:,} training records read have every target missing (NaN) and a "
-            "loss of 0 that does not depend on the weights: training did not see them, so they are not members in "
+            f"{void['count']:,} of the {void['read']:,} training records read have every target missing (NaN, an ignore index, a zero "
+            "weight) and a loss of 0 that does not depend on the weights: training did not see them, so they are not members in "
             f"the sense of the loss and are not counted: n = {members:,} (the weight decay scaled by "
             f"{void['read']:,} / {members:,}: the same objective); counted, their zero leakage would have lowered "
             "the average")

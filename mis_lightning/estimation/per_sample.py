@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
 from .._warning_filters import ignoring
-from .data_buffers import data_dependent_buffers
+from .data_buffers import probe_data_buffers
 from .norm_derivatives import WrittenOutLayerNorm
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -691,11 +691,12 @@ class LossProgram:
             self._checked = True
         return inputs, targets, b
 
-    def data_dependent_buffers(self, inputs: Any, b: int) -> list[str]:
-        """The persistent floating buffers one train-mode forward sets from the records
-        (:func:`~mis_lightning.estimation.data_buffers.data_dependent_buffers`, on copies of the
+    def data_dependent_buffers(self, inputs: Any, b: int) -> tuple[list[str], dict[str, Any] | None]:
+        """The persistent floating buffers one train-mode forward sets from the records, and the
+        candidates that could not be checked with why
+        (:func:`~mis_lightning.estimation.data_buffers.probe_data_buffers`, on copies of the
         program's private model; ``inputs`` as :meth:`prepare` returns them)."""
-        return data_dependent_buffers(self.model, inputs, b, dtype=self.dtype)
+        return probe_data_buffers(self.model, inputs, b, dtype=self.dtype)
 
     def check_swap(self, inputs: Any) -> None:
         """Once: the outputs of the first batch (its first ``SWAP_CHECK_RECORDS`` records) must not
@@ -806,26 +807,32 @@ class LossProgram:
             "torch.where(mask, targets, 0)) and mask the losses after")
 
     def void_rows(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
-        """``[b]`` bool: the records whose every target is missing (NaN) and whose loss is exactly
-        0 with an exactly zero gradient in the assessed parameters (a multi-task loss that masks
-        missing labels, on a record with none observed), or ``None`` when there is no such record.
+        """``[b]`` bool: the records whose targets are all marked missing (NaN floats, integer
+        class codes outside ``[0, C)`` such as ``cross_entropy``'s ``ignore_index=-100``, or, in a
+        tuple of targets, a float entry that is all 0, e.g. a sample weight) and whose loss is
+        exactly 0 at the model's outputs and at two outputs far from them on either side, with an
+        exactly zero gradient in the assessed parameters; ``None`` when there is no such record.
         Their loss does not depend on the weights: the fit does not see them, so they carry no
         information about the weights and are not members in the sense of the loss (sm45; nu44b's
-        molecules). Only tensor targets are read (a ``mis_per_sample_loss`` hook's batches are
-        not); where the candidates' gradients do not all vanish, none is taken (counted as before).
+        molecules). The marks only choose which records to test (so that ordinary batches cost
+        nothing); the loss test decides: a record a loss trains on (a hinge past its margin, an
+        imputed label) has a nonzero loss at one of the far outputs (rv45, vb45). A
+        ``mis_per_sample_loss`` hook's batches are not read; where the candidates' gradients do
+        not all vanish, none is taken (counted as before).
 
         Raises:
             Nothing beyond the loss's and the forward's own errors on those records.
         """
-        if (not isinstance(targets, Tensor) or not targets.is_floating_point() or targets.dim() == 0
-                or targets.shape[0] != b or targets[0].numel() == 0):
-            return None
-        void = torch.isnan(targets.reshape(b, -1)).all(1)
-        if not bool(void.any()):
+        void = self._marked_missing(inputs, targets, b)
+        if void is None or not bool(void.any()):
             return None
         idx = void.nonzero().squeeze(1)
-        x = torch.utils._pytree.tree_map(lambda t: t[idx] if isinstance(t, Tensor) and t.dim() else t, inputs)
-        y = targets[idx]
+
+        def take(tree: Any) -> Any:
+            return torch.utils._pytree.tree_map(
+                lambda t: t[idx] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)
+
+        x, y = take(inputs), take(targets)
 
         def total(p: dict[str, Tensor], xx: Any, yy: Any) -> Tensor:
             return self.loss_fn(self.outputs(p, xx), yy).sum()
@@ -836,7 +843,10 @@ class LossProgram:
             if not isinstance(losses, Tensor) or not bool((losses == 0).all()):
                 return None
             # ... and 0 at other outputs: a loss that imputes the missing labels can be exactly 0 and
-            # flat at theta-hat (a hinge past its margin); its records are trained on, members (rv45)
+            # flat at theta-hat (a hinge past its margin); its records are trained on, members (rv45).
+            # Every output goes far positive in one probe and far negative in the other, and the two
+            # probes sum to -6 o: a margin w'o > m >= 0 that holds at o fails in one of them
+            # (binary hinge with either label, per-output hinges, multi-class margins o_y - o_j)
             for shift in (-10.0, 10.0):
                 moved = self.loss_fn(torch.utils._pytree.tree_map(
                     lambda t, s=shift: -3.0 * t + s * (1.0 + t.abs())
@@ -851,6 +861,49 @@ class LossProgram:
         except RuntimeError:  # e.g. inference tensors under a validation loop's inference mode
             got = list(grad(total)(self.params, x, y).values())
         return void if all(not bool(g.any()) for g in got) else None
+
+    def _marked_missing(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
+        """``[b]`` bool: records some target entry of which marks as carrying no label (see
+        :meth:`void_rows`): a tensor whose every value in the record is NaN (float) or outside
+        ``[0, C)`` (integer; ``C`` the outputs' size along dim 1, read once from one record), or,
+        among several target tensors, a float one that is all 0; ``None`` when no tensor target
+        has ``b`` rows."""
+        leaves = [t for t in torch.utils._pytree.tree_leaves(targets)
+                  if isinstance(t, Tensor) and t.dim() and t.shape[0] == b and t[0].numel()]
+        if not leaves:
+            return None
+        marked = torch.zeros(b, dtype=torch.bool, device=leaves[0].device)
+        for t in leaves:
+            flat = t.reshape(b, -1)
+            if t.is_floating_point():
+                marked |= torch.isnan(flat).all(1)
+                if len(leaves) > 1:
+                    marked |= (flat == 0).all(1)
+            elif t.dtype != torch.bool and not t.is_complex():
+                out_of_range = flat < 0
+                if bool((flat >= 0).any()):
+                    classes = self._class_count(inputs, b)
+                    if classes is not None:
+                        out_of_range = out_of_range | (flat >= classes)
+                marked |= out_of_range.all(1)
+        return marked
+
+    def _class_count(self, inputs: Any, b: int) -> int | None:
+        """The outputs' size along dim 1 (the class dimension of ``cross_entropy`` / ``nll_loss``),
+        from one record's forward, once per program; ``None`` where the outputs have no such
+        dimension or the forward fails."""
+        if not hasattr(self, "_void_classes"):
+            classes = None
+            try:
+                with torch.no_grad():
+                    out = self.outputs(self.params, torch.utils._pytree.tree_map(
+                        lambda t: t[:1] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs))
+                if isinstance(out, Tensor) and out.dim() >= 2:
+                    classes = int(out.shape[1])
+            except Exception:  # noqa: BLE001 - only narrows which records are tested
+                classes = None
+            self._void_classes = classes
+        return self._void_classes
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():
