@@ -151,3 +151,46 @@ def test_candidates_the_probe_cannot_check_are_named_as_unchecked():
     # where the probe runs, no such warning (test_assess_and_the_metric_name_them... names them)
     report = ml.assess(_trained(), ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
     assert "data_buffers_unchecked" not in report.diagnostics
+
+
+def test_the_callback_names_them_and_the_unchecked_ones():
+    """The callback's path (its first-batch facts, then the shared scoring) names the standardiser's
+    buffers, and a model whose train-mode forward fails on half a batch gets the "could not check"
+    warning instead (vb45 left the callback untested; fails without either warning)."""
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from mis_lightning import MISCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self, fixed_batch: bool = False):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net, self.fixed_batch = Net(), fixed_batch
+
+        def forward(self, z):
+            assert not (self.fixed_batch and self.training) or len(z) == 32, f"batch of {len(z)}"
+            return self.net(z)
+
+        def training_step(self, batch, _):
+            return mse(self(batch[0]), batch[1]).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def fit(module):
+        cb = MISCallback(["rtn_int4"], loss_fn=mse, estimation="diagonal", **FAST)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False,
+                       enable_progress_bar=False, enable_model_summary=False).fit(
+                module, DataLoader(TensorDataset(X, Y), batch_size=32))
+        assert cb.last_error is None
+        return cb.report
+
+    rep = fit(Module())
+    assert rep.diagnostics["data_dependent_buffers"] == ["net.norm.mean", "net.norm.var"]
+    rep = fit(Module(fixed_batch=True))
+    assert "data_dependent_buffers" not in rep.diagnostics
+    assert sum(w.startswith("could not check whether the forward sets") for w in rep.warnings) == 1
