@@ -910,6 +910,20 @@ def _old_channel_quadratic(Rm: torch.Tensor, w: torch.Tensor, k: torch.Tensor, r
     return (u * _pinv_cut(M, u.T, rcond).T).sum(-1)
 
 
+def _channel_solve(Rm: torch.Tensor, w: torch.Tensor, x: torch.Tensor, b: torch.Tensor,
+                   k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The old form by direct solves of ``M = I - K + K^1/2 R K^1/2`` (well conditioned in the
+    tests that call it): ``u'M^-1u``, the coefficients ``M^-1 u / kappa^1/2`` (``[R, d]``) and the
+    self term's ``u'(M - b K^1/2 x x' K^1/2)^-1 u``, ``u = kappa^1/2 w``."""
+    kh = k.sqrt()
+    M = torch.diag(1.0 - k) + kh.unsqueeze(-1) * Rm * kh.unsqueeze(0)
+    Minv_u = torch.linalg.solve(M, (w * kh).T).T
+    own = torch.stack([((w[i] * kh) @ torch.linalg.solve(
+        torch.diag(1.0 - k) + kh.unsqueeze(-1) * (Rm - b[i] * torch.outer(x[i], x[i])) * kh.unsqueeze(0), w[i] * kh))
+        for i in range(len(w))])
+    return ((w * kh) * Minv_u).sum(-1), torch.where(kh > 0, Minv_u / kh.clamp_min(1e-300), 0.0), own
+
+
 def test_full_form_equals_the_channel_matrix_form_on_a_well_conditioned_correlation():
     # Where M is well conditioned the cut-free form is the old one: measured 8e-16 (quadratic),
     # 2e-15 (coefficients), 1e-15 (self term); tolerance 1e-12, a few hundred times the round-off
@@ -922,19 +936,13 @@ def test_full_form_equals_the_channel_matrix_form_on_a_well_conditioned_correlat
     x = torch.randn(6, d, generator=g, dtype=torch.float64)
     k = torch.rand(d, generator=g, dtype=torch.float64)
     k[:5], k[5:8] = 1.0, 0.0
-    kh = k.sqrt()
-    M = torch.diag(1.0 - k) + kh.unsqueeze(-1) * Rm * kh.unsqueeze(0)
-    Minv_u = torch.linalg.solve(M, (w * kh).T).T
-    c = Correlation(full=Rm)
-    torch.testing.assert_close(c.quadratic(w, k), ((w * kh) * Minv_u).sum(-1), rtol=1e-12, atol=0)
-    torch.testing.assert_close(c.coefficients(w, k), torch.where(kh > 0, Minv_u / kh.clamp_min(1e-300), 0.0),
-                               rtol=0, atol=1e-12 * float(Minv_u.abs().max()))
-    # the self term: each record through its own R - b x x' (Sherman-Morrison in the new basis)
     b = torch.full((6,), 0.01, dtype=torch.float64)
+    quad, coef, direct = _channel_solve(Rm, w, x, b, k)
+    c = Correlation(full=Rm)
+    torch.testing.assert_close(c.quadratic(w, k), quad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(c.coefficients(w, k), coef, rtol=0, atol=1e-12 * float((coef * k.sqrt()).abs().max()))
+    # the self term: each record through its own R - b x x' (Sherman-Morrison in the new basis)
     own = Correlation(full=Rm, self_term=x, self_weight=b).quadratic(w, k)
-    direct = torch.stack([((w[i] * kh) @ torch.linalg.solve(
-        torch.diag(1.0 - k) + kh.unsqueeze(-1) * (Rm - b[i] * torch.outer(x[i], x[i])) * kh.unsqueeze(0), w[i] * kh))
-        for i in range(6)])
     torch.testing.assert_close(own, direct, rtol=1e-12, atol=0)
 
 
@@ -954,17 +962,12 @@ def test_full_form_with_kappas_within_round_off_of_one(gap):
     x = torch.randn(6, d, generator=g, dtype=torch.float64)
     k = 0.05 + 0.9 * torch.rand(d, generator=g, dtype=torch.float64)
     k[:8], k[8] = 1.0 - gap, 1.0
-    kh = k.sqrt()
-    M = torch.diag(1.0 - k) + kh.unsqueeze(-1) * Rm * kh.unsqueeze(0)
-    Minv_u = torch.linalg.solve(M, (w * kh).T).T
-    c = Correlation(full=Rm)
-    torch.testing.assert_close(c.quadratic(w, k), ((w * kh) * Minv_u).sum(-1), rtol=1e-10, atol=0)
-    torch.testing.assert_close(c.coefficients(w, k), Minv_u / kh, rtol=0, atol=1e-10 * float(Minv_u.abs().max()))
     b = torch.full((6,), 0.01, dtype=torch.float64)
+    quad, coef, direct = _channel_solve(Rm, w, x, b, k)
+    c = Correlation(full=Rm)
+    torch.testing.assert_close(c.quadratic(w, k), quad, rtol=1e-10, atol=0)
+    torch.testing.assert_close(c.coefficients(w, k), coef, rtol=0, atol=1e-10 * float((coef * k.sqrt()).abs().max()))
     own = Correlation(full=Rm, self_term=x, self_weight=b).quadratic(w, k)
-    direct = torch.stack([((w[i] * kh) @ torch.linalg.solve(
-        torch.diag(1.0 - k) + kh.unsqueeze(-1) * (Rm - b[i] * torch.outer(x[i], x[i])) * kh.unsqueeze(0), w[i] * kh))
-        for i in range(6)])
     torch.testing.assert_close(own, direct, rtol=1e-10, atol=0)
 
 

@@ -825,6 +825,28 @@ def _per_record_masked(o, t):
     return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
 
 
+def _assess_equals_members_alone(model, X, y, void, loss, lam, kw):
+    """Assess ``(X, y)`` with decay ``lam`` and ``X[~void]`` alone with ``lam N / n`` (the same
+    objective), both estimators: equal ``n``, leakage and d_eff (1e-9 relative: float64 sums in
+    another order) and one warning counting the left-out records. Returns the full reports."""
+    N, n = len(y), int((~void).sum())
+    out = []
+    for estimation in ("exact", "diagonal"):
+        # one batch each: the diagonal estimator reads the loss's directions per record on the first
+        full = ml.assess(model, ["none", "rtn_int4"], DataLoader(TensorDataset(X, y), batch_size=N), loss,
+                         weight_decay=lam, estimation=estimation, **kw)
+        ref = ml.assess(model, ["none", "rtn_int4"], DataLoader(TensorDataset(X[~void], y[~void]), batch_size=N),
+                        loss, weight_decay=lam * N / n, estimation=estimation, **kw)
+        assert full.n == ref.n == n
+        for k in ("none", "rtn_int4"):
+            assert full.schemes[k].leakage == pytest.approx(ref.schemes[k].leakage, rel=1e-9)
+            assert full.schemes[k].d_eff == pytest.approx(ref.schemes[k].d_eff, rel=1e-9)
+        note = [w for w in full.warnings if "have every target missing" in w]
+        assert len(note) == 1 and note[0].startswith(f"{N - n} of the {N} training records read"), full.warnings
+        out.append((note[0], full))
+    return out
+
+
 def test_records_with_every_label_missing_are_not_members():
     # sm45 (nu44b's molecules): a record whose every label is missing has loss 0 whatever the
     # weights: training does not see it. Counted in n, its zero leakage lowered the average (here
@@ -840,19 +862,8 @@ def test_records_with_every_label_missing_are_not_members():
     void = y.isnan().all(1)
     lam, N, n = 1e-2, len(y), int((~void).sum())
     kw = dict(uncertainty_draws=0, num_records=64)
-    for estimation in ("exact", "diagonal"):
-        # one batch each: the diagonal estimator reads the loss's directions per record on the first
-        full = ml.assess(m, ["none", "rtn_int4"], DataLoader(TensorDataset(X, y), batch_size=N), _per_record_masked,
-                         weight_decay=lam, estimation=estimation, **kw)
-        ref = ml.assess(m, ["none", "rtn_int4"], DataLoader(TensorDataset(X[~void], y[~void]), batch_size=N),
-                        _per_record_masked, weight_decay=lam * N / n, estimation=estimation, **kw)
-        assert full.n == ref.n == n
-        for k in ("none", "rtn_int4"):
-            assert full.schemes[k].leakage == pytest.approx(ref.schemes[k].leakage, rel=1e-9)
-            assert full.schemes[k].d_eff == pytest.approx(ref.schemes[k].d_eff, rel=1e-9)
-        note = [w for w in full.warnings if "have every target missing" in w]
-        assert len(note) == 1 and note[0].startswith(f"{N - n} of the {N} training records read") and \
-            f"n = {n}" in note[0], full.warnings
+    for note, full in _assess_equals_members_alone(m, X, y, void, _per_record_masked, lam, kw):
+        assert f"n = {n}" in note, full.warnings
         assert full.estimation["weight_decay"] == lam  # as told
     # the Metric (the callback's pass) reads the same: the batch with no label at all too
     metric = ml.MISIndicator(m, _per_record_masked, ["rtn_int4"], estimation="diagonal", weight_decay=lam,
@@ -929,19 +940,10 @@ def test_records_whose_every_label_is_an_ignore_index_are_left_out_as_the_nan_on
         return F.cross_entropy(o, t, ignore_index=-100, reduction="none").sum(-1)
 
     void = (y == -100).all(1)
-    lam, N, n = 1e-2, len(y), int((~void).sum())
+    lam, n = 1e-2, int((~void).sum())
     kw = dict(uncertainty_draws=0, num_records=64)
-    for estimation in ("exact", "diagonal"):
-        full = ml.assess(net, ["none", "rtn_int4"], DataLoader(TensorDataset(X, y), batch_size=N), ce,
-                         weight_decay=lam, estimation=estimation, **kw)
-        ref = ml.assess(net, ["none", "rtn_int4"], DataLoader(TensorDataset(X[~void], y[~void]), batch_size=N),
-                        ce, weight_decay=lam * N / n, estimation=estimation, **kw)
-        assert full.n == ref.n == n == 45
-        for k in ("none", "rtn_int4"):
-            assert full.schemes[k].leakage == pytest.approx(ref.schemes[k].leakage, rel=1e-9)
-            assert full.schemes[k].d_eff == pytest.approx(ref.schemes[k].d_eff, rel=1e-9)
-        note = [w for w in full.warnings if "have every target missing" in w]
-        assert len(note) == 1 and note[0].startswith(f"{N - n} of the {N} training records read"), full.warnings
+    assert n == 45
+    _assess_equals_members_alone(net, X, y, void, ce, lam, kw)
     # a multi-class hinge that imputes class 0 for an ignored label, every record far past its
     # margin: loss 0 and flat at theta-hat, yet trained on (members); one far output breaks the
     # margin o_0 - o_j (the probes sum to -6 o). Fails without the far outputs (n = 0).
