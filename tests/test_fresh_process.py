@@ -1,11 +1,12 @@
-"""What a fresh interpreter imports (and prints) through the library's first calls: four
+"""What a fresh interpreter imports (and prints) through the library's first calls: five
 checks that each need a process that had not run them, in ONE subprocess, in an order where no
 check can pass because of an earlier one (ts36: each was its own subprocess, ~5 CPU s apiece,
 ~3 s of it the interpreter's start and the torch and library imports; tc38 moved the fourth here
 from tests/test_dependency_notices.py).
 
-The order: the Gauss-Newton estimations first (torch._dynamo, sympy and the forward-AD
-decompositions must stay unloaded), then an assessment with an rtn scheme (lightning_fabric and
+The order: an assessment with an rtn, a cast and a native scheme first (torchao, torch._dynamo
+and sympy must stay unloaded: p46c), then the Gauss-Newton estimations (torch._dynamo, sympy and
+the forward-AD decompositions must stay unloaded), then an assessment with an rtn scheme (lightning_fabric and
 torchmetrics must stay unloaded), then ``assess`` with a torchao scheme, torchao's first import in
 the process (asserted: not imported before), whose stderr must carry none of torchao's kernel
 notices, then the dependency notices' part: a scheme built through ``get_scheme`` and the first
@@ -50,6 +51,24 @@ for kind, (model, x, y, loss) in runs.items():
         print("estimation:", "dynamo", "imported" if "torch._dynamo" in sys.modules else "not imported")
         # no gradient tensor handed to autograd (its first import of sympy, ~0.4 s; es32)
         print("estimation:", "sympy", "imported" if "sympy" in sys.modules else "not imported")
+"""
+
+_NATIVE = """
+import sys, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from mis_lightning.assess import run_estimation, score_schemes
+from mis_lightning.config import stage_configs
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+x = torch.randn(64, 8); y = torch.randn(64)
+est_cfg, sc_cfg, _ = stage_configs("assess", None, None, {"strict": False, "mode": "diagonal", "hessian": "ggn"})
+est = run_estimation(model, DataLoader(TensorDataset(x, y), batch_size=32),
+                     lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2, est_cfg)
+# the library's own rounding, a cast and a native (torch.ao) scheme: none needs torchao (p46c)
+rep = score_schemes(est, model, ["rtn_int4", "bf16", "native_int4_per_row"], scoring_config=sc_cfg)
+print("native:", sorted(k for k, r in rep.schemes.items() if r.error is None))
+print("native:", sorted(m for m in ("torchao", "torch._dynamo", "sympy") if m in sys.modules))
 """
 
 _NO_FABRIC = """
@@ -99,7 +118,7 @@ print("notices: done")
 
 # each part in its own namespace (the same names are reused), one interpreter
 _SCRIPT = "\n".join(f"exec(compile({part!r}, {name!r}, 'exec'), {{'__name__': '__main__'}})"
-                    for name, part in (("estimation", _FRESH_ESTIMATION), ("rng", _NO_FABRIC),
+                    for name, part in (("native", _NATIVE), ("estimation", _FRESH_ESTIMATION), ("rng", _NO_FABRIC),
                                        ("torchao", _TORCHAO_FIRST), ("notices", _NOTICES)))
 
 
@@ -112,7 +131,7 @@ def fresh():
     lines: dict[str, list[str]] = {}
     for line in out.stdout.splitlines():
         part, sep, rest = line.partition(": ")
-        if sep and part in ("estimation", "rng", "torchao", "notices"):
+        if sep and part in ("native", "estimation", "rng", "torchao", "notices"):
             lines.setdefault(part, []).append(rest)
     return lines, out.stderr
 
@@ -128,7 +147,7 @@ def test_gauss_newton_estimation_does_not_load_forward_ad(fresh):
     CPU, in a process that never ran an optimizer; now plain autograd), nor sympy (es32: the loss
     Hessian's batched backward handed autograd a gradient tensor, whose first use imports
     torch.fx.experimental.symbolic_shapes and sympy, ~0.4 s, most of a 1e5 MLP's estimation;
-    fails on main). The first part of the process."""
+    fails on main). After the first part, which loads none of these."""
     assert fresh[0]["estimation"] == ["mse not loaded", "dynamo not imported", "sympy not imported",
                                       "cnn not loaded", "logcosh not loaded"]
 
@@ -139,6 +158,21 @@ def test_an_assessment_does_not_import_lightning_fabric(fresh):
     import with torchmetrics was ~1 s CPU of a first call in a process that had not imported
     Lightning; pf29). After the estimations of the first part, which import neither."""
     assert fresh[0]["rng"] == ["[]"]
+
+
+def test_native_cast_and_rtn_schemes_import_no_torchao(fresh):
+    """A fresh process's estimation (the diagonal Gauss-Newton one, which loads neither
+    torch._dynamo nor sympy: the next part checks it) and scoring of ``rtn_int4`` (the
+    library's own rounding), ``bf16`` (a cast) and ``native_int4_per_row`` (torch.ao's
+    observer, fake quantization) import no torchao, nor what torchao's import pulls in a process
+    that never ran an optimizer: torch._dynamo (``torchao.kernel.bsr_triton_ops``' ``from
+    torch._dynamo.utils import warn_once``) and sympy, ~1.2 s CPU (docs/benchmarks.md, "p46c").
+    Fails if the registry's scan, a backend module or a shared scoring path imports torchao for
+    every scheme; the three schemes are checked scored. The first part of the process. Of the
+    native schemes only ``native_int4_per_row``: it creates no qint8 tensor, whose
+    once-per-process deprecation notice the last part checks is filtered (``native_int8_*``
+    would use that once up here)."""
+    assert fresh[0]["native"] == ["['bf16', 'native_int4_per_row', 'rtn_int4']", "[]"]
 
 
 def test_first_torchao_import_of_an_assessment_prints_no_kernel_notices(fresh):
