@@ -224,6 +224,9 @@ KFAC_CORRECTION = True
 # the stored influences of the K-FAC-corrected layers are those of psi = -H^-1 g under the same
 # Kronecker model (MomentAccumulator._kfac_influences); False: the gradients' g / sqrt(V_jj) (A/B)
 KFAC_INFLUENCES = True
+# records whose loss does not depend on the weights are left out of n (LossProgram.void_rows; sm45);
+# False: every record read counts (A/B of the test's cost: benchmarks/vb46_void_cost.py)
+VOID_RECORD_TEST = True
 # the widest layer (fan-in + bias + fan-out) given psi's influences: their cost, 2 R out p (out + p)
 # flops (4x with weight decay) for R stored records, is then at most ~2x the in-sample correlation's
 # R^2 numel Gram at R = 512 (a 200-256 layer: +1.8 s CPU, 1.45x the estimation); wider layers keep
@@ -1223,7 +1226,8 @@ class MomentAccumulator:
         # records whose loss does not depend on the weights (every label missing): not members,
         # left out of n, the sums (which they would not change) and the record sample; counted in
         # n_void, by which finalize rescales the weight decay (the same objective; sm45)
-        void = self.program.void_rows(inputs, targets, b) if hasattr(self.program, "void_rows") else None
+        void = (self.program.void_rows(inputs, targets, b)
+                if VOID_RECORD_TEST and hasattr(self.program, "void_rows") else None)
         n_void = 0 if void is None else int(void.sum())
         if n_void:
             if n_void == b:

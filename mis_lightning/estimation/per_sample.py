@@ -811,7 +811,8 @@ class LossProgram:
         class codes outside ``[0, C)`` such as ``cross_entropy``'s ``ignore_index=-100``, or, in a
         tuple of targets, a float entry that is all 0, e.g. a sample weight) and whose loss is
         exactly 0 at the model's outputs and at two outputs far from them on either side, with an
-        exactly zero gradient in the assessed parameters; ``None`` when there is no such record.
+        exactly zero gradient in the outputs (so in the weights: the loss reads them through the
+        outputs); ``None`` when there is no such record.
         Their loss does not depend on the weights: the fit does not see them, so they carry no
         information about the weights and are not members in the sense of the loss (sm45; nu44b's
         molecules). The marks only choose which records to test (so that ordinary batches cost
@@ -833,15 +834,26 @@ class LossProgram:
                 lambda t: t[idx] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)
 
         x, y = take(inputs), take(targets)
-
-        def total(p: dict[str, Tensor], xx: Any, yy: Any) -> Tensor:
-            return self.loss_fn(self.outputs(p, xx), yy).sum()
-
         with torch.no_grad():
             out = self.outputs(self.params, x)
-            losses = self.loss_fn(out, y)
+        # every check reads the loss at the outputs only (the loss is a function of them, so a zero
+        # gradient in the outputs is a zero gradient in the weights, J' dl/do): one forward of the
+        # candidates and no backward through the model (half the test's cost on vb46's multi-task MLP)
+        float_leaf = lambda t: isinstance(t, Tensor) and t.is_floating_point()  # noqa: E731
+        with torch.inference_mode(False), torch.enable_grad():
+            # clones: a validation loop's inference tensors cannot enter a graph
+            o = torch.utils._pytree.tree_map(
+                lambda t: t.clone().requires_grad_(True) if float_leaf(t) else t.clone() if isinstance(t, Tensor) else t, out)
+            yy = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, y)
+            losses = self.loss_fn(o, yy)
             if not isinstance(losses, Tensor) or not bool((losses == 0).all()):
                 return None
+            leaves = [t for t in torch.utils._pytree.tree_leaves(o) if float_leaf(t)]
+            if losses.requires_grad and leaves:
+                got = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
+                if any(g is not None and bool(g.any()) for g in got):
+                    return None
+        with torch.no_grad():
             # ... and 0 at other outputs: a loss that imputes the missing labels can be exactly 0 and
             # flat at theta-hat (a hinge past its margin); its records are trained on, members (rv45).
             # Every output goes far positive in one probe and far negative in the other, and the two
@@ -849,18 +861,10 @@ class LossProgram:
             # (binary hinge with either label, per-output hinges, multi-class margins o_y - o_j)
             for shift in (-10.0, 10.0):
                 moved = self.loss_fn(torch.utils._pytree.tree_map(
-                    lambda t, s=shift: -3.0 * t + s * (1.0 + t.abs())
-                    if isinstance(t, Tensor) and t.is_floating_point() else t, out), y)
+                    lambda t, s=shift: -3.0 * t + s * (1.0 + t.abs()) if float_leaf(t) else t, out), y)
                 if not isinstance(moved, Tensor) or not bool((moved == 0).all()):
                     return None
-        try:  # plain autograd first (as check_finite_gradients: torch.func imports dynamo on first use)
-            with torch.enable_grad():
-                leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
-                got = [g for g in torch.autograd.grad(total(leaves, x, y), list(leaves.values()), allow_unused=True)
-                       if g is not None]
-        except RuntimeError:  # e.g. inference tensors under a validation loop's inference mode
-            got = list(grad(total)(self.params, x, y).values())
-        return void if all(not bool(g.any()) for g in got) else None
+        return void
 
     def _marked_missing(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
         """``[b]`` bool: records some target entry of which marks as carrying no label (see

@@ -1,0 +1,148 @@
+"""vb46: the cost of the test for records without a loss (``LossProgram.void_rows``, sm45 / vb45).
+
+Every batch's targets are read for marks (NaN, integer codes outside ``[0, C)``, an all-zero
+weight); integer targets cost one one-record forward per program (``C``); a batch holding
+marked records costs their forward, two loss evaluations and a backward. Measured as the
+default "assess" estimation (``run_estimation``) with ``estimate.VOID_RECORD_TEST`` on and off,
+alternated in one process (CPU seconds, one thread), and as the CPU time spent inside
+``void_rows`` itself (its share of the estimation, the precise figure where the A/B difference
+is below the noise):
+
+    python benchmarks/first_call.py train 1e5 /tmp/m1e5.pt
+    python benchmarks/vb46_void_cost.py mlp /tmp/m1e5.pt [--rounds 3]
+    python benchmarks/vb46_void_cost.py multitask     # masked BCE, 3 tasks, 30% of labels NaN
+    python benchmarks/vb46_void_cost.py classes       # cross_entropy, ignore_index on 5% of records
+    python benchmarks/vb46_void_cost.py multitask --width 512
+
+``mlp``: first_call.py's saved regression MLP (float targets, no record marked). ``multitask``:
+a 12-64-64-3 MLP, 4,096 records, each label missing with probability 0.3 (2.7% of records with
+none), Adam 10 epochs. ``classes``: a 12-64-64-10 MLP, integer labels, 5% of records
+``ignore_index=-100``. Each prints the on / off times per pair, the time inside ``void_rows`` and
+its share, and whether the two estimations' ``n`` and sigma agree (they must where no record is
+void; where some are, ``n`` drops by their count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.getcwd())
+sys.path.append(str(Path(__file__).resolve().parents[1]))
+
+from mis_lightning.estimation import per_sample  # noqa: E402
+
+# the module (the package's name ``estimate`` is the function)
+est_mod = importlib.import_module("mis_lightning.estimation.estimate")
+
+INSIDE = [0.0]
+
+
+def _timed_void_rows() -> None:
+    """Wrap ``LossProgram.void_rows`` to add its CPU time to ``INSIDE``."""
+    inner = per_sample.LossProgram.void_rows
+
+    def void_rows(self, inputs, targets, b):
+        c0 = time.process_time()
+        try:
+            return inner(self, inputs, targets, b)
+        finally:
+            INSIDE[0] += time.process_time() - c0
+
+    per_sample.LossProgram.void_rows = void_rows
+
+
+def _masked_bce(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    seen = ~t.isnan()
+    loss = F.binary_cross_entropy_with_logits(o, t.nan_to_num(), reduction="none")
+    return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+
+def _ce(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(o, t, reduction="none", ignore_index=-100)
+
+
+def _synthetic(kind: str, width: int = 64) -> tuple:
+    """``(model, loader, loss_fn, void count)`` of the ``multitask`` / ``classes`` models (hidden
+    layers ``width`` wide)."""
+    torch.manual_seed(0)
+    n, f = 4096, 12
+    x = torch.randn(n, f)
+    if kind == "multitask":
+        y = (torch.rand(n, 3) < torch.sigmoid(x[:, :3] * 2)).float()
+        y[torch.rand(n, 3) < 0.3] = float("nan")
+        void, loss_fn, out = int(y.isnan().all(1).sum()), _masked_bce, 3
+    else:
+        y = (x[:, :10] + 0.5 * torch.randn(n, 10)).argmax(1)
+        y[torch.rand(n) < 0.05] = -100
+        void, loss_fn, out = int((y < 0).sum()), _ce, 10
+    model = nn.Sequential(nn.Linear(f, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(10):
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss_fn(model(xb), yb).mean().backward()
+            opt.step()
+    return model, loader, loss_fn, void
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["mlp", "multitask", "classes"])
+    ap.add_argument("path", nargs="?", default=None, help="first_call.py's saved model (mlp)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--width", type=int, default=64, help="hidden width (multitask, classes)")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import stage_configs
+
+    if args.what == "mlp":
+        from benchmarks.first_call import load_saved
+
+        saved, model, loader, loss_fn, est_cfg, _ = load_saved(args.path)
+        label, void = f"mlp {saved['size']}", 0
+    else:
+        model, loader, loss_fn, void = _synthetic(args.what, args.width)
+        est_cfg = stage_configs("assess", None, None, {"strict": False})[0]
+        label = f"{args.what} width {args.width}"
+    _timed_void_rows()
+    run_estimation(model, loader, loss_fn, est_cfg)  # warm-up (one-time costs out of the pairs)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    inside: list[float] = []
+    results: dict[bool, object] = {}
+    for r in range(args.rounds):
+        for on in ((False, True) if r % 2 == 0 else (True, False)):
+            est_mod.VOID_RECORD_TEST = on
+            INSIDE[0] = 0.0
+            c0 = time.process_time()
+            results[on] = run_estimation(model, loader, loss_fn, est_cfg)
+            times[on].append(time.process_time() - c0)
+            if on:
+                inside.append(INSIDE[0])
+    est_mod.VOID_RECORD_TEST = True
+    a, b = results[True], results[False]
+    same_sigma = all(torch.equal(a.sigma[k], b.sigma[k]) for k in a.sigma)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    share = sorted(inside)[len(inside) // 2] / med[True]
+    print(f"{label}: records without a loss {void}; n on {a.n}, off {b.n}; sigma identical {same_sigma}")
+    print(f"  estimation CPU s on {' '.join(f'{t:.3f}' for t in times[True])} | off "
+          f"{' '.join(f'{t:.3f}' for t in times[False])}; median on / off {med[True] / med[False]:.3f}")
+    print(f"  inside void_rows {' '.join(f'{t * 1e3:.2f}' for t in inside)} ms per estimation = "
+          f"{100 * share:.2f}% of it; load {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
