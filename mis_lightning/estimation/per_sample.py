@@ -818,8 +818,8 @@ class LossProgram:
         molecules). The marks only choose which records to test (so that ordinary batches cost
         nothing); the loss test decides: a record a loss trains on (a hinge past its margin, an
         imputed label) has a nonzero loss at one of the far outputs (rv45, vb45). A
-        ``mis_per_sample_loss`` hook's batches are not read; where the candidates' gradients do
-        not all vanish, none is taken (counted as before).
+        ``mis_per_sample_loss`` hook's batches: ``streaming._HookProgram.void_rows`` (vb46);
+        where the candidates' gradients do not all vanish, none is taken (counted as before).
 
         Raises:
             Nothing beyond the loss's and the forward's own errors on those records.
