@@ -13,11 +13,13 @@ is below the noise):
     python benchmarks/vb46_void_cost.py multitask     # masked BCE, 3 tasks, 30% of labels NaN
     python benchmarks/vb46_void_cost.py classes       # cross_entropy, ignore_index on 5% of records
     python benchmarks/vb46_void_cost.py multitask --width 512
+    python benchmarks/vb46_void_cost.py weighted      # targets (y, w): float 0/1 labels, 5% weights 0
 
 ``mlp``: first_call.py's saved regression MLP (float targets, no record marked). ``multitask``:
 a 12-64-64-3 MLP, 4,096 records, each label missing with probability 0.3 (2.7% of records with
 none), Adam 10 epochs. ``classes``: a 12-64-64-10 MLP, integer labels, 5% of records
-``ignore_index=-100``. Each prints the on / off times per pair, the time inside ``void_rows`` and
+``ignore_index=-100``. ``weighted``: a 12-64-64-1 MLP, BCE on float 0/1 labels times a sample weight
+(5% of weights 0; every record labelled 0 is marked too, an all-zero float among two targets). Each prints the on / off times per pair, the time inside ``void_rows`` and
 its share, and whether the two estimations' ``n`` and sigma agree (they must where no record is
 void; where some are, ``n`` drops by their count).
 """
@@ -71,6 +73,16 @@ def _ce(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(o, t, reduction="none", ignore_index=-100)
 
 
+def _weighted_bce(o: torch.Tensor, t: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return t[1] * F.binary_cross_entropy_with_logits(o.squeeze(-1), t[0], reduction="none")
+
+
+class _Weighted(torch.utils.data.TensorDataset):
+    def __getitem__(self, i):
+        x, y, w = super().__getitem__(i)
+        return x, (y, w)
+
+
 def _synthetic(kind: str, width: int = 64) -> tuple:
     """``(model, loader, loss_fn, void count)`` of the ``multitask`` / ``classes`` models (hidden
     layers ``width`` wide)."""
@@ -81,12 +93,18 @@ def _synthetic(kind: str, width: int = 64) -> tuple:
         y = (torch.rand(n, 3) < torch.sigmoid(x[:, :3] * 2)).float()
         y[torch.rand(n, 3) < 0.3] = float("nan")
         void, loss_fn, out = int(y.isnan().all(1).sum()), _masked_bce, 3
-    else:
+    elif kind == "classes":
         y = (x[:, :10] + 0.5 * torch.randn(n, 10)).argmax(1)
         y[torch.rand(n) < 0.05] = -100
         void, loss_fn, out = int((y < 0).sum()), _ce, 10
+    else:  # float 0/1 labels and sample weights: every negative record is a candidate (y all 0)
+        y = (torch.rand(n) < torch.sigmoid(2 * x[:, 0])).float()
+        w = 0.5 + torch.rand(n)
+        w[torch.rand(n) < 0.05] = 0.0
+        void, loss_fn, out = int((w == 0).sum()), _weighted_bce, 1
     model = nn.Sequential(nn.Linear(f, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=256)
+    data = _Weighted(x, y, w) if kind == "weighted" else torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(data, batch_size=256)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(10):
         for xb, yb in loader:
@@ -98,7 +116,7 @@ def _synthetic(kind: str, width: int = 64) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["mlp", "multitask", "classes"])
+    ap.add_argument("what", choices=["mlp", "multitask", "classes", "weighted"])
     ap.add_argument("path", nargs="?", default=None, help="first_call.py's saved model (mlp)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--width", type=int, default=64, help="hidden width (multitask, classes)")

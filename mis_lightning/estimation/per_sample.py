@@ -818,8 +818,9 @@ class LossProgram:
         molecules). The marks only choose which records to test (so that ordinary batches cost
         nothing); the loss test decides: a record a loss trains on (a hinge past its margin, an
         imputed label) has a nonzero loss at one of the far outputs (rv45, vb45). A
-        ``mis_per_sample_loss`` hook's batches: ``streaming._HookProgram.void_rows`` (vb46);
-        where the candidates' gradients do not all vanish, none is taken (counted as before).
+        ``mis_per_sample_loss`` hook's batches: ``streaming._HookProgram.void_rows`` (vb46).
+        Each candidate is decided on its own loss (vb46: before, one trained candidate, e.g. a
+        float label 0 beside a sample weight, kept every other one of its batch counted).
 
         Raises:
             Nothing beyond the loss's and the forward's own errors on those records.
@@ -834,11 +835,14 @@ class LossProgram:
                 lambda t: t[idx] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)
 
         x, y = take(inputs), take(targets)
+        k = int(idx.numel())
         with torch.no_grad():
             out = self.outputs(self.params, x)
         # every check reads the loss at the outputs only (the loss is a function of them, so a zero
         # gradient in the outputs is a zero gradient in the weights, J' dl/do): one forward of the
-        # candidates and no backward through the model (half the test's cost on vb46's multi-task MLP)
+        # candidates and no backward through the model (vb46: a quarter of the test's cost on a
+        # small multi-task MLP); each record decides for itself (the loss is per record), so a
+        # candidate the loss trains on (a label 0 beside a sample weight) does not keep the others
         float_leaf = lambda t: isinstance(t, Tensor) and t.is_floating_point()  # noqa: E731
         with torch.inference_mode(False), torch.enable_grad():
             # clones: a validation loop's inference tensors cannot enter a graph
@@ -846,13 +850,19 @@ class LossProgram:
                 lambda t: t.clone().requires_grad_(True) if float_leaf(t) else t.clone() if isinstance(t, Tensor) else t, out)
             yy = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, y)
             losses = self.loss_fn(o, yy)
-            if not isinstance(losses, Tensor) or not bool((losses == 0).all()):
+            if not isinstance(losses, Tensor) or not losses.dim() or losses.shape[0] != k:
                 return None
+            ok = (losses.detach().reshape(k, -1) == 0).all(1)
             leaves = [t for t in torch.utils._pytree.tree_leaves(o) if float_leaf(t)]
-            if losses.requires_grad and leaves:
-                got = torch.autograd.grad(losses.sum(), leaves, allow_unused=True)
-                if any(g is not None and bool(g.any()) for g in got):
-                    return None
+            if losses.requires_grad and leaves and bool(ok.any()):
+                for g in torch.autograd.grad(losses.sum(), leaves, allow_unused=True):
+                    if g is None:
+                        continue
+                    if not g.dim() or g.shape[0] != k:  # not one row per record: all or none
+                        if bool(g.any()):
+                            return None
+                        continue
+                    ok &= ~(g.reshape(k, -1) != 0).any(1)  # NaN counts as nonzero
         with torch.no_grad():
             # ... and 0 at other outputs: a loss that imputes the missing labels can be exactly 0 and
             # flat at theta-hat (a hinge past its margin); its records are trained on, members (rv45).
@@ -860,11 +870,15 @@ class LossProgram:
             # probes sum to -6 o: a margin w'o > m >= 0 that holds at o fails in one of them
             # (binary hinge with either label, per-output hinges, multi-class margins o_y - o_j)
             for shift in (-10.0, 10.0):
+                if not bool(ok.any()):
+                    break
                 moved = self.loss_fn(torch.utils._pytree.tree_map(
                     lambda t, s=shift: -3.0 * t + s * (1.0 + t.abs()) if float_leaf(t) else t, out), y)
-                if not isinstance(moved, Tensor) or not bool((moved == 0).all()):
+                if not isinstance(moved, Tensor) or not moved.dim() or moved.shape[0] != k:
                     return None
-        return void
+                ok &= (moved.reshape(k, -1) == 0).all(1)
+        void[idx[~ok]] = False
+        return void if bool(void.any()) else None
 
     def _marked_missing(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
         """``[b]`` bool: records some target entry of which marks as carrying no label (see
