@@ -834,8 +834,33 @@ class LossProgram:
             return torch.utils._pytree.tree_map(
                 lambda t: t[idx] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)
 
-        x, y = take(inputs), take(targets)
         k = int(idx.numel())
+        y = take(targets)
+        float_leaf = lambda t: isinstance(t, Tensor) and t.is_floating_point()  # noqa: E731
+        # candidates the loss reads at constant outputs far on either side are trained on: dropped
+        # before the forward (vb46: float 0/1 labels beside sample weights mark half the records;
+        # their forward was 2x the test's cost)
+        template = self._output_template(inputs, b)
+        if template is not None:
+            keep = torch.ones(k, dtype=torch.bool, device=idx.device)
+            try:
+                with torch.no_grad():
+                    for level in (-10.0, 10.0):
+                        probe = torch.utils._pytree.tree_map(
+                            lambda t, v=level: t.new_full((k, *t.shape[1:]), v) if float_leaf(t) and t.dim()
+                            else t.expand(k, *t.shape[1:]) if isinstance(t, Tensor) and t.dim() else t, template)
+                        moved = self.loss_fn(probe, y)
+                        if isinstance(moved, Tensor) and moved.dim() and moved.shape[0] == k:
+                            keep &= (moved.reshape(k, -1) == 0).all(1).to(keep.device)
+            except Exception:  # noqa: BLE001 - only narrows which records are tested
+                keep[:] = True
+            if not bool(keep.all()):
+                void[idx[~keep]] = False
+                if not bool(keep.any()):
+                    return None
+                idx, k = idx[keep], int(keep.sum())
+                y = take(targets)
+        x = take(inputs)
         with torch.no_grad():
             out = self.outputs(self.params, x)
         # every check reads the loss at the outputs only (the loss is a function of them, so a zero
@@ -843,7 +868,6 @@ class LossProgram:
         # candidates and no backward through the model (vb46: a quarter of the test's cost on a
         # small multi-task MLP); each record decides for itself (the loss is per record), so a
         # candidate the loss trains on (a label 0 beside a sample weight) does not keep the others
-        float_leaf = lambda t: isinstance(t, Tensor) and t.is_floating_point()  # noqa: E731
         with torch.inference_mode(False), torch.enable_grad():
             # clones: a validation loop's inference tensors cannot enter a graph
             o = torch.utils._pytree.tree_map(
@@ -908,20 +932,22 @@ class LossProgram:
 
     def _class_count(self, inputs: Any, b: int) -> int | None:
         """The outputs' size along dim 1 (the class dimension of ``cross_entropy`` / ``nll_loss``),
-        from one record's forward, once per program; ``None`` where the outputs have no such
-        dimension or the forward fails."""
-        if not hasattr(self, "_void_classes"):
-            classes = None
+        from :meth:`_output_template`; ``None`` where the outputs have no such dimension or the
+        forward fails."""
+        out = self._output_template(inputs, b)
+        return int(out.shape[1]) if isinstance(out, Tensor) and out.dim() >= 2 else None
+
+    def _output_template(self, inputs: Any, b: int) -> Any:
+        """One record's outputs (detached), from one forward once per program; ``None`` where
+        that forward fails. Only narrows which records :meth:`void_rows` tests."""
+        if not hasattr(self, "_void_template"):
             try:
                 with torch.no_grad():
-                    out = self.outputs(self.params, torch.utils._pytree.tree_map(
+                    self._void_template = self.outputs(self.params, torch.utils._pytree.tree_map(
                         lambda t: t[:1] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs))
-                if isinstance(out, Tensor) and out.dim() >= 2:
-                    classes = int(out.shape[1])
             except Exception:  # noqa: BLE001 - only narrows which records are tested
-                classes = None
-            self._void_classes = classes
-        return self._void_classes
+                self._void_template = None
+        return self._void_template
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():
