@@ -942,6 +942,18 @@ def _data_buffers_note(names: Sequence[str]) -> str:
             "close this channel; values set once from public data do not leak")
 
 
+def _fitted_buffers_note(fitted: dict[str, str]) -> str:
+    """The warning for buffers that equal statistics of the training inputs read (a standardiser or
+    scaler fitted on them before training, which no forward sets: vb46)."""
+    items = list(fitted.items())
+    shown = "; ".join(f"{k!r}: {v}" for k, v in items[:4]) + (f"; and {len(items) - 4} more" if len(items) > 4 else "")
+    return (f"the release holds {len(items)} buffer(s) or frozen parameter(s) equal to statistics of the training "
+            f"inputs read ({shown}): a standardiser or scaler fitted on the training records, released in float "
+            "with every scheme and not scored, so every figure here is a lower bound for the release (a mean over "
+            "the records leaks as a normalisation layer's running statistics do: docs/method.md section 6). Fit "
+            "it on data that is not private (or leave it out of the state dict) to close this channel")
+
+
 def _data_buffers_unchecked_note(names: Sequence[str], why: str) -> str:
     """The warning where the probe for buffers a forward sets from the records could not run
     (:func:`~mis_lightning.estimation.data_buffers.probe_data_buffers`): the candidates are
@@ -1291,6 +1303,10 @@ def score_schemes(
     if moved:
         report.warnings.append(_data_buffers_note(moved))
         report.diagnostics["data_dependent_buffers"] = list(moved)
+    fitted = est.diagnostics.get("fitted_buffers")
+    if fitted:
+        report.warnings.append(_fitted_buffers_note(fitted))
+        report.diagnostics["fitted_buffers"] = dict(fitted)
     unchecked = est.diagnostics.get("data_buffers_unchecked")
     if unchecked:
         report.warnings.append(_data_buffers_unchecked_note(unchecked["buffers"], unchecked["why"]))

@@ -450,6 +450,11 @@ class Report:
             text += (f"\nnot scored: {len(moved)} buffer(s) / frozen parameter(s) the forward sets from the records ({shown}), "
                      "released in float with every scheme: each leakage is a lower bound for the release "
                      "(see warnings)")
+        if fitted := (self.diagnostics or {}).get("fitted_buffers"):
+            shown = ", ".join(repr(k) for k in list(fitted)[:3]) + (f" and {len(fitted) - 3} more" if len(fitted) > 3 else "")
+            text += (f"\nnot scored: {len(fitted)} buffer(s) / frozen parameter(s) equal to statistics of the training "
+                     f"inputs ({shown}), released in float with every scheme: each leakage is a lower bound for the "
+                     "release (see warnings)")
         verdict_note = verdict_note if verdict_note is not None else self.verdict_note
         if with_verdict:
             text += "\n" + (verdict(rows, utility_key, utility_tolerance, modes=modes)

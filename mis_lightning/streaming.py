@@ -124,6 +124,84 @@ class _HookProgram(LossProgram):
         return probe_data_buffers(self.model, inputs, b, call=lambda m, x: getattr(m, HOOK_NAME)(x),
                                       dtype=self.dtype)
 
+    def void_rows(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
+        """As :meth:`LossProgram.void_rows`, read from the hook's batch (``inputs``; ``targets``
+        is a placeholder): records in which some tensor of the batch is all NaN (float) or all
+        negative (integer, e.g. ``ignore_index=-100``) are tested; the far
+        outputs are set on the model's one output inside the hook (:meth:`_through_output`),
+        and the zero gradient is taken in the weights (the hook may read them other than through
+        that output); each record decides on its own loss, the weight gradient on the records
+        left (all or none). A batch's labels and inputs are not told apart here, so an all-zero sample
+        weight or a label code at or above the class count is not a mark (an input of zeros, a
+        token id, would make every record a candidate): such records stay counted. Where the
+        hook does not call the model exactly once, the candidates stay counted and a warning
+        says so once per program.
+
+        Raises:
+            Nothing beyond the hook's own errors on those records.
+        """
+        leaves = [t for t in torch.utils._pytree.tree_leaves(inputs)
+                  if isinstance(t, Tensor) and t.dim() and t.shape[0] == b and t[0].numel()
+                  and (t.is_floating_point() or (t.dtype != torch.bool and not t.is_complex()))]
+        if not leaves:
+            return None
+        void = torch.zeros(b, dtype=torch.bool, device=leaves[0].device)
+        for t in leaves:
+            flat = t.reshape(b, -1)
+            void |= (torch.isnan(flat) if t.is_floating_point() else flat < 0).all(1)
+        if not bool(void.any()):
+            return None
+        idx = void.nonzero().squeeze(1)
+        with torch.inference_mode(False):
+            # clones: a validation loop's inference tensors cannot enter the weights' graph below
+            x = torch.utils._pytree.tree_map(
+                lambda t: t[idx].clone() if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
+        k = int(idx.numel())
+        try:
+            with torch.no_grad():
+                losses, out = self._through_output(self.params, x)
+            if losses.shape[0] != k or out.shape[0] != k:
+                return None
+            # per record (the hook's loss is per record): 0 at the output, flat in it ...
+            ok = (losses.reshape(k, -1) == 0).all(1)
+            if bool(ok.any()):
+                with torch.inference_mode(False), torch.enable_grad():
+                    shift = torch.zeros_like(out).requires_grad_(True)
+                    moved = self._through_output(self.params, x, shift)[0]
+                    if moved.requires_grad:
+                        ok &= ~(torch.autograd.grad(moved.sum(), shift)[0].reshape(k, -1) != 0).any(1)
+            with torch.no_grad():
+                for sign in (-10.0, 10.0):  # ... and 0 at the far outputs of LossProgram.void_rows
+                    if not bool(ok.any()):
+                        break
+                    far = -3.0 * out + sign * (1.0 + out.abs())
+                    ok &= (self._through_output(self.params, x, far - out)[0].reshape(k, -1) == 0).all(1)
+        except ValueError as err:  # not one call returning one tensor: the far outputs cannot be set
+            if not getattr(self, "_void_untested_said", False):
+                self._void_untested_said = True
+                warnings.warn(
+                    f"{k} record(s) of a batch have every label marked missing (NaN, a negative code) but could "
+                    f"not be tested for a loss that does not depend on the weights ({err}): they are counted as "
+                    "members; if the hook's loss never reads them, every figure is lowered by about their share "
+                    "of the records (pass loss_fn(outputs, targets) to have them left out)", stacklevel=2)
+            return None
+        if not bool(ok.any()):
+            return None
+        # the survivors' weight gradient (the hook may read the weights other than through the
+        # output, e.g. a penalty): all of them or none
+        rows = ok.nonzero().squeeze(1)
+        xs = torch.utils._pytree.tree_map(lambda t: t[rows] if isinstance(t, Tensor) and t.dim() and t.shape[0] == k
+                                          else t, x)
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = {n: t.detach().clone().requires_grad_(True) for n, t in self.params.items()}
+            total = self.outputs(leaves, xs)
+            if total.requires_grad:
+                got = torch.autograd.grad(total.sum(), list(leaves.values()), allow_unused=True)
+                if any(g is not None and bool(g.any()) for g in got):
+                    return None
+        void[idx[~ok]] = False
+        return void
+
     def outputs(self, params: dict[str, Tensor], inputs: Any) -> Any:
         with eval_mode(self.model, self._shell), default_dtype(self.dtype), self._norms():  # the hook runs on the original model
             return functional_call(self._shell, ({**self.fixed, **params}, self.buffers), (inputs,))

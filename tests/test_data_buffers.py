@@ -194,3 +194,56 @@ def test_the_callback_names_them_and_the_unchecked_ones():
     rep = fit(Module(fixed_batch=True))
     assert "data_dependent_buffers" not in rep.diagnostics
     assert sum(w.startswith("could not check whether the forward sets") for w in rep.warnings) == 1
+
+
+class Fitted(nn.Module):
+    """A standardiser fitted on the training inputs before training (as sklearn's StandardScaler
+    is), kept as buffers set once in ``__init__``: no forward changes them."""
+
+    def __init__(self, data: torch.Tensor, channels: bool = False):
+        super().__init__()
+        dims = (0, 2) if channels else (0,)
+        shape = (-1, 1) if channels else (-1,)
+        self.register_buffer("mean", data.mean(dims).reshape(shape))
+        self.register_buffer("std", data.std(dims).reshape(shape))  # torch's ddof 1
+        self.register_buffer("pe", torch.arange(float(data.shape[1])).reshape(shape))  # a table, not a statistic
+        inner = nn.Conv1d(data.shape[1], 2, 1) if channels else nn.Linear(data.shape[1], 2)
+        self.body = nn.Sequential(inner, nn.Tanh(), nn.Flatten(), nn.LazyLinear(1))
+
+    def forward(self, z):
+        return self.body((z - self.mean) / self.std + 0 * self.pe)
+
+
+def test_a_standardiser_fitted_on_the_training_inputs_before_training_is_named():
+    # vb46: buffers set once from the training inputs (a fitted standardiser) are released and not
+    # scored, but no forward changes them, so the probe above cannot see them: they are told by
+    # equalling a statistic of the inputs read (every entry within 1e-4). Per feature and per
+    # channel; a table of the same size (pe) and a standardiser fitted on other data are not
+    # named. Fails before (no diagnostic, no warning).
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(X, Y), batch_size=32)
+    m = Fitted(X)
+    m(X[:2])  # (the lazy layer)
+    report = ml.assess(m, ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
+    assert report.diagnostics["fitted_buffers"] == {"mean": "the mean of input 0 per feature",
+                                                    "std": "the std (ddof 1) of input 0 per feature"}
+    assert any(w.startswith("the release holds 2 buffer(s) or frozen parameter(s) equal to statistics of the "
+                            "training inputs read ('mean': the mean") and "lower bound" in w for w in report.warnings)
+    assert "not scored: 2 buffer(s) / frozen parameter(s) equal to statistics of the training inputs" in report.table()
+    metric = MISIndicator(m, mse, ["rtn_int4"], estimation="diagonal", num_training_records=96, **FAST)
+    for i in range(0, 96, 40):  # other batches: the same statistics
+        metric.update(X[i:i + 40], Y[i:i + 40])
+    metric.compute()
+    assert list(metric.report.diagnostics["fitted_buffers"]) == ["mean", "std"]
+    other = Fitted(X[:48])  # fitted on half the records: not the statistics of those read
+    other(X[:2])
+    report = ml.assess(other, ["rtn_int4"], loader, mse, estimation="diagonal", **FAST)
+    assert "fitted_buffers" not in report.diagnostics and not any("statistics of the training" in w for w in report.warnings)
+    # per channel of [B, C, L] inputs
+    series = X.reshape(96, 2, 2)
+    conv = Fitted(series, channels=True)
+    conv(series[:2])
+    report = ml.assess(conv, ["rtn_int4"], DataLoader(TensorDataset(series, Y), batch_size=32), mse,
+                       estimation="diagonal", **FAST)
+    assert report.diagnostics["fitted_buffers"] == {"mean": "the mean of input 0 per channel",
+                                                    "std": "the std (ddof 1) of input 0 per channel"}

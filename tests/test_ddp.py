@@ -76,6 +76,8 @@ def metric_workloads(rank: int, out_dir: str) -> None:
         json.dump(auto_workloads(rank), fh)
     with open(os.path.join(out_dir, f"padded_rank{rank}.json"), "w") as fh:
         json.dump(padded_workload(rank), fh)
+    with open(os.path.join(out_dir, f"classes_rank{rank}.json"), "w") as fh:
+        json.dump(multiclass_workload(rank), fh)
 
 
 EMPTY_CASES = {
@@ -316,3 +318,52 @@ def test_callback_under_ddp_spawn_writes_one_report(world):
     header = rows[0].split(",")
     col = header.index("mis/rtn_int8/leakage")
     assert sum(1 for r in rows[1:] if r.split(",")[col] != "") == 2  # once per validation epoch (rank 0)
+
+
+# -- several classes -----------------------------------------------------------------------------
+CLASS_CASES = {
+    "exact": {"estimation": "exact"},
+    "ggn": {"estimation": "diagonal", "hessian": "ggn"},        # 5 Gauss-Newton directions, exact
+    "ggn_mc": {"estimation": "diagonal", "hessian": "ggn_mc"},  # labels sampled by record content
+}
+
+
+def _ce6(o, t):
+    return torch.nn.functional.cross_entropy(o, t, reduction="none")
+
+
+def multiclass_workload(rank: int | None) -> dict:
+    """A 6-class softmax MLP (5-6-6, d = 78) on 240 records: rank 0 reads records 0-99 in batches
+    of 32, rank 1 records 100-239 in batches of 50; ``rank=None``: all in batches of 64, one
+    process. Each case of ``CLASS_CASES`` -> ``[leakage of rtn_int4, baseline leakage, n, hessian]``."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(240, 5, generator=g)
+    y = (X @ torch.randn(5, 6, generator=g) + torch.randn(240, 6, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6))
+    lo, hi, bs = {None: (0, 240, 64), 0: (0, 100, 32), 1: (100, 240, 50)}[rank]
+    res = {}
+    for name, kw in CLASS_CASES.items():
+        met = MISIndicator(model, _ce6, ["rtn_int4"], num_records=48, uncertainty_draws=0, weight_decay=1e-2,
+                           num_training_records=240, covariance="independent", **kw)
+        for a in range(lo, hi, bs):
+            met.update(X[a:min(a + bs, hi)], y[a:min(a + bs, hi)])
+        out = met.compute()
+        res[name] = [float(out["rtn_int4"]["leakage"]), float(out["rtn_int4"]["baseline_leakage"]), met.report.n,
+                     met.report.estimation["hessian"]]
+    return res
+
+
+def test_metric_over_several_classes_two_processes_equal_one(world):
+    """Softmax over 6 classes (carried from session 44): the multi-output sums (the exact Hessian,
+    the exact and the sampled Gauss-Newton diagonals, the record sample) synced over two ranks on
+    uneven shards equal one process (1e-9: float64 summation order; the sampled labels are drawn
+    by record content, so the split does not move them)."""
+    single = multiclass_workload(None)
+    assert [v[2:] for v in single.values()] == [[240, "exact"], [240, "ggn"], [240, "ggn_mc"]]
+    for k in range(2):
+        r = json.loads((world.path / "metric" / f"classes_rank{k}.json").read_text())
+        for name in CLASS_CASES:
+            assert r[name][2:] == single[name][2:], (name, k)
+            assert r[name][0] == pytest.approx(single[name][0], rel=1e-9), (name, k)
+            assert r[name][1] == pytest.approx(single[name][1], rel=1e-9), (name, k)

@@ -15,6 +15,7 @@ weights only, come out equal and are not named).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .._modelcopy import ModelCopyError, private_copy
 from .._rng import isolated_rng
 
-__all__ = ["data_dependent_buffers", "persistent_float_buffers", "probe_data_buffers"]
+__all__ = ["InputStatistics", "data_dependent_buffers", "persistent_float_buffers", "probe_data_buffers"]
 
 
 def persistent_float_buffers(model: nn.Module) -> list[str]:
@@ -131,3 +132,124 @@ def probe_data_buffers(model: nn.Module, inputs: Any, batch_size: int,
 def _same(t: Tensor, ref: Tensor | None) -> bool:
     """Equal shape and values (``ref`` cast to ``t``'s dtype: the copies may be cast)."""
     return ref is not None and t.shape == ref.shape and torch.equal(t, ref.to(t.dtype))
+
+
+# the statistics a standardiser or min-max scaler fitted before training stores (sklearn's
+# StandardScaler: mean_, var_, scale_ (std, ddof 0); MinMaxScaler: data_min_, data_max_,
+# data_range_, scale_ (1 / range); torch.std's default ddof 1), and whether each is a location
+# (compared on the feature's spread) or a scale (compared on its own size)
+_STATISTICS = ("mean", "std", "std (ddof 1)", "var", "var (ddof 1)", "1 / std", "1 / std (ddof 1)",
+               "min", "max", "max - min", "1 / (max - min)")
+_LOCATIONS = {"mean", "min", "max"}
+# a buffer matches a statistic where every compared entry is within this share of the
+# statistic's size (locations: of the statistic's size plus the feature's sd): float32 sums of
+# the user's fit in another order are ~1e-6 off, any other table misses it on some entry
+FITTED_RTOL = 1e-4
+
+
+class InputStatistics:
+    """Per-feature and per-channel statistics of the model's input tensors over every record
+    read, for the persistent floating buffers whose size is one input's record size (per
+    feature) or its channel count (per channel, dimension 1 of ``[B, C, ...]``), to tell a
+    standardiser or scaler fitted on the training inputs before training: such a buffer is not
+    set by the forward (:func:`probe_data_buffers` does not see it) but holds the inputs' mean,
+    sd, min or max (vb46). Counts, means, centred sums of squares (merged per batch: Chan et
+    al.'s pairwise update), minima and maxima in float64.
+
+    Args:
+        model: the model (read only).
+        names: the candidate buffers (``persistent_float_buffers`` less those the probe found).
+        inputs: the first batch's model inputs, records along dimension 0 of every tensor.
+        batch_size: the batch's number of records.
+
+    Raises:
+        Nothing.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], inputs: Any, batch_size: int) -> None:
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        leaves = self._leaves(inputs, batch_size)
+        self.candidates: dict[str, list[tuple[int, str]]] = {}
+        self.sums: dict[tuple[int, str], list[Any]] = {}
+        for name in names:
+            t = own.get(name)
+            if t is None or t.numel() < 2 or bool((t == t.reshape(-1)[0]).all()):  # a constant: any data's
+                continue
+            for i, x in enumerate(leaves):
+                shape = tuple(x.shape[1:])
+                kinds = ["feature"] if math.prod(shape) == t.numel() else []
+                if len(shape) >= 2 and shape[0] == t.numel():
+                    kinds.append("channel")
+                for kind in kinds:
+                    self.candidates.setdefault(name, []).append((i, kind))
+                    self.sums[(i, kind)] = [0, None, None, None, None]  # n, mean, M2, min, max
+
+    @staticmethod
+    def _leaves(inputs: Any, b: int) -> list[Tensor]:
+        return [t for t in tree_leaves(inputs)
+                if isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 2 and t.shape[0] == b]
+
+    def update(self, inputs: Any, batch_size: int) -> None:
+        """Add one batch's records (every record read, those left out of ``n`` too)."""
+        if not self.sums:
+            return
+        leaves = self._leaves(inputs, batch_size)
+        for (i, kind), acc in self.sums.items():
+            if i >= len(leaves):
+                continue
+            x = leaves[i].detach()
+            x = (x.reshape(batch_size, -1) if kind == "feature" else x.transpose(0, 1).reshape(x.shape[1], -1).T)
+            # one batch's sums in the inputs' own precision (float32: ~1e-7 relative on a few hundred
+            # records, far inside FITTED_RTOL; half float64's time), merged in float64
+            if x.dtype in (torch.float16, torch.bfloat16):
+                x = x.float()
+            k, mean = x.shape[0], x.mean(0)
+            m2 = ((x - mean) ** 2).sum(0).to(torch.float64)
+            lo, hi = x.amin(0).to(torch.float64), x.amax(0).to(torch.float64)  # (aminmax along 0: 4x slower)
+            mean = mean.to(torch.float64)
+            n = acc[0]
+            if n == 0:
+                acc[:] = [k, mean, m2, lo, hi]
+                continue
+            delta = mean - acc[1]
+            acc[1] = acc[1] + delta * (k / (n + k))
+            acc[2] = acc[2] + m2 + delta ** 2 * (n * k / (n + k))
+            acc[3], acc[4], acc[0] = torch.minimum(acc[3], lo), torch.maximum(acc[4], hi), n + k
+
+    @staticmethod
+    def _statistic(acc: list[Any], what: str) -> Tensor:
+        n, mean, m2, lo, hi = acc
+        if what in ("mean", "min", "max", "max - min", "1 / (max - min)"):
+            return {"mean": mean, "min": lo, "max": hi}.get(what, hi - lo if what == "max - min" else 1 / (hi - lo))
+        var = m2 / (n - 1 if "ddof 1" in what else n)
+        return var if what.startswith("var") else 1 / var.sqrt() if what.startswith("1 /") else var.sqrt()
+
+    def matches(self, model: nn.Module) -> dict[str, str]:
+        """``{buffer name: which statistic of which input it equals}`` (within
+        :data:`FITTED_RTOL`, on the entries whose feature varies: at least 2, not all equal in
+        the buffer), in the order of the candidates."""
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        out: dict[str, str] = {}
+        for name, wants in self.candidates.items():
+            buf = own.get(name)
+            if buf is None:
+                continue
+            v = buf.detach().reshape(-1).to(torch.float64).cpu()
+            for i, kind in wants:
+                acc = self.sums[(i, kind)]
+                if acc[0] < 2:
+                    continue
+                acc = [acc[0]] + [a.cpu() for a in acc[1:]]
+                sd = (acc[2] / acc[0]).sqrt()
+                live = sd > 0
+                if int(live.sum()) < 2 or bool((v[live] == v[live][0]).all()):
+                    continue
+                for what in _STATISTICS:
+                    s = self._statistic(acc, what)[live]
+                    tol = FITTED_RTOL * (s.abs() + (sd[live] if what in _LOCATIONS else 0))
+                    if bool(torch.isfinite(s).all()) and bool(((v[live] - s).abs() <= tol).all()):
+                        out[name] = f"the {what} of input {i} per {kind}"
+                        break
+                if name in out:
+                    break
+        return out

@@ -43,7 +43,7 @@ from ..functional.correlated import RCOND as CORRELATION_RCOND
 from ..functional.correlated import Correlation, correlation_from_covariance
 from . import linear_factors as LF
 from .batching import items_are_batches, merge_batches
-from .data_buffers import persistent_float_buffers
+from .data_buffers import InputStatistics, persistent_float_buffers
 from .kron_sample import (
     KFAC_SAMPLE_CEILING,
     record_hashes,
@@ -224,6 +224,9 @@ KFAC_CORRECTION = True
 # the stored influences of the K-FAC-corrected layers are those of psi = -H^-1 g under the same
 # Kronecker model (MomentAccumulator._kfac_influences); False: the gradients' g / sqrt(V_jj) (A/B)
 KFAC_INFLUENCES = True
+# records whose loss does not depend on the weights are left out of n (LossProgram.void_rows; sm45);
+# False: every record read counts (A/B of the test's cost: benchmarks/vb46_void_cost.py)
+VOID_RECORD_TEST = True
 # the widest layer (fan-in + bias + fan-out) given psi's influences: their cost, 2 R out p (out + p)
 # flops (4x with weight decay) for R stored records, is then at most ~2x the in-sample correlation's
 # R^2 numel Gram at R = 512 (a 200-256 layer: +1.8 s CPU, 1.45x the estimation); wider layers keep
@@ -892,6 +895,9 @@ class MomentAccumulator:
         self._data_buffers: list[str] | None = None
         # the candidates the probe could not check, and why (said in the report; vb45)
         self._data_buffers_unchecked: dict[str, Any] | None = None
+        # the inputs' per-feature / per-channel statistics for the buffers that could hold them (a
+        # standardiser fitted before training: the probe does not see it; vb46); False until the first batch
+        self._input_stats: InputStatistics | None | bool = False
         self._weight_normed = weight_normed(model, self.param_names)
         # which reparametrization makes each one's scale flat (the warning names it)
         self._weight_norm_kinds = scale_free_reparametrizations(model, self.param_names)
@@ -1182,6 +1188,13 @@ class MomentAccumulator:
         inputs, targets, b = program.prepare(batch)
         if self._data_buffers is None and b >= 2:  # (one record cannot be split: the next batch tells)
             self._data_buffers, self._data_buffers_unchecked = program.data_dependent_buffers(inputs, b)
+        if self._input_stats is False:
+            names = persistent_float_buffers(self.model)
+            self._input_stats = InputStatistics(self.model, names, inputs, b) if names else None
+            if self._input_stats is not None and not self._input_stats.sums:
+                self._input_stats = None
+        if self._input_stats:
+            self._input_stats.update(inputs, b)  # every record read, those left out of n too
         if self._normalised_probe:
             self._normalised_probe = False
             if int(st["n"]) == 0 and self._request[0] != "exact":  # the exact sandwich projects them out
@@ -1223,7 +1236,8 @@ class MomentAccumulator:
         # records whose loss does not depend on the weights (every label missing): not members,
         # left out of n, the sums (which they would not change) and the record sample; counted in
         # n_void, by which finalize rescales the weight decay (the same objective; sm45)
-        void = self.program.void_rows(inputs, targets, b) if hasattr(self.program, "void_rows") else None
+        void = (self.program.void_rows(inputs, targets, b)
+                if VOID_RECORD_TEST and hasattr(self.program, "void_rows") else None)
         n_void = 0 if void is None else int(void.sum())
         if n_void:
             if n_void == b:
@@ -1749,6 +1763,11 @@ class MomentAccumulator:
             est.diagnostics["estimator_with_n"] = other
         if self._data_buffers:  # released with the weights, not scored: the report's warning (nu45)
             est.diagnostics["data_dependent_buffers"] = list(self._data_buffers)
+        if self._input_stats:  # a standardiser fitted on the training inputs before training (vb46)
+            fitted = {k: v for k, v in self._input_stats.matches(self.model).items()
+                      if k not in (self._data_buffers or [])}
+            if fitted:
+                est.diagnostics["fitted_buffers"] = fitted
         unchecked = self._data_buffers_unchecked
         if self._data_buffers is None and unchecked is None:  # no batch held 2 records to split
             names = persistent_float_buffers(self.model)

@@ -811,14 +811,16 @@ class LossProgram:
         class codes outside ``[0, C)`` such as ``cross_entropy``'s ``ignore_index=-100``, or, in a
         tuple of targets, a float entry that is all 0, e.g. a sample weight) and whose loss is
         exactly 0 at the model's outputs and at two outputs far from them on either side, with an
-        exactly zero gradient in the assessed parameters; ``None`` when there is no such record.
+        exactly zero gradient in the outputs (so in the weights: the loss reads them through the
+        outputs); ``None`` when there is no such record.
         Their loss does not depend on the weights: the fit does not see them, so they carry no
         information about the weights and are not members in the sense of the loss (sm45; nu44b's
         molecules). The marks only choose which records to test (so that ordinary batches cost
         nothing); the loss test decides: a record a loss trains on (a hinge past its margin, an
         imputed label) has a nonzero loss at one of the far outputs (rv45, vb45). A
-        ``mis_per_sample_loss`` hook's batches are not read; where the candidates' gradients do
-        not all vanish, none is taken (counted as before).
+        ``mis_per_sample_loss`` hook's batches: ``streaming._HookProgram.void_rows`` (vb46).
+        Each candidate is decided on its own loss (vb46: before, one trained candidate, e.g. a
+        float label 0 beside a sample weight, kept every other one of its batch counted).
 
         Raises:
             Nothing beyond the loss's and the forward's own errors on those records.
@@ -832,35 +834,75 @@ class LossProgram:
             return torch.utils._pytree.tree_map(
                 lambda t: t[idx] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)
 
-        x, y = take(inputs), take(targets)
-
-        def total(p: dict[str, Tensor], xx: Any, yy: Any) -> Tensor:
-            return self.loss_fn(self.outputs(p, xx), yy).sum()
-
+        k = int(idx.numel())
+        y = take(targets)
+        float_leaf = lambda t: isinstance(t, Tensor) and t.is_floating_point()  # noqa: E731
+        # candidates the loss reads at constant outputs far on either side are trained on: dropped
+        # before the forward (vb46: float 0/1 labels beside sample weights mark half the records;
+        # their forward was 2x the test's cost)
+        template = self._output_template(inputs, b)
+        if template is not None:
+            keep = torch.ones(k, dtype=torch.bool, device=idx.device)
+            try:
+                with torch.no_grad():
+                    for level in (-10.0, 10.0):
+                        probe = torch.utils._pytree.tree_map(
+                            lambda t, v=level: t.new_full((k, *t.shape[1:]), v) if float_leaf(t) and t.dim()
+                            else t.expand(k, *t.shape[1:]) if isinstance(t, Tensor) and t.dim() else t, template)
+                        moved = self.loss_fn(probe, y)
+                        if isinstance(moved, Tensor) and moved.dim() and moved.shape[0] == k:
+                            keep &= (moved.reshape(k, -1) == 0).all(1).to(keep.device)
+            except Exception:  # noqa: BLE001 - only narrows which records are tested
+                keep[:] = True
+            if not bool(keep.all()):
+                void[idx[~keep]] = False
+                if not bool(keep.any()):
+                    return None
+                idx, k = idx[keep], int(keep.sum())
+                y = take(targets)
+        x = take(inputs)
         with torch.no_grad():
             out = self.outputs(self.params, x)
-            losses = self.loss_fn(out, y)
-            if not isinstance(losses, Tensor) or not bool((losses == 0).all()):
+        # every check reads the loss at the outputs only (the loss is a function of them, so a zero
+        # gradient in the outputs is a zero gradient in the weights, J' dl/do): one forward of the
+        # candidates and no backward through the model (vb46: a quarter of the test's cost on a
+        # small multi-task MLP); each record decides for itself (the loss is per record), so a
+        # candidate the loss trains on (a label 0 beside a sample weight) does not keep the others
+        with torch.inference_mode(False), torch.enable_grad():
+            # clones: a validation loop's inference tensors cannot enter a graph
+            o = torch.utils._pytree.tree_map(
+                lambda t: t.clone().requires_grad_(True) if float_leaf(t) else t.clone() if isinstance(t, Tensor) else t, out)
+            yy = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, y)
+            losses = self.loss_fn(o, yy)
+            if not isinstance(losses, Tensor) or not losses.dim() or losses.shape[0] != k:
                 return None
+            ok = (losses.detach().reshape(k, -1) == 0).all(1)
+            leaves = [t for t in torch.utils._pytree.tree_leaves(o) if float_leaf(t)]
+            if losses.requires_grad and leaves and bool(ok.any()):
+                for g in torch.autograd.grad(losses.sum(), leaves, allow_unused=True):
+                    if g is None:
+                        continue
+                    if not g.dim() or g.shape[0] != k:  # not one row per record: all or none
+                        if bool(g.any()):
+                            return None
+                        continue
+                    ok &= ~(g.reshape(k, -1) != 0).any(1)  # NaN counts as nonzero
+        with torch.no_grad():
             # ... and 0 at other outputs: a loss that imputes the missing labels can be exactly 0 and
             # flat at theta-hat (a hinge past its margin); its records are trained on, members (rv45).
             # Every output goes far positive in one probe and far negative in the other, and the two
             # probes sum to -6 o: a margin w'o > m >= 0 that holds at o fails in one of them
             # (binary hinge with either label, per-output hinges, multi-class margins o_y - o_j)
             for shift in (-10.0, 10.0):
+                if not bool(ok.any()):
+                    break
                 moved = self.loss_fn(torch.utils._pytree.tree_map(
-                    lambda t, s=shift: -3.0 * t + s * (1.0 + t.abs())
-                    if isinstance(t, Tensor) and t.is_floating_point() else t, out), y)
-                if not isinstance(moved, Tensor) or not bool((moved == 0).all()):
+                    lambda t, s=shift: -3.0 * t + s * (1.0 + t.abs()) if float_leaf(t) else t, out), y)
+                if not isinstance(moved, Tensor) or not moved.dim() or moved.shape[0] != k:
                     return None
-        try:  # plain autograd first (as check_finite_gradients: torch.func imports dynamo on first use)
-            with torch.enable_grad():
-                leaves = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
-                got = [g for g in torch.autograd.grad(total(leaves, x, y), list(leaves.values()), allow_unused=True)
-                       if g is not None]
-        except RuntimeError:  # e.g. inference tensors under a validation loop's inference mode
-            got = list(grad(total)(self.params, x, y).values())
-        return void if all(not bool(g.any()) for g in got) else None
+                ok &= (moved.reshape(k, -1) == 0).all(1)
+        void[idx[~ok]] = False
+        return void if bool(void.any()) else None
 
     def _marked_missing(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
         """``[b]`` bool: records some target entry of which marks as carrying no label (see
@@ -890,20 +932,22 @@ class LossProgram:
 
     def _class_count(self, inputs: Any, b: int) -> int | None:
         """The outputs' size along dim 1 (the class dimension of ``cross_entropy`` / ``nll_loss``),
-        from one record's forward, once per program; ``None`` where the outputs have no such
-        dimension or the forward fails."""
-        if not hasattr(self, "_void_classes"):
-            classes = None
+        from :meth:`_output_template`; ``None`` where the outputs have no such dimension or the
+        forward fails."""
+        out = self._output_template(inputs, b)
+        return int(out.shape[1]) if isinstance(out, Tensor) and out.dim() >= 2 else None
+
+    def _output_template(self, inputs: Any, b: int) -> Any:
+        """One record's outputs (detached), from one forward once per program; ``None`` where
+        that forward fails. Only narrows which records :meth:`void_rows` tests."""
+        if not hasattr(self, "_void_template"):
             try:
                 with torch.no_grad():
-                    out = self.outputs(self.params, torch.utils._pytree.tree_map(
+                    self._void_template = self.outputs(self.params, torch.utils._pytree.tree_map(
                         lambda t: t[:1] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs))
-                if isinstance(out, Tensor) and out.dim() >= 2:
-                    classes = int(out.shape[1])
             except Exception:  # noqa: BLE001 - only narrows which records are tested
-                classes = None
-            self._void_classes = classes
-        return self._void_classes
+                self._void_template = None
+        return self._void_template
 
     def per_sample_losses(self, inputs: Any, targets: Any) -> Tensor:
         with torch.no_grad():
