@@ -46,6 +46,8 @@ from .estimation.estimate import (
     KFAC_INFLUENCE_MAX_WIDTH,
     LEVERAGE_CAP,
     estimator_warnings,
+    name_coordinates,
+    nonfinite_coordinates,
 )
 from .estimation.linear_factors import KFAC_MAX_WIDTH
 from .estimation.per_sample import BatchFn, LossFn
@@ -3686,9 +3688,15 @@ def _record_correlation(est: Estimate, cfg: ScoringConfig) -> F.correlated.Recor
         raise ValueError("covariance='full' needs the full correlation of the weights, which only the exact "
                          "estimator computes (estimation='exact'); use covariance='factor' or 'auto'")
     if est.correlation is not None and form in ("auto", "full"):
+        bad = nonfinite_coordinates(est.correlation)
+        if bad.numel():  # before any scheme: eigh would fail inside LAPACK without naming it
+            raise ValueError(f"the estimate's full correlation of the weights is not finite (NaN or inf) at "
+                             f"{name_coordinates(bad, est.offsets)}: re-run the estimation (estimation='exact') "
+                             "or score with covariance='independent'")
         # with fewer records stored than trained on, each scored with its own leave-one-out HC2
         # term (Estimate.self_term; method.md section 4, *Gradient covariance*)
-        return F.correlated.RecordCorrelation.full(est.correlation, est.self_term, est.self_weight)
+        return F.correlated.RecordCorrelation.full(est.correlation, est.self_term, est.self_weight,
+                                                   getattr(est, "correlation_factor", None))
     if not est.influence_stored or est.influence is None or est.num_records < 8:
         if form == "factor":
             raise ValueError("covariance='factor' needs the stored influences of >= 8 records (a model small "
