@@ -3208,10 +3208,11 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     Vinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
     g_std = C * Vinv
     Rv = correlation_from_covariance(Vm)
-    mahal = Correlation(full=Rv, self_term=None if beta is None else C0 * Vinv,
-                        self_weight=beta).quadratic(g_std).sqrt()
+    vcorr = Correlation(full=Rv, self_term=None if beta is None else C0 * Vinv, self_weight=beta)
+    mahal = vcorr.quadratic(g_std).sqrt()
     if records is not None and SANDWICH_FACTOR:
-        records["correlation_factor"] = _sandwich_factor(Rv, Vs, Vinv, evecs, inv, sdiag)
+        # V's correlation's eigendecomposition, computed once (the Mahalanobis norm's)
+        records["correlation_factor"] = _sandwich_factor(vcorr._eigh["eigh"], Vs, Vinv, evecs, inv, sdiag)
     return sigma, w, mahal, corr
 
 
@@ -3220,16 +3221,18 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
 SANDWICH_FACTOR = True
 
 
-def _sandwich_factor(Rv: Tensor, Vs: Tensor, Vinv: Tensor, evecs: Tensor, inv: Tensor, sdiag: Tensor) -> SandwichFactor:
-    """``R ~ B B'`` with ``B = D^-1 H^+ D_V Q Lambda^1/2`` from the gradient covariance's correlation
-    ``Rv = Q Lambda Q'`` (:class:`~mis_lightning.functional.correlated.SandwichFactor`): ``H^+`` the
+def _sandwich_factor(v_eigh: tuple[Tensor, Tensor], Vs: Tensor, Vinv: Tensor, evecs: Tensor, inv: Tensor,
+                     sdiag: Tensor) -> SandwichFactor:
+    """``R ~ B B'`` with ``B = D^-1 H^+ D_V Q Lambda^1/2`` from the eigendecomposition ``v_eigh`` of
+    the gradient covariance's correlation ``Q Lambda Q'`` (ascending;
+    :class:`~mis_lightning.functional.correlated.SandwichFactor`): ``H^+`` the
     sandwich's own inverse (``evecs diag(inv) evecs'``, floored, null directions 0), ``D`` the sd of
     ``Sigma`` (``sqrt(sdiag)``; 0 where the data never moves the weight), ``D_V = Vs``. Its left
     inverse ``D H D_V^-1 Q Lambda^-1/2`` maps ``w = -D^-1 H^+ c`` to ``-Lambda^-1/2 Q' D_V^-1 c``, the
     coordinates of the estimator's Mahalanobis norm (``|.|^2 = g'V^+g`` within the same rule)."""
-    ev, Q = torch.linalg.eigh(Rv)
+    ev, Q = v_eigh
     top = float(ev[-1]) if ev.numel() else 0.0
-    pos = ev > Rv.shape[0] * torch.finfo(torch.float64).eps * max(top, 0.0)
+    pos = ev > Q.shape[0] * torch.finfo(torch.float64).eps * max(top, 0.0)
     lam, Q = ev[pos], Q[:, pos]
     D = sdiag.sqrt()
     Dinv = torch.where(D > 0, 1.0 / D.clamp_min(1e-300), torch.zeros_like(D))
