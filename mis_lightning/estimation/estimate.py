@@ -3234,9 +3234,20 @@ def _sandwich_factor(v_eigh: tuple[Tensor, Tensor], Vs: Tensor, Vinv: Tensor, ev
     top = float(ev[-1]) if ev.numel() else 0.0
     pos = ev > Q.shape[0] * torch.finfo(torch.float64).eps * max(top, 0.0)
     lam, Q = ev[pos], Q[:, pos]
+    # eigh's sign per column is the round-off's (it flipped between estimation batch sizes): the
+    # Monte Carlo forms draw U = B z, so each column is signed by its largest entry, positive
+    Q = Q * torch.where(Q.gather(0, Q.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)
     D = sdiag.sqrt()
     Dinv = torch.where(D > 0, 1.0 / D.clamp_min(1e-300), torch.zeros_like(D))
     hinv = (evecs * inv) @ (evecs.T @ (Vs.unsqueeze(-1) * Q))                 # H^+ D_V Q
+    null = inv == 0
+    if bool(null.any()):
+        # H's dropped null directions (a softmax's class shift): n'H^+ = 0 exactly, but the product
+        # leaves ~eps max(inv) |L| along them, which an ill-conditioned H lifts above the exact
+        # block's round-off rule (a softmax's float biases would read their identically 0 sum as
+        # observed); projected out (3e-16 of B's scale either way on a well-conditioned softmax)
+        N = evecs[:, null]
+        hinv = hinv - N @ (N.T @ hinv)
     h = torch.where(inv > 0, 1.0 / inv.clamp_min(1e-300), torch.zeros_like(inv))
     hfl = (evecs * h) @ (evecs.T @ (Vinv.unsqueeze(-1) * Q))                  # H D_V^-1 Q
     return SandwichFactor(evals=lam, root=Dinv.unsqueeze(-1) * hinv * lam.sqrt(),
