@@ -3602,7 +3602,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
 # rank rule; cf45: no cutoff on the channel matrix M any more, which read pl44's MLP 2-21% low and
 # non-monotone in the grid, mono44). Where R's spectrum runs smoothly through that rule the
 # quantized figures may depend on it (a synthetic spectrum to 1e-12: 10.4%; pl44's MLP now
-# 0.0-1.9%): each scheme's Gaussian form is re-read with the rule at RCOND / CUTOFF_CHECK_FACTOR,
+# 0.0-1.9%; through the exact estimator's factor, rc46, the rule is the gradient covariance's, the
+# unquantized figure's: 0.0-2.7%): each scheme's Gaussian form is re-read with the rule at RCOND / CUTOFF_CHECK_FACTOR,
 # and a move beyond CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (report.py; rc44).
 # Above this many weights the check is skipped. It reuses R's eigendecomposition (one more kept
 # eigenspace and channel per scheme): +4.8% scoring CPU at d = 197 (pl44's MLP), +12% at
