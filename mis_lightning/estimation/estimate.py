@@ -3234,9 +3234,12 @@ def _sandwich_factor(v_eigh: tuple[Tensor, Tensor], Vs: Tensor, Vinv: Tensor, ev
     top = float(ev[-1]) if ev.numel() else 0.0
     pos = ev > Q.shape[0] * torch.finfo(torch.float64).eps * max(top, 0.0)
     lam, Q = ev[pos], Q[:, pos]
-    # eigh's sign per column is the round-off's (it flipped between estimation batch sizes): the
-    # Monte Carlo forms draw U = B z, so each column is signed by its largest entry, positive
-    Q = Q * torch.where(Q.gather(0, Q.abs().argmax(0, keepdim=True)) < 0, -1.0, 1.0)
+    # eigh's sign per column is the round-off's (it flipped between estimation batch sizes and loss
+    # scales): the Monte Carlo forms draw U = B z, so each column is signed by its product with a
+    # fixed generic vector (not by its largest entry: a 2-class softmax's columns are [v; -v], whose
+    # largest entries tie)
+    probe = torch.remainder(torch.arange(1, Q.shape[0] + 1, dtype=Q.dtype) * 0.6180339887498949, 1.0) - 0.5
+    Q = Q * torch.where(probe @ Q < 0, -1.0, 1.0)
     D = sdiag.sqrt()
     Dinv = torch.where(D > 0, 1.0 / D.clamp_min(1e-300), torch.zeros_like(D))
     hinv = (evecs * inv) @ (evecs.T @ (Vs.unsqueeze(-1) * Q))                 # H^+ D_V Q
