@@ -46,6 +46,8 @@ from .estimation.estimate import (
     KFAC_INFLUENCE_MAX_WIDTH,
     LEVERAGE_CAP,
     estimator_warnings,
+    name_coordinates,
+    nonfinite_coordinates,
 )
 from .estimation.linear_factors import KFAC_MAX_WIDTH
 from .estimation.per_sample import BatchFn, LossFn
@@ -3616,7 +3618,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
 # rank rule; cf45: no cutoff on the channel matrix M any more, which read pl44's MLP 2-21% low and
 # non-monotone in the grid, mono44). Where R's spectrum runs smoothly through that rule the
 # quantized figures may depend on it (a synthetic spectrum to 1e-12: 10.4%; pl44's MLP now
-# 0.0-1.9%): each scheme's Gaussian form is re-read with the rule at RCOND / CUTOFF_CHECK_FACTOR,
+# 0.0-1.9%; through the exact estimator's factor, rc46, the rule is the gradient covariance's, the
+# unquantized figure's: 0.0-2.7%): each scheme's Gaussian form is re-read with the rule at RCOND / CUTOFF_CHECK_FACTOR,
 # and a move beyond CUTOFF_SENSITIVITY_MAX marks the scheme "~" and warns (report.py; rc44).
 # Above this many weights the check is skipped. It reuses R's eigendecomposition (one more kept
 # eigenspace and channel per scheme): +4.8% scoring CPU at d = 197 (pl44's MLP), +12% at
@@ -3702,9 +3705,15 @@ def _record_correlation(est: Estimate, cfg: ScoringConfig) -> F.correlated.Recor
         raise ValueError("covariance='full' needs the full correlation of the weights, which only the exact "
                          "estimator computes (estimation='exact'); use covariance='factor' or 'auto'")
     if est.correlation is not None and form in ("auto", "full"):
+        bad = nonfinite_coordinates(est.correlation)
+        if bad.numel():  # before any scheme: eigh would fail inside LAPACK without naming it
+            raise ValueError(f"the estimate's full correlation of the weights is not finite (NaN or inf) at "
+                             f"{name_coordinates(bad, est.offsets)}: re-run the estimation (estimation='exact') "
+                             "or score with covariance='independent'")
         # with fewer records stored than trained on, each scored with its own leave-one-out HC2
         # term (Estimate.self_term; method.md section 4, *Gradient covariance*)
-        return F.correlated.RecordCorrelation.full(est.correlation, est.self_term, est.self_weight)
+        return F.correlated.RecordCorrelation.full(est.correlation, est.self_term, est.self_weight,
+                                                   getattr(est, "correlation_factor", None))
     if not est.influence_stored or est.influence is None or est.num_records < 8:
         if form == "factor":
             raise ValueError("covariance='factor' needs the stored influences of >= 8 records (a model small "

@@ -40,7 +40,7 @@ from .._rng import restores_rng
 from .._warning_filters import ignoring
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
-from ..functional.correlated import Correlation, correlation_from_covariance
+from ..functional.correlated import Correlation, SandwichFactor, correlation_from_covariance
 from . import linear_factors as LF
 from .batching import items_are_batches, merge_batches
 from .data_buffers import InputStatistics, persistent_float_buffers
@@ -294,6 +294,7 @@ class Estimate:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     mahalanobis: Tensor | None = None
     correlation: Tensor | None = None
+    correlation_factor: SandwichFactor | None = None
     leverage: Tensor | None = None
     self_term: Tensor | None = None
     self_weight: Tensor | None = None
@@ -1852,6 +1853,15 @@ class MomentAccumulator:
                 J = G[:, d : d + c * d].reshape(-1, c, d)
                 L = G[:, d + c * d :].reshape(-1, c, c)
             G = G[:, :d]
+            # a NaN or inf in the sums (a loss whose gradient or Hessian is not finite at some
+            # record while the loss is) would reach the sandwich's eigendecompositions, which fail
+            # inside LAPACK or return NaN without naming it: name the parameters here
+            for what, x in (("Hessian", H), ("gradient covariance", gg), ("per-record gradients", G.T)):
+                bad = nonfinite_coordinates(x)
+                if bad.numel():
+                    raise ValueError(f"the exact estimator's {what} is not finite (NaN or inf) at "
+                                     f"{name_coordinates(bad, offsets)}: the loss's derivatives must be finite at the "
+                                     "model's weights for every record")
             check_curvature(top_curvature(H) if d else 1.0,
                             bool((G - g_mean_flat).abs().max() > 0) if G.numel() else False)
             correct = self.leverage_correction is not False and J is not None
@@ -1885,14 +1895,17 @@ class MomentAccumulator:
                                               torch.finfo(self.dtype).eps))
             floor_variants = {f: {"sigma": _split(v["sigma"], names, offsets), "influence": v["w"],
                                   "mahalanobis": v["mahal"], "correlation": v["corr"], "leverage": v["leverage"],
-                                  "self_term": v["self_term"], "self_weight": v["self_weight"]}
+                                  "self_term": v["self_term"], "self_weight": v["self_weight"],
+                                  "correlation_factor": v["correlation_factor"]}
                               for f, v in variants.items()} or None
             if self._residual_info is not None:
                 diagnostics.update(self._residual_info)
             return Estimate(mode="exact", hessian=self.hessian, sigma=_split(sigma_flat, names, offsets),
                             influence=w, num_records=w.shape[0], mahalanobis=mahal, correlation=corr,
                             leverage=records.get("leverage"), self_term=records.get("self_term"),
-                            self_weight=records.get("self_weight"), _floor_variants=floor_variants, **common)
+                            self_weight=records.get("self_weight"),
+                            correlation_factor=records.get("correlation_factor"),
+                            _floor_variants=floor_variants, **common)
 
         diagnostics.update(self._symmetry_diagnostics())
         h_sum = st["h_sum"].to(cpu, torch.float64)
@@ -2704,6 +2717,25 @@ def _dense(v: Any, rows: int) -> Tensor:
     return v.dense(rows) if isinstance(v, _Sparse) else v.reshape(rows, -1)
 
 
+def nonfinite_coordinates(x: Tensor) -> Tensor:
+    """``[k]`` long: the rows of ``x [d, ...]`` holding a NaN or inf (the flat coordinates)."""
+    return (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
+
+
+def name_coordinates(flat_index: Tensor, offsets: dict[str, tuple[int, int]], most: int = 4) -> str:
+    """The parameters holding the flat coordinates ``flat_index`` (the estimate's ``offsets``), each
+    with its first entries: ``"'0.weight' (entries 3, 5), '2.bias' (entry 0)"``."""
+    idx = flat_index.tolist()
+    parts = []
+    for name, (a, b) in offsets.items():
+        inside = [i - a for i in idx if a <= i < b]
+        if inside:
+            more = " ..." if len(inside) > most else ""
+            parts.append(f"'{name}' (entr{'y' if len(inside) == 1 else 'ies'} "
+                         f"{', '.join(map(str, inside[:most]))}{more} of {b - a})")
+    return ", ".join(parts[:most]) + (f" and {len(parts) - most} more parameter(s)" if len(parts) > most else "")
+
+
 def _split(flat: Tensor, names: list[str], offsets: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
     return {k: flat[slice(*offsets[k])] for k in names}
 
@@ -3049,7 +3081,8 @@ def _floor_variants(out: dict[float, dict[str, Tensor | None]], floored: int, da
         rec: dict[str, Tensor] = {}
         sigma, w, mahal, corr = compute(f, rec)
         out[f] = {"sigma": sigma, "w": w, "mahal": mahal, "corr": corr, "leverage": rec.get("leverage"),
-                  "self_term": rec.get("self_term"), "self_weight": rec.get("self_weight")}
+                  "self_term": rec.get("self_term"), "self_weight": rec.get("self_weight"),
+                  "correlation_factor": rec.get("correlation_factor")}
 
 
 def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: int, damping: float,
@@ -3193,9 +3226,54 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     Vs = Vm.diagonal().clamp_min(0.0).sqrt()
     Vinv = torch.where(Vs > 0, 1.0 / Vs.clamp_min(1e-300), torch.zeros_like(Vs))
     g_std = C * Vinv
-    mahal = Correlation(full=correlation_from_covariance(Vm), self_term=None if beta is None else C0 * Vinv,
-                        self_weight=beta).quadratic(g_std).sqrt()
+    Rv = correlation_from_covariance(Vm)
+    vcorr = Correlation(full=Rv, self_term=None if beta is None else C0 * Vinv, self_weight=beta)
+    mahal = vcorr.quadratic(g_std).sqrt()
+    if records is not None and SANDWICH_FACTOR:
+        # V's correlation's eigendecomposition, computed once (the Mahalanobis norm's)
+        records["correlation_factor"] = _sandwich_factor(vcorr._eigh["eigh"], Vs, Vinv, evecs, inv, sdiag)
     return sigma, w, mahal, corr
+
+
+# The full correlated form through the sandwich's own factor (SandwichFactor; rc46): False restores
+# the eigendecomposition of R itself, at RCOND on R (A/B)
+SANDWICH_FACTOR = True
+
+
+def _sandwich_factor(v_eigh: tuple[Tensor, Tensor], Vs: Tensor, Vinv: Tensor, evecs: Tensor, inv: Tensor,
+                     sdiag: Tensor) -> SandwichFactor:
+    """``R ~ B B'`` with ``B = D^-1 H^+ D_V Q Lambda^1/2`` from the eigendecomposition ``v_eigh`` of
+    the gradient covariance's correlation ``Q Lambda Q'`` (ascending;
+    :class:`~mis_lightning.functional.correlated.SandwichFactor`): ``H^+`` the
+    sandwich's own inverse (``evecs diag(inv) evecs'``, floored, null directions 0), ``D`` the sd of
+    ``Sigma`` (``sqrt(sdiag)``; 0 where the data never moves the weight), ``D_V = Vs``. Its left
+    inverse ``D H D_V^-1 Q Lambda^-1/2`` maps ``w = -D^-1 H^+ c`` to ``-Lambda^-1/2 Q' D_V^-1 c``, the
+    coordinates of the estimator's Mahalanobis norm (``|.|^2 = g'V^+g`` within the same rule)."""
+    ev, Q = v_eigh
+    top = float(ev[-1]) if ev.numel() else 0.0
+    pos = ev > Q.shape[0] * torch.finfo(torch.float64).eps * max(top, 0.0)
+    lam, Q = ev[pos], Q[:, pos]
+    # eigh's sign per column is the round-off's (it flipped between estimation batch sizes and loss
+    # scales): the Monte Carlo forms draw U = B z, so each column is signed by its product with a
+    # fixed generic vector (not by its largest entry: a 2-class softmax's columns are [v; -v], whose
+    # largest entries tie)
+    probe = torch.remainder(torch.arange(1, Q.shape[0] + 1, dtype=Q.dtype) * 0.6180339887498949, 1.0) - 0.5
+    Q = Q * torch.where(probe @ Q < 0, -1.0, 1.0)
+    D = sdiag.sqrt()
+    Dinv = torch.where(D > 0, 1.0 / D.clamp_min(1e-300), torch.zeros_like(D))
+    hinv = (evecs * inv) @ (evecs.T @ (Vs.unsqueeze(-1) * Q))                 # H^+ D_V Q
+    null = inv == 0
+    if bool(null.any()):
+        # H's dropped null directions (a softmax's class shift): n'H^+ = 0 exactly, but the product
+        # leaves ~eps max(inv) |L| along them, which an ill-conditioned H lifts above the exact
+        # block's round-off rule (a softmax's float biases would read their identically 0 sum as
+        # observed); projected out (3e-16 of B's scale either way on a well-conditioned softmax)
+        N = evecs[:, null]
+        hinv = hinv - N @ (N.T @ hinv)
+    h = torch.where(inv > 0, 1.0 / inv.clamp_min(1e-300), torch.zeros_like(inv))
+    hfl = (evecs * h) @ (evecs.T @ (Vinv.unsqueeze(-1) * Q))                  # H D_V^-1 Q
+    return SandwichFactor(evals=lam, root=Dinv.unsqueeze(-1) * hinv * lam.sqrt(),
+                          left=D.unsqueeze(-1) * hfl * lam.rsqrt())
 
 
 def _leverage(C: Tensor, V: Tensor, Hinv: Tensor, J: Tensor, L: Tensor, n: int, correct: bool,

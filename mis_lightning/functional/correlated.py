@@ -46,6 +46,14 @@ against 48.2 from the gradient covariance (which the Hessian cancels out of; its
 1e-9; docs/benchmarks.md, "cf45"). The exactly observed block's rank is by float64 round-off only
 (:data:`EXACT_BLOCK_RTOL`). The exact box-mean form's regressions go through the same channel
 (:meth:`Correlation._regression`).
+
+The exact estimator's own factor (rc46; :class:`SandwichFactor`, ``Estimate.correlation_factor``):
+``R = B B'`` with ``B = D^-1 H^+ L``, ``L L' = V`` within the gradient covariance's rule, replaces
+``R``'s eigendecomposition where the estimator gives it. A rule on ``R`` and the rule on ``V`` keep
+different directions where both spectra are continuous (pl44's MLP: mean ``w'R^+w`` 52.6 against
+``g'V^+g`` 48.2), so quantized figures sat above the unquantized one and were capped record by
+record; through the factor every kappa = 1 gives ``g'V^+g`` (2.3e-10 there) and no quantized value
+exceeds it. Per-layer blocks (:meth:`Correlation.restrict`) keep ``R``'s own eigenspace.
 """
 
 from __future__ import annotations
@@ -111,6 +119,15 @@ MC_BLOCK_ELEMENTS = 1 << 22
 QUADRATIC_TOLERANCE = 1e-12
 
 
+def _check_finite(R: Tensor, what: str) -> None:
+    """Raise where ``R`` has a non-finite entry, naming the first coordinates (eigh would fail
+    inside LAPACK, or return NaN, without saying where)."""
+    bad = (~torch.isfinite(R)).reshape(R.shape[0], -1).any(-1).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"{what} is not finite at coordinate(s) {bad[:8].tolist()}"
+                         f"{' ...' if bad.numel() > 8 else ''} of {R.shape[0]}")
+
+
 def correlation_from_covariance(Sigma: Tensor) -> Tensor:
     """``[d, d]`` correlation matrix of a covariance ``Sigma [d, d]`` (zero-variance coordinates:
     a zero row and column, so that they drop out of every pseudo-inverse)."""
@@ -118,6 +135,33 @@ def correlation_from_covariance(Sigma: Tensor) -> Tensor:
     inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
     R = inv.unsqueeze(-1) * Sigma * inv.unsqueeze(0)
     return 0.5 * (R + R.T)
+
+
+@dataclass
+class SandwichFactor:
+    """An exact factor of the exact estimator's correlation, ``R ~ B B'`` with ``B = D^-1 H^+ L``
+    (``L L' = V``, the gradient covariance within its rank rule; ``D`` the sd of ``Sigma``), so that
+    the full form's one rank rule is the rule of the unquantized figure (the gradient covariance's,
+    :data:`RCOND` on its correlation) and every kappa = 1 gives that figure (method.md section 3,
+    "Correlated coordinates"; rc46).
+
+    ``evals [m]``: the eigenvalues of ``V``'s correlation above ``d eps`` of the largest, ascending;
+    ``root [d, m]``: ``D^-1 H^+ D_V Q sqrt(evals)`` (``B``'s columns, one per eigenvalue);
+    ``left [d, m]``: ``D H D_V^-1 Q / sqrt(evals)``, a left inverse of ``root`` (``left' root = I``)
+    that maps a record's standardised influence ``w = -D^-1 H^+ c`` to exactly the coordinates
+    ``Lambda^-1/2 Q' D_V^-1 c`` of its gradient that the estimator's Mahalanobis norm reads
+    (``D_V`` the gradients' sd). Rows of weights the data never moves are 0 in ``root``.
+    """
+
+    evals: Tensor
+    root: Tensor
+    left: Tensor
+
+    def keep(self, rcond: float) -> Tensor:
+        """``[m]`` bool: the directions kept by the rank rule ``max(rcond, d eps) lambda_max``."""
+        top = float(self.evals[-1]) if self.evals.numel() else 0.0
+        tol = max(rcond, self.root.shape[0] * torch.finfo(torch.float64).eps) * top
+        return self.evals > tol if top > 0 else torch.zeros_like(self.evals, dtype=torch.bool)
 
 
 @dataclass
@@ -154,6 +198,10 @@ class Correlation:
     # the full R's rank rule (relative eigenvalue cutoff, :meth:`_basis`); the scoring re-reads
     # quantized figures at a finer one to flag figures the rule sets (rc44, cf45)
     rcond: float = RCOND
+    # the exact estimator's factor of ``full`` (``R ~ B B'`` through the gradient covariance; rc46):
+    # when given, the full form's kept eigenspace is this factor's, at ``rcond`` on the gradient
+    # covariance's correlation, instead of ``full``'s own eigendecomposition (:meth:`_basis`)
+    sandwich: SandwichFactor | None = None
     _root: Tensor | None = field(default=None, repr=False)
     # R's eigendecomposition, its kept eigenspace per rule and the last kappa's channel (full form;
     # keyed by ``full``), shared by :meth:`RecordCorrelation.with_rcond`'s copies: the check
@@ -262,8 +310,17 @@ class Correlation:
             self._eigh.clear()
             self._root = None
             R = self.full.to(torch.float64)
-            self._eigh.update(full=self.full, eigh=torch.linalg.eigh(0.5 * (R + R.T)))
-        key = ("basis", self.rcond)
+            _check_finite(R, "the full correlation")
+            self._eigh.update(full=self.full, eigh=None if self.sandwich is not None else
+                              torch.linalg.eigh(0.5 * (R + R.T)))
+        key = ("basis", self.rcond, self.sandwich is not None)
+        if key not in self._eigh and self.sandwich is not None:
+            # the estimator's factor (SandwichFactor): the gradient covariance's rank rule, no
+            # eigendecomposition of R (whose round-off through H^-1 reaches 5e-13 lambda_max)
+            keep = self.sandwich.keep(self.rcond)
+            Bk = self.sandwich.root[:, keep].to(torch.float64)
+            top = float(torch.linalg.eigvalsh(Bk.T @ Bk)[-1]) if Bk.shape[1] else 0.0
+            self._eigh[key] = (Bk, self.sandwich.left[:, keep].to(torch.float64), top)
         if key not in self._eigh:
             evals, evecs = self._eigh["eigh"]
             top = max(float(evals[-1]), 0.0) if evals.numel() else 0.0
@@ -577,6 +634,11 @@ class Correlation:
         """``[d]`` the diagonal of ``R^+`` (full, within its rank rule) or of the factor model's inverse (Woodbury):
         the variance inflation factors ``1 / (1 - R^2_j)`` of the coordinates, i.e. how far the
         variance of coordinate ``j`` given the others sits below its marginal variance."""
+        if self.full is not None and self.sandwich is not None:
+            # diag((B B')^+) of the factor: its left singular vectors over its singular values
+            Us, S, _ = torch.linalg.svd(self._basis()[0], full_matrices=False)
+            keep = S > EXACT_BLOCK_RTOL * max(Us.shape) * torch.finfo(torch.float64).eps * float(S.max() if S.numel() else 0.0)
+            return (Us[:, keep] / S[keep]).square().sum(-1)
         if self.full is not None:
             return self._basis()[1].square().sum(-1)  # R's kept eigenspace, its one rank rule
         assert self.factor is not None and self.residual is not None
@@ -641,7 +703,10 @@ class Correlation:
         """``([num, d], [num, r])``: draws of ``U ~ N(0, R)`` and their coordinates ``z`` in ``R``'s
         kept eigenspace (``U = B z`` plus the dropped directions' part; :meth:`_basis`), one root
         for both: the Monte Carlo form adds the exact coordinates' part through ``z``."""
-        self._basis()
+        B = self._basis()[0]
+        if self.sandwich is not None:  # U = B z exactly (the factor has no dropped part)
+            z = torch.randn(num, B.shape[1], dtype=dtype, generator=generator)
+            return z @ B.to(dtype).T, z
         evals, evecs = self._eigh["eigh"]
         if self._root is None:  # R's square root from the shared eigendecomposition, computed once
             self._root = evecs * evals.clamp_min(0.0).sqrt()
@@ -807,12 +872,13 @@ class RecordCorrelation:
 
     @classmethod
     def full(cls, correlation: Tensor, self_term: Tensor | None = None,
-             self_weight: Tensor | None = None) -> RecordCorrelation:
+             self_weight: Tensor | None = None, sandwich: SandwichFactor | None = None) -> RecordCorrelation:
         """Every record scored with the ``[d, d]`` correlation matrix; with ``self_term [R, d]``
         and ``self_weight [R]`` each stored record with its own rank-one change of it
-        (:class:`Correlation`; ``Estimate.self_term``)."""
+        (:class:`Correlation`; ``Estimate.self_term``); with ``sandwich``, in that factor's kept
+        eigenspace (:class:`SandwichFactor`; ``Estimate.correlation_factor``)."""
         return cls([(None, Correlation(full=correlation.to(torch.float64), self_term=self_term,
-                                       self_weight=self_weight))], "full")
+                                       self_weight=self_weight, sandwich=sandwich))], "full")
 
     @classmethod
     def cross_fitted(cls, influence: Tensor, rank: int) -> RecordCorrelation:
@@ -929,7 +995,8 @@ class RecordCorrelation:
         cutoff; :data:`RCOND` by default), sharing ``R``'s eigendecomposition: the scoring's
         cutoff check (rc44; since cf45 the only cutoff of the full form is this rule on ``R``)."""
         parts = [(i, Correlation(full=c.full, factor=c.factor, residual=c.residual, self_term=c.self_term,
-                                 self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond, _eigh=c._eigh))
+                                 self_weight=c.self_weight, self_mean=c.self_mean, rcond=rcond,
+                                 sandwich=c.sandwich, _eigh=c._eigh))
                  for i, c in self.parts]
         return RecordCorrelation(parts, self.kind, fit=self.fit)
 
