@@ -91,6 +91,38 @@ class TableLayout:
         self.lo_edge, self.hi_edge = (float(self.mids[0]), float(self.mids[-1])) if self.mids.numel() else (0.0, 0.0)
         inf = torch.full((1,), math.inf, dtype=torch.float64, device=device)
         self.padded = torch.cat([-inf, self.mids, inf])  # cell k's edges: padded[k], padded[k + 1]
+        # the 16-bit float whose cast these cells are (every finite value and +-2^(emax + 1)), or None
+        self.cast_dtype = _cast_table_dtype(self.values)
+
+    def cast_inside(self, x: Tensor, margin: float) -> Tensor:
+        """``[c]`` bool, for a cast table (:attr:`cast_dtype` set; scale 1): ``True`` where ``x``
+        (float64 ``[c]``) is proven inside its own cell by more than ``margin`` on each side,
+        with ``min(x - lo, hi - x)`` the same float64 numbers as from :meth:`cells` and
+        :attr:`padded`; ``False`` where not proven (ties and near-edges, the top cells, NaN):
+        the caller tests those on the table (:data:`CAST_INSIDE_BITS`).
+
+        A candidate value ``v`` (``|x|`` cast to the dtype, clamped below its largest finite
+        value) and its neighbours from the bits (``v``'s bit pattern +-1: the next magnitudes;
+        below 0, minus the smallest one) give the candidate cell's edges as the table's
+        midpoints, ``a / 2 + b / 2`` in float32 (exact: 16-bit values and their midpoints are
+        float32 numbers; halves first, as bf16's top two values sum past float32's range). If
+        ``|x|`` lies in it by more than the margin it is the own cell (the cells are disjoint),
+        whatever rounding the cast did; the cells are symmetric about 0 and ``min(x - lo, hi -
+        x)`` is the same number for ``x`` and ``-x`` (exact negations), so ``|x|`` stands for
+        ``x``. No table gather (:meth:`cells` and the edges take four): the 1e7 MLP's fp16 /
+        bf16 point-mass tests (docs/benchmarks.md, "p46b")."""
+        assert self.cast_dtype is not None
+        dt = self.cast_dtype
+        top = int(torch.tensor(torch.finfo(dt).max, dtype=dt).view(torch.int16))
+        tiny = float(torch.tensor(1, dtype=torch.int16).view(dt))  # the smallest positive value
+        ax = x.view(torch.int64).bitwise_and(_MAGNITUDE).view(torch.float64)  # |x| (sign bit cleared)
+        m = ax.to(dt).view(torch.int16).clamp_(0, top - 1)  # (NaN, inf, the top value: a wrong candidate)
+        half = m.view(dt).to(torch.float32).mul_(0.5)
+        # the pattern below 0 is -1, a NaN: the cell's lower neighbour there is -tiny
+        lo = (m - 1).view(dt).to(torch.float32).nan_to_num_(nan=-tiny).mul_(0.5).add_(half).to(torch.float64)
+        hi = (m + 1).view(dt).to(torch.float32).mul_(0.5).add_(half).to(torch.float64)
+        d = torch.sub(ax, lo, out=lo)
+        return torch.minimum(d, hi.sub_(ax), out=d) > margin
 
     def cells(self, x: Tensor) -> Tensor:
         """``torch.searchsorted(mids, x, right=True)`` (the value cell holding each ``x``,
@@ -110,6 +142,30 @@ class TableLayout:
         sign = (x < 0).long().neg_()
         row.bitwise_xor_(sign).add_(sign.bitwise_and_(self.neg0 + 1 - self.pos0)).add_(self.pos0)
         return self.guide1.index_select(0, row).sub_((x < self.gmid.index_select(0, row)).long())
+
+
+def _cast_table_dtype(values: Tensor) -> torch.dtype | None:
+    """The 16-bit float dtype (float16, bfloat16) whose cast cells ``values`` (float64, sorted)
+    are: every finite value of the dtype and ``+-2^(emax + 1)`` at the ends (the table of
+    ``quantization.casts.cast_cell_values``), or ``None``."""
+    for dt in (torch.float16, torch.bfloat16):
+        if values.numel() != _CAST_TABLE_SIZE[dt]:
+            continue
+        pattern = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+        finite = pattern.view(dt).to(torch.float64)
+        finite = torch.unique(finite[torch.isfinite(finite)])
+        end = torch.tensor([2.0 ** math.ceil(math.log2(float(torch.finfo(dt).max)))], dtype=torch.float64)
+        if torch.equal(values.cpu(), torch.cat([-end, finite, end])):
+            return dt
+    return None
+
+
+# values in a cast table: the finite ones (+0 and -0 merged) and the two overflow ends
+_CAST_TABLE_SIZE = {torch.float16: 2 * (2**15 - 2**10) - 1 + 2, torch.bfloat16: 2 * (2**15 - 2**7) - 1 + 2}
+# ParamGrid's point-mass inside test on a cast table at scale 1 proves most weights inside by the
+# dtype's bits (TableLayout.cast_inside) and tests only the others on the table: the same mask.
+# False: every weight on the table (A/B)
+CAST_INSIDE_BITS = True
 
 
 def _wide_span(mids: Tensor) -> float | None:
