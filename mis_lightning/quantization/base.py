@@ -1791,18 +1791,39 @@ class ParamGrid:
         """``[c]`` bool: each weight inside its own cell (:meth:`_own_edges`) and ``bounds`` by more
         than ``_POINT_MASS_MARGIN`` of its scale on each side (element-wise)."""
         th, sc = theta.to(torch.float64), scale.to(torch.float64)
-        if self.kind == "table" and bounds is None and _table.CAST_INSIDE_BITS and self.values is not None:
+        if self.kind == "table" and _table.FORMAT_INSIDE_BITS and self.values is not None:
             layout = table_layout(self.values, th.device)
-            if layout.cast_dtype is not None and self.scale.numel() <= 64 and bool((self.scale == 1).all()):
-                # a cast's cells at scale 1 (margin 1e-9 * 1): most weights proven by the dtype's bits,
-                # the others (ties, near-edges, the top cells) on the table below: the same mask
-                inside = layout.cast_inside(th, _POINT_MASS_MARGIN)
-                if not bool(inside.all()):
-                    ii = torch.nonzero(~inside).squeeze(-1)
+            unit = layout.format_dtype is not None and self._unit_scale()
+            if layout.format_dtype is not None and (unit or self._positive_scale()):
+                # a float format's cells: the own cell proven by the format's bits for most weights,
+                # the others (ties, near-edges, the top cells) on the table below; the bounds as
+                # there (th - max(lo, b) = min(th - lo, th - b) bitwise): the same mask
+                own = layout.format_inside(th, None if unit else sc, _POINT_MASS_MARGIN)
+                inside = own.clone()
+                if bounds is not None:
+                    margin = _POINT_MASS_MARGIN * sc
+                    inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+                if not bool(own.all()):
+                    ii = torch.nonzero(~own).squeeze(-1)
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
-                    inside.index_copy_(0, ii, self._inside_on_edges(sel(th), sel(sc), sel(zero_point), None, None))
+                    inside.index_copy_(0, ii, self._inside_on_edges(
+                        sel(th), sel(sc), sel(zero_point), None, None if bounds is None else (sel(bounds[0]), sel(bounds[1]))))
                 return inside
         return self._inside_on_edges(th, sc, zero_point, code, bounds)
+
+    def _unit_scale(self) -> bool:
+        """Every block's scale exactly 1 (a dtype cast's grid)."""
+        return self.scale.numel() <= 64 and bool((self.scale == 1).all())
+
+    def _positive_scale(self) -> bool:
+        """Every block's scale finite and positive (kept per scale tensor and version)."""
+        key = (id(self.scale), self.scale._version)
+        hit = self.__dict__.get("_positive_scale_fact")
+        if hit is None or hit[0] != key:
+            s = self.scale
+            hit = (key, bool(torch.isfinite(s).all()) and bool((s > 0).all()))
+            self.__dict__["_positive_scale_fact"] = hit
+        return hit[1]
 
     def _inside_on_edges(self, th: Tensor, sc: Tensor, zero_point: Tensor, code: Tensor | None,
                          bounds: tuple[Tensor, Tensor] | None) -> Tensor:
