@@ -180,6 +180,10 @@ POINT_MASS_LIVE_ONLY = True
 # derived error bound is at most functional.wide.WIDE_TOL (docs/method.md section 5, "wsd34");
 # False: the grid paths (windowed sums, fine-grid expansion, outer-cell split) for every element
 WIDE_SD_CLOSED_FORM = True
+# ParamGrid.wide_shares (the compile policy's count of the fused kernel's coming elements) counts
+# the sd-0 point masses of runs mostly of them as never reaching the kernel. False: counted as
+# reaching it (the count before p46b; A/B)
+SHARES_COUNT_SD_ZERO = True
 # Weights of a grid on bf16 / fp16 weights (``storage_dtype``) whose bounded window is at most
 # functional.wide_series.SERIES_MAX_WINDOW (1) sd wide, inside it or beyond a bound (a bootstrap
 # draw), take the series of functional.wide_series on the stored cells themselves (one row of
@@ -1302,30 +1306,55 @@ class ParamGrid:
         """``(closed, free)``: the share of the grid's elements the wide-sd closed form takes
         (:meth:`_wide_sd`) and the share whose kappa the bootstrap draws keep
         (:meth:`wide_position_free` at ``free_tol``), on ``samples`` elements in 8 evenly spaced
-        runs; ``(0.0, 0.0)`` where the closed form is off or the grid has no bounds. ``theta``,
-        ``sigma``: ``[numel]`` (flat, parameter units). What :mod:`~mis_lightning.assess` leaves
-        out of the fused kernel's coming elements (the compile policy's count): those elements
-        never reach it."""
-        if not WIDE_SD_CLOSED_FORM or self.support is None:
+        runs; ``(0.0, 0.0)`` where the closed form is off or the grid has no bounds. ``theta``, ``sigma``:
+        ``[numel]`` (flat, parameter units). What :mod:`~mis_lightning.assess` leaves out of the
+        fused kernel's coming elements (the compile policy's count): those elements never reach
+        it. So do, with :data:`SHARES_COUNT_SD_ZERO`, the sd-0 elements of a run where they are at
+        least :data:`POINT_MASS_MIN_FRACTION` of it and every other element takes the closed form
+        (the point masses' closed form, :meth:`_own_moments`, leaves nothing to a path) and, where
+        every other element is free too, in the draws' share (no element moves: none evaluated;
+        the 1e7 MLP's second layer, 94% dead units: 63M elements counted, none reached the
+        kernel)."""
+        wide = WIDE_SD_CLOSED_FORM and self.support is not None
+        points = SHARES_COUNT_SD_ZERO and POINT_MASS_CLOSED_FORM
+        if not wide:
             return 0.0, 0.0
         n = self.numel
         run = max(1, min(n, samples) // 8)
         closed_hits = free_hits = seen = 0
         for a in sorted({int(i) for i in torch.linspace(0, max(n - run, 0), 8).round().tolist()}):
             b = min(a + run, n)
-            bounds = self.element_bounds(a, b)
-            assert bounds is not None
             scale, zp, code = self.element_grid(a, b)
             live = scale > 0  # (dead blocks: the one-cell grid of moments(), not the closed form)
             sg = sigma[a:b].to(torch.float64)
-            closed = self._wide_closed(theta[a:b].to(torch.float64), sg,
-                                       torch.where(live, scale, torch.ones_like(scale)), zp,
-                                       code, bounds, kappa_only=True)
             seen += b - a
-            if closed is not None:
-                ii, _, _, ok = closed
-                closed_hits += int((ok & live).sum()) if ii is None else int((ok & live[ii]).sum())
-            free_hits += int(self.wide_position_free(sg, scale, zp, bounds, free_tol).sum())
+            free = torch.zeros_like(live)
+            ok_live = torch.zeros_like(live)  # (the run's elements the closed form takes)
+            if wide:
+                bounds = self.element_bounds(a, b)
+                assert bounds is not None
+                closed = self._wide_closed(theta[a:b].to(torch.float64), sg,
+                                           torch.where(live, scale, torch.ones_like(scale)), zp,
+                                           code, bounds, kappa_only=True)
+                if closed is not None:
+                    ii, _, _, ok = closed
+                    closed_hits += int((ok & live).sum()) if ii is None else int((ok & live[ii]).sum())
+                    if ii is None:
+                        ok_live = ok
+                    else:
+                        ok_live[ii] = ok
+                free = self.wide_position_free(sg, scale, zp, bounds, free_tol)
+            if points:
+                # sd 0 never takes the wide-sd closed form (no double count); only where every other
+                # element of the run does (else the live ones' path, padded to a chunk's, and the
+                # draws' evaluations may take the sd-0 ones to the kernel)
+                zero = (sg <= torch.finfo(torch.float64).tiny) & live
+                n_zero = int(zero.sum())
+                if n_zero >= POINT_MASS_MIN_FRACTION * (b - a) and bool((zero | ok_live | ~live).all()):
+                    closed_hits += n_zero
+                    if bool((zero | free | ~live).all()):
+                        free = free | zero
+            free_hits += int(free.sum())
         return (closed_hits / seen, free_hits / seen) if seen else (0.0, 0.0)
 
     def wide_position_free(self, sigma: Tensor, scale: Tensor, zero_point: Tensor,
