@@ -558,38 +558,31 @@ def test_the_wide_shares_are_not_sampled_where_nothing_would_compile(monkeypatch
 
 
 @pytest.mark.parametrize("count_sd_zero", [True, False])
-def test_the_warm_up_count_leaves_out_dead_units(monkeypatch, count_sd_zero):
-    """Dead units' weights (sd 0, most of their rows) are point masses in closed form; where every
-    other weight takes the wide-sd closed form (this untrained net, as in the test above) and is
-    free in the draws, nothing reaches the fused kernel, and the compile count leaves them out too
-    (``SHARES_COUNT_SD_ZERO``; the 1e7 MLP's second layer, 94% dead: 63M elements counted, 0 ran;
-    141k with the share).
-    7 of 8 hidden units dead: the count falls from ~1e6 to ~2e5 (the sampled runs holding a live
-    row still count it; the pass skips its unit-kappa chunk). Fails without the sd-0 share."""
+def test_the_compile_count_leaves_out_dead_units(monkeypatch, count_sd_zero):
+    """Dead units' weights (sd 0) are point masses in closed form: where every other weight of a
+    sampled run takes the wide-sd closed form (and is free in the draws), the compile count's
+    shares (``ParamGrid.wide_shares``) take them too (``SHARES_COUNT_SD_ZERO``; the 1e7 MLP's
+    second layer, 94% dead: 63M elements counted, 0 reached the kernel, 141k counted with the
+    share); where the live weights are off the closed form (their path, padded to a chunk's, and
+    the draws may take the sd-0 ones to the kernel) they still count. 7 of 8 rows dead. Fails
+    without the sd-0 share (closed ~1/8), or with it counted regardless of the live weights."""
     import importlib
 
-    import mis_lightning as ml
+    from mis_lightning.quantization import get_scheme
 
-    assess_mod = importlib.import_module("mis_lightning.assess")
     qbase = importlib.import_module("mis_lightning.quantization.base")
     monkeypatch.setattr(qbase, "SHARES_COUNT_SD_ZERO", count_sd_zero)
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    seen: list[int] = []
-    monkeypatch.setattr(assess_mod.F, "warm_up_compiled_kernel", lambda policy, n, *a, **k: seen.append(n))
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
-    with torch.no_grad():
-        net[0].bias[torch.arange(256) % 8 != 0] = -1e3  # dead: no record moves their rows
-    x = torch.randn(128, 256)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :4].sum(-1)), batch_size=64)
-    before = int(K._FUSED_STATE["elements"])
-    ml.assess(net, ["int8_weight_only", "rtn_int4"], loader, lambda out, t: 0.5 * (out.squeeze(-1) - t) ** 2,
-              estimation="diagonal", num_records=16, compile="always")
-    ran = int(K._FUSED_STATE["elements"]) - before
-    assert ran == 0
-    # the count without any share: 2 grids x 65,536 weights x (main + pool + 8 draw evaluations)
-    bound = 2 * 65_536 * 10
-    if count_sd_zero:  # the sampled runs with a live row still count it (its weights' unit-kappa chunk is skipped)
-        assert sum(seen) < 0.25 * bound, seen
-    else:
-        assert len(seen) == 1 and seen[0] > 0.75 * bound, seen
+    lin = torch.nn.Linear(256, 256)
+    g = get_scheme("int8_weight_only").apply(torch.nn.Sequential(lin)).grids["0.weight"]
+    theta = lin.weight.detach().reshape(-1)
+    dead = (torch.arange(256) % 8 != 0).repeat_interleave(256)
+    for live_sd, live_closed in ((1e3, True), (1e-3, False)):  # sd dwarfs the row's window / not
+        sigma = torch.where(dead, torch.zeros(()), torch.full((), live_sd))
+        closed, free = g.wide_shares(theta, sigma, 2e-9)
+        if live_closed and count_sd_zero:  # (the revealed absmax weights: never on a path either)
+            assert closed > 0.99 and free > 0.99, (closed, free)
+        elif live_closed:
+            assert 0.0 < closed < 0.2 and 0.0 < free < 0.2, (closed, free)
+        else:
+            assert closed == free == 0.0

@@ -1309,19 +1309,20 @@ class ParamGrid:
         runs; ``(0.0, 0.0)`` where the closed form is off or the grid has no bounds. ``theta``, ``sigma``:
         ``[numel]`` (flat, parameter units). What :mod:`~mis_lightning.assess` leaves out of the
         fused kernel's coming elements (the compile policy's count): those elements never reach
-        it. So do, with :data:`SHARES_COUNT_SD_ZERO`, the sd-0 elements of a run where they are at
-        least :data:`POINT_MASS_MIN_FRACTION` of it and every other element takes the closed form
-        (the point masses' closed form, :meth:`_own_moments`, leaves nothing to a path) and, where
-        every other element is free too, in the draws' share (no element moves: none evaluated;
-        the 1e7 MLP's second layer, 94% dead units: 63M elements counted, none reached the
-        kernel)."""
+        it. So do, with :data:`SHARES_COUNT_SD_ZERO`, the sd-0 elements of the runs where they are
+        at least :data:`POINT_MASS_MIN_FRACTION` of it, where every other sampled element of the
+        tensor (but revealed ones) takes the closed form (the point masses' closed form,
+        :meth:`_own_moments`, then leaves nothing to a path) and, where every other one is free
+        too, in the draws' share (no element moves: none evaluated; the 1e7 MLP's second layer,
+        94% dead units: 63M elements counted, none reached the kernel)."""
         wide = WIDE_SD_CLOSED_FORM and self.support is not None
         points = SHARES_COUNT_SD_ZERO and POINT_MASS_CLOSED_FORM
         if not wide:
             return 0.0, 0.0
         n = self.numel
         run = max(1, min(n, samples) // 8)
-        closed_hits = free_hits = seen = 0
+        closed_hits = free_hits = seen = zero_hits = zero_free = 0
+        all_closed = all_free = True
         for a in sorted({int(i) for i in torch.linspace(0, max(n - run, 0), 8).round().tolist()}):
             b = min(a + run, n)
             scale, zp, code = self.element_grid(a, b)
@@ -1345,16 +1346,25 @@ class ParamGrid:
                         ok_live[ii] = ok
                 free = self.wide_position_free(sg, scale, zp, bounds, free_tol)
             if points:
-                # sd 0 never takes the wide-sd closed form (no double count); only where every other
-                # element of the run does (else the live ones' path, padded to a chunk's, and the
-                # draws' evaluations may take the sd-0 ones to the kernel)
+                # sd 0 never takes the wide-sd closed form (no double count); counted only where
+                # every other sampled weight of the tensor does (else the live ones' path, padded to
+                # a chunk's, and the draws' evaluations may take the sd-0 ones to the kernel)
                 zero = (sg <= torch.finfo(torch.float64).tiny) & live
                 n_zero = int(zero.sum())
-                if n_zero >= POINT_MASS_MIN_FRACTION * (b - a) and bool((zero | ok_live | ~live).all()):
-                    closed_hits += n_zero
-                    if bool((zero | free | ~live).all()):
-                        free = free | zero
+                # (revealed weights: never on a path either, REVEALED_SKIPPED; dead blocks: one cell)
+                done = zero | ~live
+                if self.revealed is not None:
+                    done |= self.revealed.reshape(-1)[a:b].to(torch.bool)
+                all_closed &= bool((done | ok_live).all())
+                all_free &= bool((done | free).all())
+                if n_zero >= POINT_MASS_MIN_FRACTION * (b - a):
+                    zero_hits += n_zero
+                    zero_free += int((zero & ~free).sum())
             free_hits += int(free.sum())
+        if points and all_closed:
+            closed_hits += zero_hits
+            if all_free:
+                free_hits += zero_free
         return (closed_hits / seen, free_hits / seen) if seen else (0.0, 0.0)
 
     def wide_position_free(self, sigma: Tensor, scale: Tensor, zero_point: Tensor,
