@@ -170,7 +170,8 @@ def test_scoring_reveals_each_weight_once_for_schemes_alike(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["int8_weight_only", "intx_weight_only_int4_g32", "float8_weight_only"])
+@pytest.mark.parametrize("name", ["int8_weight_only", "intx_weight_only_int4_g32", "intx_weight_only_int8_g32_asym",
+                                  "float8_weight_only"])
 def test_zero_counts_on_codes_where_the_scales_prove_them(monkeypatch, name, dtype):
     """The zeros counted on the codes (``ZEROS_FROM_CODES``) are the release's, and where a
     block's scale is too small to prove a non-zero code's value non-zero (a row of ~1e-41: float8's
@@ -190,6 +191,8 @@ def test_zero_counts_on_codes_where_the_scales_prove_them(monkeypatch, name, dty
     for k, g in full.grids.items():
         zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
         assert counted.grids[k].zero_count == zeros, k
+        if name.endswith("_asym"):  # (codes equal to non-zero zero points: the release's zeros)
+            assert bool(g.zero_point.any()) and zeros > 0
     assert any(n is not None for n in seen)  # counted on the codes
     if name == "float8_weight_only":
         assert seen[0] is None  # the tiny (or all-zero) rows' scales prove nothing: dequantized

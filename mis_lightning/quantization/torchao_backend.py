@@ -399,7 +399,7 @@ def _zeros_from_codes(w: Tensor, group: int) -> int | None:
         return None
     if zp is None or not bool(zp.any()):
         return int(codes.numel() - int(torch.count_nonzero(codes)))
-    return int((codes.reshape(rows, nb, group) == zp.reshape(rows, nb, 1).to(codes.dtype)).sum())
+    return int((codes.reshape(rows, nb, group) == zp.reshape(rows, nb, 1)).sum())  # (promoted: no wrap)
 
 
 def _dequantized_or_zeros(w: Tensor) -> tuple[Tensor, int | None]:
