@@ -107,7 +107,8 @@ class TableLayout:
             top = int(torch.tensor(torch.finfo(dt).max, dtype=dt).view(ints))
             v = torch.arange(0, top + 1, dtype=torch.int32).to(ints).view(dt).to(torch.float64)
             below = torch.cat([-v[1:2], v[:-2]])  # the neighbour below v[0 .. top - 1]
-            self._edges_by_bits = (0.5 * (v[:-1] + below), 0.5 * (v[1:] + v[:-1]))
+            dev = self.mids.device
+            self._edges_by_bits = ((0.5 * (v[:-1] + below)).to(dev), (0.5 * (v[1:] + v[:-1])).to(dev))
         return self._edges_by_bits
 
     def format_inside(self, th: Tensor, sc: Tensor | None, margin: float) -> Tensor:
