@@ -555,3 +555,34 @@ def test_the_wide_shares_are_not_sampled_where_nothing_would_compile(monkeypatch
                     uncertainty_draws=0, compile=mode)
     assert not calls and all(r.error is None for r in rep.schemes.values())
     assert G._FUSED_STATE["compiled"] is None and G._FUSED_STATE["compiled_codes"] is None
+
+
+@pytest.mark.parametrize("count_sd_zero", [True, False])
+def test_the_compile_count_leaves_out_dead_units(monkeypatch, count_sd_zero):
+    """Dead units' weights (sd 0) are point masses in closed form: where every other weight of a
+    sampled run takes the wide-sd closed form (and is free in the draws), the compile count's
+    shares (``ParamGrid.wide_shares``) take them too (``SHARES_COUNT_SD_ZERO``; the 1e7 MLP's
+    second layer, 94% dead: 63M elements counted, 0 reached the kernel, 141k counted with the
+    share); where the live weights are off the closed form (their path, padded to a chunk's, and
+    the draws may take the sd-0 ones to the kernel) they still count. 7 of 8 rows dead. Fails
+    without the sd-0 share (closed ~1/8), or with it counted regardless of the live weights."""
+    import importlib
+
+    from mis_lightning.quantization import get_scheme
+
+    qbase = importlib.import_module("mis_lightning.quantization.base")
+    monkeypatch.setattr(qbase, "SHARES_COUNT_SD_ZERO", count_sd_zero)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 256)
+    g = get_scheme("int8_weight_only").apply(torch.nn.Sequential(lin)).grids["0.weight"]
+    theta = lin.weight.detach().reshape(-1)
+    dead = (torch.arange(256) % 8 != 0).repeat_interleave(256)
+    for live_sd, live_closed in ((1e3, True), (1e-3, False)):  # sd dwarfs the row's window / not
+        sigma = torch.where(dead, torch.zeros(()), torch.full((), live_sd))
+        closed, free = g.wide_shares(theta, sigma, 2e-9)
+        if live_closed and count_sd_zero:  # (the revealed absmax weights: never on a path either)
+            assert closed > 0.99 and free > 0.99, (closed, free)
+        elif live_closed:
+            assert 0.0 < closed < 0.2 and 0.0 < free < 0.2, (closed, free)
+        else:
+            assert closed == free == 0.0

@@ -92,9 +92,10 @@ def test_per_tensor_blocks_keep_the_whole_release():
         assert g.zero_count is None and tuple(g.dequantized.shape) == g.shape
 
 
-def test_scoring_counts_zeros_without_the_whole_release(monkeypatch):
-    """``score_schemes`` prepares the torchao schemes without dequantizing a whole weight, and the
-    report's zero fractions are those of the whole release."""
+@pytest.mark.parametrize("on_codes", [True, False])
+def test_scoring_counts_zeros_without_the_whole_release(monkeypatch, on_codes):
+    """``score_schemes`` prepares the torchao schemes without dequantizing a whole weight (on the
+    codes: none at all), and the report's zero fractions are those of the whole release."""
     from torchao.quantization import Int8Tensor
 
     import mis_lightning as ml
@@ -107,13 +108,15 @@ def test_scoring_counts_zeros_without_the_whole_release(monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(TB, "_ZERO_COUNT_SLAB", 128)
+    monkeypatch.setattr(TB, "ZEROS_FROM_CODES", on_codes)
     monkeypatch.setattr(Int8Tensor, "dequantize", spy)
     net = _net(torch.float32)
     x = torch.randn(64, 64)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :3].sum(-1)), batch_size=32)
     rep = ml.assess(net, ["int8_weight_only"], loader, lambda out, t: 0.5 * (out[:, 0] - t) ** 2,
                     estimation="diagonal", num_records=16, uncertainty_draws=0)
-    assert shapes and all(s[0] * s[1] <= 128 for s in shapes), shapes  # slabs of at most 128 elements
+    assert all(s[0] * s[1] <= 128 for s in shapes), shapes  # slabs of at most 128 elements
+    assert bool(shapes) != on_codes  # (the test's scales are normal: every count on the codes)
     full = get_scheme("int8_weight_only").apply(net)
     for k, g in full.grids.items():
         zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
@@ -164,3 +167,32 @@ def test_scoring_reveals_each_weight_once_for_schemes_alike(monkeypatch):
                     uncertainty_draws=0)
     assert all(r.error is None for r in rep.schemes.values())
     assert sorted(calls) == sorted([((40, 64), (1, 64)), ((32, 40), (1, 40))]), calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["int8_weight_only", "intx_weight_only_int4_g32", "intx_weight_only_int8_g32_asym",
+                                  "float8_weight_only"])
+def test_zero_counts_on_codes_where_the_scales_prove_them(monkeypatch, name, dtype):
+    """The zeros counted on the codes (``ZEROS_FROM_CODES``) are the release's, and where a
+    block's scale is too small to prove a non-zero code's value non-zero (a row of ~1e-41: float8's
+    scale is subnormal there and small codes' values underflow to 0) the weight is dequantized."""
+    seen: list[int | None] = []
+    real = TB._zeros_from_codes
+    monkeypatch.setattr(TB, "_zeros_from_codes", lambda w, g: seen.append(real(w, g)) or seen[-1])
+    net = _net(torch.float32)
+    with torch.no_grad():
+        net[0].weight[9] *= 1e-41  # float32 only: the other dtypes flush it to 0
+        net[0].weight[11] *= 1e-6
+    net = net.to(dtype)
+    scheme = get_scheme(name)
+    full = scheme.apply(net)
+    with zero_counts_only():
+        counted = scheme.apply(net)
+    for k, g in full.grids.items():
+        zeros = g.dequantized.numel() - int(torch.count_nonzero(g.dequantized))
+        assert counted.grids[k].zero_count == zeros, k
+        if name.endswith("_asym"):  # (codes equal to non-zero zero points: the release's zeros)
+            assert bool(g.zero_point.any()) and zeros > 0
+    assert any(n is not None for n in seen)  # counted on the codes
+    if name == "float8_weight_only":
+        assert seen[0] is None  # the tiny (or all-zero) rows' scales prove nothing: dequantized

@@ -91,6 +91,60 @@ class TableLayout:
         self.lo_edge, self.hi_edge = (float(self.mids[0]), float(self.mids[-1])) if self.mids.numel() else (0.0, 0.0)
         inf = torch.full((1,), math.inf, dtype=torch.float64, device=device)
         self.padded = torch.cat([-inf, self.mids, inf])  # cell k's edges: padded[k], padded[k + 1]
+        # the float format whose values these are (float8: every finite value; float16 / bfloat16:
+        # a cast's cells, with +-2^(emax + 1) at the ends), or None
+        self.format_dtype = _format_dtype(self.values)
+        self._edges_by_bits: tuple[Tensor, Tensor] | None = None
+
+    def _format_edges(self) -> tuple[Tensor, Tensor]:
+        """Per bit pattern ``m`` of a magnitude below the format's largest finite value (``[top]``
+        float64 each): the lower and upper edge of its value's cell, ``0.5 * (a + b)`` of the
+        neighbouring values as :attr:`mids` (the value below 0 is minus the smallest one)."""
+        if self._edges_by_bits is None:
+            dt = self.format_dtype
+            assert dt is not None
+            ints = torch.int16 if torch.finfo(dt).bits == 16 else torch.int8
+            top = int(torch.tensor(torch.finfo(dt).max, dtype=dt).view(ints))
+            v = torch.arange(0, top + 1, dtype=torch.int32).to(ints).view(dt).to(torch.float64)
+            below = torch.cat([-v[1:2], v[:-2]])  # the neighbour below v[0 .. top - 1]
+            dev = self.mids.device
+            self._edges_by_bits = ((0.5 * (v[:-1] + below)).to(dev), (0.5 * (v[1:] + v[:-1])).to(dev))
+        return self._edges_by_bits
+
+    def format_inside(self, th: Tensor, sc: Tensor | None, margin: float) -> Tensor:
+        """``[c]`` bool, for a float format's table (:attr:`format_dtype` set): ``True`` where the
+        weight ``th`` (float64 ``[c]``) is proven inside its own cell, scaled by ``sc`` (float64
+        ``[c]``, positive; ``None``: 1), by more than ``margin * sc`` on each side, with
+        ``min(th - lo, hi - th)`` the same float64 numbers as from :meth:`cells` and
+        :attr:`padded` on ``th / sc`` (``lo``, ``hi`` the edges times ``sc``); ``False`` where not
+        proven (ties and near-edges, the top cells, NaN): the caller tests those on the table
+        (:data:`FORMAT_INSIDE_BITS`).
+
+        A candidate value ``v`` (``|th / sc|`` cast to the format, clamped below its largest
+        finite value) gives the candidate cell's edges, the midpoints to its neighbours (the next
+        magnitudes by the bit pattern; below 0, minus the smallest one), from two tables over the
+        bit patterns built as the layout's midpoints (:meth:`_format_edges`). If the weight lies
+        in it by more than the margin it is the own cell (the cells are disjoint; a margin of
+        1e-9 of the scale is far above ``th / sc``'s rounding), whatever rounding the cast did;
+        the cells are symmetric about 0 and ``min(th - lo, hi - th)`` is the same number for
+        ``th`` and ``-th`` (exact negations), so ``|th|`` stands for ``th``. Two gathers from
+        tables of 128 (float8) or 32k values instead of :meth:`cells`' two from ~65k-row guides and
+        two for the edges: the 1e7 MLP's point-mass tests on fp16, bf16 and float8
+        (docs/benchmarks.md, "p46b")."""
+        assert self.format_dtype is not None
+        dt = self.format_dtype
+        ints = torch.int16 if torch.finfo(dt).bits == 16 else torch.int8
+        lo_tab, hi_tab = self._format_edges()
+        ath = th.view(torch.int64).bitwise_and(_MAGNITUDE).view(torch.float64)  # |th| (sign bit cleared)
+        ax = ath if sc is None else ath / sc
+        # (NaN, the top value and beyond: a wrong candidate, not proven)
+        m = ax.to(dt).view(ints).clamp_(0, lo_tab.numel() - 1).to(torch.int32)
+        lo, hi = lo_tab.index_select(0, m), hi_tab.index_select(0, m)
+        if sc is not None:
+            lo.mul_(sc)
+            hi.mul_(sc)
+        d = torch.sub(ath, lo, out=lo)
+        return torch.minimum(d, hi.sub_(ath), out=d) > (margin if sc is None else margin * sc)
 
     def cells(self, x: Tensor) -> Tensor:
         """``torch.searchsorted(mids, x, right=True)`` (the value cell holding each ``x``,
@@ -110,6 +164,42 @@ class TableLayout:
         sign = (x < 0).long().neg_()
         row.bitwise_xor_(sign).add_(sign.bitwise_and_(self.neg0 + 1 - self.pos0)).add_(self.pos0)
         return self.guide1.index_select(0, row).sub_((x < self.gmid.index_select(0, row)).long())
+
+
+def _format_values(dt: torch.dtype) -> Tensor:
+    """Every finite value of an 8- or 16-bit float format (float64, sorted, +0 and -0 merged)."""
+    bits = torch.finfo(dt).bits
+    ints = torch.int16 if bits == 16 else torch.int8
+    pattern = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.int32).to(ints)
+    vals = pattern.view(dt).to(torch.float64)
+    return torch.unique(vals[torch.isfinite(vals)])
+
+
+def _format_dtype(values: Tensor) -> torch.dtype | None:
+    """The float format whose values ``values`` (float64, sorted) are: every finite value of a
+    float8 format (``quantization.casts.representable_values``), or of float16 / bfloat16 with
+    ``+-2^(emax + 1)`` at the ends (the cast's cells, ``quantization.casts.cast_cell_values``);
+    ``None`` for any other table."""
+    for dt, ends in ((torch.float8_e4m3fn, False), (torch.float8_e5m2, False),
+                     (torch.float16, True), (torch.bfloat16, True)):
+        if values.numel() != _FORMAT_SIZE[dt]:
+            continue
+        want = _format_values(dt)
+        if ends:
+            end = torch.tensor([2.0 ** math.ceil(math.log2(float(torch.finfo(dt).max)))], dtype=torch.float64)
+            want = torch.cat([-end, want, end])
+        if torch.equal(values.cpu(), want):
+            return dt
+    return None
+
+
+# values in a format's table: the finite ones (+0 and -0 merged; the casts' two overflow ends too)
+_FORMAT_SIZE = {torch.float8_e4m3fn: 253, torch.float8_e5m2: 247,
+                torch.float16: 2 * (2**15 - 2**10) - 1 + 2, torch.bfloat16: 2 * (2**15 - 2**7) - 1 + 2}
+# ParamGrid's point-mass inside test on a float format's table proves most weights inside by the
+# format's bits (TableLayout.format_inside) and tests only the others on the table: the same mask.
+# False: every weight on the table (A/B)
+FORMAT_INSIDE_BITS = True
 
 
 def _wide_span(mids: Tensor) -> float | None:

@@ -39,6 +39,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional import table as _table
 from ..functional.affine import affine_codes
 from ..functional.bounds import (
     bounded_moments,
@@ -179,6 +180,10 @@ POINT_MASS_LIVE_ONLY = True
 # derived error bound is at most functional.wide.WIDE_TOL (docs/method.md section 5, "wsd34");
 # False: the grid paths (windowed sums, fine-grid expansion, outer-cell split) for every element
 WIDE_SD_CLOSED_FORM = True
+# ParamGrid.wide_shares (the compile policy's count of the fused kernel's coming elements) counts
+# the sd-0 point masses of runs mostly of them as never reaching the kernel. False: counted as
+# reaching it (the count before p46b; A/B)
+SHARES_COUNT_SD_ZERO = True
 # Weights of a grid on bf16 / fp16 weights (``storage_dtype``) whose bounded window is at most
 # functional.wide_series.SERIES_MAX_WINDOW (1) sd wide, inside it or beyond a bound (a bootstrap
 # draw), take the series of functional.wide_series on the stored cells themselves (one row of
@@ -1301,30 +1306,65 @@ class ParamGrid:
         """``(closed, free)``: the share of the grid's elements the wide-sd closed form takes
         (:meth:`_wide_sd`) and the share whose kappa the bootstrap draws keep
         (:meth:`wide_position_free` at ``free_tol``), on ``samples`` elements in 8 evenly spaced
-        runs; ``(0.0, 0.0)`` where the closed form is off or the grid has no bounds. ``theta``,
-        ``sigma``: ``[numel]`` (flat, parameter units). What :mod:`~mis_lightning.assess` leaves
-        out of the fused kernel's coming elements (the compile policy's count): those elements
-        never reach it."""
-        if not WIDE_SD_CLOSED_FORM or self.support is None:
+        runs; ``(0.0, 0.0)`` where the closed form is off or the grid has no bounds. ``theta``, ``sigma``:
+        ``[numel]`` (flat, parameter units). What :mod:`~mis_lightning.assess` leaves out of the
+        fused kernel's coming elements (the compile policy's count): those elements never reach
+        it. So do, with :data:`SHARES_COUNT_SD_ZERO`, the sd-0 elements of the runs where they are
+        at least :data:`POINT_MASS_MIN_FRACTION` of it, where every other sampled element of the
+        tensor (but revealed ones) takes the closed form (the point masses' closed form,
+        :meth:`_own_moments`, then leaves nothing to a path) and, where every other one is free
+        too, in the draws' share (no element moves: none evaluated; the 1e7 MLP's second layer,
+        94% dead units: 63M elements counted, none reached the kernel)."""
+        wide = WIDE_SD_CLOSED_FORM and self.support is not None
+        points = SHARES_COUNT_SD_ZERO and POINT_MASS_CLOSED_FORM
+        if not wide:
             return 0.0, 0.0
         n = self.numel
         run = max(1, min(n, samples) // 8)
-        closed_hits = free_hits = seen = 0
+        closed_hits = free_hits = seen = zero_hits = zero_free = 0
+        all_closed = all_free = True
         for a in sorted({int(i) for i in torch.linspace(0, max(n - run, 0), 8).round().tolist()}):
             b = min(a + run, n)
-            bounds = self.element_bounds(a, b)
-            assert bounds is not None
             scale, zp, code = self.element_grid(a, b)
             live = scale > 0  # (dead blocks: the one-cell grid of moments(), not the closed form)
             sg = sigma[a:b].to(torch.float64)
-            closed = self._wide_closed(theta[a:b].to(torch.float64), sg,
-                                       torch.where(live, scale, torch.ones_like(scale)), zp,
-                                       code, bounds, kappa_only=True)
             seen += b - a
-            if closed is not None:
-                ii, _, _, ok = closed
-                closed_hits += int((ok & live).sum()) if ii is None else int((ok & live[ii]).sum())
-            free_hits += int(self.wide_position_free(sg, scale, zp, bounds, free_tol).sum())
+            free = torch.zeros_like(live)
+            ok_live = torch.zeros_like(live)  # (the run's elements the closed form takes)
+            if wide:
+                bounds = self.element_bounds(a, b)
+                assert bounds is not None
+                closed = self._wide_closed(theta[a:b].to(torch.float64), sg,
+                                           torch.where(live, scale, torch.ones_like(scale)), zp,
+                                           code, bounds, kappa_only=True)
+                if closed is not None:
+                    ii, _, _, ok = closed
+                    closed_hits += int((ok & live).sum()) if ii is None else int((ok & live[ii]).sum())
+                    if ii is None:
+                        ok_live = ok
+                    else:
+                        ok_live[ii] = ok
+                free = self.wide_position_free(sg, scale, zp, bounds, free_tol)
+            if points:
+                # sd 0 never takes the wide-sd closed form (no double count); counted only where
+                # every other sampled weight of the tensor does (else the live ones' path, padded to
+                # a chunk's, and the draws' evaluations may take the sd-0 ones to the kernel)
+                zero = (sg <= torch.finfo(torch.float64).tiny) & live
+                n_zero = int(zero.sum())
+                # (revealed weights: never on a path either, REVEALED_SKIPPED; dead blocks: one cell)
+                done = zero | ~live
+                if self.revealed is not None:
+                    done |= self.revealed.reshape(-1)[a:b].to(torch.bool)
+                all_closed &= bool((done | ok_live).all())
+                all_free &= bool((done | free).all())
+                if n_zero >= POINT_MASS_MIN_FRACTION * (b - a):
+                    zero_hits += n_zero
+                    zero_free += int((zero & ~free).sum())
+            free_hits += int(free.sum())
+        if points and all_closed:
+            closed_hits += zero_hits
+            if all_free:
+                free_hits += zero_free
         return (closed_hits / seen, free_hits / seen) if seen else (0.0, 0.0)
 
     def wide_position_free(self, sigma: Tensor, scale: Tensor, zero_point: Tensor,
@@ -1790,6 +1830,43 @@ class ParamGrid:
         """``[c]`` bool: each weight inside its own cell (:meth:`_own_edges`) and ``bounds`` by more
         than ``_POINT_MASS_MARGIN`` of its scale on each side (element-wise)."""
         th, sc = theta.to(torch.float64), scale.to(torch.float64)
+        if self.kind == "table" and _table.FORMAT_INSIDE_BITS and self.values is not None:
+            layout = table_layout(self.values, th.device)
+            unit = layout.format_dtype is not None and self._unit_scale()
+            if layout.format_dtype is not None and (unit or self._positive_scale()):
+                # a float format's cells: the own cell proven by the format's bits for most weights,
+                # the others (ties, near-edges, the top cells) on the table below; the bounds as
+                # there (th - max(lo, b) = min(th - lo, th - b) bitwise): the same mask
+                own = layout.format_inside(th, None if unit else sc, _POINT_MASS_MARGIN)
+                inside = own.clone()
+                if bounds is not None:
+                    margin = _POINT_MASS_MARGIN * sc
+                    inside &= (th - bounds[0].to(torch.float64) > margin) & (bounds[1].to(torch.float64) - th > margin)
+                if not bool(own.all()):
+                    ii = torch.nonzero(~own).squeeze(-1)
+                    sel = lambda t: t.index_select(0, ii)  # noqa: E731
+                    inside.index_copy_(0, ii, self._inside_on_edges(
+                        sel(th), sel(sc), sel(zero_point), None, None if bounds is None else (sel(bounds[0]), sel(bounds[1]))))
+                return inside
+        return self._inside_on_edges(th, sc, zero_point, code, bounds)
+
+    def _unit_scale(self) -> bool:
+        """Every block's scale exactly 1 (a dtype cast's grid)."""
+        return self.scale.numel() <= 64 and bool((self.scale == 1).all())
+
+    def _positive_scale(self) -> bool:
+        """Every block's scale finite and positive (kept per scale tensor and version)."""
+        key = (id(self.scale), self.scale._version)
+        hit = self.__dict__.get("_positive_scale_fact")
+        if hit is None or hit[0] != key:
+            s = self.scale
+            hit = (key, bool(torch.isfinite(s).all()) and bool((s > 0).all()))
+            self.__dict__["_positive_scale_fact"] = hit
+        return hit[1]
+
+    def _inside_on_edges(self, th: Tensor, sc: Tensor, zero_point: Tensor, code: Tensor | None,
+                         bounds: tuple[Tensor, Tensor] | None) -> Tensor:
+        """:meth:`_inside` on :meth:`_own_edges` (``th``, ``sc``: float64 ``[c]``)."""
         lo, hi = self._own_edges(th, sc, zero_point, code)
         margin = _POINT_MASS_MARGIN * sc
         if not INSIDE_FUSED:

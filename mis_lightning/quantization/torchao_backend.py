@@ -352,6 +352,56 @@ def _granularity_part(granularity: str, group_size: int | None, default: str) ->
 _ZERO_COUNT_SLAB = 1 << 18
 
 
+# _dequantized_or_zeros counts the zeros on the codes (_zeros_from_codes) where every block's
+# scale proves a value 0 exactly where its code is the zero point's; False: torchao's dequantize()
+# on slabs for every weight (A/B; the same count)
+ZEROS_FROM_CODES = True
+
+
+def _smallest_subnormal(dt: torch.dtype) -> float:
+    fi = torch.finfo(dt)
+    return fi.tiny * fi.eps
+
+
+def _zeros_from_codes(w: Tensor, group: int) -> int | None:
+    """The zeros of ``w.dequantize()`` (NaN non-zero) counted on the codes, or ``None`` where this
+    count is not proven (the caller dequantizes): a 2-d ``Int8Tensor`` /
+    ``IntxUnpackedToInt8Tensor`` with an integer (or no) zero point, or a ``Float8Tensor``, with
+    blocks of ``group`` elements of a row, whose every scale is finite and at least ``T``.
+
+    torchao computes ``((q - zp) * scale).to(dtype)`` (``q - zp`` in the weight's dtype: exact,
+    integers of at most 255) and ``(q.float() * scale).to(dtype)``. A code equal to the zero point
+    (float8: +-0) gives 0 at a finite scale; any other is at least ``m`` (1; float8: its smallest
+    subnormal) in magnitude, so ``|product| >= m |scale| >= T m`` with ``T m`` the larger of the
+    smallest subnormals of the product's and the weight's dtypes: non-zero after both roundings
+    (monotone; the smallest subnormal of the weight's dtype is a number of the product's, which
+    holds it)."""
+    q, scale = getattr(w, "qdata", None), getattr(w, "scale", None)
+    if q is None or scale is None or q.dim() != 2 or group <= 0 or q.shape[1] % group:
+        return None
+    rows, nb = int(q.shape[0]), int(q.shape[1]) // group
+    if scale.numel() != rows * nb or not scale.is_floating_point():
+        return None
+    if q.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        codes, zp, m = q.view(torch.int8).bitwise_and(0x7F), None, _smallest_subnormal(q.dtype)
+        prod = torch.promote_types(torch.float32, scale.dtype)
+    elif q.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+        zp = getattr(w, "zero_point", None)
+        if zp is not None and (zp.is_floating_point() or zp.numel() != rows * nb):
+            return None
+        codes, m = q, 1.0
+        prod = torch.promote_types(w.dtype, scale.dtype)
+    else:
+        return None
+    t = max(_smallest_subnormal(prod), _smallest_subnormal(w.dtype)) / m
+    s = scale.detach().reshape(rows, nb)
+    if not bool((torch.isfinite(s) & (s.abs() >= t)).all()):
+        return None
+    if zp is None or not bool(zp.any()):
+        return int(codes.numel() - int(torch.count_nonzero(codes)))
+    return int((codes.reshape(rows, nb, group) == zp.reshape(rows, nb, 1)).sum())  # (promoted: no wrap)
+
+
 def _dequantized_or_zeros(w: Tensor) -> tuple[Tensor, int | None]:
     """``(w.dequantize(), None)``; inside :func:`~.base.zero_counts_only`, for a 2-d weight whose
     blocks lie within a row (``block_size[0] == 1``: per row, per group), ``(empty, zeros)``:
@@ -361,6 +411,9 @@ def _dequantized_or_zeros(w: Tensor) -> tuple[Tensor, int | None]:
     block = tuple(int(b) for b in getattr(w, "block_size", ()))
     if dequantized_kept() or w.dim() != 2 or len(block) != 2 or block[0] != 1:
         return w.dequantize(), None
+    zeros_on_codes = _zeros_from_codes(w, block[1]) if ZEROS_FROM_CODES else None
+    if zeros_on_codes is not None:
+        return torch.empty(0, dtype=torch.float32), zeros_on_codes
     rows = max(1, _ZERO_COUNT_SLAB // max(int(w.shape[1]), 1))
     zeros = 0
     for a in range(0, int(w.shape[0]), rows):
