@@ -4,6 +4,9 @@ Three small models, each fitted to a minimum of its ridge objective by L-BFGS:
 
 * ``mlp``: a tanh MLP regressor ``6 -> 12 -> 8 -> 1`` (3 weight matrices; candidates rtn int8 / int4 /
   int3 / int2: 64 plans);
+* ``mlp_nobias``: the same without biases (tests/test_planner.py's fixture, pl46: through the exact
+  estimator's own factor the biased ``mlp``'s float biases and row absmaxes observe every direction
+  the gradient covariance keeps, so all its plans read the unquantized value; not run by default);
 * ``clf``: a ReLU classifier ``8 -> 16 -> 12 -> 8 -> 3`` (4 Linear layers; rtn int8 / int4 / int2:
   81 plans), utility the validation cross-entropy;
 * ``frozen``: a frozen random ``6 -> 16`` tanh backbone under a trained ``16 -> 8 -> 1`` head (the
@@ -21,6 +24,7 @@ pipeline's figures over all plans and how it ranks them (Kendall's tau; rank of 
 
     python benchmarks/pl44_planner_bruteforce.py                 # all three models
     python benchmarks/pl44_planner_bruteforce.py --models frozen
+    python benchmarks/pl44_planner_bruteforce.py --models mlp_nobias
 
 Runtime (1 thread): about 1-2 CPU min per model.
 """
@@ -84,8 +88,10 @@ def build(kind):
     else:
         X = torch.randn(2 * n, 6, generator=g)
         Y = torch.tanh(X @ torch.randn(6, generator=g) / 2) + 0.1 * torch.randn(2 * n, generator=g)
-        if kind == "mlp":
-            model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 1))
+        if kind in ("mlp", "mlp_nobias"):  # mlp_nobias: tests/test_planner.py's fixture (pl46)
+            bias = kind == "mlp"
+            model = nn.Sequential(nn.Linear(6, 12, bias=bias), nn.Tanh(), nn.Linear(12, 8, bias=bias), nn.Tanh(),
+                                  nn.Linear(8, 1, bias=bias))
         else:  # a frozen random backbone (as pretrained elsewhere) under a trained head
             model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1))
             model[0].requires_grad_(False)

@@ -2,7 +2,8 @@
 
 Each scheme's Gaussian-form first-order leakage with the full R's rank rule at ``correlated.RCOND``
 and 100x finer (since cf45 the form's only cutoff)
-(``SchemeResult.cutoff_sensitivity``), and the scoring's CPU time with the check on and off
+(``SchemeResult.cutoff_sensitivity``), the unquantized baseline's own (pl46:
+``Report.diagnostics["baseline_cutoff_sensitivity"]``), and the scoring's CPU time with the check on and off
 (alternated, 1 thread).
 
     python benchmarks/rc44_cutoff_check.py
@@ -53,6 +54,10 @@ def main(reps: int = 5) -> None:
         c = s.cutoff_sensitivity or {}
         print(f"| {k} | {s.leakage:.4f} | {c.get('leakage', float('nan')):.4f} | "
               f"{c.get('leakage_fine_cutoff', float('nan')):.4f} | {100 * c.get('move', float('nan')):.1f}% |")
+    b = rep.diagnostics.get("baseline_cutoff_sensitivity")  # the unquantized figure's own (pl46)
+    if b is not None:
+        print(f"| unquantized baseline | {rep.baseline_leakage:.4f} | {b['leakage']:.4f} | "
+              f"{b['leakage_fine_cutoff']:.4f} | {100 * b['move']:.1f}% |")
     print(*[w for w in rep.warnings if w.startswith("cutoff-set")], sep="\n")
 
 

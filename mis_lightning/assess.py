@@ -1211,6 +1211,10 @@ def score_schemes(
             # the two forms of the continuous release (kappa = 1; the storage grid aside)
             if abs(corr_form - continuous) > CONSISTENCY_TOLERANCE * continuous:
                 form_gap = (continuous, corr_form)
+            # the unquantized figure re-read at its rank rule 100x finer, as each scheme's is (pl46)
+            base_cutoff = _baseline_cutoff_check(est, rc, n, continuous)
+            if base_cutoff is not None:
+                diagnostics["baseline_cutoff_sensitivity"] = base_cutoff
     if est.leverage is not None:  # the spread term (the two forms above are compared without it)
         diagnostics["baseline_leakage_without_spread"] = baseline
         baseline = spread(base_t, ref_t)
@@ -3649,6 +3653,26 @@ def _cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tenso
     return {"leakage": at, "leakage_fine_cutoff": fine, "move": move}
 
 
+def _baseline_cutoff_check(est: Estimate, rc: F.correlated.RecordCorrelation, n: float,
+                           at_cutoff: float) -> dict[str, float] | None:
+    """The unquantized release's first-order leakage (Gaussian form, every ``kappa = 1``: the
+    estimator's Mahalanobis norms ``g'V^+g``) at the gradient covariance's rank rule (``at_cutoff``,
+    as scored) and with that rule :data:`CUTOFF_CHECK_FACTOR` x finer (``{"leakage",
+    "leakage_fine_cutoff", "move"}`` as :func:`_cutoff_check`), or ``None`` where not checked:
+    no full correlation through the exact estimator's own factor (``SandwichFactor``; without it
+    the unquantized figure is the estimator's, read at a rule the scoring does not hold), or
+    ``d > CUTOFF_CHECK_MAX_D``. Not capped: it is the cap. Where ``V``'s spectrum runs smoothly
+    through the rule this figure moves too (pl44's MLP: mean ``g'V^+g`` +16% from 1e-9 to 1e-11;
+    rc46), and every quantized figure, capped by it, with it."""
+    if (rc.kind != "full" or est.influence is None or est.d > CUTOFF_CHECK_MAX_D
+            or any(c.sandwich is None for _, c in rc.parts)):
+        return None
+    fine_rc = rc.with_rcond(rc.parts[0][1].rcond / CUTOFF_CHECK_FACTOR)
+    fine = float(F.saturate(fine_rc.gaussian_mean_abs(est.influence) / (2 * math.sqrt(n))).mean())
+    move = abs(fine - at_cutoff) / at_cutoff if at_cutoff > 0 else (0.0 if fine == 0 else math.inf)
+    return {"leakage": at_cutoff, "leakage_fine_cutoff": fine, "move": move}
+
+
 def _cutoff_applies(est: Estimate, rc: F.correlated.RecordCorrelation, kvec: Tensor) -> bool:
     """Whether the full correlation's rank rule (its eigenvalue cutoff) is in play for a scheme, whatever ``d``: the full
     correlation, stored influences, and some weight with ``kappa < 1`` (quantized); the
@@ -3672,18 +3696,27 @@ def _cutoff_skipped_note(report: Report) -> str | None:
 def _cutoff_warning(report: Report) -> str | None:
     """One warning naming the schemes whose full-correlation figure moves by more than
     :data:`CUTOFF_SENSITIVITY_MAX` when the full correlation's rank rule is set
-    :data:`CUTOFF_CHECK_FACTOR` x finer (``SchemeResult.cutoff_sensitivity``), or ``None``."""
+    :data:`CUTOFF_CHECK_FACTOR` x finer (``SchemeResult.cutoff_sensitivity``), and the unquantized
+    baseline when its own figure does (``diagnostics["baseline_cutoff_sensitivity"]``), or ``None``."""
     over = {k: s.cutoff_sensitivity for k, s in report.schemes.items()
             if not s.error and s.cutoff_sensitivity is not None and s.cutoff_sensitivity["move"] > CUTOFF_SENSITIVITY_MAX}
-    if not over:
+    # the unquantized figure's own check (_baseline_cutoff_check): it caps every quantized one,
+    # which then cannot move above it, so a rule-set baseline is named on its own (pl46)
+    base = report.diagnostics.get("baseline_cutoff_sensitivity")
+    base_over = base is not None and base["move"] > CUTOFF_SENSITIVITY_MAX
+    if not over and not base_over:
         return None
+    entries = [*([("the unquantized baseline", base)] if base_over else []), *over.items()]
     named = ", ".join(f"{k} ({c['leakage']:.4g} at the cutoff, {c['leakage_fine_cutoff']:.4g} at "
-                      f"{CUTOFF_CHECK_FACTOR:.0f}x finer)" for k, c in over.items())
-    return (f"cutoff-set figures (~ in the table): the Gaussian-form leakage of {named} moves by more than "
-            f"{100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the eigenvalue cutoff (rank rule) on the full correlation of the "
-            "weights is set finer: that correlation is near-singular with a continuous spectrum, so the figure depends on "
-            "how many of its smallest directions count, which the data do not fix; it is indicative (the unquantized "
-            "figure, the estimator's Mahalanobis norm, is computed from the gradient covariance and caps it)")
+                      f"{CUTOFF_CHECK_FACTOR:.0f}x finer)" for k, c in entries)
+    caps = ("the unquantized figure itself, the estimator's Mahalanobis norm, is set by the gradient covariance's "
+            "rule and caps every quantized one" if base_over else
+            "the unquantized figure, the estimator's Mahalanobis norm, is computed from the gradient covariance and caps it")
+    return (f"cutoff-set figures{' (~ in the table)' if over else ''}: the Gaussian-form leakage of {named} moves by "
+            f"more than {100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the eigenvalue cutoff (rank rule) on the full "
+            "correlation of the weights is set finer: that correlation is near-singular with a continuous spectrum, so "
+            "the figure depends on how many of its smallest directions count, which the data do not fix; it is "
+            f"indicative ({caps})")
 
 
 # theta-hat's spread in the pool protocol is sigma / sqrt(2) (method.md section 3, "Pool protocol").

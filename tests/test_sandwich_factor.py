@@ -17,15 +17,16 @@ from mis_lightning.functional.correlated import RCOND, Correlation
 E = importlib.import_module("mis_lightning.estimation.estimate")
 
 
-def _sandwich(factor: bool, d: int = 24, n: int = 400, seed: int = 3):
+def _sandwich(factor: bool, d: int = 24, n: int = 400, seed: int = 3, decades: float = 6.5):
     """A synthetic sandwich whose gradient covariance has a continuous spectrum through RCOND (its
-    correlation's eigenvalues 1 .. 1e-13 over 14 directions, none beyond) and an ill-conditioned
-    Hessian (1 .. 1e-5): the case where R = corr(H^-1 V H^-1) and V keep different directions."""
+    correlation's eigenvalues 1 .. 1e-13 over 14 directions, none beyond; ``decades`` halves the
+    exponent's span) and an ill-conditioned Hessian (1 .. 1e-5): the case where R = corr(H^-1 V H^-1)
+    and V keep different directions."""
     g = torch.Generator().manual_seed(seed)
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     H = (Q * torch.logspace(0, -5, d, dtype=torch.float64)) @ Q.T
     P, _ = torch.linalg.qr(torch.randn(d, 14, generator=g, dtype=torch.float64))
-    L = P * torch.logspace(0, -6.5, 14, dtype=torch.float64)
+    L = P * torch.logspace(0, -decades, 14, dtype=torch.float64)
     G = torch.randn(n, 14, generator=g, dtype=torch.float64) @ L.T
     G = G - G.mean(0)
     gg = G.T @ G / n
@@ -76,3 +77,47 @@ def test_quantized_form_never_exceeds_the_unquantized_and_matches_the_channel_re
     assert bool((c.quadratic(w, k) <= mahal.square() * (1 + 1e-9)).all())
     # with fewer exactly observed weights than kept directions the quantized ones hide something
     assert int(f.keep(RCOND).sum()) > 5 and float(s2.sum()) < 0.99 * float(mahal[:4].square().sum())
+
+
+def test_the_cutoff_check_re_reads_the_unquantized_figure():
+    # pl46: the check re-read each quantized figure with V's rule 100x finer, capped by the
+    # unquantized figure at the rule, but not that figure itself (pl44's MLP: mean g'V+g +16% from
+    # 1e-9 to 1e-11, its leakage 0.1242 -> 0.1353, unflagged). V's correlation spectrum 1 .. 1e-13
+    # here (12 directions kept at 1e-11 against 10 at 1e-9): measured move 0.10 (0.0613 -> 0.0676); a
+    # well-conditioned one (1 .. 1e-3, nothing near the rule): 0 to rounding. Both on either side of
+    # CUTOFF_SENSITIVITY_MAX = 5% by far; with CUTOFF_CHECK_FACTOR = 1 the first assertion fails.
+    import json
+    import math
+
+    from mis_lightning.functional.cells import SQRT_2_OVER_PI
+    from mis_lightning.functional.correlated import RecordCorrelation
+    from mis_lightning.report import CUTOFF_SENSITIVITY_MAX, Report, SchemeResult
+
+    A = importlib.import_module("mis_lightning.assess")
+    n = 400.0
+
+    def check(decades: float, factor: bool = True):
+        w, mahal, corr, f = _sandwich(True, decades=decades)
+        est = type("Est", (), {"influence": w, "d": w.shape[1], "mahalanobis": mahal})()
+        at = float(A.F.saturate(SQRT_2_OVER_PI * mahal / (2 * math.sqrt(n))).mean())  # as scored
+        return A._baseline_cutoff_check(est, RecordCorrelation.full(corr, sandwich=f if factor else None), n, at)
+
+    bad, ok = check(6.5), check(1.5)
+    assert bad is not None and bad["move"] > CUTOFF_SENSITIVITY_MAX
+    assert bad["leakage_fine_cutoff"] > bad["leakage"]  # more directions kept: g'V+g only grows
+    assert ok is not None and ok["move"] < 1e-6
+    assert check(6.5, factor=False) is None  # R's own eigenspace: the rule on V is not the form's
+    # the warning names the baseline (no scheme flagged), its two values; the field through JSON
+    s = SchemeResult(name="q", leakage=0.1, mis=0.9, baseline_leakage=0.2, d_eff=1.0, d=24, zero_fraction=0.0,
+                     pinned_fraction=0.0, bits_per_weight=4.0, method="clt",
+                     cutoff_sensitivity={"leakage": 0.1, "leakage_fine_cutoff": 0.1, "move": 0.0})
+    for b, warned in ((bad, True), (ok, False)):
+        rep = Report(n=400, d=24, estimation={}, diagnostics={"baseline_cutoff_sensitivity": b}, schemes={"q": s},
+                     baseline_leakage=0.2, baseline_mis=0.8)
+        w = A._cutoff_warning(rep)
+        assert (w is not None) == warned
+        if warned:
+            assert "the unquantized baseline (" in w and f"{b['leakage_fine_cutoff']:.4g}" in w and "q (" not in w
+            assert "~ in the table" not in w  # no row is marked: the baseline is no row
+        back = Report.from_dict(json.loads(rep.to_json()))
+        assert back.diagnostics["baseline_cutoff_sensitivity"] == b
