@@ -3338,7 +3338,8 @@ class _DeficitColumns:
         live = sg > _TINY64
         self.sd_main = float(sg[live].min()) if any_set(live) else 0.0
         self.sd_pool_ratio = POOL_SIGMA_RATIO
-        self.u = torch.where(live, (self.sd_main / sg.clamp_min(_TINY64)) ** 3, torch.zeros((), dtype=torch.float64))
+        r = self.sd_main / sg.clamp_min(_TINY64)
+        self.u = torch.where(live, r * r * r, torch.zeros((), dtype=torch.float64))  # (pow(., 3): ~4x slower)
         self._by_rev: list[tuple[Tensor | None, Tensor]] = []
         self._row_sums: dict[int, Tensor] = {}
 
