@@ -1873,7 +1873,8 @@ UNIT_KAPPA_TOL = F.wide.WIDE_TOL
 # too (where the draws' own shortcuts, _position_free, find every element fixed: bitwise the same
 # sums). False: the draws' parts as for any chunk (A/B)
 UNIT_KAPPA_DRAWS = True
-# ... exactly, to the closed form's lambda (p46a): where a chunk's weights of sd > 0 all lie in the
+# ... and, where that tolerance does not settle a chunk, exactly to the closed form's lambda (p46a):
+# where a chunk's weights of sd > 0 all lie in the
 # wide-sd regime at the chunk's least sd (ParamGrid.chunk_wide_deficit: bounds at most
 # WIDE_MAX_WINDOW sd apart, err = max((1 - lam) S_max, 6 M^2 S_max) <= UNIT_KAPPA_TOL in the pool
 # protocol, S_max <= POSITION_FREE_WIDE_TOL at theta-hat where there are draws), a grid's kappa is
@@ -2969,15 +2970,17 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                 unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
                                               float(th_c.abs().max()))
                                 unit_zero = live_sd.numel() < c
+                            # the tolerance first (no column of its own), then the exact deficits
+                            unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
                             wide = None
-                            if exact_ok and bounded[j] and unit_facts[0] > 0.0:
+                            if not unit and exact_ok and bounded[j] and unit_facts[0] > 0.0:
                                 if exact_cols is None:
                                     exact_cols = _DeficitColumns(sg_c, sg_pool)
                                 wide = g.chunk_wide_deficit(a, b, (exact_cols.sd_main, unit_facts[0]), unit_facts[1])
                                 if wide is not None and not (wide[2][1] <= UNIT_KAPPA_TOL and (
                                         not prep.num_draws or wide[3][0] <= POSITION_FREE_WIDE_TOL)):
                                     wide = None
-                            unit = wide is not None or g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
+                            unit = unit or wide is not None
                             if unit:
                                 ucols = _unit_columns(g, th_c, sg_c, a, b, unit_cols) if unit_zero \
                                     else (ones, M4[0])
