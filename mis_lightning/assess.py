@@ -2945,6 +2945,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         and reader.factor is not None and not reader.factor[1])
             exact: dict[int, tuple[Tensor, Any, Tensor, Tensor]] = {}
             exact_cols: _DeficitColumns | None = None
+            unit_sums: dict[int, tuple[float, int]] = {}  # id(unit column) -> (its sum, its count below FROZEN_KAPPA)
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -3029,7 +3030,13 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             prep.kappa_pool[name][a:b] = kp_c
                             if est.d == 1:
                                 prep.lam[name][a:b], prep.lam_pool[name][a:b] = lam_c, pm.mean_abs
-                        k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
+                        if unit:  # (a unit column is shared by tensor: its sums once per chunk, the same values)
+                            key_k = id(k_c)
+                            if key_k not in unit_sums:
+                                unit_sums[key_k] = (float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum()))
+                            k_sum, k_frz = unit_sums[key_k]
+                        else:
+                            k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
                         if j in exact:  # sum_j kappa: the unit column's less the deficit's
                             k_sum -= exact_cols.deficit_sum(exact[j]) if exact_cols is not None else 0.0
                         done[j] = (k_c, m4_c, kp_c, delta, k_sum, k_frz)
@@ -3065,10 +3072,15 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             if reader.streaming and SHARE_EQUAL_COLUMNS:
                 # equal grids' columns (the same tensors) and zero columns summed once, the
                 # distinct ones stacked alone (no [c, all columns] matrix to gather from; pf30)
-                k2 = {i: K[i].square() for i in exact4}
-                lists = {2: [*K, *P, *P0], 4: [M4[i] - 3.0 * k2[i] for i in exact4] + [k2[i] for i in exact4]}
+                # kappa = 1 with m4 = 3 (the baseline's own columns, and the unit chunks' that share
+                # them): k^2 is that column itself and m4 - 3 k^2 zero, known without a pass
+                unit_pair = [sgrid is None and K[i] is ones and M4[i] is M4[0] for i in exact4]
+                k2 = {i: K[i] if up else K[i].square() for i, up in zip(exact4, unit_pair)}
+                lists = {2: [*K, *P, *P0], 4: [ones if up else M4[i] - 3.0 * k2[i] for i, up in zip(exact4, unit_pair)]
+                         + [k2[i] for i in exact4]}
                 keys = {2: [id(t) for t in (*K, *P, *P0)],
-                        4: [(id(M4[i]), id(K[i])) for i in exact4] + [id(K[i]) for i in exact4]}
+                        4: [_ZERO_COLUMN if up else (id(M4[i]), id(K[i])) for i, up in zip(exact4, unit_pair)]
+                        + [id(K[i]) for i in exact4]}
                 if sgrid is not None:
                     lists[4].append(ones)
                     keys[4].append("B")
@@ -3268,6 +3280,10 @@ SHARE_EQUAL_GRIDS = True
 SHARE_EQUAL_COLUMNS = True
 
 
+# a key of _distinct_list_sums for a column its caller knows to be zero (m4 - 3 kappa^2 at kappa 1, m4 3)
+_ZERO_COLUMN = ("zero column",)
+
+
 def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int, list[Tensor]],
                         keys: dict[int, list[Any]],
                         deficits: list[tuple[int, Any, Tensor, Tensor]] | None = None) -> dict[int, Tensor]:
@@ -3288,7 +3304,9 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
         first: dict[Any, int] = {}
         take[p], where[p] = [], []
         for t, key in zip(C, keys[p]):
-            if key not in first:
+            if key is _ZERO_COLUMN:  # (the caller knows it is zero: no scan)
+                first[key] = -1
+            elif key not in first:
                 # NaN counts as non-zero too; a non-zero element among ~256 evenly spaced ones settles
                 # it without a pass over the column (ps35: 636 count_nonzero calls of ~0.13 ms a 1e7
                 # call; the second layer's kappas are mostly 0, a few percent of them not)
@@ -3310,7 +3328,8 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
             ws.append(w)
             targets.append(m)
         rw = {2: (torch.tensor(src, dtype=torch.long), torch.stack(ws, 1))}
-    ps = reader.sums(a, b, {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p]}, row_weights=rw)
+    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p]}
+    ps = reader.sums(a, b, stacked) if rw is None else reader.sums(a, b, stacked, row_weights=rw)
     if not deficits and all(len(take[p]) == len(C) for p, C in cols.items()):
         return ps
     out = {}

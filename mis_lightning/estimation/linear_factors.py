@@ -1271,7 +1271,8 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     if not every:
         S[~live] = 0.0
     rw = None if W is None or row_weights is None else (row_weights[0], W)
-    got, bad = _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer, rw)
+    got, bad = (_even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer) if rw is None
+                else _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer, row_weights=rw))
     bad_rows = bad.any(1)
     nbad = int(bad_rows.sum())
     POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
