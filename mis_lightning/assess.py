@@ -2971,12 +2971,12 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                 unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
                                               float(th_c.abs().max()))
                                 unit_zero = live_sd.numel() < c
+                                if exact_ok and live_sd.numel():  # (theta-hat's least live sd)
+                                    exact_cols = _DeficitColumns(sg_c, float(sg_c[live].min()))
                             # the tolerance first (no column of its own), then the exact deficits
                             unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
                             wide = None
-                            if not unit and exact_ok and bounded[j] and unit_facts[0] > 0.0:
-                                if exact_cols is None:
-                                    exact_cols = _DeficitColumns(sg_c, sg_pool)
+                            if not unit and exact_cols is not None and bounded[j] and unit_facts[0] > 0.0:
                                 wide = g.chunk_wide_deficit(a, b, (exact_cols.sd_main, unit_facts[0]), unit_facts[1])
                                 if wide is not None and not (wide[2][1] <= UNIT_KAPPA_TOL and (
                                         not prep.num_draws or wide[3][0] <= POSITION_FREE_WIDE_TOL)):
@@ -3356,14 +3356,21 @@ class _DeficitColumns:
     narrower than a row ``u C3 / C3_max``: the same tensor for the same set (the power sums sum it
     once)."""
 
-    def __init__(self, sg: Tensor, sg_pool: Tensor) -> None:
-        live = sg > _TINY64
-        self.sd_main = float(sg[live].min()) if any_set(live) else 0.0
+    def __init__(self, sg: Tensor, sd_main: float) -> None:
+        self.sg, self.sd_main = sg, sd_main
         self.sd_pool_ratio = POOL_SIGMA_RATIO
-        r = self.sd_main / sg.clamp_min(_TINY64)
-        self.u = torch.where(live, r * r * r, torch.zeros((), dtype=torch.float64))  # (pow(., 3): ~4x slower)
+        self._u: Tensor | None = None
         self._by_rev: list[tuple[Tensor | None, Tensor]] = []
         self._row_sums: dict[int, Tensor] = {}
+
+    @property
+    def u(self) -> Tensor:
+        """``(sd_main / sigma)^3`` on the weights of sd > 0, else 0 (computed at first use: a chunk
+        none of whose grids qualifies never builds it)."""
+        if self._u is None:
+            r = self.sd_main / self.sg.clamp_min(_TINY64)
+            self._u = torch.where(self.sg > _TINY64, r * r * r, torch.zeros((), dtype=torch.float64))  # (pow: ~4x slower)
+        return self._u
 
     def _unrevealed(self, rev: Tensor | None) -> Tensor:
         for r, u in self._by_rev:
