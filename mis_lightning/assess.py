@@ -2971,8 +2971,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                 unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
                                               float(th_c.abs().max()))
                                 unit_zero = live_sd.numel() < c
-                                if exact_ok and live_sd.numel():  # (theta-hat's least live sd)
-                                    exact_cols = _DeficitColumns(sg_c, float(sg_c[live].min()))
+                                if exact_ok and live_sd.numel():
+                                    # theta-hat's least live sd, from below (a smaller sd only makes
+                                    # lam smaller and err larger: the conservative side)
+                                    exact_cols = _DeficitColumns(sg_c, unit_facts[0] * POOL_SIGMA_RATIO * (1.0 - 1e-12))
                             # the tolerance first (no column of its own), then the exact deficits
                             unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
                             wide = None

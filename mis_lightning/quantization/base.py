@@ -257,7 +257,7 @@ WIDE_CUBE_BLOCKS = True
 # only full calls keep it (pf40, A/B)
 CUBE_KEPT_KAPPA_ONLY = True
 _FACT_SLOTS = 4
-_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": []}
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": [], "blocks": []}
 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
@@ -1499,6 +1499,21 @@ class ParamGrid:
                 or (self.kind == "table" and (self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES
                                               or not bool(torch.isfinite(self.values).all()))):
             return None
+        # (the chunk's next call, chunk_wide_deficit after chunk_deficit_bound, reads the same facts)
+        src = (*self.support, self.scale, self.zero_point, self.values)
+        extra = (start, end, theta_max, self.kind, self.qmin, self.qmax, self.block_size)
+        if REUSE_CHUNK_FACTS:
+            hit = _fact_get("blocks", src, extra)
+            if hit is not None:
+                return hit[0]
+        out = self._block_facts(start, end, theta_max)
+        if REUSE_CHUNK_FACTS:
+            _fact_put("blocks", src, extra, (out,))
+        return out
+
+    def _block_facts(self, start: int, end: int, theta_max: float) -> tuple[Tensor, float, float, float] | None:
+        """:meth:`_bounded_blocks` computed (its checks of the grid passed)."""
+        assert self.support is not None
 
         def rows(t: Tensor | None) -> Tensor:
             if t is None:  # (a zero point of None: zeros, as _elem expands it)
