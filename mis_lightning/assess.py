@@ -1895,6 +1895,23 @@ UNIT_KAPPA_TOL = F.wide.WIDE_TOL
 # too (where the draws' own shortcuts, _position_free, find every element fixed: bitwise the same
 # sums). False: the draws' parts as for any chunk (A/B)
 UNIT_KAPPA_DRAWS = True
+# ... and, where that tolerance does not settle a chunk, exactly to the closed form's lambda (p46a):
+# where a chunk's weights of sd > 0 all lie in the
+# wide-sd regime at the chunk's least sd (ParamGrid.chunk_wide_deficit: bounds at most
+# WIDE_MAX_WINDOW sd apart, err = max((1 - lam) S_max, 6 M^2 S_max) <= UNIT_KAPPA_TOL in the pool
+# protocol, S_max <= POSITION_FREE_WIDE_TOL at theta-hat where there are draws), a grid's kappa is
+# the unit column less lam phi(0) C3_block / (12 sigma^3) on its live, unrevealed weights: at least
+# the exact kappa (the conservative side) and within err of it, with the deficit kept (the 1e7
+# MLP's first layer: ~1e-9 on int4 / g32 / float8, which UNIT_KAPPA_TOL alone cannot drop). Every
+# such column is a per-block scaling of one column (sigma_min / sigma)^3 per revealed set: per-row
+# blocks share it, their C3 as row weights in the power sums' contraction over the outputs
+# (linear_factors.factored_power_sums' row_weights), the pool protocol its scaling by
+# POOL_SIGMA_RATIO^3; other blocks (g32) fold C3 into one column of their own. Factored weights'
+# streamed sums only (a scheme whose fourth-power sums the baseline's bound replaces); the draws
+# keep the main kappa (as _position_free's shortcut). The power sums subtract the deficits' sums
+# from the unit column's (method.md section 5, "Unit-kappa chunks"). False: p45a's unit columns
+# at UNIT_KAPPA_TOL and the paths (A/B)
+UNIT_KAPPA_EXACT = True
 
 
 def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme, draws: int,
@@ -2733,10 +2750,15 @@ class _InfluenceReader:
         d = self.factor[0].d[:, a // self.unit: b // self.unit]
         return int(d.ne(0).any(0).sum()) / max(d.shape[1], 1)
 
-    def sums(self, a: int, b: int, columns: Mapping[int, Tensor], rows: Tensor | None = None) -> dict[int, Tensor]:
+    def sums(self, a: int, b: int, columns: Mapping[int, Tensor], rows: Tensor | None = None,
+             row_weights: Mapping[int, tuple[Tensor, Tensor]] | None = None) -> dict[int, Tensor]:
         """``{p: [R, M]}`` over elements ``a:b`` (``rows``: only these rows of ``unit`` elements,
-        relative to ``a``; the columns then hold those rows' elements only)."""
+        relative to ``a``; the columns then hold those rows' elements only). ``row_weights``: per
+        power, ``linear_factors.factored_power_sums``' row-weighted columns (``[R, M + K]``; a
+        factored weight's whole rows)."""
         est, u = self.est, self.unit
+        if row_weights:
+            assert self.factor is not None and not self.factor[1] and rows is None
         if rows is None:
             sel: slice | Tensor = slice(a, b)
             elem = None
@@ -2752,7 +2774,9 @@ class _InfluenceReader:
         gm, vd = est._centring(self.name, sel)
         out_rows = slice(a // u, b // u) if rows is None else a // u + rows
         part = dataclasses.replace(fac, d=fac.d[:, out_rows])
-        return {p: self._fps(part, gm, vd, c, p, bias=bias, cache=self.cache) for p, c in columns.items()}
+        return {p: self._fps(part, gm, vd, c, p, bias=bias, cache=self.cache,
+                             row_weights=None if row_weights is None else row_weights.get(p))
+                for p, c in columns.items()}
 
 
 # Streamed schemes' fourth-power sums replaced by the baseline's bound where it suffices
@@ -2937,6 +2961,13 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             unit_facts: tuple[float, float] | None = None
             unit_zero = False  # (some sd-0 element in the chunk)
             unit_cols: list[tuple[Tensor, Tensor, Tensor]] = []  # (point masses, kappa, m4) columns
+            # the exact unit-kappa chunks (UNIT_KAPPA_EXACT): per scheme (deficit column, its key,
+            # row weights at theta-hat and in the pool protocol); the chunk's deficit columns so far
+            exact_ok = (UNIT_KAPPA_EXACT and unit_ok and not keep and SHARE_EQUAL_COLUMNS
+                        and reader.factor is not None and not reader.factor[1])
+            exact: dict[int, tuple[Tensor, Any, Tensor, Tensor]] = {}
+            exact_cols: _DeficitColumns | None = None
+            unit_sums: dict[int, tuple[float, int]] = {}  # id(unit column) -> (its sum, its count below FROZEN_KAPPA)
             state: dict[int, tuple] = {}  # per scheme kept (keep4): the moments state right after its main moments
             for j, prep in enumerate(active):
                 k_c = m4_c = kp_c = None
@@ -2944,6 +2975,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 shared = done.get(lead[j]) if prep.failed is None else None
                 if shared is not None:  # an equal grid (same_cells) computed it: bitwise the same
                     k_c, m4_c, kp_c, delta, k_sum, k_frz = shared
+                    if lead[j] in exact:
+                        exact[j] = exact[lead[j]]
                     if keep:
                         _keep_chunk(est, prep, active[lead[j]], name, a, b)
                 elif prep.failed is None:
@@ -2960,11 +2993,26 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                 unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
                                               float(th_c.abs().max()))
                                 unit_zero = live_sd.numel() < c
+                                if exact_ok and live_sd.numel():
+                                    # theta-hat's least live sd, from below (a smaller sd only makes
+                                    # lam smaller and err larger: the conservative side)
+                                    exact_cols = _DeficitColumns(sg_c, unit_facts[0] * POOL_SIGMA_RATIO * (1.0 - 1e-12))
+                            # the tolerance first (no column of its own), then the exact deficits
                             unit = g.chunk_deficit_bound(a, b, *unit_facts) <= UNIT_KAPPA_TOL
+                            wide = None
+                            if not unit and exact_cols is not None and bounded[j] and unit_facts[0] > 0.0:
+                                wide = g.chunk_wide_deficit(a, b, (exact_cols.sd_main, unit_facts[0]), unit_facts[1])
+                                if wide is not None and not (wide[2][1] <= UNIT_KAPPA_TOL and (
+                                        not prep.num_draws or wide[3][0] <= POSITION_FREE_WIDE_TOL)):
+                                    wide = None
+                            unit = unit or wide is not None
                             if unit:
                                 ucols = _unit_columns(g, th_c, sg_c, a, b, unit_cols) if unit_zero \
                                     else (ones, M4[0])
                                 unit = ucols is not None
+                            if unit and wide is not None:
+                                assert exact_cols is not None
+                                exact[j] = exact_cols.of(g, a, b, wide)
                         if unit:  # kappa = 1, m4 = 3 within UNIT_KAPPA_TOL, point masses 0
                             assert ucols is not None
                             k_c, m4_c = ucols
@@ -2985,7 +3033,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             x = xi_on_sample[:rows] if xi is None else xi[:rows]
                             if g.rounding != "nearest":  # the Monte Carlo moments are held in every draw
                                 kd, ld = k_c.expand(prep.num_draws, c), lam_c.expand(prep.num_draws, c)
-                            elif unit and UNIT_KAPPA_DRAWS:  # the bound holds at every position: no move
+                            elif unit and (UNIT_KAPPA_DRAWS or j in exact):  # the bound holds at every position: no move
                                 kd = k_c.expand(prep.num_draws, c)
                             elif sample is not None and prep.num_draws >= BUILT_DRAWS_MIN:
                                 basis, mix, grp = _sampled_draw_parts(g, th_c, sg_c, a, b, k_c, x, prep.num_draws,
@@ -3006,13 +3054,22 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             prep.kappa_pool[name][a:b] = kp_c
                             if est.d == 1:
                                 prep.lam[name][a:b], prep.lam_pool[name][a:b] = lam_c, pm.mean_abs
-                        k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
+                        if unit:  # (a unit column is shared by tensor: its sums once per chunk, the same values)
+                            key_k = id(k_c)
+                            if key_k not in unit_sums:
+                                unit_sums[key_k] = (float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum()))
+                            k_sum, k_frz = unit_sums[key_k]
+                        else:
+                            k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
+                        if j in exact:  # sum_j kappa: the unit column's less the deficit's
+                            k_sum -= exact_cols.deficit_sum(exact[j]) if exact_cols is not None else 0.0
                         done[j] = (k_c, m4_c, kp_c, delta, k_sum, k_frz)
                     except Exception as exc:
                         if strict:
                             raise
                         # Keep the column layout (kappa = 1); the scheme is reported as failed.
                         prep.failed = f"{type(exc).__name__} in the cell moments of {name!r}: {exc}"
+                        exact.pop(j, None)
                 if prep.failed is not None:
                     k_c, m4_c, kp_c, delta = ones, M4[0] if sgrid is None else torch.full((c,), 3.0, dtype=torch.float64), ones, None
                     k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
@@ -3039,14 +3096,22 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             if reader.streaming and SHARE_EQUAL_COLUMNS:
                 # equal grids' columns (the same tensors) and zero columns summed once, the
                 # distinct ones stacked alone (no [c, all columns] matrix to gather from; pf30)
-                k2 = {i: K[i].square() for i in exact4}
-                lists = {2: [*K, *P, *P0], 4: [M4[i] - 3.0 * k2[i] for i in exact4] + [k2[i] for i in exact4]}
+                # kappa = 1 with m4 = 3 (the baseline's own columns, and the unit chunks' that share
+                # them): k^2 is that column itself and m4 - 3 k^2 zero, known without a pass
+                unit_pair = [sgrid is None and K[i] is ones and M4[i] is M4[0] for i in exact4]
+                k2 = {i: K[i] if up else K[i].square() for i, up in zip(exact4, unit_pair)}
+                lists = {2: [*K, *P, *P0], 4: [ones if up else M4[i] - 3.0 * k2[i] for i, up in zip(exact4, unit_pair)]
+                         + [k2[i] for i in exact4]}
                 keys = {2: [id(t) for t in (*K, *P, *P0)],
-                        4: [(id(M4[i]), id(K[i])) for i in exact4] + [id(K[i]) for i in exact4]}
+                        4: [_ZERO_COLUMN if up else (id(M4[i]), id(K[i])) for i, up in zip(exact4, unit_pair)]
+                        + [id(K[i]) for i in exact4]}
                 if sgrid is not None:
                     lists[4].append(ones)
                     keys[4].append("B")
-                ps = _distinct_list_sums(reader, a, b, lists, keys)
+                # the exact unit chunks' deficits: subtracted from their main (1 + j) and pool (nm + j) columns
+                deficits = [(col, key, u, w) for j, (u, key, w_main, w_pool) in exact.items()
+                            for col, w in ((1 + j, w_main), (nm + j, w_pool))]
+                ps = _distinct_list_sums(reader, a, b, lists, keys, deficits)
             else:
                 Km = torch.stack(K, 1)
                 K4 = Km[:, exact4] if len(exact4) < nm else Km
@@ -3239,21 +3304,33 @@ SHARE_EQUAL_GRIDS = True
 SHARE_EQUAL_COLUMNS = True
 
 
+# a key of _distinct_list_sums for a column its caller knows to be zero (m4 - 3 kappa^2 at kappa 1, m4 3)
+_ZERO_COLUMN = ("zero column",)
+
+
 def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int, list[Tensor]],
-                        keys: dict[int, list[Any]]) -> dict[int, Tensor]:
+                        keys: dict[int, list[Any]],
+                        deficits: list[tuple[int, Any, Tensor, Tensor]] | None = None) -> dict[int, Tensor]:
     """``reader.sums(a, b, {p: torch.stack(cols[p], 1)})`` (``{p: [R, M]}``, ``cols[p]`` the
     ``[c]`` columns) from the distinct non-zero columns only: ``keys[p][m]`` identifies what
     column ``m`` is computed from (equal keys: bitwise-equal columns); a column with no non-zero
     element sums to exactly 0 (finite influences, as ``score_schemes`` checks). Only those
     columns are stacked, in order of first use (pf30: no matrix of every column to gather
-    them from; the same matrix reaches ``reader.sums`` as before, so bitwise the same sums)."""
+    them from; the same matrix reaches ``reader.sums`` as before, so bitwise the same sums).
+
+    ``deficits``: ``(m, key, u, W)`` entries (:data:`UNIT_KAPPA_EXACT`): the power-2 column ``m``'s
+    sums less those of ``u [c] >= 0`` weighted by ``W [rows]`` per output row (a factored weight;
+    ``key`` identifies ``u``: each distinct ``u`` one more GEMM column, every ``W`` on it a
+    row-weighted column of ``linear_factors.factored_power_sums``)."""
     take: dict[int, list[Tensor]] = {}
     where: dict[int, list[int]] = {}
     for p, C in cols.items():
         first: dict[Any, int] = {}
         take[p], where[p] = [], []
         for t, key in zip(C, keys[p]):
-            if key not in first:
+            if key is _ZERO_COLUMN:  # (the caller knows it is zero: no scan)
+                first[key] = -1
+            elif key not in first:
                 # NaN counts as non-zero too; a non-zero element among ~256 evenly spaced ones settles
                 # it without a pass over the column (ps35: 636 count_nonzero calls of ~0.13 ms a 1e7
                 # call; the second layer's kappas are mostly 0, a few percent of them not)
@@ -3262,8 +3339,22 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
                 if first[key] >= 0:
                     take[p].append(t)
             where[p].append(first[key])
-    ps = reader.sums(a, b, {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p]})
-    if all(len(take[p]) == len(C) for p, C in cols.items()):
+    rw = None
+    if deficits:
+        plain = len(take[2])
+        first_u: dict[Any, int] = {}
+        src, ws, targets = [], [], []
+        for m, key, u, w in deficits:
+            if key not in first_u:
+                first_u[key] = len(take[2])
+                take[2].append(u)
+            src.append(first_u[key])
+            ws.append(w)
+            targets.append(m)
+        rw = {2: (torch.tensor(src, dtype=torch.long), torch.stack(ws, 1))}
+    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p]}
+    ps = reader.sums(a, b, stacked) if rw is None else reader.sums(a, b, stacked, row_weights=rw)
+    if not deficits and all(len(take[p]) == len(C) for p, C in cols.items()):
         return ps
     out = {}
     for p, C in cols.items():
@@ -3272,7 +3363,77 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
         if live:
             full[:, live] = ps[p][:, [where[p][m] for m in live]]
         out[p] = full
+    if deficits:
+        extra = ps[2][:, plain + len(first_u):]
+        for k, m in enumerate(targets):
+            out[2][:, m] -= extra[:, k]
     return out
+
+
+_PHI0_12 = 1.0 / (12.0 * math.sqrt(2.0 * math.pi))  # phi(0) / 12
+
+
+class _DeficitColumns:
+    """A chunk's deficit columns (:data:`UNIT_KAPPA_EXACT`): ``u = (sd_main / sigma)^3`` on the
+    weights of sd > 0 (``sd_main`` their least sd at theta-hat; ``[c]`` float64 in ``(0, 1]``), 0
+    elsewhere, one copy per revealed set (0 on its revealed weights too), and per grid with blocks
+    narrower than a row ``u C3 / C3_max``: the same tensor for the same set (the power sums sum it
+    once)."""
+
+    def __init__(self, sg: Tensor, sd_main: float) -> None:
+        self.sg, self.sd_main = sg, sd_main
+        self.sd_pool_ratio = POOL_SIGMA_RATIO
+        self._u: Tensor | None = None
+        self._by_rev: list[tuple[Tensor | None, Tensor]] = []
+        self._row_sums: dict[int, Tensor] = {}
+
+    @property
+    def u(self) -> Tensor:
+        """``(sd_main / sigma)^3`` on the weights of sd > 0, else 0 (computed at first use: a chunk
+        none of whose grids qualifies never builds it)."""
+        if self._u is None:
+            r = self.sd_main / self.sg.clamp_min(_TINY64)
+            self._u = torch.where(self.sg > _TINY64, r * r * r, torch.zeros((), dtype=torch.float64))  # (pow: ~4x slower)
+        return self._u
+
+    def _unrevealed(self, rev: Tensor | None) -> Tensor:
+        for r, u in self._by_rev:
+            if (r is None and rev is None) or (r is not None and rev is not None and torch.equal(r, rev)):
+                return u
+        u = self.u if rev is None else self.u.masked_fill(rev, 0.0)
+        self._by_rev.append((rev, u))
+        return u
+
+    def of(self, g: ParamGrid, a: int, b: int, wide: tuple[Tensor, list[float], list[float], list[float]]
+           ) -> tuple[Tensor, Any, Tensor, Tensor]:
+        """``(u, key, W_main [rows], W_pool [rows])`` of grid ``g`` on elements ``a:b`` (whole rows of
+        the ``[out, in]`` weight) from :meth:`ParamGrid.chunk_wide_deficit`'s ``(C3, lam, err,
+        S_max)`` at ``(sd_main, pool sd)``: the deficit ``lam phi(0) C3 / (12 sigma^3)`` of weight
+        ``(o, i)`` is ``W[o] u_oi``."""
+        cube, lams, _, _ = wide
+        rev = None if g.revealed is None else g.revealed.reshape(-1)[a:b].to(torch.bool)
+        if rev is not None and not any_set(rev):
+            rev = None
+        u = self._unrevealed(rev)
+        unit = self.sd_main ** 3
+        rows = cube.shape[0]
+        if cube.shape[1] == 1:  # one block per output row: C3 in the row weights
+            c3 = cube[:, 0]
+        else:  # narrower blocks: C3 / C3_max folded into a column of this grid's own
+            c3_max = float(cube.max())
+            u = u * _qbase._rows_to_elements(cube / c3_max, g.block_size, g.shape, a, b)
+            c3 = torch.full((rows,), c3_max, dtype=torch.float64)
+        w_main = (lams[0] * _PHI0_12 / unit) * c3
+        w_pool = (lams[1] * _PHI0_12 * self.sd_pool_ratio ** 3 / unit) * c3
+        return u, id(u), w_main, w_pool
+
+    def deficit_sum(self, entry: tuple[Tensor, Any, Tensor, Tensor]) -> float:
+        """``sum_j`` of the deficit at theta-hat (the kappa column's sum less the unit column's)."""
+        u, key, w_main, _ = entry
+        rs = self._row_sums.get(key)
+        if rs is None:
+            rs = self._row_sums[key] = u.reshape(w_main.shape[0], -1).sum(1)
+        return float(rs @ w_main)
 
 
 # A factored weight's main and pool columns, where at most COLUMN_MAJOR_ROWS of the chunk's output

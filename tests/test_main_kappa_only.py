@@ -128,13 +128,15 @@ def test_the_pool_call_reads_a_kappa_only_main_calls_cube(monkeypatch, cube):
 _DRAW_PARTS = {fn: getattr(A, fn) for fn in ("_draw_parts", "_sampled_draw_parts")}
 
 
-def _joint(monkeypatch, unit: bool, scale: float, zero_sd: int = 0):
+def _joint(monkeypatch, unit: bool, scale: float, zero_sd: int = 0, exact: bool = False):
     """The factored small MLP's joint-pass sums with every sd times ``scale`` (``zero_sd``: the
     first parameter's first that many weights at sd 0), and the number of cell-moment calls of
-    the schemes' grids at the chunks' own sd (the main calls) and of the draws' evaluations."""
+    the schemes' grids at the chunks' own sd (the main calls) and of the draws' evaluations.
+    ``exact``: ``UNIT_KAPPA_EXACT`` (off: p45a's unit columns at ``UNIT_KAPPA_TOL``)."""
     from test_scoring_pass import _prepared
 
     monkeypatch.setattr(A, "UNIT_KAPPA", unit)
+    monkeypatch.setattr(A, "UNIT_KAPPA_EXACT", exact)
     monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (kept fourth-power columns: every field computed)
     model, est = _estimate("factored")
     for name in est.names:
@@ -203,3 +205,41 @@ def test_unit_kappa_chunks_take_the_baseline_columns(monkeypatch):
     for x, y in zip(a[names[0]], b[names[0]]):
         torch.testing.assert_close(x.s2, y.s2, rtol=A.UNIT_KAPPA_TOL + 1e-12, atol=1e-300)
     assert not torch.equal(a[names[0]][1].s2, a[names[0]][0].s2)  # (point masses: kappa 0, not 1)
+
+
+def test_exact_unit_chunks_keep_the_deficit(monkeypatch):
+    """``UNIT_KAPPA_EXACT`` (p46a), self-checks off, float64 sums (only the kappas move): with every
+    sd 3e4 times the estimate's (deficits up to 2e-7 of a sum, far above ``UNIT_KAPPA_TOL``) the
+    exact path takes chunks the tolerance cannot (fewer main calls and draw evaluations), and every
+    sum is within 1e-12 relative of the evaluated kappas' (measured 8.5e-15: float64 rounding plus
+    ``(1 - lam)`` of the deficits, ``M < 1e-3`` sd here) and not below them beyond rounding (the
+    conservative side); dropping the deficit (kappa 1), a wrong ``C3`` row or the pool's
+    ``sqrt(2)^3`` fail by orders of magnitude. Half the first layer at sd 0 (point masses): the
+    same within the same tolerance. The default float32 sums (the row-weighted columns' path)
+    stay within their stated ``POWER_SUMS_F32_RTOL``."""
+    import mis_lightning.estimation.linear_factors as lf
+    from mis_lightning.functional import fastpath
+
+    monkeypatch.setattr(fastpath.GUARD, "sample_size", lambda *a, **k: 0)
+    f32 = lf.POWER_SUMS_F32
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset())
+    for zero_sd in (0, 768):
+        new, names, n_new = _joint(monkeypatch, True, 3e4, zero_sd=zero_sd, exact=True)
+        old, _, n_old = _joint(monkeypatch, False, 3e4, zero_sd=zero_sd)
+        if zero_sd == 0:
+            _, _, n_unit = _joint(monkeypatch, True, 3e4, exact=False)
+            assert n_new[0] < n_unit[0] < n_old[0] and n_new[1] < n_unit[1]
+        deficit = 0.0
+        for name in names:
+            for got, ref in zip(new[name], old[name]):
+                torch.testing.assert_close(got.s2, ref.s2, rtol=1e-12, atol=1e-300)
+                assert bool((got.s2 >= ref.s2 * (1 - 1e-14)).all())
+            deficit = max(deficit, max(float(((r.s2 - old[name][0].s2) / old[name][0].s2).abs().max())
+                                       for r in old[name][1:]))
+        assert deficit > 1e-9
+    monkeypatch.setattr(lf, "POWER_SUMS_F32", f32)
+    new, names, _ = _joint(monkeypatch, True, 3e4, exact=True)
+    old, _, _ = _joint(monkeypatch, False, 3e4)
+    for name in names:
+        for got, ref in zip(new[name], old[name]):
+            torch.testing.assert_close(got.s2, ref.s2, rtol=lf.POWER_SUMS_F32_RTOL, atol=1e-300)

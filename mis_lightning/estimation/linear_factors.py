@@ -962,7 +962,8 @@ def _leading_max(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, power: int,
                          rtol: float, cache: PowerCache | None = None,
-                         keep: Tensor | None = None, layer: tuple[int, Tensor, Tensor] | None = None
+                         keep: Tensor | None = None, layer: tuple[int, Tensor, Tensor] | None = None,
+                         row_weights: tuple[Tensor, Tensor] | None = None,
                          ) -> tuple[Tensor, Tensor]:
     """``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` ``[R, M]`` (``p`` even) with the binomial terms' GEMMs
     in float32, and ``[R, M]`` the entries where the run-time error bound exceeds ``rtol`` relative,
@@ -989,7 +990,13 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
 
     ``layer``: ``(out, d's scale, gb's scale)`` of the whole layer where ``fac.d``, ``gb`` and ``S``
     hold some of its output rows only (:data:`SKIP_DEAD_ROWS`: the others' ``S`` is 0): the bound's
-    ``out`` and the power-of-two scales are the layer's, as without the restriction."""
+    ``out`` and the power-of-two scales are the layer's, as without the restriction.
+
+    ``row_weights``: ``(src [K] int64, W [out, K] float64 >= 0)`` (rows as ``S``'s before ``keep``):
+    ``K`` more sums, column ``M + k`` that of the column ``S[:, :, src_k] * W[:, k, None]``, from
+    the GEMM over ``in`` of column ``src_k`` (:func:`factored_power_sums`); ``g0 [M + K]``. Their
+    contraction over the outputs is a float32 GEMM ``(d^a t_m) W`` (``W`` rounded to float32 and
+    one more product: two roundings more in ``eps``, underflow ``10 in out 2^-126`` per term)."""
     out_f, in_f = S.shape[0], S.shape[1]
     x, d = fac.x, fac.d
     # powers of two (exact rescalings): x, d and gb into [-1, 1], S per column into [0, 1]
@@ -998,9 +1005,19 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     if layer is not None:
         out_f, sd, sg = layer
     sS = _pow2_scale(S, (0, 1))  # [1, 1, M]; S >= 0
+    Wr = None if row_weights is None or row_weights[0].numel() == 0 else row_weights[1]
     if keep is not None:  # after the scales: a silent row's gb and S still set them
         d, S, gb = d[:, keep], S[keep], gb[keep]
+        Wr = None if Wr is None else Wr[keep]
     rows, M, R = S.shape[0], S.shape[-1], d.shape[0]
+    src: list[int] = [] if Wr is None or row_weights is None else [int(m) for m in row_weights[0].tolist()]
+    K = len(src)
+    if Wr is not None:  # W into [0, 1] per column by powers of two (exact); float32 for its GEMM
+        sW = _pow2_scale(Wr, (0,)) if Wr.numel() else torch.ones(1, K, dtype=torch.float64)
+        W32 = (Wr / sW).to(torch.float32)
+        by_src: dict[int, list[int]] = {}
+        for k, m in enumerate(src):
+            by_src.setdefault(m, []).append(k)
     skinny = SKINNY_GEMM_TRANSPOSED and rows * M <= SKINNY_GEMM_COLUMNS
     # the GEMM's operand without a copy per term: [in, out, M] (x^a @ [in, out * M]), or skinny
     # [out, M, in] ([out * M, in] @ (x^a)^T: the transposed product, SKINNY_GEMM_TRANSPOSED)
@@ -1011,6 +1028,11 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     ds, gs = d / sd, gb / sg  # [R, out], [out, in]
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
+    col_scale = sS.reshape(1, -1)
+    if K:  # the row-weighted columns: S's scale times W's, two roundings more
+        col_scale = torch.cat([col_scale, sS.reshape(-1)[src].reshape(1, -1) * sW], 1)
+        under = torch.cat([under, 10.0 * in_f * out_f * _TINY32 * col_scale[:, M:]], 1)
+        eps = torch.tensor([eps] * M + [eps + 2.0 * _U32] * K, dtype=torch.float64).reshape(1, -1)
     total = g0.unsqueeze(0).expand(R, -1).clone()
     u_sum = torch.zeros_like(total)
     tp = total
@@ -1026,11 +1048,22 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
             t = torch.mul(t, ds.T.pow(a).to(torch.float32).unsqueeze(1),
                           out=cache.scratch("dt32", (rows, M, R), torch.float32, S.device))
             ta = t.sum(0).T.to(torch.float64, memory_format=torch.contiguous_format)
+            if K:  # sum_o (d^a t)_(o, m, r) W_ok: [K_m, out] @ [out, R] per source column
+                tw = torch.empty(R, K, dtype=torch.float64)
+                for m, ks in by_src.items():
+                    tw[:, ks] = torch.mm(W32[:, ks].T, t[:, m, :]).T.to(torch.float64)
+                ta = torch.cat([ta, tw], 1)
         else:
             t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
-            ta = torch.einsum("ro,rom->rm", ds.pow(a).to(torch.float32), t).to(torch.float64)
+            da = ds.pow(a).to(torch.float32)
+            ta = torch.einsum("ro,rom->rm", da, t).to(torch.float64)
+            if K:  # sum_o d_ro^a t_rom W_ok: [R, out] @ [out, K_m] per source column
+                tw = torch.empty(R, K, dtype=torch.float64)
+                for m, ks in by_src.items():
+                    tw[:, ks] = torch.mm(t[:, :, m] * da, W32[:, ks]).to(torch.float64)
+                ta = torch.cat([ta, tw], 1)
         scale = sg.pow(power - a) * (sx * sd).pow(a)
-        ta = ta * (sS.reshape(1, -1) * scale)
+        ta = ta * (col_scale * scale)
         total = total + coef * ta
         u_sum = u_sum + math.comb(power, a) * under * scale
         tp = ta
@@ -1038,12 +1071,22 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     gp = g0.clamp_min(0.0).unsqueeze(0)
     err = eps * ((tpp.pow(1.0 / power) + gp.pow(1.0 / power)).pow(power) - gp).clamp_min(0.0) + u_sum
     ok = torch.isfinite(total) & (err * (1.0 + rtol) <= rtol * total.clamp_min(0.0))
+    if K and Wr is not None:  # a row-weighted column of zero weights: exact zeros (each product 0)
+        ok[:, M:] |= (Wr == 0).all(0)
     return total, ~ok
+
+
+def _with_row_weights(A: Tensor, row_weights: tuple[Tensor, Tensor], in_f: int) -> Tensor:
+    """``[numel, M + K]``: ``A`` and its row-weighted columns ``A[:, src_k] * W[o(j), k]`` (the
+    rows ``o`` of ``in_f`` elements), materialized (what :func:`factored_power_sums`' ``row_weights``
+    stand for)."""
+    src, W = row_weights
+    return torch.cat([A, A[:, src] * W.repeat_interleave(in_f, 0)], 1)
 
 
 def factored_power_sums(
     fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, A: Tensor, power: int, bias: bool = False,
-    cache: PowerCache | None = None,
+    cache: PowerCache | None = None, row_weights: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``[R, M]`` sums ``sum_j w_rj^power A_jm`` for one parameter of a Linear layer.
 
@@ -1058,12 +1101,30 @@ def factored_power_sums(
     float32"; :func:`_even_power_sums_f32`); a bias's sums are float64. ``cache``: the layer's
     :class:`PowerCache` where the caller makes several calls on the same factors (bitwise the
     same sums).
+
+    ``row_weights``: ``(src [K] int64, W [out, K] float64)``, ``W >= 0`` finite (a weight's sums
+    only): ``K`` more columns, ``[R, M + K]`` in all, column ``M + k`` the sums of
+    ``A[:, src_k] * W[o, k]`` (``o`` the element's output row; :func:`_with_row_weights`). On the
+    float32 path they share the GEMM over the inputs with column ``src_k`` and differ only in the
+    contraction over the outputs (the unit-kappa chunks' deficits, ``assess.UNIT_KAPPA_EXACT``:
+    one column ``sigma^-3`` for every per-row scheme, its ``C3`` per row in ``W``), each entry
+    within the same run-time bound (two roundings more) or summed in float64; elsewhere the
+    columns are materialized.
     """
     out_f, in_f = fac.d.shape[1], fac.x.shape[1]
     M = A.shape[1]
     # Columns in groups: the [out, in, cols] and [R, out, cols] temporaries stay near
     # COLUMN_BUDGET floats whatever the number of columns (schemes x bootstrap draws).
     cols = max(1, COLUMN_BUDGET // max(A.shape[0], fac.d.shape[0] * out_f, 1))
+    if row_weights is not None and row_weights[0].numel() == 0:
+        row_weights = None
+    if row_weights is not None and (bias or not F32_ON_LIVE_ROWS or power not in POWER_SUMS_F32
+                                    or fac.x.dtype != torch.float64 or M + row_weights[0].numel() > cols
+                                    or not (A.numel() and bool(A.amin() >= 0))
+                                    or not bool((row_weights[1] >= 0).all())):
+        # (the float32 path's shared GEMM only: elsewhere the same sums of materialized columns)
+        A, row_weights = _with_row_weights(A, row_weights, in_f), None
+        M = A.shape[1]
     if M > cols:
         return torch.cat([factored_power_sums(fac, g_mean, v_diag, A[:, c : c + cols], power, bias, cache)
                           for c in range(0, M, cols)], dim=1)
@@ -1086,13 +1147,16 @@ def factored_power_sums(
             g_mean = g_mean.reshape(out_f, in_f)[ri].reshape(-1)
             v_diag = v_diag.reshape(out_f, in_f)[ri].reshape(-1)
             A = A.reshape(out_f, in_f, M)[ri].reshape(-1, M)
+            if row_weights is not None:
+                row_weights = (row_weights[0], row_weights[1][ri])
             live = v_diag > V_NONE
             out_f = ri.numel()
     cache = cache or _no_cache()
     vp = v_diag.clamp_min(V_NONE).pow(power / 2).unsqueeze(-1)
     if (F32_ON_LIVE_ROWS and not bias and power in POWER_SUMS_F32 and fac.x.dtype == torch.float64
             and A.numel() and bool(A.amin() >= 0)):
-        return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache)
+        return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache, row_weights)
+    assert row_weights is None  # (materialized above where the path below would take them)
     scaled = torch.div(A, vp, out=cache.scratch("scaled", tuple(A.shape), torch.result_type(A, vp), A.device))  # [numel, M]
     if not bool(live.all()):  # torch.where(live, scaled, 0) on the dead rows alone (bitwise)
         scaled[~live] = 0.0
@@ -1158,7 +1222,8 @@ def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int
 
 
 def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int,
-                       out_f: int, in_f: int, layer: tuple[int, Tensor, Tensor] | None, cache: PowerCache) -> Tensor:
+                       out_f: int, in_f: int, layer: tuple[int, Tensor, Tensor] | None, cache: PowerCache,
+                       row_weights: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """:func:`factored_power_sums` of a weight's columns ``A >= 0`` ``[out * in, M]`` in float32
     (:func:`_even_power_sums_f32`, its float64 fallback per record) with the element-wise work
     over the output rows whose ``d`` is not 0 on every record only (:data:`F32_ON_LIVE_ROWS`):
@@ -1172,11 +1237,16 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     bitwise the same; ``G`` is summed in another order and rounds the product ``gb^p / V^(p/2)``
     (``gb^p`` by squarings) before ``A`` instead of ``A / V^(p/2)`` first: a non-negative float64
     sum of ``numel`` terms, within ``(numel + 3) u`` relative either way (~1e-16 measured; the
-    sums, ``G`` minus the other terms, moved by at most ~1e-14 relative at 1e7 weights)."""
+    sums, ``G`` minus the other terms, moved by at most ~1e-14 relative at 1e7 weights).
+    ``row_weights``: as :func:`factored_power_sums` (``W [out, K]``), the ``K`` sums after the ``M``."""
     M = A.shape[1]
     gb = g_mean.reshape(out_f, in_f)
     every = bool(live.all())
     g0 = _zeroth_term(g_mean, A, vp, live, power, every)
+    W = None
+    if row_weights is not None:  # their a = 0 terms: sum_o W_ok sum_i (gb^p / V^(p/2) A)_(oi, src_k)
+        src, W = row_weights
+        g0 = torch.cat([g0, _zeroth_rows(g_mean, A, vp, live, power, out_f, in_f, src, W)])
     keep = None
     if SKIP_SILENT_ROWS:  # the rows whose d is 0 on every record: their terms a >= 1 are exact zeros (pf31)
         on = fac.d.ne(0).any(0)
@@ -1192,6 +1262,7 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
         vp = vp.reshape(out_f, in_f, 1)[keep]
         live = live.reshape(out_f, in_f)[keep]
         gb = gb[keep]
+        W = None if W is None else W[keep]
         fac = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x, d=fac.d[:, keep])
         rows = keep.numel()
     else:
@@ -1199,7 +1270,9 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     S = torch.div(A, vp, out=cache.scratch("scaled", (rows, in_f, M), torch.result_type(A, vp), A.device))
     if not every:
         S[~live] = 0.0
-    got, bad = _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer)
+    rw = None if W is None or row_weights is None else (row_weights[0], W)
+    got, bad = (_even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer) if rw is None
+                else _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer, row_weights=rw))
     bad_rows = bad.any(1)
     nbad = int(bad_rows.sum())
     POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
@@ -1207,8 +1280,23 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     if nbad:  # as in factored_power_sums: the failing entries of these records in float64
         r = bad_rows.nonzero().reshape(-1)
         part = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x[r], d=fac.d[r])
-        got[r] = torch.where(bad[r], _binomial_sums_f64(part, gb, S, power, g0=g0), got[r])
+        S_all = S if rw is None else torch.cat([S, S[:, :, rw[0]] * rw[1].unsqueeze(1)], 2)
+        got[r] = torch.where(bad[r], _binomial_sums_f64(part, gb, S_all, power, g0=g0), got[r])
     return got
+
+
+def _zeroth_rows(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int, out_f: int, in_f: int,
+                 src: Tensor, W: Tensor) -> Tensor:
+    """``[K]`` the ``a = 0`` terms of :func:`factored_power_sums`' row-weighted columns:
+    ``sum_o W_ok sum_i gb_oi^p A_(oi, src_k) / V_oi^(p/2)`` over the live weights (float64; a
+    dead weight's term an exact 0, as :func:`_zeroth_term`'s product form)."""
+    c = g_mean.pow(power) / vp.reshape(-1)
+    out = torch.empty(src.numel(), dtype=torch.float64, device=A.device)
+    for m in sorted({int(v) for v in src.tolist()}):
+        per_row = torch.where(live, c * A[:, m], torch.zeros((), dtype=torch.float64)).reshape(out_f, in_f).sum(1)
+        ks = (src == m).nonzero().reshape(-1)
+        out[ks] = per_row @ W[:, ks]
+    return out
 
 
 def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,

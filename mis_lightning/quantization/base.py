@@ -262,7 +262,7 @@ WIDE_CUBE_BLOCKS = True
 # only full calls keep it (pf40, A/B)
 CUBE_KEPT_KAPPA_ONLY = True
 _FACT_SLOTS = 4
-_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": []}
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": [], "blocks": []}
 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
@@ -1520,11 +1520,40 @@ class ParamGrid:
         (method.md section 5, "Weights whose sd spans the bounded window"), ``M <= (theta_max +
         max(|lower|, |upper|)) / sigma``. Returned: ``S_max max(1, 6 M_max^2)`` with the blocks'
         largest ``C3`` and the least sd (the joint pass's unit-kappa chunks, ``assess.UNIT_KAPPA_TOL``)."""
+        facts = self._bounded_blocks(start, end, sd_min, theta_max)
+        if facts is None:
+            return math.inf
+        _, _, c3, reach = facts
+        s = (_INV_SQRT_2PI / 12.0) * c3 / sd_min ** 3
+        return s * max(1.0, 6.0 * (reach / sd_min) ** 2)
+
+    def _bounded_blocks(self, start: int, end: int, sd_min: float, theta_max: float
+                        ) -> tuple[Tensor, float, float, float] | None:
+        """``(C3 [r, nb], widest window, largest C3, reach)`` of the blocks of the rows elements
+        ``start:end`` touch (:func:`_block_rows`; float64, parameter units; ``reach = theta_max +
+        max(|lower|, |upper|)`` bounds every weight's distance to its farther bound), or ``None``
+        where :meth:`chunk_deficit_bound` knows no bound (no finite bounds, dead blocks, storage
+        rounding, another rounding than nearest, tables of more than ``WIDE_TABLE_MAX_VALUES``)."""
         if self.storage_dtype is not None or self.support is None or not self.shape or self.kind == "quotient" \
                 or self.rounding != "nearest" or not sd_min > 0.0 or not math.isfinite(theta_max) \
                 or (self.kind == "table" and (self.values is None or self.values.numel() > WIDE_TABLE_MAX_VALUES
                                               or not bool(torch.isfinite(self.values).all()))):
-            return math.inf
+            return None
+        # (the chunk's next call, chunk_wide_deficit after chunk_deficit_bound, reads the same facts)
+        src = (*self.support, self.scale, self.zero_point, self.values)
+        extra = (start, end, theta_max, self.kind, self.qmin, self.qmax, self.block_size)
+        if REUSE_CHUNK_FACTS:
+            hit = _fact_get("blocks", src, extra)
+            if hit is not None:
+                return hit[0]
+        out = self._block_facts(start, end, theta_max)
+        if REUSE_CHUNK_FACTS:
+            _fact_put("blocks", src, extra, (out,))
+        return out
+
+    def _block_facts(self, start: int, end: int, theta_max: float) -> tuple[Tensor, float, float, float] | None:
+        """:meth:`_bounded_blocks` computed (its checks of the grid passed)."""
+        assert self.support is not None
 
         def rows(t: Tensor | None) -> Tensor:
             if t is None:  # (a zero point of None: zeros, as _elem expands it)
@@ -1535,14 +1564,53 @@ class ParamGrid:
         hi, sc, zp = rows(self.support[1]), rows(self.scale), rows(self.zero_point)
         if not bool((sc > 0).all()) or not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()) \
                 or not bool((lo < hi).all()):
-            return math.inf  # dead blocks (kappa 0), infinite or empty bounds: the paths
-        cube = self._cube_sums(lo, hi, sc, zp)
+            return None  # dead blocks (kappa 0), infinite or empty bounds: the paths
+        cube = self._cube_sums(lo, hi, sc, zp).reshape(lo.shape)
         c3 = float(cube.max())
         reach = theta_max + float(torch.maximum(lo.abs(), hi.abs()).max())
         if not (math.isfinite(c3) and math.isfinite(reach)):
-            return math.inf
-        s = (_INV_SQRT_2PI / 12.0) * c3 / sd_min ** 3
-        return s * max(1.0, 6.0 * (reach / sd_min) ** 2)
+            return None
+        return cube, float((hi - lo).max()), c3, reach
+
+    def chunk_wide_deficit(self, start: int, end: int, sds: tuple[float, ...], theta_max: float
+                           ) -> tuple[Tensor, list[float], list[float], list[float]] | None:
+        """The wide-sd deficit of elements ``start:end`` as one scalar per chunk times per-block
+        values: ``(C3 [r, nb], lam, err, S_max)`` (one ``lam``, ``err`` and ``S_max`` per least sd
+        ``sd_min`` of ``sds``, e.g. theta-hat's and the pool protocol's) such that every weight of
+        sd ``sigma >= sd_min > 0`` and magnitude at most ``theta_max`` (parameter units) has
+
+            kappa_exact <= 1 - lam phi(0) C3_block / (12 sigma^3) <= kappa_exact + err
+
+        at theta-hat (and ``|3 - m4| <= err``), ``C3 [r, nb]`` the blocks of the rows the elements
+        touch (:func:`_block_rows`; :func:`_rows_to_elements` expands them); ``None`` where
+        :meth:`chunk_deficit_bound` knows no bound or a window is wider than ``WIDE_MAX_WINDOW``
+        sd. Why: method.md section 5 ("Weights whose sd spans the bounded window"): each clipped
+        cell gives ``lam_j S_k <= p_k Var_k <= S_k`` with ``lam_j = exp(-M^2/2) - M^2 W^2
+        exp(M^2/2) / 12`` decreasing in ``M`` (the farther bound's distance in sd) and ``W`` (the
+        window), so ``lam`` at the chunk's largest ``M = reach / sd_min`` and ``W`` is below every
+        weight's: the value reads at least the exact kappa (the conservative side) and at least
+        the closed form's ``1 - lam_j S``, by at most ``err = max((1 - lam) S_max, 6 M^2 S_max)``
+        (the closed form's own error terms at the chunk's worst weight; ``lam`` shrunk by
+        ``1e-12`` relative for the rounding of ``S``). It holds at any position (inside the
+        bounds or on them) for weights not revealed; revealed and sd-0 weights are the caller's."""
+        facts = self._bounded_blocks(start, end, min(sds), theta_max)
+        if facts is None:
+            return None
+        cube, width, c3, reach = facts
+        lams, errs, smax = [], [], []
+        for sd_min in sds:
+            w, m = width / sd_min, reach / sd_min
+            if w > WIDE_MAX_WINDOW:
+                return None
+            m2 = m * m
+            lam = (math.exp(-0.5 * m2) - m2 * w * w * math.exp(0.5 * m2) / 12.0) * (1.0 - 1e-12)
+            if not lam > 0.0:
+                return None
+            s = (_INV_SQRT_2PI / 12.0) * c3 / sd_min ** 3
+            lams.append(lam)
+            errs.append(max((1.0 - lam) * s, 6.0 * m2 * s))
+            smax.append(s)
+        return cube, lams, errs, smax
 
     def point_masses_at(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> Tensor | None:
         """``[c]`` bool: the elements ``start:end`` whose moments are a point mass's (sd 0, strictly
