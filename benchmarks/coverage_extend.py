@@ -33,6 +33,26 @@ from mis_lightning.groundtruth import compare as C  # noqa: E402
 from mis_lightning.groundtruth import ground_truth as GT  # noqa: E402
 
 
+def table(rows: dict, grids: list, new: list[dict]) -> None:
+    """Coverage per grid over the stored and new trainings, with its binomial standard error,
+    against the row's truth and its bracket's ends (where it has one); the plug-ins' mean
+    relative to the truth, and the misses' sides."""
+    print("| grid | trainings | truth | coverage +- se | at the bracket's ends | misses below / above "
+          "| plug-ins / truth |")
+    print("|---|---|---|---|---|---|---|")
+    for g, grid in enumerate(grids):
+        r = rows[grid.name]
+        iv = np.asarray(r["intervals"] + [t["intervals"][g] for t in new])
+        vals = np.asarray(r["values"] + [t["values"][g] for t in new])
+        t = r["truth"]
+        hit = (iv[:, 0] <= t) & (t <= iv[:, 1])
+        p, k = hit.mean(), len(hit)
+        ends = "-" if "truth_bracket" not in r else " / ".join(
+            f"{np.mean((iv[:, 0] <= e) & (e <= iv[:, 1])):.0%}" for e in r["truth_bracket"])
+        print(f"| {grid.name} | {k} | {t:.6f} | {p:.0%} +- {np.sqrt(p * (1 - p) / k):.0%} | {ends} | "
+              f"{int(np.sum(iv[:, 1] < t))} / {int(np.sum(iv[:, 0] > t))} | {vals.mean() / t - 1:+.2%} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", type=int, required=True, help="index into validate.COVERAGE_PLAN")
@@ -40,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=Path, default=ROOT / "docs" / "figures" / "coverage_rows.json")
     ap.add_argument("--out", type=Path, default=None, help="checkpoint of the new trainings")
     ap.add_argument("--write", action="store_true", help="append the new trainings to the rows")
+    ap.add_argument("--report", action="store_true", help="train nothing: the table of the checkpoint")
     a = ap.parse_args(argv)
     if not 0 <= a.settings < len(V.COVERAGE_PLAN):
         raise SystemExit(f"--settings {a.settings}: COVERAGE_PLAN has {len(V.COVERAGE_PLAN)} settings")
@@ -56,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if new["setting"] != s.label() or new["first"] != stored:
         raise SystemExit(f"{out} holds trainings of another setting or another stored count")
     rng = np.random.default_rng([7, d, n])
-    for k in range(a.trainings):
+    for k in range(0 if a.report else a.trainings):
         _, est, mdl, _ = C.train_and_estimate(s, rng, num_records=min(n, 1000))  # advances the stream
         if k < stored + len(new["trainings"]):
             continue
@@ -68,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "regimes": [r.interval_regime for r in res]})
         out.write_text(json.dumps(new))
         print(f"training {k}: {time.process_time() - t0:.1f} CPU s", flush=True)
+    table(rows, grids, new["trainings"])
     if a.write:
         for g, grid in enumerate(grids):
             r = rows[grid.name]
