@@ -828,14 +828,13 @@ OFF_TEXT = """## Where the indicator is off, and why
 3. **The interval.** The report's interval is the bootstrap p10-p90 over where theta-hat
    falls in its cells, widened to contain the plug-in and by 1.28 standard errors of the
    record average. Measured coverage (exact truths, `E c` over 1,024,000 records, 12 trainings
-   per setting; section "Coverage of the report's interval", cov44, cov45, cov45b): 83-100% per
-   grid for OLS `d = 1, 2, 5` (nominal 80%), 67-100% for `logistic d=2 n=1000` (128-target truth). Where it falls short:
+   per OLS setting, 100 logistic; section "Coverage of the report's interval", cov44-cov46): 83-100% per
+   grid for OLS `d = 1, 2, 5` (nominal 80%), 84-100% (+-4%) for `logistic d=2 n=1000` (128-target truth). Where it is tight:
    (a) fine grids of the logistic model, where the bootstrap spread is nearly zero: 0.5-sd
-   quarter 83%, `rtn_int4` 67%, every miss below by 0.004-1.3%. The 12 training sets' records
-   read 1.1-1.5% below expectation (docs/benchmarks.md, cov45); over 300 fresh sets the
-   first-order value at the fitted weights sits -0.9% to +0.2% from the truth on the fine grids,
-   `rtn_int4` -0.8% (its grid moves with the largest weight, item 1), which the interval's
-   +2.5% upper reach covers ~90% of the time; 12 trainings leave +-12% on each figure; (b) coarse
+   quarter 85%, `rtn_int4` 84% (76% at the upper end of its truth's 0.5% bracket), every miss
+   below: the plug-ins read 0.3-1.5% below the truth (the first-order value's finite-`n`
+   shortfall), and `rtn_int4`'s upper end does not carry where its weight sits in the grid that
+   moves with the largest weight (item 1; docs/benchmarks.md, cov46); (b) coarse
    grids (4-8 sd) with theta* at a cell boundary (read ~0.7x, the report warns) or centre
    (item 2): the interval is centred on the plug-in, which is biased for that one position. It
    is still not a full

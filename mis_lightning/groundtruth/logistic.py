@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.special import ndtr
 
 from .ground_truth import (
     AbsmaxGrid,
@@ -53,7 +54,7 @@ from .ground_truth import (
 )
 
 __all__ = ["LogisticBase", "logistic_base", "add_record", "taylor_error", "cell_keys", "OutCells", "tv_bracket",
-           "exact_truth_logistic"]
+           "tv_debiased", "exact_truth_logistic"]
 
 
 @dataclass
@@ -300,6 +301,56 @@ def tv_bracket(keys_in: np.ndarray, keys_out: np.ndarray | OutCells,
         first = np.where(first == np.iinfo(np.int64).max, first_out, first)
         res["test"] = 0.5 * float((mu_b * (llr_of(first, 0) > 0)).sum() + (mu_a * (llr_of(first, 1) > 0)).sum())
     return res
+
+
+def _mean_abs_normal(m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``E|m + s Z|``, ``Z ~ N(0, 1)``, for ``m >= 0``, ``s >= 0`` (elementwise)."""
+    pos = s > 0
+    r = np.where(pos, m / np.where(pos, s, 1.0), 0.0)
+    folded = m * (1.0 - 2.0 * ndtr(-r)) + 2.0 * s * np.exp(-0.5 * r * r) / np.sqrt(2.0 * np.pi)
+    return np.where(pos, folded, m)
+
+
+def tv_debiased(keys_in: np.ndarray, keys_out: np.ndarray, iters: int = 60) -> dict[str, float]:
+    """The plug-in ``sum_c |mu_hat_c| / 2`` of :func:`tv_bracket` with each cell's noise removed
+    by the method of moments: ``mu_hat_c`` is a mean over the ``M`` independent datasets of
+    ``X_mc = 1[in_m = c] - n_mc / R`` (``n_mc`` of dataset ``m``'s ``R`` out draws in ``c``), so its
+    standard error ``s_c`` is estimated from the same sums, and ``|mu_c|`` is replaced by the
+    ``m >= 0`` with ``E|m + s_c Z| = |mu_hat_c|`` (0 where ``|mu_hat_c|`` is below the ``m = 0``
+    value ``s_c sqrt(2 / pi)``). Not a bound: a null cell's root is ``>= 0``, so where cells are
+    noise-dominated it keeps part of the plug-in's excess (removes ~40% of it,
+    tests/test_logistic_truth.py) and reads above the TV; with sparse cells (fine absmax bins)
+    the Gaussian model of ``mu_hat_c`` fails (docs/benchmarks.md, section cov46: +0.7 / +1.1% of
+    the exact OLS absmax TV at 0.4 / 0.2 sd bins, M = 10^6; +2% at 0.1 sd). ``keys_in [M]``, ``keys_out [M, R]`` as
+    :func:`tv_bracket`. Returns ``{"plug", "debiased", "floor"}``: ``floor`` is the plug-in's
+    excess were every ``mu_c`` zero, ``sum_c s_c sqrt(2 / pi) / 2``.
+
+    Raises:
+        ValueError: ``keys_in`` and ``keys_out`` hold different numbers of datasets, or ``M < 2``.
+    """
+    if keys_out.ndim != 2 or keys_in.shape != (keys_out.shape[0],):
+        raise ValueError(f"keys_in has shape {keys_in.shape}, keys_out {keys_out.shape}: want [M] and [M, R]")
+    M, R = keys_out.shape
+    if M < 2:
+        raise ValueError(f"tv_debiased needs at least 2 datasets, got {M}")
+    _, inv = np.unique(np.concatenate([keys_in, keys_out.reshape(-1)]), return_inverse=True)
+    K = int(inv.max()) + 1
+    ii, io = inv[:M], inv[M:].reshape(M, R)
+    c_in = np.bincount(ii, minlength=K).astype(np.float64)
+    c_out = np.bincount(io.reshape(-1), minlength=K).astype(np.float64)
+    mu = (c_in - c_out / R) / M
+    # sum_m X_mc^2 = c_in - 2 sum_m 1[in_m = c] n_mc / R + sum_m n_mc^2 / R^2
+    cross = sum(np.bincount(ii[io[:, r] == ii], minlength=K) for r in range(R))
+    sq = sum(np.bincount(io[io[:, r] == io[:, t], r], minlength=K) for r in range(R) for t in range(R))
+    se = np.sqrt(np.maximum((c_in - 2.0 * cross / R + sq / R**2) / M - mu**2, 0.0) / (M - 1))
+    a = np.abs(mu)
+    lo, hi = np.zeros_like(a), a.copy()  # E|m + sZ| >= m: the root lies in [0, |mu_hat|]
+    for _ in range(iters):  # bisection: E|m + sZ| increases in m
+        mid = 0.5 * (lo + hi)
+        above = _mean_abs_normal(mid, se) > a
+        hi, lo = np.where(above, mid, hi), np.where(above, lo, mid)
+    return {"plug": 0.5 * float(a.sum()), "debiased": 0.5 * float((0.5 * (lo + hi)).sum()),
+            "floor": 0.5 * float(se.sum()) * float(np.sqrt(2.0 / np.pi))}
 
 
 def _gaussian_test(grid: StepGrid | AbsmaxGrid, th_in: np.ndarray, th_out: np.ndarray, mean: np.ndarray,
