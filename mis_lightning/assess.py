@@ -3873,7 +3873,7 @@ def _cutoff_warning(report: Report) -> str | None:
     caps = ("the unquantized figure itself, the estimator's Mahalanobis norm, is set by the gradient covariance's "
             "rule and caps every quantized one" if base_over else
             "the unquantized figure, the estimator's Mahalanobis norm, is computed from the gradient covariance and caps it")
-    return (f"cutoff-set figures{' (~ in the table)' if over else ''}: the Gaussian-form leakage of {named} moves by "
+    return (f"cutoff-set figures{' (~ in the table)' if over or base_over else ''}: the Gaussian-form leakage of {named} moves by "
             f"more than {100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the eigenvalue cutoff (rank rule) on the full "
             "correlation of the weights is set finer: that correlation is near-singular with a continuous spectrum, so "
             "the figure depends on how many of its smallest directions count, which the data do not fix; it is "

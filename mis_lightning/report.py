@@ -357,6 +357,9 @@ class Report:
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per scheme (for CSV, tables and trackers)."""
         out = []
+        # the unquantized figure's own cutoff check (assess._baseline_cutoff_check, pl46): the same
+        # for every row, carried on each so that every table (a sweep's aggregate too) can mark it
+        base_cut = (self.diagnostics or {}).get("baseline_cutoff_sensitivity")
         for name, s in self.schemes.items():
             row = {
                 "scheme": name, "bits_per_weight": s.bits_per_weight, "leakage": s.leakage,
@@ -372,6 +375,8 @@ class Report:
                 row["floor_sensitivity"] = s.floor_sensitivity
             if s.cutoff_sensitivity is not None:  # only with the full correlation, quantized
                 row["cutoff_sensitivity"] = s.cutoff_sensitivity["move"]
+            if base_cut is not None and not s.error:
+                row["baseline_cutoff_sensitivity"] = base_cut["move"]
             if not s.error and scale_symmetric(self.diagnostics):  # the diagonal estimator's blind spot
                 row["scale_symmetry"] = True
             failed = [] if s.error else regime_failures(self.diagnostics, self.n, self.d, s.d_eff)
@@ -937,11 +942,18 @@ def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
         out.append("  +: a lower bound: the release also carries a part this figure does not score "
                    "(AWQ's or SmoothQuant's per-channel factors, computed from the calibration "
                    "records; see warnings); not ranked by the verdict.")
+    base_moves = any(baseline_unstable(r) for r in rows if not r.get("error"))
+    base_entry = (f"the unquantized figure moves by more than {100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the rank "
+                  f"rule of the gradient covariance it is read with is set {CUTOFF_CHECK_FACTOR:.0f}x finer: it "
+                  "caps every quantized figure, so every figure is indicative (see warnings)")
     if any(unstable(r) for r in rows if not r.get("error")):
         out.append(f"  ~: unstable: the figure moves by more than {100 * FLOOR_SENSITIVITY_MAX:.0f}% when the "
                    "eigenvalue floor of the Hessian is set 10x higher or lower, or the pseudo-inverse cutoff "
                    f"on the weights' correlation {CUTOFF_CHECK_FACTOR:.0f}x finer (a near-singular Hessian or correlation: the "
-                   "figure is set by the floor or cutoff, not by the data; see warnings).")
+                   "figure is set by the floor or cutoff, not by the data; see warnings)"
+                   + (f"; after the baseline: {base_entry}." if base_moves else "."))
+    elif base_moves:
+        out.append(f"  ~ (after the baseline): unstable: {base_entry}.")
     if any(r.get("scale_symmetry") for r in rows if not r.get("error")):
         out.append("  ?: uncertain: layers whose weights can be scaled together without changing the model "
                    "(before a LayerNorm / GroupNorm / InstanceNorm / RMSNorm, or under weight_norm) were read by the "
@@ -1048,6 +1060,15 @@ def unstable(row: dict[str, Any]) -> bool:
                               (row.get("cutoff_sensitivity"), CUTOFF_SENSITIVITY_MAX)))
 
 
+def baseline_unstable(row: dict[str, Any]) -> bool:
+    """Whether a row's unquantized baseline moves by more than :data:`CUTOFF_SENSITIVITY_MAX`
+    (relative) when the rank rule of the gradient covariance it is read with is set
+    :data:`CUTOFF_CHECK_FACTOR` x finer (``baseline_cutoff_sensitivity``; pl46): ``~`` after the
+    baseline in the table."""
+    v = row.get("baseline_cutoff_sensitivity")
+    return v is not None and math.isfinite(float(v)) and float(v) > CUTOFF_SENSITIVITY_MAX
+
+
 def scale_symmetric(diagnostics: Mapping[str, Any] | None) -> bool:
     """Whether the diagonal estimator read layers with a scale symmetry (its diagnostics'
     ``normalised_layers`` or ``weight_normed_layers``; estimation/symmetries.py): the report's
@@ -1115,7 +1136,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
             _fmt(r["leakage"]) + leakage_marks(r),
             interval, _fmt(r["mis"]),
             _fmt_or_dash(r.get("pool_leakage")),
-            _fmt(r["baseline_leakage"]),
+            _fmt(r["baseline_leakage"]) + (" ~" if baseline_unstable(r) else ""),
             _fmt(r["d_eff"]), _fmt(r.get("zero_fraction", r.get("sparsity")))])  # old rows: sparsity
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]

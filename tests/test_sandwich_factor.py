@@ -118,6 +118,12 @@ def test_the_cutoff_check_re_reads_the_unquantized_figure():
         assert (w is not None) == warned
         if warned:
             assert "the unquantized baseline (" in w and f"{b['leakage_fine_cutoff']:.4g}" in w and "q (" not in w
-            assert "~ in the table" not in w  # no row is marked: the baseline is no row
+            assert "~ in the table" in w
+        # the table marks the baseline column (every row: the same unquantized figure), not the
+        # scheme's leakage, and its legend says why (fails without the row field or the mark)
+        table = rep.table(with_verdict=False)
+        row = next(ln for ln in table.splitlines() if ln.startswith("q "))
+        assert (" 0.2000 ~" in row) == warned and " 0.1000 ~" not in row
+        assert ("~ (after the baseline)" in table) == warned
         back = Report.from_dict(json.loads(rep.to_json()))
         assert back.diagnostics["baseline_cutoff_sensitivity"] == b
