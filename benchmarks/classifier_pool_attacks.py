@@ -18,7 +18,9 @@ reference; the pooled advantage has none to speak of).
 Indicator: ``assess``'s estimation and scoring (``run_estimation`` + ``score_schemes``,
 ``uncertainty_draws=0``) of the first ``--targets`` models on their own training halves, under
 ``estimation="exact"`` and ``"diagonal"`` (defaults), ``pool_leakage`` per scheme (the pool
-protocol's indicator: method.md section 3, "Pool protocol").
+protocol's indicator: method.md section 3, "Pool protocol"). ``--modes exact-eigen``: the exact estimator
+with the full correlated form in ``R``'s own eigenspace (``estimate.SANDWICH_FACTOR = False``, cf45's form)
+instead of the sandwich's own factor (rc46), on the same models (acc46).
 
     PYTHONPATH=. python benchmarks/classifier_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "ac36"
 """
@@ -42,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kfac_classifier import ce, data, fit, mlp  # noqa: E402
 from mis_lightning.assess import run_estimation, score_schemes  # noqa: E402
 from mis_lightning.config import EstimationConfig  # noqa: E402
+from mis_lightning.estimation import estimate as E  # noqa: E402
 from mis_lightning.groundtruth.attacks import (  # noqa: E402
     lira_scores,
     pool_advantage,
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", type=int, default=5, help="models whose indicator is computed")
     ap.add_argument("--fit-rounds", type=int, default=3)
     ap.add_argument("--schemes", nargs="+", default=["rtn_int8", "rtn_int4"])
-    ap.add_argument("--modes", nargs="+", default=["exact", "diagonal"])
+    ap.add_argument("--modes", nargs="+", default=["exact", "diagonal"],
+                    help="exact, diagonal, or exact-eigen (exact, scored in R's own eigenspace: cf45's form)")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -117,17 +121,24 @@ def main(argv: list[str] | None = None) -> None:
         for m in range(min(a.targets, a.models)):
             idx = torch.from_numpy(np.flatnonzero(member[m]))
             loader = DataLoader(TensorDataset(x[idx], y[idx]), batch_size=250)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                est = run_estimation(models[m], loader, ce, EstimationConfig(mode=mode, weight_decay=a.decay))
-                rep = score_schemes(est, models[m], a.schemes, uncertainty_draws=0)
+            old = E.SANDWICH_FACTOR
+            E.SANDWICH_FACTOR = mode != "exact-eigen"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    est = run_estimation(models[m], loader, ce, EstimationConfig(mode=mode.split("-")[0],
+                                                                                 weight_decay=a.decay))
+                    rep = score_schemes(est, models[m], a.schemes, uncertainty_draws=0)
+            finally:
+                E.SANDWICH_FACTOR = old
             rows.append({"none": {"pool_leakage": rep.baseline_pool_leakage, "leakage": rep.baseline_leakage}}
                         | {s: {"pool_leakage": rep.schemes[s].pool_leakage, "leakage": rep.schemes[s].leakage}
                            for s in a.schemes} | {"covariance": rep.estimation.get("covariance")})
         out["indicator"][mode] = rows
         print(f"  indicator {mode} ({rows[0]['covariance']}), pool_leakage mean over {len(rows)} targets: " + " ".join(
             f"{s} {np.mean([r[s]['pool_leakage'] for r in rows]):.4f} (sd {np.std([r[s]['pool_leakage'] for r in rows]):.4f})"
-            for s in ["none"] + a.schemes), flush=True)
+            for s in ["none"] + a.schemes) + "; leakage: " + " ".join(
+            f"{s} {np.mean([r[s]['leakage'] for r in rows]):.4f}" for s in ["none"] + a.schemes), flush=True)
     print(f"  CPU: fit {t_fit:.0f} s, attacks {t_att:.0f} s, indicator {time.process_time() - t0 - t_fit - t_att:.0f} s",
           flush=True)
     if a.json:
