@@ -43,13 +43,13 @@ SETTINGS = {
 SCHEMES = ["none", "int8_weight_only", "int8_weight_only_per_tensor", "float8_weight_only", "rtn_int4", "rtn_int2"]
 
 
-def both(fn):
-    """``{True: fn(), False: fn()}`` with ``SANDWICH_FACTOR`` set to each."""
+def both(fn, *args):
+    """``{True: fn(*args), False: fn(*args)}`` with ``SANDWICH_FACTOR`` set to each."""
     old, out = E.SANDWICH_FACTOR, {}
     try:
         for flag in (True, False):
             E.SANDWICH_FACTOR = flag
-            out[flag] = fn()
+            out[flag] = fn(*args)
     finally:
         E.SANDWICH_FACTOR = old
     return out
@@ -69,7 +69,7 @@ def softmax(trainings: int) -> None:
         pop = SA.Pop(4, 3, kw.get("prior"), 1.0, 0)
         per = []
         for k in range(trainings):
-            r = both(lambda: SA.indicator(pop, kw["n"], kw.get("lam", 1e-2), SCHEMES, k, kw.get("wd_told", True), 32))
+            r = both(SA.indicator, pop, kw["n"], kw.get("lam", 1e-2), SCHEMES, k, kw.get("wd_told", True), 32)
             per.append({f: {s: v["res"][s][0] for s in SCHEMES} for f, v in r.items()})
         report(name, per)
 
@@ -95,14 +95,14 @@ def mlp(trainings: int) -> None:
         if not bool(okk.all()):
             continue
 
-        def one():
+        def one(th: torch.Tensor, xk: torch.Tensor, yk: torch.Tensor, k: int) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 rep = assess(arch.module(th[0]), schemes, DataLoader(TensorDataset(xk[0].float(), yk[0]), batch_size=n),
                              ce, estimation="exact", num_records=n, weight_decay=lam, uncertainty_draws=32, seed=k)
             return {s: rep.schemes[s].leakage for s in schemes}
 
-        per.append(both(one))
+        per.append(both(one, th, xk, yk, k))
     print("| MLP | " + " | ".join(schemes) + " |")
     report(f"MLP 3-3-3 d = {arch.d}, n = {n} ({len(per)} trainings)", per)
 
