@@ -15,6 +15,7 @@ Runtime (1 thread): about 1-3 CPU min per softmax setting, 2 min for the MLP.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
 from pathlib import Path
@@ -30,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import acc44_mlp_audit as MA  # noqa: E402
 from benchmarks import acc44_softmax_audit as SA  # noqa: E402
 from mis_lightning.assess import assess  # noqa: E402
-from mis_lightning.estimation import estimate as E  # noqa: E402
 
+E = importlib.import_module("mis_lightning.estimation.estimate")  # the module (the package exports a function of that name)
 # acc44's table rows (its command's flags): n, prior, lam, wd told, stratify is attack-side only
 SETTINGS = {
     "--n 75": dict(n=75),

@@ -28,6 +28,7 @@ instead of the sandwich's own factor (rc46), on the same models (acc46).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -44,7 +45,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kfac_classifier import ce, data, fit, mlp  # noqa: E402
 from mis_lightning.assess import run_estimation, score_schemes  # noqa: E402
 from mis_lightning.config import EstimationConfig  # noqa: E402
-from mis_lightning.estimation import estimate as E  # noqa: E402
 from mis_lightning.groundtruth.attacks import (  # noqa: E402
     lira_scores,
     pool_advantage,
@@ -53,6 +53,7 @@ from mis_lightning.groundtruth.attacks import (  # noqa: E402
     rmia_scores,
 )
 
+E = importlib.import_module("mis_lightning.estimation.estimate")  # the module (the package exports a function of that name)
 ATTACKS = ["loss", "lira_on", "lira_off", "rmia_on", "rmia_off"]
 
 

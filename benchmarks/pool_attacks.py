@@ -43,6 +43,7 @@ Writes ``docs/figures/pool_<setting>.json`` (``--json`` to change) and prints a 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                          "cf45's form) instead of the exact estimator's own factor (rc46)")
     args = ap.parse_args(argv)
     if args.r_eigenspace:
-        from mis_lightning.estimation import estimate as E
+        E = importlib.import_module("mis_lightning.estimation.estimate")  # the module, not the function
         E.SANDWICH_FACTOR = False
     if args.render:
         print(render(json.loads(args.render.read_text())))
