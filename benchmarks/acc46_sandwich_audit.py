@@ -5,7 +5,8 @@ on the same trainings (acc46; docs/benchmarks.md, "acc44" for the attacks, "acc4
 The attack side does not depend on the form (it never calls the library's scoring): its figures are
 acc44's (same seeds). This re-runs the indicator side only: ``benchmarks/acc44_softmax_audit.py``'s
 ``indicator`` per setting, and ``benchmarks/acc44_mlp_audit.py``'s trainings (``--mlp``), each assessed
-twice, and prints the mean headline of each form and the largest per-training relative difference.
+twice, and prints the mean headline of each form, the largest per-training relative difference and the
+lowest training's headline of each form (against acc44's attack).
 
     PYTHONPATH=. python benchmarks/acc46_sandwich_audit.py                 # the softmax settings
     PYTHONPATH=. python benchmarks/acc46_sandwich_audit.py --mlp           # acc44's MLP (4 trainings)
@@ -62,6 +63,8 @@ def report(name: str, per: list[dict]) -> None:
     print(f"| {name} | " + " | ".join(
         f"{np.mean([p[True][s] for p in per]):.4f} / {np.mean([p[False][s] for p in per]):.4f} "
         f"({max(abs(p[True][s] / p[False][s] - 1) for p in per):.1e})" for s in schemes) + " |", flush=True)
+    print(f"| {name}: lowest training, factor / R's eigenspace | " + " | ".join(
+        f"{min(p[True][s] for p in per):.4f} / {min(p[False][s] for p in per):.4f}" for s in schemes) + " |", flush=True)
 
 
 def softmax(trainings: int) -> None:
