@@ -20,7 +20,8 @@ Indicator: ``assess``'s estimation and scoring (``run_estimation`` + ``score_sch
 ``estimation="exact"`` and ``"diagonal"`` (defaults), ``pool_leakage`` per scheme (the pool
 protocol's indicator: method.md section 3, "Pool protocol"). ``--modes exact-eigen``: the exact estimator
 with the full correlated form in ``R``'s own eigenspace (``estimate.SANDWICH_FACTOR = False``, cf45's form)
-instead of the sandwich's own factor (rc46), on the same models (acc46).
+instead of the sandwich's own factor (rc46), on the same models (acc46); ``--data pl44``: pl44's clf
+records instead of kfac_classifier's.
 
     PYTHONPATH=. python benchmarks/classifier_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "ac36"
 """
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--n", type=int, default=1000, help="records per model (the pool holds 2 n)")
     ap.add_argument("--rho", type=float, default=0.5)
+    ap.add_argument("--data", choices=["kfac", "pl44"], default="kfac",
+                    help="pl44: pl44's clf records (benchmarks/pl44_planner_bruteforce.py: 8 N(0, 1) inputs, 3 classes "
+                         "by a fixed rule; the pool is its 2 n records at n = 300); needs --fan 8 --classes 3")
     ap.add_argument("--decay", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", type=int, default=16)
@@ -88,7 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     t0 = time.process_time()
     N = 2 * a.n
-    x, y = data(N, a.fan, a.classes, a.rho, a.seed)
+    if a.data == "pl44":
+        if (a.fan, a.classes) != (8, 3):
+            raise SystemExit("--data pl44 needs --fan 8 --classes 3")
+        g = torch.Generator().manual_seed(0)  # pl44_planner_bruteforce.build("clf")'s records
+        x = torch.randn(N, 8, generator=g)
+        y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] * x[:, 3] > 0.3).long()
+        x = x.double()
+    else:
+        x, y = data(N, a.fan, a.classes, a.rho, a.seed)
     member = pool_splits(N, a.models, a.n, seed=a.seed)
     models = []
     grads = []
