@@ -18,7 +18,10 @@ reference; the pooled advantage has none to speak of).
 Indicator: ``assess``'s estimation and scoring (``run_estimation`` + ``score_schemes``,
 ``uncertainty_draws=0``) of the first ``--targets`` models on their own training halves, under
 ``estimation="exact"`` and ``"diagonal"`` (defaults), ``pool_leakage`` per scheme (the pool
-protocol's indicator: method.md section 3, "Pool protocol").
+protocol's indicator: method.md section 3, "Pool protocol"). ``--modes exact-eigen``: the exact estimator
+with the full correlated form in ``R``'s own eigenspace (``estimate.SANDWICH_FACTOR = False``, cf45's form)
+instead of the sandwich's own factor (rc46), on the same models (acc46); ``--data pl44``: pl44's clf
+records instead of kfac_classifier's.
 
     PYTHONPATH=. python benchmarks/classifier_pool_attacks.py --models 16 --targets 5   # docs/validation.md, "ac36"
 """
@@ -26,6 +29,7 @@ protocol's indicator: method.md section 3, "Pool protocol").
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -50,6 +54,7 @@ from mis_lightning.groundtruth.attacks import (  # noqa: E402
     rmia_scores,
 )
 
+E = importlib.import_module("mis_lightning.estimation.estimate")  # the module (the package exports a function of that name)
 ATTACKS = ["loss", "lira_on", "lira_off", "rmia_on", "rmia_off"]
 
 
@@ -71,19 +76,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--n", type=int, default=1000, help="records per model (the pool holds 2 n)")
     ap.add_argument("--rho", type=float, default=0.5)
+    ap.add_argument("--data", choices=["kfac", "pl44"], default="kfac",
+                    help="pl44: pl44's clf records (benchmarks/pl44_planner_bruteforce.py: 8 N(0, 1) inputs, 3 classes "
+                         "by a fixed rule; the pool is its 2 n records at n = 300); needs --fan 8 --classes 3")
     ap.add_argument("--decay", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", type=int, default=16)
     ap.add_argument("--targets", type=int, default=5, help="models whose indicator is computed")
     ap.add_argument("--fit-rounds", type=int, default=3)
     ap.add_argument("--schemes", nargs="+", default=["rtn_int8", "rtn_int4"])
-    ap.add_argument("--modes", nargs="+", default=["exact", "diagonal"])
+    ap.add_argument("--modes", nargs="+", default=["exact", "diagonal"],
+                    help="exact, diagonal, or exact-eigen (exact, scored in R's own eigenspace: cf45's form)")
     ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.process_time()
     N = 2 * a.n
-    x, y = data(N, a.fan, a.classes, a.rho, a.seed)
+    if a.data == "pl44":
+        if (a.fan, a.classes) != (8, 3):
+            raise SystemExit("--data pl44 needs --fan 8 --classes 3")
+        g = torch.Generator().manual_seed(0)  # pl44_planner_bruteforce.build("clf")'s records
+        x = torch.randn(N, 8, generator=g)
+        y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] * x[:, 3] > 0.3).long()
+        x = x.double()
+    else:
+        x, y = data(N, a.fan, a.classes, a.rho, a.seed)
     member = pool_splits(N, a.models, a.n, seed=a.seed)
     models = []
     grads = []
@@ -117,17 +134,24 @@ def main(argv: list[str] | None = None) -> None:
         for m in range(min(a.targets, a.models)):
             idx = torch.from_numpy(np.flatnonzero(member[m]))
             loader = DataLoader(TensorDataset(x[idx], y[idx]), batch_size=250)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                est = run_estimation(models[m], loader, ce, EstimationConfig(mode=mode, weight_decay=a.decay))
-                rep = score_schemes(est, models[m], a.schemes, uncertainty_draws=0)
+            old = E.SANDWICH_FACTOR
+            E.SANDWICH_FACTOR = mode != "exact-eigen"
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    est = run_estimation(models[m], loader, ce, EstimationConfig(mode=mode.split("-")[0],
+                                                                                 weight_decay=a.decay))
+                    rep = score_schemes(est, models[m], a.schemes, uncertainty_draws=0)
+            finally:
+                E.SANDWICH_FACTOR = old
             rows.append({"none": {"pool_leakage": rep.baseline_pool_leakage, "leakage": rep.baseline_leakage}}
                         | {s: {"pool_leakage": rep.schemes[s].pool_leakage, "leakage": rep.schemes[s].leakage}
                            for s in a.schemes} | {"covariance": rep.estimation.get("covariance")})
         out["indicator"][mode] = rows
         print(f"  indicator {mode} ({rows[0]['covariance']}), pool_leakage mean over {len(rows)} targets: " + " ".join(
             f"{s} {np.mean([r[s]['pool_leakage'] for r in rows]):.4f} (sd {np.std([r[s]['pool_leakage'] for r in rows]):.4f})"
-            for s in ["none"] + a.schemes), flush=True)
+            for s in ["none"] + a.schemes) + "; leakage: " + " ".join(
+            f"{s} {np.mean([r[s]['leakage'] for r in rows]):.4f}" for s in ["none"] + a.schemes), flush=True)
     print(f"  CPU: fit {t_fit:.0f} s, attacks {t_att:.0f} s, indicator {time.process_time() - t0 - t_fit - t_att:.0f} s",
           flush=True)
     if a.json:

@@ -34,7 +34,8 @@ printed, labelled as such.
 
 ``--leverage-correction off|on|auto`` sets the estimator's finite-sample correction (default: the
 library's, ``"auto"``: on for this exact estimator); ``--attacks-from JSON`` reuses the attack
-results of an earlier run of the same setting/models/seed and recomputes only the indicator.
+results of an earlier run of the same setting/models/seed and recomputes only the indicator;
+``--r-eigenspace`` scores the full correlated form in ``R``'s own eigenspace (cf45's form; acc46).
 
 Writes ``docs/figures/pool_<setting>.json`` (``--json`` to change) and prints a markdown table.
 """
@@ -42,6 +43,7 @@ Writes ``docs/figures/pool_<setting>.json`` (``--json`` to change) and prints a 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -336,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacks-from", type=Path, default=None,
                     help="reuse the attack results of a JSON written before (same setting, models, seed, "
                          "schemes): only the indicator is recomputed")
+    ap.add_argument("--r-eigenspace", action="store_true",
+                    help="score the full correlated form in R's own eigenspace (estimate.SANDWICH_FACTOR = False: "
+                         "cf45's form) instead of the exact estimator's own factor (rc46)")
     args = ap.parse_args(argv)
+    if args.r_eigenspace:
+        E = importlib.import_module("mis_lightning.estimation.estimate")  # the module, not the function
+        E.SANDWICH_FACTOR = False
     if args.render:
         print(render(json.loads(args.render.read_text())))
         return 0
