@@ -599,7 +599,7 @@ def exact_tv_ols_2d(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: in
 
 
 def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int = 150, M: int = 4000,
-                 draws: int = 128, seed: int = 0) -> tuple[float, float]:
+                 draws: int = 128, seed: int = 0, design_error: bool = True) -> tuple[float, float]:
     """``TV_z`` for OLS in any ``d`` (Gaussian AR(1) design and noise, no intercept) and its
     standard error: exact given the design up to a Monte Carlo over releases, with no
     simulated training and no test statistic.
@@ -615,7 +615,9 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
     this function).
 
     Returns:
-        ``(TV, standard error over the M releases)``.
+        ``(TV, standard error)``: over the ``M`` releases and, with ``design_error`` (default),
+        the ``K`` designs (a jackknife, :func:`_split_sample_tv`); without it the release part
+        alone (the error against a reference on the same designs).
     """
     if s.model != "linear":
         raise ValueError(f"exact_tv_ols needs a linear setting, got {s.label()}")
@@ -628,21 +630,21 @@ def exact_tv_ols(s: Setting, grid: StepGrid, zx: np.ndarray, zy: float, K: int =
     lo_t, hi_t = torch.from_numpy(lo), torch.from_numpy(hi)
     mu_o = torch.from_numpy(np.broadcast_to(s.theta_star, (d,)).copy())
 
-    def log_ratio() -> torch.Tensor:  # log P_out(T) / P_in(T) of the mixtures, one set of uniforms
+    def log_probs() -> tuple[torch.Tensor, torch.Tensor]:  # log P_k(T) [K, M] per design, one set of uniforms
         u = torch.rand(M, max(1, draws // 4), d, dtype=torch.float64, generator=gen)
         u = torch.cat([u, 1.0 - u], 1)
         lp_in = torch.stack([_ghk_logprob(lo_t - torch.from_numpy(mu_in[j]), hi_t - torch.from_numpy(mu_in[j]),
                                           torch.from_numpy(ch_in[j]), u) for j in range(K)])
         lp_out = torch.stack([_ghk_logprob(lo_t - mu_o, hi_t - mu_o, torch.from_numpy(ch_out[j]), u)
                               for j in range(K)])
-        return torch.logsumexp(lp_out, 0) - torch.logsumexp(lp_in, 0)  # the 1/K cancels
+        return lp_out, lp_in
 
     # Split sample: one set of uniforms decides the side (r < 1), an independent one gives the
     # ratio. (1 - r)_+ of one noisy ratio is biased upward by about the simulator's noise; with
     # the split, a box is only lost when its side is misjudged, where 1 - r is within the noise.
     # (The large noise once measured on coarse 5-d boxes, 2x the value at 32 draws, was the
     # simulator's tail mirroring, GHK_FLIP.)
-    return _split_sample_tv(log_ratio)
+    return _split_sample_tv(log_probs, design_error)
 
 
 def _in_mixture_draws(s: Setting, zx: np.ndarray, zy: float, K: int, M: int, rng: np.random.Generator
@@ -657,13 +659,45 @@ def _in_mixture_draws(s: Setting, zx: np.ndarray, zy: float, K: int, M: int, rng
     return mu_in, cov_in, ch_in, cov_out, T
 
 
-def _split_sample_tv(log_ratio: Callable[[], torch.Tensor]) -> tuple[float, float]:
-    """``E[(1 - P_out / P_in)_+]`` over releases and its standard error, split sample: one call
-    of ``log_ratio`` (fresh simulator draws) decides the side ``P_out < P_in``, an independent
-    one gives the ratio ((1 - r)_+ of one noisy ratio is biased upward by about its noise)."""
-    side = log_ratio() < 0
-    v = torch.where(side, 1.0 - torch.exp(log_ratio()), torch.zeros(())).numpy()
-    return float(v.mean()), float(v.std() / math.sqrt(v.shape[0]))
+# Groups of designs the delete-a-group jackknife of :func:`_split_sample_tv` leaves out in turn.
+DESIGN_JACKKNIFE_GROUPS = 20
+
+
+def _split_sample_tv(log_probs: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                     design_error: bool = True) -> tuple[float, float]:
+    """``E[(1 - P_out / P_in)_+]`` over releases of the ``K``-design mixtures and its standard
+    error, split sample: one call of ``log_probs`` (fresh simulator draws; ``log P_out, log
+    P_in [K, M]`` of every release under every design) decides the side ``P_out < P_in``, an
+    independent one gives the ratio ((1 - r)_+ of one noisy ratio is biased upward by about
+    its noise).
+
+    The standard error over the ``M`` releases alone treats the ``K`` designs as fixed, but the
+    value is that of their mixtures, a Monte Carlo over designs too: at ``K = 150`` its spread
+    over design seeds is 1.4x (a TV of 0.053) to 4-5x (0.003) the release se (linear d = 2,
+    ``rtn_int4``; docs/benchmarks.md, section gt46). With ``design_error`` the returned se
+    adds a delete-a-group jackknife over the designs (:data:`DESIGN_JACKKNIFE_GROUPS` groups;
+    each group's value reweights the same releases to the other designs' mixture)."""
+    o1, i1 = log_probs()
+    o2, i2 = log_probs()
+    side = torch.logsumexp(o1, 0) < torch.logsumexp(i1, 0)
+    li2 = torch.logsumexp(i2, 0)
+    v = torch.where(side, -torch.expm1(torch.logsumexp(o2, 0) - li2), torch.zeros(())).numpy()
+    value, var = float(v.mean()), float(v.var() / v.shape[0])
+    K = o1.shape[0]
+    groups = min(K, DESIGN_JACKKNIFE_GROUPS)
+    if design_error and groups >= 2:
+        loo = []
+        for block in np.array_split(np.arange(K), groups):
+            keep = torch.ones(K, dtype=torch.bool)
+            keep[torch.from_numpy(block)] = False
+            ki2 = torch.logsumexp(i2[keep], 0)
+            s_g = torch.logsumexp(o1[keep], 0) < torch.logsumexp(i1[keep], 0)
+            w = torch.exp(ki2 - li2) * (K / int(keep.sum()))  # P_in of the kept designs / P_in of all
+            loo.append(float((torch.where(s_g, -torch.expm1(torch.logsumexp(o2[keep], 0) - ki2),
+                                          torch.zeros(())) * w).mean()))
+        loo_a = np.asarray(loo)
+        var += (groups - 1) / groups * float(((loo_a - loo_a.mean()) ** 2).sum())
+    return value, math.sqrt(var)
 
 
 def _absmax_release(grid: AbsmaxGrid, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -681,7 +715,7 @@ def _absmax_release(grid: AbsmaxGrid, theta: np.ndarray) -> tuple[np.ndarray, np
 
 
 def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float, K: int = 150, M: int = 4000,
-                        draws: int = 128, seed: int = 0) -> tuple[float, float]:
+                        draws: int = 128, seed: int = 0, design_error: bool = True) -> tuple[float, float]:
     """``TV_z`` for OLS in any ``d`` under a symmetric absmax release (the built-in
     ``rtn_int*`` schemes: codes and one float scale): exact given the design up to a Monte
     Carlo over releases, as :func:`exact_tv_ols`.
@@ -697,7 +731,9 @@ def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float,
     (tests/test_validation.py).
 
     Returns:
-        ``(TV, standard error over the M releases)``.
+        ``(TV, standard error)``: over the ``M`` releases and, with ``design_error`` (default),
+        the ``K`` designs (a jackknife, :func:`_split_sample_tv`); without it the release part
+        alone (the error against a reference on the same designs).
     """
     if s.model != "linear":
         raise ValueError(f"exact_tv_ols_absmax needs a linear setting, got {s.label()}")
@@ -732,12 +768,12 @@ def exact_tv_ols_absmax(s: Setting, grid: AbsmaxGrid, zx: np.ndarray, zy: float,
             out[:, torch.from_numpy(sel)] = torch.from_numpy(lp)
         return out
 
-    def log_ratio() -> torch.Tensor:
+    def log_probs() -> tuple[torch.Tensor, torch.Tensor]:
         u = torch.rand(M, max(1, draws // 4), max(d - 1, 1), dtype=torch.float64, generator=gen)
         u = torch.cat([u, 1.0 - u], 1)
-        return torch.logsumexp(log_density(mu_out, cov_out, u), 0) - torch.logsumexp(log_density(mu_in, cov_in, u), 0)
+        return log_density(mu_out, cov_out, u), log_density(mu_in, cov_in, u)
 
-    return _split_sample_tv(log_ratio)
+    return _split_sample_tv(log_probs, design_error)
 
 
 def exact_tv_ols_unquantized(s: Setting, zx: np.ndarray, zy: float, K: int = 150, M: int = 4000,
