@@ -1062,3 +1062,26 @@ def test_a_loss_hooks_records_with_every_label_missing_are_not_members():
         metric.update((X, y))
     metric.compute()
     assert metric.report.n == N
+
+
+def test_a_loss_on_probabilities_with_sample_weights_zero_keeps_them_counted_with_a_warning():
+    # rv46: a sigmoid model's probabilities with weighted binary_cross_entropy (raises outside
+    # [0, 1]): vb46's per-record void test reached the far outputs for the weight-0 records and the
+    # loss's error stopped the estimation (both estimators; before vb46 the batch's label-0
+    # candidates returned first). The far outputs cannot be read, so the records stay counted
+    # (n = 40, as before vb46) and a warning says why. Fails before the fix (RuntimeError).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid()).double()
+    X = torch.randn(40, 4, dtype=torch.float64)
+    y = (torch.rand(40) < 0.5).double()
+    w = torch.ones(40, dtype=torch.float64)
+    w[::5] = 0.0
+
+    def weighted(o, t):
+        return t[1] * F.binary_cross_entropy(o.squeeze(-1), t[0], reduction="none")
+
+    with pytest.warns(UserWarning, match=r"could not be tested at far outputs"):
+        r = ml.assess(m, ["rtn_int4"], DataLoader(_WeightedRecords(X, y, w), batch_size=40), weighted,
+                      weight_decay=1e-2, estimation="diagonal", uncertainty_draws=0, num_records=64,
+                      covariance="independent")
+    assert r.n == 40 and r.schemes["rtn_int4"].leakage > 0
