@@ -1085,3 +1085,37 @@ def test_a_loss_on_probabilities_with_sample_weights_zero_keeps_them_counted_wit
                       weight_decay=1e-2, estimation="diagonal", uncertainty_draws=0, num_records=64,
                       covariance="independent")
     assert r.n == 40 and r.schemes["rtn_int4"].leakage > 0
+
+
+class _ProbabilityHook(nn.Module):
+    """A 3-task model of probabilities (sigmoid) whose masked per-record binary_cross_entropy comes
+    from ``mis_per_sample_loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.l(x))
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        seen = ~y.isnan()
+        loss = F.binary_cross_entropy(self(x), torch.where(seen, y, 0.0), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+
+def test_a_loss_hook_on_probabilities_keeps_unlabelled_records_counted_with_a_warning():
+    # rv46: the hook's far outputs (vb46) are probabilities outside [0, 1], where the hook's
+    # binary_cross_entropy raises: the estimation stopped (RuntimeError). Now the records stay
+    # counted (n = 60, as before vb46) with the warning. Fails before the fix.
+    torch.manual_seed(0)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[::4] = float("nan")
+    metric = ml.MISIndicator(_ProbabilityHook(), None, ["rtn_int4"], estimation="diagonal", weight_decay=1e-2,
+                             uncertainty_draws=0, num_records=64, covariance="independent")
+    with pytest.warns(UserWarning, match=r"could not be tested for a loss that does not depend on the weights"):
+        metric.update((X, y))
+    metric.compute()
+    assert metric.report.n == 60
