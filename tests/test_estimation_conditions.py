@@ -1119,3 +1119,26 @@ def test_a_loss_hook_on_probabilities_keeps_unlabelled_records_counted_with_a_wa
         metric.update((X, y))
     metric.compute()
     assert metric.report.n == 60
+
+
+def test_a_loss_not_finite_at_the_far_outputs_keeps_the_records_counted_with_a_warning():
+    # rv46: a hand-written weighted log-loss on a sigmoid's probabilities is NaN at the far outputs
+    # (log of a negative number; 0 x NaN for a weight 0): the records were counted silently (every
+    # figure lowered by their share, no word). Now the same n (40) with the warning. Fails before
+    # (no warning).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid()).double()
+    X = torch.randn(40, 4, dtype=torch.float64)
+    y = torch.ones(40, dtype=torch.float64)
+    w = torch.ones(40, dtype=torch.float64)
+    w[::5] = 0.0
+
+    def weighted(o, t):
+        p = o.squeeze(-1)
+        return -t[1] * (t[0] * p.log() + (1 - t[0]) * (1 - p).log())
+
+    with pytest.warns(UserWarning, match=r"could not be tested at far outputs .*not finite"):
+        r = ml.assess(m, ["rtn_int4"], DataLoader(_WeightedRecords(X, y, w), batch_size=40), weighted,
+                      weight_decay=1e-2, estimation="diagonal", uncertainty_draws=0, num_records=64,
+                      covariance="independent")
+    assert r.n == 40
