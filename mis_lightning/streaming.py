@@ -175,7 +175,10 @@ class _HookProgram(LossProgram):
                     if not bool(ok.any()):
                         break
                     far = -3.0 * out + sign * (1.0 + out.abs())
-                    ok &= (self._through_output(self.params, x, far - out)[0].reshape(k, -1) == 0).all(1)
+                    mv = self._through_output(self.params, x, far - out)[0].reshape(k, -1)
+                    if bool((ok & ~torch.isfinite(mv).all(1)).any()):  # (0 x log of an out-of-range output; rv46)
+                        raise ValueError("the hook's loss is not finite (NaN or inf) at far outputs")
+                    ok &= (mv == 0).all(1)
         except Exception as err:  # noqa: BLE001 - not one call returning one tensor (ValueError): the far
             # outputs cannot be set; or a hook's loss defined on a bounded range of outputs
             # (binary_cross_entropy on a sigmoid's probabilities raises at the far ones; rv46: the estimation

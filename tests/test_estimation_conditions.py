@@ -1142,3 +1142,31 @@ def test_a_loss_not_finite_at_the_far_outputs_keeps_the_records_counted_with_a_w
                       weight_decay=1e-2, estimation="diagonal", uncertainty_draws=0, num_records=64,
                       covariance="independent")
     assert r.n == 40
+
+
+class _LogHook(_ProbabilityHook):
+    """:class:`_ProbabilityHook` with a hand-written log-loss masked by a product (NaN at probabilities
+    outside [0, 1], kept by the mask)."""
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        seen = ~y.isnan()
+        t = torch.where(seen, y, 0.0)
+        p = self(x)
+        loss = -(t * p.log() + (1 - t) * (1 - p).log())
+        return (loss * seen).sum(-1) / seen.sum(-1).clamp_min(1)  # (masked by a product: 0 x NaN = NaN)
+
+
+def test_a_loss_hook_not_finite_at_the_far_outputs_keeps_the_records_counted_with_a_warning():
+    # rv46: NaN at the far outputs read as "not 0": the unlabelled records stayed counted silently.
+    # Now with the warning (n = 60). Fails before (no warning).
+    torch.manual_seed(0)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[::4] = float("nan")
+    metric = ml.MISIndicator(_LogHook(), None, ["rtn_int4"], estimation="diagonal", weight_decay=1e-2,
+                             uncertainty_draws=0, num_records=64, covariance="independent")
+    with pytest.warns(UserWarning, match=r"could not be tested .*not finite"):
+        metric.update((X, y))
+    metric.compute()
+    assert metric.report.n == 60
