@@ -134,8 +134,8 @@ class _HookProgram(LossProgram):
         left (all or none). A batch's labels and inputs are not told apart here, so an all-zero sample
         weight or a label code at or above the class count is not a mark (an input of zeros, a
         token id, would make every record a candidate): such records stay counted. Where the
-        hook does not call the model exactly once, the candidates stay counted and a warning
-        says so once per program.
+        hook does not call the model exactly once, or raises at the far outputs (a loss on
+        probabilities), the candidates stay counted and a warning says so once per program.
 
         Raises:
             Nothing beyond the hook's own errors on those records.
@@ -175,8 +175,14 @@ class _HookProgram(LossProgram):
                     if not bool(ok.any()):
                         break
                     far = -3.0 * out + sign * (1.0 + out.abs())
-                    ok &= (self._through_output(self.params, x, far - out)[0].reshape(k, -1) == 0).all(1)
-        except ValueError as err:  # not one call returning one tensor: the far outputs cannot be set
+                    mv = self._through_output(self.params, x, far - out)[0].reshape(k, -1)
+                    if bool((ok & ~torch.isfinite(mv).all(1)).any()):  # (0 x log of an out-of-range output; rv46)
+                        raise ValueError("the hook's loss is not finite (NaN or inf) at far outputs")
+                    ok &= (mv == 0).all(1)
+        except Exception as err:  # noqa: BLE001 - not one call returning one tensor (ValueError): the far
+            # outputs cannot be set; or a hook's loss defined on a bounded range of outputs
+            # (binary_cross_entropy on a sigmoid's probabilities raises at the far ones; rv46: the estimation
+            # stopped). Its errors at the records' own outputs come back in the pass itself
             if not getattr(self, "_void_untested_said", False):
                 self._void_untested_said = True
                 warnings.warn(

@@ -1062,3 +1062,111 @@ def test_a_loss_hooks_records_with_every_label_missing_are_not_members():
         metric.update((X, y))
     metric.compute()
     assert metric.report.n == N
+
+
+def test_a_loss_on_probabilities_with_sample_weights_zero_keeps_them_counted_with_a_warning():
+    # rv46: a sigmoid model's probabilities with weighted binary_cross_entropy (raises outside
+    # [0, 1]): vb46's per-record void test reached the far outputs for the weight-0 records and the
+    # loss's error stopped the estimation (both estimators; before vb46 the batch's label-0
+    # candidates returned first). The far outputs cannot be read, so the records stay counted
+    # (n = 40, as before vb46) and a warning says why. Fails before the fix (RuntimeError).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid()).double()
+    X = torch.randn(40, 4, dtype=torch.float64)
+    y = (torch.rand(40) < 0.5).double()
+    w = torch.ones(40, dtype=torch.float64)
+    w[::5] = 0.0
+
+    def weighted(o, t):
+        return t[1] * F.binary_cross_entropy(o.squeeze(-1), t[0], reduction="none")
+
+    with pytest.warns(UserWarning, match=r"could not be tested at far outputs"):
+        r = ml.assess(m, ["rtn_int4"], DataLoader(_WeightedRecords(X, y, w), batch_size=40), weighted,
+                      weight_decay=1e-2, estimation="diagonal", uncertainty_draws=0, num_records=64,
+                      covariance="independent")
+    assert r.n == 40 and r.schemes["rtn_int4"].leakage > 0
+
+
+class _ProbabilityHook(nn.Module):
+    """A 3-task model of probabilities (sigmoid) whose masked per-record binary_cross_entropy comes
+    from ``mis_per_sample_loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(self.l(x))
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        seen = ~y.isnan()
+        loss = F.binary_cross_entropy(self(x), torch.where(seen, y, 0.0), reduction="none")
+        return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
+
+
+def test_a_loss_hook_on_probabilities_keeps_unlabelled_records_counted_with_a_warning():
+    # rv46: the hook's far outputs (vb46) are probabilities outside [0, 1], where the hook's
+    # binary_cross_entropy raises: the estimation stopped (RuntimeError). Now the records stay
+    # counted (n = 60, as before vb46) with the warning. Fails before the fix.
+    torch.manual_seed(0)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[::4] = float("nan")
+    metric = ml.MISIndicator(_ProbabilityHook(), None, ["rtn_int4"], estimation="diagonal", weight_decay=1e-2,
+                             uncertainty_draws=0, num_records=64, covariance="independent")
+    with pytest.warns(UserWarning, match=r"could not be tested for a loss that does not depend on the weights"):
+        metric.update((X, y))
+    metric.compute()
+    assert metric.report.n == 60
+
+
+def test_a_loss_not_finite_at_the_far_outputs_keeps_the_records_counted_with_a_warning():
+    # rv46: a hand-written weighted log-loss on a sigmoid's probabilities is NaN at the far outputs
+    # (log of a negative number; 0 x NaN for a weight 0): the records were counted silently (every
+    # figure lowered by their share, no word). Now the same n (40) with the warning. Fails before
+    # (no warning).
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 1), nn.Sigmoid()).double()
+    X = torch.randn(40, 4, dtype=torch.float64)
+    y = torch.ones(40, dtype=torch.float64)
+    w = torch.ones(40, dtype=torch.float64)
+    w[::5] = 0.0
+
+    def weighted(o, t):
+        p = o.squeeze(-1)
+        return -t[1] * (t[0] * p.log() + (1 - t[0]) * (1 - p).log())
+
+    with pytest.warns(UserWarning, match=r"could not be tested at far outputs .*not finite"):
+        r = ml.assess(m, ["rtn_int4"], DataLoader(_WeightedRecords(X, y, w), batch_size=40), weighted,
+                      weight_decay=1e-2, estimation="diagonal", uncertainty_draws=0, num_records=64,
+                      covariance="independent")
+    assert r.n == 40
+
+
+class _LogHook(_ProbabilityHook):
+    """:class:`_ProbabilityHook` with a hand-written log-loss masked by a product (NaN at probabilities
+    outside [0, 1], kept by the mask)."""
+
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        seen = ~y.isnan()
+        t = torch.where(seen, y, 0.0)
+        p = self(x)
+        loss = -(t * p.log() + (1 - t) * (1 - p).log())
+        return (loss * seen).sum(-1) / seen.sum(-1).clamp_min(1)  # (masked by a product: 0 x NaN = NaN)
+
+
+def test_a_loss_hook_not_finite_at_the_far_outputs_keeps_the_records_counted_with_a_warning():
+    # rv46: NaN at the far outputs read as "not 0": the unlabelled records stayed counted silently.
+    # Now with the warning (n = 60). Fails before (no warning).
+    torch.manual_seed(0)
+    X = torch.randn(60, 4)
+    y = (torch.rand(60, 3) < 0.4).float()
+    y[::4] = float("nan")
+    metric = ml.MISIndicator(_LogHook(), None, ["rtn_int4"], estimation="diagonal", weight_decay=1e-2,
+                             uncertainty_draws=0, num_records=64, covariance="independent")
+    with pytest.warns(UserWarning, match=r"could not be tested .*not finite"):
+        metric.update((X, y))
+    metric.compute()
+    assert metric.report.n == 60

@@ -196,3 +196,26 @@ def test_zero_counts_on_codes_where_the_scales_prove_them(monkeypatch, name, dty
     assert any(n is not None for n in seen)  # counted on the codes
     if name == "float8_weight_only":
         assert seen[0] is None  # the tiny (or all-zero) rows' scales prove nothing: dequantized
+
+
+def test_zeros_on_codes_only_where_code_differences_are_exact_in_the_weight_dtype():
+    # rv46: torchao dequantizes (q - zp) in the weight's dtype; int16 codes 1001 and 1000 round to the
+    # same bfloat16 (8 significant bits), so code 1001 at zero point 1000 dequantizes to 0 though the
+    # codes differ: counted on the codes, 1 zero where the release has 2. Wider codes than 8 bits are
+    # not counted on the codes (None: the caller dequantizes). Fails before (1).
+    from types import SimpleNamespace
+
+    q = torch.tensor([[1001, 1000, 5, 7]], dtype=torch.int16)
+    w = SimpleNamespace(qdata=q, scale=torch.ones(1, 1), zero_point=torch.full((1, 1), 1000, dtype=torch.int16),
+                        dtype=torch.bfloat16)
+    release = ((q.to(torch.bfloat16) - w.zero_point.to(torch.bfloat16)) * w.scale).to(torch.bfloat16)
+    zeros = int((release == 0).sum())
+    assert zeros == 2
+    got = TB._zeros_from_codes(w, 4)
+    assert got is None or got == zeros
+    # 8-bit codes stay counted on the codes, and equal the release's zeros
+    q8 = torch.tensor([[101, 100, 5, 100]], dtype=torch.int8)
+    w8 = SimpleNamespace(qdata=q8, scale=torch.ones(1, 1), zero_point=torch.full((1, 1), 100, dtype=torch.int8),
+                         dtype=torch.bfloat16)
+    rel8 = ((q8.to(torch.bfloat16) - w8.zero_point.to(torch.bfloat16)) * w8.scale).to(torch.bfloat16)
+    assert TB._zeros_from_codes(w8, 4) == int((rel8 == 0).sum()) == 2

@@ -145,6 +145,10 @@ _LOCATIONS = {"mean", "min", "max"}
 # statistic's size (locations: of the statistic's size plus the feature's sd): float32 sums of
 # the user's fit in another order are ~1e-6 off, any other table misses it on some entry
 FITTED_RTOL = 1e-4
+# ... or this many units of the coarser of the buffer's and the inputs' float formats (a model and
+# its inputs cast to bfloat16 / float16 after the fit: the buffer rounded by up to eps / 2, each input
+# too; rv46: with FITTED_RTOL alone a bf16 / fp16 model's fitted standardiser went unnamed)
+FITTED_EPS = 2.0
 
 
 class InputStatistics:
@@ -171,6 +175,7 @@ class InputStatistics:
         leaves = self._leaves(inputs, batch_size)
         self.candidates: dict[str, list[tuple[int, str]]] = {}
         self.sums: dict[tuple[int, str], list[Any]] = {}
+        self.eps: dict[tuple[int, str], float] = {}  # the inputs' float format's eps (the coarsest read)
         for name in names:
             t = own.get(name)
             if t is None or t.numel() < 2 or bool((t == t.reshape(-1)[0]).all()):  # a constant: any data's
@@ -198,6 +203,7 @@ class InputStatistics:
             if i >= len(leaves):
                 continue
             x = leaves[i].detach()
+            self.eps[(i, kind)] = max(self.eps.get((i, kind), 0.0), torch.finfo(x.dtype).eps)
             x = (x.reshape(batch_size, -1) if kind == "feature" else x.transpose(0, 1).reshape(x.shape[1], -1).T)
             # one batch's sums in the inputs' own precision (float32: ~1e-7 relative on a few hundred
             # records, far inside FITTED_RTOL; half float64's time), merged in float64
@@ -226,7 +232,8 @@ class InputStatistics:
 
     def matches(self, model: nn.Module) -> dict[str, str]:
         """``{buffer name: which statistic of which input it equals}`` (within
-        :data:`FITTED_RTOL`, on the entries whose feature varies: at least 2, not all equal in
+        :data:`FITTED_RTOL`, or :data:`FITTED_EPS` units of the coarser float format of the buffer and
+        the inputs, on the entries whose feature varies: at least 2, not all equal in
         the buffer), in the order of the candidates."""
         own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         out: dict[str, str] = {}
@@ -244,9 +251,12 @@ class InputStatistics:
                 live = sd > 0
                 if int(live.sum()) < 2 or bool((v[live] == v[live][0]).all()):
                     continue
+                rtol = max(FITTED_RTOL, FITTED_EPS * max(self.eps.get((i, kind), 0.0), torch.finfo(buf.dtype).eps))
                 for what in _STATISTICS:
                     s = self._statistic(acc, what)[live]
-                    tol = FITTED_RTOL * (s.abs() + (sd[live] if what in _LOCATIONS else 0))
+                    # (a variance's rounding is twice its sd's, relatively)
+                    tol = (2.0 if what.startswith("var") else 1.0) * rtol * (
+                        s.abs() + (sd[live] if what in _LOCATIONS else 0))
                     if bool(torch.isfinite(s).all()) and bool(((v[live] - s).abs() <= tol).all()):
                         out[name] = f"the {what} of input {i} per {kind}"
                         break

@@ -366,7 +366,7 @@ def _smallest_subnormal(dt: torch.dtype) -> float:
 def _zeros_from_codes(w: Tensor, group: int) -> int | None:
     """The zeros of ``w.dequantize()`` (NaN non-zero) counted on the codes, or ``None`` where this
     count is not proven (the caller dequantizes): a 2-d ``Int8Tensor`` /
-    ``IntxUnpackedToInt8Tensor`` with an integer (or no) zero point, or a ``Float8Tensor``, with
+    ``IntxUnpackedToInt8Tensor`` (8-bit codes) with an integer (or no) zero point, or a ``Float8Tensor``, with
     blocks of ``group`` elements of a row, whose every scale is finite and at least ``T``.
 
     torchao computes ``((q - zp) * scale).to(dtype)`` (``q - zp`` in the weight's dtype: exact,
@@ -385,7 +385,9 @@ def _zeros_from_codes(w: Tensor, group: int) -> int | None:
     if q.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         codes, zp, m = q.view(torch.int8).bitwise_and(0x7F), None, _smallest_subnormal(q.dtype)
         prod = torch.promote_types(torch.float32, scale.dtype)
-    elif q.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+    elif q.dtype in (torch.int8, torch.uint8):
+        # (wider codes: torchao's q - zp in a bf16 / fp16 weight's dtype rounds above 256 / 2048, so
+        # two codes apart can dequantize to 0 together; rv46)
         zp = getattr(w, "zero_point", None)
         if zp is not None and (zp.is_floating_point() or zp.numel() != rows * nb):
             return None
