@@ -1105,20 +1105,28 @@ class _ProbabilityHook(nn.Module):
         return torch.where(seen, loss, 0.0).sum(-1) / seen.sum(-1).clamp_min(1)
 
 
-def test_a_loss_hook_on_probabilities_keeps_unlabelled_records_counted_with_a_warning():
-    # rv46: the hook's far outputs (vb46) are probabilities outside [0, 1], where the hook's
-    # binary_cross_entropy raises: the estimation stopped (RuntimeError). Now the records stay
-    # counted (n = 60, as before vb46) with the warning. Fails before the fix.
+def _hook_keeps_unlabelled_records_counted(hook: nn.Module, warning: str) -> None:
+    """60 records, a quarter with every label NaN, through ``hook``'s ``mis_per_sample_loss``: the
+    unlabelled records cannot be tested at the far outputs, so they stay counted (n = 60) with
+    ``warning``."""
     torch.manual_seed(0)
     X = torch.randn(60, 4)
     y = (torch.rand(60, 3) < 0.4).float()
     y[::4] = float("nan")
-    metric = ml.MISIndicator(_ProbabilityHook(), None, ["rtn_int4"], estimation="diagonal", weight_decay=1e-2,
+    metric = ml.MISIndicator(hook, None, ["rtn_int4"], estimation="diagonal", weight_decay=1e-2,
                              uncertainty_draws=0, num_records=64, covariance="independent")
-    with pytest.warns(UserWarning, match=r"could not be tested for a loss that does not depend on the weights"):
+    with pytest.warns(UserWarning, match=warning):
         metric.update((X, y))
     metric.compute()
     assert metric.report.n == 60
+
+
+def test_a_loss_hook_on_probabilities_keeps_unlabelled_records_counted_with_a_warning():
+    # rv46: the hook's far outputs (vb46) are probabilities outside [0, 1], where the hook's
+    # binary_cross_entropy raises: the estimation stopped (RuntimeError). Now the records stay
+    # counted (n = 60, as before vb46) with the warning. Fails before the fix.
+    _hook_keeps_unlabelled_records_counted(
+        _ProbabilityHook(), r"could not be tested for a loss that does not depend on the weights")
 
 
 def test_a_loss_not_finite_at_the_far_outputs_keeps_the_records_counted_with_a_warning():
@@ -1160,13 +1168,4 @@ class _LogHook(_ProbabilityHook):
 def test_a_loss_hook_not_finite_at_the_far_outputs_keeps_the_records_counted_with_a_warning():
     # rv46: NaN at the far outputs read as "not 0": the unlabelled records stayed counted silently.
     # Now with the warning (n = 60). Fails before (no warning).
-    torch.manual_seed(0)
-    X = torch.randn(60, 4)
-    y = (torch.rand(60, 3) < 0.4).float()
-    y[::4] = float("nan")
-    metric = ml.MISIndicator(_LogHook(), None, ["rtn_int4"], estimation="diagonal", weight_decay=1e-2,
-                             uncertainty_draws=0, num_records=64, covariance="independent")
-    with pytest.warns(UserWarning, match=r"could not be tested .*not finite"):
-        metric.update((X, y))
-    metric.compute()
-    assert metric.report.n == 60
+    _hook_keeps_unlabelled_records_counted(_LogHook(), r"could not be tested .*not finite")
