@@ -47,13 +47,13 @@ from .estimation.estimate import (
     LEVERAGE_CAP,
     estimator_warnings,
     name_coordinates,
-    nonfinite_coordinates,
 )
 from .estimation.linear_factors import KFAC_MAX_WIDTH
 from .estimation.per_sample import BatchFn, LossFn
 from .evaluation import OutputTransform, evaluate_utility
 from .functional._checks import check_finite
 from .functional.bounds import _SPLIT_STATE
+from .functional.correlated import nonfinite_coordinates
 from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE

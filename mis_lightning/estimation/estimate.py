@@ -40,7 +40,12 @@ from .._rng import restores_rng
 from .._warning_filters import ignoring
 from ..config import DEFAULT_LEVERAGE_CORRECTION
 from ..functional.correlated import RCOND as CORRELATION_RCOND
-from ..functional.correlated import Correlation, SandwichFactor, correlation_from_covariance
+from ..functional.correlated import (
+    Correlation,
+    SandwichFactor,
+    correlation_from_covariance,
+    nonfinite_coordinates,
+)
 from . import linear_factors as LF
 from .batching import items_are_batches, merge_batches
 from .data_buffers import InputStatistics, persistent_float_buffers
@@ -2715,11 +2720,6 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
 def _dense(v: Any, rows: int) -> Tensor:
     """A per-sample gradient ``[rows, numel]`` (sparse embedding gradients made dense)."""
     return v.dense(rows) if isinstance(v, _Sparse) else v.reshape(rows, -1)
-
-
-def nonfinite_coordinates(x: Tensor) -> Tensor:
-    """``[k]`` long: the rows of ``x [d, ...]`` holding a NaN or inf (the flat coordinates)."""
-    return (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
 
 
 def name_coordinates(flat_index: Tensor, offsets: dict[str, tuple[int, int]], most: int = 4) -> str:

@@ -119,10 +119,15 @@ MC_BLOCK_ELEMENTS = 1 << 22
 QUADRATIC_TOLERANCE = 1e-12
 
 
+def nonfinite_coordinates(x: Tensor) -> Tensor:
+    """``[k]`` long: the rows of ``x [d, ...]`` holding a NaN or inf (the flat coordinates)."""
+    return (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
+
+
 def _check_finite(R: Tensor, what: str) -> None:
     """Raise where ``R`` has a non-finite entry, naming the first coordinates (eigh would fail
     inside LAPACK, or return NaN, without saying where)."""
-    bad = (~torch.isfinite(R)).reshape(R.shape[0], -1).any(-1).nonzero().flatten()
+    bad = nonfinite_coordinates(R)
     if bad.numel():
         raise ValueError(f"{what} is not finite at coordinate(s) {bad[:8].tolist()}"
                          f"{' ...' if bad.numel() > 8 else ''} of {R.shape[0]}")
