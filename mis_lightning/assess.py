@@ -3308,6 +3308,86 @@ SHARE_EQUAL_COLUMNS = True
 _ZERO_COLUMN = ("zero column",)
 
 
+# A factored weight's chunk whose power-2 columns hold several near-unit kappas (0 <= 1 - kappa <=
+# NEAR_UNIT_MAX on every element) that share a deficit direction sums the unit column and one deficit
+# column per direction, each such kappa's sums the unit column's less alpha times the direction's
+# (linear_factors.factored_power_sums' row weights, alpha on every row), where the residual
+# max |delta - alpha delta_b| is at most SHARED_DEFICIT_TOL (1 - max delta) (checked per chunk and
+# column at run time): then every such sum, a sum of non-negative terms w^2 kappa, is within that
+# relative of its exact value (|sum w^2 r| <= max |r| sum w^2) before the float32 rounding, whose
+# run-time bound covers both sums (the difference's relative error at most (1 + delta) / (1 - delta)
+# times theirs: NEAR_UNIT_MAX keeps it within 1e-6 of the bound). The 1e7 MLP's first layer: fp16 /
+# bf16 main and pool kappas (the fine expansion 1 - h^2 / 12 + h^4 / 144, h the own cell's width in
+# sd: bf16's cells 8 times fp16's, the pool protocol's h^2 twice the main's) are one direction within
+# ~7e-13: 7 -> 4 GEMM columns a chunk (docs/benchmarks.md, "p47a"; method.md section 3, "Shared
+# deficit directions"). The tolerance is the unit-kappa chunks' (UNIT_KAPPA_TOL). False: every
+# distinct column summed (A/B).
+SHARED_DEFICITS = True
+SHARED_DEFICIT_TOL = UNIT_KAPPA_TOL
+NEAR_UNIT_MAX = 1e-6
+
+
+def _shared_deficit_plan(columns: list[Tensor]) -> tuple[int | None, dict[int, tuple[int | None, float]],
+                                                         list[Tensor]] | None:
+    """How a chunk's distinct power-2 columns ``[c]`` are summed through shared deficit directions
+    (:data:`SHARED_DEFICITS`): ``(unit, assigned, bases)`` with ``unit`` the index of a column
+    equal to 1 everywhere (``None``: none is), ``assigned`` per near-unit column its ``(basis,
+    alpha)`` (its kappa is ``1 - alpha bases[basis]`` within :data:`SHARED_DEFICIT_TOL` relative;
+    ``basis`` ``None``: 1 within that), ``bases`` the deficit columns ``1 - kappa`` (``[c]``,
+    ``>= 0``); ``None`` where that sums no fewer columns. A column is a candidate where every element
+    lies in ``[1 - NEAR_UNIT_MAX, 1]`` (a sample of ~256 elements first: most columns that are not,
+    e.g. with point masses, fail there)."""
+    cand: list[tuple[int, Tensor, float]] = []
+    unit = None
+    for i, t in enumerate(columns):
+        if t.dim() != 1 or t.dtype != torch.float64 or t.numel() == 0:
+            continue
+        probe = t[:: max(1, t.numel() // 256)]
+        if not bool(((probe <= 1.0) & (probe >= 1.0 - NEAR_UNIT_MAX)).all()):
+            continue
+        lo, hi = torch.aminmax(t)
+        if not (float(hi) <= 1.0 and float(lo) >= 1.0 - NEAR_UNIT_MAX):  # (NaN fails too)
+            continue
+        if float(lo) == 1.0:
+            if unit is None:
+                unit = i
+                continue
+            cand.append((i, torch.zeros((), dtype=t.dtype).expand(t.shape), 0.0))
+            continue
+        delta = 1.0 - t  # exact (Sterbenz: t in [1/2, 1])
+        cand.append((i, delta, 1.0 - float(lo)))
+    if not cand:
+        return None
+    cand.sort(key=lambda e: -e[2])  # the widest deficit first: the others are read off it
+    bases: list[Tensor] = []
+    norms: list[float] = []
+    assigned: dict[int, tuple[int | None, float]] = {}
+    for i, delta, top in cand:
+        limit = SHARED_DEFICIT_TOL * (1.0 - top)
+        done = False
+        for bi, (db, nb) in enumerate(zip(bases, norms)):
+            alpha = float(torch.dot(delta, db)) / nb
+            if alpha >= 0.0 and float((delta - alpha * db).abs().max()) <= limit:
+                assigned[i] = (bi, alpha)
+                done = True
+                break
+        if done:
+            continue
+        if top <= limit:  # within the tolerance of the unit column itself
+            assigned[i] = (None, 0.0)
+            continue
+        nb = float(torch.dot(delta, delta))
+        if not nb > 0.0 or not math.isfinite(nb):
+            continue
+        bases.append(delta)
+        norms.append(nb)
+        assigned[i] = (len(bases) - 1, 1.0)
+    used = {b for b, _ in assigned.values() if b is not None}
+    if len(assigned) - len(used) - (1 if unit is None else 0) <= 0:
+        return None
+    return unit, assigned, bases
+
+
 def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int, list[Tensor]],
                         keys: dict[int, list[Any]],
                         deficits: list[tuple[int, Any, Tensor, Tensor]] | None = None) -> dict[int, Tensor]:
@@ -3339,6 +3419,32 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
                 if first[key] >= 0:
                     take[p].append(t)
             where[p].append(first[key])
+    deficits = list(deficits or [])
+    if (SHARED_DEFICITS and SHARE_EQUAL_COLUMNS and 2 in take and len(take[2]) > 1 and reader.factor is not None
+            and not reader.factor[1] and reader.unit > 0 and (b - a) % reader.unit == 0):
+        plan = _shared_deficit_plan(take[2])
+        if plan is not None:
+            unit, assigned, bases = plan
+            rows = (b - a) // reader.unit
+            keep_cols = [i for i in range(len(take[2])) if i not in assigned]
+            cols2 = [take[2][i] for i in keep_cols]
+            if unit is None:
+                cols2.append(torch.ones(b - a, dtype=torch.float64))
+                unit_at = len(cols2) - 1
+            else:
+                unit_at = keep_cols.index(unit)
+            moved = {old: new for new, old in enumerate(keep_cols)}
+            for old in assigned:
+                moved[old] = unit_at
+            keys_b = [("shared deficit", id(db)) for db in bases]
+            for m, w in enumerate(where[2]):
+                if w < 0:
+                    continue
+                where[2][m] = moved[w]
+                if w in assigned and assigned[w][0] is not None:
+                    bi, alpha = assigned[w]
+                    deficits.append((m, keys_b[bi], bases[bi], torch.full((rows,), alpha, dtype=torch.float64)))
+            take[2] = cols2
     rw = None
     if deficits:
         plain = len(take[2])
