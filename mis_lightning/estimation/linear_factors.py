@@ -836,6 +836,11 @@ def standardised_influence(g: Tensor, g_mean: Tensor, v: Tensor) -> Tensor:
 # recomputed in float64; POWER_SUMS_F32_LAMBDA: the probabilistic rounding bound's lambda
 # (method.md section 3, "Power sums in float32").
 POWER_SUMS_F32: frozenset[int] = frozenset({2, 4})
+# The fourth powers' bound with the a = 2 term it computes (p47a): |T|_1 <= sqrt(T_2 G), |T|_2 = T_2,
+# |T|_3 <= sqrt(T_4 T_2) (Cauchy-Schwarz, S >= 0) instead of Hoelder's T_4^(a/4) G^(1 - a/4) for every
+# a, never larger (T_2 <= sqrt(T_4 G)); the 1e7 MLP's first layer: ~18 records a chunk whose bound
+# failed (float64 again) now hold, the second layer's 130-190 -> 65-120. False: Hoelder's (A/B).
+FOURTH_POWER_CS_BOUND = True
 POWER_SUMS_F32_RTOL = 1e-4
 POWER_SUMS_F32_LAMBDA = 8.0
 # calls of factored_power_sums by (power, how they were summed) (tests, benchmarks)
@@ -1035,7 +1040,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
         eps = torch.tensor([eps] * M + [eps + 2.0 * _U32] * K, dtype=torch.float64).reshape(1, -1)
     total = g0.unsqueeze(0).expand(R, -1).clone()
     u_sum = torch.zeros_like(total)
-    tp = total
+    tp = t2 = total
     for a in range(1, power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         # one more rounding where a power of gb multiplies S (counted in eps's six)
@@ -1067,9 +1072,17 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
         total = total + coef * ta
         u_sum = u_sum + math.comb(power, a) * under * scale
         tp = ta
+        if a == 2:
+            t2 = ta
     tpp = tp.clamp_min(0.0) * (1.0 + eps)  # the float32 T_p is itself within eps of T_p
     gp = g0.clamp_min(0.0).unsqueeze(0)
-    err = eps * ((tpp.pow(1.0 / power) + gp.pow(1.0 / power)).pow(power) - gp).clamp_min(0.0) + u_sum
+    if power == 4 and FOURTH_POWER_CS_BOUND:
+        # |T|_2 = T_2 and |T|_4 = T_4 (non-negative terms); |T|_1 <= sqrt(T_2 G), |T|_3 <= sqrt(T_4 T_2)
+        # (Cauchy-Schwarz over the weights S >= 0), each at most Hoelder's term (T_2 <= sqrt(T_4 G))
+        t2p = t2.clamp_min(0.0) * (1.0 + eps)
+        err = eps * (tpp + 4.0 * (tpp * t2p).sqrt() + 6.0 * t2p + 4.0 * (t2p * gp).sqrt()) + u_sum
+    else:
+        err = eps * ((tpp.pow(1.0 / power) + gp.pow(1.0 / power)).pow(power) - gp).clamp_min(0.0) + u_sum
     ok = torch.isfinite(total) & (err * (1.0 + rtol) <= rtol * total.clamp_min(0.0))
     if K and Wr is not None:  # a row-weighted column of zero weights: exact zeros (each product 0)
         ok[:, M:] |= (Wr == 0).all(0)
@@ -1196,6 +1209,15 @@ def factored_power_sums(
     return _binomial_sums_f64(fac, gb, S, power, cache, keep, g0=g0, pack=PACK_ZERO_BLOCKS)
 
 
+# The a = 0 term of columns stored one after another (assess.COLUMN_MAJOR_STACK) as one GEMV over
+# their contiguous [M, numel] transpose (p47a: a [1, numel] x [numel, 1] product per column ran at ~1 ms
+# for 2^18 elements, 9 columns 9.1 against 1.8 ms, ~0.2 s of a 1e7 call in the second layer's 32
+# chunks). Not bitwise the row-major GEMV's sums: each column's non-negative float64 sum in another
+# order (within (numel + 2) u relative either way; ~1e-14 measured on 2^18 random terms). False: one
+# GEMV per column, bitwise the row-major layout's (ps37; A/B).
+ZEROTH_TERM_GEMV = True
+
+
 def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int, every: bool) -> Tensor:
     """``[M]`` the binomial expansion's ``a = 0`` term ``sum_j gb_j^p A_jm / V_j^(p/2)`` over the live
     weights (``vp [numel, 1] = V^(p/2)``), one GEMV over ``A`` (:data:`F32_ON_LIVE_ROWS`); where that
@@ -1205,7 +1227,11 @@ def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int
     c = (g2 if power == 2 else g2.square() if power == 4 else g_mean.pow(power)) / vp.reshape(-1)  # [numel]
     if not every:
         c = torch.where(live, c, torch.zeros((), dtype=c.dtype))
-    if A.shape[1] and A.stride(0) == 1 and A.stride(1) != 1:
+    if ZEROTH_TERM_GEMV and A.shape[1] > 1 and A.stride(0) == 1 and A.stride(1) == A.shape[0]:
+        # columns stored one after another (assess.COLUMN_MAJOR_STACK): one GEMV over the contiguous
+        # [M, numel] transpose (ZEROTH_TERM_GEMV)
+        g0 = torch.mv(A.T, c)
+    elif A.shape[1] and A.stride(0) == 1 and A.stride(1) != 1:
         # columns stored one after another (assess.COLUMN_MAJOR_STACK): a GEMV per column, each
         # [numel, 1] with unit strides, which sums a column as the GEMV over a row-major
         # [numel, M] does (bitwise, tests/test_factored_sums.py; one GEMV over the transposed
