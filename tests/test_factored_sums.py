@@ -629,14 +629,18 @@ def test_skinny_gemms_with_every_output_row_silent(monkeypatch, f32):
 
 
 @pytest.mark.parametrize("M", [1, 2, 5, 13])
-def test_the_zeroth_term_of_column_major_columns_is_the_row_major_gemv(M):
+def test_the_zeroth_term_of_column_major_columns_is_the_row_major_gemv(M, monkeypatch):
     """ps37: a ``[numel, M]`` matrix stored column after column (assess.COLUMN_MAJOR_STACK, the
     transpose of ``[M, numel]``) takes the a = 0 term ``c @ A`` as one GEMV per unit-stride
     column, which sums each column as the GEMV over the row-major matrix does: bitwise the same
     ``[M]``. (One GEMV over the transposed matrix, a dot product per column and a ``[numel, 1]``
     slice with stride numel each round otherwise: the last measured up to 9e-15 relative on the
-    1e7 MLP's second layer.) numel past MKL's blocking; entries over ten decades."""
+    1e7 MLP's second layer.) numel past MKL's blocking; entries over ten decades. With
+    ``ZEROTH_TERM_GEMV`` (p47a: one GEMV over the transposed matrix) within 1e-13 relative instead
+    (non-negative terms; measured ~1e-15)."""
     import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "ZEROTH_TERM_GEMV", False)
 
     g = torch.Generator().manual_seed(7)
     for numel in (4099, 2**18 + 3):
@@ -649,6 +653,9 @@ def test_the_zeroth_term_of_column_major_columns_is_the_row_major_gemv(M):
             row = lf._zeroth_term(g_mean, A, vp, live, power, True)
             col = lf._zeroth_term(g_mean, Acm, vp, live, power, True)
             assert torch.equal(row, col), (numel, power)
+            monkeypatch.setattr(lf, "ZEROTH_TERM_GEMV", True)
+            torch.testing.assert_close(lf._zeroth_term(g_mean, Acm, vp, live, power, True), row, rtol=1e-13, atol=0.0)
+            monkeypatch.setattr(lf, "ZEROTH_TERM_GEMV", False)
 
 
 def _as_column_major(A: torch.Tensor) -> torch.Tensor:
@@ -668,6 +675,7 @@ def test_column_major_columns_give_bitwise_the_same_sums(monkeypatch, path):
     gathered rows), with one held cache for both layouts (its scratch buffers shared)."""
     import mis_lightning.estimation.linear_factors as lf
 
+    monkeypatch.setattr(lf, "ZEROTH_TERM_GEMV", False)  # (p47a's one GEMV: the a = 0 term within 1e-13)
     monkeypatch.setattr(lf, "POWER_SUMS_F32", frozenset() if path == "f64" else frozenset({2, 4}))
     fac, _, _, A, silent, gr = _partly_silent_case()
     g_mean, v = gr.mean(0), gr.var(0, unbiased=False) + 0.5

@@ -251,6 +251,8 @@ def test_column_major_stack_gives_bitwise_the_same_report(kind, monkeypatch):
     view (strides ``(1, c)``) with the switch on and a row-major matrix with it off."""
     model, est = _fitted(kind)
     monkeypatch.setattr(A, "COLUMN_MAJOR_ROWS", 1.0)
+    # (the a = 0 term's GEMV per column; linear_factors.ZEROTH_TERM_GEMV's one GEMV rounds otherwise)
+    monkeypatch.setattr(importlib.import_module("mis_lightning.estimation.linear_factors"), "ZEROTH_TERM_GEMV", False)
     layouts: list[tuple[int, ...]] = []
     real = A._InfluenceReader.sums
 
