@@ -55,6 +55,7 @@ from ..functional.distinct import (
     table_window_moments,
 )
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
+from ..functional import point_proof as _proof
 from ..functional.masks import any_set
 from ..functional.quotient import (
     quotient_boundaries,
@@ -248,6 +249,12 @@ SD_ZERO_SHARED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
+# ParamGrid.point_masses_at on affine grids of 2-D weights with blocks along a row (per-row, per-group
+# scales), whole rows per chunk: the sd-0 inside test proven for a whole chunk by one number per
+# weight on the blocks' own values (functional.point_proof; no per-element expansion of the grid),
+# the weights it does not prove (each block's absmax on its bound, near-edges, NaN) tested as
+# before: the same mask bitwise (p47b; docs/benchmarks.md). False: the per-element test
+AFFINE_POINT_PROOF = True
 # The wide-sd closed form's C3 of a whole chunk (ParamGrid._wide_closed) computed once per block
 # of the grid (its bounds, scale and zero point are per-block values) and then expanded, instead
 # of ~34 element-wise operations per element: bitwise the same (the same IEEE operations on the
@@ -309,6 +316,7 @@ def release_chunk_facts() -> None:
         slots.clear()
     _EXPANSIONS.clear()
     _SD_ZERO.clear()
+    _REVEALED_SHARED.clear()
 
 
 # The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
@@ -450,6 +458,8 @@ class _SdZero:
 
 
 _SD_ZERO: list[tuple[tuple, _SdZero]] = []
+# ParamGrid._revealed_shared's last two chunks' revealed (mask, indices)
+_REVEALED_SHARED: list[tuple[tuple, tuple[Tensor, Tensor]]] = []
 
 
 def _sd_zero(sigma: Tensor) -> _SdZero:
@@ -1621,6 +1631,10 @@ class ParamGrid:
         range (``REUSE_CHUNK_FACTS``). ``theta``, ``sigma``: ``[c]`` (parameter units)."""
         if not POINT_MASS_CLOSED_FORM or self.storage_dtype is not None or self.kind == "quotient":
             return None
+        if AFFINE_POINT_PROOF:
+            proof = self._proven_points(theta, sigma, start, end)
+            if proof is not None:
+                return proof[0]
         scale, zp, code, dead, bounds = self._chunk_grid(start, end)
         if dead is not None:
             return None
@@ -1635,6 +1649,121 @@ class ParamGrid:
             if rev is None or any_set(left & ~rev):
                 return None
         return point
+
+    def _point_proof_layout(self) -> tuple | None:
+        """The per-block facts :meth:`_proven_points` reads, or ``None`` where it does not apply:
+        an affine grid of a 2-D tensor with the backend's integer codes, integer zero points,
+        blocks along the last dim (``block_size (1, k)``, ``k`` dividing it), bounds
+        (:attr:`support`), every scale finite and positive, and codes, zero points and bounds
+        within :data:`~mis_lightning.functional.point_proof.PROOF_MAX_CELLS` cells. ``(k, inv,
+        zero point or None, lower, upper, symmetric, scale, lo, hi)``, per block ``[rows,
+        blocks]`` float64 (``lower = lo + s/2``, ``upper = hi - s/2``); kept per tensor version."""
+        src = (self.scale, self.zero_point, self.codes,
+               *(self.support if self.support is not None else (None, None)))
+        key = tuple(None if t is None else (id(t), t._version) for t in src)
+        hit = self.__dict__.get("_point_proof_fact")
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        out = None
+        zp = self.zero_point
+        if (self.kind == "affine" and self.codes is not None and not self.codes.is_floating_point()
+                and len(self.shape) == 2 and self.support is not None and self.storage_dtype is None
+                and (zp is None or not zp.is_floating_point()) and len(self.block_size) == 2
+                and self.block_size[0] == 1 and self.block_size[1] > 0 and self.shape[1] % self.block_size[1] == 0):
+            rows, k = self.shape[0], self.block_size[1]
+            nb = self.shape[1] // k
+            if self.scale.numel() == rows * nb and all(t.numel() == rows * nb for t in self.support) \
+                    and (zp is None or zp.numel() == rows * nb) and self.codes.numel() == self.numel:
+                s = self.scale.reshape(rows, nb).to(torch.float64)
+                lo, hi = (t.reshape(rows, nb).to(torch.float64) for t in self.support)
+                z = None if zp is None or not bool(zp.any()) else zp.reshape(rows, nb).to(torch.float64)
+                cmin, cmax = torch.aminmax(self.codes.reshape(-1)) if self.codes.numel() else (torch.zeros(()),) * 2
+                top = _proof.PROOF_MAX_CELLS
+                ok = bool(torch.isfinite(s).all()) and bool((s > 0).all()) \
+                    and max(abs(int(cmin)), abs(int(cmax))) <= top / 2 \
+                    and (z is None or float(z.abs().max()) <= top / 2) \
+                    and bool((lo.abs() <= top * s).all()) and bool((hi.abs() <= top * s).all())
+                if ok:
+                    out = (k, 1.0 / s, z, lo + 0.5 * s, hi - 0.5 * s, torch.equal(lo, -hi), s, lo, hi)
+        self.__dict__["_point_proof_fact"] = (key, out)
+        return out
+
+    def _revealed_shared(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """:meth:`_revealed_at`, kept for every grid of the chunk whose :attr:`revealed` is the same
+        tensor (the schemes' shared scale facts: int8, int4 and float8 per row), not for one later
+        call: the last two (chunk mask, indices) pairs (:func:`release_chunk_facts` frees them)."""
+        if self.revealed is None:
+            return None, None
+        extra = (start, end, str(device))
+        for key, hit in _REVEALED_SHARED:
+            if _key_matches(key, (self.revealed,), extra):
+                return hit
+        rev = self.revealed.reshape(-1)[start:end].to(device)
+        out = (rev, torch.nonzero(rev).squeeze(-1))
+        _REVEALED_SHARED.insert(0, (_fact_key((self.revealed,), extra), out))
+        del _REVEALED_SHARED[2:]
+        return out
+
+    def _proven_points(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> tuple[Tensor | None] | None:
+        """:meth:`point_masses_at`'s answer, in a 1-tuple, where :meth:`_point_proof_layout` applies
+        and the range is whole rows, else ``None`` (the caller's own test then): the inside test
+        proven for whole chunks by
+        :func:`~mis_lightning.functional.point_proof.affine_inside_gap` (one reduction), the weights
+        it does not prove (a block's absmax on its bound; NaN; near an edge) tested as
+        :meth:`_inside_on_edges` tests them: the same mask (:data:`AFFINE_POINT_PROOF`)."""
+        lay = self._point_proof_layout()
+        width = self.shape[1] if len(self.shape) == 2 else 0
+        if lay is None or width == 0 or start % width or end % width or theta.dtype != torch.float64 \
+                or not theta.is_contiguous() or theta.numel() != end - start:
+            return None
+        k, inv, z, lower, upper, symmetric, s, lo, hi = lay
+        c = end - start
+        zf = _sd_zero(sigma)
+        if zf.count < max(1.0, POINT_MASS_MIN_FRACTION * c):
+            return (None,)
+        r0, r1 = start // width, end // width
+        nb = width // k
+
+        def per_block(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[r0:r1].unsqueeze(-1)
+
+        code = self.codes.reshape(self.shape)[r0:r1].reshape(r1 - r0, nb, k)
+        g = _proof.affine_inside_gap(theta.view(r1 - r0, nb, k), per_block(inv), code, per_block(z),
+                                     per_block(lower), per_block(upper), symmetric).view(-1)
+        rev, rev_ii = self._revealed_shared(start, end, theta.device)
+        if rev_ii is not None and rev_ii.numel():
+            g.index_fill_(0, rev_ii, 0.0)  # (tested below)
+        limit = 0.5 - _POINT_MASS_MARGIN - _proof.PROOF_SLACK
+        whole = bool(g.amax() < limit)  # (NaN: not proven)
+        if whole:
+            point = zf.mask.clone()
+            test = rev_ii if rev_ii is not None and rev_ii.numel() else None
+        else:
+            proven = g < limit
+            if rev_ii is not None and rev_ii.numel():
+                proven.index_fill_(0, rev_ii, False)
+            point = zf.mask & proven
+            test = torch.nonzero(zf.mask & ~proven).squeeze(-1)
+        n_point = zf.count
+        if test is not None and test.numel():
+            blk = test // k + r0 * nb
+            zp = torch.zeros(test.numel(), dtype=torch.float64) if z is None else z.reshape(-1)[blk]
+            inside = self._inside_on_edges(
+                theta[test], s.reshape(-1)[blk], zp, self.codes.reshape(-1)[start + test].to(torch.float64),
+                (lo.reshape(-1)[blk], hi.reshape(-1)[blk]))
+            tp = point[test] & inside
+            point[test] = tp
+            if whole:
+                n_point -= int(zf.mask[test].sum()) - int(tp.sum())
+        if not whole:
+            n_point = int(torch.count_nonzero(point))
+        if n_point < POINT_MASS_MIN_FRACTION * c:
+            return (None,)
+        if n_point < zf.count and not whole:  # (whole: only revealed elements can be left)
+            left = zf.mask & ~point
+            if rev is None or any_set(left & ~rev):
+                return (None,)
+        return (point,)
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,

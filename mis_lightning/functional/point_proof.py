@@ -1,0 +1,65 @@
+"""A proof, per block of an affine grid, that weights lie strictly inside their own cell and bounds.
+
+The sd-0 point-mass test (:meth:`~mis_lightning.quantization.base.ParamGrid._inside`) asks of every
+weight ``th`` whether ``th - lo > m s`` and ``hi - th > m s`` for its own cell's edges
+``(q - z -/+ 1/2) s`` and its release's bounds, ``m = 1e-9``. Element-wise on per-element
+expansions of the block's scale, zero point, codes and bounds that is ~25 float64 passes over a
+chunk (4-5 ms per 2^18 weights, docs/benchmarks.md "p47b"). Here the same question is one number
+per weight, computed on the blocks' own values (broadcast, no expansion):
+``G = max(|th / s - (q - z)|, (th - (hi - s/2)) / s, ((lo + s/2) - th) / s)`` (cells), and
+``G < 1/2 - m - PROOF_SLACK`` proves the test true (below); one reduction over a chunk then proves
+every weight at once, the rest being tested as before. Only a sufficient condition: the caller
+tests the weights it does not prove.
+
+Why it is a proof (float64, ``u = 2^-53``). With ``|q - z| <= 2^16`` and ``|lo|, |hi| <= 2^16 s``
+(the caller checks both), ``1 / s`` and each product and difference add a relative error of at
+most ``u``, so a computed ``G < 1/2`` is within ``2^17 * 4u < 6e-11`` cells of the exact one, far
+below ``PROOF_SLACK`` (``2^-30``, 9.3e-10). The exact distances are then above ``m (1 + 2^-40)``
+cells, and the test's own float64 arithmetic (exact edges: small integers times a float32 scale;
+one rounding of ``th - lo`` and of ``m s``) cannot turn them into ``<= m s``. NaN and infinite
+weights give a NaN or infinite ``G`` (not proven).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# cells added to the margin before a weight counts as proven (above the float64 rounding of G,
+# 6e-11 cells at the largest codes and bounds admitted, below the margin's own 1e-9)
+PROOF_SLACK = 2.0**-30
+# the largest |q - z| and |bound| / scale for which the rounding bound above holds
+PROOF_MAX_CELLS = 2.0**16
+
+
+def affine_inside_gap(th: Tensor, inv: Tensor, code: Tensor, zero_point: Tensor | None,
+                      lower: Tensor, upper: Tensor, symmetric: bool) -> Tensor:
+    """``G`` (float64, ``th``'s shape): per weight, the largest of ``|th * inv - (code - zero_point)|``
+    (its offset from its own cell's centre, cells) and ``(th - upper) * inv``, ``(lower - th) *
+    inv`` (``lower``, ``upper``: the release's bounds moved half a cell inwards, ``lo + s/2`` and
+    ``hi - s/2``), so that ``G < 1/2 - margin - PROOF_SLACK`` proves the weight more than
+    ``margin`` cells inside both (module docstring).
+
+    Args:
+        th: weights ``[rows, blocks, k]`` float64 (``k`` weights per block).
+        inv: ``1 / scale`` per block ``[rows, blocks, 1]`` float64 (scale finite, positive).
+        code: the backend's integer codes, ``th``'s shape.
+        zero_point: ``[rows, blocks, 1]`` (integer-valued), or ``None`` (0).
+        lower, upper: ``[rows, blocks, 1]`` float64, as above.
+        symmetric: ``lower == -upper`` for every block (absmax bounds): one term ``(|th| - upper)
+            * inv`` for both.
+    """
+    g = th * inv
+    g.sub_(code)
+    if zero_point is not None:
+        g.add_(zero_point)
+    g.abs_()
+    if symmetric:
+        b = th.abs().sub_(upper)
+        return torch.maximum(g, b.mul_(inv), out=g)  # (NaN propagates)
+    b = torch.sub(th, upper).mul_(inv)
+    torch.maximum(g, b, out=g)
+    return torch.maximum(g, torch.sub(lower, th, out=b).mul_(inv), out=g)
+
+
+__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap"]
