@@ -62,4 +62,26 @@ def affine_inside_gap(th: Tensor, inv: Tensor, code: Tensor, zero_point: Tensor 
     return torch.maximum(g, torch.sub(lower, th, out=b).mul_(inv), out=g)
 
 
-__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap"]
+def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tensor, Tensor]:
+    """The bit patterns (``uint8`` / ``int16`` views, ``x``'s shape) of ``max(x - delta, 0)`` and
+    ``x + delta`` cast to the float format ``dtype``: where they are equal (and ``x`` is finite and
+    at most :data:`PROOF_MAX_CELLS`), ``[x - delta, x + delta]`` lies in one cell of the format's
+    table (every finite value, cells between the midpoints of neighbours, symmetric about 0; bf16
+    / fp16 with the cast's overflow cells at the ends, float8 e4m3fn saturating into its top
+    cell): the cast rounds to nearest, so both ends in one value's rounding interval (its cell,
+    edges included) put ``x`` more than ``delta`` inside it less the rounding of ``x -/+ delta``
+    (below ``2^-53 x``). Below ``delta`` the lower end is 0: ``x + delta`` then in 0's cell puts
+    ``-(delta - x)`` there too (symmetric cells). No conversion back to float64 (float8's runs at
+    ~10 ns per element).
+
+    Args:
+        x: ``|weight| / scale`` (cells of the table's unit), float64, non-negative or NaN.
+        dtype: the format (8 or 16 bits).
+        delta: the margin proven (cells), ``margin + PROOF_SLACK``.
+    """
+    ints = torch.uint8 if torch.finfo(dtype).bits == 8 else torch.int16
+    lo = torch.sub(x, delta).clamp_min_(0.0).to(dtype).view(ints)
+    return lo, torch.add(x, delta).to(dtype).view(ints)
+
+
+__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "format_cell_bits"]

@@ -39,6 +39,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional import point_proof as _proof
 from ..functional import table as _table
 from ..functional.affine import affine_codes
 from ..functional.bounds import (
@@ -55,7 +56,6 @@ from ..functional.distinct import (
     table_window_moments,
 )
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
-from ..functional import point_proof as _proof
 from ..functional.masks import any_set
 from ..functional.quotient import (
     quotient_boundaries,
@@ -249,12 +249,13 @@ SD_ZERO_SHARED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
-# ParamGrid.point_masses_at on affine grids of 2-D weights with blocks along a row (per-row, per-group
-# scales), whole rows per chunk: the sd-0 inside test proven for a whole chunk by one number per
-# weight on the blocks' own values (functional.point_proof; no per-element expansion of the grid),
-# the weights it does not prove (each block's absmax on its bound, near-edges, NaN) tested as
-# before: the same mask bitwise (p47b; docs/benchmarks.md). False: the per-element test
-AFFINE_POINT_PROOF = True
+# ParamGrid.point_masses_at on affine grids and float formats' tables (float8) of 2-D weights with
+# blocks along a row (per-row, per-group scales), whole rows per chunk: the sd-0 inside test proven
+# for a whole chunk by one number per weight on the blocks' own values (functional.point_proof; no
+# per-element expansion of the grid), the weights it does not prove (each block's absmax on its
+# bound, near-edges, NaN) tested as before: the same mask bitwise (p47b; docs/benchmarks.md).
+# False: the per-element test
+POINT_MASS_PROOF = True
 # The wide-sd closed form's C3 of a whole chunk (ParamGrid._wide_closed) computed once per block
 # of the grid (its bounds, scale and zero point are per-block values) and then expanded, instead
 # of ~34 element-wise operations per element: bitwise the same (the same IEEE operations on the
@@ -1631,7 +1632,7 @@ class ParamGrid:
         range (``REUSE_CHUNK_FACTS``). ``theta``, ``sigma``: ``[c]`` (parameter units)."""
         if not POINT_MASS_CLOSED_FORM or self.storage_dtype is not None or self.kind == "quotient":
             return None
-        if AFFINE_POINT_PROOF:
+        if POINT_MASS_PROOF:
             proof = self._proven_points(theta, sigma, start, end)
             if proof is not None:
                 return proof[0]
@@ -1652,12 +1653,14 @@ class ParamGrid:
 
     def _point_proof_layout(self) -> tuple | None:
         """The per-block facts :meth:`_proven_points` reads, or ``None`` where it does not apply:
-        an affine grid of a 2-D tensor with the backend's integer codes, integer zero points,
+        an affine grid of a 2-D tensor with the backend's integer codes and integer zero points,
+        or a float format's table (:attr:`TableLayout.format_dtype`, float8), with
         blocks along the last dim (``block_size (1, k)``, ``k`` dividing it), bounds
         (:attr:`support`), every scale finite and positive, and codes, zero points and bounds
         within :data:`~mis_lightning.functional.point_proof.PROOF_MAX_CELLS` cells. ``(k, inv,
-        zero point or None, lower, upper, symmetric, scale, lo, hi)``, per block ``[rows,
-        blocks]`` float64 (``lower = lo + s/2``, ``upper = hi - s/2``); kept per tensor version."""
+        zero point or None, lower, upper, symmetric, scale, lo, hi, format)``, per block ``[rows,
+        blocks]`` float64 (``lower = lo + s/2``, ``upper = hi - s/2``; format: the table's dtype
+        or ``None``); kept per tensor version."""
         src = (self.scale, self.zero_point, self.codes,
                *(self.support if self.support is not None else (None, None)))
         key = tuple(None if t is None else (id(t), t._version) for t in src)
@@ -1666,25 +1669,31 @@ class ParamGrid:
             return hit[1]
         out = None
         zp = self.zero_point
-        if (self.kind == "affine" and self.codes is not None and not self.codes.is_floating_point()
-                and len(self.shape) == 2 and self.support is not None and self.storage_dtype is None
-                and (zp is None or not zp.is_floating_point()) and len(self.block_size) == 2
+        fmt = None
+        if self.kind == "table" and self.values is not None and self.codes is None and zp is None:
+            fmt = table_layout(self.values, self.scale.device).format_dtype
+        affine = self.kind == "affine" and self.codes is not None and not self.codes.is_floating_point() \
+            and (zp is None or not zp.is_floating_point())
+        if ((affine or fmt is not None) and len(self.shape) == 2 and self.support is not None
+                and self.storage_dtype is None and len(self.block_size) == 2
                 and self.block_size[0] == 1 and self.block_size[1] > 0 and self.shape[1] % self.block_size[1] == 0):
             rows, k = self.shape[0], self.block_size[1]
             nb = self.shape[1] // k
             if self.scale.numel() == rows * nb and all(t.numel() == rows * nb for t in self.support) \
-                    and (zp is None or zp.numel() == rows * nb) and self.codes.numel() == self.numel:
+                    and (zp is None or zp.numel() == rows * nb) and (fmt is not None or self.codes.numel() == self.numel):
                 s = self.scale.reshape(rows, nb).to(torch.float64)
                 lo, hi = (t.reshape(rows, nb).to(torch.float64) for t in self.support)
                 z = None if zp is None or not bool(zp.any()) else zp.reshape(rows, nb).to(torch.float64)
-                cmin, cmax = torch.aminmax(self.codes.reshape(-1)) if self.codes.numel() else (torch.zeros(()),) * 2
                 top = _proof.PROOF_MAX_CELLS
                 ok = bool(torch.isfinite(s).all()) and bool((s > 0).all()) \
-                    and max(abs(int(cmin)), abs(int(cmax))) <= top / 2 \
                     and (z is None or float(z.abs().max()) <= top / 2) \
                     and bool((lo.abs() <= top * s).all()) and bool((hi.abs() <= top * s).all())
+                if ok and fmt is None:
+                    assert self.codes is not None
+                    cmin, cmax = torch.aminmax(self.codes.reshape(-1)) if self.codes.numel() else (torch.zeros(()),) * 2
+                    ok = max(abs(int(cmin)), abs(int(cmax))) <= top / 2
                 if ok:
-                    out = (k, 1.0 / s, z, lo + 0.5 * s, hi - 0.5 * s, torch.equal(lo, -hi), s, lo, hi)
+                    out = (k, 1.0 / s, z, lo + 0.5 * s, hi - 0.5 * s, torch.equal(lo, -hi), s, lo, hi, fmt)
         self.__dict__["_point_proof_fact"] = (key, out)
         return out
 
@@ -1708,15 +1717,15 @@ class ParamGrid:
         """:meth:`point_masses_at`'s answer, in a 1-tuple, where :meth:`_point_proof_layout` applies
         and the range is whole rows, else ``None`` (the caller's own test then): the inside test
         proven for whole chunks by
-        :func:`~mis_lightning.functional.point_proof.affine_inside_gap` (one reduction), the weights
-        it does not prove (a block's absmax on its bound; NaN; near an edge) tested as
-        :meth:`_inside_on_edges` tests them: the same mask (:data:`AFFINE_POINT_PROOF`)."""
+        :func:`~mis_lightning.functional.point_proof.affine_inside_gap` or ``format_inside_gap``
+        (one reduction), the weights it does not prove (a block's absmax on its bound; NaN; near
+        an edge) tested by :meth:`_inside`: the same mask (:data:`POINT_MASS_PROOF`)."""
         lay = self._point_proof_layout()
         width = self.shape[1] if len(self.shape) == 2 else 0
         if lay is None or width == 0 or start % width or end % width or theta.dtype != torch.float64 \
                 or not theta.is_contiguous() or theta.numel() != end - start:
             return None
-        k, inv, z, lower, upper, symmetric, s, lo, hi = lay
+        k, inv, z, lower, upper, symmetric, s, lo, hi, fmt = lay
         c = end - start
         zf = _sd_zero(sigma)
         if zf.count < max(1.0, POINT_MASS_MIN_FRACTION * c):
@@ -1727,20 +1736,45 @@ class ParamGrid:
         def per_block(t: Tensor | None) -> Tensor | None:
             return None if t is None else t[r0:r1].unsqueeze(-1)
 
-        code = self.codes.reshape(self.shape)[r0:r1].reshape(r1 - r0, nb, k)
-        g = _proof.affine_inside_gap(theta.view(r1 - r0, nb, k), per_block(inv), code, per_block(z),
-                                     per_block(lower), per_block(upper), symmetric).view(-1)
-        rev, rev_ii = self._revealed_shared(start, end, theta.device)
-        if rev_ii is not None and rev_ii.numel():
-            g.index_fill_(0, rev_ii, 0.0)  # (tested below)
+        th3 = theta.view(r1 - r0, nb, k)
         limit = 0.5 - _POINT_MASS_MARGIN - _proof.PROOF_SLACK
-        whole = bool(g.amax() < limit)  # (NaN: not proven)
+        rev, rev_ii = self._revealed_shared(start, end, theta.device)
+        if rev_ii is not None and not rev_ii.numel():
+            rev_ii = None
+        bits = None
+        if fmt is not None:
+            # the own cell from the format's bits, the bounds' terms as the affine grids' (one
+            # number per weight; above 1/2 when out of bounds)
+            ath = th3.abs()
+            x = ath * per_block(inv)
+            bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
+            pb_up = per_block(upper)
+            if symmetric:
+                g = ath.sub_(pb_up).mul_(per_block(inv))
+            else:
+                g = torch.sub(th3, pb_up).mul_(per_block(inv))
+                torch.maximum(g, torch.sub(per_block(lower), th3).mul_(per_block(inv)), out=g)
+            g = g.view(-1)
+            if rev_ii is not None:
+                g.index_fill_(0, rev_ii, 0.0)  # (tested below)
+            # (NaN: not proven)
+            whole = bool(x.amax() <= _proof.PROOF_MAX_CELLS) and bool(g.amax() < limit) and torch.equal(*bits)
+        else:
+            assert self.codes is not None
+            code = self.codes.reshape(self.shape)[r0:r1].reshape(r1 - r0, nb, k)
+            g = _proof.affine_inside_gap(th3, per_block(inv), code, per_block(z),
+                                         per_block(lower), per_block(upper), symmetric).view(-1)
+            if rev_ii is not None:
+                g.index_fill_(0, rev_ii, 0.0)  # (tested below)
+            whole = bool(g.amax() < limit)  # (NaN: not proven)
         if whole:
             point = zf.mask.clone()
-            test = rev_ii if rev_ii is not None and rev_ii.numel() else None
+            test = rev_ii
         else:
             proven = g < limit
-            if rev_ii is not None and rev_ii.numel():
+            if bits is not None:
+                proven &= (bits[0] == bits[1]).view(-1) & (x <= _proof.PROOF_MAX_CELLS).view(-1)
+            if rev_ii is not None:
                 proven.index_fill_(0, rev_ii, False)
             point = zf.mask & proven
             test = torch.nonzero(zf.mask & ~proven).squeeze(-1)
@@ -1748,8 +1782,9 @@ class ParamGrid:
         if test is not None and test.numel():
             blk = test // k + r0 * nb
             zp = torch.zeros(test.numel(), dtype=torch.float64) if z is None else z.reshape(-1)[blk]
-            inside = self._inside_on_edges(
-                theta[test], s.reshape(-1)[blk], zp, self.codes.reshape(-1)[start + test].to(torch.float64),
+            inside = self._inside(
+                theta[test], s.reshape(-1)[blk], zp,
+                None if self.codes is None else self.codes.reshape(-1)[start + test].to(torch.float64),
                 (lo.reshape(-1)[blk], hi.reshape(-1)[blk]))
             tp = point[test] & inside
             point[test] = tp
