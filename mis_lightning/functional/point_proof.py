@@ -70,7 +70,10 @@ def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tenso
     / fp16 with the cast's overflow cells at the ends, float8 e4m3fn saturating into its top
     cell): the cast rounds to nearest, so both ends in one value's rounding interval (its cell,
     edges included) put ``x`` more than ``delta`` inside it less the rounding of ``x -/+ delta``
-    (below ``2^-53 x``). Below ``delta`` the lower end is 0: ``x + delta`` then in 0's cell puts
+    (below ``2^-53 x``). Each end is first moved out by ``2^-23 x``: the cast may round through
+    float32 (it does on this torch), which then cannot bring it back inside ``[x - delta, x +
+    delta]`` (a weight on a midpoint, ``delta`` below float32's half ulp: both ends onto the
+    midpoint, one tie). Below ``delta`` the lower end is 0: ``x + delta`` then in 0's cell puts
     ``-(delta - x)`` there too (symmetric cells). No conversion back to float64 (float8's runs at
     ~10 ns per element).
 
@@ -80,8 +83,13 @@ def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tenso
         delta: the margin proven (cells), ``margin + PROOF_SLACK``.
     """
     ints = torch.uint8 if torch.finfo(dtype).bits == 8 else torch.int16
-    lo = torch.sub(x, delta).clamp_min_(0.0).to(dtype).view(ints)
-    return lo, torch.add(x, delta).to(dtype).view(ints)
+    # (each end moved out by float32's relative ulp: torch casts float64 to these formats through
+    # float32, and a second rounding must not bring an end back onto a midpoint; the test failed so)
+    lo = torch.mul(x, 1.0 - _F32_ULP).sub_(delta).clamp_min_(0.0).to(dtype).view(ints)
+    return lo, torch.mul(x, 1.0 + _F32_ULP).add_(delta).to(dtype).view(ints)
+
+
+_F32_ULP = 2.0**-23
 
 
 __all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "format_cell_bits"]

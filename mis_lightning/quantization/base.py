@@ -1653,7 +1653,7 @@ class ParamGrid:
 
     def _point_proof_layout(self) -> tuple | None:
         """The per-block facts :meth:`_proven_points` reads, or ``None`` where it does not apply:
-        an affine grid of a 2-D tensor with the backend's integer codes and integer zero points,
+        an affine grid of a 2-D tensor with the backend's integer codes and integer(-valued) zero points,
         or a float format's table (:attr:`TableLayout.format_dtype`, float8), with
         blocks along the last dim (``block_size (1, k)``, ``k`` dividing it), bounds
         (:attr:`support`), every scale finite and positive, and codes, zero points and bounds
@@ -1672,8 +1672,9 @@ class ParamGrid:
         fmt = None
         if self.kind == "table" and self.values is not None and self.codes is None and zp is None:
             fmt = table_layout(self.values, self.scale.device).format_dtype
+        # (float zero points holding integers, as rtn's: the edges' arithmetic as exact as integers')
         affine = self.kind == "affine" and self.codes is not None and not self.codes.is_floating_point() \
-            and (zp is None or not zp.is_floating_point())
+            and (zp is None or not zp.is_floating_point() or bool(torch.equal(zp, zp.round())))
         if ((affine or fmt is not None) and len(self.shape) == 2 and self.support is not None
                 and self.storage_dtype is None and len(self.block_size) == 2
                 and self.block_size[0] == 1 and self.block_size[1] > 0 and self.shape[1] % self.block_size[1] == 0):
@@ -1714,22 +1715,54 @@ class ParamGrid:
         return out
 
     def _proven_points(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> tuple[Tensor | None] | None:
-        """:meth:`point_masses_at`'s answer, in a 1-tuple, where :meth:`_point_proof_layout` applies
-        and the range is whole rows, else ``None`` (the caller's own test then): the inside test
-        proven for whole chunks by
-        :func:`~mis_lightning.functional.point_proof.affine_inside_gap` or ``format_inside_gap``
-        (one reduction), the weights it does not prove (a block's absmax on its bound; NaN; near
-        an edge) tested by :meth:`_inside`: the same mask (:data:`POINT_MASS_PROOF`)."""
-        lay = self._point_proof_layout()
-        width = self.shape[1] if len(self.shape) == 2 else 0
-        if lay is None or width == 0 or start % width or end % width or theta.dtype != torch.float64 \
-                or not theta.is_contiguous() or theta.numel() != end - start:
+        """:meth:`point_masses_at`'s answer, in a 1-tuple, where :meth:`_proven_point_mask`
+        applies, else ``None`` (the caller's own test then) (:data:`POINT_MASS_PROOF`)."""
+        if not self._proof_applies(theta, start, end):
             return None
-        k, inv, z, lower, upper, symmetric, s, lo, hi, fmt = lay
         c = end - start
         zf = _sd_zero(sigma)
         if zf.count < max(1.0, POINT_MASS_MIN_FRACTION * c):
             return (None,)
+        found = self._proven_point_mask(theta, zf.mask, start, end, zf.count)
+        assert found is not None
+        point, whole, n_point = found
+        if n_point is None:
+            n_point = int(torch.count_nonzero(point))
+        if n_point < POINT_MASS_MIN_FRACTION * c:
+            return (None,)
+        if n_point < zf.count and not whole:  # (whole: only revealed elements can be left)
+            rev, _ = self._revealed_shared(start, end, theta.device)
+            left = zf.mask & ~point
+            if rev is None or any_set(left & ~rev):
+                return (None,)
+        return (point,)
+
+    def _proof_applies(self, theta: Tensor, start: int, end: int) -> bool:
+        """:meth:`_point_proof_layout` holds, ``start:end`` is whole rows and ``theta`` its float64
+        weights (contiguous)."""
+        width = self.shape[1] if len(self.shape) == 2 else 0
+        return (self._point_proof_layout() is not None and width > 0 and start % width == 0 and end % width == 0
+                and theta.dtype == torch.float64 and theta.is_contiguous() and theta.numel() == end - start)
+
+    def _proven_point_mask(self, theta: Tensor, zero: Tensor, start: int, end: int,
+                           zero_count: int | None = None) -> tuple[Tensor, bool, int | None] | None:
+        """``(point, whole, count)``: ``point = zero & inside`` (``[c]`` bool, the inside test of
+        :meth:`_inside` on the chunk's grid, bitwise), ``whole`` where one reduction proved every
+        weight but the revealed ones, and ``point``'s count where ``whole`` and ``zero_count``
+        (``zero``'s) give it from the revealed ones alone, else ``None``; ``None`` where
+        :meth:`_proof_applies` does not hold.
+
+        The proof: :func:`~mis_lightning.functional.point_proof.affine_inside_gap` (affine grids) or
+        :func:`~mis_lightning.functional.point_proof.format_cell_bits` with the bounds' terms (float
+        formats' tables), on the blocks' own values; the weights it does not prove (a block's absmax
+        on its bound; NaN; near an edge) and the revealed ones tested by :meth:`_inside`. ``zero``:
+        ``[c]`` bool (the sd-0 weights)."""
+        if not self._proof_applies(theta, start, end):
+            return None
+        lay = self._point_proof_layout()
+        assert lay is not None
+        k, inv, z, lower, upper, symmetric, s, lo, hi, fmt = lay
+        width = self.shape[1]
         r0, r1 = start // width, end // width
         nb = width // k
 
@@ -1738,7 +1771,7 @@ class ParamGrid:
 
         th3 = theta.view(r1 - r0, nb, k)
         limit = 0.5 - _POINT_MASS_MARGIN - _proof.PROOF_SLACK
-        rev, rev_ii = self._revealed_shared(start, end, theta.device)
+        _, rev_ii = self._revealed_shared(start, end, theta.device)
         if rev_ii is not None and not rev_ii.numel():
             rev_ii = None
         bits = None
@@ -1768,7 +1801,7 @@ class ParamGrid:
                 g.index_fill_(0, rev_ii, 0.0)  # (tested below)
             whole = bool(g.amax() < limit)  # (NaN: not proven)
         if whole:
-            point = zf.mask.clone()
+            point = zero.clone()
             test = rev_ii
         else:
             proven = g < limit
@@ -1776,9 +1809,9 @@ class ParamGrid:
                 proven &= (bits[0] == bits[1]).view(-1) & (x <= _proof.PROOF_MAX_CELLS).view(-1)
             if rev_ii is not None:
                 proven.index_fill_(0, rev_ii, False)
-            point = zf.mask & proven
-            test = torch.nonzero(zf.mask & ~proven).squeeze(-1)
-        n_point = zf.count
+            point = zero & proven
+            test = torch.nonzero(zero & ~proven).squeeze(-1)
+        count = zero_count if whole else None
         if test is not None and test.numel():
             blk = test // k + r0 * nb
             zp = torch.zeros(test.numel(), dtype=torch.float64) if z is None else z.reshape(-1)[blk]
@@ -1786,19 +1819,11 @@ class ParamGrid:
                 theta[test], s.reshape(-1)[blk], zp,
                 None if self.codes is None else self.codes.reshape(-1)[start + test].to(torch.float64),
                 (lo.reshape(-1)[blk], hi.reshape(-1)[blk]))
-            tp = point[test] & inside
+            tp = zero[test] & inside
             point[test] = tp
-            if whole:
-                n_point -= int(zf.mask[test].sum()) - int(tp.sum())
-        if not whole:
-            n_point = int(torch.count_nonzero(point))
-        if n_point < POINT_MASS_MIN_FRACTION * c:
-            return (None,)
-        if n_point < zf.count and not whole:  # (whole: only revealed elements can be left)
-            left = zf.mask & ~point
-            if rev is None or any_set(left & ~rev):
-                return (None,)
-        return (point,)
+            if count is not None:
+                count += int(tp.sum()) - int(zero[test].sum())
+        return point, whole, count
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
@@ -2040,6 +2065,10 @@ class ParamGrid:
         src = (theta, scale, zero_point, code, *(bounds if bounds is not None else (None, None)), self.values)
         extra = (self.kind, self.qmin, self.qmax, self.quotient_dtype, self.storage_dtype, self.quantize_arith)
         inside = _fact_get("inside", src, extra) if REUSE_CHUNK_FACTS else None
+        if inside is None and POINT_MASS_PROOF and bounds is None:
+            inside = self._unit_format_inside(theta, scale, zero_point, code)
+            if inside is not None and REUSE_CHUNK_FACTS:
+                _fact_put("inside", src, extra, inside)
         if inside is None:
             # over the whole chunk (most of it is sd 0 here: gathers would cost more than they save),
             # in cache-sized blocks (comparisons of exactly rounded arithmetic: the same mask)
@@ -2056,6 +2085,29 @@ class ParamGrid:
         if n_point < POINT_MASS_MIN_FRACTION * c:
             return None
         return point, n_point, (zf if SD_ZERO_SHARED else None)
+
+    def _unit_format_inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor,
+                            code: Tensor | None) -> Tensor | None:
+        """:meth:`_inside` (no bounds) on a float format's table at scale 1 (the bf16 / fp16 casts),
+        or ``None`` on any other grid: the weights whose ``|theta| -/+`` the margin cast to the
+        format alike (:func:`~mis_lightning.functional.point_proof.format_cell_bits`: one cell)
+        proven inside, the others tested by :meth:`_inside`; one comparison of the two casts'
+        bytes where every weight is proven (:data:`POINT_MASS_PROOF`). The same mask."""
+        if self.kind != "table" or self.values is None or not self._unit_scale():
+            return None
+        fmt = table_layout(self.values, theta.device).format_dtype
+        if fmt is None:
+            return None
+        th = theta.to(torch.float64)
+        x = th.abs()
+        bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
+        if bool(x.amax() <= _proof.PROOF_MAX_CELLS) and torch.equal(*bits):  # (NaN: not proven)
+            return torch.ones(th.shape[0], dtype=torch.bool, device=th.device)
+        inside = (bits[0] == bits[1]) & (x <= _proof.PROOF_MAX_CELLS)
+        ii = torch.nonzero(~inside).squeeze(-1)
+        if ii.numel():
+            inside[ii] = self._inside(th[ii], scale[ii], zero_point[ii], None if code is None else code[ii], None)
+        return inside
 
     def _inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                 bounds: tuple[Tensor, Tensor] | None) -> Tensor:
