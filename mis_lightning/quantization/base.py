@@ -1663,10 +1663,10 @@ class ParamGrid:
         or ``None``); kept per tensor version."""
         src = (self.scale, self.zero_point, self.codes,
                *(self.support if self.support is not None else (None, None)))
-        key = tuple(None if t is None else (id(t), t._version) for t in src)
         hit = self.__dict__.get("_point_proof_fact")
-        if hit is not None and hit[0] == key:
+        if hit is not None and _key_matches(hit[0], src, ()):
             return hit[1]
+        key = _fact_key(src)
         out = None
         zp = self.zero_point
         fmt = None
