@@ -1739,10 +1739,11 @@ class ParamGrid:
 
     def _proof_applies(self, theta: Tensor, start: int, end: int) -> bool:
         """:meth:`_point_proof_layout` holds, ``start:end`` is whole rows and ``theta`` its float64
-        weights (contiguous)."""
+        weights (contiguous, on the grid's device)."""
         width = self.shape[1] if len(self.shape) == 2 else 0
         return (self._point_proof_layout() is not None and width > 0 and start % width == 0 and end % width == 0
-                and theta.dtype == torch.float64 and theta.is_contiguous() and theta.numel() == end - start)
+                and theta.dtype == torch.float64 and theta.is_contiguous() and theta.numel() == end - start
+                and theta.device == self.scale.device)
 
     def _proven_point_mask(self, theta: Tensor, zero: Tensor, start: int, end: int,
                            zero_count: int | None = None) -> tuple[Tensor, bool, int | None] | None:
@@ -1814,7 +1815,7 @@ class ParamGrid:
         count = zero_count if whole else None
         if test is not None and test.numel():
             blk = test // k + r0 * nb
-            zp = torch.zeros(test.numel(), dtype=torch.float64) if z is None else z.reshape(-1)[blk]
+            zp = torch.zeros(test.numel(), dtype=torch.float64, device=theta.device) if z is None else z.reshape(-1)[blk]
             inside = self._inside(
                 theta[test], s.reshape(-1)[blk], zp,
                 None if self.codes is None else self.codes.reshape(-1)[start + test].to(torch.float64),
