@@ -1,4 +1,5 @@
-"""A proof, per block of an affine grid, that weights lie strictly inside their own cell and bounds.
+"""A proof, per block of a grid, that weights lie strictly inside their own cell and bounds
+(affine grids: :func:`affine_inside_gap`; float formats' tables: :func:`format_cell_bits`).
 
 The sd-0 point-mass test (:meth:`~mis_lightning.quantization.base.ParamGrid._inside`) asks of every
 weight ``th`` whether ``th - lo > m s`` and ``hi - th > m s`` for its own cell's edges
@@ -17,7 +18,8 @@ most ``u``, so a computed ``G < 1/2`` is within ``2^17 * 4u < 6e-11`` cells of t
 below ``PROOF_SLACK`` (``2^-30``, 9.3e-10). The exact distances are then above ``m (1 + 2^-40)``
 cells, and the test's own float64 arithmetic (exact edges: small integers times a float32 scale;
 one rounding of ``th - lo`` and of ``m s``) cannot turn them into ``<= m s``. NaN and infinite
-weights give a NaN or infinite ``G`` (not proven).
+weights give a NaN or infinite ``G`` (not proven). A float format's own cell is proven from the
+format's bit patterns instead (:func:`format_cell_bits`), its bounds' terms as here.
 """
 
 from __future__ import annotations
