@@ -114,3 +114,28 @@ def test_release_own_cells_frees_the_kept_entry():
     assert len(T._OWN_CELLS) == 1
     T.release_own_cells()
     assert T._OWN_CELLS == []
+
+
+def test_pool_call_reads_a_kappa_only_main_calls_own_cells(monkeypatch):
+    """``SHARE_OWN_CELLS_KAPPA_ONLY`` (p47b): a kappa-only main call (``assess.MAIN_KAPPA_ONLY``)
+    keeps the cells it located too, and the pool protocol's call reads them: bitwise its own
+    kappa, the entry taken out; with the switch off it locates them again."""
+    vals, th, sg, sc = _weights(torch.float16, 3000, 11)
+    monkeypatch.setattr(fastpath, "RECHECK_EVERY", 1 << 40)
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
+    alone = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", True)
+    located = []
+    real = T._own_facts
+    monkeypatch.setattr(T, "_own_facts", lambda *a, **kw: located.append(a[0].shape[0]) or real(*a, **kw))
+    for on in (True, False):
+        monkeypatch.setattr(T, "SHARE_OWN_CELLS_KAPPA_ONLY", on)
+        T.release_own_cells()
+        located.clear()
+        T.table_cell_moments(th, sg, vals, sc, kappa_only=True)
+        n_main = len(located)
+        assert n_main >= 1
+        pool = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+        assert torch.equal(pool, alone)
+        assert len(located) == (n_main if on else 2 * n_main)
+        assert T._OWN_CELLS == [] or not on

@@ -1320,6 +1320,10 @@ def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only
 # and version counter (weak references: a new or modified tensor recomputes) and taken out by that
 # call (held between the two only; sc33's page faults). One entry. False: recomputed every call
 SHARE_OWN_CELLS = True
+# ... kept by a kappa-only call too where it computed them (the joint pass's main call on a chunk
+# no scheme reads m4 of, assess.MAIN_KAPPA_ONLY: the pool call after it then reads them; bf16 /
+# fp16 on the 1e7 MLP's first layer, p47b). False: by full calls only
+SHARE_OWN_CELLS_KAPPA_ONLY = True
 _OWN_CELLS: list[tuple[tuple, list[tuple[Tensor, ...]]]] = []
 
 
@@ -1344,7 +1348,8 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
         if k_th() is th and v_th == th._version and k_sc() is sc and v_sc == sc._version and lay == id(layout) \
                 and c == th.shape[0] and blk == _kernel.EAGER_BLOCK:
             facts = held
-    keep: list[tuple[Tensor, ...]] | None = [] if SHARE_OWN_CELLS and not kappa_only else None
+    keep: list[tuple[Tensor, ...]] | None = [] if SHARE_OWN_CELLS and (
+        not kappa_only or (SHARE_OWN_CELLS_KAPPA_ONLY and facts is None)) else None
     c, block = th.shape[0], _kernel.EAGER_BLOCK
     parts = []
     for i, s in enumerate(range(0, c, block) if c > block else (0,)):

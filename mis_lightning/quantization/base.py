@@ -39,6 +39,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional import point_proof as _proof
 from ..functional import table as _table
 from ..functional.affine import affine_codes
 from ..functional.bounds import (
@@ -248,6 +249,13 @@ SD_ZERO_SHARED = True
 # the sd-0 inside test in blocks of kernel.EAGER_BLOCK elements (False: one pass over the chunk);
 # its ~25 element-wise operations on chunk-sized temporaries ran ~2x slower (sc33)
 POINT_MASS_BLOCKS = True
+# ParamGrid.point_masses_at on affine grids and float formats' tables (float8) of 2-D weights with
+# blocks along a row (per-row, per-group scales), whole rows per chunk: the sd-0 inside test proven
+# for a whole chunk by one number per weight on the blocks' own values (functional.point_proof; no
+# per-element expansion of the grid), the weights it does not prove (each block's absmax on its
+# bound, near-edges, NaN) tested as before: the same mask bitwise (p47b; docs/benchmarks.md).
+# False: the per-element test
+POINT_MASS_PROOF = True
 # The wide-sd closed form's C3 of a whole chunk (ParamGrid._wide_closed) computed once per block
 # of the grid (its bounds, scale and zero point are per-block values) and then expanded, instead
 # of ~34 element-wise operations per element: bitwise the same (the same IEEE operations on the
@@ -309,6 +317,7 @@ def release_chunk_facts() -> None:
         slots.clear()
     _EXPANSIONS.clear()
     _SD_ZERO.clear()
+    _REVEALED_SHARED.clear()
 
 
 # The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
@@ -450,6 +459,8 @@ class _SdZero:
 
 
 _SD_ZERO: list[tuple[tuple, _SdZero]] = []
+# ParamGrid._revealed_shared's last two chunks' revealed (mask, indices)
+_REVEALED_SHARED: list[tuple[tuple, tuple[Tensor, Tensor]]] = []
 
 
 def _sd_zero(sigma: Tensor) -> _SdZero:
@@ -1621,6 +1632,10 @@ class ParamGrid:
         range (``REUSE_CHUNK_FACTS``). ``theta``, ``sigma``: ``[c]`` (parameter units)."""
         if not POINT_MASS_CLOSED_FORM or self.storage_dtype is not None or self.kind == "quotient":
             return None
+        if POINT_MASS_PROOF:
+            proof = self._proven_points(theta, sigma, start, end)
+            if proof is not None:
+                return proof[0]
         scale, zp, code, dead, bounds = self._chunk_grid(start, end)
         if dead is not None:
             return None
@@ -1635,6 +1650,181 @@ class ParamGrid:
             if rev is None or any_set(left & ~rev):
                 return None
         return point
+
+    def _point_proof_layout(self) -> tuple | None:
+        """The per-block facts :meth:`_proven_points` reads, or ``None`` where it does not apply:
+        an affine grid of a 2-D tensor with the backend's integer codes and integer(-valued) zero points,
+        or a float format's table (:attr:`TableLayout.format_dtype`, float8), with
+        blocks along the last dim (``block_size (1, k)``, ``k`` dividing it), bounds
+        (:attr:`support`), every scale finite and positive, and codes, zero points and bounds
+        within :data:`~mis_lightning.functional.point_proof.PROOF_MAX_CELLS` cells. ``(k, inv,
+        zero point or None, lower, upper, symmetric, scale, lo, hi, format)``, per block ``[rows,
+        blocks]`` float64 (``lower = lo + s/2``, ``upper = hi - s/2``; format: the table's dtype
+        or ``None``); kept per tensor version."""
+        src = (self.scale, self.zero_point, self.codes,
+               *(self.support if self.support is not None else (None, None)))
+        hit = self.__dict__.get("_point_proof_fact")
+        if hit is not None and _key_matches(hit[0], src, ()):
+            return hit[1]
+        key = _fact_key(src)
+        out = None
+        zp = self.zero_point
+        fmt = None
+        if self.kind == "table" and self.values is not None and self.codes is None and zp is None:
+            fmt = table_layout(self.values, self.scale.device).format_dtype
+        # (float zero points holding integers, as rtn's: the edges' arithmetic as exact as integers')
+        affine = self.kind == "affine" and self.codes is not None and not self.codes.is_floating_point() \
+            and (zp is None or not zp.is_floating_point() or bool(torch.equal(zp, zp.round())))
+        if ((affine or fmt is not None) and len(self.shape) == 2 and self.support is not None
+                and self.storage_dtype is None and len(self.block_size) == 2
+                and self.block_size[0] == 1 and self.block_size[1] > 0 and self.shape[1] % self.block_size[1] == 0):
+            rows, k = self.shape[0], self.block_size[1]
+            nb = self.shape[1] // k
+            if self.scale.numel() == rows * nb and all(t.numel() == rows * nb for t in self.support) \
+                    and (zp is None or zp.numel() == rows * nb) and (fmt is not None or self.codes.numel() == self.numel):
+                s = self.scale.reshape(rows, nb).to(torch.float64)
+                lo, hi = (t.reshape(rows, nb).to(torch.float64) for t in self.support)
+                z = None if zp is None or not bool(zp.any()) else zp.reshape(rows, nb).to(torch.float64)
+                top = _proof.PROOF_MAX_CELLS
+                ok = bool(torch.isfinite(s).all()) and bool((s > 0).all()) \
+                    and (z is None or float(z.abs().max()) <= top / 2) \
+                    and bool((lo.abs() <= top * s).all()) and bool((hi.abs() <= top * s).all())
+                if ok and fmt is None:
+                    assert self.codes is not None
+                    cmin, cmax = torch.aminmax(self.codes.reshape(-1)) if self.codes.numel() else (torch.zeros(()),) * 2
+                    ok = max(abs(int(cmin)), abs(int(cmax))) <= top / 2
+                if ok:
+                    out = (k, 1.0 / s, z, lo + 0.5 * s, hi - 0.5 * s, torch.equal(lo, -hi), s, lo, hi, fmt)
+        self.__dict__["_point_proof_fact"] = (key, out)
+        return out
+
+    def _revealed_shared(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """:meth:`_revealed_at`, kept for every grid of the chunk whose :attr:`revealed` is the same
+        tensor (the schemes' shared scale facts: int8, int4 and float8 per row), not for one later
+        call: the last two (chunk mask, indices) pairs (:func:`release_chunk_facts` frees them)."""
+        if self.revealed is None:
+            return None, None
+        extra = (start, end, str(device))
+        for key, hit in _REVEALED_SHARED:
+            if _key_matches(key, (self.revealed,), extra):
+                return hit
+        rev = self.revealed.reshape(-1)[start:end].to(device)
+        out = (rev, torch.nonzero(rev).squeeze(-1))
+        _REVEALED_SHARED.insert(0, (_fact_key((self.revealed,), extra), out))
+        del _REVEALED_SHARED[2:]
+        return out
+
+    def _proven_points(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> tuple[Tensor | None] | None:
+        """:meth:`point_masses_at`'s answer, in a 1-tuple, where :meth:`_proven_point_mask`
+        applies, else ``None`` (the caller's own test then) (:data:`POINT_MASS_PROOF`)."""
+        if not self._proof_applies(theta, start, end):
+            return None
+        c = end - start
+        zf = _sd_zero(sigma)
+        if zf.count < max(1.0, POINT_MASS_MIN_FRACTION * c):
+            return (None,)
+        found = self._proven_point_mask(theta, zf.mask, start, end, zf.count)
+        assert found is not None
+        point, whole, n_point = found
+        if n_point is None:
+            n_point = int(torch.count_nonzero(point))
+        if n_point < POINT_MASS_MIN_FRACTION * c:
+            return (None,)
+        if n_point < zf.count and not whole:  # (whole: only revealed elements can be left)
+            rev, _ = self._revealed_shared(start, end, theta.device)
+            left = zf.mask & ~point
+            if rev is None or any_set(left & ~rev):
+                return (None,)
+        return (point,)
+
+    def _proof_applies(self, theta: Tensor, start: int, end: int) -> bool:
+        """:meth:`_point_proof_layout` holds, ``start:end`` is whole rows and ``theta`` its float64
+        weights (contiguous, on the grid's device)."""
+        width = self.shape[1] if len(self.shape) == 2 else 0
+        return (self._point_proof_layout() is not None and width > 0 and start % width == 0 and end % width == 0
+                and theta.dtype == torch.float64 and theta.is_contiguous() and theta.numel() == end - start
+                and theta.device == self.scale.device)
+
+    def _proven_point_mask(self, theta: Tensor, zero: Tensor, start: int, end: int,
+                           zero_count: int | None = None) -> tuple[Tensor, bool, int | None] | None:
+        """``(point, whole, count)``: ``point = zero & inside`` (``[c]`` bool, the inside test of
+        :meth:`_inside` on the chunk's grid, bitwise), ``whole`` where one reduction proved every
+        weight but the revealed ones, and ``point``'s count where ``whole`` and ``zero_count``
+        (``zero``'s) give it from the revealed ones alone, else ``None``; ``None`` where
+        :meth:`_proof_applies` does not hold.
+
+        The proof: :func:`~mis_lightning.functional.point_proof.affine_inside_gap` (affine grids) or
+        :func:`~mis_lightning.functional.point_proof.format_cell_bits` with the bounds' terms (float
+        formats' tables), on the blocks' own values; the weights it does not prove (a block's absmax
+        on its bound; NaN; near an edge) and the revealed ones tested by :meth:`_inside`. ``zero``:
+        ``[c]`` bool (the sd-0 weights)."""
+        if not self._proof_applies(theta, start, end):
+            return None
+        lay = self._point_proof_layout()
+        assert lay is not None
+        k, inv, z, lower, upper, symmetric, s, lo, hi, fmt = lay
+        width = self.shape[1]
+        r0, r1 = start // width, end // width
+        nb = width // k
+
+        def per_block(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[r0:r1].unsqueeze(-1)
+
+        th3 = theta.view(r1 - r0, nb, k)
+        limit = 0.5 - _POINT_MASS_MARGIN - _proof.PROOF_SLACK
+        _, rev_ii = self._revealed_shared(start, end, theta.device)
+        if rev_ii is not None and not rev_ii.numel():
+            rev_ii = None
+        bits = None
+        if fmt is not None:
+            # the own cell from the format's bits, the bounds' terms as the affine grids' (one
+            # number per weight; above 1/2 when out of bounds)
+            ath = th3.abs()
+            x = ath * per_block(inv)
+            bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
+            pb_up = per_block(upper)
+            if symmetric:
+                g = ath.sub_(pb_up).mul_(per_block(inv))
+            else:
+                g = torch.sub(th3, pb_up).mul_(per_block(inv))
+                torch.maximum(g, torch.sub(per_block(lower), th3).mul_(per_block(inv)), out=g)
+            g = g.view(-1)
+            if rev_ii is not None:
+                g.index_fill_(0, rev_ii, 0.0)  # (tested below)
+            # (NaN: not proven)
+            whole = bool(x.amax() <= _proof.PROOF_MAX_CELLS) and bool(g.amax() < limit) and torch.equal(*bits)
+        else:
+            assert self.codes is not None
+            code = self.codes.reshape(self.shape)[r0:r1].reshape(r1 - r0, nb, k)
+            g = _proof.affine_inside_gap(th3, per_block(inv), code, per_block(z),
+                                         per_block(lower), per_block(upper), symmetric).view(-1)
+            if rev_ii is not None:
+                g.index_fill_(0, rev_ii, 0.0)  # (tested below)
+            whole = bool(g.amax() < limit)  # (NaN: not proven)
+        if whole:
+            point = zero.clone()
+            test = rev_ii
+        else:
+            proven = g < limit
+            if bits is not None:
+                proven &= (bits[0] == bits[1]).view(-1) & (x <= _proof.PROOF_MAX_CELLS).view(-1)
+            if rev_ii is not None:
+                proven.index_fill_(0, rev_ii, False)
+            point = zero & proven
+            test = torch.nonzero(zero & ~proven).squeeze(-1)
+        count = zero_count if whole else None
+        if test is not None and test.numel():
+            blk = test // k + r0 * nb
+            zp = torch.zeros(test.numel(), dtype=torch.float64, device=theta.device) if z is None else z.reshape(-1)[blk]
+            inside = self._inside(
+                theta[test], s.reshape(-1)[blk], zp,
+                None if self.codes is None else self.codes.reshape(-1)[start + test].to(torch.float64),
+                (lo.reshape(-1)[blk], hi.reshape(-1)[blk]))
+            tp = zero[test] & inside
+            point[test] = tp
+            if count is not None:
+                count += int(tp.sum()) - int(zero[test].sum())
+        return point, whole, count
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                  bounds: tuple[Tensor, Tensor], compile_policy: CompilePolicy | None,
@@ -1876,6 +2066,10 @@ class ParamGrid:
         src = (theta, scale, zero_point, code, *(bounds if bounds is not None else (None, None)), self.values)
         extra = (self.kind, self.qmin, self.qmax, self.quotient_dtype, self.storage_dtype, self.quantize_arith)
         inside = _fact_get("inside", src, extra) if REUSE_CHUNK_FACTS else None
+        if inside is None and POINT_MASS_PROOF and bounds is None:
+            inside = self._unit_format_inside(theta, scale, zero_point, code)
+            if inside is not None and REUSE_CHUNK_FACTS:
+                _fact_put("inside", src, extra, inside)
         if inside is None:
             # over the whole chunk (most of it is sd 0 here: gathers would cost more than they save),
             # in cache-sized blocks (comparisons of exactly rounded arithmetic: the same mask)
@@ -1892,6 +2086,29 @@ class ParamGrid:
         if n_point < POINT_MASS_MIN_FRACTION * c:
             return None
         return point, n_point, (zf if SD_ZERO_SHARED else None)
+
+    def _unit_format_inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor,
+                            code: Tensor | None) -> Tensor | None:
+        """:meth:`_inside` (no bounds) on a float format's table at scale 1 (the bf16 / fp16 casts),
+        or ``None`` on any other grid: the weights whose ``|theta| -/+`` the margin cast to the
+        format alike (:func:`~mis_lightning.functional.point_proof.format_cell_bits`: one cell)
+        proven inside, the others tested by :meth:`_inside`; one comparison of the two casts'
+        bytes where every weight is proven (:data:`POINT_MASS_PROOF`). The same mask."""
+        if self.kind != "table" or self.values is None or not self._unit_scale():
+            return None
+        fmt = table_layout(self.values, theta.device).format_dtype
+        if fmt is None:
+            return None
+        th = theta.to(torch.float64)
+        x = th.abs()
+        bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
+        if bool(x.amax() <= _proof.PROOF_MAX_CELLS) and torch.equal(*bits):  # (NaN: not proven)
+            return torch.ones(th.shape[0], dtype=torch.bool, device=th.device)
+        inside = (bits[0] == bits[1]) & (x <= _proof.PROOF_MAX_CELLS)
+        ii = torch.nonzero(~inside).squeeze(-1)
+        if ii.numel():
+            inside[ii] = self._inside(th[ii], scale[ii], zero_point[ii], None if code is None else code[ii], None)
+        return inside
 
     def _inside(self, theta: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
                 bounds: tuple[Tensor, Tensor] | None) -> Tensor:

@@ -1,0 +1,97 @@
+"""A proof, per block of a grid, that weights lie strictly inside their own cell and bounds
+(affine grids: :func:`affine_inside_gap`; float formats' tables: :func:`format_cell_bits`).
+
+The sd-0 point-mass test (:meth:`~mis_lightning.quantization.base.ParamGrid._inside`) asks of every
+weight ``th`` whether ``th - lo > m s`` and ``hi - th > m s`` for its own cell's edges
+``(q - z -/+ 1/2) s`` and its release's bounds, ``m = 1e-9``. Element-wise on per-element
+expansions of the block's scale, zero point, codes and bounds that is ~25 float64 passes over a
+chunk (4-5 ms per 2^18 weights, docs/benchmarks.md "p47b"). Here the same question is one number
+per weight, computed on the blocks' own values (broadcast, no expansion):
+``G = max(|th / s - (q - z)|, (th - (hi - s/2)) / s, ((lo + s/2) - th) / s)`` (cells), and
+``G < 1/2 - m - PROOF_SLACK`` proves the test true (below); one reduction over a chunk then proves
+every weight at once, the rest being tested as before. Only a sufficient condition: the caller
+tests the weights it does not prove.
+
+Why it is a proof (float64, ``u = 2^-53``). With ``|q - z| <= 2^16`` and ``|lo|, |hi| <= 2^16 s``
+(the caller checks both), ``1 / s`` and each product and difference add a relative error of at
+most ``u``, so a computed ``G < 1/2`` is within ``2^17 * 4u < 6e-11`` cells of the exact one, far
+below ``PROOF_SLACK`` (``2^-30``, 9.3e-10). The exact distances are then above ``m (1 + 2^-40)``
+cells, and the test's own float64 arithmetic (exact edges: small integers times a float32 scale;
+one rounding of ``th - lo`` and of ``m s``) cannot turn them into ``<= m s``. NaN and infinite
+weights give a NaN or infinite ``G`` (not proven). A float format's own cell is proven from the
+format's bit patterns instead (:func:`format_cell_bits`), its bounds' terms as here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# cells added to the margin before a weight counts as proven (above the float64 rounding of G,
+# 6e-11 cells at the largest codes and bounds admitted, below the margin's own 1e-9)
+PROOF_SLACK = 2.0**-30
+# the largest |q - z| and |bound| / scale for which the rounding bound above holds
+PROOF_MAX_CELLS = 2.0**16
+
+
+def affine_inside_gap(th: Tensor, inv: Tensor, code: Tensor, zero_point: Tensor | None,
+                      lower: Tensor, upper: Tensor, symmetric: bool) -> Tensor:
+    """``G`` (float64, ``th``'s shape): per weight, the largest of ``|th * inv - (code - zero_point)|``
+    (its offset from its own cell's centre, cells) and ``(th - upper) * inv``, ``(lower - th) *
+    inv`` (``lower``, ``upper``: the release's bounds moved half a cell inwards, ``lo + s/2`` and
+    ``hi - s/2``), so that ``G < 1/2 - margin - PROOF_SLACK`` proves the weight more than
+    ``margin`` cells inside both (module docstring).
+
+    Args:
+        th: weights ``[rows, blocks, k]`` float64 (``k`` weights per block).
+        inv: ``1 / scale`` per block ``[rows, blocks, 1]`` float64 (scale finite, positive).
+        code: the backend's integer codes, ``th``'s shape.
+        zero_point: ``[rows, blocks, 1]`` (integer-valued), or ``None`` (0).
+        lower, upper: ``[rows, blocks, 1]`` float64, as above.
+        symmetric: ``lower == -upper`` for every block (absmax bounds): one term ``(|th| - upper)
+            * inv`` for both.
+    """
+    g = th * inv
+    g.sub_(code)
+    if zero_point is not None:
+        g.add_(zero_point)
+    g.abs_()
+    if symmetric:
+        b = th.abs().sub_(upper)
+        return torch.maximum(g, b.mul_(inv), out=g)  # (NaN propagates)
+    b = torch.sub(th, upper).mul_(inv)
+    torch.maximum(g, b, out=g)
+    return torch.maximum(g, torch.sub(lower, th, out=b).mul_(inv), out=g)
+
+
+def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tensor, Tensor]:
+    """The bit patterns (``uint8`` / ``int16`` views, ``x``'s shape) of ``max(x - delta, 0)`` and
+    ``x + delta`` cast to the float format ``dtype``: where they are equal (and ``x`` is finite and
+    at most :data:`PROOF_MAX_CELLS`), ``[x - delta, x + delta]`` lies in one cell of the format's
+    table (every finite value, cells between the midpoints of neighbours, symmetric about 0; bf16
+    / fp16 with the cast's overflow cells at the ends, float8 e4m3fn saturating into its top
+    cell): the cast rounds to nearest, so both ends in one value's rounding interval (its cell,
+    edges included) put ``x`` more than ``delta`` inside it less the rounding of ``x -/+ delta``
+    (below ``2^-53 x``). Each end is first moved out by ``2^-23 x``: the cast may round through
+    float32 (it does on this torch), which then cannot bring it back inside ``[x - delta, x +
+    delta]`` (a weight on a midpoint, ``delta`` below float32's half ulp: both ends onto the
+    midpoint, one tie). Below ``delta`` the lower end is 0: ``x + delta`` then in 0's cell puts
+    ``-(delta - x)`` there too (symmetric cells). No conversion back to float64 (float8's runs at
+    ~10 ns per element).
+
+    Args:
+        x: ``|weight| / scale`` (cells of the table's unit), float64, non-negative or NaN.
+        dtype: the format (8 or 16 bits).
+        delta: the margin proven (cells), ``margin + PROOF_SLACK``.
+    """
+    ints = torch.uint8 if torch.finfo(dtype).bits == 8 else torch.int16
+    # (each end moved out by float32's relative ulp: torch casts float64 to these formats through
+    # float32, and a second rounding must not bring an end back onto a midpoint; the test failed so)
+    lo = torch.mul(x, 1.0 - _F32_ULP).sub_(delta).clamp_min_(0.0).to(dtype).view(ints)
+    return lo, torch.mul(x, 1.0 + _F32_ULP).add_(delta).to(dtype).view(ints)
+
+
+_F32_ULP = 2.0**-23
+
+
+__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "format_cell_bits"]

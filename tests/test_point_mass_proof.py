@@ -1,0 +1,148 @@
+"""The sd-0 point-mass test proven per chunk (``quantization.base.POINT_MASS_PROOF``, p47b):
+``ParamGrid._proven_point_mask`` (affine grids and float8's table with per-row / per-group scales,
+whole rows) and ``ParamGrid._unit_format_inside`` (the bf16 / fp16 casts) must give exactly the
+mask of the per-element test ``ParamGrid._inside`` (booleans, no tolerance) on weights placed
+where a careless proof breaks: on their own cell's edges, the margin (1e-9 of a cell) and the
+proof's slack on either side of it, an ulp and a float32 rounding from the edges (torch casts to
+these formats through float32), the next cells, far outside the code range, on and just inside
+the bounds the release gives, NaN, +-inf, the formats' overflow; sd-0 and live weights mixed, on
+the whole tensor and on a range of rows. ``point_masses_at`` gives the same answer with the
+proof on and off (where it says ``None`` too). Mutations that fail here: the slack at 0, the
+float32 step in ``format_cell_bits`` left out, the unproven weights' test read from the proof's
+mask instead of the sd-0 one."""
+
+import math
+
+import pytest
+import torch
+
+import mis_lightning.quantization.base as B
+from mis_lightning.functional import point_proof as P
+from mis_lightning.quantization import get_scheme
+
+F64 = torch.float64
+
+
+def _grid(scheme: str, scale: float = 1.0):
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 64, generator=gen) * torch.logspace(-3, 0, 16).unsqueeze(1) * scale)
+    g = get_scheme(scheme).apply(torch.nn.Sequential(lin)).grids["0.weight"]
+    return g, lin.weight.detach().reshape(-1).to(F64)
+
+
+def _variants(g, th: torch.Tensor) -> list[torch.Tensor]:
+    """Weights at the positions listed in the module docstring, each replacing every other weight."""
+    c = th.numel()
+    scale, zp, code, _, bounds = g._chunk_grid(0, c)
+    s = scale.to(F64)
+    lo, hi = g._own_edges(th, s, zp, code)
+    m, sl = B._POINT_MASS_MARGIN, P.PROOF_SLACK
+    out = []
+    for e, sign in ((lo, 1.0), (hi, -1.0)):
+        fin = torch.isfinite(e)
+        for f in (0.0, 0.5 * m, m, 1.5 * m, m + 0.5 * sl, m + sl, m + 2 * sl, 4 * m, 1e-7, 1e-5, -m, -1e-5):
+            out.append(torch.where(fin, e + sign * f * s, th))
+        out.append(torch.where(fin, e.float().to(F64), th))  # the edge rounded to float32 (a float32 weight on it)
+        out.append(torch.where(fin, torch.nextafter(e, e + sign), th))
+        out.append(torch.where(fin, torch.nextafter(e, e - sign), th))
+        out.append(torch.where(fin, torch.nextafter(e.float(), (e + sign).float()).to(F64), th))
+    out += [th + 300 * s, th - 300 * s, torch.full_like(th, 1e20), torch.full_like(th, math.nan),
+            torch.full_like(th, math.inf), torch.full_like(th, -math.inf)]
+    if bounds is not None:
+        for b, inward in ((bounds[0], 1.0), (bounds[1], -1.0)):
+            out += [b.clone(), torch.nextafter(b, b + inward), b + inward * m * s, b + inward * 2 * m * s,
+                    b + inward * (m + 2 * sl) * s, b - inward * m * s]
+    keep = torch.arange(c) % 2 == 0
+    return [th] + [torch.where(keep, th, v) for v in out]
+
+
+def _zero(c: int) -> torch.Tensor:
+    return torch.arange(c) % 5 != 3  # sd 0 but on every fifth weight (live)
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int4_g32",
+                                    "intx_weight_only_int4_g32_asym", "float8_weight_only", "rtn_int4"])
+def test_proven_mask_equals_the_test(scheme, monkeypatch):
+    if scheme != "rtn_int4":
+        pytest.importorskip("torchao")
+    g, th = _grid(scheme)
+    c = th.numel()
+    assert g._point_proof_layout() is not None  # (the proof applies to each of these releases)
+    zero = _zero(c)
+    scale, zp, code, _, bounds = g._chunk_grid(0, c)
+    tested: list[int] = []
+    inside = g._inside
+    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    for i, t in enumerate(_variants(g, th)):
+        want = zero & inside(t, scale, zp, code, bounds)
+        tested.clear()
+        point, whole, count = g._proven_point_mask(t.contiguous(), zero, 0, c, int(zero.sum()))
+        assert torch.equal(point, want), (i, t[point != want][:4])
+        assert count is None or count == int(point.sum())
+        if i == 0:  # the weights themselves: proven but the revealed ones, in one reduction
+            assert whole and sum(tested) <= max(1, int(g.revealed.sum())) and 0 < count < int(zero.sum())
+        # a range of rows (offsets into the per-block tensors and codes)
+        a, b = 4 * 64, 12 * 64
+        sub = g._proven_point_mask(t[a:b].contiguous(), zero[a:b], a, b)
+        assert sub is not None and torch.equal(sub[0], want[a:b]), i
+    # not whole rows, or another dtype: not applicable (the caller's own test)
+    assert g._proven_point_mask(th[3:67].contiguous(), zero[3:67], 3, 67) is None
+    assert g._proven_point_mask(th.float(), zero, 0, c) is None
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "float8_weight_only", "intx_weight_only_int4_g32_asym"])
+def test_point_masses_at_is_the_same_with_the_proof(scheme, monkeypatch):
+    """Whole answers (``None`` where some sd-0 weight is neither a point mass nor revealed)."""
+    pytest.importorskip("torchao")
+    g, th = _grid(scheme)
+    c = th.numel()
+    sd = (~_zero(c)).to(F64) * 0.01
+    for t in _variants(g, th)[:: 3]:
+        got = {}
+        for on in (True, False):
+            monkeypatch.setattr(B, "POINT_MASS_PROOF", on)
+            B.release_chunk_facts()
+            got[on] = g.point_masses_at(t.contiguous(), sd, 0, c)
+        assert (got[True] is None) == (got[False] is None)
+        assert got[True] is None or torch.equal(got[True], got[False])
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16"])
+def test_unit_format_inside_equals_the_test(scheme, monkeypatch):
+    g, th = _grid(scheme, scale=3.0)
+    c = th.numel()
+    scale, zp, code, _, bounds = g._chunk_grid(0, c)
+    assert bounds is None and g._unit_format_inside(th, scale, zp, code) is not None
+    fmt = torch.bfloat16 if scheme == "bf16" else torch.float16
+    fi = torch.finfo(fmt)
+    extra = torch.tensor([0.0, -0.0, fi.tiny * fi.eps / 2, fi.tiny * fi.eps / 2 + 2e-9, 1e-9, 2e-9, 1e-40,
+                          fi.max, fi.max + 2.0 ** (math.log2(fi.max) - 8), 65519.0, 65520.0, 65521.0, 1e30,
+                          2.0 ** 30 + 2.0 ** 22, 2.0 ** 30 + 2.0 ** 22 + 1.0], dtype=F64)
+    inside = g._inside
+    for t in _variants(g, th) + [torch.cat([extra, -extra, th[2 * extra.numel():]])]:
+        want = inside(t, scale, zp, code, None)
+        got = g._unit_format_inside(t, scale, zp, code)
+        assert torch.equal(got, want), t[got != want][:4]
+    # the weights themselves: nearly all proven (not a float32 weight within float32's rounding of
+    # a midpoint: ~2^-12 of them for fp16)
+    tested: list[int] = []
+    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    g._unit_format_inside(th, scale, zp, code)
+    assert sum(tested) <= 0.01 * c
+
+
+def test_the_proof_needs_its_layout():
+    """Codes beyond PROOF_MAX_CELLS, a non-positive scale: no proof (the per-element test)."""
+    pytest.importorskip("torchao")
+    g, th = _grid("intx_weight_only_int4")
+    g.codes = g.codes.clone()
+    g.codes.view(-1)[0] = 100
+    assert g._point_proof_layout() is not None  # (100 cells: within PROOF_MAX_CELLS)
+    g.codes = g.codes.to(torch.int32)
+    g.codes.view(-1)[0] = 1 << 20
+    assert g._point_proof_layout() is None
+    g, th = _grid("int8_weight_only")
+    g.scale = -g.scale
+    assert g._point_proof_layout() is None
