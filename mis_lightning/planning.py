@@ -105,6 +105,14 @@ ADDITIVITY_TOLERANCE = 0.05
 #: budget by less than its error are measured, the likeliest within it first, at most this many
 #: times ``reassess_near_budget``, and the first ones within the budget are re-assessed
 NEAR_BUDGET_CHECKS = 4
+#: pl47: plans the additive utility prediction puts over ``max_utility_loss`` but whose
+#: interaction bound (:func:`_interaction_bound`) leaves within it are measured, in the objective's
+#: order, before any re-assessment (docs/planner.md step 5); ``False``: the pre-pl47 search (only
+#: the plans predicted within the budget and the near-budget margin), kept for A/B comparisons
+INTERACTION_SEARCH = True
+#: at most this many times ``groups x candidates`` utility measurements (one validation pass
+#: each, the cost of the per-layer measurements) for that search
+INTERACTION_CHECKS = 2
 #: utility names whose direction is known without a metric object: the report's lists (one for
 #: the verdict, the figure, the aggregate and the planner; ``report.known_mode``). Any other name
 #: needs the metric's own ``higher_is_better`` (torchmetrics) or ``PlanConfig.higher_is_better``: a
@@ -828,6 +836,10 @@ def plan(
     def uloss(u: float) -> float:
         return _relative_loss(u, float_u[metric], lower)
 
+    def slack(k: tuple[int, ...]) -> float:
+        """The plan's interaction bound (:func:`_interaction_bound`) relative to the float utility."""
+        return _interaction_bound(du[torch.arange(len(groups)), list(k)]) / max(abs(float_u[metric]), 1e-12)
+
     def evaluate(choice: tuple[int, ...]) -> tuple[float, float, float]:
         if choice not in cheap:
             u = float_u[metric] + float(du[torch.arange(len(groups)), list(choice)].sum())
@@ -862,6 +874,13 @@ def plan(
             # leakage alone the int2-heavy plans far over a utility budget took every place)
             rest = sorted((k for k in ck if k not in set(front1)), key=lambda k: (
                 not _meets((cheap[k][0], uloss(cheap[k][1]), cheap[k][2]), cfg), cheap[k][0]))
+            if INTERACTION_SEARCH:
+                # pl47: the first of them, as many as the measurements before re-assessment can reach
+                # (below), then those meeting the budgets with the utility loss at its interaction
+                # bound, by leakage (the plans the interaction search may measure)
+                head = rest[: NEAR_BUDGET_CHECKS * cfg.reassess]
+                rest = head + sorted((k for k in rest[len(head):]), key=lambda k: (
+                    not _meets((cheap[k][0], uloss(cheap[k][1]) - slack(k), cheap[k][2]), cfg), cheap[k][0]))
             front1 += rest[: MAX_EXACT - len(front1)]
         keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
         seen = {k: (proxy(k[:n_assessed], SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
@@ -908,8 +927,24 @@ def plan(
                 measured_over.append({"choices": {g: cands[c].name for g, c in zip(groups, keys[i])},
                                       "predicted_utility": seen[keys[i]][1], "predicted_utility_loss": pts[i][1],
                                       "measured_utility": u, "measured_utility_loss": uloss(u)})
-        if found:
-            best = found[0]
+    searched: list[dict[str, Any]] = []
+    if cfg.max_utility_loss is not None and INTERACTION_SEARCH:
+        # pl47: a brute force over every plan found the best plan within the budget predicted at
+        # twice it by the additive model (+65% for +28% measured: the layers' errors cancel), so
+        # it was never measured; the plans that could beat the choice so far once their interaction
+        # bound is allowed for are measured in the objective's order, the first within it leads
+        t_search = time.perf_counter()
+        ahead = _interaction_search(cfg, keys, pts, found[0] if found else None, measured, measure_key, uloss,
+                                    slack, INTERACTION_CHECKS * len(groups) * C)
+        seconds["interaction_search"] = time.perf_counter() - t_search
+        for i, u in ahead:
+            searched.append({"choices": {g: cands[c].name for g, c in zip(groups, keys[i])},
+                             "predicted_utility": seen[keys[i]][1], "predicted_utility_loss": pts[i][1],
+                             "bound": slack(keys[i]), "measured_utility": u, "measured_utility_loss": uloss(u)})
+        if ahead and uloss(ahead[-1][1]) <= cfg.max_utility_loss:
+            found.insert(0, ahead[-1][0])
+    if found:
+        best = found[0]
     frontier_keys = sorted({keys[i] for i in front_idx} | {keys[best]}, key=lambda k: seen[k][0])
     # A uniform plan is the uniform candidate itself (scored below anyway): one PlanPoint, never
     # re-assessed twice, also when it is the chosen plan.
@@ -946,6 +981,7 @@ def plan(
     near = _near_budget(cfg, keys, pts, seen, groups, du, uniform_keys, to_assess, chosen, measure_key,
                         uloss, float_u[metric], cands)
     near["measured_over"] = measured_over
+    near["searched"] = searched
     if near["factor"] is not None:  # utilities measured (docs/planner.md "Cost")
         seconds["near_budget"] = time.perf_counter() - t0
     extra_keys = [tuple(c["key"]) for c in near["checked"] if c["reassessed"]]
@@ -1194,6 +1230,67 @@ def _near_budget(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[tuple[f
                                "margin": margin[i], "measured_utility": u,
                                "measured_utility_loss": uloss(u), "reassessed": bool(ok)})
         if n_ok >= cfg.reassess_near_budget:
+            break
+    return out
+
+
+def _interaction_bound(du: Tensor) -> float:
+    """The largest interaction term a plan's utility change may carry beyond the sum of its
+    layers' measured changes ``du`` (``[groups]``, each layer quantized alone): ``2 sum_{g<h}
+    sqrt(|du_g| |du_h|)``, in the utility's units.
+
+    Source: the second-order expansion of the loss in the layers' quantization errors ``d_g``,
+    ``L(theta + sum_g d_g) - L(theta) = sum_g [L(theta + d_g) - L(theta)] + sum_{g<h} d_g' H d_h``,
+    and Cauchy-Schwarz for a positive semi-definite ``H``: ``|d_g' H d_h| <= sqrt(d_g' H d_g
+    d_h' H d_h)``, with ``d_g' H d_g ~ 2 |du_g|`` (the absolute value: the validation loss is not at
+    its minimum, and a layer whose quantization lowers it still moves the others). A heuristic
+    bound (int2 is far from the quadratic regime): it only selects the plans measured, never a
+    plan's reported utility (pl47; docs/planner.md step 5: 0 of 209 plans of three brute-force
+    models below it, 3 of 64 of a fourth by at most 0.03 float losses)."""
+    a = du.abs().sqrt()
+    return float(a.sum() ** 2 - (a ** 2).sum())
+
+
+def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[tuple[float, float, float]],
+                        incumbent: int | None, measured: Mapping[tuple[int, ...], float],
+                        measure_key: Callable[[tuple[int, ...]], float], uloss: Callable[[float], float],
+                        slack: Callable[[tuple[int, ...]], float], cap: int) -> list[tuple[int, float]]:
+    """The plans that could beat ``incumbent`` (the best plan measured within ``max_utility_loss``
+    so far, an index into ``keys``; ``None``: none) once the additive prediction's interaction
+    bound is allowed for, measured in the objective's order until one is within the budget.
+
+    A plan qualifies when it meets the other budgets by the proxy and, with its utility loss at
+    the prediction minus ``slack(key)`` (:func:`_interaction_bound`, relative), meets the utility
+    budget and beats the incumbent's measured figures by the objective (:func:`_best`). At most
+    ``cap`` plans not measured before are measured (one validation pass each); the walk stops at
+    the first measured within the budget: by the proxy's objective the best plan whose interaction
+    bound leaves it possible, unless ``cap`` stopped it first.
+
+    Returns:
+        ``[(index, measured utility)]`` of the plans measured, in order; the last one is within
+        the budget when the search found one.
+    """
+    budget = cfg.max_utility_loss
+    assert budget is not None
+    inc = None if incumbent is None else (pts[incumbent][0], uloss(measured[keys[incumbent]]), pts[incumbent][2])
+    out: list[tuple[int, float]] = []
+    n_new = 0
+    for i in sorted(range(len(keys)), key=lambda j: _objective(pts[j], cfg)):
+        k = keys[i]
+        if i == incumbent:
+            continue
+        low = (pts[i][0], pts[i][1] - slack(k), pts[i][2])  # its utility loss at the bound
+        if not _meets(low, cfg):
+            continue
+        if inc is not None and _best([inc, low], cfg) != 1:
+            continue
+        if k not in measured:
+            if n_new >= cap:
+                break
+            n_new += 1
+        u = measure_key(k)
+        out.append((i, u))
+        if uloss(u) <= budget:
             break
     return out
 
