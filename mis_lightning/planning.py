@@ -934,15 +934,15 @@ def plan(
         # it was never measured; the plans that could beat the choice so far once their interaction
         # bound is allowed for are measured in the objective's order, the first within it leads
         t_search = time.perf_counter()
-        ahead = _interaction_search(cfg, keys, pts, found[0] if found else None, measured, measure_key, uloss,
+        ahead, lead = _interaction_search(cfg, keys, pts, found[0] if found else None, measured, measure_key, uloss,
                                     slack, INTERACTION_CHECKS * len(groups) * C)
         seconds["interaction_search"] = time.perf_counter() - t_search
         for i, u in ahead:
             searched.append({"choices": {g: cands[c].name for g, c in zip(groups, keys[i])},
                              "predicted_utility": seen[keys[i]][1], "predicted_utility_loss": pts[i][1],
                              "bound": slack(keys[i]), "measured_utility": u, "measured_utility_loss": uloss(u)})
-        if ahead and uloss(ahead[-1][1]) <= cfg.max_utility_loss:
-            found.insert(0, ahead[-1][0])
+        if lead is not None:
+            found.insert(0, lead)
     if found:
         best = found[0]
     frontier_keys = sorted({keys[i] for i in front_idx} | {keys[best]}, key=lambda k: seen[k][0])
@@ -1254,7 +1254,7 @@ def _interaction_bound(du: Tensor) -> float:
 def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[tuple[float, float, float]],
                         incumbent: int | None, measured: Mapping[tuple[int, ...], float],
                         measure_key: Callable[[tuple[int, ...]], float], uloss: Callable[[float], float],
-                        slack: Callable[[tuple[int, ...]], float], cap: int) -> list[tuple[int, float]]:
+                        slack: Callable[[tuple[int, ...]], float], cap: int) -> tuple[list[tuple[int, float]], int | None]:
     """The plans that could beat ``incumbent`` (the best plan measured within ``max_utility_loss``
     so far, an index into ``keys``; ``None``: none) once the additive prediction's interaction
     bound is allowed for, measured in the objective's order until one is within the budget.
@@ -1263,12 +1263,13 @@ def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[
     the prediction minus ``slack(key)`` (:func:`_interaction_bound`, relative), meets the utility
     budget and beats the incumbent's measured figures by the objective (:func:`_best`). At most
     ``cap`` plans not measured before are measured (one validation pass each); the walk stops at
-    the first measured within the budget: by the proxy's objective the best plan whose interaction
-    bound leaves it possible, unless ``cap`` stopped it first.
+    the first measured within the budget that beats the incumbent with its measured utility: by
+    the proxy's objective the best plan whose interaction bound leaves it possible, unless ``cap``
+    stopped it first.
 
     Returns:
-        ``[(index, measured utility)]`` of the plans measured, in order; the last one is within
-        the budget when the search found one.
+        ``([(index, measured utility)], lead)``: the plans looked at, in order (measured here or
+        before), and the index of the one found (the last), or ``None``.
     """
     budget = cfg.max_utility_loss
     assert budget is not None
@@ -1290,9 +1291,11 @@ def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[
             n_new += 1
         u = measure_key(k)
         out.append((i, u))
-        if uloss(u) <= budget:
-            break
-    return out
+        # within the budget and, with its measured utility, still ahead of the incumbent (among
+        # leakages tied by LEAKAGE_TIE the utility decides: the bound was optimistic)
+        if uloss(u) <= budget and (inc is None or _best([inc, (pts[i][0], uloss(u), pts[i][2])], cfg) == 1):
+            return out, i
+    return out, None
 
 
 def _index(cands: Sequence[QuantizationScheme], name: str) -> int:
