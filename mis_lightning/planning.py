@@ -255,7 +255,12 @@ class PlanResult:
             ``"measured_over"``: the plans predicted within ``max_utility_loss`` that the search
             preferred and whose real copy measured over it before any re-assessment (``[{"choices",
             "predicted_utility", "predicted_utility_loss", "measured_utility",
-            "measured_utility_loss"}]``; pl44: passed over for the next plans by the objective).
+            "measured_utility_loss"}]``; pl44: passed over for the next plans by the objective), and
+            ``"searched"``: the plans the interaction search looked at (:data:`INTERACTION_SEARCH`,
+            pl47; ``[{"choices", "predicted_utility", "predicted_utility_loss", "bound",
+            "measured_utility", "measured_utility_loss"}]``, ``bound``: the interaction bound
+            relative to the float utility; the last one led the search's choice when within the
+            budget and ahead of the choice so far).
         not_ranked_against: the re-assessed plans within the budget (report rows) whose
             leakage the chosen plan's is not ranked beyond their 80% intervals
             (:func:`~mis_lightning.report.unranked_groups`' rule): as safe within the figures'
@@ -393,6 +398,18 @@ class PlanResult:
                              for c in over)
             lines.append(f"\nmeasured over max_utility_loss before re-assessment (predicted within it; passed "
                          f"over for the next plans by the objective): {what}")
+        searched = (self.near_budget or {}).get("searched") or []
+        budget_u = self.budget.get("max_utility_loss")
+        if searched and budget_u is not None:  # pl47: the interaction search's walk
+            ok = [c for c in searched if c["measured_utility_loss"] <= budget_u]
+            lead = (f"; the first within it that beats the choice so far: "
+                    f"{', '.join(f'{k}={v}' for k, v in ok[-1]['choices'].items())}, predicted "
+                    f"{ok[-1]['predicted_utility_loss']:+.3%}, measured {ok[-1]['measured_utility_loss']:+.3%}"
+                    if ok and ok[-1] is searched[-1] else "; none within it beats the choice so far")
+            lines.append(f"\nmeasured beyond the additive prediction (the plans that beat the choice by the proxy "
+                         f"and whose interaction bound leaves them within max_utility_loss, in the objective's "
+                         f"order): {len(searched)} plans, "
+                         f"{sum(c['measured_utility_loss'] > budget_u for c in searched)} over the budget{lead}")
         lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
                      f"budget: {budget}. \"predicted\": the search's proxy; the other columns: the "
                      "pipeline's re-assessment of the real quantized copy.")
