@@ -23,6 +23,12 @@ target), and returns the Pareto frontier of the plans it saw. It works in three 
    :data:`MAX_EXACT`) and the uniform ones are then scored with the correlated form, and the
    choice is made among those.
 
+Before any re-assessment, with ``max_utility_loss``, plans are **measured** (one validation pass
+each: the real mixed copy's utility): the ones predicted within the budget in the objective's order
+(pl44), then those the additive prediction puts over it but whose interaction bound
+(:func:`_interaction_bound`) leaves within it and that beat the choice so far (pl47,
+:data:`INTERACTION_SEARCH`); a plan is chosen only on its measured utility.
+
 The chosen plan and a few others of the frontier are then **re-assessed** through the pipeline
 (:func:`~mis_lightning.assess.score_schemes` with :class:`~mis_lightning.quantization.mixed.
 MixedPrecisionScheme`, i.e. the real mixed-precision copy), together with the uniform
@@ -259,8 +265,7 @@ class PlanResult:
             ``"searched"``: the plans the interaction search looked at (:data:`INTERACTION_SEARCH`,
             pl47; ``[{"choices", "predicted_utility", "predicted_utility_loss", "bound",
             "measured_utility", "measured_utility_loss"}]``, ``bound``: the interaction bound
-            relative to the float utility; the last one led the search's choice when within the
-            budget and ahead of the choice so far).
+            relative to the float utility; ``lead``: the one that became the search's choice).
         not_ranked_against: the re-assessed plans within the budget (report rows) whose
             leakage the chosen plan's is not ranked beyond their 80% intervals
             (:func:`~mis_lightning.report.unranked_groups`' rule): as safe within the figures'
@@ -401,11 +406,11 @@ class PlanResult:
         searched = (self.near_budget or {}).get("searched") or []
         budget_u = self.budget.get("max_utility_loss")
         if searched and budget_u is not None:  # pl47: the interaction search's walk
-            ok = [c for c in searched if c["measured_utility_loss"] <= budget_u]
-            lead = (f"; the first within it that beats the choice so far: "
-                    f"{', '.join(f'{k}={v}' for k, v in ok[-1]['choices'].items())}, predicted "
-                    f"{ok[-1]['predicted_utility_loss']:+.3%}, measured {ok[-1]['measured_utility_loss']:+.3%}"
-                    if ok and ok[-1] is searched[-1] else "; none within it beats the choice so far")
+            ok = [c for c in searched if c.get("lead")]
+            lead = (f"; the best within it, chosen for re-assessment: "
+                    f"{', '.join(f'{k}={v}' for k, v in ok[0]['choices'].items())}, predicted "
+                    f"{ok[0]['predicted_utility_loss']:+.3%}, measured {ok[0]['measured_utility_loss']:+.3%}"
+                    if ok else "; none within it beats the choice so far")
             lines.append(f"\nmeasured beyond the additive prediction (the plans that beat the choice by the proxy "
                          f"and whose interaction bound leaves them within max_utility_loss, in the objective's "
                          f"order): {len(searched)} plans, "
@@ -957,7 +962,8 @@ def plan(
         for i, u in ahead:
             searched.append({"choices": {g: cands[c].name for g, c in zip(groups, keys[i])},
                              "predicted_utility": seen[keys[i]][1], "predicted_utility_loss": pts[i][1],
-                             "bound": slack(keys[i]), "measured_utility": u, "measured_utility_loss": uloss(u)})
+                             "bound": slack(keys[i]), "measured_utility": u, "measured_utility_loss": uloss(u),
+                             "lead": i == lead})
         if lead is not None:
             found.insert(0, lead)
     if found:
@@ -1279,19 +1285,21 @@ def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[
     A plan qualifies when it meets the other budgets by the proxy and, with its utility loss at
     the prediction minus ``slack(key)`` (:func:`_interaction_bound`, relative), meets the utility
     budget and beats the incumbent's measured figures by the objective (:func:`_best`). At most
-    ``cap`` plans not measured before are measured (one validation pass each); the walk stops at
-    the first measured within the budget that beats the incumbent with its measured utility: by
-    the proxy's objective the best plan whose interaction bound leaves it possible, unless ``cap``
-    stopped it first.
+    ``cap`` plans not measured before are measured (one validation pass each). The first measured
+    within the budget that beats the incumbent with its measured utility becomes the incumbent:
+    by the proxy's objective the best plan whose interaction bound leaves it possible, unless
+    ``cap`` stopped the walk first (after it only plans tied with it by leakage can still beat it,
+    on the utility).
 
     Returns:
         ``([(index, measured utility)], lead)``: the plans looked at, in order (measured here or
-        before), and the index of the one found (the last), or ``None``.
+        before), and the index of the last incumbent found, or ``None``.
     """
     budget = cfg.max_utility_loss
     assert budget is not None
     inc = None if incumbent is None else (pts[incumbent][0], uloss(measured[keys[incumbent]]), pts[incumbent][2])
     out: list[tuple[int, float]] = []
+    lead: int | None = None
     n_new = 0
     for i in sorted(range(len(keys)), key=lambda j: _objective(pts[j], cfg)):
         k = keys[i]
@@ -1310,9 +1318,13 @@ def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[
         out.append((i, u))
         # within the budget and, with its measured utility, still ahead of the incumbent (among
         # leakages tied by LEAKAGE_TIE the utility decides: the bound was optimistic)
-        if uloss(u) <= budget and (inc is None or _best([inc, (pts[i][0], uloss(u), pts[i][2])], cfg) == 1):
-            return out, i
-    return out, None
+        mine = (pts[i][0], uloss(u), pts[i][2])
+        if uloss(u) <= budget and (inc is None or _best([inc, mine], cfg) == 1):
+            # the new incumbent; the walk goes on only through the plans tied with it by leakage
+            # (LEAKAGE_TIE) that the bound leaves ahead of it on the utility (frozen brute force:
+            # 8,2,4 led at +1654% where 3,2,4, as leaky, measured +1527%)
+            inc, lead = mine, i
+    return out, lead
 
 
 def _index(cands: Sequence[QuantizationScheme], name: str) -> int:
