@@ -842,3 +842,26 @@ def test_a_plan_the_additive_prediction_puts_far_over_the_budget_is_measured_and
     extra = n_search - len(calls)  # the search's cost: validation passes, bounded
     assert 0 < extra <= planning.INTERACTION_CHECKS * 3 * len(CANDS)
     assert "measured beyond the additive prediction" in res.table()
+
+
+def test_no_plan_predicted_within_the_budget_but_one_measured_within_is_chosen(setup, monkeypatch):
+    """pl47: where every plan's additive prediction is over max_utility_loss, the plans the
+    interaction bound leaves within it are measured before PlanInfeasibleError: one measured
+    within is chosen (with its measured utility); none within: the error, saying how many were
+    measured. Utilities by construction: every candidate costs at least 0.01 on the first layer
+    (the budget is 0.5%), int4|int4|int4 interacts by -0.03."""
+    from mis_lightning import planning
+    from mis_lightning.planning import PlanInfeasibleError
+
+    model, tr, va, est, _ = setup
+    costs = {n: {c: v + (0.01 if n == "0.weight" else 0.0) for c, v in NEAR_COSTS[n].items()} for n in NEAR_COSTS}
+    kw = dict(estimate=est, weight_decay=WD, uncertainty_draws=0, max_utility_loss=0.005)
+    res = plan(model, CANDS, tr, loss, utility_fn=_table_utility(model, costs, {UNIFORM_INT4: -0.07}), **kw)
+    assert tuple(res.chosen.choices.values()) == UNIFORM_INT4 and res.within_budget
+    assert res.chosen.utility_loss > 0.005 >= (res.utility - res.float_utility) / res.float_utility
+    with pytest.raises(PlanInfeasibleError, match=r"plans predicted over max_utility_loss but within it by their "
+                                                  r"interaction bound were measured: none is"):
+        plan(model, CANDS, tr, loss, utility_fn=_table_utility(model, costs), **kw)
+    monkeypatch.setattr(planning, "INTERACTION_SEARCH", False)
+    with pytest.raises(PlanInfeasibleError, match="is below the least reachable utility loss"):
+        plan(model, CANDS, tr, loss, utility_fn=_table_utility(model, costs, {UNIFORM_INT4: -0.07}), **kw)
