@@ -1313,8 +1313,8 @@ def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[
     n_new = 0
     for i in sorted(range(len(keys)), key=lambda j: _objective(pts[j], cfg)):
         k = keys[i]
-        if i == incumbent:
-            continue
+        if i == incumbent or (k in measured and uloss(measured[k]) > budget):
+            continue  # (measured over the budget before: passed over already)
         low = (pts[i][0], pts[i][1] - slack(k), pts[i][2])  # its utility loss at the bound
         if not _meets(low, cfg):
             continue
