@@ -25,6 +25,12 @@ pipeline's figures over all plans and how it ranks them (Kendall's tau; rank of 
     python benchmarks/pl44_planner_bruteforce.py                 # all three models
     python benchmarks/pl44_planner_bruteforce.py --models frozen
     python benchmarks/pl44_planner_bruteforce.py --models mlp_nobias
+    python benchmarks/pl44_planner_bruteforce.py --models mlp_nobias clf --ab   # pl47
+
+``--ab`` runs ``plan()`` twice per budget, without and with the interaction search
+(``planning.INTERACTION_SEARCH``, pl47), alternated, and gives for each the choice, the gap, the
+planner's own validation passes (per-layer and plan measurements; the re-assessment's are not
+counted) and its CPU seconds (``time.process_time``, 1 thread).
 
 Runtime (1 thread): about 1-2 CPU min per model.
 """
@@ -130,7 +136,39 @@ def kendall(a, b):
     return s / max(t, 1)
 
 
-def run(kind):
+def plan_once(model, tr, va, lossf, est, cands, b, weights, float_u, cfg, bt, search):
+    """One ``plan()`` with ``planning.INTERACTION_SEARCH = search``: the table's cells (choice,
+    gap, within) and the planner's validation passes and CPU seconds."""
+    passes = []
+    real = planning.evaluate_utility
+
+    def counted(*a, **k):
+        passes.append(1)
+        return real(*a, **k)
+
+    flag = planning.INTERACTION_SEARCH
+    planning.INTERACTION_SEARCH, planning.evaluate_utility = search, counted
+    t0 = time.process_time()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = plan(model, None, tr, lossf, val_dataloader=va, estimate=est, config=PlanConfig(candidates=cands, **b))
+    except PlanInfeasibleError as e:
+        return f"PlanInfeasibleError ({str(e).split(': ', 1)[-1][:60]}...)", "-", "-", len(passes), 0.0
+    finally:
+        planning.INTERACTION_SEARCH, planning.evaluate_utility = flag, real
+    cpu = time.process_time() - t0
+    r = res.chosen.result
+    mb = r.model_bits_per_weight
+    ch = {w: s.name for w in weights for s in [res.scheme.scheme_for(w)] if s is not None}
+    pt = f"{short(ch, weights)} ({r.leakage:.4f}, {(r.utility['loss'] - float_u) / float_u:+.2%}, {mb:.3g})"
+    gap = "-" if bt is None else f"{r.leakage / bt[0] - 1:+.2%}"
+    within = "yes" if res.within_budget and planning._meets(
+        (r.leakage, (r.utility["loss"] - float_u) / float_u, mb), cfg) else "NO"
+    return pt, gap, within, len(passes), cpu
+
+
+def run(kind, ab=False):
     model, tr, va, lossf, cands = build(kind)
     est = run_estimation(model, tr, lossf, EstimationConfig(weight_decay=WD))
     sc = ScoringConfig()
@@ -178,8 +216,14 @@ def run(kind):
           f"brute force {len(plans)} plans in {t_bf:.1f} CPU s")
     print(f"proxy vs pipeline over all {len(plans)} plans: leakage max rel. error {lk_err:.2%}, Kendall tau "
           f"{tau:.3f}; additive utility loss max abs. error {u_err:.4f} (relative to the float loss)")
-    print("| budget | brute-force best (leak, loss, b/w) | planner's choice (re-assessed) | gap | within | rank by proxy |")
-    print("|---|---|---|---|---|---|")
+    if ab:
+        print("| budget | brute-force best (leak, loss, b/w) | additive search (before pl47) | gap | within | passes "
+              "| CPU s | interaction search (pl47) | gap | within | passes | CPU s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    else:
+        print("| budget | brute-force best (leak, loss, b/w) | planner's choice (re-assessed) | gap | within "
+              "| rank by proxy |")
+        print("|---|---|---|---|---|---|")
     for b in budgets(truth):
         cfg = PlanConfig(candidates=cands, **b)
         ok = [p for p in plans if planning._meets(truth[p], cfg)]
@@ -194,27 +238,22 @@ def run(kind):
             rank = str(order.index(best) + 1) + f"/{len(okp)}" if best in okp else "not within by proxy"
         else:
             btext, rank, bt = "none within", "-", None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                res = plan(model, None, tr, lossf, val_dataloader=va, estimate=est,
-                           config=PlanConfig(candidates=cands, **b))
-            r = res.chosen.result
-            mb = r.model_bits_per_weight
-            ch = {w: s.name for w in weights for s in [res.scheme.scheme_for(w)] if s is not None}
-            pt = f"{short(ch, weights)} ({r.leakage:.4f}, {(r.utility['loss'] - float_u) / float_u:+.2%}, {mb:.3g})"
-            gap = "-" if bt is None else f"{r.leakage / bt[0] - 1:+.2%}"
-            within = "yes" if res.within_budget and planning._meets(
-                (r.leakage, (r.utility["loss"] - float_u) / float_u, mb), cfg) else "NO"
-        except PlanInfeasibleError as e:
-            pt, gap, within = f"PlanInfeasibleError ({str(e).split(': ', 1)[-1][:60]}...)", "-", "-"
-        print(f"| {btxt} | {btext} | {pt} | {gap} | {within} | {rank} |")
+        args = (model, tr, va, lossf, est, cands, b, weights, float_u, cfg, bt)
+        if not ab:
+            pt, gap, within, _, _ = plan_once(*args, planning.INTERACTION_SEARCH)
+            print(f"| {btxt} | {btext} | {pt} | {gap} | {within} | {rank} |")
+            continue
+        # alternated twice (old, new, new, old): the CPU seconds are the means of each pair
+        o1, n1, n2, o2 = (plan_once(*args, f) for f in (False, True, True, False))
+        print(f"| {btxt} | {btext} | {o1[0]} | {o1[1]} | {o1[2]} | {o1[3]} | {(o1[4] + o2[4]) / 2:.2f} | {n1[0]} | {n1[1]} "
+              f"| {n1[2]} | {n1[3]} | {(n1[4] + n2[4]) / 2:.2f} |")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=["mlp", "clf", "frozen"])
+    ap.add_argument("--ab", action="store_true", help="plan() without and with the interaction search (pl47)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     for k in a.models:
-        run(k)
+        run(k, a.ab)

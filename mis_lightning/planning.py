@@ -23,6 +23,12 @@ target), and returns the Pareto frontier of the plans it saw. It works in three 
    :data:`MAX_EXACT`) and the uniform ones are then scored with the correlated form, and the
    choice is made among those.
 
+Before any re-assessment, with ``max_utility_loss``, plans are **measured** (one validation pass
+each: the real mixed copy's utility): the ones predicted within the budget in the objective's order
+(pl44), then those the additive prediction puts over it but whose interaction bound
+(:func:`_interaction_bound`) leaves within it and that beat the choice so far (pl47,
+:data:`INTERACTION_SEARCH`); a plan is chosen only on its measured utility.
+
 The chosen plan and a few others of the frontier are then **re-assessed** through the pipeline
 (:func:`~mis_lightning.assess.score_schemes` with :class:`~mis_lightning.quantization.mixed.
 MixedPrecisionScheme`, i.e. the real mixed-precision copy), together with the uniform
@@ -105,6 +111,14 @@ ADDITIVITY_TOLERANCE = 0.05
 #: budget by less than its error are measured, the likeliest within it first, at most this many
 #: times ``reassess_near_budget``, and the first ones within the budget are re-assessed
 NEAR_BUDGET_CHECKS = 4
+#: pl47: plans the additive utility prediction puts over ``max_utility_loss`` but whose
+#: interaction bound (:func:`_interaction_bound`) leaves within it are measured, in the objective's
+#: order, before any re-assessment (docs/planner.md step 5); ``False``: the pre-pl47 search (only
+#: the plans predicted within the budget and the near-budget margin), kept for A/B comparisons
+INTERACTION_SEARCH = True
+#: at most this many times ``groups x candidates`` utility measurements (one validation pass
+#: each, the cost of the per-layer measurements) for that search
+INTERACTION_CHECKS = 2
 #: utility names whose direction is known without a metric object: the report's lists (one for
 #: the verdict, the figure, the aggregate and the planner; ``report.known_mode``). Any other name
 #: needs the metric's own ``higher_is_better`` (torchmetrics) or ``PlanConfig.higher_is_better``: a
@@ -247,7 +261,11 @@ class PlanResult:
             ``"measured_over"``: the plans predicted within ``max_utility_loss`` that the search
             preferred and whose real copy measured over it before any re-assessment (``[{"choices",
             "predicted_utility", "predicted_utility_loss", "measured_utility",
-            "measured_utility_loss"}]``; pl44: passed over for the next plans by the objective).
+            "measured_utility_loss"}]``; pl44: passed over for the next plans by the objective), and
+            ``"searched"``: the plans the interaction search looked at (:data:`INTERACTION_SEARCH`,
+            pl47; ``[{"choices", "predicted_utility", "predicted_utility_loss", "bound",
+            "measured_utility", "measured_utility_loss"}]``, ``bound``: the interaction bound
+            relative to the float utility; ``lead``: the one that became the search's choice).
         not_ranked_against: the re-assessed plans within the budget (report rows) whose
             leakage the chosen plan's is not ranked beyond their 80% intervals
             (:func:`~mis_lightning.report.unranked_groups`' rule): as safe within the figures'
@@ -385,6 +403,18 @@ class PlanResult:
                              for c in over)
             lines.append(f"\nmeasured over max_utility_loss before re-assessment (predicted within it; passed "
                          f"over for the next plans by the objective): {what}")
+        searched = (self.near_budget or {}).get("searched") or []
+        budget_u = self.budget.get("max_utility_loss")
+        if searched and budget_u is not None:  # pl47: the interaction search's walk
+            ok = [c for c in searched if c.get("lead")]
+            lead = (f"; the best within it, chosen for re-assessment: "
+                    f"{', '.join(f'{k}={v}' for k, v in ok[0]['choices'].items())}, predicted "
+                    f"{ok[0]['predicted_utility_loss']:+.3%}, measured {ok[0]['measured_utility_loss']:+.3%}"
+                    if ok else "; none within it beats the choice so far")
+            lines.append(f"\nmeasured beyond the additive prediction (the plans that beat the choice by the proxy "
+                         f"and whose interaction bound leaves them within max_utility_loss, in the objective's "
+                         f"order): {len(searched)} plans, "
+                         f"{sum(c['measured_utility_loss'] > budget_u for c in searched)} over the budget{lead}")
         lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
                      f"budget: {budget}. \"predicted\": the search's proxy; the other columns: the "
                      "pipeline's re-assessment of the real quantized copy.")
@@ -828,6 +858,10 @@ def plan(
     def uloss(u: float) -> float:
         return _relative_loss(u, float_u[metric], lower)
 
+    def slack(k: tuple[int, ...]) -> float:
+        """The plan's interaction bound (:func:`_interaction_bound`) relative to the float utility."""
+        return _interaction_bound(du[torch.arange(len(groups)), list(k)]) / max(abs(float_u[metric]), 1e-12)
+
     def evaluate(choice: tuple[int, ...]) -> tuple[float, float, float]:
         if choice not in cheap:
             u = float_u[metric] + float(du[torch.arange(len(groups)), list(choice)].sum())
@@ -862,6 +896,13 @@ def plan(
             # leakage alone the int2-heavy plans far over a utility budget took every place)
             rest = sorted((k for k in ck if k not in set(front1)), key=lambda k: (
                 not _meets((cheap[k][0], uloss(cheap[k][1]), cheap[k][2]), cfg), cheap[k][0]))
+            if INTERACTION_SEARCH:
+                # pl47: the first of them, as many as the measurements before re-assessment can reach
+                # (below), then those meeting the budgets with the utility loss at its interaction
+                # bound, by leakage (the plans the interaction search may measure)
+                head = rest[: NEAR_BUDGET_CHECKS * cfg.reassess]
+                rest = head + sorted((k for k in rest[len(head):]), key=lambda k: (
+                    not _meets((cheap[k][0], uloss(cheap[k][1]) - slack(k), cheap[k][2]), cfg), cheap[k][0]))
             front1 += rest[: MAX_EXACT - len(front1)]
         keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
         seen = {k: (proxy(k[:n_assessed], SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
@@ -874,11 +915,6 @@ def plan(
         lk, u, b = seen[k]
         return PlanPoint({g: cands[c].name for g, c in zip(groups, k)}, lk, u, uloss(u), b)
 
-    feasible = [i for i in range(len(keys)) if _meets(pts[i], cfg)]
-    if not feasible:
-        raise PlanInfeasibleError(_infeasible_message(pts, cfg))
-    pts_f = [pts[i] for i in feasible]
-    best = feasible[_best(pts_f, cfg)]
     measured: dict[tuple[int, ...], float] = {}  # plan -> its real copy's utility (one pass each)
 
     def measure_key(k: tuple[int, ...]) -> float:
@@ -886,6 +922,18 @@ def plan(
             measured[k] = measure(MixedPrecisionScheme(
                 {g: calibrated[c] for g, c in zip(groups, k)}, name="budget check").apply(model).model)[metric]
         return measured[k]
+
+    feasible = [i for i in range(len(keys)) if _meets(pts[i], cfg)]
+    by_bound = False
+    if not feasible and cfg.max_utility_loss is not None and INTERACTION_SEARCH:
+        # pl47: no plan predicted within the utility budget; the ones the interaction bound leaves
+        # within it are measured below (an error only when none measures within it)
+        feasible = [i for i in range(len(keys)) if _meets((pts[i][0], pts[i][1] - slack(keys[i]), pts[i][2]), cfg)]
+        by_bound = True
+    if not feasible:
+        raise PlanInfeasibleError(_infeasible_message(pts, cfg))
+    pts_f = [pts[i] for i in feasible]
+    best = feasible[_best(pts_f, cfg)]
 
     # pl44: the predicted utility adds per-layer changes and misses the real copy's by a lot where
     # layers interact (a brute force over every plan: +228% predicted, +252% measured against a
@@ -897,7 +945,7 @@ def plan(
     ranked = sorted(range(len(pts_f)), key=lambda i: _objective(pts_f[i], cfg))
     found: list[int] = []
     measured_over: list[dict[str, Any]] = []
-    if cfg.max_utility_loss is not None:
+    if cfg.max_utility_loss is not None and not by_bound:  # (by_bound: the search below measures them)
         for i in [best, *(feasible[j] for j in ranked if feasible[j] != best)][: NEAR_BUDGET_CHECKS * cfg.reassess]:
             u = measure_key(keys[i])
             if uloss(u) <= cfg.max_utility_loss:
@@ -908,8 +956,28 @@ def plan(
                 measured_over.append({"choices": {g: cands[c].name for g, c in zip(groups, keys[i])},
                                       "predicted_utility": seen[keys[i]][1], "predicted_utility_loss": pts[i][1],
                                       "measured_utility": u, "measured_utility_loss": uloss(u)})
-        if found:
-            best = found[0]
+    searched: list[dict[str, Any]] = []
+    if cfg.max_utility_loss is not None and INTERACTION_SEARCH:
+        # pl47: a brute force over every plan found the best plan within the budget predicted at
+        # twice it by the additive model (+65% for +28% measured: the layers' errors cancel), so
+        # it was never measured; the plans that could beat the choice so far once their interaction
+        # bound is allowed for are measured in the objective's order, the first within it leads
+        t_search = time.perf_counter()
+        ahead, lead = _interaction_search(cfg, keys, pts, found[0] if found else None, measured, measure_key, uloss,
+                                    slack, INTERACTION_CHECKS * len(groups) * C)
+        seconds["interaction_search"] = time.perf_counter() - t_search
+        for i, u in ahead:
+            searched.append({"choices": {g: cands[c].name for g, c in zip(groups, keys[i])},
+                             "predicted_utility": seen[keys[i]][1], "predicted_utility_loss": pts[i][1],
+                             "bound": slack(keys[i]), "measured_utility": u, "measured_utility_loss": uloss(u),
+                             "lead": i == lead})
+        if lead is not None:
+            found.insert(0, lead)
+    if by_bound and not found:
+        raise PlanInfeasibleError(_infeasible_message(pts, cfg) + f" ({len(measured)} plans predicted over "
+                                  "max_utility_loss but within it by their interaction bound were measured: none is)")
+    if found:
+        best = found[0]
     frontier_keys = sorted({keys[i] for i in front_idx} | {keys[best]}, key=lambda k: seen[k][0])
     # A uniform plan is the uniform candidate itself (scored below anyway): one PlanPoint, never
     # re-assessed twice, also when it is the chosen plan.
@@ -946,6 +1014,7 @@ def plan(
     near = _near_budget(cfg, keys, pts, seen, groups, du, uniform_keys, to_assess, chosen, measure_key,
                         uloss, float_u[metric], cands)
     near["measured_over"] = measured_over
+    near["searched"] = searched
     if near["factor"] is not None:  # utilities measured (docs/planner.md "Cost")
         seconds["near_budget"] = time.perf_counter() - t0
     extra_keys = [tuple(c["key"]) for c in near["checked"] if c["reassessed"]]
@@ -1196,6 +1265,76 @@ def _near_budget(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[tuple[f
         if n_ok >= cfg.reassess_near_budget:
             break
     return out
+
+
+def _interaction_bound(du: Tensor) -> float:
+    """The largest interaction term a plan's utility change may carry beyond the sum of its
+    layers' measured changes ``du`` (``[groups]``, each layer quantized alone): ``2 sum_{g<h}
+    sqrt(|du_g| |du_h|)``, in the utility's units.
+
+    Source: the second-order expansion of the loss in the layers' quantization errors ``d_g``,
+    ``L(theta + sum_g d_g) - L(theta) = sum_g [L(theta + d_g) - L(theta)] + sum_{g<h} d_g' H d_h``,
+    and Cauchy-Schwarz for a positive semi-definite ``H``: ``|d_g' H d_h| <= sqrt(d_g' H d_g
+    d_h' H d_h)``, with ``d_g' H d_g ~ 2 |du_g|`` (the absolute value: the validation loss is not at
+    its minimum, and a layer whose quantization lowers it still moves the others). A heuristic
+    bound (int2 is far from the quadratic regime): it only selects the plans measured, never a
+    plan's reported utility (pl47; docs/planner.md step 5: 0 of 209 plans of three brute-force
+    models below it, 3 of 64 of a fourth by at most 0.03 float losses)."""
+    a = du.abs().sqrt()
+    return float(a.sum() ** 2 - (a ** 2).sum())
+
+
+def _interaction_search(cfg: PlanConfig, keys: list[tuple[int, ...]], pts: list[tuple[float, float, float]],
+                        incumbent: int | None, measured: Mapping[tuple[int, ...], float],
+                        measure_key: Callable[[tuple[int, ...]], float], uloss: Callable[[float], float],
+                        slack: Callable[[tuple[int, ...]], float], cap: int) -> tuple[list[tuple[int, float]], int | None]:
+    """The plans that could beat ``incumbent`` (the best plan measured within ``max_utility_loss``
+    so far, an index into ``keys``; ``None``: none) once the additive prediction's interaction
+    bound is allowed for, measured in the objective's order until one is within the budget.
+
+    A plan qualifies when it meets the other budgets by the proxy and, with its utility loss at
+    the prediction minus ``slack(key)`` (:func:`_interaction_bound`, relative), meets the utility
+    budget and beats the incumbent's measured figures by the objective (:func:`_best`). At most
+    ``cap`` plans not measured before are measured (one validation pass each). The first measured
+    within the budget that beats the incumbent with its measured utility becomes the incumbent:
+    by the proxy's objective the best plan whose interaction bound leaves it possible, unless
+    ``cap`` stopped the walk first (after it only plans tied with it by leakage can still beat it,
+    on the utility).
+
+    Returns:
+        ``([(index, measured utility)], lead)``: the plans looked at, in order (measured here or
+        before), and the index of the last incumbent found, or ``None``.
+    """
+    budget = cfg.max_utility_loss
+    assert budget is not None
+    inc = None if incumbent is None else (pts[incumbent][0], uloss(measured[keys[incumbent]]), pts[incumbent][2])
+    out: list[tuple[int, float]] = []
+    lead: int | None = None
+    n_new = 0
+    for i in sorted(range(len(keys)), key=lambda j: _objective(pts[j], cfg)):
+        k = keys[i]
+        if i == incumbent or (k in measured and uloss(measured[k]) > budget):
+            continue  # (measured over the budget before: passed over already)
+        low = (pts[i][0], pts[i][1] - slack(k), pts[i][2])  # its utility loss at the bound
+        if not _meets(low, cfg):
+            continue
+        if inc is not None and _best([inc, low], cfg) != 1:
+            continue
+        if k not in measured:
+            if n_new >= cap:
+                break
+            n_new += 1
+        u = measure_key(k)
+        out.append((i, u))
+        # within the budget and, with its measured utility, still ahead of the incumbent (among
+        # leakages tied by LEAKAGE_TIE the utility decides: the bound was optimistic)
+        mine = (pts[i][0], uloss(u), pts[i][2])
+        if uloss(u) <= budget and (inc is None or _best([inc, mine], cfg) == 1):
+            # the new incumbent; the walk goes on only through the plans tied with it by leakage
+            # (LEAKAGE_TIE) that the bound leaves ahead of it on the utility (frozen brute force:
+            # 8,2,4 led at +1654% where 3,2,4, as leaky, measured +1527%)
+            inc, lead = mine, i
+    return out, lead
 
 
 def _index(cands: Sequence[QuantizationScheme], name: str) -> int:
