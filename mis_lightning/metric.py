@@ -235,7 +235,7 @@ class MISIndicator(EstimationMetric):
                 est, self.model, self.schemes, scoring_config=self.scoring_config,
                 utility_fn=self.utility_fn, progress=self.progress,
             )
-        over = records_over_stated(est, self.num_training_records)
+        over = records_over_stated(est, getattr(self, "num_training_records", None))  # a Metric pickled before nux47 lacks it
         if over:
             self.report.warnings.insert(0, over)
         # the figures' caveats (not at a minimum, d / n not small, weights left in float, ...) are
