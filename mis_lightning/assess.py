@@ -1409,7 +1409,9 @@ def score_schemes(
             + "): the M-estimator analysis may not apply; train to convergence, with the weight decay and "
             "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "
             "loss_fn and weight_decay given here must be its (class weights, label smoothing, a penalty or "
-            "weight-decay convention that differ make a converged model read as unconverged)"
+            "weight-decay convention that differ make a converged model read as unconverged), and the "
+            "records given must be the ones it was trained on (a validation or test set is not at its "
+            "minimum, and its figures are not the members' leakage)"
         )
     if diagnostics.get("negative_curvature"):
         flipped = diagnostics.get("negative_eigenvalues_flipped")

@@ -392,8 +392,39 @@ def test_compute_raises_the_report_s_caveats_once():
     ours = [str(w.message) for w in first if str(w.message).startswith("MISIndicator: ")]
     assert met.report is not None and met.report.warnings
     assert any("not at a minimum" in w for w in ours), ours
+    # nux47: records that are not the training set (a test set passed by mistake) read as "not at
+    # a minimum" at best (nothing else can tell them apart): the message must name that cause too
+    assert any("not at a minimum" in w and "the ones it was trained on" in w for w in ours), ours
     assert {w[len("MISIndicator: "):] for w in ours} >= set(met.report.warnings)
     with warnings.catch_warnings(record=True) as second:
         warnings.simplefilter("always")
         met.compute()
     assert not [w for w in second if str(w.message).startswith("MISIndicator: ")]
+
+
+def test_records_fed_twice_without_reset_are_named():
+    """nux47: updating over the training set every epoch without ``reset()`` (the torchmetrics
+    habit) fed each record twice; the Metric read n = 2x the stated ``num_training_records`` and
+    only the duplicate warning hinted at it (a CNN's figure fell to 0.31x). The stated count now
+    names the mistake in the report and as a warning; one pass, or fewer records (drop_last), does not."""
+    import warnings
+
+    X, y = _data()
+    model = _ols_model(X, y)
+    kw = dict(estimation="exact", method="clt", uncertainty_draws=0, num_training_records=len(X))
+    once = MISIndicator(model, mse, ["rtn_int8"], **kw)
+    _feed(once, X, y, 60)
+    with warnings.catch_warnings(record=True) as w1:
+        warnings.simplefilter("always")
+        once.compute()
+    assert not any("more than the num_training_records" in str(w.message) for w in w1)
+    twice = MISIndicator(model, mse, ["rtn_int8"], **kw)
+    _feed(twice, X, y, 60)
+    _feed(twice, X, y, 60)
+    with warnings.catch_warnings(record=True) as w2:
+        warnings.simplefilter("always")
+        twice.compute()
+    msg = [str(w.message) for w in w2 if "more than the num_training_records" in str(w.message)]
+    assert msg and "480 training records" in msg[0] and "=240" in msg[0] and "reset()" in msg[0], msg
+    assert any("more than the num_training_records=240" in x for x in twice.report.warnings)
+
