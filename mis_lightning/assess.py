@@ -1970,7 +1970,9 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
             bits, zero = _dtype_bits(params[name]), 0.0
             frz = int((est.sigma[name] <= 0).sum())
             if name not in stored:
-                prep.d_eff += float(numel)
+                # a weight the data never moves (sigma 0: no record's influence reaches it) leaks
+                # nothing, in float as on a grid, where the pass pins it (kappa 0): it counts 0 in d_eff
+                prep.d_eff += float(numel - frz)
                 prep.frozen += frz
         else:
             bits = g.bits_per_weight
@@ -1985,7 +1987,7 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
         prep.bits += bits * numel
         prep.layers[name] = LayerResult(
             name=name, d=numel, quantized=g is not None, leakage=math.nan, mis=math.nan,
-            baseline_leakage=math.nan, d_eff=float(numel) if g is None else math.nan,
+            baseline_leakage=math.nan, d_eff=float(numel - frz) if g is None else math.nan,
             pinned_fraction=frz / max(numel, 1), zero_fraction=zero / numel if g is not None else 0.0,
             bits_per_weight=bits, quantized_by=g.method if g is not None else "",
         )

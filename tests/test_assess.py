@@ -246,3 +246,26 @@ def test_score_schemes_leaves_the_callers_calibration_stream_as_it_was():
     ml.score_schemes(est, model, ["awq_int8_weight_only"], uncertainty_draws=0,
                      calibration_data=DataLoader(ds, batch_size=None))
     assert ds.passes == 0
+
+
+def test_weights_the_data_never_moves_count_zero_in_d_eff_in_float_too():
+    """A weight no record's influence reaches (sigma 0: here the weight of an input that is 0 on
+    every record) leaks nothing: it counts 0 in ``d_eff`` left in float as on a grid, where the
+    pass pins it (nux47: dead ReLU units counted 1 each in float, 0 once quantized). Exact counts:
+    fails if float weights count ``numel``."""
+    n, d = 1500, 12
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    X[:, 0] = 0.0
+    y = X @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    Xa = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    b = torch.linalg.lstsq(Xa, y[:, None]).solution[:, 0]
+    m = nn.Linear(d, 1).double()
+    m.weight.data = b[:d][None].clone()
+    m.bias.data = b[d:].clone()
+    dl = DataLoader(TensorDataset(X, y), batch_size=256)
+    rep = ml.assess(m, ["none", "rtn_int8"], dl, mse, num_records=300, uncertainty_draws=0)
+    none, q = rep.schemes["none"], rep.schemes["rtn_int8"]
+    assert none.d_eff == pytest.approx(12.0) and none.layers["weight"].d_eff == pytest.approx(11.0)
+    assert none.pinned_fraction == pytest.approx(1 / 13)
+    assert q.layers["weight"].d_eff <= 11.0 and q.layers["weight"].pinned_fraction == pytest.approx(1 / 12)
