@@ -258,11 +258,12 @@ def test_weights_the_data_never_moves_count_zero_in_d_eff_in_float_too():
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
     X[:, 0] = 0.0
     y = X @ torch.randn(d, generator=g, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
-    Xa = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
-    b = torch.linalg.lstsq(Xa, y[:, None]).solution[:, 0]
+    # least squares on the moving inputs; the dead input's weight stays 0 (its minimum-norm value)
+    Xa = torch.cat([X[:, 1:], torch.ones(n, 1, dtype=torch.float64)], 1)
+    b = torch.linalg.solve(Xa.T @ Xa, Xa.T @ y)
     m = nn.Linear(d, 1).double()
-    m.weight.data = b[:d][None].clone()
-    m.bias.data = b[d:].clone()
+    m.weight.data = torch.cat([torch.zeros(1, dtype=torch.float64), b[:d - 1]])[None].clone()
+    m.bias.data = b[d - 1:].clone()
     dl = DataLoader(TensorDataset(X, y), batch_size=256)
     rep = ml.assess(m, ["none", "rtn_int8"], dl, mse, num_records=300, uncertainty_draws=0)
     none, q = rep.schemes["none"], rep.schemes["rtn_int8"]
