@@ -40,3 +40,73 @@ def test_cast_overflow_from_extremes_is_the_mask(monkeypatch, dt, src, on):
         truth = bool((torch.isinf(cast) & torch.isfinite(w)).any())
         assert casts._overflows(w, cast) == truth, (dt, src, v)
     assert not casts._overflows(torch.empty(0, dtype=src), torch.empty(0, dtype=dt))
+
+
+def _storages(model: torch.nn.Module) -> set[int]:
+    out = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        try:
+            out.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # torchao's wrapper tensors hold no storage
+            pass
+    return out
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_torchao_copy_shares_only_what_quantize_replaces(monkeypatch, share):
+    """The copy's replaced float weights were the model's storage; what the copy still holds of
+    them (a list attribute, a layer ``params=`` leaves out) gets its own values; the model is
+    untouched; the grids are those of a deep copy."""
+    from mis_lightning import _modelcopy
+    from mis_lightning.quantization import base, get_scheme
+
+    made = []
+
+    class Recorded(_modelcopy.SharedWeights):
+        def __init__(self, params=()):
+            super().__init__(params)
+            made.append(self)
+
+    monkeypatch.setattr(base, "SharedWeights", Recorded)
+    monkeypatch.setattr(base, "SHARE_REPLACED_WEIGHTS", share)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    model.keep = [model[0].weight]  # deepcopy maps it to the copy's Parameter: alive after quantize_
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    theirs = _storages(model)
+    for name, params, copied in (("int8_weight_only", None, 1), ("float8_weight_only", None, 1),
+                                 ("intx_weight_only_int4_g32", ["2.weight"], 1)):
+        res = get_scheme(name).apply(model, params=params)
+        assert len(made[-1].memo) == 0 and made[-1].copied == (copied if share else 0), name
+        assert not (_storages(res.model) & theirs), name
+        assert torch.equal(res.model.keep[0], model[0].weight)
+        assert res.model.keep[0].untyped_storage().data_ptr() not in theirs
+        if params is not None:  # layer 0 left in float by params=: the copy's own tensor
+            assert type(res.model[0].weight.data) is torch.Tensor
+        ref = get_scheme(name)
+        monkeypatch.setattr(base, "SHARE_REPLACED_WEIGHTS", False)
+        plain = ref.apply(model, params=params)
+        monkeypatch.setattr(base, "SHARE_REPLACED_WEIGHTS", share)
+        for k, g in res.grids.items():
+            assert torch.equal(g.codes if g.codes is not None else g.scale, plain.grids[k].codes
+                               if plain.grids[k].codes is not None else plain.grids[k].scale), (name, k)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_shared_weight_written_in_place_is_reported():
+    """A backend that writes a shared weight in place would change the user's: release() raises."""
+    import copy
+
+    from mis_lightning._modelcopy import SharedWeights
+
+    lin = torch.nn.Linear(3, 2)
+    shared = SharedWeights([lin.weight, lin.bias])
+    dup = copy.deepcopy(lin, dict(shared.memo))
+    assert dup.weight.data_ptr() == lin.weight.data_ptr() and dup.weight is not lin.weight
+    with torch.no_grad():
+        dup.bias.add_(1.0)
+    with pytest.raises(RuntimeError, match="wrote in place"):
+        shared.release()
+    assert dup.weight.data_ptr() != lin.weight.data_ptr()  # still held: its own values now
+    assert torch.equal(dup.weight, lin.weight)

@@ -215,6 +215,16 @@ class TorchAOScheme(SchemeConfig):
     def supports(self, module: nn.Module) -> bool:
         return _torchao_default_filter()(module)
 
+    def _replaced_weights(self, model: nn.Module) -> list[Tensor]:
+        # quantize_ reads each chosen layer's float weight and puts a new Parameter (its tensor
+        # subclass) in the layer. Only this class's own pass: a subclass with its own
+        # _quantize_copy (calibration, HQQ) may transform the weights first; the
+        # beyond-Linear pass writes its weights in place (not chosen here).
+        if type(self)._quantize_copy is not TorchAOScheme._quantize_copy:
+            return []
+        chosen, _, _ = self.select_weights(model, skip_reason=self._skip_reason)
+        return [module.weight for module, _, _ in chosen.values()]
+
     def _quantize_copy(self, model: nn.Module):
         grids, notes, reasons = self._quantize_linear(model)
         spec = self.flat_spec()
