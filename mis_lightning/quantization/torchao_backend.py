@@ -1,6 +1,8 @@
 """torchao schemes: ``quantize_`` with real torchao configs, grids read from its tensors.
 
-Every scheme here deep-copies the model (done by :meth:`QuantizationScheme.apply`), calls
+Every scheme here deep-copies the model (done by :meth:`QuantizationScheme.apply`; the float
+weights ``quantize_`` only reads and replaces are held on the model's storage until replaced,
+:class:`~mis_lightning._modelcopy.SharedWeights`), calls
 ``torchao.quantization.quantize_(copy, config, filter_fn=...)`` and reads each quantized
 weight's grid back from the tensor subclass torchao put in its place:
 
