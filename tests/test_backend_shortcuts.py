@@ -110,3 +110,48 @@ def test_shared_weight_written_in_place_is_reported():
         shared.release()
     assert dup.weight.data_ptr() != lin.weight.data_ptr()  # still held: its own values now
     assert torch.equal(dup.weight, lin.weight)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_check_finite_from_extremes_is_the_mask(monkeypatch, on):
+    from mis_lightning.functional import _checks
+
+    monkeypatch.setattr(_checks, "FINITE_FROM_EXTREMES", on)
+    for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        big = torch.finfo(dt).max
+        for v in (1.0, big, -big, -0.0, float("nan"), float("inf"), -float("inf")):
+            for where in (0, 37, 99):
+                t = torch.rand(100, dtype=torch.float64).to(dt)
+                t[where] = v
+                finite = bool(torch.isfinite(t).all())
+                if finite:
+                    _checks.check_finite("x", t)
+                else:
+                    with pytest.raises(ValueError, match=rf"x contains 1 non-finite value.*index \({where},\)"):
+                        _checks.check_finite("x", t)
+    _checks.check_finite("x", torch.empty(0))
+    _checks.check_finite("x", torch.arange(5))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_model_matches_estimate_equal_first(monkeypatch, on):
+    """The bitwise-equal shortcut decides as the differences do: equal passes, a change above
+    1e-6 of the largest weight raises, NaN (never equal) takes the full test (which passes it)."""
+    import importlib
+    from types import SimpleNamespace
+
+    assess_mod = importlib.import_module("mis_lightning.assess")
+    monkeypatch.setattr(assess_mod, "MATCH_EQUAL_FIRST", on)
+    lin = torch.nn.Linear(4, 3)
+    est = SimpleNamespace(names=["weight", "bias"],
+                          theta={k: v.detach().clone() for k, v in lin.named_parameters()})
+    assess_mod._check_model_matches_estimate(est, lin)
+    with torch.no_grad():
+        lin.weight[1, 2] += 1e-3
+    with pytest.raises(ValueError, match="parameter 'weight'"):
+        assess_mod._check_model_matches_estimate(est, lin)
+    with torch.no_grad():
+        lin.weight.copy_(est.theta["weight"])
+        lin.bias[0] = float("nan")
+    est.theta["bias"][0] = float("nan")
+    assess_mod._check_model_matches_estimate(est, lin)
