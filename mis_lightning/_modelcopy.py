@@ -327,12 +327,16 @@ class SharedWeights:
         self.copied = 0  # parameters given their own values by release() (tests)
         for p in params:
             if (type(p) is not nn.Parameter or type(p.data) is not Tensor or id(p) in self.memo
-                    or p.layout != torch.strided or p.device.type == "meta" or p.is_conj() or p.is_neg()):
+                    or p.layout != torch.strided or p.device.type == "meta" or p.is_conj() or p.is_neg()
+                    or p.is_inference()):
                 continue
-            with torch.no_grad():
-                alias = torch.empty(0, dtype=p.dtype, device=p.device).set_(
-                    p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
-            shared = nn.Parameter(alias, requires_grad=p.requires_grad)  # shares alias's version counter
+            try:
+                with torch.no_grad():
+                    alias = torch.empty(0, dtype=p.dtype, device=p.device).set_(
+                        p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
+                shared = nn.Parameter(alias, requires_grad=p.requires_grad)  # shares alias's version counter
+            except RuntimeError:  # a tensor kind that cannot be aliased this way: deep-copied instead
+                continue
             self.memo[id(p)] = shared
             self._held.append((weakref.ref(shared), alias, alias._version))
 

@@ -155,3 +155,15 @@ def test_model_matches_estimate_equal_first(monkeypatch, on):
         lin.bias[0] = float("nan")
     est.theta["bias"][0] = float("nan")
     assess_mod._check_model_matches_estimate(est, lin)
+
+
+def test_inference_mode_weights_are_copied_not_shared():
+    """Weights made under ``torch.inference_mode`` cannot be aliased by ``set_``: deep-copied."""
+    from mis_lightning._modelcopy import SharedWeights
+    from mis_lightning.quantization import get_scheme
+
+    with torch.inference_mode():
+        lin = torch.nn.Linear(64, 8)
+    assert SharedWeights([lin.weight]).memo == {}
+    res = get_scheme("int8_weight_only").apply(lin)
+    assert set(res.grids) == {"weight"}
