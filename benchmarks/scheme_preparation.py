@@ -9,6 +9,12 @@ the scale facts (``ParamGrid.reveal``), torchao's ``dequantize()`` and the rest 
     python benchmarks/first_call.py train 1e7 M
     PYTHONPATH=$PWD python benchmarks/scheme_preparation.py M [--whole] [--schemes ...]
 
+``--ab MODULE.FLAG`` (repeatable; p47c) instead: ``--rounds K`` pairs of the whole preparation (every
+scheme, as above) with the boolean switches ``mis_lightning.MODULE.FLAG`` on and off, alternating which
+goes first, after one warm-up round; CPU seconds and minor page faults of each round:
+
+    PYTHONPATH=$PWD python benchmarks/scheme_preparation.py M --ab quantization.base.SHARE_REPLACED_WEIGHTS --rounds 8
+
 ``--whole``: outside both contexts (every grid keeps its whole ``dequantized`` tensor and computes
 its own scale facts, as before fx35; the zeros counted in it). One thread, torchao imported before the timed region;
 no estimation (``apply`` needs none).
@@ -38,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("path", help="a model saved by first_call.py train")
     ap.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
     ap.add_argument("--whole", action="store_true", help="whole dequantized tensors, own scale facts (before fx35)")
+    ap.add_argument("--ab", action="append", default=[], metavar="MODULE.FLAG", help="switches to A/B (repeatable)")
+    ap.add_argument("--rounds", type=int, default=6, help="--ab: pairs of rounds")
     args = ap.parse_args(argv)
     import torch
 
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(qb.zero_counts_only())
         stack.enter_context(qb.scale_facts_shared(shared))
         return stack
+    if args.ab:
+        return _ab(args, model, names, counting)
     rows = []
     s0 = _usage()
     for spec in args.schemes or COMMON_SCHEMES:
@@ -92,6 +102,54 @@ def main(argv: list[str] | None = None) -> int:
     for spec, cpu, flt, sys_s, zeros in rows:
         print(f"  {spec:40s} {cpu:6.3f} s {flt:8d} faults {sys_s:5.2f} s system  zeros {zeros}")
     print_exclusive(stats, by=3)
+    return 0
+
+
+def _ab(args: argparse.Namespace, model: Any, names: list[str], counting: Any) -> int:
+    """``--ab``: the whole preparation with the switches on and off, alternating (see the module doc)."""
+    import importlib
+
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.quantization import get_scheme
+
+    mods = []
+    for flag in args.ab:
+        owner, _, attr = flag.rpartition(".")
+        m = importlib.import_module("mis_lightning." + owner)
+        if not isinstance(getattr(m, attr), bool):
+            raise SystemExit(f"--ab {flag}: not a boolean switch")
+        mods.append((m, attr))
+    schemes = []
+    for spec in args.schemes or COMMON_SCHEMES:
+        scheme = get_scheme(spec)
+        try:
+            scheme.check_available()
+        except Exception:  # noqa: BLE001 - e.g. the CUDA-only tinygemm layout
+            continue
+        schemes.append(scheme)
+
+    def round_(on: bool) -> tuple[float, int]:
+        for m, attr in mods:
+            setattr(m, attr, on)
+        a = _usage()
+        with counting():
+            for scheme in schemes:
+                scheme.apply(model, params=names)
+        b = _usage()
+        return b[2] - a[2], b[0] - a[0]
+
+    round_(True)  # warm-up
+    got: dict[bool, list[tuple[float, int]]] = {True: [], False: []}
+    for r in range(args.rounds):
+        for on in ((False, True) if r % 2 == 0 else (True, False)):
+            got[on].append(round_(on))
+    for on in (False, True):
+        cpu = sorted(c for c, _ in got[on])
+        flt = sorted(f for _, f in got[on])
+        print(f"{'on ' if on else 'off'} median {cpu[len(cpu) // 2]:.3f} s CPU, {flt[len(flt) // 2]} faults |",
+              " ".join(f"{c:.3f}" for c, _ in got[on]))
+    print(f"on / off per pair: {' '.join(f'{a[0] / b[0]:.3f}' for a, b in zip(got[True], got[False]))}; "
+          f"switches {' '.join(args.ab)}; load {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["SWAP_CHECK_RECORDS", "ModelCopyError", "SwapCheck", "private_copy"]
+__all__ = ["SWAP_CHECK_RECORDS", "ModelCopyError", "SharedWeights", "SwapCheck", "private_copy"]
 
 # records of the first batch that :class:`SwapCheck` runs (bounds the check's forward and backward)
 SWAP_CHECK_RECORDS = 64
@@ -304,12 +304,72 @@ def _refuse_direct(step: str, direct: list[tuple[str, str]]) -> None:
         f"over the module{f' self.{mod}' if mod else ''} instead of its tensor)")
 
 
-def private_copy(model: nn.Module, step: str) -> nn.Module:
+class SharedWeights:
+    """Parameters of the user's model that a private copy holds on the user's own storage until a
+    backend replaces them in the copy, instead of copying them (:func:`private_copy`'s ``shared``).
+
+    torchao's ``quantize_`` reads a layer's float weight and puts a new Parameter (its quantized
+    tensor) in the layer: a deep copy of that weight is written once and dropped unread. Here the
+    copy gets a Parameter of its own (same dtype, shape, strides and ``requires_grad``) over the
+    user's storage, with a version counter of its own; :meth:`release`, once the backend has run,
+    gives every such Parameter that is still alive (the backend left it in float, or another
+    attribute of the copy refers to it) a copy of its values, so that the copy returned never
+    shares a tensor with the user's model, and raises where one was written in place.
+
+    Only plain ``nn.Parameter`` objects over a strided tensor are shared; anything else is
+    deep-copied as before (not listed in :attr:`memo`).
+    """
+
+    def __init__(self, params: Iterable[Tensor] = ()) -> None:
+        #: ``id(user parameter) -> the copy's Parameter``, for ``copy.deepcopy``'s memo
+        self.memo: dict[int, nn.Parameter] = {}
+        self._held: list[tuple[weakref.ref, Tensor, int]] = []
+        self.copied = 0  # parameters given their own values by release() (tests)
+        for p in params:
+            if (type(p) is not nn.Parameter or type(p.data) is not Tensor or id(p) in self.memo
+                    or p.layout != torch.strided or p.device.type == "meta" or p.is_conj() or p.is_neg()
+                    or p.is_inference()):
+                continue
+            try:
+                with torch.no_grad():
+                    alias = torch.empty(0, dtype=p.dtype, device=p.device).set_(
+                        p.untyped_storage(), p.storage_offset(), p.size(), p.stride())
+                shared = nn.Parameter(alias, requires_grad=p.requires_grad)  # shares alias's version counter
+            except RuntimeError:  # a tensor kind that cannot be aliased this way: deep-copied instead
+                continue
+            self.memo[id(p)] = shared
+            self._held.append((weakref.ref(shared), alias, alias._version))
+
+    def release(self) -> None:
+        """After the backend: each shared Parameter still alive gets its own copy of the values.
+
+        Raises:
+            RuntimeError: a shared Parameter was written in place (the user's weight with it): a
+                backend that writes the copy's weights must not be given shared ones.
+        """
+        self.memo = {}
+        held, self._held = self._held, []
+        written = [tuple(a.shape) for _, a, v in held if a._version != v]
+        for ref, alias, _ in held:
+            p = ref()
+            if p is not None and p.data_ptr() == alias.data_ptr() and p.device == alias.device:
+                with torch.no_grad():
+                    p.data = alias.clone(memory_format=torch.preserve_format)
+                self.copied += 1
+        if written:
+            raise RuntimeError(f"a backend wrote in place into {len(written)} weight(s) of shape(s) "
+                               f"{written[:3]} that its copy shared with the model (a bug of this library: "
+                               "such a backend must copy them)")
+
+
+def private_copy(model: nn.Module, step: str, shared: SharedWeights | None = None) -> nn.Module:
     """``copy.deepcopy(model)``, or a :class:`ModelCopyError` that names what failed.
 
     Args:
         model: the user's model (never modified).
         step: what the copy is for, in words (``"copying the model for scheme 'int8'"``).
+        shared: parameters the copy holds on the user's storage until ``shared.release()``
+            (:class:`SharedWeights`; ``None``: every tensor copied).
 
     Returns:
         An independent copy (parameters, buffers and attributes copied; non-leaf tensor
@@ -321,8 +381,9 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
             Also when a callable attribute (``forward``, a lambda; not a hook) closes over a
             trainable parameter directly (module docstring); the message names both.
     """
+    share = {} if shared is None else shared.memo
     try:
-        copied = copy.deepcopy(model)
+        copied = copy.deepcopy(model, dict(share))
     except Exception as exc:  # noqa: BLE001 - diagnosed below
         first = exc
     else:
@@ -331,7 +392,7 @@ def private_copy(model: nn.Module, step: str) -> nn.Module:
     memo = _non_leaf_memo(model)
     if memo:
         try:
-            copied = copy.deepcopy(model, dict(memo))
+            copied = copy.deepcopy(model, {**memo, **share})
         except Exception as exc:  # noqa: BLE001 - diagnosed below
             first = exc
         else:

@@ -990,6 +990,12 @@ def _max_abs(a: Tensor) -> float:
     return _max_abs_diff(a, torch.zeros((), dtype=a.dtype).expand(a.shape))
 
 
+# _check_model_matches_estimate passes a parameter bitwise equal to the estimate's theta at once
+# (torch.equal: ~7 against ~45 ms for the float64 differences of the 1e7 MLP's weights; NaN is
+# never equal, so it reaches the full test); False: the differences always (A/B)
+MATCH_EQUAL_FIRST = True
+
+
 def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
     """The schemes quantize ``model``'s weights while sigma and the influences are those of
     ``est``: weights changed since the estimation (training on after a Metric's first
@@ -1006,6 +1012,9 @@ def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
             raise ValueError(f"the model has no parameter {k!r}, which the estimate assessed: score the "
                              "model the estimate was computed from")
         now, then = named[k].detach().reshape(-1), est.theta[k].reshape(-1)
+        if (MATCH_EQUAL_FIRST and now.dtype == then.dtype and now.device == then.device
+                and torch.equal(now, then)):  # bitwise the same (no NaN): difference 0
+            continue
         if now.shape != then.shape or _max_abs_diff(now, then) > 1e-6 * max(_max_abs(then), 1e-30):
             raise ValueError(
                 f"the model's weights differ from those the estimate was computed from (parameter {k!r}): the "

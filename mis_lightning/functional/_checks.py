@@ -13,8 +13,18 @@ from torch import Tensor
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# check_finite decides a real floating tensor from its extremes (one reduction, which propagates
+# NaN; ~2 ms against ~25-45 ms for the isfinite mask of 2^23 float32 weights, p47c) and builds the
+# mask only to name a non-finite value; False: the mask always (A/B)
+FINITE_FROM_EXTREMES = True
+
+
 def check_finite(name: str, t: Tensor) -> None:
     """Raise ``ValueError`` if ``t`` holds NaN or +-inf, naming ``name`` and the first bad index."""
+    if FINITE_FROM_EXTREMES and t.is_floating_point() and t.numel():
+        lo, hi = torch.aminmax(t.detach())
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):  # (NaN: the extremes are NaN)
+            return
     bad = ~torch.isfinite(t)
     if bool(bad.any()):
         idx = tuple(int(i) for i in torch.nonzero(bad)[0])

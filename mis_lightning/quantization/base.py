@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .._fields import CheckedFields
-from .._modelcopy import private_copy
+from .._modelcopy import SharedWeights, private_copy
 from ..functional import (
     CellMoments,
     CompilePolicy,
@@ -318,6 +318,15 @@ def release_chunk_facts() -> None:
     _EXPANSIONS.clear()
     _SD_ZERO.clear()
     _REVEALED_SHARED.clear()
+
+
+# QuantizationScheme.apply's copy holds the weights the backend only reads and then replaces
+# (_replaced_weights: torchao's quantize_ on the chosen Linear layers) on the model's own storage
+# instead of a deep copy of each, written once and dropped unread (the 1e7 MLP: 40 MB a torchao
+# scheme); whatever the backend leaves of them gets its own values afterwards
+# (_modelcopy.SharedWeights.release, which raises on one written in place). False: every
+# parameter deep-copied (A/B)
+SHARE_REPLACED_WEIGHTS = True
 
 
 # The grids of one parameter often expand bitwise-equal per-block tensors over the same chunk:
@@ -2994,6 +3003,13 @@ class QuantizationScheme(ABC):
         """Whether the backend quantizes this module's ``weight`` (before ``filter_fn``)."""
         return isinstance(module, nn.Linear)
 
+    def _replaced_weights(self, model: nn.Module) -> list[Tensor]:
+        """Parameters of ``model`` that the backend only reads and then replaces in the copy by a
+        new tensor (never writes): :meth:`apply`'s copy holds them on ``model``'s storage
+        (:class:`~mis_lightning._modelcopy.SharedWeights`, :data:`SHARE_REPLACED_WEIGHTS`).
+        Default: none (every parameter is copied)."""
+        return []
+
     def _selected(self, module: nn.Module, fqn: str, default: Callable[[nn.Module], bool] | None = None) -> bool:
         if not (default or self.supports)(module):
             return False
@@ -3140,16 +3156,18 @@ class QuantizationScheme(ABC):
             SchemeError: the backend failed (the message names the scheme and the cause).
         """
         self.check_available()
-        copy_ = private_copy(model, f"copying the model for scheme {self.name!r}")
+        shared = SharedWeights(self._replaced_weights(model) if SHARE_REPLACED_WEIGHTS else ())
+        copy_ = private_copy(model, f"copying the model for scheme {self.name!r}", shared=shared)
         copy_.eval()
-        cparams = dict(copy_.named_parameters())
         if params is not None:
+            cparams = dict(copy_.named_parameters())
             unknown = [n for n in params if n not in cparams]
             if unknown:
                 raise KeyError(f"params not in the model: {unknown}")
             # object.__setattr__: the built-in schemes are frozen dataclasses; the selection
             # is per call state, not a field
             object.__setattr__(self, "_only", {id(cparams[n]) for n in params})
+            del cparams  # (no reference to the copy's parameters past the backend: shared.release)
         try:
             out = self._quantize_copy(copy_)
         except SchemeError:
@@ -3158,6 +3176,7 @@ class QuantizationScheme(ABC):
             raise SchemeError(f"scheme {self.name!r} failed in its backend: {type(exc).__name__}: {exc}") from exc
         finally:
             object.__setattr__(self, "_only", None)
+            shared.release()  # whatever the backend left of the shared weights gets its own values
         grids, notes = out[0], out[1]
         reasons: dict[str, str] = out[2] if len(out) > 2 else {}
         params_ = dict(model.named_parameters())
