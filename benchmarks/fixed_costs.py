@@ -14,7 +14,9 @@ so no ``torch._dynamo`` yet), after one ``torch.optim.Adam`` step (whose constru
 ``first``: in one process (lightning_fabric imported, one Adam step, torchao imported before,
 the default "assess" estimation), three ``score_schemes`` calls of scale.py's eight schemes, each
 split into the scheme names' resolution (the registry's first load), ``_prepare_scheme``,
-``_joint_sums``, ``_finish_scheme`` and the rest, CPU ms (minor page faults).
+``_joint_sums``, ``_finish_scheme`` and the rest, CPU ms (minor page faults), and the joint pass
+into its cell moments (main and pool calls), draws (sampled and whole), the main and pool
+columns' power sums and the draws' power sums (each step's outermost calls).
 
 ``params``: after a warm-up call, the mean over ``--calls`` steady calls of each parameter's time
 in the joint pass (from one parameter's influence reader to the next), and for parameters of at
@@ -131,14 +133,41 @@ def _first(path: str) -> None:
 
     for n in ("resolve_schemes", "_prepare_scheme", "_joint_sums", "_finish_scheme"):
         wrap(n)
+    # within the joint pass, each step's outermost calls (a draw's cell moments count as the draw's)
+    qb = importlib.import_module("mis_lightning.quantization.base")
+    inner: collections.Counter = collections.Counter()
+    depth = [0]
+
+    def outer(owner: Any, attr: str, label: str) -> None:
+        f0 = getattr(owner, attr)
+
+        def w(*a: Any, **k: Any) -> Any:
+            if depth[0]:
+                return f0(*a, **k)
+            depth[0] += 1
+            c = time.process_time()
+            try:
+                return f0(*a, **k)
+            finally:
+                depth[0] -= 1
+                inner[label] += time.process_time() - c
+        setattr(owner, attr, w)
+
+    for owner, attr, label in ((qb.ParamGrid, "moments", "cell moments"), (A, "_sampled_draw_parts", "sampled draws"),
+                               (A, "_draw_parts", "draws"), (A, "_distinct_list_sums", "power sums"),
+                               (A, "_joint_draw_sums", "draws' power sums")):
+        outer(owner, attr, label)
     for i in range(3):
         acc.clear()
         flt.clear()
+        inner.clear()
         c = time.process_time()
         A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
         t = time.process_time() - c
         parts = ", ".join(f"{k} {v * 1e3:.1f} ({flt[k]:,})" for k, v in acc.items())
         print(f"call {i + 1}: {t * 1e3:.1f} ms: {parts}, rest {(t - sum(acc.values())) * 1e3:.1f}")
+        print("  in _joint_sums: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in inner.items())
+              + f", the rest {(acc['_joint_sums'] - sum(inner.values())) * 1e3:.1f}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
