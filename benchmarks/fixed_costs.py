@@ -14,12 +14,36 @@ so no ``torch._dynamo`` yet), after one ``torch.optim.Adam`` step (whose constru
 ``first``: in one process (lightning_fabric imported, one Adam step, torchao imported before,
 the default "assess" estimation), three ``score_schemes`` calls of scale.py's eight schemes, each
 split into the scheme names' resolution (the registry's first load), ``_prepare_scheme``,
-``_joint_sums``, ``_finish_scheme`` and the rest, CPU ms (minor page faults).
+``_joint_sums``, ``_finish_scheme`` and the rest, CPU ms (minor page faults), and the joint pass
+into its cell moments (main and pool calls), draws (sampled and whole), the main and pool
+columns' power sums and the draws' power sums (each step's outermost calls).
 
 ``params``: after a warm-up call, the mean over ``--calls`` steady calls of each parameter's time
 in the joint pass (from one parameter's influence reader to the next), and for parameters of at
 most ``--small`` weights each grid's cell moments at theta-hat (``main``), in the pool protocol
 (``pool``) and at the draws (``draws``), CPU ms per call. One thread; no profiler.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py est /tmp/m1e5.pt
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py heap /tmp/m1e5.pt
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py tol /tmp/m1e5.pt --tol 1e-8
+
+``est``: three default "assess" estimations in one process (lightning_fabric imported, one Adam
+step before), each split by the accumulator's own steps (CPU ms, inclusive: a step's time holds
+the steps it calls; the loader's batches are the part outside ``_update`` and ``finalize``).
+
+``heap``: the C heap (glibc ``mallinfo2``: the arena mapped from the kernel and the bytes in use,
+MiB) and the minor page faults before and after the estimation and two scoring calls (torchao
+imported before), and the largest in-use bytes seen at the joint pass's steps of the first call
+(after each cell-moment call, draws' parts and power sums): where the first call grows the heap.
+Linux with glibc only.
+
+``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-11) against ``--tol``
+(every module's copy of it, ``assess.UNIT_KAPPA_TOL`` kept): steady scoring calls alternating
+(``--calls`` pairs, CPU s) and the reports' largest change of each scheme's leakage and interval
+ends; then, per scheme and weight tensor, the elements the looser gate newly sends to the closed
+form (at theta-hat and in the pool protocol) and, on up to 40 of them, ``|kappa - exact|`` and
+``|m4 - exact|`` of the paths (today) and of the closed form against the exact partition sums
+(tests/_wide_reference.py).
 """
 
 from __future__ import annotations
@@ -109,14 +133,41 @@ def _first(path: str) -> None:
 
     for n in ("resolve_schemes", "_prepare_scheme", "_joint_sums", "_finish_scheme"):
         wrap(n)
+    # within the joint pass, each step's outermost calls (a draw's cell moments count as the draw's)
+    qb = importlib.import_module("mis_lightning.quantization.base")
+    inner: collections.Counter = collections.Counter()
+    depth = [0]
+
+    def outer(owner: Any, attr: str, label: str) -> None:
+        f0 = getattr(owner, attr)
+
+        def w(*a: Any, **k: Any) -> Any:
+            if depth[0]:
+                return f0(*a, **k)
+            depth[0] += 1
+            c = time.process_time()
+            try:
+                return f0(*a, **k)
+            finally:
+                depth[0] -= 1
+                inner[label] += time.process_time() - c
+        setattr(owner, attr, w)
+
+    for owner, attr, label in ((qb.ParamGrid, "moments", "cell moments"), (A, "_sampled_draw_parts", "sampled draws"),
+                               (A, "_draw_parts", "draws"), (A, "_distinct_list_sums", "power sums"),
+                               (A, "_joint_draw_sums", "draws' power sums")):
+        outer(owner, attr, label)
     for i in range(3):
         acc.clear()
         flt.clear()
+        inner.clear()
         c = time.process_time()
         A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
         t = time.process_time() - c
         parts = ", ".join(f"{k} {v * 1e3:.1f} ({flt[k]:,})" for k, v in acc.items())
         print(f"call {i + 1}: {t * 1e3:.1f} ms: {parts}, rest {(t - sum(acc.values())) * 1e3:.1f}")
+        print("  in _joint_sums: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in inner.items())
+              + f", the rest {(acc['_joint_sums'] - sum(inner.values())) * 1e3:.1f}")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -191,13 +242,203 @@ def _params(path: str, calls: int, small: int) -> None:
         print(f"  {n:12s} {s:36s} {r:5s} {v / calls * 1e3:6.2f} ms")
 
 
+def _est(path: str) -> None:
+    from benchmarks.first_call import load_saved
+
+    _adam_step()
+    A = importlib.import_module("mis_lightning.assess")
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    L = importlib.import_module("mis_lightning.estimation.linear_factors")
+    acc: collections.Counter = collections.Counter()
+
+    def wrap(owner: Any, attr: str, label: str) -> None:
+        f0 = getattr(owner, attr)
+
+        def w(*a: Any, **k: Any) -> Any:
+            c = time.process_time()
+            try:
+                return f0(*a, **k)
+            finally:
+                acc[label] += time.process_time() - c
+        setattr(owner, attr, w)
+
+    MA, FP = E.MomentAccumulator, L.FactoredProgram
+    for owner, attr, label in ((MA, "__init__", "set-up"), (MA, "_update", "updates"),
+                               (FP, "batch", "forward-backward"), (E, "record_keys", "record keys"),
+                               (FP, "batch_sums", "gradient sums"), (FP, "kron_sums", "K-FAC sums"),
+                               (MA, "finalize", "finalize"), (MA, "_kfac_factors", "K-FAC inflation")):
+        wrap(owner, attr, label)
+    _, model, loader, loss_fn, est_cfg, _ = load_saved(path)
+    for i in range(3):
+        acc.clear()
+        c = time.process_time()
+        A.run_estimation(model, loader, loss_fn, est_cfg)
+        t = time.process_time() - c
+        rest = t - acc["updates"] - acc["finalize"] - acc["set-up"]
+        print(f"estimation {i + 1}: {t * 1e3:.1f} ms; " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in acc.items())
+              + f"; the loader's batches and the rest {rest * 1e3:.1f}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _adam_step() -> None:
+    """What scale.py's child has done before the estimation: lightning_fabric imported, an Adam
+    step taken (its constructor imports torch._dynamo and sympy)."""
+    import lightning_fabric.utilities.seed  # noqa: F401
+    import torch
+
+    m = torch.nn.Linear(3, 3)
+    o = torch.optim.Adam(m.parameters())
+    m(torch.randn(2, 3)).sum().backward()
+    o.step()
+
+
+def _heap(path: str) -> None:
+    import ctypes
+
+    class _Mallinfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+
+    def heap() -> tuple[float, float, int]:
+        m = libc.mallinfo2()
+        return m.arena / 2**20, m.uordblks / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    from benchmarks.first_call import load_saved
+    from benchmarks.scale import COMMON_SCHEMES
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    _adam_step()
+    _import_torchao_quantization()
+    A = importlib.import_module("mis_lightning.assess")
+    qb = importlib.import_module("mis_lightning.quantization.base")
+    _, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path)
+    peak: list[Any] = [0.0, ""]
+
+    def watch(owner: Any, attr: str) -> None:
+        f0 = getattr(owner, attr)
+
+        def w(*a: Any, **k: Any) -> Any:
+            r = f0(*a, **k)
+            used = heap()[1]
+            if used > peak[0]:
+                peak[0], peak[1] = used, attr
+            return r
+        setattr(owner, attr, w)
+
+    for attr in ("_sampled_draw_parts", "_draw_parts", "_distinct_list_sums", "_joint_draw_sums"):
+        watch(A, attr)
+    watch(qb.ParamGrid, "moments")
+    rows = [("start", *heap())]
+    est = A.run_estimation(model, loader, loss_fn, est_cfg)
+    rows.append(("estimation", *heap()))
+    for i in range(2):
+        peak[0] = 0.0
+        A.score_schemes(est, model, COMMON_SCHEMES, scoring_config=sc_cfg)
+        rows.append((f"scoring call {i + 1} (in use at most {peak[0]:.0f} MiB, after {peak[1]})", *heap()))
+    for (label, arena, used, flt), (*_, flt0) in zip(rows, [rows[0]] + rows):
+        print(f"{label}: arena {arena:.0f} MiB, in use {used:.0f} MiB; minor faults +{flt - flt0:,}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _tol(path: str, tol: float, calls: int) -> None:
+    import math
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from tests._wide_reference import exact_deficits, partition_edges
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=False)
+    W = importlib.import_module("mis_lightning.functional.wide")
+    qb = importlib.import_module("mis_lightning.quantization.base")
+    from mis_lightning.quantization import get_scheme
+
+    base = W.WIDE_TOL
+
+    def set_tol(t: float) -> None:
+        W.WIDE_TOL = t
+        qb.WIDE_TOL = t
+
+    def call(t: float) -> tuple[float, Any]:
+        set_tol(t)
+        c = time.process_time()
+        rep = A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        return time.process_time() - c, rep
+
+    call(base)
+    call(tol)
+    times: dict[float, list[float]] = {base: [], tol: []}
+    reps: dict[float, Any] = {}
+    for r in range(calls):
+        for t in ((base, tol) if r % 2 == 0 else (tol, base)):
+            s, reps[t] = call(t)
+            times[t].append(s)
+    set_tol(base)
+    for t, v in times.items():
+        print(f"WIDE_TOL {t:g}: steady call median {sorted(v)[len(v) // 2]:.3f} s ({' '.join(f'{x:.3f}' for x in v)})")
+    for n, a in reps[base].schemes.items():
+        b = reps[tol].schemes[n]
+        if a.error:
+            continue
+        ends = max(abs(x - y) for x, y in zip(a.interval or (0.0, 0.0), b.interval or (0.0, 0.0)))
+        print(f"  {n}: leakage {a.leakage:.12f} -> {b.leakage - a.leakage:+.1e}; interval ends {ends:.1e}")
+    F64 = torch.float64
+    names = [n for n in est.names if n.endswith("weight")]
+    for scheme in dict.fromkeys(s for s in schemes):
+        try:
+            prep = get_scheme(scheme).apply(model)
+        except Exception:  # noqa: BLE001 - unavailable here (tinygemm on CPU)
+            continue
+        for name in names:
+            g = prep.grids.get(name)
+            if g is None or g.support is None:
+                continue
+            th = est.theta[name].reshape(-1).to(F64)
+            c = th.numel()
+            scale, zp, _, _, bounds = g._chunk_grid(0, c)
+            lo, hi = bounds[0].to(F64), bounds[1].to(F64)
+            if g.kind == "affine":
+                le, he, step = g._outer_edges(scale, zp)
+                cube = W.affine_cube_sum(lo, hi, le, he, step)
+            else:
+                cube = W.table_cube_sum(lo, hi, scale.to(F64), g.values)
+            for label, sg in (("theta-hat", est.sigma[name].reshape(-1).to(F64)),
+                              ("pool", est.sigma[name].reshape(-1).to(F64) / math.sqrt(2.0))):
+                _, _, bound = W.wide_sd_error_bound(sg, lo, hi, th, cube)
+                new = (hi - lo <= W.WIDE_MAX_WINDOW * sg) & (th > lo) & (th < hi) & (bound > base) & (bound <= tol)
+                if not bool(new.any()):
+                    continue
+                paths = g.moments(th, sg, 0, c)
+                set_tol(tol)
+                closed = g.moments(th, sg, 0, c)
+                set_tol(base)
+                idx = torch.nonzero(new).squeeze(-1)
+                pick = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(0))[:40]].tolist()
+                err = {k: 0.0 for k in ("kp", "kc", "mp", "mc")}
+                for i in pick:
+                    dk, _, d4 = exact_deficits(float(th[i]), float(sg[i]), partition_edges(
+                        g, i, float(lo[i]), float(hi[i]), float(scale[i]), float(zp[i])))
+                    err["kp"] = max(err["kp"], abs(1.0 - float(paths.kappa[i]) - dk))
+                    err["kc"] = max(err["kc"], abs(1.0 - float(closed.kappa[i]) - dk))
+                    err["mp"] = max(err["mp"], abs(3.0 - float(paths.m4[i]) - d4))
+                    err["mc"] = max(err["mc"], abs(3.0 - float(closed.m4[i]) - d4))
+                print(f"  {scheme:28s} {name:9s} {label:9s}: {idx.numel():6d} of {c} newly closed; |kappa - exact| "
+                      f"paths {err['kp']:.1e}, closed {err['kc']:.1e}; |m4 - exact| paths {err['mp']:.1e}, "
+                      f"closed {err['mc']:.1e}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "first", "params"))
+    ap.add_argument("what", choices=("import", "first", "params", "est", "heap", "tol"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
+    ap.add_argument("--tol", type=float, default=1e-8, help="the looser closed-form gate (tol)")
     args = ap.parse_args(argv)
     if args.what == "import":
         _imports(args.rounds)
@@ -207,7 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
-    (_first if args.what == "first" else lambda p: _params(p, args.calls, args.small))(args.path)
+    run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
+           "tol": lambda p: _tol(p, args.tol, args.calls)}
+    run[args.what](args.path)
 
 
 if __name__ == "__main__":
