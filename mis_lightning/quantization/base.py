@@ -188,7 +188,7 @@ SHARES_COUNT_SD_ZERO = True
 # functional.wide_series.SERIES_MAX_WINDOW (1) sd wide, inside it or beyond a bound (a bootstrap
 # draw), take the series of functional.wide_series on the stored cells themselves (one row of
 # stored edges per block, ParamGrid._stored_wide) where its derived error bound on kappa is at most
-# functional.wide.WIDE_TOL (1e-11, kappa on the conservative side; m4 from the exact sums where its
+# functional.wide.WIDE_TOL (1e-9, kappa on the conservative side; m4 from the exact sums where its
 # own bound exceeds it): docs/method.md section 5, "wc37". Before, a bound within reach sent every
 # such weight to the exact stored-cell sums over the whole code range (bf16 1e6 MLP: ~90-110 s of
 # scoring against ~4.5 s on float32 weights). False: the exact stored-cell sums for them
@@ -201,7 +201,7 @@ _SERIES_BLOCK = 1 << 18
 # WIDE_MAX_WINDOW, or its error bound above WIDE_TOL) take the series of functional.wide_series on
 # the grid's own cells (ParamGrid._table_series: per window, the table's prefix sums of the
 # per-cell series plus the two cut end cells) where its derived error bound on kappa (and on m4, in
-# a full call) is at most WIDE_TOL: kappa on the conservative side, within 1e-11 of the exact cell
+# a full call) is at most WIDE_TOL: kappa on the conservative side, within 1e-9 of the exact cell
 # sums (p43b; before, the exact window sums over every cell of the table: sm42's float8 1e5 MLP,
 # 84% of the elements). False: those elements on the paths
 TABLE_WIDE_SERIES = True
