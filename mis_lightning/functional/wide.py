@@ -52,9 +52,8 @@ WIDE_MAX_WINDOW = 0.1
 # it (8.4e-11, on the conservative side). That is within the 2e-9 the bootstrap draws' shortcuts
 # already accept (assess.POSITION_FREE_STEP, POSITION_FREE_WIDE_TOL), of the order of the grid
 # paths' own errors there (the fine-grid expansion's 5e-4 h^2: 1e-9 at steps of 1.4e-3 sd) and
-# far below the estimate's statistical noise. The same figure gates the series forms on stored and
-# table cells (functional.wide_series; quantization.base STORED_WIDE_CLOSED_FORM,
-# TABLE_WIDE_SERIES). 1e-11 until tol47: 1e-9 takes ~8% off the 1e5 MLP's steady scoring call and
+# far below the estimate's statistical noise. (The series forms on stored and table cells keep
+# their own functional.wide_series.SERIES_TOL, 1e-11.) 1e-11 until tol47: 1e-9 takes ~8% off the 1e5 MLP's steady scoring call and
 # moves its reports' figures by at most ~1e-13 relative (docs/method.md section 5, "wsd34";
 # docs/benchmarks.md, "wsd34", "p47d", "tol47")
 WIDE_TOL = 1e-9
