@@ -53,9 +53,9 @@ WIDE_MAX_WINDOW = 0.1
 # already accept (assess.POSITION_FREE_STEP, POSITION_FREE_WIDE_TOL), of the order of the grid
 # paths' own errors there (the fine-grid expansion's 5e-4 h^2: 1e-9 at steps of 1.4e-3 sd) and
 # far below the estimate's statistical noise. (The series forms on stored and table cells keep
-# their own functional.wide_series.SERIES_TOL, 1e-11.) 1e-11 until tol47: 1e-9 takes ~8% off the 1e5 MLP's steady scoring call and
-# moves its reports' figures by at most ~1e-13 relative (docs/method.md section 5, "wsd34";
-# docs/benchmarks.md, "wsd34", "p47d", "tol47")
+# their own functional.wide_series.SERIES_TOL, 1e-11.) 1e-11 until tol47: 1e-9 takes 4-5% off the
+# 1e5 MLP's steady scoring call and moves its leakages by at most 4.2e-14 relative (docs/method.md
+# section 5, "wsd34"; docs/benchmarks.md, "wsd34", "p47d", "tol47")
 WIDE_TOL = 1e-9
 # value tables up to this many values (float8, float4, nf4: bounded formats whose cubed widths
 # sum without cancellation); the 16-bit tables (65k values up to 3e38) take the paths
