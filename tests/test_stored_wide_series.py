@@ -10,7 +10,7 @@ References, each on the same elements:
   truth); independent of the library's stored edges and of the series;
 * the exact stored-cell sums the series replaces (``ParamGrid._stored_paths``).
 Tolerances: ``kappa - kappa_ref`` in ``[-8 eps, err + 8 eps]`` (``err``: the element's derived
-bound, at most ``WIDE_TOL``; ``eps = 2^-53``: a float64 near 1 is held to that, and each side
+bound, at most ``SERIES_TOL``; ``eps = 2^-53``: a float64 near 1 is held to that, and each side
 rounds), ``|m4 - m4_ref| <= err + 1e-14`` (``m4 ~ 3``: the reference's own rounding),
 ``|mean_abs - ref| <= 1e-15`` (an exact formula). The cases are the adversarial ones: windows
 just under ``SERIES_MAX_WINDOW`` sd (the bound near the tolerance), weights next to a bound and
@@ -26,8 +26,7 @@ import torch
 from _lowp import dtype_values, stored_partition, sweep_linear
 
 import mis_lightning.quantization.base as qb
-from mis_lightning.functional.wide import WIDE_TOL
-from mis_lightning.functional.wide_series import SERIES_MAX_WINDOW
+from mis_lightning.functional.wide_series import SERIES_MAX_WINDOW, SERIES_TOL
 from mis_lightning.quantization import get_scheme
 from mis_lightning.quantization.base import SchemeUnavailableError
 from tests._wide_reference import exact_deficits
@@ -121,8 +120,8 @@ def test_the_series_holds_its_bound_against_the_real_partition(case, rng, ratio)
     if got is None:
         return
     ii, kappa, mean_abs, m4, err, err4 = got
-    assert bool((err <= WIDE_TOL).all())
-    m4_ok = err4 <= WIDE_TOL  # (elsewhere m4 comes from the exact sums: _stored_grid_moments)
+    assert bool((err <= SERIES_TOL).all())
+    m4_ok = err4 <= SERIES_TOL  # (elsewhere m4 comes from the exact sums: _stored_grid_moments)
     assert torch.equal(mm.kappa[ii], kappa) and torch.equal(mm.m4[ii][m4_ok], m4[m4_ok])
     k_ref, ma_ref, m4_ref = _reference(pos[ii], sd, part)
     dk = kappa - k_ref
@@ -177,7 +176,7 @@ def test_wide_weights_skip_the_stored_cell_sums(scheme, monkeypatch):
     mm = g.element_moments(th, sg, scale, zp, code, bounds)
     assert sum(seen) == 0, seen
     ii, kappa, mean_abs, m4, _, err4 = g._stored_wide(th, sg, scale, zp, code, bounds, False)
-    assert bool((err4 <= WIDE_TOL).all())
+    assert bool((err4 <= SERIES_TOL).all())
     assert ii.numel() == n
     assert torch.equal(mm.kappa, kappa) and torch.equal(mm.m4, m4) and torch.equal(mm.mean_abs, mean_abs)
     assert torch.equal(mm.coverage, torch.ones_like(kappa))
@@ -187,4 +186,4 @@ def test_wide_weights_skip_the_stored_cell_sums(scheme, monkeypatch):
     ref = g._stored_paths(th, sg, scale, zp, code, bounds, None, False)
     assert torch.equal(off.kappa, ref.kappa) and torch.equal(off.m4, ref.m4)
     dk = mm.kappa - off.kappa
-    assert float(dk.min()) >= -8 * EPS and float(dk.max()) <= WIDE_TOL + 8 * EPS
+    assert float(dk.min()) >= -8 * EPS and float(dk.max()) <= SERIES_TOL + 8 * EPS

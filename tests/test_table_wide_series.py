@@ -5,8 +5,8 @@ series of ``functional/wide_table.py`` on the table's own cells (``base.TABLE_WI
 Reference: the exact partition sums of ``tests/_wide_reference.py`` (16-point Gauss-Legendre per
 cell, each moment as a deficit, ~1e-15 relative of each deficit), on the table's cells clipped to
 the bounds, independent of the series and of the prefix sums. Tolerances: ``kappa - kappa_ref``
-in ``[-8 eps, WIDE_TOL + 8 eps]`` (the series reads at least the exact kappa, by at most its bound
-``err <= WIDE_TOL``; ``eps = 2^-53``, each side rounds), ``|m4 - m4_ref| <= WIDE_TOL + 1e-14``
+in ``[-8 eps, SERIES_TOL + 8 eps]`` (the series reads at least the exact kappa, by at most its bound
+``err <= SERIES_TOL``; ``eps = 2^-53``, each side rounds), ``|m4 - m4_ref| <= SERIES_TOL + 1e-14``
 (``m4 ~ 3``: the reference's own rounding), ``|mean_abs - ref| <= 1e-15`` (an exact formula).
 Cases: windows 0.15 / 0.3 / 0.45 sd (past WIDE_MAX_WINDOW = 0.1; wider ones mostly fail the
 cell-mean bound, which grows as the fifth powers of float8's coarse cells, and keep the exact sums), the
@@ -22,7 +22,7 @@ import torch
 
 import mis_lightning.functional.fastpath as fastpath
 import mis_lightning.quantization.base as qb
-from mis_lightning.functional.wide import WIDE_TOL
+from mis_lightning.functional.wide_series import SERIES_TOL
 from mis_lightning.quantization import get_scheme
 from tests._wide_reference import exact_deficits, partition_edges
 
@@ -80,10 +80,10 @@ def test_series_within_its_bound_of_the_exact_partition(grid, cut, width, draws)
         dk, dm, d4 = exact_deficits(float(theta[i]), float(sigma[i]),
                                     partition_edges(g, i, float(lo[i]), float(hi[i]), float(scale[i]), float(zp[i])))
         err_k = float(kappa[j]) - (1.0 - dk)
-        assert -8 * EPS <= err_k <= WIDE_TOL + 8 * EPS, (i, err_k)
+        assert -8 * EPS <= err_k <= SERIES_TOL + 8 * EPS, (i, err_k)
         if not draws:
             assert m4 is not None and mean_abs is not None
-            assert abs(float(m4[j]) - (3.0 - d4)) <= WIDE_TOL + 1e-14, (i, float(m4[j]), 3.0 - d4)
+            assert abs(float(m4[j]) - (3.0 - d4)) <= SERIES_TOL + 1e-14, (i, float(m4[j]), 3.0 - d4)
             assert abs(float(mean_abs[j]) - (SQ - dm)) <= 1e-15, (i, float(mean_abs[j]), SQ - dm)
 
 
@@ -102,9 +102,9 @@ def test_moments_with_and_without_the_series(grid, draws, checks, monkeypatch):
         monkeypatch.setattr(qb, "TABLE_WIDE_SERIES", on)
         out[on] = g.element_moments(theta, sigma, scale, zp, None, bounds, kappa_only=draws)
     dk = out[True].kappa - out[False].kappa
-    assert bool((dk >= -1e-15).all()) and bool((dk <= WIDE_TOL + 1e-15).all()), (float(dk.min()), float(dk.max()))
+    assert bool((dk >= -1e-15).all()) and bool((dk <= SERIES_TOL + 1e-15).all()), (float(dk.min()), float(dk.max()))
     assert bool((dk != 0).any())  # the series answered some
     if not draws:
-        assert float((out[True].m4 - out[False].m4).abs().max()) <= WIDE_TOL + 1e-14
+        assert float((out[True].m4 - out[False].m4).abs().max()) <= SERIES_TOL + 1e-14
         assert float((out[True].mean_abs - out[False].mean_abs).abs().max()) <= 1e-15
         assert torch.equal(out[True].coverage, out[False].coverage)

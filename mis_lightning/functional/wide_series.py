@@ -55,6 +55,12 @@ SERIES_MAX_WINDOW = 1.0
 # (rho |u0| <= 4): the alternating terms (rho u0)^n / n! then stay below ~11 for a sum ~e^-4,
 # a cancellation of ~2^9 against float64's 2^-53 (a draw 8.5 sd beyond a window 1 sd wide)
 SERIES_MAX_SHIFT = 4.0
+# ... and where its derived error bound on kappa (and on m4 where m4 is kept) is at most this; its
+# truncation takes at most a 16th of it. Not functional.wide.WIDE_TOL (1e-9 since tol47): the
+# terms chosen for kappa's bound at a looser figure leave m4's own bound above it on bf16 blocks
+# (tests/test_stored_wide_series.py), which would send m4 to the exact stored-cell sums, the
+# path this form replaced (docs/method.md section 5, "wc37", "p43b")
+SERIES_TOL = 1e-11
 # Cramer's constant: |He_n(x)| exp(-x^2 / 4) <= K sqrt(n!) for every n and x
 _CRAMER = 1.086435
 # the terms' kinds h(m, t) of A2 and A4: (power of m, power of t)
@@ -166,5 +172,5 @@ def fourth_moment_error_terms(M: Tensor, M2: Tensor, W: Tensor, grow: Tensor | f
     Ec4 = phimax * C5 * d1 * d1 * (6.0 * M2 + 4.0 * M * d1 * W * W + d1 * d1 * W**4)
     return Es4, Ec4
 
-__all__ = ["SERIES_MAX_SHIFT", "SERIES_MAX_WINDOW", "SERIES_TERMS", "fourth_moment_error_terms", "series_coefficients",
+__all__ = ["SERIES_MAX_SHIFT", "SERIES_MAX_WINDOW", "SERIES_TERMS", "SERIES_TOL", "fourth_moment_error_terms", "series_coefficients",
            "series_moments", "series_terms"]

@@ -79,7 +79,6 @@ from ..functional.table import _open_fine_moments, table_layout
 from ..functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TABLE_MAX_VALUES,
-    WIDE_TOL,
     affine_cube_sum,
     own_cell_mean_abs,
     table_cube_sum,
@@ -89,6 +88,7 @@ from ..functional.wide import (
 from ..functional.wide_series import (
     SERIES_MAX_SHIFT,
     SERIES_MAX_WINDOW,
+    SERIES_TOL,
     series_coefficients,
     series_moments,
     series_terms,
@@ -189,7 +189,7 @@ SHARES_COUNT_SD_ZERO = True
 # functional.wide_series.SERIES_MAX_WINDOW (1) sd wide, inside it or beyond a bound (a bootstrap
 # draw), take the series of functional.wide_series on the stored cells themselves (one row of
 # stored edges per block, ParamGrid._stored_wide) where its derived error bound on kappa is at most
-# functional.wide.WIDE_TOL (1e-11, kappa on the conservative side; m4 from the exact sums where its
+# functional.wide_series.SERIES_TOL (1e-11, kappa on the conservative side; m4 from the exact sums where its
 # own bound exceeds it): docs/method.md section 5, "wc37". Before, a bound within reach sent every
 # such weight to the exact stored-cell sums over the whole code range (bf16 1e6 MLP: ~90-110 s of
 # scoring against ~4.5 s on float32 weights). False: the exact stored-cell sums for them
@@ -202,7 +202,7 @@ _SERIES_BLOCK = 1 << 18
 # WIDE_MAX_WINDOW, or its error bound above WIDE_TOL) take the series of functional.wide_series on
 # the grid's own cells (ParamGrid._table_series: per window, the table's prefix sums of the
 # per-cell series plus the two cut end cells) where its derived error bound on kappa (and on m4, in
-# a full call) is at most WIDE_TOL: kappa on the conservative side, within 1e-11 of the exact cell
+# a full call) is at most SERIES_TOL: kappa on the conservative side, within 1e-11 of the exact cell
 # sums (p43b; before, the exact window sums over every cell of the table: sm42's float8 1e5 MLP,
 # 84% of the elements). False: those elements on the paths
 TABLE_WIDE_SERIES = True
@@ -1097,10 +1097,10 @@ class ParamGrid:
                 jj, kappa, mean_abs, m4, _, err4 = closed
                 c = theta.shape[0]
                 cov = torch.ones_like(kappa)
-                if err4 is not None and bool((err4 > WIDE_TOL).any()):
+                if err4 is not None and bool((err4 > SERIES_TOL).any()):
                     # m4's bound fails where kappa's holds (a draw far beyond a bound): m4 from
                     # the exact stored-cell sums (kappa stays the series', as a kappa_only call's)
-                    bad = torch.nonzero(err4 > WIDE_TOL).squeeze(-1)
+                    bad = torch.nonzero(err4 > SERIES_TOL).squeeze(-1)
                     kb = jj.index_select(0, bad)
                     sub = self._stored_paths(theta[kb], sigma[kb], scale[kb], zero_point[kb], _pick(code, kb),
                                              _pick(bounds, kb), compile_policy, False)
@@ -1125,8 +1125,8 @@ class ParamGrid:
         the indices of the elements it holds for (``[m]``: bounds, the stored bounds of
         :meth:`element_bounds`, at most ``SERIES_MAX_WINDOW`` sd apart, their centre within
         ``SERIES_MAX_SHIFT`` of the weight, inside them or beyond one, and kappa's error bound
-        ``err`` at most ``WIDE_TOL``), their float64 moments and ``m4``'s error bound ``err4``,
-        which may exceed ``WIDE_TOL`` (the caller then takes ``m4`` elsewhere); ``kappa_only``:
+        ``err`` at most ``SERIES_TOL``), their float64 moments and ``m4``'s error bound ``err4``,
+        which may exceed ``SERIES_TOL`` (the caller then takes ``m4`` elsewhere); ``kappa_only``:
         ``mean_abs`` and ``m4`` NaN, ``err4`` ``None`` (``kappa`` and ``err`` bitwise the same).
         Coverage 1 is the caller's. ``None`` when none qualifies or the grid has more than
         ``WIDE_TABLE_MAX_VALUES`` keys.
@@ -1136,7 +1136,7 @@ class ParamGrid:
         of width 0), clipped to the stored bounds as :meth:`_storage_moments` clips them, from
         one row of stored edges per run of elements with equal scale, zero point and bounds (a
         block). ``kappa`` reads at least the exact stored-cell sums' value and at most
-        ``WIDE_TOL`` above it, ``m4`` is within ``WIDE_TOL`` of theirs, ``mean_abs`` exact on the
+        ``SERIES_TOL`` above it, ``m4`` is within ``SERIES_TOL`` of theirs, ``mean_abs`` exact on the
         stored own cell (docs/method.md section 5, "wc37")."""
         n_edges = (self.qmax - self.qmin) if self.kind != "table" else self.values.numel() - 1  # type: ignore[union-attr]
         if n_edges + 1 > WIDE_TABLE_MAX_VALUES:
@@ -1187,7 +1187,7 @@ class ParamGrid:
         c3 = (torch.diff(e, dim=-1) ** 3).sum(-1).index_select(0, gid) * rho**3
         # (kappa's bound alone: a kappa_only call takes the same terms, so the same kappa)
         factor = 0.44 * torch.exp(-0.25 * umin * umin) * c3 / 12.0  # (Cramer K phi(0) < 0.44)
-        N = series_terms(rho, factor, WIDE_TOL / 16.0)
+        N = series_terms(rho, factor, SERIES_TOL / 16.0)
         # per-block power sums in blocks of windows: their [windows, cells, ~2N] temporaries stay
         # cache-sized (a 2^18-weight chunk of int8 g32 blocks: 8,192 windows of 257 cells)
         step = max(1, _STORAGE_ROWS_BUDGET // (e.shape[1] * (2 * N + 8)))
@@ -1209,7 +1209,7 @@ class ParamGrid:
             kappa[sl], err[sl] = k, eb
             if m4 is not None and err4 is not None and m4b is not None and e4b is not None:
                 m4[sl], err4[sl] = m4b, e4b
-        ok = err <= WIDE_TOL
+        ok = err <= SERIES_TOL
         if not bool(ok.any()):
             return None
         keep = torch.nonzero(ok).squeeze(-1)
@@ -1982,8 +1982,8 @@ class ParamGrid:
         window plus its two cut end cells (:func:`~mis_lightning.functional.wide_series.table_window_coefficients`).
         It holds for: ``2 H`` at most ``SERIES_MAX_WINDOW`` sd, ``H |theta|`` at most
         ``SERIES_MAX_SHIFT`` sd^2 (a bootstrap draw may lie beyond a bound), kappa's error bound
-        at most ``WIDE_TOL`` (``kappa`` reads at least the exact cell sums' value and at most
-        ``WIDE_TOL`` above it) and, in a full call, ``m4``'s too. ``[c]`` tensors as
+        at most ``SERIES_TOL`` (``kappa`` reads at least the exact cell sums' value and at most
+        ``SERIES_TOL`` above it) and, in a full call, ``m4``'s too. ``[c]`` tensors as
         :meth:`element_moments`, ``scale > 0``."""
         assert self.values is not None
         th, sg = theta.to(torch.float64), sigma.to(torch.float64)
@@ -2013,7 +2013,7 @@ class ParamGrid:
         # the fewest terms whose truncation bound at the largest rho and window C3 (Es2 of
         # wide_series at umin = 0: at least every element's) is at most a 16th of the tolerance
         # (a kappa_only call takes the same terms, so the same kappa)
-        N = table_series_terms(float(rho.max()), float(table_window_cubes(st, lw, uw, lam).max()), WIDE_TOL / 16.0)
+        N = table_series_terms(float(rho.max()), float(table_window_cubes(st, lw, uw, lam).max()), SERIES_TOL / 16.0)
         K, qb, q3, q5 = table_window_coefficients(st, lw, uw, lam, N, kappa_only)
         m = th.shape[0]
         kappa, err = torch.empty_like(th), torch.empty_like(th)
@@ -2027,9 +2027,9 @@ class ParamGrid:
             kappa[sl], err[sl] = k, eb
             if m4 is not None and err4 is not None and m4b is not None and e4b is not None:
                 m4[sl], err4[sl] = m4b, e4b
-        ok = err <= WIDE_TOL
+        ok = err <= SERIES_TOL
         if err4 is not None:
-            ok &= err4 <= WIDE_TOL
+            ok &= err4 <= SERIES_TOL
         if not bool(ok.any()):
             return None
         keep = torch.nonzero(ok).squeeze(-1) if not bool(ok.all()) else None
