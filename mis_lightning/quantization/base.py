@@ -1633,7 +1633,8 @@ class ParamGrid:
 
     def point_masses_at(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> Tensor | None:
         """``[c]`` bool: the elements ``start:end`` whose moments are a point mass's (sd 0, strictly
-        inside their own cell and bounds: :meth:`_point_masses`, ``(0, 0, 0, 1)``) when every other
+        inside the cell they lie in, :data:`POINT_MASS_ANY_CELL`, else their code's, and inside the
+        bounds: :meth:`_point_masses`, ``(0, 0, 0, 1)``) when every other
         sd-0 element is revealed (:attr:`revealed`: moments ``(1, sqrt(2/pi), 3, 1)``), else
         ``None`` (some sd-0 element is left to the paths, or too few are point masses to test:
         ``POINT_MASS_MIN_FRACTION``). The inside test is kept for :meth:`moments`' calls on the same
