@@ -64,7 +64,10 @@ def _zero(c: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int4_g32",
                                     "intx_weight_only_int4_g32_asym", "float8_weight_only", "rtn_int4"])
-def test_proven_mask_equals_the_test(scheme, monkeypatch):
+@pytest.mark.parametrize("any_cell", [True, False], ids=["any-cell", "code-cell"])
+def test_proven_mask_equals_the_test(scheme, any_cell, monkeypatch):
+    """With ``POINT_MASS_ANY_CELL`` the per-element test is on the nearest cell (no codes)."""
+    monkeypatch.setattr(B, "POINT_MASS_ANY_CELL", any_cell)
     if scheme != "rtn_int4":
         pytest.importorskip("torchao")
     g, th = _grid(scheme)
@@ -76,7 +79,7 @@ def test_proven_mask_equals_the_test(scheme, monkeypatch):
     inside = g._inside
     monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
     for i, t in enumerate(_variants(g, th)):
-        want = zero & inside(t, scale, zp, code, bounds)
+        want = zero & inside(t, scale, zp, None if any_cell else code, bounds)
         tested.clear()
         point, whole, count = g._proven_point_mask(t.contiguous(), zero, 0, c, int(zero.sum()))
         assert torch.equal(point, want), (i, t[point != want][:4])
@@ -146,3 +149,55 @@ def test_the_proof_needs_its_layout():
     g, th = _grid("int8_weight_only")
     g.scale = -g.scale
     assert g._point_proof_layout() is None
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "intx_weight_only_int4_g32_asym", "rtn_int4"])
+def test_a_weight_outside_its_codes_cell_is_a_point_mass_on_every_path(scheme, monkeypatch):
+    """``POINT_MASS_ANY_CELL`` (p47e): sd-0 weights put outside the cell of their (kept) backend
+    code, by torchao's float32 rounding (2e-6, 1e-5 cells), up to ``kernel.OWN_CELL_SLACK`` and
+    beyond it (the exact sums' business), a third of a cell, and around the margin of the next
+    edge; and beyond the release's bounds. Every weight the mask counts as a point mass must get
+    exactly ``(0, 0, 0, 1)`` from the grid paths with the backend's codes (point-mass closed form
+    off), in the pool protocol (``kappa_only``) and at draws located without codes; the ones outside
+    their code's cell by 2e-6 to 0.3 cells must be counted. No tolerance: a point mass's moments
+    are exact zeros on every path. Fails when the bounds' term is dropped (weights beyond a bound:
+    kappa 1, revealed) or the cell is read from the code (the weights outside it not counted)."""
+    if scheme != "rtn_int4":
+        pytest.importorskip("torchao")
+    monkeypatch.setattr(B, "POINT_MASS_ANY_CELL", True)
+    g, th = _grid(scheme)
+    c = th.numel()
+    scale, zp, code, _, bounds = g._chunk_grid(0, c)
+    s = scale.to(F64)
+    lo, hi = g._own_edges(th, s, zp, code)
+    m = B._POINT_MASS_MARGIN
+    sd = torch.where(torch.arange(c) // 64 == 3, 0.3 * s, torch.zeros_like(s))  # one live row
+    zero = sd == 0
+    outside = (2e-6, 1e-5, 1e-4, 5e-4, 0.3)
+    pos = [-f for f in outside] + [-0.5 * m, -m, -2 * m, 0.5 * m, 2 * m, 1e-7]
+    counted = 0
+    for e, sign in ((lo, 1.0), (hi, -1.0)):
+        # (not the weights the release gives away, scored unquantized wherever they are put)
+        fin = torch.isfinite(e) & zero & (torch.arange(c) % 3 == 0) & ~g.revealed.reshape(-1)
+        for f in pos:
+            t = torch.where(fin, e + sign * f * s, th)
+            t = torch.where(fin & (torch.arange(c) % 2 == 0), bounds[1] + 0.3 * s, t)  # beyond the upper bound
+            if scheme.endswith("asym"):
+                t = torch.where(fin & (torch.arange(c) % 7 == 0), bounds[0] - 1e-5 * s, t)
+            point = g._proven_point_mask(t.contiguous(), zero, 0, c)[0]
+            monkeypatch.setattr(B, "POINT_MASS_CLOSED_FORM", False)
+            for kw in (dict(theta=t, sigma=sd), dict(theta=t, sigma=sd / 2 ** 0.5, kappa_only=True),
+                       dict(theta=t, sigma=sd, use_codes=False)):
+                B.release_chunk_facts()
+                ref = g.moments(start=0, end=c, **kw)
+                fields = ("kappa",) if kw.get("kappa_only") else ("kappa", "mean_abs", "m4", "coverage")
+                for name, v in zip(fields, (0.0, 0.0, 0.0, 1.0)):
+                    got = getattr(ref, name)[point]
+                    assert bool((got == v).all()), (scheme, f, name, got[got != v][:4])
+            moved = fin & (t != th)
+            if f in [-x for x in outside]:
+                within = (t < bounds[1] - 1e-8 * s) & (t > bounds[0] + 1e-8 * s)
+                assert bool(point[moved & within].all()), (scheme, f)
+                counted += int((point & moved).sum())
+            assert not bool(point[t > bounds[1]].any())
+    assert counted > 0

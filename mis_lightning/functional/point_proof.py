@@ -34,7 +34,7 @@ PROOF_SLACK = 2.0**-30
 PROOF_MAX_CELLS = 2.0**16
 
 
-def affine_inside_gap(th: Tensor, inv: Tensor, code: Tensor, zero_point: Tensor | None,
+def affine_inside_gap(th: Tensor, inv: Tensor, code: Tensor | None, zero_point: Tensor | None,
                       lower: Tensor, upper: Tensor, symmetric: bool) -> Tensor:
     """``G`` (float64, ``th``'s shape): per weight, the largest of ``|th * inv - (code - zero_point)|``
     (its offset from its own cell's centre, cells) and ``(th - upper) * inv``, ``(lower - th) *
@@ -45,16 +45,24 @@ def affine_inside_gap(th: Tensor, inv: Tensor, code: Tensor, zero_point: Tensor 
     Args:
         th: weights ``[rows, blocks, k]`` float64 (``k`` weights per block).
         inv: ``1 / scale`` per block ``[rows, blocks, 1]`` float64 (scale finite, positive).
-        code: the backend's integer codes, ``th``'s shape.
+        code: the backend's integer codes, ``th``'s shape, or ``None``: the nearest integer to
+            ``th * inv + zero_point`` (the cell the weight lies in; unclamped: beyond the code range
+            the outer cell holds the weight by more than a cell, so the test only errs on the safe
+            side; ``x - round(x)`` is exact, the rounding bound above unchanged).
         zero_point: ``[rows, blocks, 1]`` (integer-valued), or ``None`` (0).
         lower, upper: ``[rows, blocks, 1]`` float64, as above.
         symmetric: ``lower == -upper`` for every block (absmax bounds): one term ``(|th| - upper)
             * inv`` for both.
     """
     g = th * inv
-    g.sub_(code)
-    if zero_point is not None:
-        g.add_(zero_point)
+    if code is None:
+        if zero_point is not None:
+            g.add_(zero_point)
+        g.sub_(torch.round(g))
+    else:
+        g.sub_(code)
+        if zero_point is not None:
+            g.add_(zero_point)
     g.abs_()
     if symmetric:
         b = th.abs().sub_(upper)

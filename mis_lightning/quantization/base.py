@@ -256,6 +256,14 @@ POINT_MASS_BLOCKS = True
 # bound, near-edges, NaN) tested as before: the same mask bitwise (p47b; docs/benchmarks.md).
 # False: the per-element test
 POINT_MASS_PROOF = True
+# ParamGrid.point_masses_at (the unit-kappa chunks' test, not the moments' own split): an sd-0
+# weight strictly inside the cell it lies in (the nearest code's, by the same margin) and inside
+# the release's bounds is a point mass whatever the backend's code says. Its moments are (0, 0,
+# 0, 1) on every path: each cell's edges lie >= 1e-9 cells / the floored sd (~1e297 sd) from it,
+# so every pdf term is 0 and the cell holding it has mean 0 (method.md section 5). torchao's
+# float32 quotients put ~20 sd-0 weights of the 1e7 MLP's 2.weight ~2e-6 cells outside their
+# code's cell (p47b): their chunks now take the unit columns (p47e). False: the code's cell
+POINT_MASS_ANY_CELL = True
 # The wide-sd closed form's C3 of a whole chunk (ParamGrid._wide_closed) computed once per block
 # of the grid (its bounds, scale and zero point are per-block values) and then expanded, instead
 # of ~34 element-wise operations per element: bitwise the same (the same IEEE operations on the
@@ -1634,7 +1642,8 @@ class ParamGrid:
 
     def point_masses_at(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> Tensor | None:
         """``[c]`` bool: the elements ``start:end`` whose moments are a point mass's (sd 0, strictly
-        inside their own cell and bounds: :meth:`_point_masses`, ``(0, 0, 0, 1)``) when every other
+        inside the cell they lie in, :data:`POINT_MASS_ANY_CELL`, else their code's, and inside the
+        bounds: :meth:`_point_masses`, ``(0, 0, 0, 1)``) when every other
         sd-0 element is revealed (:attr:`revealed`: moments ``(1, sqrt(2/pi), 3, 1)``), else
         ``None`` (some sd-0 element is left to the paths, or too few are point masses to test:
         ``POINT_MASS_MIN_FRACTION``). The inside test is kept for :meth:`moments`' calls on the same
@@ -1648,7 +1657,7 @@ class ParamGrid:
         scale, zp, code, dead, bounds = self._chunk_grid(start, end)
         if dead is not None:
             return None
-        found = self._point_split(theta, sigma, scale, zp, code, bounds)
+        found = self._point_split(theta, sigma, scale, zp, None if POINT_MASS_ANY_CELL else code, bounds)
         if found is None:
             return None
         point, n_point, _ = found
@@ -1804,7 +1813,8 @@ class ParamGrid:
             whole = bool(x.amax() <= _proof.PROOF_MAX_CELLS) and bool(g.amax() < limit) and torch.equal(*bits)
         else:
             assert self.codes is not None
-            code = self.codes.reshape(self.shape)[r0:r1].reshape(r1 - r0, nb, k)
+            # (POINT_MASS_ANY_CELL: the nearest cell's centre, not the backend code's)
+            code = None if POINT_MASS_ANY_CELL else self.codes.reshape(self.shape)[r0:r1].reshape(r1 - r0, nb, k)
             g = _proof.affine_inside_gap(th3, per_block(inv), code, per_block(z),
                                          per_block(lower), per_block(upper), symmetric).view(-1)
             if rev_ii is not None:
@@ -1827,7 +1837,8 @@ class ParamGrid:
             zp = torch.zeros(test.numel(), dtype=torch.float64, device=theta.device) if z is None else z.reshape(-1)[blk]
             inside = self._inside(
                 theta[test], s.reshape(-1)[blk], zp,
-                None if self.codes is None else self.codes.reshape(-1)[start + test].to(torch.float64),
+                None if self.codes is None or POINT_MASS_ANY_CELL
+                else self.codes.reshape(-1)[start + test].to(torch.float64),
                 (lo.reshape(-1)[blk], hi.reshape(-1)[blk]))
             tp = zero[test] & inside
             point[test] = tp
