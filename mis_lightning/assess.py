@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import logging
 import math
@@ -556,6 +557,24 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
 
 @restores_rng("train_dataloader", "val_dataloader")
 @without_autocast
+def _outside_inference_mode(fn: Callable[..., Report]) -> Callable[..., Report]:
+    """Run ``fn`` outside ``torch.inference_mode`` when called inside it (a Lightning validation or
+    test loop, a user's ``with torch.inference_mode():``): the estimation needs autograd, and the
+    scoring's copies and caches key on version counters, which inference mode does not keep
+    (rv47: every scheme failed late, "Inference tensors do not track version counter"). The
+    user's tensors are read only."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Report:
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_outside_inference_mode
 def assess(
     model: nn.Module,
     schemes: SchemeSpec | Sequence[SchemeSpec],
@@ -1025,6 +1044,7 @@ def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
 
 @restores_rng("val_dataloader", "calibration_data")
 @without_autocast
+@_outside_inference_mode
 def score_schemes(
     est: Estimate,
     model: nn.Module,

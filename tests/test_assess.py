@@ -270,3 +270,15 @@ def test_weights_the_data_never_moves_count_zero_in_d_eff_in_float_too():
     assert none.d_eff == pytest.approx(12.0) and none.layers["weight"].d_eff == pytest.approx(11.0)
     assert none.pinned_fraction == pytest.approx(1 / 13)
     assert q.layers["weight"].d_eff <= 11.0 and q.layers["weight"].pinned_fraction == pytest.approx(1 / 12)
+
+
+def test_assess_and_score_schemes_inside_inference_mode():
+    """rv47: called inside ``torch.inference_mode`` (a Lightning validation loop, a user's block)
+    ``assess`` and ``score_schemes`` run outside it and give the figures of a plain call (before:
+    every scheme failed late, "Inference tensors do not track version counter")."""
+    m, dl = _ridge_linear()
+    plain = ml.assess(m, ["rtn_int8", "rtn_int4"], dl, mse, num_records=300, uncertainty_draws=0)
+    with torch.inference_mode():
+        inside = ml.assess(m, ["rtn_int8", "rtn_int4"], dl, mse, num_records=300, uncertainty_draws=0)
+    for k in plain.schemes:
+        assert inside.schemes[k].error is None and inside.schemes[k].leakage == plain.schemes[k].leakage, k

@@ -167,3 +167,56 @@ def test_inference_mode_weights_are_copied_not_shared():
     assert SharedWeights([lin.weight]).memo == {}
     res = get_scheme("int8_weight_only").apply(lin)
     assert set(res.grids) == {"weight"}
+
+
+@pytest.mark.parametrize("via_data", [False, True])
+def test_a_subclass_hook_cannot_write_the_users_weights(via_data):
+    """rv47: a user's subclass of a built-in torchao scheme whose ``_prepare`` hook scales the
+    copy's weights in place (``.data`` writes keep no version counter to catch them by) must not
+    reach the model's storage: only the library's own classes share it. Fails with sharing keyed
+    on ``_quantize_copy`` alone (the user's weight doubled)."""
+    import dataclasses
+
+    from mis_lightning.quantization import get_scheme
+
+    base_cls = type(get_scheme("int8_weight_only"))
+
+    @dataclasses.dataclass(frozen=True)
+    class Scaled(base_cls):
+        def _prepare(self, modules, notes):
+            for m in modules.values():
+                with torch.no_grad():
+                    (m.weight.data if via_data else m.weight).mul_(2.0)
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    w0 = model[0].weight.detach().clone()
+    assert tb.TorchAOScheme._replaced_weights(Scaled(), model) == []
+    Scaled().apply(model)
+    assert torch.equal(model[0].weight, w0)
+
+
+def test_apply_under_inference_mode_copies_rather_than_shares():
+    """rv47: aliases made under ``torch.inference_mode`` keep no version counter: ``apply`` there
+    deep-copies (it raised 'Inference tensors do not track version counter')."""
+    from mis_lightning.quantization import get_scheme
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        res = get_scheme("int8_weight_only").apply(model)
+    assert set(res.grids) == {"0.weight", "2.weight"}
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_check_finite_on_float8_names_the_value():
+    """rv47: ``torch.aminmax`` has no CPU float8 kernel: float8 tensors take the mask (a
+    NotImplementedError before, not the ValueError naming the culprit)."""
+    from mis_lightning.functional import _checks
+
+    for dt in (torch.float8_e5m2, torch.float8_e4m3fn):
+        t = torch.tensor([1.0, float("nan"), 2.0]).to(dt)
+        with pytest.raises(ValueError, match=r"x contains 1 non-finite value.*index \(1,\)"):
+            _checks.check_finite("x", t)
+        _checks.check_finite("x", torch.tensor([1.0, 2.0]).to(dt))

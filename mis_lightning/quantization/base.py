@@ -332,8 +332,10 @@ def release_chunk_facts() -> None:
 # (_replaced_weights: torchao's quantize_ on the chosen Linear layers) on the model's own storage
 # instead of a deep copy of each, written once and dropped unread (the 1e7 MLP: 40 MB a torchao
 # scheme); whatever the backend leaves of them gets its own values afterwards
-# (_modelcopy.SharedWeights.release, which raises on one written in place). False: every
-# parameter deep-copied (A/B)
+# (_modelcopy.SharedWeights.release, which raises on one written in place: by then the write has
+# reached the model's storage, so only the library's own torchao classes share, whose configs and
+# hooks only read it, torchao_backend._SHARES_REPLACED, and never under inference mode, rv47). False:
+# every parameter deep-copied (A/B)
 SHARE_REPLACED_WEIGHTS = True
 
 

@@ -222,7 +222,11 @@ class TorchAOScheme(SchemeConfig):
         # subclass) in the layer. Only this class's own pass: a subclass with its own
         # _quantize_copy (calibration, HQQ) may transform the weights first; the
         # beyond-Linear pass writes its weights in place (not chosen here).
-        if type(self)._quantize_copy is not TorchAOScheme._quantize_copy:
+        # Only the library's own classes, whose configs and _prepare hooks are known not to write
+        # into the weights (rv47: a subclass's _prepare doing m.weight.data.mul_(2) would have
+        # written the user's model unseen, .data having its own version counter), and not under
+        # inference mode (its aliases keep no version counter to check the writes by).
+        if type(self) not in _SHARES_REPLACED or torch.is_inference_mode_enabled():
             return []
         chosen, _, _ = self.select_weights(model, skip_reason=self._skip_reason)
         return [module.weight for module, _, _ in chosen.values()]
@@ -806,6 +810,10 @@ class Int4WeightOnly(TorchAOScheme):
 
 
 Int4TinyGemm = Int4WeightOnly  # the class's earlier name
+
+# the classes whose copies hold the replaced Linear weights on the model's storage
+# (_replaced_weights; quantization.base.SHARE_REPLACED_WEIGHTS): built-in configs that quantize_ only reads
+_SHARES_REPLACED = (Int8WeightOnly, Int8DynamicActivationInt8Weight, IntxWeightOnly, Float8WeightOnly)
 
 
 # ---------------------------------------------------------------- registry (public names)
