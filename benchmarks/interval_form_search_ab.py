@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--off", action="store_true", help="score with the flag OFF (reproduction check)")
     ap.add_argument("--report", type=Path, nargs="*", default=None)
+    ap.add_argument("--at", type=float, nargs="*", default=[],
+                    help="one further truth per --grids grid (e.g. a bracket end not in the rows)")
     ap.add_argument("--rows", type=Path, default=ROOT / "docs" / "figures" / "coverage_rows.json")
     a = ap.parse_args(argv)
     model, d, n, rho, _, _ = V.COVERAGE_PLAN[a.settings]
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             off = np.asarray(r["intervals"])[ks]
             on = np.asarray([got[k]["intervals"][grid.name] for k in ks])
-            ends = " ; ".join(f"{cov(off, e)} -> {cov(on, e)}" for e in r.get("truth_bracket", []))
+            extra = [a.at[grids.index(grid)]] if len(a.at) == len(grids) else []
+            ends = " ; ".join(f"{cov(off, e)} -> {cov(on, e)}" for e in r.get("truth_bracket", []) + extra)
             ratio = (on[:, 1] - on[:, 0]) / (off[:, 1] - off[:, 0])
             t = r["truth"]
             miss = " -> ".join(f"{int(np.sum(iv[:, 1] < t))} / {int(np.sum(iv[:, 0] > t))}" for iv in (off, on))
