@@ -270,9 +270,9 @@ def test_form_search_reaches_the_exact_forms_maximum_over_the_box(monkeypatch):
     Monte Carlo form -- each cell's conditional mean, not only its variance -- is not: with the
     plug-in mid-cell, the form over the box peaks with an edge at the population value, here
     +2.9% (exact, by quadrature over the cells). With ``FORM_SEARCH`` the upper end reaches that
-    maximum carried to the plug-in; tolerance 0.6% below: the same-seed Monte Carlo differences
-    (4,096 draws: sd ~0.3% of the value, cov47) and the 25-point grid across the box (it misses an
-    edge by <= 0.07 sd: <= 0.1% here). Without it the kappa search reads the plug-in, 2.3%
+    maximum carried to the plug-in; tolerance 0.6% below: the same-seed Monte Carlo ratio of two
+    positions (4,096 draws: sd 0.55% of the value here, cov47; the seed is fixed, so the test is
+    deterministic) and the 25-point grid across the box (it misses an edge by <= 0.07 sd: <= 0.1%). Without it the kappa search reads the plug-in, 2.3%
     short of the maximum: the test fails."""
     torch.manual_seed(0)
     R, n = 400, 1000.0
