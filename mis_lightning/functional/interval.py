@@ -451,17 +451,17 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                 high = leakage_at(influence, n, rng.high, s_hi, boundaries, method,
                                   generator=torch.Generator().manual_seed(seed), **kw)
             if FORM_SEARCH and method == "mc" and theta.numel() <= FORM_SEARCH_MAX_COARSE:
-                # The form's extremes, carried to the headline by the Monte Carlo form's relative
-                # change from the plug-in's position (one seed: the change is the positions', not
-                # the draws'); the kappa-searched ends stay, so the interval holds theirs.
+                # The form's extremes, carried to the headline by the Monte Carlo form's change from
+                # the plug-in's position (one seed: the change is the positions', not the draws'),
+                # added, not multiplied: a ratio to a near-zero plug-in (8 sd mid-cell) is noise; the
+                # kappa-searched ends stay, so the interval holds theirs.
                 f_lo, f_hi = form_extremes(influence, n, theta, sigma, boundaries, z, box_sigma=box_sigma,
                                            gaussian_s2=gaussian_s2, mc_draws=mc_draws, seed=seed)
                 kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
                 l0, l_lo, l_hi = (leakage_at(influence, n, c, sc, boundaries, "mc",
                                              generator=torch.Generator().manual_seed(seed), **kw)
                                   for c, sc in ((theta, sigma), (f_lo, s_lo), (f_hi, s_hi)))
-                if l0 > 0.0:
-                    low, high = min(low, c_value * l_lo / l0), max(high, c_value * l_hi / l0)
+                low, high = min(low, c_value + l_lo - l0), max(high, c_value + l_hi - l0)
             if correlated is not None:
                 return Interval(max(min(low, c_value) - c_pad, 0.0), max(high, c_value) + c_pad,
                                 "position-dominated", terms, z, correlated=True)
