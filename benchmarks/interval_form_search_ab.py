@@ -8,7 +8,7 @@ of ``benchmarks/coverage_extend.py``) and scores them with the flag ON; the flag
 the stored rows of ``docs/figures/coverage_rows.json`` (what the OFF code reproduces). ``--report``
 prints per grid the coverage (+- binomial se) OFF -> ON against the row's truth and its bracket's
 ends, the misses below / above, and the median width ratio ON / OFF. docs/benchmarks.md, section cov47
-(after iv46's ``benchmarks/interval_ends_ab.py``).
+(after iv46's candidate-position A/B, not merged).
 """
 
 from __future__ import annotations
