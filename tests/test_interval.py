@@ -246,3 +246,57 @@ def test_interval_ends_stay_within_a_leakage_s_range():
         value = 0.96 if "above" in name else 0.99
         assert 0.0 <= iv.lo <= value <= iv.hi <= 1.0, (name, iv)
         assert iv.hi == 1.0, (name, iv)  # each case pads past 1: the cut is exercised
+
+
+def _exact_mixed_form(w: torch.Tensor, g: torch.Tensor, n: float, theta: float, sigma: float,
+                      edges: torch.Tensor) -> float:
+    """The Monte Carlo form of one quantized coordinate plus a Gaussian part, exactly:
+    per record ``E |w m + g Z|`` with ``m`` the cell's conditional mean of ``N(0, 1)`` (probability
+    ``p_c``) and ``Z ~ N(0, 1)``: ``sum_c p_c (g 2 phi(mu / g) + mu (2 Phi(mu / g) - 1))``, ``mu = w m_c``,
+    then saturated and averaged as :func:`FI.leakage_at`."""
+    from mis_lightning.functional.cells import cell_terms
+    from mis_lightning.functional.leakage import saturate
+
+    t = cell_terms((edges - theta) / sigma)
+    p, m = t.prob[0], torch.where(t.live[0], t.diff[0] / t.prob[0].clamp_min(1e-300), torch.zeros(()))
+    mu = w[:, None] * m[None]  # [R, K]
+    r = mu / g[:, None]
+    e = g[:, None] * 2 * torch.exp(-0.5 * r * r) / math.sqrt(2 * math.pi) + mu * torch.erf(r / math.sqrt(2))
+    return float(saturate((e * p).sum(-1) / (2 * math.sqrt(n))).mean())
+
+
+def test_form_search_reaches_the_exact_forms_maximum_over_the_box(monkeypatch):
+    """On a grid of step 1 sd kappa is flat in the position (its variation ~exp(-2 pi^2)), but the
+    Monte Carlo form -- each cell's conditional mean, not only its variance -- is not: with the
+    plug-in mid-cell, the form over the box peaks with an edge at the population value, here
+    +2.9% (exact, by quadrature over the cells). With ``FORM_SEARCH`` the upper end reaches that
+    maximum carried to the plug-in; tolerance 0.6% below: the same-seed Monte Carlo ratio of two
+    positions (4,096 draws: sd 0.55% of the value here, cov47; the seed is fixed, so the test is
+    deterministic) and the 25-point grid across the box (it misses an edge by <= 0.07 sd: <= 0.1%). Without it the kappa search reads the plug-in, 2.3%
+    short of the maximum: the test fails."""
+    torch.manual_seed(0)
+    R, n = 400, 1000.0
+    w = torch.randn(R, dtype=torch.float64) * 1.3
+    g = torch.full((R,), 0.3, dtype=torch.float64)  # the other coordinates' Gaussian sd (unquantized)
+    theta, sigma = torch.tensor([0.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64)
+    edges = torch.tensor([[-math.inf] + [k + 0.5 for k in range(-12, 12)] + [math.inf]], dtype=torch.float64)
+    value = _exact_mixed_form(w, g, n, 0.0, 1.0, edges)  # the plug-in (mid-cell: the form's minimum)
+    z = FI.box_halfwidth(0.9, 1)
+    # the upper end's cells are read at sigma (1 + z1 se), se = sd(w^2) / (2 sqrt n) (the step in sd units)
+    s_hi = 1.0 + FI.normal_quantile(0.9) * 0.5 * float(w.square().std()) / math.sqrt(n)
+    exact_max = max(_exact_mixed_form(w, g, n, float(c), s_hi, edges) for c in torch.linspace(-z, z, 101))
+    assert exact_max / value - 1 > 0.03  # the effect the search must find (kappa alone does not)
+    kw = {"theta": theta, "sigma": sigma, "boundaries": edges, "influence": w[:, None],
+          "gaussian_s2": g.square(), "method": "mc"}
+    for flag in (False, True):
+        monkeypatch.setattr(FI, "FORM_SEARCH", flag)
+        iv = FI.leakage_interval(value, 0.0, n, generator=torch.Generator().manual_seed(3), **kw)
+        assert iv.regime == "position-dominated"
+        if flag:
+            # above: ON also keeps the kappa-searched end, one Monte Carlo evaluation (sd ~0.7% here)
+            assert exact_max * (1 - 0.006) <= iv.hi <= exact_max * (1 + 0.02)
+            assert iv.lo <= value <= iv.hi
+        else:
+            off = iv
+            assert iv.hi < exact_max * (1 - 0.006)
+    assert iv.lo <= off.lo and iv.hi >= off.hi  # ON holds the kappa-searched interval

@@ -58,6 +58,15 @@ REGIMES = ("position-dominated", "averaged")
 # with fine weights, EXACT_QMC_BOX_DRAWS). A quarter of the cost of the headline.
 ENDS_OUTER_DRAWS = 256
 ENDS_BOX_DRAWS = 1024
+# Search the position-dominated extremes by the Monte Carlo form itself, one coarse coordinate at a
+# time, besides the kappa search (method.md section 3, "The uncertainty interval", *Extremes by the
+# form*). The Monte Carlo and exact box-mean forms read each cell's score distribution, not only its
+# variance kappa: their value moves with a weight's place in its cell even where kappa is flat (a
+# step of ~1 sd), highest with an edge at the population value (cov47). Only for ``method="mc"``
+# (the Gaussian form is a function of kappa, the one-coordinate form of lam: there the per-coordinate
+# search is exact) and up to FORM_SEARCH_MAX_COARSE coarse coordinates (its cost is linear in them).
+FORM_SEARCH = False
+FORM_SEARCH_MAX_COARSE = 8
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +303,53 @@ def leakage_at(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, bounda
     raise ValueError(f"unknown method {method!r}; expected 'exact1d', 'mc' or 'clt'")
 
 
+def form_extremes(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, boundaries: Tensor,
+                  halfwidth: float, *, box_sigma: Tensor | None = None, gaussian_s2: Tensor | None = None,
+                  mc_draws: int = 4096, seed: int = 0, num_points: int = RANGE_POINTS) -> tuple[Tensor, Tensor]:
+    """Positions in the box ``theta +- halfwidth * box_sigma`` where the Monte Carlo form
+    (:func:`leakage_at`, ``method="mc"``) is smallest and largest, one coordinate at a time: each
+    coordinate is moved across its box (``num_points`` points, the others at ``theta``) and put
+    where the form was smallest / largest. Every evaluation uses the same random numbers
+    (``seed``), so the form's differences between positions carry little of its Monte Carlo noise.
+
+    Args:
+        influence: ``[R, d]`` standardised influences of the coarse coordinates.
+        n: training records.
+        theta, sigma, boundaries: ``[d]``, ``[d]``, ``[d, K+1]`` (parameter units).
+        halfwidth: box half-width (sd units, >= 0).
+        box_sigma: ``[d]`` position sd relative to the grid (``None``: ``sigma``).
+        gaussian_s2: ``[R]`` the other coordinates' Gaussian-form sum (held fixed).
+        mc_draws, seed, num_points: Monte Carlo draws, their seed, points across the box.
+
+    Returns:
+        ``(low, high)``, ``[d]`` each (parameter units, float64).
+
+    Raises:
+        ValueError: ``halfwidth < 0`` or mismatched shapes.
+    """
+    check_shape("theta", theta, 1, "[d]")
+    check_shape("influence", influence, 2, "[R, d]")
+    if influence.shape[1] != theta.shape[0]:
+        raise ValueError(f"influence has {influence.shape[1]} coordinates but theta has {theta.shape[0]}")
+    if not halfwidth >= 0.0:
+        raise ValueError(f"halfwidth must be >= 0, got {halfwidth!r}")
+    th = theta.to(torch.float64)
+    bs = (sigma if box_sigma is None else box_sigma).to(torch.float64)
+    t = torch.linspace(-halfwidth, halfwidth, max(3, num_points | 1), dtype=torch.float64)
+    low, high = th.clone(), th.clone()
+    for j in range(th.shape[0]):
+        vals = []
+        for ti in t:
+            c = th.clone()
+            c[j] = th[j] + ti * bs[j]
+            vals.append(leakage_at(influence, n, c, sigma, boundaries, "mc", gaussian_s2=gaussian_s2,
+                                   mc_draws=mc_draws, generator=torch.Generator().manual_seed(seed)))
+        v = torch.tensor(vals, dtype=torch.float64)
+        low[j] = th[j] + t[int(v.argmin())] * bs[j]
+        high[j] = th[j] + t[int(v.argmax())] * bs[j]
+    return low, high
+
+
 def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor | None = None,
                      theta: Tensor | None = None, sigma: Tensor | None = None,
                      boundaries: Tensor | None = None, influence: Tensor | None = None,
@@ -394,6 +450,18 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
                                  generator=torch.Generator().manual_seed(seed), **kw)
                 high = leakage_at(influence, n, rng.high, s_hi, boundaries, method,
                                   generator=torch.Generator().manual_seed(seed), **kw)
+            if FORM_SEARCH and method == "mc" and theta.numel() <= FORM_SEARCH_MAX_COARSE:
+                # The form's extremes, carried to the headline by the Monte Carlo form's change from
+                # the plug-in's position (one seed: the change is the positions', not the draws'),
+                # added, not multiplied: a ratio to a near-zero plug-in (8 sd mid-cell) is noise; the
+                # kappa-searched ends stay, so the interval holds theirs.
+                f_lo, f_hi = form_extremes(influence, n, theta, sigma, boundaries, z, box_sigma=box_sigma,
+                                           gaussian_s2=gaussian_s2, mc_draws=mc_draws, seed=seed)
+                kw = {"gaussian_s2": gaussian_s2, "mc_draws": mc_draws}
+                l0, l_lo, l_hi = (leakage_at(influence, n, c, sc, boundaries, "mc",
+                                             generator=torch.Generator().manual_seed(seed), **kw)
+                                  for c, sc in ((theta, sigma), (f_lo, s_lo), (f_hi, s_hi)))
+                low, high = min(low, c_value + l_lo - l0), max(high, c_value + l_hi - l0)
             if correlated is not None:
                 return Interval(max(min(low, c_value) - c_pad, 0.0), max(high, c_value) + c_pad,
                                 "position-dominated", terms, z, correlated=True)
