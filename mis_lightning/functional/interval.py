@@ -325,7 +325,10 @@ def form_extremes(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, bou
         ``(low, high)``, ``[d]`` each (parameter units, float64).
 
     Raises:
-        ValueError: ``halfwidth < 0`` or mismatched shapes.
+        ValueError: ``halfwidth < 0`` or mismatched shapes (``influence``, ``sigma``,
+            ``box_sigma``, ``boundaries`` against ``theta``'s ``d``).
+
+    Source: docs/method.md section 3, "Extremes by the form" (cov47).
     """
     check_shape("theta", theta, 1, "[d]")
     check_shape("influence", influence, 2, "[R, d]")
@@ -333,6 +336,12 @@ def form_extremes(influence: Tensor, n: float, theta: Tensor, sigma: Tensor, bou
         raise ValueError(f"influence has {influence.shape[1]} coordinates but theta has {theta.shape[0]}")
     if not halfwidth >= 0.0:
         raise ValueError(f"halfwidth must be >= 0, got {halfwidth!r}")
+    d = theta.shape[0]
+    for label, v in (("sigma", sigma), ("box_sigma", box_sigma)):
+        if v is not None and tuple(v.shape) != (d,):
+            raise ValueError(f"{label} must have shape [d] = [{d}], got {tuple(v.shape)}")
+    if boundaries.ndim != 2 or boundaries.shape[0] != d:
+        raise ValueError(f"boundaries must have shape [d, K+1] with d = {d}, got {tuple(boundaries.shape)}")
     th = theta.to(torch.float64)
     bs = (sigma if box_sigma is None else box_sigma).to(torch.float64)
     t = torch.linspace(-halfwidth, halfwidth, max(3, num_points | 1), dtype=torch.float64)
