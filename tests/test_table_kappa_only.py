@@ -67,28 +67,30 @@ def test_grid_pool_calls_pass_kappa_only_to_the_table(monkeypatch):
     assert torch.equal(full.kappa, ko.kappa)
 
 
+def _pool_alone_and_spy(monkeypatch, c: int):
+    """fp16 weights of ``c`` elements, the pool protocol's kappa computed alone (no sharing), and
+    ``located``: the sizes ``_own_facts`` locates cells for from now on (sharing on)."""
+    vals, th, sg, sc = _weights(torch.float16, c, 11)
+    # the path's periodic self-check (every RECHECK_EVERY calls of the process) locates cells for
+    # its reference: where the suite's earlier calls land one on this test's pool call it counts as
+    # located again; the counting is about the cell sharing alone
+    monkeypatch.setattr(fastpath, "RECHECK_EVERY", 1 << 40)
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
+    alone = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
+    monkeypatch.setattr(T, "SHARE_OWN_CELLS", True)
+    located: list[int] = []
+    real = T._own_facts
+    monkeypatch.setattr(T, "_own_facts", lambda *a, **kw: located.append(a[0].shape[0]) or real(*a, **kw))
+    return vals, th, sg, sc, alone, located
+
+
 @pytest.mark.parametrize("c", [3000, 3 * (1 << 15) + 17])
 def test_pool_call_reads_the_main_calls_own_cells(c, monkeypatch):
     """The pool protocol's kappa-only call on the same weight and scale tensors as the main call
     (sd / sqrt 2) reads the main call's own cells (``SHARE_OWN_CELLS``) instead of locating them
     again, bitwise what it computes alone; a weight tensor modified in place, or another one,
     recomputes them; the entry serves one call."""
-    vals, th, sg, sc = _weights(torch.float16, c, 11)
-    # the path's periodic self-check (every RECHECK_EVERY calls of the process) locates cells for
-    # its reference: where the suite's earlier calls land one on this test's pool call it counts as
-    # located again; the counting below is about the cell sharing alone
-    monkeypatch.setattr(fastpath, "RECHECK_EVERY", 1 << 40)
-    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
-    alone = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
-    monkeypatch.setattr(T, "SHARE_OWN_CELLS", True)
-    located = []
-    real = T._own_facts
-
-    def spy(*a, **kw):
-        located.append(a[0].shape[0])
-        return real(*a, **kw)
-
-    monkeypatch.setattr(T, "_own_facts", spy)
+    vals, th, sg, sc, alone, located = _pool_alone_and_spy(monkeypatch, c)
     T.table_cell_moments(th, sg, vals, sc)
     n_main = len(located)
     assert n_main >= 1 and sum(located) == c
@@ -120,14 +122,7 @@ def test_pool_call_reads_a_kappa_only_main_calls_own_cells(monkeypatch):
     """``SHARE_OWN_CELLS_KAPPA_ONLY`` (p47b): a kappa-only main call (``assess.MAIN_KAPPA_ONLY``)
     keeps the cells it located too, and the pool protocol's call reads them: bitwise its own
     kappa, the entry taken out; with the switch off it locates them again."""
-    vals, th, sg, sc = _weights(torch.float16, 3000, 11)
-    monkeypatch.setattr(fastpath, "RECHECK_EVERY", 1 << 40)
-    monkeypatch.setattr(T, "SHARE_OWN_CELLS", False)
-    alone = T.table_cell_moments(th, sg / math.sqrt(2.0), vals, sc, kappa_only=True).kappa
-    monkeypatch.setattr(T, "SHARE_OWN_CELLS", True)
-    located = []
-    real = T._own_facts
-    monkeypatch.setattr(T, "_own_facts", lambda *a, **kw: located.append(a[0].shape[0]) or real(*a, **kw))
+    vals, th, sg, sc, alone, located = _pool_alone_and_spy(monkeypatch, 3000)
     for on in (True, False):
         monkeypatch.setattr(T, "SHARE_OWN_CELLS_KAPPA_ONLY", on)
         T.release_own_cells()
