@@ -1366,6 +1366,56 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
+# An sd-0 weight (sd floored to the same tiny value) lying exactly on an interior edge of the table
+# at scale 1 (a float32 weight on an fp16 / bf16 midpoint: ~1 in 2^13 / 2^16 of them, ~30 / ~4 a
+# 2^18-weight chunk of the 1e7 MLP's second layer) is no point mass; it was the only element of the
+# windowed call of that chunk's main and pool calls (~0.7 ms a call for ~30 elements, p47f). Its moments
+# are two half-normal cells with every other edge beyond ~1e290 sd (pdf and tails exactly 0): the same
+# numbers for every such weight. They are the windowed path's own, taken from its call on the first
+# such weight (per table, sd and kappa_only) and given to the others where a call's remaining
+# elements are all such ties (bitwise: tests/test_table_ties.py). False: the windowed call
+SD_FLOOR_TIES = True
+_TIES_MAX = 4096  # (a larger remainder is not mostly ties: the windowed call as before)
+_TIE_MOMENTS: dict[tuple, tuple[float, float, float, float, bool]] = {}  # (bounded: a table's binades)
+
+
+def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Tensor, layout: TableLayout,
+                   kappa_only: bool) -> tuple[Tensor, ...] | None:
+    """``(kappa, mean_abs, m4, coverage, closed)`` (``[r]`` each) of the elements ``rest`` (``[r]``
+    indices into the float64 ``[c]`` inputs) when each is a tie (:data:`SD_FLOOR_TIES`: sd the same
+    value in ``(0, tiny]``; scale 1; ``theta`` exactly its own cell's lower edge, both its cells
+    finite), else ``None``. The numbers are :func:`_table_window_moments`' on one such element of
+    the same local geometry (sign, binade, the two cells' widths, whether ``theta / sd``
+    overflows: the path's numbers differ across these, e.g. kappa 2/pi below ``|theta| ~ 4``
+    and 0 above at sd 2.2e-308), cached per table, sd and ``kappa_only``."""
+    t, g, k = th.index_select(0, rest), sg.index_select(0, rest), sc.index_select(0, rest)
+    g0 = float(g[0])
+    if not 0.0 < g0 <= torch.finfo(torch.float64).tiny or not bool((g == g0).all()) or not bool((k == 1.0).all()):
+        return None
+    own_lo, own_hi = _own_facts(t, k, layout)
+    # (lo_edge: the lowest edge, below which the cell is unbounded; own_hi finite: the upper cell bounded)
+    if not bool(((t == own_lo) & (t > layout.lo_edge) & (own_hi < math.inf)).all()):
+        return None
+    below = layout.padded.index_select(0, layout.cells(t).sub_(1))
+    geo = torch.stack([t.sign(), torch.frexp(t).exponent.to(t.dtype), own_hi - own_lo, own_lo - below,
+                       (t / g0).isinf().to(t.dtype)], 1)
+    kinds, inv = torch.unique(geo, dim=0, return_inverse=True)
+    rows = []
+    for r, kind in enumerate(kinds.tolist()):
+        # (the paths switched off by a failed self-check in the key: the windowed path's numbers then)
+        key = (id(layout), values.data_ptr(), values.numel(), g0, kappa_only, frozenset(GUARD.disabled), *kind)
+        got = _TIE_MOMENTS.get(key)
+        if got is None:
+            i = int(torch.nonzero(inv == r)[0, 0])
+            out, sub = _table_window_moments(t[i:i + 1], g[i:i + 1], values, k[i:i + 1], kappa_only)
+            got = (float(out.kappa[0]), float(out.mean_abs[0]), float(out.m4[0]), float(out.coverage[0]), bool(sub[0]))
+            _TIE_MOMENTS[key] = got
+        rows.append(got)
+    table = torch.tensor([r[:4] for r in rows], dtype=torch.float64, device=t.device).index_select(0, inv)
+    closed = torch.tensor([r[4] for r in rows], dtype=torch.bool, device=t.device).index_select(0, inv)
+    return (*table.unbind(1), closed)
+
+
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False
                        ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form
@@ -1397,6 +1447,11 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     if not bool(done.any()):
         return _table_window_moments(th, sg, values, sc, kappa_only)
     rest = torch.nonzero(~done).squeeze(-1)
+    if SD_FLOOR_TIES and rest.numel() <= _TIES_MAX:
+        tie = _sd_floor_ties(th, sg, sc, rest, values, layout, kappa_only)
+        if tie is not None:  # every element left is a tie: no windowed call
+            kappa[rest], mean_abs[rest], m4[rest], coverage[rest], closed[rest] = tie
+            return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
     out, sub = _table_window_moments(th[rest], sg[rest], values, sc[rest], kappa_only)
     kappa[rest], mean_abs[rest], m4[rest], coverage[rest] = out.kappa, out.mean_abs, out.m4, out.coverage
     closed[rest] = sub
