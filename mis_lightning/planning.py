@@ -902,7 +902,7 @@ def plan(
                 # bound, by leakage (the plans the interaction search may measure)
                 head = rest[: NEAR_BUDGET_CHECKS * cfg.reassess]
                 rest = head + sorted((k for k in rest[len(head):]), key=lambda k: (
-                    not _meets((cheap[k][0], uloss(cheap[k][1]) - slack(k), cheap[k][2]), cfg), cheap[k][0]))
+                    not _meets((cheap[k][0], uloss(cheap[k][1]), cheap[k][2]), cfg, slack(k)), cheap[k][0]))
             front1 += rest[: MAX_EXACT - len(front1)]
         keep = dict.fromkeys([*front1, *(tuple([ci] * len(groups)) for ci in range(C))])
         seen = {k: (proxy(k[:n_assessed], SEARCH_DRAW_FRACTION), cheap[k][1], cheap[k][2]) for k in keep}
@@ -928,7 +928,7 @@ def plan(
     if not feasible and cfg.max_utility_loss is not None and INTERACTION_SEARCH:
         # pl47: no plan predicted within the utility budget; the ones the interaction bound leaves
         # within it are measured below (an error only when none measures within it)
-        feasible = [i for i in range(len(keys)) if _meets((pts[i][0], pts[i][1] - slack(keys[i]), pts[i][2]), cfg)]
+        feasible = [i for i in range(len(keys)) if _meets(pts[i], cfg, slack(keys[i]))]
         by_bound = True
     if not feasible:
         raise PlanInfeasibleError(_infeasible_message(pts, cfg))
@@ -1366,9 +1366,11 @@ def _best(pts: list[tuple[float, float, float]], cfg: PlanConfig) -> int:
     return min(tied, key=lambda i: (pts[i][1], pts[i][2], pts[i][0]))
 
 
-def _meets(pt: tuple[float, float, float], cfg: PlanConfig) -> bool:
+def _meets(pt: tuple[float, float, float], cfg: PlanConfig, slack: float = 0.0) -> bool:
+    """Whether a plan's ``(leakage, utility loss, bits)`` meets the budgets, its utility loss
+    taken ``slack`` lower (pl47: at its interaction bound)."""
     leak, ul, b = pt
-    return ((cfg.max_utility_loss is None or ul <= cfg.max_utility_loss)
+    return ((cfg.max_utility_loss is None or ul - slack <= cfg.max_utility_loss)
             and (cfg.max_bits is None or b <= cfg.max_bits + 1e-9)
             and (cfg.target_mis is None or 1.0 - leak >= cfg.target_mis))
 
