@@ -121,6 +121,24 @@ def _setup(path: str, adam: bool) -> tuple[Any, ...]:
     return A, est, model, COMMON_SCHEMES, sc_cfg
 
 
+def _outermost(f0: Any, label: str, acc: collections.Counter, cnt: collections.Counter, depth: list[int]) -> Any:
+    """``f0`` timed into ``acc[label]`` (CPU s) and counted in ``cnt[label]`` where no other wrapped
+    call is running (``once``: cast_cell_values holds representable_values; ``first``: a
+    draw's cell moments count as the draw's)."""
+    def w(*a: Any, **k: Any) -> Any:
+        if depth[0]:
+            return f0(*a, **k)
+        depth[0] += 1
+        c = time.process_time()
+        try:
+            return f0(*a, **k)
+        finally:
+            depth[0] -= 1
+            acc[label] += time.process_time() - c
+            cnt[label] += 1
+    return w
+
+
 def _first(path: str) -> None:
     from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
 
@@ -148,25 +166,10 @@ def _first(path: str) -> None:
     inner: collections.Counter = collections.Counter()
     depth = [0]
 
-    def outer(owner: Any, attr: str, label: str) -> None:
-        f0 = getattr(owner, attr)
-
-        def w(*a: Any, **k: Any) -> Any:
-            if depth[0]:
-                return f0(*a, **k)
-            depth[0] += 1
-            c = time.process_time()
-            try:
-                return f0(*a, **k)
-            finally:
-                depth[0] -= 1
-                inner[label] += time.process_time() - c
-        setattr(owner, attr, w)
-
     for owner, attr, label in ((qb.ParamGrid, "moments", "cell moments"), (A, "_sampled_draw_parts", "sampled draws"),
                                (A, "_draw_parts", "draws"), (A, "_distinct_list_sums", "power sums"),
                                (A, "_joint_draw_sums", "draws' power sums")):
-        outer(owner, attr, label)
+        setattr(owner, attr, _outermost(getattr(owner, attr), label, inner, collections.Counter(), depth))
     for i in range(3):
         acc.clear()
         flt.clear()
@@ -191,23 +194,6 @@ _ONCE = (("mis_lightning.quantization.registry", "_load_backends"),
          ("mis_lightning.functional.runs", "RunTable.__init__"),
          ("mis_lightning.functional.wide", "CubeTable.__init__"),
          ("mis_lightning.functional.interp", "InterpTable.__init__"))
-
-
-def _outermost(f0: Any, label: str, acc: collections.Counter, cnt: collections.Counter, depth: list[int]) -> Any:
-    """``f0`` timed into ``acc[label]`` (CPU s) and counted in ``cnt[label]`` where no other wrapped
-    build is running (cast_cell_values holds representable_values)."""
-    def w(*a: Any, **k: Any) -> Any:
-        if depth[0]:
-            return f0(*a, **k)
-        depth[0] += 1
-        c = time.process_time()
-        try:
-            return f0(*a, **k)
-        finally:
-            depth[0] -= 1
-            acc[label] += time.process_time() - c
-            cnt[label] += 1
-    return w
 
 
 def _once(path: str, calls: int) -> None:
