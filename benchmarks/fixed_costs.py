@@ -37,6 +37,16 @@ imported before), and the largest in-use bytes seen at the joint pass's steps of
 (after each cell-moment call, draws' parts and power sums): where the first call grows the heap.
 Linux with glibc only.
 
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py once /tmp/m1e5.pt --calls 2
+
+``once`` (p48c): in ``first``'s process (torchao imported before), ``--calls`` scoring calls, each
+with the CPU ms of the one-time builds it ran (inclusive, outermost; the count in brackets): the
+registry's first load, the float grids' value tables (``casts``), the value tables' layouts and
+cores (``functional.table``: ``TableLayout``, ``_CoreRules`` and their quadrature rules, computed
+on first use of each core), the series, run, cube and interpolation tables; then the
+``mis_lightning`` modules the first call imported and the CPU ms of compiling their sources (what
+the call pays where no bytecode is cached, under ``PYTHONDONTWRITEBYTECODE=1``).
+
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
 scoring calls alternating (``--calls`` pairs, CPU s) and the reports' largest change of each
@@ -111,6 +121,24 @@ def _setup(path: str, adam: bool) -> tuple[Any, ...]:
     return A, est, model, COMMON_SCHEMES, sc_cfg
 
 
+def _outermost(f0: Any, label: str, acc: collections.Counter, cnt: collections.Counter, depth: list[int]) -> Any:
+    """``f0`` timed into ``acc[label]`` (CPU s) and counted in ``cnt[label]`` where no other wrapped
+    call is running (``once``: cast_cell_values holds representable_values; ``first``: a
+    draw's cell moments count as the draw's)."""
+    def w(*a: Any, **k: Any) -> Any:
+        if depth[0]:
+            return f0(*a, **k)
+        depth[0] += 1
+        c = time.process_time()
+        try:
+            return f0(*a, **k)
+        finally:
+            depth[0] -= 1
+            acc[label] += time.process_time() - c
+            cnt[label] += 1
+    return w
+
+
 def _first(path: str) -> None:
     from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
 
@@ -138,25 +166,10 @@ def _first(path: str) -> None:
     inner: collections.Counter = collections.Counter()
     depth = [0]
 
-    def outer(owner: Any, attr: str, label: str) -> None:
-        f0 = getattr(owner, attr)
-
-        def w(*a: Any, **k: Any) -> Any:
-            if depth[0]:
-                return f0(*a, **k)
-            depth[0] += 1
-            c = time.process_time()
-            try:
-                return f0(*a, **k)
-            finally:
-                depth[0] -= 1
-                inner[label] += time.process_time() - c
-        setattr(owner, attr, w)
-
     for owner, attr, label in ((qb.ParamGrid, "moments", "cell moments"), (A, "_sampled_draw_parts", "sampled draws"),
                                (A, "_draw_parts", "draws"), (A, "_distinct_list_sums", "power sums"),
                                (A, "_joint_draw_sums", "draws' power sums")):
-        outer(owner, attr, label)
+        setattr(owner, attr, _outermost(getattr(owner, attr), label, inner, collections.Counter(), depth))
     for i in range(3):
         acc.clear()
         flt.clear()
@@ -168,6 +181,53 @@ def _first(path: str) -> None:
         print(f"call {i + 1}: {t * 1e3:.1f} ms: {parts}, rest {(t - sum(acc.values())) * 1e3:.1f}")
         print("  in _joint_sums: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in inner.items())
               + f", the rest {(acc['_joint_sums'] - sum(inner.values())) * 1e3:.1f}")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+_ONCE = (("mis_lightning.quantization.registry", "_load_backends"),
+         ("mis_lightning.quantization.casts", "representable_values"),
+         ("mis_lightning.quantization.casts", "cast_cell_values"),
+         ("mis_lightning.functional.table", "TableLayout.__init__"),
+         ("mis_lightning.functional.table", "_CoreRules.__init__"),
+         ("mis_lightning.functional.table", "_CoreRules.prepare"),
+         ("mis_lightning.functional.wide_table", "SeriesTable.__init__"),
+         ("mis_lightning.functional.runs", "RunTable.__init__"),
+         ("mis_lightning.functional.wide", "CubeTable.__init__"),
+         ("mis_lightning.functional.interp", "InterpTable.__init__"))
+
+
+def _once(path: str, calls: int) -> None:
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    _import_torchao_quantization()
+    acc: collections.Counter = collections.Counter()
+    cnt: collections.Counter = collections.Counter()
+    depth = [0]
+    for modname, dotted in _ONCE:
+        owner: Any = importlib.import_module(modname)
+        *path_, attr = dotted.split(".")
+        for p in path_:
+            owner = getattr(owner, p)
+        setattr(owner, attr, _outermost(getattr(owner, attr), f"{modname.rsplit('.', 1)[-1]}.{dotted}", acc, cnt,
+                                        depth))
+    before = set(sys.modules)
+    for i in range(calls):
+        acc.clear()
+        cnt.clear()
+        c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        t, f = time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+        print(f"call {i + 1}: {t * 1e3:.1f} ms ({f:,} minor faults); one-time builds {sum(acc.values()) * 1e3:.1f} ms: "
+              + ", ".join(f"{k} {v * 1e3:.1f} ({cnt[k]})" for k, v in acc.items() if v >= 5e-5))
+        if i == 0:
+            ours = sorted(n for n in set(sys.modules) - before if n.split(".")[0] == "mis_lightning")
+            c = time.process_time()
+            for n in ours:
+                f_ = sys.modules[n].__file__
+                compile(Path(f_).read_text(), f_, "exec")
+            print(f"  modules of mis_lightning the call imported: {len(ours)}, compiling their sources "
+                  f"{(time.process_time() - c) * 1e3:.1f} ms ({', '.join(n.rsplit('.', 1)[-1] for n in ours)})")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -433,10 +493,10 @@ def _tol(path: str, tol: float, calls: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "first", "params", "est", "heap", "tol"))
+    ap.add_argument("what", choices=("import", "first", "params", "est", "heap", "tol", "once"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
-    ap.add_argument("--calls", type=int, default=6, help="steady calls (params)")
+    ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
     args = ap.parse_args(argv)
@@ -449,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
-           "tol": lambda p: _tol(p, args.tol, args.calls)}
+           "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls)}
     run[args.what](args.path)
 
 

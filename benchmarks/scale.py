@@ -55,6 +55,11 @@ for a field-by-field comparison of two checkouts with ``benchmarks/compare_repor
 ../old COMMIT``) with this file's models, data and options: "before / after" figures of two
 checkouts in fresh, interleaved processes (docs/benchmarks.md, "Before / after").
 
+The line names the ``mis_lightning`` modules the timed calls compiled from source (no cached
+bytecode: a checkout only ever imported under ``PYTHONDONTWRITEBYTECODE=1``; the first call's eight
+quantization modules ~25 ms CPU at 1e5, p48c), which an installed package does not pay; ``python
+-m compileall -q mis_lightning`` in the measured checkout writes it.
+
 ``--plain`` imports nothing of Lightning before the timed region (by default lightning_fabric is
 imported first, as a Lightning user's process has it): the first call of a plain-PyTorch caller of
 ``assess`` (pf29). The result's ``lightning_loaded`` says whether the library loaded it itself.
@@ -246,6 +251,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
     if mem is not None:
         mem.mark("build + warm-up epoch")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    modules0, started = set(sys.modules), time.time()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c0 = time.process_time()
     t0 = time.perf_counter()
@@ -281,6 +287,8 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
             prof.disable()
         times.append((time.perf_counter() - t0, time.process_time() - c0))
         flts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        if call == 1:
+            uncached = _uncached_modules(set(sys.modules) - modules0, started)
         if prof is not None:
             out = f"{profile}_{size}_call{call}"
             prof.dump_stats(out + ".prof")
@@ -310,6 +318,7 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "estimation_minflt": est_flt, "scoring_minflt": flts[0], "later_calls_minflt": flts[1:],
         "plain": plain, "off": off or [], "lightning_loaded": "lightning_fabric" in sys.modules,
         "torchao_import_cpu_s": torchao_cpu, "later_calls_cpu_s": [c for _, c in times[1:]],
+        "uncached_modules": uncached,
         "peak_rss_mib": peak, "rss_before_estimation_mib": rss0, "rss_after_estimation_mib": rss_est,
         "bytes_per_weight": peak * 2**20 / d, "estimator": est.estimator,
         "influence_stored": est.influence_stored, "factored": est.factors is not None,
@@ -324,6 +333,25 @@ def run_one(size: str, n: int, batch: int, schemes: list[str], threads: int, mem
         "results": {k: {"leakage": v.leakage, "interval": v.interval, "method": v.method, "error": v.error}
                     for k, v in rep.schemes.items()},
     }
+
+
+def _uncached_modules(names: set[str], started: float) -> list[str]:
+    """The ``mis_lightning`` modules among ``names`` (first imported in the timed region: the
+    estimation and the first scoring call, from ``started``, ``time.time()``) without cached
+    bytecode next to their source from before then: Python compiled them from source inside the
+    timed calls (a checkout never imported without
+    ``PYTHONDONTWRITEBYTECODE``; ~25 ms CPU for the first call's eight at 1e5, p48c), which an
+    installed package does not pay. ``python -m compileall -q mis_lightning`` writes it."""
+    import importlib.util
+
+    out = []
+    for n in sorted(names):
+        f = getattr(sys.modules.get(n), "__file__", None)
+        if n.split(".")[0] == "mis_lightning" and f and f.endswith(".py"):
+            pyc = importlib.util.cache_from_source(f)
+            if not os.path.exists(pyc) or not os.path.getmtime(f) <= os.path.getmtime(pyc) < started:
+                out.append(n)
+    return out
 
 
 def use_root(root: Path | None) -> None:
@@ -416,6 +444,10 @@ def main(argv=None) -> int:
               + ("" if r["torchao_import_cpu_s"] is None else
                  f" | torchao import (before, apart) {r['torchao_import_cpu_s']:.2f}s")
               + "".join(f" | call {i} {c:.2f}s" for i, c in enumerate(r["later_calls_cpu_s"], 2)), flush=True)
+        if r.get("uncached_modules"):
+            print(f"    compiled from source in the timed calls (no cached bytecode; `python -m compileall -q "
+                  f"mis_lightning` in {Path(r['mis_lightning']).parent} writes it): "
+                  f"{len(r['uncached_modules'])} modules", flush=True)
         cve = r.get("compiled_vs_eager") or {}
         if cve or r.get("compile_stage_s") is not None:
             worst = max((v[0] for per in cve.values() for v in per.values()), default=float("nan"))

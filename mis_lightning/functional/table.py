@@ -17,6 +17,7 @@ from torch import Tensor
 from . import kernel as _kernel
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
+from .formats import format_values
 from .interp import interp_table
 from .kernel import (
     _MAX_WINDOW,
@@ -166,15 +167,6 @@ class TableLayout:
         return self.guide1.index_select(0, row).sub_((x < self.gmid.index_select(0, row)).long())
 
 
-def _format_values(dt: torch.dtype) -> Tensor:
-    """Every finite value of an 8- or 16-bit float format (float64, sorted, +0 and -0 merged)."""
-    bits = torch.finfo(dt).bits
-    ints = torch.int16 if bits == 16 else torch.int8
-    pattern = torch.arange(-(2 ** (bits - 1)), 2 ** (bits - 1), dtype=torch.int32).to(ints)
-    vals = pattern.view(dt).to(torch.float64)
-    return torch.unique(vals[torch.isfinite(vals)])
-
-
 def _format_dtype(values: Tensor) -> torch.dtype | None:
     """The float format whose values ``values`` (float64, sorted) are: every finite value of a
     float8 format (``quantization.casts.representable_values``), or of float16 / bfloat16 with
@@ -184,7 +176,7 @@ def _format_dtype(values: Tensor) -> torch.dtype | None:
                      (torch.float16, True), (torch.bfloat16, True)):
         if values.numel() != _FORMAT_SIZE[dt]:
             continue
-        want = _format_values(dt)
+        want = format_values(dt)
         if ends:
             end = torch.tensor([2.0 ** math.ceil(math.log2(float(torch.finfo(dt).max)))], dtype=torch.float64)
             want = torch.cat([-end, want, end])

@@ -106,14 +106,38 @@ def series_coefficients(edges: Tensor, N: int) -> tuple[Tensor, Tensor, Tensor]:
                       for e in range(E + 1)], -1)  # [R, K, E+1]
     S = torch.einsum("rkp,rke->rpe", mp, te)  # sum_k m^p int t^e
     B = _binomials(N).to(edges.device)
-    n = torch.arange(N, device=edges.device).unsqueeze(-1)
-    i = torch.arange(N, device=edges.device).unsqueeze(0)
     Q = []
-    for b, a in _KINDS:
-        # sum_i binom(n, i) sum_k m^(b + n - i) int t^(a + i)
-        p_idx = (b + n - i).clamp(0, P)
-        Q.append((S[:, p_idx, (a + i).expand_as(p_idx)] * B).sum(-1))
+    if SERIES_FLAT_GATHER:
+        # each kind's [R, N, N] gather as one index_select over S's flattened (p, e) entries: the
+        # same values in the same layout (contiguous [R, N, N]), so the same sums
+        flat = S.reshape(S.shape[0], (P + 1) * (E + 1))
+        for idx in _kind_gathers(N, P, E).to(edges.device):
+            Q.append((flat.index_select(1, idx).view(S.shape[0], N, N) * B).sum(-1))
+    else:
+        n = torch.arange(N, device=edges.device).unsqueeze(-1)
+        i = torch.arange(N, device=edges.device).unsqueeze(0)
+        for b, a in _KINDS:
+            # sum_i binom(n, i) sum_k m^(b + n - i) int t^(a + i)
+            p_idx = (b + n - i).clamp(0, P)
+            Q.append((S[:, p_idx, (a + i).expand_as(p_idx)] * B).sum(-1))
     return torch.stack(Q, 1), te[:, :, 2].sum(-1) * 12.0, te[:, :, 4].sum(-1) * 80.0
+
+
+# series_coefficients gathers each kind's S[:, p(n, i), e(i)] by one index_select over S's
+# flattened (p, e) entries (p46c/p48c: aten::index with two index tensors took ~2.4 ms a kind for
+# float8's 251-cell table, a first call's one-time cost); False: advanced indexing (A/B, the same
+# values)
+SERIES_FLAT_GATHER = True
+
+
+@lru_cache(maxsize=8)
+def _kind_gathers(N: int, P: int, E: int) -> Tensor:
+    """``[len(_KINDS), N * N]`` long: per kind ``(b, a)`` the flat index ``p * (E + 1) + e`` of
+    ``S[:, p, e]`` (``S``: ``[R, P + 1, E + 1]``) for ``p = clamp(b + n - i, 0, P)``, ``e = a + i``,
+    row-major over ``(n, i)``."""
+    n = torch.arange(N).unsqueeze(-1)
+    i = torch.arange(N).unsqueeze(0)
+    return torch.stack([((b + n - i).clamp(0, P) * (E + 1) + (a + i)).reshape(-1) for b, a in _KINDS])
 
 
 def series_moments(u0: Tensor, rho: Tensor, Q: Tensor, c3: Tensor, c5: Tensor, kappa_only: bool

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..functional.formats import format_values
 from .base import ParamGrid, SchemeConfig, dequantized_kept
 from .registry import register_scheme
 
@@ -41,21 +42,18 @@ _VALUE_TABLES: dict[torch.dtype, Tensor] = {}
 def representable_values(dtype: torch.dtype) -> Tensor:
     """Every finite value of an 8- or 16-bit floating dtype, sorted, unique, as float64.
 
-    Enumerates all bit patterns (``int8``/``int16`` viewed as ``dtype``), drops NaN and
+    Enumerates the bit patterns (:func:`~mis_lightning.functional.formats.format_values`:
+    the non-negative ones of a sign-magnitude format, negated for the other half), drops NaN and
     infinities, merges ``+0`` and ``-0``. Cached per dtype (the tensor is shared: do not
     modify it).
+
+    Raises:
+        ValueError: ``dtype`` is not an 8- or 16-bit floating dtype.
     """
     if dtype not in _VALUE_TABLES:
-        bits = torch.finfo(dtype).bits
-        if bits == 16:
-            pattern = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
-        elif bits == 8:
-            pattern = torch.arange(-(2**7), 2**7, dtype=torch.int32).to(torch.int8)
-        else:
+        if not dtype.is_floating_point or torch.finfo(dtype).bits not in (8, 16):
             raise ValueError(f"representable_values needs an 8- or 16-bit float dtype, got {dtype}")
-        vals = pattern.view(dtype).to(torch.float64)
-        vals = torch.unique(vals[torch.isfinite(vals)])  # sorted; -0.0 == 0.0 merged
-        _VALUE_TABLES[dtype] = vals
+        _VALUE_TABLES[dtype] = format_values(dtype)
     return _VALUE_TABLES[dtype]
 
 
