@@ -1676,14 +1676,19 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
         return None
     cure = (f"estimation='exact' computes the marginal sd (d = {est.d:,})" if est.d <= EXACT_MAX_PARAMS else
             f"no exact estimator for d = {est.d:,} here: read them as indicative")
-    corrected = _kfac_sentence(est.diagnostics)
+    corrected = _kfac_sentence(est.diagnostics, short=True)
     # over recurrent layers the factor is no bound (measured 0.8-20x off it: RECURRENT_DIAGONAL_FIGURES)
     below = ("below the marginal sd of each weight that its cells need, by a factor this one does not bound on a "
              "model with recurrent layers (see the warning on them)" if est.diagnostics.get("diagonal_over_recurrent")
              else f"about {math.sqrt(med):.2g}x or more below the marginal sd of each weight that its cells need")
     if corrected is not None:
-        return (f"the weights are correlated (median variance inflation factor {med:.3g} {where}; the correlation "
-                f"model's shrinkage can only lower it): {corrected}; " + cure)
+        # the warning says what was and was not corrected; the model and its measured accuracy go to
+        # the report's diagnostics (JSON), where the whole sentence is kept
+        head = f"the weights are correlated (median variance inflation factor {med:.3g} {where}"
+        diagnostics["variance_inflation_detail"] = (f"{head}; the correlation model's shrinkage can only lower it): "
+                                                    f"{_kfac_sentence(est.diagnostics)}; {cure}")
+        return f"{head}): {corrected}; {cure} (the correction's model and measured accuracy: the report's " \
+               "diagnostics['variance_inflation_detail'])"
     return (f"the weights are correlated (median variance inflation factor {med:.3g} {where}; the correlation "
             f"model's shrinkage can only lower it): the diagonal estimator's sigma "
             f"(sqrt(V_jj) / H_jj) is then {below}, so the quantized schemes' figures can be far off in either "
@@ -1763,44 +1768,47 @@ def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:
     return "nn.Linear" if diag.get("kfac_convolutions") is None else "convolution or nn.Linear"
 
 
-def _kfac_sentence(diag: Mapping[str, Any]) -> str | None:
+def _kfac_sentence(diag: Mapping[str, Any], short: bool = False) -> str | None:
     """What the diagonal estimator's K-FAC correction of sigma did (``Estimate.diagnostics``'s
     ``kfac_*``, :meth:`MomentAccumulator._kfac_factors`; method.md section 4, "The diagonal
-    sandwich and correlated weights"), or ``None`` where it was not applied."""
+    sandwich and correlated weights"), or ``None`` where it was not applied. ``short``: the
+    warning's sentence (what was corrected, what was not), without the influences' model and the
+    measured accuracy, which the full sentence (the report's ``diagnostics["variance_inflation_detail"]``)
+    quotes (ux48: the warning ran to 2,231 characters on nux47's CNN)."""
     if not diag.get("kfac_correction"):
         return None
     left = list(diag.get("kfac_uncorrected_layers") or [])
     conv = diag.get("kfac_convolutions")
-    text = (f"the diagonal estimator's sigma (sqrt(V_jj) / H_jj, the sd given the other weights) was multiplied "
-            f"by the square root of each weight's variance inflation factor in its {_kfac_layer_kinds(diag)} layer's "
-            f"Kronecker-factored (K-FAC) Hessian (median factor {diag['kfac_variance_inflation_median']:.3g}, "
-            f"90th percentile {diag['kfac_variance_inflation_p90']:.3g}, over "
-            f"{diag['kfac_corrected_weights']:,} weights), the marginal sd under that model"
-            + (f", and the stored influences of {diag['kfac_influences']:,} of them are those of "
-               "psi = -H^-1 g under the same model (the weights' correlation, which the correlated headline reads)"
-               if diag.get("kfac_influences") else "")
-            + (f" (those of {', '.join(diag['kfac_influences_left'][:6])} are the gradients', whose correlation "
-               f"is the Hessian's, not its inverse's: wider than {KFAC_INFLUENCE_MAX_WIDTH:,} inputs and outputs)"
-               if diag.get("kfac_influences_left") else "")
-            + "; the correlation across layers, and within a layer beyond the Kronecker model, is not in it "
-            + (KFAC_CLASSIFIER_FIGURES if diag.get("kfac_multi_output") else
-               "(on a 16-16-1 tanh MLP on rho = 0.9 inputs the corrected sigma read a median 0.81x the exact "
-               "estimator's on the first layer and 0.28x on the output layer, and the quantized figures 0.93-1.05x "
-               "its; on one least-squares layer sigma and the influences are exact and the correlated headline read "
-               "0.97-1.03x the closed-form reference)" if conv is None else
-               KFAC_CONV_FIGURES))
-    if left and conv is not None:
+    figures = (f"median factor {diag['kfac_variance_inflation_median']:.3g}, 90th percentile "
+               f"{diag['kfac_variance_inflation_p90']:.3g}, over {diag['kfac_corrected_weights']:,} weights")
+    if short:
+        text = (f"the diagonal estimator's sigma was corrected by each {_kfac_layer_kinds(diag)} layer's "
+                f"Kronecker-factored (K-FAC) Hessian ({figures}), not for the correlation across layers")
+    else:
+        text = (f"the diagonal estimator's sigma (sqrt(V_jj) / H_jj, the sd given the other weights) was multiplied "
+                f"by the square root of each weight's variance inflation factor in its {_kfac_layer_kinds(diag)} "
+                f"layer's Kronecker-factored (K-FAC) Hessian ({figures}), the marginal sd under that model"
+                + (f", and the stored influences of {diag['kfac_influences']:,} of them are those of "
+                   "psi = -H^-1 g under the same model (the weights' correlation, which the correlated headline "
+                   "reads)" if diag.get("kfac_influences") else "")
+                + (f" (those of {', '.join(diag['kfac_influences_left'][:6])} are the gradients', whose "
+                   f"correlation is the Hessian's, not its inverse's: wider than {KFAC_INFLUENCE_MAX_WIDTH:,} inputs "
+                   "and outputs)" if diag.get("kfac_influences_left") else "")
+                + "; the correlation across layers, and within a layer beyond the Kronecker model, is not in it "
+                + (KFAC_CLASSIFIER_FIGURES if diag.get("kfac_multi_output") else
+                   "(on a 16-16-1 tanh MLP on rho = 0.9 inputs the corrected sigma read a median 0.81x the exact "
+                   "estimator's on the first layer and 0.28x on the output layer, and the quantized figures "
+                   "0.93-1.05x its; on one least-squares layer sigma and the influences are exact and the correlated "
+                   "headline read 0.97-1.03x the closed-form reference)" if conv is None else
+                   KFAC_CONV_FIGURES))
+    if left:
         # (a transposed convolution is a convolution here: ct41; it is left out only where the
         # per-layer program refuses it, e.g. called with output_size)
-        text += (f"; left uncorrected (a layer without Kronecker factors here: a normalisation, embedding or "
-                 f"attention layer, one the per-layer estimation refuses, a tied weight, or wider than "
-                 f"{KFAC_MAX_WIDTH:,} inputs or outputs per group): "
-                 f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
-                 f"({diag.get('kfac_uncorrected_weights', 0):,} weights), whose sigma can be several times below "
-                 "the marginal sd, so those figures can be far off in either direction")
-    elif left:
-        text += (f"; left uncorrected (wider than {KFAC_MAX_WIDTH:,} inputs or outputs): "
-                 f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
+        why = ("" if short else
+               f" (a layer without Kronecker factors here: a normalisation, embedding or attention layer, one the "
+               f"per-layer estimation refuses, a tied weight, or wider than {KFAC_MAX_WIDTH:,} inputs or outputs per "
+               "group)" if conv is not None else f" (wider than {KFAC_MAX_WIDTH:,} inputs or outputs)")
+        text += (f"; left uncorrected{why}: {', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
                  f"({diag.get('kfac_uncorrected_weights', 0):,} weights), whose sigma can be several times below "
                  "the marginal sd, so those figures can be far off in either direction")
     return text
