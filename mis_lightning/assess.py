@@ -79,6 +79,7 @@ from .quantization.base import (
 )
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
+from .record_count import check_not_a_shard, loader_dataset_size, records_read, records_read_note
 from .report import (
     CONSISTENCY_TOLERANCE,
     CUTOFF_CHECK_FACTOR,
@@ -667,6 +668,7 @@ def assess(
     check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
     if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
         check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
+    check_not_a_shard(train_dataloader)  # one DDP process's shard taken for the training set: refused now
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
     with refusals_shown(refused):  # said above: the scoring's failed rows need no second line
@@ -675,7 +677,13 @@ def assess(
             loss_fn=loss_fn, metrics=metrics, output_transform=output_transform, batch_fn=batch_fn,
             progress=progress, calibration_data=train_dataloader,
         )
-    report.warnings += _sampling_notes(train_dataloader)
+    sampling = _sampling_notes(train_dataloader)  # records drawn with replacement, another subset each call
+    report.warnings += sampling
+    # n = the records read, against the dataset's size (a drop_last batch, a sampler over part of it)
+    counted = None if sampling else records_read_note(records_read(est), loader_dataset_size(train_dataloader),
+                                                      "len(train_dataloader.dataset)", loader=train_dataloader)
+    if counted:
+        report.warnings.insert(0, counted)
     ds = getattr(train_dataloader, "dataset", None)
     if isinstance(train_dataloader, DataLoader) and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
         # random augmentation in __getitem__ or the collate_fn: each record was assessed at one random draw
