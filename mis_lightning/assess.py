@@ -420,6 +420,48 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
 DUPLICATE_WARN_SHARE = 0.01
 
 
+# What records fed k times read against their distinct records' figure (every record twice; ux48,
+# tests/test_duplicates_figure.py: OLS d = 3, n = 1,000 and d = 40, n = 100; nux47's CNN, docs/benchmarks.md)
+DUPLICATE_FIGURES = ("every record twice read 0.705x at a mean leverage of 0.003, 0.57x at 0.4 (OLS, unquantized "
+                     "and rtn_int8; 0.48x rtn_int2) and 0.32x on a CNN at 1.14 per loss direction")
+
+
+def _duplicate_warning(diagnostics: Mapping[str, Any], n: int) -> str | None:
+    """The warning for stored records that repeat another (``diagnostics["duplicate_records"]`` of
+    ``["duplicate_records_of"]``), from :data:`DUPLICATE_WARN_SHARE` of them, else ``None``.
+
+    A record present ``k`` times is scored as ``k`` members of a training set of ``n`` (the records
+    read): each shift is ``1/k`` and each sd ``1/sqrt(k)`` of the distinct records', so the figures read
+    about ``1/sqrt(k)`` of theirs where leverages are small and the figures well below 1, and less
+    where leverages are not small: the leverage correction is computed at ``n`` too, ``k`` times
+    below the distinct records' (nux47: 1.14 -> 0.568 per loss direction, 0.32x, not the 0.71x the
+    warning said). The stored records are a hash sample whose copies are kept or left together, so
+    their share of repeats estimates the whole data's: ``k = 1 / (1 - share)`` copies per distinct
+    record on average, ``n (1 - share)`` distinct records."""
+    repeated = diagnostics.get("duplicate_records")
+    of = diagnostics.get("duplicate_records_of") or 0
+    if not repeated or repeated < DUPLICATE_WARN_SHARE * of:
+        return None
+    share = repeated / of
+    k = 1.0 / (1.0 - share)
+    per_direction = diagnostics.get("leverage_per_direction")
+    h = per_direction if per_direction is not None else diagnostics.get("mean_leverage")
+    lev = (f"; the leverage correction shrinks with n too (mean leverage {float(h):.3g} per "
+           f"{'loss direction' if per_direction is not None else 'record'} here, {k * float(h):.3g} at the distinct "
+           "records' n), so the figures read lower still" if h is not None and diagnostics.get("leverage_correction")
+           else "")
+    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them: about "
+            f"{round(n * (1 - share)):,} distinct records among the n = {n:,} read, {k:.3g} copies each on average: "
+            "the training data holds records more than once (duplicates, oversampling, DistributedSampler padding, "
+            "records fed twice). Each copy is scored as a member of its own, so the figures understate their "
+            f"leakage: about 1/sqrt({k:.3g}) = {1 / math.sqrt(k):.2f}x the distinct records' figure where leverages "
+            f"are small and the figures well below 1{lev} ({DUPLICATE_FIGURES}). Where every "
+            "record has the same count, the trained weights and the game are those of the distinct records: assess "
+            "those; with unequal counts (oversampling a class) the repeated records' leakage is not modelled. If the "
+            "copies are independent draws of a population with repeated values, each is a member of its own and "
+            "the figures stand")
+
+
 def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     """The records' leverage when its mean exceeds :data:`D_EFF_OVER_N_MAX` (method.md section 4,
     "Finite-sample (leverage) correction"), saying whether the estimator corrected for it; else
@@ -1322,22 +1364,9 @@ def score_schemes(
             f"gradient on any record, sigma 0): {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}; "
             "they carry no leakage but count in d: a parameter the forward does not use (check the model), units "
             "weight decay collapsed to zero (their residue is not counted), or one to leave out with params=")
-    repeated = est.diagnostics.get("duplicate_records")
-    of = est.diagnostics.get("duplicate_records_of") or 0
-    if repeated and repeated >= DUPLICATE_WARN_SHARE * of:
-        # The game draws members i.i.d.: a record present k times moves the weights k times as far
-        # (k psi / n), but each copy was scored as a member of its own (fu27: every record twice,
-        # the same weights and game as the unique set, read 0.708x its figure)
-        report.warnings.append(
-            f"{repeated} of the {of} records the leakage is averaged over "
-            "repeat another of them: the training data holds records more than once (duplicates, oversampling, "
-            "DistributedSampler padding). Each copy is scored as an independent member, but a record present k "
-            "times moves the weights k times as far, so the figures understate the leakage of repeated records "
-            "(every record twice: 0.71x the figure of the same trained weights from the unique records). Where every "
-            "record has the same count, the trained weights and the game are those of the unique records: assess "
-            "those; with unequal counts (oversampling a class) the repeated records' leakage is not modelled. If "
-            "the copies are independent draws of a population with repeated values (a few categorical features), "
-            "each is a member of its own and the figures stand")
+    dup = _duplicate_warning(est.diagnostics, est.n)
+    if dup:
+        report.warnings.append(dup)
     stats = _running_statistics_note(model)
     if stats:
         report.warnings.append(stats)
