@@ -422,8 +422,7 @@ DUPLICATE_WARN_SHARE = 0.01
 
 # What records fed k times read against their distinct records' figure (every record twice; ux48,
 # tests/test_duplicates_figure.py: OLS d = 3, n = 1,000 and d = 40, n = 100; nux47's CNN, docs/benchmarks.md)
-DUPLICATE_FIGURES = ("every record twice read 0.705x at a mean leverage of 0.003, 0.57x at 0.4 (OLS, unquantized "
-                     "and rtn_int8; 0.48x rtn_int2) and 0.32x on a CNN at 1.14 per loss direction")
+DUPLICATE_FIGURES = "twice: 0.705x at leverage 0.003, 0.57x at 0.4 on OLS, 0.32x at 1.14 on a CNN"
 
 
 def _duplicate_warning(diagnostics: Mapping[str, Any], n: int) -> str | None:
@@ -446,20 +445,16 @@ def _duplicate_warning(diagnostics: Mapping[str, Any], n: int) -> str | None:
     k = 1.0 / (1.0 - share)
     per_direction = diagnostics.get("leverage_per_direction")
     h = per_direction if per_direction is not None else diagnostics.get("mean_leverage")
-    lev = (f"; the leverage correction shrinks with n too (mean leverage {float(h):.3g} per "
-           f"{'loss direction' if per_direction is not None else 'record'} here, {k * float(h):.3g} at the distinct "
-           "records' n), so the figures read lower still" if h is not None and diagnostics.get("leverage_correction")
-           else "")
-    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them: about "
-            f"{round(n * (1 - share)):,} distinct records among the n = {n:,} read, {k:.3g} copies each on average: "
-            "the training data holds records more than once (duplicates, oversampling, DistributedSampler padding, "
-            "records fed twice). Each copy is scored as a member of its own, so the figures understate their "
-            f"leakage: about 1/sqrt({k:.3g}) = {1 / math.sqrt(k):.2f}x the distinct records' figure where leverages "
-            f"are small and the figures well below 1{lev} ({DUPLICATE_FIGURES}). Where every "
-            "record has the same count, the trained weights and the game are those of the distinct records: assess "
-            "those; with unequal counts (oversampling a class) the repeated records' leakage is not modelled. If the "
-            "copies are independent draws of a population with repeated values, each is a member of its own and "
-            "the figures stand")
+    lev = (f"; lower where leverages are not: the leverage correction is computed at n too (mean leverage "
+           f"{float(h):.3g} per {'loss direction' if per_direction is not None else 'record'} here, {k * float(h):.3g} at "
+           "the distinct records' n)" if h is not None and diagnostics.get("leverage_correction") else "")
+    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them (records held more "
+            f"than once: duplicates, oversampling, padding, records fed twice): about {round(n * (1 - share)):,} "
+            f"distinct records among the n = {n:,} read, {k:.3g} copies each. Each copy is scored as a member of its "
+            f"own, so the figures understate the leakage: about 1/sqrt({k:.3g}) = {1 / math.sqrt(k):.2f}x the distinct "
+            f"records' figure where leverages are small{lev} ({DUPLICATE_FIGURES}). With equal counts, assess the "
+            "distinct records (the same weights and game); unequal counts (oversampling) are not modelled; copies "
+            "that are independent draws of a population with repeated values are members of their own")
 
 
 def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
