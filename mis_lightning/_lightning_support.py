@@ -50,6 +50,7 @@ from .estimation.per_sample import (
 )
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
+from .record_count import records_read, records_read_note
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
 
@@ -1073,6 +1074,13 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             r.utility = dict(utility.get(k, {}))
     if keep is not None:
         keep.update(estimate=est, loader=loader, utility_fn=utility_fn if val_loader is not None else None)
+    # n = the records read over every process, against the records the training draws from (the same
+    # indices, so they differ only where a collate_fn or hook changes the count, or a sync failed)
+    counted = records_read_note(records_read(est), n_total, "the records the training draws from", causes=(
+        "the collate_fn, batch_fn or loss hook returned another number of records than the loader's items"
+        + (f", or the {world} processes' records were not summed" if world > 1 else "")))
+    if counted:
+        report.warnings.insert(0, counted)
     if note:
         report.warnings.append(note)
     if aug:

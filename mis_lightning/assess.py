@@ -79,6 +79,7 @@ from .quantization.base import (
 )
 from .quantization.registry import check_scheme_names, scheme_list
 from .quantization.storage_grid import storage_grids
+from .record_count import check_not_a_shard, loader_dataset_size, records_read, records_read_note
 from .report import (
     CONSISTENCY_TOLERANCE,
     CUTOFF_CHECK_FACTOR,
@@ -419,6 +420,43 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
 DUPLICATE_WARN_SHARE = 0.01
 
 
+# What records fed k times read against their distinct records' figure (every record twice; ux48,
+# tests/test_duplicates_figure.py: OLS d = 3, n = 1,000 and d = 40, n = 100; nux47's CNN, docs/benchmarks.md)
+DUPLICATE_FIGURES = "twice: 0.705x at leverage 0.003, 0.57x at 0.4 on OLS, 0.32x at 1.14 on a CNN"
+
+
+def _duplicate_warning(diagnostics: Mapping[str, Any], n: int) -> str | None:
+    """The warning for stored records that repeat another (``diagnostics["duplicate_records"]`` of
+    ``["duplicate_records_of"]``), from :data:`DUPLICATE_WARN_SHARE` of them, else ``None``.
+
+    A record present ``k`` times is scored as ``k`` members of a training set of ``n`` (the records
+    read): each shift is ``1/k`` and each sd ``1/sqrt(k)`` of the distinct records', so the figures read
+    about ``1/sqrt(k)`` of theirs where leverages are small and the figures well below 1, and less
+    where leverages are not small: the leverage correction is computed at ``n`` too, ``k`` times
+    below the distinct records' (nux47: 1.14 -> 0.568 per loss direction, 0.32x, not the 0.71x the
+    warning said). The stored records are a hash sample whose copies are kept or left together, so
+    their share of repeats estimates the whole data's: ``k = 1 / (1 - share)`` copies per distinct
+    record on average, ``n (1 - share)`` distinct records."""
+    repeated = diagnostics.get("duplicate_records")
+    of = diagnostics.get("duplicate_records_of") or 0
+    if not repeated or repeated < DUPLICATE_WARN_SHARE * of:
+        return None
+    share = repeated / of
+    k = 1.0 / (1.0 - share)
+    per_direction = diagnostics.get("leverage_per_direction")
+    h = per_direction if per_direction is not None else diagnostics.get("mean_leverage")
+    lev = (f"; lower where leverages are not: the leverage correction is computed at n too (mean leverage "
+           f"{float(h):.3g} per {'loss direction' if per_direction is not None else 'record'} here, {k * float(h):.3g} at "
+           "the distinct records' n)" if h is not None and diagnostics.get("leverage_correction") else "")
+    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them (records held more "
+            f"than once: duplicates, oversampling, padding, records fed twice): about {round(n * (1 - share)):,} "
+            f"distinct records among the n = {n:,} read, {k:.3g} copies each. Each copy is scored as a member of its "
+            f"own, so the figures understate the leakage: about 1/sqrt({k:.3g}) = {1 / math.sqrt(k):.2f}x the distinct "
+            f"records' figure where leverages are small{lev} ({DUPLICATE_FIGURES}). With equal counts, assess the "
+            "distinct records (the same weights and game); unequal counts (oversampling) are not modelled; copies "
+            "that are independent draws of a population with repeated values are members of their own")
+
+
 def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
     """The records' leverage when its mean exceeds :data:`D_EFF_OVER_N_MAX` (method.md section 4,
     "Finite-sample (leverage) correction"), saying whether the estimator corrected for it; else
@@ -667,6 +705,7 @@ def assess(
     check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
     if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
         check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
+    check_not_a_shard(train_dataloader)  # one DDP process's shard taken for the training set: refused now
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
     with refusals_shown(refused):  # said above: the scoring's failed rows need no second line
@@ -675,7 +714,13 @@ def assess(
             loss_fn=loss_fn, metrics=metrics, output_transform=output_transform, batch_fn=batch_fn,
             progress=progress, calibration_data=train_dataloader,
         )
-    report.warnings += _sampling_notes(train_dataloader)
+    sampling = _sampling_notes(train_dataloader)  # records drawn with replacement, another subset each call
+    report.warnings += sampling
+    # n = the records read, against the dataset's size (a drop_last batch, a sampler over part of it)
+    counted = None if sampling else records_read_note(records_read(est), loader_dataset_size(train_dataloader),
+                                                      "len(train_dataloader.dataset)", loader=train_dataloader)
+    if counted:
+        report.warnings.insert(0, counted)
     ds = getattr(train_dataloader, "dataset", None)
     if isinstance(train_dataloader, DataLoader) and not isinstance(ds, IterableDataset) and hasattr(ds, "__len__"):
         # random augmentation in __getitem__ or the collate_fn: each record was assessed at one random draw
@@ -1314,22 +1359,9 @@ def score_schemes(
             f"gradient on any record, sigma 0): {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}; "
             "they carry no leakage but count in d: a parameter the forward does not use (check the model), units "
             "weight decay collapsed to zero (their residue is not counted), or one to leave out with params=")
-    repeated = est.diagnostics.get("duplicate_records")
-    of = est.diagnostics.get("duplicate_records_of") or 0
-    if repeated and repeated >= DUPLICATE_WARN_SHARE * of:
-        # The game draws members i.i.d.: a record present k times moves the weights k times as far
-        # (k psi / n), but each copy was scored as a member of its own (fu27: every record twice,
-        # the same weights and game as the unique set, read 0.708x its figure)
-        report.warnings.append(
-            f"{repeated} of the {of} records the leakage is averaged over "
-            "repeat another of them: the training data holds records more than once (duplicates, oversampling, "
-            "DistributedSampler padding). Each copy is scored as an independent member, but a record present k "
-            "times moves the weights k times as far, so the figures understate the leakage of repeated records "
-            "(every record twice: 0.71x the figure of the same trained weights from the unique records). Where every "
-            "record has the same count, the trained weights and the game are those of the unique records: assess "
-            "those; with unequal counts (oversampling a class) the repeated records' leakage is not modelled. If "
-            "the copies are independent draws of a population with repeated values (a few categorical features), "
-            "each is a member of its own and the figures stand")
+    dup = _duplicate_warning(est.diagnostics, est.n)
+    if dup:
+        report.warnings.append(dup)
     stats = _running_statistics_note(model)
     if stats:
         report.warnings.append(stats)
@@ -1676,14 +1708,19 @@ def _diagonal_sigma_warning(est: Estimate, rc: F.correlated.RecordCorrelation | 
         return None
     cure = (f"estimation='exact' computes the marginal sd (d = {est.d:,})" if est.d <= EXACT_MAX_PARAMS else
             f"no exact estimator for d = {est.d:,} here: read them as indicative")
-    corrected = _kfac_sentence(est.diagnostics)
+    corrected = _kfac_sentence(est.diagnostics, short=True)
     # over recurrent layers the factor is no bound (measured 0.8-20x off it: RECURRENT_DIAGONAL_FIGURES)
     below = ("below the marginal sd of each weight that its cells need, by a factor this one does not bound on a "
              "model with recurrent layers (see the warning on them)" if est.diagnostics.get("diagonal_over_recurrent")
              else f"about {math.sqrt(med):.2g}x or more below the marginal sd of each weight that its cells need")
     if corrected is not None:
-        return (f"the weights are correlated (median variance inflation factor {med:.3g} {where}; the correlation "
-                f"model's shrinkage can only lower it): {corrected}; " + cure)
+        # the warning says what was and was not corrected; the model and its measured accuracy go to
+        # the report's diagnostics (JSON), where the whole sentence is kept
+        head = f"the weights are correlated (median variance inflation factor {med:.3g} {where}"
+        diagnostics["variance_inflation_detail"] = (f"{head}; the correlation model's shrinkage can only lower it): "
+                                                    f"{_kfac_sentence(est.diagnostics)}; {cure}")
+        return f"{head}): {corrected}; {cure} (the correction's model and measured accuracy: the report's " \
+               "diagnostics['variance_inflation_detail'])"
     return (f"the weights are correlated (median variance inflation factor {med:.3g} {where}; the correlation "
             f"model's shrinkage can only lower it): the diagonal estimator's sigma "
             f"(sqrt(V_jj) / H_jj) is then {below}, so the quantized schemes' figures can be far off in either "
@@ -1763,44 +1800,47 @@ def _kfac_layer_kinds(diag: Mapping[str, Any]) -> str:
     return "nn.Linear" if diag.get("kfac_convolutions") is None else "convolution or nn.Linear"
 
 
-def _kfac_sentence(diag: Mapping[str, Any]) -> str | None:
+def _kfac_sentence(diag: Mapping[str, Any], short: bool = False) -> str | None:
     """What the diagonal estimator's K-FAC correction of sigma did (``Estimate.diagnostics``'s
     ``kfac_*``, :meth:`MomentAccumulator._kfac_factors`; method.md section 4, "The diagonal
-    sandwich and correlated weights"), or ``None`` where it was not applied."""
+    sandwich and correlated weights"), or ``None`` where it was not applied. ``short``: the
+    warning's sentence (what was corrected, what was not), without the influences' model and the
+    measured accuracy, which the full sentence (the report's ``diagnostics["variance_inflation_detail"]``)
+    quotes (ux48: the warning ran to 2,231 characters on nux47's CNN)."""
     if not diag.get("kfac_correction"):
         return None
     left = list(diag.get("kfac_uncorrected_layers") or [])
     conv = diag.get("kfac_convolutions")
-    text = (f"the diagonal estimator's sigma (sqrt(V_jj) / H_jj, the sd given the other weights) was multiplied "
-            f"by the square root of each weight's variance inflation factor in its {_kfac_layer_kinds(diag)} layer's "
-            f"Kronecker-factored (K-FAC) Hessian (median factor {diag['kfac_variance_inflation_median']:.3g}, "
-            f"90th percentile {diag['kfac_variance_inflation_p90']:.3g}, over "
-            f"{diag['kfac_corrected_weights']:,} weights), the marginal sd under that model"
-            + (f", and the stored influences of {diag['kfac_influences']:,} of them are those of "
-               "psi = -H^-1 g under the same model (the weights' correlation, which the correlated headline reads)"
-               if diag.get("kfac_influences") else "")
-            + (f" (those of {', '.join(diag['kfac_influences_left'][:6])} are the gradients', whose correlation "
-               f"is the Hessian's, not its inverse's: wider than {KFAC_INFLUENCE_MAX_WIDTH:,} inputs and outputs)"
-               if diag.get("kfac_influences_left") else "")
-            + "; the correlation across layers, and within a layer beyond the Kronecker model, is not in it "
-            + (KFAC_CLASSIFIER_FIGURES if diag.get("kfac_multi_output") else
-               "(on a 16-16-1 tanh MLP on rho = 0.9 inputs the corrected sigma read a median 0.81x the exact "
-               "estimator's on the first layer and 0.28x on the output layer, and the quantized figures 0.93-1.05x "
-               "its; on one least-squares layer sigma and the influences are exact and the correlated headline read "
-               "0.97-1.03x the closed-form reference)" if conv is None else
-               KFAC_CONV_FIGURES))
-    if left and conv is not None:
+    figures = (f"median factor {diag['kfac_variance_inflation_median']:.3g}, 90th percentile "
+               f"{diag['kfac_variance_inflation_p90']:.3g}, over {diag['kfac_corrected_weights']:,} weights")
+    if short:
+        text = (f"the diagonal estimator's sigma was corrected by each {_kfac_layer_kinds(diag)} layer's "
+                f"Kronecker-factored (K-FAC) Hessian ({figures}), not for the correlation across layers")
+    else:
+        text = (f"the diagonal estimator's sigma (sqrt(V_jj) / H_jj, the sd given the other weights) was multiplied "
+                f"by the square root of each weight's variance inflation factor in its {_kfac_layer_kinds(diag)} "
+                f"layer's Kronecker-factored (K-FAC) Hessian ({figures}), the marginal sd under that model"
+                + (f", and the stored influences of {diag['kfac_influences']:,} of them are those of "
+                   "psi = -H^-1 g under the same model (the weights' correlation, which the correlated headline "
+                   "reads)" if diag.get("kfac_influences") else "")
+                + (f" (those of {', '.join(diag['kfac_influences_left'][:6])} are the gradients', whose "
+                   f"correlation is the Hessian's, not its inverse's: wider than {KFAC_INFLUENCE_MAX_WIDTH:,} inputs "
+                   "and outputs)" if diag.get("kfac_influences_left") else "")
+                + "; the correlation across layers, and within a layer beyond the Kronecker model, is not in it "
+                + (KFAC_CLASSIFIER_FIGURES if diag.get("kfac_multi_output") else
+                   "(on a 16-16-1 tanh MLP on rho = 0.9 inputs the corrected sigma read a median 0.81x the exact "
+                   "estimator's on the first layer and 0.28x on the output layer, and the quantized figures "
+                   "0.93-1.05x its; on one least-squares layer sigma and the influences are exact and the correlated "
+                   "headline read 0.97-1.03x the closed-form reference)" if conv is None else
+                   KFAC_CONV_FIGURES))
+    if left:
         # (a transposed convolution is a convolution here: ct41; it is left out only where the
         # per-layer program refuses it, e.g. called with output_size)
-        text += (f"; left uncorrected (a layer without Kronecker factors here: a normalisation, embedding or "
-                 f"attention layer, one the per-layer estimation refuses, a tied weight, or wider than "
-                 f"{KFAC_MAX_WIDTH:,} inputs or outputs per group): "
-                 f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
-                 f"({diag.get('kfac_uncorrected_weights', 0):,} weights), whose sigma can be several times below "
-                 "the marginal sd, so those figures can be far off in either direction")
-    elif left:
-        text += (f"; left uncorrected (wider than {KFAC_MAX_WIDTH:,} inputs or outputs): "
-                 f"{', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
+        why = ("" if short else
+               f" (a layer without Kronecker factors here: a normalisation, embedding or attention layer, one the "
+               f"per-layer estimation refuses, a tied weight, or wider than {KFAC_MAX_WIDTH:,} inputs or outputs per "
+               "group)" if conv is not None else f" (wider than {KFAC_MAX_WIDTH:,} inputs or outputs)")
+        text += (f"; left uncorrected{why}: {', '.join(left[:6])}{' ...' if len(left) > 6 else ''} "
                  f"({diag.get('kfac_uncorrected_weights', 0):,} weights), whose sigma can be several times below "
                  "the marginal sd, so those figures can be far off in either direction")
     return text

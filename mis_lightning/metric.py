@@ -56,6 +56,7 @@ from .config import EstimationConfig, ScoringConfig, stage_configs
 from .estimation.per_sample import BatchFn, LossFn
 from .progress import ProgressFn
 from .quantization import QuantizationScheme
+from .record_count import records_read, records_read_note
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric, default_schemes, hook_program
 
@@ -235,9 +236,9 @@ class MISIndicator(EstimationMetric):
                 est, self.model, self.schemes, scoring_config=self.scoring_config,
                 utility_fn=self.utility_fn, progress=self.progress,
             )
-        over = records_over_stated(est, getattr(self, "num_training_records", None))  # a Metric pickled before nux47 lacks it
-        if over:
-            self.report.warnings.insert(0, over)
+        counted = self._records_note(est)
+        if counted:
+            self.report.warnings.insert(0, counted)
         # the figures' caveats (not at a minimum, d / n not small, weights left in float, ...) are
         # raised as warnings, as the callback prints them: the returned tensors carry none of them
         for msg in self.report.warnings:
@@ -245,6 +246,30 @@ class MISIndicator(EstimationMetric):
                 self._warned.add(msg[:WARNING_KEY_CHARS])
                 rank_zero_warn(f"MISIndicator: {msg}")
         return report_summary(self.report)
+
+    def _records_note(self, est: Any) -> str | None:
+        """The warning where the updates held another number of records than
+        ``num_training_records`` states (:func:`~mis_lightning.record_count.records_read_note`),
+        with the Metric's likely causes: the torchmetrics habit of updating every epoch without
+        ``reset()`` feeds each record again (nux47: a CNN fed twice read 0.31x the figure of one
+        pass), a ``drop_last`` loader or a sampler leaves records out, and a DDP process computed
+        alone counts its shard only."""
+        stated = getattr(self, "num_training_records", None)  # a Metric pickled before nux47 lacks it
+        if not stated:
+            return None
+        read = records_read(est)
+        world = torch.distributed.get_world_size() if torch.distributed.is_available() and \
+            torch.distributed.is_initialized() else 1
+        if read < stated and world > 1 and not getattr(self, "sync_on_compute", True):
+            causes = f"sync_on_compute=False: this process's updates alone, of {world} processes"
+        elif read > stated:
+            causes = ("the updates fed records more than once (an update every epoch, or every validation run, "
+                      "without reset(): call reset() before each pass over the training records), or "
+                      "num_training_records is not every process's records together, padding included")
+        else:
+            causes = ("the updates left records out (a loader with drop_last=True, a sampler over part of the "
+                      "data), or num_training_records is not every process's records together")
+        return records_read_note(read, stated, "num_training_records", causes=causes)
 
     def plot(self, val: Any = None, ax: Any = None) -> Any:
         """MIS per scheme (a point each, higher is better); ``val`` = a ``compute()`` result."""
@@ -254,22 +279,3 @@ class MISIndicator(EstimationMetric):
         else:
             flat = {k: v["mis"] for k, v in val.items() if not math.isnan(float(v["mis"]))}
         return self._plot(flat, ax)
-
-
-def records_over_stated(est: Any, stated: int | None) -> str | None:
-    """The warning for a stream that held more records than ``num_training_records`` stated, else
-    ``None``. The torchmetrics habit of updating every epoch without ``reset()`` feeds each record
-    twice: the pass then reads n = 2x the records, each one a duplicate, and the leverage
-    correction, which shrinks with n, no longer applies (nux47: 19,550-weight CNN, 1,000 records
-    fed twice read 0.3067 against 0.9718 fed once; the duplicate warning alone says 0.71x)."""
-    if not stated or stated < 1:
-        return None
-    read = int(est.n) + int((est.diagnostics.get("records_without_loss") or {}).get("count", 0))
-    if read <= stated:
-        return None
-    return (f"the updates held {read:,} training records, more than the num_training_records={stated:,} "
-            f"stated ({read / stated:.3g}x): the Metric must see each training record once per estimate "
-            "(an update every epoch, or every validation run, without reset() feeds them again); the "
-            "figures are then not those of the members (1,000 records fed twice read 0.31x the figure of one "
-            "pass on a CNN: docs/benchmarks.md, nux47). Call reset() before each pass over the training "
-            "records, or state their number (under DDP: every process's records together, padding included)")

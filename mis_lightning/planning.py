@@ -89,6 +89,7 @@ from .report import (
     SchemeResult,
     _fmt,
     _unresolved,
+    column_format,
     metric_mode,
     metric_name,
     pick_utility_key,
@@ -353,13 +354,15 @@ class PlanResult:
         lines = [f"| scheme (report row) | per layer | predicted leakage | leakage | 80% interval | MIS "
                  f"| predicted {m} | {m} | bits/weight |",
                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in self.rows():
+        rows = self.rows()
+        mis = column_format([r["mis"] for r in rows])  # 4 decimals, or exponents where one would read 0.0000
+        for r in rows:
             note = self.report.row_notes.get(r["name"])
             name = f"**{r['name']} (chosen)**" if r["chosen"] else f"{r['name']} ({note})" if note else r["name"]
             what = "every layer" if r["kind"] == "uniform" else ", ".join(f"{k}={v}" for k, v in r["choices"].items())
             iv = "-" if not r["interval"] else f"[{r['interval'][0]:.4g}, {r['interval'][1]:.4g}]"
             lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {iv} "
-                         f"| {r['mis']:.4f} | {r['predicted_utility']:.4g} | {r['utility']:.4g} "
+                         f"| {mis(r['mis'])} | {r['predicted_utility']:.4g} | {r['utility']:.4g} "
                          f"| {r['bits_per_weight']:.4g} |")
         budget = self.budget_text()
         c = self.chosen.reassessed(m)

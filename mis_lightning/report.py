@@ -8,7 +8,7 @@ import math
 import re
 import textwrap
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -563,16 +563,35 @@ def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None,
     return next((k for k in keys if k.removeprefix("utility_") in (modes or {}) or known_mode(k) is not None), None)
 
 
-def _fmt(v: Any, extra: int = 0) -> str:
-    """A table cell: a float with 4 decimals (3 in exponent notation below 1e-3 or from 1e5),
-    plus ``extra`` digits; ``-`` for a missing value; anything else as ``str``."""
+def _fmt(v: Any, extra: int = 0, exponent: bool | None = None) -> str:
+    """A figure: a float with 4 decimals (3 in exponent notation below 1e-3 or from 1e5),
+    plus ``extra`` digits; ``-`` for a missing value; anything else as ``str``. ``exponent``:
+    the notation forced (a table column's, :func:`column_format`); ``None``: by the value."""
     if v is None or v == "":
         return "-"
     if isinstance(v, float):
-        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        if exponent is None:
+            exponent = _needs_exponent(v)
+        if exponent and math.isfinite(v):
             return f"{v:.{3 + extra}e}"
         return f"{v:.{4 + extra}f}"
     return str(v)
+
+
+def _needs_exponent(v: float) -> bool:
+    """Four decimals would show fewer than two significant digits (``0 < |v| < 1e-3``) or more
+    than nine characters (``|v| >= 1e5``)."""
+    return v != 0 and math.isfinite(v) and (abs(v) < 1e-3 or abs(v) >= 1e5)
+
+
+def column_format(values: Iterable[Any], extra: int = 0) -> Callable[[Any], str]:
+    """The formatter of one table column: every float of the column in one notation, 4 decimals,
+    or 4 significant digits in exponent notation (``3.870e-06``) for the whole column when any of
+    its values needs it (below 1e-3, from 1e5: :func:`_fmt`); ``extra`` digits more. ux48: an MIS
+    column read ``0.0367`` over ``3.870e-06`` over ``0.0000``, three styles for one quantity; a
+    per-value choice would hide a small value behind ``0.0000`` or break the column's alignment."""
+    exponent = any(_needs_exponent(float(v)) for v in values if isinstance(v, float))
+    return lambda v: _fmt(v, extra, exponent)
 
 
 # the most digits added to the utility column to tell the verdict's utility band from the rest
@@ -618,14 +637,10 @@ def utility_digits(rows: list[dict[str, Any]], utility_key: str | None = None,
                and r.get(uk) is not None and math.isfinite(float(r[uk]))]
     within = [float(r[uk]) for r in inside]
     for extra in range(MAX_EXTRA_UTILITY_DIGITS + 1):
-        if not {_fmt(v, extra) for v in within} & {_fmt(v, extra) for v in outside}:
+        fmt = column_format([*within, *outside], extra)  # as the column prints them
+        if not {fmt(v) for v in within} & {fmt(v) for v in outside}:
             return extra
     return MAX_EXTRA_UTILITY_DIGITS
-
-
-def _fmt_or_dash(v: Any) -> str:
-    """As :func:`_fmt`, with ``-`` for a missing or NaN value (reports saved before a column existed)."""
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else _fmt(v)
 
 
 #: utility names where larger is better, matched whole (lower case) after a ``utility_`` and a
@@ -1099,6 +1114,32 @@ def whole_model_column(rows: list[dict[str, Any]]) -> bool:
     return False
 
 
+def zeros(row: Mapping[str, Any]) -> Any:
+    """A row's zero fraction (``sparsity`` in reports before it was renamed)."""
+    return row.get("zero_fraction", row.get("sparsity"))
+
+
+#: the figure columns of a table, by row key (``interval``: both ends, ``zeros``: :func:`zeros`)
+FIGURE_COLUMNS = ("leakage", "interval", "mis", "pool_leakage", "baseline_leakage", "d_eff", "zeros")
+
+
+def column_formats(rows: Sequence[Mapping[str, Any]], utility_keys: Sequence[str | None] | str | None = (),
+                   extra: int = 0) -> dict[str, Callable[[Any], str]]:
+    """:func:`column_format` of each figure column of ``rows`` (:data:`FIGURE_COLUMNS`) and of each
+    utility key (with ``extra`` digits), over the rows without an error."""
+    ok = [r for r in rows if not r.get("error")]
+    keys = [utility_keys] if isinstance(utility_keys, str) or utility_keys is None else list(utility_keys)
+
+    def values(key: str) -> list[Any]:
+        if key == "interval":
+            return [r.get(k) for r in ok for k in ("leakage_p10", "leakage_p90")]
+        return [zeros(r) if key == "zeros" else r.get(key) for r in ok]
+
+    out = {k: column_format(values(k)) for k in FIGURE_COLUMNS}
+    out.update({k: column_format(values(k), extra) for k in keys if k})
+    return out
+
+
 def _fmt_bits(v: Any) -> str:
     return "-" if v is None or not math.isfinite(float(v)) else f"{float(v):.2f}"
 
@@ -1107,9 +1148,11 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
                  utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> str:
     """Plain-text table of :meth:`Report.rows`.
 
-    The utility column has 4 decimals, or as many more as it takes to tell the rows inside the
-    verdict's utility band (``utility_tolerance``, relative, of the best) from those outside it
-    (:func:`utility_digits`).
+    Each figure column prints in one notation (:func:`column_format`): 4 decimals, or 4
+    significant digits in exponent notation throughout where one of its values is below 1e-3 or
+    from 1e5. The utility column has 4 decimals (or significant digits), or as many more as it
+    takes to tell the rows inside the verdict's utility band (``utility_tolerance``, relative, of
+    the best) from those outside it (:func:`utility_digits`).
 
     A failed scheme's row shows ``error: <message cut at a word boundary>`` across the figure
     columns; it does not widen them. The full messages follow the table under ``errors:``.
@@ -1121,23 +1164,26 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         [uk.removeprefix("utility_")] if uk else []) + [
         "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
+    fmt = column_formats(rows, uk, extra)  # one notation per column
     for r in rows:
         label = f"{r['scheme']} ({r['note']})" if r.get("note") else str(r["scheme"])
         if r.get("error"):
             body.append((label, str(r["error"])))
             continue
-        interval = "-" if r.get("leakage_p10") is None else f"[{_fmt(r['leakage_p10'])}, {_fmt(r['leakage_p90'])}]"
+        interval = "-" if r.get("leakage_p10") is None else \
+            f"[{fmt['interval'](r['leakage_p10'])}, {fmt['interval'](r['leakage_p90'])}]"
         if interval != "-" and r.get("interval_regime") == "position-dominated":
             interval += " pos."  # the range over where few coarse weights' true values sit
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
+        pool = r.get("pool_leakage")
         body.append([label, f"{r['bits_per_weight']:.2f}",
                      "-" if ff is None else f"{100 * ff:.1f}%"] + (
-            [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + ([_fmt(r.get(uk), extra)] if uk else []) + [
-            _fmt(r["leakage"]) + leakage_marks(r),
-            interval, _fmt(r["mis"]),
-            _fmt_or_dash(r.get("pool_leakage")),
-            _fmt(r["baseline_leakage"]) + (" ~" if baseline_unstable(r) else ""),
-            _fmt(r["d_eff"]), _fmt(r.get("zero_fraction", r.get("sparsity")))])  # old rows: sparsity
+            [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + ([fmt[uk](r.get(uk))] if uk else []) + [
+            fmt["leakage"](r["leakage"]) + leakage_marks(r),
+            interval, fmt["mis"](r["mis"]),
+            "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool),
+            fmt["baseline_leakage"](r["baseline_leakage"]) + (" ~" if baseline_unstable(r) else ""),
+            fmt["d_eff"](r["d_eff"]), fmt["zeros"](zeros(r))])
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()

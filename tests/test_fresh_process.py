@@ -71,6 +71,24 @@ print("native:", sorted(k for k, r in rep.schemes.items() if r.error is None))
 print("native:", sorted(m for m in ("torchao", "torch._dynamo", "sympy") if m in sys.modules))
 """
 
+_FORWARD_AD = """
+import sys, warnings, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from mis_lightning.assess import assess
+JVP = "torch._decomp.decompositions_for_jvp"
+print("jvp:", "loaded before" if JVP in sys.modules else "not loaded before")
+torch.manual_seed(0)
+x = torch.randn(64, 4); y = x.sum(-1)
+model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    assess(model, ["rtn_int8"], DataLoader(TensorDataset(x, y), batch_size=32), lambda o, t: (o[:, 0] - t) ** 2,
+           estimation="exact", uncertainty_draws=0, strict=False)
+print("jvp:", "loaded" if JVP in sys.modules else "not loaded")
+print("jvp:", sorted({str(w.message)[:40] for w in rec if issubclass(w.category, DeprecationWarning)}))
+"""
+
 _NO_FABRIC = """
 import sys, torch
 from torch import nn
@@ -118,7 +136,8 @@ print("notices: done")
 
 # each part in its own namespace (the same names are reused), one interpreter
 _SCRIPT = "\n".join(f"exec(compile({part!r}, {name!r}, 'exec'), {{'__name__': '__main__'}})"
-                    for name, part in (("native", _NATIVE), ("estimation", _FRESH_ESTIMATION), ("rng", _NO_FABRIC),
+                    for name, part in (("native", _NATIVE), ("estimation", _FRESH_ESTIMATION), ("jvp", _FORWARD_AD),
+                                       ("rng", _NO_FABRIC),
                                        ("torchao", _TORCHAO_FIRST), ("notices", _NOTICES)))
 
 
@@ -131,7 +150,7 @@ def fresh():
     lines: dict[str, list[str]] = {}
     for line in out.stdout.splitlines():
         part, sep, rest = line.partition(": ")
-        if sep and part in ("native", "estimation", "rng", "torchao", "notices"):
+        if sep and part in ("native", "estimation", "jvp", "rng", "torchao", "notices"):
             lines.setdefault(part, []).append(rest)
     return lines, out.stderr
 
@@ -150,6 +169,16 @@ def test_gauss_newton_estimation_does_not_load_forward_ad(fresh):
     fails on main). After the first part, which loads none of these."""
     assert fresh[0]["estimation"] == ["mse not loaded", "dynamo not imported", "sympy not imported",
                                       "cnn not loaded", "logcosh not loaded"]
+
+
+def test_the_first_forward_ad_use_passes_on_no_torch_deprecation(fresh):
+    """ux48: the process's first forward-AD dual tensor (the exact sandwich's jvp) imports torch's
+    ``decompositions_for_jvp``, which calls ``torch.jit.script`` and raised its DeprecationWarning
+    through ``MISIndicator.compute()``, ``assess`` and the callback; the library loads them first
+    with that notice filtered (``per_sample.load_forward_ad_decompositions``). After the
+    Gauss-Newton part, which leaves them unloaded (asserted), and before every part that loads
+    them."""
+    assert fresh[0]["jvp"] == ["not loaded before", "loaded", "[]"]
 
 
 def test_an_assessment_does_not_import_lightning_fabric(fresh):

@@ -406,7 +406,8 @@ def test_records_fed_twice_without_reset_are_named():
     """nux47: updating over the training set every epoch without ``reset()`` (the torchmetrics
     habit) fed each record twice; the Metric read n = 2x the stated ``num_training_records`` and
     only the duplicate warning hinted at it (a CNN's figure fell to 0.31x). The stated count now
-    names the mistake in the report and as a warning; one pass, or fewer records (drop_last), does not."""
+    names the mistake in the report and as a warning (ux48: fewer records too, in
+    test_record_count.py); one pass does not."""
     import warnings
 
     X, y = _data()
@@ -417,14 +418,14 @@ def test_records_fed_twice_without_reset_are_named():
     with warnings.catch_warnings(record=True) as w1:
         warnings.simplefilter("always")
         once.compute()
-    assert not any("more than the num_training_records" in str(w.message) for w in w1)
+    assert not any("where num_training_records is" in str(w.message) for w in w1)
     twice = MISIndicator(model, mse, ["rtn_int8"], **kw)
     _feed(twice, X, y, 60)
     _feed(twice, X, y, 60)
     with warnings.catch_warnings(record=True) as w2:
         warnings.simplefilter("always")
         twice.compute()
-    msg = [str(w.message) for w in w2 if "more than the num_training_records" in str(w.message)]
-    assert msg and "480 training records" in msg[0] and "=240" in msg[0] and "reset()" in msg[0], msg
-    assert any("more than the num_training_records=240" in x for x in twice.report.warnings)
+    msg = [str(w.message) for w in w2 if "where num_training_records is" in str(w.message)]
+    assert msg and "480 training records where num_training_records is 240 (2x)" in msg[0] and "reset()" in msg[0], msg
+    assert any("where num_training_records is 240" in x for x in twice.report.warnings)
 

@@ -303,9 +303,20 @@ def test_nested_names_are_original_parameter_names():
         assert {"0.0.weight", "1.weight"} <= set(res.grids), name
 
 
-def test_native_dynamic_keeps_its_deprecation_warning():
-    with pytest.warns(DeprecationWarning, match="torch.ao.quantization"):
-        get_scheme("native_int8_dynamic").apply(_model())
+def test_native_dynamic_passes_on_no_deprecation_warning_but_notes_it():
+    # ux48: torch.ao.quantization's DeprecationWarning (two: quantize_dynamic at the library's line, and
+    # convert inside torch's quantize_dynamic) escaped MISIndicator.compute(); it is addressed to the caller
+    # of the API, the library, and is filtered at that call only: the scheme's notes say it, and a user's
+    # own call to the deprecated API after the library's still warns
+    import torch.ao.quantization as tq
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        res = get_scheme("native_int8_dynamic").apply(_model())
+    assert not [w for w in rec if issubclass(w.category, DeprecationWarning)], [str(w.message)[:80] for w in rec]
+    assert any("torch.ao.quantization is deprecated" in n for n in res.notes)
+    with pytest.warns(DeprecationWarning, match="torch.ao.quantization is deprecated"):
+        tq.quantize_dynamic(_model(), {nn.Linear}, dtype=torch.qint8)
 
 
 def test_bits_per_weight_counts_scales_and_asymmetric_zero_points():

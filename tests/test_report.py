@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -514,3 +516,26 @@ def test_the_covariance_warning_names_negative_curvature_as_such():
     flat = _covariance_cause({"hessian_condition": float("inf"), "negative_eigenvalues_flipped": 0})
     assert "singular (condition inf)" in flat and "symmetries" in flat and "indefinite" not in flat
     assert "poorly determined" in _covariance_cause({"hessian_condition": 10.0})
+
+
+def test_each_figure_column_prints_in_one_notation_that_keeps_small_values():
+    """ux48 (nux47's 1-epoch CNN): the MIS column read ``0.0367`` / ``3.870e-06`` / ``0.0000``, the
+    notation chosen per value. A column takes exponent notation (4 significant digits) as a whole
+    when one of its values needs it (below 1e-3, from 1e5), else 4 decimals, as before."""
+    mis = {"a": 0.0367, "b": 3.87e-06, "c": 0.0}
+    rows = [{**_ok_row(k), "mis": v, "leakage": 1.0 - v} for k, v in mis.items()]
+    lines = format_table(rows).splitlines()
+    spans = [m.span() for m in re.finditer(r"-+", lines[1])]  # the columns, from the rule under the head
+    cells = {ln.split()[0]: {lines[0][a:b].strip(): ln[a:b].strip() for a, b in spans} for ln in lines[2:5]}
+    assert {k: c["MIS"] for k, c in cells.items()} == {"a": "3.670e-02", "b": "3.870e-06", "c": "0.000e+00"}
+    for k, v in mis.items():  # no value hidden: each cell reads back to 4 significant digits
+        assert float(cells[k]["MIS"]) == pytest.approx(v, rel=5e-4, abs=0)
+    # the other columns keep 4 decimals where none of their values needs more
+    assert {c["leakage"].split()[0] for c in cells.values()} == {"0.9633", "1.0000"}  # before its marks
+    assert {c["baseline"] for c in cells.values()} == {"0.2000"}
+    # the sweep's aggregate table prints its columns the same way
+    from mis_lightning.app.aggregate import markdown_table
+
+    md = markdown_table([{**r, "job": i} for i, r in enumerate(rows)])
+    mis_col = md.splitlines()[0].split(" | ").index("MIS")
+    assert [ln.split(" | ")[mis_col] for ln in md.splitlines()[2:5]] == ["3.670e-02", "3.870e-06", "0.000e+00"]

@@ -52,6 +52,7 @@ from mis_lightning.report import (
     NOT_RANKED,
     POSITION_ENTRY,
     ZEROS_ENTRY,
+    column_formats,
     higher_is_better,
     leakage_marks,
     marks_legend,
@@ -243,11 +244,6 @@ def _fmt_bits(v: float | None) -> str:
     return "-" if v is None or math.isnan(v) else f"{v:.2f}"
 
 
-def _fmt_pool(v: float | None) -> str:
-    """The pool-protocol column: ``-`` where a report predates it (NaN)."""
-    return "-" if v is None or math.isnan(v) else _fmt(v)
-
-
 def own_utility_key(row: dict[str, Any]) -> str | None:
     """The utility a row is judged by: its own preferred measured metric
     (:func:`~mis_lightning.report.pick_utility_key` over the keys it has a value for)."""
@@ -278,6 +274,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
         "leakage", "[p10, p90]", "MIS", "pool", "baseline", "d_eff", "zeros"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     errors = []
+    # one notation per column (report.column_format), over the figures as numbers
+    fmt = column_formats([{**r, **{k: _float(r.get(k)) for k in (*uks, "pool_leakage", "zero_fraction", "sparsity")}}
+                          for r in rows], uks)
     for r in rows:
         if r.get("error"):
             errors.append(r)
@@ -285,7 +284,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                 "-"] * len(uks) + [f"error: {short_error(str(r['error']))}", "-", "-", "-", "-", "-", "-"]
         else:
             p10, p90 = r.get("leakage_p10"), r.get("leakage_p90")
-            interval = "-" if p10 is None else f"[{_fmt(p10)}, {_fmt(p90)}]"
+            interval = "-" if p10 is None else f"[{fmt['interval'](p10)}, {fmt['interval'](p90)}]"
             if interval != "-" and r.get("interval_regime") == "position-dominated":
                 interval += " pos."  # as in the job's own table: the interval is of another kind
             bits, ff = r.get("bits_per_weight"), _float(r.get("float_fraction"))
@@ -293,10 +292,11 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                      "-" if bits is None else f"{bits:.2f}",
                      "-" if ff is None or math.isnan(ff) else f"{100 * ff:.1f}%"] + (
                 [_fmt_bits(_float(r.get("model_bits_per_weight")))] if whole else []) + [
-                _fmt(_float(r.get(uk))) for uk in uks] + [
-                _fmt(r.get("leakage")) + leakage_marks(r), interval, _fmt(r.get("mis")), _fmt_pool(_float(r.get("pool_leakage"))),
-                _fmt(r.get("baseline_leakage")),
-                _fmt(r.get("d_eff")), _fmt(_float(r.get("zero_fraction", r.get("sparsity"))))]
+                fmt[uk](_float(r.get(uk))) for uk in uks] + [
+                fmt["leakage"](r.get("leakage")) + leakage_marks(r), interval, fmt["mis"](r.get("mis")),
+                "-" if (pool := _float(r.get("pool_leakage"))) is None or math.isnan(pool) else fmt["pool_leakage"](pool),
+                fmt["baseline_leakage"](r.get("baseline_leakage")),
+                fmt["d_eff"](r.get("d_eff")), fmt["zeros"](_float(r.get("zero_fraction", r.get("sparsity"))))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     marks = marks_legend([r for r in rows if not r.get("error")])
     if any(r.get("interval_regime") == "position-dominated" for r in rows if not r.get("error")):

@@ -84,6 +84,7 @@ from .per_sample import (
     LossProgram,
     OutputShape,
     default_batch_fn,
+    load_forward_ad_decompositions,
     output_numel,
     vmap_fallback_quiet,
 )
@@ -3935,6 +3936,8 @@ def _batch_hessian(program: LossProgram, inputs: Any, targets: Any, names: list[
     # embedding ignores padding_idx, which made the Hessian asymmetric (and a padding row read as
     # negative curvature), so an asymmetric result is recomputed
     H = None
+    if _forward_ad_first(program):
+        load_forward_ad_decompositions()  # torch's import notice filtered (ux48)
     with program.second_derivatives():  # the forward as these passes evaluate it, chunk included
         chunk = hessian_chunk(f, flat0)
         try:
@@ -4092,6 +4095,7 @@ def _residual_columns(program: LossProgram, inputs: Any, targets: Any, names: li
     def column(v: Tensor) -> Tensor:
         return torch.func.jvp(grad_phi, (flat0,), (v,))[1]
 
+    load_forward_ad_decompositions()  # torch's import notice filtered (ux48)
     with program.second_derivatives():
         chunk = hessian_chunk(phi, flat0)
         return torch.cat([torch.func.vmap(column)(t[a: a + chunk]) for a in range(0, t.shape[0], chunk)]
@@ -4156,6 +4160,8 @@ def _residual_module_rows(outputs: Callable[[dict[str, Tensor]], Tensor], e: Ten
     def column(v: Tensor) -> Tensor:  # R[rows, M] v, v on M's weights only
         tangent = {k: t.reshape(params0[k].shape) for k, t in zip(group, torch.split(v, sizes))}
         return torch.func.jvp(grad_rows, (at_m,), (tangent,))[1]
+
+    load_forward_ad_decompositions()  # torch's import notice filtered (ux48)
 
     m = sum(sizes)
     eye = torch.eye(m, dtype=e.dtype, device=e.device)

@@ -559,6 +559,30 @@ def vmap_fallback_quiet() -> ignoring:
     return ignoring((VMAP_FALLBACK_WARNING, UserWarning))
 
 
+#: torch's DeprecationWarning from ``torch.jit.script``, which torch's own
+#: ``torch._decomp.decompositions_for_jvp`` calls at its import, on the process's first forward-AD
+#: dual tensor (``torch.func.jvp`` / ``jacfwd`` inside the exact Hessian and the leverage factors):
+#: raised inside torch's call, about torch's code, and it escaped ``MISIndicator.compute()`` and
+#: the callback's assessment (ux48; attributed to torch/jit/_script.py, shown under pytest or -W)
+JIT_SCRIPT_DEPRECATION = r"`torch\.jit\.script` is deprecated"
+_FORWARD_AD_LOADED = False
+
+
+def load_forward_ad_decompositions() -> None:
+    """Load torch's forward-AD decompositions once per process, before the first ``jvp`` /
+    ``jacfwd``, with their import's :data:`JIT_SCRIPT_DEPRECATION` filtered (torch loads them
+    at the first dual tensor anyway, under the same conditions: ``PYTORCH_JIT`` and ``__debug__``);
+    a later call returns at once. A torch without the loader: nothing to do."""
+    global _FORWARD_AD_LOADED
+    if _FORWARD_AD_LOADED:
+        return
+    _FORWARD_AD_LOADED = True
+    load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if load is not None:
+        with ignoring((JIT_SCRIPT_DEPRECATION, DeprecationWarning)):
+            load()
+
+
 def cast_tensor_attributes(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the floating tensors a (private) model copy holds as plain attributes to ``dtype``.
 
@@ -1085,6 +1109,8 @@ class LossProgram:
                 return fn(v)[0]
             return torch.func.jvp(lambda p: per_record_grad(p, x, y), (params,), (v,))[1]
 
+        if not reverse:
+            load_forward_ad_decompositions()  # torch's import notice filtered (ux48)
         with self.second_derivatives():
             if not self.looped:
                 return vmap(vmap(hvp, in_dims=(None, None, 0)), in_dims=(0, 0, 0))(inputs, targets, directions)
