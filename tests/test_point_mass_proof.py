@@ -63,14 +63,21 @@ def _zero(c: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int4_g32",
-                                    "intx_weight_only_int4_g32_asym", "float8_weight_only", "rtn_int4"])
+                                    "intx_weight_only_int4_g32_asym", "float8_weight_only",
+                                    "float8_weight_only+asym_bounds", "rtn_int4"])
 @pytest.mark.parametrize("any_cell", [True, False], ids=["any-cell", "code-cell"])
 def test_proven_mask_equals_the_test(scheme, any_cell, monkeypatch):
-    """With ``POINT_MASS_ANY_CELL`` the per-element test is on the nearest cell (no codes)."""
+    """With ``POINT_MASS_ANY_CELL`` the per-element test is on the nearest cell (no codes).
+    ``+asym_bounds``: float8's lower bounds moved out by a quarter (its absmax bounds are
+    symmetric), so that a table takes ``bounds_gap``'s two-sided terms too."""
     monkeypatch.setattr(B, "POINT_MASS_ANY_CELL", any_cell)
+    scheme, _, asym = scheme.partition("+")
     if scheme != "rtn_int4":
         pytest.importorskip("torchao")
     g, th = _grid(scheme)
+    if asym:
+        g.support = (g.support[0] * 1.25, g.support[1])
+        assert not g._point_proof_layout()[5]  # (not symmetric)
     c = th.numel()
     assert g._point_proof_layout() is not None  # (the proof applies to each of these releases)
     zero = _zero(c)
@@ -93,6 +100,27 @@ def test_proven_mask_equals_the_test(scheme, any_cell, monkeypatch):
     # not whole rows, or another dtype: not applicable (the caller's own test)
     assert g._proven_point_mask(th[3:67].contiguous(), zero[3:67], 3, 67) is None
     assert g._proven_point_mask(th.float(), zero, 0, c) is None
+
+
+@pytest.mark.parametrize("into", [False, True])
+def test_bounds_gap_is_the_two_bounds_terms(into):
+    """``point_proof.bounds_gap`` against its formula written out, bitwise: two-sided bounds and
+    symmetric ones (``|th|``, computed in the caller's temporary where given), maxed into a tensor
+    or new; NaN and infinite weights propagate."""
+    gen = torch.Generator().manual_seed(3)
+    th = torch.randn(6, 5, 8, generator=gen, dtype=F64) * 3
+    th[0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    inv = torch.rand(6, 5, 1, generator=gen, dtype=F64) + 0.5
+    lower, upper = -torch.rand(6, 5, 1, generator=gen, dtype=F64) * 4, torch.rand(6, 5, 1, generator=gen, dtype=F64) * 4
+    base = torch.randn(6, 5, 8, generator=gen, dtype=F64).abs()
+    for lo, sym in ((lower, False), (-upper, True)):
+        want = torch.maximum((th - upper) * inv, (lo - th) * inv)
+        if into:
+            want = torch.maximum(base, want)
+        for abs_th in ((None, th.abs()) if sym else (None,)):
+            got = P.bounds_gap(th, inv, lo, upper, sym, into=base.clone() if into else None, abs_th=abs_th)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), (sym, into)
+    assert bool(want.isnan().any())
 
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "float8_weight_only", "intx_weight_only_int4_g32_asym"])

@@ -1802,13 +1802,8 @@ class ParamGrid:
             ath = th3.abs()
             x = ath * per_block(inv)
             bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
-            pb_up = per_block(upper)
-            if symmetric:
-                g = ath.sub_(pb_up).mul_(per_block(inv))
-            else:
-                g = torch.sub(th3, pb_up).mul_(per_block(inv))
-                torch.maximum(g, torch.sub(per_block(lower), th3).mul_(per_block(inv)), out=g)
-            g = g.view(-1)
+            g = _proof.bounds_gap(th3, per_block(inv), per_block(lower), per_block(upper), symmetric,
+                                  abs_th=ath).view(-1)
             if rev_ii is not None:
                 g.index_fill_(0, rev_ii, 0.0)  # (tested below)
             # (NaN: not proven)
