@@ -121,7 +121,25 @@ def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tenso
     return lo, torch.mul(x, 1.0 + _F32_ULP).add_(delta).to(dtype).view(ints)
 
 
+def format_cell_proven(x: Tensor, dtype: torch.dtype, margin: float) -> Tensor | None:
+    """The proof of a float format's own cell: ``None`` where every ``x`` is proven more than
+    ``margin`` cells inside its own cell of the format's table (:func:`format_cell_bits` with
+    ``delta = margin + PROOF_SLACK``: both casts' bit patterns equal everywhere, and ``x`` at most
+    :data:`PROOF_MAX_CELLS`), else ``[x.shape]`` bool: the weights so proven (the caller tests
+    the others). NaN is not proven.
+
+    Args:
+        x, dtype: as :func:`format_cell_bits`.
+        margin: cells (the sd-0 test's ``1e-9``).
+    """
+    lo, hi = format_cell_bits(x, dtype, margin + PROOF_SLACK)
+    if bool(x.amax() <= PROOF_MAX_CELLS) and torch.equal(lo, hi):  # (one comparison: the common case)
+        return None
+    return (lo == hi) & (x <= PROOF_MAX_CELLS)
+
+
 _F32_ULP = 2.0**-23
 
 
-__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "bounds_gap", "format_cell_bits"]
+__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "bounds_gap", "format_cell_bits",
+           "format_cell_proven"]

@@ -1774,7 +1774,7 @@ class ParamGrid:
         :meth:`_proof_applies` does not hold.
 
         The proof: :func:`~mis_lightning.functional.point_proof.affine_inside_gap` (affine grids) or
-        :func:`~mis_lightning.functional.point_proof.format_cell_bits` with the bounds' terms (float
+        :func:`~mis_lightning.functional.point_proof.format_cell_proven` with the bounds' terms (float
         formats' tables), on the blocks' own values; the weights it does not prove (a block's absmax
         on its bound; NaN; near an edge) and the revealed ones tested by :meth:`_inside`. ``zero``:
         ``[c]`` bool (the sd-0 weights)."""
@@ -1795,19 +1795,17 @@ class ParamGrid:
         _, rev_ii = self._revealed_shared(start, end, theta.device)
         if rev_ii is not None and not rev_ii.numel():
             rev_ii = None
-        bits = None
+        own = None  # (float formats: the own cells the bits did not prove; None: all proven)
         if fmt is not None:
             # the own cell from the format's bits, the bounds' terms as the affine grids' (one
             # number per weight; above 1/2 when out of bounds)
             ath = th3.abs()
-            x = ath * per_block(inv)
-            bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
+            own = _proof.format_cell_proven(ath * per_block(inv), fmt, _POINT_MASS_MARGIN)
             g = _proof.bounds_gap(th3, per_block(inv), per_block(lower), per_block(upper), symmetric,
                                   abs_th=ath).view(-1)
             if rev_ii is not None:
                 g.index_fill_(0, rev_ii, 0.0)  # (tested below)
-            # (NaN: not proven)
-            whole = bool(x.amax() <= _proof.PROOF_MAX_CELLS) and bool(g.amax() < limit) and torch.equal(*bits)
+            whole = own is None and bool(g.amax() < limit)  # (NaN: not proven)
         else:
             assert self.codes is not None
             # (POINT_MASS_ANY_CELL: the nearest cell's centre, not the backend code's)
@@ -1822,8 +1820,8 @@ class ParamGrid:
             test = rev_ii
         else:
             proven = g < limit
-            if bits is not None:
-                proven &= (bits[0] == bits[1]).view(-1) & (x <= _proof.PROOF_MAX_CELLS).view(-1)
+            if own is not None:
+                proven &= own.view(-1)
             if rev_ii is not None:
                 proven.index_fill_(0, rev_ii, False)
             point = zero & proven
@@ -2108,7 +2106,7 @@ class ParamGrid:
                             code: Tensor | None) -> Tensor | None:
         """:meth:`_inside` (no bounds) on a float format's table at scale 1 (the bf16 / fp16 casts),
         or ``None`` on any other grid: the weights whose ``|theta| -/+`` the margin cast to the
-        format alike (:func:`~mis_lightning.functional.point_proof.format_cell_bits`: one cell)
+        format alike (:func:`~mis_lightning.functional.point_proof.format_cell_proven`: one cell)
         proven inside, the others tested by :meth:`_inside`; one comparison of the two casts'
         bytes where every weight is proven (:data:`POINT_MASS_PROOF`). The same mask."""
         if self.kind != "table" or self.values is None or not self._unit_scale():
@@ -2117,11 +2115,9 @@ class ParamGrid:
         if fmt is None:
             return None
         th = theta.to(torch.float64)
-        x = th.abs()
-        bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
-        if bool(x.amax() <= _proof.PROOF_MAX_CELLS) and torch.equal(*bits):  # (NaN: not proven)
+        inside = _proof.format_cell_proven(th.abs(), fmt, _POINT_MASS_MARGIN)
+        if inside is None:
             return torch.ones(th.shape[0], dtype=torch.bool, device=th.device)
-        inside = (bits[0] == bits[1]) & (x <= _proof.PROOF_MAX_CELLS)
         ii = torch.nonzero(~inside).squeeze(-1)
         if ii.numel():
             inside[ii] = self._inside(th[ii], scale[ii], zero_point[ii], None if code is None else code[ii], None)
