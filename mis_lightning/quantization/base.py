@@ -278,7 +278,7 @@ WIDE_CUBE_BLOCKS = True
 # only full calls keep it (pf40, A/B)
 CUBE_KEPT_KAPPA_ONLY = True
 _FACT_SLOTS = 4
-_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": [], "blocks": []}
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "blocks": []}
 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
@@ -325,7 +325,7 @@ def release_chunk_facts() -> None:
         slots.clear()
     _EXPANSIONS.clear()
     _SD_ZERO.clear()
-    _REVEALED_SHARED.clear()
+    _REVEALED.clear()
 
 
 # QuantizationScheme.apply's copy holds the weights the backend only reads and then replaces
@@ -478,8 +478,12 @@ class _SdZero:
 
 
 _SD_ZERO: list[tuple[tuple, _SdZero]] = []
-# ParamGrid._revealed_shared's last two chunks' revealed (mask, indices)
-_REVEALED_SHARED: list[tuple[tuple, tuple[Tensor, Tensor]]] = []
+# ParamGrid._revealed_at's (mask, indices) of the last _FACT_SLOTS (revealed tensor, range) pairs,
+# kept, not taken out as _FACTS' entries are: every grid of a chunk whose revealed is the same
+# tensor (the schemes' shared scale facts: int8, int4 and float8 per row) reads them, in the main
+# and the pool call and in the point-mass proof (the mask a view of ParamGrid.revealed, the indices
+# a few per block: nothing chunk-sized held)
+_REVEALED: list[tuple[tuple, tuple[Tensor, Tensor]]] = []
 
 
 def _sd_zero(sigma: Tensor) -> _SdZero:
@@ -1013,20 +1017,24 @@ class ParamGrid:
 
     def _revealed_at(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """``(mask [c] bool, indices [r] int64)`` of the revealed elements of ``start:end``
-        (:attr:`revealed`), or ``(None, None)`` without them. Kept for the next call on the same
-        range (:data:`REUSE_CHUNK_FACTS`: the pool call's after the main one): the indices write
-        the revealed elements' moments in place (a few per block, not a pass over the chunk's
-        mask per field; cm36). Read, never written, by the callers."""
+        (:attr:`revealed`), or ``(None, None)`` without them. Kept for the later calls on the same
+        range of every grid whose :attr:`revealed` is the same tensor (:data:`REUSE_CHUNK_FACTS`,
+        :data:`_REVEALED`: the pool call's after the main one, the other schemes' with the same
+        scale facts, the point-mass proof's): the indices write the revealed elements' moments in
+        place (a few per block, not a pass over the chunk's mask per field; cm36). Read, never
+        written, by the callers."""
         if self.revealed is None:
             return None, None
-        src, extra = (self.revealed,), (start, end, str(device))
-        hit = _fact_get("revealed", src, extra) if REUSE_CHUNK_FACTS else None
-        if hit is not None:
-            return hit
+        extra = (start, end, str(device))
+        if REUSE_CHUNK_FACTS:
+            for key, hit in _REVEALED:
+                if _key_matches(key, (self.revealed,), extra):
+                    return hit
         rev = self.revealed.reshape(-1)[start:end].to(device)
         out = (rev, torch.nonzero(rev).squeeze(-1))
         if REUSE_CHUNK_FACTS:
-            _fact_put("revealed", src, extra, out)
+            _REVEALED.insert(0, (_fact_key((self.revealed,), extra), out))
+            del _REVEALED[_FACT_SLOTS:]
         return out
 
     def _chunk_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
@@ -1718,22 +1726,6 @@ class ParamGrid:
         self.__dict__["_point_proof_fact"] = (key, out)
         return out
 
-    def _revealed_shared(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """:meth:`_revealed_at`, kept for every grid of the chunk whose :attr:`revealed` is the same
-        tensor (the schemes' shared scale facts: int8, int4 and float8 per row), not for one later
-        call: the last two (chunk mask, indices) pairs (:func:`release_chunk_facts` frees them)."""
-        if self.revealed is None:
-            return None, None
-        extra = (start, end, str(device))
-        for key, hit in _REVEALED_SHARED:
-            if _key_matches(key, (self.revealed,), extra):
-                return hit
-        rev = self.revealed.reshape(-1)[start:end].to(device)
-        out = (rev, torch.nonzero(rev).squeeze(-1))
-        _REVEALED_SHARED.insert(0, (_fact_key((self.revealed,), extra), out))
-        del _REVEALED_SHARED[2:]
-        return out
-
     def _proven_points(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> tuple[Tensor | None] | None:
         """:meth:`point_masses_at`'s answer, in a 1-tuple, where :meth:`_proven_point_mask`
         applies, else ``None`` (the caller's own test then) (:data:`POINT_MASS_PROOF`)."""
@@ -1751,7 +1743,7 @@ class ParamGrid:
         if n_point < POINT_MASS_MIN_FRACTION * c:
             return (None,)
         if n_point < zf.count and not whole:  # (whole: only revealed elements can be left)
-            rev, _ = self._revealed_shared(start, end, theta.device)
+            rev, _ = self._revealed_at(start, end, theta.device)
             left = zf.mask & ~point
             if rev is None or any_set(left & ~rev):
                 return (None,)
@@ -1792,7 +1784,7 @@ class ParamGrid:
 
         th3 = theta.view(r1 - r0, nb, k)
         limit = 0.5 - _POINT_MASS_MARGIN - _proof.PROOF_SLACK
-        _, rev_ii = self._revealed_shared(start, end, theta.device)
+        _, rev_ii = self._revealed_at(start, end, theta.device)
         if rev_ii is not None and not rev_ii.numel():
             rev_ii = None
         own = None  # (float formats: the own cells the bits did not prove; None: all proven)
