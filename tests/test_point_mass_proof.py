@@ -140,6 +140,33 @@ def test_point_masses_at_is_the_same_with_the_proof(scheme, monkeypatch):
         assert got[True] is None or torch.equal(got[True], got[False])
 
 
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "float8_weight_only", "rtn_int4"])
+@pytest.mark.parametrize("proof", [True, False])
+def test_point_masses_at_answers_only_when_the_rest_is_revealed(scheme, proof, monkeypatch):
+    """Every weight sd 0: the weights themselves are point masses but the revealed ones (each
+    block's absmax on its bound), so the answer is that mask; one unrevealed weight put on its own
+    cell's edge (not a point mass, not revealed) leaves it to the paths: ``None``. Proof on and
+    off (``ParamGrid._rest_revealed``, read by both: a version that ignores the revealed mask
+    answered the second case)."""
+    if scheme != "rtn_int4":
+        pytest.importorskip("torchao")
+    monkeypatch.setattr(B, "POINT_MASS_PROOF", proof)
+    g, th = _grid(scheme)
+    c = th.numel()
+    sd = torch.zeros(c, dtype=F64)
+    rev = g.revealed.reshape(-1)
+    B.release_chunk_facts()
+    point = g.point_masses_at(th, sd, 0, c)
+    assert point is not None and torch.equal(point, ~rev)
+    scale, zp, code, _, bounds = g._chunk_grid(0, c)
+    lo, _ = g._own_edges(th, scale.to(F64), zp, code)
+    j = int(torch.nonzero(~rev & torch.isfinite(lo) & (lo > bounds[0]))[0])
+    t = th.clone()
+    t[j] = lo[j]
+    B.release_chunk_facts()
+    assert g.point_masses_at(t, sd, 0, c) is None
+
+
 @pytest.mark.parametrize("scheme", ["bf16", "fp16"])
 def test_unit_format_inside_equals_the_test(scheme, monkeypatch):
     g, th = _grid(scheme, scale=3.0)

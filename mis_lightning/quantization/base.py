@@ -1672,12 +1672,16 @@ class ParamGrid:
             return None
         point, n_point, _ = found
         zf = _sd_zero(sigma)
-        if n_point < zf.count:
-            left = zf.mask & ~point
-            rev, _ = self._revealed_at(start, end, theta.device)
-            if rev is None or any_set(left & ~rev):
-                return None
+        if n_point < zf.count and not self._rest_revealed(zf.mask, point, start, end, theta.device):
+            return None
         return point
+
+    def _rest_revealed(self, zero: Tensor, point: Tensor, start: int, end: int, device: torch.device) -> bool:
+        """Whether every sd-0 element of ``start:end`` (``zero``, ``[c]`` bool) that is not a point
+        mass (``point``, ``[c]`` bool) is revealed (:meth:`_revealed_at`): :meth:`point_masses_at`'s
+        condition for an answer."""
+        rev, _ = self._revealed_at(start, end, device)
+        return rev is not None and not any_set(zero & ~point & ~rev)
 
     def _point_proof_layout(self) -> tuple | None:
         """The per-block facts :meth:`_proven_points` reads, or ``None`` where it does not apply:
@@ -1742,11 +1746,9 @@ class ParamGrid:
             n_point = int(torch.count_nonzero(point))
         if n_point < POINT_MASS_MIN_FRACTION * c:
             return (None,)
-        if n_point < zf.count and not whole:  # (whole: only revealed elements can be left)
-            rev, _ = self._revealed_at(start, end, theta.device)
-            left = zf.mask & ~point
-            if rev is None or any_set(left & ~rev):
-                return (None,)
+        # (whole: only revealed elements can be left)
+        if n_point < zf.count and not whole and not self._rest_revealed(zf.mask, point, start, end, theta.device):
+            return (None,)
         return (point,)
 
     def _proof_applies(self, theta: Tensor, start: int, end: int) -> bool:
