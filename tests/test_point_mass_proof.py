@@ -32,12 +32,26 @@ def _grid(scheme: str, scale: float = 1.0):
     return g, lin.weight.detach().reshape(-1).to(F64)
 
 
+def _edges(g, th: torch.Tensor):
+    """``(scale, lo, hi, bounds)`` of the weights ``th`` (the whole tensor): the float64 scale, their
+    code's cell's edges, the release's bounds (``None``: none)."""
+    scale, zp, code, _, bounds = g._chunk_grid(0, th.numel())
+    s = scale.to(F64)
+    return (s, *g._own_edges(th, s, zp, code), bounds)
+
+
+def _counted_inside(g, monkeypatch):
+    """``(the grid's own _inside, a list of the element counts it is then called with)``."""
+    tested: list[int] = []
+    inside = g._inside
+    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    return inside, tested
+
+
 def _variants(g, th: torch.Tensor) -> list[torch.Tensor]:
     """Weights at the positions listed in the module docstring, each replacing every other weight."""
     c = th.numel()
-    scale, zp, code, _, bounds = g._chunk_grid(0, c)
-    s = scale.to(F64)
-    lo, hi = g._own_edges(th, s, zp, code)
+    s, lo, hi, bounds = _edges(g, th)
     m, sl = B._POINT_MASS_MARGIN, P.PROOF_SLACK
     out = []
     for e, sign in ((lo, 1.0), (hi, -1.0)):
@@ -82,9 +96,7 @@ def test_proven_mask_equals_the_test(scheme, any_cell, monkeypatch):
     assert g._point_proof_layout() is not None  # (the proof applies to each of these releases)
     zero = _zero(c)
     scale, zp, code, _, bounds = g._chunk_grid(0, c)
-    tested: list[int] = []
-    inside = g._inside
-    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    inside, tested = _counted_inside(g, monkeypatch)
     for i, t in enumerate(_variants(g, th)):
         want = zero & inside(t, scale, zp, None if any_cell else code, bounds)
         tested.clear()
@@ -158,8 +170,7 @@ def test_point_masses_at_answers_only_when_the_rest_is_revealed(scheme, proof, m
     B.release_chunk_facts()
     point = g.point_masses_at(th, sd, 0, c)
     assert point is not None and torch.equal(point, ~rev)
-    scale, zp, code, _, bounds = g._chunk_grid(0, c)
-    lo, _ = g._own_edges(th, scale.to(F64), zp, code)
+    _, lo, _, bounds = _edges(g, th)
     j = int(torch.nonzero(~rev & torch.isfinite(lo) & (lo > bounds[0]))[0])
     t = th.clone()
     t[j] = lo[j]
@@ -185,8 +196,7 @@ def test_unit_format_inside_equals_the_test(scheme, monkeypatch):
         assert torch.equal(got, want), t[got != want][:4]
     # the weights themselves: nearly all proven (not a float32 weight within float32's rounding of
     # a midpoint: ~2^-12 of them for fp16)
-    tested: list[int] = []
-    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    _, tested = _counted_inside(g, monkeypatch)
     g._unit_format_inside(th, scale, zp, code)
     assert sum(tested) <= 0.01 * c
 
@@ -222,9 +232,7 @@ def test_a_weight_outside_its_codes_cell_is_a_point_mass_on_every_path(scheme, m
     monkeypatch.setattr(B, "POINT_MASS_ANY_CELL", True)
     g, th = _grid(scheme)
     c = th.numel()
-    scale, zp, code, _, bounds = g._chunk_grid(0, c)
-    s = scale.to(F64)
-    lo, hi = g._own_edges(th, s, zp, code)
+    s, lo, hi, bounds = _edges(g, th)
     m = B._POINT_MASS_MARGIN
     sd = torch.where(torch.arange(c) // 64 == 3, 0.3 * s, torch.zeros_like(s))  # one live row
     zero = sd == 0
