@@ -93,15 +93,8 @@ def _imports(rounds: int) -> None:
 
 
 def _setup(path: str, adam: bool) -> tuple[Any, ...]:
-    import torch
-
     if adam:
-        import lightning_fabric.utilities.seed  # noqa: F401 - as scale.py's child has it
-
-        m = torch.nn.Linear(3, 3)
-        o = torch.optim.Adam(m.parameters())
-        m(torch.randn(2, 3)).sum().backward()
-        o.step()
+        _adam_step()
     from benchmarks.first_call import load_saved
     from benchmarks.scale import COMMON_SCHEMES
 
