@@ -41,21 +41,31 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.getcwd())  # the checkout under test first (PYTHONPATH=$PWD does the same)
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
-def switch_off(flags: list[str] | None) -> None:
-    """Set each ``MODULE.FLAG`` (a module of mis_lightning, a boolean switch) to False (``--off``;
-    A/B runs of one change in one checkout). Raises SystemExit on a flag that is not a boolean."""
+def switches(flags: list[str] | None, option: str) -> list[tuple[Any, str]]:
+    """``(module, name)`` of each ``MODULE.FLAG`` (a module of mis_lightning, a boolean switch), in
+    order. Raises SystemExit naming the command-line ``option`` on a flag that is not a boolean."""
     import importlib
 
+    out = []
     for flag in flags or []:
         mod, _, attr = flag.rpartition(".")
         m = importlib.import_module("mis_lightning." + mod)
         if not isinstance(getattr(m, attr), bool):
-            raise SystemExit(f"--off {flag}: not a boolean switch")
+            raise SystemExit(f"{option} {flag}: not a boolean switch")
+        out.append((m, attr))
+    return out
+
+
+def switch_off(flags: list[str] | None) -> None:
+    """Set each ``MODULE.FLAG`` (a module of mis_lightning, a boolean switch) to False (``--off``;
+    A/B runs of one change in one checkout). Raises SystemExit on a flag that is not a boolean."""
+    for m, attr in switches(flags, "--off"):
         setattr(m, attr, False)
 
 
@@ -155,18 +165,10 @@ def _switches_ab(path: str, flags: list[str], rounds: int, schemes: list[str] | 
     """One estimation, one warm-up scoring call, then ``rounds`` pairs of scoring calls with the
     switches ``flags`` (``MODULE.FLAG`` of ``mis_lightning``) on and off, alternating which goes
     first; CPU seconds of each call and whether every report equals the first one (JSON)."""
-    import importlib
-
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.assess import run_estimation, score_schemes
 
-    mods = []
-    for flag in flags:
-        owner, _, attr = flag.rpartition(".")
-        m = importlib.import_module("mis_lightning." + owner)
-        if not isinstance(getattr(m, attr), bool):
-            raise SystemExit(f"--flag {flag}: not a boolean switch")
-        mods.append((m, attr))
+    mods = switches(flags, "--flag")
     saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path, dtype)
     est = run_estimation(model, loader, loss_fn, est_cfg)
 

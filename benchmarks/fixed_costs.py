@@ -103,15 +103,8 @@ def _imports(rounds: int) -> None:
 
 
 def _setup(path: str, adam: bool) -> tuple[Any, ...]:
-    import torch
-
     if adam:
-        import lightning_fabric.utilities.seed  # noqa: F401 - as scale.py's child has it
-
-        m = torch.nn.Linear(3, 3)
-        o = torch.optim.Adam(m.parameters())
-        m(torch.randn(2, 3)).sum().backward()
-        o.step()
+        _adam_step()
     from benchmarks.first_call import load_saved
     from benchmarks.scale import COMMON_SCHEMES
 
@@ -121,22 +114,32 @@ def _setup(path: str, adam: bool) -> tuple[Any, ...]:
     return A, est, model, COMMON_SCHEMES, sc_cfg
 
 
-def _outermost(f0: Any, label: str, acc: collections.Counter, cnt: collections.Counter, depth: list[int]) -> Any:
-    """``f0`` timed into ``acc[label]`` (CPU s) and counted in ``cnt[label]`` where no other wrapped
-    call is running (``once``: cast_cell_values holds representable_values; ``first``: a
-    draw's cell moments count as the draw's)."""
+def _timed(owner: Any, attr: str, label: str, acc: collections.Counter, faults: collections.Counter | None = None,
+           depth: list[int] | None = None, counts: collections.Counter | None = None) -> None:
+    """Replace ``owner.attr`` by a wrapper that adds each call's CPU seconds to ``acc[label]`` (its
+    minor page faults to ``faults[label]``, its calls to ``counts[label]``); inclusive (a call's time holds the wrapped calls it
+    makes), or with ``depth`` (one ``[0]`` shared by a set of wrappers) the outermost calls of the
+    set alone (a call made within another counts as the caller's)."""
+    f0 = getattr(owner, attr)
+
     def w(*a: Any, **k: Any) -> Any:
-        if depth[0]:
-            return f0(*a, **k)
-        depth[0] += 1
+        if depth is not None:
+            if depth[0]:
+                return f0(*a, **k)
+            depth[0] += 1
         c = time.process_time()
+        f = 0 if faults is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         try:
             return f0(*a, **k)
         finally:
-            depth[0] -= 1
+            if depth is not None:
+                depth[0] -= 1
             acc[label] += time.process_time() - c
-            cnt[label] += 1
-    return w
+            if counts is not None:
+                counts[label] += 1
+            if faults is not None:
+                faults[label] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+    setattr(owner, attr, w)
 
 
 def _first(path: str) -> None:
@@ -146,30 +149,16 @@ def _first(path: str) -> None:
     _import_torchao_quantization()
     acc: collections.Counter = collections.Counter()
     flt: collections.Counter = collections.Counter()
-
-    def wrap(n: str) -> None:
-        f0 = getattr(A, n)
-
-        def w(*a: Any, **k: Any) -> Any:
-            c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            try:
-                return f0(*a, **k)
-            finally:
-                acc[n] += time.process_time() - c
-                flt[n] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
-        setattr(A, n, w)
-
     for n in ("resolve_schemes", "_prepare_scheme", "_joint_sums", "_finish_scheme"):
-        wrap(n)
+        _timed(A, n, n, acc, faults=flt)
     # within the joint pass, each step's outermost calls (a draw's cell moments count as the draw's)
     qb = importlib.import_module("mis_lightning.quantization.base")
     inner: collections.Counter = collections.Counter()
     depth = [0]
-
     for owner, attr, label in ((qb.ParamGrid, "moments", "cell moments"), (A, "_sampled_draw_parts", "sampled draws"),
                                (A, "_draw_parts", "draws"), (A, "_distinct_list_sums", "power sums"),
                                (A, "_joint_draw_sums", "draws' power sums")):
-        setattr(owner, attr, _outermost(getattr(owner, attr), label, inner, collections.Counter(), depth))
+        _timed(owner, attr, label, inner, depth=depth)
     for i in range(3):
         acc.clear()
         flt.clear()
@@ -209,8 +198,7 @@ def _once(path: str, calls: int) -> None:
         *path_, attr = dotted.split(".")
         for p in path_:
             owner = getattr(owner, p)
-        setattr(owner, attr, _outermost(getattr(owner, attr), f"{modname.rsplit('.', 1)[-1]}.{dotted}", acc, cnt,
-                                        depth))
+        _timed(owner, attr, f"{modname.rsplit('.', 1)[-1]}.{dotted}", acc, depth=depth, counts=cnt)
     before = set(sys.modules)
     for i in range(calls):
         acc.clear()
@@ -310,24 +298,12 @@ def _est(path: str) -> None:
     E = importlib.import_module("mis_lightning.estimation.estimate")
     L = importlib.import_module("mis_lightning.estimation.linear_factors")
     acc: collections.Counter = collections.Counter()
-
-    def wrap(owner: Any, attr: str, label: str) -> None:
-        f0 = getattr(owner, attr)
-
-        def w(*a: Any, **k: Any) -> Any:
-            c = time.process_time()
-            try:
-                return f0(*a, **k)
-            finally:
-                acc[label] += time.process_time() - c
-        setattr(owner, attr, w)
-
     MA, FP = E.MomentAccumulator, L.FactoredProgram
     for owner, attr, label in ((MA, "__init__", "set-up"), (MA, "_update", "updates"),
                                (FP, "batch", "forward-backward"), (E, "record_keys", "record keys"),
                                (FP, "batch_sums", "gradient sums"), (FP, "kron_sums", "K-FAC sums"),
                                (MA, "finalize", "finalize"), (MA, "_kfac_factors", "K-FAC inflation")):
-        wrap(owner, attr, label)
+        _timed(owner, attr, label, acc)
     _, model, loader, loss_fn, est_cfg, _ = load_saved(path)
     for i in range(3):
         acc.clear()

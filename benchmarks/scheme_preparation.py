@@ -39,6 +39,23 @@ def _wrap(stats: dict, stack: list, owner: Any, name: str, label: str) -> None:
     setattr(owner, name, _wrapper(stats, stack, label, getattr(owner, name)))
 
 
+def _available(specs: list[str]) -> tuple[list[tuple[str, Any]], list[tuple[str, str]]]:
+    """``([(spec, scheme)], [(spec, why)])``: the schemes this machine can apply, in order, and the
+    others with their exception's name (e.g. the CUDA-only tinygemm layout)."""
+    from mis_lightning.quantization import get_scheme
+
+    ok, skipped = [], []
+    for spec in specs:
+        scheme = get_scheme(spec)
+        try:
+            scheme.check_available()
+        except Exception as exc:  # noqa: BLE001
+            skipped.append((spec, type(exc).__name__))
+            continue
+        ok.append((spec, scheme))
+    return ok, skipped
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="a model saved by first_call.py train")
@@ -52,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.first_call import load_saved
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.quantization import base as qb
-    from mis_lightning.quantization import get_scheme
     from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
 
     _import_torchao_quantization()
@@ -80,14 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.ab:
         return _ab(args, model, names, counting)
     rows = []
+    ok, skipped = _available(args.schemes or COMMON_SCHEMES)
+    for spec, why in skipped:
+        print(f"{spec}: skipped ({why})")
     s0 = _usage()
-    for spec in args.schemes or COMMON_SCHEMES:
-        scheme = get_scheme(spec)
-        try:
-            scheme.check_available()
-        except Exception as exc:  # noqa: BLE001 - e.g. the CUDA-only tinygemm layout
-            print(f"{spec}: skipped ({type(exc).__name__})")
-            continue
+    for spec, scheme in ok:
         a = _usage()
         with counting():
             res = scheme.apply(model, params=names)
@@ -107,26 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ab(args: argparse.Namespace, model: Any, names: list[str], counting: Any) -> int:
     """``--ab``: the whole preparation with the switches on and off, alternating (see the module doc)."""
-    import importlib
-
+    from benchmarks.first_call import switches
     from benchmarks.scale import COMMON_SCHEMES
-    from mis_lightning.quantization import get_scheme
 
-    mods = []
-    for flag in args.ab:
-        owner, _, attr = flag.rpartition(".")
-        m = importlib.import_module("mis_lightning." + owner)
-        if not isinstance(getattr(m, attr), bool):
-            raise SystemExit(f"--ab {flag}: not a boolean switch")
-        mods.append((m, attr))
-    schemes = []
-    for spec in args.schemes or COMMON_SCHEMES:
-        scheme = get_scheme(spec)
-        try:
-            scheme.check_available()
-        except Exception:  # noqa: BLE001 - e.g. the CUDA-only tinygemm layout
-            continue
-        schemes.append(scheme)
+    mods = switches(args.ab, "--ab")
+    schemes = [scheme for _, scheme in _available(args.schemes or COMMON_SCHEMES)[0]]
 
     def round_(on: bool) -> tuple[float, int]:
         for m, attr in mods:

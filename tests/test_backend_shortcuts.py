@@ -157,6 +157,42 @@ def test_model_matches_estimate_equal_first(monkeypatch, on):
     assess_mod._check_model_matches_estimate(est, lin)
 
 
+@pytest.mark.parametrize("model_dtype,theta_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                                     (torch.bfloat16, torch.float16), (torch.float32, torch.float32)])
+def test_model_matches_estimate_equal_first_across_dtypes(monkeypatch, model_dtype, theta_dtype):
+    """dup48: the shortcut decides exactly equal values whatever the two dtypes (models up to 1e7
+    weights keep theta in float64: it never fired there when it compared dtypes); values that
+    differ (by 2^-40, below the full test's 1e-6) and NaN take the full test, as before."""
+    import importlib
+    from types import SimpleNamespace
+
+    assess_mod = importlib.import_module("mis_lightning.assess")
+    monkeypatch.setattr(assess_mod, "MATCH_EQUAL_FIRST", True)
+    monkeypatch.setattr(assess_mod, "_CHECK_BLOCK", 7)  # (several blocks)
+    full: list[int] = []  # (_max_abs: once per full test)
+    real = assess_mod._max_abs
+    monkeypatch.setattr(assess_mod, "_max_abs", lambda t: full.append(t.numel()) or real(t))
+    # values every dtype here holds exactly (small integers over a power of two), -0.0 against 0.0
+    w = (torch.randint(-64, 64, (5, 6), generator=torch.Generator().manual_seed(0)) / 64).to(model_dtype)
+    lin = torch.nn.Linear(6, 5, dtype=model_dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        lin.bias.fill_(-0.0)
+    est = SimpleNamespace(names=["weight", "bias"],
+                          theta={"weight": w.to(theta_dtype).reshape(-1), "bias": torch.zeros(5, dtype=theta_dtype)})
+    assess_mod._check_model_matches_estimate(est, lin)
+    assert full == []  # the shortcut decided both
+    if theta_dtype == torch.float64:
+        est.theta["weight"] = est.theta["weight"] + 2.0 ** -40
+        assess_mod._check_model_matches_estimate(est, lin)
+        assert full == [30]
+        est.theta["weight"] = w.to(theta_dtype).reshape(-1)
+    full.clear()
+    est.theta["bias"] = torch.tensor([float("nan"), 0, 0, 0, 0], dtype=theta_dtype)
+    assess_mod._check_model_matches_estimate(est, lin)
+    assert full == [5]  # (NaN: the full test, which passes it, as with equal dtypes)
+
+
 def test_inference_mode_weights_are_copied_not_shared():
     """Weights made under ``torch.inference_mode`` cannot be aliased by ``set_``: deep-copied."""
     from mis_lightning._modelcopy import SharedWeights

@@ -32,12 +32,26 @@ def _grid(scheme: str, scale: float = 1.0):
     return g, lin.weight.detach().reshape(-1).to(F64)
 
 
+def _edges(g, th: torch.Tensor):
+    """``(scale, lo, hi, bounds)`` of the weights ``th`` (the whole tensor): the float64 scale, their
+    code's cell's edges, the release's bounds (``None``: none)."""
+    scale, zp, code, _, bounds = g._chunk_grid(0, th.numel())
+    s = scale.to(F64)
+    return (s, *g._own_edges(th, s, zp, code), bounds)
+
+
+def _counted_inside(g, monkeypatch):
+    """``(the grid's own _inside, a list of the element counts it is then called with)``."""
+    tested: list[int] = []
+    inside = g._inside
+    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    return inside, tested
+
+
 def _variants(g, th: torch.Tensor) -> list[torch.Tensor]:
     """Weights at the positions listed in the module docstring, each replacing every other weight."""
     c = th.numel()
-    scale, zp, code, _, bounds = g._chunk_grid(0, c)
-    s = scale.to(F64)
-    lo, hi = g._own_edges(th, s, zp, code)
+    s, lo, hi, bounds = _edges(g, th)
     m, sl = B._POINT_MASS_MARGIN, P.PROOF_SLACK
     out = []
     for e, sign in ((lo, 1.0), (hi, -1.0)):
@@ -63,21 +77,26 @@ def _zero(c: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int4_g32",
-                                    "intx_weight_only_int4_g32_asym", "float8_weight_only", "rtn_int4"])
+                                    "intx_weight_only_int4_g32_asym", "float8_weight_only",
+                                    "float8_weight_only+asym_bounds", "rtn_int4"])
 @pytest.mark.parametrize("any_cell", [True, False], ids=["any-cell", "code-cell"])
 def test_proven_mask_equals_the_test(scheme, any_cell, monkeypatch):
-    """With ``POINT_MASS_ANY_CELL`` the per-element test is on the nearest cell (no codes)."""
+    """With ``POINT_MASS_ANY_CELL`` the per-element test is on the nearest cell (no codes).
+    ``+asym_bounds``: float8's lower bounds moved out by a quarter (its absmax bounds are
+    symmetric), so that a table takes ``bounds_gap``'s two-sided terms too."""
     monkeypatch.setattr(B, "POINT_MASS_ANY_CELL", any_cell)
+    scheme, _, asym = scheme.partition("+")
     if scheme != "rtn_int4":
         pytest.importorskip("torchao")
     g, th = _grid(scheme)
+    if asym:
+        g.support = (g.support[0] * 1.25, g.support[1])
+        assert not g._point_proof_layout()[5]  # (not symmetric)
     c = th.numel()
     assert g._point_proof_layout() is not None  # (the proof applies to each of these releases)
     zero = _zero(c)
     scale, zp, code, _, bounds = g._chunk_grid(0, c)
-    tested: list[int] = []
-    inside = g._inside
-    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    inside, tested = _counted_inside(g, monkeypatch)
     for i, t in enumerate(_variants(g, th)):
         want = zero & inside(t, scale, zp, None if any_cell else code, bounds)
         tested.clear()
@@ -95,6 +114,27 @@ def test_proven_mask_equals_the_test(scheme, any_cell, monkeypatch):
     assert g._proven_point_mask(th.float(), zero, 0, c) is None
 
 
+@pytest.mark.parametrize("into", [False, True])
+def test_bounds_gap_is_the_two_bounds_terms(into):
+    """``point_proof.bounds_gap`` against its formula written out, bitwise: two-sided bounds and
+    symmetric ones (``|th|``, computed in the caller's temporary where given), maxed into a tensor
+    or new; NaN and infinite weights propagate."""
+    gen = torch.Generator().manual_seed(3)
+    th = torch.randn(6, 5, 8, generator=gen, dtype=F64) * 3
+    th[0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
+    inv = torch.rand(6, 5, 1, generator=gen, dtype=F64) + 0.5
+    lower, upper = -torch.rand(6, 5, 1, generator=gen, dtype=F64) * 4, torch.rand(6, 5, 1, generator=gen, dtype=F64) * 4
+    base = torch.randn(6, 5, 8, generator=gen, dtype=F64).abs()
+    for lo, sym in ((lower, False), (-upper, True)):
+        want = torch.maximum((th - upper) * inv, (lo - th) * inv)
+        if into:
+            want = torch.maximum(base, want)
+        for abs_th in ((None, th.abs()) if sym else (None,)):
+            got = P.bounds_gap(th, inv, lo, upper, sym, into=base.clone() if into else None, abs_th=abs_th)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num()), (sym, into)
+    assert bool(want.isnan().any())
+
+
 @pytest.mark.parametrize("scheme", ["int8_weight_only", "float8_weight_only", "intx_weight_only_int4_g32_asym"])
 def test_point_masses_at_is_the_same_with_the_proof(scheme, monkeypatch):
     """Whole answers (``None`` where some sd-0 weight is neither a point mass nor revealed)."""
@@ -110,6 +150,32 @@ def test_point_masses_at_is_the_same_with_the_proof(scheme, monkeypatch):
             got[on] = g.point_masses_at(t.contiguous(), sd, 0, c)
         assert (got[True] is None) == (got[False] is None)
         assert got[True] is None or torch.equal(got[True], got[False])
+
+
+@pytest.mark.parametrize("scheme", ["int8_weight_only", "float8_weight_only", "rtn_int4"])
+@pytest.mark.parametrize("proof", [True, False])
+def test_point_masses_at_answers_only_when_the_rest_is_revealed(scheme, proof, monkeypatch):
+    """Every weight sd 0: the weights themselves are point masses but the revealed ones (each
+    block's absmax on its bound), so the answer is that mask; one unrevealed weight put on its own
+    cell's edge (not a point mass, not revealed) leaves it to the paths: ``None``. Proof on and
+    off (``ParamGrid._rest_revealed``, read by both: a version that ignores the revealed mask
+    answered the second case)."""
+    if scheme != "rtn_int4":
+        pytest.importorskip("torchao")
+    monkeypatch.setattr(B, "POINT_MASS_PROOF", proof)
+    g, th = _grid(scheme)
+    c = th.numel()
+    sd = torch.zeros(c, dtype=F64)
+    rev = g.revealed.reshape(-1)
+    B.release_chunk_facts()
+    point = g.point_masses_at(th, sd, 0, c)
+    assert point is not None and torch.equal(point, ~rev)
+    _, lo, _, bounds = _edges(g, th)
+    j = int(torch.nonzero(~rev & torch.isfinite(lo) & (lo > bounds[0]))[0])
+    t = th.clone()
+    t[j] = lo[j]
+    B.release_chunk_facts()
+    assert g.point_masses_at(t, sd, 0, c) is None
 
 
 @pytest.mark.parametrize("scheme", ["bf16", "fp16"])
@@ -130,8 +196,7 @@ def test_unit_format_inside_equals_the_test(scheme, monkeypatch):
         assert torch.equal(got, want), t[got != want][:4]
     # the weights themselves: nearly all proven (not a float32 weight within float32's rounding of
     # a midpoint: ~2^-12 of them for fp16)
-    tested: list[int] = []
-    monkeypatch.setattr(g, "_inside", lambda *a: tested.append(a[0].numel()) or inside(*a))
+    _, tested = _counted_inside(g, monkeypatch)
     g._unit_format_inside(th, scale, zp, code)
     assert sum(tested) <= 0.01 * c
 
@@ -167,9 +232,7 @@ def test_a_weight_outside_its_codes_cell_is_a_point_mass_on_every_path(scheme, m
     monkeypatch.setattr(B, "POINT_MASS_ANY_CELL", True)
     g, th = _grid(scheme)
     c = th.numel()
-    scale, zp, code, _, bounds = g._chunk_grid(0, c)
-    s = scale.to(F64)
-    lo, hi = g._own_edges(th, s, zp, code)
+    s, lo, hi, bounds = _edges(g, th)
     m = B._POINT_MASS_MARGIN
     sd = torch.where(torch.arange(c) // 64 == 3, 0.3 * s, torch.zeros_like(s))  # one live row
     zero = sd == 0

@@ -8,8 +8,9 @@
 * ``_wide_sd``'s rest takes the paths without a second closed-form attempt (it holds for none of it).
 * ``KAPPA_ONLY_STANDINS`` in the wide-sd closed form: a kappa_only call returns ``mean_abs``,
   ``m4`` and ``coverage`` as one NaN expanded to the chunk (read-only: writing raises).
-* The revealed elements' indices, found by the main call, kept for the pool call
-  (``ParamGrid._revealed_at``, ``REUSE_CHUNK_FACTS``) and written by ``index_fill_``.
+* The revealed elements' indices, found by the main call, kept for the pool call, the other
+  grids with the same revealed tensor and the point-mass proof (``ParamGrid._revealed_at``, one
+  cache, ``REUSE_CHUNK_FACTS``) and written by ``index_fill_``.
 
 Tolerance: none (``torch.equal``, NaN equal to NaN): the same operations on the same elements
 either way, so every field read is expected bit for bit.
@@ -180,23 +181,26 @@ def test_wide_kappa_only_returns_standins(scheme, monkeypatch):
 
 def test_revealed_indices_kept_for_the_pool_call(monkeypatch):
     """The revealed elements' indices of a chunk: found by the main call, kept for the pool call
-    (which takes them out of the cache: the old code had no such fact and passed over the chunk's
-    mask once per field), the same moments as recomputed ones, every revealed element at
-    (1, sqrt(2/pi), 3, 1)."""
+    and the point-mass proof (one entry, read by both: the old code had no such fact and passed
+    over the chunk's mask once per field; later, two caches), the same moments as recomputed
+    ones, every revealed element at (1, sqrt(2/pi), 3, 1)."""
     (g,), theta = _grids(["rtn_int4"])
     c = theta.numel()
     theta, sigma = _sigma(g, theta, 256, 128)
     monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", False)
     ref = [g.moments(theta, sigma, 0, c), g.moments(theta, sigma / 2 ** 0.5, 0, c, kappa_only=True)]
+    assert not qb._REVEALED
     monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", True)
     qb.release_chunk_facts()
     main = g.moments(theta, sigma, 0, c)
-    assert len(qb._FACTS["revealed"]) == 1
-    (_, (mask, idx)), = qb._FACTS["revealed"]
+    assert len(qb._REVEALED) == 1
+    (_, (mask, idx)), = qb._REVEALED
     rev = g.revealed.reshape(-1)[:c]
     assert torch.equal(mask, rev) and torch.equal(idx, torch.nonzero(rev).squeeze(-1)) and idx.numel() > 0
     pool = g.moments(theta, sigma / 2 ** 0.5, 0, c, kappa_only=True)
-    assert len(qb._FACTS["revealed"]) == 0
+    assert g._proof_applies(theta, 0, c)
+    g._proven_point_mask(theta, sigma == 0, 0, c)
+    assert len(qb._REVEALED) == 1 and qb._REVEALED[0][1][1] is idx  # (the same entry, kept)
     _equal(main, ref[0])
     _equal(pool, ref[1], ("kappa",))
     for f, v in zip(FIELDS, (1.0, SQRT_2_OVER_PI, 3.0, 1.0)):

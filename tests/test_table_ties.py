@@ -58,7 +58,7 @@ def test_ties_take_the_windowed_paths_numbers(dtype, kappa_only, monkeypatch):
     T._TIE_MOMENTS.clear()
     calls = []
     window = T._table_window_moments
-    monkeypatch.setattr(T, "_table_window_moments", lambda t, *a: calls.append(t.numel()) or window(t, *a))
+    monkeypatch.setattr(T, "_table_window_moments", _counting(calls, window))
     after, closed_after = T._table_sum_moments(th, sg, values, sc, kappa_only)
     assert calls and max(calls) == 1  # one tie's call per geometry alone: the shortcut was taken
     fields = ("kappa", "coverage") if kappa_only else FIELDS  # (kappa-only: the settled ones' others NaN)

@@ -1,5 +1,6 @@
 """A proof, per block of a grid, that weights lie strictly inside their own cell and bounds
-(affine grids: :func:`affine_inside_gap`; float formats' tables: :func:`format_cell_bits`).
+(affine grids: :func:`affine_inside_gap`; float formats' tables: :func:`format_cell_bits` and
+:func:`bounds_gap`).
 
 The sd-0 point-mass test (:meth:`~mis_lightning.quantization.base.ParamGrid._inside`) asks of every
 weight ``th`` whether ``th - lo > m s`` and ``hi - th > m s`` for its own cell's edges
@@ -19,7 +20,8 @@ below ``PROOF_SLACK`` (``2^-30``, 9.3e-10). The exact distances are then above `
 cells, and the test's own float64 arithmetic (exact edges: small integers times a float32 scale;
 one rounding of ``th - lo`` and of ``m s``) cannot turn them into ``<= m s``. NaN and infinite
 weights give a NaN or infinite ``G`` (not proven). A float format's own cell is proven from the
-format's bit patterns instead (:func:`format_cell_bits`), its bounds' terms as here.
+format's bit patterns instead (:func:`format_cell_bits`), its bounds' terms as here
+(:func:`bounds_gap`, which both take).
 """
 
 from __future__ import annotations
@@ -63,13 +65,33 @@ def affine_inside_gap(th: Tensor, inv: Tensor, code: Tensor | None, zero_point: 
         g.sub_(code)
         if zero_point is not None:
             g.add_(zero_point)
-    g.abs_()
+    return bounds_gap(th, inv, lower, upper, symmetric, into=g.abs_())
+
+
+def bounds_gap(th: Tensor, inv: Tensor, lower: Tensor, upper: Tensor, symmetric: bool,
+               into: Tensor | None = None, abs_th: Tensor | None = None) -> Tensor:
+    """The bounds' terms of :func:`affine_inside_gap`, which float formats' tables take too (their
+    own cell from :func:`format_cell_bits`): per weight ``max((th - upper) * inv, (lower - th) *
+    inv)`` (float64, ``th``'s shape; ``symmetric``: ``(|th| - upper) * inv``), above ``1/2 -
+    margin - PROOF_SLACK`` for a weight within ``margin`` cells of its release's bounds or beyond
+    them; NaN propagates (not proven).
+
+    Args:
+        th, inv, lower, upper, symmetric: as :func:`affine_inside_gap`.
+        into: a float64 tensor of ``th``'s shape (the own cell's term) maxed with the bounds' terms
+            in place and returned (no tensor of the result's size allocated), or ``None``: a new
+            tensor.
+        abs_th: ``|th|``, a temporary the call may overwrite (``symmetric`` only; the caller
+            has it): the symmetric term is computed in it.
+    """
     if symmetric:
-        b = th.abs().sub_(upper)
-        return torch.maximum(g, b.mul_(inv), out=g)  # (NaN propagates)
+        b = (th.abs() if abs_th is None else abs_th).sub_(upper).mul_(inv)
+        return b if into is None else torch.maximum(into, b, out=into)
     b = torch.sub(th, upper).mul_(inv)
-    torch.maximum(g, b, out=g)
-    return torch.maximum(g, torch.sub(lower, th, out=b).mul_(inv), out=g)
+    if into is None:
+        return torch.maximum(b, torch.sub(lower, th).mul_(inv), out=b)
+    torch.maximum(into, b, out=into)
+    return torch.maximum(into, torch.sub(lower, th, out=b).mul_(inv), out=into)
 
 
 def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tensor, Tensor]:
@@ -99,7 +121,25 @@ def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tenso
     return lo, torch.mul(x, 1.0 + _F32_ULP).add_(delta).to(dtype).view(ints)
 
 
+def format_cell_proven(x: Tensor, dtype: torch.dtype, margin: float) -> Tensor | None:
+    """The proof of a float format's own cell: ``None`` where every ``x`` is proven more than
+    ``margin`` cells inside its own cell of the format's table (:func:`format_cell_bits` with
+    ``delta = margin + PROOF_SLACK``: both casts' bit patterns equal everywhere, and ``x`` at most
+    :data:`PROOF_MAX_CELLS`), else ``[x.shape]`` bool: the weights so proven (the caller tests
+    the others). NaN is not proven.
+
+    Args:
+        x, dtype: as :func:`format_cell_bits`.
+        margin: cells (the sd-0 test's ``1e-9``).
+    """
+    lo, hi = format_cell_bits(x, dtype, margin + PROOF_SLACK)
+    if bool(x.amax() <= PROOF_MAX_CELLS) and torch.equal(lo, hi):  # (one comparison: the common case)
+        return None
+    return (lo == hi) & (x <= PROOF_MAX_CELLS)
+
+
 _F32_ULP = 2.0**-23
 
 
-__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "format_cell_bits"]
+__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "bounds_gap", "format_cell_bits",
+           "format_cell_proven"]

@@ -278,7 +278,7 @@ WIDE_CUBE_BLOCKS = True
 # only full calls keep it (pf40, A/B)
 CUBE_KEPT_KAPPA_ONLY = True
 _FACT_SLOTS = 4
-_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "revealed": [], "blocks": []}
+_FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "blocks": []}
 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
@@ -325,7 +325,7 @@ def release_chunk_facts() -> None:
         slots.clear()
     _EXPANSIONS.clear()
     _SD_ZERO.clear()
-    _REVEALED_SHARED.clear()
+    _REVEALED.clear()
 
 
 # QuantizationScheme.apply's copy holds the weights the backend only reads and then replaces
@@ -478,8 +478,12 @@ class _SdZero:
 
 
 _SD_ZERO: list[tuple[tuple, _SdZero]] = []
-# ParamGrid._revealed_shared's last two chunks' revealed (mask, indices)
-_REVEALED_SHARED: list[tuple[tuple, tuple[Tensor, Tensor]]] = []
+# ParamGrid._revealed_at's (mask, indices) of the last _FACT_SLOTS (revealed tensor, range) pairs,
+# kept, not taken out as _FACTS' entries are: every grid of a chunk whose revealed is the same
+# tensor (the schemes' shared scale facts: int8, int4 and float8 per row) reads them, in the main
+# and the pool call and in the point-mass proof (the mask a view of ParamGrid.revealed, the indices
+# a few per block: nothing chunk-sized held)
+_REVEALED: list[tuple[tuple, tuple[Tensor, Tensor]]] = []
 
 
 def _sd_zero(sigma: Tensor) -> _SdZero:
@@ -1013,20 +1017,24 @@ class ParamGrid:
 
     def _revealed_at(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
         """``(mask [c] bool, indices [r] int64)`` of the revealed elements of ``start:end``
-        (:attr:`revealed`), or ``(None, None)`` without them. Kept for the next call on the same
-        range (:data:`REUSE_CHUNK_FACTS`: the pool call's after the main one): the indices write
-        the revealed elements' moments in place (a few per block, not a pass over the chunk's
-        mask per field; cm36). Read, never written, by the callers."""
+        (:attr:`revealed`), or ``(None, None)`` without them. Kept for the later calls on the same
+        range of every grid whose :attr:`revealed` is the same tensor (:data:`REUSE_CHUNK_FACTS`,
+        :data:`_REVEALED`: the pool call's after the main one, the other schemes' with the same
+        scale facts, the point-mass proof's): the indices write the revealed elements' moments in
+        place (a few per block, not a pass over the chunk's mask per field; cm36). Read, never
+        written, by the callers."""
         if self.revealed is None:
             return None, None
-        src, extra = (self.revealed,), (start, end, str(device))
-        hit = _fact_get("revealed", src, extra) if REUSE_CHUNK_FACTS else None
-        if hit is not None:
-            return hit
+        extra = (start, end, str(device))
+        if REUSE_CHUNK_FACTS:
+            for key, hit in _REVEALED:
+                if _key_matches(key, (self.revealed,), extra):
+                    return hit
         rev = self.revealed.reshape(-1)[start:end].to(device)
         out = (rev, torch.nonzero(rev).squeeze(-1))
         if REUSE_CHUNK_FACTS:
-            _fact_put("revealed", src, extra, out)
+            _REVEALED.insert(0, (_fact_key((self.revealed,), extra), out))
+            del _REVEALED[_FACT_SLOTS:]
         return out
 
     def _chunk_grid(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None,
@@ -1664,12 +1672,16 @@ class ParamGrid:
             return None
         point, n_point, _ = found
         zf = _sd_zero(sigma)
-        if n_point < zf.count:
-            left = zf.mask & ~point
-            rev, _ = self._revealed_at(start, end, theta.device)
-            if rev is None or any_set(left & ~rev):
-                return None
+        if n_point < zf.count and not self._rest_revealed(zf.mask, point, start, end, theta.device):
+            return None
         return point
+
+    def _rest_revealed(self, zero: Tensor, point: Tensor, start: int, end: int, device: torch.device) -> bool:
+        """Whether every sd-0 element of ``start:end`` (``zero``, ``[c]`` bool) that is not a point
+        mass (``point``, ``[c]`` bool) is revealed (:meth:`_revealed_at`): :meth:`point_masses_at`'s
+        condition for an answer."""
+        rev, _ = self._revealed_at(start, end, device)
+        return rev is not None and not any_set(zero & ~point & ~rev)
 
     def _point_proof_layout(self) -> tuple | None:
         """The per-block facts :meth:`_proven_points` reads, or ``None`` where it does not apply:
@@ -1718,22 +1730,6 @@ class ParamGrid:
         self.__dict__["_point_proof_fact"] = (key, out)
         return out
 
-    def _revealed_shared(self, start: int, end: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """:meth:`_revealed_at`, kept for every grid of the chunk whose :attr:`revealed` is the same
-        tensor (the schemes' shared scale facts: int8, int4 and float8 per row), not for one later
-        call: the last two (chunk mask, indices) pairs (:func:`release_chunk_facts` frees them)."""
-        if self.revealed is None:
-            return None, None
-        extra = (start, end, str(device))
-        for key, hit in _REVEALED_SHARED:
-            if _key_matches(key, (self.revealed,), extra):
-                return hit
-        rev = self.revealed.reshape(-1)[start:end].to(device)
-        out = (rev, torch.nonzero(rev).squeeze(-1))
-        _REVEALED_SHARED.insert(0, (_fact_key((self.revealed,), extra), out))
-        del _REVEALED_SHARED[2:]
-        return out
-
     def _proven_points(self, theta: Tensor, sigma: Tensor, start: int, end: int) -> tuple[Tensor | None] | None:
         """:meth:`point_masses_at`'s answer, in a 1-tuple, where :meth:`_proven_point_mask`
         applies, else ``None`` (the caller's own test then) (:data:`POINT_MASS_PROOF`)."""
@@ -1750,11 +1746,9 @@ class ParamGrid:
             n_point = int(torch.count_nonzero(point))
         if n_point < POINT_MASS_MIN_FRACTION * c:
             return (None,)
-        if n_point < zf.count and not whole:  # (whole: only revealed elements can be left)
-            rev, _ = self._revealed_shared(start, end, theta.device)
-            left = zf.mask & ~point
-            if rev is None or any_set(left & ~rev):
-                return (None,)
+        # (whole: only revealed elements can be left)
+        if n_point < zf.count and not whole and not self._rest_revealed(zf.mask, point, start, end, theta.device):
+            return (None,)
         return (point,)
 
     def _proof_applies(self, theta: Tensor, start: int, end: int) -> bool:
@@ -1774,7 +1768,7 @@ class ParamGrid:
         :meth:`_proof_applies` does not hold.
 
         The proof: :func:`~mis_lightning.functional.point_proof.affine_inside_gap` (affine grids) or
-        :func:`~mis_lightning.functional.point_proof.format_cell_bits` with the bounds' terms (float
+        :func:`~mis_lightning.functional.point_proof.format_cell_proven` with the bounds' terms (float
         formats' tables), on the blocks' own values; the weights it does not prove (a block's absmax
         on its bound; NaN; near an edge) and the revealed ones tested by :meth:`_inside`. ``zero``:
         ``[c]`` bool (the sd-0 weights)."""
@@ -1792,27 +1786,20 @@ class ParamGrid:
 
         th3 = theta.view(r1 - r0, nb, k)
         limit = 0.5 - _POINT_MASS_MARGIN - _proof.PROOF_SLACK
-        _, rev_ii = self._revealed_shared(start, end, theta.device)
+        _, rev_ii = self._revealed_at(start, end, theta.device)
         if rev_ii is not None and not rev_ii.numel():
             rev_ii = None
-        bits = None
+        own = None  # (float formats: the own cells the bits did not prove; None: all proven)
         if fmt is not None:
             # the own cell from the format's bits, the bounds' terms as the affine grids' (one
             # number per weight; above 1/2 when out of bounds)
             ath = th3.abs()
-            x = ath * per_block(inv)
-            bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
-            pb_up = per_block(upper)
-            if symmetric:
-                g = ath.sub_(pb_up).mul_(per_block(inv))
-            else:
-                g = torch.sub(th3, pb_up).mul_(per_block(inv))
-                torch.maximum(g, torch.sub(per_block(lower), th3).mul_(per_block(inv)), out=g)
-            g = g.view(-1)
+            own = _proof.format_cell_proven(ath * per_block(inv), fmt, _POINT_MASS_MARGIN)
+            g = _proof.bounds_gap(th3, per_block(inv), per_block(lower), per_block(upper), symmetric,
+                                  abs_th=ath).view(-1)
             if rev_ii is not None:
                 g.index_fill_(0, rev_ii, 0.0)  # (tested below)
-            # (NaN: not proven)
-            whole = bool(x.amax() <= _proof.PROOF_MAX_CELLS) and bool(g.amax() < limit) and torch.equal(*bits)
+            whole = own is None and bool(g.amax() < limit)  # (NaN: not proven)
         else:
             assert self.codes is not None
             # (POINT_MASS_ANY_CELL: the nearest cell's centre, not the backend code's)
@@ -1827,8 +1814,8 @@ class ParamGrid:
             test = rev_ii
         else:
             proven = g < limit
-            if bits is not None:
-                proven &= (bits[0] == bits[1]).view(-1) & (x <= _proof.PROOF_MAX_CELLS).view(-1)
+            if own is not None:
+                proven &= own.view(-1)
             if rev_ii is not None:
                 proven.index_fill_(0, rev_ii, False)
             point = zero & proven
@@ -2113,7 +2100,7 @@ class ParamGrid:
                             code: Tensor | None) -> Tensor | None:
         """:meth:`_inside` (no bounds) on a float format's table at scale 1 (the bf16 / fp16 casts),
         or ``None`` on any other grid: the weights whose ``|theta| -/+`` the margin cast to the
-        format alike (:func:`~mis_lightning.functional.point_proof.format_cell_bits`: one cell)
+        format alike (:func:`~mis_lightning.functional.point_proof.format_cell_proven`: one cell)
         proven inside, the others tested by :meth:`_inside`; one comparison of the two casts'
         bytes where every weight is proven (:data:`POINT_MASS_PROOF`). The same mask."""
         if self.kind != "table" or self.values is None or not self._unit_scale():
@@ -2122,11 +2109,9 @@ class ParamGrid:
         if fmt is None:
             return None
         th = theta.to(torch.float64)
-        x = th.abs()
-        bits = _proof.format_cell_bits(x, fmt, _POINT_MASS_MARGIN + _proof.PROOF_SLACK)
-        if bool(x.amax() <= _proof.PROOF_MAX_CELLS) and torch.equal(*bits):  # (NaN: not proven)
+        inside = _proof.format_cell_proven(th.abs(), fmt, _POINT_MASS_MARGIN)
+        if inside is None:
             return torch.ones(th.shape[0], dtype=torch.bool, device=th.device)
-        inside = (bits[0] == bits[1]) & (x <= _proof.PROOF_MAX_CELLS)
         ii = torch.nonzero(~inside).squeeze(-1)
         if ii.numel():
             inside[ii] = self._inside(th[ii], scale[ii], zero_point[ii], None if code is None else code[ii], None)
