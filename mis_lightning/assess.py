@@ -1086,7 +1086,7 @@ def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
     tensor's largest weight is a change.
 
     Raises:
-        ValueError: naming the first assessed parameter that differs (or is missing).
+        ValueError: naming the first assessed parameter that differs, is missing, or holds a NaN.
     """
     named = dict(model.named_parameters())
     for k in est.names:
@@ -1096,7 +1096,18 @@ def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
         now, then = named[k].detach().reshape(-1), est.theta[k].reshape(-1)
         if MATCH_EQUAL_FIRST and now.device == then.device and _same_values(now, then):  # difference 0
             continue
-        if now.shape != then.shape or _max_abs_diff(now, then) > 1e-6 * max(_max_abs(then), 1e-30):
+        diff = math.inf if now.shape != then.shape else _max_abs_diff(now, then)
+        scale: float | None = None
+        if math.isnan(diff):  # `nan > tol` is False: a weight turned NaN would pass the test below
+            a, b = now.to("cpu", torch.float64), then.to("cpu", torch.float64)
+            if not torch.equal(a.isnan(), b.isnan()):
+                raise ValueError(
+                    f"the model's parameter {k!r} holds a NaN weight where the estimate read a number "
+                    "(or the reverse): the weights changed since the estimation; estimate again on finite weights")
+            keep = ~a.isnan()  # NaN in the same places (the estimate's own reading): compare the rest
+            diff = float((a[keep] - b[keep]).abs().max()) if bool(keep.any()) else 0.0
+            scale = float(b[keep].abs().max()) if bool(keep.any()) else 0.0
+        if diff > 1e-6 * max(_max_abs(then) if scale is None else scale, 1e-30):
             raise ValueError(
                 f"the model's weights differ from those the estimate was computed from (parameter {k!r}): the "
                 "schemes would quantize the new weights while sigma and the influences are the old ones'. "

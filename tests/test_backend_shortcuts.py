@@ -189,8 +189,12 @@ def test_model_matches_estimate_equal_first_across_dtypes(monkeypatch, model_dty
         est.theta["weight"] = w.to(theta_dtype).reshape(-1)
     full.clear()
     est.theta["bias"] = torch.tensor([float("nan"), 0, 0, 0, 0], dtype=theta_dtype)
-    assess_mod._check_model_matches_estimate(est, lin)
-    assert full == [5]  # (NaN: the full test, which passes it, as with equal dtypes)
+    with pytest.raises(ValueError, match="parameter 'bias' holds a NaN weight"):  # NaN on one side only
+        assess_mod._check_model_matches_estimate(est, lin)
+    with torch.no_grad():
+        lin.bias[0] = float("nan")
+    assess_mod._check_model_matches_estimate(est, lin)  # NaN in the same place on both sides
+    assert full == []  # (NaN: the full test's NaN branch, which compares the rest)
 
 
 def test_inference_mode_weights_are_copied_not_shared():
@@ -256,3 +260,28 @@ def test_check_finite_on_float8_names_the_value():
         with pytest.raises(ValueError, match=r"x contains 1 non-finite value.*index \(1,\)"):
             _checks.check_finite("x", t)
         _checks.check_finite("x", torch.tensor([1.0, 2.0]).to(dt))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_model_weight_turned_nan_after_the_estimation_is_refused(monkeypatch, on):
+    """dup48 found: a weight that turned NaN after the estimation passed the check (its difference
+    NaN, and ``nan > tol`` is False): it now raises naming the parameter; NaN in the same places
+    in both still passes, and a change elsewhere beside such a NaN still raises."""
+    import importlib
+    from types import SimpleNamespace
+
+    assess_mod = importlib.import_module("mis_lightning.assess")
+    monkeypatch.setattr(assess_mod, "MATCH_EQUAL_FIRST", on)
+    lin = torch.nn.Linear(4, 3)
+    est = SimpleNamespace(names=["weight", "bias"],
+                          theta={k: v.detach().clone().double() for k, v in lin.named_parameters()})
+    with torch.no_grad():
+        lin.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="parameter 'weight' holds a NaN weight"):
+        assess_mod._check_model_matches_estimate(est, lin)
+    est.theta["weight"][0, 0] = float("nan")  # the same NaN in both: as before, passes
+    assess_mod._check_model_matches_estimate(est, lin)
+    with torch.no_grad():
+        lin.weight[2, 3] += 1e-2
+    with pytest.raises(ValueError, match="weights differ from those the estimate was computed from"):
+        assess_mod._check_model_matches_estimate(est, lin)
