@@ -1315,9 +1315,9 @@ def _open_fine_into(kappa: Tensor, m4: Tensor | None, sel: Tensor, th: Tensor, s
 # from 16,000 on; in practice bootstrap draws beyond +-65520, in the overflow cells, whose own cell
 # is unbounded: 80k a call of the 1e7 MLP's fp16 draws, p47f) take :func:`_open_overflow_kappa`:
 # the end cells exact and the finite cells' variances summed in closed form
-# (:mod:`~mis_lightning.functional.cell_variance`), kappa within (w / sd)^4 / 144 <= 1.2e-13 of
-# the exact cell sums (from below) instead of the windowed path's runs (within 2.1e-12; ~1.5 us
-# an element). False: the windowed path
+# (:mod:`~mis_lightning.functional.cell_variance`, to O((w / sd)^6)): within 1e-15 of 40-digit sums
+# over every cell, as the windowed path's runs it replaces (~1.5 us an element; p48a). False: the
+# windowed path
 OVERFLOW_CLOSED_FORM = True
 OVERFLOW_MAX_STEP = 2e-3
 
@@ -1328,8 +1328,7 @@ def _open_overflow_kappa(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout
     ``OVERFLOW_MAX_STEP`` sd (the caller's selection; ``[c]`` float64 inputs, parameter units,
     sd finite and positive): ``kappa = int_a^b u^2 phi - V + the two end cells' p mu^2`` with ``a``,
     ``b`` the finite cells' ends in sd units, ``V`` their summed variance
-    (:func:`~mis_lightning.functional.cell_variance.finite_cell_variance`, from above by at most
-    ``(w_max / sd)^4 / 144``: kappa from below by as much, 1.1e-13 at the selection's limit)."""
+    (:func:`~mis_lightning.functional.cell_variance.finite_cell_variance`, to ``O((w_max / sd)^6)``)."""
     prob, i2, f, pdf, p_end, ratio, sq = _open_ends(th, sg, sc, layout)
     v = finite_cell_variance(-th / sg, sc / sg, vt)
     return (i2 - v + sq.sum(0)).clamp_(0.0, 1.0), prob + p_end.sum(0)
@@ -1481,9 +1480,13 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     a float8 chunk of the 1e7 MLP's second layer); the others go through the windowed path
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
-    order either way): bitwise what the windowed path gives on the whole call. ``kappa_only``:
-    the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed), and the windowed
-    path's closed-form elements' ``m4`` (:func:`_run_path`, :func:`_core_side_moments`)."""
+    order either way): what the windowed path gives on the whole call (but for ~1 ulp where a
+    run sum's reduction rounds apart in a call of other elements: 1.1e-16 on fp16 weights at sd
+    1.5e4 beside others, p48a). In a kappa-only call the elements whose sd dwarfs every finite
+    cell take :func:`_open_overflow_kappa` (:data:`OVERFLOW_CLOSED_FORM`) before the windowed
+    path. ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
+    and the windowed path's closed-form elements' ``m4`` (:func:`_run_path`,
+    :func:`_core_side_moments`)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
