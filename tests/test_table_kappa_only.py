@@ -134,3 +134,47 @@ def test_pool_call_reads_a_kappa_only_main_calls_own_cells(monkeypatch):
         assert torch.equal(pool, alone)
         assert len(located) == (n_main if on else 2 * n_main)
         assert T._OWN_CELLS == [] or not on
+
+
+@pytest.mark.parametrize("c", [4096, 1 << 16])
+def test_pool_call_reads_the_main_calls_live_gathers(c, monkeypatch):
+    """``quantization.base.SHARE_LIVE_GATHERS`` (p48a): on a chunk mostly of sd-0 point masses
+    (the 1e7 MLP's second layer) ``ParamGrid.moments`` gives the table path the live elements as
+    gathered tensors; the pool protocol's call (sd / sqrt 2, the same weight tensor) gets the main
+    call's, so the main call's own cells serve it (``_own_facts`` located once): kappa bitwise the
+    switch off's, where each call gathers and locates its own."""
+    import mis_lightning.quantization.base as base
+
+    monkeypatch.setattr(fastpath.GUARD, "sample_size", lambda path, c: 0)  # (no self-check locating cells too)
+    vals = representable_values(torch.float16)
+    cols = 128
+    g = ParamGrid(name="w", shape=(c // cols, cols), kind="table", dequantized=torch.zeros(c // cols, cols),
+                  bits_per_weight=16.0, scale=torch.ones(c // cols, 1, dtype=F64), block_size=(1, cols), values=vals)
+    _, th, sg, _ = _weights(torch.float16, c, 17)
+    gen = torch.Generator().manual_seed(3)
+    sg[torch.rand(c, generator=gen) < 0.9] = 0.0  # point masses but for ~10% live weights
+    located: list[int] = []
+    real = T._own_facts
+    monkeypatch.setattr(T, "_own_facts", lambda *a, **kw: located.append(a[0].shape[0]) or real(*a, **kw))
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(base, "SHARE_LIVE_GATHERS", on)
+        base.release_chunk_facts()
+        T.release_own_cells()
+        located.clear()
+        main = g.moments(th, sg, 0, c, kappa_only=True).kappa
+        n_main = len(located)
+        pool = g.moments(th, sg / math.sqrt(2.0), 0, c, kappa_only=True).kappa
+        out[on] = (main, pool, n_main, len(located))
+    assert out[False][2] >= 1 and out[False][3] == 2 * out[False][2]
+    assert out[True][3] == out[True][2] == out[False][2]  # the pool call located nothing
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert base._LIVE_GATHERS == []  # taken out by the call it served
+    # a weight tensor changed in place between the calls: gathered again, its own values
+    monkeypatch.setattr(base, "SHARE_LIVE_GATHERS", True)
+    g.moments(th, sg, 0, c, kappa_only=True)
+    th.mul_(1.25)
+    moved = g.moments(th, sg / math.sqrt(2.0), 0, c, kappa_only=True).kappa
+    monkeypatch.setattr(base, "SHARE_LIVE_GATHERS", False)
+    base.release_chunk_facts()
+    assert torch.equal(moved, g.moments(th.clone(), sg / math.sqrt(2.0), 0, c, kappa_only=True).kappa)

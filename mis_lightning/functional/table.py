@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import kernel as _kernel
+from .cell_variance import CORE_SPAN, VarianceTable, finite_cell_variance, variance_table
 from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD, verify_sample
 from .formats import format_values
@@ -1239,6 +1240,29 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
 OPEN_CELLS_CLOSED_FORM = True
 
 
+def _open_ends(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, ...]:
+    """What the closed forms beyond a table's finite cells (:func:`_open_fine_moments`,
+    :func:`_open_overflow_kappa`) read of its two unbounded end cells, per element (``[c]``
+    float64 inputs, parameter units): ``(prob, i2, f, pdf, p_end, ratio, sq)`` with ``prob`` the
+    finite cells' probability ``P(a < U < b)``, ``i2 = int_a^b u^2 phi``, and per end cell (rows
+    of ``[2, c]``: below ``a``, above ``b``) ``f`` the distance into its side of its edge, ``pdf``
+    the density there, ``p_end`` its probability, ``ratio`` its ``|mu|`` and ``sq`` its ``p mu^2``."""
+    # both ends as the rows of one [2, c] tensor (half the operations' launches): e = (a, b),
+    # f = (-a, b) the distance into each end cell's side of its edge
+    e = torch.stack([layout.lo_edge * sc - th, layout.hi_edge * sc - th]).div_(sg)
+    f = torch.cat([e[:1].neg(), e[1:]])
+    pdf, q = _pdf(e), _tails(e)
+    a, b, qa, qb = e[0], e[1], q[0], q[1]
+    prob = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min_(0.0)
+    # the end cells (P(U < a), P(U > b)): |mu| = phi / P, kept beyond the edge (_outer_cell_terms)
+    p_end = torch.where(f > 0, q, 1.0 - q)
+    live = p_end > _TINY_PROB
+    ratio = torch.where(live, torch.maximum(pdf / torch.where(live, p_end, 1.0), f), 0.0)
+    sq = pdf * ratio  # p mu^2 of each end cell
+    i2 = prob - (f * pdf).sum(0)  # int_a^b u^2 phi
+    return prob, i2, f, pdf, p_end, ratio, sq
+
+
 def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: TableLayout,
                        kappa_only: bool = False) -> tuple[Tensor, Tensor | None]:
     """``kappa`` and ``m4`` (``[c]`` each, float64) of fine elements (own cell ``sqrt(h2)`` sd
@@ -1259,19 +1283,7 @@ def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: T
     their value wide, so ~``2^-20 E[(theta / sigma + u)^2] / 12`` (~1e-7; measured against the
     sums over every edge: tests/test_table_open_cells.py). Before it such elements took the
     expansion alone (kappa 1 where the cells give 0.637 at sd 1e8: tb37)."""
-    # both ends as the rows of one [2, c] tensor (half the operations' launches): e = (a, b),
-    # f = (-a, b) the distance into each end cell's side of its edge
-    e = torch.stack([layout.lo_edge * sc - th, layout.hi_edge * sc - th]).div_(sg)
-    f = torch.cat([e[:1].neg(), e[1:]])
-    pdf, q = _pdf(e), _tails(e)
-    a, b, qa, qb = e[0], e[1], q[0], q[1]
-    prob = torch.where(a > 0, qa - qb, torch.where(b <= 0, qb - qa, 1.0 - qa - qb)).clamp_min_(0.0)
-    # the end cells (P(U < a), P(U > b)): |mu| = phi / P, kept beyond the edge (_outer_cell_terms)
-    p_end = torch.where(f > 0, q, 1.0 - q)
-    live = p_end > _TINY_PROB
-    ratio = torch.where(live, torch.maximum(pdf / torch.where(live, p_end, 1.0), f), 0.0)
-    sq = pdf * ratio  # p mu^2 of each end cell
-    i2 = prob - (f * pdf).sum(0)  # int_a^b u^2 phi
+    prob, i2, f, pdf, p_end, ratio, sq = _open_ends(th, sg, sc, layout)
     kappa = (i2 - (h2 / 12.0 - h2 * h2 / 144.0) * prob + sq.sum(0)).clamp_(0.0, 1.0)
     if kappa_only:
         return kappa, None
@@ -1288,6 +1300,50 @@ def _open_fine_into(kappa: Tensor, m4: Tensor | None, sel: Tensor, th: Tensor, s
     kappa[ii] = k
     if m4 is not None and f is not None:
         m4[ii] = f
+
+
+# A kappa-only call's elements the settling pass leaves (:func:`_table_sum_moments`) whose sd dwarfs
+# every finite cell of a symmetric float table (the widest at most OVERFLOW_MAX_STEP sd: fp16 sds
+# from 16,000 on; in practice bootstrap draws beyond +-65520, in the overflow cells, whose own cell
+# is unbounded: 80k a call of the 1e7 MLP's fp16 draws, p47f) take :func:`_open_overflow_kappa`:
+# the end cells exact and the finite cells' variances summed in closed form
+# (:mod:`~mis_lightning.functional.cell_variance`, to O((w / sd)^6)): within 1e-15 of 40-digit sums
+# over every cell, as the windowed path's runs it replaces (~1.5 us an element; p48a). False: the
+# windowed path
+OVERFLOW_CLOSED_FORM = True
+OVERFLOW_MAX_STEP = 2e-3
+
+
+def _open_overflow_kappa(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, vt: VarianceTable
+                         ) -> tuple[Tensor, Tensor]:
+    """``(kappa, coverage)`` (``[c]`` float64) of elements whose widest finite cell is at most
+    ``OVERFLOW_MAX_STEP`` sd (the caller's selection; ``[c]`` float64 inputs, parameter units,
+    sd finite and positive): ``kappa = int_a^b u^2 phi - V + the two end cells' p mu^2`` with ``a``,
+    ``b`` the finite cells' ends in sd units, ``V`` their summed variance
+    (:func:`~mis_lightning.functional.cell_variance.finite_cell_variance`, to ``O((w_max / sd)^6)``)."""
+    prob, i2, f, pdf, p_end, ratio, sq = _open_ends(th, sg, sc, layout)
+    v = finite_cell_variance(-th / sg, sc / sg, vt)
+    return (i2 - v + sq.sum(0)).clamp_(0.0, 1.0), prob + p_end.sum(0)
+
+
+def _overflow_split(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Tensor, layout: TableLayout
+                    ) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(done [m] indices into the call, kappa [m], coverage [m])`` of the elements ``rest``
+    (indices) that :func:`_open_overflow_kappa` serves (:data:`OVERFLOW_CLOSED_FORM`), or ``None``
+    where none does (another table than a symmetric float format's, or no sd that wide)."""
+    if layout.wide is None or layout.format_dtype is None:
+        return None
+    vt = variance_table(values, th.device)
+    if not vt.ok:
+        return None
+    t, g, k = th.index_select(0, rest), sg.index_select(0, rest), sc.index_select(0, rest)
+    r = k / g
+    ok = (r * vt.w_max <= OVERFLOW_MAX_STEP) & (r > 0.0) & torch.isfinite(t) & (vt.edges[0] <= CORE_SPAN / r)
+    if not bool(ok.any()):
+        return None
+    jj = torch.nonzero(ok).squeeze(-1)
+    kappa, coverage = _open_overflow_kappa(t[jj], g[jj], k[jj], layout, vt)
+    return rest.index_select(0, jj), kappa, coverage
 
 
 def _settled(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool = False
@@ -1416,9 +1472,13 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     a float8 chunk of the 1e7 MLP's second layer); the others go through the windowed path
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
-    order either way): bitwise what the windowed path gives on the whole call. ``kappa_only``:
-    the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed), and the windowed
-    path's closed-form elements' ``m4`` (:func:`_run_path`, :func:`_core_side_moments`)."""
+    order either way): what the windowed path gives on the whole call (but for ~1 ulp where a
+    run sum's reduction rounds apart in a call of other elements: 1.1e-16 on fp16 weights at sd
+    1.5e4 beside others, p48a). In a kappa-only call the elements whose sd dwarfs every finite
+    cell take :func:`_open_overflow_kappa` (:data:`OVERFLOW_CLOSED_FORM`) before the windowed
+    path. ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
+    and the windowed path's closed-form elements' ``m4`` (:func:`_run_path`,
+    :func:`_core_side_moments`)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
@@ -1444,6 +1504,17 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
         if tie is not None:  # every element left is a tie: no windowed call
             kappa[rest], mean_abs[rest], m4[rest], coverage[rest], closed[rest] = tie
             return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
+    if OVERFLOW_CLOSED_FORM and kappa_only:
+        over = _overflow_split(th, sg, sc, rest, values, layout)
+        if over is not None:  # (mean_abs and m4 NaN, as the settled elements' in a kappa-only call)
+            ii, k_o, cov_o = over
+            kappa[ii], coverage[ii], closed[ii] = k_o, cov_o, True
+            mean_abs[ii], m4[ii] = math.nan, math.nan
+            if ii.numel() == rest.numel():
+                return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
+            left = torch.ones(rest.numel(), dtype=torch.bool, device=rest.device)
+            left[torch.searchsorted(rest, ii)] = False
+            rest = rest[left]
     out, sub = _table_window_moments(th[rest], sg[rest], values, sc[rest], kappa_only)
     kappa[rest], mean_abs[rest], m4[rest], coverage[rest] = out.kappa, out.mean_abs, out.m4, out.coverage
     closed[rest] = sub

@@ -277,6 +277,31 @@ WIDE_CUBE_BLOCKS = True
 # computing it again (bitwise the same: C3 depends on the chunk's grid and bounds alone). False:
 # only full calls keep it (pf40, A/B)
 CUBE_KEPT_KAPPA_ONLY = True
+# ParamGrid._own_moments on a value table gives its live elements (a chunk mostly of point masses:
+# the 1e7 MLP's second layer, ~16k of 2^18 weights) to the table path as gathered weight and scale
+# tensors; the pool protocol's call on the same chunk (the same weight and scale tensors, equal
+# live indices) now gets the main call's gathered tensors themselves (held between the two only),
+# so that the table path's own cells, kept by the main call for the same tensors
+# (functional.table.SHARE_OWN_CELLS), serve it: bitwise the same numbers. False: gathered per call
+SHARE_LIVE_GATHERS = True
+_LIVE_GATHERS: list[tuple[tuple, Tensor, Tensor, Tensor]] = []
+
+
+def _live_gathers(theta: Tensor, scale: Tensor, ii: Tensor) -> tuple[Tensor, Tensor]:
+    """``(theta[ii], scale[ii])``, the tensors an earlier call returned where it was given the
+    same ``theta`` and ``scale`` (unchanged since: their version counters) and equal indices
+    (:data:`SHARE_LIVE_GATHERS`; the entry is taken out by the call it serves, and replaced by
+    each call that gathers). The tensors returned are read, never written, by the callers."""
+    if _LIVE_GATHERS:
+        key, idx, th_l, sc_l = _LIVE_GATHERS.pop()
+        if _key_matches(key, (theta, scale), ()) and (idx is ii or torch.equal(idx, ii)):
+            return th_l, sc_l
+    th_l, sc_l = theta.index_select(0, ii), scale.index_select(0, ii)
+    if not (theta.is_inference() or scale.is_inference()):  # (no version counter to key on)
+        _LIVE_GATHERS.append((_fact_key((theta, scale)), ii, th_l, sc_l))
+    return th_l, sc_l
+
+
 _FACT_SLOTS = 4
 _FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "blocks": []}
 
@@ -324,6 +349,7 @@ def release_chunk_facts() -> None:
     for slots in _FACTS.values():
         slots.clear()
     _EXPANSIONS.clear()
+    _LIVE_GATHERS.clear()
     _SD_ZERO.clear()
     _REVEALED.clear()
 
@@ -1326,7 +1352,9 @@ class ParamGrid:
                             live = None
                     ii = torch.nonzero(take).squeeze(-1) if live is None else live
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
-                    sub = self._path_moments(sel(theta), sel(sigma), sel(scale), sel(zero_point),
+                    th_l, sc_l = _live_gathers(theta, scale, ii) if SHARE_LIVE_GATHERS and self.kind == "table" \
+                        else (sel(theta), sel(scale))
+                    sub = self._path_moments(th_l, sigma.index_select(0, ii), sc_l, sel(zero_point),
                                              None if code is None else sel(code),
                                              None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
                                              compile_policy, kappa_only, size)
