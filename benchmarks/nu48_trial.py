@@ -23,11 +23,14 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
@@ -62,6 +65,24 @@ class Twice(nn.Module):
         h = torch.tanh(self.sq(h))
         h = torch.tanh(self.sq(h))
         return self.head(h)
+
+
+class Siamese(nn.Module):
+    """One encoder applied to both inputs of a record (``forward((a, b))``), a head on the pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(5, 3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        a, b = pair
+        return self.head(torch.cat([torch.tanh(self.enc(a)), torch.tanh(self.enc(b))], -1))
+
+
+def weighted_ce(o: torch.Tensor, t: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Per-record sample weights carried with the labels: targets ``(label, weight)``."""
+    return t[1] * F.cross_entropy(o, t[0], reduction="none")
 
 
 class TiedAutoencoderHead(nn.Module):
@@ -114,6 +135,30 @@ def embed() -> nn.Module:
     return E()
 
 
+def mha() -> nn.Module:
+    class A(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.reshape(x.shape[0], -1, 4)[:, :, :4]
+            return self.head(self.att(h, h, h, need_weights=False)[0].mean(1))
+    return A()
+
+
+def sparse_embed() -> nn.Module:
+    m = embed()
+    m.emb.sparse = True  # sparse gradients (trained with SparseAdam / SGD in a recommender)
+    return m
+
+
+def to_float16(m: nn.Module) -> nn.Module:
+    """Trained in float32, released in float16 (``model.half()``)."""
+    return m.to(torch.float16)
+
+
 def bilinear() -> nn.Module:
     class B(nn.Module):
         def __init__(self) -> None:
@@ -126,11 +171,22 @@ def bilinear() -> nn.Module:
     return B()
 
 
-def data(kind: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def data(kind: str, n: int, seed: int) -> tuple[Any, Any]:
+    """``(inputs, targets)``; either may be a tuple of tensors (``"pair"``: two inputs per record;
+    ``"weighted"``: targets ``(label, sample weight)``)."""
     g = torch.Generator().manual_seed(seed)
+    if kind == "pair":
+        a, b = torch.randn(n, 5, generator=g), torch.randn(n, 5, generator=g)
+        return (a, b), ((a - b)[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).long()
+    if kind == "weighted":
+        x, y = data("flat", n, seed)
+        return x, (y, 0.5 + torch.rand(n, generator=g))
     if kind == "tokens":
         x = torch.randint(0, 6, (n, 4), generator=g)
         return x, ((x == 2).sum(1) + torch.randint(0, 2, (n,), generator=g) > 1).long()
+    if kind == "mha":  # 3 tokens of 4 features
+        x = torch.randn(n, 12, generator=g)
+        return x, (x[:, 0] - x[:, 5] + 0.7 * torch.randn(n, generator=g) > 0).long()
     x = torch.randn(n, 5, generator=g)
     return x, (x[:, 0] - x[:, 1] + 0.7 * torch.randn(n, generator=g) > 0).long()
 
@@ -148,10 +204,37 @@ CASES: dict[str, tuple[Callable[[], nn.Module], str, Callable, torch.dtype, Call
     "smooth": (mlp, "flat", ce_smooth, torch.float32, None),
     "embedding_pad": (embed, "tokens", ce, torch.float32, None),
     "bilinear": (bilinear, "flat", ce, torch.float32, None),
+    "siamese": (Siamese, "pair", ce, torch.float32, None),
+    "sample_weight": (mlp, "weighted", weighted_ce, torch.float32, None),
+    "mha": (mha, "mha", ce, torch.float32, None),
+    "sparse_embedding": (sparse_embed, "tokens", ce, torch.float32, None),
+    "float16": (mlp, "flat", ce, torch.float32, to_float16),
 }
 
 
-def fit(m: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Callable) -> nn.Module:
+class Regroup:
+    """``batch_fn`` for a TensorDataset of the flattened leaves of ``(inputs, targets)``: the pair back."""
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def __call__(self, batch: list[torch.Tensor]) -> tuple[Any, Any]:
+        return tree_unflatten(list(batch), self.spec)
+
+
+def loader_of(x: Any, y: Any, batch_size: int = 100) -> tuple[DataLoader, Regroup | None]:
+    """A loader of the records and the ``batch_fn`` that regroups them (``None``: plain pairs)."""
+    leaves, spec = tree_flatten((x, y))
+    if len(leaves) == 2:
+        return DataLoader(TensorDataset(x, y), batch_size=batch_size), None
+    return DataLoader(TensorDataset(*leaves), batch_size=batch_size), Regroup(spec)
+
+
+def _floats(tree: Any, dtype: torch.dtype) -> Any:
+    return tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, tree)
+
+
+def fit(m: nn.Module, x: Any, y: Any, loss: Callable) -> nn.Module:
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.LBFGS(params, max_iter=400, line_search_fn="strong_wolfe", tolerance_grad=1e-12,
                             tolerance_change=1e-15)
@@ -166,23 +249,25 @@ def fit(m: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Callable) -> nn.Mo
     return m
 
 
-def reference_sigma(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, loss: Callable
+def reference_sigma(model: nn.Module, names: list[str], x: Any, y: Any, loss: Callable
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Exact and diagonal sandwich sd of each weight, float64, from torch.func (independent of the library)."""
     md = copy.deepcopy(model).double().eval()
     state = {k: v.detach().double() for k, v in md.named_parameters()}
     state.update({k: v.detach() for k, v in md.named_buffers()})
     sel = {k: state[k] for k in names}
-    xd = x.double() if x.is_floating_point() else x
+    xd, y = _floats(x, torch.float64), _floats(y, torch.float64)
 
-    def loss_one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        return loss(functional_call(md, {**state, **p}, (xi.unsqueeze(0),)), yi.unsqueeze(0))[0]
+    def loss_one(p: dict, xi: Any, yi: Any) -> torch.Tensor:
+        one = (lambda t: t.unsqueeze(0))
+        return loss(functional_call(md, {**state, **p}, (tree_map(one, xi),)), tree_map(one, yi))[0]
 
-    n = len(x)
+    n = len(tree_flatten(x)[0][0])
     g = vmap(grad(loss_one), in_dims=(None, 0, 0))(sel, xd, y)
     theta = torch.cat([sel[k].reshape(-1) for k in names])
     gm = torch.cat([g[k].reshape(n, -1) for k in names], 1) + WD * theta
-    hd = hessian(lambda p: vmap(loss_one, in_dims=(None, 0, 0))(p, xd, y).mean())(sel)
+    with sdpa_kernel(SDPBackend.MATH):  # forward-over-reverse through attention
+        hd = hessian(lambda p: vmap(loss_one, in_dims=(None, 0, 0))(p, xd, y).mean())(sel)
     h = torch.cat([torch.cat([hd[a][b].reshape(sel[a].numel(), sel[b].numel()) for b in names], 1) for a in names])
     h = h + WD * torch.eye(len(theta), dtype=torch.float64)
     gc = gm.T @ gm / n
@@ -204,7 +289,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs() / torch.maximum(b.abs(), 1e-6 * b.abs().max()).clamp_min(1e-300)
 
 
-def callback_leakage(model: nn.Module, loader: DataLoader, loss: Callable, schemes: list[str]) -> ml.Report:
+def callback_leakage(model: nn.Module, loader: DataLoader, loss: Callable, schemes: list[str],
+                     batch_fn: Regroup | None) -> ml.Report:
     import pytorch_lightning as pl
 
     from mis_lightning import MISCallback
@@ -217,15 +303,16 @@ def callback_leakage(model: nn.Module, loader: DataLoader, loss: Callable, schem
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
 
-        def training_step(self, batch: tuple, i: int) -> torch.Tensor:
-            x, y = batch
+        def training_step(self, batch: Any, i: int) -> torch.Tensor:
+            x, y = batch if batch_fn is None else batch_fn(batch)
             return loss(self(x), y).mean()
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.0)
 
     cb = MISCallback(schemes, loss_fn=loss, weight_decay={f"net.{k}": WD for k, p in model.named_parameters()
-                                                           if p.requires_grad}, num_records=512)
+                                                           if p.requires_grad}, num_records=512,
+                     batch_fn=batch_fn)
     with tempfile.TemporaryDirectory() as root:
         tr = pl.Trainer(default_root_dir=root, max_epochs=1, callbacks=[cb], accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -237,21 +324,19 @@ def run(name: str) -> None:
     factory, kind, loss, dtype, after = CASES[name]
     torch.manual_seed(0)
     x, y = data(kind, N, 0)
-    if x.is_floating_point():
-        x = x.to(dtype)
+    x = _floats(x, dtype)
     model = fit(factory().to(dtype), x, y, loss)
     if after is not None:
         model = after(model)
-        dtype = next(model.parameters()).dtype
-        x = x.to(dtype) if x.is_floating_point() else x
-    loader = DataLoader(TensorDataset(x, y), batch_size=100)
+        x = _floats(x, next(model.parameters()).dtype)
+    loader, batch_fn = loader_of(x, y)
     names = [k for k, p in model.named_parameters() if p.requires_grad]
     print(f"== {name}: {sum(model.get_parameter(k).numel() for k in names)} weights {names}")
     full, diag = reference_sigma(model, names, x, y, loss)
     for mode in ("exact", "diagonal"):
         try:
             est = run_estimation(model, loader, loss, EstimationConfig(mode=mode, hessian="exact", weight_decay=WD,
-                                                                        leverage_correction=False))
+                                                                        leverage_correction=False), batch_fn=batch_fn)
             ref = full if mode == "exact" else diag
             rel = torch.cat([rel_err(est.sigma[k], ref[k]) for k in ref])
             print(f"   sigma {mode:8s} vs torch.func sandwich: max rel {rel.max():.2e}, "
@@ -264,15 +349,17 @@ def run(name: str) -> None:
         for front in ("assess", "metric", "callback"):
             try:
                 if front == "assess":
-                    reports[front] = ml.assess(model, SCHEMES, loader, loss, weight_decay=WD, strict=False)
+                    reports[front] = ml.assess(model, SCHEMES, loader, loss, weight_decay=WD, strict=False,
+                                               batch_fn=batch_fn)
                 elif front == "metric":
-                    met = ml.MISIndicator(model, loss, SCHEMES, weight_decay=WD, num_training_records=N)
-                    for xb, yb in loader:
-                        met.update(xb, yb)
+                    met = ml.MISIndicator(model, loss, SCHEMES, weight_decay=WD, num_training_records=N,
+                                          batch_fn=batch_fn)
+                    for batch in loader:
+                        met.update(batch)
                     met.compute()
                     reports[front] = met.report
                 else:
-                    reports[front] = callback_leakage(model, loader, loss, SCHEMES)
+                    reports[front] = callback_leakage(model, loader, loss, SCHEMES, batch_fn)
             except Exception as e:  # noqa: BLE001
                 reports[front] = f"{type(e).__name__}: {str(e)[:300]}"
     for s in SCHEMES:
