@@ -5,7 +5,8 @@ Each case builds a small model (one of the set-ups below), fits it to a minimum 
 
 1. compares ``sigma`` of the exact and the diagonal estimators (``leverage_correction=False``, the
    exact Hessian) with an independent sandwich computed here by ``torch.func`` (per-record gradients
-   of the objective, the Hessian of the mean loss, ``Sigma = H^-1 G H^-1`` or its diagonal form
+   of the objective, the Hessian of the mean loss, ``Sigma = H^+ G H^+`` (a symmetry's flat
+   directions projected out) or its diagonal form
    ``sqrt(G_jj / n) / H_jj``, float64, on the same parameters; the diagonal estimator floors a
    weight's curvature against its gradient variance, so a few weights differ there by design);
 2. scores the same weights and records through ``assess``, ``MISIndicator`` (one pass,
@@ -271,7 +272,11 @@ def reference_sigma(model: nn.Module, names: list[str], x: Any, y: Any, loss: Ca
     h = torch.cat([torch.cat([hd[a][b].reshape(sel[a].numel(), sel[b].numel()) for b in names], 1) for a in names])
     h = h + WD * torch.eye(len(theta), dtype=torch.float64)
     gc = gm.T @ gm / n
-    hi = torch.linalg.inv(h)
+    # the sandwich on the identifiable part: the directions of a symmetry (no curvature of the
+    # objective, 1e-6 of the largest, and no record's gradient along them, 1e-8) projected out
+    ev, vec = torch.linalg.eigh(0.5 * (h + h.T))
+    flat = (ev.abs() < 1e-6 * ev.abs().max()) & (torch.einsum("ij,ik,kj->j", vec, gc, vec) < 1e-8 * gc.diagonal().max())
+    hi = (vec[:, ~flat] / ev[~flat]) @ vec[:, ~flat].T
     full = ((hi @ gc @ hi).diagonal() / n).sqrt()
     diag = (gc.diagonal() / h.diagonal() ** 2 / n).sqrt()
     out_full, out_diag, o = {}, {}, 0
