@@ -125,7 +125,7 @@ def cost() -> None:
             g, gall = g - (g @ q) @ q.T, gall - (gall @ q) @ q.T
         gg = gall.T @ gall / gall.shape[0]
         t = time.process_time()
-        flat = est.flat_directions(gg, gg, g, 1e-7)
+        flat = est.flat_directions(gg, gg, g, 0.0, 1e-7)
         t1 = time.process_time() - t
         t = time.process_time()
         est.sandwich_compute(gg, gg, g.mean(0), g, n, 1e-8, {}, flat=flat)

@@ -254,6 +254,9 @@ def reference_sigma(model: nn.Module, names: list[str], x: Any, y: Any, loss: Ca
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Exact and diagonal sandwich sd of each weight, float64, from torch.func (independent of the library)."""
     md = copy.deepcopy(model).double().eval()
+    for mod in md.modules():  # the same math with dense gradients (vmap cannot batch sparse ones)
+        if isinstance(mod, nn.Embedding):
+            mod.sparse = False
     state = {k: v.detach().double() for k, v in md.named_parameters()}
     state.update({k: v.detach() for k, v in md.named_buffers()})
     sel = {k: state[k] for k in names}
@@ -274,9 +277,11 @@ def reference_sigma(model: nn.Module, names: list[str], x: Any, y: Any, loss: Ca
     gc = gm.T @ gm / n
     # the sandwich on the identifiable part: the directions of a symmetry (no curvature of the
     # objective, 1e-6 of the largest, and no record's gradient along them, 1e-8) projected out
+    # (torch.func's forward-over-reverse Hessian through Embedding(padding_idx) is not symmetric:
+    # it is inverted as it comes where nothing is flat)
     ev, vec = torch.linalg.eigh(0.5 * (h + h.T))
     flat = (ev.abs() < 1e-6 * ev.abs().max()) & (torch.einsum("ij,ik,kj->j", vec, gc, vec) < 1e-8 * gc.diagonal().max())
-    hi = (vec[:, ~flat] / ev[~flat]) @ vec[:, ~flat].T
+    hi = (vec[:, ~flat] / ev[~flat]) @ vec[:, ~flat].T if flat.any() else torch.linalg.inv(h)
     full = ((hi @ gc @ hi).diagonal() / n).sqrt()
     diag = (gc.diagonal() / h.diagonal() ** 2 / n).sqrt()
     out_full, out_diag, o = {}, {}, 0

@@ -1884,7 +1884,7 @@ class MomentAccumulator:
             # symmetries: no information, no curvature (method.md section 6); H's precision: the
             # stored weights' rounding or the distance to the stationary point
             precision = max(self._stored_eps(), diagnostics["gradient_norm_ratio"])
-            flat = flat_directions(gg, H, G, precision)
+            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision)
             variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
@@ -2796,19 +2796,23 @@ def _penalised_gradient(g_mean: Tensor, theta: dict[str, Tensor], names: list[st
     return g_mean + torch.as_tensor(decay, dtype=g_mean.dtype) * torch.cat([theta[k] for k in names]).to(g_mean)
 
 
-def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, precision: float = 0.0) -> Tensor:
+def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: float | Tensor = 0.0,
+                    precision: float = 0.0) -> Tensor:
     """``[d, k]`` orthonormal basis of the objective's exact flat directions at theta-hat
     (method.md section 6, "When the approximation holds"): the directions ``u`` along which
     every record's gradient is 0 to float64 rounding (``G u = 0``) and the objective, penalty
-    included, has no curvature (``u' H u = 0`` to H's precision).
+    included, has no curvature (``u' H u = 0`` to H's precision): where the penalty does not act
+    (``decay`` 0 on them) the data loss has none; where it acts, the data loss cancels its
+    curvature (``u' H_data u = -u' diag(decay) u``, the penalty's at least 100x the curvature cut).
     A symmetry of the model makes them: a constant input column beside a bias, duplicated
     columns, the scale of a weight under ``weight_norm``, softmax's shift, a rescaling between
-    ReLU layers, a rotation of a hidden space (an attention head's ``W_q, W_k -> R W_q, R W_k``,
-    two Linear layers with nothing between them). The loss is constant along them: they carry no
-    information and no membership signal. An L2 penalty that the symmetry moves (a rescaling, a
-    shift) breaks it (curvature ``wd``): such directions are kept, as are near-flat ones
-    (near-collinear features, saturated units: gradients small, not rounding); an orthogonal
-    symmetry leaves ``|theta|^2`` unchanged, and the objective stays flat along it (nu48).
+    ReLU layers, and, under weight decay too, a rotation of a hidden space that leaves
+    ``|theta|^2`` unchanged (two Linear layers with nothing between them, an attention head's
+    ``W_q, W_k -> R W_q, R W_k``; nu48: weight decay ruled it out before, and sigma read rounding
+    over rounding along it). The loss is constant along them: they carry no information and no
+    membership signal. An L2 penalty that the symmetry moves (a rescaling, a shift) breaks it
+    (curvature ``wd``): such directions are kept, as are near-flat ones (near-collinear features,
+    saturated units: gradients small, not rounding).
 
     Args:
         gg_mean: ``[d, d]`` mean of ``g g'`` over the n records (data-loss gradients, float64).
@@ -2816,6 +2820,7 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, precisi
         G: ``[R, d]`` the kept records' gradients: the candidates ``E[(g'u)^2] = 0`` (read from
             ``gg_mean`` to rounding of its square, ``100 d eps``) are kept where ``|G u|`` is
             rounding itself (``100 d eps`` of ``|G|``, relative, not squared); ``None``: not checked.
+        decay: the L2 coefficient, a float or ``[d]`` per weight.
         precision: H's relative precision as the curvature at the minimum (0: float64 rounding).
             Off an exact stationary point (the weights' float rounding, the optimizer's residue)
             H holds terms linear in the mean gradient: ``-grad L . phi''`` along a curved
@@ -2855,16 +2860,22 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, precisi
         U = U @ Vh.T[:, sv <= tol * float(torch.linalg.matrix_norm(Gs, 2))]
     if not U.shape[1]:
         return empty  # the common case: one eigh of E[gg'] is the whole cost
+    dec = torch.as_tensor(decay, dtype=H.dtype).expand(d)
     h_top = float(torch.linalg.eigvalsh(H * ss).abs().max())
-    # every record (not only the kept ones) flat; no curvature of the objective, penalty included, to
-    # H's precision: a penalty the symmetry moves (a rescaling) has curvature along it, one it leaves
-    # alone (a rotation of a hidden space, |theta| unchanged) does not (nu48: an attention head's
-    # W_q, W_k -> R W_q, R W_k was kept, its sigma 0/0 noise, 2.6x the projected sandwich's)
-    for M, cut in ((ggs / e_top * h_top, tol), (0.5 * (H + H.T) * ss, max(tol, min(precision, FLAT_CURVATURE_MAX)))):
+    curv = max(tol, min(precision, FLAT_CURVATURE_MAX))
+    # every record (not only the kept ones) flat; the objective (penalty included) without curvature
+    for M, cut in ((ggs / e_top * h_top, tol), (0.5 * (H + H.T) * ss, curv)):
         if not U.shape[1]:
             return empty
         c, W = torch.linalg.eigh(U.T @ M @ U)
         U = U @ W[:, c.abs() <= cut * h_top]
+    if not U.shape[1]:
+        return empty
+    # and either no penalty on them, or one whose curvature the data loss cancels (a rotation that
+    # keeps |theta|^2: the penalty's curvature well above the cut, the total's below it); a penalty
+    # about as small as the cut is not resolved from the data loss having none: kept as before
+    c, W = torch.linalg.eigh(U.T @ torch.diag(dec * s * s) @ U)
+    U = U @ W[:, (c.abs() <= tol * h_top) | (c >= 100 * curv * h_top)]
     if not U.shape[1]:
         return empty
     # back to parameter units (the subspace D U), orthonormal there
