@@ -15,6 +15,7 @@ Each case builds a small model (one of the set-ups below), fits it to a minimum 
 
     python benchmarks/nu48_trial.py              # every case (about a minute of CPU, one thread)
     python benchmarks/nu48_trial.py twice nobias # some of them (names below)
+    python benchmarks/nu48_trial.py errors       # what a misconfiguration raises (each front end's first line)
 """
 
 from __future__ import annotations
@@ -391,6 +392,37 @@ def run(name: str) -> None:
             print("     -", w[:240])
 
 
+def errors() -> None:
+    """What a researcher sees for a reduced loss, 3-tuple batches, a meta-device model, class weights held
+    by a function (float32 arithmetic) against the same loss as an ``nn.Module``."""
+    torch.manual_seed(0)
+    x, y = data("flat", N, 0)
+    model = fit(mlp(), x, y, ce)
+    loader = DataLoader(TensorDataset(x, y), batch_size=100)
+    triples = DataLoader(TensorDataset(x, y, torch.rand(N)), batch_size=100)
+    meta = copy.deepcopy(model).to("meta")
+    cw = torch.tensor([0.3, 1.7])
+    cases = {
+        "loss reduced (reduction='sum')": lambda: ml.assess(
+            model, ["rtn_int4"], loader, lambda o, t: F.cross_entropy(o, t, reduction="sum"), weight_decay=WD),
+        "(x, y, sample weight) batches, no batch_fn": lambda: ml.assess(model, ["rtn_int4"], triples, ce),
+        "model on the meta device": lambda: ml.assess(meta, ["rtn_int4"], loader, ce),
+        "class weights: nn.CrossEntropyLoss(weight=w)": lambda: ml.assess(
+            model, ["none", "rtn_int4"], loader, nn.CrossEntropyLoss(weight=cw, reduction="none"), weight_decay=WD),
+        "class weights: a function holding w": lambda: ml.assess(
+            model, ["none", "rtn_int4"], loader, lambda o, t: F.cross_entropy(o, t, weight=cw, reduction="none"),
+            weight_decay=WD),
+    }
+    for label, call in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                rep = call()
+                print(f"   {label}: " + ", ".join(f"{s} {r.leakage:.6f}" for s, r in rep.schemes.items()))
+            except Exception as e:  # noqa: BLE001
+                print(f"   {label}: {type(e).__name__}: {str(e)[:220]}")
+
+
 if __name__ == "__main__":
     for case in sys.argv[1:] or list(CASES):
-        run(case)
+        errors() if case == "errors" else run(case)
