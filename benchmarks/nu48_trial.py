@@ -16,6 +16,7 @@ Each case builds a small model (one of the set-ups below), fits it to a minimum 
     python benchmarks/nu48_trial.py              # every case (about a minute of CPU, one thread)
     python benchmarks/nu48_trial.py twice nobias # some of them (names below)
     python benchmarks/nu48_trial.py errors       # what a misconfiguration raises (each front end's first line)
+    python benchmarks/nu48_trial.py bottleneck   # a rotation symmetry under weight decay (flat directions)
 """
 
 from __future__ import annotations
@@ -392,6 +393,29 @@ def run(name: str) -> None:
             print("     -", w[:240])
 
 
+def bottleneck() -> None:
+    """A 2-unit linear bottleneck (``Linear(4, 2, bias=False) -> Linear(2, 2, bias=False)``, MSE, n = 1,000,
+    fitted in float64, released in float32): its rotation ``W1 -> R W1, W2 -> W2 R'`` keeps the loss and
+    ``|theta|^2``, a flat direction of the penalised objective (``diagnostics["flat_directions"]``)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 4, generator=g, dtype=torch.float64)
+    y = x[:, :2] @ torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64) + 0.5 * torch.randn(
+        1000, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = fit(nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 2, bias=False)).double(), x, y,
+                squared_error).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = ml.assess(model, ["none", "rtn_int8", "rtn_int4", "rtn_int2"],
+                        DataLoader(TensorDataset(x.float(), y.float()), batch_size=250), squared_error, weight_decay=WD)
+    print(f"   bottleneck: flat directions {rep.diagnostics.get('flat_directions')}; "
+          + ", ".join(f"{s} {r.leakage:.5f}" for s, r in rep.schemes.items()))
+
+
+def squared_error(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((o - t) ** 2).sum(-1)
+
+
 def errors() -> None:
     """What a researcher sees for a reduced loss, 3-tuple batches, a meta-device model, class weights held
     by a function (float32 arithmetic) against the same loss as an ``nn.Module``."""
@@ -425,4 +449,4 @@ def errors() -> None:
 
 if __name__ == "__main__":
     for case in sys.argv[1:] or list(CASES):
-        errors() if case == "errors" else run(case)
+        {"errors": errors, "bottleneck": bottleneck}.get(case, lambda c=case: run(c))()
