@@ -230,9 +230,8 @@ def test_a_rotation_the_penalty_leaves_alone_is_flat_under_weight_decay():
     # W2 -> W2 R' (R a rotation of the 2-unit hidden space) changes neither the loss nor |theta|^2, so
     # the penalised objective is flat along it too. Before, weight decay on the weights ruled the
     # direction out ("an L2 penalty breaks the symmetry", true of a rescaling only): H kept a ~0
-    # eigenvalue there and sigma read 0/0 rounding along it (the attention head of
-    # benchmarks/nu48_trial.py: 2.6x the projected sandwich). Reference: the sandwich on the
-    # complement of the orbit's tangent, computed here by torch.func.
+    # eigenvalue there and sigma read 0/0 rounding along it (here up to 13% off the reference).
+    # Reference: the sandwich on the complement of the orbit's tangent, computed here by torch.func.
     from torch.func import functional_call, grad, hessian, vmap
 
     from mis_lightning.assess import run_estimation
