@@ -165,13 +165,15 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     parameters that do not require grad (frozen: not trained on the records) get a warning.
 
     Raises:
-        ValueError: the model is already quantized (see ``check_float_model``), the selection
+        ValueError: the model is already quantized (see ``check_float_model``), holds tensors on
+            the ``meta`` device (see :func:`check_materialized`), the selection
             is empty, a selected parameter holds NaN/inf, or belongs to a recurrent layer
             (``nn.LSTM``/``nn.GRU``/``nn.RNN``: no per-sample gradients for them), or the model
             holds batch normalisation without running statistics (records coupled by the batch).
         KeyError: a listed name is not a parameter of the model.
     """
     check_float_model(model)
+    check_materialized(model)
     named = dict(model.named_parameters())
     if params is None:
         names = [n for n, p in named.items() if p.requires_grad]
@@ -202,6 +204,25 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     if frozen:
         warnings.warn(frozen, UserWarning, stacklevel=2)
     return names
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Refuse a model whose parameters or buffers are on the ``meta`` device (built under
+    ``torch.device("meta")`` or moved there, its weights not loaded yet): they hold no values,
+    so there is no trained model to estimate or quantize (until nu48 the NaN check below failed
+    with torch's "Tensor.item() cannot be called on meta tensors").
+
+    Raises:
+        ValueError: naming the tensors on ``meta`` (the first 5) and the fix.
+    """
+    meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.device.type == "meta"]
+    if meta:
+        more = f" (and {len(meta) - 5} more)" if len(meta) > 5 else ""
+        raise ValueError(
+            f"the model's {', '.join(repr(n) for n in meta[:5])}{more} are on the 'meta' device: they hold no "
+            "values, so there are no trained weights to assess. Materialise the model first (e.g. "
+            "model.to_empty(device='cpu') then load its trained state dict: model.load_state_dict(sd)) and "
+            "assess that model")
 
 
 def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:

@@ -223,3 +223,63 @@ def test_a_model_stopped_at_a_saddle_reads_negative_curvature():
     assert dg["gradient_norm_ratio"] < 1e-12 and dg["negative_curvature"] and dg["negative_eigenvalues_flipped"] == 2
     assert any(w.startswith("the Hessian has negative curvature (2 of 9") for w in rep.warnings)
     assert "negative curvature" in rep.rows()[0].get("indicative", "")  # the row's "*"
+
+
+def test_a_rotation_the_penalty_leaves_alone_is_flat_under_weight_decay():
+    # nu48: two Linear layers with nothing between them (as an attention head's W_q, W_k): W1 -> R W1,
+    # W2 -> W2 R' (R a rotation of the 2-unit hidden space) changes neither the loss nor |theta|^2, so
+    # the penalised objective is flat along it too. Before, weight decay on the weights ruled the
+    # direction out ("an L2 penalty breaks the symmetry", true of a rescaling only): H kept a ~0
+    # eigenvalue there and sigma read 0/0 rounding along it (here up to 13% off the reference).
+    # Reference: the sandwich on the complement of the orbit's tangent, computed here by torch.func.
+    from torch.func import functional_call, grad, hessian, vmap
+
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 4, generator=g, dtype=torch.float64)
+    y = x[:, :2] @ torch.tensor([[1.0, -0.5], [0.3, 0.8]], dtype=torch.float64) + 0.5 * torch.randn(
+        N, 2, generator=g, dtype=torch.float64)
+    wd = 1e-2
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 2, bias=False)).double()
+    opt = torch.optim.LBFGS(m.parameters(), max_iter=500, history_size=50, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-15, tolerance_change=1e-18)
+
+    def loss2(o, t):
+        return 0.5 * ((o - t) ** 2).sum(-1)
+
+    def closure():
+        opt.zero_grad()
+        val = loss2(m(x), y).mean() + 0.5 * wd * sum((p ** 2).sum() for p in m.parameters())
+        val.backward()
+        return val
+
+    for _ in range(3):
+        opt.step(closure)
+    est = run_estimation(m, DataLoader(TensorDataset(x, y), batch_size=250), loss2,
+                         EstimationConfig(mode="exact", weight_decay=wd, leverage_correction=False))
+    assert est.diagnostics["flat_directions"] == 1  # the one generator of the 2-d rotations
+    # reference: per-record gradients of the objective, its Hessian, the orbit's tangent projected out
+    names = ["0.weight", "1.weight"]
+    p0 = {k: v.detach() for k, v in m.named_parameters()}
+
+    def one(p, xi, yi):
+        return loss2(functional_call(m, p, (xi[None],)), yi[None])[0]
+
+    theta = torch.cat([p0[k].reshape(-1) for k in names])
+    gr = vmap(grad(one), in_dims=(None, 0, 0))(p0, x, y)
+    G = torch.cat([gr[k].reshape(N, -1) for k in names], 1) + wd * theta
+    hd = hessian(lambda p: vmap(one, in_dims=(None, 0, 0))(p, x, y).mean())(p0)
+    H = torch.cat([torch.cat([hd[a][b].reshape(p0[a].numel(), p0[b].numel()) for b in names], 1) for a in names])
+    H = H + wd * torch.eye(len(theta), dtype=torch.float64)
+    omega = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    u = torch.cat([(omega @ p0["0.weight"]).reshape(-1), (-p0["1.weight"] @ omega).reshape(-1)])
+    u = u / u.norm()
+    assert float((H @ u).norm() / torch.linalg.matrix_norm(H, 2)) < 1e-7  # the orbit is flat for the objective
+    P = torch.eye(len(theta), dtype=torch.float64) - torch.outer(u, u)
+    Hp = torch.linalg.pinv(P @ H @ P, hermitian=True, rtol=1e-10)
+    ref = ((Hp @ (G.T @ G / N) @ Hp).diagonal() / N).sqrt()
+    sigma = torch.cat([est.sigma[k] for k in names])
+    assert torch.allclose(sigma, ref, rtol=1e-6, atol=0), (sigma, ref)  # float64 sums: 1e-6 leaves room

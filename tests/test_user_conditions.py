@@ -1237,3 +1237,21 @@ def test_collapsed_units_left_by_weight_decay_do_not_leak(estimation, monkeypatc
     zero = ml.assess(net, ["none"], loader, ce, **kw)
     assert residue.schemes["none"].leakage == pytest.approx(zero.schemes["none"].leakage, rel=1e-3)
     assert residue.baseline_leakage == pytest.approx(zero.baseline_leakage, rel=1e-3)
+
+
+def test_a_model_on_the_meta_device_is_refused_naming_its_tensors_and_the_fix():
+    # nu48: a model built under torch.device("meta") (its weights not loaded yet) failed deep in the
+    # parameter checks with torch's "Tensor.item() cannot be called on meta tensors"
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+    X, Y = torch.randn(16, 3), torch.randn(16)
+    fix = r"'meta' device: they hold no values.*model.to_empty\(device='cpu'\)"
+    with pytest.raises(ValueError, match=r"'0.weight', '0.bias', '1.weight', '1.bias', '2.weight' \(and 4 more\) are on the " + fix):
+        ml.assess(net, ["rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=8), _mse)
+    with pytest.raises(ValueError, match=fix):
+        ml.MISIndicator(net, _mse, ["rtn_int8"])
+    # a buffer alone on meta (the weights loaded, a running statistic not): named too
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Linear(2, 1)).eval()
+    net[1].running_mean = torch.empty(2, device="meta")
+    with pytest.raises(ValueError, match=r"'1.running_mean' are on the 'meta' device"):
+        ml.assess(net, ["rtn_int8"], DataLoader(TensorDataset(X, Y), batch_size=8), _mse)

@@ -2801,13 +2801,19 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
                     precision: float = 0.0) -> Tensor:
     """``[d, k]`` orthonormal basis of the objective's exact flat directions at theta-hat
     (method.md section 6, "When the approximation holds"): the directions ``u`` along which
-    every record's gradient is 0 to float64 rounding (``G u = 0``), the penalty does not act
-    (``decay`` 0 on them) and the data loss has no curvature (``u' H u = 0`` to H's precision).
+    every record's gradient is 0 to float64 rounding (``G u = 0``) and the objective, penalty
+    included, has no curvature (``u' H u = 0`` to H's precision): where the penalty does not act
+    (``decay`` 0 on them) the data loss has none; where it acts, the data loss cancels its
+    curvature (``u' H_data u = -u' diag(decay) u``, the penalty's at least 100x the curvature cut).
     A symmetry of the model makes them: a constant input column beside a bias, duplicated
     columns, the scale of a weight under ``weight_norm``, softmax's shift, a rescaling between
-    ReLU layers. The loss is constant along them: they carry no information and no membership
-    signal. An L2 penalty breaks the symmetry (curvature ``wd``): such directions are kept, as
-    are near-flat ones (near-collinear features, saturated units: gradients small, not rounding).
+    ReLU layers, and, under weight decay too, a rotation of a hidden space that leaves
+    ``|theta|^2`` unchanged (two Linear layers with nothing between them, an attention head's
+    ``W_q, W_k -> R W_q, R W_k``; nu48: weight decay ruled it out before, and sigma read rounding
+    over rounding along it). The loss is constant along them: they carry no information and no
+    membership signal. An L2 penalty that the symmetry moves (a rescaling, a shift) breaks it
+    (curvature ``wd``): such directions are kept, as are near-flat ones (near-collinear features,
+    saturated units: gradients small, not rounding).
 
     Args:
         gg_mean: ``[d, d]`` mean of ``g g'`` over the n records (data-loss gradients, float64).
@@ -2856,15 +2862,21 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
     if not U.shape[1]:
         return empty  # the common case: one eigh of E[gg'] is the whole cost
     dec = torch.as_tensor(decay, dtype=H.dtype).expand(d)
-    H_data = (0.5 * (H + H.T) - torch.diag(dec)) * ss
     h_top = float(torch.linalg.eigvalsh(H * ss).abs().max())
-    # every record (not only the kept ones) flat; no penalty; no curvature to H's precision
-    for M, cut in ((ggs / e_top * h_top, tol), (torch.diag(dec * s * s), tol),
-                   (H_data, max(tol, min(precision, FLAT_CURVATURE_MAX)))):
+    curv = max(tol, min(precision, FLAT_CURVATURE_MAX))
+    # every record (not only the kept ones) flat; the objective (penalty included) without curvature
+    for M, cut in ((ggs / e_top * h_top, tol), (0.5 * (H + H.T) * ss, curv)):
         if not U.shape[1]:
             return empty
         c, W = torch.linalg.eigh(U.T @ M @ U)
         U = U @ W[:, c.abs() <= cut * h_top]
+    if not U.shape[1]:
+        return empty
+    # and either no penalty on them, or one whose curvature the data loss cancels (a rotation that
+    # keeps |theta|^2: the penalty's curvature well above the cut, the total's below it); a penalty
+    # about as small as the cut is not resolved from the data loss having none: kept as before
+    c, W = torch.linalg.eigh(U.T @ torch.diag(dec * s * s) @ U)
+    U = U @ W[:, (c.abs() <= tol * h_top) | (c >= 100 * curv * h_top)]
     if not U.shape[1]:
         return empty
     # back to parameter units (the subspace D U), orthonormal there
