@@ -1074,6 +1074,13 @@ def _run_valley(rt: RunTable) -> tuple[int, Tensor, Tensor] | None:
     return rt._valley  # type: ignore[attr-defined]
 
 
+# _exact_windows standardises each edge as the reference does, ``(edge * scale - theta) / sd``: the
+# difference first. False: ``u0 + r * edge`` with ``u0 = -theta / sd``, ``r = scale / sd`` (one
+# fused pass, but off by ~|theta / sd| * 2^-52 in sd units: kappa 0 or NaN for an sd-0 weight on a
+# cell edge, where theta / sd overflows or rounds apart from r * edge; ~1e-3 at |theta / sd| ~ 1e13; tie48)
+EXACT_EDGE_OFFSETS = True
+
+
 def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell: Tensor, cell_lo: Tensor,
                    cell_hi: Tensor, mids: Tensor, th: Tensor, sg: Tensor, sc: Tensor) -> None:
     """Exact cell sums (written into ``out`` at ``idx``) over every cell within 8.5 sd: from
@@ -1093,7 +1100,11 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
     b_hi = torch.bucketize((cell_hi[idx] - c0 + 1).clamp(min=1), sizes)
     nb = len(_SIDE_BUCKETS)
     key = b_lo * nb + b_hi
-    u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
+    exact = EXACT_EDGE_OFFSETS
+    if exact:
+        ths, sgs, scs = th[idx], sg[idx], sc[idx]
+    else:
+        u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
     for kv, group in _groups(key):
         m_lo, m_hi = _SIDE_BUCKETS[kv // nb], _SIDE_BUCKETS[kv % nb]
         # rows: the lower side farthest first (its last row the own cell's lower edge
@@ -1104,7 +1115,10 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
             g = group[s : s + block]
             e = c0[g] + off  # [m_lo + m_hi, b] indices into mids
             edges = torch.where(e < 0, -math.inf, torch.where(e >= n, math.inf, mids[e.clamp(0, n - 1)]))
-            alpha = torch.addcmul(u0[g], r[g], edges)
+            if exact:  # the reference's (edge * scale - theta) / sd, in place (edges is new)
+                alpha = edges.mul_(scs[g]).sub_(ths[g]).div_(sgs[g])
+            else:
+                alpha = torch.addcmul(u0[g], r[g], edges)
             pdf, tail = _pdf(alpha), _tails(alpha)
             t2, t4 = _cell_terms(alpha[:-1], alpha[1:], pdf[:-1], pdf[1:], tail[:-1], tail[1:])
             k, f = t2.sum(0), t4.sum(0)
