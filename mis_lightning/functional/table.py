@@ -1400,8 +1400,9 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     value in ``(0, tiny]``; scale 1; ``theta`` exactly its own cell's lower edge, both its cells
     finite), else ``None``. The numbers are :func:`_table_window_moments`' on one such element of
     the same local geometry (sign, binade, the two cells' widths, whether ``theta / sd``
-    overflows: the path's numbers differ across these, e.g. kappa 2/pi below ``|theta| ~ 4``
-    and 0 above at sd 2.2e-308), cached per table, sd and ``kappa_only``."""
+    overflows; keyed so that no path's numbers are assumed alike across these: before tie48 the
+    windowed path gave kappa 2/pi below ``|theta| ~ 4`` and 0 above at sd 2.2e-308; now 2/pi,
+    the reference's, on each), cached per table, sd and ``kappa_only``."""
     t, g, k = th.index_select(0, rest), sg.index_select(0, rest), sc.index_select(0, rest)
     g0 = float(g[0])
     if not 0.0 < g0 <= torch.finfo(torch.float64).tiny or not bool((g == g0).all()) or not bool((k == 1.0).all()):
