@@ -1089,9 +1089,10 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
     the table's ends are empty cells). Edge-major, each side's width bucketed apart in
     ``_SIDE_BUCKETS`` (the windowed sums of the reference pad both sides to the wider one's
     bucket of ``_TABLE_BUCKETS``, element-major: ~2x the work); the same cell terms as
-    :func:`~mis_lightning.functional.cells.cell_terms`. ``mean_abs`` telescopes over the
-    partition to ``2 max(phi(l), phi(u))`` of the own cell ``(l, u)``; the coverage is the
-    partition's, 1."""
+    :func:`~mis_lightning.functional.cells.cell_terms`, on edges standardised as the reference's,
+    ``(edge * scale - theta) / sd`` (:data:`EXACT_EDGE_OFFSETS`: exact at an edge, 0, however
+    large ``|theta| / sd``). ``mean_abs`` telescopes over the partition to ``2 max(phi(l), phi(u))``
+    of the own cell ``(l, u)``; the coverage is the partition's, 1."""
     kappa, mean_abs, m4, coverage = out
     n = mids.numel()
     sizes = torch.tensor(_SIDE_BUCKETS, device=th.device)
