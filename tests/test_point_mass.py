@@ -22,11 +22,13 @@ F64 = torch.float64
 FIELDS = ("kappa", "mean_abs", "m4", "coverage")
 
 
-def _grid(scheme: str, rows: int, cols: int, dtype: torch.dtype = torch.float32):
+def _grid(scheme: str, rows: int, cols: int, dtype: torch.dtype = torch.float32, mult: float = 3.0):
+    """The grid of ``scheme`` on a seeded ``Linear(cols, rows)`` whose weights are multiplied by
+    ``mult`` (a quotient grid on its own cells), and the weights, float64 ``[rows * cols]``."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(cols, rows).to(dtype)
     with torch.no_grad():
-        lin.weight.mul_(3.0)
+        lin.weight.mul_(mult)
     g = get_scheme(scheme).apply(torch.nn.Sequential(lin)).grids["0.weight"]
     if g.storage_dtype is not None:  # the quotient grid on its own cells (no storage rounding)
         g = dataclasses.replace(g, storage_dtype=None)

@@ -1069,6 +1069,13 @@ def _run_valley(rt: RunTable) -> tuple[int, Tensor, Tensor] | None:
     return rt._valley  # type: ignore[attr-defined]
 
 
+# _exact_windows standardises each edge as the reference does, ``(edge * scale - theta) / sd``: the
+# difference first. False: ``u0 + r * edge`` with ``u0 = -theta / sd``, ``r = scale / sd`` (one
+# fused pass, but off by ~|theta / sd| * 2^-52 in sd units: kappa 0 or NaN for an sd-0 weight on a
+# cell edge, where theta / sd overflows or rounds apart from r * edge; ~1e-3 at |theta / sd| ~ 1e13; tie48)
+EXACT_EDGE_OFFSETS = True
+
+
 def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell: Tensor, cell_lo: Tensor,
                    cell_hi: Tensor, mids: Tensor, th: Tensor, sg: Tensor, sc: Tensor) -> None:
     """Exact cell sums (written into ``out`` at ``idx``) over every cell within 8.5 sd: from
@@ -1077,9 +1084,10 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
     the table's ends are empty cells). Edge-major, each side's width bucketed apart in
     ``_SIDE_BUCKETS`` (the windowed sums of the reference pad both sides to the wider one's
     bucket of ``_TABLE_BUCKETS``, element-major: ~2x the work); the same cell terms as
-    :func:`~mis_lightning.functional.cells.cell_terms`. ``mean_abs`` telescopes over the
-    partition to ``2 max(phi(l), phi(u))`` of the own cell ``(l, u)``; the coverage is the
-    partition's, 1."""
+    :func:`~mis_lightning.functional.cells.cell_terms`, on edges standardised as the reference's,
+    ``(edge * scale - theta) / sd`` (:data:`EXACT_EDGE_OFFSETS`: exact at an edge, 0, however
+    large ``|theta| / sd``). ``mean_abs`` telescopes over the partition to ``2 max(phi(l), phi(u))``
+    of the own cell ``(l, u)``; the coverage is the partition's, 1."""
     kappa, mean_abs, m4, coverage = out
     n = mids.numel()
     sizes = torch.tensor(_SIDE_BUCKETS, device=th.device)
@@ -1088,7 +1096,11 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
     b_hi = torch.bucketize((cell_hi[idx] - c0 + 1).clamp(min=1), sizes)
     nb = len(_SIDE_BUCKETS)
     key = b_lo * nb + b_hi
-    u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
+    exact = EXACT_EDGE_OFFSETS
+    if exact:
+        ths, sgs, scs = th[idx], sg[idx], sc[idx]
+    else:
+        u0, r = -th[idx] / sg[idx], sc[idx] / sg[idx]
     for kv, group in _groups(key):
         m_lo, m_hi = _SIDE_BUCKETS[kv // nb], _SIDE_BUCKETS[kv % nb]
         # rows: the lower side farthest first (its last row the own cell's lower edge
@@ -1099,7 +1111,10 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
             g = group[s : s + block]
             e = c0[g] + off  # [m_lo + m_hi, b] indices into mids
             edges = torch.where(e < 0, -math.inf, torch.where(e >= n, math.inf, mids[e.clamp(0, n - 1)]))
-            alpha = torch.addcmul(u0[g], r[g], edges)
+            if exact:  # the reference's (edge * scale - theta) / sd, in place (edges is new)
+                alpha = edges.mul_(scs[g]).sub_(ths[g]).div_(sgs[g])
+            else:
+                alpha = torch.addcmul(u0[g], r[g], edges)
             pdf, tail = _pdf(alpha), _tails(alpha)
             t2, t4 = _cell_terms(alpha[:-1], alpha[1:], pdf[:-1], pdf[1:], tail[:-1], tail[1:])
             k, f = t2.sum(0), t4.sum(0)
@@ -1436,8 +1451,9 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     value in ``(0, tiny]``; scale 1; ``theta`` exactly its own cell's lower edge, both its cells
     finite), else ``None``. The numbers are :func:`_table_window_moments`' on one such element of
     the same local geometry (sign, binade, the two cells' widths, whether ``theta / sd``
-    overflows: the path's numbers differ across these, e.g. kappa 2/pi below ``|theta| ~ 4``
-    and 0 above at sd 2.2e-308), cached per table, sd and ``kappa_only``."""
+    overflows; keyed so that no path's numbers are assumed alike across these: before tie48 the
+    windowed path gave kappa 2/pi below ``|theta| ~ 4`` and 0 above at sd 2.2e-308; now 2/pi,
+    the reference's, on each), cached per table, sd and ``kappa_only``."""
     t, g, k = th.index_select(0, rest), sg.index_select(0, rest), sc.index_select(0, rest)
     g0 = float(g[0])
     if not 0.0 < g0 <= torch.finfo(torch.float64).tiny or not bool((g == g0).all()) or not bool((k == 1.0).all()):
