@@ -1194,7 +1194,8 @@ def factored_power_sums(
     # (1e-300)^2 underflows (mo26: every scheme's Edgeworth estimate NaN at 1e7 weights, with
     # dead ReLU units). V_jj up to 1e-150 counts as none: its power stays finite above it.
     # what this chunk's other calls (the other power, other column groups) share (SHARED_CHUNK_SETUP)
-    memo = {} if cache is None else cache.chunk_setup(fac.d, g_mean, v_diag, in_f, bias)
+    memo = {} if cache is None else cache.chunk_setup(fac.d, g_mean, v_diag, in_f, bias, SKIP_DEAD_ROWS, SKIP_SILENT_ROWS,
+                                                      F32_ON_LIVE_ROWS)
     live = _memo(memo, "live", lambda: v_diag > V_NONE)
     layer = None
     if SKIP_DEAD_ROWS and not bias and not _memo(memo, "every", lambda: bool(live.all())):
