@@ -1212,8 +1212,8 @@ def factored_power_sums(
                 row_weights = (row_weights[0], row_weights[1][ri])
             out_f = ri.numel()
     cache = cache or _no_cache()
-    vp = _memo(memo, ("vp", power),
-               lambda: _memo(memo, "vclamp", lambda: v_diag.clamp_min(V_NONE)).pow(power / 2).unsqueeze(-1))
+    vp = _memo(memo, ("vp", power), lambda: _variance_power(_memo(memo, "vclamp", lambda: v_diag.clamp_min(V_NONE)),
+                                                            power).unsqueeze(-1))
     if (F32_ON_LIVE_ROWS and not bias and power in POWER_SUMS_F32 and fac.x.dtype == torch.float64
             and A.numel() and (nonneg[1] if nonneg is not None and nonneg[0] is A else bool(A.amin() >= 0))):
         return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache, row_weights, memo)
@@ -1255,6 +1255,12 @@ def factored_power_sums(
     # (the a = 0 term as the float32 calls sum it, so that their records that fall back are these sums)
     g0 = _zeroth_term(g_mean, A, vp, live, power, bool(live.all())) if F32_ON_LIVE_ROWS else None
     return _binomial_sums_f64(fac, gb, S, power, cache, keep, g0=g0, pack=PACK_ZERO_BLOCKS)
+
+
+def _variance_power(vc: Tensor, power: int) -> Tensor:
+    """``vc^(p/2)`` (``vc`` the clamped variances): ``vc`` itself at ``p = 2`` where
+    :data:`SHARED_CHUNK_SETUP` (``pow(1.0)`` is a copy of the same values)."""
+    return vc if power == 2 and SHARED_CHUNK_SETUP else vc.pow(power / 2)
 
 
 def _dead_rows(fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, live: Tensor, out_f: int, in_f: int,
