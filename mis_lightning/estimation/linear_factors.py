@@ -1091,13 +1091,17 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     for a in range(1, power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         # one more rounding where a power of gb multiplies S (counted in eps's six)
-        g = _memo(memo, ("gs32", power - a), lambda k=power - a: gs.pow(k).to(torch.float32))
-        B = torch.mul(S32, g.unsqueeze(1) if skinny else g.T.unsqueeze(-1),
-                      out=cache.scratch("B32", S32.shape, torch.float32, S.device)) if power - a else S32
+        B = S32
+        if power - a:  # (gb^1 is read by both powers' calls: held; the others are one call's)
+            g = (_memo(memo, "gs32", lambda: gs.to(torch.float32)) if power - a == 1
+                 else gs.pow(power - a).to(torch.float32))
+            B = torch.mul(S32, g.unsqueeze(1) if skinny else g.T.unsqueeze(-1),
+                          out=cache.scratch("B32", S32.shape, torch.float32, S.device))
         if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out
             t = torch.mm(B.view(rows * M, in_f), cache.scaled_power32(x, a).T,
                          out=cache.scratch("t32", (rows * M, R), torch.float32, S.device)).view(rows, M, R)
-            t = torch.mul(t, _memo(memo, ("dsT32", a), lambda a=a: ds.T.pow(a).to(torch.float32)).unsqueeze(1),
+            t = torch.mul(t, (_memo(memo, ("dsT32", a), lambda a=a: ds.T.pow(a).to(torch.float32)) if a <= 2
+                                else ds.T.pow(a).to(torch.float32)).unsqueeze(1),
                           out=cache.scratch("dt32", (rows, M, R), torch.float32, S.device))
             ta = t.sum(0).T.to(torch.float64, memory_format=torch.contiguous_format)
             if K:  # sum_o (d^a t)_(o, m, r) W_ok: [K_m, out] @ [out, R] per source column
@@ -1107,7 +1111,8 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
                 ta = torch.cat([ta, tw], 1)
         else:
             t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
-            da = _memo(memo, ("ds32", a), lambda a=a: ds.pow(a).to(torch.float32))
+            da = (_memo(memo, ("ds32", a), lambda a=a: ds.pow(a).to(torch.float32)) if a <= 2
+                  else ds.pow(a).to(torch.float32))
             ta = torch.einsum("ro,rom->rm", da, t).to(torch.float64)
             if K:  # sum_o d_ro^a t_rom W_ok: [R, out] @ [out, K_m] per source column
                 tw = torch.empty(R, K, dtype=torch.float64)
@@ -1212,8 +1217,7 @@ def factored_power_sums(
                 row_weights = (row_weights[0], row_weights[1][ri])
             out_f = ri.numel()
     cache = cache or _no_cache()
-    vp = _memo(memo, ("vp", power), lambda: _variance_power(_memo(memo, "vclamp", lambda: v_diag.clamp_min(V_NONE)),
-                                                            power).unsqueeze(-1))
+    vp = _variance_power(_memo(memo, "vclamp", lambda: v_diag.clamp_min(V_NONE)), power).unsqueeze(-1)
     if (F32_ON_LIVE_ROWS and not bias and power in POWER_SUMS_F32 and fac.x.dtype == torch.float64
             and A.numel() and (nonneg[1] if nonneg is not None and nonneg[0] is A else bool(A.amin() >= 0))):
         return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache, row_weights, memo)
@@ -1294,7 +1298,7 @@ def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int
     before, whose dead weights are exact zeros. ``memo``: the chunk's shared setup
     (:meth:`PowerCache.chunk_setup`; the coefficients ``gb^p / V^(p/2)`` are the same for every call
     of the chunk with this power)."""
-    c = _memo({} if memo is None else memo, ("c0", power), lambda: _zeroth_coefficients(g_mean, vp, live, power, every, memo))
+    c = _zeroth_coefficients(g_mean, vp, live, power, every, memo)
     if ZEROTH_TERM_GEMV and A.shape[1] > 1 and A.stride(0) == 1 and A.stride(1) == A.shape[0]:
         # columns stored one after another (assess.COLUMN_MAJOR_STACK): one GEMV over the contiguous
         # [M, numel] transpose (ZEROTH_TERM_GEMV)
@@ -1324,11 +1328,14 @@ def _zeroth_coefficients(g_mean: Tensor, vp: Tensor, live: Tensor, power: int, e
 
 def _zeroth_raw(g_mean: Tensor, vp: Tensor, power: int, memo: dict[Any, Any] | None) -> Tensor:
     """``[numel]`` ``gb^p / V^(p/2)`` (``gb^p`` by squarings: pow(4) runs std::pow per element, ~6x
-    slower; ``gb^2`` shared by the chunk's calls through ``memo``)."""
+    slower; ``gb^2``, and at ``p = 2`` the quotient, which :func:`_zeroth_rows` reads too, shared by
+    the chunk's calls through ``memo``)."""
+    memo = {} if memo is None else memo
+
     def make() -> Tensor:
-        g2 = _memo({} if memo is None else memo, "g2", g_mean.square)
+        g2 = _memo(memo, "g2", g_mean.square)
         return (g2 if power == 2 else g2.square() if power == 4 else g_mean.pow(power)) / vp.reshape(-1)
-    return _memo({} if memo is None else memo, ("c0 raw", power), make)
+    return _memo(memo, "c0 raw 2", make) if power == 2 else make()
 
 
 def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int,
