@@ -9,7 +9,9 @@ on a shared machine). ps35/ps36's method, kept as a script.
     python benchmarks/power_sum_replay.py layout DIR [REPS]
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
-under DIR). ``replay`` times each call (CPU, one thread) per (caller, parameter, power), after one
+under DIR; the row weights too, p46a). ``replay`` passes the same ``d``, mean gradient and variances
+objects to consecutive calls where they are equal, as the scoring pass does for a chunk's calls (p48b:
+``linear_factors.SHARED_CHUNK_SETUP`` keys a chunk's shared setup on them). ``replay`` times each call (CPU, one thread) per (caller, parameter, power), after one
 warm-up round (the layers' PowerCaches), and counts the calls whose result with the switch on
 differs from the captured one (default switch ``estimation.linear_factors.SKINNY_GEMM_TRANSPOSED``).
 ``count`` (ps37) counts the GEMMs' multiply-adds of the captured calls per (caller, parameter,
@@ -54,20 +56,20 @@ def capture(path: str, out: str) -> None:
     real = LF.factored_power_sums
     depth, n, xs = [0], [0], {}
 
-    def wrapped(fac, g_mean, v_diag, A, power, bias=False, cache=None):
+    def wrapped(fac, g_mean, v_diag, A, power, bias=False, cache=None, row_weights=None):
         depth[0] += 1
         try:
             if depth[0] > 1:
-                return real(fac, g_mean, v_diag, A, power, bias, cache)
+                return real(fac, g_mean, v_diag, A, power, bias, cache, row_weights)
             stack = [f.function for f in inspect.stack()[1:6]]
             tag = next((c for c in stack if c in CALLERS), stack[0])
             if id(fac.x) not in xs:
                 xs[id(fac.x)] = len(xs)
                 torch.save(fac.x, f"{out}/x{xs[id(fac.x)]}.pt")
             torch.save(dict(d=fac.d, gm=g_mean, vd=v_diag, A=A, power=power, bias=bias, x=xs[id(fac.x)], tag=tag,
-                            module=fac.module, weight=fac.weight, fbias=fac.bias, cache=id(cache)),
+                            module=fac.module, weight=fac.weight, fbias=fac.bias, cache=id(cache), rw=row_weights),
                        f"{out}/c{n[0]:04d}.pt")
-            got = real(fac, g_mean, v_diag, A, power, bias, cache)
+            got = real(fac, g_mean, v_diag, A, power, bias, cache, row_weights)
             torch.save(got, f"{out}/r{n[0]:04d}.pt")
             n[0] += 1
             return got
@@ -94,15 +96,21 @@ def replay(cap: str, reps: int, switch: str) -> None:
     caches: dict[bool, dict[int, object]] = {False: {}, True: {}}
     differ = 0
     for rep in range(reps + 1):
+        last: dict[str, torch.Tensor] = {}
         for i, f in enumerate(files):
             c = torch.load(f)
+            for k in ("d", "gm", "vd"):  # one object where the scoring pass passed one (a chunk's calls: p48b)
+                if k in last and last[k].shape == c[k].shape and torch.equal(last[k], c[k]):
+                    c[k] = last[k]
+                last[k] = c[k]
             key = (c["tag"], c["fbias"] if c["bias"] else c["weight"], c["power"])
             fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
             for on in ((False, True) if (rep + i) % 2 else (True, False)):
                 setattr(sw, attr, on)
                 cache = caches[on].setdefault(c["cache"], LF.PowerCache())
                 t0 = time.process_time()
-                got = LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache)
+                got = LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache,
+                                             row_weights=c.get("rw"))
                 if rep:  # round 0 warms the caches
                     tot[key][on] += time.process_time() - t0
                 elif on:

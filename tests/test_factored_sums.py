@@ -244,9 +244,9 @@ def test_dead_rows_left_out_of_the_elementwise_work_give_the_same_sums(monkeypat
     seen = []
     f32_sums = lf._even_power_sums_f32
 
-    def spy(*a):
-        seen.append(a[-1])  # layer: (out, d's scale, gb's scale) of the whole chunk
-        return f32_sums(*a)
+    def spy(*a, **kw):
+        seen.append(a[8] if len(a) > 8 else kw.get("layer"))  # layer: (out, d's scale, gb's scale) of the whole chunk
+        return f32_sums(*a, **kw)
 
     monkeypatch.setattr(lf, "_even_power_sums_f32", spy)
     for rows in (slice(0, 48), slice(16, 24), slice(8, 40)):
@@ -700,3 +700,66 @@ def test_column_major_columns_give_bitwise_the_same_sums(monkeypatch, path):
             row = factored_power_sums(fac, g_mean, v, a, power, bias=bias, cache=cache)
             col = factored_power_sums(fac, g_mean, v, _as_column_major(a), power, bias=bias, cache=cache)
             assert torch.equal(row, col), (path, power, M)
+
+
+def test_a_chunks_calls_share_their_setup_bitwise(monkeypatch):
+    """p48b: the calls of one chunk (the same ``d``, mean gradient and variances: powers 2 and 4, row
+    weights, columns in groups) share the chunk's setup through the layer's PowerCache
+    (SHARED_CHUNK_SETUP): every sum bitwise that of a call that computes its own (the switch off),
+    on a chunk with dead, partly dead and silent rows and records that fall back to float64; the
+    setup made once (the dead rows found by one call of the sequence); a mean gradient changed in
+    place, or another chunk's tensors, read afresh (a stale setup gives other sums here)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    fac, _, _, A = _square_case(shift=0.0)
+    far = torch.arange(60) % 10 == 3
+    fac.x[far] += 40.0  # some records fall back to float64
+    fac.d[far] += 40.0
+    gr = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(60, -1)
+    g_mean, v = gr[far].mean(0), gr.var(0, unbiased=False)  # the shifted records' terms cancel
+    v = v.reshape(48, 64)
+    v[[0, 5, 6]] = 0.0  # dead rows
+    v[9, ::3] = 0.0  # a partly dead row
+    v = v.reshape(-1)
+    fac.d[:, [2, 11, 12]] = 0.0  # silent rows
+    g = torch.Generator().manual_seed(5)
+    A2 = torch.rand(48 * 64, 5, generator=g, dtype=torch.float64)
+    A4 = torch.rand(48 * 64, 2, generator=g, dtype=torch.float64)
+    rw = (torch.tensor([0, 0, 3]), torch.rand(48, 3, generator=g, dtype=torch.float64))
+    calls = [(A2, 2, None), (A4, 4, None), (A2, 2, rw), (A2[:, 1:3], 2, None), (A4[:, :1], 4, None)]
+    assert lf.POWER_SUMS_F32 == frozenset({2, 4})
+
+    def run(shared: bool, cache: lf.PowerCache, g_mean: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+        monkeypatch.setattr(lf, "SHARED_CHUNK_SETUP", shared)
+        return [factored_power_sums(fac, g_mean, v, a, p, cache=cache, row_weights=w) for a, p, w in calls]
+
+    dead_calls = []
+    dead_rows = lf._dead_rows
+    monkeypatch.setattr(lf, "_dead_rows", lambda *a: dead_calls.append(1) or dead_rows(*a))
+    before = dict(lf.POWER_SUMS_F32_COUNTS)
+    want = run(False, lf.PowerCache(), g_mean, v)
+    for p in (2, 4):  # some records fell back, some did not
+        assert lf.POWER_SUMS_F32_COUNTS[(p, "float64")] > before[(p, "float64")]
+        assert lf.POWER_SUMS_F32_COUNTS[(p, "float32")] > before[(p, "float32")]
+    assert len(dead_calls) == len(calls)
+    dead_calls.clear()
+    cache = lf.PowerCache()
+    got = run(True, cache, g_mean, v)
+    assert len(dead_calls) == 1  # made once, read by the other calls
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+    for w, (a, p, _) in zip(want, calls[:2]):
+        torch.testing.assert_close(w, _reference(fac, g_mean, v, a, p), rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+    # the mean gradient changed in place (its version moves): the next calls read it afresh
+    g_mean.mul_(3.0)
+    want = run(False, lf.PowerCache(), g_mean, v)
+    got = run(True, cache, g_mean, v)
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)
+    # another chunk's tensors (new objects, other values): afresh too
+    v2 = v.clone()
+    v2.reshape(48, 64)[[1, 2]] = 0.0
+    want = run(False, lf.PowerCache(), g_mean, v2)
+    got = run(True, cache, g_mean, v2)
+    for w, o in zip(want, got):
+        assert torch.equal(w, o)

@@ -870,6 +870,14 @@ PACK_FRACTION = 0.75
 # ms; ~1e-16). False: the plain GEMM everywhere, as before (A/B).
 SKINNY_GEMM_TRANSPOSED = True
 SKINNY_GEMM_COLUMNS = 128
+# A chunk's power-2 and power-4 calls (the same factors, mean gradient and variances: one
+# _InfluenceReader.sums call) share their setup through the layer's PowerCache (PowerCache.chunk_setup,
+# p48b): the live and dead-row masks, the clamped variances and V^(p/2), gb^2, the silent rows, the
+# layer's power-of-two scales, the gathered rows and the scaled d^a, gb^k in float32 are computed once
+# per chunk instead of once per call (the 1e7 MLP's second layer: ~12 passes over its 2^18-weight
+# chunks a call, half of them the same in both calls). The same operations on the same tensors:
+# bitwise the same sums. False: every call computes its own, as before (A/B).
+SHARED_CHUNK_SETUP = True
 
 
 class PowerCache:
@@ -889,6 +897,9 @@ class PowerCache:
         self._entries: dict[Any, Tensor] = {}
         self._bytes = 0
         self._scratch: dict[Any, Tensor] = {}
+        self._setup_keys: tuple[Any, ...] = ()
+        self._setup_stamp: tuple[Any, ...] = ()
+        self._setup: dict[Any, Any] = {}
 
     def _check(self, x: Tensor) -> None:
         if self._x is not x or self._version != x._version:
@@ -936,8 +947,35 @@ class PowerCache:
         return buf[:n].view(shape)
 
 
+    def chunk_setup(self, *keys: Any) -> dict[Any, Any]:
+        """The dictionary in which :func:`factored_power_sums` keeps what one chunk's calls share
+        (:data:`SHARED_CHUNK_SETUP`): the same dictionary while every tensor of ``keys`` is the same
+        object at the same version and every other key equal, else a new empty one (the previous
+        chunk's entries dropped: at most one chunk's setup is held). Empty and not held where the
+        cache has no budget or the switch is off. The entries are values derived from ``keys`` alone,
+        so a call that finds one computes nothing differently."""
+        if self.budget <= 0 or not SHARED_CHUNK_SETUP:
+            return {}
+        stamp = tuple(k._version if isinstance(k, Tensor) else None for k in keys)
+        old = self._setup_keys
+        if (len(old) == len(keys) and self._setup_stamp == stamp
+                and all(a is b if isinstance(b, Tensor) else (not isinstance(a, Tensor) and a == b)
+                        for a, b in zip(old, keys))):
+            return self._setup
+        self._setup_keys, self._setup_stamp, self._setup = keys, stamp, {}
+        return self._setup
+
+
 def _no_cache() -> PowerCache:
     return PowerCache(budget=0)
+
+
+def _memo(memo: dict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
+    """``memo[key]``, made by ``make()`` on first use (:meth:`PowerCache.chunk_setup`)."""
+    if key in memo:
+        return memo[key]
+    got = memo[key] = make()
+    return got
 
 
 
@@ -969,6 +1007,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
                          rtol: float, cache: PowerCache | None = None,
                          keep: Tensor | None = None, layer: tuple[int, Tensor, Tensor] | None = None,
                          row_weights: tuple[Tensor, Tensor] | None = None,
+                         memo: dict[Any, Any] | None = None,
                          ) -> tuple[Tensor, Tensor]:
     """``sum_oi (d_ro x_ri - gb_oi)^p S_oim`` ``[R, M]`` (``p`` even) with the binomial terms' GEMMs
     in float32, and ``[R, M]`` the entries where the run-time error bound exceeds ``rtol`` relative,
@@ -1001,14 +1040,22 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     ``K`` more sums, column ``M + k`` that of the column ``S[:, :, src_k] * W[:, k, None]``, from
     the GEMM over ``in`` of column ``src_k`` (:func:`factored_power_sums`); ``g0 [M + K]``. Their
     contraction over the outputs is a float32 GEMM ``(d^a t_m) W`` (``W`` rounded to float32 and
-    one more product: two roundings more in ``eps``, underflow ``10 in out 2^-126`` per term)."""
+    one more product: two roundings more in ``eps``, underflow ``10 in out 2^-126`` per term).
+
+    ``memo``: the chunk's shared setup (:meth:`PowerCache.chunk_setup`, from :func:`_even_sums_on_rows`
+    only, whose ``d``, ``gb`` and ``keep`` are the same for every call of the chunk): the scaled
+    ``d^a`` and ``gb^k`` in float32 computed once for the chunk's calls."""
     out_f, in_f = S.shape[0], S.shape[1]
     x, d = fac.x, fac.d
     # powers of two (exact rescalings): x, d and gb into [-1, 1], S per column into [0, 1]
     cache = cache or _no_cache()
-    sx, sd, sg = cache.scale(x), _pow2_scale(d, (0, 1)), _pow2_scale(gb, (0, 1))
-    if layer is not None:
-        out_f, sd, sg = layer
+    memo = {} if memo is None or keep is not None else memo
+    if layer is not None and SHARED_CHUNK_SETUP:  # (the layer's scales: the rows' own are not read)
+        sx, (out_f, sd, sg) = cache.scale(x), layer
+    else:
+        sx, sd, sg = cache.scale(x), _pow2_scale(d, (0, 1)), _pow2_scale(gb, (0, 1))
+        if layer is not None:
+            out_f, sd, sg = layer
     sS = _pow2_scale(S, (0, 1))  # [1, 1, M]; S >= 0
     Wr = None if row_weights is None or row_weights[0].numel() == 0 else row_weights[1]
     if keep is not None:  # after the scales: a silent row's gb and S still set them
@@ -1030,7 +1077,7 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     S32 = cache.scratch("S32", layout, torch.float32, S.device).copy_(
         torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device))
         .permute(*((0, 2, 1) if skinny else (1, 0, 2))))
-    ds, gs = d / sd, gb / sg  # [R, out], [out, in]
+    ds, gs = _memo(memo, "ds", lambda: d / sd), _memo(memo, "gs", lambda: gb / sg)  # [R, out], [out, in]
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
     col_scale = sS.reshape(1, -1)
@@ -1044,13 +1091,17 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     for a in range(1, power + 1):
         coef = math.comb(power, a) * (-1) ** (power - a)
         # one more rounding where a power of gb multiplies S (counted in eps's six)
-        g = gs.pow(power - a).to(torch.float32)
-        B = torch.mul(S32, g.unsqueeze(1) if skinny else g.T.unsqueeze(-1),
-                      out=cache.scratch("B32", S32.shape, torch.float32, S.device)) if power - a else S32
+        B = S32
+        if power - a:  # (gb^1 is read by both powers' calls: held; the others are one call's)
+            g = (_memo(memo, "gs32", lambda: gs.to(torch.float32)) if power - a == 1
+                 else gs.pow(power - a).to(torch.float32))
+            B = torch.mul(S32, g.unsqueeze(1) if skinny else g.T.unsqueeze(-1),
+                          out=cache.scratch("B32", S32.shape, torch.float32, S.device))
         if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out
             t = torch.mm(B.view(rows * M, in_f), cache.scaled_power32(x, a).T,
                          out=cache.scratch("t32", (rows * M, R), torch.float32, S.device)).view(rows, M, R)
-            t = torch.mul(t, ds.T.pow(a).to(torch.float32).unsqueeze(1),
+            t = torch.mul(t, (_memo(memo, ("dsT32", a), lambda a=a: ds.T.pow(a).to(torch.float32)) if a <= 2
+                                else ds.T.pow(a).to(torch.float32)).unsqueeze(1),
                           out=cache.scratch("dt32", (rows, M, R), torch.float32, S.device))
             ta = t.sum(0).T.to(torch.float64, memory_format=torch.contiguous_format)
             if K:  # sum_o (d^a t)_(o, m, r) W_ok: [K_m, out] @ [out, R] per source column
@@ -1060,7 +1111,8 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
                 ta = torch.cat([ta, tw], 1)
         else:
             t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
-            da = ds.pow(a).to(torch.float32)
+            da = (_memo(memo, ("ds32", a), lambda a=a: ds.pow(a).to(torch.float32)) if a <= 2
+                  else ds.pow(a).to(torch.float32))
             ta = torch.einsum("ro,rom->rm", da, t).to(torch.float64)
             if K:  # sum_o d_ro^a t_rom W_ok: [R, out] @ [out, K_m] per source column
                 tw = torch.empty(R, K, dtype=torch.float64)
@@ -1131,9 +1183,10 @@ def factored_power_sums(
     cols = max(1, COLUMN_BUDGET // max(A.shape[0], fac.d.shape[0] * out_f, 1))
     if row_weights is not None and row_weights[0].numel() == 0:
         row_weights = None
+    nonneg: tuple[Tensor, bool] | None = None  # (A, A >= 0 everywhere): read once per A
     if row_weights is not None and (bias or not F32_ON_LIVE_ROWS or power not in POWER_SUMS_F32
                                     or fac.x.dtype != torch.float64 or M + row_weights[0].numel() > cols
-                                    or not (A.numel() and bool(A.amin() >= 0))
+                                    or not (A.numel() and (nonneg := (A, bool(A.amin() >= 0)))[1])
                                     or not bool((row_weights[1] >= 0).all())):
         # (the float32 path's shared GEMM only: elsewhere the same sums of materialized columns)
         A, row_weights = _with_row_weights(A, row_weights, in_f), None
@@ -1145,30 +1198,29 @@ def factored_power_sums(
     # dividing by a clamped V_jj gave 0 * 1e300 at power 2 but 0 / 0 = NaN at power 4, where
     # (1e-300)^2 underflows (mo26: every scheme's Edgeworth estimate NaN at 1e7 weights, with
     # dead ReLU units). V_jj up to 1e-150 counts as none: its power stays finite above it.
-    live = v_diag > V_NONE
+    # what this chunk's other calls (the other power, other column groups) share (SHARED_CHUNK_SETUP)
+    memo = {} if cache is None else cache.chunk_setup(fac.d, g_mean, v_diag, in_f, bias, SKIP_DEAD_ROWS, SKIP_SILENT_ROWS,
+                                                      F32_ON_LIVE_ROWS)
+    live = _memo(memo, "live", lambda: v_diag > V_NONE)
     layer = None
-    if SKIP_DEAD_ROWS and not bias and not bool(live.all()):
-        rows = live.reshape(out_f, in_f).any(1)
-        if not bool(rows.all()):
+    if SKIP_DEAD_ROWS and not bias and not _memo(memo, "every", lambda: bool(live.all())):
+        dead = _memo(memo, "dead", lambda: _dead_rows(fac, g_mean, v_diag, live, out_f, in_f))
+        if dead is not None:
             # only the rows with a live weight (a dead row's scaled is 0: exact-zero terms); the
             # bound's out and the power-of-two scales of d and gb stay the layer's
-            ri = rows.nonzero().reshape(-1)
+            ri, layer, d_r, g_mean, v_diag, live = dead
             if ri.numel() == 0:  # every weight without influence
                 return torch.zeros(fac.d.shape[0], M, dtype=torch.float64, device=A.device)
-            layer = (out_f, _pow2_scale(fac.d, (0, 1)), _pow2_scale(g_mean.reshape(out_f, in_f), (0, 1)))
-            fac = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x, d=fac.d[:, ri])
-            g_mean = g_mean.reshape(out_f, in_f)[ri].reshape(-1)
-            v_diag = v_diag.reshape(out_f, in_f)[ri].reshape(-1)
+            fac = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x, d=d_r)
             A = A.reshape(out_f, in_f, M)[ri].reshape(-1, M)
             if row_weights is not None:
                 row_weights = (row_weights[0], row_weights[1][ri])
-            live = v_diag > V_NONE
             out_f = ri.numel()
     cache = cache or _no_cache()
-    vp = v_diag.clamp_min(V_NONE).pow(power / 2).unsqueeze(-1)
+    vp = _variance_power(_memo(memo, "vclamp", lambda: v_diag.clamp_min(V_NONE)), power).unsqueeze(-1)
     if (F32_ON_LIVE_ROWS and not bias and power in POWER_SUMS_F32 and fac.x.dtype == torch.float64
-            and A.numel() and bool(A.amin() >= 0)):
-        return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache, row_weights)
+            and A.numel() and (nonneg[1] if nonneg is not None and nonneg[0] is A else bool(A.amin() >= 0))):
+        return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache, row_weights, memo)
     assert row_weights is None  # (materialized above where the path below would take them)
     scaled = torch.div(A, vp, out=cache.scratch("scaled", tuple(A.shape), torch.result_type(A, vp), A.device))  # [numel, M]
     if not bool(live.all()):  # torch.where(live, scaled, 0) on the dead rows alone (bitwise)
@@ -1209,6 +1261,26 @@ def factored_power_sums(
     return _binomial_sums_f64(fac, gb, S, power, cache, keep, g0=g0, pack=PACK_ZERO_BLOCKS)
 
 
+def _variance_power(vc: Tensor, power: int) -> Tensor:
+    """``vc^(p/2)`` (``vc`` the clamped variances): ``vc`` itself at ``p = 2`` where
+    :data:`SHARED_CHUNK_SETUP` (``pow(1.0)`` is a copy of the same values)."""
+    return vc if power == 2 and SHARED_CHUNK_SETUP else vc.pow(power / 2)
+
+
+def _dead_rows(fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, live: Tensor, out_f: int, in_f: int,
+               ) -> tuple[Tensor, tuple[int, Tensor, Tensor], Tensor, Tensor, Tensor, Tensor] | None:
+    """:data:`SKIP_DEAD_ROWS`: ``None`` where every output row has a live weight, else ``(ri, layer,
+    d, g_mean, v_diag, live)`` on the rows ``ri`` that have one (``layer``: the whole layer's ``out``
+    and power-of-two scales of ``d`` and ``gb``)."""
+    rows = live.reshape(out_f, in_f).any(1)
+    if bool(rows.all()):
+        return None
+    ri = rows.nonzero().reshape(-1)
+    layer = (out_f, _pow2_scale(fac.d, (0, 1)), _pow2_scale(g_mean.reshape(out_f, in_f), (0, 1)))
+    v_r = v_diag.reshape(out_f, in_f)[ri].reshape(-1)
+    return ri, layer, fac.d[:, ri], g_mean.reshape(out_f, in_f)[ri].reshape(-1), v_r, v_r > V_NONE
+
+
 # The a = 0 term of columns stored one after another (assess.COLUMN_MAJOR_STACK) as one GEMV over
 # their contiguous [M, numel] transpose (p47a: a [1, numel] x [numel, 1] product per column ran at ~1 ms
 # for 2^18 elements, 9 columns 9.1 against 1.8 ms, ~0.2 s of a 1e7 call in the second layer's 32
@@ -1218,15 +1290,15 @@ def factored_power_sums(
 ZEROTH_TERM_GEMV = True
 
 
-def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int, every: bool) -> Tensor:
+def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int, every: bool,
+                 memo: dict[Any, Any] | None = None) -> Tensor:
     """``[M]`` the binomial expansion's ``a = 0`` term ``sum_j gb_j^p A_jm / V_j^(p/2)`` over the live
     weights (``vp [numel, 1] = V^(p/2)``), one GEMV over ``A`` (:data:`F32_ON_LIVE_ROWS`); where that
     is not finite (an infinite ``A`` where a dead weight's 0 multiplied it), the product form of
-    before, whose dead weights are exact zeros."""
-    g2 = g_mean.square()  # gb^p by squarings (pow(4) runs std::pow per element: ~6x slower)
-    c = (g2 if power == 2 else g2.square() if power == 4 else g_mean.pow(power)) / vp.reshape(-1)  # [numel]
-    if not every:
-        c = torch.where(live, c, torch.zeros((), dtype=c.dtype))
+    before, whose dead weights are exact zeros. ``memo``: the chunk's shared setup
+    (:meth:`PowerCache.chunk_setup`; the coefficients ``gb^p / V^(p/2)`` are the same for every call
+    of the chunk with this power)."""
+    c = _zeroth_coefficients(g_mean, vp, live, power, every, memo)
     if ZEROTH_TERM_GEMV and A.shape[1] > 1 and A.stride(0) == 1 and A.stride(1) == A.shape[0]:
         # columns stored one after another (assess.COLUMN_MAJOR_STACK): one GEMV over the contiguous
         # [M, numel] transpose (ZEROTH_TERM_GEMV)
@@ -1247,9 +1319,29 @@ def _zeroth_term(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int
     return g0
 
 
+def _zeroth_coefficients(g_mean: Tensor, vp: Tensor, live: Tensor, power: int, every: bool,
+                         memo: dict[Any, Any] | None) -> Tensor:
+    """``[numel]`` ``gb^p / V^(p/2)`` on the live weights, 0 on the others (:func:`_zeroth_term`)."""
+    c = _zeroth_raw(g_mean, vp, power, memo)
+    return c if every else torch.where(live, c, torch.zeros((), dtype=c.dtype))
+
+
+def _zeroth_raw(g_mean: Tensor, vp: Tensor, power: int, memo: dict[Any, Any] | None) -> Tensor:
+    """``[numel]`` ``gb^p / V^(p/2)`` (``gb^p`` by squarings: pow(4) runs std::pow per element, ~6x
+    slower; ``gb^2``, and at ``p = 2`` the quotient, which :func:`_zeroth_rows` reads too, shared by
+    the chunk's calls through ``memo``)."""
+    memo = {} if memo is None else memo
+
+    def make() -> Tensor:
+        g2 = _memo(memo, "g2", g_mean.square)
+        return (g2 if power == 2 else g2.square() if power == 4 else g_mean.pow(power)) / vp.reshape(-1)
+    return _memo(memo, "c0 raw 2", make) if power == 2 else make()
+
+
 def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int,
                        out_f: int, in_f: int, layer: tuple[int, Tensor, Tensor] | None, cache: PowerCache,
-                       row_weights: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                       row_weights: tuple[Tensor, Tensor] | None = None, memo: dict[Any, Any] | None = None,
+                       ) -> Tensor:
     """:func:`factored_power_sums` of a weight's columns ``A >= 0`` ``[out * in, M]`` in float32
     (:func:`_even_power_sums_f32`, its float64 fallback per record) with the element-wise work
     over the output rows whose ``d`` is not 0 on every record only (:data:`F32_ON_LIVE_ROWS`):
@@ -1264,32 +1356,34 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     (``gb^p`` by squarings) before ``A`` instead of ``A / V^(p/2)`` first: a non-negative float64
     sum of ``numel`` terms, within ``(numel + 3) u`` relative either way (~1e-16 measured; the
     sums, ``G`` minus the other terms, moved by at most ~1e-14 relative at 1e7 weights).
-    ``row_weights``: as :func:`factored_power_sums` (``W [out, K]``), the ``K`` sums after the ``M``."""
+    ``row_weights``: as :func:`factored_power_sums` (``W [out, K]``), the ``K`` sums after the ``M``.
+    ``memo``: the chunk's shared setup (:meth:`PowerCache.chunk_setup`; ``{}``: none)."""
+    memo = {} if memo is None else memo
     M = A.shape[1]
     gb = g_mean.reshape(out_f, in_f)
-    every = bool(live.all())
-    g0 = _zeroth_term(g_mean, A, vp, live, power, every)
+    every = _memo(memo, "every live", lambda: bool(live.all()))
+    g0 = _zeroth_term(g_mean, A, vp, live, power, every, memo)
     W = None
     if row_weights is not None:  # their a = 0 terms: sum_o W_ok sum_i (gb^p / V^(p/2) A)_(oi, src_k)
         src, W = row_weights
-        g0 = torch.cat([g0, _zeroth_rows(g_mean, A, vp, live, power, out_f, in_f, src, W)])
+        g0 = torch.cat([g0, _zeroth_rows(g_mean, A, vp, live, power, out_f, in_f, src, W, memo, every)])
     keep = None
     if SKIP_SILENT_ROWS:  # the rows whose d is 0 on every record: their terms a >= 1 are exact zeros (pf31)
-        on = fac.d.ne(0).any(0)
-        if not bool(on.all()):
-            keep = on.nonzero().reshape(-1)
+        keep = _memo(memo, "keep", lambda: _silent_rows(fac.d))
     if keep is not None and keep.numel() == 0:  # every row silent: the a = 0 term alone, exact
         POWER_SUMS_F32_COUNTS[(power, "float32")] += fac.d.shape[0]
         return g0.unsqueeze(0).expand(fac.d.shape[0], -1).clone()
     if keep is not None:
         # the bound's out and the power-of-two scales of d and gb stay the layer's (as with keep)
-        layer = layer or (out_f, _pow2_scale(fac.d, (0, 1)), _pow2_scale(gb, (0, 1)))
+        d_all, gb_all = fac.d, gb
+        layer = layer or _memo(memo, "layer", lambda: (out_f, _pow2_scale(d_all, (0, 1)), _pow2_scale(gb_all, (0, 1))))
         A = A.reshape(out_f, in_f, M)[keep]
-        vp = vp.reshape(out_f, in_f, 1)[keep]
-        live = live.reshape(out_f, in_f)[keep]
-        gb = gb[keep]
+        vp = _memo(memo, ("vp kept", power), lambda: vp.reshape(out_f, in_f, 1)[keep])
+        live = _memo(memo, "live kept", lambda: live.reshape(out_f, in_f)[keep])
+        gb = _memo(memo, "gb kept", lambda: gb_all[keep])
         W = None if W is None else W[keep]
-        fac = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x, d=fac.d[:, keep])
+        fac = LinearFactors(module=fac.module, weight=fac.weight, bias=fac.bias, x=fac.x,
+                            d=_memo(memo, "d kept", lambda: d_all[:, keep]))
         rows = keep.numel()
     else:
         A, vp, live, rows = A.reshape(out_f, in_f, M), vp.reshape(out_f, in_f, 1), live.reshape(out_f, in_f), out_f
@@ -1297,8 +1391,8 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     if not every:
         S[~live] = 0.0
     rw = None if W is None or row_weights is None else (row_weights[0], W)
-    got, bad = (_even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer) if rw is None
-                else _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer, row_weights=rw))
+    got, bad = _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer, row_weights=rw,
+                                    memo=memo)
     bad_rows = bad.any(1)
     nbad = int(bad_rows.sum())
     POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
@@ -1311,15 +1405,29 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     return got
 
 
+def _silent_rows(d: Tensor) -> Tensor | None:
+    """:data:`SKIP_SILENT_ROWS`: the output rows ``[k]`` whose ``d`` is non-zero on some record, ``None``
+    where every row is."""
+    on = d.ne(0).any(0)
+    return None if bool(on.all()) else on.nonzero().reshape(-1)
+
+
 def _zeroth_rows(g_mean: Tensor, A: Tensor, vp: Tensor, live: Tensor, power: int, out_f: int, in_f: int,
-                 src: Tensor, W: Tensor) -> Tensor:
+                 src: Tensor, W: Tensor, memo: dict[Any, Any] | None = None, every: bool = False) -> Tensor:
     """``[K]`` the ``a = 0`` terms of :func:`factored_power_sums`' row-weighted columns:
     ``sum_o W_ok sum_i gb_oi^p A_(oi, src_k) / V_oi^(p/2)`` over the live weights (float64; a
-    dead weight's term an exact 0, as :func:`_zeroth_term`'s product form)."""
-    c = g_mean.pow(power) / vp.reshape(-1)
+    dead weight's term an exact 0, as :func:`_zeroth_term`'s product form). ``memo``: the chunk's
+    shared setup (``gb^2 / V`` is :func:`_zeroth_term`'s at ``p = 2``: ``pow(2)`` squares);
+    ``every``: every weight is live (no mask to apply)."""
+    if memo is not None and power == 2 and SHARED_CHUNK_SETUP:
+        c = _zeroth_raw(g_mean, vp, power, memo)  # bitwise g_mean.pow(2) / vp
+    else:
+        c = g_mean.pow(power) / vp.reshape(-1)
     out = torch.empty(src.numel(), dtype=torch.float64, device=A.device)
     for m in sorted({int(v) for v in src.tolist()}):
-        per_row = torch.where(live, c * A[:, m], torch.zeros((), dtype=torch.float64)).reshape(out_f, in_f).sum(1)
+        prod = c * A[:, m]
+        per_row = (prod if every and SHARED_CHUNK_SETUP
+                   else torch.where(live, prod, torch.zeros((), dtype=torch.float64))).reshape(out_f, in_f).sum(1)
         ks = (src == m).nonzero().reshape(-1)
         out[ks] = per_row @ W[:, ks]
     return out
