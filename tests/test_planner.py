@@ -168,29 +168,45 @@ def test_plan_prediction_matches_reassessment(setup):
     assert b["move"] > CUTOFF_SENSITIVITY_MAX and any("of the unquantized baseline (" in w for w in rep.warnings)
 
 
+def _measured_loss(model, plan_point, tr, va):
+    """The relative validation-loss change of a plan's real mixed copy against the float model's
+    (one validation pass each, as the planner measures a plan: ``evaluate_utility``)."""
+    from mis_lightning.evaluation import evaluate_utility
+
+    scheme = MixedPrecisionScheme({g: get_scheme(c).calibrate(model, tr) for g, c in plan_point.choices.items()})
+    f = evaluate_utility(model, va, loss)["loss"]
+    return (evaluate_utility(scheme.apply(model).model, va, loss)["loss"] - f) / f
+
+
 def test_plan_is_the_best_feasible_plan(setup):
     """All 27 plans are enumerated (proxy values): the chosen plan has the least leakage among
-    the frontier plans within the utility budget; the budget holds on re-assessment (or a
-    warning says it does not)."""
+    the frontier plans whose real copies measure within the utility budget, leakages within
+    LEAKAGE_TIE counting as tied and the least *measured* utility loss deciding among them (the
+    planner chooses on measured utilities, pl44 / pl47: m48's machine predicted int8|int4|int8
+    -0.00175 and int8|int4|int4 -0.00111 but measured -0.00228 and -0.00296, the leakages 3e-5
+    apart); the budget holds on re-assessment (or a warning says it does not)."""
     model, tr, va, est, _ = setup
     budget = 0.02
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     res = plan(model, CANDS, tr, loss, val_dataloader=va, estimate=est, max_utility_loss=budget,
                weight_decay=WD, uncertainty_draws=0, reassess=1, method="clt")
-    assert res.chosen.utility_loss <= budget
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
     model.eval()
     names = list(res.chosen.choices)
     assert len(names) == 3
-    # the least leakage, leakages within LEAKAGE_TIE (relative) counting as tied: then the least
-    # utility loss (a plan 0.002% leakier with a better loss lost to noise, fu19 p23)
+    # the brute force over the frontier with each plan's measured utility loss: the least leakage
+    # among those within the budget, leakages within LEAKAGE_TIE (relative) counting as tied
+    # (a plan 0.002% leakier with a better loss lost to noise, fu19 p23), then the least measured
+    # utility loss, then the fewest bits (planning._best's order)
     from mis_lightning.planning import LEAKAGE_TIE
 
-    best = min(p.leakage for p in res.frontier if p.utility_loss <= budget)
-    tied = [p for p in res.frontier if p.utility_loss <= budget and p.leakage <= best * (1 + LEAKAGE_TIE)]
-    assert res.chosen.leakage <= best * (1 + LEAKAGE_TIE)
-    assert res.chosen.utility_loss == min(p.utility_loss for p in tied)
+    measured = {tuple(p.choices.values()): _measured_loss(model, p, tr, va) for p in res.frontier}
+    ok = [p for p in res.frontier if measured[tuple(p.choices.values())] <= budget]
+    best = min(p.leakage for p in ok)
+    tied = [p for p in ok if p.leakage <= best * (1 + LEAKAGE_TIE)]
+    want = min(tied, key=lambda p: (measured[tuple(p.choices.values())], p.bits_per_weight, p.leakage))
+    assert res.chosen.choices == want.choices, (res.chosen, [(p.choices, measured[tuple(p.choices.values())]) for p in tied])
     ul = (res.utility - res.float_utility) / res.float_utility
     assert ul <= budget or any("does not meet the budget" in w for w in res.warnings)
     # strictly better than every uniform candidate that meets the same budget, or equal to one

@@ -252,11 +252,17 @@ def test_a_converged_layernorm_fit_is_not_read_as_off_its_minimum(affine, iters,
     the Newton step went through the unfloored pseudo-inverse, sigma through the floored one.
     Through the same inverse every direction reads its mean gradient's t-statistic (here < 0.1;
     the threshold is 1); an offset along the direction itself is still measured (test_estimation,
-    ``..._under_the_eigenvalue_floor_...``)."""
+    ``..._under_the_eigenvalue_floor_...``). The fit is refitted with one more L-BFGS step (at
+    most 2 more) until its gradient norm ratio is below 1e-4: the path, and where ``iters`` stops
+    it, depends on the float64 GEMMs' summation order (m48: the affine=False fit read 2.0e-5 with
+    2 threads and 1.8e-4 with 1, as under xdist after test_planner set 1 thread)."""
     from mis_lightning.estimation.estimate import estimate
 
-    m, dl = _fitted_mlp(affine, iters, steps)
-    d = estimate(m, dl, _mse, mode="exact").diagnostics
+    for more in range(3):
+        m, dl = _fitted_mlp(affine, iters, steps + more)
+        d = estimate(m, dl, _mse, mode="exact").diagnostics
+        if d["gradient_norm_ratio"] < 1e-4:
+            break
     assert d["gradient_norm_ratio"] < 1e-4
     assert d["minimum_offset_sd"] < 0.1 and not d["not_at_minimum"]
     # nor as negative curvature (ln42): the affine fit's one negative eigenvalue, -2e-9 of the
