@@ -563,6 +563,22 @@ def pick_utility_key(rows: list[dict[str, Any]], utility_key: str | None = None,
     return next((k for k in keys if k.removeprefix("utility_") in (modes or {}) or known_mode(k) is not None), None)
 
 
+def check_utility_key_measured(rows: Sequence[Mapping[str, Any]], utility_key: str | None, picked: str | None) -> None:
+    """Refuse a named ``utility_key`` that no row measured while others were (nux48: the table
+    dropped the column and its verdict ranked by leakage alone, recommending the scheme that costs
+    the model most, silently).
+
+    Raises:
+        ValueError: naming the key and the utilities the rows do hold.
+    """
+    if utility_key is None or picked is not None:
+        return
+    measured = list(dict.fromkeys(k.removeprefix("utility_") for r in rows for k in r if k.startswith("utility_")))
+    if measured:
+        raise ValueError(f"utility_key={utility_key!r} was not measured for any scheme; the report holds "
+                         f"{', '.join(measured)}: name one of those")
+
+
 def _fmt(v: Any, extra: int = 0, exponent: bool | None = None) -> str:
     """A figure: a float with 4 decimals (3 in exponent notation below 1e-3 or from 1e5),
     plus ``extra`` digits; ``-`` for a missing value; anything else as ``str``. ``exponent``:
@@ -840,6 +856,10 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
                f"({_fmt(float(best[uk]), extra)}, {best['scheme']})")
     safest = min(eligible, key=lambda r: float(r["leakage"]))
     text = f"verdict: safest{how}: {safest['scheme']} (leakage {_fmt(safest['leakage'])})"
+    if best is None and len(ok) > 1:
+        # nux48: without a utility the verdict ranks by leakage alone, which favours the coarsest
+        # scheme whatever it does to the model: say so on the verdict line itself
+        text += " by leakage alone (no utility measured: the schemes' cost to the model is not weighed)"
     others = [r for r in ok if r is not safest]
     if not others:
         return text
@@ -1158,6 +1178,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     columns; it does not widen them. The full messages follow the table under ``errors:``.
     """
     uk = pick_utility_key(rows, utility_key, modes)
+    check_utility_key_measured(rows, utility_key, uk)
     extra = utility_digits(rows, utility_key, utility_tolerance, modes)
     whole = whole_model_column(rows)
     head = ["scheme", "bits/w", "float"] + (["model b/w"] if whole else []) + (

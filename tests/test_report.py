@@ -539,3 +539,22 @@ def test_each_figure_column_prints_in_one_notation_that_keeps_small_values():
     md = markdown_table([{**r, "job": i} for i, r in enumerate(rows)])
     mis_col = md.splitlines()[0].split(" | ").index("MIS")
     assert [ln.split(" | ")[mis_col] for ln in md.splitlines()[2:5]] == ["3.670e-02", "3.870e-06", "0.000e+00"]
+
+
+def test_a_named_utility_never_measured_is_refused_and_a_verdict_without_utility_says_so():
+    """nux48: ``Report.table(utility_key="acc")`` on a report that measured ``loss`` dropped the
+    utility column and its verdict ranked by leakage alone, recommending int2 (loss 0.6458 against
+    0.3203) silently; the named key is now refused naming what was measured. A verdict over rows
+    with no utility at all says on its own line that it weighs leakage alone."""
+    from mis_lightning.report import verdict
+
+    rows = _verdict_rows([("int8_weight_only", 0.0948, 0.0891, 0.1005, 0.3203),
+                          ("intx_weight_only_int2", 0.0732, 0.0657, 0.0788, 0.6458)], 0.0948, "loss")
+    with pytest.raises(ValueError, match=r"utility_key='acc' was not measured for any scheme; the report holds loss"):
+        format_table(rows, utility_key="acc")
+    assert format_table(rows, utility_key="loss").splitlines()[0].split()[3] == "loss"
+    bare = [{k: v for k, v in r.items() if not k.startswith("utility_")} for r in rows]
+    text = verdict(bare)
+    assert text.startswith("verdict: safest: intx_weight_only_int2 (leakage 0.0732) by leakage alone "
+                           "(no utility measured: the schemes' cost to the model is not weighed)")
+    assert format_table(bare, utility_key="acc")  # nothing measured: nothing to name, no error
