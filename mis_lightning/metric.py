@@ -73,8 +73,10 @@ WARNING_KEY_CHARS = 60
 
 
 def report_summary(report: Report) -> dict[str, dict[str, Any]]:
-    """``{scheme: {leakage, mis, baseline_leakage, d_eff, d, [leakage_p10, leakage_p90], layers,
-    [error]}}`` with 0-d float64 tensors (NaN for a failed scheme).
+    """``{scheme: {leakage, mis, baseline_leakage, d_eff, d, leakage_p10, leakage_p90, layers,
+    [error]}}`` with 0-d float64 tensors (NaN for a failed scheme; ``leakage_p10`` / ``leakage_p90``
+    NaN where a scheme has no interval: the unquantized ``none``, ``uncertainty_draws=0``), the same
+    keys for every scheme (nux48: a loop over the entries met a KeyError at ``none``).
 
     Raises:
         Nothing for a report built by the pipeline.
@@ -87,8 +89,8 @@ def report_summary(report: Report) -> dict[str, dict[str, Any]]:
             "layers": {ln: {"leakage": _t(lr.leakage), "mis": _t(lr.mis), "d_eff": _t(lr.d_eff),
                             "baseline_leakage": _t(lr.baseline_leakage)} for ln, lr in s.layers.items()},
         }
-        if s.interval is not None:
-            entry["leakage_p10"], entry["leakage_p90"] = _t(s.interval[0]), _t(s.interval[1])
+        lo, hi = (math.nan, math.nan) if s.interval is None else s.interval
+        entry["leakage_p10"], entry["leakage_p90"] = _t(lo), _t(hi)
         if s.error:
             entry["error"] = s.error
         out[name] = entry

@@ -429,3 +429,17 @@ def test_records_fed_twice_without_reset_are_named():
     assert msg and "480 training records where num_training_records is 240 (2x)" in msg[0] and "reset()" in msg[0], msg
     assert any("where num_training_records is 240" in x for x in twice.report.warnings)
 
+
+
+def test_compute_gives_every_scheme_the_same_keys_nan_where_no_interval():
+    """nux48: ``compute()``'s ``none`` entry lacked ``leakage_p10`` / ``leakage_p90`` (the docs list
+    them), so a loop over the entries met a KeyError; every entry now has them, NaN where the
+    scheme has no interval (the unquantized release)."""
+    X, y = _data(n=200)
+    m = _ols_model(X, y)
+    metric = MISIndicator(m, mse, ["none", "rtn_int8"], estimation="exact", uncertainty_draws=4)
+    _feed(metric, X, y, 50)
+    out = metric.compute()
+    assert set(out["none"]) == set(out["rtn_int8"]) >= {"leakage", "leakage_p10", "leakage_p90"}
+    assert math.isnan(float(out["none"]["leakage_p10"])) and math.isnan(float(out["none"]["leakage_p90"]))
+    assert float(out["rtn_int8"]["leakage_p10"]) <= float(out["rtn_int8"]["leakage_p90"])
