@@ -106,6 +106,28 @@ def test_floored_ties_beside_settled_weights(dtype, kappa_only, unchecked, monke
         _close(got, ref, fields, f"SD_FLOOR_TIES={on}")
 
 
+
+@pytest.mark.parametrize("kappa_only", [False, True])
+def test_tie_cache_follows_the_exact_offsets_switch(kappa_only, unchecked, monkeypatch):
+    """``_TIE_MOMENTS`` (SD_FLOOR_TIES) is keyed on ``EXACT_EDGE_OFFSETS`` too: the ties of a call take
+    the windowed path's numbers of the switch as it is now, not those cached under the other setting
+    (an A/B of the switch in one process, ``first_call.py ab --flag``, read the first run's numbers:
+    2/pi with the switch off, where the windowed path gives 0 above ``|theta| ~ 4`` at the floor; rv48)."""
+    values = cast_cell_values(torch.float16)
+    ties = _midpoints(values, [8.0, 1000.0])[:2]  # |theta| / FLOOR overflows: the old form's kappa 0
+    th = torch.cat([torch.full((64,), 0.5, dtype=F64), ties])
+    sg = torch.cat([torch.zeros(64, dtype=F64), torch.full_like(ties, FLOOR)])
+    sc = torch.ones_like(th)
+    T._TIE_MOMENTS.clear()
+    for exact in (True, False, True):
+        monkeypatch.setattr(T, "EXACT_EDGE_OFFSETS", exact)
+        out, closed = T._table_sum_moments(th, sg, values, sc, kappa_only)
+        alone, _ = T._table_window_moments(ties, sg[64:], values, sc[64:], kappa_only)
+        assert torch.equal(out.kappa[64:], alone.kappa), (exact, out.kappa[64:], alone.kappa)
+        # (the two settings differ here: 2/pi, the reference's, against the old form's 0 / NaN)
+        assert bool((alone.kappa == 2.0 / math.pi).all()) == exact, alone.kappa
+    T._TIE_MOMENTS.clear()
+
 def _float8_case(dtype: torch.dtype, scale: float, sd: float, offset: float):
     values = representable_values(dtype).to(F64)
     mids = 0.5 * (values[1:] + values[:-1])

@@ -1469,7 +1469,10 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     rows = []
     for r, kind in enumerate(kinds.tolist()):
         # (the paths switched off by a failed self-check in the key: the windowed path's numbers then)
-        key = (id(layout), values.data_ptr(), values.numel(), g0, kappa_only, frozenset(GUARD.disabled), *kind)
+        # (and the windowed path's own switch: an A/B of EXACT_EDGE_OFFSETS in one process read the
+        # first setting's numbers for every tie; rv48)
+        key = (id(layout), values.data_ptr(), values.numel(), g0, kappa_only, frozenset(GUARD.disabled),
+               EXACT_EDGE_OFFSETS, *kind)
         got = _TIE_MOMENTS.get(key)
         if got is None:
             i = int(torch.nonzero(inv == r)[0, 0])
