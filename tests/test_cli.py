@@ -178,7 +178,7 @@ def test_bad_scheme_fails_before_training(tmp_path):
     assert [p.name for p in (tmp_path / "r").iterdir()] == ["result.json"]
     res = json.loads((tmp_path / "r" / "result.json").read_text())
     assert res["status"] == "failed" and res["stage"] == "configuration" and res["rows"] == []
-    assert res["error"].startswith("KeyError: \"unknown quantization scheme 'int9_weight_only'")
+    assert res["error"].startswith("UnknownSchemeError: unknown quantization scheme 'int9_weight_only'")
     assert res["schemes"] == ["int9_weight_only"]
 
 
@@ -198,7 +198,7 @@ def test_cli_prints_a_configuration_error_without_a_traceback(tmp_path, monkeypa
     run = tmp_path / "r"
     code, err = _console(monkeypatch, capsys, [*FAST, "logger=none", "schemes=[int8_wieght_only]", f"hydra.run.dir={run}"])
     assert code == 2
-    assert "configuration error (KeyError): unknown quantization scheme 'int8_wieght_only'" in err
+    assert "configuration error (UnknownSchemeError): unknown quantization scheme 'int8_wieght_only'" in err
     assert "did you mean int8_weight_only" in err
     assert "Traceback" not in err
     assert json.loads((run / "result.json").read_text())["stage"] == "configuration"

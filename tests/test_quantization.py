@@ -435,3 +435,19 @@ def test_unknown_name_suggests_current_names_only():
         get_scheme("int8_weight_onyl")
     close = re.search(r"did you mean ([^?]*)\?", str(err.value)).group(1).split(", ")
     assert close[0] == "int8_weight_only" and set(close) <= set(available_schemes()), close
+
+
+def test_unknown_scheme_names_print_unquoted_with_case_and_word_suggestions():
+    """nux48: an unknown name's KeyError printed its message quoted (KeyError's own ``str``),
+    ``INT8_weight_only`` was offered float8 first and ``int8`` only rtn_int8. The error stays a
+    KeyError; its message prints as written; the same name in another case comes first, and a bare
+    word of names (``int8``) offers the shortest names holding it."""
+    from mis_lightning.quantization.registry import check_scheme_names
+
+    with pytest.raises(KeyError) as e:
+        check_scheme_names(["INT8_weight_only"])
+    assert str(e.value).startswith("unknown quantization scheme 'INT8_weight_only' (did you mean int8_weight_only,")
+    with pytest.raises(KeyError) as e:
+        check_scheme_names(["int8"])
+    said = str(e.value).split("(did you mean ")[1].split("?")[0].split(", ")
+    assert "rtn_int8" in said and "int8_weight_only" in said

@@ -18,6 +18,7 @@ from .base import (
     check_float_model,
 )
 from .registry import (
+    UnknownSchemeError,
     available_schemes,
     deprecated_aliases,
     get_scheme,
@@ -35,6 +36,7 @@ __all__ = [
     "SchemeConfig",
     "SchemeError",
     "SchemeUnavailableError",
+    "UnknownSchemeError",
     "affine_grid",
     "available_schemes",
     "check_float_model",

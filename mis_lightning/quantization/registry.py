@@ -129,7 +129,7 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
                       DeprecationWarning, stacklevel=2)
         spec = new
     if spec not in _FACTORIES:
-        raise KeyError(_unknown_names_message([spec]))
+        raise UnknownSchemeError(_unknown_names_message([spec]))
     scheme = _FACTORIES[spec](**kwargs)
     if not kwargs and not dataclasses.is_dataclass(scheme):
         # a hand-written (mutable) scheme takes its registry name; a dataclass scheme's name
@@ -138,12 +138,27 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
     return scheme
 
 
+class UnknownSchemeError(KeyError):
+    """An unknown scheme name (a ``KeyError``, as a missing registry key); its message prints as
+    written: ``KeyError``'s own ``str`` quotes it (nux48)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def _close_names(spec: str) -> list[str]:
-    """Up to 3 registered names close to ``spec`` (difflib); an alias that is close suggests the
-    name it stands for (a deprecated alias would point outside the list printed with them)."""
-    return list(dict.fromkeys(
-        _ALIASES[m][0] if m in _ALIASES else m
-        for m in difflib.get_close_matches(spec, [*_FACTORIES, *_ALIASES], n=6, cutoff=0.6)))[:3]
+    """Up to 3 registered names close to ``spec``: the same name in other letter case first, then
+    difflib's on lower case (``INT8_weight_only`` suggested float8 first before, nux48); an alias
+    that is close suggests the name it stands for (a deprecated alias would point outside the list
+    printed with them)."""
+    names = [*_FACTORIES, *_ALIASES]
+    lower = {m.lower(): m for m in names}
+    same_case = [lower[spec.lower()]] if spec.lower() in lower else []
+    # a bare word of a name (``int8``): the shortest names holding it as a word ('int8' read only
+    # rtn_int8 before: difflib's ratio against the longer names is below its cutoff)
+    word = sorted((m for m in names if spec.lower() in m.lower().split("_")), key=len)[:3]
+    close = [lower[m] for m in difflib.get_close_matches(spec.lower(), list(lower), n=6, cutoff=0.6)]
+    return list(dict.fromkeys(_ALIASES[m][0] if m in _ALIASES else m for m in same_case + word + close))[:3]
 
 
 def _unknown_names_message(unknown: Sequence[str]) -> str:
@@ -166,7 +181,7 @@ def check_scheme_names(specs: Iterable[Any]) -> None:
     _load_backends()
     unknown = [s for s in specs if isinstance(s, str) and s not in _FACTORIES and s not in _ALIASES]
     if unknown:
-        raise KeyError(_unknown_names_message(list(dict.fromkeys(unknown))))
+        raise UnknownSchemeError(_unknown_names_message(list(dict.fromkeys(unknown))))
 
 
 def scheme_list(schemes: str | QuantizationScheme | Iterable[str | QuantizationScheme]) -> list:
