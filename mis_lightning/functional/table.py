@@ -332,7 +332,9 @@ def table_cell_moments(
             another's; the interpolation table's choices count the call's size).
         kappa_only: only ``kappa`` is read (the pool protocol's call, the draws): the elements
             settled by their own cell (:func:`_settled`) get no ``mean_abs`` or ``m4`` (NaN
-            there); ``kappa`` is bitwise the same, and the self-check compares it alone.
+            there); ``kappa`` is bitwise the same but where the kappa-only closed form of the
+            overflow elements serves (:data:`OVERFLOW_CLOSED_FORM`: within 5e-15 of the full
+            call's), and the self-check compares it alone.
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
