@@ -369,7 +369,7 @@ class PlanResult:
         c = self.chosen.reassessed(m)
         if c is not None:
             goal = "the fewest bits with MIS >= target_mis" if self.budget.get("target_mis") is not None \
-                else "the least leakage"
+                else f"the least leakage (leakages {NOT_RANKED} tied: the better {m})"
             beats = self.dominated_uniform()
             # "strictly better" only where the leakages are resolved by their intervals (fu27/fu28:
             # a difference inside both intervals is no ranking)
@@ -1092,7 +1092,7 @@ def plan(
             tie = (not missed and cfg.target_mis is None
                    and _unresolved(_interval_row(rc), _interval_row(rn)))
             why = (f"misses the budget once re-assessed ({missed})" if missed else
-                   ("ties with it on leakage" if tie else "is beaten") +
+                   (f"ties on leakage with {new.name!r}" if tie else "is beaten") +
                    f" once re-assessed (leakage {rc['leakage']:.4g}{_interval_text(rc)} vs {rn['leakage']:.4g}"
                    f"{_interval_text(rn)}, {metric} {rc['utility']:.4g} vs {rn['utility']:.4g}, bits "
                    f"{rc['bits_per_weight']:.4g} vs {rn['bits_per_weight']:.4g})")

@@ -20,6 +20,8 @@ the plug-in's error is dominated by where ``theta*`` sits. Two regimes:
   right order, and the plug-in's error -- the difference between the statistics at the
   trained value and at the population value, two positions one ``sigma`` apart -- has at
   most ``sqrt(2)`` times its spread, so the bootstrap half-widths are scaled by ``sqrt(2)``.
+  With no coarse coordinate at all (a fine grid) there is no position error: the record
+  error alone, labelled averaged.
 
 Both are widened to contain the plug-in and by ``Phi^-1((1 + level)/2)`` standard errors of
 the mean over the records. In the position-dominated regime the per-coordinate search also
