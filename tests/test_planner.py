@@ -741,7 +741,7 @@ def test_a_plan_swap_or_choice_inside_the_intervals_is_said_to_be_no_ranking(set
     gave way to rtn_int4 (0.1119 [0.1036, 0.1216], loss 0.005164) with "is beaten once re-assessed"
     and the chosen line said "the least leakage": a difference inside both 80% intervals, and the
     plan it replaced has the better loss. The warning and the plan's table now say that the two are
-    not ranked beyond their intervals (the choice itself, by the point leakage, is unchanged).
+    not ranked beyond their intervals (since pl48 such leakages tie and the utility decides the choice).
     Without the interaction search (pl47), which measures the plan the swap gives first: the
     fixture's swap is the additive search's."""
     from mis_lightning import planning
