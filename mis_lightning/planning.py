@@ -270,7 +270,8 @@ class PlanResult:
         not_ranked_against: the re-assessed plans within the budget (report rows) whose
             leakage the chosen plan's is not ranked beyond their 80% intervals
             (:func:`~mis_lightning.report.unranked_groups`' rule): as safe within the figures'
-            uncertainty; the choice among them was made on the point values.
+            uncertainty; the leakages tied with the least one's (inside each other's intervals)
+            were chosen among by the utility loss, then the size (:func:`_best`)
     """
 
     scheme: MixedPrecisionScheme
@@ -368,7 +369,7 @@ class PlanResult:
         c = self.chosen.reassessed(m)
         if c is not None:
             goal = "the fewest bits with MIS >= target_mis" if self.budget.get("target_mis") is not None \
-                else "the least leakage"
+                else f"the least leakage (leakages {NOT_RANKED} tied: the better {m})"
             beats = self.dominated_uniform()
             # "strictly better" only where the leakages are resolved by their intervals (fu27/fu28:
             # a difference inside both intervals is no ranking)
@@ -388,8 +389,8 @@ class PlanResult:
                     f"{k} (leakage {rows[k]['leakage']:.4g}{_interval_text(rows[k])}, {m} {rows[k]['utility']:.4g}, "
                     f"{rows[k]['bits_per_weight']:.3g} bits)" if k in rows else k for k in self.not_ranked_against)
                 lines.append(f"{NOT_RANKED}: {self.chosen.name} and {shown}, all within the budget and as safe "
-                             f"within the figures' uncertainty; {self.chosen.name} was chosen by its point leakage "
-                             f"(the objective's order: leakage, then {m}, then size)")
+                             f"within the figures' uncertainty; leakages not ranked against the least one's count "
+                             f"as tied, then {m}, then size decided (the objective's order)")
         checked = (self.near_budget or {}).get("checked") or []
         if checked:
             what = "; ".join(f"{', '.join(f'{k}={v}' for k, v in c['choices'].items())}: predicted "
@@ -1075,7 +1076,10 @@ def plan(
             ok.append(p)
             pts_ok.append((r["leakage"], uloss(r["utility"]), r["bits_per_weight"]))
         missed = _misses(rc, uloss(rc["utility"]), cfg)
-        new = ok[_best(pts_ok, cfg)] if ok else None
+        # leakages each inside the other's 80% interval are tied like those within LEAKAGE_TIE:
+        # the utility decides (pl48: the point leakage is no ranking there)
+        new = ok[_best(pts_ok, cfg, lambda i, j: _unresolved(
+            _interval_row(ok[i].reassessed(metric)), _interval_row(ok[j].reassessed(metric))))] if ok else None
         if new is None:
             within = False
             warnings_.append(f"no re-assessed plan meets the budget: the chosen {chosen.name!r} is the search's "
@@ -1083,11 +1087,12 @@ def plan(
                              "or raise reassess")
         elif new is not chosen:
             rn = new.reassessed(metric)
-            # a swap on a leakage difference inside both intervals is no ranking (fu27/fu28): say so
-            tie = (not missed and cfg.target_mis is None and rc["leakage"] > rn["leakage"]
+            # a swap on a leakage difference inside both intervals is no ranking (fu27/fu28): say so,
+            # and what decided it (pl48: the utility, then the size, then the point leakage)
+            tie = (not missed and cfg.target_mis is None
                    and _unresolved(_interval_row(rc), _interval_row(rn)))
             why = (f"misses the budget once re-assessed ({missed})" if missed else
-                   ("reads a higher point leakage" if tie else "is beaten") +
+                   (f"ties on leakage with {new.name!r}" if tie else "is beaten") +
                    f" once re-assessed (leakage {rc['leakage']:.4g}{_interval_text(rc)} vs {rn['leakage']:.4g}"
                    f"{_interval_text(rn)}, {metric} {rc['utility']:.4g} vs {rn['utility']:.4g}, bits "
                    f"{rc['bits_per_weight']:.4g} vs {rn['bits_per_weight']:.4g})")
@@ -1105,7 +1110,9 @@ def plan(
             tie_note = (f". The two are {NOT_RANKED} (each leakage inside the other's), so {chosen.name!r} is as "
                         "safe within the figures' uncertainty" + (f" and has the better {b_old}" if b_old else "")
                         + (f"; {new.name!r} has the better {b_new}" if b_new else "")
-                        + "; the least point leakage decided") if tie else ""
+                        + "; " + _tie_decider((uloss(rn["utility"]), rn["bits_per_weight"]),
+                                              (uloss(rc["utility"]), rc["bits_per_weight"]), metric)
+                        + " decided") if tie else ""
             warnings_.append(f"the search's choice {chosen.name!r} {why}; chosen instead: {new.name!r}{how}, the best "
                              f"re-assessed plan within the budget{tie_note}")
             # named as its report row ("plan" is then the search's choice's row: fu19 W10)
@@ -1344,6 +1351,17 @@ def _index(cands: Sequence[QuantizationScheme], name: str) -> int:
     return next(i for i, c in enumerate(cands) if c.name == name)
 
 
+def _tie_decider(new: tuple[float, float], old: tuple[float, float], metric: str) -> str:
+    """What chose ``new`` over ``old`` among plans tied on leakage (:func:`_best`'s order), each
+    ``(utility loss, bits per weight)``: ``"the better <metric>"``, ``"the smaller size"`` or
+    ``"the least point leakage"``."""
+    if new[0] < old[0]:
+        return f"the better {metric}"
+    if new[0] == old[0] and new[1] < old[1]:
+        return "the smaller size"
+    return "the least point leakage"
+
+
 #: leakages within this relative difference count as tied (then utility loss, then size
 #: decide): a plan 0.002% leakier, with a better loss and 2.1 fewer bits per weight, lost to
 #: one by noise-level differences (fu19 p23); far below the figures' own uncertainty
@@ -1357,15 +1375,21 @@ def _objective(pt: tuple[float, float, float], cfg: PlanConfig) -> tuple[float, 
     return (b, leak, ul) if cfg.target_mis is not None else (leak, ul, b)
 
 
-def _best(pts: list[tuple[float, float, float]], cfg: PlanConfig) -> int:
+def _best(pts: list[tuple[float, float, float]], cfg: PlanConfig,
+          unresolved: Callable[[int, int], bool] | None = None) -> int:
     """Index of the best of ``pts`` (``(leakage, utility loss, bits)``, all within the budget):
     with ``target_mis`` the fewest bits, then least leakage; else the least leakage, where
-    leakages within :data:`LEAKAGE_TIE` (relative) of the least count as tied, then the least
-    utility loss, then the fewest bits."""
+    leakages within :data:`LEAKAGE_TIE` (relative) of the least count as tied, and so do those
+    ``unresolved(least, i)`` says are not ranked against the least one beyond their 80%
+    intervals (the re-assessed plans: pl48, a plan 0.2% leakier inside the same interval and
+    2.4% better in rmse lost on the point leakage), then the least utility loss, then the
+    fewest bits."""
     if cfg.target_mis is not None:
         return min(range(len(pts)), key=lambda i: _objective(pts[i], cfg))
-    least = min(p[0] for p in pts)
-    tied = [i for i in range(len(pts)) if pts[i][0] <= least + LEAKAGE_TIE * abs(least)]
+    lo = min(range(len(pts)), key=lambda i: pts[i][0])
+    least = pts[lo][0]
+    tied = [i for i in range(len(pts)) if pts[i][0] <= least + LEAKAGE_TIE * abs(least)
+            or (unresolved is not None and unresolved(lo, i))]
     return min(tied, key=lambda i: (pts[i][1], pts[i][2], pts[i][0]))
 
 

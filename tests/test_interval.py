@@ -317,3 +317,44 @@ def test_form_extremes_names_mismatched_shapes():
             FI.form_extremes(w, 1000.0, theta, kw.pop("sigma"), b, 1.0, mc_draws=64, num_points=3, **kw)
     lo, hi = FI.form_extremes(w, 1000.0, theta, one2, edges, 1.0, mc_draws=64, num_points=3)
     assert lo.shape == hi.shape == (2,)
+
+
+def test_a_fine_grid_is_not_labelled_position_dominated():
+    """pl48 (nux48): bf16, fp16 and int8 rows of a model whose weights' sd is far above their cell
+    widths (d_eff 56.9993 of 57) were marked ``pos.``, "set by where few coarse weights sit in
+    their cells": with no coarse weight there is no position uncertainty, the interval is the
+    record error alone (value +- z standard errors, the averaged regime without draws), and it
+    is labelled ``"averaged"``; a coarse grid (rtn_int2 on the same model) stays
+    position-dominated. The figures are unchanged (only the label and position_gap)."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import mis_lightning as ml
+
+    value, se = 0.07, 0.002
+    iv = FI.leakage_interval(value, se, 1000, theta=torch.empty(0, dtype=torch.float64))
+    z = FI.normal_quantile(0.9)
+    assert iv.regime == "averaged" and iv.terms == 0.0
+    assert (iv.lo, iv.hi) == pytest.approx((value - z * se, value + z * se), rel=1e-12)
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 4, generator=g)
+    y = X @ torch.tensor([1.0, -0.5, 0.3, 0.2]) + torch.randn(400, generator=g)
+    m = nn.Linear(4, 1)
+    with torch.no_grad():  # the least-squares fit: at the minimum
+        sol = torch.linalg.lstsq(torch.cat([X, torch.ones(400, 1)], 1), y[:, None]).solution
+        m.weight.copy_(sol[:4].T)
+        m.bias.copy_(sol[4])
+
+    def mse(o, t):
+        return 0.5 * (o.squeeze(-1) - t) ** 2
+
+    rep = ml.assess(m, ["bf16", "fp16", "rtn_int2"], DataLoader(TensorDataset(X, y), batch_size=100), mse)
+    lines = rep.table().splitlines()
+    for k in ("bf16", "fp16"):
+        s = rep.schemes[k]
+        assert s.interval is not None and s.d_eff > 0.99 * s.d  # a fine grid: leaks like float
+        assert s.interval_regime == "averaged" and s.position_gap is None, (k, s.interval_regime)
+        assert "pos." not in next(ln for ln in lines if ln.startswith(k + " "))
+    assert rep.schemes["rtn_int2"].interval_regime == "position-dominated"
+    assert "pos." in next(ln for ln in lines if ln.startswith("rtn_int2 "))

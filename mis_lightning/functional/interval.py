@@ -20,6 +20,8 @@ the plug-in's error is dominated by where ``theta*`` sits. Two regimes:
   right order, and the plug-in's error -- the difference between the statistics at the
   trained value and at the population value, two positions one ``sigma`` apart -- has at
   most ``sqrt(2)`` times its spread, so the bootstrap half-widths are scaled by ``sqrt(2)``.
+  With no coarse coordinate at all (a fine grid) there is no position error: the record
+  error alone, labelled averaged.
 
 Both are widened to contain the plug-in and by ``Phi^-1((1 + level)/2)`` standard errors of
 the mean over the records. In the position-dominated regime the per-coordinate search also
@@ -477,8 +479,11 @@ def leakage_interval(value: float, record_se: float, n: float, *, draws: Tensor 
             return Interval(max(min(low, value) - pad, 0.0), max(high, value) + pad,
                             "position-dominated", terms, z)
     elif theta is not None and theta.numel() == 0:
-        terms = 0.0  # nothing is coarse: no position uncertainty
-        return Interval(max(c_value - c_pad, 0.0), c_value + c_pad, "position-dominated", terms, 0.0,
+        # nothing is coarse (a fine grid: a 16-bit cast, int8 with sd far above its step): no
+        # position uncertainty, the record error alone -- the averaged regime without draws, not
+        # "position-dominated" (pl48: nux48 read bf16's "pos.", "few coarse weights", as wrong)
+        terms = 0.0
+        return Interval(max(c_value - c_pad, 0.0), c_value + c_pad, "averaged", terms, 0.0,
                         correlated=correlated is not None)
     if draws is None or draws.numel() == 0:
         return Interval(max(value - pad, 0.0), value + pad, "averaged", terms)
