@@ -2449,15 +2449,23 @@ class MomentAccumulator:
                 s_out[s:e] = _diagonal_sigma(h, v, n, self.damping * ratio) * grow
                 if hbar > 0:
                     v_out[s:e] = torch.where(torch.isfinite(v_out[s:e]), v * (1.0 - hbar), math.inf)
-                th = theta_slice(s, e)
-                torch.square(h * th, out=terms[s - a: e - a])
-                tg = g + self._decay_slice(s, e) * th  # penalised(s, e, g)
-                g_theta, theta_sq = g_theta + float(tg @ th), theta_sq + float(th @ th)  # _decay_hint
+                torch.square(h * theta_slice(s, e), out=terms[s - a: e - a])
+                tg = penalised(s, e, g)
                 keep = v > V_RELATIVE_FLOOR * v_max
                 k = int(keep.sum())
                 torch.div(tg[keep].square(), v[keep], out=kept[at: at + k])
                 at += k
             hth_sq += float(terms[: b - a].sum())
+            # _decay_hint's <g, theta> and |theta|^2, each summed over the block buffer as the sums
+            # above (the same floats whatever the sub-blocks), g from its float32 store (2^-24)
+            for part in (0, 1):
+                for s, e in subs:
+                    th = theta_slice(s, e)
+                    torch.mul(penalised(s, e, g_out[s:e].to(f64)) if part == 0 else th, th, out=terms[s - a: e - a])
+                if part == 0:
+                    g_theta += float(terms[: b - a].sum())
+                else:
+                    theta_sq += float(terms[: b - a].sum())
             z_sum, z_count = z_sum + float(kept[:at].sum()), z_count + at
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
         gnorm = math.sqrt(grad_sq)
