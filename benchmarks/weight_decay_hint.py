@@ -1,6 +1,6 @@
 """wd48: the weight-decay hint's figures (decay_gradient_cosine, decay_residual_ratio, weight_decay_implied) on
 nux48's my_plain.py model (a 10-12-3 tanh MLP, n = 3000, 171 weights) under several trainings and decays
-assessed. Usage: python benchmarks/weight_decay_hint.py [exact] [diagonal]."""
+assessed. Usage: python benchmarks/weight_decay_hint.py [exact] [diagonal] | cost."""
 import sys
 
 import torch
@@ -42,8 +42,52 @@ def train(X, y, wd, how, seed=0):
             opt.step()
     return m
 
+def cost() -> None:
+    """CPU seconds of _finalize_lean's added pass (the hint's two block sums) at d = 1e7, vs one of its
+    sub-block passes (chunk() and a square: what the finalize does twice already)."""
+    import importlib
+    import time
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    d = 10_000_000
+    theta = {"w": torch.randn(d)}
+    g_out = torch.randn(d)
+    st = {"g_sum": torch.randn(d), "g2_sum": torch.rand(d) * 10, "h_sum": torch.rand(d)}
+    f64 = torch.float64
+    terms = torch.empty(min(E.FINALIZE_CHUNK, d), dtype=f64)
+    def theta_slice(a, b):
+        return torch.cat([theta["w"][a:b]]).to(f64)
+    def penalised(a, b, g):
+        return g + 1e-3 * theta_slice(a, b)
+    def added():
+        gt = ts = 0.0
+        for a, b, subs in E._finalize_blocks(d):
+            for part in (0, 1):
+                for s, e in subs:
+                    th = theta_slice(s, e)
+                    torch.mul(penalised(s, e, g_out[s:e].to(f64)) if part == 0 else th, th, out=terms[s - a: e - a])
+                if part == 0:
+                    gt += float(terms[: b - a].sum())
+                else:
+                    ts += float(terms[: b - a].sum())
+    def chunk_pass():
+        for a, _b, subs in E._finalize_blocks(d):
+            for s, e in subs:
+                g = (st["g_sum"][s:e] / 3000).to(f64)
+                v = (st["g2_sum"][s:e] / 3000).to(f64) - g.square()
+                h = st["h_sum"][s:e].to(f64) / 3000
+                torch.square(penalised(s, e, g) * h / (1.0 + v.abs()), out=terms[s - a: e - a])
+    for _ in range(3):
+        for f in (added, chunk_pass):
+            t = time.process_time()
+            f()
+            print(f.__name__, round(time.process_time() - t, 3), flush=True)
+
+
 KEYS = ["gradient_norm_ratio", "minimum_offset_sd", "not_at_minimum", "decay_gradient_cosine",
         "decay_residual_ratio", "weight_decay_implied", "weight_decay_mismatch"]
+if sys.argv[1:] == ["cost"]:
+    cost()
+    sys.exit()
 X, y = data()
 dl = DataLoader(TensorDataset(X, y), batch_size=256)
 cases = [(1e-3, "lbfgs", 0.0), (1e-3, "lbfgs", 1e-3), (1e-3, "lbfgs", 5e-4), (1e-2, "lbfgs", 0.0),
