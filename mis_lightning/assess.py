@@ -1516,8 +1516,6 @@ def score_schemes(
     if diagnostics.get("not_at_minimum"):
         report.warnings.append(
             f"the model is not at a minimum of the training loss: {_not_at_minimum_criterion(diagnostics)}"
-            + (" (the Newton step from the gradient variances alone: a surrogate that ignores the weights' "
-               "correlation)" if diagnostics.get("minimum_offset_covariance") == "diagonal" else "")
             + "; the M-estimator analysis may not apply; train to convergence, with the weight decay and "
             "loss you assess -- or, if the model is converged, pass the objective it was trained on: the "
             "loss_fn and weight_decay given here must be its (class weights, label smoothing, a penalty or "
@@ -1568,7 +1566,10 @@ def _not_at_minimum_criterion(diagnostics: Mapping[str, Any]) -> str:
     ratio_txt = (f"the mean gradient's norm is {ratio:.3g} of a per-sample gradient's (root mean square; "
                  f"the limit is {GRADIENT_NORM_RATIO_MAX:g})")
     offset_txt = (f"a Newton step to the minimum would move the weights {offset:.3g} of their own sampling "
-                  f"standard deviations, root mean square (the limit is {MINIMUM_OFFSET_SD:g})")
+                  "standard deviations, root mean square"
+                  + (", from the gradient variances alone (a surrogate that ignores the weights' correlation)"
+                     if diagnostics.get("minimum_offset_covariance") == "diagonal" else "")
+                  + f" (the limit is {MINIMUM_OFFSET_SD:g})")
     if by_ratio and by_offset:
         return f"{ratio_txt}, and {offset_txt}"
     if by_ratio:
