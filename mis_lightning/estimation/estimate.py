@@ -184,6 +184,13 @@ GGN_MC_WARN_RELATIVE_ERROR = 0.1
 # Flag a model whose distance to the minimum of the assessed objective exceeds this many of
 # theta-hat's own sampling standard deviations (root mean square per weight; _not_at_minimum)
 MINIMUM_OFFSET_SD = 1.0
+# ... or whose penalised mean gradient exceeds this fraction of a per-sample gradient (root mean square)
+GRADIENT_NORM_RATIO_MAX = 0.1
+# The weight-decay hint (_decay_hint): the assessed objective's mean gradient within this cosine
+# of -theta, and its norm at least this fraction of a per-sample gradient's (rms), reads as a
+# minimum of the loss plus another weight decay (docs/benchmarks.md, "wd48")
+DECAY_HINT_COSINE = 0.99
+DECAY_HINT_RATIO = 1e-4
 # gradient variances below this fraction of the largest are rounding (dead units): left out of
 # the offset statistic, whose terms divide by them
 V_RELATIVE_FLOOR = 1e-12
@@ -2432,7 +2439,7 @@ class MomentAccumulator:
             trace += float(terms[: b - a].sum())
         hbar = self._diagonal_leverage(trace, n, lev)
         grow = _influence_scale(hbar)
-        z_sum, z_count, hth_sq = 0.0, 0, 0.0
+        z_sum, z_count, hth_sq, g_theta, theta_sq = 0.0, 0, 0.0, 0.0, 0.0
         # the offset statistic's kept terms of a block, packed in order (_offset_terms' selection)
         kept = torch.empty(min(FINALIZE_CHUNK, d), dtype=f64)
         for a, b, subs in _finalize_blocks(d):  # diagonal_compute's sigma and the offset's terms (v_max known)
@@ -2449,6 +2456,16 @@ class MomentAccumulator:
                 torch.div(tg[keep].square(), v[keep], out=kept[at: at + k])
                 at += k
             hth_sq += float(terms[: b - a].sum())
+            # _decay_hint's <g, theta> and |theta|^2, each summed over the block buffer as the sums
+            # above (the same floats whatever the sub-blocks), g from its float32 store (2^-24)
+            for part in (0, 1):
+                for s, e in subs:
+                    th = theta_slice(s, e)
+                    torch.mul(penalised(s, e, g_out[s:e].to(f64)) if part == 0 else th, th, out=terms[s - a: e - a])
+                if part == 0:
+                    g_theta += float(terms[: b - a].sum())
+                else:
+                    theta_sq += float(terms[: b - a].sum())
             z_sum, z_count = z_sum + float(kept[:at].sum()), z_count + at
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
         gnorm = math.sqrt(grad_sq)
@@ -2456,7 +2473,7 @@ class MomentAccumulator:
             "gradient_norm": gnorm, "gradient_norm_ratio": gnorm / max(rms_g, 1e-300),
             **_not_at_minimum(gnorm / max(rms_g, 1e-300), z_sum, z_count, n),
             "minimum_offset_covariance": "diagonal", "zero_gradient_variance": zero_var,
-            **_decay_diagnostics(self.decay)}
+            **_decay_diagnostics(self.decay), **_decay_hint(g_theta, grad_sq, theta_sq, rms_g, self.decay)}
         diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, gnorm, math.sqrt(hth_sq),
                                           self._rounding_eps()))
         diagnostics.update(self._symmetry_diagnostics())
@@ -2779,10 +2796,13 @@ def _stationarity(g_mean: Tensor, v: Tensor, theta: dict[str, Tensor], names: li
     rms_g = math.sqrt(grad_norm_sq / n)
     ratio = float(total_grad.norm()) / max(rms_g, 1e-300)
     z_sum, z_count = _offset_terms(total_grad, v, float(v.max()) if v.numel() else 0.0)
+    flat_theta = torch.cat([theta[k] for k in names]).to(total_grad)
     return {"gradient_norm": float(total_grad.norm()), "gradient_norm_ratio": ratio,
             **_not_at_minimum(ratio, z_sum, z_count, n), "minimum_offset_covariance": "diagonal",
             "zero_gradient_variance": int((v <= 0).sum()),
-            **_decay_diagnostics(decay)}
+            **_decay_diagnostics(decay),
+            **_decay_hint(float(total_grad @ flat_theta), float(total_grad.square().sum()),
+                          float(flat_theta.square().sum()), rms_g, decay)}
 
 
 def _offset_terms(total_grad: Tensor, v: Tensor, v_max: float) -> tuple[float, int]:
@@ -2950,7 +2970,7 @@ def _newton_offset(step: Tensor, sigma: Tensor, ratio: float) -> dict[str, Any]:
     ok = sigma > 0
     z = step[ok].to(torch.float64) / sigma[ok].to(torch.float64)
     offset = float(z.square().mean().sqrt()) if z.numel() else 0.0
-    return {"minimum_offset_sd": offset, "not_at_minimum": ratio > 0.1 or offset > MINIMUM_OFFSET_SD,
+    return {"minimum_offset_sd": offset, "not_at_minimum": ratio > GRADIENT_NORM_RATIO_MAX or offset > MINIMUM_OFFSET_SD,
             "minimum_offset_covariance": "full"}
 
 
@@ -2964,7 +2984,33 @@ def _not_at_minimum(ratio: float, z_sum: float, z_count: int, n: int) -> dict[st
     :data:`MINIMUM_OFFSET_SD` (the distance grows like ``ratio * sqrt(n)``, so a fixed
     ``gradient_norm_ratio`` threshold misses large n), or when the ratio exceeds 0.1."""
     offset = math.sqrt(n * z_sum / z_count) if z_count else 0.0
-    return {"minimum_offset_sd": offset, "not_at_minimum": ratio > 0.1 or offset > MINIMUM_OFFSET_SD}
+    return {"minimum_offset_sd": offset, "not_at_minimum": ratio > GRADIENT_NORM_RATIO_MAX or offset > MINIMUM_OFFSET_SD}
+
+
+def _decay_hint(g_theta: float, g_sq: float, theta_sq: float, rms_g: float, decay: Mapping[str, float]) -> dict[str, Any]:
+    """Whether the weights look like a minimum of the loss plus a weight decay other than the
+    one assessed (method.md section 6's stationarity, read along theta). At a minimum of
+    ``loss + wd/2 |theta|^2`` the data loss's mean gradient is ``-wd * theta``; so the assessed
+    objective's mean gradient ``g`` (penalised by the decay given) reads ``-c * theta`` with
+    ``c = -<g, theta> / <theta, theta>`` the decay missing. Inputs are the sums
+    ``<g, theta>``, ``|g|^2``, ``|theta|^2`` over the assessed weights (float), ``rms_g`` the
+    per-sample gradients' root mean square (``gradient_norm_ratio``'s scale) and ``decay`` the
+    coefficients given, per parameter.
+
+    Returns ``{"decay_gradient_cosine": cos(g, theta), "decay_residual_ratio": |g + c theta| / rms_g,
+    "weight_decay_implied": the decay given (largest) + c, "weight_decay_mismatch": bool}``;
+    ``{}`` when theta or g is 0. Flagged when ``cos <= -DECAY_HINT_COSINE``, ``c > 0`` and
+    ``|g| / rms_g >= DECAY_HINT_RATIO`` (docs/benchmarks.md, "wd48")."""
+    if theta_sq <= 0 or g_sq <= 0 or not all(map(math.isfinite, (g_theta, g_sq, theta_sq))):
+        return {}
+    c = -g_theta / theta_sq
+    cos = g_theta / math.sqrt(g_sq * theta_sq)
+    residual = math.sqrt(max(g_sq - g_theta * g_theta / theta_sq, 0.0))
+    scale = max(rms_g, 1e-300)
+    return {"decay_gradient_cosine": cos, "decay_residual_ratio": residual / scale,
+            "weight_decay_implied": max(decay.values(), default=0.0) + c,
+            "weight_decay_mismatch": bool(cos <= -DECAY_HINT_COSINE and c > 0
+                                          and math.sqrt(g_sq) / scale >= DECAY_HINT_RATIO)}
 
 
 def _flatten_theta(theta: dict[str, Tensor], names: list[str]) -> Tensor:

@@ -1,0 +1,152 @@
+"""The weight-decay hint (nux48 #3) and the not-at-minimum warning's criterion (nux48 #12).
+
+A model fitted to a minimum of ``mean loss + wd/2 |theta|^2`` and assessed without ``weight_decay=``
+has a data-loss mean gradient ``-wd * theta``: the report names the decay implied
+(``wd_hat = -<g, theta> / <theta, theta>``, within 10% of the true one) and the option, in its
+warnings, the table and the JSON diagnostics. The right decay, a plain minimum without decay, and an
+unconverged (few Adam steps) fit give no hint. Thresholds: estimate.DECAY_HINT_COSINE and
+DECAY_HINT_RATIO (docs/benchmarks.md, "wd48")."""
+import importlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.estimation import estimate
+from mis_lightning.estimation.estimate import GRADIENT_NORM_RATIO_MAX
+
+HINT = "the weights look like a minimum of the training loss plus weight decay"
+
+
+def _bce(o, t):
+    return F.binary_cross_entropy_with_logits(o.squeeze(-1), t, reduction="none")
+
+
+def _mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def _logistic_data(n: int = 600, p: int = 6):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, p, generator=g)
+    y = (x @ torch.linspace(-1.0, 1.0, p) + 0.8 * torch.randn(n, generator=g) > 0).float()
+    return x, y
+
+
+def _logistic(wd: float, adam_steps: int = 0) -> tuple[nn.Module, DataLoader]:
+    """A logistic regression (float32) fitted full-batch to ``mean BCE + wd/2 |theta|^2``:
+    L-BFGS to its minimum, or ``adam_steps`` Adam steps from the initialisation."""
+    x, y = _logistic_data()
+    torch.manual_seed(1)
+    m = nn.Linear(x.shape[1], 1)
+
+    def objective():
+        return _bce(m(x), y).mean() + 0.5 * wd * sum(q.square().sum() for q in m.parameters())
+
+    if adam_steps:
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(adam_steps):
+            opt.zero_grad()
+            objective().backward()
+            opt.step()
+    else:
+        opt = torch.optim.LBFGS(m.parameters(), lr=1, max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = objective()
+            loss.backward()
+            return loss
+
+        for _ in range(5):
+            opt.step(closure)
+    return m, DataLoader(TensorDataset(x, y), batch_size=128)
+
+
+def _ridge(wd: float) -> tuple[nn.Module, DataLoader]:
+    """Least squares (float64) at the closed-form minimum of ``mean 0.5 (x theta - y)^2 + wd/2 |theta|^2``."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(500, 8, dtype=torch.float64, generator=g)
+    y = x @ torch.randn(8, dtype=torch.float64, generator=g) + torch.randn(500, dtype=torch.float64, generator=g)
+    theta = torch.linalg.solve(x.T @ x / len(x) + wd * torch.eye(8, dtype=torch.float64), x.T @ y / len(x))
+    m = nn.Linear(8, 1, bias=False).double()
+    with torch.no_grad():
+        m.weight.copy_(theta.unsqueeze(0))
+    return m, DataLoader(TensorDataset(x, y), batch_size=100)
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+@pytest.mark.parametrize("fit, loss, wd", [(_logistic, _bce, 1e-2), (_logistic, _bce, 1e-3), (_ridge, _mse, 0.05)])
+def test_missing_weight_decay_is_named_with_the_decay_implied(mode, fit, loss, wd, tmp_path):
+    m, dl = fit(wd)
+    rep = ml.assess(m, ["rtn_int8"], dl, loss, estimation=mode)
+    dg = rep.diagnostics
+    assert dg["weight_decay_mismatch"], dg
+    assert dg["weight_decay_implied"] == pytest.approx(wd, rel=0.1)
+    assert dg["decay_gradient_cosine"] < -0.99
+    hint = [w for w in rep.warnings if w.startswith(HINT)]
+    assert len(hint) == 1 and "weight_decay was not passed" in hint[0]
+    assert f"pass weight_decay={dg['weight_decay_implied']:.2g}" in hint[0]
+    assert HINT in rep.table()
+    rep.to_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["diagnostics"]["weight_decay_mismatch"] is True
+    # a decay passed with another value: the total implied, the value passed named
+    rep = ml.assess(m, ["rtn_int8"], dl, loss, estimation=mode, weight_decay=wd / 2)
+    assert rep.diagnostics["weight_decay_implied"] == pytest.approx(wd, rel=0.1)
+    assert any(w.startswith(HINT) and f"weight_decay was passed as {wd / 2:.3g}" in w for w in rep.warnings)
+
+
+@pytest.mark.parametrize("mode", ["exact", "diagonal"])
+@pytest.mark.parametrize("fit, loss, wd", [(_logistic, _bce, 1e-2), (_ridge, _mse, 0.05), (_logistic, _bce, 0.0),
+                                           (_ridge, _mse, 0.0)])
+def test_no_hint_with_the_right_decay_or_at_a_plain_minimum(mode, fit, loss, wd):
+    m, dl = fit(wd)
+    rep = ml.assess(m, ["rtn_int8"], dl, loss, estimation=mode, weight_decay=wd)
+    assert not rep.diagnostics.get("weight_decay_mismatch"), rep.diagnostics
+    assert not any(HINT in w for w in rep.warnings)
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_no_hint_off_the_minimum_and_the_criterion_that_fired_leads(wd):
+    m, dl = _logistic(wd, adam_steps=10)
+    rep = ml.assess(m, ["rtn_int8"], dl, _bce, estimation="exact")
+    dg = rep.diagnostics
+    assert dg["not_at_minimum"] and not dg["weight_decay_mismatch"], dg
+    assert not any(HINT in w for w in rep.warnings)
+    (w,) = [w for w in rep.warnings if w.startswith("the model is not at a minimum")]
+    head = w.split(";")[0]
+    if dg["gradient_norm_ratio"] > GRADIENT_NORM_RATIO_MAX:
+        assert head.startswith("the model is not at a minimum of the training loss: the mean gradient's norm is "
+                               f"{dg['gradient_norm_ratio']:.3g}"), head
+    else:
+        assert "a Newton step" in head, head
+
+
+def test_the_newton_step_leads_when_it_alone_fired():
+    """A converged-looking gradient (ratio under 0.1) with a Newton step over 1 sd: many records."""
+    m, dl = _logistic(0.0, adam_steps=200)
+    dg = estimate(m, dl, _bce, mode="exact").diagnostics
+    assert dg["gradient_norm_ratio"] < GRADIENT_NORM_RATIO_MAX < 1 < dg["minimum_offset_sd"], dg
+    rep = ml.assess(m, ["rtn_int8"], dl, _bce, estimation="exact")
+    (w,) = [w for w in rep.warnings if w.startswith("the model is not at a minimum")]
+    assert w.startswith("the model is not at a minimum of the training loss: a Newton step to the minimum would "
+                        f"move the weights {rep.diagnostics['minimum_offset_sd']:.3g}"), w
+
+
+def test_hint_on_the_lean_diagonal_path(monkeypatch):
+    """The chunked float32-state finalize (models above FLOAT32_STATE_MIN_PARAMS weights) sums the
+    same <g, theta> and |theta|^2 block by block."""
+    est_mod = importlib.import_module("mis_lightning.estimation.estimate")
+    m, dl = _ridge(0.05)
+    whole = estimate(m, dl, _mse, mode="diagonal", dtype=torch.float64).diagnostics
+    monkeypatch.setattr(est_mod, "FLOAT32_STATE_MIN_PARAMS", 2)
+    lean = estimate(m, dl, _mse, mode="diagonal", dtype=torch.float64, budget=100).diagnostics
+    assert lean["state_dtype"] == "float32"  # the lean path ran
+    assert lean["weight_decay_mismatch"] and whole["weight_decay_mismatch"]
+    for k in ("weight_decay_implied", "decay_gradient_cosine"):
+        assert lean[k] == pytest.approx(whole[k], rel=1e-6), k
