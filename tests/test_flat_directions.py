@@ -283,3 +283,43 @@ def test_a_rotation_the_penalty_leaves_alone_is_flat_under_weight_decay():
     ref = ((Hp @ (G.T @ G / N) @ Hp).diagonal() / N).sqrt()
     sigma = torch.cat([est.sigma[k] for k in names])
     assert torch.allclose(sigma, ref, rtol=1e-6, atol=0), (sigma, ref)  # float64 sums: 1e-6 leaves room
+
+
+def _bias_column_moments(n: int = 400) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear least squares ``y = w . x + b`` with ``x[:, 2] = 1`` beside the bias ``b``: every
+    record's gradient ``r (x, 1)`` has equal entries for ``w_2`` and ``b``, so ``u = (0, 0, 1, -1)
+    / sqrt 2`` has ``G u = 0`` and no data curvature (exactly: the two columns are the same
+    floats). Returns ``(E[g g'], H_data, G, u)``, float64, ``d = 4``."""
+    g = torch.Generator().manual_seed(48)
+    x = torch.cat([torch.randn(n, 2, generator=g, dtype=torch.float64),
+                   torch.ones(n, 1, dtype=torch.float64)], 1)
+    z = torch.cat([x, torch.ones(n, 1, dtype=torch.float64)], 1)  # the bias's column
+    r = torch.randn(n, 1, generator=g, dtype=torch.float64)  # residuals
+    G = r * z
+    u = torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=torch.float64) / 2 ** 0.5
+    return G.T @ G / n, z.T @ z / n, G, u
+
+
+@pytest.mark.parametrize("rel, flat", [(0.0, True), (1e-15, True), (1e-8, False), (1e-2, False)])
+def test_a_weakly_penalised_data_flat_direction_is_not_called_flat(rel, flat):
+    # The third filter of flat_directions (the penalty's curvature on the candidates <= 100 d eps,
+    # or >= 100 c with the data loss cancelling it): a bias / constant-column split under an L2
+    # penalty of relative curvature `rel` is flat for the data, and the objective's curvature
+    # along it is `rel`. At H's precision c = 1e-6: rel 1e-8 passes the curvature cut (|u'Hu| <= c)
+    # yet the penalty is not rounding (> 100 d eps = 9e-14) nor a cancelled one (< 100 c): the
+    # penalty breaks the symmetry (one split is its minimum), so the direction is no symmetry of
+    # the objective and stays in the analysis (nu48: "kept as before"). No penalty, or one of
+    # rounding's size, leaves the exact symmetry: removed as flat. rel 1e-2 is cut by the curvature
+    # filter already (as the scale-invariant weight's decay above).
+    from mis_lightning.estimation.estimate import flat_directions
+
+    gg, Hd, G, u = _bias_column_moments()
+    h_top = float(torch.linalg.eigvalsh(Hd).max())
+    # the decay on the split's two weights only, in units of H's largest eigenvalue (the weights'
+    # gradient scales are equal here, so D's scaling does not move the ratio past a decade)
+    dec = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64) * rel * h_top
+    U = flat_directions(gg, Hd + torch.diag(dec), G, decay=dec, precision=1e-6)
+    if flat:
+        assert U.shape[1] == 1 and abs(float(U[:, 0] @ u)) == pytest.approx(1.0, abs=1e-10)
+    else:
+        assert U.shape[1] == 0, U
