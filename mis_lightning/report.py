@@ -193,17 +193,27 @@ class SchemeResult:
                 f"(leak like the baseline): " + "; ".join(parts))
 
     def methods_line(self) -> str | None:
-        """A line naming, per layer type, how the weights beyond the scheme's own backend were
-        quantized (``LayerResult.quantized_by``), or ``None`` when the backend did all."""
+        """A line, for information, naming the layers beyond the scheme's own backend that the
+        library quantized too (``LayerResult.quantized_by``: convolutions, attention projections by
+        the library's round-to-nearest, embeddings by torchao), or ``None`` when the backend did all.
+
+        It names the layer types and how, not each grid's bit layout (the per-layer rows hold
+        that), so that schemes quantizing the same layers say the same line and
+        :func:`merge_scheme_warnings` says it once for all of them."""
         by: dict[str, list[str]] = {}
         for name, lr in self.layers.items():
             if lr.quantized and lr.quantized_by:
-                by.setdefault(lr.quantized_by, []).append(name)
+                kind, _, how = lr.quantized_by.partition(":")
+                how = ("the library's round-to-nearest" if how.rstrip().endswith("(library RTN)")
+                       else "torchao" if "torchao" in how else how.strip())
+                by.setdefault(f"{kind} by {how}", []).append(name)
         if self.error or not by:
             return None
         parts = [f"{m} ({', '.join(v[:3])}{f' and {len(v) - 3} more' if len(v) > 3 else ''})"
                  for m, v in by.items()]
-        return f"scheme {self.name!r} quantizes beyond its backend's layers: " + "; ".join(parts)
+        return (f"scheme {self.name!r} quantizes, besides its backend's own layers, " + "; ".join(parts)
+                + " at the same bit width (information: these weights are quantized and scored like the "
+                "others; each layer's method is in the report's per-layer rows)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
