@@ -813,15 +813,15 @@ def unranked_groups(rows: Sequence[dict[str, Any]], label: str = "scheme") -> li
 #: the most schemes a verdict or "not ranked" list names; the rest are counted ("and 12 more"):
 #: all_schemes.py's 40 schemes made a ~3,000-character verdict line (nux48). The table above it,
 #: ``rows()`` and the JSON name every scheme.
-LINE_NAMES = 3
-#: the same for the "not ranked beyond their intervals" line (its own line: a sweep's 4-6 tied
-#: jobs stay named in full)
-TIES_NAMES = 6
+LINE_NAMES = 2
+#: the same for the "not ranked beyond their intervals" line, over all its groups (its own line:
+#: a sweep's 4-8 tied jobs stay named in full; all_schemes.py's 13 groups made 2,000 characters)
+TIES_NAMES = 8
 
 
 def name_list(names: Sequence[str], limit: int = LINE_NAMES) -> str:
     """``names`` joined by ", ", the first ``limit`` named and the rest counted
-    (``"a, b, c and 3 more"``)."""
+    (``"a, b and 3 more"``)."""
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -839,8 +839,14 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
     groups = unranked_groups(rows, label)
     if not groups:
         return None
-    text = "; ".join(name_list([f"{r.get(label)} ({_fmt(r['leakage'])})" for r in g], TIES_NAMES)
-                     for g in groups)
+    parts, left = [], TIES_NAMES
+    for i, g in enumerate(groups):
+        if left <= 0:  # the rest counted: the table lists them in order
+            parts.append(f"and {len(groups) - i} more group(s) ({sum(len(h) for h in groups[i:])} schemes)")
+            break
+        parts.append(name_list([f"{r.get(label)} ({_fmt(r['leakage'])})" for r in g], left))
+        left -= len(g)
+    text = "; ".join(parts)
     return (f"{NOT_RANKED}: {text} (each leakage inside its neighbour's 80% interval, or printed the same: "
             "their order is not a ranking)")
 

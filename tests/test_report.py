@@ -232,7 +232,7 @@ def test_table_ends_with_legend_and_verdict():
     assert verdict(rows) == (
         "verdict: safest with rmse within 1% of the best (0.8100, int8_weight_only): "
         "intx_weight_only_int4 (leakage 0.0571); not clearly different from it (intervals overlap): "
-        "int8_weight_only, int8_dynamic_activation_int8_weight, float8_weight_only and 2 more"
+        "int8_weight_only, int8_dynamic_activation_int8_weight and 3 more"
         "; clearly safer than it but outside the utility band: "
         "intx_weight_only_int3 (leakage 0.0400, rmse 0.8700), intx_weight_only_int2 (leakage 0.0150, rmse 1.2000)")
     # a wider tolerance admits int3 (0.870 <= 0.81 * 1.1 = 0.891), clearly safer than the rest of
@@ -249,7 +249,7 @@ def test_table_ends_with_legend_and_verdict():
     i2 = next(r for r in rows if r["scheme"] == "intx_weight_only_int2")
     saved = (i2["leakage_p10"], i2["leakage_p90"])
     i2["leakage_p10"], i2["leakage_p90"] = 0.0500, 0.0560
-    assert ("float8_weight_only and 2 more; also overlapping its interval but outside the utility band: "
+    assert ("int8_dynamic_activation_int8_weight and 3 more; also overlapping its interval but outside the utility band: "
             "intx_weight_only_int2; clearly safer than it") in verdict(rows)
     i2["leakage_p10"], i2["leakage_p90"] = saved
     for r in rows:  # no intervals: say that differences cannot be judged
@@ -586,4 +586,11 @@ def test_the_verdict_and_not_ranked_lines_name_the_first_schemes_and_count_the_r
     assert f"indicative only (*): {', '.join(names[0:2 * LINE_NAMES:2])} and {16 - LINE_NAMES} more" in text
     ties = ties_line(rows)
     assert ties.startswith(f"{NOT_RANKED}: {names[0]} (0.1000), {names[1]} (0.1001)")
-    assert f"and {32 - TIES_NAMES} more (each leakage" in ties  # the + rows are not ranked and len(ties) < 400, ties
+    assert f"and {32 - TIES_NAMES} more (each leakage" in ties and len(ties) < 500, ties  # + rows: not ranked
+    # several groups: names up to TIES_NAMES in all, the other groups counted
+    far = [dict(r, leakage=r["leakage"] + 0.1 * (k // 4), leakage_p10=r["leakage_p10"] + 0.1 * (k // 4),
+                leakage_p90=r["leakage_p90"] - 0.015 + 0.1 * (k // 4), unscored=None)
+           for k, r in enumerate(rows)]  # 10 groups of 4
+    ties = ties_line(far)
+    assert f"{names[4]} (0.2004)" in ties and f"{names[8]} " not in ties, ties
+    assert f"; and {10 - TIES_NAMES // 4} more group(s) ({40 - TIES_NAMES} schemes) (each" in ties, ties
