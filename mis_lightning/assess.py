@@ -93,6 +93,7 @@ from .report import (
     Report,
     SchemeResult,
     above_baseline,
+    failure_warning,
     higher_is_better,
     merge_scheme_warnings,
     metric_mode,
@@ -1397,7 +1398,7 @@ def score_schemes(
     if rnn:
         report.warnings.append(rnn)
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
-    report.warnings += [f"scheme {k!r} failed, no figures: {msg}" for k, msg in failures.items()]
+    report.warnings += [failure_warning(k, msg) for k, msg in failures.items()]
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
     # Whole parameters the data never moves (no gradient variance on any record: sigma 0): a
     # parameter the forward does not use, or frozen in effect. They carry no leakage, but were

@@ -193,17 +193,27 @@ class SchemeResult:
                 f"(leak like the baseline): " + "; ".join(parts))
 
     def methods_line(self) -> str | None:
-        """A line naming, per layer type, how the weights beyond the scheme's own backend were
-        quantized (``LayerResult.quantized_by``), or ``None`` when the backend did all."""
+        """A line, for information, naming the layers beyond the scheme's own backend that the
+        library quantized too (``LayerResult.quantized_by``: convolutions, attention projections by
+        the library's round-to-nearest, embeddings by torchao), or ``None`` when the backend did all.
+
+        It names the layer types and how, not each grid's bit layout (the per-layer rows hold
+        that), so that schemes quantizing the same layers say the same line and
+        :func:`merge_scheme_warnings` says it once for all of them."""
         by: dict[str, list[str]] = {}
         for name, lr in self.layers.items():
             if lr.quantized and lr.quantized_by:
-                by.setdefault(lr.quantized_by, []).append(name)
+                kind, _, how = lr.quantized_by.partition(":")
+                how = ("the library's round-to-nearest" if how.rstrip().endswith("(library RTN)")
+                       else "torchao" if "torchao" in how else how.strip())
+                by.setdefault(f"{kind} by {how}", []).append(name)
         if self.error or not by:
             return None
         parts = [f"{m} ({', '.join(v[:3])}{f' and {len(v) - 3} more' if len(v) > 3 else ''})"
                  for m, v in by.items()]
-        return f"scheme {self.name!r} quantizes beyond its backend's layers: " + "; ".join(parts)
+        return (f"scheme {self.name!r} quantizes, besides its backend's own layers, " + "; ".join(parts)
+                + " at the same bit width (information: these weights are quantized and scored like the "
+                "others; each layer's method is in the report's per-layer rows)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -469,8 +479,12 @@ class Report:
         ties = ties_line(rows)  # also without the verdict: the table's figures still invite an order
         if ties:
             text += "\n" + ties
-        if self.warnings:
-            text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in self.warnings)
+        # a failed scheme's message is under the table's "errors:" (nux48: the same refusal was
+        # there, in its row and again here); the list itself keeps it (JSON, the callback's warnings)
+        shown = {failure_warning(k, s.error) for k, s in self.schemes.items() if s.error}
+        said = [w for w in self.warnings if w not in shown]
+        if said:
+            text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in said)
         return text
 
     def plot(self, path: str | Path | None = None, utility_key: str | None = None):
@@ -499,6 +513,12 @@ def _floats_back(kind: type, values: dict[str, Any]) -> dict[str, Any]:
         return x
 
     return {k: back(v) if k in floats else v for k, v in values.items()}
+
+
+def failure_warning(name: str, error: str) -> str:
+    """The report's warning for a scheme that failed (``error``: its ``SchemeResult.error``);
+    :meth:`Report.table` leaves it out of its warnings, the message being under ``errors:``."""
+    return f"scheme {name!r} failed, no figures: {error}"
 
 
 def merge_scheme_warnings(lines: Sequence[tuple[str, str]]) -> list[str]:
@@ -790,6 +810,23 @@ def unranked_groups(rows: Sequence[dict[str, Any]], label: str = "scheme") -> li
     return groups
 
 
+#: the most schemes a verdict or "not ranked" list names; the rest are counted ("and 12 more"):
+#: all_schemes.py's 40 schemes made a ~3,000-character verdict line (nux48). The table above it,
+#: ``rows()`` and the JSON name every scheme.
+LINE_NAMES = 2
+#: the same for the "not ranked beyond their intervals" line, over all its groups (its own line:
+#: a sweep's 4-8 tied jobs stay named in full; all_schemes.py's 13 groups made 2,000 characters)
+TIES_NAMES = 8
+
+
+def name_list(names: Sequence[str], limit: int = LINE_NAMES) -> str:
+    """``names`` joined by ", ", the first ``limit`` named and the rest counted
+    (``"a, b and 3 more"``)."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 #: how the table, the figures, the aggregate and the planner say it (one wording, every front end)
 NOT_RANKED = "not ranked beyond their intervals"
 
@@ -802,7 +839,14 @@ def ties_line(rows: Sequence[dict[str, Any]], label: str = "scheme") -> str | No
     groups = unranked_groups(rows, label)
     if not groups:
         return None
-    text = "; ".join(", ".join(f"{r.get(label)} ({_fmt(r['leakage'])})" for r in g) for g in groups)
+    parts, left = [], TIES_NAMES
+    for i, g in enumerate(groups):
+        if left <= 0:  # the rest counted: the table lists them in order
+            parts.append(f"and {len(groups) - i} more group(s) ({sum(len(h) for h in groups[i:])} schemes)")
+            break
+        parts.append(name_list([f"{r.get(label)} ({_fmt(r['leakage'])})" for r in g], left))
+        left -= len(g)
+    text = "; ".join(parts)
     return (f"{NOT_RANKED}: {text} (each leakage inside its neighbour's 80% interval, or printed the same: "
             "their order is not a ranking)")
 
@@ -828,10 +872,10 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
         return "verdict: no scheme succeeded"
     # a leakage that is only a lower bound (+: an unscored part of the release) cannot be ranked
     bounded = [str(r["scheme"]) for r in ok if r.get("unscored")]
-    note = f"; not ranked (leakage a lower bound, +): {', '.join(bounded)}" if bounded else ""
+    note = f"; not ranked (leakage a lower bound, +): {name_list(bounded)}" if bounded else ""
     ranked = _ranked_rows(ok)
     if not ranked:
-        return f"verdict: no scheme ranked: every leakage is a lower bound (+): {', '.join(bounded)}"
+        return f"verdict: no scheme ranked: every leakage is a lower bound (+): {name_list(bounded)}"
     extra = utility_digits(ranked, utility_key, utility_tolerance, modes)
     text = _ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes) + note
     marked = [str(r["scheme"]) for r in ranked if r.get("indicative")]
@@ -839,7 +883,7 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
         # every figure outside the analysis's assumptions: an order, not a measured ranking
         return text + "; indicative only (*): every figure is outside the analysis's assumptions (see warnings)"
     if marked:
-        text += f"; indicative only (*): {', '.join(marked)}"
+        text += f"; indicative only (*): {name_list(marked)}"
     return text
 
 
@@ -869,9 +913,9 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         inside_ids = {id(r) for r in eligible}
         lower = [r for r in others if id(r) not in inside_ids and float(r["leakage"]) < float(safest["leakage"])]
         low = ("; lower leakage but outside the utility band: "
-               + ", ".join(f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
-                           + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
-                           + ")" for r in lower)) if lower else ""
+               + name_list([f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
+                            + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
+                            + ")" for r in lower])) if lower else ""
         if all(_overlap(r, r) is None for r in others):
             return text + "; no intervals (uncertainty_draws=0): differences cannot be judged" + low
         return text + "; it has no interval of its own (unquantized), so differences from it cannot be judged" + low
@@ -891,19 +935,19 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
     tail = ""
     if safer:
         tail = ("; clearly safer than it but outside the utility band: "
-                + ", ".join(f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
-                            + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
-                            + ")" for r in safer))
+                + name_list([f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
+                             + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
+                             + ")" for r in safer]))
     if not same and not outside:
         if safer and not any(id(r) in inside for r in others):  # nothing else in the band to beat
             return text + "; the only scheme in the utility band" + tail
         return text + ("; clearly safer than every other scheme" + (" in the utility band" if safer else "")
                        + " (no interval overlaps its own)") + tail
     if same:
-        text += "; not clearly different from it (intervals overlap): " + ", ".join(same)
+        text += "; not clearly different from it (intervals overlap): " + name_list(same)
     if outside:  # as safe within the intervals, but their utility is outside the band
         text += (f"; {'also ' if same else ''}overlapping its interval but outside the utility band: "
-                 + ", ".join(outside))
+                 + name_list(outside))
     return text + tail
 
 

@@ -83,6 +83,8 @@ def test_failed_scheme_in_table_and_warnings():
     assert rep.schemes["needs_gpu"].error == "SchemeUnavailableError: " + LONG
     assert f"scheme 'needs_gpu' failed, no figures: SchemeUnavailableError: {LONG}" in rep.warnings
     assert "  needs_gpu: SchemeUnavailableError: " + LONG in rep.table().splitlines()
+    # said once in the table (nux48: its row, "errors:" and the warnings said it again)
+    assert rep.table().count(LONG) == 1
 
 
 def test_figure_says_no_scheme_succeeded(tmp_path):
@@ -157,7 +159,10 @@ def test_table_prints_every_warning_in_full():
     rep.warnings.append("d_eff / n is not small for every scheme " + "x" * 300)
     text = rep.table()
     tail = text.split("\n\nwarnings:\n", 1)[1].splitlines()
-    assert tail == [f"  - {w}" for w in rep.warnings] and len(tail) >= 2
+    # all but the failed scheme's, whose full message is under "errors:" (nux48: said twice)
+    failed = f"scheme 'needs_gpu' failed, no figures: SchemeUnavailableError: {LONG}"
+    assert failed in rep.warnings and "  needs_gpu: SchemeUnavailableError: " + LONG in text.splitlines()
+    assert tail == [f"  - {w}" for w in rep.warnings if w != failed] and len(tail) >= 2
 
 
 def test_identical_results_share_one_labelled_point():
@@ -227,8 +232,8 @@ def test_table_ends_with_legend_and_verdict():
     assert verdict(rows) == (
         "verdict: safest with rmse within 1% of the best (0.8100, int8_weight_only): "
         "intx_weight_only_int4 (leakage 0.0571); not clearly different from it (intervals overlap): "
-        "int8_weight_only, int8_dynamic_activation_int8_weight, float8_weight_only, "
-        "native_int8_dynamic, bf16; clearly safer than it but outside the utility band: "
+        "int8_weight_only, int8_dynamic_activation_int8_weight and 3 more"
+        "; clearly safer than it but outside the utility band: "
         "intx_weight_only_int3 (leakage 0.0400, rmse 0.8700), intx_weight_only_int2 (leakage 0.0150, rmse 1.2000)")
     # a wider tolerance admits int3 (0.870 <= 0.81 * 1.1 = 0.891), clearly safer than the rest of
     # the band; int2 (outside it) is clearly safer still: said, not folded into "every other"
@@ -244,7 +249,7 @@ def test_table_ends_with_legend_and_verdict():
     i2 = next(r for r in rows if r["scheme"] == "intx_weight_only_int2")
     saved = (i2["leakage_p10"], i2["leakage_p90"])
     i2["leakage_p10"], i2["leakage_p90"] = 0.0500, 0.0560
-    assert ("native_int8_dynamic, bf16; also overlapping its interval but outside the utility band: "
+    assert ("int8_dynamic_activation_int8_weight and 3 more; also overlapping its interval but outside the utility band: "
             "intx_weight_only_int2; clearly safer than it") in verdict(rows)
     i2["leakage_p10"], i2["leakage_p90"] = saved
     for r in rows:  # no intervals: say that differences cannot be judged
@@ -558,3 +563,34 @@ def test_a_named_utility_never_measured_is_refused_and_a_verdict_without_utility
     assert text.startswith("verdict: safest: intx_weight_only_int2 (leakage 0.0732) by leakage alone "
                            "(no utility measured: the schemes' cost to the model is not weighed)")
     assert format_table(bare, utility_key="acc")  # nothing measured: nothing to name, no error
+
+
+def test_the_verdict_and_not_ranked_lines_name_the_first_schemes_and_count_the_rest():
+    """nux48: examples/all_schemes.py's ~40 schemes made a ~3,000-character verdict line and a
+    ~2,000-character "not ranked" line. Each list names the first few schemes and counts the
+    rest; the rows (table, JSON) keep every scheme."""
+    from mis_lightning.report import LINE_NAMES, NOT_RANKED, TIES_NAMES, ties_line, verdict
+
+    names = [f"intx_weight_only_int{k}_g32_asym" for k in range(40)]  # all_schemes.py's lengths
+    # every interval overlaps the safest's; every figure indicative; two unscored (+)
+    rows = [{"scheme": n, "leakage": 0.10 + 1e-4 * k, "leakage_p10": 0.09, "leakage_p90": 0.12,
+             "indicative": k % 2 == 0, "unscored": "awq factors" if k >= 32 else None}
+            for k, n in enumerate(names)]
+    text = verdict(rows)
+    assert len(text) < 700, len(text)  # was 2,900 (every name)
+    assert text.startswith(f"verdict: safest: {names[0]} (leakage 0.1000)")
+    # 31 others overlap it, 8 are lower bounds, 16 ranked rows indicative
+    assert f"not clearly different from it (intervals overlap): {', '.join(names[1:1 + LINE_NAMES])} and " \
+           f"{31 - LINE_NAMES} more" in text
+    assert f"not ranked (leakage a lower bound, +): {', '.join(names[32:32 + LINE_NAMES])} and {8 - LINE_NAMES} more" in text
+    assert f"indicative only (*): {', '.join(names[0:2 * LINE_NAMES:2])} and {16 - LINE_NAMES} more" in text
+    ties = ties_line(rows)
+    assert ties.startswith(f"{NOT_RANKED}: {names[0]} (0.1000), {names[1]} (0.1001)")
+    assert f"and {32 - TIES_NAMES} more (each leakage" in ties and len(ties) < 500, ties  # + rows: not ranked
+    # several groups: names up to TIES_NAMES in all, the other groups counted
+    far = [dict(r, leakage=r["leakage"] + 0.1 * (k // 4), leakage_p10=r["leakage_p10"] + 0.1 * (k // 4),
+                leakage_p90=r["leakage_p90"] - 0.015 + 0.1 * (k // 4), unscored=None)
+           for k, r in enumerate(rows)]  # 10 groups of 4
+    ties = ties_line(far)
+    assert f"{names[4]} (0.2004)" in ties and f"{names[8]} " not in ties, ties
+    assert f"; and {10 - TIES_NAMES // 4} more group(s) ({40 - TIES_NAMES} schemes) (each" in ties, ties
