@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any, Literal
@@ -2456,16 +2456,9 @@ class MomentAccumulator:
                 torch.div(tg[keep].square(), v[keep], out=kept[at: at + k])
                 at += k
             hth_sq += float(terms[: b - a].sum())
-            # _decay_hint's <g, theta> and |theta|^2, each summed over the block buffer as the sums
-            # above (the same floats whatever the sub-blocks), g from its float32 store (2^-24)
-            for part in (0, 1):
-                for s, e in subs:
-                    th = theta_slice(s, e)
-                    torch.mul(penalised(s, e, g_out[s:e].to(f64)) if part == 0 else th, th, out=terms[s - a: e - a])
-                if part == 0:
-                    g_theta += float(terms[: b - a].sum())
-                else:
-                    theta_sq += float(terms[: b - a].sum())
+            # _decay_hint's <g, theta> and |theta|^2, g from its float32 store (2^-24)
+            gt, ts = _hint_block_sums(a, b, subs, terms, lambda s, e: penalised(s, e, g_out[s:e].to(f64)), theta_slice)
+            g_theta, theta_sq = g_theta + gt, theta_sq + ts
             z_sum, z_count = z_sum + float(kept[:at].sum()), z_count + at
         rms_g = math.sqrt(float(st["grad_norm_sq"]) / n)
         gnorm = math.sqrt(grad_sq)
@@ -2985,6 +2978,21 @@ def _not_at_minimum(ratio: float, z_sum: float, z_count: int, n: int) -> dict[st
     ``gradient_norm_ratio`` threshold misses large n), or when the ratio exceeds 0.1."""
     offset = math.sqrt(n * z_sum / z_count) if z_count else 0.0
     return {"minimum_offset_sd": offset, "not_at_minimum": ratio > GRADIENT_NORM_RATIO_MAX or offset > MINIMUM_OFFSET_SD}
+
+
+def _hint_block_sums(a: int, b: int, subs: Sequence[tuple[int, int]], terms: Tensor,
+                     grad_at: Callable[[int, int], Tensor], theta_at: Callable[[int, int], Tensor]) -> tuple[float, float]:
+    """``(<g, theta>, |theta|^2)`` over one finalize block ``[a, b)`` (:func:`_finalize_blocks`):
+    each product written into the block buffer ``terms`` (float64) sub-block by sub-block and
+    summed once, as the finalize's other block sums (the same floats whatever the sub-blocks).
+    ``grad_at(s, e)`` / ``theta_at(s, e)``: the float64 gradient and weights of ``[s, e)``."""
+    out = []
+    for part in (0, 1):
+        for s, e in subs:
+            th = theta_at(s, e)
+            torch.mul(grad_at(s, e) if part == 0 else th, th, out=terms[s - a: e - a])
+        out.append(float(terms[: b - a].sum()))
+    return out[0], out[1]
 
 
 def _decay_hint(g_theta: float, g_sq: float, theta_sq: float, rms_g: float, decay: Mapping[str, float]) -> dict[str, Any]:
