@@ -13,6 +13,7 @@ import difflib
 import functools
 import hashlib
 import logging
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -715,7 +716,7 @@ def assess(
     """
     est_cfg, sc_cfg, rest = stage_configs("assess", estimation_config, scoring_config, options)
     if rest:
-        raise unexpected_options("assess", rest)
+        raise unexpected_options("assess", rest, known=inspect.signature(assess).parameters)
     check_user_functions(loss_fn=loss_fn, batch_fn=batch_fn, output_transform=output_transform)
     scheme_objs = resolve_schemes(schemes)
     # before the estimation pass: schemes that cannot run, or quantize nothing (all of them: refused)

@@ -383,14 +383,27 @@ def stage_configs(
     return e, s, rest
 
 
+# The same argument under each front end's own keyword: the torchmetrics objects that measure
+# the quantized copies' utility are ``metrics=`` to assess() and plan() and ``utility_metrics=`` to
+# MISCallback (beside its other ``utility_*`` options). A keyword of one front end passed to
+# another is named with this one's (nux49: assess(utility_metrics=...) suggested utility_mode).
+KEYWORD_SYNONYMS: dict[str, str] = {"utility_metrics": "metrics", "metrics": "utility_metrics"}
+
+
 def unexpected_options(where: str, rest: Iterable[str], what: str = "the fields of EstimationConfig and ScoringConfig",
                        known: Iterable[str] = ()) -> TypeError:
     """The ``TypeError`` for options that are no field of the configs (``what`` says which),
-    with the closest known names for each (``known``: the front end's own keywords too)."""
+    with the closest known names for each (``known``: the front end's own keywords too; a
+    keyword that another front end uses for one of them, :data:`KEYWORD_SYNONYMS`, is named
+    with this one's)."""
+    known = set(known)
     names = sorted({*_EST_FIELDS, *_SC_FIELDS, *ALIASES, *known})
     bad = sorted(rest)
     hints = []
     for k in bad:
+        if KEYWORD_SYNONYMS.get(k) in known:
+            hints.append(f"{k!r}: {where}() takes it as {KEYWORD_SYNONYMS[k]}=")
+            continue
         close = difflib.get_close_matches(k, names, n=2, cutoff=0.6)
         if close:
             hints.append(f"{k!r}: did you mean {' or '.join(repr(c) for c in close)}?")

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -759,7 +760,7 @@ def plan(
     cfg.__post_init__()
     est_cfg, sc_cfg, rest = stage_configs("plan", estimation_config, scoring_config, options)
     if rest:
-        raise unexpected_options("plan", rest)
+        raise unexpected_options("plan", rest, known=inspect.signature(plan).parameters)
     if val_dataloader is None and utility_fn is None:
         raise ValueError("plan() needs val_dataloader= (or utility_fn=): the utility cost of each "
                          "candidate per layer is measured on held-out data")

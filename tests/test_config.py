@@ -110,6 +110,18 @@ def test_assess_with_configs_equals_assess_with_keywords():
         assert float(out[k]["leakage"]) == pytest.approx(a.schemes[k].leakage, rel=1e-12)
 
 
+def test_another_front_ends_keyword_is_named_with_this_ones():
+    """nux49: ``assess(utility_metrics=...)`` (the callback's keyword) suggested utility_mode /
+    utility_key; the hint names assess's own ``metrics=``, and the callback's the other way."""
+    m, dl, _, _ = _problem()
+    with pytest.raises(TypeError, match=r"\('utility_metrics': assess\(\) takes it as metrics=\)"):
+        ml.assess(m, ["rtn_int8"], dl, mse, utility_metrics={})
+    with pytest.raises(TypeError, match=r"\('utility_metrics': plan\(\) takes it as metrics=\)"):
+        ml.plan(m, ["rtn_int8"], dl, mse, utility_metrics={})
+    with pytest.raises(TypeError, match=r"\('metrics': MISCallback\(\) takes it as utility_metrics=\)"):
+        ml.MISCallback(["rtn_int8"], metrics={})
+
+
 def test_unknown_keywords_raise_and_score_is_a_deprecated_alias():
     m, dl, _, _ = _problem()
     with pytest.raises(TypeError, match=r"assess\(\) got unexpected keyword argument\(s\) \['num_record'\] "
