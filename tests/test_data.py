@@ -299,14 +299,17 @@ def test_chembl_malformed_rows_reported(tmp_path):
 
 @needs_rdkit
 def test_chembl_missing_file(tmp_path):
+    # a path given is checked when the datamodule is built (the app's configuration stage:
+    # one line before any data is read, nux49), naming the argument
     missing = str(tmp_path / "nope" / "missing.smi")
-    dm = ChEMBLDataModule(smiles_path=missing, cache_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-        dm.setup()
+    with pytest.raises(FileNotFoundError, match=re.escape(missing) + r" \(the smiles_path argument\)"):
+        ChEMBLDataModule(smiles_path=missing, cache_dir=str(tmp_path))
     missing_act = str(tmp_path / "missing_act.csv")
-    dm = ChEMBLDataModule(activity_path=missing_act, cache_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=re.escape(missing_act)):
-        dm.setup()
+    with pytest.raises(FileNotFoundError, match=re.escape(missing_act) + r" \(the activity_path argument\)"):
+        ChEMBLDataModule(activity_path=missing_act, cache_dir=str(tmp_path))
+    for cls in (NCITPSADataModule, TDCADMETDataModule):
+        with pytest.raises(FileNotFoundError, match=re.escape(missing_act) + r" \(the path argument\)"):
+            cls(path=missing_act, cache_dir=str(tmp_path))
 
 
 @needs_rdkit

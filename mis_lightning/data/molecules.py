@@ -350,10 +350,12 @@ def featurize_smiles_cached(
 # ---------------------------------------------------------------------------------------
 # file readers
 # ---------------------------------------------------------------------------------------
-def _check_file(path: str | os.PathLike, what: str) -> str:
+def _check_file(path: str | os.PathLike, what: str, option: str | None = None) -> str:
+    """``path`` as a string; ``FileNotFoundError`` naming ``what`` (and the datamodule's argument
+    ``option`` that gave it) when it is not a file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}" + (f" (the {option} argument)" if option else ""))
     return path
 
 
@@ -571,7 +573,8 @@ class ChEMBLDataModule(MoleculeDataModule):
         standardize_target: z-score regression targets with the train split's mean/std.
 
     Raises:
-        FileNotFoundError: (at ``setup()``) when a file is missing; the message names it.
+        FileNotFoundError: a ``smiles_path`` / ``activity_path`` given that is not a file (when
+            built), or a default file missing (at ``setup()``); the message names it.
     """
 
     def __init__(
@@ -586,8 +589,11 @@ class ChEMBLDataModule(MoleculeDataModule):
         # standardize_target, num_workers -- declared once, in MoleculeDataModule
         super().__init__(task=task, threshold=threshold, **options)
         self.save_hyperparameters()
-        self.smiles_path = smiles_path
-        self.activity_path = activity_path
+        # a path given is checked here, before any data is read or model trained (the app's
+        # configuration stage: one line naming the option; nux49 saw a traceback 23 s in)
+        self.smiles_path = None if smiles_path is None else _check_file(smiles_path, "ChEMBL SMILES", "smiles_path")
+        self.activity_path = None if activity_path is None else _check_file(
+            activity_path, "ChEMBL activity", "activity_path")
         self.unmatched_activity: list[tuple[int, str]] = []
 
     def _load_records(self) -> tuple[_Records, list[str]]:
@@ -681,7 +687,7 @@ class NCITPSADataModule(MoleculeDataModule):
         if max_molecules is not None and int(max_molecules) < 3:
             raise ValueError(f"max_molecules must be >= 3 or None, got {max_molecules!r}")
         self.max_molecules = None if max_molecules is None else int(max_molecules)
-        self.path = path
+        self.path = None if path is None else _check_file(path, "NCI TPSA", "path")
 
     def _load_records(self) -> tuple[_Records, list[str]]:
         path = _check_file(self.path or default_nci_tpsa_path(), "NCI TPSA")
@@ -774,7 +780,7 @@ class TDCADMETDataModule(MoleculeDataModule):
         super().__init__(task=task or "regression", threshold=threshold, **options)  # as MoleculeDataModule
         self.save_hyperparameters()
         self.name = str(name)
-        self.path = path
+        self.path = None if path is None else _check_file(path, "TDC CSV", "path")
         self.requested_task = task
         self.download_dir = download_dir
 
