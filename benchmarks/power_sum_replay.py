@@ -7,6 +7,7 @@ on a shared machine). ps35/ps36's method, kept as a script.
     python benchmarks/power_sum_replay.py replay DIR [REPS] [--switch MODULE.FLAG]
     python benchmarks/power_sum_replay.py count DIR [--records N]
     python benchmarks/power_sum_replay.py layout DIR [REPS]
+    python benchmarks/power_sum_replay.py tolerance DIR [REPS] NAME:SETTINGS [NAME:SETTINGS ...]
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
 under DIR; the row weights too, p46a). ``replay`` passes the same ``d``, mean gradient and variances
@@ -25,6 +26,11 @@ stacked row by row into a held ``[c, M]`` buffer or column by column into a held
 (``assess.COLUMN_MAJOR_STACK``; one column, and a chunk where more than
 ``assess.COLUMN_MAJOR_ROWS`` of the output rows reach the GEMMs, stay row-major as there), the
 stack timed with the call, alternating call by call, and checks the two layouts' sums bitwise equal.
+``tolerance`` (p49a) replays the calls under named variants of ``estimation.linear_factors``' settings
+(``SETTINGS``: ``ATTR=VALUE`` pairs separated by ``;``, e.g. ``wide4:WIDE_FOURTH_POWER_RTOL=True``, or
+``rtol:POWER_SUMS_F32_RTOL=1e-3``; empty: the defaults): per variant the records summed in float64 by power,
+the largest relative difference of any entry from the float64 sums (``POWER_SUMS_F32`` empty) by power,
+and CPU seconds per round by (parameter, power), the variants alternated round by round.
 """
 
 from __future__ import annotations
@@ -207,6 +213,84 @@ def layout(cap: str, reps: int) -> None:
     print(f"all {len(calls)} calls: {total[0]:.3f} / {total[1]:.3f} s; {differ} calls' sums differ between the layouts")
 
 
+def _calls(cap: str) -> tuple[dict[int, torch.Tensor], list[dict]]:
+    """The captured calls, a chunk's equal ``d``, mean gradient and variances one object (as replay)."""
+    xs = {int(f.rsplit("/x", 1)[-1][:-3]): torch.load(f) for f in glob.glob(f"{cap}/x*.pt")}
+    calls, last = [], {}
+    for f in sorted(glob.glob(f"{cap}/c*.pt")):
+        c = torch.load(f)
+        for k in ("d", "gm", "vd"):
+            if k in last and last[k].shape == c[k].shape and torch.equal(last[k], c[k]):
+                c[k] = last[k]
+            last[k] = c[k]
+        calls.append(c)
+    return xs, calls
+
+
+def tolerance(cap: str, reps: int, specs: list[str]) -> None:
+    import ast
+
+    from mis_lightning.estimation import linear_factors as LF
+
+    torch.set_num_threads(1)
+    variants = {}
+    for spec in specs:
+        name, _, sets = spec.partition(":")
+        kv = [x.partition("=") for x in filter(None, sets.split(";"))]
+        for k, _, _ in kv:
+            if not hasattr(LF, k):
+                raise SystemExit(f"{spec}: estimation.linear_factors has no {k}")
+        variants[name] = {k: ast.literal_eval(v) for k, _, v in kv}
+    defaults = {k: getattr(LF, k) for v in variants.values() for k in v} | {"POWER_SUMS_F32": LF.POWER_SUMS_F32}
+
+    def apply(settings: dict) -> None:
+        for k, v in (defaults | settings).items():
+            setattr(LF, k, v)
+
+    xs, calls = _calls(cap)
+
+    def run(caches: dict) -> tuple[list[torch.Tensor], dict[tuple, float]]:
+        got, t = [], collections.defaultdict(float)
+        for c in calls:
+            fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+            cache = caches.setdefault(c["cache"], LF.PowerCache())
+            t0 = time.process_time()
+            got.append(LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache,
+                                              row_weights=c.get("rw")))
+            t[(c["fbias"] if c["bias"] else c["weight"], c["power"])] += time.process_time() - t0
+        return got, t
+
+    apply({"POWER_SUMS_F32": frozenset()})
+    ref = run({})[0]
+    caches: dict[str, dict] = {n: {} for n in variants}
+    for name, settings in variants.items():
+        apply(settings)
+        for k in LF.POWER_SUMS_F32_COUNTS:
+            LF.POWER_SUMS_F32_COUNTS[k] = 0
+        got = run(caches[name])[0]
+        worst = {2: 0.0, 4: 0.0}
+        for g, f, c in zip(got, ref, calls):
+            rel = (g - f).abs() / f.abs().clamp_min(1e-300)
+            worst[c["power"]] = max(worst[c["power"]], float(rel.max()) if rel.numel() else 0.0)
+        n = LF.POWER_SUMS_F32_COUNTS
+        print(f"{name}: records in float64 power 2 {n[(2, 'float64')]} of {n[(2, 'float64')] + n[(2, 'float32')]}, "
+              f"power 4 {n[(4, 'float64')]} of {n[(4, 'float64')] + n[(4, 'float32')]}; largest |sum - float64 sum| / "
+              f"|float64 sum| of any entry: power 2 {worst[2]:.3g}, power 4 {worst[4]:.3g}", flush=True)
+    tot: dict[str, dict[tuple, float]] = {n: collections.defaultdict(float) for n in variants}
+    names = list(variants)
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            apply(variants[name])
+            for k, v in run(caches[name])[1].items():
+                tot[name][k] += v / reps
+    apply({})
+    keys = sorted(tot[names[0]], key=lambda k: -tot[names[0]][k])[:5]
+    for name in names:
+        print(f"{name}: all {sum(tot[name].values()):.3f} s a round; "
+              + ", ".join(f"{k[0]} p{k[1]} {tot[name][k]:.3f}" for k in keys))
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -225,8 +309,14 @@ def main(argv: list[str]) -> int:
     lay = sub.add_parser("layout")
     lay.add_argument("dir")
     lay.add_argument("reps", nargs="?", type=int, default=3)
+    tl = sub.add_parser("tolerance")
+    tl.add_argument("dir")
+    tl.add_argument("reps", type=int)
+    tl.add_argument("variants", nargs="+", metavar="NAME:SETTINGS")
     args = ap.parse_args(argv)
-    if args.cmd == "layout":
+    if args.cmd == "tolerance":
+        tolerance(args.dir, args.reps, args.variants)
+    elif args.cmd == "layout":
         layout(args.dir, args.reps)
     elif args.cmd == "capture":
         capture(args.model, args.dir)
