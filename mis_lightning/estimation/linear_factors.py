@@ -1051,11 +1051,12 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     ``keep``: the output rows whose ``d`` is non-zero on some record (:data:`SKIP_SILENT_ROWS`);
     the terms ``a >= 1`` are summed over those rows only (the others' are exact zeros), the scales
     and the bound (its ``out``) are those of the whole ``S`` (the same ``eps``, so the same entries
-    fall back to float64).
+    fall back to float64; :data:`F32_BOUND_GEMM_ROWS`: the bound's ``out`` the rows summed).
 
     ``layer``: ``(out, d's scale, gb's scale)`` of the whole layer where ``fac.d``, ``gb`` and ``S``
     hold some of its output rows only (:data:`SKIP_DEAD_ROWS`: the others' ``S`` is 0): the bound's
-    ``out`` and the power-of-two scales are the layer's, as without the restriction.
+    ``out`` and the power-of-two scales are the layer's, as without the restriction (the bound's
+    ``out`` the rows summed with :data:`F32_BOUND_GEMM_ROWS`).
 
     ``row_weights``: ``(src [K] int64, W [out, K] float64 >= 0)`` (rows as ``S``'s before ``keep``):
     ``K`` more sums, column ``M + k`` that of the column ``S[:, :, src_k] * W[:, k, None]``, from
