@@ -8,6 +8,7 @@ on a shared machine). ps35/ps36's method, kept as a script.
     python benchmarks/power_sum_replay.py count DIR [--records N]
     python benchmarks/power_sum_replay.py layout DIR [REPS]
     python benchmarks/power_sum_replay.py tolerance DIR [REPS] NAME:SETTINGS [NAME:SETTINGS ...]
+    python benchmarks/power_sum_replay.py phases DIR
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
 under DIR; the row weights too, p46a). ``replay`` passes the same ``d``, mean gradient and variances
@@ -31,6 +32,9 @@ stack timed with the call, alternating call by call, and checks the two layouts'
 ``rtol:POWER_SUMS_F32_RTOL=1e-3``; empty: the defaults): per variant the records summed in float64 by power,
 the largest relative difference of any entry from the float64 sums (``POWER_SUMS_F32`` empty) by power,
 and CPU seconds per round by (parameter, power), the variants alternated round by round.
+``phases`` (p49a) replays the calls twice (the first warms the caches) with ``linear_factors``' helpers
+wrapped (:data:`PHASES`) and prints, per (caller, parameter, power), the CPU seconds exclusive of the
+wrapped callees of each (``factored_power_sums``: its own work, e.g. the check ``A >= 0``).
 """
 
 from __future__ import annotations
@@ -291,6 +295,57 @@ def tolerance(cap: str, reps: int, specs: list[str]) -> None:
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
+PHASES = ("_even_power_sums_f32", "_even_sums_on_rows", "_binomial_sums_f64", "_zeroth_term", "_zeroth_rows",
+          "_dead_rows", "_silent_rows", "_pow2_scale", "_nonzero_pairs", "_variance_power", "_zeroth_raw")
+
+
+def phases(cap: str) -> None:
+    from mis_lightning.estimation import linear_factors as LF
+
+    torch.set_num_threads(1)
+    xs, calls = _calls(cap)
+    stack: list[float] = []
+    excl: dict[tuple, float] = collections.defaultdict(float)
+    group: list[tuple] = [()]
+
+    def wrap(name: str, f):
+        def g(*a, **k):
+            t0 = time.process_time()
+            stack.append(0.0)
+            try:
+                return f(*a, **k)
+            finally:
+                dt = time.process_time() - t0
+                excl[(group[0], name)] += dt - stack.pop()
+                if stack:
+                    stack[-1] += dt
+        return g
+
+    real = {n: getattr(LF, n) for n in PHASES + ("factored_power_sums",)}
+    for n in real:
+        setattr(LF, n, wrap(n, real[n]))
+    caches: dict[int, object] = {}
+    try:
+        for _rep in range(2):  # (the first warms the caches)
+            excl.clear()
+            tot: dict[tuple, float] = collections.defaultdict(float)
+            for c in calls:
+                group[0] = (c["tag"], c["fbias"] if c["bias"] else c["weight"], c["power"])
+                fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+                cache = caches.setdefault(c["cache"], LF.PowerCache())
+                t0 = time.process_time()
+                LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache, row_weights=c.get("rw"))
+                tot[group[0]] += time.process_time() - t0
+    finally:
+        for n, f in real.items():
+            setattr(LF, n, f)
+    print("CPU s of one replay by (caller, parameter, power), then each function's own (exclusive) seconds:")
+    for key, t in sorted(tot.items(), key=lambda kv: -kv[1]):
+        parts = sorted(((n, v) for (g, n), v in excl.items() if g == key and v >= 0.002), key=lambda nv: -nv[1])
+        print(f"  {key}: {t:.3f}: " + ", ".join(f"{n} {v:.3f}" for n, v in parts))
+    print(f"all {len(calls)} calls: {sum(tot.values()):.3f} s; load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -313,8 +368,12 @@ def main(argv: list[str]) -> int:
     tl.add_argument("dir")
     tl.add_argument("reps", type=int)
     tl.add_argument("variants", nargs="+", metavar="NAME:SETTINGS")
+    ph = sub.add_parser("phases")
+    ph.add_argument("dir")
     args = ap.parse_args(argv)
-    if args.cmd == "tolerance":
+    if args.cmd == "phases":
+        phases(args.dir)
+    elif args.cmd == "tolerance":
         tolerance(args.dir, args.reps, args.variants)
     elif args.cmd == "layout":
         layout(args.dir, args.reps)
