@@ -9,6 +9,7 @@ on a shared machine). ps35/ps36's method, kept as a script.
     python benchmarks/power_sum_replay.py layout DIR [REPS]
     python benchmarks/power_sum_replay.py tolerance DIR [REPS] NAME:SETTINGS [NAME:SETTINGS ...]
     python benchmarks/power_sum_replay.py phases DIR
+    python benchmarks/power_sum_replay.py batch DIR [PARAM] [REPS]
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
 under DIR; the row weights too, p46a). ``replay`` passes the same ``d``, mean gradient and variances
@@ -35,6 +36,11 @@ and CPU seconds per round by (parameter, power), the variants alternated round b
 ``phases`` (p49a) replays the calls twice (the first warms the caches) with ``linear_factors``' helpers
 wrapped (:data:`PHASES`) and prints, per (caller, parameter, power), the CPU seconds exclusive of the
 wrapped callees of each (``factored_power_sums``: its own work, e.g. the check ``A >= 0``).
+``batch`` (p49a) times the float32 GEMMs over the inputs of the captured ``_distinct_list_sums`` calls of
+one weight (default ``2.weight``) in their skinny shapes ``[rows * M, in] x [in, R]`` (``rows`` the non-silent
+rows, random operands: the time of the shapes), one GEMM per call and term as now against one per
+power and term over every call's blocks stacked (what a pass summing a layer's GEMM rows across its
+chunks would run), alternated.
 """
 
 from __future__ import annotations
@@ -346,6 +352,40 @@ def phases(cap: str) -> None:
     print(f"all {len(calls)} calls: {sum(tot.values()):.3f} s; load {os.getloadavg()[0]:.1f}")
 
 
+def batch(cap: str, param: str, reps: int) -> None:
+    torch.set_num_threads(1)
+    xs, calls = _calls(cap)
+    shapes = [(int(c["d"].ne(0).any(0).sum()) * c["A"].shape[1], c["power"], xs[c["x"]].shape)
+              for c in calls if c["tag"] == "_distinct_list_sums" and not c["bias"] and c["weight"] == param]
+    if not shapes:
+        raise SystemExit(f"no _distinct_list_sums calls of {param!r} in {cap}")
+    R, in_f = shapes[0][2]
+    g = torch.Generator().manual_seed(0)
+    xa = [torch.rand(R, in_f, generator=g) for _ in range(4)]  # (x / 2^k)^a in float32, a = 1..4
+    blocks = [(torch.rand(n, in_f, generator=g), p) for n, p, _ in shapes]
+    stacked = {p: torch.cat([b for b, q in blocks if q == p]) for p in {q for _, q in blocks}}
+
+    def per_call() -> None:
+        for b, p in blocks:
+            for a in range(p):
+                torch.mm(b, xa[a].T)
+
+    def one_per_term() -> None:
+        for p, b in stacked.items():
+            for a in range(p):
+                torch.mm(b, xa[a].T)
+
+    tot = [0.0, 0.0]
+    for r in range(reps):
+        for i, f in ((0, per_call), (1, one_per_term)) if r % 2 == 0 else ((1, one_per_term), (0, per_call)):
+            t0 = time.process_time()
+            f()
+            tot[i] += time.process_time() - t0
+    print(f"{param}: {len(shapes)} calls, GEMM columns {min(n for n, _, _ in shapes)}-{max(n for n, _, _ in shapes)}, "
+          f"x^a [{R}, {in_f}]; CPU s a round ({reps} rounds): one GEMM per call and term {tot[0] / reps:.3f}, "
+          f"one per power and term over all the calls' blocks {tot[1] / reps:.3f}; load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -370,8 +410,14 @@ def main(argv: list[str]) -> int:
     tl.add_argument("variants", nargs="+", metavar="NAME:SETTINGS")
     ph = sub.add_parser("phases")
     ph.add_argument("dir")
+    bt = sub.add_parser("batch")
+    bt.add_argument("dir")
+    bt.add_argument("param", nargs="?", default="2.weight")
+    bt.add_argument("reps", nargs="?", type=int, default=4)
     args = ap.parse_args(argv)
-    if args.cmd == "phases":
+    if args.cmd == "batch":
+        batch(args.dir, args.param, args.reps)
+    elif args.cmd == "phases":
         phases(args.dir)
     elif args.cmd == "tolerance":
         tolerance(args.dir, args.reps, args.variants)
