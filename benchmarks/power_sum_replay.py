@@ -7,6 +7,9 @@ on a shared machine). ps35/ps36's method, kept as a script.
     python benchmarks/power_sum_replay.py replay DIR [REPS] [--switch MODULE.FLAG]
     python benchmarks/power_sum_replay.py count DIR [--records N]
     python benchmarks/power_sum_replay.py layout DIR [REPS]
+    python benchmarks/power_sum_replay.py tolerance DIR [REPS] NAME:SETTINGS [NAME:SETTINGS ...]
+    python benchmarks/power_sum_replay.py phases DIR
+    python benchmarks/power_sum_replay.py batch DIR [PARAM] [REPS]
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
 under DIR; the row weights too, p46a). ``replay`` passes the same ``d``, mean gradient and variances
@@ -25,6 +28,19 @@ stacked row by row into a held ``[c, M]`` buffer or column by column into a held
 (``assess.COLUMN_MAJOR_STACK``; one column, and a chunk where more than
 ``assess.COLUMN_MAJOR_ROWS`` of the output rows reach the GEMMs, stay row-major as there), the
 stack timed with the call, alternating call by call, and checks the two layouts' sums bitwise equal.
+``tolerance`` (p49a) replays the calls under named variants of ``estimation.linear_factors``' settings
+(``SETTINGS``: ``ATTR=VALUE`` pairs separated by ``;``, e.g. ``wide4:WIDE_FOURTH_POWER_RTOL=True``, or
+``rtol:POWER_SUMS_F32_RTOL=1e-3``; empty: the defaults): per variant the records summed in float64 by power,
+the largest relative difference of any entry from the float64 sums (``POWER_SUMS_F32`` empty) by power,
+and CPU seconds per round by (parameter, power), the variants alternated round by round.
+``phases`` (p49a) replays the calls twice (the first warms the caches) with ``linear_factors``' helpers
+wrapped (:data:`PHASES`) and prints, per (caller, parameter, power), the CPU seconds exclusive of the
+wrapped callees of each (``factored_power_sums``: its own work, e.g. the check ``A >= 0``).
+``batch`` (p49a) times the float32 GEMMs over the inputs of the captured ``_distinct_list_sums`` calls of
+one weight (default ``2.weight``) in their skinny shapes ``[rows * M, in] x [in, R]`` (``rows`` the non-silent
+rows, random operands: the time of the shapes), one GEMM per call and term as now against one per
+power and term over every call's blocks stacked (what a pass summing a layer's GEMM rows across its
+chunks would run), alternated.
 """
 
 from __future__ import annotations
@@ -207,6 +223,169 @@ def layout(cap: str, reps: int) -> None:
     print(f"all {len(calls)} calls: {total[0]:.3f} / {total[1]:.3f} s; {differ} calls' sums differ between the layouts")
 
 
+def _calls(cap: str) -> tuple[dict[int, torch.Tensor], list[dict]]:
+    """The captured calls, a chunk's equal ``d``, mean gradient and variances one object (as replay)."""
+    xs = {int(f.rsplit("/x", 1)[-1][:-3]): torch.load(f) for f in glob.glob(f"{cap}/x*.pt")}
+    calls, last = [], {}
+    for f in sorted(glob.glob(f"{cap}/c*.pt")):
+        c = torch.load(f)
+        for k in ("d", "gm", "vd"):
+            if k in last and last[k].shape == c[k].shape and torch.equal(last[k], c[k]):
+                c[k] = last[k]
+            last[k] = c[k]
+        calls.append(c)
+    return xs, calls
+
+
+def tolerance(cap: str, reps: int, specs: list[str]) -> None:
+    import ast
+
+    from mis_lightning.estimation import linear_factors as LF
+
+    torch.set_num_threads(1)
+    variants = {}
+    for spec in specs:
+        name, _, sets = spec.partition(":")
+        kv = [x.partition("=") for x in filter(None, sets.split(";"))]
+        for k, _, _ in kv:
+            if not hasattr(LF, k):
+                raise SystemExit(f"{spec}: estimation.linear_factors has no {k}")
+        variants[name] = {k: ast.literal_eval(v) for k, _, v in kv}
+    defaults = {k: getattr(LF, k) for v in variants.values() for k in v} | {"POWER_SUMS_F32": LF.POWER_SUMS_F32}
+
+    def apply(settings: dict) -> None:
+        for k, v in (defaults | settings).items():
+            setattr(LF, k, v)
+
+    xs, calls = _calls(cap)
+
+    def run(caches: dict) -> tuple[list[torch.Tensor], dict[tuple, float]]:
+        got, t = [], collections.defaultdict(float)
+        for c in calls:
+            fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+            cache = caches.setdefault(c["cache"], LF.PowerCache())
+            t0 = time.process_time()
+            got.append(LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache,
+                                              row_weights=c.get("rw")))
+            t[(c["fbias"] if c["bias"] else c["weight"], c["power"])] += time.process_time() - t0
+        return got, t
+
+    apply({"POWER_SUMS_F32": frozenset()})
+    ref = run({})[0]
+    caches: dict[str, dict] = {n: {} for n in variants}
+    for name, settings in variants.items():
+        apply(settings)
+        for k in LF.POWER_SUMS_F32_COUNTS:
+            LF.POWER_SUMS_F32_COUNTS[k] = 0
+        got = run(caches[name])[0]
+        worst = {2: 0.0, 4: 0.0}
+        for g, f, c in zip(got, ref, calls):
+            rel = (g - f).abs() / f.abs().clamp_min(1e-300)
+            worst[c["power"]] = max(worst[c["power"]], float(rel.max()) if rel.numel() else 0.0)
+        n = LF.POWER_SUMS_F32_COUNTS
+        print(f"{name}: records in float64 power 2 {n[(2, 'float64')]} of {n[(2, 'float64')] + n[(2, 'float32')]}, "
+              f"power 4 {n[(4, 'float64')]} of {n[(4, 'float64')] + n[(4, 'float32')]}; largest |sum - float64 sum| / "
+              f"|float64 sum| of any entry: power 2 {worst[2]:.3g}, power 4 {worst[4]:.3g}", flush=True)
+    tot: dict[str, dict[tuple, float]] = {n: collections.defaultdict(float) for n in variants}
+    names = list(variants)
+    for r in range(reps):
+        for name in names if r % 2 == 0 else names[::-1]:
+            apply(variants[name])
+            for k, v in run(caches[name])[1].items():
+                tot[name][k] += v / reps
+    apply({})
+    keys = sorted(tot[names[0]], key=lambda k: -tot[names[0]][k])[:5]
+    for name in names:
+        print(f"{name}: all {sum(tot[name].values()):.3f} s a round; "
+              + ", ".join(f"{k[0]} p{k[1]} {tot[name][k]:.3f}" for k in keys))
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+PHASES = ("_even_power_sums_f32", "_even_sums_on_rows", "_binomial_sums_f64", "_zeroth_term", "_zeroth_rows",
+          "_dead_rows", "_silent_rows", "_pow2_scale", "_nonzero_pairs", "_variance_power", "_zeroth_raw")
+
+
+def phases(cap: str) -> None:
+    from mis_lightning.estimation import linear_factors as LF
+
+    torch.set_num_threads(1)
+    xs, calls = _calls(cap)
+    stack: list[float] = []
+    excl: dict[tuple, float] = collections.defaultdict(float)
+    group: list[tuple] = [()]
+
+    def wrap(name: str, f):
+        def g(*a, **k):
+            t0 = time.process_time()
+            stack.append(0.0)
+            try:
+                return f(*a, **k)
+            finally:
+                dt = time.process_time() - t0
+                excl[(group[0], name)] += dt - stack.pop()
+                if stack:
+                    stack[-1] += dt
+        return g
+
+    real = {n: getattr(LF, n) for n in PHASES + ("factored_power_sums",)}
+    for n in real:
+        setattr(LF, n, wrap(n, real[n]))
+    caches: dict[int, object] = {}
+    try:
+        for _rep in range(2):  # (the first warms the caches)
+            excl.clear()
+            tot: dict[tuple, float] = collections.defaultdict(float)
+            for c in calls:
+                group[0] = (c["tag"], c["fbias"] if c["bias"] else c["weight"], c["power"])
+                fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+                cache = caches.setdefault(c["cache"], LF.PowerCache())
+                t0 = time.process_time()
+                LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache, row_weights=c.get("rw"))
+                tot[group[0]] += time.process_time() - t0
+    finally:
+        for n, f in real.items():
+            setattr(LF, n, f)
+    print("CPU s of one replay by (caller, parameter, power), then each function's own (exclusive) seconds:")
+    for key, t in sorted(tot.items(), key=lambda kv: -kv[1]):
+        parts = sorted(((n, v) for (g, n), v in excl.items() if g == key and v >= 0.002), key=lambda nv: -nv[1])
+        print(f"  {key}: {t:.3f}: " + ", ".join(f"{n} {v:.3f}" for n, v in parts))
+    print(f"all {len(calls)} calls: {sum(tot.values()):.3f} s; load {os.getloadavg()[0]:.1f}")
+
+
+def batch(cap: str, param: str, reps: int) -> None:
+    torch.set_num_threads(1)
+    xs, calls = _calls(cap)
+    shapes = [(int(c["d"].ne(0).any(0).sum()) * c["A"].shape[1], c["power"], xs[c["x"]].shape)
+              for c in calls if c["tag"] == "_distinct_list_sums" and not c["bias"] and c["weight"] == param]
+    if not shapes:
+        raise SystemExit(f"no _distinct_list_sums calls of {param!r} in {cap}")
+    R, in_f = shapes[0][2]
+    g = torch.Generator().manual_seed(0)
+    xa = [torch.rand(R, in_f, generator=g) for _ in range(4)]  # (x / 2^k)^a in float32, a = 1..4
+    blocks = [(torch.rand(n, in_f, generator=g), p) for n, p, _ in shapes]
+    stacked = {p: torch.cat([b for b, q in blocks if q == p]) for p in {q for _, q in blocks}}
+
+    def per_call() -> None:
+        for b, p in blocks:
+            for a in range(p):
+                torch.mm(b, xa[a].T)
+
+    def one_per_term() -> None:
+        for p, b in stacked.items():
+            for a in range(p):
+                torch.mm(b, xa[a].T)
+
+    tot = [0.0, 0.0]
+    for r in range(reps):
+        for i, f in ((0, per_call), (1, one_per_term)) if r % 2 == 0 else ((1, one_per_term), (0, per_call)):
+            t0 = time.process_time()
+            f()
+            tot[i] += time.process_time() - t0
+    print(f"{param}: {len(shapes)} calls, GEMM columns {min(n for n, _, _ in shapes)}-{max(n for n, _, _ in shapes)}, "
+          f"x^a [{R}, {in_f}]; CPU s a round ({reps} rounds): one GEMM per call and term {tot[0] / reps:.3f}, "
+          f"one per power and term over all the calls' blocks {tot[1] / reps:.3f}; load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -225,8 +404,24 @@ def main(argv: list[str]) -> int:
     lay = sub.add_parser("layout")
     lay.add_argument("dir")
     lay.add_argument("reps", nargs="?", type=int, default=3)
+    tl = sub.add_parser("tolerance")
+    tl.add_argument("dir")
+    tl.add_argument("reps", type=int)
+    tl.add_argument("variants", nargs="+", metavar="NAME:SETTINGS")
+    ph = sub.add_parser("phases")
+    ph.add_argument("dir")
+    bt = sub.add_parser("batch")
+    bt.add_argument("dir")
+    bt.add_argument("param", nargs="?", default="2.weight")
+    bt.add_argument("reps", nargs="?", type=int, default=4)
     args = ap.parse_args(argv)
-    if args.cmd == "layout":
+    if args.cmd == "batch":
+        batch(args.dir, args.param, args.reps)
+    elif args.cmd == "phases":
+        phases(args.dir)
+    elif args.cmd == "tolerance":
+        tolerance(args.dir, args.reps, args.variants)
+    elif args.cmd == "layout":
         layout(args.dir, args.reps)
     elif args.cmd == "capture":
         capture(args.model, args.dir)

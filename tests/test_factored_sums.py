@@ -763,3 +763,80 @@ def test_a_chunks_calls_share_their_setup_bitwise(monkeypatch):
     got = run(True, cache, g_mean, v2)
     for w, o in zip(want, got):
         assert torch.equal(w, o)
+
+
+def _exact_sums(fac: LinearFactors, g_mean: torch.Tensor, v: torch.Tensor, A: torch.Tensor, power: int) -> torch.Tensor:
+    """``sum_j w_rj^p A_jm`` of the materialised influences, each entry an exact sum (``math.fsum`` of
+    the float64 terms): the reference of the tolerance switches' tests (p49a)."""
+    import math
+
+    g = (fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(fac.d.shape[0], -1)
+    w = torch.where(v > 0, -(g - g_mean) / v.clamp_min(1e-300).sqrt(), torch.zeros_like(g))
+    terms = w.pow(power).unsqueeze(-1) * A.unsqueeze(0)  # [R, numel, M]
+    return torch.tensor([[math.fsum(terms[r, :, m].tolist()) for m in range(A.shape[1])] for r in range(terms.shape[0])],
+                        dtype=torch.float64)
+
+
+def _fallbacks(fac: LinearFactors, g_mean: torch.Tensor, v: torch.Tensor, A: torch.Tensor, power: int,
+               lf) -> tuple[torch.Tensor, int]:
+    """The sums and the records summed in float64 of one call."""
+    for k in lf.POWER_SUMS_F32_COUNTS:
+        lf.POWER_SUMS_F32_COUNTS[k] = 0
+    got = factored_power_sums(fac, g_mean, v, A, power)
+    return got, lf.POWER_SUMS_F32_COUNTS[(power, "float64")]
+
+
+def test_the_wide_fourth_power_tolerance_admits_float32_sums_within_it(monkeypatch):
+    """``WIDE_FOURTH_POWER_RTOL`` (p49a, off by default): gradients of mean ~25 against a spread of ~5
+    (d, x = 2 + N(0, 1)) make every record's fourth-power bound exceed 1e-4 (all 60 summed again in
+    float64) but stay within 1e-3: with the switch on none falls back, and every entry is within
+    ``POWER_SUMS_F32_RTOL_FOURTH`` of the exact sums (measured ~1e-6); the power-2 sums (which feed
+    the leakage) keep their 1e-4 and the same records. Fails if the wider tolerance is not applied
+    (the counts: checked, 60 records in float64 with it ignored)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")})
+    fac, g_mean, v, A = _square_case(shift=2.0)
+    ref4, ref2 = _exact_sums(fac, g_mean, v, A, 4), _exact_sums(fac, g_mean, v, A, 2)
+    assert not lf.WIDE_FOURTH_POWER_RTOL  # the current behaviour by default
+    off4, n_off4 = _fallbacks(fac, g_mean, v, A, 4, lf)
+    off2, n_off2 = _fallbacks(fac, g_mean, v, A, 2, lf)
+    monkeypatch.setattr(lf, "WIDE_FOURTH_POWER_RTOL", True)
+    on4, n_on4 = _fallbacks(fac, g_mean, v, A, 4, lf)
+    on2, n_on2 = _fallbacks(fac, g_mean, v, A, 2, lf)
+    assert (n_off4, n_on4) == (60, 0)
+    assert n_on2 == n_off2 and torch.equal(on2, off2)
+    torch.testing.assert_close(off4, ref4, rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+    torch.testing.assert_close(on4, ref4, rtol=lf.POWER_SUMS_F32_RTOL_FOURTH, atol=0.0)
+    torch.testing.assert_close(on2, ref2, rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)
+
+
+@pytest.mark.parametrize("power", [2, 4])
+def test_the_bound_over_the_gemms_rows_holds_with_fewer_fallbacks(monkeypatch, power):
+    """``F32_BOUND_GEMM_ROWS`` (p49a, off by default): 3 of 256 output rows non-zero on the scored
+    records (the others silent, with gradient variance and a mean gradient of 0), d, x = 2 + N(0, 1):
+    the bound's contraction over the outputs counted over those 3 rows (eps 49 u against 166 u with
+    the layer's 256) sends fewer records to float64, and every entry is still within
+    ``POWER_SUMS_F32_RTOL`` of the exact sums (power 2: 22 -> 0 records in float64, power 4: 59 -> 45).
+    Fails if the switch changes nothing (the counts: checked with the layer's out kept)."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    monkeypatch.setattr(lf, "POWER_SUMS_F32_COUNTS", {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")})
+    g = torch.Generator().manual_seed(2)
+    R, out_f, in_f = 60, 256, 16
+    x = 2.0 + torch.randn(R, in_f, generator=g, dtype=torch.float64)
+    d = 2.0 + torch.randn(R, out_f, generator=g, dtype=torch.float64)
+    gr = (d.unsqueeze(-1) * x.unsqueeze(1)).reshape(R, -1)
+    g_mean, v = gr.mean(0), gr.var(0, unbiased=False)
+    d[:, 3:] = 0.0  # silent on the scored records (the estimation's records gave them a variance)
+    g_mean.view(out_f, in_f)[3:] = 0.0
+    fac = LinearFactors(module="lin", weight="lin.weight", bias=None, x=x, d=d)
+    A = torch.rand(out_f * in_f, 3, generator=g, dtype=torch.float64)
+    ref = _exact_sums(fac, g_mean, v, A, power)
+    assert not lf.F32_BOUND_GEMM_ROWS
+    off, n_off = _fallbacks(fac, g_mean, v, A, power, lf)
+    monkeypatch.setattr(lf, "F32_BOUND_GEMM_ROWS", True)
+    on, n_on = _fallbacks(fac, g_mean, v, A, power, lf)
+    assert n_on < n_off
+    for got in (off, on):
+        torch.testing.assert_close(got, ref, rtol=lf.POWER_SUMS_F32_RTOL, atol=0.0)

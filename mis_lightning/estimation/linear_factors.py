@@ -843,6 +843,30 @@ POWER_SUMS_F32: frozenset[int] = frozenset({2, 4})
 FOURTH_POWER_CS_BOUND = True
 POWER_SUMS_F32_RTOL = 1e-4
 POWER_SUMS_F32_LAMBDA = 8.0
+# A method decision left to the lead (p49a; docs/benchmarks.md "p49a"), off = as before. The fourth-power
+# sums feed the Gaussian form's diagnostics only (the Edgeworth clt_error_estimate and the effective
+# number of coordinates, method.md section 3, "Gaussian form's diagnostics"), not a leakage, MIS or
+# interval directly; the diagnostics choose the method (functional.resolve_method: the Gaussian form
+# within its tolerance) and the "beyond its tolerance" note, so a figure within the tolerance of its
+# threshold can decide otherwise. With the switch on their float32 entries are admitted within
+# POWER_SUMS_F32_RTOL_FOURTH relative (the same run-time bound) instead of POWER_SUMS_F32_RTOL, so
+# fewer records are summed again in float64 (the 1e7 MLP: its second layer's power-4 calls, ~1,040
+# records a call).
+WIDE_FOURTH_POWER_RTOL = False
+POWER_SUMS_F32_RTOL_FOURTH = 1e-3
+# Also a method decision (p49a), off = as before: the bound's eps counts, for the contraction over the
+# outputs, the rows that contraction sums in float32 (the GEMMs' rows, SKIP_SILENT_ROWS / SKIP_DEAD_ROWS
+# leave out exact-zero rows) instead of the whole layer's out: Higham and Mary's bound for the sum of
+# the terms it actually adds, so still a bound of the same (probabilistic) kind, and tighter (the 1e7
+# MLP's second layer: 3-11 of 128 rows, eps ~14% smaller); off: the whole layer's out, so that the
+# same entries fall back with the silent rows skipped or not.
+F32_BOUND_GEMM_ROWS = False
+
+
+def _f32_rtol(power: int) -> float:
+    """The relative tolerance of a power-``power`` float32 sum's run-time bound
+    (:data:`WIDE_FOURTH_POWER_RTOL`)."""
+    return POWER_SUMS_F32_RTOL_FOURTH if power == 4 and WIDE_FOURTH_POWER_RTOL else POWER_SUMS_F32_RTOL
 # calls of factored_power_sums by (power, how they were summed) (tests, benchmarks)
 POWER_SUMS_F32_COUNTS = {(p, k): 0 for p in (2, 4) for k in ("float32", "float64")}
 _U32 = 2.0 ** -24  # float32 unit roundoff
@@ -1030,11 +1054,12 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     ``keep``: the output rows whose ``d`` is non-zero on some record (:data:`SKIP_SILENT_ROWS`);
     the terms ``a >= 1`` are summed over those rows only (the others' are exact zeros), the scales
     and the bound (its ``out``) are those of the whole ``S`` (the same ``eps``, so the same entries
-    fall back to float64).
+    fall back to float64; :data:`F32_BOUND_GEMM_ROWS`: the bound's ``out`` the rows summed).
 
     ``layer``: ``(out, d's scale, gb's scale)`` of the whole layer where ``fac.d``, ``gb`` and ``S``
     hold some of its output rows only (:data:`SKIP_DEAD_ROWS`: the others' ``S`` is 0): the bound's
-    ``out`` and the power-of-two scales are the layer's, as without the restriction.
+    ``out`` and the power-of-two scales are the layer's, as without the restriction (the bound's
+    ``out`` the rows summed with :data:`F32_BOUND_GEMM_ROWS`).
 
     ``row_weights``: ``(src [K] int64, W [out, K] float64 >= 0)`` (rows as ``S``'s before ``keep``):
     ``K`` more sums, column ``M + k`` that of the column ``S[:, :, src_k] * W[:, k, None]``, from
@@ -1078,7 +1103,8 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
         torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device))
         .permute(*((0, 2, 1) if skinny else (1, 0, 2))))
     ds, gs = _memo(memo, "ds", lambda: d / sd), _memo(memo, "gs", lambda: gb / sg)  # [R, out], [out, in]
-    eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(out_f)) + 6.0) * _U32
+    # (F32_BOUND_GEMM_ROWS: the contraction over the outputs adds the GEMMs' rows alone)
+    eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(rows if F32_BOUND_GEMM_ROWS else out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
     col_scale = sS.reshape(1, -1)
     if K:  # the row-weighted columns: S's scale times W's, two roundings more
@@ -1244,7 +1270,7 @@ def factored_power_sums(
     if power in POWER_SUMS_F32 and fac.x.dtype == torch.float64 and (A.numel() == 0 or bool(A.amin() >= 0)):
         gp = gb.pow(power).unsqueeze(-1)
         g0 = torch.mul(S, gp, out=cache.scratch("prod", tuple(S.shape), torch.result_type(S, gp), S.device)).sum((0, 1))
-        got, bad = _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, keep, layer)
+        got, bad = _even_power_sums_f32(fac, gb, S, g0, power, _f32_rtol(power), cache, keep, layer)
         bad_rows = bad.any(1)
         nbad = int(bad_rows.sum())
         POWER_SUMS_F32_COUNTS[(power, "float32")] += got.shape[0] - nbad
@@ -1391,7 +1417,7 @@ def _even_sums_on_rows(fac: LinearFactors, g_mean: Tensor, A: Tensor, vp: Tensor
     if not every:
         S[~live] = 0.0
     rw = None if W is None or row_weights is None else (row_weights[0], W)
-    got, bad = _even_power_sums_f32(fac, gb, S, g0, power, POWER_SUMS_F32_RTOL, cache, None, layer, row_weights=rw,
+    got, bad = _even_power_sums_f32(fac, gb, S, g0, power, _f32_rtol(power), cache, None, layer, row_weights=rw,
                                     memo=memo)
     bad_rows = bad.any(1)
     nbad = int(bad_rows.sum())
