@@ -2188,26 +2188,32 @@ class MomentAccumulator:
             diagnostics["kfac_order_dependent"] = {"layers": layers, "cause": cause}
 
     def _kfac_lost(self, diagnostics: dict[str, Any], prog: Any) -> None:
-        """Where the model's assessed convolutions get no K-FAC correction because a per-layer program
-        refused the model at its first batch (a layer called twice per forward, a transposed
-        convolution on unbatched input, a weight also used outside its layer): ``kfac_correction``
-        False, ``kfac_lost`` (the cause, naming the layer), ``kfac_uncorrected_layers`` (the
-        convolutions) and ``kfac_uncorrected_weights``; :func:`estimator_warnings` puts it in the
-        report. Nothing where the correction is switched off (``KFAC_CORRECTION``) or was never due."""
+        """Where the model's assessed convolutions, and the nn.Linear layers of a model whose
+        assessed layers are all nn.Linear or convolutions (its factored or per-layer program, or
+        kf33's side program, corrects them otherwise), get no K-FAC correction because a per-layer
+        program refused the model at its first batch (a layer called twice per forward, a
+        transposed convolution on unbatched input, a weight also used outside its layer):
+        ``kfac_correction`` False, ``kfac_lost`` (the cause, naming the layer),
+        ``kfac_uncorrected_layers`` (those layers) and ``kfac_uncorrected_weights``;
+        :func:`estimator_warnings` puts it in the report, :func:`~mis_lightning.report.regime_failures`
+        marks the rows. Nothing where the correction is switched off (``KFAC_CORRECTION``) or was
+        never due. (nu49: a Linear called twice lost it unsaid; the twice-called layer's sigma is
+        not factored as one Kronecker product, method.md section 4, so it is not corrected.)"""
         if self._kfac_refused is None or prog is not None or not KFAC_CORRECTION or self.mode != "diagonal":
             return
         mods = dict(self.model.named_modules())
-        convs: list[str] = []
+        owners = [k.rpartition(".")[0] for k in self.names]
+        all_linear = all(isinstance(mods.get(m), (nn.Linear, *_CONV_TYPES)) for m in owners)
+        layers: list[str] = []
         weights = 0
-        for k in self.names:
-            m = k.rpartition(".")[0]
-            if isinstance(mods.get(m), _CONV_TYPES):
-                if m not in convs:
-                    convs.append(m)
+        for k, m in zip(self.names, owners):
+            if isinstance(mods.get(m), _CONV_TYPES) or (all_linear and isinstance(mods.get(m), nn.Linear)):
+                if m not in layers:
+                    layers.append(m)
                 weights += self.offsets[k][1] - self.offsets[k][0]
-        if convs:
+        if layers:
             diagnostics.update(kfac_correction=False, kfac_lost=self._kfac_refused,
-                               kfac_uncorrected_layers=convs, kfac_uncorrected_weights=weights)
+                               kfac_uncorrected_layers=layers, kfac_uncorrected_weights=weights)
 
     def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str],
                      v_centring: Tensor | None = None) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
@@ -2644,6 +2650,12 @@ SCALE_SYMMETRY_FIGURES = (
     "Linear -> LayerNorm -> ReLU -> Linear MLPs (n = 400-1,000) 0.62-0.97x (rtn_int8) and 0.39-0.83x (rtn_int4)")
 
 
+# what the diagonal sandwich's sigma read against the exact estimator's on layers that lost their
+# K-FAC correction (estimator_warnings' "kfac_lost"; docs/benchmarks.md "cv40", "nu49")
+KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions (cv40); on a tanh MLP calling one Linear twice its "
+                     "rtn_int4 figure read 0.75x the exact estimator's (nu48)")
+
+
 def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
     """The report line for the diagonal estimator's scale symmetries (``normalised_layers``,
     ``weight_normed_layers``: :meth:`MomentAccumulator._symmetry_diagnostics`; method.md section
@@ -2713,10 +2725,10 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     if lost:
         layers = diagnostics.get("kfac_uncorrected_layers") or []
         out.append(
-            f"the K-FAC correction of the convolutions' sigma is off ({', '.join(repr(m) for m in layers)}): "
+            f"the K-FAC correction of the layers' sigma is off ({', '.join(repr(m) for m in layers)}; rows marked *): "
             f"the per-layer estimation refused the model at its first batch ({lost}); their sigma is the "
-            "diagonal sandwich's, which read 0.01-0.5x the exact one on convolutions (docs/benchmarks.md, cv40), "
-            "so their leakage may read low")
+            f"diagonal sandwich's, which read {KFAC_LOST_FIGURES}, so their leakage may read low; "
+            "estimation='exact' (up to a few thousand weights) computes the marginal sd")
     order = diagnostics.get("kfac_order_dependent")
     if order:
         out.append(
