@@ -95,7 +95,7 @@ def mha() -> None:
     keep = torch.ones_like(ev, dtype=torch.bool)
     keep[ev.abs().argsort()[: Q.shape[1]]] = False
     hi = (vec[:, keep] / ev[keep]) @ vec[:, keep].T
-    ref = ((hi @ (G.T @ G / t.N) @ hi).diagonal() / t.N).sqrt()
+    ref = ((hi @ (G.T @ G / t.N) @ hi).diagonal() / t.N).clamp_min(0.0).sqrt()  # (rounding: -1e-20 on the k biases)
     print(f"   rotations' relative curvature {[f'{c:.2g}' for c in curv.tolist()]}; reference projects {Q.shape[1]}")
     big = ref >= 1e-3 * ref.max()
     for label, heads in (("before (no attention tangents)", lambda *a, **k: {}), ("after", EST.attention_heads)):

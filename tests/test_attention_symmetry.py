@@ -158,7 +158,8 @@ def _reference_sigma(model: Net, x: torch.Tensor, y: torch.Tensor, wd: float) ->
     keep = torch.ones_like(ev, dtype=torch.bool)
     keep[ev.abs().argsort()[: Q.shape[1]]] = False  # the projected directions' zeros
     hi = (vec[:, keep] / ev[keep]) @ vec[:, keep].T
-    return ((hi @ (gm.T @ gm / N) @ hi).diagonal() / N).sqrt(), Q.shape[1]
+    # (clamped: a k bias, whose data gradient is 0 by the softmax, reads -1e-20 by rounding)
+    return ((hi @ (gm.T @ gm / N) @ hi).diagonal() / N).clamp_min(0.0).sqrt(), Q.shape[1]
 
 
 # (batch_first, bias, add_bias_kv, kdim, wd)

@@ -2652,8 +2652,8 @@ SCALE_SYMMETRY_FIGURES = (
 
 # what the diagonal sandwich's sigma read against the exact estimator's on layers that lost their
 # K-FAC correction (estimator_warnings' "kfac_lost"; docs/benchmarks.md "cv40", "nu49")
-KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions (cv40); on a tanh MLP calling one Linear twice its "
-                     "rtn_int4 figure read 0.75x the exact estimator's (nu48)")
+KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions (cv40); on tanh MLPs calling one Linear twice (35 and "
+                     "769 weights) their rtn_int4 figures read 0.75x the exact estimator's (nu48, nu49)")
 
 
 def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
