@@ -2,7 +2,8 @@
 
     python benchmarks/nu49_trial.py mha            # nn.MultiheadAttention: exact sigma vs torch.func, flat directions
     python benchmarks/nu49_trial.py classweights   # class weights held by a function vs an nn.Module loss
-    python benchmarks/nu49_trial.py twice          # a Linear called twice: the K-FAC line, sigma vs the exact one
+    python benchmarks/nu49_trial.py twice          # a Linear called twice: the K-FAC line, the figures vs the exact ones
+    python benchmarks/nu49_trial.py wide           # a wider one (794 weights, n = 2,000) and its untied twin: sigma ratios
 
 ``mha`` fits nu48's case (``benchmarks/nu48_trial.py``: ``MultiheadAttention(4, 2)`` + Linear head, float32
 L-BFGS, n = 400, wd 1e-2) and compares the exact estimator's sigma with a float64 ``torch.func`` sandwich
@@ -153,7 +154,39 @@ def twice() -> None:
     print("   diagonal K-FAC line: " + next((w for w in d.warnings if "K-FAC correction" in w), "(none)")[:400])
 
 
+def wide(width: int = 24, n: int = 2000) -> None:
+    """The diagonal estimator's per-weight sigma over the exact estimator's, per layer (p10 / median / p90),
+    on a tanh MLP calling a square Linear twice and on its untied twin (``sq2``: K-FAC-corrected)."""
+    class Net(nn.Module):
+        def __init__(self, tied: bool) -> None:
+            super().__init__()
+            self.tied = tied
+            self.inp, self.sq, self.head = nn.Linear(5, width), nn.Linear(width, width), nn.Linear(width, 2)
+            if not tied:
+                self.sq2 = nn.Linear(width, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.sq(torch.tanh(self.inp(x))))
+            return self.head(torch.tanh((self.sq if self.tied else self.sq2)(h)))
+    for tied in (True, False):
+        torch.manual_seed(0)
+        x, y = t.data("flat", n, 0)
+        model = t.fit(Net(tied), x, y, t.ce)
+        loader, _ = t.loader_of(x, y, 250)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = {m: run_estimation(model, loader, t.ce, EstimationConfig(mode=m, weight_decay=t.WD))
+                   for m in ("exact", "diagonal")}
+        dg = est["diagonal"].diagnostics
+        print(f"   {'twice' if tied else 'untied'}: kfac_correction {dg.get('kfac_correction')}, uncorrected "
+              f"{dg.get('kfac_uncorrected_layers')}")
+        for k in est["exact"].sigma:
+            r = (est["diagonal"].sigma[k].double() / est["exact"].sigma[k].double()).reshape(-1)
+            q = torch.quantile(r[r.isfinite()], torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+            print(f"      {k:12s} diagonal / exact sigma: p10 {q[0]:.3g} median {q[1]:.3g} p90 {q[2]:.3g}")
+
+
 if __name__ == "__main__":
     for case in sys.argv[1:] or ["mha", "classweights", "twice"]:
         print(f"== {case}")
-        {"mha": mha, "classweights": classweights, "twice": twice}[case]()
+        {"mha": mha, "classweights": classweights, "twice": twice, "wide": wide}[case]()
