@@ -1093,7 +1093,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     at a gradient too large to exclude a saddle), a model interpolating its data. Each
     is a short phrase; empty when none fails. The warnings say each in full. The diagonal
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
-    its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43")."""
+    its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
+    diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: a
+    layer called twice per forward; docs/benchmarks.md, "nu49")."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:
@@ -1110,6 +1112,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append("interpolating")
     if diagnostics.get("diagonal_over_recurrent"):
         out.append("diagonal sandwich over recurrent layers")
+    if diagnostics.get("kfac_lost"):  # nu49: a Linear called twice lost it unmarked
+        out.append("diagonal sigma without its K-FAC correction")
     return out
 
 

@@ -17,6 +17,7 @@ import mis_lightning.estimation.linear_factors as lf
 from mis_lightning.estimation.estimate import estimate
 from mis_lightning.estimation.linear_factors import LayerProgram
 from mis_lightning.quantization import get_scheme
+from mis_lightning.report import regime_failures
 
 
 def _decoder() -> nn.Module:
@@ -208,12 +209,14 @@ class _Twice(nn.Module):
 
 
 @pytest.mark.parametrize("case", ["conv", "linear", "switched_off"])
-def test_a_refused_model_says_its_convolutions_lost_the_kfac_correction(case, monkeypatch):
+def test_a_refused_model_says_its_layers_lost_the_kfac_correction(case, monkeypatch):
     """Where the per-layer program refuses the model at its first batch (here a layer called twice),
-    the convolutions lose their K-FAC correction: until cq41 silently (no kfac diagnostics at all);
-    now ``kfac_lost`` gives the cause naming the layer, ``kfac_uncorrected_layers`` the convolutions,
-    and :func:`estimator_warnings` a report line. No line for a model without convolutions (no
-    correction was due) or with the correction switched off (``KFAC_CORRECTION``)."""
+    its convolutions and Linear layers lose their K-FAC correction: until cq41 silently (no kfac
+    diagnostics at all); now ``kfac_lost`` gives the cause naming the layer, ``kfac_uncorrected_layers``
+    the layers, :func:`estimator_warnings` a report line and the rows a ``*``
+    (``regime_failures``). An all-Linear model loses it too (nu49: its factored or per-layer program,
+    or kf33's side program for a classifier, corrects it otherwise; said nothing before). No line with
+    the correction switched off (``KFAC_CORRECTION``)."""
     E = importlib.import_module("mis_lightning.estimation.estimate")  # (the package exports the function)
     if case == "switched_off":
         monkeypatch.setattr(E, "KFAC_CORRECTION", False)
@@ -223,10 +226,13 @@ def test_a_refused_model_says_its_convolutions_lost_the_kfac_correction(case, mo
     dl = DataLoader(TensorDataset(X, torch.randint(0, 3, (24,), generator=g)), batch_size=12)
     est = estimate(m, dl, lambda o, y: F.cross_entropy(o, y, reduction="none"), mode="diagonal", hessian="ggn")
     lines = [w for w in E.estimator_warnings(est.diagnostics) if "K-FAC correction" in w]
-    if case != "conv":
-        assert "kfac_lost" not in est.diagnostics and lines == []
+    marked = "diagonal sigma without its K-FAC correction" in regime_failures(est.diagnostics, 1000, 1, None)
+    if case == "switched_off":
+        assert "kfac_lost" not in est.diagnostics and lines == [] and not marked
         return
     dg = est.diagnostics
     assert dg["kfac_correction"] is False and dg["kfac_lost"] == "layer 'conv' is not called once per forward"
-    assert dg["kfac_uncorrected_layers"] == ["conv"] and dg["kfac_uncorrected_weights"] == 14
-    assert len(lines) == 1 and "('conv')" in lines[0] and "not called once per forward" in lines[0]
+    assert dg["kfac_uncorrected_layers"] == ["conv", "head"]
+    assert dg["kfac_uncorrected_weights"] == (14 if case == "conv" else 30) + 33
+    assert marked
+    assert len(lines) == 1 and "('conv', 'head'; rows marked *)" in lines[0] and "not called once per forward" in lines[0]

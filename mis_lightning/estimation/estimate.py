@@ -101,6 +101,8 @@ from .records import (
 )
 from .symmetries import (
     SCALE_INVARIANT_NORMS,
+    attention_head_tangents,
+    attention_heads,
     normalised_layers,
     scale_free_reparametrizations,
     weight_normed,
@@ -913,6 +915,9 @@ class MomentAccumulator:
         # standardiser fitted before training: the probe does not see it; vb46); False until the first batch
         self._input_stats: InputStatistics | None | bool = False
         self._weight_normed = weight_normed(model, self.param_names)
+        # the attention heads' query/key and value/output symmetries: the exact estimator's flat
+        # directions from the model's structure (flat_directions' known)
+        self._attention_heads = attention_heads(model, self.param_names)
         # which reparametrization makes each one's scale flat (the warning names it)
         self._weight_norm_kinds = scale_free_reparametrizations(model, self.param_names)
         self._choice_floats: float | None = None  # the forward cost the last choice weighed
@@ -1892,7 +1897,8 @@ class MomentAccumulator:
             # symmetries: no information, no curvature (method.md section 6); H's precision: the
             # stored weights' rounding or the distance to the stationary point
             precision = max(self._stored_eps(), diagnostics["gradient_norm_ratio"])
-            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision)
+            flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision,
+                                   known=self._attention_tangents(names) if self._attention_heads else None)
             variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
@@ -1989,6 +1995,16 @@ class MomentAccumulator:
             _g_mean=_split(g_mean_flat, names, offsets), _v_diag=_split(v_centring, names, offsets),
             factors=factors, **common,
         )
+
+    def _attention_tangents(self, names: list[str]) -> Tensor:
+        """``[d, k]`` the attention heads' symmetry tangents at the assessed weights
+        (:func:`~.symmetries.attention_head_tangents`; frozen tensors from the model)."""
+        params = dict(self.model.named_parameters())
+
+        def value(k: str) -> Tensor | None:
+            t = self.program.params[k] if k in self.names else params.get(k)
+            return None if t is None else t.detach().to("cpu", torch.float64)
+        return attention_head_tangents(self._attention_heads, value, names, dict(self.decay))
 
     def _symmetric_layers(self) -> list[str]:
         """The layers with a scale symmetry known so far (weight_norm from the start, the
@@ -2172,26 +2188,32 @@ class MomentAccumulator:
             diagnostics["kfac_order_dependent"] = {"layers": layers, "cause": cause}
 
     def _kfac_lost(self, diagnostics: dict[str, Any], prog: Any) -> None:
-        """Where the model's assessed convolutions get no K-FAC correction because a per-layer program
-        refused the model at its first batch (a layer called twice per forward, a transposed
-        convolution on unbatched input, a weight also used outside its layer): ``kfac_correction``
-        False, ``kfac_lost`` (the cause, naming the layer), ``kfac_uncorrected_layers`` (the
-        convolutions) and ``kfac_uncorrected_weights``; :func:`estimator_warnings` puts it in the
-        report. Nothing where the correction is switched off (``KFAC_CORRECTION``) or was never due."""
+        """Where the model's assessed convolutions, and the nn.Linear layers of a model whose
+        assessed layers are all nn.Linear or convolutions (its factored or per-layer program, or
+        kf33's side program, corrects them otherwise), get no K-FAC correction because a per-layer
+        program refused the model at its first batch (a layer called twice per forward, a
+        transposed convolution on unbatched input, a weight also used outside its layer):
+        ``kfac_correction`` False, ``kfac_lost`` (the cause, naming the layer),
+        ``kfac_uncorrected_layers`` (those layers) and ``kfac_uncorrected_weights``;
+        :func:`estimator_warnings` puts it in the report, :func:`~mis_lightning.report.regime_failures`
+        marks the rows. Nothing where the correction is switched off (``KFAC_CORRECTION``) or was
+        never due. (nu49: a Linear called twice lost it unsaid; the twice-called layer's sigma is
+        not factored as one Kronecker product, method.md section 4, so it is not corrected.)"""
         if self._kfac_refused is None or prog is not None or not KFAC_CORRECTION or self.mode != "diagonal":
             return
         mods = dict(self.model.named_modules())
-        convs: list[str] = []
+        owners = [k.rpartition(".")[0] for k in self.names]
+        all_linear = all(isinstance(mods.get(m), (nn.Linear, *_CONV_TYPES)) for m in owners)
+        layers: list[str] = []
         weights = 0
-        for k in self.names:
-            m = k.rpartition(".")[0]
-            if isinstance(mods.get(m), _CONV_TYPES):
-                if m not in convs:
-                    convs.append(m)
+        for k, m in zip(self.names, owners):
+            if isinstance(mods.get(m), _CONV_TYPES) or (all_linear and isinstance(mods.get(m), nn.Linear)):
+                if m not in layers:
+                    layers.append(m)
                 weights += self.offsets[k][1] - self.offsets[k][0]
-        if convs:
+        if layers:
             diagnostics.update(kfac_correction=False, kfac_lost=self._kfac_refused,
-                               kfac_uncorrected_layers=convs, kfac_uncorrected_weights=weights)
+                               kfac_uncorrected_layers=layers, kfac_uncorrected_weights=weights)
 
     def _kfac_blocks(self, st: dict[str, Any], n: int, prog: LayerProgram, left: list[str],
                      v_centring: Tensor | None = None) -> Iterator[tuple[str, KronBlock, list[tuple[Tensor, Tensor, int, float, Tensor, float]]]]:
@@ -2628,6 +2650,12 @@ SCALE_SYMMETRY_FIGURES = (
     "Linear -> LayerNorm -> ReLU -> Linear MLPs (n = 400-1,000) 0.62-0.97x (rtn_int8) and 0.39-0.83x (rtn_int4)")
 
 
+# what the diagonal sandwich's sigma read against the exact estimator's on layers that lost their
+# K-FAC correction (estimator_warnings' "kfac_lost"; docs/benchmarks.md "cv40", "nu49")
+KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions (cv40); on tanh MLPs calling one Linear twice (35 and "
+                     "769 weights) their rtn_int4 figures read 0.75x the exact estimator's (nu48, nu49)")
+
+
 def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:
     """The report line for the diagonal estimator's scale symmetries (``normalised_layers``,
     ``weight_normed_layers``: :meth:`MomentAccumulator._symmetry_diagnostics`; method.md section
@@ -2697,10 +2725,10 @@ def estimator_warnings(diagnostics: Mapping[str, Any]) -> list[str]:
     if lost:
         layers = diagnostics.get("kfac_uncorrected_layers") or []
         out.append(
-            f"the K-FAC correction of the convolutions' sigma is off ({', '.join(repr(m) for m in layers)}): "
+            f"the K-FAC correction of the layers' sigma is off ({', '.join(repr(m) for m in layers)}; rows marked *): "
             f"the per-layer estimation refused the model at its first batch ({lost}); their sigma is the "
-            "diagonal sandwich's, which read 0.01-0.5x the exact one on convolutions (docs/benchmarks.md, cv40), "
-            "so their leakage may read low")
+            f"diagonal sandwich's, which read {KFAC_LOST_FIGURES}, so their leakage may read low; "
+            "estimation='exact' (up to a few thousand weights) computes the marginal sd")
     order = diagnostics.get("kfac_order_dependent")
     if order:
         out.append(
@@ -2811,7 +2839,7 @@ def _penalised_gradient(g_mean: Tensor, theta: dict[str, Tensor], names: list[st
 
 
 def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: float | Tensor = 0.0,
-                    precision: float = 0.0) -> Tensor:
+                    precision: float = 0.0, known: Tensor | None = None) -> Tensor:
     """``[d, k]`` orthonormal basis of the objective's exact flat directions at theta-hat
     (method.md section 6, "When the approximation holds"): the directions ``u`` along which
     every record's gradient is 0 to float64 rounding (``G u = 0``) and the objective, penalty
@@ -2842,6 +2870,15 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
             where ``dL/dW = 0``; torch 2.13). :meth:`MomentAccumulator.finalize` passes the larger
             of the stored weights' eps and the gradient norm ratio (capped at
             :data:`FLAT_CURVATURE_MAX`).
+        known: ``[d, k]`` tangents of symmetries known from the model's structure (parameter
+            units; an attention head's, :func:`~.symmetries.attention_head_tangents`): every
+            record's loss and the penalty are unchanged along their group, so the penalty test
+            below is not needed; each is still checked (every record's gradient rounding along it,
+            as above) and kept where the objective's curvature along it is below the same cut and,
+            under a penalty, below 1% of the penalty's own (the data loss cancels it: nu49; a head
+            whose weights the penalty holds near 0 has an orbit of rounding size, not flat). The
+            rule above misses them where the penalty's curvature is close to the cut (a float32
+            fit: nu48's ``nn.MultiheadAttention``, 0 found, sigma up to 2.6x the reference).
 
     All are read in units where each weight's gradient has unit second moment (``D = diag(
     E[g_j^2])^-1/2``; a weight whose gradients are rounding of the largest's gets the largest's
@@ -2861,10 +2898,33 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
     # eigenvalue whose mixing (eps e_top / e_j, weight e_j) could lift |G u| above the cutoff
     e = torch.linalg.eigvalsh(ggs)  # ~3x cheaper than the vectors, which most models never need
     e_top = float(e[-1])
-    if not bool((e <= e_top / (100 * d) ** 2).any()):
+    has_known = known is not None and known.shape[1] > 0
+    candidates = bool((e <= e_top / (100 * d) ** 2).any())
+    if not candidates and not has_known:
         return empty
-    e, Q = torch.linalg.eigh(ggs)
-    U = Q[:, e <= e_top / (100 * d) ** 2]
+    dec = torch.as_tensor(decay, dtype=H.dtype).expand(d)
+    h_top = float(torch.linalg.eigvalsh(H * ss).abs().max())
+    curv = max(tol, min(precision, FLAT_CURVATURE_MAX))
+    Hs = 0.5 * (H + H.T) * ss
+    pen = torch.diag(dec * s * s)
+    # the known symmetries' tangents along which every record's gradient is rounding: their own
+    # rule decides which are flat, the derivatives' rule the rest (its directions orthogonal to
+    # them: a numerical eigenvector mixes a near-flat direction into a rotation otherwise)
+    Kg = _known_span(known / s.unsqueeze(-1), ggs, e_top, G, s, tol, h_top) if has_known else empty
+    U = _unresolved_flat(ggs, e_top, Hs, pen, G, s, tol, curv, h_top, exclude=Kg) if candidates else empty
+    if Kg.shape[1]:
+        U = torch.cat([U, _known_flat(Kg, Hs, pen, tol, curv, h_top)], 1)
+    if not U.shape[1]:
+        return empty
+    # back to parameter units (the subspace D U), orthonormal there
+    return torch.linalg.qr(s.unsqueeze(-1) * U).Q
+
+
+def _gradient_null(U: Tensor, ggs: Tensor, e_top: float, G: Tensor | None, s: Tensor, tol: float,
+                   h_top: float) -> Tensor:
+    """The part of the scaled subspace ``U`` (orthonormal) along which the kept records'
+    gradients ``G`` are rounding (relative ``tol`` of ``|G D|``) and so is every record's
+    (``ggs``, the scaled ``E[g g']``): :func:`flat_directions`' first two tests."""
     if U.shape[1] and G is not None and G.shape[0]:
         # the null subspace from the kept records' gradients themselves: |G u| is rounding
         # (relative eps, where E[(g'u)^2] resolves only its square)
@@ -2872,28 +2932,59 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
         _, sv, Vh = torch.linalg.svd(Gs @ U, full_matrices=True)
         sv = torch.cat([sv, sv.new_zeros(U.shape[1] - sv.numel())])
         U = U @ Vh.T[:, sv <= tol * float(torch.linalg.matrix_norm(Gs, 2))]
+    if U.shape[1]:  # every record (not only the kept ones) flat
+        c, W = torch.linalg.eigh(U.T @ (ggs / e_top * h_top) @ U)
+        U = U @ W[:, c.abs() <= tol * h_top]
+    return U
+
+
+def _unresolved_flat(ggs: Tensor, e_top: float, Hs: Tensor, pen: Tensor, G: Tensor | None, s: Tensor,
+                     tol: float, curv: float, h_top: float, exclude: Tensor | None = None) -> Tensor:
+    """:func:`flat_directions`' rule from the derivatives alone: scaled ``[d, k]`` orthonormal,
+    orthogonal to ``exclude`` (scaled, orthonormal: the known symmetries' span, decided by
+    :func:`_known_flat`)."""
+    d = Hs.shape[0]
+    empty = Hs.new_zeros(d, 0)
+    e, Q = torch.linalg.eigh(ggs)
+    U = Q[:, e <= e_top / (100 * d) ** 2]
+    if exclude is not None and exclude.shape[1] and U.shape[1]:
+        # the candidates hold the known span (no record's gradient along it): what is left of them
+        Ur, sv, _ = torch.linalg.svd(U - exclude @ (exclude.T @ U), full_matrices=False)
+        U = Ur[:, sv > 0.5]
+    U = _gradient_null(U, ggs, e_top, G, s, tol, h_top)
     if not U.shape[1]:
         return empty  # the common case: one eigh of E[gg'] is the whole cost
-    dec = torch.as_tensor(decay, dtype=H.dtype).expand(d)
-    h_top = float(torch.linalg.eigvalsh(H * ss).abs().max())
-    curv = max(tol, min(precision, FLAT_CURVATURE_MAX))
-    # every record (not only the kept ones) flat; the objective (penalty included) without curvature
-    for M, cut in ((ggs / e_top * h_top, tol), (0.5 * (H + H.T) * ss, curv)):
-        if not U.shape[1]:
-            return empty
-        c, W = torch.linalg.eigh(U.T @ M @ U)
-        U = U @ W[:, c.abs() <= cut * h_top]
+    # the objective (penalty included) without curvature
+    c, W = torch.linalg.eigh(U.T @ Hs @ U)
+    U = U @ W[:, c.abs() <= curv * h_top]
     if not U.shape[1]:
         return empty
     # and either no penalty on them, or one whose curvature the data loss cancels (a rotation that
     # keeps |theta|^2: the penalty's curvature well above the cut, the total's below it); a penalty
     # about as small as the cut is not resolved from the data loss having none: kept as before
-    c, W = torch.linalg.eigh(U.T @ torch.diag(dec * s * s) @ U)
-    U = U @ W[:, (c.abs() <= tol * h_top) | (c >= 100 * curv * h_top)]
-    if not U.shape[1]:
-        return empty
-    # back to parameter units (the subspace D U), orthonormal there
-    return torch.linalg.qr(s.unsqueeze(-1) * U).Q
+    c, W = torch.linalg.eigh(U.T @ pen @ U)
+    return U @ W[:, (c.abs() <= tol * h_top) | (c >= 100 * curv * h_top)]
+
+
+def _known_span(Ks: Tensor, ggs: Tensor, e_top: float, G: Tensor | None, s: Tensor, tol: float,
+                h_top: float) -> Tensor:
+    """The span of :func:`flat_directions`' ``known`` tangents (scaled: ``D^-1 T``) along which
+    every record's gradient is rounding (:func:`_gradient_null`): scaled ``[d, k]`` orthonormal."""
+    Q, sv, _ = torch.linalg.svd(Ks, full_matrices=False)
+    top = float(sv.max()) if sv.numel() else 0.0
+    return _gradient_null(Q[:, sv > 1e-12 * top] if top > 0 else Q[:, :0], ggs, e_top, G, s, tol, h_top)
+
+
+def _known_flat(U: Tensor, Hs: Tensor, pen: Tensor, tol: float, curv: float, h_top: float) -> Tensor:
+    """The flat part of the known symmetries' span ``U`` (:func:`_known_span`): scaled ``[d, k]``
+    orthonormal. Their group keeps the loss and the penalty, so the objective's curvature along
+    them is ``-grad . phi''`` (0 at the minimum); flat where it is below the cut and, under a
+    penalty, below 1% of the penalty's curvature (cancelled by the data loss, as
+    :func:`_unresolved_flat`'s 100x)."""
+    c, W = torch.linalg.eigh(U.T @ Hs @ U)
+    p = torch.einsum("ij,ik,kj->j", W, U.T @ pen @ U, W)
+    keep = (c.abs() <= curv * h_top) & ((p <= tol * h_top) | (100 * c.abs() <= p))
+    return U @ W[:, keep]
 
 
 # The largest relative curvature (of the largest eigenvalue, in gradient units) that a direction

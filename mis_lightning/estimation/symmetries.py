@@ -253,3 +253,101 @@ def _probe(copy: nn.Module, inputs: Any, wanted: set[str] | None, traced: bool) 
         for h in handles:
             h.remove()
     return found
+
+
+#: an attention head's two bilinear pairs: the query/key projections meet only in ``q . k``
+#: (``q -> A q, k -> A^-T k`` keeps it), the value/output ones only in ``W_o[:, head] v``
+#: (``v -> A v, W_o[:, head] -> W_o[:, head] A^-1`` keeps it); per pair, the tensors' head blocks and
+#: how a generator ``X`` (``A = I + t X``) moves each: ``"left"`` ``X B``, ``"left_t"`` ``-X' B``
+#: (rows of the head), ``"right"`` ``-B X`` (columns of the head)
+_HEAD_PAIRS: dict[str, tuple[tuple[str, int, str], ...]] = {
+    # (tensor, which third of the packed projection (0 q, 1 k, 2 v; -1: not packed), action)
+    "qk": (("in_proj_weight", 0, "left"), ("in_proj_weight", 1, "left_t"), ("q_proj_weight", -1, "left"),
+           ("k_proj_weight", -1, "left_t"), ("in_proj_bias", 0, "left"), ("in_proj_bias", 1, "left_t"),
+           ("bias_k", -1, "left_t")),
+    "vo": (("in_proj_weight", 2, "left"), ("v_proj_weight", -1, "left"), ("in_proj_bias", 2, "left"),
+           ("bias_v", -1, "left"), ("out_proj.weight", -1, "right")),
+}
+
+
+def attention_heads(model: nn.Module, param_names: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+    """``{module name: (num_heads, head_dim)}`` for the ``nn.MultiheadAttention`` modules of
+    ``model`` holding an assessed tensor (``param_names``; ``None``: every parameter), packed
+    (``in_proj_weight``) or not (``kdim``/``vdim``: ``q_proj_weight`` ...), with or without biases,
+    ``add_bias_kv``, ``batch_first``. Each head's queries and keys meet only in ``q . k`` and its
+    values only through ``out_proj``'s columns of that head, so the loss is flat along
+    :func:`attention_head_tangents`' directions. A subclass with its own ``forward`` is left out (it
+    may compute something else). In ``named_modules`` order."""
+    wanted = None if param_names is None else set(param_names)
+    out: dict[str, tuple[int, int]] = {}
+    for fqn, m in model.named_modules():
+        if not isinstance(m, nn.MultiheadAttention) or type(m).forward is not nn.MultiheadAttention.forward:
+            continue
+        prefix = f"{fqn}." if fqn else ""
+        own = {prefix + k for k, _ in m.named_parameters()}
+        if wanted is None or own & wanted:
+            out[fqn] = (m.num_heads, m.head_dim)
+    return out
+
+
+def attention_head_tangents(heads: dict[str, tuple[int, int]], value: Callable[[str], Tensor | None],
+                            names: list[str], decay: dict[str, float]) -> Tensor:
+    """``[d, k]`` float64 tangents at the current weights of the attention heads' symmetries
+    (:func:`attention_heads`; method.md section 6, "When the approximation holds"), in the flat
+    order of the assessed tensors ``names`` (``d`` their total size): for each head and pair
+    (query/key, value/output) the generators ``X`` of ``A = I + t X``, ``dW_q = X W_q``,
+    ``dW_k = -X' W_k`` (biases and ``bias_k`` alike), ``dW_v = X W_v``, ``dW_o[:, head] = -W_o[:,
+    head] X``. Every record's loss is constant along them. Where an L2 penalty (``decay``, per
+    tensor) acts on a pair's tensors only the rotations (``X`` antisymmetric, ``head_dim (head_dim
+    - 1) / 2`` of them) keep it too; without one all ``head_dim^2``. A tensor that is not assessed
+    (frozen) cannot move: only the combinations of generators that leave it unchanged are kept.
+    ``value(name)`` gives a tensor's current weights (float64, its shape; ``None``: absent).
+    Columns are not normalised and may be 0 or linearly dependent (a head whose weights are 0).
+    """
+    offsets, o = {}, 0
+    for k in names:
+        t = value(k)
+        n = 0 if t is None else t.numel()
+        offsets[k], o = (o, o + n), o + n
+    cols: list[Tensor] = []
+    for fqn, (num_heads, dh) in heads.items():
+        prefix = f"{fqn}." if fqn else ""
+        for acts in _HEAD_PAIRS.values():
+            present = [(prefix + t, third, how) for t, third, how in acts if value(prefix + t) is not None]
+            decayed = any(decay.get(k, 0.0) != 0.0 for k, _, _ in present)
+            for h in range(num_heads):
+                gens = [(a, c) for a in range(dh) for c in range(dh) if not decayed or a < c]
+                assessed = torch.zeros(o, len(gens), dtype=torch.float64)
+                frozen: list[tuple[int, Tensor]] = []
+                for j, (a, c) in enumerate(gens):
+                    X = torch.zeros(dh, dh, dtype=torch.float64)
+                    X[a, c] = 1.0
+                    if decayed:  # a rotation: keeps every tensor's norm
+                        X[c, a] = -1.0
+                    moved: dict[str, Tensor] = {}
+                    for k, third, how in present:
+                        w = value(k)
+                        dw = moved.setdefault(k, torch.zeros_like(w))
+                        if how == "right":
+                            block = slice(h * dh, (h + 1) * dh)
+                            dw[:, block] = -w[:, block] @ X
+                            continue
+                        start = (max(third, 0) * w.shape[0] // 3 if third >= 0 else 0) + h * dh
+                        rows = slice(start, start + dh)
+                        M = X if how == "left" else -X.T
+                        if k.endswith("bias_k") or k.endswith("bias_v"):  # [1, 1, E]: the head's features
+                            dw.view(-1)[rows] = M @ w.reshape(-1)[rows]
+                        else:
+                            dw[rows] = M @ w[rows]
+                    for k, dw in moved.items():
+                        if k in offsets:
+                            assessed[offsets[k][0]: offsets[k][1], j] = dw.reshape(-1)
+                        else:
+                            frozen.append((j, dw.reshape(-1)))
+                if frozen:  # the generators' combinations that leave every frozen tensor where it is
+                    fixed = torch.stack([torch.cat([v for j2, v in frozen if j2 == j]) for j in range(len(gens))], 1)
+                    _, sv, Vh = torch.linalg.svd(fixed, full_matrices=True)
+                    rank = int((sv > 1e-12 * float(sv.max())).sum()) if sv.numel() and float(sv.max()) > 0 else 0
+                    assessed = assessed @ Vh[rank:].T
+                cols.append(assessed)
+    return torch.cat(cols, 1) if cols else torch.zeros(o, 0, dtype=torch.float64)
