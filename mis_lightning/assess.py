@@ -12,8 +12,8 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import logging
 import inspect
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence

@@ -41,8 +41,8 @@ value; a re-assessed plan that misses its budget is named in ``PlanResult.warnin
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import inspect
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
