@@ -42,17 +42,22 @@ def take(t: Tensor, idx: Tensor, dim: int = 0) -> Tensor:
 
 
 def put(out: Tensor, idx: Tensor, value: Tensor | float | bool) -> None:
-    """``out[idx] = value`` in place along dimension 0: ``value`` a tensor of ``len(idx)`` rows
-    (converted to ``out``'s dtype, as the assignment converts it) or a scalar (Python number or
-    0-dim tensor, written to every position). ``idx``: 1-D integer positions in ``[0, len(out))``,
-    each at most once (the assignment's result is unspecified for repeated ones either way)."""
+    """``out[idx] = value`` in place along dimension 0: ``value`` a tensor of ``out``'s dtype
+    with ``len(idx)`` rows, or a scalar (a Python number, or a 0-dim tensor of ``out``'s dtype,
+    written to every position); any other value is assigned by indexing (which converts or
+    raises as it always did). ``idx``: 1-D integer positions in ``[0, len(out))``, each at most
+    once (the assignment's result is unspecified for repeated ones either way)."""
     if INDEX_SELECT_GATHERS and _plain_index(idx):
-        if not isinstance(value, Tensor) or value.dim() == 0:
+        if not isinstance(value, Tensor):
             out.index_fill_(0, idx, value)
             return
-        if value.shape[0] == idx.shape[0] and value.shape[1:] == out.shape[1:]:
-            out.index_copy_(0, idx, value.to(out.dtype))
-            return
+        if value.dtype == out.dtype:
+            if value.dim() == 0:
+                out.index_fill_(0, idx, value)
+                return
+            if value.shape[0] == idx.shape[0] and value.shape[1:] == out.shape[1:]:
+                out.index_copy_(0, idx, value)
+                return
     out[idx] = value
 
 
