@@ -218,14 +218,17 @@ def _reveal_delta(b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _split_chunk(kappa: Tensor, mean_abs: Tensor, m4: Tensor, mask: Tensor, theta: Tensor, sigma: Tensor,
-                 edge: Tensor, bound: Tensor, sign: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                 edge: Tensor, bound: Tensor, sign: Tensor, on_edge: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Elementwise over a chunk: the moments with the outer cell at ``edge`` cut at ``bound``
-    where ``mask`` (``sign`` +1: the top cell, -1: the bottom one). Branch-free (compiled)."""
+    where ``mask`` (``sign`` +1: the top cell, -1: the bottom one). Branch-free (compiled).
+    ``on_edge`` (eager only): ``bound`` equals ``edge`` everywhere (:func:`_edge_delta`)."""
     sg = sigma.clamp_min(2.2250738585072014e-308)
     zero = torch.zeros_like(theta)
     e = torch.where(mask, sign * (edge - theta) / sg, zero)
-    b = torch.where(mask, sign * (bound - theta) / sg, zero)
-    dk, dl, d4 = _split_delta(e, b)
+    if on_edge:
+        dk, dl, d4 = _edge_delta(e)
+    else:
+        dk, dl, d4 = _split_delta(e, torch.where(mask, sign * (bound - theta) / sg, zero))
     return ((kappa + torch.where(mask, dk, zero)).clamp(0.0, 1.0),
             (mean_abs + torch.where(mask, dl, zero)).clamp(0.0, SQRT_2_OVER_PI),
             m4 + torch.where(mask, d4, zero))
@@ -246,16 +249,18 @@ def _split_every(kappa: Tensor, mean_abs: Tensor, m4: Tensor, theta: Tensor, sig
 def _split_chunk_kappa(kappa: Tensor, mask: Tensor, theta: Tensor, sigma: Tensor, edge: Tensor, bound: Tensor,
                        sign: Tensor, on_edge: bool = False) -> Tensor:
     """The ``kappa`` of :func:`_split_chunk` alone (eager; bitwise equal). ``on_edge``: ``bound``
-    equals ``edge`` everywhere (:func:`_edge_delta_kappa` where every element is cut)."""
+    equals ``edge`` everywhere (:func:`_edge_delta_kappa`)."""
     sg = sigma.clamp_min(2.2250738585072014e-308)
     e = sign * (edge - theta) / sg
-    if on_edge and bool(mask.all()):
-        return (kappa + _edge_delta_kappa(e)).clamp(0.0, 1.0)
-    b = sign * (bound - theta) / sg
     if bool(mask.all()):  # every element cut (a model whose sd spans the grid): no masking
-        return (kappa + _split_delta_kappa(e, b)).clamp(0.0, 1.0)
+        if on_edge:
+            return (kappa + _edge_delta_kappa(e)).clamp(0.0, 1.0)
+        return (kappa + _split_delta_kappa(e, sign * (bound - theta) / sg)).clamp(0.0, 1.0)
     zero = torch.zeros_like(theta)
-    e, b = torch.where(mask, e, zero), torch.where(mask, b, zero)
+    e = torch.where(mask, e, zero)
+    if on_edge:
+        return (kappa + torch.where(mask, _edge_delta_kappa(e), zero)).clamp(0.0, 1.0)
+    b = torch.where(mask, sign * (bound - theta) / sg, zero)
     return (kappa + torch.where(mask, _split_delta_kappa(e, b), zero)).clamp(0.0, 1.0)
 
 
@@ -334,7 +339,8 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
         res = _split_every(out.kappa, out.mean_abs, out.m4, *args[1:], on_edge=on_edge)
         return CellMoments(kappa=res[0], mean_abs=res[1], m4=res[2], coverage=out.coverage)
     try:
-        res = kernel(out.kappa, out.mean_abs, out.m4, *args)
+        res = kernel(out.kappa, out.mean_abs, out.m4, *args) if compiled else \
+            _split_chunk(out.kappa, out.mean_abs, out.m4, *args, on_edge=on_edge)
     except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
         if not compiled:
             raise
