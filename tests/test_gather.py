@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import mis_lightning.functional.gather as G
 import mis_lightning.quantization.base as qb
-from mis_lightning.quantization import get_scheme
+from tests.test_wide_sd import _grid  # a torch.nn.Linear's weights (x3) and the scheme's grid
 
 F64 = torch.float64
 
@@ -116,14 +116,6 @@ def test_the_switch_runs_index_select_not_index(monkeypatch):
     assert off.get("aten::index", 0) >= 1 and off.get("aten::index_put_", 0) >= 1
 
 
-def _grid(scheme: str, rows: int = 16, cols: int = 128):
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(cols, rows)
-    with torch.no_grad():
-        lin.weight.mul_(3.0)
-    g = get_scheme(scheme).apply(torch.nn.Sequential(lin)).grids["0.weight"]
-    return g, lin.weight.detach().reshape(-1).to(F64)
-
 
 @pytest.mark.parametrize("scheme", ["rtn_int4", "int8_weight_only", "intx_weight_only_int4_g32",
                                     "float8_weight_only"])
@@ -135,7 +127,7 @@ def test_cell_moments_bitwise_the_same_and_fewer_index_ops(scheme, kappa_only, m
     switch off, and the call with it on runs fewer advanced-indexing operators."""
     if scheme != "rtn_int4":
         pytest.importorskip("torchao")
-    g, theta = _grid(scheme)
+    g, theta = _grid(scheme, 16, 128)
     c = theta.numel()
     scale = g._chunk_grid(0, c)[0].to(F64)
     gen = torch.Generator().manual_seed(1)

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import mis_lightning.functional.bounds as B
 import mis_lightning.quantization.base as qb
-from mis_lightning.quantization import get_scheme
+from tests.test_wide_sd import _grid  # a torch.nn.Linear's weights (x3) and the scheme's grid
 
 F64 = torch.float64
 
@@ -41,12 +41,6 @@ def test_edge_delta_is_the_general_split_at_b_equal_e_bit_for_bit():
     assert torch.equal(_bits(B._edge_delta_kappa(e)), _bits(B._split_delta_kappa(e, e.clone())))
 
 
-def _grid(scheme: str, rows: int = 16, cols: int = 128):
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(cols, rows)
-    g = get_scheme(scheme).apply(torch.nn.Sequential(lin)).grids["0.weight"]
-    return g, lin.weight.detach().reshape(-1).to(F64)
-
 
 def _ndtr_count(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -62,7 +56,7 @@ def test_bounded_moments_bitwise_the_same_with_fewer_ndtr(scheme, kappa_only, sp
     ends (the gathered split): the cell moments with the switch on equal those with it off bit
     for bit, and the call evaluates ``ndtr`` fewer times with it on."""
     pytest.importorskip("torchao")
-    g, theta = _grid(scheme)
+    g, theta = _grid(scheme, 16, 128)
     c = theta.numel()
     scale = g._chunk_grid(0, c)[0].to(F64)
     gen = torch.Generator().manual_seed(1)
