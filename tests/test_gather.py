@@ -146,3 +146,21 @@ def test_cell_moments_bitwise_the_same_and_fewer_index_ops(scheme, kappa_only, m
     for f in fields:
         assert _bits_equal(getattr(got[True], f).to(F64), getattr(got[False], f).to(F64)), f
     assert counts[True] < counts[False], counts
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_positions_read_and_write_as_the_mask_does(flag, monkeypatch):
+    """``take(t, positions(mask))`` is ``t[mask]`` and a scatter through them is the masked
+    assignment, bit for bit, with the switch on (positions) and off (the mask itself)."""
+    monkeypatch.setattr(G, "INDEX_SELECT_GATHERS", flag)
+    gen = torch.Generator().manual_seed(7)
+    mask = torch.rand(777, generator=gen) < 0.35
+    ii = torch.randperm(2000, generator=gen)[:777]
+    kappa = _source(777, F64, seed=8)
+    at = G.positions(mask)
+    assert at.dtype == (torch.int64 if flag else torch.bool)
+    assert _bits_equal(G.take(kappa, at), kappa[mask])
+    a, b = torch.zeros(2000, dtype=F64), torch.zeros(2000, dtype=F64)
+    G.put(a, G.take(ii, at), G.take(kappa, at))
+    b[ii[mask]] = kappa[mask]
+    assert _bits_equal(a, b)

@@ -41,6 +41,13 @@ def take(t: Tensor, idx: Tensor, dim: int = 0) -> Tensor:
     return t[(slice(None),) * dim + (idx,)]
 
 
+def positions(mask: Tensor) -> Tensor:
+    """The positions of a 1-D boolean ``mask``'s True entries (``nonzero``), for :func:`take` and
+    :func:`put` to read several tensors at them with one ``nonzero`` (each ``t[mask]`` runs its
+    own); the mask itself with the switch off (the indexing as before)."""
+    return torch.nonzero(mask).squeeze(-1) if INDEX_SELECT_GATHERS else mask
+
+
 def put(out: Tensor, idx: Tensor, value: Tensor | float | bool) -> None:
     """``out[idx] = value`` in place along dimension 0: ``value`` a tensor of ``out``'s dtype
     with ``len(idx)`` rows, or a scalar (a Python number, or a 0-dim tensor of ``out``'s dtype,
@@ -61,4 +68,4 @@ def put(out: Tensor, idx: Tensor, value: Tensor | float | bool) -> None:
     out[idx] = value
 
 
-__all__ = ["INDEX_SELECT_GATHERS", "put", "take"]
+__all__ = ["INDEX_SELECT_GATHERS", "positions", "put", "take"]

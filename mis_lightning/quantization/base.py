@@ -1892,9 +1892,12 @@ class ParamGrid:
         # kappa alone is read (KAPPA_ONLY_STANDINS): the other three one NaN, stride 0 (two or
         # three chunk-sized fills fewer; as _own_moments' point masses)
         standin = kappa_only and KAPPA_ONLY_STANDINS
+        at = dst = None
         if ii is not None:
+            at = _gather.positions(ok)  # (one nonzero for the two or three reads at ok)
+            dst = _gather.take(ii, at)
             full = torch.zeros(c, dtype=torch.float64, device=theta.device)
-            full[ii[ok]] = kappa[ok]
+            _gather.put(full, dst, _gather.take(kappa, at))
             kappa = full
         if standin:
             nan = torch.full((1,), math.nan, dtype=torch.float64, device=theta.device).expand(c)
@@ -1904,8 +1907,9 @@ class ParamGrid:
                 mean_abs = torch.full((kappa.shape[0] if ii is None else ii.shape[0],), math.nan,
                                       dtype=torch.float64, device=theta.device)
             if ii is not None:
+                assert at is not None and dst is not None
                 full = torch.zeros(c, dtype=torch.float64, device=theta.device)
-                full[ii[ok]] = mean_abs[ok]
+                _gather.put(full, dst, _gather.take(mean_abs, at))
                 mean_abs = full
             out = _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
                                 coverage=torch.ones_like(kappa))
