@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .._modelcopy import private_copy
 from .._warning_filters import ignoring
+from ..functional import gather as _gather
 from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 from .record_draws import record_labels, record_signs
 from .records import record_keys
@@ -1501,7 +1502,7 @@ def _binomial_sums_f64(fac: LinearFactors, gb: Tensor, S: Tensor, power: int,
         da = d.pow(a)  # [R, out]
         if pairs is not None:
             # sum_o d_ro^a (x^a @ B)_r(o, m), each column's pairs added in their order of o
-            t = (torch.mm(B, xa.T).T if skinny else xa @ B).mul_(da[:, pairs[0]])  # [R, N]
+            t = (torch.mm(B, xa.T).T if skinny else xa @ B).mul_(_gather.take(da, pairs[0], 1))  # [R, N]
             total += coef * torch.zeros_like(total).index_add_(1, pairs[1], t)
             continue
         if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out

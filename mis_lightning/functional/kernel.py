@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from . import gather as _gather
 from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
 from .fastpath import GUARD
 
@@ -331,15 +332,16 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
             idx = torch.nonzero(mask).squeeze(-1)
             if idx.numel() == 0:
                 continue
+            sel = lambda t, ii=idx: _gather.take(t, ii)  # noqa: E731 - the values of t[idx]
             if form == "table":
-                v = _table_read(h[idx], lower[idx], upper[idx], lo, dlog, du, table)
+                v = _table_read(sel(h), sel(lower), sel(upper), lo, dlog, du, table)
                 got = (v[:, 0], v[:, 1], v[:, 2])
             elif form == "two":
-                got = _two_edges(lower[idx], upper[idx])
+                got = _two_edges(sel(lower), sel(upper))
             else:
-                got = _near_ends(h2[idx], to_min[idx], to_max[idx])
+                got = _near_ends(sel(h2), sel(to_min), sel(to_max))
             for out, val in zip((kappa, mean_abs, m4), got):
-                out[idx] = val
+                _gather.put(out, idx, val)
     kappa, mean_abs, m4 = (torch.where(frozen, zero, t) for t in (kappa, mean_abs, m4))
     return kappa, mean_abs, m4, _ok(h, lower, upper, fine, frozen, interior, near)
 

@@ -30,6 +30,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from . import gather as _gather
 from .cells import _INV_SQRT_2PI
 from .runs import per_table
 from .wide_series import (
@@ -70,7 +71,8 @@ def _cell_sums(lo: Tensor, hi: Tensor, N: int, kinds: int) -> tuple[Tensor, Tens
     p, e, coef = (t.to(m.device) for t in _cell_plan(N, kinds))
     mp = torch.cat([torch.ones_like(m).unsqueeze(-1), m.unsqueeze(-1).expand(-1, N + 2).cumprod(-1)], -1)
     vp = v.unsqueeze(-1).expand(-1, N + 4).cumprod(-1)  # v^(e + 1), e = 0 .. N + 3
-    Q = (mp[:, p] * vp[:, e] * coef).sum(-1)
+    Q = (_gather.take(mp, p.reshape(-1), 1).view(-1, *p.shape) * _gather.take(vp, e.reshape(-1), 1).view(-1, *e.shape)
+         * coef).sum(-1)
     return Q, vp[:, 2], vp[:, 4]
 
 

@@ -39,6 +39,7 @@ from ..functional import (
     table_boundaries,
     table_cell_moments,
 )
+from ..functional import gather as _gather
 from ..functional import point_proof as _proof
 from ..functional import table as _table
 from ..functional.affine import affine_codes
@@ -534,8 +535,8 @@ def _pick(t: Any, ii: Tensor) -> Any:
     if t is None:
         return None
     if isinstance(t, tuple):
-        return tuple(x[ii] for x in t)
-    return t[ii]
+        return tuple(_gather.take(x, ii) for x in t)
+    return _gather.take(t, ii)
 
 
 class _FreshMoments(CellMoments):
@@ -644,7 +645,7 @@ def _block_rows(block_tensor: Tensor, block_size: tuple[int, ...], shape: tuple[
         coord = torch.div(rem, stride, rounding_mode="floor")
         rem = rem - coord * stride
         lead_block = lead_block + torch.div(coord, block_size[dim], rounding_mode="floor") * bstride
-    return block_tensor.reshape(-1, nblocks[-1])[lead_block]  # [r1 - r0, nb_last]
+    return _gather.take(block_tensor.reshape(-1, nblocks[-1]), lead_block)  # [r1 - r0, nb_last]
 
 
 def _rows_to_elements(rows: Tensor, block_size: tuple[int, ...], shape: tuple[int, ...],
@@ -1884,16 +1885,19 @@ class ParamGrid:
             take = ok
         else:
             take = torch.zeros(c, dtype=torch.bool, device=theta.device)
-            take[ii] = ok
+            _gather.put(take, ii, ok)
         nt = int(take.sum())
         if nt == 0:
             return None
         # kappa alone is read (KAPPA_ONLY_STANDINS): the other three one NaN, stride 0 (two or
         # three chunk-sized fills fewer; as _own_moments' point masses)
         standin = kappa_only and KAPPA_ONLY_STANDINS
+        at = dst = None
         if ii is not None:
+            at = _gather.positions(ok)  # (one nonzero for the two or three reads at ok)
+            dst = _gather.take(ii, at)
             full = torch.zeros(c, dtype=torch.float64, device=theta.device)
-            full[ii[ok]] = kappa[ok]
+            _gather.put(full, dst, _gather.take(kappa, at))
             kappa = full
         if standin:
             nan = torch.full((1,), math.nan, dtype=torch.float64, device=theta.device).expand(c)
@@ -1903,8 +1907,9 @@ class ParamGrid:
                 mean_abs = torch.full((kappa.shape[0] if ii is None else ii.shape[0],), math.nan,
                                       dtype=torch.float64, device=theta.device)
             if ii is not None:
+                assert at is not None and dst is not None
                 full = torch.zeros(c, dtype=torch.float64, device=theta.device)
-                full[ii[ok]] = mean_abs[ok]
+                _gather.put(full, dst, _gather.take(mean_abs, at))
                 mean_abs = full
             out = _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=torch.full_like(kappa, 3.0),
                                 coverage=torch.ones_like(kappa))
@@ -1960,7 +1965,7 @@ class ParamGrid:
         if nt == c:
             return out
         rest = torch.ones(c, dtype=torch.bool, device=theta.device)
-        rest[idx] = False
+        _gather.put(rest, idx, False)
         return self._rest_on_paths(out, rest, nt, known, path_elements, theta, sigma, scale, zero_point, code,
                                    bounds, compile_policy, kappa_only, series=False)
 
@@ -1983,12 +1988,13 @@ class ParamGrid:
             if size is None and left < c - nt:  # (the path of the whole rest's call)
                 size = c - nt
         jj = torch.nonzero(rest).squeeze(-1)
-        args = (theta[jj], sigma[jj], scale[jj], zero_point[jj], _pick(code, jj), _pick(bounds, jj))
+        args = (_gather.take(theta, jj), _gather.take(sigma, jj), _gather.take(scale, jj), _gather.take(zero_point, jj),
+                _pick(code, jj), _pick(bounds, jj))
         sub = self._series_sd(*args, compile_policy, kappa_only, size) if series else None
         if sub is None:
             sub = self._path_moments(*args, compile_policy, kappa_only, size, wide=False)
         for o, f in zip((out.kappa, out.mean_abs, out.m4, out.coverage), ("kappa", "mean_abs", "m4", "coverage")):
-            o[jj] = getattr(sub, f).to(torch.float64)
+            _gather.put(o, jj, getattr(sub, f).to(torch.float64))
             if isinstance(out, _KappaOnlyMoments):  # (the other three are stand-ins, stride 0)
                 break
         return out
