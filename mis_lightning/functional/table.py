@@ -97,6 +97,7 @@ class TableLayout:
         # a cast's cells, with +-2^(emax + 1) at the ends), or None
         self.format_dtype = _format_dtype(self.values)
         self._edges_by_bits: tuple[Tensor, Tensor] | None = None
+        self._pattern_cells: tuple[Tensor, Tensor] | None = None
 
     def _format_edges(self) -> tuple[Tensor, Tensor]:
         """Per bit pattern ``m`` of a magnitude below the format's largest finite value (``[top]``
@@ -112,6 +113,25 @@ class TableLayout:
             dev = self.mids.device
             self._edges_by_bits = ((0.5 * (v[:-1] + below)).to(dev), (0.5 * (v[1:] + v[:-1])).to(dev))
         return self._edges_by_bits
+
+    def pattern_cells(self) -> tuple[Tensor, Tensor] | None:
+        """For a 16-bit float format's table (float16 / bfloat16 casts, :attr:`format_dtype`):
+        per signed bit pattern ``p`` (``[65536]`` float64 each, indexed by ``p & 0xFFFF``) the
+        edges :attr:`padded` ``[k]``, ``[k + 1]`` of the cell ``k = searchsorted(mids, v, right=True)``
+        holding the pattern's value ``v`` (``+-inf``: the unbounded end cells; NaN patterns: NaN);
+        ``None`` for other tables. Built once per layout (:func:`_own_facts`' bit route)."""
+        if self._pattern_cells is None:
+            dt = self.format_dtype
+            if dt is None or torch.finfo(dt).bits != 16:
+                return None
+            v = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dt).to(torch.float64)
+            dev = self.mids.device
+            k = torch.searchsorted(self.mids.cpu(), v, right=True)
+            nan = torch.isnan(v)
+            lo = torch.where(nan, math.nan, self.padded.cpu()[k])
+            hi = torch.where(nan, math.nan, self.padded.cpu()[(k + 1).clamp_(max=self.padded.numel() - 1)])
+            self._pattern_cells = (lo.to(dev), hi.to(dev))
+        return self._pattern_cells
 
     def format_inside(self, th: Tensor, sc: Tensor | None, margin: float) -> Tensor:
         """``[c]`` bool, for a float format's table (:attr:`format_dtype` set): ``True`` where the
@@ -1205,9 +1225,32 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine, spill
 
 
-def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, Tensor]:
+# The bf16 / fp16 casts' own cells (scale 1) from the weight's cast to the format: its bit pattern
+# picks a candidate cell from two 64k-row tables (TableLayout.pattern_cells), kept where the weight
+# lies in it (lo <= theta < hi: then it is searchsorted's cell, the cells being disjoint), located
+# by TableLayout.cells otherwise (a cast rounding to the neighbour through float32, NaN): ~8
+# element-wise passes instead of ~18; the same edges bit for bit (p49c). False: TableLayout.cells
+OWN_CELLS_BY_BITS = True
+
+
+def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout, unit: bool = False) -> tuple[Tensor, Tensor]:
     """What :func:`_settled` reads that does not depend on the sd: the own cell's lower and upper
-    edges (``[c]`` each, parameter units; ``-inf`` / ``inf`` at the unbounded end cells)."""
+    edges (``[c]`` each, parameter units; ``-inf`` / ``inf`` at the unbounded end cells).
+    ``unit``: every ``sc`` is 1 (the caller's check): a 16-bit format's table then takes the bit
+    route (:data:`OWN_CELLS_BY_BITS`), the same numbers."""
+    tabs = layout.pattern_cells() if unit and OWN_CELLS_BY_BITS and th.device.type == "cpu" else None
+    if tabs is not None:
+        dt = layout.format_dtype
+        assert dt is not None
+        p = th.to(dt).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+        own_lo, own_hi = tabs[0].index_select(0, p), tabs[1].index_select(0, p)
+        ok = (own_lo <= th).logical_and_(th < own_hi)
+        if not bool(ok.all()):  # (the others located as below: padded[cell] * 1 is padded[cell])
+            ii = torch.nonzero(~ok).squeeze(-1)
+            lo_i, hi_i = _own_facts(th.index_select(0, ii), sc.index_select(0, ii), layout)
+            own_lo.index_copy_(0, ii, lo_i)
+            own_hi.index_copy_(0, ii, hi_i)
+        return own_lo, own_hi
     cell = layout.cells(th / sc)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
     # (-inf * sc and inf * sc are what _sum_prelude's where() gives at the ends, sc > 0)
     own_lo = layout.padded.index_select(0, cell).mul_(sc)
@@ -1248,6 +1291,64 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     if kappa_only:
         return kappa, frozen | fine
     return kappa, mean_abs, m4, frozen | fine
+
+
+# The settling pass at scale 1 (the bf16 / fp16 casts) in fewer element-wise passes, the same numbers
+# and mask bit for bit (p49c): the frozen test only where an own cell is wider than FINE_STEP sd
+# (a fine one is never frozen: both distances to its edges are at most its width), x = theta and
+# reach = 8.5 sd (dividing by a scale of 1 is exact), and the mask from four reductions where every
+# element of the block is fine with its reach within the table's finite cells (~12 passes
+# instead of ~33). False: _settled_from
+SETTLE_UNIT_FEWER_PASSES = True
+
+
+def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Tensor, layout: TableLayout,
+                  kappa_only: bool = False) -> tuple[Tensor, ...]:
+    """:func:`_settled_from` where every ``sc`` is 1 and the table reaches ``layout.wide`` (a 16-bit
+    cast's): the same ``kappa`` (``mean_abs``, ``m4``) on the elements of the mask, the same mask
+    (``[c]`` each, float64 / bool); the others hold garbage, as there."""
+    wide = layout.wide
+    assert wide is not None
+    h_local = (own_hi - own_lo) / sg
+    h2 = h_local**2
+    kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0)
+    m4 = None
+    if not kappa_only:
+        mean_abs = SQRT_2_OVER_PI - 0.05 * h2
+        m4 = 3.0 - 0.5 * h2
+    reach = CUTOFF_SIGMAS * sg  # (/ sc: exact at 1)
+    lo_r, hi_r = th - reach, th + reach
+    # (NaN in any: a reduction fails, the masks below)
+    h_max = float(h_local.amax()) if h_local.numel() else 0.0
+    lo_min, lo_max = (float(t) for t in torch.aminmax(lo_r)) if th.numel() else (0.0, -math.inf)
+    hi_min, hi_max = (float(t) for t in torch.aminmax(hi_r)) if th.numel() else (math.inf, 0.0)
+    if h_max <= FINE_STEP and lo_max <= -wide and hi_min >= wide and lo_min >= layout.lo_edge \
+            and hi_max < layout.hi_edge:
+        done = torch.ones_like(th, dtype=torch.bool)  # every element fine, none frozen or past the ends
+    else:
+        fine_h = h_local <= FINE_STEP
+        frozen = None
+        if not bool(fine_h.all()):  # (the frozen test; fine elements are never frozen)
+            frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
+            kappa.masked_fill_(frozen, 0.0)
+            if m4 is not None:
+                mean_abs.masked_fill_(frozen, 0.0)
+                m4.masked_fill_(frozen, 0.0)
+        span = fine_h.logical_and_(lo_r <= -wide).logical_and_(hi_r >= wide)
+        out = (lo_r < layout.lo_edge).logical_or_(hi_r >= layout.hi_edge)
+        if bool(out.any()):
+            spill = span & out
+            done = span.logical_and_(out.logical_not_())
+            if OPEN_CELLS_CLOSED_FORM and bool(spill.any()):
+                _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
+                done.logical_or_(spill)
+        else:
+            done = span
+        if frozen is not None:
+            done.logical_or_(frozen)
+    if kappa_only:
+        return kappa, done
+    return kappa, mean_abs, m4, done
 
 
 # The fine elements whose reach covers [-T, T] and passes the table's finite cells (the fp16 cast's
@@ -1416,14 +1517,18 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
     keep: list[tuple[Tensor, ...]] | None = [] if SHARE_OWN_CELLS and (
         not kappa_only or (SHARE_OWN_CELLS_KAPPA_ONLY and facts is None)) else None
     c, block = th.shape[0], _kernel.EAGER_BLOCK
+    # every scale 1 (the bf16 / fp16 casts): the own cells' bit route and the fewer-passes settle
+    unit = (OWN_CELLS_BY_BITS or SETTLE_UNIT_FEWER_PASSES) and layout.format_dtype is not None and c > 0 \
+        and all(float(v) == 1.0 for v in torch.aminmax(sc))
+    settle = _settled_unit if unit and SETTLE_UNIT_FEWER_PASSES and layout.wide is not None else _settled_from
     parts = []
     for i, s in enumerate(range(0, c, block) if c > block else (0,)):
         sl = slice(s, s + block) if c > block else slice(None)
         t, g, k = th[sl], sg[sl], sc[sl]
-        f = facts[i] if facts is not None else _own_facts(t, k, layout)
+        f = facts[i] if facts is not None else _own_facts(t, k, layout, unit)
         if keep is not None:
             keep.append(f)
-        parts.append(_settled_from(t, g, k, *f, layout, kappa_only))
+        parts.append(settle(t, g, k, *f, layout, kappa_only))
     if keep is not None:
         _OWN_CELLS[:] = [(_own_cells_key(th, sc, layout), keep)]
     if len(parts) == 1:
