@@ -20,6 +20,7 @@ from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf,
 from .fastpath import GUARD, verify_sample
 from .formats import format_values
 from .interp import interp_table
+from .masks import all_set, any_set
 from .kernel import (
     _MAX_WINDOW,
     CUTOFF_SIGMAS,
@@ -1159,6 +1160,23 @@ INTERP_MIN_ELEMENTS = 1 << 15
 OCTAVE_MIN_ELEMENTS = 1 << 12
 
 
+# The table path's float64 inputs without a copy of sigma where it is float64 and already at or
+# above the floor (its least value, one read, instead of clamp_min's new tensor: the fast path and
+# the sums below it each floored the call's sigma again; the same values, p49c). The table path
+# writes no sigma in place. False: kernel._float64_inputs
+SD_FLOOR_BY_MIN = True
+
+
+def _table_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+    """:func:`~.kernel._float64_inputs` (``theta``, ``sigma`` floored at the smallest positive
+    float64, the grid tensors, float64), with ``sigma`` itself where it is float64 and its least
+    value is at the floor or above (NaN: floored as there) (:data:`SD_FLOOR_BY_MIN`)."""
+    if SD_FLOOR_BY_MIN and sigma.dtype == torch.float64 and sigma.numel() \
+            and float(sigma.amin()) >= torch.finfo(torch.float64).tiny:
+        return (theta.to(torch.float64), sigma, *(t.to(torch.float64) for t in rest))
+    return _float64_inputs(theta, sigma, *rest)
+
+
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor,
                         interpolate: bool = True, min_build: int = 0,
                         call_elements: int | None = None, kappa_only: bool = False) -> tuple[CellMoments, Tensor]:
@@ -1171,7 +1189,7 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
     every element of other tables, go through :func:`_table_sum_moments`. ``call_elements``: the
     size of the call the elements stand for (:func:`table_cell_moments`' ``path_elements``);
     ``kappa_only``: as there (:func:`_table_sum_moments`)."""
-    th, sg, sc = _float64_inputs(theta, sigma, scale)
+    th, sg, sc = _table_inputs(theta, sigma, scale)
     it = interp_table(values) if interpolate and th.device.type == "cpu" else None
     if it is None or th.numel() == 0:
         return _table_sum_moments(th, sg, values, sc, kappa_only)
@@ -1245,7 +1263,7 @@ def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout, unit: bool = False) 
         p = th.to(dt).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
         own_lo, own_hi = tabs[0].index_select(0, p), tabs[1].index_select(0, p)
         ok = (own_lo <= th).logical_and_(th < own_hi)
-        if not bool(ok.all()):  # (the others located as below: padded[cell] * 1 is padded[cell])
+        if not all_set(ok):  # (the others located as below: padded[cell] * 1 is padded[cell])
             ii = torch.nonzero(~ok).squeeze(-1)
             lo_i, hi_i = _own_facts(th.index_select(0, ii), sc.index_select(0, ii), layout)
             own_lo.index_copy_(0, ii, lo_i)
@@ -1309,26 +1327,26 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     (``[c]`` each, float64 / bool); the others hold garbage, as there."""
     wide = layout.wide
     assert wide is not None
-    h_local = (own_hi - own_lo) / sg
+    # _settled_from's arithmetic, in place where it allocated (1 - a is -a + 1, b + a is a + b:
+    # the same roundings; x ** 2 is x * x in torch's pow)
+    h_local = torch.sub(own_hi, own_lo).div_(sg)
     h2 = h_local**2
-    kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0)
+    kappa = torch.div(h2, 12.0).neg_().add_(1.0).add_(torch.mul(h2, h2).div_(144.0))
     m4 = None
     if not kappa_only:
-        mean_abs = SQRT_2_OVER_PI - 0.05 * h2
-        m4 = 3.0 - 0.5 * h2
-    reach = CUTOFF_SIGMAS * sg  # (/ sc: exact at 1)
-    lo_r, hi_r = th - reach, th + reach
-    # (NaN in any: a reduction fails, the masks below)
-    h_max = float(h_local.amax()) if h_local.numel() else 0.0
-    lo_min, lo_max = (float(t) for t in torch.aminmax(lo_r)) if th.numel() else (0.0, -math.inf)
-    hi_min, hi_max = (float(t) for t in torch.aminmax(hi_r)) if th.numel() else (math.inf, 0.0)
-    if h_max <= FINE_STEP and lo_max <= -wide and hi_min >= wide and lo_min >= layout.lo_edge \
-            and hi_max < layout.hi_edge:
+        mean_abs = torch.mul(h2, 0.05).neg_().add_(SQRT_2_OVER_PI)
+        m4 = torch.mul(h2, 0.5).neg_().add_(3.0)
+    reach = torch.mul(sg, CUTOFF_SIGMAS)  # (/ sc: exact at 1)
+    lo_r, hi_r = torch.sub(th, reach), reach.add_(th)
+    # (NaN in any: a reduction fails, the masks below; amin / amax: aminmax was slower)
+    if th.numel() and float(h_local.amax()) <= FINE_STEP and float(lo_r.amax()) <= -wide \
+            and float(hi_r.amin()) >= wide and float(lo_r.amin()) >= layout.lo_edge \
+            and float(hi_r.amax()) < layout.hi_edge:
         done = torch.ones_like(th, dtype=torch.bool)  # every element fine, none frozen or past the ends
     else:
         fine_h = h_local <= FINE_STEP
         frozen = None
-        if not bool(fine_h.all()):  # (the frozen test; fine elements are never frozen)
+        if not all_set(fine_h):  # (the frozen test; fine elements are never frozen)
             frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
             kappa.masked_fill_(frozen, 0.0)
             if m4 is not None:
@@ -1336,10 +1354,10 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
                 m4.masked_fill_(frozen, 0.0)
         span = fine_h.logical_and_(lo_r <= -wide).logical_and_(hi_r >= wide)
         out = (lo_r < layout.lo_edge).logical_or_(hi_r >= layout.hi_edge)
-        if bool(out.any()):
+        if any_set(out):
             spill = span & out
             done = span.logical_and_(out.logical_not_())
-            if OPEN_CELLS_CLOSED_FORM and bool(spill.any()):
+            if OPEN_CELLS_CLOSED_FORM and any_set(spill):
                 _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
                 done.logical_or_(spill)
         else:
@@ -1605,7 +1623,7 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     path. ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
     and the windowed path's closed-form elements' ``m4`` (:func:`_run_path`,
     :func:`_core_side_moments`)."""
-    th, sg, sc = _float64_inputs(theta, sigma, scale)
+    th, sg, sc = _table_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
         return _table_window_moments(th, sg, values, sc, kappa_only)
@@ -1620,9 +1638,10 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
         kappa, mean_abs, m4, done = _settled_blocks(th, sg, sc, layout, False)
     closed = torch.zeros_like(done)
     coverage = torch.ones_like(kappa)
-    if bool(done.all()):
+    fewer = SETTLE_UNIT_FEWER_PASSES  # (the mask's reductions on its bytes: the same answers)
+    if all_set(done) if fewer else bool(done.all()):
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
-    if not bool(done.any()):
+    if not (any_set(done) if fewer else bool(done.any())):
         return _table_window_moments(th, sg, values, sc, kappa_only)
     rest = torch.nonzero(~done).squeeze(-1)
     if SD_FLOOR_TIES and rest.numel() <= _TIES_MAX:
