@@ -1521,6 +1521,23 @@ def _own_cells_key(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple:
     return (weakref.ref(th), th._version, weakref.ref(sc), sc._version, id(layout), th.shape[0], _kernel.EAGER_BLOCK)
 
 
+# the last scale tensor tested by _unit_scale: (weak reference, version counter, every value 1);
+# a pool call reads its main call's (the same scale tensor: the chunk's grid, or the live gathers)
+_UNIT_SCALE: list[tuple[weakref.ref, int, bool]] = []
+
+
+def _unit_scale(sc: Tensor) -> bool:
+    """Whether every value of ``sc`` (non-empty) is 1 (two reductions; kept for the same tensor
+    while unchanged)."""
+    if _UNIT_SCALE:
+        ref, ver, unit = _UNIT_SCALE[0]
+        if ref() is sc and ver == sc._version:
+            return unit
+    unit = float(sc.amin()) == 1.0 and float(sc.amax()) == 1.0
+    _UNIT_SCALE[:] = [(weakref.ref(sc), sc._version, unit)]
+    return unit
+
+
 def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool) -> tuple[Tensor, ...]:
     """``in_blocks(_settled, (th, sg, sc), (layout,), kappa_only=kappa_only)`` (the same blocks,
     the same numbers), with the sd-free facts of each block kept by a full call and read by the
@@ -1537,7 +1554,7 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
     c, block = th.shape[0], _kernel.EAGER_BLOCK
     # every scale 1 (the bf16 / fp16 casts): the own cells' bit route and the fewer-passes settle
     unit = (OWN_CELLS_BY_BITS or SETTLE_UNIT_FEWER_PASSES) and layout.format_dtype is not None and c > 0 \
-        and all(float(v) == 1.0 for v in torch.aminmax(sc))
+        and _unit_scale(sc)
     settle = _settled_unit if unit and SETTLE_UNIT_FEWER_PASSES and layout.wide is not None else _settled_from
     parts = []
     for i, s in enumerate(range(0, c, block) if c > block else (0,)):
