@@ -60,7 +60,6 @@ def _capture(path: str) -> list[tuple]:
 
 
 def _replay(calls: list[tuple]) -> tuple[dict[str, float], list[tuple]]:
-    import torch
 
     import mis_lightning.functional.table as T
 

@@ -20,7 +20,6 @@ from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf,
 from .fastpath import GUARD, verify_sample
 from .formats import format_values
 from .interp import interp_table
-from .masks import all_set, any_set
 from .kernel import (
     _MAX_WINDOW,
     CUTOFF_SIGMAS,
@@ -31,6 +30,7 @@ from .kernel import (
     in_blocks,
     windowed_moments,
 )
+from .masks import all_set, any_set
 from .runs import RUN_MAX_STEP, RunTable, per_table, run_moments, run_table
 
 # Window half-widths for value tables beyond their ``half_window`` (float grids get finer
