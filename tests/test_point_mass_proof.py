@@ -285,14 +285,15 @@ def test_the_format_proof_on_blocks_is_the_proof_on_the_chunk(scheme, monkeypatc
     inside = g._inside
     bad = torch.cat([v[v != th] for v in _variants(g, th)[1:]])
     real = P.format_cell_bits
+    seen: list[int] = []
+    monkeypatch.setattr(P, "format_cell_bits", lambda x, *a: seen.append(x.numel()) or real(x, *a))
     for where in (None, 0, 2, nb):
         t = base.clone()
         if where is not None:
             a = where * P.PROOF_BLOCK
             n = min(bad.numel(), c - a)
             t[a:a + n] = bad[:n]
-        seen: list[int] = []
-        monkeypatch.setattr(P, "format_cell_bits", lambda x, *a: seen.append(x.numel()) or real(x, *a))
+        seen.clear()
         monkeypatch.setattr(P, "PROOF_BLOCKS", True)
         got = P.format_cell_proven_abs(t, fmt, B._POINT_MASS_MARGIN)
         assert max(seen) == P.PROOF_BLOCK and len(seen) == nb + 1
