@@ -1580,6 +1580,10 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
 # such weight (per table, sd and kappa_only) and given to the others where a call's remaining
 # elements are all such ties (bitwise: tests/test_table_ties.py). False: the windowed call
 SD_FLOOR_TIES = True
+# ... the ties' local geometries told apart by a dict over their rows (~30 a call) instead of
+# torch.unique(dim=0) (about half of the ~0.27 ms a call, p48a); the same kinds and keys, each
+# kind's first tie computing it as before (p49c). False: torch.unique
+TIES_KINDS_BY_DICT = True
 _TIES_MAX = 4096  # (a larger remainder is not mostly ties: the windowed call as before)
 _TIE_MOMENTS: dict[tuple, tuple[float, float, float, float, bool]] = {}  # (bounded: a table's binades)
 
@@ -1598,16 +1602,22 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     g0 = float(g[0])
     if not 0.0 < g0 <= torch.finfo(torch.float64).tiny or not bool((g == g0).all()) or not bool((k == 1.0).all()):
         return None
-    own_lo, own_hi = _own_facts(t, k, layout)
+    own_lo, own_hi = _own_facts(t, k, layout, True)  # (every scale 1: checked above)
     # (lo_edge: the lowest edge, below which the cell is unbounded; own_hi finite: the upper cell bounded)
     if not bool(((t == own_lo) & (t > layout.lo_edge) & (own_hi < math.inf)).all()):
         return None
     below = layout.padded.index_select(0, layout.cells(t).sub_(1))
     geo = torch.stack([t.sign(), torch.frexp(t).exponent.to(t.dtype), own_hi - own_lo, own_lo - below,
                        (t / g0).isinf().to(t.dtype)], 1)
-    kinds, inv = torch.unique(geo, dim=0, return_inverse=True)
+    if TIES_KINDS_BY_DICT:  # (the rows' distinct values in order of first appearance; the same keys)
+        first: dict[tuple, int] = {}
+        idx = [first.setdefault(tuple(row), len(first)) for row in geo.tolist()]
+        kind_list, inv = list(first), torch.tensor(idx, dtype=torch.long, device=t.device)
+    else:
+        kinds, inv = torch.unique(geo, dim=0, return_inverse=True)
+        kind_list = kinds.tolist()
     rows = []
-    for r, kind in enumerate(kinds.tolist()):
+    for r, kind in enumerate(kind_list):
         # (the paths switched off by a failed self-check in the key: the windowed path's numbers then)
         # (and the windowed path's own switch: an A/B of EXACT_EDGE_OFFSETS in one process read the
         # first setting's numbers for every tie; rv48)
