@@ -211,6 +211,23 @@ def test_a_call_settled_whole_takes_the_reductions(dtype, monkeypatch):
         win, _ = T._table_window_moments(th, sg, values, torch.ones_like(th), kappa_only)
         for a, b, f in zip(new[:-1], old[:-1], ("kappa", "mean_abs", "m4")):
             assert torch.equal(_bits(a), _bits(b)) and torch.equal(_bits(a), _bits(getattr(win, f)))
+    if dtype == torch.float16:
+        # every element fine and spanning, some reaching past +65520 on one side only (theta >= 104 at
+        # reach 65416): not the reductions' shortcut; those take the end cells (_open_fine_into)
+        t2 = torch.linspace(0.0, 200.0, 2 * EAGER_BLOCK, dtype=F64).float().to(F64)
+        s2 = torch.full_like(t2, 7696.0)
+        spilled = []
+        real_open = T._open_fine_into
+        monkeypatch.setattr(T, "_open_fine_into", lambda k, m, sel, *a: spilled.append(int(sel.sum())) or
+                            real_open(k, m, sel, *a))
+        for kappa_only in (False, True):
+            spilled.clear()
+            new = _settle(t2, s2, layout, kappa_only, True, monkeypatch)
+            assert sum(spilled) == int((t2 + 8.5 * s2 >= 65520.0).sum()) > 0
+            old = _settle(t2, s2, layout, kappa_only, False, monkeypatch)
+            assert torch.equal(new[-1], old[-1]) and all_set(new[-1])
+            for a, b in zip(new[:-1], old[:-1]):
+                assert torch.equal(_bits(a), _bits(b))
 
 
 def test_sigma_kept_where_already_at_the_floor(monkeypatch):
