@@ -1328,7 +1328,7 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     wide = layout.wide
     assert wide is not None
     # _settled_from's arithmetic, in place where it allocated (1 - a is -a + 1, b + a is a + b:
-    # the same roundings; x ** 2 is x * x in torch's pow)
+    # the same roundings)
     h_local = torch.sub(own_hi, own_lo).div_(sg)
     h2 = h_local**2
     kappa = torch.div(h2, 12.0).neg_().add_(1.0).add_(torch.mul(h2, h2).div_(144.0))
