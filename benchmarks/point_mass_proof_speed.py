@@ -7,7 +7,12 @@ chunks), the bf16 / fp16 casts through ``ParamGrid._point_split`` (their main mo
     python benchmarks/first_call.py train 1e7 /tmp/m1e7.pt
     OMP_NUM_THREADS=1 python benchmarks/point_mass_proof_speed.py /tmp/m1e7.pt --param 2.weight
 
-The sd is the model's estimate (one estimation pass first).
+The sd is the model's estimate (one estimation pass first). ``--flag MODULE.FLAG`` (under
+``mis_lightning``) toggles another switch instead of ``POINT_MASS_PROOF`` (the "proof" column: on),
+e.g. the casts' proof on blocks (p49c):
+
+    OMP_NUM_THREADS=1 python benchmarks/point_mass_proof_speed.py /tmp/m1e7.pt --schemes fp16 bf16 \
+        --flag functional.point_proof.PROOF_BLOCKS
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--param", default="2.weight")
     ap.add_argument("--schemes", nargs="+", default=_AT + ["fp16", "bf16"])
     ap.add_argument("--rounds", type=int, default=2, help="on/off pairs per chunk")
+    ap.add_argument("--flag", default="quantization.base.POINT_MASS_PROOF", help="the switch toggled")
     args = ap.parse_args(argv)
+
+    import importlib
 
     import torch
 
@@ -45,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     est = run_estimation(model, loader, loss_fn, est_cfg)
     th, sg = est.theta[args.param], est.sigma[args.param]
     chunk = 1 << 18
+    mod, flag = args.flag.rsplit(".", 1)
+    switch = importlib.import_module(f"mis_lightning.{mod}")
     for scheme in resolve_schemes(args.schemes):
         with qb.zero_counts_only(), qb.scale_facts_shared([]):
             g = scheme.apply(model).grids.get(args.param)
@@ -58,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             t, s = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)
             got = {}
             for on in (True, False) * args.rounds:
-                qb.POINT_MASS_PROOF = on
+                setattr(switch, flag, on)
                 qb.release_chunk_facts()
                 qb._sd_zero(s)  # (the joint pass's grids share it: computed before the clock)
                 if not at:  # (the moments call's grid, before the clock; point_masses_at's own on it)
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 got[True] is None or torch.equal(got[True], got[False]))
             nones += got[True] is None
             n += args.rounds
-        qb.POINT_MASS_PROOF = True
+        setattr(switch, flag, True)
         qb.release_chunk_facts()
         print(f"{scheme.name:26s} {args.param:9s} {'point_masses_at' if at else '_point_split':15s} same {same}; "
               f"per chunk: proof {spent[True] / n * 1e3:.2f} ms, test {spent[False] / n * 1e3:.2f} ms; "

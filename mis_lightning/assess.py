@@ -2209,6 +2209,11 @@ TABLE_WIDE_POSITION_FREE = True
 # kappa, and a sample or a chunk where no element moves evaluates nothing (_draw_freedom,
 # _sampled_draw_parts, _table_draws_at_once); False: they are evaluated as before tb35
 DRAWS_KEEP_STILL = True
+# ... and the value-table draws form the moving elements' positions alone (not every element's,
+# gathered after) and zero the dead blocks' kappa in place where there are any (not a where over
+# [D, c] with a zeros tensor): the same numbers, ~4 [D, c] passes fewer on a mostly-still chunk
+# (p49c). False: as before
+DRAWS_LIVE_POSITIONS = True
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
@@ -2634,7 +2639,11 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
         el = live.repeat(D)
         ev = el + c * torch.arange(D).repeat_interleave(live.numel())
     rep = lambda t: t.index_select(0, el)  # noqa: E731 - [c] -> [D c], row-major like the positions
-    mm = grid.element_moments((th64 + sg64 * xi).reshape(-1).index_select(0, ev), rep(sg64), rep(scale), rep(zp),
+    if live is not None and DRAWS_LIVE_POSITIONS:  # (theta + sigma * xi per element: the same numbers)
+        pos = (th64.index_select(0, live) + sg64.index_select(0, live) * xi.index_select(1, live)).reshape(-1)
+    else:
+        pos = (th64 + sg64 * xi).reshape(-1).index_select(0, ev)
+    mm = grid.element_moments(pos, rep(sg64), rep(scale), rep(zp),
                               None, None if bounds is None else (rep(bounds[0]), rep(bounds[1])), policy,
                               kappa_only=True)  # kappa alone is read
     if live is None:
@@ -2643,7 +2652,11 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
         assert k_main is not None
         kap = k_main.to(torch.float64).expand(D, c).clone()
         kap[:, live] = mm.kappa.reshape(D, -1)
-    kap = torch.where(dead, torch.zeros_like(kap), kap)
+    if live is not None and DRAWS_LIVE_POSITIONS:  # (kap is this call's own copy)
+        if any_set(dead):
+            kap.masked_fill_(dead, 0.0)
+    else:
+        kap = torch.where(dead, torch.zeros_like(kap), kap)
     return _revealed_draws(grid, kap, th64, sg64, xi, a, b)
 
 

@@ -264,3 +264,51 @@ def test_a_weight_outside_its_codes_cell_is_a_point_mass_on_every_path(scheme, m
                 counted += int((point & moved).sum())
             assert not bool(point[t > bounds[1]].any())
     assert counted > 0
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "fp16"])
+def test_the_format_proof_on_blocks_is_the_proof_on_the_chunk(scheme, monkeypatch):
+    """``point_proof.PROOF_BLOCKS`` (p49c): the casts' proof on blocks of ``PROOF_BLOCK`` weights
+    gives the whole chunk's answer (``None`` where every weight is proven, else the same mask) and
+    ``_unit_format_inside`` the per-element test's mask, on chunks of several blocks where the
+    unproven weights (the variants above: edges, margins, NaN, overflow) fall in the first, a middle
+    or the last block only, or nowhere; the blocks are the proof's own (fails with the switch off:
+    the casts see the whole chunk)."""
+    g, th = _grid(scheme, scale=3.0)
+    scale1, zp1, code1, _, _ = g._chunk_grid(0, th.numel())
+    fmt = torch.bfloat16 if scheme == "bf16" else torch.float16
+    nb = 4
+    c = nb * P.PROOF_BLOCK + 1000
+    reps = -(-c // th.numel())
+    base = th.repeat(reps)[:c]
+    ones, zeros = torch.ones(c, dtype=F64), torch.zeros(c, dtype=F64)
+    inside = g._inside
+    bad = torch.cat([v[v != th] for v in _variants(g, th)[1:]])
+    real = P.format_cell_bits
+    seen: list[int] = []
+    monkeypatch.setattr(P, "format_cell_bits", lambda x, *a: seen.append(x.numel()) or real(x, *a))
+    for where in (None, 0, 2, nb):
+        t = base.clone()
+        if where is not None:
+            a = where * P.PROOF_BLOCK
+            n = min(bad.numel(), c - a)
+            t[a:a + n] = bad[:n]
+        seen.clear()
+        monkeypatch.setattr(P, "PROOF_BLOCKS", True)
+        got = P.format_cell_proven_abs(t, fmt, B._POINT_MASS_MARGIN)
+        assert max(seen) == P.PROOF_BLOCK and len(seen) == nb + 1
+        monkeypatch.setattr(P, "PROOF_BLOCKS", False)
+        ref = P.format_cell_proven(t.abs(), fmt, B._POINT_MASS_MARGIN)
+        assert (got is None) == (ref is None) == (where is None and not _has_tie(t, g, fmt))
+        if ref is not None:
+            assert torch.equal(got, ref)
+        monkeypatch.setattr(P, "PROOF_BLOCKS", True)
+        want = inside(t, ones, zeros, None, None)
+        assert torch.equal(g._unit_format_inside(t, ones, zeros, None), want)
+    assert code1 is None and bool((scale1 == 1).all()) and bool((zp1 == 0).all())
+
+
+def _has_tie(t: torch.Tensor, g, fmt) -> bool:
+    """Whether some weight is not proven by the chunk's proof (a float32 weight within float32's
+    rounding of a midpoint)."""
+    return P.format_cell_proven(t.abs(), fmt, B._POINT_MASS_MARGIN) is not None

@@ -147,3 +147,34 @@ def test_sixteen_bit_draws_evaluate_the_moving_elements_alone(dtype):
     alone = A._table_draws_at_once(g, th, sg, 0, c, xi, None, k_main)
     assert A._elementwise_table(g) and torch.equal(full, alone)
     assert float((full[:, c // 2:] - k_main[c // 2:]).abs().max()) > 1e-6  # the live ones do move
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sixteen_bit_draws_form_the_moving_positions_alone(dtype, monkeypatch):
+    """``assess.DRAWS_LIVE_POSITIONS`` (p49c): the moving elements' positions formed alone and the
+    dead blocks zeroed in place give bitwise the kappa of the switch off (every position formed,
+    then gathered; a where over [D, c]) and of the call without ``k_main`` (every element evaluated):
+    a per-row scale with two dead rows (scale 0), half the rows sd 0."""
+    rows, cols = 16, 64
+    c = rows * cols
+    values = representable_values(dtype)
+    scale = torch.ones(rows, 1, dtype=F64)
+    scale[3] = scale[11] = 0.0
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=16.0, scale=scale, block_size=(1, cols), values=values)
+    gen = torch.Generator().manual_seed(12)
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    th.view(rows, cols)[3] = th.view(rows, cols)[11] = 0.0
+    sg = torch.rand(c, dtype=F64, generator=gen) * 1e-3
+    sg.view(rows, cols)[::2] = 0.0
+    k_main = _moments(g, th, sg, c)
+    xi = torch.randn(8, c, dtype=F64, generator=torch.Generator().manual_seed(13))
+    assert A._elementwise_table(g)
+    monkeypatch.setattr(A, "DRAWS_LIVE_POSITIONS", True)
+    new = A._table_draws_at_once(g, th, sg, 0, c, xi, None, k_main)
+    monkeypatch.setattr(A, "DRAWS_LIVE_POSITIONS", False)
+    old = A._table_draws_at_once(g, th, sg, 0, c, xi, None, k_main)
+    full = A._table_draws_at_once(g, th, sg, 0, c, xi, None)
+    assert torch.equal(new.view(torch.int64), old.view(torch.int64)) and torch.equal(new, full)
+    assert bool((new.view(8, rows, cols)[:, [3, 11]] == 0).all())
+    assert float((new.view(8, rows, cols)[:, 1::2] - k_main.view(rows, cols)[1::2]).abs().max()) > 1e-6

@@ -96,3 +96,34 @@ def test_not_all_ties_take_the_windowed_call(dtype, monkeypatch):
         assert calls == [3], (name, calls)
         for f in FIELDS:  # (the windowed path gives a tie at the top edge NaN: the same here)
             assert _same(getattr(before, f), getattr(after, f)), (name, f)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kappa_only", [False, True])
+def test_ties_kinds_by_dict_are_the_unique_rows(dtype, kappa_only, monkeypatch):
+    """``table.TIES_KINDS_BY_DICT`` (p49c), on the casts' own tables (``cast_cell_values``: the
+    own cells by the bit route too): every field bit for bit the windowed path's and the
+    ``torch.unique`` kinds', the cache filled from scratch either way; no ``torch.unique`` call
+    (fails with the switch off)."""
+    from mis_lightning.quantization.casts import cast_cell_values
+
+    values = cast_cell_values(dtype)
+    layout = T.table_layout(values, torch.device("cpu"))
+    th, sg = _call(3000, _ties(layout, 200, 5), 6)
+    sc = torch.ones_like(th)
+    before, closed_before = T._table_window_moments(th, sg, values, sc, kappa_only)
+    got = {}
+    real_unique = torch.unique
+    uniques: list[int] = []
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: uniques.append(1) or real_unique(*a, **k))
+    for on in (False, True):
+        T._TIE_MOMENTS.clear()
+        monkeypatch.setattr(T, "TIES_KINDS_BY_DICT", on)
+        uniques.clear()
+        got[on] = T._table_sum_moments(th, sg, values, sc, kappa_only)
+        assert bool(uniques) != on
+    tie = sg == FLOOR
+    for f in FIELDS:
+        assert _same(getattr(got[True][0], f), getattr(got[False][0], f)), f
+        assert torch.equal(getattr(got[True][0], f)[tie], getattr(before, f)[tie]), f
+    assert torch.equal(got[True][1], got[False][1]) and torch.equal(got[True][1], closed_before)

@@ -19,6 +19,15 @@ def any_set(mask: Tensor) -> bool:
     return bool(mask.any())
 
 
+def all_set(mask: Tensor) -> bool:
+    """``bool(mask.all())`` of a bool tensor of any shape (``True`` when empty): the minimum of
+    its bytes (``Tensor.all`` ran at ~1.3-2.5 ns per element on this torch, the bytes' minimum
+    at ~0.15; p49c)."""
+    if mask.dtype == torch.bool and mask.is_contiguous():
+        return mask.numel() == 0 or bool(mask.view(torch.uint8).amin())
+    return bool(mask.all())
+
+
 def any_along(mask: Tensor, dim: int) -> Tensor:
     """``mask.any(dim)`` (bool) of a non-empty bool tensor along ``dim`` (of non-zero size)."""
     if mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() > 0:
@@ -26,4 +35,4 @@ def any_along(mask: Tensor, dim: int) -> Tensor:
     return mask.any(dim)
 
 
-__all__ = ["any_along", "any_set"]
+__all__ = ["all_set", "any_along", "any_set"]

@@ -30,6 +30,7 @@ from .kernel import (
     in_blocks,
     windowed_moments,
 )
+from .masks import all_set, any_set
 from .runs import RUN_MAX_STEP, RunTable, per_table, run_moments, run_table
 
 # Window half-widths for value tables beyond their ``half_window`` (float grids get finer
@@ -97,6 +98,7 @@ class TableLayout:
         # a cast's cells, with +-2^(emax + 1) at the ends), or None
         self.format_dtype = _format_dtype(self.values)
         self._edges_by_bits: tuple[Tensor, Tensor] | None = None
+        self._pattern_cells: tuple[Tensor, Tensor] | None = None
 
     def _format_edges(self) -> tuple[Tensor, Tensor]:
         """Per bit pattern ``m`` of a magnitude below the format's largest finite value (``[top]``
@@ -112,6 +114,25 @@ class TableLayout:
             dev = self.mids.device
             self._edges_by_bits = ((0.5 * (v[:-1] + below)).to(dev), (0.5 * (v[1:] + v[:-1])).to(dev))
         return self._edges_by_bits
+
+    def pattern_cells(self) -> tuple[Tensor, Tensor] | None:
+        """For a 16-bit float format's table (float16 / bfloat16 casts, :attr:`format_dtype`):
+        per signed bit pattern ``p`` (``[65536]`` float64 each, indexed by ``p & 0xFFFF``) the
+        edges :attr:`padded` ``[k]``, ``[k + 1]`` of the cell ``k = searchsorted(mids, v, right=True)``
+        holding the pattern's value ``v`` (``+-inf``: the unbounded end cells; NaN patterns: NaN);
+        ``None`` for other tables. Built once per layout (:func:`_own_facts`' bit route)."""
+        if self._pattern_cells is None:
+            dt = self.format_dtype
+            if dt is None or torch.finfo(dt).bits != 16:
+                return None
+            v = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(dt).to(torch.float64)
+            dev = self.mids.device
+            k = torch.searchsorted(self.mids.cpu(), v, right=True)
+            nan = torch.isnan(v)
+            lo = torch.where(nan, math.nan, self.padded.cpu()[k])
+            hi = torch.where(nan, math.nan, self.padded.cpu()[(k + 1).clamp_(max=self.padded.numel() - 1)])
+            self._pattern_cells = (lo.to(dev), hi.to(dev))
+        return self._pattern_cells
 
     def format_inside(self, th: Tensor, sc: Tensor | None, margin: float) -> Tensor:
         """``[c]`` bool, for a float format's table (:attr:`format_dtype` set): ``True`` where the
@@ -1139,6 +1160,23 @@ INTERP_MIN_ELEMENTS = 1 << 15
 OCTAVE_MIN_ELEMENTS = 1 << 12
 
 
+# The table path's float64 inputs without a copy of sigma where it is float64 and already at or
+# above the floor (its least value, one read, instead of clamp_min's new tensor: the fast path and
+# the sums below it each floored the call's sigma again; the same values, p49c). The table path
+# writes no sigma in place. False: kernel._float64_inputs
+SD_FLOOR_BY_MIN = True
+
+
+def _table_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor, ...]:
+    """:func:`~.kernel._float64_inputs` (``theta``, ``sigma`` floored at the smallest positive
+    float64, the grid tensors, float64), with ``sigma`` itself where it is float64 and its least
+    value is at the floor or above (NaN: floored as there) (:data:`SD_FLOOR_BY_MIN`)."""
+    if SD_FLOOR_BY_MIN and sigma.dtype == torch.float64 and sigma.numel() \
+            and float(sigma.amin()) >= torch.finfo(torch.float64).tiny:
+        return (theta.to(torch.float64), sigma, *(t.to(torch.float64) for t in rest))
+    return _float64_inputs(theta, sigma, *rest)
+
+
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor,
                         interpolate: bool = True, min_build: int = 0,
                         call_elements: int | None = None, kappa_only: bool = False) -> tuple[CellMoments, Tensor]:
@@ -1151,7 +1189,7 @@ def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Ten
     every element of other tables, go through :func:`_table_sum_moments`. ``call_elements``: the
     size of the call the elements stand for (:func:`table_cell_moments`' ``path_elements``);
     ``kappa_only``: as there (:func:`_table_sum_moments`)."""
-    th, sg, sc = _float64_inputs(theta, sigma, scale)
+    th, sg, sc = _table_inputs(theta, sigma, scale)
     it = interp_table(values) if interpolate and th.device.type == "cpu" else None
     if it is None or th.numel() == 0:
         return _table_sum_moments(th, sg, values, sc, kappa_only)
@@ -1205,9 +1243,32 @@ def _sum_prelude(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout) -> tup
     return cell, cell_lo, cell_hi, need, own_lo, own_hi, frozen, h_local, fine, spill
 
 
-def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple[Tensor, Tensor]:
+# The bf16 / fp16 casts' own cells (scale 1) from the weight's cast to the format: its bit pattern
+# picks a candidate cell from two 64k-row tables (TableLayout.pattern_cells), kept where the weight
+# lies in it (lo <= theta < hi: then it is searchsorted's cell, the cells being disjoint), located
+# by TableLayout.cells otherwise (a cast rounding to the neighbour through float32, NaN): ~8
+# element-wise passes instead of ~18; the same edges bit for bit (p49c). False: TableLayout.cells
+OWN_CELLS_BY_BITS = True
+
+
+def _own_facts(th: Tensor, sc: Tensor, layout: TableLayout, unit: bool = False) -> tuple[Tensor, Tensor]:
     """What :func:`_settled` reads that does not depend on the sd: the own cell's lower and upper
-    edges (``[c]`` each, parameter units; ``-inf`` / ``inf`` at the unbounded end cells)."""
+    edges (``[c]`` each, parameter units; ``-inf`` / ``inf`` at the unbounded end cells).
+    ``unit``: every ``sc`` is 1 (the caller's check): a 16-bit format's table then takes the bit
+    route (:data:`OWN_CELLS_BY_BITS`), the same numbers."""
+    tabs = layout.pattern_cells() if unit and OWN_CELLS_BY_BITS and th.device.type == "cpu" else None
+    if tabs is not None:
+        dt = layout.format_dtype
+        assert dt is not None
+        p = th.to(dt).view(torch.int16).to(torch.int32).bitwise_and_(0xFFFF)
+        own_lo, own_hi = tabs[0].index_select(0, p), tabs[1].index_select(0, p)
+        ok = (own_lo <= th).logical_and_(th < own_hi)
+        if not all_set(ok):  # (the others located as below: padded[cell] * 1 is padded[cell])
+            ii = torch.nonzero(~ok).squeeze(-1)
+            lo_i, hi_i = _own_facts(th.index_select(0, ii), sc.index_select(0, ii), layout)
+            own_lo.index_copy_(0, ii, lo_i)
+            own_hi.index_copy_(0, ii, hi_i)
+        return own_lo, own_hi
     cell = layout.cells(th / sc)  # in 0..n: the own cell's edges are padded[cell], padded[cell + 1]
     # (-inf * sc and inf * sc are what _sum_prelude's where() gives at the ends, sc > 0)
     own_lo = layout.padded.index_select(0, cell).mul_(sc)
@@ -1248,6 +1309,64 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     if kappa_only:
         return kappa, frozen | fine
     return kappa, mean_abs, m4, frozen | fine
+
+
+# The settling pass at scale 1 (the bf16 / fp16 casts) in fewer element-wise passes, the same numbers
+# and mask bit for bit (p49c): the frozen test only where an own cell is wider than FINE_STEP sd
+# (a fine one is never frozen: both distances to its edges are at most its width), x = theta and
+# reach = 8.5 sd (dividing by a scale of 1 is exact), and the mask from four reductions where every
+# element of the block is fine with its reach within the table's finite cells (~12 passes
+# instead of ~33). False: _settled_from
+SETTLE_UNIT_FEWER_PASSES = True
+
+
+def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Tensor, layout: TableLayout,
+                  kappa_only: bool = False) -> tuple[Tensor, ...]:
+    """:func:`_settled_from` where every ``sc`` is 1 and the table reaches ``layout.wide`` (a 16-bit
+    cast's): the same ``kappa`` (``mean_abs``, ``m4``) on the elements of the mask, the same mask
+    (``[c]`` each, float64 / bool); the others hold garbage, as there."""
+    wide = layout.wide
+    assert wide is not None
+    # _settled_from's arithmetic, in place where it allocated (1 - a is -a + 1, b + a is a + b:
+    # the same roundings)
+    h_local = torch.sub(own_hi, own_lo).div_(sg)
+    h2 = h_local**2
+    kappa = torch.div(h2, 12.0).neg_().add_(1.0).add_(torch.mul(h2, h2).div_(144.0))
+    m4 = None
+    if not kappa_only:
+        mean_abs = torch.mul(h2, 0.05).neg_().add_(SQRT_2_OVER_PI)
+        m4 = torch.mul(h2, 0.5).neg_().add_(3.0)
+    reach = torch.mul(sg, CUTOFF_SIGMAS)  # (/ sc: exact at 1)
+    lo_r, hi_r = torch.sub(th, reach), reach.add_(th)
+    # (NaN in any: a reduction fails, the masks below; amin / amax: aminmax was slower)
+    if th.numel() and float(h_local.amax()) <= FINE_STEP and float(lo_r.amax()) <= -wide \
+            and float(hi_r.amin()) >= wide and float(lo_r.amin()) >= layout.lo_edge \
+            and float(hi_r.amax()) < layout.hi_edge:
+        done = torch.ones_like(th, dtype=torch.bool)  # every element fine, none frozen or past the ends
+    else:
+        fine_h = h_local <= FINE_STEP
+        frozen = None
+        if not all_set(fine_h):  # (the frozen test; fine elements are never frozen)
+            frozen = ((th - own_lo) / sg > CUTOFF_SIGMAS) & ((own_hi - th) / sg > CUTOFF_SIGMAS)
+            kappa.masked_fill_(frozen, 0.0)
+            if m4 is not None:
+                mean_abs.masked_fill_(frozen, 0.0)
+                m4.masked_fill_(frozen, 0.0)
+        span = fine_h.logical_and_(lo_r <= -wide).logical_and_(hi_r >= wide)
+        out = (lo_r < layout.lo_edge).logical_or_(hi_r >= layout.hi_edge)
+        if any_set(out):
+            spill = span & out
+            done = span.logical_and_(out.logical_not_())
+            if OPEN_CELLS_CLOSED_FORM and any_set(spill):
+                _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
+                done.logical_or_(spill)
+        else:
+            done = span
+        if frozen is not None:
+            done.logical_or_(frozen)
+    if kappa_only:
+        return kappa, done
+    return kappa, mean_abs, m4, done
 
 
 # The fine elements whose reach covers [-T, T] and passes the table's finite cells (the fp16 cast's
@@ -1402,6 +1521,23 @@ def _own_cells_key(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple:
     return (weakref.ref(th), th._version, weakref.ref(sc), sc._version, id(layout), th.shape[0], _kernel.EAGER_BLOCK)
 
 
+# the last scale tensor tested by _unit_scale: (weak reference, version counter, every value 1);
+# a pool call reads its main call's (the same scale tensor: the chunk's grid, or the live gathers)
+_UNIT_SCALE: list[tuple[weakref.ref, int, bool]] = []
+
+
+def _unit_scale(sc: Tensor) -> bool:
+    """Whether every value of ``sc`` (non-empty) is 1 (two reductions; kept for the same tensor
+    while unchanged)."""
+    if _UNIT_SCALE:
+        ref, ver, unit = _UNIT_SCALE[0]
+        if ref() is sc and ver == sc._version:
+            return unit
+    unit = float(sc.amin()) == 1.0 and float(sc.amax()) == 1.0
+    _UNIT_SCALE[:] = [(weakref.ref(sc), sc._version, unit)]
+    return unit
+
+
 def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool) -> tuple[Tensor, ...]:
     """``in_blocks(_settled, (th, sg, sc), (layout,), kappa_only=kappa_only)`` (the same blocks,
     the same numbers), with the sd-free facts of each block kept by a full call and read by the
@@ -1416,14 +1552,18 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
     keep: list[tuple[Tensor, ...]] | None = [] if SHARE_OWN_CELLS and (
         not kappa_only or (SHARE_OWN_CELLS_KAPPA_ONLY and facts is None)) else None
     c, block = th.shape[0], _kernel.EAGER_BLOCK
+    # every scale 1 (the bf16 / fp16 casts): the own cells' bit route and the fewer-passes settle
+    unit = (OWN_CELLS_BY_BITS or SETTLE_UNIT_FEWER_PASSES) and layout.format_dtype is not None and c > 0 \
+        and _unit_scale(sc)
+    settle = _settled_unit if unit and SETTLE_UNIT_FEWER_PASSES and layout.wide is not None else _settled_from
     parts = []
     for i, s in enumerate(range(0, c, block) if c > block else (0,)):
         sl = slice(s, s + block) if c > block else slice(None)
         t, g, k = th[sl], sg[sl], sc[sl]
-        f = facts[i] if facts is not None else _own_facts(t, k, layout)
+        f = facts[i] if facts is not None else _own_facts(t, k, layout, unit)
         if keep is not None:
             keep.append(f)
-        parts.append(_settled_from(t, g, k, *f, layout, kappa_only))
+        parts.append(settle(t, g, k, *f, layout, kappa_only))
     if keep is not None:
         _OWN_CELLS[:] = [(_own_cells_key(th, sc, layout), keep)]
     if len(parts) == 1:
@@ -1440,6 +1580,10 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
 # such weight (per table, sd and kappa_only) and given to the others where a call's remaining
 # elements are all such ties (bitwise: tests/test_table_ties.py). False: the windowed call
 SD_FLOOR_TIES = True
+# ... the ties' local geometries told apart by a dict over their rows (~30 a call) instead of
+# torch.unique(dim=0) (about half of the ~0.27 ms a call, p48a); the same kinds and keys, each
+# kind's first tie computing it as before (p49c). False: torch.unique
+TIES_KINDS_BY_DICT = True
 _TIES_MAX = 4096  # (a larger remainder is not mostly ties: the windowed call as before)
 _TIE_MOMENTS: dict[tuple, tuple[float, float, float, float, bool]] = {}  # (bounded: a table's binades)
 
@@ -1458,16 +1602,22 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     g0 = float(g[0])
     if not 0.0 < g0 <= torch.finfo(torch.float64).tiny or not bool((g == g0).all()) or not bool((k == 1.0).all()):
         return None
-    own_lo, own_hi = _own_facts(t, k, layout)
+    own_lo, own_hi = _own_facts(t, k, layout, True)  # (every scale 1: checked above)
     # (lo_edge: the lowest edge, below which the cell is unbounded; own_hi finite: the upper cell bounded)
     if not bool(((t == own_lo) & (t > layout.lo_edge) & (own_hi < math.inf)).all()):
         return None
     below = layout.padded.index_select(0, layout.cells(t).sub_(1))
     geo = torch.stack([t.sign(), torch.frexp(t).exponent.to(t.dtype), own_hi - own_lo, own_lo - below,
                        (t / g0).isinf().to(t.dtype)], 1)
-    kinds, inv = torch.unique(geo, dim=0, return_inverse=True)
+    if TIES_KINDS_BY_DICT:  # (the rows' distinct values in order of first appearance; the same keys)
+        first: dict[tuple, int] = {}
+        idx = [first.setdefault(tuple(row), len(first)) for row in geo.tolist()]
+        kind_list, inv = list(first), torch.tensor(idx, dtype=torch.long, device=t.device)
+    else:
+        kinds, inv = torch.unique(geo, dim=0, return_inverse=True)
+        kind_list = kinds.tolist()
     rows = []
-    for r, kind in enumerate(kinds.tolist()):
+    for r, kind in enumerate(kind_list):
         # (the paths switched off by a failed self-check in the key: the windowed path's numbers then)
         # (and the windowed path's own switch: an A/B of EXACT_EDGE_OFFSETS in one process read the
         # first setting's numbers for every tie; rv48)
@@ -1500,7 +1650,7 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     path. ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
     and the windowed path's closed-form elements' ``m4`` (:func:`_run_path`,
     :func:`_core_side_moments`)."""
-    th, sg, sc = _float64_inputs(theta, sigma, scale)
+    th, sg, sc = _table_inputs(theta, sigma, scale)
     layout = table_layout(values, th.device)
     if th.numel() == 0:
         return _table_window_moments(th, sg, values, sc, kappa_only)
@@ -1515,9 +1665,10 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
         kappa, mean_abs, m4, done = _settled_blocks(th, sg, sc, layout, False)
     closed = torch.zeros_like(done)
     coverage = torch.ones_like(kappa)
-    if bool(done.all()):
+    fewer = SETTLE_UNIT_FEWER_PASSES  # (the mask's reductions on its bytes: the same answers)
+    if all_set(done) if fewer else bool(done.all()):
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
-    if not bool(done.any()):
+    if not (any_set(done) if fewer else bool(done.any())):
         return _table_window_moments(th, sg, values, sc, kappa_only)
     rest = torch.nonzero(~done).squeeze(-1)
     if SD_FLOOR_TIES and rest.numel() <= _TIES_MAX:

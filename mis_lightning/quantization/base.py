@@ -2143,7 +2143,7 @@ class ParamGrid:
         if fmt is None:
             return None
         th = theta.to(torch.float64)
-        inside = _proof.format_cell_proven(th.abs(), fmt, _POINT_MASS_MARGIN)
+        inside = _proof.format_cell_proven_abs(th, fmt, _POINT_MASS_MARGIN)
         if inside is None:
             return torch.ones(th.shape[0], dtype=torch.bool, device=th.device)
         ii = torch.nonzero(~inside).squeeze(-1)
