@@ -1517,8 +1517,10 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     coverage = torch.ones_like(kappa)
     if bool(done.all()):
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
-    if not bool(done.any()):
-        return _table_window_moments(th, sg, values, sc, kappa_only)
+    # (a call with nothing settled still offers its elements to the ties and the overflow closed
+    # form: an element takes the same path whatever else its call holds; before fx49 such a call
+    # went to the windowed path whole: an fp16 draw beyond +-65520 took the windowed runs in a
+    # kappa-only call of such draws alone and the closed form beside one settled weight, 5e-15 apart)
     rest = torch.nonzero(~done).squeeze(-1)
     if SD_FLOOR_TIES and rest.numel() <= _TIES_MAX:
         tie = _sd_floor_ties(th, sg, sc, rest, values, layout, kappa_only)
@@ -1536,6 +1538,8 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
             left = torch.ones(rest.numel(), dtype=torch.bool, device=rest.device)
             left[torch.searchsorted(rest, ii)] = False
             rest = rest[left]
+    if rest.numel() == th.numel():  # nothing settled nor served: the windowed path on the call as given
+        return _table_window_moments(th, sg, values, sc, kappa_only)
     out, sub = _table_window_moments(th[rest], sg[rest], values, sc[rest], kappa_only)
     kappa[rest], mean_abs[rest], m4[rest], coverage[rest] = out.kappa, out.mean_abs, out.m4, out.coverage
     closed[rest] = sub
