@@ -28,6 +28,7 @@ from .kernel import (
     _float64_inputs,
     fine_grid_moments,
     in_blocks,
+    own_cell_mean_abs,
     windowed_moments,
 )
 from .runs import RUN_MAX_STEP, RunTable, per_table, run_moments, run_table
@@ -450,6 +451,8 @@ def _table_cell_moments(
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+        if _kernel.EXACT_FINE_MEAN_ABS:  # (exact: the own cell's edges, own_cell_mean_abs)
+            mean_abs[fine] = own_cell_mean_abs((own[fine, 0] - th[fine]) / sg[fine], (own[fine, 1] - th[fine]) / sg[fine])
     rest = ~(frozen | fine)
     if merge_sd > 0.0:
         _merged_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW),
@@ -1049,7 +1052,7 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
             done[sel] = True
     if bool(done.any()):
         lower, upper = (own[0][done] - th[done]) / sg[done], (own[1][done] - th[done]) / sg[done]
-        mean_abs[done] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
+        mean_abs[done] = own_cell_mean_abs(lower, upper)
     return done
 
 
@@ -1239,7 +1242,8 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
     m4 = None
     if not kappa_only:
-        mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
+        mean_abs = (own_cell_mean_abs((own_lo - th) / sg, (own_hi - th) / sg) if _kernel.EXACT_FINE_MEAN_ABS
+                    else SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
         m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
     if wide is not None and spill is not None and OPEN_CELLS_CLOSED_FORM and bool(spill.any()):
         # the reach passes the table's ends: the unbounded cells too (_open_fine_moments)
@@ -1573,11 +1577,14 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+        if _kernel.EXACT_FINE_MEAN_ABS:
+            mean_abs[fine] = own_cell_mean_abs((own_lo[fine] - th[fine]) / sg[fine], (own_hi[fine] - th[fine]) / sg[fine])
     if bool(spill.any()):
         # as _settled computes them: in its blocks, each block's elements gathered (the same
         # numbers whichever path an element takes)
         h2 = h_local**2
-        mean_abs[spill] = SQRT_2_OVER_PI - 0.05 * h2[spill]
+        mean_abs[spill] = (own_cell_mean_abs((own_lo[spill] - th[spill]) / sg[spill], (own_hi[spill] - th[spill]) / sg[spill])
+                           if _kernel.EXACT_FINE_MEAN_ABS else SQRT_2_OVER_PI - 0.05 * h2[spill])
         block = _kernel.EAGER_BLOCK
         for s in range(0, c, block) if c > block else (0,):
             sl = slice(s, s + block) if c > block else slice(None)
@@ -1628,7 +1635,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
         qi = torch.bucketize(take(sc) / take(sg) * rules.zmax[jj], spans).clamp_(max=len(_CORE_RULES) - 1)
         _core_side_moments(kappa, m4, ii, jj, qi, lo_e, hi_e, need_lo, need_hi, rules, th, sg, sc, kappa_only)
         lower, upper = (take(own_lo) - take(th)) / take(sg), (take(own_hi) - take(th)) / take(sg)
-        ma = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
+        ma = own_cell_mean_abs(lower, upper)
         if every:
             mean_abs.copy_(ma)
         else:
