@@ -156,7 +156,7 @@ def test_variance_table_and_its_range():
     assert not CV.variance_table(skew, torch.device("cpu")).ok
 
 
-@pytest.mark.parametrize("kappa_only", [True])
+@pytest.mark.parametrize("kappa_only", [True, False])
 def test_an_elements_moments_do_not_depend_on_its_calls_other_elements(kappa_only):
     """fx49 (rv48): a kappa-only call of overflow draws alone (nothing settled) went to the windowed
     path whole, while the same draws beside one settled weight took the closed form: 5e-15 apart.

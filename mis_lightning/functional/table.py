@@ -16,7 +16,15 @@ from torch import Tensor
 
 from . import kernel as _kernel
 from .cell_variance import CORE_SPAN, VarianceTable, finite_cell_variance, variance_table
-from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
+from .cells import (
+    _INV_SQRT_2PI,
+    _TINY_PROB,
+    SQRT_2_OVER_PI,
+    CellMoments,
+    _pdf,
+    column_sums,
+    moments_from_alpha,
+)
 from .fastpath import GUARD, verify_sample
 from .formats import format_values
 from .interp import interp_table
@@ -890,9 +898,9 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     for lo, hi in ((slice(0, m - 1), slice(1, m)), (slice(m, n - 1), slice(m + 1, n))):
         if hi.stop > hi.start:
             t2, t4 = _cell_terms(alpha[lo], alpha[hi], pdf[lo], pdf[hi], tail[lo], tail[hi])
-            kappa += t2.sum(0)
+            kappa += column_sums(t2)
             if m4 is not None:
-                m4 += t4.sum(0)
+                m4 += column_sums(t4)
     # ...and the unbounded outer ones, (-inf, alpha[0]) and (alpha[-1], inf)
     for row, below in ((0, True), (n - 1, False)):
         t2, t4 = _outer_cell_terms(alpha[row], pdf[row], tail[row], below)
@@ -1120,7 +1128,7 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
                 alpha = torch.addcmul(u0[g], r[g], edges)
             pdf, tail = _pdf(alpha), _tails(alpha)
             t2, t4 = _cell_terms(alpha[:-1], alpha[1:], pdf[:-1], pdf[1:], tail[:-1], tail[1:])
-            k, f = t2.sum(0), t4.sum(0)
+            k, f = column_sums(t2), column_sums(t4)
             for row, below in ((0, True), (-1, False)):
                 o2, o4 = _outer_cell_terms(alpha[row], pdf[row], tail[row], below)
                 k += o2
