@@ -1505,11 +1505,12 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     a float8 chunk of the 1e7 MLP's second layer); the others go through the windowed path
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
-    order either way): what the windowed path gives on the whole call (but for ~1 ulp where a
-    run sum's reduction rounds apart in a call of other elements: 1.1e-16 on fp16 weights at sd
-    1.5e4 beside others, p48a). In a kappa-only call the elements whose sd dwarfs every finite
-    cell take :func:`_open_overflow_kappa` (:data:`OVERFLOW_CLOSED_FORM`) before the windowed
-    path. ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
+    order either way, and its sums over cells and runs add each element's terms in one order,
+    :func:`~.cells.column_sums`): what the windowed path gives on the whole call, bitwise (before
+    fx49 ~1 ulp apart beside other elements: 1.1e-16 on fp16 weights at sd 1.5e4, p48a). In a
+    kappa-only call the elements whose sd dwarfs every finite cell take
+    :func:`_open_overflow_kappa` (:data:`OVERFLOW_CLOSED_FORM`) before the windowed path, whatever
+    else the call holds (a call with nothing settled too: tests/test_table_call_independence.py). ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
     and the windowed path's closed-form elements' ``m4`` (:func:`_run_path`,
     :func:`_core_side_moments`)."""
     th, sg, sc = _float64_inputs(theta, sigma, scale)
