@@ -13,15 +13,11 @@ children's user + sys time, measured on the shared 2-core machine); the other fi
 their usual order.
 """
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
 
 SLOW_FILES = (  # tc38: a whole-suite run of its tree (-n 2, load 5-10), every file of 4 CPU s or more
     "test_callback.py", "test_cli.py", "test_user_conditions.py", "test_ddp.py", "test_validation.py",
@@ -35,6 +31,18 @@ SLOW_FILES = (  # tc38: a whole-suite run of its tree (-n 2, load 5-10), every f
     "test_shared_grids.py", "test_beyond_linear.py", "test_storage_rounding.py", "test_ill_posed_fits.py",
     "test_point_mass.py", "test_third_party_scheme.py",
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One torch thread for the whole session, in an xdist worker and in a ``-n 0`` run alike
+    (the one place that sets it: a dozen test modules set it at import before fx49, so a ``-n 0``
+    run's thread count depended on which modules were collected). Tests that compare thread
+    counts set their own and restore this one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -19,7 +19,6 @@ from mis_lightning.callback import lightning_callback
 from mis_lightning.quantization import QuantizationScheme
 from mis_lightning.report import Report
 
-torch.set_num_threads(1)
 # every report the callback publishes comes with a figure no test here reads but one (marked
 # real_figure): laid out, not rasterized (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("layout_only_figures")

@@ -14,7 +14,6 @@ import mis_lightning as ml
 from mis_lightning import MISCallback
 from mis_lightning.evaluation import evaluate_utility
 
-torch.set_num_threads(1)
 # the report figures no test here reads: laid out, not rasterized (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8", "rtn_int2"]

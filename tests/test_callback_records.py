@@ -22,7 +22,6 @@ from torch.utils.data import (
 from mis_lightning import MISCallback
 from mis_lightning._augmentation import random_records_note
 
-torch.set_num_threads(1)
 pytestmark = pytest.mark.usefixtures("layout_only_figures")
 SCHEMES = ["rtn_int8"]
 FAST = {"covariance": "independent", "uncertainty_draws": 0}

@@ -19,8 +19,6 @@ from mis_lightning.config import (
     stage_configs,
 )
 
-torch.set_num_threads(1)
-
 
 def mse(o, t):
     return 0.5 * (o.squeeze(-1) - t) ** 2

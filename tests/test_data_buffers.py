@@ -17,7 +17,6 @@ from mis_lightning.estimation.data_buffers import (
     probe_data_buffers,
 )
 
-torch.set_num_threads(1)
 FAST = {"covariance": "independent", "mc_draws": 1024, "uncertainty_draws": 0, "num_records": 32}
 
 _g = torch.Generator().manual_seed(0)

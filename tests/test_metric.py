@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from mis_lightning import MISIndicator, assess
 from mis_lightning.estimation import estimate
 
-torch.set_num_threads(1)
 SCHEMES = ["rtn_int8", "rtn_int4", "rtn_int2"]
 
 
@@ -428,7 +427,6 @@ def test_records_fed_twice_without_reset_are_named():
     msg = [str(w.message) for w in w2 if "where num_training_records is" in str(w.message)]
     assert msg and "480 training records where num_training_records is 240 (2x)" in msg[0] and "reset()" in msg[0], msg
     assert any("where num_training_records is 240" in x for x in twice.report.warnings)
-
 
 
 def test_compute_gives_every_scheme_the_same_keys_nan_where_no_interval():

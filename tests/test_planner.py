@@ -20,7 +20,6 @@ from mis_lightning.quantization.mixed import MixedPrecisionScheme
 # (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("layout_only_figures")
 
-torch.set_num_threads(1)
 CANDS = ["rtn_int8", "rtn_int4", "rtn_int2"]
 WD = 1e-3
 

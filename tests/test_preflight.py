@@ -20,8 +20,6 @@ from mis_lightning import MISCallback, assess
 from mis_lightning.config import ScoringConfig
 from mis_lightning.quantization import SchemeError
 
-torch.set_num_threads(1)
-
 
 def mse(o, t):
     return 0.5 * (o - t) ** 2

@@ -25,8 +25,6 @@ from mis_lightning.quantization import (
 )
 from mis_lightning.quantization.requantize import FixedStepQuantizer, requantize_joint
 
-torch.set_num_threads(1)
-
 CPU_SCHEMES = ["awq_int8_weight_only", "awq_int8_dynamic_activation_int8_weight",
                "smooth_quant_int8_dynamic_activation_int8_weight", "smooth_quant_int8_weight_only",
                "intx_weight_only_int2_hqq", "intx_weight_only_int3_hqq", "intx_weight_only_int4_hqq",

@@ -20,8 +20,6 @@ from mis_lightning.evaluation import evaluate_utility
 from mis_lightning.quantization import get_scheme
 from mis_lightning.report import Report
 
-torch.set_num_threads(1)
-
 
 def mse(o, t):
     return 0.5 * (o.squeeze(-1) - t) ** 2
@@ -174,8 +172,6 @@ def test_in_place_scheme_quantizes_a_weight_tied_to_an_embedding_in_every_use():
     res = get_scheme("rtn_int8").apply(m)
     g = res.grids["emb.weight"].dequantized
     assert res.model.emb.weight is res.model.head.weight and torch.equal(res.model.emb.weight, g)
-
-
 
 
 def test_partial_quantization_of_a_cnn_is_in_the_table_warnings_and_json():

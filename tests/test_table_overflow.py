@@ -154,3 +154,29 @@ def test_variance_table_and_its_range():
         CV.finite_cell_variance(torch.zeros(1, dtype=F64), torch.full((1,), 1e6, dtype=F64), vt)
     skew = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0], dtype=F64)  # not symmetric: no closed form
     assert not CV.variance_table(skew, torch.device("cpu")).ok
+
+
+@pytest.mark.parametrize("kappa_only", [True, False])
+def test_an_elements_moments_do_not_depend_on_its_calls_other_elements(kappa_only):
+    """fx49 (rv48): a kappa-only call of overflow draws alone (nothing settled) went to the windowed
+    path whole, while the same draws beside one settled weight took the closed form: 5e-15 apart.
+    Each element alone, then in the call of all, then beside a settled weight and a frozen one: the
+    same numbers, bitwise (every field; kappa-only calls' mean_abs / m4 are NaN for these)."""
+    values = cast_cell_values(torch.float16)
+    th, sg = _fp16_cases()
+    keep = (th.abs() - 65520.0) / sg <= 8.5  # (frozen ones are 0 on every path)
+    th, sg = th[keep], sg[keep]
+    one = torch.ones(1, dtype=F64)
+
+    def fields(m):
+        return torch.stack([m.kappa, m.mean_abs, m.m4, m.coverage], 1)
+
+    alone = torch.cat([fields(T._table_sum_moments(th[i:i + 1], sg[i:i + 1], values, one, kappa_only)[0])
+                       for i in range(th.numel())])
+    together = fields(T._table_sum_moments(th, sg, values, torch.ones_like(th), kappa_only)[0])
+    t2 = torch.cat([torch.tensor([0.1, 3.0], dtype=F64), th])  # a settled (sd spans 0) and a frozen one
+    s2 = torch.cat([torch.tensor([0.0, 0.0], dtype=F64), sg])
+    beside = fields(T._table_sum_moments(t2, s2, values, torch.ones_like(t2), kappa_only)[0])[2:]
+    for got in (together, beside):
+        assert torch.equal(got.isnan(), alone.isnan())
+        assert torch.equal(got.nan_to_num(nan=-7.0), alone.nan_to_num(nan=-7.0))

@@ -85,7 +85,7 @@ def test_not_all_ties_take_the_windowed_call(dtype, monkeypatch):
         "a windowed weight": (m[[100, 200, 300]].clone(), torch.tensor([FLOOR, FLOOR, float(m[301] - m[300]) * 3])),
         "the lowest edge": (torch.tensor([m[0], m[200], m[300]]), torch.full((3,), FLOOR)),
         "the highest edge": (torch.tensor([m[100], m[200], m[-1]]), torch.full((3,), FLOOR)),
-        "sds that differ": (m[[100, 200, 300]].clone(), torch.tensor([FLOOR, FLOOR, FLOOR / 2])),
+        "sds that differ": (m[[100, 200, 300]].clone(), torch.tensor([FLOOR, FLOOR, 2 * FLOOR], dtype=F64)),  # (FLOOR / 2: floored to FLOOR, a tie; float32: 0)
     }
     window = T._table_window_moments
     for name, (th, sg) in cases.items():

@@ -12,7 +12,7 @@ import torch
 
 from mis_lightning.functional import runs as R
 from mis_lightning.functional import table as T
-from mis_lightning.functional.cells import _pdf
+from mis_lightning.functional.cells import _pdf, column_sums
 from mis_lightning.quantization.casts import representable_values
 
 F64 = torch.float64
@@ -45,7 +45,8 @@ def _run_moments_before(u: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tens
         up_b.append(up_b[-1] * b)
     s2 = s2 + pb * R._eval(R._BD2, up_b, hp) - pa * R._eval(R._BD2, up_a, hp)
     s4 = s4 + pb * R._eval(R._BD4, up_b, hp) - pa * R._eval(R._BD4, up_a, hp)
-    return (m[1] - s2).sum(0), (m[2] - s4).sum(0), m0.sum(0)
+    # (the sums over the runs as run_moments takes them: cells.column_sums, fx49)
+    return column_sums(m[1] - s2), column_sums(m[2] - s4), column_sums(m0)
 
 
 def test_run_moments_bitwise_the_previous_form():

@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import mis_lightning as ml
 from mis_lightning import MISCallback
 
-torch.set_num_threads(1)
 SCHEMES = ["rtn_int8", "rtn_int2"]
 NO_CURVATURE = r"no positive curvature in the assessed weights.*L1 / mean absolute error"
 

@@ -101,14 +101,22 @@ def clip_boundaries(edges: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
 _TWO_PHI0 = 2.0 * _INV_SQRT_2PI
 
 
+# |b| at and beyond which _revealed_tail's phi(b) terms are 0: b^2 stays finite below it, and
+# phi(b) is exactly 0 in float64 from |b| ~38.6 on (so the terms read 0 either way)
+_FAR_B = 1e150
+
+
 def _revealed_tail(b: Tensor, tail_b: Tensor, pb: Tensor, b_pos: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(E[U^2], E|U|, E[U^4])`` restricted to ``U > b`` (standardised; ``tail_b = P(U > b)``,
     ``pb = phi(b)``; ``b_pos``: ``b >= 0`` if the caller has it): the moments of a region where
     the release gives the weight away (``m(U) = U``): ``tail + b phi(b)``, ``phi(b)``
     (``2 phi(0) - phi(b)`` for ``b < 0``) and ``3 tail + (b^3 + 3 b) phi(b)``. (Written with
     scalar zeros, ``|b| < inf`` for ``isfinite`` and the constant ``2 phi(0)``: the same numbers
-    bit for bit, in fewer element-wise operations.)"""
-    fin = b.abs() < math.inf  # isfinite's answer (NaN: False) in 2 operations instead of 4
+    bit for bit, in fewer element-wise operations.) ``|b|`` from ``_FAR_B`` on counts as
+    infinite: ``phi(b)`` is 0 there and ``b^2`` would overflow, ``inf * 0`` a NaN ``m4`` (an
+    sd-0 weight beyond its bound, ``b`` ~1e305 from the floored sd: fx49); below it the same
+    operations as before."""
+    fin = b.abs() < _FAR_B  # isfinite's answer (NaN: False) in 2 operations instead of 4
     bphi = torch.where(fin, b * pb, 0.0)
     b3phi = torch.where(fin, (b * b + 3.0) * bphi, 0.0)
     absm = torch.where(b >= 0 if b_pos is None else b_pos, pb, _TWO_PHI0 - pb)

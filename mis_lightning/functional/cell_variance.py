@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cells import _pdf
+from .cells import _pdf, column_sums
 from .runs import per_table, run_table
 
 # Half-width of the Taylor core in sd units (its truncation bound above holds up to 2)
@@ -169,7 +169,7 @@ def _variance_block(u0: Tensor, r: Tensor, k: Tensor, vt: VarianceTable) -> Tens
             q_lo, q_hi, p_lo, p_hi = _tails(lo), _tails(hi), _pdf(lo), _pdf(hi)
             prob = torch.where(lo > 0, q_lo - q_hi, torch.where(hi <= 0, q_hi - q_lo, 1.0 - q_lo - q_hi)).clamp_min(0.0)
             i2 = prob - (hi * p_hi - lo * p_lo)  # int u^2 phi over each run
-            v = v + (rw2 * (prob / 12.0 - rw2 * (6.0 * i2 + 4.0 * prob) / 1440.0)).sum(0)
+            v = v + column_sums(rw2 * (prob / 12.0 - rw2 * (6.0 * i2 + 4.0 * prob) / 1440.0))
     return v
 
 

@@ -125,6 +125,25 @@ def standardize_boundaries(theta: Tensor, sigma: Tensor, boundaries: Tensor) -> 
     return (boundaries.to(torch.float64) - theta64) / sigma64
 
 
+# The windowed paths' sums over an element's cells or runs (a [rows, c] tensor's columns) add
+# each column's rows in order, first to last: one column's sum does not depend on the other
+# columns (torch's sum(0) groups a column's rows by the column's position and the tensor's width:
+# ~1 ulp apart for the same element alone and beside others, p48a / fx49), and trailing rows of
+# zeros (the runs' and the variance blocks' padding) add exactly 0. False: torch's sum(0) (A/B)
+FIXED_ORDER_SUMS = True
+
+
+def column_sums(x: Tensor) -> Tensor:
+    """``x.sum(0)`` of a ``[rows, c]`` tensor with each column's rows added first to last
+    (:data:`FIXED_ORDER_SUMS`): column ``j``'s sum depends on column ``j`` alone."""
+    if not FIXED_ORDER_SUMS or x.shape[0] <= 2:  # (two rows: one addition either way)
+        return x.sum(0)
+    acc = x[0] + x[1]
+    for i in range(2, x.shape[0]):
+        acc.add_(x[i])
+    return acc
+
+
 def _pdf(a: Tensor) -> Tensor:
     # exp(-inf) = 0 gives phi(+-inf) = 0 without special cases.
     return torch.exp(-0.5 * a * a) * _INV_SQRT_2PI

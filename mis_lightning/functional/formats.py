@@ -16,6 +16,8 @@ each other on every format torch has.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import Tensor
 
@@ -30,15 +32,44 @@ _SIGN_MAGNITUDE = frozenset(
 FORMAT_VALUES_BY_BITS = True
 
 
+@cache
+def _value_format(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` is a float format of one value per 8- or 16-bit pattern whose patterns
+    this torch converts to float64 (not a packed format such as ``float4_e2m1fn_x2``, two 4-bit
+    values a byte, whose ``finfo`` may read 8 bits but which has no conversion kernel)."""
+    if not dtype.is_floating_point:
+        return False
+    try:
+        bits = torch.finfo(dtype).bits
+    except TypeError:  # (finfo refuses some formats: float4_e2m1fn_x2 on torch 2.13)
+        return False
+    if bits not in (8, 16) or 8 * dtype.itemsize != bits:
+        return False
+    try:
+        torch.zeros(1, dtype=torch.int16 if bits == 16 else torch.int8).view(dtype).to(torch.float64)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def check_format_dtype(dtype: torch.dtype, who: str) -> None:
+    """Raise ``ValueError`` naming ``dtype`` and the caller ``who`` unless ``dtype`` is a float
+    format whose every value :func:`format_values` can list (one value per 8- or 16-bit pattern,
+    converted to float64 by this torch)."""
+    if not _value_format(dtype):
+        raise ValueError(f"{who} needs an 8- or 16-bit float dtype (one value a bit pattern, convertible "
+                         f"to float64), got {dtype}")
+
+
 def format_values(dtype: torch.dtype) -> Tensor:
     """Every finite value of the 8- or 16-bit float format ``dtype``, float64 ``[V]``, sorted,
     ``+0`` and ``-0`` merged into ``+0`` (a new tensor on every call).
 
     Raises:
-        ValueError: ``dtype`` is not an 8- or 16-bit floating dtype.
+        ValueError: ``dtype`` is not an 8- or 16-bit floating dtype of one value a bit pattern
+            (:func:`check_format_dtype`: also a packed format such as ``float4_e2m1fn_x2``).
     """
-    if not dtype.is_floating_point or torch.finfo(dtype).bits not in (8, 16):
-        raise ValueError(f"format_values needs an 8- or 16-bit float dtype, got {dtype}")
+    check_format_dtype(dtype, "format_values")
     ints = torch.int16 if torch.finfo(dtype).bits == 16 else torch.int8
     if FORMAT_VALUES_BY_BITS and dtype in _SIGN_MAGNITUDE:
         top = int(torch.tensor(torch.finfo(dtype).max, dtype=dtype).view(ints))
@@ -49,4 +80,4 @@ def format_values(dtype: torch.dtype) -> Tensor:
     return torch.unique(vals[torch.isfinite(vals)])  # sorted; -0.0 == 0.0 merged
 
 
-__all__ = ["FORMAT_VALUES_BY_BITS", "format_values"]
+__all__ = ["FORMAT_VALUES_BY_BITS", "check_format_dtype", "format_values"]

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cells import _pdf
+from .cells import _pdf, column_sums
 
 T = TypeVar("T")
 
@@ -200,11 +200,11 @@ def run_moments(u: Tensor, step: Tensor, kappa_only: bool = False) -> tuple[Tens
     ea2, eb2 = _edge_terms(_BD2, up, hp)
     s2 = s2 + pb * eb2 - pa * ea2
     if kappa_only:
-        return (m[1] - s2).sum(0), None, m0.sum(0)
+        return column_sums(m[1] - s2), None, column_sums(m0)
     s4 = sum(mom[i] * sum(hp[j] * v for j, v in hs) for i, hs in _IN4)
     ea4, eb4 = _edge_terms(_BD4, up, hp)
     s4 = s4 + pb * eb4 - pa * ea4
-    return (m[1] - s2).sum(0), (m[2] - s4).sum(0), m0.sum(0)
+    return column_sums(m[1] - s2), column_sums(m[2] - s4), column_sums(m0)
 
 
 class RunTable:

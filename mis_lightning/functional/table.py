@@ -16,7 +16,15 @@ from torch import Tensor
 
 from . import kernel as _kernel
 from .cell_variance import CORE_SPAN, VarianceTable, finite_cell_variance, variance_table
-from .cells import _INV_SQRT_2PI, _TINY_PROB, SQRT_2_OVER_PI, CellMoments, _pdf, moments_from_alpha
+from .cells import (
+    _INV_SQRT_2PI,
+    _TINY_PROB,
+    SQRT_2_OVER_PI,
+    CellMoments,
+    _pdf,
+    column_sums,
+    moments_from_alpha,
+)
 from .fastpath import GUARD, verify_sample
 from .formats import format_values
 from .interp import interp_table
@@ -28,6 +36,7 @@ from .kernel import (
     _float64_inputs,
     fine_grid_moments,
     in_blocks,
+    own_cell_mean_abs,
     windowed_moments,
 )
 from .masks import all_set, any_set
@@ -471,6 +480,8 @@ def _table_cell_moments(
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+        if _kernel.EXACT_FINE_MEAN_ABS:  # (exact: the own cell's edges, own_cell_mean_abs)
+            mean_abs[fine] = own_cell_mean_abs((own[fine, 0] - th[fine]) / sg[fine], (own[fine, 1] - th[fine]) / sg[fine])
     rest = ~(frozen | fine)
     if merge_sd > 0.0:
         _merged_table_sums((kappa, mean_abs, m4, coverage), rest & (need > _MAX_WINDOW),
@@ -908,9 +919,9 @@ def _core_side_kernel(u0: Tensor, r: Tensor, e_lo: Tensor, e_hi: Tensor, nodes: 
     for lo, hi in ((slice(0, m - 1), slice(1, m)), (slice(m, n - 1), slice(m + 1, n))):
         if hi.stop > hi.start:
             t2, t4 = _cell_terms(alpha[lo], alpha[hi], pdf[lo], pdf[hi], tail[lo], tail[hi])
-            kappa += t2.sum(0)
+            kappa += column_sums(t2)
             if m4 is not None:
-                m4 += t4.sum(0)
+                m4 += column_sums(t4)
     # ...and the unbounded outer ones, (-inf, alpha[0]) and (alpha[-1], inf)
     for row, below in ((0, True), (n - 1, False)):
         t2, t4 = _outer_cell_terms(alpha[row], pdf[row], tail[row], below)
@@ -1070,7 +1081,7 @@ def _run_path(out: tuple[Tensor, Tensor, Tensor, Tensor], cand: Tensor, cell_lo:
             done[sel] = True
     if bool(done.any()):
         lower, upper = (own[0][done] - th[done]) / sg[done], (own[1][done] - th[done]) / sg[done]
-        mean_abs[done] = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
+        mean_abs[done] = own_cell_mean_abs(lower, upper)
     return done
 
 
@@ -1138,7 +1149,7 @@ def _exact_windows(out: tuple[Tensor, Tensor, Tensor, Tensor], idx: Tensor, cell
                 alpha = torch.addcmul(u0[g], r[g], edges)
             pdf, tail = _pdf(alpha), _tails(alpha)
             t2, t4 = _cell_terms(alpha[:-1], alpha[1:], pdf[:-1], pdf[1:], tail[:-1], tail[1:])
-            k, f = t2.sum(0), t4.sum(0)
+            k, f = column_sums(t2), column_sums(t4)
             for row, below in ((0, True), (-1, False)):
                 o2, o4 = _outer_cell_terms(alpha[row], pdf[row], tail[row], below)
                 k += o2
@@ -1300,7 +1311,8 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     kappa = (1.0 - h2 / 12.0).add_(h2 * h2 / 144.0).masked_fill_(frozen, 0.0)
     m4 = None
     if not kappa_only:
-        mean_abs = (SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
+        mean_abs = (own_cell_mean_abs((own_lo - th) / sg, (own_hi - th) / sg) if _kernel.EXACT_FINE_MEAN_ABS
+                    else SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
         m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
     if wide is not None and spill is not None and OPEN_CELLS_CLOSED_FORM and bool(spill.any()):
         # the reach passes the table's ends: the unbounded cells too (_open_fine_moments)
@@ -1643,11 +1655,12 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     a float8 chunk of the 1e7 MLP's second layer); the others go through the windowed path
     (:func:`_table_window_moments`) as a subset, whose per-element values do not depend on
     which other elements it is given (its groups and blocks hold the same elements in the same
-    order either way): what the windowed path gives on the whole call (but for ~1 ulp where a
-    run sum's reduction rounds apart in a call of other elements: 1.1e-16 on fp16 weights at sd
-    1.5e4 beside others, p48a). In a kappa-only call the elements whose sd dwarfs every finite
-    cell take :func:`_open_overflow_kappa` (:data:`OVERFLOW_CLOSED_FORM`) before the windowed
-    path. ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
+    order either way, and its sums over cells and runs add each element's terms in one order,
+    :func:`~.cells.column_sums`): what the windowed path gives on the whole call, bitwise (before
+    fx49 ~1 ulp apart beside other elements: 1.1e-16 on fp16 weights at sd 1.5e4, p48a). In a
+    kappa-only call the elements whose sd dwarfs every finite cell take
+    :func:`_open_overflow_kappa` (:data:`OVERFLOW_CLOSED_FORM`) before the windowed path, whatever
+    else the call holds (a call with nothing settled too: tests/test_table_call_independence.py). ``kappa_only``: the settled elements' ``mean_abs`` and ``m4`` are NaN (not computed),
     and the windowed path's closed-form elements' ``m4`` (:func:`_run_path`,
     :func:`_core_side_moments`)."""
     th, sg, sc = _table_inputs(theta, sigma, scale)
@@ -1668,8 +1681,10 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
     fewer = SETTLE_UNIT_FEWER_PASSES  # (the mask's reductions on its bytes: the same answers)
     if all_set(done) if fewer else bool(done.all()):
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage), closed
-    if not (any_set(done) if fewer else bool(done.any())):
-        return _table_window_moments(th, sg, values, sc, kappa_only)
+    # (a call with nothing settled still offers its elements to the ties and the overflow closed
+    # form: an element takes the same path whatever else its call holds; before fx49 such a call
+    # went to the windowed path whole: an fp16 draw beyond +-65520 took the windowed runs in a
+    # kappa-only call of such draws alone and the closed form beside one settled weight, 5e-15 apart)
     rest = torch.nonzero(~done).squeeze(-1)
     if SD_FLOOR_TIES and rest.numel() <= _TIES_MAX:
         tie = _sd_floor_ties(th, sg, sc, rest, values, layout, kappa_only)
@@ -1687,6 +1702,8 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
             left = torch.ones(rest.numel(), dtype=torch.bool, device=rest.device)
             left[torch.searchsorted(rest, ii)] = False
             rest = rest[left]
+    if rest.numel() == th.numel():  # nothing settled nor served: the windowed path on the call as given
+        return _table_window_moments(th, sg, values, sc, kappa_only)
     out, sub = _table_window_moments(th[rest], sg[rest], values, sc[rest], kappa_only)
     kappa[rest], mean_abs[rest], m4[rest], coverage[rest] = out.kappa, out.mean_abs, out.m4, out.coverage
     closed[rest] = sub
@@ -1720,11 +1737,14 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
     if bool(fine.any()):
         fm = fine_grid_moments(h_local[fine])
         kappa[fine], mean_abs[fine], m4[fine] = fm.kappa, fm.mean_abs, fm.m4
+        if _kernel.EXACT_FINE_MEAN_ABS:
+            mean_abs[fine] = own_cell_mean_abs((own_lo[fine] - th[fine]) / sg[fine], (own_hi[fine] - th[fine]) / sg[fine])
     if bool(spill.any()):
         # as _settled computes them: in its blocks, each block's elements gathered (the same
         # numbers whichever path an element takes)
         h2 = h_local**2
-        mean_abs[spill] = SQRT_2_OVER_PI - 0.05 * h2[spill]
+        mean_abs[spill] = (own_cell_mean_abs((own_lo[spill] - th[spill]) / sg[spill], (own_hi[spill] - th[spill]) / sg[spill])
+                           if _kernel.EXACT_FINE_MEAN_ABS else SQRT_2_OVER_PI - 0.05 * h2[spill])
         block = _kernel.EAGER_BLOCK
         for s in range(0, c, block) if c > block else (0,):
             sl = slice(s, s + block) if c > block else slice(None)
@@ -1775,7 +1795,7 @@ def _table_window_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: T
         qi = torch.bucketize(take(sc) / take(sg) * rules.zmax[jj], spans).clamp_(max=len(_CORE_RULES) - 1)
         _core_side_moments(kappa, m4, ii, jj, qi, lo_e, hi_e, need_lo, need_hi, rules, th, sg, sc, kappa_only)
         lower, upper = (take(own_lo) - take(th)) / take(sg), (take(own_hi) - take(th)) / take(sg)
-        ma = (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
+        ma = own_cell_mean_abs(lower, upper)
         if every:
             mean_abs.copy_(ma)
         else:

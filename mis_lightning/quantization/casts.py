@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..functional.formats import format_values
+from ..functional.formats import check_format_dtype, format_values
 from .base import ParamGrid, SchemeConfig, dequantized_kept
 from .registry import register_scheme
 
@@ -48,11 +48,11 @@ def representable_values(dtype: torch.dtype) -> Tensor:
     modify it).
 
     Raises:
-        ValueError: ``dtype`` is not an 8- or 16-bit floating dtype.
+        ValueError: ``dtype`` is not an 8- or 16-bit floating dtype of one value a bit pattern
+            (a packed format such as ``float4_e2m1fn_x2`` too).
     """
     if dtype not in _VALUE_TABLES:
-        if not dtype.is_floating_point or torch.finfo(dtype).bits not in (8, 16):
-            raise ValueError(f"representable_values needs an 8- or 16-bit float dtype, got {dtype}")
+        check_format_dtype(dtype, "representable_values")
         _VALUE_TABLES[dtype] = format_values(dtype)
     return _VALUE_TABLES[dtype]
 
@@ -65,8 +65,17 @@ def cast_cell_values(dtype: torch.dtype) -> Tensor:
     value (:func:`representable_values`) and, at each end, ``+-2^(emax + 1)``, the value the
     format would have after its largest one, standing for ``+-inf``: the midpoint between them is
     where torch's cast overflows (round half to even sends the midpoint itself to ``inf``, as the
-    table's cells do), float64, sorted. Cached per dtype (shared: do not modify it)."""
+    table's cells do), float64, sorted. Cached per dtype (shared: do not modify it).
+
+    Raises:
+        ValueError: ``dtype`` is not bfloat16 / float16 (named; a float8 format has no overflow to
+            ``inf`` of this kind: float8_e8m0fnu's top value is a power of two, its table would
+            repeat it).
+    """
     if dtype not in _CELL_TABLES:
+        if dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"cast_cell_values needs torch.bfloat16 or torch.float16 (an 8- or 16-bit float dtype "
+                             f"with an overflow to inf), got {dtype}")
         finite = representable_values(dtype)
         # the power of two above the largest finite value: float16 65536, bfloat16 2^128
         top = 2.0 ** math.ceil(math.log2(float(torch.finfo(dtype).max)))
