@@ -89,3 +89,24 @@ def test_the_expansions_mean_abs_was_off(monkeypatch):
     got = T.table_cell_moments(torch.tensor([t], dtype=F64), torch.tensor([s], dtype=F64), values,
                                torch.ones(1, dtype=F64))
     assert abs(float(got.mean_abs[0]) - _exact(t, s, values)[1]) > 1e-3
+
+
+@pytest.mark.parametrize("fewer", [True, False], ids=["unit-settle", "general-settle"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_the_settling_pass_reads_the_exact_mean_abs(dtype, fewer, monkeypatch):
+    """Elements the settling pass serves (fine own cells, reaches spanning the table's ``wide``
+    core): ``mean_abs`` equal to the windowed path's (itself exact, above) to 1e-15. The scale-1
+    form (p49c's ``SETTLE_UNIT_FEWER_PASSES``) first kept the expansion's value (1.9e-7 / 7.6e-7
+    off here) when merged beside fx49's exact form."""
+    monkeypatch.setattr(T, "SETTLE_UNIT_FEWER_PASSES", fewer)
+    values = cast_cell_values(dtype)
+    layout = T.table_layout(values, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    th = ((torch.rand(64, generator=g, dtype=F64) - 0.5) * 0.2 * layout.wide).float().to(F64)
+    sg = torch.full_like(th, 0.5 * layout.wide)
+    sc = torch.ones_like(th)
+    kappa, mean_abs, _, done = T._settled_blocks(th, sg, sc, layout, False)
+    assert bool(done.all())  # every element served by the settling pass
+    window, _ = T._table_window_moments(th, sg, values, sc)
+    assert float((mean_abs - window.mean_abs).abs().max()) <= 1e-15
+    assert float((kappa - window.kappa).abs().max()) <= 1e-15

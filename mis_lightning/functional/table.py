@@ -1346,7 +1346,9 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     kappa = torch.div(h2, 12.0).neg_().add_(1.0).add_(torch.mul(h2, h2).div_(144.0))
     m4 = None
     if not kappa_only:
-        mean_abs = torch.mul(h2, 0.05).neg_().add_(SQRT_2_OVER_PI)
+        # (fx49's exact own-cell form where the switch is on, as _settled_from)
+        mean_abs = (own_cell_mean_abs((own_lo - th) / sg, (own_hi - th) / sg) if _kernel.EXACT_FINE_MEAN_ABS
+                    else torch.mul(h2, 0.05).neg_().add_(SQRT_2_OVER_PI))
         m4 = torch.mul(h2, 0.5).neg_().add_(3.0)
     reach = torch.mul(sg, CUTOFF_SIGMAS)  # (/ sc: exact at 1)
     lo_r, hi_r = torch.sub(th, reach), reach.add_(th)
