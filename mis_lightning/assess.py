@@ -31,6 +31,7 @@ from ._fields import close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
+from ._user_warnings import warn
 from .config import (  # noqa: F401
     DEFAULT_CHUNK,
     EstimationConfig,
@@ -205,7 +206,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     _check_embedding_max_norm(model)
     frozen = _frozen_warning(model, names)
     if frozen:
-        warnings.warn(frozen, UserWarning, stacklevel=2)
+        warn(frozen, UserWarning)
     return names
 
 
@@ -1477,8 +1478,9 @@ def score_schemes(
     # the group size): its utility and model b/w are those of that partly quantized release (fz44).
     report.warnings += merge_scheme_warnings(
         [(k, w) for k, s in report.schemes.items() for w in [s.unassessed_float_warning()] if w])
-    # Weights quantized by another method than the scheme's backend (quantization/beyond_linear).
-    report.warnings += merge_scheme_warnings([(k, w) for k, s in report.schemes.items() for w in [s.methods_line()] if w])
+    # Weights quantized by another method than the scheme's backend (quantization/beyond_linear):
+    # information, not a problem (ux49: raised as a warning it read as one)
+    report.notes += merge_scheme_warnings([(k, w) for k, s in report.schemes.items() for w in [s.methods_line()] if w])
     stored = _low_precision_note(model, est.names)
     if stored:
         report.warnings.append(stored)

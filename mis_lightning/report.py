@@ -244,6 +244,10 @@ class Report:
         sweep's job that assessed one scheme has no choice to make
         (:func:`mis_lightning.app.job.sweep_verdict_note`), and its ``report.json`` loaded with
         :meth:`from_json` named that one scheme "safest" before fu32.
+        notes: lines for information, not problems (which layers a scheme quantized by another
+        method than its backend: :meth:`SchemeResult.methods_line`): :meth:`table` prints them
+        under ``notes:``, the callback and the Metric log them (INFO) where ``warnings`` are
+        raised as ``UserWarning`` (ux49: a note raised as a warning read as a problem).
     """
 
     n: int
@@ -260,10 +264,13 @@ class Report:
     utility_modes: dict[str, str] = field(default_factory=dict)
     utility_key: str | None = None
     verdict_note: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        # the key only where set: reports without a note keep their JSON as before
+        # the keys only where set: reports without a note keep their JSON as before
         note = {} if self.verdict_note is None else {"verdict_note": self.verdict_note}
+        if self.notes:
+            note["notes"] = list(self.notes)
         return {
             "n": self.n,
             "d": self.d,
@@ -329,7 +336,7 @@ class Report:
             baseline_pool_leakage=top.get("baseline_pool_leakage", math.nan),
             game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
             utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
-            verdict_note=data.get("verdict_note"),
+            verdict_note=data.get("verdict_note"), notes=list(data.get("notes") or []),
         )
 
     @classmethod
@@ -483,6 +490,8 @@ class Report:
         # there, in its row and again here); the list itself keeps it (JSON, the callback's warnings)
         shown = {failure_warning(k, s.error) for k, s in self.schemes.items() if s.error}
         said = [w for w in self.warnings if w not in shown]
+        if self.notes:
+            text += "\n\nnotes:\n" + "\n".join(f"  - {w}" for w in self.notes)
         if said:
             text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in said)
         return text
