@@ -1535,8 +1535,9 @@ def score_schemes(
             f"the Hessian has negative curvature{count}: the weights are not at a strict minimum of the "
             "objective assessed (a saddle point, training not converged, or a loss_fn / weight_decay other "
             "than the one the model was trained with); its eigenvalues were replaced by their magnitudes, so "
-            "the figures rest on a modified curvature: train to convergence (or add weight decay), with the "
-            "objective you pass here, before reading them (see diagnostics)"
+            "the figures rest on a modified curvature: "
+            + _curvature_action(diagnostics, "train to convergence (or add weight decay), with the objective you "
+                                "pass here, before reading them (see diagnostics)")
         )
     elif diagnostics.get("curvature_unresolved"):
         lowest = diagnostics.get("hessian_min_eigenvalue", diagnostics.get("hessian_min_diagonal"))
@@ -1548,7 +1549,7 @@ def score_schemes(
             f"({diagnostics.get('negative_curvature_tolerance', float('nan')):.2g} of the largest: gradient norm ratio "
             f"{diagnostics.get('gradient_norm_ratio', float('nan')):.3g}), so whether the weights are at a minimum "
             "or near a saddle is not resolved; the figures use its magnitude either way; "
-            "train further (a smaller gradient) to resolve it"
+            + _curvature_action(diagnostics, "train further (a smaller gradient) to resolve it")
         )
     cause = _large_weights_sentence(report, model, est.theta, diagnostics)
     if cause:  # inside the curvature warning it explains (one cause, not one more warning)
@@ -1594,8 +1595,7 @@ def _decay_hint_warning(diagnostics: Mapping[str, Any]) -> str | None:
     per_param = "weight_decay_per_parameter" in diagnostics
     what = ("weight_decay was not passed (0 assessed)" if given == 0 else
             f"{'the largest weight_decay passed is' if per_param else 'weight_decay was passed as'} {given:.3g}")
-    fix = (f"add {implied - given:.3g} to each coefficient of the weight_decay mapping" if per_param else
-           f"pass weight_decay={implied:.2g}")
+    fix = _decay_fix(diagnostics)
     return (f"the weights look like a minimum of the training loss plus weight decay {implied:.3g} "
             f"(wd_hat = -<g, theta> / <theta, theta> with g the data loss's mean gradient), not of the objective "
             f"assessed: {what}. The mean gradient of the assessed objective points along -theta (cosine "
@@ -1603,6 +1603,28 @@ def _decay_hint_warning(diagnostics: Mapping[str, Any]) -> str | None:
             f"of a per-sample gradient's, {float(diagnostics['decay_residual_ratio']):.2g} once wd_hat * theta is "
             "removed), so the Hessian and the figures are those of another objective than the one trained: if the "
             f"model was trained with weight decay, {fix} (the coefficient wd of mean loss + wd / 2 |theta|^2)")
+
+
+def _decay_fix(diagnostics: Mapping[str, Any]) -> str:
+    """What to pass where the weight-decay hint fired (:func:`_decay_hint_warning`): the decay
+    implied, or what to add to each coefficient of a per-parameter mapping."""
+    given, implied = float(diagnostics.get("weight_decay", 0.0)), float(diagnostics["weight_decay_implied"])
+    if "weight_decay_per_parameter" in diagnostics:
+        return f"add {implied - given:.3g} to each coefficient of the weight_decay mapping"
+    return f"pass weight_decay={implied:.2g}"
+
+
+def _curvature_action(diagnostics: Mapping[str, Any], default: str) -> str:
+    """The closing action of the curvature warnings ("negative curvature", "saddle not excluded"):
+    ``default`` (train further), or, where the weight-decay hint fired, that hint's fix: the Hessian
+    of an objective without the decay the weights were trained with reads indefinite or flat, and
+    training further does not change that (wd48 / nux48: both warnings fired and the saddle one
+    said "train further")."""
+    if not diagnostics.get("weight_decay_mismatch"):
+        return default
+    return (f"the weights look trained with weight decay {float(diagnostics['weight_decay_implied']):.3g} "
+            "(the weight-decay warning): the Hessian assessed lacks that decay's curvature, which is the "
+            f"likely cause; {_decay_fix(diagnostics)} before training further")
 
 
 def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: ScoringConfig) -> dict[str, str]:
