@@ -81,15 +81,20 @@ def test_user_stacklevel_finds_the_first_frame_outside_the_packages():
     assert user_stacklevel() == 1  # this test's own frame is outside the packages
 
 
-def test_assess_warns_at_the_users_call():
+@pytest.mark.parametrize("front", ["assess", "plan"])
+def test_assess_and_plan_warn_at_the_users_call(front):
     X, y = _data()
     dl = DataLoader(TensorDataset(X, y), batch_size=32)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        first = _here() + 1
-        ml.assess(_frozen_model(), ["rtn_int8"], dl, mse, params=PARAMS, num_records=32,
-                  **FAST)
-    _ours(rec, first, first + 1, "do not require grad")
+        line = _here() + 2
+        if front == "assess":
+            ml.assess(_frozen_model(), ["rtn_int8"], dl, mse, params=PARAMS, num_records=32, **FAST)
+        else:
+            line += 2
+            plan(_frozen_model(), ["rtn_int8", "rtn_int4"], dl, mse, val_dataloader=dl, max_utility_loss=0.5,
+                 params=PARAMS, num_records=32, **FAST)
+    _ours(rec, line, line + 1, "do not require grad")
 
 
 def test_metric_warns_at_the_users_construction_and_compute():
@@ -107,17 +112,6 @@ def test_metric_warns_at_the_users_construction_and_compute():
         line = _here() + 1
         metric.compute()
     _ours(rec, line, line, "MISIndicator: ")
-
-
-def test_plan_warns_at_the_users_call():
-    X, y = _data()
-    dl = DataLoader(TensorDataset(X, y), batch_size=32)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        first = _here() + 1
-        plan(_frozen_model(), ["rtn_int8", "rtn_int4"], dl, mse, val_dataloader=dl, max_utility_loss=0.5,
-             params=PARAMS, num_records=32, **FAST)
-    _ours(rec, first, first + 1, "do not require grad")
 
 
 class _ConvRegressor(pl.LightningModule):
