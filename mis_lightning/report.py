@@ -430,8 +430,9 @@ class Report:
         schemes whose intervals overlap its own; ``with_verdict=False`` leaves it out, e.g.
         where a planner's budgeted choice follows), the schemes whose order by leakage the
         figures do not resolve (:func:`ties_line`: "not ranked beyond their intervals", with or
-        without the verdict), and every warning in full (an assumption that failed must be read
-        next to the numbers, not only in the JSON). ``legend_columns``: one line in place of the
+        without the verdict), the notes (:attr:`notes`: information, under ``notes:``) and every
+        warning in full (an assumption that failed must be read next to the numbers, not only in
+        the JSON). ``legend_columns``: one line in place of the
         legend's entries for the columns every table has (:func:`legend`'s ``columns``).
         ``verdict_note``: a line printed in place of the verdict (a sweep's job that assessed
         one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`);
