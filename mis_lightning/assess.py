@@ -722,13 +722,11 @@ def assess(
     # before the estimation pass: schemes that cannot run, or quantize nothing (all of them: refused)
     refused: list[str] = []
     shown = _REFUSALS_SHOWN.get()
-    check_schemes(model, scheme_objs, strict=sc_cfg.strict, params=select_params(model, est_cfg.params),
-                  refused=refused)
-    # the report's rows and warnings say why: one line before the estimation names them (ux49: the
-    # message was said here, in its row and under "errors:"), at INFO (the app shows it)
-    if unshown := [name for name in refused if name not in shown]:
-        log.info("%d scheme(s) cannot run and will be error rows (the table says why): %s", len(unshown),
-                 ", ".join(unshown))
+    problems = check_schemes(model, scheme_objs, strict=sc_cfg.strict, params=select_params(model, est_cfg.params),
+                             refused=refused)
+    for name, msg in zip(refused, problems):  # said before the estimation, which may be long or fail (fu31)
+        if name not in shown:
+            log.warning("%s", msg)
     check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
     if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
         check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
