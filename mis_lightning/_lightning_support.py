@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.utils.data import (
     DataLoader,
@@ -32,6 +32,7 @@ from ._augmentation import random_records_note
 from ._lightning_compat import trainer_package
 from ._modelcopy import ModelCopyError, private_copy
 from ._rng import isolated_rng, private_stream
+from ._user_warnings import rank_zero_warn
 from .assess import score_schemes
 from .config import EstimationConfig, ScoringConfig, check_user_functions
 from .estimation.batching import items_are_batches, merge_batches

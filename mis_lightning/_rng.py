@@ -20,12 +20,13 @@ import copy
 import functools
 import inspect
 import random
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
+
+from ._user_warnings import warn as warn_user
 
 __all__ = ["isolated_rng", "loader_generators", "private_stream", "restores_rng"]
 
@@ -185,7 +186,7 @@ def private_stream(loader: Any, warn: Callable[[str], None] | None = None) -> An
         msg = (f"the iterable dataset {type(ds).__name__} cannot be copied ({type(exc).__name__}: {exc}): it is "
                "read itself, which advances whatever state its iterator keeps (a pass counter, a shuffle) "
                "as one more pass would")
-        (warn or (lambda m: warnings.warn(m, UserWarning, stacklevel=3)))(msg)
+        (warn or warn_user)(msg)
         return loader
     out = DataLoader(private, batch_size=loader.batch_size, drop_last=loader.drop_last,
                      collate_fn=loader.collate_fn, num_workers=0)

@@ -32,6 +32,7 @@ from ._fields import close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._rng import isolated_rng, restores_rng
+from ._user_warnings import warn
 from .config import (  # noqa: F401
     DEFAULT_CHUNK,
     EstimationConfig,
@@ -206,7 +207,7 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     _check_embedding_max_norm(model)
     frozen = _frozen_warning(model, names)
     if frozen:
-        warnings.warn(frozen, UserWarning, stacklevel=2)
+        warn(frozen, UserWarning)
     return names
 
 
@@ -724,7 +725,7 @@ def assess(
     shown = _REFUSALS_SHOWN.get()
     problems = check_schemes(model, scheme_objs, strict=sc_cfg.strict, params=select_params(model, est_cfg.params),
                              refused=refused)
-    for name, msg in zip(refused, problems):
+    for name, msg in zip(refused, problems):  # said before the estimation, which may be long or fail (fu31)
         if name not in shown:
             log.warning("%s", msg)
     check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
@@ -1235,8 +1236,8 @@ def score_schemes(
         except Exception as exc:
             if strict:
                 raise
-            if scheme.name not in _REFUSALS_SHOWN.get():
-                log.warning("scheme %s failed: %s", scheme.name, exc)
+            if scheme.name not in _REFUSALS_SHOWN.get():  # the report's row and warnings say why
+                log.info("scheme %s failed (an error row): %s", scheme.name, type(exc).__name__)
             failures[scheme.name] = f"{type(exc).__name__}: {exc}"
             if progress is not None:
                 progress("schemes", len(prepared) + len(failures))
@@ -1478,8 +1479,9 @@ def score_schemes(
     # the group size): its utility and model b/w are those of that partly quantized release (fz44).
     report.warnings += merge_scheme_warnings(
         [(k, w) for k, s in report.schemes.items() for w in [s.unassessed_float_warning()] if w])
-    # Weights quantized by another method than the scheme's backend (quantization/beyond_linear).
-    report.warnings += merge_scheme_warnings([(k, w) for k, s in report.schemes.items() for w in [s.methods_line()] if w])
+    # Weights quantized by another method than the scheme's backend (quantization/beyond_linear):
+    # information, not a problem (ux49: raised as a warning it read as one)
+    report.notes += merge_scheme_warnings([(k, w) for k, s in report.schemes.items() for w in [s.methods_line()] if w])
     stored = _low_precision_note(model, est.names)
     if stored:
         report.warnings.append(stored)
@@ -1532,8 +1534,9 @@ def score_schemes(
             f"the Hessian has negative curvature{count}: the weights are not at a strict minimum of the "
             "objective assessed (a saddle point, training not converged, or a loss_fn / weight_decay other "
             "than the one the model was trained with); its eigenvalues were replaced by their magnitudes, so "
-            "the figures rest on a modified curvature: train to convergence (or add weight decay), with the "
-            "objective you pass here, before reading them (see diagnostics)"
+            "the figures rest on a modified curvature: "
+            + _curvature_action(diagnostics, "train to convergence (or add weight decay), with the objective you "
+                                "pass here, before reading them (see diagnostics)")
         )
     elif diagnostics.get("curvature_unresolved"):
         lowest = diagnostics.get("hessian_min_eigenvalue", diagnostics.get("hessian_min_diagonal"))
@@ -1545,7 +1548,7 @@ def score_schemes(
             f"({diagnostics.get('negative_curvature_tolerance', float('nan')):.2g} of the largest: gradient norm ratio "
             f"{diagnostics.get('gradient_norm_ratio', float('nan')):.3g}), so whether the weights are at a minimum "
             "or near a saddle is not resolved; the figures use its magnitude either way; "
-            "train further (a smaller gradient) to resolve it"
+            + _curvature_action(diagnostics, "train further (a smaller gradient) to resolve it")
         )
     cause = _large_weights_sentence(report, model, est.theta, diagnostics)
     if cause:  # inside the curvature warning it explains (one cause, not one more warning)
@@ -1591,8 +1594,7 @@ def _decay_hint_warning(diagnostics: Mapping[str, Any]) -> str | None:
     per_param = "weight_decay_per_parameter" in diagnostics
     what = ("weight_decay was not passed (0 assessed)" if given == 0 else
             f"{'the largest weight_decay passed is' if per_param else 'weight_decay was passed as'} {given:.3g}")
-    fix = (f"add {implied - given:.3g} to each coefficient of the weight_decay mapping" if per_param else
-           f"pass weight_decay={implied:.2g}")
+    fix = _decay_fix(diagnostics)
     return (f"the weights look like a minimum of the training loss plus weight decay {implied:.3g} "
             f"(wd_hat = -<g, theta> / <theta, theta> with g the data loss's mean gradient), not of the objective "
             f"assessed: {what}. The mean gradient of the assessed objective points along -theta (cosine "
@@ -1600,6 +1602,28 @@ def _decay_hint_warning(diagnostics: Mapping[str, Any]) -> str | None:
             f"of a per-sample gradient's, {float(diagnostics['decay_residual_ratio']):.2g} once wd_hat * theta is "
             "removed), so the Hessian and the figures are those of another objective than the one trained: if the "
             f"model was trained with weight decay, {fix} (the coefficient wd of mean loss + wd / 2 |theta|^2)")
+
+
+def _decay_fix(diagnostics: Mapping[str, Any]) -> str:
+    """What to pass where the weight-decay hint fired (:func:`_decay_hint_warning`): the decay
+    implied, or what to add to each coefficient of a per-parameter mapping."""
+    given, implied = float(diagnostics.get("weight_decay", 0.0)), float(diagnostics["weight_decay_implied"])
+    if "weight_decay_per_parameter" in diagnostics:
+        return f"add {implied - given:.3g} to each coefficient of the weight_decay mapping"
+    return f"pass weight_decay={implied:.2g}"
+
+
+def _curvature_action(diagnostics: Mapping[str, Any], default: str) -> str:
+    """The closing action of the curvature warnings ("negative curvature", "saddle not excluded"):
+    ``default`` (train further), or, where the weight-decay hint fired, that hint's fix: the Hessian
+    of an objective without the decay the weights were trained with reads indefinite or flat, and
+    training further does not change that (wd48 / nux48: both warnings fired and the saddle one
+    said "train further")."""
+    if not diagnostics.get("weight_decay_mismatch"):
+        return default
+    return (f"the weights look trained with weight decay {float(diagnostics['weight_decay_implied']):.3g} "
+            "(the weight-decay warning): the Hessian assessed lacks that decay's curvature, which is the "
+            f"likely cause; {_decay_fix(diagnostics)} before training further")
 
 
 def utility_modes(report: Report, metrics: Mapping[str, Any] | None, cfg: ScoringConfig) -> dict[str, str]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from . import _lightning_support as lt
 from ._augmentation import random_records_note
@@ -27,6 +27,7 @@ from ._callback_errors import callback_error, names_callback
 from ._lightning_compat import lightning_callback_base
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
+from ._user_warnings import rank_zero_warn
 from .assess import SchemeSpec, check_schemes, check_utility_metric, resolve_schemes, select_params
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.estimate import check_decay_names
@@ -479,6 +480,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
             elif zero:
                 for w in report.warnings:  # failed schemes, float layers, d_eff/n, not at a minimum, ...
                     rank_zero_warn(f"MISCallback: {w}")
+                for w in report.notes:  # information (layers quantized by another method): logged, not warned
+                    rank_zero_info(f"MISCallback: {w}")
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
                     extra=where, epoch=epoch,

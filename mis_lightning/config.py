@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 from torch import Tensor
 
 from ._fields import CheckedFields
+from ._user_warnings import warn
 
 __all__ = ["DEFAULT_CHUNK", "EstimationConfig", "ScoringConfig", "compile_policy_from_env",
            "scoring_only", "stage_configs"]
@@ -364,7 +364,7 @@ def stage_configs(
             if name in options:
                 raise TypeError(f"{where}: give {name}= or {key}=, not both")
             if deprecated:
-                warnings.warn(f"{where}: {key}= is deprecated, use {name}=", DeprecationWarning, stacklevel=3)
+                warn(f"{where}: {key}= is deprecated, use {name}=", DeprecationWarning)
         if name in _EST_FIELDS:
             est[name] = value
         elif name in _SC_FIELDS:

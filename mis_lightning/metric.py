@@ -35,15 +35,17 @@ twice: pass each record once (the Lightning callback streams an unpadded shard p
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.utilities import rank_zero_warn
+from torchmetrics.utilities.prints import rank_zero_only
 
 from ._autocast import without_autocast
+from ._user_warnings import warn
 from .assess import (
     SchemeSpec,
     check_schemes,
@@ -59,6 +61,8 @@ from .quantization import QuantizationScheme
 from .record_count import records_read, records_read_note
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric, default_schemes, hook_program
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HOOK_NAME", "MISIndicator", "default_schemes", "hook_program", "report_summary"]
 
@@ -205,7 +209,7 @@ class MISIndicator(EstimationMetric):
         problems = check_schemes(model, self.schemes, strict=sc_cfg.strict, availability=True,
                                  params=select_params(model, est_cfg.params))
         for msg in problems:  # before any update (every scheme such: refused, SchemeError)
-            rank_zero_warn(f"MISIndicator: {msg}")
+            warn(f"MISIndicator: {msg}", rank_zero=rank_zero_only)
         # the verdict's utility metric: its direction known (utility_fn's names are known when it runs)
         check_utility_metric(sc_cfg, None, known_names=False)
         for s in self.schemes:  # a calibrated scheme by name: the Metric sees no loader to calibrate on
@@ -213,9 +217,9 @@ class MISIndicator(EstimationMetric):
             if data_dependent and hasattr(s, "calibration") and not s.calibration \
                     and not getattr(s, "calibration_error", None) \
                     and not any(f"scheme {s.name!r}" in msg for msg in problems):
-                rank_zero_warn(f"MISIndicator: scheme {s.name!r} needs calibration batches, which a Metric "
-                               f"does not see: pass get_scheme({s.name!r}).calibrate(model, train_loader) "
-                               "(it will be reported as a failed scheme)")
+                warn(f"MISIndicator: scheme {s.name!r} needs calibration batches, which a Metric does not see: "
+                     f"pass get_scheme({s.name!r}).calibrate(model, train_loader) (it will be reported as a failed "
+                     "scheme)", rank_zero=rank_zero_only)
         self.scoring_config, self.utility_fn, self.progress = sc_cfg, utility_fn, progress
         self.num_training_records = num_training_records
         self.report: Report | None = None
@@ -227,7 +231,9 @@ class MISIndicator(EstimationMetric):
     def compute(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
         """Score every scheme from the synced estimate; ``{scheme: {figure: 0-d tensor}}``.
         The report's warnings (``self.report.warnings``) are raised as ``UserWarning``s prefixed
-        ``MISIndicator:`` on rank zero, each caveat once per Metric (:data:`WARNING_KEY_CHARS`).
+        ``MISIndicator:`` on rank zero, each caveat once per Metric (:data:`WARNING_KEY_CHARS`),
+        shown at the caller's line (``metric.compute()``); its notes (``self.report.notes``:
+        information) are logged instead (INFO, logger ``mis_lightning.metric``).
 
         Raises:
             ValueError: fewer than 4 records, or (``strict``) a failing scheme's error.
@@ -243,10 +249,14 @@ class MISIndicator(EstimationMetric):
             self.report.warnings.insert(0, counted)
         # the figures' caveats (not at a minimum, d / n not small, weights left in float, ...) are
         # raised as warnings, as the callback prints them: the returned tensors carry none of them
-        for msg in self.report.warnings:
+        for msg in [*self.report.warnings, *self.report.notes]:
             if msg[:WARNING_KEY_CHARS] not in self._warned:
                 self._warned.add(msg[:WARNING_KEY_CHARS])
-                rank_zero_warn(f"MISIndicator: {msg}")
+                if msg in self.report.notes:  # information, not a problem: logged (INFO), as the callback does
+                    if rank_zero_only.rank == 0:
+                        log.info("MISIndicator: %s", msg)
+                else:
+                    warn(f"MISIndicator: {msg}", rank_zero=rank_zero_only)
         return report_summary(self.report)
 
     def _records_note(self, est: Any) -> str | None:

@@ -244,6 +244,10 @@ class Report:
         sweep's job that assessed one scheme has no choice to make
         (:func:`mis_lightning.app.job.sweep_verdict_note`), and its ``report.json`` loaded with
         :meth:`from_json` named that one scheme "safest" before fu32.
+        notes: lines for information, not problems (which layers a scheme quantized by another
+        method than its backend: :meth:`SchemeResult.methods_line`): :meth:`table` prints them
+        under ``notes:``, the callback and the Metric log them (INFO) where ``warnings`` are
+        raised as ``UserWarning`` (ux49: a note raised as a warning read as a problem).
     """
 
     n: int
@@ -260,10 +264,13 @@ class Report:
     utility_modes: dict[str, str] = field(default_factory=dict)
     utility_key: str | None = None
     verdict_note: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        # the key only where set: reports without a note keep their JSON as before
+        # the keys only where set: reports without a note keep their JSON as before
         note = {} if self.verdict_note is None else {"verdict_note": self.verdict_note}
+        if self.notes:
+            note["notes"] = list(self.notes)
         return {
             "n": self.n,
             "d": self.d,
@@ -329,7 +336,7 @@ class Report:
             baseline_pool_leakage=top.get("baseline_pool_leakage", math.nan),
             game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
             utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
-            verdict_note=data.get("verdict_note"),
+            verdict_note=data.get("verdict_note"), notes=list(data.get("notes") or []),
         )
 
     @classmethod
@@ -423,8 +430,9 @@ class Report:
         schemes whose intervals overlap its own; ``with_verdict=False`` leaves it out, e.g.
         where a planner's budgeted choice follows), the schemes whose order by leakage the
         figures do not resolve (:func:`ties_line`: "not ranked beyond their intervals", with or
-        without the verdict), and every warning in full (an assumption that failed must be read
-        next to the numbers, not only in the JSON). ``legend_columns``: one line in place of the
+        without the verdict), the notes (:attr:`notes`: information, under ``notes:``) and every
+        warning in full (an assumption that failed must be read next to the numbers, not only in
+        the JSON). ``legend_columns``: one line in place of the
         legend's entries for the columns every table has (:func:`legend`'s ``columns``).
         ``verdict_note``: a line printed in place of the verdict (a sweep's job that assessed
         one scheme has no choice to make: :func:`mis_lightning.app.job.sweep_verdict_note`);
@@ -483,6 +491,8 @@ class Report:
         # there, in its row and again here); the list itself keeps it (JSON, the callback's warnings)
         shown = {failure_warning(k, s.error) for k, s in self.schemes.items() if s.error}
         said = [w for w in self.warnings if w not in shown]
+        if self.notes:
+            text += "\n\nnotes:\n" + "\n".join(f"  - {w}" for w in self.notes)
         if said:
             text += "\n\nwarnings:\n" + "\n".join(f"  - {w}" for w in said)
         return text
@@ -630,6 +640,51 @@ def column_format(values: Iterable[Any], extra: int = 0) -> Callable[[Any], str]
     return lambda v: _fmt(v, extra, exponent)
 
 
+#: significant digits the utility column shows of its smallest value (ux49: loss 0.0056 at 4
+#: decimals, 2 digits, could not show a 1% band: 0.0056 inside, 0.0057 outside)
+UTILITY_SIGNIFICANT = 4
+
+
+def significant_extra(values: Iterable[Any], significant: int = UTILITY_SIGNIFICANT) -> int:
+    """Digits to add to :func:`_fmt`'s 4 decimals so that the column's smallest nonzero finite
+    ``|value|`` shows ``significant`` significant digits (0 where the column is in exponent
+    notation, which shows 4 already, or its values are large enough), at most
+    :data:`MAX_EXTRA_UTILITY_DIGITS`."""
+    floats = [abs(float(v)) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(float(v)) and v != 0]
+    if not floats or any(_needs_exponent(v) for v in floats):
+        return 0
+    return min(max(significant - 1 - math.floor(math.log10(min(floats))) - 4, 0), MAX_EXTRA_UTILITY_DIGITS)
+
+
+def count_format(values: Iterable[Any]) -> Callable[[Any], str]:
+    """The formatter of a column of counts with fractions (``d_eff``: how many weights still leak,
+    up to ``d``): fixed decimals, as few as show the smallest nonzero value to 3 significant digits
+    (at least 1, at most 4: ``1004.2``, ``18.7``, ``0.0123``), never exponent notation for a large
+    count; exponent notation for the whole column only where a value is below 1e-3 (4 decimals
+    would read 0). ux49: ``15889.0000``, four decimals of a near-count."""
+    floats = [abs(float(v)) for v in values if isinstance(v, float) and math.isfinite(v) and v != 0]
+    if any(v < 1e-3 for v in floats):
+        return lambda v: _fmt(v, 0, True)
+    decimals = min(max(2 - math.floor(math.log10(min(floats))), 1), 4) if floats else 1
+    return lambda v: "-" if v is None or v == "" else f"{v:.{decimals}f}" if isinstance(v, float) else str(v)
+
+
+def share_format(v: Any) -> str:
+    """A share of weights (0 to 1) as a percentage with one decimal (``29.1%``), the float and
+    zeros columns' one notation; ``<0.1%`` / ``>99.9%`` where a nonzero share (or one short of
+    all) would round to ``0.0%`` / ``100.0%``; ``-`` for a missing value. ux49: the zeros column
+    read ``2.907e-01`` beside the float column's ``0.9%``."""
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    v = float(v)
+    if 0 < v < 0.0005:
+        return "<0.1%"
+    if 0.9995 <= v < 1:
+        return ">99.9%"
+    return f"{100 * v:.1f}%"
+
+
 # the most digits added to the utility column to tell the verdict's utility band from the rest
 MAX_EXTRA_UTILITY_DIGITS = 6
 
@@ -659,20 +714,24 @@ def _ranked_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def utility_digits(rows: list[dict[str, Any]], utility_key: str | None = None,
                    utility_tolerance: float = UTILITY_TOLERANCE, modes: Mapping[str, str] | None = None) -> int:
     """Digits to add to :func:`_fmt` in the utility column (and the verdict's utility figures) so
-    that no row inside the verdict's utility band shows the same value as one outside it: 0 where
-    4 decimals already tell them apart (e.g. rmse 0.6669 against 0.6755), more where the band is
-    narrower than the last digit (loss 0.005003 inside a 1% band, 0.005061 outside: both 0.0050 at
-    4 decimals; fu25), at most :data:`MAX_EXTRA_UTILITY_DIGITS`."""
+    that the column's smallest value shows :data:`UTILITY_SIGNIFICANT` significant digits
+    (:func:`significant_extra`) and no row inside the verdict's utility band shows the same value
+    as one outside it: 0 where 4 decimals do both (e.g. rmse 0.6669 against 0.6755), more where
+    the values are small or the band is narrower than the last digit (loss 0.005003 inside a 1%
+    band, 0.005061 outside: both 0.0050 at 4 decimals; fu25), at most
+    :data:`MAX_EXTRA_UTILITY_DIGITS`."""
     ranked = _ranked_rows(rows)
     uk = pick_utility_key(ranked, utility_key, modes)
+    # at least UTILITY_SIGNIFICANT digits of the column's smallest value (its rows without an error)
+    base = significant_extra([r.get(uk) for r in rows if not r.get("error")]) if uk else 0
     best, inside = _utility_band(ranked, uk, utility_tolerance, modes)
     if best is None:
-        return 0
+        return base
     inside_ids = {id(r) for r in inside}
     outside = [float(r[uk]) for r in ranked if id(r) not in inside_ids
                and r.get(uk) is not None and math.isfinite(float(r[uk]))]
     within = [float(r[uk]) for r in inside]
-    for extra in range(MAX_EXTRA_UTILITY_DIGITS + 1):
+    for extra in range(base, MAX_EXTRA_UTILITY_DIGITS + 1):
         fmt = column_format([*within, *outside], extra)  # as the column prints them
         if not {fmt(v) for v in within} & {fmt(v) for v in outside}:
             return extra
@@ -827,6 +886,16 @@ def name_list(names: Sequence[str], limit: int = LINE_NAMES) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def brief_list(names: Sequence[str], limit: int = LINE_NAMES) -> str:
+    """The verdict's secondary lists (outside the utility band, lower bounds, indicative):
+    ``names`` in full when there are at most ``limit``, else only their number (``"29 schemes"``;
+    the table names each). ux49: all_schemes.py's verdict named 2 of each list and counted the rest,
+    598 characters; the list the verdict is about (not clearly different from the safest) keeps
+    :func:`name_list`."""
+    names = list(names)
+    return name_list(names, limit) if len(names) <= limit else f"{len(names)} schemes"
+
+
 #: how the table, the figures, the aggregate and the planner say it (one wording, every front end)
 NOT_RANKED = "not ranked beyond their intervals"
 
@@ -872,18 +941,18 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
         return "verdict: no scheme succeeded"
     # a leakage that is only a lower bound (+: an unscored part of the release) cannot be ranked
     bounded = [str(r["scheme"]) for r in ok if r.get("unscored")]
-    note = f"; not ranked (leakage a lower bound, +): {name_list(bounded)}" if bounded else ""
+    note = f"; not ranked (leakage a lower bound, +): {brief_list(bounded)}" if bounded else ""
     ranked = _ranked_rows(ok)
     if not ranked:
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {name_list(bounded)}"
-    extra = utility_digits(ranked, utility_key, utility_tolerance, modes)
+    extra = utility_digits(ok, utility_key, utility_tolerance, modes)  # as the table's column
     text = _ranked_verdict(ranked, utility_key, utility_tolerance, extra, modes) + note
     marked = [str(r["scheme"]) for r in ranked if r.get("indicative")]
     if marked and len(marked) == len(ranked):
         # every figure outside the analysis's assumptions: an order, not a measured ranking
         return text + "; indicative only (*): every figure is outside the analysis's assumptions (see warnings)"
     if marked:
-        text += f"; indicative only (*): {name_list(marked)}"
+        text += f"; indicative only (*): {brief_list(marked)}"
     return text
 
 
@@ -913,7 +982,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         inside_ids = {id(r) for r in eligible}
         lower = [r for r in others if id(r) not in inside_ids and float(r["leakage"]) < float(safest["leakage"])]
         low = ("; lower leakage but outside the utility band: "
-               + name_list([f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
+               + brief_list([f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
                             + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
                             + ")" for r in lower])) if lower else ""
         if all(_overlap(r, r) is None for r in others):
@@ -935,7 +1004,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
     tail = ""
     if safer:
         tail = ("; clearly safer than it but outside the utility band: "
-                + name_list([f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
+                + brief_list([f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
                              + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
                              + ")" for r in safer]))
     if not same and not outside:
@@ -947,7 +1016,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         text += "; not clearly different from it (intervals overlap): " + name_list(same)
     if outside:  # as safe within the intervals, but their utility is outside the band
         text += (f"; {'also ' if same else ''}overlapping its interval but outside the utility band: "
-                 + name_list(outside))
+                 + brief_list(outside))
     return text + tail
 
 
@@ -1059,6 +1128,10 @@ ROW_NOTES = {
 }
 
 ERROR_CELL_WIDTH = 60  # characters of an error message shown in a table row
+
+
+#: a failed row's cell where its message is too long for the row: the message is under the table
+ERROR_BELOW = 'see "errors:" below'
 
 
 def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
@@ -1193,8 +1266,9 @@ FIGURE_COLUMNS = ("leakage", "interval", "mis", "pool_leakage", "baseline_leakag
 
 def column_formats(rows: Sequence[Mapping[str, Any]], utility_keys: Sequence[str | None] | str | None = (),
                    extra: int = 0) -> dict[str, Callable[[Any], str]]:
-    """:func:`column_format` of each figure column of ``rows`` (:data:`FIGURE_COLUMNS`) and of each
-    utility key (with ``extra`` digits), over the rows without an error."""
+    """The formatter of each figure column of ``rows`` (:data:`FIGURE_COLUMNS`: :func:`column_format`;
+    ``d_eff``: :func:`count_format`; ``zeros``: :func:`share_format`) and of each utility key (with
+    ``extra`` digits, at least :func:`significant_extra`'s), over the rows without an error."""
     ok = [r for r in rows if not r.get("error")]
     keys = [utility_keys] if isinstance(utility_keys, str) or utility_keys is None else list(utility_keys)
 
@@ -1204,7 +1278,9 @@ def column_formats(rows: Sequence[Mapping[str, Any]], utility_keys: Sequence[str
         return [zeros(r) if key == "zeros" else r.get(key) for r in ok]
 
     out = {k: column_format(values(k)) for k in FIGURE_COLUMNS}
-    out.update({k: column_format(values(k), extra) for k in keys if k})
+    out["d_eff"] = count_format(values("d_eff"))  # a near-count: 1004.2, not 1004.2399
+    out["zeros"] = share_format  # a share: 29.1%, as the float column
+    out.update({k: column_format(values(k), max(extra, significant_extra(values(k)))) for k in keys if k})
     return out
 
 
@@ -1218,12 +1294,15 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
 
     Each figure column prints in one notation (:func:`column_format`): 4 decimals, or 4
     significant digits in exponent notation throughout where one of its values is below 1e-3 or
-    from 1e5. The utility column has 4 decimals (or significant digits), or as many more as it
-    takes to tell the rows inside the verdict's utility band (``utility_tolerance``, relative, of
-    the best) from those outside it (:func:`utility_digits`).
+    from 1e5; ``d_eff`` as a count (:func:`count_format`: ``1004.2``), ``float`` and ``zeros`` as
+    percentages (:func:`share_format`). The utility column has 4 decimals, or as many more as show
+    its smallest value to 4 significant digits and tell the rows inside the verdict's utility
+    band (``utility_tolerance``, relative, of the best) from those outside it
+    (:func:`utility_digits`).
 
-    A failed scheme's row shows ``error: <message cut at a word boundary>`` across the figure
-    columns; it does not widen them. The full messages follow the table under ``errors:``.
+    A failed scheme's row shows ``error: <message>`` across the figure columns where the message
+    fits their width (it does not widen them), else ``error: see "errors:" below`` and the message
+    follows the table under ``errors:``: each message once.
     """
     uk = pick_utility_key(rows, utility_key, modes)
     check_utility_key_measured(rows, utility_key, uk)
@@ -1246,7 +1325,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         ff = r.get("float_fraction")  # share of assessed weights left in float (kappa = 1)
         pool = r.get("pool_leakage")
         body.append([label, f"{r['bits_per_weight']:.2f}",
-                     "-" if ff is None else f"{100 * ff:.1f}%"] + (
+                     share_format(ff)] + (
             [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + ([fmt[uk](r.get(uk))] if uk else []) + [
             fmt["leakage"](r["leakage"]) + leakage_marks(r),
             interval, fmt["mis"](r["mis"]),
@@ -1259,12 +1338,17 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     # An error spans the figure columns: the table keeps the width of its figures.
     room = max(sum(widths[1:]) + 2 * (len(widths) - 2) - len("error: "), 30)
     lines = [line(head), line(["-" * w for w in widths])]
+    errors = []
     for b in body:
         if isinstance(b, tuple):
-            lines.append(f"{b[0].ljust(widths[0])}  error: {short_error(b[1], room)}")
+            # each message said once (ux49: the row said it cut, "errors:" in full): in the row
+            # where it fits, else under the table, the row pointing there
+            msg = " ".join(str(b[1]).split())
+            lines.append(f"{b[0].ljust(widths[0])}  error: {msg if len(msg) <= room else ERROR_BELOW}")
+            if len(msg) > room:
+                errors.append((b[0], b[1]))
         else:
             lines.append(line(b))
-    errors = [b for b in body if isinstance(b, tuple)]
     if errors:
         lines += ["", "errors:"] + [f"  {name}: {msg}" for name, msg in errors]
     return "\n".join(lines)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ._autocast import without_autocast
+from ._user_warnings import warn
 from .assess import select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
 from .estimation import Estimate
@@ -185,11 +185,11 @@ class _HookProgram(LossProgram):
             # stopped). Its errors at the records' own outputs come back in the pass itself
             if not getattr(self, "_void_untested_said", False):
                 self._void_untested_said = True
-                warnings.warn(
+                warn(
                     f"{k} record(s) of a batch have every label marked missing (NaN, a negative code) but could "
                     f"not be tested for a loss that does not depend on the weights ({err}): they are counted as "
                     "members; if the hook's loss never reads them, every figure is lowered by about their share "
-                    "of the records (pass loss_fn(outputs, targets) to have them left out)", stacklevel=2)
+                    "of the records (pass loss_fn(outputs, targets) to have them left out)")
             return None
         if not bool(ok.any()):
             return None
@@ -525,9 +525,9 @@ class EstimationMetric(Metric):
     def set_dtype(self, dst_type: str | torch.dtype) -> EstimationMetric:
         """Kept for torchmetrics' interface: the states keep their own dtypes (see ``_apply``);
         warns that the request is not followed. Returns ``self``."""
-        warnings.warn(f"{type(self).__name__}.set_dtype({dst_type}) is ignored: its states are float64 sums "
-                      "and int64 record keys, which a lower precision would round (the figures are float64 either way)",
-                      UserWarning, stacklevel=2)
+        warn(f"{type(self).__name__}.set_dtype({dst_type}) is ignored: its states are float64 sums "
+             "and int64 record keys, which a lower precision would round (the figures are float64 either way)",
+             UserWarning)
         return self
 
     # -- distributed sync -----------------------------------------------------------------

@@ -21,11 +21,11 @@ import csv
 import json
 import math
 import traceback
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ._user_warnings import warn
 from .report import Report
 
 
@@ -294,7 +294,7 @@ def publish_failure(out: Path, exc: BaseException, loggers: Iterable[Any], *, st
     try:
         return _publish_failure(out, exc, loggers, step, prefix, extra, epoch)
     except Exception as exc2:  # noqa: BLE001 - never let reporting break training
-        warnings.warn(f"MISCallback: could not record the failure: {exc2}", UserWarning, stacklevel=2)
+        warn(f"MISCallback: could not record the failure: {exc2}", UserWarning)
         return None
 
 

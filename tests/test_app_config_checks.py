@@ -565,3 +565,31 @@ def test_assess_logs_a_refused_scheme_once_unless_already_shown(caplog):
         said = [r.getMessage() for r in caplog.records if "rtn_int8" in r.getMessage()]
         assert len(said) == times, said  # old: the up-front refusal and "scheme rtn_int8 failed"
         assert rep.schemes["rtn_int8"].error
+        assert rep.table().count("applies to no assessed parameter") == 1  # the table says it once (ux49)
+
+
+def test_mlflow_store_and_artifacts_follow_the_run_folder(tmp_path, monkeypatch, capsys):
+    """nux48 / ux49: ``logger=mlflow`` wrote ``./mlflow.db`` and ``./mlruns/`` (MLflow's default
+    artifact root for a sqlite store) in the directory the app ran from, outside the run's folder
+    where every other file of the run is. Now the store and the artifacts are in the run's folder
+    (a multirun's: the sweep's), unless MLFLOW_TRACKING_URI says otherwise."""
+    pytest.importorskip("mlflow")
+    from mis_lightning import cli
+    from mis_lightning.app.resolvers import MLFLOW_ARTIFACTS, MLFLOW_DB, mlflow_artifacts
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run = tmp_path / "out" / "r"
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", *[o for o in FAST if o != "logger=none"], "logger=mlflow",
+                                      f"hydra.run.dir={run}"])
+    cli.main()
+    assert list(cwd.iterdir()) == []  # nothing in the working directory (was mlflow.db and mlruns/)
+    assert (run / MLFLOW_DB).is_file()
+    reports = list((run / MLFLOW_ARTIFACTS).rglob("report.json"))
+    assert len(reports) == 1 and json.loads(reports[0].read_text())["n"] == 400  # the run's report, an artifact
+    # the artifact folder follows a local sqlite store given by URI; other stores keep MLflow's default
+    assert mlflow_artifacts("sqlite:///a/b/m.db") == str(cwd / "a" / "b" / MLFLOW_ARTIFACTS)
+    assert mlflow_artifacts("sqlite:////x/m.db") == f"/x/{MLFLOW_ARTIFACTS}"
+    assert mlflow_artifacts("http://server:5000") is None and mlflow_artifacts("file:///x/mlruns") is None

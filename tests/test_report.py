@@ -54,7 +54,7 @@ def test_short_error_cuts_at_a_word_boundary():
     assert short_error("a\n  b", 60) == "a b"  # one line
 
 
-def test_error_row_neither_cuts_mid_word_nor_widens_the_table():
+def test_error_row_says_its_message_once_and_never_widens_the_table():
     ok = format_table([_ok_row("rtn_int8")])
     # (a scheme name no longer than "rtn_int8": the first column keeps its width too)
     text = format_table([{"scheme": "gpu_only", "error": "SchemeUnavailableError: " + LONG},
@@ -65,15 +65,13 @@ def test_error_row_neither_cuts_mid_word_nor_widens_the_table():
     assert lines[0] == ok.splitlines()[0] and lines[3] == ok.splitlines()[2]
     row = lines[2]
     assert len(row) <= width
-    assert row.startswith("gpu_only ") and "error: SchemeUnavailableError: scheme" in row
-    assert row.endswith("\u2026")
-    cut = row.split("error: ", 1)[1][:-1]
-    # cut after a whole word, as long as the figure columns allow (the width of the ok table)
-    full = "SchemeUnavailableError: " + LONG
-    assert full.startswith(cut) and full[len(cut)] == " " and len(cut) >= 40
-    assert len(row) + len(full.split(" ")[len(cut.split(" "))]) + 1 > width  # the next word would not fit
-    # the full message below the table
+    # ux49: the message said once: a long one under the table only (it was cut in the row too)
+    assert row.split() == ["gpu_only", "error:", "see", '"errors:"', "below"]
     assert lines[4:] == ["", "errors:", "  gpu_only: SchemeUnavailableError: " + LONG]
+    # a message that fits the row is said there only
+    short = format_table([{"scheme": "gpu_only", "error": "SchemeUnavailableError: needs CUDA"}, _ok_row("rtn_int8")])
+    assert short.splitlines()[2].split("error: ")[1] == "SchemeUnavailableError: needs CUDA"
+    assert "errors:" not in short and short.count("needs CUDA") == 1
 
 
 def test_failed_scheme_in_table_and_warnings():
@@ -322,9 +320,9 @@ def test_verdict_reads_a_row_without_interval_against_the_safest_interval():
                           ("int8_weight_only", 0.0404, 0.0375, 0.0428, 0.0050),
                           ("intx_weight_only_int4", 0.0329, 0.0307, 0.0347, 0.0076)], 0.0410, "loss")
     assert verdict(rows) == (
-        "verdict: safest with loss within 1% of the best (0.0050, none): int8_weight_only "
+        "verdict: safest with loss within 1% of the best (0.005000, none): int8_weight_only "
         "(leakage 0.0404); not clearly different from it (intervals overlap): none; clearly safer "
-        "than it but outside the utility band: intx_weight_only_int4 (leakage 0.0329, loss 0.0076)")
+        "than it but outside the utility band: intx_weight_only_int4 (leakage 0.0329, loss 0.007600)")
     rows[0]["leakage"] = rows[0]["baseline_leakage"] = 0.0431  # above int8's p90 0.0428: clearly
     assert "int8_weight_only (leakage 0.0404); clearly safer than every other scheme in the utility band" \
         in verdict(rows)
@@ -389,10 +387,10 @@ def test_verdict_for_a_safest_row_without_interval_names_lower_schemes_outside_t
                           ("int8_weight_only", 0.0207, 0.0190, 0.0225, 0.0052),
                           ("intx_weight_only_int4", 0.0171, 0.0150, 0.0190, 0.0060)], 0.0228, "loss")
     text = verdict(rows)
-    assert text.startswith("verdict: safest with loss within 1% of the best (0.0050, none): none (leakage 0.0228); "
+    assert text.startswith("verdict: safest with loss within 1% of the best (0.005000, none): none (leakage 0.0228); "
                            "it has no interval of its own")
     assert text.endswith("; lower leakage but outside the utility band: int8_weight_only (leakage 0.0207, "
-                         "loss 0.0052), intx_weight_only_int4 (leakage 0.0171, loss 0.0060)")
+                         "loss 0.005200), intx_weight_only_int4 (leakage 0.0171, loss 0.006000)")
     assert "clearly safer" not in text
 
 
@@ -411,7 +409,8 @@ def test_utility_column_shows_the_digits_that_separate_the_verdicts_band():
     """fu25: on examples/all_schemes.py every row's loss read 0.0050 at 4 decimals, while the
     verdict put some inside its 1% band and others outside it. The utility column (and the
     verdict's utility figures) add digits until no row inside the band shows the value of one
-    outside it; where 4 decimals already separate them, nothing changes."""
+    outside it; where 4 decimals already separate them, nothing changes. ux49: and at least 4
+    significant digits of the smallest value (0.0056 and 0.0057 could not show a 1% band)."""
     from mis_lightning.report import verdict
 
     rows = _verdict_rows([("rtn_int8", 0.0400, 0.0380, 0.0420, 0.004990),   # best
@@ -419,16 +418,21 @@ def test_utility_column_shows_the_digits_that_separate_the_verdicts_band():
                           ("rtn_int2", 0.0210, 0.0190, 0.0225, 0.005046)],  # outside (+1.1%)
                          0.0488, "loss")
     cells = {line.split()[0]: line.split()[3] for line in format_table(rows).splitlines()[2:]}
-    assert cells == {"rtn_int8": "0.00499", "rtn_int4": "0.00503", "rtn_int2": "0.00505"}  # was 0.0050 x3
+    # 4 significant digits (ux49; 0.00499 with the band's digit alone, 0.0050 x3 before fu25)
+    assert cells == {"rtn_int8": "0.004990", "rtn_int4": "0.005030", "rtn_int2": "0.005046"}
     from mis_lightning.report import utility_digits
 
-    assert utility_digits(rows) == 1
-    assert verdict(rows).startswith("verdict: safest with loss within 1% of the best (0.00499, rtn_int8): "
+    assert utility_digits(rows) == 2
+    assert verdict(rows).startswith("verdict: safest with loss within 1% of the best (0.004990, rtn_int8): "
                                     "rtn_int4 (leakage 0.0250)")
-    assert "rtn_int2 (leakage 0.0210, loss 0.00505)" in verdict(rows)
-    # a wider gap: 4 decimals as before (the other verdict tests' figures stay as they were)
-    rows[2]["utility_loss"] = 0.0060
-    assert utility_digits(rows) == 0 and "0.0060" in format_table(rows)
+    assert "rtn_int2 (leakage 0.0210, loss 0.005046)" in verdict(rows)
+    # values near 1: 4 decimals are 4 significant digits; the band's digit is added where they
+    # do not separate it (0.5030 inside, 0.5051 outside the 1% band of 0.4999: 4 decimals do)
+    for r, v in zip(rows, (0.49990, 0.50300, 0.50505)):
+        r["utility_loss"] = v
+    assert utility_digits(rows) == 0 and "0.5050" in format_table(rows)
+    rows[1]["utility_loss"], rows[2]["utility_loss"] = 0.504895, 0.504905  # inside, outside: 0.5049 both
+    assert utility_digits(rows) == 1 and "0.50489" in format_table(rows) and "0.50491" in format_table(rows)
 
 
 def test_per_scheme_warnings_that_say_the_same_are_said_once_naming_every_scheme() -> None:
@@ -577,13 +581,16 @@ def test_the_verdict_and_not_ranked_lines_name_the_first_schemes_and_count_the_r
              "indicative": k % 2 == 0, "unscored": "awq factors" if k >= 32 else None}
             for k, n in enumerate(names)]
     text = verdict(rows)
-    assert len(text) < 700, len(text)  # was 2,900 (every name)
+    assert len(text) < 450, len(text)  # was 2,900 (every name); 600 naming 2 of each list (ux48b)
     assert text.startswith(f"verdict: safest: {names[0]} (leakage 0.1000)")
-    # 31 others overlap it, 8 are lower bounds, 16 ranked rows indicative
+    # 31 others overlap it, 8 are lower bounds, 16 ranked rows indicative: the list the verdict is
+    # about names LINE_NAMES and counts the rest, the others are counted (ux49)
     assert f"not clearly different from it (intervals overlap): {', '.join(names[1:1 + LINE_NAMES])} and " \
            f"{31 - LINE_NAMES} more" in text
-    assert f"not ranked (leakage a lower bound, +): {', '.join(names[32:32 + LINE_NAMES])} and {8 - LINE_NAMES} more" in text
-    assert f"indicative only (*): {', '.join(names[0:2 * LINE_NAMES:2])} and {16 - LINE_NAMES} more" in text
+    assert text.endswith("; not ranked (leakage a lower bound, +): 8 schemes; indicative only (*): 16 schemes")
+    # a short secondary list is named in full
+    assert verdict(rows[:4] + rows[32:33]).endswith(f"; not ranked (leakage a lower bound, +): {names[32]}; "
+                                                    f"indicative only (*): {names[0]}, {names[2]}")
     ties = ties_line(rows)
     assert ties.startswith(f"{NOT_RANKED}: {names[0]} (0.1000), {names[1]} (0.1001)")
     assert f"and {32 - TIES_NAMES} more (each leakage" in ties and len(ties) < 500, ties  # + rows: not ranked
@@ -594,3 +601,21 @@ def test_the_verdict_and_not_ranked_lines_name_the_first_schemes_and_count_the_r
     ties = ties_line(far)
     assert f"{names[4]} (0.2004)" in ties and f"{names[8]} " not in ties, ties
     assert f"; and {10 - TIES_NAMES // 4} more group(s) ({40 - TIES_NAMES} schemes) (each" in ties, ties
+
+
+def test_d_eff_prints_as_a_count_and_zeros_as_a_percentage():
+    """ux49 (nux48 on examples/all_schemes.py): the zeros column read ``2.907e-01`` over
+    ``9.690e-04`` over ``0.000e+00`` (one tiny share put the whole column in exponent notation)
+    beside the float column's ``0.9%``, and d_eff ``15889.0000`` (4 decimals of a near-count).
+    Now zeros is a percentage as the float column (``<0.1%`` for a nonzero share that would read
+    0.0%), d_eff a count with as few decimals as show its smallest value to 3 digits."""
+    rows = [{**_ok_row(k), "d_eff": d_eff, "sparsity": z, "float_fraction": f}
+            for k, d_eff, z, f in [("a", 15889.0, 0.2907, 0.009), ("b", 18.7005, 0.000969, 0.0),
+                                   ("c", 1004.2399, 0.0, 1.0), ("d", 982.1749, 2e-6, 1e-6)]]
+    cells = {ln.split()[0]: ln.split() for ln in format_table(rows).splitlines()[2:]}
+    assert {k: (c[2], c[-2], c[-1]) for k, c in cells.items()} == {
+        "a": ("0.9%", "15889.0", "29.1%"), "b": ("0.0%", "18.7", "0.1%"),
+        "c": ("100.0%", "1004.2", "0.0%"), "d": ("<0.1%", "982.2", "<0.1%")}
+    # a d_eff below 10: more decimals for the whole column (3 digits of the smallest), never 4 of a count
+    rows[1]["d_eff"] = 0.5
+    assert [c.split()[-2] for c in format_table(rows).splitlines()[2:]] == ["15889.000", "0.500", "1004.240", "982.175"]

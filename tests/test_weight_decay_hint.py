@@ -150,3 +150,47 @@ def test_hint_on_the_lean_diagonal_path(monkeypatch):
     assert lean["weight_decay_mismatch"] and whole["weight_decay_mismatch"]
     for k in ("weight_decay_implied", "decay_gradient_cosine"):
         assert lean[k] == pytest.approx(whole[k], rel=1e-6), k
+
+
+def _nux48_mlp():
+    """nux48's misuse: a 10-12-3 tanh MLP (171 weights) trained by full-batch L-BFGS to a minimum
+    of the cross-entropy plus weight decay 1e-3, on 3,000 records."""
+    torch.manual_seed(0)
+    n, p = 3000, 10
+    X = torch.randn(n, p)
+    y = (X[:, 0] * 1.5 - X[:, 1] + 0.8 * X[:, 2] * X[:, 3] + 0.8 * torch.randn(n) > 0).long() + (X[:, 4] > 1.0).long()
+    model = nn.Sequential(nn.Linear(p, 12), nn.Tanh(), nn.Linear(12, 3))
+
+    def ce(o, t):
+        return F.cross_entropy(o, t, reduction="none")
+
+    opt = torch.optim.LBFGS(model.parameters(), lr=1, max_iter=200, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ce(model(X), y).mean() + 0.5 * 1e-3 * sum(q.pow(2).sum() for q in model.parameters())
+        loss.backward()
+        return loss
+
+    for _ in range(10):
+        opt.step(closure)
+    return model, DataLoader(TensorDataset(X, y), batch_size=256), ce
+
+
+def test_the_saddle_warning_points_at_the_weight_decay_hint_when_both_fire():
+    """wd48's leftover: assessed without the weight decay it was trained with, nux48's MLP reads
+    "saddle not excluded" beside the hint (the Hessian without the decay's curvature is what reads
+    indefinite), and the saddle warning said "train further", which does not help. Now it names the
+    decay and the fix; with the decay passed, neither fires."""
+    model, dl, ce = _nux48_mlp()
+    fast = {"uncertainty_draws": 0, "covariance": "independent", "num_records": 64}  # warnings, not figures
+    rep = ml.assess(model, ["rtn_int8"], dl, ce, **fast)
+    (saddle,) = [w for w in rep.warnings if w.startswith("saddle not excluded")]
+    assert any(w.startswith("the weights look like a minimum of the training loss plus weight decay 0.001")
+               for w in rep.warnings)
+    assert saddle.endswith("the weights look trained with weight decay 0.001 (the weight-decay warning): the "
+                           "Hessian assessed lacks that decay's curvature, which is the likely cause; pass "
+                           "weight_decay=0.001 before training further"), saddle
+    assert "train further (a smaller gradient)" not in saddle
+    ok = ml.assess(model, ["rtn_int8"], dl, ce, weight_decay=1e-3, **fast)
+    assert not [w for w in ok.warnings if "weight decay 0.001" in w or w.startswith("saddle not excluded")], ok.warnings

@@ -59,6 +59,7 @@ from mis_lightning.report import (
     merge_identical,
     no_points_note,
     pick_utility_key,
+    share_format,
     short_error,
     ties_line,
     unranked_groups,
@@ -290,7 +291,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
             bits, ff = r.get("bits_per_weight"), _float(r.get("float_fraction"))
             cells = [_fmt(r.get("job")), r["scheme"], r.get("swept") or "-",
                      "-" if bits is None else f"{bits:.2f}",
-                     "-" if ff is None or math.isnan(ff) else f"{100 * ff:.1f}%"] + (
+                     share_format(ff)] + (
                 [_fmt_bits(_float(r.get("model_bits_per_weight")))] if whole else []) + [
                 fmt[uk](_float(r.get(uk))) for uk in uks] + [
                 fmt["leakage"](r.get("leakage")) + leakage_marks(r), interval, fmt["mis"](r.get("mis")),

@@ -1026,6 +1026,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         "rows": report.rows(),
         "not_ranked": report.not_ranked(),  # the table's "not ranked beyond their intervals" groups
         "warnings": report.warnings,
+        **({"notes": report.notes} if report.notes else {}),  # information, not problems (Report.notes)
         "times_s": times,
         **({} if plan_cfg is None else {"plan": planned.to_dict()}),
         "files": {k: str(out / v) for k, v in OmegaConf.to_container(cfg.output).items()

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import re
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-__all__ = ["MAX_LABEL", "job_subdir", "register_resolvers", "run_name"]
+__all__ = ["MAX_LABEL", "MLFLOW_ARTIFACTS", "MLFLOW_DB", "job_subdir", "mlflow_artifacts", "mlflow_store",
+           "register_resolvers", "run_name"]
 
 #: the longest label of a job folder (file systems allow 255 bytes per path component)
 MAX_LABEL = 120
@@ -84,7 +86,44 @@ def run_name(name: Any, scheme: Any = None, overrides: Any = None) -> str:
     return f"{name}-{scheme}" if scheme not in (None, "", "None", "null") else str(name)
 
 
+#: the MLflow store's file in the run's folder (a multirun's: the sweep's, shared by its jobs)
+MLFLOW_DB = "mlflow.db"
+#: the folder of the MLflow runs' artifacts (the report, the figure), next to :data:`MLFLOW_DB`
+MLFLOW_ARTIFACTS = "mlartifacts"
+
+
+def mlflow_store() -> str:
+    """The default tracking URI of ``logger=mlflow`` (``conf/logger/mlflow.yaml``, where
+    ``MLFLOW_TRACKING_URI`` is unset): ``sqlite:///<dir>/mlflow.db`` with ``<dir>`` the run's output
+    folder (``outputs/<date>/<time>``), or in a multirun the sweep's (``multirun/<date>/<time>``:
+    one store for its jobs, compared in one ``mlflow ui``), absolute. Outside Hydra: ``mlflow.db``
+    in the working directory. nux48/ux49: the default was ``sqlite:///mlflow.db`` in the working
+    directory, and MLflow put the artifacts in ``./mlruns`` there too, outside every run's folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    folder = Path.cwd()
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        folder = Path(hc.sweep.dir if hc.mode == RunMode.MULTIRUN else hc.runtime.output_dir).absolute()
+    return f"sqlite:///{folder / MLFLOW_DB}"
+
+
+def mlflow_artifacts(tracking_uri: Any) -> str | None:
+    """The artifact location of the MLflow experiment the app creates: ``<folder>/mlartifacts``
+    beside a local sqlite store's file (``sqlite:///<folder>/<name>.db``, relative paths from the
+    working directory), absolute; ``None`` (MLflow's default) for any other store (a server, a
+    ``file:`` store, which keeps its artifacts in its own folder). MLflow's default for a sqlite store
+    is ``./mlruns`` in the working directory, wherever the store is."""
+    uri = str(tracking_uri or "")
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return str(Path(uri.removeprefix("sqlite:///")).absolute().parent / MLFLOW_ARTIFACTS)
+
+
 def register_resolvers() -> None:
     """Register the app's resolvers (idempotent)."""
     OmegaConf.register_new_resolver("mis_job_subdir", job_subdir, replace=True)
     OmegaConf.register_new_resolver("mis_run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("mis_mlflow_store", mlflow_store, replace=True)
+    OmegaConf.register_new_resolver("mis_mlflow_artifacts", mlflow_artifacts, replace=True)

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import tempfile
-import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mis_lightning._user_warnings import warn
 from mis_lightning._warning_filters import ignoring
 from mis_lightning.data.base import TASKS, TensorDataModule, as_dataset, split_indices
 
@@ -69,8 +69,8 @@ def usable_rows(records: Any, failures: Sequence[tuple[int, str, str]], name: st
     if skipped:
         listed = ", ".join(f"row {r} ({why})" for r, _, why in skipped[:_MAX_LISTED])
         more = "" if len(skipped) <= _MAX_LISTED else ", ..."
-        warnings.warn(f"{name}: skipped {len(skipped)} of {len(records)} rows: {listed}{more} "
-                      "(full list in .skipped)", SkippedRowsWarning, stacklevel=4)
+        warn(f"{name}: skipped {len(skipped)} of {len(records)} rows: {listed}{more} "
+             "(full list in .skipped)", SkippedRowsWarning)
     if len(keep) < 3:
         raise ValueError(f"{name}: only {len(keep)} usable molecules out of {len(records)}")
     return keep, skipped
@@ -97,10 +97,10 @@ def warn_duplicates(smiles: list[str], targets: np.ndarray, name: str) -> None:
     module does not settle."""
     mixtures = [smi for smi in smiles if "." in smi]
     if mixtures:  # salts and mixtures: every fragment is featurised (no salt stripping here)
-        warnings.warn(f"{name}: {len(mixtures)} kept SMILES hold several fragments (salts or mixtures, e.g. "
-                      f"{mixtures[0]!r}): featurised as given, counter-ions included; strip them first (e.g. "
-                      "RDKit's rdMolStandardize.LargestFragmentChooser) if the activity belongs to the parent",
-                      DuplicateRecordsWarning, stacklevel=3)
+        warn(f"{name}: {len(mixtures)} kept SMILES hold several fragments (salts or mixtures, e.g. "
+             f"{mixtures[0]!r}): featurised as given, counter-ions included; strip them first (e.g. "
+             "RDKit's rdMolStandardize.LargestFragmentChooser) if the activity belongs to the parent",
+             DuplicateRecordsWarning)
     seen: dict[str, list[float]] = {}
     for smi, t in zip(smiles, targets.tolist()):
         seen.setdefault(smi, []).append(t)
@@ -109,10 +109,10 @@ def warn_duplicates(smiles: list[str], targets: np.ndarray, name: str) -> None:
         return
     differ = sum(1 for v in dup.values() if max(v) - min(v) > 1e-12 * max(1.0, max(abs(x) for x in v)))
     first = next(iter(dup))
-    warnings.warn(f"{name}: {len(dup)} SMILES appear in more than one row ({sum(len(v) for v in dup.values())} "
-                  f"rows; {differ} with different activities; e.g. {first!r}): each copy is kept as its own "
-                  "record (n counts copies, and a duplicated molecule is a member twice); deduplicate the file "
-                  "if that is not intended", DuplicateRecordsWarning, stacklevel=3)
+    warn(f"{name}: {len(dup)} SMILES appear in more than one row ({sum(len(v) for v in dup.values())} "
+         f"rows; {differ} with different activities; e.g. {first!r}): each copy is kept as its own "
+         "record (n counts copies, and a duplicated molecule is a member twice); deduplicate the file "
+         "if that is not intended", DuplicateRecordsWarning)
 
 
 def _require_rdkit() -> Any:
@@ -621,8 +621,8 @@ class ChEMBLDataModule(MoleculeDataModule):
                     continue
                 activity[cid] = (line, cell)
         if duplicates:
-            warnings.warn(f"{act_path}: {len(duplicates)} duplicated ids, first kept: "
-                          f"{duplicates[:_MAX_LISTED]}", SkippedRowsWarning, stacklevel=4)
+            warn(f"{act_path}: {len(duplicates)} duplicated ids, first kept: "
+                 f"{duplicates[:_MAX_LISTED]}", SkippedRowsWarning)
 
         records = _Records()
         seen = set()
@@ -654,7 +654,7 @@ class ChEMBLDataModule(MoleculeDataModule):
         if self.unmatched_activity:
             msg = (f"ChEMBLDataModule: {len(self.unmatched_activity)} activity rows have no "
                    f"SMILES: {self.unmatched_activity[:_MAX_LISTED]} (see .unmatched_activity)")
-            warnings.warn(msg, SkippedRowsWarning, stacklevel=4)
+            warn(msg, SkippedRowsWarning)
         return records, [smi_path, act_path]
 
 

@@ -8,7 +8,6 @@ the model: parameters are read once (detached copies) and every call goes throug
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torch.overrides import TorchFunctionMode
 
 from .._modelcopy import SWAP_CHECK_RECORDS, ModelCopyError, SwapCheck, private_copy
+from .._user_warnings import warn
 from .._warning_filters import ignoring
 from .data_buffers import probe_data_buffers
 from .norm_derivatives import WrittenOutLayerNorm
@@ -189,12 +189,12 @@ class ComputeDtypeLoss:
             raise first from None
         self._cast_down[dtype] = True
         name = (str(dtype).removeprefix("torch."), str(ref).removeprefix("torch."))
-        warnings.warn(
+        warn(
             f"loss_fn {_loss_name(self.loss_fn)!r} fails on {name[0]} outputs ({first}), typically through "
             f"a {name[1]} tensor it holds (class weights, a pos_weight): the estimation evaluates the model "
             f"in {name[0]}, so the loss's own arithmetic runs in {name[1]} (inputs cast down, losses cast "
             "back). For full precision pass the loss as an nn.Module holding its tensors as buffers (e.g. "
-            "nn.CrossEntropyLoss(weight=w, reduction='none')): its copy is cast", stacklevel=2)
+            "nn.CrossEntropyLoss(weight=w, reduction='none')): its copy is cast")
         return _floats_to(out, dtype)
 
 
@@ -992,12 +992,11 @@ class LossProgram:
         if getattr(self, "_void_untested_said", False):
             return
         self._void_untested_said = True
-        warnings.warn(
+        warn(
             f"{k} record(s) of a batch have a loss of 0 and no gradient at the model's outputs but could not be "
             f"tested at far outputs for a loss that does not depend on the weights ({why}): they are counted as "
             "members; if the loss never reads them (a sample weight of 0), every figure is lowered by about their "
-            "share of the records (a loss on logits, e.g. binary_cross_entropy_with_logits, can be tested)",
-            stacklevel=3)
+            "share of the records (a loss on logits, e.g. binary_cross_entropy_with_logits, can be tested)")
 
     def _marked_missing(self, inputs: Any, targets: Any, b: int) -> Tensor | None:
         """``[b]`` bool: records some target entry of which marks as carrying no label (see

@@ -9,12 +9,12 @@ parameter): nothing here is ever of the size of a whole model times the number o
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .._user_warnings import warn
 from . import kernel as _kernel
 from .cells import CellMoments
 from .fastpath import GUARD, SAME_ARITHMETIC, compare, sample_indices, verify_sample
@@ -320,8 +320,8 @@ def affine_cell_moments(
     except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
         if not compiled:
             raise
-        warnings.warn(f"torch.compile of the cell-moment kernel failed ({type(exc).__name__}: {exc}); "
-                      "using the eager kernel", RuntimeWarning, stacklevel=2)
+        warn(f"torch.compile of the cell-moment kernel failed ({type(exc).__name__}: {exc}); "
+             "using the eager kernel", RuntimeWarning)
         _FUSED_STATE["failed"] = True
         compiled = False
         kappa, mean_abs, m4, ok, q0 = run(eager, blocks=True)

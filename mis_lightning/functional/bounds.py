@@ -36,12 +36,12 @@ All tensors are per element (``[c]``, float64, parameter units).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from .._user_warnings import warn
 from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments, _pdf
 from .fastpath import GUARD, SAME_ARITHMETIC, compare, sample_indices
 from .kernel import (
@@ -352,8 +352,8 @@ def _apply_split(out: CellMoments, mask: Tensor, theta: Tensor, sigma: Tensor, e
     except Exception as exc:  # noqa: BLE001 - a failed compilation falls back to eager, once
         if not compiled:
             raise
-        warnings.warn(f"torch.compile of the outer-cell split failed ({type(exc).__name__}: {exc}); "
-                      "using the eager arithmetic", RuntimeWarning, stacklevel=2)
+        warn(f"torch.compile of the outer-cell split failed ({type(exc).__name__}: {exc}); "
+             "using the eager arithmetic", RuntimeWarning)
         _SPLIT_STATE["failed"], compiled = True, False
         res = _split_chunk(out.kappa, out.mean_abs, out.m4, *args)
     if compiled:

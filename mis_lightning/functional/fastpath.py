@@ -24,7 +24,6 @@ sums). The sample is drawn with its own generator: the global RNG is never touch
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -32,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .._user_warnings import warn
 
 FIRST_SAMPLE = 2048
 SIZE_SAMPLE = 512
@@ -170,7 +171,7 @@ class PathGuard:
         msg = (f"{path} disagrees with its reference on this machine "
                f"({torch.get_num_threads()} thread(s)): {problem}; using {fallback} from now on")
         self.disabled[path] = msg
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warn(msg, RuntimeWarning)
 
     def observe(self, path: str, fast: tuple[Tensor, ...], ref: tuple[Tensor, ...]) -> float:
         """Record the largest ``|fast - ref|`` over a checked sample (kappa, lam, m4; NaN in both

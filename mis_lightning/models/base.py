@@ -27,10 +27,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.utilities import rank_zero_warn
 from torch.func import functional_call
 from torchmetrics import MetricCollection
 
+from mis_lightning._user_warnings import rank_zero_warn
 from mis_lightning.models.metrics import check_task, metric_inputs, utility_metrics
 
 OPTIMIZERS = ("lbfgs", "adam", "sgd")

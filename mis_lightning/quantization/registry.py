@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
+from .._user_warnings import warn
 from .base import QuantizationScheme
 
 SchemeFactory = Callable[..., QuantizationScheme]
@@ -125,8 +126,8 @@ def get_scheme(spec: str | QuantizationScheme, **kwargs: Any) -> QuantizationSch
     _load_backends()
     if spec in _ALIASES:
         new, why = _ALIASES[spec]
-        warnings.warn(f"scheme name {spec!r} is deprecated: use {new!r}" + (f" ({why})" if why else ""),
-                      DeprecationWarning, stacklevel=2)
+        warn(f"scheme name {spec!r} is deprecated: use {new!r}" + (f" ({why})" if why else ""),
+             DeprecationWarning)
         spec = new
     if spec not in _FACTORIES:
         raise UnknownSchemeError(_unknown_names_message([spec]))

@@ -63,7 +63,6 @@ import functools
 import logging
 import math
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +71,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._user_warnings import warn
 from .base import (
     ParamGrid,
     SchemeConfig,
@@ -341,8 +341,8 @@ def _normalize_granularity(scheme: SchemeConfig, allowed: tuple[str, ...], defau
     is the deprecated spelling of ``per_row``; ``group_size`` is kept for ``per_group`` only."""
     gran = scheme.granularity  # type: ignore[attr-defined]
     if gran == "per_channel":
-        warnings.warn("granularity 'per_channel' is deprecated: it is 'per_row' (one scale per "
-                      "output row, torchao's PerRow / PerAxis(0))", DeprecationWarning, stacklevel=4)
+        warn("granularity 'per_channel' is deprecated: it is 'per_row' (one scale per "
+             "output row, torchao's PerRow / PerAxis(0))", DeprecationWarning)
         gran = "per_row"
     if gran not in allowed:
         raise ValueError(f"granularity must be one of {allowed}, got {gran!r}")
