@@ -427,7 +427,9 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
     if stuck:
         which = ", ".join(f"{k} (independent form {_fmt_or_nan(r.leakage_independent)})" for k, r in sorted(stuck.items()))
         indep = "" if indep_base is None else f" (independent form of the baseline {float(indep_base):.4g})"
-        out.append(f"the correlated headline of {which} equals the unquantized value {base:.4g} although their "
+        tied = [k for k, r in sorted(stuck.items()) if float_determined(r)]  # to 1e-9: "=" in the table
+        mark = f" (marked = in the table: {', '.join(tied)})" if tied else ""
+        out.append(f"the correlated headline of {which} equals the unquantized value {base:.4g}{mark} although their "
                    f"weights are quantized{indep}: the weights' "
                    f"correlation puts the leakage in directions that no scheme hides ({cause}), so the headline "
                    "does not rank these schemes: read it as an upper bound and compare leakage_independent")
