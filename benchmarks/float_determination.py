@@ -118,8 +118,9 @@ def main(argv: list[str]) -> None:
         for rule in RULES:
             r2 = rc.with_rcond(rule)
             span = r2.parts[0][1].exact_span(k)
-            row[rule] = (lk(r2.gaussian_mean_abs(W, k)), lk(r2.gaussian_mean_abs(W, torch.ones_like(k))),
-                         span.rank, span.exact_rank, span.smallest)
+            g2 = r2.gaussian_mean_abs(W, k)
+            row[rule] = (lk(g2), lk(r2.gaussian_mean_abs(W, torch.ones_like(k))), span.rank, span.exact_rank,
+                         span.smallest, lk(g2, capped=True))
         th = torch.cat([est.theta[nm].flatten().double() for nm in est.names]).float().abs()
         sg = torch.cat([est.sigma[nm].flatten().double() for nm in est.names])
         ulp = (torch.nextafter(th, torch.tensor(math.inf)) - th).double()
@@ -144,9 +145,9 @@ def main(argv: list[str]) -> None:
         print(f"{name}: headline {s.leakage:.10f}, independent {s.leakage_independent:.6f}, "
               f"exact_determination {s.exact_determination}")
         for rule in RULES:
-            q, b, r, kk, sm = row[rule]
+            q, b, r, kk, sm, cp = row[rule]
             print(f"   RCOND {rule:g}: Gaussian {q:.6f}, unquantized {b:.6f} ({100 * (q / b - 1):+.1f}%), "
-                  f"rank r {r}, float block rank k {kk}, smallest {sm:.2g}")
+                  f"rank r {r}, float block rank k {kk}, smallest {sm:.2g}, capped {cp:.6f}")
         for label in ("float32", "bf16"):
             q, b, top, cp = row[label]
             print(f"   float weights through {label} rounding noise (1 - kappa up to {top:.2g}): Gaussian {q:.6f}, "
