@@ -96,6 +96,7 @@ from .report import (
     SchemeResult,
     above_baseline,
     failure_warning,
+    float_determined,
     higher_is_better,
     merge_scheme_warnings,
     metric_mode,
@@ -408,19 +409,30 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
         out.append(f"leakage above the unquantized baseline {base:.4g} for {which} (marked ! in the table): a "
                    f"quantized release cannot leak more than the float one, so these figures are not reliable "
                    f"here; {why}")
-    # Quantized weights, yet the correlated headline sits at the unquantized value (capped for
-    # the records) while the independent form drops: the correlation puts the leakage in
+    # Quantized weights, yet the correlated headline sits at the unquantized value: the weights left in
+    # float determine the quantized ones through R (cr49; report.float_determined, "=" in the table), or
+    # (capped for the records) the independent form drops: the correlation puts the leakage in
     # directions no scheme hides, which a singular Hessian (flat directions) leaves unidentified.
+    # One warning per scheme: the determination's where R shows it, else this one.
     indep_base = diagnostics.get("baseline_leakage_independent")
+    spanned = {k: r for k, r in report.schemes.items()
+               if float_determined(r) and (r.exact_determination or {}).get("determined")}
+    if spanned:
+        out.append(_determined_warning(spanned, base))
     stuck = {k: r for k, r in report.schemes.items()
-             if not r.error and r.quantized_fraction > 0 and r.covariance in ("full", "factor")
-             and math.isfinite(r.leakage) and abs(r.leakage - base) <= 1e-3 * max(base, 1e-12)
-             and indep_base is not None and math.isfinite(r.leakage_independent)
-             and r.leakage_independent < float(indep_base) * (1 - CONSISTENCY_TOLERANCE)}
+             if k not in spanned and (float_determined(r) or (
+                 not r.error and r.quantized_fraction > 0 and r.covariance in ("full", "factor")
+                 and math.isfinite(r.leakage) and abs(r.leakage - base) <= 1e-3 * max(base, 1e-12)
+                 and indep_base is not None and r.leakage_independent is not None
+                 and math.isfinite(r.leakage_independent)
+                 and r.leakage_independent < float(indep_base) * (1 - CONSISTENCY_TOLERANCE)))}
     if stuck:
-        which = ", ".join(f"{k} (independent form {r.leakage_independent:.4g})" for k, r in sorted(stuck.items()))
-        out.append(f"the correlated headline of {which} equals the unquantized value {base:.4g} although their "
-                   f"weights are quantized (independent form of the baseline {float(indep_base):.4g}): the weights' "
+        which = ", ".join(f"{k} (independent form {_fmt_or_nan(r.leakage_independent)})" for k, r in sorted(stuck.items()))
+        indep = "" if indep_base is None else f" (independent form of the baseline {float(indep_base):.4g})"
+        tied = [k for k, r in sorted(stuck.items()) if float_determined(r)]  # to 1e-9: "=" in the table
+        mark = f" (marked = in the table: {', '.join(tied)})" if tied else ""
+        out.append(f"the correlated headline of {which} equals the unquantized value {base:.4g}{mark} although their "
+                   f"weights are quantized{indep}: the weights' "
                    f"correlation puts the leakage in directions that no scheme hides ({cause}), so the headline "
                    "does not rank these schemes: read it as an upper bound and compare leakage_independent")
     layers: dict[str, float] = {}
@@ -437,6 +449,37 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
                    f"releasing more weights cannot leak less, so the per-layer and whole-model figures are "
                    f"not reliable here; {cause}")
     return out
+
+
+def _fmt_or_nan(x: float | None) -> str:
+    """``x`` as ``.4g``, ``n/a`` for ``None``."""
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def _determined_warning(spanned: Mapping[str, SchemeResult], base: float) -> str:
+    """The warning for schemes whose float weights span R's kept eigenspace (cr49;
+    ``SchemeResult.exact_determination``, functional.correlated.ExactSpan): the quantized weights
+    are then determined by the float ones through the fitted correlation, and the correlated
+    headline is the baseline's; an upper bound where that runs through directions near R's rule."""
+    parts, near = [], []
+    for k, r in sorted(spanned.items()):
+        e = r.exact_determination or {}
+        parts.append(f"{k} (independent form {_fmt_or_nan(r.leakage_independent)}; {e['float_weights']} weights "
+                     f"exact (left in float, or kappa = 1) span rank {e['rank']} of {e['d']})")
+        if e.get("near_rule"):
+            rel = float(e["smallest_singular_value"])
+            near.append(f"{k} ({rel:.2g} of sqrt(lambda_max), {'beneath' if rel < float(e['rank_rule']) else 'near'} "
+                        f"the rule's {float(e['rank_rule']):.2g})")
+    text = (f"the correlated headline of {', '.join(parts)} equals the unquantized value {base:.4g} (marked = in "
+            "the table): the weights left in float determine the quantized ones through the weights' fitted "
+            "correlation (its kept eigenspace has that rank, and the float weights' block spans all of it), so "
+            "quantizing those layers alone earns no credit in the correlated headline; compare "
+            "leakage_independent")
+    if near:
+        text += ("; for " + ", ".join(near) + " the determination runs through directions of the float weights' "
+                 "block whose smallest singular value lies beneath or near the correlation's rank rule (sqrt of its "
+                 "relative eigenvalue cutoff): the headline is then an upper bound")
+    return text
 
 
 # Share of the records averaged over that repeat another above which the report warns: a record
@@ -4019,12 +4062,16 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
     else:
         leak = total.leakage(n)
     leak_independent = leak
+    span = None
     draws_used = num_samples if num_samples is not None else F.mc_draws_for(R, coarse)
     pool = _pool_leakage(est, prep, sums, idx, chosen, draws_used, gen, chunk, rc)
     if rc is not None:
         assert est.influence is not None
         kvec = _kappa_vector(est, prep.kappa)
         leak = _correlated_leakage(est, prep, rc, kvec, chosen, draws_used, gen, 1.0, n)
+        # the float weights' span of R's kept eigenspace (cr49): where it is whole, they determine
+        # the quantized ones and the headline is the baseline's (report.float_determined)
+        span = rc.parts[0][1].exact_span(kvec) if rc.kind == "full" else None
         for name in est.names:  # per layer: the Gaussian form on the layer's block
             sl = slice(*est.offsets[name])
             k_l = kvec[sl] if name in prep.kappa else None
@@ -4090,6 +4137,7 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         cutoff_sensitivity=cutoff, cutoff_check_skipped=cutoff_skipped,
         model_bits_per_weight=prep.model_bits / max(prep.model_d, 1), model_d=prep.model_d,
         float_unassessed=dict(prep.float_unassessed),
+        exact_determination=None if span is None else span.as_dict(),
     )
 
 

@@ -154,6 +154,12 @@ class SchemeResult:
     # parameters outside the assessment (frozen, or left out by params=) the scheme left in float
     # in that copy -> why (a group size, a layer type): they count in its utility and size as such
     float_unassessed: dict[str, str] = field(default_factory=dict)
+    # the full correlation only, some weights quantized and some exact (cr49): how the weights left in
+    # float span R's kept eigenspace (functional.correlated.ExactSpan.as_dict: d, rank, float_weights,
+    # float_rank, smallest_singular_value, rank_rule, determined, near_rule); ``determined``: they fix
+    # the quantized weights through the fitted correlation, so the headline is the baseline's
+    # (:func:`float_determined`; ``=`` in the table)
+    exact_determination: dict[str, Any] | None = None
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
@@ -394,6 +400,8 @@ class Report:
                 row["cutoff_sensitivity"] = s.cutoff_sensitivity["move"]
             if base_cut is not None and not s.error:
                 row["baseline_cutoff_sensitivity"] = base_cut["move"]
+            if float_determined(s):  # the float weights fix the quantized ones: "=" in the table (cr49)
+                row["float_determined"] = True
             if not s.error and scale_symmetric(self.diagnostics):  # the diagonal estimator's blind spot
                 row["scale_symmetry"] = True
             failed = [] if s.error else regime_failures(self.diagnostics, self.n, self.d, s.d_eff)
@@ -968,6 +976,9 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         how = (f" with {metric} within {100 * utility_tolerance:g}% of the best "
                f"({_fmt(float(best[uk]), extra)}, {best['scheme']})")
     safest = min(eligible, key=lambda r: float(r["leakage"]))
+    if _ties_baseline(safest):
+        # cr49: a quantized scheme at the unquantized figure is not "safest": none is safer than the float model
+        return _no_safer_verdict(ok, eligible, how, uk, extra)
     text = f"verdict: safest{how}: {safest['scheme']} (leakage {_fmt(safest['leakage'])})"
     if best is None and len(ok) > 1:
         # nux48: without a utility the verdict ranks by leakage alone, which favours the coarsest
@@ -1018,6 +1029,38 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         text += (f"; {'also ' if same else ''}overlapping its interval but outside the utility band: "
                  + brief_list(outside))
     return text + tail
+
+
+def _ties_baseline(row: dict[str, Any]) -> bool:
+    """Whether a quantized row's leakage is its unquantized baseline's by the verdict's tie rule
+    (both print the same, :func:`_fmt`), or the float weights determine its quantized ones
+    (``float_determined``, ``=``; cr49). The unquantized row itself (no quantized weight) is not."""
+    try:
+        quantized = float(row.get("float_fraction", math.nan)) < 1.0
+        base = row.get("baseline_leakage")
+        tied = row.get("float_determined") or (base is not None and _fmt(float(row["leakage"])) == _fmt(float(base)))
+    except (TypeError, ValueError):
+        return False
+    return quantized and bool(tied)
+
+
+def _no_safer_verdict(ok: list[dict[str, Any]], eligible: list[dict[str, Any]], how: str, uk: str | None,
+                      extra: int) -> str:
+    """:func:`verdict`'s line where the lowest leakage in the utility band is the unquantized
+    baseline's (:func:`_ties_baseline`): no scheme there is safer than the float model by this
+    estimate; schemes reading lower outside the band are named with their utility."""
+    low = min(float(r["leakage"]) for r in eligible)
+    tied = [str(r["scheme"]) for r in eligible if _ties_baseline(r) or _fmt(float(r["leakage"])) == _fmt(low)]
+    text = (f"verdict: no scheme{how} is safer than the unquantized model by this estimate: "
+            f"{name_list(tied)} read its leakage ({_fmt(low)})")
+    inside = {id(r) for r in eligible}
+    lower = [r for r in ok if id(r) not in inside and float(r["leakage"]) < low and not _ties_baseline(r)]
+    if lower:
+        text += ("; lower leakage but outside the utility band: "
+                 + name_list([f"{r['scheme']} (leakage {_fmt(r['leakage'])}"
+                              + (f", {uk.removeprefix('utility_')} {_fmt(r[uk], extra)}" if uk and r.get(uk) is not None else "")
+                              + ")" for r in lower]))
+    return text
 
 
 # Legend entries of columns shown both by a job's table and by a sweep's aggregate.md
@@ -1074,10 +1117,11 @@ def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: 
 
 def leakage_marks(row: dict[str, Any]) -> str:
     """The marks after a row's leakage in every table (the report's, a sweep's aggregate):
-    ``!`` above the baseline, ``+`` a lower bound, ``~`` unstable, ``?`` the diagonal
-    estimator's scale-symmetry blind spot, ``*`` outside the analysis's assumptions; each
-    explained by :func:`marks_legend`."""
-    return ((" !" if above_baseline(row) else "") + (" +" if row.get("unscored") else "")
+    ``!`` above the baseline, ``=`` the baseline's figure although quantized (:func:`float_determined`),
+    ``+`` a lower bound, ``~`` unstable, ``?`` the diagonal estimator's scale-symmetry blind spot,
+    ``*`` outside the analysis's assumptions; each explained by :func:`marks_legend`."""
+    return ((" !" if above_baseline(row) else "") + (" =" if row.get("float_determined") else "")
+            + (" +" if row.get("unscored") else "")
             + (" ~" if unstable(row) else "") + (" ?" if row.get("scale_symmetry") else "")
             + (" *" if row.get("indicative") else ""))
 
@@ -1112,6 +1156,11 @@ def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
     if failed:
         out.append(f"  *: indicative only: an assumption of the analysis fails for this figure ({', '.join(failed)}; "
                    "see warnings): it can read above or below what real attacks achieve; the verdict says so.")
+    if any(r.get("float_determined") for r in rows if not r.get("error")):
+        out.append("  =: the unquantized baseline's figure although the scheme quantizes weights: the weights "
+                   "it leaves in float determine the quantized ones through the weights' fitted correlation, so "
+                   "quantizing those layers alone earns no credit here (see warnings; compare "
+                   "leakage_independent).")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         out.append("  !: leakage above the unquantized baseline, which no quantized release can "
                    "exceed: the figure is not reliable here (see warnings).")
@@ -1151,6 +1200,27 @@ def short_error(message: str, width: int = ERROR_CELL_WIDTH) -> str:
 # must not exceed it is flagged (``!`` in the table, a warning; the Monte Carlo forms' own
 # error is ~1%).
 CONSISTENCY_TOLERANCE = 0.02
+
+
+# Relative distance of a quantized scheme's correlated headline from its baseline within which
+# the figure is the baseline's (cr49): the full form's determined case reads it to ~1e-15 (the
+# per-record cap ties it), far below any Monte Carlo or rounding difference of a real credit
+BASELINE_TIE_RTOL = 1e-9
+
+
+def float_determined(s: SchemeResult) -> bool:
+    """Whether a scheme quantizes weights (some ``kappa < 1``) yet its correlated headline is the
+    unquantized one because the weights left in float determine the quantized ones through the
+    fitted correlation (``exact_determination["determined"]``, functional.correlated.ExactSpan),
+    or equals the baseline within :data:`BASELINE_TIE_RTOL` (relative) for another reason: ``=``
+    in the table, one warning (assess._consistency_warnings; cr49)."""
+    if s.error or s.quantized_fraction <= 0 or s.covariance not in ("full", "factor"):
+        return False
+    if s.exact_determination is not None and s.exact_determination.get("determined"):
+        return True
+    lk, base = float(s.leakage), float(s.baseline_leakage)
+    return (s.d_eff < s.d and math.isfinite(lk) and math.isfinite(base)
+            and abs(lk - base) <= BASELINE_TIE_RTOL * max(abs(base), 1e-300))
 
 
 #: d / n, or a scheme's d_eff / n, above which the asymptotic regime (d_eff << n, docs/method.md

