@@ -1661,24 +1661,19 @@ class ParamGrid:
             return hit[1]
         key = _fact_key(src)
         numel = math.prod(self.shape)
-
-        def rows(t: Tensor | None) -> Tensor:
-            if t is None:  # (a zero point of None: zeros, as _block_facts reads it)
-                return torch.zeros(lo.shape, dtype=torch.float64)
-            return _block_rows(t.to(torch.float64), self.block_size, self.shape, 0, numel)
-
-        lo = _block_rows(self.support[0].to(torch.float64), self.block_size, self.shape, 0, numel)
-        hi, sc, zp = rows(self.support[1]), rows(self.scale), rows(self.zero_point)
+        vals = self._block_values(0, numel) if numel else None
         out = None
-        if numel and bool((sc > 0).all()) and bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()) \
-                and bool((lo < hi).all()):
+        if vals is not None:
+            lo, hi, sc, zp = vals
             cube = self._cube_sums(lo, hi, sc, zp).reshape(lo.shape)
             out = (cube, (hi - lo).amax(1), cube.amax(1), torch.maximum(lo.abs(), hi.abs()).amax(1))
         self.__dict__["_whole_block_fact"] = (key, out)
         return out
 
-    def _block_facts(self, start: int, end: int, theta_max: float) -> tuple[Tensor, float, float, float] | None:
-        """:meth:`_bounded_blocks` computed (its checks of the grid passed)."""
+    def _block_values(self, start: int, end: int) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """``(lower, upper, scale, zero point)`` ``[r, nb]`` float64 of the blocks of the rows
+        elements ``start:end`` touch (:func:`_block_rows`), or ``None`` where some block is dead
+        (scale not positive) or its bounds infinite or empty (:meth:`_block_facts`' checks)."""
         assert self.support is not None
 
         def rows(t: Tensor | None) -> Tensor:
@@ -1691,6 +1686,14 @@ class ParamGrid:
         if not bool((sc > 0).all()) or not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()) \
                 or not bool((lo < hi).all()):
             return None  # dead blocks (kappa 0), infinite or empty bounds: the paths
+        return lo, hi, sc, zp
+
+    def _block_facts(self, start: int, end: int, theta_max: float) -> tuple[Tensor, float, float, float] | None:
+        """:meth:`_bounded_blocks` computed (its checks of the grid passed)."""
+        vals = self._block_values(start, end)
+        if vals is None:
+            return None
+        lo, hi, sc, zp = vals
         cube = self._cube_sums(lo, hi, sc, zp).reshape(lo.shape)
         c3 = float(cube.max())
         reach = theta_max + float(torch.maximum(lo.abs(), hi.abs()).max())
