@@ -2248,7 +2248,7 @@ def _param_moments(est: Estimate, prep: _Prepared, name: str, chunk: int, gen: t
     lam_draws = torch.empty(D, numel, dtype=torch.float64)
     for a in range(0, numel, chunk):
         b = min(a + chunk, numel)
-        xi = torch.randn(_draw_noise_rows(D, est.d == 1), b - a, dtype=torch.float64, generator=gen)
+        xi = _draw_normals(_draw_noise_rows(D, est.d == 1), b - a, gen)
         if g.rounding != "nearest" or D == 0:
             draws[:, a:b], lam_draws[:, a:b] = k[a:b], lam[a:b]
         else:
@@ -2445,6 +2445,31 @@ def _draw_noise_rows(draws: int, with_lam: bool = False) -> int:
     if with_lam or draws < BUILT_DRAWS_MIN:
         return 2 + draws
     return 2 + max((draws + 1) // 2, BUILT_DRAWS_MIN - 1)
+
+
+# On, the bootstrap draws' standard normals ``xi`` (one block per chunk, shared by every scheme) are
+# drawn in float32 and widened to float64, the precision of every later step: torch fills float32
+# normals with its vectorized Box-Muller, ~5x faster than its float64 fill, which is scalar (p49b:
+# 0.104 -> 0.020 s for a steady 1e7 call's 40 blocks of [10, 16384]; ~0.08 s of ~5.2 s). Another
+# realization of the same draws, not a rounding of the old one: each normal is Box-Muller on
+# 24-bit uniforms, so |xi| <= sqrt(48 ln 2) = 5.77 (float64's 53-bit uniforms: 8.57), a truncation
+# of probability 8e-9 per normal, and the moments match N(0, 1) to the Monte Carlo error (1e8 draws:
+# var 0.99988, m4 2.9996). Only the interval's ends (p10 / p90, Monte Carlo estimates) move: by
+# <= 3.1e-6 of the width at 1e7, 2e-8 at 1e5; but on tests/test_sampled_draws.py's small MLP, where
+# the draws are the width, the sampled-vs-full check (5% of the width, one realization) read 6%
+# (docs/benchmarks.md, "p49b"). Off by default until the lead decides (a stream change; that
+# tolerance then re-derived). The float32 fill's vectorized log / cos may round differently on
+# another CPU's instruction set (as the GEMMs may). False: float64 normals, the stream before p49b.
+DRAW_NORMALS_FLOAT32 = False
+
+
+def _draw_normals(rows: int, n: int, gen: torch.Generator) -> Tensor:
+    """``[rows, n]`` float64 standard normals from ``gen``: the bootstrap draws' positions ``xi``
+    (:func:`_joint_sums`, :func:`_param_moments`), drawn in float32 where
+    :data:`DRAW_NORMALS_FLOAT32` (then widened: exactly representable), else in float64."""
+    if DRAW_NORMALS_FLOAT32:
+        return torch.randn(rows, n, dtype=torch.float32, generator=gen).to(torch.float64)
+    return torch.randn(rows, n, dtype=torch.float64, generator=gen)
 
 
 def _draw_moments(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main: Tensor, xi: Tensor,
@@ -3188,10 +3213,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 # Every draw reads its positions on the sample only: draw them there (common random
                 # numbers: the sample's columns, the same for every scheme), not on the whole chunk
                 # (a sixteenth of the normals; randn was ~7% of a first call at 1e7, pf29).
-                xi_on_sample = torch.randn(_draw_noise_rows(D, est.d == 1), sample[0].numel(), dtype=torch.float64,
-                                           generator=gen)
+                xi_on_sample = _draw_normals(_draw_noise_rows(D, est.d == 1), sample[0].numel(), gen)
             elif D:
-                xi = torch.randn(_draw_noise_rows(D, est.d == 1), c, dtype=torch.float64, generator=gen)
+                xi = _draw_normals(_draw_noise_rows(D, est.d == 1), c, gen)
             ones = torch.ones(c, dtype=torch.float64)
             K, P, M4 = [ones], [], [torch.full((c,), 3.0, dtype=torch.float64)]
             P0: list[Tensor] = []

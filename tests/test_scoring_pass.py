@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import math
 
 import pytest
 import torch
@@ -140,6 +141,46 @@ def test_draws_differ_from_main_and_shared_across_schemes():
     assert max(float((d - main).abs().max()) for d in draws) > 1e-6 * float(main.abs().max())
     for b in range(8):
         assert torch.equal(sums[name][2 + b].s2, sums[name][12 + b].s2)
+
+
+def test_draw_normals_float32_rule(monkeypatch):
+    """DRAW_NORMALS_FLOAT32 (p49b): the draws' normals are the generator's float32 normals widened
+    to float64 (bitwise), with N(0, 1)'s mean, variance and fourth moment to 5 standard errors of
+    2e6 normals, and |xi| <= sqrt(48 ln 2) (Box-Muller on 24-bit uniforms); off: the float64
+    stream, as before p49b."""
+    monkeypatch.setattr(A, "DRAW_NORMALS_FLOAT32", True)
+    x = A._draw_normals(20, 100_000, torch.Generator().manual_seed(5))
+    ref = torch.randn(20, 100_000, dtype=torch.float32, generator=torch.Generator().manual_seed(5))
+    assert x.dtype == torch.float64 and torch.equal(x, ref.to(torch.float64))
+    n = x.numel()
+    assert abs(float(x.mean())) < 5 / math.sqrt(n)
+    assert abs(float(x.square().mean()) - 1.0) < 5 * math.sqrt(2 / n)
+    assert abs(float(x.pow(4).mean()) - 3.0) < 5 * math.sqrt(96 / n)
+    assert float(x.abs().max()) <= math.sqrt(48 * math.log(2))
+    monkeypatch.setattr(A, "DRAW_NORMALS_FLOAT32", False)
+    y = A._draw_normals(20, 100_000, torch.Generator().manual_seed(5))
+    assert torch.equal(y, torch.randn(20, 100_000, dtype=torch.float64, generator=torch.Generator().manual_seed(5)))
+
+
+def test_joint_pass_draws_read_the_normals_switch(monkeypatch):
+    """The joint pass takes its draws' normals from _draw_normals: with DRAW_NORMALS_FLOAT32 on and
+    off the baseline, main and pool columns are bitwise the same and the draws' columns differ (another
+    realization; each equals the per-draw path on its own normals: test_one_pass_equals_per_draw_path)."""
+    model, est = _estimate("factored")
+    out = {}
+    for flag in (True, False):
+        monkeypatch.setattr(A, "DRAW_NORMALS_FLOAT32", flag)
+        out[flag] = A._joint_sums(est, _prepared(est, model), 1 << 18, 0, keep_moments=False)
+    moved = 0
+    for name in est.names:
+        col = 1
+        for _ in SCHEMES:
+            for m in (0, col, col + 17):  # baseline, main, pool
+                assert torch.equal(out[True][name][m].s2, out[False][name][m].s2)
+            moved += sum(not torch.equal(out[True][name][m].s2, out[False][name][m].s2)
+                         for m in range(col + 1, col + 17))
+            col += 18
+    assert moved > 0
 
 
 def test_position_free_elements_keep_their_kappa_exactly():

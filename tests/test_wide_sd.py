@@ -254,6 +254,49 @@ def test_draws_keep_kappa_where_it_cannot_leave_one_minus_S(scheme):
             assert 0.0 <= dk <= float(S[i]) * (1 + 1e-12), (i, xi, dk, float(S[i]))
 
 
+@pytest.mark.parametrize("scheme", ["rtn_int4", "int8_weight_only", "intx_weight_only_int4_g32_asym",
+                                    "float8_weight_only"])
+def test_whole_block_facts_give_the_per_chunk_facts_bitwise(scheme, monkeypatch):
+    """``qb.WHOLE_BLOCK_FACTS`` (p49b): a chunk's per-block facts read off the whole parameter's
+    (kept on the grid) equal the per-chunk computation bitwise: ``chunk_deficit_bound`` and
+    ``chunk_wide_deficit`` (C3 per block, lam, err, S_max) on whole rows, partial rows and the whole
+    weight; a grid with a dead block (scale 0) falls back to the per-chunk facts (``inf`` on the
+    chunks that touch it, the same figures elsewhere)."""
+    if scheme != "rtn_int4":
+        pytest.importorskip("torchao")
+    monkeypatch.setattr(qb, "REUSE_CHUNK_FACTS", False)  # (each call computes its facts)
+    g, theta = _grid(scheme)
+    c = theta.numel()
+    scale, zp, _, _, bounds = g._chunk_grid(0, c)
+    sd = 10.0 * float((bounds[1].to(F64) - bounds[0].to(F64)).max())
+    tmax = float(theta.abs().max())
+    ranges = [(0, 128), (128, 512), (37, 300), (0, c), (448, 512)]
+
+    def facts(grid, whole):
+        monkeypatch.setattr(qb, "WHOLE_BLOCK_FACTS", whole)
+        return [(grid.chunk_deficit_bound(a, b, sd, tmax), grid.chunk_wide_deficit(a, b, (2 * sd, 3 * sd), tmax))
+                for a, b in ranges]
+
+    def same(x, y):
+        for (bx, wx), (by, wy) in zip(x, y):
+            assert bx == by and (wx is None) == (wy is None)
+            if wx is not None:
+                assert torch.equal(wx[0], wy[0]) and wx[1:] == wy[1:]
+
+    old = facts(g, False)
+    assert "_whole_block_fact" not in g.__dict__
+    new = facts(g, True)
+    assert g.__dict__["_whole_block_fact"][1] is not None  # (the whole facts were read)
+    assert all(math.isfinite(b) for b, _ in new) and all(w is not None for _, w in new)
+    same(new, old)
+    g.scale = g.scale.clone()
+    g.scale.view(-1)[g.scale.numel() // 2] = 0.0  # a dead block in row 4 (elements 256:320)
+    dead = facts(g, True)
+    assert g.__dict__["_whole_block_fact"][1] is None
+    same(dead, facts(g, False))
+    assert [math.isinf(b) for b, _ in dead] == [False, True, True, True, False]
+
+
 @pytest.mark.parametrize("scheme", ["rtn_int4", "intx_weight_only_int4_g32_asym", "float8_weight_only"])
 def test_chunk_deficit_bound_holds_at_every_position(scheme):
     """``ParamGrid.chunk_deficit_bound`` (the joint pass's unit-kappa chunks, ``assess.UNIT_KAPPA``)
