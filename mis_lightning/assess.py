@@ -157,6 +157,15 @@ def _dtype_bits(t: Tensor) -> int:
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 
+def never_moved(sigma: Tensor) -> Tensor:
+    """Boolean mask (``sigma``'s shape) of the weights no record's gradient moves: sd 0
+    (``sigma <= 0``; float32-held, so none lies between 0 and float64's tiny, the moments
+    paths' floor). They leak nothing (their influences are 0), so ``d_eff`` counts them 0 and
+    the pinned share 1 in every release, float or grid, whatever kappa the cell moments give
+    them there (a revealed block absmax: 1; one exactly on a cell edge: 2/pi; de49)."""
+    return sigma <= 0
+
+
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
     ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). A tied weight may be
@@ -2134,10 +2143,10 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
         g = prep.grids.get(name)
         if g is None:
             bits, zero = _dtype_bits(params[name]), 0.0
-            frz = int((est.sigma[name] <= 0).sum())
+            frz = int(never_moved(est.sigma[name]).sum())
             if name not in stored:
                 # a weight the data never moves (sigma 0: no record's influence reaches it) leaks
-                # nothing, in float as on a grid, where the pass pins it (kappa 0): it counts 0 in d_eff
+                # nothing, in float as on a grid (where the pass counts it 0 whatever its kappa): 0 in d_eff
                 prep.d_eff += float(numel - frz)
                 prep.frozen += frz
         else:
@@ -2857,8 +2866,9 @@ def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
             grid = ka > mc.kappa
             prep.requant_moments[k] = (torch.where(grid, ka, mc.kappa), torch.where(grid, m4a, mc.m4),
                                        torch.where(grid, lama, mc.lam))
-            d_an += float(ka.sum())
-            d_max += float(prep.requant_moments[k][0].sum())
+            moved = ~never_moved(est.sigma[k].reshape(-1))  # (the never-moved count 0, as in the pass)
+            d_an += float(ka.reshape(-1)[moved].sum())
+            d_max += float(prep.requant_moments[k][0].reshape(-1)[moved].sum())
         prep.notes.append(
             f"rounding {prep.grids[name].rounding!r} is not nearest: {len(names)} parameter(s) scored by "
             f"Monte Carlo re-quantization ({rq.num_draws} draws of the scheme re-run, calibration "
@@ -3023,6 +3033,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
     for pi, name in enumerate(est.names):
         numel = est.theta[name].numel()
         th, sg = est.theta[name], est.sigma[name]
+        # the weights no record moves count 0 in d_eff and as pinned whatever kappa their cell gives
+        # them (a revealed absmax has kappa 1, one on a cell edge 2/pi: de49), as in float layers
+        still = never_moved(sg.reshape(-1)).nonzero().squeeze(1)
         reader = _InfluenceReader(est, name)
         step = max(1, chunk // reader.unit) * reader.unit
         active = [p for p in prepared if name in p.grids]
@@ -3093,6 +3106,11 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             b = min(a + step, numel)
             c = b - a
             th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
+            # the chunk's never-moved weights (offsets in the chunk), or None
+            still_c = None
+            if still.numel():
+                lo_i, hi_i = (int(v) for v in torch.searchsorted(still, torch.tensor([a, b])))
+                still_c = still[lo_i:hi_i] - a if hi_i > lo_i else None
             # the pool protocol's sd, one tensor for every grid (their calls share its sd-0 facts, ws37)
             sg_pool = sg_c / POOL_SIGMA_RATIO
             # per scheme: (basis, mix, groups); subsampled: over the sample's elements only
@@ -3261,6 +3279,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 M4.append(m4_c)
                 P.append(kp_c)
                 deltas.append(delta)
+                if still_c is not None:  # never moved: 0 in d_eff, pinned, whatever their kappa
+                    k_still = k_c[still_c]
+                    k_sum -= float(k_still.sum())
+                    k_frz += int((k_still >= FROZEN_KAPPA).sum())
                 ksum[j] += k_sum
                 frz[j] += k_frz
             if reader.streaming and SHARE_EQUAL_COLUMNS:
