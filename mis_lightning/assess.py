@@ -334,20 +334,29 @@ def _position_warning(report: Report) -> str | None:
 
 
 def _d_over_n_warning(d: int, n: int, d_eff_over_n: Mapping[str, float] | None = None,
-                      num_schemes: int = 0) -> str:
+                      num_schemes: int = 0, still: int = 0) -> str:
     """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
-    influences; method.md section 2) and the baseline (``d_eff = d``) are then outside the
+    influences; method.md section 2) and the baseline (``d_eff = d`` less the ``still`` weights
+    no record moves, :func:`never_moved`: the table's unquantized d_eff, de49) are then outside the
     asymptotic regime, whatever the schemes' ``d_eff``. ``d_eff_over_n``: the schemes (of
     ``num_schemes``) whose own ``d_eff / n`` is above it too, named in the same warning
     (:data:`D_EFF_STILL_LARGE`; the separate d_eff / n warning said nearly the same, ux29)."""
     # the schemes between the cause and the consequence: the warning still ends with its action (fu28)
     schemes = (_d_eff_over_n_sentence(d_eff_over_n, num_schemes, D_EFF_STILL_LARGE) + ". ") if d_eff_over_n else ""
     return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
-            "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
+            f"influences and the unquantized baseline ({_baseline_d_eff_words(d, still)}) come from a normal approximation "
             f"of the trained weights that needs d << n. {schemes}Every figure, low d_eff included, is therefore "
             "indicative only and can read below what real attacks achieve (8-10% below on a tanh MLP at "
             "d / n = 0.10: docs/validation.md). To act: assess fewer weights (e.g. a head over a frozen "
             "encoder) or use more records")
+
+
+def _baseline_d_eff_words(d: int, still: int) -> str:
+    """The unquantized baseline's d_eff in words: ``d_eff = d``, or with ``still`` weights no record
+    moves (they count 0, :func:`never_moved`) its figure, d less them (the table's ``d_eff``)."""
+    if not still:
+        return "d_eff = d"
+    return f"d_eff = {d - still:,}: d less the {still:,} weights no record moves"
 
 
 #: how the d / n warning names the schemes whose own d_eff / n is not small either (the aggregate
@@ -1411,7 +1420,7 @@ def score_schemes(
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
     # Whole parameters the data never moves (no gradient variance on any record: sigma 0): a
     # parameter the forward does not use, or frozen in effect. They carry no leakage, but were
-    # counted silently in d (and in the baseline's d_eff).
+    # counted silently in d (not in any d_eff: never_moved).
     unused = [k for k in est.names if est.sigma[k].numel() and not bool(est.sigma[k].any())]
     if unused:
         size = sum(est.sigma[k].numel() for k in unused)
@@ -1458,9 +1467,10 @@ def score_schemes(
             "and the figures by a few percent at d / n above 0.1); leverage_correction=False gives the first-order "
             "forms, which do not")
     large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
-    if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
+    if est.d / n > D_EFF_OVER_N_MAX:  # sigma's estimate needs d << n (the baseline's d_eff: d less the never moved)
         # one warning: the schemes' own d_eff / n only adds which of them stay above the bound
-        report.warnings.append(_d_over_n_warning(est.d, n, large, len(scheme_objs)))
+        still = sum(int(never_moved(est.sigma[k]).sum()) for k in est.names)
+        report.warnings.append(_d_over_n_warning(est.d, n, large, len(scheme_objs), still))
     if lev:  # its own warning: joined to the d / n one it buried that one's action (fu28: 1,379 characters)
         report.warnings.append(lev)
     if large and est.d / n <= D_EFF_OVER_N_MAX:  # d_eff > d: not expected (kappa <= 1), said if it happens
