@@ -58,10 +58,13 @@ def _model_and_data() -> tuple[nn.Linear, DataLoader]:
     return lin, DataLoader(TensorDataset(x, y), batch_size=40)
 
 
-@pytest.fixture(scope="module")
-def case():
+@pytest.fixture(scope="module", params=["exact", "diagonal"])
+def case(request):
+    """The model and its report, by the exact estimator (the default at d = 50) and the diagonal
+    one (nux49's: sd 0 from the per-sample gradient variances)."""
     lin, loader = _model_and_data()
-    rep = assess(lin, SCHEMES, loader, _loss, weight_decay=1e-3)
+    rep = assess(lin, SCHEMES, loader, _loss, weight_decay=1e-3, estimation=request.param)
+    assert rep.estimation["mode"] == request.param
     return lin, rep
 
 
