@@ -3047,7 +3047,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
         # them (a revealed absmax has kappa 1, one on a cell edge 2/pi: de49), as in float layers
         # (the min first: the mask's nonzero costs ~23 ms at 1e7 weights, the min ~5 ms, one thread)
         still = never_moved(sg.reshape(-1)).nonzero().squeeze(1) if sg.numel() and bool(never_moved(sg.min())) \
-            else torch.zeros(0, dtype=torch.int64)
+            else torch.zeros(0, dtype=torch.int64, device=sg.device)
         reader = _InfluenceReader(est, name)
         step = max(1, chunk // reader.unit) * reader.unit
         active = [p for p in prepared if name in p.grids]
@@ -3121,7 +3121,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             # the chunk's never-moved weights (offsets in the chunk), or None
             still_c = None
             if still.numel():
-                lo_i, hi_i = (int(v) for v in torch.searchsorted(still, torch.tensor([a, b])))
+                lo_i, hi_i = (int(v) for v in torch.searchsorted(still, torch.tensor([a, b], device=still.device)))
                 still_c = still[lo_i:hi_i] - a if hi_i > lo_i else None
             # the pool protocol's sd, one tensor for every grid (their calls share its sd-0 facts, ws37)
             sg_pool = sg_c / POOL_SIGMA_RATIO
