@@ -160,6 +160,15 @@ def _dtype_bits(t: Tensor) -> int:
 ParamSelection = Sequence[str] | Callable[[str, Tensor], bool] | None
 
 
+def never_moved(sigma: Tensor) -> Tensor:
+    """Boolean mask (``sigma``'s shape) of the weights no record's gradient moves: sd 0
+    (``sigma <= 0``; float32-held, so none lies between 0 and float64's tiny, the moments
+    paths' floor). They leak nothing (their influences are 0), so ``d_eff`` counts them 0 and
+    the pinned share 1 in every release, float or grid, whatever kappa the cell moments give
+    them there (a revealed block absmax: 1; one exactly on a cell edge: 2/pi; de49)."""
+    return sigma <= 0
+
+
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     """Names of the parameters to assess, checked: ``params`` is a list of names, a predicate
     ``(name, parameter) -> bool`` or ``None`` (every trainable parameter). A tied weight may be
@@ -328,20 +337,29 @@ def _position_warning(report: Report) -> str | None:
 
 
 def _d_over_n_warning(d: int, n: int, d_eff_over_n: Mapping[str, float] | None = None,
-                      num_schemes: int = 0) -> str:
+                      num_schemes: int = 0, still: int = 0) -> str:
     """The warning for ``d / n`` above :data:`D_EFF_OVER_N_MAX`: the estimate itself (sigma, the
-    influences; method.md section 2) and the baseline (``d_eff = d``) are then outside the
+    influences; method.md section 2) and the baseline (``d_eff = d`` less the ``still`` weights
+    no record moves, :func:`never_moved`: the table's unquantized d_eff, de49) are then outside the
     asymptotic regime, whatever the schemes' ``d_eff``. ``d_eff_over_n``: the schemes (of
     ``num_schemes``) whose own ``d_eff / n`` is above it too, named in the same warning
     (:data:`D_EFF_STILL_LARGE`; the separate d_eff / n warning said nearly the same, ux29)."""
     # the schemes between the cause and the consequence: the warning still ends with its action (fu28)
     schemes = (_d_eff_over_n_sentence(d_eff_over_n, num_schemes, D_EFF_STILL_LARGE) + ". ") if d_eff_over_n else ""
     return (f"d / n = {d / n:.3g} is not small ({d:,} assessed weights, {n:,} records): sigma, the "
-            "influences and the unquantized baseline (d_eff = d) come from a normal approximation "
+            f"influences and the unquantized baseline ({_baseline_d_eff_words(d, still)}) come from a normal approximation "
             f"of the trained weights that needs d << n. {schemes}Every figure, low d_eff included, is therefore "
             "indicative only and can read below what real attacks achieve (8-10% below on a tanh MLP at "
             "d / n = 0.10: docs/validation.md). To act: assess fewer weights (e.g. a head over a frozen "
             "encoder) or use more records")
+
+
+def _baseline_d_eff_words(d: int, still: int) -> str:
+    """The unquantized baseline's d_eff in words: ``d_eff = d``, or with ``still`` weights no record
+    moves (they count 0, :func:`never_moved`) its figure, d less them (the table's ``d_eff``)."""
+    if not still:
+        return "d_eff = d"
+    return f"d_eff = {d - still:,}: d less the {still:,} weights no record moves"
 
 
 #: how the d / n warning names the schemes whose own d_eff / n is not small either (the aggregate
@@ -1447,7 +1465,7 @@ def score_schemes(
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
     # Whole parameters the data never moves (no gradient variance on any record: sigma 0): a
     # parameter the forward does not use, or frozen in effect. They carry no leakage, but were
-    # counted silently in d (and in the baseline's d_eff).
+    # counted silently in d (not in any d_eff: never_moved).
     unused = [k for k in est.names if est.sigma[k].numel() and not bool(est.sigma[k].any())]
     if unused:
         size = sum(est.sigma[k].numel() for k in unused)
@@ -1494,9 +1512,10 @@ def score_schemes(
             "and the figures by a few percent at d / n above 0.1); leverage_correction=False gives the first-order "
             "forms, which do not")
     large = {k: s.d_eff / n for k, s in report.schemes.items() if not s.error and s.d_eff / n > D_EFF_OVER_N_MAX}
-    if est.d / n > D_EFF_OVER_N_MAX:  # the unquantized baseline has d_eff = d
+    if est.d / n > D_EFF_OVER_N_MAX:  # sigma's estimate needs d << n (the baseline's d_eff: d less the never moved)
         # one warning: the schemes' own d_eff / n only adds which of them stay above the bound
-        report.warnings.append(_d_over_n_warning(est.d, n, large, len(scheme_objs)))
+        still = sum(int(never_moved(est.sigma[k]).sum()) for k in est.names)
+        report.warnings.append(_d_over_n_warning(est.d, n, large, len(scheme_objs), still))
     if lev:  # its own warning: joined to the d / n one it buried that one's action (fu28: 1,379 characters)
         report.warnings.append(lev)
     if large and est.d / n <= D_EFF_OVER_N_MAX:  # d_eff > d: not expected (kappa <= 1), said if it happens
@@ -2202,10 +2221,10 @@ def _prepare_scheme(est: Estimate, model: nn.Module, scheme: QuantizationScheme,
         g = prep.grids.get(name)
         if g is None:
             bits, zero = _dtype_bits(params[name]), 0.0
-            frz = int((est.sigma[name] <= 0).sum())
+            frz = int(never_moved(est.sigma[name]).sum())
             if name not in stored:
                 # a weight the data never moves (sigma 0: no record's influence reaches it) leaks
-                # nothing, in float as on a grid, where the pass pins it (kappa 0): it counts 0 in d_eff
+                # nothing, in float as on a grid (where the pass counts it 0 whatever its kappa): 0 in d_eff
                 prep.d_eff += float(numel - frz)
                 prep.frozen += frz
         else:
@@ -2963,8 +2982,9 @@ def _requantized_moments(est: Estimate, prep: _Prepared, name: str, chunk: int,
             grid = ka > mc.kappa
             prep.requant_moments[k] = (torch.where(grid, ka, mc.kappa), torch.where(grid, m4a, mc.m4),
                                        torch.where(grid, lama, mc.lam))
-            d_an += float(ka.sum())
-            d_max += float(prep.requant_moments[k][0].sum())
+            moved = ~never_moved(est.sigma[k].reshape(-1))  # (the never-moved count 0, as in the pass)
+            d_an += float(ka.reshape(-1)[moved].sum())
+            d_max += float(prep.requant_moments[k][0].reshape(-1)[moved].sum())
         prep.notes.append(
             f"rounding {prep.grids[name].rounding!r} is not nearest: {len(names)} parameter(s) scored by "
             f"Monte Carlo re-quantization ({rq.num_draws} draws of the scheme re-run, calibration "
@@ -3129,6 +3149,11 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
     for pi, name in enumerate(est.names):
         numel = est.theta[name].numel()
         th, sg = est.theta[name], est.sigma[name]
+        # the weights no record moves count 0 in d_eff and as pinned whatever kappa their cell gives
+        # them (a revealed absmax has kappa 1, one on a cell edge 2/pi: de49), as in float layers
+        # (the min first: the mask's nonzero costs ~23 ms at 1e7 weights, the min ~5 ms, one thread)
+        still = never_moved(sg.reshape(-1)).nonzero().squeeze(1) if sg.numel() and bool(never_moved(sg.min())) \
+            else torch.zeros(0, dtype=torch.int64, device=sg.device)
         reader = _InfluenceReader(est, name)
         step = max(1, chunk // reader.unit) * reader.unit
         active = [p for p in prepared if name in p.grids]
@@ -3199,6 +3224,11 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             b = min(a + step, numel)
             c = b - a
             th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
+            # the chunk's never-moved weights (offsets in the chunk), or None
+            still_c = None
+            if still.numel():
+                lo_i, hi_i = (int(v) for v in torch.searchsorted(still, torch.tensor([a, b], device=still.device)))
+                still_c = still[lo_i:hi_i] - a if hi_i > lo_i else None
             # the pool protocol's sd, one tensor for every grid (their calls share its sd-0 facts, ws37)
             sg_pool = sg_c / POOL_SIGMA_RATIO
             # per scheme: (basis, mix, groups); subsampled: over the sample's elements only
@@ -3366,6 +3396,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 M4.append(m4_c)
                 P.append(kp_c)
                 deltas.append(delta)
+                if still_c is not None:  # never moved: 0 in d_eff, pinned, whatever their kappa
+                    k_still = k_c[still_c]
+                    k_sum -= float(k_still.sum())
+                    k_frz += int((k_still >= FROZEN_KAPPA).sum())
                 ksum[j] += k_sum
                 frz[j] += k_frz
             if reader.streaming and SHARE_EQUAL_COLUMNS:

@@ -76,10 +76,11 @@ class SchemeResult:
     and ``interval_regime`` how it was built (method.md section 3, "The uncertainty
     interval"): ``"position-dominated"`` (few coarse weights: the range over where their
     population values sit in their cells) or ``"averaged"`` (many: the widened parametric
-    bootstrap spread); ``d_eff = sum kappa``;
+    bootstrap spread); ``d_eff = sum kappa`` over the weights the data moves (sd > 0: the
+    others leak nothing and count 0, method.md section 3);
     ``pinned_fraction`` = share of assessed weights with ``kappa < 1e-6`` (pinned to one
-    cell by the quantization: not to be confused with frozen ``requires_grad=False``
-    parameters); ``zero_fraction`` = share of quantized weights released as exactly 0 (the
+    cell by the quantization) or sd 0 (never moved by the data: not to be confused with
+    frozen ``requires_grad=False`` parameters); ``zero_fraction`` = share of quantized weights released as exactly 0 (the
     old names ``frozen_fraction`` / ``sparsity`` still read, with a DeprecationWarning, and
     old JSON keys load); ``bits_per_weight`` averages the
     storage of all assessed weights (float ones at their dtype's width) including scales;

@@ -164,3 +164,25 @@ def test_torchao_negative_row_extreme_sits_on_an_edge():
         codes = get_scheme("intx_weight_only_int4_g32").apply(m).grids["0.weight"].codes
         seen |= set(codes[:, 0].tolist())
     assert seen <= {-8, -7} and len(seen) == 2
+
+
+def test_joint_d_eff_leaves_out_the_weights_no_draw_moves():
+    """de49: an element with sd 0 leaks nothing and counts 0 in ``requantize_joint``'s d_eff, even
+    a row's absmax, which the release reveals (kappa 1). Reference: the sum of the moments' kappa
+    over the elements of sd > 0 (before: over every element, +1 per revealed sd-0 absmax)."""
+    from mis_lightning.quantization.requantize import requantize_joint
+
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Linear(32, 4))
+    with torch.no_grad():
+        w = 0.1 * torch.randn(4, 32, generator=g)
+        w[:, 0] = 0.6  # each row's absmax: revealed
+        model[0].weight.copy_(w)
+    sd = torch.full((4, 32), 0.01)
+    sd[:, 0] = 0.0  # the revealed absmax of every row: never moved
+    sd[0, 5:9] = 0.0  # and a few inside their cells
+    jr = requantize_joint("rtn_int4", model, {"0.weight": sd}, num_draws=16, groups=2)
+    k = jr.moments["0.weight"].kappa.reshape(4, 32)
+    assert torch.equal(k[:, 0], torch.ones(4, dtype=k.dtype))  # revealed: kappa 1 in the moments
+    assert jr.d_eff == pytest.approx(float(k[sd > 0].sum()), rel=1e-12)
+    assert jr.d_eff <= float(k.sum()) - 4.0 + 1e-9

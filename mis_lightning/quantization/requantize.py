@@ -312,7 +312,8 @@ class JointRequant:
             exactly -- ``ParamGrid.revealed`` -- set to the unquantized moments: kappa 1).
         num_draws: ``S``.
         seed: the seed of the draws (the same for every scheme: common random numbers).
-        d_eff: ``sum kappa`` over the re-quantized elements.
+        d_eff: ``sum kappa`` over the re-quantized elements that move (``sigma > 0``: one with sd
+            0 leaks nothing and counts 0 even where revealed, as in the scoring pass; de49).
         d_eff_se: its Monte Carlo standard error (delete-a-group jackknife over the draws).
         seconds: wall time of the ``S`` scheme runs.
     """
@@ -404,14 +405,16 @@ def requantize_joint(
             codes[n][s] = release_codes(res.grids[n]).cpu()
     seconds = time.perf_counter() - t0
     moments = {n: _reveal(conditional_mean_moments(codes[n], noise[n]), base.grids[n].revealed) for n in want}
-    d_eff = float(sum(float(m.kappa.sum()) for m in moments.values()))
+    # the elements no draw moves (sd 0) leak nothing: 0 in d_eff whatever their kappa (a revealed one: 1)
+    moved = {n: sig[n].reshape(-1).cpu() > 0 for n in want}
+    d_eff = float(sum(float(moments[n].kappa[moved[n]].sum()) for n in want))
     # delete-a-group jackknife of d_eff over the draws (the estimator is not a mean of draws)
     cut = torch.arange(num_draws) % groups
     reps = []
     for g in range(groups):
         keep = cut != g
         reps.append(sum(float(_reveal(conditional_mean_moments(codes[n][keep], noise[n][keep]),
-                                      base.grids[n].revealed).kappa.sum()) for n in want))
+                                      base.grids[n].revealed).kappa[moved[n]].sum()) for n in want))
     r = torch.tensor(reps, dtype=torch.float64)
     se = float(((groups - 1) / groups * ((r - r.mean()) ** 2).sum()).sqrt()) if want else 0.0
     return JointRequant(moments=moments, num_draws=num_draws, seed=seed, d_eff=d_eff, d_eff_se=se,
