@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import mis_lightning.functional.bounds as B
+import mis_lightning.functional.fastpath as fp
 import mis_lightning.quantization.base as qb
 from tests.test_wide_sd import _grid  # a torch.nn.Linear's weights (x3) and the scheme's grid
 
@@ -66,6 +67,9 @@ def test_bounded_moments_bitwise_the_same_with_fewer_ndtr(scheme, kappa_only, sp
         sigma = scale * torch.exp(torch.empty(c, dtype=F64).uniform_(-3.0, -1.0, generator=gen))
     # the wide-sd closed form off: every element on the grid paths and their bounds
     monkeypatch.setattr(qb, "WIDE_SD_CLOSED_FORM", False)
+    # no self-check sample: the guard's periodic recheck (a process-wide call count) evaluates the
+    # reference path's ndtr in whichever call it falls on (the full suite read 11 against 8)
+    monkeypatch.setattr(fp.GUARD, "sample_size", lambda *a, **k: 0)
     got, count = {}, {}
     for flag in (True, False):
         monkeypatch.setattr(B, "SPLIT_ON_EDGE", flag)
