@@ -16,8 +16,9 @@ layer each, and for every quantized scheme reads, besides the report's headline:
   rule, assess._correlated_leakage).
 
 Models: ``mlp`` (an 8-8-8-1 tanh MLP, d = 153, n = 1500, trained here by L-BFGS) or ``cnn PATH``
-(a Conv2d+BatchNorm CNN, d = 387, n = 3000, the state dict at PATH, e.g.
-/work/scratch/nux49/b/small_cnn.pt of session 49):
+(a Conv2d+BatchNorm CNN, d = 387, n = 3000, the state dict at PATH: session 49's came from a
+newcomer's SGD training with weight decay 1e-3 and was not kept; any trained state dict of the
+architecture here serves):
 
     PYTHONPATH=. python benchmarks/float_determination.py mlp           # docs/benchmarks.md, "cr49"
     PYTHONPATH=. python benchmarks/float_determination.py cnn PATH
