@@ -104,8 +104,19 @@ class _Upcast(TorchFunctionMode):
         return t
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        args, kwargs = torch.utils._pytree.tree_map(self._up, (args, kwargs or {}))
-        return func(*args, **kwargs)
+        kwargs = dict(kwargs or {})
+        # a tensor the call writes (an in-place method's self, __setitem__'s, out=) is the loss's own:
+        # cast up it would be a copy, written and dropped, the loss's tensor never filled (rv49: a
+        # float32 buffer filled by l[:] = ... read all zeros); it keeps its dtype (the write rounds to it)
+        name = getattr(func, "__name__", "")
+        writes = name == "__setitem__" or (name.startswith("__i") and name.endswith("__")) or (
+            name.endswith("_") and not name.endswith("__"))
+        kept, rest = (args[:1], args[1:]) if writes and args else ((), args)
+        out = kwargs.pop("out", None)
+        rest, kwargs = torch.utils._pytree.tree_map(self._up, (rest, kwargs))
+        if out is not None:
+            kwargs["out"] = out
+        return func(*kept, *rest, **kwargs)
 
 
 class ComputeDtypeLoss:

@@ -346,7 +346,9 @@ def attention_head_tangents(heads: dict[str, tuple[int, int]], value: Callable[[
                             frozen.append((j, dw.reshape(-1)))
                 if frozen:  # the generators' combinations that leave every frozen tensor where it is
                     fixed = torch.stack([torch.cat([v for j2, v in frozen if j2 == j]) for j in range(len(gens))], 1)
-                    _, sv, Vh = torch.linalg.svd(fixed, full_matrices=True)
+                    # (Vh alone is read: the thin SVD where the frozen elements are at least the
+                    # generators, not the full [frozen, frozen] U of a large frozen projection; rv49)
+                    _, sv, Vh = torch.linalg.svd(fixed, full_matrices=fixed.shape[0] < fixed.shape[1])
                     rank = int((sv > 1e-12 * float(sv.max())).sum()) if sv.numel() and float(sv.max()) > 0 else 0
                     assessed = assessed @ Vh[rank:].T
                 cols.append(assessed)
