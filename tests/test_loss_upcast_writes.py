@@ -49,3 +49,25 @@ def test_upcast_loss_keeps_its_own_writes(loss_fn, monkeypatch):
     for _ in range(2):  # the deciding call and a later one
         got = wrapped(out, t).double()
         assert torch.allclose(got, ref, rtol=1e-6, atol=0.0), (loss_fn.__name__, got, ref)
+
+
+def _view_write(out, t):
+    loss = torch.zeros(out.shape[0], 1)
+    loss.view(-1)[:] = _ce(out, t)  # the view is taken of the upcast copy: this write is not seen
+    return loss.view(-1)
+
+
+def test_a_write_the_upcast_cannot_see_takes_the_cast_down_path(monkeypatch):
+    """A write through a view of the loss's buffer escapes _Upcast (the view op receives the cast
+    copy; the loss returned its zeros): the deciding call compares the cast-up losses with the
+    loss's own float32 arithmetic and takes the cast-down path, with its warning (lead, s49)."""
+    monkeypatch.setattr(P, "LOSS_UPCAST", True)
+    out = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 1, 1, 0, 1, 0])
+    ref = F.cross_entropy(out, t, reduction="none", weight=CW.double())
+    wrapped = P.ComputeDtypeLoss(_view_write, torch.float32)
+    with pytest.warns(UserWarning, match="arithmetic runs in float32"):
+        got = wrapped(out, t).double()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=0.0)
+    assert torch.allclose(wrapped(out, t).double(), ref, rtol=1e-6, atol=0.0)  # a later call too
+    assert not wrapped._cast_up.get(torch.float64)

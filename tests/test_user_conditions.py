@@ -128,7 +128,12 @@ def test_headline_stuck_at_the_baseline_on_a_singular_hessian_is_warned():
         assert rep.schemes[k].leakage == pytest.approx(base, rel=1e-3)  # the condition itself
         assert rep.schemes[k].leakage_independent < 0.9 * rep.diagnostics["baseline_leakage_independent"]
     (w,) = [w for w in rep.warnings if w.startswith("the correlated headline of")]
-    assert "rtn_int2 (independent form" in w and "rtn_int4 (independent form" in w and "upper bound" in w
+    assert "rtn_int2 (independent form" in w and "rtn_int4 (independent form" in w
+    # (cr49) why: the weights left in float span the fitted correlation's kept rank, so they
+    # determine the quantized ones; an upper bound where that runs beneath the rank rule, or else
+    # the old "does not rank" reading
+    assert "determine the quantized ones" in w or "upper bound" in w
+    assert all((rep.schemes[k].exact_determination or {}).get("determined") for k in ("rtn_int4", "rtn_int2"))
 
 
 class _Bag(nn.Module):

@@ -119,6 +119,26 @@ class _Upcast(TorchFunctionMode):
         return func(*kept, *rest, **kwargs)
 
 
+def _cast_down_agrees(fn: Any, outputs: Any, targets: Any, up: Any, ref: torch.dtype) -> Any:
+    """``None`` when the loss run under :class:`_Upcast` (``up``) agrees with the same loss on
+    inputs cast down to ``ref`` (its own arithmetic) within ``ref``'s rounding, else the cast-down
+    losses. The cast-up run sees every torch call but not a write through a view of a tensor the
+    loss holds (``buf.view(-1)[:] = ...``: the view is taken of the cast copy), whose losses then
+    read the buffer unfilled; one comparison on the deciding call catches it. Where the two cannot
+    be compared (a transform's batched tensors, other shapes) the cast-up run is kept."""
+    try:
+        down = fn(_floats_to(outputs, ref), _floats_to(targets, ref))
+        a, b = torch.as_tensor(up).detach().to(torch.float64), torch.as_tensor(down).detach().to(torch.float64)
+        if a.shape != b.shape:
+            return None
+        eps = torch.finfo(ref).eps
+        scale = float(torch.maximum(a.abs(), b.abs()).max()) if a.numel() else 0.0
+        ok = bool(((a - b).abs() <= 64 * eps * (a.abs() + b.abs()) + 64 * eps * scale).all())
+    except Exception:  # noqa: BLE001 - not comparable here: the cast-up run stands
+        return None
+    return None if ok else down
+
+
 class ComputeDtypeLoss:
     """``loss_fn`` made to run on outputs in the estimation's compute dtype.
 
@@ -192,8 +212,12 @@ class ComputeDtypeLoss:
             except Exception:  # noqa: BLE001 - the cast-down path below, and its warning
                 pass
             else:
-                self._cast_up[dtype] = True
-                return out
+                down_out = _cast_down_agrees(fn, outputs, targets, out, ref)
+                if down_out is None:
+                    self._cast_up[dtype] = True
+                    return out
+                # the cast-up run disagrees with the loss's own arithmetic: a write it cannot see (a
+                # view of a buffer the loss fills, rv49) left its losses unfilled; the cast-down path
         try:
             out = fn(_floats_to(outputs, ref), _floats_to(targets, ref))
         except Exception:  # noqa: BLE001 - the loss's own error is the one to show
