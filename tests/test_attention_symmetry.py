@@ -14,6 +14,7 @@ closed form), the Hessian projected off them and inverted by an exact eigendecom
 """
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -226,3 +227,86 @@ def test_attention_head_tangents_equal_the_group_actions_derivative_and_respect_
     sub = type("Sub", (nn.MultiheadAttention,), {"forward": lambda self, *a, **k: super(type(self), self).forward(*a, **k)})
     other = nn.Sequential(sub(E, HEADS))
     assert attention_heads(other) == {}
+
+
+def _frozen_span_reference(m, names, decay):
+    """The tangents' span with the frozen projections' moves in full (no QR reduction): for each
+    head and pair, every generator's moves of all present tensors, the combinations that leave the
+    frozen ones unchanged by a full SVD (the form before rv49's reduction)."""
+    S = importlib.import_module("mis_lightning.estimation.symmetries")
+    params = {k: p.detach().double() for k, p in m.named_parameters()}
+    offsets, o = {}, 0
+    for k in names:
+        offsets[k], o = (o, o + params[k].numel()), o + params[k].numel()
+    cols = []
+    for fqn, (num_heads, dh) in S.attention_heads(m, names).items():
+        prefix = f"{fqn}." if fqn else ""
+        for acts in S._HEAD_PAIRS.values():
+            present = [(prefix + t, third, how) for t, third, how in acts if prefix + t in params]
+            decayed = any(decay.get(k, 0.0) != 0.0 for k, _, _ in present)
+            for h in range(num_heads):
+                gens = [(a, c) for a in range(dh) for c in range(dh) if not decayed or a < c]
+                A, Fz = [], []
+                for a, c in gens:
+                    X = torch.zeros(dh, dh, dtype=torch.float64)
+                    X[a, c] = 1.0
+                    if decayed:
+                        X[c, a] = -1.0
+                    moved = {k: torch.zeros_like(params[k]) for k, _, _ in present}
+                    for k, third, how in present:
+                        w, dw = params[k], moved[k]
+                        if how == "right":
+                            dw[:, h * dh:(h + 1) * dh] = -w[:, h * dh:(h + 1) * dh] @ X
+                            continue
+                        start = (max(third, 0) * w.shape[0] // 3 if third >= 0 else 0) + h * dh
+                        M = X if how == "left" else -X.T
+                        flat_w, flat_d = w.reshape(-1) if w.dim() != 2 else w, dw.view(-1) if w.dim() != 2 else dw
+                        flat_d[start:start + dh] = M @ flat_w[start:start + dh]
+                    col = torch.zeros(o, dtype=torch.float64)
+                    for k in offsets:
+                        if k in moved:
+                            col[offsets[k][0]:offsets[k][1]] = moved[k].reshape(-1)
+                    A.append(col)
+                    Fz.append(torch.cat([moved[k].reshape(-1) for k in moved if k not in offsets] or [torch.zeros(0)]))
+                A = torch.stack(A, 1)
+                if Fz[0].numel():
+                    _, sv, Vh = torch.linalg.svd(torch.stack(Fz, 1), full_matrices=True)
+                    rank = int((sv > 1e-12 * float(sv.max())).sum())
+                    A = A @ Vh[rank:].T
+                cols.append(A)
+    return torch.cat(cols, 1)
+
+
+def _span(T):
+    U, s, _ = torch.linalg.svd(T, full_matrices=False)
+    r = int((s > 1e-9 * float(s.max())).sum()) if s.numel() else 0
+    return U[:, :r] @ U[:, :r].T, r
+
+
+@pytest.mark.parametrize("names, decay, kw", [
+    (["0.in_proj_weight"], {"0.in_proj_weight": 1e-3}, {}),             # out_proj and the biases frozen
+    (["0.in_proj_weight", "0.out_proj.weight"], {}, {"add_bias_kv": True}),  # the biases, bias_k / bias_v frozen
+    (["0.out_proj.weight"], {}, {"bias": False}),                       # in_proj frozen, out_proj assessed
+    (["0.in_proj_bias"], {}, {}),                                       # every projection frozen
+])
+def test_frozen_projections_reduced_give_the_same_span(names, decay, kw):
+    """rv49: a partly assessed MultiheadAttention's frozen projections entered the SVD in full
+    ([frozen elements, head_dim^2]: minutes at E = 64); each frozen head block is now its QR factor
+    (the same Gram matrix). The tangents' span equals the unreduced form's (projections within 1e-9)."""
+    S = importlib.import_module("mis_lightning.estimation.symmetries")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.MultiheadAttention(8, 2, **kw))
+    with torch.no_grad():  # rank-deficient head blocks: the frozen ones then keep some combinations
+        mha = m[0]
+        mha.out_proj.weight[:, 1] = mha.out_proj.weight[:, 0]        # head 0's out_proj block: rank 3 of 4
+        mha.in_proj_weight[17] = 2.0 * mha.in_proj_weight[16]        # head 0's value rows: rank 3 of 4
+        mha.in_proj_weight[1] = mha.in_proj_weight[0]                # head 0's query rows: rank 3 of 4
+        mha.in_proj_weight[9] = -mha.in_proj_weight[8]               # head 0's key rows: rank 3 of 4
+        if mha.in_proj_bias is not None:
+            mha.in_proj_bias.normal_()                                # (initialised to 0: no moves)
+    params = {k: p.detach().double() for k, p in m.named_parameters()}
+    got = S.attention_head_tangents(S.attention_heads(m, names), lambda k: params.get(k), names, decay)
+    ref = _frozen_span_reference(m, names, decay)
+    (P1, r1), (P0, r0) = _span(got), _span(ref)
+    assert r1 == r0 and r0 > 0  # (some combination kept: the frozen blocks matter)
+    assert float((P1 - P0).abs().max()) <= 1e-9
