@@ -261,3 +261,28 @@ def test_all_set_is_all():
             assert all_set(m) == bool(m.all())
             if n > 2:
                 assert all_set(m[::2]) == bool(m[::2].all())
+
+
+@pytest.mark.parametrize("dtype", CASTS)
+@pytest.mark.parametrize("side", [-1.0, 1.0])
+def test_a_block_reaching_past_one_end_only_takes_the_masks(dtype, side, monkeypatch):
+    """rv49: weights at one end of the format with sds of 0.12-0.22 of its largest value: every
+    element fine, reaches past that end's finite cells only; the whole-block shortcut must not take
+    them (its test of both ends is load-bearing: dropping the lower one changed every kappa here).
+    The scale-1 settle equals the general one and the windowed path bit for bit."""
+    values = cast_cell_values(dtype)
+    layout = T.table_layout(values, torch.device("cpu"))
+    fmax = float(torch.finfo(dtype).max)
+    g = torch.Generator().manual_seed(5)
+    n = 4096
+    th = side * fmax * (1 + torch.rand(n, generator=g, dtype=F64) * 0.001)
+    sg = fmax * (0.12 + 0.1 * torch.rand(n, generator=g, dtype=F64))
+    for kappa_only in (False, True):
+        new = _settle(th, sg, layout, kappa_only, True, monkeypatch)
+        old = _settle(th, sg, layout, kappa_only, False, monkeypatch)
+        assert torch.equal(new[-1], old[-1])
+        done = new[-1]
+        for a, b in zip(new[:-1], old[:-1]):
+            assert torch.equal(_bits(a[done]), _bits(b[done]))
+        win, _ = T._table_window_moments(th, sg, values, torch.ones_like(th), kappa_only)
+        assert torch.equal(_bits(new[0][done]), _bits(win.kappa[done]))
