@@ -14,6 +14,7 @@ variance inflation) cannot represent it. This module finds such layers on one fo
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -304,6 +305,20 @@ def _frozen_head_block(w: Tensor, name: str, third: int, how: str, h: int, dh: i
     return torch.linalg.qr(w[start: start + dh].T, mode="r")[1].T
 
 
+def _pins_every_generator(blocks: list[Tensor]) -> bool:
+    """Whether the frozen head blocks (:func:`_frozen_head_block`) leave no generator combination
+    (rv49): some square block's least singular value is above the SVD's rank cut (``1e-12`` of the
+    stacked moves' largest, which is at most the root of the sum of the blocks' largest squared).
+    ``X B = 0``, ``X' B = 0`` or ``W X = 0`` with such a block forces ``X = 0``, and the stacked
+    moves' least singular value is at least the block's: the SVD would keep none (the same answer,
+    without it)."""
+    mats = [b for b in blocks if b.shape[0] == b.shape[1] and b.numel()]
+    if not mats:
+        return False
+    top = math.sqrt(sum(float(torch.linalg.matrix_norm(b, 2)) ** 2 for b in blocks))
+    return top > 0 and any(float(torch.linalg.svdvals(b).min()) > 1e-12 * top for b in mats)
+
+
 def attention_head_tangents(heads: dict[str, tuple[int, int]], value: Callable[[str], Tensor | None],
                             names: list[str], decay: dict[str, float]) -> Tensor:
     """``[d, k]`` float64 tangents at the current weights of the attention heads' symmetries
@@ -340,6 +355,8 @@ def attention_head_tangents(heads: dict[str, tuple[int, int]], value: Callable[[
                 # (rv49: in_proj_bias assessed alone, E = 64, 2 heads, > 300 s)
                 small = {(k, third): _frozen_head_block(value(k), k, third, how, h, dh)
                          for k, third, how in present if k not in offsets}
+                if _pins_every_generator(list(small.values())):
+                    continue  # (the stacked moves have full rank: no combination is left; rv49)
                 for j, (a, c) in enumerate(gens):
                     X = torch.zeros(dh, dh, dtype=torch.float64)
                     X[a, c] = 1.0
