@@ -372,8 +372,14 @@ def table_cell_moments(
         checked against exact sums on a sample (at first use per thread count, then every few
         calls; :mod:`~mis_lightning.functional.fastpath`); on disagreement it is disabled for
         the process with a ``RuntimeWarning`` and the previous windowed sums are used (then the
-        reference sums, should those disagree too).
+        reference sums, should those disagree too). Under ``torch.inference_mode`` or on
+        inference tensors it runs outside inference mode on their copies (its caches read
+        tensors' version counters, which inference tensors do not keep; rv49).
     """
+    if torch.is_inference_mode_enabled() or any(t.is_inference() for t in (theta, sigma, values, scale)):
+        with torch.inference_mode(False):
+            theta, sigma, values, scale = (t.clone() if t.is_inference() else t for t in (theta, sigma, values, scale))
+            return table_cell_moments(theta, sigma, values, scale, half_window, path_elements, kappa_only)
     if TABLE_PATH in GUARD.disabled:
         return table_reference_moments(theta, sigma, values, scale, half_window)
     if FLOAT_PATH in GUARD.disabled:
