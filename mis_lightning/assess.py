@@ -3224,10 +3224,9 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             b = min(a + step, numel)
             c = b - a
             th_c, sg_c = th[a:b].to(torch.float64), sg[a:b].to(torch.float64)  # float32-held estimates
-            # the chunk's never-moved weights (a mask), or None; as float64 for one dot product a
-            # scheme: most of them have kappa 0, and only where some has not (a revealed absmax, an
-            # edge) are they gathered (a gather a scheme and chunk cost ~0.2-0.3 s a 1e7 call whose
-            # second layer is 94% sd 0)
+            # the chunk's never-moved weights (a mask), or None; as float64 for one dot product per
+            # kappa column (a gather of them per scheme and chunk cost +0.4 s a 1e7 call whose second
+            # layer is 94% sd 0: lead49)
             still_c = never_moved(sg_c) if has_still else None
             still_f = None
             still_sums: dict[int, tuple[float, int]] = {}  # per kappa column (equal grids share one)
