@@ -291,6 +291,12 @@ def attention_heads(model: nn.Module, param_names: Iterable[str] | None = None) 
     return out
 
 
+def _head_start(w: Tensor, third: int, h: int, dh: int) -> int:
+    """First row (or feature) of head ``h`` in ``w``: in the ``third``-th third of a packed
+    projection (``-1``: not packed)."""
+    return (max(third, 0) * w.shape[0] // 3 if third >= 0 else 0) + h * dh
+
+
 def _frozen_head_block(w: Tensor, name: str, third: int, how: str, h: int, dh: int) -> Tensor:
     """Head ``h``'s block of a frozen projection reduced to a factor with the same Gram matrix
     (:func:`attention_head_tangents`): for ``how == "right"`` (``out_proj``: the moves ``-W_b X``,
@@ -299,7 +305,7 @@ def _frozen_head_block(w: Tensor, name: str, third: int, how: str, h: int, dh: i
     (``[dh, min(E, dh)]``, ``W_h W_h' = R'R``)."""
     if how == "right":
         return torch.linalg.qr(w[:, h * dh:(h + 1) * dh], mode="r")[1]
-    start = (max(third, 0) * w.shape[0] // 3 if third >= 0 else 0) + h * dh
+    start = _head_start(w, third, h, dh)
     if name.endswith("bias_k") or name.endswith("bias_v") or w.dim() == 1:  # its head's features: a column
         return w.reshape(-1)[start: start + dh].unsqueeze(-1)
     return torch.linalg.qr(w[start: start + dh].T, mode="r")[1].T
@@ -374,7 +380,7 @@ def attention_head_tangents(heads: dict[str, tuple[int, int]], value: Callable[[
                             block = slice(h * dh, (h + 1) * dh)
                             dw[:, block] = -w[:, block] @ X
                             continue
-                        start = (max(third, 0) * w.shape[0] // 3 if third >= 0 else 0) + h * dh
+                        start = _head_start(w, third, h, dh)
                         rows = slice(start, start + dh)
                         M = X if how == "left" else -X.T
                         if k.endswith("bias_k") or k.endswith("bias_v"):  # [1, 1, E]: the head's features
