@@ -191,3 +191,50 @@ def test_stored_weights_bounds_hold_against_materialised_sums(monkeypatch, dtype
         if not exact_needed:
             assert A._clt_diagnostics(total, R)[0] >= float((exact4.abs() / s2.square()).max()) / 24, p.scheme.name
     assert bounded >= 2 * len(schemes)
+
+
+def _peak_columns(gen: torch.Generator, c: int, case: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m4 - 3 kappa^2, kappa^2)`` of ``c`` elements as the pass builds them, with ``case``'s
+    awkward values mixed in: signed zeros, subnormals, infinities, NaN in one column or both."""
+    k = torch.rand(c, generator=gen, dtype=torch.float64) * 2.0
+    m4 = (torch.rand(c, generator=gen, dtype=torch.float64) - 0.5) * 40.0
+    if case == "zeros":
+        k[: c // 2], m4[: c // 2] = -0.0, 0.0
+        k[c // 2:], m4[c // 2:] = 0.0, -0.0
+    elif case == "subnormal":
+        k, m4 = k * 1e-160, m4 * 1e-310
+    elif case == "negative":  # the largest |m4 - 3 kappa^2| at a negative value
+        m4 = m4 - 100.0
+    elif case == "inf":
+        m4[c // 3] = -math.inf
+    elif case == "nan_m4":
+        m4[c - 1] = math.nan
+    elif case == "nan_k":
+        k[0] = math.nan
+    k2 = k.square()
+    return m4 - 3.0 * k2, k2
+
+
+@pytest.mark.parametrize("case", ["plain", "zeros", "subnormal", "negative", "inf", "nan_m4", "nan_k"])
+@pytest.mark.parametrize("c", [1, 2, 17, 4096, 65536])
+def test_peaks_from_parts_equal_the_stacked_columns(monkeypatch, case, c):
+    """p50e (``assess.FOURTH_PEAKS_FROM_PARTS``): the peaks read from the two contiguous columns
+    (``max |x|`` as ``max(|min x|, |max x|)``) are the stacked columns' ``abs().max()`` and
+    ``max()`` bit for bit (signs of zero included), NaN per column as before (infinite peak), and
+    the switch really reads the parts (a part that differs from its column moves the peak)."""
+    gen = torch.Generator().manual_seed(c * 7 + len(case))
+    d4, k2 = _peak_columns(gen, c, case)
+    cols = torch.stack([d4, k2], 1)
+    for start in ([0.0, 0.0], [1e300, 0.5], [0.25, math.inf]):
+        monkeypatch.setattr(A, "FOURTH_PEAKS_FROM_PARTS", False)
+        old = A._fourth_peaks(list(start), cols, (d4, k2))
+        monkeypatch.setattr(A, "FOURTH_PEAKS_FROM_PARTS", True)
+        new = A._fourth_peaks(list(start), cols, (d4, k2))
+        assert [v.hex() for v in new] == [v.hex() for v in old], (case, c, start)
+        # independent reference: Python's own max over the exact values, NaN -> inf per column
+        ref = []
+        for cur, col in zip(start, (d4.abs().tolist(), k2.tolist())):
+            ref.append(math.inf if any(math.isnan(v) for v in col) else max([cur] + col))
+        assert [v.hex() for v in new] == [v.hex() for v in ref], (case, c, start)
+    moved = A._fourth_peaks([0.0, 0.0], cols, (d4 * 0.0 + 1e200, k2))
+    assert moved[0] in (1e200, math.inf)  # read from the parts (inf: a NaN stays NaN * 0)
