@@ -327,6 +327,9 @@ class Estimate:
     # (sigma, influence, mahalanobis, correlation, leverage) with the floor at factor x damping}
     # (sandwich_compute's floor_variants; the scoring's floor_sensitivity); None otherwise
     _floor_variants: dict[float, dict[str, Any]] | None = None
+    # the power sums of the scoring pass's unit columns, which depend on the estimate alone (assess.UNIT_SUMS_ONCE):
+    # {(name, a, b, power): (the inputs' key, [R] float64 sums)}; not compared, not shown
+    _unit_sums: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def d(self) -> int:
