@@ -5,8 +5,10 @@ or the power sums' settings changed."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
+import pickle
 
 import torch
 from test_scoring_pass import SCHEMES, _estimate
@@ -131,3 +133,5 @@ def test_later_scoring_calls_read_the_unit_sums_with_the_same_reports(monkeypatc
     off = A.score_schemes(est, model, SCHEMES, scoring_config=sc).to_json()
     assert counts[0] > 0 and counts[1:] == [0, 0] and len(unit4) == counts[0], (counts, len(unit4))
     assert all(r == off for r in reports)
+    # a copied estimate starts without the entries (weak references to its tensors), and they pickle as none
+    assert est._unit_sums and not copy.deepcopy(est)._unit_sums and not pickle.loads(pickle.dumps(est._unit_sums))
