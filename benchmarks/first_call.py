@@ -25,9 +25,6 @@ each call and whether every report is the warm-up's (a pure-speed switch: bitwis
     python benchmarks/first_call.py ab /tmp/m1e7.pt --rounds 4 --flag assess.MAIN_KAPPA_ONLY \
         --flag quantization.base.CUBE_KEPT_KAPPA_ONLY
 
-``ab --power-sums`` also prints each call's power sums: the CPU seconds of the joint pass's power-sum
-calls (``POWER_SUM_CALLERS``, the outermost ones, their callees included).
-
 To compare two checkouts, run ``assess`` alternately from each (``cd CHECKOUT &&
 PYTHONPATH=$PWD python PATH/TO/first_call.py assess ...``) on the same saved model, one thread,
 ``OMP_WAIT_POLICY=PASSIVE``: old/new ratios within a pair, never absolute times across runs.
@@ -37,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib
 import io
 import os
 import pstats
@@ -165,49 +161,22 @@ def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[st
         Path(prof + ".txt").write_text(line + "\n" + st.getvalue())
 
 
-# the joint pass's power-sum calls (``ab --power-sums``: their CPU seconds, callees included)
-POWER_SUM_CALLERS = ("_distinct_list_sums", "_joint_draw_sums", "_draw_sums")
-
-
-def _switches_ab(path: str, flags: list[str], rounds: int, schemes: list[str] | None, dtype: str | None,
-                 power_sums: bool = False) -> None:
+def _switches_ab(path: str, flags: list[str], rounds: int, schemes: list[str] | None, dtype: str | None) -> None:
     """One estimation, one warm-up scoring call, then ``rounds`` pairs of scoring calls with the
     switches ``flags`` (``MODULE.FLAG`` of ``mis_lightning``) on and off, alternating which goes
-    first; CPU seconds of each call and whether every report equals the first one (JSON).
-    ``power_sums``: also the CPU seconds of each call's power sums (the outermost calls of
-    :data:`POWER_SUM_CALLERS` in ``mis_lightning.assess``, their callees included)."""
+    first; CPU seconds of each call and whether every report equals the first one (JSON)."""
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.assess import run_estimation, score_schemes
 
     mods = switches(flags, "--flag")
     saved, model, loader, loss_fn, est_cfg, sc_cfg = load_saved(path, dtype)
     est = run_estimation(model, loader, loss_fn, est_cfg)
-    spent, depth = [0.0], [0]
-    if power_sums:
-        AS = importlib.import_module("mis_lightning.assess")
-
-        def timed(f):
-            def g(*a, **k):
-                depth[0] += 1
-                t0 = time.process_time()
-                try:
-                    return f(*a, **k)
-                finally:
-                    depth[0] -= 1
-                    if not depth[0]:
-                        spent[0] += time.process_time() - t0
-            return g
-        for n in POWER_SUM_CALLERS:
-            setattr(AS, n, timed(getattr(AS, n)))
-    sums: dict[bool, list[float]] = {True: [], False: []}
 
     def call(on: bool) -> tuple[float, str]:
         for m, attr in mods:
             setattr(m, attr, on)
-        spent[0] = 0.0
         c0 = time.process_time()
         rep = score_schemes(est, model, schemes or COMMON_SCHEMES, scoring_config=sc_cfg)
-        sums[on].append(spent[0])
         return time.process_time() - c0, rep.to_json()
 
     _, first = call(True)  # (the first call's one-time costs out of the pairs)
@@ -224,11 +193,6 @@ def _switches_ab(path: str, flags: list[str], rounds: int, schemes: list[str] | 
     for on in (False, True):
         print(f"{'on ' if on else 'off'} median {med[on]:.2f} s = {med[on] / epoch:.2f} ep |",
               " ".join(f"{x:.2f}" for x in times[on]))
-    if power_sums:
-        for on in (False, True):  # (the first of True's: the warm-up call)
-            print(f"{'on ' if on else 'off'} power sums |", " ".join(f"{x:.3f}" for x in sums[on][int(on):]))
-        print("power sums on / off per pair:",
-              " ".join(f"{a / b:.3f}" for a, b in zip(sums[True][1:], sums[False])))
     print(f"on / off per pair: {' '.join(f'{a / b:.3f}' for a, b in zip(times[True], times[False]))}; "
           f"load {os.getloadavg()[0]:.1f}")
 
@@ -254,13 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--rounds", type=int, default=3)
     b.add_argument("--schemes", nargs="+", default=None)
     b.add_argument("--dtype", choices=["bfloat16", "float16"], default=None)
-    b.add_argument("--power-sums", action="store_true",
-                   help="also each call's power sums (the joint pass's POWER_SUM_CALLERS, CPU s)")
     args = ap.parse_args(argv)
     if args.cmd == "train":
         _train(args.size, args.path)
     elif args.cmd == "ab":
-        _switches_ab(args.path, args.flag, args.rounds, args.schemes, args.dtype, args.power_sums)
+        _switches_ab(args.path, args.flag, args.rounds, args.schemes, args.dtype)
     else:
         _assess(args.path, args.json, args.prof, args.schemes, args.off, args.dtype)
     return 0
