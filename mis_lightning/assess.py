@@ -3444,7 +3444,7 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                 # the exact unit chunks' deficits: subtracted from their main (1 + j) and pool (nm + j) columns
                 deficits = [(col, key, u, w) for j, (u, key, w_main, w_pool) in exact.items()
                             for col, w in ((1 + j, w_main), (nm + j, w_pool))]
-                ps = _distinct_list_sums(reader, a, b, lists, keys, deficits)
+                ps = _distinct_list_sums(reader, a, b, lists, keys, deficits, unit=ones)
             else:
                 Km = torch.stack(K, 1)
                 K4 = Km[:, exact4] if len(exact4) < nm else Km
@@ -3721,9 +3721,55 @@ def _shared_deficit_plan(columns: list[Tensor]) -> tuple[int | None, dict[int, t
     return unit, assigned, bases
 
 
+# A chunk's unit column (kappa = 1 on every element: the baseline's ``sum_j w_rj^p``) has power sums
+# that depend on the estimate alone, no scheme's values: where it is the only distinct non-zero
+# column of a power (the 1e7 MLP: every weight chunk's fourth powers, B = sum_j w^4 of the
+# diagnostics' bounds, ~0.4 s of a 4.6 s call), its sums are computed by the first scoring call on
+# an estimate and read back by the later ones (Estimate._unit_sums: [R] floats per chunk and power).
+# Each entry is keyed by the identity and version of the tensors the sums are computed from (the
+# factors d and x, the mean gradient and variances, or the stored influences), the chunk, the
+# records and the power sums' settings (_power_sum_settings), so an entry is read only where the
+# same call would compute the same sums: bitwise those of recomputing them. A first call on a new
+# estimate computes them as before. False: every call sums them (A/B).
+UNIT_SUMS_ONCE = True
+
+
+def _power_sum_settings() -> tuple:
+    """The module settings that the power sums of a chunk's columns depend on (the float32 path,
+    its tolerances, the layouts; linear_factors' upper-case scalars and the stacking switches of
+    this module) and the torch threads (a GEMM's rounding may depend on them): part of the key of
+    :data:`UNIT_SUMS_ONCE`'s entries."""
+    from .estimation import linear_factors as _lf
+
+    own = tuple((k, v) for k, v in sorted(vars(_lf).items())
+                if k.isupper() and isinstance(v, (bool, int, float, str, frozenset)))
+    return own + (("COLUMN_MAJOR_STACK", COLUMN_MAJOR_STACK), ("COLUMN_MAJOR_ROWS", COLUMN_MAJOR_ROWS),
+                  ("threads", torch.get_num_threads()))
+
+
+def _unit_sums_inputs(reader: _InfluenceReader) -> tuple[tuple[Tensor | None, ...], tuple] | None:
+    """What :data:`UNIT_SUMS_ONCE`'s entries of ``reader``'s parameter are computed from (the
+    chunk and power are the entry's index): the tensors (keyed by identity and version) and the
+    plain values; ``None`` where they cannot be keyed (an inference tensor has no version
+    counter) or the estimate holds no entries (one unpickled from before them)."""
+    est = reader.est
+    if not isinstance(getattr(est, "_unit_sums", None), dict):
+        return None
+    if est.influence is not None:
+        tensors: tuple[Tensor | None, ...] = (est.influence,)
+    else:
+        assert reader.factor is not None and est._g_mean is not None and est._v_diag is not None
+        fac = reader.factor[0]
+        tensors = (fac.d, fac.x, est._g_mean[reader.name], est._v_diag[reader.name])
+    if any(t is not None and t.is_inference() for t in tensors):
+        return None
+    return tensors, (est.num_records, est.influence_scale, reader.start, _power_sum_settings())
+
+
 def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int, list[Tensor]],
                         keys: dict[int, list[Any]],
-                        deficits: list[tuple[int, Any, Tensor, Tensor]] | None = None) -> dict[int, Tensor]:
+                        deficits: list[tuple[int, Any, Tensor, Tensor]] | None = None,
+                        unit: Tensor | None = None) -> dict[int, Tensor]:
     """``reader.sums(a, b, {p: torch.stack(cols[p], 1)})`` (``{p: [R, M]}``, ``cols[p]`` the
     ``[c]`` columns) from the distinct non-zero columns only: ``keys[p][m]`` identifies what
     column ``m`` is computed from (equal keys: bitwise-equal columns); a column with no non-zero
@@ -3734,7 +3780,12 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
     ``deficits``: ``(m, key, u, W)`` entries (:data:`UNIT_KAPPA_EXACT`): the power-2 column ``m``'s
     sums less those of ``u [c] >= 0`` weighted by ``W [rows]`` per output row (a factored weight;
     ``key`` identifies ``u``: each distinct ``u`` one more GEMM column, every ``W`` on it a
-    row-weighted column of ``linear_factors.factored_power_sums``)."""
+    row-weighted column of ``linear_factors.factored_power_sums``).
+
+    ``unit``: the chunk's column of ones (``[c]``, kappa = 1: the caller's, never written), whose
+    sums depend on the estimate alone: where it is a power's only distinct non-zero column, its
+    sums are read from the estimate's entry if a call on the same inputs and settings left one,
+    else computed and left there (:data:`UNIT_SUMS_ONCE`)."""
     take: dict[int, list[Tensor]] = {}
     where: dict[int, list[int]] = {}
     for p, C in cols.items():
@@ -3791,8 +3842,32 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
             ws.append(w)
             targets.append(m)
         rw = {2: (torch.tensor(src, dtype=torch.long), torch.stack(ws, 1))}
-    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p]}
-    ps = reader.sums(a, b, stacked) if rw is None else reader.sums(a, b, stacked, row_weights=rw)
+    # the powers whose only column is the unit column: their sums from an earlier call on this estimate
+    once = [p for p in take if UNIT_SUMS_ONCE and unit is not None and len(take[p]) == 1 and take[p][0] is unit
+            and (p != 2 or rw is None)]
+    inputs = _unit_sums_inputs(reader) if once else None
+    if inputs is None:
+        once = []
+    known: dict[int, Tensor] = {}
+    for p in once:
+        assert inputs is not None
+        entry = reader.est._unit_sums.get((reader.name, a, b, p))
+        if entry is not None and _qbase._key_matches(entry[0], *inputs):
+            known[p] = entry[1]
+    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p] and p not in known}
+    if not stacked:
+        ps = {}
+    elif rw is None:
+        ps = reader.sums(a, b, stacked)
+    else:
+        ps = reader.sums(a, b, stacked, row_weights=rw)
+    for p in once:
+        if p in known:
+            ps[p] = known[p].unsqueeze(1).clone()
+        else:  # (the sums' own column: held, not a view of the call's result)
+            assert inputs is not None
+            reader.est._unit_sums[(reader.name, a, b, p)] = (_qbase._fact_key(*inputs), ps[p][:, 0].clone())
+    ps = {p: ps[p] for p in cols if p in ps}  # (the callers' order of the powers)
     if not deficits and all(len(take[p]) == len(C) for p, C in cols.items()):
         return ps
     out = {}

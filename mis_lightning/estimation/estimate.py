@@ -249,6 +249,15 @@ VOID_RECORD_TEST = True
 KFAC_INFLUENCE_MAX_WIDTH = 1024
 
 
+class _CopiedEmpty(dict):
+    """A cache an :class:`Estimate` holds whose entries key on its own tensors by weak reference
+    (``Estimate._unit_sums``): a pickle or a copy of the estimate starts it empty (a weak reference
+    cannot be pickled, and a copy's tensors are other objects: it recomputes what it reads)."""
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return type(self), ()
+
+
 @dataclass
 class Estimate:
     """What the estimation pass returns.
@@ -327,6 +336,9 @@ class Estimate:
     # (sigma, influence, mahalanobis, correlation, leverage) with the floor at factor x damping}
     # (sandwich_compute's floor_variants; the scoring's floor_sensitivity); None otherwise
     _floor_variants: dict[float, dict[str, Any]] | None = None
+    # the power sums of the scoring pass's unit columns, which depend on the estimate alone (assess.UNIT_SUMS_ONCE):
+    # {(name, a, b, power): (the inputs' key, [R] float64 sums)}; not compared, not shown
+    _unit_sums: dict[Any, Any] = field(default_factory=_CopiedEmpty, repr=False, compare=False)
 
     @property
     def d(self) -> int:
