@@ -142,7 +142,12 @@ def _affine_cell_moments_sparse(
         # indexing, a few times faster on small chunks)
         kappa.index_copy_(0, ii, fm.kappa)
         if not kappa_only:
-            mean_abs.index_copy_(0, ii, fm.mean_abs)
+            # the fine forms' mean_abs exact from the nearest edge (the expansion's is an average
+            # over the position in the cell), with the switch on
+            ma = (_kernel.affine_fine_mean_abs(th.index_select(0, ii), sg.index_select(0, ii), s.index_select(0, ii),
+                                               zp.index_select(0, ii), qmin, qmax)
+                  if _kernel.EXACT_AFFINE_MEAN_ABS else fm.mean_abs)
+            mean_abs.index_copy_(0, ii, ma)
             m4.index_copy_(0, ii, fm.m4)
 
     frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
