@@ -93,9 +93,11 @@ def affine_fine_mean_abs(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Te
     ``th``'s position modulo the step, not from a code (a weight outside its backend code's
     cell included). ``th``, ``sg`` (floored, > 0), ``s`` (> 0), ``zp``: ``[c]`` float64,
     parameter units; ``qmin < qmax``: the code range (numbers or 0-d tensors)."""
-    k = torch.floor(th / s + zp).clamp(qmin, qmax - 1)
-    d = (th - (k + 0.5 - zp) * s) / sg
-    return (2.0 * _pdf(d)).clamp(0.0, SQRT_2_OVER_PI)
+    # in place on one temporary (the fused kernel's hot path): the nearest edge, then d, then
+    # 2 phi(d) = sqrt(2/pi) exp(-d^2/2), in [0, sqrt(2/pi)] (exp <= 1 for real d)
+    e = (th / s).add_(zp).floor_().clamp_(qmin, qmax - 1).add_(0.5).sub_(zp).mul_(s)
+    d = torch.sub(th, e, out=e).div_(sg)
+    return d.square_().mul_(-0.5).exp_().mul_(SQRT_2_OVER_PI)
 
 
 def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | None = None, *,
