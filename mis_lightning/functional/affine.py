@@ -249,6 +249,8 @@ def affine_cell_moments(
     * fine -- ``h <= 0.5``: the fine-grid expansion of :func:`fine_grid_moments`, with the
       end cells of the code range treated exactly when they are within 8.5 sigma (kappa
       error < 5e-4 h^2 there, measured in tests/test_grids.py; in the fused kernel too);
+      ``mean_abs`` exact there (:func:`~mis_lightning.functional.kernel.affine_fine_mean_abs`:
+      ``2 phi`` of the distance to the nearest edge, ``kernel.EXACT_AFFINE_MEAN_ABS``);
     * otherwise the exact cell sum over the edges within 8.5 sigma.
 
     Chunks of at least ``TABLE_MIN_ELEMENTS`` elements go through one branch-free kernel

@@ -28,7 +28,8 @@ bound's cells carry < 1e-15 of their mass):
   window's edges clipped to the bounds;
 * fine steps with a bound inside an inner cell: the fine-grid expansion with its end cells at
   the bound (the cut cell is read as part of the fine interior: error of the order of the
-  expansion's own, ``5e-4 h^2``).
+  expansion's own, ``5e-4 h^2``); ``mean_abs`` exact (``2 phi`` of the distance to the nearest
+  grid edge, then the cut cells' exact change; ``kernel.EXACT_AFFINE_MEAN_ABS``).
 
 All tensors are per element (``[c]``, float64, parameter units).
 """

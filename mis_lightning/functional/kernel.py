@@ -336,7 +336,7 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
 
     Frozen elements get 0, fine steps the expansion (with the end cells of the code range
     exact where the weight's sd reaches them: :func:`_near_ends`, the per-regime path's
-    form), steps in (0.5, 19) the table, larger steps the two-edge closed form (for weights
+    form; ``mean_abs`` exact, :func:`affine_fine_mean_abs`, with :data:`EXACT_AFFINE_MEAN_ABS`), steps in (0.5, 19) the table, larger steps the two-edge closed form (for weights
     inside the cell of their code ``q0``, up to ``OWN_CELL_SLACK`` cells: a weight further out
     is ``ok`` False unless its step is fine). Under
     ``torch.compile`` every form is computed for every element and selected with
