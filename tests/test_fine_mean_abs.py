@@ -8,7 +8,7 @@ exact value needs the own cell alone (``kernel.own_cell_mean_abs``: every other 
 side of 0 and their ``p |mu|`` telescope), so it is exact now (fx49; ``kernel.EXACT_FINE_MEAN_ABS``
 False: the expansion, which fails here). Tolerance 1e-14 (measured 1.1e-16). kappa: within the
 expansion's stated bound ``6e-4 h^6`` (its next term; measured -5.7e-4 h^6); m4 not checked here
-(the expansion ``3 - h^2 / 2``, next term ``+7 h^4 / 80``: docs/benchmarks.md fx49)."""
+(the expansion ``3 - h^2 / 2 + 7 h^4 / 80`` since fx50: tests/test_affine_fine_mean_abs.py)."""
 
 from __future__ import annotations
 

@@ -152,9 +152,13 @@ def test_fine_expansion_error_bound():
     large = h >= 0.2  # where h^6 dominates the rounding: the constant is 1/1728
     assert (kerr[large] / h[large] ** 6).max().item() == pytest.approx(1 / 1728, rel=0.03)
     assert kerr.max() <= 1e-5  # the figure quoted in grids.py (8.8e-6 at h = 0.5)
-    lerr = (fast.mean_abs - ref.mean_abs).abs()
+    # E|m|: the fast path's is exact (the distance to the nearest edge, kernel.affine_fine_mean_abs;
+    # the reference's rounding ~3e-13); the expansion's own is an average over the position in the
+    # cell, off by up to 0.05 h^2 (the bound is tight: E|m| does move with position)
+    assert (fast.mean_abs - ref.mean_abs).abs().max() <= 1e-12
+    lerr = (expansion.mean_abs - ref.mean_abs).abs()
     assert (lerr <= 0.05 * h**2 + 1e-12).all()
-    assert (lerr / h**2).max() > 0.045  # the bound is tight: lam does move with position
+    assert (lerr / h**2).max() > 0.045
     assert ((fast.m4 - ref.m4).abs() <= 0.1 * h**4 + 1e-6).all()
 
 

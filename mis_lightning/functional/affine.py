@@ -142,7 +142,12 @@ def _affine_cell_moments_sparse(
         # indexing, a few times faster on small chunks)
         kappa.index_copy_(0, ii, fm.kappa)
         if not kappa_only:
-            mean_abs.index_copy_(0, ii, fm.mean_abs)
+            # the fine forms' mean_abs exact from the nearest edge (the expansion's is an average
+            # over the position in the cell), with the switch on
+            ma = (_kernel.affine_fine_mean_abs(th.index_select(0, ii), sg.index_select(0, ii), s.index_select(0, ii),
+                                               zp.index_select(0, ii), qmin, qmax)
+                  if _kernel.EXACT_AFFINE_MEAN_ABS else fm.mean_abs)
+            mean_abs.index_copy_(0, ii, ma)
             m4.index_copy_(0, ii, fm.m4)
 
     frozen = (lower > CUTOFF_SIGMAS) & (upper > CUTOFF_SIGMAS)
@@ -244,6 +249,8 @@ def affine_cell_moments(
     * fine -- ``h <= 0.5``: the fine-grid expansion of :func:`fine_grid_moments`, with the
       end cells of the code range treated exactly when they are within 8.5 sigma (kappa
       error < 5e-4 h^2 there, measured in tests/test_grids.py; in the fused kernel too);
+      ``mean_abs`` exact there (:func:`~mis_lightning.functional.kernel.affine_fine_mean_abs`:
+      ``2 phi`` of the distance to the nearest edge, ``kernel.EXACT_AFFINE_MEAN_ABS``);
     * otherwise the exact cell sum over the edges within 8.5 sigma.
 
     Chunks of at least ``TABLE_MIN_ELEMENTS`` elements go through one branch-free kernel

@@ -28,7 +28,8 @@ bound's cells carry < 1e-15 of their mass):
   window's edges clipped to the bounds;
 * fine steps with a bound inside an inner cell: the fine-grid expansion with its end cells at
   the bound (the cut cell is read as part of the fine interior: error of the order of the
-  expansion's own, ``5e-4 h^2``).
+  expansion's own, ``5e-4 h^2``); ``mean_abs`` exact (``2 phi`` of the distance to the nearest
+  grid edge, then the cut cells' exact change; ``kernel.EXACT_AFFINE_MEAN_ABS``).
 
 All tensors are per element (``[c]``, float64, parameter units).
 """
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .._user_warnings import warn
+from . import kernel as _kernel
 from .cells import _INV_SQRT_2PI, SQRT_2_OVER_PI, CellMoments, _pdf
 from .fastpath import GUARD, SAME_ARITHMETIC, compare, sample_indices
 from .kernel import (
@@ -546,7 +548,15 @@ def _bounded_block(mm: CellMoments, th: Tensor, sg: Tensor, lo: Tensor, hi: Tens
                 a_std = torch.where(ts - af > cs, torch.full_like(ts, -math.inf), (af - ts) / ss)
                 b_std = torch.where(bf - ts > cs, torch.full_like(ts, math.inf), (bf - ts) / ss)
                 fm = fine_grid_moments(st[fine] / ss, a_std, b_std)
-                out.kappa[sub], out.mean_abs[sub], out.m4[sub] = fm.kappa, fm.mean_abs, fm.m4
+                ma = fm.mean_abs
+                if _kernel.EXACT_AFFINE_MEAN_ABS:
+                    # exact before the split below (which adds the cut cells' exact change): 2 phi
+                    # of the distance to the nearest grid edge within [af, bf] (the expansion's
+                    # mean_abs is an average over the position in the cell)
+                    sf, lf = st[fine], lei[fine]
+                    near_edge = torch.minimum(torch.maximum(lf + torch.round((ts - lf) / sf) * sf, af), bf)
+                    ma = (2.0 * _pdf((ts - near_edge) / ss)).clamp(0.0, SQRT_2_OVER_PI)
+                out.kappa[sub], out.mean_abs[sub], out.m4[sub] = fm.kappa, ma, fm.m4
                 out.coverage[sub] = 1.0
                 a, b = le.clone(), he.clone()
                 a[sub], b[sub] = af, bf

@@ -61,7 +61,8 @@ SAME_ARITHMETIC = Tolerance(kappa=1e-8, lam=1e-8, m4=1e-8)
 # fine expansion, against exact cell sums. Measured worst errors (tests/test_grids.py and
 # tests/test_fastpath.py): table kappa 4.5e-5, lam 3.6e-5, m4 1.6e-4 relative; fine expansion
 # kappa 3.7e-4 h^2, lam 0.099 h^2 (lam moves with the position in the cell), m4 0.021 h^2.
-# Bounds with ~2x headroom.
+# Bounds with ~2x headroom. (Since fx49 / fx50 every fine path's lam is exact, the own cell's
+# 2 phi(d): lam_fine is wider than needed, kept.)
 APPROXIMATION = Tolerance(kappa=2e-4, lam=2e-4, m4=1e-3, kappa_fine=1e-3, lam_fine=0.2, m4_fine=0.05)
 
 

@@ -40,6 +40,24 @@ def _float64_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor
     return (theta.to(torch.float64), sg, *(t.to(torch.float64) for t in rest))
 
 
+# The fine-grid expansion's m4 to h^4: 3 - h^2/2 + 7 h^4/80 (the per-cell p mu^4 series, sympy,
+# summed over a uniform grid: its h^4 density integrates to 7/80 over the line; exact m4 does not
+# move with the position, ~1e-27). Error +0.0153 h^6 (2.3e-4 at h = 0.5) against -0.084 h^4 (5.2e-3)
+# without; the fourth cumulant m4 - 3 kappa^2 the Gaussian form's diagnostic sums is +h^4/40 to
+# leading order (without the term: -h^4/16). The end-cell forms add 7 h^4/80 P(a, b), continuous
+# with it as the ends recede (their own error, O(h^2) near the ends, is unchanged; fx50).
+# False: 3 - h^2/2 (A/B)
+FINE_M4_H4 = True
+_M4_H4 = 7.0 / 80.0
+
+
+def fine_m4(h2: Tensor) -> Tensor:
+    """The fine-grid expansion's ``m4`` (``[c]`` float64) from the squared step ``h2`` (sd units):
+    ``3 - h^2/2 + 7 h^4/80`` (:data:`FINE_M4_H4`; ``3 - h^2/2`` without it)."""
+    m4 = 3.0 - 0.5 * h2
+    return m4 + _M4_H4 * (h2 * h2) if FINE_M4_H4 else m4
+
+
 # The fine-grid expansion's mean_abs, sqrt(2/pi) - 0.05 h^2, is an average over theta's position in
 # its own cell: off by up to +-0.05 h^2 (4e-3 at h = 0.29 on bf16 weights, tie48). The table paths'
 # fine elements take own_cell_mean_abs instead, exact whatever the other cells (fx49). False: the
@@ -57,15 +75,41 @@ def own_cell_mean_abs(lower: Tensor, upper: Tensor) -> Tensor:
     return (2.0 * torch.maximum(_pdf(lower), _pdf(upper))).clamp(0.0, SQRT_2_OVER_PI)
 
 
+# The affine grids' fine elements (the fused kernel, compiled and eager; the per-regime and
+# reference paths; the fine form between a release's bounds, functional.bounds) take the same
+# identity, E|m| = 2 phi(d) with d the distance to the nearest cell edge (affine_fine_mean_abs),
+# not the expansion's average: 4.4e-3 off at h = 0.3, 1.2e-2 at h = 0.5 (fx49 found, fx50).
+# False: the expansion's (A/B)
+EXACT_AFFINE_MEAN_ABS = True
+
+
+def affine_fine_mean_abs(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, qmin: Tensor | float,
+                         qmax: Tensor | float) -> Tensor:
+    """``E|m|`` (``[c]`` float64) exactly on an affine grid: ``2 phi(d)``, ``d`` the distance
+    (sd units) from ``th`` to the nearest cell edge ``(k + 1/2 - zp) s``, ``k`` in ``[qmin,
+    qmax - 1]`` (the clamped end cells have no outer edge). The nearest edge is always one of
+    the own cell's, so this is :func:`own_cell_mean_abs`'s ``2 max(phi(lower), phi(upper))``
+    (method.md section 3's ``mean_abs``, exact on any partition), with the own cell found from
+    ``th``'s position modulo the step, not from a code (a weight outside its backend code's
+    cell included). ``th``, ``sg`` (floored, > 0), ``s`` (> 0), ``zp``: ``[c]`` float64,
+    parameter units; ``qmin < qmax``: the code range (numbers or 0-d tensors)."""
+    # in place on one temporary (the fused kernel's hot path): the nearest edge, then d, then
+    # 2 phi(d) = sqrt(2/pi) exp(-d^2/2), in [0, sqrt(2/pi)] (exp <= 1 for real d)
+    e = (th / s).add_(zp).floor_().clamp_(qmin, qmax - 1).add_(0.5).sub_(zp).mul_(s)
+    d = torch.sub(th, e, out=e).div_(sg)
+    return d.square_().mul_(-0.5).exp_().mul_(SQRT_2_OVER_PI)
+
+
 def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | None = None, *,
                       kappa_only: bool = False) -> CellMoments:
     """Cell moments of a fine uniform grid of step ``h`` (standard units).
 
     Far from the ends of the code range: ``kappa = 1 - h^2/12 + h^4/144`` (error < 6e-4 h^6);
-    ``m4 = 3 - h^2/2``; ``mean_abs = sqrt(2/pi) - 0.05 h^2`` (the exact value moves with the
-    position of theta in its cell by up to +-0.05 h^2, +-0.1 h^2 near the range ends; the
-    one-coordinate formula, which
-    needs ``mean_abs`` exactly, uses the full cell sum instead).
+    ``m4 = 3 - h^2/2 + 7 h^4/80`` (:func:`fine_m4`; error 0.0153 h^6); ``mean_abs = sqrt(2/pi)
+    - 0.05 h^2``, an average over theta's position in its cell (the exact value moves with it by
+    up to +-0.05 h^2, +-0.1 h^2 near the range ends): the grid paths replace it by the exact
+    own-cell form, :func:`own_cell_mean_abs` / :func:`affine_fine_mean_abs`, which need the
+    position this function is not given.
 
     ``lower``/``upper`` (standardised edges of the two unbounded end cells, ``-inf``/``+inf``
     when far): the interior ``(lower, upper)`` is a fine grid (``m ~ U`` with the same
@@ -85,8 +129,7 @@ def fine_grid_moments(h: Tensor, lower: Tensor | None = None, upper: Tensor | No
             nan = torch.full_like(h2, math.nan)
             return CellMoments(kappa=kappa, mean_abs=nan, m4=nan, coverage=torch.ones_like(h2))
         mean_abs = SQRT_2_OVER_PI - 0.05 * h2
-        m4 = 3.0 - 0.5 * h2
-        return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=torch.ones_like(h2))
+        return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=fine_m4(h2), coverage=torch.ones_like(h2))
     a = (torch.full_like(h2, -math.inf) if lower is None else lower.to(torch.float64))
     b = (torch.full_like(h2, math.inf) if upper is None else upper.to(torch.float64))
     if kappa_only:
@@ -119,6 +162,8 @@ def _fine_with_ends(h2: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, T
     kappa = (I2 - (h2 / 12.0 - h2 * h2 / 144.0) * P + end_k).clamp(0.0, 1.0)
     mean_abs = (I1 - 0.05 * h2 * P + pa + pb).clamp(0.0, SQRT_2_OVER_PI)
     m4 = I4 - 0.5 * h2 * I2 + ca * mu_a**4 + qb * mu_b**4
+    if FINE_M4_H4:
+        m4 = m4 + _M4_H4 * (h2 * h2) * P
     return kappa, mean_abs, m4
 
 
@@ -291,7 +336,7 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
 
     Frozen elements get 0, fine steps the expansion (with the end cells of the code range
     exact where the weight's sd reaches them: :func:`_near_ends`, the per-regime path's
-    form), steps in (0.5, 19) the table, larger steps the two-edge closed form (for weights
+    form; ``mean_abs`` exact, :func:`affine_fine_mean_abs`, with :data:`EXACT_AFFINE_MEAN_ABS`), steps in (0.5, 19) the table, larger steps the two-edge closed form (for weights
     inside the cell of their code ``q0``, up to ``OWN_CELL_SLACK`` cells: a weight further out
     is ``ok`` False unless its step is fine). Under
     ``torch.compile`` every form is computed for every element and selected with
@@ -317,8 +362,7 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
     zero = torch.zeros_like(h)
     # fine steps, far from the ends (cheap: every element)
     kappa = 1.0 - h2 / 12.0 + h2 * h2 / 144.0
-    mean_abs = SQRT_2_OVER_PI - 0.05 * h2
-    m4 = 3.0 - 0.5 * h2
+    m4 = fine_m4(h2)
     if kappa_only and not torch.compiler.is_compiling():
         live = ~frozen
         for mask, form in ((live & ~fine & ~big, "table"), (live & big, "two"), (live & near, "near")):
@@ -335,6 +379,10 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
             kappa.index_copy_(0, idx, got)
         nan = torch.full_like(h, math.nan)
         return torch.where(frozen, zero, kappa), nan, nan, _ok(h, lower, upper, fine, frozen, interior, near)
+    # fine steps' mean_abs: exact (the nearest edge; clamped ends too, near ones included), or the
+    # expansion's average (and its end-cell form near the ends) with the switch off
+    exact_ma = EXACT_AFFINE_MEAN_ABS
+    mean_abs = affine_fine_mean_abs(th, sg, s, zp, qmin, qmax) if exact_ma else SQRT_2_OVER_PI - 0.05 * h2
     if torch.compiler.is_compiling():
         v = _table_read(h, lower, upper, lo, dlog, du, table)
         k2, l2, m2 = _two_edges(lower, upper)
@@ -342,7 +390,9 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
         kappa = torch.where(fine, kappa, torch.where(big, k2, v[:, 0]))
         mean_abs = torch.where(fine, mean_abs, torch.where(big, l2, v[:, 1]))
         m4 = torch.where(fine, m4, torch.where(big, m2, v[:, 2]))
-        kappa, mean_abs, m4 = torch.where(near, kn, kappa), torch.where(near, ln, mean_abs), torch.where(near, mn, m4)
+        kappa, m4 = torch.where(near, kn, kappa), torch.where(near, mn, m4)
+        if not exact_ma:
+            mean_abs = torch.where(near, ln, mean_abs)
     else:
         live = ~frozen
         for mask, form in ((live & ~fine & ~big, "table"), (live & big, "two"), (live & near, "near")):
@@ -357,8 +407,11 @@ def _fused_affine(th: Tensor, sg: Tensor, s: Tensor, zp: Tensor, q0: Tensor, qmi
                 got = _two_edges(sel(lower), sel(upper))
             else:
                 got = _near_ends(sel(h2), sel(to_min), sel(to_max))
+                if exact_ma:  # (mean_abs exact already)
+                    got = (got[0], None, got[2])
             for out, val in zip((kappa, mean_abs, m4), got):
-                _gather.put(out, idx, val)
+                if val is not None:
+                    _gather.put(out, idx, val)
     kappa, mean_abs, m4 = (torch.where(frozen, zero, t) for t in (kappa, mean_abs, m4))
     return kappa, mean_abs, m4, _ok(h, lower, upper, fine, frozen, interior, near)
 

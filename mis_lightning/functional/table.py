@@ -1319,7 +1319,7 @@ def _settled_from(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     if not kappa_only:
         mean_abs = (own_cell_mean_abs((own_lo - th) / sg, (own_hi - th) / sg) if _kernel.EXACT_FINE_MEAN_ABS
                     else SQRT_2_OVER_PI - 0.05 * h2).masked_fill_(frozen, 0.0)
-        m4 = (3.0 - 0.5 * h2).masked_fill_(frozen, 0.0)
+        m4 = _kernel.fine_m4(h2).masked_fill_(frozen, 0.0)
     if wide is not None and spill is not None and OPEN_CELLS_CLOSED_FORM and bool(spill.any()):
         # the reach passes the table's ends: the unbounded cells too (_open_fine_moments)
         _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
@@ -1356,6 +1356,8 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
         mean_abs = (own_cell_mean_abs((own_lo - th) / sg, (own_hi - th) / sg) if _kernel.EXACT_FINE_MEAN_ABS
                     else torch.mul(h2, 0.05).neg_().add_(SQRT_2_OVER_PI))
         m4 = torch.mul(h2, 0.5).neg_().add_(3.0)
+        if _kernel.FINE_M4_H4:  # (kernel.fine_m4's operations, in its order)
+            m4.add_(torch.mul(h2, h2).mul_(_kernel._M4_H4))
     reach = torch.mul(sg, CUTOFF_SIGMAS)  # (/ sc: exact at 1)
     lo_r, hi_r = torch.sub(th, reach), reach.add_(th)
     # (NaN in any: a reduction fails, the masks below; amin / amax: aminmax was slower)
@@ -1444,7 +1446,10 @@ def _open_fine_moments(th: Tensor, sg: Tensor, sc: Tensor, h2: Tensor, layout: T
     if kappa_only:
         return kappa, None
     i4 = 3.0 * prob - ((f * f + 3.0) * f * pdf).sum(0)  # int_a^b u^4 phi
-    return kappa, i4 - 0.5 * h2 * i2 + (sq * ratio * ratio).sum(0)
+    m4 = i4 - 0.5 * h2 * i2 + (sq * ratio * ratio).sum(0)
+    if _kernel.FINE_M4_H4:  # (the expansion's h^4 term over the finite cells, kernel.fine_m4)
+        m4 = m4 + _kernel._M4_H4 * (h2 * h2) * prob
+    return kappa, m4
 
 
 def _open_fine_into(kappa: Tensor, m4: Tensor | None, sel: Tensor, th: Tensor, sg: Tensor, sc: Tensor,

@@ -40,6 +40,7 @@ from ..functional import (
     table_cell_moments,
 )
 from ..functional import gather as _gather
+from ..functional import kernel as _kernel
 from ..functional import point_proof as _proof
 from ..functional import table as _table
 from ..functional.affine import affine_codes
@@ -57,6 +58,7 @@ from ..functional.distinct import (
     table_window_moments,
 )
 from ..functional.kernel import _MAX_WINDOW, CUTOFF_SIGMAS, EAGER_BLOCK, windowed_moments
+from ..functional.kernel import own_cell_mean_abs as kernel_own_cell_mean_abs
 from ..functional.masks import any_set
 from ..functional.quotient import (
     quotient_boundaries,
@@ -1302,7 +1304,8 @@ class ParamGrid:
                                             _pick(bounds, ii), compile_policy, kappa_only))]
         if wide is not None:
             groups.append((torch.nonzero(wide).squeeze(-1),
-                           lambda ii: self._overflow_open_moments(theta[ii], sigma[ii], scale[ii], kappa_only)))
+                           lambda ii: self._overflow_open_moments(theta[ii], sigma[ii], scale[ii], kappa_only,
+                                                                 zero_point[ii])))
         return _merge_moments(theta.shape[0], theta.device, [(ii, f) for ii, f in groups if ii.numel()])
 
     def _own_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor,
@@ -2644,7 +2647,8 @@ class ParamGrid:
         out[ii] = (up[ii] & (key(math.inf) != k_top)) | (down[ii] & (key(-math.inf) != k_bot))
         return out
 
-    def _overflow_open_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, kappa_only: bool) -> CellMoments:
+    def _overflow_open_moments(self, theta: Tensor, sigma: Tensor, scale: Tensor, kappa_only: bool,
+                               zp: Tensor | None = None) -> CellMoments:
         """Cell moments ``[c]`` of elements whose reach passes the storage overflow threshold ``+-T``
         (fp16 65520) where the grid keys ``+-inf`` apart, with sd above 2 of the grid's cells
         (:meth:`_storage_exact`'s ``wide``): the finite stored cells, within ``(-T, T)``, in the
@@ -2656,8 +2660,12 @@ class ParamGrid:
         finite cells' variance is never over-counted (kappa high by at most their
         ``sum p_k (w_k^2 - h^2) / 12``; at sd above 2 cells, ``w_k <= sd / 2``). The stored edges
         are read at the grid's own, as the fine-sd switch reads them (second order). ``E|m|``:
-        ``2 phi(median(a, 0, b)) - 0.05 h^2 P(a, b)`` (the fine cells' ``int |u| phi`` and the end
-        cells' ``p |mu|``). Before fs40 these read the grid's own cells running on past ``T``:
+        ``2 max(phi(l), phi(u))`` over the weight's own stored cell ``(l, u)`` (sd units; the
+        overflow cell beyond ``T`` where the weight lies there): exact on any partition
+        (:func:`~mis_lightning.functional.kernel.own_cell_mean_abs`; ``zp``: ``[c]`` zero points,
+        default 0). With ``kernel.EXACT_AFFINE_MEAN_ABS`` False: ``2 phi(median(a, 0, b)) - 0.05
+        h^2 P(a, b)`` (the fine cells' ``int |u| phi`` and the end cells' ``p |mu|``, the
+        expansion's average over the position in the cell: off by up to ``0.05 h^2``). Before fs40 these read the grid's own cells running on past ``T``:
         kappa 0.18 high at fp16's 65504 under ``bf16`` with sd 1e4."""
         D = self.storage_dtype
         assert D is not None
@@ -2685,10 +2693,17 @@ class ParamGrid:
         if kappa_only:
             nan = torch.full_like(kappa, math.nan)
             return CellMoments(kappa=kappa, mean_abs=nan, m4=nan.clone(), coverage=one)
-        a, b = (-thr - th) / sg, (thr - th) / sg
-        prob = (torch.special.ndtr(b) - torch.special.ndtr(a)).clamp_min(0.0)
-        mid = torch.minimum(torch.maximum(torch.zeros_like(a), a), b)
-        mean_abs = (2.0 * torch.exp(-0.5 * mid * mid) / math.sqrt(2.0 * math.pi) - 0.05 * h2 * prob).clamp(0.0, SQRT_2_OVER_PI)
+        if _kernel.EXACT_AFFINE_MEAN_ABS:
+            # the own stored cell (the release's partition: the stored values' keys), exact
+            z = torch.zeros_like(th) if zp is None else zp.to(torch.float64)
+            own = self._stored_window(th, scale, z, self._center(th, scale, z, None), 1)
+            mean_abs = kernel_own_cell_mean_abs((own[:, 1] - th) / sg, (own[:, 2] - th) / sg)
+        else:
+            a, b = (-thr - th) / sg, (thr - th) / sg
+            prob = (torch.special.ndtr(b) - torch.special.ndtr(a)).clamp_min(0.0)
+            mid = torch.minimum(torch.maximum(torch.zeros_like(a), a), b)
+            mean_abs = (2.0 * torch.exp(-0.5 * mid * mid) / math.sqrt(2.0 * math.pi)
+                        - 0.05 * h2 * prob).clamp(0.0, SQRT_2_OVER_PI)
         assert m4 is not None
         return CellMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=one)
 
