@@ -1531,7 +1531,8 @@ def score_schemes(
         if unscored and sc.name not in failures:
             # a plan repeats its candidates' own words: each sentence once (a plan of AWQ and
             # SmoothQuant layers added both again, joined, beside the candidates' own: hy50)
-            for w in getattr(sc, "release_warnings", lambda: [unscored])():
+            parts = sc.release_warnings() if hasattr(sc, "release_warnings") else [unscored]
+            for w in parts:
                 if w not in report.warnings:
                     report.warnings.append(w)
             report.schemes[sc.name].unscored = unscored  # marked "+" (a lower bound) in the table

@@ -15,7 +15,8 @@ import pytest
 
 
 def group_override_errors(args: list[str]) -> list[str]:
-    from mis_lightning.app.overrides import group_override_errors as check  # here: the console tests run on main too
+    # imported here: the console tests of this file also run (and fail) on main, without the module
+    from mis_lightning.app.overrides import group_override_errors as check
 
     return check(args)
 
