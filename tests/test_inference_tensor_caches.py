@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from mis_lightning.functional import table_boundaries
-from mis_lightning.functional.interp import interp_table
 from mis_lightning.quantization import get_scheme
 
 F64 = torch.float64

@@ -73,7 +73,7 @@ def _values(override: Any) -> list[str] | None:
     return [str(v) for v in value] if isinstance(value, list) else [str(value)]
 
 
-def _config_keys(loader: Any, config_name: str, overrides: Sequence[Any], key: str) -> bool:
+def _is_config_key(loader: Any, config_name: str, overrides: Sequence[Any], key: str) -> bool:
     """Whether ``key`` is a top-level key of the config: the primary config's own keys first
     (``mode=`` is close to the group ``model``), else the config composed with the other
     overrides (a ``_global_`` experiment may add keys); ``True`` when that cannot be told."""
@@ -103,6 +103,8 @@ def _config_keys(loader: Any, config_name: str, overrides: Sequence[Any], key: s
 
 
 def _check(loader: Any, config_name: str, lines: Sequence[str], overrides: Sequence[Any]) -> list[str]:
+    """:func:`group_override_errors`'s lines for the parsed ``overrides`` (``lines``: as typed,
+    for the search path), the groups and options asked of Hydra's config ``loader``."""
     from hydra.core.object_type import ObjectType
     from hydra.core.override_parser.types import OverrideType
 
@@ -152,7 +154,7 @@ def _check(loader: Any, config_name: str, lines: Sequence[str], overrides: Seque
             # +key=value adds a key: a group's typo only when the value is one of that group's options
             if not any(is_option(g, v) for g in close_names(key, near) for v in values or []):
                 continue
-        elif "/" not in key and _config_keys(loader, config_name, overrides, key):
+        elif "/" not in key and _is_config_key(loader, config_name, overrides, key):
             continue
         line = o.input_line if o.input_line else o.get_key_element()
         errors.append(f"{line}: no such config group {key}; {hint} {_listing('groups', near)}")
