@@ -17,7 +17,8 @@ import inspect
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
-__all__ = ["CheckedFields", "canonical_decay", "close_param_names", "parameter_aliases", "unknown_fields_error"]
+__all__ = ["CheckedFields", "canonical_decay", "close_names", "close_param_names", "did_you_mean", "parameter_aliases",
+           "unknown_fields_error"]
 
 _ACCEPTED: dict[type, frozenset[str] | None] = {}  # per class: its __init__'s keywords (None: any)
 
@@ -35,6 +36,21 @@ def _accepted(cls: type) -> frozenset[str] | None:
     return _ACCEPTED[cls]
 
 
+def close_names(name: str, names: Iterable[str]) -> list[str]:
+    """The (at most 2) entries of ``names`` closest to a misspelt ``name``
+    (:func:`difflib.get_close_matches`, ratio >= 0.6), closest first."""
+    return difflib.get_close_matches(name, sorted(names), n=2, cutoff=0.6)
+
+
+def did_you_mean(name: str, names: Iterable[str], quote: bool = True) -> str:
+    """``"did you mean 'a' or 'b'?"``: :func:`close_names`, quoted with ``repr`` unless
+    ``quote`` is false (command-line overrides: ``did you mean int8_weight_only?``); ``""`` when
+    none is close. The one did-you-mean of the option checks (keywords, dataclass fields, the
+    app's config groups)."""
+    close = close_names(name, names)
+    return f"did you mean {' or '.join(repr(c) if quote else c for c in close)}?" if close else ""
+
+
 def unknown_fields_error(cls: type, bad: list[str], known: frozenset[str],
                          aliases: Mapping[str, str]) -> TypeError:
     """The ``TypeError`` for keywords ``bad`` that ``cls`` has no field for: for each, the field
@@ -46,9 +62,8 @@ def unknown_fields_error(cls: type, bad: list[str], known: frozenset[str],
             hints.append(f"{k!r}: the field is {aliases[k]!r} (the front ends' keyword {k}= sets it; "
                          f"here {cls.__name__}({aliases[k]}=...))")
             continue
-        close = difflib.get_close_matches(k, sorted(known), n=2, cutoff=0.6)
-        if close:
-            hints.append(f"{k!r}: did you mean {' or '.join(repr(c) for c in close)}?")
+        if hint := did_you_mean(k, known):
+            hints.append(f"{k!r}: {hint}")
     return TypeError(f"{cls.__name__}() got unexpected keyword argument(s) {bad}"
                      + (f" ({'; '.join(hints)})" if hints else "") + f": its fields are {sorted(known)}")
 

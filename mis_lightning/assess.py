@@ -1529,8 +1529,12 @@ def score_schemes(
     for sc in scheme_objs:
         unscored = getattr(sc, "release_warning", lambda: None)()
         if unscored and sc.name not in failures:
-            if unscored not in report.warnings:  # a plan repeats its candidates' own words
-                report.warnings.append(unscored)
+            # a plan repeats its candidates' own words: each sentence once (a plan of AWQ and
+            # SmoothQuant layers added both again, joined, beside the candidates' own: hy50)
+            parts = sc.release_warnings() if hasattr(sc, "release_warnings") else [unscored]
+            for w in parts:
+                if w not in report.warnings:
+                    report.warnings.append(w)
             report.schemes[sc.name].unscored = unscored  # marked "+" (a lower bound) in the table
     # Weights a scheme left in float (layer type, group size, tie, ...) leak like the baseline.
     # Said once for all the schemes they apply to (the same three lines per scheme buried the rest).

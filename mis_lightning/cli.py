@@ -32,9 +32,24 @@ from mis_lightning.app.resolvers import register_resolvers
 register_resolvers()
 
 
+def main() -> Any:
+    """Entry point of the ``mis-lightning`` console script (``sys.argv`` as ``hydra.main`` reads it).
+
+    A config-group override naming no option of its group or no group
+    (``quantizer=int8_weight_onyl``, ``quantiser=int8_weight_only``; a multirun's ``-m
+    quantizer=a,b`` too) prints one line per culprit with the closest valid name and exits with
+    status 2 before Hydra composes anything (:mod:`mis_lightning.app.overrides`); otherwise one
+    Hydra job (or sweep) runs: :func:`_job`.
+    """
+    from mis_lightning.app.overrides import refuse_group_typos
+
+    refuse_group_typos(sys.argv[1:])
+    return _job()
+
+
 @hydra.main(config_path="pkg://mis_lightning.conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> Any:
-    """Entry point of the ``mis-lightning`` console script (one Hydra job).
+def _job(cfg: DictConfig) -> Any:
+    """One Hydra job of the ``mis-lightning`` console script.
 
     A configuration mistake found before training (a misspelled scheme, an invalid option, a
     scheme this machine cannot run, a missing checkpoint), or a plan budget no candidate can

@@ -24,7 +24,6 @@ ValueError: method must be 'auto', 'mc', 'clt' or 'exact1d', got 'bogus'
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._fields import CheckedFields
+from ._fields import CheckedFields, did_you_mean
 from ._user_warnings import warn
 
 __all__ = ["DEFAULT_CHUNK", "EstimationConfig", "ScoringConfig", "compile_policy_from_env",
@@ -404,9 +403,8 @@ def unexpected_options(where: str, rest: Iterable[str], what: str = "the fields 
         if KEYWORD_SYNONYMS.get(k) in known:
             hints.append(f"{k!r}: {where}() takes it as {KEYWORD_SYNONYMS[k]}=")
             continue
-        close = difflib.get_close_matches(k, names, n=2, cutoff=0.6)
-        if close:
-            hints.append(f"{k!r}: did you mean {' or '.join(repr(c) for c in close)}?")
+        if hint := did_you_mean(k, names):
+            hints.append(f"{k!r}: {hint}")
     return TypeError(f"{where}() got unexpected keyword argument(s) {bad}"
                      + (f" ({'; '.join(hints)})" if hints else "") + f": options are {what}")
 

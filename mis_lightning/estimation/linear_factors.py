@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .._modelcopy import private_copy
 from .._warning_filters import ignoring
 from ..functional import gather as _gather
+from ..functional.versions import tensor_version
 from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 from .record_draws import record_labels, record_signs
 from .records import record_keys
@@ -927,8 +928,9 @@ class PowerCache:
         self._setup: dict[Any, Any] = {}
 
     def _check(self, x: Tensor) -> None:
-        if self._x is not x or self._version != x._version:
-            self._x, self._version, self._entries, self._bytes = x, x._version, {}, 0
+        version = tensor_version(x)  # None (an inference tensor): nothing kept across calls
+        if self._x is not x or version is None or self._version != version:
+            self._x, self._version, self._entries, self._bytes = x, version, {}, 0
 
     def _get(self, x: Tensor, key: Any, make: Callable[[], Tensor]) -> Tensor:
         self._check(x)
@@ -981,9 +983,10 @@ class PowerCache:
         so a call that finds one computes nothing differently."""
         if self.budget <= 0 or not SHARED_CHUNK_SETUP:
             return {}
-        stamp = tuple(k._version if isinstance(k, Tensor) else None for k in keys)
+        stamp = tuple(tensor_version(k) if isinstance(k, Tensor) else None for k in keys)
         old = self._setup_keys
-        if (len(old) == len(keys) and self._setup_stamp == stamp
+        fresh = any(isinstance(k, Tensor) and v is None for k, v in zip(keys, stamp))  # an inference tensor
+        if (not fresh and len(old) == len(keys) and self._setup_stamp == stamp
                 and all(a is b if isinstance(b, Tensor) else (not isinstance(a, Tensor) and a == b)
                         for a, b in zip(old, keys))):
             return self._setup

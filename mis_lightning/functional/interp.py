@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from .cells import SQRT_2_OVER_PI, _pdf
+from .versions import tensor_version
 
 DEGREE = 7  # polynomial degree per cell along |x|
 PER_OCTAVE = 32  # slices per octave of s
@@ -275,14 +276,16 @@ def interp_table(values: Tensor) -> InterpTable | None:
     # a tensor object seen recently, unmodified since (held here: its address cannot be reused),
     # skips the key: 186 us per call for a 16-bit table's 65k values, ~400 calls per 1e7 scoring
     last = _RECENT.get(id(values))
-    if last is not None and last[0] is values and last[1] == values._version and _TABLES.get(last[3], 0) is last[2]:
+    version = tensor_version(values)  # None: an inference tensor, keyed by its values every time
+    if last is not None and version is not None and last[0] is values and last[1] == version \
+            and _TABLES.get(last[3], 0) is last[2]:
         return last[2]  # (the key's hash is cached in its bytes object: no new hashing)
     key = values.detach().to(device="cpu", dtype=torch.float64).numpy().tobytes()
     if key not in _TABLES:
         v = values.to(torch.float64).cpu()
         ok = v.numel() <= 256 and bool(torch.equal(v, -v.flip(0)))
         _TABLES[key] = InterpTable(v) if ok else None  # type: ignore[assignment]
-    _RECENT[id(values)] = (values, values._version, _TABLES[key], key)
+    _RECENT[id(values)] = (values, version, _TABLES[key], key)
     while len(_RECENT) > _RECENT_MAX:
         del _RECENT[next(iter(_RECENT))]
     return _TABLES[key]

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .cells import _pdf, column_sums
+from .versions import tensor_version
 
 T = TypeVar("T")
 
@@ -241,11 +242,13 @@ def per_table(cache: dict, values: Tensor, device: torch.device, build: Callable
     got = cache.get(key)
     # the same tensor object, unmodified since (the entry holds it: its address cannot be reused)
     # needs no comparison: 64 us per call for a 16-bit table's 65k values, ~2k calls per 1e7 scoring
-    if got is not None and getattr(got, "_source", None) is values and got._source_version == values._version:
+    version = tensor_version(values)  # None: an inference tensor, compared every time
+    if got is not None and version is not None and getattr(got, "_source", None) is values \
+            and got._source_version == version:
         return got
     if got is None or got.values.shape != values.shape or not torch.equal(got.values, values.to(got.values)):
         got = cache[key] = build(values, device)
-    got._source, got._source_version = values, values._version
+    got._source, got._source_version = values, version
     return got
 
 

@@ -41,6 +41,7 @@ from .kernel import (
 )
 from .masks import all_set, any_set
 from .runs import RUN_MAX_STEP, RunTable, per_table, run_moments, run_table
+from .versions import tensor_version
 
 # Window half-widths for value tables beyond their ``half_window`` (float grids get finer
 # towards zero, so a window may need many edges).
@@ -1543,7 +1544,8 @@ def release_own_cells() -> None:
 
 
 def _own_cells_key(th: Tensor, sc: Tensor, layout: TableLayout) -> tuple:
-    return (weakref.ref(th), th._version, weakref.ref(sc), sc._version, id(layout), th.shape[0], _kernel.EAGER_BLOCK)
+    return (weakref.ref(th), tensor_version(th), weakref.ref(sc), tensor_version(sc), id(layout), th.shape[0],
+            _kernel.EAGER_BLOCK)
 
 
 # the last scale tensor tested by _unit_scale: (weak reference, version counter, every value 1);
@@ -1556,10 +1558,10 @@ def _unit_scale(sc: Tensor) -> bool:
     while unchanged)."""
     if _UNIT_SCALE:
         ref, ver, unit = _UNIT_SCALE[0]
-        if ref() is sc and ver == sc._version:
+        if ver is not None and ref() is sc and ver == tensor_version(sc):
             return unit
     unit = float(sc.amin()) == 1.0 and float(sc.amax()) == 1.0
-    _UNIT_SCALE[:] = [(weakref.ref(sc), sc._version, unit)]
+    _UNIT_SCALE[:] = [(weakref.ref(sc), tensor_version(sc), unit)]
     return unit
 
 
@@ -1571,7 +1573,8 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
     if SHARE_OWN_CELLS and kappa_only and _OWN_CELLS:
         key, held = _OWN_CELLS.pop()
         k_th, v_th, k_sc, v_sc, lay, c, blk = key
-        if k_th() is th and v_th == th._version and k_sc() is sc and v_sc == sc._version and lay == id(layout) \
+        if v_th is not None and v_sc is not None and k_th() is th and v_th == tensor_version(th) and k_sc() is sc \
+                and v_sc == tensor_version(sc) and lay == id(layout) \
                 and c == th.shape[0] and blk == _kernel.EAGER_BLOCK:
             facts = held
     keep: list[tuple[Tensor, ...]] | None = [] if SHARE_OWN_CELLS and (

@@ -79,6 +79,7 @@ from ..functional.storage import (
     stored_edges,
 )
 from ..functional.table import _open_fine_moments, table_layout
+from ..functional.versions import tensor_version
 from ..functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TABLE_MAX_VALUES,
@@ -317,8 +318,9 @@ _FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": 
 
 def _fact_key(tensors: Iterable[Tensor | None], extra: tuple = ()) -> tuple:
     """A key of :data:`_FACTS`: per tensor a weak reference and its version counter (``None``
-    kept as is), then ``extra`` (plain values compared by ``==``)."""
-    return tuple(None if t is None else (weakref.ref(t), t._version) for t in tensors) + extra
+    kept as is; an inference tensor's counter is ``None``, :func:`tensor_version`, and its key
+    matches nothing), then ``extra`` (plain values compared by ``==``)."""
+    return tuple(None if t is None else (weakref.ref(t), tensor_version(t)) for t in tensors) + extra
 
 
 def _key_matches(key: tuple, tensors: tuple[Tensor | None, ...], extra: tuple) -> bool:
@@ -328,7 +330,7 @@ def _key_matches(key: tuple, tensors: tuple[Tensor | None, ...], extra: tuple) -
     for k, t in zip(key[:n], tensors):
         if (k is None) != (t is None):
             return False
-        if t is not None and (k[0]() is not t or k[1] != t._version):
+        if t is not None and (k[1] is None or k[0]() is not t or k[1] != tensor_version(t)):
             return False
     return True
 
@@ -397,13 +399,13 @@ def _shared_expansion(t: Tensor | None, role: str, block_size: tuple[int, ...], 
         if t is None:
             return out
         held = ref()
-        if held is not None and held._version == version and _same_value(held, t):
+        if held is not None and version is not None and tensor_version(held) == version and _same_value(held, t):
             return out
     if t is None:
         out, ref, version = torch.zeros(end - start, dtype=torch.float64), None, 0
     else:
         out = _expand_blocks(t.to(torch.float64), block_size, shape, start, end)
-        ref, version = weakref.ref(t), t._version
+        ref, version = weakref.ref(t), tensor_version(t)
     _EXPANSIONS.append((key, ref, version, out))
     return out
 
@@ -881,13 +883,13 @@ class ParamGrid:
         ``theta`` (this grid's shape, its ``block_size``): the elements it determines exactly
         (:attr:`revealed`) and the bounds on every other one (:attr:`support`)."""
         shared = _SHARED_SCALE_FACTS.get()  # (the key only there: inference tensors have no version)
-        key = None if shared is None else (theta._version, tuple(self.block_size), rule, theta.dtype,
-                                           tuple(theta.shape))
-        facts = None if shared is None else next(
+        version = None if shared is None else tensor_version(theta)
+        key = None if version is None else (version, tuple(self.block_size), rule, theta.dtype, tuple(theta.shape))
+        facts = None if key is None else next(
             (v for ref, k, v in shared if ref() is theta and k == key), None)
         if facts is None:
             facts = scale_facts(theta, self.block_size, rule)
-            if shared is not None:
+            if key is not None:
                 shared.append((weakref.ref(theta), key, facts))
         revealed, lo, hi = facts
         assert revealed is not None and lo is not None and hi is not None
@@ -2248,9 +2250,9 @@ class ParamGrid:
 
     def _positive_scale(self) -> bool:
         """Every block's scale finite and positive (kept per scale tensor and version)."""
-        key = (id(self.scale), self.scale._version)
+        key = (id(self.scale), tensor_version(self.scale))
         hit = self.__dict__.get("_positive_scale_fact")
-        if hit is None or hit[0] != key:
+        if hit is None or key[1] is None or hit[0] != key:
             s = self.scale
             hit = (key, bool(torch.isfinite(s).all()) and bool((s > 0).all()))
             self.__dict__["_positive_scale_fact"] = hit

@@ -97,10 +97,15 @@ class MixedPrecisionScheme(QuantizationScheme):
                                    None if self.default is None else done[self.default.name], name=self.name)
         return out
 
+    def release_warnings(self) -> list[str]:
+        """The candidates' release warnings (what the release holds beyond its weights), each
+        distinct one once, in the candidates' order."""
+        ws = (getattr(s, "release_warning", lambda: None)() for s in self.candidates())
+        return list(dict.fromkeys(w for w in ws if w))
+
     def release_warning(self) -> str | None:
-        """The candidates' release warnings (what the release holds beyond its weights), joined."""
-        ws = [w for w in (getattr(s, "release_warning", lambda: None)() for s in self.candidates()) if w]
-        return "; ".join(ws) or None
+        """:meth:`release_warnings`, joined (``None``: none)."""
+        return "; ".join(self.release_warnings()) or None
 
     def _check_keys(self, model: nn.Module) -> None:
         names = [n for n, _ in model.named_parameters()]
