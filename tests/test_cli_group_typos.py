@@ -116,3 +116,32 @@ def test_a_valid_command_line_still_reaches_hydra(monkeypatch, capsys):
     code, out, err = _console(monkeypatch, capsys, ["quantizer=int8_weight_only", "mode=assess", "--cfg", "job"])
     assert code is None, err
     assert "name: int8_weight_only" in out and "mode: assess" in out
+
+
+@pytest.mark.parametrize("args, culprit, hint", [
+    # Hydra's own message advised "+mis.scoring.num_record=64": a key nobody reads
+    (["mis.scoring.num_record=64"], "mis.scoring.num_record=64: no such key in mis.scoring",
+     "did you mean mis.estimation.num_records?"),
+    (["trainer.max_epoch=3"], "trainer.max_epoch=3: no such key in trainer", "did you mean max_epochs"),
+    # the node as the group overrides compose it (mpnn's own keys)
+    (["model=mpnn", "model.hiden=3"], "model.hiden=3: no such key in model", "did you mean hidden"),
+    (["-m", "trainer.max_epochs=1,2", "mis.estimation.num_record=8"],
+     "mis.estimation.num_record=8: no such key in mis.estimation", "did you mean num_records?"),
+])
+def test_a_dotted_key_typo_names_the_closest_key(monkeypatch, capsys, args, culprit, hint):
+    code, out, err = _console(monkeypatch, capsys, args if "-m" in args else [*args, "--cfg", "job"])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"mis-lightning: configuration error: {culprit}; {hint}"), lines[0]
+    assert "(keys: " in lines[0] and "Traceback" not in err and "+mis" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["mis.scoring.seed=3", "trainer.max_epochs=2"],
+    # a keyword of the node's _target_ that its yaml does not set: Hydra's "+" is the way
+    ["+mis.scoring.chunk_size=4096"], ["mis.scoring.chunk_size=4096"],
+    ["model=mpnn", "model.hidden=16"], ["+quantizer.group_size=64", "quantizer=intx_weight_only_int4_g32"],
+])
+def test_valid_dotted_keys_pass(args):
+    assert group_override_errors(args) == []

@@ -17,8 +17,11 @@ Checked: every value of a group override (``group=opt``, ``+group=opt``, ``~grou
 multirun's ``group=a,b`` and ``group=choice(a,b)``, a list ``group=[a,b]``, nested options
 ``group=sub/opt`` and groups ``hydra/launcher=...``); a key that is no group but close to one
 (``quantiser=...``, ``~quantiser``) when the config has no such key, and with ``+`` when its value
-is an option of that group. Left to Hydra: glob and range sweeps, dotted keys
-(``trainer.max_epoch=3``: Hydra's "not in struct" names them), sweeps declared in a config
+is an option of that group; then, the groups being valid, a dotted key without ``+`` that the
+composed config lacks and its node's ``_target_`` does not take (``mis.scoring.num_record=64``:
+Hydra's own message suggested ``+mis.scoring.num_record=64``), with the closest keys of its node
+and its target. Left to
+Hydra: glob and range sweeps, a dotted key under no node, sweeps declared in a config
 (``hydra.sweeper.params``), runs with ``--config-path`` / ``--config-dir``, and anything this
 check cannot read (it then returns nothing and Hydra reports as before).
 """
@@ -85,21 +88,100 @@ def _is_config_key(loader: Any, config_name: str, overrides: Sequence[Any], key:
             if key in cfg:
                 return True
             break
-    others = []
+    try:
+        return key in loader.load_configuration(config_name, _job_lines(overrides, key), RunMode.RUN)
+    except Exception:
+        return True
+
+
+def _job_lines(overrides: Sequence[Any], skip: str | None = None) -> list[str]:
+    """The overrides of one job (a sweep's first value), as lines, less those of key ``skip``."""
+    lines = []
     for o in overrides:
-        if o.key_or_group == key:
+        if o.key_or_group == skip:
             continue
         value = o.input_line
-        if o.is_sweep_override():  # one job's config: the first value of each sweep
+        if o.is_sweep_override():
             try:
                 value = f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
             except Exception:
                 continue
-        others.append(value)
+        lines.append(value)
+    return lines
+
+
+def _target_keywords(node: Any) -> set[str] | None:
+    """The keywords a node's ``_target_`` takes (a node without one: ``set()``; ``None`` where
+    it takes any, ``**kwargs``, or cannot be read: nothing refused)."""
+    import inspect
+
+    from hydra.utils import get_object
+
+    target = node.get("_target_") if "_target_" in node else None
+    if target is None:
+        return set()
     try:
-        return key in loader.load_configuration(config_name, others, RunMode.RUN)
+        params = inspect.signature(get_object(str(target))).parameters.values()
     except Exception:
-        return True
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _sibling_hint(cfg: Any, parent: str, leaf: str) -> str:
+    """``"did you mean mis.estimation.num_records?"``: the keys close to ``leaf`` in the nodes
+    beside ``parent`` (an option set in the wrong stage's node); ``""`` when none is close."""
+    from omegaconf import DictConfig, OmegaConf
+
+    up, _, own = parent.rpartition(".")
+    node = OmegaConf.select(cfg, up, default=None) if up else cfg
+    if not isinstance(node, DictConfig):
+        return ""
+    where: dict[str, list[str]] = {}
+    for child in node.keys():
+        sub = node.get(child) if child != own else None
+        if isinstance(sub, DictConfig):
+            for k in sub.keys():
+                where.setdefault(str(k), []).append(f"{up + '.' if up else ''}{child}.{k}")
+    close = [path for k in close_names(leaf, where) for path in where[k]]
+    return f"did you mean {' or '.join(close)}?" if close else ""
+
+
+def _dotted_key_errors(loader: Any, config_name: str, overrides: Sequence[Any]) -> list[str]:
+    """One line per dotted override without ``+`` (``mis.scoring.num_record=64``) whose key the
+    composed config lacks under a node that takes no new keys, nor its ``_target_``: Hydra's own message for it
+    ("Could not override ... To append to your config use +mis.scoring.num_record=64") points at
+    ``+``, which adds a key nobody reads. The config is composed once with the group and ``+``
+    overrides (a sweep's first value); nothing when it cannot be composed (Hydra then says why)."""
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.types import RunMode
+    from omegaconf import DictConfig, OmegaConf
+
+    dotted = [o for o in overrides if o.type == OverrideType.CHANGE and "." in o.key_or_group
+              and "/" not in o.key_or_group and not o.key_or_group.startswith("hydra.")]
+    if not dotted:
+        return []
+    rest = [o for o in overrides if not any(o is d for d in dotted)]
+    try:
+        cfg = loader.load_configuration(config_name, _job_lines(rest), RunMode.RUN)
+    except Exception:
+        return []
+    errors = []
+    for o in dotted:
+        parent, _, leaf = o.key_or_group.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None)
+        if not isinstance(node, DictConfig) or leaf in node or not OmegaConf.is_struct(node):
+            continue  # (no such parent: Hydra names it; an open node takes the key)
+        keys = sorted(str(k) for k in node.keys())
+        accepted = _target_keywords(node)
+        if accepted is None or leaf in accepted:
+            continue  # a keyword the node's _target_ takes: Hydra's "+key=value" advice is right
+        keys = sorted(set(keys) | accepted)
+        hint = did_you_mean(leaf, keys, quote=False) or _sibling_hint(cfg, parent, leaf)
+        line = o.input_line if o.input_line else o.get_key_element()
+        errors.append(f"{line}: no such key in {parent}{'; ' + hint if hint else ''} {_listing('keys', keys)}")
+    return errors
 
 
 def _check(loader: Any, config_name: str, lines: Sequence[str], overrides: Sequence[Any]) -> list[str]:
@@ -158,7 +240,7 @@ def _check(loader: Any, config_name: str, lines: Sequence[str], overrides: Seque
             continue
         line = o.input_line if o.input_line else o.get_key_element()
         errors.append(f"{line}: no such config group {key}; {hint} {_listing('groups', near)}")
-    return errors
+    return errors or _dotted_key_errors(loader, config_name, overrides)
 
 
 def group_override_errors(args: Sequence[str], config_module: str = CONFIG_MODULE,
