@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
 from ._augmentation import random_records_note
-from ._autocast import without_autocast
+from ._precision import full_float32
 from ._fields import close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
@@ -681,7 +681,7 @@ def _trained_left_out_note(model: nn.Module, names: Sequence[str]) -> str | None
 
 
 @restores_rng("train_dataloader", "val_dataloader")
-@without_autocast
+@full_float32
 def _outside_inference_mode(fn: Callable[..., Report]) -> Callable[..., Report]:
     """Run ``fn`` outside ``torch.inference_mode`` when called inside it (a Lightning validation or
     test loop, a user's ``with torch.inference_mode():``): the estimation needs autograd, and the
@@ -1203,7 +1203,7 @@ def _check_model_matches_estimate(est: Estimate, model: nn.Module) -> None:
 
 
 @restores_rng("val_dataloader", "calibration_data")
-@without_autocast
+@full_float32
 @_outside_inference_mode
 def score_schemes(
     est: Estimate,

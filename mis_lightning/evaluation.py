@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._autocast import without_autocast
+from ._precision import full_float32
 from ._rng import restores_rng
 from .estimation.per_sample import BatchFn, LossFn, default_batch_fn
 
@@ -41,7 +41,7 @@ def named_error(exc: BaseException, msg: str) -> BaseException:
 
 
 @restores_rng("dataloader")
-@without_autocast
+@full_float32
 def evaluate_utility(
     model: nn.Module,
     dataloader: Iterable,

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.utilities.prints import rank_zero_only
 
-from ._autocast import without_autocast
+from ._precision import full_float32
 from ._user_warnings import warn
 from .assess import (
     SchemeSpec,
@@ -227,7 +227,7 @@ class MISIndicator(EstimationMetric):
         # epoch says each caveat once, not once an epoch
         self._warned: set[str] = set()
 
-    @without_autocast
+    @full_float32
     def compute(self) -> dict[str, dict[str, Any]]:  # type: ignore[override]
         """Score every scheme from the synced estimate; ``{scheme: {figure: 0-d tensor}}``.
         The report's warnings (``self.report.warnings``) are raised as ``UserWarning``s prefixed

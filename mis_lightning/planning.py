@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._autocast import without_autocast
+from ._precision import full_float32
 from ._fields import CheckedFields
 from ._modelcopy import private_copy
 from ._rng import restores_rng
@@ -693,7 +693,7 @@ def _pareto(points: list[tuple[float, float, float]]) -> list[int]:
 
 
 @restores_rng("train_dataloader", "val_dataloader")
-@without_autocast
+@full_float32
 def plan(
     model: nn.Module,
     candidates: SchemeSpec | Sequence[SchemeSpec] | None,

@@ -29,7 +29,7 @@ from torch.func import functional_call, grad, jacrev, vmap
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from ._autocast import without_autocast
+from ._precision import full_float32
 from ._user_warnings import warn
 from .assess import select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
@@ -641,7 +641,7 @@ class EstimationMetric(Metric):
         return ragged
 
     # -- torchmetrics API -----------------------------------------------------------------
-    @without_autocast
+    @full_float32
     def update(self, inputs: Any, targets: Any = None) -> None:  # type: ignore[override]
         """Add a batch: ``update(inputs, targets)``, or ``update(batch)`` (split by ``batch_fn``
         or passed whole to ``mis_per_sample_loss``)."""
@@ -675,7 +675,7 @@ class EstimationMetric(Metric):
         self.add_state(attr, default=[] if is_list else torch.zeros_like(value), dist_reduce_fx="cat" if is_list else "sum")
         setattr(self, attr, value)
 
-    @without_autocast
+    @full_float32
     def estimate(self) -> Estimate:
         """The :class:`~mis_lightning.estimation.Estimate` of the records seen by every process
         (the states synced over processes first, as ``compute`` does).
@@ -690,7 +690,7 @@ class EstimationMetric(Metric):
                                    should_unsync=self._should_unsync):
                 return self.accumulator.finalize(self._states())
 
-    @without_autocast
+    @full_float32
     def compute(self) -> Any:  # type: ignore[override]
         """The estimate (see :meth:`estimate`)."""
         return self.estimate()

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._autocast import without_autocast
+from .._precision import full_float32
 from .._fields import canonical_decay, close_param_names, parameter_aliases
 from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
@@ -1179,7 +1179,7 @@ class MomentAccumulator:
         return {k: (v if isinstance(v, Tensor) else []) for k, (v, _) in self.state_spec().items()}
 
     # -- accumulation -------------------------------------------------------------------------
-    @without_autocast
+    @full_float32
     def update(self, batch: Any, state: dict[str, Any] | None = None) -> int:
         """Add one batch to ``state`` (default ``self.state``, updated in place); returns its size.
 
@@ -1767,7 +1767,7 @@ class MomentAccumulator:
                       pytree_records=self.pytree_records)
 
     # -- finalisation -------------------------------------------------------------------------
-    @without_autocast
+    @full_float32
     def finalize(self, state: dict[str, Any] | None = None) -> Estimate:
         """The :class:`Estimate` of the accumulated (possibly summed over processes) state.
 
@@ -3903,7 +3903,7 @@ def diagonal_compute(h: Tensor, v: Tensor, g_mean: Tensor, G: Tensor | None, n: 
 
 
 @restores_rng("train_dataloader")
-@without_autocast
+@full_float32
 def estimate(
     model: nn.Module,
     train_dataloader: Iterable,

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import private_copy
+from .._precision import full_float32
 from .._warning_filters import ignoring
 from ..functional import gather as _gather
 from ..functional.versions import tensor_version
@@ -1179,6 +1180,7 @@ def _with_row_weights(A: Tensor, row_weights: tuple[Tensor, Tensor], in_f: int) 
     return torch.cat([A, A[:, src] * W.repeat_interleave(in_f, 0)], 1)
 
 
+@full_float32  # (its float32 GEMMs' run-time bound is IEEE float32's, not bf16's / TF32's)
 def factored_power_sums(
     fac: LinearFactors, g_mean: Tensor, v_diag: Tensor, A: Tensor, power: int, bias: bool = False,
     cache: PowerCache | None = None, row_weights: tuple[Tensor, Tensor] | None = None,
