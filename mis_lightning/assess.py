@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
 from ._augmentation import random_records_note
-from ._precision import full_float32
 from ._fields import close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
+from ._precision import full_float32
 from ._rng import isolated_rng, restores_rng
 from ._user_warnings import warn
 from .config import (  # noqa: F401
@@ -3812,15 +3812,16 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
             and not reader.factor[1] and reader.unit > 0 and (b - a) % reader.unit == 0):
         plan = _shared_deficit_plan(take[2])
         if plan is not None:
-            unit, assigned, bases = plan
+            # (ones_at: the plan's column of ones, an index; ``unit`` stays the caller's column)
+            ones_at, assigned, bases = plan
             rows = (b - a) // reader.unit
             keep_cols = [i for i in range(len(take[2])) if i not in assigned]
             cols2 = [take[2][i] for i in keep_cols]
-            if unit is None:
+            if ones_at is None:
                 cols2.append(torch.ones(b - a, dtype=torch.float64))
                 unit_at = len(cols2) - 1
             else:
-                unit_at = keep_cols.index(unit)
+                unit_at = keep_cols.index(ones_at)
             moved = {old: new for new, old in enumerate(keep_cols)}
             for old in assigned:
                 moved[old] = unit_at

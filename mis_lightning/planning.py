@@ -52,9 +52,9 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
-from ._precision import full_float32
 from ._fields import CheckedFields
 from ._modelcopy import private_copy
+from ._precision import full_float32
 from ._rng import restores_rng
 from .assess import (
     SchemeSpec,

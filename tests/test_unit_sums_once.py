@@ -135,3 +135,21 @@ def test_later_scoring_calls_read_the_unit_sums_with_the_same_reports(monkeypatc
     assert all(r == off for r in reports)
     # a copied estimate starts without the entries (weak references to its tensors), and they pickle as none
     assert est._unit_sums and not copy.deepcopy(est)._unit_sums and not pickle.loads(pickle.dumps(est._unit_sums))
+
+
+def test_the_unit_sums_are_kept_where_the_shared_deficit_plan_applies():
+    """The shared-deficit plan's own column index (``_shared_deficit_plan``) no longer rebinds the
+    caller's column of ones (rv50: where the plan applied, the power-4 unit sums were summed
+    again by every call, UNIT_SUMS_ONCE silently off)."""
+    from test_shared_deficits import _columns
+
+    fac, g_mean, v, g = _case()
+    n = g_mean.numel()
+    est = _EstWithEntries(fac, g_mean, v)
+    reader = A._InfluenceReader(est, NAME)
+    ones = torch.ones(n, dtype=torch.float64)
+    cols2, _ = _columns(n, g)
+    cols2[0] = ones
+    assert A._shared_deficit_plan(list(cols2)) is not None
+    A._distinct_list_sums(reader, 0, n, {2: cols2, 4: [ones]}, {2: [id(t) for t in cols2], 4: [id(ones)]}, unit=ones)
+    assert [k[-1] for k in est._unit_sums] == [4]

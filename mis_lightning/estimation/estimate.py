@@ -32,10 +32,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .._precision import full_float32
 from .._fields import canonical_decay, close_param_names, parameter_aliases
 from .._heap import raise_mmap_threshold
 from .._modelcopy import ModelCopyError, private_copy
+from .._precision import full_float32
 from .._rng import restores_rng
 from .._warning_filters import ignoring
 from ..config import DEFAULT_LEVERAGE_CORRECTION
