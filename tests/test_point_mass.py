@@ -170,3 +170,44 @@ def test_live_elements_alone_equal_the_padded_call(scheme, dtype, monkeypatch):
         for f in ("kappa",) if kw.get("kappa_only") else FIELDS:
             a, b = getattr(out[True], f), getattr(out[False], f)
             assert bool(((a == b) | (a.isnan() & b.isnan())).all()), f
+
+
+def test_count_set_is_the_bool_sum():
+    """``masks.count_set`` (p50a): ``int(mask.sum())`` on empty, 1-D, strided and 2-D bool masks and
+    a non-bool tensor."""
+    from mis_lightning.functional.masks import count_set
+
+    g = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 1000, 40000):
+        for p in (0.0, 0.5, 0.9999, 1.0):
+            m = torch.rand(n, generator=g) < p
+            assert count_set(m) == int(m.sum())
+            if n > 2:
+                assert count_set(m[::2]) == int(m[::2].sum())
+                assert count_set(m[: n - n % 2].view(2, -1)) == int(m[: n - n % 2].sum())
+    assert count_set(torch.tensor([0.0, 2.0, 3.0])) == 5
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "rtn_int4"])
+def test_point_split_counts_by_count_nonzero(scheme, monkeypatch):
+    """``quantization.base.COUNT_SET`` (p50a): the sd-0 and point-mass counts of
+    ``ParamGrid._point_split`` by ``torch.count_nonzero``: the same counts, mask and moments as the
+    bool sums (the switch off); fails with the switch off (no ``count_nonzero`` call)."""
+    rows, cols = 64, 64
+    g, theta = _grid(scheme, rows, cols)
+    theta, sigma = _sigma(g, theta, rows, cols)
+    scale, zp, code = g.element_grid(0, theta.numel())
+    calls = []
+    real = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(qb, "COUNT_SET", on)
+        qb._SD_ZERO.clear()
+        calls.clear()
+        point, n_point, zf = g._point_split(theta, sigma.clone(), scale, zp, code, g.element_bounds(0, theta.numel()))
+        assert bool(calls) == on
+        assert n_point == int(point.sum()) and zf.count == int((sigma <= torch.finfo(F64).tiny).sum())
+        got[on] = (point, n_point, zf.count, g.moments(theta, sigma, 0, theta.numel()).kappa)
+    assert torch.equal(got[True][0], got[False][0]) and got[True][1:3] == got[False][1:3]
+    assert torch.equal(got[True][3].view(torch.int64), got[False][3].view(torch.int64))
