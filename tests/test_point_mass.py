@@ -172,22 +172,6 @@ def test_live_elements_alone_equal_the_padded_call(scheme, dtype, monkeypatch):
             assert bool(((a == b) | (a.isnan() & b.isnan())).all()), f
 
 
-def test_count_set_is_the_bool_sum():
-    """``masks.count_set`` (p50a): ``int(mask.sum())`` on empty, 1-D, strided and 2-D bool masks and
-    a non-bool tensor."""
-    from mis_lightning.functional.masks import count_set
-
-    g = torch.Generator().manual_seed(0)
-    for n in (0, 1, 7, 1000, 40000):
-        for p in (0.0, 0.5, 0.9999, 1.0):
-            m = torch.rand(n, generator=g) < p
-            assert count_set(m) == int(m.sum())
-            if n > 2:
-                assert count_set(m[::2]) == int(m[::2].sum())
-                assert count_set(m[: n - n % 2].view(2, -1)) == int(m[: n - n % 2].sum())
-    assert count_set(torch.tensor([0.0, 2.0, 3.0])) == 5
-
-
 @pytest.mark.parametrize("scheme", ["bf16", "rtn_int4"])
 def test_point_split_counts_by_count_nonzero(scheme, monkeypatch):
     """``quantization.base.COUNT_SET`` (p50a): the sd-0 and point-mass counts of

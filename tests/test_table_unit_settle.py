@@ -25,7 +25,7 @@ import torch
 
 from mis_lightning.functional import table as T
 from mis_lightning.functional.kernel import EAGER_BLOCK, _float64_inputs
-from mis_lightning.functional.masks import all_set
+from mis_lightning.functional.masks import all_set, count_set
 from mis_lightning.quantization.casts import cast_cell_values
 
 F64 = torch.float64
@@ -254,13 +254,17 @@ def test_sigma_kept_where_already_at_the_floor(monkeypatch):
 
 
 def test_all_set_is_all():
+    """``all_set`` is ``Tensor.all`` and ``count_set`` (p50a) the bool sum, on empty, strided and
+    2-D masks (and ``count_set`` of a non-bool tensor its sum)."""
     g = torch.Generator().manual_seed(0)
     for n in (0, 1, 7, 1000, 40000):
         for p in (0.0, 0.5, 0.9999, 1.0):
             m = torch.rand(n, generator=g) < p
-            assert all_set(m) == bool(m.all())
+            assert all_set(m) == bool(m.all()) and count_set(m) == int(m.sum())
             if n > 2:
-                assert all_set(m[::2]) == bool(m[::2].all())
+                assert all_set(m[::2]) == bool(m[::2].all()) and count_set(m[::2]) == int(m[::2].sum())
+                assert count_set(m[: n - n % 2].view(2, -1)) == int(m[: n - n % 2].sum())
+    assert count_set(torch.tensor([0.0, 2.0, 3.0])) == 5
 
 
 @pytest.mark.parametrize("dtype", CASTS)

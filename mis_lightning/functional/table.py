@@ -356,7 +356,9 @@ def table_cell_moments(
             settled by their own cell (:func:`_settled`) get no ``mean_abs`` or ``m4`` (NaN
             there); ``kappa`` is bitwise the same but where the kappa-only closed form of the
             overflow elements serves (:data:`OVERFLOW_CLOSED_FORM`: within 5e-15 of the full
-            call's), and the self-check compares it alone.
+            call's), and the self-check compares it alone. ``mean_abs``, ``m4`` and ``coverage``
+            (and the fast path's closed-form mask) may then be one value expanded (stride 0, a
+            16-bit cast's call settled whole: :data:`UNIT_KAPPA_INTO`): read them, never write them.
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
