@@ -2304,6 +2304,13 @@ DRAWS_KEEP_STILL = True
 # [D, c] with a zeros tensor): the same numbers, ~4 [D, c] passes fewer on a mostly-still chunk
 # (p49c). False: as before
 DRAWS_LIVE_POSITIONS = True
+# ... and where every (position, element) pair is evaluated in order (no sd-0 element, no padding:
+# the 1e7 MLP's first layer, 8 x 16,384 pairs a call) the pairs' per-element tensors are the
+# element's repeated (``repeat``, not a gather through ``pairs % c``: an integer remainder of ~3 ms
+# a call) and the positions the [D, c] tensor itself; the built draws' unread ``lam`` (the joint
+# pass reads a one-coordinate model's alone) one zero expanded, not two [D, c] fills: the same
+# numbers (p50a). False: gathers and fills as before
+DRAWS_PAIRS_IN_ORDER = True
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
@@ -2582,7 +2589,12 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
         p = (p + coef[m]) * t
     mu = _GH_W[_GH_X != 0] @ dn + (dl - p).mean(0)
     basis = torch.cat([mu.unsqueeze(0), sd * xi[2: 2 + half]])  # draws: mu +- sd zeta (_built_mix)
-    return basis, _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
+    return basis, _built_mix(D), (_zeros(D, c) if DRAWS_PAIRS_IN_ORDER else torch.zeros(D, c, dtype=torch.float64))
+
+
+def _zeros(*shape: int) -> Tensor:
+    """A float64 zero expanded to ``shape`` (stride 0: read it, never write it)."""
+    return torch.zeros((), dtype=torch.float64).expand(*shape)
 
 
 def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> tuple[Tensor | None, bool]:
@@ -2623,7 +2635,8 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
     D, c = xi.shape
     th64, sg64 = th.to(torch.float64), sg.to(torch.float64)
     kap = torch.empty(D, c, dtype=torch.float64)
-    lam = torch.zeros(D, c, dtype=torch.float64)
+    # (written below with_lam only; else read, never written: one zero expanded, DRAWS_PAIRS_IN_ORDER)
+    lam = torch.zeros(D, c, dtype=torch.float64) if with_lam or not DRAWS_PAIRS_IN_ORDER else _zeros(D, c)
     if with_lam:
         free = None
     elif freedom is None:
@@ -2747,15 +2760,21 @@ def _table_draws_at_once(grid: ParamGrid, th64: Tensor, sg64: Tensor, a: int, b:
         still = sg64 == 0
         if any_set(still):
             live = torch.nonzero(~still).squeeze(-1)
+    in_order = False
     if live is None:
         ev = _padded_pairs(torch.arange(D * c), getattr(grid, "_chunk_elements", c), F.table.INTERP_MIN_ELEMENTS)
-        el = ev % c
+        # (no padding: ev is 0 .. D c - 1, the pairs in the positions' row-major order)
+        in_order = DRAWS_PAIRS_IN_ORDER and ev.numel() == D * c
+        el = ev if in_order else ev % c
     else:  # the moving elements' pairs alone (row-major like the positions)
         el = live.repeat(D)
         ev = el + c * torch.arange(D).repeat_interleave(live.numel())
-    rep = lambda t: t.index_select(0, el)  # noqa: E731 - [c] -> [D c], row-major like the positions
+    # [c] -> [D c], row-major like the positions
+    rep = (lambda t: t.repeat(D)) if in_order else (lambda t: t.index_select(0, el))  # noqa: E731
     if live is not None and DRAWS_LIVE_POSITIONS:  # (theta + sigma * xi per element: the same numbers)
         pos = (th64.index_select(0, live) + sg64.index_select(0, live) * xi.index_select(1, live)).reshape(-1)
+    elif in_order:
+        pos = (th64 + sg64 * xi).reshape(-1)
     else:
         pos = (th64 + sg64 * xi).reshape(-1).index_select(0, ev)
     mm = grid.element_moments(pos, rep(sg64), rep(scale), rep(zp),

@@ -170,3 +170,28 @@ def test_live_elements_alone_equal_the_padded_call(scheme, dtype, monkeypatch):
         for f in ("kappa",) if kw.get("kappa_only") else FIELDS:
             a, b = getattr(out[True], f), getattr(out[False], f)
             assert bool(((a == b) | (a.isnan() & b.isnan())).all()), f
+
+
+@pytest.mark.parametrize("scheme", ["bf16", "rtn_int4"])
+def test_point_split_counts_by_count_nonzero(scheme, monkeypatch):
+    """``quantization.base.COUNT_SET`` (p50a): the sd-0 and point-mass counts of
+    ``ParamGrid._point_split`` by ``torch.count_nonzero``: the same counts, mask and moments as the
+    bool sums (the switch off); fails with the switch off (no ``count_nonzero`` call)."""
+    rows, cols = 64, 64
+    g, theta = _grid(scheme, rows, cols)
+    theta, sigma = _sigma(g, theta, rows, cols)
+    scale, zp, code = g.element_grid(0, theta.numel())
+    calls = []
+    real = torch.count_nonzero
+    monkeypatch.setattr(torch, "count_nonzero", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(qb, "COUNT_SET", on)
+        qb._SD_ZERO.clear()
+        calls.clear()
+        point, n_point, zf = g._point_split(theta, sigma.clone(), scale, zp, code, g.element_bounds(0, theta.numel()))
+        assert bool(calls) == on
+        assert n_point == int(point.sum()) and zf.count == int((sigma <= torch.finfo(F64).tiny).sum())
+        got[on] = (point, n_point, zf.count, g.moments(theta, sigma, 0, theta.numel()).kappa)
+    assert torch.equal(got[True][0], got[False][0]) and got[True][1:3] == got[False][1:3]
+    assert torch.equal(got[True][3].view(torch.int64), got[False][3].view(torch.int64))

@@ -178,3 +178,51 @@ def test_sixteen_bit_draws_form_the_moving_positions_alone(dtype, monkeypatch):
     assert torch.equal(new.view(torch.int64), old.view(torch.int64)) and torch.equal(new, full)
     assert bool((new.view(8, rows, cols)[:, [3, 11]] == 0).all())
     assert float((new.view(8, rows, cols)[:, 1::2] - k_main.view(rows, cols)[1::2]).abs().max()) > 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,chunk", [(64, None), (4, None), (4, 1 << 18)])
+def test_sixteen_bit_draws_in_order_repeat_the_elements(dtype, rows, chunk, monkeypatch):
+    """``assess.DRAWS_PAIRS_IN_ORDER`` (p50a): where every (position, element) pair is evaluated in
+    order (no sd-0 element, no padding: 8 x 32,768 pairs, and 8 x 2,048 of a chunk below the
+    interpolation's size), the pairs' per-element tensors are repeats and the positions the
+    ``[D, c]`` tensor itself: kappa bitwise the gathers' (the switch off), dead rows (scale 0)
+    included; a sample of a large chunk (``_chunk_elements`` 2^18: padded pairs) takes the gathers
+    either way. ``_evaluated_draws`` / ``_draw_parts``' unread ``lam`` is one zero expanded, the
+    same values. Fails with the switch off (the positions a gather, ``lam`` filled)."""
+    cols = 512
+    c = rows * cols
+    values = representable_values(dtype)
+    scale = torch.ones(rows, 1, dtype=F64)
+    scale[1] = 0.0
+    g = ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                  bits_per_weight=16.0, scale=scale, block_size=(1, cols), values=values)
+    if chunk is not None:
+        g._chunk_elements = chunk
+    gen = torch.Generator().manual_seed(31)
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.05
+    sg = torch.rand(c, dtype=F64, generator=gen) * 1e-3 + 1e-5
+    xi = torch.randn(8, c, dtype=F64, generator=torch.Generator().manual_seed(32))
+    k_main = _moments(g, th, sg, c)
+    seen = []
+    real = g.element_moments
+
+    def spy(pos, *a, **k):
+        seen.append(pos._base is not None)  # a view of the [D, c] positions, not a gather
+        return real(pos, *a, **k)
+
+    monkeypatch.setattr(g, "element_moments", spy)
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(A, "DRAWS_PAIRS_IN_ORDER", on)
+        seen.clear()
+        got[on] = A._table_draws_at_once(g, th, sg, 0, c, xi, None, k_main)
+        assert seen == [on and chunk is None]
+        kap, lam = A._evaluated_draws(g, th, sg, 0, c, k_main, xi, None, table_at_once=True)
+        assert torch.equal(kap, got[on]) and bool((lam == 0).all()) and (lam.stride() == (0, 0)) == on
+        xi_b = torch.randn(2 + D, c, dtype=F64, generator=torch.Generator().manual_seed(33))
+        _, _, lam = A._draw_parts(g, th, sg, 0, c, k_main, xi_b, D, None, table_at_once=True)
+        assert lam.shape == (D, c) and bool((lam == 0).all()) and (lam.stride() == (0, 0)) == on
+    assert torch.equal(got[True].view(torch.int64), got[False].view(torch.int64))
+    assert bool((got[True].view(8, rows, cols)[:, 1] == 0).all())
+    assert float((got[True] - k_main).abs().max()) > 1e-9  # the positions do move kappa

@@ -25,7 +25,7 @@ import torch
 
 from mis_lightning.functional import table as T
 from mis_lightning.functional.kernel import EAGER_BLOCK, _float64_inputs
-from mis_lightning.functional.masks import all_set
+from mis_lightning.functional.masks import all_set, count_set
 from mis_lightning.quantization.casts import cast_cell_values
 
 F64 = torch.float64
@@ -254,13 +254,17 @@ def test_sigma_kept_where_already_at_the_floor(monkeypatch):
 
 
 def test_all_set_is_all():
+    """``all_set`` is ``Tensor.all`` and ``count_set`` (p50a) the bool sum, on empty, strided and
+    2-D masks (and ``count_set`` of a non-bool tensor its sum)."""
     g = torch.Generator().manual_seed(0)
     for n in (0, 1, 7, 1000, 40000):
         for p in (0.0, 0.5, 0.9999, 1.0):
             m = torch.rand(n, generator=g) < p
-            assert all_set(m) == bool(m.all())
+            assert all_set(m) == bool(m.all()) and count_set(m) == int(m.sum())
             if n > 2:
-                assert all_set(m[::2]) == bool(m[::2].all())
+                assert all_set(m[::2]) == bool(m[::2].all()) and count_set(m[::2]) == int(m[::2].sum())
+                assert count_set(m[: n - n % 2].view(2, -1)) == int(m[: n - n % 2].sum())
+    assert count_set(torch.tensor([0.0, 2.0, 3.0])) == 5
 
 
 @pytest.mark.parametrize("dtype", CASTS)
@@ -286,3 +290,44 @@ def test_a_block_reaching_past_one_end_only_takes_the_masks(dtype, side, monkeyp
             assert torch.equal(_bits(a[done]), _bits(b[done]))
         win, _ = T._table_window_moments(th, sg, values, torch.ones_like(th), kappa_only)
         assert torch.equal(_bits(new[0][done]), _bits(win.kappa[done]))
+
+
+def _kappa_only_call(th, sg, values, on, monkeypatch):
+    monkeypatch.setattr(T, "UNIT_KAPPA_INTO", on)
+    T.release_own_cells()
+    return T._table_sum_moments(th, sg, values, torch.ones_like(th), kappa_only=True)
+
+
+@pytest.mark.parametrize("dtype", CASTS)
+def test_kappa_only_blocks_into_one_tensor(dtype, monkeypatch):
+    """``table.UNIT_KAPPA_INTO`` (p50a): a kappa-only call at scale 1 writes each block's kappa into
+    one tensor; where every element is settled, ``mean_abs`` / ``m4`` (NaN), ``coverage`` (1) and
+    the closed-form mask (none) are one value expanded (stride 0). Against the switch off (the
+    blocks' outputs joined, the fields filled) bitwise: kappa, the mask, and the fields' values, on
+    a call settled whole (3 blocks + 77 fine spanning weights), a call whose first blocks are settled
+    whole and whose last is not (one sd-0 weight, frozen: the mask formed from that block on), the
+    mixed regimes of ``_mixed`` (ties, spill, windowed, NaN / inf: every path after the settle) over
+    2 blocks + 123, and 3 elements. Fails with the switch off (the fields are filled, stride 1)."""
+    values = cast_cell_values(dtype)
+    n = 3 * EAGER_BLOCK + 77
+    g = torch.Generator().manual_seed(21)
+    th = (torch.randn(n, generator=g, dtype=F64) * 0.05).float().to(F64)
+    sg = torch.full((n,), 0.3, dtype=F64)  # spans [-T, T] within the finite cells: fine, settled whole
+    late = sg.clone()
+    late[n - 5] = 0.0  # one frozen weight in the last block (sd 0, floored)
+    cases = [(th, sg, True), (th, late, False)]
+    for m, seed in ((2 * EAGER_BLOCK + 123, 4), (3, 5)):
+        cases.append((*_mixed(dtype, m, seed), False))
+    for t, s, whole in cases:
+        t, s, _ = _float64_inputs(t, s, torch.ones_like(t))
+        new, new_mask = _kappa_only_call(t, s, values, True, monkeypatch)
+        old, old_mask = _kappa_only_call(t, s, values, False, monkeypatch)
+        assert torch.equal(_bits(new.kappa), _bits(old.kappa))
+        assert torch.equal(new_mask, old_mask)
+        for f in FIELDS[1:]:
+            a, b = getattr(new, f), getattr(old, f)
+            assert a.shape == b.shape and torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+            assert b.stride() == (1,)
+            assert (a.stride() == (0,)) == whole  # the stand-ins exactly where every element is settled
+        assert (new_mask.stride() == (0,)) == whole

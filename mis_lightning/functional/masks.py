@@ -28,6 +28,13 @@ def all_set(mask: Tensor) -> bool:
     return bool(mask.all())
 
 
+def count_set(mask: Tensor) -> int:
+    """``int(mask.sum())`` of a bool tensor of any shape: ``torch.count_nonzero`` (a bool sum ran
+    at ~0.6 ns per element on this torch, 0.15-0.18 ms a 2^18-element mask, against ~0.045 ms;
+    p50a)."""
+    return int(torch.count_nonzero(mask)) if mask.dtype == torch.bool else int(mask.sum())
+
+
 def any_along(mask: Tensor, dim: int) -> Tensor:
     """``mask.any(dim)`` (bool) of a non-empty bool tensor along ``dim`` (of non-zero size)."""
     if mask.dtype == torch.bool and mask.is_contiguous() and mask.numel() > 0:
@@ -35,4 +42,4 @@ def any_along(mask: Tensor, dim: int) -> Tensor:
     return mask.any(dim)
 
 
-__all__ = ["all_set", "any_along", "any_set"]
+__all__ = ["all_set", "any_along", "any_set", "count_set"]

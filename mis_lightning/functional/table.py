@@ -357,7 +357,9 @@ def table_cell_moments(
             settled by their own cell (:func:`_settled`) get no ``mean_abs`` or ``m4`` (NaN
             there); ``kappa`` is bitwise the same but where the kappa-only closed form of the
             overflow elements serves (:data:`OVERFLOW_CLOSED_FORM`: within 5e-15 of the full
-            call's), and the self-check compares it alone.
+            call's), and the self-check compares it alone. ``mean_abs``, ``m4`` and ``coverage``
+            (and the fast path's closed-form mask) may then be one value expanded (stride 0, a
+            16-bit cast's call settled whole: :data:`UNIT_KAPPA_INTO`): read them, never write them.
 
     Returns:
         float64 :class:`CellMoments` ``[c]`` from the float-format fast path
@@ -1340,17 +1342,21 @@ SETTLE_UNIT_FEWER_PASSES = True
 
 
 def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Tensor, layout: TableLayout,
-                  kappa_only: bool = False) -> tuple[Tensor, ...]:
+                  kappa_only: bool = False, out: Tensor | None = None) -> tuple[Tensor, ...]:
     """:func:`_settled_from` where every ``sc`` is 1 and the table reaches ``layout.wide`` (a 16-bit
     cast's): the same ``kappa`` (``mean_abs``, ``m4``) on the elements of the mask, the same mask
-    (``[c]`` each, float64 / bool); the others hold garbage, as there."""
+    (``[c]`` each, float64 / bool); the others hold garbage, as there. ``out`` (kappa-only calls,
+    :data:`UNIT_KAPPA_INTO`): ``kappa`` is written into it (``[c]`` float64, returned) and the mask
+    is ``None`` where every element is settled (no mask formed)."""
     wide = layout.wide
     assert wide is not None
+    assert out is None or kappa_only
     # _settled_from's arithmetic, in place where it allocated (1 - a is -a + 1, b + a is a + b:
     # the same roundings)
     h_local = torch.sub(own_hi, own_lo).div_(sg)
     h2 = h_local**2
-    kappa = torch.div(h2, 12.0).neg_().add_(1.0).add_(torch.mul(h2, h2).div_(144.0))
+    kappa = torch.div(h2, 12.0, out=out) if out is not None else torch.div(h2, 12.0)
+    kappa.neg_().add_(1.0).add_(torch.mul(h2, h2).div_(144.0))
     m4 = None
     if not kappa_only:
         # (fx49's exact own-cell form where the switch is on, as _settled_from)
@@ -1365,6 +1371,8 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     if th.numel() and float(h_local.amax()) <= FINE_STEP and float(lo_r.amax()) <= -wide \
             and float(hi_r.amin()) >= wide and float(lo_r.amin()) >= layout.lo_edge \
             and float(hi_r.amax()) < layout.hi_edge:
+        if out is not None:
+            return kappa, None
         done = torch.ones_like(th, dtype=torch.bool)  # every element fine, none frozen or past the ends
     else:
         fine_h = h_local <= FINE_STEP
@@ -1565,10 +1573,15 @@ def _unit_scale(sc: Tensor) -> bool:
     return unit
 
 
-def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool) -> tuple[Tensor, ...]:
+def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kappa_only: bool,
+                    into: bool = False) -> tuple[Tensor, ...]:
     """``in_blocks(_settled, (th, sg, sc), (layout,), kappa_only=kappa_only)`` (the same blocks,
     the same numbers), with the sd-free facts of each block kept by a full call and read by the
-    next kappa-only call on the same tensors (:data:`SHARE_OWN_CELLS`)."""
+    next kappa-only call on the same tensors (:data:`SHARE_OWN_CELLS`). ``into`` (kappa-only
+    calls, :data:`UNIT_KAPPA_INTO`): on the fewer-passes settle at scale 1 each block writes its
+    ``kappa`` into one ``[c]`` tensor (no concatenation) and the mask is ``None`` where every
+    element is settled (formed only from the first block that is not settled whole); elsewhere
+    as without it."""
     facts = None
     if SHARE_OWN_CELLS and kappa_only and _OWN_CELLS:
         key, held = _OWN_CELLS.pop()
@@ -1584,6 +1597,9 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
     unit = (OWN_CELLS_BY_BITS or SETTLE_UNIT_FEWER_PASSES) and layout.format_dtype is not None and c > 0 \
         and _unit_scale(sc)
     settle = _settled_unit if unit and SETTLE_UNIT_FEWER_PASSES and layout.wide is not None else _settled_from
+    into = into and kappa_only and settle is _settled_unit
+    kappa = torch.empty(c, dtype=torch.float64, device=th.device) if into else None
+    done: Tensor | None = None
     parts = []
     for i, s in enumerate(range(0, c, block) if c > block else (0,)):
         sl = slice(s, s + block) if c > block else slice(None)
@@ -1591,12 +1607,31 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
         f = facts[i] if facts is not None else _own_facts(t, k, layout, unit)
         if keep is not None:
             keep.append(f)
-        parts.append(settle(t, g, k, *f, layout, kappa_only))
+        if kappa is None:
+            parts.append(settle(t, g, k, *f, layout, kappa_only))
+            continue
+        _, d = _settled_unit(t, g, k, *f, layout, True, out=kappa[sl])
+        if d is not None:  # (the blocks before it were settled whole)
+            if done is None:
+                done = torch.ones(c, dtype=torch.bool, device=th.device)
+            done[sl] = d
     if keep is not None:
         _OWN_CELLS[:] = [(_own_cells_key(th, sc, layout), keep)]
+    if kappa is not None:
+        return kappa, done
     if len(parts) == 1:
         return parts[0]
     return tuple(torch.cat(p) for p in zip(*parts))
+
+
+# A kappa-only call at scale 1 on a 16-bit cast's table (the joint pass's main and pool calls and the
+# draws of bf16 / fp16: every call of theirs on the 1e7 MLP) writes each block's kappa into one
+# tensor (no per-block outputs joined by torch.cat) and, where every element is settled (a
+# 2^18-weight chunk of the first layer: all of them), forms no mask and returns the fields nobody
+# reads (mean_abs, m4: NaN; coverage 1; the closed-form mask: none) as one value expanded (stride
+# 0, as ParamGrid._own_moments' KAPPA_ONLY_STANDINS), not four chunk-sized fills: kappa bitwise
+# the same (p50a). False: the blocks' outputs joined, the fields filled
+UNIT_KAPPA_INTO = True
 
 
 # An sd-0 weight (sd floored to the same tiny value) lying exactly on an interior edge of the table
@@ -1688,7 +1723,12 @@ def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tens
         # the settling pass would cost more than it saves (a live 1e7 chunk: +8-18%)
         return _table_window_moments(th, sg, values, sc, kappa_only)
     if kappa_only:
-        kappa, done = _settled_blocks(th, sg, sc, layout, True)
+        kappa, done = _settled_blocks(th, sg, sc, layout, True, UNIT_KAPPA_INTO)
+        if done is None:  # every element settled (UNIT_KAPPA_INTO): the unread fields as one value expanded
+            nan = torch.full((1,), math.nan, dtype=torch.float64, device=th.device).expand(th.shape[0])
+            return (CellMoments(kappa=kappa, mean_abs=nan, m4=nan,
+                                coverage=torch.ones(1, dtype=torch.float64, device=th.device).expand(th.shape[0])),
+                    torch.zeros(1, dtype=torch.bool, device=th.device).expand(th.shape[0]))
         mean_abs, m4 = torch.full_like(kappa, math.nan), torch.full_like(kappa, math.nan)
     else:
         kappa, mean_abs, m4, done = _settled_blocks(th, sg, sc, layout, False)
