@@ -21,6 +21,12 @@ weight's grid back from the tensor subclass torchao put in its place:
 * ``Int4TilePackedTo4dTensor`` (``Int4WeightOnlyConfig``, tinygemm layout, CUDA only):
   see :class:`Int4WeightOnly`.
 
+Per-row and per-group schemes of the library's own classes give ``quantize_`` each large layer
+with its first rows only and quantize the other row blocks on stand-in Linears, then join torchao's
+tensors along their rows (:data:`QUANTIZE_ROW_BLOCKS`): each row's codes and scales depend on that
+row alone, so the layer holds the tensor ``quantize_`` on the whole weight gives, bit for bit
+(tests/test_torchao_row_blocks.py), with torchao's float temporaries the size of a block.
+
 Each reader is registered for its tensor type in a dispatch table
 (:func:`register_grid_reader`): a torchao tensor type of a new config needs one reader, not
 a new branch; a quantized weight of a type without a reader is an error naming the type.
