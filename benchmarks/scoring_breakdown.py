@@ -12,7 +12,8 @@ over the calls and divided by their number. The cell-moment calls of the joint p
 by scheme (the grid's owner) and role: ``main`` (at theta-hat), ``pool`` (at ``sigma / sqrt 2``),
 ``draws`` (the bootstrap draws' parts); ``--by-layer`` splits them by parameter, ``--inner`` times the
 cell moments' parts (``ParamGrid._own_edges``, ``_inside``, ``_wide_closed``, ``table_cell_moments``,
-...) under their phase's label, ``--ops N`` profiles one more call's aten operators. The wrappers
+...) under their phase's label, ``--ops N`` profiles one more call's aten operators, ``--off MODULE.FLAG``
+sets a switch False (an A/B of one change in one checkout). The wrappers
 cost ~2 us a call (a few thousand calls). Each row also counts its minor page faults (exclusive,
 as the time): ``--first`` shows where a process's first call grows the heap (p44a: ~26k faults at
 1e5 weights, in the power sums and the first layer's cell moments; a steady call ~2k).
@@ -125,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--by-layer", action="store_true", help="the cell moments' rows by scheme and parameter")
     ap.add_argument("--ops", type=int, default=0, metavar="N",
                     help="then one more call under torch.profiler: its N largest aten operators (self CPU)")
+    ap.add_argument("--off", action="append", metavar="MODULE.FLAG",
+                    help="set a boolean switch of mis_lightning False first (repeatable; first_call.py's --off)")
     ap.add_argument("--inner", action="store_true",
                     help="also time the cell moments' parts (ParamGrid._own_moments, _path_moments, ...)")
     args = ap.parse_args(argv)
-    from benchmarks.first_call import load_saved
+    from benchmarks.first_call import load_saved, switch_off
+
+    switch_off(args.off)
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.quantization import base as qb
 

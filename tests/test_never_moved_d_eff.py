@@ -18,6 +18,7 @@ The kappa the grid gives those weights (1, 2/pi) is checked first, so the test e
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -113,3 +114,21 @@ def test_d_over_n_warning_names_the_tables_unquantized_d_eff(case):
     assert words in w[0], w[0]
     assert rep.schemes["none"].d_eff == rep.d - still
     assert "(d_eff = d)" not in w[0]
+
+
+@pytest.mark.parametrize("slabs", [True, False])
+def test_never_moved_count_is_the_masks_count(monkeypatch, slabs):
+    """``never_moved_count`` (p50d: on slabs, ``NEVER_MOVED_SLABS``) counts what ``never_moved``
+    marks: zeros (either sign) and negative sds, not NaN, over any shape and uneven slabs."""
+    A = importlib.import_module("mis_lightning.assess")
+
+    monkeypatch.setattr(A, "NEVER_MOVED_SLABS", slabs)
+    monkeypatch.setattr(A, "_NEVER_MOVED_SLAB", 7)
+    sd = torch.rand(5, 9, 4, generator=torch.Generator().manual_seed(0))
+    sd.view(-1)[::5] = 0.0
+    sd.view(-1)[3], sd.view(-1)[11], sd.view(-1)[12] = -0.0, -1e-30, float("nan")
+    want = sum(1 for v in sd.view(-1).tolist() if v <= 0)
+    assert want == 38  # 36 zeros, -0.0, -1e-30 (NaN is not counted)
+    assert A.never_moved_count(sd) == want == int(A.never_moved(sd).sum())
+    assert A.never_moved_count(sd[:, :, 0]) == int(A.never_moved(sd[:, :, 0]).sum())  # a non-contiguous view
+    assert A.never_moved_count(torch.zeros(0)) == 0

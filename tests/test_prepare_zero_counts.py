@@ -219,3 +219,33 @@ def test_zeros_on_codes_only_where_code_differences_are_exact_in_the_weight_dtyp
                          dtype=torch.bfloat16)
     rel8 = ((q8.to(torch.bfloat16) - w8.zero_point.to(torch.bfloat16)) * w8.scale).to(torch.bfloat16)
     assert TB._zeros_from_codes(w8, 4) == int((rel8 == 0).sum()) == 2
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_cast_slabs_equal_the_whole_cast(monkeypatch, name):
+    """``CAST_SLABS`` (p50d): the casts write each parameter and count its zeros slab by slab (here 64
+    elements; the biases are one partial slab) on the 16-bit patterns. The reference is the whole
+    cast (the switch off): the copy's values bit for bit (a NaN's payload too: torch's vectorised and
+    scalar half-to-float conversions give it different bits, so a slab is a multiple of the vector
+    loop's width, as the whole tensor's loop is), the zero counts (+-0 zero, NaN not), the overflow
+    note (a weight beyond fp16's range in one slab; bf16: none)."""
+    casts = importlib.import_module("mis_lightning.quantization.casts")
+
+    net = _net(torch.float32)
+    with torch.no_grad():
+        w = net[2].weight
+        w[0, :6] = torch.tensor([1e-44, -1e-44, -0.0, float("nan"), 7e4, -1e-8])  # (-)0; NaN; fp16: inf, -0
+        w[1, 3] = float("inf")
+    res = {}
+    for slabs in (False, True):
+        monkeypatch.setattr(casts, "CAST_SLABS", slabs)
+        monkeypatch.setattr(casts, "_CAST_SLAB", 64)
+        with zero_counts_only():
+            res[slabs] = get_scheme(name).apply(net)
+    a, b = res[False], res[True]
+    assert a.notes == b.notes and ("inf" in " ".join(a.notes)) == (name == "fp16")
+    for k, g in a.grids.items():
+        assert b.grids[k].zero_count == g.zero_count and b.grids[k].same_cells(g)
+    assert a.grids["2.weight"].zero_count >= 3
+    for (k, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p.detach().view(torch.int32), q.detach().view(torch.int32)), k

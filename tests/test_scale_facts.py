@@ -50,13 +50,19 @@ CASES = [((37, 64), (1, 32)), ((300, 250), (1, 250)), ((301, 250), (4, 7)), ((10
 @pytest.mark.parametrize("shape,block", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("rule", ["absmax", "minmax"])
-def test_slabs_equal_the_one_pass_form(monkeypatch, shape, block, dtype, rule):
+@pytest.mark.parametrize("one_max", [True, False])
+def test_slabs_equal_the_one_pass_form(monkeypatch, shape, block, dtype, rule, one_max):
+    """Also with ``FINITE_FACTS_ONE_MAX`` (p50d): a slab whose block maxima are all finite reads
+    one ``amax`` for the mask and the bounds; NaN and +-inf weights (the NaN-filled maxima map inf
+    to the dtype's largest value, so an infinite weight is not revealed) keep the two maxima."""
+    monkeypatch.setattr(qb, "FINITE_FACTS_ONE_MAX", one_max)
     gen = torch.Generator().manual_seed(len(shape) * 1000 + shape[0])
     w = torch.randn(shape, generator=gen).to(dtype)
     flat = w.view(-1)
     flat[::97] = math.nan
     flat[5:9] = 0.0
     flat[11] = -0.0
+    flat[-3], flat[-40] = math.inf, -math.inf
     if w.dim() >= 2 and w.shape[0] > 4:
         w[2] = 0.0  # all-zero blocks: every element ties at the maximum
         w[3] = math.nan  # all-NaN blocks: bounds 0

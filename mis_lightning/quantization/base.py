@@ -693,6 +693,9 @@ def _block_view(t: Tensor, block_size: tuple[int, ...]) -> tuple[Tensor, tuple[i
 # tensor-sized temporaries per parameter and scheme (|w|, its NaN-filled copies, the mask), mapped
 # and zeroed page by page: 182k of the 1e7 scoring pass's 0.69M minor page faults (pad34).
 _SCALE_FACT_SLAB = 1 << 16
+# absmax facts of a slab whose every block maximum is finite read that one amax for the mask and the
+# bounds (the NaN-filled copies, there for NaN padding, equal |w| there); False: two NaN-filled maxima (A/B)
+FINITE_FACTS_ONE_MAX = True
 
 
 def _scale_facts_slab(t: Tensor, block_size: tuple[int, ...], rule: str, mask: bool, support: bool
@@ -705,14 +708,18 @@ def _scale_facts_slab(t: Tensor, block_size: tuple[int, ...], rule: str, mask: b
     revealed = lo = hi = None
     if rule == "absmax":
         a = view.abs()
+        # every block's max |w| finite (amax propagates NaN): both NaN-filled maxima below are it
+        top = a.amax(dim=red, keepdim=True) if FINITE_FACTS_ONE_MAX else None
+        if top is not None and not bool(torch.isfinite(top).all()):
+            top = None
         if mask:
-            m = torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
+            m = top if top is not None else torch.nan_to_num(a, nan=-1.0).amax(dim=red, keepdim=True)
             # an all-zero block ties every element at the maximum: the released scale (0, or the
             # clamped floor) gives all of them away, as minmax does (scored 0 before: a
             # discontinuity, the same row at 1e-20 read the baseline)
             revealed = a == m
         if support:
-            hi = torch.nan_to_num(a, nan=0.0).amax(dim=red).to(torch.float64)
+            hi = (top.amax(dim=red) if top is not None else torch.nan_to_num(a, nan=0.0).amax(dim=red)).to(torch.float64)
             lo = -hi
     else:
         top = torch.nan_to_num(view, nan=-float("inf")).amax(dim=red, keepdim=True)

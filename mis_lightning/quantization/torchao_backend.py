@@ -21,6 +21,12 @@ weight's grid back from the tensor subclass torchao put in its place:
 * ``Int4TilePackedTo4dTensor`` (``Int4WeightOnlyConfig``, tinygemm layout, CUDA only):
   see :class:`Int4WeightOnly`.
 
+Per-row and per-group schemes of the library's own classes give ``quantize_`` each large layer
+with its first rows only and quantize the other row blocks on stand-in Linears, then join torchao's
+tensors along their rows (:data:`QUANTIZE_ROW_BLOCKS`): each row's codes and scales depend on that
+row alone, so the layer holds the tensor ``quantize_`` on the whole weight gives, bit for bit
+(tests/test_torchao_row_blocks.py), with torchao's float temporaries the size of a block.
+
 Each reader is registered for its tensor type in a dispatch table
 (:func:`register_grid_reader`): a torchao tensor type of a new config needs one reader, not
 a new branch; a quantized weight of a type without a reader is an error naming the type.
@@ -231,6 +237,13 @@ class TorchAOScheme(SchemeConfig):
         chosen, _, _ = self.select_weights(model, skip_reason=self._skip_reason)
         return [module.weight for module, _, _ in chosen.values()]
 
+    def _row_blocks(self) -> bool:
+        """Whether ``quantize_`` may run on row blocks of the chosen weights (:data:`QUANTIZE_ROW_BLOCKS`):
+        the library's own classes (their configs and hooks are known) with blocks inside a row
+        (per row, per group), where each row's codes and scales depend on that row alone."""
+        return (QUANTIZE_ROW_BLOCKS and type(self) in _SHARES_REPLACED
+                and getattr(self, "granularity", None) in ("per_row", "per_group"))
+
     def _quantize_copy(self, model: nn.Module):
         grids, notes, reasons = self._quantize_linear(model)
         spec = self.flat_spec()
@@ -288,8 +301,11 @@ class TorchAOScheme(SchemeConfig):
         # tied holders too: their other state (bias) must match the layout (tinygemm: bf16)
         self._prepare({f: m for fqn, (mod, _, others) in chosen.items()
                        for f, m in [(fqn, mod), *others]}, notes)
-        quantize_(model, self._config(),
-                  filter_fn=lambda m, fqn: fqn in chosen and chosen[fqn][0] is m)
+        config = self._config()
+        blocked = _first_row_blocks(chosen.values()) if self._row_blocks() else []
+        quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen and chosen[fqn][0] is m)
+        if blocked:
+            _rest_row_blocks(model, config, blocked, quantize_)
         grids: dict[str, ParamGrid] = {}
         for module, name, others in chosen.values():
             w = module.weight
@@ -309,6 +325,118 @@ class TorchAOScheme(SchemeConfig):
                 other.weight = w
             grids[name] = reader(self, name, w, notes)
         return grids, notes, reasons
+
+
+# _quantize_linear runs torchao's quantize_ on row blocks of about _ROW_BLOCK_ELEMENTS weights of each
+# chosen Linear whose weight has more (TorchAOScheme._row_blocks: per-row / per-group schemes of the
+# library's own classes) and concatenates torchao's tensors: the same codes, scales and tensor
+# (tests/test_torchao_row_blocks.py), with torchao's weight-sized float temporaries (w / scale,
+# round, clamp: 32 MiB each on the 1e7 MLP's 4096 x 2048 layer, fresh mmaps that fault in on
+# every call) cache-sized and reused by the heap. False: quantize_ on each whole weight (A/B)
+QUANTIZE_ROW_BLOCKS = True
+_ROW_BLOCK_ELEMENTS = 1 << 19
+
+
+@dataclass
+class _Blocked:
+    """A chosen Linear that ``quantize_`` sees with its first row block only (:func:`_first_row_blocks`)."""
+
+    module: nn.Module
+    weight: nn.Parameter  # the whole float weight (the copy's, or shared with the user's model)
+    first: nn.Parameter  # the Parameter over its first rows that quantize_ is given
+    rows: int  # rows per block
+    repr_attr: Any  # the module's own ``extra_repr`` instance attribute before quantize_ (or _NO_ATTR)
+
+
+_NO_ATTR = object()
+
+
+def _first_row_blocks(chosen: Any) -> list[_Blocked]:
+    """Give each chosen layer (``(module, name, others)``) whose 2-d weight spans more than one
+    block of :data:`_ROW_BLOCK_ELEMENTS` a Parameter over its first rows in its place (a view: read,
+    never written), so that ``quantize_`` treats the layer itself (its weight, its ``extra_repr``)
+    and quantizes one block; :func:`_rest_row_blocks` does the rest."""
+    out = []
+    for module, _, _ in chosen:
+        w = module.weight
+        if type(w) is not nn.Parameter or w.dim() != 2 or not w.is_contiguous():
+            continue
+        rows = max(1, _ROW_BLOCK_ELEMENTS // max(int(w.shape[1]), 1))
+        if int(w.shape[0]) <= rows:
+            continue
+        first = nn.Parameter(w.detach()[:rows], requires_grad=w.requires_grad)
+        out.append(_Blocked(module, w, first, rows, module.__dict__.get("extra_repr", _NO_ATTR)))
+        module.weight = first
+    return out
+
+
+def _rest_row_blocks(model: nn.Module, config: Any, blocked: list[_Blocked], quantize_: Callable) -> None:
+    """After ``quantize_(model, config)`` has quantized each blocked layer's first rows: quantize the
+    other row blocks (``quantize_`` on stand-in Linears over views of the rows) and put torchao's
+    tensors of all the blocks, concatenated (:func:`_cat_rows`), in the layer as quantize_ does
+    (``nn.Parameter(tensor, requires_grad=False)``). A layer quantize_ left in float gets its whole
+    weight back; one whose blocks cannot be joined (:func:`_cat_rows` ``None``) is restored and
+    quantized whole."""
+    whole = []
+    for b in blocked:
+        first = b.module.weight
+        if first is b.first:  # left in float by quantize_
+            b.module.weight = b.weight
+            continue
+        src = b.weight.detach()
+        stand_ins = nn.ModuleList()
+        for a in range(b.rows, int(src.shape[0]), b.rows):
+            part = src[a:a + b.rows]
+            # on the meta device: its initialisation draws nothing from torch's generator (skip_init: ~2 ms)
+            lin = nn.Linear(int(part.shape[1]), int(part.shape[0]), bias=False, device="meta")
+            lin.weight = nn.Parameter(part, requires_grad=b.weight.requires_grad)
+            stand_ins.append(lin)
+        quantize_(stand_ins, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear))
+        joined = _cat_rows([first, *(lin.weight for lin in stand_ins)], tuple(src.shape), src.stride())
+        del stand_ins
+        if joined is None:
+            whole.append(b)
+            continue
+        b.module.weight = nn.Parameter(joined, requires_grad=False)
+    if whole:  # undo quantize_'s work on these layers, then quantize_ them as a whole
+        for b in whole:
+            b.module.weight = b.weight
+            if b.repr_attr is _NO_ATTR:
+                b.module.__dict__.pop("extra_repr", None)
+            else:
+                b.module.extra_repr = b.repr_attr
+        ids = {id(b.module) for b in whole}
+        quantize_(model, config, filter_fn=lambda m, fqn: id(m) in ids)
+
+
+def _cat_rows(parts: list[Tensor], shape: tuple[int, ...], stride: tuple[int, ...]) -> Tensor | None:
+    """torchao's quantized tensors of consecutive row blocks of one weight joined into the tensor of
+    ``shape``: each inner tensor (``__tensor_flatten__``: codes, scales, zero points) concatenated
+    along its rows. ``None`` where that is not shown to be the whole weight's tensor: a part of
+    another type or other attributes (block size, dtype, activation settings), an inner tensor
+    whose first dimension is not its block's rows (a per-tensor scale), a result of another shape."""
+    if not all(callable(getattr(p, "__tensor_flatten__", None)) for p in parts):
+        return None
+    names, attrs = parts[0].__tensor_flatten__()
+    for p in parts[1:]:
+        n, a = p.__tensor_flatten__()
+        if type(p) is not type(parts[0]) or n != names or not _same_attrs(a, attrs):
+            return None
+    inner = {}
+    for n in names:
+        ts = [getattr(p, n) for p in parts]
+        if any(not isinstance(t, Tensor) or t.dim() == 0 or t.shape[0] != p.shape[0] for t, p in zip(ts, parts)):
+            return None
+        inner[n] = torch.cat(ts)
+    out = type(parts[0]).__tensor_unflatten__(inner, attrs, torch.Size(shape), stride)
+    return out if type(out) is type(parts[0]) and tuple(out.shape) == shape else None
+
+
+def _same_attrs(a: dict, b: dict) -> bool:
+    try:
+        return a.keys() == b.keys() and all(bool(a[k] == b[k]) for k in a)
+    except Exception:  # an attribute without a plain equality: not shown equal
+        return False
 
 
 def _make_config(cls: Any, **kwargs: Any) -> Any:
