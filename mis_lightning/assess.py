@@ -63,7 +63,7 @@ from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
-from .functional.masks import any_along, any_set
+from .functional.masks import any_along, any_set, count_set
 from .functional.storage import storage_cell_moments, stored_bounds
 from .functional.wide import (
     WIDE_MAX_WINDOW,
@@ -181,8 +181,7 @@ def never_moved_count(sigma: Tensor) -> int:
     if not NEVER_MOVED_SLABS:
         return int(never_moved(sigma).sum())
     flat = sigma.reshape(-1)
-    return sum(int(torch.count_nonzero(never_moved(flat[a:a + _NEVER_MOVED_SLAB])))
-               for a in range(0, flat.numel(), _NEVER_MOVED_SLAB))
+    return sum(count_set(never_moved(flat[a:a + _NEVER_MOVED_SLAB])) for a in range(0, flat.numel(), _NEVER_MOVED_SLAB))
 
 
 def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
