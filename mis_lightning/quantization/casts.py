@@ -116,8 +116,10 @@ def _overflows(w: Tensor, cast: Tensor) -> bool:
 # patterns (count_nonzero of a 16-bit float converts each element: ~3x the time); the same values,
 # overflow notes and counts. False: the whole parameter at once (A/B)
 CAST_SLABS = True
-# (a multiple of the conversions' vector loop, so that each element takes the path it takes in the whole
-# tensor's loop: torch's scalar half-to-float conversion gives a NaN other bits than its vectorised one)
+# (a multiple of the conversions' vector loop, so that on one thread each element takes the path it takes
+# in the whole tensor's loop: torch's scalar half-to-float conversion gives a NaN other bits than its
+# vectorised one; with several threads the whole copy splits at other places, so a NaN's payload may
+# differ, as it does between thread counts without slabs; every finite value and count is the same; rv50)
 _CAST_SLAB = 1 << 18
 
 
