@@ -164,26 +164,33 @@ def gap_cells_f32(th: Tensor, inv: Tensor, zero_point: Tensor | None, lower: Ten
 PROOF_LEFT_TESTED = True
 
 
-def unproven_weights(g: Tensor, k: int, limit: float, own: Tensor | None = None) -> Tensor:
-    """The indices (int64 ``[n]``) of the weights a proof did not prove: ``G`` not below ``limit``
-    (NaN included) or ``own`` False (a float format's own cell, :func:`format_cell_proven`), found
-    per block (``k`` consecutive weights: one ``amax`` per block, then the blocks above the limit)
-    where those blocks hold at most an eighth of the weights, else over the whole of ``g``.
+def unproven_weights(g: Tensor, limit: float, own: Tensor | None = None) -> Tensor:
+    """The indices (int64 ``[n]``, ascending) of the weights a proof did not prove: ``G`` not below
+    ``limit`` (NaN included) or ``own`` False (a float format's own cell,
+    :func:`format_cell_proven`), found per run of up to :data:`LEFT_RUN` consecutive weights (one
+    ``amax`` per run, then the runs above the limit) where those runs hold at most an eighth of
+    the weights, else over the whole of ``g``.
 
     Args:
-        g: ``G`` per weight ``[c]`` (float32 or float64), ``c`` a multiple of ``k``; written where
-            ``own`` is False (set to ``inf``).
-        k: weights per block.
+        g: ``G`` per weight ``[c]`` (float32 or float64); written where ``own`` is False (``inf``).
         limit: the proof's limit (cells).
         own: ``[c]`` bool or ``None`` (every own cell proven).
     """
     if own is not None:
-        g.masked_fill_(~own.view(-1), math.inf)
-    blocks = torch.nonzero(~(g.view(-1, k).amax(1) < limit)).squeeze(-1)
-    if 8 * k * blocks.numel() > g.numel():
-        return torch.nonzero(~(g < limit)).squeeze(-1)
-    ii = (blocks.unsqueeze(1) * k + torch.arange(k, device=g.device)).view(-1)
-    return ii[~(g[ii] < limit)]
+        g.masked_fill_(~own, math.inf)
+    c = g.numel()
+    run = min(c & -c, LEFT_RUN)  # (a power of two dividing c)
+    if run >= 16:
+        runs = torch.nonzero(~(g.view(-1, run).amax(1) < limit)).squeeze(-1)
+        if 8 * run * runs.numel() <= c:
+            ii = (runs.unsqueeze(1) * run + torch.arange(run, device=g.device)).view(-1)
+            return ii[~(g[ii] < limit)]
+    return torch.nonzero(~(g < limit)).squeeze(-1)
+
+
+# weights per run in unproven_weights (cache-sized; the float32 proof leaves ~60 weights of a
+# 2^18-weight int8 chunk, each in a run of its own)
+LEFT_RUN = 512
 
 
 def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tensor, Tensor]:

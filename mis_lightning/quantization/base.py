@@ -1960,7 +1960,7 @@ class ParamGrid:
             whole = bool(g.amax() < limit)  # (NaN: not proven)
         left = None  # (the sd-0 weights the proof left, tested with the revealed ones: PROOF_LEFT_TESTED)
         if not whole and _proof.PROOF_LEFT_TESTED:
-            left = _proof.unproven_weights(g, k, limit, None if own is None else own.view(-1))
+            left = _proof.unproven_weights(g, limit, None if own is None else own.view(-1))
             left = left[zero[left]]  # (the revealed ones are not among them: G 0 there)
             whole = True  # (unless one of them is not inside: below)
         if whole:
