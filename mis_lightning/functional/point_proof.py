@@ -130,7 +130,7 @@ def gap_cells_f32(th: Tensor, inv: Tensor, zero_point: Tensor | None, lower: Ten
     float32 in cells: ``max(|y - round(y)|, |x| - upper)`` (``symmetric``) or ``max(|y -
     round(y)|, x - upper, lower - x)``, ``x = th * inv``, ``y = x + zero_point``; ``own_cell``
     False: the bounds' terms alone (a float format's own cell is proven from its bits,
-    :func:`format_cell_bits_f32`). ``G < 1/2 - margin - PROOF_SLACK - f32_gap_error(cells)``
+    :func:`format_cell_bits`, which takes float32 ``x`` too). ``G < 1/2 - margin - PROOF_SLACK - f32_gap_error(cells)``
     proves what ``affine_inside_gap``'s ``G < 1/2 - margin - PROOF_SLACK`` proves (the error bound
     there). NaN and infinite weights give NaN or inf (not proven).
 
@@ -156,7 +156,7 @@ def gap_cells_f32(th: Tensor, inv: Tensor, zero_point: Tensor | None, lower: Ten
     return b if g is None else torch.maximum(g, b, out=g)
 
 
-# Where one reduction does not prove a chunk, the weights the proof left found block by block
+# Where one reduction does not prove a chunk, the weights the proof left found run by run
 # (unproven_weights) and tested with the revealed ones, the chunk then answered as a whole where
 # every sd-0 one of them is inside (p50c): the float32 proof leaves a few weights near a cell's
 # midpoint in most chunks (its error bound), and float8's bits proof a few near an edge. The same
