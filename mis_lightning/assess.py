@@ -2329,6 +2329,10 @@ DRAWS_PAIRS_IN_ORDER = True
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
+# A unit column's (0 or 1 per weight: _unit_columns, the baseline's ones) count of never-moved
+# weights at or above FROZEN_KAPPA read off its dot product with them (exact: a count below
+# 2^53), not by a comparison, an and and a count over the chunk (p50c). False: counted
+STILL_UNIT_COUNT = True
 
 
 def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
@@ -3457,7 +3461,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         if still_f is None or still_f.dtype != k_c.dtype:
                             still_f = still_c.to(k_c.dtype)
                         s_k = float(torch.dot(k_c, still_f))
-                        n_k = int(torch.count_nonzero(k_c.ge(FROZEN_KAPPA).logical_and_(still_c))) if s_k > 0 else 0
+                        if STILL_UNIT_COUNT and id(k_c) in unit_sums:  # (0 or 1: the dot counts them, exactly)
+                            n_k = int(s_k)
+                        else:
+                            n_k = int(torch.count_nonzero(k_c.ge(FROZEN_KAPPA).logical_and_(still_c))) if s_k > 0 else 0
                         still_sums[id(k_c)] = (s_k, n_k)
                     s_k, n_k = still_sums[id(k_c)]
                     k_sum -= s_k

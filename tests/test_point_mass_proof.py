@@ -80,11 +80,14 @@ def _zero(c: int) -> torch.Tensor:
                                     "intx_weight_only_int4_g32_asym", "float8_weight_only",
                                     "float8_weight_only+asym_bounds", "rtn_int4"])
 @pytest.mark.parametrize("any_cell", [True, False], ids=["any-cell", "code-cell"])
-def test_proven_mask_equals_the_test(scheme, any_cell, monkeypatch):
+@pytest.mark.parametrize("f32", [True, False], ids=["f32", "f64"])
+def test_proven_mask_equals_the_test(scheme, any_cell, f32, monkeypatch):
     """With ``POINT_MASS_ANY_CELL`` the per-element test is on the nearest cell (no codes).
     ``+asym_bounds``: float8's lower bounds moved out by a quarter (its absmax bounds are
-    symmetric), so that a table takes ``bounds_gap``'s two-sided terms too."""
+    symmetric), so that a table takes ``bounds_gap``'s two-sided terms too. ``f32``: the proof's
+    ``G`` in float32 (``point_proof.PROOF_FLOAT32``; with the error bound at 0 this fails)."""
     monkeypatch.setattr(B, "POINT_MASS_ANY_CELL", any_cell)
+    monkeypatch.setattr(P, "PROOF_FLOAT32", f32)
     scheme, _, asym = scheme.partition("+")
     if scheme != "rtn_int4":
         pytest.importorskip("torchao")
@@ -312,3 +315,64 @@ def _has_tie(t: torch.Tensor, g, fmt) -> bool:
     """Whether some weight is not proven by the chunk's proof (a float32 weight within float32's
     rounding of a midpoint)."""
     return P.format_cell_proven(t.abs(), fmt, B._POINT_MASS_MARGIN) is not None
+
+
+@pytest.mark.parametrize("cells", [8.0, 128.0, 2.0**16])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_f32_gap_error_bounds_the_float32_gap(cells, zero_point):
+    """``point_proof.gap_cells_f32``'s ``G`` (float32) against ``affine_inside_gap``'s (float64,
+    within ~1e-11 cells of the exact: its module docstring) on weights spread over a grid of
+    ``cells`` cells each side and packed near the cells' midpoints and the bounds, float32 scales
+    from 2^-60 to 2^40, symmetric and two-sided bounds: wherever the float32 ``G`` is below 1/2 it
+    is within ``f32_gap_error(cells)`` of the float64 one (the bound the proof subtracts from its
+    limit), and the bound is not loose by more than ~50x (the largest error seen is above
+    1/50 of it at 2^16 cells)."""
+    gen = torch.Generator().manual_seed(7)
+    rows, k = 64, 256
+    s = torch.exp2(torch.randint(-60, 40, (rows, 1, 1), generator=gen).to(F64)) \
+        * (1 + torch.rand(rows, 1, 1, generator=gen, dtype=F64))
+    s = s.float().to(F64)  # (a float32 scale, as the backends')
+    z = torch.randint(-int(cells) // 4, int(cells) // 4 + 1, (rows, 1, 1), generator=gen).to(F64) if zero_point else None
+    zz = torch.zeros_like(s) if z is None else z
+    hi, lo = (cells - zz) * s, -(cells + zz) * s
+    x = (torch.rand(rows, 1, k, generator=gen, dtype=F64) * 2 - 1) * (cells + 1)
+    mid = torch.round(x[..., : k // 2]) + 0.5 - torch.rand(rows, 1, k // 2, generator=gen, dtype=F64) * 1e-4
+    x = torch.cat([mid, x[..., k // 2:]], -1)
+    x[:, :, :8] = cells - 0.5 - torch.rand(rows, 1, 8, generator=gen, dtype=F64) * 1e-3  # near the upper bound
+    th = ((x - zz) * s).float().to(F64)  # (float32 weights, as the estimates')
+    worst = 0.0
+    for sym in (True, False):
+        lo_b = -hi if sym else lo
+        lower, upper = lo_b + 0.5 * s, hi - 0.5 * s
+        inv = 1.0 / s
+        g64 = P.affine_inside_gap(th, inv, None, z, lower, upper, sym)
+        g32 = P.gap_cells_f32(th.float(), inv.float(), None if z is None else z.float(), (lower * inv).float(),
+                              (upper * inv).float(), sym).to(F64)
+        err = P.f32_gap_error(max(float((lower * inv).abs().max()), float((upper * inv).abs().max()),
+                                  0.0 if z is None else float(z.abs().max())))
+        low = g32 < 0.5
+        assert int(low.sum()) > rows * k // 2
+        gap = (g32 - g64).abs()[low]
+        assert float(gap.max()) <= err, (sym, float(gap.max()), err)
+        worst = max(worst, float(gap.max()) / err)
+    if cells == 2.0**16:
+        assert worst > 1 / 50
+
+
+def test_unproven_weights_are_the_weights_not_proven():
+    """``point_proof.unproven_weights`` against ``nonzero(~(g < limit) | ~own)``: few runs left
+    (the per-run search), many (the whole), a length no run of 16 divides, NaN, float32 and
+    float64, with and without ``own``."""
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, F64):
+        for c, n_bad in ((1 << 14, 3), (1 << 14, 4000), (1000 * 3, 5), (1 << 12, 0)):
+            g = torch.rand(c, generator=gen, dtype=dtype) * 0.4
+            bad = torch.randperm(c, generator=gen)[:n_bad]
+            g[bad] = 0.45 + torch.rand(n_bad, generator=gen, dtype=dtype) * 0.1
+            if n_bad:
+                g[bad[0]] = math.nan
+            limit = 0.5 - 1e-6
+            for own in (None, torch.rand(c, generator=gen) > 1e-3):
+                want = ~(g < limit) if own is None else ~(g < limit) | ~own
+                got = P.unproven_weights(g.clone(), limit, own)
+                assert torch.equal(got, torch.nonzero(want).squeeze(-1)), (dtype, c, n_bad, own is None)

@@ -26,6 +26,8 @@ format's bit patterns instead (:func:`format_cell_bits`), its bounds' terms as h
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -94,6 +96,103 @@ def bounds_gap(th: Tensor, inv: Tensor, lower: Tensor, upper: Tensor, symmetric:
     return torch.maximum(into, torch.sub(lower, th, out=b).mul_(inv), out=into)
 
 
+# The proof's G in float32 (p50c): the chunk's weights cast to float32 once (every grid of the chunk
+# reads them) and each grid's G computed in cells on float32 per-block values, ~4x cheaper a pass
+# than float64 (2^18 weights: ~0.04 against ~0.15 ms); the limit lowered by f32_gap_error (below),
+# the weights then left to the float64 test as before: the same mask. False: float64 (p47b)
+PROOF_FLOAT32 = True
+# the scales (parameter units per cell) for which the float32 form applies: 1 / s and th / s stay
+# normal float32 numbers for every weight it can prove (none underflows; one that overflows is inf)
+F32_SCALE_RANGE = (2.0**-100, 2.0**100)
+
+
+def f32_gap_error(cells: float) -> float:
+    """What :func:`gap_cells_f32`'s ``G`` may read below the exact ``G`` (cells) of a weight it
+    reads below ``1/2``, on a grid whose blocks have ``|lower|, |upper| <= cells * s`` and
+    ``|zero_point| <= cells``: ``2^-20 (cells + 1)``.
+
+    Why (``u = 2^-24``, float32's unit roundoff; the scale in :data:`F32_SCALE_RANGE`): the
+    weight's cast, ``1 / s``'s (float64, then float32) and the product each add a relative error
+    of at most ``u`` (no underflow in that range), so ``|x32 - x| <= 3.02 u |x|`` for ``x = th /
+    s``; the bounds' term below ``1/2`` puts ``|x| <= cells + 1``. The cell term ``|y - round(y)|``,
+    ``y = x + z`` rounded once more (``u (2 cells + 1)``), is exact after that (Sterbenz) and moves
+    by at most ``y``'s error (the distance to the nearest integer is 1-Lipschitz): ``< 5.1 u
+    (cells + 1)``. The bounds' terms ``|x| - U`` or ``x - U``, ``L - x`` (``U, L``: the bounds in
+    cells, rounded once to float32: ``u cells``) add ``x``'s error, ``U``'s and the subtraction's
+    (``u |G32| <= u (cells + 1)``): ``< 5.1 u (cells + 1)``. Twice that, ``2^-20 (cells + 1)``, is
+    returned."""
+    return 2.0**-20 * (cells + 1.0)
+
+
+def gap_cells_f32(th: Tensor, inv: Tensor, zero_point: Tensor | None, lower: Tensor, upper: Tensor,
+                  symmetric: bool, own_cell: bool = True) -> Tensor:
+    """:func:`affine_inside_gap`'s ``G`` (its ``code=None`` form: the nearest cell) computed in
+    float32 in cells: ``max(|y - round(y)|, |x| - upper)`` (``symmetric``) or ``max(|y -
+    round(y)|, x - upper, lower - x)``, ``x = th * inv``, ``y = x + zero_point``; ``own_cell``
+    False: the bounds' terms alone (a float format's own cell is proven from its bits,
+    :func:`format_cell_bits`, which takes float32 ``x`` too). ``G < 1/2 - margin - PROOF_SLACK - f32_gap_error(cells)``
+    proves what ``affine_inside_gap``'s ``G < 1/2 - margin - PROOF_SLACK`` proves (the error bound
+    there). NaN and infinite weights give NaN or inf (not proven).
+
+    Args:
+        th: weights ``[rows, blocks, k]`` float32.
+        inv: ``1 / scale`` per block ``[rows, blocks, 1]`` float32 (scale in :data:`F32_SCALE_RANGE`).
+        zero_point: ``[rows, blocks, 1]`` float32 integers (at most ``cells``), or ``None`` (0).
+        lower, upper: ``[rows, blocks, 1]`` float32: the release's bounds moved half a cell
+            inwards, in cells (``lo / s + 1/2``, ``hi / s - 1/2``), at most ``cells``.
+        symmetric: ``lower == -upper`` for every block.
+    """
+    x = th * inv
+    g = None
+    if own_cell:
+        g = x if zero_point is None else x + zero_point
+        g = torch.sub(g, torch.round(g)).abs_()
+    if symmetric:
+        b = x.abs_().sub_(upper)
+        return b if g is None else torch.maximum(g, b, out=g)
+    lo = torch.sub(lower, x)
+    b = x.sub_(upper)
+    b = torch.maximum(b, lo, out=b)
+    return b if g is None else torch.maximum(g, b, out=g)
+
+
+# Where one reduction does not prove a chunk, the weights the proof left found run by run
+# (unproven_weights) and tested with the revealed ones, the chunk then answered as a whole where
+# every sd-0 one of them is inside (p50c): the float32 proof leaves a few weights near a cell's
+# midpoint in most chunks (its error bound), and float8's bits proof a few near an edge. The same
+# mask. False: the mask of the proven weights and its complement's sd-0 indices (p47b)
+PROOF_LEFT_TESTED = True
+
+
+def unproven_weights(g: Tensor, limit: float, own: Tensor | None = None) -> Tensor:
+    """The indices (int64 ``[n]``, ascending) of the weights a proof did not prove: ``G`` not below
+    ``limit`` (NaN included) or ``own`` False (a float format's own cell,
+    :func:`format_cell_proven`), found per run of up to :data:`LEFT_RUN` consecutive weights (one
+    ``amax`` per run, then the runs above the limit) where those runs hold at most an eighth of
+    the weights, else over the whole of ``g``.
+
+    Args:
+        g: ``G`` per weight ``[c]`` (float32 or float64); written where ``own`` is False (``inf``).
+        limit: the proof's limit (cells).
+        own: ``[c]`` bool or ``None`` (every own cell proven).
+    """
+    if own is not None:
+        g.masked_fill_(~own, math.inf)
+    c = g.numel()
+    run = min(c & -c, LEFT_RUN)  # (a power of two dividing c)
+    if run >= 16:
+        runs = torch.nonzero(~(g.view(-1, run).amax(1) < limit)).squeeze(-1)
+        if 8 * run * runs.numel() <= c:
+            ii = (runs.unsqueeze(1) * run + torch.arange(run, device=g.device)).view(-1)
+            return ii[~(g[ii] < limit)]
+    return torch.nonzero(~(g < limit)).squeeze(-1)
+
+
+# weights per run in unproven_weights (cache-sized; the float32 proof leaves ~60 weights of a
+# 2^18-weight int8 chunk, each in a run of its own)
+LEFT_RUN = 512
+
+
 def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tensor, Tensor]:
     """The bit patterns (``uint8`` / ``int16`` views, ``x``'s shape) of ``max(x - delta, 0)`` and
     ``x + delta`` cast to the float format ``dtype``: where they are equal (and ``x`` is finite and
@@ -110,15 +209,23 @@ def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tenso
     ~10 ns per element).
 
     Args:
-        x: ``|weight| / scale`` (cells of the table's unit), float64, non-negative or NaN.
+        x: ``|weight| / scale`` (cells of the table's unit), float64, non-negative or NaN; or
+            float32 computed as :func:`gap_cells_f32`'s ``x`` (the ends then moved out by ``2^-20
+            x`` and ``2 delta``: float32's roundings of ``x`` and of the ends; :data:`PROOF_FLOAT32`).
         dtype: the format (8 or 16 bits).
         delta: the margin proven (cells), ``margin + PROOF_SLACK``.
     """
     ints = torch.uint8 if torch.finfo(dtype).bits == 8 else torch.int16
     # (each end moved out by float32's relative ulp: torch casts float64 to these formats through
     # float32, and a second rounding must not bring an end back onto a midpoint; the test failed so)
-    lo = torch.mul(x, 1.0 - _F32_ULP).sub_(delta).clamp_min_(0.0).to(dtype).view(ints)
-    return lo, torch.mul(x, 1.0 + _F32_ULP).add_(delta).to(dtype).view(ints)
+    rel, d = _F32_ULP, delta
+    if x.dtype == torch.float32:
+        # x computed in float32 (gap_cells_f32's inputs: within 3.02 u |x| of the exact, u =
+        # 2^-24): the ends moved out by 2^-20 |x| and 2 delta, each end's float32 rounding included
+        # (x (1 - 2^-20) rounded twice stays below x - 10.8 u x; 2 delta less its rounding above delta)
+        rel, d = _F32_ENDS, 2.0 * delta
+    lo = torch.mul(x, 1.0 - rel).sub_(d).clamp_min_(0.0).to(dtype).view(ints)
+    return lo, torch.mul(x, 1.0 + rel).add_(d).to(dtype).view(ints)
 
 
 def format_cell_proven(x: Tensor, dtype: torch.dtype, margin: float) -> Tensor | None:
@@ -168,7 +275,8 @@ def format_cell_proven_abs(th: Tensor, dtype: torch.dtype, margin: float) -> Ten
 
 
 _F32_ULP = 2.0**-23
+_F32_ENDS = 2.0**-20
 
 
-__all__ = ["PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "bounds_gap", "format_cell_bits",
-           "format_cell_proven", "format_cell_proven_abs"]
+__all__ = ["F32_SCALE_RANGE", "PROOF_FLOAT32", "PROOF_LEFT_TESTED", "PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "bounds_gap",
+           "f32_gap_error", "format_cell_bits", "format_cell_proven", "format_cell_proven_abs", "gap_cells_f32", "unproven_weights"]

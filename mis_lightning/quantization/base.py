@@ -363,6 +363,7 @@ def release_chunk_facts() -> None:
     _LIVE_GATHERS.clear()
     _SD_ZERO.clear()
     _REVEALED.clear()
+    _THETA_F32.clear()
 
 
 # QuantizationScheme.apply's copy holds the weights the backend only reads and then replaces
@@ -525,6 +526,40 @@ COUNT_SET = True
 # and the pool call and in the point-mass proof (the mask a view of ParamGrid.revealed, the indices
 # a few per block: nothing chunk-sized held)
 _REVEALED: list[tuple[tuple, tuple[Tensor, Tensor]]] = []
+
+
+# the last chunk's weights cast to float32 for the point-mass proof (functional.point_proof.PROOF_FLOAT32):
+# every grid of the chunk reads the one cast (keyed as _FACTS' entries; cleared with them)
+_THETA_F32: list[tuple[tuple, Tensor]] = []
+
+
+def _theta_f32(theta: Tensor) -> Tensor:
+    """``theta`` (float64 ``[c]``) cast to float32, computed once for every grid of a chunk."""
+    for key, t32 in _THETA_F32:
+        if _key_matches(key, (theta,), ()):
+            return t32
+    t32 = theta.to(torch.float32)
+    if not theta.is_inference():  # (inference tensors: no version counter)
+        _THETA_F32[:] = [(_fact_key((theta,)), t32)]
+    return t32
+
+
+def _f32_proof_layout(s: Tensor, inv: Tensor, z: Tensor | None, lower: Tensor, upper: Tensor
+                      ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, float] | None:
+    """The float32 proof's per-block facts (:data:`~mis_lightning.functional.point_proof.PROOF_FLOAT32`):
+    ``(1 / s, zero point, lower / s, upper / s, err)`` float32 ``[rows, blocks]`` (the bounds in
+    cells; ``lower``, ``upper`` as :meth:`ParamGrid._point_proof_layout`'s) and
+    :func:`~mis_lightning.functional.point_proof.f32_gap_error` of the largest bound and zero point
+    in cells; ``None`` where a scale is outside
+    :data:`~mis_lightning.functional.point_proof.F32_SCALE_RANGE` (the float64 proof then)."""
+    lo_s, hi_s = _proof.F32_SCALE_RANGE
+    if not (float(s.min()) >= lo_s and float(s.max()) <= hi_s):
+        return None
+    lower_c, upper_c = lower * inv, upper * inv
+    cells = max(float(lower_c.abs().max()), float(upper_c.abs().max()),
+                0.0 if z is None else float(z.abs().max()))
+    return (inv.to(torch.float32), None if z is None else z.to(torch.float32), lower_c.to(torch.float32),
+            upper_c.to(torch.float32), _proof.f32_gap_error(cells))
 
 
 def _sd_zero(sigma: Tensor) -> _SdZero:
@@ -1800,7 +1835,7 @@ class ParamGrid:
         within :data:`~mis_lightning.functional.point_proof.PROOF_MAX_CELLS` cells. ``(k, inv,
         zero point or None, lower, upper, symmetric, scale, lo, hi, format)``, per block ``[rows,
         blocks]`` float64 (``lower = lo + s/2``, ``upper = hi - s/2``; format: the table's dtype
-        or ``None``); kept per tensor version."""
+        or ``None``), then :func:`_f32_proof_layout`'s facts (or ``None``); kept per tensor version."""
         src = (self.scale, self.zero_point, self.codes,
                *(self.support if self.support is not None else (None, None)))
         hit = self.__dict__.get("_point_proof_fact")
@@ -1834,7 +1869,10 @@ class ParamGrid:
                     cmin, cmax = torch.aminmax(self.codes.reshape(-1)) if self.codes.numel() else (torch.zeros(()),) * 2
                     ok = max(abs(int(cmin)), abs(int(cmax))) <= top / 2
                 if ok:
-                    out = (k, 1.0 / s, z, lo + 0.5 * s, hi - 0.5 * s, torch.equal(lo, -hi), s, lo, hi, fmt)
+                    inv = 1.0 / s
+                    lower, upper = lo + 0.5 * s, hi - 0.5 * s
+                    out = (k, inv, z, lower, upper, torch.equal(lo, -hi), s, lo, hi, fmt,
+                           _f32_proof_layout(s, inv, z, lower, upper))
         self.__dict__["_point_proof_fact"] = (key, out)
         return out
 
@@ -1870,8 +1908,9 @@ class ParamGrid:
     def _proven_point_mask(self, theta: Tensor, zero: Tensor, start: int, end: int,
                            zero_count: int | None = None) -> tuple[Tensor, bool, int | None] | None:
         """``(point, whole, count)``: ``point = zero & inside`` (``[c]`` bool, the inside test of
-        :meth:`_inside` on the chunk's grid, bitwise), ``whole`` where one reduction proved every
-        weight but the revealed ones, and ``point``'s count where ``whole`` and ``zero_count``
+        :meth:`_inside` on the chunk's grid, bitwise), ``whole`` where every sd-0 weight but the
+        revealed ones is in ``point`` (one reduction proved them, or the proof left a few, tested:
+        :data:`~mis_lightning.functional.point_proof.PROOF_LEFT_TESTED`), and ``point``'s count where ``whole`` and ``zero_count``
         (``zero``'s) give it from the revealed ones alone, else ``None``; ``None`` where
         :meth:`_proof_applies` does not hold.
 
@@ -1884,7 +1923,7 @@ class ParamGrid:
             return None
         lay = self._point_proof_layout()
         assert lay is not None
-        k, inv, z, lower, upper, symmetric, s, lo, hi, fmt = lay
+        k, inv, z, lower, upper, symmetric, s, lo, hi, fmt, f32 = lay
         width = self.shape[1]
         r0, r1 = start // width, end // width
         nb = width // k
@@ -1898,7 +1937,25 @@ class ParamGrid:
         if rev_ii is not None and not rev_ii.numel():
             rev_ii = None
         own = None  # (float formats: the own cells the bits did not prove; None: all proven)
-        if fmt is not None:
+        if f32 is not None and _proof.PROOF_FLOAT32 and (fmt is not None or POINT_MASS_ANY_CELL):
+            # G in float32, in cells, its error bound off the limit (f32_gap_error): the weights it
+            # leaves go to the float64 test below, as the float64 proof's do (the same mask; the
+            # nearest cell's: the backend's codes, POINT_MASS_ANY_CELL off, take the float64 proof)
+            inv32, z32, lower32, upper32, err = f32
+            th32 = _theta_f32(theta).view(r1 - r0, nb, k)
+            limit -= err
+            if fmt is not None:  # (the own cell from the format's bits; |x| - upper with symmetric bounds)
+                x = th32.abs().mul_(per_block(inv32))
+                own = _proof.format_cell_proven(x, fmt, _POINT_MASS_MARGIN)
+            if fmt is not None and symmetric:
+                g = x.sub_(per_block(upper32)).view(-1)
+            else:
+                g = _proof.gap_cells_f32(th32, per_block(inv32), per_block(z32), per_block(lower32),
+                                         per_block(upper32), symmetric, own_cell=fmt is None).view(-1)
+            if rev_ii is not None:
+                g.index_fill_(0, rev_ii, 0.0)  # (tested below)
+            whole = own is None and bool(g.amax() < limit)  # (NaN: not proven)
+        elif fmt is not None:
             # the own cell from the format's bits, the bounds' terms as the affine grids' (one
             # number per weight; above 1/2 when out of bounds)
             ath = th3.abs()
@@ -1917,9 +1974,14 @@ class ParamGrid:
             if rev_ii is not None:
                 g.index_fill_(0, rev_ii, 0.0)  # (tested below)
             whole = bool(g.amax() < limit)  # (NaN: not proven)
+        left = None  # (the sd-0 weights the proof left, tested with the revealed ones: PROOF_LEFT_TESTED)
+        if not whole and _proof.PROOF_LEFT_TESTED:
+            left = _proof.unproven_weights(g, limit, None if own is None else own.view(-1))
+            left = left[zero[left]]  # (the revealed ones are not among them: G 0 there)
+            whole = True  # (unless one of them is not inside: below)
         if whole:
             point = zero.clone()
-            test = rev_ii
+            test = rev_ii if left is None else left if rev_ii is None else torch.cat([rev_ii, left])
         else:
             proven = g < limit
             if own is not None:
@@ -1941,6 +2003,8 @@ class ParamGrid:
             point[test] = tp
             if count is not None:
                 count += int(tp.sum()) - int(zero[test].sum())
+            if left is not None and left.numel() and not bool(tp[test.numel() - left.numel():].all()):
+                whole, count = False, None  # (an sd-0 weight neither inside nor revealed: the caller's test finds it)
         return point, whole, count
 
     def _wide_sd(self, theta: Tensor, sigma: Tensor, scale: Tensor, zero_point: Tensor, code: Tensor | None,
