@@ -52,7 +52,12 @@ from .estimation.per_sample import (
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
 from .quantization import QuantizationScheme
-from .quantization.release_forward import ReleaseForwardError, joined, quantized_forward_errors
+from .quantization.release_forward import (
+    ReleaseForwardError,
+    joined,
+    quantized_forward_errors,
+    uses_outside_layers,
+)
 from .record_count import records_read, records_read_note
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
@@ -773,8 +778,9 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
     try:
         with isolated_rng(), torch.inference_mode(False):
             batch = trainer_batch(trainer, batch, device)
-            evaluate_utility(model, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,
-                             batch_fn=None if hook else batch_fn, output_transform=output_transform)
+            with uses_outside_layers(model) as outside:  # a weight used past its layer's function (nux50)
+                evaluate_utility(model, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,
+                                 batch_fn=None if hook else batch_fn, output_transform=output_transform)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
         layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         if isinstance(batch, Mapping):
@@ -788,6 +794,8 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
             f"mean of {how} over the validation batches, as for the training batches: give the validation "
             f"batches the training batches' layout, or pass batch_fn=<a module-level function that takes "
             f"both layouts, e.g. returning (batch[0], batch[1])>")) from exc
+    if not outside:  # every weight used by its layer's function: the quantized copies run it
+        return
     with isolated_rng(), torch.inference_mode(False):
         errors = quantized_forward_errors(model, schemes, lambda q: evaluate_utility(
             q, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,

@@ -87,6 +87,7 @@ from .quantization.release_forward import (
     joined,
     quantized_forward_errors,
     release_forward,
+    uses_outside_layers,
 )
 from .quantization.storage_grid import storage_grids
 from .record_count import check_not_a_shard, loader_dataset_size, records_read, records_read_note
@@ -852,7 +853,8 @@ def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: 
         return
     copy_ = private_copy(model, "copying the model to check the validation batches")
     try:
-        evaluate_utility(copy_, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform)
+        with uses_outside_layers(copy_) as outside:  # a weight used past its layer's function (nux50)
+            evaluate_utility(copy_, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
         raise RuntimeError(
@@ -860,6 +862,8 @@ def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: 
             f"estimation pass: each quantized copy's utility is loss_fn(model(inputs), targets) over these "
             f"batches, so give them in the layout, dtype and device the model takes (its parameters are "
             f"{', '.join(dtypes)})") from exc
+    if not outside:  # every weight used by its layer's function: the quantized copies run it
+        return
     with isolated_rng():
         errors = quantized_forward_errors(model, schemes, lambda q: evaluate_utility(
             q, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform))

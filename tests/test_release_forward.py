@@ -165,3 +165,19 @@ def test_the_callback_refuses_before_the_first_training_batch_and_leaves_the_mod
     assert m.batches == 0  # no training batch ran
     after = m.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights, BN running stats, counter
+
+
+def test_the_quantized_copies_run_before_the_estimation_only_where_a_weight_is_used_past_its_layer(monkeypatch):
+    """The gate (``uses_outside_layers`` on the float check's forward): a forward whose weights reach
+    only their layers' functions (``F.linear`` for the tie too) builds no quantized copy up front."""
+    train, val = _loaders()
+    calls = []
+    real = assess_module.quantized_forward_errors
+    monkeypatch.setattr(assess_module, "quantized_forward_errors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assess_module.check_validation_batch(_model("linear"), val, loss, None, None, None,
+                                         schemes=assess_module.resolve_schemes(["int8_weight_only"]))
+    assert calls == []
+    with pytest.raises(ReleaseForwardError):
+        assess_module.check_validation_batch(_model("T"), val, loss, None, None, None,
+                                             schemes=assess_module.resolve_schemes(["int8_weight_only"]))
+    assert calls == [1]

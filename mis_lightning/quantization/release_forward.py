@@ -23,7 +23,8 @@ from torch.overrides import TorchFunctionMode
 
 from .base import QuantizationScheme, SchemeError, _quantized_kind
 
-__all__ = ["ReleaseForwardError", "joined", "quantized_forward_errors", "release_forward"]
+__all__ = ["LAYER_FUNCTIONS", "ReleaseForwardError", "joined", "quantized_forward_errors", "release_forward",
+           "uses_outside_layers"]
 
 
 class ReleaseForwardError(SchemeError):
@@ -145,3 +146,45 @@ def joined(errors: list[ReleaseForwardError]) -> ReleaseForwardError:
     out = ReleaseForwardError(msg, first.params, first.op, first.scheme)
     out.__cause__ = first.__cause__
     return out
+
+
+#: the functions layers apply to their own weights (``torch.nn.functional`` and the ``torch._C``
+#: ops they dispatch to, by ``__name__``): a weight that reaches only these in the float forward is
+#: used as its layer uses it, so the quantized copies need not be run before the assessment
+LAYER_FUNCTIONS = frozenset({
+    "linear", "bilinear", "embedding", "embedding_bag", "conv1d", "conv2d", "conv3d", "conv_transpose1d",
+    "conv_transpose2d", "conv_transpose3d", "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
+    "prelu", "multi_head_attention_forward", "lstm", "gru", "rnn_tanh", "rnn_relu", "lstm_cell", "gru_cell",
+    "rnn_tanh_cell", "rnn_relu_cell",
+})
+
+
+class _Uses(TorchFunctionMode):
+    """Records the parameters of ``model`` that an op other than a layer function
+    (:data:`LAYER_FUNCTIONS`) turns into a tensor (``.T``, indexing, ``torch.matmul``); metadata
+    reads (``.device``, ``.requires_grad``: no tensor out) do not count."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.ids = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.names: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if getattr(func, "__name__", None) not in LAYER_FUNCTIONS and any(
+                isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
+            self.names.update(self.ids[id(t)] for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                              if id(t) in self.ids)
+        return out
+
+
+@contextmanager
+def uses_outside_layers(model: nn.Module) -> Iterator[set[str]]:
+    """Inside, ``model``'s forward is watched; the set yielded fills with the names of its
+    parameters that an op other than their layer's function used (:class:`_Uses`). Empty after
+    a forward: no quantized copy can fail the way :class:`ReleaseForwardError` says, so the front
+    ends skip running them before the assessment (the assessment's own copies still say it)."""
+    mode = _Uses(model)
+    with mode:
+        yield mode.names
