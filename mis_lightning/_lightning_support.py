@@ -11,7 +11,7 @@ import copy
 import itertools
 import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,13 @@ from .estimation.per_sample import (
 )
 from .evaluation import evaluate_utility, named_error, to_device
 from .progress import ProgressDisplay
+from .quantization import QuantizationScheme
+from .quantization.release_forward import (
+    ReleaseForwardError,
+    joined,
+    quantized_forward_errors,
+    uses_outside_layers,
+)
 from .record_count import records_read, records_read_note
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
@@ -741,17 +748,23 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
 
 
 def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
-                           metrics: Mapping[str, Any] | None, output_transform: Any) -> None:
+                           metrics: Mapping[str, Any] | None, output_transform: Any,
+                           schemes: Sequence[QuantizationScheme] = ()) -> None:
     """The first validation batch through a private copy of the model, as each quantized copy's
     utility will be measured at the assessment (the loss, ``batch_fn``, the utility metrics,
     ``output_transform``): validation batches of another layout than the training ones
     (``(x, y, w)`` against ``(x, y)`` pairs, a dict) failed every scheme's row, the float
     baseline's too, after the whole training (fu24). Only a sized map-style validation set is
     read (a stream is not read twice); the RNG streams and the loaders' generators are kept.
+    Then the batch through each of ``schemes``' quantized copies of that private copy (in eval
+    mode, without autograd: nothing of the module, its buffers or its running statistics moves).
 
     Raises:
         the error's own type (``RuntimeError`` if it cannot be rebuilt): names the validation
         data, the layout and the fix, with the original error as the cause.
+        ReleaseForwardError: a scheme's quantized copy cannot run the forward (a quantized weight
+            used outside its module, nux50: ``h @ self.emb.weight.T`` under torchao); names the
+            schemes, the parameters, the op and the fixes, before the first training step.
     """
     with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
         val, _ = validation_loaders(_validation_dataloaders(trainer))
@@ -765,8 +778,9 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
     try:
         with isolated_rng(), torch.inference_mode(False):
             batch = trainer_batch(trainer, batch, device)
-            evaluate_utility(model, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,
-                             batch_fn=None if hook else batch_fn, output_transform=output_transform)
+            with uses_outside_layers(model) as outside:  # a weight used past its layer's function (nux50)
+                evaluate_utility(model, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,
+                                 batch_fn=None if hook else batch_fn, output_transform=output_transform)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
         layout = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
         if isinstance(batch, Mapping):
@@ -780,6 +794,16 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
             f"mean of {how} over the validation batches, as for the training batches: give the validation "
             f"batches the training batches' layout, or pass batch_fn=<a module-level function that takes "
             f"both layouts, e.g. returning (batch[0], batch[1])>")) from exc
+    if not outside:  # every weight used by its layer's function: the quantized copies run it
+        return
+    with isolated_rng(), torch.inference_mode(False):
+        errors = quantized_forward_errors(model, schemes, lambda q: evaluate_utility(
+            q, [batch], None if hook else loss_fn, metrics, batch_loss=batch_loss,
+            batch_fn=None if hook else batch_fn, output_transform=output_transform))
+    if errors:
+        err = joined(errors)
+        raise ReleaseForwardError(f"MISCallback (checked before training): {err}", err.params, err.op,
+                                  err.scheme) from err.__cause__
 
 
 def _first_batch_curvature(metric: EstimationMetric) -> None:

@@ -82,6 +82,13 @@ from .quantization.base import (
     zero_counts_only,
 )
 from .quantization.registry import check_scheme_names, scheme_list
+from .quantization.release_forward import (
+    ReleaseForwardError,
+    joined,
+    quantized_forward_errors,
+    release_forward,
+    uses_outside_layers,
+)
 from .quantization.storage_grid import storage_grids
 from .record_count import check_not_a_shard, loader_dataset_size, records_read, records_read_note
 from .report import (
@@ -806,7 +813,8 @@ def assess(
             log.warning("%s", msg)
     check_utility_metric(sc_cfg, metrics, validation=val_dataloader is not None and loss_fn is not None)
     if val_dataloader is not None and loss_fn is not None:  # before the estimation pass
-        check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform)
+        check_validation_batch(model, val_dataloader, loss_fn, metrics, batch_fn, output_transform,
+                               schemes=scheme_objs, strict=sc_cfg.strict)
     check_not_a_shard(train_dataloader)  # one DDP process's shard taken for the training set: refused now
     est = run_estimation(model, train_dataloader, loss_fn, est_cfg, seed=sc_cfg.seed,
                          batch_fn=batch_fn, progress=progress)
@@ -835,15 +843,21 @@ def assess(
 
 def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: LossFn,
                            metrics: Mapping[str, Any] | None, batch_fn: BatchFn | None,
-                           output_transform: OutputTransform | None) -> None:
+                           output_transform: OutputTransform | None,
+                           schemes: Sequence[QuantizationScheme] = (), strict: bool = True) -> None:
     """Evaluate a private copy of ``model`` on the first validation batch, as each quantized
     copy's utility will be, so that a batch the model cannot take (float32 inputs to a bf16
     model, a wrong layout) fails before the estimation pass rather than after it. Only for a
-    map-style DataLoader (a stream is not read twice); the random streams are restored.
+    map-style DataLoader (a stream is not read twice); the random streams are restored. Then
+    each of ``schemes``' quantized copies on that batch: one that cannot run the forward (a
+    quantized weight used outside its module, nux50) raises with ``strict``, else is warned
+    (its row keeps its leakage, its utility reads failed).
 
     Raises:
         RuntimeError: the batch fails; names ``val_dataloader``, the model's parameter dtypes and
             the original error (kept as the cause).
+        ReleaseForwardError: (``strict``) a scheme's quantized copy cannot run the forward; names
+            the parameters, the op and the fixes.
     """
     if not isinstance(val_dataloader, DataLoader) or isinstance(val_dataloader.dataset,
                                                                  torch.utils.data.IterableDataset):
@@ -854,7 +868,8 @@ def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: 
         return
     copy_ = private_copy(model, "copying the model to check the validation batches")
     try:
-        evaluate_utility(copy_, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform)
+        with uses_outside_layers(copy_) as outside:  # a weight used past its layer's function (nux50)
+            evaluate_utility(copy_, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform)
     except Exception as exc:  # noqa: BLE001 - named and re-raised
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
         raise RuntimeError(
@@ -862,6 +877,15 @@ def check_validation_batch(model: nn.Module, val_dataloader: Iterable, loss_fn: 
             f"estimation pass: each quantized copy's utility is loss_fn(model(inputs), targets) over these "
             f"batches, so give them in the layout, dtype and device the model takes (its parameters are "
             f"{', '.join(dtypes)})") from exc
+    if not outside:  # every weight used by its layer's function: the quantized copies run it
+        return
+    with isolated_rng():
+        errors = quantized_forward_errors(model, schemes, lambda q: evaluate_utility(
+            q, [batch], loss_fn, metrics, batch_fn=batch_fn, output_transform=output_transform))
+    if errors and strict:
+        raise joined(errors)
+    for e in errors:
+        log.warning("%s", e)
 
 
 def _check_some_gradient(est: Estimate) -> None:
@@ -1300,11 +1324,17 @@ def score_schemes(
             scheme.check_model(model)
             prep = _prepare_scheme(est, model, scheme, uncertainty_draws, shared_facts=shared_facts)
             prep.requant_seed = seed + 104729  # one seed for all schemes: common random numbers
-            if utility_fn is not None:
-                prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
-            elif val_dataloader is not None and loss_fn is not None:
-                prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
-                                                batch_fn=batch_fn, output_transform=output_transform)
+            try:  # a quantized weight used outside its module: named (nux50)
+                with release_forward(prep.qmodel, scheme.name):
+                    if utility_fn is not None:
+                        prep.utility = {k: float(v) for k, v in utility_fn(prep.qmodel).items()}
+                    elif val_dataloader is not None and loss_fn is not None:
+                        prep.utility = evaluate_utility(prep.qmodel, val_dataloader, loss_fn, metrics,
+                                                        batch_fn=batch_fn, output_transform=output_transform)
+            except ReleaseForwardError as exc:  # the leakage is the weights': kept, the utility fails
+                if strict:
+                    raise
+                prep.utility_error = str(exc)
             prep.qmodel = None  # release the copy; only its grids are kept
             prepared.append(prep)
             if progress is not None:
@@ -1477,6 +1507,7 @@ def score_schemes(
         report.warnings.append(rnn)
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [failure_warning(k, msg) for k, msg in failures.items()]
+    report.warnings += [w for s in report.schemes.values() if (w := s.utility_warning())]
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
     # Whole parameters the data never moves (no gradient variance on any record: sigma 0): a
     # parameter the forward does not use, or frozen in effect. They carry no leakage, but were
@@ -2095,6 +2126,7 @@ class _Prepared:
     def __init__(self, scheme: QuantizationScheme) -> None:
         self.scheme = scheme
         self.qmodel: nn.Module | None = None
+        self.utility_error: str | None = None  # its copy cannot run the forward (ReleaseForwardError)
         self.source: nn.Module | None = None  # the float model (for re-quantization)
         self.grids: dict[str, ParamGrid] = {}
         self.kappa: dict[str, Tensor] = {}  # at theta-hat (quantized params only)
@@ -4333,7 +4365,8 @@ def _finish_scheme(est: Estimate, prep: _Prepared, sums: dict[str, list[F.CltSum
         d_eff=prep.d_eff, d=d, zero_fraction=prep.zero / prep.quant if prep.quant else 0.0,
         pinned_fraction=prep.frozen / max(d, 1), bits_per_weight=prep.bits / max(d, 1), method=chosen,
         interval=interval, quantized_fraction=prep.quant / max(d, 1), clt_error_estimate=clt_err,
-        layers=layers, utility=prep.utility, description=prep.scheme.describe(), notes=notes,
+        layers=layers, utility=prep.utility, utility_error=prep.utility_error,
+        description=prep.scheme.describe(), notes=notes,
         float_params=dict(prep.float_params), interval_regime=None if iv is None else iv.regime,
         pool_leakage=pool, covariance="independent" if rc is None else rc.kind,
         leakage_independent=None if rc is None else independent_shown, position_gap=position_gap,

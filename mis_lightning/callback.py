@@ -293,7 +293,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # the validation batches the quantized copies' utility will be measured on: their
         # layout, the loss and the utility metrics on them, before training too
         lt.check_validation_batch(trainer, pl_module, res["hook"], res["loss_fn"], self.batch_fn,
-                                  self.utility_metrics, self.output_transform)
+                                  self.utility_metrics, self.output_transform, resolve_schemes(self.schemes))
         # random augmentation in the dataset or its collate_fn: said now, and in the report (a few
         # records read and collated twice, every random state restored)
         train = lt.single_loader(trainer.train_dataloader, "training")

@@ -161,6 +161,10 @@ class SchemeResult:
     # the quantized weights through the fitted correlation, so the headline is the baseline's
     # (:func:`float_determined`; ``=`` in the table)
     exact_determination: dict[str, Any] | None = None
+    # the quantized copy could not run the model's forward (a quantized weight used outside its module:
+    # quantization.release_forward.ReleaseForwardError's message): no utility, the table's utility
+    # cell reads "failed"; the leakage, a property of the quantized weights, stands (nux50)
+    utility_error: str | None = None
 
     frozen_fraction = property(*_renamed("frozen_fraction", "pinned_fraction"))
     sparsity = property(*_renamed("sparsity", "zero_fraction"))
@@ -181,6 +185,13 @@ class SchemeResult:
         return (f"scheme {self.name!r} leaves {sum(len(v) for v in by_reason.values())} weight tensor(s) outside "
                 "the assessment in float in its quantized copy (not scored: they are not assessed; its utility "
                 "and model b/w are those of this partly quantized release): " + "; ".join(parts))
+
+    def utility_warning(self) -> str | None:
+        """A warning for a scheme whose quantized copy could not run the forward (its utility is
+        missing, its leakage stands), or ``None``."""
+        if self.error or not self.utility_error:
+            return None
+        return f"scheme {self.name!r}: utility not measured (its leakage stands): {self.utility_error}"
 
     def float_warning(self) -> str | None:
         """A warning naming the share of assessed weights left in float and why, or ``None``
@@ -415,6 +426,8 @@ class Report:
                 row["model_bits_per_weight"] = s.model_bits_per_weight
                 row["model_d"] = s.model_d
             row.update({f"utility_{k}": v for k, v in s.utility.items()})
+            if s.utility_error and not s.error:  # the utility column reads "failed" (nux50)
+                row["utility_error"] = s.utility_error
             out.append(row)
         return out
 
@@ -532,6 +545,10 @@ def _floats_back(kind: type, values: dict[str, Any]) -> dict[str, Any]:
         return x
 
     return {k: back(v) if k in floats else v for k, v in values.items()}
+
+
+#: the utility cell of a row whose quantized copy could not run the forward (its warning says why)
+UTILITY_FAILED = "failed"
 
 
 def failure_warning(name: str, error: str) -> str:
@@ -948,9 +965,16 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
           and math.isfinite(float(r["leakage"]))]
     if not ok:
         return "verdict: no scheme succeeded"
+    # a row whose quantized copy cannot run the forward has no utility to weigh (nux50): not ranked
+    unmeasured = [str(r["scheme"]) for r in ok if r.get("utility_error")]
+    ok = [r for r in ok if not r.get("utility_error")]
+    failed = (f"; not ranked (utility {UTILITY_FAILED}: the quantized copy cannot run the forward, see warnings): "
+              f"{brief_list(unmeasured)}") if unmeasured else ""
+    if not ok:
+        return f"verdict: no scheme ranked{failed.removeprefix(';')}"
     # a leakage that is only a lower bound (+: an unscored part of the release) cannot be ranked
     bounded = [str(r["scheme"]) for r in ok if r.get("unscored")]
-    note = f"; not ranked (leakage a lower bound, +): {brief_list(bounded)}" if bounded else ""
+    note = (f"; not ranked (leakage a lower bound, +): {brief_list(bounded)}" if bounded else "") + failed
     ranked = _ranked_rows(ok)
     if not ranked:
         return f"verdict: no scheme ranked: every leakage is a lower bound (+): {name_list(bounded)}"
@@ -1397,7 +1421,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
         pool = r.get("pool_leakage")
         body.append([label, f"{r['bits_per_weight']:.2f}",
                      share_format(ff)] + (
-            [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + ([fmt[uk](r.get(uk))] if uk else []) + [
+            [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + (
+            [UTILITY_FAILED if r.get("utility_error") else fmt[uk](r.get(uk))] if uk else []) + [
             fmt["leakage"](r["leakage"]) + leakage_marks(r),
             interval, fmt["mis"](r["mis"]),
             "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool),
