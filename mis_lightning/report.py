@@ -1072,7 +1072,8 @@ MODEL_BITS_ENTRY = ("model b/w: storage per weight of the whole model as the sch
 ZEROS_ENTRY = "zeros: share of quantized weights released as exactly 0."
 POSITION_ENTRY = ("pos. after [p10, p90]: a position-dominated interval, set by where few coarse weights "
                   "sit in their cells, not a bootstrap spread; the figure can then read below the truth: "
-                  "hold p90 as the bound (warnings).")
+                  "where p90 reaches above it by more than the record average's error allows, a warning "
+                  "names the scheme and p90 is the bound to hold.")
 
 
 def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None,
