@@ -882,6 +882,10 @@ def unranked_groups(rows: Sequence[dict[str, Any]], label: str = "scheme") -> li
 #: all_schemes.py's 40 schemes made a ~3,000-character verdict line (nux48). The table above it,
 #: ``rows()`` and the JSON name every scheme.
 LINE_NAMES = 2
+#: the names of the list the verdict is about (the schemes not clearly different from the safest):
+#: a job's 3-6 of them named in full ("and 3 more" hid a 5-scheme job's, nux50), all_schemes.py's
+#: 31 still counted past these
+VERDICT_NAMES = 6
 #: the same for the "not ranked beyond their intervals" line, over all its groups (its own line:
 #: a sweep's 4-8 tied jobs stay named in full; all_schemes.py's 13 groups made 2,000 characters)
 TIES_NAMES = 8
@@ -1025,7 +1029,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         return text + ("; clearly safer than every other scheme" + (" in the utility band" if safer else "")
                        + " (no interval overlaps its own)") + tail
     if same:
-        text += "; not clearly different from it (intervals overlap): " + name_list(same)
+        text += "; not clearly different from it (intervals overlap): " + name_list(same, VERDICT_NAMES)
     if outside:  # as safe within the intervals, but their utility is outside the band
         text += (f"; {'also ' if same else ''}overlapping its interval but outside the utility band: "
                  + brief_list(outside))
