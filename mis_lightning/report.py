@@ -1238,7 +1238,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     """The assumptions of the analysis (docs/method.md sections 2 and 6) that fail for a figure
     of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
     report's ``diagnostics``: ``d / n`` or ``d_eff / n`` above :data:`D_EFF_OVER_N_MAX`, weights
-    not at a minimum, a Hessian with negative curvature (or a negative reading within its precision
+    not at a minimum (or records that read like records it was not trained on:
+    ``diagnostics["records_unlike_training"]``), a Hessian with negative curvature (or a negative reading within its precision
     at a gradient too large to exclude a saddle), a model interpolating its data. Each
     is a short phrase; empty when none fails. The warnings say each in full. The diagonal
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
@@ -1253,6 +1254,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append(f"d_eff / n = {float(d_eff) / n:.2g}")
     if diagnostics.get("not_at_minimum"):
         out.append("not at a minimum")
+    elif diagnostics.get("records_unlike_training"):  # nux50: a held-out set's figures, 1.9x the members'
+        out.append("records not trained on")
     if diagnostics.get("negative_curvature"):
         out.append("negative curvature")
     elif diagnostics.get("curvature_unresolved"):
