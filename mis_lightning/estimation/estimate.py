@@ -3067,21 +3067,23 @@ def _newton_offset(step: Tensor, sigma: Tensor, ratio: float) -> dict[str, Any]:
 
 def _stiff_offset(evals: Tensor, evecs: Tensor, V: Tensor, g: Tensor, n: int) -> float:
     """The mean gradient's t-statistics ``t_k = u_k' g / sqrt(u_k' V u_k / n)`` along the stiffer
-    half of the Hessian's eigenvectors ``u_k`` (largest ``|eigenvalue|``; directions without
-    gradient variance left out), root mean square: the "records unlike the training set" test
+    half of the Hessian's eigenvectors ``u_k`` (largest ``|eigenvalue|``; those without gradient
+    variance left out), root mean square: the "records unlike the training set" test
     (:data:`UNSEEN_RECORDS_SD`, method.md section 6). Shapes: ``evals [d]``, ``evecs [d, d]``,
     ``V [d, d]`` the gradient covariance, ``g [d]`` the penalised mean gradient, all in one unit
-    system (any: each ``t_k`` is invariant to a rescaling of the weights along its direction).
+    system (a t-statistic along a given direction is unit-free; the stiff half is H's in these
+    units: the Jacobi-scaled H where the sandwich scales it).
     A first-order optimizer stopped short leaves its residue along the flat directions, the stiff
     ones converge first (``t_k ~ 0`` there); on records independent of theta-hat every ``t_k`` is
     a fresh sample's, ``~N(0, 1 + m / n_train)``."""
-    along = ((evecs.T @ V) * evecs.T).sum(-1)  # u' V u per direction
+    # the stiffer half first: one [d/2, d] x [d, d] product (the sandwich's own are [d, d] x [d, d])
+    U = evecs[:, evals.abs().argsort(descending=True)[:max(1, evals.numel() // 2)]]
+    along = ((U.T @ V) * U.T).sum(-1)  # u' V u per direction
     live = along > 100 * evals.numel() * torch.finfo(torch.float64).eps * max(float(V.diagonal().abs().max()), 1e-300)
     if not bool(live.any()):
         return 0.0
-    t = (evecs.T @ g)[live] * (n / along[live]).sqrt()
-    stiff = evals.abs()[live].argsort(descending=True)[:max(1, int(live.sum()) // 2)]
-    return float(t[stiff].square().mean().sqrt())
+    t = (U.T @ g)[live] * (n / along[live]).sqrt()
+    return float(t.square().mean().sqrt())
 
 
 def _not_at_minimum(ratio: float, z_sum: float, z_count: int, n: int) -> dict[str, Any]:
