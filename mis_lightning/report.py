@@ -899,6 +899,10 @@ def unranked_groups(rows: Sequence[dict[str, Any]], label: str = "scheme") -> li
 #: all_schemes.py's 40 schemes made a ~3,000-character verdict line (nux48). The table above it,
 #: ``rows()`` and the JSON name every scheme.
 LINE_NAMES = 2
+#: the names of the list the verdict is about (the schemes not clearly different from the safest):
+#: a job's 3-6 of them named in full ("and 3 more" hid a 5-scheme job's, nux50), all_schemes.py's
+#: 31 still counted past these
+VERDICT_NAMES = 6
 #: the same for the "not ranked beyond their intervals" line, over all its groups (its own line:
 #: a sweep's 4-8 tied jobs stay named in full; all_schemes.py's 13 groups made 2,000 characters)
 TIES_NAMES = 8
@@ -1049,7 +1053,7 @@ def _ranked_verdict(ok: list[dict[str, Any]], utility_key: str | None, utility_t
         return text + ("; clearly safer than every other scheme" + (" in the utility band" if safer else "")
                        + " (no interval overlaps its own)") + tail
     if same:
-        text += "; not clearly different from it (intervals overlap): " + name_list(same)
+        text += "; not clearly different from it (intervals overlap): " + name_list(same, VERDICT_NAMES)
     if outside:  # as safe within the intervals, but their utility is outside the band
         text += (f"; {'also ' if same else ''}overlapping its interval but outside the utility band: "
                  + brief_list(outside))
@@ -1096,7 +1100,8 @@ MODEL_BITS_ENTRY = ("model b/w: storage per weight of the whole model as the sch
 ZEROS_ENTRY = "zeros: share of quantized weights released as exactly 0."
 POSITION_ENTRY = ("pos. after [p10, p90]: a position-dominated interval, set by where few coarse weights "
                   "sit in their cells, not a bootstrap spread; the figure can then read below the truth: "
-                  "hold p90 as the bound (warnings).")
+                  "where p90 reaches above it by more than the record average's error allows, a warning "
+                  "names the scheme and p90 is the bound to hold.")
 
 
 def legend(rows: list[dict[str, Any]], utility_key: str | None = None, columns: str | None = None,
@@ -1257,7 +1262,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     """The assumptions of the analysis (docs/method.md sections 2 and 6) that fail for a figure
     of a report with ``n`` records, ``d`` assessed weights and the scheme's ``d_eff``, given the
     report's ``diagnostics``: ``d / n`` or ``d_eff / n`` above :data:`D_EFF_OVER_N_MAX`, weights
-    not at a minimum, a Hessian with negative curvature (or a negative reading within its precision
+    not at a minimum (or records that read like records it was not trained on:
+    ``diagnostics["records_unlike_training"]``), a Hessian with negative curvature (or a negative reading within its precision
     at a gradient too large to exclude a saddle), a model interpolating its data. Each
     is a short phrase; empty when none fails. The warnings say each in full. The diagonal
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
@@ -1272,6 +1278,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append(f"d_eff / n = {float(d_eff) / n:.2g}")
     if diagnostics.get("not_at_minimum"):
         out.append("not at a minimum")
+    elif diagnostics.get("records_unlike_training"):  # nux50: a held-out set's figures, 1.9x the members'
+        out.append("records not trained on")
     if diagnostics.get("negative_curvature"):
         out.append("negative curvature")
     elif diagnostics.get("curvature_unresolved"):

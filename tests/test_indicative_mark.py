@@ -68,7 +68,7 @@ def test_d_over_n_marks_every_row_the_legend_and_the_verdict(small_n, tmp_path):
 def test_inside_the_assumptions_nothing_is_marked(large_n):
     assert large_n.d / large_n.n <= D_EFF_OVER_N_MAX
     assert not any(k in large_n.diagnostics and large_n.diagnostics[k]
-                   for k in ("not_at_minimum", "negative_curvature", "interpolating"))
+                   for k in ("not_at_minimum", "records_unlike_training", "negative_curvature", "interpolating"))
     rows = large_n.rows()
     assert not any("indicative" in r for r in rows)
     table = large_n.table()
@@ -76,6 +76,7 @@ def test_inside_the_assumptions_nothing_is_marked(large_n):
 
 
 @pytest.mark.parametrize("key, phrase", [("not_at_minimum", "not at a minimum"),
+                                         ("records_unlike_training", "records not trained on"),
                                          ("negative_curvature", "negative curvature"),
                                          ("interpolating", "interpolating")])
 def test_each_failed_diagnostic_marks_every_row(large_n, key, phrase):

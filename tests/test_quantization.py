@@ -451,3 +451,19 @@ def test_unknown_scheme_names_print_unquoted_with_case_and_word_suggestions():
         check_scheme_names(["int8"])
     said = str(e.value).split("(did you mean ")[1].split("?")[0].split(", ")
     assert "rtn_int8" in said and "int8_weight_only" in said
+
+
+def test_a_word_of_a_scheme_name_offers_the_names_ending_in_it_before_aliases():
+    """nux50: 'int4' offered rtn_int4 and two deprecated aliases' targets (int4_tinygemm ->
+    int4_weight_only_tinygemm, int4_weight_only -> intx_weight_only_int4_g32), not the README's
+    intx_weight_only_int4; several words of a name (weight_only_int4) are matched as words too."""
+    from mis_lightning.quantization.registry import check_scheme_names
+
+    def offered(spec):
+        with pytest.raises(KeyError) as e:
+            check_scheme_names([spec])
+        return str(e.value).split("(did you mean ")[1].split("?")[0].split(", ")
+
+    assert offered("int4")[:2] == ["rtn_int4", "intx_weight_only_int4"]
+    assert offered("int2")[:2] == ["rtn_int2", "intx_weight_only_int2"]
+    assert offered("weight_only_int4")[0] == "intx_weight_only_int4"

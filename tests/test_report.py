@@ -230,7 +230,7 @@ def test_table_ends_with_legend_and_verdict():
     assert verdict(rows) == (
         "verdict: safest with rmse within 1% of the best (0.8100, int8_weight_only): "
         "intx_weight_only_int4 (leakage 0.0571); not clearly different from it (intervals overlap): "
-        "int8_weight_only, int8_dynamic_activation_int8_weight and 3 more"
+        "int8_weight_only, int8_dynamic_activation_int8_weight, float8_weight_only, native_int8_dynamic, bf16"
         "; clearly safer than it but outside the utility band: "
         "intx_weight_only_int3 (leakage 0.0400, rmse 0.8700), intx_weight_only_int2 (leakage 0.0150, rmse 1.2000)")
     # a wider tolerance admits int3 (0.870 <= 0.81 * 1.1 = 0.891), clearly safer than the rest of
@@ -247,7 +247,7 @@ def test_table_ends_with_legend_and_verdict():
     i2 = next(r for r in rows if r["scheme"] == "intx_weight_only_int2")
     saved = (i2["leakage_p10"], i2["leakage_p90"])
     i2["leakage_p10"], i2["leakage_p90"] = 0.0500, 0.0560
-    assert ("int8_dynamic_activation_int8_weight and 3 more; also overlapping its interval but outside the utility band: "
+    assert ("native_int8_dynamic, bf16; also overlapping its interval but outside the utility band: "
             "intx_weight_only_int2; clearly safer than it") in verdict(rows)
     i2["leakage_p10"], i2["leakage_p90"] = saved
     for r in rows:  # no intervals: say that differences cannot be judged
@@ -573,7 +573,7 @@ def test_the_verdict_and_not_ranked_lines_name_the_first_schemes_and_count_the_r
     """nux48: examples/all_schemes.py's ~40 schemes made a ~3,000-character verdict line and a
     ~2,000-character "not ranked" line. Each list names the first few schemes and counts the
     rest; the rows (table, JSON) keep every scheme."""
-    from mis_lightning.report import LINE_NAMES, NOT_RANKED, TIES_NAMES, ties_line, verdict
+    from mis_lightning.report import NOT_RANKED, TIES_NAMES, VERDICT_NAMES, ties_line, verdict
 
     names = [f"intx_weight_only_int{k}_g32_asym" for k in range(40)]  # all_schemes.py's lengths
     # every interval overlaps the safest's; every figure indicative; two unscored (+)
@@ -581,12 +581,14 @@ def test_the_verdict_and_not_ranked_lines_name_the_first_schemes_and_count_the_r
              "indicative": k % 2 == 0, "unscored": "awq factors" if k >= 32 else None}
             for k, n in enumerate(names)]
     text = verdict(rows)
-    assert len(text) < 450, len(text)  # was 2,900 (every name); 600 naming 2 of each list (ux48b)
+    # was 2,900 (every name); 600 naming 2 of each list (ux48b); 430 with 2 named and the others counted
+    # (ux49); the list the verdict is about names VERDICT_NAMES since nux50
+    assert len(text) < 600, len(text)
     assert text.startswith(f"verdict: safest: {names[0]} (leakage 0.1000)")
     # 31 others overlap it, 8 are lower bounds, 16 ranked rows indicative: the list the verdict is
     # about names LINE_NAMES and counts the rest, the others are counted (ux49)
-    assert f"not clearly different from it (intervals overlap): {', '.join(names[1:1 + LINE_NAMES])} and " \
-           f"{31 - LINE_NAMES} more" in text
+    assert f"not clearly different from it (intervals overlap): {', '.join(names[1:1 + VERDICT_NAMES])} and " \
+           f"{31 - VERDICT_NAMES} more" in text
     assert text.endswith("; not ranked (leakage a lower bound, +): 8 schemes; indicative only (*): 16 schemes")
     # a short secondary list is named in full
     assert verdict(rows[:4] + rows[32:33]).endswith(f"; not ranked (leakage a lower bound, +): {names[32]}; "

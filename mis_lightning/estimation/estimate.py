@@ -188,6 +188,12 @@ GGN_MC_WARN_RELATIVE_ERROR = 0.1
 MINIMUM_OFFSET_SD = 1.0
 # ... or whose penalised mean gradient exceeds this fraction of a per-sample gradient (root mean square)
 GRADIENT_NORM_RATIO_MAX = 0.1
+# Records unlike the training set (exact estimator, _stiff_offset): the mean gradient's t-statistics
+# along the Hessian's stiffer half read ~0 on the records a fit converged on, even one stopped short
+# (the stiff directions converge first), and ~N(0, 1 + m / n_train) each on records the fit never saw
+# (a validation or test set), whose root mean square is below 0.5 with probability
+# P(chi2_K < K / 4) over K such directions (0.009 at K = 10): docs/benchmarks.md, "nf50b"
+UNSEEN_RECORDS_SD = 0.5
 # The weight-decay hint (_decay_hint): the assessed objective's mean gradient within this cosine
 # of -theta, and its norm at least this fraction of a per-sample gradient's (rms), reads as a
 # minimum of the loss plus another weight decay (docs/benchmarks.md, "wd48")
@@ -1921,6 +1927,7 @@ class MomentAccumulator:
             # the step through the curvature sigma was built from (floored, |eigenvalues|): ln41
             diagnostics.update(_newton_offset(records.pop("newton_step"), sigma_flat,
                                               diagnostics["gradient_norm_ratio"]))
+            diagnostics["records_unlike_training"] = diagnostics.get("stiff_offset_sd", 0.0) > UNSEEN_RECORDS_SD
             diagnostics.update(_interpolation(float(st["grad_norm_sq"]), n, diagnostics["gradient_norm"],
                                               float((torch.diagonal(H) * _flatten_theta(theta, names)).norm()),
                                               torch.finfo(self.dtype).eps))
@@ -3070,6 +3077,27 @@ def _newton_offset(step: Tensor, sigma: Tensor, ratio: float) -> dict[str, Any]:
             "minimum_offset_covariance": "full"}
 
 
+def _stiff_offset(evals: Tensor, evecs: Tensor, V: Tensor, g: Tensor, n: int) -> float:
+    """The mean gradient's t-statistics ``t_k = u_k' g / sqrt(u_k' V u_k / n)`` along the stiffer
+    half of the Hessian's eigenvectors ``u_k`` (largest ``|eigenvalue|``; those without gradient
+    variance left out), root mean square: the "records unlike the training set" test
+    (:data:`UNSEEN_RECORDS_SD`, method.md section 6). Shapes: ``evals [d]``, ``evecs [d, d]``,
+    ``V [d, d]`` the gradient covariance, ``g [d]`` the penalised mean gradient, all in one unit
+    system (a t-statistic along a given direction is unit-free; the stiff half is H's in these
+    units: the Jacobi-scaled H where the sandwich scales it).
+    A first-order optimizer stopped short leaves its residue along the flat directions, the stiff
+    ones converge first (``t_k ~ 0`` there); on records independent of theta-hat every ``t_k`` is
+    a fresh sample's, ``~N(0, 1 + m / n_train)``."""
+    # the stiffer half first: one [d/2, d] x [d, d] product (the sandwich's own are [d, d] x [d, d])
+    U = evecs[:, evals.abs().argsort(descending=True)[:max(1, evals.numel() // 2)]]
+    along = ((U.T @ V) * U.T).sum(-1)  # u' V u per direction
+    live = along > 100 * evals.numel() * torch.finfo(torch.float64).eps * max(float(V.diagonal().abs().max()), 1e-300)
+    if not bool(live.any()):
+        return 0.0
+    t = (U.T @ g)[live] * (n / along[live]).sqrt()
+    return float(t.square().mean().sqrt())
+
+
 def _not_at_minimum(ratio: float, z_sum: float, z_count: int, n: int) -> dict[str, Any]:
     """The stationarity flags (method.md section 6): the Newton step ``delta = H^{-1} g`` from
     theta-hat to the minimum of the assessed objective (``g``: the penalised mean gradient) in
@@ -3352,6 +3380,7 @@ def _sandwich_scaled(gg_mean: Tensor, H: Tensor, g_mean: Tensor, G: Tensor, n: i
     Hinv = (evecs * inv) @ evecs.T
     if records is not None and newton_gradient is not None:
         records["newton_step"] = Hinv @ newton_gradient.to(Hinv)
+        diagnostics["stiff_offset_sd"] = _stiff_offset(evals, evecs, V, newton_gradient.to(V), n)
     C0 = G - g_mean  # centred gradients [R, d]
     C, beta = C0, None
     if jacobians is not None and loss_hessians is not None:

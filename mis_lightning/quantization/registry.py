@@ -155,9 +155,13 @@ def _close_names(spec: str) -> list[str]:
     names = [*_FACTORIES, *_ALIASES]
     lower = {m.lower(): m for m in names}
     same_case = [lower[spec.lower()]] if spec.lower() in lower else []
-    # a bare word of a name (``int8``): the shortest names holding it as a word ('int8' read only
-    # rtn_int8 before: difflib's ratio against the longer names is below its cutoff)
-    word = sorted((m for m in names if spec.lower() in m.lower().split("_")), key=len)[:3]
+    # a bare word (or words) of a name (``int8``): the shortest names holding it ('int8' read only
+    # rtn_int8 before: difflib's ratio against the longer names is below its cutoff); the names
+    # ending in it first, then registered names before aliases ('int4' offered rtn_int4 and two
+    # aliases' targets, not the README's intx_weight_only_int4, nux50)
+    low = spec.lower()
+    word = sorted((m for m in names if f"_{low}_" in f"_{m.lower()}_"),  # whole words: weight_only_int4 too
+                  key=lambda m: (not m.lower().endswith("_" + low), m in _ALIASES, len(m)))[:3]
     close = [lower[m] for m in difflib.get_close_matches(spec.lower(), list(lower), n=6, cutoff=0.6)]
     return list(dict.fromkeys(_ALIASES[m][0] if m in _ALIASES else m for m in same_case + word + close))[:3]
 

@@ -1,0 +1,134 @@
+"""Records unlike the training set (nux50 #2) and the not-at-a-minimum cause of BatchNorm models
+trained in train mode (nux50 #3): method.md section 6, "Distance to the minimum"."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import mis_lightning as ml
+from mis_lightning.estimation import estimate
+from mis_lightning.estimation.estimate import MINIMUM_OFFSET_SD, UNSEEN_RECORDS_SD
+
+
+def mse(o, t):
+    return 0.5 * (o.squeeze(-1) - t) ** 2
+
+
+def _data(n, d, g):
+    # features on different scales: the Hessian's eigenvectors are well separated
+    X = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(0.3, 3.0, d, dtype=torch.float64)
+    y = X @ torch.linspace(-1, 1, d, dtype=torch.float64) + torch.randn(n, generator=g, dtype=torch.float64)
+    return X, y
+
+
+def _fit(X, y):
+    beta = torch.linalg.solve(X.T @ X, X.T @ y)
+    m = nn.Linear(X.shape[1], 1, bias=False).double()
+    m.weight.data = beta[None, :].clone()
+    return m, beta
+
+
+def _reference_stiff(X, y, beta):
+    # the t-statistics of the mean gradient along H's stiffer half, written out for least squares
+    n, d = X.shape
+    G = -(y - X @ beta)[:, None] * X
+    g = G.mean(0)
+    V = G.T @ G / n - torch.outer(g, g)
+    lam, U = torch.linalg.eigh(X.T @ X / n)
+    top = U[:, d - d // 2:]  # eigh sorts ascending
+    t = (top.T @ g) / ((top.T @ V * top.T).sum(-1) / n).sqrt()
+    return float(t.square().mean().sqrt())
+
+
+def test_held_out_records_are_flagged_and_the_training_records_are_not():
+    # On records independent of theta-hat each t_k is ~N(0, 1 + m / n_train): rms ~1.2 here;
+    # on the training records at the exact least-squares fit it is rounding.
+    g = torch.Generator().manual_seed(0)
+    X, y = _data(2000, 20, g)
+    Xh, yh = _data(1000, 20, g)
+    m, beta = _fit(X, y)
+    own = estimate(m, DataLoader(TensorDataset(X, y), batch_size=500), mse, mode="exact").diagnostics
+    held = estimate(m, DataLoader(TensorDataset(Xh, yh), batch_size=500), mse, mode="exact").diagnostics
+    assert own["stiff_offset_sd"] < 1e-6 and not own["records_unlike_training"]
+    assert held["records_unlike_training"] and held["stiff_offset_sd"] > 2 * UNSEEN_RECORDS_SD
+    # the figure is the closed form's (float64 least squares: V evaluated the same way)
+    assert abs(held["stiff_offset_sd"] / _reference_stiff(Xh, yh, beta) - 1) < 1e-6
+
+
+def test_a_fit_stopped_short_along_its_flat_directions_is_not_read_as_unseen():
+    # A first-order optimizer stopped short leaves its residue along the low-curvature directions:
+    # the weights moved 0.6 of their own sd along the weak half reads as a distance to the minimum
+    # (under the not-at-a-minimum limit), not as unseen records.
+    g = torch.Generator().manual_seed(1)
+    X, y = _data(2000, 20, g)
+    m, beta = _fit(X, y)
+    n = X.shape[0]
+    lam, U = torch.linalg.eigh(X.T @ X / n)
+    G = -(y - X @ beta)[:, None] * X
+    weak = U[:, :10]
+    sd_k = ((weak.T @ (G.T @ G / n) * weak.T).sum(-1) / n).sqrt() / lam[:10]  # theta-hat's sd along each
+    m.weight.data = (beta + weak @ (0.6 * sd_k))[None, :]
+    d = estimate(m, DataLoader(TensorDataset(X, y), batch_size=500), mse, mode="exact").diagnostics
+    assert 0.1 < d["minimum_offset_sd"] < MINIMUM_OFFSET_SD and not d["not_at_minimum"]
+    assert d["stiff_offset_sd"] < 0.05 and not d["records_unlike_training"]
+
+
+def _tanh_fit(seed=0):
+    torch.manual_seed(seed)
+    X = torch.randn(900, 6)
+    y = torch.sin(X @ torch.randn(6)) + 0.3 * torch.randn(900)
+    m = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    opt = torch.optim.LBFGS(m.parameters(), max_iter=3000, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.mse_loss(m(X[:600].double()).squeeze(-1), y[:600].double()) \
+            + 1e-3 / 2 * sum((p ** 2).sum() for p in m.parameters())
+        loss.backward()
+        return loss
+    for _ in range(5):
+        opt.step(closure)
+    return m.float(), X, y
+
+
+def test_the_report_warns_on_held_out_records_under_the_minimum_limits():
+    # nux50 #2: a held-out set read 0.66 sd (limit 1) and no warning named the records
+    m, X, y = _tanh_fit()
+    loss = lambda o, t: F.mse_loss(o.squeeze(-1), t, reduction="none")  # noqa: E731
+    reports = {k: ml.assess(m, ["int8_weight_only"], DataLoader(TensorDataset(X[a:b], y[a:b]), batch_size=300),
+                            loss, weight_decay=1e-3)
+               for k, (a, b) in {"own": (0, 600), "held": (600, 900)}.items()}
+    own, held = reports["own"], reports["held"]
+    assert not own.diagnostics["records_unlike_training"]
+    assert not any("not trained on" in w for w in own.warnings), own.warnings
+    assert not held.diagnostics["not_at_minimum"], held.diagnostics["minimum_offset_sd"]
+    hits = [w for w in held.warnings if w.startswith("the records assessed read like records the model was not trained")]
+    assert len(hits) == 1 and "validation or test set" in hits[0] and "pass the records" in hits[0], held.warnings
+
+
+def _bn_or_not(bn: bool):
+    torch.manual_seed(0)
+    X = torch.randn(300, 4)
+    y = X[:, 0] - X[:, 1] ** 2 + 0.2 * torch.randn(300)
+    m = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8) if bn else nn.Identity(), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for i in range(60):  # minibatches in train mode: short of any minimum, the flag fires either way
+        b = slice(50 * (i % 6), 50 * (i % 6) + 50)
+        opt.zero_grad()
+        F.mse_loss(m(X[b]).squeeze(-1), y[b]).backward()
+        opt.step()
+    rep = ml.assess(m, ["int8_weight_only"], DataLoader(TensorDataset(X, y), batch_size=100),
+                    lambda o, t: F.mse_loss(o.squeeze(-1), t, reduction="none"), strict=False)
+    assert rep.diagnostics["not_at_minimum"]
+    return next(w for w in rep.warnings if w.startswith("the model is not at a minimum"))
+
+
+def test_not_at_minimum_names_batch_statistics_on_a_batchnorm_model():
+    # nux50 #3: a BatchNorm model converged in train mode reads off the minimum however long it trains
+    with_bn, without = _bn_or_not(True), _bn_or_not(False)
+    assert "running statistics ('1')" in with_bn and "eval mode" in with_bn and "model.eval()" in with_bn, with_bn
+    assert "running statistics" not in without and "train to convergence" in without, without
