@@ -2,7 +2,7 @@
 on the first validation batch with and without each scheme's quantized copy (``schemes=``), on a
 model saved by ``first_call.py train``, in seconds and in Adam epochs of that model (one thread):
 
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/preflight_cost.py /work/scratch/models/M --rounds 3
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/preflight_cost.py M --rounds 3    # M: python benchmarks/first_call.py train 1e5 M
 
 The validation batch is the saved data's first 256 records (the training batch size); schemes:
 scale.py's eight (``COMMON_SCHEMES``). Rounds alternate which of the two goes first.
