@@ -123,7 +123,8 @@ def test_batchnorm_running_statistics_are_said_to_be_released_and_not_scored():
     mse = lambda o, t: 0.5 * (o.squeeze(-1) - t) ** 2  # noqa: E731
     loader = DataLoader(TensorDataset(x, y), batch_size=40)
     report = ml.assess(m, ["rtn_int4"], loader, mse, uncertainty_draws=0)
-    (w,) = [w for w in report.warnings if "running statistics" in w]
+    # (the not-at-a-minimum warning may name the running statistics too, as its likely cause: nf50b)
+    (w,) = [w for w in report.warnings if "running statistics" in w and "not scored" in w]
     assert "0.weight" not in w and "'0'" in w and "not scored" in w
     # and a line of the table, next to the figures (nu42b: only in the warnings before), kept by the JSON
     line = "not scored: the running statistics of 1 normalisation layer(s) ('0')"
