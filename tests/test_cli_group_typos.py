@@ -82,6 +82,7 @@ def test_every_culprit_is_named_at_once():
     ["quantizer=null"], ["~quantizer"], ["+quantizer.group_size=64", "quantizer=intx_weight_only_int4_g32"],
     ["hydra/launcher=parallel", "mis=fast", "logger=none", "callbacks=mis_every_epoch"],
     ["experiment=synthetic_linear_sweep"], ["+my_own_key=1"], ["trainer.max_epochs=3"],
+    ["quantizer=${oc.env:MIS_Q}"],  # an interpolation Hydra resolves (rv50)
     ["--help", "quantizer=int8_weight_onyl"],  # Hydra's help, as before
 ])
 def test_valid_overrides_pass_untouched(args):

@@ -218,6 +218,8 @@ def _check(loader: Any, config_name: str, lines: Sequence[str], overrides: Seque
         values = _values(o)
         if is_group(key):
             for v in values or []:
+                if "${" in v:  # an interpolation (quantizer=${oc.env:Q}): Hydra resolves it first
+                    continue
                 if not is_option(key, v):
                     hint = did_you_mean(v, options_of(key), quote=False)
                     errors.append(f"{o.get_key_element()}={v}: no such option in conf/{key}"
