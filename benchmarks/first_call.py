@@ -69,6 +69,14 @@ def switch_off(flags: list[str] | None) -> None:
         setattr(m, attr, False)
 
 
+def switch_on(flags: list[str] | None) -> None:
+    """Set each ``MODULE.FLAG`` (a module of mis_lightning, a boolean switch) to True (``--on``: a
+    switch off by default, e.g. ``assess.CAST_DRAWS_BOUNDED``). Raises SystemExit on a flag that
+    is not a boolean."""
+    for m, attr in switches(flags, "--on"):
+        setattr(m, attr, True)
+
+
 def _train(size: str, path: str) -> None:
     import torch
 
