@@ -64,7 +64,7 @@ from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
-from .functional.masks import any_along, any_set, count_set
+from .functional.masks import all_set, any_along, any_set, count_set
 from .functional.storage import storage_cell_moments, stored_bounds
 from .functional.table import settled_drift_bound
 from .functional.wide import (
@@ -2413,6 +2413,7 @@ CAST_DRAWS_BOUNDED = False
 # width). POSITION_FREE_WIDE_TOL's 2e-9 takes no cast chunk (h^2 / 12 <= 2e-9 needs |theta| +
 # max|xi| sd within ~0.04 sd (bf16) / ~0.16 sd (fp16) of 0)
 CAST_DRAWS_TOL = 2e-6
+_CAST_BOUND_PROBE = 512  # elements whose bound is tried first (a chunk beyond the tolerance: bf16's at 2e-6)
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
@@ -2523,11 +2524,15 @@ def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int
     if not bool(fixed.all()) and CAST_DRAWS_BOUNDED and th is not None and xi is not None and k_main is not None \
             and bounds is None and _elementwise_table(grid):
         ii = torch.nonzero(~fixed).squeeze(-1)
-        if bool((scale.index_select(0, ii) == 1).all()):
-            reach = xi.index_select(1, ii).abs().amax(0).to(torch.float64)
-            fixed[ii] = settled_drift_bound(th.index_select(0, ii).to(torch.float64), sg64.index_select(0, ii),
-                                            reach, k_main.index_select(0, ii).to(torch.float64),
-                                            grid.values) <= CAST_DRAWS_TOL
+
+        def covered(jj: Tensor) -> Tensor:
+            return settled_drift_bound(th.index_select(0, jj).to(torch.float64), sg64.index_select(0, jj),
+                                       xi.index_select(1, jj).abs().amax(0).to(torch.float64),
+                                       k_main.index_select(0, jj).to(torch.float64), grid.values) <= CAST_DRAWS_TOL
+
+        # (all or nothing: a first slice the bound does not cover spares the chunk's bound)
+        if bool((scale.index_select(0, ii) == 1).all()) and all_set(covered(ii[:_CAST_BOUND_PROBE])):
+            fixed[ii] = covered(ii)
     if not bool(fixed.all()):
         return None
     return fixed.unsqueeze(0).expand(draws, -1)
