@@ -16,7 +16,8 @@ line: the CPU times (``time.process_time``, one thread) and their ratio to the e
 ``--json`` writes the report (``Report.to_json``) for a field-by-field comparison of two
 checkouts; ``--prof`` writes a cProfile of the scoring call (``PREFIX.prof``, ``PREFIX.txt``);
 ``--off MODULE.FLAG`` (repeatable) sets a module-level switch of ``mis_lightning`` False before
-the calls, e.g. ``--off quantization.base.POINT_MASS_CLOSED_FORM`` (an A/B in one checkout).
+the calls, e.g. ``--off quantization.base.POINT_MASS_CLOSED_FORM`` (an A/B in one checkout);
+``--on MODULE.FLAG`` sets a switch that is off by default True (e.g. ``assess.CAST_DRAWS_BOUNDED``).
 
 ``ab`` (pf40) scores the saved model repeatedly in one process after one estimation: a warm-up
 call, then pairs with boolean switches on and off (alternating which goes first), CPU seconds of
@@ -67,6 +68,14 @@ def switch_off(flags: list[str] | None) -> None:
     A/B runs of one change in one checkout). Raises SystemExit on a flag that is not a boolean."""
     for m, attr in switches(flags, "--off"):
         setattr(m, attr, False)
+
+
+def switch_on(flags: list[str] | None) -> None:
+    """Set each ``MODULE.FLAG`` (a module of mis_lightning, a boolean switch) to True (``--on``: a
+    switch off by default, e.g. ``assess.CAST_DRAWS_BOUNDED``). Raises SystemExit on a flag that
+    is not a boolean."""
+    for m, attr in switches(flags, "--on"):
+        setattr(m, attr, True)
 
 
 def _train(size: str, path: str) -> None:
@@ -122,10 +131,9 @@ def load_saved(path: str, dtype: str | None = None) -> tuple:
 
 
 def _assess(path: str, json_path: str | None, prof: str | None, schemes: list[str] | None,
-            off: list[str] | None = None, dtype: str | None = None) -> None:
-
-
+            off: list[str] | None = None, dtype: str | None = None, on: list[str] | None = None) -> None:
     switch_off(off)
+    switch_on(on)
 
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.assess import run_estimation, score_schemes
@@ -210,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--schemes", nargs="+", default=None, help="default: scale.py's COMMON_SCHEMES")
     a.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
                    help="set mis_lightning.MODULE.FLAG False (repeatable)")
+    a.add_argument("--on", action="append", default=None, metavar="MODULE.FLAG",
+                   help="set mis_lightning.MODULE.FLAG True (repeatable; a switch off by default)")
     a.add_argument("--dtype", choices=["bfloat16", "float16"], default=None,
                    help="cast the model and inputs to this storage format (default: float32 as saved)")
     b = sub.add_parser("ab", help="switches on / off in one process, alternating (see _switches_ab)")
@@ -224,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "ab":
         _switches_ab(args.path, args.flag, args.rounds, args.schemes, args.dtype)
     else:
-        _assess(args.path, args.json, args.prof, args.schemes, args.off, args.dtype)
+        _assess(args.path, args.json, args.prof, args.schemes, args.off, args.dtype, args.on)
     return 0
 
 

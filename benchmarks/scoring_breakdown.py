@@ -128,12 +128,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="then one more call under torch.profiler: its N largest aten operators (self CPU)")
     ap.add_argument("--off", action="append", metavar="MODULE.FLAG",
                     help="set a boolean switch of mis_lightning False first (repeatable; first_call.py's --off)")
+    ap.add_argument("--on", action="append", metavar="MODULE.FLAG",
+                    help="set a boolean switch of mis_lightning True first (repeatable; after --off)")
     ap.add_argument("--inner", action="store_true",
                     help="also time the cell moments' parts (ParamGrid._own_moments, _path_moments, ...)")
     args = ap.parse_args(argv)
-    from benchmarks.first_call import load_saved, switch_off
+    from benchmarks.first_call import load_saved, switch_off, switch_on
 
     switch_off(args.off)
+    switch_on(args.on)
     from benchmarks.scale import COMMON_SCHEMES
     from mis_lightning.quantization import base as qb
 

@@ -64,8 +64,9 @@ from .functional.interp import _TABLES as _INTERP_TABLES
 from .functional.interp import interp_table
 from .functional.kernel import _FUSED_STATE
 from .functional.leakage import FROZEN_KAPPA, MC_BUFFER
-from .functional.masks import any_along, any_set, count_set
+from .functional.masks import all_set, any_along, any_set, count_set
 from .functional.storage import storage_cell_moments, stored_bounds
+from .functional.table import settled_drift_bound
 from .functional.wide import (
     WIDE_MAX_WINDOW,
     WIDE_TABLE_MAX_VALUES,
@@ -2398,6 +2399,21 @@ DRAWS_LIVE_POSITIONS = True
 # pass reads a one-coordinate model's alone) one zero expanded, not two [D, c] fills: the same
 # numbers (p50a). False: gathers and fills as before
 DRAWS_PAIRS_IN_ORDER = True
+# The 16-bit casts' (bf16, fp16) draws of a chunk keep the main kappa where a bound shows every
+# element's kappa at every draw position within CAST_DRAWS_TOL of it (functional.table.
+# settled_drift_bound: the settled own-cell form, 0 <= 1 - kappa <= h^2 / 12, h at most the own
+# cell's width at |theta| + max|xi| sd), the chunk's draw evaluations then skipped (cd50). Not
+# bitwise: each weight's draw kappa moves by up to the tolerance (the bound is rigorous; its effect
+# on the report is measured, not proved: docs/benchmarks.md, "cd50"). Off until the lead decides.
+# False: evaluated as before
+CAST_DRAWS_BOUNDED = False
+# 2e-6: above the bound's largest value on the 1e7 MLP's fp16 chunks (1.3e-6; bf16's reach 8.1e-5,
+# which 1e-4 takes too): at 1e5-1e7 the fp16 interval's ends then moved by <= 5.4e-10 relative
+# (<= 1.4e-7 of the width; 4 decimals printed); at 1e-4 bf16's by <= 3.5e-8 (<= 1.9e-5 of the
+# width). POSITION_FREE_WIDE_TOL's 2e-9 takes no cast chunk (h^2 / 12 <= 2e-9 needs |theta| +
+# max|xi| sd within ~0.04 sd (bf16) / ~0.16 sd (fp16) of 0)
+CAST_DRAWS_TOL = 2e-6
+_CAST_BOUND_PROBE = 512  # elements whose bound is tried first (a chunk beyond the tolerance: bf16's at 2e-6)
 
 
 _TINY64 = torch.finfo(torch.float64).tiny
@@ -2426,7 +2442,8 @@ def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
     return k, m4
 
 
-def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> Tensor | None:
+def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor,
+                   k_main: Tensor | None = None) -> Tensor | None:
     """``[D, c]`` mask of the elements whose kappa at ``theta + sigma * xi_b`` equals their kappa
     at theta-hat, or ``None`` (no such shortcut for this grid): on an affine grid, a step
     ``h <= POSITION_FREE_STEP`` sd far (> ``CUTOFF_SIGMAS``) from both clamped ends, where kappa
@@ -2437,12 +2454,13 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     clamped ends and from the bounds the release gives (``ParamGrid.support``). Also the weights
     whose sd dwarfs their bounded window, where kappa stays within ``POSITION_FREE_WIDE_TOL`` of 1
     at every position (:meth:`ParamGrid.wide_position_free`). The mask may be one ``[c]`` row
-    expanded (read it, never write it)."""
+    expanded (read it, never write it). ``k_main``: the elements' main kappa (the 16-bit casts'
+    bounded shortcut, :data:`CAST_DRAWS_BOUNDED`, reads it)."""
     # stored cells (bf16 / fp16 weights): their edges are not the grid's
     if grid.storage_dtype is not None:
         return None
     if grid.kind == "table":
-        return _table_position_free(grid, sg, a, b, xi.shape[0])
+        return _table_position_free(grid, sg, a, b, xi.shape[0], th, xi, k_main)
     if grid.kind != "affine" or F.affine.FUSED_PATH in F.fastpath.GUARD.disabled \
             or F.affine.SPARSE_PATH in F.fastpath.GUARD.disabled:
         return None
@@ -2469,7 +2487,8 @@ def _position_free(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: 
     return fixed.unsqueeze(0) | (fine & (to_min + xi > cut) & (to_max - xi > cut))
 
 
-def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int) -> Tensor | None:
+def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int, th: Tensor | None = None,
+                         xi: Tensor | None = None, k_main: Tensor | None = None) -> Tensor | None:
     """``[draws, c]`` mask of the elements ``a:b`` of a value-table grid (not of stored weights)
     whose kappa at every bootstrap draw is their kappa at theta-hat, or ``None`` when some
     element's can move (the caller then evaluates every position, as before: a call of fewer
@@ -2481,7 +2500,11 @@ def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int
     (:func:`~mis_lightning.functional.wide.wide_deficit_bound`: ``0 <= 1 - kappa <= S`` at every
     position) at most ``POSITION_FREE_WIDE_TOL``: the affine grids' shortcut
     (:meth:`ParamGrid.wide_position_free`; method.md section 5, "The bootstrap draws") on the
-    table's own cells (the 1e7 MLP's first layer under ``float8_weight_only``: all of it)."""
+    table's own cells (the 1e7 MLP's first layer under ``float8_weight_only``: all of it).
+    With :data:`CAST_DRAWS_BOUNDED`, on a 16-bit cast's table (``th``, ``xi [draws, c]`` the
+    positions in sd and ``k_main`` given), also the elements whose kappa provably stays within
+    :data:`CAST_DRAWS_TOL` of ``k_main`` at every position (:func:`~mis_lightning.functional.
+    table.settled_drift_bound`)."""
     scale, zp, _ = grid.element_grid(a, b)
     sg64 = sg.to(torch.float64)
     fixed = scale <= 0
@@ -2498,6 +2521,18 @@ def _table_position_free(grid: ParamGrid, sg: Tensor, a: int, b: int, draws: int
             ii = torch.nonzero(cand).squeeze(-1)
             cube = table_cube_sum(lo[ii], hi[ii], scale[ii].to(torch.float64), grid.values)
             fixed[ii] = wide_deficit_bound(sg64[ii], cube) <= POSITION_FREE_WIDE_TOL
+    if not bool(fixed.all()) and CAST_DRAWS_BOUNDED and th is not None and xi is not None and k_main is not None \
+            and bounds is None and _elementwise_table(grid):
+        ii = torch.nonzero(~fixed).squeeze(-1)
+
+        def covered(jj: Tensor) -> Tensor:
+            return settled_drift_bound(th.index_select(0, jj).to(torch.float64), sg64.index_select(0, jj),
+                                       xi.index_select(1, jj).abs().amax(0).to(torch.float64),
+                                       k_main.index_select(0, jj).to(torch.float64), grid.values) <= CAST_DRAWS_TOL
+
+        # (all or nothing: a first slice the bound does not cover spares the chunk's bound)
+        if bool((scale.index_select(0, ii) == 1).all()) and all_set(covered(ii[:_CAST_BOUND_PROBE])):
+            fixed[ii] = covered(ii)
     if not bool(fixed.all()):
         return None
     return fixed.unsqueeze(0).expand(draws, -1)
@@ -2662,7 +2697,7 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     nodes = _GH_X[_GH_X != 0]
     t = torch.stack([x, -x, y, -y])  # [4, c] random positions
     pos = torch.cat([t, nodes.unsqueeze(-1).expand(-1, c)])
-    free, still = _draw_freedom(grid, th, sg, a, b, pos)
+    free, still = _draw_freedom(grid, th, sg, a, b, pos, k_main)
     half = (D + 1) // 2
     if still:  # no element's kappa moves: every change exactly 0 (what the evaluations gave)
         return torch.zeros(1 + half, c, dtype=torch.float64), _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
@@ -2688,12 +2723,13 @@ def _zeros(*shape: int) -> Tensor:
     return torch.zeros((), dtype=torch.float64).expand(*shape)
 
 
-def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor) -> tuple[Tensor | None, bool]:
+def _draw_freedom(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, xi: Tensor,
+                  k_main: Tensor | None = None) -> tuple[Tensor | None, bool]:
     """``(free, still)``: :func:`_position_free`'s mask at the positions ``theta + sigma * xi_b``
     and whether no element moves at all (every one free or of sd 0, whose position is
     theta-hat itself): the draws then keep ``k_main`` with no evaluation (the 1e7 MLP's dead
     units, and its first layer on the bounded grids)."""
-    free = _position_free(grid, th, sg, a, b, xi)
+    free = _position_free(grid, th, sg, a, b, xi, k_main)
     if not DRAWS_KEEP_STILL:
         return free, False
     zero = sg == 0
@@ -2731,7 +2767,7 @@ def _evaluated_draws(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_
     if with_lam:
         free = None
     elif freedom is None:
-        free, still = _draw_freedom(grid, th, sg, a, b, xi)
+        free, still = _draw_freedom(grid, th, sg, a, b, xi, k_main)
         if still:
             return k_main.to(torch.float64).expand(D, c).clone(), lam
     else:

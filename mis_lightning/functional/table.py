@@ -1400,6 +1400,49 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
     return kappa, mean_abs, m4, done
 
 
+def settled_drift_bound(theta: Tensor, sigma: Tensor, reach: Tensor, k_main: Tensor, values: Tensor) -> Tensor:
+    """``[c]`` float64: an upper bound on ``|kappa(p) - k_main|`` over every position ``p`` in
+    ``[theta - reach * sigma, theta + reach * sigma]`` at sd ``sigma`` (``[c]`` each, float64,
+    parameter units, scale 1), ``kappa`` what :func:`table_cell_moments` gives on the 16-bit cast
+    table ``values`` (bf16 / fp16 cells); ``inf`` where some position may leave the settled fine
+    regime, or the table is not a 16-bit format's. The bootstrap draws' shortcut of the casts
+    (``assess.CAST_DRAWS_BOUNDED``; method.md section 5, "The bootstrap draws").
+
+    Where every position's 8.5-sd reach covers ``[-T, T]`` (``T = layout.wide``) and stays within
+    the finite cells (``[lo_edge, hi_edge)``) and its own cell is at most ``FINE_STEP`` sd wide,
+    the settle (:func:`_settled_unit`, :func:`_settled_from`) gives ``kappa = 1 - h^2/12 + h^4/144``
+    with ``h`` the position's own cell width in sd, so ``0 <= 1 - kappa <= h^2 / 12`` (``h^2 <=
+    12``). A float format's cell widths never fall with ``|p|``, so every ``h`` is at most
+    ``h_R``, the own cell's width at ``R = |theta| + reach * sigma`` (and at ``-R``), and
+    ``|kappa(p) - k_main| <= max(h_R^2 / 12, 1 - k_main)`` for any ``k_main`` in ``[0, 1]``
+    (the main pass's value, however it was formed). Float64 rounding (~1e-16 in kappa, an ulp
+    of a position) is covered by ``_DRIFT_SLACK`` on ``R`` and on the reach tests and
+    ``_DRIFT_ROUNDING`` on the bound."""
+    layout = table_layout(values, theta.device)
+    inf = torch.full_like(theta, math.inf)
+    if layout.wide is None or layout.format_dtype not in (torch.float16, torch.bfloat16) or theta.numel() == 0:
+        return inf
+    th, sg, x = theta.to(torch.float64), sigma.to(torch.float64), reach.to(torch.float64)
+    big = th.abs() + (x + CUTOFF_SIGMAS) * sg
+    slack = big * _DRIFT_SLACK
+    # every position's reach: lo_r = p - 8.5 sd <= -T, hi_r >= T, lo_r >= lo_edge, hi_r < hi_edge
+    ok = (th + (x - CUTOFF_SIGMAS) * sg + slack <= -layout.wide) & (th - (x - CUTOFF_SIGMAS) * sg - slack >= layout.wide)
+    ok &= (th - (x + CUTOFF_SIGMAS) * sg - slack >= layout.lo_edge) & (th + (x + CUTOFF_SIGMAS) * sg + slack < layout.hi_edge)
+    ok &= (sg > 0) & (k_main >= 0) & (k_main <= 1)
+    r = (th.abs() + x * sg) * (1.0 + _DRIFT_SLACK)
+    ones = torch.ones_like(r)
+    lo_p, hi_p = _own_facts(r, ones, layout)
+    lo_m, hi_m = _own_facts(-r, ones, layout)
+    h = torch.maximum(hi_p - lo_p, hi_m - lo_m) / sg
+    ok &= h <= FINE_STEP
+    bound = torch.maximum(h * h / 12.0, 1.0 - k_main) + _DRIFT_ROUNDING
+    return torch.where(ok, bound, inf)
+
+
+_DRIFT_SLACK = 1e-12  # relative, on positions and reaches: far above float64's rounding of th + sd * xi
+_DRIFT_ROUNDING = 1e-15  # absolute, on kappa: the polynomial's float64 rounding (a few ulp of 1)
+
+
 # The fine elements whose reach covers [-T, T] and passes the table's finite cells (the fp16 cast's
 # table: into its overflow cells beyond +-65520; sds of ~4e3 and more) take _open_fine_moments (kappa within the
 # fine expansion's own error of the exact cell sums, ~1e-7). False: the exact paths (closed-form
