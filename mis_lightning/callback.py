@@ -28,8 +28,14 @@ from ._lightning_compat import lightning_callback_base
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
 from ._user_warnings import rank_zero_warn
-from .assess import (SchemeSpec, check_schemes, check_trainable_tensors, check_utility_metric, resolve_schemes,
-                     select_params)
+from .assess import (
+    SchemeSpec,
+    check_schemes,
+    check_trainable_tensors,
+    check_utility_metric,
+    resolve_schemes,
+    select_params,
+)
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.estimate import check_decay_names
 from .estimation.per_sample import BatchFn, LossFn
