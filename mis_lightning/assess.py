@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import functools
 import hashlib
 import inspect
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
 from ._augmentation import random_records_note
-from ._fields import close_param_names, parameter_aliases
+from ._fields import close_names, close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._precision import full_float32
@@ -1860,7 +1859,7 @@ def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, An
     by_name = {metric_name(k): k for k in ["loss", *metrics]}
     measured = by_name.get(metric_name(name))
     if known_names and measured is None:
-        close = difflib.get_close_matches(name, list(by_name.values()), n=3, cutoff=0.5)
+        close = close_names(name, by_name.values(), n=3, cutoff=0.5)
         # fu32: a researcher names the key their LightningModule logs (self.log("val_acc", ...)),
         # which is measured on the float model only; each quantized copy is measured by the
         # front end's own metrics, so say where a metric is added
