@@ -36,10 +36,19 @@ def _accepted(cls: type) -> frozenset[str] | None:
     return _ACCEPTED[cls]
 
 
-def close_names(name: str, names: Iterable[str]) -> list[str]:
-    """The (at most 2) entries of ``names`` closest to a misspelt ``name``
-    (:func:`difflib.get_close_matches`, ratio >= 0.6), closest first."""
-    return difflib.get_close_matches(name, sorted(names), n=2, cutoff=0.6)
+def close_names(name: str, names: Iterable[str], n: int = 2, cutoff: float = 0.6,
+                fold_case: bool = False) -> list[str]:
+    """The (at most ``n``) entries of ``names`` closest to a misspelt ``name``
+    (:func:`difflib.get_close_matches`, ratio >= ``cutoff``), closest first: the one
+    did-you-mean spelling match of the library (option, Hydra, parameter, metric and scheme
+    names; the scheme matcher adds its word rules on top, ``quantization.registry``).
+    ``fold_case``: compared in lower case and returned as spelled in ``names`` (the same name in
+    another letter case first: ratio 1).
+    """
+    if not fold_case:
+        return difflib.get_close_matches(name, sorted(names), n=n, cutoff=cutoff)
+    lower = {m.lower(): m for m in names}  # (two spellings of one lower-case name: the last)
+    return [lower[m] for m in difflib.get_close_matches(name.lower(), sorted(lower), n=n, cutoff=cutoff)]
 
 
 def did_you_mean(name: str, names: Iterable[str], quote: bool = True) -> str:
@@ -105,7 +114,7 @@ def close_param_names(name: str, named: Iterable[str]) -> list[str]:
     computed = [n for n in named if n.startswith(f"{owner}.parametrizations.{attr}.original" if owner
                                                  else f"parametrizations.{attr}.original")
                 or n in (f"{name}_g", f"{name}_v", f"{name}_orig")]
-    return computed[:4] if computed else difflib.get_close_matches(name, named, n=2, cutoff=0.6)
+    return computed[:4] if computed else close_names(name, named)
 
 
 def parameter_aliases(model: Any) -> dict[str, str]:

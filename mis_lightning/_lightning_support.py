@@ -29,6 +29,7 @@ from torch.utils.data import (
 )
 
 from ._augmentation import random_records_note
+from ._fields import close_names
 from ._lightning_compat import trainer_package
 from ._modelcopy import ModelCopyError, private_copy
 from ._rng import isolated_rng, private_stream
@@ -506,8 +507,6 @@ def check_monitors(trainer: Any, keys: list[str], prefix: str, every_n_val_epoch
     or from the ``every_n_val_epochs``-th validation on, while the monitor reads it before
     (``EarlyStopping(strict=True)`` at every validation; ``ModelCheckpoint`` at the
     validations of its ``every_n_epochs``)."""
-    import difflib
-
     head = f"{prefix}/" if prefix else ""
     for cb in getattr(trainer, "callbacks", None) or []:
         key = getattr(cb, "monitor", None)
@@ -515,7 +514,7 @@ def check_monitors(trainer: Any, keys: list[str], prefix: str, every_n_val_epoch
             continue
         who = f"{type(cb).__name__}(monitor={key!r})"
         if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            close = close_names(key, keys, n=3)
             # a utility the callback does not measure, e.g. the val_acc the module logs itself
             # (fu32): say where a measured one comes from, not only the close spellings
             scheme, _, metric = key[len(head):].partition("/utility/")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import functools
 import hashlib
 import inspect
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler
 
 from . import functional as F
 from ._augmentation import random_records_note
-from ._fields import close_param_names, parameter_aliases
+from ._fields import close_names, close_param_names, parameter_aliases
 from ._heap import raise_mmap_threshold
 from ._modelcopy import private_copy
 from ._precision import full_float32
@@ -202,6 +201,10 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
     (:func:`~mis_lightning._fields.parameter_aliases`). Unknown names, an
     empty selection and NaN/inf weights raise errors that name the culprit; selected
     parameters that do not require grad (frozen: not trained on the records) get a warning.
+    Inference tensors (a model built or loaded under ``torch.inference_mode``) are read as any
+    other: the checks read detached values (autograd refuses ``isfinite`` / ``abs`` on an
+    inference tensor that requires grad), and the estimation and the schemes work on private
+    copies, which hold ordinary tensors (inf50).
 
     Raises:
         ValueError: the model is already quantized (see ``check_float_model``), holds tensors on
@@ -234,7 +237,10 @@ def select_params(model: nn.Module, params: ParamSelection = None) -> list[str]:
         raise ValueError("no parameter selected for assessment")
     for n in names:
         p = named[n]
-        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+        # detached: on an inference tensor that requires grad (a model loaded under
+        # torch.inference_mode) isfinite raised "abs(): functions with out=... arguments don't
+        # support automatic differentiation" (hy50)
+        if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
             raise ValueError(f"parameter {n!r} of the model holds NaN or inf")
     _check_recurrent(model, names)
     _check_batch_statistics(model)
@@ -262,6 +268,30 @@ def check_materialized(model: nn.Module) -> None:
             "values, so there are no trained weights to assess. Materialise the model first (e.g. "
             "model.to_empty(device='cpu') then load its trained state dict: model.load_state_dict(sd)) and "
             "assess that model")
+
+
+def check_trainable_tensors(model: nn.Module) -> None:
+    """Refuse, before training, trainable parameters that are inference tensors (the model built
+    or its state dict loaded under ``torch.inference_mode``): torch cannot train them (their
+    gradient stays ``None`` and the optimizer's in-place step raises "Inplace update to inference
+    tensor outside InferenceMode"), which would surface after the fit started, far from the cause.
+    Frozen ones (``requires_grad=False``) and buffers are left alone: a frozen encoder loaded that
+    way trains its head normally. ``assess`` and ``MISIndicator`` take such models as they are
+    (they only read them; :func:`select_params`).
+
+    Raises:
+        ValueError: naming the parameters (the first 5) and the fix.
+    """
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and p.is_inference()]
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(
+            f"the model's trainable parameter(s) {', '.join(repr(n) for n in bad[:5])}{more} are inference "
+            "tensors (the model was built or its weights loaded under torch.inference_mode): torch cannot "
+            "train them (no gradient; the optimizer's in-place step is refused). Build the model and load its "
+            "state dict outside torch.inference_mode (or give it ordinary copies outside it: "
+            "model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)), or "
+            "freeze them (requires_grad_(False)) if they are not to be trained")
 
 
 def _check_recurrent(model: nn.Module, names: Sequence[str]) -> None:
@@ -1830,7 +1860,7 @@ def check_utility_metric(scoring_config: ScoringConfig, metrics: Mapping[str, An
     by_name = {metric_name(k): k for k in ["loss", *metrics]}
     measured = by_name.get(metric_name(name))
     if known_names and measured is None:
-        close = difflib.get_close_matches(name, list(by_name.values()), n=3, cutoff=0.5)
+        close = close_names(name, by_name.values(), n=3, cutoff=0.5)
         # fu32: a researcher names the key their LightningModule logs (self.log("val_acc", ...)),
         # which is measured on the float model only; each quantized copy is measured by the
         # front end's own metrics, so say where a metric is added

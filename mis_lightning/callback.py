@@ -28,7 +28,14 @@ from ._lightning_compat import lightning_callback_base
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
 from ._user_warnings import rank_zero_warn
-from .assess import SchemeSpec, check_schemes, check_utility_metric, resolve_schemes, select_params
+from .assess import (
+    SchemeSpec,
+    check_schemes,
+    check_trainable_tensors,
+    check_utility_metric,
+    resolve_schemes,
+    select_params,
+)
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.estimate import check_decay_names
 from .estimation.per_sample import BatchFn, LossFn
@@ -232,9 +239,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
 
     def _check_model(self, pl_module: Any) -> None:
         """The checks on the module's parameters, before training: a quantized model, a misspelled
-        ``params=`` or ``weight_decay={name: ...}`` name, a size budget no plan can meet, schemes
-        that cannot run on it (warned; every scheme such: ``SchemeError``)."""
+        ``params=`` or ``weight_decay={name: ...}`` name, trainable inference tensors, a size budget
+        no plan can meet, schemes that cannot run on it (warned; every scheme such: ``SchemeError``)."""
         check_float_model(pl_module)  # a torchao-quantized model: refuse before training
+        check_trainable_tensors(pl_module)  # trainable inference tensors: torch cannot train them (inf50)
         select_params(pl_module, self.estimation_config.params)  # a misspelled params= name, too
         if isinstance(self.estimation_config.weight_decay, Mapping):  # and a weight_decay={name: ...} one
             check_decay_names(self.estimation_config.weight_decay, pl_module)

@@ -1635,3 +1635,33 @@ def test_decoupled_weight_decay_is_said_in_the_report(tmp_path):
         lines[name] = [w for w in cb.report.warnings if "decoupled" in w]
     assert len(lines["adamw"]) == 1 and "AdamW (weight decay 0.01)" in lines["adamw"][0]
     assert lines["adam"] == []
+
+
+def test_trainable_inference_tensors_are_refused_before_training(tmp_path):
+    """A module built or loaded under torch.inference_mode cannot be trained (no gradient; the
+    optimizer's in-place step raises): the callback says so at setup, naming the parameters and
+    the fix (inf50), instead of torch's error after the fit started. Frozen ones are left alone."""
+    def make():
+        with torch.inference_mode():
+            return Regressor()
+
+    with pytest.raises(ValueError, match=r"'net\.0\.weight'.*inference tensors.*outside torch\.inference_mode"):
+        fit(tmp_path, make, callbacks=[MISCallback(loss_fn=lambda o, t: (o - t) ** 2, schemes=["rtn_int8"])],
+            max_epochs=1)
+
+
+def test_a_frozen_layer_of_inference_tensors_trains_and_is_assessed_around(tmp_path):
+    """The refusal above is for trainable ones only: a frozen first layer loaded under
+    inference_mode (a frozen encoder) trains its head, and the callback reports it."""
+    def make():
+        m = Regressor()
+        with torch.inference_mode():
+            first = nn.Linear(4, 6)
+        first.requires_grad_(False)
+        m.net[0] = first
+        return m
+
+    cb = MISCallback(loss_fn=lambda o, t: (o - t) ** 2, schemes=["rtn_int8"], num_records=16, uncertainty_draws=0)
+    _, module = fit(tmp_path, make, callbacks=[cb], max_epochs=1)
+    assert module.net[0].weight.is_inference()
+    assert cb.report is not None and cb.report.d == 7 and cb.report.schemes["rtn_int8"].error is None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import mis_lightning.functional.affine as A
 import mis_lightning.functional.bounds as B
@@ -586,3 +587,48 @@ def test_the_compile_count_leaves_out_dead_units(monkeypatch, count_sd_zero):
             assert 0.0 < closed < 0.2 and 0.0 < free < 0.2, (closed, free)
         else:
             assert closed == free == 0.0
+
+
+@pytest.mark.parametrize("scheme", ["rtn_int4", "int8_weight_only", "bf16", "float8_weight_only"])
+def test_nan_weights_read_nan_in_both_as_agreement(scheme):
+    """A NaN weight (the functional API takes one; assess refuses it) gives NaN moments in the
+    fast path and in its reference alike: the reference's NaN is the true value, so the sampled
+    self-check agrees and the path stays on (before: "kappa nan against the reference nan"
+    disabled the per-regime / float-format path for the process, rv50). Every other element
+    reads what it reads without the NaN neighbours, bit for bit."""
+    from mis_lightning.quantization import get_scheme
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 8)
+    with torch.no_grad():
+        lin.weight[2] *= 1e-3
+    g = get_scheme(scheme).apply(nn.Sequential(lin)).grids["0.weight"]
+    w = lin.weight.detach().reshape(-1).to(F64)
+    c = w.numel()
+    nan = torch.arange(c) % 7 == 0
+    th = torch.where(nan, torch.tensor(math.nan, dtype=F64), w)
+    sg = torch.full((c,), 1e-3, dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = g.moments(th.clone(), sg, 0, c)
+    assert not fastpath.GUARD.disabled
+    assert bool(torch.isnan(got.kappa[nan]).any())  # the case reaches NaN against NaN
+    fastpath.GUARD.reset()
+    clean = g.moments(w.clone(), sg, 0, c)
+    for f in ("kappa", "mean_abs", "m4"):
+        assert torch.equal(getattr(got, f)[~nan], getattr(clean, f)[~nan]), f
+
+
+def test_self_check_still_refuses_nan_against_a_number():
+    """equal_nan only pairs NaN with NaN: a fast NaN against a finite reference, and a finite
+    fast value against the reference's NaN, are still disagreements."""
+    from mis_lightning.functional.fastpath import SAME_ARITHMETIC, compare
+
+    h = torch.ones(3, dtype=F64)
+    ref = (torch.tensor([0.5, 0.6, math.nan], dtype=F64),) * 3
+    assert compare(ref, ref, h, SAME_ARITHMETIC, equal_nan=True) is None
+    assert compare(ref, ref, h, SAME_ARITHMETIC) is not None  # the default: NaN disagrees
+    fast_nan = (torch.tensor([math.nan, 0.6, math.nan], dtype=F64),) * 3
+    assert "nan against the reference 0.5" in compare(fast_nan, ref, h, SAME_ARITHMETIC, equal_nan=True)
+    fast_number = (torch.tensor([0.5, 0.6, 0.7], dtype=F64),) * 3
+    assert "0.7 against the reference nan" in compare(fast_number, ref, h, SAME_ARITHMETIC, equal_nan=True)

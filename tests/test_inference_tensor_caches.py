@@ -121,3 +121,86 @@ def test_power_cache_on_inference_activations():
     keys = (x_inf, 3)
     assert cache.chunk_setup(*keys) is not cache.chunk_setup(*keys)  # nothing kept for an inference tensor
     assert cache.chunk_setup(x, 3) is cache.chunk_setup(x, 3)
+
+
+def _regression():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 5, generator=g)
+    y = x @ torch.randn(5, 1, generator=g) + 0.3 * torch.randn(96, 1, generator=g)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        ((m(x) - y) ** 2).mean().backward()
+        opt.step()
+    return m.eval(), DataLoader(TensorDataset(x, y), batch_size=32)
+
+
+def _inference_twin(m: nn.Module) -> nn.Module:
+    """The same model built and loaded under inference_mode (deployment code's pattern): every
+    parameter and buffer an inference tensor, the parameters requiring grad."""
+    with torch.inference_mode():
+        mi = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+        mi.load_state_dict(m.state_dict())
+    assert all(t.is_inference() for t in (*mi.parameters(), *mi.buffers()))
+    assert all(p.requires_grad for p in mi.parameters())
+    return mi.eval()
+
+
+def _mse(out, t):
+    return ((out - t) ** 2).sum(-1)
+
+
+def _figures(rep):
+    return [(k, s.leakage, s.error) for k, s in rep.schemes.items()], rep.baseline_leakage, rep.d, rep.n
+
+
+_FRONT_SCHEMES = ["int8_weight_only", "intx_weight_only_int4", "bf16", "rtn_int4"]
+_FRONT_KW = dict(num_records=32, uncertainty_draws=0, weight_decay=1e-2)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["outside", "inside_inference_mode"])
+def test_assess_on_a_model_whose_parameters_are_inference_tensors(inside):
+    """A model loaded under inference_mode (hy50: select_params' isfinite raised "abs(): functions
+    with out=... arguments don't support automatic differentiation", inside inference mode or
+    not): the report of its ordinary twin, bit for bit, and the model untouched (its tensors the
+    same objects, still inference tensors, same values)."""
+    from mis_lightning import assess
+
+    m, loader = _regression()
+    ref = _figures(assess(m, _FRONT_SCHEMES, loader, _mse, **_FRONT_KW))
+    mi = _inference_twin(m)
+    before = {k: (v, v.clone()) for k, v in mi.state_dict(keep_vars=True).items()}
+    if inside:
+        with torch.inference_mode():
+            got = _figures(assess(mi, _FRONT_SCHEMES, loader, _mse, **_FRONT_KW))
+    else:
+        got = _figures(assess(mi, _FRONT_SCHEMES, loader, _mse, **_FRONT_KW))
+    assert got == ref
+    after = mi.state_dict(keep_vars=True)
+    assert after.keys() == before.keys()
+    for k, (obj, val) in before.items():
+        assert after[k] is obj and obj.is_inference() and torch.equal(obj, val), k
+
+
+def test_metric_on_a_model_whose_parameters_are_inference_tensors():
+    """MISIndicator on the inference-tensor twin (updates inside inference_mode, as a Lightning
+    validation loop runs them): the figures of the ordinary model's Metric, bit for bit."""
+    from mis_lightning import MISIndicator
+
+    m, loader = _regression()
+
+    def run(model, inside):
+        met = MISIndicator(model, _mse, _FRONT_SCHEMES, **_FRONT_KW)
+        with torch.inference_mode(inside):
+            for b in loader:
+                met.update(b)
+        met.compute()
+        return _figures(met.report)
+
+    ref = run(m, False)
+    assert run(_inference_twin(m), False) == ref
+    assert run(_inference_twin(m), True) == ref

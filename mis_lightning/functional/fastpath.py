@@ -114,7 +114,8 @@ def compare(
 ) -> str | None:
     """``None`` when ``fast`` (kappa, lam, m4) agrees with ``ref`` within ``tol`` on every
     element (and the codes are equal), else a description of the worst disagreement.
-    ``equal_nan``: NaN in both counts as agreement (raw kernel outputs the caller recomputes)."""
+    ``equal_nan``: NaN in both counts as agreement (both ran on the same inputs: the reference's
+    NaN is the value, e.g. of a NaN weight; :func:`verify_sample` and the compiled kernels' checks)."""
     for name, f, r in zip(MOMENTS, fast, ref):
         f64, r64 = f.to(torch.float64), r.to(torch.float64)
         bound = allowed(name, r64, h, tol)
@@ -227,6 +228,8 @@ def verify_sample(
         kappa_only: ``fast`` holds ``kappa`` alone (its ``mean_abs`` and ``m4`` were not
             computed): only ``kappa`` (and the codes) are compared.
 
+    NaN on both sides is agreement (the reference's NaN is the true value: a NaN weight or sd).
+
     Returns:
         ``False`` when the sample disagrees (the path is then disabled and a ``RuntimeWarning``
         issued: the caller recomputes with the fallback), else ``True``.
@@ -239,7 +242,13 @@ def verify_sample(
     ref = reference(idx)
     got = (fast.kappa[idx], ref.mean_abs, ref.m4) if kappa_only else \
         (fast.kappa[idx], fast.mean_abs[idx], fast.m4[idx])
-    problem = compare(got, (ref.kappa, ref.mean_abs, ref.m4), h[idx], tol, codes=None if codes is None else codes(idx))
+    # NaN in both agrees: both paths ran on the same inputs and the reference's NaN is the true
+    # value (a NaN weight or sd, reachable through the functional API; with kappa_only, ref's own
+    # mean_abs / m4 stand on both sides): counted as a disagreement, a NaN weight disabled the path
+    # for the process with "kappa nan against the reference nan" (rv50). A fast NaN against a
+    # finite reference, or a finite value against a NaN one, still disagrees.
+    problem = compare(got, (ref.kappa, ref.mean_abs, ref.m4), h[idx], tol,
+                      codes=None if codes is None else codes(idx), equal_nan=True)
     if problem:
         GUARD.fail(path, problem, fallback)
         return False

@@ -25,7 +25,6 @@ mirrors the registry into its ``quantizer`` config group that way).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import pkgutil
 import warnings
@@ -33,6 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import entry_points
 from typing import Any
 
+from .._fields import close_names
 from .._user_warnings import warn
 from .base import QuantizationScheme
 
@@ -149,12 +149,14 @@ class UnknownSchemeError(KeyError):
 
 def _close_names(spec: str) -> list[str]:
     """Up to 3 registered names close to ``spec``: the same name in other letter case first, then
-    difflib's on lower case (``INT8_weight_only`` suggested float8 first before, nux48); an alias
+    the names holding it as a word, then :func:`~mis_lightning._fields.close_names`' spelling
+    matches on lower case (``INT8_weight_only`` suggested float8 first before, nux48); an alias
     that is close suggests the name it stands for (a deprecated alias would point outside the list
     printed with them)."""
     names = [*_FACTORIES, *_ALIASES]
-    lower = {m.lower(): m for m in names}
-    same_case = [lower[spec.lower()]] if spec.lower() in lower else []
+    # the spelling match (in lower case: an exact one, other letter case, comes first at ratio 1)
+    close = close_names(spec, names, n=6, fold_case=True)
+    same_case = close[:1] if close and close[0].lower() == spec.lower() else []
     # a bare word (or words) of a name (``int8``): the shortest names holding it ('int8' read only
     # rtn_int8 before: difflib's ratio against the longer names is below its cutoff); the names
     # ending in it first, then registered names before aliases ('int4' offered rtn_int4 and two
@@ -162,7 +164,6 @@ def _close_names(spec: str) -> list[str]:
     low = spec.lower()
     word = sorted((m for m in names if f"_{low}_" in f"_{m.lower()}_"),  # whole words: weight_only_int4 too
                   key=lambda m: (not m.lower().endswith("_" + low), m in _ALIASES, len(m)))[:3]
-    close = [lower[m] for m in difflib.get_close_matches(spec.lower(), list(lower), n=6, cutoff=0.6)]
     return list(dict.fromkeys(_ALIASES[m][0] if m in _ALIASES else m for m in same_case + word + close))[:3]
 
 
