@@ -210,34 +210,25 @@ def frontends() -> None:
             return rows(assess(mi, SCHEMES, loader, mse, **KW))
 
 
-    def metric_inside():
+    def metric(update_inside: bool, compute_inside: bool):
+        """The Metric's update / compute each inside torch.inference_mode or not."""
         m = model()
         met = MISIndicator(m, mse, SCHEMES, **KW)
-        with torch.inference_mode():
+        with torch.inference_mode(update_inside):
             for b in loader:
                 met.update(b)
+        with torch.inference_mode(compute_inside):
             met.compute()
         return rows(met.report)
 
+    def metric_inside():
+        return metric(True, True)
 
     def metric_update_inside_compute_outside():
-        m = model()
-        met = MISIndicator(m, mse, SCHEMES, **KW)
-        with torch.inference_mode():
-            for b in loader:
-                met.update(b)
-        met.compute()
-        return rows(met.report)
-
+        return metric(True, False)
 
     def metric_plain():
-        m = model()
-        met = MISIndicator(m, mse, SCHEMES, **KW)
-        for b in loader:
-            met.update(b)
-        met.compute()
-        return rows(met.report)
-
+        return metric(False, False)
 
     for f in (assess_inside, inference_params, inference_params_inside, metric_plain, metric_inside,
               metric_update_inside_compute_outside):
