@@ -1384,10 +1384,10 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
                 mean_abs.masked_fill_(frozen, 0.0)
                 m4.masked_fill_(frozen, 0.0)
         span = fine_h.logical_and_(lo_r <= -wide).logical_and_(hi_r >= wide)
-        out = (lo_r < layout.lo_edge).logical_or_(hi_r >= layout.hi_edge)
-        if any_set(out):
-            spill = span & out
-            done = span.logical_and_(out.logical_not_())
+        beyond = (lo_r < layout.lo_edge).logical_or_(hi_r >= layout.hi_edge)  # reach past the finite cells
+        if any_set(beyond):
+            spill = span & beyond
+            done = span.logical_and_(beyond.logical_not_())
             if OPEN_CELLS_CLOSED_FORM and any_set(spill):
                 _open_fine_into(kappa, m4, spill, th, sg, sc, h2, layout)
                 done.logical_or_(spill)
