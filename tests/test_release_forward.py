@@ -181,3 +181,53 @@ def test_the_quantized_copies_run_before_the_estimation_only_where_a_weight_is_u
         assess_module.check_validation_batch(_model("T"), val, loss, None, None, None,
                                              schemes=assess_module.resolve_schemes(["int8_weight_only"]))
     assert calls == [1]
+
+
+class _TiedRegression(nn.Module):
+    """A regression model whose head is tied to its Embedding by ``h @ emb.weight.T`` (the app's
+    model API: ``per_sample_loss``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 4)
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, tok: torch.Tensor) -> torch.Tensor:
+        return (self.proj(torch.tanh(self.emb(tok).mean(1))) @ self.emb.weight.T)[:, 0]
+
+    def per_sample_loss(self, o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (o - t) ** 2
+
+
+class _Data:
+    """The datamodule surface check_first_batches reads."""
+
+    batch_size = 100
+
+    def __init__(self) -> None:
+        tok, y = _data()
+        self.train_dataset = TensorDataset(tok, y.float())
+        self._val = TensorDataset(tok[:50], y[:50].float())
+
+    def train_dataloader(self):
+        return DataLoader(self.train_dataset, batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(self._val, batch_size=50)
+
+
+def test_the_app_refuses_a_tied_head_before_training():
+    """The Hydra app's pre-training check (app.batches.check_first_batches) runs the schemes'
+    quantized copies on the validation batch too: before, its check_validation_batch had no
+    schemes, and a user's own model tied by `.T` trained fully before the scoring failed."""
+    from mis_lightning.app.batches import check_first_batches
+
+    torch.manual_seed(0)
+    model, dm = _TiedRegression(), _Data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    schemes = [get_scheme("int8_weight_only"), get_scheme("rtn_int4")]
+    with pytest.raises(ReleaseForwardError, match="emb.weight"):
+        check_first_batches(model, dm, None, "regression", schemes=schemes, strict=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    check_first_batches(model, dm, None, "regression", schemes=[get_scheme("rtn_int4")])  # plain tensors: runs
+    check_first_batches(model, dm, None, "regression")  # no schemes: the float checks alone, as before

@@ -13,7 +13,7 @@ runs them on the first records of each loader, through a private copy of the mod
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -118,12 +118,16 @@ def _split(batch: Any, batch_fn: Callable | None, data: str, which: str) -> tupl
     return pair[0], pair[1]
 
 
-def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | None, task: str) -> None:
+def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | None, task: str,
+                        schemes: Sequence[Any] = (), strict: bool = True) -> None:
     """Before training: the first :data:`CHECK_RECORDS` records of the assessment loader
     (:func:`assessment_loader`) and the first validation batch go through a private copy of the
     (untrained) model as the assessment will run them: ``batch_fn`` (or the pair layout),
     ``model(inputs)``, ``model.per_sample_loss`` (shape ``[B]``, each record's loss its own) and
-    the task's utility metrics. The model, the loaders and the RNG streams are left as they were.
+    the task's utility metrics; then ``schemes``' quantized copies on the validation batch where
+    the forward uses a parameter outside its layer's function (a tied head ``h @ emb.weight.T``:
+    :func:`mis_lightning.assess.check_validation_batch`). The model, the loaders and the RNG
+    streams are left as they were.
 
     Raises:
         TypeError: a batch layout without ``batch_fn``, a forward that does not take the inputs,
@@ -131,6 +135,7 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
         ValueError: the losses are not ``[B]``, or mix records (names the loss and the shapes).
         RuntimeError: the validation batch fails on the model (as
             :func:`mis_lightning.assess.check_validation_batch`).
+        ReleaseForwardError: (``strict``) a scheme's quantized copy cannot run the forward.
     """
     from mis_lightning._lightning_support import first_batch
     from mis_lightning._modelcopy import private_copy
@@ -187,4 +192,4 @@ def check_first_batches(model: torch.nn.Module, dm: Any, batch_fn: Callable | No
                 except ValueError as exc:
                     raise ValueError(f"{name}'s outputs on the first {which} batch of data {data}: {exc}") from None
     check_validation_batch(model, val, loss, utility_metrics(task), batch_fn,
-                           functools.partial(metric_inputs, task=task))
+                           functools.partial(metric_inputs, task=task), schemes=schemes, strict=strict)

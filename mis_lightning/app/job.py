@@ -901,7 +901,7 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         check_model_api(model)  # per_sample_loss, which the assessment calls
         # the batches as the assessment will read them (batch_fn, the forward, per-sample losses,
         # the utility metrics): a dict batch without batch_fn failed after the whole training
-        check_first_batches(model, dm, batch_fn, task)
+        check_first_batches(model, dm, batch_fn, task, schemes=schemes, strict=sc_cfg.strict)
         wd_note = weight_decay_note(model, est_cfg)
         if wd_note:
             print(f"note: {wd_note}", file=sys.stderr)
