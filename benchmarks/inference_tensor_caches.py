@@ -193,20 +193,21 @@ def frontends() -> None:
             return rows(assess(m, SCHEMES, loader, mse, **KW))
 
 
-    def inference_params():
+    def inference_model():
+        """The trained model's twin built and loaded under torch.inference_mode (inference-tensor parameters)."""
         m = model()
         with torch.inference_mode():
             mi = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
             mi.load_state_dict(m.state_dict())
         assert all(p.is_inference() for p in mi.parameters())
-        return rows(assess(mi, SCHEMES, loader, mse, **KW))
+        return mi
 
+    def inference_params():
+        return rows(assess(inference_model(), SCHEMES, loader, mse, **KW))
 
     def inference_params_inside():
-        m = model()
+        mi = inference_model()
         with torch.inference_mode():
-            mi = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
-            mi.load_state_dict(m.state_dict())
             return rows(assess(mi, SCHEMES, loader, mse, **KW))
 
 

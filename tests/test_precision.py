@@ -13,7 +13,8 @@ product, which the old tree showed here as 1e-3 .. 1e-1 differences).
 ``torch.set_float32_matmul_precision("medium")`` (Lightning's hint on tensor-core GPUs) runs
 float32 matmuls in bfloat16 on CPUs with AMX / AVX512-BF16 (this project's machine) and TF32 on
 CUDA: the float32 power sums' run-time bound (1e-4 relative at p = 2) read 7.6e-4 off before.
-Where this CPU has no bfloat16 GEMM the "medium" checks pass trivially (skipped: nothing to see).
+The checks read the backends' precision inside the power sums' GEMMs, so they fail without the
+fix on any CPU, not only on one with bfloat16 GEMMs.
 """
 
 from __future__ import annotations
@@ -81,14 +82,20 @@ def test_autocast_off_restores_the_region():
         assert not torch.is_autocast_enabled("cpu")
 
 
-def _medium_moves_matmuls() -> bool:
-    a = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
-    ref = a.double() @ a.double().T
-    torch.set_float32_matmul_precision("medium")
-    try:
-        return float((a @ a.T - ref).abs().max()) > 1e-2
-    finally:
-        torch.set_float32_matmul_precision("highest")
+def _spy_matmul_precision(monkeypatch) -> list[tuple[str, str]]:
+    """The matmul backends' float32 precision (mkldnn, CUDA) each float32 power-sum GEMM pass
+    runs under: on any machine, whether or not its "medium" reaches bfloat16 / TF32 hardware."""
+    import mis_lightning.estimation.linear_factors as lf
+
+    seen: list[tuple[str, str]] = []
+    inner = lf._even_power_sums_f32
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.mkldnn.matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(lf, "_even_power_sums_f32", spy)
+    return seen
 
 
 def test_ieee_float32_restores_the_callers_precision():
@@ -107,14 +114,14 @@ def test_ieee_float32_restores_the_callers_precision():
         torch.set_float32_matmul_precision("highest")
 
 
-def test_power_sums_keep_their_bound_under_a_reduced_matmul_precision():
+def test_power_sums_keep_their_bound_under_a_reduced_matmul_precision(monkeypatch):
     """The float32 path's sums against the float64 path's within the stated run-time bound
-    (POWER_SUMS_F32_RTOL at p = 2, _FOURTH at p = 4) with the caller at "medium"."""
+    (POWER_SUMS_F32_RTOL at p = 2, _FOURTH at p = 4) with the caller at "medium", their GEMMs run
+    in IEEE float32 (the bound's premise; on a CPU without bfloat16 GEMMs the sums alone could
+    not tell)."""
     import mis_lightning.estimation.linear_factors as lf
 
-    if not _medium_moves_matmuls():
-        import pytest
-        pytest.skip("float32 matmuls are IEEE under 'medium' on this CPU")
+    seen = _spy_matmul_precision(monkeypatch)
     g = torch.Generator().manual_seed(5)
     R, out_f, in_f = 64, 64, 128
     x = torch.randn(R, in_f, generator=g, dtype=torch.float64) + 0.3
@@ -136,12 +143,13 @@ def test_power_sums_keep_their_bound_under_a_reduced_matmul_precision():
             got = lf.factored_power_sums(fac, gm, v, A, p)
             assert lf.POWER_SUMS_F32_COUNTS != before  # the float32 path ran
             rel = float(((got - ref[p]).abs() / ref[p].abs()).max())
-            assert rel <= tol, (p, rel)  # main: 7.6e-4 at p = 2
+            assert rel <= tol, (p, rel)  # main: 7.6e-4 at p = 2 on an AMX CPU
     finally:
         torch.set_float32_matmul_precision("highest")
+    assert seen and set(seen) == {("ieee", "ieee")}, seen  # main: ("bf16", "tf32")
 
 
-def test_a_report_under_medium_precision_equals_the_highest_one():
+def test_a_report_under_medium_precision_equals_the_highest_one(monkeypatch):
     """score_schemes on one estimate with the caller at "medium" and at "highest": the same
     figures bit for bit (the entry point runs IEEE float32 either way; main moved leakage by
     up to 3.2e-5 and clt_error_estimate 4.6e-3 relative on this model)."""
@@ -151,10 +159,8 @@ def test_a_report_under_medium_precision_equals_the_highest_one():
 
     from mis_lightning.config import stage_configs
 
-    if not _medium_moves_matmuls():
-        import pytest
-        pytest.skip("float32 matmuls are IEEE under 'medium' on this CPU")
     A = importlib.import_module("mis_lightning.assess")
+    seen = _spy_matmul_precision(monkeypatch)
     model, est = _estimate("factored")
     _, sc, _ = stage_configs("assess", None, None, {})
     out = []
@@ -167,3 +173,4 @@ def test_a_report_under_medium_precision_equals_the_highest_one():
         out.append({(n, f): getattr(s, f) for n, s in r.schemes.items()
                      for f in ("leakage", "d_eff", "clt_error_estimate")})
     assert out[0] == out[1]
+    assert seen and set(seen) == {("ieee", "ieee")}, seen  # every call, "medium" included
