@@ -7,6 +7,7 @@ All tensors are per element (``[c]``, one chunk of a flattened parameter).
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 
@@ -80,6 +81,9 @@ def table_boundaries(theta: Tensor, values: Tensor, scale: Tensor, half_window: 
     return torch.cat([-inf, edges, inf], dim=-1)
 
 
+_LAYOUT_SERIALS = itertools.count()
+
+
 class TableLayout:
     """What the cell sums of one value table read that depends on the table alone: the values
     (float64), the cell edges ``mids`` (midpoints of adjacent values) and ``changes`` (the
@@ -90,6 +94,7 @@ class TableLayout:
 
     def __init__(self, values: Tensor, device: torch.device) -> None:
         self.values = values.detach().to(device=device, dtype=torch.float64).clone()
+        self.serial = next(_LAYOUT_SERIALS)  # (a key of per-layout caches that no later layout takes)
         v = self.values
         self.mids = 0.5 * (v[1:] + v[:-1])
         widths = self.mids[1:] - self.mids[:-1]  # width of finite value cell k is widths[k - 1]
@@ -1727,8 +1732,10 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
         # (the paths switched off by a failed self-check in the key: the windowed path's numbers then)
         # (and the windowed path's own switch: an A/B of EXACT_EDGE_OFFSETS in one process read the
         # first setting's numbers for every tie; rv48)
-        key = (id(layout), values.data_ptr(), values.numel(), g0, kappa_only, frozenset(GUARD.disabled),
-               EXACT_EDGE_OFFSETS, *kind)
+        # (the layout's serial, never reused, not id(layout) + the table's address: a layout rebuilt
+        # for a table changed in place, or another table at a freed one's address, could take a
+        # freed layout's id and read its ties' numbers; keyed so before s51)
+        key = (layout.serial, g0, kappa_only, frozenset(GUARD.disabled), EXACT_EDGE_OFFSETS, *kind)
         got = _TIE_MOMENTS.get(key)
         if got is None:
             i = int(torch.nonzero(inv == r)[0, 0])

@@ -2325,11 +2325,12 @@ class ParamGrid:
 
     def _positive_scale(self) -> bool:
         """Every block's scale finite and positive (kept per scale tensor and version)."""
-        key = (id(self.scale), tensor_version(self.scale))
+        s = self.scale
+        key = (id(s), tensor_version(s))
         hit = self.__dict__.get("_positive_scale_fact")
-        if hit is None or key[1] is None or hit[0] != key:
-            s = self.scale
-            hit = (key, bool(torch.isfinite(s).all()) and bool((s > 0).all()))
+        # (the fact holds its scale tensor: a replaced scale's id cannot pass for the old one's)
+        if hit is None or key[1] is None or hit[0] != key or hit[2] is not s:
+            hit = (key, bool(torch.isfinite(s).all()) and bool((s > 0).all()), s)
             self.__dict__["_positive_scale_fact"] = hit
         return hit[1]
 

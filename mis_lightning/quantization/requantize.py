@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .._modelcopy import private_copy
+from ..functional.runs import per_table
 from .base import FilterFn, ParamGrid, QuantizationScheme
 from .registry import get_scheme
 
@@ -144,16 +145,22 @@ def release_codes(grid: ParamGrid, by: str = "code") -> Tensor:
     return torch.searchsorted(_midpoints(grid.values), x).to(torch.float64)
 
 
-_MIDS: dict[tuple[int, int], Tensor] = {}
+class _Midpoints:
+    """A value table's float64 copy (``values``, compared before reuse) and its midpoints ``mids``."""
+
+    def __init__(self, values: Tensor, device: torch.device) -> None:
+        self.values = values.detach().to(device=device, dtype=torch.float64).clone()
+        self.mids = 0.5 * (self.values[1:] + self.values[:-1])
+
+
+_MIDS: dict[tuple[int, int, str], _Midpoints] = {}
 
 
 def _midpoints(values: Tensor) -> Tensor:
-    """Midpoints of a (shared, cached) value table, cached by identity."""
-    key = (values.data_ptr(), values.numel())
-    if key not in _MIDS:
-        v = values.to(torch.float64)
-        _MIDS[key] = 0.5 * (v[1:] + v[:-1])
-    return _MIDS[key]
+    """Midpoints of a value table, cached per table (by address, its values compared before reuse:
+    a freed table's address reused by another, or a table changed in place, is not served the
+    old midpoints; keyed by address alone before s51)."""
+    return per_table(_MIDS, values, values.device, _Midpoints).mids
 
 
 def requantize_moments(
