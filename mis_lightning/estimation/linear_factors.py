@@ -1920,6 +1920,15 @@ CE_BASE_WEIGHT_MAX = 1e6
 
 CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gradients (8 MiB in float64)
 
+# LayerProgram takes an nn.Linear called k > 1 times per forward (weights shared across depth,
+# ``fc(fc(x))``, an unrolled loop over one layer) as one call over its calls' positions: the inputs
+# and output gradients of the calls concatenated along a positions axis, ``[B, P_1 + ... + P_k, in]``,
+# so the per-sample gradient is the exact sum of the calls' outer products, each Gauss-Newton
+# direction's too (the diagonal's squares are taken of the sum), and the K-FAC partial traces those
+# sums' (tw51). False: the program refuses such a model at its first batch (the generic torch.func
+# path, without a K-FAC correction, the report's "kfac_lost" line and * rows; before tw51)
+REPEATED_LINEAR_CALLS = True
+
 
 def _slice(tree: Any, a: Any, c: Any = None) -> Any:
     """Rows ``a:c`` (or the index tensor / slice ``a``) of every tensor of a pytree."""
@@ -2090,6 +2099,8 @@ class LayerProgram:
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
         self._calls: dict[str, int] = {}
+        # per layer called more than once in this forward: every call's (input, output), in order
+        self._repeated: dict[str, list[tuple[Any, Any]]] = {}
         self._numels = {n: p.numel() for n, p in self.model.named_parameters()}
         self.handles = []
         for m in self.slots:
@@ -2126,16 +2137,34 @@ class LayerProgram:
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
-            self._calls[name] = self._calls.get(name, 0) + 1
+            k = self._calls.get(name, 0)
+            self._calls[name] = k + 1
+            if k:  # a repeated call: every call's input and output kept (_repeated_linear_taps)
+                self._repeated.setdefault(name, [(self._inputs[name], self._outputs[name])]).append((args[0], out))
             self._inputs[name] = args[0]
             self._outputs[name] = out
 
         return hook
 
+    def _repeated_linear_taps(self, m: str, b: int) -> tuple[Tensor, list[Tensor]]:
+        """An nn.Linear's taps over its ``k > 1`` calls of this forward (:data:`REPEATED_LINEAR_CALLS`):
+        the inputs as one ``[B, P_1 + ... + P_k, in]`` (detached; each call's ``[B, ..., in]`` flattened
+        to ``[B, P_i, in]``) and the ``k`` outputs (in the graph), whose gradients :meth:`_unpack`
+        concatenates in the same order. Raises ``NotImplementedError`` naming the layer where a call's
+        input or output is not ``[B, ..., features]`` with this batch's ``B`` records first."""
+        calls = self._repeated[m]
+        for x, o in calls:
+            if not (isinstance(x, Tensor) and isinstance(o, Tensor) and x.dim() >= 2 and o.dim() == x.dim()
+                    and x.shape[0] == b and o.shape[:-1] == x.shape[:-1]):
+                raise NotImplementedError(f"layer {m!r} is called {len(calls)}x per forward, not every call on "
+                                          f"[B, ..., in] inputs of the batch's {b} records")
+        x = torch.cat([x.detach().reshape(b, -1, x.shape[-1]) for x, _ in calls], 1)
+        return x, [o for _, o in calls]
+
     def _forward(self, inputs: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, tuple[int, ...]]:
         """One forward pass (grad enabled by the caller): per layer its input (detached) and
         output(s) (in the graph), the outputs ``[B, C]`` and their per-record shape."""
-        self._inputs.clear(), self._outputs.clear(), self._calls.clear()
+        self._inputs.clear(), self._outputs.clear(), self._calls.clear(), self._repeated.clear()
         for mod in self._mods.values():
             if isinstance(mod, _MHA):
                 mod._fast_taps.clear()
@@ -2150,6 +2179,9 @@ class LayerProgram:
                 taps[m] = (tuple(t.detach() for t in xs), list(outs))
             else:
                 if self._calls.get(m, 0) != 1:
+                    if REPEATED_LINEAR_CALLS and isinstance(mod, nn.Linear) and self._calls.get(m, 0) > 1:
+                        taps[m] = self._repeated_linear_taps(m, b)  # its calls as positions of one call
+                        continue
                     raise NotImplementedError(f"layer {m!r} is not called once per forward")
                 x = self._inputs[m]
                 if isinstance(mod, _TRANSPOSED):
@@ -2162,7 +2194,7 @@ class LayerProgram:
                         raise NotImplementedError(f"layer {m!r}: a transposed convolution's output shape "
                                                   f"{tuple(self._outputs[m].shape[2:])} is no output padding's")
                 taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
-        self._inputs.clear(), self._outputs.clear()
+        self._inputs.clear(), self._outputs.clear(), self._repeated.clear()
         if out.shape[0] != b:
             raise NotImplementedError("the model's output has no batch dimension first")
         return taps, out.reshape(b, -1), tuple(out.shape[1:])
@@ -2209,7 +2241,12 @@ class LayerProgram:
             outs = taps[m][1]
             go = [torch.zeros_like(o) if gi is None else gi for gi, o in zip(gos[pos: pos + len(outs)], outs)]
             pos += len(outs)
-            res[m] = tuple(go) if isinstance(self._mods[m], _MHA) else go[0]
+            if isinstance(self._mods[m], _MHA):
+                res[m] = tuple(go)
+            elif len(go) == 1:
+                res[m] = go[0]
+            else:  # a Linear's repeated calls: their positions in _repeated_linear_taps' order
+                res[m] = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in go], 1)
         return res
 
     def _taps(self, inputs: Any, targets: Any, b: int, second: bool
