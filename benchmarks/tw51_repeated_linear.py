@@ -3,6 +3,8 @@
     python benchmarks/tw51_repeated_linear.py grads    # per-sample gradients, Gauss-Newton diagonal, K-FAC partial traces vs torch.func
     python benchmarks/tw51_repeated_linear.py twice    # fitted models: exact vs diagonal (REPEATED_LINEAR_CALLS on / off)
     python benchmarks/tw51_repeated_linear.py wide     # nu49's 794-weight twice-called tanh MLP (n = 2,000) and its untied twin
+    python benchmarks/tw51_repeated_linear.py ab       # models without a repeated call: reports with the switch on / off
+    python benchmarks/tw51_repeated_linear.py ab DIR   # the same, each report also written to DIR/NAME.json (compare checkouts)
 
 ``grads`` builds :class:`~mis_lightning.estimation.linear_factors.LayerProgram` on a tanh MLP whose square
 Linear ``sq`` is called ``k`` times (``[B, 5]`` inputs, or ``[B, 6, 5]`` with a mean over the positions before
@@ -18,6 +20,13 @@ positions before the head) and the untied twin (``sq2`` for the second call: one
 and prints ``assess``'s leakage (none / rtn_int8 / rtn_int4) with estimation="exact", "diagonal" and
 "diagonal" with ``REPEATED_LINEAR_CALLS = False`` (the path before tw51), the diagonal's ratios to the exact
 and its K-FAC diagnostics.
+
+``ab`` assesses models that call every layer once and take the per-layer program (an MLP classifier, the
+same on ``[B, 3, 5]`` inputs, a CNN with BatchNorm: ``tests/_nets.CNN`` on 200 random 8x8 images) with the
+diagonal estimator, ``REPEATED_LINEAR_CALLS`` on and off, and prints whether the two reports' JSON
+(``Report.to_json``) are the same bytes; with ``DIR`` it writes the first to ``DIR/mlp.json``, ``DIR/seq.json``,
+``DIR/cnn.json`` (run from another checkout with its ``PYTHONPATH`` and ``cmp`` the files: a checkout without
+the switch sets an attribute nothing reads).
 """
 
 from __future__ import annotations
@@ -25,9 +34,9 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
@@ -78,9 +87,9 @@ def grads() -> None:
                 A, G, _ = prog.kron_sums(fac, f64, prog.kron_rows)["sq"]
                 prog.close()
                 params = {n: p.detach() for n, p in m.named_parameters()}
-                ref = vmap(grad(lambda p, xi, yi: t.ce(functional_call(m, p, (xi[None],)), yi[None])[0]),
+                ref = vmap(grad(lambda p, xi, yi, m=m: t.ce(functional_call(m, p, (xi[None],)), yi[None])[0]),
                            in_dims=(None, 0, 0))(params, x, y)
-                J = vmap(jacrev(lambda p, xi: functional_call(m, p, (xi[None],))[0]), in_dims=(None, 0))(params, x)
+                J = vmap(jacrev(lambda p, xi, m=m: functional_call(m, p, (xi[None],))[0]), in_dims=(None, 0))(params, x)
                 pr = torch.softmax(m(x).detach().to(f64), -1)
                 L = torch.diag_embed(pr) - pr[:, :, None] * pr[:, None, :]
                 eg = max(float((got[n] - ref[n].reshape(b, -1)).abs().max() / ref[n].abs().max()) for n in names)
@@ -153,7 +162,34 @@ def wide(width: int = 24, n: int = 2000) -> None:
                 LF.REPEATED_LINEAR_CALLS = True
 
 
+def ab(out: str | None = None) -> None:
+    sys.path.insert(0, "tests")
+    from _nets import CNN  # tests/_nets.py
+
+    torch.manual_seed(0)  # the models' initial weights
+    g = torch.Generator().manual_seed(0)
+    img = torch.randn(200, 1, 8, 8, generator=g)
+    cases = {"mlp": (Repeated(2, untied=True), *t.data("flat", t.N, 0)),
+             "seq": (Repeated(1, seq=True), torch.randn(t.N, 3, 5, generator=g), t.data("flat", t.N, 0)[1]),
+             "cnn": (CNN(), img, torch.randint(0, 10, (200,), generator=g))}
+    for name, (model, x, y) in cases.items():
+        reps = []
+        for on in (True, False):
+            LF.REPEATED_LINEAR_CALLS = on
+            try:
+                reps.append(_assess(model.eval(), x, y, "diagonal").to_json())
+            finally:
+                LF.REPEATED_LINEAR_CALLS = True
+        if out is not None:
+            Path(out, f"{name}.json").write_text(reps[0])
+        print(f"   {name}: reports with the switch on / off {'the same bytes' if reps[0] == reps[1] else 'DIFFER'}"
+              f" ({len(reps[0]):,} characters)")
+
+
 if __name__ == "__main__":
-    for case in sys.argv[1:] or ["grads", "twice"]:
+    if sys.argv[1:2] == ["ab"] and len(sys.argv) == 3:
+        ab(sys.argv[2])
+        sys.exit()
+    for case in sys.argv[1:] or ["grads", "twice", "ab"]:
         print(f"== {case}")
-        {"grads": grads, "twice": twice, "wide": wide}[case]()
+        {"grads": grads, "twice": twice, "wide": wide, "ab": ab}[case]()

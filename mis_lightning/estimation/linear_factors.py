@@ -2053,8 +2053,11 @@ class LayerProgram:
     ``NotImplementedError`` naming the layer when an assessed parameter is not the weight or
     bias of a supported layer (then torch.func per-sample gradients are used). A parameter
     tied to several supported layers (an embedding shared with the output head) gets the sum
-    of its uses' per-sample gradients. The first batch is checked against torch.func's
-    per-sample gradients of two records.
+    of its uses' per-sample gradients. An nn.Linear called ``k > 1`` times per forward is one call
+    over its calls' positions (:data:`REPEATED_LINEAR_CALLS`; every call's input ``[B, ..., in]``):
+    its per-sample gradients, Gauss-Newton directions' gradients and K-FAC partial traces are the
+    exact sums over the calls. The first batch is checked against torch.func's per-sample
+    gradients of two records.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, names: list[str], dtype: torch.dtype,
