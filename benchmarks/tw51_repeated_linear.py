@@ -38,72 +38,29 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
 
 import mis_lightning as ml
 
 sys.path.insert(0, "benchmarks")
 import nu48_trial as t  # noqa: E402 - session 48's data, fit and loss
 
+sys.path.insert(0, "tests")
+from _nets import CNN, Repeated  # noqa: E402 - tests/_nets.py
+from test_repeated_linear import per_sample_errors  # noqa: E402 - tests/test_repeated_linear.py: the reference
+
 torch.set_num_threads(1)
 LF = importlib.import_module("mis_lightning.estimation.linear_factors")
 SCHEMES = ["none", "rtn_int8", "rtn_int4"]
 
 
-class Repeated(nn.Module):
-    """``inp -> tanh -> (sq -> tanh) x k -> head``; ``untied``: the j-th call a layer of its own;
-    ``seq``: inputs ``[B, T, 5]``, a mean over the positions before the head."""
-
-    def __init__(self, k: int = 2, untied: bool = False, seq: bool = False, width: int = 4, out: int = 2) -> None:
-        super().__init__()
-        self.k, self.untied, self.seq = k, untied, seq
-        self.inp, self.sq, self.head = nn.Linear(5, width), nn.Linear(width, width), nn.Linear(width, out)
-        if untied:
-            self.more = nn.ModuleList(nn.Linear(width, width) for _ in range(k - 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.inp(x))
-        for j in range(self.k):
-            h = torch.tanh((self.more[j - 1] if self.untied and j else self.sq)(h))
-        return self.head(h.mean(1) if self.seq else h)
-
-
 def grads() -> None:
-    f64 = torch.float64
-    for seq in (False, True):
-        for k in (2, 3):
-            for dt in (torch.float32, f64):
-                torch.manual_seed(0)
-                m = Repeated(k, seq=seq, out=3).to(dt)
-                b = 16
-                x = torch.randn(b, *((6, 5) if seq else (5,)), dtype=dt)
-                y = torch.randint(0, 3, (b,))
-                names = [n for n, _ in m.named_parameters()]
-                prog = LF.LayerProgram(m, t.ce, names, dt)
-                prog.kron_rows = {mod: b for mod in prog.kron_layers()}
-                fac = prog.batch(x, y, b)
-                got = prog.grads_from_taps(fac[0], names)
-                h = {n: v[2] for n, v in prog.batch_sums(fac, f64)[0].items()}
-                A, G, _ = prog.kron_sums(fac, f64, prog.kron_rows)["sq"]
-                prog.close()
-                params = {n: p.detach() for n, p in m.named_parameters()}
-                ref = vmap(grad(lambda p, xi, yi, m=m: t.ce(functional_call(m, p, (xi[None],)), yi[None])[0]),
-                           in_dims=(None, 0, 0))(params, x, y)
-                J = vmap(jacrev(lambda p, xi, m=m: functional_call(m, p, (xi[None],))[0]), in_dims=(None, 0))(params, x)
-                pr = torch.softmax(m(x).detach().to(f64), -1)
-                L = torch.diag_embed(pr) - pr[:, :, None] * pr[:, None, :]
-                eg = max(float((got[n] - ref[n].reshape(b, -1)).abs().max() / ref[n].abs().max()) for n in names)
-                eh = 0.0
-                for n in names:
-                    Jn = J[n].reshape(b, 3, -1).to(f64)
-                    gg = torch.einsum("bcj,bcd,bdj->j", Jn, L, Jn)
-                    eh = max(eh, float((h[n] - gg).abs().max() / gg.abs().max()))
-                Js = torch.cat([J["sq.weight"].reshape(b, 3, 4, 4), J["sq.bias"].reshape(b, 3, 4, 1)], -1).to(f64)
-                blk = torch.einsum("bcok,bcd,bdql->okql", Js, L, Js)  # the Gauss-Newton block [out, p, out, p]
-                rA, rG = torch.einsum("okol->kl", blk), torch.einsum("okqk->oq", blk)
-                ek = max(float((A[0] - rA).abs().max() / rA.abs().max()), float((G[0] - rG).abs().max() / rG.abs().max()))
-                print(f"   {'[B, 6, 5]' if seq else '[B, 5]'} sq x{k} {str(dt)[6:]}: per-sample gradients {eg:.1e}, "
-                      f"Gauss-Newton diagonal {eh:.1e}, K-FAC partial traces {ek:.1e}")
+    for seq, mixed, ks in ((False, False, (2, 3)), (True, False, (2, 3)), (True, True, (2,))):
+        for k in ks:
+            for dt in (torch.float32, torch.float64):
+                e = per_sample_errors(k, seq, mixed, dt)
+                shape = "[B, 4] + [B, 6, 4] calls" if mixed else "[B, 6, 5]" if seq else "[B, 5]"
+                print(f"   {shape} sq x{k} {str(dt)[6:]}: per-sample gradients {e['gradients']:.1e}, "
+                      f"Gauss-Newton diagonal {e['gauss_newton']:.1e}, K-FAC partial traces {e['kfac_traces']:.1e}")
 
 
 def _assess(model: nn.Module, x: torch.Tensor, y: torch.Tensor, estimation: str) -> ml.Report:
@@ -123,49 +80,40 @@ def _line(label: str, rep: ml.Report, exact: ml.Report | None) -> None:
     print(f"   {label:22s} {figs}{kfac}; marks {marks}")
 
 
-def twice(cases: tuple[tuple[str, int, bool, bool], ...] = (("twice", 2, False, False), ("3x", 3, False, False),
-                                                             ("twice [B, 3, 5]", 2, False, True),
-                                                             ("untied twin", 2, True, False))) -> None:
-    for name, k, untied, seq in cases:
+def _compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, untied: bool) -> None:
+    """``model`` fitted, then assessed: exact, diagonal, and (a repeated call) diagonal with the switch off."""
+    model = t.fit(model, x, y, t.ce)
+    print(f"== {name}: {sum(p.numel() for p in model.parameters())} weights, n = {x.shape[0]}")
+    exact = _assess(model, x, y, "exact")
+    _line("exact", exact, None)
+    _line("diagonal", _assess(model, x, y, "diagonal"), exact)
+    if not untied:
+        LF.REPEATED_LINEAR_CALLS = False
+        try:
+            _line("diagonal (switch off)", _assess(model, x, y, "diagonal"), exact)
+        finally:
+            LF.REPEATED_LINEAR_CALLS = True
+
+
+def twice() -> None:
+    for name, k, untied, seq in (("twice", 2, False, False), ("3x", 3, False, False),
+                                 ("twice [B, 3, 5]", 2, False, True), ("untied twin", 2, True, False)):
         torch.manual_seed(0)
         x, y = t.data("flat", t.N, 0)
         if seq:
             g = torch.Generator().manual_seed(1)
             x = x[:, None, :] + 0.3 * torch.randn(x.shape[0], 3, x.shape[1], generator=g)
-        model = t.fit(Repeated(k, untied, seq), x, y, t.ce)
-        print(f"== {name}: {sum(p.numel() for p in model.parameters())} weights, n = {x.shape[0]}")
-        exact = _assess(model, x, y, "exact")
-        _line("exact", exact, None)
-        _line("diagonal", _assess(model, x, y, "diagonal"), exact)
-        if not untied:
-            LF.REPEATED_LINEAR_CALLS = False
-            try:
-                _line("diagonal (switch off)", _assess(model, x, y, "diagonal"), exact)
-            finally:
-                LF.REPEATED_LINEAR_CALLS = True
+        _compare(name, Repeated(k, untied, seq), x, y, untied)
 
 
 def wide(width: int = 24, n: int = 2000) -> None:
     for untied in (False, True):
         torch.manual_seed(0)
         x, y = t.data("flat", n, 0)
-        model = t.fit(Repeated(2, untied, width=width), x, y, t.ce)
-        print(f"== {'untied twin' if untied else 'twice'}: {sum(p.numel() for p in model.parameters())} weights, n = {n}")
-        exact = _assess(model, x, y, "exact")
-        _line("exact", exact, None)
-        _line("diagonal", _assess(model, x, y, "diagonal"), exact)
-        if not untied:
-            LF.REPEATED_LINEAR_CALLS = False
-            try:
-                _line("diagonal (switch off)", _assess(model, x, y, "diagonal"), exact)
-            finally:
-                LF.REPEATED_LINEAR_CALLS = True
+        _compare("untied twin" if untied else "twice", Repeated(2, untied, width=width), x, y, untied)
 
 
 def ab(out: str | None = None) -> None:
-    sys.path.insert(0, "tests")
-    from _nets import CNN  # tests/_nets.py
-
     torch.manual_seed(0)  # the models' initial weights
     g = torch.Generator().manual_seed(0)
     img = torch.randn(200, 1, 8, 8, generator=g)
