@@ -2,6 +2,7 @@
 
     python benchmarks/tw51_repeated_linear.py grads    # per-sample gradients, Gauss-Newton diagonal, K-FAC partial traces vs torch.func
     python benchmarks/tw51_repeated_linear.py twice    # fitted models: exact vs diagonal (REPEATED_LINEAR_CALLS on / off)
+    python benchmarks/tw51_repeated_linear.py conv     # fitted convolutions called twice: exact vs diagonal (REPEATED_CONV_CALLS on / off)
     python benchmarks/tw51_repeated_linear.py wide     # nu49's 794-weight twice-called tanh MLP (n = 2,000) and its untied twin
     python benchmarks/tw51_repeated_linear.py ab       # models without a repeated call: reports with the switch on / off
     python benchmarks/tw51_repeated_linear.py ab DIR   # the same, each report also written to DIR/NAME.json (compare checkouts)
@@ -21,9 +22,14 @@ and prints ``assess``'s leakage (none / rtn_int8 / rtn_int4) with estimation="ex
 "diagonal" with ``REPEATED_LINEAR_CALLS = False`` (the path before tw51), the diagonal's ratios to the exact
 and its K-FAC diagnostics.
 
+``conv`` fits (as ``twice``, n = 400, 3 classes from two thresholds of a noisy linear functional of
+AR(1) inputs ``[B, 2, 5]``, rho 0.7) ``tests/test_repeated_linear.ConvTwice`` (``Conv1d(2, 2, 3)`` called twice,
+then a Linear head) and a siamese one (one ``Conv1d(2, 2, 3)`` on both halves of ``[B, 2, 2, 5]``, a Linear head
+on the pair), with the convolution untied (a second Conv1d) as a twin, and prints the same lines.
+
 ``ab`` assesses models that call every layer once and take the per-layer program (an MLP classifier, the
 same on ``[B, 3, 5]`` inputs, a CNN with BatchNorm: ``tests/_nets.CNN`` on 200 random 8x8 images) with the
-diagonal estimator, ``REPEATED_LINEAR_CALLS`` on and off, and prints whether the two reports' JSON
+diagonal estimator, ``REPEATED_LINEAR_CALLS`` and ``REPEATED_CONV_CALLS`` on and off, and prints whether the two reports' JSON
 (``Report.to_json``) are the same bytes; with ``DIR`` it writes the first to ``DIR/mlp.json``, ``DIR/seq.json``,
 ``DIR/cnn.json`` (run from another checkout with its ``PYTHONPATH`` and ``cmp`` the files: a checkout without
 the switch sets an attribute nothing reads).
@@ -46,7 +52,7 @@ import nu48_trial as t  # noqa: E402 - session 48's data, fit and loss
 
 sys.path.insert(0, "tests")
 from _nets import CNN, Repeated  # noqa: E402 - tests/_nets.py
-from test_repeated_linear import per_sample_errors  # noqa: E402 - tests/test_repeated_linear.py: the reference
+from test_repeated_linear import ConvTwice, case, per_sample_errors  # noqa: E402 - tests/test_repeated_linear.py: the reference
 
 torch.set_num_threads(1)
 LF = importlib.import_module("mis_lightning.estimation.linear_factors")
@@ -54,12 +60,12 @@ SCHEMES = ["none", "rtn_int8", "rtn_int4"]
 
 
 def grads() -> None:
-    for seq, mixed, ks in ((False, False, (2, 3)), (True, False, (2, 3)), (True, True, (2,))):
+    for kind, ks in (("flat", (2, 3)), ("seq", (2, 3)), ("mixed", (2,)), ("conv1d", (2,)), ("conv1d_groups", (2,)),
+                     ("conv2d_strided", (2,))):
         for k in ks:
             for dt in (torch.float32, torch.float64):
-                e = per_sample_errors(k, seq, mixed, dt)
-                shape = "[B, 4] + [B, 6, 4] calls" if mixed else "[B, 6, 5]" if seq else "[B, 5]"
-                print(f"   {shape} sq x{k} {str(dt)[6:]}: per-sample gradients {e['gradients']:.1e}, "
+                e = per_sample_errors(*case(kind, k, dt))
+                print(f"   {kind} x{k} {str(dt)[6:]}: per-sample gradients {e['gradients']:.1e}, "
                       f"Gauss-Newton diagonal {e['gauss_newton']:.1e}, K-FAC partial traces {e['kfac_traces']:.1e}")
 
 
@@ -88,11 +94,11 @@ def _compare(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, unti
     _line("exact", exact, None)
     _line("diagonal", _assess(model, x, y, "diagonal"), exact)
     if not untied:
-        LF.REPEATED_LINEAR_CALLS = False
+        LF.REPEATED_LINEAR_CALLS = LF.REPEATED_CONV_CALLS = False
         try:
             _line("diagonal (switch off)", _assess(model, x, y, "diagonal"), exact)
         finally:
-            LF.REPEATED_LINEAR_CALLS = True
+            LF.REPEATED_LINEAR_CALLS = LF.REPEATED_CONV_CALLS = True
 
 
 def twice() -> None:
@@ -104,6 +110,49 @@ def twice() -> None:
             g = torch.Generator().manual_seed(1)
             x = x[:, None, :] + 0.3 * torch.randn(x.shape[0], 3, x.shape[1], generator=g)
         _compare(name, Repeated(k, untied, seq), x, y, untied)
+
+
+class Siamese(nn.Module):
+    """One ``Conv1d(2, 2, 3)`` applied to both halves of a record ``[2, 2, 5]``, a Linear head on the
+    pair; ``untied``: a second convolution for the second half."""
+
+    def __init__(self, untied: bool = False) -> None:
+        super().__init__()
+        self.untied = untied
+        self.conv, self.head = nn.Conv1d(2, 2, 3, padding=1), nn.Linear(20, 3)
+        if untied:
+            self.conv2 = nn.Conv1d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.tanh(self.conv(x[:, 0])), torch.tanh((self.conv2 if self.untied else self.conv)(x[:, 1]))
+        return self.head(torch.cat([a, b], 1).flatten(1))
+
+
+class UntiedConvTwice(ConvTwice):
+    """:class:`ConvTwice` with a second convolution for the second call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2 = nn.Conv1d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.conv2(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def conv(n: int = 400) -> None:
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(n, 4, 5, generator=g)
+    for j in range(1, 5):  # AR(1) along the positions
+        e[..., j] = 0.7 * e[..., j - 1] + (1 - 0.7 ** 2) ** 0.5 * e[..., j]
+    s = e[:, 0].sum(1) - 0.5 * e[:, 1, :2].sum(1) + 0.5 * e[:, 2].sum(1) - 0.3 * e[:, 3, 3:].sum(1)
+    s = s + 0.8 * torch.randn(n, generator=g)
+    y = (s > s.quantile(1 / 3)).long() + (s > s.quantile(2 / 3)).long()
+    for name, make, x, untied in (("conv twice", ConvTwice, e[:, :2], False),
+                                  ("conv twice, untied twin", UntiedConvTwice, e[:, :2], True),
+                                  ("siamese conv", Siamese, e.reshape(n, 2, 2, 5), False),
+                                  ("siamese conv, untied twin", lambda: Siamese(True), e.reshape(n, 2, 2, 5), True)):
+        torch.manual_seed(0)
+        _compare(name, make(), x.contiguous(), y, untied)
 
 
 def wide(width: int = 24, n: int = 2000) -> None:
@@ -123,11 +172,11 @@ def ab(out: str | None = None) -> None:
     for name, (model, x, y) in cases.items():
         reps = []
         for on in (True, False):
-            LF.REPEATED_LINEAR_CALLS = on
+            LF.REPEATED_LINEAR_CALLS = LF.REPEATED_CONV_CALLS = on
             try:
                 reps.append(_assess(model.eval(), x, y, "diagonal").to_json())
             finally:
-                LF.REPEATED_LINEAR_CALLS = True
+                LF.REPEATED_LINEAR_CALLS = LF.REPEATED_CONV_CALLS = True
         if out is not None:
             Path(out, f"{name}.json").write_text(reps[0])
         print(f"   {name}: reports with the switch on / off {'the same bytes' if reps[0] == reps[1] else 'DIFFER'}"
@@ -138,6 +187,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["ab"] and len(sys.argv) == 3:
         ab(sys.argv[2])
         sys.exit()
-    for case in sys.argv[1:] or ["grads", "twice", "ab"]:
-        print(f"== {case}")
-        {"grads": grads, "twice": twice, "wide": wide, "ab": ab}[case]()
+    for what in sys.argv[1:] or ["grads", "twice", "ab"]:
+        print(f"== {what}")
+        {"grads": grads, "twice": twice, "conv": conv, "wide": wide, "ab": ab}[what]()

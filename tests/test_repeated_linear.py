@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _nets import Repeated  # tests/_nets.py
+from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -26,26 +27,51 @@ def ce(o, y):
     return F.cross_entropy(o, y, reduction="none")
 
 
-def per_sample_errors(k: int, seq: bool, mixed: bool, dtype: torch.dtype = torch.float32, b: int = 16
-                      ) -> dict[str, float]:
-    """The per-layer program on :class:`Repeated` against an independent ``torch.func`` reference on
-    the same model and batch of ``b`` records: the largest error relative to the quantity's largest
-    entry of the per-sample gradients (``vmap(grad)``; every parameter), of the Gauss-Newton diagonal
-    ``sum_r J_r' L_r J_r`` (``jacrev``, softmax ``L = diag(p) - p p'``; after ``batch_sums``, the loss
-    gradient's own share included) and of ``sq``'s K-FAC factors, the partial traces of its
-    Gauss-Newton block (benchmarks/tw51_repeated_linear.py prints them)."""
-    f64 = torch.float64
+class ConvTwice(nn.Module):
+    """A 3-class head over a convolution ``conv`` (groups 1 or 2) called twice: ``conv(tanh(conv(x)))``;
+    ``strided``: a Conv2d with stride 2 (the two calls' outputs 4x4 and 2x2 on 8x8 inputs)."""
+
+    def __init__(self, strided: bool = False, groups: int = 1) -> None:
+        super().__init__()
+        self.conv = (nn.Conv2d(2, 2, 3, stride=2, padding=1, groups=groups) if strided
+                     else nn.Conv1d(2, 2, 3, padding=1, groups=groups))
+        self.head = nn.Linear(8 if strided else 10, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+def case(kind: str, k: int = 2, dtype: torch.dtype = torch.float32, b: int = 16):
+    """``(model, x, y, layer)``: ``"flat"`` / ``"seq"`` / ``"mixed"`` a :class:`Repeated` calling ``sq``
+    ``k`` times (on ``[B, 4]``, ``[B, 6, 4]``, or once each), ``"conv1d"`` / ``"conv1d_groups"`` /
+    ``"conv2d_strided"`` a :class:`ConvTwice`; 3 classes, ``b`` records, seeded."""
     torch.manual_seed(0)
-    m = Repeated(k, seq=seq, mixed=mixed, out=3).to(dtype)
-    x = torch.randn(b, *((6, 5) if seq else (5,)), dtype=dtype)
-    y = torch.randint(0, 3, (b,))
+    if kind.startswith("conv"):
+        m = ConvTwice(kind == "conv2d_strided", 2 if kind == "conv1d_groups" else 1).to(dtype)
+        x = torch.randn(b, 2, *((8, 8) if kind == "conv2d_strided" else (5,)), dtype=dtype)
+        layer = "conv"
+    else:
+        m = Repeated(k, seq=kind != "flat", mixed=kind == "mixed", out=3).to(dtype)
+        x = torch.randn(b, *((5,) if kind == "flat" else (6, 5)), dtype=dtype)
+        layer = "sq"
+    return m, x, torch.randint(0, 3, (b,)), layer
+
+
+def per_sample_errors(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str) -> dict[str, float]:
+    """The per-layer program on ``m`` (3 outputs) against an independent ``torch.func`` reference on the
+    same model and batch: the largest error relative to the quantity's largest entry of the per-sample
+    gradients (``vmap(grad)``; every parameter), of the Gauss-Newton diagonal ``sum_r J_r' L_r J_r``
+    (``jacrev``, softmax ``L = diag(p) - p p'``; after ``batch_sums``, the loss gradient's own share
+    included) and of ``layer``'s K-FAC factors (its weight ``[out, ...]`` and bias), the partial traces of
+    its Gauss-Newton block per group (benchmarks/tw51_repeated_linear.py prints them)."""
+    f64, b, dtype = torch.float64, x.shape[0], x.dtype
     names = [n for n, _ in m.named_parameters()]
     prog = LayerProgram(m, ce, names, dtype)
     prog.kron_rows = {mod: b for mod in prog.kron_layers()}
     fac = prog.batch(x, y, b)
     got = prog.grads_from_taps(fac[0], names)
     h = {n: v[2] for n, v in prog.batch_sums(fac, f64)[0].items()}
-    A, G, _ = prog.kron_sums(fac, f64, prog.kron_rows)["sq"]
+    A, G, _ = prog.kron_sums(fac, f64, prog.kron_rows)[layer]
     prog.close()
 
     params = {n: p.detach() for n, p in m.named_parameters()}
@@ -62,39 +88,52 @@ def per_sample_errors(k: int, seq: bool, mixed: bool, dtype: torch.dtype = torch
         out["gradients"] = max(out["gradients"], rel(got[n], ref[n].reshape(b, -1)))
         Jn = J[n].reshape(b, 3, -1).to(f64)
         out["gauss_newton"] = max(out["gauss_newton"], rel(h[n], torch.einsum("bcj,bcd,bdj->j", Jn, L, Jn)))
-    Js = torch.cat([J["sq.weight"].reshape(b, 3, 4, 4), J["sq.bias"].reshape(b, 3, 4, 1)], -1).to(f64)
-    blk = torch.einsum("bcok,bcd,bdql->okql", Js, L, Js)  # sq's Gauss-Newton block [out, p, out, p]
-    out["kfac_traces"] = max(rel(A[0], torch.einsum("okol->kl", blk)), rel(G[0], torch.einsum("okqk->oq", blk)))
+    groups = getattr(getattr(m, layer), "groups", 1)
+    w = J[f"{layer}.weight"]
+    Js = torch.cat([w.reshape(b, 3, groups, w.shape[2] // groups, -1),
+                    J[f"{layer}.bias"].reshape(b, 3, groups, -1, 1)], -1).to(f64)
+    blk = torch.einsum("bcgok,bcd,bdgql->gokql", Js, L, Js)  # per group the Gauss-Newton block [out, p, out, p]
+    out["kfac_traces"] = max(rel(A, torch.einsum("gokol->gkl", blk)), rel(G, torch.einsum("gokqk->goq", blk)))
     return out
 
 
-@pytest.mark.parametrize("k, seq, mixed", [(2, False, False), (3, False, False), (2, True, False), (3, True, False),
-                                           (2, True, True)])
-def test_a_linear_called_k_times_gives_exact_per_sample_sums(k, seq, mixed):
+@pytest.mark.parametrize("kind, k", [("flat", 2), ("flat", 3), ("seq", 2), ("seq", 3), ("mixed", 2), ("conv1d", 2),
+                                     ("conv1d_groups", 2), ("conv2d_strided", 2)])
+def test_a_layer_called_k_times_gives_exact_per_sample_sums(kind, k):
     """float32 per-layer program vs an independent ``torch.func`` reference (:func:`per_sample_errors`):
-    per-sample gradients, Gauss-Newton diagonal, ``sq``'s K-FAC partial traces. Tolerance 1e-5 of each
-    quantity's largest entry: float32 sums of 16 records x k calls round at ~1e-7 (measured <= 2e-7),
-    a missed call's share is O(1). Without the switch the program refuses the model (NotImplementedError)."""
-    for what, err in per_sample_errors(k, seq, mixed).items():
+    per-sample gradients, Gauss-Newton diagonal, the repeated layer's K-FAC partial traces. Tolerance
+    1e-5 of each quantity's largest entry: float32 sums of 16 records x k calls round at ~1e-7 (measured
+    <= 2e-7), a missed call's share is O(1). Without the switches the program refuses the model
+    (NotImplementedError)."""
+    for what, err in per_sample_errors(*case(kind, k)).items():
         assert err <= 1e-5, (what, err)
 
 
-def test_the_old_path_and_an_unbatched_call_are_refused_naming_the_layer(monkeypatch):
-    """With ``REPEATED_LINEAR_CALLS`` off (the path before tw51) a repeated call is refused as before;
-    with it on, a call whose input is not ``[B, ..., in]`` with the batch's records first (here ``sq``
-    also applied to a constant ``[4]`` vector) is refused naming the layer: the estimation then takes
-    the torch.func path and says the K-FAC correction was lost."""
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_old_path_and_an_unbatched_call_are_refused_naming_the_layer(kind, monkeypatch):
+    """With ``REPEATED_LINEAR_CALLS`` / ``REPEATED_CONV_CALLS`` off (the path before tw51) a repeated call
+    is refused as before; with them on, a call whose input does not have the batch's records first (here
+    the layer also applied to a constant unbatched input, ``[4]`` or ``[2, 5]``) is refused naming the
+    layer: the estimation then takes the torch.func path and says the K-FAC correction was lost."""
     class Unbatched(Repeated):
         def forward(self, x):
             return self.head(torch.tanh(self.sq(torch.tanh(self.inp(x)))) + self.sq(torch.ones(4)))
 
-    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
-    prog = LayerProgram(Unbatched(out=3), ce, ["sq.weight", "sq.bias"], torch.float32)
-    with pytest.raises(NotImplementedError, match=r"layer 'sq' is called 2x per forward, not every call on \[B, \.\.\., in\]"):
+    class ConvUnbatched(ConvTwice):
+        def forward(self, x):
+            return self.head((torch.tanh(self.conv(x)) + self.conv(torch.ones(2, 5))).flatten(1))
+
+    x = torch.randn(8, *((5,) if kind == "linear" else (2, 5)))
+    y = torch.randint(0, 3, (8,))
+    layer, model, twice = (("sq", Unbatched(out=3), Repeated(out=3)) if kind == "linear" else
+                           ("conv", ConvUnbatched(), ConvTwice()))
+    prog = LayerProgram(model, ce, [f"{layer}.weight", f"{layer}.bias"], torch.float32)
+    with pytest.raises(NotImplementedError, match=rf"layer '{layer}' is called 2x per forward, not every call on \["):
         prog.batch(x, y, 8)
     monkeypatch.setattr(LF, "REPEATED_LINEAR_CALLS", False)
-    prog = LayerProgram(Repeated(out=3), ce, ["sq.weight", "sq.bias"], torch.float32)
-    with pytest.raises(NotImplementedError, match="layer 'sq' is not called once per forward"):
+    monkeypatch.setattr(LF, "REPEATED_CONV_CALLS", False)
+    prog = LayerProgram(twice, ce, [f"{layer}.weight", f"{layer}.bias"], torch.float32)
+    with pytest.raises(NotImplementedError, match=f"layer '{layer}' is not called once per forward"):
         prog.batch(x, y, 8)
 
 

@@ -1620,7 +1620,11 @@ def _patches(mod: nn.Module, x: Tensor) -> Tensor:
     """A convolution's input as patches ``[B, groups, C_in/groups * prod(kernel), positions]``:
     the layer is then a Linear over patches. Strided windows (``Tensor.unfold``, a view: far
     faster than ``F.unfold``'s im2col on CPU), any number of spatial dims, stride, dilation,
-    padding (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward)."""
+    padding (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward).
+    A tuple ``x``: the inputs of a convolution's repeated calls (:data:`REPEATED_CONV_CALLS`),
+    their patches concatenated along the positions in call order."""
+    if isinstance(x, tuple):
+        return torch.cat([_patches(mod, xi) for xi in x], -1)
     nd = x.dim() - 2
     if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
         mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
@@ -1928,6 +1932,11 @@ CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gr
 # sums' (tw51). False: the program refuses such a model at its first batch (the generic torch.func
 # path, without a K-FAC correction, the report's "kfac_lost" line and * rows; before tw51)
 REPEATED_LINEAR_CALLS = True
+# The same for a convolution (not a transposed one) called k > 1 times on batched inputs (a siamese
+# encoder, a block applied twice): its taps hold the calls' inputs as a tuple, whose patches
+# (_patches) and output gradients ([B, C_out, P_i] flattened) are concatenated along the positions.
+# False: refused as before tw51
+REPEATED_CONV_CALLS = True
 
 
 def _slice(tree: Any, a: Any, c: Any = None) -> Any:
@@ -2142,27 +2151,34 @@ class LayerProgram:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
             k = self._calls.get(name, 0)
             self._calls[name] = k + 1
-            if k:  # a repeated call: every call's input and output kept (_repeated_linear_taps)
+            if k:  # a repeated call: every call's input and output kept (_repeated_taps)
                 self._repeated.setdefault(name, [(self._inputs[name], self._outputs[name])]).append((args[0], out))
             self._inputs[name] = args[0]
             self._outputs[name] = out
 
         return hook
 
-    def _repeated_linear_taps(self, m: str, b: int) -> tuple[Tensor, list[Tensor]]:
-        """An nn.Linear's taps over its ``k > 1`` calls of this forward (:data:`REPEATED_LINEAR_CALLS`):
-        the inputs as one ``[B, P_1 + ... + P_k, in]`` (detached; each call's ``[B, ..., in]`` flattened
-        to ``[B, P_i, in]``) and the ``k`` outputs (in the graph), whose gradients :meth:`_unpack`
-        concatenates in the same order. Raises ``NotImplementedError`` naming the layer where a call's
-        input or output is not ``[B, ..., features]`` with this batch's ``B`` records first."""
+    def _repeated_taps(self, m: str, mod: nn.Module, b: int) -> tuple[Any, list[Tensor]]:
+        """A layer's taps over its ``k > 1`` calls of this forward, in call order, and the ``k`` outputs
+        (in the graph), whose gradients :meth:`_unpack` concatenates in the same order. An nn.Linear
+        (:data:`REPEATED_LINEAR_CALLS`): the inputs as one ``[B, P_1 + ... + P_k, in]`` (detached; each
+        call's ``[B, ..., in]`` flattened to ``[B, P_i, in]``). A convolution (:data:`REPEATED_CONV_CALLS`):
+        the tuple of the calls' inputs ``[B, C_in, *spatial_i]`` (detached), whose patches
+        :func:`_patches` concatenates. Raises ``NotImplementedError`` naming the layer where a call's
+        input or output does not have this batch's ``B`` records first (a Linear's ``[B, ..., features]``,
+        a convolution's batched ``[B, C, *spatial]``)."""
         calls = self._repeated[m]
+        linear = isinstance(mod, nn.Linear)
         for x, o in calls:
             if not (isinstance(x, Tensor) and isinstance(o, Tensor) and x.dim() >= 2 and o.dim() == x.dim()
-                    and x.shape[0] == b and o.shape[:-1] == x.shape[:-1]):
+                    and x.shape[0] == b and o.shape[0] == b
+                    and (o.shape[:-1] == x.shape[:-1] if linear else x.dim() == mod.weight.dim())):
                 raise NotImplementedError(f"layer {m!r} is called {len(calls)}x per forward, not every call on "
-                                          f"[B, ..., in] inputs of the batch's {b} records")
-        x = torch.cat([x.detach().reshape(b, -1, x.shape[-1]) for x, _ in calls], 1)
-        return x, [o for _, o in calls]
+                                          f"{'[B, ..., in]' if linear else '[B, C, *spatial]'} inputs of the "
+                                          f"batch's {b} records")
+        if linear:
+            return torch.cat([x.detach().reshape(b, -1, x.shape[-1]) for x, _ in calls], 1), [o for _, o in calls]
+        return tuple(x.detach() for x, _ in calls), [o for _, o in calls]
 
     def _forward(self, inputs: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, tuple[int, ...]]:
         """One forward pass (grad enabled by the caller): per layer its input (detached) and
@@ -2182,8 +2198,9 @@ class LayerProgram:
                 taps[m] = (tuple(t.detach() for t in xs), list(outs))
             else:
                 if self._calls.get(m, 0) != 1:
-                    if REPEATED_LINEAR_CALLS and isinstance(mod, nn.Linear) and self._calls.get(m, 0) > 1:
-                        taps[m] = self._repeated_linear_taps(m, b)  # its calls as positions of one call
+                    if self._calls.get(m, 0) > 1 and ((REPEATED_LINEAR_CALLS and isinstance(mod, nn.Linear))
+                                                      or (REPEATED_CONV_CALLS and isinstance(mod, _CONVS))):
+                        taps[m] = self._repeated_taps(m, mod, b)  # its calls as positions of one call
                         continue
                     raise NotImplementedError(f"layer {m!r} is not called once per forward")
                 x = self._inputs[m]
@@ -2248,8 +2265,10 @@ class LayerProgram:
                 res[m] = tuple(go)
             elif len(go) == 1:
                 res[m] = go[0]
-            else:  # a Linear's repeated calls: their positions in _repeated_linear_taps' order
+            elif isinstance(self._mods[m], nn.Linear):  # repeated calls: their positions in _repeated_taps' order
                 res[m] = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in go], 1)
+            else:  # a convolution's: [B, C_out, P_1 + ... + P_k], as _patches orders the positions
+                res[m] = torch.cat([g.reshape(g.shape[0], g.shape[1], -1) for g in go], -1)
         return res
 
     def _taps(self, inputs: Any, targets: Any, b: int, second: bool
@@ -2721,14 +2740,14 @@ class LayerProgram:
         if blk.weight is None:
             x = taps.x[m]
             pos = (math.prod(x.shape[1:-1]) if isinstance(mod, nn.Linear)
-                   else math.prod(_conv_patches(mod, x[a:a + 1], op).shape[3:]))
+                   else math.prod(_conv_patches(mod, _slice(x, a, a + 1), op).shape[3:]))
             return torch.ones(r, 1, 1, pos, dtype=self.dtype)
         if isinstance(mod, nn.Linear):
             x = taps.x[m][a:c]
             u = x.reshape(r, -1, blk.fan).transpose(1, 2).unsqueeze(1)
         else:
             cache = taps.cache.get(m) or {}
-            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, taps.x[m][a:c], op)
+            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, _slice(taps.x[m], a, c), op)
         if blk.bias is not None:
             u = torch.cat([u, torch.ones(r, blk.groups, 1, u.shape[-1], dtype=u.dtype)], 2)
         return u
