@@ -19,7 +19,7 @@ that Gauss-Newton block of ``sq`` (max relative error to the largest entry, per 
 CE + wd 1e-2, n = 400), the same calling it 3 times, the twice model on ``[B, 3, 5]`` inputs (mean over the
 positions before the head) and the untied twin (``sq2`` for the second call: one more layer, every layer once)
 and prints ``assess``'s leakage (none / rtn_int8 / rtn_int4) with estimation="exact", "diagonal" and
-"diagonal" with ``REPEATED_LINEAR_CALLS = False`` (the path before tw51), the diagonal's ratios to the exact
+"diagonal" with ``REPEATED_LINEAR_CALLS = REPEATED_CONV_CALLS = False`` (the path before tw51), the diagonal's ratios to the exact
 and its K-FAC diagnostics.
 
 ``conv`` fits (as ``twice``, n = 400, 3 classes from two thresholds of a noisy linear functional of

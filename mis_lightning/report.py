@@ -1269,7 +1269,7 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
     diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
-    convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51")."""
+    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51")."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:

@@ -2062,10 +2062,10 @@ class LayerProgram:
     ``NotImplementedError`` naming the layer when an assessed parameter is not the weight or
     bias of a supported layer (then torch.func per-sample gradients are used). A parameter
     tied to several supported layers (an embedding shared with the output head) gets the sum
-    of its uses' per-sample gradients. An nn.Linear called ``k > 1`` times per forward is one call
-    over its calls' positions (:data:`REPEATED_LINEAR_CALLS`; every call's input ``[B, ..., in]``):
-    its per-sample gradients, Gauss-Newton directions' gradients and K-FAC partial traces are the
-    exact sums over the calls. The first batch is checked against torch.func's per-sample
+    of its uses' per-sample gradients. An nn.Linear or a convolution (not a transposed one) called
+    ``k > 1`` times per forward is one call over its calls' positions (:data:`REPEATED_LINEAR_CALLS`,
+    :data:`REPEATED_CONV_CALLS`; every call on batched input): its per-sample gradients, Gauss-Newton
+    directions' gradients and K-FAC partial traces are the exact sums over the calls. The first batch is checked against torch.func's per-sample
     gradients of two records.
     """
 
