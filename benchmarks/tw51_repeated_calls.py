@@ -1,11 +1,11 @@
-"""tw51: an nn.Linear called k > 1 times per forward in the diagonal estimator (docs/benchmarks.md, "tw51").
+"""tw51: an nn.Linear or a convolution called k > 1 times per forward in the diagonal estimator (docs/benchmarks.md, "tw51").
 
-    python benchmarks/tw51_repeated_linear.py grads    # per-sample gradients, Gauss-Newton diagonal, K-FAC partial traces vs torch.func
-    python benchmarks/tw51_repeated_linear.py twice    # fitted models: exact vs diagonal (REPEATED_LINEAR_CALLS on / off)
-    python benchmarks/tw51_repeated_linear.py conv     # fitted convolutions called twice: exact vs diagonal (REPEATED_CONV_CALLS on / off)
-    python benchmarks/tw51_repeated_linear.py wide     # nu49's 794-weight twice-called tanh MLP (n = 2,000) and its untied twin
-    python benchmarks/tw51_repeated_linear.py ab       # models without a repeated call: reports with the switch on / off
-    python benchmarks/tw51_repeated_linear.py ab DIR   # the same, each report also written to DIR/NAME.json (compare checkouts)
+    python benchmarks/tw51_repeated_calls.py grads    # per-sample gradients, Gauss-Newton diagonal, K-FAC partial traces vs torch.func
+    python benchmarks/tw51_repeated_calls.py twice    # fitted models: exact vs diagonal (REPEATED_LINEAR_CALLS on / off)
+    python benchmarks/tw51_repeated_calls.py conv     # fitted convolutions called twice: exact vs diagonal (REPEATED_CONV_CALLS on / off)
+    python benchmarks/tw51_repeated_calls.py wide     # nu49's 794-weight twice-called tanh MLP (n = 2,000) and its untied twin
+    python benchmarks/tw51_repeated_calls.py ab       # models without a repeated call: reports with the switch on / off
+    python benchmarks/tw51_repeated_calls.py ab DIR   # the same, each report also written to DIR/NAME.json (compare checkouts)
 
 ``grads`` builds :class:`~mis_lightning.estimation.linear_factors.LayerProgram` on a tanh MLP whose square
 Linear ``sq`` is called ``k`` times (``[B, 5]`` inputs, or ``[B, 6, 5]`` with a mean over the positions before
@@ -23,7 +23,7 @@ and prints ``assess``'s leakage (none / rtn_int8 / rtn_int4) with estimation="ex
 and its K-FAC diagnostics.
 
 ``conv`` fits (as ``twice``, n = 400, 3 classes from two thresholds of a noisy linear functional of
-AR(1) inputs ``[B, 2, 5]``, rho 0.7) ``tests/test_repeated_linear.ConvTwice`` (``Conv1d(2, 2, 3)`` called twice,
+AR(1) inputs ``[B, 2, 5]``, rho 0.7) ``tests/test_repeated_calls.ConvTwice`` (``Conv1d(2, 2, 3)`` called twice,
 then a Linear head) and a siamese one (one ``Conv1d(2, 2, 3)`` on both halves of ``[B, 2, 2, 5]``, a Linear head
 on the pair), with the convolution untied (a second Conv1d) as a twin, and prints the same lines.
 
@@ -52,7 +52,7 @@ import nu48_trial as t  # noqa: E402 - session 48's data, fit and loss
 
 sys.path.insert(0, "tests")
 from _nets import CNN, Repeated  # noqa: E402 - tests/_nets.py
-from test_repeated_linear import ConvTwice, case, per_sample_errors  # noqa: E402 - tests/test_repeated_linear.py: the reference
+from test_repeated_calls import ConvTwice, case, per_sample_errors  # noqa: E402 - tests/test_repeated_calls.py: the reference
 
 torch.set_num_threads(1)
 LF = importlib.import_module("mis_lightning.estimation.linear_factors")

@@ -1,8 +1,9 @@
-"""An nn.Linear called k > 1 times per forward (weights shared across depth) in the per-layer program
-and the diagonal estimator (tw51; docs/benchmarks.md, "tw51"): its calls are taken as positions of one
-call (``linear_factors.REPEATED_LINEAR_CALLS``), so the per-sample gradients, the Gauss-Newton diagonal
-and the K-FAC partial traces are exact sums over the calls, checked against ``torch.func`` here; before,
-the program refused such a model and its layers lost their K-FAC correction (nu49)."""
+"""An nn.Linear or a convolution called k > 1 times per forward (weights shared across depth, a siamese
+encoder) in the per-layer program and the diagonal estimator (tw51; docs/benchmarks.md, "tw51"): its
+calls are taken as positions of one call (``linear_factors.REPEATED_LINEAR_CALLS``,
+``REPEATED_CONV_CALLS``), so the per-sample gradients, the Gauss-Newton diagonal and the K-FAC partial
+traces are exact sums over the calls, checked against ``torch.func`` here; before, the program refused
+such a model and its layers lost their K-FAC correction (nu49)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def per_sample_errors(m: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str
     gradients (``vmap(grad)``; every parameter), of the Gauss-Newton diagonal ``sum_r J_r' L_r J_r``
     (``jacrev``, softmax ``L = diag(p) - p p'``; after ``batch_sums``, the loss gradient's own share
     included) and of ``layer``'s K-FAC factors (its weight ``[out, ...]`` and bias), the partial traces of
-    its Gauss-Newton block per group (benchmarks/tw51_repeated_linear.py prints them)."""
+    its Gauss-Newton block per group (benchmarks/tw51_repeated_calls.py prints them)."""
     f64, b, dtype = torch.float64, x.shape[0], x.dtype
     names = [n for n, _ in m.named_parameters()]
     prog = LayerProgram(m, ce, names, dtype)
