@@ -1268,8 +1268,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     is a short phrase; empty when none fails. The warnings say each in full. The diagonal
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
-    diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: a
-    layer called twice per forward; docs/benchmarks.md, "nu49")."""
+    diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
+    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51")."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:
@@ -1288,7 +1288,7 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append("interpolating")
     if diagnostics.get("diagonal_over_recurrent"):
         out.append("diagonal sandwich over recurrent layers")
-    if diagnostics.get("kfac_lost"):  # nu49: a Linear called twice lost it unmarked
+    if diagnostics.get("kfac_lost"):  # nu49: a layer called twice lost it unmarked
         out.append("diagonal sigma without its K-FAC correction")
     return out
 

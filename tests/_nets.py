@@ -1,5 +1,6 @@
 """Small models shared by several test files."""
 
+import torch
 from torch import nn
 
 
@@ -139,3 +140,27 @@ def ridge_linear(n: int, features: int = 19, decay: float = 1e-2, seed: int = 0)
         model.weight.copy_(theta[:features][None])
         model.bias.copy_(theta[features:])
     return model, torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=n)
+
+
+class Repeated(nn.Module):
+    """``inp -> tanh -> (sq -> tanh) x k -> head``: a square Linear ``sq`` called ``k`` times per forward
+    (weights shared across depth; ``k = 2``, ``width = 4``, ``out = 2`` is nu48's ``Twice``, built in the
+    same order). ``untied``: the j-th call a layer of its own (``more[j - 1]``); ``seq``: ``[B, T, 5]``
+    inputs, a mean over the positions before the head; ``mixed``: ``sq`` once on the positions' mean
+    ``[B, width]`` and once on every position ``[B, T, width]`` (calls of different shapes). tw51."""
+
+    def __init__(self, k: int = 2, untied: bool = False, seq: bool = False, mixed: bool = False, width: int = 4,
+                 out: int = 2) -> None:
+        super().__init__()
+        self.k, self.untied, self.seq, self.mixed = k, untied, seq, mixed
+        self.inp, self.sq, self.head = nn.Linear(5, width), nn.Linear(width, width), nn.Linear(width, out)
+        if untied:
+            self.more = nn.ModuleList(nn.Linear(width, width) for _ in range(k - 1))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self.mixed:
+            return self.head(torch.tanh(self.sq(h.mean(1))) + torch.tanh(self.sq(h)).mean(1))
+        for j in range(self.k):
+            h = torch.tanh((self.more[j - 1] if self.untied and j else self.sq)(h))
+        return self.head(h.mean(1) if self.seq else h)

@@ -208,19 +208,26 @@ class _Twice(nn.Module):
         return self.head(self.conv(torch.tanh(self.conv(x))).flatten(1))
 
 
-@pytest.mark.parametrize("case", ["conv", "linear", "switched_off"])
+@pytest.mark.parametrize("case", ["conv", "linear", "conv_taken", "linear_taken", "switched_off"])
 def test_a_refused_model_says_its_layers_lost_the_kfac_correction(case, monkeypatch):
-    """Where the per-layer program refuses the model at its first batch (here a layer called twice),
-    its convolutions and Linear layers lose their K-FAC correction: until cq41 silently (no kfac
+    """Where the per-layer program refuses the model at its first batch (here a layer called twice with
+    ``REPEATED_CONV_CALLS`` / ``REPEATED_LINEAR_CALLS`` off, the path before tw51), its
+    convolutions and Linear layers lose their K-FAC correction: until cq41 silently (no kfac
     diagnostics at all); now ``kfac_lost`` gives the cause naming the layer, ``kfac_uncorrected_layers``
     the layers, :func:`estimator_warnings` a report line and the rows a ``*``
     (``regime_failures``). An all-Linear model loses it too (nu49: its factored or per-layer program,
     or kf33's side program for a classifier, corrects it otherwise; said nothing before). No line with
-    the correction switched off (``KFAC_CORRECTION``)."""
+    the correction switched off (``KFAC_CORRECTION``). ``conv_taken`` / ``linear_taken``: the per-layer
+    program takes the twice-called layer's calls as positions (tw51), every layer corrected, no line, no
+    mark."""
     E = importlib.import_module("mis_lightning.estimation.estimate")  # (the package exports the function)
     if case == "switched_off":
         monkeypatch.setattr(E, "KFAC_CORRECTION", False)
-    m = _Twice(case != "linear").double().eval()
+    if case in ("conv", "linear"):
+        LF = importlib.import_module("mis_lightning.estimation.linear_factors")
+        monkeypatch.setattr(LF, "REPEATED_CONV_CALLS", False)
+        monkeypatch.setattr(LF, "REPEATED_LINEAR_CALLS", False)
+    m = _Twice(case not in ("linear", "linear_taken")).double().eval()
     g = torch.Generator().manual_seed(0)
     X = torch.randn(24, 2, 5, generator=g, dtype=torch.float64)
     dl = DataLoader(TensorDataset(X, torch.randint(0, 3, (24,), generator=g)), batch_size=12)
@@ -229,6 +236,12 @@ def test_a_refused_model_says_its_layers_lost_the_kfac_correction(case, monkeypa
     marked = "diagonal sigma without its K-FAC correction" in regime_failures(est.diagnostics, 1000, 1, None)
     if case == "switched_off":
         assert "kfac_lost" not in est.diagnostics and lines == [] and not marked
+        return
+    if case in ("conv_taken", "linear_taken"):
+        dg = est.diagnostics
+        assert "kfac_lost" not in dg and lines == [] and not marked
+        assert dg["kfac_correction"] is True and dg["kfac_uncorrected_layers"] == []
+        assert dg["kfac_corrected_weights"] == (14 if case == "conv_taken" else 30) + 33
         return
     dg = est.diagnostics
     assert dg["kfac_correction"] is False and dg["kfac_lost"] == "layer 'conv' is not called once per forward"

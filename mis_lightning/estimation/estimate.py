@@ -1755,7 +1755,7 @@ class MomentAccumulator:
                 fac = side.batch(xs, ys, bs, squares=False)
             else:
                 fac = side.batch(xs, ys, bs)
-        except NotImplementedError as exc:  # (a layer not called once per forward: neither program takes it)
+        except NotImplementedError as exc:  # (e.g. a transposed convolution called twice: neither program takes it)
             if int(st["n"]) > 0:
                 raise
             if layer:
@@ -2210,14 +2210,17 @@ class MomentAccumulator:
         """Where the model's assessed convolutions, and the nn.Linear layers of a model whose
         assessed layers are all nn.Linear or convolutions (its factored or per-layer program, or
         kf33's side program, corrects them otherwise), get no K-FAC correction because a per-layer
-        program refused the model at its first batch (a layer called twice per forward, a
-        transposed convolution on unbatched input, a weight also used outside its layer):
+        program refused the model at its first batch (a transposed convolution, a norm or an
+        embedding called twice per forward, a Linear or convolution called twice on an input
+        without the batch's records first, a transposed convolution on unbatched input, a weight
+        also used outside its layer):
         ``kfac_correction`` False, ``kfac_lost`` (the cause, naming the layer),
         ``kfac_uncorrected_layers`` (those layers) and ``kfac_uncorrected_weights``;
         :func:`estimator_warnings` puts it in the report, :func:`~mis_lightning.report.regime_failures`
         marks the rows. Nothing where the correction is switched off (``KFAC_CORRECTION``) or was
-        never due. (nu49: a Linear called twice lost it unsaid; the twice-called layer's sigma is
-        not factored as one Kronecker product, method.md section 4, so it is not corrected.)"""
+        never due. (nu49: a Linear called twice lost it unsaid; since tw51 the per-layer program
+        takes a Linear's or a convolution's calls as positions of one call,
+        ``linear_factors.REPEATED_LINEAR_CALLS`` / ``REPEATED_CONV_CALLS``, and corrects it.)"""
         if self._kfac_refused is None or prog is not None or not KFAC_CORRECTION or self.mode != "diagonal":
             return
         mods = dict(self.model.named_modules())
@@ -2671,8 +2674,12 @@ SCALE_SYMMETRY_FIGURES = (
 
 # what the diagonal sandwich's sigma read against the exact estimator's on layers that lost their
 # K-FAC correction (estimator_warnings' "kfac_lost"; docs/benchmarks.md "cv40", "nu49")
-KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions (cv40); on tanh MLPs calling one Linear twice (35 and "
-                     "769 weights) their rtn_int4 figures read 0.75x the exact estimator's (nu48, nu49)")
+# (the tanh MLPs' figures are of the path before tw51, which refused a Linear called twice: the same
+# uncorrected sandwich; their weights 54 and 769, nu48's table and scratch model; tw51 takes those
+# layers and convolutions called twice, docs/benchmarks.md "tw51")
+KFAC_LOST_FIGURES = ("0.01-0.5x the exact one on convolutions (cv40); on tanh MLPs calling one Linear twice (54 and "
+                     "769 weights) with the correction off, their rtn_int4 figures read 0.75x the exact estimator's "
+                     "(nu48, nu49)")
 
 
 def scale_symmetry_warning(diagnostics: Mapping[str, Any]) -> str | None:

@@ -1620,7 +1620,11 @@ def _patches(mod: nn.Module, x: Tensor) -> Tensor:
     """A convolution's input as patches ``[B, groups, C_in/groups * prod(kernel), positions]``:
     the layer is then a Linear over patches. Strided windows (``Tensor.unfold``, a view: far
     faster than ``F.unfold``'s im2col on CPU), any number of spatial dims, stride, dilation,
-    padding (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward)."""
+    padding (``'same'``/``'valid'`` and non-zero modes padded first, as the layer's forward).
+    A tuple ``x``: the inputs of a convolution's repeated calls (:data:`REPEATED_CONV_CALLS`),
+    their patches concatenated along the positions in call order."""
+    if isinstance(x, tuple):
+        return torch.cat([_patches(mod, xi) for xi in x], -1)
     nd = x.dim() - 2
     if isinstance(mod.padding, str) or mod.padding_mode != "zeros":
         mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
@@ -1920,6 +1924,20 @@ CE_BASE_WEIGHT_MAX = 1e6
 
 CHUNK_FLOATS = 1 << 20  # floats per [records, numel] temporary of per-sample gradients (8 MiB in float64)
 
+# LayerProgram takes an nn.Linear called k > 1 times per forward (weights shared across depth,
+# ``fc(fc(x))``, an unrolled loop over one layer) as one call over its calls' positions: the inputs
+# and output gradients of the calls concatenated along a positions axis, ``[B, P_1 + ... + P_k, in]``,
+# so the per-sample gradient is the exact sum of the calls' outer products, each Gauss-Newton
+# direction's too (the diagonal's squares are taken of the sum), and the K-FAC partial traces those
+# sums' (tw51). False: the program refuses such a model at its first batch (the generic torch.func
+# path, without a K-FAC correction, the report's "kfac_lost" line and * rows; before tw51)
+REPEATED_LINEAR_CALLS = True
+# The same for a convolution (not a transposed one) called k > 1 times on batched inputs (a siamese
+# encoder, a block applied twice): its taps hold the calls' inputs as a tuple, whose patches
+# (_patches) and output gradients ([B, C_out, P_i] flattened) are concatenated along the positions.
+# False: refused as before tw51
+REPEATED_CONV_CALLS = True
+
 
 def _slice(tree: Any, a: Any, c: Any = None) -> Any:
     """Rows ``a:c`` (or the index tensor / slice ``a``) of every tensor of a pytree."""
@@ -2044,8 +2062,11 @@ class LayerProgram:
     ``NotImplementedError`` naming the layer when an assessed parameter is not the weight or
     bias of a supported layer (then torch.func per-sample gradients are used). A parameter
     tied to several supported layers (an embedding shared with the output head) gets the sum
-    of its uses' per-sample gradients. The first batch is checked against torch.func's
-    per-sample gradients of two records.
+    of its uses' per-sample gradients. An nn.Linear or a convolution (not a transposed one) called
+    ``k > 1`` times per forward is one call over its calls' positions (:data:`REPEATED_LINEAR_CALLS`,
+    :data:`REPEATED_CONV_CALLS`; every call on batched input): its per-sample gradients, Gauss-Newton
+    directions' gradients and K-FAC partial traces are the exact sums over the calls. The first batch is checked against torch.func's per-sample
+    gradients of two records.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, names: list[str], dtype: torch.dtype,
@@ -2090,6 +2111,8 @@ class LayerProgram:
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
         self._calls: dict[str, int] = {}
+        # per layer called more than once in this forward: every call's (input, output), in order
+        self._repeated: dict[str, list[tuple[Any, Any]]] = {}
         self._numels = {n: p.numel() for n, p in self.model.named_parameters()}
         self.handles = []
         for m in self.slots:
@@ -2126,16 +2149,41 @@ class LayerProgram:
 
     def _hook(self, name: str) -> Callable:
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
-            self._calls[name] = self._calls.get(name, 0) + 1
+            k = self._calls.get(name, 0)
+            self._calls[name] = k + 1
+            if k:  # a repeated call: every call's input and output kept (_repeated_taps)
+                self._repeated.setdefault(name, [(self._inputs[name], self._outputs[name])]).append((args[0], out))
             self._inputs[name] = args[0]
             self._outputs[name] = out
 
         return hook
 
+    def _repeated_taps(self, m: str, mod: nn.Module, b: int) -> tuple[Any, list[Tensor]]:
+        """A layer's taps over its ``k > 1`` calls of this forward, in call order, and the ``k`` outputs
+        (in the graph), whose gradients :meth:`_unpack` concatenates in the same order. An nn.Linear
+        (:data:`REPEATED_LINEAR_CALLS`): the inputs as one ``[B, P_1 + ... + P_k, in]`` (detached; each
+        call's ``[B, ..., in]`` flattened to ``[B, P_i, in]``). A convolution (:data:`REPEATED_CONV_CALLS`):
+        the tuple of the calls' inputs ``[B, C_in, *spatial_i]`` (detached), whose patches
+        :func:`_patches` concatenates. Raises ``NotImplementedError`` naming the layer where a call's
+        input or output does not have this batch's ``B`` records first (a Linear's ``[B, ..., features]``,
+        a convolution's batched ``[B, C, *spatial]``)."""
+        calls = self._repeated[m]
+        linear = isinstance(mod, nn.Linear)
+        for x, o in calls:
+            if not (isinstance(x, Tensor) and isinstance(o, Tensor) and x.dim() >= 2 and o.dim() == x.dim()
+                    and x.shape[0] == b and o.shape[0] == b
+                    and (o.shape[:-1] == x.shape[:-1] if linear else x.dim() == mod.weight.dim())):
+                raise NotImplementedError(f"layer {m!r} is called {len(calls)}x per forward, not every call on "
+                                          f"{'[B, ..., in]' if linear else '[B, C, *spatial]'} inputs of the "
+                                          f"batch's {b} records")
+        if linear:
+            return torch.cat([x.detach().reshape(b, -1, x.shape[-1]) for x, _ in calls], 1), [o for _, o in calls]
+        return tuple(x.detach() for x, _ in calls), [o for _, o in calls]
+
     def _forward(self, inputs: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, tuple[int, ...]]:
         """One forward pass (grad enabled by the caller): per layer its input (detached) and
         output(s) (in the graph), the outputs ``[B, C]`` and their per-record shape."""
-        self._inputs.clear(), self._outputs.clear(), self._calls.clear()
+        self._inputs.clear(), self._outputs.clear(), self._calls.clear(), self._repeated.clear()
         for mod in self._mods.values():
             if isinstance(mod, _MHA):
                 mod._fast_taps.clear()
@@ -2150,6 +2198,10 @@ class LayerProgram:
                 taps[m] = (tuple(t.detach() for t in xs), list(outs))
             else:
                 if self._calls.get(m, 0) != 1:
+                    if self._calls.get(m, 0) > 1 and ((REPEATED_LINEAR_CALLS and isinstance(mod, nn.Linear))
+                                                      or (REPEATED_CONV_CALLS and isinstance(mod, _CONVS))):
+                        taps[m] = self._repeated_taps(m, mod, b)  # its calls as positions of one call
+                        continue
                     raise NotImplementedError(f"layer {m!r} is not called once per forward")
                 x = self._inputs[m]
                 if isinstance(mod, _TRANSPOSED):
@@ -2162,7 +2214,7 @@ class LayerProgram:
                         raise NotImplementedError(f"layer {m!r}: a transposed convolution's output shape "
                                                   f"{tuple(self._outputs[m].shape[2:])} is no output padding's")
                 taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
-        self._inputs.clear(), self._outputs.clear()
+        self._inputs.clear(), self._outputs.clear(), self._repeated.clear()
         if out.shape[0] != b:
             raise NotImplementedError("the model's output has no batch dimension first")
         return taps, out.reshape(b, -1), tuple(out.shape[1:])
@@ -2209,7 +2261,14 @@ class LayerProgram:
             outs = taps[m][1]
             go = [torch.zeros_like(o) if gi is None else gi for gi, o in zip(gos[pos: pos + len(outs)], outs)]
             pos += len(outs)
-            res[m] = tuple(go) if isinstance(self._mods[m], _MHA) else go[0]
+            if isinstance(self._mods[m], _MHA):
+                res[m] = tuple(go)
+            elif len(go) == 1:
+                res[m] = go[0]
+            elif isinstance(self._mods[m], nn.Linear):  # repeated calls: their positions in _repeated_taps' order
+                res[m] = torch.cat([g.reshape(g.shape[0], -1, g.shape[-1]) for g in go], 1)
+            else:  # a convolution's: [B, C_out, P_1 + ... + P_k], as _patches orders the positions
+                res[m] = torch.cat([g.reshape(g.shape[0], g.shape[1], -1) for g in go], -1)
         return res
 
     def _taps(self, inputs: Any, targets: Any, b: int, second: bool
@@ -2681,14 +2740,14 @@ class LayerProgram:
         if blk.weight is None:
             x = taps.x[m]
             pos = (math.prod(x.shape[1:-1]) if isinstance(mod, nn.Linear)
-                   else math.prod(_conv_patches(mod, x[a:a + 1], op).shape[3:]))
+                   else math.prod(_conv_patches(mod, _slice(x, a, a + 1), op).shape[3:]))
             return torch.ones(r, 1, 1, pos, dtype=self.dtype)
         if isinstance(mod, nn.Linear):
             x = taps.x[m][a:c]
             u = x.reshape(r, -1, blk.fan).transpose(1, 2).unsqueeze(1)
         else:
             cache = taps.cache.get(m) or {}
-            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, taps.x[m][a:c], op)
+            u = cache["u"][a:c] if "u" in cache else _conv_patches(mod, _slice(taps.x[m], a, c), op)
         if blk.bias is not None:
             u = torch.cat([u, torch.ones(r, blk.groups, 1, u.shape[-1], dtype=u.dtype)], 2)
         return u
