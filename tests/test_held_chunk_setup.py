@@ -14,7 +14,8 @@ import pickle
 import pytest
 import torch
 from test_scoring_pass import SCHEMES, _estimate
-from test_shared_deficits import NAME, _case, _Est
+from test_shared_deficits import NAME, _case
+from test_unit_sums_once import _EstWithEntries
 
 import mis_lightning.estimation.linear_factors as lf
 from mis_lightning.config import stage_configs
@@ -22,13 +23,11 @@ from mis_lightning.config import stage_configs
 A = importlib.import_module("mis_lightning.assess")  # (the package exports the function assess)
 
 
-class _EstHolding(_Est):
-    """The mock estimate with what an ``Estimate`` holds for the held setups."""
+class _EstHolding(_EstWithEntries):
+    """The mock estimate with what an ``Estimate`` holds for the held setups too."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
-        self.influence_scale = 1.0
-        self._unit_sums: dict = {}
         self._chunk_setups: dict = {}
 
 
