@@ -3275,13 +3275,14 @@ class _InfluenceReader:
 # UNIT_SUMS_ONCE's entries: the same tensors at the same versions, records, scale and power-sum
 # settings) and later calls read it: the same values, so bitwise the same sums. Not held: the
 # chunk-sized entries a call recomputes in one pass from what it reads anyway (gb^2, the clamped
-# variances); the rest is ~9 bytes a weight at 1e7 (gb^2 / V in float64, the live mask), at most
-# HELD_SETUP_BYTES in all (then the further chunks compute theirs per call, as before).
-# False: every call computes its own (A/B).
+# variances, the scaled d and gb in float64: their float32 copies are held); the rest is ~12 bytes
+# a weight at 1e7 (gb^2 / V in float64, the live mask, the first layer's scaled gb and d in
+# float32: ~122 MiB in all), at most HELD_SETUP_BYTES in all (then the further chunks compute
+# theirs per call, as before). False: every call computes its own (A/B).
 HOLD_CHUNK_SETUP = True
 HELD_SETUP_BYTES = 1 << 28
 # the memo's entries not held across calls (chunk-sized, one pass to recompute)
-_UNHELD_SETUP = ("g2", "vclamp")
+_UNHELD_SETUP = ("g2", "vclamp", "gs", "ds")
 
 
 def _held_setup(reader: _InfluenceReader, a: int, b: int) -> tuple[tuple, dict[Any, Any]] | None:

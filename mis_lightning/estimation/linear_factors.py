@@ -1124,7 +1124,13 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     S32 = cache.scratch("S32", layout, torch.float32, S.device).copy_(
         torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device))
         .permute(*((0, 2, 1) if skinny else (1, 0, 2))))
-    ds, gs = _memo(memo, "ds", lambda: d / sd), _memo(memo, "gs", lambda: gb / sg)  # [R, out], [out, in]
+    # [R, out], [out, in] (at first use: a held setup has their float32 powers, assess.HOLD_CHUNK_SETUP)
+    def ds() -> Tensor:
+        return _memo(memo, "ds", lambda: d / sd)
+
+    def gs() -> Tensor:
+        return _memo(memo, "gs", lambda: gb / sg)
+
     # (F32_BOUND_GEMM_ROWS: the contraction over the outputs adds the GEMMs' rows alone)
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(rows if F32_BOUND_GEMM_ROWS else out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
@@ -1141,15 +1147,15 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
         # one more rounding where a power of gb multiplies S (counted in eps's six)
         B = S32
         if power - a:  # (gb^1 is read by both powers' calls: held; the others are one call's)
-            g = (_memo(memo, "gs32", lambda: gs.to(torch.float32)) if power - a == 1
-                 else gs.pow(power - a).to(torch.float32))
+            g = (_memo(memo, "gs32", lambda: gs().to(torch.float32)) if power - a == 1
+                 else gs().pow(power - a).to(torch.float32))
             B = torch.mul(S32, g.unsqueeze(1) if skinny else g.T.unsqueeze(-1),
                           out=cache.scratch("B32", S32.shape, torch.float32, S.device))
         if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out
             t = torch.mm(B.view(rows * M, in_f), cache.scaled_power32(x, a).T,
                          out=cache.scratch("t32", (rows * M, R), torch.float32, S.device)).view(rows, M, R)
-            t = torch.mul(t, (_memo(memo, ("dsT32", a), lambda a=a: ds.T.pow(a).to(torch.float32)) if a <= 2
-                                else ds.T.pow(a).to(torch.float32)).unsqueeze(1),
+            t = torch.mul(t, (_memo(memo, ("dsT32", a), lambda a=a: ds().T.pow(a).to(torch.float32)) if a <= 2
+                                else ds().T.pow(a).to(torch.float32)).unsqueeze(1),
                           out=cache.scratch("dt32", (rows, M, R), torch.float32, S.device))
             ta = t.sum(0).T.to(torch.float64, memory_format=torch.contiguous_format)
             if K:  # sum_o (d^a t)_(o, m, r) W_ok: [K_m, out] @ [out, R] per source column
@@ -1159,8 +1165,8 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
                 ta = torch.cat([ta, tw], 1)
         else:
             t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
-            da = (_memo(memo, ("ds32", a), lambda a=a: ds.pow(a).to(torch.float32)) if a <= 2
-                  else ds.pow(a).to(torch.float32))
+            da = (_memo(memo, ("ds32", a), lambda a=a: ds().pow(a).to(torch.float32)) if a <= 2
+                  else ds().pow(a).to(torch.float32))
             ta = torch.einsum("ro,rom->rm", da, t).to(torch.float64)
             if K:  # sum_o d_ro^a t_rom W_ok: [R, out] @ [out, K_m] per source column
                 tw = torch.empty(R, K, dtype=torch.float64)
