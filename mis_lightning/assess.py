@@ -3277,7 +3277,7 @@ class _InfluenceReader:
 # chunk-sized entries a call recomputes in one pass from what it reads anyway (gb^2, the clamped
 # variances, the scaled d and gb in float64: their float32 copies are held); the rest is ~12 bytes
 # a weight at 1e7 (gb^2 / V in float64, the live mask, the first layer's scaled gb and d in
-# float32: ~122 MiB in all), at most HELD_SETUP_BYTES in all (then the further chunks compute
+# float32: ~118 MiB in all), at most HELD_SETUP_BYTES in all (then the further chunks compute
 # theirs per call, as before). False: every call computes its own (A/B).
 HOLD_CHUNK_SETUP = True
 HELD_SETUP_BYTES = 1 << 28

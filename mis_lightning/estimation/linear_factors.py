@@ -1002,7 +1002,6 @@ class PowerCache:
         self._setup_keys, self._setup_stamp, self._setup = keys, stamp, {}
         return self._setup
 
-
     def hold_setup(self, memo: dict[Any, Any] | None) -> None:
         """Make :meth:`chunk_setup` return ``memo`` (``None``: its own, as before) until the next
         call of this method: a chunk's setup held by the caller beyond this cache's life (the
