@@ -64,6 +64,7 @@ def _exact(fac, g_mean, v, power: int, col: torch.Tensor) -> torch.Tensor:
 
 
 def _columns(n: int, g: torch.Generator) -> torch.Tensor:
+    """``[n, 3]``: the unit column and two random non-negative ones (a chunk's kappas)."""
     return torch.stack([torch.ones(n, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64),
                         torch.rand(n, generator=g, dtype=torch.float64)], 1)
 
