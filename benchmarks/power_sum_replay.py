@@ -10,6 +10,7 @@ on a shared machine). ps35/ps36's method, kept as a script.
     python benchmarks/power_sum_replay.py tolerance DIR [REPS] NAME:SETTINGS [NAME:SETTINGS ...]
     python benchmarks/power_sum_replay.py phases DIR
     python benchmarks/power_sum_replay.py batch DIR [PARAM] [REPS]
+    python benchmarks/power_sum_replay.py held DIR [REPS] [--powers 2]
 
 ``capture`` runs the estimation and one ``score_schemes`` call (the 1e7 model: 121 calls, ~3 GB
 under DIR; the row weights too, p46a). ``replay`` passes the same ``d``, mean gradient and variances
@@ -41,6 +42,13 @@ one weight (default ``2.weight``) in their skinny shapes ``[rows * M, in] x [in,
 rows, random operands: the time of the shapes), one GEMM per call and term as now against one per
 power and term over every call's blocks stacked (what a pass summing a layer's GEMM rows across its
 chunks would run), alternated.
+``held`` (p51b) replays the captured ``_distinct_list_sums`` calls of the weights (``--powers``: those
+powers only; ``2``: what a later scoring call on the estimate sums, its fourth powers read back,
+``assess.UNIT_SUMS_ONCE``) with each chunk's setup computed per call (fresh) and held from the round
+before (``assess.HOLD_CHUNK_SETUP``: ``PowerCache.hold_setup``, the entries ``assess._UNHELD_SETUP``
+dropped after each chunk), the two alternated round by round after one warm-up round of each; CPU
+seconds per round by (parameter, power), the setups' bytes held, and the calls whose held result
+differs from the captured one.
 """
 
 from __future__ import annotations
@@ -229,6 +237,7 @@ def _calls(cap: str) -> tuple[dict[int, torch.Tensor], list[dict]]:
     calls, last = [], {}
     for f in sorted(glob.glob(f"{cap}/c*.pt")):
         c = torch.load(f)
+        c["file"] = f[:-3]
         for k in ("d", "gm", "vd"):
             if k in last and last[k].shape == c[k].shape and torch.equal(last[k], c[k]):
                 c[k] = last[k]
@@ -386,6 +395,59 @@ def batch(cap: str, param: str, reps: int) -> None:
           f"one per power and term over all the calls' blocks {tot[1] / reps:.3f}; load {os.getloadavg()[0]:.1f}")
 
 
+def held(cap: str, reps: int, powers: list[int] | None) -> None:
+    from mis_lightning.estimation import linear_factors as LF
+
+    AS = importlib.import_module("mis_lightning.assess")
+    torch.set_num_threads(1)
+    xs, calls = _calls(cap)
+    calls = [c for c in calls if c["tag"] == "_distinct_list_sums" and not c["bias"]
+             and (not powers or c["power"] in powers)]
+    caches: dict[tuple, object] = {}
+    setups: dict[tuple, dict] = {}
+    tot: dict[tuple, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    differ = 0
+
+    def one_round(hold: bool, timed: bool) -> int:
+        bad = 0
+        for c in calls:
+            fac = LF.LinearFactors(module=c["module"], weight=c["weight"], bias=c["fbias"], x=xs[c["x"]], d=c["d"])
+            cache = caches.setdefault((hold, c["cache"]), LF.PowerCache())
+            chunk = (c["weight"], id(c["d"]))  # (a chunk's calls share one d: _calls)
+            memo = setups.setdefault(chunk, {}) if hold else None
+            cache.hold_setup(memo)
+            t0 = time.process_time()
+            got = LF.factored_power_sums(fac, c["gm"], c["vd"], c["A"], c["power"], c["bias"], cache,
+                                         row_weights=c.get("rw"))
+            if memo is not None:
+                for k in AS._UNHELD_SETUP:
+                    memo.pop(k, None)
+            dt = time.process_time() - t0
+            cache.hold_setup(None)
+            if timed:
+                tot[(c["weight"], c["power"])][hold] += dt
+            if hold and not torch.equal(got, c["result"]):
+                bad += 1
+        return bad
+
+    for c in calls:
+        c["result"] = torch.load(f"{cap}/r{c['file'][-4:]}.pt")  # (the captured result)
+    one_round(False, False)
+    one_round(True, False)
+    for rep in range(reps):
+        for hold in ((False, True) if rep % 2 == 0 else (True, False)):
+            differ += one_round(hold, True)
+    print(f"CPU s per round ({reps} rounds), the setups fresh / held, by (parameter, power):")
+    total = [0.0, 0.0]
+    for k, (fresh, kept) in sorted(tot.items()):
+        print(f"  {k}: {fresh / reps:.3f} / {kept / reps:.3f}")
+        total[0] += fresh / reps
+        total[1] += kept / reps
+    size = sum(AS._setup_bytes(m) for m in setups.values())
+    print(f"all {len(calls)} calls: {total[0]:.3f} / {total[1]:.3f} s ({total[1] / total[0]:.3f}); setups held "
+          f"{size / 2**20:.1f} MiB; {differ} held results differ from the captured ones; load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -414,8 +476,14 @@ def main(argv: list[str]) -> int:
     bt.add_argument("dir")
     bt.add_argument("param", nargs="?", default="2.weight")
     bt.add_argument("reps", nargs="?", type=int, default=4)
+    hd = sub.add_parser("held")
+    hd.add_argument("dir")
+    hd.add_argument("reps", nargs="?", type=int, default=4)
+    hd.add_argument("--powers", type=int, nargs="+", default=None)
     args = ap.parse_args(argv)
-    if args.cmd == "batch":
+    if args.cmd == "held":
+        held(args.dir, args.reps, args.powers)
+    elif args.cmd == "batch":
         batch(args.dir, args.param, args.reps)
     elif args.cmd == "phases":
         phases(args.dir)

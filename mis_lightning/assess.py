@@ -3254,9 +3254,81 @@ class _InfluenceReader:
         gm, vd = est._centring(self.name, sel)
         out_rows = slice(a // u, b // u) if rows is None else a // u + rows
         part = dataclasses.replace(fac, d=fac.d[:, out_rows])
-        return {p: self._fps(part, gm, vd, c, p, bias=bias, cache=self.cache,
-                             row_weights=None if row_weights is None else row_weights.get(p))
-                for p, c in columns.items()}
+        held = _held_setup(self, a, b) if rows is None else None
+        self.cache.hold_setup(None if held is None else held[1])
+        try:
+            return {p: self._fps(part, gm, vd, c, p, bias=bias, cache=self.cache,
+                                 row_weights=None if row_weights is None else row_weights.get(p))
+                    for p, c in columns.items()}
+        finally:
+            self.cache.hold_setup(None)
+            if held is not None:
+                _keep_setup(self, a, b, *held)
+
+
+# A factored weight's chunk setup of the power sums (linear_factors.PowerCache.chunk_setup: the live
+# mask, gb^2 / V, the silent and dead rows, the layer's scales, the rows the GEMMs read and their
+# scaled d and gb) depends on the estimate alone, yet every scoring call computed it again for
+# each chunk (p51b: ~0.1 s of a loaded 1e7 steady call's ~0.65 s of power-2 sums, most of it the
+# second layer's 32 chunks whose GEMMs read 3-11 of 128 rows). With the switch the first call on
+# an estimate leaves each chunk's setup in it (Estimate._chunk_setups, keyed as
+# UNIT_SUMS_ONCE's entries: the same tensors at the same versions, records, scale and power-sum
+# settings) and later calls read it: the same values, so bitwise the same sums. Not held: the
+# chunk-sized entries a call recomputes in one pass from what it reads anyway (gb^2, the clamped
+# variances, the scaled d and gb in float64: their float32 copies are held); the rest is ~12 bytes
+# a weight at 1e7 (gb^2 / V in float64, the live mask, the first layer's scaled gb and d in
+# float32: ~118 MiB in all), at most HELD_SETUP_BYTES in all (then the further chunks compute
+# theirs per call, as before). False: every call computes its own (A/B).
+HOLD_CHUNK_SETUP = True
+HELD_SETUP_BYTES = 1 << 28
+# the memo's entries not held across calls (chunk-sized, one pass to recompute)
+_UNHELD_SETUP = ("g2", "vclamp", "gs", "ds")
+
+
+def _held_setup(reader: _InfluenceReader, a: int, b: int) -> tuple[tuple, dict[Any, Any]] | None:
+    """``(key, memo)``: the setup of chunk ``a:b`` of ``reader``'s factored weight held in the
+    estimate (:data:`HOLD_CHUNK_SETUP`; empty where none is held yet or the held one was computed
+    from other inputs), or ``None`` where no setup is held (the switch off, stored influences, a
+    bias, inputs that cannot be keyed)."""
+    if not HOLD_CHUNK_SETUP or reader.factor is None or reader.factor[1]:
+        return None
+    store = getattr(reader.est, "_chunk_setups", None)
+    inputs = _unit_sums_inputs(reader) if isinstance(store, dict) else None
+    if inputs is None or store is None:
+        return None
+    entry = store.get((reader.name, a, b))
+    if entry is not None and _qbase._key_matches(entry[0], *inputs):
+        return entry[0], entry[1]
+    return _qbase._fact_key(*inputs), {}
+
+
+def _keep_setup(reader: _InfluenceReader, a: int, b: int, key: tuple, memo: dict[Any, Any]) -> None:
+    """Hold ``memo`` (less :data:`_UNHELD_SETUP`) in the estimate for chunk ``a:b`` while the
+    setups held stay within :data:`HELD_SETUP_BYTES`."""
+    store = reader.est._chunk_setups
+    for k in _UNHELD_SETUP:
+        memo.pop(k, None)
+    old = store.get((reader.name, a, b))
+    size = _setup_bytes(memo)  # (a setup read back may have grown: the other power's entries)
+    held = store.get("bytes", 0) - (0 if old is None else old[2])
+    if held + size > HELD_SETUP_BYTES:
+        if old is not None:
+            del store[(reader.name, a, b)]
+            store["bytes"] = held
+        return
+    store[(reader.name, a, b)] = (key, memo, size)
+    store["bytes"] = held + size
+
+
+def _setup_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (nested tuples, lists and dicts)."""
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_setup_bytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_setup_bytes(v) for v in value.values())
+    return 0
 
 
 # Streamed schemes' fourth-power sums replaced by the baseline's bound where it suffices

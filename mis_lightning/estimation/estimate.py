@@ -345,6 +345,9 @@ class Estimate:
     # the power sums of the scoring pass's unit columns, which depend on the estimate alone (assess.UNIT_SUMS_ONCE):
     # {(name, a, b, power): (the inputs' key, [R] float64 sums)}; not compared, not shown
     _unit_sums: dict[Any, Any] = field(default_factory=_CopiedEmpty, repr=False, compare=False)
+    # the power sums' chunk setups of the scoring pass's factored weights (assess.HOLD_CHUNK_SETUP):
+    # {(name, a, b): (the inputs' key, the setup, its bytes), "bytes": their total}; not compared, not shown
+    _chunk_setups: dict[Any, Any] = field(default_factory=_CopiedEmpty, repr=False, compare=False)
 
     @property
     def d(self) -> int:

@@ -905,6 +905,11 @@ SKINNY_GEMM_COLUMNS = 128
 # chunks a call, half of them the same in both calls). The same operations on the same tensors:
 # bitwise the same sums. False: every call computes its own, as before (A/B).
 SHARED_CHUNK_SETUP = True
+# Where every weight of a call has gradient variance above V_NONE, the clamped variances
+# v.clamp_min(V_NONE) are v itself (the maximum of v and a smaller bound is v: the same floats), so
+# the call reads v instead of a clamped copy (one pass over the chunk less; p51b). The caller's v is
+# never written (the sums only divide by it). False: the clamped copy, as before (A/B).
+UNCLAMPED_LIVE_VARIANCES = True
 
 
 class PowerCache:
@@ -927,6 +932,7 @@ class PowerCache:
         self._setup_keys: tuple[Any, ...] = ()
         self._setup_stamp: tuple[Any, ...] = ()
         self._setup: dict[Any, Any] = {}
+        self._held: dict[Any, Any] | None = None
 
     def _check(self, x: Tensor) -> None:
         version = tensor_version(x)  # None (an inference tensor): nothing kept across calls
@@ -984,6 +990,8 @@ class PowerCache:
         so a call that finds one computes nothing differently."""
         if self.budget <= 0 or not SHARED_CHUNK_SETUP:
             return {}
+        if self._held is not None:  # (the caller vouches that it belongs to these keys: hold_setup)
+            return self._held
         stamp = tuple(tensor_version(k) if isinstance(k, Tensor) else None for k in keys)
         old = self._setup_keys
         fresh = any(isinstance(k, Tensor) and v is None for k, v in zip(keys, stamp))  # an inference tensor
@@ -993,6 +1001,14 @@ class PowerCache:
             return self._setup
         self._setup_keys, self._setup_stamp, self._setup = keys, stamp, {}
         return self._setup
+
+    def hold_setup(self, memo: dict[Any, Any] | None) -> None:
+        """Make :meth:`chunk_setup` return ``memo`` (``None``: its own, as before) until the next
+        call of this method: a chunk's setup held by the caller beyond this cache's life (the
+        scoring's :data:`assess.HOLD_CHUNK_SETUP`, one per chunk and estimate). The caller must
+        pass only the memo of the calls' ``d``, mean gradient and variances (the same values, not
+        necessarily the same tensors) under the same settings: the entries are read as they are."""
+        self._held = memo
 
 
 def _no_cache() -> PowerCache:
@@ -1107,7 +1123,13 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
     S32 = cache.scratch("S32", layout, torch.float32, S.device).copy_(
         torch.div(S, sS, out=cache.scratch("prod", S.shape, torch.result_type(S, sS), S.device))
         .permute(*((0, 2, 1) if skinny else (1, 0, 2))))
-    ds, gs = _memo(memo, "ds", lambda: d / sd), _memo(memo, "gs", lambda: gb / sg)  # [R, out], [out, in]
+    # [R, out], [out, in] (at first use: a held setup has their float32 powers, assess.HOLD_CHUNK_SETUP)
+    def ds() -> Tensor:
+        return _memo(memo, "ds", lambda: d / sd)
+
+    def gs() -> Tensor:
+        return _memo(memo, "gs", lambda: gb / sg)
+
     # (F32_BOUND_GEMM_ROWS: the contraction over the outputs adds the GEMMs' rows alone)
     eps = (POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(rows if F32_BOUND_GEMM_ROWS else out_f)) + 6.0) * _U32
     under = 8.0 * in_f * out_f * _TINY32 * sS.reshape(1, -1)
@@ -1124,15 +1146,15 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
         # one more rounding where a power of gb multiplies S (counted in eps's six)
         B = S32
         if power - a:  # (gb^1 is read by both powers' calls: held; the others are one call's)
-            g = (_memo(memo, "gs32", lambda: gs.to(torch.float32)) if power - a == 1
-                 else gs.pow(power - a).to(torch.float32))
+            g = (_memo(memo, "gs32", lambda: gs().to(torch.float32)) if power - a == 1
+                 else gs().pow(power - a).to(torch.float32))
             B = torch.mul(S32, g.unsqueeze(1) if skinny else g.T.unsqueeze(-1),
                           out=cache.scratch("B32", S32.shape, torch.float32, S.device))
         if skinny:  # sum_o d_ro^a (B^T (x^a)^T)_(o, m), r: [out, M, R] summed over out
             t = torch.mm(B.view(rows * M, in_f), cache.scaled_power32(x, a).T,
                          out=cache.scratch("t32", (rows * M, R), torch.float32, S.device)).view(rows, M, R)
-            t = torch.mul(t, (_memo(memo, ("dsT32", a), lambda a=a: ds.T.pow(a).to(torch.float32)) if a <= 2
-                                else ds.T.pow(a).to(torch.float32)).unsqueeze(1),
+            t = torch.mul(t, (_memo(memo, ("dsT32", a), lambda a=a: ds().T.pow(a).to(torch.float32)) if a <= 2
+                                else ds().T.pow(a).to(torch.float32)).unsqueeze(1),
                           out=cache.scratch("dt32", (rows, M, R), torch.float32, S.device))
             ta = t.sum(0).T.to(torch.float64, memory_format=torch.contiguous_format)
             if K:  # sum_o (d^a t)_(o, m, r) W_ok: [K_m, out] @ [out, R] per source column
@@ -1142,8 +1164,8 @@ def _even_power_sums_f32(fac: LinearFactors, gb: Tensor, S: Tensor, g0: Tensor, 
                 ta = torch.cat([ta, tw], 1)
         else:
             t = torch.einsum("ri,iom->rom", cache.scaled_power32(x, a), B)
-            da = (_memo(memo, ("ds32", a), lambda a=a: ds.pow(a).to(torch.float32)) if a <= 2
-                  else ds.pow(a).to(torch.float32))
+            da = (_memo(memo, ("ds32", a), lambda a=a: ds().pow(a).to(torch.float32)) if a <= 2
+                  else ds().pow(a).to(torch.float32))
             ta = torch.einsum("ro,rom->rm", da, t).to(torch.float64)
             if K:  # sum_o d_ro^a t_rom W_ok: [R, out] @ [out, K_m] per source column
                 tw = torch.empty(R, K, dtype=torch.float64)
@@ -1249,7 +1271,7 @@ def factored_power_sums(
                 row_weights = (row_weights[0], row_weights[1][ri])
             out_f = ri.numel()
     cache = cache or _no_cache()
-    vp = _variance_power(_memo(memo, "vclamp", lambda: v_diag.clamp_min(V_NONE)), power).unsqueeze(-1)
+    vp = _variance_power(_memo(memo, "vclamp", lambda: _clamped_variances(v_diag, live, memo)), power).unsqueeze(-1)
     if (F32_ON_LIVE_ROWS and not bias and power in POWER_SUMS_F32 and fac.x.dtype == torch.float64
             and A.numel() and (nonneg[1] if nonneg is not None and nonneg[0] is A else bool(A.amin() >= 0))):
         return _even_sums_on_rows(fac, g_mean, A, vp, live, power, out_f, in_f, layer, cache, row_weights, memo)
@@ -1291,6 +1313,14 @@ def factored_power_sums(
     # (the a = 0 term as the float32 calls sum it, so that their records that fall back are these sums)
     g0 = _zeroth_term(g_mean, A, vp, live, power, bool(live.all())) if F32_ON_LIVE_ROWS else None
     return _binomial_sums_f64(fac, gb, S, power, cache, keep, g0=g0, pack=PACK_ZERO_BLOCKS)
+
+
+def _clamped_variances(v_diag: Tensor, live: Tensor, memo: dict[Any, Any]) -> Tensor:
+    """``v_diag.clamp_min(V_NONE)``: ``v_diag`` itself where every weight is live (``live = v_diag >
+    V_NONE`` everywhere: the same floats, no copy; :data:`UNCLAMPED_LIVE_VARIANCES`)."""
+    if UNCLAMPED_LIVE_VARIANCES and _memo(memo, "every", lambda: bool(live.all())):
+        return v_diag
+    return v_diag.clamp_min(V_NONE)
 
 
 def _variance_power(vc: Tensor, power: int) -> Tensor:

@@ -1,0 +1,210 @@
+"""A factored weight's chunk setup of the power sums (the live mask, ``gb^2 / V``, the silent rows, the
+layer's scales, the GEMMs' rows: ``linear_factors.PowerCache.chunk_setup``) computed by the first
+scoring call on an estimate and read back by the later ones (``assess.HOLD_CHUNK_SETUP``, p51b): the
+same sums as recomputing it, never read where its inputs or the power sums' settings changed; and the
+live variances read unclamped (``linear_factors.UNCLAMPED_LIVE_VARIANCES``)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import pickle
+
+import pytest
+import torch
+from test_scoring_pass import SCHEMES, _estimate
+from test_shared_deficits import NAME, _case
+from test_unit_sums_once import _EstWithEntries
+
+import mis_lightning.estimation.linear_factors as lf
+from mis_lightning.config import stage_configs
+
+A = importlib.import_module("mis_lightning.assess")  # (the package exports the function assess)
+
+
+class _EstHolding(_EstWithEntries):
+    """The mock estimate with what an ``Estimate`` holds for the held setups too."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self._chunk_setups: dict = {}
+
+
+def _counting(monkeypatch) -> list[str]:
+    """Spies on the setup's own computations (the silent rows, ``gb^2 / V``): their names, per call."""
+    seen: list[str] = []
+    real_silent, real_raw = lf._silent_rows, lf._zeroth_raw
+
+    def silent(d):
+        seen.append("silent rows")
+        return real_silent(d)
+
+    def raw(g_mean, vp, power, memo):
+        if memo is None or (power == 2 and "c0 raw 2" not in memo):
+            seen.append("gb^2 / V")
+        return real_raw(g_mean, vp, power, memo)
+
+    monkeypatch.setattr(lf, "_silent_rows", silent)
+    monkeypatch.setattr(lf, "_zeroth_raw", raw)
+    return seen
+
+
+def _call(est, cols: torch.Tensor) -> dict[int, torch.Tensor]:
+    """One scoring call's sums of chunk 0:numel (a new reader, as each call makes): powers 2 and 4."""
+    reader = A._InfluenceReader(est, NAME)
+    n = est._g_mean[NAME].numel()
+    return reader.sums(0, n, {2: cols, 4: cols[:, :1].contiguous()})
+
+
+def _exact(fac, g_mean, v, power: int, col: torch.Tensor) -> torch.Tensor:
+    """``sum_j w_rj^p A_j`` of the influences materialised in float64, each record's sum by ``math.fsum``."""
+    w = lf.standardised_influence((fac.d.unsqueeze(-1) * fac.x.unsqueeze(1)).reshape(fac.d.shape[0], -1), g_mean, v)
+    return torch.tensor([math.fsum(r.tolist()) for r in w.pow(power) * col], dtype=torch.float64)
+
+
+def _columns(n: int, g: torch.Generator) -> torch.Tensor:
+    """``[n, 3]``: the unit column and two random non-negative ones (a chunk's kappas)."""
+    return torch.stack([torch.ones(n, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64),
+                        torch.rand(n, generator=g, dtype=torch.float64)], 1)
+
+
+def test_a_chunks_setup_is_computed_once_per_estimate(monkeypatch):
+    """Three calls on one estimate: the setup (silent rows, ``gb^2 / V``) computed in the first only;
+    every call's sums bitwise the switch-off call's, and within the float32 path's 1e-4 of the exact
+    sums (fails without the held setup: computed in every call)."""
+    fac, g_mean, v, g = _case()
+    cols = _columns(g_mean.numel(), g)
+    est = _EstHolding(fac, g_mean, v)
+    seen = _counting(monkeypatch)
+    got, per_call = [], []
+    for _ in range(3):
+        seen.clear()
+        got.append(_call(est, cols))
+        per_call.append(sorted(seen))
+    assert per_call == [["gb^2 / V", "silent rows"], [], []], per_call
+    assert list(k for k in est._chunk_setups if k != "bytes") == [(NAME, 0, g_mean.numel())]
+    assert 0 < est._chunk_setups["bytes"] <= A.HELD_SETUP_BYTES
+    held = est._chunk_setups[(NAME, 0, g_mean.numel())][1]
+    assert not any(k in held for k in A._UNHELD_SETUP)  # (the chunk-sized intermediates dropped)
+    monkeypatch.setattr(A, "HOLD_CHUNK_SETUP", False)
+    seen.clear()
+    off = _call(est, cols)
+    assert sorted(seen) == ["gb^2 / V", "silent rows"]
+    for out in got:
+        for p in (2, 4):
+            assert torch.equal(out[p], off[p]), p
+    for m in range(cols.shape[1]):
+        ref = _exact(fac, g_mean, v, 2, cols[:, m])
+        assert float(((got[2][2][:, m] - ref).abs() / ref).max()) <= 1e-4, m
+    ref4 = _exact(fac, g_mean, v, 4, cols[:, 0])
+    assert float(((got[2][4][:, 0] - ref4).abs() / ref4).max()) <= 1e-4
+
+
+def test_a_held_setup_is_not_read_after_its_inputs_or_settings_change(monkeypatch):
+    """The setup is keyed by the tensors' identity and version and the power sums' settings: a mean
+    gradient changed in place, another variances tensor, and the silent rows not skipped each compute
+    it again, and the sums are those of a fresh estimate (fails with the versions or the settings left
+    out of the key: the stale ``gb^2 / V`` or silent rows would be read)."""
+    fac, g_mean, v, g = _case()
+    cols = _columns(g_mean.numel(), g)
+    est = _EstHolding(fac, g_mean, v)
+    seen = _counting(monkeypatch)
+    _call(est, cols)
+    g_mean.mul_(1.5)  # in place: the same object, a new version
+    seen.clear()
+    changed = _call(est, cols)
+    assert "gb^2 / V" in seen
+    assert torch.equal(changed[2], _call(_EstHolding(fac, g_mean, v), cols)[2])
+    v2 = v * 2.0
+    est._v_diag[NAME] = v2  # another tensor
+    seen.clear()
+    again = _call(est, cols)
+    assert "gb^2 / V" in seen
+    assert torch.equal(again[2], _call(_EstHolding(fac, g_mean, v2), cols)[2])
+    monkeypatch.setattr(lf, "SKIP_SILENT_ROWS", False)
+    seen.clear()
+    unskipped = _call(est, cols)
+    assert "gb^2 / V" in seen
+    assert torch.equal(unskipped[2], _call(_EstHolding(fac, g_mean, v2), cols)[2])
+
+
+def test_the_held_setups_stay_within_their_budget(monkeypatch):
+    """No setup is held beyond ``HELD_SETUP_BYTES`` (each call then computes its own)."""
+    fac, g_mean, v, g = _case()
+    cols = _columns(g_mean.numel(), g)
+    monkeypatch.setattr(A, "HELD_SETUP_BYTES", 16)
+    est = _EstHolding(fac, g_mean, v)
+    seen = _counting(monkeypatch)
+    first = _call(est, cols)
+    seen.clear()
+    second = _call(est, cols)
+    assert sorted(seen) == ["gb^2 / V", "silent rows"]
+    assert not [k for k in est._chunk_setups if k != "bytes"] and est._chunk_setups.get("bytes", 0) == 0
+    assert torch.equal(first[2], second[2])
+
+
+def test_the_draws_calls_neither_read_nor_leave_a_setup():
+    """A call on some rows of a chunk (the draws' sums) has other factors' rows: it neither reads the
+    chunk's held setup (its sums are a fresh estimate's) nor leaves one (fails where it read the
+    chunk's: the silent rows and scaled ``d`` of the whole chunk)."""
+    fac, g_mean, v, g = _case()
+    cols = _columns(g_mean.numel(), g)
+    in_f = fac.x.shape[1]
+    rows = torch.tensor([0, 1, 3])  # (row 1 silent)
+    part = cols[: 3 * in_f].contiguous()
+    n = g_mean.numel()
+    fresh = _EstHolding(fac, g_mean, v)
+    ref = A._InfluenceReader(fresh, NAME).sums(0, n, {2: part, 4: part[:, :1].contiguous()}, rows=rows)
+    assert not fresh._chunk_setups
+    est = _EstHolding(fac, g_mean, v)
+    _call(est, cols)
+    held = dict(est._chunk_setups)
+    got = A._InfluenceReader(est, NAME).sums(0, n, {2: part, 4: part[:, :1].contiguous()}, rows=rows)
+    assert est._chunk_setups == held
+    for p in (2, 4):
+        assert torch.equal(got[p], ref[p]), p
+
+
+def test_later_scoring_calls_read_the_setups_with_the_same_reports(monkeypatch):
+    """``score_schemes`` three times on a factored estimate: the setups computed in the first call only
+    (the silent rows), every report the switch-off call's; a copied or pickled estimate holds none."""
+    model, est = _estimate("factored")
+    _, sc, _ = stage_configs("assess", None, None, {})
+    seen = _counting(monkeypatch)
+    counts, reports = [], []
+    for _ in range(3):
+        seen.clear()
+        reports.append(A.score_schemes(est, model, SCHEMES, scoring_config=sc).to_json())
+        counts.append(seen.count("silent rows"))
+    monkeypatch.setattr(A, "HOLD_CHUNK_SETUP", False)
+    seen.clear()
+    off = A.score_schemes(est, model, SCHEMES, scoring_config=sc).to_json()
+    assert counts[0] > 0 and counts[1:] == [0, 0], counts
+    assert seen.count("silent rows") >= counts[0]
+    assert all(r == off for r in reports)
+    assert est._chunk_setups and not copy.deepcopy(est)._chunk_setups
+    assert not pickle.loads(pickle.dumps(est._chunk_setups))
+
+
+@pytest.mark.parametrize("dead", [False, True])
+def test_live_variances_are_read_unclamped(monkeypatch, dead):
+    """Every weight live: the clamped variances are the variances tensor itself (no copy), the sums
+    bitwise the clamped copy's, the tensor unchanged; a weight without variance: clamped as before
+    (fails without the switch's effect: a copy where all are live)."""
+    fac, g_mean, v, g = _case()
+    if dead:
+        v = v.clone()
+        v[5] = 0.0
+    live = v > lf.V_NONE
+    got = lf._clamped_variances(v, live, {})
+    assert (got is v) == (not dead)
+    assert torch.equal(got, v.clamp_min(lf.V_NONE))
+    cols = _columns(g_mean.numel(), g)
+    before = v.clone()
+    on = {p: lf.factored_power_sums(fac, g_mean, v, cols, p) for p in (2, 4)}
+    assert torch.equal(v, before)
+    monkeypatch.setattr(lf, "UNCLAMPED_LIVE_VARIANCES", False)
+    assert lf._clamped_variances(v, live, {}) is not v
+    for p in (2, 4):
+        assert torch.equal(on[p], lf.factored_power_sums(fac, g_mean, v, cols, p)), p
