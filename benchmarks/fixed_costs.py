@@ -47,6 +47,44 @@ on first use of each core), the series, run, cube and interpolation tables; then
 ``mis_lightning`` modules the first call imported and the CPU ms of compiling their sources (what
 the call pays where no bytecode is cached, under ``PYTHONDONTWRITEBYTECODE=1``).
 
+``aoparts`` (p51e): torchao's import split, in fresh processes as scale.py's child has them before
+the scoring (lightning_fabric imported, one Adam step, ``mis_lightning.assess`` imported): CPU
+seconds of importing ``torch._inductor.decomposition`` (torchao's ``quant_primitives`` registers
+its custom ops through ``torchao.utils._register_custom_op``, which imports it), then
+``torch.distributed._tensor`` (the deprecated shim ``torchao.float8.distributed_utils`` imports),
+then the library's ``import torchao.quantization`` (what is left: torchao's own modules); and, in
+other processes, the whole import through the narrowest public module the library reads
+(``torchao.quantization.quant_primitives``, ``beyond_linear``'s) and through
+``torchao.quantization``: every ``torchao.*`` import runs ``torchao/__init__.py``, which imports
+``torchao.quantization`` (and ``optim``, ``swizzle``, ``testing``) whatever was asked for.
+
+    python benchmarks/fixed_costs.py aoparts --rounds 3
+    python benchmarks/fixed_costs.py aoparts --rounds 3 --trainer
+
+``--trainer``: a ``lightning.pytorch.Trainer`` built first (a Lightning user's process), the whole
+import timed as it comes and after a ``gc.collect()`` just before it (whether one of the
+interpreter's full collections, whose cost grows with every Python object the process holds,
+lands inside the import).
+
+``faults`` (p51e): the first call's fresh heap pages. Fresh processes alternating (``--rounds``
+pairs) as ``first`` (torchao imported before), one of each pair with ~110 MiB of the C heap
+touched and freed before the first call (``M_TRIM_THRESHOLD`` raised in that process only, so
+that glibc keeps the touched top of the heap): two scoring calls each, user and system CPU ms and
+minor page faults per call. The difference of the first calls is what the fresh pages cost (the
+kernel's zeroing and fault handling: system time, and the user time of first touches); the same
+arithmetic runs in both.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py faults /tmp/m1e5.pt --rounds 3
+
+``ops`` (p51e): after a warm-up call (torchao imported before), the ATen operators one steady
+scoring call dispatches (a ``TorchDispatchMode`` counts each call of each operator overload
+packet; composite operators count with the operators they call), the count of those returning at
+most 64 elements, the 15 most called, and the per-operator floor on this machine (CPU microseconds
+of ``torch.add`` on 16 float64 elements and of a masked gather ``x[mask]`` of 16, in the same
+process): how much of a small model's call is the operators' count rather than their elements.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py ops /tmp/m1e5.pt
+
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
 scoring calls alternating (``--calls`` pairs, CPU s) and the reports' largest change of each
@@ -100,6 +138,124 @@ def _imports(rounds: int) -> None:
             before, t = p.stdout.split()[-2:]
             out.append(float(t))
         print(f"{label:44s} {' '.join(f'{t:.3f}' for t in out)} s CPU (torch._dynamo imported before: {before})")
+
+
+_AOPARTS = """
+import gc, sys, time, importlib
+import lightning_fabric.utilities.seed, torch
+if {trainer}:
+    import lightning.pytorch as pl
+    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+m = torch.nn.Linear(3, 3); o = torch.optim.Adam(m.parameters()); m(torch.randn(2, 3)).sum().backward(); o.step()
+import mis_lightning.assess
+from mis_lightning.quantization.torchao_backend import _import_torchao_quantization, _torchao_import_notices_filtered
+if {collect}:
+    gc.collect()
+out = []
+for name in {names!r}:
+    c = time.process_time()
+    with _torchao_import_notices_filtered():
+        _import_torchao_quantization() if name == "torchao.quantization" else importlib.import_module(name)
+    out.append(time.process_time() - c)
+print(" ".join(f"{{t:.4f}}" for t in out))
+"""
+
+
+def _aoparts(rounds: int, trainer: bool = False) -> None:
+    cases = (("torch._inductor.decomposition", "torch.distributed._tensor", "torchao.quantization"),
+             ("torchao.quantization.quant_primitives",), ("torchao.quantization",))
+    if trainer:  # a Lightning Trainer built first; the import with and without a gc.collect() just before
+        cases = (("torchao.quantization",), ("torchao.quantization", "collect"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    for case in cases:
+        collect = case[-1] == "collect"
+        names = case[:-1] if collect else case
+        got: list[list[float]] = []
+        for _ in range(rounds):
+            code = _AOPARTS.format(names=names, trainer=trainer, collect=collect)
+            p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            got.append([float(t) for t in p.stdout.split()[-len(names):]])
+        for i, n in enumerate(names):
+            label = n + (" (the rest)" if len(names) > 1 and i == len(names) - 1 else "") + (
+                " after gc.collect()" if collect else "") + (" [Trainer built]" if trainer else "")
+            print(f"{label:44s} {' '.join(f'{g[i]:.3f}' for g in got)} s CPU")
+        if len(names) > 1:
+            print(f"{'  together':44s} {' '.join(f'{sum(g):.3f}' for g in got)} s CPU")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _faults_child(path: str, prefault: bool) -> None:
+    import ctypes
+
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    _import_torchao_quantization()
+    if prefault:  # ~110 MiB of heap touched and freed; the top kept (this process only)
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
+        blocks = [libc.malloc(1 << 20) for _ in range(110)]  # below the mmap threshold: the heap
+        for b in blocks:
+            ctypes.memset(b, 1, 1 << 20)
+        for b in blocks:
+            libc.free(b)
+    out = []
+    for _ in range(2):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        out += [(r1.ru_utime - r0.ru_utime) * 1e3, (r1.ru_stime - r0.ru_stime) * 1e3, r1.ru_minflt - r0.ru_minflt]
+    print(" ".join(f"{x:.1f}" for x in out))
+
+
+def _faults(path: str, rounds: int) -> None:
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    for r in range(rounds):
+        for pre in ((False, True) if r % 2 == 0 else (True, False)):
+            p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_faults_child", path]
+                               + (["--prefault"] if pre else []), env=env, capture_output=True, text=True, check=True)
+            u1, s1, f1, u2, s2, f2 = (float(x) for x in p.stdout.split()[-6:])
+            print(f"{'heap touched before' if pre else 'fresh heap         '}: call 1 user {u1:.0f} sys {s1:.0f} "
+                  f"= {u1 + s1:.0f} ms ({f1:,.0f} minor faults); call 2 user {u2:.0f} sys {s2:.0f} = {u2 + s2:.0f} ms "
+                  f"({f2:,.0f}); load {os.getloadavg()[0]:.1f}")
+
+
+def _ops(path: str) -> None:
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    _import_torchao_quantization()
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # the warm-up (first) call
+    counts: collections.Counter = collections.Counter()
+    small = [0]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            counts[str(func.overloadpacket)] += 1
+            small[0] += isinstance(out, torch.Tensor) and out.numel() <= 64
+            return out
+
+    with _Count():
+        A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+    print(f"a steady call: {sum(counts.values()):,} ATen operator calls, {small[0]:,} of them returning at most "
+          "64 elements; most called: " + ", ".join(f"{k} {v:,}" for k, v in counts.most_common(15)))
+    x, y = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+    mask = x > 0
+    for label, f in (("torch.add, 16 float64", lambda: torch.add(x, y)), ("x[mask], 16 float64", lambda: x[mask])):
+        for _ in range(1000):
+            f()
+        c = time.process_time()
+        for _ in range(20000):
+            f()
+        print(f"  floor: {label}: {(time.process_time() - c) / 20000 * 1e6:.2f} us CPU a call")
+    print(f"load {os.getloadavg()[0]:.1f}")
 
 
 def _setup(path: str, adam: bool) -> tuple[Any, ...]:
@@ -469,15 +625,21 @@ def _tol(path: str, tol: float, calls: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("import", "first", "params", "est", "heap", "tol", "once"))
+    ap.add_argument("what", choices=("import", "aoparts", "first", "params", "est", "heap", "tol", "once", "faults",
+                                     "ops", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
+    ap.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)  # (faults' child)
+    ap.add_argument("--trainer", action="store_true", help="aoparts: a lightning.pytorch Trainer built first")
     args = ap.parse_args(argv)
     if args.what == "import":
         _imports(args.rounds)
+        return
+    if args.what == "aoparts":
+        _aoparts(args.rounds, args.trainer)
         return
     if not args.path:
         ap.error(f"{args.what} needs the saved model's path")
@@ -485,7 +647,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
-           "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls)}
+           "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
+           "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault)}
     run[args.what](args.path)
 
 
