@@ -56,7 +56,9 @@ child): torchao's import timed apart (CPU ms; scale.py's first call includes it)
 ``linear_factors.factored_power_sums`` calls of power 4 on one column of ones: the sums that
 ``assess.UNIT_SUMS_ONCE`` keeps in the estimate, computed by the first call on an estimate and read
 back by the later ones), the one-time builds of ``once`` and the rest, with each call's minor page
-faults; then call 1 less call 2 by the same parts.
+faults; then call 1 less call 2 by the same parts. ``--off MODULE.FLAG`` (any mode but ``import``)
+sets a switch of ``mis_lightning`` False first: with ``--off assess.UNIT_SUMS_ONCE`` every call sums
+the unit columns, and call 1 less call 2 is the one-time costs alone.
 
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
@@ -548,6 +550,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
+    ap.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
+                    help="set the switch mis_lightning.MODULE.FLAG False before the calls (repeatable)")
     args = ap.parse_args(argv)
     if args.what == "import":
         _imports(args.rounds)
@@ -557,6 +561,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from benchmarks.first_call import switch_off
+
+    switch_off(args.off)
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
            "split": lambda p: _split(p, args.calls)}
