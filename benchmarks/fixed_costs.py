@@ -56,7 +56,8 @@ child): torchao's import timed apart (CPU ms; scale.py's first call includes it)
 ``linear_factors.factored_power_sums`` calls of power 4 on one column of ones: the sums that
 ``assess.UNIT_SUMS_ONCE`` keeps in the estimate, computed by the first call on an estimate and read
 back by the later ones), the one-time builds of ``once`` and the rest, with each call's minor page
-faults; then call 1 less call 2 by the same parts. ``--off MODULE.FLAG`` (any mode but ``import``)
+faults (the unit columns' fourth powers also by parameter); then call 1 less call 2 by the same
+parts. ``--off MODULE.FLAG`` (any mode but ``import``)
 sets a switch of ``mis_lightning`` False first: with ``--off assess.UNIT_SUMS_ONCE`` every call sums
 the unit columns, and call 1 less call 2 is the one-time costs alone.
 
@@ -262,6 +263,7 @@ def _split(path: str, calls: int) -> None:
     lf = importlib.import_module("mis_lightning.estimation.linear_factors")
     f0 = lf.factored_power_sums
     unit: collections.Counter = collections.Counter()
+    by_param: collections.Counter = collections.Counter()
     outer = [0]
 
     def fps(fac: Any, g: Any, v: Any, cols: Any, power: int, *a: Any, **k: Any) -> Any:
@@ -273,20 +275,26 @@ def _split(path: str, calls: int) -> None:
             return f0(fac, g, v, cols, power, *a, **k)
         finally:
             outer[0] -= 1
-            unit["cpu"] += time.process_time() - c
+            dt = time.process_time() - c
+            unit["cpu"] += dt
             unit["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
             unit["calls"] += 1
+            by_param[fac.bias if k.get("bias", a[0] if a else False) else fac.weight] += dt
 
     lf.factored_power_sums = fps  # (the influence readers bind it when a call creates them)
     rows = []
     for i in range(calls):
         once.clear()
         unit.clear()
+        by_param.clear()
         t, f = _scored(A, est, model, schemes, sc_cfg)
         rows.append((t, f, unit["cpu"], unit["faults"], int(unit["calls"]), once["builds"]))
         print(f"call {i + 1}: {t * 1e3:.1f} ms ({f:,} minor faults): the unit column's fourth powers "
               f"{unit['cpu'] * 1e3:.1f} ms ({int(unit['calls'])} calls, {unit['faults']:,} faults), one-time builds "
               f"{once['builds'] * 1e3:.1f} ms, the rest {(t - unit['cpu'] - once['builds']) * 1e3:.1f} ms")
+        if by_param:
+            print("  the unit column's fourth powers by parameter: "
+                  + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in sorted(by_param.items(), key=lambda kv: -kv[1])) + " ms")
     if len(rows) > 1:
         d = [a - b for a, b in zip(rows[0], rows[1])]
         print(f"call 1 - call 2: {d[0] * 1e3:.1f} ms ({d[1]:,} faults) = the unit column's fourth powers "
