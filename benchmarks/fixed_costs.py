@@ -85,6 +85,20 @@ process): how much of a small model's call is the operators' count rather than t
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py ops /tmp/m1e5.pt
 
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py split /tmp/m1e7.pt --calls 3
+
+``split`` (p51a): what a first scoring call pays over a steady one, in ``first``'s process
+(lightning_fabric imported, one Adam step: ``torch._dynamo`` imported before, as in scale.py's
+child): torchao's import timed apart (CPU ms; scale.py's first call includes it), then
+``--calls`` calls, each split into the fourth powers of the chunks' unit columns (the outermost
+``linear_factors.factored_power_sums`` calls of power 4 on one column of ones: the sums that
+``assess.UNIT_SUMS_ONCE`` keeps in the estimate, computed by the first call on an estimate and read
+back by the later ones), the one-time builds of ``once`` and the rest, with each call's minor page
+faults (the unit columns' fourth powers also by parameter); then call 1 less call 2 by the same
+parts. ``--off MODULE.FLAG`` (any mode but ``import``)
+sets a switch of ``mis_lightning`` False first: with ``--off assess.UNIT_SUMS_ONCE`` every call sums
+the unit columns, and call 1 less call 2 is the one-time costs alone.
+
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
 scoring calls alternating (``--calls`` pairs, CPU s) and the reports' largest change of each
@@ -341,6 +355,25 @@ _ONCE = (("mis_lightning.quantization.registry", "_load_backends"),
          ("mis_lightning.functional.interp", "InterpTable.__init__"))
 
 
+def _scored(A: Any, est: Any, model: Any, schemes: list[str], sc_cfg: Any) -> tuple[float, int]:
+    """One ``score_schemes`` call: its CPU seconds and minor page faults."""
+    c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+    return time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+
+
+def _time_builds(acc: collections.Counter, cnt: collections.Counter | None = None, label: str | None = None) -> None:
+    """Wrap the one-time builds of :data:`_ONCE` (outermost calls): CPU seconds in ``acc`` under each
+    build's name, or all under ``label``; calls in ``cnt``."""
+    depth = [0]
+    for modname, dotted in _ONCE:
+        owner: Any = importlib.import_module(modname)
+        *path_, attr = dotted.split(".")
+        for p in path_:
+            owner = getattr(owner, p)
+        _timed(owner, attr, label or f"{modname.rsplit('.', 1)[-1]}.{dotted}", acc, depth=depth, counts=cnt)
+
+
 def _once(path: str, calls: int) -> None:
     from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
 
@@ -348,20 +381,12 @@ def _once(path: str, calls: int) -> None:
     _import_torchao_quantization()
     acc: collections.Counter = collections.Counter()
     cnt: collections.Counter = collections.Counter()
-    depth = [0]
-    for modname, dotted in _ONCE:
-        owner: Any = importlib.import_module(modname)
-        *path_, attr = dotted.split(".")
-        for p in path_:
-            owner = getattr(owner, p)
-        _timed(owner, attr, f"{modname.rsplit('.', 1)[-1]}.{dotted}", acc, depth=depth, counts=cnt)
+    _time_builds(acc, cnt)
     before = set(sys.modules)
     for i in range(calls):
         acc.clear()
         cnt.clear()
-        c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
-        t, f = time.process_time() - c, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+        t, f = _scored(A, est, model, schemes, sc_cfg)
         print(f"call {i + 1}: {t * 1e3:.1f} ms ({f:,} minor faults); one-time builds {sum(acc.values()) * 1e3:.1f} ms: "
               + ", ".join(f"{k} {v * 1e3:.1f} ({cnt[k]})" for k, v in acc.items() if v >= 5e-5))
         if i == 0:
@@ -372,6 +397,64 @@ def _once(path: str, calls: int) -> None:
                 compile(Path(f_).read_text(), f_, "exec")
             print(f"  modules of mis_lightning the call imported: {len(ours)}, compiling their sources "
                   f"{(time.process_time() - c) * 1e3:.1f} ms ({', '.join(n.rsplit('.', 1)[-1] for n in ours)})")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+def _is_unit_fourth(A: Any, power: int) -> bool:
+    """A power-4 call on one column of ones: the chunk's unit column (``assess.UNIT_SUMS_ONCE``'s
+    sums, which a first call on an estimate computes and later calls read back)."""
+    return power == 4 and A.dim() == 2 and A.shape[1] == 1 and bool((A == 1).all())
+
+
+def _split(path: str, calls: int) -> None:
+    """``split``: what a first call pays over a steady one, by part (see the module docstring)."""
+    from mis_lightning.quantization.torchao_backend import _import_torchao_quantization
+
+    A, est, model, schemes, sc_cfg = _setup(path, adam=True)
+    c = time.process_time()
+    _import_torchao_quantization()
+    print(f"torchao's import (before the calls, apart): {(time.process_time() - c) * 1e3:.1f} ms CPU")
+    once: collections.Counter = collections.Counter()
+    _time_builds(once, label="builds")
+    lf = importlib.import_module("mis_lightning.estimation.linear_factors")
+    f0 = lf.factored_power_sums
+    unit: collections.Counter = collections.Counter()
+    by_param: collections.Counter = collections.Counter()
+    outer = [0]
+
+    def fps(fac: Any, g: Any, v: Any, cols: Any, power: int, *a: Any, **k: Any) -> Any:
+        if outer[0] or not _is_unit_fourth(cols, power):  # (the check outside the timed region)
+            return f0(fac, g, v, cols, power, *a, **k)
+        outer[0] += 1
+        c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        try:
+            return f0(fac, g, v, cols, power, *a, **k)
+        finally:
+            outer[0] -= 1
+            dt = time.process_time() - c
+            unit["cpu"] += dt
+            unit["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+            unit["calls"] += 1
+            by_param[fac.bias if k.get("bias", a[0] if a else False) else fac.weight] += dt
+
+    lf.factored_power_sums = fps  # (the influence readers bind it when a call creates them)
+    rows = []
+    for i in range(calls):
+        once.clear()
+        unit.clear()
+        by_param.clear()
+        t, f = _scored(A, est, model, schemes, sc_cfg)
+        rows.append((t, f, unit["cpu"], unit["faults"], int(unit["calls"]), once["builds"]))
+        print(f"call {i + 1}: {t * 1e3:.1f} ms ({f:,} minor faults): the unit column's fourth powers "
+              f"{unit['cpu'] * 1e3:.1f} ms ({int(unit['calls'])} calls, {unit['faults']:,} faults), one-time builds "
+              f"{once['builds'] * 1e3:.1f} ms, the rest {(t - unit['cpu'] - once['builds']) * 1e3:.1f} ms")
+        if by_param:
+            print("  the unit column's fourth powers by parameter: "
+                  + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in sorted(by_param.items(), key=lambda kv: -kv[1])) + " ms")
+    if len(rows) > 1:
+        d = [a - b for a, b in zip(rows[0], rows[1])]
+        print(f"call 1 - call 2: {d[0] * 1e3:.1f} ms ({d[1]:,} faults) = the unit column's fourth powers "
+              f"{d[2] * 1e3:.1f} + one-time builds {d[5] * 1e3:.1f} + the rest {(d[0] - d[2] - d[5]) * 1e3:.1f} ms")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -626,14 +709,16 @@ def _tol(path: str, tol: float, calls: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("import", "aoparts", "first", "params", "est", "heap", "tol", "once", "faults",
-                                     "ops", "_faults_child"))
+                                     "ops", "split", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
-    ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once)")
+    ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split)")
     ap.add_argument("--small", type=int, default=4096, help="the small parameters' most weights (params)")
     ap.add_argument("--tol", type=float, default=1e-11, help="the other closed-form gate (tol)")
     ap.add_argument("--prefault", action="store_true", help=argparse.SUPPRESS)  # (faults' child)
     ap.add_argument("--trainer", action="store_true", help="aoparts: a lightning.pytorch Trainer built first")
+    ap.add_argument("--off", action="append", default=None, metavar="MODULE.FLAG",
+                    help="set the switch mis_lightning.MODULE.FLAG False before the calls (repeatable)")
     args = ap.parse_args(argv)
     if args.what == "import":
         _imports(args.rounds)
@@ -646,9 +731,13 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from benchmarks.first_call import switch_off
+
+    switch_off(args.off)
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
-           "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault)}
+           "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
+           "split": lambda p: _split(p, args.calls)}
     run[args.what](args.path)
 
 
