@@ -244,8 +244,8 @@ def test_a_refused_model_says_its_layers_lost_the_kfac_correction(case, monkeypa
         assert dg["kfac_corrected_weights"] == (14 if case == "conv_taken" else 30) + 33
         return
     dg = est.diagnostics
-    assert dg["kfac_correction"] is False and dg["kfac_lost"] == "layer 'conv' is not called once per forward"
+    assert dg["kfac_correction"] is False and dg["kfac_lost"] == "layer 'conv' is called 2x in this batch's forward, not once"
     assert dg["kfac_uncorrected_layers"] == ["conv", "head"]
     assert dg["kfac_uncorrected_weights"] == (14 if case == "conv" else 30) + 33
     assert marked
-    assert len(lines) == 1 and "('conv', 'head'; rows marked *)" in lines[0] and "not called once per forward" in lines[0]
+    assert len(lines) == 1 and "('conv', 'head'; rows marked *)" in lines[0] and "is called 2x in this batch's forward" in lines[0]

@@ -134,8 +134,42 @@ def test_the_old_path_and_an_unbatched_call_are_refused_naming_the_layer(kind, m
     monkeypatch.setattr(LF, "REPEATED_LINEAR_CALLS", False)
     monkeypatch.setattr(LF, "REPEATED_CONV_CALLS", False)
     prog = LayerProgram(twice, ce, [f"{layer}.weight", f"{layer}.bias"], torch.float32)
-    with pytest.raises(NotImplementedError, match=f"layer '{layer}' is not called once per forward"):
+    with pytest.raises(NotImplementedError, match=f"layer '{layer}' is called 2x in this batch's forward, not once"):
         prog.batch(x, y, 8)
+
+
+class NoGradSecond(nn.Module):
+    """``sq`` called twice, the second call under ``torch.no_grad()`` (a stop-gradient branch inside the
+    forward): no gradient reaches ``sq.weight`` through it (rv51: torch.autograd.grad raised "One of
+    the differentiated Tensors does not require grad" through the estimation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.sq, self.head = nn.Linear(5, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.sq(torch.tanh(self.inp(x))))
+        with torch.no_grad():
+            target = torch.tanh(self.sq(h))
+        return self.head(h + target)
+
+
+def test_a_call_under_no_grad_adds_nothing_to_the_per_sample_sums():
+    """The program against :func:`per_sample_errors`' torch.func reference (which respects the
+    forward's ``no_grad``), then through ``assess`` with the diagonal estimator (before rv51's fix:
+    RuntimeError from torch.autograd.grad, named neither layer nor cause)."""
+    torch.manual_seed(0)
+    model = NoGradSecond()
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    for what, err in per_sample_errors(model, x, y, "sq").items():
+        assert err <= 1e-5, (what, err)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = ml.assess(model, ["none", "rtn_int4"], DataLoader(TensorDataset(x.repeat(4, 1), y.repeat(4)),
+                                                                   batch_size=16),
+                           ce, estimation="diagonal", weight_decay=1e-2, strict=False)
+    assert report.diagnostics.get("kfac_lost") is None  # taken by the program, its correction kept
+    assert 0.0 < report.schemes["rtn_int4"].leakage <= report.schemes["none"].leakage
 
 
 def _fitted(seed: int = 0, n: int = 400):

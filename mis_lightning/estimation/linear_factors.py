@@ -1969,6 +1969,17 @@ REPEATED_LINEAR_CALLS = True
 REPEATED_CONV_CALLS = True
 
 
+def _outputs_grad(f: Tensor, outs: list[Tensor], **kw: Any) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(f, outs, allow_unused=True, **kw)`` where a layer output outside the
+    graph (a call under ``torch.no_grad()``) gets ``None`` (no gradient reaches the weight through it)."""
+    live = [i for i, o in enumerate(outs) if o.requires_grad]
+    got = torch.autograd.grad(f, [outs[i] for i in live], allow_unused=True, **kw) if live else ()
+    res: list[Tensor | None] = [None] * len(outs)
+    for i, g in zip(live, got):
+        res[i] = g
+    return tuple(res)
+
+
 def _slice(tree: Any, a: Any, c: Any = None) -> Any:
     """Rows ``a:c`` (or the index tensor / slice ``a``) of every tensor of a pytree."""
     key = slice(a, c) if isinstance(a, int) else a
@@ -2232,7 +2243,10 @@ class LayerProgram:
                                                       or (REPEATED_CONV_CALLS and isinstance(mod, _CONVS))):
                         taps[m] = self._repeated_taps(m, mod, b)  # its calls as positions of one call
                         continue
-                    raise NotImplementedError(f"layer {m!r} is not called once per forward")
+                    k = self._calls.get(m, 0)
+                    raise NotImplementedError(  # (k > 1: a layer kind whose repeated calls are not taken)
+                        f"layer {m!r} is called {k}x in this batch's forward, not once" if k else
+                        f"layer {m!r} is not called in this batch's forward (a data-dependent branch?)")
                 x = self._inputs[m]
                 if isinstance(mod, _TRANSPOSED):
                     # called with output_size: another output padding than the layer's, read from the
@@ -2316,7 +2330,7 @@ class LayerProgram:
         e, L = self._loss_derivatives(f.detach(), targets, shape, second)
         self._e = e  # dl/do of the batch (the sampled-label directions' check)
         outs = [t for m in self.slots for t in taps[m][1]]
-        gos = torch.autograd.grad(f, outs, grad_outputs=e, retain_graph=second, allow_unused=True)
+        gos = _outputs_grad(f, outs, grad_outputs=e, retain_graph=second)
         x = {m: taps[m][0] for m in self.slots}
         cache = {m: _prepare(self._mods[m], x[m], self.slots[m]) for m in self.slots} if second else {}
         return _BatchTaps(b, x, self._unpack(taps, gos), cache), f, outs, L
@@ -2452,8 +2466,7 @@ class LayerProgram:
                 if kron and taps.base_weight is not None:
                     self._kron_add(kron, taps, taps.go, taps.base_weight)
                 for i, (vdir, sgn) in enumerate(dirs):
-                    gos = torch.autograd.grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1,
-                                              allow_unused=True)
+                    gos = _outputs_grad(f, outs, grad_outputs=vdir.to(f.dtype), retain_graph=i < len(dirs) - 1)
                     go = self._unpack(self._forward_taps, gos)
                     if squares:
                         self._add_squares(taps, go, sgn, h_all, h2_all, self.mc_samples)
