@@ -185,6 +185,12 @@ def test_later_scoring_calls_read_the_setups_with_the_same_reports(monkeypatch):
     assert all(r == off for r in reports)
     assert est._chunk_setups and not copy.deepcopy(est)._chunk_setups
     assert not pickle.loads(pickle.dumps(est._chunk_setups))
+    # released (rv51: a process keeping scored estimates holds their setups): recomputed, the same report
+    assert est.release_caches() > 0 and not est._chunk_setups and not est._unit_sums
+    monkeypatch.setattr(A, "HOLD_CHUNK_SETUP", True)
+    seen.clear()
+    assert A.score_schemes(est, model, SCHEMES, scoring_config=sc).to_json() == off
+    assert seen.count("silent rows") == counts[0] and est._chunk_setups
 
 
 @pytest.mark.parametrize("dead", [False, True])
