@@ -364,6 +364,7 @@ def release_chunk_facts() -> None:
     _SD_ZERO.clear()
     _REVEALED.clear()
     _THETA_F32.clear()
+    _proof.release_shared_proofs()
 
 
 # QuantizationScheme.apply's copy holds the weights the backend only reads and then replaces
