@@ -274,3 +274,49 @@ def test_two_formats_proven_together(first, monkeypatch):
         assert P.format_cell_proven_abs(t2, second, m) is not None or t is not th
         assert ends
     P.release_shared_proofs()
+
+
+@pytest.mark.parametrize("dtype", CASTS)
+def test_still_draws_of_a_bounded_cast_chunk_are_flagged(dtype, monkeypatch):
+    """``assess.DRAWS_STILL_FLAGGED``: a sample of a cast chunk under the draws' bound (a chunk like
+    the 1e7 MLP's first layer: sd ~30x |theta|) moves no kappa: ``_sampled_draw_parts`` returns it
+    flagged (``StillParts``, as a sample of sd-0 weights), its zeros and mix those the switch off
+    builds (the Horvitz-Thompson scaling of zeros), and a sample with one element past the bound is
+    not flagged (its parts bitwise the switch off's)."""
+    import importlib
+
+    A = importlib.import_module("mis_lightning.assess")
+    rows, cols = 64, 32
+    c = rows * cols
+    gen = torch.Generator().manual_seed(12)
+    g = B.ParamGrid(name="w", shape=(rows, cols), kind="table", dequantized=torch.zeros(rows, cols),
+                    bits_per_weight=16.0, scale=torch.ones(1, 1), block_size=(rows, cols),
+                    values=cast_cell_values(dtype), release_dtype=dtype)
+    th = torch.randn(c, dtype=F64, generator=gen) * 0.02
+    sg = (th.abs() + 0.01) * 30.0
+    k_main = g.moments(th, sg, 0, c, kappa_only=True).kappa
+    D = 16
+    xi = torch.randn(A._draw_noise_rows(D), c, dtype=F64, generator=gen)
+    sample = A._draw_sample(c, cols, torch.Generator().manual_seed(13))
+    monkeypatch.setattr(A, "CAST_DRAWS_BOUNDED", True)
+    monkeypatch.setattr(A, "CAST_DRAWS_TOL", 1e-4)
+    got = {}
+    for on in (True, False):
+        monkeypatch.setattr(A, "DRAWS_STILL_FLAGGED", on)
+        got[on] = A._sampled_draw_parts(g, th, sg, 0, c, k_main, xi, D, None, sample)
+        assert isinstance(got[on], A.StillParts) == on
+    for a, b in zip(got[True], got[False]):
+        assert a.shape == b.shape and torch.equal(_bits(a.contiguous()), _bits(b.contiguous()))
+    assert not bool(got[False][0].any())
+    th2, sg2 = th.clone(), sg.clone()
+    j = int(sample[0][3])
+    th2[j], sg2[j] = (3e4, 1e4) if dtype == torch.float16 else (1.5, 1e-3)  # beyond the bound
+    k2 = g.moments(th2, sg2, 0, c, kappa_only=True).kappa
+    res = {}
+    for on in (True, False):
+        monkeypatch.setattr(A, "DRAWS_STILL_FLAGGED", on)
+        res[on] = A._sampled_draw_parts(g, th2, sg2, 0, c, k2, xi, D, None, sample)
+        assert not isinstance(res[on], A.StillParts)
+    for a, b in zip(res[True], res[False]):
+        assert torch.equal(_bits(a), _bits(b))
+    assert bool(res[True][0].ne(0).any())
