@@ -1205,7 +1205,8 @@ def _table_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor, 
 # its three reach passes are skipped (its own-cell width test stays: per format). The extremes of
 # a tensor are kept while it is unchanged (the last few tensors: the bf16 and fp16 calls on a chunk,
 # main and pool, read the same theta and sd tensors; _table_inputs' least sd reads them too). The
-# same numbers and mask: where the scalars do not prove it, the per-block test as before (p51d).
+# same numbers and mask: where the scalars do not prove it, the per-block test as before; calls of
+# one block (the draws', the second layer's live weights) keep it (p51d).
 # False: the per-block reach and reductions, _table_inputs' own amin
 REACH_FROM_EXTREMES = True
 _EXTREMES: list[tuple[weakref.ref, int, tuple[float, float]]] = []
@@ -1692,8 +1693,9 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
         and _unit_scale(sc)
     settle = _settled_unit if unit and SETTLE_UNIT_FEWER_PASSES and layout.wide is not None else _settled_from
     into = into and kappa_only and settle is _settled_unit
-    # (every reach proven from the call's extremes: the blocks test their widths alone)
-    reach_ok = REACH_FROM_EXTREMES and settle is _settled_unit and _reach_settles(th, sg, layout)
+    # (every reach proven from the call's extremes: the blocks test their widths alone; calls of one
+    # block keep their own test, which costs what the extremes would: the draws' and the live weights')
+    reach_ok = REACH_FROM_EXTREMES and settle is _settled_unit and c > block and _reach_settles(th, sg, layout)
     kappa = torch.empty(c, dtype=torch.float64, device=th.device) if into else None
     done: Tensor | None = None
     parts = []
