@@ -2734,7 +2734,8 @@ def _draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int, k_main:
     free, still = _draw_freedom(grid, th, sg, a, b, pos, k_main)
     half = (D + 1) // 2
     if still:  # no element's kappa moves: every change exactly 0 (what the evaluations gave)
-        return torch.zeros(1 + half, c, dtype=torch.float64), _built_mix(D), torch.zeros(D, c, dtype=torch.float64)
+        out = (torch.zeros(1 + half, c, dtype=torch.float64), _built_mix(D), torch.zeros(D, c, dtype=torch.float64))
+        return StillParts(out) if DRAWS_STILL_FLAGGED else out
     kap, _ = _evaluated_draws(grid, th, sg, a, b, k_main, pos, policy, table_at_once=table_at_once,
                               freedom=(free,))
     dl, dn = kap[:4] - k_main, kap[4:] - k_main  # at the random positions, at the rule's nodes
@@ -3103,6 +3104,14 @@ def _draw_sample(c: int, unit: int, gen: torch.Generator) -> tuple[Tensor, Tenso
     return elem, group_of_row[rows].repeat_interleave(unit), m / units
 
 
+# _draw_parts flags the parts of positions none of which moves (_draw_freedom's still: the 16-bit casts'
+# chunks under CAST_DRAWS_BOUNDED, bf16's every chunk and fp16's first layer on the 1e7 MLP) as
+# StillParts, and the sampled draws then return the flagged zeros of a sample of sd-0 weights (no
+# Horvitz-Thompson scaling, groups' fill or the draws' sums' scan of their zeros): the same sums,
+# the parts moving no row either way (p51d). False: the zeros scaled and scanned as before
+DRAWS_STILL_FLAGGED = True
+
+
 class StillParts(tuple):
     """``(basis, mix, groups)`` of :func:`_sampled_draw_parts` for a sample where no kappa moves:
     every basis and group entry exactly 0 (the zeros may be one value expanded: read them, never
@@ -3133,9 +3142,14 @@ def _sampled_draw_parts(grid: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
         m = elem.numel()
         return StillParts((zero.expand(1 + (draws + 1) // 2, m), _built_mix(draws), zero.expand(DRAW_SAMPLE_GROUPS, m)))
     sub = _subset_grid(grid, a, b, elem)
-    part, mix, _ = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
-                               k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,
-                               table_at_once=True)
+    got = _draw_parts(sub, th.index_select(0, elem), sg.index_select(0, elem), 0, elem.numel(),
+                      k_main.index_select(0, elem), xi if xi_on_sample else xi.index_select(1, elem), draws, policy,
+                      table_at_once=True)
+    if isinstance(got, StillParts):  # no sampled kappa moves (a cast's chunk under its bound): as sd 0 above
+        zero = torch.zeros((), dtype=torch.float64)
+        m = elem.numel()
+        return StillParts((zero.expand(1 + (draws + 1) // 2, m), got[1], zero.expand(DRAW_SAMPLE_GROUPS, m)))
+    part, mix, _ = got
     basis = torch.cat([part[:1] / pi, part[1:] / math.sqrt(pi)])
     groups = torch.zeros(DRAW_SAMPLE_GROUPS, elem.numel(), dtype=torch.float64)
     groups[grp, torch.arange(elem.numel())] = basis[0]

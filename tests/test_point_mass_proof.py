@@ -287,9 +287,9 @@ def test_the_format_proof_on_blocks_is_the_proof_on_the_chunk(scheme, monkeypatc
     ones, zeros = torch.ones(c, dtype=F64), torch.zeros(c, dtype=F64)
     inside = g._inside
     bad = torch.cat([v[v != th] for v in _variants(g, th)[1:]])
-    real = P.format_cell_bits
+    real = P._cell_ends  # (format_cell_bits' ends: formed per block, once for every format asked)
     seen: list[int] = []
-    monkeypatch.setattr(P, "format_cell_bits", lambda x, *a: seen.append(x.numel()) or real(x, *a))
+    monkeypatch.setattr(P, "_cell_ends", lambda x, *a: seen.append(x.numel()) or real(x, *a))
     for where in (None, 0, 2, nb):
         t = base.clone()
         if where is not None:
@@ -298,6 +298,7 @@ def test_the_format_proof_on_blocks_is_the_proof_on_the_chunk(scheme, monkeypatc
             t[a:a + n] = bad[:n]
         seen.clear()
         monkeypatch.setattr(P, "PROOF_BLOCKS", True)
+        P.release_shared_proofs()
         got = P.format_cell_proven_abs(t, fmt, B._POINT_MASS_MARGIN)
         assert max(seen) == P.PROOF_BLOCK and len(seen) == nb + 1
         monkeypatch.setattr(P, "PROOF_BLOCKS", False)

@@ -27,9 +27,12 @@ format's bit patterns instead (:func:`format_cell_bits`), its bounds' terms as h
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor
+
+from .versions import tensor_version
 
 # cells added to the margin before a weight counts as proven (above the float64 rounding of G,
 # 6e-11 cells at the largest codes and bounds admitted, below the margin's own 1e-9)
@@ -215,7 +218,12 @@ def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tenso
         dtype: the format (8 or 16 bits).
         delta: the margin proven (cells), ``margin + PROOF_SLACK``.
     """
-    ints = torch.uint8 if torch.finfo(dtype).bits == 8 else torch.int16
+    lo, hi = _cell_ends(x, delta)
+    return lo.to(dtype).view(_ints(dtype)), hi.to(dtype).view(_ints(dtype))
+
+
+def _cell_ends(x: Tensor, delta: float) -> tuple[Tensor, Tensor]:
+    """:func:`format_cell_bits`' two ends before the cast (``x``'s dtype; the same for every format)."""
     # (each end moved out by float32's relative ulp: torch casts float64 to these formats through
     # float32, and a second rounding must not bring an end back onto a midpoint; the test failed so)
     rel, d = _F32_ULP, delta
@@ -224,8 +232,7 @@ def format_cell_bits(x: Tensor, dtype: torch.dtype, delta: float) -> tuple[Tenso
         # 2^-24): the ends moved out by 2^-20 |x| and 2 delta, each end's float32 rounding included
         # (x (1 - 2^-20) rounded twice stays below x - 10.8 u x; 2 delta less its rounding above delta)
         rel, d = _F32_ENDS, 2.0 * delta
-    lo = torch.mul(x, 1.0 - rel).sub_(d).clamp_min_(0.0).to(dtype).view(ints)
-    return lo, torch.mul(x, 1.0 + rel).add_(d).to(dtype).view(ints)
+    return torch.mul(x, 1.0 - rel).sub_(d).clamp_min_(0.0), torch.mul(x, 1.0 + rel).add_(d)
 
 
 def format_cell_proven(x: Tensor, dtype: torch.dtype, margin: float) -> Tensor | None:
@@ -256,22 +263,70 @@ def format_cell_proven_abs(th: Tensor, dtype: torch.dtype, margin: float) -> Ten
     """:func:`format_cell_proven` of ``|th|`` (``th`` float64 ``[c]``), on blocks of
     :data:`PROOF_BLOCK` weights (:data:`PROOF_BLOCKS`): ``None`` where every block is proven
     whole, else the mask of :func:`format_cell_proven` (a block proven whole is ``True``
-    throughout there too: every ``x`` finite, at most :data:`PROOF_MAX_CELLS`, both casts equal)."""
+    throughout there too: every ``x`` finite, at most :data:`PROOF_MAX_CELLS`, both casts equal).
+    With :data:`PROOF_FORMATS_SHARED`, the 16-bit formats asked for since the last
+    :func:`release_shared_proofs` are proven together on each block (one ``|th|`` and one pair of
+    float64 ends for all: the same numbers), the others' answers kept for their call on the same
+    ``th`` (unchanged: its version counter) and margin."""
     if not PROOF_BLOCKS:
         return format_cell_proven(th.abs(), dtype, margin)
+    shared = PROOF_FORMATS_SHARED and torch.finfo(dtype).bits == 16
+    if shared:
+        ver = tensor_version(th)
+        if _PROVEN:
+            ref, v, m, held = _PROVEN[0]
+            if ref() is th and v is not None and v == ver and m == margin and dtype in held:
+                return held.pop(dtype)
+        dtypes = (dtype, *sorted((d for d in _FORMATS_ASKED if d != dtype), key=str))
+        _FORMATS_ASKED.add(dtype)
+        got = _proven_abs_blocks(th, dtypes, margin)
+        _PROVEN[:] = [(weakref.ref(th), ver, margin, dict(zip(dtypes[1:], got[1:])))] if ver is not None else []
+        return got[0]
+    return _proven_abs_blocks(th, (dtype,), margin)[0]
+
+
+def _proven_abs_blocks(th: Tensor, dtypes: tuple[torch.dtype, ...], margin: float) -> list[Tensor | None]:
+    """:func:`format_cell_proven_abs`' answer for each format of ``dtypes`` (the same ``x``, ends and
+    casts as :func:`format_cell_bits` per format: its float64 ends do not depend on the format)."""
     c = th.shape[0]
-    out: Tensor | None = None
+    outs: list[Tensor | None] = [None] * len(dtypes)
+    delta = margin + PROOF_SLACK
     for s in range(0, c, PROOF_BLOCK):
         x = th[s:s + PROOF_BLOCK].abs()
-        lo, hi = format_cell_bits(x, dtype, margin + PROOF_SLACK)
-        if bool(x.amax() <= PROOF_MAX_CELLS) and torch.equal(lo, hi):
-            if out is not None:
-                out[s:s + PROOF_BLOCK] = True
-            continue
-        if out is None:  # (the blocks before were proven whole)
-            out = torch.ones(c, dtype=torch.bool, device=th.device)
-        torch.logical_and(lo == hi, x <= PROOF_MAX_CELLS, out=out[s:s + PROOF_BLOCK])
-    return out
+        lo64, hi64 = _cell_ends(x, delta)  # (format_cell_bits' ends: formed once for every format)
+        ends = [(lo64.to(dt).view(_ints(dt)), hi64.to(dt).view(_ints(dt))) for dt in dtypes]
+        small = bool(x.amax() <= PROOF_MAX_CELLS)
+        for i, (lo, hi) in enumerate(ends):
+            out = outs[i]
+            if small and torch.equal(lo, hi):
+                if out is not None:
+                    out[s:s + PROOF_BLOCK] = True
+                continue
+            if out is None:  # (the blocks before were proven whole)
+                out = outs[i] = torch.ones(c, dtype=torch.bool, device=th.device)
+            torch.logical_and(lo == hi, x <= PROOF_MAX_CELLS, out=out[s:s + PROOF_BLOCK])
+    return outs
+
+
+def _ints(dtype: torch.dtype) -> torch.dtype:
+    return torch.uint8 if torch.finfo(dtype).bits == 8 else torch.int16
+
+
+# The bf16 and fp16 casts' proofs on the same chunk (the sd-0 test of each cast's main call on the
+# 1e7 MLP's second layer) from one |theta| and one pair of float64 ends per block: ~0.6 ms of the
+# ~1 ms proof per chunk and format (p51d); the 16-bit formats asked since the scoring pass began
+# (release_shared_proofs, with ParamGrid's chunk facts) are proven together at each new theta, the
+# others' answers kept for their call (one entry: the chunk's). The same masks. False: one proof
+# per format and call
+PROOF_FORMATS_SHARED = True
+_FORMATS_ASKED: set[torch.dtype] = set()
+_PROVEN: list[tuple[weakref.ref, int | None, float, dict[torch.dtype, Tensor | None]]] = []
+
+
+def release_shared_proofs() -> None:
+    """Forget the formats asked and the answers kept (:data:`PROOF_FORMATS_SHARED`)."""
+    _FORMATS_ASKED.clear()
+    _PROVEN.clear()
 
 
 _F32_ULP = 2.0**-23
@@ -279,4 +334,4 @@ _F32_ENDS = 2.0**-20
 
 
 __all__ = ["F32_SCALE_RANGE", "PROOF_FLOAT32", "PROOF_LEFT_TESTED", "PROOF_MAX_CELLS", "PROOF_SLACK", "affine_inside_gap", "bounds_gap",
-           "f32_gap_error", "format_cell_bits", "format_cell_proven", "format_cell_proven_abs", "gap_cells_f32", "unproven_weights"]
+           "f32_gap_error", "format_cell_bits", "format_cell_proven", "format_cell_proven_abs", "gap_cells_f32", "release_shared_proofs", "unproven_weights"]

@@ -1197,9 +1197,57 @@ def _table_inputs(theta: Tensor, sigma: Tensor, *rest: Tensor) -> tuple[Tensor, 
     float64, the grid tensors, float64), with ``sigma`` itself where it is float64 and its least
     value is at the floor or above (NaN: floored as there) (:data:`SD_FLOOR_BY_MIN`)."""
     if SD_FLOOR_BY_MIN and sigma.dtype == torch.float64 and sigma.numel() \
-            and float(sigma.amin()) >= torch.finfo(torch.float64).tiny:
+            and (_extremes(sigma)[0] if REACH_FROM_EXTREMES else float(sigma.amin())) >= torch.finfo(torch.float64).tiny:
         return (theta.to(torch.float64), sigma, *(t.to(torch.float64) for t in rest))
     return _float64_inputs(theta, sigma, *rest)
+
+
+# The settle at scale 1 (_settled_unit) tests every element's 8.5-sd reach against [-T, T] and the
+# finite cells' ends from the call's extremes where they prove it for every element: rounding is
+# monotone, so each fl(theta - fl(8.5 sd)) is at most fl(max theta - fl(8.5 min sd)), each
+# fl(fl(8.5 sd) + theta) at least fl(fl(8.5 min sd) + min theta) (and likewise the other two ends);
+# where those four scalars pass, every element's reach does, and the block's four reductions and
+# its three reach passes are skipped (its own-cell width test stays: per format). The extremes of
+# a tensor are kept while it is unchanged (the last few tensors: the bf16 and fp16 calls on a chunk,
+# main and pool, read the same theta and sd tensors; _table_inputs' least sd reads them too). The
+# same numbers and mask: where the scalars do not prove it, the per-block test as before; calls of
+# one block (the draws', the second layer's live weights) keep it (p51d).
+# False: the per-block reach and reductions, _table_inputs' own amin
+REACH_FROM_EXTREMES = True
+_EXTREMES: list[tuple[weakref.ref, int, tuple[float, float]]] = []
+_EXTREMES_SLOTS = 4
+
+
+def _extremes(t: Tensor) -> tuple[float, float]:
+    """``(amin, amax)`` of a non-empty tensor as floats (NaN where it holds one), kept for the same
+    tensor while its version counter is unchanged (the last :data:`_EXTREMES_SLOTS` tensors;
+    inference tensors, without a counter, are not kept)."""
+    ver = tensor_version(t)
+    if ver is not None:
+        for ref, v, ext in _EXTREMES:
+            if ref() is t and v == ver:
+                return ext
+    ext = (float(t.amin()), float(t.amax()))
+    if ver is not None:
+        _EXTREMES.insert(0, (weakref.ref(t), ver, ext))
+        del _EXTREMES[_EXTREMES_SLOTS:]
+    return ext
+
+
+def _reach_settles(th: Tensor, sg: Tensor, layout: TableLayout) -> bool:
+    """Whether every element's reach ``[theta - 8.5 sd, theta + 8.5 sd]``, formed as
+    :func:`_settled_unit` forms it (float64, scale 1), covers ``[-T, T]`` (``T = layout.wide``) and
+    stays within ``[layout.lo_edge, layout.hi_edge)``, proven from the extremes of ``th`` and ``sg``
+    (``[c]`` float64, non-empty; :data:`REACH_FROM_EXTREMES`). ``False`` where they do not prove it
+    (some element may still pass: the caller then tests each)."""
+    wide = layout.wide
+    if wide is None:
+        return False
+    t0, t1 = _extremes(th)
+    s0, s1 = _extremes(sg)
+    r0, r1 = s0 * CUTOFF_SIGMAS, s1 * CUTOFF_SIGMAS  # (Python floats: IEEE double, as torch's element-wise)
+    # (NaN anywhere: every comparison fails)
+    return t1 - r0 <= -wide and r0 + t0 >= wide and t0 - r1 >= layout.lo_edge and r1 + t1 < layout.hi_edge
 
 
 def _table_fast_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor,
@@ -1347,12 +1395,13 @@ SETTLE_UNIT_FEWER_PASSES = True
 
 
 def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Tensor, layout: TableLayout,
-                  kappa_only: bool = False, out: Tensor | None = None) -> tuple[Tensor, ...]:
+                  kappa_only: bool = False, out: Tensor | None = None, reach_ok: bool = False) -> tuple[Tensor, ...]:
     """:func:`_settled_from` where every ``sc`` is 1 and the table reaches ``layout.wide`` (a 16-bit
     cast's): the same ``kappa`` (``mean_abs``, ``m4``) on the elements of the mask, the same mask
     (``[c]`` each, float64 / bool); the others hold garbage, as there. ``out`` (kappa-only calls,
     :data:`UNIT_KAPPA_INTO`): ``kappa`` is written into it (``[c]`` float64, returned) and the mask
-    is ``None`` where every element is settled (no mask formed)."""
+    is ``None`` where every element is settled (no mask formed). ``reach_ok``: every element's reach
+    is known to settle (:func:`_reach_settles` on the call): only the widths are tested."""
     wide = layout.wide
     assert wide is not None
     assert out is None or kappa_only
@@ -1370,12 +1419,15 @@ def _settled_unit(th: Tensor, sg: Tensor, sc: Tensor, own_lo: Tensor, own_hi: Te
         m4 = torch.mul(h2, 0.5).neg_().add_(3.0)
         if _kernel.FINE_M4_H4:  # (kernel.fine_m4's operations, in its order)
             m4.add_(torch.mul(h2, h2).mul_(_kernel._M4_H4))
-    reach = torch.mul(sg, CUTOFF_SIGMAS)  # (/ sc: exact at 1)
-    lo_r, hi_r = torch.sub(th, reach), reach.add_(th)
+    # (reach_ok: the four reach tests below are known to pass; the widths' test decides alone)
+    fine_all = bool(th.numel()) and float(h_local.amax()) <= FINE_STEP if reach_ok else None
+    if not fine_all:
+        reach = torch.mul(sg, CUTOFF_SIGMAS)  # (/ sc: exact at 1)
+        lo_r, hi_r = torch.sub(th, reach), reach.add_(th)
     # (NaN in any: a reduction fails, the masks below; amin / amax: aminmax was slower)
-    if th.numel() and float(h_local.amax()) <= FINE_STEP and float(lo_r.amax()) <= -wide \
-            and float(hi_r.amin()) >= wide and float(lo_r.amin()) >= layout.lo_edge \
-            and float(hi_r.amax()) < layout.hi_edge:
+    if fine_all or (fine_all is None and th.numel() and float(h_local.amax()) <= FINE_STEP
+                    and float(lo_r.amax()) <= -wide and float(hi_r.amin()) >= wide
+                    and float(lo_r.amin()) >= layout.lo_edge and float(hi_r.amax()) < layout.hi_edge):
         if out is not None:
             return kappa, None
         done = torch.ones_like(th, dtype=torch.bool)  # every element fine, none frozen or past the ends
@@ -1646,6 +1698,9 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
         and _unit_scale(sc)
     settle = _settled_unit if unit and SETTLE_UNIT_FEWER_PASSES and layout.wide is not None else _settled_from
     into = into and kappa_only and settle is _settled_unit
+    # (every reach proven from the call's extremes: the blocks test their widths alone; calls of one
+    # block keep their own test, which costs what the extremes would: the draws' and the live weights')
+    reach_ok = REACH_FROM_EXTREMES and settle is _settled_unit and c > block and _reach_settles(th, sg, layout)
     kappa = torch.empty(c, dtype=torch.float64, device=th.device) if into else None
     done: Tensor | None = None
     parts = []
@@ -1656,9 +1711,10 @@ def _settled_blocks(th: Tensor, sg: Tensor, sc: Tensor, layout: TableLayout, kap
         if keep is not None:
             keep.append(f)
         if kappa is None:
-            parts.append(settle(t, g, k, *f, layout, kappa_only))
+            parts.append(settle(t, g, k, *f, layout, kappa_only, reach_ok=True) if reach_ok
+                         else settle(t, g, k, *f, layout, kappa_only))
             continue
-        _, d = _settled_unit(t, g, k, *f, layout, True, out=kappa[sl])
+        _, d = _settled_unit(t, g, k, *f, layout, True, out=kappa[sl], reach_ok=reach_ok)
         if d is not None:  # (the blocks before it were settled whole)
             if done is None:
                 done = torch.ones(c, dtype=torch.bool, device=th.device)

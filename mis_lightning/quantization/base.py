@@ -364,6 +364,7 @@ def release_chunk_facts() -> None:
     _SD_ZERO.clear()
     _REVEALED.clear()
     _THETA_F32.clear()
+    _proof.release_shared_proofs()
 
 
 # QuantizationScheme.apply's copy holds the weights the backend only reads and then replaces
@@ -409,6 +410,15 @@ def _shared_expansion(t: Tensor | None, role: str, block_size: tuple[int, ...], 
         ref, version = weakref.ref(t), tensor_version(t)
     _EXPANSIONS.append((key, ref, version, out))
     return out
+
+
+# ... and the per-element scale of a grid of at most _SMALL_SCALE blocks (the bf16 / fp16 casts:
+# one scale of 1 per tensor) is shared with an equal one's expansion on the same range (the other
+# cast's: one chunk-sized copy per chunk, not one per cast), and ParamGrid._chunk_grid finds no
+# dead block from the blocks' values when every one is positive (no [c] comparison and scan): the
+# same values (p51d). False: one expansion per grid, the [c] test
+SHARE_SMALL_SCALES = True
+_SMALL_SCALE = 64
 
 
 _DEQUANTIZED_KEPT: ContextVar[bool] = ContextVar("mis_lightning_dequantized_kept", default=True)
@@ -1041,8 +1051,11 @@ class ParamGrid:
 
     def element_grid(self, start: int, end: int, *, shared: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(scale [c], zero_point [c], code [c] or None)`` for elements ``start:end``. ``shared``:
-        as :meth:`element_bounds`, for the zero point (the scales of two distinct grids differ)."""
-        scale = self._elem(self.scale, start, end)
+        as :meth:`element_bounds`, for the zero point, and for the scale where it has at most
+        :data:`_SMALL_SCALE` blocks (:data:`SHARE_SMALL_SCALES`: the casts' scale 1; the scales of
+        two distinct grids otherwise differ)."""
+        small = shared and SHARE_SMALL_SCALES and self.scale.numel() <= _SMALL_SCALE
+        scale = self._elem(self.scale, start, end, "scale" if small else None)
         zp = self._elem(self.zero_point, start, end, "zero_point" if shared else None)
         code = None
         if self.codes is not None:
@@ -1138,8 +1151,10 @@ class ParamGrid:
         # A block whose scale is 0 (torchao float8 on an all-zero row or group: every element
         # is exactly 0) is a one-cell grid {0}: no cell information (moments 0). Its scale
         # reveals max |w| = 0, i.e. every element exactly (``revealed`` in moments(): kappa 1).
-        dead: Tensor | None = scale <= 0
-        if any_set(dead):
+        # (a scale of a few blocks, every one positive: no element's is 0, without a [c] test)
+        few = SHARE_SMALL_SCALES and self.scale.numel() <= _SMALL_SCALE and bool((self.scale > 0).all())
+        dead: Tensor | None = None if few else scale <= 0
+        if dead is not None and any_set(dead):
             scale = torch.where(dead, torch.ones_like(scale), scale)
             if code is not None:
                 code = torch.where(dead, zp, code)
