@@ -2706,13 +2706,13 @@ def _draw_noise_rows(draws: int, with_lam: bool = False) -> int:
 # own roundings, a few 2^-24 |xi|) of the exact Box-Muller normal of uniforms within 2^-24 of its
 # own (u the radius' uniform, r the radius): the draws' statistics are those of exact normals to
 # ~1e-6 relative, and the moments match N(0, 1) to the Monte Carlo error (1e8 draws: var 0.99988,
-# m4 2.9996). Only the interval's ends (p10 / p90, Monte Carlo
-# estimates) move: by <= 3.1e-6 of the width at 1e7, 2e-8 at 1e5. tests/test_sampled_draws.py's
-# sampled-vs-full check read a one-seed 5% of the width, which float64 normals also exceed on 3 of 24
-# seeds (float32: 4 of 24; up to 7-8%): p51c re-derived it (the sample noise the report carries,
-# the draws' spread; docs/benchmarks.md, "p51c") and switched this on. The float32 fill's vectorized
-# log / cos may round differently on another CPU's instruction set (as the GEMMs may).
-# False: float64 normals, the stream before p49b.
+# m4 2.9996). Only the interval's ends (p10 / p90, Monte Carlo estimates) move: by <= 3.1e-6 of the
+# width at 1e7, 9.3e-9 at 1e5 (p51c). tests/test_sampled_draws.py's sampled-vs-full check read a
+# one-seed 5% of the width, which float64 normals also exceed on 3 of 24 seeds (float32: 4 of 24; up
+# to 7-8%): p51c derived its bound (the sample noise the report carries, the draws' spread;
+# docs/benchmarks.md, "p51c") and switched this on. The float32 fill's vectorized log / cos may
+# round differently on another CPU's instruction set (as the GEMMs may). False: float64 normals,
+# the stream before p49b.
 DRAW_NORMALS_FLOAT32 = True
 
 
