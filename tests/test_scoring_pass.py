@@ -564,7 +564,8 @@ def test_unit_chunk_facts_are_the_float64_masked_facts_bitwise(monkeypatch, held
     masked-select facts: every weight live, some of sd 0 (either sign) or negative, none live, a
     NaN sd, float32 subnormal and huge sds, float64 sds below float64's tiny, an empty chunk is
     not asked; per held dtype, switch on and off (the division by POOL_SIGMA_RATIO of the least
-    value is the least quotient: 20,000 random sds spanning 2^-140..2^100 below)."""
+    value is the least quotient: 20,000 random sds spanning 2^-140..2^100 below); zeros with no
+    negative sd (float32: the least live one read off the bits), only the largest finite and inf."""
     monkeypatch.setattr(A, "UNIT_FACTS_HELD", held_switch)
     gen = torch.Generator().manual_seed(7)
     c = 20_000
@@ -575,6 +576,13 @@ def test_unit_chunk_facts_are_the_float64_masked_facts_bitwise(monkeypatch, held
     some[::7] = 0.0
     some[3], some[10] = -0.0, -1e-30
     sds["some sd 0"] = some
+    zeros = sds["live"].clone()  # sd 0 and -0, no negative one (float32: the least live sd by its bits)
+    zeros[::7] = 0.0
+    zeros[4] = -0.0
+    sds["sd 0, none negative"] = zeros
+    big = torch.zeros(c, dtype=held)
+    big[[5, 9]] = torch.tensor([float(torch.finfo(held).max), math.inf], dtype=held)  # the largest finite and inf
+    sds["huge only"] = big
     sds["none live"] = torch.zeros(c, dtype=held)
     nan = sds["live"].clone()
     nan[11] = math.nan
