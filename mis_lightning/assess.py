@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import logging
 import math
+import struct
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -2457,6 +2458,73 @@ _TINY64 = torch.finfo(torch.float64).tiny
 STILL_UNIT_COUNT = True
 
 
+# The joint pass's per-chunk facts of the unit-kappa test (the least live pool sd, whether some weight
+# has sd 0, the largest |theta|) read off the estimate's own held tensors (float32 at scale): one
+# minimum, and a masked minimum only where some sd is not positive, not the float64 copy's mask, its
+# masked select and |theta|'s float64 pass (~0.9 -> ~0.15 ms a 2^18-weight chunk). The same values
+# bitwise: the widening is exact and monotone, and so is the division by POOL_SIGMA_RATIO (IEEE
+# division by a positive number rounds a smaller value no larger), so the least quotient is the
+# least value's quotient. False: on the float64 copies (A/B)
+UNIT_FACTS_HELD = True
+# The joint pass's frozen counts (kappa below FROZEN_KAPPA, and the never-moved weights at or above
+# it) without their own passes where the counts follow from work already done: a unit column (0 or
+# 1 per weight) counts c - sum(kappa) (its sum is an exact integer below 2^53); another column with
+# never-moved weights in the chunk counts both at once, c less the weights at or above a per-chunk
+# threshold (FROZEN_KAPPA, NaN on the never-moved ones: no comparison is true there), one
+# comparison and a count, not two comparisons, an and and two counts (a NaN kappa, which neither
+# count holds, takes the separate counts: its sum is NaN). The same integers. False: counted as
+# before (A/B)
+FROZEN_COUNTS_FUSED = True
+
+
+def _unit_chunk_facts(th: Tensor, sg: Tensor, th_c: Tensor, sg_c: Tensor, sg_pool: Tensor
+                      ) -> tuple[float, float, bool, bool]:
+    """``(least pool sd of the live weights (sd above float64's tiny; 0.0 if none), largest |theta|,
+    every weight live, some weight live)`` of one chunk of the joint pass (the unit-kappa test's
+    facts, :data:`UNIT_KAPPA`), ``[c]`` tensors each: ``th`` / ``sg`` the estimate's (float32 or
+    float64; read where :data:`UNIT_FACTS_HELD`), ``th_c`` / ``sg_c`` their float64 copies and
+    ``sg_pool = sg_c / POOL_SIGMA_RATIO`` (read otherwise, and where some sd is NaN)."""
+    c = sg_c.numel()
+    if UNIT_FACTS_HELD and sg.dtype in (torch.float32, torch.float64) and th.dtype in (torch.float32, torch.float64) \
+            and c > 0:
+        tiny = _TINY64 if sg.dtype == torch.float64 else 0.0  # (float32's least positive value is above it)
+        least = float(sg.amin())
+        if not math.isnan(least):
+            big = float(th.abs().amax())
+            if least > tiny:  # every weight live: the least sd is the least live one
+                return least / POOL_SIGMA_RATIO, big, True, True
+            if sg.dtype == torch.float32 and least == 0.0:
+                # no negative sd: the least positive one by its bits (ordered as the values), zeros
+                # (and -0) moved to the top by ((bits & 0x7fffffff) - 1) & 0x7fffffff (no overflow):
+                # int32 passes and a minimum, not a comparison, a select and a minimum (0.46 -> 0.18 ms
+                # a 2^18 chunk)
+                low = int(sg.view(torch.int32).bitwise_and(0x7FFFFFFF).sub_(1).bitwise_and_(0x7FFFFFFF).amin())
+                live_least = math.inf if low == 0x7FFFFFFF else struct.unpack("<f", struct.pack("<i", low + 1))[0]
+            else:
+                live_least = float(torch.where(sg > tiny, sg, math.inf).amin())
+            if live_least == math.inf:
+                return 0.0, big, False, False
+            return live_least / POOL_SIGMA_RATIO, big, False, True
+    live_sd = sg_pool[sg_c > _TINY64]
+    n = live_sd.numel()
+    return (float(live_sd.min()) if n else 0.0), float(th_c.abs().max()), n == c, n > 0
+
+
+def _frozen_with_still(k: Tensor, still: Tensor, still_sum: float, thr: Tensor | None) -> tuple[int, Tensor | None]:
+    """``(count, thr)``: how many of a chunk's weights the joint pass counts pinned in a kappa column
+    (:data:`FROZEN_COUNTS_FUSED`): kappa below ``FROZEN_KAPPA``, or never moved (``still``) and at or
+    above it -- ``c`` less the weights at or above ``thr`` (``FROZEN_KAPPA``, NaN on the never-moved
+    weights: built here when ``None``, returned for the chunk's next column). ``k``, ``still``:
+    ``[c]`` float64 (no NaN: the caller's sum says so) and bool; ``still_sum``: ``k``'s dot with
+    ``still``; where it is not positive the never-moved weights count as the separate counts count
+    them (none at or above: the column's own count alone)."""
+    if not still_sum > 0:
+        return count_set(k < FROZEN_KAPPA), thr
+    if thr is None:
+        thr = torch.full((k.numel(),), FROZEN_KAPPA, dtype=k.dtype).masked_fill_(still, math.nan)
+    return k.numel() - count_set(k >= thr), thr
+
+
 def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
                   seen: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
     """A unit-kappa chunk's ``(kappa, m4)`` columns ``[c]`` on grid ``g`` (:data:`UNIT_KAPPA`) where
@@ -2643,14 +2711,18 @@ def _draw_noise_rows(draws: int, with_lam: bool = False) -> int:
 # 0.104 -> 0.020 s for a steady 1e7 call's 40 blocks of [10, 16384]; ~0.08 s of ~5.2 s). Another
 # realization of the same draws, not a rounding of the old one: each normal is Box-Muller on
 # 24-bit uniforms, so |xi| <= sqrt(48 ln 2) = 5.77 (float64's 53-bit uniforms: 8.57), a truncation
-# of probability 8e-9 per normal, and the moments match N(0, 1) to the Monte Carlo error (1e8 draws:
-# var 0.99988, m4 2.9996). Only the interval's ends (p10 / p90, Monte Carlo estimates) move: by
-# <= 3.1e-6 of the width at 1e7, 2e-8 at 1e5; but on tests/test_sampled_draws.py's small MLP, where
-# the draws are the width, the sampled-vs-full check (5% of the width, one realization) read 6%
-# (docs/benchmarks.md, "p49b"). Off by default until the lead decides (a stream change; that
-# tolerance then re-derived). The float32 fill's vectorized log / cos may round differently on
-# another CPU's instruction set (as the GEMMs may). False: float64 normals, the stream before p49b.
-DRAW_NORMALS_FLOAT32 = False
+# of probability 8e-9 per normal; elsewhere each is within 2^-24 (2 pi r + 1 / (u r)) (and float32's
+# own roundings, a few 2^-24 |xi|) of the exact Box-Muller normal of uniforms within 2^-24 of its
+# own (u the radius' uniform, r the radius): the draws' statistics are those of exact normals to
+# ~1e-6 relative, and the moments match N(0, 1) to the Monte Carlo error (1e8 draws: var 0.99988,
+# m4 2.9996). Only the interval's ends (p10 / p90, Monte Carlo estimates) move: by <= 3.1e-6 of the
+# width at 1e7, 9.3e-9 at 1e5 (p51c). tests/test_sampled_draws.py's sampled-vs-full check read a
+# one-seed 5% of the width, which float64 normals also exceed on 3 of 24 seeds (float32: 4 of 24; up
+# to 7-8%): p51c derived its bound (the sample noise the report carries, the draws' spread;
+# docs/benchmarks.md, "p51c") and switched this on. The float32 fill's vectorized log / cos may
+# round differently on another CPU's instruction set (as the GEMMs may). False: float64 normals,
+# the stream before p49b.
+DRAW_NORMALS_FLOAT32 = True
 
 
 def _draw_normals(rows: int, n: int, gen: torch.Generator) -> Tensor:
@@ -3513,6 +3585,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
             still_c = never_moved(sg_c) if has_still else None
             still_f = None
             still_sums: dict[int, tuple[float, int]] = {}  # per kappa column (equal grids share one)
+            frz_with_still: set[int] = set()  # kappa columns whose frozen count waits for the never-moved one
+            frz_thr: Tensor | None = None  # FROZEN_KAPPA, NaN on the never-moved weights (FROZEN_COUNTS_FUSED)
             # the pool protocol's sd, one tensor for every grid (their calls share its sd-0 facts, ws37)
             sg_pool = sg_c / POOL_SIGMA_RATIO
             # per scheme: (basis, mix, groups); subsampled: over the sample's elements only
@@ -3577,12 +3651,11 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                             k_c, m4_c, lam_c = k_f[a:b], m4_f[a:b], lam_f[a:b]
                         elif unit_ok and not keep4[j]:
                             if unit_facts is None:  # (once per chunk: the least live pool sd, the largest |theta|)
-                                live = sg_c > _TINY64
-                                live_sd = sg_pool[live]
-                                unit_facts = (float(live_sd.min()) if live_sd.numel() else 0.0,
-                                              float(th_c.abs().max()))
-                                unit_zero = live_sd.numel() < c
-                                if exact_ok and live_sd.numel():
+                                least_sd, big_th, all_live, any_live = _unit_chunk_facts(th[a:b], sg[a:b], th_c,
+                                                                                         sg_c, sg_pool)
+                                unit_facts = (least_sd, big_th)
+                                unit_zero = not all_live
+                                if exact_ok and any_live:
                                     # theta-hat's least live sd, from below (a smaller sd only makes
                                     # lam smaller and err larger: the conservative side)
                                     exact_cols = _DeficitColumns(sg_c, unit_facts[0] * POOL_SIGMA_RATIO * (1.0 - 1e-12))
@@ -3646,8 +3719,17 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         if unit:  # (a unit column is shared by tensor: its sums once per chunk, the same values)
                             key_k = id(k_c)
                             if key_k not in unit_sums:
-                                unit_sums[key_k] = (float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum()))
+                                u_sum = float(k_c.sum())
+                                unit_sums[key_k] = (u_sum, c - int(u_sum) if FROZEN_COUNTS_FUSED
+                                                    else int((k_c < FROZEN_KAPPA).sum()))
                             k_sum, k_frz = unit_sums[key_k]
+                        elif FROZEN_COUNTS_FUSED:
+                            k_sum = float(k_c.sum())
+                            if still_c is not None and not math.isnan(k_sum):
+                                k_frz = 0  # (both counts at once with the never-moved ones, below)
+                                frz_with_still.add(id(k_c))
+                            else:
+                                k_frz = count_set(k_c < FROZEN_KAPPA)
                         else:
                             k_sum, k_frz = float(k_c.sum()), int((k_c < FROZEN_KAPPA).sum())
                         if j in exact:  # sum_j kappa: the unit column's less the deficit's
@@ -3691,6 +3773,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                         s_k = float(torch.dot(k_c, still_f))
                         if STILL_UNIT_COUNT and id(k_c) in unit_sums:  # (0 or 1: the dot counts them, exactly)
                             n_k = int(s_k)
+                        elif id(k_c) in frz_with_still:  # below FROZEN_KAPPA, or never moved and at or above it
+                            n_k, frz_thr = _frozen_with_still(k_c, still_c, s_k, frz_thr)
                         else:
                             n_k = int(torch.count_nonzero(k_c.ge(FROZEN_KAPPA).logical_and_(still_c))) if s_k > 0 else 0
                         still_sums[id(k_c)] = (s_k, n_k)

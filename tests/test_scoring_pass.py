@@ -545,3 +545,121 @@ def test_the_chunk_facts_do_not_outlive_the_pass(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         A.score_schemes(est, model, ["rtn_int4"], scoring_config=sc)
     assert all(not v for v in qb._FACTS.values())
+
+
+def _reference_unit_facts(th: torch.Tensor, sg: torch.Tensor) -> tuple[float, float, bool, bool]:
+    """The joint pass's unit-kappa facts as computed before p51c: on the float64 copies, the live
+    weights (sd above float64's tiny) by a masked select."""
+    sg_c, th_c = sg.to(torch.float64), th.to(torch.float64)
+    live_sd = (sg_c / A.POOL_SIGMA_RATIO)[sg_c > torch.finfo(torch.float64).tiny]
+    n = live_sd.numel()
+    return (float(live_sd.min()) if n else 0.0), float(th_c.abs().max()), n == sg.numel(), n > 0
+
+
+@pytest.mark.parametrize("held", [torch.float32, torch.float64])
+@pytest.mark.parametrize("held_switch", [True, False])
+def test_unit_chunk_facts_are_the_float64_masked_facts_bitwise(monkeypatch, held, held_switch):
+    """``_unit_chunk_facts`` (UNIT_FACTS_HELD, p51c: read off the estimate's held tensors, one
+    minimum, a masked one only where some sd is not positive) gives bitwise the float64 copies'
+    masked-select facts: every weight live, some of sd 0 (either sign) or negative, none live, a
+    NaN sd, float32 subnormal and huge sds, float64 sds below float64's tiny, an empty chunk is
+    not asked; per held dtype, switch on and off (the division by POOL_SIGMA_RATIO of the least
+    value is the least quotient: 20,000 random sds spanning 2^-140..2^100 below); zeros with no
+    negative sd (float32: the least live one read off the bits), only the largest finite and inf."""
+    monkeypatch.setattr(A, "UNIT_FACTS_HELD", held_switch)
+    gen = torch.Generator().manual_seed(7)
+    c = 20_000
+    th = (torch.randn(c, dtype=torch.float64, generator=gen) * 3.0).to(held)
+    spread = torch.exp2(torch.empty(c, dtype=torch.float64).uniform_(-140.0, 100.0, generator=gen))
+    sds = {"live": spread.to(held).clamp_min(torch.finfo(held).tiny if held == torch.float64 else 1e-45)}
+    some = sds["live"].clone()
+    some[::7] = 0.0
+    some[3], some[10] = -0.0, -1e-30
+    sds["some sd 0"] = some
+    zeros = sds["live"].clone()  # sd 0 and -0, no negative one (float32: the least live sd by its bits)
+    zeros[::7] = 0.0
+    zeros[4] = -0.0
+    sds["sd 0, none negative"] = zeros
+    big = torch.zeros(c, dtype=held)
+    big[[5, 9]] = torch.tensor([float(torch.finfo(held).max), math.inf], dtype=held)  # the largest finite and inf
+    sds["huge only"] = big
+    sds["none live"] = torch.zeros(c, dtype=held)
+    nan = sds["live"].clone()
+    nan[11] = math.nan
+    sds["nan"] = nan
+    one = torch.zeros(c, dtype=held)
+    one[-1] = 1e-45 if held == torch.float32 else 1e-320  # one live weight, float32 subnormal / below tiny
+    sds["one tiny"] = one
+    for case, sg in sds.items():
+        assert sg.dtype == held
+        sg_c = sg.to(torch.float64)
+        got = A._unit_chunk_facts(th, sg, th.to(torch.float64), sg_c, sg_c / A.POOL_SIGMA_RATIO)
+        want = _reference_unit_facts(th, sg)
+        assert got[2:] == want[2:], case
+        assert got[1] == want[1], case
+        assert got[0] == want[0] or (math.isnan(got[0]) and math.isnan(want[0])), (case, got, want)
+    assert not A._unit_chunk_facts(th, sds["one tiny"], th.double(), sds["one tiny"].double(),
+                                   sds["one tiny"].double() / A.POOL_SIGMA_RATIO)[2]
+    if held == torch.float64:  # below float64's tiny: not live (the moments paths' floor)
+        assert not A._unit_chunk_facts(th, sds["one tiny"], th, sds["one tiny"], sds["one tiny"] / A.POOL_SIGMA_RATIO)[3]
+
+
+def test_frozen_with_still_is_the_two_counts():
+    """``_frozen_with_still`` (FROZEN_COUNTS_FUSED, p51c) counts what the joint pass's two counts
+    did: kappa below FROZEN_KAPPA, plus the never-moved weights at or above it where the kappas' dot
+    with the never-moved mask is positive; on kappas at, just below and above FROZEN_KAPPA, 0, 1,
+    2/pi, +inf and negative, few and most weights never moved, the dot positive, 0 and NaN; the
+    chunk's threshold, built once, serves its next column."""
+    F = A.FROZEN_KAPPA
+    vals = torch.tensor([0.0, F, math.nextafter(F, 0.0), math.nextafter(F, 1.0), 1.0, 2 / math.pi, math.inf,
+                         -1e-3, 0.5], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    c = 4096
+    cases = 0
+    for share in (0.1, 0.9):
+        still = torch.rand(c, generator=gen) < share
+        thr = None
+        for finite in (False, True):
+            k = vals[torch.randint(0, vals.numel() - (1 if finite else 0), (c,), generator=gen)]
+            # (+inf on never-moved weights only: elsewhere it would make the dot NaN, inf x 0)
+            k = k.clamp_max(1.0) if finite else torch.where(k.isinf() & ~still, 0.5, k)
+            for s_k in (float(torch.dot(k, still.double())), 0.0, -1.0, math.nan):
+                want = int((k < F).sum()) + (int(((k >= F) & still).sum()) if s_k > 0 else 0)
+                got, thr = A._frozen_with_still(k, still, s_k, thr)
+                assert got == want, (share, finite, s_k)
+                cases += s_k > 0
+    assert thr is not None and cases == 4
+    assert torch.equal(thr.isnan(), still) and bool((thr[~still] == F).all())
+
+
+@pytest.mark.parametrize("flags", [("UNIT_FACTS_HELD",), ("FROZEN_COUNTS_FUSED",)])
+def test_joint_pass_count_switches_leave_the_sums_and_counts_bitwise(monkeypatch, flags):
+    """UNIT_FACTS_HELD and FROZEN_COUNTS_FUSED (p51c) on and off: the joint pass's every column,
+    each scheme's d_eff and frozen (pinned) count bitwise the same, on the factored estimate with its
+    first layer's sds 1e6 times larger and half of them 0 (unit-kappa chunks: unit columns with point
+    masses), a third of the other parameters' weights at sd 0 (evaluated columns with never-moved
+    weights), and the schemes' float8 and fp16 grids too."""
+    model, est = _estimate("factored")
+    for i, name in enumerate(est.names):
+        sg = est.sigma[name].clone()
+        if i == 0:  # the 1e7 MLP's first-layer regime (sd 1e3-1e4 steps), half at sd 0: unit columns with point masses
+            sg = sg * 1e6
+            sg.view(-1)[::2] = 0.0
+        else:  # evaluated columns, a third of the weights never moved
+            sg.view(-1)[::3] = 0.0
+        est.sigma[name] = sg
+    schemes = SCHEMES + ["float8_weight_only", "fp16"]
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (kept fourth-power columns skip the unit-kappa test)
+    out = {}
+    for flag in (True, False):
+        for f in flags:
+            monkeypatch.setattr(A, f, flag)
+        prepared = [A._prepare_scheme(est, model, get_scheme(s), 16) for s in schemes]
+        sums = A._joint_sums(est, prepared, 1 << 18, 0, keep_moments=False)
+        out[flag] = (sums, [(p.d_eff, p.frozen, {k: (v.d_eff, v.pinned_fraction) for k, v in p.layers.items()})
+                            for p in prepared])
+    assert out[True][1] == out[False][1]
+    assert any(fr > 0 for _, fr, _ in out[True][1])
+    for name in est.names:
+        for x, y in zip(out[True][0][name], out[False][0][name]):
+            assert torch.equal(x.s2, y.s2) and torch.equal(x.s4, y.s4)
