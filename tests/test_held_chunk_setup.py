@@ -214,3 +214,42 @@ def test_live_variances_are_read_unclamped(monkeypatch, dead):
     assert lf._clamped_variances(v, live, {}) is not v
     for p in (2, 4):
         assert torch.equal(on[p], lf.factored_power_sums(fac, g_mean, v, cols, p)), p
+
+
+def test_a_moved_estimates_cpu_copy_starts_its_own_caches(monkeypatch):
+    """``Estimate.cpu()`` of an estimate with tensors off the CPU (a CUDA estimation; faked here: the
+    device check sees one meta tensor) gives the copy empty caches of its own: shared, the scoring of
+    each temporary copy filled the user's estimate with setups keyed on the copy's tensors, which no
+    later call could read (rv51)."""
+    E = importlib.import_module("mis_lightning.estimation.estimate")
+    model, est = _estimate("factored")
+    _, sc, _ = stage_configs("assess", None, None, {})
+    real = E._tensors
+
+    def with_a_device_tensor(x):
+        yield from real(x)
+        yield torch.empty(0, device="meta")
+
+    monkeypatch.setattr(E, "_tensors", with_a_device_tensor)
+    monkeypatch.setattr(E, "_to_cpu", lambda x: x)  # (every real tensor is on the CPU already)
+    copy_ = est.cpu()
+    assert copy_ is not est
+    assert copy_._chunk_setups is not est._chunk_setups and copy_._unit_sums is not est._unit_sums
+    monkeypatch.setattr(E, "_tensors", real)
+    A.score_schemes(copy_, model, SCHEMES, scoring_config=sc)
+    assert copy_._chunk_setups and not est._chunk_setups and not est._unit_sums
+
+
+def test_an_estimate_pickled_before_the_caches_existed_scores():
+    """An estimate restored from a pickle without the cache fields (made before s50 / s51) gets empty
+    ones (``Estimate.__setstate__``): scored, released, the same report as a fresh estimate's (rv51:
+    AttributeError at the first scoring)."""
+    model, est = _estimate("factored")
+    _, sc, _ = stage_configs("assess", None, None, {})
+    want = A.score_schemes(copy.deepcopy(est), model, SCHEMES, scoring_config=sc).to_json()
+    state = dict(est.__dict__)
+    del state["_unit_sums"], state["_chunk_setups"]
+    old = type(est).__new__(type(est))
+    old.__setstate__(state)  # what unpickling an old estimate does
+    assert A.score_schemes(old, model, SCHEMES, scoring_config=sc).to_json() == want
+    assert old.release_caches() >= 0 and not old._chunk_setups

@@ -375,10 +375,24 @@ class Estimate:
         failed, session 42). The model and batches (``_program``, ``_records``) stay where they
         are: what they recompute is moved by :meth:`iter_influence` / :meth:`_layer_blocks`."""
         keep = ("_program", "_records")
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in keep}
+        # the scoring's caches key on the copy's own tensors: the copy starts its own (rv51: shared
+        # with the copy, they filled the user's estimate with entries no later copy could read)
+        fresh = ("_unit_sums", "_chunk_setups")
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in keep + fresh}
         if not any(t.device.type != "cpu" for t in _tensors(moved)):
             return self
-        return dataclasses.replace(self, **{k: _to_cpu(v) for k, v in moved.items()})
+        return dataclasses.replace(self, **{k: _to_cpu(v) for k, v in moved.items()},
+                                   **{k: _CopiedEmpty() for k in fresh})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # an estimate pickled before a field with a default existed (the scoring's caches: s50, s51)
+        # gets the default, not an AttributeError at its first scoring (rv51)
+        for f in dataclasses.fields(self):
+            if f.name not in state and f.default_factory is not dataclasses.MISSING:
+                state[f.name] = f.default_factory()
+            elif f.name not in state and f.default is not dataclasses.MISSING:
+                state[f.name] = f.default
+        self.__dict__.update(state)
 
     @property
     def w(self) -> Tensor | None:
