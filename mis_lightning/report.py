@@ -395,6 +395,7 @@ class Report:
         # the unquantized figure's own cutoff check (assess._baseline_cutoff_check, pl46): the same
         # for every row, carried on each so that every table (a sweep's aggregate too) can mark it
         base_cut = (self.diagnostics or {}).get("baseline_cutoff_sensitivity")
+        unranked = (self.diagnostics or {}).get("headline_unranked")  # assess.headline_unranked
         for name, s in self.schemes.items():
             row = {
                 "scheme": name, "bits_per_weight": s.bits_per_weight, "leakage": s.leakage,
@@ -414,6 +415,9 @@ class Report:
                 row["baseline_cutoff_sensitivity"] = base_cut["move"]
             if float_determined(s):  # the float weights fix the quantized ones: "=" in the table (cr49)
                 row["float_determined"] = True
+            if unranked and not s.error and s.leakage_independent is not None:
+                # the headline does not rank some schemes: every row's independent form, to rank by (nux51 #1)
+                row["leakage_independent"] = s.leakage_independent
             if not s.error and scale_symmetric(self.diagnostics):  # the diagonal estimator's blind spot
                 row["scale_symmetry"] = True
             failed = [] if s.error else regime_failures(self.diagnostics, self.n, self.d, s.d_eff)
@@ -1188,9 +1192,14 @@ def marks_legend(rows: list[dict[str, Any]]) -> list[str]:
                    "see warnings): it can read above or below what real attacks achieve; the verdict says so.")
     if any(r.get("float_determined") for r in rows if not r.get("error")):
         out.append("  =: the unquantized baseline's figure although the scheme quantizes weights: the weights "
-                   "it leaves in float determine the quantized ones through the weights' fitted correlation, so "
-                   "quantizing those layers alone earns no credit here (see warnings; compare "
-                   "leakage_independent).")
+                   "it leaves in float determine the quantized ones through the weights' fitted correlation, or "
+                   "a singular Hessian leaves the leakage in directions no scheme hides, so the headline earns "
+                   "these schemes no credit (see warnings; rank them by indep.).")
+    if independent_column(rows):
+        out.append("  indep.: the leakage with the weights' errors taken as uncorrelated, another estimate than "
+                   "the correlated headline (it can read above it), shown because the headline does not rank some "
+                   "schemes (see warnings): compare the schemes' indep. with each other and with the baseline "
+                   "row's, not with the headline.")
     if any(above_baseline(r) for r in rows if not r.get("error")):
         out.append("  !: leakage above the unquantized baseline, which no quantized release can "
                    "exceed: the figure is not reliable here (see warnings).")
@@ -1279,7 +1288,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     if diagnostics.get("not_at_minimum"):
         out.append("not at a minimum")
     elif diagnostics.get("records_unlike_training"):  # nux50: a held-out set's figures, 1.9x the members'
-        out.append("records not trained on")
+        # nux51 #2: the callback reads the training loader itself: then only the other cause remains
+        out.append("not at a minimum (stiff directions)" if diagnostics.get("records_from_training_loader")
+                   else "records not trained on, or not at a minimum")
     if diagnostics.get("negative_curvature"):
         out.append("negative curvature")
     elif diagnostics.get("curvature_unresolved"):
@@ -1343,6 +1354,13 @@ def above_baseline(row: dict[str, Any]) -> bool:
         return False
     lk, base = float(lk), float(base)
     return math.isfinite(lk) and math.isfinite(base) and lk > base * (1 + CONSISTENCY_TOLERANCE)
+
+
+def independent_column(rows: list[dict[str, Any]]) -> bool:
+    """Whether the table shows ``indep.``, each scheme's independent-coordinate leakage: some
+    row carries it (:meth:`Report.rows`, where the correlated headline does not rank some schemes:
+    ``diagnostics["headline_unranked"]``, assess.headline_unranked; nux51 #1)."""
+    return any(r.get("leakage_independent") is not None for r in rows if not r.get("error"))
 
 
 def whole_model_column(rows: list[dict[str, Any]]) -> bool:
@@ -1411,9 +1429,11 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
     check_utility_key_measured(rows, utility_key, uk)
     extra = utility_digits(rows, utility_key, utility_tolerance, modes)
     whole = whole_model_column(rows)
+    indep = independent_column(rows)
     head = ["scheme", "bits/w", "float"] + (["model b/w"] if whole else []) + (
         [uk.removeprefix("utility_")] if uk else []) + [
-        "leakage", "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
+        "leakage"] + (["indep."] if indep else []) + [
+        "80% interval", "MIS", "pool", "baseline", "d_eff", "zeros"]  # zero_fraction
     body: list[list[str] | tuple[str, str]] = []
     fmt = column_formats(rows, uk, extra)  # one notation per column
     for r in rows:
@@ -1431,7 +1451,8 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
                      share_format(ff)] + (
             [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + (
             [UTILITY_FAILED if r.get("utility_error") else fmt[uk](r.get(uk))] if uk else []) + [
-            fmt["leakage"](r["leakage"]) + leakage_marks(r),
+            fmt["leakage"](r["leakage"]) + leakage_marks(r)] + (
+            [fmt["leakage"](r.get("leakage_independent"))] if indep else []) + [
             interval, fmt["mis"](r["mis"]),
             "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool),
             fmt["baseline_leakage"](r["baseline_leakage"]) + (" ~" if baseline_unstable(r) else ""),

@@ -1917,6 +1917,8 @@ class MomentAccumulator:
             precision = max(self._stored_eps(), diagnostics["gradient_norm_ratio"])
             flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision,
                                    known=self._attention_tangents(names) if self._attention_heads else None)
+            if flat.shape[1]:  # which parameters carry them: the report names the symmetry's owners (nux51 #1)
+                diagnostics["flat_direction_parameters"] = flat_parameter_shares(flat, names, offsets)
             variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
@@ -2937,6 +2939,25 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
         return empty
     # back to parameter units (the subspace D U), orthonormal there
     return torch.linalg.qr(s.unsqueeze(-1) * U).Q
+
+
+# Share of the flat subspace below which a parameter tensor is not named as carrying it (its
+# projector's trace there, out of k): rounding of the basis reads ~1e-16, a carrier >= 1/d
+FLAT_SHARE_MIN = 1e-3
+
+
+def flat_parameter_shares(flat: Tensor, names: Sequence[str], offsets: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+    """How much of the flat subspace each parameter tensor carries: ``{name: trace share}``, the
+    trace of the projector ``F F'`` on the tensor's coordinates (``sum of F[a:b]**2``; basis-free,
+    in the parameter units ``flat`` is given in), the shares summing to ``k = flat.shape[1]``;
+    tensors under :data:`FLAT_SHARE_MIN` (of k) left out, the largest first, rounded to 3 digits.
+    ``flat``: ``[d, k]`` orthonormal (:func:`flat_directions`); ``offsets``: each name's ``(a, b)``
+    slice of the flat coordinates. E.g. a 2-logit ``Linear(4, 2)`` head: its softmax shift (the
+    same vector added to both rows) is 5 directions, ``{"fc.weight": 4.0, "fc.bias": 1.0}``."""
+    k = int(flat.shape[1])
+    mass = flat.square()
+    out = {nm: float(mass[a:b].sum()) for nm in names for a, b in [offsets[nm]]}
+    return {nm: round(v, 3) for nm, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > FLAT_SHARE_MIN * k}
 
 
 def _gradient_null(U: Tensor, ggs: Tensor, e_top: float, G: Tensor | None, s: Tensor, tol: float,
