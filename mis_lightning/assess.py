@@ -99,6 +99,7 @@ from .report import (
     D_EFF_OVER_N_MAX,
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
+    UNDETERMINED_MOVE,
     LayerResult,
     Report,
     SchemeResult,
@@ -488,7 +489,7 @@ def flat_direction_cures(model: nn.Module, shares: Mapping[str, float], decay: f
                    "cross-entropy) has no such direction")
     norm_kinds = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     biases = sorted(nm for nm, m in owner.items() if nm.endswith(".bias")
-                    and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and not nm.rpartition(".")[0] in heads)
+                    and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and nm.rpartition(".")[0] not in heads)
     norms = sorted(nm for nm, m in owner.items() if nm.endswith(".bias") and isinstance(m, norm_kinds))
     if biases and norms:
         out.append(f"{', '.join(biases)} shift together with {', '.join(norms)} (a bias followed by a normalisation "
@@ -4660,7 +4661,16 @@ def _cutoff_warning(report: Report) -> str | None:
     caps = ("the unquantized figure itself, the estimator's Mahalanobis norm, is set by the gradient covariance's "
             "rule and caps every quantized one" if base_over else
             "the unquantized figure, the estimator's Mahalanobis norm, is computed from the gradient covariance and caps it")
-    return (f"cutoff-set figures{' (~ in the table)' if over or base_over else ''}: the Gaussian-form leakage of {named} moves by "
+    # nux51 #2: a baseline moving beyond UNDETERMINED_MOVE is no figure at all: said first, in words
+    undetermined = (f"undetermined headline (undet. in the table): the unquantized baseline reads {base['leakage']:.4g} "
+                    f"at the cutoff but {base['leakage_fine_cutoff']:.4g} at {CUTOFF_CHECK_FACTOR:.0f}x finer "
+                    f"({100 * base['move']:.0f}%, above {100 * UNDETERMINED_MOVE:.0f}%): it is set by the rank rule, "
+                    "not by the data, and caps every quantized figure, so no figure of this report is determined "
+                    "and the schemes are not ranked (no verdict); a model near a singular point (one that has "
+                    "learned little, or with more weights than the records determine) reads so: assess fewer "
+                    "weights, use more records, or train to a determined minimum (weight decay). "
+                    if base_over and base["move"] > UNDETERMINED_MOVE else "")
+    return (f"{undetermined}cutoff-set figures{' (~ in the table)' if over or base_over else ''}: the Gaussian-form leakage of {named} moves by "
             f"more than {100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the eigenvalue cutoff (rank rule) on the full "
             "correlation of the weights is set finer: that correlation is near-singular with a continuous spectrum, so "
             "the figure depends on how many of its smallest directions count, which the data do not fix; it is "
