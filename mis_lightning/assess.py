@@ -465,6 +465,10 @@ def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
         return (f"the Hessian is singular ({', '.join(parts)}): {k} flat direction(s), along which no record's "
                 f"loss changes (symmetries of the model), lie in {carried} (share of the {k} directions each "
                 f"parameter carries); they leave the weights' covariance undetermined there{cure}")
+    if diagnostics.get("flat_directions") == 0:  # the exact estimator looked and found no exact symmetry
+        return (f"the Hessian is singular ({', '.join(parts)}) though no exact flat direction (symmetry) was "
+                "found: near-flat directions, which the records barely determine (near-collinear features, "
+                "saturated units, more weights than the data fix), leave the weights' covariance undetermined there")
     return (f"the Hessian is singular ({', '.join(parts)}): flat directions (symmetries "
             "of the model, e.g. an embedding followed by a linear layer) leave the weights' covariance "
             "undetermined there")
