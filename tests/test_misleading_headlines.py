@@ -22,6 +22,7 @@ from _nets import ce_per_record, fit_lbfgs_ce  # tests/_nets.py
 from torch.utils.data import DataLoader, TensorDataset
 
 import mis_lightning as ml
+from mis_lightning import MISCallback
 from mis_lightning.assess import (
     _consistency_warnings,
     _covariance_cause,
@@ -173,3 +174,16 @@ def test_the_callbacks_training_records_are_not_called_unseen():
     assert regime_failures(diag, 600, 126, 126.0)[1] == "records not trained on, or not at a minimum"
     assert regime_failures({**diag, "records_from_training_loader": True}, 600, 126, 126.0)[1] == \
         "not at a minimum (stiff directions)"
+
+
+def test_the_callback_marks_its_records_as_the_training_records(tmp_path):
+    """The flag the warning above reads is set where the records come from the trainer's training
+    loader (_lightning_support.assess_on_trainer), and only there: assess() leaves it unset."""
+    from tests.test_callback import FAST, Regressor, fit, loaders, mse
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    fit(tmp_path, lambda: Regressor(), [cb], max_epochs=2)
+    assert cb.report.diagnostics.get("records_from_training_loader") is True
+    assert not any(w.startswith("the records assessed are not") for w in cb.report.warnings)
+    rep = ml.assess(Regressor(), ["rtn_int8"], loaders()[0], mse, uncertainty_draws=0, **FAST)
+    assert "records_from_training_loader" not in rep.diagnostics
