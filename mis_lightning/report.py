@@ -1298,7 +1298,7 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         out.append(f"d_eff / n = {float(d_eff) / n:.2g}")
     if diagnostics.get("not_at_minimum"):
         out.append("not at a minimum")
-    elif diagnostics.get("records_unlike_training"):  # nux50: a held-out set's figures, 1.9x the members'
+    elif diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating"):  # nux50: a held-out set's figures, 1.9x the members'
         # nux51 #2: the callback reads the training loader itself: then only the other cause remains
         out.append("not at a minimum (stiff directions)" if diagnostics.get("records_from_training_loader")
                    else "records not trained on, or not at a minimum")

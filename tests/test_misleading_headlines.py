@@ -187,3 +187,16 @@ def test_the_callback_marks_its_records_as_the_training_records(tmp_path):
     assert not any(w.startswith("the records assessed are not") for w in cb.report.warnings)
     rep = ml.assess(Regressor(), ["rtn_int8"], loaders()[0], mse, uncertainty_draws=0, **FAST)
     assert "records_from_training_loader" not in rep.diagnostics
+
+
+def test_an_interpolant_is_not_told_its_records_are_unseen_or_off_the_minimum():
+    """An interpolant's per-record gradients are rounding: its stiff offset (1.07 here) is rounding over
+    rounding, as its gradient norm ratio; the interpolation warning speaks, not the stiff-offset one
+    (on main it said the training records read like unseen ones, and marked the rows so)."""
+    from test_ill_posed_fits import _interpolant, _mse
+
+    m, dl = _interpolant(40, 60)
+    rep = ml.assess(m, ["rtn_int8"], dl, _mse, uncertainty_draws=0)
+    assert rep.diagnostics["interpolating"] and rep.diagnostics["records_unlike_training"]
+    assert not any("not trained on" in w or "not at a minimum" in w for w in rep.warnings), rep.warnings
+    assert all(r["indicative"] == "d / n = 1.5; interpolating" for r in rep.rows())
