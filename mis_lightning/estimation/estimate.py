@@ -192,7 +192,9 @@ GRADIENT_NORM_RATIO_MAX = 0.1
 # along the Hessian's stiffer half read ~0 on the records a fit converged on, even one stopped short
 # (the stiff directions converge first), and ~N(0, 1 + m / n_train) each on records the fit never saw
 # (a validation or test set), whose root mean square is below 0.5 with probability
-# P(chi2_K < K / 4) over K such directions (0.009 at K = 10): docs/benchmarks.md, "nf50b"
+# P(chi2_K < K / 4) over K such directions (0.009 at K = 10): docs/benchmarks.md, "nf50b". A model
+# fitted to another objective than the one assessed reads above it on its own records too (nux51's
+# tied LM, AdamW's decay not passed: 0.66; "hd51"): the warning names both causes
 UNSEEN_RECORDS_SD = 0.5
 # The weight-decay hint (_decay_hint): the assessed objective's mean gradient within this cosine
 # of -theta, and its norm at least this fraction of a per-sample gradient's (rms), reads as a
