@@ -1085,6 +1085,9 @@ def assess_on_trainer(trainer: Any, pl_module: Any, schemes: list[Any], estimati
             done += rows or getattr(loader, "batch_size", None) or 1
             show("estimation", done if total is None else min(done, total))
         est = metric.estimate()
+        # the records are the trainer's training records: "records not trained on" cannot be the cause
+        # of a stiff offset here (nux51 #2: said of the 600 records a tied LM was trained on)
+        est.diagnostics["records_from_training_loader"] = True
         if items_are_batches(train):  # the report states the count "auto" assumed
             note_unknown_records(est, metric.accumulator, f"the training loader {UNKNOWN_RECORDS_SOURCE}")
         # metrics= only for their directions (report.utility_modes); utility_fn measures them

@@ -100,6 +100,7 @@ from .report import (
     D_EFF_OVER_N_MAX,
     D_EFF_SCHEMES_MARK,
     FLOOR_SENSITIVITY_MAX,
+    UNDETERMINED_MOVE,
     LayerResult,
     Report,
     SchemeResult,
@@ -433,7 +434,10 @@ def _d_eff_over_n_sentence(large: Mapping[str, float], num_schemes: int, head: s
 
 
 def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
-    """Why the weights' covariance may be undetermined, from the estimator's diagnostics."""
+    """Why the weights' covariance may be undetermined, from the estimator's diagnostics: where
+    the exact estimator found flat directions, the parameters that carry them
+    (``flat_direction_parameters``, :func:`~.estimation.estimate.flat_parameter_shares`) and the
+    cures the model's structure suggests (``flat_direction_cures``, :func:`flat_direction_cures`)."""
     cond = diagnostics.get("hessian_condition")
     flipped = int(diagnostics.get("negative_eigenvalues_flipped") or 0)
     parts = []
@@ -450,9 +454,55 @@ def _covariance_cause(diagnostics: Mapping[str, Any]) -> str:
         return (f"the Hessian is indefinite ({parts[-1]}): the weights are not at a minimum of the "
                 "training objective along those directions (a saddle or a slope), where the weights' "
                 "covariance is undetermined")
+    shares = diagnostics.get("flat_direction_parameters")
+    if shares:
+        # nux51 #1: the example (an embedding) named a layer the model did not have; the estimator
+        # knows which parameters the flat subspace lies in (the trace of its projector per tensor)
+        k = int(diagnostics.get("flat_directions") or round(sum(shares.values())))
+        carried = ", ".join(f"{nm} ({v:.3g})" for nm, v in list(shares.items())[:6]) + (
+            f" and {len(shares) - 6} more" if len(shares) > 6 else "")
+        cures = diagnostics.get("flat_direction_cures") or []
+        cure = ("; to remove them: " + "; ".join(cures)) if cures else ""
+        return (f"the Hessian is singular ({', '.join(parts)}): {k} flat direction(s), along which no record's "
+                f"loss changes (symmetries of the model), lie in {carried} (share of the {k} directions each "
+                f"parameter carries); they leave the weights' covariance undetermined there{cure}")
+    if diagnostics.get("flat_directions") == 0:  # the exact estimator looked and found no exact symmetry
+        return (f"the Hessian is singular ({', '.join(parts)}) though no exact flat direction (symmetry) was "
+                "found: near-flat directions, which the records barely determine (near-collinear features, "
+                "saturated units, more weights than the data fix), leave the weights' covariance undetermined there")
     return (f"the Hessian is singular ({', '.join(parts)}): flat directions (symmetries "
             "of the model, e.g. an embedding followed by a linear layer) leave the weights' covariance "
             "undetermined there")
+
+
+def flat_direction_cures(model: nn.Module, shares: Mapping[str, float], decay: float) -> list[str]:
+    """What would remove the flat directions that ``shares`` (``{parameter name: share}``,
+    :func:`~.estimation.estimate.flat_parameter_shares`) puts in ``model``'s parameters: a 2-logit
+    ``nn.Linear`` head among them (softmax's shift of both logits: one logit with a sigmoid has
+    none), a Conv / Linear bias beside a normalisation layer's bias (the two shift together before
+    BatchNorm: ``bias=False``), and, with ``decay`` 0, the weight decay the model was trained with
+    (an L2 penalty gives shifts and rescalings curvature; flat_directions keeps such directions).
+    Each cure one phrase naming the modules; empty when none applies."""
+    mods = dict(model.named_modules())
+    owner = {nm: mods.get(nm.rpartition(".")[0]) for nm in shares}
+    out = []
+    heads = sorted({nm.rpartition(".")[0] for nm, m in owner.items()
+                    if isinstance(m, nn.Linear) and m.out_features == 2})
+    if heads:
+        out.append(f"{', '.join(heads)} has 2 outputs: if they are the logits of a softmax over 2 classes, both "
+                   "shift together (the same vector added to both rows); 1 logit with a sigmoid (binary "
+                   "cross-entropy) has no such direction")
+    norm_kinds = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    biases = sorted(nm for nm, m in owner.items() if nm.endswith(".bias")
+                    and isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and nm.rpartition(".")[0] not in heads)
+    norms = sorted(nm for nm, m in owner.items() if nm.endswith(".bias") and isinstance(m, norm_kinds))
+    if biases and norms:
+        out.append(f"{', '.join(biases)} shift together with {', '.join(norms)} (a bias followed by a normalisation "
+                   "layer): build those layers with bias=False")
+    if decay == 0:
+        out.append("declare the weight decay the model was trained with (weight_decay=...; an L2 penalty gives "
+                   "shifts and rescalings curvature)")
+    return out
 
 
 def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
@@ -492,22 +542,22 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
                if float_determined(r) and (r.exact_determination or {}).get("determined")}
     if spanned:
         out.append(_determined_warning(spanned, base))
-    stuck = {k: r for k, r in report.schemes.items()
-             if k not in spanned and (float_determined(r) or (
-                 not r.error and r.quantized_fraction > 0 and r.covariance in ("full", "factor")
-                 and math.isfinite(r.leakage) and abs(r.leakage - base) <= 1e-3 * max(base, 1e-12)
-                 and indep_base is not None and r.leakage_independent is not None
-                 and math.isfinite(r.leakage_independent)
-                 and r.leakage_independent < float(indep_base) * (1 - CONSISTENCY_TOLERANCE)))}
+    stuck = {k: report.schemes[k] for k in headline_unranked(report, diagnostics) if k not in spanned}
     if stuck:
         which = ", ".join(f"{k} (independent form {_fmt_or_nan(r.leakage_independent)})" for k, r in sorted(stuck.items()))
         indep = "" if indep_base is None else f" (independent form of the baseline {float(indep_base):.4g})"
         tied = [k for k, r in sorted(stuck.items()) if float_determined(r)]  # to 1e-9: "=" in the table
         mark = f" (marked = in the table: {', '.join(tied)})" if tied else ""
+        # nux51 #1: "read it as an upper bound and compare leakage_independent" read as a contradiction
+        # where every independent form sat above the headline: they are two estimates, not bound and value
         out.append(f"the correlated headline of {which} equals the unquantized value {base:.4g}{mark} although their "
                    f"weights are quantized{indep}: the weights' "
                    f"correlation puts the leakage in directions that no scheme hides ({cause}), so the headline "
-                   "does not rank these schemes: read it as an upper bound and compare leakage_independent")
+                   "does not rank these schemes: it bounds their leakage from above only as the unquantized "
+                   "model's figure does (no release leaks more than the float model). The independent form "
+                   "(column indep. in the table: the weights' errors taken as uncorrelated) is another estimate, "
+                   "which can read above the correlated headline: rank these schemes by it, against each other and "
+                   "against the baseline's independent form, not against the headline")
     layers: dict[str, float] = {}
     for r in report.schemes.values():
         for name, lr in (r.layers or {}).items():
@@ -522,6 +572,24 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
                    f"releasing more weights cannot leak less, so the per-layer and whole-model figures are "
                    f"not reliable here; {cause}")
     return out
+
+
+def headline_unranked(report: Report, diagnostics: Mapping[str, Any]) -> list[str]:
+    """The quantized schemes whose correlated headline sits at the unquantized value (within
+    :data:`~.report.BASELINE_TIE_RTOL`, :func:`float_determined`, or within 1e-3 while their
+    independent form drops more than :data:`CONSISTENCY_TOLERANCE` below the baseline's,
+    ``diagnostics["baseline_leakage_independent"]``): the headline does not rank them (the warning
+    of :func:`_consistency_warnings`; the table then shows the independent form, column ``indep.``).
+    Sorted names."""
+    base = report.baseline_leakage
+    indep_base = diagnostics.get("baseline_leakage_independent")
+    return sorted(k for k, r in report.schemes.items()
+                  if float_determined(r) or (
+                      not r.error and r.quantized_fraction > 0 and r.covariance in ("full", "factor")
+                      and math.isfinite(r.leakage) and abs(r.leakage - base) <= 1e-3 * max(base, 1e-12)
+                      and indep_base is not None and r.leakage_independent is not None
+                      and math.isfinite(r.leakage_independent)
+                      and r.leakage_independent < float(indep_base) * (1 - CONSISTENCY_TOLERANCE)))
 
 
 def _fmt_or_nan(x: float | None) -> str:
@@ -1558,6 +1626,11 @@ def score_schemes(
     # A failed scheme has no figures: say so where users read (table, warnings), not only in JSON.
     report.warnings += [failure_warning(k, msg) for k, msg in failures.items()]
     report.warnings += [w for s in report.schemes.values() if (w := s.utility_warning())]
+    if diagnostics.get("flat_direction_parameters"):  # the cures the warnings name (nux51 #1)
+        diagnostics["flat_direction_cures"] = flat_direction_cures(
+            model, diagnostics["flat_direction_parameters"], float(diagnostics.get("weight_decay", 0.0) or 0.0))
+    if unranked := headline_unranked(report, diagnostics):  # the table shows their independent form
+        diagnostics["headline_unranked"] = unranked
     report.warnings += _consistency_warnings(report, diagnostics, form_gap)
     # Whole parameters the data never moves (no gradient variance on any record: sigma 0): a
     # parameter the forward does not use, or frozen in effect. They carry no leakage, but were
@@ -1690,7 +1763,10 @@ def score_schemes(
             "records given must be the ones it was trained on (a validation or test set is not at its "
             "minimum, and its figures are not the members' leakage)"
         )
-    elif diagnostics.get("records_unlike_training"):
+    elif diagnostics.get("records_unlike_training") and not diagnostics.get("interpolating"):
+        # an interpolant's gradients are rounding: its stiff offset is rounding over rounding, as its
+        # gradient norm ratio (the interpolation warning says so; hd51: the two causes named here
+        # both read as wrong for it)
         report.warnings.append(_unseen_records_warning(diagnostics))
     if diagnostics.get("negative_curvature"):
         flipped = diagnostics.get("negative_eigenvalues_flipped")
@@ -1748,22 +1824,33 @@ def _not_at_minimum_criterion(diagnostics: Mapping[str, Any]) -> str:
 
 
 def _unseen_records_warning(diagnostics: Mapping[str, Any]) -> str:
-    """The warning that the records assessed read like records the model never saw
+    """The warning that the records' mean gradient is off along the Hessian's stiff directions
     (``diagnostics["records_unlike_training"]``: :func:`~.estimation.estimate._stiff_offset` above
     :data:`~.estimation.estimate.UNSEEN_RECORDS_SD`; method.md section 6), for a model under the
-    not-at-a-minimum limits (nux50 #2: a held-out set read 0.66 sd there, its figures 1.9x the members')."""
-    return (
-        "the records assessed read like records the model was not trained on: along the stiffer half of the "
-        "Hessian's directions, where training converges first, their mean gradient is "
-        f"{float(diagnostics['stiff_offset_sd']):.3g} of its own sampling standard deviation (root mean square; "
-        "the training records of a converged fit read ~0, records the model never saw ~1 or more; the limit is "
-        f"{UNSEEN_RECORDS_SD:g}), though the Newton step to the minimum "
-        f"({float(diagnostics.get('minimum_offset_sd', float('nan'))):.3g} sd) is under its limit: if these are a "
-        "validation or test set (e.g. MISIndicator updated in validation_step), the figures are not the members' "
-        "leakage -- pass the records the model was trained on; if they are its training records, the model "
-        "stopped short of the minimum of the objective assessed: train on, or pass the loss_fn and weight_decay "
-        "it was trained with"
-    )
+    not-at-a-minimum limits (nux50 #2: a held-out set read 0.66 sd there, its figures 1.9x the members').
+    Two causes read alike: records the model was not trained on, or a model off the minimum of the
+    objective assessed along those directions; where the records are known to be the training
+    records (``records_from_training_loader``: the callback read the trainer's loader) only the
+    second is named (nux51 #2: a tied LM at chance trained by AdamW, decay not passed, read 0.66
+    on its own 600 training records and was told they looked unseen)."""
+    stat = (f"along the stiffer half of the Hessian's directions, where training converges first, the records' mean "
+            f"gradient is {float(diagnostics['stiff_offset_sd']):.3g} of its own sampling standard deviation (root "
+            "mean square; the training records of a model at the minimum of the objective assessed read ~0, records "
+            f"the model never saw ~1 or more; the limit is {UNSEEN_RECORDS_SD:g}), though the Newton step to the "
+            f"minimum ({float(diagnostics.get('minimum_offset_sd', float('nan'))):.3g} sd, root mean square over "
+            "all weights, which the soft directions dominate) is under its limit")
+    off_minimum = ("the model is not at the minimum of the objective assessed along those directions: training "
+                   "stopped short, or it minimised another objective (a weight decay not passed as weight_decay=, "
+                   "a decoupled decay such as AdamW's, another loss): train on, or pass the loss_fn and "
+                   "weight_decay it was trained with")
+    if diagnostics.get("records_from_training_loader"):
+        return (f"the model is not at a minimum of the objective assessed along its stiff directions: {stat}; "
+                f"the records are the trainer's training records, so {off_minimum}; the M-estimator analysis "
+                "may not apply")
+    return (f"the records assessed are not the model's training records, or the model is not at a minimum of the "
+            f"objective assessed: {stat}. Either: if these are a validation or test set (e.g. MISIndicator updated "
+            "in validation_step), the figures are not the members' leakage -- pass the records the model was "
+            f"trained on; or, if they are its training records, {off_minimum}")
 
 
 def _decay_hint_warning(diagnostics: Mapping[str, Any]) -> str | None:
@@ -4751,7 +4838,16 @@ def _cutoff_warning(report: Report) -> str | None:
     caps = ("the unquantized figure itself, the estimator's Mahalanobis norm, is set by the gradient covariance's "
             "rule and caps every quantized one" if base_over else
             "the unquantized figure, the estimator's Mahalanobis norm, is computed from the gradient covariance and caps it")
-    return (f"cutoff-set figures{' (~ in the table)' if over or base_over else ''}: the Gaussian-form leakage of {named} moves by "
+    # nux51 #2: a baseline moving beyond UNDETERMINED_MOVE is no figure at all: said first, in words
+    undetermined = (f"undetermined headline (undet. in the table): the unquantized baseline reads {base['leakage']:.4g} "
+                    f"at the cutoff but {base['leakage_fine_cutoff']:.4g} at {CUTOFF_CHECK_FACTOR:.0f}x finer "
+                    f"({100 * base['move']:.0f}%, above {100 * UNDETERMINED_MOVE:.0f}%): it is set by the rank rule, "
+                    "not by the data, and caps every quantized figure, so no figure of this report is determined "
+                    "and the schemes are not ranked (no verdict); a model near a singular point (one that has "
+                    "learned little, or with more weights than the records determine) reads so: assess fewer "
+                    "weights, use more records, or train to a determined minimum (weight decay). "
+                    if base_over and base["move"] > UNDETERMINED_MOVE else "")
+    return (f"{undetermined}cutoff-set figures{' (~ in the table)' if over or base_over else ''}: the Gaussian-form leakage of {named} moves by "
             f"more than {100 * CUTOFF_SENSITIVITY_MAX:.0f}% when the eigenvalue cutoff (rank rule) on the full "
             "correlation of the weights is set finer: that correlation is near-singular with a continuous spectrum, so "
             "the figure depends on how many of its smallest directions count, which the data do not fix; it is "

@@ -106,7 +106,7 @@ def test_the_report_warns_on_held_out_records_under_the_minimum_limits():
     assert not own.diagnostics["records_unlike_training"]
     assert not any("not trained on" in w for w in own.warnings), own.warnings
     assert not held.diagnostics["not_at_minimum"], held.diagnostics["minimum_offset_sd"]
-    hits = [w for w in held.warnings if w.startswith("the records assessed read like records the model was not trained")]
+    hits = [w for w in held.warnings if w.startswith("the records assessed are not the model's training records, or the model is not")]
     assert len(hits) == 1 and "validation or test set" in hits[0] and "pass the records" in hits[0], held.warnings
 
 

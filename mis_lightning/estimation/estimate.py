@@ -192,7 +192,9 @@ GRADIENT_NORM_RATIO_MAX = 0.1
 # along the Hessian's stiffer half read ~0 on the records a fit converged on, even one stopped short
 # (the stiff directions converge first), and ~N(0, 1 + m / n_train) each on records the fit never saw
 # (a validation or test set), whose root mean square is below 0.5 with probability
-# P(chi2_K < K / 4) over K such directions (0.009 at K = 10): docs/benchmarks.md, "nf50b"
+# P(chi2_K < K / 4) over K such directions (0.009 at K = 10): docs/benchmarks.md, "nf50b". A model
+# fitted to another objective than the one assessed reads above it on its own records too (nux51's
+# tied LM, AdamW's decay not passed: 0.66; "hd51"): the warning names both causes
 UNSEEN_RECORDS_SD = 0.5
 # The weight-decay hint (_decay_hint): the assessed objective's mean gradient within this cosine
 # of -theta, and its norm at least this fraction of a per-sample gradient's (rms), reads as a
@@ -1948,6 +1950,8 @@ class MomentAccumulator:
             precision = max(self._stored_eps(), diagnostics["gradient_norm_ratio"])
             flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision,
                                    known=self._attention_tangents(names) if self._attention_heads else None)
+            if flat.shape[1]:  # which parameters carry them: the report names the symmetry's owners (nux51 #1)
+                diagnostics["flat_direction_parameters"] = flat_parameter_shares(flat, names, offsets)
             variants: dict[float, dict[str, Tensor | None]] = {}
             sigma_flat, w, mahal, corr = sandwich_compute(gg, H, g_mean_flat, G, n, self.damping, diagnostics,
                                                           jacobians=J, loss_hessians=L, correct_leverage=correct,
@@ -2975,6 +2979,25 @@ def flat_directions(gg_mean: Tensor, H: Tensor, G: Tensor | None = None, decay: 
         return empty
     # back to parameter units (the subspace D U), orthonormal there
     return torch.linalg.qr(s.unsqueeze(-1) * U).Q
+
+
+# Share of the flat subspace below which a parameter tensor is not named as carrying it (its
+# projector's trace there, out of k): rounding of the basis reads ~1e-16, a carrier >= 1/d
+FLAT_SHARE_MIN = 1e-3
+
+
+def flat_parameter_shares(flat: Tensor, names: Sequence[str], offsets: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+    """How much of the flat subspace each parameter tensor carries: ``{name: trace share}``, the
+    trace of the projector ``F F'`` on the tensor's coordinates (``sum of F[a:b]**2``; basis-free,
+    in the parameter units ``flat`` is given in), the shares summing to ``k = flat.shape[1]``;
+    tensors under :data:`FLAT_SHARE_MIN` (of k) left out, the largest first, rounded to 3 digits.
+    ``flat``: ``[d, k]`` orthonormal (:func:`flat_directions`); ``offsets``: each name's ``(a, b)``
+    slice of the flat coordinates. E.g. a 2-logit ``Linear(4, 2)`` head: its softmax shift (the
+    same vector added to both rows) is 5 directions, ``{"fc.weight": 4.0, "fc.bias": 1.0}``."""
+    k = int(flat.shape[1])
+    mass = flat.square()
+    out = {nm: float(mass[a:b].sum()) for nm in names for a, b in [offsets[nm]]}
+    return {nm: round(v, 3) for nm, v in sorted(out.items(), key=lambda kv: -kv[1]) if v > FLAT_SHARE_MIN * k}
 
 
 def _gradient_null(U: Tensor, ggs: Tensor, e_top: float, G: Tensor | None, s: Tensor, tol: float,
