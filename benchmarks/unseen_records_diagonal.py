@@ -186,7 +186,7 @@ def fits(which):
             both(m, X, y, n, f"mlp{width} {how} {ep} lr{lr} b{bs}", exact=which == "small")
     elif which == "cnn":
         X, y = image_data(n + nh, 1)
-        for how, ep in (("lbfgs", 300), ("sgd", 20), ("adam", 5), ("adam", 40), ("adamcos", 40)):
+        for how, ep in (("adamcos", 30), ("adam", 30), ("sgd", 20), ("lbfgs", 100)):
             torch.manual_seed(0)
             both(train(CNN(), X[:n], y[:n], how, ep), X, y, n, f"cnn {how} {ep}")
 
