@@ -82,16 +82,19 @@ def teacher_data(n, d_in, classes, seed):
     X = torch.randn(n, d_in, generator=g)
     W1 = torch.randn(d_in, 32, generator=g) / math.sqrt(d_in)
     W2 = torch.randn(32, classes, generator=g) * 2
-    y = torch.distributions.Categorical(logits=torch.tanh(X @ W1 * 2) @ W2).sample()
-    return X, y
+    return X, sample_labels(torch.tanh(X @ W1 * 2) @ W2, g)
+
+
+def sample_labels(logits, g):
+    """Labels drawn from softmax(logits) by the data's own generator (reproducible whatever ran before)."""
+    return torch.multinomial(torch.softmax(logits, 1), 1, generator=g).squeeze(1)
 
 
 def image_data(n, seed):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, 1, 12, 12, generator=g)
     s = torch.stack([X[:, 0, :6, :6].mean((1, 2)), X[:, 0, 6:, 6:].mean((1, 2)), X[:, 0, :6, 6:].mean((1, 2))], 1)
-    y = torch.distributions.Categorical(logits=6 * torch.cat([s, -s.sum(1, keepdim=True)], 1)).sample()
-    return X, y
+    return X, sample_labels(6 * torch.cat([s, -s.sum(1, keepdim=True)], 1), g)
 
 
 def mlp(d_in, h, c):
