@@ -1410,7 +1410,8 @@ def zeros(row: Mapping[str, Any]) -> Any:
 
 
 #: the figure columns of a table, by row key (``interval``: both ends, ``zeros``: :func:`zeros`)
-FIGURE_COLUMNS = ("leakage", "interval", "mis", "pool_leakage", "baseline_leakage", "d_eff", "zeros")
+FIGURE_COLUMNS = ("leakage", "leakage_independent", "interval", "mis", "pool_leakage", "baseline_leakage", "d_eff",
+                  "zeros")
 
 
 def column_formats(rows: Sequence[Mapping[str, Any]], utility_keys: Sequence[str | None] | str | None = (),
@@ -1480,7 +1481,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
             [_fmt_bits(r.get("model_bits_per_weight"))] if whole else []) + (
             [UTILITY_FAILED if r.get("utility_error") else fmt[uk](r.get(uk))] if uk else []) + [
             fmt["leakage"](r["leakage"]) + leakage_marks(r)] + (
-            [fmt["leakage"](r.get("leakage_independent"))] if indep else []) + [
+            [fmt["leakage_independent"](r.get("leakage_independent"))] if indep else []) + [
             interval, fmt["mis"](r["mis"]),
             "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool),
             fmt["baseline_leakage"](r["baseline_leakage"]) + (

@@ -138,6 +138,21 @@ def test_the_stuck_warning_tells_what_to_compare_and_the_table_shows_it():
     assert "indep.: the leakage with the weights' errors taken as uncorrelated" in legend(rows)
 
 
+def test_the_indep_column_has_its_own_notation():
+    """Independent forms far below headlines above 1e-3: ``indep.`` takes its own notation, not the
+    leakage column's (rv51: 4.2e-05 printed as 0.0000 beside 0.9495)."""
+    rows_in = [_scheme("none", 0.955, 0.0213, 0.955, quantized=0.0), _scheme("int8", 0.9495, 4.2e-05, 0.955),
+               _scheme("int4", 0.807, 3.1e-06, 0.955)]
+    rep = _report(rows_in, {"baseline_leakage_independent": 0.0213}, 0.955)
+    rep.diagnostics["headline_unranked"] = ["int8", "int4"]
+    text = format_table(rep.rows())
+    header = text.splitlines()[0].split()
+    col = header.index("indep.")
+    cells = {ln.split()[0]: ln.split() for ln in text.splitlines()[2:]}
+    for k, want in (("none", 0.0213), ("int8", 4.2e-05), ("int4", 3.1e-06)):  # (no marks in these rows)
+        assert math.isclose(float(cells[k][col]), want, rel_tol=1e-3), (k, cells[k])
+
+
 @pytest.mark.parametrize("move, undetermined", [(0.2278, True), (1.5 * CUTOFF_SENSITIVITY_MAX, False)])
 def test_a_rule_set_baseline_beyond_the_limit_is_undetermined(move, undetermined):
     """nux51 #2: the baseline 0.8004 at the cutoff, 0.9828 at 100x finer (23%): the table's baseline
