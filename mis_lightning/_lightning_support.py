@@ -59,7 +59,7 @@ from .quantization.release_forward import (
     quantized_forward_errors,
     uses_outside_layers,
 )
-from .record_count import records_read, records_read_note
+from .record_count import check_enough_records, records_read, records_read_note
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
 
@@ -301,6 +301,23 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
             order = order[: limit * (getattr(dl, "batch_size", None) or 1) * replicas]
     keep = sorted(set(order))
     return keep, ("; ".join(notes) or None)
+
+
+def check_training_size(trainer: Any, d: int | None = None) -> None:
+    """Before training: refuse a training set of fewer than
+    :data:`~mis_lightning.record_count.MIN_RECORDS` records (the records a full pass of the
+    training loader draws, :func:`training_records`: never fewer than the end's count), where
+    it is sized; a stream and items that are whole batches are counted only as they are read.
+    ``d``: the number of assessed weights, named in the message.
+
+    Raises:
+        ValueError: too few records (:func:`~mis_lightning.record_count.check_enough_records`).
+    """
+    train = single_loader(trainer.train_dataloader, "training")
+    if train is None or sized_dataset(train) is None:
+        return
+    records, _ = training_records(trainer, train, full_pass=True)
+    check_enough_records(len(records), "MISCallback", d)
 
 
 def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = None) -> tuple[int | float, str]:

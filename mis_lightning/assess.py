@@ -91,7 +91,13 @@ from .quantization.release_forward import (
     uses_outside_layers,
 )
 from .quantization.storage_grid import storage_grids
-from .record_count import check_not_a_shard, loader_dataset_size, records_read, records_read_note
+from .record_count import (
+    check_enough_records,
+    check_not_a_shard,
+    loader_dataset_size,
+    records_read,
+    records_read_note,
+)
 from .report import (
     CONSISTENCY_TOLERANCE,
     CUTOFF_CHECK_FACTOR,
@@ -1324,7 +1330,7 @@ def score_schemes(
 
     Raises:
         TypeError: an unknown keyword argument.
-        ValueError: an invalid option, ``n < 4`` records (the pool protocol scores ``n / 2``),
+        ValueError: an invalid option, ``n < 4`` records (:func:`~mis_lightning.record_count.check_enough_records`),
             non-finite ``sigma``, ``model``'s weights not those of ``est``, or (with ``strict``)
             a failing scheme's error.
         KeyError: an unknown scheme name.
@@ -1337,9 +1343,7 @@ def score_schemes(
     if calibration_data is not None:  # data-dependent schemes learn first (data-free: no-op)
         scheme_objs = [s.calibrate(model, calibration_data) for s in scheme_objs]
     n = est.n
-    if n < 4:  # the pool protocol's figures are those of n / 2 records, which need >= 2
-        raise ValueError(f"n (number of training records) must be >= 4, got {n}: the pool protocol's figures "
-                         "are computed for n / 2 records")
+    check_enough_records(n, d=est.d)  # the pool protocol's figures are those of n / 2 records, which need >= 2
     for k in est.names:
         check_finite(f"sigma of {k!r}", est.sigma[k])
     _check_some_gradient(est)

@@ -285,6 +285,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if note:
             rank_zero_warn(f"MISCallback: {note}")
         names = trained or names
+        # fewer records than the assessment takes: refused now, not after the training it would follow
+        lt.check_training_size(trainer, sum(p.numel() for k, p in pl_module.named_parameters() if k in set(names)))
         self._decay, self._decay_note = lt.check_optimizer_decay(trainer, pl_module,
                                                                  self.estimation_config.weight_decay, names)
         self._decoupled_note = lt.decoupled_decay_note(trainer, pl_module, names)

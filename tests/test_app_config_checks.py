@@ -154,6 +154,18 @@ def test_datamodule_needs_a_supported_task_and_a_train_dataset(tmp_path, monkeyp
     _nothing_trained(run)
 
 
+def test_fewer_than_four_training_records_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    """nux51 #3: a training set of 3 records trained, then the assessment failed ("n must be >= 4
+    ... pool protocol"); refused before training, with the minimum and the headline's need."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*(o for o in FAST if not o.startswith("data.n_train")),
+                                               "data.n_train=3", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert ("configuration error (ValueError): the assessment of data SyntheticRegressionDataModule needs at "
+            "least 4 training records, got 3: the leakage (the headline)") in err and "Traceback" not in err
+    _nothing_trained(run)
+
+
 def test_plan_utility_metric_not_measured_for_the_task_fails_before_training(tmp_path, monkeypatch, capsys):
     """E1: `mode=plan plan.utility_metric=auroc` on regression data trained, then failed with
     the Python API's hint ("pass it in metrics="); it is refused before training with the

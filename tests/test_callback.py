@@ -622,6 +622,22 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
         assert trainer.global_step == 0  # raised before the first optimizer step
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_fewer_than_four_training_records_are_refused_before_training(tmp_path, sampled):
+    """nux51 #3: 3 training records trained, then the assessment failed into a warning ("n must
+    be >= 4 ... pool protocol"); refused at the start of fit, the minimum and the headline's need
+    named. ``sampled``: a sampler drawing 3 of the dataset's 120 records (the records trained on)."""
+    train, val = loaders(n_train=3 if not sampled else 120)
+    if sampled:
+        train = DataLoader(train.dataset, batch_size=2, sampler=torch.utils.data.SubsetRandomSampler([0, 5, 7]))
+    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[MISCallback(SCHEMES, loss_fn=mse, strict=False)],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"MISCallback needs at least 4 training records, got 3: the leakage "
+                                         r"\(the headline\) is read from .* \(d = 37 here\)"):
+        trainer.fit(Regressor(), train, val)
+    assert trainer.global_step == 0  # raised before the first optimizer step
+
+
 class BatchCentred(Regressor):
     """A forward that mixes the records of a batch (inputs centred by the batch mean)."""
 

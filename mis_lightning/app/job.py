@@ -63,6 +63,7 @@ from mis_lightning.config import EstimationConfig, ScoringConfig
 from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, plan
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
+from mis_lightning.record_count import check_enough_records
 from mis_lightning.report import Report, to_plain
 
 __all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job",
@@ -479,8 +480,9 @@ def check_datamodule(dm: Any) -> str:
     part of the training set).
 
     Raises:
-        ValueError: another task than ``"regression"`` / ``"binary"``, or no ``train_dataset``
-            (names the datamodule and the fix).
+        ValueError: another task than ``"regression"`` / ``"binary"``, no ``train_dataset``
+            (names the datamodule and the fix), or one of fewer than 4 records
+            (:func:`~mis_lightning.record_count.check_enough_records`).
     """
     from mis_lightning.models.metrics import TASKS
 
@@ -494,6 +496,12 @@ def check_datamodule(dm: Any) -> str:
                          "training record once, in order (its train_dataloader() may shuffle or drop "
                          "records); set self.train_dataset (a torch Dataset of the training records) "
                          "in its setup()")
+    try:
+        n_train = len(dm.train_dataset)
+    except TypeError:  # a dataset without a length: the assessment counts what it reads
+        n_train = None
+    if n_train is not None:  # too few records: refused now, not after the training
+        check_enough_records(n_train, f"the assessment of data {name}")
     return task
 
 
