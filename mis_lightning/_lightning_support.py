@@ -766,7 +766,8 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
 def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                            metrics: Mapping[str, Any] | None, output_transform: Any,
                            schemes: Sequence[QuantizationScheme] = ()) -> None:
-    """The first validation batch through a private copy of the model, as each quantized copy's
+    """Where there is no validation loader: a note that utility will not be measured (it is
+    optional; nux51: said only after the fit). Else the first validation batch through a private copy of the model, as each quantized copy's
     utility will be measured at the assessment (the loss, ``batch_fn``, the utility metrics,
     ``output_transform``): validation batches of another layout than the training ones
     (``(x, y, w)`` against ``(x, y)`` pairs, a dict) failed every scheme's row, the float
@@ -784,6 +785,11 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
     """
     with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
         val, _ = validation_loaders(_validation_dataloaders(trainer))
+    if val is None:
+        rank_zero_info("MISCallback: no validation dataloader: the quantized copies' utility will not be "
+                       "measured and the verdict ranks the schemes by leakage alone (pass val_dataloaders to "
+                       "fit to measure it)")
+        return
     batch = first_batch(val, 8)[1]
     if batch is None:
         return

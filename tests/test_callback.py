@@ -638,6 +638,34 @@ def test_fewer_than_four_training_records_are_refused_before_training(tmp_path, 
     assert trainer.global_step == 0  # raised before the first optimizer step
 
 
+def test_a_fit_without_validation_data_says_so_before_training(tmp_path, caplog):
+    """nux51 #11b: without a validation loader the callback said "the quantized copies' utility
+    was not measured" only after the fit; it notes it at the start (utility is optional; ``plan=``,
+    whose planner needs it, is refused at ``setup``)."""
+    import logging
+
+    train, _ = loaders()
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path), callbacks=[_StepsAtNote()])
+    cb = MISCallback(["rtn_int4"], loss_fn=mse, uncertainty_draws=0, num_records=64, **FAST)
+    trainer.callbacks.insert(0, cb)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(Regressor(), train)
+    notes = [r for r in caplog.records if "no validation dataloader: the quantized copies' utility will not be "
+             "measured and the verdict ranks the schemes by leakage alone" in r.getMessage()]
+    assert len(notes) == 1 and trainer.callbacks[1].steps == [0]  # said before the first step
+
+
+class _StepsAtNote(pl.Callback):
+    """Records the global step at ``on_train_start`` (after the callbacks listed before it)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_start(self, trainer, pl_module):
+        self.steps.append(trainer.global_step)
+
+
 class BatchCentred(Regressor):
     """A forward that mixes the records of a batch (inputs centred by the batch mean)."""
 
