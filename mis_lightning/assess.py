@@ -595,13 +595,15 @@ def _duplicate_warning(diagnostics: Mapping[str, Any], n: int) -> str | None:
     lev = (f"; lower where leverages are not: the leverage correction is computed at n too (mean leverage "
            f"{float(h):.3g} per {'loss direction' if per_direction is not None else 'record'} here, {k * float(h):.3g} at "
            "the distinct records' n)" if h is not None and diagnostics.get("leverage_correction") else "")
-    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them (records held more "
-            f"than once: duplicates, oversampling, padding, records fed twice): about {round(n * (1 - share)):,} "
-            f"distinct records among the n = {n:,} read, {k:.3g} copies each. Each copy is scored as a member of its "
-            f"own, so the figures understate the leakage: about 1/sqrt({k:.3g}) = {1 / math.sqrt(k):.2f}x the distinct "
-            f"records' figure where leverages are small{lev} ({DUPLICATE_FIGURES}). With equal counts, assess the "
-            "distinct records (the same weights and game); unequal counts (oversampling) are not modelled; copies "
-            "that are independent draws of a population with repeated values are members of their own")
+    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them: about "
+            f"{round(n * (1 - share)):,} distinct records among the n = {n:,} read, {k:.3g} copies each. Two readings: "
+            "(a) independent draws that coincide (a data set of few distinct values: discrete features, short token "
+            "sequences) are members of their own and the figures stand: then ignore this warning; (b) copies of one "
+            "record (records held more than once: duplicates, oversampling, padding, records fed twice) are each "
+            f"scored as a member of its own, so the figures understate the leakage: about 1/sqrt({k:.3g}) = "
+            f"{1 / math.sqrt(k):.2f}x the distinct records' figure where leverages are small{lev} "
+            f"({DUPLICATE_FIGURES}); with equal counts, assess the distinct records (the same weights and game); "
+            "unequal counts (oversampling) are not modelled")
 
 
 def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
