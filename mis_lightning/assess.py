@@ -1726,7 +1726,7 @@ def score_schemes(
                   if w.startswith(("the Hessian has negative curvature", "saddle not excluded", "unstable figures")))
         report.warnings[at] += ". " + cause
     report.utility_modes = utility_modes(report, metrics, cfg)
-    report.utility_key = cfg.utility_key
+    report.utility_key, report.utility_tolerance = cfg.utility_key, cfg.utility_tolerance
     return report
 
 

@@ -64,7 +64,7 @@ from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, pl
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.record_count import check_enough_records
-from mis_lightning.report import Report, to_plain
+from mis_lightning.report import UTILITY_TOLERANCE, Report, to_plain
 
 __all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job",
            "stage_configs_of"]
@@ -1034,6 +1034,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         "rows": report.rows(),
         "not_ranked": report.not_ranked(),  # the table's "not ranked beyond their intervals" groups
         "warnings": report.warnings,
+        # the verdict's band where not the default (the aggregate's verdicts use it)
+        **({"utility_tolerance": report.utility_tolerance}
+           if report.utility_tolerance != UTILITY_TOLERANCE else {}),
         **({"notes": report.notes} if report.notes else {}),  # information, not problems (Report.notes)
         "times_s": times,
         **({} if plan_cfg is None else {"plan": planned.to_dict()}),
