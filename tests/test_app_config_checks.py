@@ -139,8 +139,11 @@ TINY = ["data=synthetic_linear", f"data._target_={__name__}.TinyDM", *(o for o i
 
 @pytest.mark.parametrize("override, message", [
     # E4: an unsupported task failed after training (stage "assessment", exit 1)
+    # nux51 #5: the advice was data.task=regression (a classifier read as a regression)
     ("data.task=multiclass", "data TinyDM has task 'multiclass', but the app assesses 'regression' and "
-                              "'binary' tasks only"),
+                              "'binary' tasks only (its utility metrics, plan budgets and models' [B] outputs depend "
+                              "on the task). For another task (multiclass classification, ...) use the Python API "
+                              "with your own utility metrics: MISCallback("),
     # W9: a datamodule without train_dataset was assessed on one shuffled drop_last pass
     # (n = 48 of 64 here), silently
     ("+data.train_dataset=false", "data TinyDM has no train_dataset after setup(): the assessment reads every "

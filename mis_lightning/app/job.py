@@ -489,8 +489,12 @@ def check_datamodule(dm: Any) -> str:
     name, task = type(dm).__name__, str(dm.task)
     if task not in TASKS:
         raise ValueError(f"data {name} has task {task!r}, but the app assesses {' and '.join(map(repr, TASKS))} "
-                         "tasks only (its utility metrics and plan budgets depend on the task): pick one "
-                         "(e.g. data.task=regression where the datamodule takes it)")
+                         "tasks only (its utility metrics, plan budgets and models' [B] outputs depend on the "
+                         "task). For another task (multiclass classification, ...) use the Python API with "
+                         "your own utility metrics: MISCallback(schemes, loss_fn=..., utility_metrics={'acc': "
+                         "torchmetrics.Accuracy(task='multiclass', num_classes=...)}) in your Trainer, or "
+                         "mis_lightning.assess(model, schemes, train_loader, loss_fn, val_dataloader=..., "
+                         "metrics=...); a datamodule with a regression or binary variant: data.task=<that task>")
     if getattr(dm, "train_dataset", None) is None:
         raise ValueError(f"data {name} has no train_dataset after setup(): the assessment reads every "
                          "training record once, in order (its train_dataloader() may shuffle or drop "
