@@ -59,7 +59,7 @@ from .quantization.release_forward import (
     quantized_forward_errors,
     uses_outside_layers,
 )
-from .record_count import records_read, records_read_note
+from .record_count import check_enough_records, records_read, records_read_note
 from .report import Report
 from .streaming import HOOK_NAME, EstimationMetric
 
@@ -301,6 +301,23 @@ def training_records(trainer: Any, dl: Any, full_pass: bool = False, read: int |
             order = order[: limit * (getattr(dl, "batch_size", None) or 1) * replicas]
     keep = sorted(set(order))
     return keep, ("; ".join(notes) or None)
+
+
+def check_training_size(trainer: Any, d: int | None = None) -> None:
+    """Before training: refuse a training set of fewer than
+    :data:`~mis_lightning.record_count.MIN_RECORDS` records (the records a full pass of the
+    training loader draws, :func:`training_records`: never fewer than the end's count), where
+    it is sized; a stream and items that are whole batches are counted only as they are read.
+    ``d``: the number of assessed weights, named in the message.
+
+    Raises:
+        ValueError: too few records (:func:`~mis_lightning.record_count.check_enough_records`).
+    """
+    train = single_loader(trainer.train_dataloader, "training")
+    if train is None or sized_dataset(train) is None:
+        return
+    records, _ = training_records(trainer, train, full_pass=True)
+    check_enough_records(len(records), "MISCallback", d)
 
 
 def trained_batches(trainer: Any, full_pass: bool = False, read: int | None = None) -> tuple[int | float, str]:
@@ -588,23 +605,53 @@ def decay_possible(trainer: Any, pl_module: Any, weight_decay: Any) -> bool:
     return any(float(g.get("weight_decay", 0) or 0) > 0 for o in (trainer.optimizers or []) for g in o.param_groups)
 
 
+#: ``torch.optim`` classes whose ``weight_decay`` adds ``wd * theta`` to the gradient (coupled L2, unless a
+#: group sets ``decoupled_weight_decay=True``): their stationary point is the minimum of ``mean(loss) +
+#: wd / 2 |theta|^2``, the assessed objective with ``weight_decay = wd`` (checked to a relative gradient of
+#: 1e-9..4e-4 on a tanh MLP: docs/benchmarks.md "ux51"). AdamW (decoupled) is not one of them.
+COUPLED_DECAY_OPTIMIZERS = ("SGD", "Adam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "NAdam", "RAdam", "ASGD")
+
+
+def coupled_decay(trainer: Any, pl_module: Any, names: list[str]) -> float | None:
+    """The optimizers' weight decay where it is unambiguously the assessed objective's L2
+    coefficient: every group holding an assessed parameter (``names``, each held by one) belongs
+    to a :data:`COUPLED_DECAY_OPTIMIZERS` optimizer (its exact class), is neither decoupled nor
+    ``maximize``, and all of them apply one value ``> 0``; else ``None``."""
+    coupled = tuple(c for k in COUPLED_DECAY_OPTIMIZERS if isinstance(c := getattr(torch.optim, k, None), type))
+    ids = {id(p): n for n, p in pl_module.named_parameters()}
+    chosen, held, values = set(names), set(), set()
+    for opt in trainer.optimizers or []:
+        for group in opt.param_groups:
+            mine = {n for p in group.get("params", []) if (n := ids.get(id(p))) in chosen}
+            if not mine:
+                continue
+            if type(opt) not in coupled or group.get("decoupled_weight_decay", False) or group.get("maximize", False):
+                return None
+            values.add(float(group.get("weight_decay", 0) or 0))
+            held |= mine
+    return values.pop() if len(values) == 1 and held == chosen and min(values) > 0 else None
+
+
 def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names: list[str]
-                          ) -> tuple[dict[str, float] | None, str | None]:
+                          ) -> tuple[dict[str, float] | None, str | None, str | None]:
     """The objective's L2 coefficients against the optimizers' weight decay, once the
     optimizers exist (``on_train_start``; they do not at ``setup``), for ``weight_decay=None``
     (an explicit value is the user's word). Returns a per-parameter mapping to assess with, or
-    None to keep the resolved value, and the warning given (or None): the caller adds it to the
-    report, whose figures assume that objective.
+    None to keep the resolved value, the warning given (or None) and an information line (or
+    None): the caller adds them to the report's warnings and notes, whose figures assume that objective.
 
     * The module's numeric ``weight_decay`` attribute is the coefficient; where the optimizer
       groups apply it to some assessed parameters and none to others (no decay on biases and
       norms, a common AdamW setup), the groups' per-parameter values are returned (said in an
       info line); other disagreements are warned about.
-    * Without the attribute, decay in the optimizer is warned about: the objective is then
-      taken as unpenalised (decoupled decay is not an L2 term of the loss).
+    * Without the attribute, coupled decay of one value over every assessed parameter
+      (:func:`coupled_decay`: SGD, Adam, RMSprop, ... ``weight_decay=wd``) is the objective's
+      coefficient: used, with the information line (nux51). Other decay in the optimizer
+      (decoupled: AdamW; values that differ by group) is warned about: the objective is then
+      taken as unpenalised.
     """
     if weight_decay is not None:  # the user said it explicitly
-        return None, None
+        return None, None, None
     by_param = optimizer_decays(trainer, pl_module, names)
     decays = sorted(set(by_param.values()) - {0.0})
     names_opt = ", ".join(type(o).__name__ for o in trainer.optimizers or [])
@@ -618,7 +665,7 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
                 f"parameter(s) with {type(pl_module).__name__}.weight_decay = {attr:g} and not "
                 f"{len(zero)} others ({', '.join(zero[:4])}{', ...' if len(zero) > 4 else ''}): the assessed "
                 "objective follows its groups (pass MISCallback(weight_decay=...) to override)")
-            return by_param, None
+            return by_param, None, None
         note = None
         if decays and any(abs(w - attr) > 1e-12 * max(w, 1.0) for w in decays):
             note = (
@@ -627,9 +674,15 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
                 f"{', '.join(f'{w:g}' for w in decays)}; pass MISCallback(weight_decay=...) with the "
                 "objective's coefficient (a number, or {parameter name: coefficient}) to settle it")
             rank_zero_warn(f"MISCallback: {note}")
-        return None, note
+        return None, note, None
     if not decays:
-        return None, None
+        return None, None, None
+    if (wd := coupled_decay(trainer, pl_module, names)) is not None:
+        info = (f"weight_decay {wd:g} read from the optimizer ({names_opt}, coupled L2 decay on every assessed "
+                f"parameter): the assessed objective is mean(loss) + {wd:g} / 2 * |theta|^2, the one it trains to "
+                "(pass MISCallback(weight_decay=...) to override)")
+        rank_zero_info(f"MISCallback: {info}")
+        return dict.fromkeys(names, wd), None, info
     note = (
         f"the optimizer ({names_opt}) applies weight decay "
         f"({', '.join(f'{w:g}' for w in decays)}) but neither MISCallback(weight_decay=...) nor a "
@@ -640,7 +693,7 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
         "where the groups differ; for decoupled decay (AdamW) an approximation)"
     )
     rank_zero_warn(f"MISCallback: {note}")
-    return None, note
+    return None, note, None
 
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
@@ -749,7 +802,8 @@ def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, ba
 def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                            metrics: Mapping[str, Any] | None, output_transform: Any,
                            schemes: Sequence[QuantizationScheme] = ()) -> None:
-    """The first validation batch through a private copy of the model, as each quantized copy's
+    """Where there is no validation loader: a note that utility will not be measured (it is
+    optional; nux51: said only after the fit). Else the first validation batch through a private copy of the model, as each quantized copy's
     utility will be measured at the assessment (the loss, ``batch_fn``, the utility metrics,
     ``output_transform``): validation batches of another layout than the training ones
     (``(x, y, w)`` against ``(x, y)`` pairs, a dict) failed every scheme's row, the float
@@ -767,6 +821,11 @@ def check_validation_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: An
     """
     with isolated_rng(*trainer_loaders(trainer)):  # setting the loader up reads no record
         val, _ = validation_loaders(_validation_dataloaders(trainer))
+    if val is None:
+        rank_zero_info("MISCallback: no validation dataloader: the quantized copies' utility will not be "
+                       "measured and the verdict ranks the schemes by leakage alone (pass val_dataloaders to "
+                       "fit to measure it)")
+        return
     batch = first_batch(val, 8)[1]
     if batch is None:
         return

@@ -92,7 +92,13 @@ from .quantization.release_forward import (
     uses_outside_layers,
 )
 from .quantization.storage_grid import storage_grids
-from .record_count import check_not_a_shard, loader_dataset_size, records_read, records_read_note
+from .record_count import (
+    check_enough_records,
+    check_not_a_shard,
+    loader_dataset_size,
+    records_read,
+    records_read_note,
+)
 from .report import (
     CONSISTENCY_TOLERANCE,
     CUTOFF_CHECK_FACTOR,
@@ -658,13 +664,15 @@ def _duplicate_warning(diagnostics: Mapping[str, Any], n: int) -> str | None:
     lev = (f"; lower where leverages are not: the leverage correction is computed at n too (mean leverage "
            f"{float(h):.3g} per {'loss direction' if per_direction is not None else 'record'} here, {k * float(h):.3g} at "
            "the distinct records' n)" if h is not None and diagnostics.get("leverage_correction") else "")
-    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them (records held more "
-            f"than once: duplicates, oversampling, padding, records fed twice): about {round(n * (1 - share)):,} "
-            f"distinct records among the n = {n:,} read, {k:.3g} copies each. Each copy is scored as a member of its "
-            f"own, so the figures understate the leakage: about 1/sqrt({k:.3g}) = {1 / math.sqrt(k):.2f}x the distinct "
-            f"records' figure where leverages are small{lev} ({DUPLICATE_FIGURES}). With equal counts, assess the "
-            "distinct records (the same weights and game); unequal counts (oversampling) are not modelled; copies "
-            "that are independent draws of a population with repeated values are members of their own")
+    return (f"{repeated} of the {of} records the leakage is averaged over repeat another of them: about "
+            f"{round(n * (1 - share)):,} distinct records among the n = {n:,} read, {k:.3g} copies each. Two readings: "
+            "(a) independent draws that coincide (a data set of few distinct values: discrete features, short token "
+            "sequences) are members of their own and the figures stand: then ignore this warning; (b) copies of one "
+            "record (records held more than once: duplicates, oversampling, padding, records fed twice) are each "
+            f"scored as a member of its own, so the figures understate the leakage: about 1/sqrt({k:.3g}) = "
+            f"{1 / math.sqrt(k):.2f}x the distinct records' figure where leverages are small{lev} "
+            f"({DUPLICATE_FIGURES}); with equal counts, assess the distinct records (the same weights and game); "
+            "unequal counts (oversampling) are not modelled")
 
 
 def _leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
@@ -1393,7 +1401,7 @@ def score_schemes(
 
     Raises:
         TypeError: an unknown keyword argument.
-        ValueError: an invalid option, ``n < 4`` records (the pool protocol scores ``n / 2``),
+        ValueError: an invalid option, ``n < 4`` records (:func:`~mis_lightning.record_count.check_enough_records`),
             non-finite ``sigma``, ``model``'s weights not those of ``est``, or (with ``strict``)
             a failing scheme's error.
         KeyError: an unknown scheme name.
@@ -1406,9 +1414,7 @@ def score_schemes(
     if calibration_data is not None:  # data-dependent schemes learn first (data-free: no-op)
         scheme_objs = [s.calibrate(model, calibration_data) for s in scheme_objs]
     n = est.n
-    if n < 4:  # the pool protocol's figures are those of n / 2 records, which need >= 2
-        raise ValueError(f"n (number of training records) must be >= 4, got {n}: the pool protocol's figures "
-                         "are computed for n / 2 records")
+    check_enough_records(n, d=est.d)  # the pool protocol's figures are those of n / 2 records, which need >= 2
     for k in est.names:
         check_finite(f"sigma of {k!r}", est.sigma[k])
     _check_some_gradient(est)
@@ -1797,7 +1803,7 @@ def score_schemes(
                   if w.startswith(("the Hessian has negative curvature", "saddle not excluded", "unstable figures")))
         report.warnings[at] += ". " + cause
     report.utility_modes = utility_modes(report, metrics, cfg)
-    report.utility_key = cfg.utility_key
+    report.utility_key, report.utility_tolerance = cfg.utility_key, cfg.utility_tolerance
     return report
 
 

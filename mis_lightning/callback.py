@@ -234,6 +234,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._untrained_note: str | None = None
         self._decoupled_note: str | None = None
         self._decay_note: str | None = None  # optimizer decay the assessed objective lacks
+        self._decay_info: str | None = None  # the optimizer's coupled decay, taken as the objective's
         self._full_pass, self._pass_read, self._most_read, self._resumed = False, 0, 0, False
         self._loss(trainer, pl_module)
 
@@ -285,8 +286,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         if note:
             rank_zero_warn(f"MISCallback: {note}")
         names = trained or names
-        self._decay, self._decay_note = lt.check_optimizer_decay(trainer, pl_module,
-                                                                 self.estimation_config.weight_decay, names)
+        # fewer records than the assessment takes: refused now, not after the training it would follow
+        lt.check_training_size(trainer, sum(p.numel() for k, p in pl_module.named_parameters() if k in set(names)))
+        self._decay, self._decay_note, self._decay_info = lt.check_optimizer_decay(
+            trainer, pl_module, self.estimation_config.weight_decay, names)
         self._decoupled_note = lt.decoupled_decay_note(trainer, pl_module, names)
         res = self._loss(trainer, pl_module)
         # an iterable dataset is not read here (that could consume its stream): its first
@@ -463,6 +466,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     report.warnings.append(self._decoupled_note)
                 if getattr(self, "_decay_note", None):  # said before training: the report keeps it
                     report.warnings.append(self._decay_note)
+                if getattr(self, "_decay_info", None):  # the optimizer's coupled decay, used (nux51)
+                    report.notes.append(self._decay_info)
                 plan_exc = None
                 if self.plan_config is not None and stage == "fit_end" and zero:
                     # a planning failure (a budget no plan meets) keeps the assessment's report

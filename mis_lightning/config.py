@@ -33,6 +33,7 @@ from torch import Tensor
 
 from ._fields import CheckedFields, did_you_mean
 from ._user_warnings import warn
+from .report import UTILITY_TOLERANCE
 
 __all__ = ["DEFAULT_CHUNK", "EstimationConfig", "ScoringConfig", "compile_policy_from_env",
            "scoring_only", "stage_configs"]
@@ -285,6 +286,10 @@ class ScoringConfig(CheckedFields):
             f1, top1, auroc... and rmse, mae, loss, ``*_loss``... after a ``val_`` / ``test_``
             prefix); a metric none of these knows is refused before training
             (``assess.check_utility_metric``), never guessed.
+        utility_tolerance: the verdict's utility band, relative to the best scheme's utility
+            (``0.05``: schemes within 5% of the best are eligible; >= 0): the report keeps it, and
+            its table, the app's ``report.md`` and a sweep's aggregate verdicts use it
+            (``report.table(utility_tolerance=...)`` overrides it for one table).
 
     Raises:
         ValueError: an option outside its range or choices (the message names the option).
@@ -301,6 +306,7 @@ class ScoringConfig(CheckedFields):
     factor_rank: int = 64
     utility_key: str | None = None
     utility_mode: str | None = None
+    utility_tolerance: float = UTILITY_TOLERANCE
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -320,6 +326,11 @@ class ScoringConfig(CheckedFields):
             if self.utility_key is None:
                 raise ValueError(f"utility_mode={self.utility_mode!r} needs utility_key= (the metric it is the "
                                  "direction of), as Lightning's ModelCheckpoint(monitor=..., mode=...)")
+        tol = self.utility_tolerance
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0 or tol == float("inf"):
+            raise ValueError(f"utility_tolerance must be a finite number >= 0 (0.05: within 5% of the best "
+                             f"scheme's utility), got {tol!r}")
+        object.__setattr__(self, "utility_tolerance", float(tol))
 
 
 # Old keyword names -> (field, deprecated). ``estimation=`` stays the front ends' documented name.

@@ -19,7 +19,29 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from .estimation.batching import items_are_batches
 
-__all__ = ["check_not_a_shard", "loader_dataset_size", "records_read", "records_read_note"]
+__all__ = ["MIN_RECORDS", "check_enough_records", "check_not_a_shard", "loader_dataset_size", "records_read",
+           "records_read_note"]
+
+MIN_RECORDS = 4  # the pool protocol's figures score n / 2 records, which needs n / 2 >= 2
+
+
+def check_enough_records(n: int, who: str = "the assessment", d: int | None = None) -> None:
+    """Refuse fewer than :data:`MIN_RECORDS` training records (``n``), in words for the headline.
+
+    ``who``: the front end, named in the message; ``d``: the number of assessed weights, when
+    known (the headline's approximation needs ``n`` well above it: method.md section 6).
+
+    Raises:
+        ValueError: ``n < MIN_RECORDS``.
+    """
+    if n >= MIN_RECORDS:
+        return
+    weights = f" (d = {d:,} here)" if d else ""
+    raise ValueError(
+        f"{who} needs at least {MIN_RECORDS} training records, got {n}: the leakage (the headline) is read from "
+        "the spread of the records' gradients around the trained weights, and the report's pool figures score "
+        f"n / 2 records, which takes n >= {MIN_RECORDS}; the headline's approximation holds only for n well "
+        f"above the number of assessed weights{weights}. Train and assess on more records")
 
 
 def records_read(est: Any) -> int:

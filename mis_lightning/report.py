@@ -256,7 +256,9 @@ class Report:
         object's ``higher_is_better``, or the name; :func:`metric_mode`); every ranking by
         utility reads it (:func:`higher_is_better`). utility_key: the metric the table's verdict
         and the figure use by default (``ScoringConfig.utility_key``; ``None``: the first of
-        rmse, auroc, accuracy, loss).
+        rmse, auroc, accuracy, loss). utility_tolerance: the verdict's utility band, relative
+        to the best scheme's (``ScoringConfig.utility_tolerance``; in the JSON where it is not
+        the default :data:`UTILITY_TOLERANCE`).
         verdict_note: a line :meth:`table` prints in place of the verdict (``None``: the
         verdict), kept in the JSON so that a loaded report prints what its front end printed: a
         sweep's job that assessed one scheme has no choice to make
@@ -283,12 +285,15 @@ class Report:
     utility_key: str | None = None
     verdict_note: str | None = None
     notes: list[str] = field(default_factory=list)
+    utility_tolerance: float = UTILITY_TOLERANCE
 
     def to_dict(self) -> dict[str, Any]:
         # the keys only where set: reports without a note keep their JSON as before
         note = {} if self.verdict_note is None else {"verdict_note": self.verdict_note}
         if self.notes:
             note["notes"] = list(self.notes)
+        if self.utility_tolerance != UTILITY_TOLERANCE:
+            note["utility_tolerance"] = self.utility_tolerance
         return {
             "n": self.n,
             "d": self.d,
@@ -355,6 +360,7 @@ class Report:
             game=data.get("game", GAME), row_notes=dict(data.get("row_notes") or {}),
             utility_modes=dict(data.get("utility_modes") or {}), utility_key=data.get("utility_key"),
             verdict_note=data.get("verdict_note"), notes=list(data.get("notes") or []),
+            utility_tolerance=float(data.get("utility_tolerance", UTILITY_TOLERANCE)),
         )
 
     @classmethod
@@ -446,7 +452,7 @@ class Report:
             wr.writeheader()
             wr.writerows(rows)
 
-    def table(self, utility_key: str | None = None, utility_tolerance: float = UTILITY_TOLERANCE,
+    def table(self, utility_key: str | None = None, utility_tolerance: float | None = None,
               with_verdict: bool = True, legend_columns: str | None = None,
               verdict_note: str | None = None) -> str:
         """Plain-text table: scheme, bits/weight, share of assessed weights left in float,
@@ -465,6 +471,7 @@ class Report:
         ``None``: :attr:`verdict_note`, the report's own (``None`` too: the verdict).
 
         ``utility_key``: ``None``: :attr:`utility_key` (declared), else the default pick.
+        ``utility_tolerance``: ``None``: :attr:`utility_tolerance` (``ScoringConfig.utility_tolerance``).
 
         Raises:
             ValueError: ``utility_tolerance`` is negative; the utility metric's direction is
@@ -472,6 +479,8 @@ class Report:
         """
         rows = self.rows()
         utility_key = utility_key if utility_key is not None else self.utility_key
+        if utility_tolerance is None:
+            utility_tolerance = self.utility_tolerance
         modes = self.utility_modes
         text = format_table(rows, utility_key, utility_tolerance, modes=modes)
         text += "\n\n" + legend(rows, utility_key, columns=legend_columns, modes=modes)

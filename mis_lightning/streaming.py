@@ -20,6 +20,7 @@ import copy
 import math
 import re
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from ._precision import full_float32
 from ._user_warnings import warn
-from .assess import select_params
+from .assess import _check_model_matches_estimate, select_params
 from .config import EstimationConfig, check_user_functions, unexpected_options
 from .estimation import Estimate
 from .estimation.data_buffers import probe_data_buffers
@@ -47,6 +48,7 @@ from .estimation.per_sample import (
     default_dtype,
     eval_mode,
 )
+from .functional.versions import tensor_version
 from .quantization import available_schemes
 
 HOOK_NAME = "mis_per_sample_loss"
@@ -655,9 +657,46 @@ class EstimationMetric(Metric):
             if self._fresh:
                 acc.reset_program()
                 self._fresh = False
+                self._versions = self._weight_versions()
+            else:
+                self._check_weights_unchanged()
             states = self._states()
             acc.update(batch, states)
             self._register_new_states(states)
+
+    def _weight_versions(self) -> dict[str, int | None]:
+        """The assessed parameters' version counters (:func:`~mis_lightning.functional.versions.tensor_version`):
+        an in-place write (an optimizer step) moves them, at no cost to read."""
+        named = dict(self.model.named_parameters())
+        return {k: tensor_version(named[k]) for k in self.accumulator.param_names if k in named}
+
+    def _check_weights_unchanged(self) -> None:
+        """Refuse an update whose weights differ from those the first update read (nux51: a
+        Metric updated in ``training_step`` trained on and failed only at ``compute()``). Only a
+        parameter whose version counter moved is compared, with ``compute()``'s own test
+        (:func:`~mis_lightning.assess._check_model_matches_estimate`), against the accumulator's
+        private copy of the weights.
+
+        Raises:
+            ValueError: the first parameter that changed, the cause and the fixes.
+        """
+        before = getattr(self, "_versions", None)  # a Metric pickled before nux51 has none
+        now = self._weight_versions()
+        if before is None or now == before:
+            return
+        self._versions = now  # each write compared once
+        program = self.accumulator.program
+        for k in (k for k, v in now.items() if v != before.get(k) or v is None):
+            read = SimpleNamespace(names=[k], theta={k: program.params[k].detach()})
+            try:
+                _check_model_matches_estimate(read, self.model)
+            except ValueError as err:
+                raise ValueError(
+                    f"{type(self).__name__}.update: the model's weights changed since this Metric's first update "
+                    f"(parameter {k!r}; an optimizer step between two updates: updated in training_step while "
+                    "training?): the estimate sums every record's gradient at one set of weights, the trained "
+                    "ones. Update after training (e.g. from on_train_end over the training loader), or reset() "
+                    "after the weights change") from err
 
     def _register_new_states(self, states: dict[str, Any]) -> None:
         """Register the states the accumulator added to ``states`` at its first batch ("auto"'s

@@ -157,3 +157,26 @@ def test_tracker_runs_of_a_sweep_over_seeds_have_their_own_names(monkeypatch):
     monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: hc))
     assert run_name("cli", "int8_weight_only", "quantizer=int8_weight_only,seed=1") == "cli-3_int8_weight_only"
     assert run_name("cli", None, "seed=1") == "cli-3_seed=1"
+
+
+def test_the_jobs_utility_tolerance_sets_the_aggregates_verdict_band(tmp_path):
+    """nux51 #6: the aggregate's verdict band was fixed at 1%; a sweep run with
+    ``mis.scoring.utility_tolerance=0.5`` (its jobs' result.json ``utility_tolerance``) judges
+    with 50%. int2 (rmse 0.7 against 0.5: 40% worse) is outside the 1% band, inside the 50% one."""
+    figures = {"int8_weight_only": (0.10, 0.500), "intx_weight_only_int2": (0.06, 0.700)}
+    for tol, where in ((None, tmp_path / "default"), (0.5, tmp_path / "wide")):
+        for num, (scheme, (leak, rmse)) in enumerate(figures.items()):
+            job = where / f"{num}_{scheme}"
+            job.mkdir(parents=True)
+            row = {**_row(scheme, "bootstrap", 0.0), "leakage": leak, "leakage_p10": leak - 0.002,
+                   "leakage_p90": leak + 0.002, "utility_rmse": rmse, "baseline_leakage": 0.2}
+            res = {"job": {"num": num, "overrides": ["data=mine", f"quantizer={scheme}"]}, "status": "ok",
+                   "rows": [row], "warnings": []}
+            if tol is not None:
+                res["utility_tolerance"] = tol
+            (job / "result.json").write_text(json.dumps(res))
+        agg.aggregate(where, verbose=False)
+    default, wide = ([ln for ln in (d / "aggregate.md").read_text().splitlines() if ln.startswith("verdict across")]
+                     for d in (tmp_path / "default", tmp_path / "wide"))
+    assert "within 1% of the best (0.5000, 0: int8_weight_only): 0: int8_weight_only (leakage 0.1000)" in default[0]
+    assert "within 50% of the best (0.5000, 0: int8_weight_only): 1: intx_weight_only_int2 (leakage 0.0600)" in wide[0]

@@ -139,8 +139,11 @@ TINY = ["data=synthetic_linear", f"data._target_={__name__}.TinyDM", *(o for o i
 
 @pytest.mark.parametrize("override, message", [
     # E4: an unsupported task failed after training (stage "assessment", exit 1)
+    # nux51 #5: the advice was data.task=regression (a classifier read as a regression)
     ("data.task=multiclass", "data TinyDM has task 'multiclass', but the app assesses 'regression' and "
-                              "'binary' tasks only"),
+                              "'binary' tasks only (its utility metrics, plan budgets and models' [B] outputs depend "
+                              "on the task). For another task (multiclass classification, ...) use the Python API "
+                              "with your own utility metrics: MISCallback("),
     # W9: a datamodule without train_dataset was assessed on one shuffled drop_last pass
     # (n = 48 of 64 here), silently
     ("+data.train_dataset=false", "data TinyDM has no train_dataset after setup(): the assessment reads every "
@@ -152,6 +155,43 @@ def test_datamodule_needs_a_supported_task_and_a_train_dataset(tmp_path, monkeyp
     assert code == 2, err
     assert f"configuration error (ValueError): {message}" in err and "Traceback" not in err
     _nothing_trained(run)
+
+
+def test_fewer_than_four_training_records_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    """nux51 #3: a training set of 3 records trained, then the assessment failed ("n must be >= 4
+    ... pool protocol"); refused before training, with the minimum and the headline's need."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*(o for o in FAST if not o.startswith("data.n_train")),
+                                               "data.n_train=3", f"hydra.run.dir={run}"])
+    assert code == 2, err
+    assert ("configuration error (ValueError): the assessment of data SyntheticRegressionDataModule needs at "
+            "least 4 training records, got 3: the leakage (the headline)") in err and "Traceback" not in err
+    _nothing_trained(run)
+
+
+def test_utility_tolerance_is_one_scoring_option_of_the_app(tmp_path, monkeypatch, capsys):
+    """nux51 #6: the verdict's 1% band could not be set in the app (``mis.scoring.utility_tolerence``
+    was refused with no such key to suggest); ``mis.scoring.utility_tolerance`` (ScoringConfig) sets
+    the printed table's, report.md's and report.json's band and is recorded in result.json for the
+    aggregate; a negative one is refused before training."""
+    run = tmp_path / "r"
+    code, err = _console(monkeypatch, capsys, [*FAST, "mis.scoring.utility_tolerence=0.05", f"hydra.run.dir={run}"])
+    assert code == 2 and "did you mean utility_tolerance" in err, err
+    code, err = _console(monkeypatch, capsys, [*FAST, "mis.scoring.utility_tolerance=-1", f"hydra.run.dir={run}"])
+    assert code == 2 and "utility_tolerance must be a finite number >= 0" in err, err
+    ok = tmp_path / "ok"
+    from mis_lightning import cli
+
+    monkeypatch.setattr(sys, "argv", ["mis-lightning", *FAST, "mis.scoring.utility_tolerance=0.05",
+                                      "schemes=[rtn_int8,rtn_int2]", f"hydra.run.dir={ok}"])
+    cli.main()
+    out = capsys.readouterr().out
+    md = (ok / "report.md").read_text()
+    assert "within 5% of the best" in md and "within 5% of the best" in out and "within 1%" not in md
+    assert json.loads((ok / "result.json").read_text())["utility_tolerance"] == 0.05
+    from mis_lightning import Report
+
+    assert Report.from_json(ok / "report.json").utility_tolerance == 0.05
 
 
 def test_plan_utility_metric_not_measured_for_the_task_fails_before_training(tmp_path, monkeypatch, capsys):
@@ -217,9 +257,10 @@ def test_single_run_dirs_have_sub_second_resolution(monkeypatch):
     `%H-%M-%S`), and both failed writing the same csv/metrics.csv."""
     import re
 
-    import mis_lightning.conf  # noqa: F401 - stores the generated groups (quantizer, plan)
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+
+    import mis_lightning.conf  # noqa: F401 - stores the generated groups (quantizer, plan)
 
     monkeypatch.delenv("MIS_LIGHTNING_OUTPUT_DIR", raising=False)
     # this checkout's configs (an editable install may map mis_lightning.conf to another)

@@ -146,3 +146,20 @@ def test_a_dotted_key_typo_names_the_closest_key(monkeypatch, capsys, args, culp
 ])
 def test_valid_dotted_keys_pass(args):
     assert group_override_errors(args) == []
+
+
+def test_quantizer_typos_suggest_and_list_current_scheme_names_only():
+    """nux51 #7: ``quantizer=int8_weight_onyl`` suggested ``int7_weight_only`` (a deprecated alias,
+    not in available_schemes()) and listed the aliases among the options; ``schemes=[...]``
+    suggests current names only. A deprecated alias itself is still an option (old command lines
+    run, with a DeprecationWarning)."""
+    from mis_lightning.quantization import available_schemes
+    from mis_lightning.quantization.registry import deprecated_aliases
+
+    (line,) = group_override_errors(["quantizer=int8_weight_onyl"])
+    hint, listed = line.split(" (options: ", 1)
+    assert hint.startswith("quantizer=int8_weight_onyl: no such option in conf/quantizer; did you mean int8_weight_only")
+    assert all(name in available_schemes() for name in hint.split("did you mean ")[1].rstrip("?").split(" or "))
+    assert set(listed.rstrip(")").split(", ")) == set(available_schemes())
+    assert "int7_weight_only" in deprecated_aliases()
+    assert group_override_errors(["quantizer=int7_weight_only"]) == []

@@ -82,3 +82,19 @@ def test_large_leverage_reads_lower_and_the_warning_gives_the_distinct_records_l
     for s in SCHEMES:
         assert twice.schemes[s].leakage / once.schemes[s].leakage < 0.95 / math.sqrt(2), s
     assert twice.baseline_leakage / once.baseline_leakage < 0.95 / math.sqrt(2)
+
+
+def test_the_warning_leads_with_the_two_readings_independent_draws_first():
+    """nux51 #8: on a discrete data set (4 tokens of 12 and a label, independent draws) 7 of 512
+    records coincided and the warning said the figures understate the leakage, although such
+    coincidences are members of their own (README); it now leads with the two readings, the
+    independent draws' (ignore it) before the copies'."""
+    from mis_lightning.assess import _duplicate_warning
+
+    w = _duplicate_warning({"duplicate_records": 7, "duplicate_records_of": 512}, 600)
+    head, readings = w.split(". Two readings: ", 1)
+    assert head == "7 of the 512 records the leakage is averaged over repeat another of them: about 592 distinct " \
+                   "records among the n = 600 read, 1.01 copies each"
+    assert readings.startswith("(a) independent draws that coincide")
+    assert readings.index("then ignore this warning") < readings.index("(b) copies of one record") \
+        < readings.index("understate the leakage")

@@ -309,6 +309,36 @@ def test_a_metric_assessing_its_owner_crosses_pickle():
     assert int(owner.mis.s_n) == 200
 
 
+def test_weights_changed_between_updates_are_refused_at_that_update():
+    """nux51 #11: a Metric updated in ``training_step`` (an optimizer step between updates) was
+    refused only at ``compute()``, after the whole training; the update after the step refuses,
+    naming the parameter and the cause. An in-place write of the same values (its version
+    counter moves, the weights do not) and an update after ``reset()`` are accepted, and the
+    figures are those of a Metric fed the unchanged weights."""
+    X, y = _data()
+    model = _ols_model(X, y)
+    metric = MISIndicator(model, lambda o, t: mse(o, t), SCHEMES, uncertainty_draws=0)
+    ref = MISIndicator(_ols_model(X, y), lambda o, t: mse(o, t), SCHEMES, uncertainty_draws=0)
+    _feed(ref, X, y, 60)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    metric.update(X[:60], y[:60])
+    with torch.no_grad():
+        model.weight.copy_(model.weight.clone())  # written, unchanged
+    metric.update(X[60:120], y[60:120])
+    model.zero_grad()
+    mse(model(X[:60]), y[:60]).mean().backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"^MISIndicator.update: the model's weights changed since this Metric's "
+                                         r"first update \(parameter '(weight|bias)'; an optimizer step between two "
+                                         r"updates: updated in training_step while training\?\)"):
+        metric.update(X[120:180], y[120:180])
+    metric.reset()
+    with torch.no_grad():
+        model.load_state_dict(_ols_model(X, y).state_dict())
+    _feed(metric, X, y, 60)
+    assert _mis(metric.compute()) == _mis(ref.compute())
+
+
 def test_weights_changed_after_the_first_update_are_refused_at_compute():
     """The Metric reads the weights at the first ``update``; ``compute()`` quantized the live
     model against that snapshot's sigma and influences: weights scaled x20 before ``compute``

@@ -143,3 +143,13 @@ def test_the_callback_names_a_collate_fn_that_changes_the_count(tmp_path):
     assert cb.report.n == N - 4 and len(said) == 1, cb.report.warnings
     assert f"read {N - 4} training records where the records the training draws from is {N}" in said[0]
     assert "collate_fn" in said[0]
+
+
+def test_assess_refuses_fewer_than_four_records_naming_the_headlines_need():
+    """nux51 #3: the refusal named only the pool column ("the pool protocol's figures are computed
+    for n / 2 records"); it names the minimum and what the headline needs of n."""
+    X, Y = _data()
+    with pytest.raises(ValueError, match=r"^the assessment needs at least 4 training records, got 3: the leakage "
+                                         r"\(the headline\) is read from the spread of the records' gradients.*"
+                                         r"well above the number of assessed weights \(d = 4 here\)"):
+        _assess(_model(X, Y), DataLoader(TensorDataset(X[:3], Y[:3]), batch_size=3))

@@ -51,6 +51,7 @@ from mis_lightning.report import (
     MODEL_BITS_ENTRY,
     NOT_RANKED,
     POSITION_ENTRY,
+    UTILITY_TOLERANCE,
     ZEROS_ENTRY,
     column_formats,
     higher_is_better,
@@ -194,6 +195,8 @@ def rows_of(results: Sequence[dict[str, Any]], sweep_dir: str | Path | None = No
             "data": (res.get("data") or "").rsplit(".", 1)[-1],
             "model": res.get("model"),
         }
+        if "utility_tolerance" in res:  # the job's mis.scoring.utility_tolerance, where not the default
+            head["utility_tolerance"] = res["utility_tolerance"]
         failed = res.get("status") == "failed"
         # A failed job has no scheme rows: one row says which schemes it was to assess and why
         # it failed.
@@ -388,7 +391,8 @@ def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None =
     by the group's utility (:func:`utility_keys`), prefixed with the group's other overrides
     when the sweep has several groups. A group whose baselines differ gets a line saying why it
     has no verdict; a utility whose direction is unknown gives none (no guessed ranking);
-    plan-mode rows (a planner's ``note``) are left to ``plan.md``."""
+    plan-mode rows (a planner's ``note``) are left to ``plan.md``. The utility band is the jobs'
+    ``mis.scoring.utility_tolerance`` (``utility_tolerance`` of their ``result.json``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if not r.get("error") and _float(r.get("leakage")) is not None and not r.get("note"):
@@ -406,7 +410,9 @@ def aggregate_verdicts(rows: Sequence[dict[str, Any]], utility_key: str | None =
             continue
         uks = utility_keys(group, utility_key)
         try:
-            line = verdict([_labelled(r) for r in group], uks[0] if len(uks) == 1 else None)
+            # the jobs' own band (mis.scoring.utility_tolerance: an override, so one per group)
+            line = verdict([_labelled(r) for r in group], uks[0] if len(uks) == 1 else None,
+                           float(group[0].get("utility_tolerance", UTILITY_TOLERANCE)))
         except ValueError:  # a utility whose direction is unknown: no guessed ranking
             continue
         out.append(f"verdict across jobs {jobs}{where} (the same training; only their schemes differ): "

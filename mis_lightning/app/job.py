@@ -63,7 +63,8 @@ from mis_lightning.config import EstimationConfig, ScoringConfig
 from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, plan
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
-from mis_lightning.report import Report, to_plain
+from mis_lightning.record_count import check_enough_records
+from mis_lightning.report import UTILITY_TOLERANCE, Report, to_plain
 
 __all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job",
            "stage_configs_of"]
@@ -479,21 +480,32 @@ def check_datamodule(dm: Any) -> str:
     part of the training set).
 
     Raises:
-        ValueError: another task than ``"regression"`` / ``"binary"``, or no ``train_dataset``
-            (names the datamodule and the fix).
+        ValueError: another task than ``"regression"`` / ``"binary"``, no ``train_dataset``
+            (names the datamodule and the fix), or one of fewer than 4 records
+            (:func:`~mis_lightning.record_count.check_enough_records`).
     """
     from mis_lightning.models.metrics import TASKS
 
     name, task = type(dm).__name__, str(dm.task)
     if task not in TASKS:
         raise ValueError(f"data {name} has task {task!r}, but the app assesses {' and '.join(map(repr, TASKS))} "
-                         "tasks only (its utility metrics and plan budgets depend on the task): pick one "
-                         "(e.g. data.task=regression where the datamodule takes it)")
+                         "tasks only (its utility metrics, plan budgets and models' [B] outputs depend on the "
+                         "task). For another task (multiclass classification, ...) use the Python API with "
+                         "your own utility metrics: MISCallback(schemes, loss_fn=..., utility_metrics={'acc': "
+                         "torchmetrics.Accuracy(task='multiclass', num_classes=...)}) in your Trainer, or "
+                         "mis_lightning.assess(model, schemes, train_loader, loss_fn, val_dataloader=..., "
+                         "metrics=...); a datamodule with a regression or binary variant: data.task=<that task>")
     if getattr(dm, "train_dataset", None) is None:
         raise ValueError(f"data {name} has no train_dataset after setup(): the assessment reads every "
                          "training record once, in order (its train_dataloader() may shuffle or drop "
                          "records); set self.train_dataset (a torch Dataset of the training records) "
                          "in its setup()")
+    try:
+        n_train = len(dm.train_dataset)
+    except TypeError:  # a dataset without a length: the assessment counts what it reads
+        n_train = None
+    if n_train is not None:  # too few records: refused now, not after the training
+        check_enough_records(n_train, f"the assessment of data {name}")
     return task
 
 
@@ -1026,6 +1038,9 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
         "rows": report.rows(),
         "not_ranked": report.not_ranked(),  # the table's "not ranked beyond their intervals" groups
         "warnings": report.warnings,
+        # the verdict's band where not the default (the aggregate's verdicts use it)
+        **({"utility_tolerance": report.utility_tolerance}
+           if report.utility_tolerance != UTILITY_TOLERANCE else {}),
         **({"notes": report.notes} if report.notes else {}),  # information, not problems (Report.notes)
         "times_s": times,
         **({} if plan_cfg is None else {"plan": planned.to_dict()}),

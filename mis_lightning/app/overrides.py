@@ -184,6 +184,20 @@ def _dotted_key_errors(loader: Any, config_name: str, overrides: Sequence[Any]) 
     return errors
 
 
+def current_options(group: str, options: Sequence[str]) -> list[str]:
+    """``options`` of ``group`` to suggest and list: for the ``quantizer`` group, without the
+    registry's deprecated aliases (still options, so old command lines run, with a
+    DeprecationWarning; nux51: ``quantizer=int8_weight_onyl`` suggested ``int7_weight_only``),
+    as ``schemes=[...]`` suggests :func:`~mis_lightning.quantization.available_schemes` only."""
+    from mis_lightning.app.factories import QUANTIZER_GROUP
+    from mis_lightning.quantization.registry import deprecated_aliases
+
+    if group != QUANTIZER_GROUP:
+        return list(options)
+    old = deprecated_aliases()
+    return [o for o in options if o not in old]
+
+
 def _check(loader: Any, config_name: str, lines: Sequence[str], overrides: Sequence[Any]) -> list[str]:
     """:func:`group_override_errors`'s lines for the parsed ``overrides`` (``lines``: as typed,
     for the search path), the groups and options asked of Hydra's config ``loader``."""
@@ -221,9 +235,10 @@ def _check(loader: Any, config_name: str, lines: Sequence[str], overrides: Seque
                 if "${" in v:  # an interpolation (quantizer=${oc.env:Q}): Hydra resolves it first
                     continue
                 if not is_option(key, v):
-                    hint = did_you_mean(v, options_of(key), quote=False)
+                    shown = current_options(key, options_of(key))
+                    hint = did_you_mean(v, shown, quote=False)
                     errors.append(f"{o.get_key_element()}={v}: no such option in conf/{key}"
-                                  f"{'; ' + hint if hint else ''} {_listing('options', options_of(key))}")
+                                  f"{'; ' + hint if hint else ''} {_listing('options', shown)}")
             continue
         if "." in key or key == "hydra":
             continue  # a config key (Hydra names a wrong one)

@@ -88,7 +88,7 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
             if base and max(base) - min(base) > 1e-9 * max(abs(max(base)), 1e-12):
                 continue  # not one trained model (aggregate_verdicts gives this seed no verdict either)
             try:
-                _, band = _utility_band(group, uk, UTILITY_TOLERANCE)
+                _, band = _utility_band(group, uk, float(group[0].get("utility_tolerance", UTILITY_TOLERANCE)))
             except ValueError:  # a utility whose direction is unknown: no guessed choice
                 continue
             chosen[seed] = str(min(band, key=lambda r: float(r["leakage"]))["scheme"])
