@@ -257,10 +257,9 @@ def test_single_run_dirs_have_sub_second_resolution(monkeypatch):
     `%H-%M-%S`), and both failed writing the same csv/metrics.csv."""
     import re
 
+    import mis_lightning.conf  # noqa: F401 - stores the generated groups (quantizer, plan)
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    import mis_lightning.conf  # noqa: F401 - stores the generated groups (quantizer, plan)
 
     monkeypatch.delenv("MIS_LIGHTNING_OUTPUT_DIR", raising=False)
     # this checkout's configs (an editable install may map mis_lightning.conf to another)
