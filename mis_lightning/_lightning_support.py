@@ -696,6 +696,25 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
     return None, note, None
 
 
+def recheck_coupled_decay(trainer: Any, pl_module: Any, names: list[str], first: float) -> str | None:
+    """At the assessment, the optimizers' coupled decay against ``first``, the value
+    :func:`check_optimizer_decay` read at ``on_train_start`` and took as the objective's: ``None``
+    where it is still that value, else the warning (said here) that the training ended at another
+    objective (a weight-decay schedule: rv51), for which the caller assesses unpenalised, as
+    before the value was read from the optimizer."""
+    now = coupled_decay(trainer, pl_module, names)
+    if now is not None and abs(now - first) <= 1e-12 * max(first, 1.0):
+        return None
+    finals = sorted(set(optimizer_decays(trainer, pl_module, names).values()))
+    note = (f"the optimizer's weight decay changed during training ({first:g} at the start, "
+            f"{', '.join(f'{w:g}' for w in finals) or 'none'} at the end: a weight-decay schedule?), so the "
+            "objective it trained to is not one the start's value states: the assessment takes it as "
+            "unpenalised; pass MISCallback(weight_decay=...) with the L2 coefficient of the objective the "
+            "weights minimise (mean(loss) + weight_decay / 2 * |theta|^2)")
+    rank_zero_warn(f"MISCallback: {note}")
+    return note
+
+
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
                       user_loss: bool, batch: Any = None,
                       estimation_config: EstimationConfig | None = None, curvature: bool = False) -> bool:

@@ -407,6 +407,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         names = select_params(pl_module, self.estimation_config.params)
         trained, self._untrained_note = self._optimized(trainer, pl_module, names)
         decay = getattr(self, "_decay", None)
+        if decay is not None and getattr(self, "_decay_info", None):  # read from the optimizer: still its value?
+            changed = lt.recheck_coupled_decay(trainer, pl_module, names, next(iter(decay.values())))
+            if changed:
+                self._decay, self._decay_info, self._decay_note, decay = None, None, changed, None
         if decay is not None:
             # parameters an unfreezing callback added to the optimizer since on_train_start: their
             # groups' decay, as the mapping was built

@@ -833,6 +833,26 @@ def test_the_optimizers_coupled_decay_is_the_assessed_objectives_when_unambiguou
         assert not [n for n in cb.report.notes if "read from the optimizer" in n]
 
 
+def test_a_weight_decay_changed_during_training_is_not_taken_as_the_objectives(tmp_path):
+    """rv51: the coupled decay read at on_train_start (0.1) was assessed although a schedule set it to
+    0.001 after the first epoch, and the report's note called it the objective trained to. Re-read at
+    the assessment: changed, the objective is taken as unpenalised with a warning naming both values."""
+
+    class Schedule(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            for g in trainer.optimizers[0].param_groups:
+                g["weight_decay"] = 0.001
+
+    cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, **FAST)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path / "s", DecayedRegressor, [cb, Schedule()], max_epochs=2)
+    assert cb.report.estimation["weight_decay"] == 0.0
+    assert not [n for n in cb.report.notes if "read from the optimizer" in n]
+    said = [str(w.message) for w in caught if "changed during training (0.1 at the start, 0.001 at the end" in str(w.message)]
+    assert said and any("changed during training" in w for w in cb.report.warnings)
+
+
 def test_optimizer_weight_decay_unknown_to_the_assessment_is_warned_before_training(tmp_path):
     """The optimizers do not exist at ``setup``: the check runs at ``on_train_start`` (it never
     fired before); ``weight_decay=`` silences it and the report records the coefficient used."""
