@@ -180,3 +180,28 @@ def test_the_jobs_utility_tolerance_sets_the_aggregates_verdict_band(tmp_path):
                      for d in (tmp_path / "default", tmp_path / "wide"))
     assert "within 1% of the best (0.5000, 0: int8_weight_only): 0: int8_weight_only (leakage 0.1000)" in default[0]
     assert "within 50% of the best (0.5000, 0: int8_weight_only): 1: intx_weight_only_int2 (leakage 0.0600)" in wide[0]
+
+
+def test_across_seeds_chooses_nothing_where_the_headline_is_undetermined():
+    """rv51: every seed's verdict is "none: the headline is undetermined" (hd51's ``undet.``: the
+    baseline moves beyond report.UNDETERMINED_MOVE with the rank rule), yet the Across-seeds section
+    said "chosen in every seed: rtn_int4". Now those seeds choose nothing and the section says so."""
+    from mis_lightning.app.replicates import across_seeds_section
+    from mis_lightning.report import UNDETERMINED_MOVE, verdict
+
+    def rows(move):
+        out = []
+        for seed in ("seed=0", "seed=1"):
+            for job, (scheme, leak) in enumerate((("rtn_int8", 0.80), ("rtn_int4", 0.70))):
+                out.append({"job": f"{seed}-{job}", "key": seed, "scheme": scheme, "leakage": leak,
+                            "leakage_p10": leak - 0.01, "leakage_p90": leak + 0.01, "baseline_leakage": 0.81,
+                            "bits_per_weight": 8.0 if job == 0 else 4.0, "baseline_cutoff_sensitivity": move,
+                            "mis": 1 - leak, "d_eff": 10.0})
+        return out
+
+    undet = rows(2.3 * UNDETERMINED_MOVE)
+    assert verdict([r for r in undet if r["key"] == "seed=0"]).startswith("verdict: none: the headline is undetermined")
+    text = across_seeds_section(undet, lambda r: r["key"], lambda g: None, lambda s, keys: s)
+    assert "chosen in every seed" not in text and "undetermined in 2 seed(s) (seed=0, seed=1)" in text
+    fine = across_seeds_section(rows(0.0), lambda r: r["key"], lambda g: None, lambda s, keys: s)
+    assert "chosen in every seed: rtn_int4" in fine and "undetermined in" not in fine

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mis_lightning.report import UTILITY_TOLERANCE, _ranked_rows, _utility_band, leakage_marks
+from mis_lightning.report import UTILITY_TOLERANCE, _ranked_rows, _utility_band, headline_undetermined, leakage_marks
 
 __all__ = ["REPLICATE_OVERRIDES", "across_seeds_section", "seed_of"]
 
@@ -81,9 +81,13 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
             continue
         uk = utility_key([r for g in seeds.values() for r in g])
         chosen: dict[str, str] = {}  # seed -> the verdict's scheme there
+        undetermined = []  # seeds whose headline the verdict does not rank (hd51's undet.; rv51)
         for seed, group in seeds.items():
             if len({r.get("job") for r in group}) < 2:
                 continue  # one job of this seed: no choice among schemes
+            if any(headline_undetermined(r) for r in group):
+                undetermined.append(seed)
+                continue
             base = [b for r in group if (b := _f(r.get("baseline_leakage"))) is not None]
             if base and max(base) - min(base) > 1e-9 * max(abs(max(base)), 1e-12):
                 continue  # not one trained model (aggregate_verdicts gives this seed no verdict either)
@@ -106,7 +110,8 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
                  f"{len(seeds)} seeds ({', '.join(seeds)}), each a separately trained model: each scheme's figures "
                  "over the seeds (the mean estimates what this training releases on average; the range is the "
                  "spread between seeds, on top of each figure's own 80% interval), and in how many seeds it was "
-                 "the verdict's choice (the safest within 1% of that seed's best utility).", "",
+                 "the verdict's choice (the safest within "
+                 f"{100 * float(ok[0].get('utility_tolerance', UTILITY_TOLERANCE)):g}% of that seed's best utility).", "",
                  "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         order = sorted(by_scheme, key=lambda s: sum(float(r["leakage"]) for r in by_scheme[s]) / len(by_scheme[s]))
         for s in order:
@@ -127,6 +132,9 @@ def across_seeds_section(rows: Sequence[dict[str, Any]], training_key: Callable[
                 lines += ["", "no scheme is chosen in every seed: " + "; ".join(
                     f"{seed}: {pick}" for seed, pick in chosen.items())
                     + " (the seeds' verdicts disagree: compare the schemes' means and ranges above, or add seeds)"]
+        if undetermined:
+            lines += ["", f"undetermined in {len(undetermined)} seed(s) ({', '.join(undetermined)}): the unquantized "
+                          "figure moves beyond its limit with the rank rule (undet.), so no scheme is chosen there"]
         if any(r.get("indicative") for g in seeds.values() for r in g):
             lines += ["", "*: indicative only in at least one seed (an assumption of the analysis fails: see the "
                           "Warnings section)"]
