@@ -18,7 +18,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mis_lightning.report import UTILITY_TOLERANCE, _ranked_rows, _utility_band, headline_undetermined, leakage_marks
+from mis_lightning.report import (
+    UTILITY_TOLERANCE,
+    _ranked_rows,
+    _utility_band,
+    headline_undetermined,
+    leakage_marks,
+)
 
 __all__ = ["REPLICATE_OVERRIDES", "across_seeds_section", "seed_of"]
 
