@@ -699,9 +699,9 @@ def check_optimizer_decay(trainer: Any, pl_module: Any, weight_decay: Any, names
 def recheck_coupled_decay(trainer: Any, pl_module: Any, names: list[str], first: float) -> str | None:
     """At the assessment, the optimizers' coupled decay against ``first``, the value
     :func:`check_optimizer_decay` read at ``on_train_start`` and took as the objective's: ``None``
-    where it is still that value, else the warning (said here) that the training ended at another
+    where it is still that value, else the warning that the training ended at another
     objective (a weight-decay schedule: rv51), for which the caller assesses unpenalised, as
-    before the value was read from the optimizer."""
+    before the value was read from the optimizer (the caller adds it to the report's warnings)."""
     now = coupled_decay(trainer, pl_module, names)
     if now is not None and abs(now - first) <= 1e-12 * max(first, 1.0):
         return None
@@ -711,8 +711,7 @@ def recheck_coupled_decay(trainer: Any, pl_module: Any, names: list[str], first:
             "objective it trained to is not one the start's value states: the assessment takes it as "
             "unpenalised; pass MISCallback(weight_decay=...) with the L2 coefficient of the objective the "
             "weights minimise (mean(loss) + weight_decay / 2 * |theta|^2)")
-    rank_zero_warn(f"MISCallback: {note}")
-    return note
+    return note  # (the report's warnings are raised with the report: said once)
 
 
 def check_first_batch(trainer: Any, pl_module: Any, hook: bool, loss_fn: Any, batch_fn: Any,
