@@ -18,8 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.getcwd())  # the checkout under test first (PYTHONPATH=$PWD does the same)
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch
+from _nets import fit_lbfgs  # noqa: E402 - tests/_nets.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -153,15 +155,8 @@ def frontends() -> None:
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 1))
         x, y = data()
-        opt = torch.optim.LBFGS(m.parameters(), max_iter=100, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = ((m(x) - y) ** 2).mean() + 1e-2 * sum((p ** 2).sum() for p in m.parameters())
-            loss.backward()
-            return loss
-        opt.step(closure)
-        return m
+        fit_lbfgs(m, lambda: ((m(x) - y) ** 2).mean() + 1e-2 * sum((p ** 2).sum() for p in m.parameters()))
+        return m.train()
 
 
     def mse(out, t):

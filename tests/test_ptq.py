@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from _nets import fit_lbfgs  # tests/_nets.py
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -278,16 +279,8 @@ def _regression(n: int = 120):
     x = torch.randn(n, 6, generator=g)
     y = x @ torch.randn(6, 1, generator=g) + 0.3 * torch.randn(n, 1, generator=g)
     m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1))
-    opt = torch.optim.LBFGS(m.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = ((m(x) - y) ** 2).mean() + 1e-2 * sum((p ** 2).sum() for p in m.parameters())
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return m, DataLoader(TensorDataset(x, y), batch_size=40, shuffle=True)
+    fit_lbfgs(m, lambda: ((m(x) - y) ** 2).mean() + 1e-2 * sum((p ** 2).sum() for p in m.parameters()), max_iter=200)
+    return m.train(), DataLoader(TensorDataset(x, y), batch_size=40, shuffle=True)
 
 
 def _mse(out, t):
