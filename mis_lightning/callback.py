@@ -524,8 +524,12 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                     pr = self.plan_result
                     line = (f"MISCallback: plan {pr.scheme.describe()['assignment']} (leakage {pr.leakage:.4g}"
                             + ("" if pr.within_budget else f", OUTSIDE the budget {pr.budget_text()} once "
-                               "re-assessed: see the warnings") + f"); {self.plan_path}, table in mis_plan.md")
-                    (rank_zero_info if pr.within_budget else rank_zero_warn)(line)
+                               "re-assessed: see the warnings")
+                            # hd51's undet.: the leakage that chose it is set by the rank rule (cor52)
+                            + (f"; not ranked: {pr.undetermined}" if pr.undetermined else "")
+                            + f"); {self.plan_path}, table in mis_plan.md")
+                    (rank_zero_info if pr.within_budget and not pr.undetermined
+                     else rank_zero_warn)(line)
         except Exception as exc:
             if self.scoring_config.strict:
                 # named as the callback's, with the run that failed (the original chained)

@@ -59,7 +59,7 @@ from .estimation.per_sample import BatchFn, LossFn
 from .progress import ProgressFn
 from .quantization import QuantizationScheme
 from .record_count import records_read, records_read_note
-from .report import Report
+from .report import Report, undetermined_headline
 from .streaming import HOOK_NAME, EstimationMetric, default_schemes, hook_program
 
 log = logging.getLogger(__name__)
@@ -77,19 +77,26 @@ WARNING_KEY_CHARS = 60
 
 
 def report_summary(report: Report) -> dict[str, dict[str, Any]]:
-    """``{scheme: {leakage, mis, baseline_leakage, d_eff, d, leakage_p10, leakage_p90, layers,
-    [error]}}`` with 0-d float64 tensors (NaN for a failed scheme; ``leakage_p10`` / ``leakage_p90``
-    NaN where a scheme has no interval: the unquantized ``none``, ``uncertainty_draws=0``), the same
-    keys for every scheme (nux48: a loop over the entries met a KeyError at ``none``).
+    """``{scheme: {leakage, mis, baseline_leakage, d_eff, d, leakage_p10, leakage_p90, indicative,
+    undetermined, layers, [error]}}`` with 0-d float64 tensors (NaN for a failed scheme; ``leakage_p10`` /
+    ``leakage_p90`` NaN where a scheme has no interval: the unquantized ``none``,
+    ``uncertainty_draws=0``), the same keys for every scheme (nux48: a loop over the entries met a
+    KeyError at ``none``). ``indicative``: 1 where the table marks the leakage ``*`` (outside the
+    analysis's assumptions); ``undetermined``: 1 where it reads ``undet.`` after the baseline (the
+    headline set by the rank rule: no figure ranks a scheme); else 0: the marks the tensors would
+    otherwise drop, as the trackers' keys carry them (:mod:`mis_lightning.tracking`; cor52).
 
     Raises:
         Nothing for a report built by the pipeline.
     """
     out: dict[str, dict[str, Any]] = {}
+    rows = {r["scheme"]: r for r in report.rows()}
+    undetermined = 1.0 if undetermined_headline(rows.values()) else 0.0
     for name, s in report.schemes.items():
         entry: dict[str, Any] = {
             "leakage": _t(s.leakage), "mis": _t(s.mis), "baseline_leakage": _t(s.baseline_leakage),
             "d_eff": _t(s.d_eff), "d": _t(s.d),
+            "indicative": _t(1.0 if rows[name].get("indicative") else 0.0), "undetermined": _t(undetermined),
             "layers": {ln: {"leakage": _t(lr.leakage), "mis": _t(lr.mis), "d_eff": _t(lr.d_eff),
                             "baseline_leakage": _t(lr.baseline_leakage)} for ln, lr in s.layers.items()},
         }
@@ -109,6 +116,7 @@ class MISIndicator(EstimationMetric):
 
         {"int8_weight_only": {"leakage": tensor, "mis": tensor, "baseline_leakage": tensor,
                               "d_eff": tensor, "d": tensor, "leakage_p10": ..., "leakage_p90": ...,
+                              "indicative": 0 or 1 (the table's *), "undetermined": 0 or 1 (undet.),
                               "layers": {param_name: {"leakage", "mis", "d_eff", "baseline_leakage"}}},
          ...}
 

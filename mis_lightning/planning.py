@@ -94,6 +94,7 @@ from .report import (
     metric_mode,
     metric_name,
     pick_utility_key,
+    undetermined_headline,
 )
 
 __all__ = ["PlanConfig", "PlanPoint", "PlanResult", "plan"]
@@ -273,6 +274,12 @@ class PlanResult:
             (:func:`~mis_lightning.report.unranked_groups`' rule): as safe within the figures'
             uncertainty; the leakages tied with the least one's (inside each other's intervals)
             were chosen among by the utility loss, then the size (:func:`_best`)
+        undetermined: why no plan is ranked by leakage, in the verdict's words
+            (:func:`~mis_lightning.report.undetermined_headline`: the unquantized figure, which caps
+            every plan's, moves beyond ``report.UNDETERMINED_MOVE`` with the rank rule), else
+            ``None``. Where set, ``scheme`` is the plan of least leakage by figures that rule sets,
+            within the budget by its measured utility and size: the search's order, not a privacy
+            choice (the table, the warnings and the report's row notes say so; hd51, cor52).
     """
 
     scheme: MixedPrecisionScheme
@@ -289,6 +296,7 @@ class PlanResult:
     within_budget: bool = True
     near_budget: dict[str, Any] = dataclasses.field(default_factory=dict)
     not_ranked_against: list[str] = dataclasses.field(default_factory=list)
+    undetermined: str | None = None
 
     @property
     def leakage(self) -> float:
@@ -360,7 +368,8 @@ class PlanResult:
         mis = column_format([r["mis"] for r in rows])  # 4 decimals, or exponents where one would read 0.0000
         for r in rows:
             note = self.report.row_notes.get(r["name"])
-            name = f"**{r['name']} (chosen)**" if r["chosen"] else f"{r['name']} ({note})" if note else r["name"]
+            role = "returned, not ranked" if self.undetermined else "chosen"  # hd51's undet.: no choice by leakage
+            name = f"**{r['name']} ({role})**" if r["chosen"] else f"{r['name']} ({note})" if note else r["name"]
             what = "every layer" if r["kind"] == "uniform" else ", ".join(f"{k}={v}" for k, v in r["choices"].items())
             iv = "-" if not r["interval"] else f"[{r['interval'][0]:.4g}, {r['interval'][1]:.4g}]"
             lines.append(f"| {name} | {what} | {r['predicted_leakage']:.4g} | {r['leakage']:.4g} | {iv} "
@@ -368,7 +377,15 @@ class PlanResult:
                          f"| {r['bits_per_weight']:.4g} |")
         budget = self.budget_text()
         c = self.chosen.reassessed(m)
-        if c is not None:
+        if c is not None and self.undetermined:
+            # hd51's undet.: no figure ranks a plan, so there is no "least leakage" to choose by (cor52)
+            lines.append(f"\nchosen: none: {self.undetermined}; no plan is ranked by leakage. The scheme returned, "
+                         f"{self.chosen.name} ({', '.join(f'{k}={v}' for k, v in self.chosen.choices.items())}), is "
+                         f"the least leakage by figures that rule sets ({c['leakage']:.4g}), "
+                         + ("within the budget" if self.within_budget else "OUTSIDE the budget (see the warnings)")
+                         + f" by its measured {m} {c['utility']:.4g} and {c['bits_per_weight']:.3g} bits per weight: "
+                         "the search's order, not a privacy choice")
+        elif c is not None:
             goal = "the fewest bits with MIS >= target_mis" if self.budget.get("target_mis") is not None \
                 else f"the least leakage (leakages {NOT_RANKED} tied: the better {m})"
             beats = self.dominated_uniform()
@@ -420,7 +437,8 @@ class PlanResult:
                          f"and whose interaction bound leaves them within max_utility_loss, in the objective's "
                          f"order): {len(searched)} plans, "
                          f"{sum(c['measured_utility_loss'] > budget_u for c in searched)} over the budget{lead}")
-        lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}; "
+        lines.append(f"\nfloat model: {m} {self.float_utility:.4g}, leakage {self.report.baseline_leakage:.4g}"
+                     f"{' undet.' if self.undetermined else ''}; "
                      f"budget: {budget}. \"predicted\": the search's proxy; the other columns: the "
                      "pipeline's re-assessment of the real quantized copy.")
         shown = pick_utility_key(self.report.rows())
@@ -441,6 +459,7 @@ class PlanResult:
                 "frontier": [{"choices": p.choices, "predicted_leakage": p.leakage, "predicted_utility": p.utility,
                               "bits_per_weight": p.bits_per_weight} for p in self.frontier],
                 "near_budget": self.near_budget, "not_ranked_against": list(self.not_ranked_against),
+                "undetermined": self.undetermined,
                 "warnings": list(self.warnings), "seconds": dict(self.seconds)}
 
     def figure(self, path: str | None = None) -> Any:
@@ -489,7 +508,8 @@ class PlanResult:
             axes[1].axvline(self.float_utility + (b if self.lower_is_better else -b), ls="--",
                             c="tab:red", lw=0.8)
         budget = self.budget_text()
-        fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {budget})", fontsize=9)
+        undet = "; undetermined headline: no plan ranked" if self.undetermined else ""
+        fig.suptitle(f"plans vs uniform schemes (dotted: float model; dashed: budget {budget}{undet})", fontsize=9)
         axes[0].scatter([], [], marker="s", c="tab:blue", label="uniform (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:orange", label="plans (re-assessed)")
         axes[0].scatter([], [], marker="*", c="tab:red", label="chosen plan")
@@ -1149,7 +1169,17 @@ def plan(
                          "re-assessed rows are measured)")
     # the rows' roles in the report's table (fu30: the rejected search choice's row "plan" beside
     # the chosen uniform candidate read as the recommendation)
-    report.row_notes = {chosen.name: "chosen" if within else "chosen, over budget"}
+    # hd51's undet. (the baseline set by the rank rule): no plan is ranked by leakage (cor52)
+    undetermined = undetermined_headline(report.rows())
+    if undetermined:
+        not_ranked = []  # "as safe within the figures' uncertainty" presumes figures that rank
+        warnings_.append(f"plan: {undetermined}: no plan is ranked by leakage; {chosen.name!r}, returned as the "
+                         f"plan, is the least leakage by figures the rank rule sets among the plans within the budget "
+                         f"(their measured {metric} and size): not a privacy choice"
+                         + (" (target_mis cannot be checked: MIS is undetermined too)" if cfg.target_mis is not None
+                            else "") + "; see the report's undetermined-headline warning for the cures")
+    report.row_notes = {chosen.name: "chosen, over budget" if not within else
+                        "returned, not ranked" if undetermined else "chosen"}
     for p in [*uniform.values(), *to_assess]:
         r = p.reassessed(metric)
         if p is chosen or r is None or math.isnan(r["leakage"]):
@@ -1157,12 +1187,12 @@ def plan(
         if _misses(r, uloss(r["utility"]), cfg):
             report.row_notes[p.name] = "over budget"
         elif p.name not in uniform:  # a uniform candidate is named as such: no note
-            report.row_notes[p.name] = "not chosen"
+            report.row_notes[p.name] = "not chosen, not ranked" if undetermined else "not chosen"
     seconds["total"] = time.perf_counter() - t_all
     return PlanResult(scheme=scheme, chosen=chosen, frontier=frontier, uniform=uniform, report=report,
                       float_utility=float_u[metric], metric=metric, budget=budget, warnings=warnings_,
                       seconds=seconds, lower_is_better=lower, within_budget=within, near_budget=near,
-                      not_ranked_against=not_ranked)
+                      not_ranked_against=not_ranked, undetermined=undetermined)
 
 
 def check_size_budget(model: nn.Module, config: PlanConfig, params: Any = None) -> None:

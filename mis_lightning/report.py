@@ -250,7 +250,7 @@ class Report:
         unquantized release; baseline_pool_leakage: the unquantized release in the pool
         protocol (see :class:`SchemeResult`); game: the attack game ``leakage`` belongs to;
         row_notes: scheme name -> a short note printed after its name in :meth:`table` (the
-        planner's ``"chosen"``, ``"over budget"``, ``"not chosen"``: :data:`ROW_NOTES`).
+        planner's ``"chosen"``, ``"over budget"``, ``"not chosen"``, ...: :data:`ROW_NOTES`).
         utility_modes: ``{utility metric name: "min" | "max"}``, the direction of each measured
         utility metric whose direction is known (declared ``utility_mode``, the torchmetrics
         object's ``higher_is_better``, or the name; :func:`metric_mode`); every ranking by
@@ -989,11 +989,9 @@ def verdict(rows: list[dict[str, Any]], utility_key: str | None = None,
               f"{brief_list(unmeasured)}") if unmeasured else ""
     if not ok:
         return f"verdict: no scheme ranked{failed.removeprefix(';')}"
-    if undetermined := next((r for r in ok if headline_undetermined(r)), None):
+    if undetermined := undetermined_headline(ok):
         # the baseline caps every figure and is set by the rank rule: no order of the schemes is measured
-        return (f"verdict: none: the headline is undetermined (undet.: the unquantized figure moves "
-                f"{100 * float(undetermined['baseline_cutoff_sensitivity']):.0f}% when the rank rule it is read with "
-                f"is set {CUTOFF_CHECK_FACTOR:.0f}x finer); no scheme is ranked (see warnings)")
+        return f"verdict: none: {undetermined}; no scheme is ranked (see warnings)"
     # a leakage that is only a lower bound (+: an unscored part of the release) cannot be ranked
     bounded = [str(r["scheme"]) for r in ok if r.get("unscored")]
     note = (f"; not ranked (leakage a lower bound, +): {brief_list(bounded)}" if bounded else "") + failed
@@ -1233,6 +1231,12 @@ ROW_NOTES = {
                            "(no re-assessed plan meets it: see warnings)",
     "over budget": "misses the planner's budget once re-assessed: not the release",
     "not chosen": "a plan within the budget that the chosen one beats: not the release",
+    # hd51's undet. (cor52): the plans' leakages rank nothing
+    "returned, not ranked": "the scheme the planner returns, within the budget by its measured utility and size; "
+                          "the headline is undetermined (undet.), so no plan is ranked by leakage: not a privacy "
+                          "choice (see warnings)",
+    "not chosen, not ranked": "a plan within the budget; the headline is undetermined (undet.): not ranked against the "
+                  "returned one, not the release",
 }
 
 ERROR_CELL_WIDTH = 60  # characters of an error message shown in a table row
@@ -1376,6 +1380,26 @@ def baseline_unstable(row: dict[str, Any]) -> bool:
     return v is not None and math.isfinite(float(v)) and float(v) > CUTOFF_SENSITIVITY_MAX
 
 
+def baseline_marks(row: Mapping[str, Any]) -> str:
+    """The mark after a row's baseline in every table (the report's, a sweep's aggregate):
+    ``" undet."`` (:func:`headline_undetermined`), ``" ~"`` (:func:`baseline_unstable`) or
+    ``""``; each explained by :func:`marks_legend`."""
+    return " undet." if headline_undetermined(row) else " ~" if baseline_unstable(row) else ""
+
+
+def undetermined_headline(rows: Iterable[Mapping[str, Any]]) -> str | None:
+    """Why no figure of these rows ranks anything, in the words every front end uses (the
+    verdict, the planner's choice, the callback's line): ``"the headline is undetermined (undet.:
+    the unquantized figure moves 23% when the rank rule it is read with is set 100x finer)"``
+    where a scored row's baseline is :func:`headline_undetermined`, else ``None``."""
+    row = next((r for r in rows if not r.get("error") and headline_undetermined(r)), None)
+    if row is None:
+        return None
+    return (f"the headline is undetermined (undet.: the unquantized figure moves "
+            f"{100 * float(row['baseline_cutoff_sensitivity']):.0f}% when the rank rule it is read with "
+            f"is set {CUTOFF_CHECK_FACTOR:.0f}x finer)")
+
+
 def scale_symmetric(diagnostics: Mapping[str, Any] | None) -> bool:
     """Whether the diagonal estimator read layers with a scale symmetry (its diagnostics'
     ``normalised_layers`` or ``weight_normed_layers``; estimation/symmetries.py): the report's
@@ -1493,8 +1517,7 @@ def format_table(rows: list[dict[str, Any]], utility_key: str | None = None,
             [fmt["leakage_independent"](r.get("leakage_independent"))] if indep else []) + [
             interval, fmt["mis"](r["mis"]),
             "-" if pool is None or (isinstance(pool, float) and math.isnan(pool)) else fmt["pool_leakage"](pool),
-            fmt["baseline_leakage"](r["baseline_leakage"]) + (
-                " undet." if headline_undetermined(r) else " ~" if baseline_unstable(r) else ""),
+            fmt["baseline_leakage"](r["baseline_leakage"]) + baseline_marks(r),
             fmt["d_eff"](r["d_eff"]), fmt["zeros"](zeros(r))])
     cols = [head] + [b for b in body if isinstance(b, list)] + [[b[0]] for b in body if isinstance(b, tuple)]
     widths = [max(len(str(c[i])) for c in cols if i < len(c)) for i in range(len(head))]
@@ -1610,7 +1633,8 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
             ax.plot([x], [y], "o", color="C0")
     base = ok[0].get("baseline_leakage")
     if base is not None:
-        ax.axvline(base, ls="--", color="gray", lw=1, label=f"unquantized baseline ({_fmt(base)})")
+        ax.axvline(base, ls="--", color="gray", lw=1,
+                   label=f"unquantized baseline ({_fmt(base)}{baseline_marks(ok[0])})")
         fig.legend(loc="outside upper right", fontsize=8, frameon=False)  # never over a point
     ax.set_yticks(ys)
     ax.set_yticklabels(names, fontsize=8)
@@ -1639,7 +1663,9 @@ def privacy_utility_figure(rows: list[dict[str, Any]], path: str | Path | None =
         ax_u.set_xlabel("bits per weight (no utility measured)")
     ax_u.tick_params(axis="y", left=False)
     ax_u.grid(axis="x", alpha=0.3)
-    fig.suptitle("Privacy-utility trade-off of quantization schemes (safest on top)", fontsize=11,
+    # an undetermined headline (undet.) ranks nothing: the order by leakage is no "safest on top"
+    order = "by leakage: the headline is undetermined, none ranked" if undetermined_headline(ok) else "safest on top"
+    fig.suptitle(f"Privacy-utility trade-off of quantization schemes ({order})", fontsize=11,
                  x=0.02, ha="left")
     ties = ties_line(ok)  # "safest on top" is no ranking where the intervals do not resolve it
     if warnings or ties:

@@ -6,7 +6,8 @@ Keys: ``mis/<scheme>/leakage``, ``mis/<scheme>/mis``, ``mis/<scheme>/leakage_p10
 quantized model's, scales included: the table's ``model b/w``), ``mis/<scheme>/pinned_fraction``,
 ``mis/<scheme>/float_fraction``,
 ``mis/<scheme>/indicative`` (1: the table's ``*``), ``mis/<scheme>/failed``,
-``mis/<scheme>/utility/<metric>``, ``mis/baseline/leakage``, ``mis/baseline/mis``.
+``mis/<scheme>/utility/<metric>``, ``mis/baseline/leakage``, ``mis/baseline/mis``,
+``mis/baseline/undetermined`` (1: the table's ``undet.``: no figure ranks anything).
 Loggers are used through their public ``log_metrics`` (rank-zero only in Lightning), and
 figures and report files through the experiment object where the logger keeps them (MLflow:
 figure and ``mis_report.json`` as artifacts; W&B: figure as an image, JSON in the run's files;
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ._user_warnings import warn
-from .report import Report
+from .report import Report, undetermined_headline
 
 
 def _head(prefix: str) -> str:
@@ -46,6 +47,10 @@ SCHEME_FIGURES = ("leakage", "mis", "pool_leakage", "d_eff", "zero_fraction", "b
 #: the table marks the leakage ``*``: outside the analysis's assumptions), so that a tracker's
 #: plain numbers say what the table's columns and marks say (nu41b: they did not).
 ROW_FIGURES = ("float_fraction", "indicative")
+#: ``<prefix>/baseline/undetermined``: 1 where the table reads ``undet.`` after the baseline (the
+#: headline set by the rank rule, no verdict: ``report.headline_undetermined``), else 0; logged with
+#: every report, so that a tracker's plain baseline and scheme figures say so too (hd51, cor52)
+BASELINE_FLAGS = ("undetermined",)
 
 
 def metric_keys(schemes: Iterable[str], utility: Iterable[str], prefix: str = "mis", interval: bool = True
@@ -54,7 +59,7 @@ def metric_keys(schemes: Iterable[str], utility: Iterable[str], prefix: str = "m
     names (``loss`` is always measured with a validation loader); ``leakage_p10`` /
     ``leakage_p90`` only with an ``interval`` (``uncertainty_draws > 0``)."""
     head = _head(prefix)
-    keys = [f"{head}baseline/{k}" for k in ("leakage", "mis", "pool_leakage")]
+    keys = [f"{head}baseline/{k}" for k in ("leakage", "mis", "pool_leakage", *BASELINE_FLAGS)]
     figures = [*SCHEME_FIGURES, *ROW_FIGURES, "failed", *(("leakage_p10", "leakage_p90") if interval else ()),
                *(f"utility/{u}" for u in ("loss", *utility))]
     return keys + [f"{head}{s}/{k}" for s in schemes for k in figures]
@@ -73,6 +78,7 @@ def report_metrics(report: Report, prefix: str = "mis") -> dict[str, float]:
     if math.isfinite(report.baseline_pool_leakage):
         out[f"{_head(prefix)}baseline/pool_leakage"] = report.baseline_pool_leakage
     rows = {r["scheme"]: r for r in report.rows()}
+    out[f"{_head(prefix)}baseline/undetermined"] = 1.0 if undetermined_headline(rows.values()) else 0.0
     for name, s in report.schemes.items():
         base = f"{_head(prefix)}{name}"
         vals: dict[str, Any] = {k: getattr(s, k) for k in SCHEME_FIGURES}

@@ -53,6 +53,7 @@ from mis_lightning.report import (
     POSITION_ENTRY,
     UTILITY_TOLERANCE,
     ZEROS_ENTRY,
+    baseline_marks,
     column_formats,
     higher_is_better,
     leakage_marks,
@@ -63,6 +64,7 @@ from mis_lightning.report import (
     share_format,
     short_error,
     ties_line,
+    undetermined_headline,
     unranked_groups,
     verdict,
     whole_model_column,
@@ -299,7 +301,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], utility_key: str | None = Non
                 fmt[uk](_float(r.get(uk))) for uk in uks] + [
                 fmt["leakage"](r.get("leakage")) + leakage_marks(r), interval, fmt["mis"](r.get("mis")),
                 "-" if (pool := _float(r.get("pool_leakage"))) is None or math.isnan(pool) else fmt["pool_leakage"](pool),
-                fmt["baseline_leakage"](r.get("baseline_leakage")),
+                # the baseline's own mark (undet. / ~), as the job's table prints it and the legend explains
+                fmt["baseline_leakage"](r.get("baseline_leakage")) + baseline_marks(r),
                 fmt["d_eff"](r.get("d_eff")), fmt["zeros"](_float(r.get("zero_fraction", r.get("sparsity"))))]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     marks = marks_legend([r for r in rows if not r.get("error")])
@@ -641,7 +644,8 @@ def frontier_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = No
         fig.set_size_inches(fig.get_size_inches()[0] + 3.0, 4.8)
         warned = any(r.get("warnings") and not r.get("error") for r in rows)
         fig.legend(loc="outside right upper", fontsize=7, frameon=False, title_fontsize=8,
-                   title="schemes: safest first" + ("\nhollow: job warned (aggregate.md)" if warned else "")
+                   title=("schemes by leakage (undet.: a headline is undetermined, none ranked)"
+                          if undetermined_headline(rows) else "schemes: safest first") + ("\nhollow: job warned (aggregate.md)" if warned else "")
                    + (f"\ntie A, B, ...: {NOT_RANKED}" if n_ties else ""))
     # the points as drawn: identical results merged ("a = b"), and those a legend entry calls
     # "same point as" (coincident at the figure's scale, drawn offset) not counted as distinct (fu30)
