@@ -1172,7 +1172,6 @@ def plan(
     # hd51's undet. (the baseline set by the rank rule): no plan is ranked by leakage (cor52)
     undetermined = undetermined_headline(report.rows())
     if undetermined:
-        not_ranked = []  # "as safe within the figures' uncertainty" presumes figures that rank
         warnings_.append(f"plan: {undetermined}: no plan is ranked by leakage; {chosen.name!r}, returned as the "
                          f"plan, is the least leakage by figures the rank rule sets among the plans within the budget "
                          f"(their measured {metric} and size): not a privacy choice"

@@ -28,6 +28,16 @@ def loss(o, t):
     return 0.5 * (o[:, 0] - t) ** 2
 
 
+def _ranked_headline(monkeypatch) -> None:
+    """This module's fixture reads its baseline 12% higher under the 100x finer rank rule, beyond
+    ``report.UNDETERMINED_MOVE`` (10%): its headline is undetermined and the planner ranks no plan
+    (cor52). The tests that check how a ranked choice is presented lift the limit (their logic is the
+    figures', which the rule does not change)."""
+    from mis_lightning import report
+
+    monkeypatch.setattr(report, "UNDETERMINED_MOVE", 1.0)
+
+
 @pytest.fixture(scope="module")
 def setup():
     """A tiny tanh MLP without biases (3 weight matrices, 176 weights) fitted to a minimum of its
@@ -363,6 +373,7 @@ def test_chosen_plan_that_misses_its_budget_once_reassessed_gives_way(setup, mon
     budget (the CLI's ChEMBL plan read utility loss 0.028 against max_utility_loss 0.02 and was
     still reported "within the budget"), the best re-assessed plan that meets it is chosen
     instead, and said; when none does, the result says it is outside the budget."""
+    _ranked_headline(monkeypatch)
     from mis_lightning import planning
 
     model, tr, va, est, _ = setup
@@ -743,6 +754,7 @@ def test_a_plan_swap_or_choice_inside_the_intervals_is_said_to_be_no_ranking(set
     not ranked beyond their intervals (since pl48 such leakages tie and the utility decides the choice).
     Without the interaction search (pl47), which measures the plan the swap gives first: the
     fixture's swap is the additive search's."""
+    _ranked_headline(monkeypatch)
     from mis_lightning import planning
     from mis_lightning.report import NOT_RANKED, _unresolved
 
@@ -890,6 +902,7 @@ def test_plans_not_ranked_by_leakage_are_chosen_among_by_the_utility(setup, monk
     within LEAKAGE_TIE: the least measured utility loss, then the fewest bits decide. Here every
     re-assessed plan is given one wide interval (all tied): the choice is the brute force's least
     utility loss among the plans within the budget, not the least point leakage."""
+    _ranked_headline(monkeypatch)
     from mis_lightning import planning
     from mis_lightning.report import NOT_RANKED
 
