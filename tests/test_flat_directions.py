@@ -323,3 +323,57 @@ def test_a_weakly_penalised_data_flat_direction_is_not_called_flat(rel, flat):
         assert U.shape[1] == 1 and abs(float(U[:, 0] @ u)) == pytest.approx(1.0, abs=1e-10)
     else:
         assert U.shape[1] == 0, U
+
+
+class _ConvBN(nn.Module):
+    """Conv2d(1, 2, 3) with a bias -> BatchNorm2d -> ReLU -> mean pool -> Linear(2, 1): in eval mode
+    the conv's bias shift on a channel, with the norm's bias lowered by ``gamma / sqrt(var + eps)``
+    times it, changes nothing (cor52). ``feed_norm=False`` puts a tanh between them (the same modules
+    in the same order: no symmetry)."""
+
+    def __init__(self, feed_norm: bool = True):
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Linear(2, 1)
+        self.feed_norm = feed_norm
+
+    def forward(self, x):
+        h = self.conv(x)
+        h = self.norm(h if self.feed_norm else torch.tanh(h))  # a tanh between: the shift reaches the output
+        return self.head(torch.relu(h).mean((2, 3)))
+
+
+def _bce(o, t):
+    return nn.functional.binary_cross_entropy_with_logits(o.squeeze(-1), t, reduction="none")
+
+
+@pytest.mark.parametrize("feed_norm, decay, flat", [(True, 0.0, 2), (True, 1e-3, 0), (False, 0.0, 0)])
+def test_a_bias_before_batchnorm_is_flat_off_the_minimum(feed_norm, decay, flat):
+    """hd51's CNN (Conv2d + BatchNorm2d, 3 epochs of Adam, gradient norm ratio 0.37) read 5 flat
+    directions, its softmax's, not the conv-bias / BN-bias shifts: along each, every record's gradient
+    is 1e-17 of |G| and the curvature 4e-17 of the largest, but the shift's direction moves with gamma,
+    so off the minimum H couples it to gamma's scale directions (up to 0.17 of the largest curvature),
+    and the rule from the derivatives alone rejects the whole coupled block. The structural tangents
+    (symmetries.bias_norm_tangents) keep the two here (one per channel: on main 0 found), their
+    owners the two biases; an L2 penalty on them, or a tanh between the conv and the norm (the same
+    modules in the same order), leaves none (the tangents are tested, not assumed)."""
+    torch.manual_seed(0)
+    m = _ConvBN(feed_norm)
+    X = torch.randn(200, 1, 6, 6)
+    y = (X.mean((1, 2, 3)) > 0).float()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(30):  # a short fit: off the minimum, where the coupling hides the shifts
+        m.train()
+        opt.zero_grad()
+        _bce(m(X), y).mean().backward()
+        opt.step()
+    m.eval()
+    from mis_lightning.assess import run_estimation
+    from mis_lightning.config import EstimationConfig
+
+    est = run_estimation(m, DataLoader(TensorDataset(X, y), batch_size=100), _bce,
+                         EstimationConfig(mode="exact", weight_decay=decay))
+    assert est.diagnostics["gradient_norm_ratio"] > 1e-2  # the case: off the minimum
+    assert est.diagnostics.get("flat_directions", 0) == flat, est.diagnostics.get("flat_direction_parameters")
+    if flat:
+        shares = est.diagnostics["flat_direction_parameters"]
+        assert set(shares) == {"conv.bias", "norm.bias"} and sum(shares.values()) == pytest.approx(flat, abs=2e-3)
