@@ -189,24 +189,24 @@ def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse(monkeypatch):
     torch.manual_seed(0)
     m = Atoms().eval()
     X, Y = torch.randn(32, 5, 3), torch.randint(0, 2, (32,))
-    assert reused_layers(m, X) == ["Linear on [B, 5, 3] (embed)"]
+    assert reused_layers(m, X) == ["Linear layers on [B, 5, 3] (embed)"]
     assert reused_layers(m, X[:, :1]) == []  # one atom per record: no reuse
     assert reused_layers(m, X, ["head.weight", "head.bias"]) == []  # a frozen encoder: the head is used once
     assert choose_estimator(m, 50, n=32)[:2] == ("exact", "exact")  # the layer types alone
     # reuse seen, and a forward too costly for d passes of it: the diagonal sandwich
-    assert choose_estimator(m, 50, n=10**6, reused=["Linear on [B, 5, 3] (embed)"],
+    assert choose_estimator(m, 50, n=10**6, reused=["Linear layers on [B, 5, 3] (embed)"],
                             forward_floats=1e3)[:2] == ("diagonal", "ggn")
     # ... cheap: still exact (the diagonal sigma ignores the correlation reuse creates)
-    assert choose_estimator(m, 50, n=32, reused=["Linear on [B, 5, 3] (embed)"],
+    assert choose_estimator(m, 50, n=32, reused=["Linear layers on [B, 5, 3] (embed)"],
                             forward_floats=1e3)[:2] == ("exact", "exact")
     acc = MomentAccumulator(m, _ce, num_records=8, selection="hash", budget=2**27, n_hint=32)
     assert acc.mode == "exact"
     acc.update((X, Y))
-    assert acc.mode == "exact" and "Linear on [B, 5, 3] (embed) layers, but the exact sandwich is cheap" in acc.reason
+    assert acc.mode == "exact" and "Linear layers on [B, 5, 3] (embed) reuse their weights, but the exact sandwich is cheap" in acc.reason
     acc = MomentAccumulator(m, _ce, num_records=8, selection="hash", n_hint=10**7)
     acc.update((X, Y))
     assert (acc.mode, acc.hessian) == ("diagonal", "ggn")
-    assert acc.reason.startswith("auto: Linear on [B, 5, 3] (embed) layers make the exact Hessian costly "
+    assert acc.reason.startswith("auto: Linear layers on [B, 5, 3] (embed) make the exact Hessian costly "
                                  "(d = 50 passes of their forward, n d x forward floats = ")
     assert isinstance(acc.factored, LayerProgram)
     est = acc.finalize()
@@ -220,6 +220,40 @@ def test_auto_estimator_counts_a_linear_over_atoms_as_weight_reuse(monkeypatch):
     flat = MomentAccumulator(m, _ce, num_records=8)
     flat.update((X[:, :1], Y))
     assert flat.mode == "exact"
+
+
+class _Twice(nn.Module):
+    """A Linear called twice per forward (tw51's case) after a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.sq = nn.Conv1d(1, 3, 2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.sq(torch.tanh(self.sq(self.conv(x).mean(-1))))
+
+
+def test_the_estimators_reasons_name_layers_once():
+    """tw51's "auto Hessian: layers called 2x per forward (sq) layers make the exact Hessian costly":
+    each template appended "layers" to phrases that already said it. Every entry is now a noun phrase
+    naming the layers (the layer types' "Conv1d layers", reused_layers' own), joined by "and", and
+    each reason says "layers" once per entry."""
+    m = _Twice().eval()
+    X = torch.randn(8, 1, 5)
+    reused = reused_layers(m, X)
+    assert reused == ["layers called 2x per forward (sq)"]
+    d = sum(p.numel() for p in m.parameters())
+    reasons = [choose_estimator(m, d, "diagonal", n=32, reused=reused, forward_floats=1.0)[2],
+               choose_estimator(m, d, n=32, reused=reused, forward_floats=1.0)[2],
+               choose_estimator(m, d, n=10**6, reused=reused, forward_floats=1e3)[2]]
+    assert reasons[0] == ("auto Hessian: Conv1d layers and layers called 2x per forward (sq) make the exact "
+                          f"Hessian costly (d = {d} passes of their forward)")
+    assert reasons[1].startswith(f"auto: d = {d} weights; Conv1d layers and layers called 2x per forward (sq) "
+                                 "reuse their weights, but the exact sandwich is cheap")
+    assert reasons[2].startswith("auto: Conv1d layers and layers called 2x per forward (sq) make the exact Hessian "
+                                 "costly (d = ")
+    for why in reasons:  # "layers" once per entry, never after a closing parenthesis
+        assert why.count("layers") == 2 and ") layers" not in why
 
 
 def test_metric_front_end_takes_the_same_choice_and_keeps_it_through_pickling():

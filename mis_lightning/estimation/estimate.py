@@ -613,8 +613,9 @@ def reused_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | No
     inputs with more than 2 dims and more than one position per record (``[batch, atoms,
     features]``, ``[batch, seq, features]``), or a module called more than once. Only the
     modules holding one of ``param_names`` (default: every parameter) count: a frozen encoder
-    does not make the assessed head's exact Hessian costly. Returned as e.g.
-    ``"Linear on [B, 12, 32] (embed)"``.
+    does not make the assessed head's exact Hessian costly. Returned as plural noun phrases naming
+    the layers (:func:`choose_estimator`'s reason says "<phrase> make the exact Hessian costly"),
+    e.g. ``"Linear layers on [B, 12, 32] (embed)"``, ``"layers called 2x per forward (sq)"``.
 
     Raises:
         Nothing of its own: a forward that fails here would fail the estimation too; it is
@@ -655,7 +656,7 @@ def reused_layers(model: nn.Module, inputs: Any, param_names: Iterable[str] | No
     linear = {k: v for k, v in shapes.items() if len(v) > 2 and math.prod(v[1:-1]) > 1}
     if linear:
         dims = {str(["B", *v[1:]]).replace("'", "") for v in linear.values()}
-        out.append(f"Linear on {', '.join(sorted(dims))} ({', '.join(sorted(linear))})")
+        out.append(f"Linear layers on {', '.join(sorted(dims))} ({', '.join(sorted(linear))})")
     twice = sorted(k for k, c in calls.items() if c > 1)
     if twice:
         out.append(f"layers called {max(calls[k] for k in twice)}x per forward ({', '.join(twice)})")
@@ -749,8 +750,11 @@ def choose_estimator(
     the largest module's residual block zero, else it re-resolves without it); any other ``hessian`` with
     ``mode="exact"`` is the exact Hessian.
     """
-    reuse = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
-    reuse += list(reused)
+    # each entry a plural noun phrase naming layers ("Conv2d layers", reused_layers' "layers called
+    # 2x per forward (sq)"): the reasons below say "<entries> make ..." (tw51: "layers ... layers")
+    types = sorted({type(m).__name__ for m in model.modules() if isinstance(m, WEIGHT_REUSE_LAYERS)})
+    reuse = ([f"{', '.join(types)} layers"] if types else []) + list(reused)
+    reusing = " and ".join(reuse)
     slow = recurrent_cost_factor(model)
     cost = None if forward_floats is None else (n or N_ASSUMED) * d * forward_floats * slow
     units = "n d x forward floats" + (f" x {slow:g} (recurrent layers: records one at a time)" if slow != 1 else "")
@@ -759,7 +763,7 @@ def choose_estimator(
     if d > EXACT_MAX_PARAMS:
         why = f"d = {d:,} > {EXACT_MAX_PARAMS:,} weights"
     elif reuse and cost is not None and cost > reuse_max:
-        why = (f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward, "
+        why = (f"{reusing} make the exact Hessian costly (d = {d:,} passes of their forward, "
                f"{units} = {cost:.2g} > {reuse_max:.0g})")
     elif (n or N_ASSUMED) * d * d > EXACT_MAX_COST:  # an unknown n: the N_ASSUMED the report states
         why = f"n d^2 = {(n or N_ASSUMED) * d * d:.2g} > {EXACT_MAX_COST:.0g}"
@@ -785,7 +789,7 @@ def choose_estimator(
     if mode == "auto":
         mode = "exact" if cheap_exact else "diagonal"
         if cheap_exact and reuse:
-            reason = (f"auto: d = {d:,} weights; {'; '.join(reuse)} layers, but the exact sandwich is cheap "
+            reason = (f"auto: d = {d:,} weights; {reusing} reuse their weights, but the exact sandwich is cheap "
                       + (f"({units} = {cost:.2g})" if cost is not None else "(checked on the first batch)"))
             if symmetric and cost is not None and cost > EXACT_REUSE_MAX_COST:
                 reason += (f" for a model whose layers {', '.join(symmetric[:6])} have a scale symmetry, which the "
@@ -801,7 +805,7 @@ def choose_estimator(
         # the diagonal sandwich asked for (or chosen): its exact Hessian diagonal only for dense
         # models; with weight reuse it would cost the d passes the diagonal mode is there to avoid
         if cheap_exact and reuse:
-            why = f"{'; '.join(reuse)} layers make the exact Hessian costly (d = {d:,} passes of their forward)"
+            why = f"{reusing} make the exact Hessian costly (d = {d:,} passes of their forward)"
         exact_h = cheap_exact and not reuse
         hessian = "exact" if exact_h else ("ggn" if ggn else "hutchinson")
         if reason == "requested":
