@@ -64,7 +64,7 @@ from mis_lightning.planning import PlanConfig, PlanResult, check_size_budget, pl
 from mis_lightning.progress import ProgressDisplay, ProgressFn
 from mis_lightning.quantization import QuantizationScheme, SchemeUnavailableError
 from mis_lightning.record_count import check_enough_records
-from mis_lightning.report import UTILITY_TOLERANCE, Report, to_plain
+from mis_lightning.report import UTILITY_TOLERANCE, Report, to_plain, undetermined_headline
 
 __all__ = ["assess_schemes", "check_schemes_available", "job_info", "output_dir", "run_job",
            "stage_configs_of"]
@@ -1050,7 +1050,10 @@ def _run_job(cfg: DictConfig, stage: list[str]) -> dict[str, Any]:
     (out / cfg.output.result).write_text(json.dumps(to_plain(result), indent=2))
 
     print(f"\nMIS of {type(model).__name__} on {cfg.data._target_.rsplit('.', 1)[-1]} "
-          f"(n = {report.n}, d = {report.d}; baseline leakage {report.baseline_leakage:.4g})")
+          f"(n = {report.n}, d = {report.d}; baseline leakage {report.baseline_leakage:.4g}"
+          # hd51's undet. (cor52): the first line a user reads says it too
+          + (" undet.: the headline is undetermined, no figure ranks a scheme" if undetermined_headline(report.rows()) else "")
+          + ")")
     print(sweep_table(report, table, info, with_verdict=plan_cfg is None,
                       table_file=names.get("report_table")))  # the warnings in full below the table
     if plan_cfg is not None:
