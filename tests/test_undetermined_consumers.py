@@ -9,11 +9,13 @@ table explained ``undet.`` in its legend without printing it after the baseline.
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import mis_lightning as ml
 from mis_lightning.app.aggregate import markdown_table
@@ -21,24 +23,16 @@ from mis_lightning.metric import report_summary
 from mis_lightning.report import NOT_RANKED, UNDETERMINED_MOVE, undetermined_headline, verdict
 from mis_lightning.tracking import metric_keys, report_metrics
 
-V, D = 12, 6  # hd51's tied LM (benchmarks/misleading_headlines.py tiedlm)
 CANDIDATES = ["int8_weight_only", "intx_weight_only_int4", "intx_weight_only_int2"]
 
 
-def _tokens(n: int, seed: int) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, V, (n, 4), generator=g)
-    return TensorDataset(x, (x.sum(1) + torch.randint(0, 2, (n,), generator=g)) % V)
-
-
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb, self.norm, self.block = nn.Embedding(V, D), nn.LayerNorm(D), nn.Linear(D, D)
-
-    def forward(self, x):
-        h = torch.tanh(self.block(torch.tanh(self.block(self.emb(x).mean(1)))))
-        return F.linear(self.norm(h), self.emb.weight)
+def _benchmark():
+    """benchmarks/misleading_headlines.py (hd51's reproducer): its tied LM and its tokens."""
+    spec = importlib.util.spec_from_file_location(
+        "misleading_headlines", Path(__file__).resolve().parents[1] / "benchmarks" / "misleading_headlines.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _ce(o, t):
@@ -50,15 +44,17 @@ def tied_lm():
     """hd51's tied LM trained as its benchmark trains it (seed 0, AdamW lr 2e-2, decay 1e-3, 60
     full-batch epochs): its baseline moves 0.8004 -> 0.9828 (23%) under the 100x finer rule, as the
     Lightning run's did."""
+    mh = _benchmark()
     torch.manual_seed(0)
-    m = TiedLM()
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-2, weight_decay=1e-3)
-    x, y = _tokens(600, 1).tensors
+    m = mh.TiedLM()
+    opt = m.configure_optimizers()
+    x, y = mh.tokens(600, 1).tensors
     for _ in range(60):
         opt.zero_grad()
         _ce(m(x), y).mean().backward()
         opt.step()
-    return m.eval(), DataLoader(_tokens(600, 1), batch_size=600), DataLoader(_tokens(200, 2), batch_size=100)
+    return (m.eval(), DataLoader(mh.tokens(600, 1), batch_size=600), DataLoader(mh.tokens(200, 2), batch_size=100),
+            mh)
 
 
 def test_the_planner_ranks_no_plan_on_an_undetermined_headline(tied_lm):
@@ -66,7 +62,7 @@ def test_the_planner_ranks_no_plan_on_an_undetermined_headline(tied_lm):
     the budget: leakage 0.286" beside a report whose verdict ranked nothing. Now the choice is
     "none", the returned scheme is named as the search's order, the rows' notes and a warning say so,
     and the JSON carries the reason (the verdict's own words)."""
-    m, train, val = tied_lm
+    m, train, val, _ = tied_lm
     before = {k: v.clone() for k, v in m.state_dict().items()}
     res = ml.plan(m, CANDIDATES, train, _ce, val_dataloader=val, max_utility_loss=0.05)
     rows = res.report.rows()
@@ -92,7 +88,7 @@ def test_the_trackers_and_the_metric_carry_the_undetermined_headline(tied_lm):
     baseline 0.81 read like any other. Now ``mis/baseline/undetermined`` (declared by
     :func:`metric_keys`) and each entry's ``undetermined`` are 1 here, 0 on a report whose baseline
     moves less than the limit; each entry's ``indicative`` is the table's ``*``."""
-    m, train, _ = tied_lm
+    m, train, _, _ = tied_lm
     rep = ml.assess(m, ["none", "intx_weight_only_int2"], train, _ce)
     flat = report_metrics(rep)
     assert flat["mis/baseline/undetermined"] == 1.0
@@ -127,27 +123,9 @@ def test_the_callbacks_plan_line_warns_on_an_undetermined_headline(tmp_path, tie
     """MISCallback(plan=...) logged "plan {...} (leakage 0.286)" as information; it now warns that
     the plan is not ranked, with the reason, and writes the plan table that says so."""
     pl = pytest.importorskip("pytorch_lightning")
-    _, train, val = tied_lm
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.lm = TiedLM()
-
-        def forward(self, x):
-            return self.lm(x)
-
-        def training_step(self, b, i):
-            return _ce(self(b[0]), b[1]).mean()
-
-        def validation_step(self, b, i):
-            self.log("val_loss", _ce(self(b[0]), b[1]).mean())
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=2e-2, weight_decay=1e-3)
-
+    _, train, val, mh = tied_lm
     pl.seed_everything(0)
-    module = Module()
+    module = mh.TiedLM()
     cb = ml.MISCallback(["intx_weight_only_int2"], loss_fn=_ce, dirpath=tmp_path, uncertainty_draws=0,
                         plan={"candidates": ["int8_weight_only", "intx_weight_only_int2"], "reassess": 1})
     trainer = pl.Trainer(max_epochs=60, logger=False, callbacks=[cb], enable_progress_bar=False,
