@@ -103,8 +103,6 @@ from .symmetries import (
     SCALE_INVARIANT_NORMS,
     attention_head_tangents,
     attention_heads,
-    bias_norm_shifts,
-    bias_norm_tangents,
     normalised_layers,
     scale_free_reparametrizations,
     weight_normed,
@@ -975,8 +973,6 @@ class MomentAccumulator:
         # the attention heads' query/key and value/output symmetries: the exact estimator's flat
         # directions from the model's structure (flat_directions' known)
         self._attention_heads = attention_heads(model, self.param_names)
-        # a layer's bias before a BatchNorm: a symmetry whose direction moves with gamma (cor52)
-        self._bias_norms = bias_norm_shifts(model, self.param_names)
         # which reparametrization makes each one's scale flat (the warning names it)
         self._weight_norm_kinds = scale_free_reparametrizations(model, self.param_names)
         self._choice_floats: float | None = None  # the forward cost the last choice weighed
@@ -1957,7 +1953,7 @@ class MomentAccumulator:
             # stored weights' rounding or the distance to the stationary point
             precision = max(self._stored_eps(), diagnostics["gradient_norm_ratio"])
             flat = flat_directions(gg, H, G, self._decay_slice(0, self.d), precision,
-                                   known=self._known_tangents(names))
+                                   known=self._attention_tangents(names) if self._attention_heads else None)
             if flat.shape[1]:  # which parameters carry them: the report names the symmetry's owners (nux51 #1)
                 diagnostics["flat_direction_parameters"] = flat_parameter_shares(flat, names, offsets)
             variants: dict[float, dict[str, Tensor | None]] = {}
@@ -2058,22 +2054,15 @@ class MomentAccumulator:
             factors=factors, **common,
         )
 
-    def _known_tangents(self, names: list[str]) -> Tensor | None:
-        """``[d, k]`` the symmetry tangents known from the model's structure at the assessed
-        weights, or ``None``: the attention heads' (:func:`~.symmetries.attention_head_tangents`)
-        and a layer's bias before a BatchNorm (:func:`~.symmetries.bias_norm_tangents`); frozen
-        tensors from the model."""
-        heads, norms = getattr(self, "_attention_heads", {}), getattr(self, "_bias_norms", [])
-        if not heads and not norms:
-            return None
+    def _attention_tangents(self, names: list[str]) -> Tensor:
+        """``[d, k]`` the attention heads' symmetry tangents at the assessed weights
+        (:func:`~.symmetries.attention_head_tangents`; frozen tensors from the model)."""
         params = dict(self.model.named_parameters())
 
         def value(k: str) -> Tensor | None:
             t = self.program.params[k] if k in self.names else params.get(k)
             return None if t is None else t.detach().to("cpu", torch.float64)
-        parts = ([attention_head_tangents(heads, value, names, dict(self.decay))] if heads else []) + (
-            [bias_norm_tangents(norms, self.model, value, names)] if norms else [])
-        return torch.cat(parts, 1)
+        return attention_head_tangents(self._attention_heads, value, names, dict(self.decay))
 
     def _symmetric_layers(self) -> list[str]:
         """The layers with a scale symmetry known so far (weight_norm from the start, the
