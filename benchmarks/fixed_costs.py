@@ -81,7 +81,10 @@ scoring call dispatches (a ``TorchDispatchMode`` counts each call of each operat
 packet; composite operators count with the operators they call), the count of those returning at
 most 64 elements, the 15 most called, and the per-operator floor on this machine (CPU microseconds
 of ``torch.add`` on 16 float64 elements and of a masked gather ``x[mask]`` of 16, in the same
-process): how much of a small model's call is the operators' count rather than their elements.
+process): how much of a small model's call is the operators' count rather than their elements;
+and (p52d) the operators by the function that dispatched them (the innermost ``mis_lightning``
+frame): how many functions share them, the 15 with the most and their share (a loop that issued
+most of them would be one place to batch).
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py ops /tmp/m1e5.pt
 
@@ -247,19 +250,31 @@ def _ops(path: str) -> None:
     _import_torchao_quantization()
     A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # the warm-up (first) call
     counts: collections.Counter = collections.Counter()
+    sites: collections.Counter = collections.Counter()  # (p52d) by the innermost mis_lightning function
     small = [0]
+
+    def site() -> str:
+        f = sys._getframe(2)
+        while f is not None and "mis_lightning" not in f.f_code.co_filename:
+            f = f.f_back
+        return "(outside)" if f is None else f"{f.f_code.co_filename.rsplit('mis_lightning/', 1)[-1]}:{f.f_code.co_name}"
 
     class _Count(TorchDispatchMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
             counts[str(func.overloadpacket)] += 1
             small[0] += isinstance(out, torch.Tensor) and out.numel() <= 64
+            sites[site()] += 1
             return out
 
     with _Count():
         A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
-    print(f"a steady call: {sum(counts.values()):,} ATen operator calls, {small[0]:,} of them returning at most "
+    total = sum(counts.values())
+    print(f"a steady call: {total:,} ATen operator calls, {small[0]:,} of them returning at most "
           "64 elements; most called: " + ", ".join(f"{k} {v:,}" for k, v in counts.most_common(15)))
+    top = sites.most_common(15)
+    print(f"  by function (the innermost mis_lightning frame): {len(sites):,} functions; the 15 dispatching most "
+          f"({sum(v for _, v in top) / total:.0%} of the operators): " + ", ".join(f"{k} {v:,}" for k, v in top))
     x, y = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
     mask = x > 0
     for label, f in (("torch.add, 16 float64", lambda: torch.add(x, y)), ("x[mask], 16 float64", lambda: x[mask])):
