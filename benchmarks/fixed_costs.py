@@ -81,7 +81,10 @@ scoring call dispatches (a ``TorchDispatchMode`` counts each call of each operat
 packet; composite operators count with the operators they call), the count of those returning at
 most 64 elements, the 15 most called, and the per-operator floor on this machine (CPU microseconds
 of ``torch.add`` on 16 float64 elements and of a masked gather ``x[mask]`` of 16, in the same
-process): how much of a small model's call is the operators' count rather than their elements.
+process): how much of a small model's call is the operators' count rather than their elements;
+and (p52d) the operators by the function that dispatched them (the innermost ``mis_lightning``
+frame): how many functions share them, the 15 with the most and their share (a loop that issued
+most of them would be one place to batch).
 
     OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py ops /tmp/m1e5.pt
 
@@ -98,6 +101,15 @@ faults (the unit columns' fourth powers also by parameter); then call 1 less cal
 parts. ``--off MODULE.FLAG`` (any mode but ``import``)
 sets a switch of ``mis_lightning`` False first: with ``--off assess.UNIT_SUMS_ONCE`` every call sums
 the unit columns, and call 1 less call 2 is the one-time costs alone.
+
+    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/fixed_costs.py scaling /tmp/m1e5.pt --calls 5
+
+``scaling`` (p52d): the largest parameter's cell-moment calls of a steady scoring call (one per
+grid kind, scale count and main / pool form), each replayed on its first 256, 1,024, ... and all
+of its elements: CPU ms per call (the least of ``--calls``). Flat rows would be per-call costs;
+rows growing with the elements, per-element work. Then each whole call's ATen operators and the
+elements their outputs hold per element of the call (views included): how many element-wise
+passes an element's moments take.
 
 ``tol``: the wide-sd closed form's gate (``functional.wide.WIDE_TOL``, 1e-9) against ``--tol``
 (``assess.UNIT_KAPPA_TOL`` and the series' ``functional.wide_series.SERIES_TOL`` kept): steady
@@ -247,19 +259,31 @@ def _ops(path: str) -> None:
     _import_torchao_quantization()
     A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # the warm-up (first) call
     counts: collections.Counter = collections.Counter()
+    sites: collections.Counter = collections.Counter()  # (p52d) by the innermost mis_lightning function
     small = [0]
+
+    def site() -> str:
+        f = sys._getframe(2)
+        while f is not None and "mis_lightning" not in f.f_code.co_filename:
+            f = f.f_back
+        return "(outside)" if f is None else f"{f.f_code.co_filename.rsplit('mis_lightning/', 1)[-1]}:{f.f_code.co_name}"
 
     class _Count(TorchDispatchMode):
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
             counts[str(func.overloadpacket)] += 1
             small[0] += isinstance(out, torch.Tensor) and out.numel() <= 64
+            sites[site()] += 1
             return out
 
     with _Count():
         A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
-    print(f"a steady call: {sum(counts.values()):,} ATen operator calls, {small[0]:,} of them returning at most "
+    total = sum(counts.values())
+    print(f"a steady call: {total:,} ATen operator calls, {small[0]:,} of them returning at most "
           "64 elements; most called: " + ", ".join(f"{k} {v:,}" for k, v in counts.most_common(15)))
+    top = sites.most_common(15)
+    print(f"  by function (the innermost mis_lightning frame): {len(sites):,} functions; the 15 dispatching most "
+          f"({sum(v for _, v in top) / total:.0%} of the operators): " + ", ".join(f"{k} {v:,}" for k, v in top))
     x, y = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
     mask = x > 0
     for label, f in (("torch.add, 16 float64", lambda: torch.add(x, y)), ("x[mask], 16 float64", lambda: x[mask])):
@@ -269,6 +293,73 @@ def _ops(path: str) -> None:
         for _ in range(20000):
             f()
         print(f"  floor: {label}: {(time.process_time() - c) / 20000 * 1e6:.2f} us CPU a call")
+    print(f"load {os.getloadavg()[0]:.1f}")
+
+
+class _Outputs:
+    """A ``TorchDispatchMode`` (built on entry) counting the ATen operators run inside it and the
+    elements of the tensors they return (``ops``, ``elements``)."""
+
+    def __enter__(self) -> _Outputs:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.ops = self.elements = 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                outer.ops += 1
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    outer.elements += t.numel() if hasattr(t, "numel") else 0
+                return out
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)
+
+
+def _scaling(path: str, calls: int) -> None:
+    """(p52d) The cell-moment calls of the largest parameter in a steady scoring call (one per
+    grid kind, scale count and ``kappa_only``, as captured), each replayed on its first 256 ..
+    all of its elements (the grid's own chunk facts for those elements): CPU ms per call, the
+    least of ``calls`` rounds. A per-call cost would show as a flat row, per-element work as
+    one growing with the elements."""
+    A, est, model, schemes, sc_cfg = _setup(path, adam=False)
+    qb = importlib.import_module("mis_lightning.quantization.base")
+    big = max(est.theta, key=lambda n: est.theta[n].numel())
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)  # warm-up
+    got: dict[tuple, tuple] = {}
+    m0 = qb.ParamGrid.moments
+
+    def capture(g: Any, th: Any, sg: Any, a: int, b: int, **k: Any) -> Any:
+        if sys._getframe(1).f_code.co_name == "_joint_sums" and g.name == big and a == 0:
+            cells = g.qmax - g.qmin + 1 if g.kind == "affine" else (0 if g.values is None else g.values.numel())
+            got.setdefault((g.kind, cells, g.scale.numel(), bool(k.get("kappa_only"))), (g, th, sg, b, k))
+        return m0(g, th, sg, a, b, **k)
+
+    qb.ParamGrid.moments = capture
+    A.score_schemes(est, model, schemes, scoring_config=sc_cfg)
+    qb.ParamGrid.moments = m0
+    for (kind, cells, scales, ko), (g, th, sg, b, k) in got.items():
+        sizes = [n for n in (256, 1024, 4096, 16384, 65536, 262144) if n < b] + [b]
+        row = []
+        for n in sizes:
+            m0(g, th[:n], sg[:n], 0, n, **k)
+            ts = []
+            for _ in range(calls):
+                c = time.process_time()
+                m0(g, th[:n], sg[:n], 0, n, **k)
+                ts.append(time.process_time() - c)
+            row.append(f"{n:,} {min(ts) * 1e3:.2f}")
+        with _Outputs() as outs:  # the whole call's operators and the elements they return
+            m0(g, th, sg, 0, b, **k)
+        print(f"{big} {kind} grid of {cells} values, {scales} scale(s), {'pool / kappa only' if ko else 'main'}: "
+              + ", ".join(row) + f" ms; the whole call {outs.ops:,} operators returning {outs.elements / b:.0f}"
+              " elements per element")
     print(f"load {os.getloadavg()[0]:.1f}")
 
 
@@ -709,7 +800,7 @@ def _tol(path: str, tol: float, calls: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("import", "aoparts", "first", "params", "est", "heap", "tol", "once", "faults",
-                                     "ops", "split", "_faults_child"))
+                                     "ops", "split", "scaling", "_faults_child"))
     ap.add_argument("path", nargs="?", help="a model saved by first_call.py train (first, params)")
     ap.add_argument("--rounds", type=int, default=3, help="fresh processes per case (import)")
     ap.add_argument("--calls", type=int, default=6, help="steady calls (params, tol); scoring calls (once, split)")
@@ -737,7 +828,7 @@ def main(argv: list[str] | None = None) -> None:
     run = {"first": _first, "params": lambda p: _params(p, args.calls, args.small), "est": _est, "heap": _heap,
            "tol": lambda p: _tol(p, args.tol, args.calls), "once": lambda p: _once(p, args.calls),
            "faults": lambda p: _faults(p, args.rounds), "ops": _ops, "_faults_child": lambda p: _faults_child(p, args.prefault),
-           "split": lambda p: _split(p, args.calls)}
+           "split": lambda p: _split(p, args.calls), "scaling": lambda p: _scaling(p, args.calls)}
     run[args.what](args.path)
 
 
