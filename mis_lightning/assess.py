@@ -2618,6 +2618,33 @@ def _frozen_with_still(k: Tensor, still: Tensor, still_sum: float, thr: Tensor |
     return k.numel() - count_set(k >= thr), thr
 
 
+# A unit-kappa chunk's sd-0 weights (the point masses and revealed weights of _unit_columns) where
+# each is never moved (sd <= 0) and has no influence (a factored weight's V <= V_NONE: its power-sum
+# terms are exact zeros, linear_factors.standardised_influence): no output of the joint pass reads
+# their kappa (d_eff and the pinned count take never-moved weights at 0 and 1 whatever their kappa,
+# the power sums multiply it by 0), so every grid's unit column is the chunk's column of ones, with
+# no point-mass test per grid and one distinct column less per grid in the power sums. False: each
+# grid's point masses tested and their columns summed (A/B).
+INERT_ZERO_SD_UNIT = True
+
+
+def _zero_sd_inert(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: Tensor | None) -> bool:
+    """Whether every weight of elements ``a:b`` of ``reader``'s parameter with sd at most float64's
+    tiny (``sg [c]``, the estimate's sd) is never moved (``still [c]``: ``sd <= 0``) and without
+    influence (:data:`INERT_ZERO_SD_UNIT`): a factored parameter's variances ``V <= V_NONE`` there
+    (stored influences: ``False``)."""
+    if not INERT_ZERO_SD_UNIT or still is None or reader.factor is None or reader.est._v_diag is None:
+        return False
+    from .estimation.linear_factors import V_NONE
+
+    if sg.dtype != torch.float32 and any_set((sg > 0) & (sg <= _TINY64)):
+        return False  # (an sd-0 weight of the paths that is not never moved)
+    v = reader.est._v_diag[reader.name].reshape(-1)[a:b]
+    # (V > V_NONE and finite on a never-moved weight: an influence; V infinite, the rounding
+    # gradients' mark, or at most V_NONE: none, the power sums' terms exact zeros either way)
+    return not any_set(still & (v > V_NONE) & (v < math.inf))
+
+
 def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
                   seen: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
     """A unit-kappa chunk's ``(kappa, m4)`` columns ``[c]`` on grid ``g`` (:data:`UNIT_KAPPA`) where
@@ -3748,6 +3775,8 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                                                                          sg_c, sg_pool)
                                 unit_facts = (least_sd, big_th)
                                 unit_zero = not all_live
+                                if unit_zero and _zero_sd_inert(reader, sg[a:b], a, b, still_c):
+                                    unit_zero = False  # (their kappa reaches no sum: the columns of ones)
                                 if exact_ok and any_live:
                                     # theta-hat's least live sd, from below (a smaller sd only makes
                                     # lam smaller and err larger: the conservative side)
