@@ -2618,21 +2618,28 @@ def _frozen_with_still(k: Tensor, still: Tensor, still_sum: float, thr: Tensor |
     return k.numel() - count_set(k >= thr), thr
 
 
-# A unit-kappa chunk's sd-0 weights (the point masses and revealed weights of _unit_columns) where
-# each is never moved (sd <= 0) and has no influence (a factored weight's V <= V_NONE: its power-sum
-# terms are exact zeros, linear_factors.standardised_influence): no output of the joint pass reads
-# their kappa (d_eff and the pinned count take never-moved weights at 0 and 1 whatever their kappa,
-# the power sums multiply it by 0), so every grid's unit column is the chunk's column of ones, with
-# no point-mass test per grid and one distinct column less per grid in the power sums. False: each
-# grid's point masses tested and their columns summed (A/B).
+# A unit-kappa chunk's sd-0 weights (each grid's point masses and revealed weights, _unit_columns)
+# where each is never moved (sd <= 0) and without influence (a factored weight's V at most V_NONE,
+# or infinite: the estimate's mark of rounding-level gradients; either way its power-sum terms are
+# exact zeros, linear_factors.factored_power_sums): no output of the joint pass reads their kappa
+# (d_eff counts never-moved weights 0 and the pinned share 1 whatever their kappa, the power sums
+# multiply it by 0), so every grid's unit column is the chunk's column of ones: no point-mass test
+# per grid, no column per grid, one distinct column in the power sums (the 1e7 MLP's second layer,
+# 94% such weights: ~12% of a steady scoring call, docs/benchmarks.md "p52b"). A chunk whose sd-0
+# weights _unit_columns left to the paths (neither point masses nor revealed) is then a unit chunk
+# too: its live weights' kappa is 1 within UNIT_KAPPA_TOL by the chunk's bound, as in every unit
+# chunk. Not bitwise: the power sums' float sums over fewer distinct columns round otherwise (the
+# 1e7 report's fields within 3e-10 relative). False: each grid's point masses tested (A/B).
 INERT_ZERO_SD_UNIT = True
 
 
 def _zero_sd_inert(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: Tensor | None) -> bool:
     """Whether every weight of elements ``a:b`` of ``reader``'s parameter with sd at most float64's
-    tiny (``sg [c]``, the estimate's sd) is never moved (``still [c]``: ``sd <= 0``) and without
-    influence (:data:`INERT_ZERO_SD_UNIT`): a factored parameter's variances ``V <= V_NONE`` there
-    (stored influences: ``False``)."""
+    tiny (``sg [c]``, the estimate's sd, float32 or float64) is never moved (``still [c]`` bool,
+    ``sd <= 0``; ``None``: the parameter has none) and without influence: a factored parameter's
+    variance ``V`` there at most ``V_NONE`` (NaN included: the power sums' dead weights) or
+    infinite (:data:`INERT_ZERO_SD_UNIT`). ``False`` for stored or recomputed influences and with
+    the switch off."""
     if not INERT_ZERO_SD_UNIT or still is None or reader.factor is None or reader.est._v_diag is None:
         return False
     from .estimation.linear_factors import V_NONE
