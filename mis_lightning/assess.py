@@ -2621,9 +2621,10 @@ def _frozen_with_still(k: Tensor, still: Tensor, still_sum: float, thr: Tensor |
 # A unit-kappa chunk's sd-0 weights (each grid's point masses and revealed weights, _unit_columns)
 # where each is never moved (sd <= 0) and without influence (a factored weight's V at most V_NONE,
 # or infinite: the estimate's mark of rounding-level gradients; either way its power-sum terms are
-# exact zeros, linear_factors.factored_power_sums): no output of the joint pass reads their kappa
-# (d_eff counts never-moved weights 0 and the pinned share 1 whatever their kappa, the power sums
-# multiply it by 0), so every grid's unit column is the chunk's column of ones: no point-mass test
+# exact zeros, linear_factors.factored_power_sums): where the moments are not kept (the Monte Carlo
+# form reads them per weight), no output of the joint pass reads their kappa (d_eff counts
+# never-moved weights 0 and the pinned share 1 whatever their kappa, the power sums multiply it by
+# 0), so every grid's unit column is the chunk's column of ones: no point-mass test
 # per grid, no column per grid, one distinct column in the power sums (the 1e7 MLP's second layer,
 # 94% such weights: ~12% of a steady scoring call, docs/benchmarks.md "p52b"). A chunk whose sd-0
 # weights _unit_columns left to the paths (neither point masses nor revealed) is then a unit chunk
@@ -3782,8 +3783,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                                                                          sg_c, sg_pool)
                                 unit_facts = (least_sd, big_th)
                                 unit_zero = not all_live
-                                if unit_zero and _zero_sd_inert(reader, sg[a:b], a, b, still_c):
-                                    unit_zero = False  # (their kappa reaches no sum: the columns of ones)
+                                if unit_zero and not keep and _zero_sd_inert(reader, sg[a:b], a, b, still_c):
+                                    # (their kappa reaches no sum: the columns of ones; kept moments,
+                                    # read per weight by the Monte Carlo form, as before)
+                                    unit_zero = False
                                 if exact_ok and any_live:
                                     # theta-hat's least live sd, from below (a smaller sd only makes
                                     # lam smaller and err larger: the conservative side)
