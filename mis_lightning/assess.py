@@ -2618,6 +2618,41 @@ def _frozen_with_still(k: Tensor, still: Tensor, still_sum: float, thr: Tensor |
     return k.numel() - count_set(k >= thr), thr
 
 
+# A unit-kappa chunk's sd-0 weights (each grid's point masses and revealed weights, _unit_columns)
+# where each is never moved (sd <= 0) and without influence (a factored weight's V at most V_NONE,
+# or infinite: the estimate's mark of rounding-level gradients; either way its power-sum terms are
+# exact zeros, linear_factors.factored_power_sums): where the moments are not kept (the Monte Carlo
+# form reads them per weight), no output of the joint pass reads their kappa (d_eff counts
+# never-moved weights 0 and the pinned share 1 whatever their kappa, the power sums multiply it by
+# 0), so every grid's unit column is the chunk's column of ones: no point-mass test
+# per grid, no column per grid, one distinct column in the power sums (the 1e7 MLP's second layer,
+# 94% such weights: ~12% of a steady scoring call, docs/benchmarks.md "p52b"). A chunk whose sd-0
+# weights _unit_columns left to the paths (neither point masses nor revealed) is then a unit chunk
+# too: its live weights' kappa is 1 within UNIT_KAPPA_TOL by the chunk's bound, as in every unit
+# chunk. Not bitwise: the power sums' float sums over fewer distinct columns round otherwise (the
+# 1e7 report's fields within 3e-10 relative). False: each grid's point masses tested (A/B).
+INERT_ZERO_SD_UNIT = True
+
+
+def _zero_sd_inert(reader: _InfluenceReader, sg: Tensor, a: int, b: int, still: Tensor | None) -> bool:
+    """Whether every weight of elements ``a:b`` of ``reader``'s parameter with sd at most float64's
+    tiny (``sg [c]``, the estimate's sd, float32 or float64) is never moved (``still [c]`` bool,
+    ``sd <= 0``; ``None``: the parameter has none) and without influence: a factored parameter's
+    variance ``V`` there at most ``V_NONE`` (NaN included: the power sums' dead weights) or
+    infinite (:data:`INERT_ZERO_SD_UNIT`). ``False`` for stored or recomputed influences and with
+    the switch off."""
+    if not INERT_ZERO_SD_UNIT or still is None or reader.factor is None or reader.est._v_diag is None:
+        return False
+    from .estimation.linear_factors import V_NONE
+
+    if sg.dtype != torch.float32 and any_set((sg > 0) & (sg <= _TINY64)):
+        return False  # (an sd-0 weight of the paths that is not never moved)
+    v = reader.est._v_diag[reader.name].reshape(-1)[a:b]
+    # (V > V_NONE and finite on a never-moved weight: an influence; V infinite, the rounding
+    # gradients' mark, or at most V_NONE: none, the power sums' terms exact zeros either way)
+    return not any_set(still & (v > V_NONE) & (v < math.inf))
+
+
 def _unit_columns(g: ParamGrid, th: Tensor, sg: Tensor, a: int, b: int,
                   seen: list[tuple[Tensor, Tensor, Tensor]]) -> tuple[Tensor, Tensor] | None:
     """A unit-kappa chunk's ``(kappa, m4)`` columns ``[c]`` on grid ``g`` (:data:`UNIT_KAPPA`) where
@@ -3765,6 +3800,10 @@ def _joint_sums(est: Estimate, prepared: list[_Prepared], chunk: int, seed: int,
                                                                                          sg_c, sg_pool)
                                 unit_facts = (least_sd, big_th)
                                 unit_zero = not all_live
+                                if unit_zero and not keep and _zero_sd_inert(reader, sg[a:b], a, b, still_c):
+                                    # (their kappa reaches no sum: the columns of ones; kept moments,
+                                    # read per weight by the Monte Carlo form, as before)
+                                    unit_zero = False
                                 if exact_ok and any_live:
                                     # theta-hat's least live sd, from below (a smaller sd only makes
                                     # lam smaller and err larger: the conservative side)

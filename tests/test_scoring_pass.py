@@ -17,6 +17,7 @@ from mis_lightning.config import stage_configs
 from mis_lightning.quantization import get_scheme
 
 A = importlib.import_module("mis_lightning.assess")
+LF = importlib.import_module("mis_lightning.estimation.linear_factors")
 
 SCHEMES = ["rtn_int4", "int8_weight_only", "rtn_int2", "intx_weight_only_int4_g32"]
 
@@ -663,3 +664,94 @@ def test_joint_pass_count_switches_leave_the_sums_and_counts_bitwise(monkeypatch
     for name in est.names:
         for x, y in zip(out[True][0][name], out[False][0][name]):
             assert torch.equal(x.s2, y.s2) and torch.equal(x.s4, y.s4)
+
+
+def test_zero_sd_inert_reads_the_variances(monkeypatch):
+    """``_zero_sd_inert`` (INERT_ZERO_SD_UNIT, p52b): a chunk's sd-0 weights are inert where each
+    has V at most V_NONE (0, negative, NaN: the power sums' dead weights) or infinite (the rounding
+    gradients' mark: ``A / inf = 0``), not where one has a finite V above V_NONE (an influence), nor
+    where an sd lies in ``(0, tiny]`` (the paths' sd 0, not never moved), nor without never-moved
+    weights, with stored influences or the switch off."""
+    from mis_lightning.estimation.linear_factors import V_NONE
+
+    _, est = _estimate("factored")
+    name = est.names[0]
+    n = est.sigma[name].numel()
+    reader = A._InfluenceReader(est, name)
+    sg = est.sigma[name].reshape(-1).clone()
+    sg[::3] = 0.0
+    still = A.never_moved(sg)
+    v0 = est._v_diag[name].clone()
+    for marks, want in (([math.inf], True), ([0.0], True), ([0.0, math.inf, -1.0, math.nan], True),
+                        ([V_NONE], True), ([math.inf, 0.5], False), ([1e-30], False)):
+        v = v0.reshape(-1).clone()
+        idx = still.nonzero().reshape(-1)
+        v[idx] = torch.tensor(marks, dtype=v.dtype).repeat(idx.numel() // len(marks) + 1)[: idx.numel()]
+        est._v_diag[name] = v.reshape(v0.shape)
+        assert A._zero_sd_inert(reader, sg, 0, n, still) is want, marks
+        monkeypatch.setattr(A, "INERT_ZERO_SD_UNIT", False)
+        assert A._zero_sd_inert(reader, sg, 0, n, still) is False
+        monkeypatch.setattr(A, "INERT_ZERO_SD_UNIT", True)
+    assert A._zero_sd_inert(reader, sg, 0, n, None) is False  # (no never-moved weight in the parameter)
+    tiny = sg.to(torch.float64)
+    tiny[1] = 1e-310  # sd 0 to the paths, not never moved
+    assert A._zero_sd_inert(reader, tiny, 0, n, A.never_moved(tiny)) is False
+    _, stored = _estimate("stored")
+    assert A._zero_sd_inert(A._InfluenceReader(stored, name), sg, 0, n, still) is False
+
+
+@pytest.mark.parametrize("mark", ["inf", "zero", "finite"])
+def test_inert_zero_sd_unit_chunks_skip_the_point_masses(monkeypatch, mark):
+    """INERT_ZERO_SD_UNIT (p52b) on and off on the factored estimate with its first layer's sds 1e6
+    times larger and half of them 0 (unit-kappa chunks with point masses in every grid), those
+    weights' V infinite (the rounding gradients' mark), 0 (no variance) or left finite (an
+    influence: the switch must not apply). Every scheme's d_eff, pinned count and per-layer figures
+    bitwise the same. Inert weights: no point-mass test on; the power sums are float32-path sums of
+    the same exact sums (an inert weight's terms are exact zeros, its kappa 0 or 1), each side within
+    the run-time bound's POWER_SUMS_F32_RTOL of them (else summed in float64), so within
+    2 rtol / (1 - rtol) relative of each other -- what moves is the float32 GEMMs' rounding over
+    fewer distinct columns (the 1e7 MLP: 8.4e-8 at most). Finite V: the point masses tested and the
+    sums bitwise (dropping them would move the main columns by their weights' share of sum w^2,
+    ~half here: far beyond the bound)."""
+    model, est = _estimate("factored")
+    first = est.names[0]
+    for i, name in enumerate(est.names):
+        sg = est.sigma[name].clone()
+        if i == 0:
+            sg = sg * 1e6
+            sg.view(-1)[::2] = 0.0
+            if mark != "finite":
+                v = est._v_diag[name].clone()
+                v.view(-1)[::2] = math.inf if mark == "inf" else 0.0
+                est._v_diag[name] = v
+        est.sigma[name] = sg
+    schemes = SCHEMES + ["float8_weight_only"]
+    monkeypatch.setattr(A, "FOURTH_KEEP_BYTES", 0)  # (kept fourth-power columns skip the unit-kappa test)
+    calls = {True: 0, False: 0}
+    unit_columns = A._unit_columns
+    out = {}
+    for flag in (True, False):
+        monkeypatch.setattr(A, "INERT_ZERO_SD_UNIT", flag)
+
+        def counted(*args, flag=flag, **kwargs):
+            calls[flag] += 1
+            return unit_columns(*args, **kwargs)
+
+        monkeypatch.setattr(A, "_unit_columns", counted)
+        prepared = [A._prepare_scheme(est, model, get_scheme(s), 16) for s in schemes]
+        sums = A._joint_sums(est, prepared, 1 << 18, 0, keep_moments=False)
+        out[flag] = (sums, [(p.d_eff, p.frozen, {k: (v.d_eff, v.pinned_fraction) for k, v in p.layers.items()})
+                            for p in prepared])
+    assert calls[False] > 0  # (the fixture has unit chunks with point masses)
+    assert calls[True] == (calls[False] if mark == "finite" else 0)
+    f32 = LF.POWER_SUMS_F32_RTOL
+    rtol = 2.0 * f32 / (1.0 - f32)
+    assert out[True][1] == out[False][1]
+    assert any(fr > 0 for _, fr, _ in out[True][1])
+    for name in est.names:
+        for x, y in zip(out[True][0][name], out[False][0][name]):
+            if mark == "finite" or name != first:
+                assert torch.equal(x.s2, y.s2) and torch.equal(x.s4, y.s4)
+            else:
+                for u, w in ((x.s2, y.s2), (x.s4, y.s4)):
+                    assert torch.allclose(u, w, rtol=rtol, atol=0.0), float(((u - w).abs() / w.abs()).max())
