@@ -1804,6 +1804,99 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     return (*table.unbind(1), closed)
 
 
+# The sd-0 weights of a 16-bit cast at scale 1 that are not point masses (on or within the point-mass
+# margin of an edge: ~45 a bf16, ~200 an fp16 2^18-weight chunk of the 1e7 MLP's second layer) get
+# their moments without a table call (sd_zero_moments, called by ParamGrid._own_moments): frozen by
+# the settle's own test (kappa 0), or ties whose moments _TIE_MOMENTS holds, keyed as _sd_floor_ties
+# keys them but read by numpy on their few values (_ties_by_value). The table call then gets the live
+# weights alone, which its settle takes whole (four reductions, not the element-wise masks; no
+# nonzero, no ties' call). The same numbers bit for bit: an element's moments are its own whatever
+# its call holds (the settle is element-wise, its spill and the windowed path see the same
+# elements: fx49), and a tie's are the windowed path's on it alone either way. Anything else (a
+# weight neither frozen nor a tie, NaN, a path disabled by a failed self-check, inference mode):
+# None, the table call as before. False: the sd-0 weights in the table call (p51d's "Found")
+SD_ZERO_APART = True
+_TINY64 = torch.finfo(torch.float64).tiny
+
+
+def _ties_by_value(t: Tensor, g0: float, values: Tensor, layout: TableLayout, kappa_only: bool
+                   ) -> tuple[Tensor, ...] | None:
+    """:func:`_sd_floor_ties`' ``(kappa, mean_abs, m4, coverage, closed)`` (``[r]`` each) of the
+    sd-0 weights ``t`` (``[r]`` float64 on the CPU, sd ``g0`` each, scale 1), the same keys and
+    numbers, their geometry read by numpy (the layout's ``padded`` edges, the cell of
+    ``searchsorted(mids, t, right=True)``) instead of ~20 small torch operations; ``None`` where
+    some weight is not a tie (``t`` its own cell's lower edge above the lowest edge, its upper edge
+    finite)."""
+    tv = t.numpy()
+    mids = layout.mids.numpy()
+    pad = layout.padded.numpy()
+    cell = np.searchsorted(mids, tv, side="right")
+    lo, hi, below = pad[cell], pad[np.minimum(cell + 1, pad.size - 1)], pad[np.maximum(cell - 1, 0)]
+    if not bool(np.all((tv == lo) & (tv > layout.lo_edge) & (hi < math.inf))):
+        return None
+    with np.errstate(over="ignore"):
+        geo = zip(np.sign(tv).tolist(), np.frexp(tv)[1].astype(np.float64).tolist(), (hi - lo).tolist(),
+                  (lo - below).tolist(), np.isinf(tv / g0).astype(np.float64).tolist())
+    head = (layout.serial, g0, kappa_only, frozenset(GUARD.disabled), EXACT_EDGE_OFFSETS)
+    rows = []
+    for i, kind in enumerate(geo):
+        key = (*head, *kind)
+        got = _TIE_MOMENTS.get(key)
+        if got is None:  # (the kind's first tie: as _sd_floor_ties computes it)
+            one = torch.ones(1, dtype=torch.float64, device=t.device)
+            out, sub = _table_window_moments(t[i:i + 1], one * g0, values, one, kappa_only)
+            got = (float(out.kappa[0]), float(out.mean_abs[0]), float(out.m4[0]), float(out.coverage[0]), bool(sub[0]))
+            _TIE_MOMENTS[key] = got
+        rows.append(got)
+    table = torch.tensor([r[:4] for r in rows], dtype=torch.float64, device=t.device)
+    closed = torch.tensor([r[4] for r in rows], dtype=torch.bool, device=t.device)
+    return (*table.unbind(1), closed)
+
+
+def sd_zero_moments(theta: Tensor, values: Tensor, kappa_only: bool = False) -> CellMoments | None:
+    """The cell moments of sd-0 weights on a 16-bit cast's table at scale 1 without a table call
+    (:data:`SD_ZERO_APART`): bitwise what :func:`table_cell_moments` gives them (sd 0, floored to
+    float64's tiny; scale 1), whatever else its call holds.
+
+    Args:
+        theta: ``[z]`` the weights (parameter units; cast to float64).
+        values: ``[V]`` the cast's sorted representable values (``casts.cast_cell_values``).
+        kappa_only: as :func:`table_cell_moments` (a frozen weight's ``mean_abs`` and ``m4`` NaN).
+
+    Returns:
+        float64 :class:`CellMoments` ``[z]``: frozen weights (both own edges beyond 8.5 sd,
+        :func:`_settled_unit`'s test) ``kappa`` 0 (``mean_abs``, ``m4`` 0, ``coverage`` 1), ties
+        (:func:`_sd_floor_ties`: a weight on its own cell's lower edge) their table's windowed
+        moments; ``None`` where some weight is neither, the table is not a 16-bit cast's, a table
+        path is disabled (:data:`~.fastpath.GUARD`), under inference mode or on the GPU (the caller
+        then gives them to :func:`table_cell_moments`)."""
+    if not SD_ZERO_APART or theta.device.type != "cpu" or torch.is_inference_mode_enabled() \
+            or theta.is_inference() or values.is_inference() or TABLE_PATH in GUARD.disabled \
+            or FLOAT_PATH in GUARD.disabled:
+        return None
+    layout = table_layout(values, theta.device)
+    if layout.wide is None or layout.format_dtype is None or torch.finfo(layout.format_dtype).bits != 16:
+        return None
+    t = theta.to(torch.float64)
+    z = t.shape[0]
+    ones = torch.ones(z, dtype=torch.float64, device=t.device)
+    own_lo, own_hi = _own_facts(t, ones, layout, True)
+    # the settle's frozen test, its operations (a sd-0 weight's own cell is never fine)
+    frozen = ((t - own_lo) / _TINY64 > CUTOFF_SIGMAS) & ((own_hi - t) / _TINY64 > CUTOFF_SIGMAS)
+    fill = math.nan if kappa_only else 0.0
+    out = CellMoments(kappa=torch.zeros_like(t), mean_abs=torch.full_like(t, fill), m4=torch.full_like(t, fill),
+                      coverage=ones)
+    if not all_set(frozen):
+        ti = torch.nonzero(frozen.logical_not_()).squeeze(-1)
+        tie = _ties_by_value(t.index_select(0, ti), _TINY64, values, layout, kappa_only) \
+            if ti.numel() <= _TIES_MAX else None
+        if tie is None:
+            return None
+        for o, v in zip((out.kappa, out.mean_abs, out.m4, out.coverage), tie):
+            o.index_copy_(0, ti, v)
+    return out
+
+
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False
                        ) -> tuple[CellMoments, Tensor]:
     """The fast path of :func:`table_cell_moments` and the mask ``[c]`` of its closed-form

@@ -1386,11 +1386,25 @@ class ParamGrid:
                 # the elements to score are the sd > 0 ones (the sd's kept indices, no pass over the
                 # chunk) when every sd-0 element is a point mass or known (revealed: never inside)
                 live = take = None
+                apart: tuple[Tensor, CellMoments] | None = None  # (sd-0 weights not point masses, their moments)
                 if zf is not None and (n_point == zf.count or (known is not None and not any_set(
                         torch.logical_xor(point, zf.mask).logical_and_(~known)))):
                     live = zf.live()
                 else:
                     take = ~point
+                    if _table.SD_ZERO_APART and zf is not None and known is None and POINT_MASS_LIVE_ONLY \
+                            and self.kind == "table" and self.values is not None and self._unit_scale():
+                        # a 16-bit cast's sd-0 weights that are not point masses (ties, near-edges)
+                        # without the table call (table.sd_zero_moments; the same numbers)
+                        idx = torch.nonzero(take).squeeze(-1)
+                        on_zero = zf.mask.index_select(0, idx)
+                        zz = idx[on_zero]
+                        if zz.numel() < idx.numel():
+                            zm = _table.sd_zero_moments(theta.index_select(0, zz), self.values, kappa_only)
+                            if zm is not None:
+                                apart, live, take = (zz, zm), idx[on_zero.logical_not_()], None
+                        if take is not None:  # (the call as before: its indices formed)
+                            live, take = idx, None
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 standin = kappa_only and KAPPA_ONLY_STANDINS
                 if standin:  # kappa alone is read: the others NaN, one stride-0 value (no chunk-sized tensor)
@@ -1427,14 +1441,17 @@ class ParamGrid:
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     th_l, sc_l = _live_gathers(theta, scale, ii) if SHARE_LIVE_GATHERS and self.kind == "table" \
                         else (sel(theta), sel(scale))
+                    if apart is not None and size is None:  # (the live weights take the path of the n as before)
+                        size = n
                     sub = self._path_moments(th_l, sigma.index_select(0, ii), sc_l, sel(zero_point),
                                              None if code is None else sel(code),
                                              None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
                                              compile_policy, kappa_only, size)
-                    for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
-                        o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
-                        if standin:
-                            break
+                    for part, got in ((ii, sub),) if apart is None else ((ii, sub), apart):
+                        for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
+                            o.index_copy_(0, part, getattr(got, f).to(torch.float64))
+                            if standin:
+                                break
                 if standin:
                     return _KappaOnlyMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
                 return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
