@@ -1819,19 +1819,16 @@ SD_ZERO_APART = True
 _TINY64 = torch.finfo(torch.float64).tiny
 
 
-def _ties_by_value(t: Tensor, g0: float, values: Tensor, layout: TableLayout, kappa_only: bool
-                   ) -> tuple[Tensor, ...] | None:
-    """:func:`_sd_floor_ties`' ``(kappa, mean_abs, m4, coverage, closed)`` (``[r]`` each) of the
-    sd-0 weights ``t`` (``[r]`` float64 on the CPU, sd ``g0`` each, scale 1), the same keys and
-    numbers, their geometry read by numpy (the layout's ``padded`` edges, the cell of
-    ``searchsorted(mids, t, right=True)``) instead of ~20 small torch operations; ``None`` where
-    some weight is not a tie (``t`` its own cell's lower edge above the lowest edge, its upper edge
-    finite)."""
-    tv = t.numpy()
-    mids = layout.mids.numpy()
+def _ties_by_value(tv: np.ndarray, g0: float, values: Tensor, layout: TableLayout, kappa_only: bool
+                   ) -> tuple[np.ndarray, ...] | None:
+    """:func:`_sd_floor_ties`' ``kappa, mean_abs, m4, coverage`` (``[r]`` float64 each) of the sd-0
+    weights ``tv`` (``[r]`` float64, sd ``g0`` each, scale 1, a 16-bit cast's ``layout``), the same
+    keys and numbers, their geometry read by numpy (the layout's ``padded`` edges around the cell
+    ``searchsorted(mids, t, right=True)``); ``None`` where some weight is not a tie (its own cell's
+    lower edge, above the lowest edge, its upper edge finite)."""
+    cell = np.searchsorted(layout.mids.numpy(), tv, side="right")
     pad = layout.padded.numpy()
-    cell = np.searchsorted(mids, tv, side="right")
-    lo, hi, below = pad[cell], pad[np.minimum(cell + 1, pad.size - 1)], pad[np.maximum(cell - 1, 0)]
+    lo, hi, below = pad[cell], pad[cell + 1], pad[np.maximum(cell - 1, 0)]
     if not bool(np.all((tv == lo) & (tv > layout.lo_edge) & (hi < math.inf))):
         return None
     with np.errstate(over="ignore"):
@@ -1843,14 +1840,12 @@ def _ties_by_value(t: Tensor, g0: float, values: Tensor, layout: TableLayout, ka
         key = (*head, *kind)
         got = _TIE_MOMENTS.get(key)
         if got is None:  # (the kind's first tie: as _sd_floor_ties computes it)
-            one = torch.ones(1, dtype=torch.float64, device=t.device)
-            out, sub = _table_window_moments(t[i:i + 1], one * g0, values, one, kappa_only)
+            one = torch.ones(1, dtype=torch.float64)
+            out, sub = _table_window_moments(torch.tensor(tv[i:i + 1]), one * g0, values, one, kappa_only)
             got = (float(out.kappa[0]), float(out.mean_abs[0]), float(out.m4[0]), float(out.coverage[0]), bool(sub[0]))
             _TIE_MOMENTS[key] = got
         rows.append(got)
-    table = torch.tensor([r[:4] for r in rows], dtype=torch.float64, device=t.device)
-    closed = torch.tensor([r[4] for r in rows], dtype=torch.bool, device=t.device)
-    return (*table.unbind(1), closed)
+    return tuple(np.array(col, dtype=np.float64) for col in list(zip(*rows))[:4])
 
 
 def sd_zero_moments(theta: Tensor, values: Tensor, kappa_only: bool = False) -> CellMoments | None:
@@ -1865,11 +1860,11 @@ def sd_zero_moments(theta: Tensor, values: Tensor, kappa_only: bool = False) -> 
 
     Returns:
         float64 :class:`CellMoments` ``[z]``: frozen weights (both own edges beyond 8.5 sd,
-        :func:`_settled_unit`'s test) ``kappa`` 0 (``mean_abs``, ``m4`` 0, ``coverage`` 1), ties
-        (:func:`_sd_floor_ties`: a weight on its own cell's lower edge) their table's windowed
-        moments; ``None`` where some weight is neither, the table is not a 16-bit cast's, a table
-        path is disabled (:data:`~.fastpath.GUARD`), under inference mode or on the GPU (the caller
-        then gives them to :func:`table_cell_moments`)."""
+        :func:`_settled_unit`'s test on :meth:`TableLayout.cells`' cell) ``kappa`` 0 (``mean_abs``,
+        ``m4`` 0, ``coverage`` 1), ties (:func:`_sd_floor_ties`: a weight on its own cell's lower
+        edge) their table's windowed moments; ``None`` where some weight is neither (NaN too), the
+        table is not a 16-bit cast's, a table path is disabled (:data:`~.fastpath.GUARD`), under
+        inference mode or off the CPU (the caller then gives them to :func:`table_cell_moments`)."""
     if not SD_ZERO_APART or theta.device.type != "cpu" or torch.is_inference_mode_enabled() \
             or theta.is_inference() or values.is_inference() or TABLE_PATH in GUARD.disabled \
             or FLOAT_PATH in GUARD.disabled:
@@ -1878,23 +1873,24 @@ def sd_zero_moments(theta: Tensor, values: Tensor, kappa_only: bool = False) -> 
     if layout.wide is None or layout.format_dtype is None or torch.finfo(layout.format_dtype).bits != 16:
         return None
     t = theta.to(torch.float64)
-    z = t.shape[0]
-    ones = torch.ones(z, dtype=torch.float64, device=t.device)
-    own_lo, own_hi = _own_facts(t, ones, layout, True)
-    # the settle's frozen test, its operations (a sd-0 weight's own cell is never fine)
-    frozen = ((t - own_lo) / _TINY64 > CUTOFF_SIGMAS) & ((own_hi - t) / _TINY64 > CUTOFF_SIGMAS)
+    # (a few weights a call: numpy's element-wise IEEE arithmetic on them, the same numbers as
+    # torch's, without ~40 small torch operations)
+    tv = t.numpy()
+    cell = np.searchsorted(layout.mids.numpy(), tv, side="right")  # TableLayout.cells (NaN: past the top)
+    pad = layout.padded.numpy()
+    lo, hi = pad[cell], pad[cell + 1]
+    with np.errstate(over="ignore", invalid="ignore"):  # (d / tiny overflows to inf, as torch's)
+        frozen = ((tv - lo) / _TINY64 > CUTOFF_SIGMAS) & ((hi - tv) / _TINY64 > CUTOFF_SIGMAS)
     fill = math.nan if kappa_only else 0.0
-    out = CellMoments(kappa=torch.zeros_like(t), mean_abs=torch.full_like(t, fill), m4=torch.full_like(t, fill),
-                      coverage=ones)
-    if not all_set(frozen):
-        ti = torch.nonzero(frozen.logical_not_()).squeeze(-1)
-        tie = _ties_by_value(t.index_select(0, ti), _TINY64, values, layout, kappa_only) \
-            if ti.numel() <= _TIES_MAX else None
+    kappa, mean_abs, m4, coverage = (np.full(tv.shape, f) for f in (0.0, fill, fill, 1.0))
+    if not bool(frozen.all()):
+        ti = np.flatnonzero(~frozen)
+        tie = _ties_by_value(tv[ti], _TINY64, values, layout, kappa_only) if ti.size <= _TIES_MAX else None
         if tie is None:
             return None
-        for o, v in zip((out.kappa, out.mean_abs, out.m4, out.coverage), tie):
-            o.index_copy_(0, ti, v)
-    return out
+        for o, v in zip((kappa, mean_abs, m4, coverage), tie):
+            o[ti] = v
+    return CellMoments(*(torch.from_numpy(o) for o in (kappa, mean_abs, m4, coverage)))
 
 
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False

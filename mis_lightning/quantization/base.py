@@ -312,6 +312,39 @@ def _live_gathers(theta: Tensor, scale: Tensor, ii: Tensor) -> tuple[Tensor, Ten
     return th_l, sc_l
 
 
+# A 16-bit cast's sd-0 weights that are not point masses (ties, near-edges: on the 1e7 MLP's second
+# layer ~45 a bf16, ~200 an fp16 chunk) get their moments without the table call
+# (functional.table.SD_ZERO_APART, table.sd_zero_moments); the split of a chunk's non-point indices
+# into them and the live ones is held for the next call on the same weights, scale, table and
+# kappa_only with the same indices (the pool protocol's after the main one: the same sd-0 weights,
+# whose moments do not read sd; the same live indices, so the live gathers and own cells are shared
+# as before). One entry, freed with the chunk facts
+_SD_ZERO_SPLIT: list[tuple[tuple, Tensor, Tensor, Tensor, CellMoments, Tensor]] = []
+
+
+def _sd_zero_split(theta: Tensor, scale: Tensor, values: Tensor, kappa_only: bool, idx: Tensor,
+                   on_zero: Tensor) -> tuple[Tensor, CellMoments, Tensor] | None:
+    """``(sd-0 indices, their moments, live indices)`` of a table grid's non-point elements ``idx``
+    (``[m]``, sorted) of which ``on_zero`` (``[m]`` bool) are sd 0, or ``None`` where the table path
+    must take them (:func:`~mis_lightning.functional.table.sd_zero_moments`), kept as above."""
+    extra = (kappa_only, frozenset(_table.GUARD.disabled))  # (a path disabled since: the table's numbers)
+    if _SD_ZERO_SPLIT:
+        key, h_idx, h_zero, zz, zm, live = _SD_ZERO_SPLIT[0]
+        if _key_matches(key, (theta, scale, values), extra) and torch.equal(h_idx, idx) \
+                and torch.equal(h_zero, on_zero):
+            return zz, zm, live
+    zz = idx[on_zero]
+    if zz.numel() == idx.numel():
+        return None
+    zm = _table.sd_zero_moments(theta.index_select(0, zz), values, kappa_only)
+    if zm is None:
+        return None
+    live = idx[~on_zero]
+    if not (theta.is_inference() or scale.is_inference()):  # (no version counter to key on)
+        _SD_ZERO_SPLIT[:] = [(_fact_key((theta, scale, values), extra), idx, on_zero, zz, zm, live)]
+    return zz, zm, live
+
+
 _FACT_SLOTS = 4
 _FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "blocks": []}
 
@@ -361,6 +394,7 @@ def release_chunk_facts() -> None:
         slots.clear()
     _EXPANSIONS.clear()
     _LIVE_GATHERS.clear()
+    _SD_ZERO_SPLIT.clear()
     _SD_ZERO.clear()
     _REVEALED.clear()
     _THETA_F32.clear()
@@ -1398,12 +1432,10 @@ class ParamGrid:
                         # without the table call (table.sd_zero_moments; the same numbers)
                         idx = torch.nonzero(take).squeeze(-1)
                         on_zero = zf.mask.index_select(0, idx)
-                        zz = idx[on_zero]
-                        if zz.numel() < idx.numel():
-                            zm = _table.sd_zero_moments(theta.index_select(0, zz), self.values, kappa_only)
-                            if zm is not None:
-                                apart, live, take = (zz, zm), idx[on_zero.logical_not_()], None
-                        if take is not None:  # (the call as before: its indices formed)
+                        held = _sd_zero_split(theta, scale, self.values, kappa_only, idx, on_zero)
+                        if held is not None:
+                            apart, live, take = (held[0], held[1]), held[2], None
+                        else:  # (the call as before: its indices formed)
                             live, take = idx, None
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 standin = kappa_only and KAPPA_ONLY_STANDINS
