@@ -316,32 +316,37 @@ def _live_gathers(theta: Tensor, scale: Tensor, ii: Tensor) -> tuple[Tensor, Ten
 # layer ~45 a bf16, ~200 an fp16 chunk) get their moments without the table call
 # (functional.table.SD_ZERO_APART, table.sd_zero_moments); the split of a chunk's non-point indices
 # into them and the live ones is held for the next call on the same weights, scale, table and
-# kappa_only with the same indices (the pool protocol's after the main one: the same sd-0 weights,
-# whose moments do not read sd; the same live indices, so the live gathers and own cells are shared
+# kappa_only with equal point masses and sd-0 weights (the pool protocol's after the main one: whose
+# sd-0 weights' moments do not read sd; the same live indices, so the live gathers and own cells are shared
 # as before). One entry, freed with the chunk facts
-_SD_ZERO_SPLIT: list[tuple[tuple, Tensor, Tensor, Tensor, CellMoments, Tensor]] = []
+_SD_ZERO_SPLIT: list[tuple[tuple, Tensor, Tensor, Tensor, Tensor, CellMoments, Tensor]] = []
 
 
-def _sd_zero_split(theta: Tensor, scale: Tensor, values: Tensor, kappa_only: bool, idx: Tensor,
-                   on_zero: Tensor) -> tuple[Tensor, CellMoments, Tensor] | None:
-    """``(sd-0 indices, their moments, live indices)`` of a table grid's non-point elements ``idx``
-    (``[m]``, sorted) of which ``on_zero`` (``[m]`` bool) are sd 0, or ``None`` where the table path
-    must take them (:func:`~mis_lightning.functional.table.sd_zero_moments`), kept as above."""
+def _sd_zero_split(theta: Tensor, scale: Tensor, values: Tensor, kappa_only: bool, point: Tensor, zero: Tensor
+                   ) -> tuple[Tensor | None, CellMoments | None, Tensor]:
+    """``(sd-0 indices, their moments, live indices)`` of a table grid's elements that are not
+    point masses (``~point``, ``[c]`` bool; ``zero``: ``[c]`` bool, sd 0), or ``(None, None, their
+    indices)`` where the table path must take them all
+    (:func:`~mis_lightning.functional.table.sd_zero_moments`); kept as above, the held split read
+    where ``point`` and the sd-0 weights among its others are equal (no pass forming the indices)."""
     extra = (kappa_only, frozenset(_table.GUARD.disabled))  # (a path disabled since: the table's numbers)
     if _SD_ZERO_SPLIT:
-        key, h_idx, h_zero, zz, zm, live = _SD_ZERO_SPLIT[0]
-        if _key_matches(key, (theta, scale, values), extra) and torch.equal(h_idx, idx) \
-                and torch.equal(h_zero, on_zero):
+        key, h_point, idx, h_zero, zz, zm, live = _SD_ZERO_SPLIT[0]
+        if _key_matches(key, (theta, scale, values), extra) and torch.equal(h_point, point) \
+                and torch.equal(h_zero, zero.index_select(0, idx)):
             return zz, zm, live
-    zz = idx[on_zero]
+    idx = torch.nonzero(point.logical_not()).squeeze(-1)
+    on_zero = zero.index_select(0, idx)
+    i_np, z_np = idx.numpy(), on_zero.numpy()  # (the split of ~10-20k indices: numpy's boolean selection)
+    zz = torch.from_numpy(i_np[z_np])
     if zz.numel() == idx.numel():
-        return None
+        return None, None, idx
     zm = _table.sd_zero_moments(theta.index_select(0, zz), values, kappa_only)
     if zm is None:
-        return None
-    live = idx[~on_zero]
+        return None, None, idx
+    live = torch.from_numpy(i_np[~z_np])
     if not (theta.is_inference() or scale.is_inference()):  # (no version counter to key on)
-        _SD_ZERO_SPLIT[:] = [(_fact_key((theta, scale, values), extra), idx, on_zero, zz, zm, live)]
+        _SD_ZERO_SPLIT[:] = [(_fact_key((theta, scale, values), extra), point, idx, on_zero, zz, zm, live)]
     return zz, zm, live
 
 
@@ -1424,19 +1429,16 @@ class ParamGrid:
                 if zf is not None and (n_point == zf.count or (known is not None and not any_set(
                         torch.logical_xor(point, zf.mask).logical_and_(~known)))):
                     live = zf.live()
+                elif _table.SD_ZERO_APART and zf is not None and known is None and POINT_MASS_LIVE_ONLY \
+                        and self.kind == "table" and self.values is not None and theta.device.type == "cpu" \
+                        and self._unit_scale():
+                    # a 16-bit cast's sd-0 weights that are not point masses (ties, near-edges)
+                    # without the table call (table.sd_zero_moments; the same numbers)
+                    zz, zm, live = _sd_zero_split(theta, scale, self.values, kappa_only, point, zf.mask)
+                    if zz is not None and zm is not None:
+                        apart = (zz, zm)
                 else:
                     take = ~point
-                    if _table.SD_ZERO_APART and zf is not None and known is None and POINT_MASS_LIVE_ONLY \
-                            and self.kind == "table" and self.values is not None and self._unit_scale():
-                        # a 16-bit cast's sd-0 weights that are not point masses (ties, near-edges)
-                        # without the table call (table.sd_zero_moments; the same numbers)
-                        idx = torch.nonzero(take).squeeze(-1)
-                        on_zero = zf.mask.index_select(0, idx)
-                        held = _sd_zero_split(theta, scale, self.values, kappa_only, idx, on_zero)
-                        if held is not None:
-                            apart, live, take = (held[0], held[1]), held[2], None
-                        else:  # (the call as before: its indices formed)
-                            live, take = idx, None
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
                 standin = kappa_only and KAPPA_ONLY_STANDINS
                 if standin:  # kappa alone is read: the others NaN, one stride-0 value (no chunk-sized tensor)
