@@ -114,6 +114,7 @@ class TableLayout:
         self.format_dtype = _format_dtype(self.values)
         self._edges_by_bits: tuple[Tensor, Tensor] | None = None
         self._pattern_cells: tuple[Tensor, Tensor] | None = None
+        self._edges_np: tuple[np.ndarray, np.ndarray] | None = None
 
     def _format_edges(self) -> tuple[Tensor, Tensor]:
         """Per bit pattern ``m`` of a magnitude below the format's largest finite value (``[top]``
@@ -129,6 +130,12 @@ class TableLayout:
             dev = self.mids.device
             self._edges_by_bits = ((0.5 * (v[:-1] + below)).to(dev), (0.5 * (v[1:] + v[:-1])).to(dev))
         return self._edges_by_bits
+
+    def edges_numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """:attr:`mids` and :attr:`padded` as numpy arrays (views of the CPU tensors; kept)."""
+        if self._edges_np is None:
+            self._edges_np = (self.mids.cpu().numpy(), self.padded.cpu().numpy())
+        return self._edges_np
 
     def pattern_cells(self) -> tuple[Tensor, Tensor] | None:
         """For a 16-bit float format's table (float16 / bfloat16 casts, :attr:`format_dtype`):
@@ -1802,6 +1809,95 @@ def _sd_floor_ties(th: Tensor, sg: Tensor, sc: Tensor, rest: Tensor, values: Ten
     table = torch.tensor([r[:4] for r in rows], dtype=torch.float64, device=t.device).index_select(0, inv)
     closed = torch.tensor([r[4] for r in rows], dtype=torch.bool, device=t.device).index_select(0, inv)
     return (*table.unbind(1), closed)
+
+
+# The sd-0 weights of a 16-bit cast at scale 1 that are not point masses (on or within the point-mass
+# margin of an edge: ~45 a bf16, ~200 an fp16 2^18-weight chunk of the 1e7 MLP's second layer) get
+# their moments without a table call (sd_zero_moments, called by ParamGrid._own_moments): frozen by
+# the settle's own test (kappa 0), or ties whose moments _TIE_MOMENTS holds, keyed as _sd_floor_ties
+# keys them but read by numpy on their few values (_ties_by_value). The table call then gets the live
+# weights alone, which its settle takes whole (four reductions, not the element-wise masks; no
+# nonzero, no ties' call). The same numbers bit for bit: an element's moments are its own whatever
+# its call holds (the settle is element-wise, its spill and the windowed path see the same
+# elements: fx49), and a tie's are the windowed path's on it alone either way. Anything else (a
+# weight neither frozen nor a tie, NaN, a path disabled by a failed self-check, inference mode):
+# None, the table call as before. False: the sd-0 weights in the table call (p51d's "Found")
+SD_ZERO_APART = True
+_TINY64 = torch.finfo(torch.float64).tiny
+_FROZEN_SD0 = CUTOFF_SIGMAS * _TINY64  # (exact: 17 * 2^-1023)
+
+
+def _ties_by_value(tv: np.ndarray, g0: float, values: Tensor, layout: TableLayout, kappa_only: bool
+                   ) -> np.ndarray | None:
+    """:func:`_sd_floor_ties`' ``kappa, mean_abs, m4, coverage`` (the rows of ``[4, r]`` float64) of the sd-0
+    weights ``tv`` (``[r]`` float64, sd ``g0`` each, scale 1, a 16-bit cast's ``layout``), the same
+    keys and numbers, their geometry read by numpy (the layout's ``padded`` edges around the cell
+    ``searchsorted(mids, t, right=True)``); ``None`` where some weight is not a tie (its own cell's
+    lower edge, above the lowest edge, its upper edge finite)."""
+    mids, pad = layout.edges_numpy()
+    cell = np.searchsorted(mids, tv, side="right")
+    lo, hi, below = pad[cell], pad[cell + 1], pad[np.maximum(cell - 1, 0)]
+    if not bool(np.all((tv == lo) & (tv > layout.lo_edge) & (hi < math.inf))):
+        return None
+    with np.errstate(over="ignore"):
+        geo = zip(np.sign(tv).tolist(), np.frexp(tv)[1].astype(np.float64).tolist(), (hi - lo).tolist(),
+                  (lo - below).tolist(), np.isinf(tv / g0).astype(np.float64).tolist())
+    head = (layout.serial, g0, kappa_only, frozenset(GUARD.disabled), EXACT_EDGE_OFFSETS)
+    rows = []
+    for i, kind in enumerate(geo):
+        key = (*head, *kind)
+        got = _TIE_MOMENTS.get(key)
+        if got is None:  # (the kind's first tie: as _sd_floor_ties computes it)
+            one = torch.ones(1, dtype=torch.float64)
+            out, sub = _table_window_moments(torch.tensor(tv[i:i + 1]), one * g0, values, one, kappa_only)
+            got = (float(out.kappa[0]), float(out.mean_abs[0]), float(out.m4[0]), float(out.coverage[0]), bool(sub[0]))
+            _TIE_MOMENTS[key] = got
+        rows.append(got)
+    return np.array([r[:4] for r in rows], dtype=np.float64).T
+
+
+def sd_zero_moments(theta: Tensor, values: Tensor, kappa_only: bool = False) -> CellMoments | None:
+    """The cell moments of sd-0 weights on a 16-bit cast's table at scale 1 without a table call
+    (:data:`SD_ZERO_APART`): bitwise what :func:`table_cell_moments` gives them (sd 0, floored to
+    float64's tiny; scale 1), whatever else its call holds.
+
+    Args:
+        theta: ``[z]`` the weights (parameter units; cast to float64).
+        values: ``[V]`` the cast's sorted representable values (``casts.cast_cell_values``).
+        kappa_only: as :func:`table_cell_moments` (a frozen weight's ``mean_abs`` and ``m4`` NaN).
+
+    Returns:
+        float64 :class:`CellMoments` ``[z]`` (rows of one ``[4, z]`` tensor: read them, never
+        write them): frozen weights (both own edges beyond 8.5 sd, :func:`_settled_unit`'s test on
+        :meth:`TableLayout.cells`' cell) ``kappa`` 0 (``mean_abs``, ``m4`` 0, ``coverage`` 1), ties
+        (:func:`_sd_floor_ties`: a weight on its own cell's lower edge) their table's windowed
+        moments; ``None`` where some weight is neither (NaN too), the table is not a 16-bit cast's, a
+        table path is disabled (:data:`~.fastpath.GUARD`), under inference mode or off the CPU (the
+        caller then gives them to :func:`table_cell_moments`)."""
+    if not SD_ZERO_APART or theta.device.type != "cpu" or torch.is_inference_mode_enabled() \
+            or theta.is_inference() or values.is_inference() or TABLE_PATH in GUARD.disabled \
+            or FLOAT_PATH in GUARD.disabled:
+        return None
+    layout = table_layout(values, theta.device)
+    if layout.wide is None or layout.format_dtype is None or torch.finfo(layout.format_dtype).bits != 16:
+        return None
+    # (a few weights a call: numpy's element-wise IEEE arithmetic on them, the same numbers as
+    # torch's, without ~40 small torch operations)
+    tv = theta.to(torch.float64).numpy()
+    mids, pad = layout.edges_numpy()
+    cell = np.searchsorted(mids, tv, side="right")  # TableLayout.cells (NaN: past the top)
+    # the settle's frozen test: d / tiny > 8.5 is d > 8.5 tiny (d >= 0 scaled by a power of two:
+    # exact, or inf where it overflows; NaN false either way)
+    frozen = ((tv - pad[cell]) > _FROZEN_SD0) & ((pad[cell + 1] - tv) > _FROZEN_SD0)
+    out = np.empty((4, tv.size))
+    out[0], out[1:3], out[3] = 0.0, math.nan if kappa_only else 0.0, 1.0
+    if not bool(frozen.all()):
+        ti = np.flatnonzero(~frozen)
+        tie = _ties_by_value(tv[ti], _TINY64, values, layout, kappa_only) if ti.size <= _TIES_MAX else None
+        if tie is None:
+            return None
+        out[:, ti] = tie
+    return CellMoments(*torch.from_numpy(out).unbind(0))
 
 
 def _table_sum_moments(theta: Tensor, sigma: Tensor, values: Tensor, scale: Tensor, kappa_only: bool = False

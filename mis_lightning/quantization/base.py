@@ -312,6 +312,44 @@ def _live_gathers(theta: Tensor, scale: Tensor, ii: Tensor) -> tuple[Tensor, Ten
     return th_l, sc_l
 
 
+# A 16-bit cast's sd-0 weights that are not point masses (ties, near-edges: on the 1e7 MLP's second
+# layer ~45 a bf16, ~200 an fp16 chunk) get their moments without the table call
+# (functional.table.SD_ZERO_APART, table.sd_zero_moments); the split of a chunk's non-point indices
+# into them and the live ones is held for the next call on the same weights, scale, table and
+# kappa_only with equal point masses and sd-0 weights (the pool protocol's after the main one: whose
+# sd-0 weights' moments do not read sd; the same live indices, so the live gathers and own cells are shared
+# as before). One entry, freed with the chunk facts
+_SD_ZERO_SPLIT: list[tuple[tuple, Tensor, Tensor, Tensor, Tensor, CellMoments, Tensor]] = []
+
+
+def _sd_zero_split(theta: Tensor, scale: Tensor, values: Tensor, kappa_only: bool, point: Tensor, zero: Tensor
+                   ) -> tuple[Tensor | None, CellMoments | None, Tensor]:
+    """``(sd-0 indices, their moments, live indices)`` of a table grid's elements that are not
+    point masses (``~point``, ``[c]`` bool; ``zero``: ``[c]`` bool, sd 0), or ``(None, None, their
+    indices)`` where the table path must take them all
+    (:func:`~mis_lightning.functional.table.sd_zero_moments`); kept as above, the held split read
+    where ``point`` and the sd-0 weights among its others are equal (no pass forming the indices)."""
+    extra = (kappa_only, frozenset(_table.GUARD.disabled))  # (a path disabled since: the table's numbers)
+    if _SD_ZERO_SPLIT:
+        key, h_point, idx, h_zero, zz, zm, live = _SD_ZERO_SPLIT[0]
+        if _key_matches(key, (theta, scale, values), extra) and torch.equal(h_point, point) \
+                and torch.equal(h_zero, zero.index_select(0, idx)):
+            return zz, zm, live
+    idx = torch.nonzero(point.logical_not()).squeeze(-1)
+    on_zero = zero.index_select(0, idx)
+    i_np, z_np = idx.numpy(), on_zero.numpy()  # (the split of ~10-20k indices: numpy's boolean selection)
+    zz = torch.from_numpy(i_np[z_np])
+    if zz.numel() == idx.numel():
+        return None, None, idx
+    zm = _table.sd_zero_moments(theta.index_select(0, zz), values, kappa_only)
+    if zm is None:
+        return None, None, idx
+    live = torch.from_numpy(i_np[~z_np])
+    if not (theta.is_inference() or scale.is_inference()):  # (no version counter to key on)
+        _SD_ZERO_SPLIT[:] = [(_fact_key((theta, scale, values), extra), point, idx, on_zero, zz, zm, live)]
+    return zz, zm, live
+
+
 _FACT_SLOTS = 4
 _FACTS: dict[str, list[tuple[tuple, Any]]] = {"grid": [], "inside": [], "cube": [], "blocks": []}
 
@@ -361,6 +399,7 @@ def release_chunk_facts() -> None:
         slots.clear()
     _EXPANSIONS.clear()
     _LIVE_GATHERS.clear()
+    _SD_ZERO_SPLIT.clear()
     _SD_ZERO.clear()
     _REVEALED.clear()
     _THETA_F32.clear()
@@ -1386,9 +1425,18 @@ class ParamGrid:
                 # the elements to score are the sd > 0 ones (the sd's kept indices, no pass over the
                 # chunk) when every sd-0 element is a point mass or known (revealed: never inside)
                 live = take = None
+                apart: tuple[Tensor, CellMoments] | None = None  # (sd-0 weights not point masses, their moments)
                 if zf is not None and (n_point == zf.count or (known is not None and not any_set(
                         torch.logical_xor(point, zf.mask).logical_and_(~known)))):
                     live = zf.live()
+                elif _table.SD_ZERO_APART and zf is not None and known is None and POINT_MASS_LIVE_ONLY \
+                        and self.kind == "table" and self.values is not None and theta.device.type == "cpu" \
+                        and self._unit_scale():
+                    # a 16-bit cast's sd-0 weights that are not point masses (ties, near-edges)
+                    # without the table call (table.sd_zero_moments; the same numbers)
+                    zz, zm, live = _sd_zero_split(theta, scale, self.values, kappa_only, point, zf.mask)
+                    if zz is not None and zm is not None:
+                        apart = (zz, zm)
                 else:
                     take = ~point
                 kappa = torch.zeros(c, dtype=torch.float64, device=theta.device)
@@ -1427,14 +1475,17 @@ class ParamGrid:
                     sel = lambda t: t.index_select(0, ii)  # noqa: E731
                     th_l, sc_l = _live_gathers(theta, scale, ii) if SHARE_LIVE_GATHERS and self.kind == "table" \
                         else (sel(theta), sel(scale))
+                    if apart is not None and size is None:  # (the live weights take the path of the n as before)
+                        size = n
                     sub = self._path_moments(th_l, sigma.index_select(0, ii), sc_l, sel(zero_point),
                                              None if code is None else sel(code),
                                              None if bounds is None else (sel(bounds[0]), sel(bounds[1])),
                                              compile_policy, kappa_only, size)
-                    for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
-                        o.index_copy_(0, ii, getattr(sub, f).to(torch.float64))
-                        if standin:
-                            break
+                    for part, got in ((ii, sub),) if apart is None else ((ii, sub), apart):
+                        for o, f in zip((kappa, mean_abs, m4, coverage), ("kappa", "mean_abs", "m4", "coverage")):
+                            o.index_copy_(0, part, getattr(got, f).to(torch.float64))
+                            if standin:
+                                break
                 if standin:
                     return _KappaOnlyMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
                 return _FreshMoments(kappa=kappa, mean_abs=mean_abs, m4=m4, coverage=coverage)
