@@ -2123,7 +2123,9 @@ class MomentAccumulator:
                 ws, bs = [], []
                 for A, G, k, scale, decay, _ in parts:
                     # the sandwich's factor: V ~ K, not K + decay (dg30's VIF over-reads there)
-                    vif = (kfac_variance_inflation(A, G, k, decay, sandwich=True) * scale).clamp_min(1.0)
+                    vif = kfac_variance_inflation(A, G, k, decay, sandwich=True) * scale
+                    if not (LF.KFAC_SANDWICH_SHRINKS and bool((decay > 0).any())):  # a VIF: at least 1
+                        vif = vif.clamp_min(1.0)
                     ws.append(vif[:, : blk.fan])
                     bs.append(vif[:, -1])
                 if blk.weight is not None:  # [groups, out, fan] in the weight's order (a transposed conv's)

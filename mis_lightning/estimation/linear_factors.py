@@ -510,6 +510,12 @@ KFAC_CONV_FACTORS = "trace"
 # subsample's inverse reads high, the conservative side (a wider sigma)
 KFAC_TRACE_MIN_RECORDS = 512
 KFAC_TRACE_MAX_FLOPS = 2e10
+# with decay, the sandwich's factor (kfac_variance_inflation(sandwich=True)) as it reads, below 1
+# too: a weight whose data curvature is a small share of a few stiff directions spread over many
+# weights has H_jj ~ lambda, and the diagonal sandwich V_jj / H_jj^2 then reads its stiff share
+# over the decay's curvature, up to (lambda_k / lambda)^2 times the marginal variance (dg52: nu49's
+# wide tanh MLP, 18-60x in sd). False: floored at 1 as the plain VIF (the path before dg52; A/B)
+KFAC_SANDWICH_SHRINKS = True
 
 
 def kfac_subsample_scale(m: int, n: int, p: int, q: int) -> float:
@@ -647,8 +653,11 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
             v.mul_(h_diag)  # VIF_j = H_jj (H^-1)_jj
         del h_diag
         v = v.T
-    # a pseudo-inverse along exact null directions can read below 1 (not used): at least 1
-    v.clamp_min_(1.0).masked_fill_(~torch.isfinite(v), 1.0)
+    # a pseudo-inverse along exact null directions can read below 1 (not used): at least 1; the
+    # sandwich's factor with decay is no VIF and reads below 1 where the decay dominates H_jj
+    if not (sandwich and lam0 > 0 and KFAC_SANDWICH_SHRINKS):
+        v.clamp_min_(1.0)
+    v.masked_fill_(~torch.isfinite(v), 1.0)
     if ia.numel() == p and ig.numel() == q:
         return v.contiguous()
     vif[ig.unsqueeze(1), ia.unsqueeze(0)] = v
