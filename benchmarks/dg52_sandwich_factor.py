@@ -7,9 +7,11 @@ layer's Kronecker Gauss-Newton block). That factor is no variance inflation fact
 where a weight's data curvature ``K_jj`` is a small share of a few stiff directions spread over many
 weights, so ``H_jj ~ lambda`` and the diagonal sandwich reads the stiff share over the decay's curvature.
 Before dg52 it was floored at 1 (``linear_factors.KFAC_SANDWICH_SHRINKS = False``); now it reads as it is.
+And the leverage correction's trace counts such a layer under its Kronecker model, ``tr((K + lambda)^-1 K)``,
+in place of the diagonal ``sum_j K_jj / (K_jj + lambda)`` (``estimate.KFAC_LEVERAGE_TRACE``).
 
 For each fitted model: the exact estimator's report (``assess(estimation="exact")``), the diagonal one's
-with the switch on and off (leakage over the exact one's per scheme), and the diagonal sigma over the
+now, with the sandwich factor alone (``KFAC_LEVERAGE_TRACE = False``) and before dg52 (both off) (leakage over the exact one's per scheme), and the diagonal sigma over the
 exact estimator's per parameter tensor (median; ``run_estimation``, the same configuration).
 
     python benchmarks/dg52_sandwich_factor.py wide      # nu49's 794-weight tanh MLP (n = 2,000) and its untied twin
@@ -39,6 +41,7 @@ from _nets import Repeated  # noqa: E402 - tests/_nets.py
 
 torch.set_num_threads(1)
 LF = importlib.import_module("mis_lightning.estimation.linear_factors")
+E = importlib.import_module("mis_lightning.estimation.estimate")
 SCHEMES = ["none", "rtn_int8", "rtn_int4"]
 
 
@@ -49,7 +52,9 @@ def _quiet(fn, *a, **k):
 
 
 def compare(label: str, model, loader, loss, wd: float) -> None:
-    """Exact vs diagonal (switch on / off): leakage ratios and per-tensor sigma medians."""
+    """Exact vs diagonal (now; the sandwich factor alone; before dg52): leakage ratios, per-tensor sigma
+    medians, the leverage trace (the exact estimator's: its stored records' mean leverage times n)."""
+    n = sum(len(b[1]) for b in loader)
     exact = _quiet(ml.assess, model, SCHEMES, loader, loss, weight_decay=wd, estimation="exact", strict=False,
                    uncertainty_draws=0)
     est_x = _quiet(run_estimation, model, loader, loss, EstimationConfig(mode="exact", weight_decay=wd))
@@ -57,23 +62,24 @@ def compare(label: str, model, loader, loss, wd: float) -> None:
     warn = [k for k in ("records_unlike_training", "not_at_minimum") if exact.diagnostics.get(k)]
     print(f"== {label}: d = {d}, wd {wd:g}; exact " + ", ".join(f"{s} {r.leakage:.6f}" for s, r in exact.schemes.items())
           + f" (flags {warn})", flush=True)
-    for on in (True, False):
-        LF.KFAC_SANDWICH_SHRINKS = on
+    for label, shrink, kron in (("now", True, True), ("factor only", True, False), ("before dg52", False, False)):
+        LF.KFAC_SANDWICH_SHRINKS, E.KFAC_LEVERAGE_TRACE = shrink, kron
         try:
             rep = _quiet(ml.assess, model, SCHEMES, loader, loss, weight_decay=wd, estimation="diagonal",
                          strict=False, uncertainty_draws=0)
             est = _quiet(run_estimation, model, loader, loss, EstimationConfig(mode="diagonal", weight_decay=wd))
         finally:
-            LF.KFAC_SANDWICH_SHRINKS = True
+            LF.KFAC_SANDWICH_SHRINKS, E.KFAC_LEVERAGE_TRACE = True, True
         dg = est.diagnostics
         ratios = ", ".join(f"{s} {r.leakage / exact.schemes[s].leakage:.3f}x" for s, r in rep.schemes.items()
                            if exact.schemes[s].leakage > 0)
         sig = "; ".join(f"{k} {float((est.sigma[k].double() / est_x.sigma[k].double()).median()):.3g}"
                         for k in est.names)
-        print(f"   diagonal, KFAC_SANDWICH_SHRINKS={on}: {ratios}; factor median "
+        print(f"   diagonal, {label}: {ratios}; factor median "
               f"{dg.get('kfac_variance_inflation_median', float('nan')):.3g} max "
-              f"{dg.get('kfac_variance_inflation_max', float('nan')):.3g}\n      sigma / exact median: {sig}",
-              flush=True)
+              f"{dg.get('kfac_variance_inflation_max', float('nan')):.3g}; leverage trace "
+              f"{dg.get('leverage_trace', float('nan')):.3g} (exact {exact.diagnostics.get('mean_leverage', 0) * n:.3g})"
+              f"\n      sigma / exact median: {sig}", flush=True)
 
 
 def wide(widths: tuple[int, ...] = (24,), n: int = 2000) -> None:

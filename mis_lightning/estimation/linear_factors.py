@@ -664,6 +664,38 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
     return vif
 
 
+def kfac_leverage_trace(A: Tensor, G: Tensor, n: int, decay: Tensor | float) -> float | None:
+    """``tr((K + diag(lambda))^-1 K)`` of a layer's Kronecker-factored Gauss-Newton block
+    ``K = (A / n) (x) (G / n)``: the layer's effective dimension under that model (method.md section 4,
+    "Finite-sample (leverage) correction"; dg52).
+
+    Args:
+        A: ``[p, p]`` the inputs' factor (bias column last); ``G``: ``[out, out]``; ``n``: records summed.
+        decay: the L2 coefficient, a float or ``[p]`` per input column (a column of 0 among positive
+            ones takes 1e-6 of the largest, as :func:`kfac_variance_inflation`).
+
+    Returns:
+        The trace (float, in ``[0, p out]``): ``sum_ab s_a t_b / (s_a t_b + 1)`` over the eigenvalues
+        ``s`` of ``D^-1 (A / n) D^-1`` (``D = diag(sqrt(lambda))``) and ``t`` of ``G / n``; ``None``
+        without decay (every live weight counts 1 there: the diagonal's own count).
+    """
+    f64 = torch.float64
+    p = A.shape[0]
+    lam = torch.as_tensor(decay, dtype=f64).expand(p).clone()
+    if not bool((lam > 0).any()):
+        return None
+    lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
+    ia = (A.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    ig = (G.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    if not (ia.numel() and ig.numel()):
+        return 0.0
+    sc = lam[ia].rsqrt()
+    s = torch.linalg.eigvalsh(_live_block(A, ia, n) * sc.unsqueeze(0) * sc.unsqueeze(1)).clamp_min(0.0)
+    t = torch.linalg.eigvalsh(_live_block(G, ig, n)).clamp_min(0.0)
+    M = s.unsqueeze(1) * t.unsqueeze(0)
+    return float((M / (M + 1.0)).sum())
+
+
 def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | float = 0.0) -> Tensor:
     """``H^-1 Y_r`` for each record's ``[out, p]`` matrix ``Y_r`` of a Linear layer's
     Kronecker-factored Hessian ``H = (A / n) (x) (G / n) + diag(lambda)``, i.e.
