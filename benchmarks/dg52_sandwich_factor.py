@@ -18,6 +18,8 @@ exact estimator's per parameter tensor (median; ``run_estimation``, the same con
     python benchmarks/dg52_sandwich_factor.py small     # nu48's twice-called MLP and its twin (tw51's ``twice``), n = 400
     python benchmarks/dg52_sandwich_factor.py conv      # kc32's cases (benchmarks/kfac_conv.py): cnn, pooled, conv1d at wd 1e-2 / 1e-3
     python benchmarks/dg52_sandwich_factor.py widths    # the wide model at widths 8 / 16 / 24, n = 2,000
+    python benchmarks/dg52_sandwich_factor.py kf33 now      # benchmarks/kfac_classifier.py --decay 1e-2 1e-3, both switches on
+    python benchmarks/dg52_sandwich_factor.py kf33 before   # the same with both off (main's path)
 """
 
 from __future__ import annotations
@@ -109,6 +111,18 @@ def conv() -> None:
                     loss, wd)
 
 
+def kf33(state: str) -> None:
+    """kf33's MLP classifiers (``benchmarks/kfac_classifier.py --decay 1e-2 1e-3``) with both switches on
+    (``now``) or off (``before``)."""
+    import kfac_classifier
+    LF.KFAC_SANDWICH_SHRINKS = E.KFAC_LEVERAGE_TRACE = state == "now"
+    print(f"== kf33, {state}: KFAC_SANDWICH_SHRINKS = KFAC_LEVERAGE_TRACE = {state == 'now'}", flush=True)
+    kfac_classifier.main(["--decay", "1e-2", "1e-3"])
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["kf33"]:
+        kf33(sys.argv[2] if len(sys.argv) > 2 else "now")
+        sys.exit()
     for what in sys.argv[1:] or ["small", "wide", "conv"]:
         {"wide": wide, "small": small, "conv": conv, "widths": lambda: wide((8, 16, 24))}[what]()
