@@ -740,9 +740,14 @@ def _diagonal_leverage_note(diagnostics: Mapping[str, Any]) -> str | None:
         return None
     dirs = float(diagnostics["leverage_directions"])
     why = diagnostics.get("leverage_directions_note")
+    kron = list(diagnostics.get("leverage_kronecker_layers") or [])  # (dg52)
     what = (f"finite-sample (leverage) correction: mean leverage {h:.3g} per record, {per:.3g} per loss direction "
             f"({dirs:.3g} direction(s) per record" + (f": {why}" if why else "") + "), from the Hessian diagonal "
-            f"(sum_j H_data_jj / H_jj / n: {DIAGONAL_LEVERAGE_ACCURACY}). ")
+            f"(sum_j H_data_jj / H_jj / n: {DIAGONAL_LEVERAGE_ACCURACY})"
+            + (f", except the decayed layers {', '.join(m or '(the model)' for m in kron[:6])}, counted under their Kronecker-factored Gauss-Newton "
+               f"block (tr((K + lambda)^-1 K), where the diagonal count read "
+               f"{float(diagnostics['leverage_trace_diagonal']) / max(float(diagnostics['leverage_trace']), 1e-300):.3g}x "
+               "it)" if kron else "") + ". ")
     if not diagnostics.get("leverage_correction"):
         return what + ("It was not corrected (leverage_correction=False): the first-order influences understate each "
                        "record's leave-one-out shift by about 1 / (1 - leverage) and sigma reads low by about "
@@ -2217,6 +2222,8 @@ def _kfac_sentence(diag: Mapping[str, Any], short: bool = False) -> str | None:
         text = (f"the diagonal estimator's sigma (sqrt(V_jj) / H_jj, the sd given the other weights) was multiplied "
                 f"by the square root of each weight's variance inflation factor in its {_kfac_layer_kinds(diag)} "
                 f"layer's Kronecker-factored (K-FAC) Hessian ({figures}), the marginal sd under that model"
+                + (" (under weight decay the sandwich's factor, below 1 where the decay dominates a weight's "
+                   "curvature)" if diag["kfac_variance_inflation_median"] < 1 else "")
                 + (f", and the stored influences of {diag['kfac_influences']:,} of them are those of "
                    "psi = -H^-1 g under the same model (the weights' correlation, which the correlated headline "
                    "reads)" if diag.get("kfac_influences") else "")

@@ -510,6 +510,12 @@ KFAC_CONV_FACTORS = "trace"
 # subsample's inverse reads high, the conservative side (a wider sigma)
 KFAC_TRACE_MIN_RECORDS = 512
 KFAC_TRACE_MAX_FLOPS = 2e10
+# with decay, the sandwich's factor (kfac_variance_inflation(sandwich=True)) as it reads, below 1
+# too: a weight whose data curvature is a small share of a few stiff directions spread over many
+# weights has H_jj ~ lambda, and the diagonal sandwich V_jj / H_jj^2 then reads its stiff share
+# over the decay's curvature, up to (lambda_k / lambda)^2 times the marginal variance (dg52: nu49's
+# wide tanh MLP, 18-60x in sd). False: floored at 1 as the plain VIF (the path before dg52; A/B)
+KFAC_SANDWICH_SHRINKS = True
 
 
 def kfac_subsample_scale(m: int, n: int, p: int, q: int) -> float:
@@ -647,12 +653,47 @@ def kfac_variance_inflation(A: Tensor, G: Tensor, n: int, decay: Tensor | float 
             v.mul_(h_diag)  # VIF_j = H_jj (H^-1)_jj
         del h_diag
         v = v.T
-    # a pseudo-inverse along exact null directions can read below 1 (not used): at least 1
-    v.clamp_min_(1.0).masked_fill_(~torch.isfinite(v), 1.0)
+    # a pseudo-inverse along exact null directions can read below 1 (not used): at least 1; the
+    # sandwich's factor with decay is no VIF and reads below 1 where the decay dominates H_jj
+    if not (sandwich and lam0 > 0 and KFAC_SANDWICH_SHRINKS):
+        v.clamp_min_(1.0)
+    v.masked_fill_(~torch.isfinite(v), 1.0)
     if ia.numel() == p and ig.numel() == q:
         return v.contiguous()
     vif[ig.unsqueeze(1), ia.unsqueeze(0)] = v
     return vif
+
+
+def kfac_leverage_trace(A: Tensor, G: Tensor, n: int, decay: Tensor | float) -> float | None:
+    """``tr((K + diag(lambda))^-1 K)`` of a layer's Kronecker-factored Gauss-Newton block
+    ``K = (A / n) (x) (G / n)``: the layer's effective dimension under that model (method.md section 4,
+    "Finite-sample (leverage) correction"; dg52).
+
+    Args:
+        A: ``[p, p]`` the inputs' factor (bias column last); ``G``: ``[out, out]``; ``n``: records summed.
+        decay: the L2 coefficient, a float or ``[p]`` per input column (a column of 0 among positive
+            ones takes 1e-6 of the largest, as :func:`kfac_variance_inflation`).
+
+    Returns:
+        The trace (float, in ``[0, p out]``): ``sum_ab s_a t_b / (s_a t_b + 1)`` over the eigenvalues
+        ``s`` of ``D^-1 (A / n) D^-1`` (``D = diag(sqrt(lambda))``) and ``t`` of ``G / n``; ``None``
+        without decay (every live weight counts 1 there: the diagonal's own count).
+    """
+    f64 = torch.float64
+    p = A.shape[0]
+    lam = torch.as_tensor(decay, dtype=f64).expand(p).clone()
+    if not bool((lam > 0).any()):
+        return None
+    lam = torch.where(lam > 0, lam, 1e-6 * float(lam.max()))
+    ia = (A.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    ig = (G.diagonal().to(f64) / n > 0).nonzero().reshape(-1)
+    if not (ia.numel() and ig.numel()):
+        return 0.0
+    sc = lam[ia].rsqrt()
+    s = torch.linalg.eigvalsh(_live_block(A, ia, n) * sc.unsqueeze(0) * sc.unsqueeze(1)).clamp_min(0.0)
+    t = torch.linalg.eigvalsh(_live_block(G, ig, n)).clamp_min(0.0)
+    M = s.unsqueeze(1) * t.unsqueeze(0)
+    return float((M / (M + 1.0)).sum())
 
 
 def kfac_inverse_apply(A: Tensor, G: Tensor, n: int, Y: Tensor, decay: Tensor | float = 0.0) -> Tensor:
