@@ -252,8 +252,12 @@ KFAC_INFLUENCES = True
 # factors and a weight decay acts on it: the layer's tr((K + lambda)^-1 K) under that model in place of
 # its diagonal terms sum_j K_jj / (K_jj + lambda) (never above them), which read far above it where a few
 # stiff directions spread over many weights (dg52: nu49's wide tanh MLP, 174 against the exact 6; the
-# headline 2.29x the exact estimator's). False: the diagonal trace (A/B)
-KFAC_LEVERAGE_TRACE = True
+# headline 2.29x the exact estimator's). OFF by default (lead, s52): that over-read is on the safe side,
+# while the Kronecker trace omits the correlation across layers and moved figures already below the exact
+# estimator's further down (nu48's MLPs 0.96-1.04x -> 0.88-0.91x, kc32's CNN at decay 1e-3 0.73-0.88x ->
+# 0.71-0.85x; docs/benchmarks.md "dg52"): a lower privacy figure needs a reference showing it is nearer the
+# truth, which only the wide model gave. True: the Kronecker trace (A/B; tests/test_kfac_sandwich_decay.py)
+KFAC_LEVERAGE_TRACE = False
 # records whose loss does not depend on the weights are left out of n (LossProgram.void_rows; sm45);
 # False: every record read counts (A/B of the test's cost: benchmarks/vb46_void_cost.py)
 VOID_RECORD_TEST = True
