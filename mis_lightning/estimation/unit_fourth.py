@@ -1,0 +1,225 @@
+"""The fourth powers of a Linear layer's standardised influences, per record and chunk of output
+rows, for a whole parameter at once: ``B_rk = sum_{j in chunk k} w_rj^4`` (the unit column's power-4
+sums, ``kappa = 1``), the ``B`` of the Gaussian form's diagnostics (method.md section 3, "Gaussian
+form's diagnostics": ``|s4| <= 3 B``, ``s22 <= B``; ``clt_error_estimate = 3 B / (24 s2^2)`` where the
+scheme-free bounds settle the diagnostics).
+
+``w_rj = -(g_rj - gbar_j) / sqrt(V_jj)`` with ``g_r = d_r x_r^T`` (weight) or ``d_r`` (bias), 0 where
+``V_jj <= V_NONE`` (as :func:`~.linear_factors.factored_power_sums`, whose sums of a column of ones
+these are within the same float32 tolerance). Why a function of its own (p52a, docs/benchmarks.md):
+a chunk-by-chunk call of ``factored_power_sums`` on the column of ones read each chunk's rows in
+their own small GEMMs, summed the ``a = 0`` term and formed ``A / V^2`` per chunk and fell back to
+float64 per chunk (~0.5 s of the 1e7 MLP's first scoring call). Here:
+
+* the ``a = 0`` term ``G_k = sum_{j in k} gbar_j^4 / V_jj^2`` over every row (``(gbar^2 / V)^2``
+  in float64, in cache-sized blocks);
+* the terms ``a = 1..4`` over the rows whose ``d`` is non-zero on some record only (a silent row's
+  are exact zeros): four float32 GEMMs over the whole parameter's such rows,
+  ``M_a = (x / s_x)^a (Q_a)^T`` with ``Q_a = (s_V / V)^2 (gbar / s_g)^(4-a)`` (powers of two
+  ``s``: exact rescalings), then ``sum_{o in k} (d_ro / s_d)^a M_a[r, o]`` by one float32 GEMM
+  with the chunks' indicator;
+* per entry the run-time bound of :func:`~.linear_factors._even_power_sums_f32` (Higham and Mary's
+  probabilistic bound at ``lambda = POWER_SUMS_F32_LAMBDA``, with Cauchy-Schwarz for the odd terms),
+  and the entries beyond ``POWER_SUMS_F32_RTOL`` relative (or not finite) recomputed in float64
+  for their records, as that function's callers do.
+
+A bias: the rows whose ``d`` is non-zero on some record in float64 directly
+(``((d - gbar)^2 / V)^2``), the others' constant ``G``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._precision import full_float32
+from . import linear_factors as _lf
+
+__all__ = ["unit_fourth_sums"]
+
+# elements per block of the a = 0 term's float64 pass (two [BLOCK] float64 buffers: in L2)
+G_BLOCK = 1 << 16
+# float32 roundings the bound counts beyond the two sums' (x^a: at most 3, from x / s_x and x^2 in
+# float32; Q_a: at most 6, the quotient, its square and three products by gbar / s_g; d^a: at most 7,
+# d / s_d, its square (3) and the square's square; the GEMM's products and d^a M_a: 2; 20 >= 18 with
+# slack for the float64 steps before the roundings)
+ROUNDINGS = 20
+
+
+def _abs_max(t: Tensor) -> float:
+    """``max |t|`` by one ``aminmax`` pass (no ``|t|`` temporary); NaN where ``t`` holds one."""
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi))
+
+
+def _indicator(cid: Tensor, K: int, dtype: torch.dtype) -> Tensor:
+    """``[L, K]`` the 0 / 1 matrix of the rows' chunks ``cid [L]``."""
+    out = torch.zeros(cid.numel(), K, dtype=dtype)
+    out[torch.arange(cid.numel()), cid] = 1.0
+    return out
+
+
+def _pow2_at_least(m: float) -> float:
+    """The least power of two ``>= m`` (1.0 where ``m`` is 0 or not finite)."""
+    if not (m > 0.0 and math.isfinite(m)):
+        return 1.0
+    mant, e = math.frexp(m)
+    return math.ldexp(1.0, e - 1) if mant == 0.5 else math.ldexp(1.0, e)
+
+
+def _pow2_at_most(m: float) -> float:
+    """The greatest power of two ``<= m`` (``m > 0`` finite)."""
+    mant, e = math.frexp(m)
+    return math.ldexp(1.0, e - 1)
+
+
+def _zeroth_terms(gm: Tensor, vd: Tensor, rows: int, K: int, among: Tensor | None) -> Tensor:
+    """``[K]`` float64 ``G_k = sum_{j in chunk k} [V_j > V_NONE] (gbar_j^2 / V_j)^2`` of ``gm``, ``vd``
+    ``[out, in]`` (any float dtype; chunks of ``rows`` output rows), in blocks of at most
+    :data:`G_BLOCK` elements (whole rows; one row where a row is longer); ``among``: a ``[out]``
+    mask of the rows summed (``None``: every row)."""
+    out, in_f = gm.shape
+    G = torch.zeros(K, dtype=torch.float64)
+    step = max(1, G_BLOCK // max(in_f, 1))
+    bg = torch.empty(min(step, out) * in_f, dtype=torch.float64)
+    bv = torch.empty_like(bg)
+    wide = vd.dtype == torch.float64  # (a float64 V can lie in (0, V_NONE]: masked always)
+    zero = torch.zeros((), dtype=torch.float64)
+    for k in range(K):
+        for o0 in range(k * rows, min(out, (k + 1) * rows), step):
+            o1 = min(out, (k + 1) * rows, o0 + step)
+            n = (o1 - o0) * in_f
+            g = bg[:n].copy_(gm[o0:o1].reshape(-1))
+            v = bv[:n].copy_(vd[o0:o1].reshape(-1))
+            c = g.square_().div_(v)  # (float32 inputs: gbar^2 exact, one rounding in the quotient)
+            if among is not None:
+                c.view(o1 - o0, in_f).masked_fill_(~among[o0:o1, None], 0.0)
+            s = float(torch.dot(c, c))
+            if wide or not math.isfinite(s):  # dead weights (V = 0: inf or NaN) as the power sums take them
+                c = torch.where(v > _lf.V_NONE, c, zero)
+                s = float(torch.dot(c, c))
+            G[k] += s
+    return G
+
+
+@full_float32  # (its float32 GEMMs' bound is IEEE float32's, not bf16's / TF32's)
+def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias: bool, rows: int,
+                     cache: _lf.PowerCache | None = None) -> Tensor:
+    """``[R, K]`` float64 ``sum_{j in chunk k} w_rj^4`` of one Linear parameter (see the module
+    docstring), chunk ``k`` its output rows ``k rows .. (k + 1) rows - 1`` (``K = ceil(out / rows)``).
+
+    Args:
+        d: ``[R, out]`` float64, the loss derivatives at the layer's outputs.
+        x: ``[R, in]`` float64, the layer's inputs (not read for a bias).
+        g_mean, v_diag: the parameter's mean gradient and gradient variances, ``[out * in]`` (a
+            weight) or ``[out]`` (a bias), float32 or float64 (the estimate's held tensors).
+        bias: whether the parameter is the bias.
+        rows: output rows per chunk (``>= 1``).
+        cache: the layer's :class:`~.linear_factors.PowerCache` (the scaled input powers ``a = 1, 2``
+            that the power-2 sums hold); ``None``: computed here.
+
+    Each entry is within ``POWER_SUMS_F32_RTOL`` relative of the exact sum (the float32 terms' run-time
+    bound, method.md section 3, "Power sums in float32"; else recomputed in float64).
+
+    Raises:
+        ValueError: shapes that do not match or ``rows < 1``.
+    """
+    R, out = d.shape
+    in_f = 1 if bias else x.shape[1]
+    if rows < 1 or g_mean.numel() != out * in_f or v_diag.numel() != out * in_f or (not bias and x.shape[0] != R):
+        raise ValueError(f"unit_fourth_sums: d {tuple(d.shape)}, x {tuple(x.shape)}, g_mean {tuple(g_mean.shape)}, "
+                         f"v_diag {tuple(v_diag.shape)}, rows {rows} do not match")
+    K = -(-out // rows)
+    gm, vd = g_mean.reshape(out, in_f), v_diag.reshape(out, in_f)
+    on = d.ne(0).any(0)  # the rows some record's gradient reaches
+    keep = on.nonzero().reshape(-1)
+    G = _zeroth_terms(gm, vd, rows, K, ~on if bias else None)  # (a bias: its silent rows)
+    total = G.unsqueeze(0).expand(R, K).clone()
+    L = keep.numel()
+    if L == 0:
+        return total
+    cid = keep // rows
+    dL = d[:, keep]
+    if bias:  # float64 throughout on the rows that move: [R, L]
+        v = vd.reshape(-1)[keep].to(torch.float64)
+        c = (dL - gm.reshape(-1)[keep].to(torch.float64)).square_().div_(v)
+        if not bool(v.amin() > _lf.V_NONE):  # (NaN: False)
+            c = torch.where(v > _lf.V_NONE, c, torch.zeros((), dtype=torch.float64))
+        return total.add_(c.square_() @ _indicator(cid, K, torch.float64))
+    gL, vL = gm[keep], vd[keep]
+    v_least = float(vL.amin())
+    live_all = v_least > _lf.V_NONE  # (NaN: False)
+    if not live_all:
+        v_least = float(torch.where(vL > _lf.V_NONE, vL, math.inf).amin())
+    if not (v_least < math.inf):  # no live weight on these rows: G alone
+        return total
+    sV = _pow2_at_most(v_least)
+    sg = _pow2_at_least(_abs_max(gL))
+    cache = cache or _lf.PowerCache(budget=0)
+    sx = float(cache.scale(x))
+    sd = _pow2_at_least(_abs_max(dL))
+    # Q_4 = (s_V / V)^2 in (0, 1], then Q_{a-1} = Q_a gbar / s_g: in the held tensors' dtype (float32 at
+    # scale: one rounding each; float64: one when cast for the GEMM); dead weights 0. V / s_V >= 1 (exact
+    # scaling; inf where V / s_V overflows: Q 0, an underflow the bound's last term covers)
+    f32 = torch.float32
+    work = vL.dtype if vL.dtype in (torch.float32, torch.float64) else f32
+    if work == f32 and min(sV, sg) < 2.0 ** -100:  # (1 / s beyond float32's range: the chain in float64)
+        work = torch.float64
+    q = vL.to(work).mul(1.0 / sV).reciprocal_()
+    if not live_all:
+        q = torch.where(vL > _lf.V_NONE, q, torch.zeros((), dtype=work))
+    q.square_()
+    gs = gL.to(work) * (1.0 / sg)
+    # (d / s_d)^a in float32: d / s_d one rounding, d^2 three, d^3 five, d^4 seven (counted in ROUNDINGS)
+    ds = dL.to(f32).mul_(1.0 / sd)
+    d2 = ds.square()
+    dpow = {1: ds, 2: d2, 3: d2 * ds, 4: d2.square()}
+    x1, x2 = cache.scaled_power32(x, 1), cache.scaled_power32(x, 2)
+    xpow = {1: x1, 2: x2, 3: x1 * x2, 4: x2.square()}
+    onehot = _indicator(cid, K, f32)
+    T: dict[int, Tensor] = {}
+    for a in range(4, 0, -1):
+        if a < 4:
+            q = q * gs
+        M = torch.mm(xpow[a], q.T.to(f32))  # [R, L]
+        M.mul_(dpow[a])
+        T[a] = torch.mm(M, onehot).to(torch.float64).mul_(sg ** (4 - a) * (sx * sd) ** a / (sV * sV))
+    total += -4.0 * T[1] + 6.0 * T[2] - 4.0 * T[3] + T[4]
+    # the bound (linear_factors._even_power_sums_f32 with FOURTH_POWER_CS_BOUND): the chunk's rows
+    # for the contraction over the outputs
+    eps = (_lf.POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(rows)) + ROUNDINGS) * _lf._U32
+    under = sum(math.comb(4, a) * 8.0 * in_f * rows * _lf._TINY32 * sg ** (4 - a) * (sx * sd) ** a
+                for a in range(1, 5)) / (sV * sV)
+    t4 = T[4].clamp_min(0.0) * (1.0 + eps)
+    t2 = T[2].clamp_min(0.0) * (1.0 + eps)
+    err = eps * (t4 + 4.0 * (t4 * t2).sqrt() + 6.0 * t2 + 4.0 * (t2 * G.unsqueeze(0)).sqrt()) + under
+    rtol = _lf._f32_rtol(4)
+    bad = ~(torch.isfinite(total) & (err * (1.0 + rtol) <= rtol * total.clamp_min(0.0)))
+    bad_rec = bad.any(1).nonzero().reshape(-1)
+    nbad = int(bad.sum())
+    _lf.POWER_SUMS_F32_COUNTS[(4, "float32")] += R * K - nbad
+    _lf.POWER_SUMS_F32_COUNTS[(4, "float64")] += nbad
+    if bad_rec.numel():
+        f64 = _float64_terms(dL[bad_rec], x[bad_rec], gL, vL, cid, K)
+        redo = G.unsqueeze(0) + f64
+        total[bad_rec] = torch.where(bad[bad_rec], redo, total[bad_rec])
+    return total
+
+
+def _float64_terms(dL: Tensor, x: Tensor, gL: Tensor, vL: Tensor, cid: Tensor, K: int) -> Tensor:
+    """``[n, K]`` the terms ``a = 1..4`` of :func:`unit_fourth_sums` in float64 for ``n`` records
+    (``dL [n, L]``, ``x [n, in]``; ``gL``, ``vL`` ``[L, in]``): the records whose float32 bound failed."""
+    g, v = gL.to(torch.float64), vL.to(torch.float64)
+    q = torch.where(v > _lf.V_NONE, v.square().reciprocal(), torch.zeros((), dtype=torch.float64))
+    onehot = _indicator(cid, K, torch.float64)
+    x2, d2 = x.square(), dL.square()
+    xpow = {1: x, 2: x2, 3: x2 * x, 4: x2.square()}
+    dpow = {1: dL, 2: d2, 3: d2 * dL, 4: d2.square()}
+    out = torch.zeros(dL.shape[0], K, dtype=torch.float64)
+    for a in range(4, 0, -1):
+        if a < 4:
+            q = q * g
+        out += (math.comb(4, a) * (-1.0) ** (4 - a)) * ((torch.mm(xpow[a], q.T) * dpow[a]) @ onehot)
+    return out
