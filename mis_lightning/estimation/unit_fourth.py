@@ -197,6 +197,8 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
     err = eps * (t4 + 4.0 * (t4 * t2).sqrt() + 6.0 * t2 + 4.0 * (t2 * G.unsqueeze(0)).sqrt()) + under
     rtol = _lf._f32_rtol(4)
     bad = ~(torch.isfinite(total) & (err * (1.0 + rtol) <= rtol * total.clamp_min(0.0)))
+    if 4 not in _lf.POWER_SUMS_F32:  # (the float64 path throughout, as factored_power_sums takes it)
+        bad.fill_(True)
     bad_rec = bad.any(1).nonzero().reshape(-1)
     nbad = int(bad.sum())
     _lf.POWER_SUMS_F32_COUNTS[(4, "float32")] += R * K - nbad
