@@ -4203,14 +4203,12 @@ def _unit_fourth_batched(reader: _InfluenceReader, a: int, b: int, inputs: tuple
     ``inputs`` (:func:`_unit_sums_inputs`) together with those of the parameter's further chunks of
     the same width when ``a`` is 0 (the scoring pass's chunks: ``range(0, numel, b - a)``), else of
     this chunk alone; ``None`` where the switch is off or the influences are not factored."""
-    if not UNIT_FOURTH_BATCHED or reader.factor is None or reader.est.influence is not None:
+    if not _unit_fourth_applies(reader, a, b):
         return None
     from .estimation.unit_fourth import unit_fourth_sums
 
     est, u, name = reader.est, reader.unit, reader.name
-    if a % u or (b - a) % u or b <= a:
-        return None
-    assert est._g_mean is not None and est._v_diag is not None
+    assert est._g_mean is not None and est._v_diag is not None and reader.factor is not None
     fac, bias = reader.factor
     gm, vd = est._g_mean[name].reshape(-1), est._v_diag[name].reshape(-1)
     lo, hi = (0, gm.numel()) if a == 0 else (a, b)
@@ -4220,6 +4218,14 @@ def _unit_fourth_batched(reader: _InfluenceReader, a: int, b: int, inputs: tuple
     for k, c0 in enumerate(range(lo, hi, width)):
         est._unit_sums[(name, c0, min(c0 + width, hi), 4)] = (key, sums[:, k].clone())
     return sums[:, 0].clone()
+
+
+def _unit_fourth_applies(reader: _InfluenceReader, a: int, b: int) -> bool:
+    """Whether :func:`_unit_fourth_batched` sums chunk ``a:b`` of ``reader``'s parameter (the switch on,
+    factored influences, whole output rows)."""
+    u = reader.unit
+    return (UNIT_FOURTH_BATCHED and reader.factor is not None and reader.est.influence is None
+            and a % u == 0 and (b - a) % u == 0 and b > a)
 
 
 def _power_sum_settings() -> tuple:
@@ -4346,17 +4352,21 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
         entry = reader.est._unit_sums.get((reader.name, a, b, p))
         if entry is not None and _qbase._key_matches(entry[0], *inputs):
             known[p] = entry[1]
-        elif p == 4:  # (a first call: every chunk's at once where UNIT_FOURTH_BATCHED)
-            got = _unit_fourth_batched(reader, a, b, inputs)
-            if got is not None:
-                known[p] = got
-    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p] and p not in known}
+    # a first call's power-4 unit sums: every chunk's at once (UNIT_FOURTH_BATCHED), after the chunk's
+    # other sums (which hold the layer's scaled input powers that they read too)
+    batch4 = 4 in once and 4 not in known and _unit_fourth_applies(reader, a, b)
+    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p] and p not in known and not (batch4 and p == 4)}
     if not stacked:
         ps = {}
     elif rw is None:
         ps = reader.sums(a, b, stacked)
     else:
         ps = reader.sums(a, b, stacked, row_weights=rw)
+    if batch4:
+        assert inputs is not None
+        got = _unit_fourth_batched(reader, a, b, inputs)
+        assert got is not None
+        known[4] = got
     for p in once:
         if p in known:
             ps[p] = known[p].unsqueeze(1).clone()

@@ -41,11 +41,14 @@ __all__ = ["unit_fourth_sums"]
 
 # elements per block of the a = 0 term's float64 pass (two [BLOCK] float64 buffers: in L2)
 G_BLOCK = 1 << 16
-# float32 roundings the bound counts beyond the two sums' (x^a: at most 3, from x / s_x and x^2 in
-# float32; Q_a: at most 6, the quotient, its square and three products by gbar / s_g; d^a: at most 7,
-# d / s_d, its square (3) and the square's square; the GEMM's products and d^a M_a: 2; 20 >= 18 with
-# slack for the float64 steps before the roundings)
-ROUNDINGS = 20
+# float32 roundings the bound counts beyond the GEMM's sums (x^a: at most 3, from x / s_x and x^2 in
+# float32; Q_a: at most 6, the quotient, its square and three products by gbar / s_g; the GEMM's
+# products: 1; 12 >= 10 with slack for the float64 steps: d^a, the contraction over the outputs)
+ROUNDINGS = 12
+# inputs per float32 partial sum of the GEMM over the inputs where the float64 additions of the
+# partials ([R, L] each) come to at most SPLIT_BUDGET elements a term
+BLOCK = 256
+SPLIT_BUDGET = 1 << 21
 
 
 def _abs_max(t: Tensor) -> float:
@@ -133,22 +136,23 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
                          f"v_diag {tuple(v_diag.shape)}, rows {rows} do not match")
     K = -(-out // rows)
     gm, vd = g_mean.reshape(out, in_f), v_diag.reshape(out, in_f)
-    on = d.ne(0).any(0)  # the rows some record's gradient reaches
+    on = d.abs().amax(0) != 0  # the rows some record's gradient reaches (NaN: reached; one pass, no [R, out] mask)
     keep = on.nonzero().reshape(-1)
     G = _zeroth_terms(gm, vd, rows, K, ~on if bias else None)  # (a bias: its silent rows)
     total = G.unsqueeze(0).expand(R, K).clone()
     L = keep.numel()
     if L == 0:
         return total
-    cid = keep // rows
-    dL = d[:, keep]
+    cid = keep // rows  # (non-decreasing: each chunk's rows are a slice of the L)
+    every = L == out  # (the rows as they are: no gathered copies)
+    dL = d if every else d[:, keep]
     if bias:  # float64 throughout on the rows that move: [R, L]
         v = vd.reshape(-1)[keep].to(torch.float64)
         c = (dL - gm.reshape(-1)[keep].to(torch.float64)).square_().div_(v)
         if not bool(v.amin() > _lf.V_NONE):  # (NaN: False)
             c = torch.where(v > _lf.V_NONE, c, torch.zeros((), dtype=torch.float64))
         return total.add_(c.square_() @ _indicator(cid, K, torch.float64))
-    gL, vL = gm[keep], vd[keep]
+    gL, vL = (gm, vd) if every else (gm[keep], vd[keep])
     v_least = float(vL.amin())
     live_all = v_least > _lf.V_NONE  # (NaN: False)
     if not live_all:
@@ -172,26 +176,39 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
         q = torch.where(vL > _lf.V_NONE, q, torch.zeros((), dtype=work))
     q.square_()
     gs = gL.to(work) * (1.0 / sg)
-    # (d / s_d)^a in float32: d / s_d one rounding, d^2 three, d^3 five, d^4 seven (counted in ROUNDINGS)
-    ds = dL.to(f32).mul_(1.0 / sd)
-    d2 = ds.square()
-    dpow = {1: ds, 2: d2, 3: d2 * ds, 4: d2.square()}
+    # the GEMM over the inputs in float32 partial sums of BLOCK inputs each, added in float64, where
+    # that adds at most SPLIT_BUDGET elements a term (the second and last layers' few rows: the bound's
+    # sqrt(in) -> sqrt(BLOCK), ~1,000 -> ~30 of the 1e7 MLP's 16,384 second-layer entries beyond it);
+    # the contraction with d^a over the chunk's rows in float64 ([R, L], held buffers for the four terms)
+    nb = in_f // BLOCK if in_f > BLOCK and in_f % BLOCK == 0 and R * L * (in_f // BLOCK) <= SPLIT_BUDGET else 1
+    blk = in_f // nb
+    part = torch.empty(R, L, dtype=f32)
+    acc = torch.empty(R, L, dtype=torch.float64)
+    dpow = _powers64(dL * (1.0 / sd))
     x1, x2 = cache.scaled_power32(x, 1), cache.scaled_power32(x, 2)
     xpow = {1: x1, 2: x2, 3: x1 * x2, 4: x2.square()}
-    onehot = _indicator(cid, K, f32)
+    onehot = _indicator(cid, K, torch.float64)
     T: dict[int, Tensor] = {}
     for a in range(4, 0, -1):
         if a < 4:
-            q = q * gs
-        M = torch.mm(xpow[a], q.T.to(f32))  # [R, L]
-        M.mul_(dpow[a])
-        T[a] = torch.mm(M, onehot).to(torch.float64).mul_(sg ** (4 - a) * (sx * sd) ** a / (sV * sV))
+            q.mul_(gs)
+        qa = q.T.to(f32)  # [in, L]
+        for j in range(nb):
+            torch.mm(xpow[a][:, j * blk: (j + 1) * blk], qa[j * blk: (j + 1) * blk], out=part)
+            if j:
+                acc.add_(part)
+            else:
+                acc.copy_(part)
+        T[a] = torch.mm(acc.mul_(dpow[a]), onehot).mul_(sg ** (4 - a) * (sx * sd) ** a / (sV * sV))
     total += -4.0 * T[1] + 6.0 * T[2] - 4.0 * T[3] + T[4]
-    # the bound (linear_factors._even_power_sums_f32 with FOURTH_POWER_CS_BOUND): the chunk's rows
-    # for the contraction over the outputs
-    eps = (_lf.POWER_SUMS_F32_LAMBDA * (math.sqrt(in_f) + math.sqrt(rows)) + ROUNDINGS) * _lf._U32
-    under = sum(math.comb(4, a) * 8.0 * in_f * rows * _lf._TINY32 * sg ** (4 - a) * (sx * sd) ** a
-                for a in range(1, 5)) / (sV * sV)
+    # the bound (linear_factors._even_power_sums_f32 with FOURTH_POWER_CS_BOUND): the float32 sums of
+    # blk inputs (the contraction over the outputs is float64's)
+    eps = (_lf.POWER_SUMS_F32_LAMBDA * math.sqrt(blk) + ROUNDINGS) * _lf._U32
+    # underflow in the scaled float32 factors (each in [-1, 1]): 8 2^-126 a term, over the in * n_k terms
+    # of chunk k's n_k rows that reach the GEMMs
+    n_k = torch.bincount(cid, minlength=K).to(torch.float64).unsqueeze(0)
+    under = n_k * (sum(math.comb(4, a) * 8.0 * in_f * _lf._TINY32 * sg ** (4 - a) * (sx * sd) ** a
+                       for a in range(1, 5)) / (sV * sV))
     t4 = T[4].clamp_min(0.0) * (1.0 + eps)
     t2 = T[2].clamp_min(0.0) * (1.0 + eps)
     err = eps * (t4 + 4.0 * (t4 * t2).sqrt() + 6.0 * t2 + 4.0 * (t2 * G.unsqueeze(0)).sqrt()) + under
@@ -199,29 +216,41 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
     bad = ~(torch.isfinite(total) & (err * (1.0 + rtol) <= rtol * total.clamp_min(0.0)))
     if 4 not in _lf.POWER_SUMS_F32:  # (the float64 path throughout, as factored_power_sums takes it)
         bad.fill_(True)
-    bad_rec = bad.any(1).nonzero().reshape(-1)
     nbad = int(bad.sum())
     _lf.POWER_SUMS_F32_COUNTS[(4, "float32")] += R * K - nbad
     _lf.POWER_SUMS_F32_COUNTS[(4, "float64")] += nbad
-    if bad_rec.numel():
-        f64 = _float64_terms(dL[bad_rec], x[bad_rec], gL, vL, cid, K)
-        redo = G.unsqueeze(0) + f64
-        total[bad_rec] = torch.where(bad[bad_rec], redo, total[bad_rec])
+    if nbad:
+        _float64_entries(total, bad, G, dL, x, gL, vL, cid)
     return total
 
 
-def _float64_terms(dL: Tensor, x: Tensor, gL: Tensor, vL: Tensor, cid: Tensor, K: int) -> Tensor:
-    """``[n, K]`` the terms ``a = 1..4`` of :func:`unit_fourth_sums` in float64 for ``n`` records
-    (``dL [n, L]``, ``x [n, in]``; ``gL``, ``vL`` ``[L, in]``): the records whose float32 bound failed."""
-    g, v = gL.to(torch.float64), vL.to(torch.float64)
-    q = torch.where(v > _lf.V_NONE, v.square().reciprocal(), torch.zeros((), dtype=torch.float64))
-    onehot = _indicator(cid, K, torch.float64)
-    x2, d2 = x.square(), dL.square()
-    xpow = {1: x, 2: x2, 3: x2 * x, 4: x2.square()}
-    dpow = {1: dL, 2: d2, 3: d2 * dL, 4: d2.square()}
-    out = torch.zeros(dL.shape[0], K, dtype=torch.float64)
-    for a in range(4, 0, -1):
-        if a < 4:
-            q = q * g
-        out += (math.comb(4, a) * (-1.0) ** (4 - a)) * ((torch.mm(xpow[a], q.T) * dpow[a]) @ onehot)
-    return out
+def _powers64(t: Tensor) -> dict[int, Tensor]:
+    """``{a: t^a}`` for ``a = 1..4`` (float64, by products)."""
+    t2 = t.square()
+    return {1: t, 2: t2, 3: t2 * t, 4: t2.square()}
+
+
+def _float64_entries(total: Tensor, bad: Tensor, G: Tensor, dL: Tensor, x: Tensor, gL: Tensor, vL: Tensor,
+                     cid: Tensor) -> None:
+    """``total``'s entries ``bad [R, K]`` recomputed in float64 (the binomial expansion as
+    ``factored_power_sums``' float64 sums take it), chunk by chunk: each chunk's failing records on
+    its own rows (the 1e7 MLP's second layer: ~1,000 of 16,384 entries, ~6 of 128 rows a chunk), the
+    failing records' input and derivative powers computed once."""
+    recs_all = bad.any(1).nonzero().reshape(-1)
+    at = torch.full((bad.shape[0],), -1, dtype=torch.long)
+    at[recs_all] = torch.arange(recs_all.numel())
+    xp = _powers64(x[recs_all])
+    dp = _powers64(dL[recs_all])
+    ends = torch.bincount(cid, minlength=bad.shape[1]).cumsum(0).tolist()
+    for k in bad.any(0).nonzero().reshape(-1).tolist():
+        recs = bad[:, k].nonzero().reshape(-1)
+        ri = at[recs]
+        s, e = (ends[k - 1] if k else 0), ends[k]
+        g, v = gL[s:e].to(torch.float64), vL[s:e].to(torch.float64)
+        q = torch.where(v > _lf.V_NONE, v.square().reciprocal(), torch.zeros((), dtype=torch.float64))
+        t = torch.zeros(recs.numel(), dtype=torch.float64)
+        for a in range(4, 0, -1):
+            if a < 4:
+                q = q * g
+            t += (math.comb(4, a) * (-1.0) ** (4 - a)) * (torch.mm(xp[a][ri], q.T) * dp[a][ri, s:e]).sum(1)
+        total[recs, k] = G[k] + t
