@@ -68,6 +68,23 @@ def test_the_sums_are_within_the_bound_of_the_exact_sums(bias, held, rows):
     assert rel <= (1e-12 if bias else 1e-5), rel  # (what is measured, with margin: the bound is loose)
 
 
+def test_groups_of_chunks_within_a_memory_budget_give_the_same_sums(monkeypatch):
+    """With a group budget of 6 rows (``GROUP_FLOATS``) the chunks of 4 rows are summed in several
+    groups (each its own scales and bound): every entry within 1e-4 of the exact sums, and within
+    the bound of the one-group sums."""
+    d, x, gm, v = _case()
+    one = uf.unit_fourth_sums(d, x, gm, v, False, 4)
+    groups = []
+    real = uf._terms
+    monkeypatch.setattr(uf, "_terms", lambda total, *a: groups.append(total.shape[1]) or real(total, *a))
+    monkeypatch.setattr(uf, "GROUP_FLOATS", 6 * x.shape[1])
+    got = uf.unit_fourth_sums(d, x, gm, v, False, 4)
+    assert len(groups) > 2 and sum(groups) == got.shape[1]
+    ref = _exact(d, x, gm, v, False, 4)
+    assert float(((got - ref).abs() / ref).max()) <= RTOL
+    assert float(((got - one).abs() / one).max()) <= 2 * RTOL
+
+
 def test_the_chunk_calls_give_the_same_entries_within_the_bound():
     """Against ``factored_power_sums`` on each chunk's column of ones (the path the switch replaces):
     within 2e-4 relative (each within 1e-4 of the exact sum)."""

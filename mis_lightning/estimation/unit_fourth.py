@@ -49,6 +49,9 @@ ROUNDINGS = 12
 # partials ([R, L] each) come to at most SPLIT_BUDGET elements a term
 BLOCK = 256
 SPLIT_BUDGET = 1 << 21
+# float32 elements of a group's [rows, in] temporaries (whole chunks: the parameter's in one group up to
+# 2^22 weights that reach the GEMMs, the 1e7 MLP's every layer)
+GROUP_FLOATS = 1 << 22
 
 
 def _abs_max(t: Tensor) -> float:
@@ -143,25 +146,46 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
     L = keep.numel()
     if L == 0:
         return total
-    cid = keep // rows  # (non-decreasing: each chunk's rows are a slice of the L)
-    every = L == out  # (the rows as they are: no gathered copies)
-    dL = d if every else d[:, keep]
+    cid = keep // rows  # (non-decreasing: each chunk's rows are a slice of keep)
     if bias:  # float64 throughout on the rows that move: [R, L]
         v = vd.reshape(-1)[keep].to(torch.float64)
-        c = (dL - gm.reshape(-1)[keep].to(torch.float64)).square_().div_(v)
+        c = ((d if L == out else d[:, keep]) - gm.reshape(-1)[keep].to(torch.float64)).square_().div_(v)
         if not bool(v.amin() > _lf.V_NONE):  # (NaN: False)
             c = torch.where(v > _lf.V_NONE, c, torch.zeros((), dtype=torch.float64))
         return total.add_(c.square_() @ _indicator(cid, K, torch.float64))
-    gL, vL = (gm, vd) if every else (gm[keep], vd[keep])
+    cache = cache or _lf.PowerCache(budget=0)
+    # whole chunks in groups of at most GROUP_FLOATS / in rows that reach the GEMMs (memory: a few
+    # [rows, in] and [R, rows] temporaries a group, as the chunked sums' own)
+    ends = torch.bincount(cid, minlength=K).cumsum(0).tolist()
+    cap = max(1, GROUP_FLOATS // in_f)
+    k0 = s0 = 0
+    for k in range(K):
+        if k + 1 < K and ends[k + 1] - s0 <= cap:
+            continue
+        if ends[k] > s0:  # (chunks k0..k, their rows keep[s0:ends[k]])
+            sel = keep[s0: ends[k]]
+            whole = s0 == 0 and ends[k] == out  # (every row: no gathered copies)
+            _terms(total[:, k0: k + 1], G[k0: k + 1], d if whole else d[:, sel], x,
+                   gm if whole else gm[sel], vd if whole else vd[sel], cid[s0: ends[k]] - k0, cache)
+        k0, s0 = k + 1, ends[k]
+    return total
+
+
+def _terms(total: Tensor, G: Tensor, dL: Tensor, x: Tensor, gL: Tensor, vL: Tensor, cid: Tensor,
+           cache: _lf.PowerCache) -> None:
+    """Add the terms ``a = 1..4`` of :func:`unit_fourth_sums` to ``total [R, K]`` (a view: the group's
+    chunks, whose ``a = 0`` terms are ``G [K]``): ``dL [R, L]``, ``gL``, ``vL`` ``[L, in]`` the group's
+    rows that reach the GEMMs, ``cid [L]`` their chunks (``0..K-1``, non-decreasing)."""
+    R, K = total.shape
+    L, in_f = gL.shape
     v_least = float(vL.amin())
     live_all = v_least > _lf.V_NONE  # (NaN: False)
     if not live_all:
         v_least = float(torch.where(vL > _lf.V_NONE, vL, math.inf).amin())
     if not (v_least < math.inf):  # no live weight on these rows: G alone
-        return total
+        return
     sV = _pow2_at_most(v_least)
     sg = _pow2_at_least(_abs_max(gL))
-    cache = cache or _lf.PowerCache(budget=0)
     sx = float(cache.scale(x))
     sd = _pow2_at_least(_abs_max(dL))
     # Q_4 = (s_V / V)^2 in (0, 1], then Q_{a-1} = Q_a gbar / s_g: in the held tensors' dtype (float32 at
@@ -221,7 +245,6 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
     _lf.POWER_SUMS_F32_COUNTS[(4, "float64")] += nbad
     if nbad:
         _float64_entries(total, bad, G, dL, x, gL, vL, cid)
-    return total
 
 
 def _powers64(t: Tensor) -> dict[int, Tensor]:
