@@ -4222,9 +4222,10 @@ def _unit_fourth_batched(reader: _InfluenceReader, a: int, b: int, inputs: tuple
 
 def _unit_fourth_applies(reader: _InfluenceReader, a: int, b: int) -> bool:
     """Whether :func:`_unit_fourth_batched` sums chunk ``a:b`` of ``reader``'s parameter (the switch on,
-    factored influences, whole output rows)."""
-    u = reader.unit
-    return (UNIT_FOURTH_BATCHED and reader.factor is not None and reader.est.influence is None
+    factored influences in float64, as the float32 path of the chunk calls reads them; whole output rows)."""
+    u, fac = reader.unit, reader.factor
+    return (UNIT_FOURTH_BATCHED and fac is not None and reader.est.influence is None
+            and fac[0].d.dtype == torch.float64 and fac[0].x.dtype == torch.float64
             and a % u == 0 and (b - a) % u == 0 and b > a)
 
 

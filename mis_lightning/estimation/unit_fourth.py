@@ -14,14 +14,15 @@ float64 per chunk (~0.5 s of the 1e7 MLP's first scoring call). Here:
 * the ``a = 0`` term ``G_k = sum_{j in k} gbar_j^4 / V_jj^2`` over every row (``(gbar^2 / V)^2``
   in float64, in cache-sized blocks);
 * the terms ``a = 1..4`` over the rows whose ``d`` is non-zero on some record only (a silent row's
-  are exact zeros): four float32 GEMMs over the whole parameter's such rows,
-  ``M_a = (x / s_x)^a (Q_a)^T`` with ``Q_a = (s_V / V)^2 (gbar / s_g)^(4-a)`` (powers of two
-  ``s``: exact rescalings), then ``sum_{o in k} (d_ro / s_d)^a M_a[r, o]`` by one float32 GEMM
-  with the chunks' indicator;
+  are exact zeros): four float32 GEMMs over the whole parameter's such rows (whole chunks in groups
+  within :data:`GROUP_FLOATS`), ``M_a = (x / s_x)^a (Q_a)^T`` with ``Q_a = (s_V / V)^2 (gbar / s_g)^(4-a)``
+  (powers of two ``s``: exact rescalings), in float32 partial sums of :data:`BLOCK` inputs added in
+  float64 where that is cheap (few rows), then ``sum_{o in k} (d_ro / s_d)^a M_a[r, o]`` in float64
+  (a GEMM with the chunks' indicator);
 * per entry the run-time bound of :func:`~.linear_factors._even_power_sums_f32` (Higham and Mary's
-  probabilistic bound at ``lambda = POWER_SUMS_F32_LAMBDA``, with Cauchy-Schwarz for the odd terms),
-  and the entries beyond ``POWER_SUMS_F32_RTOL`` relative (or not finite) recomputed in float64
-  for their records, as that function's callers do.
+  probabilistic bound at ``lambda = POWER_SUMS_F32_LAMBDA`` for the float32 sums, Cauchy-Schwarz for
+  the odd terms, an underflow term), and the entries beyond ``POWER_SUMS_F32_RTOL`` relative (or
+  not finite) recomputed in float64, chunk by chunk, as that function's callers do.
 
 A bias: the rows whose ``d`` is non-zero on some record in float64 directly
 (``((d - gbar)^2 / V)^2``), the others' constant ``G``.
@@ -117,7 +118,7 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
     docstring), chunk ``k`` its output rows ``k rows .. (k + 1) rows - 1`` (``K = ceil(out / rows)``).
 
     Args:
-        d: ``[R, out]`` float64, the loss derivatives at the layer's outputs.
+        d: ``[R, out]`` float64, the per-record gradients at the layer's outputs (``LinearFactors.d``).
         x: ``[R, in]`` float64, the layer's inputs (not read for a bias).
         g_mean, v_diag: the parameter's mean gradient and gradient variances, ``[out * in]`` (a
             weight) or ``[out]`` (a bias), float32 or float64 (the estimate's held tensors).
@@ -127,7 +128,9 @@ def unit_fourth_sums(d: Tensor, x: Tensor, g_mean: Tensor, v_diag: Tensor, bias:
             that the power-2 sums hold); ``None``: computed here.
 
     Each entry is within ``POWER_SUMS_F32_RTOL`` relative of the exact sum (the float32 terms' run-time
-    bound, method.md section 3, "Power sums in float32"; else recomputed in float64).
+    bound, method.md section 3, "Power sums in float32", in its Cauchy-Schwarz form whatever
+    ``FOURTH_POWER_CS_BOUND``; else recomputed in float64; all of them where 4 is not in
+    ``POWER_SUMS_F32``). ``POWER_SUMS_F32_COUNTS`` counts entries (a record and chunk each).
 
     Raises:
         ValueError: shapes that do not match or ``rows < 1``.
