@@ -40,7 +40,7 @@ from . import linear_factors as _lf
 
 __all__ = ["unit_fourth_sums"]
 
-# elements per block of the a = 0 term's float64 pass (two [BLOCK] float64 buffers: in L2)
+# elements per block of the a = 0 term's float64 pass (two [G_BLOCK] float64 buffers: in L2)
 G_BLOCK = 1 << 16
 # float32 roundings the bound counts beyond the GEMM's sums (x^a: at most 3, from x / s_x and x^2 in
 # float32; Q_a: at most 6, the quotient, its square and three products by gbar / s_g; the GEMM's
