@@ -216,7 +216,10 @@ def _terms(total: Tensor, G: Tensor, dL: Tensor, x: Tensor, gL: Tensor, vL: Tens
     dmul = {1: (ds,), 2: (d2,), 3: (d2, ds), 4: (d2, d2)}
     x1, x2 = cache.scaled_power32(x, 1), cache.scaled_power32(x, 2)
     xpow = {1: x1, 2: x2, 3: x1 * x2, 4: x2.square()}
-    onehot = _indicator(cid, K, torch.float64)
+    counts = torch.bincount(cid, minlength=K)
+    # chunks of equal rows (every row reaching the GEMMs: the first layer): their sums by one reduction
+    equal = L == K * int(counts[0]) and bool((counts == counts[0]).all())
+    onehot = None if equal else _indicator(cid, K, torch.float64)
     T: dict[int, Tensor] = {}
     for a in range(4, 0, -1):
         if a < 4:
@@ -230,14 +233,15 @@ def _terms(total: Tensor, G: Tensor, dL: Tensor, x: Tensor, gL: Tensor, vL: Tens
                 acc.copy_(part)
         for f in dmul[a]:
             acc.mul_(f)
-        T[a] = torch.mm(acc, onehot).mul_(sg ** (4 - a) * (sx * sd) ** a / (sV * sV))
+        per = acc.view(R, K, L // K).sum(2) if onehot is None else torch.mm(acc, onehot)
+        T[a] = per.mul_(sg ** (4 - a) * (sx * sd) ** a / (sV * sV))
     total += -4.0 * T[1] + 6.0 * T[2] - 4.0 * T[3] + T[4]
     # the bound (linear_factors._even_power_sums_f32 with FOURTH_POWER_CS_BOUND): the float32 sums of
     # blk inputs (the contraction over the outputs is float64's)
     eps = (_lf.POWER_SUMS_F32_LAMBDA * math.sqrt(blk) + ROUNDINGS) * _lf._U32
     # underflow in the scaled float32 factors (each in [-1, 1]): 8 2^-126 a term, over the in * n_k terms
     # of chunk k's n_k rows that reach the GEMMs
-    n_k = torch.bincount(cid, minlength=K).to(torch.float64).unsqueeze(0)
+    n_k = counts.to(torch.float64).unsqueeze(0)
     under = n_k * (sum(math.comb(4, a) * 8.0 * in_f * _lf._TINY32 * sg ** (4 - a) * (sx * sd) ** a
                        for a in range(1, 5)) / (sV * sV))
     t4 = T[4].clamp_min(0.0) * (1.0 + eps)
