@@ -68,6 +68,21 @@ def test_the_sums_are_within_the_bound_of_the_exact_sums(bias, held, rows):
     assert rel <= (1e-12 if bias else 1e-5), rel  # (what is measured, with margin: the bound is loose)
 
 
+def test_every_row_moving_takes_the_equal_chunks_reduction(monkeypatch):
+    """No silent row (the 1e7 MLP's first layer): chunks of equal rows contracted by one reduction
+    instead of the indicator GEMM, within 1e-4 (measured ~1e-7) of the exact sums (fails with the
+    reduction over the wrong axis or rows)."""
+    d, x, gm, v = _case()
+    d[:, [1, 7, 8]] = 0.5
+    used = []
+    real = uf._indicator
+    monkeypatch.setattr(uf, "_indicator", lambda *a: used.append(1) or real(*a))
+    got = uf.unit_fourth_sums(d, x, gm, v, False, 5)
+    assert not used
+    ref = _exact(d, x, gm, v, False, 5)
+    assert float(((got - ref).abs() / ref).max()) <= 1e-5
+
+
 def test_groups_of_chunks_within_a_memory_budget_give_the_same_sums(monkeypatch):
     """With a group budget of 6 rows (``GROUP_FLOATS``) the chunks of 4 rows are summed in several
     groups (each its own scales and bound): every entry within 1e-4 of the exact sums, and within
