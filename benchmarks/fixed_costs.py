@@ -94,9 +94,10 @@ most of them would be one place to batch).
 (lightning_fabric imported, one Adam step: ``torch._dynamo`` imported before, as in scale.py's
 child): torchao's import timed apart (CPU ms; scale.py's first call includes it), then
 ``--calls`` calls, each split into the fourth powers of the chunks' unit columns (the outermost
-``linear_factors.factored_power_sums`` calls of power 4 on one column of ones: the sums that
-``assess.UNIT_SUMS_ONCE`` keeps in the estimate, computed by the first call on an estimate and read
-back by the later ones), the one-time builds of ``once`` and the rest, with each call's minor page
+``linear_factors.factored_power_sums`` calls of power 4 on one column of ones, and with
+``assess.UNIT_FOURTH_BATCHED`` (p52a) the ``assess._unit_fourth_batched`` calls that sum every chunk's at
+once: the sums that ``assess.UNIT_SUMS_ONCE`` keeps in the estimate, computed by the first call on an
+estimate and read back by the later ones), the one-time builds of ``once`` and the rest, with each call's minor page
 faults (the unit columns' fourth powers also by parameter); then call 1 less call 2 by the same
 parts. ``--off MODULE.FLAG`` (any mode but ``import``)
 sets a switch of ``mis_lightning`` False first: with ``--off assess.UNIT_SUMS_ONCE`` every call sums
@@ -529,6 +530,24 @@ def _split(path: str, calls: int) -> None:
             by_param[fac.bias if k.get("bias", a[0] if a else False) else fac.weight] += dt
 
     lf.factored_power_sums = fps  # (the influence readers bind it when a call creates them)
+    batched0 = A._unit_fourth_batched
+
+    def batched(reader: Any, *a: Any) -> Any:  # (assess.UNIT_FOURTH_BATCHED: every chunk's at once)
+        outer[0] += 1
+        c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        try:
+            got = batched0(reader, *a)
+        finally:
+            outer[0] -= 1
+            dt = time.process_time() - c
+        if got is not None:
+            unit["cpu"] += dt
+            unit["faults"] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+            unit["calls"] += 1
+            by_param[reader.name] += dt
+        return got
+
+    A._unit_fourth_batched = batched
     rows = []
     for i in range(calls):
         once.clear()

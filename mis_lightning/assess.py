@@ -4247,6 +4247,51 @@ def _shared_deficit_plan(columns: list[Tensor]) -> tuple[int | None, dict[int, t
 UNIT_SUMS_ONCE = True
 
 
+# A factored parameter's power-4 unit sums (UNIT_SUMS_ONCE's entries, B = sum_j w^4 of the Gaussian
+# form's diagnostics) for every chunk at once, by estimation.unit_fourth.unit_fourth_sums, when the
+# first chunk needs them (p52a: the 1e7 MLP's 44 chunk calls of factored_power_sums on a column of
+# ones, ~0.5 s of its first scoring call, each with its own small GEMMs, a = 0 term, A / V^2 and float64
+# fallback): four float32 GEMMs over the parameter's rows that some record's gradient reaches, the
+# a = 0 term in float64, the same run-time bound (POWER_SUMS_F32_RTOL) and the entries beyond it in
+# float64. Not bitwise: each entry within the same 1e-4 relative bound of the exact sum as before
+# (measured ~1e-6; the reports' clt_error_estimate ~1e-7 relative, docs/benchmarks.md "p52a").
+# False: each chunk's own factored_power_sums call, as before (A/B).
+UNIT_FOURTH_BATCHED = True
+
+
+def _unit_fourth_batched(reader: _InfluenceReader, a: int, b: int, inputs: tuple[tuple[Tensor | None, ...], tuple]
+                         ) -> Tensor | None:
+    """``[R]`` the power-4 unit sums of chunk ``a:b`` of ``reader``'s factored parameter
+    (:data:`UNIT_FOURTH_BATCHED`), left in the estimate's :data:`UNIT_SUMS_ONCE` entries keyed by
+    ``inputs`` (:func:`_unit_sums_inputs`) together with those of the parameter's further chunks of
+    the same width when ``a`` is 0 (the scoring pass's chunks: ``range(0, numel, b - a)``), else of
+    this chunk alone; ``None`` where the switch is off or the influences are not factored."""
+    if not _unit_fourth_applies(reader, a, b):
+        return None
+    from .estimation.unit_fourth import unit_fourth_sums
+
+    est, u, name = reader.est, reader.unit, reader.name
+    assert est._g_mean is not None and est._v_diag is not None and reader.factor is not None
+    fac, bias = reader.factor
+    gm, vd = est._g_mean[name].reshape(-1), est._v_diag[name].reshape(-1)
+    lo, hi = (0, gm.numel()) if a == 0 else (a, b)
+    width = b - a
+    sums = unit_fourth_sums(fac.d[:, lo // u: hi // u], fac.x, gm[lo:hi], vd[lo:hi], bias, width // u, reader.cache)
+    key = _qbase._fact_key(*inputs)
+    for k, c0 in enumerate(range(lo, hi, width)):
+        est._unit_sums[(name, c0, min(c0 + width, hi), 4)] = (key, sums[:, k].clone())
+    return sums[:, 0].clone()
+
+
+def _unit_fourth_applies(reader: _InfluenceReader, a: int, b: int) -> bool:
+    """Whether :func:`_unit_fourth_batched` sums chunk ``a:b`` of ``reader``'s parameter (the switch on,
+    factored influences in float64, as the float32 path of the chunk calls reads them; whole output rows)."""
+    u, fac = reader.unit, reader.factor
+    return (UNIT_FOURTH_BATCHED and fac is not None and reader.est.influence is None
+            and fac[0].d.dtype == torch.float64 and fac[0].x.dtype == torch.float64
+            and a % u == 0 and (b - a) % u == 0 and b > a)
+
+
 def _power_sum_settings() -> tuple:
     """The module settings that the power sums of a chunk's columns depend on (the float32 path,
     its tolerances, the layouts; linear_factors' upper-case scalars and the stacking switches of
@@ -4256,8 +4301,11 @@ def _power_sum_settings() -> tuple:
 
     own = tuple((k, v) for k, v in sorted(vars(_lf).items())
                 if k.isupper() and isinstance(v, (bool, int, float, str, frozenset)))
+    from .estimation import unit_fourth as _uf
+
+    own += tuple((k, v) for k, v in sorted(vars(_uf).items()) if k.isupper() and isinstance(v, (bool, int, float)))
     return own + (("COLUMN_MAJOR_STACK", COLUMN_MAJOR_STACK), ("COLUMN_MAJOR_ROWS", COLUMN_MAJOR_ROWS),
-                  ("threads", torch.get_num_threads()))
+                  ("UNIT_FOURTH_BATCHED", UNIT_FOURTH_BATCHED), ("threads", torch.get_num_threads()))
 
 
 def _unit_sums_inputs(reader: _InfluenceReader) -> tuple[tuple[Tensor | None, ...], tuple] | None:
@@ -4368,13 +4416,21 @@ def _distinct_list_sums(reader: _InfluenceReader, a: int, b: int, cols: dict[int
         entry = reader.est._unit_sums.get((reader.name, a, b, p))
         if entry is not None and _qbase._key_matches(entry[0], *inputs):
             known[p] = entry[1]
-    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p] and p not in known}
+    # a first call's power-4 unit sums: every chunk's at once (UNIT_FOURTH_BATCHED), after the chunk's
+    # other sums (which hold the layer's scaled input powers that they read too)
+    batch4 = 4 in once and 4 not in known and _unit_fourth_applies(reader, a, b)
+    stacked = {p: _stacked(reader, p, take[p], a, b) for p in cols if take[p] and p not in known and not (batch4 and p == 4)}
     if not stacked:
         ps = {}
     elif rw is None:
         ps = reader.sums(a, b, stacked)
     else:
         ps = reader.sums(a, b, stacked, row_weights=rw)
+    if batch4:
+        assert inputs is not None
+        got = _unit_fourth_batched(reader, a, b, inputs)
+        assert got is not None
+        known[4] = got
     for p in once:
         if p in known:
             ps[p] = known[p].unsqueeze(1).clone()

@@ -58,6 +58,7 @@ def test_a_unit_columns_sums_are_summed_once_per_estimate(monkeypatch):
     """Three calls on one estimate: the power-4 unit column reaches the power sums in the first
     only; every call's sums bitwise the first's and the switch-off call's, the unit columns' within
     the float32 path's 1e-4 of the exact sums (fails without the entries: power 4 summed every call)."""
+    monkeypatch.setattr(A, "UNIT_FOURTH_BATCHED", False)  # (the chunk calls: test_unit_fourth.py has the batched sums)
     fac, g_mean, v, g = _case()
     mix = torch.rand(g_mean.numel(), generator=g, dtype=torch.float64)
     est = _EstWithEntries(fac, g_mean, v)
@@ -85,6 +86,7 @@ def test_an_entry_is_not_read_after_its_inputs_or_settings_change(monkeypatch):
     (``POWER_SUMS_F32`` empty) each sum the unit column again, and the sums are those of a fresh
     estimate (fails with the versions or the settings left out of the key: the stale float32 sums,
     ~1e-8 and more off, would be read)."""
+    monkeypatch.setattr(A, "UNIT_FOURTH_BATCHED", False)  # (the chunk calls: test_unit_fourth.py has the batched sums)
     fac, g_mean, v, g = _case()
     mix = torch.rand(g_mean.numel(), generator=g, dtype=torch.float64)
     est = _EstWithEntries(fac, g_mean, v)
@@ -112,6 +114,7 @@ def test_later_scoring_calls_read_the_unit_sums_with_the_same_reports(monkeypatc
     alone: the schemes' are bounded): the first call sums that column, the second and third do not,
     and every report is the switch-off call's (fails without the entries, or with the scoring pass
     not handing ``_distinct_list_sums`` its unit column)."""
+    monkeypatch.setattr(A, "UNIT_FOURTH_BATCHED", False)  # (the chunk calls: test_unit_fourth.py has the batched sums)
     model, est = _estimate("factored")
     _, sc, _ = stage_configs("assess", None, None, {})
     real = lf.factored_power_sums
