@@ -152,3 +152,16 @@ def test_own_moments_take_the_sd_zero_weights_apart(scheme, monkeypatch):
         for f in ("kappa",) if kw.get("kappa_only") else FIELDS:
             assert _same(getattr(a, f), getattr(b, f)), (scheme, f, kw.get("kappa_only"))
     qb.release_chunk_facts()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sd_zero_moments_of_an_infinite_weight_decline_quietly(dtype):
+    """An infinite sd-0 weight is neither frozen nor a tie: ``None`` (the table call), without numpy's
+    ``RuntimeWarning`` from ``inf - inf`` reaching the user (rv52)."""
+    import warnings
+
+    values = cast_cell_values(dtype)
+    for v in (float("inf"), -float("inf")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert T.sd_zero_moments(torch.tensor([0.25, v], dtype=F64), values) is None

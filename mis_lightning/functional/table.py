@@ -1887,8 +1887,10 @@ def sd_zero_moments(theta: Tensor, values: Tensor, kappa_only: bool = False) -> 
     mids, pad = layout.edges_numpy()
     cell = np.searchsorted(mids, tv, side="right")  # TableLayout.cells (NaN: past the top)
     # the settle's frozen test: d / tiny > 8.5 is d > 8.5 tiny (d >= 0 scaled by a power of two:
-    # exact, or inf where it overflows; NaN false either way)
-    frozen = ((tv - pad[cell]) > _FROZEN_SD0) & ((pad[cell + 1] - tv) > _FROZEN_SD0)
+    # exact, or inf where it overflows; NaN false either way: an infinite weight's inf - inf is NaN,
+    # not frozen, quietly, as torch's)
+    with np.errstate(invalid="ignore"):
+        frozen = ((tv - pad[cell]) > _FROZEN_SD0) & ((pad[cell + 1] - tv) > _FROZEN_SD0)
     out = np.empty((4, tv.size))
     out[0], out[1:3], out[3] = 0.0, math.nan if kappa_only else 0.0, 1.0
     if not bool(frozen.all()):
