@@ -4254,7 +4254,8 @@ UNIT_SUMS_ONCE = True
 # fallback): four float32 GEMMs over the parameter's rows that some record's gradient reaches, the
 # a = 0 term in float64, the same run-time bound (POWER_SUMS_F32_RTOL) and the entries beyond it in
 # float64. Not bitwise: each entry within the same 1e-4 relative bound of the exact sum as before
-# (measured ~1e-6; the reports' clt_error_estimate ~1e-7 relative, docs/benchmarks.md "p52a").
+# (measured ~1e-6; the reports' clt_error_estimate up to ~1e-6 relative: 1.04e-6 on M5, 1.8e-7
+# on M and M6; docs/benchmarks.md "p52a").
 # False: each chunk's own factored_power_sums call, as before (A/B).
 UNIT_FOURTH_BATCHED = True
 
