@@ -25,6 +25,7 @@ from . import _lightning_support as lt
 from ._augmentation import random_records_note
 from ._callback_errors import callback_error, names_callback
 from ._lightning_compat import lightning_callback_base
+from ._loss_match import TrainingLosses, loss_mismatch_note
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
 from ._user_warnings import rank_zero_warn
@@ -236,6 +237,7 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._decay_note: str | None = None  # optimizer decay the assessed objective lacks
         self._decay_info: str | None = None  # the optimizer's coupled decay, taken as the objective's
         self._full_pass, self._pass_read, self._most_read, self._resumed = False, 0, 0, False
+        self._train_losses = TrainingLosses()  # training_step's loss on the last batches (nux52 #2)
         self._loss(trainer, pl_module)
 
     def _check_model(self, pl_module: Any) -> None:
@@ -328,6 +330,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._pass_read += 1
         self._most_read = max(self._most_read, self._pass_read)
+        if (losses := getattr(self, "_train_losses", None)) is not None:
+            losses.see(trainer, outputs, batch)  # a reference and a detached scalar: no sync, no copy
         # a pass over the training data ended (a stream's length is known only then): the
         # records trained on are all of them. After a resume within a pass, Lightning ends the
         # epoch at its remaining count while a restarted loader is not at its end: only a pass
@@ -362,6 +366,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # a state restored from a checkpoint belongs to that run: the next fit (a finished
         # checkpoint resumed skips on_train_start) starts clean
         self._stage, self._state_loaded = None, False
+        if (losses := getattr(self, "_train_losses", None)) is not None:
+            losses.clear()  # the batches are not held past the fit
 
     @names_callback
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -456,6 +462,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
+                if (losses := getattr(self, "_train_losses", None)) is not None and (mismatch := loss_mismatch_note(
+                        pl_module, losses, self._loss(trainer, pl_module), self.batch_fn, self.loss_fn is not None)):
+                    report.warnings.insert(0, mismatch)  # first: it outweighs every other caveat
+                    report.diagnostics["loss_mismatch"] = True  # every figure "*", the verdict says so
                 if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):
                     report.warnings.append(best_note)
                 if (sets := getattr(self, "_sets", None)) and (sets_note := sets.note(trainer, report.n)):
