@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ._modelcopy import SharedWeights, private_copy
 from .evaluation import evaluate_utility
 from .streaming import HOOK_NAME
 
@@ -59,8 +60,9 @@ def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dic
     """A warning when the assessment's mean per-sample loss on each kept training batch exceeds
     :data:`RATIO_LIMIT` times the loss ``training_step`` returned on it; else ``None``.
 
-    Runs ``pl_module`` in eval mode without gradients on the kept batches (the caller holds the
-    RNG isolated; each module's training flag is restored by :func:`evaluate_utility`). Skipped
+    Runs a private copy of ``pl_module`` (its parameters over the module's storage, not copied;
+    buffers and attributes copied: the module itself never runs) in eval mode without gradients
+    on the kept batches (the caller holds the RNG isolated). Skipped
     (``None``) with fewer than :data:`KEPT` batches, a training loss that is not positive and
     finite, or a loss that fails here (the assessment itself reports such failures).
     """
@@ -68,13 +70,18 @@ def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dic
         return None
     hook = resolved["hook"]
     batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
+    try:
+        model = private_copy(pl_module, "copying the model for the training-loss check",
+                             shared=SharedWeights(pl_module.parameters()))
+    except Exception:  # noqa: BLE001 - the assessment's own copies report a model that cannot be copied
+        return None
     pairs = []
     for trained, batch in kept.kept:
         t = float(trained)
         if not (t > 0 and math.isfinite(t)):
             return None
         try:
-            a = evaluate_utility(pl_module, [batch], None if hook else resolved["loss_fn"],
+            a = evaluate_utility(model, [batch], None if hook else resolved["loss_fn"],
                                  batch_fn=None if hook else batch_fn, batch_loss=batch_loss)["loss"]
         except Exception:  # noqa: BLE001 - the assessment reports a loss that fails
             return None
