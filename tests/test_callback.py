@@ -610,6 +610,9 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
                                              r"inf\) for 32 of 32 records"),
         (dict(loss_fn=mse), ValueError, r"MISCallback: BatchCentred: the model's output for record 0 computed alone "
                                         r"differs from its row in the batch of 32"),
+        # nux52 #5: random in eval mode is not mixing (the same record twice tells them apart)
+        (dict(loss_fn=mse), ValueError, r"MISCallback: MCDropout: the forward pass is random even in eval mode: "
+                                        r"record 0 computed alone twice"),
     ]
     for i, (kw, err, msg) in enumerate(cases):
         cb = MISCallback(SCHEMES, strict=False, **kw)
@@ -618,7 +621,8 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
         trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=str(tmp_path / str(i)))
         with pytest.raises(err, match=msg):
-            trainer.fit(BatchCentred() if "BatchCentred" in msg else Regressor(), train, val)
+            trainer.fit(BatchCentred() if "BatchCentred" in msg else MCDropout() if "MCDropout" in msg
+                        else Regressor(), train, val)
         assert trainer.global_step == 0  # raised before the first optimizer step
 
 
@@ -671,6 +675,14 @@ class BatchCentred(Regressor):
 
     def forward(self, x):
         return super().forward(x - x.mean(0, keepdim=True))
+
+
+class MCDropout(Regressor):
+    """Monte Carlo dropout: random in eval mode too (nux52 #5)."""
+
+    def forward(self, x):
+        h = torch.nn.functional.dropout(torch.tanh(self.net[0](x)), 0.2, training=True)
+        return self.net[3](h).squeeze(-1)
 
 
 class _NoHook(HookRegressor):
