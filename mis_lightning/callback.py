@@ -39,7 +39,7 @@ from .assess import (
 )
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.estimate import check_decay_names
-from .estimation.per_sample import BatchFn, LossFn
+from .estimation.per_sample import BatchFn, LossFn, check_forward
 from .evaluation import OutputTransform
 from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better, plan_direction
 from .planning import plan as run_plan
@@ -238,7 +238,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._decay_info: str | None = None  # the optimizer's coupled decay, taken as the objective's
         self._full_pass, self._pass_read, self._most_read, self._resumed = False, 0, 0, False
         self._train_losses = TrainingLosses()  # training_step's loss on the last batches (nux52 #2)
-        self._loss(trainer, pl_module)
+        if not self._loss(trainer, pl_module)["hook"]:
+            check_forward(pl_module, "MISCallback: ")  # no forward: said now, with the cures (nux52 #6)
 
     def _check_model(self, pl_module: Any) -> None:
         """The checks on the module's parameters, before training: a quantized model, a misspelled

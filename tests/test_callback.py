@@ -1783,3 +1783,37 @@ def test_a_frozen_layer_of_inference_tensors_trains_and_is_assessed_around(tmp_p
     _, module = fit(tmp_path, make, callbacks=[cb], max_epochs=1)
     assert module.net[0].weight.is_inference()
     assert cb.report is not None and cb.report.d == 7 and cb.report.schemes["rtn_int8"].error is None
+
+
+class NoForward(pl.LightningModule):
+    """nux52 #6: no forward; training_step calls the layers itself (a common Lightning style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.net(x).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class NoForwardHooked(NoForward):
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        return 0.5 * (self.net(x).squeeze(-1) - y) ** 2
+
+
+def test_a_module_without_forward_is_refused_with_the_cures_and_its_hook_suffices(tmp_path):
+    train, val = loaders()
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[MISCallback(SCHEMES, loss_fn=mse)],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(NotImplementedError, match=r"MISCallback: NoForward defines no forward method: .*model\(inputs\)"
+                                                  r".*Define forward\(self, x\).*mis_per_sample_loss\(self, batch\)"):
+        trainer.fit(NoForward(), train)
+    assert trainer.global_step == 0  # said before training
+    cb = MISCallback(SCHEMES, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "hook", NoForwardHooked, [cb], max_epochs=1)
+    assert cb.report is not None and cb.report.n == 120, cb.last_error

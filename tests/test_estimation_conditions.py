@@ -346,6 +346,23 @@ def test_a_random_forward_is_refused_as_random_not_as_mixing_records():
         ml.assess(_BatchCentred().eval(), ["rtn_int8"], dl, mse, uncertainty_draws=0)
 
 
+class _NoForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 1)
+
+
+def test_a_model_without_forward_is_named_with_the_cures():
+    """nux52 #6: torch's bare "Module [M] is missing the required forward function" came out of
+    the estimation; assess and MISIndicator name the class and the cures."""
+    X, y = _data()
+    msg = r"^_NoForward defines no forward method: the assessment calls the model as it is released, model\(inputs\)"
+    with pytest.raises(NotImplementedError, match=msg):
+        ml.assess(_NoForward(), ["rtn_int8"], DataLoader(TensorDataset(X, y), batch_size=100), mse)
+    with pytest.raises(NotImplementedError, match=msg):
+        ml.MISIndicator(_NoForward(), mse, ["rtn_int8"]).update(X[:100], y[:100])
+
+
 class _Squeezed(nn.Module):
     """Per-record, but its output loses the batch dimension for a single record."""
 

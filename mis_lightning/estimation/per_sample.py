@@ -444,6 +444,30 @@ def check_loss_batches(loss_fn: Any, outputs: Any, targets: Any, what: str) -> N
             "Gaussian negative log-likelihood as 0.5 * (var.log() + (out - target) ** 2 / var))") from exc
 
 
+def check_forward(model: nn.Module, what: str) -> None:
+    """Refuse a model whose class defines no ``forward`` (nn.Module's default raises a bare
+    ``NotImplementedError``; a LightningModule whose ``training_step`` calls ``self.net(x)`` has
+    none, nux52 #6), before the assessment calls ``model(inputs)``.
+
+    Raises:
+        NotImplementedError: naming ``what``, the class and the two cures.
+    """
+    if "forward" in vars(model):  # set on the instance
+        return
+    # the class that defines it: nn.Module's, or LightningModule's, which only calls nn.Module's
+    owner = next((c for c in type(model).__mro__ if "forward" in vars(c)), nn.Module)
+    if owner is not nn.Module and not (owner.__name__ == "LightningModule"
+                                       and owner.__module__.endswith("core.module")):
+        return
+    name = type(model).__name__
+    raise NotImplementedError(
+        f"{what}{name} defines no forward method: the assessment calls the model as it is released, "
+        f"model(inputs), on each (inputs, targets) batch, and nn.Module's default forward raises. Define "
+        f"forward(self, x) on {name} (e.g. return self.net(x)), or, on a LightningModule, "
+        f"mis_per_sample_loss(self, batch) -> per-sample losses [B] computed as training_step does "
+        f"(docs/lightning.md)")
+
+
 def check_record_outputs(forward: Callable[[Any], Any], inputs: Any, outputs: Any, what: str,
                          records: int = 2) -> None:
     """Check that the model's outputs are per-record: ``forward`` on each of the first
@@ -734,7 +758,12 @@ class LossProgram:
     batch_fn: BatchFn = default_batch_fn
     dtype: torch.dtype = torch.float32
 
+    #: the per-sample losses call ``model(inputs)`` (not a hook of the model's own)
+    calls_forward = True
+
     def __post_init__(self) -> None:
+        if self.calls_forward:
+            check_forward(self.model, "")
         named = dict(self.model.named_parameters())
         missing = [n for n in self.param_names if n not in named]
         if missing:
