@@ -509,7 +509,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 for w in report.warnings:  # failed schemes, float layers, d_eff/n, not at a minimum, ...
                     rank_zero_warn(f"MISCallback: {w}")
                 for w in report.notes:  # information (layers quantized by another method): logged, not warned
-                    rank_zero_info(f"MISCallback: {w}")
+                    if w != getattr(self, "_decay_info", None):  # said at the start of fit (nux52 #7)
+                        rank_zero_info(f"MISCallback: {w}")
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
                     extra=where, epoch=epoch,

@@ -816,13 +816,14 @@ class MixedDecayRegressor(Regressor):  # no decay on the biases: the values diff
                                lr=1e-2)
 
 
-def test_the_optimizers_coupled_decay_is_the_assessed_objectives_when_unambiguous(tmp_path):
+def test_the_optimizers_coupled_decay_is_the_assessed_objectives_when_unambiguous(tmp_path, caplog):
     """nux51 #4: SGD / Adam ``weight_decay=wd`` (coupled: a stationary point of mean(loss) + wd/2
     |theta|^2, the assessed objective; docs/benchmarks.md "ux51") was detected, warned about and
     assessed with 0. One coupled value over every assessed parameter is now used, with a note in
     the report: the figures equal those of ``weight_decay=0.1`` passed by hand (same fit, same
     code path). Decoupled decay (AdamW) and values differing by group keep the warning and 0."""
     reports = {}
+    caplog.set_level(logging.INFO)
     for wd in (None, 0.1):
         cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, weight_decay=wd, **FAST)
         with warnings.catch_warnings(record=True) as caught:
@@ -831,6 +832,9 @@ def test_the_optimizers_coupled_decay_is_the_assessed_objectives_when_unambiguou
         assert not [w for w in caught if "applies weight decay" in str(w.message)], [str(w.message) for w in caught]
         reports[wd] = cb.report
     read = reports[None]
+    # said once on the console, before training (nux52 #7: again at the assessment); kept in the report's notes
+    said = [r for r in caplog.records if "read from the optimizer" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
     assert read.schemes["rtn_int8"].leakage == reports[0.1].schemes["rtn_int8"].leakage
     assert read.baseline_leakage == reports[0.1].baseline_leakage
     assert [n for n in read.notes if n.startswith("weight_decay 0.1 read from the optimizer (SGD, coupled L2 decay "
