@@ -563,7 +563,8 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
                    "model's figure does (no release leaks more than the float model). The independent form "
                    "(column indep. in the table: the weights' errors taken as uncorrelated) is another estimate, "
                    "which can read above the correlated headline: rank these schemes by it, against each other and "
-                   "against the baseline's independent form, not against the headline")
+                   "against the baseline's independent form, not against the headline"
+                   + _same_reading(report, {*stuck, *spanned}))
     layers: dict[str, float] = {}
     for r in report.schemes.values():
         for name, lr in (r.layers or {}).items():
@@ -596,6 +597,20 @@ def headline_unranked(report: Report, diagnostics: Mapping[str, Any]) -> list[st
                       and indep_base is not None and r.leakage_independent is not None
                       and math.isfinite(r.leakage_independent)
                       and r.leakage_independent < float(indep_base) * (1 - CONSISTENCY_TOLERANCE)))
+
+
+def _same_reading(report: Report, named: set[str]) -> str:
+    """The stuck-headline warning's clause for the other quantized schemes printed at the
+    baseline's value (those not ``named`` by it or the determination warning): the warning named
+    only the stuck ones, and a table whose every row reads the same made it look as if the others
+    were forgotten (nux52 #7). ``""`` without any."""
+    base = f"{report.baseline_leakage:.4g}"
+    same = sorted(k for k, r in report.schemes.items() if k not in named and not r.error and r.quantized_fraction > 0
+                  and f"{r.leakage:.4g}" == base)
+    if not same:
+        return ""
+    return (f". {', '.join(same)} also read {base}, but their independent forms stay at the baseline's too: by "
+            "both estimates their quantization hides little, and their figures need no other reading")
 
 
 def _fmt_or_nan(x: float | None) -> str:

@@ -1099,7 +1099,8 @@ def _no_safer_verdict(ok: list[dict[str, Any]], eligible: list[dict[str, Any]], 
     low = min(float(r["leakage"]) for r in eligible)
     tied = [str(r["scheme"]) for r in eligible if _ties_baseline(r) or _fmt(float(r["leakage"])) == _fmt(low)]
     text = (f"verdict: no scheme{how} is safer than the unquantized model by this estimate: "
-            f"{name_list(tied)} read its leakage ({_fmt(low)})")
+            # the verdict's subject: named as its list is (nux52 #7: "none, bf16 and 2 more" hid two of five)
+            f"{name_list(tied, VERDICT_NAMES)} read its leakage ({_fmt(low)})")
     inside = {id(r) for r in eligible}
     lower = [r for r in ok if id(r) not in inside and float(r["leakage"]) < low and not _ties_baseline(r)]
     if lower:
