@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
@@ -46,7 +47,7 @@ class TrainingLosses:
         """Keep ``batch`` with its loss from ``on_train_batch_end``'s ``outputs`` (a tensor, or a
         mapping's ``"loss"``; Lightning divides it by ``accumulate_grad_batches``, undone here).
         Nothing is kept without a scalar loss (manual optimization returning None)."""
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
             return
         self.kept.append((loss.detach() * int(getattr(trainer, "accumulate_grad_batches", 1) or 1), batch))
