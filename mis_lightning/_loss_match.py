@@ -27,6 +27,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ._modelcopy import SharedWeights, private_copy
+from .assess import _running_statistics_layers
 from .evaluation import evaluate_utility
 from .streaming import HOOK_NAME
 
@@ -93,12 +94,17 @@ def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dic
     how = (f"{name}.{HOOK_NAME}(batch)" if hook else
            ("loss_fn(model(inputs), targets)" if user_loss else f"{name}.per_sample_loss(model(inputs), targets)"))
     shown = ", ".join(f"{a:.4g} vs {t:.4g}" for a, t in pairs)
+    norms = _running_statistics_layers(pl_module)
+    # early in training a BatchNorm's running statistics (eval mode) can be far from the batches' own
+    norm_cause = (f"; or, early in training, the running statistics of {norms[0]!r}"
+                  + (f" and {len(norms) - 1} more" if len(norms) > 1 else "")
+                  + " (eval mode) still far from the batches' own (train mode)") if norms else ""
     return (f"the assessed loss does not match the module's training loss: on the last {len(pairs)} training "
             f"batches the loss the assessment computes ({how}, eval mode) is {min(a / t for a, t in pairs):.3g} "
             f"times or more the loss training_step returned ({shown}): the assessment does not see the model as "
             f"training does, so every figure and utility here is about another model or objective. Likely cause: "
             f"the inputs are transformed inside training_step (standardisation, a reshape or an embedding lookup "
             f"that forward does not do), or training_step's loss is not the one assessed (another loss, "
-            f"reduction or scale). Cure: move the preprocessing into forward, or define {HOOK_NAME}(self, batch) "
+            f"reduction or scale){norm_cause}. Cure: move the preprocessing into forward, or define {HOOK_NAME}(self, batch) "
             f"-> per-sample losses [B] on {name} computing the loss exactly as training_step does "
             f"(docs/lightning.md)")

@@ -106,3 +106,33 @@ def test_a_loss_the_assessment_reproduces_is_not_warned(tmp_path, module):
     report, val_loss = _fit(tmp_path, module())
     assert not _mismatch(report)
     assert "loss_mismatch" not in report.diagnostics
+
+
+def test_the_note_directly_one_sided_two_batches_and_batchnorm_named():
+    """``loss_mismatch_note`` on kept batches: nothing with one batch, nothing where the assessed
+    loss is below training's (dropout, penalties), the note where it is above 4 times on both, with
+    a BatchNorm's running statistics named as a cause early in training."""
+    from mis_lightning._loss_match import TrainingLosses, loss_mismatch_note
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    x, y = torch.randn(16, 4), torch.randn(16)
+    net(x)  # train mode: the running statistics are updated once
+    with torch.no_grad():
+        assessed = float(mse(net.eval()(x), y).mean())
+    net.train()
+    resolved = {"hook": False, "loss_fn": mse}
+
+    def kept(*losses):
+        k = TrainingLosses()
+        for v in losses:
+            k.see(None, {"loss": torch.tensor(v)}, (x, y))
+        return k
+
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert loss_mismatch_note(net, kept(assessed / 10), resolved, None, True) is None  # one batch only
+    assert loss_mismatch_note(net, kept(assessed / 10, assessed * 2), resolved, None, True) is None  # not both
+    assert loss_mismatch_note(net, kept(assessed * 2, assessed * 2), resolved, None, True) is None  # below
+    note = loss_mismatch_note(net, kept(assessed / 10, assessed / 10), resolved, None, True)
+    assert note is not None and "10 times or more" in note and "running statistics of '1'" in note
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # untouched
