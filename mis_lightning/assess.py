@@ -563,7 +563,8 @@ def _consistency_warnings(report: Report, diagnostics: Mapping[str, Any],
                    "model's figure does (no release leaks more than the float model). The independent form "
                    "(column indep. in the table: the weights' errors taken as uncorrelated) is another estimate, "
                    "which can read above the correlated headline: rank these schemes by it, against each other and "
-                   "against the baseline's independent form, not against the headline")
+                   "against the baseline's independent form, not against the headline"
+                   + _same_reading(report, {*stuck, *spanned}))
     layers: dict[str, float] = {}
     for r in report.schemes.values():
         for name, lr in (r.layers or {}).items():
@@ -596,6 +597,20 @@ def headline_unranked(report: Report, diagnostics: Mapping[str, Any]) -> list[st
                       and indep_base is not None and r.leakage_independent is not None
                       and math.isfinite(r.leakage_independent)
                       and r.leakage_independent < float(indep_base) * (1 - CONSISTENCY_TOLERANCE)))
+
+
+def _same_reading(report: Report, named: set[str]) -> str:
+    """The stuck-headline warning's clause for the other quantized schemes printed at the
+    baseline's value (those not ``named`` by it or the determination warning): the warning named
+    only the stuck ones, and a table whose every row reads the same made it look as if the others
+    were forgotten (nux52 #7). ``""`` without any."""
+    base = f"{report.baseline_leakage:.4g}"
+    same = sorted(k for k, r in report.schemes.items() if k not in named and not r.error and r.quantized_fraction > 0
+                  and f"{r.leakage:.4g}" == base)
+    if not same:
+        return ""
+    return (f". {', '.join(same)} also read {base}, but their independent forms stay at the baseline's too: by "
+            "both estimates their quantization hides little, and their figures need no other reading")
 
 
 def _fmt_or_nan(x: float | None) -> str:
@@ -1219,21 +1234,48 @@ def _running_statistics_layers(model: nn.Module) -> list[str]:
             and (m.num_batches_tracked is None or int(m.num_batches_tracked) > 0)]
 
 
+def _stochastic_layers(model: nn.Module) -> list[str]:
+    """Layers random in train mode only, whose randomness the training objective averages over:
+    dropout modules with ``p > 0`` (``Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ...),
+    ``MultiheadAttention`` with attention dropout, ``RReLU``. (Dropout written as
+    ``F.dropout(..., self.training)`` inside a forward is not seen.)"""
+    from torch.nn.modules.dropout import _DropoutNd
+
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if (isinstance(m, _DropoutNd) and float(m.p) > 0) or isinstance(m, nn.RReLU)
+            or (isinstance(m, nn.MultiheadAttention) and float(m.dropout) > 0)]
+
+
+def _shown(names: list[str], k: int = 3) -> str:
+    return ", ".join(repr(n) for n in names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
 def _batch_statistics_cause(model: nn.Module) -> str:
-    """The not-at-a-minimum warning's clause for a model with running-statistics normalisation
-    (:func:`_running_statistics_layers`): trained in train mode it minimised the loss with batch
-    statistics, while the assessment evaluates it with the running ones (eval mode), another
-    objective, whose minimum no amount of train-mode training reaches (nux50 #3: 4.50 sd after 4
-    L-BFGS rounds, 4.53 after 20, 1.16 after as many in eval mode). ``""`` without such layers."""
-    names = _running_statistics_layers(model)
-    if not names:
+    """The not-at-a-minimum warning's clause for a model with layers that compute another function
+    in train mode than in eval mode: running-statistics normalisation
+    (:func:`_running_statistics_layers`; trained with batch statistics, assessed with the running
+    ones) and dropout-like layers (:func:`_stochastic_layers`; trained on the loss averaged over
+    random masks, assessed without them). Either way training minimised another objective than
+    the one assessed in eval mode, whose minimum no amount of train-mode training reaches (nux50
+    #3, BatchNorm: 4.50 sd after 4 L-BFGS rounds, 4.53 after 20, 1.16 after as many in eval mode;
+    nux52 #3, Dropout(0.3): 3.0 sd after 400 Adam steps, 4.7 after 1,600, at a minimum after 300
+    more in eval mode). ``""`` without such layers."""
+    norms, drops = _running_statistics_layers(model), _stochastic_layers(model)
+    if not norms and not drops:
         return ""
-    shown = ", ".join(repr(k) for k in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"the likely cause here: the model normalises with running statistics ({shown}): trained in train mode "
-            "it minimised the loss with each batch's statistics, while the assessment evaluates it in eval mode with "
-            "the running ones, a different objective whose minimum longer training in train mode does not reach; "
-            "to assess at the minimum, end training with steps in eval mode (model.eval(): the running statistics "
-            "frozen, the objective assessed) before assessing, else read the figures as indicative. Otherwise, ")
+    what = []
+    if norms:
+        what.append(f"normalises with running statistics ({_shown(norms)}): trained in train mode it minimised the "
+                    "loss with each batch's statistics, while the assessment evaluates it in eval mode with the "
+                    "running ones")
+    if drops:
+        what.append(f"has dropout ({_shown(drops)}): trained in train mode it minimised the loss averaged over random "
+                    "dropout masks, while the assessment evaluates it in eval mode, without them")
+    return (f"the likely cause here: the model {'; and it '.join(what)}: a different objective whose minimum longer "
+            "training in train mode does not reach (training longer does not remove this warning); to assess at "
+            "the minimum, end training with steps in eval mode (model.eval(): "
+            + ("the running statistics frozen, " if norms else "") + ("dropout off, " if drops else "")
+            + "the objective assessed) before assessing, else read the figures as indicative. Otherwise, ")
 
 
 def _running_statistics_note(model: nn.Module) -> str | None:

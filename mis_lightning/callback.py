@@ -25,6 +25,7 @@ from . import _lightning_support as lt
 from ._augmentation import random_records_note
 from ._callback_errors import callback_error, names_callback
 from ._lightning_compat import lightning_callback_base
+from ._loss_match import TrainingLosses, loss_mismatch_note
 from ._reloads import TrainingSets
 from ._rng import isolated_rng
 from ._user_warnings import rank_zero_warn
@@ -38,7 +39,7 @@ from .assess import (
 )
 from .config import EstimationConfig, ScoringConfig, stage_configs, unexpected_options
 from .estimation.estimate import check_decay_names
-from .estimation.per_sample import BatchFn, LossFn
+from .estimation.per_sample import BatchFn, LossFn, check_forward
 from .evaluation import OutputTransform
 from .planning import PlanConfig, PlanResult, check_size_budget, lower_is_better, plan_direction
 from .planning import plan as run_plan
@@ -236,7 +237,9 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         self._decay_note: str | None = None  # optimizer decay the assessed objective lacks
         self._decay_info: str | None = None  # the optimizer's coupled decay, taken as the objective's
         self._full_pass, self._pass_read, self._most_read, self._resumed = False, 0, 0, False
-        self._loss(trainer, pl_module)
+        self._train_losses = TrainingLosses()  # training_step's loss on the last batches (nux52 #2)
+        if not self._loss(trainer, pl_module)["hook"]:
+            check_forward(pl_module, "MISCallback: ")  # no forward: said now, with the cures (nux52 #6)
 
     def _check_model(self, pl_module: Any) -> None:
         """The checks on the module's parameters, before training: a quantized model, a misspelled
@@ -328,6 +331,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._pass_read += 1
         self._most_read = max(self._most_read, self._pass_read)
+        if (losses := getattr(self, "_train_losses", None)) is not None:
+            losses.see(trainer, outputs, batch)  # a reference and a detached scalar: no sync, no copy
         # a pass over the training data ended (a stream's length is known only then): the
         # records trained on are all of them. After a resume within a pass, Lightning ends the
         # epoch at its remaining count while a restarted loader is not at its end: only a pass
@@ -362,6 +367,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
         # a state restored from a checkpoint belongs to that run: the next fit (a finished
         # checkpoint resumed skips on_train_start) starts clean
         self._stage, self._state_loaded = None, False
+        if (losses := getattr(self, "_train_losses", None)) is not None:
+            losses.clear()  # the batches are not held past the fit
 
     @names_callback
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -456,6 +463,10 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 pl_module.eval()
                 self._kept = {}
                 report = self._assess(trainer, pl_module)
+                if (losses := getattr(self, "_train_losses", None)) is not None and (mismatch := loss_mismatch_note(
+                        pl_module, losses, self._loss(trainer, pl_module), self.batch_fn, self.loss_fn is not None)):
+                    report.warnings.insert(0, mismatch)  # first: it outweighs every other caveat
+                    report.diagnostics["loss_mismatch"] = True  # every figure "*", the verdict says so
                 if stage == "fit_end" and (best_note := lt.best_checkpoint_note(trainer)):
                     report.warnings.append(best_note)
                 if (sets := getattr(self, "_sets", None)) and (sets_note := sets.note(trainer, report.n)):
@@ -498,7 +509,8 @@ class _MISCallbackImpl(lt.RunHistory, lt.PicklingChecked):
                 for w in report.warnings:  # failed schemes, float layers, d_eff/n, not at a minimum, ...
                     rank_zero_warn(f"MISCallback: {w}")
                 for w in report.notes:  # information (layers quantized by another method): logged, not warned
-                    rank_zero_info(f"MISCallback: {w}")
+                    if w != getattr(self, "_decay_info", None):  # said at the start of fit (nux52 #7)
+                        rank_zero_info(f"MISCallback: {w}")
                 self.report_path, self.figure_path = publish_report(
                     out, report, trainer.loggers, step=step, prefix=self.prefix, log_figure=self.log_figure,
                     extra=where, epoch=epoch,

@@ -1097,7 +1097,8 @@ def _no_safer_verdict(ok: list[dict[str, Any]], eligible: list[dict[str, Any]], 
     low = min(float(r["leakage"]) for r in eligible)
     tied = [str(r["scheme"]) for r in eligible if _ties_baseline(r) or _fmt(float(r["leakage"])) == _fmt(low)]
     text = (f"verdict: no scheme{how} is safer than the unquantized model by this estimate: "
-            f"{name_list(tied)} read its leakage ({_fmt(low)})")
+            # the verdict's subject: named as its list is (nux52 #7: "none, bf16 and 2 more" hid two of five)
+            f"{name_list(tied, VERDICT_NAMES)} read its leakage ({_fmt(low)})")
     inside = {id(r) for r in eligible}
     lower = [r for r in ok if id(r) not in inside and float(r["leakage"]) < low and not _ties_baseline(r)]
     if lower:
@@ -1302,7 +1303,9 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
     sandwich on a model with recurrent layers (``diagnostics["diagonal_over_recurrent"]``) is one:
     its sigma's error there has no bound it can state (docs/benchmarks.md, "rn43"); so is the
     diagonal sandwich whose K-FAC correction a refused layer lost (``diagnostics["kfac_lost"]``: e.g. a
-    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51")."""
+    transposed convolution called twice per forward; docs/benchmarks.md, "nu49", "tw51"). So is a
+    callback's loss several-fold above the one ``training_step`` returned on the same batches
+    (``diagnostics["loss_mismatch"]``: :mod:`mis_lightning._loss_match`)."""
     diagnostics = diagnostics or {}
     out = []
     if n > 0 and d / n > D_EFF_OVER_N_MAX:
@@ -1315,6 +1318,8 @@ def regime_failures(diagnostics: Mapping[str, Any] | None, n: int, d: int, d_eff
         # nux51 #2: the callback reads the training loader itself: then only the other cause remains
         out.append("not at a minimum (stiff directions)" if diagnostics.get("records_from_training_loader")
                    else "records not trained on, or not at a minimum")
+    if diagnostics.get("loss_mismatch"):  # nux52 #2: the callback's loss is not training_step's
+        out.append("assessed loss not the training loss")
     if diagnostics.get("negative_curvature"):
         out.append("negative curvature")
     elif diagnostics.get("curvature_unresolved"):

@@ -108,6 +108,8 @@ class _HookProgram(LossProgram):
     the hook) whose ``forward`` calls the original model's hook.
     """
 
+    calls_forward = False  # the hook calls the model (or its layers) itself
+
     def __post_init__(self) -> None:
         super().__post_init__()
         shell = copy.copy(self.model)

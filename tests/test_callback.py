@@ -610,6 +610,9 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
                                              r"inf\) for 32 of 32 records"),
         (dict(loss_fn=mse), ValueError, r"MISCallback: BatchCentred: the model's output for record 0 computed alone "
                                         r"differs from its row in the batch of 32"),
+        # nux52 #5: random in eval mode is not mixing (the same record twice tells them apart)
+        (dict(loss_fn=mse), ValueError, r"MISCallback: MCDropout: the forward pass is random even in eval mode: "
+                                        r"record 0 computed alone twice"),
     ]
     for i, (kw, err, msg) in enumerate(cases):
         cb = MISCallback(SCHEMES, strict=False, **kw)
@@ -618,7 +621,8 @@ def test_loss_and_params_mistakes_raise_before_training(tmp_path):
         trainer = pl.Trainer(max_epochs=3, logger=False, callbacks=[cb], enable_progress_bar=False,
                              enable_model_summary=False, default_root_dir=str(tmp_path / str(i)))
         with pytest.raises(err, match=msg):
-            trainer.fit(BatchCentred() if "BatchCentred" in msg else Regressor(), train, val)
+            trainer.fit(BatchCentred() if "BatchCentred" in msg else MCDropout() if "MCDropout" in msg
+                        else Regressor(), train, val)
         assert trainer.global_step == 0  # raised before the first optimizer step
 
 
@@ -671,6 +675,14 @@ class BatchCentred(Regressor):
 
     def forward(self, x):
         return super().forward(x - x.mean(0, keepdim=True))
+
+
+class MCDropout(Regressor):
+    """Monte Carlo dropout: random in eval mode too (nux52 #5)."""
+
+    def forward(self, x):
+        h = torch.nn.functional.dropout(torch.tanh(self.net[0](x)), 0.2, training=True)
+        return self.net[3](h).squeeze(-1)
 
 
 class _NoHook(HookRegressor):
@@ -804,13 +816,14 @@ class MixedDecayRegressor(Regressor):  # no decay on the biases: the values diff
                                lr=1e-2)
 
 
-def test_the_optimizers_coupled_decay_is_the_assessed_objectives_when_unambiguous(tmp_path):
+def test_the_optimizers_coupled_decay_is_the_assessed_objectives_when_unambiguous(tmp_path, caplog):
     """nux51 #4: SGD / Adam ``weight_decay=wd`` (coupled: a stationary point of mean(loss) + wd/2
     |theta|^2, the assessed objective; docs/benchmarks.md "ux51") was detected, warned about and
     assessed with 0. One coupled value over every assessed parameter is now used, with a note in
     the report: the figures equal those of ``weight_decay=0.1`` passed by hand (same fit, same
     code path). Decoupled decay (AdamW) and values differing by group keep the warning and 0."""
     reports = {}
+    caplog.set_level(logging.INFO)
     for wd in (None, 0.1):
         cb = MISCallback(["rtn_int8"], loss_fn=mse, uncertainty_draws=0, weight_decay=wd, **FAST)
         with warnings.catch_warnings(record=True) as caught:
@@ -819,6 +832,9 @@ def test_the_optimizers_coupled_decay_is_the_assessed_objectives_when_unambiguou
         assert not [w for w in caught if "applies weight decay" in str(w.message)], [str(w.message) for w in caught]
         reports[wd] = cb.report
     read = reports[None]
+    # said once on the console, before training (nux52 #7: again at the assessment); kept in the report's notes
+    said = [r for r in caplog.records if "read from the optimizer" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
     assert read.schemes["rtn_int8"].leakage == reports[0.1].schemes["rtn_int8"].leakage
     assert read.baseline_leakage == reports[0.1].baseline_leakage
     assert [n for n in read.notes if n.startswith("weight_decay 0.1 read from the optimizer (SGD, coupled L2 decay "
@@ -1771,3 +1787,37 @@ def test_a_frozen_layer_of_inference_tensors_trains_and_is_assessed_around(tmp_p
     _, module = fit(tmp_path, make, callbacks=[cb], max_epochs=1)
     assert module.net[0].weight.is_inference()
     assert cb.report is not None and cb.report.d == 7 and cb.report.schemes["rtn_int8"].error is None
+
+
+class NoForward(pl.LightningModule):
+    """nux52 #6: no forward; training_step calls the layers itself (a common Lightning style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.net(x).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class NoForwardHooked(NoForward):
+    def mis_per_sample_loss(self, batch):
+        x, y = batch
+        return 0.5 * (self.net(x).squeeze(-1) - y) ** 2
+
+
+def test_a_module_without_forward_is_refused_with_the_cures_and_its_hook_suffices(tmp_path):
+    train, val = loaders()
+    trainer = pl.Trainer(max_epochs=1, logger=False, callbacks=[MISCallback(SCHEMES, loss_fn=mse)],
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    with pytest.raises(NotImplementedError, match=r"MISCallback: NoForward defines no forward method: .*model\(inputs\)"
+                                                  r".*Define forward\(self, x\).*mis_per_sample_loss\(self, batch\)"):
+        trainer.fit(NoForward(), train)
+    assert trainer.global_step == 0  # said before training
+    cb = MISCallback(SCHEMES, uncertainty_draws=0, **FAST)
+    fit(tmp_path / "hook", NoForwardHooked, [cb], max_epochs=1)
+    assert cb.report is not None and cb.report.n == 120, cb.last_error

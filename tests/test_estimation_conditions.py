@@ -313,6 +313,56 @@ class _BatchCentred(nn.Module):
         return self.net(x - x.mean(0, keepdim=True))
 
 
+class _MCDropout(nn.Module):
+    """Monte Carlo dropout: per-record, but random in eval mode too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 12), nn.Linear(12, 1)
+
+    def forward(self, x):
+        return self.l2(F.dropout(torch.tanh(self.l1(x)), 0.2, training=True))
+
+
+def test_a_random_forward_is_refused_as_random_not_as_mixing_records():
+    """nux52 #5: an MC-dropout model was refused as "the forward pass mixes the records of a
+    batch"; running the same record twice tells randomness from mixing. Every front end's check
+    says it, and the RNG the user owns is unchanged."""
+    torch.manual_seed(0)
+    X, y = _data()
+    dl = DataLoader(TensorDataset(X, y), batch_size=100)
+    msg = r"model _MCDropout: the forward pass is random even in eval mode: record 0 computed alone twice"
+    for estimation in ("exact", "diagonal"):
+        model = _MCDropout().eval()
+        state = torch.get_rng_state()
+        with pytest.raises(ValueError, match=msg) as info:
+            ml.assess(model, ["rtn_int8"], dl, mse, estimation=estimation, uncertainty_draws=0)
+        assert "mixes the records" not in str(info.value) and "F.dropout(x, p, self.training)" in str(info.value)
+        assert torch.equal(state, torch.get_rng_state())
+    with pytest.raises(ValueError, match=msg):
+        ml.MISIndicator(_MCDropout().eval(), mse, ["rtn_int8"]).update(X[:100], y[:100])
+    # the batch-mixing model is still named as such
+    with pytest.raises(ValueError, match="mixes the records"):
+        ml.assess(_BatchCentred().eval(), ["rtn_int8"], dl, mse, uncertainty_draws=0)
+
+
+class _NoForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 1)
+
+
+def test_a_model_without_forward_is_named_with_the_cures():
+    """nux52 #6: torch's bare "Module [M] is missing the required forward function" came out of
+    the estimation; assess and MISIndicator name the class and the cures."""
+    X, y = _data()
+    msg = r"^_NoForward defines no forward method: the assessment calls the model as it is released, model\(inputs\)"
+    with pytest.raises(NotImplementedError, match=msg):
+        ml.assess(_NoForward(), ["rtn_int8"], DataLoader(TensorDataset(X, y), batch_size=100), mse)
+    with pytest.raises(NotImplementedError, match=msg):
+        ml.MISIndicator(_NoForward(), mse, ["rtn_int8"]).update(X[:100], y[:100])
+
+
 class _Squeezed(nn.Module):
     """Per-record, but its output loses the batch dimension for a single record."""
 

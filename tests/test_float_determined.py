@@ -193,3 +193,24 @@ def test_assess_flags_a_twin_layer_left_in_float():
     assert [ln.split()[0] for ln in format_table(rep.rows()).splitlines() if " = " in ln] == ["b_int2"]
     assert sum("b_int2 (independent form" in w for w in rep.warnings) == 1
     assert "safest" not in verdict([r for r in rep.rows() if r["scheme"] != "intx_weight_only_int2"])
+
+
+def test_every_scheme_at_the_baseline_is_named_by_the_stuck_warning_and_the_verdict():
+    """nux52 #7 (s2_transformer.py 20): none, bf16, int8, int4 and int2 all read 0.3383; the
+    stuck-headline warning named int2 only (the others' independent forms stay at the baseline's,
+    so they are not stuck, but nothing said so) and the verdict said "none, bf16 and 2 more"."""
+    from mis_lightning.assess import _consistency_warnings
+
+    schemes = [_scheme("none", 0.2, quantized=0.0, d_eff=10.0)]
+    for name in ("bf16", "int8", "int4"):  # at the baseline by both forms
+        s = _scheme(name, 0.2 * (1 - 1e-6))
+        s.leakage_independent = 0.1899
+        schemes.append(s)
+    schemes.append(_scheme("int2", 0.2 * (1 - 1e-4)))  # stuck: its independent form drops (0.15)
+    rep = _report(schemes)
+    (w,) = _consistency_warnings(rep, {"baseline_leakage_independent": 0.19}, None)
+    assert w.startswith("the correlated headline of int2 (independent form 0.15) equals the unquantized value 0.2")
+    assert "bf16, int4, int8 also read 0.2, but their independent forms stay at the baseline's too" in w
+    text = verdict(rep.rows())
+    named = text.split(" read its leakage (")[0].split("by this estimate: ")[1]
+    assert sorted(named.split(", ")) == ["bf16", "int2", "int4", "int8", "none"], text

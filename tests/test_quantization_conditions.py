@@ -414,8 +414,14 @@ def test_already_quantized_model_is_refused_by_assess_and_the_metric():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dyn = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(8, 1)), {nn.Linear}, dtype=torch.qint8)
-    with pytest.raises(ValueError, match=r"already quantized: module '0' is a quantized torch\.ao\.nn\.quantized"):
+        two = torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1)),
+                                                     {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"already quantized: module '0' is a quantized torch\.ao\.nn\.quantized"
+                                         r"[^ ]*\. Assess"):  # one layer: no "(and N more)" for its packed parts
         ml.assess(dyn, ["rtn_int4"], dl, mse)
+    # nux52 #7: two Linear layers read "(and 3 more)" (their _packed_params submodules counted)
+    with pytest.raises(ValueError, match=r"module '0' is a quantized \S+ \(and 1 more\)\. Assess"):
+        ml.assess(two, ["rtn_int4"], dl, mse)
 
 
 class _QuantizedModule(pl.LightningModule):

@@ -444,6 +444,30 @@ def check_loss_batches(loss_fn: Any, outputs: Any, targets: Any, what: str) -> N
             "Gaussian negative log-likelihood as 0.5 * (var.log() + (out - target) ** 2 / var))") from exc
 
 
+def check_forward(model: nn.Module, what: str) -> None:
+    """Refuse a model whose class defines no ``forward`` (nn.Module's default raises a bare
+    ``NotImplementedError``; a LightningModule whose ``training_step`` calls ``self.net(x)`` has
+    none, nux52 #6), before the assessment calls ``model(inputs)``.
+
+    Raises:
+        NotImplementedError: naming ``what``, the class and the two cures.
+    """
+    if "forward" in vars(model):  # set on the instance
+        return
+    # the class that defines it: nn.Module's, or LightningModule's, which only calls nn.Module's
+    owner = next((c for c in type(model).__mro__ if "forward" in vars(c)), nn.Module)
+    if owner is not nn.Module and not (owner.__name__ == "LightningModule"
+                                       and owner.__module__.endswith("core.module")):
+        return
+    name = type(model).__name__
+    raise NotImplementedError(
+        f"{what}{name} defines no forward method: the assessment calls the model as it is released, "
+        f"model(inputs), on each (inputs, targets) batch, and nn.Module's default forward raises. Define "
+        f"forward(self, x) on {name} (e.g. return self.net(x)), or, on a LightningModule, "
+        f"mis_per_sample_loss(self, batch) -> per-sample losses [B] computed as training_step does "
+        f"(docs/lightning.md)")
+
+
 def check_record_outputs(forward: Callable[[Any], Any], inputs: Any, outputs: Any, what: str,
                          records: int = 2) -> None:
     """Check that the model's outputs are per-record: ``forward`` on each of the first
@@ -484,6 +508,7 @@ def check_record_outputs(forward: Callable[[Any], Any], inputs: Any, outputs: An
                 continue
             gap = float((a.to(o.dtype) - o[i: i + 1]).abs().max())
             if not gap <= atol:
+                _check_deterministic(forward, inputs, i, alone, atol, scale, what)  # random, not mixing?
                 raise ValueError(
                     f"{what}: the model's output for record {i} computed alone differs from its row in the "
                     f"batch of {b} (largest difference {gap:.3g}, outputs up to {scale:.3g}): the forward pass "
@@ -491,6 +516,36 @@ def check_record_outputs(forward: Callable[[Any], Any], inputs: Any, outputs: An
                     "batch dimension). The indicator needs each record's output to depend on that record "
                     "only (per-sample gradients are taken one record at a time); compute batch statistics "
                     "in training only, or fix them as buffers for evaluation")
+
+
+def _check_deterministic(forward: Callable[[Any], Any], inputs: Any, i: int, first: list[Tensor], atol: float,
+                         scale: float, what: str) -> None:
+    """Record ``i`` alone through ``forward`` a second time: outputs that differ from ``first``
+    (its first run) beyond ``atol`` come from a random forward (MC dropout, noise), not from one
+    that mixes records, which :func:`check_record_outputs` would otherwise name (nux52 #5). The
+    caller's RNG is isolated (both front ends), so the second draw changes no user state.
+
+    Raises:
+        ValueError: naming ``what``, how far the two runs are apart and what to do.
+    """
+    gap = 0.0
+    for _ in range(5):  # a random forward can repeat a draw (one record, few dropout units): up to 5 tries
+        try:
+            again = [t for t in torch.utils._pytree.tree_leaves(forward(_rows(inputs, i))) if isinstance(t, Tensor)]
+        except Exception:  # noqa: BLE001 - it ran once: the caller's error stands
+            return
+        gap = max([float((b.to(a.dtype) - a).abs().max()) for a, b in zip(first, again)
+                   if a.is_floating_point() and a.shape == b.shape] or [0.0])
+        if not gap <= atol:
+            break
+    if not gap <= atol:
+        raise ValueError(
+            f"{what}: the forward pass is random even in eval mode: record {i} computed alone twice gives outputs "
+            f"{gap:.3g} apart (outputs up to {scale:.3g}), e.g. dropout applied with training=True "
+            "(F.dropout(x, p, training=True), Monte Carlo dropout), noise or sampling in forward. The indicator "
+            "scores a deterministic function of the weights (per-sample gradients and curvature of one output "
+            "per record): assess the model with that randomness off in eval mode (nn.Dropout, or "
+            "F.dropout(x, p, self.training)); the figures then describe the mean-field model, not each random draw")
 
 
 def _rows(tree: Any, i: int) -> Any:
@@ -703,7 +758,12 @@ class LossProgram:
     batch_fn: BatchFn = default_batch_fn
     dtype: torch.dtype = torch.float32
 
+    #: the per-sample losses call ``model(inputs)`` (not a hook of the model's own)
+    calls_forward = True
+
     def __post_init__(self) -> None:
+        if self.calls_forward:
+            check_forward(self.model, "")
         named = dict(self.model.named_parameters())
         missing = [n for n in self.param_names if n not in named]
         if missing:

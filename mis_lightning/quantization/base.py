@@ -677,8 +677,12 @@ def check_float_model(model: nn.Module) -> None:
         kind = _quantized_kind(p)
         if kind is not None:
             bad.append(f"parameter {name!r} holds {kind}")
+    flagged: list[str] = []
     for fqn, m in model.named_modules():
-        if type(m).__module__.startswith(_QUANT_MODULES):
+        # a quantized layer's own parts (a dynamic Linear's _packed_params) are not counted again (nux52 #7)
+        if type(m).__module__.startswith(_QUANT_MODULES) and not any(
+                fqn.startswith(f"{f}.") or not f for f in flagged):
+            flagged.append(fqn)
             bad.append(f"module {fqn or '<root>'!r} is a quantized {type(m).__module__}.{type(m).__name__}")
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

@@ -1,0 +1,110 @@
+"""Does the callback's loss reproduce the loss ``training_step`` trained on? (nux52 #2)
+
+The callback assesses ``loss_fn(model(inputs), targets)`` (or the module's
+``mis_per_sample_loss(batch)``) on the training records. It cannot see what ``training_step``
+does: inputs standardised there (not in ``forward``), or a loss other than the one passed,
+make it assess another model on another objective, with figures and a utility that can be off
+by orders of magnitude and no assumption of the analysis visibly broken.
+
+The check is cheap and passive: :class:`TrainingLosses` keeps the loss ``training_step``
+returned on the last two training batches (a detached scalar, no device sync) and a reference
+to each batch; at the assessment :func:`loss_mismatch_note` computes the assessment's own mean
+per-sample loss on those batches (eval mode, no grad, the assessment's weights, inside the
+assessment's isolated RNG) and warns when it is several-fold *above* training's on every kept
+batch. One-sided on purpose: everything legitimate pushes training's figure up, not down
+(train-mode dropout, penalties added in ``training_step``, augmentation, a sum instead of a
+mean, the weights before the batch's last optimizer step), so only a gross excess of the
+assessed loss signals that the assessed model or loss is not the trained one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._modelcopy import SharedWeights, private_copy
+from .assess import _running_statistics_layers
+from .evaluation import evaluate_utility
+from .streaming import HOOK_NAME
+
+# assessed / trained above this on every kept batch: not noise (dropout, BatchNorm batch
+# statistics and the last optimizer step move a loss by tens of percent, and move training's
+# figure up); standardising inputs of scale 50 moved it 100-fold (nux52 s5)
+RATIO_LIMIT = 4.0
+KEPT = 2  # batches compared (more than one: a single odd batch does not decide)
+
+
+class TrainingLosses:
+    """The last :data:`KEPT` training batches and the loss ``training_step`` returned on each."""
+
+    def __init__(self) -> None:
+        self.kept: deque[tuple[Tensor, Any]] = deque(maxlen=KEPT)
+
+    def see(self, trainer: Any, outputs: Any, batch: Any) -> None:
+        """Keep ``batch`` with its loss from ``on_train_batch_end``'s ``outputs`` (a tensor, or a
+        mapping's ``"loss"``; Lightning divides it by ``accumulate_grad_batches``, undone here).
+        Nothing is kept without a scalar loss (manual optimization returning None)."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.dtype.is_floating_point:
+            return
+        self.kept.append((loss.detach() * int(getattr(trainer, "accumulate_grad_batches", 1) or 1), batch))
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+
+def loss_mismatch_note(pl_module: nn.Module, kept: TrainingLosses, resolved: dict[str, Any],
+                       batch_fn: Any, user_loss: bool) -> str | None:
+    """A warning when the assessment's mean per-sample loss on each kept training batch exceeds
+    :data:`RATIO_LIMIT` times the loss ``training_step`` returned on it; else ``None``.
+
+    Runs a private copy of ``pl_module`` (its parameters over the module's storage, not copied;
+    buffers and attributes copied: the module itself never runs) in eval mode without gradients
+    on the kept batches (the caller holds the RNG isolated). Skipped
+    (``None``) with fewer than :data:`KEPT` batches, a training loss that is not positive and
+    finite, or a loss that fails here (the assessment itself reports such failures).
+    """
+    if len(kept.kept) < KEPT:
+        return None
+    hook = resolved["hook"]
+    batch_loss = (lambda m, b: getattr(m, HOOK_NAME)(b)) if hook else None
+    try:
+        model = private_copy(pl_module, "copying the model for the training-loss check",
+                             shared=SharedWeights(pl_module.parameters()))
+    except Exception:  # noqa: BLE001 - the assessment's own copies report a model that cannot be copied
+        return None
+    pairs = []
+    for trained, batch in kept.kept:
+        t = float(trained)
+        if not (t > 0 and math.isfinite(t)):
+            return None
+        try:
+            a = evaluate_utility(model, [batch], None if hook else resolved["loss_fn"],
+                                 batch_fn=None if hook else batch_fn, batch_loss=batch_loss)["loss"]
+        except Exception:  # noqa: BLE001 - the assessment reports a loss that fails
+            return None
+        pairs.append((a, t))
+    if not all(a > RATIO_LIMIT * t for a, t in pairs):
+        return None
+    name = type(pl_module).__name__
+    how = (f"{name}.{HOOK_NAME}(batch)" if hook else
+           ("loss_fn(model(inputs), targets)" if user_loss else f"{name}.per_sample_loss(model(inputs), targets)"))
+    shown = ", ".join(f"{a:.4g} vs {t:.4g}" for a, t in pairs)
+    norms = _running_statistics_layers(pl_module)
+    # early in training a BatchNorm's running statistics (eval mode) can be far from the batches' own
+    norm_cause = (f"; or, early in training, the running statistics of {norms[0]!r}"
+                  + (f" and {len(norms) - 1} more" if len(norms) > 1 else "")
+                  + " (eval mode) still far from the batches' own (train mode)") if norms else ""
+    return (f"the assessed loss does not match the module's training loss: on the last {len(pairs)} training "
+            f"batches the loss the assessment computes ({how}, eval mode) is {min(a / t for a, t in pairs):.3g} "
+            f"times or more the loss training_step returned ({shown}): the assessment does not see the model as "
+            f"training does, so every figure and utility here is about another model or objective. Likely cause: "
+            f"the inputs are transformed inside training_step (standardisation, a reshape or an embedding lookup "
+            f"that forward does not do), or training_step's loss is not the one assessed (another loss, "
+            f"reduction or scale){norm_cause}. Cure: move the preprocessing into forward, or define {HOOK_NAME}(self, batch) "
+            f"-> per-sample losses [B] on {name} computing the loss exactly as training_step does "
+            f"(docs/lightning.md)")
