@@ -182,8 +182,8 @@ class MISIndicator(EstimationMetric):
     >>> for a in range(0, 120, 40):
     ...     metric.update(x[a:a + 40], y[a:a + 40])
     >>> out = metric.compute()
-    >>> sorted(out["rtn_int8"])[:4], metric.report.n
-    (['baseline_leakage', 'd', 'd_eff', 'layers'], 120)
+    >>> sorted(out["rtn_int8"])[:5], metric.report.n
+    (['baseline_leakage', 'd', 'd_eff', 'indicative', 'layers'], 120)
     >>> bool(0.0 <= out["rtn_int8"]["mis"] <= 1.0)
     True
     """
