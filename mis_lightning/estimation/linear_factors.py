@@ -38,6 +38,7 @@ from .._precision import full_float32
 from .._warning_filters import ignoring
 from ..functional import gather as _gather
 from ..functional.versions import tensor_version
+from .output_reads import OutputShape, flat_outputs, record_shape, sort_outputs, unflat_record
 from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 from .record_draws import record_labels, record_signs
 from .records import record_keys
@@ -143,10 +144,12 @@ class FactoredProgram:
         self.capture = _Capture(self.model, list(layout))
         self._verified = False
         self.scratch = Scratch()
+        self._shape: OutputShape | None = None  # the output's layout, sorted on the first batch
 
     def _forward(self, inputs: Any, b: int) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """``(out, f [b], the layers' outputs)`` of one forward with the layout's checks."""
-        out = self.model(inputs)
+        """``(out [b, C], f [b], the layers' outputs)`` of one forward with the layout's checks;
+        ``out`` holds the outputs the loss reads (:func:`~.output_reads.flat_outputs`)."""
+        out = flat_outputs(self.model(inputs), self._shape)
         if out.numel() != b:
             raise NotImplementedError("the factored path needs one output per record")
         for m in self.layout:
@@ -173,6 +176,9 @@ class FactoredProgram:
 
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
+        if self._shape is None:
+            with default_dtype(self.dtype):
+                self._shape = sort_outputs(self.model, self.loss_fn, inputs, targets, b)
         if not self._verified:
             self._verify_first(inputs, b)
         self.capture.reset()
@@ -180,11 +186,12 @@ class FactoredProgram:
             out, f, outs = self._forward(inputs, b)
             deltas = torch.autograd.grad(f.sum(), outs)
         fd = f.detach()
-        shape = tuple(out.shape[1:])
+        shape = self._shape
+        assert shape is not None
 
         def one(o: Tensor, y: Any) -> Tensor:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
-            return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
+            return self.loss_fn(unflat_record(o, shape), y1).reshape(())
 
         # dl/df [B], d2l/df2 [B] by autograd through vmap(one) (torch.func's grad imports
         # torch._dynamo at its first call, ~1 s in a process that never ran an optimizer; pf30)
@@ -2147,7 +2154,8 @@ class LayerProgram:
         self.ggn_choice: str | None = None
         self.ggn_directions = 0
         self._ce_hessian_checked = False  # the loss's Hessian in the outputs matched diag(p) - p p' once
-        self._shape: tuple[int, ...] = ()
+        self._shape: OutputShape = ()
+        self._layout: OutputShape | None = None  # the output's layout, sorted on the first batch
         self.num_records, self.group_budget = 1, 1 << 25  # set by the accumulator
         self._inputs: dict[str, Any] = {}
         self._outputs: dict[str, Any] = {}
@@ -2259,16 +2267,19 @@ class LayerProgram:
                                                   f"{tuple(self._outputs[m].shape[2:])} is no output padding's")
                 taps[m] = (x.detach() if isinstance(x, Tensor) else x, [self._outputs[m]])
         self._inputs.clear(), self._outputs.clear(), self._repeated.clear()
-        if out.shape[0] != b:
+        if isinstance(out, Tensor) and (out.dim() == 0 or out.shape[0] != b):
             raise NotImplementedError("the model's output has no batch dimension first")
-        return taps, out.reshape(b, -1), tuple(out.shape[1:])
+        flat = flat_outputs(out, self._layout)  # the outputs the loss reads (output_reads)
+        if flat.shape[0] != b:
+            raise NotImplementedError("the model's output has no batch dimension first")
+        return taps, flat, self._layout
 
-    def _loss_derivatives(self, fd: Tensor, targets: Any, shape: tuple[int, ...], second: bool
+    def _loss_derivatives(self, fd: Tensor, targets: Any, shape: OutputShape, second: bool
                           ) -> tuple[Tensor, Tensor | None]:
         """Per record ``dl/do [B, C]`` and (``second``) ``d2l/do2 [B, C, C]``."""
         def one(o: Tensor, y: Any) -> Tensor:
             y1 = torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, y)
-            return self.loss_fn(o.reshape((1, *shape)), y1).reshape(())
+            return self.loss_fn(unflat_record(o, shape), y1).reshape(())
 
         def derivatives(hessian: bool) -> tuple[Tensor, Tensor | None]:
             # autograd through vmap(one), not torch.func's grad: its first call imports
@@ -2324,6 +2335,9 @@ class LayerProgram:
         # the program's dtype (float32 for large models; the records are stored in the
         # accumulator's dtype): floating inputs and targets cast, indices kept
         inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
+        if self._layout is None:
+            with default_dtype(self.dtype):
+                self._layout = sort_outputs(self.model, self.loss_fn, inputs, targets, b)
         taps, f, shape = self._forward(inputs, b)
         self._shape = shape
         self._forward_taps = taps  # the layer outputs, for the backward passes of more directions
@@ -2590,7 +2604,7 @@ class LayerProgram:
         equal ``p - onehot(y)`` to :data:`CE_TOLERANCE` on class labels ``[B]`` (softmax
         cross-entropy; its entries are at most 1), else ``None``."""
         if not (isinstance(targets, Tensor) and targets.dim() == 1 and not targets.is_floating_point()
-                and len(self._shape) == 1 and fd.shape[1] > 1 and targets.shape[0] == fd.shape[0]):
+                and len(record_shape(self._shape) or ()) == 1 and fd.shape[1] > 1 and targets.shape[0] == fd.shape[0]):
             return None
         if int(targets.min()) < 0 or int(targets.max()) >= fd.shape[1]:
             return None
