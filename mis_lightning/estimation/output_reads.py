@@ -15,7 +15,7 @@ first batch, into
 
 * *read*: the loss differentiates it (autograd reaches it from the summed losses);
 * *dropped*: the loss neither differentiates it nor reads its value (the losses are bitwise the
-  same with zeros in its place): left out of the flattened vector, zeros in its place where a
+  same with zeros in its place, that leaf alone zeroed): left out of the flattened vector, zeros in its place where a
   flattened record is handed back to the loss;
 * *value-read*: not differentiated, but the losses change with its value (a weight or mask taken
   from it under ``detach``): kept in the flattened vector (its values reach the loss) but
@@ -104,7 +104,7 @@ def sort_outputs(forward: Callable[[Any], Any], loss_fn: Callable[[Any, Any], Te
     """The output layout of ``forward`` under ``loss_fn``, from its first :data:`PROBE_RECORDS`
     records: a tensor output's per-record shape, or an :class:`OutputTree` with its leaves sorted
     (module docstring). One forward without grad, one backward of the losses in the outputs, and
-    one more loss evaluation where some leaf is not differentiated.
+    one more loss evaluation per leaf the loss does not differentiate (zeros in its place).
 
     Args:
         forward: ``inputs -> outputs`` (the model or its functional call).
@@ -139,10 +139,12 @@ def sort_outputs(forward: Callable[[Any], Any], loss_fn: Callable[[Any, Any], Te
     drop: set[int] = set()
     if silent and live:  # (a loss that differentiates no output: every leaf kept, as before)
         with torch.no_grad():
-            zeroed = [torch.zeros_like(t) if i in silent else t for i, t in enumerate(leaves)]
-            base, moved = loss_fn(out, y), loss_fn(_tree.tree_unflatten(zeroed, spec), y)
-        if isinstance(base, Tensor) and isinstance(moved, Tensor) and torch.equal(base, moved):
-            drop = set(silent)
+            base = loss_fn(out, y)
+            for j in silent:  # one leaf at a time: a value-read leaf does not keep the others
+                zeroed = [torch.zeros_like(t) if i == j else t for i, t in enumerate(leaves)]
+                moved = loss_fn(_tree.tree_unflatten(zeroed, spec), y)
+                if isinstance(base, Tensor) and isinstance(moved, Tensor) and torch.equal(base, moved):
+                    drop.add(j)
     n = len(leaves)
     return OutputTree(spec, shapes, kept=tuple(i not in drop for i in range(n)),
                       live=tuple(i in live or i not in cand for i in range(n)),
