@@ -191,3 +191,18 @@ def unflat_record(o: Tensor, shape: OutputShape) -> Any:
         else:
             parts.append(torch.zeros((1, *sh), dtype=fill, device=o.device))
     return _tree.tree_unflatten(parts, shape.spec)
+
+
+def shift_outputs(out: Any, shift: Tensor, shape: OutputTree) -> Any:
+    """A pytree output (batch dim 1) with ``shift [C]`` added to its kept leaves, in
+    :func:`flat_record`'s order (the loss's derivatives in the flattened outputs, taken where the
+    output cannot be rebuilt from them: inside a loss hook)."""
+    leaves = _tree.tree_leaves(out)
+    shift, parts, a = shift.reshape(-1), [], 0
+    for t, sh, k in zip(leaves, shape.shapes, shape.kept):
+        if k:
+            m = math.prod(sh)
+            t = t + shift[a: a + m].reshape(t.shape).to(t.dtype)
+            a += m
+        parts.append(t)
+    return _tree.tree_unflatten(parts, shape.spec)
