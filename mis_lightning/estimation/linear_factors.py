@@ -38,7 +38,7 @@ from .._precision import full_float32
 from .._warning_filters import ignoring
 from ..functional import gather as _gather
 from ..functional.versions import tensor_version
-from .output_reads import OutputShape, flat_outputs, record_shape, sort_outputs, unflat_record
+from .output_reads import OutputShape, flat_outputs, layout_of, record_shape, unflat_record
 from .per_sample import LossFn, cast_tensor_attributes, default_dtype, record_loss_derivatives
 from .record_draws import record_labels, record_signs
 from .records import record_keys
@@ -146,10 +146,13 @@ class FactoredProgram:
         self.scratch = Scratch()
         self._shape: OutputShape | None = None  # the output's layout, sorted on the first batch
 
-    def _forward(self, inputs: Any, b: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def _forward(self, inputs: Any, targets: Any, b: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         """``(out [b, C], f [b], the layers' outputs)`` of one forward with the layout's checks;
-        ``out`` holds the outputs the loss reads (:func:`~.output_reads.flat_outputs`)."""
-        out = flat_outputs(self.model(inputs), self._shape)
+        ``out`` holds the outputs the loss reads (:func:`~.output_reads.flat_outputs`; a pytree
+        output's leaves sorted at the first forward)."""
+        raw = self.model(inputs)
+        self._shape = layout_of(raw, self._shape, self.loss_fn, inputs, targets, b)
+        out = flat_outputs(raw, self._shape)
         if out.numel() != b:
             raise NotImplementedError("the factored path needs one output per record")
         for m in self.layout:
@@ -157,17 +160,17 @@ class FactoredProgram:
                 raise NotImplementedError(f"layer {m!r} is not called once on [B, in] inputs")
         return out, out.reshape(b), [self.capture.outputs[m] for m in self.layout]
 
-    def _verify_first(self, inputs: Any, b: int) -> None:
+    def _verify_first(self, inputs: Any, targets: Any, b: int) -> None:
         """:meth:`_verify` on the first :data:`VERIFY_RECORDS` records of the first batch, in a
         forward and backward of their own (es33: the whole merged batch's weight gradients and
         factored products were ~0.25 s of the 1e7 MLP's first call; a weight used outside its
         layer adds its terms on any record)."""
         r = min(b, VERIFY_RECORDS)
-        first = torch.utils._pytree.tree_map(
-            lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, inputs)
+        first, first_y = torch.utils._pytree.tree_map(
+            lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, (inputs, targets))
         self.capture.reset()
         with torch.enable_grad(), default_dtype(self.dtype):
-            _, f, outs = self._forward(first, r)
+            _, f, outs = self._forward(first, first_y, r)
             mp = dict(self.model.named_parameters())
             pnames = [n for n in self.names if n in mp]
             got = torch.autograd.grad(f.sum(), outs + [mp[n] for n in pnames])
@@ -176,14 +179,11 @@ class FactoredProgram:
 
     def batch(self, inputs: Any, targets: Any, b: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
         inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
-        if self._shape is None:
-            with default_dtype(self.dtype):
-                self._shape = sort_outputs(self.model, self.loss_fn, inputs, targets, b)
         if not self._verified:
-            self._verify_first(inputs, b)
+            self._verify_first(inputs, targets, b)
         self.capture.reset()
         with torch.enable_grad(), default_dtype(self.dtype):
-            out, f, outs = self._forward(inputs, b)
+            out, f, outs = self._forward(inputs, targets, b)
             deltas = torch.autograd.grad(f.sum(), outs)
         fd = f.detach()
         shape = self._shape
@@ -2229,9 +2229,10 @@ class LayerProgram:
             return torch.cat([x.detach().reshape(b, -1, x.shape[-1]) for x, _ in calls], 1), [o for _, o in calls]
         return tuple(x.detach() for x, _ in calls), [o for _, o in calls]
 
-    def _forward(self, inputs: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, tuple[int, ...]]:
+    def _forward(self, inputs: Any, targets: Any, b: int) -> tuple[dict[str, tuple[Any, list[Tensor]]], Tensor, OutputShape]:
         """One forward pass (grad enabled by the caller): per layer its input (detached) and
-        output(s) (in the graph), the outputs ``[B, C]`` and their per-record shape."""
+        output(s) (in the graph), the outputs ``[B, C]`` the loss reads and their per-record
+        layout (:mod:`~.output_reads`; a pytree output's leaves sorted at the first forward)."""
         self._inputs.clear(), self._outputs.clear(), self._calls.clear(), self._repeated.clear()
         for mod in self._mods.values():
             if isinstance(mod, _MHA):
@@ -2269,6 +2270,7 @@ class LayerProgram:
         self._inputs.clear(), self._outputs.clear(), self._repeated.clear()
         if isinstance(out, Tensor) and (out.dim() == 0 or out.shape[0] != b):
             raise NotImplementedError("the model's output has no batch dimension first")
+        self._layout = layout_of(out, self._layout, self.loss_fn, inputs, targets, b)
         flat = flat_outputs(out, self._layout)  # the outputs the loss reads (output_reads)
         if flat.shape[0] != b:
             raise NotImplementedError("the model's output has no batch dimension first")
@@ -2335,10 +2337,7 @@ class LayerProgram:
         # the program's dtype (float32 for large models; the records are stored in the
         # accumulator's dtype): floating inputs and targets cast, indices kept
         inputs, targets = _cast(inputs, self.dtype), _cast(targets, self.dtype)
-        if self._layout is None:
-            with default_dtype(self.dtype):
-                self._layout = sort_outputs(self.model, self.loss_fn, inputs, targets, b)
-        taps, f, shape = self._forward(inputs, b)
+        taps, f, shape = self._forward(inputs, targets, b)
         self._shape = shape
         self._forward_taps = taps  # the layer outputs, for the backward passes of more directions
         e, L = self._loss_derivatives(f.detach(), targets, shape, second)

@@ -99,8 +99,8 @@ def _batched_float(t: Any, b: int) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point() and t.dim() >= 1 and t.shape[0] == b
 
 
-def sort_outputs(forward: Callable[[Any], Any], loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
-                 targets: Any, b: int) -> OutputShape:
+def sort_outputs(forward: Callable[[Any], Any] | None, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
+                 targets: Any, b: int, outputs: Any = None) -> OutputShape:
     """The output layout of ``forward`` under ``loss_fn``, from its first :data:`PROBE_RECORDS`
     records: a tensor output's per-record shape, or an :class:`OutputTree` with its leaves sorted
     (module docstring). One forward without grad, one backward of the losses in the outputs, and
@@ -110,6 +110,8 @@ def sort_outputs(forward: Callable[[Any], Any], loss_fn: Callable[[Any, Any], Te
         forward: ``inputs -> outputs`` (the model or its functional call).
         loss_fn: ``(outputs, targets) -> [B]`` per-sample losses.
         b: the records in ``inputs`` and ``targets`` (dim 0).
+        outputs: the forward's output on ``inputs`` when already computed (its first records
+            are read, detached; ``forward`` is then not called).
 
     Returns:
         ``tuple`` (a tensor output's shape without the batch dim) or :class:`OutputTree`.
@@ -120,8 +122,12 @@ def sort_outputs(forward: Callable[[Any], Any], loss_fn: Callable[[Any, Any], Te
         return _tree.tree_map(lambda t: t[:r] if isinstance(t, Tensor) and t.dim() and t.shape[0] == b else t, tree)
 
     x, y = head(inputs), head(targets)
-    with torch.no_grad():
-        out = forward(x)
+    if outputs is not None:
+        out = _tree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, head(outputs))
+    else:
+        assert forward is not None
+        with torch.no_grad():
+            out = forward(x)
     if isinstance(out, Tensor):
         return tuple(out.shape[1:])
     leaves, spec = _tree.tree_flatten(out)
@@ -149,6 +155,17 @@ def sort_outputs(forward: Callable[[Any], Any], loss_fn: Callable[[Any, Any], Te
     return OutputTree(spec, shapes, kept=tuple(i not in drop for i in range(n)),
                       live=tuple(i in live or i not in cand for i in range(n)),
                       fills=tuple(leaves[i].dtype if i in drop else None for i in range(n)))
+
+
+def layout_of(out: Any, known: OutputShape | None, loss_fn: Callable[[Any, Any], Tensor], inputs: Any,
+              targets: Any, b: int) -> OutputShape:
+    """``known``, else the layout of ``out`` (the forward's output on ``inputs``): a tensor's
+    per-record shape at no cost, a pytree's :func:`sort_outputs` (no forward of its own)."""
+    if known is not None:
+        return known
+    if isinstance(out, Tensor):
+        return tuple(out.shape[1:])
+    return sort_outputs(None, loss_fn, inputs, targets, b, outputs=out)
 
 
 def flat_outputs(out: Any, shape: OutputShape | None) -> Tensor:
