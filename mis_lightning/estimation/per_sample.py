@@ -23,7 +23,7 @@ from .._user_warnings import warn
 from .._warning_filters import ignoring
 from .data_buffers import probe_data_buffers
 from .norm_derivatives import WrittenOutLayerNorm
-from .output_reads import OutputShape, OutputTree, flat_record, sort_outputs, unflat_record
+from .output_reads import OutputShape, OutputTree, flat_record, layout_of, unflat_record
 
 LossFn = Callable[[Any, Any], Tensor]
 BatchFn = Callable[[Any], tuple[Any, Any]]
@@ -750,10 +750,7 @@ class LossProgram:
         if not self._checked:
             check_record_dimension(inputs, targets, f"{type(self.model).__name__}'s training batches")
             self.check_swap(inputs)
-            self.check_per_sample(inputs, targets, b)
-            # which output leaves the loss reads (output_reads): the Jacobians and flattened
-            # outputs see those only
-            self.output_layout = sort_outputs(lambda x: self.outputs(self.params, x), self.loss_fn, inputs, targets, b)
+            self.check_per_sample(inputs, targets, b)  # sets output_layout
             self._checked = True
         return inputs, targets, b
 
@@ -784,7 +781,8 @@ class LossProgram:
                       "the library's substitution")
 
     def check_per_sample(self, inputs: Any, targets: Any, b: int, records: int = 8) -> None:
-        """Check that ``loss_fn`` returns one loss per record, each depending on that record only.
+        """Check that ``loss_fn`` returns one loss per record, each depending on that record only;
+        set :attr:`output_layout` (the output leaves the loss reads, :mod:`~.output_reads`).
 
         The batch's losses must have shape ``[B]``, and ``loss_fn`` applied to the outputs and
         targets of each of the first ``records`` records alone (rows of the batch's outputs, so
@@ -825,6 +823,9 @@ class LossProgram:
             check_loss_batches(self.loss_fn, out, targets, what)
             check_record_outputs(lambda x: self.outputs(self.params, x), inputs, out,
                                  f"model {type(self.model).__name__}")
+            # which output leaves the loss reads (output_reads), from this forward's output: the
+            # Jacobians and flattened outputs see those only
+            self.output_layout = layout_of(out, None, self.loss_fn, inputs, targets, b)
         self.check_finite_gradients(inputs, targets, b, what, records)
 
     def check_finite_gradients(self, inputs: Any, targets: Any, b: int, what: str, records: int = 8) -> None:
