@@ -174,7 +174,7 @@ def test_unread_outputs_under_the_loss_hook(trained, tmp_path):
     """``mis_per_sample_loss`` on a module whose forward returns a dict: the output captured inside
     the hook has its leaves sorted by what the hook's loss reads, so the leverage correction runs
     and the figures equal the tensor twin's (on main 3de7ae7 the correction was off for the dict,
-    a warning said so, and its leakage read ~6% low)."""
+    a warning said so, and its leakage read 6-9% low)."""
     loader = trained[2]
     reports = {}
     for kind in ("tensor", "dict"):
